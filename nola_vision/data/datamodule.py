@@ -1,0 +1,256 @@
+"""``FewShotDataModule``: a seeded k-shot train split, an optional validation subset, the full test split."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import ArrayImageDataset, ImageDataset, build_dataset, dataset_class_names, dataset_num_classes, download_dataset
+from .fewshot import FewShotSplit, indices_from_manifest, read_manifest, sample_kshot, write_manifest
+from .transforms import Augment, DataConfig, Normalize, build_transforms, resolve_data_config
+
+__all__ = ["FewShotDataModule", "FewShotSubset"]
+
+
+class FewShotSubset(Dataset):
+    """Chosen samples of an :class:`ImageDataset`; with ``cache``, images are decoded once and kept in memory."""
+
+    def __init__(self, dataset: ImageDataset, indices: list[int], transform: Optional[Callable] = None,
+                 cache: bool = False, cache_mb: float = 2048) -> None:
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+        self.cache: dict[int, Any] = {}
+        if cache:
+            budget = cache_mb * 2**20
+            for pos, index in enumerate(self.indices):  # also surfaces a corrupt file now, by name
+                img = dataset.load_image(index)
+                budget -= img.width * img.height * 3
+                if budget < 0:
+                    warnings.warn(f"image cache full after {pos} of {len(self.indices)} images (cache_mb="
+                                  f"{cache_mb}); the rest are read from disk each epoch", stacklevel=2)
+                    break
+                self.cache[pos] = img
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return [self.dataset.samples[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> tuple[Any, int]:
+        img = self.cache.get(pos)
+        if img is None:
+            img = self.dataset.load_image(self.indices[pos])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.dataset.samples[self.indices[pos]][1]
+
+
+class _Transformed(Dataset):
+    """A whole dataset seen through a transform (the dataset object itself stays transform-free)."""
+
+    def __init__(self, dataset: ImageDataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.dataset.load_image(index)), self.dataset.samples[index][1]
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Few-shot image classification data: k images per class for training, the full test split for testing.
+
+    The k-shot split depends only on ``split_seed`` and the image file names (identical on every DDP
+    rank), and is saved as a manifest (``relative/path label`` per line) under ``split_dir``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        root: str = "data",
+        shots: int = 5,
+        split_seed: int = 0,
+        val_shots: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        image_size: Optional[int] = None,
+        backbone: Optional[str] = None,
+        augment: Augment = "paper",
+        normalize: Normalize = "model",
+        download: bool = False,
+        split_file: Optional[str] = None,
+        val_split_file: Optional[str] = None,
+        split_dir: Optional[str] = None,
+        allow_fewer: bool = False,
+        shuffle_seed: Optional[int] = None,
+        cache_images: bool = True,
+        cache_mb: float = 2048,
+        pin_memory: bool = False,
+    ) -> None:
+        """
+        Args:
+            dataset: one of ``nola_vision.data.available_datasets()`` (cifar10, cifar100, cub200,
+                caltech101, food101, fashion_mnist, digits, imagefolder).
+            root: folder that holds the dataset (e.g. ``data`` for ``data/cifar-10-batches-py``).
+            shots: training images per class (k); 0 uses every training image.
+            split_seed: seed of the k-shot draw (the paper uses 4 split seeds).
+            val_shots: validation images per class, drawn disjointly from the remaining train images;
+                0 means no validation loader.
+            batch_size: training batch size (the paper: 16, with drop_last).
+            eval_batch_size: batch size for validation/test/predict; defaults to ``batch_size``.
+            num_workers: DataLoader worker processes.
+            image_size: square input size; defaults to the backbone's input size, else 224.
+            backbone: timm model name whose pretrained config gives mean/std/size/crop_pct/interpolation.
+            augment: ``paper`` (the NOLA paper's augmentation), ``timm`` (timm's create_transform) or ``none``.
+            normalize: ``model`` (the backbone's own mean/std) or ``imagenet``.
+            download: download with torchvision's downloader in ``prepare_data`` where one exists.
+            split_file: a train manifest to load instead of drawing (reproduces a run exactly).
+            val_split_file: a validation manifest to load instead of drawing.
+            split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing.
+            allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
+            shuffle_seed: seed of the train loader's shuffling generator; None takes ``torch.initial_seed()``
+                (so ``seed_everything`` controls it).
+            cache_images: decode the k-shot train (and validation) images once and keep them in memory.
+            cache_mb: memory budget of that cache in MiB of decoded RGB pixels.
+            pin_memory: DataLoader ``pin_memory``.
+        """
+        super().__init__()
+        if augment not in ("paper", "timm", "none"):
+            raise ValueError(f"augment must be 'paper', 'timm' or 'none', got {augment!r}")
+        if normalize not in ("model", "imagenet"):
+            raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.dataset_name, self.root = dataset, root
+        self.shots, self.split_seed, self.val_shots = shots, split_seed, val_shots
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.augment, self.normalize, self.download = augment, normalize, download
+        self.split_file, self.val_split_file, self.split_dir = split_file, val_split_file, split_dir
+        self.allow_fewer, self.shuffle_seed = allow_fewer, shuffle_seed
+        self.cache_images, self.cache_mb = cache_images, cache_mb
+        # known now, from a static table (imagefolder: its class folders), so the CLI can link it
+        self.num_classes: int = dataset_num_classes(dataset, root)
+        self.data_config: DataConfig = resolve_data_config(backbone, image_size)
+        self.train_transform, self.eval_transform = build_transforms(augment, normalize, self.data_config)
+        self._class_names: Optional[list[str]] = None
+        self.train_set: Optional[FewShotSubset] = None
+        self.val_set: Optional[FewShotSubset] = None
+        self.test_set: Optional[_Transformed] = None
+        self.split: Optional[FewShotSplit] = None
+        self.manifest_path: Optional[Path] = None
+        self.val_manifest_path: Optional[Path] = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (read from the dataset's metadata before ``setup``)."""
+        if self._class_names is None:
+            self._class_names = dataset_class_names(self.dataset_name, self.root)
+        return self._class_names
+
+    @property
+    def train_manifest(self) -> list[tuple[str, int]]:
+        """The k-shot training set as ``(relative path, label)`` pairs, in manifest order."""
+        self._require_setup()
+        return self.train_set.samples
+
+    @property
+    def val_manifest(self) -> list[tuple[str, int]]:
+        self._require_setup()
+        return self.val_set.samples if self.val_set is not None else []
+
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError("call setup() first: the split is drawn there")
+
+    def prepare_data(self) -> None:
+        """Download (Lightning calls this on rank 0 only)."""
+        if self.download:
+            download_dataset(self.dataset_name, self.root)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Draw (or load) the k-shot split and build the datasets; every rank draws the same split."""
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            self._setup_train()
+        if self.test_set is None and stage in (None, "test", "predict", "validate"):
+            test = build_dataset(self.dataset_name, self.root, "test")
+            self._check_classes(test)
+            self.test_set = _Transformed(test, self.eval_transform)
+
+    def _check_classes(self, ds: ImageDataset) -> None:
+        if ds.num_classes != self.num_classes:
+            raise ValueError(f"{ds.name} has {ds.num_classes} classes, but num_classes={self.num_classes}")
+        self._class_names = ds.class_names
+
+    def _setup_train(self) -> None:
+        train = build_dataset(self.dataset_name, self.root, "train")
+        self._check_classes(train)
+        if self.split_file:
+            indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
+            val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
+                   if self.val_split_file else [])
+            if set(indices) & set(val):
+                raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
+            self.split = FewShotSplit(indices, val)
+        else:
+            self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
+                                      train.class_names, self.allow_fewer)
+        # decode a small k-shot set once; array-backed sets (CIFAR, ...) are in memory already, and a
+        # full train split (shots=0) is read from disk as usual
+        cache = self.cache_images and self.shots > 0 and not isinstance(train, ArrayImageDataset)
+        self.train_set = FewShotSubset(train, self.split.train, self.train_transform, cache, self.cache_mb)
+        if self.split.val:
+            self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache, self.cache_mb)
+        if self.split_dir and (self.trainer is None or self.trainer.is_global_zero):
+            self.save_split(self.split_dir)
+
+    def save_split(self, split_dir: str) -> Path:
+        """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path."""
+        self._require_setup()
+        stem = f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
+        header = (f"nola_vision k-shot manifest: dataset={self.dataset_name} shots={self.shots} "
+                  f"split_seed={self.split_seed} val_shots={self.val_shots}\n"
+                  f"paths are relative to {self.train_set.dataset.root}")
+        samples = self.train_set.dataset.samples
+        self.manifest_path = write_manifest(Path(split_dir) / f"{stem}_train.txt", samples, self.split.train,
+                                            header)
+        if self.split.val:
+            self.val_manifest_path = write_manifest(Path(split_dir) / f"{stem}_val.txt", samples,
+                                                    self.split.val, header)
+        return self.manifest_path
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a seeded generator; drop_last only when at least one full batch remains."""
+        self._require_setup()
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator,
+                            drop_last=len(self.train_set) >= self.batch_size)
+
+    def val_dataloader(self) -> Any:
+        """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The full official test split."""
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

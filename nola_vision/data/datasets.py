@@ -1,0 +1,498 @@
+"""Datasets by name, each read from its official on-disk layout.
+
+Every dataset is an :class:`ImageDataset`: ``samples`` lists ``(key, label)`` pairs, where ``key`` is the
+image path relative to the dataset folder (or ``train/00042`` for array-backed sets such as CIFAR), so
+k-shot sampling and split manifests work on labels without decoding a single image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASETS",
+    "CorruptImageError",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "ImageDataset",
+    "available_datasets",
+    "build_dataset",
+    "dataset_class_names",
+    "dataset_num_classes",
+    "download_dataset",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# scikit-learn's digits come in a fixed order; as in its "Recognizing hand-written digits" example the
+# first half (images 0..897) is the train split and the second half (898..1796) the test split.
+DIGITS_TRAIN_SIZE = 898
+# Caltech-101 has no official split. Ours: within each class, images sorted by file name, every fifth
+# one (positions 0, 5, 10, ...) is test, the rest train (80/20; the smallest class, 31 images, keeps 24
+# for training). It is written to caltech101/nola_vision_split.txt, and an existing file is read back.
+CALTECH_SPLIT_FILE = "nola_vision_split.txt"
+CALTECH_TEST_EVERY = 5
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where they must be; the message says where and how to get them."""
+
+
+class CorruptImageError(OSError):
+    """An image file could not be decoded; the message names the file."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """A labelled image dataset: ``samples`` of ``(key, label)``, ``load_image(i)`` gives a PIL RGB image."""
+
+    def __init__(self, name: str, root: Path, split: str, samples: list[tuple[str, int]],
+                 class_names: list[str], transform: Optional[Callable] = None) -> None:
+        self.name = name
+        self.root = Path(root)  # the dataset folder; manifest keys are relative to it
+        self.split = split
+        self.samples = samples
+        self.class_names = list(class_names)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of all samples, in order."""
+        return [label for _, label in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decode sample ``index`` as a PIL RGB image."""
+        path = self.root / self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return _to_rgb(img)  # convert() loads the pixels, so the file can be closed
+        except FileNotFoundError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}") from err
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.load_image(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.samples[index][1]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, root={str(self.root)!r}, "
+                f"samples={len(self)}, classes={self.num_classes})")
+
+
+class ArrayImageDataset(ImageDataset):
+    """Images held in one uint8 array (N, H, W) or (N, H, W, 3); keys are ``<split>/<index>``."""
+
+    def __init__(self, name: str, root: Path, split: str, images: np.ndarray, labels: Sequence[int],
+                 class_names: list[str], transform: Optional[Callable] = None) -> None:
+        width = max(5, len(str(len(images))))
+        samples = [(f"{split}/{i:0{width}d}", int(y)) for i, y in enumerate(labels)]
+        super().__init__(name, root, split, samples, class_names, transform)
+        self.images = images
+
+    def load_image(self, index: int) -> Image.Image:
+        return _to_rgb(Image.fromarray(self.images[index]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers, one per layout
+# --------------------------------------------------------------------------------------------------
+
+def _not_found(name: str, expected: Path, how: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"dataset '{name}' not found: expected {expected}. {how} "
+        f"Or point --data.root (root=...) at the folder that holds it.")
+
+
+class _CIFAR:
+    """CIFAR-10/100 through torchvision, which verifies the MD5 of every pickle."""
+
+    def __init__(self, name: str, folder: str, url: str, torchvision_name: str) -> None:
+        self.name, self.folder, self.url, self.torchvision_name = name, folder, url, torchvision_name
+        self.torchvision_class: Optional[type] = None  # resolved lazily; tests may substitute a subclass
+
+    def _tv(self) -> type:
+        if self.torchvision_class is None:
+            import torchvision.datasets as tvd
+            return getattr(tvd, self.torchvision_name)
+        return self.torchvision_class
+
+    def expected(self, root: Path) -> Path:
+        return root / self.folder
+
+    def download(self, root: Path) -> None:
+        for train in (True, False):
+            self._tv()(str(root), train=train, download=True)
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        folder = self.expected(root)
+        try:
+            tv = self._tv()(str(root), train=split == "train", download=False)
+        except RuntimeError as err:
+            if folder.is_dir():
+                raise DatasetNotFoundError(
+                    f"dataset '{self.name}': files under {folder} are incomplete or fail torchvision's MD5 "
+                    f"check ({err}). Delete the folder and pass download=True (--data.download true), or "
+                    f"extract {self.url} there again.") from err
+            raise _not_found(self.name, folder, f"Pass download=True (--data.download true) to fetch {self.url}, "
+                             f"or extract it under {root}.") from err
+        return ArrayImageDataset(self.name, folder, split, tv.data, tv.targets, list(tv.classes))
+
+    def class_names(self, root: Path) -> list[str]:
+        """Read from the metadata pickle alone (the full load verifies checksums)."""
+        tv = self._tv()
+        path = self.expected(root) / tv.meta["filename"]
+        if not path.is_file():
+            raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url}, "
+                             f"or extract it under {root}.")
+        with open(path, "rb") as f:
+            return list(pickle.load(f, encoding="latin1")[tv.meta["key"]])
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    """Lines ``<id> <value>`` of a CUB metadata file."""
+    pairs = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                key, value = line.split(" ", 1)
+                pairs.append((key, value))
+    return pairs
+
+
+class _CUB:
+    name = "cub200"
+    url = "https://data.caltech.edu/records/65de6-vp158 (CUB_200_2011.tgz)"
+
+    def expected(self, root: Path) -> Path:
+        # accept both root/CUB_200_2011 and root itself being the CUB_200_2011 folder
+        return root if (root / "images.txt").is_file() else root / "CUB_200_2011"
+
+    def _folder(self, root: Path) -> Path:
+        folder = self.expected(root)
+        if not (folder / "images.txt").is_file():
+            raise _not_found(self.name, folder / "images.txt",
+                             f"torchvision has no CUB downloader: download {self.url} and extract it under {root}.")
+        return folder
+
+    def class_names(self, root: Path) -> list[str]:
+        folder = self._folder(root)
+        # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
+        return [value.split(".", 1)[-1] for _, value in sorted(_read_pairs(folder / "classes.txt"),
+                                                                  key=lambda kv: int(kv[0]))]
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        folder = self._folder(root)
+        images = _read_pairs(folder / "images.txt")
+        labels = dict(_read_pairs(folder / "image_class_labels.txt"))
+        is_train = dict(_read_pairs(folder / "train_test_split.txt"))
+        want = "1" if split == "train" else "0"
+        samples = [(f"images/{rel}", int(labels[img_id]) - 1)  # labels are 1-based on disk
+                   for img_id, rel in sorted(images, key=lambda kv: int(kv[0])) if is_train[img_id] == want]
+        return ImageDataset(self.name, folder, split, samples, self.class_names(root))
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+class _Caltech101:
+    name = "caltech101"
+    url = "https://data.caltech.edu/records/mzrjq-6wc02 (caltech-101.zip)"
+
+    def expected(self, root: Path) -> Path:
+        return root / "caltech101" / "101_ObjectCategories"
+
+    def download(self, root: Path) -> None:
+        import torchvision.datasets as tvd
+        tvd.Caltech101(str(root), download=True)
+
+    def class_names(self, root: Path) -> list[str]:
+        cats = self.expected(root)
+        if not cats.is_dir():
+            raise _not_found(self.name, cats, f"Pass download=True (--data.download true) to fetch {self.url} "
+                             f"with torchvision, or extract it so that {cats} exists.")
+        # as torchvision: sorted folder names without the BACKGROUND_Google clutter class
+        return sorted(p.name for p in cats.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")
+
+    def split_assignment(self, root: Path) -> dict[str, str]:
+        """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule."""
+        folder = root / "caltech101"
+        split_path = folder / CALTECH_SPLIT_FILE
+        if split_path.is_file():
+            with open(split_path) as f:
+                return dict(line.rstrip("\n").rsplit(" ", 1) for line in f if line.strip() and line[0] != "#")
+        assignment = {}
+        for name in self.class_names(root):
+            for pos, fname in enumerate(_image_files(self.expected(root) / name)):
+                rel = f"101_ObjectCategories/{name}/{fname}"
+                assignment[rel] = "test" if pos % CALTECH_TEST_EVERY == 0 else "train"
+        lines = ["# nola_vision Caltech-101 split: per class, sorted by file name, every 5th image "
+                 "(positions 0, 5, ...) is test\n"] + [f"{rel} {s}\n" for rel, s in assignment.items()]
+        _write_text_atomic(split_path, "".join(lines), missing_ok=True)
+        return assignment
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        names = self.class_names(root)
+        index = {n: i for i, n in enumerate(names)}
+        samples = [(rel, index[rel.split("/")[1]]) for rel, s in self.split_assignment(root).items() if s == split]
+        return ImageDataset(self.name, root / "caltech101", split, samples, names)
+
+
+class _Food101:
+    name = "food101"
+    url = "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz"
+
+    def expected(self, root: Path) -> Path:
+        return root / "food-101"
+
+    def download(self, root: Path) -> None:
+        import torchvision.datasets as tvd
+        tvd.Food101(str(root), download=True)
+
+    def _meta(self, root: Path, split: str) -> dict[str, list[str]]:
+        path = self.expected(root) / "meta" / f"{split}.json"
+        if not path.is_file():
+            raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url} "
+                             f"with torchvision, or extract it under {root}.")
+        with open(path) as f:
+            return json.load(f)
+
+    def class_names(self, root: Path) -> list[str]:
+        return sorted(self._meta(root, "test"))  # as torchvision: sorted keys of the split json
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        meta = self._meta(root, split)
+        names = sorted(meta)
+        samples = [(f"images/{rel}.jpg", label) for label, name in enumerate(names) for rel in meta[name]]
+        return ImageDataset(self.name, self.expected(root), split, samples, names)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzip-compressed or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise CorruptImageError(f"{path} is not a uint8 IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise CorruptImageError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+    return array.reshape(shape)
+
+
+class _FashionMNIST:
+    name = "fashion_mnist"
+
+    def candidates(self, root: Path) -> list[Path]:
+        """Folders holding ``{train,t10k}-*-ubyte[.gz]``: torchvision's layout first, then Debian's."""
+        return [root / "FashionMNIST" / "raw", root / "fashion-mnist", root, Path(FASHION_MNIST_SYSTEM_DIR)]
+
+    def expected(self, root: Path) -> Path:
+        return root / "FashionMNIST" / "raw"
+
+    def download(self, root: Path) -> None:
+        if self._find(root) is None:
+            import torchvision.datasets as tvd
+            tvd.FashionMNIST(str(root), train=True, download=True)
+
+    def _find(self, root: Path) -> Optional[Path]:
+        for folder in self.candidates(root):
+            for suffix in ("", ".gz"):
+                if all((folder / f"{p}-{kind}-ubyte{suffix}").is_file()
+                       for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
+                    return folder / f"{{prefix}}-{{kind}}-ubyte{suffix}"
+        return None
+
+    def class_names(self, root: Path) -> list[str]:
+        return list(FASHION_MNIST_CLASSES)
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        pattern = self._find(root)
+        if pattern is None:
+            raise _not_found(self.name, self.expected(root) / "train-images-idx3-ubyte",
+                             "Pass download=True (--data.download true) to fetch it with torchvision, or "
+                             f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
+        prefix = "train" if split == "train" else "t10k"
+        images = _read_idx(Path(str(pattern).format(prefix=prefix, kind="images-idx3")))
+        labels = _read_idx(Path(str(pattern).format(prefix=prefix, kind="labels-idx1")))
+        if len(images) != len(labels):
+            raise CorruptImageError(f"{pattern.parent}: {len(images)} {prefix} images but {len(labels)} labels")
+        return ArrayImageDataset(self.name, pattern.parent, split, images, labels.tolist(), self.class_names(root))
+
+
+class _Digits:
+    name = "digits"
+
+    def class_names(self, root: Path) -> list[str]:
+        return [str(d) for d in range(10)]
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no root, no download
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 ink levels -> 0..255
+        sl = slice(0, DIGITS_TRAIN_SIZE) if split == "train" else slice(DIGITS_TRAIN_SIZE, None)
+        return ArrayImageDataset(self.name, Path("sklearn-digits"), split, images[sl],
+                                 digits.target[sl].tolist(), self.class_names(root))
+
+
+class _ImageFolder:
+    """User data: ``root/train/<class>/*.jpg`` and ``root/test/...`` (or ``root/val/...``)."""
+
+    name = "imagefolder"
+
+    def expected(self, root: Path) -> Path:
+        return root / "train"
+
+    def class_names(self, root: Path) -> list[str]:
+        train = self.expected(root)
+        names = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        if not names:
+            raise _not_found(self.name, train / "<class>" / "<image>.jpg",
+                             f"Put one folder per class under {train} and the held-out images under "
+                             f"{root / 'test'} (or {root / 'val'}).")
+        return names
+
+    def __call__(self, root: Path, split: str) -> ImageDataset:
+        names = self.class_names(root)
+        folder = root / "train"
+        if split != "train":
+            folder = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
+            if not folder.is_dir():
+                raise _not_found(self.name, folder, f"Put the held-out images under {root / 'test'}/<class>/ "
+                                 f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.")
+            extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in names)
+            if extra:
+                raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
+        samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
+                   if (folder / name).is_dir() for fname in _image_files(folder / name)]
+        return ImageDataset(self.name, root, split, samples, names)
+
+
+def _write_text_atomic(path: Path, text: str, missing_ok: bool = False) -> bool:
+    """Write via a temporary file and rename, so concurrent processes never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if not missing_ok:
+            raise
+        return False  # a read-only dataset folder: the split is still deterministic, just not cached
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset name: its class count (known without touching disk, None for ``imagefolder``) and reader."""
+
+    name: str
+    num_classes: Optional[int]
+    reader: Any
+    downloadable: bool
+    description: str
+
+
+DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
+    DatasetSpec("cifar10", 10, _CIFAR("cifar10", "cifar-10-batches-py",
+                                      "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10"),
+                True, "CIFAR-10, official 50,000/10,000 split (torchvision)"),
+    DatasetSpec("cifar100", 100, _CIFAR("cifar100", "cifar-100-python",
+                                        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100"),
+                True, "CIFAR-100 fine labels, official 50,000/10,000 split (torchvision)"),
+    DatasetSpec("cub200", 200, _CUB(), False, "CUB-200-2011, official 5,994/5,794 split"),
+    DatasetSpec("caltech101", 101, _Caltech101(), True,
+                "Caltech-101 without BACKGROUND_Google; every 5th image per class is test"),
+    DatasetSpec("food101", 101, _Food101(), True, "Food-101, official 750/250 per class"),
+    DatasetSpec("fashion_mnist", 10, _FashionMNIST(), True, "Fashion-MNIST, official 60,000/10,000 split"),
+    DatasetSpec("digits", 10, _Digits(), False, "scikit-learn's 8x8 digits, first 898 train, last 899 test"),
+    DatasetSpec("imagefolder", None, _ImageFolder(), False, "root/train/<class>/ and root/test|val/<class>/"),
+]}
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`build_dataset` and ``FewShotDataModule(dataset=...)``."""
+    return list(DATASETS)
+
+
+def _spec(name: str) -> DatasetSpec:
+    key = name.lower().replace("-", "_")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def dataset_num_classes(name: str, root: str | os.PathLike = "data") -> int:
+    """Number of classes, from a static table (only ``imagefolder`` reads its class folders)."""
+    spec = _spec(name)
+    return spec.num_classes if spec.num_classes is not None else len(spec.reader.class_names(Path(root)))
+
+
+def dataset_class_names(name: str, root: str | os.PathLike = "data") -> list[str]:
+    """Class names, read cheaply from the dataset's metadata (no image is decoded)."""
+    return _spec(name).reader.class_names(Path(root))
+
+
+def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
+    """Fetch a dataset with torchvision's own download code; a no-op for data that needs no download."""
+    spec = _spec(name)
+    if spec.downloadable:
+        spec.reader.download(Path(root))
+
+
+def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "train", download: bool = False,
+                  transform: Optional[Callable] = None) -> ImageDataset:
+    """Read split ``"train"`` or ``"test"`` of dataset ``name`` under ``root``.
+
+    ``download=True`` runs torchvision's downloader where one exists; otherwise missing files raise a
+    :class:`DatasetNotFoundError` that says where they must be and where to get them.
+    """
+    spec = _spec(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root).expanduser()
+    if download:
+        download_dataset(spec.name, root)
+    dataset = spec.reader(root, split)
+    if spec.num_classes is not None and dataset.num_classes != spec.num_classes:
+        raise DatasetNotFoundError(
+            f"dataset '{spec.name}' under {dataset.root} has {dataset.num_classes} classes, expected "
+            f"{spec.num_classes}: the extraction looks incomplete; extract the full archive again.")
+    if not len(dataset):
+        raise DatasetNotFoundError(f"dataset '{spec.name}' has no {split} images under {dataset.root}")
+    dataset.transform = transform
+    return dataset

@@ -1,0 +1,118 @@
+"""Seeded k-shot splits and their manifests (``relative/path label`` per line).
+
+The draw is a counter-based generator: within each class, train images are ordered by
+``blake2b(split_seed, image key)`` and the first ``shots`` are taken, the next ``val_shots`` form the
+validation subset. It depends only on the seed and the file names, so it is identical in every process,
+on every DDP rank, on every platform and torch version, and never touches a global RNG. A 5-shot draw is
+the prefix of the 10-shot draw with the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+import warnings
+
+__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "read_manifest",
+           "sample_kshot", "write_manifest"]
+
+
+class NotEnoughImagesError(ValueError):
+    """A class has fewer train images than the split asks for."""
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    """Indices into the train split: the k-shot training set and the disjoint validation subset."""
+
+    train: list[int]
+    val: list[int] = field(default_factory=list)
+
+
+def draw_order(key: str, seed: int) -> int:
+    """The position-free sort key of one image for split seed ``seed`` (64 bits of blake2b)."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, val_shots: int = 0,
+                 class_names: Optional[Sequence[str]] = None, allow_fewer: bool = False) -> FewShotSplit:
+    """Draw ``shots`` train and ``val_shots`` validation images per class; ``shots=0`` keeps all the rest.
+
+    A class with too few images raises :class:`NotEnoughImagesError` naming it and its count, unless
+    ``allow_fewer`` (then it keeps what it has, training images first).
+    """
+    if shots < 0 or val_shots < 0:
+        raise ValueError(f"shots and val_shots must be >= 0, got {shots} and {val_shots}")
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(index)
+    num_classes = len(class_names) if class_names is not None else max(by_class, default=-1) + 1
+    train: list[int] = []
+    val: list[int] = []
+    short = []
+    for label in range(num_classes):
+        members = sorted(by_class.get(label, []), key=lambda i: (draw_order(samples[i][0], seed), i))
+        need = (shots if shots else 1) + val_shots
+        if len(members) < need:
+            name = class_names[label] if class_names is not None else str(label)
+            short.append(f"class '{name}' (label {label}) has {len(members)} train images")
+        k = shots if shots else max(len(members) - val_shots, 0)
+        train.extend(members[:k])
+        val.extend(members[k:k + val_shots])
+    if short:
+        msg = (f"{'; '.join(short[:10])}{' ...' if len(short) > 10 else ''}; a {shots}-shot split"
+               f"{f' with {val_shots} validation images' if val_shots else ''} needs "
+               f"{(shots or 1) + val_shots} per class")
+        if not allow_fewer:
+            raise NotEnoughImagesError(f"{msg}. Pass allow_fewer=True (--data.allow_fewer true) to keep what "
+                                       "there is, or lower shots/val_shots.")
+        warnings.warn(f"{msg}; allow_fewer=True keeps what there is", stacklevel=2)
+    return FewShotSplit(train, val)
+
+
+def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], indices: Sequence[int],
+                   header: Optional[str] = None) -> Path:
+    """Write ``key label`` for each chosen sample, atomically; ``header`` becomes ``#`` comment lines."""
+    path = Path(path)
+    lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
+    lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped)."""
+    entries = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                key, label = line.rsplit(" ", 1)  # keys may contain spaces; the label never does
+                entries.append((key, int(label)))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}") from None
+    return entries
+
+
+def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
+                          source: str = "manifest") -> list[int]:
+    """Map manifest entries onto dataset indices, checking that every key exists with the same label."""
+    position = {key: i for i, (key, _) in enumerate(samples)}
+    indices = []
+    for key, label in entries:
+        if key not in position:
+            raise ValueError(f"{source}: '{key}' is not in the dataset's train split (wrong dataset or root?)")
+        i = position[key]
+        if samples[i][1] != label:
+            raise ValueError(f"{source}: '{key}' has label {label}, but the dataset says {samples[i][1]}")
+        indices.append(i)
+    return indices

@@ -1,0 +1,130 @@
+"""Image transforms: the NOLA paper's augmentation, timm's, or none; normalisation by the backbone's config.
+
+``augment="paper"`` reproduces the paper (MoCo-v2 style): RandomResizedCrop(scale 0.2-1),
+ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale p=0.2, Gaussian blur sigma~U[0.1, 2] with
+p=0.5, horizontal flip; eval Resize(256) -> CenterCrop(224) (scaled by image size / 224).
+``augment="timm"`` is ``timm.data.create_transform`` with the backbone's data config, ``augment="none"``
+uses the eval transform (resize + center crop per the model's crop_pct) for training too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataConfig", "RandomGaussianBlur", "build_transforms",
+           "eval_transform", "paper_train_transform", "resolve_data_config"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Augment = Literal["paper", "timm", "none"]
+Normalize = Literal["model", "imagenet"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a backbone expects (timm's pretrained cfg), with a square input size."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+
+def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int] = None) -> DataConfig:
+    """The backbone's mean/std/input size/crop_pct/interpolation from timm; ``image_size`` overrides the size.
+
+    Read from the model's pretrained cfg without building it; a model registered without one (or with
+    an unknown tag) is built on the meta device, which allocates no weights.
+    """
+    if backbone is None:
+        return DataConfig(input_size=image_size or 224)
+    import timm
+    from timm.data import resolve_data_config as timm_resolve, resolve_model_data_config
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+    if pretrained_cfg is not None:
+        cfg = timm_resolve(pretrained_cfg=pretrained_cfg.to_dict())
+    else:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(backbone, pretrained=False)
+        except RuntimeError as err:  # timm: "Unknown model (...)"
+            raise ValueError(f"unknown timm backbone '{backbone}' ({err}); see timm.list_models()") from err
+        cfg = resolve_model_data_config(model)
+    return DataConfig(input_size=int(image_size or cfg["input_size"][-1]), mean=tuple(cfg["mean"]),
+                      std=tuple(cfg["std"]), crop_pct=float(cfg.get("crop_pct") or 0.875),
+                      interpolation=str(cfg.get("interpolation") or "bicubic"))
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with radius sigma ~ U[sigma_min, sigma_max], as in MoCo v2 and the NOLA paper."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()  # torch RNG, seeded per worker
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+def paper_train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """The NOLA paper's training augmentation."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
+
+
+def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
+                   interpolation: str = "bilinear") -> T.Compose:
+    """Resize the short side to ``size / crop_pct``, then center-crop ``size`` (0.875: 256 -> 224)."""
+    return T.Compose([
+        T.Resize(int(size / crop_pct), interpolation=_INTERPOLATION.get(interpolation, T.InterpolationMode.BILINEAR)),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
+                     config: Optional[DataConfig] = None) -> tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` for PIL RGB images, producing normalised float32 CHW tensors."""
+    config = config or DataConfig()
+    if normalize == "model":
+        mean, std = config.mean, config.std
+    elif normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
+    size = config.input_size
+    if augment == "paper":
+        # the paper's eval is exactly Resize(256) -> CenterCrop(224), torchvision's default bilinear
+        return paper_train_transform(size, mean, std), eval_transform(size, mean, std, 224 / 256, "bilinear")
+    model_eval = eval_transform(size, mean, std, config.crop_pct, config.interpolation)
+    if augment == "none":
+        return model_eval, model_eval
+    if augment == "timm":
+        from timm.data import create_transform
+
+        train = create_transform(input_size=(3, size, size), is_training=True, mean=mean, std=std,
+                                 interpolation=config.interpolation, crop_pct=config.crop_pct)
+        return train, model_eval
+    raise ValueError(f"augment must be 'paper', 'timm' or 'none', got {augment!r}")
