@@ -85,7 +85,8 @@ class ImageDataset(Dataset):
         path = self.root / self.samples[index][0]
         try:
             with Image.open(path) as img:
-                return _to_rgb(img)  # convert() loads the pixels, so the file can be closed
+                img.load()  # decode now, while the file is open (and so that errors surface here)
+                return _to_rgb(img)
         except FileNotFoundError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -1,0 +1,275 @@
+"""Every dataset reads its official on-disk layout (written by tests/fixtures_data.py) with the right
+classes, counts and labels; bad input fails with an error that names the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision.datasets as tvd
+from PIL import Image
+
+from fixtures_data import (
+    cifar_class_with_checksums,
+    class_color,
+    write_caltech101,
+    write_cifar10,
+    write_cifar100,
+    write_cub,
+    write_fashion_mnist,
+    write_food101,
+    write_imagefolder,
+)
+from nola_vision.data import (
+    DATASETS,
+    CorruptImageError,
+    DatasetNotFoundError,
+    available_datasets,
+    build_dataset,
+    dataset_class_names,
+    dataset_num_classes,
+)
+from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
+
+ALL = ["cifar10", "cifar100", "cub200", "caltech101", "food101", "fashion_mnist", "digits", "imagefolder"]
+
+
+def _close(a, b, tol=6):  # JPEG keeps flat colours within a few levels
+    return all(abs(int(x) - int(y)) <= tol for x, y in zip(a, b))
+
+
+@pytest.fixture
+def cifar_fixture_checksums(monkeypatch):
+    """Register the fixture's MD5s the way torchvision registers the official ones.
+
+    We do not bypass torchvision's integrity check: we hand torchvision a subclass of its own CIFAR class
+    whose checksum table lists the fixture files, so the very code path users run (``check_integrity``
+    on every pickle, then unpickling, then the HWC transpose) runs on real-format files. That the
+    official table rejects foreign files is tested separately below.
+    """
+    def install(name: str, md5: dict[str, str]) -> None:
+        reader = DATASETS[name].reader
+        monkeypatch.setattr(reader, "torchvision_class",
+                            cifar_class_with_checksums(getattr(tvd, reader.torchvision_name), md5))
+    return install
+
+
+def test_registry_lists_every_dataset_name():
+    assert available_datasets() == ALL
+    assert set(DATASETS) == set(ALL)
+
+
+def test_num_classes_is_known_without_any_files(tmp_path):
+    expected = {"cifar10": 10, "cifar100": 100, "cub200": 200, "caltech101": 101, "food101": 101,
+                "fashion_mnist": 10, "digits": 10}
+    assert {n: dataset_num_classes(n, tmp_path / "nothing") for n in expected} == expected
+
+
+def test_unknown_dataset_error_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        build_dataset("imagenet", "data")
+    assert "unknown dataset 'imagenet'" in str(err.value)
+    for name in ALL:
+        assert name in str(err.value)
+
+
+def test_cifar10_reads_official_pickles_through_torchvision(tmp_path, cifar_fixture_checksums):
+    info = write_cifar10(tmp_path)
+    cifar_fixture_checksums("cifar10", info["md5"])
+    train, test = build_dataset("cifar10", tmp_path, "train"), build_dataset("cifar10", tmp_path, "test")
+    assert train.class_names == info["class_names"] and train.num_classes == 10
+    assert (len(train), len(test)) == (60, 20)
+    assert train.targets == info["train_labels"] and test.targets == info["test_labels"]
+    assert train.samples[7] == ("train/00007", info["train_labels"][7])
+    img = train.load_image(13)
+    assert img.mode == "RGB" and img.size == (32, 32)
+    # channel-planar rows became HWC pixels: (R, G, B) = (label, 100 + i, 250)
+    assert img.getpixel((5, 9)) == (info["train_labels"][13], 113, 250)
+    assert dataset_class_names("cifar10", tmp_path) == info["class_names"]
+
+
+def test_cifar_official_checksums_reject_files_that_are_not_the_official_ones(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="MD5") as err:
+        build_dataset("cifar10", tmp_path)
+    assert str(tmp_path / "cifar-10-batches-py") in str(err.value) and "download=True" in str(err.value)
+
+
+def test_cifar_fixture_checksum_still_catches_a_flipped_byte(tmp_path, cifar_fixture_checksums):
+    info = write_cifar10(tmp_path)
+    cifar_fixture_checksums("cifar10", info["md5"])
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetNotFoundError, match="MD5"):
+        build_dataset("cifar10", tmp_path)
+
+
+def test_cifar100_uses_fine_labels_and_names(tmp_path, cifar_fixture_checksums):
+    info = write_cifar100(tmp_path)
+    cifar_fixture_checksums("cifar100", info["md5"])
+    train = build_dataset("cifar100", tmp_path, "train")
+    assert train.class_names == info["class_names"] and len(train) == 200
+    assert train.targets[:3] == [0, 1, 2] and max(train.targets) == 99
+    assert dataset_class_names("cifar100", tmp_path) == info["class_names"]
+
+
+def test_cub_reads_official_split_with_one_based_labels(tmp_path):
+    info = write_cub(tmp_path, train_per_class=3, test_per_class=2)
+    train, test = build_dataset("cub200", tmp_path, "train"), build_dataset("cub200", tmp_path, "test")
+    assert (len(train), len(test)) == (info["n_train"], info["n_test"]) == (600, 400)
+    assert train.num_classes == 200 and train.class_names[0] == "Bird_001" and train.class_names[-1] == "Bird_200"
+    assert train.targets[:3] == [0, 0, 0] and test.targets[-1] == 199
+    key, label = train.samples[5]
+    assert key.startswith("images/002.Bird_002/") and label == 1
+    assert _close(train.load_image(5).getpixel((3, 3)), class_color(1))
+    # root may also be the CUB_200_2011 folder itself
+    assert len(build_dataset("cub200", info["folder"], "train")) == 600
+
+
+def test_caltech101_drops_background_converts_grayscale_and_splits_every_fifth_image(tmp_path):
+    info = write_caltech101(tmp_path, per_class=6)
+    train, test = build_dataset("caltech101", tmp_path, "train"), build_dataset("caltech101", tmp_path, "test")
+    assert train.num_classes == 101 and "BACKGROUND_Google" not in train.class_names
+    assert train.class_names == info["class_names"]
+    assert (len(train), len(test)) == (101 * 4, 101 * 2)  # positions 0 and 5 of six are test
+    test_names = {k.rsplit("/", 1)[1] for k, _ in test.samples}
+    assert test_names == {"image_0001.jpg", "image_0006.jpg"}
+    gray = test.load_image(test.samples.index(("101_ObjectCategories/Faces_easy/image_0001.jpg", 0)))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0))[0] == gray.getpixel((0, 0))[2]
+
+
+def test_caltech101_split_file_is_written_and_read_back(tmp_path):
+    write_caltech101(tmp_path, per_class=6)
+    build_dataset("caltech101", tmp_path, "train")
+    split_file = tmp_path / "caltech101" / "nola_vision_split.txt"
+    lines = [line for line in split_file.read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 101 * 6 and "101_ObjectCategories/Faces_easy/image_0001.jpg test" in lines
+    # the file is the split: editing it moves an image
+    split_file.write_text(split_file.read_text().replace("Faces_easy/image_0001.jpg test",
+                                                         "Faces_easy/image_0001.jpg train"))
+    assert len(build_dataset("caltech101", tmp_path, "train")) == 101 * 4 + 1
+
+
+def test_food101_reads_meta_json_with_sorted_classes(tmp_path):
+    info = write_food101(tmp_path, train_per_class=3, test_per_class=1)
+    train, test = build_dataset("food101", tmp_path, "train"), build_dataset("food101", tmp_path, "test")
+    assert train.class_names == info["class_names"] and train.num_classes == 101
+    assert (len(train), len(test)) == (303, 101)
+    assert train.samples[3][0].startswith("images/food_001/") and train.targets[3] == 1
+    assert _close(train.load_image(3).getpixel((2, 2)), class_color(1))
+
+
+def test_fashion_mnist_reads_debian_style_idx_gz_files(tmp_path):
+    labels = write_fashion_mnist(tmp_path / "fashion-mnist", n_train=40, n_test=20, gz=True)
+    train, test = build_dataset("fashion_mnist", tmp_path, "train"), build_dataset("fashion_mnist", tmp_path, "test")
+    assert (len(train), len(test)) == (40, 20) and train.targets == labels["train"]
+    assert train.class_names[0] == "T-shirt/top" and train.class_names[9] == "Ankle boot"
+    img = train.load_image(17)
+    assert img.mode == "RGB" and img.size == (28, 28) and img.getpixel((0, 0)) == (17, 17, 17)
+
+
+def test_fashion_mnist_reads_torchvision_raw_layout_first(tmp_path):
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw", n_train=30, n_test=10, gz=False)
+    write_fashion_mnist(tmp_path / "fashion-mnist", n_train=50, n_test=10, gz=True)
+    train = build_dataset("fashion_mnist", tmp_path, "train")
+    assert len(train) == 30 and train.root == tmp_path / "FashionMNIST" / "raw"
+    # torchvision's own reader agrees with ours on the same files
+    tv = tvd.FashionMNIST(str(tmp_path), train=True)
+    assert tv.targets.tolist() == train.targets
+    assert np.array_equal(np.asarray(train.load_image(3))[..., 0], tv.data[3].numpy())
+
+
+def test_truncated_idx_file_names_the_file(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    write_fashion_mnist(folder, gz=False)
+    path = folder / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptImageError, match="train-images-idx3-ubyte"):
+        build_dataset("fashion_mnist", tmp_path, "train")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist to run this")
+def test_fashion_mnist_reads_the_real_debian_files(tmp_path):
+    test = build_dataset("fashion_mnist", tmp_path / "empty", "test")
+    assert len(test) == 10_000 and np.bincount(test.targets).tolist() == [1000] * 10
+    assert test.load_image(0).size == (28, 28)
+
+
+def test_digits_has_a_fixed_split_and_needs_no_root():
+    train, test = build_dataset("digits", "/nonexistent", "train"), build_dataset("digits", split="test")
+    assert (len(train), len(test)) == (898, 899) and train.num_classes == 10
+    assert train.targets[:10] == list(range(10))  # scikit-learn's fixed order
+    img = train.load_image(0)
+    from sklearn.datasets import load_digits
+    ink = np.round(load_digits().images[0] * 255 / 16)  # 0..16 ink levels scaled to 0..255, gray -> RGB
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert np.array_equal(np.asarray(img), np.repeat(ink[..., None], 3, axis=2))
+    assert build_dataset("digits", split="train").samples == train.samples
+
+
+def test_imagefolder_reads_class_folders_and_falls_back_to_val(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="val")
+    train, test = build_dataset("imagefolder", tmp_path, "train"), build_dataset("imagefolder", tmp_path, "test")
+    assert train.class_names == ["cat", "dog", "owl"] and dataset_num_classes("imagefolder", tmp_path) == 3
+    assert (len(train), len(test)) == (12, 6)
+    assert test.samples[0] == ("val/cat/cat 00.png", 0)
+    assert test.load_image(5).getpixel((0, 0)) == class_color(2)
+
+
+def test_imagefolder_rejects_test_classes_unknown_to_train(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test")
+    (tmp_path / "test" / "zebra").mkdir()
+    with pytest.raises(ValueError, match="zebra"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
+@pytest.mark.parametrize("name, expected, hint", [
+    ("cifar10", "cifar-10-batches-py", "download=True"),
+    ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
+    ("cub200", "CUB_200_2011/images.txt", "data.caltech.edu"),
+    ("caltech101", "caltech101/101_ObjectCategories", "download=True"),
+    ("food101", "food-101/meta/train.json", "food-101.tar.gz"),
+    ("imagefolder", "train", "one folder per class"),
+])
+def test_missing_dataset_error_names_path_source_and_root_flag(tmp_path, name, expected, hint):
+    root = tmp_path / "missing"
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset(name, root, "train")
+    msg = str(err.value)
+    assert str(root / expected) in msg and hint in msg and "--data.root" in msg
+    assert not root.exists()  # reading never creates folders in the user's tree
+
+
+def test_missing_fashion_mnist_mentions_download_and_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setattr("nola_vision.data.datasets.FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no-system"))
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset("fashion_mnist", tmp_path, "train")
+    assert "download=True" in str(err.value) and "dataset-fashion-mnist" in str(err.value)
+
+
+def test_incomplete_extraction_is_reported(tmp_path):
+    write_cub(tmp_path, num_classes=3)
+    with pytest.raises(DatasetNotFoundError, match="3 classes, expected 200"):
+        build_dataset("cub200", tmp_path)
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    write_imagefolder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "dog 01.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    ds = build_dataset("imagefolder", tmp_path)
+    with pytest.raises(CorruptImageError) as err:
+        ds.load_image(ds.samples.index(("train/dog/dog 01.png", 1)))
+    assert str(bad) in str(err.value)
+
+
+def test_getitem_applies_the_transform_and_returns_the_label(tmp_path):
+    write_imagefolder(tmp_path)
+    ds = build_dataset("imagefolder", tmp_path, transform=lambda img: np.asarray(img).shape)
+    assert ds[4] == ((16, 20, 3), 1)
+    assert isinstance(ds.load_image(0), Image.Image) and os.fspath(ds.root) == os.fspath(tmp_path)
