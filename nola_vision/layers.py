@@ -1,0 +1,226 @@
+"""Adapter layers: a frozen ``nn.Linear`` plus a low-rank update on whole or sliced output features.
+
+``NOLALinear`` and ``LoRALinear`` share one forward, merge and slice mechanism; they differ only in how
+they produce the factors A (in×r) and B (r×width) of each slice.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .basis import BasisBank, BasisSpec, combine_generated, portable_uniform
+from .config import LoRAConfig, NOLAConfig
+
+Slice = Tuple[int, int]
+
+
+def _full_precision(device: torch.device):
+    """Disable autocast: coefficient combinations are tiny and must not cast the large bases every step."""
+    is_available = getattr(torch, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    return torch.autocast(device_type=device.type, enabled=False) if is_available(device.type) else nullcontext()
+
+
+class AdaptedLinear(nn.Module):
+    """Frozen ``y = x Wᵀ + b`` plus ``scaling · (x A) B`` on each output slice, without materialising ΔW.
+
+    ``weight`` and ``bias`` are the wrapped layer's own parameters, so state-dict keys of the base model are
+    unchanged and pretrained weights load into an adapted model as they are.
+    """
+
+    adapter_parameter_names: Tuple[str, ...] = ()
+
+    def __init__(self, base: nn.Linear, slices: Sequence[Slice], rank: int, scaling: float) -> None:
+        super().__init__()
+        widths = {end - start for start, end in slices}
+        if len(widths) != 1:
+            raise ValueError(f"all adapted slices of a layer must have the same width, got {list(slices)}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.slices: Tuple[Slice, ...] = tuple((int(s), int(e)) for s, e in slices)
+        self.width = widths.pop()
+        self.rank = rank
+        self.scaling = scaling
+        self.merged = False
+        # Set by inject() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
+        self.input_activation: Optional[nn.Module] = None
+
+    def factors(self) -> Tuple[Tensor, Tensor]:
+        """A of shape (slices, in, rank) and B of shape (slices, rank, width), float32, without scaling."""
+        raise NotImplementedError
+
+    def _delta_factors(self) -> Tuple[Tensor, Tensor]:
+        """Factors of the whole update: A (in, slices·rank) with scaling applied, B (slices·rank, out)."""
+        a, b = self.factors()
+        num_slices = len(self.slices)
+        a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
+        if self.slices == ((0, self.out_features),):
+            return a, b[0]
+        # Each slice's B placed in its own output columns: one matmul covers q and v of a fused qkv.
+        blocks = [F.pad(b[i], (start, self.out_features - end)) for i, (start, end) in enumerate(self.slices)]
+        return a, torch.cat(blocks, dim=0)
+
+    @torch.no_grad()
+    def get_delta_weight(self) -> Tensor:
+        """ΔW (out×in, float32): what ``merge`` adds to ``weight``."""
+        a, b = self._delta_factors()
+        return (a @ b).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre_activation = None
+        if self.input_activation is not None:
+            pre_activation, x = x, self.input_activation(x)
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        a, b = self._delta_factors()
+        if pre_activation is not None and torch.is_grad_enabled():
+            return y + _RecomputedInputDelta.apply(pre_activation, x.detach(), a, b, self.input_activation)
+        return y + (x @ a.to(x.dtype)) @ b.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into ``weight`` for inference at the base layer's cost."""
+        if not self.merged:
+            self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW again (exact up to one float rounding per weight)."""
+        if self.merged:
+            self.weight.sub_(self.get_delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def adapter_parameters(self) -> dict:
+        return {name: getattr(self, name) for name in self.adapter_parameter_names}
+
+    def extra_repr(self) -> str:
+        slices = "" if self.slices == ((0, self.out_features),) else f", slices={list(self.slices)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
+
+
+class _RecomputedInputDelta(torch.autograd.Function):
+    """``(act(h) A) B`` that keeps h (already kept by the activation's own backward) instead of act(h).
+
+    An adapted ``mlp.fc2`` needs its input for the gradient of A; a frozen model never stores that
+    activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, x: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
+        ctx.activation = activation
+        ctx.save_for_backward(h, a, b)
+        return (x @ a.to(x.dtype)) @ b.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        h, a, b = ctx.saved_tensors
+        dtype = grad.dtype
+        with torch.enable_grad():
+            h_leaf = h.detach().requires_grad_(ctx.needs_input_grad[0])
+            x = ctx.activation(h_leaf)
+        a_, b_, x_ = a.to(dtype), b.to(dtype), x.detach().to(dtype)
+        grad_xa = grad @ b_.t()
+        grad_a = grad_b = grad_h = None
+        if ctx.needs_input_grad[2]:
+            grad_a = (x_.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = ((x_ @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
+        if ctx.needs_input_grad[0]:
+            (grad_h,) = torch.autograd.grad(x, h_leaf, (grad_xa @ a_.t()).to(x.dtype))
+        return grad_h, None, grad_a, grad_b, None
+
+
+def nola_basis_specs(
+    config: NOLAConfig, name: str, in_features: int, width: int, slices: Sequence[Slice]
+) -> Tuple[Tuple[BasisSpec, ...], Tuple[BasisSpec, ...]]:
+    """The bases of A and B for one adapted layer: one spec for all slices when shared, one per slice otherwise."""
+    shape_a, shape_b = (in_features, config.rank), (config.rank, width)
+    if config.basis == "shared":
+        # Keyed by factor shape only: every layer (and slice) of that shape uses the same bases.
+        streams_a, streams_b = [f"A/{in_features}x{config.rank}"], [f"B/{config.rank}x{width}"]
+    else:
+        streams_a = [f"{name}/{start}:{end}/A" for start, end in slices]
+        streams_b = [f"{name}/{start}:{end}/B" for start, end in slices]
+    specs_a = tuple(BasisSpec(config.seed, stream, shape_a, config.num_basis_a) for stream in streams_a)
+    specs_b = tuple(BasisSpec(config.seed, stream, shape_b, config.num_basis_b) for stream in streams_b)
+    return specs_a, specs_b
+
+
+class NOLALinear(AdaptedLinear):
+    """NOLA: A = Σ αᵢAᵢ and B = Σ βⱼBⱼ over frozen random bases; only α (k) and β (l) per slice train."""
+
+    adapter_parameter_names = ("nola_alpha", "nola_beta")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        config: NOLAConfig,
+        name: str,
+        slices: Optional[Sequence[Slice]] = None,
+        bank: Optional[BasisBank] = None,
+    ) -> None:
+        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
+        k, l = config.num_basis_a, config.num_basis_b
+        self.basis = config.basis
+        self.bank = bank if bank is not None else BasisBank()
+        self.specs_a, self.specs_b = nola_basis_specs(config, name, self.in_features, self.width, self.slices)
+        shapes = self.parameter_shapes(config, self.in_features, self.width, len(self.slices))
+        self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, device=base.weight.device))
+        beta = 0.0 if config.init == "zero_delta" else 1.0 / l
+        self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, device=base.weight.device))
+
+    @staticmethod
+    def parameter_shapes(config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
+        """Shapes of the trained tensors, known before the layer exists (for checking adapter files)."""
+        return {"nola_alpha": (num_slices, config.num_basis_a), "nola_beta": (num_slices, config.num_basis_b)}
+
+    def _combine(self, coefficients: Tensor, specs: Tuple[BasisSpec, ...]) -> Tensor:
+        if self.basis == "shared":
+            return coefficients.float() @ self.bank.get(specs[0], coefficients.device)
+        return torch.cat([combine_generated(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
+
+    def factors(self) -> Tuple[Tensor, Tensor]:
+        num_slices = len(self.slices)
+        with _full_precision(self.nola_alpha.device):
+            a = self._combine(self.nola_alpha, self.specs_a)
+            b = self._combine(self.nola_beta, self.specs_b)
+        return a.view(num_slices, self.in_features, self.rank), b.view(num_slices, self.rank, self.width)
+
+    def basis_specs(self) -> Tuple[BasisSpec, ...]:
+        return self.specs_a + self.specs_b
+
+
+class LoRALinear(AdaptedLinear):
+    """LoRA: trained A (kaiming-uniform, portable seed) and B (zero), ΔW = (alpha/r)·A·B."""
+
+    adapter_parameter_names = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None) -> None:
+        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
+        num_slices, rank = len(self.slices), config.rank
+        shapes = self.parameter_shapes(config, self.in_features, self.width, num_slices)
+        # kaiming_uniform_(a=√5) of a (rank, in) weight has bound 1/√in; drawn from the portable generator.
+        a = portable_uniform(config.seed, f"{name}/lora_A", num_slices * rank * self.in_features, 1 / math.sqrt(self.in_features))
+        a = a.view(num_slices, rank, self.in_features).transpose(1, 2).contiguous()
+        assert a.shape == shapes["lora_A"]
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], device=base.weight.device))
+
+    @staticmethod
+    def parameter_shapes(config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:
+        """Shapes of the trained tensors, known before the layer exists (for checking adapter files)."""
+        return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
+
+    def factors(self) -> Tuple[Tensor, Tensor]:
+        return self.lora_A.float(), self.lora_B.float()
+
+    def basis_specs(self) -> Tuple[BasisSpec, ...]:
+        return ()

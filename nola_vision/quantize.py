@@ -1,0 +1,61 @@
+"""Uniform affine quantisation of adapter coefficients (per tensor), 4-bit packing, and its STE for training."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (32, 16, 8, 4)
+
+
+def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
+    """Codes in [0, 2**bits - 1] (uint8) with (minimum, step): ``value ≈ minimum + code * step``.
+
+    The rounding error of every value is at most ``step / 2 = (max - min) / (2 * (2**bits - 1))``.
+    """
+    if bits not in (8, 4):
+        raise ValueError(f"integer quantisation supports 8 or 4 bits, got {bits}")
+    flat = values.detach().float().flatten()
+    minimum, maximum = flat.min().item(), flat.max().item()
+    levels = 2**bits - 1
+    step = (maximum - minimum) / levels
+    if step == 0.0:  # a constant tensor (e.g. the paper's α = 1/k init) is exact with code 0
+        return torch.zeros_like(flat, dtype=torch.uint8), minimum, 0.0
+    codes = torch.round((flat - minimum) / step).clamp_(0, levels).to(torch.uint8)
+    return codes, minimum, step
+
+
+def dequantize(codes: Tensor, minimum: float, step: float) -> Tensor:
+    return minimum + codes.float() * step
+
+
+def pack4(codes: Tensor) -> Tensor:
+    """Two 4-bit codes per byte (low nibble first); an odd count is padded with one zero nibble."""
+    codes = codes.flatten().to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return codes[0::2] | (codes[1::2] << 4)
+
+
+def unpack4(packed: Tensor, numel: int) -> Tensor:
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()
+    return codes[:numel]
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Quantise-dequantise in forward, identity gradient in backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, bits: int) -> Tensor:  # type: ignore[override]
+        codes, minimum, step = quantize(values, bits)
+        return dequantize(codes, minimum, step).view_as(values).to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def fake_quantize(values: Tensor, bits: int) -> Tensor:
+    """What ``values`` become after saving at ``bits``, differentiable by the straight-through estimator."""
+    return _FakeQuantize.apply(values, bits)
