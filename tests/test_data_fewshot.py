@@ -1,0 +1,159 @@
+"""k-shot sampling: exactly k per class, seeded and process-independent, disjoint validation, manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from nola_vision.data import (
+    NotEnoughImagesError,
+    indices_from_manifest,
+    read_manifest,
+    sample_kshot,
+    write_manifest,
+)
+
+NAMES = [f"class_{c}" for c in range(10)]
+
+
+def make_samples(per_class: int = 30, num_classes: int = 10) -> list[tuple[str, int]]:
+    """Keys shaped like real relative paths, classes interleaved as in CIFAR."""
+    return [(f"images/{c:03d}/img_{i:04d}.jpg", c) for i in range(per_class) for c in range(num_classes)]
+
+
+def keys(samples, indices):
+    return [samples[i][0] for i in indices]
+
+
+def test_kshot_draws_exactly_k_per_class():
+    samples = make_samples()
+    for k in (1, 5, 10):
+        split = sample_kshot(samples, k, seed=3, class_names=NAMES)
+        counts = Counter(samples[i][1] for i in split.train)
+        assert counts == {c: k for c in range(10)} and len(set(split.train)) == 10 * k
+        assert split.val == []
+
+
+def test_same_seed_draws_the_same_split_in_another_process():
+    """A fresh interpreter with another hash seed and global seed draws the identical manifest.
+
+    fewshot.py needs only the standard library, so the child loads it by path (fast, no torch).
+    """
+    import nola_vision.data.fewshot as fewshot
+
+    samples = make_samples()
+    here = keys(samples, sample_kshot(samples, 5, seed=11, val_shots=2).train)
+    code = (
+        "import importlib.util, json, random, sys\n"
+        "random.seed(999)\n"
+        "spec = importlib.util.spec_from_file_location('fewshot', %r)\n"
+        "fs = sys.modules['fewshot'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(fs)\n"
+        "s = [(f'images/{c:03d}/img_{i:04d}.jpg', c) for i in range(30) for c in range(10)]\n"
+        "print(json.dumps([s[i][0] for i in fs.sample_kshot(s, 5, seed=11, val_shots=2).train]))\n"
+    ) % fewshot.__file__
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "4242"})
+    assert json.loads(out.stdout) == here
+
+
+def test_different_seeds_draw_different_images():
+    samples = make_samples()
+    draws = {seed: frozenset(sample_kshot(samples, 5, seed=seed).train) for seed in range(4)}
+    assert len(set(draws.values())) == 4
+
+
+def test_sampling_never_touches_the_global_rng():
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    sample_kshot(make_samples(), 5, seed=1, val_shots=3)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+
+
+def test_draw_depends_on_file_names_not_listing_order():
+    samples = make_samples()
+    shuffled = samples[::-1]
+    a = sorted(keys(samples, sample_kshot(samples, 5, seed=2).train))
+    b = sorted(keys(shuffled, sample_kshot(shuffled, 5, seed=2).train))
+    assert a == b
+
+
+def test_five_shot_set_is_contained_in_ten_shot_set_of_same_seed():
+    samples = make_samples()
+    five, ten = sample_kshot(samples, 5, seed=7).train, sample_kshot(samples, 10, seed=7).train
+    assert set(five) < set(ten)
+
+
+def test_validation_subset_never_overlaps_the_kshot_set():
+    samples = make_samples(per_class=12)
+    for seed in range(5):
+        split = sample_kshot(samples, 10, seed=seed, val_shots=2)
+        assert not set(split.train) & set(split.val)
+        assert Counter(samples[i][1] for i in split.val) == {c: 2 for c in range(10)}
+
+
+def test_zero_shots_keeps_every_image_outside_validation():
+    samples = make_samples(per_class=8)
+    split = sample_kshot(samples, 0, seed=0, val_shots=3)
+    assert len(split.train) == 50 and len(split.val) == 30
+    assert set(split.train) | set(split.val) == set(range(len(samples)))
+
+
+def test_class_with_too_few_images_names_class_and_count():
+    samples = make_samples(per_class=8)
+    samples = [s for s in samples if not (s[1] == 4 and s[0] > "images/004/img_0002.jpg")]  # class 4: 3 images
+    with pytest.raises(NotEnoughImagesError) as err:
+        sample_kshot(samples, 5, seed=0, class_names=NAMES)
+    assert "class 'class_4'" in str(err.value) and "has 3 train images" in str(err.value)
+    assert "allow_fewer" in str(err.value)
+
+
+def test_allow_fewer_keeps_what_a_short_class_has():
+    samples = make_samples(per_class=8)
+    samples = [s for s in samples if not (s[1] == 4 and s[0] > "images/004/img_0002.jpg")]
+    with pytest.warns(UserWarning, match="class_4"):
+        split = sample_kshot(samples, 5, seed=0, val_shots=1, class_names=NAMES, allow_fewer=True)
+    counts = Counter(samples[i][1] for i in split.train)
+    assert counts[4] == 3 and counts[0] == 5
+    assert all(samples[i][1] != 4 for i in split.val)
+
+
+def test_validation_that_does_not_fit_is_also_an_error():
+    with pytest.raises(NotEnoughImagesError, match="needs 12 per class"):
+        sample_kshot(make_samples(per_class=11), 10, seed=0, val_shots=2)
+
+
+def test_manifest_round_trip_reproduces_the_same_samples(tmp_path):
+    samples = make_samples() + [("images/with space/a b.jpg", 3)]
+    split = sample_kshot(samples, 5, seed=5)
+    path = write_manifest(tmp_path / "m" / "train.txt", samples, split.train + [len(samples) - 1],
+                          header="dataset=x shots=5\nsplit_seed=5")
+    text = path.read_text().splitlines()
+    assert text[0] == "# dataset=x shots=5" and text[2] == f"{samples[split.train[0]][0]} {samples[split.train[0]][1]}"
+    entries = read_manifest(path)
+    assert entries[-1] == ("images/with space/a b.jpg", 3)
+    assert indices_from_manifest(samples, entries) == split.train + [len(samples) - 1]
+    # a different listing order of the same dataset maps to the same images
+    reordered = samples[::-1]
+    assert keys(reordered, indices_from_manifest(reordered, entries)) == [e[0] for e in entries]
+
+
+def test_manifest_with_unknown_path_or_wrong_label_is_rejected(tmp_path):
+    samples = make_samples()
+    path = tmp_path / "m.txt"
+    path.write_text("images/000/img_0000.jpg 1\n")
+    with pytest.raises(ValueError, match="has label 1, but the dataset says 0"):
+        indices_from_manifest(samples, read_manifest(path), str(path))
+    path.write_text("images/000/nope.jpg 0\n")
+    with pytest.raises(ValueError, match="nope.jpg"):
+        indices_from_manifest(samples, read_manifest(path), str(path))
+    path.write_text("no-label-here\n")
+    with pytest.raises(ValueError, match=r"m.txt:1: expected 'relative/path label'"):
+        read_manifest(path)
