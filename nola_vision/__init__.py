@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from .config import LoRAConfig, NOLAConfig
-from .inject import adapted_layers, count_parameters, inject, merge, unmerge
+from .inject import adapted_layers, count_parameters, inject, merge, set_quantization_aware, unmerge
 from .layers import LoRALinear, NOLALinear
 from .io import AdapterLoadError, adapter_size_bytes, load_adapter, save_adapter

@@ -180,6 +180,15 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
+    """Train against ``bits``-bit coefficients (straight-through estimator); ``None`` turns it off."""
+    if bits not in (None, 8, 4):
+        raise ValueError(f"quantisation-aware training supports 8 or 4 bits (or None), got {bits}")
+    for layer in adapted_layers(model).values():
+        layer.quant_bits = bits
+    return model
+
+
 def count_parameters(model: nn.Module) -> Dict[str, int]:
     """Exact parameter counts: adapter coefficients/factors and classifier head separately, trainable, total."""
     adapter = {

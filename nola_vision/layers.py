@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .basis import BasisBank, BasisSpec, combine_generated, portable_uniform
 from .config import LoRAConfig, NOLAConfig
+from .quantize import fake_quantize
 
 Slice = Tuple[int, int]
 
@@ -50,6 +51,13 @@ class AdaptedLinear(nn.Module):
         self.merged = False
         # Set by inject() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
+        # Quantisation-aware training: forward sees the values that save_adapter(bits=...) would store.
+        self.quant_bits: Optional[int] = None
+
+    def trained(self, name: str) -> Tensor:
+        """An adapter parameter as the forward pass uses it (fake-quantised during quantisation-aware training)."""
+        value = getattr(self, name)
+        return fake_quantize(value, self.quant_bits) if self.quant_bits else value
 
     def factors(self) -> Tuple[Tensor, Tensor]:
         """A of shape (slices, in, rank) and B of shape (slices, rank, width), float32, without scaling."""
@@ -190,8 +198,8 @@ class NOLALinear(AdaptedLinear):
     def factors(self) -> Tuple[Tensor, Tensor]:
         num_slices = len(self.slices)
         with _full_precision(self.nola_alpha.device):
-            a = self._combine(self.nola_alpha, self.specs_a)
-            b = self._combine(self.nola_beta, self.specs_b)
+            a = self._combine(self.trained("nola_alpha"), self.specs_a)
+            b = self._combine(self.trained("nola_beta"), self.specs_b)
         return a.view(num_slices, self.in_features, self.rank), b.view(num_slices, self.rank, self.width)
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
@@ -220,7 +228,7 @@ class LoRALinear(AdaptedLinear):
         return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
 
     def factors(self) -> Tuple[Tensor, Tensor]:
-        return self.lora_A.float(), self.lora_B.float()
+        return self.trained("lora_A").float(), self.trained("lora_B").float()
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
         return ()
