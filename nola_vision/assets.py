@@ -70,6 +70,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable by other users
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
