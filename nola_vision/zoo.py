@@ -1,0 +1,94 @@
+"""NOLA variants in timm's model registry, and ``create_model`` for any timm model plus an adapter."""
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import fields
+from typing import Any, Callable, Dict, Optional
+
+import timm
+from timm.models import is_model, model_entrypoint, register_model
+from timm.models._registry import _model_default_cfgs, split_model_name_tag
+from torch import nn
+
+from .config import NOLAConfig
+from .inject import Method, inject
+
+# Base architecture → NOLA defaults. ViT-L uses rank 1, as in the paper (98,304 coefficients at k=l=1024).
+NOLA_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "vit_tiny_patch16_224": {},
+    "vit_small_patch16_224": {},
+    "vit_base_patch16_224": {},
+    "vit_large_patch16_224": {"rank": 1},
+    "vit_small_patch14_dinov2": {},
+}
+NOLA_SUFFIX = "_nola"
+
+# timm reads pretrained cfgs of registered models from this module attribute.
+default_cfgs: Dict[str, Any] = {}
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise ValueError naming close timm matches when ``model_name`` (optionally ``name.tag``) is unknown."""
+    architecture, _ = split_model_name_tag(model_name)
+    if is_model(architecture):
+        return
+    close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models('*vit*') for names."
+    raise ValueError(f"unknown timm model {model_name!r}.{hint}")
+
+
+def create_model(model_name: str, adapter: Optional[Method] = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, **kwargs)`` followed by ``inject(model, adapter)`` when one is given.
+
+    Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).
+    """
+    check_model_name(model_name)
+    model = timm.create_model(model_name, **kwargs)
+    if adapter is not None:
+        inject(model, adapter)
+    return model
+
+
+def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> NOLAConfig:
+    """Pop ``nola_config`` or ``nola_<field>`` keyword arguments into a NOLAConfig."""
+    config = kwargs.pop("nola_config", None)
+    overrides = {f.name: kwargs.pop(f"nola_{f.name}") for f in fields(NOLAConfig) if f"nola_{f.name}" in kwargs}
+    unknown = sorted(k for k in kwargs if k.startswith("nola_"))
+    if unknown:
+        valid = [f"nola_{f.name}" for f in fields(NOLAConfig)]
+        raise TypeError(f"unknown NOLA arguments {unknown}; valid ones are {valid} and nola_config")
+    if config is not None:
+        if overrides:
+            raise TypeError("pass either nola_config or nola_<field> arguments, not both")
+        return config
+    return NOLAConfig(**{**defaults, **overrides})
+
+
+def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        config = _nola_config_from_kwargs(kwargs, defaults)
+        # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
+        model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
+        return inject(model, config)
+
+    name = base + NOLA_SUFFIX
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"timm {base} with NOLA adapters (pass nola_rank, nola_num_basis_a, … or nola_config)."
+    return entrypoint
+
+
+def _register_variants() -> None:
+    module = sys.modules[__name__]
+    for base, defaults in NOLA_VARIANTS.items():
+        name = base + NOLA_SUFFIX
+        if base in _model_default_cfgs:
+            default_cfgs[name] = _model_default_cfgs[base]  # same pretrained tags and weights as the base
+        entrypoint = _make_entrypoint(base, defaults)
+        setattr(module, name, entrypoint)
+        if not is_model(name):
+            register_model(entrypoint)
+
+
+_register_variants()
