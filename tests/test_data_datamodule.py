@@ -1,0 +1,254 @@
+"""FewShotDataModule on real-format fixtures: shapes, dtypes, normalisation, steps, seeded splits, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.datasets as tvd
+
+from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
+from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
+from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from nola_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@pytest.fixture
+def cifar10_root(tmp_path, monkeypatch):
+    """CIFAR-10 pickles (6 train, 2 test per class) with their checksums registered (see test_data_datasets)."""
+    info = write_cifar10(tmp_path / "data", train_per_class=6, test_per_class=2)
+    monkeypatch.setattr(DATASETS["cifar10"].reader, "torchvision_class",
+                        cifar_class_with_checksums(tvd.CIFAR10, info["md5"]))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
+    return tmp_path / "pets"
+
+
+def test_num_classes_and_class_names_are_known_before_setup(tmp_path, folder_root):
+    write_cub(tmp_path / "birds", train_per_class=1, test_per_class=1)
+    dm = FewShotDataModule("cub200", root=str(tmp_path / "birds"), shots=1)
+    assert dm.num_classes == 200 and dm.class_names[:2] == ["Bird_001", "Bird_002"] and dm.train_set is None
+    assert FewShotDataModule("imagefolder", root=str(folder_root)).num_classes == 3
+    # a static table: known even before the data is downloaded
+    assert FewShotDataModule("cifar100", root=str(tmp_path / "not-yet")).num_classes == 100
+
+
+@pytest.mark.parametrize("augment", ["paper", "timm", "none"])
+def test_batches_have_expected_shape_dtype_and_normalisation(folder_root, augment):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=4, batch_size=4, image_size=32,
+                           backbone="vit_base_patch16_224", augment=augment, shuffle_seed=0)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # the backbone's own mean/std (0.5, 0.5, 0.5): pixel values in [0, 1] map into [-1, 1]
+    assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6
+    dm.setup("test")
+    xt, yt = next(iter(dm.test_dataloader()))
+    assert xt.shape == (4, 3, 32, 32)
+    # eval images are flat colours: exactly (c / 255 - 0.5) / 0.5 per channel
+    for img, label in zip(xt, yt):
+        expected = torch.tensor([(c / 255 - 0.5) / 0.5 for c in class_color(int(label))])
+        assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=1e-5)
+    if augment == "none":
+        for img, label in zip(x, y):
+            expected = torch.tensor([(c / 255 - 0.5) / 0.5 for c in class_color(int(label))])
+            assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_imagenet_normalisation_option(folder_root):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, batch_size=3, image_size=16,
+                           backbone="vit_base_patch16_224", augment="none", normalize="imagenet")
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    for img, label in zip(x, y):
+        expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(class_color(int(label)),
+                                                                       IMAGENET_MEAN, IMAGENET_STD)])
+        assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_five_shot_cifar10_with_batch_16_gives_3_steps(cifar10_root):
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=16, image_size=32)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(dm.train_set) == 50 and loader.drop_last and len(loader) == 3
+    assert sum(len(y) for _, y in loader) == 48
+    dm.setup("test")
+    assert len(dm.test_set) == 20 and len(dm.test_dataloader()) == 2
+
+
+def test_drop_last_only_when_a_full_batch_remains(cifar10_root):
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=1, batch_size=16, image_size=32)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert not loader.drop_last and [len(y) for _, y in loader] == [10]
+
+
+def test_train_loader_shuffles_with_a_seeded_generator(cifar10_root):
+    def order(**kw):
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                               augment="none", **kw)
+        dm.setup("fit")
+        return torch.cat([y for _, y in dm.train_dataloader()]).tolist()
+
+    assert order(shuffle_seed=1) == order(shuffle_seed=1) != order(shuffle_seed=2)
+    state = torch.get_rng_state()
+    with torch.random.fork_rng():
+        torch.manual_seed(5)  # shuffle_seed=None follows seed_everything / torch.initial_seed()
+        a = order()
+        torch.manual_seed(5)
+        assert order() == a
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_two_ranks_draw_the_same_split_and_write_the_same_manifest(cifar10_root, tmp_path):
+    ranks = []
+    for rank in range(2):
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=3, split_seed=2, val_shots=2,
+                               image_size=8, split_dir=str(tmp_path / f"rank{rank}"))
+        dm.setup("fit")
+        ranks.append(dm)
+    assert ranks[0].train_manifest == ranks[1].train_manifest and ranks[0].split == ranks[1].split
+    assert ranks[0].manifest_path.read_text() == ranks[1].manifest_path.read_text()
+    assert ranks[0].manifest_path.name == "cifar10_3shot_seed2_train.txt"
+    assert not set(ranks[0].train_manifest) & set(ranks[0].val_manifest) and len(ranks[0].val_set) == 20
+    other = FewShotDataModule("cifar10", root=str(cifar10_root), shots=3, split_seed=3, image_size=8)
+    other.setup("fit")
+    assert other.train_manifest != ranks[0].train_manifest
+
+
+def test_split_file_reproduces_a_run_exactly(cifar10_root, tmp_path):
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=4, split_seed=9, val_shots=1,
+                           image_size=8, split_dir=str(tmp_path / "run"))
+    dm.setup("fit")
+    again = FewShotDataModule("cifar10", root=str(cifar10_root), shots=4, split_seed=0, image_size=8,
+                              split_file=str(dm.manifest_path), val_split_file=str(dm.val_manifest_path))
+    again.setup("fit")
+    assert again.train_manifest == dm.train_manifest and again.val_manifest == dm.val_manifest
+
+
+def test_kshot_images_are_decoded_once_and_cached(folder_root, monkeypatch):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=8)
+    dm.setup("fit")
+    assert len(dm.train_set.cache) == 6
+    monkeypatch.setattr(type(dm.train_set.dataset), "load_image",
+                        lambda self, i: pytest.fail("image decoded again"))
+    assert sum(len(y) for _, y in dm.train_dataloader()) == 6
+
+
+def test_cache_budget_is_respected(folder_root):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8, cache_mb=3 * (20 * 16 * 3) / 2**20)  # three 20x16 RGB images
+    with pytest.warns(UserWarning, match="image cache full after 3 of 6"):
+        dm.setup("fit")
+    assert len(dm.train_set.cache) == 3 and len(dm.train_set) == 6
+
+
+def test_corrupt_image_in_kshot_set_fails_at_setup_naming_the_file(folder_root):
+    for path in (folder_root / "train" / "owl").iterdir():
+        path.write_bytes(b"garbage")
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8)
+    with pytest.raises(CorruptImageError, match=r"train/owl/owl 0\d\.png"):
+        dm.setup("fit")
+
+
+def test_class_with_too_few_images_fails_unless_allowed(folder_root):
+    for path in sorted((folder_root / "train" / "dog").iterdir())[2:]:
+        path.unlink()
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=5, image_size=8)
+    with pytest.raises(ValueError, match="class 'dog' .* has 2 train images"):
+        dm.setup("fit")
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=5, image_size=8, allow_fewer=True)
+    with pytest.warns(UserWarning):
+        dm.setup("fit")
+    assert len(dm.train_set) == 12
+
+
+def test_missing_root_fails_with_the_expected_path(tmp_path):
+    dm = FewShotDataModule("cifar10", root=str(tmp_path / "nowhere"), image_size=8)
+    dm.prepare_data()  # download=False: nothing to do
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py.*download=True"):
+        dm.setup("fit")
+
+
+def test_bad_arguments_are_rejected_at_construction(folder_root):
+    with pytest.raises(ValueError, match="augment"):
+        FewShotDataModule("imagefolder", root=str(folder_root), augment="mixup")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'"):
+        FewShotDataModule("cifar11")
+
+
+def test_validation_loader_is_empty_without_val_shots(folder_root):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8)
+    dm.setup("fit")
+    assert dm.val_dataloader() == []
+
+
+def test_digits_end_to_end_with_lightning_trainer():
+    """The module drives a real Trainer fit + test; digits need no files."""
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+            self.seen = []
+
+        def training_step(self, batch, _):
+            x, y = batch
+            self.seen.append(tuple(x.shape))
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, _):
+            pass
+
+        def test_step(self, batch, _):
+            self.log("acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = FewShotDataModule("digits", shots=5, val_shots=1, batch_size=16, image_size=16, augment="paper")
+    model = Probe()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_test_batches=2)
+    trainer.fit(model, datamodule=dm)
+    assert model.seen == [(16, 3, 16, 16)] * 3
+    assert trainer.test(model, datamodule=dm, verbose=False)[0]["acc"] >= 0
+
+
+def test_no_validation_works_with_a_trainer():
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(3, 10)
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.w(batch[0].mean(dim=(2, 3))), batch[1])
+
+        def validation_step(self, batch, _):
+            raise AssertionError("no validation data was asked for")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = FewShotDataModule("digits", shots=2, batch_size=8, image_size=8, augment="none")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), datamodule=dm)
+    assert trainer.global_step == 2
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist to run this")
+def test_real_fashion_mnist_ten_shot(tmp_path):
+    dm = FewShotDataModule("fashion_mnist", root=str(tmp_path), shots=10, batch_size=16, image_size=32)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert len(dm.train_set) == 100 and x.shape == (16, 3, 32, 32) and len(dm.train_dataloader()) == 6
+    assert dm.class_names[0] == "T-shirt/top"

@@ -1,0 +1,108 @@
+"""Transforms: the paper's augmentation exactly, timm's, none; normalisation from the backbone's config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from nola_vision.data import DataConfig, build_transforms, resolve_data_config
+from nola_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomGaussianBlur
+
+
+def _steps(compose):
+    return list(compose.transforms)
+
+
+def test_paper_train_augmentation_is_the_papers_recipe():
+    train, _ = build_transforms("paper", "imagenet", DataConfig(input_size=224))
+    rrc, jitter, gray, blur, flip, to_tensor, norm = _steps(train)
+    assert isinstance(rrc, T.RandomResizedCrop) and rrc.size == (224, 224) and rrc.scale == (0.2, 1.0)
+    assert isinstance(jitter, T.RandomApply) and jitter.p == 0.8
+    cj = jitter.transforms[0]
+    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
+    assert isinstance(blur, T.RandomApply) and blur.p == 0.5 and blur.transforms[0].sigma == (0.1, 2.0)
+    assert isinstance(flip, T.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(to_tensor, T.ToTensor)
+    assert tuple(norm.mean) == IMAGENET_MEAN and tuple(norm.std) == IMAGENET_STD
+
+
+def test_paper_eval_is_resize_256_then_center_crop_224():
+    _, ev = build_transforms("paper", "imagenet", DataConfig(input_size=224, crop_pct=0.9))
+    resize, crop = _steps(ev)[:2]
+    assert resize.size == 256 and resize.interpolation == T.InterpolationMode.BILINEAR
+    assert crop.size == (224, 224)
+
+
+def test_model_eval_uses_the_backbone_crop_pct_and_interpolation():
+    cfg = resolve_data_config("vit_base_patch16_224")
+    _, ev = build_transforms("none", "model", cfg)
+    resize, crop = _steps(ev)[:2]
+    assert resize.size == int(224 / 0.9) and resize.interpolation == T.InterpolationMode.BICUBIC
+    out = ev(Image.new("RGB", (300, 200), (10, 20, 30)))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def test_backbone_config_comes_from_its_pretrained_cfg():
+    vit = resolve_data_config("vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    assert vit == DataConfig(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9, "bicubic")
+    mae = resolve_data_config("vit_base_patch16_224.mae")
+    assert mae.mean == IMAGENET_MEAN and mae.std == IMAGENET_STD
+
+
+def test_image_size_overrides_the_backbone_input_size():
+    cfg = resolve_data_config("vit_small_patch14_dinov2", image_size=224)
+    assert cfg.input_size == 224 and cfg.mean == IMAGENET_MEAN and cfg.crop_pct == 1.0
+    assert resolve_data_config(None, 96) == DataConfig(input_size=96)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown timm backbone 'no_such_vit'"):
+        resolve_data_config("no_such_vit")
+
+
+@pytest.mark.parametrize("normalize, mean, std", [("model", (0.5,) * 3, (0.5,) * 3),
+                                                  ("imagenet", IMAGENET_MEAN, IMAGENET_STD)])
+def test_normalisation_uses_model_or_imagenet_statistics(normalize, mean, std):
+    cfg = resolve_data_config("vit_base_patch16_224", image_size=32)
+    _, ev = build_transforms("none", normalize, cfg)
+    rgb = (51, 102, 204)
+    out = ev(Image.new("RGB", (40, 40), rgb))
+    expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(rgb, mean, std)])
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_timm_augment_uses_timm_create_transform_with_the_model_config():
+    cfg = resolve_data_config("vit_base_patch16_224", image_size=64)
+    train, _ = build_transforms("timm", "model", cfg)
+    names = [type(t).__name__ for t in _steps(train)]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandomHorizontalFlip" in names
+    assert tuple(_steps(train)[-1].mean.tolist()) == (0.5, 0.5, 0.5)
+    assert train(Image.new("RGB", (80, 70), (1, 2, 3))).shape == (3, 64, 64)
+
+
+def test_grayscale_sources_become_three_channels():
+    train, ev = build_transforms("paper", "model", DataConfig(input_size=32))
+    for tf in (train, ev):
+        assert tf(Image.new("L", (8, 8), 77).convert("RGB")).shape == (3, 32, 32)
+
+
+def test_gaussian_blur_draws_sigma_from_torch_rng_in_range():
+    blur = RandomGaussianBlur((0.1, 2.0))
+    img = Image.new("RGB", (16, 16), (0, 0, 0))
+    img.paste((255, 255, 255), (8, 0, 16, 16))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = blur(img)
+        torch.manual_seed(0)
+        b = blur(img)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != img.tobytes()
+
+
+def test_unknown_augment_or_normalize_is_rejected():
+    with pytest.raises(ValueError, match="augment must be"):
+        build_transforms("randaugment")
+    with pytest.raises(ValueError, match="normalize must be"):
+        build_transforms("paper", "cifar")
