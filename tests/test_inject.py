@@ -1,0 +1,230 @@
+"""inject / merge / unmerge / count_parameters on timm ViTs."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import nola_vision as nv
+from nola_vision.inject import adapter_state
+from tests.conftest import tiny_vit
+
+
+def nola_mlp(rank, k):
+    return nv.NOLAConfig(rank=rank, num_basis_a=k, num_basis_b=k, targets=["mlp.fc1", "mlp.fc2"], seed=0)
+
+
+def counts_on_meta(arch, config):
+    with torch.device("meta"):  # exact counts need shapes only, not 300M random weights
+        model = timm.create_model(arch, pretrained=False, num_classes=10)
+    return nv.count_parameters(nv.inject(model, config))
+
+
+@pytest.mark.parametrize(
+    "arch, config, adapter, head",
+    [
+        ("vit_base_patch16_224", nola_mlp(4, 1024), 49_152, 7_690),
+        ("vit_large_patch16_224", nola_mlp(1, 1024), 98_304, 10_250),
+        ("vit_large_patch16_224", nola_mlp(1, 512), 49_152, 10_250),
+        ("vit_base_patch16_224", nv.LoRAConfig(rank=4, targets=["attn.q", "attn.v"]), 147_456, 7_690),
+        ("vit_large_patch16_224", nv.LoRAConfig(rank=4, targets=["attn.q", "attn.v"]), 393_216, 10_250),
+        ("vit_large_patch16_224", nv.LoRAConfig(rank=1, targets=["attn.q", "attn.v"]), 98_304, 10_250),
+    ],
+)
+def test_exact_parameter_counts_match_the_paper(arch, config, adapter, head):
+    counts = counts_on_meta(arch, config)
+    assert counts["adapter"] == adapter and counts["head"] == head
+    assert counts["trainable"] == adapter + head
+
+
+def test_linear_probe_and_full_finetuning_counts():
+    linear = counts_on_meta("vit_base_patch16_224", "linear")
+    assert linear == {"adapter": 0, "head": 7_690, "trainable": 7_690, "total": linear["total"]}
+    full = counts_on_meta("vit_base_patch16_224", "full")
+    assert full["trainable"] == full["total"] == 85_806_346
+
+
+def test_inject_freezes_backbone_and_keeps_head_trainable():
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=32, num_basis_b=32))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"} | {
+        f"blocks.{i}.mlp.{fc}.nola_{c}" for i in range(2) for fc in ("fc1", "fc2") for c in ("alpha", "beta")
+    }
+
+
+def test_merged_logits_equal_unmerged_and_unmerge_restores_weights(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]))
+    original = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            layer.nola_alpha.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+            layer.nola_beta.uniform_(-1, 1, generator=torch.Generator().manual_seed(1))
+        unmerged = model(images)
+        nv.merge(model)
+        merged = model(images)
+        assert all(layer.merged for layer in nv.adapted_layers(model).values())
+        assert not torch.equal(model.blocks[0].mlp.fc1.weight, original["blocks.0.mlp.fc1.weight"])
+        nv.unmerge(model)
+        again = model(images)
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert (again - unmerged).abs().max() <= 1e-5
+    for name, p in original.items():
+        torch.testing.assert_close(model.get_parameter(name), p, rtol=0, atol=1e-6)
+
+
+def test_zero_delta_init_gives_the_frozen_base_logits(images):
+    base = tiny_vit()
+    with torch.no_grad():
+        expected = base(images)
+    model = nv.inject(copy.deepcopy(base), nv.NOLAConfig(num_basis_a=32, num_basis_b=32, init="zero_delta"))
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+
+
+def _backward(model, images):
+    model.zero_grad()
+    model(images).logsumexp(-1).sum().backward()
+    return {name: layer for name, layer in nv.adapted_layers(model).items()}
+
+
+def test_paper_init_gives_nonzero_gradients_to_alpha_and_beta(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=32, num_basis_b=32))
+    for layer in _backward(model, images).values():
+        assert layer.nola_alpha.grad.abs().sum() > 0 and layer.nola_beta.grad.abs().sum() > 0
+
+
+def test_zero_delta_init_trains_beta_first_then_alpha(images):
+    # With β = 0, B = 0 so ∂L/∂A = 0 at step 0 (it is proportional to B); after one step both flow.
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=32, num_basis_b=32, init="zero_delta"))
+    layers = _backward(model, images)
+    for layer in layers.values():
+        assert layer.nola_beta.grad.abs().sum() > 0
+        assert layer.nola_alpha.grad.abs().sum() == 0
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    for layer in _backward(model, images).values():
+        assert layer.nola_alpha.grad.abs().sum() > 0 and layer.nola_beta.grad.abs().sum() > 0
+
+
+def test_qv_slices_change_only_query_and_value_rows():
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.slices == ((0, 64), (128, 192))
+    with torch.no_grad():
+        qkv.lora_B.fill_(0.1)
+    delta = qkv.get_delta_weight()
+    assert delta[64:128].abs().sum() == 0
+    assert delta[:64].abs().min() >= 0 and delta[:64].abs().sum() > 0 and delta[128:].abs().sum() > 0
+
+
+def test_lora_starts_at_zero_delta_with_scale_one(images):
+    base = tiny_vit()
+    model = nv.inject(copy.deepcopy(base), nv.LoRAConfig(rank=4))
+    assert model.blocks[0].attn.qkv.scaling == 1.0
+    with torch.no_grad():
+        assert torch.equal(model(images), base(images))
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_recomputed_fc2_input_gives_the_same_gradients(images, method):
+    def config(recompute):
+        if method == "nola":
+            return nv.NOLAConfig(num_basis_a=16, num_basis_b=16, recompute_activation=recompute)
+        return nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"], recompute_activation=recompute)
+
+    fused, plain = nv.inject(tiny_vit(), config(True)), nv.inject(tiny_vit(), config(False))
+    assert fused.blocks[0].mlp.fc2.input_activation is not None and plain.blocks[0].mlp.fc2.input_activation is None
+    with torch.no_grad():  # make LoRA's B non-zero so every gradient path is exercised
+        for model in (fused, plain):
+            for layer in nv.adapted_layers(model).values():
+                for p in layer.adapter_parameters().values():
+                    p.add_(0.01)
+    outputs = [m(images) for m in (fused, plain)]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for out in outputs:
+        out.logsumexp(-1).sum().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (fused, plain)]
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_per_layer_bases_differ_by_layer_and_train(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=40, num_basis_b=40, basis="per_layer"))
+    a0, _ = model.blocks[0].mlp.fc1.factors()
+    a1, _ = model.blocks[1].mlp.fc1.factors()
+    assert not torch.allclose(a0, a1)
+    for layer in _backward(model, images).values():
+        assert layer.nola_alpha.grad.abs().sum() > 0
+
+
+def test_shared_bases_hold_one_copy_per_distinct_shape():
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+    model = nv.inject(model.to_empty(device="cpu"), nola_mlp(4, 64))
+    model(torch.zeros(1, 3, 224, 224))
+    bank = adapter_state(model).bank
+    shapes = {(s.stream.split("/")[0], s.shape) for s in bank.tensors()}
+    # fc1 (768→3072) and fc2 (3072→768): A and B of each shape, once for all 12 blocks.
+    assert shapes == {("A", (768, 4)), ("B", (4, 3072)), ("A", (3072, 4)), ("B", (4, 768))}
+    assert len(bank.tensors()) == 4
+    assert bank.nbytes() == 4 * 64 * 4 * (768 + 3072 + 3072 + 768)  # float32 · k · r · (in + out) per shape
+
+
+def test_inject_does_not_change_global_rng_state():
+    model = tiny_vit()
+    state = torch.get_rng_state()
+    nv.inject(model, nv.LoRAConfig())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_unknown_target_lists_linear_layers_and_changes_nothing():
+    model = tiny_vit()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as error:
+        nv.inject(model, nv.NOLAConfig(targets=["mlp.fc1", "mlp.fc3"]))
+    message = str(error.value)
+    assert "'mlp.fc3'" in message and "blocks.*.mlp.fc1" in message and "blocks.*.attn.qkv" in message
+    assert adapter_state(model) is None and all(p.requires_grad for p in model.parameters())
+    assert not nv.adapted_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_overlapping_targets_and_double_injection_are_rejected():
+    with pytest.raises(ValueError, match="overlap"):
+        nv.inject(tiny_vit(), nv.LoRAConfig(targets=["attn.qkv", "attn.q"]))
+    model = nv.inject(tiny_vit(), "linear")
+    with pytest.raises(ValueError, match="already has"):
+        nv.inject(model, nv.LoRAConfig())
+
+
+def test_regex_targets_select_blocks():
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=[r"blocks\.1\.mlp\.fc\d"]))
+    assert sorted(nv.adapted_layers(model)) == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+
+
+def test_invalid_configs_name_the_valid_choices():
+    with pytest.raises(ValueError, match="shared"):
+        nv.NOLAConfig(basis="global")
+    with pytest.raises(ValueError, match="paper"):
+        nv.NOLAConfig(init="zeros")
+    with pytest.raises(ValueError, match="linear"):
+        nv.inject(tiny_vit(), "prefix")
+
+
+def test_configs_round_trip_through_json():
+    import json
+
+    from nola_vision.config import config_from_dict
+
+    for config in (nv.NOLAConfig(rank=2, targets=["attn.q"], basis="per_layer"), nv.LoRAConfig(alpha=8)):
+        assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_model_to_device_and_dtype_keeps_shared_bases_and_works(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16))
+    with torch.no_grad():
+        reference = model(images)
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        assert half(images.bfloat16()).dtype == torch.bfloat16
+        torch.testing.assert_close(half(images.bfloat16()).float(), reference, atol=0.1, rtol=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(images).float(), reference, atol=0.1, rtol=0.1)

@@ -1,0 +1,158 @@
+"""save_adapter / load_adapter: exact round trips, bounded quantisation error, file sizes, clear errors."""
+import json
+
+import pytest
+import timm
+import torch
+
+import nola_vision as nv
+from nola_vision.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.quantize import dequantize, pack4, quantize, unpack4
+from tests.conftest import tiny_vit
+
+CONFIG = nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
+
+
+def trained(config=CONFIG, num_classes=5):
+    """A tiny adapted ViT whose adapter and head hold non-trivial values."""
+    model = nv.inject(tiny_vit(num_classes), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("config", [CONFIG, nv.LoRAConfig(rank=2), nv.NOLAConfig(num_basis_a=32, num_basis_b=16, basis="per_layer"), "linear"])
+def test_float32_round_trip_reproduces_logits_exactly(tmp_path, images, config):
+    model = trained(config)
+    nv.save_adapter(model, tmp_path, bits=32)
+    fresh = nv.load_adapter(tiny_vit(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+
+
+def test_float16_round_trip_is_within_fp16_rounding(tmp_path, images):
+    model = trained()
+    nv.save_adapter(model, tmp_path, bits=16)
+    fresh = nv.load_adapter(tiny_vit(), tmp_path)
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, model.get_parameter(name).half().float(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), model(images), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_round_trip_error_is_bounded_by_half_a_step(tmp_path, bits):
+    model = trained()
+    nv.save_adapter(model, tmp_path, bits=bits)
+    fresh = nv.load_adapter(tiny_vit(), tmp_path)
+    for name, layer in nv.adapted_layers(model).items():
+        for param_name, value in layer.adapter_parameters().items():
+            step = (value.max() - value.min()).item() / (2**bits - 1)
+            error = (fresh.get_parameter(f"{name}.{param_name}") - value).abs().max().item()
+            assert error <= step / 2 + 1e-7
+
+
+def test_quantisation_helpers():
+    values = torch.linspace(-1, 2, 101)
+    codes, minimum, step = quantize(values, 4)
+    assert codes.max() == 15 and (dequantize(codes, minimum, step) - values).abs().max() <= step / 2 + 1e-7
+    assert torch.equal(unpack4(pack4(codes), 101), codes)
+    constant, minimum, step = quantize(torch.full((10,), 1 / 1024), 4)
+    assert step == 0 and torch.equal(dequantize(constant, minimum, step), torch.full((10,), 1 / 1024))
+
+
+def test_vit_b_nola_file_sizes_fit_the_budget(tmp_path):
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+    model = nv.inject(model.to_empty(device="cpu"), nv.NOLAConfig(rank=4, num_basis_a=1024, num_basis_b=1024))
+    assert nv.count_parameters(model)["adapter"] == 49_152
+    sizes = {}
+    for bits in (16, 4):
+        sizes[bits] = nv.adapter_size_bytes(nv.save_adapter(model, tmp_path / str(bits), bits=bits))
+    assert sizes[16] <= 128 * 1024
+    assert sizes[4] <= 48 * 1024
+    saved = json.loads((tmp_path / "16" / CONFIG_NAME).read_text())
+    assert saved["backbone"] == "vit_base_patch16_224" and saved["num_classes"] == 10
+    assert saved["generator_version"] and len(saved["basis_fingerprint"]) == 16
+
+
+def test_adapter_file_holds_coefficients_and_head_but_no_bases(tmp_path):
+    from safetensors.torch import load_file
+
+    nv.save_adapter(trained(), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    assert {"head.weight", "head.bias", "blocks.0.mlp.fc1.nola_alpha", "blocks.1.attn.qkv.nola_beta"} <= set(tensors)
+    assert sum(t.numel() for t in tensors.values()) == nv.count_parameters(trained())["trainable"]
+
+
+def test_loading_onto_another_architecture_says_which(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8, depth=2)
+    with pytest.raises(AdapterLoadError, match="vit_tiny_patch16_224.*deit_tiny_patch16_224"):
+        nv.load_adapter(other, tmp_path)
+    assert not nv.adapted_layers(other)
+
+
+def test_loading_onto_another_class_count_says_which(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    model = tiny_vit(num_classes=7)
+    with pytest.raises(AdapterLoadError, match="5-class head.*7 classes.*num_classes=5"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+def test_a_wrong_basis_fingerprint_is_rejected_before_anything_changes(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    document["basis_fingerprint"] = "0123456789abcdef"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match="fingerprint mismatch"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_different_basis_seed_in_the_config_is_caught_by_the_fingerprint(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    document["config"]["seed"] = 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="fingerprint"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_missing_and_truncated_files_are_reported(tmp_path):
+    with pytest.raises(AdapterLoadError, match="missing"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+    nv.save_adapter(trained(), tmp_path)
+    weights = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(weights[: len(weights) // 2])
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match="truncated or corrupt"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+    (tmp_path / CONFIG_NAME).write_text("{\"format\": ")
+    with pytest.raises(AdapterLoadError, match="not valid JSON"):
+        nv.load_adapter(model, tmp_path)
+
+
+def test_saving_a_model_without_adapters_or_with_bad_bits_fails(tmp_path):
+    with pytest.raises(ValueError, match="inject"):
+        nv.save_adapter(tiny_vit(), tmp_path)
+    with pytest.raises(ValueError, match="bits"):
+        nv.save_adapter(trained(), tmp_path, bits=2)
+
+
+def test_loading_onto_an_already_adapted_model_with_the_same_config(tmp_path, images):
+    model = trained()
+    nv.save_adapter(model, tmp_path, bits=32)
+    target = nv.inject(tiny_vit(), CONFIG)
+    nv.load_adapter(target, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(target(images), model(images))
+    with pytest.raises(AdapterLoadError, match="already has adapters"):
+        nv.load_adapter(nv.inject(tiny_vit(), nv.LoRAConfig()), tmp_path)

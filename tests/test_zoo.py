@@ -1,0 +1,45 @@
+"""NOLA variants in timm's registry and create_model for other timm families."""
+import pytest
+import timm
+import torch
+
+import nola_vision as nv
+
+
+def test_registered_vit_b_nola_has_the_paper_count():
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224_nola", pretrained=False, num_classes=10)
+    counts = nv.count_parameters(model)
+    assert counts["adapter"] == 49_152 and counts["head"] == 7_690
+
+
+def test_registered_variants_keep_the_base_pretrained_tags():
+    assert "vit_base_patch16_224_nola.augreg2_in21k_ft_in1k" in timm.list_pretrained("vit_base_patch16_224_nola*")
+    assert timm.is_model("vit_small_patch14_dinov2_nola") and timm.is_model("vit_large_patch16_224_nola")
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224_nola.augreg2_in21k_ft_in1k", pretrained=False, num_classes=10, nola_num_basis_a=512)
+    assert model.pretrained_cfg["tag"] == "augreg2_in21k_ft_in1k"
+    assert nv.count_parameters(model)["adapter"] == 24 * (512 + 1024)
+
+
+def test_nola_kwargs_are_validated():
+    with pytest.raises(TypeError, match="nola_rnk"):
+        timm.create_model("vit_tiny_patch16_224_nola", nola_rnk=2)
+
+
+@pytest.mark.parametrize("arch", ["swin_tiny_patch4_window7_224", "deit_tiny_patch16_224"])
+def test_create_model_adapts_other_timm_families(arch):
+    config = nv.NOLAConfig(num_basis_a=32, num_basis_b=32)
+    model = nv.create_model(arch, adapter=config, pretrained=False, num_classes=3)
+    layers = nv.adapted_layers(model)
+    assert layers and all(name.endswith(("mlp.fc1", "mlp.fc2")) for name in layers)
+    assert nv.count_parameters(model)["adapter"] == 64 * len(layers)
+    out = model(torch.randn(1, 3, 224, 224))
+    out.sum().backward()
+    assert out.shape == (1, 3)
+    assert all(layer.nola_alpha.grad is not None for layer in layers.values())
+
+
+def test_unknown_model_names_suggest_close_matches():
+    with pytest.raises(ValueError, match="vit_base_patch16_224"):
+        nv.create_model("vit_bse_patch16_224")
