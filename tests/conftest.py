@@ -1,23 +1,9 @@
-"""Shared fixtures: tiny timm ViTs built offline with random weights."""
+"""Shared fixtures."""
 import pytest
-import timm
 import torch
-
-import nola_vision  # noqa: F401  (registers the *_nola models)
-
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-
-
-def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:
-    """A 2-block ViT on 32-px images whose weights come from a fixed local generator (no global RNG)."""
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **{**TINY_VIT, **kwargs})
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture
 def images() -> torch.Tensor:
+    """A fixed batch of four 32-px images for the tiny ViTs of tiny_models.py."""
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ import torch
 
 import nola_vision as nv
 from nola_vision.inject import adapter_state
-from tests.conftest import tiny_vit
+from tiny_models import tiny_vit
 
 
 def nola_mlp(rank, k):
