@@ -252,3 +252,23 @@ def test_real_fashion_mnist_ten_shot(tmp_path):
     x, y = next(iter(dm.train_dataloader()))
     assert len(dm.train_set) == 100 and x.shape == (16, 3, 32, 32) and len(dm.train_dataloader()) == 6
     assert dm.class_names[0] == "T-shirt/top"
+
+
+def test_datasets_and_transforms_pickle_for_spawned_workers(cifar10_root, folder_root):
+    import pickle
+
+    for name, root in (("cifar10", cifar10_root), ("imagefolder", folder_root)):
+        dm = FewShotDataModule(name, root=str(root), shots=2, image_size=8)
+        dm.setup()
+        for ds in (dm.train_set, dm.test_set):
+            clone = pickle.loads(pickle.dumps(ds))
+            assert len(clone) == len(ds) and clone[0][0].shape == (3, 8, 8) and clone[0][1] == ds[0][1]
+
+
+@pytest.mark.slow
+def test_worker_processes_yield_the_same_split(folder_root):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=8,
+                           augment="none", num_workers=2, shuffle_seed=0)
+    dm.setup("fit")
+    labels = sorted(torch.cat([y for _, y in dm.train_dataloader()]).tolist())
+    assert labels == [0, 0, 1, 1, 2, 2]
