@@ -3,7 +3,8 @@
 Every basis value is a pure function of (seed, stream, basis index, element index), computed with 64-bit
 integer tensor ops only, so CPU and CUDA give bit-identical values in every process and torch version, and
 the global RNG is never touched. Basis ``i`` does not depend on how many bases are drawn, so ``k`` can grow
-without changing the first bases.
+without changing the first bases. Values lie on a 16-bit grid and are held as int16 codes: shared bases
+cost 2 bytes per value, and only a small chunk is ever decoded to float32.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-GENERATOR_VERSION = "nola-triple32-v1"
+GENERATOR_VERSION = "nola-triple32-int16-v1"
 
 _MASK32 = 0xFFFFFFFF
 # Elements generated per step: bounds the int64 temporaries to a few tens of MB.
@@ -73,26 +74,29 @@ def portable_uniform(
     return out
 
 
-def uniform_bases(
-    seed: int,
-    stream: str,
-    shape: Sequence[int],
-    count: int,
-    start: int = 0,
-    device: Optional[torch.device | str] = None,
+def basis_codes(
+    seed: int, stream: str, n: int, start: int = 0, device: Optional[torch.device | str] = None
 ) -> Tensor:
-    """Bases ``start .. start+count`` of a stream, float32 of shape (count, *shape), entries U(±1/√numel).
+    """Elements ``start .. start+n`` of a stream as int16 codes c; the basis value is (c + ½)·bound/2¹⁵.
 
-    The bound equals ``kaiming_uniform_(a=√5)`` on a (count, *shape) tensor, as in the NOLA authors' code.
+    Bases are uniform on a symmetric 65,536-level grid over (-bound, bound): kaiming-uniform at 16-bit
+    resolution, stored in 2 bytes per value instead of 4, so shared bases cost half the memory.
     """
-    numel = math.prod(shape)
-    values = portable_uniform(seed, stream, count * numel, 1.0 / math.sqrt(numel), start * numel, device)
-    return values.view(count, *shape)
+    out = torch.empty(n, dtype=torch.int16, device=device)
+    for offset in range(0, n, _GENERATION_CHUNK):
+        size = min(_GENERATION_CHUNK, n - offset)
+        counters = torch.arange(start + offset, start + offset + size, dtype=torch.int64, device=device)
+        out[offset : offset + size] = ((random_bits(seed, stream, counters) >> 16) - (1 << 15)).to(torch.int16)
+    return out
 
 
 @dataclass(frozen=True)
 class BasisSpec:
-    """What identifies one set of bases: the generator inputs and the shape of each basis matrix."""
+    """One set of bases: the generator inputs, the shape of each basis matrix, and how many there are.
+
+    The bound 1/√numel equals ``kaiming_uniform_(a=√5)`` on a (count, *shape) tensor, as in the NOLA
+    authors' code.
+    """
 
     seed: int
     stream: str
@@ -103,14 +107,29 @@ class BasisSpec:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def generate(self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None) -> Tensor:
-        """Bases as a (count, numel) float32 matrix, ready for ``coefficients @ bases``."""
+    @property
+    def step(self) -> float:
+        """Value of one code unit: basis value = (code + ½) · step."""
+        return 1.0 / math.sqrt(self.numel) / 2**15
+
+    def codes(self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None) -> Tensor:
+        """Bases ``start .. start+count`` as an int16 (count, numel) code matrix."""
         count = self.count - start if count is None else count
-        return uniform_bases(self.seed, self.stream, self.shape, count, start, device).view(count, self.numel)
+        return basis_codes(self.seed, self.stream, count * self.numel, start * self.numel, device).view(count, self.numel)
+
+    def generate(self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None) -> Tensor:
+        """Bases as float32 values, shape (count, *shape)."""
+        codes = self.codes(device, start, count)
+        return decode(codes, self.step).view(codes.shape[0], *self.shape)
+
+
+def decode(codes: Tensor, step: float) -> Tensor:
+    """float32 basis values of int16 codes: (code + ½)·step, exact up to one rounding on every device."""
+    return (codes.to(torch.float32) + 0.5) * torch.tensor(step, dtype=torch.float32, device=codes.device)
 
 
 def fingerprint(specs: Sequence[BasisSpec], probes: int = 16) -> str:
-    """A short hash of the bases (first and last basis, first ``probes`` values each) plus the generator version.
+    """A short hash of the bases (first and last basis, first ``probes`` codes each) plus the generator version.
 
     Cheap to recompute on load, and it changes whenever the generator or any spec would give other values.
     """
@@ -118,76 +137,79 @@ def fingerprint(specs: Sequence[BasisSpec], probes: int = 16) -> str:
     for spec in sorted(set(specs), key=lambda s: (s.stream, s.shape, s.count, s.seed)):
         digest.update(f"{spec.seed}|{spec.stream}|{spec.shape}|{spec.count}".encode())
         for index in sorted({0, spec.count - 1}):
-            first = uniform_bases(spec.seed, spec.stream, spec.shape, 1, start=index).flatten()[:probes]
-            digest.update(first.numpy().tobytes())
+            digest.update(spec.codes(start=index, count=1).flatten()[:probes].numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 class BasisBank:
-    """Generated shared bases, one tensor per spec, held on one device at a time.
+    """Shared bases as int16 codes, one tensor per spec, held on one device at a time.
 
     Layers look their bases up here at forward time instead of registering buffers, so ``model.to(device)``
     cannot silently make one copy per layer, and checkpoints never contain bases.
     """
 
     def __init__(self) -> None:
-        self._tensors: Dict[BasisSpec, Tensor] = {}
+        self._codes: Dict[BasisSpec, Tensor] = {}
 
     def get(self, spec: BasisSpec, device: torch.device) -> Tensor:
-        """The (count, numel) basis matrix of ``spec`` on ``device``, generated there on first use."""
-        tensor = self._tensors.get(spec)
-        if tensor is None or tensor.device != device:
+        """The (count, numel) int16 codes of ``spec`` on ``device``, generated there on first use."""
+        codes = self._codes.get(spec)
+        if codes is None or codes.device != device:
             # Generate on the target device (portable bits) and drop the copy on the old device.
-            tensor = spec.generate(device)
-            self._tensors[spec] = tensor
-        return tensor
+            codes = spec.codes(device)
+            self._codes[spec] = codes
+        return codes
 
     def tensors(self) -> Dict[BasisSpec, Tensor]:
-        """The bases generated so far (for memory accounting and tests)."""
-        return dict(self._tensors)
+        """The codes generated so far (for memory accounting and tests)."""
+        return dict(self._codes)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+        return sum(t.numel() * t.element_size() for t in self._codes.values())
 
     def clear(self) -> None:
-        self._tensors.clear()
+        self._codes.clear()
 
     def __getstate__(self) -> dict:
         # Bases are regenerated on demand; never pickle or deep-copy them.
-        return {"_tensors": {}}
+        return {"_codes": {}}
 
 
-class _GeneratedCombination(torch.autograd.Function):
-    """coefficients (S, k) @ bases (k, numel), with bases regenerated in chunks in forward and backward.
+class _CombineBases(torch.autograd.Function):
+    """``coefficients (S, k) @ bases (k, numel)`` in float32, decoding (or generating) bases a chunk at a time.
 
-    Memory stays at one chunk of bases per call instead of k × numel per layer.
+    Only one chunk of float32 bases exists at any moment, in forward and in backward, whether the codes
+    are stored (shared bases) or regenerated (per-layer bases).
     """
 
     @staticmethod
-    def forward(ctx, coefficients: Tensor, spec: BasisSpec, chunk: int) -> Tensor:  # type: ignore[override]
-        ctx.spec, ctx.chunk = spec, chunk
+    def forward(ctx, coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor], chunk: int) -> Tensor:  # type: ignore[override]
+        ctx.spec, ctx.codes, ctx.chunk = spec, codes, chunk
         ctx.save_for_backward(coefficients)
         coefficients32 = coefficients.float()
         out = coefficients32.new_zeros(coefficients.shape[0], spec.numel)
-        for start in range(0, spec.count, chunk):
-            count = min(chunk, spec.count - start)
-            bases = spec.generate(coefficients.device, start, count)
-            out.addmm_(coefficients32[:, start : start + count], bases)
-        return out
+        for start, bases in _chunks(spec, codes, chunk, coefficients.device):
+            out.addmm_(coefficients32[:, start : start + bases.shape[0]], bases)
+        return out.mul_(spec.step)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (coefficients,) = ctx.saved_tensors
-        spec, chunk = ctx.spec, ctx.chunk
-        grad32 = grad.float()
+        grad32 = grad.float() * ctx.spec.step
         grad_coefficients = torch.empty(coefficients.shape, dtype=torch.float32, device=coefficients.device)
-        for start in range(0, spec.count, chunk):
-            count = min(chunk, spec.count - start)
-            bases = spec.generate(coefficients.device, start, count)
-            grad_coefficients[:, start : start + count] = grad32 @ bases.t()
-        return grad_coefficients.to(coefficients.dtype), None, None
+        for start, bases in _chunks(ctx.spec, ctx.codes, ctx.chunk, coefficients.device):
+            torch.mm(grad32, bases.t(), out=grad_coefficients[:, start : start + bases.shape[0]])
+        return grad_coefficients.to(coefficients.dtype), None, None, None
 
 
-def combine_generated(coefficients: Tensor, spec: BasisSpec, chunk: int = 64) -> Tensor:
-    """``coefficients @ bases`` for per-layer bases that are never stored (see ``_GeneratedCombination``)."""
-    return _GeneratedCombination.apply(coefficients, spec, chunk)
+def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device):
+    """(first index, float32 ``code + ½`` rows) for consecutive chunks of bases."""
+    for start in range(0, spec.count, chunk):
+        count = min(chunk, spec.count - start)
+        rows = codes[start : start + count] if codes is not None else spec.codes(device, start, count)
+        yield start, rows.to(torch.float32).add_(0.5)
+
+
+def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor] = None, chunk: int = 64) -> Tensor:
+    """``coefficients @ bases`` as (S, numel) float32: from stored ``codes`` (shared) or regenerated (per layer)."""
+    return _CombineBases.apply(coefficients, spec, codes, chunk)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .basis import BasisBank, BasisSpec, combine_generated, portable_uniform
+from .basis import BasisBank, BasisSpec, combine_bases, portable_uniform
 from .config import LoRAConfig, NOLAConfig
 from .quantize import fake_quantize
 
@@ -166,6 +166,8 @@ class NOLALinear(AdaptedLinear):
     """NOLA: A = Σ αᵢAᵢ and B = Σ βⱼBⱼ over frozen random bases; only α (k) and β (l) per slice train."""
 
     adapter_parameter_names = ("nola_alpha", "nola_beta")
+    # Bases decoded to float32 per step of the shared combination: bounds the temporary to a few MB.
+    shared_chunk = 128
 
     def __init__(
         self,
@@ -192,8 +194,8 @@ class NOLALinear(AdaptedLinear):
 
     def _combine(self, coefficients: Tensor, specs: Tuple[BasisSpec, ...]) -> Tensor:
         if self.basis == "shared":
-            return coefficients.float() @ self.bank.get(specs[0], coefficients.device)
-        return torch.cat([combine_generated(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
+            return combine_bases(coefficients, specs[0], self.bank.get(specs[0], coefficients.device), self.shared_chunk)
+        return torch.cat([combine_bases(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
 
     def factors(self) -> Tuple[Tensor, Tensor]:
         num_slices = len(self.slices)

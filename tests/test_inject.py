@@ -166,7 +166,7 @@ def test_shared_bases_hold_one_copy_per_distinct_shape():
     # fc1 (768→3072) and fc2 (3072→768): A and B of each shape, once for all 12 blocks.
     assert shapes == {("A", (768, 4)), ("B", (4, 3072)), ("A", (3072, 4)), ("B", (4, 768))}
     assert len(bank.tensors()) == 4
-    assert bank.nbytes() == 4 * 64 * 4 * (768 + 3072 + 3072 + 768)  # float32 · k · r · (in + out) per shape
+    assert bank.nbytes() == 2 * 64 * 4 * (768 + 3072 + 3072 + 768)  # int16 codes · k · r · (in + out) per shape
 
 
 def test_inject_does_not_change_global_rng_state():
