@@ -9,7 +9,7 @@ from torch import nn
 
 from .basis import BasisBank, BasisSpec, fingerprint
 from .config import PLAIN_METHODS, AdapterConfig, LoRAConfig, NOLAConfig
-from .layers import AdaptedLinear, LoRALinear, NOLALinear, Slice
+from .layers import AdaptedLinear, LoRALinear, NOLALinear, Slice, combine_shared_factors, release_shared_factors
 
 Method = Union[NOLAConfig, LoRAConfig, str]
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
@@ -146,6 +146,9 @@ def inject(model: nn.Module, config: Method) -> nn.Module:
             adapted.input_activation = activation
             parent.act = nn.Identity()
         setattr(parent, child_name, adapted)
+    if isinstance(config, NOLAConfig) and config.basis == "shared" and layers:
+        model.register_forward_pre_hook(combine_shared_factors)
+        model.register_forward_hook(release_shared_factors, always_call=True)
     setattr(model, STATE_ATTRIBUTE, AdapterState(config, layers, bank))
     return model
 

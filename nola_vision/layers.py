@@ -186,6 +186,8 @@ class NOLALinear(AdaptedLinear):
         self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, device=base.weight.device))
         beta = 0.0 if config.init == "zero_delta" else 1.0 / l
         self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, device=base.weight.device))
+        # Combined factors of the current forward pass, set by combine_shared_factors (see there).
+        self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
 
     @staticmethod
     def parameter_shapes(config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
@@ -198,6 +200,8 @@ class NOLALinear(AdaptedLinear):
         return torch.cat([combine_bases(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
 
     def factors(self) -> Tuple[Tensor, Tensor]:
+        if self.batched_factors is not None:
+            return self.batched_factors
         num_slices = len(self.slices)
         with _full_precision(self.nola_alpha.device):
             a = self._combine(self.trained("nola_alpha"), self.specs_a)
@@ -206,6 +210,44 @@ class NOLALinear(AdaptedLinear):
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
         return self.specs_a + self.specs_b
+
+
+def combine_shared_factors(model: nn.Module, *_: object) -> None:
+    """Forward pre-hook: combine the coefficients of all layers that share a basis in one matmul per basis.
+
+    Twelve ViT blocks then read (and decode) each shared basis once per step instead of twelve times, in
+    forward and in backward. Layers called outside the model's forward combine their own factors.
+    """
+    groups: dict = {}
+    for layer in model.modules():
+        if isinstance(layer, NOLALinear) and layer.basis == "shared" and not layer.merged:
+            layer.batched_factors = None
+            device = layer.nola_alpha.device
+            groups.setdefault((layer.specs_a[0], device), []).append((layer, "nola_alpha"))
+            groups.setdefault((layer.specs_b[0], device), []).append((layer, "nola_beta"))
+    combined: dict = {}
+    for (spec, device), members in groups.items():
+        bank = members[0][0].bank
+        with _full_precision(device):
+            coefficients = torch.cat([layer.trained(name) for layer, name in members])
+            rows = combine_bases(coefficients, spec, bank.get(spec, device), NOLALinear.shared_chunk)
+        for (layer, name), part in zip(members, rows.split([layer.trained(name).shape[0] for layer, name in members])):
+            combined[(id(layer), name)] = part
+    for members in groups.values():
+        for layer, name in members:
+            if name == "nola_alpha":
+                num_slices = len(layer.slices)
+                layer.batched_factors = (
+                    combined[(id(layer), "nola_alpha")].view(num_slices, layer.in_features, layer.rank),
+                    combined[(id(layer), "nola_beta")].view(num_slices, layer.rank, layer.width),
+                )
+
+
+def release_shared_factors(model: nn.Module, *_: object) -> None:
+    """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it."""
+    for layer in model.modules():
+        if isinstance(layer, NOLALinear):
+            layer.batched_factors = None
 
 
 class LoRALinear(AdaptedLinear):

@@ -228,3 +228,18 @@ def test_model_to_device_and_dtype_keeps_shared_bases_and_works(images):
         torch.testing.assert_close(half(images.bfloat16()).float(), reference, atol=0.1, rtol=0.1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.testing.assert_close(model(images).float(), reference, atol=0.1, rtol=0.1)
+
+
+def test_batched_shared_factors_equal_per_layer_factors(images):
+    # model(x) combines all layers' coefficients per shared basis at once; calling the parts directly
+    # bypasses that hook and combines layer by layer. Outputs and gradients must agree.
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=48, num_basis_b=48, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batched = model(images)
+    batched_grads = torch.autograd.grad(batched.logsumexp(-1).sum(), trainable)
+    assert all(layer.batched_factors is None for layer in nv.adapted_layers(model).values())
+    per_layer = model.forward_head(model.forward_features(images))
+    per_layer_grads = torch.autograd.grad(per_layer.logsumexp(-1).sum(), trainable)
+    torch.testing.assert_close(batched, per_layer)
+    for a, b in zip(batched_grads, per_layer_grads):
+        torch.testing.assert_close(a, b)
