@@ -119,6 +119,7 @@ class NolaCLI(LightningCLI):
         if config.test_after_fit and not self.trainer.interrupted:
             results = self.trainer.test(self.model, datamodule=self.datamodule)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
             adapter = self.model.adapter_config
             write_json_atomic(config.result_file, {
@@ -130,7 +131,7 @@ class NolaCLI(LightningCLI):
                 "parameter_counts": self.model.parameter_counts,
                 "epochs": self.trainer.current_epoch,
                 "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
-                "log_dir": self.trainer.log_dir,
+                "log_dir": log_dir,
                 "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
                 or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
             })

@@ -83,12 +83,13 @@ def run_demo(
 
     from .data import FewShotDataModule
     from .io import adapter_size_bytes, save_adapter
-    from .module import OFFLINE_PRETRAINED_FILE, FewShotClassifier
+    from .module import OFFLINE_PRETRAINED_FILE, FewShotClassifier, check_backbone_name
 
     if backbone is None:
         from .assets import OFFLINE_BACKBONE
 
         backbone, pretrained_file = OFFLINE_BACKBONE, pretrained_file or OFFLINE_PRETRAINED_FILE
+    check_backbone_name(backbone)
     configs = method_configs(rank, num_basis)
     unknown = [m for m in methods if m not in configs and m != "full"]
     if unknown:

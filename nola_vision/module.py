@@ -300,12 +300,13 @@ class FewShotClassifier(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``."""
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
         target = self.hparams.adapter_dir
         if target is None:
+            # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask
             root = self.trainer.log_dir or self.trainer.default_root_dir
             target = str(Path(root) / "adapter")
+        if not self.trainer.is_global_zero:
+            return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits)
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")

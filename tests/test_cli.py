@@ -1,0 +1,126 @@
+"""The nola-vision CLI: fit → test round trip offline, predictions CSV, bad configs, paper presets."""
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nola_vision import LoRAConfig, NOLAConfig, count_parameters, inject
+from nola_vision.cli import NolaCLI, main, run_lightning_cli
+from nola_vision.data import FewShotDataModule
+from nola_vision.module import FewShotClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_offline.yaml"
+PAPER = ROOT / "configs" / "paper"
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def test_fit_then_test_from_checkpoint_gives_the_same_accuracy(tmp_path):
+    result = tmp_path / "result.json"
+    # the real console script, in its own process
+    subprocess.run(["nola-vision", "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+                    "--result_file", str(result), *QUIET], check=True, cwd=tmp_path, capture_output=True)
+    fit = json.loads(result.read_text())
+    ckpt = Path(fit["checkpoint"])
+    assert ckpt.is_file() and ckpt.stat().st_size < 1_000_000
+    assert fit["parameter_counts"]["adapter"] == 2 * 2 * (64 + 64)
+    assert (Path(fit["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    config = Path(fit["log_dir"]) / "config.yaml"  # the saved config of the run re-parses
+    cli = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", str(ckpt), *QUIET])
+    assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(fit["metrics"]["test/acc"], abs=1e-7)
+
+
+def test_predict_writes_a_csv_with_class_names(tmp_path):
+    out = tmp_path / "pred.csv"
+    run_lightning_cli(["predict", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+                       "--predictions_file", str(out), *QUIET])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1797 - 898  # the digits test split
+    assert rows[0].keys() >= {"index", "path", "label", "prediction", "prediction_name", "confidence"}
+    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+    assert rows[0]["prediction_name"] == rows[0]["prediction"]  # digit classes are named "0".."9"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.backbone", "vit_tiny_patch16_22"], "Close matches: vit_tiny_patch16_224"),
+    (["--model.adapter", '{"class_path": "nola_vision.NOLAConfig", "init_args": {"targets": ["mlp.fc3"]}}'],
+     "matches no nn.Linear"),
+    (["--data.shots", "200"], "allow_fewer"),
+])
+def test_bad_configs_fail_before_training_naming_the_fix(tmp_path, capsys, override, message):
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), *QUIET, *override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class _Parsed(Exception):
+    pass
+
+
+class ParseOnlyCLI(NolaCLI):
+    """Stops after parsing and linking: checks configs without downloading weights or data."""
+
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config)
+
+
+def parse(*files: Path):
+    with pytest.raises(_Parsed) as parsed:
+        ParseOnlyCLI(FewShotClassifier, FewShotDataModule, args=[a for f in files for a in ("-c", str(f))], run=False)
+    return parsed.value.args[0]
+
+
+# Paper rows: backbone config -> method configs and their exact trained adapter parameters (DESIGN.md)
+PAPER_ROWS = {
+    "vit_b16": {"full": None, "linear": 0, "lora_qv_r4": 147_456, "nola_mlp_r4_k1024": 49_152},
+    "vit_b16_mae": {"full": None, "linear": 0, "lora_qv_r4": 147_456, "nola_mlp_r4_k1024": 49_152},
+    "vit_l16": {"lora_qv_r4": 393_216, "lora_qv_r1": 98_304, "nola_mlp_r1_k1024": 98_304, "nola_mlp_r1_k512": 49_152},
+    "vit_l16_mae": {"lora_qv_r4": 393_216, "lora_qv_r1": 98_304, "nola_mlp_r1_k1024": 98_304, "nola_mlp_r1_k512": 49_152},
+}
+DATASETS = ["cifar10", "cifar100", "cub200", "caltech101", "food101"]
+
+
+def test_paper_presets_compose_with_the_papers_hyperparameters():
+    cfg = parse(PAPER / "base.yaml", PAPER / "backbone/vit_b16.yaml", PAPER / "method/nola_mlp_r4_k1024.yaml",
+                PAPER / "data/cifar100.yaml", PAPER / "shots/10.yaml")
+    assert (cfg.trainer.max_epochs, cfg.trainer.precision) == (50, "16-mixed")
+    assert (cfg.model.optimizer, cfg.model.lr, cfg.model.min_lr, cfg.model.weight_decay) == ("adam", 5e-3, 1e-6, 0.0)
+    assert cfg.model.label_smoothing == 0.1 and cfg.data.batch_size == 16 and cfg.data.augment == "paper"
+    assert (cfg.data.dataset, cfg.data.shots, cfg.data.backbone) == ("cifar100", 10, cfg.model.backbone)
+    assert cfg.model.adapter.num_basis_a == 1024 and cfg.model.adapter.rank == 4
+
+
+def test_paper_presets_cover_every_cell_with_exact_counts():
+    """Every (backbone, method, dataset, shots) cell parses; adapter counts match the paper on meta-device models."""
+    import timm
+
+    for backbone, methods in PAPER_ROWS.items():
+        name = yaml.safe_load((PAPER / f"backbone/{backbone}.yaml").read_text())["model"]["backbone"]
+        assert timm.list_pretrained(name) == [name]
+        for method, expected in methods.items():
+            adapter = yaml.safe_load((PAPER / f"method/{method}.yaml").read_text())["model"]["adapter"]
+            if expected is not None:
+                config = adapter if isinstance(adapter, str) else \
+                    {"NOLAConfig": NOLAConfig, "LoRAConfig": LoRAConfig}[adapter["class_path"].split(".")[-1]](**adapter["init_args"])
+                with torch.device("meta"):
+                    model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=10)
+                assert count_parameters(inject(model, config))["adapter"] == expected, (backbone, method)
+    # every cell's composition parses (one backbone per row suffices for data/shots, they are independent files)
+    for backbone, dataset, shots in itertools.product(PAPER_ROWS, DATASETS, (5, 10)):
+        method = next(iter(PAPER_ROWS[backbone]))
+        cfg = parse(PAPER / "base.yaml", PAPER / f"backbone/{backbone}.yaml", PAPER / f"method/{method}.yaml",
+                    PAPER / f"data/{dataset}.yaml", PAPER / f"shots/{shots}.yaml")
+        assert (cfg.data.dataset, cfg.data.shots) == (dataset, shots)
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "demo" in out and "protocol" in out and "fit" in out
