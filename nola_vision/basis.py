@@ -16,29 +16,28 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-GENERATOR_VERSION = "nola-triple32-int16-v1"
+GENERATOR_VERSION = "nola-lowbias32x2-int16-v1"
 
 _MASK32 = 0xFFFFFFFF
-# Elements generated per step: bounds the int64 temporaries to a few tens of MB.
-_GENERATION_CHUNK = 1 << 21
 
 
-def _mul32(x: Tensor, constant: int) -> Tensor:
-    """(x * constant) mod 2**32 for x in [0, 2**32), exact in int64 on every device (no overflow)."""
-    low = (x & 0xFFFF) * constant
-    high = (((x >> 16) * constant) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _generation_chunk(device: Optional[torch.device | str]) -> int:
+    """Elements hashed per step: cache-sized on the CPU (20x faster than large steps), large on accelerators."""
+    return 1 << 15 if torch.device(device or "cpu").type == "cpu" else 1 << 22
 
 
-def _triple32(x: Tensor) -> Tensor:
-    """Chris Wellons' triple32 integer hash: a bijection of [0, 2**32) with very low bias."""
-    x = x ^ (x >> 17)
-    x = _mul32(x, 0xED5AD4BB)
-    x = x ^ (x >> 11)
-    x = _mul32(x, 0xAC4C1B51)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x31848BAB)
-    return x ^ (x >> 14)
+def _hash32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 integer hash of 32-bit values held in int64, in place on ``x``.
+
+    Both multipliers are below 2**31 (the second is lowbias32's with its top bit cleared, which changes
+    only bit 31 of each product), so every product stays below 2**63: exact in int64 on every device.
+    """
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x046CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
 
 
 def stream_key(seed: int, stream: str) -> Tuple[int, int]:
@@ -48,10 +47,11 @@ def stream_key(seed: int, stream: str) -> Tuple[int, int]:
 
 
 def random_bits(seed: int, stream: str, counters: Tensor) -> Tensor:
-    """Uniform 32-bit integers (as int64) for the given non-negative int64 counters."""
+    """Uniform 32-bit integers (as int64) for non-negative int64 counters: two keyed hash rounds."""
     key0, key1 = stream_key(seed, stream)
-    x = _triple32((counters & _MASK32) ^ key0)
-    return _triple32(x ^ (counters >> 32) ^ key1)
+    x = _hash32((counters & _MASK32) ^ key0)
+    x ^= (counters >> 32) ^ key1
+    return _hash32(x)
 
 
 def portable_uniform(
@@ -66,8 +66,9 @@ def portable_uniform(
     # One IEEE multiply of exact integers: the same float32 result on every device.
     scale = torch.tensor(bound / 2**23, dtype=torch.float32, device=device)
     out = torch.empty(n, dtype=torch.float32, device=device)
-    for offset in range(0, n, _GENERATION_CHUNK):
-        size = min(_GENERATION_CHUNK, n - offset)
+    chunk = _generation_chunk(device)
+    for offset in range(0, n, chunk):
+        size = min(chunk, n - offset)
         counters = torch.arange(start + offset, start + offset + size, dtype=torch.int64, device=device)
         bits = random_bits(seed, stream, counters)
         out[offset : offset + size] = ((bits >> 8) - (1 << 23)).to(torch.float32) * scale
@@ -80,13 +81,19 @@ def basis_codes(
     """Elements ``start .. start+n`` of a stream as int16 codes c; the basis value is (c + ½)·bound/2¹⁵.
 
     Bases are uniform on a symmetric 65,536-level grid over (-bound, bound): kaiming-uniform at 16-bit
-    resolution, stored in 2 bytes per value instead of 4, so shared bases cost half the memory.
+    resolution, stored in 2 bytes per value instead of 4, so shared bases cost half the memory. Each
+    32-bit hash gives two codes (element 2i: high half of hash i, element 2i+1: low half).
     """
     out = torch.empty(n, dtype=torch.int16, device=device)
-    for offset in range(0, n, _GENERATION_CHUNK):
-        size = min(_GENERATION_CHUNK, n - offset)
-        counters = torch.arange(start + offset, start + offset + size, dtype=torch.int64, device=device)
-        out[offset : offset + size] = ((random_bits(seed, stream, counters) >> 16) - (1 << 15)).to(torch.int16)
+    chunk = _generation_chunk(device)
+    for offset in range(0, n, chunk):
+        size = min(chunk, n - offset)
+        first = start + offset
+        pairs = torch.arange(first >> 1, ((first + size - 1) >> 1) + 1, dtype=torch.int64, device=device)
+        bits = random_bits(seed, stream, pairs)
+        halves = torch.stack([bits >> 16, bits & 0xFFFF], dim=1).flatten()
+        skip = first & 1
+        out[offset : offset + size] = (halves[skip : skip + size] - (1 << 15)).to(torch.int16)
     return out
 
 
