@@ -43,11 +43,6 @@ def write_json_atomic(path: os.PathLike, data: Dict[str, Any]) -> Path:
     return path
 
 
-def backbone_for_data(backbone: str) -> str:
-    """The name the data module resolves preprocessing from (identity; a hook for local-only names)."""
-    return backbone
-
-
 class PredictionsCSVWriter(BasePredictionWriter):
     """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence."""
 
@@ -99,7 +94,7 @@ class NolaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("model.backbone", "data.backbone", compute_fn=backbone_for_data)
+        parser.link_arguments("model.backbone", "data.backbone")  # preprocessing from the backbone's timm cfg
         parser.link_arguments("model.image_size", "data.image_size")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the final weights on the full test split (the paper's number)")

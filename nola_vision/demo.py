@@ -57,7 +57,7 @@ def run_demo(
     dataset: str = "digits",
     root: str = "data",
     shots: int = 10,
-    epochs: int = 10,
+    epochs: int = 20,
     image_size: int = 56,
     methods: Sequence[str] = METHODS,
     seed: int = 0,
@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--root", default="data", help="dataset folder")
     parser.add_argument("--download", action="store_true", help="download the dataset if it can be")
     parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--image_size", type=int, default=56, help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["full"])
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import PLAIN_METHODS, LoRAConfig, NOLAConfig, config_from_dict
-from .inject import count_parameters, inject, set_quantization_aware
+from .inject import adapter_state, count_parameters, inject, set_quantization_aware
 from .io import save_adapter
 
 __all__ = ["FewShotClassifier", "OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "resolve_adapter"]
@@ -211,6 +211,9 @@ class FewShotClassifier(L.LightningModule):
         self.adapter_config = config
         self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
                                     **(backbone_kwargs or {}))
+        if adapter_state(self.model) is not None:
+            raise ValueError(f"backbone {backbone!r} is a registered NOLA variant that already holds adapters; use its "
+                             f"base name ({backbone.split('.')[0].replace('_nola', '')}) and set model.adapter instead")
         inject(self.model, config)  # raises, naming the model's Linear layers, when a target matches nothing
         if quant_bits:
             set_quantization_aware(self.model, quant_bits)

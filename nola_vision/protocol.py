@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -231,7 +232,9 @@ def run_knn(configs: Sequence[str], out: str, name: str, split_seeds: Sequence[i
         start = time.time()
         args = [a for c in configs for a in ("-c", str(c))] + list(_drop_trainer_args(overrides)) + [
             "--data.split_seed", str(split_seed), "--model.adapter", "linear"]
-        cli = run_lightning_cli(args, run=False)
+        with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds others
+            warnings.simplefilter("ignore", UserWarning)
+            cli = run_lightning_cli(args, run=False)
         dm, model = cli.datamodule, cli.model.model
         dm.setup("fit")
         train = FewShotSubset(dm.train_set.dataset, dm.train_set.indices, dm.eval_transform)

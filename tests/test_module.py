@@ -166,3 +166,8 @@ def test_optimizers_and_lr_validation():
         assert params == {id(p) for p in model.model.head.parameters()}
     with pytest.raises(ValueError, match="min_lr"):
         FewShotClassifier(num_classes=4, lr=1e-6, min_lr=1e-3, **TINY)
+
+
+def test_registered_nola_variant_as_backbone_names_the_base_model():
+    with pytest.raises(ValueError, match=r"registered NOLA variant.*vit_tiny_patch16_224\)"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **{**TINY, "backbone": "vit_tiny_patch16_224_nola"})
