@@ -1,12 +1,16 @@
-"""Training-step time and peak memory of NOLA against LoRA, a linear probe and peft's LoRA, side by side.
+"""Training-step time and peak memory of NOLA against LoRA, a linear probe and peft's LoRA, VeRA and FourierFT.
 
-Each method runs in its own fresh process (so peaks do not mix) on the same timm model with random
+Each measurement runs in its own fresh process (so peaks do not mix) on the same timm model with random
 weights, batch and seed: forward, cross-entropy, backward and an Adam step, timed after warm-up.
 Peak memory is the training peak above the resting model: on CUDA from the caching allocator, on the CPU
 from the process's peak RSS (VmHWM, reset after the model is built; glibc's mmap threshold is fixed so
-freed tensors return to the OS).
+freed tensors return to the OS). Ratios are to our LoRA (q,v r=4) measured in the same run; in the layer
+sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
+q and v thirds alone).
 
     python benchmarks/train_step.py                      # ViT-B/16, batch 8, 224 px, CPU
+    python benchmarks/train_step.py --sweep k --png k.png          # k = l = 256 ... 4096
+    python benchmarks/train_step.py --sweep layers --png layers.png  # adapted blocks 1 ... depth
     python benchmarks/train_step.py --device cuda --precision bf16 --model vit_large_patch16_224
 """
 from __future__ import annotations
@@ -18,37 +22,46 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
+
+from common import PEFT_METHODS, block_targets, header, markdown_table, peft_config, pyplot, save_figure, write_json
 
 METHODS = {
     "linear": "linear probe (head only)",
     "lora": "LoRA q,v r=4 (ours)",
-    "nola": "NOLA-MLP k=l=1024 r=4, shared basis",
-    "nola_per_layer": "NOLA-MLP k=l=1024 r=4, per-layer basis",
+    "nola": "NOLA-MLP k=l={k} r=4, shared basis",
+    "nola_per_layer": "NOLA-MLP k=l={k} r=4, per-layer basis",
     "peft_lora": "peft LoRA attn.qkv r=4",
+    "peft_vera": "peft VeRA attn.qkv r=256",
+    "peft_fourierft": "peft FourierFT attn.qkv",
 }
+SWEEP_K = (256, 512, 1024, 2048, 4096)
 
 
-def build(method: str, model_name: str, num_classes: int, device: str):
-    """The model with the method's trainable parameters (random weights; no download)."""
+def build(method: str, model_name: str, num_classes: int, device: str, k: int = 1024, blocks: int = 0,
+          img_size: int = 224):
+    """The model with the method's trainable parameters (random weights; no download).
+
+    ``blocks`` > 0 adapts only the first ``blocks`` transformer blocks (our methods only), so backward
+    always reaches block 0 and a layer sweep measures the adapters' own cost.
+    """
     import timm
-    import torch
 
     import nola_vision as nv
 
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes).to(device)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size).to(device)
     if method == "linear":
         return nv.inject(model, "linear")
     if method == "lora":
-        return nv.inject(model, nv.LoRAConfig(rank=4, targets=["attn.q", "attn.v"]))
+        return nv.inject(model, nv.LoRAConfig(rank=4, targets=block_targets(["attn.q", "attn.v"], blocks)))
     if method in ("nola", "nola_per_layer"):
         basis = "shared" if method == "nola" else "per_layer"
-        return nv.inject(model, nv.NOLAConfig(rank=4, num_basis_a=1024, num_basis_b=1024, basis=basis))
-    if method == "peft_lora":
-        from peft import LoraConfig, get_peft_model
+        targets = block_targets(["mlp.fc1", "mlp.fc2"], blocks)
+        return nv.inject(model, nv.NOLAConfig(rank=4, num_basis_a=k, num_basis_b=k, targets=targets, basis=basis))
+    if method in PEFT_METHODS:
+        from peft import get_peft_model
 
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["qkv"], modules_to_save=["head"]))
-        return peft_model.to(device)
+        return get_peft_model(model, peft_config(method, model)).to(device)
     raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
@@ -66,7 +79,7 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
-    model = build(args.method, args.model, args.num_classes, args.device).train()
+    model = build(args.method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
     generator = torch.Generator().manual_seed(0)
@@ -105,6 +118,8 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     return {
         "method": args.method,
+        "k": args.k,
+        "blocks": args.blocks,
         "step_s": statistics.median(times),
         "train_mem_mb": (peak - resting) / 2**20,
         "peak_mb": peak / 2**20,
@@ -112,15 +127,39 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     }
 
 
+def model_depth(model_name: str) -> int:
+    """Number of transformer blocks, read from a model built on the meta device (no memory, no init)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return len(timm.create_model(model_name, pretrained=False).blocks)
+
+
+def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
+    """The (method, k, blocks) measurements of the chosen mode."""
+    if args.sweep == "k":
+        values = args.values or list(SWEEP_K)
+        return [{"method": "lora", "k": args.k, "blocks": 0}] + [
+            {"method": method, "k": k, "blocks": 0} for k in values for method in ("nola", "nola_per_layer")
+        ]
+    if args.sweep == "layers":
+        depth = model_depth(args.model)
+        values = args.values or sorted({1, depth // 4, depth // 2, 3 * depth // 4, depth} - {0})
+        return [{"method": method, "k": args.k, "blocks": n} for n in values for method in ("lora", "nola", "nola_per_layer")]
+    return [{"method": method, "k": args.k, "blocks": args.blocks} for method in args.methods]
+
+
 def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     results = []
-    for method in args.methods:
-        command = [sys.executable, __file__, "--worker", method] + _shared_flags(args)
-        print(f"running {method} ...", file=sys.stderr, flush=True)
+    for job in jobs(args):
+        command = [sys.executable, os.path.abspath(__file__), "--worker", job["method"], "--k", str(job["k"]),
+                   "--blocks", str(job["blocks"])] + _shared_flags(args)
+        print(f"running {label(job)} (blocks: {job['blocks'] or 'all'}) ...", file=sys.stderr, flush=True)
         out = subprocess.run(command, env=env, capture_output=True, text=True)
         if out.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"{job['method']} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
@@ -132,20 +171,64 @@ def _shared_flags(args: argparse.Namespace) -> List[str]:
     return flags
 
 
-def table(results: List[Dict[str, float]], reference: str = "lora") -> str:
-    ref = next((r for r in results if r["method"] == reference), None)
-    lines = [
-        "| method | trainable params | step (s, median) | × LoRA | training peak (MiB) | × LoRA |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+def label(result: Dict) -> str:
+    return METHODS[result["method"]].format(k=result["k"])
+
+
+def reference(results: List[Dict], result: Dict) -> Optional[Dict]:
+    """Our LoRA on the same blocks as ``result`` (any LoRA row when only one exists)."""
+    loras = [r for r in results if r["method"] == "lora"]
+    same = [r for r in loras if r["blocks"] == result["blocks"]]
+    return (same or loras or [None])[0]
+
+
+def table(results: List[Dict], sweep: Optional[str] = None) -> str:
+    columns = ["method", "trainable params", "step (s, median)", "× LoRA", "training peak (MiB)", "× LoRA"]
+    if sweep == "layers":
+        columns.insert(0, "adapted blocks")
+    rows = []
     for r in results:
-        time_ratio = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
-        mem_ratio = f"{r['train_mem_mb'] / ref['train_mem_mb']:.2f}" if ref else "-"
-        lines.append(
-            f"| {METHODS[r['method']]} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} | "
-            f"{r['train_mem_mb']:.0f} | {mem_ratio} |"
-        )
-    return "\n".join(lines)
+        ref = reference(results, r)
+        row = [label(r), f"{r['trainable']:,}", f"{r['step_s']:.3f}",
+               f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-", f"{r['train_mem_mb']:.0f}",
+               f"{r['train_mem_mb'] / ref['train_mem_mb']:.2f}" if ref and ref["train_mem_mb"] > 0 else "-"]
+        rows.append(([r["blocks"]] if sweep == "layers" else []) + row)
+    return markdown_table(columns, rows, left=2 if sweep == "layers" else 1)
+
+
+def plot(results: List[Dict], sweep: Optional[str], path: str, title: str) -> None:
+    """Bars of the ratios to our LoRA, or for a sweep step time and memory against k or adapted blocks."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    metrics = (("step_s", "step time (s, median)"), ("train_mem_mb", "training peak memory (MiB)"))
+    if sweep is None:
+        names = [label(r) for r in results]
+        for axis, (key, name) in zip(axes, metrics):
+            ratios = [r[key] / ref[key] if (ref := reference(results, r)) and ref[key] > 0 else 0.0 for r in results]
+            bars = axis.barh(names, ratios, color="tab:blue")
+            axis.bar_label(bars, labels=[f"{ratio:.2f}×" for ratio in ratios], fontsize=8, padding=2)
+            axis.axvline(1.0, color="k", linestyle="--", linewidth=0.8)
+            axis.set_xscale("log")
+            axis.set_xlabel(f"{name.split(' (')[0]} × our LoRA (log scale)")
+            axis.invert_yaxis()
+        axes[1].set_yticklabels([])
+    else:
+        key_x = "k" if sweep == "k" else "blocks"
+        for axis, (key, name) in zip(axes, metrics):
+            for method in ("lora", "nola", "nola_per_layer"):
+                points = sorted((r[key_x], r[key]) for r in results if r["method"] == method)
+                if sweep == "k" and method == "lora":
+                    axis.axhline(points[0][1], color="k", linestyle="--", label=METHODS["lora"])
+                    continue
+                text = METHODS[method].replace("k=l={k} ", "" if sweep == "k" else f"k=l={results[0]['k']} ")
+                axis.plot(*zip(*points), marker="o", label=text)
+            axis.set_xlabel("k = l (bases per factor)" if sweep == "k" else "adapted blocks (from the first)")
+            axis.set_ylabel(name)
+            if sweep == "k":
+                axis.set_xscale("log", base=2)
+        axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    save_figure(figure, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,31 +243,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
+    parser.add_argument("--blocks", type=int, default=0, help="adapt only the first N blocks (0: all)")
+    parser.add_argument("--sweep", choices=["k", "layers"], help="scale k (256..4096) or the adapted blocks")
+    parser.add_argument("--values", type=int, nargs="+", help="override the sweep's k values or block counts")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--png", help="also write a plot here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.worker:
         args.method = args.worker
         print(json.dumps(worker(args)))
         return
     results = run_all(args)
-    import platform
-
-    import torch
-
-    print(
-        f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
-    )
-    print(table(results))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
+               f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(header(__file__, argv, args.device))
+    print(f"\n{setting}\n")
+    print(table(results, args.sweep))
+    write_json(args.json, {"setting": setting, "results": results})
+    if args.png:
+        plot(results, args.sweep, args.png, setting)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Helpers shared by the benchmark scripts: run header, Markdown tables, output files, peft baselines."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from torch import nn
+
+# peft baselines on timm's fused ``attn.qkv`` (peft cannot adapt the q and v thirds alone), with their
+# papers' ViT settings: VeRA r=256; FourierFT n=3000 (ViT-B) / 10000 (ViT-L) frequencies, scaling 300.
+PEFT_METHODS = ("peft_lora", "peft_vera", "peft_fourierft")
+
+
+def machine(device: str = "cpu") -> str:
+    """The CPU model and usable cores (plus the GPU name for a CUDA device), in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} cores"
+    if device.startswith("cuda"):
+        import torch
+
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def header(script: str, argv: Optional[Sequence[str]], device: str = "cpu") -> str:
+    """One line: date, machine, torch version and the command that produced the table."""
+    import torch
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python", f"benchmarks/{Path(script).name}", *args])
+    return (f"_{time.strftime('%Y-%m-%d %H:%M')}, {machine(device)}, torch {torch.__version__}, "
+            f"`{command}`_")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A Markdown table; the first ``left`` columns are left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Optional[str], data: Any) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+
+
+def fourierft_frequencies(model: nn.Module) -> int:
+    """FourierFT's paper setting: 3000 spectral coefficients per layer for ViT-B (and smaller), 10000 for ViT-L."""
+    return 10000 if getattr(model, "embed_dim", 768) > 768 else 3000
+
+
+def peft_config(method: str, model: nn.Module, save_projection: bool = True) -> Any:
+    """The peft config of a baseline on ``attn.qkv``, training the classifier head too."""
+    from peft import FourierFTConfig, LoraConfig, VeraConfig
+
+    shared = dict(target_modules=["qkv"], modules_to_save=["head"])
+    if method == "peft_lora":
+        return LoraConfig(r=4, lora_alpha=4, **shared)
+    if method == "peft_vera":
+        return VeraConfig(r=256, save_projection=save_projection, **shared)
+    if method == "peft_fourierft":
+        return FourierFTConfig(n_frequency=fourierft_frequencies(model), scaling=300.0, **shared)
+    raise ValueError(f"unknown peft method {method!r}; choose from {list(PEFT_METHODS)}")
+
+
+def block_targets(suffixes: List[str], blocks: int) -> List[str]:
+    """Targets restricted to the first ``blocks`` transformer blocks (0: the suffixes alone, every block)."""
+    if blocks <= 0:
+        return list(suffixes)
+    return [f"blocks.{i}.{suffix}" for i in range(blocks) for suffix in suffixes]

@@ -1,0 +1,173 @@
+"""Inference throughput of the base model, NOLA unmerged and NOLA merged, and the time to switch tasks.
+
+Throughput: images/s of a forward pass (``torch.inference_mode``) at one batch size; the three models are
+measured in interleaved rounds (order rotated every round) so that machine noise hits all of them alike,
+and the median per model is reported. Task switch: a live model serving task A (merged) is switched to
+task B's saved adapter: ``unmerge``, ``load_adapter`` (reads the files, checks the basis fingerprint, copies
+coefficients and head) and ``merge``; median over alternating A→B and B→A switches, with its parts.
+
+    python benchmarks/inference.py                        # ViT-B/16, batch 32, 224 px, CPU
+    python benchmarks/inference.py --model vit_large_patch16_224 --batch 8 --png inference.png
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import nola_vision as nv
+from common import header, markdown_table, pyplot, save_figure, write_json
+
+MODELS = ("base model", "NOLA unmerged", "NOLA merged")
+
+
+def base_model(model_name: str, img_size: int, num_classes: int, **kwargs) -> nn.Module:
+    """The timm model with random weights drawn under a forked, seeded RNG (the global state is restored)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+    return model.eval()
+
+
+def randomise_trained(model: nn.Module, seed: int) -> nn.Module:
+    """Give the adapter coefficients and head distinct values, as after training on one task."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(parameter + torch.randn(parameter.shape, generator=generator) * parameter.abs().mean())
+    return model
+
+
+def throughput(models: Dict[str, nn.Module], images: torch.Tensor, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per forward pass of each model, one warm-up pass each, then ``rounds`` interleaved rounds."""
+    names = list(models)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            models[name](images)
+        for index in range(rounds):
+            for name in names[index % len(names):] + names[: index % len(names)]:
+                start = time.perf_counter()
+                models[name](images)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def switch_times(model: nn.Module, directories: Sequence[Path], switches: int) -> Dict[str, List[float]]:
+    """Seconds of unmerge, load_adapter, merge and their total, switching a merged model between tasks."""
+    parts: Dict[str, List[float]] = {"unmerge": [], "load_adapter": [], "merge": [], "total": []}
+    nv.load_adapter(model, directories[0])
+    nv.merge(model)
+    for index in range(switches + 1):  # the first switch is a warm-up
+        target = directories[(index + 1) % len(directories)]
+        t0 = time.perf_counter()
+        nv.unmerge(model)
+        t1 = time.perf_counter()
+        nv.load_adapter(model, target)
+        t2 = time.perf_counter()
+        nv.merge(model)
+        t3 = time.perf_counter()
+        if index:
+            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                parts[name].append(seconds)
+    return parts
+
+
+def run(args: argparse.Namespace, **model_kwargs) -> Dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = nv.NOLAConfig(rank=4, num_basis_a=args.k, num_basis_b=args.k)
+    base = base_model(args.model, args.img_size, args.num_classes, **model_kwargs)
+    unmerged = randomise_trained(nv.inject(copy.deepcopy(base), config), seed=1)
+    merged = nv.merge(copy.deepcopy(unmerged))
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    times = throughput(dict(zip(MODELS, (base, unmerged, merged))), images, args.rounds)
+
+    with tempfile.TemporaryDirectory() as root:
+        directories = [nv.save_adapter(unmerged, Path(root) / "task_a", bits=args.bits)]
+        directories.append(nv.save_adapter(randomise_trained(copy.deepcopy(unmerged), seed=2), Path(root) / "task_b", bits=args.bits))
+        live = nv.inject(copy.deepcopy(base), config)
+        switches = switch_times(live, directories, args.switches)
+        # the live model, switched to task B and merged, must predict what B's adapter predicts unmerged
+        nv.unmerge(live)
+        nv.load_adapter(live, directories[1])
+        reference = nv.load_adapter(nv.inject(copy.deepcopy(base), config), directories[1])
+        nv.merge(live)
+        with torch.inference_mode():
+            error = (live(images[:2]) - reference(images[:2])).abs().max().item()
+    return {"throughput_s": times, "switch_s": switches, "switch_max_logit_error": error, "batch": args.batch}
+
+
+def table(result: Dict) -> str:
+    medians = {name: statistics.median(seconds) for name, seconds in result["throughput_s"].items()}
+    base = medians[MODELS[0]]
+    rows = [[name, f"{result['batch'] / seconds:.1f}", f"{seconds * 1000:.0f}", f"{base / seconds:.3f}"] for name, seconds in medians.items()]
+    speed = markdown_table(["model", "images/s", "ms per batch (median)", "× base images/s"], rows)
+    switch = {name: statistics.median(seconds) * 1000 for name, seconds in result["switch_s"].items()}
+    rows = [[name, f"{ms:.1f}"] for name, ms in switch.items()]
+    return speed + "\n\n" + markdown_table(["task switch step", "ms (median)"], rows)
+
+
+def plot(result: Dict, path: str, title: str) -> None:
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = list(result["throughput_s"])
+    rates = [[result["batch"] / s for s in result["throughput_s"][name]] for name in names]
+    left.boxplot(rates)
+    left.set_xticks(range(1, len(names) + 1), names)
+    left.set_ylabel("images/s (each round)")
+    parts = [name for name in result["switch_s"] if name != "total"]
+    right.bar(parts, [statistics.median(result["switch_s"][name]) * 1000 for name in parts])
+    right.axhline(statistics.median(result["switch_s"]["total"]) * 1000, color="k", linestyle="--", label="total (median)")
+    right.set_ylabel("ms (median)")
+    right.set_title("task switch: unmerge + load_adapter + merge", fontsize=9)
+    right.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    save_figure(figure, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
+    parser.add_argument("--bits", type=int, default=4, help="bits of the saved adapters the switch loads")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per model")
+    parser.add_argument("--switches", type=int, default=20, help="timed task switches")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--png", help="also write a plot here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
+    """``model_kwargs`` go to ``timm.create_model`` (tests pass a tiny architecture)."""
+    args = parse_args(argv)
+    result = run(args, **model_kwargs)
+    setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, CPU fp32, {torch.get_num_threads()} threads, "
+               f"median of {args.rounds} interleaved rounds; NOLA-MLP k=l={args.k} r=4 (shared basis); "
+               f"switch: median of {args.switches} switches between two {args.bits}-bit adapters")
+    print(header(__file__, argv))
+    print(f"\n{setting}\n")
+    print(table(result))
+    print(f"\nAfter switching, merged logits differ from the target adapter's unmerged logits by at most "
+          f"{result['switch_max_logit_error']:.1e}.")
+    write_json(args.json, {"setting": setting, **result})
+    if args.png:
+        plot(result, args.png, setting)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run every benchmark with the final settings on a quiet machine. Each part writes its Markdown table
+# (<name>.md, exactly what the script printed), raw numbers (<name>.json) and plot (<name>.png) into
+# benchmarks/results/. Progress goes to stderr. Parts: `benchmarks/run_all.sh storage accuracy` runs two.
+# The GPU part runs only where torch sees CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results
+mkdir -p "$out"
+
+run() {  # run <name> <script> [args...]
+    local name=$1 script=$2
+    shift 2
+    echo "== $name: python benchmarks/$script $*" >&2
+    local start=$SECONDS
+    python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/$name.md"
+    echo "== $name took $((SECONDS - start)) s" >&2
+}
+
+has_cuda() { python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; }
+
+part() {
+    case $1 in
+        storage) run storage storage.py ;;
+        inference) run inference inference.py --model vit_base_patch16_224 --batch 32 --rounds 7 --switches 20 ;;
+        train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 5 --warmup 2 ;;
+        train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 ;;
+        sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --sweep k ;;
+        sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --sweep layers ;;
+        accuracy) run accuracy accuracy.py --shots 5 10 --seeds 0 1 2 --image-size 56 --epochs 30 ;;
+        gpu)
+            if has_cuda; then
+                run gpu_train_step_vit_b train_step.py --device cuda --precision bf16 --model vit_base_patch16_224 --batch 32 --steps 20 --warmup 5
+                run gpu_train_step_vit_l train_step.py --device cuda --precision bf16 --model vit_large_patch16_224 --batch 32 --steps 20 --warmup 5
+            else
+                echo "== gpu: skipped (no CUDA device)" >&2
+            fi ;;
+        *) echo "unknown part $1" >&2; exit 2 ;;
+    esac
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(storage inference train_step train_step_large sweep_k sweep_layers accuracy gpu)
+for name in "${parts[@]}"; do
+    part "$name"
+done

@@ -1,0 +1,83 @@
+"""Smoke tests: every benchmark script's ``main`` runs end to end on a tiny timm ViT, so the scripts cannot rot."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import accuracy  # noqa: E402
+import inference  # noqa: E402
+import storage  # noqa: E402
+import train_step  # noqa: E402
+
+TINY = "vit_tiny_patch16_224"
+TINY_KWARGS = dict(depth=2)
+
+
+def _check_outputs(out: str, tmp_path: Path) -> dict:
+    assert "torch" in out and "| --- " not in out and "|---" in out  # header line and a Markdown table
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    return json.loads((tmp_path / "raw.json").read_text())
+
+
+def _files(tmp_path: Path) -> list:
+    return ["--png", str(tmp_path / "plot.png"), "--json", str(tmp_path / "raw.json")]
+
+
+@pytest.mark.parametrize("method", list(train_step.METHODS))
+def test_train_step_worker_runs_every_method(method):
+    args = train_step.parse_args(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+                                  "--k", "32", "--blocks", "1"])
+    args.method = method
+    result = train_step.worker(args)
+    assert result["step_s"] > 0 and result["trainable"] > 0
+
+
+def test_train_step_main_measures_in_subprocesses(tmp_path, capsys):
+    train_step.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--k", "32",
+                     "--methods", "linear", "lora", *_files(tmp_path)])
+    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    assert [r["method"] for r in data["results"]] == ["linear", "lora"]
+
+
+def test_train_step_sweep_jobs_cover_shared_and_per_layer_bases():
+    jobs = train_step.jobs(train_step.parse_args(["--sweep", "k", "--values", "256", "512"]))
+    assert [(j["method"], j["k"]) for j in jobs] == [("lora", 1024), ("nola", 256), ("nola_per_layer", 256),
+                                                     ("nola", 512), ("nola_per_layer", 512)]
+    jobs = train_step.jobs(train_step.parse_args(["--sweep", "layers"]))
+    assert sorted({j["blocks"] for j in jobs}) == [1, 3, 6, 9, 12]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", ["k", "layers"])
+def test_train_step_sweeps_run_and_plot(sweep, tmp_path, capsys):
+    train_step.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--k", "16",
+                     "--sweep", sweep, "--values", "16" if sweep == "k" else "1", *_files(tmp_path)])
+    assert len(_check_outputs(capsys.readouterr().out, tmp_path)["results"]) == 3  # LoRA and both basis modes at one value
+
+
+def test_storage_main(tmp_path, capsys):
+    storage.main(["--models", TINY, *_files(tmp_path)], img_size=32, **TINY_KWARGS)
+    results = _check_outputs(capsys.readouterr().out, tmp_path)
+    size = {(r["row"], r["classes"]): r["bytes"] for r in results}
+    assert size[(storage.ROWS[2][0], 10)] < size[(storage.ROWS[1][0], 10)] < size[(storage.ROWS[0][0], 10)]
+    assert all(size[(name, 200)] > size[(name, 10)] for name, *_ in storage.ROWS)
+
+
+def test_inference_main(tmp_path, capsys):
+    inference.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--rounds", "1", "--switches", "1", "--k", "32",
+                    *_files(tmp_path)], **TINY_KWARGS)
+    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    assert set(data["throughput_s"]) == set(inference.MODELS) and data["switch_max_logit_error"] < 1e-3
+
+
+def test_accuracy_main(tmp_path, capsys):
+    accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "--epochs", "1",
+                   "--test-limit", "20", "--methods", "linear", "lora_r1", "nola_1024", "qat4", *_files(tmp_path)],
+                  **TINY_KWARGS)
+    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    rows = data["runs"][0]["rows"]
+    assert {"linear", "lora_r1", "nola_1024", "qat4", "nola_1024_ptq3"} <= set(rows)
+    assert all(0.0 <= row["accuracy"] <= 100.0 for row in rows.values())
