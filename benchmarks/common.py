@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -64,6 +65,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def suptitle(figure: Any, text: str) -> None:
+    """A figure title wrapped to the figure's width (the benchmark settings are long)."""
+    figure.suptitle(textwrap.fill(text, 130), fontsize=8)
 
 
 def save_figure(figure: Any, path: str) -> None:

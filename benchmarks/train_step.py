@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from common import PEFT_METHODS, block_targets, header, markdown_table, peft_config, pyplot, save_figure, write_json
+from common import PEFT_METHODS, block_targets, header, markdown_table, peft_config, pyplot, save_figure, suptitle, write_json
 
 METHODS = {
     "linear": "linear probe (head only)",
@@ -227,7 +227,7 @@ def plot(results: List[Dict], sweep: Optional[str], path: str, title: str) -> No
             if sweep == "k":
                 axis.set_xscale("log", base=2)
         axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    suptitle(figure, title)
     save_figure(figure, path)
 
 
