@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     print(header(__file__, argv))
     print(f"\n{protocol(args, len(y_test))}\n")
     print(table(runs, args.shots))
-    print(f"\nWall time: {wall / 60:.1f} min ({torch.get_num_threads()} threads).")
+    print(f"\nWall time: {wall / 60:.1f} min (torch threads: {torch.get_num_threads()}).")
     write_json(args.json, {"protocol": protocol(args, len(y_test)), "wall_s": wall, "runs": runs})
     if args.png:
         plot(runs, args.shots, args.png, f"{backbone_name(args)} on digits, {args.image_size} px, {args.epochs} epochs")
