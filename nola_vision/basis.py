@@ -185,8 +185,9 @@ class BasisBank:
 class _CombineBases(torch.autograd.Function):
     """``coefficients (S, k) @ bases (k, numel)`` in float32, decoding (or generating) bases a chunk at a time.
 
-    Only one chunk of float32 bases exists at any moment, in forward and in backward, whether the codes
-    are stored (shared bases) or regenerated (per-layer bases).
+    Only one chunk of float32 codes exists at any moment, in forward and in backward, whether the codes are
+    stored (shared bases) or regenerated (per-layer bases). With bases = (codes + ½)·step, the ½ is applied
+    once through the coefficient sums instead of to every decoded value.
     """
 
     @staticmethod
@@ -194,9 +195,9 @@ class _CombineBases(torch.autograd.Function):
         ctx.spec, ctx.codes, ctx.chunk = spec, codes, chunk
         ctx.save_for_backward(coefficients)
         coefficients32 = coefficients.float()
-        out = coefficients32.new_zeros(coefficients.shape[0], spec.numel)
-        for start, bases in _chunks(spec, codes, chunk, coefficients.device):
-            out.addmm_(coefficients32[:, start : start + bases.shape[0]], bases)
+        out = (0.5 * coefficients32.sum(1, keepdim=True)).expand(-1, spec.numel).contiguous()
+        for start, rows in _chunks(spec, codes, chunk, coefficients.device):
+            out.addmm_(coefficients32[:, start : start + rows.shape[0]], rows)
         return out.mul_(spec.step)
 
     @staticmethod
@@ -204,17 +205,18 @@ class _CombineBases(torch.autograd.Function):
         (coefficients,) = ctx.saved_tensors
         grad32 = grad.float() * ctx.spec.step
         grad_coefficients = torch.empty(coefficients.shape, dtype=torch.float32, device=coefficients.device)
-        for start, bases in _chunks(ctx.spec, ctx.codes, ctx.chunk, coefficients.device):
-            torch.mm(grad32, bases.t(), out=grad_coefficients[:, start : start + bases.shape[0]])
+        for start, rows in _chunks(ctx.spec, ctx.codes, ctx.chunk, coefficients.device):
+            torch.mm(grad32, rows.t(), out=grad_coefficients[:, start : start + rows.shape[0]])
+        grad_coefficients += 0.5 * grad32.sum(1, keepdim=True)
         return grad_coefficients.to(coefficients.dtype), None, None, None
 
 
 def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device):
-    """(first index, float32 ``code + ½`` rows) for consecutive chunks of bases."""
+    """(first index, float32 code rows) for consecutive chunks of bases."""
     for start in range(0, spec.count, chunk):
         count = min(chunk, spec.count - start)
         rows = codes[start : start + count] if codes is not None else spec.codes(device, start, count)
-        yield start, rows.to(torch.float32).add_(0.5)
+        yield start, rows.to(torch.float32)
 
 
 def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor] = None, chunk: int = 64) -> Tensor:

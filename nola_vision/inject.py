@@ -9,7 +9,15 @@ from torch import nn
 
 from .basis import BasisBank, BasisSpec, fingerprint
 from .config import PLAIN_METHODS, AdapterConfig, LoRAConfig, NOLAConfig
-from .layers import AdaptedLinear, LoRALinear, NOLALinear, Slice, combine_shared_factors, release_shared_factors
+from .layers import (
+    AdaptedLinear,
+    LoRALinear,
+    NOLALinear,
+    Slice,
+    batched_factors,
+    combine_shared_factors,
+    release_shared_factors,
+)
 
 Method = Union[NOLAConfig, LoRAConfig, str]
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
@@ -171,16 +179,19 @@ def basis_fingerprint(model: nn.Module) -> Optional[str]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs."""
-    for layer in adapted_layers(model).values():
-        layer.merge()
+    with batched_factors(model):
+        for layer in adapted_layers(model).values():
+            layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again."""
-    for layer in adapted_layers(model).values():
-        layer.unmerge()
+    with batched_factors(model):
+        for layer in adapted_layers(model).values():
+            layer.unmerge()
     return model
+
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:

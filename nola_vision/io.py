@@ -16,8 +16,15 @@ from torch import Tensor, nn
 from . import __version__
 from .basis import GENERATOR_VERSION, fingerprint
 from .config import PLAIN_METHODS, NOLAConfig, config_from_dict
-from .inject import adapter_state, adapted_layers, basis_fingerprint, classifier_head, find_targets, inject
-from .layers import LoRALinear, NOLALinear, nola_basis_specs
+from .inject import (
+    adapter_state,
+    adapted_layers,
+    basis_fingerprint,
+    classifier_head,
+    find_targets,
+    inject,
+)
+from .layers import LoRALinear, NOLALinear, nola_basis_specs, switch_merged
 from .quantize import SUPPORTED_BITS, dequantize, pack4, quantize, unpack4
 
 CONFIG_NAME = "adapter_config.json"
@@ -247,7 +254,8 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load a saved adapter onto a base model of the same architecture (injecting it if needed).
 
     Everything is checked before the model changes: architecture, class count, layer shapes, and the
-    fingerprint of the regenerated random bases against the one stored at save time.
+    fingerprint of the regenerated random bases against the one stored at save time. On a merged model
+    with the same adapter config, it switches tasks in place (W += ΔW_new − ΔW_old) and stays merged.
     """
     document, tensors, quantization = read_adapter(directory)
     _check_compatible(model, document)
@@ -271,8 +279,5 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     if adapter_state(model) is None:
         config = document["config"] if document["method"] in PLAIN_METHODS else config_from_dict(document["config"])
         inject(model, config)
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in values.items():
-            parameters[name].copy_(value)
+    switch_merged(model, values)  # plain copies; a merged model switches tasks in place and stays merged
     return model

@@ -6,7 +6,7 @@ they produce the factors A (in×r) and B (r×width) of each slice.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -54,9 +54,12 @@ class AdaptedLinear(nn.Module):
         # Quantisation-aware training: forward sees the values that save_adapter(bits=...) would store.
         self.quant_bits: Optional[int] = None
 
-    def trained(self, name: str) -> Tensor:
-        """An adapter parameter as the forward pass uses it (fake-quantised during quantisation-aware training)."""
-        value = getattr(self, name)
+    def trained(self, name: str, value: Optional[Tensor] = None) -> Tensor:
+        """An adapter parameter (or a ``value`` for it) as the forward pass uses it.
+
+        Fake-quantised during quantisation-aware training.
+        """
+        value = getattr(self, name) if value is None else value
         return fake_quantize(value, self.quant_bits) if self.quant_bits else value
 
     def factors(self) -> Tuple[Tensor, Tensor]:
@@ -92,19 +95,33 @@ class AdaptedLinear(nn.Module):
             return y + _RecomputedInputDelta.apply(pre_activation, x.detach(), a, b, self.input_activation)
         return y + (x @ a.to(x.dtype)) @ b.to(x.dtype)
 
+    def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
+        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
+        self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into ``weight`` for inference at the base layer's cost."""
         if not self.merged:
-            self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
+            self._add_low_rank(*self._delta_factors())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ΔW again (exact up to one float rounding per weight)."""
         if self.merged:
-            self.weight.sub_(self.get_delta_weight().to(self.weight.dtype))
+            a, b = self._delta_factors()
+            self._add_low_rank(-a, b)
             self.merged = False
+
+    @torch.no_grad()
+    def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> None:
+        """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks."""
+        self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
+
+    def delta_factors(self) -> Tuple[Tensor, Tensor]:
+        """(A, B) of the whole update with scaling applied: ΔWᵀ = A @ B, shapes (in, slices·r) and (slices·r, out)."""
+        return self._delta_factors()
 
     def adapter_parameters(self) -> dict:
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
@@ -212,35 +229,83 @@ class NOLALinear(AdaptedLinear):
         return self.specs_a + self.specs_b
 
 
-def combine_shared_factors(model: nn.Module, *_: object) -> None:
+def _combine_grouped(entries: list) -> list:
+    """Rows of ``coefficients @ bases`` for (layer, spec, coefficients) entries, one combination per basis."""
+    groups: dict = {}
+    for index, (_, spec, coefficients) in enumerate(entries):
+        groups.setdefault((spec, coefficients.device), []).append(index)
+    rows: list = [None] * len(entries)
+    for (spec, device), indices in groups.items():
+        bank = entries[indices[0]][0].bank
+        with _full_precision(device):
+            coefficients = torch.cat([entries[i][2] for i in indices])
+            combined = combine_bases(coefficients, spec, bank.get(spec, device), NOLALinear.shared_chunk)
+        for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
+            rows[i] = part
+    return rows
+
+
+def _shared_layers(model: nn.Module, include_merged: bool) -> list:
+    return [
+        layer
+        for layer in model.modules()
+        if isinstance(layer, NOLALinear) and layer.basis == "shared" and (include_merged or not layer.merged)
+    ]
+
+
+def _as_factors(layer: "NOLALinear", a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:
+    num_slices = len(layer.slices)
+    return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
+
+
+def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
     """Forward pre-hook: combine the coefficients of all layers that share a basis in one matmul per basis.
 
     Twelve ViT blocks then read (and decode) each shared basis once per step instead of twelve times, in
     forward and in backward. Layers called outside the model's forward combine their own factors.
     """
-    groups: dict = {}
-    for layer in model.modules():
-        if isinstance(layer, NOLALinear) and layer.basis == "shared" and not layer.merged:
-            layer.batched_factors = None
-            device = layer.nola_alpha.device
-            groups.setdefault((layer.specs_a[0], device), []).append((layer, "nola_alpha"))
-            groups.setdefault((layer.specs_b[0], device), []).append((layer, "nola_beta"))
-    combined: dict = {}
-    for (spec, device), members in groups.items():
-        bank = members[0][0].bank
-        with _full_precision(device):
-            coefficients = torch.cat([layer.trained(name) for layer, name in members])
-            rows = combine_bases(coefficients, spec, bank.get(spec, device), NOLALinear.shared_chunk)
-        for (layer, name), part in zip(members, rows.split([layer.trained(name).shape[0] for layer, name in members])):
-            combined[(id(layer), name)] = part
-    for members in groups.values():
-        for layer, name in members:
-            if name == "nola_alpha":
-                num_slices = len(layer.slices)
-                layer.batched_factors = (
-                    combined[(id(layer), "nola_alpha")].view(num_slices, layer.in_features, layer.rank),
-                    combined[(id(layer), "nola_beta")].view(num_slices, layer.rank, layer.width),
-                )
+    layers = _shared_layers(model, include_merged)
+    for layer in layers:
+        layer.batched_factors = None
+    entries = [(layer, spec, layer.trained(name)) for layer in layers
+               for spec, name in ((layer.specs_a[0], "nola_alpha"), (layer.specs_b[0], "nola_beta"))]
+    rows = _combine_grouped(entries)
+    for i, layer in enumerate(layers):
+        layer.batched_factors = _as_factors(layer, rows[2 * i], rows[2 * i + 1])
+
+
+@torch.no_grad()
+def switch_merged(model: nn.Module, values: dict) -> None:
+    """Copy new adapter values (by parameter name) into a merged model, applying W += ΔW_new − ΔW_old.
+
+    Old and new coefficients of all shared-basis layers are combined in one pass over each basis, so
+    switching a live ViT-B between tasks touches each weight once and decodes each basis once.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.merged}
+    shared = [m for m in layers.values() if isinstance(m, NOLALinear) and m.basis == "shared"]
+    names = {id(m): n for n, m in layers.items()}
+    entries = []
+    for layer in shared:
+        prefix = names[id(layer)]
+        for spec, name in ((layer.specs_a[0], "nola_alpha"), (layer.specs_b[0], "nola_beta")):
+            new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
+            entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
+    rows = _combine_grouped(entries)
+    changes = {}
+    for i, layer in enumerate(shared):
+        old_a, new_a, old_b, new_b = rows[4 * i : 4 * i + 4]
+        layer.batched_factors = _as_factors(layer, old_a, old_b)
+        old = layer.delta_factors()
+        layer.batched_factors = _as_factors(layer, new_a, new_b)
+        changes[id(layer)] = (old, layer.delta_factors())
+        layer.batched_factors = None
+    others = {id(m): m.delta_factors() for m in layers.values() if id(m) not in changes}
+    parameters = dict(model.named_parameters())
+    for name, value in values.items():
+        parameters[name].copy_(value)
+    for layer in layers.values():
+        old, new = changes.get(id(layer)) or (others[id(layer)], layer.delta_factors())
+        layer.replace_merged_delta(old, new)
 
 
 def release_shared_factors(model: nn.Module, *_: object) -> None:
@@ -248,6 +313,16 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     for layer in model.modules():
         if isinstance(layer, NOLALinear):
             layer.batched_factors = None
+
+
+@contextmanager
+def batched_factors(model: nn.Module):
+    """Within this block every shared-basis NOLA layer's factors come from one combination per basis."""
+    combine_shared_factors(model, include_merged=True)
+    try:
+        yield
+    finally:
+        release_shared_factors(model)
 
 
 class LoRALinear(AdaptedLinear):

@@ -14,8 +14,8 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
 
     The rounding error of every value is at most ``step / 2 = (max - min) / (2 * (2**bits - 1))``.
     """
-    if bits not in (8, 4):
-        raise ValueError(f"integer quantisation supports 8 or 4 bits, got {bits}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer quantisation supports 2 to 8 bits, got {bits}")
     flat = values.detach().float().flatten()
     minimum, maximum = flat.min().item(), flat.max().item()
     levels = 2**bits - 1

@@ -156,3 +156,19 @@ def test_loading_onto_an_already_adapted_model_with_the_same_config(tmp_path, im
         assert torch.equal(target(images), model(images))
     with pytest.raises(AdapterLoadError, match="already has adapters"):
         nv.load_adapter(nv.inject(tiny_vit(), nv.LoRAConfig()), tmp_path)
+
+
+def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images):
+    task_a, task_b = trained(), trained()
+    with torch.no_grad():
+        for p in task_b.parameters():
+            if p.requires_grad:
+                p.mul_(-1.5)
+    nv.save_adapter(task_b, tmp_path / "b", bits=32)
+    live = nv.merge(task_a)
+    nv.load_adapter(live, tmp_path / "b")
+    assert all(layer.merged for layer in nv.adapted_layers(live).values())
+    with torch.no_grad():
+        torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
+        nv.unmerge(live)
+        torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
