@@ -92,8 +92,8 @@ class AdaptedLinear(nn.Module):
             return y
         a, b = self._delta_factors()
         if pre_activation is not None and torch.is_grad_enabled():
-            return y + _RecomputedInputDelta.apply(pre_activation, x.detach(), a, b, self.input_activation)
-        return y + (x @ a.to(x.dtype)) @ b.to(x.dtype)
+            return _RecomputedInputDelta.apply(y, pre_activation, x.detach(), a, b, self.input_activation)
+        return _add_low_rank_output(y, x @ a.to(x.dtype), b)
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
@@ -131,36 +131,42 @@ class AdaptedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
 
 
+def _add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
+    """y + xa @ b as one addmm: the low-rank output is never written and read back separately."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.to(xa.dtype))
+    return out.view(y.shape)
+
+
 class _RecomputedInputDelta(torch.autograd.Function):
-    """``(act(h) A) B`` that keeps h (already kept by the activation's own backward) instead of act(h).
+    """``y + (act(h) A) B`` that keeps h (already kept by the activation's own backward) instead of act(h).
 
     An adapted ``mlp.fc2`` needs its input for the gradient of A; a frozen model never stores that
     activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, x: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y: Tensor, h: Tensor, x: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
         ctx.activation = activation
         ctx.save_for_backward(h, a, b)
-        return (x @ a.to(x.dtype)) @ b.to(x.dtype)
+        return _add_low_rank_output(y, x @ a.to(x.dtype), b)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         h, a, b = ctx.saved_tensors
         dtype = grad.dtype
         with torch.enable_grad():
-            h_leaf = h.detach().requires_grad_(ctx.needs_input_grad[0])
+            h_leaf = h.detach().requires_grad_(ctx.needs_input_grad[1])
             x = ctx.activation(h_leaf)
         a_, b_, x_ = a.to(dtype), b.to(dtype), x.detach().to(dtype)
         grad_xa = grad @ b_.t()
         grad_a = grad_b = grad_h = None
-        if ctx.needs_input_grad[2]:
-            grad_a = (x_.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
         if ctx.needs_input_grad[3]:
+            grad_a = (x_.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
+        if ctx.needs_input_grad[4]:
             grad_b = ((x_ @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             (grad_h,) = torch.autograd.grad(x, h_leaf, (grad_xa @ a_.t()).to(x.dtype))
-        return grad_h, None, grad_a, grad_b, None
+        return grad, grad_h, None, grad_a, grad_b, None
 
 
 def nola_basis_specs(
