@@ -92,7 +92,7 @@ class AdaptedLinear(nn.Module):
             return y
         a, b = self._delta_factors()
         if pre_activation is not None and torch.is_grad_enabled():
-            return _RecomputedInputDelta.apply(y, pre_activation, x.detach(), a, b, self.input_activation)
+            return _RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
         return _add_low_rank_output(y, x @ a.to(x.dtype), b)
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
@@ -138,14 +138,15 @@ def _add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
 
 
 class _RecomputedInputDelta(torch.autograd.Function):
-    """``y + (act(h) A) B`` that keeps h (already kept by the activation's own backward) instead of act(h).
+    """``y + (x A) B`` for x = act(h) that keeps h (already kept by the activation's own backward), not x.
 
     An adapted ``mlp.fc2`` needs its input for the gradient of A; a frozen model never stores that
-    activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level.
+    activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level. The gradient
+    for x joins the frozen path's before the activation's backward, which then runs once.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, h: Tensor, x: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y: Tensor, x: Tensor, h: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
         ctx.activation = activation
         ctx.save_for_backward(h, a, b)
         return _add_low_rank_output(y, x @ a.to(x.dtype), b)
@@ -154,19 +155,19 @@ class _RecomputedInputDelta(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         h, a, b = ctx.saved_tensors
         dtype = grad.dtype
-        with torch.enable_grad():
-            h_leaf = h.detach().requires_grad_(ctx.needs_input_grad[1])
-            x = ctx.activation(h_leaf)
-        a_, b_, x_ = a.to(dtype), b.to(dtype), x.detach().to(dtype)
+        a_, b_ = a.to(dtype), b.to(dtype)
         grad_xa = grad @ b_.t()
-        grad_a = grad_b = grad_h = None
-        if ctx.needs_input_grad[3]:
-            grad_a = (x_.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
-        if ctx.needs_input_grad[4]:
-            grad_b = ((x_ @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            with torch.no_grad():
+                x = ctx.activation(h).to(dtype)
+            if ctx.needs_input_grad[3]:
+                grad_a = (x.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_b = ((x @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
         if ctx.needs_input_grad[1]:
-            (grad_h,) = torch.autograd.grad(x, h_leaf, (grad_xa @ a_.t()).to(x.dtype))
-        return grad, grad_h, None, grad_a, grad_b, None
+            grad_x = grad_xa @ a_.t()
+        return grad, grad_x, None, grad_a, grad_b, None
 
 
 def nola_basis_specs(
