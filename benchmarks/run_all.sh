@@ -27,7 +27,7 @@ part() {
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
         sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep layers ;;
-        accuracy) run accuracy accuracy.py --shots 5 10 --seeds 0 1 2 --image-size 56 --epochs 30 ;;
+        accuracy) run accuracy accuracy.py --shots 5 10 --seeds 0 1 2 --image-size 56 --epochs 20 --threads 1 ;;
         gpu)
             if has_cuda; then
                 run gpu_train_step_vit_b train_step.py --device cuda --precision bf16 --model vit_base_patch16_224 --batch 32 --steps 20 --warmup 5
