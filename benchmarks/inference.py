@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import nola_vision as nv
-from common import header, markdown_table, pyplot, save_figure, suptitle, write_json
+from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
 
 MODELS = ("base model", "NOLA unmerged", "NOLA merged")
 SWITCH_TARGET_MS = 50  # issue 5: a ViT-B task switch under 50 ms
@@ -147,9 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=4, help="bits of the saved adapters the switch loads")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per model")
     parser.add_argument("--switches", type=int, default=20, help="timed task switches")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--png", help="also write a plot here")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
