@@ -66,8 +66,8 @@ class AdaptedLinear(nn.Module):
         """A of shape (slices, in, rank) and B of shape (slices, rank, width), float32, without scaling."""
         raise NotImplementedError
 
-    def _delta_factors(self) -> Tuple[Tensor, Tensor]:
-        """Factors of the whole update: A (in, slices·rank) with scaling applied, B (slices·rank, out)."""
+    def delta_factors(self) -> Tuple[Tensor, Tensor]:
+        """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out)."""
         a, b = self.factors()
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
@@ -80,7 +80,7 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def get_delta_weight(self) -> Tensor:
         """ΔW (out×in, float32): what ``merge`` adds to ``weight``."""
-        a, b = self._delta_factors()
+        a, b = self.delta_factors()
         return (a @ b).t()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ class AdaptedLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        a, b = self._delta_factors()
+        a, b = self.delta_factors()
         if pre_activation is not None and torch.is_grad_enabled():
             return _RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
         return _add_low_rank_output(y, x @ a.to(x.dtype), b)
@@ -103,14 +103,14 @@ class AdaptedLinear(nn.Module):
     def merge(self) -> None:
         """Fold ΔW into ``weight`` for inference at the base layer's cost."""
         if not self.merged:
-            self._add_low_rank(*self._delta_factors())
+            self._add_low_rank(*self.delta_factors())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ΔW again (exact up to one float rounding per weight)."""
         if self.merged:
-            a, b = self._delta_factors()
+            a, b = self.delta_factors()
             self._add_low_rank(-a, b)
             self.merged = False
 
@@ -119,9 +119,6 @@ class AdaptedLinear(nn.Module):
         """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
 
-    def delta_factors(self) -> Tuple[Tensor, Tensor]:
-        """(A, B) of the whole update with scaling applied: ΔWᵀ = A @ B, shapes (in, slices·r) and (slices·r, out)."""
-        return self._delta_factors()
 
     def adapter_parameters(self) -> dict:
         return {name: getattr(self, name) for name in self.adapter_parameter_names}

@@ -3,7 +3,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from nola_vision.protocol import run_protocol
