@@ -119,7 +119,6 @@ class AdaptedLinear(nn.Module):
         """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
 
-
     def adapter_parameters(self) -> dict:
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
@@ -223,11 +222,10 @@ class NOLALinear(AdaptedLinear):
     def factors(self) -> Tuple[Tensor, Tensor]:
         if self.batched_factors is not None:
             return self.batched_factors
-        num_slices = len(self.slices)
         with _full_precision(self.nola_alpha.device):
             a = self._combine(self.trained("nola_alpha"), self.specs_a)
             b = self._combine(self.trained("nola_beta"), self.specs_b)
-        return a.view(num_slices, self.in_features, self.rank), b.view(num_slices, self.rank, self.width)
+        return _as_factors(self, a, b)
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
         return self.specs_a + self.specs_b
@@ -286,17 +284,15 @@ def switch_merged(model: nn.Module, values: dict) -> None:
     switching a live ViT-B between tasks touches each weight once and decodes each basis once.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.merged}
-    shared = [m for m in layers.values() if isinstance(m, NOLALinear) and m.basis == "shared"]
-    names = {id(m): n for n, m in layers.items()}
+    shared = [(n, m) for n, m in layers.items() if isinstance(m, NOLALinear) and m.basis == "shared"]
     entries = []
-    for layer in shared:
-        prefix = names[id(layer)]
+    for prefix, layer in shared:
         for spec, name in ((layer.specs_a[0], "nola_alpha"), (layer.specs_b[0], "nola_beta")):
             new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
             entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
     rows = _combine_grouped(entries)
     changes = {}
-    for i, layer in enumerate(shared):
+    for i, (_, layer) in enumerate(shared):
         old_a, new_a, old_b, new_b = rows[4 * i : 4 * i + 4]
         layer.batched_factors = _as_factors(layer, old_a, old_b)
         old = layer.delta_factors()
