@@ -37,6 +37,10 @@ class AdapterState:
     def method(self) -> str:
         return self.config if isinstance(self.config, str) else self.config.method
 
+    def config_dict(self) -> Union[str, dict]:
+        """The config as adapter files store it: the method string, or the config's ``to_dict()``."""
+        return self.config if isinstance(self.config, str) else self.config.to_dict()
+
 
 def _matches(name: str, pattern: str) -> bool:
     """A target matches a module name as an exact name, a dotted suffix, or a full regex match."""

@@ -44,10 +44,9 @@ def architecture_name(model: nn.Module) -> str:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    head = classifier_head(model)
     if hasattr(model, "num_classes"):
         return int(model.num_classes)
-    return int(getattr(head, "out_features", 0)) if head is not None else 0
+    return int(getattr(classifier_head(model), "out_features", 0))
 
 
 def _trained_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
@@ -98,7 +97,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         codes, minimum, step = quantize(param.cpu(), stored_bits[name])
         tensors[name] = pack4(codes) if stored_bits[name] == 4 else codes
         quantization[name] = [minimum, step, stored_bits[name]]
-    config = state.config if isinstance(state.config, str) else state.config.to_dict()
+    config = state.config_dict()
     document = {
         "format": FORMAT,
         "method": state.method,
@@ -185,7 +184,7 @@ def _check_compatible(model: nn.Module, document: dict) -> None:
     method = document["method"]
     state = adapter_state(model)
     if state is not None:
-        current = state.config if isinstance(state.config, str) else state.config.to_dict()
+        current = state.config_dict()
         if current != document["config"]:
             raise AdapterLoadError(f"model already has adapters with config {current}, the file has {document['config']}; load onto a fresh model")
         return
