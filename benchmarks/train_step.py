@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from common import PEFT_METHODS, block_targets, header, markdown_table, peft_config, pyplot, save_figure, suptitle, write_json
+from common import PEFT_METHODS, add_common_arguments, block_targets, header, markdown_table, peft_config, pyplot, save_figure, suptitle, write_json
 
 METHODS = {
     "linear": "linear probe (head only)",
@@ -241,14 +241,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
     parser.add_argument("--blocks", type=int, default=0, help="adapt only the first N blocks (0: all)")
     parser.add_argument("--sweep", choices=["k", "layers"], help="scale k (256..4096) or the adapted blocks")
     parser.add_argument("--values", type=int, nargs="+", help="override the sweep's k values or block counts")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--png", help="also write a plot here")
+    add_common_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
