@@ -310,7 +310,8 @@ class FewShotClassifier(L.LightningModule):
                                      "parameter_counts": self.parameter_counts}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Check that the checkpoint fits this model: every trained tensor present, same frozen backbone."""
+        """Check that the checkpoint fits this model (every trained tensor, same frozen backbone), then complete its
+        state dict with this model's own frozen tensors so that loading it is exact and reports no missing keys."""
         info = checkpoint.get("nola_vision")
         if info is None:
             return
@@ -324,6 +325,8 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError("checkpoint was trained on a different frozen backbone (fingerprint mismatch): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the run "
                              "that wrote it")
+        for key, tensor in self.state_dict().items():
+            checkpoint["state_dict"].setdefault(key, tensor)
 
 
 def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0):
