@@ -23,8 +23,8 @@ part() {
     case $1 in
         storage) run storage storage.py ;;
         inference) run inference inference.py --model vit_base_patch16_224 --batch 32 --rounds 7 --switches 20 ;;
-        train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 5 --warmup 2 ;;
-        train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 ;;
+        train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 ;;
+        train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
         sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep layers ;;
         accuracy) run accuracy accuracy.py --shots 5 10 --seeds 0 1 2 --image-size 56 --epochs 20 --threads 1 ;;

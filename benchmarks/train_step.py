@@ -4,7 +4,8 @@ Each measurement runs in its own fresh process (so peaks do not mix) on the same
 weights, batch and seed: forward, cross-entropy, backward and an Adam step, timed after warm-up.
 Peak memory is the training peak above the resting model: on CUDA from the caching allocator, on the CPU
 from the process's peak RSS (VmHWM, reset after the model is built; glibc's mmap threshold is fixed so
-freed tensors return to the OS). Ratios are to our LoRA (q,v r=4) measured in the same run; in the layer
+freed tensors return to the OS). With ``--rounds`` every method is measured again, in reverse order, and
+its fastest round is kept. Ratios are to our LoRA (q,v r=4) measured in the same run; in the layer
 sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
 q and v thirds alone).
 
@@ -151,17 +152,36 @@ def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
 
 
 def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
+    """Measure every job ``args.rounds`` times, in alternating order, and keep each job's fastest round.
+
+    A fresh process per measurement keeps memory peaks apart; alternating rounds and taking the best one keeps
+    a slow spell of a shared machine from landing on one method only.
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    results = []
-    for job in jobs(args):
-        command = [sys.executable, os.path.abspath(__file__), "--worker", job["method"], "--k", str(job["k"]),
-                   "--blocks", str(job["blocks"])] + _shared_flags(args)
-        print(f"running {label(job)} (blocks: {job['blocks'] or 'all'}) ...", file=sys.stderr, flush=True)
-        out = subprocess.run(command, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{job['method']} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return results
+    todo = jobs(args)
+    rounds: List[List[Dict]] = [[] for _ in todo]
+    for round_index in range(args.rounds):
+        order = list(range(len(todo)))[:: 1 if round_index % 2 == 0 else -1]
+        for index in order:
+            job = todo[index]
+            command = [sys.executable, os.path.abspath(__file__), "--worker", job["method"], "--k", str(job["k"]),
+                       "--blocks", str(job["blocks"])] + _shared_flags(args)
+            print(f"round {round_index + 1}/{args.rounds}: {label(job)} (blocks: {job['blocks'] or 'all'}) ...",
+                  file=sys.stderr, flush=True)
+            out = subprocess.run(command, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{job['method']} failed:\n{out.stderr[-3000:]}")
+            rounds[index].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return [best_round(measured) for measured in rounds]
+
+
+def best_round(measured: List[Dict]) -> Dict:
+    """One job's result: the fastest round's step time, the highest round's memory peak, every round's time."""
+    result = dict(min(measured, key=lambda r: r["step_s"]))
+    result["train_mem_mb"] = max(r["train_mem_mb"] for r in measured)
+    result["peak_mb"] = max(r["peak_mb"] for r in measured)
+    result["step_s_rounds"] = [r["step_s"] for r in measured]
+    return result
 
 
 def _shared_flags(args: argparse.Namespace) -> List[str]:
@@ -239,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
+                        "order, and keep its fastest round (for a shared, noisy machine)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -259,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     results = run_all(args)
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
-               f"median of {args.steps} steps after {args.warmup} warm-up")
+               f"median of {args.steps} steps after {args.warmup} warm-up"
+               + (f", best of {args.rounds} rounds in alternating order" if args.rounds > 1 else ""))
     print(header(__file__, argv, args.device))
     print(f"\n{setting}\n")
     print(table(results, args.sweep))

@@ -37,9 +37,16 @@ def test_train_step_worker_runs_every_method(method):
 
 def test_train_step_main_measures_in_subprocesses(tmp_path, capsys):
     train_step.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--k", "32",
-                     "--methods", "linear", "lora", *_files(tmp_path)])
+                     "--methods", "linear", "lora", "--rounds", "2", *_files(tmp_path)])
     data = _check_outputs(capsys.readouterr().out, tmp_path)
     assert [r["method"] for r in data["results"]] == ["linear", "lora"]
+    assert all(len(r["step_s_rounds"]) == 2 and r["step_s"] == min(r["step_s_rounds"]) for r in data["results"])
+    assert "best of 2 rounds" in data["setting"]
+
+
+def test_best_round_keeps_the_fastest_time_and_the_highest_peak():
+    rounds = [{"step_s": 2.0, "train_mem_mb": 10.0, "peak_mb": 50.0}, {"step_s": 1.5, "train_mem_mb": 11.0, "peak_mb": 49.0}]
+    assert train_step.best_round(rounds) == {"step_s": 1.5, "train_mem_mb": 11.0, "peak_mb": 50.0, "step_s_rounds": [2.0, 1.5]}
 
 
 def test_train_step_sweep_jobs_cover_shared_and_per_layer_bases():
