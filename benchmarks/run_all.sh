@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark with the final settings on a quiet machine. Each part writes its Markdown table
 # (<name>.md, exactly what the script printed), raw numbers (<name>.json) and plot (<name>.png) into
-# benchmarks/results/. Progress goes to stderr. Parts: `benchmarks/run_all.sh storage accuracy` runs two.
+# benchmarks/results/, then benchmarks/RESULTS.md is rebuilt from them. Progress goes to stderr.
+# Parts: `benchmarks/run_all.sh storage accuracy` runs two.
 # The GPU part runs only where torch sees CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ part() {
         storage) run storage storage.py ;;
         inference) run inference inference.py --model vit_base_patch16_224 --batch 32 --rounds 7 --switches 20 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 ;;
+        train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
         sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep layers ;;
@@ -40,7 +42,8 @@ part() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(storage inference train_step train_step_large sweep_k sweep_layers accuracy gpu)
+[ ${#parts[@]} -gt 0 ] || parts=(storage inference train_step train_step_1thread train_step_large sweep_k sweep_layers accuracy gpu)
 for name in "${parts[@]}"; do
     part "$name"
 done
+python benchmarks/collect_results.py  # RESULTS.md from everything in results/

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
+import collect_results  # noqa: E402
 import inference  # noqa: E402
 import storage  # noqa: E402
 import train_step  # noqa: E402
@@ -88,3 +89,28 @@ def test_accuracy_main(tmp_path, capsys):
     rows = data["runs"][0]["rows"]
     assert {"linear", "lora_r1", "nola_1024", "qat4", "nola_1024_ptq3"} <= set(rows)
     assert all(0.0 <= row["accuracy"] <= 100.0 for row in rows.values())
+
+
+def _train_step_json(path: Path, lora: float, nola: float) -> None:
+    rows = [{"method": m, "blocks": 0, "step_s": t, "train_mem_mb": mem}
+            for m, t, mem in (("lora", lora, 100.0), ("nola", nola, 105.0), ("nola_per_layer", 9.0, 120.0))]
+    path.write_text(json.dumps({"setting": "", "results": rows}))
+
+
+def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
+    _train_step_json(tmp_path / "train_step_vit_b.json", lora=2.0, nola=2.5)
+    (tmp_path / "train_step_vit_b.md").write_text("_header_\n\n| a |\n|---|")
+    (tmp_path / "inference.json").write_text(json.dumps({"throughput_s": {"base model": [1.0, 1.0], "NOLA merged": [1.01]},
+                                                       "switch_s": {"in_place": [0.03, 0.04, 0.05]}}))
+    report = collect_results.build(tmp_path)
+    assert "| NOLA shared-basis step time ≤ 1.10× our LoRA r=4 (ViT-B/16) | 1.25× | missed by 0.15× |" in report
+    assert "| NOLA shared-basis training peak ≤ 1.10× LoRA (ViT-B/16) | 1.05× | met |" in report
+    assert "| NOLA per-layer-basis training peak ≤ 1.15× LoRA (ViT-B/16) | 1.20× | missed by 0.05× |" in report
+    assert "| merged NOLA inference ≥ 0.97× base images/s (ViT-B/16) | 0.990× | met |" in report
+    assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
+    assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
+    assert "Not run yet: `accuracy`, `gpu`, " in report
+
+
+def test_results_report_is_up_to_date_with_the_results():
+    assert collect_results.main(["--check"]) == 0, "run: python benchmarks/collect_results.py"

@@ -1,0 +1,159 @@
+"""Assemble ``benchmarks/RESULTS.md`` from what the benchmark scripts wrote into ``benchmarks/results/``.
+
+Each section is a script's printed table exactly as written (its first line names date, machine and command),
+with its plot; the targets table is computed from the raw JSON, so no number is typed by hand.
+
+    python benchmarks/collect_results.py           # rewrite benchmarks/RESULTS.md
+    python benchmarks/collect_results.py --check   # exit 1 if RESULTS.md is not what the results give
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from common import markdown_table
+
+HERE = Path(__file__).resolve().parent
+
+# (result name, title, how it was run): in the order of the report. A missing result is listed as not run.
+SECTIONS: Tuple[Tuple[str, str, str], ...] = (
+    ("train_step_vit_b", "Training step, ViT-B/16", "2 torch threads on the otherwise idle machine."),
+    ("train_step_vit_b_1thread", "Training step, ViT-B/16, 1 torch thread",
+     "Run beside the accuracy benchmark, each on its own core."),
+    ("train_step_vit_l", "Training step, ViT-L/16", "2 torch threads on the otherwise idle machine."),
+    ("sweep_k", "Scaling with the number of bases k = l (ViT-B/16)",
+     "Shared bases are held once per model as int16 codes (2 bytes × k × the factor shapes: 61 KB per basis "
+     "index for ViT-B NOLA-MLP), so memory grows with k and not with layers; per-layer bases are regenerated in "
+     "forward and backward, so time grows with k × layers and memory stays flat."),
+    ("sweep_layers", "Scaling with the number of adapted blocks (ViT-B/16, k = l = 1024)",
+     "Blocks are adapted from the first, so backward always runs through the whole model."),
+    ("inference", "Inference throughput and task switch, ViT-B/16", ""),
+    ("storage", "Storage per task", ""),
+    ("accuracy", "Accuracy on real offline data", "Run with 1 torch thread beside the demo and a training-step run."),
+    ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
+    ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
+)
+PARTS = {"train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
+         "train_step_vit_l": "train_step_large", "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu"}
+
+
+def _load(results: Path, name: str):
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _method(data: Dict, method: str) -> Dict:
+    return next(r for r in data["results"] if r["method"] == method and not r.get("blocks"))
+
+
+def _verdict(value: float, limit: float, higher_is_better: bool = False, unit: str = "×") -> str:
+    met = value >= limit if higher_is_better else value <= limit
+    if met:
+        return "met"
+    return f"missed by {abs(value - limit):.2f}{unit}" if unit == "×" else f"missed by {abs(value - limit):.1f} {unit}"
+
+
+def training_targets(results: Path) -> List[List[str]]:
+    rows = []
+    for name, title, _ in SECTIONS:
+        data = _load(results, name)
+        if not name.startswith("train_step") or data is None:
+            continue
+        lora, shared, per_layer = (_method(data, m) for m in ("lora", "nola", "nola_per_layer"))
+        where = title.replace("Training step, ", "")
+        time_ratio = shared["step_s"] / lora["step_s"]
+        memory_ratio = shared["train_mem_mb"] / lora["train_mem_mb"]
+        per_layer_memory = per_layer["train_mem_mb"] / lora["train_mem_mb"]
+        rows += [
+            [f"NOLA shared-basis step time ≤ 1.10× our LoRA r=4 ({where})", f"{time_ratio:.2f}×", _verdict(time_ratio, 1.10)],
+            [f"NOLA shared-basis training peak ≤ 1.10× LoRA ({where})", f"{memory_ratio:.2f}×", _verdict(memory_ratio, 1.10)],
+            [f"NOLA per-layer-basis training peak ≤ 1.15× LoRA ({where})", f"{per_layer_memory:.2f}×",
+             _verdict(per_layer_memory, 1.15)],
+        ]
+    return rows
+
+
+def inference_targets(results: Path) -> List[List[str]]:
+    data = _load(results, "inference")
+    if data is None:
+        return []
+    seconds = {name: statistics.median(times) for name, times in data["throughput_s"].items()}
+    merged = seconds["base model"] / seconds["NOLA merged"]
+    switch_ms = statistics.median(data["switch_s"]["in_place"]) * 1000
+    return [["merged NOLA inference ≥ 0.97× base images/s (ViT-B/16)", f"{merged:.3f}×", _verdict(merged, 0.97, True)],
+            ["task switch (load + in-place re-merge) < 50 ms (ViT-B/16)", f"{switch_ms:.1f} ms",
+             _verdict(switch_ms, 50.0, unit="ms")]]
+
+
+def storage_targets(results: Path) -> List[List[str]]:
+    data = _load(results, "storage")
+    if data is None:
+        return []
+    row = next(r for r in data if r["row"].endswith("4-bit") and r["row"].startswith("NOLA")
+               and r["model"] == "vit_base_patch16_224" and r["head"] == "CIFAR-10")
+    kb = row["bytes"] / 1000
+    return [["ViT-B NOLA + CIFAR-10 head ≤ 48 KB at 4 bits", f"{kb:.1f} KB", _verdict(kb, 48.0, unit="KB")]]
+
+
+def accuracy_targets(results: Path) -> List[List[str]]:
+    data = _load(results, "accuracy")
+    if data is None:
+        return []
+    rows = []
+    for shots in sorted({run["shots"] for run in data["runs"]}):
+        runs = [run["rows"] for run in data["runs"] if run["shots"] == shots]
+        full, four = (statistics.mean(r[key]["accuracy"] for r in runs) for key in ("nola_1024_ptq16", "nola_1024_ptq4"))
+        gap = full - four
+        rows.append([f"4-bit NOLA within 0.5 points of 16-bit accuracy ({shots}-shot, {len(runs)} seeds)",
+                     f"{four:.1f} vs {full:.1f} ({gap:+.2f} points)", _verdict(gap, 0.5, unit="points")])
+    return rows
+
+
+TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, inference_targets, storage_targets,
+                                                           accuracy_targets)
+
+
+def build(results: Path) -> str:
+    """The whole report: targets computed from the JSON, then every section's printed table and plot."""
+    done = [section for section in SECTIONS if (results / f"{section[0]}.md").is_file()]
+    missing = sorted({PARTS.get(section[0], section[0]) for section in SECTIONS if section not in done})
+    lines = ["# Benchmark results", "",
+             "Written by `python benchmarks/collect_results.py` from `benchmarks/results/`. Each section below is exactly "
+             "what its script printed (the first line names date, machine, torch and command), with its plot. Reproduce "
+             "with `bash benchmarks/run_all.sh <part>`.", ""]
+    if missing:
+        lines += [f"Not run yet: {', '.join(f'`{part}`' for part in missing)}.", ""]
+    rows = [row for target in TARGETS for row in target(results)]
+    if rows:
+        lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), ""]
+    for name, title, note in done:
+        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+        lines += [(results / f"{name}.md").read_text().strip(), ""]
+        if (results / f"{name}.png").is_file():
+            lines += [f"![{title}](results/{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the report is stale")
+    args = parser.parse_args(argv)
+    report = build(args.results)
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != report:
+            print(f"{args.out} is stale: run python benchmarks/collect_results.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
