@@ -1,15 +1,17 @@
-"""Assemble ``benchmarks/RESULTS.md`` from what the benchmark scripts wrote into ``benchmarks/results/``.
+"""Assemble ``benchmarks/RESULTS.md`` (and the README's quotes) from what the scripts wrote into ``results/``.
 
 Each section is a script's printed table exactly as written (its first line names date, machine and command),
-with its plot; the targets table is computed from the raw JSON, so no number is typed by hand.
+with its plot; the targets table is computed from the raw JSON, so no number is typed by hand. The README
+quotes a result between ``<!-- results: name -->`` and ``<!-- /results -->``.
 
-    python benchmarks/collect_results.py           # rewrite benchmarks/RESULTS.md
-    python benchmarks/collect_results.py --check   # exit 1 if RESULTS.md is not what the results give
+    python benchmarks/collect_results.py           # rewrite RESULTS.md and the README's quotes
+    python benchmarks/collect_results.py --check   # exit 1 if either is not what the results give
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -117,6 +119,10 @@ TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, infe
                                                            accuracy_targets)
 
 
+def target_rows(results: Path) -> List[List[str]]:
+    return [row for target in TARGETS for row in target(results)]
+
+
 def build(results: Path) -> str:
     """The whole report: targets computed from the JSON, then every section's printed table and plot."""
     done = [section for section in SECTIONS if (results / f"{section[0]}.md").is_file()]
@@ -127,7 +133,7 @@ def build(results: Path) -> str:
              "with `bash benchmarks/run_all.sh <part>`.", ""]
     if missing:
         lines += [f"Not run yet: {', '.join(f'`{part}`' for part in missing)}.", ""]
-    rows = [row for target in TARGETS for row in target(results)]
+    rows = target_rows(results)
     if rows:
         lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), ""]
     for name, title, note in done:
@@ -138,20 +144,39 @@ def build(results: Path) -> str:
     return "\n".join(lines)
 
 
+README_BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def quote(results: Path, name: str) -> str:
+    """What the README shows of a result: its tables (or the targets table) and the line naming date and command."""
+    if name == "targets":
+        return markdown_table(["target", "measured", "verdict"], target_rows(results))
+    printed = (results / f"{name}.md").read_text().strip()
+    tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in printed.split("\n\n")]
+    return "\n\n".join([printed.splitlines()[0]] + [table for table in tables if table])
+
+
+def sync_readme(text: str, results: Path) -> str:
+    """The README with every ``<!-- results: name -->`` block replaced by the current quote of that result."""
+    return README_BLOCK.sub(lambda m: f"{m.group(1)}\n{quote(results, m.group(2))}\n\n{m.group(4)}", text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the report is stale")
+    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
     args = parser.parse_args(argv)
-    report = build(args.results)
+    wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results)}
+    stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
     if args.check:
-        if not args.out.is_file() or args.out.read_text() != report:
-            print(f"{args.out} is stale: run python benchmarks/collect_results.py", file=sys.stderr)
-            return 1
-        return 0
-    args.out.write_text(report)
-    print(f"wrote {args.out}")
+        for path in stale:
+            print(f"{path} is stale: run python benchmarks/collect_results.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(wanted[path])
+        print(f"wrote {path}")
     return 0
 
 

@@ -110,7 +110,10 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
     assert "Not run yet: `accuracy`, `gpu`, " in report
+    readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
+    assert collect_results.sync_readme(readme, tmp_path) == (
+        "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")
 
 
-def test_results_report_is_up_to_date_with_the_results():
+def test_results_report_and_readme_quotes_are_up_to_date_with_the_results():
     assert collect_results.main(["--check"]) == 0, "run: python benchmarks/collect_results.py"
