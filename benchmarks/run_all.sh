@@ -24,7 +24,7 @@ part() {
     case $1 in
         storage) run storage storage.py ;;
         inference) run inference inference.py --model vit_base_patch16_224 --batch 32 --rounds 7 --switches 20 ;;
-        train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 ;;
+        train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;
         train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
