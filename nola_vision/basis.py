@@ -212,11 +212,16 @@ class _CombineBases(torch.autograd.Function):
 
 
 def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device):
-    """(first index, float32 code rows) for consecutive chunks of bases."""
+    """(first index, float32 code rows) for consecutive chunks of bases, all decoded into one reused buffer.
+
+    Each chunk is only valid until the next is yielded. One allocation per pass instead of one per chunk keeps
+    small, cache-sized chunks cheap.
+    """
+    buffer = torch.empty(min(chunk, spec.count), spec.numel, dtype=torch.float32, device=device)
     for start in range(0, spec.count, chunk):
         count = min(chunk, spec.count - start)
         rows = codes[start : start + count] if codes is not None else spec.codes(device, start, count)
-        yield start, rows.to(torch.float32)
+        yield start, buffer[:count].copy_(rows)
 
 
 def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor] = None, chunk: int = 64) -> Tensor:
