@@ -30,12 +30,11 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("sweep_k", "Scaling with the number of bases k = l (ViT-B/16)",
      "Shared bases are held once per model as int16 codes (2 bytes × k × the factor shapes: 61 KB per basis "
      "index for ViT-B NOLA-MLP), so memory grows with k and not with layers; per-layer bases are regenerated in "
-     "forward and backward, so time grows with k × layers and memory stays flat. Run before shared bases were "
-     "decoded into one reused buffer 32 at a time (their combination per step: 100 → 34 ms under this script's "
-     "malloc settings), so the shared-basis times here are slightly high."),
+     "forward and backward, so time grows with k × layers and memory stays flat. One round per point: "
+     "step times carry this machine's ±10% noise."),
     ("sweep_layers", "Scaling with the number of adapted blocks (ViT-B/16, k = l = 1024)",
-     "Blocks are adapted from the first, so backward always runs through the whole model. Run before the reused "
-     "decode buffer, as the k sweep."),
+     "Blocks are adapted from the first, so backward always runs through the whole model. One round per point, "
+     "as the k sweep."),
     ("inference", "Inference throughput and task switch, ViT-B/16", ""),
     ("storage", "Storage per task", ""),
     ("accuracy", "Accuracy on real offline data", "Run with 1 torch thread beside the demo and a training-step run."),
