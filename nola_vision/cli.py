@@ -167,7 +167,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"nola-vision: error: {err}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Tear down a DDP process group before the interpreter exits: left to exit-time destructors, gloo's threads
+    can abort a finished run ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
