@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
 from torch import nn
 
 import nola_vision as nv
-from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
 
 MODELS = ("base model", "NOLA unmerged", "NOLA merged")
 SWITCH_TARGET_MS = 50  # issue 5: a ViT-B task switch under 50 ms

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-
 from common import header, markdown_table, peft_config, pyplot, save_figure, write_json
+from torch import nn
 
 # The paper's NOLA presets (NOLA-MLP): ViT-B r=4, ViT-L r=1, k = l = 1024.
 NOLA_RANK = {"vit_base_patch16_224": 4, "vit_large_patch16_224": 1}

@@ -25,7 +25,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from common import PEFT_METHODS, add_common_arguments, block_targets, header, markdown_table, peft_config, pyplot, save_figure, suptitle, write_json
+from common import (
+    PEFT_METHODS,
+    add_common_arguments,
+    block_targets,
+    header,
+    markdown_table,
+    peft_config,
+    pyplot,
+    save_figure,
+    suptitle,
+    write_json,
+)
 
 METHODS = {
     "linear": "linear probe (head only)",

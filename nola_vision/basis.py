@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -122,12 +122,28 @@ class BasisSpec:
     def codes(self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None) -> Tensor:
         """Bases ``start .. start+count`` as an int16 (count, numel) code matrix."""
         count = self.count - start if count is None else count
-        return basis_codes(self.seed, self.stream, count * self.numel, start * self.numel, device).view(count, self.numel)
+        codes = basis_codes(self.seed, self.stream, count * self.numel, start * self.numel, device)
+        return codes.view(count, self.numel)
 
-    def generate(self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None) -> Tensor:
+    def generate(
+        self, device: Optional[torch.device | str] = None, start: int = 0, count: Optional[int] = None
+    ) -> Tensor:
         """Bases as float32 values, shape (count, *shape)."""
         codes = self.codes(device, start, count)
         return decode(codes, self.step).view(codes.shape[0], *self.shape)
+
+
+def basis_streams(
+    mode: str, layer: str, in_features: int, rank: int, width: int, slices: Sequence[Tuple[int, int]]
+) -> Tuple[List[str], List[str]]:
+    """Stream names of the A and B bases of one adapted layer: the names (with the seed) select the bases.
+
+    ``shared``: keyed by factor shape only, so every layer (and slice) of that shape uses the same bases, as
+    the authors' code does by reseeding before each layer. ``per_layer``: one stream per layer and slice.
+    """
+    if mode == "shared":
+        return [f"A/{in_features}x{rank}"], [f"B/{rank}x{width}"]
+    return [f"{layer}/{start}:{end}/A" for start, end in slices], [f"{layer}/{start}:{end}/B" for start, end in slices]
 
 
 def decode(codes: Tensor, step: float) -> Tensor:
@@ -144,7 +160,9 @@ def fingerprint(specs: Sequence[BasisSpec], probes: int = 16) -> str:
     for spec in sorted(set(specs), key=lambda s: (s.stream, s.shape, s.count, s.seed)):
         digest.update(f"{spec.seed}|{spec.stream}|{spec.shape}|{spec.count}".encode())
         for index in sorted({0, spec.count - 1}):
-            digest.update(spec.codes(start=index, count=1).flatten()[:probes].numpy().tobytes())
+            # Only the probed codes are generated: a crafted huge shape cannot allocate here.
+            codes = basis_codes(spec.seed, spec.stream, min(probes, spec.numel), index * spec.numel)
+            digest.update(codes.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -1,104 +1,108 @@
-"""Adapter configurations: plain dataclasses that round-trip through JSON."""
+"""Adapter configurations and the method registry: each method is declared once, everything else looks it up.
+
+A method is a config dataclass (what a user sets; round-trips through JSON) plus the layer class that
+wraps an ``nn.Linear`` (None for the plain methods ``linear`` and ``full``). ``register_method`` adds
+one; injection, adapter files, the LightningModule, the timm zoo and the demo find it by name here.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Union
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
-BASIS_MODES = ("shared", "per_layer")
-NOLA_INITS = ("paper", "zero_delta")
-DEFAULT_NOLA_TARGETS = ("mlp.fc1", "mlp.fc2")
-DEFAULT_LORA_TARGETS = ("attn.q", "attn.v")
-# Methods that add no adapter layers: train the classifier head only, or every parameter.
-PLAIN_METHODS = ("linear", "full")
+# Learning rates as today: the paper's 5e-3 for every adapter and the linear probe (full FT has its own).
+DEFAULT_LR = 5e-3
 
 
-@dataclass
-class NOLAConfig:
-    """NOLA: A = Σ αᵢAᵢ, B = Σ βⱼBⱼ over frozen random bases; ΔW = (scale/rank)·A·B; only α, β train.
+class AdapterConfig:
+    """Base of every method's config: a dataclass whose ``method`` class attribute is its registry name."""
 
-    Args:
-        rank: rank r of A (in×r) and B (r×out).
-        num_basis_a: k, the number of random bases (and trained coefficients α) for A.
-        num_basis_b: l, the number of random bases (and trained coefficients β) for B.
-        targets: module-name suffixes or regexes; ``attn.q``/``attn.k``/``attn.v`` adapt one third of ``attn.qkv``.
-        seed: generator seed of the random bases.
-        scale: c in ΔW = (c/r)·A·B.
-        basis: ``"shared"`` (one basis set per shape, shared by all layers) or ``"per_layer"``
-            (distinct bases per layer, regenerated in chunks in forward and backward).
-        init: ``"paper"`` (α=1/k, β=1/l) or ``"zero_delta"`` (α=1/k, β=0, so ΔW=0 at step 0).
-        recompute_activation: for an adapted ``mlp.fc2``, recompute its input (the activation output) in
-            backward from the pre-activation the model keeps anyway, instead of storing it.
-    """
-
-    rank: int = 4
-    num_basis_a: int = 1024
-    num_basis_b: int = 1024
-    targets: List[str] = field(default_factory=lambda: list(DEFAULT_NOLA_TARGETS))
-    seed: int = 0
-    scale: float = 1.0
-    basis: str = "shared"
-    init: str = "paper"
-    recompute_activation: bool = True
-
-    method = "nola"
-
-    def __post_init__(self) -> None:
-        self.targets = _as_target_list(self.targets)
-        _require_positive(self, "rank", "num_basis_a", "num_basis_b")
-        _require_choice("basis", self.basis, BASIS_MODES)
-        _require_choice("init", self.init, NOLA_INITS)
-
-    @property
-    def scaling(self) -> float:
-        return self.scale / self.rank
+    method: ClassVar[str] = ""
+    # Plain methods: every backbone parameter trains (``full``) or none does (``linear``).
+    train_backbone: ClassVar[bool] = False
+    targets: Sequence[str] = ()
+    recompute_activation: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+        return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
+
+    def serialize(self) -> Union[str, Dict[str, Any]]:
+        """The config as adapter files and hyper-parameters store it."""
+        return self.to_dict()
+
+    def describe(self) -> str:
+        """A short human description (tables, logs)."""
+        return self.method
 
 
-@dataclass
-class LoRAConfig:
-    """LoRA baseline on the same machinery: A kaiming-uniform, B zero, ΔW = (alpha/rank)·A·B.
+@dataclass(frozen=True)
+class Method:
+    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and default lr."""
 
-    Args:
-        rank: rank r.
-        alpha: scaling numerator; ``None`` means alpha = rank (scale 1, as in the NOLA paper's baseline).
-        targets: module-name suffixes or regexes; ``attn.q``/``attn.k``/``attn.v`` adapt one third of ``attn.qkv``.
-        seed: seed of A's initialisation (portable generator, never the global RNG).
-        recompute_activation: as in ``NOLAConfig``.
+    name: str
+    config_cls: type
+    layer_cls: Optional[type]
+    default_lr: float = DEFAULT_LR
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None,
+                    default_lr: float = DEFAULT_LR) -> Method:
+    """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
+
+    The layer class subclasses ``nola_vision.layers.AdaptedLinear``; see the README's "Adding a method".
     """
-
-    rank: int = 4
-    alpha: Optional[float] = None
-    targets: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    seed: int = 0
-    recompute_activation: bool = True
-
-    method = "lora"
-
-    def __post_init__(self) -> None:
-        self.targets = _as_target_list(self.targets)
-        _require_positive(self, "rank")
-
-    @property
-    def scaling(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+    if name in METHODS and METHODS[name].config_cls is not config_cls:
+        raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
+    if getattr(config_cls, "method", None) != name:
+        raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
+    METHODS[name] = Method(name, config_cls, layer_cls, default_lr)
+    return METHODS[name]
 
 
-AdapterConfig = Union[NOLAConfig, LoRAConfig]
-CONFIG_CLASSES = {"nola": NOLAConfig, "lora": LoRAConfig}
+def available_methods() -> List[str]:
+    """Names of every registered adapter method."""
+    return list(METHODS)
 
 
-def config_from_dict(data: Dict[str, Any]) -> AdapterConfig:
-    """Inverse of ``to_dict``: rebuilds a NOLAConfig or LoRAConfig, rejecting unknown methods and keys."""
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a ValueError lists the valid names."""
+    if name not in METHODS:
+        raise ValueError(f"unknown adapter method {name!r}; expected one of {available_methods()}")
+    return METHODS[name]
+
+
+def method_of(config: Any) -> Method:
+    """The registered method of a config object (or a method name)."""
+    name = config if isinstance(config, str) else getattr(config, "method", None)
+    if not isinstance(name, str) or name not in METHODS or not isinstance(config, (str, METHODS[name].config_cls)):
+        raise TypeError(f"expected a config of one of {available_methods()} (e.g. NOLAConfig, LoRAConfig) or "
+                        f"'linear'/'full', got {type(config).__name__}")
+    return METHODS[name]
+
+
+def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:
+    """A config object for ``config``; a plain method name ("linear", "full") becomes its config."""
+    if isinstance(config, str):
+        method = METHODS.get(config)
+        if method is None or method.layer_cls is not None:
+            plain = [m.name for m in METHODS.values() if m.layer_cls is None]
+            raise ValueError(f"unknown adapter {config!r}; use a config object ({', '.join(_config_names())}) or "
+                             f"one of {plain}")
+        return method.config_cls()
+    method_of(config)
+    return config
+
+
+def config_from_dict(data: Union[str, Dict[str, Any]]) -> AdapterConfig:
+    """Inverse of ``serialize``: rebuilds a registered config, rejecting unknown methods and keys."""
+    if isinstance(data, str):
+        return as_config(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"an adapter config is a dict with a 'method' key or a method name, got {type(data).__name__}")
     data = dict(data)
-    method = data.pop("method", None)
-    if method not in CONFIG_CLASSES:
-        raise ValueError(f"unknown adapter method {method!r}; expected one of {sorted(CONFIG_CLASSES)}")
-    cls = CONFIG_CLASSES[method]
+    cls = get_method(data.pop("method", None)).config_cls
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -106,7 +110,63 @@ def config_from_dict(data: Dict[str, Any]) -> AdapterConfig:
     return cls(**data)
 
 
-def _as_target_list(targets: Any) -> List[str]:
+def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> AdapterConfig:
+    """An adapter argument as ``inject`` takes it: a config object, from any form the CLI or a checkpoint gives.
+
+    Accepts a config, a method name ("linear", "full", or "nola"/"lora" for their defaults), the ``to_dict()``
+    form, ``{class_path, init_args}``, and the flat form LightningCLI writes to config.yaml/hparams.yaml.
+    """
+    if isinstance(adapter, AdapterConfig):
+        method_of(adapter)
+        return adapter
+    if isinstance(adapter, str):
+        if adapter.lower() in METHODS:
+            return get_method(adapter.lower()).config_cls()
+        raise ValueError(f"unknown adapter {adapter!r}: use {', '.join(repr(m) for m in METHODS)}, or a config "
+                         "{class_path: nola_vision.NOLAConfig, init_args: {...}}")
+    if isinstance(adapter, dict):
+        if "class_path" in adapter:
+            name = str(adapter["class_path"]).rsplit(".", 1)[-1]
+            matches = [m.config_cls for m in METHODS.values() if m.config_cls.__name__ == name]
+            if not matches:
+                raise ValueError(f"adapter class_path {adapter['class_path']!r}: use one of "
+                                 f"{[f'nola_vision.{n}' for n in _config_names()]}")
+            return matches[0](**adapter.get("init_args", {}))
+        if "method" in adapter:
+            return config_from_dict(adapter)
+        return _from_flat(adapter)
+    raise TypeError(f"adapter must be a config ({', '.join(_config_names())}) or a method name, "
+                    f"got {type(adapter).__name__}")
+
+
+def _from_flat(values: Dict[str, Any]) -> AdapterConfig:
+    """The smallest registered adapter config whose fields take every key (LoRA's {rank, alpha} before NOLA's)."""
+    candidates = [m.config_cls for m in METHODS.values() if m.layer_cls is not None
+                  and set(values) <= {f.name for f in fields(m.config_cls)}]
+    if not candidates:
+        raise ValueError(f"no adapter config has all the fields {sorted(values)}; add method: <name> "
+                         f"(one of {available_methods()})")
+    return min(candidates, key=lambda cls: len(fields(cls)))(**values)
+
+
+def adapter_to_hparam(config: AdapterConfig) -> Union[str, Dict[str, Any]]:
+    """``{class_path, init_args}`` for an adapter config (what LightningCLI and ``resolve_adapter`` parse), a plain
+    method's name otherwise."""
+    stored = config.serialize()
+    if isinstance(stored, str):
+        return stored
+    init_args = {k: v for k, v in stored.items() if k != "method"}
+    cls = type(config)
+    module = "nola_vision" if cls.__module__.startswith("nola_vision.") else cls.__module__
+    return {"class_path": f"{module}.{cls.__qualname__}", "init_args": init_args}
+
+
+def _config_names() -> List[str]:
+    return [m.config_cls.__name__ for m in METHODS.values() if m.layer_cls is not None]
+
+
+def as_target_list(targets: Any) -> List[str]:
+    """Targets as a non-empty list of strings (a single string is one target)."""
     if isinstance(targets, str):
         targets = [targets]
     targets = [str(t) for t in targets]
@@ -115,13 +175,23 @@ def _as_target_list(targets: Any) -> List[str]:
     return targets
 
 
-def _require_positive(config: Any, *names: str) -> None:
+def require_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-def _require_choice(name: str, value: str, choices: tuple) -> None:
+def require_choice(name: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+# The built-in methods register themselves on import (after the base classes above exist).
+from .methods import LoRAConfig, NOLAConfig, PlainConfig  # noqa: E402
+
+PLAIN_METHODS = tuple(m.name for m in METHODS.values() if m.layer_cls is None)
+
+__all__ = ["AdapterConfig", "LoRAConfig", "METHODS", "Method", "NOLAConfig", "PLAIN_METHODS", "PlainConfig",
+           "adapter_to_hparam", "as_config", "available_methods", "config_from_dict", "get_method", "method_of",
+           "register_method", "resolve_adapter"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import LoRAConfig, NOLAConfig
+from .config import DEFAULT_LR, LoRAConfig, NOLAConfig, available_methods, get_method, resolve_adapter
 
 __all__ = ["DemoResult", "format_table", "main", "method_configs", "run_demo"]
 
@@ -45,11 +45,7 @@ def method_configs(rank: int = 4, num_basis: int = 1024, lora_rank: int = 4) -> 
 
 
 def _describe(config: Any) -> str:
-    if isinstance(config, str):
-        return "head only" if config == "linear" else "all parameters"
-    if isinstance(config, LoRAConfig):
-        return f"LoRA r={config.rank} on {'+'.join(config.targets)}"
-    return f"NOLA r={config.rank} k=l={config.num_basis_a} on {'+'.join(config.targets)}"
+    return resolve_adapter(config).describe()
 
 
 def run_demo(
@@ -91,12 +87,13 @@ def run_demo(
         backbone, pretrained_file = OFFLINE_BACKBONE, pretrained_file or OFFLINE_PRETRAINED_FILE
     check_backbone_name(backbone)
     configs = method_configs(rank, num_basis)
-    unknown = [m for m in methods if m not in configs and m != "full"]
+    unknown = [m for m in methods if m not in available_methods()]
     if unknown:
-        raise ValueError(f"unknown demo methods {unknown}; choose from {list(configs) + ['full']}")
+        raise ValueError(f"unknown demo methods {unknown}; choose from {available_methods()}")
     results = []
     for method in methods:
         config = configs.get(method, method)
+        spec = get_method(method)
         L.seed_everything(seed, verbose=False)
         start = time.time()
         data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
@@ -104,7 +101,7 @@ def run_demo(
                                  augment=augment, download=download)
         model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
                                   pretrained_file=pretrained_file, image_size=image_size,
-                                  backbone_kwargs=backbone_kwargs, lr=lr if method != "full" else lr / 100,
+                                  backbone_kwargs=backbone_kwargs, lr=lr * spec.default_lr / DEFAULT_LR,
                                   adapter_dir=str(Path(out) / method))
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
@@ -117,7 +114,7 @@ def run_demo(
         counts = model.parameter_counts
         adapter_dir = model.exported_adapter_dir or save_adapter(model.model, Path(out) / method, bits=16)
         four_bit = None
-        if method in ("lora", "nola"):
+        if spec.layer_cls is not None:
             four_bit_dir = save_adapter(model.model, Path(out) / f"{method}_4bit", bits=4)
             four_bit = adapter_size_bytes(four_bit_dir)
         results.append(DemoResult(method, float(test), counts["adapter"], counts["head"],
@@ -136,7 +133,8 @@ def format_table(results: Sequence[DemoResult]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.method} ({r.description}) | {r.adapter_params:,} | {r.head_params:,} | "
-                     f"{100 * r.test_acc:.1f}% | {_kb(r.adapter_bytes)} | {_kb(r.adapter_bytes_4bit)} | {r.seconds:.0f} s |")
+                     f"{100 * r.test_acc:.1f}% | {_kb(r.adapter_bytes)} | {_kb(r.adapter_bytes_4bit)} | "
+                     f"{r.seconds:.0f} s |")
     return "\n".join(lines)
 
 
@@ -155,8 +153,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--download", action="store_true", help="download the dataset if it can be")
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--image_size", type=int, default=56, help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["full"])
+    parser.add_argument("--image_size", type=int, default=56,
+                        help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=available_methods())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)

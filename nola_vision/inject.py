@@ -1,45 +1,75 @@
-"""Put adapters into any model by module name: inject, merge, unmerge, count_parameters."""
+"""Put adapters into any model by module name: plan the injection, apply it, count what trains.
+
+``plan_injection`` computes everything an injection will do (targets, slices, shapes, bases, trained
+tensors) without changing the model; ``inject`` applies that plan, and ``load_adapter`` checks files
+against it. Methods are looked up in the registry (``config.py``), never branched on by name.
+"""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
 from .basis import BasisBank, BasisSpec, fingerprint
-from .config import PLAIN_METHODS, AdapterConfig, LoRAConfig, NOLAConfig
-from .layers import (
-    AdaptedLinear,
-    LoRALinear,
-    NOLALinear,
-    Slice,
-    batched_factors,
-    combine_shared_factors,
-    release_shared_factors,
-)
+from .config import AdapterConfig, as_config, method_of
+from .layers import AdaptedLinear, Slice
+from .merge import adapted_layers, combine_shared_factors, has_shared_bases, merge, release_shared_factors, unmerge
 
-Method = Union[NOLAConfig, LoRAConfig, str]
+Method = Union[AdapterConfig, str]
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 STATE_ATTRIBUTE = "nola_adapter"
 
+__all__ = ["AdapterState", "InjectionPlan", "LayerPlan", "adapted_layers", "adapter_state", "count_parameters",
+           "find_targets", "inject", "merge", "plan_injection", "set_quantization_aware", "unmerge"]
+
 
 @dataclass
 class AdapterState:
-    """What ``inject`` attached to a model: its method/config, the adapted layer names and the basis bank."""
+    """What ``inject`` attached to a model: its config, the adapted layer names and the basis bank."""
 
-    config: Union[AdapterConfig, str]
+    config: AdapterConfig
     layers: Dict[str, Tuple[Slice, ...]]
     bank: Optional[BasisBank] = None
+    plan: Optional[InjectionPlan] = None
 
     @property
     def method(self) -> str:
-        return self.config if isinstance(self.config, str) else self.config.method
+        return self.config.method
 
     def config_dict(self) -> Union[str, dict]:
-        """The config as adapter files store it: the method string, or the config's ``to_dict()``."""
-        return self.config if isinstance(self.config, str) else self.config.to_dict()
+        """The config as adapter files store it: a plain method's name, or the config's ``to_dict()``."""
+        return self.config.serialize()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One target: its slices, in/out features, the bases it will use and the shapes of its trained tensors."""
+
+    name: str
+    in_features: int
+    out_features: int
+    slices: Tuple[Slice, ...]
+    basis_specs: Tuple[BasisSpec, ...]
+    tensor_shapes: Dict[str, Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    """Everything ``inject(model, config)`` will do, computed without changing the model."""
+
+    config: AdapterConfig
+    layers: Dict[str, LayerPlan]
+    # Every trained tensor by full parameter name: adapter tensors, then the head (every parameter for "full").
+    trained_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    head_names: Tuple[str, ...] = ()
+
+    def basis_fingerprint(self) -> Optional[str]:
+        """Fingerprint of every random basis the plan uses (None without any)."""
+        specs = [spec for layer in self.layers.values() for spec in layer.basis_specs]
+        return fingerprint(specs) if specs else None
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -99,9 +129,36 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
         slices = sorted(set(slices))
         for (_, end), (start, _) in zip(slices, slices[1:]):
             if start < end:
-                raise ValueError(f"targets overlap on {name}: output slices {slices}; pick either the fused layer or its slices")
+                raise ValueError(f"targets overlap on {name}: output slices {slices}; pick either the fused layer "
+                                 "or its slices")
         resolved[name] = tuple(slices)
     return resolved
+
+
+def plan_injection(model: nn.Module, config: Method) -> InjectionPlan:
+    """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
+    config = as_config(config)
+    layer_cls = method_of(config).layer_cls
+    layers = {}
+    if layer_cls is not None:
+        for name, slices in find_targets(model, list(config.targets)).items():
+            linear = model.get_submodule(name)
+            width = slices[0][1] - slices[0][0]
+            layers[name] = LayerPlan(
+                name, linear.in_features, linear.out_features, slices,
+                tuple(layer_cls.plan_basis_specs(config, name, linear.in_features, width, slices)),
+                {k: tuple(v) for k, v in layer_cls.parameter_shapes(config, linear.in_features, width,
+                                                                     len(slices)).items()})
+    head = classifier_head(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    head_names = tuple(name for name, p in model.named_parameters() if id(p) in head_ids)
+    if config.train_backbone:
+        trained = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    else:
+        trained = {f"{layer}.{param}": shape
+                   for layer, plan in layers.items() for param, shape in plan.tensor_shapes.items()}
+        trained.update({name: tuple(p.shape) for name, p in model.named_parameters() if id(p) in head_ids})
+    return InjectionPlan(config, layers, trained, head_names)
 
 
 def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.Module]:
@@ -123,45 +180,36 @@ def _timm_mlp_forward():
 def inject(model: nn.Module, config: Method) -> nn.Module:
     """Add adapters in place; freeze everything but the adapters and the classifier head.
 
-    ``config`` is a ``NOLAConfig``, a ``LoRAConfig``, ``"linear"`` (train the head only) or ``"full"``
-    (train everything). Nothing is changed when the config or a target is invalid.
+    ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), ``"linear"`` (train the
+    head only) or ``"full"`` (train everything). Nothing is changed when the config or a target is invalid.
     """
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
-        raise ValueError(f"model already has {getattr(model, STATE_ATTRIBUTE).method!r} adapters; inject into a fresh model")
-    if isinstance(config, str):
-        if config not in PLAIN_METHODS:
-            raise ValueError(f"unknown adapter {config!r}; use NOLAConfig, LoRAConfig, or one of {list(PLAIN_METHODS)}")
-        layers: Dict[str, Tuple[Slice, ...]] = {}
-    elif isinstance(config, (NOLAConfig, LoRAConfig)):
-        layers = find_targets(model, config.targets)  # validates before anything changes
-    else:
-        raise TypeError(f"expected NOLAConfig, LoRAConfig, 'linear' or 'full', got {type(config).__name__}")
-
-    full = config == "full"
+        raise ValueError(f"model already has {getattr(model, STATE_ATTRIBUTE).method!r} adapters; inject into a "
+                         "fresh model")
+    plan = plan_injection(model, config)  # validates before anything changes
+    config = plan.config
+    layer_cls = method_of(config).layer_cls
     for parameter in model.parameters():
-        parameter.requires_grad_(full)
+        parameter.requires_grad_(config.train_backbone)
     head = classifier_head(model)
     if head is not None:
         head.requires_grad_(True)
 
-    bank = BasisBank() if isinstance(config, NOLAConfig) else None
-    for name, slices in layers.items():
+    context = layer_cls.injection_context(config) if layer_cls is not None else {}
+    for name, layer in plan.layers.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child_name)
-        if isinstance(config, NOLAConfig):
-            adapted: AdaptedLinear = NOLALinear(base, config, name, slices, bank)
-        else:
-            adapted = LoRALinear(base, config, name, slices)
+        adapted: AdaptedLinear = layer_cls(getattr(parent, child_name), config, name, layer.slices, **context)
         activation = _recomputable_activation(parent, child_name) if config.recompute_activation else None
         if activation is not None:
             adapted.input_activation = activation
             parent.act = nn.Identity()
         setattr(parent, child_name, adapted)
-    if isinstance(config, NOLAConfig) and config.basis == "shared" and layers:
+    if has_shared_bases(model):
         model.register_forward_pre_hook(combine_shared_factors)
         model.register_forward_hook(release_shared_factors, always_call=True)
-    setattr(model, STATE_ATTRIBUTE, AdapterState(config, layers, bank))
+    layers = {name: layer.slices for name, layer in plan.layers.items()}
+    setattr(model, STATE_ATTRIBUTE, AdapterState(config, layers, context.get("bank"), plan))
     return model
 
 
@@ -170,32 +218,10 @@ def adapter_state(model: nn.Module) -> Optional[AdapterState]:
     return getattr(model, STATE_ATTRIBUTE, None)
 
 
-def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
-    """Every adapter layer of the model by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-
-
 def basis_fingerprint(model: nn.Module) -> Optional[str]:
     """Fingerprint of every random basis the model's NOLA layers use (None without NOLA layers)."""
     specs: List[BasisSpec] = [s for layer in adapted_layers(model).values() for s in layer.basis_specs()]
     return fingerprint(specs) if specs else None
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs."""
-    with batched_factors(model):
-        for layer in adapted_layers(model).values():
-            layer.merge()
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge`` so the adapters can train again."""
-    with batched_factors(model):
-        for layer in adapted_layers(model).values():
-            layer.unmerge()
-    return model
-
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:

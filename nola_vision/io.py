@@ -1,11 +1,18 @@
-"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` holding coefficients and head, never bases."""
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` holding coefficients and head, never bases.
+
+The pair is written as one unit (a sibling temporary directory swapped in) and carries checksums: the config
+records a sha256 of the weights file and a sha256 of its own fields, so flipped bytes or an edited ``scale``
+fail to load instead of giving other outputs. Loads are checked against the injection plan
+(``inject.plan_injection``) before the model changes.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -14,22 +21,26 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from . import __version__
-from .basis import GENERATOR_VERSION, fingerprint
-from .config import PLAIN_METHODS, NOLAConfig, config_from_dict
+from .atomic import atomic_directory
+from .basis import GENERATOR_VERSION
+from .config import config_from_dict
 from .inject import (
-    adapter_state,
+    InjectionPlan,
     adapted_layers,
+    adapter_state,
     basis_fingerprint,
     classifier_head,
-    find_targets,
     inject,
+    plan_injection,
 )
-from .layers import LoRALinear, NOLALinear, nola_basis_specs, switch_merged
+from .merge import switch_merged
 from .quantize import SUPPORTED_BITS, dequantize, pack4, quantize, unpack4
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "nola_vision.adapter/1"
+FORMAT = "nola_vision.adapter/2"
+# Format 1 (before checksums) still loads; its files carry no checksums to verify.
+LEGACY_FORMATS = ("nola_vision.adapter/1",)
 PathLike = Union[str, os.PathLike]
 
 
@@ -50,9 +61,9 @@ def num_classes_of(model: nn.Module) -> int:
 
 
 def _trained_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-    """(adapter tensors, head tensors) by full parameter name; "full" saves every parameter as "adapter"."""
+    """(adapter tensors, head tensors) by full parameter name; ``full`` saves every parameter as "adapter"."""
     state = adapter_state(model)
-    if state.method == "full":
+    if state.config.train_backbone:
         return {name: p for name, p in model.named_parameters()}, {}
     adapter = {
         f"{layer_name}.{param_name}": param
@@ -65,11 +76,21 @@ def _trained_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Ten
     return adapter, head_tensors
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so an interrupted save never leaves a half-written file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _document_digest(document: Dict[str, Any]) -> str:
+    """Checksum of every config field (all of them change outputs or what is checked), itself excluded."""
+    fields = {key: value for key, value in document.items() if key != "config_sha256"}
+    return _sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _document_text(document: Dict[str, Any]) -> str:
+    """One top-level key per line, values compact: readable, and small next to 4-bit coefficients."""
+    lines = ",\n".join(f" {json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}"
+                       for key, value in document.items())
+    return "{\n" + lines + "\n}\n"
 
 
 def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
@@ -77,7 +98,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
 
     ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes
     (the head stays float16). Random bases are never saved: the config records seed, generator version
-    and a fingerprint, and ``load_adapter`` regenerates and verifies them.
+    and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
+    existing adapter in ``directory`` together or not at all; other files there are kept.
     """
     state = adapter_state(model)
     if state is None:
@@ -85,6 +107,10 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     adapter, head = _trained_tensors(model)
+    for name, param in {**adapter, **head}.items():
+        if not bool(torch.isfinite(param.detach()).all()):
+            raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
+                             "(train again with a lower learning rate)")
     float_dtype = torch.float32 if bits == 32 else torch.float16
     tensors: Dict[str, Tensor] = {}
     quantization: Dict[str, List[float]] = {}
@@ -97,11 +123,12 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         codes, minimum, step = quantize(param.cpu(), stored_bits[name])
         tensors[name] = pack4(codes) if stored_bits[name] == 4 else codes
         quantization[name] = [minimum, step, stored_bits[name]]
-    config = state.config_dict()
-    document = {
+    metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
+    weights = save_safetensors_bytes(tensors, metadata=metadata)
+    document: Dict[str, Any] = {
         "format": FORMAT,
         "method": state.method,
-        "config": config,
+        "config": state.config_dict(),
         "backbone": architecture_name(model),
         "num_classes": num_classes_of(model),
         "layers": {
@@ -113,15 +140,13 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "library_version": __version__,
         "generator_version": GENERATOR_VERSION,
         "basis_fingerprint": basis_fingerprint(model),
+        "weights_sha256": _sha256(weights),
     }
-    metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata=metadata))
-    # One top-level key per line, values compact: readable, and small next to 4-bit coefficients.
-    lines = ",\n".join(f" {json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}" for key, value in document.items())
-    _atomic_write(out / CONFIG_NAME, ("{\n" + lines + "\n}\n").encode())
-    return out
+    document["config_sha256"] = _document_digest(document)
+    with atomic_directory(directory) as tmp:
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
+        (tmp / CONFIG_NAME).write_text(_document_text(document))
+    return Path(directory)
 
 
 def adapter_size_bytes(directory: PathLike) -> int:
@@ -129,154 +154,205 @@ def adapter_size_bytes(directory: PathLike) -> int:
     return sum((Path(directory) / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
-def read_adapter(directory: PathLike) -> Tuple[dict, Dict[str, Tensor], dict]:
-    """The config document, the raw stored tensors and the quantisation table of an adapter directory."""
-    root = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (root / name).is_file():
-            raise AdapterLoadError(f"{root / name} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_layer(value: Any) -> bool:
+    slices = value.get("slices") if isinstance(value, dict) else None
+    return (_is_int(value.get("in")) and _is_int(value.get("out")) and isinstance(slices, list) and bool(slices)
+            and all(isinstance(s, list) and len(s) == 2 and all(_is_int(i) for i in s) for s in slices))
+
+
+# Every field of the config document: (check, what it must be). Checked before anything is built.
+_SCHEMA = {
+    "method": (lambda v: isinstance(v, str), "a method name"),
+    "config": (lambda v: isinstance(v, (str, dict)), "a method name or a config object"),
+    "backbone": (lambda v: isinstance(v, str), "a timm architecture name"),
+    "num_classes": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "layers": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_layer(x) for k, x in v.items()),
+               'an object {layer name: {"in": int, "out": int, "slices": [[start, end], ...]}}'),
+    "head": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of tensor names"),
+    "bits": (lambda v: v in SUPPORTED_BITS and _is_int(v), f"one of {SUPPORTED_BITS}"),
+    "generator_version": (lambda v: isinstance(v, str), "a string"),
+    "library_version": (lambda v: isinstance(v, str), "a string"),
+    "basis_fingerprint": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+_CHECKSUMS = {name: (lambda v: isinstance(v, str), "a sha256 hex string")
+              for name in ("weights_sha256", "config_sha256")}
+
+
+def _read_document(path: Path) -> dict:
+    """The config document, with every field's type checked: a damaged or hand-edited file fails here, clearly."""
     try:
-        document = json.loads((root / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterLoadError(f"{root / CONFIG_NAME} is not valid JSON ({error}); the file is truncated or was edited") from error
-    if document.get("format") != FORMAT:
-        raise AdapterLoadError(f"{root / CONFIG_NAME} has format {document.get('format')!r}, expected {FORMAT!r}")
-    raw = (root / WEIGHTS_NAME).read_bytes()
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, *LEGACY_FORMATS):
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise AdapterLoadError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    schema = {**_SCHEMA, **(_CHECKSUMS if document["format"] == FORMAT else {})}
+    for key, (valid, what) in schema.items():
+        if key not in document:
+            raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
+                                   "adapter again")
+        if not valid(document[key]):
+            raise AdapterLoadError(f"{path}: field {key!r} must be {what}, got {document[key]!r} "
+                                   f"({type(document[key]).__name__}); the file was edited or damaged")
+    return document
+
+
+def _read_weights(path: Path, document: dict) -> Tuple[Dict[str, Tensor], dict]:
+    """The stored tensors and quantisation table, after checking the file's sha256 against the config's."""
+    raw = path.read_bytes()
+    expected = document.get("weights_sha256")
+    if expected is not None and _sha256(raw) != expected:
+        raise AdapterLoadError(f"{path} is truncated or corrupt: its sha256 differs from the one recorded in "
+                               f"{CONFIG_NAME}; save the adapter again")
     try:
         tensors = load_safetensors_bytes(raw)
         header_size = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8 : 8 + header_size]).get("__metadata__", {})
-    except (SafetensorError, ValueError, json.JSONDecodeError) as error:
-        raise AdapterLoadError(f"{root / WEIGHTS_NAME} is truncated or corrupt ({error}); save the adapter again") from error
-    return document, tensors, json.loads(metadata.get("quantization", "{}"))
+        quantization = json.loads(metadata.get("quantization", "{}"))
+    except (SafetensorError, ValueError, AttributeError, json.JSONDecodeError) as error:
+        raise AdapterLoadError(f"{path} is truncated or corrupt ({error}); save the adapter again") from error
+    return tensors, quantization
+
+
+def read_adapter(directory: PathLike) -> Tuple[dict, Dict[str, Tensor], dict]:
+    """The checked config document, the raw stored tensors and the quantisation table of an adapter directory."""
+    root = _adapter_root(directory)
+    document = _read_document(root / CONFIG_NAME)
+    return (document, *_read_weights(root / WEIGHTS_NAME, document))
+
+
+def _adapter_root(directory: PathLike) -> Path:
+    root = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (root / name).is_file():
+            raise AdapterLoadError(f"{root / name} is missing: an adapter directory holds {CONFIG_NAME} and "
+                                   f"{WEIGHTS_NAME} (written by save_adapter)")
+    return root
 
 
 def _decode(tensors: Dict[str, Tensor], quantization: dict, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tensor]:
-    """Float32 values of every stored tensor, dequantised and reshaped to the model's shapes."""
+    """Float32 values of every stored tensor, dequantised and reshaped to the plan's shapes.
+
+    Sizes are compared before anything is unpacked, and non-finite values are refused.
+    """
+    unexpected = sorted(set(tensors) - set(shapes))
+    if unexpected:
+        raise AdapterLoadError(f"the file holds tensor {unexpected[0]!r}, which this model does not have")
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise AdapterLoadError(f"{WEIGHTS_NAME} lacks tensors {missing[:4]}; the file is incomplete")
     values = {}
     for name, stored in tensors.items():
-        shape = shapes.get(name)
-        if shape is None:
-            raise AdapterLoadError(f"the file holds tensor {name!r}, which this model does not have")
+        shape = shapes[name]
+        numel = math.prod(shape)
         if name in quantization:
-            minimum, step, bits = quantization[name]
-            numel = int(torch.Size(shape).numel())
-            codes = unpack4(stored, numel) if bits == 4 else stored
-            if codes.numel() != numel:
-                raise AdapterLoadError(f"tensor {name} holds {codes.numel()} values in the file but the model needs {numel}")
-            stored = dequantize(codes, minimum, step)
-        if stored.numel() != torch.Size(shape).numel():
-            raise AdapterLoadError(f"tensor {name} has shape {tuple(stored.shape)} in the file but {shape} in the model")
-        values[name] = stored.float().reshape(shape)
+            entry = quantization[name]
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[2] in (8, 4)):
+                raise AdapterLoadError(f"tensor {name}: quantisation entry {entry!r} is not [minimum, step, 8 or 4]")
+            minimum, step, bits = entry
+            stored_numel = (numel + 1) // 2 if bits == 4 else numel
+            if stored.dtype != torch.uint8 or stored.numel() != stored_numel:
+                raise AdapterLoadError(f"tensor {name} holds {stored.numel()} {bits}-bit codes in the file but the "
+                                       f"model needs {numel} values of shape {shape}")
+            stored = dequantize(unpack4(stored, numel) if bits == 4 else stored, minimum, step)
+        elif stored.numel() != numel:
+            raise AdapterLoadError(f"tensor {name} has shape {tuple(stored.shape)} in the file but {shape} in the "
+                                   "model")
+        value = stored.float().reshape(shape)
+        if not bool(torch.isfinite(value).all()):
+            raise AdapterLoadError(f"tensor {name} holds NaN or Inf values; the adapter is damaged or diverged")
+        values[name] = value
     return values
 
 
-def _check_compatible(model: nn.Module, document: dict) -> None:
-    """Raise AdapterLoadError naming what differs between the adapter and the model; changes nothing."""
+def _check_model(model: nn.Module, document: dict) -> None:
+    """Architecture and class count: the two things a user fixes by creating another model."""
     backbone, model_arch = document["backbone"], architecture_name(model)
     if backbone != model_arch:
-        raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the model with timm.create_model({backbone!r}, ...)")
+        raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
+                               f"model with timm.create_model({backbone!r}, ...)")
     if document["num_classes"] != num_classes_of(model):
         raise AdapterLoadError(
             f"adapter has a {document['num_classes']}-class head but the model has {num_classes_of(model)} classes: "
             f"create the model with num_classes={document['num_classes']}"
         )
-    method = document["method"]
+
+
+def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
+    """The injection plan the file must fit: the model's own (already injected) or a fresh one."""
+    try:
+        config = config_from_dict(document["config"])
+    except (TypeError, ValueError) as error:
+        raise AdapterLoadError(f"the adapter config {document['config']!r} is not valid: {error}") from error
+    if config.method != document["method"]:
+        raise AdapterLoadError(f"the file says method {document['method']!r} but its config is {config.method!r}")
     state = adapter_state(model)
     if state is not None:
-        current = state.config_dict()
-        if current != document["config"]:
-            raise AdapterLoadError(f"model already has adapters with config {current}, the file has {document['config']}; load onto a fresh model")
-        return
-    if method in PLAIN_METHODS:
-        return
-    config = config_from_dict(document["config"])
+        if state.config_dict() != document["config"]:
+            raise AdapterLoadError(f"model already has adapters with config {state.config_dict()}, the file has "
+                                   f"{document['config']}; load onto a fresh model")
+        return state.plan
     try:
-        layers = find_targets(model, config.targets)
+        return plan_injection(model, config)
     except ValueError as error:
         raise AdapterLoadError(f"adapter targets do not fit this model: {error}") from error
-    stored = {name: [tuple(s) for s in layer["slices"]] for name, layer in document["layers"].items()}
-    if {name: list(slices) for name, slices in layers.items()} != stored:
-        missing = sorted(set(stored) - set(layers))
-        raise AdapterLoadError(f"adapter layers differ from the model's: the model lacks {missing[:4]} (and/or slices differ)")
-    for name, layer in document["layers"].items():
-        linear = model.get_submodule(name)
-        in_features, out_features = layer["in"], layer["out"]
-        if (linear.in_features, linear.out_features) != (in_features, out_features):
+
+
+def _check_layers(plan: InjectionPlan, document: dict) -> None:
+    """Every adapted layer of the file exists in the plan with the same in/out features and slices."""
+    stored = document["layers"]
+    for name in sorted(set(stored) | set(plan.layers)):
+        if name not in plan.layers:
+            raise AdapterLoadError(f"the adapter adapts layer {name}, which the model's targets do not give")
+        if name not in stored:
+            raise AdapterLoadError(f"the model's targets give layer {name}, which the adapter file lacks")
+        layer, want = stored[name], plan.layers[name]
+        file_shape = (layer["in"], layer["out"], [tuple(s) for s in layer["slices"]])
+        model_shape = (want.in_features, want.out_features, list(want.slices))
+        if file_shape != model_shape:
             raise AdapterLoadError(
-                f"layer {name} is {linear.in_features}→{linear.out_features} in the model but {in_features}→{out_features} in the adapter"
+                f"layer {name} is {want.in_features}→{want.out_features} (slices {list(want.slices)}) in the model "
+                f"but {layer['in']}→{layer['out']} (slices {file_shape[2]}) in the adapter: create the model with "
+                "the architecture and sizes the adapter was trained on"
             )
-
-
-def _expected_fingerprint(document: dict) -> Optional[str]:
-    if document["method"] != "nola":
-        return None
-    config = config_from_dict(document["config"])
-    assert isinstance(config, NOLAConfig)
-    specs = []
-    for name, layer in document["layers"].items():
-        slices = [tuple(s) for s in layer["slices"]]
-        specs_a, specs_b = nola_basis_specs(config, name, layer["in"], slices[0][1] - slices[0][0], slices)
-        specs.extend(specs_a + specs_b)
-    return fingerprint(specs)
-
-
-def _expected_shapes(model: nn.Module, document: dict) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every tensor the file must hold, derived from the model and config without changing the model."""
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    if document["method"] in PLAIN_METHODS:
-        return shapes
-    config = config_from_dict(document["config"])
-    layer_class = NOLALinear if config.method == "nola" else LoRALinear
-    for name, layer in document["layers"].items():
-        slices = layer["slices"]
-        width = slices[0][1] - slices[0][0]
-        for param, shape in layer_class.parameter_shapes(config, layer["in"], width, len(slices)).items():
-            shapes[f"{name}.{param}"] = tuple(shape)
-    return shapes
-
-
-def _required_tensors(model: nn.Module, document: dict) -> List[str]:
-    """Names the file must hold: the head, plus every adapter tensor (every parameter for "full")."""
-    if document["method"] == "full":
-        return [name for name, _ in model.named_parameters()]
-    if document["method"] == "linear":
-        return list(document["head"])
-    config = config_from_dict(document["config"])
-    names = list(document["head"])
-    for layer_name in document["layers"]:
-        names += [f"{layer_name}.{param}" for param in (NOLALinear if config.method == "nola" else LoRALinear).adapter_parameter_names]
-    return names
 
 
 def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load a saved adapter onto a base model of the same architecture (injecting it if needed).
 
-    Everything is checked before the model changes: architecture, class count, layer shapes, and the
-    fingerprint of the regenerated random bases against the one stored at save time. On a merged model
-    with the same adapter config, it switches tasks in place (W += ΔW_new − ΔW_old) and stays merged.
+    Everything is checked before the model changes: the file's fields and checksums, architecture, class
+    count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, and
+    finite values. On a merged model with the same adapter config, it switches tasks in place
+    (W += ΔW_new − ΔW_old) and stays merged.
     """
-    document, tensors, quantization = read_adapter(directory)
-    _check_compatible(model, document)
-    if document["generator_version"] != GENERATOR_VERSION and document["method"] == "nola":
+    root = _adapter_root(directory)
+    document = _read_document(root / CONFIG_NAME)
+    _check_model(model, document)
+    plan = _plan_for(model, document)
+    _check_layers(plan, document)
+    expected = plan.basis_fingerprint()
+    if expected is not None and document["generator_version"] != GENERATOR_VERSION:
         raise AdapterLoadError(
             f"adapter bases come from generator {document['generator_version']!r}, this nola_vision has "
             f"{GENERATOR_VERSION!r}: install the nola_vision version {document['library_version']} that wrote it"
         )
-    expected = _expected_fingerprint(document)
     if expected != document["basis_fingerprint"]:
         raise AdapterLoadError(
             f"basis fingerprint mismatch: the file says {document['basis_fingerprint']}, regenerated bases give "
             f"{expected}; the bases (seed, shapes or generator) differ from those the adapter was trained with"
         )
-    shapes = _expected_shapes(model, document)
-    required = _required_tensors(model, document)
-    missing = sorted(set(required) - set(tensors))
-    if missing:
-        raise AdapterLoadError(f"{WEIGHTS_NAME} lacks tensors {missing[:4]}; the file is incomplete")
-    values = _decode(tensors, quantization, shapes)
+    if document["format"] == FORMAT and _document_digest(document) != document["config_sha256"]:
+        raise AdapterLoadError(f"{root / CONFIG_NAME} was edited or damaged after it was saved: its checksum (which "
+                               "covers scale, init, targets, slices, bits and every other field) does not match; "
+                               "save the adapter again")
+    tensors, quantization = _read_weights(root / WEIGHTS_NAME, document)
+    values = _decode(tensors, quantization, plan.trained_shapes)
     if adapter_state(model) is None:
-        config = document["config"] if document["method"] in PLAIN_METHODS else config_from_dict(document["config"])
-        inject(model, config)
+        inject(model, plan.config)
     switch_merged(model, values)  # plain copies; a merged model switches tasks in place and stays merged
     return model

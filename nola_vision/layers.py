@@ -1,26 +1,32 @@
 """Adapter layers: a frozen ``nn.Linear`` plus a low-rank update on whole or sliced output features.
 
 ``NOLALinear`` and ``LoRALinear`` share one forward, merge and slice mechanism; they differ only in how
-they produce the factors A (in×r) and B (r×width) of each slice.
+they produce the factors A (in×r) and B (r×width) of each slice. A layer class also says, before it exists,
+which tensors it trains and which bases it uses (``parameter_shapes``, ``plan_basis_specs``), so an
+injection plan can be computed and checked without building anything. Model-wide work (shared-basis
+batching, merge, task switching) lives in ``merge.py``.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
-from typing import Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .basis import BasisBank, BasisSpec, combine_bases, portable_uniform
-from .config import LoRAConfig, NOLAConfig
+from .basis import BasisBank, BasisSpec, basis_streams, combine_bases, portable_uniform
 from .quantize import fake_quantize
+
+if TYPE_CHECKING:
+    from .methods.lora import LoRAConfig
+    from .methods.nola import NOLAConfig
 
 Slice = Tuple[int, int]
 
 
-def _full_precision(device: torch.device):
+def full_precision(device: torch.device):
     """Disable autocast: coefficient combinations are tiny and must not cast the large bases every step."""
     is_available = getattr(torch, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
     return torch.autocast(device_type=device.type, enabled=False) if is_available(device.type) else nullcontext()
@@ -53,6 +59,35 @@ class AdaptedLinear(nn.Module):
         self.input_activation: Optional[nn.Module] = None
         # Quantisation-aware training: forward sees the values that save_adapter(bits=...) would store.
         self.quant_bits: Optional[int] = None
+        # Combined factors of the current forward pass, set by merge.combine_shared_factors (see there).
+        self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
+
+    @classmethod
+    def parameter_shapes(cls, config: Any, in_features: int, width: int, num_slices: int) -> Dict[str, Tuple[int, ...]]:
+        """Shapes of the trained tensors by parameter name, known before the layer exists."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_basis_specs(cls, config: Any, name: str, in_features: int, width: int,
+                         slices: Sequence[Slice]) -> Tuple[BasisSpec, ...]:
+        """The random bases the layer will use (none by default), known before it exists."""
+        return ()
+
+    @classmethod
+    def injection_context(cls, config: Any) -> Dict[str, Any]:
+        """Keyword arguments shared by every layer of one injection (e.g. NOLA's basis bank)."""
+        return {}
+
+    def shared_coefficients(self) -> List[Tuple[BasisSpec, str]]:
+        """(shared basis, coefficient parameter name) pairs that model-wide batching may combine for this layer.
+
+        A layer that returns any also has ``bank`` (a ``BasisBank``) and ``shared_chunk``; its factors are
+        the combined rows, in this order, viewed by ``as_factors``.
+        """
+        return []
+
+    def basis_specs(self) -> Tuple[BasisSpec, ...]:
+        return ()
 
     def trained(self, name: str, value: Optional[Tensor] = None) -> Tensor:
         """An adapter parameter (or a ``value`` for it) as the forward pass uses it.
@@ -68,7 +103,7 @@ class AdaptedLinear(nn.Module):
 
     def delta_factors(self) -> Tuple[Tensor, Tensor]:
         """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out)."""
-        a, b = self.factors()
+        a, b = self.factors() if self.batched_factors is None else self.batched_factors
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
         if self.slices == ((0, self.out_features),):
@@ -166,22 +201,6 @@ class _RecomputedInputDelta(torch.autograd.Function):
         return grad, grad_x, None, grad_a, grad_b, None
 
 
-def nola_basis_specs(
-    config: NOLAConfig, name: str, in_features: int, width: int, slices: Sequence[Slice]
-) -> Tuple[Tuple[BasisSpec, ...], Tuple[BasisSpec, ...]]:
-    """The bases of A and B for one adapted layer: one spec for all slices when shared, one per slice otherwise."""
-    shape_a, shape_b = (in_features, config.rank), (config.rank, width)
-    if config.basis == "shared":
-        # Keyed by factor shape only: every layer (and slice) of that shape uses the same bases.
-        streams_a, streams_b = [f"A/{in_features}x{config.rank}"], [f"B/{config.rank}x{width}"]
-    else:
-        streams_a = [f"{name}/{start}:{end}/A" for start, end in slices]
-        streams_b = [f"{name}/{start}:{end}/B" for start, end in slices]
-    specs_a = tuple(BasisSpec(config.seed, stream, shape_a, config.num_basis_a) for stream in streams_a)
-    specs_b = tuple(BasisSpec(config.seed, stream, shape_b, config.num_basis_b) for stream in streams_b)
-    return specs_a, specs_b
-
-
 class NOLALinear(AdaptedLinear):
     """NOLA: A = Σ αᵢAᵢ and B = Σ βⱼBⱼ over frozen random bases; only α (k) and β (l) per slice train."""
 
@@ -199,131 +218,63 @@ class NOLALinear(AdaptedLinear):
         bank: Optional[BasisBank] = None,
     ) -> None:
         super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
-        k, l = config.num_basis_a, config.num_basis_b
+        k, l = config.num_basis_a, config.num_basis_b  # noqa: E741 (the paper's k and l)
         self.basis = config.basis
         self.bank = bank if bank is not None else BasisBank()
-        self.specs_a, self.specs_b = nola_basis_specs(config, name, self.in_features, self.width, self.slices)
+        self.specs_a, self.specs_b = self._specs(config, name, self.in_features, self.width, self.slices)
         shapes = self.parameter_shapes(config, self.in_features, self.width, len(self.slices))
         self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, device=base.weight.device))
         beta = 0.0 if config.init == "zero_delta" else 1.0 / l
         self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, device=base.weight.device))
-        # Combined factors of the current forward pass, set by combine_shared_factors (see there).
-        self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
+
+    @classmethod
+    def parameter_shapes(cls, config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
+        return {"nola_alpha": (num_slices, config.num_basis_a), "nola_beta": (num_slices, config.num_basis_b)}
 
     @staticmethod
-    def parameter_shapes(config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
-        """Shapes of the trained tensors, known before the layer exists (for checking adapter files)."""
-        return {"nola_alpha": (num_slices, config.num_basis_a), "nola_beta": (num_slices, config.num_basis_b)}
+    def _specs(config: NOLAConfig, name: str, in_features: int, width: int,
+               slices: Sequence[Slice]) -> Tuple[Tuple[BasisSpec, ...], Tuple[BasisSpec, ...]]:
+        """The bases of A and B: one spec for all slices when shared, one per slice otherwise."""
+        streams_a, streams_b = basis_streams(config.basis, name, in_features, config.rank, width, slices)
+        specs_a = tuple(BasisSpec(config.seed, s, (in_features, config.rank), config.num_basis_a) for s in streams_a)
+        specs_b = tuple(BasisSpec(config.seed, s, (config.rank, width), config.num_basis_b) for s in streams_b)
+        return specs_a, specs_b
+
+    @classmethod
+    def plan_basis_specs(cls, config: NOLAConfig, name: str, in_features: int, width: int,
+                         slices: Sequence[Slice]) -> Tuple[BasisSpec, ...]:
+        specs_a, specs_b = cls._specs(config, name, in_features, width, slices)
+        return specs_a + specs_b
+
+    @classmethod
+    def injection_context(cls, config: NOLAConfig) -> Dict[str, Any]:
+        return {"bank": BasisBank()}  # one bank per model: each shared basis is held once per device
+
+    def shared_coefficients(self) -> List[Tuple[BasisSpec, str]]:
+        if self.basis != "shared":
+            return []
+        return [(self.specs_a[0], "nola_alpha"), (self.specs_b[0], "nola_beta")]
 
     def _combine(self, coefficients: Tensor, specs: Tuple[BasisSpec, ...]) -> Tensor:
         if self.basis == "shared":
-            return combine_bases(coefficients, specs[0], self.bank.get(specs[0], coefficients.device), self.shared_chunk)
+            codes = self.bank.get(specs[0], coefficients.device)
+            return combine_bases(coefficients, specs[0], codes, self.shared_chunk)
         return torch.cat([combine_bases(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
 
     def factors(self) -> Tuple[Tensor, Tensor]:
-        if self.batched_factors is not None:
-            return self.batched_factors
-        with _full_precision(self.nola_alpha.device):
+        with full_precision(self.nola_alpha.device):
             a = self._combine(self.trained("nola_alpha"), self.specs_a)
             b = self._combine(self.trained("nola_beta"), self.specs_b)
-        return _as_factors(self, a, b)
+        return as_factors(self, a, b)
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
         return self.specs_a + self.specs_b
 
 
-def _combine_grouped(entries: list) -> list:
-    """Rows of ``coefficients @ bases`` for (layer, spec, coefficients) entries, one combination per basis."""
-    groups: dict = {}
-    for index, (_, spec, coefficients) in enumerate(entries):
-        groups.setdefault((spec, coefficients.device), []).append(index)
-    rows: list = [None] * len(entries)
-    for (spec, device), indices in groups.items():
-        bank = entries[indices[0]][0].bank
-        with _full_precision(device):
-            coefficients = torch.cat([entries[i][2] for i in indices])
-            combined = combine_bases(coefficients, spec, bank.get(spec, device), NOLALinear.shared_chunk)
-        for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
-            rows[i] = part
-    return rows
-
-
-def _shared_layers(model: nn.Module, include_merged: bool) -> list:
-    return [
-        layer
-        for layer in model.modules()
-        if isinstance(layer, NOLALinear) and layer.basis == "shared" and (include_merged or not layer.merged)
-    ]
-
-
-def _as_factors(layer: "NOLALinear", a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:
+def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:
+    """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
-
-
-def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
-    """Forward pre-hook: combine the coefficients of all layers that share a basis in one matmul per basis.
-
-    Twelve ViT blocks then read (and decode) each shared basis once per step instead of twelve times, in
-    forward and in backward. Layers called outside the model's forward combine their own factors.
-    """
-    layers = _shared_layers(model, include_merged)
-    for layer in layers:
-        layer.batched_factors = None
-    entries = [(layer, spec, layer.trained(name)) for layer in layers
-               for spec, name in ((layer.specs_a[0], "nola_alpha"), (layer.specs_b[0], "nola_beta"))]
-    rows = _combine_grouped(entries)
-    for i, layer in enumerate(layers):
-        layer.batched_factors = _as_factors(layer, rows[2 * i], rows[2 * i + 1])
-
-
-@torch.no_grad()
-def switch_merged(model: nn.Module, values: dict) -> None:
-    """Copy new adapter values (by parameter name) into a merged model, applying W += ΔW_new − ΔW_old.
-
-    Old and new coefficients of all shared-basis layers are combined in one pass over each basis, so
-    switching a live ViT-B between tasks touches each weight once and decodes each basis once.
-    """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.merged}
-    shared = [(n, m) for n, m in layers.items() if isinstance(m, NOLALinear) and m.basis == "shared"]
-    entries = []
-    for prefix, layer in shared:
-        for spec, name in ((layer.specs_a[0], "nola_alpha"), (layer.specs_b[0], "nola_beta")):
-            new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
-            entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
-    rows = _combine_grouped(entries)
-    changes = {}
-    for i, (_, layer) in enumerate(shared):
-        old_a, new_a, old_b, new_b = rows[4 * i : 4 * i + 4]
-        layer.batched_factors = _as_factors(layer, old_a, old_b)
-        old = layer.delta_factors()
-        layer.batched_factors = _as_factors(layer, new_a, new_b)
-        changes[id(layer)] = (old, layer.delta_factors())
-        layer.batched_factors = None
-    others = {id(m): m.delta_factors() for m in layers.values() if id(m) not in changes}
-    parameters = dict(model.named_parameters())
-    for name, value in values.items():
-        parameters[name].copy_(value)
-    for layer in layers.values():
-        old, new = changes.get(id(layer)) or (others[id(layer)], layer.delta_factors())
-        layer.replace_merged_delta(old, new)
-
-
-def release_shared_factors(model: nn.Module, *_: object) -> None:
-    """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it."""
-    for layer in model.modules():
-        if isinstance(layer, NOLALinear):
-            layer.batched_factors = None
-
-
-@contextmanager
-def batched_factors(model: nn.Module):
-    """Within this block every shared-basis NOLA layer's factors come from one combination per basis."""
-    combine_shared_factors(model, include_merged=True)
-    try:
-        yield
-    finally:
-        release_shared_factors(model)
 
 
 class LoRALinear(AdaptedLinear):
@@ -331,24 +282,23 @@ class LoRALinear(AdaptedLinear):
 
     adapter_parameter_names = ("lora_A", "lora_B")
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None) -> None:
+    def __init__(
+        self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None
+    ) -> None:
         super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
         num_slices, rank = len(self.slices), config.rank
         shapes = self.parameter_shapes(config, self.in_features, self.width, num_slices)
         # kaiming_uniform_(a=√5) of a (rank, in) weight has bound 1/√in; drawn from the portable generator.
-        a = portable_uniform(config.seed, f"{name}/lora_A", num_slices * rank * self.in_features, 1 / math.sqrt(self.in_features))
+        bound = 1 / math.sqrt(self.in_features)
+        a = portable_uniform(config.seed, f"{name}/lora_A", num_slices * rank * self.in_features, bound)
         a = a.view(num_slices, rank, self.in_features).transpose(1, 2).contiguous()
         assert a.shape == shapes["lora_A"]
         self.lora_A = nn.Parameter(a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], device=base.weight.device))
 
-    @staticmethod
-    def parameter_shapes(config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:
-        """Shapes of the trained tensors, known before the layer exists (for checking adapter files)."""
+    @classmethod
+    def parameter_shapes(cls, config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:
         return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
 
     def factors(self) -> Tuple[Tensor, Tensor]:
         return self.trained("lora_A").float(), self.trained("lora_B").float()
-
-    def basis_specs(self) -> Tuple[BasisSpec, ...]:
-        return ()

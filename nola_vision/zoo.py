@@ -7,11 +7,17 @@ from dataclasses import fields
 from typing import Any, Callable, Dict, Optional
 
 import timm
-from timm.models import is_model, model_entrypoint, register_model
-from timm.models._registry import _model_default_cfgs, split_model_name_tag
+from timm.models import (
+    generate_default_cfgs,
+    get_arch_pretrained_cfgs,
+    is_model,
+    model_entrypoint,
+    register_model,
+    split_model_name_tag,
+)
 from torch import nn
 
-from .config import NOLAConfig
+from .config import get_method
 from .inject import Method, inject
 
 # Base architecture → NOLA defaults. ViT-L uses rank 1, as in the paper (98,304 coefficients at k=l=1024).
@@ -23,6 +29,7 @@ NOLA_VARIANTS: Dict[str, Dict[str, Any]] = {
     "vit_small_patch14_dinov2": {},
 }
 NOLA_SUFFIX = "_nola"
+METHOD = "nola"
 
 # timm reads pretrained cfgs of registered models from this module attribute.
 default_cfgs: Dict[str, Any] = {}
@@ -57,19 +64,20 @@ def create_model(model_name: str, adapter: Optional[Method] = None, **kwargs: An
     return model
 
 
-def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> NOLAConfig:
-    """Pop ``nola_config`` or ``nola_<field>`` keyword arguments into a NOLAConfig."""
+def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> Any:
+    """Pop ``nola_config`` or ``nola_<field>`` keyword arguments into the registered NOLA config."""
+    config_cls = get_method(METHOD).config_cls
     config = kwargs.pop("nola_config", None)
-    overrides = {f.name: kwargs.pop(f"nola_{f.name}") for f in fields(NOLAConfig) if f"nola_{f.name}" in kwargs}
+    overrides = {f.name: kwargs.pop(f"nola_{f.name}") for f in fields(config_cls) if f"nola_{f.name}" in kwargs}
     unknown = sorted(k for k in kwargs if k.startswith("nola_"))
     if unknown:
-        valid = [f"nola_{f.name}" for f in fields(NOLAConfig)]
+        valid = [f"nola_{f.name}" for f in fields(config_cls)]
         raise TypeError(f"unknown NOLA arguments {unknown}; valid ones are {valid} and nola_config")
     if config is not None:
         if overrides:
             raise TypeError("pass either nola_config or nola_<field> arguments, not both")
         return config
-    return NOLAConfig(**{**defaults, **overrides})
+    return config_cls(**{**defaults, **overrides})
 
 
 def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Module]:
@@ -90,8 +98,9 @@ def _register_variants() -> None:
     module = sys.modules[__name__]
     for base, defaults in NOLA_VARIANTS.items():
         name = base + NOLA_SUFFIX
-        if base in _model_default_cfgs:
-            default_cfgs[name] = _model_default_cfgs[base]  # same pretrained tags and weights as the base
+        # Same pretrained tags and weights as the base (the copies keep the base's hub ids).
+        tagged = {name + key[len(base):]: cfg for key, cfg in get_arch_pretrained_cfgs(base).items()}
+        default_cfgs.update(generate_default_cfgs(tagged))
         entrypoint = _make_entrypoint(base, defaults)
         setattr(module, name, entrypoint)
         if not is_model(name):

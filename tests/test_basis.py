@@ -6,7 +6,15 @@ import sys
 import pytest
 import torch
 
-from nola_vision.basis import BasisBank, BasisSpec, basis_codes, combine_bases, fingerprint, portable_uniform, random_bits
+from nola_vision.basis import (
+    BasisBank,
+    BasisSpec,
+    basis_codes,
+    combine_bases,
+    fingerprint,
+    portable_uniform,
+    random_bits,
+)
 
 # Codes of the first values of two streams, and LoRA's float32 init bits: any generator change breaks these.
 GOLDEN_A = [13089, 31802, 17533, 22606, 31068, 8642, 5617, 12331]
@@ -32,7 +40,8 @@ def test_bases_identical_in_a_separate_process():
         "import torch; from nola_vision.basis import BasisSpec;"
         "print(BasisSpec(3, 'A/64x2', (64, 2), 8).generate().view(torch.int32).sum().item())"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
     here = BasisSpec(3, "A/64x2", (64, 2), 8).generate().view(torch.int32).sum().item()
     assert runs[0] == runs[1] == f"{here}\n"
 

@@ -4,10 +4,10 @@ import copy
 import pytest
 import timm
 import torch
+from tiny_models import tiny_vit
 
 import nola_vision as nv
 from nola_vision.inject import adapter_state
-from tiny_models import tiny_vit
 
 
 def nola_mlp(rank, k):
@@ -53,7 +53,8 @@ def test_inject_freezes_backbone_and_keeps_head_trainable():
 
 
 def test_merged_logits_equal_unmerged_and_unmerge_restores_weights(images):
-    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]))
+    targets = ["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=targets))
     original = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     with torch.no_grad():
         for layer in nv.adapted_layers(model).values():
@@ -233,7 +234,8 @@ def test_model_to_device_and_dtype_keeps_shared_bases_and_works(images):
 def test_batched_shared_factors_equal_per_layer_factors(images):
     # model(x) combines all layers' coefficients per shared basis at once; calling the parts directly
     # bypasses that hook and combines layer by layer. Outputs and gradients must agree.
-    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=48, num_basis_b=48, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]))
+    targets = ["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=48, num_basis_b=48, targets=targets))
     trainable = [p for p in model.parameters() if p.requires_grad]
     batched = model(images)
     batched_grads = torch.autograd.grad(batched.logsumexp(-1).sum(), trainable)

@@ -4,11 +4,11 @@ import json
 import pytest
 import timm
 import torch
+from tiny_models import tiny_vit
 
 import nola_vision as nv
 from nola_vision.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 from nola_vision.quantize import dequantize, pack4, quantize, unpack4
-from tiny_models import tiny_vit
 
 CONFIG = nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
 
@@ -24,7 +24,8 @@ def trained(config=CONFIG, num_classes=5):
     return model
 
 
-@pytest.mark.parametrize("config", [CONFIG, nv.LoRAConfig(rank=2), nv.NOLAConfig(num_basis_a=32, num_basis_b=16, basis="per_layer"), "linear"])
+@pytest.mark.parametrize("config", [CONFIG, nv.LoRAConfig(rank=2),
+                                    nv.NOLAConfig(num_basis_a=32, num_basis_b=16, basis="per_layer"), "linear"])
 def test_float32_round_trip_reproduces_logits_exactly(tmp_path, images, config):
     model = trained(config)
     nv.save_adapter(model, tmp_path, bits=32)
@@ -69,6 +70,8 @@ def test_vit_b_nola_file_sizes_fit_the_budget(tmp_path):
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
     model = nv.inject(model.to_empty(device="cpu"), nv.NOLAConfig(rank=4, num_basis_a=1024, num_basis_b=1024))
+    with torch.no_grad():  # to_empty leaves the head uninitialised (possibly NaN, which save_adapter refuses)
+        model.head.weight.zero_(), model.head.bias.zero_()
     assert nv.count_parameters(model)["adapter"] == 49_152
     sizes = {}
     for bits in (16, 4):
@@ -91,7 +94,8 @@ def test_adapter_file_holds_coefficients_and_head_but_no_bases(tmp_path):
 
 def test_loading_onto_another_architecture_says_which(tmp_path):
     nv.save_adapter(trained(), tmp_path)
-    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8, depth=2)
+    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                              depth=2)
     with pytest.raises(AdapterLoadError, match="vit_tiny_patch16_224.*deit_tiny_patch16_224"):
         nv.load_adapter(other, tmp_path)
     assert not nv.adapted_layers(other)

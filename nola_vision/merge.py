@@ -1,0 +1,125 @@
+"""Model-level adapter work: shared-basis batching across layers, merge/unmerge, and switching a merged model's task.
+
+Layers hold per-layer math only (``layers.py``); what needs every adapted layer of a model at once lives here.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .basis import combine_bases
+from .layers import AdaptedLinear, as_factors, full_precision
+
+
+def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
+    """Every adapter layer of the model by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _combine_grouped(entries: list) -> list:
+    """Rows of ``coefficients @ bases`` for (layer, spec, coefficients) entries, one combination per basis."""
+    groups: dict = {}
+    for index, (_, spec, coefficients) in enumerate(entries):
+        groups.setdefault((spec, coefficients.device), []).append(index)
+    rows: list = [None] * len(entries)
+    for (spec, device), indices in groups.items():
+        layer = entries[indices[0]][0]
+        with full_precision(device):
+            coefficients = torch.cat([entries[i][2] for i in indices])
+            combined = combine_bases(coefficients, spec, layer.bank.get(spec, device), layer.shared_chunk)
+        for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
+            rows[i] = part
+    return rows
+
+
+def _shared_layers(model: nn.Module, include_merged: bool) -> List[AdaptedLinear]:
+    return [layer for layer in adapted_layers(model).values()
+            if layer.shared_coefficients() and (include_merged or not layer.merged)]
+
+
+def has_shared_bases(model: nn.Module) -> bool:
+    """Whether any adapted layer uses a shared basis (then ``inject`` installs the batching hooks)."""
+    return bool(_shared_layers(model, include_merged=True))
+
+
+def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
+    """Forward pre-hook: combine the coefficients of all layers that share a basis in one matmul per basis.
+
+    Twelve ViT blocks then read (and decode) each shared basis once per step instead of twelve times, in
+    forward and in backward. Layers called outside the model's forward combine their own factors.
+    """
+    layers = _shared_layers(model, include_merged)
+    for layer in layers:
+        layer.batched_factors = None
+    entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
+    rows = iter(_combine_grouped(entries))
+    for layer in layers:
+        layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
+
+
+def release_shared_factors(model: nn.Module, *_: object) -> None:
+    """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it."""
+    for layer in adapted_layers(model).values():
+        layer.batched_factors = None
+
+
+@contextmanager
+def batched_factors(model: nn.Module) -> Iterator[None]:
+    """Within this block every shared-basis layer's factors come from one combination per basis."""
+    combine_shared_factors(model, include_merged=True)
+    try:
+        yield
+    finally:
+        release_shared_factors(model)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs."""
+    with batched_factors(model):
+        for layer in adapted_layers(model).values():
+            layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge`` so the adapters can train again."""
+    with batched_factors(model):
+        for layer in adapted_layers(model).values():
+            layer.unmerge()
+    return model
+
+
+@torch.no_grad()
+def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
+    """Copy new adapter values (by parameter name) into a model, applying W += ΔW_new − ΔW_old on merged layers.
+
+    Old and new coefficients of all shared-basis layers are combined in one pass over each basis, so
+    switching a live ViT-B between tasks touches each weight once and decodes each basis once. On an
+    unmerged model this is a plain copy.
+    """
+    layers = {name: m for name, m in adapted_layers(model).items() if m.merged}
+    shared = [(n, m) for n, m in layers.items() if m.shared_coefficients()]
+    entries = []
+    for prefix, layer in shared:
+        for spec, name in layer.shared_coefficients():
+            new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
+            entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
+    rows = iter(_combine_grouped(entries))
+    changes: Dict[int, Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]] = {}
+    for _, layer in shared:
+        pairs = [(next(rows), next(rows)) for _ in layer.shared_coefficients()]
+        layer.batched_factors = as_factors(layer, *[old for old, _ in pairs])
+        old = layer.delta_factors()
+        layer.batched_factors = as_factors(layer, *[new for _, new in pairs])
+        changes[id(layer)] = (old, layer.delta_factors())
+        layer.batched_factors = None
+    others = {id(m): m.delta_factors() for m in layers.values() if id(m) not in changes}
+    parameters = dict(model.named_parameters())
+    for name, value in values.items():
+        parameters[name].copy_(value)
+    for layer in layers.values():
+        old, new = changes.get(id(layer)) or (others[id(layer)], layer.delta_factors())
+        layer.replace_merged_delta(old, new)

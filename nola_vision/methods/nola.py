@@ -1,0 +1,59 @@
+"""NOLA: LoRA whose factors are linear combinations of frozen random bases; only the coefficients train."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from ..config import AdapterConfig, as_target_list, register_method, require_choice, require_positive
+from ..layers import NOLALinear
+
+BASIS_MODES = ("shared", "per_layer")
+NOLA_INITS = ("paper", "zero_delta")
+DEFAULT_NOLA_TARGETS = ("mlp.fc1", "mlp.fc2")
+
+
+@dataclass
+class NOLAConfig(AdapterConfig):
+    """NOLA: A = Σ αᵢAᵢ, B = Σ βⱼBⱼ over frozen random bases; ΔW = (scale/rank)·A·B; only α, β train.
+
+    Args:
+        rank: rank r of A (in×r) and B (r×out).
+        num_basis_a: k, the number of random bases (and trained coefficients α) for A.
+        num_basis_b: l, the number of random bases (and trained coefficients β) for B.
+        targets: module-name suffixes or regexes; ``attn.q``/``attn.k``/``attn.v`` adapt one third of ``attn.qkv``.
+        seed: generator seed of the random bases.
+        scale: c in ΔW = (c/r)·A·B.
+        basis: ``"shared"`` (one basis set per shape, shared by all layers) or ``"per_layer"``
+            (distinct bases per layer, regenerated in chunks in forward and backward).
+        init: ``"paper"`` (α=1/k, β=1/l) or ``"zero_delta"`` (α=1/k, β=0, so ΔW=0 at step 0).
+        recompute_activation: for an adapted ``mlp.fc2``, recompute its input (the activation output) in
+            backward from the pre-activation the model keeps anyway, instead of storing it.
+    """
+
+    rank: int = 4
+    num_basis_a: int = 1024
+    num_basis_b: int = 1024
+    targets: List[str] = field(default_factory=lambda: list(DEFAULT_NOLA_TARGETS))
+    seed: int = 0
+    scale: float = 1.0
+    basis: str = "shared"
+    init: str = "paper"
+    recompute_activation: bool = True
+
+    method = "nola"
+
+    def __post_init__(self) -> None:
+        self.targets = as_target_list(self.targets)
+        require_positive(self, "rank", "num_basis_a", "num_basis_b")
+        require_choice("basis", self.basis, BASIS_MODES)
+        require_choice("init", self.init, NOLA_INITS)
+
+    @property
+    def scaling(self) -> float:
+        return self.scale / self.rank
+
+    def describe(self) -> str:
+        return f"NOLA r={self.rank} k=l={self.num_basis_a} on {'+'.join(self.targets)}"
+
+
+register_method("nola", NOLAConfig, NOLALinear)

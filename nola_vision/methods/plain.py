@@ -1,0 +1,49 @@
+"""The plain methods: ``linear`` trains the classifier head only, ``full`` trains every parameter; no adapter layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import AdapterConfig, register_method
+
+
+@dataclass(frozen=True, eq=False)
+class PlainConfig(AdapterConfig):
+    """A method without adapter layers. Equal to its name, so ``config == "linear"`` keeps working."""
+
+    def serialize(self) -> str:
+        return self.method
+
+    def __eq__(self, other: Any) -> bool:
+        return other == self.method if isinstance(other, str) else type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(self.method)
+
+    def __repr__(self) -> str:
+        return repr(self.method)
+
+
+@dataclass(frozen=True, eq=False)
+class LinearProbeConfig(PlainConfig):
+    """Linear probe: the backbone stays frozen, only the classifier head trains."""
+
+    method = "linear"
+
+    def describe(self) -> str:
+        return "head only"
+
+
+@dataclass(frozen=True, eq=False)
+class FullFineTuneConfig(PlainConfig):
+    """Full fine-tuning: every parameter trains (the paper's grid: 8e-5 … 1e-5)."""
+
+    method = "full"
+    train_backbone = True
+
+    def describe(self) -> str:
+        return "all parameters"
+
+
+register_method("linear", LinearProbeConfig)
+register_method("full", FullFineTuneConfig, default_lr=5e-5)

@@ -1,0 +1,135 @@
+"""Adapter files fail loudly: atomic re-saves, checksums, finite values, malformed fields, clear shape messages."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+from tiny_models import tiny_vit
+
+import nola_vision as nv
+from nola_vision import io as adapter_io
+from nola_vision.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+
+CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def trained(seed, config=CONFIG, **kwargs):
+    model = nv.inject(tiny_vit(**kwargs), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IMAGES)
+
+
+def edit_document(directory, change):
+    document = json.loads((directory / CONFIG_NAME).read_text())
+    change(document)
+    (directory / CONFIG_NAME).write_text(json.dumps(document))
+
+
+def test_a_resave_that_fails_midway_keeps_the_old_adapter_whole_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    old = trained(seed=1)
+    nv.save_adapter(old, target)
+    (target / "notes.txt").write_text("mine")
+    real_dumps = json.dumps
+
+    def dumps_failing_on_layers(obj, *args, **kwargs):  # the second file's content, after the first is written
+        if isinstance(obj, dict) and any(isinstance(v, dict) and "slices" in v for v in obj.values()):
+            raise OSError("disk full")
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", dumps_failing_on_layers)
+    with pytest.raises(OSError, match="disk full"):
+        nv.save_adapter(trained(seed=2), target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
+    torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(old), rtol=0, atol=1e-3)
+    new = trained(seed=2)
+    nv.save_adapter(new, target)  # a successful re-save replaces both files and keeps the others
+    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(new), rtol=0, atol=1e-3)
+
+
+def test_flipped_bytes_in_the_weights_are_rejected(tmp_path):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    raw = bytearray((tmp_path / WEIGHTS_NAME).read_bytes())
+    raw[-3] ^= 0x40
+    (tmp_path / WEIGHTS_NAME).write_bytes(bytes(raw))
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match="corrupt.*sha256"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+@pytest.mark.parametrize("field, value", [("scale", 2.0), ("init", "zero_delta"), ("recompute_activation", False)])
+def test_an_edited_config_field_is_rejected(tmp_path, field, value):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    edit_document(tmp_path, lambda d: d["config"].update({field: value}))
+    with pytest.raises(AdapterLoadError, match="edited or damaged"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_saving_non_finite_values_is_refused_naming_the_tensor(tmp_path):
+    model = trained(seed=1)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.nola_beta[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc1.nola_beta.*NaN"):
+        nv.save_adapter(model, tmp_path)
+    assert not (tmp_path / CONFIG_NAME).exists()
+
+
+def test_loading_non_finite_values_is_refused_even_with_matching_checksums(tmp_path):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    tensors = load_bytes((tmp_path / WEIGHTS_NAME).read_bytes())
+    tensors["head.bias"][0] = float("inf")
+    weights = save_bytes(tensors, metadata={"format": adapter_io.FORMAT, "quantization": "{}"})
+    (tmp_path / WEIGHTS_NAME).write_bytes(weights)
+
+    def rechecksum(document):
+        document["weights_sha256"] = adapter_io._sha256(weights)
+        document["config_sha256"] = adapter_io._document_digest(document)
+
+    edit_document(tmp_path, rechecksum)
+    with pytest.raises(AdapterLoadError, match="head.bias.*NaN or Inf"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("layers"), "lacks the field 'layers'"),
+    (lambda d: d.update(layers=["blocks.0.mlp.fc1"]), "field 'layers' must be"),
+    (lambda d: d.update(num_classes="5"), r"field 'num_classes' must be a non-negative integer, got '5' \(str\)"),
+    (lambda d: d.update(bits="16"), "field 'bits'"),
+    (lambda d: d["config"].update(targets=5), "config .* is not valid"),
+    (lambda d: d["config"].update(rank="4"), "rank must be a positive integer"),
+])
+def test_malformed_config_fields_give_a_clear_error(tmp_path, change, message):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    edit_document(tmp_path, change)
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+def test_a_crafted_huge_rank_is_rejected_before_anything_is_allocated(tmp_path):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    edit_document(tmp_path, lambda d: d["config"].update(rank=2**40))  # bases of 2**40 x in values: 100s of TB
+    with pytest.raises(AdapterLoadError):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_a_width_mismatch_names_the_layer_and_both_shapes(tmp_path):
+    nv.save_adapter(trained(seed=1, mlp_ratio=2.0), tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"layer blocks.0.mlp.fc1 is 64→256 .* in the model but 64→128"):
+        nv.load_adapter(tiny_vit(), tmp_path)
