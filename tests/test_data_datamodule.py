@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.datasets as tvd
-
 from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
+
 from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
 from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
 from nola_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -103,6 +103,26 @@ def test_train_loader_shuffles_with_a_seeded_generator(cifar10_root):
         torch.manual_seed(5)
         assert order() == a
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_ddp_train_sampler_is_seeded_with_shuffle_seed(cifar10_root):
+    """The sampler Lightning trains with under DDP (built here without launching 2 processes)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import RunningStage
+    from torch.utils.data import DistributedSampler
+
+    def sampler(shuffle_seed):
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                               augment="none", shuffle_seed=shuffle_seed)
+        dm.trainer = trainer
+        dm.setup("fit")
+        loader = trainer._data_connector._prepare_dataloader(dm.train_dataloader(), True, RunningStage.TRAINING)
+        return loader.sampler
+
+    a, b = sampler(3), sampler(4)
+    assert isinstance(a, DistributedSampler) and (a.seed, a.num_replicas, a.shuffle) == (3, 2, True)
+    assert list(a) == list(sampler(3)) != list(b) and len(list(a)) == 25  # rank 0's half of 50 images
 
 
 def test_two_ranks_draw_the_same_split_and_write_the_same_manifest(cifar10_root, tmp_path):

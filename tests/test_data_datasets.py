@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision.datasets as tvd
-from PIL import Image
-
 from fixtures_data import (
     cifar_class_with_checksums,
     class_color,
@@ -22,6 +20,8 @@ from fixtures_data import (
     write_food101,
     write_imagefolder,
 )
+from PIL import Image
+
 from nola_vision.data import (
     DATASETS,
     CorruptImageError,
@@ -106,6 +106,48 @@ def test_cifar_fixture_checksum_still_catches_a_flipped_byte(tmp_path, cifar_fix
     path.write_bytes(bytes(data))
     with pytest.raises(DatasetNotFoundError, match="MD5"):
         build_dataset("cifar10", tmp_path)
+
+
+class _WritesMarker:
+    """A pickle payload that creates a file when unpickled: what a crafted batches.meta could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _craft_cifar10_meta(root: Path, marker: Path) -> tuple[Path, dict]:
+    import pickle
+
+    info = write_cifar10(root)
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": _WritesMarker(marker)}, protocol=2))
+    return meta, info
+
+
+def test_crafted_cifar_metadata_is_never_unpickled(tmp_path):
+    from nola_vision.data import FewShotDataModule
+
+    marker = tmp_path / "pwned"
+    meta, _ = _craft_cifar10_meta(tmp_path / "data", marker)
+    with pytest.raises(DatasetNotFoundError, match="MD5") as err:
+        FewShotDataModule("cifar10", root=str(tmp_path / "data")).class_names
+    assert str(meta) in str(err.value) and "download" in str(err.value)
+    assert not marker.exists()
+
+
+def test_cifar_metadata_with_a_matching_checksum_still_loads_no_code(tmp_path, cifar_fixture_checksums):
+    import hashlib
+
+    marker = tmp_path / "pwned"
+    meta, info = _craft_cifar10_meta(tmp_path, marker)
+    cifar_fixture_checksums("cifar10", {**info["md5"], "batches.meta": hashlib.md5(meta.read_bytes()).hexdigest()})
+    with pytest.raises(DatasetNotFoundError, match="refusing to load io.open") as err:
+        dataset_class_names("cifar10", tmp_path)
+    assert str(meta) in str(err.value)
+    assert not marker.exists()
 
 
 def test_cifar100_uses_fine_labels_and_names(tmp_path, cifar_fixture_checksums):

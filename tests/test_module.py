@@ -175,3 +175,14 @@ def test_optimizers_and_lr_validation():
 def test_registered_nola_variant_as_backbone_names_the_base_model():
     with pytest.raises(ValueError, match=r"registered NOLA variant.*vit_tiny_patch16_224\)"):
         FewShotClassifier(num_classes=4, adapter=NOLA, **{**TINY, "backbone": "vit_tiny_patch16_224_nola"})
+
+
+def test_diverged_weights_are_never_exported(tmp_path):
+    from nola_vision.module import NonFiniteLossError
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), **TINY)
+    with torch.no_grad():
+        model.model.blocks[0].mlp.fc1.nola_alpha.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="nola_alpha"):
+        model.on_fit_end()
+    assert not (tmp_path / "adapter").exists()

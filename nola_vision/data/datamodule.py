@@ -8,9 +8,16 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .datasets import ArrayImageDataset, ImageDataset, build_dataset, dataset_class_names, dataset_num_classes, download_dataset
+from .datasets import (
+    ArrayImageDataset,
+    ImageDataset,
+    build_dataset,
+    dataset_class_names,
+    dataset_num_classes,
+    download_dataset,
+)
 from .fewshot import FewShotSplit, indices_from_manifest, read_manifest, sample_kshot, write_manifest
 from .transforms import Augment, DataConfig, Normalize, build_transforms, resolve_data_config
 
@@ -116,8 +123,8 @@ class FewShotDataModule(L.LightningDataModule):
             val_split_file: a validation manifest to load instead of drawing.
             split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing.
             allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
-            shuffle_seed: seed of the train loader's shuffling generator; None takes ``torch.initial_seed()``
-                (so ``seed_everything`` controls it).
+            shuffle_seed: seed of the train loader's shuffling (under DDP: of its ``DistributedSampler``);
+                None takes ``torch.initial_seed()`` (under DDP Lightning's sampler, seeded by ``seed_everything``).
             cache_images: decode the k-shot train (and validation) images once and keep them in memory.
             cache_mb: memory budget of that cache in MiB of decoded RGB pixels.
             pin_memory: DataLoader ``pin_memory``.
@@ -233,12 +240,20 @@ class FewShotDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator; drop_last only when at least one full batch remains."""
+        """Shuffled with a seeded generator; drop_last only when at least one full batch remains.
+
+        Under DDP Lightning would replace the sampler with one seeded by ``seed_everything``, so a set
+        ``shuffle_seed`` comes with its own ``DistributedSampler``, which Lightning keeps.
+        """
         self._require_setup()
+        drop_last = len(self.train_set) >= self.batch_size
+        ddp = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if ddp and self.shuffle_seed is not None:
+            sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.shuffle_seed, **ddp)
+            return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
         generator = torch.Generator().manual_seed(seed % 2**63)
-        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator,
-                            drop_last=len(self.train_set) >= self.batch_size)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..atomic import write_text_atomic
+
 __all__ = [
     "DATASETS",
     "CorruptImageError",
@@ -90,7 +92,8 @@ class ImageDataset(Dataset):
         except FileNotFoundError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}") from err
+            raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
+                                    "with a valid image (extract or download the dataset again).") from err
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -165,14 +168,32 @@ class _CIFAR:
         return ArrayImageDataset(self.name, folder, split, tv.data, tv.targets, list(tv.classes))
 
     def class_names(self, root: Path) -> list[str]:
-        """Read from the metadata pickle alone (the full load verifies checksums)."""
+        """Read from the metadata pickle alone, after checking its MD5 (unpickling runs code from the file)."""
+        from torchvision.datasets.utils import check_integrity
+
         tv = self._tv()
         path = self.expected(root) / tv.meta["filename"]
         if not path.is_file():
             raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url}, "
                              f"or extract it under {root}.")
-        with open(path, "rb") as f:
-            return list(pickle.load(f, encoding="latin1")[tv.meta["key"]])
+        if not check_integrity(str(path), tv.meta["md5"]):
+            raise DatasetNotFoundError(
+                f"dataset '{self.name}': {path} fails the MD5 check of the official archive, so it is not read "
+                f"(unpickling a foreign file can run code). Delete {path.parent} and download it again "
+                f"(--data.download true), or extract {self.url} there again.")
+        try:
+            with open(path, "rb") as f:
+                return list(_NoGlobalsUnpickler(f, encoding="latin1").load()[tv.meta["key"]])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+            raise DatasetNotFoundError(f"dataset '{self.name}': {path} is not CIFAR metadata ({err}); delete "
+                                       f"{path.parent} and download it again (--data.download true).") from err
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain containers only: the CIFAR metadata holds str lists and ints, never a class or function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset metadata file")
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -401,11 +422,8 @@ class _ImageFolder:
 
 def _write_text_atomic(path: Path, text: str, missing_ok: bool = False) -> bool:
     """Write via a temporary file and rename, so concurrent processes never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
         return True
     except OSError:
         if not missing_ok:
