@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -17,19 +18,22 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
-from .data import FewShotDataModule
-from .module import FewShotClassifier, check_backbone_name
+from .data import CorruptImageError, FewShotDataModule
+from .module import FewShotClassifier, NonFiniteLossError, check_backbone_name
 
 __all__ = ["NolaCLI", "PredictionsCSVWriter", "main", "write_json_atomic"]
 
-HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol} ...
+HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol,tune} ...
 
   fit/validate/test/predict   Lightning CLI over FewShotClassifier + FewShotDataModule
                               (nola-vision fit --help; configs under configs/)
   demo                        offline few-shot demo: linear probe vs LoRA vs NOLA (nola-vision demo --help)
   protocol                    the paper's split-seed x init-seed protocol with a mean (std) table
                               (nola-vision protocol --help)
+  tune                        choose hyperparameters on validation accuracy (Optuna), then run the protocol
+                              (nola-vision tune --help)
 """
 
 
@@ -103,10 +107,25 @@ class NolaCLI(LightningCLI):
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict: CSV path (default <log_dir>/predictions.csv)")
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
+        that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "")
+        if config is None:
+            return
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = find_last_checkpoint(config.trainer.default_root_dir or os.getcwd()) or "last"
+        self.given_model = config.model.clone()
+        argv = sys.argv[1:] if args is None else args
+        self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
+
     def before_instantiate_classes(self) -> None:
         """Fail on an unknown backbone with close matches, before anything is built."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_backbone_name(config.model.backbone)
+        if self.subcommand and getattr(self, "given_model", None) is not None:
+            check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -131,12 +150,49 @@ class NolaCLI(LightningCLI):
                 or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
             })
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, keeping a ``last.ckpt`` by default so that ``fit --ckpt_path last`` resumes a run."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is None:
+                callback.save_last = True
+        return trainer
+
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
 
 
+def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
+    """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
+    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None."""
+    found = [p for pattern in ("checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt") for p in Path(root).glob(pattern)
+             if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def explicit_model_args(argv: Sequence[Any]) -> set:
+    """Top-level ``model`` fields set on the command line (``--model.lr 0.1``, ``--model.adapter.init_args.rank=2``)."""
+    return {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
+
+
+def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
+    """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
+    ``--model.*`` values it would silently replace, warn about config-file values it replaces."""
+    given, used = given.as_dict(), used.as_dict()
+    changed = {k: (given[k], used[k]) for k in given.keys() & used.keys() if given[k] != used[k]}
+    refused = {k: v for k, v in changed.items() if k in explicit}
+    if refused:
+        raise ValueError("with --ckpt_path the model is rebuilt from the checkpoint's hyper-parameters, which differ "
+                         "from " + "; ".join(f"--model.{k} {a!r} (checkpoint: {b!r})" for k, (a, b) in refused.items())
+                         + ". Drop those arguments, or train a new run with them.")
+    if changed:
+        rank_zero_warn("nola_vision: --ckpt_path: the checkpoint's model hyper-parameters replace the config's: "
+                       + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError)
+RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that started and failed: exit code 1
 
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
@@ -156,20 +212,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .protocol import main as protocol_main
 
         return protocol_main(args[1:])
+    if args and args[0] == "tune":
+        from .tune import main as tune_main
+
+        return tune_main(args[1:])
     if not args or args[0] in ("-h", "--help"):
         print(HELP)
         if not args:
             return 2
     try:
         run_lightning_cli(args)
-    except CONFIG_ERRORS as err:
+    except CONFIG_ERRORS + RUN_ERRORS as err:
         if os.environ.get("NOLA_VISION_TRACEBACK"):
             raise
-        print(f"nola-vision: error: {err}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        return 2
+        print(f"nola-vision: error: {error_message(err)}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)",
+              file=sys.stderr)
+        return 1 if isinstance(err, RUN_ERRORS) else 2
     finally:
         close_process_group()
     return 0
+
+
+def error_message(err: BaseException) -> str:
+    """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: "...\n<module>.<Class>: <message>" ends it
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def close_process_group() -> None:

@@ -3,6 +3,7 @@ import csv
 import itertools
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
 PAPER = ROOT / "configs" / "paper"
 QUIET = ["--trainer.enable_progress_bar", "false"]
+CLI = [sys.executable, "-m", "nola_vision.cli"]  # the console script, from any (even unactivated) environment
 
 
 def test_fit_then_test_from_checkpoint_gives_the_same_accuracy(tmp_path):
     result = tmp_path / "result.json"
     # the real console script, in its own process
-    subprocess.run(["nola-vision", "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "nola_vision.cli", "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
                     "--result_file", str(result), *QUIET], check=True, cwd=tmp_path, capture_output=True)
     fit = json.loads(result.read_text())
     ckpt = Path(fit["checkpoint"])
@@ -93,7 +95,7 @@ def test_paper_presets_compose_with_the_papers_hyperparameters():
     assert (cfg.model.optimizer, cfg.model.lr, cfg.model.min_lr, cfg.model.weight_decay) == ("adam", 5e-3, 1e-6, 0.0)
     assert cfg.model.label_smoothing == 0.1 and cfg.data.batch_size == 16 and cfg.data.augment == "paper"
     assert (cfg.data.dataset, cfg.data.shots, cfg.data.backbone) == ("cifar100", 10, cfg.model.backbone)
-    assert cfg.model.adapter.num_basis_a == 1024 and cfg.model.adapter.rank == 4
+    assert cfg.model.adapter.init_args.num_basis_a == 1024 and cfg.model.adapter.init_args.rank == 4
 
 
 def test_paper_presets_cover_every_cell_with_exact_counts():
@@ -123,3 +125,61 @@ def test_help_lists_subcommands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
     assert "demo" in out and "protocol" in out and "fit" in out
+
+
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args, "--trainer.default_root_dir", str(tmp_path), *QUIET], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_diverging_fit_stops_with_a_short_error_and_exports_nothing(tmp_path):
+    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.lr", "1e10", "--result_file", str(tmp_path / "result.json"))
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "training diverged" in run.stderr and "lr 1" in run.stderr and "Lower model.lr" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "result.json").exists()
+    assert not list(tmp_path.rglob("adapter_model.safetensors")) and not list(tmp_path.rglob("adapter_config.json"))
+
+
+@pytest.mark.parametrize("split, extra", [("train", []), ("val", ["--data.num_workers", "1"])])
+def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, split, extra):
+    from fixtures_data import write_imagefolder
+
+    write_imagefolder(tmp_path / "data")
+    bad = tmp_path / "data" / split / "dog" / "dog 01.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--data.dataset", "imagefolder", "--data.root",
+                  str(tmp_path / "data"), "--data.shots", "4", "--trainer.max_epochs", "1", *extra)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    message = run.stderr.strip().splitlines()[-2]
+    assert message.startswith("nola-vision: error: cannot decode image") and str(bad) in message
+    assert "Replace it with a valid image" in message
+
+
+def test_fit_ckpt_path_last_resumes_the_previous_run(tmp_path):
+    common = ["-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false", *QUIET]
+    run_lightning_cli(["fit", *common, "--trainer.max_epochs", "2"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    cli = run_lightning_cli(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", "last",
+                             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                             "--trainer.logger.save_dir", str(tmp_path)])
+    assert cli.trainer.ckpt_path == str(last)
+    assert (cli.trainer.current_epoch, cli.trainer.global_step) == (3, 9)  # 5-shot digits, batch 16: 3 steps/epoch
+    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    assert {r["epoch"] for r in rows if r.get("train/loss_step")} == {"2"}  # only the third epoch was trained
+
+
+def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_path, capsys):
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+                       "--model.lr", "1e-3", "--test_after_fit", "false", *QUIET])
+    ckpt = str(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    predict = ["predict", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", ckpt, *QUIET,
+               "--predictions_file", str(tmp_path / "pred.csv")]
+    assert main([*predict, "--model.lr", "0.1"]) == 2  # an explicit argument the checkpoint would replace
+    err = capsys.readouterr().err
+    assert "--model.lr 0.1 (checkpoint: 0.001)" in err and "Drop those arguments" in err
+    with pytest.warns(UserWarning, match=r"model.lr 0.005 -> 0.001"):  # a config-file value: replaced, with a warning
+        run_lightning_cli(predict)
+    assert main([*predict, "--model.lr", "0.001"]) == 0  # the same value is fine
