@@ -1,6 +1,7 @@
 """The protocol runner: seeds grid in separate runs, skip-on-restart, atomic results, tables, k-NN baseline."""
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,76 @@ def test_knn_votes_by_cosine_similarity():
     assert knn_predict(train, labels, test[2:], k=3).tolist() == [1]
     # a 1-1 tie is broken by similarity
     assert knn_predict(train[2:4], torch.tensor([1, 2]), torch.tensor([[0.0, 1.0]]), k=2, num_classes=3).tolist() == [1]
+
+
+def fake_python(tmp_path, acc="0.5", code=0, extra=""):
+    """A stand-in for `python -m nola_vision.cli fit`: writes the result file at once, then exits with ``code``."""
+    script = tmp_path / f"fake_python_{abs(hash((acc, code, extra)))}"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+json.dump({{"metrics": {{"test/acc": float("{acc}")}}, {extra}
+           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+                      "seed": int(value("--seed_everything"))}},
+           "parameter_counts": {{"adapter": 8, "head": 2}}}}, open(value("--result_file"), "w"))
+sys.exit({code})
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
+    out = str(tmp_path / "out")
+    run_protocol([TINY], out, "row", [0], [0], ["--model.lr", "1e-3"], python=fake_python(tmp_path), echo=False)
+    # same settings (seeds and paths aside): the finished run is kept and the row grows
+    run_protocol([TINY], out, "row", [0, 1], [0], ["--model.lr=1e-3"], python=fake_python(tmp_path), echo=False)
+    with pytest.raises(ValueError, match=r"model\.lr=2e-2.*--name"):
+        run_protocol([TINY], out, "row", [2], [0], ["--model.lr", "2e-2"], python=fake_python(tmp_path), echo=False)
+    rows = collect_results(out)
+    assert len(rows) == 2
+    hashes = {json.loads(Path(r["run_dir"], "result.json").read_text())["config_hash"] for r in rows}
+    assert hashes == {json.loads((Path(out) / "row" / "config.json").read_text())["config_hash"]}
+    # another name is a separate row
+    run_protocol([TINY], out, "row_lr2e-2", [0], [0], ["--model.lr", "2e-2"], python=fake_python(tmp_path),
+                 echo=False)
+    assert {s["name"]: s["runs"] for s in summarise(collect_results(out))} == {"row": 2, "row_lr2e-2": 1}
+
+
+def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="no finite test accuracy"):
+        run_protocol([TINY], str(out), "nan", [0], [0], python=fake_python(tmp_path, acc="nan"), echo=False)
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_protocol([TINY], str(out), "crash", [0], [0], python=fake_python(tmp_path, code=3), echo=False)
+    status = out / "status" / "split0-init0"
+    status.mkdir(parents=True)
+    (status / "result.json").write_text(json.dumps({"metrics": {"test/acc": 0.9}, "status": "diverged"}))
+    loss = out / "loss" / "split0-init0"
+    loss.mkdir(parents=True)
+    (loss / "result.json").write_text('{"metrics": {"test/acc": 0.9, "train/loss": NaN}}')
+    assert collect_results(str(out)) == []
+    # a crashed run's result is moved aside, so a restart redoes it instead of skipping it
+    assert (out / "crash" / "split0-init0" / "result.json.failed").is_file()
+    rows = run_protocol([TINY], str(out), "crash", [0], [0], python=fake_python(tmp_path), echo=False)
+    assert [r["name"] for r in rows] == ["crash"]
+
+
+@pytest.mark.parametrize("executor", ["local_jobs", "submitit_local"])
+def test_runs_go_through_an_executor(tmp_path, executor):
+    from nola_vision.executors import LocalExecutor, SubmititExecutor
+
+    ex = (LocalExecutor(jobs=2) if executor == "local_jobs"
+          else SubmititExecutor(str(tmp_path / "submitit"), cluster="local", jobs=2, gpus_per_node=0, poll_s=0.2))
+    rows = run_protocol([TINY], str(tmp_path / "out"), "row", [0, 1], [0, 1], python=fake_python(tmp_path),
+                        echo=False, executor=ex)
+    assert sorted((r["split_seed"], r["init_seed"]) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(isinstance(r["wall_s"], float) for r in rows)
+
+
+def test_local_executor_gives_each_job_slot_its_gpus():
+    from nola_vision.executors import LocalExecutor
+
+    assert LocalExecutor(jobs=3, gpus_per_job=1, devices=["0", "1"]).slot_devices == ["0", "1", "0"]
+    assert LocalExecutor(jobs=2, gpus_per_job=2, devices=["0", "1", "2", "3"]).slot_devices == ["0,1", "2,3"]
+    assert LocalExecutor(jobs=2, devices=[]).slot_devices == [None, None]

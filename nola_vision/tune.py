@@ -1,0 +1,489 @@
+"""``nola-vision tune``: choose hyperparameters on validation accuracy with Optuna, then run the protocol with them.
+
+A trial is one ``nola-vision fit`` per selection seed (``--split_seeds`` × ``--init_seeds``), each in its own
+process and folder ``<out>/<name>/tune/trial-<hash>/split<S>-init<I>`` with ``--test_after_fit false``, scored by
+the mean final-epoch ``val/acc``: the test split is never read while choosing. The study lives in an Optuna RDB
+storage (``sqlite:///<out>/<name>/tune.db`` by default), so a killed search resumes where it stopped, and
+workers on several machines can share one study through a ``postgresql://`` or ``mysql://`` URL.
+
+Grid search claims grid points in the storage: a point is run by one worker only (a duplicate claim yields to
+the lower trial number), finished points are never rerun, and points whose trial failed or whose worker died
+(its heartbeat went stale) are retried by the next run. Then the best point (ties: the first in grid order)
+is run through ``protocol`` (split seeds × init seeds, final test accuracy) as the row ``<name>``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import math
+import re
+import statistics
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import yaml
+
+from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
+from .protocol import RESULT_FILE, _pairs, _read_result, config_key, counted, fit_command, run_protocol
+
+__all__ = ["main", "parse_grid", "run_tune"]
+
+GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+Params = Dict[str, Any]
+
+
+class TrialFailed(RuntimeError):
+    """A trial's fit failed or gave no validation accuracy: reported, not counted."""
+
+
+def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
+    """``["model.lr=1e-3,5e-3", ...]`` as ``{"model.lr": [0.001, 0.005]}`` (numbers parsed, other values strings)."""
+    grid: Dict[str, List[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not GRID_KEY.match(key) or not values.strip():
+            raise ValueError(f"--grid {item!r}: expected a dotted key and comma-separated values, e.g. "
+                             "--grid model.lr=1e-3,5e-3,2e-2 or --grid model.adapter.init_args.scale=1,4")
+        if key in grid:
+            raise ValueError(f"--grid {key} is given twice: list all its values in one --grid {key}=a,b,c")
+        parsed = [_number(v.strip()) for v in values.split(",") if v.strip()]
+        if len(set(map(str, parsed))) != len(parsed):
+            raise ValueError(f"--grid {item!r} repeats a value")
+        grid[key] = parsed
+    if not grid:
+        raise ValueError("tune needs at least one --grid key=v1,v2,... (e.g. --grid model.lr=1e-3,5e-3,2e-2)")
+    return grid
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def grid_points(grid: Dict[str, List[Any]]) -> List[Params]:
+    """Every combination, in Optuna ``GridSampler`` order (keys sorted, then the values as given)."""
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _point_key(params: Params) -> str:
+    return json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+
+
+def _param_args(params: Params) -> List[str]:
+    return [arg for k, v in sorted(params.items()) for arg in (f"--{k}", str(v))]
+
+
+def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
+    """``data.val_shots`` as the composed configs and overrides set it (0 when nothing sets it)."""
+    shots: Any = 0
+    for config in configs:
+        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        shots = data.get("val_shots", data.get("init_args", {}).get("val_shots", shots))
+    for key, value in _pairs(overrides):
+        if key in ("--data.val_shots", "--data.init_args.val_shots"):
+            shots = value
+    try:
+        return int(shots or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.val_shots must be an integer, got {shots!r}") from None
+
+
+class _Search:
+    """One worker's view of the study: claims trials, runs their fits, reports them."""
+
+    def __init__(self, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
+                 python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
+                 executor: Executor, n_trials: Optional[int], echo: bool) -> None:
+        self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
+        self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
+        self.executor, self.n_trials, self.echo = executor, n_trials, echo
+        # GridSampler gives trial number k < len(grid) grid point k of its (seeded) order: the point a first-pass
+        # trial runs is known from its number at creation, which keeps concurrent claims free of races
+        sampler_order = getattr(study.sampler, "_all_grids", None)
+        self.points = ([dict(zip(sorted(grid), values)) for values in sampler_order] if sampler_order is not None
+                       else grid_points(grid))
+        self.first_pass = sampler_order is not None
+        self.lock = threading.Lock()
+        self.failed_here: Set[str] = set()  # failed in this run: retried by the next run, not in a loop now
+        self.started = 0
+        self.heartbeat_s = storage.get_heartbeat_interval() or 30
+
+    # ---- claiming ------------------------------------------------------------------------------------
+    def _identity(self, trial: Any) -> Optional[str]:
+        """The grid point a trial runs, known from its creation: enqueued params, or GridSampler's trial number."""
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed is not None:
+            return _point_key(fixed)
+        if self.first_pass and trial.number < len(self.points):
+            return _point_key(self.points[trial.number])
+        return None
+
+    def _claim(self) -> Optional[Any]:
+        """A RUNNING trial this worker runs now, or None when nothing is left for it (waits on other workers)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        while True:
+            with self.lock:
+                if self.n_trials is not None and self.started >= self.n_trials:
+                    return None
+                optuna.storages.fail_stale_trials(self.study)
+                trials = self.study.get_trials(deepcopy=False)
+                if self.sampler == "tpe":
+                    if sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) >= self._tpe_budget:
+                        return None
+                    trial = self.study.ask()
+                    self._beat(trial)
+                    self.started += 1
+                    return trial
+                done = {self._identity(t) for t in trials if t.state == TrialState.COMPLETE}
+                running = {self._identity(t) for t in trials if t.state == TrialState.RUNNING}
+                todo = [p for p in map(_point_key, self.points) if p not in done | running | self.failed_here]
+                if todo:
+                    waiting = {self._identity(t) for t in trials if t.state == TrialState.WAITING}
+                    if (len(trials) >= len(self.points) or not self.first_pass) and todo[0] not in waiting:
+                        self.study.enqueue_trial(self._params_of(todo[0]))
+                    trial = self.study.ask()
+                    mine = self._identity(self.storage.get_trial(trial._trial_id))
+                    if mine is None or self._taken(trial, mine):
+                        self.study.tell(trial, state=TrialState.PRUNED)  # released unrun: another trial has it
+                        continue
+                    self._beat(trial)
+                    self.started += 1
+                    if _point_key(self._suggest(trial)) != mine:
+                        raise RuntimeError(f"trial #{trial.number} got other values than its claim: optuna's "
+                                           "GridSampler changed how it numbers grid points; use --sampler tpe")
+                    return trial
+                if not (running - done):
+                    return None
+            time.sleep(min(5.0, self.heartbeat_s))  # other workers run the last points: wait, take over if they die
+
+    def _params_of(self, key: str) -> Params:
+        return next(p for p in self.points if _point_key(p) == key)
+
+    def _taken(self, trial: Any, identity: str) -> bool:
+        """Whether another trial already holds this point (completed, or claimed under a lower number)."""
+        from optuna.trial import TrialState
+
+        for other in self.study.get_trials(deepcopy=False):
+            if other.number == trial.number or self._identity(other) != identity:
+                continue
+            if other.state == TrialState.COMPLETE or (
+                    other.state in (TrialState.RUNNING, TrialState.WAITING) and other.number < trial.number):
+                return True
+        return False
+
+    def _beat(self, trial: Any) -> None:
+        self.storage.record_heartbeat(trial._trial_id)
+
+    # ---- running -------------------------------------------------------------------------------------
+    def work(self) -> None:
+        while True:
+            trial = self._claim()
+            if trial is None:
+                return
+            self._run(trial)
+
+    def _suggest(self, trial: Any) -> Params:
+        return {k: trial.suggest_categorical(k, self.grid[k]) for k in sorted(self.grid)}
+
+    def _run(self, trial: Any) -> None:
+        from optuna.trial import TrialState
+
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat_until, args=(trial, stop), daemon=True)
+        beat.start()
+        start = time.time()
+        params = self._suggest(trial)
+        label = f"[tune {self.root.name}] trial #{trial.number} {params}"
+        try:
+            accs = self._fit(params)
+        except TrialFailed as err:
+            stop.set()
+            with self.lock:
+                self.failed_here.add(_point_key(params))
+                trial.set_user_attr("error", str(err))
+                self.study.tell(trial, state=TrialState.FAIL)
+            if self.echo:
+                print(f"{label}: FAILED, not counted ({err})", flush=True)
+            return
+        finally:
+            stop.set()
+        score = statistics.fmean(accs.values())
+        with self.lock:
+            trial.set_user_attr("val_accs", accs)
+            trial.set_user_attr("duration_s", round(time.time() - start, 1))
+            self.study.tell(trial, score)
+        if self.echo:
+            per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
+            done = sum(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False))
+            total = len(self.points) if self.sampler == "grid" else self._tpe_budget
+            print(f"{label}: val acc {100 * score:.2f}% (per seed {per_seed}) [{done}/{total} done, "
+                  f"{time.time() - start:.0f} s]", flush=True)
+
+    def _beat_until(self, trial: Any, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            self._beat(trial)
+
+    def _fit(self, params: Params) -> Dict[str, float]:
+        """Validation accuracy of every selection seed of one grid point (finished fits are reused)."""
+        digest = hashlib.sha256(_point_key(params).encode()).hexdigest()[:10]
+        trial_dir = self.root / "tune" / f"trial-{digest}"
+        overrides = [*self.overrides, *_param_args(params), "--test_after_fit", "false"]
+        runs = []
+        for split_seed, init_seed in self.seeds:
+            run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
+            if not counted(_read_result(run_dir / RESULT_FILE), "val/acc"):
+                runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
+                                run_dir / "log.txt"))
+        errors = [f"exit {code}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
+        if errors:
+            raise TrialFailed("; ".join(errors))
+        accs = {}
+        for split_seed, init_seed in self.seeds:
+            run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
+            result = _read_result(run_dir / RESULT_FILE)
+            if not counted(result, "val/acc"):
+                raise TrialFailed(f"{run_dir / RESULT_FILE} has no finite val/acc (see {run_dir / 'log.txt'})")
+            if any(k.startswith("test/") for k in result["metrics"]):
+                raise RuntimeError(f"{run_dir} read the test split during selection")  # guarded, never expected
+            accs[f"split{split_seed}-init{init_seed}"] = float(result["metrics"]["val/acc"])
+        return accs
+
+    _tpe_budget = 20
+
+
+def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
+    """Optuna's GridSampler minus its ``study.stop()`` after a trial: workers stop when every point is done."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            pass
+
+    return GridSampler(grid, seed=0)
+
+
+def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler: str, heartbeat_s: int,
+                key: Dict[str, Any]) -> Tuple[Any, Any]:
+    """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats are what let a restarted search take over a dead worker's trial; they work outside optimize()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna|nola_vision")
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = {"connect_args": {"timeout": 120}} if storage_url.startswith("sqlite") else {}
+    chosen = _grid_sampler(grid) if sampler == "grid" else optuna.samplers.TPESampler(seed=0)
+    for attempt in range(5):  # workers starting together race to create the tables: the losers retry
+        try:
+            storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                                 grace_period=3 * heartbeat_s)
+            study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="maximize",
+                                        load_if_exists=True)
+            break
+        except SQLAlchemyError:
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
+    old = study.user_attrs.get("settings")
+    if old is None:
+        study.set_user_attr("settings", key)
+    elif old != key:
+        differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        raise ValueError(f"study {name!r} in {storage_url} was made with other settings (differing: "
+                         f"{', '.join(differing)}: before {[old.get(k) for k in differing]}, now "
+                         f"{[key.get(k) for k in differing]}); pass another --name, or delete the study")
+    return study, storage
+
+
+def run_tune(
+    configs: Sequence[str],
+    grid: Dict[str, List[Any]],
+    out: str = "runs/tune",
+    name: Optional[str] = None,
+    split_seeds: Sequence[int] = (0,),
+    init_seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    sampler: str = "grid",
+    n_trials: Optional[int] = None,
+    storage: Optional[str] = None,
+    protocol_split_seeds: Sequence[int] = (0, 1, 2, 3),
+    protocol_init_seeds: Sequence[int] = (0, 1, 2),
+    skip_protocol: bool = False,
+    executor: Optional[Executor] = None,
+    heartbeat_s: int = 30,
+    python: str = sys.executable,
+    echo: bool = True,
+) -> Optional[Dict[str, Any]]:
+    """Run the search (this worker's share), write the trial table, then the protocol with the best values.
+
+    ``n_trials``: grid — at most this many trials from this worker (default: until the grid is done); tpe — the
+    study's total (default 20). Returns ``best.json``'s content, or None while trials are left to run.
+    """
+    if not configs:
+        raise ValueError("tune needs a config: nola-vision tune -c configs/... --grid model.lr=1e-3,5e-3")
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config} does not exist")
+    if sampler not in ("grid", "tpe"):
+        raise ValueError(f"--sampler must be grid or tpe, got {sampler!r}")
+    if _val_shots(configs, overrides) <= 0:
+        raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
+                         "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
+    name = name or "_".join(Path(c).stem for c in configs)
+    root = Path(out) / name
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = [(s, i) for s in split_seeds for i in init_seeds]
+    key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
+           "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
+    url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
+    study, rdb = _open_study(name, url, grid, sampler, heartbeat_s, key)
+    executor = executor or LocalExecutor(1)
+    search = _Search(study, rdb, grid, sampler, root, python, [a for c in configs for a in ("-c", str(c))],
+                     list(overrides), seeds, executor, n_trials if sampler == "grid" else None, echo)
+    if sampler == "tpe":
+        search._tpe_budget = n_trials or 20
+    workers = max(1, math.ceil(executor.capacity / len(seeds)))
+    if echo:
+        print(f"[tune {name}] study {url}: {len(search.points) if sampler == 'grid' else search._tpe_budget} "
+              f"trials of {len(seeds)} fit(s) each, {workers} at once", flush=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(search.work) for _ in range(workers)]:
+            future.result()
+    trials = study.get_trials(deepcopy=False)
+    write_trial_tables(root, trials, grid, url)
+    best = _best(trials, grid_points(grid) if sampler == "grid" else None)
+    finished = (sampler == "tpe" or all(_point_key(p) in {search._identity(t) for t in trials if t.state.name ==
+                                                           "COMPLETE"} for p in search.points))
+    if best is None or not finished:
+        if echo:
+            print(f"[tune {name}] trials are left to run (or all failed): re-run the same command to go on; "
+                  f"table: {root / 'tune_results.md'}", flush=True)
+        return None
+    chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
+              "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}
+    write_json_atomic(root / "best.json", chosen)
+    write_text_atomic(root / "best.yaml", "# chosen by nola-vision tune on validation accuracy\n"
+                      + yaml.safe_dump(_nested(best.params), sort_keys=True))
+    _append_choice(root / "tune_results.md", chosen)
+    if echo:
+        print(f"[tune {name}] best {best.params}: val acc {100 * best.value:.2f}% (trial #{best.number})", flush=True)
+    if not skip_protocol:
+        run_protocol(configs, out, name, protocol_split_seeds, protocol_init_seeds,
+                     [*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
+    return chosen
+
+
+def _best(trials: Sequence[Any], points: Optional[List[Params]]) -> Optional[Any]:
+    """The completed trial with the highest score; ties go to the first grid point (or the first trial)."""
+    complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    if not complete:
+        return None
+    order = {_point_key(p): i for i, p in enumerate(points or [])}
+    return min(complete, key=lambda t: (-t.value, order.get(_point_key(t.params), 0), t.number))
+
+
+def _nested(params: Params) -> Dict[str, Any]:
+    """``{"model.lr": 1}`` as ``{"model": {"lr": 1}}`` (a YAML fragment to compose with ``-c``)."""
+    tree: Dict[str, Any] = {}
+    for key, value in params.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[Any]], url: str) -> None:
+    """``tune_trials.csv`` and ``tune_results.md``: every trial's params, mean and per-seed val acc, state, time."""
+    keys = sorted(grid)
+    shown = [t for t in trials if t.state.name != "PRUNED"]  # pruned trials were released unrun
+    seeds = sorted({s for t in shown for s in t.user_attrs.get("val_accs", {})})
+    with atomic_path(root / "tune_trials.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", *keys, "val_acc", *(f"val_acc_{s}" for s in seeds), "state", "duration_s", "error"])
+        for t in shown:
+            accs = t.user_attrs.get("val_accs", {})
+            writer.writerow([t.number, *(t.params.get(k, "") for k in keys), "" if t.value is None else t.value,
+                             *(accs.get(s, "") for s in seeds), t.state.name, t.user_attrs.get("duration_s", ""),
+                             t.user_attrs.get("error", "")])
+    lines = [f"# Tuning: {root.name}", "",
+             f"Study `{root.name}` in `{url}`. Score: mean final-epoch validation accuracy over the selection seeds "
+             "(fits with `--test_after_fit false`: the test split is not read while choosing).", "",
+             "| trial | " + " | ".join(keys) + " | val acc % | per seed | state | time s |",
+             "|---:|" + "---:|" * len(keys) + "---:|---|---|---:|"]
+    for t in sorted(shown, key=lambda t: -(t.value if t.value is not None else -1)):
+        accs = t.user_attrs.get("val_accs", {})
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
+        value = "" if t.value is None else f"{100 * t.value:.2f}"
+        lines.append(f"| {t.number} | " + " | ".join(str(t.params.get(k, "")) for k in keys)
+                     + f" | {value} | {per_seed} | {t.state.name} | {t.user_attrs.get('duration_s', '')} |")
+    write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n")
+
+
+def _append_choice(path: Path, chosen: Dict[str, Any]) -> None:
+    text = path.read_text() + (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
+                               f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). The protocol "
+                               "with these values is the row of this name in ../results.md.\n")
+    write_text_atomic(path, text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nola-vision tune",
+        description="Choose hyperparameters on validation accuracy (Optuna; one fit per selection seed per trial, "
+                    "never reading the test split), then run the protocol with the chosen values. Unknown "
+                    "arguments go to every fit, e.g. --trainer.max_epochs 5 --data.val_shots 5.")
+    parser.add_argument("-c", "--config", action="append", required=True, help="YAML config; repeat to compose")
+    parser.add_argument("--out", default="runs/tune", help="output folder (the protocol's results.md is here)")
+    parser.add_argument("--name", default=None, help="study and row name (default: config file stems)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="values of a dotted fit option, e.g. model.lr=1e-3,5e-3,2e-2; repeat for more keys")
+    parser.add_argument("--split_seeds", type=int, nargs="+", default=[0], help="selection split seeds")
+    parser.add_argument("--init_seeds", type=int, nargs="+", default=[0], help="selection init seeds")
+    parser.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
+    parser.add_argument("--n_trials", type=int, default=None,
+                        help="grid: at most this many trials from this worker; tpe: trials in the study (20)")
+    parser.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///<out>/<name>/tune.db); "
+                        "a postgresql:// or mysql:// URL lets workers on several machines share the study")
+    parser.add_argument("--heartbeat", type=int, default=30,
+                        help="seconds between a running trial's heartbeats; after 3 missed, it is retried")
+    parser.add_argument("--protocol_split_seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--protocol_init_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--skip_protocol", action="store_true", help="only search (e.g. extra workers)")
+    add_executor_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        name = args.name or "_".join(Path(c).stem for c in args.config)
+        grid = parse_grid(args.grid)
+        executor = build_executor(args, Path(args.out) / name / "submitit")
+        chosen = run_tune(args.config, grid, args.out, name, args.split_seeds, args.init_seeds, overrides,
+                          args.sampler, args.n_trials, args.storage, args.protocol_split_seeds,
+                          args.protocol_init_seeds, args.skip_protocol, executor, args.heartbeat)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        print(f"nola-vision tune: error: {err}", file=sys.stderr)
+        return 1
+    root = Path(args.out) / name
+    print((root / "tune_results.md").read_text())
+    if chosen is not None and not args.skip_protocol:
+        print((Path(args.out) / "results.md").read_text())
+    return 0
