@@ -7,31 +7,45 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import LoRAConfig, NOLAConfig
-from .inject import adapted_layers, count_parameters, inject, merge, set_quantization_aware, unmerge
+from .config import AdapterConfig, LoRAConfig, NOLAConfig, PlainConfig, available_methods, get_method, register_method
+from .export import export_peft
+from .inject import InjectionPlan, adapted_layers, count_parameters, inject, plan_injection, set_quantization_aware
 from .io import AdapterLoadError, adapter_size_bytes, load_adapter, save_adapter
-from .layers import LoRALinear, NOLALinear
+from .layers import AdaptedLinear, LoRALinear, NOLALinear
+from .merge import merge, unmerge
+from .unload import merge_and_unload, unload
 from .zoo import create_model  # importing registers the *_nola models with timm
 
 _LAZY = {"FewShotClassifier": "nola_vision.module", "FewShotDataModule": "nola_vision.data"}
 
 __all__ = [
+    "AdaptedLinear",
+    "AdapterConfig",
     "AdapterLoadError",
     "FewShotClassifier",
     "FewShotDataModule",
+    "InjectionPlan",
     "LoRAConfig",
     "LoRALinear",
     "NOLAConfig",
     "NOLALinear",
+    "PlainConfig",
     "adapted_layers",
     "adapter_size_bytes",
+    "available_methods",
     "count_parameters",
     "create_model",
+    "export_peft",
+    "get_method",
     "inject",
     "load_adapter",
     "merge",
+    "merge_and_unload",
+    "plan_injection",
+    "register_method",
     "save_adapter",
     "set_quantization_aware",
+    "unload",
     "unmerge",
 ]
 

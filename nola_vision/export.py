@@ -1,0 +1,84 @@
+"""Export an adapted model as a standard peft LoRA adapter: train with NOLA, serve on any LoRA stack.
+
+Every adapted layer becomes one peft LoRA module with A and B materialised from its factors: a layer with
+S output slices (q and v of a fused ``qkv``) gets rank S·r, with each slice's B in its own output rows and
+zeros elsewhere, so ``lora_B(lora_A(x)) · lora_alpha/rank`` equals our update. The head is ``modules_to_save``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .atomic import atomic_directory
+from .inject import adapter_state, classifier_head
+from .merge import adapted_layers
+
+__all__ = ["export_peft"]
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _alpha(rank: int, scaling: float) -> Union[int, float]:
+    """peft's ``lora_alpha`` for a module of ``rank`` whose update is scaled by ``scaling``."""
+    alpha = scaling * rank
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
+    loads onto a fresh base model (of the architecture the adapters were injected into) with the same logits."""
+    state = adapter_state(model)
+    layers = adapted_layers(model)
+    if not layers:
+        method = state.method if state is not None else None
+        hint = (f"method {method!r} has no adapter layers; save the head with nv.save_adapter instead"
+                if method is not None else "inject or load an adapter first (nv.inject / nv.load_adapter)")
+        raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
+    tensors: Dict[str, Tensor] = {}
+    ranks: Dict[str, int] = {}
+    alphas: Dict[str, Union[int, float]] = {}
+    for name, layer in layers.items():
+        a, b = layer.delta_factors()  # ΔWᵀ = a @ b, scaling applied to a; b holds each slice in its own columns
+        rank = a.shape[1]
+        lora_a = a / layer.scaling if layer.scaling else a
+        ranks[name], alphas[name] = rank, _alpha(rank, layer.scaling)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.t()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t()
+    head = classifier_head(model)
+    head_names = [n for n, m in model.named_modules() if m is head] if head is not None else []
+    for module_name in head_names:
+        for key, value in head.state_dict().items():
+            tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
+    # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).
+    r, lora_alpha = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "target_modules": sorted(layers),
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": {re.escape(n): ranks[n] for n in sorted(layers) if ranks[n] != r},
+        "alpha_pattern": {re.escape(n): alphas[n] for n in sorted(layers) if alphas[n] != lora_alpha},
+        "modules_to_save": head_names or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors = {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return Path(directory)
