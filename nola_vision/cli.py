@@ -56,7 +56,8 @@ class PredictionsCSVWriter(BasePredictionWriter):
         self.rows: List[Dict[str, Any]] = []
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
         n = len(prediction["prediction"])
         indices = list(batch_indices) if batch_indices is not None else [None] * n
         labels = prediction.get("label")

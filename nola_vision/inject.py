@@ -135,6 +135,23 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
     return resolved
 
 
+def _plain_linear_forwards() -> tuple:
+    """Forwards that compute exactly ``F.linear(x, weight, bias)``: nn.Linear's and timm's (a torchscript cast)."""
+    from timm.layers import Linear
+
+    return nn.Linear.forward, Linear.forward
+
+
+def _require_plain_forward(name: str, linear: nn.Linear) -> None:
+    """Refuse an ``nn.Linear`` subclass with its own forward (a quantised linear): the adapter would replace it."""
+    if type(linear).forward not in _plain_linear_forwards():
+        raise ValueError(
+            f"target {name} is a {type(linear).__module__}.{type(linear).__qualname__}, an nn.Linear subclass with its "
+            "own forward (e.g. a quantised linear), which an adapter would silently replace by F.linear on its "
+            "weight: use a model with plain nn.Linear layers there (dequantise it first) or leave it out of targets"
+        )
+
+
 def plan_injection(model: nn.Module, config: Method) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
     config = as_config(config)
@@ -143,6 +160,7 @@ def plan_injection(model: nn.Module, config: Method) -> InjectionPlan:
     if layer_cls is not None:
         for name, slices in find_targets(model, list(config.targets)).items():
             linear = model.get_submodule(name)
+            _require_plain_forward(name, linear)
             width = slices[0][1] - slices[0][0]
             layers[name] = LayerPlan(
                 name, linear.in_features, linear.out_features, slices,

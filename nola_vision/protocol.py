@@ -245,7 +245,7 @@ def summarise(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for row in rows:
         groups.setdefault(row["name"], []).append(row)
     summary = []
-    for name, members in groups.items():
+    for members in groups.values():
         accs = [100.0 * float(r["test_acc"]) for r in members]
         first = members[0]
         summary.append({**{k: first[k] for k in ("name", "method", "backbone", "dataset", "shots",
@@ -267,7 +267,8 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     for s in summarise(rows):
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
-                     f"{s['adapter_params']:,} | {s['head_params']:,} | {s['runs']} | {s['mean']:.1f} ({s['std']:.1f}) |")
+                     f"{s['adapter_params']:,} | {s['head_params']:,} | {s['runs']} | "
+                     f"{s['mean']:.1f} ({s['std']:.1f}) |")
     write_text_atomic(root / "results.md", "\n".join(lines) + "\n\nMean (population std) of final-epoch top-1 accuracy "
                  "on the full test split over split seeds × init seeds.\n")
     return rows
@@ -370,7 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nola-vision protocol",
         description="Run split seeds x init seeds of a config (each run in its own process and folder, finished "
-                    "runs skipped; --jobs N at once, or on SLURM with --executor slurm) and write results.csv plus a mean (population std) table to results.md. "
+                    "runs skipped; --jobs N at once, or on SLURM with --executor slurm) and write results.csv plus "
+                    "a mean (population std) table to results.md. "
                     "Unknown arguments are passed to every `nola-vision fit` run, e.g. --trainer.max_epochs 5.")
     parser.add_argument("-c", "--config", action="append", required=True, help="YAML config; repeat to compose")
     parser.add_argument("--out", default="runs/protocol", help="output folder holding every protocol of a table")

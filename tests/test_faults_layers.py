@@ -1,0 +1,135 @@
+"""Faults of the adapter layers: merged state dicts, training a merged model, gradient checkpointing, and
+``nn.Linear`` subclasses with their own forward."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_vit
+from torch import nn
+
+import nola_vision as nv
+
+NOLA = dict(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
+
+
+def trained_nola(seed: int = 0, **kwargs) -> nn.Module:
+    """A tiny NOLA model whose coefficients differ from their initial values (so ΔW is not trivial)."""
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**{**NOLA, **kwargs}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            for parameter in layer.adapter_parameters().values():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model
+
+
+# ---- 9. merged state -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source_merged, target_merged", [(True, False), (False, True), (True, True)])
+def test_state_dict_round_trip_keeps_outputs_whatever_either_side_merged(source_merged, target_merged, images):
+    source = trained_nola()
+    with torch.no_grad():
+        expected = source(images)
+    if source_merged:
+        nv.merge(source)
+    target = nv.inject(tiny_vit(), nv.NOLAConfig(**NOLA))
+    if target_merged:
+        nv.merge(target)
+    target.load_state_dict(source.state_dict())
+    assert all(layer.merged == source_merged for layer in nv.adapted_layers(target).values())
+    with torch.no_grad():
+        torch.testing.assert_close(target(images), expected, rtol=0, atol=1e-5)
+        nv.unmerge(target)
+        torch.testing.assert_close(target(images), expected, rtol=0, atol=1e-5)
+
+
+def test_merged_flag_without_weights_is_refused():
+    source = nv.merge(trained_nola())
+    target = nv.inject(tiny_vit(), nv.NOLAConfig(**NOLA))
+    partial = {k: v for k, v in source.state_dict().items() if not k.endswith(".weight")}
+    with pytest.raises(RuntimeError, match="unmerge"):
+        target.load_state_dict(partial, strict=False)
+
+
+def test_plain_state_dict_loads_as_unmerged_weights(images):
+    """Pretrained weights of a never-injected model (no flag) load into an adapted model as they are."""
+    plain = tiny_vit()
+    model = nv.merge(trained_nola())
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not any(key.endswith("merged") for key in result.missing_keys)
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())
+    nv.unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), plain(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [nv.NOLAConfig(**NOLA), nv.LoRAConfig(rank=2)])
+def test_backward_through_a_merged_adapter_raises(config, images):
+    model = nv.merge(nv.inject(tiny_vit(), config)).train()
+    with torch.no_grad():
+        model(images)  # inference on a merged model is fine, in any mode
+    loss = model(images).sum()  # so is a forward with gradients enabled, as long as no backward follows
+    with pytest.raises(RuntimeError, match="unmerge"):
+        loss.backward()
+    nv.unmerge(model)
+    model(images).sum().backward()
+    assert all(p.grad is not None for layer in nv.adapted_layers(model).values()
+               for p in layer.adapter_parameters().values())
+
+
+# ---- 10. gradient checkpointing --------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    nv.NOLAConfig(**NOLA),
+    nv.NOLAConfig(**NOLA, basis="per_layer"),
+    nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v", "mlp.fc2"]),
+], ids=["nola_shared", "nola_per_layer", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(config, images):
+    grads = []
+    for checkpointing in (False, True):
+        model = nv.inject(tiny_vit(), config).train()
+        with torch.no_grad():
+            for layer in nv.adapted_layers(model).values():
+                for parameter in layer.adapter_parameters().values():
+                    parameter.add_(0.1)  # LoRA's B starts at zero: give every factor a gradient
+        model.set_grad_checkpointing(checkpointing)
+        for _ in range(2):  # twice: nothing of the first step may leak into the second
+            model.zero_grad()
+            F.cross_entropy(model(images), torch.arange(4)).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---- 11. nn.Linear subclasses ----------------------------------------------------------------------------
+class PlusOneLinear(nn.Linear):
+    """Stands in for a quantised linear: its own forward is not ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1
+
+
+def test_linear_subclass_with_its_own_forward_is_refused():
+    model = tiny_vit()
+    fc1 = model.blocks[0].mlp.fc1
+    model.blocks[0].mlp.fc1 = PlusOneLinear(fc1.in_features, fc1.out_features)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1.*PlusOneLinear"):
+        nv.inject(model, nv.NOLAConfig(**NOLA))
+    assert not nv.adapted_layers(model)  # nothing changed
+    nv.inject(model, nv.NOLAConfig(**{**NOLA, "targets": ["attn.q", "attn.v"]}))  # untargeted: fine
+
+
+def test_timm_linear_and_subclasses_without_a_forward_are_adapted(images):
+    model = tiny_vit()
+    timm_linear = timm.layers.Linear(64, 256)
+    plain = type("NoForwardLinear", (nn.Linear,), {})(256, 64)
+    with torch.no_grad():
+        timm_linear.weight.copy_(model.blocks[0].mlp.fc1.weight)
+        timm_linear.bias.copy_(model.blocks[0].mlp.fc1.bias)
+        plain.weight.copy_(model.blocks[0].mlp.fc2.weight)
+        plain.bias.copy_(model.blocks[0].mlp.fc2.bias)
+        expected = model(images)
+    model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2 = timm_linear, plain
+    nv.inject(model, nv.NOLAConfig(**NOLA, init="zero_delta"))
+    assert "blocks.0.mlp.fc1" in nv.adapted_layers(model) and "blocks.0.mlp.fc2" in nv.adapted_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
