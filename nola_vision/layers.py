@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .methods.nola import NOLAConfig
 
 Slice = Tuple[int, int]
+# A 0-dim bool buffer of every adapted layer: merged-ness travels with its state dict (see ``_load_from_state_dict``).
+MERGED_FLAG = "adapter_merged"
 
 
 def full_precision(device: torch.device):
@@ -36,7 +38,8 @@ class AdaptedLinear(nn.Module):
     """Frozen ``y = x Wᵀ + b`` plus ``scaling · (x A) B`` on each output slice, without materialising ΔW.
 
     ``weight`` and ``bias`` are the wrapped layer's own parameters, so state-dict keys of the base model are
-    unchanged and pretrained weights load into an adapted model as they are.
+    unchanged and pretrained weights load into an adapted model as they are; the only other keys are the adapter
+    tensors and the ``adapter_merged`` flag, which keeps a merged state dict from adding ΔW twice.
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
@@ -54,6 +57,7 @@ class AdaptedLinear(nn.Module):
         self.width = widths.pop()
         self.rank = rank
         self.scaling = scaling
+        self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.bool, device=base.weight.device))
         self.merged = False
         # Set by inject() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
@@ -62,8 +66,20 @@ class AdaptedLinear(nn.Module):
         # Combined factors of the current forward pass, set by merge.combine_shared_factors (see there).
         self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
 
+    @property
+    def merged(self) -> bool:
+        """Whether ΔW is folded into ``weight``; kept as a Python bool too, so forward never reads a device tensor."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self._merged = bool(value)
+        getattr(self, MERGED_FLAG).fill_(self._merged)
+
     @classmethod
-    def parameter_shapes(cls, config: Any, in_features: int, width: int, num_slices: int) -> Dict[str, Tuple[int, ...]]:
+    def parameter_shapes(
+        cls, config: Any, in_features: int, width: int, num_slices: int
+    ) -> Dict[str, Tuple[int, ...]]:
         """Shapes of the trained tensors by parameter name, known before the layer exists."""
         raise NotImplementedError
 
@@ -124,7 +140,8 @@ class AdaptedLinear(nn.Module):
             pre_activation, x = x, self.input_activation(x)
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
+            trained = [p for p in self.adapter_parameters().values() if p.requires_grad]
+            return _MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
         if pre_activation is not None and torch.is_grad_enabled():
             return _RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
@@ -157,9 +174,50 @@ class AdaptedLinear(nn.Module):
     def adapter_parameters(self) -> dict:
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load the merged flag with the weight it describes, so a merged state dict never adds ΔW twice.
+
+        A state dict without the flag (a plain model's, e.g. pretrained weights) holds unmerged weights. A
+        merged layer needs its weight and adapter tensors from one state dict, or it refuses to load.
+        """
+        flag = state_dict.get(prefix + MERGED_FLAG)
+        loads = [prefix + name in state_dict for name in ("weight", *self.adapter_parameter_names)]
+        merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
+        # Merged: ΔW of exactly these coefficients is in exactly this weight. Unmerged: the weight is a plain one.
+        consistent = (all(loads) or (not any(loads) and self.merged)) if merged else (loads[0] or not self.merged)
+        if not consistent:
+            error_msgs.append(
+                f"{prefix[:-1] or type(self).__name__}: the state dict is {'' if merged else 'un'}merged but does not "
+                "hold the layer's weight with its adapter tensors, so ΔW would be lost or added twice: call "
+                "nv.unmerge(model) before state_dict() (and before loading into a merged model), or load the full "
+                "state dict"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if flag is None and prefix + MERGED_FLAG in missing_keys:
+            missing_keys.remove(prefix + MERGED_FLAG)  # plain models' and older state dicts have no flag
+        self.merged = merged
+
     def extra_repr(self) -> str:
         slices = "" if self.slices == ((0, self.out_features),) else f", slices={list(self.slices)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Identity on a merged layer's output whose backward raises: its adapter would silently get no gradient."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, *adapter_parameters: Tensor) -> Tensor:  # type: ignore[override]
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        raise RuntimeError(
+            "backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter parameters "
+            "would get no gradient. Call nv.unmerge(model) before training (for inference, use torch.no_grad())"
+        )
 
 
 def _add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
@@ -177,7 +235,9 @@ class _RecomputedInputDelta(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, h: Tensor, a: Tensor, b: Tensor, activation: nn.Module) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, y: Tensor, x: Tensor, h: Tensor, a: Tensor, b: Tensor, activation: nn.Module
+    ) -> Tensor:
         ctx.activation = activation
         ctx.save_for_backward(h, a, b)
         return _add_low_rank_output(y, x @ a.to(x.dtype), b)

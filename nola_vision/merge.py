@@ -45,6 +45,15 @@ def has_shared_bases(model: nn.Module) -> bool:
     return bool(_shared_layers(model, include_merged=True))
 
 
+def gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract).
+
+    A checkpointed block must recompute exactly the tensors its forward saved; factors combined once before the
+    model's forward and released after it are not there to recompute, so batching is off while it is on.
+    """
+    return any(getattr(module, "grad_checkpointing", False) is True for module in model.modules())
+
+
 def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
     """Forward pre-hook: combine the coefficients of all layers that share a basis in one matmul per basis.
 
@@ -54,6 +63,8 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
     layers = _shared_layers(model, include_merged)
     for layer in layers:
         layer.batched_factors = None
+    if torch.is_grad_enabled() and gradient_checkpointing(model):
+        return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
     rows = iter(_combine_grouped(entries))
     for layer in layers:
