@@ -13,6 +13,7 @@ from .inject import InjectionPlan, adapted_layers, count_parameters, inject, pla
 from .io import AdapterLoadError, adapter_size_bytes, load_adapter, save_adapter
 from .layers import AdaptedLinear, LoRALinear, NOLALinear
 from .merge import merge, unmerge
+from .multitask import MultiTaskModel
 from .unload import merge_and_unload, unload
 from .zoo import create_model  # importing registers the *_nola models with timm
 
@@ -27,6 +28,7 @@ __all__ = [
     "InjectionPlan",
     "LoRAConfig",
     "LoRALinear",
+    "MultiTaskModel",
     "NOLAConfig",
     "NOLALinear",
     "PlainConfig",

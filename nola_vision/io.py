@@ -322,6 +322,25 @@ def _check_layers(plan: InjectionPlan, document: dict) -> None:
             )
 
 
+def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -> None:
+    """The generator version and fingerprint of the regenerated bases, then the config document's own checksum."""
+    expected = plan.basis_fingerprint()
+    if expected is not None and document["generator_version"] != GENERATOR_VERSION:
+        raise AdapterLoadError(
+            f"adapter bases come from generator {document['generator_version']!r}, this nola_vision has "
+            f"{GENERATOR_VERSION!r}: install the nola_vision version {document['library_version']} that wrote it"
+        )
+    if expected != document["basis_fingerprint"]:
+        raise AdapterLoadError(
+            f"basis fingerprint mismatch: the file says {document['basis_fingerprint']}, regenerated bases give "
+            f"{expected}; the bases (seed, shapes or generator) differ from those the adapter was trained with"
+        )
+    if document["format"] == FORMAT and _document_digest(document) != document["config_sha256"]:
+        raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
+                               "covers scale, init, targets, slices, bits and every other field) does not match; "
+                               "save the adapter again")
+
+
 def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load a saved adapter onto a base model of the same architecture (injecting it if needed).
 
@@ -335,21 +354,7 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     _check_model(model, document)
     plan = _plan_for(model, document)
     _check_layers(plan, document)
-    expected = plan.basis_fingerprint()
-    if expected is not None and document["generator_version"] != GENERATOR_VERSION:
-        raise AdapterLoadError(
-            f"adapter bases come from generator {document['generator_version']!r}, this nola_vision has "
-            f"{GENERATOR_VERSION!r}: install the nola_vision version {document['library_version']} that wrote it"
-        )
-    if expected != document["basis_fingerprint"]:
-        raise AdapterLoadError(
-            f"basis fingerprint mismatch: the file says {document['basis_fingerprint']}, regenerated bases give "
-            f"{expected}; the bases (seed, shapes or generator) differ from those the adapter was trained with"
-        )
-    if document["format"] == FORMAT and _document_digest(document) != document["config_sha256"]:
-        raise AdapterLoadError(f"{root / CONFIG_NAME} was edited or damaged after it was saved: its checksum (which "
-                               "covers scale, init, targets, slices, bits and every other field) does not match; "
-                               "save the adapter again")
+    _check_bases_and_checksum(plan, document, root / CONFIG_NAME)
     tensors, quantization = _read_weights(root / WEIGHTS_NAME, document)
     values = _decode(tensors, quantization, plan.trained_shapes)
     if adapter_state(model) is None:

@@ -1,0 +1,317 @@
+"""Many tasks on one frozen backbone: a batch whose images belong to different tasks, answered in one pass.
+
+``MultiTaskModel`` wraps a plain timm model. Every linear layer that a registered task adapts gets a forward
+hook that adds each image's own task update (x A_t) B_t with two batched matmuls over per-image factors, so the
+frozen model runs once for the whole batch: no merge, no task switch, no loop over images. NOLA, LoRA and
+head-only tasks share the backbone whatever their targets. Tasks are held as the numbers their adapter files
+store; the factors of recently used tasks are cached under a memory budget (least recently used go first).
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.hooks import RemovableHandle
+
+from .basis import BasisBank
+from .config import method_of
+from .inject import InjectionPlan, adapted_layers, adapter_state, classifier_head
+from .io import (
+    CONFIG_NAME,
+    AdapterLoadError,
+    PathLike,
+    _check_bases_and_checksum,
+    _check_layers,
+    _decode,
+    _plan_for,
+    architecture_name,
+    num_classes_of,
+    read_adapter,
+)
+from .layers import as_factors
+from .merge import _combine_grouped
+
+__all__ = ["MultiTaskModel"]
+
+# Per adapted layer, for the batch being answered: the present tasks' stacked factors A (tasks, in, rank) and
+# B (tasks, rank, out), and each image's position in that stack.
+LayerBatch = Tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass
+class _Task:
+    """A registered task as its file stores it: tensors (float16/32 or integer codes) and their quantisation,
+    with the injection plan of its config (one plan object for all tasks of the same config)."""
+
+    plan: InjectionPlan
+    stored: Dict[str, Tensor]
+    quantization: dict
+    num_classes: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
+
+
+@dataclass
+class _Factors:
+    """A task made ready to run: ΔWᵀ = A B per adapted layer (float32, scaling applied) and its head, for the
+    backbone's device and head dtype (``placement``)."""
+
+    layers: Dict[str, Tuple[Tensor, Tensor]]
+    head: Dict[str, Tensor]
+    placement: Tuple[torch.device, torch.dtype]
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        tensors = [t for pair in self.layers.values() for t in pair] + list(self.head.values())
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+
+class MultiTaskModel(nn.Module):
+    """One frozen timm backbone serving many tasks at once: each image of a batch is answered by its own task.
+
+    ``add_task(name, adapter_dir)`` registers an adapter saved by ``save_adapter`` (NOLA, LoRA or a linear
+    probe), with its own head and class count; ``model(images, tasks)`` returns one logits tensor per image.
+    Inference only.
+
+    Args:
+        model: a plain timm model (not injected). Its weights are shared and never changed; its head is unused.
+        cache_mb: memory budget for the factors and heads of recently used tasks; the others are kept only as
+            the numbers their files hold and combined again when next used.
+    """
+
+    def __init__(self, model: nn.Module, cache_mb: float = 256.0) -> None:
+        super().__init__()
+        if adapter_state(model) is not None or adapted_layers(model):
+            raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
+                             "fresh timm.create_model(...) (or call nv.unload(model) first)")
+        head = classifier_head(model)
+        if head is None or not callable(getattr(model, "forward_head", None)):
+            raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
+                             "layer): create the backbone with any num_classes > 0")
+        self.model = model.eval()
+        self.cache_mb = cache_mb
+        self._head_name = next(name for name, module in model.named_modules() if module is head)
+        self._tasks: Dict[str, _Task] = {}
+        self._plans: Dict[str, InjectionPlan] = {}
+        self._contexts: Dict[type, dict] = {}
+        self._cache: OrderedDict[str, _Factors] = OrderedDict()
+        self._hooks: Dict[str, RemovableHandle] = {}
+        self._batch: Dict[str, LayerBatch] = {}
+
+    @property
+    def tasks(self) -> List[str]:
+        """Names of the registered tasks, in the order they were added."""
+        return list(self._tasks)
+
+    @property
+    def cached_tasks(self) -> List[str]:
+        """Tasks whose factors are cached, least recently used first."""
+        return list(self._cache)
+
+    def num_classes(self, task: str) -> int:
+        return self._task(task).num_classes
+
+    def add_task(self, name: str, adapter_dir: PathLike) -> None:
+        """Register the adapter in ``adapter_dir`` as task ``name``, checked as ``load_adapter`` checks it.
+
+        Checked before it is accepted: file fields and checksums, backbone architecture and layer widths, the
+        fingerprint of the regenerated random bases, tensor sizes and finite values.
+        """
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already registered: call remove_task({name!r}) first to replace it")
+        try:
+            task = self._read_task(Path(adapter_dir))
+        except AdapterLoadError as error:
+            raise AdapterLoadError(f"task {name!r} ({adapter_dir}): {error}") from error
+        self._tasks[name] = task
+        self._hook_layers()
+
+    def remove_task(self, name: str) -> None:
+        """Forget a task, its cached factors, and the hooks of layers no other task adapts."""
+        task = self._task(name)
+        del self._tasks[name]
+        self._cache.pop(name, None)
+        if all(other.plan is not task.plan for other in self._tasks.values()):
+            self._plans = {key: plan for key, plan in self._plans.items() if plan is not task.plan}
+        self._hook_layers()
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes held: the tasks' stored numbers, the factor cache, and the shared random bases."""
+        banks = [value for context in self._contexts.values() for value in context.values()
+                 if isinstance(value, BasisBank)]
+        return {"tasks": sum(task.nbytes() for task in self._tasks.values()),
+                "cache": sum(factors.nbytes for factors in self._cache.values()),
+                "bases": sum(bank.nbytes() for bank in banks)}
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[Tensor]:
+        """Logits of every image under its own task: one tensor per image, of its task's class count.
+
+        ``tasks`` names one registered task per image (a single name: the whole batch). The frozen backbone runs
+        once for the batch; each adapted layer adds every image's task update in two batched matmuls.
+        """
+        names = self._check_tasks(images, tasks)
+        present = list(dict.fromkeys(names))
+        position = {task: i for i, task in enumerate(present)}
+        index = torch.tensor([position[task] for task in names], device=images.device)
+        factors = self._factors(present)
+        self._batch = self._layer_batches(factors, index)
+        try:
+            features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        finally:
+            self._batch = {}
+        head = self.model.get_submodule(self._head_name)
+        logits: List[Optional[Tensor]] = [None] * len(names)
+        for i, task in enumerate(factors):  # heads differ in size per task: one matmul per task present
+            rows = (index == i).nonzero().squeeze(1)
+            for row, value in zip(rows.tolist(), functional_call(head, task.head, (features[rows],))):
+                logits[row] = value
+        return logits  # type: ignore[return-value]
+
+    def _task(self, name: str) -> _Task:
+        if name not in self._tasks:
+            raise ValueError(f"unknown task {name!r}; registered tasks are {sorted(self._tasks)}: register it with "
+                           f"add_task({name!r}, adapter_dir)")
+        return self._tasks[name]
+
+    def _check_tasks(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[str]:
+        if not self._tasks:
+            raise ValueError("no task is registered: add one with add_task(name, adapter_dir)")
+        count = images.shape[0]
+        names = [tasks] * count if isinstance(tasks, str) else list(tasks)
+        if len(names) != count:
+            raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
+                             "a single name for the whole batch)")
+        for name in dict.fromkeys(names):
+            self._task(name)
+        return names
+
+    def _read_task(self, directory: Path) -> _Task:
+        document, stored, quantization = read_adapter(directory)
+        served = architecture_name(self.model)
+        if document["backbone"] != served:
+            raise AdapterLoadError(f"the adapter was trained on {document['backbone']!r} but this MultiTaskModel "
+                                   f"serves {served!r}: register it on a MultiTaskModel over "
+                                   f"timm.create_model({document['backbone']!r}, ...)")
+        key = json.dumps([document["method"], document["config"]], sort_keys=True)
+        plan = self._plans.get(key) or _plan_for(self.model, document)
+        if plan.config.train_backbone:
+            raise AdapterLoadError(f"a {plan.config.method!r} adapter changes the backbone itself, so it cannot share "
+                                   "one: serve it on its own model with nv.load_adapter")
+        _check_layers(plan, document)
+        _check_bases_and_checksum(plan, document, directory / CONFIG_NAME)
+        task = _Task(plan, stored, quantization, document["num_classes"])
+        _decode(stored, quantization, self._shapes(task))  # sizes and finite values; the numbers stay as stored
+        self._plans[key] = plan
+        return task
+
+    def _shapes(self, task: _Task) -> Dict[str, Tuple[int, ...]]:
+        """Shapes of a task's tensors: the plan's, with the head's class dimension at the task's class count."""
+        own = num_classes_of(self.model)
+        shapes = dict(task.plan.trained_shapes)
+        for name in task.plan.head_names:
+            shape = shapes[name]
+            shapes[name] = (task.num_classes, *shape[1:]) if shape[0] == own else shape
+        return shapes
+
+    def _hook_layers(self) -> None:
+        """One forward hook on every linear layer some registered task adapts, none elsewhere."""
+        wanted = {layer for task in self._tasks.values() for layer in task.plan.layers}
+        for name in set(self._hooks) - wanted:
+            self._hooks.pop(name).remove()
+        for name in sorted(wanted - set(self._hooks)):
+            self._hooks[name] = self.model.get_submodule(name).register_forward_hook(partial(self._add_updates, name))
+
+    def _add_updates(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Forward hook: y + (x A_t) B_t with each image's task t, as two batched matmuls over per-image factors."""
+        batch = self._batch.get(name)
+        if batch is None:  # outside MultiTaskModel.forward, or no task of this batch adapts the layer
+            return output
+        a, b, index = batch
+        x = args[0]
+        dtype = output.dtype  # under autocast it may differ from the input's and the weight's
+        if a.shape[0] == 1:  # a single task: two plain matmuls, no per-image factors
+            flat = output.view(-1, output.shape[-1])
+            xa = (x @ a[0].to(x.dtype)).reshape(flat.shape[0], -1)
+            return flat.addmm_(xa.to(dtype), b[0].to(dtype)).view(output.shape)
+        images = index.shape[0]
+        if x.shape[0] != images:
+            raise RuntimeError(f"layer {name} sees {x.shape[0]} rows for a batch of {images} images: MultiTaskModel "
+                               "needs adapted layers that keep the image dimension first")
+        xa = torch.bmm(x.reshape(images, -1, x.shape[-1]), a.index_select(0, index).to(x.dtype))
+        output.view(images, -1, output.shape[-1]).baddbmm_(xa.to(dtype), b.index_select(0, index).to(dtype))
+        return output
+
+    def _layer_batches(self, factors: List[_Factors], index: Tensor) -> Dict[str, LayerBatch]:
+        """Per hooked layer, the present tasks' factors stacked: zero-padded to the largest rank, zero for a task
+        that does not adapt the layer."""
+        batches = {}
+        for name in self._hooks:
+            pairs = [task.layers.get(name) for task in factors]
+            ranks = [pair[0].shape[1] for pair in pairs if pair is not None]
+            if not ranks:
+                continue
+            weight = self.model.get_submodule(name).weight
+            a = weight.new_zeros(len(pairs), weight.shape[1], max(ranks))
+            b = weight.new_zeros(len(pairs), max(ranks), weight.shape[0])
+            for i, pair in enumerate(pairs):
+                if pair is not None:
+                    a[i, :, : pair[0].shape[1]] = pair[0]
+                    b[i, : pair[1].shape[0]] = pair[1]
+            batches[name] = (a, b, index)
+        return batches
+
+    def _factors(self, names: List[str]) -> List[_Factors]:
+        """Factors of ``names`` in order: cached ones marked recently used, the others combined together, then the
+        cache trimmed to its budget, least recently used first."""
+        weight = self.model.get_submodule(self._head_name).weight
+        placement = (weight.device, weight.dtype)
+        missing = [name for name in names if name not in self._cache or self._cache[name].placement != placement]
+        self._cache.update(self._materialise(missing, placement) if missing else {})
+        for name in names:
+            self._cache.move_to_end(name)
+        result = [self._cache[name] for name in names]
+        budget, total = self.cache_mb * 2**20, sum(task.nbytes for task in self._cache.values())
+        while self._cache and total > budget:
+            total -= self._cache.popitem(last=False)[1].nbytes
+        return result
+
+    def _materialise(self, names: List[str], placement: Tuple[torch.device, torch.dtype]) -> Dict[str, _Factors]:
+        """Factors of new tasks from their stored numbers, by each method's own layer class.
+
+        The coefficients of every layer of every task that share a basis are combined in one pass over that
+        basis, as ``merge`` does for one model.
+        """
+        prefix = f"{self._head_name}."
+        layers, heads = [], {}
+        for name in names:
+            task = self._tasks[name]
+            values = _decode(task.stored, task.quantization, self._shapes(task))
+            config = task.plan.config
+            layer_cls = method_of(config).layer_cls
+            if layer_cls not in self._contexts:  # NOLA's basis bank: one per method, shared by every task
+                self._contexts[layer_cls] = layer_cls.injection_context(config) if layer_cls is not None else {}
+            for layer_name, plan in task.plan.layers.items():
+                layer = layer_cls(self.model.get_submodule(layer_name), config, layer_name, plan.slices,
+                                  **self._contexts[layer_cls])
+                for parameter_name, parameter in layer.adapter_parameters().items():
+                    parameter.copy_(values[f"{layer_name}.{parameter_name}"])
+                layers.append((name, layer_name, layer))
+            heads[name] = {key[len(prefix):]: values[key].to(*placement) for key in task.plan.head_names}
+        entries = [(layer, spec, layer.trained(p)) for _, _, layer in layers for spec, p in layer.shared_coefficients()]
+        rows = iter(_combine_grouped(entries))
+        factors: Dict[str, Dict[str, Tuple[Tensor, Tensor]]] = {name: {} for name in names}
+        for name, layer_name, layer in layers:
+            if layer.shared_coefficients():
+                layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
+            a, b = layer.delta_factors()
+            factors[name][layer_name] = (a.contiguous(), b.clone())  # own storage: not a view of all tasks' rows
+        return {name: _Factors(factors[name], heads[name], placement) for name in names}

@@ -1,0 +1,163 @@
+"""MultiTaskModel: a mixed-task batch equals each task's own merged model; caching, registration and errors."""
+import json
+
+import pytest
+import timm
+import torch
+from tiny_models import TINY_VIT, tiny_vit
+
+import nola_vision as nv
+from nola_vision.io import read_adapter
+
+# name: (config, class count); NOLA-MLP, NOLA on q/v slices, LoRA on q/v with another class count, and
+# per-layer NOLA bases on the k slice and attn.proj (targets overlap on qkv with different slices), and a linear
+# probe. NOLA's scale makes each update move the logits by far more than the 1e-4 tolerance.
+TASKS = {
+    "nola_mlp": (nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1", "mlp.fc2"],
+                               scale=40.0), 5),
+    "nola_qv": (nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=24, targets=["attn.q", "attn.v"], seed=3,
+                              scale=40.0), 5),
+    "lora_qv": (nv.LoRAConfig(rank=4, targets=["attn.q", "attn.v"]), 7),
+    "nola_per_layer": (nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, basis="per_layer",
+                                     targets=["attn.k", "attn.proj"], scale=40.0), 3),
+    "head_only": ("linear", 4),
+}
+
+
+def trained(config, num_classes: int, seed: int, model=None) -> torch.nn.Module:
+    """An injected tiny ViT whose adapter tensors and head hold random values, as after training."""
+    model = nv.inject(model if model is not None else tiny_vit(num_classes=num_classes), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return {name: nv.save_adapter(trained(config, classes, seed), root / name)
+            for seed, (name, (config, classes)) in enumerate(TASKS.items())}
+
+
+def served(adapters, **kwargs) -> nv.MultiTaskModel:
+    model = nv.MultiTaskModel(tiny_vit(), **kwargs)
+    for name, directory in adapters.items():
+        model.add_task(name, directory)
+    return model
+
+
+def merged_logits(directory, num_classes: int, images: torch.Tensor) -> torch.Tensor:
+    """What the task's own model gives: its adapter loaded onto a fresh backbone and merged."""
+    with torch.no_grad():
+        return nv.merge(nv.load_adapter(tiny_vit(num_classes=num_classes), directory))(images)
+
+
+def test_mixed_batch_equals_each_tasks_own_merged_model(adapters):
+    images = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    names = list(TASKS)
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(1)).tolist()
+    tasks = [names[i % len(names)] for i in order]  # every task present, shuffled
+    logits = served(adapters)(images, tasks)
+    assert len(logits) == len(images)
+    for name, (_, classes) in TASKS.items():
+        reference = merged_logits(adapters[name], classes, images)
+        for row in (i for i, task in enumerate(tasks) if task == name):
+            assert logits[row].shape == (classes,)
+            assert (logits[row] - reference[row]).abs().max() <= 1e-4
+
+
+def test_a_single_task_batch_and_an_uncached_model_give_the_same_logits(adapters, images):
+    reference = merged_logits(adapters["lora_qv"], 7, images)
+    for cache_mb in (256, 0):
+        model = served(adapters, cache_mb=cache_mb)
+        logits = torch.stack(model(images, "lora_qv"))
+        assert (logits - reference).abs().max() <= 1e-4
+        assert model.cached_tasks == ([] if cache_mb == 0 else ["lora_qv"])
+
+
+def test_cache_keeps_the_most_recently_used_tasks_within_its_budget(adapters, images):
+    model = served(adapters)
+    model(images, "nola_mlp")
+    model(images, "lora_qv")
+    both = model.memory_bytes()["cache"]
+    model(images, "nola_mlp")
+    assert model.cached_tasks == ["lora_qv", "nola_mlp"]
+    model.cache_mb = (both - 1) / 2**20
+    model(images[:1], "nola_mlp")
+    assert model.cached_tasks == ["nola_mlp"]
+    assert 0 < model.memory_bytes()["cache"] < both and model.memory_bytes()["bases"] > 0
+
+
+def test_tasks_are_held_as_their_stored_numbers_until_used(adapters, images):
+    model = served(adapters)
+    assert model.tasks == list(TASKS) and model.num_classes("lora_qv") == 7
+    stored = [t for d in adapters.values() for t in read_adapter(d)[1].values()]
+    assert model.memory_bytes() == {"tasks": sum(t.numel() * t.element_size() for t in stored), "cache": 0, "bases": 0}
+    model(images, "nola_mlp")  # the shared bases are generated on first use
+    assert model.memory_bytes()["bases"] > 0
+
+
+def test_remove_task_unhooks_layers_no_task_adapts(adapters, images):
+    model = served(adapters)
+    hooked = lambda: sorted(n for n, m in model.model.named_modules() if m._forward_hooks)  # noqa: E731
+    assert "blocks.0.mlp.fc1" in hooked() and "blocks.0.attn.proj" in hooked()
+    model.remove_task("nola_mlp")
+    model.remove_task("nola_per_layer")
+    assert hooked() == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert (torch.stack(model(images, "nola_qv")) - merged_logits(adapters["nola_qv"], 5, images)).abs().max() <= 1e-4
+    model.remove_task("nola_qv")
+    model.remove_task("lora_qv")
+    assert hooked() == [] and model.tasks == ["head_only"]
+    assert list(model.model.state_dict()) == list(tiny_vit().state_dict())
+
+
+def test_bad_task_names_and_lengths_get_errors_naming_the_fix(adapters, images):
+    model = served(adapters)
+    with pytest.raises(ValueError, match=r"unknown task 'cifar'; registered tasks are \['head_only', 'lora_qv'"):
+        model(images, ["nola_mlp", "cifar", "nola_mlp", "nola_mlp"])
+    with pytest.raises(ValueError, match="got 2 task names for 4 images: pass one task name per image"):
+        model(images, ["nola_mlp", "lora_qv"])
+    with pytest.raises(ValueError, match=r"already registered: call remove_task\('lora_qv'\)"):
+        model.add_task("lora_qv", adapters["lora_qv"])
+    with pytest.raises(ValueError, match="no task is registered"):
+        nv.MultiTaskModel(tiny_vit())(images, "nola_mlp")
+    with pytest.raises(ValueError, match="has adapters injected"):
+        nv.MultiTaskModel(nv.inject(tiny_vit(), TASKS["nola_mlp"][0]))
+
+
+def test_adapters_for_another_backbone_or_basis_are_refused(adapters, tmp_path):
+    model = served({})
+    config = TASKS["nola_mlp"][0]
+    other_arch = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
+    nv.save_adapter(trained(config, 5, 0, model=other_arch), tmp_path / "arch")
+    with pytest.raises(nv.AdapterLoadError, match=r"task 'a' .*trained on 'vit_small_patch16_224' but this "
+                                                  r"MultiTaskModel serves 'vit_tiny_patch16_224'.*timm.create_model"):
+        model.add_task("a", tmp_path / "arch")
+    nv.save_adapter(trained(config, 5, 0, model=tiny_vit(embed_dim=32)), tmp_path / "width")
+    with pytest.raises(nv.AdapterLoadError, match=r"layer blocks.0.mlp.fc1 is 64→256 .* in the model but 32→128"):
+        model.add_task("b", tmp_path / "width")
+    (tmp_path / "basis").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "basis" / name).write_bytes((adapters["nola_mlp"] / name).read_bytes())
+    document = json.loads((tmp_path / "basis" / "adapter_config.json").read_text())
+    document["basis_fingerprint"] = "0" * 16
+    (tmp_path / "basis" / "adapter_config.json").write_text(json.dumps(document))
+    with pytest.raises(nv.AdapterLoadError, match="basis fingerprint mismatch"):
+        model.add_task("c", tmp_path / "basis")
+    nv.save_adapter(nv.inject(tiny_vit(), "full"), tmp_path / "full")
+    with pytest.raises(nv.AdapterLoadError, match="changes the backbone itself"):
+        model.add_task("d", tmp_path / "full")
+    assert model.tasks == []
+
+
+def test_a_backbone_moved_to_another_dtype_gets_its_tasks_in_that_dtype(adapters, images):
+    model = served(adapters)
+    tasks = ["nola_mlp", "lora_qv", "nola_qv", "nola_per_layer"]
+    reference = model(images, tasks)
+    model.model.to(torch.bfloat16)
+    logits = model(images.bfloat16(), tasks)
+    for value, expected in zip(logits, reference):
+        assert value.dtype == torch.bfloat16 and (value.float() - expected).abs().max() < 0.05
