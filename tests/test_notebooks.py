@@ -1,14 +1,18 @@
-"""Both notebooks execute offline, top to bottom, with tiny settings."""
+"""The notebooks execute offline, top to bottom, with tiny settings, and plot inline."""
 import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-from nola_vision.protocol import run_protocol
+from nola_vision.tune import run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "1"]
+LORA = '{"class_path": "nola_vision.LoRAConfig", "init_args": {"rank": 2, "targets": ["attn.q", "attn.v"]}}'
 
 
 def execute(name: str, tmp_path: Path, **env: str) -> nbformat.NotebookNode:
@@ -34,16 +38,56 @@ def outputs(notebook: nbformat.NotebookNode) -> str:
     return "\n".join(texts)
 
 
+def inline_images(notebook: nbformat.NotebookNode) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+def tiny_tune(out: Path, name: str, *overrides: str) -> None:
+    """What `nola-vision tune` writes for a tiny study: two learning rates, then a one-run protocol."""
+    run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, str(out), name, overrides=[*FAST, *overrides],
+             protocol_split_seeds=[0], protocol_init_seeds=[0], echo=False)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_plot_inline_and_default_to_the_offline_backbone(path):
+    sources = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells)
+    assert "matplotlib.use" not in sources and "Agg" not in sources
+    if "NOLA_VISION_TINY" in sources:
+        assert "create_offline_backbone" in sources and "vit_small_patch14_dinov2" in sources
+
+
 def test_quickstart_notebook_runs_offline(tmp_path):
-    text = outputs(execute("01_quickstart.ipynb", tmp_path, NOLA_VISION_TINY="1"))
-    assert "'adapter': 8192" in text and "4-bit adapter" in text and "max |merged - unmerged|" in text
+    notebook = execute("01_quickstart.ipynb", tmp_path, NOLA_VISION_TINY="1")
+    text = outputs(notebook)
+    assert "'adapter': 8192" in text and "test accuracy after 3 steps" in text
+    assert "4-bit adapter" in text and "max |merged - unmerged|" in text
+    assert inline_images(notebook) == 1  # the loss curve
 
 
-def test_protocol_results_notebook_plots_a_real_protocol_csv(tmp_path):
-    out = tmp_path / "protocol"
-    fast = ["--trainer.max_epochs", "1", "--data.shots", "2"]
-    run_protocol([TINY], str(out), "tiny-nola", split_seeds=[0], init_seeds=[0, 1], overrides=fast)
-    run_protocol([TINY], str(out), "tiny-linear", split_seeds=[0], init_seeds=[0], overrides=fast + ["--model.adapter", "linear"])
-    text = outputs(execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(out / "results.csv")))
-    assert "3 runs from" in text and "tiny-nola" in text and "tiny-linear" in text
+def check_tune_notebook(tmp_path: Path, studies: list) -> None:
+    out = tmp_path / "tune"
+    notebook = execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(out / "results.csv"))
+    text = outputs(notebook)
+    assert f"{len(studies)} runs from" in text and f"tune studies: {', '.join(studies)}" in text
+    assert "model.lr" in text and "val acc %" in text and "COMPLETE" in text  # the trials DataFrame
+    assert inline_images(notebook) == 2  # val acc against lr, test acc against parameters
     assert (out / "accuracy_vs_params.png").stat().st_size > 10_000
+
+
+def test_protocol_results_notebook_shows_a_real_tune_study(tmp_path):
+    tiny_tune(tmp_path / "tune", "nola")
+    check_tune_notebook(tmp_path, ["nola"])
+
+
+@pytest.mark.slow
+def test_protocol_results_notebook_compares_the_tune_studies_of_two_methods(tmp_path):
+    tiny_tune(tmp_path / "tune", "lora", "--model.adapter", LORA)
+    tiny_tune(tmp_path / "tune", "nola")
+    check_tune_notebook(tmp_path, ["lora", "nola"])
+
+
+def test_many_tasks_notebook_serves_a_mixed_batch_and_exports(tmp_path):
+    text = outputs(execute("03_many_tasks.ipynb", tmp_path, NOLA_VISION_TINY="1"))
+    assert "max |mixed batch - each task's merged model|" in text and "five-or-more" in text
+    assert "max |peft - nola_vision|" in text and "max |ONNX Runtime - PyTorch|" in text
+    assert (tmp_path / "runs" / "notebooks" / "many_tasks" / "digit.onnx").is_file()
