@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
-# Learning rates as today: the paper's 5e-3 for every adapter and the linear probe (full FT has its own).
+# The paper's learning rate; a method registers its own recipe (benchmarks/RESULTS.md, "What NOLA needs").
 DEFAULT_LR = 5e-3
 
 
@@ -36,19 +36,21 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and default lr."""
+    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and the default
+    learning rates of its recipe (adapter, and head; a head lr of None means the adapter's)."""
 
     name: str
     config_cls: type
     layer_cls: Optional[type]
     default_lr: float = DEFAULT_LR
+    default_head_lr: Optional[float] = None
 
 
 METHODS: Dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None,
-                    default_lr: float = DEFAULT_LR) -> Method:
+                    default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None) -> Method:
     """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
 
     The layer class subclasses ``nola_vision.layers.AdaptedLinear``; see the README's "Adding a method".
@@ -57,7 +59,7 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
-    METHODS[name] = Method(name, config_cls, layer_cls, default_lr)
+    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr)
     return METHODS[name]
 
 

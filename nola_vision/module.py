@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import lightning as L
 import torch
@@ -22,7 +22,8 @@ from .config import AdapterConfig, adapter_to_hparam, method_of, resolve_adapter
 from .inject import adapter_state, classifier_head, count_parameters, inject, set_quantization_aware
 from .io import save_adapter
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError", "OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "resolve_adapter"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError", "OFFLINE_PRETRAINED_FILE", "build_backbone",
+           "check_backbone_name", "resolve_adapter"]
 
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
 AdapterArg = Union[AdapterConfig, str]
@@ -46,7 +47,7 @@ class FewShotClassifier(L.LightningModule):
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         backbone_seed: int = 0,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
-        lr: float = 5e-3,
+        lr: Optional[float] = None,
         head_lr: Optional[float] = None,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
@@ -75,10 +76,11 @@ class FewShotClassifier(L.LightningModule):
             backbone_seed: seed of a randomly initialised backbone (``pretrained=False``), so checkpoints,
                 which hold only trained tensors, restore onto the same frozen weights.
             optimizer: ``adam`` (the paper), ``adamw`` or ``sgd`` (with ``momentum``).
-            lr: peak learning rate of the adapter (paper: 5e-3 for adapters and linear, 8e-5..1e-5 for full
-                fine-tuning); with ``full``, of every backbone parameter.
-            head_lr: peak learning rate of the classifier head; None means the same as ``lr``. Both follow the same
-                warm-up and cosine schedule (each to ``min_lr`` scaled by its own peak).
+            lr: peak learning rate of the adapter (of every parameter for ``full``); None takes the method's
+                recipe (``nv.get_method(name).default_lr``, chosen on validation data: see the README). The paper
+                presets set the paper's 5e-3.
+            head_lr: peak learning rate of the classifier head; None takes the method's recipe, else ``lr``. Both
+                follow one warm-up and cosine schedule (the head decays to ``min_lr · head_lr / lr``).
             weight_decay: weight decay (paper: 0).
             momentum: SGD momentum.
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
@@ -95,12 +97,14 @@ class FewShotClassifier(L.LightningModule):
         if quant_bits not in (None, 8, 4):
             raise ValueError(f"quant_bits must be 8, 4 or null, got {quant_bits}")
         if quant_bits and method_of(config).layer_cls is None:
-            raise ValueError(f"quant_bits applies to adapter tensors; adapter {config!r} has none: set quant_bits: null")
+            raise ValueError(f"quant_bits applies to adapter tensors; adapter {config!r} has none: "
+                             "set quant_bits: null")
         if adapter_bits not in (None, 32, 16, 8, 4):
             raise ValueError(f"adapter_bits must be 32, 16, 8 or 4, got {adapter_bits}")
         for name, value in (("lr", lr), ("head_lr", head_lr)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
+        lr, head_lr = recipe_learning_rates(config, lr, head_lr)
         if min_lr > lr:
             raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
         if num_classes < 1:
@@ -109,6 +113,7 @@ class FewShotClassifier(L.LightningModule):
         # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and
         # LightningCLI can re-parse a checkpoint's hyper-parameters
         self.hparams["adapter"] = adapter_to_hparam(config)
+        self.hparams["lr"], self.hparams["head_lr"] = lr, head_lr  # resolved: a checkpoint keeps the rates it used
         self.adapter_config = config
         self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
                                     **(backbone_kwargs or {}))
@@ -186,7 +191,7 @@ class FewShotClassifier(L.LightningModule):
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         trained = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": hp.lr},
-                  {"params": [p for p in trained if id(p) in head_ids], "lr": hp.head_lr or hp.lr}]
+                  {"params": [p for p in trained if id(p) in head_ids], "lr": hp.head_lr}]
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
@@ -204,7 +209,8 @@ class FewShotClassifier(L.LightningModule):
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
         # one multiplier for every group: the head's peak decays to min_lr · head_lr / lr
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs))
+        factor = cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -238,7 +244,8 @@ class FewShotClassifier(L.LightningModule):
         """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["nola_vision"] = {"trained_keys": sorted(trained), "backbone_fingerprint": self.backbone_fingerprint(),
+        checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
+                                     "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -250,15 +257,27 @@ class FewShotClassifier(L.LightningModule):
         missing = sorted(set(info["trained_keys"]) - set(checkpoint["state_dict"]))
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         if missing or set(info["trained_keys"]) != expected:
-            raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this model's "
-                             f"{sorted(expected)[:4]}...; build the model with the checkpoint's config (same adapter)")
+            raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this "
+                             f"model's {sorted(expected)[:4]}...; build the model with the checkpoint's config (same "
+                             "adapter)")
         saved = info.get("backbone_fingerprint")
         if saved is not None and saved != self.backbone_fingerprint():
-            raise ValueError("checkpoint was trained on a different frozen backbone (fingerprint mismatch): use the same "
-                             "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the run "
-                             "that wrote it")
+            raise ValueError("checkpoint was trained on a different frozen backbone (fingerprint mismatch): use the "
+                             "same model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as "
+                             "the run that wrote it")
         for key, tensor in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+
+def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[float]) -> Tuple[float, float]:
+    """(adapter lr, head lr): given values win; an unset ``lr`` takes the method's recipe (and its head lr when
+    ``head_lr`` is unset too); an unset ``head_lr`` with a given ``lr`` is that ``lr``."""
+    method = method_of(config)
+    if lr is None:
+        lr = method.default_lr
+        if head_lr is None:
+            head_lr = method.default_head_lr
+    return lr, head_lr if head_lr is not None else lr
 
 
 def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0):

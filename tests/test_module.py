@@ -172,6 +172,28 @@ def test_optimizers_and_lr_validation():
         FewShotClassifier(num_classes=4, lr=1e-6, min_lr=1e-3, **TINY)
 
 
+def test_learning_rates_default_to_the_method_recipe_and_the_head_gets_its_own_group():
+    import nola_vision as nv
+
+    def group_lrs(model):
+        model.trainer = L.Trainer(max_epochs=3, logger=False)
+        head = {id(p) for p in model.model.head.parameters()}
+        return {("head" if id(g["params"][0]) in head else "adapter"): g["lr"]
+                for g in model.configure_optimizers()["optimizer"].param_groups}
+
+    recipe = nv.get_method("nola")
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)) == {
+        "adapter": recipe.default_lr, "head": recipe.default_head_lr or recipe.default_lr}
+    # a given lr is the head's too unless head_lr is given
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, **TINY)) == {"adapter": 1e-3, "head": 1e-3}
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, head_lr=4e-3, **TINY)) == {
+        "adapter": 1e-3, "head": 4e-3}
+    lora = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
+    assert lora.hparams.lr == nv.get_method("lora").default_lr  # resolved values are what checkpoints keep
+    with pytest.raises(ValueError, match="head_lr"):
+        FewShotClassifier(num_classes=4, head_lr=-1.0, **TINY)
+
+
 def test_registered_nola_variant_as_backbone_names_the_base_model():
     with pytest.raises(ValueError, match=r"registered NOLA variant.*vit_tiny_patch16_224\)"):
         FewShotClassifier(num_classes=4, adapter=NOLA, **{**TINY, "backbone": "vit_tiny_patch16_224_nola"})
