@@ -84,6 +84,13 @@ def basis_codes(
     resolution, stored in 2 bytes per value instead of 4, so shared bases cost half the memory. Each
     32-bit hash gives two codes (element 2i: high half of hash i, element 2i+1: low half).
     """
+    return _basis_codes(seed, stream, n, start, torch.device(device or "cpu"))
+
+
+# One opaque operator for torch.compile: tracing the chunked hash loop would unroll thousands of integer ops
+# into the graph (minutes of compilation for ViT-B's shared bases); eager calls run the same code.
+@torch.library.custom_op("nola_vision::basis_codes", mutates_args=())
+def _basis_codes(seed: int, stream: str, n: int, start: int, device: torch.device) -> Tensor:
     out = torch.empty(n, dtype=torch.int16, device=device)
     chunk = _generation_chunk(device)
     for offset in range(0, n, chunk):
@@ -95,6 +102,11 @@ def basis_codes(
         skip = first & 1
         out[offset : offset + size] = (halves[skip : skip + size] - (1 << 15)).to(torch.int16)
     return out
+
+
+@_basis_codes.register_fake
+def _(seed: int, stream: str, n: int, start: int, device: torch.device) -> Tensor:
+    return torch.empty(n, dtype=torch.int16, device=device)
 
 
 @dataclass(frozen=True)
@@ -222,10 +234,9 @@ class _CombineBases(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (coefficients,) = ctx.saved_tensors
         grad32 = grad.float() * ctx.spec.step
-        grad_coefficients = torch.empty(coefficients.shape, dtype=torch.float32, device=coefficients.device)
-        for start, rows in _chunks(ctx.spec, ctx.codes, ctx.chunk, coefficients.device):
-            torch.mm(grad32, rows.t(), out=grad_coefficients[:, start : start + rows.shape[0]])
-        grad_coefficients += 0.5 * grad32.sum(1, keepdim=True)
+        # Column blocks joined once (an (S, k) copy, tiny): torch.compile cannot trace mm into a strided out=.
+        blocks = [grad32 @ rows.t() for _, rows in _chunks(ctx.spec, ctx.codes, ctx.chunk, coefficients.device)]
+        grad_coefficients = torch.cat(blocks, dim=1) + 0.5 * grad32.sum(1, keepdim=True)
         return grad_coefficients.to(coefficients.dtype), None, None, None
 
 
