@@ -27,6 +27,13 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("train_step_vit_b_1thread", "Training step, ViT-B/16, 1 torch thread",
      "Run beside the accuracy benchmark, each on its own core."),
     ("train_step_vit_l", "Training step, ViT-L/16", "2 torch threads on the otherwise idle machine."),
+    ("compile_step_vit_b", "Training step under torch.compile, ViT-B/16",
+     "Eager and `torch.compile(model)` (inductor) side by side, 2 torch threads; the compiled step is timed after two "
+     "warm-up steps that compile the model (shared bases compile twice: before and after their codes exist)."),
+    ("compile_step_vit_l", "Training step under torch.compile, ViT-L/16", "As for ViT-B/16."),
+    ("grad_ckpt_off_vit_b", "Gradient checkpointing, ViT-B/16: off", "Measured right before the run with it on."),
+    ("grad_ckpt_on_vit_b", "Gradient checkpointing, ViT-B/16: on (`model.set_grad_checkpointing(True)`)",
+     "Shared bases are then combined per layer inside each checkpointed block (no batching across layers)."),
     ("sweep_k", "Scaling with the number of bases k = l (ViT-B/16)",
      "Shared bases are held once per model as int16 codes (2 bytes × k × the factor shapes: 61 KB per basis "
      "index for ViT-B NOLA-MLP), so memory grows with k and not with layers; per-layer bases are regenerated in "
@@ -36,8 +43,14 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "Blocks are adapted from the first, so backward always runs through the whole model. One round per point, "
      "as the k sweep."),
     ("inference", "Inference throughput and task switch, ViT-B/16", ""),
+    ("multitask", "Many tasks on one backbone: mixed-task batches, ViT-B/16",
+     "Every image of a batch answered by its own task; resident memory measured in a fresh process."),
     ("storage", "Storage per task", ""),
-    ("accuracy", "Accuracy on real offline data", "Run with 1 torch thread beside the demo and a training-step run."),
+    ("accuracy", "Accuracy on real offline data, learning rates chosen on validation",
+     "Trials ran 2 at a time, 1 torch thread each; finished trials are reused from the cache (and stage 1's "
+     "validation scores from results/study_lr_stage1.json), so this table comes from one command."),
+    ("accuracy_study", "What NOLA needs: placement, init, k and scale at the NOLA recipe's learning rates (5-shot)",
+     "Each variant at NOLA-MLP's chosen lr 2e-2 and head lr 1e-2; the three placements train 49,152 coefficients each."),
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
     ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
 )
@@ -50,7 +63,10 @@ TIMING_NOTE = (
     "combination (about 31 ms per step, 1%)."
 )
 PARTS = {"train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
-         "train_step_vit_l": "train_step_large", "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu"}
+         "train_step_vit_l": "train_step_large", "compile_step_vit_b": "train_step_compile",
+         "compile_step_vit_l": "train_step_compile",
+         "grad_ckpt_off_vit_b": "grad_checkpointing", "grad_ckpt_on_vit_b": "grad_checkpointing",
+         "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu"}
 
 
 def _load(results: Path, name: str):
@@ -111,6 +127,26 @@ def inference_targets(results: Path) -> List[List[str]]:
              _verdict(switch_ms, 50.0, unit="ms")]]
 
 
+def multitask_targets(results: Path) -> List[List[str]]:
+    data = _load(results, "multitask")
+    if data is None:
+        return []
+    seconds = {(row["method"], row["tasks"]): statistics.median(row["seconds"]) for row in data["rows"]}
+    speed = {key: seconds[("merged", 1)] / value for key, value in seconds.items()}
+    rows = [[f"mixed batch of {data['batch']} with {tasks} tasks ≥ {limit}× merged single-task images/s (ViT-B/16)",
+             f"{speed[('multitask', tasks)]:.2f}×", _verdict(speed[("multitask", tasks)], limit, True)]
+            for tasks, limit in ((8, 0.8), (64, 0.6)) if ("multitask", tasks) in speed]
+    rows += [[f"mixed batch ahead of peft's LoRA mixed batch with {tasks} tasks",
+              f"{speed[('multitask', tasks)]:.2f}× vs {speed[('peft', tasks)]:.2f}×",
+              _verdict(speed[("multitask", tasks)] / speed[("peft", tasks)], 1.0, True)]
+             for method, tasks in sorted(speed) if method == "peft"]
+    memory = {row["registered"]: row["rss_mb"] for row in data["memory"]}
+    if 1000 in memory:
+        rows.append(["1,000 registered NOLA tasks add ≤ 250 MB resident memory (ViT-B/16)", f"{memory[1000]:.1f} MB",
+                     _verdict(memory[1000], 250.0, unit="MB")])
+    return rows
+
+
 def storage_targets(results: Path) -> List[List[str]]:
     data = _load(results, "storage")
     if data is None:
@@ -132,11 +168,16 @@ def accuracy_targets(results: Path) -> List[List[str]]:
         gap = full - four
         rows.append([f"4-bit NOLA within 0.5 points of 16-bit accuracy ({shots}-shot, {len(runs)} seeds)",
                      f"{four:.1f} vs {full:.1f} ({gap:+.2f} points)", _verdict(gap, 0.5, unit="points")])
+        if all("lora_r4" in r and "nola_1024" in r for r in runs):
+            nola, lora = (statistics.mean(r[key]["accuracy"] for r in runs) for key in ("nola_1024", "lora_r4"))
+            rows.append([f"NOLA-MLP k=l=1024 ≥ LoRA q,v r=4 − 1 point, lr chosen on validation ({shots}-shot, "
+                         f"{len(runs)} seeds)", f"{nola:.1f} vs {lora:.1f} ({nola - lora:+.1f} points)",
+                         _verdict(lora - nola, 1.0, unit="points")])
     return rows
 
 
-TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, inference_targets, storage_targets,
-                                                           accuracy_targets)
+TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, inference_targets, multitask_targets,
+                                                           storage_targets, accuracy_targets)
 
 
 def target_rows(results: Path) -> List[List[str]]:

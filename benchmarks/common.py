@@ -51,6 +51,16 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], left: 
     return "\n".join(lines)
 
 
+def add_model_arguments(parser: Any, batch: int, bits: int) -> None:
+    """--model, --batch, --img-size, --num-classes, --k and --bits of the ViT-B NOLA-MLP serving benchmarks."""
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
+    parser.add_argument("--bits", type=int, default=bits, help="bits of the saved task adapters")
+
+
 def add_common_arguments(parser: Any) -> None:
     """--threads, --json and --png, which every benchmark script takes."""
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

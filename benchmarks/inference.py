@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
+from common import (
+    add_common_arguments,
+    add_model_arguments,
+    header,
+    markdown_table,
+    pyplot,
+    save_figure,
+    suptitle,
+    write_json,
+)
 from torch import nn
 
 import nola_vision as nv
@@ -139,12 +148,7 @@ def plot(result: Dict, path: str, title: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
-    parser.add_argument("--bits", type=int, default=4, help="bits of the saved adapters the switch loads")
+    add_model_arguments(parser, batch=32, bits=4)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per model")
     parser.add_argument("--switches", type=int, default=20, help="timed task switches")
     add_common_arguments(parser)

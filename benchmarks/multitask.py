@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
+from common import (
+    add_common_arguments,
+    add_model_arguments,
+    header,
+    markdown_table,
+    pyplot,
+    save_figure,
+    suptitle,
+    write_json,
+)
 from inference import base_model
 from torch import nn
 
@@ -243,12 +252,7 @@ def plot(result: Dict, path: str, title: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
-    parser.add_argument("--bits", type=int, default=16, help="bits of the saved task adapters")
+    add_model_arguments(parser, batch=64, bits=16)
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 64], help="distinct tasks per batch")
     parser.add_argument("--registered", type=int, nargs="+", default=[1, 100, 1000],
                         help="registered task counts whose resident memory is measured")

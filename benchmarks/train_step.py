@@ -13,6 +13,7 @@ q and v thirds alone).
     python benchmarks/train_step.py --sweep k --png k.png          # k = l = 256 ... 4096
     python benchmarks/train_step.py --sweep layers --png layers.png  # adapted blocks 1 ... depth
     python benchmarks/train_step.py --device cuda --precision bf16 --model vit_large_patch16_224
+    python benchmarks/train_step.py --methods lora nola --compile --warmup 2   # eager and torch.compile side by side
 """
 from __future__ import annotations
 
@@ -92,8 +93,11 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     model = build(args.method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # timm's contract: blocks recompute their activations in backward
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=generator).to(device)
@@ -102,7 +106,7 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
 
@@ -120,19 +124,20 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
             refs.write("5")  # resets VmHWM to the current RSS
         resting = _rss_kib("VmRSS") * 1024
     times: List[float] = []
-    for index in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
         step()
         sync()
-        if index >= args.warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     return {
         "method": args.method,
         "k": args.k,
         "blocks": args.blocks,
-        "step_s": statistics.median(times),
+        "compiled": bool(args.compile),
+        "step_s": statistics.median(times[args.warmup :]),
+        "warmup_s": sum(times[: args.warmup]),  # with --compile: the compilation
         "train_mem_mb": (peak - resting) / 2**20,
         "peak_mb": peak / 2**20,
         "trainable": sum(p.numel() for p in trainable),
@@ -159,7 +164,9 @@ def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
         depth = model_depth(args.model)
         values = args.values or sorted({1, depth // 4, depth // 2, 3 * depth // 4, depth} - {0})
         return [{"method": method, "k": args.k, "blocks": n} for n in values for method in ("lora", "nola", "nola_per_layer")]
-    return [{"method": method, "k": args.k, "blocks": args.blocks} for method in args.methods]
+    modes = (False, True) if args.compile else (False,)
+    return [{"method": method, "k": args.k, "blocks": args.blocks, "compiled": compiled}
+            for method in args.methods for compiled in modes]
 
 
 def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
@@ -176,7 +183,7 @@ def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
         for index in order:
             job = todo[index]
             command = [sys.executable, os.path.abspath(__file__), "--worker", job["method"], "--k", str(job["k"]),
-                       "--blocks", str(job["blocks"])] + _shared_flags(args)
+                       "--blocks", str(job["blocks"])] + (["--compile"] if job.get("compiled") else []) + _shared_flags(args)
             print(f"round {round_index + 1}/{args.rounds}: {label(job)} (blocks: {job['blocks'] or 'all'}) ...",
                   file=sys.stderr, flush=True)
             out = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -197,18 +204,19 @@ def best_round(measured: List[Dict]) -> Dict:
 
 def _shared_flags(args: argparse.Namespace) -> List[str]:
     flags = []
-    for name in ("model", "device", "batch", "img_size", "steps", "warmup", "num_classes", "precision", "threads"):
+    for name in ("model", "device", "batch", "img_size", "steps", "warmup", "num_classes", "precision", "threads",
+                 "compile_backend"):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return flags
+    return flags + (["--grad-checkpointing"] if args.grad_checkpointing else [])
 
 
 def label(result: Dict) -> str:
-    return METHODS[result["method"]].format(k=result["k"])
+    return METHODS[result["method"]].format(k=result["k"]) + (", torch.compile" if result.get("compiled") else "")
 
 
 def reference(results: List[Dict], result: Dict) -> Optional[Dict]:
-    """Our LoRA on the same blocks as ``result`` (any LoRA row when only one exists)."""
-    loras = [r for r in results if r["method"] == "lora"]
+    """Our LoRA on the same blocks and in the same mode (eager or compiled) as ``result``."""
+    loras = [r for r in results if r["method"] == "lora" and r.get("compiled") == result.get("compiled")]
     same = [r for r in loras if r["blocks"] == result["blocks"]]
     return (same or loras or [None])[0]
 
@@ -217,12 +225,20 @@ def table(results: List[Dict], sweep: Optional[str] = None) -> str:
     columns = ["method", "trainable params", "step (s, median)", "× LoRA", "training peak (MiB)", "× LoRA"]
     if sweep == "layers":
         columns.insert(0, "adapted blocks")
+    compiled = any(r.get("compiled") for r in results)
+    if compiled:
+        columns += ["speed-up of torch.compile", "warm-up incl. compilation (s)"]
     rows = []
     for r in results:
         ref = reference(results, r)
         row = [label(r), f"{r['trainable']:,}", f"{r['step_s']:.3f}",
                f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-", f"{r['train_mem_mb']:.0f}",
                f"{r['train_mem_mb'] / ref['train_mem_mb']:.2f}" if ref and ref["train_mem_mb"] > 0 else "-"]
+        if compiled:
+            eager = next((e for e in results if not e.get("compiled") and (e["method"], e["k"], e["blocks"])
+                          == (r["method"], r["k"], r["blocks"])), None)
+            row += [f"{eager['step_s'] / r['step_s']:.2f}×" if r.get("compiled") and eager else "-",
+                    f"{r['warmup_s']:.1f}" if r.get("compiled") else "-"]
         rows.append(([r["blocks"]] if sweep == "layers" else []) + row)
     return markdown_table(columns, rows, left=2 if sweep == "layers" else 1)
 
@@ -279,6 +295,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=0, help="adapt only the first N blocks (0: all)")
     parser.add_argument("--sweep", choices=["k", "layers"], help="scale k (256..4096) or the adapted blocks")
     parser.add_argument("--values", type=int, nargs="+", help="override the sweep's k values or block counts")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (timm's set_grad_checkpointing)")
+    parser.add_argument("--compile", action="store_true", help="measure every method also under torch.compile(model), "
+                        "after warm-up steps that include compilation (use --warmup 2 or more: shared bases compile "
+                        "twice, before and after their codes are generated)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     add_common_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -290,9 +312,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.method = args.worker
         print(json.dumps(worker(args)))
         return
+    if args.compile and args.sweep:
+        raise SystemExit("--compile compares eager and compiled steps of --methods; run it without --sweep")
     results = run_all(args)
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
                f"median of {args.steps} steps after {args.warmup} warm-up"
+               + (", gradient checkpointing" if args.grad_checkpointing else "")
+               + (f", torch.compile backend {args.compile_backend}" if args.compile else "")
                + (f", best of {args.rounds} rounds in alternating order" if args.rounds > 1 else ""))
     print(header(__file__, argv, args.device))
     print(f"\n{setting}\n")

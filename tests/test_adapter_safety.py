@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
-from tiny_models import tiny_vit
+from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision import io as adapter_io
@@ -16,13 +16,7 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def trained(seed, config=CONFIG, **kwargs):
-    model = nv.inject(tiny_vit(**kwargs), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model
+    return as_if_trained(nv.inject(tiny_vit(**kwargs), config), seed, scale=0.1)
 
 
 def logits(model):

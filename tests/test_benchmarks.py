@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import collect_results  # noqa: E402
 import inference  # noqa: E402
+import multitask  # noqa: E402
 import storage  # noqa: E402
 import train_step  # noqa: E402
 
@@ -34,6 +35,33 @@ def test_train_step_worker_runs_every_method(method):
     args.method = method
     result = train_step.worker(args)
     assert result["step_s"] > 0 and result["trainable"] > 0
+
+
+@pytest.mark.parametrize("method", ["nola", "nola_per_layer", "lora"])
+def test_train_step_worker_runs_with_gradient_checkpointing(method):
+    args = train_step.parse_args(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+                                  "--k", "32", "--grad-checkpointing"])
+    args.method = method
+    assert train_step.worker(args)["step_s"] > 0
+    assert "--grad-checkpointing" in train_step._shared_flags(args)
+
+
+def test_train_step_compile_measures_eager_and_compiled_side_by_side():
+    args = train_step.parse_args(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "2",
+                                  "--k", "32", "--blocks", "1", "--methods", "lora", "nola", "--compile",
+                                  "--compile-backend", "aot_eager"])
+    assert [(j["method"], j["compiled"]) for j in train_step.jobs(args)] == [("lora", False), ("lora", True),
+                                                                             ("nola", False), ("nola", True)]
+    assert "aot_eager" in train_step._shared_flags(args)
+    args.method = "nola"
+    result = train_step.worker(args)  # compiled in this process: warm-up compiles, the timed step runs the graph
+    assert result["compiled"] and result["warmup_s"] > result["step_s"] > 0
+    rows = [{"method": m, "k": 32, "blocks": 1, "compiled": c, "trainable": 1, "step_s": t, "train_mem_mb": 1.0,
+             "warmup_s": 9.0} for m, c, t in (("lora", False, 2.0), ("lora", True, 1.0), ("nola", False, 3.0),
+                                              ("nola", True, 1.5))]
+    table = train_step.table(rows)
+    assert "speed-up of torch.compile" in table and "| NOLA-MLP k=l=32 r=4, shared basis, torch.compile | 1 | 1.500 |" \
+        " 1.50 | 1 | 1.00 | 2.00× | 9.0 |" in table
 
 
 def test_train_step_main_measures_in_subprocesses(tmp_path, capsys):
@@ -81,14 +109,68 @@ def test_inference_main(tmp_path, capsys):
     assert set(data["throughput_s"]) == set(inference.MODELS) and data["switch_max_logit_error"] < 1e-3
 
 
+def test_multitask_main(tmp_path, capsys):
+    multitask.main(["--model", TINY, "--img-size", "32", "--batch", "4", "--tasks", "1", "4", "--registered", "1", "3",
+                    "--rounds", "1", "--k", "32", *_files(tmp_path)], **TINY_KWARGS)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
+    assert {(r["method"], r["tasks"]) for r in data["rows"]} == {("merged", 1), ("multitask", 1), ("peft", 1),
+                                                                   ("multitask", 4), ("switch", 4), ("peft", 4)}
+    assert [r["registered"] for r in data["memory"]] == [1, 3] and data["max_logit_error"] < 1e-4
+    assert "ahead of peft's LoRA mixed batch at" in out
+
+
+def test_multitask_targets_are_computed_from_the_raw_results(tmp_path):
+    rows = [{"method": m, "tasks": t, "seconds": [s]} for m, t, s in
+            (("merged", 1, 10.0), ("multitask", 8, 11.0), ("multitask", 64, 20.0), ("peft", 8, 12.0), ("peft", 64, 15.0))]
+    memory = [{"registered": 1000, "rss_mb": 120.0, "held_mb": 110.0}]
+    (tmp_path / "multitask.json").write_text(json.dumps({"batch": 64, "rows": rows, "memory": memory}))
+    assert collect_results.multitask_targets(tmp_path) == [
+        ["mixed batch of 64 with 8 tasks ≥ 0.8× merged single-task images/s (ViT-B/16)", "0.91×", "met"],
+        ["mixed batch of 64 with 64 tasks ≥ 0.6× merged single-task images/s (ViT-B/16)", "0.50×", "missed by 0.10×"],
+        ["mixed batch ahead of peft's LoRA mixed batch with 8 tasks", "0.91× vs 0.83×", "met"],
+        ["mixed batch ahead of peft's LoRA mixed batch with 64 tasks", "0.50× vs 0.67×", "missed by 0.25×"],
+        ["1,000 registered NOLA tasks add ≤ 250 MB resident memory (ViT-B/16)", "120.0 MB", "met"]]
+
 def test_accuracy_main(tmp_path, capsys):
     accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "--epochs", "1",
-                   "--test-limit", "20", "--methods", "linear", "lora_r1", "nola_1024", "qat4", *_files(tmp_path)],
-                  **TINY_KWARGS)
+                   "--val-shots", "1", "--test-limit", "20", "--lrs", "1e-3", "1e-2", "--head-lrs", "same", "3e-3",
+                   "--methods", "linear", "lora_r1", "nola_1024", "qat4", *_files(tmp_path)], **TINY_KWARGS)
     data = _check_outputs(capsys.readouterr().out, tmp_path)
     rows = data["runs"][0]["rows"]
     assert {"linear", "lora_r1", "nola_1024", "qat4", "nola_1024_ptq3"} <= set(rows)
     assert all(0.0 <= row["accuracy"] <= 100.0 for row in rows.values())
+    # adapters get lr x head lr (4 points), the linear probe only its head lr (2 points)
+    assert len(data["trials"]) == 2 + 3 * 4
+
+
+def test_accuracy_selection_reads_validation_only_and_picks_the_best_val_point(tmp_path, monkeypatch):
+    reads = []
+    real = accuracy.cached_split
+
+    def spy(shots, seed, args, part):
+        reads.append((part, len(trials_done)))
+        return real(shots, seed, args, part)
+
+    trials_done = []
+    real_trial = accuracy.run_trial
+
+    def counting_trial(trial):
+        result = real_trial(trial)
+        trials_done.append(result)
+        return result
+
+    monkeypatch.setattr(accuracy, "cached_split", spy)
+    monkeypatch.setattr(accuracy, "run_trial", counting_trial)
+    accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "1", "--epochs", "1",
+                   "--val-shots", "1", "--test-limit", "10", "--lrs", "1e-4", "3e-2", "--methods", "nola_1024",
+                   "--no-ptq", "--json", str(tmp_path / "raw.json")], **TINY_KWARGS)
+    total = len(trials_done)
+    assert total == 4 and all(done == total for part, done in reads if part == "test")  # test read after every trial
+    data = json.loads((tmp_path / "raw.json").read_text())
+    means = {lr: sum(t["val"] for t in data["trials"] if t["lr"] == lr) / 2 for lr in (1e-4, 3e-2)}
+    assert data["chosen"] == [{"method": "nola_1024", "shots": 1, "lr": max(means, key=means.get),
+                               "head_lr": max(means, key=means.get)}]
 
 
 def _train_step_json(path: Path, lora: float, nola: float) -> None:
@@ -109,7 +191,7 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| merged NOLA inference ≥ 0.97× base images/s (ViT-B/16) | 0.990× | met |" in report
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
-    assert "Not run yet: `accuracy`, `gpu`, " in report
+    assert "Not run yet: `accuracy`, `accuracy_study`, `gpu`, " in report
     readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
     assert collect_results.sync_readme(readme, tmp_path) == (
         "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")
@@ -117,3 +199,31 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
 
 def test_results_report_and_readme_quotes_are_up_to_date_with_the_results():
     assert collect_results.main(["--check"]) == 0, "run: python benchmarks/collect_results.py"
+
+
+def test_accuracy_cache_and_imported_trials_are_reused(tmp_path, monkeypatch):
+    calls = []
+    real_trial = accuracy.run_trial
+    monkeypatch.setattr(accuracy, "run_trial", lambda trial: calls.append(trial) or real_trial(trial))
+    base = ["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "--epochs", "1", "--val-shots",
+            "1", "--test-limit", "10", "--methods", "nola_1024", "--no-ptq", "--lrs", "1e-3"]
+    accuracy.main([*base, "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "a.json")], **TINY_KWARGS)
+    assert len(calls) == 1
+    # a larger grid trains only its new point; the cached one is read back with its weights
+    accuracy.main([*base, "--cache", str(tmp_path / "cache"), "--extra", "nola_1024:1e-2:3e-3"], **TINY_KWARGS)
+    assert [(c["lr"], c["head_lr"]) for c in calls[1:]] == [(1e-2, 3e-3)]
+    # imported validation scores join the selection without training; a chosen imported run is trained again
+    calls.clear()
+    accuracy.main([*base, "--import-trials", str(tmp_path / "a.json")], **TINY_KWARGS)
+    assert len(calls) == 1 and calls[0]["lr"] == 1e-3
+
+
+def test_accuracy_successive_halving_trains_only_the_best_points_at_more_shots(tmp_path, monkeypatch):
+    calls = []
+    real_trial = accuracy.run_trial
+    monkeypatch.setattr(accuracy, "run_trial", lambda trial: calls.append(trial) or real_trial(trial))
+    accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "2", "--seeds", "0", "--epochs", "1",
+                   "--val-shots", "1", "--test-limit", "10", "--methods", "lora_r1", "--no-ptq", "--lrs", "1e-4",
+                   "1e-3", "1e-2", "--top", "1", "--json", str(tmp_path / "raw.json")], **TINY_KWARGS)
+    one_shot = {t["lr"]: t["val"] for t in json.loads((tmp_path / "raw.json").read_text())["trials"] if t["shots"] == 1}
+    assert [c["lr"] for c in calls if c["shots"] == 2] == [max(one_shot, key=one_shot.get)]

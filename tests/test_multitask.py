@@ -4,7 +4,7 @@ import json
 import pytest
 import timm
 import torch
-from tiny_models import TINY_VIT, tiny_vit
+from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.io import read_adapter
@@ -26,13 +26,8 @@ TASKS = {
 
 def trained(config, num_classes: int, seed: int, model=None) -> torch.nn.Module:
     """An injected tiny ViT whose adapter tensors and head hold random values, as after training."""
-    model = nv.inject(model if model is not None else tiny_vit(num_classes=num_classes), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model
+    return as_if_trained(nv.inject(model if model is not None else tiny_vit(num_classes=num_classes), config), seed,
+                         scale=0.2)
 
 
 @pytest.fixture(scope="module")

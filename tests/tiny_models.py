@@ -16,3 +16,13 @@ def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model.eval()
+
+
+def as_if_trained(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Fill every trainable tensor (adapter and head) with seeded random values, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model

@@ -45,5 +45,5 @@ class FullFineTuneConfig(PlainConfig):
         return "all parameters"
 
 
-register_method("linear", LinearProbeConfig)
+register_method("linear", LinearProbeConfig, default_lr=3e-2)  # the head alone: chosen on validation
 register_method("full", FullFineTuneConfig, default_lr=5e-5)
