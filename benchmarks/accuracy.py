@@ -344,8 +344,8 @@ def trials_table(trials: List[Dict], shots: Sequence[int]) -> str:
 
 
 def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, title: str) -> None:
-    """Left: mean validation accuracy against adapter lr (head lr at its chosen value). Right: test accuracy at the
-    chosen lr against trainable parameters."""
+    """Left: mean validation accuracy against one lr for adapter and head, the chosen point starred. Right: test
+    accuracy at the chosen lrs against trainable parameters."""
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     chosen = select(trials)
@@ -353,15 +353,18 @@ def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, 
     colors = dict(zip(names, plt.get_cmap("tab10").colors * 2))
     for name in names:
         for k, style in zip(shots, ("-", "--", ":")):
-            head = chosen[(name, k)][1] if (name, k) in chosen else None
-            points = sorted({t["lr"] for t in trials if t["method"] == name and t["shots"] == k
-                             and (name == "linear" or t["head_lr"] == head)})
+            tied = sorted({t["lr"] for t in trials if t["method"] == name and t["shots"] == k and t["head_lr"] == t["lr"]})
             means = [statistics.mean(t["val"] for t in trials if t["method"] == name and t["shots"] == k
-                                     and t["lr"] == lr and (name == "linear" or t["head_lr"] == head)) for lr in points]
-            if points:
-                left.plot(points, means, style, marker="o", color=colors[name], label=f"{row_label(name)}, {k}-shot")
+                                     and t["lr"] == lr and t["head_lr"] == lr) for lr in tied]
+            if tied:
+                left.plot(tied, means, style, marker="o", color=colors[name], label=f"{row_label(name)}, {k}-shot")
+            if (name, k) in chosen:
+                lr, head = chosen[(name, k)]
+                best = statistics.mean(t["val"] for t in trials if (t["method"], t["shots"], t["lr"], t["head_lr"])
+                                       == (name, k, lr, head))
+                left.plot([lr], [best], marker="*", markersize=13, color=colors[name], linestyle="none")
     left.set_xscale("log")
-    left.set_xlabel("adapter lr (linear probe: head lr); head lr at its chosen value")
+    left.set_xlabel("lr of adapter and head (one lr for both); ★ the chosen point, which may have its own head lr")
     left.set_ylabel("validation top-1 (%), mean over split seeds")
     left.legend(fontsize=6)
     for k, marker in zip(shots, "os^"):
