@@ -7,7 +7,6 @@ model); ``nola-vision demo`` and ``nola-vision protocol`` are dispatched to thei
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .atomic import atomic_path, write_json_atomic
 from .data import CorruptImageError, FewShotDataModule
 from .module import FewShotClassifier, NonFiniteLossError, check_backbone_name
 
@@ -35,16 +35,6 @@ HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol,tune} ...
   tune                        choose hyperparameters on validation accuracy (Optuna), then run the protocol
                               (nola-vision tune --help)
 """
-
-
-def write_json_atomic(path: os.PathLike, data: Dict[str, Any]) -> Path:
-    """Write JSON through a temporary file and a rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -78,9 +68,7 @@ class PredictionsCSVWriter(BasePredictionWriter):
         names = getattr(datamodule, "class_names", None) if datamodule is not None else None
         samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"])
             for r in rows:
@@ -88,7 +76,6 @@ class PredictionsCSVWriter(BasePredictionWriter):
                 writer.writerow([idx, samples[idx][0] if samples is not None and idx is not None else "",
                                  "" if label is None else label, names[label] if names and label is not None else "",
                                  pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
-        os.replace(tmp, path)
         self.written_path = path
         print(f"nola_vision: wrote {len(rows)} predictions to {path}")
         self.rows = []

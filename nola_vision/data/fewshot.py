@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import write_text_atomic
+
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "read_manifest",
            "sample_kshot", "write_manifest"]
 
@@ -80,11 +82,7 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
     lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(lines))
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
