@@ -29,8 +29,8 @@ part() {
         train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
         train_step_compile)
-            run compile_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 2 --rounds 2 --methods lora nola --compile
-            run compile_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 2 --rounds 2 --methods lora nola --compile ;;
+            run compile_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 2 --rounds 1 --methods lora nola --compile
+            run compile_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 2 --rounds 1 --methods lora nola --compile ;;
         grad_checkpointing)  # the same step with timm's set_grad_checkpointing off and on
             run grad_ckpt_off_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola
             run grad_ckpt_on_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola --grad-checkpointing ;;
