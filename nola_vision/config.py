@@ -36,21 +36,23 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and the default
-    learning rates of its recipe (adapter, and head; a head lr of None means the adapter's)."""
+    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and its recipe:
+    the default learning rates (adapter, and head; a head lr of None means the adapter's) and warm-up epochs."""
 
     name: str
     config_cls: type
     layer_cls: Optional[type]
     default_lr: float = DEFAULT_LR
     default_head_lr: Optional[float] = None
+    default_warmup_epochs: int = 0
 
 
 METHODS: Dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None,
-                    default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None) -> Method:
+                    default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None,
+                    default_warmup_epochs: int = 0) -> Method:
     """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
 
     The layer class subclasses ``nola_vision.layers.AdaptedLinear``; see the README's "Adding a method".
@@ -59,7 +61,7 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
-    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr)
+    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_epochs)
     return METHODS[name]
 
 

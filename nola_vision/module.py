@@ -52,7 +52,7 @@ class FewShotClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         min_lr: float = 1e-6,
-        warmup_epochs: int = 0,
+        warmup_epochs: Optional[int] = None,
         label_smoothing: float = 0.1,
         quant_bits: Optional[int] = None,
         adapter_dir: Optional[str] = None,
@@ -84,7 +84,8 @@ class FewShotClassifier(L.LightningModule):
             weight_decay: weight decay (paper: 0).
             momentum: SGD momentum.
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
-            warmup_epochs: linear warm-up epochs before the cosine decay.
+            warmup_epochs: linear warm-up epochs before the cosine decay; None takes the method's recipe
+                (``nv.get_method(name).default_warmup_epochs``; the paper presets set 0).
             label_smoothing: cross-entropy label smoothing (paper: 0.1).
             quant_bits: quantisation-aware training of the adapter tensors at 8 or 4 bits (straight-through
                 estimator); None trains in full precision.
@@ -105,6 +106,10 @@ class FewShotClassifier(L.LightningModule):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         lr, head_lr = recipe_learning_rates(config, lr, head_lr)
+        if warmup_epochs is None:
+            warmup_epochs = method_of(config).default_warmup_epochs
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         if min_lr > lr:
             raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
         if num_classes < 1:
@@ -113,7 +118,8 @@ class FewShotClassifier(L.LightningModule):
         # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and
         # LightningCLI can re-parse a checkpoint's hyper-parameters
         self.hparams["adapter"] = adapter_to_hparam(config)
-        self.hparams["lr"], self.hparams["head_lr"] = lr, head_lr  # resolved: a checkpoint keeps the rates it used
+        # resolved: a checkpoint keeps the schedule it used
+        self.hparams["lr"], self.hparams["head_lr"], self.hparams["warmup_epochs"] = lr, head_lr, warmup_epochs
         self.adapter_config = config
         self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
                                     **(backbone_kwargs or {}))

@@ -1,9 +1,11 @@
 """Smoke tests: every benchmark script's ``main`` runs end to end on a tiny timm ViT, so the scripts cannot rot."""
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -170,7 +172,29 @@ def test_accuracy_selection_reads_validation_only_and_picks_the_best_val_point(t
     data = json.loads((tmp_path / "raw.json").read_text())
     means = {lr: sum(t["val"] for t in data["trials"] if t["lr"] == lr) / 2 for lr in (1e-4, 3e-2)}
     assert data["chosen"] == [{"method": "nola_1024", "shots": 1, "lr": max(means, key=means.get),
-                               "head_lr": max(means, key=means.get)}]
+                               "head_lr": max(means, key=means.get), "warmup": 0}]
+
+
+def test_accuracy_warmup_is_a_grid_axis_that_changes_training(tmp_path, monkeypatch):
+    calls = []
+    real_trial = accuracy.run_trial
+    monkeypatch.setattr(accuracy, "run_trial", lambda trial: calls.append(trial) or real_trial(trial))
+    accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "--epochs", "2",
+                   "--val-shots", "1", "--test-limit", "10", "--methods", "nola_1024", "--no-ptq", "--lrs", "1e-2",
+                   "--warmup-epochs", "0", "1", "--extra", "nola_1024:3e-2:1e-2:1", "--cache", str(tmp_path / "c"),
+                   "--json", str(tmp_path / "raw.json")], **TINY_KWARGS)
+    assert [(c["lr"], c["head_lr"], c["warmup"]) for c in calls] == [(1e-2, 1e-2, 0), (1e-2, 1e-2, 1), (3e-2, 1e-2, 1)]
+    cached = {p.stem: torch.load(p) for p in (tmp_path / "c").glob("*.pt")}
+    assert len(cached) == 3  # one cache entry per warm-up
+    plain, warm = (next(t for t in cached.values() if t["lr"] == 1e-2 and t["warmup"] == w) for w in (0, 1))
+    assert any(not torch.equal(plain["tensors"][k], warm["tensors"][k]) for k in plain["tensors"])
+    # a trial without warm-up keeps the cache key it had before warm-up was an axis
+    args = accuracy.parse_args(["--val-shots", "1"])
+    trial = {"method": "nola_1024", "shots": 1, "seed": 0, "lr": 1e-2, "head_lr": 1e-2}
+    assert accuracy.trial_key(trial, args) == accuracy.trial_key({**trial, "warmup": 0}, args)
+    assert accuracy.trial_key(trial, args) != accuracy.trial_key({**trial, "warmup": 1}, args)
+    with pytest.raises(argparse.ArgumentTypeError, match="WARMUP_EPOCHS"):
+        accuracy.parse_extra("nola_1024:1e-2:same:1:2")
 
 
 def _train_step_json(path: Path, lora: float, nola: float) -> None:
@@ -191,7 +215,7 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| merged NOLA inference ≥ 0.97× base images/s (ViT-B/16) | 0.990× | met |" in report
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
-    assert "Not run yet: `accuracy`, `accuracy_study`, `gpu`, " in report
+    assert "Not run yet: `accuracy`, `accuracy_study`, `accuracy_transfer`, `gpu`, " in report
     readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
     assert collect_results.sync_readme(readme, tmp_path) == (
         "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")
