@@ -537,10 +537,10 @@ def run_trials(args: argparse.Namespace, model_kwargs: dict) -> List[Dict]:
             new = []
             for trial in todo:
                 key = trial_key(trial, args)
-                if cache is not None and (cache / f"{key}.pt").is_file():
-                    done.append(torch.load(cache / f"{key}.pt"))
+                if cache is not None and (cache / f"{key}.pt").is_file():  # the trial's own fields name its point
+                    done.append({**torch.load(cache / f"{key}.pt"), **trial})
                 elif any(trial_key(t, args) == key for t in earlier):
-                    done.append({**next(t for t in earlier if trial_key(t, args) == key), "tensors": None})
+                    done.append({**next(t for t in earlier if trial_key(t, args) == key), **trial, "tensors": None})
                 else:
                     new.append(trial)
             print(f"  {shots}-shot: {len(todo)} trials, {len(todo) - len(new)} from the cache or imported",

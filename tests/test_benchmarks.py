@@ -188,6 +188,16 @@ def test_accuracy_warmup_is_a_grid_axis_that_changes_training(tmp_path, monkeypa
     assert len(cached) == 3  # one cache entry per warm-up
     plain, warm = (next(t for t in cached.values() if t["lr"] == 1e-2 and t["warmup"] == w) for w in (0, 1))
     assert any(not torch.equal(plain["tensors"][k], warm["tensors"][k]) for k in plain["tensors"])
+    # a cache entry written without its warm-up field (before warm-up was an axis) is read back at its key's point
+    stem = next(stem for stem, t in cached.items() if t["lr"] == 3e-2)
+    torch.save({k: v for k, v in cached[stem].items() if k != "warmup"}, tmp_path / "c" / f"{stem}.pt")
+    calls.clear()
+    accuracy.main(["--backbone", TINY, "--image-size", "32", "--shots", "1", "--seeds", "0", "--epochs", "2",
+                   "--val-shots", "1", "--test-limit", "10", "--methods", "nola_1024", "--no-ptq", "--lrs", "1e-2",
+                   "--warmup-epochs", "0", "1", "--extra", "nola_1024:3e-2:1e-2:1", "--cache", str(tmp_path / "c"),
+                   "--json", str(tmp_path / "again.json")], **TINY_KWARGS)
+    trials = json.loads((tmp_path / "again.json").read_text())["trials"]
+    assert not calls and [(t["lr"], t["warmup"]) for t in trials] == [(1e-2, 0), (1e-2, 1), (3e-2, 1)]
     # a trial without warm-up keeps the cache key it had before warm-up was an axis
     args = accuracy.parse_args(["--val-shots", "1"])
     trial = {"method": "nola_1024", "shots": 1, "seed": 0, "lr": 1e-2, "head_lr": 1e-2}
