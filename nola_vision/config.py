@@ -37,14 +37,15 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class Method:
     """A registered adapter method: its name, config class, layer class (None: no adapter layers) and its recipe:
-    the default learning rates (adapter, and head; a head lr of None means the adapter's) and warm-up epochs."""
+    the default learning rates (adapter, and head; a head lr of None means the adapter's) and the share of the
+    epochs spent warming up (rounded to whole epochs)."""
 
     name: str
     config_cls: type
     layer_cls: Optional[type]
     default_lr: float = DEFAULT_LR
     default_head_lr: Optional[float] = None
-    default_warmup_epochs: int = 0
+    default_warmup_fraction: float = 0.0
 
 
 METHODS: Dict[str, Method] = {}
@@ -52,7 +53,7 @@ METHODS: Dict[str, Method] = {}
 
 def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None,
                     default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None,
-                    default_warmup_epochs: int = 0) -> Method:
+                    default_warmup_fraction: float = 0.0) -> Method:
     """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
 
     The layer class subclasses ``nola_vision.layers.AdaptedLinear``; see the README's "Adding a method".
@@ -61,7 +62,9 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
-    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_epochs)
+    if not 0.0 <= default_warmup_fraction < 1.0:
+        raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
+    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
     return METHODS[name]
 
 

@@ -84,8 +84,9 @@ class FewShotClassifier(L.LightningModule):
             weight_decay: weight decay (paper: 0).
             momentum: SGD momentum.
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
-            warmup_epochs: linear warm-up epochs before the cosine decay; None takes the method's recipe
-                (``nv.get_method(name).default_warmup_epochs``; the paper presets set 0).
+            warmup_epochs: linear warm-up epochs before the cosine decay; None takes the method's recipe,
+                ``nv.get_method(name).default_warmup_fraction`` of ``max_epochs`` rounded (NOLA: 2 of 20; the
+                paper presets set 0). The resolved value is stored in the hyperparameters when training starts.
             label_smoothing: cross-entropy label smoothing (paper: 0.1).
             quant_bits: quantisation-aware training of the adapter tensors at 8 or 4 bits (straight-through
                 estimator); None trains in full precision.
@@ -106,9 +107,7 @@ class FewShotClassifier(L.LightningModule):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         lr, head_lr = recipe_learning_rates(config, lr, head_lr)
-        if warmup_epochs is None:
-            warmup_epochs = method_of(config).default_warmup_epochs
-        if warmup_epochs < 0:
+        if warmup_epochs is not None and warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         if min_lr > lr:
             raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
@@ -118,8 +117,7 @@ class FewShotClassifier(L.LightningModule):
         # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and
         # LightningCLI can re-parse a checkpoint's hyper-parameters
         self.hparams["adapter"] = adapter_to_hparam(config)
-        # resolved: a checkpoint keeps the schedule it used
-        self.hparams["lr"], self.hparams["head_lr"], self.hparams["warmup_epochs"] = lr, head_lr, warmup_epochs
+        self.hparams["lr"], self.hparams["head_lr"] = lr, head_lr  # resolved: a checkpoint keeps the rates it used
         self.adapter_config = config
         self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
                                     **(backbone_kwargs or {}))
@@ -215,6 +213,8 @@ class FewShotClassifier(L.LightningModule):
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
         # one multiplier for every group: the head's peak decays to min_lr · head_lr / lr
+        if hp.warmup_epochs is None:  # the recipe's share of this run's epochs, kept for its checkpoints
+            hp.warmup_epochs = recipe_warmup_epochs(self.adapter_config, epochs)
         factor = cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
@@ -284,6 +284,11 @@ def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[fl
         if head_lr is None:
             head_lr = method.default_head_lr
     return lr, head_lr if head_lr is not None else lr
+
+
+def recipe_warmup_epochs(config: Any, epochs: int) -> int:
+    """The method's recipe warm-up for a run of ``epochs``: its ``default_warmup_fraction``, rounded half up."""
+    return math.floor(method_of(config).default_warmup_fraction * epochs + 0.5)
 
 
 def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0):

@@ -190,8 +190,39 @@ def test_learning_rates_default_to_the_method_recipe_and_the_head_gets_its_own_g
         "adapter": 1e-3, "head": 4e-3}
     lora = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
     assert lora.hparams.lr == nv.get_method("lora").default_lr  # resolved values are what checkpoints keep
-    with pytest.raises(ValueError, match="head_lr"):
-        FewShotClassifier(num_classes=4, head_lr=-1.0, **TINY)
+
+
+def test_warmup_defaults_to_the_method_recipe_and_shapes_the_schedule():
+    import nola_vision as nv
+
+    def epoch_lrs(model, epochs):
+        model.trainer = L.Trainer(max_epochs=epochs, logger=False)
+        scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return lrs
+
+    fraction = nv.get_method("nola").default_warmup_fraction
+    assert fraction > 0 and round(20 * fraction) == 2  # the recipe warms NOLA up: 2 of the study's 20 epochs
+    nola = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    assert nola.hparams.warmup_epochs is None  # resolved against max_epochs when training starts
+    lrs = epoch_lrs(nola, 20)
+    assert nola.hparams.warmup_epochs == 2  # ... and then kept, for the checkpoints
+    assert lrs[:3] == pytest.approx([nola.hparams.lr * (e + 1) / 3 for e in range(3)])
+    assert max(lrs) == pytest.approx(nola.hparams.lr) and lrs[-1] < lrs[2]
+    # a short run has no warm-up (round(3 x 0.1) = 0); a given value wins; 0 is the paper's schedule
+    assert epoch_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY), 3)[0] == pytest.approx(nola.hparams.lr)
+    given = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=4, **TINY)
+    assert epoch_lrs(given, 20)[0] == pytest.approx(given.hparams.lr / 5) and given.hparams.warmup_epochs == 4
+    paper = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)
+    assert epoch_lrs(paper, 20)[0] == pytest.approx(paper.hparams.lr)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=-1, **TINY)
+    with pytest.raises(ValueError, match="default_warmup_fraction"):
+        nv.register_method("nola", nv.NOLAConfig, nv.NOLALinear, default_warmup_fraction=1.0)
 
 
 def test_registered_nola_variant_as_backbone_names_the_base_model():

@@ -74,7 +74,7 @@ def test_a_registered_method_trains_saves_and_loads_like_the_built_in_ones(tmp_p
 def test_built_in_methods_and_plain_configs_come_from_the_registry():
     assert nv.available_methods()[:4] == ["lora", "nola", "linear", "full"]
     assert nv.get_method("nola").layer_cls is nv.NOLALinear and nv.get_method("linear").layer_cls is None
-    assert nv.get_method("full").default_lr == 5e-5 and nv.get_method("nola").default_lr == 2e-2
+    assert nv.get_method("full").default_lr == 5e-5 and nv.get_method("nola").default_lr == 3e-2
     assert nv.get_method("nola").default_head_lr == 1e-2 and nv.get_method("lora").default_lr == 5e-3
     assert resolve_adapter("linear") == "linear" and resolve_adapter("linear").describe() == "head only"
     with pytest.raises(ValueError, match="already registered"):

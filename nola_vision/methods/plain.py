@@ -45,5 +45,6 @@ class FullFineTuneConfig(PlainConfig):
         return "all parameters"
 
 
-register_method("linear", LinearProbeConfig, default_lr=3e-2)  # the head alone: chosen on validation
+# the head alone, chosen on validation like the adapters' recipes
+register_method("linear", LinearProbeConfig, default_lr=1e-2, default_warmup_fraction=0.1)
 register_method("full", FullFineTuneConfig, default_lr=5e-5)
