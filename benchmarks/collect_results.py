@@ -49,8 +49,12 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("accuracy", "Accuracy on real offline data, learning rates chosen on validation",
      "Trials ran 2 at a time, 1 torch thread each; finished trials are reused from the cache (and stage 1's "
      "validation scores from results/study_lr_stage1.json), so this table comes from one command."),
-    ("accuracy_study", "What NOLA needs: placement, init, k and scale at the NOLA recipe's learning rates (5-shot)",
-     "Each variant at NOLA-MLP's chosen lr 2e-2 and head lr 1e-2; the three placements train 49,152 coefficients each."),
+    ("accuracy_study", "What NOLA needs: placement, init, k, scale and shared vs per-layer bases at the NOLA recipe "
+     "(5-shot)", "Each variant at the NOLA recipe (lr 3e-2, head lr 1e-2, 2 warm-up epochs); the three placements "
+     "train 49,152 coefficients each."),
+    ("accuracy_transfer", "Does the recipe transfer? Fashion-MNIST, each method at its recipe and its neighbours (5-shot)",
+     "The recipes were chosen on digits validation images; here each method's recipe competes, again on validation, "
+     "with the points around it on a dataset the choice never saw (first 1,000 test images)."),
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
     ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
 )

@@ -36,17 +36,26 @@ part() {
             run grad_ckpt_on_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola --grad-checkpointing ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
         sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep layers ;;
-        accuracy)  # lr grid chosen on validation (stage 1: shared lr; stage 2: head lr around each method's best)
+        accuracy)  # lr, head lr and warm-up chosen on validation (stage 1: shared lr; stage 2: points around each best)
             run accuracy accuracy.py --shots 5 10 --seeds 0 1 2 --val-shots 10 --image-size 56 --epochs 20 --threads 1 \
-                --jobs 2 --top 3 --methods linear lora_r4 nola_1024 --lrs 1e-3 3e-3 1e-2 3e-2 1e-1 \
+                --jobs 2 --top 3 --methods linear lora_r4 nola_1024 --lrs 1e-3 3e-3 1e-2 3e-2 1e-1 --warmup-epochs 0 2 \
                 --extra nola_1024:2e-2:same --extra nola_1024:2e-2:1e-2 --extra nola_1024:2e-2:3e-3 \
                 --extra nola_1024:1e-2:3e-3 --extra lora_r4:3e-3:1e-2 --extra lora_r4:5e-3:3e-3 \
-                --extra lora_r4:5e-3:1e-2 --cache runs/accuracy_cache --import-trials "$out/study_lr_stage1.json" ;;
-        accuracy_study)  # what NOLA needs, at the NOLA recipe's learning rates (5-shot)
+                --extra lora_r4:5e-3:1e-2 --extra nola_1024:2e-2:1e-2:2 --extra nola_1024:3e-2:1e-2:2 \
+                --extra nola_1024:3e-2:3e-3:2 --extra nola_1024:4e-2:1e-2:2 --extra lora_r4:5e-3:3e-3:2 \
+                --extra lora_r4:1e-2:3e-3:2 --cache runs/accuracy_cache --import-trials "$out/study_lr_stage1.json" ;;
+        accuracy_study)  # what NOLA needs, at the NOLA recipe (5-shot)
             run accuracy_study accuracy.py --shots 5 --seeds 0 1 2 --val-shots 10 --image-size 56 --epochs 20 \
                 --threads 1 --jobs 2 --no-ptq --methods nola_1024 nola_qv_1024 nola_mlp_qv_512 nola_1024_zero nola_512 nola_2048 \
-                nola_1024_c4 nola_1024_c025 \
-                --lrs 2e-2 --head-lrs 1e-2 --cache runs/accuracy_cache ;;
+                nola_1024_c4 nola_1024_c025 nola_1024_per_layer \
+                --lrs 3e-2 --head-lrs 1e-2 --warmup-epochs 2 --cache runs/accuracy_cache ;;
+        accuracy_transfer)  # the digits recipes on another dataset: each method at its recipe and its neighbours
+            run accuracy_transfer accuracy.py --dataset fashion_mnist --test-limit 1000 --shots 5 --seeds 0 1 2 \
+                --val-shots 10 --image-size 56 --epochs 20 --threads 1 --jobs 2 --no-ptq --methods linear lora_r4 nola_1024 \
+                --lrs --extra linear:1e-2:1e-2 --extra linear:3e-2:3e-2 --extra linear:1e-2:1e-2:2 --extra linear:3e-2:3e-2:2 \
+                --extra lora_r4:3e-3:3e-3 --extra lora_r4:5e-3:3e-3 --extra lora_r4:5e-3:3e-3:2 --extra lora_r4:1e-2:3e-3:2 \
+                --extra nola_1024:1e-2:1e-2 --extra nola_1024:2e-2:1e-2 --extra nola_1024:2e-2:1e-2:2 \
+                --extra nola_1024:3e-2:1e-2:2 --cache runs/accuracy_cache ;;
         gpu)
             if has_cuda; then
                 run gpu_train_step_vit_b train_step.py --device cuda --precision bf16 --model vit_base_patch16_224 --batch 32 --steps 20 --warmup 5
@@ -59,7 +68,7 @@ part() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(storage inference multitask train_step train_step_1thread train_step_large train_step_compile grad_checkpointing sweep_k sweep_layers accuracy accuracy_study gpu)
+[ ${#parts[@]} -gt 0 ] || parts=(storage inference multitask train_step train_step_1thread train_step_large train_step_compile grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer gpu)
 for name in "${parts[@]}"; do
     part "$name"
 done
