@@ -398,8 +398,7 @@ def plot(trials: List[Dict], runs: List[Dict], shots: Sequence[int], path: str, 
                                        == (name, k, chosen[(name, k)]))
                 left.plot([chosen[(name, k)][0]], [best], marker="*", markersize=13, color=colors[name], linestyle="none")
     left.set_xscale("log")
-    left.set_xlabel("lr of adapter and head (one lr for both); ★ the chosen point, which may have its own head lr "
-                    "and warm-up")
+    left.set_xlabel("lr (adapter = head); ★ the chosen point (its own head lr, warm-up)")
     left.set_ylabel("validation top-1 (%), mean over split seeds")
     left.legend(fontsize=6)
     for k, marker in zip(shots, "os^"):
