@@ -58,6 +58,7 @@ METHODS: Dict[str, Tuple[str, Callable[[], object], Optional[int]]] = {
     "nola_1024_per_layer": ("NOLA-MLP k=l=1024, per-layer bases", _nola(1024, basis="per_layer"), None),
     "nola_qv_1024": ("NOLA q,v k=l=1024", _nola(1024, targets=QV), None),
     "nola_mlp_qv_512": ("NOLA MLP+q,v k=l=512", _nola(512, targets=MLP + QV), None),
+    "nola_mlp_qv_1024": ("NOLA MLP+q,v k=l=1024", _nola(1024, targets=MLP + QV), None),
     "qat8": ("NOLA-MLP k=l=1024, 8-bit QAT", _nola(1024), 8),
     "qat4": ("NOLA-MLP k=l=1024, 4-bit QAT", _nola(1024), 4),
 }

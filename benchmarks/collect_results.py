@@ -51,7 +51,8 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "validation scores from results/study_lr_stage1.json), so this table comes from one command."),
     ("accuracy_study", "What NOLA needs: placement, init, k, scale and shared vs per-layer bases at the NOLA recipe "
      "(5-shot)", "Each variant at the NOLA recipe (lr 3e-2, head lr 1e-2, 2 warm-up epochs); the three placements "
-     "train 49,152 coefficients each."),
+     "train 49,152 coefficients each. The two budgets of 98,304 (k = l = 2048 on the MLP; k = l = 1024 on MLP + q, v) "
+     "also train at lr 1e-2 and 2e-2, each at the point chosen on validation, as a larger step suits them less."),
     ("accuracy_transfer", "Does the recipe transfer? Fashion-MNIST, each method at its recipe and its neighbours (5-shot)",
      "The recipes were chosen on digits validation images; here each method's recipe competes, again on validation, "
      "with the points around it on a dataset the choice never saw (first 1,000 test images)."),

@@ -44,11 +44,12 @@ part() {
                 --extra lora_r4:5e-3:1e-2 --extra nola_1024:2e-2:1e-2:2 --extra nola_1024:3e-2:1e-2:2 \
                 --extra nola_1024:3e-2:3e-3:2 --extra nola_1024:4e-2:1e-2:2 --extra lora_r4:5e-3:3e-3:2 \
                 --extra lora_r4:1e-2:3e-3:2 --cache runs/accuracy_cache --import-trials "$out/study_lr_stage1.json" ;;
-        accuracy_study)  # what NOLA needs, at the NOLA recipe (5-shot)
+        accuracy_study)  # what NOLA needs, at the NOLA recipe (5-shot); the twice-larger budgets also at smaller lrs
             run accuracy_study accuracy.py --shots 5 --seeds 0 1 2 --val-shots 10 --image-size 56 --epochs 20 \
                 --threads 1 --jobs 2 --no-ptq --methods nola_1024 nola_qv_1024 nola_mlp_qv_512 nola_1024_zero nola_512 nola_2048 \
-                nola_1024_c4 nola_1024_c025 nola_1024_per_layer \
-                --lrs 3e-2 --head-lrs 1e-2 --warmup-epochs 2 --cache runs/accuracy_cache ;;
+                nola_1024_c4 nola_1024_c025 nola_1024_per_layer nola_mlp_qv_1024 \
+                --lrs 3e-2 --head-lrs 1e-2 --warmup-epochs 2 --extra nola_2048:1e-2:1e-2:2 --extra nola_2048:2e-2:1e-2:2 \
+                --extra nola_mlp_qv_1024:1e-2:1e-2:2 --extra nola_mlp_qv_1024:2e-2:1e-2:2 --cache runs/accuracy_cache ;;
         accuracy_transfer)  # the digits recipes on another dataset: each method at its recipe and its neighbours
             run accuracy_transfer accuracy.py --dataset fashion_mnist --test-limit 1000 --shots 5 --seeds 0 1 2 \
                 --val-shots 10 --image-size 56 --epochs 20 --threads 1 --jobs 2 --no-ptq --methods linear lora_r4 nola_1024 \
