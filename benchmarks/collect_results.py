@@ -189,6 +189,15 @@ def target_rows(results: Path) -> List[List[str]]:
     return [row for target in TARGETS for row in target(results)]
 
 
+def printed_output(results: Path, name: str) -> str:
+    """What a part's script printed (``<name>.md``); empty while ``run_all.sh`` is rewriting it or after it failed."""
+    text = (results / f"{name}.md").read_text().strip()
+    if not text:
+        raise ValueError(f"{results / name}.md is empty: its part is still running or failed; re-run "
+                         f"`bash benchmarks/run_all.sh {PARTS.get(name, name)}`")
+    return text
+
+
 def build(results: Path) -> str:
     """The whole report: targets computed from the JSON, then every section's printed table and plot."""
     done = [section for section in SECTIONS if (results / f"{section[0]}.md").is_file()]
@@ -204,7 +213,7 @@ def build(results: Path) -> str:
         lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), "", TIMING_NOTE, ""]
     for name, title, note in done:
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
-        lines += [(results / f"{name}.md").read_text().strip(), ""]
+        lines += [printed_output(results, name), ""]
         if (results / f"{name}.png").is_file():
             lines += [f"![{title}](results/{name}.png)", ""]
     return "\n".join(lines)
@@ -217,7 +226,7 @@ def quote(results: Path, name: str) -> str:
     """What the README shows of a result: its tables (or the targets table) and the line naming date and command."""
     if name == "targets":
         return markdown_table(["target", "measured", "verdict"], target_rows(results))
-    printed = (results / f"{name}.md").read_text().strip()
+    printed = printed_output(results, name)
     tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in printed.split("\n\n")]
     return "\n\n".join([printed.splitlines()[0]] + [table for table in tables if table])
 
@@ -234,7 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
     args = parser.parse_args(argv)
-    wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results)}
+    try:
+        wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results)}
+    except ValueError as err:
+        print(f"collect_results: error: {err}", file=sys.stderr)
+        return 1
     stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

@@ -231,6 +231,15 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
         "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")
 
 
+def test_an_empty_result_of_a_running_part_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "accuracy.md").write_text("")  # run_all.sh's tee truncates it when the part starts
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results: accuracy -->\n<!-- /results -->\n")
+    code = collect_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(readme)])
+    assert code == 1 and "accuracy.md is empty" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
+
+
 def test_results_report_and_readme_quotes_are_up_to_date_with_the_results():
     assert collect_results.main(["--check"]) == 0, "run: python benchmarks/collect_results.py"
 
