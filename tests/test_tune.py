@@ -49,7 +49,6 @@ def test_grid_keys_and_validation_data_are_checked(tmp_path):
     assert done.returncode == 1 and "dotted key" in done.stderr
 
 
-@pytest.mark.slow
 def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(tmp_path, monkeypatch):
     (tmp_path / "spy").mkdir()
     (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
@@ -72,7 +71,6 @@ def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(
     assert "--model.lr" in readers[0] and best["overrides"][1] in readers[0]
 
 
-@pytest.mark.slow
 def test_a_restarted_search_runs_only_the_remaining_trials(tmp_path):
     out = tmp_path / "out"
     grid = ["--grid", "model.lr=1e-4,2e-2", "--skip_protocol"]
@@ -85,7 +83,6 @@ def test_a_restarted_search_runs_only_the_remaining_trials(tmp_path):
     assert len(fits(out)) == 2 and (out / "t" / "best.json").is_file()
 
 
-@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_path):
     out = tmp_path / "out"
     cmd = tune_cmd(out, "--grid", "model.lr=1e-4,2e-2", "--grid", "model.head_lr=1e-3", "--skip_protocol")
