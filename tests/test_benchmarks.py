@@ -270,3 +270,15 @@ def test_accuracy_successive_halving_trains_only_the_best_points_at_more_shots(t
                    "1e-3", "1e-2", "--top", "1", "--json", str(tmp_path / "raw.json")], **TINY_KWARGS)
     one_shot = {t["lr"]: t["val"] for t in json.loads((tmp_path / "raw.json").read_text())["trials"] if t["shots"] == 1}
     assert [c["lr"] for c in calls if c["shots"] == 2] == [max(one_shot, key=one_shot.get)]
+
+
+def test_accuracy_training_loop_clips_gradients_when_asked():
+    def trained(clip):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 3)
+        args = accuracy.parse_args(["--epochs", "2", "--batch", "4", "--clip-grad", str(clip)])
+        accuracy.train(head, head, torch.randn(8, 4) * 100, torch.arange(8) % 3, 1e-1, 1e-1, 1, args, seed=0)
+        return head.weight.detach().clone()
+
+    assert torch.equal(trained(0.0), trained(0.0))
+    assert not torch.allclose(trained(0.0), trained(1e-6))  # Adam is scale-free, but a tiny norm cap changes its moments
