@@ -275,8 +275,9 @@ def trial_key(trial: Dict, args: argparse.Namespace) -> str:
 
     settings = (trial["method"], trial["shots"], trial["seed"], trial["lr"], trial["head_lr"], args.backbone,
                 args.image_size, args.epochs, args.batch, args.val_shots)
-    if trial.get("warmup", 0) or args.clip_grad:  # keys of runs without them stay as they were
-        settings += (trial.get("warmup", 0), args.clip_grad)
+    warmup = point(trial)[2]
+    if warmup or args.clip_grad:  # keys of runs without them stay as they were
+        settings += (warmup, args.clip_grad)
     if args.dataset != "digits":
         settings += (args.dataset,)
     return hashlib.sha256(repr(settings).encode()).hexdigest()[:20]
