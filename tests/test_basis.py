@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from nola_vision.basis import (
+from nola_vision.core.basis import (
     BasisBank,
     BasisSpec,
     basis_codes,
@@ -37,7 +37,7 @@ def test_bases_equal_golden_values():
 
 def test_bases_identical_in_a_separate_process():
     code = (
-        "import torch; from nola_vision.basis import BasisSpec;"
+        "import torch; from nola_vision.core.basis import BasisSpec;"
         "print(BasisSpec(3, 'A/64x2', (64, 2), 8).generate().view(torch.int32).sum().item())"
     )
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from nola_vision import LoRAConfig, NOLAConfig, count_parameters, inject
-from nola_vision.cli import NolaCLI, main, run_lightning_cli
+from nola_vision.cli import main
 from nola_vision.data import FewShotDataModule
-from nola_vision.module import FewShotClassifier
+from nola_vision.train.cli import NolaCLI, run_lightning_cli
+from nola_vision.train.module import FewShotClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"

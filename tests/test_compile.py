@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_vit
 
 import nola_vision as nv
-from nola_vision.basis import BasisSpec
+from nola_vision.core.basis import BasisSpec
 
 PACKAGE = str(Path(nv.__file__).resolve().parent)
 # k = l = 96 spans several chunks of the basis combination (32 shared, 64 per layer), as k = 1024 does.

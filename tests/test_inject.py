@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_vit
 
 import nola_vision as nv
-from nola_vision.inject import adapter_state
+from nola_vision.core.inject import adapter_state
 
 
 def nola_mlp(rank, k):
@@ -214,7 +214,7 @@ def test_invalid_configs_name_the_valid_choices():
 def test_configs_round_trip_through_json():
     import json
 
-    from nola_vision.config import config_from_dict
+    from nola_vision.core.config import config_from_dict
 
     for config in (nv.NOLAConfig(rank=2, targets=["attn.q"], basis="per_layer"), nv.LoRAConfig(alpha=8)):
         assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -7,8 +7,8 @@ import torch
 from tiny_models import tiny_vit
 
 import nola_vision as nv
-from nola_vision.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
-from nola_vision.quantize import dequantize, pack4, quantize, unpack4
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.core.quantize import dequantize, pack4, quantize, unpack4
 
 CONFIG = nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
 

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from nola_vision import LoRAConfig, NOLAConfig, load_adapter
-from nola_vision.module import FewShotClassifier, adapter_to_hparam, cosine_factor, resolve_adapter
+from nola_vision.core.config import adapter_to_hparam, resolve_adapter
+from nola_vision.train.module import FewShotClassifier
+from nola_vision.train.recipe import cosine_factor
 
 TINY = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
             backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
@@ -51,7 +53,7 @@ def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(tmp_path)
 
 
 def _plain_tiny():
-    from nola_vision.module import build_backbone
+    from nola_vision.models.backbones import build_backbone
 
     return build_backbone(TINY["backbone"], 4, False, None, 32, 0, **TINY["backbone_kwargs"])
 
@@ -231,7 +233,7 @@ def test_registered_nola_variant_as_backbone_names_the_base_model():
 
 
 def test_diverged_weights_are_never_exported(tmp_path):
-    from nola_vision.module import NonFiniteLossError
+    from nola_vision.train.module import NonFiniteLossError
 
     model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), **TINY)
     with torch.no_grad():

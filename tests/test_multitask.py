@@ -7,7 +7,7 @@ import torch
 from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 
 import nola_vision as nv
-from nola_vision.io import read_adapter
+from nola_vision.adapters.files import read_adapter
 
 # name: (config, class count); NOLA-MLP, NOLA on q/v slices, LoRA on q/v with another class count, and
 # per-layer NOLA bases on the k slice and attn.proj (targets overlap on qkv with different slices), and a linear
@@ -128,8 +128,8 @@ def test_adapters_for_another_backbone_or_basis_are_refused(adapters, tmp_path):
     config = TASKS["nola_mlp"][0]
     other_arch = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
     nv.save_adapter(trained(config, 5, 0, model=other_arch), tmp_path / "arch")
-    with pytest.raises(nv.AdapterLoadError, match=r"task 'a' .*trained on 'vit_small_patch16_224' but this "
-                                                  r"MultiTaskModel serves 'vit_tiny_patch16_224'.*timm.create_model"):
+    with pytest.raises(nv.AdapterLoadError, match=r"task 'a' .*trained on 'vit_small_patch16_224' but the "
+                                                  r"model is 'vit_tiny_patch16_224'.*timm.create_model"):
         model.add_task("a", tmp_path / "arch")
     nv.save_adapter(trained(config, 5, 0, model=tiny_vit(embed_dim=32)), tmp_path / "width")
     with pytest.raises(nv.AdapterLoadError, match=r"layer blocks.0.mlp.fc1 is 64→256 .* in the model but 32→128"):

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nola_vision.protocol import collect_results, knn_predict, main, run_protocol, summarise, write_tables
+from nola_vision.runs.knn import knn_predict
+from nola_vision.runs.protocol import main, run_protocol
+from nola_vision.runs.results import collect_results, summarise, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_offline.yaml")
@@ -127,7 +129,7 @@ def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
 
 @pytest.mark.parametrize("executor", ["local_jobs", "submitit_local"])
 def test_runs_go_through_an_executor(tmp_path, executor):
-    from nola_vision.executors import LocalExecutor, SubmititExecutor
+    from nola_vision.runs.executors import LocalExecutor, SubmititExecutor
 
     ex = (LocalExecutor(jobs=2) if executor == "local_jobs"
           else SubmititExecutor(str(tmp_path / "submitit"), cluster="local", jobs=2, gpus_per_node=0, poll_s=0.2))
@@ -138,7 +140,7 @@ def test_runs_go_through_an_executor(tmp_path, executor):
 
 
 def test_local_executor_gives_each_job_slot_its_gpus():
-    from nola_vision.executors import LocalExecutor
+    from nola_vision.runs.executors import LocalExecutor
 
     assert LocalExecutor(jobs=3, gpus_per_job=1, devices=["0", "1"]).slot_devices == ["0", "1", "0"]
     assert LocalExecutor(jobs=2, gpus_per_job=2, devices=["0", "1", "2", "3"]).slot_devices == ["0,1", "2,3"]

@@ -9,8 +9,9 @@ from tiny_models import tiny_vit
 from torch import nn
 
 import nola_vision as nv
-from nola_vision.basis import portable_uniform
-from nola_vision.config import METHODS, adapter_to_hparam, resolve_adapter
+from nola_vision.core.basis import portable_uniform
+from nola_vision.core.config import adapter_to_hparam, resolve_adapter
+from nola_vision.core.registry import METHODS
 
 
 # ---- the whole example method (LoRA with a frozen random A: only B trains) ------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nola_vision.tune import parse_grid, run_tune
+from nola_vision.runs.tune import parse_grid, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_offline.yaml")

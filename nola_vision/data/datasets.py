@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..atomic import write_text_atomic
+from ..core.storage import write_text_atomic
 
 __all__ = [
     "DATASETS",

@@ -80,7 +80,7 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
     lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
-    from ..atomic import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
+    from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
 
     return write_text_atomic(path, "".join(lines))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import AdapterConfig, register_method
+from ..core.config import AdapterConfig
+from ..core.registry import register_method
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,8 @@
 
 The pair is written as one unit (a sibling temporary directory swapped in) and carries checksums: the config
 records a sha256 of the weights file and a sha256 of its own fields, so flipped bytes or an edited ``scale``
-fail to load instead of giving other outputs. Loads are checked against the injection plan
-(``inject.plan_injection``) before the model changes.
+fail to load instead of giving other outputs. ``verify_adapter`` checks a directory against a model's injection
+plan without changing the model; ``load_adapter`` is verify, then apply; serving registers tasks through it too.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
@@ -20,21 +21,20 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
-from . import __version__
-from .atomic import atomic_directory
-from .basis import GENERATOR_VERSION
-from .config import config_from_dict
-from .inject import (
-    InjectionPlan,
-    adapted_layers,
-    adapter_state,
-    basis_fingerprint,
-    classifier_head,
-    inject,
-    plan_injection,
-)
-from .merge import switch_merged
-from .quantize import SUPPORTED_BITS, dequantize, pack4, quantize, unpack4
+from ..core.basis import GENERATOR_VERSION
+from ..core.config import config_from_dict
+from ..core.inject import adapter_state, inject
+from ..core.layer import adapted_layers
+from ..core.merge import switch_merged
+from ..core.plan import InjectionPlan, plan_injection
+from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, pack4, quantize, require_bits, unpack4
+from ..core.storage import atomic_directory, read_files
+from ..core.targets import classifier_head, trained_parameters
+from ..version import __version__
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
+           "architecture_name", "decode_tensors", "load_adapter", "num_classes_of", "read_adapter", "save_adapter",
+           "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,25 +55,10 @@ def architecture_name(model: nn.Module) -> str:
 
 
 def num_classes_of(model: nn.Module) -> int:
+    """The class count of the model's classifier (timm's ``num_classes``, else the head's out_features)."""
     if hasattr(model, "num_classes"):
         return int(model.num_classes)
     return int(getattr(classifier_head(model), "out_features", 0))
-
-
-def _trained_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-    """(adapter tensors, head tensors) by full parameter name; ``full`` saves every parameter as "adapter"."""
-    state = adapter_state(model)
-    if state.config.train_backbone:
-        return {name: p for name, p in model.named_parameters()}, {}
-    adapter = {
-        f"{layer_name}.{param_name}": param
-        for layer_name, layer in adapted_layers(model).items()
-        for param_name, param in layer.adapter_parameters().items()
-    }
-    head = classifier_head(model)
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    head_tensors = {name: p for name, p in model.named_parameters() if id(p) in head_ids}
-    return adapter, head_tensors
 
 
 def _sha256(data: bytes) -> str:
@@ -104,9 +89,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     state = adapter_state(model)
     if state is None:
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    adapter, head = _trained_tensors(model)
+    bits = require_bits(bits)
+    adapter, head = trained_parameters(model, state.config.train_backbone)
     for name, param in {**adapter, **head}.items():
         if not bool(torch.isfinite(param.detach()).all()):
             raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
@@ -139,7 +123,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "bits": bits,
         "library_version": __version__,
         "generator_version": GENERATOR_VERSION,
-        "basis_fingerprint": basis_fingerprint(model),
+        "basis_fingerprint": state.plan.basis_fingerprint(),
         "weights_sha256": _sha256(weights),
     }
     document["config_sha256"] = _document_digest(document)
@@ -173,7 +157,7 @@ _SCHEMA = {
     "layers": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_layer(x) for k, x in v.items()),
                'an object {layer name: {"in": int, "out": int, "slices": [[start, end], ...]}}'),
     "head": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of tensor names"),
-    "bits": (lambda v: v in SUPPORTED_BITS and _is_int(v), f"one of {SUPPORTED_BITS}"),
+    "bits": (lambda v: _is_int(v) and v in SUPPORTED_BITS, f"one of {SUPPORTED_BITS}"),
     "generator_version": (lambda v: isinstance(v, str), "a string"),
     "library_version": (lambda v: isinstance(v, str), "a string"),
     "basis_fingerprint": (lambda v: v is None or isinstance(v, str), "a string or null"),
@@ -182,10 +166,10 @@ _CHECKSUMS = {name: (lambda v: isinstance(v, str), "a sha256 hex string")
               for name in ("weights_sha256", "config_sha256")}
 
 
-def _read_document(path: Path) -> dict:
+def _read_document(path: Path, raw: bytes) -> dict:
     """The config document, with every field's type checked: a damaged or hand-edited file fails here, clearly."""
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
     if not isinstance(document, dict) or document.get("format") not in (FORMAT, *LEGACY_FORMATS):
@@ -202,9 +186,8 @@ def _read_document(path: Path) -> dict:
     return document
 
 
-def _read_weights(path: Path, document: dict) -> Tuple[Dict[str, Tensor], dict]:
+def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Tensor], dict]:
     """The stored tensors and quantisation table, after checking the file's sha256 against the config's."""
-    raw = path.read_bytes()
     expected = document.get("weights_sha256")
     if expected is not None and _sha256(raw) != expected:
         raise AdapterLoadError(f"{path} is truncated or corrupt: its sha256 differs from the one recorded in "
@@ -220,22 +203,23 @@ def _read_weights(path: Path, document: dict) -> Tuple[Dict[str, Tensor], dict]:
 
 
 def read_adapter(directory: PathLike) -> Tuple[dict, Dict[str, Tensor], dict]:
-    """The checked config document, the raw stored tensors and the quantisation table of an adapter directory."""
-    root = _adapter_root(directory)
-    document = _read_document(root / CONFIG_NAME)
-    return (document, *_read_weights(root / WEIGHTS_NAME, document))
+    """The checked config document, the raw stored tensors and the quantisation table of an adapter directory.
 
-
-def _adapter_root(directory: PathLike) -> Path:
+    Both files are read from one directory, so a save that replaces the adapter meanwhile gives the old or the
+    new pair, never one of each.
+    """
     root = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (root / name).is_file():
-            raise AdapterLoadError(f"{root / name} is missing: an adapter directory holds {CONFIG_NAME} and "
-                                   f"{WEIGHTS_NAME} (written by save_adapter)")
-    return root
+    try:
+        raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))
+    except FileNotFoundError as error:
+        raise AdapterLoadError(f"{error.args[0] if error.args else root} is missing: an adapter directory holds "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)") from error
+    document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME])
+    return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 
 
-def _decode(tensors: Dict[str, Tensor], quantization: dict, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tensor]:
+def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
+                   shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tensor]:
     """Float32 values of every stored tensor, dequantised and reshaped to the plan's shapes.
 
     Sizes are compared before anything is unpacked, and non-finite values are refused.
@@ -252,8 +236,9 @@ def _decode(tensors: Dict[str, Tensor], quantization: dict, shapes: Dict[str, Tu
         numel = math.prod(shape)
         if name in quantization:
             entry = quantization[name]
-            if not (isinstance(entry, list) and len(entry) == 3 and entry[2] in (8, 4)):
-                raise AdapterLoadError(f"tensor {name}: quantisation entry {entry!r} is not [minimum, step, 8 or 4]")
+            if not (isinstance(entry, list) and len(entry) == 3 and _is_int(entry[2]) and entry[2] in INTEGER_BITS):
+                raise AdapterLoadError(f"tensor {name}: quantisation entry {entry!r} is not [minimum, step, bits] "
+                                       f"with bits in {INTEGER_BITS}")
             minimum, step, bits = entry
             stored_numel = (numel + 1) // 2 if bits == 4 else numel
             if stored.dtype != torch.uint8 or stored.numel() != stored_numel:
@@ -270,12 +255,14 @@ def _decode(tensors: Dict[str, Tensor], quantization: dict, shapes: Dict[str, Tu
     return values
 
 
-def _check_model(model: nn.Module, document: dict) -> None:
-    """Architecture and class count: the two things a user fixes by creating another model."""
+def _check_architecture(model: nn.Module, document: dict) -> None:
     backbone, model_arch = document["backbone"], architecture_name(model)
     if backbone != model_arch:
         raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
                                f"model with timm.create_model({backbone!r}, ...)")
+
+
+def _check_num_classes(model: nn.Module, document: dict) -> None:
     if document["num_classes"] != num_classes_of(model):
         raise AdapterLoadError(
             f"adapter has a {document['num_classes']}-class head but the model has {num_classes_of(model)} classes: "
@@ -341,23 +328,62 @@ def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -
                                "save the adapter again")
 
 
+@dataclass(frozen=True)
+class VerifiedAdapter:
+    """What ``verify_adapter`` read and checked: the config document, the plan it fits, and the decoded values.
+
+    ``values`` are float32 by full parameter name, shaped for the model (``shapes``); ``stored`` and
+    ``quantization`` are the tensors as the file holds them (integer codes at 8/4 bits), for callers that keep
+    the compact form and decode later with ``decode_tensors``.
+    """
+
+    directory: Path
+    document: Dict[str, Any]
+    plan: InjectionPlan
+    values: Dict[str, Tensor]
+    stored: Dict[str, Tensor]
+    quantization: Dict[str, Any]
+    shapes: Dict[str, Tuple[int, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        return self.document["num_classes"]
+
+
+def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: bool = True) -> VerifiedAdapter:
+    """Everything ``load_adapter`` checks, without changing the model; raises ``AdapterLoadError`` naming the fix.
+
+    Checked: the file's fields and checksums, architecture, class count (unless ``match_num_classes`` is False:
+    then the head takes the file's class count, as a server of many tasks needs), layer shapes against the
+    injection plan, the fingerprint of the regenerated random bases, tensor sizes and finite values.
+    """
+    document, stored, quantization = read_adapter(directory)
+    _check_architecture(model, document)
+    if match_num_classes:
+        _check_num_classes(model, document)
+    plan = _plan_for(model, document)
+    _check_layers(plan, document)
+    _check_bases_and_checksum(plan, document, Path(directory) / CONFIG_NAME)
+    shapes = dict(plan.trained_shapes)
+    if not match_num_classes:  # the head's class dimension at the file's class count
+        own = num_classes_of(model)
+        for name in plan.head_names:
+            shape = shapes[name]
+            shapes[name] = (document["num_classes"], *shape[1:]) if shape[0] == own else shape
+    values = decode_tensors(stored, quantization, shapes)
+    return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes)
+
+
 def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load a saved adapter onto a base model of the same architecture (injecting it if needed).
 
-    Everything is checked before the model changes: the file's fields and checksums, architecture, class
-    count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, and
+    ``verify_adapter`` checks everything before the model changes: the file's fields and checksums, architecture,
+    class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, and
     finite values. On a merged model with the same adapter config, it switches tasks in place
     (W += ΔW_new − ΔW_old) and stays merged.
     """
-    root = _adapter_root(directory)
-    document = _read_document(root / CONFIG_NAME)
-    _check_model(model, document)
-    plan = _plan_for(model, document)
-    _check_layers(plan, document)
-    _check_bases_and_checksum(plan, document, root / CONFIG_NAME)
-    tensors, quantization = _read_weights(root / WEIGHTS_NAME, document)
-    values = _decode(tensors, quantization, plan.trained_shapes)
+    verified = verify_adapter(model, directory)
     if adapter_state(model) is None:
-        inject(model, plan.config)
-    switch_merged(model, values)  # plain copies; a merged model switches tasks in place and stays merged
+        inject(model, verified.plan)
+    switch_merged(model, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
     return model

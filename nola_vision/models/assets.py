@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from ..core.storage import atomic_path
 
 __all__ = [
     "OFFLINE_BACKBONE",

@@ -8,7 +8,6 @@ store; the factors of recently used tasks are cached under a memory budget (leas
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,23 +19,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
-from .basis import BasisBank
-from .config import method_of
-from .inject import InjectionPlan, adapted_layers, adapter_state, classifier_head
-from .io import (
-    CONFIG_NAME,
-    AdapterLoadError,
-    PathLike,
-    _check_bases_and_checksum,
-    _check_layers,
-    _decode,
-    _plan_for,
-    architecture_name,
-    num_classes_of,
-    read_adapter,
-)
-from .layers import as_factors
-from .merge import _combine_grouped
+from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
+from ..core.basis import BasisBank
+from ..core.inject import adapter_state
+from ..core.layer import adapted_layers, as_factors
+from ..core.merge import combine_shared
+from ..core.plan import InjectionPlan
+from ..core.registry import method_of
+from ..core.targets import classifier_head
 
 __all__ = ["MultiTaskModel"]
 
@@ -47,12 +37,13 @@ LayerBatch = Tuple[Tensor, Tensor, Tensor]
 
 @dataclass
 class _Task:
-    """A registered task as its file stores it: tensors (float16/32 or integer codes) and their quantisation,
-    with the injection plan of its config (one plan object for all tasks of the same config)."""
+    """A registered task as its file stores it: tensors (float16/32 or integer codes), their quantisation and the
+    shapes they decode to, with the injection plan of its config."""
 
     plan: InjectionPlan
     stored: Dict[str, Tensor]
     quantization: dict
+    shapes: Dict[str, Tuple[int, ...]]
     num_classes: int
 
     def nbytes(self) -> int:
@@ -100,7 +91,6 @@ class MultiTaskModel(nn.Module):
         self.cache_mb = cache_mb
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
-        self._plans: Dict[str, InjectionPlan] = {}
         self._contexts: Dict[type, dict] = {}
         self._cache: OrderedDict[str, _Factors] = OrderedDict()
         self._hooks: Dict[str, RemovableHandle] = {}
@@ -136,11 +126,9 @@ class MultiTaskModel(nn.Module):
 
     def remove_task(self, name: str) -> None:
         """Forget a task, its cached factors, and the hooks of layers no other task adapts."""
-        task = self._task(name)
+        self._task(name)
         del self._tasks[name]
         self._cache.pop(name, None)
-        if all(other.plan is not task.plan for other in self._tasks.values()):
-            self._plans = {key: plan for key, plan in self._plans.items() if plan is not task.plan}
         self._hook_layers()
 
     def memory_bytes(self) -> Dict[str, int]:
@@ -195,32 +183,12 @@ class MultiTaskModel(nn.Module):
         return names
 
     def _read_task(self, directory: Path) -> _Task:
-        document, stored, quantization = read_adapter(directory)
-        served = architecture_name(self.model)
-        if document["backbone"] != served:
-            raise AdapterLoadError(f"the adapter was trained on {document['backbone']!r} but this MultiTaskModel "
-                                   f"serves {served!r}: register it on a MultiTaskModel over "
-                                   f"timm.create_model({document['backbone']!r}, ...)")
-        key = json.dumps([document["method"], document["config"]], sort_keys=True)
-        plan = self._plans.get(key) or _plan_for(self.model, document)
-        if plan.config.train_backbone:
-            raise AdapterLoadError(f"a {plan.config.method!r} adapter changes the backbone itself, so it cannot share "
-                                   "one: serve it on its own model with nv.load_adapter")
-        _check_layers(plan, document)
-        _check_bases_and_checksum(plan, document, directory / CONFIG_NAME)
-        task = _Task(plan, stored, quantization, document["num_classes"])
-        _decode(stored, quantization, self._shapes(task))  # sizes and finite values; the numbers stay as stored
-        self._plans[key] = plan
-        return task
-
-    def _shapes(self, task: _Task) -> Dict[str, Tuple[int, ...]]:
-        """Shapes of a task's tensors: the plan's, with the head's class dimension at the task's class count."""
-        own = num_classes_of(self.model)
-        shapes = dict(task.plan.trained_shapes)
-        for name in task.plan.head_names:
-            shape = shapes[name]
-            shapes[name] = (task.num_classes, *shape[1:]) if shape[0] == own else shape
-        return shapes
+        """A task checked by ``verify_adapter`` (any class count: each task has its own head), kept as stored."""
+        verified = verify_adapter(self.model, directory, match_num_classes=False)
+        if verified.plan.config.train_backbone:
+            raise AdapterLoadError(f"a {verified.plan.config.method!r} adapter changes the backbone itself, so it "
+                                   "cannot share one: serve it on its own model with nv.load_adapter")
+        return _Task(verified.plan, verified.stored, verified.quantization, verified.shapes, verified.num_classes)
 
     def _hook_layers(self) -> None:
         """One forward hook on every linear layer some registered task adapts, none elsewhere."""
@@ -294,7 +262,7 @@ class MultiTaskModel(nn.Module):
         layers, heads = [], {}
         for name in names:
             task = self._tasks[name]
-            values = _decode(task.stored, task.quantization, self._shapes(task))
+            values = decode_tensors(task.stored, task.quantization, task.shapes)
             config = task.plan.config
             layer_cls = method_of(config).layer_cls
             if layer_cls not in self._contexts:  # NOLA's basis bank: one per method, shared by every task
@@ -307,7 +275,7 @@ class MultiTaskModel(nn.Module):
                 layers.append((name, layer_name, layer))
             heads[name] = {key[len(prefix):]: values[key].to(*placement) for key in task.plan.head_names}
         entries = [(layer, spec, layer.trained(p)) for _, _, layer in layers for spec, p in layer.shared_coefficients()]
-        rows = iter(_combine_grouped(entries))
+        rows = iter(combine_shared(entries))
         factors: Dict[str, Dict[str, Tuple[Tensor, Tensor]]] = {name: {} for name in names}
         for name, layer_name, layer in layers:
             if layer.shared_coefficients():

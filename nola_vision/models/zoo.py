@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import fields
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import timm
 from timm.models import (
@@ -17,8 +17,11 @@ from timm.models import (
 )
 from torch import nn
 
-from .config import get_method
-from .inject import Method, inject
+from ..core.config import AdapterConfig
+from ..core.inject import inject
+from ..core.registry import get_method
+
+__all__ = ["NOLA_VARIANTS", "check_model_name", "create_model"]
 
 # Base architecture → NOLA defaults. ViT-L uses rank 1, as in the paper (98,304 coefficients at k=l=1024).
 NOLA_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -52,7 +55,7 @@ def check_model_name(model_name: str, fix: str = "") -> None:
                          f"Drop the tag for timm's default. {fix}".rstrip())
 
 
-def create_model(model_name: str, adapter: Optional[Method] = None, **kwargs: Any) -> nn.Module:
+def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str]] = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, **kwargs)`` followed by ``inject(model, adapter)`` when one is given.
 
     Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).

@@ -1,11 +1,10 @@
-"""LoRA baseline on the same machinery (layers, slices, merge, files) as NOLA."""
+"""LoRA's config: rank, alpha, targets and the seed of A's initialisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import AdapterConfig, as_target_list, register_method, require_positive
-from ..layers import LoRALinear
+from ...core.config import AdapterConfig, as_target_list, require_positive
 
 DEFAULT_LORA_TARGETS = ("attn.q", "attn.v")
 
@@ -40,8 +39,3 @@ class LoRAConfig(AdapterConfig):
 
     def describe(self) -> str:
         return f"LoRA r={self.rank} on {'+'.join(self.targets)}"
-
-
-# Recipe chosen on validation (benchmarks/RESULTS.md): the paper's 5e-3 with the head at 3e-3 and no warm-up; 1e-2
-# with a warm-up scored best at 5 shots but diverged on a split at 10.
-register_method("lora", LoRAConfig, LoRALinear, default_lr=5e-3, default_head_lr=3e-3)

@@ -1,27 +1,24 @@
-"""Adapter layers: a frozen ``nn.Linear`` plus a low-rank update on whole or sliced output features.
+"""The adapted-layer contract: a frozen ``nn.Linear`` plus a low-rank update on whole or sliced output features.
 
-``NOLALinear`` and ``LoRALinear`` share one forward, merge and slice mechanism; they differ only in how
-they produce the factors A (in×r) and B (r×width) of each slice. A layer class also says, before it exists,
-which tensors it trains and which bases it uses (``parameter_shapes``, ``plan_basis_specs``), so an
-injection plan can be computed and checked without building anything. Model-wide work (shared-basis
-batching, merge, task switching) lives in ``merge.py``.
+Every method's layer (``NOLALinear``, ``LoRALinear``, …) subclasses ``AdaptedLinear`` and shares its forward,
+merge and slice mechanism; a method only says how it produces the factors A (in×r) and B (r×width) of each
+slice. What model-level code (plan, inject, merge, files, serving, export) may read from a layer is declared
+here, on the base class, and nowhere else.
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .basis import BasisBank, BasisSpec, basis_streams, combine_bases, portable_uniform
+from .basis import BasisSpec
+from .functions import MergedGuard, RecomputedInputDelta, add_low_rank_output
 from .quantize import fake_quantize
 
-if TYPE_CHECKING:
-    from .methods.lora import LoRAConfig
-    from .methods.nola import NOLAConfig
+__all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision"]
 
 Slice = Tuple[int, int]
 # A 0-dim bool buffer of every adapted layer: merged-ness travels with its state dict (see ``_load_from_state_dict``).
@@ -40,6 +37,17 @@ class AdaptedLinear(nn.Module):
     ``weight`` and ``bias`` are the wrapped layer's own parameters, so state-dict keys of the base model are
     unchanged and pretrained weights load into an adapted model as they are; the only other keys are the adapter
     tensors and the ``adapter_merged`` flag, which keeps a merged state dict from adding ΔW twice.
+
+    The contract, everything model-level code may use:
+
+    * a method implements ``adapter_parameter_names``, ``parameter_shapes`` and ``factors`` (and, with random
+      bases, ``plan_basis_specs``, ``basis_specs``, ``injection_context`` and ``shared_coefficients``);
+    * model-level code reads ``base_layer`` (the module this layer replaced, given back by ``unload``),
+      ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
+      ``adapter_parameters()``, ``trained()``, ``delta_factors()`` and ``get_delta_weight()``, and calls
+      ``merge()``, ``unmerge()`` and ``replace_merged_delta()``;
+    * model-level code sets ``input_activation`` (inject), ``quant_bits`` (quantisation-aware training) and
+      ``batched_factors`` (shared-basis batching, one forward pass at a time).
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
@@ -49,6 +57,9 @@ class AdaptedLinear(nn.Module):
         widths = {end - start for start, end in slices}
         if len(widths) != 1:
             raise ValueError(f"all adapted slices of a layer must have the same width, got {list(slices)}")
+        # Kept out of the module tree (no state-dict keys, no second copy of the weight in .to()): it shares
+        # ``weight`` and ``bias`` with this layer, so it is the original module, merged or not.
+        self.__dict__["base_layer"] = base
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
@@ -103,6 +114,7 @@ class AdaptedLinear(nn.Module):
         return []
 
     def basis_specs(self) -> Tuple[BasisSpec, ...]:
+        """Every random basis this layer uses (its fingerprint is recorded in adapter files)."""
         return ()
 
     def trained(self, name: str, value: Optional[Tensor] = None) -> Tensor:
@@ -141,11 +153,11 @@ class AdaptedLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             trained = [p for p in self.adapter_parameters().values() if p.requires_grad]
-            return _MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
+            return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
         if pre_activation is not None and torch.is_grad_enabled():
-            return _RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
-        return _add_low_rank_output(y, x @ a.to(x.dtype), b)
+            return RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
+        return add_low_rank_output(y, x @ a.to(x.dtype), b)
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
@@ -171,7 +183,8 @@ class AdaptedLinear(nn.Module):
         """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
 
-    def adapter_parameters(self) -> dict:
+    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """The trained tensors of this layer by parameter name."""
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -205,160 +218,12 @@ class AdaptedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
 
 
-class _MergedGuard(torch.autograd.Function):
-    """Identity on a merged layer's output whose backward raises: its adapter would silently get no gradient."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, *adapter_parameters: Tensor) -> Tensor:  # type: ignore[override]
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        raise RuntimeError(
-            "backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter parameters "
-            "would get no gradient. Call nv.unmerge(model) before training (for inference, use torch.no_grad())"
-        )
-
-
-def _add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
-    """y + xa @ b as one addmm: the low-rank output is never written and read back separately."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.to(xa.dtype))
-    return out.view(y.shape)
-
-
-class _RecomputedInputDelta(torch.autograd.Function):
-    """``y + (x A) B`` for x = act(h) that keeps h (already kept by the activation's own backward), not x.
-
-    An adapted ``mlp.fc2`` needs its input for the gradient of A; a frozen model never stores that
-    activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level. The gradient
-    for x joins the frozen path's before the activation's backward, which then runs once.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, y: Tensor, x: Tensor, h: Tensor, a: Tensor, b: Tensor, activation: nn.Module
-    ) -> Tensor:
-        ctx.activation = activation
-        ctx.save_for_backward(h, a, b)
-        return _add_low_rank_output(y, x @ a.to(x.dtype), b)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        h, a, b = ctx.saved_tensors
-        dtype = grad.dtype
-        a_, b_ = a.to(dtype), b.to(dtype)
-        grad_xa = grad @ b_.t()
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            with torch.no_grad():
-                x = ctx.activation(h).to(dtype)
-            if ctx.needs_input_grad[3]:
-                grad_a = (x.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
-            if ctx.needs_input_grad[4]:
-                grad_b = ((x @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_x = grad_xa @ a_.t()
-        return grad, grad_x, None, grad_a, grad_b, None
-
-
-class NOLALinear(AdaptedLinear):
-    """NOLA: A = Σ αᵢAᵢ and B = Σ βⱼBⱼ over frozen random bases; only α (k) and β (l) per slice train."""
-
-    adapter_parameter_names = ("nola_alpha", "nola_beta")
-    # Bases decoded to float32 per step of the shared combination: a cache-sized temporary (1.5 MB for ViT-B's
-    # 3072×4 factors), measured fastest on CPU among 16/32/128.
-    shared_chunk = 32
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        config: NOLAConfig,
-        name: str,
-        slices: Optional[Sequence[Slice]] = None,
-        bank: Optional[BasisBank] = None,
-    ) -> None:
-        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
-        k, l = config.num_basis_a, config.num_basis_b  # noqa: E741 (the paper's k and l)
-        self.basis = config.basis
-        self.bank = bank if bank is not None else BasisBank()
-        self.specs_a, self.specs_b = self._specs(config, name, self.in_features, self.width, self.slices)
-        shapes = self.parameter_shapes(config, self.in_features, self.width, len(self.slices))
-        self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, device=base.weight.device))
-        beta = 0.0 if config.init == "zero_delta" else 1.0 / l
-        self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, device=base.weight.device))
-
-    @classmethod
-    def parameter_shapes(cls, config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
-        return {"nola_alpha": (num_slices, config.num_basis_a), "nola_beta": (num_slices, config.num_basis_b)}
-
-    @staticmethod
-    def _specs(config: NOLAConfig, name: str, in_features: int, width: int,
-               slices: Sequence[Slice]) -> Tuple[Tuple[BasisSpec, ...], Tuple[BasisSpec, ...]]:
-        """The bases of A and B: one spec for all slices when shared, one per slice otherwise."""
-        streams_a, streams_b = basis_streams(config.basis, name, in_features, config.rank, width, slices)
-        specs_a = tuple(BasisSpec(config.seed, s, (in_features, config.rank), config.num_basis_a) for s in streams_a)
-        specs_b = tuple(BasisSpec(config.seed, s, (config.rank, width), config.num_basis_b) for s in streams_b)
-        return specs_a, specs_b
-
-    @classmethod
-    def plan_basis_specs(cls, config: NOLAConfig, name: str, in_features: int, width: int,
-                         slices: Sequence[Slice]) -> Tuple[BasisSpec, ...]:
-        specs_a, specs_b = cls._specs(config, name, in_features, width, slices)
-        return specs_a + specs_b
-
-    @classmethod
-    def injection_context(cls, config: NOLAConfig) -> Dict[str, Any]:
-        return {"bank": BasisBank()}  # one bank per model: each shared basis is held once per device
-
-    def shared_coefficients(self) -> List[Tuple[BasisSpec, str]]:
-        if self.basis != "shared":
-            return []
-        return [(self.specs_a[0], "nola_alpha"), (self.specs_b[0], "nola_beta")]
-
-    def _combine(self, coefficients: Tensor, specs: Tuple[BasisSpec, ...]) -> Tensor:
-        if self.basis == "shared":
-            codes = self.bank.get(specs[0], coefficients.device)
-            return combine_bases(coefficients, specs[0], codes, self.shared_chunk)
-        return torch.cat([combine_bases(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
-
-    def factors(self) -> Tuple[Tensor, Tensor]:
-        with full_precision(self.nola_alpha.device):
-            a = self._combine(self.trained("nola_alpha"), self.specs_a)
-            b = self._combine(self.trained("nola_beta"), self.specs_b)
-        return as_factors(self, a, b)
-
-    def basis_specs(self) -> Tuple[BasisSpec, ...]:
-        return self.specs_a + self.specs_b
-
-
 def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:
     """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
 
 
-class LoRALinear(AdaptedLinear):
-    """LoRA: trained A (kaiming-uniform, portable seed) and B (zero), ΔW = (alpha/r)·A·B."""
-
-    adapter_parameter_names = ("lora_A", "lora_B")
-
-    def __init__(
-        self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None
-    ) -> None:
-        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
-        num_slices, rank = len(self.slices), config.rank
-        shapes = self.parameter_shapes(config, self.in_features, self.width, num_slices)
-        # kaiming_uniform_(a=√5) of a (rank, in) weight has bound 1/√in; drawn from the portable generator.
-        bound = 1 / math.sqrt(self.in_features)
-        a = portable_uniform(config.seed, f"{name}/lora_A", num_slices * rank * self.in_features, bound)
-        a = a.view(num_slices, rank, self.in_features).transpose(1, 2).contiguous()
-        assert a.shape == shapes["lora_A"]
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], device=base.weight.device))
-
-    @classmethod
-    def parameter_shapes(cls, config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:
-        return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
-
-    def factors(self) -> Tuple[Tensor, Tensor]:
-        return self.trained("lora_A").float(), self.trained("lora_B").float()
+def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
+    """Every adapter layer of the model by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}

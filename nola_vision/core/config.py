@@ -1,16 +1,17 @@
-"""Adapter configurations and the method registry: each method is declared once, everything else looks it up.
+"""The adapter config base and the one parser that turns any stored or typed form back into a config object.
 
-A method is a config dataclass (what a user sets; round-trips through JSON) plus the layer class that
-wraps an ``nn.Linear`` (None for the plain methods ``linear`` and ``full``). ``register_method`` adds
-one; injection, adapter files, the LightningModule, the timm zoo and the demo find it by name here.
+Every method's config subclasses ``AdapterConfig``: a dataclass (what a user sets) that round-trips through
+JSON, adapter files, Lightning hyper-parameters and the CLI. Methods are found in the registry, never named here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
+from dataclasses import asdict, fields
+from typing import Any, ClassVar, Dict, List, Sequence, Union
 
-# The paper's learning rate; a method registers its own recipe (benchmarks/RESULTS.md, "What NOLA needs").
-DEFAULT_LR = 5e-3
+from .registry import METHODS, available_methods, get_method, method_of
+
+__all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
+           "require_choice", "require_positive", "resolve_adapter"]
 
 
 class AdapterConfig:
@@ -32,61 +33,6 @@ class AdapterConfig:
     def describe(self) -> str:
         """A short human description (tables, logs)."""
         return self.method
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and its recipe:
-    the default learning rates (adapter, and head; a head lr of None means the adapter's) and the share of the
-    epochs spent warming up (rounded to whole epochs)."""
-
-    name: str
-    config_cls: type
-    layer_cls: Optional[type]
-    default_lr: float = DEFAULT_LR
-    default_head_lr: Optional[float] = None
-    default_warmup_fraction: float = 0.0
-
-
-METHODS: Dict[str, Method] = {}
-
-
-def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None,
-                    default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None,
-                    default_warmup_fraction: float = 0.0) -> Method:
-    """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
-
-    The layer class subclasses ``nola_vision.layers.AdaptedLinear``; see the README's "Adding a method".
-    """
-    if name in METHODS and METHODS[name].config_cls is not config_cls:
-        raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
-    if getattr(config_cls, "method", None) != name:
-        raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
-    if not 0.0 <= default_warmup_fraction < 1.0:
-        raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
-    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
-    return METHODS[name]
-
-
-def available_methods() -> List[str]:
-    """Names of every registered adapter method."""
-    return list(METHODS)
-
-
-def get_method(name: str) -> Method:
-    """The registered method called ``name``; a ValueError lists the valid names."""
-    if name not in METHODS:
-        raise ValueError(f"unknown adapter method {name!r}; expected one of {available_methods()}")
-    return METHODS[name]
-
-
-def method_of(config: Any) -> Method:
-    """The registered method of a config object (or a method name)."""
-    name = config if isinstance(config, str) else getattr(config, "method", None)
-    if not isinstance(name, str) or name not in METHODS or not isinstance(config, (str, METHODS[name].config_cls)):
-        raise TypeError(f"expected a config of one of {available_methods()} (e.g. NOLAConfig, LoRAConfig) or "
-                        f"'linear'/'full', got {type(config).__name__}")
-    return METHODS[name]
 
 
 def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:
@@ -192,13 +138,3 @@ def require_positive(config: Any, *names: str) -> None:
 def require_choice(name: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
-
-
-# The built-in methods register themselves on import (after the base classes above exist).
-from .methods import LoRAConfig, NOLAConfig, PlainConfig  # noqa: E402
-
-PLAIN_METHODS = tuple(m.name for m in METHODS.values() if m.layer_cls is None)
-
-__all__ = ["AdapterConfig", "LoRAConfig", "METHODS", "Method", "NOLAConfig", "PLAIN_METHODS", "PlainConfig",
-           "adapter_to_hparam", "as_config", "available_methods", "config_from_dict", "get_method", "method_of",
-           "register_method", "resolve_adapter"]

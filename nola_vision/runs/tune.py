@@ -31,9 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
-from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
 from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
-from .protocol import RESULT_FILE, _pairs, _read_result, config_key, counted, fit_command, run_protocol
+from .protocol import fit_command, run_protocol
+from .results import RESULT_FILE, config_key, counted, parse_overrides, read_result
 
 __all__ = ["main", "parse_grid", "run_tune"]
 
@@ -94,7 +95,7 @@ def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
     for config in configs:
         data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
         shots = data.get("val_shots", data.get("init_args", {}).get("val_shots", shots))
-    for key, value in _pairs(overrides):
+    for key, value in parse_overrides(overrides):
         if key in ("--data.val_shots", "--data.init_args.val_shots"):
             shots = value
     try:
@@ -248,7 +249,7 @@ class _Search:
         runs = []
         for split_seed, init_seed in self.seeds:
             run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
-            if not counted(_read_result(run_dir / RESULT_FILE), "val/acc"):
+            if not counted(read_result(run_dir / RESULT_FILE), "val/acc"):
                 runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
                                 run_dir / "log.txt"))
         errors = [f"exit {code}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
@@ -257,7 +258,7 @@ class _Search:
         accs = {}
         for split_seed, init_seed in self.seeds:
             run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
-            result = _read_result(run_dir / RESULT_FILE)
+            result = read_result(run_dir / RESULT_FILE)
             if not counted(result, "val/acc"):
                 raise TrialFailed(f"{run_dir / RESULT_FILE} has no finite val/acc (see {run_dir / 'log.txt'})")
             if any(k.startswith("test/") for k in result["metrics"]):

@@ -1,26 +1,31 @@
 """Model-level adapter work: shared-basis batching across layers, merge/unmerge, and switching a merged model's task.
 
-Layers hold per-layer math only (``layers.py``); what needs every adapted layer of a model at once lives here.
+Layers hold per-layer math only (``layer.py``); what needs every adapted layer of a model at once lives here.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .basis import combine_bases
-from .layers import AdaptedLinear, as_factors, full_precision
+from .basis import BasisSpec, combine_bases
+from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
+
+__all__ = ["batched_factors", "combine_shared", "combine_shared_factors", "gradient_checkpointing",
+           "has_shared_bases", "merge", "release_shared_factors", "switch_merged", "unmerge"]
+
+# (layer, shared basis, coefficients): one request of ``combine_shared``.
+SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
 
 
-def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
-    """Every adapter layer of the model by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+def combine_shared(entries: Sequence[SharedEntry]) -> List[Tensor]:
+    """Rows of ``coefficients @ bases`` for each entry, with one combination per distinct basis and device.
 
-
-def _combine_grouped(entries: list) -> list:
-    """Rows of ``coefficients @ bases`` for (layer, spec, coefficients) entries, one combination per basis."""
+    Every entry whose basis is shared (``AdaptedLinear.shared_coefficients``) with others is combined in the same
+    pass over that basis: merge, task switching and multi-task serving read each basis once, whatever the layers.
+    """
     groups: dict = {}
     for index, (_, spec, coefficients) in enumerate(entries):
         groups.setdefault((spec, coefficients.device), []).append(index)
@@ -66,7 +71,7 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
     if torch.is_grad_enabled() and gradient_checkpointing(model):
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
-    rows = iter(_combine_grouped(entries))
+    rows = iter(combine_shared(entries))
     for layer in layers:
         layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
 
@@ -118,7 +123,7 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
         for spec, name in layer.shared_coefficients():
             new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
             entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
-    rows = iter(_combine_grouped(entries))
+    rows = iter(combine_shared(entries))
     changes: Dict[int, Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]] = {}
     for _, layer in shared:
         pairs = [(next(rows), next(rows)) for _ in layer.shared_coefficients()]

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Dict, Iterator, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,3 +86,31 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
+    """The bytes of each of ``names`` in ``directory``, all read from one and the same directory.
+
+    The directory is opened once and its files relative to it (where the platform allows), so a reader never
+    mixes the files of two saves when a writer swaps a new set in meanwhile. A missing file raises
+    FileNotFoundError naming its path.
+    """
+    directory = Path(directory)
+    if os.open not in os.supports_dir_fd:
+        return {name: (directory / name).read_bytes() for name in names}
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise FileNotFoundError(f"{directory} is not a directory") from error
+    try:
+        contents = {}
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            except (FileNotFoundError, IsADirectoryError) as error:
+                raise FileNotFoundError(str(directory / name)) from error
+            with os.fdopen(fd, "rb") as file:
+                contents[name] = file.read()
+        return contents
+    finally:
+        os.close(dir_fd)

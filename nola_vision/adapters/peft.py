@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_directory
-from .inject import adapter_state, classifier_head
-from .merge import adapted_layers
+from ..core.inject import adapter_state
+from ..core.layer import adapted_layers
+from ..core.storage import atomic_directory
+from ..core.targets import classifier_head
 
 __all__ = ["export_peft"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -17,13 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name, frozen_fingerprint
-from .config import AdapterConfig, adapter_to_hparam, method_of, resolve_adapter
-from .inject import adapter_state, classifier_head, count_parameters, inject, set_quantization_aware
-from .io import save_adapter
+from ..adapters.files import save_adapter
+from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
+from ..core.counts import count_parameters
+from ..core.inject import adapter_state, inject, set_quantization_aware
+from ..core.registry import method_of
+from ..core.targets import head_parameter_names
+from ..models.backbones import build_backbone, frozen_fingerprint
+from .recipe import cosine_factor, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError", "OFFLINE_PRETRAINED_FILE", "build_backbone",
-           "check_backbone_name", "resolve_adapter"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError"]
 
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
 AdapterArg = Union[AdapterConfig, str]
@@ -191,11 +194,10 @@ class FewShotClassifier(L.LightningModule):
     def parameter_groups(self) -> List[Dict[str, Any]]:
         """Optimiser groups: the adapter (or backbone, for ``full``) at ``lr``, the classifier head at ``head_lr``."""
         hp = self.hparams
-        head = classifier_head(self.model)
-        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-        trained = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": hp.lr},
-                  {"params": [p for p in trained if id(p) in head_ids], "lr": hp.head_lr}]
+        head = set(head_parameter_names(self.model))
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for name, p in trained if name not in head], "lr": hp.lr},
+                  {"params": [p for name, p in trained if name in head], "lr": hp.head_lr}]
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
@@ -273,36 +275,3 @@ class FewShotClassifier(L.LightningModule):
                              "the run that wrote it")
         for key, tensor in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, tensor)
-
-
-def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[float]) -> Tuple[float, float]:
-    """(adapter lr, head lr): given values win; an unset ``lr`` takes the method's recipe (and its head lr when
-    ``head_lr`` is unset too); an unset ``head_lr`` with a given ``lr`` is that ``lr``."""
-    method = method_of(config)
-    if lr is None:
-        lr = method.default_lr
-        if head_lr is None:
-            head_lr = method.default_head_lr
-    return lr, head_lr if head_lr is not None else lr
-
-
-def recipe_warmup_epochs(config: Any, epochs: int) -> int:
-    """The method's recipe warm-up for a run of ``epochs``: its ``default_warmup_fraction``, rounded half up."""
-    return math.floor(method_of(config).default_warmup_fraction * epochs + 0.5)
-
-
-def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0):
-    """LR multiplier per epoch: linear warm-up, then cosine from ``lr`` to ``min_lr`` at the last epoch's end.
-
-    Without warm-up this is ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped per epoch, as in the paper.
-    """
-    floor = min_lr / lr if lr > 0 else 0.0
-    decay = max(epochs - warmup_epochs, 1)
-
-    def factor(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return (epoch + 1) / (warmup_epochs + 1)
-        t = min(epoch - warmup_epochs, decay) / decay
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor

@@ -1,12 +1,38 @@
 """Uniform affine quantisation of adapter coefficients (per tensor), 4-bit packing, and its STE for training."""
 from __future__ import annotations
 
-from typing import Tuple
+import operator
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+__all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "pack4", "quantize",
+           "require_bits", "unpack4"]
+
+# The one list of bit widths: adapter files store floats at 32 or 16 bits, integer codes at 8 or 4.
 SUPPORTED_BITS = (32, 16, 8, 4)
+INTEGER_BITS = tuple(bits for bits in SUPPORTED_BITS if bits <= 8)
+# Quantisation-aware training simulates the integer widths.
+QAT_BITS = INTEGER_BITS
+
+
+def require_bits(bits: Any, name: str = "bits", allowed: Sequence[int] = SUPPORTED_BITS,
+                 optional: bool = False) -> Optional[int]:
+    """``bits`` as an int from ``allowed`` (None too when ``optional``); a ValueError names ``name`` otherwise.
+
+    Any integer type is taken (``numpy.int64(16)``), a float or bool is not (``16.0`` is refused, not rounded).
+    """
+    if bits is None and optional:
+        return None
+    try:
+        value = None if isinstance(bits, bool) else operator.index(bits)
+    except TypeError:
+        value = None
+    if value not in allowed:
+        choices = ", ".join(map(str, allowed)) + (" or None" if optional else "")
+        raise ValueError(f"{name} must be one of {choices} (an integer), got {bits!r} ({type(bits).__name__})")
+    return value
 
 
 def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:

@@ -1,11 +1,10 @@
-"""NOLA: LoRA whose factors are linear combinations of frozen random bases; only the coefficients train."""
+"""NOLA's config: rank, numbers of bases, targets, basis seed, scale, basis mode and init."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List
 
-from ..config import AdapterConfig, as_target_list, register_method, require_choice, require_positive
-from ..layers import NOLALinear
+from ...core.config import AdapterConfig, as_target_list, require_choice, require_positive
 
 BASIS_MODES = ("shared", "per_layer")
 NOLA_INITS = ("paper", "zero_delta")
@@ -54,10 +53,3 @@ class NOLAConfig(AdapterConfig):
 
     def describe(self) -> str:
         return f"NOLA r={self.rank} k=l={self.num_basis_a} on {'+'.join(self.targets)}"
-
-
-# Recipe: the grid point with the best validation accuracy at both 5 and 10 shots (benchmarks/RESULTS.md). NOLA
-# wants 6× the paper's 5e-3 with the head at 1e-2, and a linear warm-up over the first 10% of the epochs: without
-# it NOLA diverges from 3e-2, with it 2e-2-4e-2 all train (and it held on Fashion-MNIST, which the choice never saw).
-register_method("nola", NOLAConfig, NOLALinear, default_lr=3e-2, default_head_lr=1e-2,
-                default_warmup_fraction=0.1)

@@ -1,0 +1,15 @@
+"""Adapter files: save, verify and load the few KB a task trains; export them as a standard peft LoRA adapter."""
+from .files import (
+    AdapterLoadError,
+    VerifiedAdapter,
+    adapter_size_bytes,
+    decode_tensors,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    verify_adapter,
+)
+from .peft import export_peft
+
+__all__ = ["AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes", "decode_tensors", "export_peft",
+           "load_adapter", "read_adapter", "save_adapter", "verify_adapter"]

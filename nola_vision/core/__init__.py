@@ -1,0 +1,7 @@
+"""Adapter machinery on any ``nn.Module``: no Lightning, no files.
+
+One concept per module, bottom up: ``registry`` and ``config`` (methods and their configs), ``basis`` (portable
+random bases) and ``quantize`` (the bit widths), ``layer`` (the adapted-layer contract) with ``functions`` (its
+autograd functions), ``targets`` (what is adapted and what trains), ``plan``, ``merge``, ``inject`` (and its
+inverse, ``unload``), ``counts``, and ``storage`` (atomic writes).
+"""

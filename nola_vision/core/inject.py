@@ -1,0 +1,161 @@
+"""Put adapters into any model by module name, and take them out again: ``unload`` is the inverse of ``inject``.
+
+``inject`` applies an injection plan (``plan.py``) and remembers what it changed: each adapted layer keeps the
+module it replaced (``base_layer``) and the activation it took over, the adapter state keeps the hook handles and
+every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps modules in both directions, so
+``unload`` gives back the original module objects and flags, and ``merge_and_unload`` folds into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .basis import BasisBank
+from .config import AdapterConfig
+from .layer import AdaptedLinear, adapted_layers
+from .merge import combine_shared_factors, has_shared_bases, merge, release_shared_factors, unmerge
+from .plan import InjectionPlan, plan_injection
+from .quantize import QAT_BITS, require_bits
+from .registry import method_of
+from .targets import classifier_head
+
+__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module",
+           "set_quantization_aware", "unload"]
+
+STATE_ATTRIBUTE = "nola_adapter"
+
+
+@dataclass
+class AdapterState:
+    """What ``inject`` attached to a model: its plan, the shared basis bank, and what undoing it restores."""
+
+    plan: InjectionPlan
+    bank: Optional[BasisBank] = None
+    # requires_grad of every parameter before inject, by name (names do not change: adapted layers keep them).
+    requires_grad: Dict[str, bool] = field(default_factory=dict)
+    hooks: List[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def config(self) -> AdapterConfig:
+        return self.plan.config
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def config_dict(self) -> Union[str, dict]:
+        """The config as adapter files store it: a plain method's name, or the config's ``to_dict()``."""
+        return self.config.serialize()
+
+
+def adapter_state(model: nn.Module) -> Optional[AdapterState]:
+    """The ``AdapterState`` that ``inject`` attached, or None for a plain model."""
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted module path ``name`` of ``model``; returns the module it replaced."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child_name)
+    setattr(parent, child_name, new)
+    return old
+
+
+def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.Module]:
+    """The activation of a timm-style Mlp whose fc2 may recompute its input (nothing between act and fc2)."""
+    from timm.layers import Mlp
+
+    if child_name != "fc2" or type(parent).forward is not Mlp.forward:
+        return None
+    no_dropout = isinstance(parent.drop1, nn.Identity) or getattr(parent.drop1, "p", 1.0) == 0.0
+    return parent.act if no_dropout and isinstance(parent.norm, nn.Identity) else None
+
+
+def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -> nn.Module:
+    """Add adapters in place; freeze everything but the adapters and the classifier head.
+
+    ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), ``"linear"`` (train the
+    head only), ``"full"`` (train everything), or a plan from ``plan_injection(model, config)``. Nothing is
+    changed when the config or a target is invalid. ``unload`` undoes it exactly.
+    """
+    if adapter_state(model) is not None:
+        raise ValueError(f"model already has {adapter_state(model).method!r} adapters; inject into a fresh model "
+                         "(or nv.unload(model) first)")
+    if isinstance(config, InjectionPlan):
+        plan = config
+        plan.require_fits(model)
+    else:
+        plan = plan_injection(model, config)  # validates before anything changes
+    config = plan.config
+    layer_cls = method_of(config).layer_cls
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(config.train_backbone)
+    head = classifier_head(model)
+    if head is not None:
+        head.requires_grad_(True)
+
+    context = layer_cls.injection_context(config) if layer_cls is not None else {}
+    for name, layer in plan.layers.items():
+        adapted: AdaptedLinear = layer_cls(model.get_submodule(name), config, name, layer.slices, **context)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        activation = _recomputable_activation(parent, child_name) if config.recompute_activation else None
+        if activation is not None:  # fc2 recomputes its input from the pre-activation in backward
+            adapted.input_activation = replace_module(parent, "act", nn.Identity())
+        replace_module(model, name, adapted)
+    hooks = []
+    if has_shared_bases(model):
+        hooks = [model.register_forward_pre_hook(combine_shared_factors),
+                 model.register_forward_hook(release_shared_factors, always_call=True)]
+    setattr(model, STATE_ATTRIBUTE, AdapterState(plan, context.get("bank"), requires_grad, hooks))
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
+
+    A merged model is unmerged first. Returns the model (changed in place).
+    """
+    state = _require_injected(model)
+    return _remove_injection(unmerge(model), state)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter's update into its original module's weight, then remove the injection."""
+    state = _require_injected(model)
+    return _remove_injection(merge(model), state)
+
+
+def _require_injected(model: nn.Module) -> AdapterState:
+    state = adapter_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no nola_vision adapters to unload (never injected, or already "
+                         "unloaded); call nv.inject or nv.load_adapter first")
+    return state
+
+
+def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
+    """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state."""
+    for name, layer in adapted_layers(model).items():
+        if layer.input_activation is not None:
+            parent_name = name.rpartition(".")[0]
+            replace_module(model, f"{parent_name}.act" if parent_name else "act", layer.input_activation)
+        replace_module(model, name, layer.base_layer.train(layer.training))
+    for handle in state.hooks:
+        handle.remove()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(state.requires_grad.get(name, parameter.requires_grad))
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
+    """Train against ``bits``-bit coefficients (straight-through estimator); ``None`` turns it off."""
+    bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
+    for layer in adapted_layers(model).values():
+        layer.quant_bits = bits
+    return model

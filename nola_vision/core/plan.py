@@ -1,0 +1,100 @@
+"""The injection plan: everything ``inject`` will do (targets, slices, shapes, bases, trained tensors), computed
+without changing the model, so injection and adapter files are validated before anything is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Union
+
+from torch import nn
+
+from .basis import BasisSpec, fingerprint
+from .config import AdapterConfig, as_config
+from .layer import Slice
+from .registry import method_of
+from .targets import find_targets, head_parameter_names
+
+__all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One target: its slices, in/out features, the bases it will use and the shapes of its trained tensors."""
+
+    name: str
+    in_features: int
+    out_features: int
+    slices: Tuple[Slice, ...]
+    basis_specs: Tuple[BasisSpec, ...]
+    tensor_shapes: Dict[str, Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    """Everything ``inject(model, config)`` will do, computed without changing the model."""
+
+    config: AdapterConfig
+    layers: Dict[str, LayerPlan]
+    # Every trained tensor by full parameter name: adapter tensors, then the head (every parameter for "full").
+    trained_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    head_names: Tuple[str, ...] = ()
+
+    def basis_fingerprint(self) -> Optional[str]:
+        """Fingerprint of every random basis the plan uses (None without any)."""
+        specs = [spec for layer in self.layers.values() for spec in layer.basis_specs]
+        return fingerprint(specs) if specs else None
+
+    def require_fits(self, model: nn.Module) -> None:
+        """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size."""
+        for name, layer in self.layers.items():
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                linear = None
+            if not (isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features)
+                    == (layer.in_features, layer.out_features)):
+                raise ValueError(f"the injection plan adapts {name} as a {layer.in_features}→{layer.out_features} "
+                                 f"nn.Linear, which this model does not have: plan_injection(model, config) on this "
+                                 "model")
+
+
+def _plain_linear_forwards() -> tuple:
+    """Forwards that compute exactly ``F.linear(x, weight, bias)``: nn.Linear's and timm's (a torchscript cast)."""
+    from timm.layers import Linear
+
+    return nn.Linear.forward, Linear.forward
+
+
+def _require_plain_forward(name: str, linear: nn.Linear) -> None:
+    """Refuse an ``nn.Linear`` subclass with its own forward (a quantised linear): the adapter would replace it."""
+    if type(linear).forward not in _plain_linear_forwards():
+        raise ValueError(
+            f"target {name} is a {type(linear).__module__}.{type(linear).__qualname__}, an nn.Linear subclass with its "
+            "own forward (e.g. a quantised linear), which an adapter would silently replace by F.linear on its "
+            "weight: use a model with plain nn.Linear layers there (dequantise it first) or leave it out of targets"
+        )
+
+
+def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> InjectionPlan:
+    """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
+    config = as_config(config)
+    layer_cls = method_of(config).layer_cls
+    layers = {}
+    if layer_cls is not None:
+        for name, slices in find_targets(model, list(config.targets)).items():
+            linear = model.get_submodule(name)
+            _require_plain_forward(name, linear)
+            width = slices[0][1] - slices[0][0]
+            layers[name] = LayerPlan(
+                name, linear.in_features, linear.out_features, slices,
+                tuple(layer_cls.plan_basis_specs(config, name, linear.in_features, width, slices)),
+                {k: tuple(v) for k, v in layer_cls.parameter_shapes(config, linear.in_features, width,
+                                                                     len(slices)).items()})
+    head_names = head_parameter_names(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if config.train_backbone:
+        trained = shapes
+    else:
+        trained = {f"{layer}.{param}": shape
+                   for layer, plan in layers.items() for param, shape in plan.tensor_shapes.items()}
+        trained.update({name: shapes[name] for name in head_names})
+    return InjectionPlan(config, layers, trained, head_names)

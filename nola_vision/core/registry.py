@@ -1,0 +1,70 @@
+"""The method registry: each adapter method is declared once, and everything else looks it up by name.
+
+A method is a config dataclass (what a user sets) plus the layer class that wraps an ``nn.Linear`` (None for
+the plain methods ``linear`` and ``full``) and its training recipe. The registry imports no method: each
+method registers itself where it is defined (``nola_vision/methods/<name>/``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+__all__ = ["DEFAULT_LR", "METHODS", "Method", "available_methods", "get_method", "method_of", "register_method"]
+
+# The paper's learning rate; a method registers its own recipe (benchmarks/RESULTS.md, "What NOLA needs").
+DEFAULT_LR = 5e-3
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered adapter method: its name, config class, layer class (None: no adapter layers) and its recipe:
+    the default learning rates (adapter, and head; a head lr of None means the adapter's) and the share of the
+    epochs spent warming up (rounded to whole epochs)."""
+
+    name: str
+    config_cls: type
+    layer_cls: Optional[type]
+    default_lr: float = DEFAULT_LR
+    default_head_lr: Optional[float] = None
+    default_warmup_fraction: float = 0.0
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register_method(name: str, config_cls: type, layer_cls: Optional[type] = None, *,
+                    default_lr: float = DEFAULT_LR, default_head_lr: Optional[float] = None,
+                    default_warmup_fraction: float = 0.0) -> Method:
+    """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
+
+    The layer class subclasses ``nola_vision.AdaptedLinear``; see "Adding a method" in the README.
+    """
+    if name in METHODS and METHODS[name].config_cls is not config_cls:
+        raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
+    if getattr(config_cls, "method", None) != name:
+        raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
+    if not 0.0 <= default_warmup_fraction < 1.0:
+        raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
+    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
+    return METHODS[name]
+
+
+def available_methods() -> List[str]:
+    """Names of every registered adapter method."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a ValueError lists the valid names."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown adapter method {name!r}; expected one of {available_methods()}")
+    return METHODS[name]
+
+
+def method_of(config: Any) -> Method:
+    """The registered method of a config object (or a method name)."""
+    name = config if isinstance(config, str) else getattr(config, "method", None)
+    if not isinstance(name, str) or name not in METHODS or not isinstance(config, (str, METHODS[name].config_cls)):
+        raise TypeError(f"expected a config of one of {available_methods()} (e.g. NOLAConfig, LoRAConfig) or "
+                        f"'linear'/'full', got {type(config).__name__}")
+    return METHODS[name]

@@ -1,0 +1,99 @@
+"""Which modules an adapter changes and which parameters train: target matching, the classifier head, and the
+one definition of a model's trained tensors (used by the plan, files, counts, training, export and serving)."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .layer import Slice, adapted_layers
+
+__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "trained_parameters"]
+
+# Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
+QKV_SLICES = {"q": 0, "k": 1, "v": 2}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A target matches a module name as an exact name, a dotted suffix, or a full regex match."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _summarise_names(names: List[str]) -> List[str]:
+    """Module names with block indices folded (``blocks.*.mlp.fc1``), for readable error messages."""
+    return sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
+
+
+def classifier_head(model: nn.Module) -> Optional[nn.Module]:
+    """The classifier head by timm's ``get_classifier()`` contract; None for a model without one."""
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
+
+
+def head_parameter_names(model: nn.Module) -> Tuple[str, ...]:
+    """Full names of the classifier head's parameters (empty without a head)."""
+    head = classifier_head(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    return tuple(name for name, p in model.named_parameters() if id(p) in head_ids)
+
+
+def trained_parameters(model: nn.Module, train_backbone: bool) -> Tuple[Dict[str, nn.Parameter],
+                                                                         Dict[str, nn.Parameter]]:
+    """(adapter tensors, head tensors) by full parameter name: what a method trains and an adapter file holds.
+
+    With ``train_backbone`` (full fine-tuning) every parameter counts as "adapter" and the head part is empty.
+    """
+    if train_backbone:
+        return dict(model.named_parameters()), {}
+    adapter = {f"{layer_name}.{param_name}": param for layer_name, layer in adapted_layers(model).items()
+               for param_name, param in layer.adapter_parameters().items()}
+    parameters = dict(model.named_parameters())
+    return adapter, {name: parameters[name] for name in head_parameter_names(model)}
+
+
+def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
+    """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
+    head = classifier_head(model)
+    head_modules = {id(m) for m in head.modules()} if head is not None else set()
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in head_modules
+    }
+    found: Dict[str, List[Slice]] = {}
+    for pattern in targets:
+        matched = False
+        prefix, _, last = pattern.rpartition(".")
+        for name, module in linears.items():
+            if last in QKV_SLICES and _matches(name, f"{prefix}.qkv" if prefix else "qkv"):
+                if module.out_features % 3:
+                    raise ValueError(f"target {pattern!r}: {name} has {module.out_features} outputs, not a fused qkv")
+                width = module.out_features // 3
+                start = QKV_SLICES[last] * width
+                found.setdefault(name, []).append((start, start + width))
+                matched = True
+            elif _matches(name, pattern):
+                found.setdefault(name, []).append((0, module.out_features))
+                matched = True
+        if not matched:
+            raise ValueError(
+                f"target {pattern!r} matches no nn.Linear of {type(model).__name__}. Its Linear layers are: "
+                f"{', '.join(_summarise_names(list(linears)))} (targets are name suffixes or regexes; "
+                "'attn.q', 'attn.k', 'attn.v' select one third of a fused 'attn.qkv')"
+            )
+    resolved = {}
+    for name, slices in found.items():
+        slices = sorted(set(slices))
+        for (_, end), (start, _) in zip(slices, slices[1:]):
+            if start < end:
+                raise ValueError(f"targets overlap on {name}: output slices {slices}; pick either the fused layer "
+                                 "or its slices")
+        resolved[name] = tuple(slices)
+    return resolved

@@ -1,0 +1,145 @@
+"""``nola-vision protocol``: the paper's few-shot protocol, split seeds × init seeds, with a mean (std) table.
+
+Each run is ``nola-vision fit`` in its own process and directory (``<out>/<name>/split<S>-init<I>``) with
+``--data.split_seed S --seed_everything I``. A run counts only once its ``result.json`` exists, and that
+file is written atomically after the final test pass, so a killed run leaves nothing counted and is
+re-run from scratch on restart, while finished runs are skipped. ``results.csv`` and ``results.md`` are
+rebuilt from every ``result.json`` under ``<out>`` after each run. A result with a non-finite metric, a
+status other than ok, or from a process that exited non-zero never counts.
+
+A row is keyed by its settings (the config files' content and the overrides, without seeds and paths):
+``<out>/<name>/config.json`` records them, and re-running under the same name with other settings is refused
+with the differing settings named, instead of averaging runs of different settings into one row.
+
+What the seeds control: the split seed draws the k-shot training images; the init seed is the run's
+``seed_everything`` (head initialisation, data order, augmentation). The adapter config's own ``seed``
+(NOLA's random bases, LoRA's A) stays as configured, as in the authors' code, which fixes the bases.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..core.storage import write_json_atomic
+from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
+from .knn import run_knn
+from .results import RESULT_FILE, claim_row, config_key, counted, discard_result, read_result, write_tables
+
+__all__ = ["fit_command", "main", "run_dir_name", "run_protocol"]
+
+
+def run_dir_name(split_seed: int, init_seed: int) -> str:
+    return f"split{split_seed}-init{init_seed}"
+
+
+def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_seed: int, init_seed: int,
+                overrides: Sequence[str]) -> Tuple[str, ...]:
+    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir``."""
+    quiet = [] if any("enable_progress_bar" in o for o in overrides) else ["--trainer.enable_progress_bar", "false"]
+    return (python, "-m", "nola_vision.cli", "fit", *config_args,
+            "--seed_everything", str(init_seed), "--data.split_seed", str(split_seed),
+            "--trainer.default_root_dir", str(run_dir), "--data.split_dir", str(run_dir),
+            "--result_file", str(run_dir / RESULT_FILE), *quiet, *overrides)
+
+
+def run_protocol(
+    configs: Sequence[str],
+    out: str = "runs/protocol",
+    name: Optional[str] = None,
+    split_seeds: Sequence[int] = (0, 1, 2, 3),
+    init_seeds: Sequence[int] = (0, 1, 2),
+    overrides: Sequence[str] = (),
+    knn: bool = False,
+    knn_k: int = 1,
+    python: str = sys.executable,
+    echo: bool = True,
+    executor: Optional[Executor] = None,
+) -> List[Dict[str, Any]]:
+    """Run every (split seed, init seed) of a config that has no result yet; return all rows of ``<out>``.
+
+    ``configs`` are YAML files composed in order (``-c a.yaml -c b.yaml``); ``overrides`` are extra CLI
+    arguments for every run (``--trainer.max_epochs 5``); ``executor`` runs them (default: one at a time here).
+    Raises ValueError when ``<out>/<name>`` holds runs made with other settings, RuntimeError listing failed
+    runs (after running the others).
+    """
+    if not configs:
+        raise ValueError("protocol needs a config: nola-vision protocol -c configs/paper/... [-c ...]")
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config} does not exist")
+    name = name or "_".join(Path(c).stem for c in configs)
+    root = Path(out) / name
+    key = config_key(configs, overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    claim_row(root, key)
+    executor = executor or LocalExecutor(1)
+    config_args = [arg for c in configs for arg in ("-c", str(c))]
+    grid = [(s, i) for s in split_seeds for i in init_seeds]
+    labels: Dict[Path, str] = {}
+    pending: List[Run] = []
+    for n, (split_seed, init_seed) in enumerate(grid, 1):
+        run_dir = root / run_dir_name(split_seed, init_seed)
+        label = f"[{n}/{len(grid)}] {name} split {split_seed} init {init_seed}"
+        if counted(read_result(run_dir / RESULT_FILE)):
+            if echo:
+                print(f"{label}: done already, skipped", flush=True)
+            continue
+        discard_result(run_dir / RESULT_FILE)  # a result that does not count must not be mistaken for a finished run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        labels[run_dir] = label
+        pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
+                           run_dir / "log.txt"))
+    failed: List[str] = []
+    for run, code, wall in executor.run(pending):
+        run_dir, label = run.log.parent, labels[run.log.parent]
+        result = run_dir / RESULT_FILE
+        row = read_result(result)
+        if code != 0 or not counted(row):
+            discard_result(result)
+            why = f"exit {code}" if code != 0 else "no finite test accuracy"
+            failed.append(f"{run_dir} ({why}; see {run.log})")
+            if echo:
+                print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
+            continue
+        # the wall time of the whole run, process start-up included, and the settings it was made with
+        row.update(wall_s=wall, config_hash=key["config_hash"])
+        write_json_atomic(result, row)
+        write_tables(out)
+        if echo:
+            print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
+    if knn:
+        run_knn(configs, out, name + "-knn", split_seeds, overrides, k=knn_k, echo=echo)
+    rows = write_tables(out)
+    if failed:
+        raise RuntimeError("runs failed (re-run the same command to retry them):\n  " + "\n  ".join(failed))
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nola-vision protocol",
+        description="Run split seeds x init seeds of a config (each run in its own process and folder, finished "
+                    "runs skipped; --jobs N at once, or on SLURM with --executor slurm) and write results.csv plus "
+                    "a mean (population std) table to results.md. "
+                    "Unknown arguments are passed to every `nola-vision fit` run, e.g. --trainer.max_epochs 5.")
+    parser.add_argument("-c", "--config", action="append", required=True, help="YAML config; repeat to compose")
+    parser.add_argument("--out", default="runs/protocol", help="output folder holding every protocol of a table")
+    parser.add_argument("--name", default=None, help="name of this protocol's row (default: config file stems)")
+    parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--init_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--knn", action="store_true", help="also run the k-NN baseline on frozen features")
+    parser.add_argument("--knn_k", type=int, default=1, help="neighbours of the k-NN baseline")
+    add_executor_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        name = args.name or "_".join(Path(c).stem for c in args.config)
+        executor = build_executor(args, Path(args.out) / name / "submitit")
+        run_protocol(args.config, args.out, name, args.split_seeds, args.init_seeds, overrides,
+                     knn=args.knn, knn_k=args.knn_k, executor=executor)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        print(f"nola-vision protocol: error: {err}", file=sys.stderr)
+        return 1
+    print((Path(args.out) / "results.md").read_text())
+    return 0

@@ -1,0 +1,175 @@
+"""The Lightning CLI of ``nola-vision fit|validate|test|predict``: ``FewShotClassifier`` + ``FewShotDataModule`` with
+linked arguments, a test pass after ``fit``, a JSON result file and a predictions CSV."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..core.storage import atomic_path, write_json_atomic
+from ..data import CorruptImageError, FewShotDataModule
+from ..models.backbones import check_backbone_name
+from .module import FewShotClassifier, NonFiniteLossError
+
+__all__ = ["CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "run_lightning_cli"]
+
+
+class PredictionsCSVWriter(BasePredictionWriter):
+    """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.rows: List[Dict[str, Any]] = []
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        n = len(prediction["prediction"])
+        indices = list(batch_indices) if batch_indices is not None else [None] * n
+        labels = prediction.get("label")
+        for i in range(n):
+            self.rows.append({"index": indices[i], "prediction": int(prediction["prediction"][i]),
+                              "confidence": float(prediction["confidence"][i]),
+                              "label": int(labels[i]) if labels is not None else None})
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = self.rows
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: List[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = sorted((r for part in gathered for r in part), key=lambda r: (r["index"] is None, r["index"] or 0))
+        if not trainer.is_global_zero:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+        samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
+        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"])
+            for r in rows:
+                idx, label, pred = r["index"], r["label"], r["prediction"]
+                writer.writerow([idx, samples[idx][0] if samples is not None and idx is not None else "",
+                                 "" if label is None else label, names[label] if names and label is not None else "",
+                                 pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
+        self.written_path = path
+        print(f"nola_vision: wrote {len(rows)} predictions to {path}")
+        self.rows = []
+
+
+class NolaCLI(LightningCLI):
+    """LightningCLI with linked data/model arguments, a test pass after ``fit`` and a JSON result file."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("model.backbone", "data.backbone")  # preprocessing from the backbone's timm cfg
+        parser.link_arguments("model.image_size", "data.image_size")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the final weights on the full test split (the paper's number)")
+        parser.add_argument("--result_file", type=Optional[str], default=None,
+                            help="after fit, write final metrics and parameter counts to this JSON file (atomically)")
+        parser.add_argument("--predictions_file", type=Optional[str], default=None,
+                            help="predict: CSV path (default <log_dir>/predictions.csv)")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
+        that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "")
+        if config is None:
+            return
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = find_last_checkpoint(config.trainer.default_root_dir or os.getcwd()) or "last"
+        self.given_model = config.model.clone()
+        argv = sys.argv[1:] if args is None else args
+        self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
+
+    def before_instantiate_classes(self) -> None:
+        """Fail on an unknown backbone with close matches, before anything is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_backbone_name(config.model.backbone)
+        if self.subcommand and getattr(self, "given_model", None) is not None:
+            check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if config.test_after_fit and not self.trainer.interrupted:
+            results = self.trainer.test(self.model, datamodule=self.datamodule)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
+            adapter = self.model.adapter_config
+            write_json_atomic(config.result_file, {
+                "metrics": metrics,
+                "config": {"method": adapter if isinstance(adapter, str) else adapter.method,
+                           "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
+                           "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
+                           "seed": config.seed_everything},
+                "parameter_counts": self.model.parameter_counts,
+                "epochs": self.trainer.current_epoch,
+                "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
+                "log_dir": log_dir,
+                "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+                or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
+            })
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, keeping a ``last.ckpt`` by default so that ``fit --ckpt_path last`` resumes a run."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is None:
+                callback.save_last = True
+        return trainer
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+
+
+def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
+    """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
+    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None."""
+    found = [p for pattern in ("checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt") for p in Path(root).glob(pattern)
+             if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def explicit_model_args(argv: Sequence[Any]) -> set:
+    """Top-level ``model`` fields set on the command line (``--model.lr 0.1``, ``--model.adapter.init_args.rank=2``)."""
+    return {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
+
+
+def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
+    """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
+    ``--model.*`` values it would silently replace, warn about config-file values it replaces."""
+    given, used = given.as_dict(), used.as_dict()
+    changed = {k: (given[k], used[k]) for k in given.keys() & used.keys() if given[k] != used[k]}
+    refused = {k: v for k, v in changed.items() if k in explicit}
+    if refused:
+        raise ValueError("with --ckpt_path the model is rebuilt from the checkpoint's hyper-parameters, which differ "
+                         "from " + "; ".join(f"--model.{k} {a!r} (checkpoint: {b!r})" for k, (a, b) in refused.items())
+                         + ". Drop those arguments, or train a new run with them.")
+    if changed:
+        rank_zero_warn("nola_vision: --ckpt_path: the checkpoint's model hyper-parameters replace the config's: "
+                       + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError)
+RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that started and failed: exit code 1
+
+
+def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
+    """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
+    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run,
+                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

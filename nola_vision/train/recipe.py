@@ -1,0 +1,46 @@
+"""The training recipe and schedule, in one place: the module, the benchmarks and the notebooks all use it.
+
+A registered method carries its recipe (``nv.get_method(name)``: learning rates of the adapter and the head, the
+share of the epochs spent warming up); ``cosine_factor`` is the per-epoch schedule (linear warm-up, then cosine).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Tuple
+
+from ..core.registry import method_of
+
+__all__ = ["cosine_factor", "recipe_learning_rates", "recipe_warmup_epochs"]
+
+
+def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[float]) -> Tuple[float, float]:
+    """(adapter lr, head lr): given values win; an unset ``lr`` takes the method's recipe (and its head lr when
+    ``head_lr`` is unset too); an unset ``head_lr`` with a given ``lr`` is that ``lr``."""
+    method = method_of(config)
+    if lr is None:
+        lr = method.default_lr
+        if head_lr is None:
+            head_lr = method.default_head_lr
+    return lr, head_lr if head_lr is not None else lr
+
+
+def recipe_warmup_epochs(config: Any, epochs: int) -> int:
+    """The method's recipe warm-up for a run of ``epochs``: its ``default_warmup_fraction``, rounded half up."""
+    return math.floor(method_of(config).default_warmup_fraction * epochs + 0.5)
+
+
+def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0) -> Callable[[int], float]:
+    """LR multiplier per epoch: linear warm-up, then cosine from ``lr`` to ``min_lr`` at the last epoch's end.
+
+    Without warm-up this is ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped per epoch, as in the paper.
+    """
+    floor = min_lr / lr if lr > 0 else 0.0
+    decay = max(epochs - warmup_epochs, 1)
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        t = min(epoch - warmup_epochs, decay) / decay
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor

@@ -1,0 +1,3 @@
+"""The package version: a leaf module, so files that record it import nothing else of the package."""
+
+__version__ = "0.1.0"
