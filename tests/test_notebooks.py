@@ -44,7 +44,7 @@ def inline_images(notebook: nbformat.NotebookNode) -> int:
 
 def tiny_tune(out: Path, name: str, *overrides: str) -> None:
     """What `nola-vision tune` writes for a tiny study: two learning rates, then a one-run protocol."""
-    run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, str(out), name, overrides=[*FAST, *overrides],
+    run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(out), name=name, overrides=[*FAST, *overrides],
              protocol_split_seeds=[0], protocol_init_seeds=[0], echo=False)
 
 

@@ -18,7 +18,7 @@ FAST = ["--trainer.max_epochs", "1", "--data.shots", "2"]
 
 def test_protocol_runs_the_grid_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     out = tmp_path / "out"
-    rows = run_protocol([TINY], str(out), "tiny", split_seeds=[0, 1], init_seeds=[0], overrides=FAST, knn=True)
+    rows = run_protocol([TINY], out=str(out), name="tiny", split_seeds=[0, 1], init_seeds=[0], overrides=FAST, knn=True)
     assert sorted((r["name"], r["split_seed"]) for r in rows) == [("tiny", 0), ("tiny", 1), ("tiny-knn", 0), ("tiny-knn", 1)]
     table = list(csv.DictReader((out / "results.csv").open()))
     assert len(table) == 4 and {r["adapter_params"] for r in table if r["name"] == "tiny"} == {"512"}
@@ -57,7 +57,7 @@ def test_a_killed_run_leaves_nothing_counted(tmp_path):
 
 def test_failed_runs_are_reported_and_not_counted(tmp_path):
     with pytest.raises(RuntimeError, match="runs failed"):
-        run_protocol([TINY], str(tmp_path), "bad", split_seeds=[0], init_seeds=[0],
+        run_protocol([TINY], out=str(tmp_path), name="bad", split_seeds=[0], init_seeds=[0],
                      overrides=[*FAST, "--data.shots", "500"], echo=False)
     assert collect_results(str(tmp_path)) == []
     assert "allow_fewer" in (tmp_path / "bad" / "split0-init0" / "log.txt").read_text()
@@ -93,17 +93,17 @@ sys.exit({code})
 
 def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
     out = str(tmp_path / "out")
-    run_protocol([TINY], out, "row", [0], [0], ["--model.lr", "1e-3"], python=fake_python(tmp_path), echo=False)
+    run_protocol([TINY], out=out, name="row", split_seeds=[0], init_seeds=[0], overrides=["--model.lr", "1e-3"], python=fake_python(tmp_path), echo=False)
     # same settings (seeds and paths aside): the finished run is kept and the row grows
-    run_protocol([TINY], out, "row", [0, 1], [0], ["--model.lr=1e-3"], python=fake_python(tmp_path), echo=False)
+    run_protocol([TINY], out=out, name="row", split_seeds=[0, 1], init_seeds=[0], overrides=["--model.lr=1e-3"], python=fake_python(tmp_path), echo=False)
     with pytest.raises(ValueError, match=r"model\.lr=2e-2.*--name"):
-        run_protocol([TINY], out, "row", [2], [0], ["--model.lr", "2e-2"], python=fake_python(tmp_path), echo=False)
+        run_protocol([TINY], out=out, name="row", split_seeds=[2], init_seeds=[0], overrides=["--model.lr", "2e-2"], python=fake_python(tmp_path), echo=False)
     rows = collect_results(out)
     assert len(rows) == 2
     hashes = {json.loads(Path(r["run_dir"], "result.json").read_text())["config_hash"] for r in rows}
     assert hashes == {json.loads((Path(out) / "row" / "config.json").read_text())["config_hash"]}
     # another name is a separate row
-    run_protocol([TINY], out, "row_lr2e-2", [0], [0], ["--model.lr", "2e-2"], python=fake_python(tmp_path),
+    run_protocol([TINY], out=out, name="row_lr2e-2", split_seeds=[0], init_seeds=[0], overrides=["--model.lr", "2e-2"], python=fake_python(tmp_path),
                  echo=False)
     assert {s["name"]: s["runs"] for s in summarise(collect_results(out))} == {"row": 2, "row_lr2e-2": 1}
 
@@ -111,9 +111,9 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
 def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="no finite test accuracy"):
-        run_protocol([TINY], str(out), "nan", [0], [0], python=fake_python(tmp_path, acc="nan"), echo=False)
+        run_protocol([TINY], out=str(out), name="nan", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path, acc="nan"), echo=False)
     with pytest.raises(RuntimeError, match="exit 3"):
-        run_protocol([TINY], str(out), "crash", [0], [0], python=fake_python(tmp_path, code=3), echo=False)
+        run_protocol([TINY], out=str(out), name="crash", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path, code=3), echo=False)
     status = out / "status" / "split0-init0"
     status.mkdir(parents=True)
     (status / "result.json").write_text(json.dumps({"metrics": {"test/acc": 0.9}, "status": "diverged"}))
@@ -123,7 +123,7 @@ def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
     assert collect_results(str(out)) == []
     # a crashed run's result is moved aside, so a restart redoes it instead of skipping it
     assert (out / "crash" / "split0-init0" / "result.json.failed").is_file()
-    rows = run_protocol([TINY], str(out), "crash", [0], [0], python=fake_python(tmp_path), echo=False)
+    rows = run_protocol([TINY], out=str(out), name="crash", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path), echo=False)
     assert [r["name"] for r in rows] == ["crash"]
 
 
@@ -133,7 +133,7 @@ def test_runs_go_through_an_executor(tmp_path, executor):
 
     ex = (LocalExecutor(jobs=2) if executor == "local_jobs"
           else SubmititExecutor(str(tmp_path / "submitit"), cluster="local", jobs=2, gpus_per_node=0, poll_s=0.2))
-    rows = run_protocol([TINY], str(tmp_path / "out"), "row", [0, 1], [0, 1], python=fake_python(tmp_path),
+    rows = run_protocol([TINY], out=str(tmp_path / "out"), name="row", split_seeds=[0, 1], init_seeds=[0, 1], python=fake_python(tmp_path),
                         echo=False, executor=ex)
     assert sorted((r["split_seed"], r["init_seed"]) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(isinstance(r["wall_s"], float) for r in rows)

@@ -44,7 +44,7 @@ def test_grid_keys_and_validation_data_are_checked(tmp_path):
         with pytest.raises(ValueError, match="dotted key"):
             parse_grid([bad])
     with pytest.raises(ValueError, match="--data.val_shots"):
-        run_tune([TINY], {"model.lr": [1e-3]}, str(tmp_path), "t", overrides=["--trainer.max_epochs", "1"])
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name="t", overrides=["--trainer.max_epochs", "1"])
     done = subprocess.run(tune_cmd(tmp_path, "--grid", "model.lr"), capture_output=True, text=True)
     assert done.returncode == 1 and "dotted key" in done.stderr
 

@@ -204,9 +204,6 @@ class BasisBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._codes.values())
 
-    def clear(self) -> None:
-        self._codes.clear()
-
     def __getstate__(self) -> dict:
         # Bases are regenerated on demand; never pickle or deep-copy them.
         return {"_codes": {}}

@@ -46,6 +46,7 @@ def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_se
 
 def run_protocol(
     configs: Sequence[str],
+    *,
     out: str = "runs/protocol",
     name: Optional[str] = None,
     split_seeds: Sequence[int] = (0, 1, 2, 3),
@@ -110,7 +111,8 @@ def run_protocol(
         if echo:
             print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
     if knn:
-        run_knn(configs, out, name + "-knn", split_seeds, overrides, k=knn_k, echo=echo)
+        run_knn(configs, out=out, name=name + "-knn", split_seeds=split_seeds, overrides=overrides, k=knn_k,
+                echo=echo)
     rows = write_tables(out)
     if failed:
         raise RuntimeError("runs failed (re-run the same command to retry them):\n  " + "\n  ".join(failed))
@@ -136,8 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         name = args.name or "_".join(Path(c).stem for c in args.config)
         executor = build_executor(args, Path(args.out) / name / "submitit")
-        run_protocol(args.config, args.out, name, args.split_seeds, args.init_seeds, overrides,
-                     knn=args.knn, knn_k=args.knn_k, executor=executor)
+        run_protocol(args.config, out=args.out, name=name, split_seeds=args.split_seeds, init_seeds=args.init_seeds,
+                     overrides=overrides, knn=args.knn, knn_k=args.knn_k, executor=executor)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"nola-vision protocol: error: {err}", file=sys.stderr)
         return 1

@@ -107,12 +107,12 @@ def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
 class _Search:
     """One worker's view of the study: claims trials, runs their fits, reports them."""
 
-    def __init__(self, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
+    def __init__(self, *, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
                  python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
-                 executor: Executor, n_trials: Optional[int], echo: bool) -> None:
+                 executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool) -> None:
         self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
         self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
-        self.executor, self.n_trials, self.echo = executor, n_trials, echo
+        self.executor, self.n_trials, self.tpe_budget, self.echo = executor, n_trials, tpe_budget, echo
         # GridSampler gives trial number k < len(grid) grid point k of its (seeded) order: the point a first-pass
         # trial runs is known from its number at creation, which keeps concurrent claims free of races
         sampler_order = getattr(study.sampler, "_all_grids", None)
@@ -146,7 +146,7 @@ class _Search:
                 optuna.storages.fail_stale_trials(self.study)
                 trials = self.study.get_trials(deepcopy=False)
                 if self.sampler == "tpe":
-                    if sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) >= self._tpe_budget:
+                    if sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) >= self.tpe_budget:
                         return None
                     trial = self.study.ask()
                     self._beat(trial)
@@ -233,7 +233,7 @@ class _Search:
         if self.echo:
             per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
             done = sum(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False))
-            total = len(self.points) if self.sampler == "grid" else self._tpe_budget
+            total = len(self.points) if self.sampler == "grid" else self.tpe_budget
             print(f"{label}: val acc {100 * score:.2f}% (per seed {per_seed}) [{done}/{total} done, "
                   f"{time.time() - start:.0f} s]", flush=True)
 
@@ -266,7 +266,6 @@ class _Search:
             accs[f"split{split_seed}-init{init_seed}"] = float(result["metrics"]["val/acc"])
         return accs
 
-    _tpe_budget = 20
 
 
 def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
@@ -318,6 +317,7 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
 def run_tune(
     configs: Sequence[str],
     grid: Dict[str, List[Any]],
+    *,
     out: str = "runs/tune",
     name: Optional[str] = None,
     split_seeds: Sequence[int] = (0,),
@@ -358,13 +358,13 @@ def run_tune(
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     study, rdb = _open_study(name, url, grid, sampler, heartbeat_s, key)
     executor = executor or LocalExecutor(1)
-    search = _Search(study, rdb, grid, sampler, root, python, [a for c in configs for a in ("-c", str(c))],
-                     list(overrides), seeds, executor, n_trials if sampler == "grid" else None, echo)
-    if sampler == "tpe":
-        search._tpe_budget = n_trials or 20
+    search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
+                     config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
+                     executor=executor, n_trials=n_trials if sampler == "grid" else None, tpe_budget=n_trials or 20,
+                     echo=echo)
     workers = max(1, math.ceil(executor.capacity / len(seeds)))
     if echo:
-        print(f"[tune {name}] study {url}: {len(search.points) if sampler == 'grid' else search._tpe_budget} "
+        print(f"[tune {name}] study {url}: {len(search.points) if sampler == 'grid' else search.tpe_budget} "
               f"trials of {len(seeds)} fit(s) each, {workers} at once", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for future in [pool.submit(search.work) for _ in range(workers)]:
@@ -388,8 +388,8 @@ def run_tune(
     if echo:
         print(f"[tune {name}] best {best.params}: val acc {100 * best.value:.2f}% (trial #{best.number})", flush=True)
     if not skip_protocol:
-        run_protocol(configs, out, name, protocol_split_seeds, protocol_init_seeds,
-                     [*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
+        run_protocol(configs, out=out, name=name, split_seeds=protocol_split_seeds, init_seeds=protocol_init_seeds,
+                     overrides=[*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
     return chosen
 
 
@@ -477,9 +477,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         name = args.name or "_".join(Path(c).stem for c in args.config)
         grid = parse_grid(args.grid)
         executor = build_executor(args, Path(args.out) / name / "submitit")
-        chosen = run_tune(args.config, grid, args.out, name, args.split_seeds, args.init_seeds, overrides,
-                          args.sampler, args.n_trials, args.storage, args.protocol_split_seeds,
-                          args.protocol_init_seeds, args.skip_protocol, executor, args.heartbeat)
+        chosen = run_tune(args.config, grid, out=args.out, name=name, split_seeds=args.split_seeds,
+                          init_seeds=args.init_seeds, overrides=overrides, sampler=args.sampler,
+                          n_trials=args.n_trials, storage=args.storage, protocol_split_seeds=args.protocol_split_seeds,
+                          protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
+                          executor=executor, heartbeat_s=args.heartbeat)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"nola-vision tune: error: {err}", file=sys.stderr)
         return 1

@@ -112,7 +112,7 @@ class NolaCLI(LightningCLI):
             adapter = self.model.adapter_config
             write_json_atomic(config.result_file, {
                 "metrics": metrics,
-                "config": {"method": adapter if isinstance(adapter, str) else adapter.method,
+                "config": {"method": adapter.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
                            "seed": config.seed_everything},
