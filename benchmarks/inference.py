@@ -40,13 +40,12 @@ SWITCH_TARGET_MS = 50  # issue 5: a ViT-B task switch under 50 ms
 
 
 def base_model(model_name: str, img_size: int, num_classes: int, **kwargs) -> nn.Module:
-    """The timm model with random weights drawn under a forked, seeded RNG (the global state is restored)."""
-    import timm
+    """The timm model with random weights of backbone seed 0 (the library's builder; the global RNG is untouched)."""
+    from nola_vision.models.backbones import build_backbone
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the head too: every run builds the same model
         torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
-    return model.eval()
+        return build_backbone(model_name, num_classes, pretrained=False, image_size=img_size, **kwargs).eval()
 
 
 def randomise_trained(model: nn.Module, seed: int) -> nn.Module:

@@ -55,7 +55,8 @@ def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(tmp_path)
 def _plain_tiny():
     from nola_vision.models.backbones import build_backbone
 
-    return build_backbone(TINY["backbone"], 4, False, None, 32, 0, **TINY["backbone_kwargs"])
+    return build_backbone(TINY["backbone"], 4, pretrained=False, image_size=32, backbone_seed=0,
+                          **TINY["backbone_kwargs"])
 
 
 def test_exported_adapter_matches_trained_model(tmp_path):

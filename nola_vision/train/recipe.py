@@ -1,16 +1,39 @@
 """The training recipe and schedule, in one place: the module, the benchmarks and the notebooks all use it.
 
 A registered method carries its recipe (``nv.get_method(name)``: learning rates of the adapter and the head, the
-share of the epochs spent warming up); ``cosine_factor`` is the per-epoch schedule (linear warm-up, then cosine).
+share of the epochs spent warming up); ``parameter_groups`` puts the head in its own optimiser group and
+``lr_schedule`` is the schedule of every group (linear warm-up, then cosine, one multiplier for all groups).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
 
 from ..core.registry import method_of
+from ..core.targets import head_parameter_names
 
-__all__ = ["cosine_factor", "recipe_learning_rates", "recipe_warmup_epochs"]
+__all__ = ["cosine_factor", "lr_schedule", "parameter_groups", "recipe_learning_rates", "recipe_warmup_epochs"]
+
+
+def parameter_groups(model: nn.Module, lr: float, head_lr: float) -> List[Dict[str, Any]]:
+    """Optimiser groups of the trainable parameters: the adapter (every backbone parameter for ``full``) at ``lr``,
+    the classifier head at ``head_lr``; empty groups are left out."""
+    head = set(head_parameter_names(model))
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in trained if name not in head], "lr": lr},
+              {"params": [p for name, p in trained if name in head], "lr": head_lr}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, *, steps: int, lr: float, min_lr: float,
+                warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's schedule, stepped once per epoch (or per step, with steps counted so): ``cosine_factor`` as one
+    multiplier for every group, so the adapter goes from ``lr`` to ``min_lr`` and the head from its own peak to
+    ``min_lr · head_lr / lr``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(steps, lr, min_lr, warmup_steps))
 
 
 def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[float]) -> Tuple[float, float]:
