@@ -9,6 +9,7 @@ from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters.files import AdapterLoadError
+from nola_vision.core.fingerprint import frozen_fingerprint
 
 CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -152,3 +153,16 @@ def test_a_checkpoint_refuses_other_frozen_weights_naming_them_and_accepts_a_bfl
     checkpoint["nola_vision"]["backbone_fingerprint"] = "0123456789abcdef"  # written by an older nola_vision
     with pytest.warns(UserWarning, match="does not check"):
         FewShotClassifier(**tiny).on_load_checkpoint(checkpoint)
+
+
+def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_version():
+    """Saved adapters hold these numbers: another sample, other signs or other rounding needs a new version."""
+    layer = torch.nn.Linear(300, 200)  # 60,000 weights: sampled; 200 biases: all of them
+    with torch.no_grad():
+        layer.weight.copy_((torch.arange(60000) % 7 - 3).view(200, 300) / 4)
+        layer.bias.copy_((torch.arange(200) % 5 - 2) / 8)
+    assert frozen_fingerprint(torch.nn.Sequential(layer), ["0"]) == {
+        "version": "sample16384-sign8-float64-v1",
+        "modules": {"0": [64.062, -30.5, 21.25, 9.5, -82.25, -78.5, -36.0, 31.25, 47.25]},
+        "merged": [],
+    }
