@@ -90,8 +90,8 @@ def test_loading_an_adapter_again_after_merge_and_unload_is_refused_instead_of_a
     model, directory = saved
     merged = nv.merge_and_unload(model)
     weights = {name: p.detach().clone() for name, p in merged.named_parameters()}
-    with pytest.raises(AdapterLoadError, match=r"folded into its weights by nv\.merge_and_unload .*'nola' adapter on "
-                                               r"blocks\.0\.attn\.qkv.*unmerged base model.*nv\.unload"):
+    with pytest.raises(AdapterLoadError, match=r"weights hold 1 adapter\(s\) folded in by nv\.merge_and_unload \(a "
+                                               r"'nola' adapter on blocks\.0\.attn\.qkv.*unmerged base.*nv\.unload"):
         nv.load_adapter(merged, directory)
     assert not nv.adapted_layers(merged)
     assert all(torch.equal(p, weights[name]) for name, p in merged.named_parameters())
@@ -105,8 +105,9 @@ def test_an_adapter_trained_on_merged_weights_loads_onto_them_and_not_onto_the_b
     base = copy.deepcopy(merged)
     second = nv.save_adapter(trained(seed=2, model=merged, config=nv.LoRAConfig(rank=2)), tmp_path / "second")
     nv.load_adapter(base, second)
-    with pytest.raises(AdapterLoadError, match="blocks.0.attn.qkv differ"):
-        nv.load_adapter(changed(tiny_vit(), 0.1), second)
+    with pytest.raises(AdapterLoadError, match=r"trained on weights with 1 adapter\(s\) folded in .*records none"):
+        nv.load_adapter(tiny_vit(), second)  # the base, whose weights the first adapter's small update hardly moved
+    nv.load_adapter(tiny_vit(), second, check_frozen_weights=False)
 
 
 def test_a_live_merged_model_switching_tasks_is_checked_against_its_unmerged_weights(saved, tmp_path):

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
 from ..core.config import config_from_dict
-from ..core.fingerprint import differing_module, frozen_fingerprint, frozen_modules, unexpected_merges
+from ..core.fingerprint import (
+    differing_module,
+    frozen_fingerprint,
+    frozen_modules,
+    missing_merges,
+    unexpected_merges,
+)
 from ..core.inject import adapter_state, inject
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
@@ -181,7 +187,9 @@ def _is_number_list(value: Any) -> bool:
 def _is_frozen_weights(value: Any) -> bool:
     if value is None:
         return True
-    modules, merged = (value.get("modules"), value.get("merged")) if isinstance(value, dict) else (None, None)
+    if not isinstance(value, dict):
+        return False
+    modules, merged = value.get("modules"), value.get("merged")
     return (isinstance(value.get("version"), str) and isinstance(modules, dict) and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) for entry in merged))
@@ -376,21 +384,32 @@ def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -
                                "save the adapter again")
 
 
+def _describe_merged(entries: List[dict]) -> str:
+    layers = [str(name) for name in entries[0].get("layers", [])]
+    return (f"{len(entries)} adapter(s) folded in by nv.merge_and_unload (a {entries[0].get('method')!r} adapter on "
+            f"{', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''})")
+
+
 def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan) -> None:
-    """The model's frozen weights are those the adapter was trained on: no adapter merged into them since, and the
-    same fingerprint (format 2 files have none: only what was merged is checked). Full fine-tuning replaces them."""
+    """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, and the
+    same fingerprint (format 2 files have none: only merges are checked). Full fine-tuning replaces them."""
     if plan.config.train_backbone:
         return
     record = document.get("frozen_weights")
     merged = unexpected_merges(record, model)
     if merged:
-        layers = merged[0]["layers"]
-        first = f"a {merged[0]['method']!r} adapter on {', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''}"
         raise AdapterLoadError(
-            f"the model holds {len(merged)} adapter(s) folded into its weights by nv.merge_and_unload ({first}), which "
-            "this adapter was not trained on: loading it would add its update on top (twice, if it is the same "
-            "adapter). Load it onto the unmerged base model (a fresh timm.create_model), or use nv.unload instead of "
-            "nv.merge_and_unload to remove an adapter; pass check_frozen_weights=False to stack it on purpose"
+            f"the model's weights hold {_describe_merged(merged)}, which this adapter was not trained on: loading it "
+            "would add its update on top (twice, if it is the same adapter). Load it onto the unmerged base model (a "
+            "fresh timm.create_model), or use nv.unload instead of nv.merge_and_unload to remove an adapter; pass "
+            "check_frozen_weights=False to stack it on purpose"
+        )
+    missing = missing_merges(record, model)
+    if missing:
+        raise AdapterLoadError(
+            f"the adapter was trained on weights with {_describe_merged(missing)}, and this model records none: load "
+            "it onto the model that adapter was merged into (a state dict does not carry that record: if the model "
+            "holds those merged weights, pass check_frozen_weights=False)"
         )
     if record is None:
         return

@@ -24,7 +24,8 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "differing_module",
-           "frozen_fingerprint", "frozen_modules", "merged_adapters", "record_merged", "unexpected_merges"]
+           "frozen_fingerprint", "frozen_modules", "merged_adapters", "missing_merges", "record_merged",
+           "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -157,6 +158,12 @@ def unexpected_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
     """Adapters merged into the model's weights that were not merged into those ``expected`` was taken from."""
     before = expected.get("merged", []) if expected else []
     return [entry for entry in merged_adapters(model) if entry not in before]
+
+
+def missing_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
+    """Adapters merged into the weights ``expected`` was taken from that the model does not record as merged."""
+    now = merged_adapters(model)
+    return [entry for entry in (expected.get("merged", []) if expected else []) if entry not in now]
 
 
 def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
