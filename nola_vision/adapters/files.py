@@ -2,8 +2,10 @@
 
 The pair is written as one unit (a sibling temporary directory swapped in) and carries checksums: the config
 records a sha256 of the weights file and a sha256 of its own fields, so flipped bytes or an edited ``scale``
-fail to load instead of giving other outputs. ``verify_adapter`` checks a directory against a model's injection
-plan without changing the model; ``load_adapter`` is verify, then apply; serving registers tasks through it too.
+fail to load instead of giving other outputs. It also records a fingerprint of the frozen weights the adapter was
+trained on (``core.fingerprint``), so it is not applied to other pretrained weights by mistake. ``verify_adapter``
+checks a directory against a model without changing the model; ``load_adapter`` is verify, then apply; serving
+registers tasks through it too.
 """
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
 from ..core.config import config_from_dict
+from ..core.fingerprint import (
+    differing_module,
+    frozen_fingerprint,
+    frozen_modules,
+    missing_merges,
+    unexpected_merges,
+)
 from ..core.inject import adapter_state, inject
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
@@ -38,9 +47,11 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "nola_vision.adapter/2"
-# Format 1 (before checksums) still loads; its files carry no checksums to verify.
-LEGACY_FORMATS = ("nola_vision.adapter/1",)
+FORMAT = "nola_vision.adapter/3"
+# Format 2 has checksums but no frozen-weights fingerprint: it loads, checked by what it has. Format 1 files (before
+# checksums) can be checked for nothing, so they load only on request (``allow_unchecked_legacy=True``).
+CHECKED_FORMATS = (FORMAT, "nola_vision.adapter/2")
+UNCHECKED_FORMATS = ("nola_vision.adapter/1",)
 PathLike = Union[str, os.PathLike]
 
 
@@ -89,6 +100,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     state = adapter_state(model)
     if state is None:
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
+    state.plan.require_same_head(model)
     bits = require_bits(bits)
     adapter, head = trained_parameters(model, state.config.train_backbone)
     for name, param in {**adapter, **head}.items():
@@ -124,6 +136,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "library_version": __version__,
         "generator_version": GENERATOR_VERSION,
         "basis_fingerprint": state.plan.basis_fingerprint(),
+        "frozen_weights": frozen_fingerprint(model, frozen_modules(model, state.plan)),
         "weights_sha256": _sha256(weights),
     }
     document["config_sha256"] = _document_digest(document)
@@ -166,16 +179,48 @@ _CHECKSUMS = {name: (lambda v: isinstance(v, str), "a sha256 hex string")
               for name in ("weights_sha256", "config_sha256")}
 
 
-def _read_document(path: Path, raw: bytes) -> dict:
-    """The config document, with every field's type checked: a damaged or hand-edited file fails here, clearly."""
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+
+
+def _is_frozen_weights(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict):
+        return False
+    modules, merged = value.get("modules"), value.get("merged")
+    return (isinstance(value.get("version"), str) and isinstance(modules, dict) and isinstance(merged, list)
+            and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
+            and all(isinstance(entry, dict) for entry in merged))
+
+
+_FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
+                                                          '[numbers]}, "merged": [objects]}')}
+
+
+def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:
+    """The config document, with every field's type checked: a damaged or hand-edited file fails here, clearly.
+
+    Checksums are required by the current formats and verified whenever present, whatever ``format`` says, so
+    editing the format cannot skip them; a file without any loads only with ``allow_unchecked_legacy``.
+    """
     try:
         document = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
-    if not isinstance(document, dict) or document.get("format") not in (FORMAT, *LEGACY_FORMATS):
+    if not isinstance(document, dict) or document.get("format") not in (*CHECKED_FORMATS, *UNCHECKED_FORMATS):
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise AdapterLoadError(f"{path} has format {found!r}, expected {FORMAT!r}")
-    schema = {**_SCHEMA, **(_CHECKSUMS if document["format"] == FORMAT else {})}
+    checked = document["format"] in CHECKED_FORMATS or any(key in document for key in _CHECKSUMS)
+    if not checked and not allow_unchecked_legacy:
+        raise AdapterLoadError(
+            f"{path} has the legacy format {document['format']!r}, which carries no checksums: an edited scale or "
+            "damaged weights would load unnoticed. Save the adapter again with this nola_vision (from the model that "
+            "trained it), or pass allow_unchecked_legacy=True to load its contents unchecked"
+        )
+    fingerprinted = document["format"] == FORMAT or "frozen_weights" in document
+    schema = {**_SCHEMA, **(_CHECKSUMS if checked else {}), **(_FROZEN_WEIGHTS if fingerprinted else {})}
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -202,11 +247,12 @@ def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Ten
     return tensors, quantization
 
 
-def read_adapter(directory: PathLike) -> Tuple[dict, Dict[str, Tensor], dict]:
+def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -> Tuple[dict, Dict[str, Tensor], dict]:
     """The checked config document, the raw stored tensors and the quantisation table of an adapter directory.
 
     Both files are read from one directory, so a save that replaces the adapter meanwhile gives the old or the
-    new pair, never one of each.
+    new pair, never one of each. A legacy file without checksums (format 1) is refused unless
+    ``allow_unchecked_legacy`` says that its contents may go unchecked.
     """
     root = Path(directory)
     try:
@@ -214,7 +260,7 @@ def read_adapter(directory: PathLike) -> Tuple[dict, Dict[str, Tensor], dict]:
     except FileNotFoundError as error:
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is missing: an adapter directory holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)") from error
-    document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME])
+    document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 
 
@@ -260,6 +306,16 @@ def _check_architecture(model: nn.Module, document: dict) -> None:
     if backbone != model_arch:
         raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
                                f"model with timm.create_model({backbone!r}, ...)")
+
+
+def _check_injected_head(model: nn.Module) -> None:
+    """An injected model still has the head its adapters were injected with (not one from reset_classifier)."""
+    state = adapter_state(model)
+    if state is not None:
+        try:
+            state.plan.require_same_head(model)
+        except ValueError as error:
+            raise AdapterLoadError(str(error)) from error
 
 
 def _check_num_classes(model: nn.Module, document: dict) -> None:
@@ -322,10 +378,53 @@ def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -
             f"basis fingerprint mismatch: the file says {document['basis_fingerprint']}, regenerated bases give "
             f"{expected}; the bases (seed, shapes or generator) differ from those the adapter was trained with"
         )
-    if document["format"] == FORMAT and _document_digest(document) != document["config_sha256"]:
+    if "config_sha256" in document and _document_digest(document) != document["config_sha256"]:
         raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
                                "covers scale, init, targets, slices, bits and every other field) does not match; "
                                "save the adapter again")
+
+
+def _describe_merged(entries: List[dict]) -> str:
+    layers = [str(name) for name in entries[0].get("layers", [])]
+    return (f"{len(entries)} adapter(s) folded in by nv.merge_and_unload (a {entries[0].get('method')!r} adapter on "
+            f"{', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''})")
+
+
+def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan) -> None:
+    """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, and the
+    same fingerprint (format 2 files have none: only merges are checked). Full fine-tuning replaces them."""
+    if plan.config.train_backbone:
+        return
+    record = document.get("frozen_weights")
+    merged = unexpected_merges(record, model)
+    if merged:
+        raise AdapterLoadError(
+            f"the model's weights hold {_describe_merged(merged)}, which this adapter was not trained on: loading it "
+            "would add its update on top (twice, if it is the same adapter). Load it onto the unmerged base model (a "
+            "fresh timm.create_model), or use nv.unload instead of nv.merge_and_unload to remove an adapter; pass "
+            "check_frozen_weights=False to stack it on purpose"
+        )
+    missing = missing_merges(record, model)
+    if missing:
+        raise AdapterLoadError(
+            f"the adapter was trained on weights with {_describe_merged(missing)}, and this model records none: load "
+            "it onto the model that adapter was merged into (a state dict does not carry that record: if the model "
+            "holds those merged weights, pass check_frozen_weights=False)"
+        )
+    if record is None:
+        return
+    try:
+        difference = differing_module(record, model)
+    except ValueError as error:
+        raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
+                               "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
+    if difference is not None:
+        raise AdapterLoadError(
+            f"the model's frozen weights are not those the adapter was trained on: {difference}. Create the model with "
+            "the pretrained weights it was trained on (the same timm name and pretrained tag, or pretrained_file; "
+            "another tag, a fine-tune, a random init or weights with an adapter merged in give other outputs), or "
+            "pass check_frozen_weights=False to transfer it on purpose"
+        )
 
 
 @dataclass(frozen=True)
@@ -350,20 +449,26 @@ class VerifiedAdapter:
         return self.document["num_classes"]
 
 
-def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: bool = True) -> VerifiedAdapter:
+def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: bool = True,
+                   check_frozen_weights: bool = True, allow_unchecked_legacy: bool = False) -> VerifiedAdapter:
     """Everything ``load_adapter`` checks, without changing the model; raises ``AdapterLoadError`` naming the fix.
 
     Checked: the file's fields and checksums, architecture, class count (unless ``match_num_classes`` is False:
     then the head takes the file's class count, as a server of many tasks needs), layer shapes against the
-    injection plan, the fingerprint of the regenerated random bases, tensor sizes and finite values.
+    injection plan, the fingerprint of the regenerated random bases, the frozen weights (unless
+    ``check_frozen_weights`` is False), tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1
+    files, which carry no checksums.
     """
-    document, stored, quantization = read_adapter(directory)
+    document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
+    _check_injected_head(model)
     if match_num_classes:
         _check_num_classes(model, document)
     plan = _plan_for(model, document)
     _check_layers(plan, document)
     _check_bases_and_checksum(plan, document, Path(directory) / CONFIG_NAME)
+    if check_frozen_weights:
+        _check_frozen_weights(model, document, plan)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
         own = num_classes_of(model)
@@ -374,15 +479,22 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes)
 
 
-def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Load a saved adapter onto a base model of the same architecture (injecting it if needed).
+def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights: bool = True,
+                 allow_unchecked_legacy: bool = False) -> nn.Module:
+    """Load a saved adapter onto the base model it was trained on (injecting it if needed).
 
     ``verify_adapter`` checks everything before the model changes: the file's fields and checksums, architecture,
-    class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, and
-    finite values. On a merged model with the same adapter config, it switches tasks in place
+    class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, the
+    frozen weights, and finite values. The frozen weights of the adapted layers and of the norm the head reads must
+    match the fingerprint saved with the adapter (a bfloat16/float16 copy does; another pretrained tag, fine-tune or
+    random init does not), and no adapter may have been merged into them since (``merge_and_unload``);
+    ``check_frozen_weights=False`` skips both, for a deliberate transfer. Format 2 files hold no fingerprint, so
+    only merged adapters are checked for them; format 1 files, without checksums, load only with
+    ``allow_unchecked_legacy=True``. On a merged model with the same adapter config, it switches tasks in place
     (W += ΔW_new − ΔW_old) and stays merged.
     """
-    verified = verify_adapter(model, directory)
+    verified = verify_adapter(model, directory, check_frozen_weights=check_frozen_weights,
+                              allow_unchecked_legacy=allow_unchecked_legacy)
     if adapter_state(model) is None:
         inject(model, verified.plan)
     switch_merged(model, verified.values)  # plain copies; a merged model switches tasks in place and stays merged

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisBank
 from .config import AdapterConfig
+from .fingerprint import record_merged
 from .layer import AdaptedLinear, adapted_layers
 from .merge import combine_shared_factors, has_shared_bases, merge, release_shared_factors, unmerge
 from .plan import InjectionPlan, plan_injection
@@ -125,9 +126,17 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter's update into its original module's weight, then remove the injection."""
+    """Fold every adapter's update into its original module's weight, then remove the injection.
+
+    The model records what was folded in (``fingerprint.merged_adapters``), so loading an adapter trained on
+    the weights without it (the same one again, say) is refused instead of adding its update on top.
+    """
     state = _require_injected(model)
-    return _remove_injection(merge(model), state)
+    _remove_injection(merge(model), state)
+    if state.plan.layers:
+        folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
+        record_merged(model, folded)
+    return model
 
 
 def _require_injected(model: nn.Module) -> AdapterState:

@@ -46,8 +46,9 @@ class AdaptedLinear(nn.Module):
       ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
       ``adapter_parameters()``, ``trained()``, ``delta_factors()`` and ``get_delta_weight()``, and calls
       ``merge()``, ``unmerge()`` and ``replace_merged_delta()``;
-    * model-level code sets ``input_activation`` (inject), ``quant_bits`` (quantisation-aware training) and
-      ``batched_factors`` (shared-basis batching, one forward pass at a time).
+    * model-level code sets ``input_activation`` (inject), ``quant_bits`` (quantisation-aware training),
+      ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
+      frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in).
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
@@ -76,6 +77,8 @@ class AdaptedLinear(nn.Module):
         self.quant_bits: Optional[int] = None
         # Combined factors of the current forward pass, set by merge.combine_shared_factors (see there).
         self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
+        # While merged: the fingerprint record of the weight without ΔW (see fingerprint.py), None when unknown.
+        self.unmerged_record: Optional[List[float]] = None
 
     @property
     def merged(self) -> bool:
@@ -177,6 +180,7 @@ class AdaptedLinear(nn.Module):
             a, b = self.delta_factors()
             self._add_low_rank(-a, b)
             self.merged = False
+            self.unmerged_record = None
 
     @torch.no_grad()
     def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> None:
@@ -212,6 +216,7 @@ class AdaptedLinear(nn.Module):
         if flag is None and prefix + MERGED_FLAG in missing_keys:
             missing_keys.remove(prefix + MERGED_FLAG)  # plain models' and older state dicts have no flag
         self.merged = merged
+        self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
 
     def extra_repr(self) -> str:
         slices = "" if self.slices == ((0, self.out_features),) else f", slices={list(self.slices)}"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .basis import BasisSpec, combine_bases
+from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "combine_shared", "combine_shared_factors", "gradient_checkpointing",
@@ -93,10 +94,17 @@ def batched_factors(model: nn.Module) -> Iterator[None]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs."""
+    """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs.
+
+    Each layer first keeps the fingerprint of its unmerged weight, so that checking which frozen weights the
+    model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged.
+    """
+    unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
+    records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
     with batched_factors(model):
-        for layer in adapted_layers(model).values():
+        for name, layer in unmerged.items():
             layer.merge()
+            layer.unmerged_record = records[name]
     return model
 
 

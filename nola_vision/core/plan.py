@@ -56,6 +56,19 @@ class InjectionPlan:
                                  f"nn.Linear, which this model does not have: plan_injection(model, config) on this "
                                  "model")
 
+    def require_same_head(self, model: nn.Module) -> None:
+        """Raise unless the model's classifier head has the parameters (names, shapes) this plan was made for:
+        ``model.reset_classifier(n)`` after ``inject`` replaces the head that adapters, files and counts describe."""
+        names = set(head_parameter_names(model))
+        current = {name: tuple(p.shape) for name, p in model.named_parameters() if name in names}
+        planned = {name: self.trained_shapes[name] for name in self.head_names}
+        if current != planned:
+            raise ValueError(
+                f"the classifier head changed after inject (model.reset_classifier?): it has {current}, the adapters "
+                f"were injected with {planned}. Re-inject for the new head (nv.unload(model), then nv.inject(model, "
+                "config)), or save the adapter from the adapted model before resetting its classifier"
+            )
+
 
 def _plain_linear_forwards() -> tuple:
     """Forwards that compute exactly ``F.linear(x, weight, bias)``: nn.Linear's and timm's (a torchscript cast)."""

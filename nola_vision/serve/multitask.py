@@ -109,16 +109,20 @@ class MultiTaskModel(nn.Module):
     def num_classes(self, task: str) -> int:
         return self._task(task).num_classes
 
-    def add_task(self, name: str, adapter_dir: PathLike) -> None:
+    def add_task(self, name: str, adapter_dir: PathLike, *, check_frozen_weights: bool = True,
+                 allow_unchecked_legacy: bool = False) -> None:
         """Register the adapter in ``adapter_dir`` as task ``name``, checked as ``load_adapter`` checks it.
 
         Checked before it is accepted: file fields and checksums, backbone architecture and layer widths, the
-        fingerprint of the regenerated random bases, tensor sizes and finite values.
+        fingerprint of the regenerated random bases, the backbone's frozen weights against the fingerprint saved
+        with the adapter (``check_frozen_weights=False`` skips it, for a deliberate transfer), tensor sizes and
+        finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
         """
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered: call remove_task({name!r}) first to replace it")
         try:
-            task = self._read_task(Path(adapter_dir))
+            task = self._read_task(Path(adapter_dir), check_frozen_weights=check_frozen_weights,
+                                   allow_unchecked_legacy=allow_unchecked_legacy)
         except AdapterLoadError as error:
             raise AdapterLoadError(f"task {name!r} ({adapter_dir}): {error}") from error
         self._tasks[name] = task
@@ -182,9 +186,9 @@ class MultiTaskModel(nn.Module):
             self._task(name)
         return names
 
-    def _read_task(self, directory: Path) -> _Task:
+    def _read_task(self, directory: Path, **checks: bool) -> _Task:
         """A task checked by ``verify_adapter`` (any class count: each task has its own head), kept as stored."""
-        verified = verify_adapter(self.model, directory, match_num_classes=False)
+        verified = verify_adapter(self.model, directory, match_num_classes=False, **checks)
         if verified.plan.config.train_backbone:
             raise AdapterLoadError(f"a {verified.plan.config.method!r} adapter changes the backbone itself, so it "
                                    "cannot share one: serve it on its own model with nv.load_adapter")

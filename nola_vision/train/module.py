@@ -13,16 +13,17 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..adapters.files import save_adapter
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
+from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, set_quantization_aware
 from ..core.registry import method_of
-from ..models.backbones import build_backbone, frozen_fingerprint
+from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["FewShotClassifier", "NonFiniteLossError"]
@@ -134,7 +135,7 @@ class FewShotClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.strict_loading = False  # checkpoints hold only the trained tensors
-        self._fingerprint: Optional[str] = None
+        self._fingerprint: Optional[dict] = None
         self.exported_adapter_dir: Optional[Path] = None
 
     # ---- what is trained -------------------------------------------------------------------------
@@ -148,7 +149,9 @@ class FewShotClassifier(L.LightningModule):
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in trained}
 
-    def backbone_fingerprint(self) -> Optional[str]:
+    def backbone_fingerprint(self) -> Optional[dict]:
+        """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning),
+        taken once: checkpoints record it, and refuse to load onto other frozen weights."""
         if self._fingerprint is None:
             self._fingerprint = frozen_fingerprint(self.model)
         return self._fingerprint
@@ -260,10 +263,21 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this "
                              f"model's {sorted(expected)[:4]}...; build the model with the checkpoint's config (same "
                              "adapter)")
-        saved = info.get("backbone_fingerprint")
-        if saved is not None and saved != self.backbone_fingerprint():
-            raise ValueError("checkpoint was trained on a different frozen backbone (fingerprint mismatch): use the "
-                             "same model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as "
-                             "the run that wrote it")
+        self._check_backbone(info.get("backbone_fingerprint"))
         for key, tensor in self.state_dict().items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _check_backbone(self, saved: Any) -> None:
+        """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes)."""
+        if isinstance(saved, str):  # an exact hash, written before fingerprints were robust to dtype
+            rank_zero_warn("the checkpoint records its frozen backbone in a form this nola_vision does not check; "
+                           "make sure the model is built as in the run that wrote it")
+            return
+        try:
+            difference = differing_module(saved, self.model) if saved is not None else None
+        except ValueError as error:
+            difference = str(error)
+        if difference is not None:
+            raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
+                             "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
+                             "run that wrote it")

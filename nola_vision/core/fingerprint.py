@@ -1,0 +1,211 @@
+"""Which frozen weights a model has: a fingerprint robust to dtype, and the adapters merged into them.
+
+An adapter only gives its outputs on the frozen weights it was trained on. Per module, the fingerprint holds
+the norm and ``SKETCHES`` random ±1 projections of a fixed sample of its frozen parameters (float64, signs from
+the portable generator of ``basis``). Projections are linear, so the root mean square of the differences of two
+fingerprints estimates the norm of the difference of the weights (Johnson–Lindenstrauss). Two modules match
+when that estimate stays below ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) of their norm: a bfloat16 copy moves each weight by at
+most 2⁻⁸ of its value and a float16 copy by 2⁻¹¹ (together under 0.5 %, a margin of 3.5), whereas another
+pretrained tag, another fine-tune or a random init moves every weight, by tens of per cent of the norm. A
+change below the tolerance (e.g. a small merged adapter), or confined to weights outside the sample, is not
+seen; ``merge_and_unload`` therefore also records what it folded in (``merged_adapters``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .basis import random_bits
+from .layer import AdaptedLinear, adapted_layers
+from .plan import InjectionPlan
+from .targets import classifier_head
+
+__all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "differing_module",
+           "frozen_fingerprint", "frozen_modules", "merged_adapters", "missing_merges", "record_merged",
+           "unexpected_merges"]
+
+FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
+TOLERANCE = 2**-6
+# float16 keeps values below 2⁻¹⁴ with an absolute error of up to 2⁻²⁵: allowed per √element, with margin.
+ABSOLUTE_TOLERANCE = 2**-23
+SKETCHES = 8
+# Values per parameter tensor: one in each of SAMPLE equal strata of its flat positions, at an offset that
+# jumps by the prime STRIDE (so the sample spreads over rows and columns). The cost does not grow with a layer's
+# size: ViT-B's 25 modules take milliseconds.
+SAMPLE = 16384
+STRIDE = 2654435761
+# The modules the classifier head reads from, by timm's names (ViT's final norm or its pooled ``fc_norm``,
+# ConvNeXt's ``head.norm``): their weights shape the features a head was trained on.
+HEAD_INPUTS = ("norm", "fc_norm", "head.norm")
+MERGED_ATTRIBUTE = "nola_merged_adapters"
+
+
+def frozen_modules(model: nn.Module, plan: InjectionPlan) -> List[str]:
+    """The modules whose frozen weights an adapter depends on: every adapted layer, and the norm(s) the classifier
+    head reads (``HEAD_INPUTS`` that exist and hold parameters); none for full fine-tuning, which trains them all."""
+    if plan.config.train_backbone:
+        return []
+    head = classifier_head(model)
+    head_modules = {id(m) for m in head.modules()} if head is not None else set()
+    inputs = []
+    for name in HEAD_INPUTS:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if id(module) not in head_modules and any(True for _ in module.parameters(recurse=False)):
+            inputs.append(name)
+    return [*plan.layers, *inputs]
+
+
+def merged_adapters(model: nn.Module) -> List[dict]:
+    """What ``merge_and_unload`` folded into the model's weights: one entry (method, config, layers) per adapter."""
+    return list(getattr(model, MERGED_ATTRIBUTE, []))
+
+
+def record_merged(model: nn.Module, entry: dict) -> None:
+    """Remember that ``entry``'s update is now part of the model's weights (kept by deepcopy, not by state dicts)."""
+    setattr(model, MERGED_ATTRIBUTE, [*merged_adapters(model), entry])
+
+
+def _frozen_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
+    """A module's own parameters other than adapter tensors, by name in sorted order."""
+    adapter = set(module.adapter_parameters()) if isinstance(module, AdaptedLinear) else set()
+    own = dict(module.named_parameters(recurse=False))
+    return {name: own[name] for name in sorted(own) if name not in adapter}
+
+
+def _positions(numel: int, device: torch.device) -> Tensor:
+    bounds = torch.arange(SAMPLE + 1, dtype=torch.int64, device=device) * numel // SAMPLE
+    start, length = bounds[:-1], bounds[1:] - bounds[:-1]
+    return start + torch.arange(SAMPLE, dtype=torch.int64, device=device) * STRIDE % length
+
+
+def _sample(values: Tensor, delta: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Up to ``SAMPLE`` values of a tensor (minus ``delta``'s, a function of flat positions), float64, non-finite
+    values as 0."""
+    flat = values.detach().reshape(-1)
+    positions = _positions(flat.numel(), flat.device) if flat.numel() > SAMPLE else None
+    sample = (flat if positions is None else flat.index_select(0, positions)).to(torch.float64)
+    if delta is not None:
+        sample = sample - delta(torch.arange(flat.numel(), device=flat.device) if positions is None else positions)
+    return torch.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _merged_delta(layer: AdaptedLinear) -> Callable[[Tensor], Tensor]:
+    """ΔW of a merged layer at flat positions of its weight, from the low-rank factors (ΔW is never built)."""
+    a, b = (t.detach().to(torch.float64) for t in layer.delta_factors())  # ΔWᵀ = a @ b
+
+    def at(positions: Tensor) -> Tensor:
+        rows, columns = positions // layer.in_features, positions % layer.in_features
+        return (a[columns] * b[:, rows].t()).sum(dim=1)
+
+    return at
+
+
+def _module_vector(module: nn.Module) -> Tensor:
+    """The sampled frozen values of one module, as unmerged weights (a merged layer's ΔW taken out again)."""
+    merged = isinstance(module, AdaptedLinear) and module.merged
+    parts = [_sample(value, _merged_delta(module) if merged and name == "weight" else None)
+             for name, value in _frozen_parameters(module).items()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _signs(length: int, device: torch.device) -> Tensor:
+    """±1 of shape (length, SKETCHES): the low bits of one portable 32-bit hash per element."""
+    bits = random_bits(0, "frozen-weights", torch.arange(length, dtype=torch.int64, device=device))
+    planes = bits[:, None] >> torch.arange(SKETCHES, dtype=torch.int64, device=device) & 1
+    return (1 - 2 * planes).to(torch.float64)
+
+
+def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
+    """Per module: [norm, SKETCHES projections] of its sampled values, to 5 significant digits."""
+    longest = max((v.numel() for v in vectors.values()), default=0)
+    signs = {}
+    records = {}
+    for name, vector in vectors.items():
+        if vector.device not in signs:
+            signs[vector.device] = _signs(longest, vector.device)
+        values = torch.cat([torch.linalg.vector_norm(vector)[None], vector @ signs[vector.device][: vector.numel()]])
+        records[name] = [float(f"{value:.5g}") for value in values.tolist()]
+    return records
+
+
+def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
+    train), with the adapters merged into them; None when there are none.
+
+    Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
+    else their weight minus ΔW. Cheap (a fixed sample per tensor) and the same on every device and dtype.
+    """
+    if modules is None:
+        modules = [name for name, module in model.named_modules()
+                   if any(not p.requires_grad for p in _frozen_parameters(module).values())]
+    if not modules:
+        return None
+    known = {name: layer.unmerged_record for name, layer in adapted_layers(model).items()
+             if layer.merged and layer.unmerged_record is not None}
+    with torch.no_grad():
+        computed = _records({name: _module_vector(model.get_submodule(name)) for name in modules if name not in known})
+    records = {name: known[name] if name in known else computed[name] for name in modules}
+    return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model)}
+
+
+def unexpected_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
+    """Adapters merged into the model's weights that were not merged into those ``expected`` was taken from."""
+    before = expected.get("merged", []) if expected else []
+    return [entry for entry in merged_adapters(model) if entry not in before]
+
+
+def missing_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
+    """Adapters merged into the weights ``expected`` was taken from that the model does not record as merged."""
+    now = merged_adapters(model)
+    return [entry for entry in (expected.get("merged", []) if expected else []) if entry not in now]
+
+
+def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
+    """None when the model's frozen weights match the fingerprint ``expected``, else what differs, naming the first
+    differing module. Raises ValueError for a fingerprint of another version, which cannot be compared."""
+    if expected.get("version") != FINGERPRINT_VERSION:
+        raise ValueError(f"the frozen weights were fingerprinted by {expected.get('version')!r}, and this "
+                         f"nola_vision computes {FINGERPRINT_VERSION!r}")
+    names = list(expected["modules"])
+    missing = [name for name in names if not _has_module(model, name)]
+    if missing:
+        return f"the model has no module {missing[0]}"
+    actual = frozen_fingerprint(model, names)["modules"]
+    for name in names:
+        difference = _difference(expected["modules"][name], actual[name], _sample_size(model.get_submodule(name)))
+        if difference is not None:
+            amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
+            label = name or f"{type(model).__name__} itself"
+            return (f"the weights of {label} differ by about {amount} of their norm (a bfloat16 or float16 copy of the "
+                    "same weights differs by under 0.5%)")
+    return None
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _sample_size(module: nn.Module) -> int:
+    return sum(min(value.numel(), SAMPLE) for value in _frozen_parameters(module).values())
+
+
+def _difference(expected: List[float], actual: List[float], count: int) -> Optional[float]:
+    """The estimated norm of the weights' difference relative to their norm, when it exceeds the tolerance."""
+    if len(expected) != len(actual):
+        return math.inf
+    scale = max(abs(expected[0]), abs(actual[0]))
+    sketches = [(e - a) ** 2 for e, a in zip(expected[1:], actual[1:])]
+    estimate = max(math.sqrt(sum(sketches) / len(sketches)), abs(expected[0] - actual[0]))
+    if estimate <= TOLERANCE * scale + ABSOLUTE_TOLERANCE * math.sqrt(count):
+        return None
+    return estimate / scale if scale else math.inf

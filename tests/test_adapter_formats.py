@@ -1,0 +1,110 @@
+"""Older adapter formats: format 2 loads, checked by what it records; format 1 (no checksums) loads only on request;
+editing a current file's format skips no check."""
+import json
+
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters import files as adapter_io
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+
+CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
+LEGACY = "nola_vision.adapter/1"
+
+
+def saved(directory, seed=1):
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIG), seed, scale=0.1)
+    return model, nv.save_adapter(model, directory, bits=32)
+
+
+def rewrite(directory, change):
+    document = json.loads((directory / CONFIG_NAME).read_text())
+    change(document)
+    (directory / CONFIG_NAME).write_text(json.dumps(document))
+
+
+def as_format_1(document):
+    """What a file written before checksums and fingerprints holds."""
+    for key in ("weights_sha256", "config_sha256", "frozen_weights"):
+        del document[key]
+    document["format"] = LEGACY
+
+
+def as_format_2(document):
+    """What a file written before frozen-weights fingerprints holds (its checksum taken again)."""
+    del document["frozen_weights"]
+    document["format"] = "nola_vision.adapter/2"
+    document["config_sha256"] = adapter_io._document_digest(document)
+
+
+def edit_scale(document):
+    document["config"]["scale"] = 3.0
+
+
+def flip_a_weight_byte(directory):
+    raw = bytearray((directory / WEIGHTS_NAME).read_bytes())
+    raw[-3] ^= 0x40
+    (directory / WEIGHTS_NAME).write_bytes(bytes(raw))
+
+
+def test_a_format_1_file_loads_only_when_its_contents_may_go_unchecked(tmp_path):
+    saved(tmp_path)
+    rewrite(tmp_path, lambda d: (as_format_1(d), edit_scale(d)))
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match=r"legacy format 'nola_vision.adapter/1', which carries no checksums.*"
+                                               r"allow_unchecked_legacy=True"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+    nv.load_adapter(model, tmp_path, allow_unchecked_legacy=True)  # loads as it says: the edited scale included
+    assert nv.adapted_layers(model)["blocks.0.mlp.fc1"].scaling == 3.0 / CONFIG.rank
+
+
+def test_flipped_bytes_in_a_format_1_file_load_only_when_asked(tmp_path):
+    model, _ = saved(tmp_path)
+    rewrite(tmp_path, as_format_1)
+    flip_a_weight_byte(tmp_path)
+    with pytest.raises(AdapterLoadError, match="allow_unchecked_legacy"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+    loaded = nv.load_adapter(tiny_vit(), tmp_path, allow_unchecked_legacy=True)
+    assert not all(torch.equal(p, model.get_parameter(n)) for n, p in loaded.named_parameters() if p.requires_grad)
+    with pytest.raises(AdapterLoadError, match="allow_unchecked_legacy"):
+        nv.MultiTaskModel(tiny_vit()).add_task("legacy", tmp_path)
+
+
+@pytest.mark.parametrize("allow_unchecked_legacy", [False, True])
+def test_a_current_file_relabelled_as_format_1_keeps_every_check(tmp_path, allow_unchecked_legacy):
+    saved(tmp_path / "edited")
+    rewrite(tmp_path / "edited", lambda d: (d.update(format=LEGACY), edit_scale(d)))
+    with pytest.raises(AdapterLoadError, match="edited or damaged"):
+        nv.load_adapter(tiny_vit(), tmp_path / "edited", allow_unchecked_legacy=allow_unchecked_legacy)
+    saved(tmp_path / "flipped")
+    rewrite(tmp_path / "flipped", lambda d: d.update(format=LEGACY))
+    flip_a_weight_byte(tmp_path / "flipped")
+    with pytest.raises(AdapterLoadError, match="corrupt"):
+        nv.load_adapter(tiny_vit(), tmp_path / "flipped", allow_unchecked_legacy=allow_unchecked_legacy)
+
+
+def test_a_current_file_relabelled_as_format_2_is_refused_as_edited(tmp_path):
+    saved(tmp_path)
+    rewrite(tmp_path, lambda d: d.update(format="nola_vision.adapter/2"))
+    with pytest.raises(AdapterLoadError, match="edited or damaged"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_format_2_files_load_checked_by_their_checksums_but_not_for_frozen_weights(tmp_path):
+    model, _ = saved(tmp_path / "a")
+    rewrite(tmp_path / "a", as_format_2)
+    loaded = nv.load_adapter(tiny_vit(), tmp_path / "a")
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in loaded.named_parameters() if p.requires_grad)
+    other_weights = tiny_vit()
+    with torch.no_grad():
+        other_weights.blocks[0].mlp.fc1.weight.mul_(2.0)
+    nv.load_adapter(other_weights, tmp_path / "a")  # format 2 records no fingerprint: documented as unchecked
+    with pytest.raises(AdapterLoadError, match="merge_and_unload"):
+        nv.load_adapter(nv.merge_and_unload(model), tmp_path / "a")
+    saved(tmp_path / "b")
+    rewrite(tmp_path / "b", lambda d: (as_format_2(d), edit_scale(d)))
+    with pytest.raises(AdapterLoadError, match="edited or damaged"):
+        nv.load_adapter(tiny_vit(), tmp_path / "b")

@@ -1,0 +1,169 @@
+"""An adapter belongs to the frozen weights it was trained on: other weights are refused naming the layer, a
+bfloat16/float16 copy is accepted, merged adapters and a reset classifier are reported, and transfer is opt-in."""
+import copy
+
+import pytest
+import timm
+import torch
+from tiny_models import TINY_VIT, as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters.files import AdapterLoadError
+from nola_vision.core.fingerprint import frozen_fingerprint
+
+CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def trained(seed=1, model=None, config=CONFIG):
+    return as_if_trained(nv.inject(tiny_vit() if model is None else model, config), seed, scale=0.1)
+
+
+def changed(model, relative, names=None, seed=0):
+    """The model with its weights (or those of the modules ``names``) moved by ``relative`` of their size, as a
+    fine-tune moves them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if names is None or name.rpartition(".")[0] in names:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std() * relative)
+    return model
+
+
+def adapter_values(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = trained()
+    return model, nv.save_adapter(model, tmp_path / "adapter", bits=32)
+
+
+@pytest.mark.parametrize("other", [
+    lambda: changed(tiny_vit(), 0.1),  # a fine-tune of the same weights
+    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY_VIT),  # random init
+])
+def test_an_adapter_is_refused_on_other_frozen_weights_naming_the_first_layer_and_the_fix(saved, other):
+    model = other()
+    with pytest.raises(AdapterLoadError, match=r"frozen weights are not those the adapter was trained on: the weights "
+                                               r"of blocks\.0\.mlp\.fc1 differ by about .*check_frozen_weights=False"):
+        nv.load_adapter(model, saved[1])
+    assert not nv.adapted_layers(model)
+
+
+@pytest.mark.parametrize("module", ["blocks.1.attn.qkv", "norm"])
+def test_the_error_names_the_one_layer_whose_weights_differ(saved, module):
+    with pytest.raises(AdapterLoadError, match=rf"the weights of {module} differ"):
+        nv.verify_adapter(changed(tiny_vit(), 0.05, names={module}), saved[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bfloat16_and_float16_copies_of_the_same_weights_are_accepted(saved, tmp_path, dtype):
+    model, directory = saved
+    for copy_of_the_weights in (tiny_vit().to(dtype), tiny_vit().to(dtype).float()):
+        loaded = nv.load_adapter(copy_of_the_weights, directory)
+        for name, value in adapter_values(model).items():  # head values rounded to the model's dtype
+            torch.testing.assert_close(loaded.get_parameter(name).float(), value, rtol=2**-8, atol=0)
+    low_precision = trained(model=tiny_vit().to(dtype))  # trained on the copy, loaded onto the float32 weights
+    nv.load_adapter(tiny_vit(), nv.save_adapter(low_precision, tmp_path / "low"))
+
+
+def test_check_frozen_weights_false_transfers_an_adapter_on_purpose(saved):
+    model, directory = saved
+    other = nv.load_adapter(changed(tiny_vit(), 0.1), directory, check_frozen_weights=False)
+    for name, value in adapter_values(model).items():
+        assert torch.equal(other.get_parameter(name), value)
+    nv.verify_adapter(changed(tiny_vit(), 0.1), directory, check_frozen_weights=False)
+
+
+def test_multitask_add_task_refuses_other_frozen_weights_unless_told(saved):
+    server = nv.MultiTaskModel(changed(tiny_vit(), 0.1))
+    with pytest.raises(AdapterLoadError, match=r"task 'a' .*weights of blocks\.0\.mlp\.fc1 differ"):
+        server.add_task("a", saved[1])
+    assert server.tasks == []
+    server.add_task("a", saved[1], check_frozen_weights=False)
+    assert server.tasks == ["a"]
+
+
+def test_loading_an_adapter_again_after_merge_and_unload_is_refused_instead_of_applied_twice(saved):
+    model, directory = saved
+    merged = nv.merge_and_unload(model)
+    weights = {name: p.detach().clone() for name, p in merged.named_parameters()}
+    with pytest.raises(AdapterLoadError, match=r"weights hold 1 adapter\(s\) folded in by nv\.merge_and_unload \(a "
+                                               r"'nola' adapter on blocks\.0\.attn\.qkv.*unmerged base.*nv\.unload"):
+        nv.load_adapter(merged, directory)
+    assert not nv.adapted_layers(merged)
+    assert all(torch.equal(p, weights[name]) for name, p in merged.named_parameters())
+    with pytest.raises(AdapterLoadError, match="merge_and_unload"):
+        nv.MultiTaskModel(copy.deepcopy(merged)).add_task("again", directory)
+    nv.load_adapter(merged, directory, check_frozen_weights=False)  # stacking it on purpose
+
+
+def test_an_adapter_trained_on_merged_weights_loads_onto_them_and_not_onto_the_base(saved, tmp_path):
+    merged = nv.merge_and_unload(saved[0])
+    base = copy.deepcopy(merged)
+    second = nv.save_adapter(trained(seed=2, model=merged, config=nv.LoRAConfig(rank=2)), tmp_path / "second")
+    nv.load_adapter(base, second)
+    with pytest.raises(AdapterLoadError, match=r"trained on weights with 1 adapter\(s\) folded in .*records none"):
+        nv.load_adapter(tiny_vit(), second)  # the base, whose weights the first adapter's small update hardly moved
+    nv.load_adapter(tiny_vit(), second, check_frozen_weights=False)
+
+
+def test_a_live_merged_model_switching_tasks_is_checked_against_its_unmerged_weights(saved, tmp_path):
+    other = nv.save_adapter(trained(seed=2), tmp_path / "other")
+    live = nv.merge(trained(seed=3))
+    nv.load_adapter(live, other)
+    nv.load_adapter(live, saved[1])
+    assert all(layer.merged for layer in nv.adapted_layers(live).values())
+    state = live.state_dict()  # merged weights: a fresh model loading them has no record of the unmerged weights
+    restored = nv.inject(tiny_vit(), CONFIG)
+    restored.load_state_dict(state)
+    nv.load_adapter(restored, other)
+    elsewhere = nv.inject(changed(tiny_vit(), 0.1), CONFIG)
+    elsewhere.load_state_dict({k: v for k, v in nv.merge(changed(trained(seed=3), 0.1)).state_dict().items()})
+    with pytest.raises(AdapterLoadError, match=r"blocks\.0\.mlp\.fc1 differ"):
+        nv.load_adapter(elsewhere, other)
+
+
+def test_reset_classifier_after_inject_is_reported_at_save_and_load(saved, tmp_path):
+    model = nv.inject(tiny_vit(), CONFIG)
+    model.reset_classifier(10)
+    with pytest.raises(ValueError, match=r"classifier head changed after inject \(model\.reset_classifier\?\).*"
+                                         r"Re-inject.*save the adapter from the adapted model"):
+        nv.save_adapter(model, tmp_path / "reset")
+    ten_classes = nv.save_adapter(trained(model=tiny_vit(num_classes=10)), tmp_path / "ten")
+    for directory in (saved[1], ten_classes):
+        with pytest.raises(AdapterLoadError, match=r"classifier head changed after inject.*Re-inject"):
+            nv.load_adapter(model, directory)
+
+
+def test_a_checkpoint_refuses_other_frozen_weights_naming_them_and_accepts_a_bfloat16_copy():
+    from nola_vision.train.module import FewShotClassifier
+
+    tiny = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4, adapter=CONFIG,
+                backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
+    checkpoint = {"state_dict": FewShotClassifier(**tiny).state_dict()}
+    FewShotClassifier(**tiny).on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the weights of VisionTransformer itself differ "
+                                         r"by about .*backbone_seed"):
+        FewShotClassifier(**tiny, backbone_seed=1).on_load_checkpoint(copy.deepcopy(checkpoint))
+    in_bfloat16 = FewShotClassifier(**tiny)
+    in_bfloat16.model.to(torch.bfloat16)
+    in_bfloat16.on_load_checkpoint(copy.deepcopy(checkpoint))
+    checkpoint["nola_vision"]["backbone_fingerprint"] = "0123456789abcdef"  # written by an older nola_vision
+    with pytest.warns(UserWarning, match="does not check"):
+        FewShotClassifier(**tiny).on_load_checkpoint(checkpoint)
+
+
+def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_version():
+    """Saved adapters hold these numbers: another sample, other signs or other rounding needs a new version."""
+    layer = torch.nn.Linear(300, 200)  # 60,000 weights: sampled; 200 biases: all of them
+    with torch.no_grad():
+        layer.weight.copy_((torch.arange(60000) % 7 - 3).view(200, 300) / 4)
+        layer.bias.copy_((torch.arange(200) % 5 - 2) / 8)
+    assert frozen_fingerprint(torch.nn.Sequential(layer), ["0"]) == {
+        "version": "sample16384-sign8-float64-v1",
+        "modules": {"0": [64.062, -30.5, 21.25, 9.5, -82.25, -78.5, -36.0, 31.25, 47.25]},
+        "merged": [],
+    }
