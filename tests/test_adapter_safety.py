@@ -46,12 +46,13 @@ def test_a_resave_that_fails_midway_keeps_the_old_adapter_whole_and_leaves_no_te
     with pytest.raises(OSError, match="disk full"):
         nv.save_adapter(trained(seed=2), target)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]  # the writers' lock stays
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
     torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(old), rtol=0, atol=1e-3)
     new = trained(seed=2)
     nv.save_adapter(new, target)  # a successful re-save replaces both files and keeps the others
-    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
     torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(new), rtol=0, atol=1e-3)
 
 
