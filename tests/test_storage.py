@@ -209,3 +209,17 @@ def test_leftovers_of_a_sibling_with_a_longer_name_are_not_touched(tmp_path):
     other.mkdir()
     nv.save_adapter(trained(2), target)
     assert other.is_dir()
+
+
+def test_a_reader_whose_directory_is_swapped_and_removed_while_it_reads_reads_the_new_set(tmp_path, monkeypatch):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    new, read_relative, saves = trained(2), storage._read_relative, []
+
+    def save_then_read(dir_fd, directory, names):  # a save completes between opening the directory and its files
+        if not saves:
+            saves.append(nv.save_adapter(new, target))
+        return read_relative(dir_fd, directory, names)
+
+    monkeypatch.setattr(storage, "_read_relative", save_then_read)
+    torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
+    assert len(saves) == 1

@@ -115,7 +115,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         staged = _make_staging_directory(target)
         try:
             yield staged
-            written = [entry.name for entry in os.scandir(staged)]
+            written = os.listdir(staged)
             old_mode = _keep_unwritten_entries(target, staged)
             _fsync_entries(staged, written)
             if old_mode is not None:
@@ -157,10 +157,15 @@ def _remove_leftovers(target: Path) -> None:
             _remove_tree(entry)
 
 
+def _sibling(target: Path, kind: str, token: str) -> Path:
+    """``.<name>.<kind>-<token>``: the staged new set or the old set aside, named so only this target matches it."""
+    return target.with_name(f".{target.name}.{kind}-{token}")
+
+
 def _make_staging_directory(target: Path) -> Path:
     """A new empty ``.<name>.staged-<hex>`` sibling of ``target`` (mode 0777 less the umask)."""
     while True:
-        staged = target.with_name(f".{target.name}.staged-{os.urandom(6).hex()}")
+        staged = _sibling(target, "staged", os.urandom(6).hex())
         try:
             os.mkdir(staged, 0o777)
             return staged
@@ -172,14 +177,15 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[int]:
     """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's mode."""
     if not target.is_dir():
         return None
-    for entry in os.scandir(target):
-        destination = staged / entry.name
-        if os.path.lexists(destination):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry.path, destination)
+    with os.scandir(target) as entries:
+        for entry in entries:
+            destination = staged / entry.name
+            if os.path.lexists(destination):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.path, destination)
     return stat.S_IMODE(os.stat(target).st_mode)
 
 
@@ -222,7 +228,7 @@ def _swap_in(staged: Path, target: Path) -> None:
         return
     if _exchange(staged, target):
         return
-    old = staged.with_name(staged.name.replace(".staged-", ".old-"))
+    old = _sibling(target, "old", staged.name.rsplit("-", 1)[1])
     os.rename(target, old)
     try:
         os.rename(staged, target)
