@@ -46,12 +46,13 @@ def test_a_resave_that_fails_midway_keeps_the_old_adapter_whole_and_leaves_no_te
     with pytest.raises(OSError, match="disk full"):
         nv.save_adapter(trained(seed=2), target)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]  # the writers' lock stays
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
     torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(old), rtol=0, atol=1e-3)
     new = trained(seed=2)
     nv.save_adapter(new, target)  # a successful re-save replaces both files and keeps the others
-    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
     torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(new), rtol=0, atol=1e-3)
 
 
@@ -127,3 +128,47 @@ def test_a_width_mismatch_names_the_layer_and_both_shapes(tmp_path):
     nv.save_adapter(trained(seed=1, mlp_ratio=2.0), tmp_path)
     with pytest.raises(AdapterLoadError, match=r"layer blocks.0.mlp.fc1 is 64→256 .* in the model but 64→128"):
         nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(tmp_path):
+    model = trained(seed=1)
+    with torch.no_grad():
+        model.head.weight[0, 0] = 1e5  # float16 ends at 65,504: cast, this would be written as inf
+    nv.save_adapter(model, tmp_path)  # the default 16 bits
+    stored = load_bytes((tmp_path / WEIGHTS_NAME).read_bytes())
+    assert stored["head.weight"].dtype == torch.float32 and stored["head.bias"].dtype == torch.float16
+    loaded = nv.load_adapter(tiny_vit(), tmp_path)
+    assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+@pytest.mark.parametrize("bits", [16.0, "16", True, 12])
+def test_a_bit_width_that_is_not_a_supported_integer_is_refused_before_the_old_adapter_is_touched(tmp_path, bits):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"bits must be one of 32, 16, 8, 4 \(an integer\)"):
+        nv.save_adapter(trained(seed=2), tmp_path, bits=bits)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_coefficients_near_the_float32_limit_quantise_to_finite_values(tmp_path, bits):
+    model = trained(seed=1)
+    alpha = dict(model.named_parameters())["blocks.0.mlp.fc1.nola_alpha"]
+    with torch.no_grad():
+        alpha.copy_(torch.linspace(-3e38, 3e38, alpha.numel(), dtype=torch.float64).reshape(alpha.shape))
+    nv.save_adapter(model, tmp_path, bits=bits)
+    loaded = dict(nv.load_adapter(tiny_vit(), tmp_path).named_parameters())["blocks.0.mlp.fc1.nola_alpha"]
+    half_step = 6e38 / (2**bits - 1) / 2
+    assert bool(torch.isfinite(loaded).all()) and (loaded.double() - alpha.double()).abs().max() <= half_step * 1.001
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_value_beyond_float32_is_refused_naming_the_tensor_before_the_old_adapter_is_touched(tmp_path, bits):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = trained(seed=2).double()
+    with torch.no_grad():
+        model.head.weight[0, 0] = 1e39
+    with pytest.raises(ValueError, match="head.weight (holds 1e\\+39, beyond float32|spans .* too wide for 8-bit)"):
+        nv.save_adapter(model, tmp_path, bits=bits)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -184,3 +184,32 @@ def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_p
     with pytest.warns(UserWarning, match=r"model.lr 0.005 -> 0.001"):  # a config-file value: replaced, with a warning
         run_lightning_cli(predict)
     assert main([*predict, "--model.lr", "0.001"]) == 0  # the same value is fine
+
+
+def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path):
+    from safetensors.torch import load_file
+
+    from nola_vision import load_adapter
+
+    result = tmp_path / "result.json"
+    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.lr", "1e5", "--trainer.max_epochs", "1",
+                  "--result_file", str(result))
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter_dir = Path(json.loads(result.read_text())["adapter_dir"])
+    stored = load_file(adapter_dir / "adapter_model.safetensors")
+    assert max(t.float().abs().max().item() for t in stored.values()) > 65_504  # beyond float16: kept in float32
+    model = run_lightning_cli(["-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), *QUIET],
+                              run=False).model.model  # the same seeded backbone and adapter config
+    load_adapter(model, adapter_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_adapter_dir_that_is_a_file_is_refused_before_training_and_left_untouched(tmp_path):
+    target = tmp_path / "adapter"
+    target.write_text("my notes")
+    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.adapter_dir", str(target),
+                  "--result_file", str(tmp_path / "result.json"))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "is an existing file, not a directory" in run.stderr and "Traceback" not in run.stderr
+    assert target.read_text() == "my notes" and not (tmp_path / "result.json").exists()
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.glob(".adapter*"))

@@ -62,3 +62,15 @@ def test_export_peft_names_why_a_plain_method_has_no_lora(adapter, tmp_path):
         nv.export_peft(nv.inject(tiny_vit(), adapter), tmp_path)
     with pytest.raises(ValueError, match="inject or load an adapter"):
         nv.export_peft(tiny_vit(), tmp_path)
+
+
+def test_export_peft_refuses_non_finite_tensors_and_keeps_the_previous_export(tmp_path):
+    config = nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1"])
+    nv.export_peft(trained_model(config), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = trained_model(config)
+    with torch.no_grad():
+        model.head.bias[1] = float("nan")
+    with pytest.raises(ValueError, match="base_model.model.head.bias holds NaN or Inf"):
+        nv.export_peft(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

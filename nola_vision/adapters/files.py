@@ -92,10 +92,14 @@ def _document_text(document: Dict[str, Any]) -> str:
 def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     """Save what was trained (adapter coefficients/factors and the head) to ``directory``; returns it.
 
-    ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes
-    (the head stays float16). Random bases are never saved: the config records seed, generator version
-    and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
-    existing adapter in ``directory`` together or not at all; other files there are kept.
+    ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes of that width
+    and the head as 8-bit codes. At 16 bits a tensor with a value beyond float16's ±65,504 (a head trained at a
+    large learning rate) is stored in float32: it loads exactly, at 2 more bytes per value of that tensor only,
+    where refusing would throw a trained result away. Every tensor is encoded and checked finite as it will be
+    stored before ``directory`` is touched. Random bases are never saved: the config records seed, generator
+    version and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
+    existing adapter in ``directory`` in one atomic step (``core.storage.atomic_directory``); other files there
+    are kept.
     """
     state = adapter_state(model)
     if state is None:
@@ -103,22 +107,19 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     state.plan.require_same_head(model)
     bits = require_bits(bits)
     adapter, head = trained_parameters(model, state.config.train_backbone)
-    for name, param in {**adapter, **head}.items():
-        if not bool(torch.isfinite(param.detach()).all()):
-            raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
-                             "(train again with a lower learning rate)")
-    float_dtype = torch.float32 if bits == 32 else torch.float16
-    tensors: Dict[str, Tensor] = {}
-    quantization: Dict[str, List[float]] = {}
     # The head is a few thousand values: below 16 bits it keeps 8, which costs little and keeps accuracy.
     stored_bits = {**{name: bits for name in adapter}, **{name: max(bits, 8) for name in head}}
+    tensors: Dict[str, Tensor] = {}
+    quantization: Dict[str, List[float]] = {}
     for name, param in {**adapter, **head}.items():
+        value = param.detach().cpu()
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
+                             "(train again with a lower learning rate)")
         if stored_bits[name] >= 16:
-            tensors[name] = param.detach().to("cpu", float_dtype)
-            continue
-        codes, minimum, step = quantize(param.cpu(), stored_bits[name])
-        tensors[name] = pack4(codes) if stored_bits[name] == 4 else codes
-        quantization[name] = [minimum, step, stored_bits[name]]
+            tensors[name] = _stored_floats(name, value, stored_bits[name])
+        else:
+            tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name])
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
     weights = save_safetensors_bytes(tensors, metadata=metadata)
     document: Dict[str, Any] = {
@@ -144,6 +145,25 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
+
+
+def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
+    """``value`` as float16 at 16 bits (float32 if float16 would turn a value into ±inf) or float32 at 32 bits."""
+    for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
+        stored = value.to(dtype)
+        if bool(torch.isfinite(stored).all()):
+            return stored
+    raise ValueError(f"tensor {name} holds {value.abs().max().item():.4g}, beyond float32's range: it cannot be "
+                     "stored (train again with a lower learning rate)")
+
+
+def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[float]]:
+    """``value`` as ``bits``-bit codes (4-bit packed) with its quantisation entry; refused if it would load as inf."""
+    codes, minimum, step = quantize(value, bits)
+    if not bool(torch.isfinite(dequantize(codes, minimum, step)).all()):
+        raise ValueError(f"tensor {name} spans [{value.min().item():.4g}, {value.max().item():.4g}], too wide for "
+                         f"{bits}-bit codes (they would load as inf): save it with bits=32")
+    return (pack4(codes) if bits == 4 else codes), [minimum, step, bits]
 
 
 def adapter_size_bytes(directory: PathLike) -> int:

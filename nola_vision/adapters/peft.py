@@ -35,7 +35,10 @@ def _alpha(rank: int, scaling: float) -> Union[int, float]:
 @torch.no_grad()
 def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
-    loads onto a fresh base model (of the architecture the adapters were injected into) with the same logits."""
+    loads onto a fresh base model (of the architecture the adapters were injected into) with the same logits.
+
+    Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite.
+    """
     state = adapter_state(model)
     layers = adapted_layers(model)
     if not layers:
@@ -79,6 +82,10 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         "inference_mode": True,
     }
     tensors = {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}
+    for key, value in tensors.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {key} holds NaN or Inf values (in float32): refusing to export a diverged "
+                             "adapter (train again with a lower learning rate)")
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")

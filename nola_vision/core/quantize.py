@@ -48,12 +48,15 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
     step = (maximum - minimum) / levels
     if step == 0.0:  # a constant tensor (e.g. the paper's α = 1/k init) is exact with code 0
         return torch.zeros_like(flat, dtype=torch.uint8), minimum, 0.0
-    codes = torch.round((flat - minimum) / step).clamp_(0, levels).to(torch.uint8)
+    # At half scale, so that a range wider than float32's largest value (values near ±3e38) does not overflow;
+    # halving is exact, so the codes are those of (flat - minimum) / step.
+    codes = torch.round((flat / 2 - minimum / 2) / (step / 2)).clamp_(0, levels).to(torch.uint8)
     return codes, minimum, step
 
 
 def dequantize(codes: Tensor, minimum: float, step: float) -> Tensor:
-    return minimum + codes.float() * step
+    """``minimum + codes * step`` in float32, at half scale like ``quantize``: finite for every finite range."""
+    return (minimum / 2 + codes.float() * (step / 2)) * 2
 
 
 def pack4(codes: Tensor) -> Tensor:

@@ -1,20 +1,36 @@
 """Atomic file writes: readers see the old or the new content, never half of it, and failures leave no temp files.
 
-One file is written to a temporary sibling and renamed over the target. A set of files that must stay
-consistent (an adapter's config and weights) is written into a sibling temporary directory that is then
-swapped in, so the old set stays whole until the new one is complete.
+One file is written to a temporary sibling and renamed over the target. A set of files that must stay consistent
+(an adapter's config and weights, a peft export) is written by ``atomic_directory``: the one routine for every
+directory the library writes, whose docstring says what writers, readers and killed saves see.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any, Dict, Iterator, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+__all__ = ["atomic_directory", "atomic_path", "read_files", "resolve_directory_target", "write_bytes_atomic",
+           "write_json_atomic", "write_text_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+_READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
+_AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux/fs.h> and macOS <stdio.h>
 
 
 @contextmanager
@@ -53,64 +69,258 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def resolve_directory_target(path: PathLike) -> Path:
+    """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
+
+    A ValueError, before anything moves, for a path that exists and is not a directory, that is or contains the
+    current working directory, or that is a mount point: none of them can be swapped for a new directory.
+    """
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
+                         "Choose a directory path (the file was left untouched)")
+    try:
+        cwd = Path(os.path.realpath(os.getcwd()))
+    except FileNotFoundError:  # the working directory was deleted: it cannot be the target
+        cwd = None
+    if cwd is not None and (cwd == target or target in cwd.parents):
+        raise ValueError(f"{path} is {'' if cwd == target else 'above '}the current working directory, which a save "
+                         "cannot replace: save into a subdirectory (e.g. ./adapter) instead")
+    if os.path.ismount(target):
+        raise ValueError(f"{path} is a mount point, which a save cannot replace: save into a subdirectory of it")
+    return target
+
+
 @contextmanager
 def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yield an empty sibling temporary directory; when the block succeeds, swap it in as ``path``.
+    """Yield an empty staging directory; when the block succeeds, it replaces the directory ``path`` in one step.
 
-    Files of an existing ``path`` that the block did not write are moved over, so only the written set is
-    replaced. The old directory is renamed away before the new one is renamed in and deleted only after,
-    so a failure at any point leaves the old set whole (or, between the two renames, beside it under a
-    ``.<name>.old.*`` sibling). No temporary directory survives a failure of the block.
+    Writers of one directory are serialised by ``fcntl.flock`` on a ``.<name>.lock`` file beside it (left there;
+    Windows has no lock, so concurrent writers there must be avoided by the caller). Under the lock, leftovers of
+    a killed save of this directory (``.<name>.staged-*``, ``.<name>.old-*`` siblings) are removed first. Files and
+    folders of the old directory that the block did not write are hard-linked (copied where links are refused)
+    into the staging directory, so the user's other files are never moved and a reader sees them in both sets.
+    The staged set then replaces the old one: on Linux with ``renameat2(RENAME_EXCHANGE)`` and on macOS with
+    ``renamex_np(RENAME_SWAP)``, one atomic step, so ``path`` always names a complete set and a reader (see
+    ``read_files``) gets the whole old or the whole new one; elsewhere, or on filesystems without an atomic
+    exchange, by two renames, between which ``path`` is briefly missing (a kill there is undone by the next
+    save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. Files
+    another process creates or replaces inside the directory while a save runs may not be carried over.
+    A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if not path.exists():
-            os.rename(tmp, path)
-            return
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".tmp"))
-        os.rename(path, old / "content")
+    target = resolve_directory_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(target):
+        _remove_leftovers(target)
+        staged = _make_staging_directory(target)
         try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old / "content", path)
-            old.rmdir()
-            raise
-        for entry in (old / "content").iterdir():
-            if not (path / entry.name).exists():
-                os.rename(entry, path / entry.name)
-        shutil.rmtree(old)
+            yield staged
+            written = os.listdir(staged)
+            old_mode = _keep_unwritten_entries(target, staged)
+            _fsync_entries(staged, written)
+            if old_mode is not None:
+                os.chmod(staged, old_mode)
+            _swap_in(staged, target)
+            _fsync_directory(target.parent)
+        finally:
+            _remove_tree(staged)
+
+
+@contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``.<name>.lock`` beside ``target`` (released when its file is closed)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove what a killed save of ``target`` left; an old set that a killed two-rename swap left aside goes back.
+
+    Safe under the writer lock: no live save of ``target`` owns these, and every file of the user's that they hold
+    is also linked from ``target``.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(staged|old)-[0-9a-f]+")
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        if match.group(1) == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
+        else:
+            _remove_tree(entry)
+
+
+def _sibling(target: Path, kind: str, token: str) -> Path:
+    """``.<name>.<kind>-<token>``: the staged new set or the old set aside, named so only this target matches it."""
+    return target.with_name(f".{target.name}.{kind}-{token}")
+
+
+def _make_staging_directory(target: Path) -> Path:
+    """A new empty ``.<name>.staged-<hex>`` sibling of ``target`` (mode 0777 less the umask)."""
+    while True:
+        staged = _sibling(target, "staged", os.urandom(6).hex())
+        try:
+            os.mkdir(staged, 0o777)
+            return staged
+        except FileExistsError:
+            continue
+
+
+def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[int]:
+    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's mode."""
+    if not target.is_dir():
+        return None
+    with os.scandir(target) as entries:
+        for entry in entries:
+            destination = staged / entry.name
+            if os.path.lexists(destination):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.path, destination)
+    return stat.S_IMODE(os.stat(target).st_mode)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """A hard link (a symlink is linked itself, not followed); a copy where the filesystem refuses links."""
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _fsync_entries(directory: Path, names: Sequence[str]) -> None:
+    """Flush the regular files ``names`` of ``directory`` and the directory itself, so a swap never publishes files
+    whose data is still only in memory (a power loss after the swap then keeps the old or the new set)."""
+    for name in names:
+        path = directory / name
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Put ``staged`` at ``target``; an existing ``target`` ends up at ``staged``'s name (for removal)."""
+    if not os.path.lexists(target):
+        os.rename(staged, target)
+        return
+    if _exchange(staged, target):
+        return
+    old = _sibling(target, "old", staged.name.rsplit("-", 1)[1])
+    os.rename(target, old)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove_tree(old)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step; False where the platform or the filesystem cannot."""
+    exchange = _native_exchange()
+    if exchange is None:
+        return False
+    if exchange(os.fsencode(first), os.fsencode(second)) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # old kernel, or e.g. some FUSE/NFS
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+@cache
+def _native_exchange() -> Optional[Callable[[bytes, bytes], int]]:
+    """libc's swap of two paths (0 on success, errno set otherwise): Linux renameat2, macOS renamex_np; or None."""
+    if sys.platform.startswith("linux"):
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+, musl 1.2.2+
+        if renameat2 is None:
+            return None
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return lambda first, second: renameat2(_AT_FDCWD, first, _AT_FDCWD, second, _RENAME_EXCHANGE)
+    if sys.platform == "darwin":
+        renamex_np = ctypes.CDLL(None, use_errno=True).renamex_np  # macOS 10.12+
+        renamex_np.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        return lambda first, second: renamex_np(first, second, _RENAME_SWAP)
+    return None
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a leftover or replaced directory, even one whose copied mode is read-only."""
+    if not os.path.lexists(path):
+        return
+    try:
+        os.chmod(path, 0o700)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
     """The bytes of each of ``names`` in ``directory``, all read from one and the same directory.
 
     The directory is opened once and its files relative to it (where the platform allows), so a reader never
-    mixes the files of two saves when a writer swaps a new set in meanwhile. A missing file raises
-    FileNotFoundError naming its path.
+    mixes the files of two saves. When a save swaps a new set in and removes the old one while it reads, it
+    reads again from the new set. A missing file raises FileNotFoundError naming its path.
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
         return {name: (directory / name).read_bytes() for name in names}
+    attempts_left = _READ_ATTEMPTS
+    while True:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError) as error:
+            raise FileNotFoundError(f"{directory} is not a directory") from error
+        try:
+            return _read_relative(dir_fd, directory, names)
+        except FileNotFoundError:
+            attempts_left -= 1
+            if attempts_left == 0 or not _was_replaced(directory, dir_fd):
+                raise
+        finally:
+            os.close(dir_fd)
+
+
+def _read_relative(dir_fd: int, directory: Path, names: Sequence[str]) -> Dict[str, bytes]:
+    contents = {}
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except (FileNotFoundError, IsADirectoryError) as error:
+            raise FileNotFoundError(str(directory / name)) from error
+        with os.fdopen(fd, "rb") as file:
+            contents[name] = file.read()
+    return contents
+
+
+def _was_replaced(directory: Path, dir_fd: int) -> bool:
+    """Whether ``directory`` now names another directory than the open ``dir_fd`` (a save swapped it meanwhile)."""
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except (FileNotFoundError, NotADirectoryError) as error:
-        raise FileNotFoundError(f"{directory} is not a directory") from error
-    try:
-        contents = {}
-        for name in names:
-            try:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-            except (FileNotFoundError, IsADirectoryError) as error:
-                raise FileNotFoundError(str(directory / name)) from error
-            with os.fdopen(fd, "rb") as file:
-                contents[name] = file.read()
-        return contents
-    finally:
-        os.close(dir_fd)
+        now = os.stat(directory)
+    except OSError:
+        return False
+    opened = os.fstat(dir_fd)
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)

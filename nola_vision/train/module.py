@@ -23,6 +23,7 @@ from ..core.counts import count_parameters
 from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, set_quantization_aware
 from ..core.registry import method_of
+from ..core.storage import resolve_directory_target
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
@@ -218,6 +219,8 @@ class FewShotClassifier(L.LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        if self.hparams.adapter_dir is not None:  # a file or the working directory: refused before training, not after
+            resolve_directory_target(self.hparams.adapter_dir)
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "

@@ -1,0 +1,225 @@
+"""The storage protocol of every directory the library writes: serialised writers, one atomic swap that readers never
+see half of, the user's other files kept, odd paths refused before anything moves, and killed saves cleaned up."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from storage_workers import CONFIG, USER_FILE, USER_TEXT, trained
+from tiny_models import tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from nola_vision.core import storage
+
+WORKERS = Path(__file__).with_name("storage_workers.py")
+SAVES_EACH = 150
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IMAGES)
+
+
+def loaded_logits(directory):
+    return logits(nv.load_adapter(tiny_vit(), directory))
+
+
+def worker(*arguments):
+    return subprocess.Popen([sys.executable, str(WORKERS), *map(str, arguments)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def saved_adapter(directory, seed, bits=16):
+    nv.save_adapter(trained(seed), directory, bits=bits)
+    (directory / USER_FILE).write_text(USER_TEXT)
+    return directory
+
+
+def siblings(directory):
+    return sorted(p.name for p in directory.parent.iterdir())
+
+
+def leftovers(directory):
+    """Hidden siblings of ``directory`` other than its writers' lock file: what a save left behind."""
+    return [name for name in siblings(directory) if name.startswith(f".{directory.name}.")
+            and name != f".{directory.name}.lock"]
+
+
+def trained_values(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_two_writer_processes_and_a_reader_never_fail_nor_lose_a_file_and_loads_are_whole(tmp_path):
+    target = saved_adapter(tmp_path / "shared" / "adapter", seed=1)
+    model, expected = nv.inject(tiny_vit(), CONFIG), {}
+    for seed, bits in [(1, 16), (2, 16), (3, 8)]:  # what the directory can hold: the first save and each writer's
+        nv.load_adapter(model, nv.save_adapter(trained(seed), tmp_path / "references" / f"{seed}", bits=bits))
+        expected[seed] = trained_values(model)
+    go = tmp_path / "go"
+    writers = [worker("write", target, 2, 16, SAVES_EACH, go), worker("write", target, 3, 8, SAVES_EACH, go)]
+    for seed, process in zip((2, 3), writers):
+        wait_for(tmp_path / f"writer{seed}.ready", process)
+    go.touch()
+    loads, seen, failures = 0, Counter(), []
+    while any(process.poll() is None for process in writers):  # this process reads while the two others write
+        loads += 1
+        try:
+            nv.load_adapter(model, target)
+            values = trained_values(model)
+            matches = [seed for seed, want in expected.items() if all(torch.equal(values[k], want[k]) for k in want)]
+            seen.update(matches)
+            if len(matches) != 1 or (target / USER_FILE).read_text() != USER_TEXT:
+                failures.append(f"load {loads} equals the adapters {matches} and has {os.listdir(target)}")
+        except Exception as error:  # counted, so that the assertion reports every failure
+            failures.append(f"load {loads}: {error!r}")
+    written = [finish(process) for process in writers]
+    assert [w["failures"] for w in written] == [[], []] and [w["saves"] for w in written] == [SAVES_EACH] * 2
+    assert failures == [] and loads > 0
+    assert len(seen) >= 2, seen  # the loads did overlap the saves
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, USER_FILE]
+    assert (target / USER_FILE).read_text() == USER_TEXT and siblings(target) == [".adapter.lock", "adapter"]
+
+
+@pytest.mark.parametrize("where", ["write", "remove", "fsize"])
+def test_a_save_killed_midway_is_cleaned_up_by_the_next_save_of_that_directory(tmp_path, where):
+    target = saved_adapter(tmp_path / "saves" / "adapter", seed=1)
+    ready = tmp_path / "ready"
+    process = worker("die", target, 2, where, ready)
+    if where == "fsize":  # the file size limit kills it while it writes the staged weights
+        process.communicate(timeout=120)
+        assert process.returncode == -signal.SIGXFSZ
+    else:
+        wait_for(ready, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert leftovers(target) != []  # what the killed save left
+    assert (target / USER_FILE).read_text() == USER_TEXT
+    old_or_new = loaded_logits(target)
+    assert any(torch.allclose(old_or_new, logits(trained(seed)), atol=1e-3) for seed in (1, 2))
+    survivor = trained(3)
+    nv.save_adapter(survivor, target)
+    assert leftovers(target) == [] and siblings(target) == [".adapter.lock", "adapter"]
+    assert (target / USER_FILE).read_text() == USER_TEXT
+    torch.testing.assert_close(loaded_logits(target), logits(survivor), rtol=0, atol=1e-3)
+
+
+def test_a_save_onto_a_regular_file_is_refused_and_the_file_left_untouched(tmp_path):
+    target = tmp_path / "adapter"
+    target.write_text("my results")
+    for save in (nv.save_adapter, nv.export_peft):
+        with pytest.raises(ValueError, match="is an existing file, not a directory"):
+            save(trained(1), target)
+    assert target.read_text() == "my results" and siblings(target) == ["adapter"]
+
+
+def test_the_working_directory_and_the_directories_above_it_are_refused(tmp_path, monkeypatch):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = {p: p.read_bytes() for p in target.iterdir()}
+    monkeypatch.chdir(target)
+    with pytest.raises(ValueError, match="is the current working directory"):
+        nv.save_adapter(trained(2), ".")
+    with pytest.raises(ValueError, match="is above the current working directory"):
+        nv.save_adapter(trained(2), tmp_path)
+    assert {p: p.read_bytes() for p in target.iterdir()} == before
+    assert siblings(target) == [".adapter.lock", "adapter"]
+
+
+def test_a_symlinked_directory_is_written_through_and_stays_a_link(tmp_path):
+    real = saved_adapter(tmp_path / "store" / "v1", seed=1)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    new = trained(2)
+    nv.save_adapter(new, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / USER_FILE).read_text() == USER_TEXT
+    torch.testing.assert_close(loaded_logits(real), logits(new), rtol=0, atol=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "store"]
+    assert siblings(real) == [".v1.lock", "v1"]
+
+
+def test_other_files_and_folders_are_kept_as_the_same_files(tmp_path):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    (target / "plots").mkdir()
+    (target / "plots" / "loss.png").write_bytes(b"png")
+    (target / "latest").symlink_to("plots")
+    inodes = {name: (target / name).stat().st_ino for name in (USER_FILE, "plots/loss.png")}
+    nv.save_adapter(trained(2), target)
+    assert {name: (target / name).stat().st_ino for name in inodes} == inodes  # hard links: nothing copied or moved
+    assert (target / "latest").is_symlink() and (target / "latest" / "loss.png").read_bytes() == b"png"
+
+
+def test_a_save_failing_at_its_last_step_keeps_the_old_set_whole(tmp_path, monkeypatch):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def failing_fsync(fd):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert siblings(target) == [".adapter.lock", "adapter"]
+
+
+def test_without_an_atomic_exchange_a_save_still_keeps_every_file(tmp_path, monkeypatch):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    monkeypatch.setattr(storage, "_exchange", lambda first, second: False)  # as on Windows or an old kernel
+    new = trained(2)
+    nv.save_adapter(new, target)
+    assert (target / USER_FILE).read_text() == USER_TEXT and siblings(target) == [".adapter.lock", "adapter"]
+    torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
+
+
+def test_an_old_set_that_a_killed_two_rename_save_left_aside_is_put_back(tmp_path):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    target.rename(tmp_path / ".adapter.old-0123abcd")  # killed between its two renames: the path is missing
+    new = trained(2)
+    nv.save_adapter(new, target)
+    assert (target / USER_FILE).read_text() == USER_TEXT and siblings(target) == [".adapter.lock", "adapter"]
+    torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
+
+
+def test_leftovers_of_a_sibling_with_a_longer_name_are_not_touched(tmp_path):
+    target = saved_adapter(tmp_path / "a", seed=1)
+    other = tmp_path / ".a.b.staged-0123abcd"  # a killed save of the directory "a.b", not of "a"
+    other.mkdir()
+    nv.save_adapter(trained(2), target)
+    assert other.is_dir()
+
+
+def test_a_reader_whose_directory_is_swapped_and_removed_while_it_reads_reads_the_new_set(tmp_path, monkeypatch):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    new, read_relative, saves = trained(2), storage._read_relative, []
+
+    def save_then_read(dir_fd, directory, names):  # a save completes between opening the directory and its files
+        if not saves:
+            saves.append(nv.save_adapter(new, target))
+        return read_relative(dir_fd, directory, names)
+
+    monkeypatch.setattr(storage, "_read_relative", save_then_read)
+    torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
+    assert len(saves) == 1
