@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
 from ..core.config import config_from_dict
-from ..core.inject import adapter_state, inject
+from ..core.inject import adapter_state, inject, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -84,8 +84,10 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes
     (the head stays float16). Random bases are never saved: the config records seed, generator version
     and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
-    existing adapter in ``directory`` together or not at all; other files there are kept.
+    existing adapter in ``directory`` together or not at all; other files there are kept. A ``torch.compile``d
+    model saves what the module it wraps holds, under that module's names.
     """
+    model = unwrap_compiled(model)
     state = adapter_state(model)
     if state is None:
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
@@ -357,6 +359,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     then the head takes the file's class count, as a server of many tasks needs), layer shapes against the
     injection plan, the fingerprint of the regenerated random bases, tensor sizes and finite values.
     """
+    model = unwrap_compiled(model)
     document, stored, quantization = read_adapter(directory)
     _check_architecture(model, document)
     if match_num_classes:
@@ -379,11 +382,13 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
 
     ``verify_adapter`` checks everything before the model changes: the file's fields and checksums, architecture,
     class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, and
-    finite values. On a merged model with the same adapter config, it switches tasks in place
-    (W += ΔW_new − ΔW_old) and stays merged.
+    finite values. On a model with the same adapter config it switches tasks in place: the trained tensors are
+    copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays merged), so a
+    ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
-    verified = verify_adapter(model, directory)
-    if adapter_state(model) is None:
-        inject(model, verified.plan)
-    switch_merged(model, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
+    target = unwrap_compiled(model)
+    verified = verify_adapter(target, directory)
+    if adapter_state(target) is None:
+        inject(target, verified.plan)
+    switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
     return model
