@@ -141,6 +141,7 @@ def plot(result: Dict, path: str, title: str, k: int) -> None:
     left.legend(fontsize=8)
     for name, row in zip(names, result["rows"]):
         right.plot(range(1, len(row["forward_s"]) + 1), [s * 1000 for s in row["forward_s"]], marker=".", label=name)
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel("switch")
     right.set_ylabel("compiled forward ms after the switch")
     right.set_ylim(bottom=0)

@@ -118,7 +118,7 @@ def target_lines(result: Dict) -> List[str]:
 
 def plot(result: Dict, path: str, title: str, k: int) -> None:
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = plt.subplots(figsize=(10, 3.5))
     for entry in result["methods"]:
         batches = [row["batch"] for row in entry["rows"]]
         axis.plot(batches, [ratio(row) for row in entry["rows"]], marker="o", label=METHODS[entry["method"]].format(k=k))
@@ -126,6 +126,9 @@ def plot(result: Dict, path: str, title: str, k: int) -> None:
     axis.plot([RATIO_TARGET[0]], [RATIO_TARGET[1]], linestyle="none", marker="_", markersize=16, color="tab:red",
               label="target")
     axis.set_xscale("log", base=2)
+    axis.set_xticks(sorted({row["batch"] for entry in result["methods"] for row in entry["rows"]} | {RATIO_TARGET[0]}))
+    axis.xaxis.set_major_formatter("{x:g}")
+    axis.minorticks_off()
     axis.set_xlabel("batch")
     axis.set_ylabel("task-input graph latency, × merged")
     axis.legend(fontsize=8)
