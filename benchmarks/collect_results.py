@@ -43,6 +43,12 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "Blocks are adapted from the first, so backward always runs through the whole model. One round per point, "
      "as the k sweep."),
     ("inference", "Inference throughput and task switch, ViT-B/16", ""),
+    ("compiled_switch", "Task switch of a torch.compile'd model, ViT-B/16",
+     "`nv.load_adapter` on the compiled, unmerged model copies the trained tensors into its parameters in place; the "
+     "compiled graphs stay valid, so no switch recompiles."),
+    ("onnx_tasks", "One ONNX graph for every task, ViT-B/16 (ONNX Runtime, CPU)",
+     "The task-input graph holds the frozen weights and the shared bases (float32) and takes the coefficients or "
+     "LoRA factors and the head as inputs; the merged graph holds one task."),
     ("multitask", "Many tasks on one backbone: mixed-task batches, ViT-B/16",
      "Every image of a batch answered by its own task; resident memory measured in a fresh process."),
     ("storage", "Storage per task", ""),
@@ -132,6 +138,26 @@ def inference_targets(results: Path) -> List[List[str]]:
              _verdict(switch_ms, 50.0, unit="ms")]]
 
 
+def serving_targets(results: Path) -> List[List[str]]:
+    """Switching a compiled model (time and recompilations) and the task-input ONNX graph's latency at batch 32."""
+    rows = []
+    switch = _load(results, "compiled_switch")
+    for row in switch["rows"] if switch else []:
+        ms = statistics.median(row["switch_s"]) * 1000
+        rows += [[f"task switch of a compiled unmerged {row['method']} model ≤ 50 ms (ViT-B/16)", f"{ms:.1f} ms",
+                  _verdict(ms, 50.0, unit="ms")],
+                 [f"recompilations in {len(row['switch_s'])} switches of a compiled {row['method']} model: 0",
+                  str(row["recompilations"]), "met" if row["recompilations"] == 0 else "missed"]]
+    graphs = _load(results, "onnx_tasks")
+    for entry in graphs["methods"] if graphs else []:
+        for row in entry["rows"]:
+            if row["batch"] == 32:
+                ratio = statistics.median(row["seconds"]["tasks"]) / statistics.median(row["seconds"]["merged"])
+                rows.append([f"{entry['method']} task-input ONNX graph ≤ 1.3× the merged graph's latency at batch 32 "
+                             "(ViT-B/16)", f"{ratio:.2f}×", _verdict(ratio, 1.3)])
+    return rows
+
+
 def multitask_targets(results: Path) -> List[List[str]]:
     data = _load(results, "multitask")
     if data is None:
@@ -181,8 +207,8 @@ def accuracy_targets(results: Path) -> List[List[str]]:
     return rows
 
 
-TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, inference_targets, multitask_targets,
-                                                           storage_targets, accuracy_targets)
+TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, inference_targets, serving_targets,
+                                                           multitask_targets, storage_targets, accuracy_targets)
 
 
 def target_rows(results: Path) -> List[List[str]]:

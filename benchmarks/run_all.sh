@@ -24,6 +24,8 @@ part() {
     case $1 in
         storage) run storage storage.py ;;
         inference) run inference inference.py --model vit_base_patch16_224 --batch 32 --rounds 7 --switches 20 ;;
+        compiled_switch) run compiled_switch compiled_switch.py --model vit_base_patch16_224 --batch 1 --switches 20 ;;
+        onnx_tasks) run onnx_tasks onnx_tasks.py --model vit_base_patch16_224 --batches 1 32 --rounds 5 ;;
         multitask) run multitask multitask.py --model vit_base_patch16_224 --batch 64 --tasks 1 8 64 --registered 1 100 1000 --rounds 3 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;
         train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
@@ -69,7 +71,7 @@ part() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(storage inference multitask train_step train_step_1thread train_step_large train_step_compile grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer gpu)
+[ ${#parts[@]} -gt 0 ] || parts=(storage inference compiled_switch onnx_tasks multitask train_step train_step_1thread train_step_large train_step_compile grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer gpu)
 for name in "${parts[@]}"; do
     part "$name"
 done

@@ -25,7 +25,7 @@ from .core.plan import InjectionPlan, plan_injection
 from .core.registry import available_methods, get_method, register_method
 from .methods import LoRAConfig, LoRALinear, NOLAConfig, NOLALinear, PlainConfig
 from .models import create_model  # importing registers the *_nola models with timm
-from .serve import MultiTaskModel
+from .serve import MultiTaskModel, export_onnx, onnx_task_inputs
 from .version import __version__
 
 _LAZY = {"FewShotClassifier": "nola_vision.train.module", "FewShotDataModule": "nola_vision.data"}
@@ -50,12 +50,14 @@ __all__ = [
     "available_methods",
     "count_parameters",
     "create_model",
+    "export_onnx",
     "export_peft",
     "get_method",
     "inject",
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "onnx_task_inputs",
     "plan_injection",
     "register_method",
     "save_adapter",

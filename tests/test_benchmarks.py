@@ -11,8 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import collect_results  # noqa: E402
+import compiled_switch  # noqa: E402
 import inference  # noqa: E402
 import multitask  # noqa: E402
+import onnx_tasks  # noqa: E402
 import storage  # noqa: E402
 import train_step  # noqa: E402
 
@@ -122,6 +124,42 @@ def test_multitask_main(tmp_path, capsys):
     assert "ahead of peft's LoRA mixed batch at" in out
 
 
+def test_compiled_switch_main(tmp_path, capsys):
+    compiled_switch.main(["--model", TINY, "--img-size", "32", "--switches", "2", "--forwards", "1", "--k", "32",
+                          "--backend", "aot_eager", *_files(tmp_path)], **TINY_KWARGS)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
+    assert [row["method"] for row in data["rows"]] == ["nola", "lora"]
+    assert all(len(row["switch_s"]) == 2 and row["recompilations"] == 0 and row["max_logit_error"] < 1e-4
+               for row in data["rows"])
+    assert "0 recompilations in 2 switches" in out
+
+
+def test_onnx_tasks_main(tmp_path, capsys):
+    onnx_tasks.main(["--model", TINY, "--img-size", "32", "--batches", "1", "3", "--rounds", "1", "--k", "32",
+                     *_files(tmp_path)], **TINY_KWARGS)
+    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    assert [entry["method"] for entry in data["methods"]] == ["nola", "lora"]
+    for entry in data["methods"]:
+        assert [row["batch"] for row in entry["rows"]] == [1, 3]
+        assert all(row["max_logit_error"] < 1e-4 and len(row["seconds"]["tasks"]) == 1 for row in entry["rows"])
+
+
+def test_serving_targets_are_computed_from_the_raw_results(tmp_path):
+    switch = [{"method": "nola", "switch_s": [0.02, 0.03, 0.04], "recompilations": 0},
+              {"method": "lora", "switch_s": [0.06], "recompilations": 1}]
+    (tmp_path / "compiled_switch.json").write_text(json.dumps({"rows": switch}))
+    graphs = [{"method": "nola", "rows": [{"batch": 1, "seconds": {"merged": [1.0], "tasks": [2.0]}},
+                                          {"batch": 32, "seconds": {"merged": [10.0, 10.0], "tasks": [12.0]}}]}]
+    (tmp_path / "onnx_tasks.json").write_text(json.dumps({"methods": graphs}))
+    assert collect_results.serving_targets(tmp_path) == [
+        ["task switch of a compiled unmerged nola model ≤ 50 ms (ViT-B/16)", "30.0 ms", "met"],
+        ["recompilations in 3 switches of a compiled nola model: 0", "0", "met"],
+        ["task switch of a compiled unmerged lora model ≤ 50 ms (ViT-B/16)", "60.0 ms", "missed by 10.0 ms"],
+        ["recompilations in 1 switches of a compiled lora model: 0", "1", "missed"],
+        ["nola task-input ONNX graph ≤ 1.3× the merged graph's latency at batch 32 (ViT-B/16)", "1.20×", "met"]]
+
+
 def test_multitask_targets_are_computed_from_the_raw_results(tmp_path):
     rows = [{"method": m, "tasks": t, "seconds": [s]} for m, t, s in
             (("merged", 1, 10.0), ("multitask", 8, 11.0), ("multitask", 64, 20.0), ("peft", 8, 12.0), ("peft", 64, 15.0))]
@@ -225,7 +263,7 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| merged NOLA inference ≥ 0.97× base images/s (ViT-B/16) | 0.990× | met |" in report
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
-    assert "Not run yet: `accuracy`, `accuracy_study`, `accuracy_transfer`, `gpu`, " in report
+    assert "Not run yet: `accuracy`, `accuracy_study`, `accuracy_transfer`, `compiled_switch`, `gpu`, " in report
     readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
     assert collect_results.sync_readme(readme, tmp_path) == (
         "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")

@@ -32,7 +32,7 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject
+from ..core.inject import adapter_state, inject, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -99,8 +99,9 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     stored before ``directory`` is touched. Random bases are never saved: the config records seed, generator
     version and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
     existing adapter in ``directory`` in one atomic step (``core.storage.atomic_directory``); other files there
-    are kept.
+    are kept. A ``torch.compile``d model saves what the module it wraps holds, under that module's names.
     """
+    model = unwrap_compiled(model)
     state = adapter_state(model)
     if state is None:
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
@@ -479,6 +480,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     ``check_frozen_weights`` is False), tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1
     files, which carry no checksums.
     """
+    model = unwrap_compiled(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
     _check_injected_head(model)
@@ -510,12 +512,14 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     random init does not), and no adapter may have been merged into them since (``merge_and_unload``);
     ``check_frozen_weights=False`` skips both, for a deliberate transfer. Format 2 files hold no fingerprint, so
     only merged adapters are checked for them; format 1 files, without checksums, load only with
-    ``allow_unchecked_legacy=True``. On a merged model with the same adapter config, it switches tasks in place
-    (W += ΔW_new − ΔW_old) and stays merged.
+    ``allow_unchecked_legacy=True``. On a model with the same adapter config it switches tasks in place: the trained
+    tensors are copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays
+    merged), so a ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
-    verified = verify_adapter(model, directory, check_frozen_weights=check_frozen_weights,
+    target = unwrap_compiled(model)
+    verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)
-    if adapter_state(model) is None:
-        inject(model, verified.plan)
-    switch_merged(model, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
+    if adapter_state(target) is None:
+        inject(target, verified.plan)
+    switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
     return model

@@ -24,7 +24,7 @@ from .registry import method_of
 from .targets import classifier_head
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module",
-           "set_quantization_aware", "unload"]
+           "set_quantization_aware", "unload", "unwrap_compiled"]
 
 STATE_ATTRIBUTE = "nola_adapter"
 
@@ -55,6 +55,14 @@ class AdapterState:
 def adapter_state(model: nn.Module) -> Optional[AdapterState]:
     """The ``AdapterState`` that ``inject`` attached, or None for a plain model."""
     return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs, else ``model``: adapters, their names and files belong to it.
+
+    The wrapper prefixes every name with ``_orig_mod.``; code that matches names works on the module it wraps.
+    """
+    return getattr(model, "_orig_mod", model)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

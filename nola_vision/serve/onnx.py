@@ -1,0 +1,299 @@
+"""ONNX export: a merged graph for one task, or one graph for every task of a backbone with the task as inputs.
+
+NOLA and LoRA are linear in what they train once the frozen weights and random bases are fixed. With
+``tasks_as_inputs=True`` the unmerged model is traced with its trained tensors (coefficients or LoRA factors, and
+the head) as graph inputs, and its frozen weights and shared bases (decoded to float32) as constants: one file then
+serves every task trained on that backbone with that adapter config and head size, and ``onnx_task_inputs`` gives
+a task's arrays for it. A graph has one head size: tasks with another class count need their own graph.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..adapters.files import AdapterLoadError, PathLike, architecture_name, decode_tensors, num_classes_of, read_adapter
+from ..core.basis import GENERATOR_VERSION, BasisSpec
+from ..core.config import config_from_dict
+from ..core.inject import adapter_state, merge_and_unload, unwrap_compiled
+from ..core.layer import adapted_layers, as_factors
+from ..core.registry import method_of
+from ..core.storage import atomic_path
+from ..core.targets import trained_parameters
+
+__all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
+
+# Recorded in the metadata of a task-input graph, with what a task must match to fit it (see ``_graph_metadata``).
+GRAPH_FORMAT = "nola_vision.onnx_tasks/1"
+_PREFIX = "nola_vision."
+
+
+def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = False,
+                input_size: Optional[Sequence[int]] = None) -> Path:
+    """Write ``model`` as an ONNX graph with input ``images`` and output ``logits``, both with a dynamic batch axis.
+
+    By default the graph is the merged model: one task at the base model's cost (``model`` itself is not changed).
+    With ``tasks_as_inputs`` the unmerged model is exported with every trained tensor as an input named as in
+    adapter files: one graph for all tasks of this backbone, adapter config (seed and bases included) and head size,
+    fed by ``onnx_task_inputs``. Heads of another size need their own graph (export a model built with that
+    ``num_classes``); ``onnx_task_inputs(adapter_dir, graph)`` refuses a task that does not fit. ``input_size``
+    (C, H, W) defaults to the size the model was built for. Returns ``path``.
+    """
+    model = unwrap_compiled(model)
+    images = torch.zeros(2, *(input_size or _input_size(model)), device=_device(model))
+    if not tasks_as_inputs:
+        served = merge_and_unload(copy.deepcopy(model)) if adapter_state(model) is not None else model
+        with _as_served(served):
+            return _export(served, (images,), ["images"], path)
+    graph = _TaskInputGraph(model)
+    with _as_served(model):
+        return _export(graph, (images, *graph.example_inputs()), ["images", *graph.names], path,
+                       _graph_metadata(model))
+
+
+def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = None) -> Dict[str, np.ndarray]:
+    """The float32 arrays of one saved task, by graph input name, for a graph of ``export_onnx(tasks_as_inputs=True)``.
+
+    The adapter files are checked as they are read (checksums, sizes, finite values). Pass ``graph`` (the ``.onnx``
+    path or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise ``AdapterLoadError`` naming
+    the fix: same backbone, adapter config and bases, and head size (one graph per head size).
+
+        session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
+    """
+    document, stored, quantization = read_adapter(adapter_dir)
+    values = decode_tensors(stored, quantization, _task_shapes(document, stored, quantization))
+    if graph is not None:
+        _check_fits(document, values, _read_graph(graph), Path(adapter_dir))
+    return {name: value.numpy() for name, value in values.items()}
+
+
+class _TaskInputGraph(nn.Module):
+    """``forward(images, *trained tensors)``: the unmerged model with what a task trains as inputs.
+
+    Every shared basis is a float32 buffer (a constant of the graph), multiplied once by the stacked coefficients of
+    all layers that use it, as ``combine_shared`` does in PyTorch; the layers read the rows as their batched factors.
+    Everything else (LoRA factors, the head) stands in for its parameter during the forward pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        state = adapter_state(model)
+        if state is None:
+            raise ValueError(f"{type(model).__name__} has no adapters, so there is no task to take as input: inject or "
+                             "load one first, or export the plain model with export_onnx(model, path)")
+        if state.config.train_backbone:
+            raise ValueError("full fine-tuning trains every weight, so tasks share nothing a graph could hold: export "
+                             "each task with export_onnx(model, path)")
+        layers = adapted_layers(model)
+        for name, layer in layers.items():
+            if layer.merged:
+                raise ValueError(f"layer {name} is merged: a task-input graph needs the frozen weights without ΔW; "
+                                 "call nv.unmerge(model) first")
+            if layer.basis_specs() and not layer.shared_coefficients():
+                raise ValueError(f"layer {name} regenerates its own bases (basis='per_layer'); a task-input graph "
+                                 "holds shared bases only: train with basis='shared', or export one merged graph per "
+                                 "task with export_onnx(model, path)")
+        adapter, head = trained_parameters(model, train_backbone=False)
+        self.names: List[str] = [*adapter, *head]
+        self._example = [p.detach() for p in (*adapter.values(), *head.values())]
+        self.model = model
+        self._shared = {name: layer for name, layer in layers.items() if layer.shared_coefficients()}
+        specs = dict.fromkeys(spec for layer in self._shared.values() for spec, _ in layer.shared_coefficients())
+        self._bases: Dict[BasisSpec, str] = {}
+        for index, spec in enumerate(specs):
+            self._bases[spec] = f"basis{index}"
+            self.register_buffer(f"basis{index}", spec.generate(_device(model)).view(spec.count, spec.numel))
+
+    def example_inputs(self) -> List[Tensor]:
+        return list(self._example)
+
+    def forward(self, images: Tensor, *tensors: Tensor) -> Tensor:
+        values = dict(zip(self.names, tensors))
+        entries = [(spec, values[f"{name}.{coefficients}"]) for name, layer in self._shared.items()
+                   for spec, coefficients in layer.shared_coefficients()]
+        rows: List[Optional[Tensor]] = [None] * len(entries)
+        for spec, buffer in self._bases.items():
+            indices = [i for i, (s, _) in enumerate(entries) if s == spec]
+            combined = torch.cat([entries[i][1] for i in indices]) @ getattr(self, buffer)
+            for i, part in zip(indices, combined.split([entries[i][1].shape[0] for i in indices])):
+                rows[i] = part
+        parts = iter(rows)
+        for layer in self._shared.values():
+            layer.batched_factors = as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()])
+        try:
+            with _substituted(self.model, values):
+                return self.model.forward(images)  # not model(): its hooks would combine the bases from the parameters
+        finally:
+            for layer in self._shared.values():
+                layer.batched_factors = None
+
+
+@contextmanager
+def _substituted(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, each named parameter of ``model`` is replaced by the given tensor (a graph input).
+
+    ``torch.func.functional_call`` does the same but refuses to run while tracing, which the ONNX export does.
+    """
+    swapped = []
+    for name, value in values.items():
+        owner, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner)
+        swapped.append((module, attribute, module._parameters[attribute]))
+        module._parameters[attribute] = value
+    try:
+        yield
+    finally:
+        for module, attribute, parameter in reversed(swapped):
+            module._parameters[attribute] = parameter
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _input_size(model: nn.Module) -> Tuple[int, ...]:
+    """(C, H, W) the model was built for: its patch embedding's image size, else its pretrained config's."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is not None:
+        return (getattr(getattr(embed, "proj", None), "in_channels", 3), *size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in cfg:
+        raise ValueError(f"cannot tell the image size {type(model).__name__} takes: pass input_size=(3, H, W)")
+    return tuple(cfg["input_size"])
+
+
+@contextmanager
+def _as_served(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients and no quantisation-aware training while tracing; the model's settings come back."""
+    training = {module: module.training for module in model.modules()}
+    bits = {layer: layer.quant_bits for layer in adapted_layers(model).values()}
+    model.eval()
+    for layer in bits:
+        layer.quant_bits = None
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+        for layer, value in bits.items():
+            layer.quant_bits = value
+
+
+def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str], path: PathLike,
+            metadata: Optional[Dict[str, str]] = None) -> Path:
+    """The legacy (TorchScript) exporter, written atomically: the dynamo exporter needs onnxscript, an extra package."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        if metadata:
+            onnx = _import_onnx()
+            graph = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                graph.metadata_props.add(key=_PREFIX + key, value=value)
+            onnx.save(graph, str(tmp))
+    return Path(path)
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError as error:
+        raise ImportError("task-input ONNX graphs record which tasks fit them with the onnx package: "
+                          "pip install onnx (or nola_vision[onnx])") from error
+    return onnx
+
+
+def _graph_metadata(model: nn.Module) -> Dict[str, str]:
+    """What a task must match to fit the graph: backbone, adapter config, bases and head size."""
+    state = adapter_state(model)
+    return {"format": GRAPH_FORMAT, "backbone": architecture_name(model), "config": _canonical(state.config_dict()),
+            "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
+            "num_classes": str(num_classes_of(model))}
+
+
+def _canonical(config: Any) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of a task's tensors from its file alone: the method's shapes of each adapted layer, and the head's.
+
+    Integer codes of a head are stored flat; a head's class dimension comes first.
+    """
+    try:
+        config = config_from_dict(document["config"])
+    except (TypeError, ValueError) as error:
+        raise AdapterLoadError(f"the adapter config {document['config']!r} is not valid: {error}") from error
+    if config.train_backbone:
+        raise AdapterLoadError("a fully fine-tuned task holds every weight, so it has no task-input graph: export "
+                               "its model with export_onnx(model, path)")
+    layer_cls = method_of(config).layer_cls
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for name, layer in document["layers"].items():
+        (start, end), count = layer["slices"][0], len(layer["slices"])
+        for key, shape in layer_cls.parameter_shapes(config, layer["in"], end - start, count).items():
+            shapes[f"{name}.{key}"] = tuple(shape)
+    classes = document["num_classes"]
+    for name in document["head"]:
+        tensor = stored.get(name, torch.empty(0))  # a missing tensor is reported by decode_tensors
+        if name not in quantization:
+            shapes[name] = tuple(tensor.shape)
+        else:
+            shapes[name] = (classes,) if tensor.numel() == classes else (classes, tensor.numel() // max(classes, 1))
+    return shapes
+
+
+@dataclass(frozen=True)
+class _GraphInfo:
+    """A graph's nola_vision metadata and the shapes of its inputs (a str for a dynamic axis)."""
+
+    metadata: Dict[str, str]
+    inputs: Dict[str, Tuple[Any, ...]]
+
+
+def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
+    if isinstance(graph, (str, os.PathLike)):
+        proto = _import_onnx().load(str(graph))
+        metadata = {entry.key: entry.value for entry in proto.metadata_props}
+        inputs = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
+                  for i in proto.graph.input}
+    else:  # an onnxruntime.InferenceSession
+        metadata = dict(graph.get_modelmeta().custom_metadata_map)
+        inputs = {i.name: tuple(i.shape) for i in graph.get_inputs()}
+    return _GraphInfo({k[len(_PREFIX):]: v for k, v in metadata.items() if k.startswith(_PREFIX)}, inputs)
+
+
+def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, directory: Path) -> None:
+    """Raise ``AdapterLoadError`` unless the task's backbone, config, bases, head size and tensors fit the graph."""
+    meta = graph.metadata
+    if meta.get("format") != GRAPH_FORMAT:
+        raise AdapterLoadError("the graph was not written by export_onnx(model, path, tasks_as_inputs=True), so it "
+                               "takes no task inputs")
+    task = {"backbone": document["backbone"], "config": _canonical(document["config"]),
+            "basis_fingerprint": document["basis_fingerprint"] or "", "num_classes": str(document["num_classes"])}
+    fixes = {"backbone": "export a graph of that backbone", "config": "export a graph from a model with that config",
+             "basis_fingerprint": "its bases (seed, shapes or generator) differ from the graph's: export a graph from "
+                                  "a model with the task's config",
+             "num_classes": "one graph serves one head size: export another graph from a model with "
+                            f"num_classes={document['num_classes']}"}
+    for key, value in task.items():
+        if meta.get(key) != value:
+            raise AdapterLoadError(f"task {directory} does not fit the graph: its {key} is {value}, the graph's is "
+                                   f"{meta.get(key)}; {fixes[key]}")
+    expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}
+    got = {name: tuple(value.shape) for name, value in values.items()}
+    if got != expected:
+        raise AdapterLoadError(f"task {directory} holds tensors {got}, the graph takes {expected}: export a graph "
+                               "from a model with the task's config")

@@ -1,0 +1,111 @@
+"""ONNX export: one graph with the task as inputs serves every task of a backbone; the default export is merged."""
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+
+ort = pytest.importorskip("onnxruntime")
+
+CONFIGS = {
+    "nola_mlp_qv": lambda: nv.NOLAConfig(rank=4, num_basis_a=96, num_basis_b=96,
+                                         targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"]),
+    "lora_qv_fc1": lambda: nv.LoRAConfig(rank=4, alpha=8, targets=["attn.q", "attn.v", "mlp.fc1"]),
+    "linear": lambda: "linear",
+}
+
+
+def _task(config, directory: Path, seed: int, bits: int = 16, **model_kwargs) -> Path:
+    """A saved task whose adapter and head hold distinct trained values."""
+    return nv.save_adapter(as_if_trained(nv.inject(tiny_vit(**model_kwargs), config), seed=seed, scale=0.5), directory,
+                           bits=bits)
+
+
+def _session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _merged_logits(task: Path, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return nv.merge(nv.load_adapter(tiny_vit(), task))(images)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_one_task_input_graph_gives_each_tasks_merged_logits(method, images, tmp_path):
+    # The three tasks are stored at 16, 8 and 4 bits: float, integer and packed codes all feed the graph.
+    tasks = [_task(CONFIGS[method](), tmp_path / f"task{seed}", seed, bits) for seed, bits in ((0, 16), (1, 8), (2, 4))]
+    path = nv.export_onnx(nv.load_adapter(tiny_vit(), tasks[0]), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    session = _session(path)
+    outputs = []
+    for task, graph in zip(tasks, (None, path, session)):  # checked against the graph by path or by session
+        inputs = nv.onnx_task_inputs(task, graph)
+        assert all(value.dtype == np.float32 for value in inputs.values())
+        logits = torch.from_numpy(session.run(None, {"images": images[:3].numpy(), **inputs})[0])
+        assert (logits - _merged_logits(task, images[:3])).abs().max() <= 1e-4  # 3 images: the batch axis is dynamic
+        outputs.append(logits)
+    assert min((a - b).abs().max() for a, b in [(outputs[0], outputs[1]), (outputs[1], outputs[2])]) > 1e-2
+
+
+def test_the_graph_holds_the_frozen_weights_and_bases_and_takes_only_what_a_task_trains(tmp_path):
+    model = nv.inject(tiny_vit(), CONFIGS["nola_mlp_qv"]())
+    session = _session(nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True))
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    assert inputs.pop("images") == ["batch", 3, 32, 32]
+    assert inputs == {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert metadata["nola_vision.num_classes"] == "5" and metadata["nola_vision.backbone"] == "vit_tiny_patch16_224"
+
+
+def test_default_export_is_the_merged_model_and_leaves_the_model_as_it_was(images, tmp_path):
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIGS["nola_mlp_qv"]()), seed=3, scale=0.5)
+    with torch.no_grad():
+        expected = model(images)
+    session = _session(nv.export_onnx(torch.compile(model, backend="eager"), tmp_path / "merged.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    logits = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+
+
+def test_task_input_export_restores_the_models_mode_and_parameters(images, tmp_path):
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIGS["lora_qv_fc1"]()), seed=4, scale=0.5).train()
+    nv.set_quantization_aware(model, 8)
+    parameters = dict(model.named_parameters())
+    nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    assert model.training and all(layer.quant_bits == 8 for layer in nv.adapted_layers(model).values())
+    assert all(parameter is parameters[name] for name, parameter in model.named_parameters())
+
+
+def test_a_task_that_does_not_fit_the_graph_is_refused_naming_the_fix(tmp_path):
+    config = CONFIGS["nola_mlp_qv"]
+    path = nv.export_onnx(nv.inject(tiny_vit(), config()), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    other_seed, other_size = replace(config(), seed=1), replace(config(), num_basis_a=64)
+    cases = [(_task(config(), tmp_path / "ten", 0, num_classes=10), "one graph serves one head size.*num_classes=10"),
+             (_task(other_seed, tmp_path / "seed", 0), "config"),
+             (_task(other_size, tmp_path / "size", 0), "config"),
+             (_task(CONFIGS["lora_qv_fc1"](), tmp_path / "lora", 0), "config")]
+    for task, message in cases:
+        for graph in (path, _session(path)):
+            with pytest.raises(nv.AdapterLoadError, match=message):
+                nv.onnx_task_inputs(task, graph)
+    merged = nv.export_onnx(nv.inject(tiny_vit(), config()), tmp_path / "merged.onnx")
+    with pytest.raises(nv.AdapterLoadError, match="tasks_as_inputs=True"):
+        nv.onnx_task_inputs(_task(config(), tmp_path / "fits", 0), merged)
+
+
+def test_task_input_export_refuses_what_one_graph_cannot_serve(tmp_path):
+    per_layer = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, basis="per_layer", targets=["mlp.fc1"])
+    cases = [(nv.inject(tiny_vit(), per_layer), "basis='shared'"),
+             (nv.merge(nv.inject(tiny_vit(), CONFIGS["lora_qv_fc1"]())), r"nv.unmerge\(model\)"),
+             (nv.inject(tiny_vit(), "full"), "full fine-tuning"),
+             (tiny_vit(), "no adapters")]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    assert not (tmp_path / "tasks.onnx").exists()
