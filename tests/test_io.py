@@ -144,6 +144,14 @@ def test_missing_and_truncated_files_are_reported(tmp_path):
         nv.load_adapter(model, tmp_path)
 
 
+def test_loading_from_a_file_or_a_missing_path_says_which(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    with pytest.raises(AdapterLoadError, match=r"notes.txt is a file, not an adapter directory"):
+        nv.load_adapter(tiny_vit(), tmp_path / "notes.txt")
+    with pytest.raises(AdapterLoadError, match=r"nowhere is missing"):
+        nv.load_adapter(tiny_vit(), tmp_path / "nowhere")
+
+
 def test_saving_a_model_without_adapters_or_with_bad_bits_fails(tmp_path):
     with pytest.raises(ValueError, match="inject"):
         nv.save_adapter(tiny_vit(), tmp_path)

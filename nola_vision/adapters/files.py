@@ -281,6 +281,9 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     except FileNotFoundError as error:
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is missing: an adapter directory holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)") from error
+    except NotADirectoryError as error:
+        raise AdapterLoadError(f"{root} is a file, not an adapter directory: pass the directory save_adapter wrote "
+                               f"({CONFIG_NAME} and {WEIGHTS_NAME} inside)") from error
     document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 

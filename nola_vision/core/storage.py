@@ -283,7 +283,8 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
 
     The directory is opened once and its files relative to it (where the platform allows), so a reader never
     mixes the files of two saves. When a save swaps a new set in and removes the old one while it reads, it
-    reads again from the new set. A missing file raises FileNotFoundError naming its path.
+    reads again from the new set. A missing file or directory raises FileNotFoundError naming its path, a
+    ``directory`` that is not one NotADirectoryError.
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
@@ -292,8 +293,10 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
     while True:
         try:
             dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except (FileNotFoundError, NotADirectoryError) as error:
-            raise FileNotFoundError(f"{directory} is not a directory") from error
+        except FileNotFoundError as error:
+            raise FileNotFoundError(str(directory)) from error
+        except NotADirectoryError as error:
+            raise NotADirectoryError(str(directory)) from error
         try:
             return _read_relative(dir_fd, directory, names)
         except FileNotFoundError:
