@@ -12,6 +12,7 @@ seen; ``merge_and_unload`` therefore also records what it folded in (``merged_ad
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -78,6 +79,7 @@ def _frozen_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
     return {name: own[name] for name in sorted(own) if name not in adapter}
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments; a backbone has few distinct tensor sizes
 def _positions(numel: int, device: torch.device) -> Tensor:
     bounds = torch.arange(SAMPLE + 1, dtype=torch.int64, device=device) * numel // SAMPLE
     start, length = bounds[:-1], bounds[1:] - bounds[:-1]
@@ -114,8 +116,9 @@ def _module_vector(module: nn.Module) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+@functools.lru_cache(maxsize=4)
 def _signs(length: int, device: torch.device) -> Tensor:
-    """±1 of shape (length, SKETCHES): the low bits of one portable 32-bit hash per element."""
+    """±1 of shape (length, SKETCHES): the low bits of one portable 32-bit hash per element (a pure function)."""
     bits = random_bits(0, "frozen-weights", torch.arange(length, dtype=torch.int64, device=device))
     planes = bits[:, None] >> torch.arange(SKETCHES, dtype=torch.int64, device=device) & 1
     return (1 - 2 * planes).to(torch.float64)
@@ -123,7 +126,8 @@ def _signs(length: int, device: torch.device) -> Tensor:
 
 def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
     """Per module: [norm, SKETCHES projections] of its sampled values, to 5 significant digits."""
-    longest = max((v.numel() for v in vectors.values()), default=0)
+    # a multiple of SAMPLE: element i's signs do not depend on the length, and few lengths are cached
+    longest = -(-max((v.numel() for v in vectors.values()), default=1) // SAMPLE) * SAMPLE
     signs = {}
     records = {}
     for name, vector in vectors.items():
