@@ -82,7 +82,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     """Save what was trained (adapter coefficients/factors and the head) to ``directory``; returns it.
 
     ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes
-    (the head stays float16). Random bases are never saved: the config records seed, generator version
+    (the head keeps 8-bit codes). Random bases are never saved: the config records seed, generator version
     and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
     existing adapter in ``directory`` together or not at all; other files there are kept.
     """
