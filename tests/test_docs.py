@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,12 @@ def test_a_public_name_missing_from_its_api_page_stops_the_build(tmp_path):
 @pytest.fixture
 def offline_timm(monkeypatch):
     def create_model(model_name, pretrained=False, **kwargs):
-        return REAL_CREATE_MODEL(model_name, pretrained=False, **{**kwargs, **TINY})
+        if not pretrained:
+            return REAL_CREATE_MODEL(model_name, pretrained=False, **{**kwargs, **TINY})
+        # pretrained weights are fixed: the same name gives the same (random) frozen weights every time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(model_name.encode()))
+            return REAL_CREATE_MODEL(model_name, pretrained=False, **{**kwargs, **TINY})
 
     monkeypatch.setattr(timm, "create_model", create_model)
 
