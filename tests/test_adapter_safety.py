@@ -1,5 +1,8 @@
 """Adapter files fail loudly: atomic re-saves, checksums, finite values, malformed fields, clear shape messages."""
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +57,39 @@ def test_a_resave_that_fails_midway_keeps_the_old_adapter_whole_and_leaves_no_te
     assert (target / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
     torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(new), rtol=0, atol=1e-3)
+
+
+def test_a_resave_whose_swap_fails_keeps_the_old_adapter_whole_with_the_users_files(tmp_path, monkeypatch):
+    # The new set is staged completely; then the rename that would put it in place fails (once). A save that
+    # raises must leave the old set whole and in place. Where the platform swaps both sets in one atomic
+    # exchange, no such rename happens and the save succeeds: then the new set must be whole.
+    target = tmp_path / "adapter"
+    old, new = trained(seed=1), trained(seed=2)
+    nv.save_adapter(old, target)
+    (target / "notes.txt").write_text("mine")
+    refused = []
+
+    def failing_once_onto_target(rename):
+        def wrapper(source, destination, *args, **kwargs):
+            if Path(destination) == target and not refused:
+                refused.append(source)
+                raise OSError(errno.EIO, "simulated failure while swapping the adapter in")
+            return rename(source, destination, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(os, "rename", failing_once_onto_target(os.rename))
+    monkeypatch.setattr(os, "replace", failing_once_onto_target(os.replace))
+    try:
+        nv.save_adapter(new, target)
+        saved = new
+    except OSError as error:
+        assert refused and "simulated failure" in str(error)
+        saved = old
+    monkeypatch.undo()
+    assert (target / "notes.txt").read_text() == "mine"
+    torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), target)), logits(saved), rtol=0, atol=1e-3)
+    assert (logits(new) - logits(old)).abs().max() > 1e-2  # the two adapters are told apart
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["adapter"]  # no staged or old set left beside it
 
 
 def test_flipped_bytes_in_the_weights_are_rejected(tmp_path):

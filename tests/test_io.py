@@ -1,10 +1,10 @@
-"""save_adapter / load_adapter: exact round trips, bounded quantisation error, file sizes, clear errors."""
+"""save_adapter / load_adapter beyond the method matrix's round trips: quantised files, file sizes, clear errors."""
 import json
 
 import pytest
 import timm
 import torch
-from tiny_models import tiny_vit
+from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
@@ -13,36 +13,9 @@ from nola_vision.core.quantize import dequantize, pack4, quantize, unpack4
 CONFIG = nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
 
 
-def trained(config=CONFIG, num_classes=5):
+def trained(config=CONFIG, num_classes=5, seed=3):
     """A tiny adapted ViT whose adapter and head hold non-trivial values."""
-    model = nv.inject(tiny_vit(num_classes), config)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model
-
-
-@pytest.mark.parametrize("config", [CONFIG, nv.LoRAConfig(rank=2),
-                                    nv.NOLAConfig(num_basis_a=32, num_basis_b=16, basis="per_layer"), "linear"])
-def test_float32_round_trip_reproduces_logits_exactly(tmp_path, images, config):
-    model = trained(config)
-    nv.save_adapter(model, tmp_path, bits=32)
-    fresh = nv.load_adapter(tiny_vit(), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(fresh(images), model(images))
-
-
-def test_float16_round_trip_is_within_fp16_rounding(tmp_path, images):
-    model = trained()
-    nv.save_adapter(model, tmp_path, bits=16)
-    fresh = nv.load_adapter(tiny_vit(), tmp_path)
-    for name, p in fresh.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p, model.get_parameter(name).half().float(), rtol=0, atol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(images), model(images), rtol=1e-3, atol=1e-3)
+    return as_if_trained(nv.inject(tiny_vit(num_classes), config), seed, scale=0.1)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -171,11 +144,7 @@ def test_loading_onto_an_already_adapted_model_with_the_same_config(tmp_path, im
 
 
 def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images):
-    task_a, task_b = trained(), trained()
-    with torch.no_grad():
-        for p in task_b.parameters():
-            if p.requires_grad:
-                p.mul_(-1.5)
+    task_a, task_b = trained(seed=3), trained(seed=4)
     nv.save_adapter(task_b, tmp_path / "b", bits=32)
     live = nv.merge(task_a)
     nv.load_adapter(live, tmp_path / "b")

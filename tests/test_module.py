@@ -68,15 +68,33 @@ def test_exported_adapter_matches_trained_model(tmp_path):
     torch.testing.assert_close(base(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
-def test_resume_from_checkpoint_continues_training(tmp_path):
-    L.seed_everything(0)
-    model = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
-    trainer(tmp_path, epochs=1).fit(model, loader())
-    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
-    resumed = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
-    t = trainer(tmp_path / "resumed", epochs=2)
-    t.fit(resumed, loader(), ckpt_path=ckpt)
-    assert t.current_epoch == 2 and t.global_step == 8
+class TrainedTensorsAtStart(L.Callback):
+    """Keeps the trained tensors as training starts: after a resume, those the checkpoint restored."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.tensors = {key: value.clone() for key, value in pl_module.trained_state_dict().items()}
+
+
+def test_resume_starts_from_the_checkpoints_weights_and_ends_as_an_uninterrupted_run(tmp_path):
+    def fit(root, ckpt_path=None, seed=0, **kwargs):
+        L.seed_everything(seed)
+        model = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
+        start = TrainedTensorsAtStart()
+        run = trainer(root, epochs=2, callbacks=[start], **kwargs)
+        run.fit(model, loader(), ckpt_path=ckpt_path)
+        return run, model, start.tensors
+
+    fit(tmp_path / "first", max_steps=4)  # a 2-epoch run stopped after its first epoch
+    ckpt = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    resumed_run, resumed, at_resume = fit(tmp_path / "resumed", ckpt_path=ckpt, seed=1)  # another fresh init
+    assert resumed_run.current_epoch == 2 and resumed_run.global_step == 8
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert at_resume.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(at_resume[key], value), key
+    _, uninterrupted, _ = fit(tmp_path / "uninterrupted")
+    for key, value in uninterrupted.trained_state_dict().items():  # optimiser moments and schedule restored too
+        torch.testing.assert_close(resumed.trained_state_dict()[key], value, rtol=0, atol=1e-7, msg=key)
 
 
 def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
@@ -128,6 +146,12 @@ def test_quantisation_aware_training_and_export_bits(tmp_path):
     import json
 
     assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["bits"] == 4
+    # The exported 4-bit file gives the trained model's logits (given its head, which the file keeps at 8 bits).
+    exported = load_adapter(_plain_tiny(), tmp_path / "q").eval()
+    with torch.no_grad():
+        model.model.head.load_state_dict(exported.head.state_dict())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exported(x), model.eval()(x))
     with pytest.raises(ValueError, match="quant_bits"):
         FewShotClassifier(num_classes=4, adapter="linear", quant_bits=4, **TINY)
 

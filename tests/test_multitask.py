@@ -1,4 +1,5 @@
-"""MultiTaskModel: a mixed-task batch equals each task's own merged model; caching, registration and errors."""
+"""MultiTaskModel: caching, registration, dtype and errors. That a mixed-task batch equals each task's own model,
+for every registered method, is checked by the method matrix (test_methods.py)."""
 import json
 
 import pytest
@@ -9,9 +10,9 @@ from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 import nola_vision as nv
 from nola_vision.adapters.files import read_adapter
 
-# name: (config, class count); NOLA-MLP, NOLA on q/v slices, LoRA on q/v with another class count, and
-# per-layer NOLA bases on the k slice and attn.proj (targets overlap on qkv with different slices), and a linear
-# probe. NOLA's scale makes each update move the logits by far more than the 1e-4 tolerance.
+# The served tasks of the tests below, name: (config, class count): NOLA-MLP, NOLA on q/v slices, LoRA on q/v with
+# another class count, per-layer NOLA bases on the k slice and attn.proj, and a linear probe; the tests name them
+# (which layers each hooks, which are cached). NOLA's scale makes each update move the logits well above 1e-4.
 TASKS = {
     "nola_mlp": (nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1", "mlp.fc2"],
                                scale=40.0), 5),
@@ -48,20 +49,6 @@ def merged_logits(directory, num_classes: int, images: torch.Tensor) -> torch.Te
     """What the task's own model gives: its adapter loaded onto a fresh backbone and merged."""
     with torch.no_grad():
         return nv.merge(nv.load_adapter(tiny_vit(num_classes=num_classes), directory))(images)
-
-
-def test_mixed_batch_equals_each_tasks_own_merged_model(adapters):
-    images = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    names = list(TASKS)
-    order = torch.randperm(11, generator=torch.Generator().manual_seed(1)).tolist()
-    tasks = [names[i % len(names)] for i in order]  # every task present, shuffled
-    logits = served(adapters)(images, tasks)
-    assert len(logits) == len(images)
-    for name, (_, classes) in TASKS.items():
-        reference = merged_logits(adapters[name], classes, images)
-        for row in (i for i, task in enumerate(tasks) if task == name):
-            assert logits[row].shape == (classes,)
-            assert (logits[row] - reference[row]).abs().max() <= 1e-4
 
 
 def test_a_single_task_batch_and_an_uncached_model_give_the_same_logits(adapters, images):

@@ -161,7 +161,10 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
         if layer.input_activation is not None:
             parent_name = name.rpartition(".")[0]
             replace_module(model, f"{parent_name}.act" if parent_name else "act", layer.input_activation)
-        replace_module(model, name, layer.base_layer.train(layer.training))
+        base = layer.base_layer
+        # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
+        base.weight, base.bias = layer.weight, layer.bias
+        replace_module(model, name, base.train(layer.training))
     for handle in state.hooks:
         handle.remove()
     for name, parameter in model.named_parameters():
