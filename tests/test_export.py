@@ -41,9 +41,9 @@ def test_export_peft_of_a_model_without_adapters_says_to_inject_first(tmp_path):
 
 def test_export_peft_refuses_non_finite_tensors_and_keeps_the_previous_export(tmp_path):
     config = nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1"])
-    nv.export_peft(trained_model(config), tmp_path)
+    nv.export_peft(as_if_trained(nv.inject(tiny_vit(), config), 7, scale=0.1, adapters_only=True), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    model = trained_model(config)
+    model = as_if_trained(nv.inject(tiny_vit(), config), 7, scale=0.1, adapters_only=True)
     with torch.no_grad():
         model.head.bias[1] = float("nan")
     with pytest.raises(ValueError, match="base_model.model.head.bias holds NaN or Inf"):
