@@ -17,6 +17,7 @@ from tiny_models import tiny_vit
 import nola_vision as nv
 from nola_vision.core.config import adapter_to_hparam, config_from_dict, resolve_adapter
 from nola_vision.core.quantize import fake_quantize
+from nola_vision.core.targets import head_parameter_names
 
 # Two computations of the same logits (merged or not, peft, compiled, served) agree to float32 rounding; the
 # trained tensors move the logits by over 100 times this (checked first).
@@ -163,28 +164,30 @@ def test_a_quantisation_aware_model_gives_the_logits_of_its_reloaded_4bit_file(a
     for name, layer in nv.adapted_layers(model).items():  # the forward uses exactly what the file stores
         for param_name in layer.adapter_parameter_names:
             assert torch.equal(loaded.get_parameter(f"{name}.{param_name}"), layer.trained(param_name))
-    # The head is not quantisation-aware (the file keeps it at 8 bits): with the stored head, the logits are equal.
-    with torch.no_grad():
-        model.head.load_state_dict(loaded.head.state_dict())
+    # the head is seen as the file keeps it (8-bit codes), so the logits are those of the reloaded file
     assert torch.equal(logits(model, images), logits(loaded, images))
     # ... and they are not those of the float coefficients: the 4-bit rounding is visible in the logits.
     assert (logits(nv.set_quantization_aware(model, None), images) - logits(loaded, images)).abs().max() > 1e-3
+    assert not model.head._forward_hooks  # turning it off removes the head's hook (and so does unload)
+    nv.set_quantization_aware(model, 4)
+    assert model.head._forward_hooks and not nv.unload(model).head._forward_hooks
 
 
 def test_the_straight_through_gradient_is_the_gradient_at_the_quantised_values(adapter_variant, images):
     model = nv.set_quantization_aware(trained(adapter_variant), 4)
-    at_codes = trained(adapter_variant)  # the same model, not quantisation-aware, its tensors set to the 4-bit values
+    at_codes = trained(adapter_variant)  # the same model, not quantisation-aware, its tensors set to the stored values
+    stored = {f"{name}.{param_name}": (parameter, 4) for name, layer in nv.adapted_layers(model).items()
+              for param_name, parameter in layer.adapter_parameters().items()}
+    stored.update({name: (model.get_parameter(name), 8) for name in head_parameter_names(model)})  # 8-bit head codes
     with torch.no_grad():
-        for name, layer in nv.adapted_layers(model).items():
-            for param_name, parameter in layer.adapter_parameters().items():
-                at_codes.get_parameter(f"{name}.{param_name}").copy_(fake_quantize(parameter, 4))
+        for name, (parameter, bits) in stored.items():
+            at_codes.get_parameter(name).copy_(fake_quantize(parameter, bits))
     for m in (model, at_codes):
         F.cross_entropy(m(images), LABELS).backward()
-    for name, layer in nv.adapted_layers(model).items():
-        for param_name, parameter in layer.adapter_parameters().items():
-            expected = at_codes.get_parameter(f"{name}.{param_name}").grad
-            assert expected.any(), f"{name}.{param_name}"
-            torch.testing.assert_close(parameter.grad, expected, rtol=1e-5, atol=1e-7, msg=f"{name}.{param_name}")
+    for name, (parameter, _) in stored.items():
+        expected = at_codes.get_parameter(name).grad
+        assert expected.any(), name
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ---- export and serving --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..core.inject import adapter_state, inject, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
-from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, pack4, quantize, require_bits, unpack4
+from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.storage import atomic_directory, read_files
 from ..core.targets import classifier_head, trained_parameters
 from ..version import __version__
@@ -108,8 +108,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     state.plan.require_same_head(model)
     bits = require_bits(bits)
     adapter, head = trained_parameters(model, state.config.train_backbone)
-    # The head is a few thousand values: below 16 bits it keeps 8, which costs little and keeps accuracy.
-    stored_bits = {**{name: bits for name in adapter}, **{name: max(bits, 8) for name in head}}
+    stored_bits = {**{name: bits for name in adapter}, **{name: head_bits(bits) for name in head}}
     tensors: Dict[str, Tensor] = {}
     quantization: Dict[str, List[float]] = {}
     for name, param in {**adapter, **head}.items():

@@ -7,10 +7,12 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisBank
@@ -19,7 +21,7 @@ from .fingerprint import record_merged
 from .layer import AdaptedLinear, adapted_layers
 from .merge import combine_shared_factors, has_shared_bases, merge, release_shared_factors, unmerge
 from .plan import InjectionPlan, plan_injection
-from .quantize import QAT_BITS, require_bits
+from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head
 
@@ -38,6 +40,8 @@ class AdapterState:
     # requires_grad of every parameter before inject, by name (names do not change: adapted layers keep them).
     requires_grad: Dict[str, bool] = field(default_factory=dict)
     hooks: List[RemovableHandle] = field(default_factory=list)
+    # The forward hook that shows the head at its stored width during quantisation-aware training.
+    quantized_head: Optional[RemovableHandle] = None
 
     @property
     def config(self) -> AdapterConfig:
@@ -165,7 +169,7 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
         # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
         base.weight, base.bias = layer.weight, layer.bias
         replace_module(model, name, base.train(layer.training))
-    for handle in state.hooks:
+    for handle in [*state.hooks, *([state.quantized_head] if state.quantized_head else [])]:
         handle.remove()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(state.requires_grad.get(name, parameter.requires_grad))
@@ -174,8 +178,25 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
-    """Train against ``bits``-bit coefficients (straight-through estimator); ``None`` turns it off."""
+    """Train against the values ``save_adapter(bits=bits)`` stores (straight-through estimator); ``None`` turns it off.
+
+    The adapter tensors are seen at ``bits``; a linear classifier head at the width files keep it (8-bit codes).
+    """
     bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
     for layer in adapted_layers(model).values():
         layer.quant_bits = bits
+    state = adapter_state(model)
+    if state is not None:
+        if state.quantized_head is not None:
+            state.quantized_head.remove()
+            state.quantized_head = None
+        head = classifier_head(model)
+        if bits is not None and isinstance(head, nn.Linear):
+            state.quantized_head = head.register_forward_hook(functools.partial(_quantized_head, head_bits(bits)))
     return model
+
+
+def _quantized_head(bits: int, head: nn.Linear, args: tuple, output: Tensor) -> Tensor:
+    """Forward hook: the head's output with its weight and bias as stored at ``bits`` (straight-through gradient)."""
+    bias = fake_quantize(head.bias, bits) if head.bias is not None else None
+    return F.linear(args[0], fake_quantize(head.weight, bits), bias)

@@ -7,14 +7,21 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "pack4", "quantize",
-           "require_bits", "unpack4"]
+__all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "head_bits", "pack4",
+           "quantize", "require_bits", "unpack4"]
 
 # The one list of bit widths: adapter files store floats at 32 or 16 bits, integer codes at 8 or 4.
 SUPPORTED_BITS = (32, 16, 8, 4)
 INTEGER_BITS = tuple(bits for bits in SUPPORTED_BITS if bits <= 8)
 # Quantisation-aware training simulates the integer widths.
 QAT_BITS = INTEGER_BITS
+# The classifier head is a few thousand values: below 16 bits it keeps 8-bit codes, which cost little and keep accuracy.
+MIN_HEAD_INTEGER_BITS = 8
+
+
+def head_bits(bits: int) -> int:
+    """The width the classifier head is stored with when the adapter tensors are stored at ``bits``."""
+    return bits if bits >= 16 else max(bits, MIN_HEAD_INTEGER_BITS)
 
 
 def require_bits(bits: Any, name: str = "bits", allowed: Sequence[int] = SUPPORTED_BITS,
