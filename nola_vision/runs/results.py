@@ -1,0 +1,169 @@
+"""The results store of protocol and tune runs: what a finished run wrote, whether it counts, and the tables.
+
+A run counts only once its ``result.json`` exists with finite metrics and status ok. A row (``<out>/<name>``) is
+keyed by its settings (``config.json``: the config files' content and the overrides, without seeds and paths),
+so runs with other settings are never averaged into one row.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
+
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "claim_row", "collect_results", "config_key",
+           "counted", "discard_result", "parse_overrides", "read_result", "summarise", "write_tables"]
+
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
+              "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir"]
+# set per run by the runner, or only where outputs go: they do not change what a row measures
+RUN_ARGS = ("--seed_everything", "--data.split_seed", "--trainer.default_root_dir", "--data.split_dir",
+            "--result_file", "--trainer.enable_progress_bar", "--test_after_fit")
+
+
+
+def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+    """``--key value`` and ``--key=value`` as ``(key, value)`` pairs, in order (a flag alone has value None)."""
+    pairs: List[Tuple[str, Optional[str]]] = []
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if "=" in arg and arg.startswith("--"):
+            key, value = arg.split("=", 1)
+            pairs.append((key, value))
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            pairs.append((arg, args[i + 1]))
+            i += 1
+        else:
+            pairs.append((arg, None))
+        i += 1
+    return pairs
+
+
+def config_key(configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, Any]:
+    """What a protocol row measures: the composed config files' content and the overrides, without seeds and
+    paths, with a short hash. Rows are keyed by it so runs with other settings never share a mean."""
+    contents = [Path(c).read_text() for c in configs]
+    settings = [f"{k}={v}" if v is not None else k for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
+    digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings}).encode()).hexdigest()[:16]
+    return {"config_hash": digest, "configs": [str(c) for c in configs],
+            "config_sha256": [hashlib.sha256(c.encode()).hexdigest()[:16] for c in contents], "overrides": settings}
+
+
+def claim_row(root: Path, key: Dict[str, Any]) -> None:
+    """Record the row's settings in ``<root>/config.json``, or refuse when its runs were made with others."""
+    path = root / CONFIG_FILE
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is None:  # older rows have no config.json: their result files carry the hash, or nothing to compare
+        hashes = {d.get("config_hash") for d in map(read_result, root.glob(f"*/{RESULT_FILE}")) if d}
+        if hashes - {None, key["config_hash"]}:
+            raise ValueError(f"{root} holds runs made with other settings than now; pass another --name for a "
+                             f"separate row, or delete {root} to redo it")
+        write_json_atomic(path, key)
+        return
+    if old.get("config_hash") == key["config_hash"]:
+        return
+    diffs = []
+    if old.get("config_sha256") != key["config_sha256"]:
+        diffs.append(f"config files: before {old.get('configs')} (content {old.get('config_sha256')}), now "
+                     f"{key['configs']} (content {key['config_sha256']})")
+    before, now = old.get("overrides", []), key["overrides"]
+    if before != now:
+        diffs.append(f"overrides: only before {[o for o in before if o not in now] or before}, "
+                     f"only now {[o for o in now if o not in before] or now}")
+    raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
+                     f"their results would be averaged into one row. Pass another --name for a separate row, "
+                     f"or delete {root} to redo this one")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or math.isfinite(value)
+
+
+def counted(data: Optional[Dict[str, Any]], metric: str = "test/acc") -> bool:
+    """Whether a result counts: it holds ``metric``, every metric is finite and its status (if any) is ok."""
+    if not data or data.get("status", "ok") != "ok":
+        return False
+    metrics = data.get("metrics")
+    return isinstance(metrics, dict) and metric in metrics and all(_finite(v) for v in metrics.values())
+
+
+def discard_result(result: Path) -> None:
+    """Move a result that must not count aside (kept for inspection as ``result.json.failed``)."""
+    if result.exists():
+        result.replace(result.with_name(RESULT_FILE + ".failed"))
+
+
+def read_result(path: Path) -> Optional[Dict[str, Any]]:
+    """A finished run's result, or None (missing, or unreadable: then the run is not counted)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def collect_results(out: str) -> List[Dict[str, Any]]:
+    """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
+    metric or with a status other than ok are left out."""
+    rows = []
+    for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
+        data = read_result(path)
+        if not counted(data):
+            continue
+        cfg, counts = data.get("config", {}), data.get("parameter_counts", {})
+        rows.append({
+            "name": path.parent.parent.name, "method": cfg.get("method", ""), "backbone": cfg.get("backbone", ""),
+            "dataset": cfg.get("dataset", ""), "shots": cfg.get("shots", ""),
+            "split_seed": cfg.get("split_seed", ""), "init_seed": cfg.get("seed", ""),
+            "test_acc": data["metrics"]["test/acc"], "adapter_params": counts.get("adapter", 0),
+            "head_params": counts.get("head", 0), "trainable_params": counts.get("trainable", 0),
+            "epochs": data.get("epochs", ""), "wall_s": data.get("wall_s", ""), "run_dir": str(path.parent),
+        })
+    return rows
+
+
+def summarise(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per name: mean and population std of test accuracy (in %), run count, exact parameter counts."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row)
+    summary = []
+    for members in groups.values():
+        accs = [100.0 * float(r["test_acc"]) for r in members]
+        first = members[0]
+        summary.append({**{k: first[k] for k in ("name", "method", "backbone", "dataset", "shots",
+                                                  "adapter_params", "head_params")},
+                        "runs": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs)})
+    return summary
+
+
+def write_tables(out: str) -> List[Dict[str, Any]]:
+    """Rebuild ``<out>/results.csv`` (one row per run) and ``<out>/results.md`` (mean (std) per name)."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = collect_results(out)
+    with atomic_path(root / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for s in summarise(rows):
+        lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
+                     f"{s['adapter_params']:,} | {s['head_params']:,} | {s['runs']} | "
+                     f"{s['mean']:.1f} ({s['std']:.1f}) |")
+    write_text_atomic(root / "results.md", "\n".join(lines) + "\n\nMean (population std) of final-epoch top-1 accuracy "
+                 "on the full test split over split seeds × init seeds.\n")
+    return rows
