@@ -8,6 +8,9 @@ store; the factors of recently used tasks are cached under a memory budget (leas
 """
 from __future__ import annotations
 
+import math
+import numbers
+import reprlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,8 +90,11 @@ class MultiTaskModel(nn.Module):
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
                              "layer): create the backbone with any num_classes > 0")
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, numbers.Real) or not 0 <= cache_mb < math.inf:
+            raise ValueError(f"cache_mb must be a finite number of MiB >= 0 (0 caches nothing), got {cache_mb!r} "
+                             f"({type(cache_mb).__name__})")
         self.model = model.eval()
-        self.cache_mb = cache_mb
+        self.cache_mb = float(cache_mb)
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
         self._contexts: Dict[type, dict] = {}
@@ -174,13 +180,16 @@ class MultiTaskModel(nn.Module):
         if not self._tasks:
             raise ValueError("no task is registered: add one with add_task(name, adapter_dir)")
         count = images.shape[0]
-        names = [tasks] * count if isinstance(tasks, str) else list(tasks)
+        names = [tasks] * count if isinstance(tasks, str) else tasks
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"tasks must be one task name (str) for the whole batch or a list of names, one per "
+                             f"image, got {reprlib.repr(tasks)} ({type(tasks).__name__})")
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
         for name in dict.fromkeys(names):
             self._task(name)
-        return names
+        return list(names)
 
     def _read_task(self, directory: Path) -> _Task:
         """A task checked by ``verify_adapter`` (any class count: each task has its own head), kept as stored."""
