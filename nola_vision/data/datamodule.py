@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -111,6 +112,22 @@ def _check_arguments(hp: Any) -> Any:
     return hp
 
 
+def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
+    """The shot count of a manifest: its images per class (the most any class has, with a warning naming the classes
+    that have fewer); a manifest that lists no image is refused."""
+    if not indices:
+        raise ValueError(f"{manifest} lists no images: expected 'relative/path label' lines (write one with "
+                         "--data.split_dir, or drop split_file to draw the split)")
+    counts = Counter(dataset.samples[i][1] for i in indices)
+    shots = max(counts.values())
+    fewer = [f"'{name}' {counts[label]}" for label, name in enumerate(dataset.class_names) if counts[label] < shots]
+    if fewer:
+        warnings.warn(f"{manifest} lists {shots} images per class, but fewer for {len(fewer)} classes "
+                      f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}",
+                      stacklevel=3)
+    return shots
+
+
 class FewShotDataModule(L.LightningDataModule):
     """Few-shot image classification data: k images per class for training, the full test split for testing.
 
@@ -159,7 +176,8 @@ class FewShotDataModule(L.LightningDataModule):
             augment: ``paper`` (the NOLA paper's augmentation), ``timm`` (timm's create_transform) or ``none``.
             normalize: ``model`` (the backbone's own mean/std) or ``imagenet``.
             download: download with torchvision's downloader in ``prepare_data`` where one exists.
-            split_file: a train manifest to load instead of drawing (reproduces a run exactly).
+            split_file: a train manifest to load instead of drawing (reproduces a run exactly); ``shots`` (and
+                ``val_shots``) then become the images per class the manifests hold, and are recorded as such.
             val_split_file: a validation manifest to load instead of drawing (only with ``split_file``).
             split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing.
             allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
@@ -237,12 +255,7 @@ class FewShotDataModule(L.LightningDataModule):
         train = build_dataset(self.dataset_name, self.root, "train")
         self._check_classes(train)
         if self.split_file:
-            indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
-            val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
-                   if self.val_split_file else [])
-            if set(indices) & set(val):
-                raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
-            self.split = FewShotSplit(indices, val)
+            self.split = self._split_from_files(train)
         else:
             self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
                                       train.class_names, self.allow_fewer)
@@ -254,6 +267,18 @@ class FewShotDataModule(L.LightningDataModule):
             self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache, self.cache_mb)
         if self.split_dir and (self.trainer is None or self.trainer.is_global_zero):
             self.save_split(self.split_dir)
+
+    def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
+        """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, so what a
+        run records is what it trained on."""
+        indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
+        val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
+               if self.val_split_file else [])
+        if set(indices) & set(val):
+            raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
+        self.shots = _images_per_class(train, indices, self.split_file)
+        self.val_shots = _images_per_class(train, val, self.val_split_file) if val else 0
+        return FewShotSplit(indices, val)
 
     def save_split(self, split_dir: str) -> Path:
         """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path."""

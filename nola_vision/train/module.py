@@ -184,6 +184,7 @@ class FewShotClassifier(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         if not torch.isfinite(loss):
+            self._check_finite_inputs(images, batch_idx)
             raise NonFiniteLossError(f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
                                      f"{self.current_epoch}) with lr {self.hparams.lr}. Lower model.lr (the paper: "
                                      "5e-3 for adapters, 8e-5..1e-5 for full fine-tuning); nothing was exported.")
@@ -191,6 +192,15 @@ class FewShotClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
+
+    def _check_finite_inputs(self, images: Tensor, batch_idx: int) -> None:
+        """Blame the data, not the learning rate, when the batch itself holds NaN/Inf values."""
+        bad = (~torch.isfinite(images)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteLossError(f"training stopped: input images {bad[:8]} of batch {batch_idx} (step "
+                                     f"{self.global_step}) hold NaN/Inf pixel values, so the loss is not finite; the "
+                                     "learning rate is not the cause. Remove or repair those images (nola_vision's "
+                                     "datasets refuse such files by name when decoding them); nothing was exported.")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = batch
