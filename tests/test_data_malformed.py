@@ -66,7 +66,7 @@ def test_a_malformed_caltech_split_file_names_the_line_and_how_to_regenerate_it(
     DATASETS["caltech101"].reader.split_assignment(tmp_path)  # writes the default split file
     split_file = tmp_path / "caltech101" / "nola_vision_split.txt"
     replace_line(split_file, 3, text)
-    with pytest.raises(DatasetMetadataError, match=rf"nola_vision_split\.txt:3: expected .*delete .*regenerate"):
+    with pytest.raises(DatasetMetadataError, match=r"nola_vision_split\.txt:3: expected .*delete .*regenerate"):
         build_dataset("caltech101", tmp_path, "train")
 
 
