@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
@@ -20,7 +21,8 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError
 
-__all__ = ["CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "run_lightning_cli"]
+__all__ = ["CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "check_config_sources",
+           "run_lightning_cli"]
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -84,6 +86,7 @@ class NolaCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
         that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
+        check_config_sources(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
@@ -135,6 +138,33 @@ class NolaCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+
+
+def check_config_sources(argv: Any) -> None:
+    """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
+    neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse."""
+    if not isinstance(argv, (list, tuple)):
+        return
+    args = [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if not equals:
+            option, value = (args[i - 1] if i else ""), arg
+        if option in ("-c", "--config") and Path(value).is_file():
+            with open(value, errors="replace") as stream:  # YAML's messages then name the file
+                _check_yaml(stream, f"config file {value}")
+        elif option.startswith("-") and value[:1] in ("{", "["):
+            _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+
+
+def _check_yaml(text: Any, source: str, syntax: bool = True) -> None:
+    try:
+        yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
+    except RecursionError:
+        raise ValueError(f"{source} nests too deeply to be a config; flatten it") from None
+    except yaml.YAMLError as err:
+        if syntax:
+            raise ValueError(f"{source} is not valid YAML: {err}") from None
 
 
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
