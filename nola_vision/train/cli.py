@@ -2,7 +2,9 @@
 linked arguments, a test pass after ``fit``, a JSON result file and a predictions CSV."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import re
 import sys
@@ -21,8 +23,8 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError
 
-__all__ = ["CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "check_config_sources",
-           "run_lightning_cli"]
+__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "argument_error",
+           "check_config_sources", "cli_parser", "run_lightning_cli"]
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -201,5 +203,45 @@ RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that starte
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
     """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
-    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run,
-                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, **CLI_SETTINGS)
+
+
+CLI_SETTINGS: Dict[str, Any] = {"save_config_kwargs": {"overwrite": True}, "auto_configure_optimizers": False}
+
+
+class _Built(Exception):
+    """Carries the parser out of LightningCLI's constructor, before it parses anything."""
+
+
+def cli_parser() -> Any:
+    """The parser of ``nola-vision fit|validate|test|predict``, built but never run: it checks arguments (``tune``
+    checks its grid with it) without instantiating a model, a dataset or a trainer. Unlike the CLI's it takes only
+    whole option names (``--data.shot`` is not ``--data.shots``), so a key it accepts is the option it names."""
+
+    class ParserOnly(NolaCLI):
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            raise _Built(parser)
+
+    exact = {"allow_abbrev": False}
+    try:
+        ParserOnly(FewShotClassifier, FewShotDataModule, args=[], parser_kwargs={**exact, **{
+            subcommand: exact for subcommand in NolaCLI.subcommands()}}, **CLI_SETTINGS)
+    except _Built as built:
+        return built.args[0]
+    raise RuntimeError("LightningCLI built no parser")  # its constructor always parses: never reached
+
+
+def argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
+    """The error ``parser`` reports for ``args`` (what the CLI would print before exiting), or None when they parse."""
+    try:
+        check_config_sources(list(args))
+    except ValueError as err:
+        return str(err)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(list(args))
+    except SystemExit:
+        text = printed.getvalue()
+        return text[text.rfind("error:"):].strip() if "error:" in text else text.strip() or "not accepted"
+    return None
