@@ -8,9 +8,6 @@ store; the factors of recently used tasks are cached under a memory budget (leas
 """
 from __future__ import annotations
 
-import math
-import numbers
-import reprlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
 from ..core.basis import BasisBank
+from ..core.checks import check_number, shown
 from ..core.inject import adapter_state
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
@@ -90,11 +88,8 @@ class MultiTaskModel(nn.Module):
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
                              "layer): create the backbone with any num_classes > 0")
-        if isinstance(cache_mb, bool) or not isinstance(cache_mb, numbers.Real) or not 0 <= cache_mb < math.inf:
-            raise ValueError(f"cache_mb must be a finite number of MiB >= 0 (0 caches nothing), got {cache_mb!r} "
-                             f"({type(cache_mb).__name__})")
+        self.cache_mb = float(check_number(cache_mb, "MultiTaskModel.cache_mb", at_least=0))  # MiB; 0 caches nothing
         self.model = model.eval()
-        self.cache_mb = float(cache_mb)
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
         self._contexts: Dict[type, dict] = {}
@@ -183,7 +178,7 @@ class MultiTaskModel(nn.Module):
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
             raise ValueError(f"tasks must be one task name (str) for the whole batch or a list of names, one per "
-                             f"image, got {reprlib.repr(tasks)} ({type(tasks).__name__})")
+                             f"image, got {shown(tasks)}")
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
