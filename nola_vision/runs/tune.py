@@ -80,8 +80,8 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
     key that tune sets itself: every value is parsed by ``fit``'s own parser, composed as a trial composes it."""
     from ..train.cli import argument_error, cli_parser
 
-    for key in grid:
-        refuse_controlled_overrides([f"--{key}", "x"], CONTROLLED, prog="tune")
+    for key, values in grid.items():
+        refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
     parser = cli_parser()
     base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
     error = argument_error(parser, base)
