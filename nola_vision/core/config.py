@@ -5,13 +5,16 @@ JSON, adapter files, Lightning hyper-parameters and the CLI. Methods are found i
 """
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, Dict, List, Sequence, Union
 
+from .checks import check_bool, check_choice, check_int, check_number, shown
 from .registry import METHODS, available_methods, get_method, method_of
 
 __all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
-           "require_choice", "require_positive", "resolve_adapter"]
+           "require_bool", "require_choice", "require_finite", "require_integer", "require_positive",
+           "resolve_adapter"]
 
 
 class AdapterConfig:
@@ -55,12 +58,18 @@ def config_from_dict(data: Union[str, Dict[str, Any]]) -> AdapterConfig:
     if not isinstance(data, dict):
         raise ValueError(f"an adapter config is a dict with a 'method' key or a method name, got {type(data).__name__}")
     data = dict(data)
-    cls = get_method(data.pop("method", None)).config_cls
+    if "method" not in data:
+        raise ValueError(f"an adapter config dict needs a 'method' key, one of {available_methods()}")
+    return _build(get_method(data.pop("method")).config_cls, data)
+
+
+def _build(cls: type, values: Dict[str, Any]) -> AdapterConfig:
+    """``cls(**values)``, refusing keys that are not fields of ``cls`` by name."""
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields are {sorted(known)}")
-    return cls(**data)
+    return cls(**values)
 
 
 def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> AdapterConfig:
@@ -79,12 +88,15 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
                          "{class_path: nola_vision.NOLAConfig, init_args: {...}}")
     if isinstance(adapter, dict):
         if "class_path" in adapter:
-            name = str(adapter["class_path"]).rsplit(".", 1)[-1]
+            class_path, init_args = adapter["class_path"], adapter.get("init_args", {})
+            name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
             matches = [m.config_cls for m in METHODS.values() if m.config_cls.__name__ == name]
             if not matches:
-                raise ValueError(f"adapter class_path {adapter['class_path']!r}: use one of "
+                raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: use one of "
                                  f"{[f'nola_vision.{n}' for n in _config_names()]}")
-            return matches[0](**adapter.get("init_args", {}))
+            if not isinstance(init_args, dict):
+                raise ValueError(f"adapter init_args must be a mapping of {name} fields, got {shown(init_args)}")
+            return _build(matches[0], init_args)
         if "method" in adapter:
             return config_from_dict(adapter)
         return _from_flat(adapter)
@@ -122,19 +134,42 @@ def as_target_list(targets: Any) -> List[str]:
     """Targets as a non-empty list of strings (a single string is one target)."""
     if isinstance(targets, str):
         targets = [targets]
-    targets = [str(t) for t in targets]
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"targets must be a module-name suffix or regex, or a list of them (e.g. ['mlp.fc1', "
+                         f"'mlp.fc2']), got {shown(targets)}")
     if not targets:
         raise ValueError("targets must name at least one module, e.g. ['mlp.fc1', 'mlp.fc2']")
-    return targets
+    return list(targets)
 
 
 def require_positive(config: Any, *names: str) -> None:
+    """Each field an integer >= 1 (a numpy integer is stored as ``int``)."""
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
+        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name), at_least=1))
 
 
-def require_choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+def require_integer(config: Any, *names: str) -> None:
+    """Each field an integer: a float, bool or string is refused, not rounded or parsed."""
+    for name in names:
+        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name)))
+
+
+def require_finite(config: Any, *names: str) -> None:
+    """Each field a finite real number: a NaN or inf scale would make every logit NaN at step 0."""
+    for name in names:
+        object.__setattr__(config, name, check_number(getattr(config, name), _field(config, name)))
+
+
+def require_bool(config: Any, *names: str) -> None:
+    """Each field ``True`` or ``False``."""
+    for name in names:
+        check_bool(getattr(config, name), _field(config, name))
+
+
+def require_choice(config: Any, name: str, choices: Sequence[str]) -> None:
+    """The field one of ``choices``."""
+    check_choice(getattr(config, name), _field(config, name), choices)
+
+
+def _field(config: Any, name: str) -> str:
+    return f"{type(config).__name__}.{name}"

@@ -57,7 +57,8 @@ def available_methods() -> List[str]:
 def get_method(name: str) -> Method:
     """The registered method called ``name``; a ValueError lists the valid names."""
     if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"unknown adapter method {name!r}; expected one of {available_methods()}")
+        shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+        raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
     return METHODS[name]
 
 

@@ -4,6 +4,7 @@ from .datamodule import FewShotDataModule, FewShotSubset
 from .datasets import (
     DATASETS,
     CorruptImageError,
+    DatasetMetadataError,
     DatasetNotFoundError,
     ImageDataset,
     available_datasets,
@@ -26,6 +27,7 @@ __all__ = [
     "DATASETS",
     "CorruptImageError",
     "DataConfig",
+    "DatasetMetadataError",
     "DatasetNotFoundError",
     "FewShotDataModule",
     "FewShotSplit",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -10,16 +11,26 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from .datasets import (
     ArrayImageDataset,
     ImageDataset,
+    available_datasets,
     build_dataset,
     dataset_class_names,
     dataset_num_classes,
     download_dataset,
 )
 from .fewshot import FewShotSplit, indices_from_manifest, read_manifest, sample_kshot, write_manifest
-from .transforms import Augment, DataConfig, Normalize, build_transforms, resolve_data_config
+from .transforms import (
+    AUGMENTS,
+    NORMALIZATIONS,
+    Augment,
+    DataConfig,
+    Normalize,
+    build_transforms,
+    resolve_data_config,
+)
 
 __all__ = ["FewShotDataModule", "FewShotSubset"]
 
@@ -71,6 +82,52 @@ class _Transformed(Dataset):
         return self.transform(self.dataset.load_image(index)), self.dataset.samples[index][1]
 
 
+def _check_arguments(hp: Any) -> Any:
+    """Refuse any ``FewShotDataModule`` argument of the wrong type or range, naming it, before anything is read;
+    returns ``hp`` with the checked values (numpy integers as ints, paths as str)."""
+    name = "FewShotDataModule.{}".format
+    if not isinstance(hp.dataset, str):
+        raise ValueError(f"{name('dataset')} must be a dataset name ({', '.join(available_datasets())}), got "
+                         f"{shown(hp.dataset)}")
+    hp.root = check_path(hp.root, name("root"))
+    for field in ("shots", "val_shots", "num_workers"):  # shots=0: every train image
+        hp[field] = check_int(hp[field], name(field), at_least=0)
+    hp.split_seed = check_int(hp.split_seed, name("split_seed"))
+    hp.shuffle_seed = check_int(hp.shuffle_seed, name("shuffle_seed"), optional=True)
+    hp.batch_size = check_int(hp.batch_size, name("batch_size"), at_least=1)
+    hp.eval_batch_size = check_int(hp.eval_batch_size, name("eval_batch_size"), at_least=1, optional=True)
+    hp.image_size = check_int(hp.image_size, name("image_size"), at_least=1, optional=True)
+    if hp.backbone is not None and not isinstance(hp.backbone, str):
+        raise ValueError(f"{name('backbone')} must be a timm model name or null, got {shown(hp.backbone)}")
+    check_choice(hp.augment, name("augment"), AUGMENTS)
+    check_choice(hp.normalize, name("normalize"), NORMALIZATIONS)
+    for field in ("download", "allow_fewer", "cache_images", "pin_memory"):
+        check_bool(hp[field], name(field))
+    for field in ("split_file", "val_split_file", "split_dir"):
+        hp[field] = check_path(hp[field], name(field), optional=True)
+    if hp.val_split_file and not hp.split_file:
+        raise ValueError(f"{name('val_split_file')} is read only with a split_file: pass the train manifest as "
+                         "split_file too (or drop val_split_file to draw the split)")
+    hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
+    return hp
+
+
+def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
+    """The shot count of a manifest: its images per class (the most any class has, with a warning naming the classes
+    that have fewer); a manifest that lists no image is refused."""
+    if not indices:
+        raise ValueError(f"{manifest} lists no images: expected 'relative/path label' lines (write one with "
+                         "--data.split_dir, or drop split_file to draw the split)")
+    counts = Counter(dataset.samples[i][1] for i in indices)
+    shots = max(counts.values())
+    fewer = [f"'{name}' {counts[label]}" for label, name in enumerate(dataset.class_names) if counts[label] < shots]
+    if fewer:
+        warnings.warn(f"{manifest} lists {shots} images per class, but fewer for {len(fewer)} classes "
+                      f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}",
+                      stacklevel=3)
+    return shots
+
+
 class FewShotDataModule(L.LightningDataModule):
     """Few-shot image classification data: k images per class for training, the full test split for testing.
 
@@ -119,8 +176,9 @@ class FewShotDataModule(L.LightningDataModule):
             augment: ``paper`` (the NOLA paper's augmentation), ``timm`` (timm's create_transform) or ``none``.
             normalize: ``model`` (the backbone's own mean/std) or ``imagenet``.
             download: download with torchvision's downloader in ``prepare_data`` where one exists.
-            split_file: a train manifest to load instead of drawing (reproduces a run exactly).
-            val_split_file: a validation manifest to load instead of drawing.
+            split_file: a train manifest to load instead of drawing (reproduces a run exactly); ``shots`` (and
+                ``val_shots``) then become the images per class the manifests hold, and are recorded as such.
+            val_split_file: a validation manifest to load instead of drawing (only with ``split_file``).
             split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing.
             allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
             shuffle_seed: seed of the train loader's shuffling (under DDP: of its ``DistributedSampler``);
@@ -130,25 +188,20 @@ class FewShotDataModule(L.LightningDataModule):
             pin_memory: DataLoader ``pin_memory``.
         """
         super().__init__()
-        if augment not in ("paper", "timm", "none"):
-            raise ValueError(f"augment must be 'paper', 'timm' or 'none', got {augment!r}")
-        if normalize not in ("model", "imagenet"):
-            raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
-        self.dataset_name, self.root = dataset, root
-        self.shots, self.split_seed, self.val_shots = shots, split_seed, val_shots
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.augment, self.normalize, self.download = augment, normalize, download
-        self.split_file, self.val_split_file, self.split_dir = split_file, val_split_file, split_dir
-        self.allow_fewer, self.shuffle_seed = allow_fewer, shuffle_seed
-        self.cache_images, self.cache_mb = cache_images, cache_mb
+        hp = _check_arguments(self.hparams)
+        self.dataset_name, self.root = hp.dataset, hp.root
+        self.shots, self.split_seed, self.val_shots = hp.shots, hp.split_seed, hp.val_shots
+        self.batch_size, self.eval_batch_size = hp.batch_size, hp.eval_batch_size or hp.batch_size
+        self.num_workers, self.pin_memory = hp.num_workers, hp.pin_memory
+        self.augment, self.normalize, self.download = hp.augment, hp.normalize, hp.download
+        self.split_file, self.val_split_file, self.split_dir = hp.split_file, hp.val_split_file, hp.split_dir
+        self.allow_fewer, self.shuffle_seed = hp.allow_fewer, hp.shuffle_seed
+        self.cache_images, self.cache_mb = hp.cache_images, hp.cache_mb
         # known now, from a static table (imagefolder: its class folders), so the CLI can link it
-        self.num_classes: int = dataset_num_classes(dataset, root)
-        self.data_config: DataConfig = resolve_data_config(backbone, image_size)
-        self.train_transform, self.eval_transform = build_transforms(augment, normalize, self.data_config)
+        self.num_classes: int = dataset_num_classes(hp.dataset, hp.root)
+        self.data_config: DataConfig = resolve_data_config(hp.backbone, hp.image_size)
+        self.train_transform, self.eval_transform = build_transforms(hp.augment, hp.normalize, self.data_config)
         self._class_names: Optional[list[str]] = None
         self.train_set: Optional[FewShotSubset] = None
         self.val_set: Optional[FewShotSubset] = None
@@ -202,12 +255,7 @@ class FewShotDataModule(L.LightningDataModule):
         train = build_dataset(self.dataset_name, self.root, "train")
         self._check_classes(train)
         if self.split_file:
-            indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
-            val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
-                   if self.val_split_file else [])
-            if set(indices) & set(val):
-                raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
-            self.split = FewShotSplit(indices, val)
+            self.split = self._split_from_files(train)
         else:
             self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
                                       train.class_names, self.allow_fewer)
@@ -219,6 +267,18 @@ class FewShotDataModule(L.LightningDataModule):
             self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache, self.cache_mb)
         if self.split_dir and (self.trainer is None or self.trainer.is_global_zero):
             self.save_split(self.split_dir)
+
+    def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
+        """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, so what a
+        run records is what it trained on."""
+        indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
+        val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
+               if self.val_split_file else [])
+        if set(indices) & set(val):
+            raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
+        self.shots = _images_per_class(train, indices, self.split_file)
+        self.val_shots = _images_per_class(train, val, self.val_split_file) if val else 0
+        return FewShotSplit(indices, val)
 
     def save_split(self, split_dir: str) -> Path:
         """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path."""

@@ -11,7 +11,9 @@ import gzip
 import json
 import os
 import pickle
+import reprlib
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +27,7 @@ from ..core.storage import write_text_atomic
 __all__ = [
     "DATASETS",
     "CorruptImageError",
+    "DatasetMetadataError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ImageDataset",
@@ -46,6 +49,7 @@ DIGITS_TRAIN_SIZE = 898
 # one (positions 0, 5, 10, ...) is test, the rest train (80/20; the smallest class, 31 images, keeps 24
 # for training). It is written to caltech101/nola_vision_split.txt, and an existing file is read back.
 CALTECH_SPLIT_FILE = "nola_vision_split.txt"
+CALTECH_IMAGES = "101_ObjectCategories"
 CALTECH_TEST_EVERY = 5
 
 
@@ -57,8 +61,35 @@ class CorruptImageError(OSError):
     """An image file could not be decoded; the message names the file."""
 
 
+class DatasetMetadataError(ValueError):
+    """A dataset's metadata (split lists, labels, class names) is malformed; the message names the file and line."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """An 8-bit RGB image of any PIL mode, with the brightness the file means (PIL's own ``convert`` clips 16-bit
+    greys to white): integer greys (``I;16``, ``I``) are scaled from 0..65535, float greys (``F``) from [0, 1] (from
+    0..255 when brighter), and transparency (``LA``, ``RGBA``, ``P`` with a transparent colour) is composited over
+    white. A float image with NaN or infinite pixels is refused (ValueError)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_grey_to_uint8(np.asarray(img), img.mode)).convert("RGB")
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _grey_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "F":
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        if bad:
+            raise ValueError(f"{bad} of its {pixels.size} pixels are NaN or infinite (a float image), so it cannot be "
+                             "an input")
+        top = 1.0 if pixels.size == 0 or pixels.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0
+    return np.round(np.clip(pixels.astype(np.float64) / top, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class ImageDataset(Dataset):
@@ -196,15 +227,30 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset metadata file")
 
 
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    """Lines ``<id> <value>`` of a CUB metadata file."""
-    pairs = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                key, value = line.split(" ", 1)
-                pairs.append((key, value))
+def _text_lines(path: Path, fix: str) -> list[tuple[int, str]]:
+    """``(line number, stripped line)`` of a metadata text file, blank lines left out."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as err:
+        raise DatasetMetadataError(f"{path} is not a text file ({err}). {fix}") from err
+
+
+def _read_pairs(path: Path, fix: str, integer_values: bool = False) -> dict[int, Any]:
+    """Lines ``<id> <value>`` of a CUB metadata file as ``{id: value}``; a malformed line names the file and line."""
+    pairs: dict[int, Any] = {}
+    for lineno, line in _text_lines(path, fix):
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        try:
+            ident, parsed = int(key), int(value) if integer_values else value
+        except ValueError:
+            ident = parsed = None
+        if ident is None or not value or ident in pairs:
+            expected = "<id> <integer>" if integer_values else "<id> <value>"
+            raise DatasetMetadataError(f"{path}:{lineno}: expected '{expected}' with an integer id that is not "
+                                       f"repeated, got {line!r}. {fix}")
+        pairs[ident] = parsed
     return pairs
 
 
@@ -223,21 +269,34 @@ class _CUB:
                              f"torchvision has no CUB downloader: download {self.url} and extract it under {root}.")
         return folder
 
+    def _fix(self, root: Path) -> str:
+        return f"Extract {self.url} under {root} again."
+
     def class_names(self, root: Path) -> list[str]:
         folder = self._folder(root)
         # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
-        return [value.split(".", 1)[-1] for _, value in sorted(_read_pairs(folder / "classes.txt"),
-                                                                  key=lambda kv: int(kv[0]))]
+        classes = _read_pairs(folder / "classes.txt", self._fix(root))
+        return [classes[key].split(".", 1)[-1] for key in sorted(classes)]
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
-        folder = self._folder(root)
-        images = _read_pairs(folder / "images.txt")
-        labels = dict(_read_pairs(folder / "image_class_labels.txt"))
-        is_train = dict(_read_pairs(folder / "train_test_split.txt"))
-        want = "1" if split == "train" else "0"
-        samples = [(f"images/{rel}", int(labels[img_id]) - 1)  # labels are 1-based on disk
-                   for img_id, rel in sorted(images, key=lambda kv: int(kv[0])) if is_train[img_id] == want]
-        return ImageDataset(self.name, folder, split, samples, self.class_names(root))
+        folder, fix = self._folder(root), self._fix(root)
+        names = self.class_names(root)
+        images = _read_pairs(folder / "images.txt", fix)
+        labels = _read_pairs(folder / "image_class_labels.txt", fix, integer_values=True)
+        is_train = _read_pairs(folder / "train_test_split.txt", fix, integer_values=True)
+        for path, values, valid, what in (
+                (folder / "image_class_labels.txt", labels, range(1, len(names) + 1), "a class id of classes.txt"),
+                (folder / "train_test_split.txt", is_train, (0, 1), "1 (train) or 0 (test)")):
+            missing = sorted(set(images) - set(values))
+            if missing:
+                raise DatasetMetadataError(f"{path} has no line for image ids {missing[:5]} of images.txt. {fix}")
+            wrong = next((key for key, value in values.items() if value not in valid), None)
+            if wrong is not None:
+                raise DatasetMetadataError(f"{path}: image id {wrong} has {values[wrong]}, expected {what}. {fix}")
+        want = 1 if split == "train" else 0
+        samples = [(f"images/{images[img_id]}", labels[img_id] - 1)  # labels are 1-based on disk
+                   for img_id in sorted(images) if is_train[img_id] == want]
+        return ImageDataset(self.name, folder, split, samples, names)
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -249,7 +308,7 @@ class _Caltech101:
     url = "https://data.caltech.edu/records/mzrjq-6wc02 (caltech-101.zip)"
 
     def expected(self, root: Path) -> Path:
-        return root / "caltech101" / "101_ObjectCategories"
+        return root / "caltech101" / CALTECH_IMAGES
 
     def download(self, root: Path) -> None:
         import torchvision.datasets as tvd
@@ -268,16 +327,32 @@ class _Caltech101:
         folder = root / "caltech101"
         split_path = folder / CALTECH_SPLIT_FILE
         if split_path.is_file():
-            with open(split_path) as f:
-                return dict(line.rstrip("\n").rsplit(" ", 1) for line in f if line.strip() and line[0] != "#")
+            return self._read_split(split_path, set(self.class_names(root)))
         assignment = {}
         for name in self.class_names(root):
             for pos, fname in enumerate(_image_files(self.expected(root) / name)):
-                rel = f"101_ObjectCategories/{name}/{fname}"
+                rel = f"{CALTECH_IMAGES}/{name}/{fname}"
                 assignment[rel] = "test" if pos % CALTECH_TEST_EVERY == 0 else "train"
         lines = ["# nola_vision Caltech-101 split: per class, sorted by file name, every 5th image "
                  "(positions 0, 5, ...) is test\n"] + [f"{rel} {s}\n" for rel, s in assignment.items()]
         _write_text_atomic(split_path, "".join(lines), missing_ok=True)
+        return assignment
+
+    def _read_split(self, path: Path, names: set[str]) -> dict[str, str]:
+        """The split file ``<101_ObjectCategories/class/file> <train|test>`` per line; a malformed line is named."""
+        assignment = {}
+        for lineno, line in _text_lines(path, f"Delete {path} to regenerate it."):
+            if line.startswith("#"):
+                continue
+            rel, _, split = line.rpartition(" ")
+            parts = rel.split("/")
+            if split not in ("train", "test") or len(parts) != 3 or parts[0] != CALTECH_IMAGES \
+                    or parts[1] not in names or rel in assignment:
+                raise DatasetMetadataError(
+                    f"{path}:{lineno}: expected '101_ObjectCategories/<class>/<image> train|test' (each image once, "
+                    f"a class folder of 101_ObjectCategories), got {line!r}. Fix the line, or delete {path} to "
+                    "regenerate the default split.")
+            assignment[rel] = split
         return assignment
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
@@ -303,31 +378,52 @@ class _Food101:
         if not path.is_file():
             raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url} "
                              f"with torchvision, or extract it under {root}.")
-        with open(path) as f:
-            return json.load(f)
+        fix = f"Extract {self.url} under {root} again."
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DatasetMetadataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}). {fix}") from err
+        except (UnicodeDecodeError, RecursionError) as err:
+            raise DatasetMetadataError(f"{path}: not a Food-101 JSON file ({type(err).__name__}). {fix}") from err
+        if not isinstance(meta, dict) or not meta:
+            raise DatasetMetadataError(f"{path}: expected an object of class name -> list of '<class>/<id>' image "
+                                       f"names, got {type(meta).__name__}. {fix}")
+        for name, images in meta.items():
+            if not isinstance(images, list) or not all(isinstance(i, str) and i.startswith(f"{name}/") for i in images):
+                raise DatasetMetadataError(f"{path}: class {name!r} must list '{name}/<id>' image names, got "
+                                           f"{reprlib.repr(images)}. {fix}")
+        return meta
 
     def class_names(self, root: Path) -> list[str]:
         return sorted(self._meta(root, "test"))  # as torchvision: sorted keys of the split json
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
         meta = self._meta(root, split)
-        names = sorted(meta)
+        names = self.class_names(root)
+        if sorted(meta) != names:  # labels are positions in the sorted class list: both splits must share it
+            raise DatasetMetadataError(f"{self.expected(root) / 'meta' / f'{split}.json'} lists other classes than "
+                                       f"test.json ({sorted(set(meta) ^ set(names))[:5]}); extract {self.url} again.")
         samples = [(f"images/{rel}.jpg", label) for label, name in enumerate(names) for rel in meta[name]]
         return ImageDataset(self.name, self.expected(root), split, samples, names)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or not."""
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an ``ndim``-dimensional uint8 IDX file (MNIST format), gzip-compressed or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise CorruptImageError(f"{path} is not a uint8 IDX file")
+    fix = "Delete it and download Fashion-MNIST again (--data.download true)."
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise CorruptImageError(f"{path} is not a complete gzip file ({err}). {fix}") from err
+    if len(data) < 4 + 4 * ndim or data[:4] != bytes([0, 0, 0x08, ndim]):
+        raise CorruptImageError(f"{path} is not a {ndim}-dimensional uint8 IDX file (it is {len(data)} bytes and "
+                                f"does not start with that IDX header). {fix}")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise CorruptImageError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+        raise CorruptImageError(f"{path} is truncated: header says {shape}, found {array.size} bytes. {fix}")
     return array.reshape(shape)
 
 
@@ -364,8 +460,11 @@ class _FashionMNIST:
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
         prefix = "train" if split == "train" else "t10k"
-        images = _read_idx(Path(str(pattern).format(prefix=prefix, kind="images-idx3")))
-        labels = _read_idx(Path(str(pattern).format(prefix=prefix, kind="labels-idx1")))
+        images = _read_idx(Path(str(pattern).format(prefix=prefix, kind="images-idx3")), ndim=3)
+        labels = _read_idx(Path(str(pattern).format(prefix=prefix, kind="labels-idx1")), ndim=1)
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise CorruptImageError(f"{pattern.parent}: {prefix} label {labels.max()} is not a Fashion-MNIST class "
+                                    "(0..9); download the dataset again (--data.download true)")
         if len(images) != len(labels):
             raise CorruptImageError(f"{pattern.parent}: {len(images)} {prefix} images but {len(labels)} labels")
         return ArrayImageDataset(self.name, pattern.parent, split, images, labels.tolist(), self.class_names(root))

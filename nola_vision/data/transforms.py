@@ -10,19 +10,21 @@ uses the eval transform (resize + center crop per the model's crop_pct) for trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataConfig", "RandomGaussianBlur", "build_transforms",
-           "eval_transform", "paper_train_transform", "resolve_data_config"]
+__all__ = ["AUGMENTS", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig", "RandomGaussianBlur",
+           "build_transforms", "eval_transform", "paper_train_transform", "resolve_data_config"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Augment = Literal["paper", "timm", "none"]
 Normalize = Literal["model", "imagenet"]
+AUGMENTS: tuple = get_args(Augment)
+NORMALIZATIONS: tuple = get_args(Normalize)
 
 
 @dataclass(frozen=True)

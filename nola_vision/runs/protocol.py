@@ -22,12 +22,69 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
 from ..core.storage import write_json_atomic
 from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
 from .knn import run_knn
-from .results import RESULT_FILE, claim_row, config_key, counted, discard_result, read_result, write_tables
+from .results import (
+    RESULT_FILE,
+    claim_row,
+    config_key,
+    counted,
+    discard_result,
+    parse_overrides,
+    read_result,
+    write_tables,
+)
 
-__all__ = ["fit_command", "main", "run_dir_name", "run_protocol"]
+__all__ = ["CONTROLLED", "fit_command", "main", "refuse_controlled_overrides", "run_dir_name", "run_protocol",
+           "set_options"]
+
+
+# What protocol sets in every run itself, and how to control it instead: an override of these would make every
+# "split seed" the same split (or every init seed the same seed), or write the results where nothing reads them.
+CONTROLLED = {
+    "--seed_everything": "set the init seeds with protocol's --init_seeds",
+    "--data.split_seed": "set the split seeds with protocol's --split_seeds",
+    "--trainer.default_root_dir": "choose where runs go with protocol's --out and --name",
+    "--data.split_dir": "choose where runs go with protocol's --out and --name",
+    "--result_file": "choose where runs go with protocol's --out and --name",
+    "--test_after_fit": "protocol reports each run's test accuracy, so it always tests after fit",
+}
+
+
+GROUPS = ("--data", "--model", "--trainer")
+
+
+def refuse_controlled_overrides(overrides: Sequence[str], controlled: Dict[str, str] = CONTROLLED,
+                                prog: str = "protocol") -> None:
+    """Refuse an override of what ``prog`` sets in every run, saying how to control it instead."""
+    for key, value in parse_overrides(overrides):
+        for option in set_options(key, value):
+            # fit takes a unique prefix of an option name for the option (``--seed 3`` is ``--seed_everything 3``)
+            hit = next((c for c in controlled if c == option or option not in GROUPS and c.startswith(option)), None)
+            if hit is not None:
+                given = f"{key} {value}" if value is not None else key
+                raise ValueError(f"{prog} sets {hit} in every run itself, so `{given}` cannot be passed on to "
+                                 f"fit: {controlled[hit]}")
+
+
+def set_options(key: str, value: Optional[str]) -> List[str]:
+    """The dotted fit options an override sets: ``--data.init_args.split_seed 7`` sets ``--data.split_seed``, and a
+    whole group given as YAML (``--data '{split_seed: 7}'``) or as a file sets each of its keys."""
+    option = key.replace(".init_args.", ".")
+    if value is None or option not in GROUPS:
+        return [option]
+    try:
+        text = Path(value).read_text() if Path(value).is_file() else value
+        group = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return [option]
+    if not isinstance(group, dict):
+        return [option]
+    group = group.get("init_args", group) if isinstance(group.get("init_args"), dict) else group
+    return [option] + [f"{option}.{name}" for name in group]
 
 
 def run_dir_name(split_seed: int, init_seed: int) -> str:
@@ -62,14 +119,15 @@ def run_protocol(
 
     ``configs`` are YAML files composed in order (``-c a.yaml -c b.yaml``); ``overrides`` are extra CLI
     arguments for every run (``--trainer.max_epochs 5``); ``executor`` runs them (default: one at a time here).
-    Raises ValueError when ``<out>/<name>`` holds runs made with other settings, RuntimeError listing failed
-    runs (after running the others).
+    Raises ValueError when an override sets what the protocol controls (seeds, result paths: ``CONTROLLED``) or
+    ``<out>/<name>`` holds runs made with other settings, RuntimeError listing failed runs (after running the others).
     """
     if not configs:
         raise ValueError("protocol needs a config: nola-vision protocol -c configs/paper/... [-c ...]")
     for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config {config} does not exist")
+    refuse_controlled_overrides(overrides)
     name = name or "_".join(Path(c).stem for c in configs)
     root = Path(out) / name
     key = config_key(configs, overrides)

@@ -33,12 +33,21 @@ import yaml
 
 from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
 from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
-from .protocol import fit_command, run_protocol
+from .protocol import fit_command, refuse_controlled_overrides, run_protocol
 from .results import RESULT_FILE, config_key, counted, parse_overrides, read_result
 
-__all__ = ["main", "parse_grid", "run_tune"]
+__all__ = ["CONTROLLED", "check_grid", "main", "parse_grid", "run_tune"]
 
 GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# what tune sets in every fit itself, and how to control it instead
+CONTROLLED = {
+    "--seed_everything": "set the init seeds with tune's --init_seeds (selection) and --protocol_init_seeds",
+    "--data.split_seed": "set the split seeds with tune's --split_seeds (selection) and --protocol_split_seeds",
+    "--trainer.default_root_dir": "choose where runs go with tune's --out and --name",
+    "--data.split_dir": "choose where runs go with tune's --out and --name",
+    "--result_file": "choose where runs go with tune's --out and --name",
+    "--test_after_fit": "tune selects on validation accuracy without testing, then the protocol tests",
+}
 Params = Dict[str, Any]
 
 
@@ -64,6 +73,26 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     if not grid:
         raise ValueError("tune needs at least one --grid key=v1,v2,... (e.g. --grid model.lr=1e-3,5e-3,2e-2)")
     return grid
+
+
+def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str, List[Any]]) -> None:
+    """Refuse, before the first trial, a grid key that no ``fit`` option has, a value ``fit`` does not accept, and a
+    key that tune sets itself: every value is parsed by ``fit``'s own parser, composed as a trial composes it."""
+    from ..train.cli import argument_error, cli_parser
+
+    for key, values in grid.items():
+        refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
+    parser = cli_parser()
+    base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
+    error = argument_error(parser, base)
+    if error:
+        raise ValueError(f"the configs and overrides are not valid `nola-vision fit` arguments: {error}")
+    for key, values in grid.items():
+        for value in values:
+            error = argument_error(parser, [*base, f"--{key}", str(value)])
+            if error:
+                raise ValueError(f"--grid {key}={value} is not accepted by `nola-vision fit` (see nola-vision fit "
+                                 f"--help): {error}")
 
 
 def _number(text: str) -> Any:
@@ -337,7 +366,9 @@ def run_tune(
     """Run the search (this worker's share), write the trial table, then the protocol with the best values.
 
     ``n_trials``: grid — at most this many trials from this worker (default: until the grid is done); tpe — the
-    study's total (default 20). Returns ``best.json``'s content, or None while trials are left to run.
+    study's total (default 20). Returns ``best.json``'s content, or None while trials are left to run. Raises
+    ValueError before the first trial for an override or grid key that ``fit`` does not accept or that tune sets
+    itself, RuntimeError when no trial completed.
     """
     if not configs:
         raise ValueError("tune needs a config: nola-vision tune -c configs/... --grid model.lr=1e-3,5e-3")
@@ -346,9 +377,11 @@ def run_tune(
             raise FileNotFoundError(f"config {config} does not exist")
     if sampler not in ("grid", "tpe"):
         raise ValueError(f"--sampler must be grid or tpe, got {sampler!r}")
+    refuse_controlled_overrides(overrides, CONTROLLED, prog="tune")
     if _val_shots(configs, overrides) <= 0:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
+    check_grid(configs, overrides, grid)
     name = name or "_".join(Path(c).stem for c in configs)
     root = Path(out) / name
     root.mkdir(parents=True, exist_ok=True)
@@ -372,12 +405,16 @@ def run_tune(
     trials = study.get_trials(deepcopy=False)
     write_trial_tables(root, trials, grid, url)
     best = _best(trials, grid_points(grid) if sampler == "grid" else None)
+    if best is None:
+        failed = [t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"]
+        why = f" ({len(failed)} failed, e.g. {failed[0]})" if failed else ""
+        raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}")
     finished = (sampler == "tpe" or all(_point_key(p) in {search._identity(t) for t in trials if t.state.name ==
                                                            "COMPLETE"} for p in search.points))
-    if best is None or not finished:
+    if not finished:
         if echo:
-            print(f"[tune {name}] trials are left to run (or all failed): re-run the same command to go on; "
-                  f"table: {root / 'tune_results.md'}", flush=True)
+            print(f"[tune {name}] trials are left to run (or failed, and are retried): re-run the same command to go "
+                  f"on; table: {root / 'tune_results.md'}", flush=True)
         return None
     chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
               "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
 from ..core.basis import BasisBank
+from ..core.checks import check_number, shown
 from ..core.inject import adapter_state
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
@@ -87,8 +88,8 @@ class MultiTaskModel(nn.Module):
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
                              "layer): create the backbone with any num_classes > 0")
+        self.cache_mb = float(check_number(cache_mb, "MultiTaskModel.cache_mb", at_least=0))  # MiB; 0 caches nothing
         self.model = model.eval()
-        self.cache_mb = cache_mb
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
         self._contexts: Dict[type, dict] = {}
@@ -178,13 +179,16 @@ class MultiTaskModel(nn.Module):
         if not self._tasks:
             raise ValueError("no task is registered: add one with add_task(name, adapter_dir)")
         count = images.shape[0]
-        names = [tasks] * count if isinstance(tasks, str) else list(tasks)
+        names = [tasks] * count if isinstance(tasks, str) else tasks
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"tasks must be one task name (str) for the whole batch or a list of names, one per "
+                             f"image, got {shown(tasks)}")
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
         for name in dict.fromkeys(names):
             self._task(name)
-        return names
+        return list(names)
 
     def _read_task(self, directory: Path, **checks: bool) -> _Task:
         """A task checked by ``verify_adapter`` (any class count: each task has its own head), kept as stored."""

@@ -2,7 +2,9 @@
 linked arguments, a test pass after ``fit``, a JSON result file and a predictions CSV."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import re
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
@@ -20,7 +23,8 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError
 
-__all__ = ["CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "run_lightning_cli"]
+__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "argument_error",
+           "check_config_sources", "cli_parser", "run_lightning_cli"]
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -84,6 +88,7 @@ class NolaCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
         that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
+        check_config_sources(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
@@ -137,6 +142,33 @@ class NolaCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
 
 
+def check_config_sources(argv: Any) -> None:
+    """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
+    neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse."""
+    if not isinstance(argv, (list, tuple)):
+        return
+    args = [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if not equals:
+            option, value = (args[i - 1] if i else ""), arg
+        if option in ("-c", "--config") and Path(value).is_file():
+            with open(value, errors="replace") as stream:  # YAML's messages then name the file
+                _check_yaml(stream, f"config file {value}")
+        elif option.startswith("-") and value[:1] in ("{", "["):
+            _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+
+
+def _check_yaml(text: Any, source: str, syntax: bool = True) -> None:
+    try:
+        yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
+    except RecursionError:
+        raise ValueError(f"{source} nests too deeply to be a config; flatten it") from None
+    except yaml.YAMLError as err:
+        if syntax:
+            raise ValueError(f"{source} is not valid YAML: {err}") from None
+
+
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
     """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
     ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None."""
@@ -171,5 +203,45 @@ RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that starte
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
     """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
-    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run,
-                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, **CLI_SETTINGS)
+
+
+CLI_SETTINGS: Dict[str, Any] = {"save_config_kwargs": {"overwrite": True}, "auto_configure_optimizers": False}
+
+
+class _Built(Exception):
+    """Carries the parser out of LightningCLI's constructor, before it parses anything."""
+
+
+def cli_parser() -> Any:
+    """The parser of ``nola-vision fit|validate|test|predict``, built but never run: it checks arguments (``tune``
+    checks its grid with it) without instantiating a model, a dataset or a trainer. Unlike the CLI's it takes only
+    whole option names (``--data.shot`` is not ``--data.shots``), so a key it accepts is the option it names."""
+
+    class ParserOnly(NolaCLI):
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            raise _Built(parser)
+
+    exact = {"allow_abbrev": False}
+    try:
+        ParserOnly(FewShotClassifier, FewShotDataModule, args=[], parser_kwargs={**exact, **{
+            subcommand: exact for subcommand in NolaCLI.subcommands()}}, **CLI_SETTINGS)
+    except _Built as built:
+        return built.args[0]
+    raise RuntimeError("LightningCLI built no parser")  # its constructor always parses: never reached
+
+
+def argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
+    """The error ``parser`` reports for ``args`` (what the CLI would print before exiting), or None when they parse."""
+    try:
+        check_config_sources(list(args))
+    except ValueError as err:
+        return str(err)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(list(args))
+    except SystemExit:
+        text = printed.getvalue()
+        return text[text.rfind("error:"):].strip() if "error:" in text else text.strip() or "not accepted"
+    return None

@@ -7,7 +7,6 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -18,10 +17,12 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..adapters.files import save_adapter
+from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, set_quantization_aware
+from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import resolve_directory_target
 from ..models.backbones import build_backbone
@@ -29,12 +30,53 @@ from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe
 
 __all__ = ["FewShotClassifier", "NonFiniteLossError"]
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
 AdapterArg = Union[AdapterConfig, str]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged (NaN/Inf loss or weights): the run stops, exports nothing and writes no result."""
+
+
+def _check_arguments(hp: Dict[str, Any]) -> AdapterConfig:
+    """Refuse any ``FewShotClassifier`` argument of the wrong type or range, naming it, before anything is built;
+    store the checked values in ``hp`` (the adapter in the CLI's own form, the learning rates the run uses, bit widths
+    as ints) and return the adapter config."""
+    name = "FewShotClassifier.{}".format
+    config = resolve_adapter(hp["adapter"])
+    if not isinstance(hp["backbone"], str) or not hp["backbone"]:
+        raise ValueError(f"{name('backbone')} must be a timm model name, got {shown(hp['backbone'])}")
+    hp["num_classes"] = check_int(hp["num_classes"], name("num_classes"), at_least=1)
+    hp["pretrained"] = check_bool(hp["pretrained"], name("pretrained"))
+    hp["pretrained_file"] = check_path(hp["pretrained_file"], name("pretrained_file"), optional=True)
+    hp["image_size"] = check_int(hp["image_size"], name("image_size"), at_least=1, optional=True)
+    kwargs = hp["backbone_kwargs"]
+    if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)):
+        raise ValueError(f"{name('backbone_kwargs')} must map timm.create_model argument names to values, got "
+                         f"{shown(kwargs)}")
+    hp["backbone_seed"] = check_int(hp["backbone_seed"], name("backbone_seed"))
+    check_choice(hp["optimizer"], name("optimizer"), OPTIMIZERS)
+    lr = check_number(hp["lr"], name("lr"), above=0, optional=True)
+    head_lr = check_number(hp["head_lr"], name("head_lr"), above=0, optional=True)
+    hp["lr"], hp["head_lr"] = recipe_learning_rates(config, lr, head_lr)  # a checkpoint keeps the rates it used
+    hp["weight_decay"] = check_number(hp["weight_decay"], name("weight_decay"), at_least=0)
+    hp["momentum"] = check_number(hp["momentum"], name("momentum"), at_least=0)
+    hp["min_lr"] = check_number(hp["min_lr"], name("min_lr"), at_least=0)
+    if hp["min_lr"] > hp["lr"]:
+        raise ValueError(f"{name('min_lr')} ({hp['min_lr']}) must not exceed lr ({hp['lr']})")
+    hp["warmup_epochs"] = check_int(hp["warmup_epochs"], name("warmup_epochs"), at_least=0, optional=True)
+    hp["label_smoothing"] = check_number(hp["label_smoothing"], name("label_smoothing"), at_least=0, below=1)
+    hp["quant_bits"] = require_bits(hp["quant_bits"], name("quant_bits"), QAT_BITS, optional=True)
+    if hp["quant_bits"] and method_of(config).layer_cls is None:
+        raise ValueError(f"{name('quant_bits')} applies to adapter tensors; adapter {config!r} has none: set "
+                         "quant_bits: null")
+    hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True)
+    hp["adapter_bits"] = require_bits(hp["adapter_bits"], name("adapter_bits"), optional=True)
+    # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and LightningCLI can
+    # re-parse a checkpoint's hyper-parameters
+    hp["adapter"] = adapter_to_hparam(config)
+    return config
 
 
 class FewShotClassifier(L.LightningModule):
@@ -99,42 +141,22 @@ class FewShotClassifier(L.LightningModule):
             adapter_bits: bits of the exported adapter (32, 16, 8, 4); None means ``quant_bits`` or 16.
         """
         super().__init__()
-        config = resolve_adapter(adapter)
-        if quant_bits not in (None, 8, 4):
-            raise ValueError(f"quant_bits must be 8, 4 or null, got {quant_bits}")
-        if quant_bits and method_of(config).layer_cls is None:
-            raise ValueError(f"quant_bits applies to adapter tensors; adapter {config!r} has none: "
-                             "set quant_bits: null")
-        if adapter_bits not in (None, 32, 16, 8, 4):
-            raise ValueError(f"adapter_bits must be 32, 16, 8 or 4, got {adapter_bits}")
-        for name, value in (("lr", lr), ("head_lr", head_lr)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-        lr, head_lr = recipe_learning_rates(config, lr, head_lr)
-        if warmup_epochs is not None and warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        if min_lr > lr:
-            raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.save_hyperparameters()
-        # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and
-        # LightningCLI can re-parse a checkpoint's hyper-parameters
-        self.hparams["adapter"] = adapter_to_hparam(config)
-        self.hparams["lr"], self.hparams["head_lr"] = lr, head_lr  # resolved: a checkpoint keeps the rates it used
-        self.adapter_config = config
-        self.model = build_backbone(backbone, num_classes, pretrained=pretrained, pretrained_file=pretrained_file,
-                                    image_size=image_size, backbone_seed=backbone_seed, **(backbone_kwargs or {}))
+        self.adapter_config = _check_arguments(self.hparams)
+        hp = self.hparams
+        self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
+                                    pretrained_file=hp.pretrained_file, image_size=hp.image_size,
+                                    backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
         if adapter_state(self.model) is not None:
             raise ValueError(f"backbone {backbone!r} is a registered NOLA variant that already holds adapters; use its "
                              f"base name ({backbone.split('.')[0].replace('_nola', '')}) and set model.adapter instead")
-        inject(self.model, config)  # raises, naming the model's Linear layers, when a target matches nothing
-        if quant_bits:
-            set_quantization_aware(self.model, quant_bits)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        inject(self.model, self.adapter_config)  # names the model's Linear layers when a target matches nothing
+        if hp.quant_bits:
+            set_quantization_aware(self.model, hp.quant_bits)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        self.train_acc = MulticlassAccuracy(hp.num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(hp.num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(hp.num_classes, average="micro")
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self._fingerprint: Optional[dict] = None
         self.exported_adapter_dir: Optional[Path] = None
@@ -166,6 +188,7 @@ class FewShotClassifier(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         if not torch.isfinite(loss):
+            self._check_finite_inputs(images, batch_idx)
             raise NonFiniteLossError(f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
                                      f"{self.current_epoch}) with lr {self.hparams.lr}. Lower model.lr (the paper: "
                                      "5e-3 for adapters, 8e-5..1e-5 for full fine-tuning); nothing was exported.")
@@ -173,6 +196,15 @@ class FewShotClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
+
+    def _check_finite_inputs(self, images: Tensor, batch_idx: int) -> None:
+        """Blame the data, not the learning rate, when the batch itself holds NaN/Inf values."""
+        bad = (~torch.isfinite(images)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteLossError(f"training stopped: input images {bad[:8]} of batch {batch_idx} (step "
+                                     f"{self.global_step}) hold NaN/Inf pixel values, so the loss is not finite; the "
+                                     "learning rate is not the cause. Remove or repair those images (nola_vision's "
+                                     "datasets refuse such files by name when decoding them); nothing was exported.")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = batch

@@ -4,7 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ...core.config import AdapterConfig, as_target_list, require_positive
+from ...core.config import (
+    AdapterConfig,
+    as_target_list,
+    require_bool,
+    require_finite,
+    require_integer,
+    require_positive,
+)
 
 DEFAULT_LORA_TARGETS = ("attn.q", "attn.v")
 
@@ -32,6 +39,10 @@ class LoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         self.targets = as_target_list(self.targets)
         require_positive(self, "rank")
+        require_integer(self, "seed")
+        if self.alpha is not None:
+            require_finite(self, "alpha")
+        require_bool(self, "recompute_activation")
 
     @property
     def scaling(self) -> float:

@@ -4,7 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from ...core.config import AdapterConfig, as_target_list, require_choice, require_positive
+from ...core.config import (
+    AdapterConfig,
+    as_target_list,
+    require_bool,
+    require_choice,
+    require_finite,
+    require_integer,
+    require_positive,
+)
 
 BASIS_MODES = ("shared", "per_layer")
 NOLA_INITS = ("paper", "zero_delta")
@@ -44,8 +52,11 @@ class NOLAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         self.targets = as_target_list(self.targets)
         require_positive(self, "rank", "num_basis_a", "num_basis_b")
-        require_choice("basis", self.basis, BASIS_MODES)
-        require_choice("init", self.init, NOLA_INITS)
+        require_integer(self, "seed")
+        require_finite(self, "scale")
+        require_choice(self, "basis", BASIS_MODES)
+        require_choice(self, "init", NOLA_INITS)
+        require_bool(self, "recompute_activation")
 
     @property
     def scaling(self) -> float:

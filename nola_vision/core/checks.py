@@ -1,0 +1,78 @@
+"""Argument checks at the boundary: a value of the wrong type or range is refused with its name, before it reaches
+deep code (a NaN scale, a string seed, a float batch size).
+
+Configs, ``FewShotClassifier`` and ``FewShotDataModule`` check every argument with these; each returns the value
+as the code below expects it (a numpy integer as ``int``, a path as ``str``). Messages show the value through
+``reprlib``, so a pathological value (a config nested 10,000 deep) still gives a short message.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import os
+import reprlib
+from typing import Any, Optional, Sequence
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_path", "shown"]
+
+
+def shown(value: Any) -> str:
+    """A short repr with the type, for messages: ``'abc' (str)``."""
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
+def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional: bool = False) -> Optional[int]:
+    """``value`` as an ``int`` (any integer type; a bool, float or string is refused, not rounded or parsed)."""
+    if value is None and optional:
+        return None
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or (at_least is not None and number < at_least):
+        kind = ("a positive integer" if at_least == 1 else
+                f"an integer >= {at_least}" if at_least is not None else "an integer")
+        raise ValueError(f"{name} must be {kind}{' or null' if optional else ''}, got {shown(value)}")
+    return number
+
+
+def check_number(value: Any, name: str, *, above: Optional[float] = None, at_least: Optional[float] = None,
+                 below: Optional[float] = None, optional: bool = False) -> Optional[float]:
+    """``value`` if it is a finite real number in range (NaN and inf are refused); a numpy scalar becomes a float."""
+    if value is None and optional:
+        return None
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    bounds = [(bound, op, ok) for bound, op, ok in ((above, ">", operator.gt), (at_least, ">=", operator.ge),
+                                                     (below, "<", operator.lt)) if bound is not None]
+    if not math.isfinite(number) or not all(ok(number, bound) for bound, _, ok in bounds):
+        limits = " and ".join(f"{op} {bound}" for bound, op, _ in bounds)
+        raise ValueError(f"{name} must be a finite number{' ' + limits if limits else ''}"
+                         f"{' or null' if optional else ''}, got {shown(value)}")
+    return value if type(value) in (int, float) else number
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False`` (a string such as ``"no"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {shown(value)}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {shown(value)}")
+    return value
+
+
+def check_path(value: Any, name: str, *, optional: bool = False) -> Optional[str]:
+    """``value`` as a ``str`` path (a ``str`` or ``os.PathLike``, not empty)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a path{' or null' if optional else ''}, got {shown(value)}")
+    return os.fspath(value)

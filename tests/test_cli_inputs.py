@@ -1,0 +1,66 @@
+"""Bad command-line input to `nola-vision fit`: broken or deeply nested config files and values, options of the wrong
+type; each fails before training with a message that names the file or option."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nola_vision.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_offline.yaml"
+CLI = [sys.executable, "-m", "nola_vision.cli"]
+DEEP = '{"a": ' * 10_000 + "1" + "}" * 10_000
+
+
+def fit(tmp_path, *args):
+    return main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.enable_progress_bar", "false", *args])
+
+
+def test_a_yaml_error_in_one_of_several_config_files_names_that_file_and_line(tmp_path, capsys):
+    good, broken = tmp_path / "good.yaml", tmp_path / "broken.yaml"
+    good.write_text("trainer:\n  max_epochs: 1\n")
+    broken.write_text("model:\n  lr: [1, 2\n  min_lr: 0\n")
+    assert fit(tmp_path, "-c", str(good), f"--config={broken}") == 2
+    err = capsys.readouterr().err
+    assert f"config file {broken} is not valid YAML" in err and f'in "{broken}", line 2' in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_deeply_nested_config_value_is_refused_quickly_by_name(tmp_path):
+    done = subprocess.run([*CLI, "fit", "-c", str(TINY), "--model.adapter", DEEP], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "the value of --model.adapter nests too deeply" in done.stderr and "RecursionError" not in done.stderr
+
+
+def test_a_deeply_nested_config_file_is_refused_by_name(tmp_path, capsys):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"model:\n  adapter: {DEEP}\n")
+    assert fit(tmp_path, "-c", str(deep)) == 2
+    assert f"config file {deep} nests too deeply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed_everything", "abc", 'Parser key "seed_everything"'),
+    ("--data.split_seed", "1.5", 'Parser key "data.split_seed"'),
+    ("--data.split_seed", "abc", 'Parser key "data.split_seed"'),
+])
+def test_a_seed_of_the_wrong_type_is_a_cli_error_naming_the_option(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        fit(tmp_path, option, value)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--model.adapter.init_args.scale", "nan", "NOLAConfig.scale must be a finite number"),
+    ("--model.adapter.init_args.seed", "abc", "NOLAConfig.seed must be an integer"),
+    ("--model.label_smoothing", "1.5", "FewShotClassifier.label_smoothing must be a finite number >= 0 and < 1"),
+    ("--data.cache_mb", "-1", "FewShotDataModule.cache_mb must be a finite number >= 0"),
+])
+def test_a_value_out_of_range_fails_before_training_naming_the_field(tmp_path, capsys, option, value, message):
+    assert fit(tmp_path, option, value) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -1,0 +1,80 @@
+"""Run tooling tells the truth: protocol and tune refuse overrides of what they set in every run, tune checks its grid
+against `fit`'s own options before the first trial, and a search in which no trial completed exits non-zero."""
+from pathlib import Path
+
+import pytest
+
+from nola_vision.cli import main
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.tune import check_grid, run_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2"]
+
+
+@pytest.mark.parametrize("override, option, instead", [
+    (["--data.split_seed", "7"], "--data.split_seed", "--split_seeds"),
+    (["--data.split_se", "7"], "--data.split_seed", "--split_seeds"),  # fit takes a unique prefix for the option
+    (["--data.init_args.split_seed=7"], "--data.split_seed", "--split_seeds"),
+    (["--data", "{split_seed: 7, shots: 2}"], "--data.split_seed", "--split_seeds"),
+    (["--seed_everything=3"], "--seed_everything", "--init_seeds"),
+    (["--seed", "3"], "--seed_everything", "--init_seeds"),
+    (["--trainer.default_root_dir", "elsewhere"], "--trainer.default_root_dir", "--out and --name"),
+    (["--data.split_dir", "elsewhere"], "--data.split_dir", "--out and --name"),
+    (["--result_file", "r.json"], "--result_file", "--out and --name"),
+    (["--test_after_fit", "false"], "--test_after_fit", "always tests after fit"),
+])
+def test_protocol_refuses_overrides_of_what_it_sets_in_every_run(tmp_path, override, option, instead):
+    with pytest.raises(ValueError, match=rf"protocol sets {option} in every run itself.*{instead}"):
+        run_protocol([TINY], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0],
+                     overrides=["--trainer.max_epochs", "1", *override], echo=False)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_protocol_cli_refuses_a_split_seed_override_naming_its_own_option(tmp_path, capsys):
+    code = main(["protocol", "-c", TINY, "--out", str(tmp_path), "--split_seeds", "0", "1", "--data.split_seed", "7"])
+    assert code == 1
+    assert "protocol sets --data.split_seed in every run itself" in capsys.readouterr().err
+
+
+def test_tune_refuses_overrides_and_grid_keys_it_sets_itself(tmp_path):
+    with pytest.raises(ValueError, match="tune sets --seed_everything .*--protocol_init_seeds"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), overrides=[*FAST, "--seed_everything", "3"])
+    with pytest.raises(ValueError, match="tune sets --data.split_seed .*--split_seeds"):
+        run_tune([TINY], {"data.split_seed": [0, 1]}, out=str(tmp_path), overrides=FAST)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def fit_options():
+    """check_grid's parser is fit's own: built once for these tests."""
+    return lambda grid, overrides=FAST: check_grid([TINY], overrides, grid)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"model.lrr": [1e-3]}, r"--grid model\.lrr=0\.001 is not accepted by `nola-vision fit`.*unrecognized"),
+    ({"model.adapter.init_args.scales": [1]}, r"(?s)--grid model\.adapter\.init_args\.scales=1 .*'scales' is not"),
+    ({"model.lr": [1e-3, "fast"]}, r"(?s)--grid model\.lr=fast is not accepted.*model\.lr"),
+    ({"data.shot": [1]}, r"--grid data\.shot=1 is not accepted"),  # fit would take it as data.shots
+])
+def test_a_grid_key_or_value_that_fit_does_not_take_is_refused_before_any_trial(fit_options, grid, message):
+    with pytest.raises(ValueError, match=message):
+        fit_options(grid)
+
+
+def test_grid_keys_of_the_adapters_init_args_are_fit_options(fit_options):
+    fit_options({"model.adapter.init_args.scale": [1, 4], "model.lr": [1e-3, 5e-3], "data.shots": [1, 2]})
+
+
+def test_overrides_that_fit_does_not_take_are_refused_before_any_trial(fit_options):
+    with pytest.raises(ValueError, match="configs and overrides are not valid `nola-vision fit` arguments"):
+        fit_options({"model.lr": [1e-3]}, [*FAST, "--trainer.max_epoch", "1"])
+
+
+def test_tune_exits_non_zero_when_no_trial_completed(tmp_path, capsys):
+    code = main(["tune", "-c", TINY, "--out", str(tmp_path), "--name", "t", *FAST, "--skip_protocol",
+                 "--grid", f"data.split_file={tmp_path / 'missing.txt'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no trial completed (1 failed" in err
+    assert not (tmp_path / "t" / "best.json").exists()
