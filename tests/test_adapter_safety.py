@@ -208,3 +208,10 @@ def test_a_value_beyond_float32_is_refused_naming_the_tensor_before_the_old_adap
     with pytest.raises(ValueError, match="head.weight (holds 1e\\+39, beyond float32|spans .* too wide for 8-bit)"):
         nv.save_adapter(model, tmp_path, bits=bits)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path):
+    nv.save_adapter(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(AdapterLoadError, match="nests its JSON too deeply"):
+        nv.load_adapter(tiny_vit(), tmp_path)

@@ -229,6 +229,9 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         document = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
+    except RecursionError as error:
+        raise AdapterLoadError(f"{path} nests its JSON too deeply to be an adapter config; the file was edited or "
+                               "crafted: save the adapter again") from error
     if not isinstance(document, dict) or document.get("format") not in (*CHECKED_FORMATS, *UNCHECKED_FORMATS):
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise AdapterLoadError(f"{path} has format {found!r}, expected {FORMAT!r}")
