@@ -13,6 +13,7 @@ from torch import nn
 
 import nola_vision as nv
 from nola_vision.core.basis import portable_uniform
+from nola_vision.core.config import as_target_list, require_integer, require_positive
 
 
 @dataclass
@@ -23,6 +24,11 @@ class FrozenAConfig(nv.AdapterConfig):
 
     method = "frozen_a"
     scaling = 1.0
+
+    def __post_init__(self):                      # refuse a wrong value by name, at construction
+        self.targets = as_target_list(self.targets)
+        require_positive(self, "rank")
+        require_integer(self, "seed")
 
 
 class FrozenALinear(nv.AdaptedLinear):

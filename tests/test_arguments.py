@@ -74,6 +74,14 @@ def test_a_deeply_nested_config_gives_a_short_clear_error_not_a_recursion_error(
     assert len(str(error.value)) < 400
 
 
+def test_a_flat_config_is_the_first_registered_method_that_takes_its_keys_not_a_later_plugin():
+    # conftest registers frozen_a {rank, targets, seed}: fewer fields than LoRA, but a flat {rank} is still LoRA
+    assert type(resolve_adapter({"rank": 4})) is nv.LoRAConfig
+    assert type(resolve_adapter({"rank": 4, "num_basis_a": 8})) is nv.NOLAConfig
+    with pytest.raises(ValueError, match="LoRAConfig.rank must be"):
+        resolve_adapter({"rank": "4"})
+
+
 def test_config_dicts_with_unknown_fields_or_no_method_name_the_problem():
     with pytest.raises(ValueError, match="needs a 'method' key"):
         config_from_dict({"rank": 2})

@@ -105,13 +105,13 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
 
 
 def _from_flat(values: Dict[str, Any]) -> AdapterConfig:
-    """The smallest registered adapter config whose fields take every key (LoRA's {rank, alpha} before NOLA's)."""
-    candidates = [m.config_cls for m in METHODS.values() if m.layer_cls is not None
-                  and set(values) <= {f.name for f in fields(m.config_cls)}]
-    if not candidates:
-        raise ValueError(f"no adapter config has all the fields {sorted(values)}; add method: <name> "
-                         f"(one of {available_methods()})")
-    return min(candidates, key=lambda cls: len(fields(cls)))(**values)
+    """The first registered adapter config whose fields take every key: the built-in methods (LoRA before NOLA)
+    come first, so a method registered later never changes what a flat built-in config parses to."""
+    for method in METHODS.values():
+        if method.layer_cls is not None and set(values) <= {f.name for f in fields(method.config_cls)}:
+            return method.config_cls(**values)
+    raise ValueError(f"no adapter config has all the fields {sorted(values)}; add method: <name> "
+                     f"(one of {available_methods()})")
 
 
 def adapter_to_hparam(config: AdapterConfig) -> Union[str, Dict[str, Any]]:
