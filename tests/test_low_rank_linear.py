@@ -103,3 +103,17 @@ def test_autocast_training_keeps_no_low_precision_copy_of_an_adapted_frozen_weig
     assert not [t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in weights]
     loss.backward()
     assert all(layer.nola_alpha.grad is not None for layer in nv.adapted_layers(model).values())
+
+
+def test_fused_low_rank_linear_refuses_a_trainable_weight_it_would_give_no_gradient():
+    x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="freeze the weight"):
+        LowRankLinear.apply(x, weight.requires_grad_(), bias, a, b, None)
+
+
+def test_an_adapted_layer_whose_weight_was_unfrozen_still_trains_it(images):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"])).train()
+    fc2 = model.blocks[0].mlp.fc2
+    fc2.weight.requires_grad_(True)
+    model(images).sum().backward()
+    assert fc2.weight.grad is not None and fc2.weight.grad.abs().sum() > 0 and fc2.lora_A.grad is not None

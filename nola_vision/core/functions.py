@@ -47,13 +47,16 @@ class LowRankLinear(torch.autograd.Function):
     then ``x`` is the pre-activation, which a frozen model keeps for the activation's backward anyway, and the
     activation output (four times wider for ViT MLPs) is never kept. Backward recomputes it a cache-sized block
     of rows at a time: the same block gives A's gradient and the activation's gradient, written into the input
-    gradient in place, so NOLA-MLP and LoRA-MLP need no more memory than the frozen MLP.
+    gradient in place, so an adapted ``fc2`` keeps nothing that the frozen MLP does not keep already.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module]
     ) -> Tensor:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ValueError("LowRankLinear trains x, A and B only: freeze the weight and bias (requires_grad=False) "
+                             "or use F.linear plus the low-rank term")
         inputs = x if activation is None else activation(x)
         y = F.linear(inputs, weight, bias)
         xa = inputs @ a.to(inputs.dtype)
@@ -77,7 +80,7 @@ class LowRankLinear(torch.autograd.Function):
             grad_x = grad @ weight.to(dtype)
             grad_x.addmm_(grad_xa, a_.t())
         grad_a = None
-        if ctx.activation is not None:
+        if ctx.activation is not None and (needs_x or needs_a):
             grad_a = _activation_backward(ctx.activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, needs_a)
         elif needs_a:
             grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
@@ -112,11 +115,10 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
         if backward is None and grad_x is not None:
             x_block, activation_vjp = torch.func.vjp(forward, h[block])
             (grad_x[block],) = activation_vjp(grad_x[block])
-            if grad_a is not None:
-                grad_a.addmm_(x_block.to(grad_xa.dtype).t(), grad_xa[block])
-            continue
+        else:
+            x_block = forward(h[block]) if grad_a is not None else None
+            if grad_x is not None:
+                grad_x[block] = backward(activation, grad_x[block], h[block])
         if grad_a is not None:
-            grad_a.addmm_(forward(h[block]).to(grad_xa.dtype).t(), grad_xa[block])
-        if grad_x is not None:
-            grad_x[block] = backward(activation, grad_x[block], h[block])
+            grad_a.addmm_(x_block.to(grad_xa.dtype).t(), grad_xa[block])
     return grad_a
