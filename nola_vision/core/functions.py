@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 __all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output"]
 
-# Rows of the activation recomputed per step in backward: about 1 MiB of float32, so the pre-activation block,
-# its recomputed output and its gradient stay in a core's cache between the three passes that use them.
-_ACTIVATION_BLOCK_ELEMENTS = 1 << 18
+# Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
+# its recomputed output and its gradient stay in a core's cache between the passes that use them.
+_ACTIVATION_BLOCK_ELEMENTS = 1 << 19
 
 
 class MergedGuard(torch.autograd.Function):
@@ -75,15 +75,17 @@ class LowRankLinear(torch.autograd.Function):
         a_, b_ = a.to(dtype), b.to(dtype)
         grad_xa = grad @ b_.t()
         grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
-        grad_x = None
-        if needs_x:
-            grad_x = grad @ weight.to(dtype)
-            grad_x.addmm_(grad_xa, a_.t())
+        grad_x = grad @ weight.to(dtype) if needs_x else None
         grad_a = None
-        if ctx.activation is not None and (needs_x or needs_a):
-            grad_a = _activation_backward(ctx.activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, needs_a)
-        elif needs_a:
-            grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+        if ctx.activation is not None:
+            if needs_x or needs_a:
+                h = x.reshape(-1, x.shape[-1])
+                grad_a = _activation_backward(ctx.activation, h, grad_x, grad_xa, a_, needs_a)
+        else:
+            if grad_x is not None:
+                grad_x.addmm_(grad_xa, a_.t())
+            if needs_a:
+                grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
         grad_a = grad_a.to(a.dtype) if grad_a is not None else None
@@ -91,34 +93,38 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def _gelu_backward(activation: nn.GELU, grad: Tensor, h: Tensor) -> Tensor:
-    return torch.ops.aten.gelu_backward(grad, h, approximate=activation.approximate)
+def _gelu_backward_(activation: nn.GELU, grad: Tensor, h: Tensor) -> None:
+    torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=activation.approximate, grad_input=grad)
 
 
-# Activations whose backward is one op: a vjp per block costs more than the block's arithmetic (timm ViTs: GELU).
-_ACTIVATION_BACKWARD = {nn.GELU: _gelu_backward}
+# Activations whose backward is one op, run in place: a vjp per block costs more than the block's arithmetic.
+_ACTIVATION_BACKWARD_ = {nn.GELU: _gelu_backward_}
 
 
-def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor,
+def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor, a: Tensor,
                          needs_a: bool) -> Optional[Tensor]:
-    """A's gradient ``act(h)ᵀ grad_xa``, and ``grad_x`` turned into the pre-activation's gradient in place.
+    """Finish an adapted ``fc2``'s input gradient in place and return A's gradient, one block of rows at a time.
 
-    One block of rows at a time: the recomputed activation output of a block is used for A's gradient and for
-    the activation's own backward while it is still in cache, and never exists for all rows at once.
+    ``grad_x`` holds the frozen part ``grad W``; each block gets the low-rank part ``grad_xa Aᵀ``, then the
+    activation's backward, while it is in cache. The block's recomputed activation output gives A's gradient
+    ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once.
     """
     forward = activation.forward  # a recomputation: the module's hooks ran in the forward pass already
-    backward = _ACTIVATION_BACKWARD.get(type(activation))
+    backward_ = _ACTIVATION_BACKWARD_.get(type(activation))
     rows = max(1, _ACTIVATION_BLOCK_ELEMENTS // h.shape[-1])
-    grad_a = torch.zeros(h.shape[-1], grad_xa.shape[-1], dtype=grad_xa.dtype, device=h.device) if needs_a else None
+    a_t = a.t()
+    grad_a_t = torch.zeros_like(a_t) if needs_a else None  # (rank, in): row-major, the fast orientation here
     for start in range(0, h.shape[0], rows):
         block = slice(start, start + rows)
-        if backward is None and grad_x is not None:
-            x_block, activation_vjp = torch.func.vjp(forward, h[block])
-            (grad_x[block],) = activation_vjp(grad_x[block])
-        else:
-            x_block = forward(h[block]) if grad_a is not None else None
-            if grad_x is not None:
-                grad_x[block] = backward(activation, grad_x[block], h[block])
-        if grad_a is not None:
-            grad_a.addmm_(x_block.to(grad_xa.dtype).t(), grad_xa[block])
-    return grad_a
+        x_block = None
+        if grad_x is not None:
+            grad_x[block].addmm_(grad_xa[block], a_t)
+            if backward_ is None:
+                x_block, activation_vjp = torch.func.vjp(forward, h[block])
+                (grad_x[block],) = activation_vjp(grad_x[block])
+        if grad_a_t is not None:
+            x_block = forward(h[block]) if x_block is None else x_block
+            grad_a_t.addmm_(grad_xa[block].t(), x_block.to(grad_xa.dtype))
+        if grad_x is not None and backward_ is not None:
+            backward_(activation, grad_x[block], h[block])
+    return grad_a_t.t() if grad_a_t is not None else None
