@@ -93,12 +93,17 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+def _gelu_out(activation: nn.GELU, h: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.gelu.out(h, approximate=activation.approximate, out=out)
+
+
 def _gelu_backward_(activation: nn.GELU, grad: Tensor, h: Tensor) -> None:
     torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=activation.approximate, grad_input=grad)
 
 
-# Activations whose backward is one op, run in place: a vjp per block costs more than the block's arithmetic.
-_ACTIVATION_BACKWARD_ = {nn.GELU: _gelu_backward_}
+# Activations with one-op forward and backward that write into given buffers (timm ViTs: GELU): no allocation per
+# block, and no vjp, which costs more than a block's arithmetic. Other activations go through torch.func.vjp.
+_ACTIVATION_OPS = {nn.GELU: (_gelu_out, _gelu_backward_)}
 
 
 def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor, a: Tensor,
@@ -109,22 +114,35 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
     activation's backward, while it is in cache. The block's recomputed activation output gives A's gradient
     ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once.
     """
-    forward = activation.forward  # a recomputation: the module's hooks ran in the forward pass already
-    backward_ = _ACTIVATION_BACKWARD_.get(type(activation))
     rows = max(1, _ACTIVATION_BLOCK_ELEMENTS // h.shape[-1])
     a_t = a.t()
     grad_a_t = torch.zeros_like(a_t) if needs_a else None  # (rank, in): row-major, the fast orientation here
+    known = type(activation) in _ACTIVATION_OPS
+    buffer = torch.empty(min(rows, h.shape[0]), h.shape[-1], dtype=h.dtype, device=h.device) if known else None
     for start in range(0, h.shape[0], rows):
-        block = slice(start, start + rows)
-        x_block = None
-        if grad_x is not None:
-            grad_x[block].addmm_(grad_xa[block], a_t)
-            if backward_ is None:
-                x_block, activation_vjp = torch.func.vjp(forward, h[block])
-                (grad_x[block],) = activation_vjp(grad_x[block])
+        h_block, grad_xa_block = h[start : start + rows], grad_xa[start : start + rows]
+        grad_block = grad_x[start : start + rows] if grad_x is not None else None
+        if grad_block is not None:
+            grad_block.addmm_(grad_xa_block, a_t)
+        out = buffer[: h_block.shape[0]] if buffer is not None else None
+        x_block = _activation_block(activation, h_block, grad_block, out, needs_a)
         if grad_a_t is not None:
-            x_block = forward(h[block]) if x_block is None else x_block
-            grad_a_t.addmm_(grad_xa[block].t(), x_block.to(grad_xa.dtype))
-        if grad_x is not None and backward_ is not None:
-            backward_(activation, grad_x[block], h[block])
+            grad_a_t.addmm_(grad_xa_block.t(), x_block.to(grad_xa.dtype))
     return grad_a_t.t() if grad_a_t is not None else None
+
+
+def _activation_block(activation: nn.Module, h: Tensor, grad: Optional[Tensor], out: Optional[Tensor],
+                      needs_output: bool) -> Optional[Tensor]:
+    """``act(h)`` if needed (into ``out`` when the activation has an out op), and ``grad`` turned into h's gradient."""
+    if type(activation) in _ACTIVATION_OPS:
+        forward_out, backward_ = _ACTIVATION_OPS[type(activation)]
+        x = forward_out(activation, h, out) if needs_output else None
+        if grad is not None:
+            backward_(activation, grad, h)
+        return x
+    forward = activation.forward  # a recomputation: the module's hooks ran in the forward pass already
+    if grad is None:
+        return forward(h) if needs_output else None
+    x, activation_vjp = torch.func.vjp(forward, h)
+    grad.copy_(activation_vjp(grad)[0])
+    return x
