@@ -241,8 +241,9 @@ def printed_output(results: Path, name: str) -> str:
 
 # The first line of every script's output: "_<date>, <machine>, torch <version>, `<command>`_" (common.header).
 HEADER = re.compile(r"^_(?P<date>[^,]+), (?P<machine>.+), (?P<rest>torch \S+, `.*`_)$")
-RUN_ALL_CPU = ("`bash benchmarks/run_all.sh cpu` re-runs every CPU table on one machine in one go: about 6 hours on "
-               "the 2-core VM, 3½ of them the accuracy parts when their trial cache (runs/accuracy_cache) is empty")
+RUN_ALL_CPU = ("`bash benchmarks/run_all.sh cpu` re-runs every CPU table on one machine in one go: about 2½ hours on "
+               "the quiet 2-core VM for everything but the accuracy parts, which add minutes with their trial cache "
+               "(runs/accuracy_cache) and hours without it")
 
 
 def _machine(printed: str) -> str:
