@@ -11,6 +11,7 @@ LoRA in four numbers); the documentation site fills the same markers when it is 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import statistics
@@ -24,6 +25,19 @@ HERE = Path(__file__).resolve().parent
 
 # (result name, title, how it was run): in the order of the report. A missing result is listed as not run.
 SECTIONS: Tuple[Tuple[str, str, str], ...] = (
+    ("nola_vs_lora_vit_b", "NOLA-MLP against LoRA q,v: training step, ViT-B/16, fp32",
+     "The targets' table: 1 torch thread, each run in a fresh process, rounds in alternating order, median round. "
+     "Training peak: the step's memory above what the warm-up step left (weights, optimiser state, NOLA's basis "
+     "codes); kept across steps: what the warm-up left above the built model (NOLA's 60 MiB of basis codes, and "
+     "about 30 MiB that every method's first step loads), so \"peak + kept\" counts the codes as training memory."),
+    ("nola_vs_lora_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, fp32", "As for ViT-B/16."),
+    ("nola_vs_lora_bf16_vit_b", "NOLA-MLP against LoRA q,v: training step, ViT-B/16, bf16 autocast",
+     "The same step under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`."),
+    ("nola_vs_lora_bf16_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, bf16 autocast", "As for ViT-B/16."),
+    ("profile_step", "Where the time and memory of a training step go: NOLA-MLP against LoRA q,v",
+     "`torch.profiler` self CPU time per op (1 torch thread: on a shared machine other processes inflate the times, "
+     "not the calls or FLOPs) and, tracked tensor by tensor, what is alive at the step's memory peak. NOLA's shared "
+     "basis codes are held across steps, like the weights, and listed beside the step's peak."),
     ("train_step_vit_b", "Training step, ViT-B/16", "2 torch threads on the otherwise idle machine."),
     ("train_step_vit_b_1thread", "Training step, ViT-B/16, 1 torch thread",
      "Run beside the accuracy benchmark, each on its own core."),
@@ -66,19 +80,24 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
     ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
 )
-# Printed under the targets: what the step-time ranges mean, and what a profile shows NOLA adds to a step.
+# Printed under the targets: what the step-time ranges mean.
 TIMING_NOTE = (
-    "Step times on this shared 2-core VM vary by about ±10% from round to round (bracketed: the time ratio over "
-    "every pairing of the two methods' rounds), so a step-time ratio within 0.1 of its target is within noise. "
-    "A profile of one ViT-B step (torch.profiler) shows the same operator times for NOLA-MLP and LoRA q,v except "
-    "the GELU that an adapted `mlp.fc2` recomputes in backward (about 1% of the step) and the shared-basis "
-    "combination (about 31 ms per step, 1%)."
+    "Step times on a shared 2-core VM vary by about ±10% from round to round (bracketed: the time ratio over every "
+    "pairing of the two methods' rounds), so a step-time ratio within 0.1 of its target is within noise. The training "
+    "peak is the step's memory above what a run keeps across steps; NOLA's shared basis codes are kept (60 MiB for "
+    "ViT-B, 80 MiB for ViT-L at k = l = 1024), so the \"peak + kept\" rows count them. The profile section shows "
+    "where each method's time and memory go."
 )
-PARTS = {"train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
+PARTS = {"nola_vs_lora_vit_b": "nola_vs_lora", "nola_vs_lora_vit_l": "nola_vs_lora",
+         "nola_vs_lora_bf16_vit_b": "nola_vs_lora", "nola_vs_lora_bf16_vit_l": "nola_vs_lora",
+         "profile_step": "profile", "train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
          "train_step_vit_l": "train_step_large", "compile_step_vit_b": "train_step_compile",
          "compile_step_vit_l": "train_step_compile",
          "grad_ckpt_off_vit_b": "grad_checkpointing", "grad_ckpt_on_vit_b": "grad_checkpointing",
          "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu"}
+
+
+METHOD_NAMES = {"lora": "LoRA q,v", "nola": "NOLA-MLP"}
 
 
 def _load(results: Path, name: str):
@@ -106,24 +125,46 @@ def _spread(reference: Dict, result: Dict) -> str:
     return f" (rounds: {low:.2f}–{high:.2f}×)"
 
 
+def _ratio_row(name: str, value: float, limit: float, spread: str = "") -> List[str]:
+    return [name, f"{value:.2f}×{spread}", _verdict(value, limit)]
+
+
 def training_targets(results: Path) -> List[List[str]]:
+    """NOLA-MLP (shared basis) against LoRA q,v: step time and memory ≤ 1.00×, per model and precision."""
     rows = []
     for name, title, _ in SECTIONS:
         data = _load(results, name)
-        if not name.startswith("train_step") or data is None:
+        if not name.startswith("nola_vs_lora") or data is None:
             continue
-        lora, shared, per_layer = (_method(data, m) for m in ("lora", "nola", "nola_per_layer"))
-        where = title.replace("Training step, ", "")
-        time_ratio = shared["step_s"] / lora["step_s"]
-        memory_ratio = shared["train_mem_mb"] / lora["train_mem_mb"]
-        per_layer_memory = per_layer["train_mem_mb"] / lora["train_mem_mb"]
-        rows += [
-            [f"NOLA shared-basis step time ≤ 1.10× our LoRA r=4 ({where})", f"{time_ratio:.2f}×{_spread(lora, shared)}",
-             _verdict(time_ratio, 1.10)],
-            [f"NOLA shared-basis training peak ≤ 1.10× LoRA ({where})", f"{memory_ratio:.2f}×", _verdict(memory_ratio, 1.10)],
-            [f"NOLA per-layer-basis training peak ≤ 1.15× LoRA ({where})", f"{per_layer_memory:.2f}×",
-             _verdict(per_layer_memory, 1.15)],
-        ]
+        lora, nola = _method(data, "lora"), _method(data, "nola")
+        where = title.split(": training step, ")[1]
+        rows += [_ratio_row(f"NOLA-MLP step time ≤ 1.00× LoRA q,v ({where})", nola["step_s"] / lora["step_s"], 1.0,
+                            _spread(lora, nola)),
+                 _ratio_row(f"NOLA-MLP training peak ≤ 1.00× LoRA q,v ({where})",
+                            nola["train_mem_mb"] / lora["train_mem_mb"], 1.0)]
+        if "kept_mb" in nola:
+            total = (nola["train_mem_mb"] + nola["kept_mb"]) / (lora["train_mem_mb"] + lora["kept_mb"])
+            rows.append(_ratio_row(f"NOLA-MLP training peak + kept across steps ≤ 1.00× LoRA q,v ({where})", total, 1.0))
+    for name, title, _ in SECTIONS:
+        data = _load(results, name)
+        if name.startswith("train_step") and data is not None:
+            per_layer = _method(data, "nola_per_layer")["train_mem_mb"] / _method(data, "lora")["train_mem_mb"]
+            rows.append(_ratio_row(f"NOLA per-layer-basis training peak ≤ 1.15× LoRA "
+                                   f"({title.replace('Training step, ', '')})", per_layer, 1.15))
+    return rows + compile_targets(results)
+
+
+def compile_targets(results: Path) -> List[List[str]]:
+    """The compiled step's training peak against the eager one's, per method (ViT-B/16)."""
+    data = _load(results, "compile_step_vit_b")
+    if data is None:
+        return []
+    rows = []
+    for method in ("lora", "nola"):
+        eager, compiled = (next(r for r in data["results"] if r["method"] == method and r.get("compiled") == c)
+                           for c in (False, True))
+        rows.append(_ratio_row(f"compiled training peak ≤ eager, {METHOD_NAMES[method]} (ViT-B/16)",
+                               compiled["train_mem_mb"] / eager["train_mem_mb"], 1.0))
     return rows
 
 
@@ -256,14 +297,51 @@ def printed_output(results: Path, name: str) -> str:
     return text
 
 
+# The first line of every script's output: "_<date>, <machine>, torch <version>, `<command>`_" (common.header).
+HEADER = re.compile(r"^_(?P<date>[^,]+), (?P<machine>.+), (?P<rest>torch \S+, `.*`_)$")
+RUN_ALL_CPU = ("`bash benchmarks/run_all.sh cpu` re-runs every CPU table on one machine in one go: about 2½ hours on "
+               "the quiet 2-core VM for everything but the accuracy parts, which add minutes with their trial cache "
+               "(runs/accuracy_cache) and hours without it")
+
+
+def _machine(printed: str) -> str:
+    match = HEADER.match(printed.splitlines()[0])
+    return match["machine"] if match else "unknown machine"
+
+
+def _without_machine(printed: str) -> str:
+    """The printed output with its first line naming date, torch and command only (the machine is named once)."""
+    first, _, rest = printed.partition("\n")
+    match = HEADER.match(first)
+    return f"_{match['date']}, {match['rest']}\n{rest}" if match else printed
+
+
+def machine_lines(machines: Dict[str, str]) -> Tuple[Optional[str], List[str]]:
+    """The machine most CPU tables were measured on, and the lines that name it once (and any other machine)."""
+    cpu = {name: m for name, m in machines.items() if not name.startswith("gpu_")}
+    if not cpu:
+        return None, []
+    main = collections.Counter(cpu.values()).most_common(1)[0][0]
+    others = {name: m for name, m in cpu.items() if m != main}
+    lines = [f"CPU tables: **{main}**. {RUN_ALL_CPU}.", ""]
+    if others:
+        parts = sorted({PARTS.get(name, name) for name in others})
+        lines += [f"Measured on another machine ({', '.join(sorted(set(others.values())))}) and so not comparable with "
+                  f"the rest until re-run: {', '.join(f'`{name}`' for name in others)} "
+                  f"(`bash benchmarks/run_all.sh {' '.join(parts)}`).", ""]
+    return main, lines
+
+
 def build(results: Path) -> str:
-    """The whole report: targets computed from the JSON, then every section's printed table and plot."""
+    """The report: the one machine, targets computed from the JSON, then every section's printed table and plot."""
     done = [section for section in SECTIONS if (results / f"{section[0]}.md").is_file()]
     missing = sorted({PARTS.get(section[0], section[0]) for section in SECTIONS if section not in done})
+    printed = {name: printed_output(results, name) for name, _, _ in done}
+    main, machine_text = machine_lines({name: _machine(text) for name, text in printed.items()})
     lines = ["# Benchmark results", "",
              "Written by `python benchmarks/collect_results.py` from `benchmarks/results/`. Each section below is exactly "
-             "what its script printed (the first line names date, machine, torch and command), with its plot. Reproduce "
-             "with `bash benchmarks/run_all.sh <part>`.", ""]
+             "what its script printed (the first line names date, torch and command; the machine is named here once), "
+             "with its plot. Reproduce with `bash benchmarks/run_all.sh <part>`.", "", *machine_text]
     if missing:
         lines += [f"Not run yet: {', '.join(f'`{part}`' for part in missing)}.", ""]
     rows = target_rows(results)
@@ -271,7 +349,7 @@ def build(results: Path) -> str:
         lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), "", TIMING_NOTE, ""]
     for name, title, note in done:
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
-        lines += [printed_output(results, name), ""]
+        lines += [_without_machine(printed[name]) if _machine(printed[name]) == main else printed[name], ""]
         if (results / f"{name}.png").is_file():
             lines += [f"![{title}](results/{name}.png)", ""]
     return "\n".join(lines)

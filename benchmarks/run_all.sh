@@ -2,8 +2,11 @@
 # Run every benchmark with the final settings on a quiet machine. Each part writes its Markdown table
 # (<name>.md, exactly what the script printed), raw numbers (<name>.json) and plot (<name>.png) into
 # benchmarks/results/, then benchmarks/RESULTS.md is rebuilt from them. Progress goes to stderr.
-# Parts: `benchmarks/run_all.sh storage accuracy` runs two.
-# The GPU part runs only where torch sees CUDA.
+# Parts: `benchmarks/run_all.sh storage accuracy` runs two; `cpu` runs every CPU part on this machine in one go
+# (so every CPU table of RESULTS.md comes from one machine): about 2½ hours on the quiet 2-core VM for everything
+# but the accuracy parts, which add minutes with their trial cache (runs/accuracy_cache) and hours without it.
+# `gpu` runs only where torch sees CUDA.
+# With no part named, `cpu` then `gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -27,6 +30,14 @@ part() {
         compiled_switch) run compiled_switch compiled_switch.py --model vit_base_patch16_224 --batch 1 --switches 20 ;;
         onnx_tasks) run onnx_tasks onnx_tasks.py --model vit_base_patch16_224 --batches 1 32 --rounds 5 ;;
         multitask) run multitask multitask.py --model vit_base_patch16_224 --batch 64 --tasks 1 8 64 --registered 1 100 1000 --rounds 3 ;;
+        nola_vs_lora)  # the targets: NOLA-MLP against LoRA q,v, 1 thread, median of alternating rounds, fp32 and bf16
+            local precision
+            for precision in fp32 bf16; do
+                local tag=${precision/fp32/}
+                run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 5 --threads 1 --methods lora nola --precision $precision
+                run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 5 --threads 1 --methods lora nola --precision $precision
+            done ;;
+        profile) run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;
         train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
@@ -70,9 +81,15 @@ part() {
     esac
 }
 
+cpu_parts=(storage inference compiled_switch onnx_tasks multitask nola_vs_lora profile train_step train_step_1thread train_step_large train_step_compile
+           grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer)
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(storage inference compiled_switch onnx_tasks multitask train_step train_step_1thread train_step_large train_step_compile grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer gpu)
+[ ${#parts[@]} -gt 0 ] || parts=(cpu gpu)
 for name in "${parts[@]}"; do
-    part "$name"
+    if [ "$name" = cpu ]; then
+        for cpu_part in "${cpu_parts[@]}"; do part "$cpu_part"; done
+    else
+        part "$name"
+    fi
 done
 python benchmarks/collect_results.py  # RESULTS.md from everything in results/

@@ -2,11 +2,13 @@
 
 Each measurement runs in its own fresh process (so peaks do not mix) on the same timm model with random
 weights, batch and seed: forward, cross-entropy, backward and an Adam step, timed after warm-up.
-Peak memory is the training peak above the resting model: on CUDA from the caching allocator, on the CPU
-from the process's peak RSS (VmHWM, reset after the model is built; glibc's mmap threshold is fixed so
-freed tensors return to the OS). With ``--rounds`` every method is measured again, in reverse order, and
-its fastest round is kept. Ratios are to our LoRA (q,v r=4) measured in the same run; in the layer
-sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
+The training peak is the highest memory of the timed steps above the memory right before them, after the warm-up
+has built everything a run keeps across steps (optimiser state, NOLA's shared basis codes, compiled code); what the
+warm-up kept is listed beside it ("kept across steps", the same for every step of a long run). On CUDA both come
+from the caching allocator, on the CPU from the process's RSS (VmHWM, reset after the warm-up; glibc's mmap
+threshold is fixed so freed tensors return to the OS). With ``--rounds`` every method is measured again, in
+alternating order, and its median round is kept. Ratios are to our LoRA (q,v r=4) measured in the same run; in the
+layer sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
 q and v thirds alone).
 
     python benchmarks/train_step.py                      # ViT-B/16, batch 8, 224 px, CPU
@@ -14,6 +16,7 @@ q and v thirds alone).
     python benchmarks/train_step.py --sweep layers --png layers.png  # adapted blocks 1 ... depth
     python benchmarks/train_step.py --device cuda --precision bf16 --model vit_large_patch16_224
     python benchmarks/train_step.py --methods lora nola --compile --warmup 2   # eager and torch.compile side by side
+    python benchmarks/train_step.py --methods lora nola --threads 1 --rounds 5  # NOLA vs LoRA on a shared machine
 """
 from __future__ import annotations
 
@@ -114,31 +117,45 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # The resting state: weights, optimiser, inputs. Everything above it (bases included) is training memory.
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        resting = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current RSS
-        resting = _rss_kib("VmRSS") * 1024
-    times: List[float] = []
-    for _ in range(args.warmup + args.steps):
+    def memory() -> int:
         sync()
+        return torch.cuda.memory_allocated() if device.type == "cuda" else _rss_kib("VmRSS") * 1024
+
+    before = memory()
+    warmup = []
+    for _ in range(args.warmup):
         start = time.perf_counter()
         step()
         sync()
+        warmup.append(time.perf_counter() - start)
+    # The steady state: weights, optimiser state, bases, compiled code. The training peak is everything above it.
+    resting = memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+    times: List[float] = []
+    cpu_times: List[float] = []
+    for _ in range(args.steps):
+        sync()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     return {
         "method": args.method,
         "k": args.k,
         "blocks": args.blocks,
         "compiled": bool(args.compile),
-        "step_s": statistics.median(times[args.warmup :]),
-        "warmup_s": sum(times[: args.warmup]),  # with --compile: the compilation
+        "step_s": statistics.median(times),
+        # CPU time of the process: less sensitive than wall time to other processes on a shared machine
+        "step_cpu_s": statistics.median(cpu_times),
+        "warmup_s": sum(warmup),  # with --compile: the compilation
         "train_mem_mb": (peak - resting) / 2**20,
+        "kept_mb": (resting - before) / 2**20,
         "peak_mb": peak / 2**20,
         "trainable": sum(p.numel() for p in trainable),
     }
@@ -170,10 +187,10 @@ def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
 
 
 def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
-    """Measure every job ``args.rounds`` times, in alternating order, and keep each job's fastest round.
+    """Measure every job ``args.rounds`` times, in alternating order, and keep each job's median round.
 
-    A fresh process per measurement keeps memory peaks apart; alternating rounds and taking the best one keeps
-    a slow spell of a shared machine from landing on one method only.
+    A fresh process per measurement keeps memory peaks apart; alternating rounds and the median keep a slow spell
+    of a shared machine from landing on one method only.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     todo = jobs(args)
@@ -190,14 +207,16 @@ def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
             if out.returncode != 0:
                 raise RuntimeError(f"{job['method']} failed:\n{out.stderr[-3000:]}")
             rounds[index].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return [best_round(measured) for measured in rounds]
+    return [median_round(measured) for measured in rounds]
 
 
-def best_round(measured: List[Dict]) -> Dict:
-    """One job's result: the fastest round's step time, the highest round's memory peak, every round's time."""
-    result = dict(min(measured, key=lambda r: r["step_s"]))
-    result["train_mem_mb"] = max(r["train_mem_mb"] for r in measured)
-    result["peak_mb"] = max(r["peak_mb"] for r in measured)
+def median_round(measured: List[Dict]) -> Dict:
+    """One job's result over its rounds: the median step time, the highest memory, and every round's step time."""
+    result = dict(measured[0])
+    for key in ("step_s", "step_cpu_s"):
+        result[key] = statistics.median(r[key] for r in measured)
+    for key in ("train_mem_mb", "kept_mb", "peak_mb"):
+        result[key] = max(r[key] for r in measured)
     result["step_s_rounds"] = [r["step_s"] for r in measured]
     return result
 
@@ -222,7 +241,8 @@ def reference(results: List[Dict], result: Dict) -> Optional[Dict]:
 
 
 def table(results: List[Dict], sweep: Optional[str] = None) -> str:
-    columns = ["method", "trainable params", "step (s, median)", "× LoRA", "training peak (MiB)", "× LoRA"]
+    columns = ["method", "trainable params", "step (s, median)", "× LoRA", "training peak (MiB)", "× LoRA",
+               "kept across steps (MiB)", "peak + kept, × LoRA"]
     if sweep == "layers":
         columns.insert(0, "adapted blocks")
     compiled = any(r.get("compiled") for r in results)
@@ -231,9 +251,12 @@ def table(results: List[Dict], sweep: Optional[str] = None) -> str:
     rows = []
     for r in results:
         ref = reference(results, r)
+        total = r["train_mem_mb"] + r["kept_mb"]
+        ref_total = ref["train_mem_mb"] + ref["kept_mb"] if ref else 0.0
         row = [label(r), f"{r['trainable']:,}", f"{r['step_s']:.3f}",
                f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-", f"{r['train_mem_mb']:.0f}",
-               f"{r['train_mem_mb'] / ref['train_mem_mb']:.2f}" if ref and ref["train_mem_mb"] > 0 else "-"]
+               f"{r['train_mem_mb'] / ref['train_mem_mb']:.2f}" if ref and ref["train_mem_mb"] > 0 else "-",
+               f"{r['kept_mb']:.0f}", f"{total / ref_total:.2f}" if ref_total > 0 else "-"]
         if compiled:
             eager = next((e for e in results if not e.get("compiled") and (e["method"], e["k"], e["blocks"])
                           == (r["method"], r["k"], r["blocks"])), None)
@@ -287,7 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
-                        "order, and keep its fastest round (for a shared, noisy machine)")
+                        "order, and keep its median round (for a shared, noisy machine)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -319,7 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                f"median of {args.steps} steps after {args.warmup} warm-up"
                + (", gradient checkpointing" if args.grad_checkpointing else "")
                + (f", torch.compile backend {args.compile_backend}" if args.compile else "")
-               + (f", best of {args.rounds} rounds in alternating order" if args.rounds > 1 else ""))
+               + (f", median of {args.rounds} rounds in alternating order" if args.rounds > 1 else "")
+               + (f", {args.threads} torch thread{'s' if args.threads > 1 else ''}" if args.threads else ""))
     print(header(__file__, argv, args.device))
     print(f"\n{setting}\n")
     print(table(results, args.sweep))

@@ -1,11 +1,18 @@
-"""The autograd functions of adapted layers: the low-rank output added in one op, its recomputed-input variant,
-and the guard that refuses backward through a merged adapter."""
+"""The autograd functions of adapted layers: the frozen layer and its low-rank update as one op, the low-rank
+output added in one op for inference, and the guard that refuses backward through a merged adapter."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MergedGuard", "RecomputedInputDelta", "add_low_rank_output"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output"]
+
+# Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
+# its recomputed output and its gradient stay in a core's cache between the passes that use them.
+_ACTIVATION_BLOCK_ELEMENTS = 1 << 19
 
 
 class MergedGuard(torch.autograd.Function):
@@ -29,36 +36,113 @@ def add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
     return out.view(y.shape)
 
 
-class RecomputedInputDelta(torch.autograd.Function):
-    """``y + (x A) B`` for x = act(h) that keeps h (already kept by the activation's own backward), not x.
+class LowRankLinear(torch.autograd.Function):
+    """``act(x) Wᵀ + bias + (act(x) A) B`` for a frozen ``W`` and ``bias``, with one buffer per output and gradient.
 
-    An adapted ``mlp.fc2`` needs its input for the gradient of A; a frozen model never stores that
-    activation output, so recomputing it in backward keeps NOLA-MLP's memory at LoRA's level. The gradient
-    for x joins the frozen path's before the activation's backward, which then runs once.
+    The low-rank output is added into the frozen layer's output in place, and backward writes the input gradient
+    once (``grad W + (grad Bᵀ) Aᵀ`` into one buffer) instead of two gradients and their sum. Only ``x``, ``x A``
+    and the factors are kept: never a cast copy of ``W`` under autocast (it is cast again in backward).
+
+    ``activation`` is an ``mlp.act`` that an adapted ``mlp.fc2`` took over (``AdaptedLinear.input_activation``):
+    then ``x`` is the pre-activation, which a frozen model keeps for the activation's backward anyway, and the
+    activation output (four times wider for ViT MLPs) is never kept. Backward recomputes it a cache-sized block
+    of rows at a time: the same block gives A's gradient and the activation's gradient, written into the input
+    gradient in place, so an adapted ``fc2`` keeps nothing that the frozen MLP does not keep already.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, y: Tensor, x: Tensor, h: Tensor, a: Tensor, b: Tensor, activation: nn.Module
+        ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module]
     ) -> Tensor:
-        ctx.activation = activation
-        ctx.save_for_backward(h, a, b)
-        return add_low_rank_output(y, x @ a.to(x.dtype), b)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ValueError("LowRankLinear trains x, A and B only: freeze the weight and bias (requires_grad=False) "
+                             "or use F.linear plus the low-rank term")
+        inputs = x if activation is None else activation(x)
+        y = F.linear(inputs, weight, bias)
+        xa = inputs @ a.to(inputs.dtype)
+        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
+        keep_x = ctx.needs_input_grad[3] or (activation is not None and ctx.needs_input_grad[0])
+        ctx.activation, ctx.input_shape = activation, x.shape
+        ctx.save_for_backward(x if keep_x else None, weight, xa, a, b)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        h, a, b = ctx.saved_tensors
+        x, weight, xa, a, b = ctx.saved_tensors
+        needs_x, needs_a, needs_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         dtype = grad.dtype
+        grad = grad.reshape(-1, grad.shape[-1])
         a_, b_ = a.to(dtype), b.to(dtype)
         grad_xa = grad @ b_.t()
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            with torch.no_grad():
-                x = ctx.activation(h).to(dtype)
-            if ctx.needs_input_grad[3]:
-                grad_a = (x.flatten(0, -2).t() @ grad_xa.flatten(0, -2)).to(a.dtype)
-            if ctx.needs_input_grad[4]:
-                grad_b = ((x @ a_).flatten(0, -2).t() @ grad.flatten(0, -2)).to(b.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_x = grad_xa @ a_.t()
-        return grad, grad_x, None, grad_a, grad_b, None
+        grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
+        grad_x = grad @ weight.to(dtype) if needs_x else None
+        grad_a = None
+        if ctx.activation is not None:
+            if needs_x or needs_a:
+                h = x.reshape(-1, x.shape[-1])
+                grad_a = _activation_backward(ctx.activation, h, grad_x, grad_xa, a_, needs_a)
+        else:
+            if grad_x is not None:
+                grad_x.addmm_(grad_xa, a_.t())
+            if needs_a:
+                grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.input_shape)
+        grad_a = grad_a.to(a.dtype) if grad_a is not None else None
+        grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _gelu_out(activation: nn.GELU, h: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.gelu.out(h, approximate=activation.approximate, out=out)
+
+
+def _gelu_backward_(activation: nn.GELU, grad: Tensor, h: Tensor) -> None:
+    torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=activation.approximate, grad_input=grad)
+
+
+# Activations with one-op forward and backward that write into given buffers (timm ViTs: GELU): no allocation per
+# block, and no vjp, which costs more than a block's arithmetic. Other activations go through torch.func.vjp.
+_ACTIVATION_OPS = {nn.GELU: (_gelu_out, _gelu_backward_)}
+
+
+def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor, a: Tensor,
+                         needs_a: bool) -> Optional[Tensor]:
+    """Finish an adapted ``fc2``'s input gradient in place and return A's gradient, one block of rows at a time.
+
+    ``grad_x`` holds the frozen part ``grad W``; each block gets the low-rank part ``grad_xa Aᵀ``, then the
+    activation's backward, while it is in cache. The block's recomputed activation output gives A's gradient
+    ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once.
+    """
+    rows = max(1, _ACTIVATION_BLOCK_ELEMENTS // h.shape[-1])
+    a_t = a.t()
+    grad_a_t = torch.zeros_like(a_t) if needs_a else None  # (rank, in): row-major, the fast orientation here
+    known = type(activation) in _ACTIVATION_OPS
+    buffer = torch.empty(min(rows, h.shape[0]), h.shape[-1], dtype=h.dtype, device=h.device) if known else None
+    for start in range(0, h.shape[0], rows):
+        h_block, grad_xa_block = h[start : start + rows], grad_xa[start : start + rows]
+        grad_block = grad_x[start : start + rows] if grad_x is not None else None
+        if grad_block is not None:
+            grad_block.addmm_(grad_xa_block, a_t)
+        out = buffer[: h_block.shape[0]] if buffer is not None else None
+        x_block = _activation_block(activation, h_block, grad_block, out, needs_a)
+        if grad_a_t is not None:
+            grad_a_t.addmm_(grad_xa_block.t(), x_block.to(grad_xa.dtype))
+    return grad_a_t.t() if grad_a_t is not None else None
+
+
+def _activation_block(activation: nn.Module, h: Tensor, grad: Optional[Tensor], out: Optional[Tensor],
+                      needs_output: bool) -> Optional[Tensor]:
+    """``act(h)`` if needed (into ``out`` when the activation has an out op), and ``grad`` turned into h's gradient."""
+    if type(activation) in _ACTIVATION_OPS:
+        forward_out, backward_ = _ACTIVATION_OPS[type(activation)]
+        x = forward_out(activation, h, out) if needs_output else None
+        if grad is not None:
+            backward_(activation, grad, h)
+        return x
+    forward = activation.forward  # a recomputation: the module's hooks ran in the forward pass already
+    if grad is None:
+        return forward(h) if needs_output else None
+    x, activation_vjp = torch.func.vjp(forward, h)
+    grad.copy_(activation_vjp(grad)[0])
+    return x

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .basis import BasisSpec
-from .functions import MergedGuard, RecomputedInputDelta, add_low_rank_output
+from .functions import LowRankLinear, MergedGuard, add_low_rank_output
 from .quantize import fake_quantize
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision"]
@@ -150,17 +150,17 @@ class AdaptedLinear(nn.Module):
         return (a @ b).t()
 
     def forward(self, x: Tensor) -> Tensor:
-        pre_activation = None
-        if self.input_activation is not None:
-            pre_activation, x = x, self.input_activation(x)
-        y = F.linear(x, self.weight, self.bias)
+        activation = self.input_activation
         if self.merged:
+            y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in self.adapter_parameters().values() if p.requires_grad]
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
-        if pre_activation is not None and torch.is_grad_enabled():
-            return RecomputedInputDelta.apply(y, x, pre_activation.detach(), a, b, self.input_activation)
-        return add_low_rank_output(y, x @ a.to(x.dtype), b)
+        frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if torch.is_grad_enabled() and frozen:
+            return LowRankLinear.apply(x, self.weight, self.bias, a, b, activation)
+        inputs = x if activation is None else activation(x)
+        return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""

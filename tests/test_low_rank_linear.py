@@ -1,0 +1,119 @@
+"""An adapted layer's training step: the values and gradients of the plain ops, with no more memory than the frozen
+layer needs (one output buffer, one input gradient, no recomputed activation held whole, no cast weight copies)."""
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_vit
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import nola_vision as nv
+from nola_vision.core.functions import LowRankLinear
+
+
+class PeakOfNewTensors(TorchDispatchMode):
+    """The highest total size of the tensor storages created under this mode and still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.refs, self.total, self.peak = {}, {}, 0, 0
+
+    def _freed(self, key, _ref) -> None:
+        self.total -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key not in inputs and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.refs[key] = weakref.ref(storage, lambda ref, key=key: self._freed(key, ref))
+                    self.total += storage.nbytes()
+        self.peak = max(self.peak, self.total)
+        return out
+
+
+def _plain(x, weight, bias, a, b, activation):
+    inputs = x if activation is None else activation(x)
+    return F.linear(inputs, weight, bias) + (inputs @ a) @ b
+
+
+def _tensors(generator, features_in=24, features_out=16, rank=3):
+    def draw(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).requires_grad_(grad)
+
+    return (draw(2, 7, features_in, grad=True), draw(features_out, features_in), draw(features_out),
+            draw(features_in, rank, grad=True), draw(rank, features_out, grad=True))
+
+
+# GELU has a one-op backward; SiLU and Tanh go through torch.func.vjp.
+@pytest.mark.parametrize("activation", [None, nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh()])
+def test_fused_low_rank_linear_gives_the_values_and_gradients_of_the_plain_ops(activation):
+    generator = torch.Generator().manual_seed(0)
+    tensors = _tensors(generator)
+    grad = torch.randn(2, 7, 16, generator=generator)
+    fused = LowRankLinear.apply(*tensors, activation)
+    plain = _plain(*tensors, activation)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    trained = [tensors[i] for i in (0, 3, 4)]
+    for got, expected in zip(torch.autograd.grad(fused, trained, grad), torch.autograd.grad(plain, trained, grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_low_rank_linear_computes_only_the_gradients_asked_for():
+    x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
+    x.requires_grad_(False)
+    out = LowRankLinear.apply(x, weight, bias, a, b, nn.GELU())
+    grad_a, grad_b = torch.autograd.grad(out.sum(), [a, b])
+    plain = torch.autograd.grad(_plain(x, weight, bias, a, b, nn.GELU()).sum(), [a, b])
+    torch.testing.assert_close(grad_a, plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, plain[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_adapted_fc2_backward_needs_about_one_input_gradient_of_memory(method):
+    """The recomputed activation, the adapter's and the frozen layer's input gradients are never held whole."""
+    config = (nv.NOLAConfig(num_basis_a=16, num_basis_b=16) if method == "nola"
+              else nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"]))
+    fc2 = nv.inject(tiny_vit(), config).blocks[0].mlp.fc2
+    assert fc2.input_activation is not None
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 512, fc2.in_features, generator=generator).requires_grad_()  # 4 MiB: 4 blocks of rows
+    out = fc2(h)
+    grad = torch.randn(out.shape, generator=generator)
+    with PeakOfNewTensors() as memory:
+        out.backward(grad)
+    assert memory.peak <= 1.6 * h.nbytes  # the input gradient plus a block of rows or two, never 2 whole tensors
+
+
+def test_autocast_training_keeps_no_low_precision_copy_of_an_adapted_frozen_weight(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
+    weights = {tuple(layer.weight.shape) for layer in nv.adapted_layers(model).values()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(images).float().logsumexp(-1).sum()
+    assert not [t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in weights]
+    loss.backward()
+    assert all(layer.nola_alpha.grad is not None for layer in nv.adapted_layers(model).values())
+
+
+def test_fused_low_rank_linear_refuses_a_trainable_weight_it_would_give_no_gradient():
+    x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="freeze the weight"):
+        LowRankLinear.apply(x, weight.requires_grad_(), bias, a, b, None)
+
+
+def test_an_adapted_layer_whose_weight_was_unfrozen_still_trains_it(images):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"])).train()
+    fc2 = model.blocks[0].mlp.fc2
+    fc2.weight.requires_grad_(True)
+    model(images).sum().backward()
+    assert fc2.weight.grad is not None and fc2.weight.grad.abs().sum() > 0 and fc2.lora_A.grad is not None
