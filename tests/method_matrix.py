@@ -87,15 +87,18 @@ def training_steps(model: torch.nn.Module, forward: Callable, images: torch.Tens
     return history
 
 
-def assert_compiled_training_is_eager_training(variant: Variant, images: torch.Tensor, **compile_options) -> None:
-    """Two SGD steps of the compiled model give the eager logits and gradients. The second step runs on updated
-    tensors and, with shared bases, on the basis codes the first step built."""
+def assert_compiled_training_is_eager_training(variant: Variant, images: torch.Tensor, tolerance: float = 1e-5,
+                                               **compile_options) -> None:
+    """Two SGD steps of the compiled model give the eager logits and gradients, each within ``tolerance`` of its
+    largest value. The second step runs on updated tensors and, with shared bases, on the basis codes the first
+    step built (a stale value would be off by the whole update: logits move by about 1 between the steps)."""
     eager_model, compiled_model = trained(variant).train(), trained(variant).train()
     compiled = torch.compile(compiled_model, **compile_options)
     eager_steps = training_steps(eager_model, eager_model, images)
     for (expected, expected_grads), (outputs, grads) in zip(eager_steps, training_steps(compiled_model, compiled,
                                                                                         images)):
-        torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
         assert grads.keys() == expected_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        for name, (got, want) in {"logits": (outputs, expected), **{n: (grads[n], expected_grads[n])
+                                                                     for n in grads}}.items():
+            error = (got - want).abs().max().item()
+            assert error <= tolerance * max(want.abs().max().item(), 1e-3), f"{name}: off by {error:.2e}"

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from method_matrix import assert_compiled_training_is_eager_training
+from tiny_models import tiny_vit
 
+import nola_vision as nv
 from nola_vision.core.basis import BasisSpec
 
 
@@ -23,6 +25,44 @@ def test_basis_generation_is_one_operator_in_a_compiled_graph():
     assert torch.equal(torch.compile(lambda: spec.codes(), backend="aot_eager")(), spec.codes())
 
 
+def test_each_adapted_layer_is_one_opaque_operator_in_a_compiled_graph(images):
+    # Traced op by op, the compiler chooses what to keep for backward and kept an fc2's activation output (a
+    # compiled ViT-B NOLA step peaked 1.5x eager); as one operator it keeps exactly what eager keeps.
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16,
+                                                targets=["attn.q", "mlp.fc1", "mlp.fc2"])).train()
+    explained = torch._dynamo.explain(lambda x: model(x).sum())(images)
+    ops = [str(node.target) for graph in explained.graphs for node in graph.graph.nodes]
+    assert explained.graph_break_count == 0
+    assert ops.count("nola_vision.low_rank_linear.default") == len(nv.adapted_layers(model)) == 6
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_compiled_autocast_training_gives_the_eager_autocast_logits_and_gradients(method, images):
+    # Compiled code runs without autocast's state: the operator gets the dtype autocast chose when it was traced.
+    config = (nv.NOLAConfig(num_basis_a=16, num_basis_b=16) if method == "nola"
+              else nv.LoRAConfig(targets=["attn.q", "attn.v", "mlp.fc2"]))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nv.inject(tiny_vit(), config).train()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in trained:
+                p.copy_(torch.randn_like(p) * 0.1)
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(images)
+        logits.float().logsumexp(-1).sum().backward()
+        results.append((logits, [p.grad for p in trained]))
+    (eager, eager_grads), (logits, grads) = results
+    assert logits.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, eager, rtol=0, atol=0)
+    for grad, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_inductor_training_steps_give_the_eager_logits_and_gradients(variant, images):
-    assert_compiled_training_is_eager_training(variant, images, backend="inductor")
+    # Inductor orders float sums its own way: first-step gradients agree to 1e-4 of their largest value, and full
+    # fine-tuning's lr-0.1 step turns that into 2e-3 at the second step (still 1000 times below a stale value's error).
+    assert_compiled_training_is_eager_training(variant, images, tolerance=5e-3, backend="inductor")

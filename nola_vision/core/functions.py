@@ -2,13 +2,13 @@
 output added in one op for inference, and the guard that refuses backward through a merged adapter."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "low_rank_linear"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -57,40 +57,132 @@ class LowRankLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise ValueError("LowRankLinear trains x, A and B only: freeze the weight and bias (requires_grad=False) "
                              "or use F.linear plus the low-rank term")
-        inputs = x if activation is None else activation(x)
-        y = F.linear(inputs, weight, bias)
-        xa = inputs @ a.to(inputs.dtype)
-        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
+        y, xa = _forward(x, weight, bias, a, b, activation, None)
         keep_x = ctx.needs_input_grad[3] or (activation is not None and ctx.needs_input_grad[0])
-        ctx.activation, ctx.input_shape = activation, x.shape
+        ctx.activation = activation
         ctx.save_for_backward(x if keep_x else None, weight, xa, a, b)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight, xa, a, b = ctx.saved_tensors
-        needs_x, needs_a, needs_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
-        dtype = grad.dtype
-        grad = grad.reshape(-1, grad.shape[-1])
-        a_, b_ = a.to(dtype), b.to(dtype)
-        grad_xa = grad @ b_.t()
-        grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
-        grad_x = grad @ weight.to(dtype) if needs_x else None
-        grad_a = None
-        if ctx.activation is not None:
-            if needs_x or needs_a:
-                h = x.reshape(-1, x.shape[-1])
-                grad_a = _activation_backward(ctx.activation, h, grad_x, grad_xa, a_, needs_a)
-        else:
-            if grad_x is not None:
-                grad_x.addmm_(grad_xa, a_.t())
-            if needs_a:
-                grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.input_shape)
-        grad_a = grad_a.to(a.dtype) if grad_a is not None else None
-        grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _backward(grad, *ctx.saved_tensors, ctx.activation, needs[0], needs[3], needs[4])
         return grad_x, None, None, grad_a, grad_b, None
+
+
+def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
+                    activation: Optional[nn.Module]) -> Tensor:
+    """``LowRankLinear`` for a training forward pass; under ``torch.compile``, one opaque operator.
+
+    Traced into a graph, the compiler would choose what to keep for backward itself (and keeps more than these
+    few tensors); as an operator it keeps exactly what eager keeps, so a compiled step's peak is eager's.
+    Activations other than GELU are traced as before.
+    """
+    if torch.compiler.is_compiling() and (activation is None or type(activation) is nn.GELU):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("low_rank_linear trains x, A and B only: freeze the weight and bias")
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), dtype)[0]
+    return LowRankLinear.apply(x, weight, bias, a, b, activation)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
+             activation: Optional[nn.Module], dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """The output and ``x A``; in ``dtype`` when given (what autocast would choose), else as the ambient autocast."""
+    inputs = x if activation is None else activation(x)
+    if dtype is not None:
+        inputs, weight = inputs.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    y = F.linear(inputs, weight, bias)
+    xa = inputs @ a.to(inputs.dtype)
+    y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
+    return y, xa
+
+
+def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,
+              activation: Optional[nn.Module], needs_x: bool, needs_a: bool, needs_b: bool
+              ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The gradients of x, A and B that are asked for (see ``LowRankLinear``)."""
+    dtype = grad.dtype
+    input_shape = (*grad.shape[:-1], weight.shape[1])
+    grad = grad.reshape(-1, grad.shape[-1])
+    a_, b_ = a.to(dtype), b.to(dtype)
+    grad_xa = grad @ b_.t()
+    grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
+    grad_x = grad @ weight.to(dtype) if needs_x else None
+    grad_a = None
+    if activation is not None:
+        if needs_x or needs_a:
+            grad_a = _activation_backward(activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, a_, needs_a)
+    else:
+        if grad_x is not None:
+            grad_x.addmm_(grad_xa, a_.t())
+        if needs_a:
+            grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+    if grad_x is not None:
+        grad_x = grad_x.view(input_shape)
+    grad_a = grad_a.to(a.dtype) if grad_a is not None else None
+    grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+    return grad_x, grad_a, grad_b
+
+
+def _gelu_name(activation: Optional[nn.GELU]) -> str:
+    """An operator's activation argument: "" for none, else the GELU's ``approximate`` ("none" or "tanh")."""
+    return "" if activation is None else activation.approximate
+
+
+def _gelu(name: str) -> Optional[nn.GELU]:
+    return nn.GELU(approximate=name) if name else None
+
+
+# The compiled form of LowRankLinear: two operators whose bodies run the eager code, with autocast's choice of
+# dtype made at trace time and passed in (compiled code runs without the autocast state).
+@torch.library.custom_op("nola_vision::low_rank_linear", mutates_args=())
+def _low_rank_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, gelu: str,
+                        dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(x, weight, bias, a, b, _gelu(gelu), dtype)
+
+
+@_low_rank_linear_op.register_fake
+def _(x, weight, bias, a, b, gelu, dtype):
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, weight.shape[0]), dtype=dtype), x.new_empty((*lead, a.shape[-1]), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, a, b, gelu, dtype = inputs
+    keep_x = ctx.needs_input_grad[3] or (bool(gelu) and ctx.needs_input_grad[0])
+    ctx.gelu = gelu
+    ctx.save_for_backward(x if keep_x else None, weight, output[1], a, b)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _op_backward(ctx, grad: Tensor, grad_xa: Optional[Tensor]):
+    x, weight, xa, a, b = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = _low_rank_linear_backward_op(grad, x, weight, xa, a, b, ctx.gelu, needs[0], needs[3], needs[4])
+    grad_x, grad_a, grad_b = (g if needed else None for g, needed in zip(grads, (needs[0], needs[3], needs[4])))
+    return grad_x, None, None, grad_a, grad_b, None, None
+
+
+_low_rank_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nola_vision::low_rank_linear_backward", mutates_args=())
+def _low_rank_linear_backward_op(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor,
+                                 b: Tensor, gelu: str, needs_x: bool, needs_a: bool, needs_b: bool
+                                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = _backward(grad, x, weight, xa, a, b, _gelu(gelu), needs_x, needs_a, needs_b)
+    return tuple(g if g is not None else grad.new_empty(0) for g in grads)  # an operator returns tensors only
+
+
+@_low_rank_linear_backward_op.register_fake
+def _(grad, x, weight, xa, a, b, gelu, needs_x, needs_a, needs_b):
+    grad_x = grad.new_empty((*grad.shape[:-1], weight.shape[1]) if needs_x else (0,))
+    return grad_x, a.new_empty(a.shape if needs_a else (0,)), b.new_empty(b.shape if needs_b else (0,))
 
 
 def _gelu_out(activation: nn.GELU, h: Tensor, out: Tensor) -> Tensor:

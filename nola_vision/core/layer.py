@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .basis import BasisSpec
-from .functions import LowRankLinear, MergedGuard, add_low_rank_output
+from .functions import MergedGuard, add_low_rank_output, low_rank_linear
 from .quantize import fake_quantize
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision"]
@@ -158,7 +158,7 @@ class AdaptedLinear(nn.Module):
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if torch.is_grad_enabled() and frozen:
-            return LowRankLinear.apply(x, self.weight, self.bias, a, b, activation)
+            return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
 
