@@ -198,12 +198,12 @@ def test_the_headline_numbers_are_computed_from_the_raw_results(tmp_path):
                                                 "lora_r4": {"accuracy": lora, "adapter": 73728}}}
             for seed, nola, lora in ((0, 70.0, 74.0), (1, 72.0, 75.0))]
     (tmp_path / "accuracy.json").write_text(json.dumps({"runs": runs}))
-    steps = [{"method": "lora", "step_s": 2.0, "train_mem_mb": 100.0},
-             {"method": "nola", "step_s": 1.8, "train_mem_mb": 105.0}]
-    (tmp_path / "train_step_vit_b.json").write_text(json.dumps({"results": steps}))
+    steps = [{"method": "lora", "step_s": 2.0, "train_mem_mb": 100.0, "kept_mb": 20.0},
+             {"method": "nola", "step_s": 1.8, "train_mem_mb": 95.0, "kept_mb": 37.0}]
+    (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps({"results": steps}))
     assert [row[1:] for row in hook("results").collect_results.headline_rows(tmp_path)] == [
         ["49,152", "147,456"], ["40.0 KB (4-bit)", "300.5 KB (16-bit)"], ["71.0", "74.5"],
-        ["0.90× / 1.05×", "1.00× / 1.00×"]]
+        ["0.90× / 0.95× / 1.10×", "1.00× / 1.00× / 1.00×"]]
 
 
 def test_no_benchmark_table_row_is_copied_by_hand_into_the_readme_or_the_docs():
