@@ -32,7 +32,11 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "about 30 MiB that every method's first step loads), so \"peak + kept\" counts the codes as training memory."),
     ("nola_vs_lora_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, fp32", "As for ViT-B/16."),
     ("nola_vs_lora_bf16_vit_b", "NOLA-MLP against LoRA q,v: training step, ViT-B/16, bf16 autocast",
-     "The same step under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`."),
+     "The same step under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`. A frozen `nn.Linear` keeps autocast's "
+     "bf16 copy of its weight from forward to backward; an adapted layer keeps none and casts the weight again in "
+     "backward. NOLA adapts `fc1` and `fc2` (8 of a block's 12 weight matrices), LoRA only `qkv` (3), so in bf16 NOLA "
+     "holds the least memory and pays the most re-casting: with the CPU's bf16 matrix units the casts are a few "
+     "percent of a step."),
     ("nola_vs_lora_bf16_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, bf16 autocast", "As for ViT-B/16."),
     ("profile_step", "Where the time and memory of a training step go: NOLA-MLP against LoRA q,v",
      "`torch.profiler` self CPU time per op (1 torch thread: on a shared machine other processes inflate the times, "

@@ -8,7 +8,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -66,6 +66,18 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--png", help="also write a plot here")
+
+
+def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str, text: str, data: Dict[str, Any],
+            plot: Optional[Callable[[str], None]] = None, device: str = "cpu") -> None:
+    """How every benchmark ends: the header line, the setting and the tables printed (RESULTS.md quotes them as
+    printed), the raw numbers with the setting written to ``--json``, and the plot to ``--png``."""
+    print(header(script, argv, device))
+    print(f"\n{setting}\n")
+    print(text)
+    write_json(args.json, {"setting": setting, **data})
+    if args.png and plot is not None:
+        plot(args.png)
 
 
 def write_json(path: Optional[str], data: Any) -> None:

@@ -24,12 +24,11 @@ import torch
 from common import (
     add_common_arguments,
     add_model_arguments,
-    header,
     markdown_table,
+    publish,
     pyplot,
     save_figure,
     suptitle,
-    write_json,
 )
 from inference import base_model
 from torch import nn
@@ -168,15 +167,9 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     setting = (f"{args.model}, unmerged, torch.compile backend {args.backend}, forward batch {args.batch}, "
                f"{args.img_size} px, CPU fp32, {torch.get_num_threads()} threads; {args.switches} switches between "
                f"three {args.bits}-bit tasks by nv.load_adapter on the compiled model")
-    print(header(__file__, argv))
-    print(f"\n{setting}\n")
-    print(table(result, args.k))
-    print()
-    for line in target_lines(result):
-        print(f"- {line}")
-    write_json(args.json, {"setting": setting, **result})
-    if args.png:
-        plot(result, args.png, setting, args.k)
+    targets = "\n".join(f"- {line}" for line in target_lines(result))
+    publish(__file__, argv, args, setting, f"{table(result, args.k)}\n\n{targets}", result,
+            lambda png: plot(result, png, setting, args.k))
 
 
 if __name__ == "__main__":

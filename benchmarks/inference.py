@@ -24,12 +24,11 @@ import torch
 from common import (
     add_common_arguments,
     add_model_arguments,
-    header,
     markdown_table,
+    publish,
     pyplot,
     save_figure,
     suptitle,
-    write_json,
 )
 from torch import nn
 
@@ -161,16 +160,12 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, CPU fp32, {torch.get_num_threads()} threads, "
                f"median of {args.rounds} interleaved rounds; NOLA-MLP k=l={args.k} r=4 (shared basis); "
                f"switch: median of {args.switches} switches between two {args.bits}-bit adapters")
-    print(header(__file__, argv))
-    print(f"\n{setting}\n")
-    print(table(result))
     total = statistics.median(result["switch_s"]["in_place"]) * 1000
-    print(f"\nTask switch (in place): {total:.1f} ms (issue target for ViT-B: < {SWITCH_TARGET_MS} ms).")
-    print(f"After switching, merged logits differ from the target adapter's unmerged logits by at most "
-          f"{result['switch_max_logit_error']:.1e}.")
-    write_json(args.json, {"setting": setting, **result})
-    if args.png:
-        plot(result, args.png, setting)
+    switch = (f"Task switch (in place): {total:.1f} ms (issue target for ViT-B: < {SWITCH_TARGET_MS} ms).\n"
+              f"After switching, merged logits differ from the target adapter's unmerged logits by at most "
+              f"{result['switch_max_logit_error']:.1e}.")
+    publish(__file__, argv, args, setting, f"{table(result)}\n\n{switch}", result,
+            lambda png: plot(result, png, setting))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ import torch
 from common import (
     add_common_arguments,
     add_model_arguments,
-    header,
     markdown_table,
+    publish,
     pyplot,
     save_figure,
     suptitle,
-    write_json,
 )
 from inference import base_model
 from torch import nn
@@ -270,16 +269,10 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
                f"median of {args.rounds} interleaved rounds; NOLA-MLP tasks k=l={args.k} r=4 (shared basis, "
                f"{args.bits}-bit files, {args.num_classes}-class heads), factor cache {args.cache_mb:g} MB; peft: LoRA "
                "r=4 on mlp.fc1+fc2 with the head in modules_to_save, one adapter per task")
-    print(header(__file__, argv))
-    print(f"\n{setting}\n")
-    print(tables(result))
-    print()
-    for line in target_lines(result):
-        print(f"- {line}")
-    print(f"\nMixed-batch logits differ from each task's own merged model by at most {result['max_logit_error']:.1e}.")
-    write_json(args.json, {"setting": setting, **result})
-    if args.png:
-        plot(result, args.png, setting)
+    targets = "\n".join(f"- {line}" for line in target_lines(result))
+    error = f"Mixed-batch logits differ from each task's own merged model by at most {result['max_logit_error']:.1e}."
+    publish(__file__, argv, args, setting, f"{tables(result)}\n\n{targets}\n\n{error}", result,
+            lambda png: plot(result, png, setting))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
+from common import add_common_arguments, markdown_table, publish, pyplot, save_figure, suptitle
 from compiled_switch import METHODS, adapter_config, save_tasks
 from inference import base_model
 
@@ -160,15 +160,9 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
                f"{args.threads or 'default'} intra-op threads, median of {args.rounds} interleaved rounds; one "
                f"{args.bits}-bit task of {args.num_classes} classes; graphs by nv.export_onnx (merged, and "
                "tasks_as_inputs=True fed nv.onnx_task_inputs)")
-    print(header(__file__, argv))
-    print(f"\n{setting}\n")
-    print(tables(result, args.k))
-    print()
-    for line in target_lines(result):
-        print(f"- {line}")
-    write_json(args.json, {"setting": setting, **result})
-    if args.png:
-        plot(result, args.png, setting, args.k)
+    targets = "\n".join(f"- {line}" for line in target_lines(result))
+    publish(__file__, argv, args, setting, f"{tables(result, args.k)}\n\n{targets}", result,
+            lambda png: plot(result, png, setting, args.k))
 
 
 if __name__ == "__main__":

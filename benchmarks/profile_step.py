@@ -26,7 +26,7 @@ import sys
 import weakref
 from typing import Dict, List, Optional, Sequence
 
-from common import add_common_arguments, header, markdown_table, pyplot, save_figure, suptitle, write_json
+from common import add_common_arguments, markdown_table, publish, pyplot, save_figure, suptitle
 from train_step import METHODS, build
 
 MODELS = ("vit_base_patch16_224:8", "vit_large_patch16_224:4")
@@ -266,12 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setting = (f"one training step (forward, cross-entropy, backward, Adam) after one warm-up step, cpu fp32, "
                f"{args.threads} torch thread{'s' if args.threads != 1 else ''}, median of {args.steps} profiled "
                f"step{'s' if args.steps != 1 else ''}")
-    print(header(__file__, argv))
-    print(f"\n{setting}\n")
-    print(report(results))
-    write_json(args.json, {"setting": setting, "results": results})
-    if args.png:
-        plot(results, args.png, setting)
+    publish(__file__, argv, args, setting, report(results), {"results": results},
+            lambda png: plot(results, png, setting))
 
 
 if __name__ == "__main__":

@@ -33,13 +33,12 @@ from common import (
     PEFT_METHODS,
     add_common_arguments,
     block_targets,
-    header,
     markdown_table,
     peft_config,
+    publish,
     pyplot,
     save_figure,
     suptitle,
-    write_json,
 )
 
 METHODS = {
@@ -344,12 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                + (f", torch.compile backend {args.compile_backend}" if args.compile else "")
                + (f", median of {args.rounds} rounds in alternating order" if args.rounds > 1 else "")
                + (f", {args.threads} torch thread{'s' if args.threads > 1 else ''}" if args.threads else ""))
-    print(header(__file__, argv, args.device))
-    print(f"\n{setting}\n")
-    print(table(results, args.sweep))
-    write_json(args.json, {"setting": setting, "results": results})
-    if args.png:
-        plot(results, args.sweep, args.png, setting)
+    publish(__file__, argv, args, setting, table(results, args.sweep), {"results": results},
+            lambda png: plot(results, args.sweep, png, setting), device=args.device)
 
 
 if __name__ == "__main__":
