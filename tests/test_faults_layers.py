@@ -2,6 +2,7 @@
 ``nn.Linear`` subclasses with their own forward."""
 import pytest
 import timm
+import timm.layers
 import torch
 import torch.nn.functional as F
 from method_matrix import trained
@@ -9,6 +10,7 @@ from tiny_models import as_if_trained, tiny_vit
 from torch import nn
 
 import nola_vision as nv
+from nola_vision.core import basis
 
 NOLA = dict(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
 
@@ -84,6 +86,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant, images):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 2
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_nola_combines_each_shared_basis_once_per_pass_unless_reentrant(reentrant, images, monkeypatch):
+    # Non-reentrant checkpointing (timm's default) recomputes a block's layers from the factors of the forward
+    # pass, kept until backward has their gradients; re-entrant checkpointing runs a backward per block, which
+    # must not go through a combination shared by every block, so there each layer combines its own factors.
+    monkeypatch.setattr(timm.layers, "use_reentrant_ckpt", lambda: reentrant)
+    calls = []
+    monkeypatch.setattr(basis._CombineBases, "forward", _counting(basis._CombineBases.forward, calls))
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
+    model.set_grad_checkpointing(True)
+    plain = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
+    layers = nv.adapted_layers(model).values()
+    for _ in range(2):
+        calls.clear()
+        F.cross_entropy(model(images), torch.arange(4)).backward()
+        shapes = {spec for layer in layers for spec, _ in layer.shared_coefficients()}
+        # re-entrant: A and B of every layer, in forward and in the recomputation; else one per basis per step
+        assert len(calls) == (2 * len(layers) * 2 if reentrant else len(shapes))
+        assert all(layer.batched_factors is None for layer in layers)  # released once backward is done
+    for _ in range(2):
+        F.cross_entropy(plain(images), torch.arange(4)).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _counting(function, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return staticmethod(counted)
 
 
 # ---- 11. nn.Linear subclasses ----------------------------------------------------------------------------

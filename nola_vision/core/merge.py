@@ -4,6 +4,7 @@ Layers hold per-layer math only (``layer.py``); what needs every adapted layer o
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -52,12 +53,15 @@ def has_shared_bases(model: nn.Module) -> bool:
 
 
 def gradient_checkpointing(model: nn.Module) -> bool:
-    """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract).
-
-    A checkpointed block must recompute exactly the tensors its forward saved; factors combined once before the
-    model's forward and released after it are not there to recompute, so batching is off while it is on.
-    """
+    """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract)."""
     return any(getattr(module, "grad_checkpointing", False) is True for module in model.modules())
+
+
+def _reentrant_checkpointing() -> bool:
+    """Whether timm checkpoints re-entrantly: each block then runs its own backward inside the outer one, which
+    must not go through a combination shared by every block (the first block's backward would free it)."""
+    use_reentrant = getattr(sys.modules.get("timm.layers"), "use_reentrant_ckpt", None)
+    return True if use_reentrant is None else bool(use_reentrant())
 
 
 def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
@@ -69,7 +73,7 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
     layers = _shared_layers(model, include_merged)
     for layer in layers:
         layer.batched_factors = None
-    if torch.is_grad_enabled() and gradient_checkpointing(model):
+    if torch.is_grad_enabled() and gradient_checkpointing(model) and _reentrant_checkpointing():
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
     rows = iter(combine_shared(entries))
@@ -78,9 +82,25 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
 
 
 def release_shared_factors(model: nn.Module, *_: object) -> None:
-    """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it."""
-    for layer in adapted_layers(model).values():
-        layer.batched_factors = None
+    """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it.
+
+    With (non-reentrant) gradient checkpointing, backward recomputes each block's layers, which read the same
+    factors: they are dropped once backward has computed their gradients, i.e. after the last recomputation.
+    """
+    layers = list(adapted_layers(model).values())
+    factors = [f for layer in layers if layer.batched_factors is not None for f in layer.batched_factors]
+    if torch.is_grad_enabled() and gradient_checkpointing(model) and any(f.requires_grad for f in factors):
+        torch.autograd.graph.register_multi_grad_hook(
+            [f for f in factors if f.requires_grad], lambda _: _drop_factors(layers, factors))
+        return
+    _drop_factors(layers, factors)
+
+
+def _drop_factors(layers: List[AdaptedLinear], factors: List[Tensor]) -> None:
+    """Drop the layers' per-pass factors, unless a later forward pass has replaced them already."""
+    for layer in layers:
+        if layer.batched_factors is not None and any(f is layer.batched_factors[0] for f in factors):
+            layer.batched_factors = None
 
 
 @contextmanager
