@@ -68,6 +68,16 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument("--png", help="also write a plot here")
 
 
+def answer_as_worker(args: Any, worker: Callable[[Any], Dict[str, Any]]) -> bool:
+    """In a ``--worker`` subprocess (each measurement runs in a fresh process): measure method ``args.worker`` and
+    print its result as one JSON line for the parent. False in the parent process."""
+    if not args.worker:
+        return False
+    args.method = args.worker
+    print(json.dumps(worker(args)))
+    return True
+
+
 def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str, text: str, data: Dict[str, Any],
             plot: Optional[Callable[[str], None]] = None, device: str = "cpu") -> None:
     """How every benchmark ends: the header line, the setting and the tables printed (RESULTS.md quotes them as

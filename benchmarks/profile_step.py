@@ -26,7 +26,7 @@ import sys
 import weakref
 from typing import Dict, List, Optional, Sequence
 
-from common import add_common_arguments, markdown_table, publish, pyplot, save_figure, suptitle
+from common import add_common_arguments, answer_as_worker, markdown_table, publish, pyplot, save_figure, suptitle
 from train_step import METHODS, build
 
 MODELS = ("vit_base_patch16_224:8", "vit_large_patch16_224:4")
@@ -258,9 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        args.method = args.worker
-        print(json.dumps(worker(args)))
+    if answer_as_worker(args, worker):
         return
     results = run_all(args)
     setting = (f"one training step (forward, cross-entropy, backward, Adam) after one warm-up step, cpu fp32, "

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 from common import (
     PEFT_METHODS,
     add_common_arguments,
+    answer_as_worker,
     block_targets,
     markdown_table,
     peft_config,
@@ -330,9 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        args.method = args.worker
-        print(json.dumps(worker(args)))
+    if answer_as_worker(args, worker):
         return
     if args.compile and args.sweep:
         raise SystemExit("--compile compares eager and compiled steps of --methods; run it without --sweep")

@@ -14,7 +14,7 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_path", "shown"]
+__all__ = ["as_integer", "check_bool", "check_choice", "check_int", "check_number", "check_path", "shown"]
 
 
 def shown(value: Any) -> str:
@@ -22,14 +22,22 @@ def shown(value: Any) -> str:
     return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
+def as_integer(value: Any) -> Optional[int]:
+    """``value`` as an ``int`` if it is an integer of any type (``numpy.int64`` too), else None: a bool, float or
+    string is not an integer here, so ``16.0`` or ``"4"`` is refused by the caller, not rounded or parsed."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional: bool = False) -> Optional[int]:
     """``value`` as an ``int`` (any integer type; a bool, float or string is refused, not rounded or parsed)."""
     if value is None and optional:
         return None
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = None
+    number = as_integer(value)
     if number is None or (at_least is not None and number < at_least):
         kind = ("a positive integer" if at_least == 1 else
                 f"an integer >= {at_least}" if at_least is not None else "an integer")

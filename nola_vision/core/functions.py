@@ -55,12 +55,10 @@ class LowRankLinear(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module]
     ) -> Tensor:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise ValueError("LowRankLinear trains x, A and B only: freeze the weight and bias (requires_grad=False) "
-                             "or use F.linear plus the low-rank term")
+            raise _trainable_weight_error()
         y, xa = _forward(x, weight, bias, a, b, activation, None)
-        keep_x = ctx.needs_input_grad[3] or (activation is not None and ctx.needs_input_grad[0])
         ctx.activation = activation
-        ctx.save_for_backward(x if keep_x else None, weight, xa, a, b)
+        ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
         return y
 
     @staticmethod
@@ -79,12 +77,22 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
     Activations other than GELU are traced as before.
     """
     if torch.compiler.is_compiling() and (activation is None or type(activation) is nn.GELU):
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            raise ValueError("low_rank_linear trains x, A and B only: freeze the weight and bias")
+        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            raise _trainable_weight_error()
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), dtype)[0]
     return LowRankLinear.apply(x, weight, bias, a, b, activation)
+
+
+def _trainable_weight_error() -> ValueError:
+    return ValueError("LowRankLinear trains x, A and B only: freeze the weight and bias (requires_grad=False) "
+                      "or use F.linear plus the low-rank term")
+
+
+def _kept_input(ctx, x: Tensor, has_activation: bool) -> Optional[Tensor]:
+    """``x`` if backward needs it: for A's gradient, or for the taken-over activation's gradient of ``x``."""
+    return x if ctx.needs_input_grad[3] or (has_activation and ctx.needs_input_grad[0]) else None
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
@@ -153,9 +161,8 @@ def _(x, weight, bias, a, b, gelu, dtype):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, a, b, gelu, dtype = inputs
-    keep_x = ctx.needs_input_grad[3] or (bool(gelu) and ctx.needs_input_grad[0])
     ctx.gelu = gelu
-    ctx.save_for_backward(x if keep_x else None, weight, output[1], a, b)
+    ctx.save_for_backward(_kept_input(ctx, x, bool(gelu)), weight, output[1], a, b)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 

@@ -87,19 +87,19 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     With (non-reentrant) gradient checkpointing, backward recomputes each block's layers, which read the same
     factors: they are dropped once backward has computed their gradients, i.e. after the last recomputation.
     """
-    layers = list(adapted_layers(model).values())
-    factors = [f for layer in layers if layer.batched_factors is not None for f in layer.batched_factors]
-    if torch.is_grad_enabled() and gradient_checkpointing(model) and any(f.requires_grad for f in factors):
-        torch.autograd.graph.register_multi_grad_hook(
-            [f for f in factors if f.requires_grad], lambda _: _drop_factors(layers, factors))
+    factors = {layer: layer.batched_factors for layer in adapted_layers(model).values()
+               if layer.batched_factors is not None}
+    trained = [f for pair in factors.values() for f in pair if f.requires_grad]
+    if trained and torch.is_grad_enabled() and gradient_checkpointing(model):
+        torch.autograd.graph.register_multi_grad_hook(trained, lambda _: _drop_factors(factors))
         return
-    _drop_factors(layers, factors)
+    _drop_factors(factors)
 
 
-def _drop_factors(layers: List[AdaptedLinear], factors: List[Tensor]) -> None:
-    """Drop the layers' per-pass factors, unless a later forward pass has replaced them already."""
-    for layer in layers:
-        if layer.batched_factors is not None and any(f is layer.batched_factors[0] for f in factors):
+def _drop_factors(factors: Dict[AdaptedLinear, Tuple[Tensor, Tensor]]) -> None:
+    """Drop each layer's per-pass factors, unless a later forward pass has replaced them already."""
+    for layer, pair in factors.items():
+        if layer.batched_factors is pair:
             layer.batched_factors = None
 
 

@@ -1,11 +1,12 @@
 """Uniform affine quantisation of adapter coefficients (per tensor), 4-bit packing, and its STE for training."""
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .checks import as_integer
 
 __all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "head_bits", "pack4",
            "quantize", "require_bits", "unpack4"]
@@ -32,10 +33,7 @@ def require_bits(bits: Any, name: str = "bits", allowed: Sequence[int] = SUPPORT
     """
     if bits is None and optional:
         return None
-    try:
-        value = None if isinstance(bits, bool) else operator.index(bits)
-    except TypeError:
-        value = None
+    value = as_integer(bits)
     if value not in allowed:
         choices = ", ".join(map(str, allowed)) + (" or None" if optional else "")
         raise ValueError(f"{name} must be one of {choices} (an integer), got {bits!r} ({type(bits).__name__})")
