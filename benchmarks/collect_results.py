@@ -261,6 +261,9 @@ def _mean_accuracy(data: Dict, shots: int, method: str) -> float:
     return statistics.mean(run["rows"][method]["accuracy"] for run in data["runs"] if run["shots"] == shots)
 
 
+HEADLINE_SOURCES = ("storage", "accuracy", "nola_vs_lora_vit_b")  # the results headline_rows reads
+
+
 def headline_rows(results: Path) -> List[List[str]]:
     """NOLA against LoRA in four numbers (trained parameters, file size, accuracy, cost), each from the raw JSON."""
     rows = []
@@ -288,6 +291,16 @@ def headline_rows(results: Path) -> List[List[str]]:
                      f"{nola['step_s'] / lora['step_s']:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}× / "
                      f"{total:.2f}×", "1.00× / 1.00× / 1.00×"])
     return rows
+
+
+def headline_sources(results: Path) -> str:
+    """The line under the headline naming when and where each of its results was measured."""
+    sources = []
+    for name in HEADLINE_SOURCES:
+        if (results / f"{name}.md").is_file():
+            match = HEADER.match(printed_output(results, name).splitlines()[0])
+            sources.append(f"`{name}` {match['date']}, {match['machine']}" if match else f"`{name}`")
+    return f"_Measured: {'; '.join(sources)}._" if sources else ""
 
 
 def target_rows(results: Path) -> List[List[str]]:
@@ -369,7 +382,8 @@ def quote(results: Path, name: str) -> str:
     if name == "targets":
         return markdown_table(["target", "measured", "verdict"], target_rows(results))
     if name == "headline":
-        return markdown_table(["measured", "NOLA", "LoRA"], headline_rows(results))
+        return "\n\n".join(filter(None, [markdown_table(["measured", "NOLA", "LoRA"], headline_rows(results)),
+                                          headline_sources(results)]))
     printed = printed_output(results, name)
     tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in printed.split("\n\n")]
     return "\n\n".join([printed.splitlines()[0]] + [table for table in tables if table])

@@ -204,6 +204,9 @@ def test_the_headline_numbers_are_computed_from_the_raw_results(tmp_path):
     assert [row[1:] for row in hook("results").collect_results.headline_rows(tmp_path)] == [
         ["49,152", "147,456"], ["40.0 KB (4-bit)", "300.5 KB (16-bit)"], ["71.0", "74.5"],
         ["0.90× / 0.95× / 1.10×", "1.00× / 1.00× / 1.00×"]]
+    (tmp_path / "storage.md").write_text("_2026-11-30 14:22, Intel(R) Xeon(R), 2 cores, torch 2.5, `python x.py`_\n")
+    assert hook("results").collect_results.quote(tmp_path, "headline").endswith(
+        "\n\n_Measured: `storage` 2026-11-30 14:22, Intel(R) Xeon(R), 2 cores._")
 
 
 def test_no_benchmark_table_row_is_copied_by_hand_into_the_readme_or_the_docs():
