@@ -27,9 +27,11 @@ HERE = Path(__file__).resolve().parent
 SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("nola_vs_lora_vit_b", "NOLA-MLP against LoRA q,v: training step, ViT-B/16, fp32",
      "The targets' table: 1 torch thread, each run in a fresh process, rounds in alternating order, median round. "
-     "Training peak: the step's memory above what the warm-up step left (weights, optimiser state, NOLA's basis "
-     "codes); kept across steps: what the warm-up left above the built model (NOLA's 60 MiB of basis codes, and "
-     "about 30 MiB that every method's first step loads), so \"peak + kept\" counts the codes as training memory."),
+     "Training peak: the step's memory above what the warm-up step left, where NOLA's shared basis codes (60 MiB) "
+     "count as step memory: a CPU training step holds them from its backward pass to the next forward pass, which "
+     "releases them before the activations grow. Kept across steps: what the warm-up left above the built model "
+     "(about 30 MiB that every method's first step loads), so \"peak + kept\" is the process's memory peak above "
+     "the built model."),
     ("nola_vs_lora_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, fp32", "As for ViT-B/16."),
     ("nola_vs_lora_bf16_vit_b", "NOLA-MLP against LoRA q,v: training step, ViT-B/16, bf16 autocast",
      "The same step under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`. A frozen `nn.Linear` keeps autocast's "
@@ -41,7 +43,8 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("profile_step", "Where the time and memory of a training step go: NOLA-MLP against LoRA q,v",
      "`torch.profiler` self CPU time per op (1 torch thread: on a shared machine other processes inflate the times, "
      "not the calls or FLOPs) and, tracked tensor by tensor, what is alive at the step's memory peak. NOLA's shared "
-     "basis codes are held across steps, like the weights, and listed beside the step's peak."),
+     "basis codes are listed beside it: held between steps, released by the forward pass before the activations "
+     "grow, generated again in the backward pass once they are gone."),
     ("train_step_vit_b", "Training step, ViT-B/16", "2 torch threads on the otherwise idle machine."),
     ("train_step_vit_b_1thread", "Training step, ViT-B/16, 1 torch thread",
      "Run beside the accuracy benchmark, each on its own core."),
@@ -88,9 +91,10 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
 TIMING_NOTE = (
     "Step times on a shared 2-core VM vary by about ±10% from round to round (bracketed: the time ratio over every "
     "pairing of the two methods' rounds), so a step-time ratio within 0.1 of its target is within noise. The training "
-    "peak is the step's memory above what a run keeps across steps; NOLA's shared basis codes are kept (60 MiB for "
-    "ViT-B, 80 MiB for ViT-L at k = l = 1024), so the \"peak + kept\" rows count them. The profile section shows "
-    "where each method's time and memory go."
+    "peak is the step's memory above what a run keeps across steps; NOLA's shared basis codes (60 MiB for ViT-B, 80 "
+    "MiB for ViT-L at k = l = 1024) count as step memory, though a CPU step holds them only between its backward "
+    "pass and the next forward pass, never under its activations; \"peak + kept\" is the process's peak above the "
+    "built model. The profile section shows where each method's time and memory go."
 )
 PARTS = {"nola_vs_lora_vit_b": "nola_vs_lora", "nola_vs_lora_vit_l": "nola_vs_lora",
          "nola_vs_lora_bf16_vit_b": "nola_vs_lora", "nola_vs_lora_bf16_vit_l": "nola_vs_lora",
@@ -148,7 +152,8 @@ def training_targets(results: Path) -> List[List[str]]:
                             nola["train_mem_mb"] / lora["train_mem_mb"], 1.0)]
         if "kept_mb" in nola:
             total = (nola["train_mem_mb"] + nola["kept_mb"]) / (lora["train_mem_mb"] + lora["kept_mb"])
-            rows.append(_ratio_row(f"NOLA-MLP training peak + kept across steps ≤ 1.00× LoRA q,v ({where})", total, 1.0))
+            rows.append(_ratio_row(f"NOLA-MLP training peak + kept across steps (peak above the built model) ≤ 1.00× "
+                                   f"LoRA q,v ({where})", total, 1.0))
     for name, title, _ in SECTIONS:
         data = _load(results, name)
         if name.startswith("train_step") and data is not None:

@@ -8,7 +8,8 @@ seed), after one warm-up step (shared bases generated, optimiser state created).
 * memory: every tensor storage the step creates is tracked (a ``TorchDispatchMode`` with a weak reference per
   storage), and at the step's peak the live bytes are grouped by the module and op that made them. This is
   deterministic: no allocator caching, no RSS noise from other processes. What the model holds across steps
-  (weights, optimiser state, the shared basis codes) is not part of it; the basis codes are listed beside it.
+  (weights, optimiser state) is not part of it; NOLA's shared basis codes are listed beside it, held between
+  steps and at the peak (a CPU training step releases them before its activations grow).
 
     python benchmarks/profile_step.py                  # ViT-B/16 batch 8 and ViT-L/16 batch 4, 1 thread
     python benchmarks/profile_step.py --models vit_base_patch16_224:8 --steps 3
@@ -24,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from common import add_common_arguments, answer_as_worker, markdown_table, publish, pyplot, save_figure, suptitle
 from train_step import METHODS, build
@@ -35,16 +36,20 @@ TOP_TENSORS = 10
 
 
 def _memory_tracker():
-    """A dispatch mode that follows every storage created under it and snapshots the live ones at their peak."""
+    """A dispatch mode that follows every storage created under it and snapshots the live ones at their peak.
+
+    ``probe()`` is read at the peak too: memory the step did not create but holds then (NOLA's basis codes).
+    """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.module_tracker import ModuleTracker
 
     class MemoryTracker(TorchDispatchMode):
-        def __init__(self, modules: ModuleTracker) -> None:
+        def __init__(self, modules: ModuleTracker, probe: Callable[[], int]) -> None:
             super().__init__()
-            self.modules = modules
+            self.modules, self.probe = modules, probe
+            self.probe_at_peak = 0
             self.live: Dict[int, tuple] = {}
             self.refs: Dict[int, weakref.ref] = {}
             self.total = self.peak = 0
@@ -79,7 +84,7 @@ def _memory_tracker():
                 self.refs[key] = weakref.ref(storage, lambda ref, key=key: self._freed(key, ref))
                 self.total += storage.nbytes()
             if self.total > self.peak:
-                self.peak, self.peak_op = self.total, self._label(op)
+                self.peak, self.peak_op, self.probe_at_peak = self.total, self._label(op), self.probe()
                 at_peak: Dict[str, int] = collections.Counter()
                 for nbytes, label in self.live.values():
                     at_peak[label] += nbytes
@@ -125,11 +130,14 @@ def worker(args: argparse.Namespace) -> Dict:
             calls[event.key] = event.count
     with FlopCounterMode(display=False) as flops:
         step()
-    modules = ModuleTracker()
-    with modules, _memory_tracker()(modules) as memory:
-        step()
     state = adapter_state(model)
-    bank = state.bank.nbytes() if state is not None and state.bank is not None else 0
+
+    def bank() -> int:
+        return state.bank.nbytes() if state is not None and state.bank is not None else 0
+
+    modules = ModuleTracker()
+    with modules, _memory_tracker()(modules, bank) as memory:
+        step()
     return {
         "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads,
         "step_ms": statistics.median(totals),
@@ -138,7 +146,7 @@ def worker(args: argparse.Namespace) -> Dict:
         "flops": {str(op): count for op, count in flops.get_flop_counts()["Global"].items()},
         "peak_mib": memory.peak / 2**20, "peak_op": memory.peak_op,
         "at_peak_mib": {label: nbytes / 2**20 for label, nbytes in memory.at_peak.items()},
-        "bases_mib": bank / 2**20,
+        "bases_mib": bank() / 2**20, "bases_at_peak_mib": memory.probe_at_peak / 2**20,
     }
 
 
@@ -174,8 +182,9 @@ def summary_table(runs: List[Dict]) -> str:
     for name, value in (("profiled step, CPU time (ms)", lambda r: r["step_ms"]),
                         ("FLOPs (G)", lambda r: sum(r["flops"].values()) / 1e9),
                         ("tensor memory peak above the step's start (MiB)", lambda r: r["peak_mib"]),
-                        ("basis codes held across steps (MiB)", lambda r: r["bases_mib"]),
-                        ("peak + basis codes (MiB)", lambda r: r["peak_mib"] + r["bases_mib"])):
+                        ("basis codes held between steps (MiB)", lambda r: r["bases_mib"]),
+                        ("basis codes held at the peak (MiB)", lambda r: r["bases_at_peak_mib"]),
+                        ("peak + basis codes held at it (MiB)", lambda r: r["peak_mib"] + r["bases_at_peak_mib"])):
         values = [value(r) for r in runs]
         rows.append([name, *[_fmt(v, 1) for v in values],
                      *[f"{v / values[0]:.3f}" if values[0] else "-" for v in values[1:]]])

@@ -113,9 +113,62 @@ def test_chunked_combination_matches_dense_in_forward_and_backward(stored):
 
 
 def test_bank_generates_once_per_device_and_survives_deepcopy():
-    bank, spec = BasisBank(), BasisSpec(0, "A/8x2", (8, 2), 4)
+    bank, spec = BasisBank(keep=True), BasisSpec(0, "A/8x2", (8, 2), 4)
     first = bank.get(spec, torch.device("cpu"))
     assert bank.get(spec, torch.device("cpu")) is first
     assert first.dtype == torch.int16 and bank.nbytes() == 4 * 16 * 2
     clone = copy.deepcopy(bank)
-    assert clone.nbytes() == 0 and torch.equal(clone.get(spec, torch.device("cpu")), first)
+    assert clone.keep is True and clone.nbytes() == 0 and torch.equal(clone.get(spec, torch.device("cpu")), first)
+
+
+def test_a_cpu_training_pass_takes_over_held_codes_and_releases_them():
+    spec, cpu = BasisSpec(0, "A/8x2", (8, 2), 4), torch.device("cpu")
+    bank = BasisBank()
+    with torch.no_grad():  # evaluation (and a backward pass, where grad mode is off) holds the codes
+        held = bank.get(spec, cpu)
+    assert bank.nbytes() == 4 * 16 * 2
+    assert bank.get(spec, cpu) is held and bank.nbytes() == 0  # grad enabled: handed over, no longer held
+    assert bank.get(spec, cpu) is None  # nothing held: the pass regenerates them chunk by chunk
+    assert bank.holds(torch.device("cuda")) and not bank.holds(cpu)
+    assert BasisBank(keep=True).holds(cpu)
+    with torch.no_grad():
+        assert not BasisBank(keep=False).holds(cpu)
+
+
+def test_a_cpu_training_step_generates_shared_codes_once_and_never_holds_them_under_its_activations():
+    spec = BasisSpec(0, "A/24x3", (24, 3), 50)
+    bank, generated = BasisBank(), []
+    original = spec.codes
+    object.__setattr__(spec, "codes", lambda *args, **kwargs: generated.append(args) or original(*args, **kwargs))
+    coefficients = torch.randn(2, 50, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for step in range(3):
+        out = combine_bases(coefficients, spec, chunk=7, bank=bank)
+        assert bank.nbytes() == 0  # the forward pass released what the last backward left
+        out.square().sum().backward()
+        assert bank.nbytes() == 50 * 72 * 2  # held from backward until the next forward
+    # Step 1's forward regenerates 8 chunks; each backward generates the whole set once, reused by the next forward.
+    assert len(generated) == 8 + 3
+    dense = coefficients.detach().clone().requires_grad_(True)
+    (dense @ spec.generate().flatten(1)).square().sum().backward()
+    torch.testing.assert_close(coefficients.grad, 3 * dense.grad)
+
+
+def test_cpu_codes_equal_the_int64_tensor_path_at_every_alignment():
+    # The CPU path hashes in NumPy uint32; the accelerator path in torch int64 (run here from random_bits).
+    def reference(n: int, start: int) -> torch.Tensor:
+        pairs = torch.arange(start >> 1, ((start + n - 1) >> 1) + 1, dtype=torch.int64)
+        bits = random_bits(3, "s", pairs)
+        halves = torch.stack([bits >> 16, bits & 0xFFFF], dim=1).flatten()
+        return (halves[start & 1 : (start & 1) + n] - (1 << 15)).to(torch.int16)
+
+    boundary = 2 * 2**32  # element of the first pair whose counter has a high word: chunks split there
+    for n, start in [(1, 0), (2, 1), (7, 5), (200_003, 0), (150_001, 12_345), (300_000, boundary - 131_071),
+                     (5, boundary - 3), (1_000, 2**41 + 1)]:
+        assert torch.equal(basis_codes(3, "s", n, start), reference(n, start)), (n, start)
+    assert basis_codes(3, "s", 0).shape == (0,)
+    threads = torch.get_num_threads()
+    try:  # torch's intra-op threads hash disjoint ranges: the codes do not depend on how many there are
+        torch.set_num_threads(3)
+        assert torch.equal(basis_codes(3, "s", 1_000_001, 77), reference(1_000_001, 77))
+    finally:
+        torch.set_num_threads(threads)

@@ -160,13 +160,31 @@ def test_shared_bases_hold_one_copy_per_distinct_shape():
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
     model = nv.inject(model.to_empty(device="cpu"), nola_mlp(4, 64))
-    model(torch.zeros(1, 3, 224, 224))
+    with torch.no_grad():  # a CPU pass that records gradients holds no codes (test_basis)
+        model(torch.zeros(1, 3, 224, 224))
     bank = adapter_state(model).bank
     shapes = {(s.stream.split("/")[0], s.shape) for s in bank.tensors()}
     # fc1 (768→3072) and fc2 (3072→768): A and B of each shape, once for all 12 blocks.
     assert shapes == {("A", (768, 4)), ("B", (4, 3072)), ("A", (3072, 4)), ("B", (4, 768))}
     assert len(bank.tensors()) == 4
     assert bank.nbytes() == 2 * 64 * 4 * (768 + 3072 + 3072 + 768)  # int16 codes · k · r · (in + out) per shape
+
+
+def test_a_cpu_training_step_holds_no_shared_bases_under_its_activations_and_gives_the_same_gradients(images):
+    # Held codes would sit under the step's activation peak; the forward pass releases them, backward regenerates.
+    model = nv.inject(tiny_vit(), nola_mlp(4, 64))
+    bank = adapter_state(model).bank
+    during_forward = []
+    model.blocks[-1].register_forward_hook(lambda *_: during_forward.append(bank.nbytes()))
+    grads = {}
+    for keep in (True, None, None):
+        bank.keep = keep
+        model.zero_grad(set_to_none=True)
+        model(images).square().sum().backward()
+        grads.setdefault(keep, []).append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    codes = 2 * 64 * 4 * (64 + 256 + 256 + 64)
+    assert during_forward == [codes, 0, 0] and bank.nbytes() == codes  # held again from backward on
+    assert all(torch.equal(grads[True][0][name], other[name]) for other in grads[None] for name in other)
 
 
 def test_inject_does_not_change_global_rng_state():

@@ -36,7 +36,7 @@ def combine_shared(entries: Sequence[SharedEntry]) -> List[Tensor]:
         layer = entries[indices[0]][0]
         with full_precision(device):
             coefficients = torch.cat([entries[i][2] for i in indices])
-            combined = combine_bases(coefficients, spec, layer.bank.get(spec, device), layer.shared_chunk)
+            combined = combine_bases(coefficients, spec, chunk=layer.shared_chunk, bank=layer.bank)
         for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
             rows[i] = part
     return rows

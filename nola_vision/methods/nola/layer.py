@@ -71,8 +71,7 @@ class NOLALinear(AdaptedLinear):
 
     def _combine(self, coefficients: Tensor, specs: Tuple[BasisSpec, ...]) -> Tensor:
         if self.basis == "shared":
-            codes = self.bank.get(specs[0], coefficients.device)
-            return combine_bases(coefficients, specs[0], codes, self.shared_chunk)
+            return combine_bases(coefficients, specs[0], chunk=self.shared_chunk, bank=self.bank)
         return torch.cat([combine_bases(coefficients[i : i + 1], spec) for i, spec in enumerate(specs)])
 
     def factors(self) -> Tuple[Tensor, Tensor]:
