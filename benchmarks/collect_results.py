@@ -51,15 +51,17 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("train_step_vit_l", "Training step, ViT-L/16", "2 torch threads on the otherwise idle machine."),
     ("compile_step_vit_b", "Training step under torch.compile, ViT-B/16",
      "Eager and `torch.compile(model)` (inductor) side by side, 2 torch threads; the compiled step is timed after two "
-     "warm-up steps that compile the model (shared bases compile twice: before and after their codes exist)."),
+     "warm-up steps that compile the model. A compiled backward cannot hand the basis codes to the next step, so a "
+     "compiled CPU step generates them in forward and in backward."),
     ("compile_step_vit_l", "Training step under torch.compile, ViT-L/16", "As for ViT-B/16."),
     ("grad_ckpt_off_vit_b", "Gradient checkpointing, ViT-B/16: off", "Measured right before the run with it on."),
     ("grad_ckpt_on_vit_b", "Gradient checkpointing, ViT-B/16: on (`model.set_grad_checkpointing(True)`)",
      "Shared bases are then combined per layer inside each checkpointed block (no batching across layers)."),
     ("sweep_k", "Scaling with the number of bases k = l (ViT-B/16)",
-     "Shared bases are held once per model as int16 codes (2 bytes × k × the factor shapes: 61 KB per basis "
-     "index for ViT-B NOLA-MLP), so memory grows with k and not with layers; per-layer bases are regenerated in "
-     "forward and backward, so time grows with k × layers and memory stays flat. One round per point: "
+     "Shared bases are int16 codes held once per model (2 bytes × k × the factor shapes: 61 KB per basis index "
+     "for ViT-B NOLA-MLP), generated once per CPU training step and never under its activations, so neither time "
+     "nor memory grows with layers; per-layer bases are regenerated in forward and backward, so time grows with "
+     "k × layers and memory stays flat. One round per point: "
      "step times carry this machine's ±10% noise."),
     ("sweep_layers", "Scaling with the number of adapted blocks (ViT-B/16, k = l = 1024)",
      "Blocks are adapted from the first, so backward always runs through the whole model. One round per point, "

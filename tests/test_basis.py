@@ -135,13 +135,13 @@ def test_a_cpu_training_pass_takes_over_held_codes_and_releases_them():
         assert not BasisBank(keep=False).holds(cpu)
 
 
-def test_a_cpu_training_step_generates_shared_codes_once_and_never_holds_them_under_its_activations():
+def test_a_cpu_training_step_generates_shared_codes_once_and_never_holds_them_under_its_activations(monkeypatch):
     spec = BasisSpec(0, "A/24x3", (24, 3), 50)
     bank, generated = BasisBank(), []
-    original = spec.codes
-    object.__setattr__(spec, "codes", lambda *args, **kwargs: generated.append(args) or original(*args, **kwargs))
+    original = BasisSpec.codes
+    monkeypatch.setattr(BasisSpec, "codes", lambda *args, **kwargs: generated.append(args) or original(*args, **kwargs))
     coefficients = torch.randn(2, 50, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    for step in range(3):
+    for _ in range(3):
         out = combine_bases(coefficients, spec, chunk=7, bank=bank)
         assert bank.nbytes() == 0  # the forward pass released what the last backward left
         out.square().sum().backward()
