@@ -154,8 +154,7 @@ def training_targets(results: Path) -> List[List[str]]:
                             nola["train_mem_mb"] / lora["train_mem_mb"], 1.0)]
         if "kept_mb" in nola:
             total = (nola["train_mem_mb"] + nola["kept_mb"]) / (lora["train_mem_mb"] + lora["kept_mb"])
-            rows.append(_ratio_row(f"NOLA-MLP training peak + kept across steps (peak above the built model) ≤ 1.00× "
-                                   f"LoRA q,v ({where})", total, 1.0))
+            rows.append(_ratio_row(f"NOLA-MLP training peak + kept across steps ≤ 1.00× LoRA q,v ({where})", total, 1.0))
     for name, title, _ in SECTIONS:
         data = _load(results, name)
         if name.startswith("train_step") and data is not None:

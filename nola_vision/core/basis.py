@@ -262,7 +262,7 @@ class BasisBank:
     holds the codes except in a CPU pass that records gradients, where they would sit under the training step's
     activation peak (60 MiB for ViT-B's shared bases, 9% of a batch-8 step): the backward pass generates them
     (its combination runs last, when the activations are gone), the next forward pass uses and releases them, so
-    a step generates them once (about 1% of a ViT-B step on one core). On accelerators regenerating is
+    a step generates them once (about 1.5% of a ViT-B step on one core). On accelerators regenerating is
     launch-bound and the codes are small next to the activations. ``keep=True`` always holds them (serving),
     ``keep=False`` never does (each pass regenerates them chunk by chunk).
     """
