@@ -68,6 +68,14 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument("--png", help="also write a plot here")
 
 
+def held_basis_bytes(model: nn.Module) -> int:
+    """Bytes of NOLA's shared basis codes the model's bank holds now (0 for other methods)."""
+    from nola_vision.core.inject import adapter_state
+
+    state = adapter_state(model)
+    return state.bank.nbytes() if state is not None and state.bank is not None else 0
+
+
 def answer_as_worker(args: Any, worker: Callable[[Any], Dict[str, Any]]) -> bool:
     """In a ``--worker`` subprocess (each measurement runs in a fresh process): measure method ``args.worker`` and
     print its result as one JSON line for the parent. False in the parent process."""

@@ -27,7 +27,16 @@ import sys
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence
 
-from common import add_common_arguments, answer_as_worker, markdown_table, publish, pyplot, save_figure, suptitle
+from common import (
+    add_common_arguments,
+    answer_as_worker,
+    held_basis_bytes,
+    markdown_table,
+    publish,
+    pyplot,
+    save_figure,
+    suptitle,
+)
 from train_step import METHODS, build
 
 MODELS = ("vit_base_patch16_224:8", "vit_large_patch16_224:4")
@@ -101,7 +110,6 @@ def worker(args: argparse.Namespace) -> Dict:
     from torch.utils.flop_counter import FlopCounterMode
     from torch.utils.module_tracker import ModuleTracker
 
-    from nola_vision.core.inject import adapter_state
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build(args.method, args.model, args.num_classes, "cpu", args.k, img_size=args.img_size).train()
@@ -130,13 +138,8 @@ def worker(args: argparse.Namespace) -> Dict:
             calls[event.key] = event.count
     with FlopCounterMode(display=False) as flops:
         step()
-    state = adapter_state(model)
-
-    def bank() -> int:
-        return state.bank.nbytes() if state is not None and state.bank is not None else 0
-
     modules = ModuleTracker()
-    with modules, _memory_tracker()(modules, bank) as memory:
+    with modules, _memory_tracker()(modules, lambda: held_basis_bytes(model)) as memory:
         step()
     return {
         "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads,
@@ -146,7 +149,7 @@ def worker(args: argparse.Namespace) -> Dict:
         "flops": {str(op): count for op, count in flops.get_flop_counts()["Global"].items()},
         "peak_mib": memory.peak / 2**20, "peak_op": memory.peak_op,
         "at_peak_mib": {label: nbytes / 2**20 for label, nbytes in memory.at_peak.items()},
-        "bases_mib": bank() / 2**20, "bases_at_peak_mib": memory.probe_at_peak / 2**20,
+        "bases_mib": held_basis_bytes(model) / 2**20, "bases_at_peak_mib": memory.probe_at_peak / 2**20,
     }
 
 

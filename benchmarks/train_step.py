@@ -5,8 +5,8 @@ weights, batch and seed: forward, cross-entropy, backward and an Adam step, time
 The training peak is the highest memory of the timed steps above the memory right before them, after the warm-up
 has built everything a run keeps across steps (optimiser state, compiled code); what the warm-up kept is listed
 beside it ("kept across steps", the same for every step of a long run). NOLA's shared basis codes count as step
-memory, not as kept: a CPU training step holds them only between its backward pass and the next forward pass. On CUDA both come
-from the caching allocator, on the CPU from the process's RSS (VmHWM, reset after the warm-up; glibc's mmap
+memory, not as kept: a CPU training step holds them only between its backward pass and the next forward pass.
+On CUDA both come from the caching allocator, on the CPU from the process's RSS (VmHWM, reset after the warm-up; glibc's mmap
 threshold is fixed so freed tensors return to the OS). With ``--rounds`` every method is measured again, in
 alternating order, and its median round is kept. Ratios are to our LoRA (q,v r=4) measured in the same run; in the
 layer sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
@@ -35,6 +35,7 @@ from common import (
     add_common_arguments,
     answer_as_worker,
     block_targets,
+    held_basis_bytes,
     markdown_table,
     peft_config,
     publish,
@@ -94,8 +95,6 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     """Run one method and return its median step time and training peak memory."""
     import torch
 
-    from nola_vision.core.inject import adapter_state
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     model = build(args.method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
@@ -134,8 +133,7 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     # The steady state: weights, optimiser state, compiled code. The training peak is everything above it. NOLA's
     # basis codes count as step memory: a CPU step releases them before its activations grow and generates them
     # again in backward (a GPU step holds them throughout, so there they are under the peak as well).
-    state = adapter_state(model)
-    codes = state.bank.nbytes() if state is not None and state.bank is not None else 0
+    codes = held_basis_bytes(model)
     resting = memory() - codes
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -31,17 +31,21 @@ def _generation_chunk(device: Optional[torch.device | str]) -> int:
     return 1 << 15 if torch.device(device or "cpu").type == "cpu" else 1 << 22
 
 
+# lowbias32's rounds (shift, then multiply) and its final shift: the int64 tensor and uint32 NumPy hashes share them.
+_HASH_ROUNDS = ((16, 0x7FEB352D), (15, 0x046CA68B))
+_HASH_FINAL_SHIFT = 16
+
+
 def _hash32(x: Tensor) -> Tensor:
     """Wellons' lowbias32 integer hash of 32-bit values held in int64, in place on ``x``.
 
     Both multipliers are below 2**31 (the second is lowbias32's with its top bit cleared, which changes
     only bit 31 of each product), so every product stays below 2**63: exact in int64 on every device.
     """
-    x ^= x >> 16
-    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
-    x ^= x >> 15
-    x.mul_(0x046CA68B).bitwise_and_(_MASK32)
-    x ^= x >> 16
+    for shift, multiplier in _HASH_ROUNDS:
+        x ^= x >> shift
+        x.mul_(multiplier).bitwise_and_(_MASK32)
+    x ^= x >> _HASH_FINAL_SHIFT
     return x
 
 
@@ -172,11 +176,11 @@ def _hash_pairs(first_pair: int, out: np.ndarray, key0: np.uint32, key1: np.uint
 
 def _hash32_numpy(x: np.ndarray, tmp: np.ndarray) -> None:
     """``_hash32`` in place on uint32 values, ``tmp`` a scratch array of the same size."""
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x046CA68B)):
+    for shift, multiplier in _HASH_ROUNDS:
         np.right_shift(x, np.uint32(shift), out=tmp)
         x ^= tmp
         x *= np.uint32(multiplier)
-    np.right_shift(x, np.uint32(16), out=tmp)
+    np.right_shift(x, np.uint32(_HASH_FINAL_SHIFT), out=tmp)
     x ^= tmp
 
 
@@ -356,11 +360,11 @@ def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor]
                   bank: Optional[BasisBank] = None) -> Tensor:
     """``coefficients @ bases`` as (S, numel) float32: from ``codes``, from a ``bank`` (shared bases; it decides
     whether they are held), or regenerated chunk by chunk (per-layer bases)."""
-    if bank is None or codes is not None:
-        return _CombineBases.apply(coefficients, spec, codes, chunk, True, None)
-    codes = bank.get(spec, coefficients.device)
-    if bank.holds(coefficients.device):
-        return _CombineBases.apply(coefficients, spec, codes, chunk, True, None)
-    # A compiled backward cannot call back into the bank (a Python side effect): it regenerates the codes.
-    return _CombineBases.apply(coefficients, spec, codes, chunk, False,
-                               None if torch.compiler.is_compiling() else bank)
+    keep_codes, backward_bank = True, None
+    if bank is not None and codes is None:
+        codes = bank.get(spec, coefficients.device)
+        if not bank.holds(coefficients.device):
+            # Handed over for this pass only. A compiled backward cannot call back into the bank (a Python side
+            # effect): it regenerates the codes.
+            keep_codes, backward_bank = False, None if torch.compiler.is_compiling() else bank
+    return _CombineBases.apply(coefficients, spec, codes, chunk, keep_codes, backward_bank)
