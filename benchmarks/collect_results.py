@@ -292,7 +292,7 @@ def headline_rows(results: Path) -> List[List[str]]:
     if step is not None:
         lora, nola = _method(step, "lora"), _method(step, "nola")
         total = (nola["train_mem_mb"] + nola["kept_mb"]) / (lora["train_mem_mb"] + lora["kept_mb"])
-        rows.append(["training step time / training peak / peak + what a run keeps (NOLA's basis codes), "
+        rows.append(["training step time / training peak (NOLA's basis codes counted) / peak + what a run keeps, "
                      "ViT-B/16, CPU fp32 (× LoRA)",
                      f"{nola['step_s'] / lora['step_s']:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}× / "
                      f"{total:.2f}×", "1.00× / 1.00× / 1.00×"])
