@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import textwrap
 import time
@@ -74,6 +75,18 @@ def held_basis_bytes(model: nn.Module) -> int:
 
     state = adapter_state(model)
     return state.bank.nbytes() if state is not None and state.bank is not None else 0
+
+
+def paired_ratios(result: Dict[str, Any], reference: Dict[str, Any]) -> List[float]:
+    """Step time ÷ the reference's in every round of a paired run (both timed in one process, seconds apart)."""
+    return [step / ref for step, ref in zip(result["paired_step_s"], reference["paired_step_s"])]
+
+
+def paired_summary(result: Dict[str, Any], reference: Dict[str, Any]) -> str:
+    """The median paired ratio with its quartiles, e.g. ``1.02× (1.01–1.03)``."""
+    ratios = paired_ratios(result, reference)
+    low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{median:.3f}× ({low:.3f}–{high:.3f})"
 
 
 def answer_as_worker(args: Any, worker: Callable[[Any], Dict[str, Any]]) -> bool:

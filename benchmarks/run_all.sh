@@ -30,12 +30,12 @@ part() {
         compiled_switch) run compiled_switch compiled_switch.py --model vit_base_patch16_224 --batch 1 --switches 20 ;;
         onnx_tasks) run onnx_tasks onnx_tasks.py --model vit_base_patch16_224 --batches 1 32 --rounds 5 ;;
         multitask) run multitask multitask.py --model vit_base_patch16_224 --batch 64 --tasks 1 8 64 --registered 1 100 1000 --rounds 3 ;;
-        nola_vs_lora)  # the targets: NOLA-MLP against LoRA q,v, 1 thread, median of alternating rounds, fp32 and bf16
+        nola_vs_lora)  # the targets: NOLA-MLP (codes released / held) against LoRA q,v, 1 thread, fp32 and bf16: memory per process, time paired in one process
             local precision
             for precision in fp32 bf16; do
                 local tag=${precision/fp32/}
-                run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 5 --threads 1 --methods lora nola --precision $precision
-                run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 5 --threads 1 --methods lora nola --precision $precision
+                run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 10 --precision $precision
+                run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 10 --precision $precision
             done ;;
         profile) run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;

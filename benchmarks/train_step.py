@@ -37,6 +37,7 @@ from common import (
     block_targets,
     held_basis_bytes,
     markdown_table,
+    paired_summary,
     peft_config,
     publish,
     pyplot,
@@ -48,6 +49,7 @@ METHODS = {
     "linear": "linear probe (head only)",
     "lora": "LoRA q,v r=4 (ours)",
     "nola": "NOLA-MLP k=l={k} r=4, shared basis",
+    "nola_held": "NOLA-MLP k=l={k} r=4, shared basis held (set_basis_holding)",
     "nola_per_layer": "NOLA-MLP k=l={k} r=4, per-layer basis",
     "peft_lora": "peft LoRA attn.qkv r=4",
     "peft_vera": "peft VeRA attn.qkv r=256",
@@ -72,10 +74,11 @@ def build(method: str, model_name: str, num_classes: int, device: str, k: int = 
         return nv.inject(model, "linear")
     if method == "lora":
         return nv.inject(model, nv.LoRAConfig(rank=4, targets=block_targets(["attn.q", "attn.v"], blocks)))
-    if method in ("nola", "nola_per_layer"):
-        basis = "shared" if method == "nola" else "per_layer"
+    if method in ("nola", "nola_held", "nola_per_layer"):
+        basis = "per_layer" if method == "nola_per_layer" else "shared"
         targets = block_targets(["mlp.fc1", "mlp.fc2"], blocks)
-        return nv.inject(model, nv.NOLAConfig(rank=4, num_basis_a=k, num_basis_b=k, targets=targets, basis=basis))
+        model = nv.inject(model, nv.NOLAConfig(rank=4, num_basis_a=k, num_basis_b=k, targets=targets, basis=basis))
+        return nv.set_basis_holding(model, True) if method == "nola_held" else model
     if method in PEFT_METHODS:
         from peft import get_peft_model
 
@@ -91,13 +94,12 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(args: argparse.Namespace) -> Dict[str, float]:
-    """Run one method and return its median step time and training peak memory."""
+def training_step(args: argparse.Namespace, method: str):
+    """The method's model (built and set up as ``args`` says) and one training step on a fixed batch."""
     import torch
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
-    model = build(args.method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
+    model = build(method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's contract: blocks recompute their activations in backward
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -114,21 +116,33 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
             loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
-
-    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return model, trainable, step
+
+
+def worker(args: argparse.Namespace) -> Dict[str, float]:
+    """Run one method and return its median step time and training peak memory (``paired``: every method)."""
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.method == "paired":
+        return paired_worker(args)
+    device = torch.device(args.device)
+    model, trainable, step = training_step(args, args.method)
+
     def memory() -> int:
-        sync()
-        return torch.cuda.memory_allocated() if device.type == "cuda" else _rss_kib("VmRSS") * 1024
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return _rss_kib("VmRSS") * 1024
 
     before = memory()
     warmup = []
     for _ in range(args.warmup):
         start = time.perf_counter()
         step()
-        sync()
         warmup.append(time.perf_counter() - start)
     # The steady state: weights, optimiser state, compiled code. The training peak is everything above it. NOLA's
     # basis codes count as step memory: a CPU step releases them before its activations grow and generates them
@@ -143,10 +157,8 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
     times: List[float] = []
     cpu_times: List[float] = []
     for _ in range(args.steps):
-        sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
-        sync()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
@@ -165,6 +177,24 @@ def worker(args: argparse.Namespace) -> Dict[str, float]:
         "peak_mb": peak / 2**20,
         "trainable": sum(p.numel() for p in trainable),
     }
+
+
+def paired_worker(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
+    """Every method in one process, one step of each per round in alternating order: every round's ratio compares
+    steps seconds apart, so the slow spells of a shared machine, which swing fresh-process rounds by ±10-20%,
+    cancel out. Memory is not measured here (the methods share the process)."""
+    steps = {method: training_step(args, method)[2] for method in args.methods}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times: Dict[str, Dict[str, List[float]]] = {method: {"step_s": [], "step_cpu_s": []} for method in steps}
+    for round_index in range(args.paired):
+        for method in list(steps)[:: 1 if round_index % 2 == 0 else -1]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[method]()
+            times[method]["step_s"].append(time.perf_counter() - start)
+            times[method]["step_cpu_s"].append(time.process_time() - cpu_start)
+    return times
 
 
 def model_depth(model_name: str) -> int:
@@ -209,11 +239,23 @@ def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
                        "--blocks", str(job["blocks"])] + (["--compile"] if job.get("compiled") else []) + _shared_flags(args)
             print(f"round {round_index + 1}/{args.rounds}: {label(job)} (blocks: {job['blocks'] or 'all'}) ...",
                   file=sys.stderr, flush=True)
-            out = subprocess.run(command, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"{job['method']} failed:\n{out.stderr[-3000:]}")
-            rounds[index].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return [median_round(measured) for measured in rounds]
+            rounds[index].append(_run_worker(job["method"], command, env))
+    results = [median_round(measured) for measured in rounds]
+    if args.paired:
+        print(f"paired: {', '.join(args.methods)} in one process, {args.paired} rounds ...", file=sys.stderr, flush=True)
+        command = [sys.executable, os.path.abspath(__file__), "--worker", "paired", "--methods", *args.methods,
+                   "--paired", str(args.paired), "--k", str(args.k), "--blocks", str(args.blocks)] + _shared_flags(args)
+        paired = _run_worker("paired", command, dict(os.environ))  # glibc's defaults: no memory is measured here
+        for result in results:
+            result.update({f"paired_{key}": values for key, values in paired[result["method"]].items()})
+    return results
+
+
+def _run_worker(name: str, command: List[str], env: Dict[str, str]) -> Dict:
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def median_round(measured: List[Dict]) -> Dict:
@@ -254,6 +296,9 @@ def table(results: List[Dict], sweep: Optional[str] = None) -> str:
     compiled = any(r.get("compiled") for r in results)
     if compiled:
         columns += ["speed-up of torch.compile", "warm-up incl. compilation (s)"]
+    paired = all("paired_step_s" in r for r in results)
+    if paired:
+        columns += ["paired step (s, median)", "paired × LoRA (quartiles)"]
     rows = []
     for r in results:
         ref = reference(results, r)
@@ -268,6 +313,8 @@ def table(results: List[Dict], sweep: Optional[str] = None) -> str:
                           == (r["method"], r["k"], r["blocks"])), None)
             row += [f"{eager['step_s'] / r['step_s']:.2f}×" if r.get("compiled") and eager else "-",
                     f"{r['warmup_s']:.1f}" if r.get("compiled") else "-"]
+        if paired:
+            row += [f"{statistics.median(r['paired_step_s']):.3f}", paired_summary(r, ref) if ref else "-"]
         rows.append(([r["blocks"]] if sweep == "layers" else []) + row)
     return markdown_table(columns, rows, left=2 if sweep == "layers" else 1)
 
@@ -317,9 +364,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
                         "order, and keep its median round (for a shared, noisy machine)")
+    parser.add_argument("--paired", type=int, default=0, help="also time the methods in one process for this many "
+                        "rounds, one step each per round in alternating order: a ratio per round, precise to ~1%% on "
+                        "a noisy machine (memory comes from the fresh-process runs)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "nola_held"], choices=list(METHODS))
     parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
     parser.add_argument("--blocks", type=int, default=0, help="adapt only the first N blocks (0: all)")
     parser.add_argument("--sweep", choices=["k", "layers"], help="scale k (256..4096) or the adapted blocks")
@@ -339,14 +389,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if answer_as_worker(args, worker):
         return
-    if args.compile and args.sweep:
-        raise SystemExit("--compile compares eager and compiled steps of --methods; run it without --sweep")
+    if args.sweep and (args.compile or args.paired):
+        raise SystemExit("--compile and --paired compare the steps of --methods; run them without --sweep")
     results = run_all(args)
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
                f"median of {args.steps} steps after {args.warmup} warm-up"
                + (", gradient checkpointing" if args.grad_checkpointing else "")
                + (f", torch.compile backend {args.compile_backend}" if args.compile else "")
                + (f", median of {args.rounds} rounds in alternating order" if args.rounds > 1 else "")
+               + (f"; paired: {args.paired} rounds of one step per method in one process" if args.paired else "")
                + (f", {args.threads} torch thread{'s' if args.threads > 1 else ''}" if args.threads else ""))
     publish(__file__, argv, args, setting, table(results, args.sweep), {"results": results},
             lambda png: plot(results, args.sweep, png, setting), device=args.device)

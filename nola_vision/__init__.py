@@ -18,7 +18,7 @@ from .adapters import (
 )
 from .core.config import AdapterConfig
 from .core.counts import count_parameters
-from .core.inject import inject, merge_and_unload, set_quantization_aware, unload
+from .core.inject import inject, merge_and_unload, set_basis_holding, set_quantization_aware, unload
 from .core.layer import AdaptedLinear, adapted_layers
 from .core.merge import merge, unmerge
 from .core.plan import InjectionPlan, plan_injection
@@ -61,6 +61,7 @@ __all__ = [
     "plan_injection",
     "register_method",
     "save_adapter",
+    "set_basis_holding",
     "set_quantization_aware",
     "unload",
     "unmerge",

@@ -72,12 +72,23 @@ def test_train_step_compile_measures_eager_and_compiled_side_by_side():
 
 def test_train_step_main_measures_in_subprocesses(tmp_path, capsys):
     train_step.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--k", "32",
-                     "--methods", "linear", "lora", "--rounds", "2", *_files(tmp_path)])
-    data = _check_outputs(capsys.readouterr().out, tmp_path)
+                     "--methods", "linear", "lora", "--rounds", "2", "--paired", "3", *_files(tmp_path)])
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
     assert [r["method"] for r in data["results"]] == ["linear", "lora"]
     assert all(len(r["step_s_rounds"]) == 2 and r["step_s"] == statistics.median(r["step_s_rounds"])
                for r in data["results"])
-    assert "median of 2 rounds" in data["setting"]
+    assert all(len(r["paired_step_s"]) == len(r["paired_step_cpu_s"]) == 3 for r in data["results"])
+    assert "median of 2 rounds" in data["setting"] and "paired: 3 rounds" in data["setting"]
+    assert "paired × LoRA (quartiles)" in out and "| 1.000× (1.000–1.000) |" in out  # LoRA against itself
+
+
+def test_paired_summary_is_the_median_and_quartiles_of_the_per_round_ratios():
+    lora, nola = {"paired_step_s": [1.0, 2.0, 1.0, 4.0]}, {"paired_step_s": [1.1, 2.0, 1.3, 4.8]}
+    from common import paired_ratios, paired_summary
+
+    assert paired_ratios(nola, lora) == pytest.approx([1.1, 1.0, 1.3, 1.2])
+    assert paired_summary(nola, lora) == "1.150× (1.025–1.275)"
 
 
 def test_median_round_keeps_the_median_time_and_the_highest_memory():

@@ -11,8 +11,8 @@ import nola_vision as nv
 from nola_vision.core.inject import adapter_state
 
 
-def nola_mlp(rank, k):
-    return nv.NOLAConfig(rank=rank, num_basis_a=k, num_basis_b=k, targets=["mlp.fc1", "mlp.fc2"], seed=0)
+def nola_mlp(rank, k, **kwargs):
+    return nv.NOLAConfig(rank=rank, num_basis_a=k, num_basis_b=k, targets=["mlp.fc1", "mlp.fc2"], seed=0, **kwargs)
 
 
 def counts_on_meta(arch, config):
@@ -178,13 +178,32 @@ def test_a_cpu_training_step_holds_no_shared_bases_under_its_activations_and_giv
     model.blocks[-1].register_forward_hook(lambda *_: during_forward.append(bank.nbytes()))
     grads = {}
     for keep in (True, None, None):
-        bank.keep = keep
+        nv.set_basis_holding(model, keep)
         model.zero_grad(set_to_none=True)
         model(images).square().sum().backward()
         grads.setdefault(keep, []).append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     codes = 2 * 64 * 4 * (64 + 256 + 256 + 64)
     assert during_forward == [codes, 0, 0] and bank.nbytes() == codes  # held again from backward on
     assert all(torch.equal(grads[True][0][name], other[name]) for other in grads[None] for name in other)
+
+
+def test_set_basis_holding_releases_codes_when_off_and_refuses_models_without_shared_bases(images):
+    model = nv.inject(tiny_vit(), nola_mlp(4, 64))
+    with torch.no_grad():
+        model(images)  # evaluation holds the codes by default
+    bank = adapter_state(model).bank
+    assert bank.nbytes() > 0
+    nv.set_basis_holding(model, False)
+    assert bank.nbytes() == 0
+    with torch.no_grad():
+        model(images)
+    assert bank.nbytes() == 0  # never held, not even for evaluation
+    with pytest.raises(TypeError, match="True, False or None"):
+        nv.set_basis_holding(model, "yes")
+    for other in (nv.inject(tiny_vit(), nv.LoRAConfig()), nv.inject(tiny_vit(), nola_mlp(4, 64, basis="per_layer")),
+                  tiny_vit()):
+        with pytest.raises(ValueError, match="no shared basis codes"):
+            nv.set_basis_holding(other, True)
 
 
 def test_inject_does_not_change_global_rng_state():

@@ -294,6 +294,10 @@ class BasisBank:
             self._codes[spec] = codes
         return codes
 
+    def release(self) -> None:
+        """Drop every held code (they are generated again where a pass needs them)."""
+        self._codes.clear()
+
     def tensors(self) -> Dict[BasisSpec, Tensor]:
         """The codes held now (for memory accounting and tests)."""
         return dict(self._codes)
