@@ -34,8 +34,8 @@ part() {
             local precision
             for precision in fp32 bf16; do
                 local tag=${precision/fp32/}
-                run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 10 --precision $precision
-                run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 10 --precision $precision
+                run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 20 --precision $precision
+                run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 20 --precision $precision
             done ;;
         profile) run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;
