@@ -295,6 +295,19 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
     assert "Not run yet: `accuracy`, `accuracy_study`, `accuracy_transfer`, `compiled_switch`, `gpu`, " in report
+    # paired timing decides the step-time verdict; the held-codes variant gets its own rows
+    paired = json.loads((tmp_path / "nola_vs_lora_vit_b.json").read_text())
+    for row, times in zip(paired["results"], ([2.0, 2.0, 2.0, 2.0], [2.0, 1.9, 2.1, 2.04], [1.0] * 4)):
+        row["paired_step_s"] = times
+    paired["results"].append({**paired["results"][1], "method": "nola_held", "train_mem_mb": 110.0,
+                              "paired_step_s": [1.9, 1.9, 1.9, 2.0]})
+    (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps(paired))
+    report = collect_results.build(tmp_path)
+    assert "| NOLA-MLP step time ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 1.01× (paired, quartiles 0.96–1.04×) | " \
+        "missed by 0.01× |" in report
+    assert "| NOLA-MLP, codes held, step time ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 0.95× (paired, quartiles " \
+        "0.95–0.99×) | met |" in report
+    assert "| NOLA-MLP, codes held, training peak ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 1.10× | missed by 0.10× |" in report
     readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
     assert collect_results.sync_readme(readme, tmp_path) == (
         "intro\n<!-- results: train_step_vit_b -->\n\n_header_\n\n| a |\n|---|\n\n<!-- /results -->\nrest\n")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from method_matrix import trained
 from tiny_models import as_if_trained, tiny_vit
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nola_vision as nv
 from nola_vision.core import basis
@@ -112,6 +113,38 @@ def test_checkpointed_nola_combines_each_shared_basis_once_per_pass_unless_reent
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=16, num_basis_b=16),
+                                    nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"]), nv.LoRAConfig()],
+                         ids=["nola_mlp", "lora_mlp", "lora_qv"])
+def test_checkpointed_recomputation_stops_before_an_adapted_fc2s_frozen_product(config, images):
+    # torch stops recomputing a checkpointed block once every tensor backward needs is back: a frozen fc2's product
+    # is never recomputed (its backward needs only the weight), and an adapted fc2's must not be either.
+    model = nv.inject(tiny_vit(), config).train()
+    model.set_grad_checkpointing(True)
+    loss = F.cross_entropy(model(images), torch.arange(4))
+    with ProductsOf([block.mlp.fc2.weight for block in model.blocks]) as products:
+        loss.backward()
+    assert products.count == 0
+    assert all(p.grad is not None for layer in nv.adapted_layers(model).values()
+               for p in layer.adapter_parameters().values())
+
+
+class ProductsOf(TorchDispatchMode):
+    """Counts the forward products ``x Wᵀ`` (addmm, mm) of the given weights; their backward's ``grad W`` is not one."""
+
+    def __init__(self, weights) -> None:
+        super().__init__()
+        self.weights = {w.untyped_storage().data_ptr(): w.shape[1] for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+            first, second = args[1:3] if func is torch.ops.aten.addmm.default else args[:2]
+            in_features = self.weights.get(second.untyped_storage().data_ptr())
+            self.count += in_features is not None and first.shape[-1] == in_features
+        return func(*args, **(kwargs or {}))
 
 
 def _counting(function, calls):

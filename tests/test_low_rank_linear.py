@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import nola_vision as nv
-from nola_vision.core.functions import LowRankLinear
+from nola_vision.core.functions import low_rank_linear
 
 
 class PeakOfNewTensors(TorchDispatchMode):
@@ -59,7 +59,7 @@ def test_fused_low_rank_linear_gives_the_values_and_gradients_of_the_plain_ops(a
     generator = torch.Generator().manual_seed(0)
     tensors = _tensors(generator)
     grad = torch.randn(2, 7, 16, generator=generator)
-    fused = LowRankLinear.apply(*tensors, activation)
+    fused = low_rank_linear(*tensors, activation)
     plain = _plain(*tensors, activation)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     trained = [tensors[i] for i in (0, 3, 4)]
@@ -70,7 +70,7 @@ def test_fused_low_rank_linear_gives_the_values_and_gradients_of_the_plain_ops(a
 def test_fused_low_rank_linear_computes_only_the_gradients_asked_for():
     x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
     x.requires_grad_(False)
-    out = LowRankLinear.apply(x, weight, bias, a, b, nn.GELU())
+    out = low_rank_linear(x, weight, bias, a, b, nn.GELU())
     grad_a, grad_b = torch.autograd.grad(out.sum(), [a, b])
     plain = torch.autograd.grad(_plain(x, weight, bias, a, b, nn.GELU()).sum(), [a, b])
     torch.testing.assert_close(grad_a, plain[0], rtol=1e-5, atol=1e-6)
@@ -108,7 +108,7 @@ def test_autocast_training_keeps_no_low_precision_copy_of_an_adapted_frozen_weig
 def test_fused_low_rank_linear_refuses_a_trainable_weight_it_would_give_no_gradient():
     x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="freeze the weight"):
-        LowRankLinear.apply(x, weight.requires_grad_(), bias, a, b, None)
+        low_rank_linear(x, weight.requires_grad_(), bias, a, b, None)
 
 
 def test_an_adapted_layer_whose_weight_was_unfrozen_still_trains_it(images):

@@ -37,11 +37,16 @@ def add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
 
 
 class LowRankLinear(torch.autograd.Function):
-    """``act(x) Wᵀ + bias + (act(x) A) B`` for a frozen ``W`` and ``bias``, with one buffer per output and gradient.
+    """The training node of ``act(x) Wᵀ + bias + (act(x) A) B`` for a frozen ``W`` and ``bias``: it keeps what
+    backward needs and computes every gradient, with one buffer per output and gradient.
 
-    The low-rank output is added into the frozen layer's output in place, and backward writes the input gradient
-    once (``grad W + (grad Bᵀ) Aᵀ`` into one buffer) instead of two gradients and their sum. Only ``x``, ``x A``
-    and the factors are kept: never a cast copy of ``W`` under autocast (it is cast again in backward).
+    Backward writes the input gradient once (``grad W + (grad Bᵀ) Aᵀ`` into one buffer) instead of two gradients
+    and their sum. Only ``x``, ``x A`` and the factors are kept: never a cast copy of ``W`` under autocast (it is
+    cast again in backward). Its forward computes only ``act(x)`` and ``act(x) A`` and returns a zero-size-in-memory
+    ``sink``; the frozen product runs after it in ``_FrozenProduct``, which keeps nothing and hands its output
+    gradient back through the sink. So when gradient checkpointing recomputes a block, torch stops the recomputation
+    as soon as this node has kept its tensors, as it stops before a frozen ``nn.Linear``'s product: an adapted
+    ``fc2``'s product is never recomputed.
 
     ``activation`` is an ``mlp.act`` that an adapted ``mlp.fc2`` took over (``AdaptedLinear.input_activation``):
     then ``x`` is the pre-activation, which a frozen model keeps for the activation's backward anyway, and the
@@ -53,19 +58,44 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module]
-    ) -> Tensor:
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise _trainable_weight_error()
-        y, xa = _forward(x, weight, bias, a, b, activation, None)
+        inputs = x if activation is None else activation(x)
+        xa = inputs @ a.to(inputs.dtype)
         ctx.activation = activation
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
+        ctx.mark_non_differentiable(inputs, xa)
+        ctx.set_materialize_grads(False)
+        # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else inputs.dtype
+        sink = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
+        return inputs if activation is not None else inputs.detach(), xa, sink
+
+    @staticmethod
+    def backward(ctx, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
+                 grad: Optional[Tensor]):
+        if grad is None:  # the product's output got no gradient
+            return None, None, None, None, None, None
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _backward(grad, *ctx.saved_tensors, ctx.activation, needs[0], needs[3], needs[4])
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """``inputs Wᵀ + bias + xa B`` (autocast as ambient), keeping nothing: its gradient goes to ``LowRankLinear``
+    through the sink, whose backward computes every gradient."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,  # type: ignore[override]
+                sink: Tensor) -> Tensor:
+        y = F.linear(inputs, weight, bias)
+        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _backward(grad, *ctx.saved_tensors, ctx.activation, needs[0], needs[3], needs[4])
-        return grad_x, None, None, grad_a, grad_b, None
+        return None, None, None, None, None, grad
 
 
 def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
@@ -82,7 +112,8 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), dtype)[0]
-    return LowRankLinear.apply(x, weight, bias, a, b, activation)
+    inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation)
+    return _FrozenProduct.apply(inputs, weight, bias, xa, b, sink)
 
 
 def _trainable_weight_error() -> ValueError:
