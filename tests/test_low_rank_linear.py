@@ -117,3 +117,18 @@ def test_an_adapted_layer_whose_weight_was_unfrozen_still_trains_it(images):
     fc2.weight.requires_grad_(True)
     model(images).sum().backward()
     assert fc2.weight.grad is not None and fc2.weight.grad.abs().sum() > 0 and fc2.lora_A.grad is not None
+
+
+@pytest.mark.parametrize("activation", [None, nn.GELU()])
+def test_under_autocast_the_output_gradient_reaches_the_fused_backward_in_the_products_dtype(activation, monkeypatch):
+    # The frozen product's gradient is handed back through a sink made in autocast's dtype: a float32 sink would
+    # have autograd cast every bf16 output gradient up (a copy and other numerics).
+    from nola_vision.core import functions
+
+    seen, backward = [], functions._backward
+    monkeypatch.setattr(functions, "_backward", lambda grad, *args: seen.append(grad.dtype) or backward(grad, *args))
+    x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = low_rank_linear(x, weight, bias, a, b, activation)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and seen == [torch.bfloat16] and a.grad is not None and x.grad is not None

@@ -61,16 +61,16 @@ class LowRankLinear(torch.autograd.Function):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise _trainable_weight_error()
-        inputs = x if activation is None else activation(x)
-        xa = inputs @ a.to(inputs.dtype)
+        inputs, xa = _adapter_input(x, a, activation)
         ctx.activation = activation
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
+        inputs = inputs.detach() if activation is None else inputs  # x itself: a new tensor, not an input returned
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
         # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else inputs.dtype
         sink = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
-        return inputs if activation is not None else inputs.detach(), xa, sink
+        return inputs, xa, sink
 
     @staticmethod
     def backward(ctx, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
@@ -89,9 +89,7 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,  # type: ignore[override]
                 sink: Tensor) -> Tensor:
-        y = F.linear(inputs, weight, bias)
-        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
-        return y
+        return _product(inputs, weight, bias, xa, b)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -129,14 +127,26 @@ def _kept_input(ctx, x: Tensor, has_activation: bool) -> Optional[Tensor]:
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
              activation: Optional[nn.Module], dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
     """The output and ``x A``; in ``dtype`` when given (what autocast would choose), else as the ambient autocast."""
+    inputs, xa = _adapter_input(x, a, activation, dtype)
+    if dtype is not None:
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return _product(inputs, weight, bias, xa, b), xa
+
+
+def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
+                   dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """``act(x)`` (in ``dtype`` when given) and ``act(x) A``."""
     inputs = x if activation is None else activation(x)
     if dtype is not None:
-        inputs, weight = inputs.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        inputs = inputs.to(dtype)
+    return inputs, inputs @ a.to(inputs.dtype)
+
+
+def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor) -> Tensor:
+    """``inputs Wᵀ + bias + xa B``, the low-rank term added into the product's buffer in place."""
     y = F.linear(inputs, weight, bias)
-    xa = inputs @ a.to(inputs.dtype)
     y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
-    return y, xa
+    return y
 
 
 def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,
