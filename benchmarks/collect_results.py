@@ -41,7 +41,8 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "bf16 copy of its weight from forward to backward; an adapted layer keeps none and casts the weight again in "
      "backward. NOLA adapts `fc1` and `fc2` (8 of a block's 12 weight matrices), LoRA only `qkv` (3), so in bf16 NOLA "
      "holds the least memory and pays the most re-casting: with the CPU's bf16 matrix units the casts are a few "
-     "percent of a step."),
+     "percent of a step. NOLA's fp32 work (combining the bases, generating their codes) weighs twice as much "
+     "against a bf16 step as against an fp32 one; with the codes held, its peak still stays under LoRA's."),
     ("nola_vs_lora_bf16_vit_l", "NOLA-MLP against LoRA q,v: training step, ViT-L/16, bf16 autocast", "As for ViT-B/16."),
     ("profile_step", "Where the time and memory of a training step go: NOLA-MLP against LoRA q,v",
      "`torch.profiler` self CPU time per op (1 torch thread: on a shared machine other processes inflate the times, "
