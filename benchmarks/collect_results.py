@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from common import markdown_table, paired_ratios
+from common import markdown_table, paired_quartiles
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,7 +126,10 @@ def _load(results: Path, name: str):
 
 
 def _method(data: Dict, method: str) -> Dict:
-    return next(r for r in data["results"] if r["method"] == method and not r.get("blocks"))
+    result = _optional_method(data, method)
+    if result is None:
+        raise KeyError(f"no {method!r} result (all blocks) in {data.get('setting', 'the results')!r}")
+    return result
 
 
 def _verdict(value: float, limit: float, higher_is_better: bool = False, unit: str = "×") -> str:
@@ -145,13 +148,12 @@ def _spread(reference: Dict, result: Dict) -> str:
     return f" (rounds: {low:.2f}–{high:.2f}×)"
 
 
-def step_ratio(reference: Dict, result: Dict) -> Tuple[float, float, str]:
-    """The step-time ratio, the target (1.00×) and its spread: paired when measured so, else fresh-process rounds."""
+def step_ratio(reference: Dict, result: Dict) -> Tuple[float, str]:
+    """The step-time ratio and its spread: paired when measured so, else over fresh-process rounds."""
     if "paired_step_s" in result and "paired_step_s" in reference:
-        ratios = paired_ratios(result, reference)
-        low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        return median, 1.0, f" (paired, quartiles {low:.2f}–{high:.2f}×)"
-    return result["step_s"] / reference["step_s"], 1.0, _spread(reference, result)
+        low, median, high = paired_quartiles(result, reference)
+        return median, f" (paired, quartiles {low:.2f}–{high:.2f}×)"
+    return result["step_s"] / reference["step_s"], _spread(reference, result)
 
 
 def _optional_method(data: Dict, method: str) -> Optional[Dict]:
@@ -175,7 +177,8 @@ def training_targets(results: Path) -> List[List[str]]:
             nola = _optional_method(data, method)
             if nola is None:
                 continue
-            rows += [_ratio_row(f"{name} step time ≤ 1.00× LoRA q,v ({where})", *step_ratio(lora, nola)),
+            ratio, spread = step_ratio(lora, nola)
+            rows += [_ratio_row(f"{name} step time ≤ 1.00× LoRA q,v ({where})", ratio, 1.0, spread),
                      _ratio_row(f"{name} training peak ≤ 1.00× LoRA q,v ({where})",
                                 nola["train_mem_mb"] / lora["train_mem_mb"], 1.0)]
             if "kept_mb" in nola:

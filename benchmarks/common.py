@@ -82,10 +82,15 @@ def paired_ratios(result: Dict[str, Any], reference: Dict[str, Any]) -> List[flo
     return [step / ref for step, ref in zip(result["paired_step_s"], reference["paired_step_s"])]
 
 
+def paired_quartiles(result: Dict[str, Any], reference: Dict[str, Any]) -> List[float]:
+    """The lower quartile, median and upper quartile of the per-round paired ratios."""
+    ratios = paired_ratios(result, reference)
+    return statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+
+
 def paired_summary(result: Dict[str, Any], reference: Dict[str, Any]) -> str:
     """The median paired ratio with its quartiles, e.g. ``1.02× (1.01–1.03)``."""
-    ratios = paired_ratios(result, reference)
-    low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    low, median, high = paired_quartiles(result, reference)
     return f"{median:.3f}× ({low:.3f}–{high:.3f})"
 
 

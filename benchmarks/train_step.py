@@ -365,8 +365,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
                         "order, and keep its median round (for a shared, noisy machine)")
     parser.add_argument("--paired", type=int, default=0, help="also time the methods in one process for this many "
-                        "rounds, one step each per round in alternating order: a ratio per round, precise to ~1%% on "
-                        "a noisy machine (memory comes from the fresh-process runs)")
+                        "rounds, one step each per round in alternating order: a ratio per round; their median resolves about "
+                        "2%% on a noisy machine (memory comes from the fresh-process runs)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "nola_held"], choices=list(METHODS))

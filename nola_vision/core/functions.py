@@ -64,7 +64,8 @@ class LowRankLinear(torch.autograd.Function):
         inputs, xa = _adapter_input(x, a, activation)
         ctx.activation = activation
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
-        inputs = inputs.detach() if activation is None else inputs  # x itself: a new tensor, not an input returned
+        # Without an activation the product reads x: hand it a fresh alias, since a Function may not return an input.
+        inputs = inputs.detach() if activation is None else inputs
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
         # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
