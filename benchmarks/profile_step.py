@@ -118,10 +118,13 @@ def worker(args: argparse.Namespace) -> Dict:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator)
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=generator)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
 
     step()  # warm-up: bases and optimiser state exist from here on
@@ -142,7 +145,7 @@ def worker(args: argparse.Namespace) -> Dict:
     with modules, _memory_tracker()(modules, lambda: held_basis_bytes(model)) as memory:
         step()
     return {
-        "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads,
+        "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads, "precision": args.precision,
         "step_ms": statistics.median(totals),
         "op_ms": {key: statistics.median(values + [0.0] * (args.steps - len(values))) for key, values in times.items()},
         "op_calls": calls,
@@ -162,7 +165,8 @@ def run_all(args: argparse.Namespace) -> List[Dict]:
             print(f"profiling {method} on {model}, batch {batch} ...", file=sys.stderr, flush=True)
             command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--model", model, "--batch", batch,
                        "--steps", str(args.steps), "--threads", str(args.threads), "--k", str(args.k),
-                       "--img-size", str(args.img_size), "--num-classes", str(args.num_classes)]
+                       "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
+                       "--precision", args.precision]
             out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"{method} on {model} failed:\n{out.stderr[-3000:]}")
@@ -260,6 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the step under torch.autocast('cpu', dtype=torch.bfloat16)")
     add_common_arguments(parser)
     parser.set_defaults(threads=1)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -273,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if answer_as_worker(args, worker):
         return
     results = run_all(args)
-    setting = (f"one training step (forward, cross-entropy, backward, Adam) after one warm-up step, cpu fp32, "
+    setting = (f"one training step (forward, cross-entropy, backward, Adam) after one warm-up step, cpu {args.precision}"
+               f"{' autocast' if args.precision == 'bf16' else ''}, "
                f"{args.threads} torch thread{'s' if args.threads != 1 else ''}, median of {args.steps} profiled "
                f"step{'s' if args.steps != 1 else ''}")
     publish(__file__, argv, args, setting, report(results), {"results": results},
