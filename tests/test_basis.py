@@ -112,6 +112,25 @@ def test_chunked_combination_matches_dense_in_forward_and_backward(stored):
     torch.testing.assert_close(coefficients.grad, dense_coefficients.grad)
 
 
+@pytest.mark.parametrize("source", ["stored_codes", "regenerated", "bank"])
+def test_combination_differentiates_twice_like_the_dense_product(source):
+    """MAML's inner step differentiates the coefficient gradient: its second derivative is the dense product's."""
+    spec = BasisSpec(0, "layer/A", (24, 3), 50)
+    generator = torch.Generator().manual_seed(0)
+    coefficients = torch.randn(2, 50, generator=generator, requires_grad=True)
+    weight, direction = torch.randn(2, 72, generator=generator), torch.randn(2, 50, generator=generator)
+    codes = spec.codes() if source == "stored_codes" else None
+    bank = BasisBank() if source == "bank" else None
+
+    def second_derivative(combine):
+        inner = torch.autograd.grad((combine(coefficients) * weight).pow(2).sum(), coefficients, create_graph=True)[0]
+        return torch.autograd.grad((inner * direction).sum(), coefficients)[0]
+
+    got = second_derivative(lambda c: combine_bases(c, spec, codes, chunk=7, bank=bank))  # several chunks
+    expected = second_derivative(lambda c: c @ spec.generate().flatten(1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_bank_generates_once_per_device_and_survives_deepcopy():
     bank, spec = BasisBank(keep=True), BasisSpec(0, "A/8x2", (8, 2), 4)
     first = bank.get(spec, torch.device("cpu"))

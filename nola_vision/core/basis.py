@@ -340,11 +340,34 @@ class _CombineBases(torch.autograd.Function):
         codes = ctx.codes
         if codes is None and ctx.bank is not None:
             codes = ctx.bank.get(ctx.spec, coefficients.device)  # grad mode is off here: generated and held
-        grad32 = grad.float() * ctx.spec.step
-        # Column blocks joined once (an (S, k) copy, tiny): torch.compile cannot trace mm into a strided out=.
-        blocks = [grad32 @ rows.t() for _, rows in _chunks(ctx.spec, codes, ctx.chunk, coefficients.device)]
-        grad_coefficients = torch.cat(blocks, dim=1) + 0.5 * grad32.sum(1, keepdim=True)
+        if torch.is_grad_enabled():  # backward(create_graph=True): a projection that can be differentiated again
+            grad_coefficients = _ProjectOnBases.apply(grad, ctx.spec, codes, ctx.chunk)
+        else:
+            grad_coefficients = _project_on_bases(grad, ctx.spec, codes, ctx.chunk)
         return grad_coefficients.to(coefficients.dtype), None, None, None, None, None
+
+
+class _ProjectOnBases(torch.autograd.Function):
+    """``grad (S, numel) @ basesᵀ``, the combination's backward, as a function whose own backward is the
+    combination: a double backward (MAML's inner step) differentiates NOLA's coefficient gradients exactly."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, spec: BasisSpec, codes: Optional[Tensor], chunk: int) -> Tensor:  # type: ignore[override]
+        ctx.spec, ctx.codes, ctx.chunk, ctx.dtype = spec, codes, chunk, grad.dtype
+        return _project_on_bases(grad, spec, codes, chunk)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        combined = _CombineBases.apply(grad, ctx.spec, ctx.codes, ctx.chunk, True, None)
+        return combined.to(ctx.dtype), None, None, None
+
+
+def _project_on_bases(grad: Tensor, spec: BasisSpec, codes: Optional[Tensor], chunk: int) -> Tensor:
+    """``grad @ basesᵀ`` as (S, k) float32, decoding (or generating) the bases a chunk at a time."""
+    grad32 = grad.float() * spec.step
+    # Column blocks joined once (an (S, k) copy, tiny): torch.compile cannot trace mm into a strided out=.
+    blocks = [grad32 @ rows.t() for _, rows in _chunks(spec, codes, chunk, grad.device)]
+    return torch.cat(blocks, dim=1) + 0.5 * grad32.sum(1, keepdim=True)
 
 
 def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device):

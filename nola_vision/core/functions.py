@@ -79,7 +79,12 @@ class LowRankLinear(torch.autograd.Function):
         if grad is None:  # the product's output got no gradient
             return None, None, None, None, None, None
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _backward(grad, *ctx.saved_tensors, ctx.activation, needs[0], needs[3], needs[4])
+        x, weight, xa, a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients that can be differentiated again
+            grads = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4])
+        else:
+            grads = _backward(grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4])
+        grad_x, grad_a, grad_b = grads
         return grad_x, None, None, grad_a, grad_b, None
 
 
@@ -121,8 +126,10 @@ def _trainable_weight_error() -> ValueError:
 
 
 def _kept_input(ctx, x: Tensor, has_activation: bool) -> Optional[Tensor]:
-    """``x`` if backward needs it: for A's gradient, or for the taken-over activation's gradient of ``x``."""
-    return x if ctx.needs_input_grad[3] or (has_activation and ctx.needs_input_grad[0]) else None
+    """``x`` if backward needs it: for A's gradient, for the taken-over activation's gradient of ``x``, or for
+    B's gradient as a function of ``x`` (a double backward differentiates it)."""
+    needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    return x if needs_a or (needs_x and (has_activation or needs_b)) else None
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
@@ -174,6 +181,32 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
         grad_x = grad_x.view(input_shape)
     grad_a = grad_a.to(a.dtype) if grad_a is not None else None
     grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+    return grad_x, grad_a, grad_b
+
+
+def _differentiable_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,
+                             activation: Optional[nn.Module], needs_x: bool, needs_a: bool, needs_b: bool
+                             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``_backward``'s gradients from out-of-place ops on the kept tensors, ``act(x)`` and ``x A`` recomputed: a
+    graph of the gradients, so that a double backward (gradient penalties, MAML) differentiates them exactly.
+    Without ``x`` (neither x nor A needs a gradient), the kept ``x A`` is a constant of the graph."""
+    dtype, input_shape = grad.dtype, (*grad.shape[:-1], weight.shape[1])
+    grad = grad.reshape(-1, grad.shape[-1])
+    a_, b_ = a.to(dtype), b.to(dtype)
+    act = None
+    if x is not None:
+        act = x if activation is None else activation.forward(x)  # a recomputation: hooks ran in forward
+    inputs = act.reshape(-1, act.shape[-1]).to(dtype) if act is not None else None
+    grad_xa = grad @ b_.t()
+    grad_a = (inputs.t() @ grad_xa).to(a.dtype) if needs_a else None
+    if needs_b:
+        xa = inputs @ a_ if inputs is not None else xa.reshape(-1, xa.shape[-1]).to(dtype)
+    grad_b = (xa.t() @ grad).to(b.dtype) if needs_b else None
+    grad_x = None
+    if needs_x:
+        grad_x = (grad @ weight.to(dtype) + grad_xa @ a_.t()).view(input_shape)
+        if activation is not None:
+            grad_x = torch.autograd.grad(act, x, grad_x.to(act.dtype), create_graph=True)[0]
     return grad_x, grad_a, grad_b
 
 
