@@ -145,7 +145,8 @@ def worker(args: argparse.Namespace) -> Dict:
     with modules, _memory_tracker()(modules, lambda: held_basis_bytes(model)) as memory:
         step()
     return {
-        "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads, "precision": args.precision,
+        "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads,
+        "precision": args.precision,
         "step_ms": statistics.median(totals),
         "op_ms": {key: statistics.median(values + [0.0] * (args.steps - len(values))) for key, values in times.items()},
         "op_calls": calls,

@@ -193,14 +193,14 @@ def _differentiable_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, 
     dtype, input_shape = grad.dtype, (*grad.shape[:-1], weight.shape[1])
     grad = grad.reshape(-1, grad.shape[-1])
     a_, b_ = a.to(dtype), b.to(dtype)
-    act = None
+    act = inputs = None
     if x is not None:
         act = x if activation is None else activation.forward(x)  # a recomputation: hooks ran in forward
-    inputs = act.reshape(-1, act.shape[-1]).to(dtype) if act is not None else None
+        inputs = act.reshape(-1, act.shape[-1]).to(dtype)
+        xa = inputs @ a_
+    xa = xa.reshape(-1, xa.shape[-1]).to(dtype)
     grad_xa = grad @ b_.t()
     grad_a = (inputs.t() @ grad_xa).to(a.dtype) if needs_a else None
-    if needs_b:
-        xa = inputs @ a_ if inputs is not None else xa.reshape(-1, xa.shape[-1]).to(dtype)
     grad_b = (xa.t() @ grad).to(b.dtype) if needs_b else None
     grad_x = None
     if needs_x:
