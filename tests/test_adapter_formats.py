@@ -80,7 +80,8 @@ def test_a_current_file_relabelled_as_format_1_keeps_every_check(tmp_path, allow
     with pytest.raises(AdapterLoadError, match="edited or damaged"):
         nv.load_adapter(tiny_vit(), tmp_path / "edited", allow_unchecked_legacy=allow_unchecked_legacy)
     saved(tmp_path / "flipped")
-    rewrite(tmp_path / "flipped", lambda d: d.update(format=LEGACY))
+    rewrite(tmp_path / "flipped", lambda d: (d.update(format=LEGACY),
+                                             d.update(config_sha256=adapter_io._document_digest(d))))
     flip_a_weight_byte(tmp_path / "flipped")
     with pytest.raises(AdapterLoadError, match="corrupt"):
         nv.load_adapter(tiny_vit(), tmp_path / "flipped", allow_unchecked_legacy=allow_unchecked_legacy)

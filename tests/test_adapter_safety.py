@@ -145,8 +145,9 @@ def test_loading_non_finite_values_is_refused_even_with_matching_checksums(tmp_p
     (lambda d: d["config"].update(rank="4"), "rank must be a positive integer"),
 ])
 def test_malformed_config_fields_give_a_clear_error(tmp_path, change, message):
+    """Each field is checked for what it must be, even in a file whose checksum was taken again after the edit."""
     nv.save_adapter(trained(seed=1), tmp_path)
-    edit_document(tmp_path, change)
+    edit_document(tmp_path, lambda d: (change(d), d.update(config_sha256=adapter_io._document_digest(d))))
     model = tiny_vit()
     with pytest.raises(AdapterLoadError, match=message):
         nv.load_adapter(model, tmp_path)

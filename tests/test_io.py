@@ -7,6 +7,7 @@ import torch
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
+from nola_vision.adapters import files as adapter_io
 from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 from nola_vision.core.quantize import dequantize, pack4, quantize, unpack4
 
@@ -86,6 +87,7 @@ def test_a_wrong_basis_fingerprint_is_rejected_before_anything_changes(tmp_path)
     nv.save_adapter(trained(), tmp_path)
     document = json.loads((tmp_path / CONFIG_NAME).read_text())
     document["basis_fingerprint"] = "0123456789abcdef"
+    document["config_sha256"] = adapter_io._document_digest(document)  # a crafted file: its checksum taken again
     (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
     model = tiny_vit()
     with pytest.raises(AdapterLoadError, match="fingerprint mismatch"):
@@ -97,6 +99,7 @@ def test_a_different_basis_seed_in_the_config_is_caught_by_the_fingerprint(tmp_p
     nv.save_adapter(trained(), tmp_path)
     document = json.loads((tmp_path / CONFIG_NAME).read_text())
     document["config"]["seed"] = 1
+    document["config_sha256"] = adapter_io._document_digest(document)
     (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
     with pytest.raises(AdapterLoadError, match="fingerprint"):
         nv.load_adapter(tiny_vit(), tmp_path)

@@ -8,6 +8,7 @@ import torch
 from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 
 import nola_vision as nv
+from nola_vision.adapters import files as adapter_io
 from nola_vision.adapters.files import read_adapter
 
 # The served tasks of the tests below, name: (config, class count): NOLA-MLP, NOLA on q/v slices, LoRA on q/v with
@@ -126,6 +127,7 @@ def test_adapters_for_another_backbone_or_basis_are_refused(adapters, tmp_path):
         (tmp_path / "basis" / name).write_bytes((adapters["nola_mlp"] / name).read_bytes())
     document = json.loads((tmp_path / "basis" / "adapter_config.json").read_text())
     document["basis_fingerprint"] = "0" * 16
+    document["config_sha256"] = adapter_io._document_digest(document)  # a crafted file: its checksum taken again
     (tmp_path / "basis" / "adapter_config.json").write_text(json.dumps(document))
     with pytest.raises(nv.AdapterLoadError, match="basis fingerprint mismatch"):
         model.add_task("c", tmp_path / "basis")

@@ -13,9 +13,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -42,8 +44,8 @@ from ..core.targets import classifier_head, trained_parameters
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
-           "architecture_name", "decode_tensors", "load_adapter", "num_classes_of", "read_adapter", "save_adapter",
-           "verify_adapter"]
+           "architecture_name", "decode_tensors", "existing_adapter_kind", "load_adapter", "num_classes_of",
+           "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,6 +102,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     version and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
     existing adapter in ``directory`` in one atomic step (``core.storage.atomic_directory``); other files there
     are kept. A ``torch.compile``d model saves what the module it wraps holds, under that module's names.
+    Refused: a trainable parameter the file would not hold, integer codes for full fine-tuning, and a directory
+    holding a peft export; saving at other bits than quantisation-aware training used warns.
     """
     model = unwrap_compiled(model)
     state = adapter_state(model)
@@ -107,8 +111,18 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
     state.plan.require_same_head(model)
     bits = require_bits(bits)
+    if state.config.train_backbone and bits < 16:
+        raise ValueError(f"bits={bits} stores each tensor as {bits}-bit codes over its own range: fine for adapter "
+                         "coefficients, but full fine-tuning stores every backbone weight, which such codes would "
+                         "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
-    stored_bits = {**{name: bits for name in adapter}, **{name: head_bits(bits) for name in head}}
+    _require_nothing_else_trained(model, {**adapter, **head})
+    _warn_if_not_trained_width(model, bits)
+    if existing_adapter_kind(directory) == "peft":
+        raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
+                         "files of the same names. Save the adapter into another directory")
+    head_names = set(state.plan.head_names)
+    stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
     tensors: Dict[str, Tensor] = {}
     quantization: Dict[str, List[float]] = {}
     for name, param in {**adapter, **head}.items():
@@ -147,6 +161,44 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     return Path(directory)
 
 
+def _require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Parameter]) -> None:
+    """Refuse to save when a parameter that trains is not one the file holds: the file would load as another model."""
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and name not in saved]
+    if extra:
+        raise ValueError(
+            f"{len(extra)} trainable parameter(s) are not part of an adapter file: {extra[:4]}"
+            f"{' ...' if len(extra) > 4 else ''}. Their trained values would be lost and the saved adapter would load "
+            "with other outputs than this model. Freeze them (requires_grad_(False)) before training, or train them "
+            "with the 'full' method, which saves every weight"
+        )
+
+
+def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
+    """Warn when quantisation-aware training saw other values than ``bits`` stores: the file then loads as another
+    model than the one that was trained and evaluated."""
+    trained_bits = {layer.quant_bits for layer in adapted_layers(model).values()} - {None}
+    if trained_bits and bits not in trained_bits:
+        warnings.warn(f"the model trains against {sorted(trained_bits)[0]}-bit adapter values "
+                      f"(set_quantization_aware) but is saved at bits={bits}: the file holds the latent values, "
+                      f"whose outputs differ from the trained model's. Save with bits={sorted(trained_bits)[0]} to "
+                      "keep what was trained and evaluated", stacklevel=3)
+
+
+def existing_adapter_kind(directory: PathLike) -> Optional[str]:
+    """What ``directory``'s ``adapter_config.json`` is: ``"nola_vision"`` (``save_adapter``), ``"peft"``
+    (``export_peft``), or None (no such readable file). Both write files of the same names, so each refuses to
+    replace the other's: a peft export cannot give back NOLA's coefficients."""
+    try:
+        document = json.loads((Path(directory) / CONFIG_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    if str(document.get("format", "")).startswith("nola_vision.adapter/"):
+        return "nola_vision"
+    return "peft" if "peft_type" in document else None
+
+
 def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
     """``value`` as float16 at 16 bits (float32 if float16 would turn a value into ±inf) or float32 at 32 bits."""
     for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
@@ -168,7 +220,15 @@ def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[flo
 
 def adapter_size_bytes(directory: PathLike) -> int:
     """Bytes on disk of an adapter directory (config + weights)."""
-    return sum((Path(directory) / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
+    root = Path(directory)
+    if not root.is_dir():
+        raise AdapterLoadError(f"{directory} is {'a file' if root.exists() else 'missing'}, not an adapter directory "
+                               f"({CONFIG_NAME} and {WEIGHTS_NAME}, written by save_adapter)")
+    try:
+        return sum((root / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
+    except FileNotFoundError as error:
+        raise AdapterLoadError(f"{error.filename} is missing: an adapter directory holds {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME} (written by save_adapter)") from error
 
 
 def _is_int(value: Any) -> bool:
@@ -233,8 +293,7 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         raise AdapterLoadError(f"{path} nests its JSON too deeply to be an adapter config; the file was edited or "
                                "crafted: save the adapter again") from error
     if not isinstance(document, dict) or document.get("format") not in (*CHECKED_FORMATS, *UNCHECKED_FORMATS):
-        found = document.get("format") if isinstance(document, dict) else type(document).__name__
-        raise AdapterLoadError(f"{path} has format {found!r}, expected {FORMAT!r}")
+        raise AdapterLoadError(_unknown_format(path, document))
     checked = document["format"] in CHECKED_FORMATS or any(key in document for key in _CHECKSUMS)
     if not checked and not allow_unchecked_legacy:
         raise AdapterLoadError(
@@ -251,7 +310,27 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         if not valid(document[key]):
             raise AdapterLoadError(f"{path}: field {key!r} must be {what}, got {document[key]!r} "
                                    f"({type(document[key]).__name__}); the file was edited or damaged")
+    # Before any field is trusted: an edited class count or backbone would otherwise be reported as the model's fault.
+    if "config_sha256" in document and _document_digest(document) != document["config_sha256"]:
+        raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
+                               "covers scale, init, targets, slices, bits and every other field) does not match; "
+                               "save the adapter again")
     return document
+
+
+def _unknown_format(path: Path, document: Any) -> str:
+    """Why a config document is not one this version reads, and what to do about it."""
+    if not isinstance(document, dict):
+        return f"{path} holds a JSON {type(document).__name__}, not an adapter config (expected format {FORMAT!r})"
+    found = document.get("format")
+    if found is None and "peft_type" in document:
+        return (f"{path} is a peft adapter (nv.export_peft writes these), not a nola_vision adapter: load it with "
+                "peft.PeftModel.from_pretrained(model, directory)")
+    newer = re.fullmatch(r"nola_vision\.adapter/(\d+)", found) if isinstance(found, str) else None
+    if newer is not None and int(newer.group(1)) > int(FORMAT.rsplit("/", 1)[1]):
+        return (f"{path} has format {found!r}, written by a newer nola_vision than this one ({__version__}, which "
+                f"reads up to {FORMAT!r}): upgrade nola_vision (pip install -U nola_vision)")
+    return f"{path} has format {found!r}, expected {FORMAT!r}"
 
 
 def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Tensor], dict]:
@@ -286,6 +365,10 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     except NotADirectoryError as error:
         raise AdapterLoadError(f"{root} is a file, not an adapter directory: pass the directory save_adapter wrote "
                                f"({CONFIG_NAME} and {WEIGHTS_NAME} inside)") from error
+    except IsADirectoryError as error:
+        raise AdapterLoadError(f"{error.args[0] if error.args else root} is a directory where save_adapter writes a "
+                               "file: the adapter directory was changed after it was saved; save the adapter again") \
+            from error
     document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 
@@ -391,8 +474,8 @@ def _check_layers(plan: InjectionPlan, document: dict) -> None:
             )
 
 
-def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -> None:
-    """The generator version and fingerprint of the regenerated bases, then the config document's own checksum."""
+def _check_bases(plan: InjectionPlan, document: dict) -> None:
+    """The generator version and fingerprint of the regenerated bases."""
     expected = plan.basis_fingerprint()
     if expected is not None and document["generator_version"] != GENERATOR_VERSION:
         raise AdapterLoadError(
@@ -404,10 +487,6 @@ def _check_bases_and_checksum(plan: InjectionPlan, document: dict, path: Path) -
             f"basis fingerprint mismatch: the file says {document['basis_fingerprint']}, regenerated bases give "
             f"{expected}; the bases (seed, shapes or generator) differ from those the adapter was trained with"
         )
-    if "config_sha256" in document and _document_digest(document) != document["config_sha256"]:
-        raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
-                               "covers scale, init, targets, slices, bits and every other field) does not match; "
-                               "save the adapter again")
 
 
 def _describe_merged(entries: List[dict]) -> str:
@@ -493,7 +572,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
         _check_num_classes(model, document)
     plan = _plan_for(model, document)
     _check_layers(plan, document)
-    _check_bases_and_checksum(plan, document, Path(directory) / CONFIG_NAME)
+    _check_bases(plan, document)
     if check_frozen_weights:
         _check_frozen_weights(model, document, plan)
     shapes = dict(plan.trained_shapes)

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from ..core.inject import adapter_state
 from ..core.layer import adapted_layers
+from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
 from ..core.targets import classifier_head
+from .files import existing_adapter_kind
 
 __all__ = ["export_peft"]
 
@@ -37,8 +39,14 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
     loads onto a fresh base model (of the architecture the adapters were injected into) with the same logits.
 
-    Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite.
+    Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite;
+    a directory holding a ``save_adapter`` file (same names) is refused, since a peft export cannot give back its
+    coefficients. Under quantisation-aware training the factors and the head are exported as the model sees them.
     """
+    if existing_adapter_kind(directory) == "nola_vision":
+        raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
+                         "exporting there would replace it, and a peft export cannot give back its coefficients. "
+                         "Export into another directory")
     state = adapter_state(model)
     layers = adapted_layers(model)
     if not layers:
@@ -58,8 +66,12 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t()
     head = classifier_head(model)
     head_names = [n for n, m in model.named_modules() if m is head] if head is not None else []
+    quantized_head = state is not None and state.quantized_head is not None
+    quant_bits = {layer.quant_bits for layer in layers.values()} - {None}
     for module_name in head_names:
         for key, value in head.state_dict().items():
+            if quantized_head and quant_bits and key in ("weight", "bias"):  # the head as the QAT model sees it
+                value = fake_quantize(value, head_bits(min(quant_bits)))
             tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
     # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).
     r, lora_alpha = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]

@@ -131,7 +131,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
 
-    A merged model is unmerged first. Returns the model (changed in place).
+    A merged model is unmerged first. Returns the model (changed in place). ``"full"`` fine-tuning trains the
+    weights themselves, in place: unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
     state = _require_injected(model)
     return _remove_injection(unmerge(model), state)
@@ -181,8 +182,16 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     """Train against the values ``save_adapter(bits=bits)`` stores (straight-through estimator); ``None`` turns it off.
 
     The adapter tensors are seen at ``bits``; a linear classifier head at the width files keep it (8-bit codes).
+    Refused on a merged model whose setting it would change: unmerge would subtract another update than was merged.
     """
     bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
+    merged = [name for name, layer in adapted_layers(model).items() if layer.merged and layer.quant_bits != bits]
+    if merged:
+        raise ValueError(
+            f"{merged[0]} is merged: its weight holds the update as seen at quantisation-aware bits "
+            f"{adapted_layers(model)[merged[0]].quant_bits}, and unmerge (or a task switch) subtracts the update as "
+            "the current setting sees it, so changing it now would leave another update in the frozen weight. Call "
+            "nv.unmerge(model) first, then set_quantization_aware, then nv.merge(model) again")
     for layer in adapted_layers(model).values():
         layer.quant_bits = bits
     state = adapter_state(model)

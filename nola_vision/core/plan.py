@@ -44,7 +44,8 @@ class InjectionPlan:
         return fingerprint(specs) if specs else None
 
     def require_fits(self, model: nn.Module) -> None:
-        """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size."""
+        """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size, and the classifier
+        head has the planned parameters."""
         for name, layer in self.layers.items():
             try:
                 linear = model.get_submodule(name)
@@ -55,13 +56,21 @@ class InjectionPlan:
                 raise ValueError(f"the injection plan adapts {name} as a {layer.in_features}→{layer.out_features} "
                                  f"nn.Linear, which this model does not have: plan_injection(model, config) on this "
                                  "model")
+        current, planned = self._heads(model)
+        if current != planned:
+            raise ValueError(f"the injection plan was made for a model whose classifier head has {planned}, this "
+                             f"model's has {current}: plan_injection(model, config) on this model")
+
+    def _heads(self, model: nn.Module) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Tuple[int, ...]]]:
+        """(the model's classifier head parameters, the plan's): names and shapes."""
+        names = set(head_parameter_names(model))
+        current = {name: tuple(p.shape) for name, p in model.named_parameters() if name in names}
+        return current, {name: self.trained_shapes[name] for name in self.head_names}
 
     def require_same_head(self, model: nn.Module) -> None:
         """Raise unless the model's classifier head has the parameters (names, shapes) this plan was made for:
         ``model.reset_classifier(n)`` after ``inject`` replaces the head that adapters, files and counts describe."""
-        names = set(head_parameter_names(model))
-        current = {name: tuple(p.shape) for name, p in model.named_parameters() if name in names}
-        planned = {name: self.trained_shapes[name] for name in self.head_names}
+        current, planned = self._heads(model)
         if current != planned:
             raise ValueError(
                 f"the classifier head changed after inject (model.reset_classifier?): it has {current}, the adapters "

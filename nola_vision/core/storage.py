@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,10 @@ def resolve_directory_target(path: PathLike) -> Path:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
                          "Choose a directory path (the file was left untouched)")
+    blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{path} lies under {blocking}, an existing file, so no directory can be made there: choose "
+                         "another path (the file was left untouched)")
     try:
         cwd = Path(os.path.realpath(os.getcwd()))
     except FileNotFoundError:  # the working directory was deleted: it cannot be the target
@@ -132,7 +137,7 @@ def _writer_lock(target: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = os.open(target.parent / f".{_sibling_stem(target)}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -146,7 +151,7 @@ def _remove_leftovers(target: Path) -> None:
     Safe under the writer lock: no live save of ``target`` owns these, and every file of the user's that they hold
     is also linked from ``target``.
     """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(staged|old)-[0-9a-f]+")
+    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.(staged|old)-[0-9a-f]+")
     for entry in target.parent.iterdir():
         match = pattern.fullmatch(entry.name)
         if match is None:
@@ -157,9 +162,20 @@ def _remove_leftovers(target: Path) -> None:
             _remove_tree(entry)
 
 
+def _sibling_stem(target: Path) -> str:
+    """``target``'s name in its siblings' names: the name itself, or for a name too long to take the 21 more
+    characters (file names stop at 255 bytes), its first 200 bytes and a hash of the whole, so only it matches."""
+    if len(os.fsencode(target.name)) <= 230:
+        return target.name
+    stem = target.name
+    while len(os.fsencode(stem)) > 200:  # whole characters only
+        stem = stem[:-1]
+    return f"{stem}~{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]}"
+
+
 def _sibling(target: Path, kind: str, token: str) -> Path:
-    """``.<name>.<kind>-<token>``: the staged new set or the old set aside, named so only this target matches it."""
-    return target.with_name(f".{target.name}.{kind}-{token}")
+    """``.<stem>.<kind>-<token>``: the staged new set or the old set aside, named so only this target matches it."""
+    return target.with_name(f".{_sibling_stem(target)}.{kind}-{token}")
 
 
 def _make_staging_directory(target: Path) -> Path:
@@ -284,7 +300,7 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
     The directory is opened once and its files relative to it (where the platform allows), so a reader never
     mixes the files of two saves. When a save swaps a new set in and removes the old one while it reads, it
     reads again from the new set. A missing file or directory raises FileNotFoundError naming its path, a
-    ``directory`` that is not one NotADirectoryError.
+    ``directory`` that is not one NotADirectoryError, a directory in place of a file IsADirectoryError.
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
@@ -312,8 +328,13 @@ def _read_relative(dir_fd: int, directory: Path, names: Sequence[str]) -> Dict[s
     for name in names:
         try:
             fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-        except (FileNotFoundError, IsADirectoryError) as error:
+        except FileNotFoundError as error:
             raise FileNotFoundError(str(directory / name)) from error
+        except IsADirectoryError as error:
+            raise IsADirectoryError(str(directory / name)) from error
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # Linux opens a directory read-only, and only reading it fails
+            os.close(fd)
+            raise IsADirectoryError(str(directory / name))
         with os.fdopen(fd, "rb") as file:
             contents[name] = file.read()
     return contents

@@ -119,6 +119,8 @@ class MultiTaskModel(nn.Module):
         with the adapter (``check_frozen_weights=False`` skips it, for a deliberate transfer), tensor sizes and
         finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
         """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a task name is a non-empty str (batches name their tasks by it), got {name!r}")
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered: call remove_task({name!r}) first to replace it")
         try:

@@ -265,7 +265,14 @@ class _GraphInfo:
 
 def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
     if isinstance(graph, (str, os.PathLike)):
-        proto = _import_onnx().load(str(graph))
+        onnx = _import_onnx()
+        from google.protobuf.message import DecodeError  # onnx's own dependency
+
+        try:
+            proto = onnx.load(str(graph))
+        except (OSError, DecodeError) as error:
+            raise AdapterLoadError(f"{graph} cannot be read as an ONNX graph ({error}): pass the .onnx file that "
+                                   "export_onnx(model, path, tasks_as_inputs=True) wrote") from error
         metadata = {entry.key: entry.value for entry in proto.metadata_props}
         inputs = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
                   for i in proto.graph.input}

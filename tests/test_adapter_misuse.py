@@ -1,0 +1,175 @@
+"""Misuse that used to lose a trained adapter or load it silently wrong: QAT changed while merged, peft exports and
+adapter files in one directory, trained tensors a file does not hold, edited fields read before the checksum."""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.core.quantize import fake_quantize, head_bits
+
+NOLA = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
+LORA = nv.LoRAConfig(rank=4, targets=["attn.q", "attn.v"])
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def trained(config=NOLA, seed=1, **kwargs):
+    return as_if_trained(nv.inject(tiny_vit(**kwargs), config), seed, scale=0.3)
+
+
+def files_of(directory):
+    return {name: (directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+
+
+@pytest.mark.parametrize("config", [NOLA, LORA], ids=["nola", "lora"])
+def test_quantisation_aware_bits_cannot_change_while_merged_so_unload_gives_back_the_frozen_weights(config):
+    model = tiny_vit()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    nv.inject(model, config)
+    nv.set_quantization_aware(model, 4)
+    as_if_trained(model, 1, scale=0.3)
+    nv.merge(model)
+    nv.set_quantization_aware(model, 4)  # the same setting: nothing changes
+    with pytest.raises(ValueError, match="is merged.*nv.unmerge"):
+        nv.set_quantization_aware(model, None)
+    with pytest.raises(ValueError, match="is merged"):
+        nv.set_quantization_aware(model, 8)
+    nv.unload(model)
+    head = {name for name in original if name.startswith("head.")}
+    for name, value in model.state_dict().items():
+        if name not in head:
+            torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_export_peft_and_save_adapter_never_replace_each_others_files(tmp_path):
+    model = trained(LORA)
+    nv.save_adapter(model, tmp_path / "ours")
+    before = files_of(tmp_path / "ours")
+    with pytest.raises(ValueError, match="holds a nola_vision adapter.*another directory"):
+        nv.export_peft(model, tmp_path / "ours")
+    assert files_of(tmp_path / "ours") == before
+    nv.load_adapter(tiny_vit(), tmp_path / "ours")
+
+    nv.export_peft(model, tmp_path / "peft")
+    exported = files_of(tmp_path / "peft")
+    with pytest.raises(ValueError, match="holds a peft LoRA export"):
+        nv.save_adapter(model, tmp_path / "peft")
+    assert files_of(tmp_path / "peft") == exported
+    with pytest.raises(AdapterLoadError, match=r"peft adapter .*peft.PeftModel.from_pretrained"):
+        nv.load_adapter(tiny_vit(), tmp_path / "peft")
+
+
+def test_a_quantisation_aware_model_exports_its_head_to_peft_as_it_sees_it(tmp_path):
+    model = trained(LORA)
+    nv.set_quantization_aware(model, 4)
+    nv.export_peft(model, tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    for key in ("weight", "bias"):
+        expected = fake_quantize(getattr(model.head, key).detach(), head_bits(4))
+        assert not torch.equal(expected, getattr(model.head, key).detach())  # the test can tell the two apart
+        torch.testing.assert_close(tensors[f"base_model.model.head.{key}"], expected, rtol=0, atol=0)
+
+
+def test_save_refuses_trainable_parameters_the_file_would_not_hold(tmp_path):
+    model = trained()
+    model.pos_embed.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"1 trainable parameter\(s\) are not part of an adapter file: \['pos_embed"):
+        nv.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    model.pos_embed.requires_grad_(False)
+    nv.save_adapter(model, tmp_path / "a")
+
+
+def test_full_fine_tuning_refuses_integer_codes_for_its_weights(tmp_path):
+    model = nv.inject(tiny_vit(), "full")
+    for bits in (8, 4):
+        with pytest.raises(ValueError, match=f"bits={bits} .*full fine-tuning.*bits=16 or 32"):
+            nv.save_adapter(model, tmp_path, bits=bits)
+    nv.save_adapter(model, tmp_path, bits=16)
+    with torch.no_grad():
+        torch.testing.assert_close(nv.load_adapter(tiny_vit(), tmp_path)(IMAGES), model(IMAGES), rtol=0, atol=1e-2)
+
+
+def test_saving_at_other_bits_than_quantisation_aware_training_warns(tmp_path):
+    model = trained()
+    nv.set_quantization_aware(model, 4)
+    with pytest.warns(UserWarning, match="trains against 4-bit .* saved at bits=16"):
+        nv.save_adapter(model, tmp_path / "16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path / "4", bits=4)
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", 6), ("backbone", "vit_small_patch16_224"),
+                                          ("seed", 7), ("rank", 3)])
+def test_an_edited_field_is_reported_as_an_edit_before_any_advice_drawn_from_it(tmp_path, field, value):
+    nv.save_adapter(trained(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (document["config"] if field in ("seed", "rank") else document)[field] = value
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="edited or damaged after it was saved"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+    with pytest.raises(AdapterLoadError, match="edited or damaged after it was saved"):
+        nv.onnx_task_inputs(tmp_path)
+
+
+def test_a_directory_in_place_of_an_adapter_file_is_named(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+    (tmp_path / CONFIG_NAME).mkdir()
+    with pytest.raises(AdapterLoadError, match=f"{CONFIG_NAME} is a directory where save_adapter writes a file"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+    with pytest.raises(AdapterLoadError, match="is a directory"):
+        nv.MultiTaskModel(tiny_vit()).add_task("a", tmp_path)
+
+
+def test_inject_refuses_a_plan_made_for_another_head():
+    plan = nv.plan_injection(tiny_vit(num_classes=10), NOLA)
+    model = tiny_vit(num_classes=5)
+    with pytest.raises(ValueError, match="plan was made for a model whose classifier head has"):
+        nv.inject(model, plan)
+    assert not nv.adapted_layers(model)
+
+
+def test_a_file_from_a_newer_nola_vision_asks_for_an_upgrade(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    document["format"] = "nola_vision.adapter/99"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="newer nola_vision.*upgrade"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_paths_that_cannot_hold_an_adapter_give_clear_errors(tmp_path):
+    model = trained()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="lies under .*afile, an existing file"):
+        nv.save_adapter(model, tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "x"
+    for path, what in ((tmp_path / "missing", "missing"), (tmp_path / "afile", "a file")):
+        with pytest.raises(AdapterLoadError, match=f"is {what}, not an adapter directory"):
+            nv.adapter_size_bytes(path)
+    with pytest.raises(TypeError, match="task name is a non-empty str"):
+        nv.MultiTaskModel(tiny_vit()).add_task(7, tmp_path)
+
+
+def test_a_name_too_long_for_the_staging_siblings_still_saves_and_resaves(tmp_path):
+    target = tmp_path / ("a" * 250)
+    model = trained()
+    nv.save_adapter(model, target, bits=32)
+    nv.save_adapter(trained(seed=2), target, bits=32)
+    with torch.no_grad():
+        torch.testing.assert_close(nv.load_adapter(tiny_vit(), target)(IMAGES), trained(seed=2)(IMAGES))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [target.name]
+
+
+def test_a_file_that_is_not_an_onnx_graph_is_named(tmp_path):
+    pytest.importorskip("onnx")
+    nv.save_adapter(trained(), tmp_path / "task")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\xff\xff not a graph")
+    with pytest.raises(AdapterLoadError, match="junk.onnx cannot be read as an ONNX graph"):
+        nv.onnx_task_inputs(tmp_path / "task", tmp_path / "junk.onnx")
