@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(HELP)
         if not args:
             return 2
-    from .train.cli import CONFIG_ERRORS, RUN_ERRORS, run_lightning_cli
+    from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, run_lightning_cli
 
     try:
         run_lightning_cli(args)
@@ -57,14 +57,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         close_process_group()
     return 0
-
-
-def error_message(err: BaseException) -> str:
-    """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in."""
-    text = str(err).strip()
-    if "Original Traceback" in text:  # torch's ExceptionWrapper: "...\n<module>.<Class>: <message>" ends it
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 def close_process_group() -> None:

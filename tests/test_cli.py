@@ -40,7 +40,9 @@ def test_fit_then_test_from_checkpoint_gives_the_same_accuracy(tmp_path):
 
 def test_predict_writes_a_csv_with_class_names(tmp_path):
     out = tmp_path / "pred.csv"
-    run_lightning_cli(["predict", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+                       "--test_after_fit", "false", *QUIET])
+    run_lightning_cli(["predict", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last",
                        "--predictions_file", str(out), *QUIET])
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1797 - 898  # the digits test split

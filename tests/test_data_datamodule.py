@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
+from torch.utils.data import RandomSampler
 
 from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
 from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
@@ -292,3 +293,38 @@ def test_worker_processes_yield_the_same_split(folder_root):
     dm.setup("fit")
     labels = sorted(torch.cat([y for _, y in dm.train_dataloader()]).tolist())
     assert labels == [0, 0, 1, 1, 2, 2]
+
+
+def test_each_epoch_orders_as_one_seeded_random_sampler_and_a_resumed_epoch_repeats_it(cifar10_root):
+    """Epoch e's order is what ``RandomSampler`` with the seeded generator gives on its e-th pass, whether the
+    epochs run in one go or a resumed run starts at epoch e (Lightning calls ``set_epoch``)."""
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                           augment="none", shuffle_seed=3)
+    dm.setup("fit")
+    reference = RandomSampler(range(len(dm.train_set)), generator=torch.Generator().manual_seed(3))
+    expected = [list(reference) for _ in range(4)]
+    sampler = dm.train_dataloader().sampler
+    assert [list(sampler) for _ in range(4)] == expected  # a plain loop moves on by itself
+    resumed = dm.train_dataloader().sampler
+    resumed.set_epoch(2)
+    assert list(resumed) == expected[2] != expected[0]
+    resumed.set_epoch(3)
+    assert list(resumed) == expected[3]
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
+    for split in ("train", "test"):
+        (tmp_path / "pets" / split / ".ipynb_checkpoints").mkdir()
+        (tmp_path / "pets" / split / "cat" / "._cat 00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    dm = FewShotDataModule("imagefolder", root=str(tmp_path / "pets"), shots=2, image_size=8, augment="none")
+    assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
+    dm.setup()
+    assert len(dm.test_set) == 6 and not dm.test_set.dataset.missing_or_empty_files()
+    assert all("._" not in path for path, _ in dm.test_set.dataset.samples)
+
+
+def test_an_imagefolder_with_one_class_says_so(tmp_path):
+    write_imagefolder(tmp_path / "one", classes=("only",), eval_folder="test")
+    with pytest.raises(ValueError, match="has one class \\('only'\\): a classifier needs at least two"):
+        FewShotDataModule("imagefolder", root=str(tmp_path / "one"), shots=2, image_size=8).num_classes

@@ -31,7 +31,7 @@ from nola_vision.data import (
     dataset_class_names,
     dataset_num_classes,
 )
-from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR, DatasetMetadataError
 
 ALL = ["cifar10", "cifar100", "cub200", "caltech101", "food101", "fashion_mnist", "digits", "imagefolder"]
 
@@ -315,3 +315,21 @@ def test_getitem_applies_the_transform_and_returns_the_label(tmp_path):
     ds = build_dataset("imagefolder", tmp_path, transform=lambda img: np.asarray(img).shape)
     assert ds[4] == ((16, 20, 3), 1)
     assert isinstance(ds.load_image(0), Image.Image) and os.fspath(ds.root) == os.fspath(tmp_path)
+
+
+def test_a_caltech101_split_file_that_no_longer_matches_the_images_is_named(tmp_path):
+    write_caltech101(tmp_path, per_class=6)
+    build_dataset("caltech101", tmp_path, "train")  # writes the split file
+    split_file = tmp_path / "caltech101" / "nola_vision_split.txt"
+    cats = tmp_path / "caltech101" / "101_ObjectCategories"
+    added = cats / "Faces_easy" / "image_0099.jpg"
+    added.write_bytes((cats / "Faces_easy" / "image_0002.jpg").read_bytes())  # extracted after the split was made
+    with pytest.raises(DatasetMetadataError, match=r"1 image\(s\) on disk are not listed .*image_0099.jpg.*delete"):
+        build_dataset("caltech101", tmp_path, "train")
+    added.unlink()
+    (cats / "Faces_easy" / "image_0003.jpg").unlink()
+    with pytest.raises(DatasetMetadataError, match=r"1 listed image\(s\) are not on disk .*image_0003.jpg"):
+        build_dataset("caltech101", tmp_path, "test")
+    split_file.unlink()
+    assert len(build_dataset("caltech101", tmp_path, "train")) + len(build_dataset("caltech101", tmp_path, "test")) \
+        == 101 * 6 - 1

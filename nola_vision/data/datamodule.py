@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from .datasets import (
@@ -33,6 +33,31 @@ from .transforms import (
 )
 
 __all__ = ["FewShotDataModule", "FewShotSubset"]
+
+
+class EpochShuffle(Sampler[int]):
+    """The orders ``RandomSampler`` draws from one generator seeded with ``seed``, indexed by epoch: a run resumed
+    at epoch e (Lightning calls ``set_epoch``) sees the order the uninterrupted run saw there, not epoch 0's again.
+
+    ``RandomSampler`` draws two permutations per pass (the second for a remainder that is empty here), so epoch e's
+    order is the first of the pair after 2e draws. Without ``set_epoch`` each pass moves to the next epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(2 * self.epoch):
+            torch.randperm(self.size, generator=generator)
+        self.epoch += 1
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class FewShotSubset(Dataset):
@@ -200,6 +225,11 @@ class FewShotDataModule(L.LightningDataModule):
         self.cache_images, self.cache_mb = hp.cache_images, hp.cache_mb
         # known now, from a static table (imagefolder: its class folders), so the CLI can link it
         self.num_classes: int = dataset_num_classes(hp.dataset, hp.root)
+        if self.num_classes < 2:
+            only = dataset_class_names(hp.dataset, hp.root)[0]
+            raise ValueError(f"dataset {hp.dataset!r} under {hp.root} has one class ({only!r}): a classifier needs at "
+                             "least two. Put one folder per class under its train folder (hidden "
+                             "folders do not count)")
         self.data_config: DataConfig = resolve_data_config(hp.backbone, hp.image_size)
         self.train_transform, self.eval_transform = build_transforms(hp.augment, hp.normalize, self.data_config)
         self._class_names: Optional[list[str]] = None
@@ -300,9 +330,10 @@ class FewShotDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator; drop_last only when at least one full batch remains.
+        """Shuffled by epoch from a seed (``EpochShuffle``: a resumed run sees the orders of an uninterrupted one);
+        drop_last only when at least one full batch remains.
 
-        Under DDP Lightning would replace the sampler with one seeded by ``seed_everything``, so a set
+        Under DDP Lightning replaces a shuffling loader's sampler with one seeded by ``seed_everything``, so a set
         ``shuffle_seed`` comes with its own ``DistributedSampler``, which Lightning keeps.
         """
         self._require_setup()
@@ -311,9 +342,11 @@ class FewShotDataModule(L.LightningDataModule):
         if ddp and self.shuffle_seed is not None:
             sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.shuffle_seed, **ddp)
             return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
+        if ddp:  # Lightning swaps a shuffling loader's sampler for its DistributedSampler (ordered by epoch too)
+            return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
-        generator = torch.Generator().manual_seed(seed % 2**63)
-        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+        sampler = EpochShuffle(len(self.train_set), seed % 2**63)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""

@@ -126,6 +126,11 @@ class ImageDataset(Dataset):
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
 
+    def missing_or_empty_files(self) -> list[Path]:
+        """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
+        paths = (self.root / key for key, _ in self.samples)
+        return [path for path in paths if not path.is_file() or path.stat().st_size == 0]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -152,6 +157,9 @@ class ArrayImageDataset(ImageDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return _to_rgb(Image.fromarray(self.images[index]))
+
+    def missing_or_empty_files(self) -> list[Path]:
+        return []  # in memory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,8 +307,32 @@ class _CUB:
         return ImageDataset(self.name, folder, split, samples, names)
 
 
+def _hidden(path: Path) -> bool:
+    """A dot-file or dot-folder (macOS ``._*`` resource forks, ``.ipynb_checkpoints``, ``.DS_Store``): never data."""
+    return path.name.startswith(".")
+
+
 def _image_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``folder`` (hidden ones are tool metadata, not classes)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
+    """The split file lists exactly the images on disk: one made from a partial extraction would otherwise ignore
+    the images added since, and one listing deleted images would fail only when they are read (after training)."""
+    missing, unlisted = sorted(listed - on_disk), sorted(on_disk - listed)
+    if missing or unlisted:
+        problems = [f"{len(missing)} listed image(s) are not on disk (e.g. {missing[0]})" if missing else "",
+                    f"{len(unlisted)} image(s) on disk are not listed (e.g. {unlisted[0]})" if unlisted else ""]
+        raise DatasetMetadataError(
+            f"{split_path} does not match the images under {split_path.parent}: "
+            f"{'; '.join(p for p in problems if p)}. The split was made from another set of files (a partial "
+            f"extraction?): delete {split_path} to make it again from the images on disk, or edit it")
 
 
 class _Caltech101:
@@ -320,17 +352,21 @@ class _Caltech101:
             raise _not_found(self.name, cats, f"Pass download=True (--data.download true) to fetch {self.url} "
                              f"with torchvision, or extract it so that {cats} exists.")
         # as torchvision: sorted folder names without the BACKGROUND_Google clutter class
-        return sorted(p.name for p in cats.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")
+        return [name for name in _class_folders(cats) if name != "BACKGROUND_Google"]
 
     def split_assignment(self, root: Path) -> dict[str, str]:
         """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule."""
         folder = root / "caltech101"
         split_path = folder / CALTECH_SPLIT_FILE
+        on_disk = {name: _image_files(self.expected(root) / name) for name in self.class_names(root)}
         if split_path.is_file():
-            return self._read_split(split_path, set(self.class_names(root)))
+            assignment = self._read_split(split_path, set(on_disk))
+            images = {f"{CALTECH_IMAGES}/{name}/{fname}" for name, files in on_disk.items() for fname in files}
+            _require_same_images(split_path, set(assignment), images)
+            return assignment
         assignment = {}
-        for name in self.class_names(root):
-            for pos, fname in enumerate(_image_files(self.expected(root) / name)):
+        for name, files in on_disk.items():
+            for pos, fname in enumerate(files):
                 rel = f"{CALTECH_IMAGES}/{name}/{fname}"
                 assignment[rel] = "test" if pos % CALTECH_TEST_EVERY == 0 else "train"
         lines = ["# nola_vision Caltech-101 split: per class, sorted by file name, every 5th image "
@@ -496,7 +532,7 @@ class _ImageFolder:
 
     def class_names(self, root: Path) -> list[str]:
         train = self.expected(root)
-        names = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        names = _class_folders(train) if train.is_dir() else []
         if not names:
             raise _not_found(self.name, train / "<class>" / "<image>.jpg",
                              f"Put one folder per class under {train} and the held-out images under "
@@ -511,7 +547,7 @@ class _ImageFolder:
             if not folder.is_dir():
                 raise _not_found(self.name, folder, f"Put the held-out images under {root / 'test'}/<class>/ "
                                  f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.")
-            extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in names)
+            extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)

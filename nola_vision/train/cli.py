@@ -8,6 +8,7 @@ import io
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -15,7 +16,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.storage import atomic_path, write_json_atomic
@@ -23,8 +24,9 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError
 
-__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "argument_error",
-           "check_config_sources", "cli_parser", "run_lightning_cli"]
+__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "RunConfigSaver",
+           "argument_error", "check_checkpoint_file", "check_config_sources", "cli_parser", "error_message",
+           "run_lightning_cli"]
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -71,6 +73,31 @@ class PredictionsCSVWriter(BasePredictionWriter):
         self.rows = []
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Saves a run's ``config.yaml`` into its log directory, never over another run's.
+
+    Without a logger every run logs straight into ``default_root_dir``, so a second ``fit`` there would replace the
+    first run's config and exported adapter beside its checkpoints: it is refused before training. A resumed fit, or
+    a ``test``/``validate``/``predict`` of the run in that folder, keeps the run's config as it is.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
+        exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+        if exists and stage == "fit" and self.config.get("ckpt_path") is None:
+            raise ValueError(
+                f"{path.parent} already holds another run ({path.name}, its checkpoints and exported adapter), which "
+                "this fit would overwrite: a run without a logger writes straight into --trainer.default_root_dir. "
+                "Choose another --trainer.default_root_dir, keep the logger (each run then gets its own version_N "
+                "folder), or resume that run with --ckpt_path last")
+        if exists:
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class NolaCLI(LightningCLI):
     """LightningCLI with linked data/model arguments, a test pass after ``fit`` and a JSON result file."""
 
@@ -93,8 +120,19 @@ class NolaCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
             return
+        root = config.trainer.default_root_dir or os.getcwd()
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(config.trainer.default_root_dir or os.getcwd()) or "last"
+            config.ckpt_path = find_last_checkpoint(root)
+            if config.ckpt_path is None:
+                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (nor its <name>/version_N "
+                                        "folders): nothing to resume. Pass --trainer.default_root_dir of the run, or "
+                                        "a checkpoint path")
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("test", "validate", "predict") and config.get("ckpt_path") is None:
+            raise ValueError(f"{subcommand} without --ckpt_path would evaluate the untrained model (a random head): "
+                             "pass --ckpt_path <a checkpoint of the fit run> (or --ckpt_path last for the newest under "
+                             "--trainer.default_root_dir)")
+        check_checkpoint_file(config.get("ckpt_path"))
         self.given_model = config.model.clone()
         argv = sys.argv[1:] if args is None else args
         self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
@@ -106,11 +144,32 @@ class NolaCLI(LightningCLI):
         if self.subcommand and getattr(self, "given_model", None) is not None:
             check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
 
+    def before_fit(self) -> None:
+        """What only the end of a run would find, found before it trains: the result path, and (when testing
+        after fit) the test split's class folders and its missing or empty image files."""
+        config = self.config[self.subcommand]
+        if config.result_file:
+            check_result_path(config.result_file)
+        if config.test_after_fit:
+            self.datamodule.setup("test")
+            bad = self.datamodule.test_set.dataset.missing_or_empty_files()
+            if bad:
+                raise CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
+                                        "them again, or remove them, before training (the test after fit reads every "
+                                        "test image)")
+
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         if config.test_after_fit and not self.trainer.interrupted:
-            results = self.trainer.test(self.model, datamodule=self.datamodule)
+            try:
+                results = self.trainer.test(self.model, datamodule=self.datamodule)
+            except CorruptImageError as error:
+                checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+                raise CorruptImageError(
+                    f"{error_message(error)}. Training finished and was kept: adapter "
+                    f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
+                    "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>") from error
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
@@ -169,6 +228,38 @@ def _check_yaml(text: Any, source: str, syntax: bool = True) -> None:
             raise ValueError(f"{source} is not valid YAML: {err}") from None
 
 
+def error_message(err: BaseException) -> str:
+    """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: "...\n<module>.<Class>: <message>" ends it
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def check_result_path(path: str) -> None:
+    """Refuse a ``--result_file`` that cannot be written (a directory, or under a file) before a run trains."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--result_file {path} is a directory: pass a file path, e.g. {file / 'result.json'}")
+    blocking = next((parent for parent in file.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--result_file {path} lies under {blocking}, an existing file: choose another path")
+
+
+def check_checkpoint_file(path: Optional[str]) -> None:
+    """Refuse a ``--ckpt_path`` that is missing, a directory, or not a checkpoint (another file, or one cut short by a
+    full disk or an interrupted copy), before anything is built: torch's own errors name neither."""
+    if path is None or path in ("best", "hpc", "registry"):  # Lightning's own lookups
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} is {'a directory' if file.is_dir() else 'missing'}: pass a "
+                                "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
+    if not zipfile.is_zipfile(file):
+        raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
+                         "short (a full disk, an interrupted copy): pass another checkpoint of the run")
+
+
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
     """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
     ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None."""
@@ -206,7 +297,8 @@ def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> Nol
     return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, **CLI_SETTINGS)
 
 
-CLI_SETTINGS: Dict[str, Any] = {"save_config_kwargs": {"overwrite": True}, "auto_configure_optimizers": False}
+CLI_SETTINGS: Dict[str, Any] = {"save_config_callback": RunConfigSaver, "save_config_kwargs": {"overwrite": True},
+                                "auto_configure_optimizers": False}
 
 
 class _Built(Exception):

@@ -25,6 +25,7 @@ from ..core.inject import adapter_state, inject, set_quantization_aware
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import resolve_directory_target
+from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
@@ -77,6 +78,14 @@ def _check_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     # re-parse a checkpoint's hyper-parameters
     hp["adapter"] = adapter_to_hparam(config)
     return config
+
+
+def _few(names: List[str]) -> str:
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+# The data settings that decide which images a run trains on: a resumed run must keep them.
+_SPLIT_SETTINGS = ("dataset", "root", "shots", "split_seed", "val_shots", "split_file", "val_split_file", "allow_fewer")
 
 
 class FewShotClassifier(L.LightningModule):
@@ -284,7 +293,8 @@ class FewShotClassifier(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
-                                     "parameter_counts": self.parameter_counts}
+                                     "parameter_counts": self.parameter_counts,
+                                     "data": self._data_record()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Check that the checkpoint fits this model (every trained tensor, same frozen backbone), then complete its
@@ -298,9 +308,43 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this "
                              f"model's {sorted(expected)[:4]}...; build the model with the checkpoint's config (same "
                              "adapter)")
+        own = self.state_dict()
+        for key, tensor in checkpoint["state_dict"].items():
+            if key in own and tuple(tensor.shape) != tuple(own[key].shape):
+                head = key in {f"model.{name}" for name in head_parameter_names(self.model)}
+                raise ValueError(
+                    f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, this model's {tuple(own[key].shape)}"
+                    + (f": the checkpoint was trained on {tensor.shape[0]} classes, the data has {own[key].shape[0]}; "
+                       "test it on the data it was trained on" if head else "; build the model with the checkpoint's "
+                       "config"))
+        self._check_data(info.get("data"))
         self._check_backbone(info.get("backbone_fingerprint"))
-        for key, tensor in self.state_dict().items():
+        for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _data_record(self) -> Optional[dict]:
+        """What the run trained on (class names and the k-shot split's settings), for the checks of a later load."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "class_names"):
+            return None
+        split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
+        return {"class_names": list(datamodule.class_names), "split": split}
+
+    def _check_data(self, saved: Optional[dict]) -> None:
+        """Refuse to test a checkpoint on other classes, or to resume its training on another k-shot split."""
+        now = self._data_record()
+        if saved is None or now is None:
+            return
+        if saved["class_names"] != now["class_names"]:
+            raise ValueError(f"the checkpoint was trained on classes {_few(saved['class_names'])}, the data has "
+                             f"{_few(now['class_names'])}: its head would name the wrong classes. Pass the data it was "
+                             "trained on (--data.dataset, --data.root)")
+        if self.trainer.state.fn == "fit":
+            changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
+            if changed:
+                raise ValueError("resuming trains on another split than the run did: " + "; ".join(
+                    f"--data.{k} {b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items())
+                    + ". Pass the run's data settings, or start a new run")
 
     def _check_backbone(self, saved: Any) -> None:
         """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes)."""

@@ -1,0 +1,90 @@
+"""CLI runs that used to lose work or report silently wrong numbers: a second run into a finished one's folder,
+resumes that were not the interrupted run, tests of untrained or mismatched checkpoints, failures found only after
+training."""
+from pathlib import Path
+
+import torch
+from fixtures_data import write_imagefolder
+
+from nola_vision.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_offline.yaml"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+FIT = ["fit", "-c", str(TINY), *QUIET]
+
+
+def run(capsys, *args):
+    """Exit code and stderr of the console script's main, in this process."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def trained_tensors(checkpoint):
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_a_second_fit_into_a_finished_runs_folder_is_refused_and_resuming_it_is_not(tmp_path, capsys):
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+    kept = {p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "adapter").iterdir()]}
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+                    "--data.split_seed", 7)
+    assert code == 2 and "already holds another run" in err and "--ckpt_path last" in err
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+               "--ckpt_path", "last")[0] == 0
+
+
+def test_a_resumed_run_trains_exactly_as_the_uninterrupted_run(tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(capsys, *FIT, "--trainer.default_root_dir", whole, "--test_after_fit", "false")[0] == 0
+    # 50 images in batches of 16 (the last dropped): 3 steps per epoch, so this stops after epoch 0
+    assert run(capsys, *FIT, "--trainer.default_root_dir", parts, "--trainer.max_steps", 3,
+               "--test_after_fit", "false")[0] == 0
+    assert run(capsys, *FIT, "--trainer.default_root_dir", parts, "--ckpt_path", "last",
+               "--test_after_fit", "false")[0] == 0
+    a, b = (trained_tensors(root / "checkpoints" / "last.ckpt") for root in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_on_another_split_is_refused(tmp_path, capsys):
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+                    "--ckpt_path", "last", "--data.split_seed", 7)
+    assert code == 2 and "resuming trains on another split" in err and "--data.split_seed 7 (checkpoint: 0)" in err
+
+
+def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_path, capsys):
+    for subcommand in ("test", "validate", "predict"):
+        code, err = run(capsys, subcommand, "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path)
+        assert code == 2 and "would evaluate the untrained model" in err
+    code, err = run(capsys, "test", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--ckpt_path", "last")
+    assert code == 2 and "no last.ckpt under" in err
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    (tmp_path / "cut.ckpt").write_bytes(checkpoint.read_bytes()[:20000])
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    for bad in ("cut.ckpt", "text.ckpt"):
+        code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / bad)
+        assert code == 2 and "is not a checkpoint written by fit" in err
+    # a 10-class digits checkpoint on 3 classes, then on 10 classes with other names
+    write_imagefolder(tmp_path / "pets", eval_folder="test")
+    write_imagefolder(tmp_path / "ten", classes=tuple("abcdefghij"), eval_folder="test")
+    data = ["--data.dataset", "imagefolder", "--data.shots", 2]
+    test = ["test", "-c", TINY, *QUIET, "--ckpt_path", checkpoint, *data]
+    code, err = run(capsys, *test, "--data.root", tmp_path / "pets")
+    assert code == 2 and "trained on 10 classes, the data has 3" in err
+    code, err = run(capsys, *test, "--data.root", tmp_path / "ten")
+    assert code == 2 and "trained on classes ['0', '1', '2', '3', '4'] ..., the data has ['a', 'b'" in err
+
+
+def test_what_the_end_of_a_run_needs_is_checked_before_it_trains(tmp_path, capsys):
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", "--result_file", tmp_path)
+    assert code == 2 and "is a directory" in err
+    write_imagefolder(tmp_path / "pets", eval_folder="test")
+    (tmp_path / "pets" / "test" / "cat" / "cat 00.png").write_bytes(b"")
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--data.dataset", "imagefolder",
+                    "--data.root", tmp_path / "pets", "--data.shots", 2)
+    assert code == 1 and "1 test image(s) are missing or empty" in err and "cat 00.png" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
