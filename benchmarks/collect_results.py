@@ -49,6 +49,10 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "not the calls or FLOPs) and, tracked tensor by tensor, what is alive at the step's memory peak. NOLA's shared "
      "basis codes are listed beside it: held between steps, released by the forward pass before the activations "
      "grow, generated again in the backward pass once they are gone."),
+    ("profile_step_bf16", "Where the time and memory of a training step go, bf16 autocast",
+     "The same profile under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`: the frozen products run on the CPU's "
+     "bf16 matrix units, so the adapter's float32 and memory-bound work (combining and generating the bases, the "
+     "low-rank additions, the activation recomputed in backward) weighs more against the step."),
     ("train_step_vit_b", "Training step, ViT-B/16", "2 torch threads on the otherwise idle machine."),
     ("train_step_vit_b_1thread", "Training step, ViT-B/16, 1 torch thread",
      "Run beside the accuracy benchmark, each on its own core."),
@@ -60,7 +64,8 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("compile_step_vit_l", "Training step under torch.compile, ViT-L/16", "As for ViT-B/16."),
     ("grad_ckpt_off_vit_b", "Gradient checkpointing, ViT-B/16: off", "Measured right before the run with it on."),
     ("grad_ckpt_on_vit_b", "Gradient checkpointing, ViT-B/16: on (`model.set_grad_checkpointing(True)`)",
-     "Shared bases are then combined per layer inside each checkpointed block (no batching across layers)."),
+     "timm's default (non-reentrant) checkpointing: the shared bases are still combined once per step for all layers, "
+     "and the recomputed layers read the forward pass's factors."),
     ("sweep_k", "Scaling with the number of bases k = l (ViT-B/16)",
      "Shared bases are int16 codes held once per model (2 bytes × k × the factor shapes: 61 KB per basis index "
      "for ViT-B NOLA-MLP), generated once per CPU training step and never under its activations, so neither time "
@@ -108,7 +113,8 @@ TIMING_NOTE = (
 )
 PARTS = {"nola_vs_lora_vit_b": "nola_vs_lora", "nola_vs_lora_vit_l": "nola_vs_lora",
          "nola_vs_lora_bf16_vit_b": "nola_vs_lora", "nola_vs_lora_bf16_vit_l": "nola_vs_lora",
-         "profile_step": "profile", "train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
+         "profile_step": "profile", "profile_step_bf16": "profile",
+         "train_step_vit_b": "train_step", "train_step_vit_b_1thread": "train_step_1thread",
          "train_step_vit_l": "train_step_large", "compile_step_vit_b": "train_step_compile",
          "compile_step_vit_l": "train_step_compile",
          "grad_ckpt_off_vit_b": "grad_checkpointing", "grad_ckpt_on_vit_b": "grad_checkpointing",

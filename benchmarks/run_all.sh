@@ -37,16 +37,18 @@ part() {
                 run "nola_vs_lora${tag:+_$tag}_vit_b" train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 20 --precision $precision
                 run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 20 --precision $precision
             done ;;
-        profile) run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 ;;
+        profile)
+            run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1
+            run profile_step_bf16 profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 --precision bf16 ;;
         train_step) run train_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 3 ;;
         train_step_1thread) run train_step_vit_b_1thread train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --threads 1 ;;
         train_step_large) run train_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 1 --rounds 2 ;;
         train_step_compile)
             run compile_step_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 2 --rounds 1 --methods lora nola --compile
             run compile_step_vit_l train_step.py --model vit_large_patch16_224 --batch 4 --steps 2 --warmup 2 --rounds 1 --methods lora nola --compile ;;
-        grad_checkpointing)  # the same step with timm's set_grad_checkpointing off and on
-            run grad_ckpt_off_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola
-            run grad_ckpt_on_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola --grad-checkpointing ;;
+        grad_checkpointing)  # the same step with timm's set_grad_checkpointing off and on; time paired in one process
+            run grad_ckpt_off_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola --paired 10
+            run grad_ckpt_on_vit_b train_step.py --model vit_base_patch16_224 --batch 8 --steps 3 --warmup 1 --rounds 2 --methods lora nola --paired 10 --grad-checkpointing ;;
         sweep_k) run sweep_k train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep k ;;
         sweep_layers) run sweep_layers train_step.py --model vit_base_patch16_224 --batch 8 --steps 2 --warmup 1 --sweep layers ;;
         accuracy)  # lr, head lr and warm-up chosen on validation (stage 1: shared lr; stage 2: points around each best)

@@ -137,6 +137,10 @@ def run_demo(
         raise ValueError(f"unknown demo methods {unknown}; choose from {available_methods()}")
     if not seeds:
         raise ValueError("the demo needs at least one split seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"split seeds {list(seeds)} repeat one: the mean and spread would count that run twice")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     results = []
     bar = tqdm(total=len(methods) * len(seeds), desc="demo", unit="run", disable=not progress or verbose,
                dynamic_ncols=True)
@@ -236,7 +240,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                            rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
                            verbose=args.verbose)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"nola-vision demo: error: {err}", file=sys.stderr)
+        # the data layer names the CLI's options; the demo's own are --root and --download
+        message = str(err).replace("--data.root", "--root").replace("--data.download true", "--download")
+        print(f"nola-vision demo: error: {message}", file=sys.stderr)
         return 1
     from .models.assets import OFFLINE_BACKBONE_DESCRIPTION
 

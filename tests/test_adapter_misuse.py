@@ -1,7 +1,10 @@
 """Misuse that used to lose a trained adapter or load it silently wrong: QAT changed while merged, peft exports and
 adapter files in one directory, trained tensors a file does not hold, edited fields read before the checksum."""
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +176,31 @@ def test_a_file_that_is_not_an_onnx_graph_is_named(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x08\xff\xff not a graph")
     with pytest.raises(AdapterLoadError, match="junk.onnx cannot be read as an ONNX graph"):
         nv.onnx_task_inputs(tmp_path / "task", tmp_path / "junk.onnx")
+
+
+def test_two_saves_of_the_same_values_in_two_processes_are_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in a per-process hash order: the files (and weights_sha256) must not."""
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); import nola_vision as nv; "
+              "from tiny_models import as_if_trained, tiny_vit; "
+              "m = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, scale=0.3); "
+              "nv.save_adapter(m, sys.argv[1], bits=4)")
+    tests = str(Path(__file__).resolve().parent)
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), tests], check=True)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b") == files_of(tmp_path / "c")
+    nv.load_adapter(tiny_vit(), tmp_path / "a")
+
+
+def test_the_weights_header_is_rewritten_with_sorted_metadata_and_the_same_length():
+    from safetensors.torch import load, save
+
+    from nola_vision.adapters.files import _canonical_safetensors
+
+    raw = save({"x": torch.arange(3.0)}, metadata={"format": "f", "quantization": "{}"})
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = {"quantization": "{}", "format": "f"}  # the other hash order
+    text = json.dumps(header, separators=(",", ":")).encode()
+    other = raw[:8] + text.ljust(size) + raw[8 + size :]
+    assert _canonical_safetensors(raw) == _canonical_safetensors(other)
+    assert torch.equal(load(_canonical_safetensors(other))["x"], torch.arange(3.0))

@@ -1,6 +1,7 @@
 """CLI runs that used to lose work or report silently wrong numbers: a second run into a finished one's folder,
 resumes that were not the interrupted run, tests of untrained or mismatched checkpoints, failures found only after
 training."""
+import json
 from pathlib import Path
 
 import torch
@@ -88,3 +89,27 @@ def test_what_the_end_of_a_run_needs_is_checked_before_it_trains(tmp_path, capsy
                     "--data.root", tmp_path / "pets", "--data.shots", 2)
     assert code == 1 and "1 test image(s) are missing or empty" in err and "cat 00.png" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_empty_config_and_a_validation_without_images_are_named(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    code, err = run(capsys, "fit", "-c", tmp_path / "empty.yaml")
+    assert code == 2 and "empty.yaml is empty" in err
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+               "--result_file", tmp_path / "r.json")[0] == 0
+    assert json.loads((tmp_path / "r.json").read_text())["adapter_bits"] == 16
+    code, err = run(capsys, "validate", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "checkpoints" / "last.ckpt")
+    assert code == 2 and "validate needs validation images: set --data.val_shots" in err
+
+
+def test_the_demo_refuses_repeated_seeds_and_names_its_own_options(capsys):
+    from nola_vision.demo import main as demo
+
+    assert demo(["--seeds", "0", "0", "--no_progress"]) == 1
+    assert "repeat one" in capsys.readouterr().err
+    assert demo(["--epochs", "0", "--no_progress"]) == 1
+    assert "epochs must be a positive integer" in capsys.readouterr().err
+    assert demo(["--dataset", "cub200", "--root", "/nonexistent", "--no_progress", "--backbone", "vit_tiny_patch16_224",
+                 "--no_pretrained"]) == 1
+    err = capsys.readouterr().err
+    assert "--root" in err and "--data.root" not in err

@@ -135,7 +135,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         else:
             tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name])
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
-    weights = save_safetensors_bytes(tensors, metadata=metadata)
+    weights = _canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
     document: Dict[str, Any] = {
         "format": FORMAT,
         "method": state.method,
@@ -159,6 +159,19 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
+
+
+def _canonical_safetensors(raw: bytes) -> bytes:
+    """``raw`` with its header's metadata keys sorted: safetensors writes them in hash-map order, which changes from
+    process to process, so two saves of the same values would differ byte for byte (and in ``weights_sha256``).
+    The rewritten header has the same length and the same tensors."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # never for the same entries in another order; keep the library's bytes then
+        return raw
+    return raw[:8] + text.ljust(size) + raw[8 + size :]
 
 
 def _require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Parameter]) -> None:

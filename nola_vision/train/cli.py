@@ -183,6 +183,8 @@ class NolaCLI(LightningCLI):
                 "parameter_counts": self.model.parameter_counts,
                 "epochs": self.trainer.current_epoch,
                 "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
+                # the metrics are those of the trained tensors; the file stores them at these bits
+                "adapter_bits": self.model.exported_adapter_bits,
                 "log_dir": log_dir,
                 "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
                 or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
@@ -195,6 +197,11 @@ class NolaCLI(LightningCLI):
             if callback.save_last is None:
                 callback.save_last = True
         return trainer
+
+    def before_validate(self) -> None:
+        if not self.datamodule.val_shots and not self.datamodule.val_split_file:
+            raise ValueError("validate needs validation images: set --data.val_shots (images per class drawn apart "
+                             "from the training shots, e.g. 2) as in the run that trained the checkpoint")
 
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
@@ -213,14 +220,17 @@ def check_config_sources(argv: Any) -> None:
             option, value = (args[i - 1] if i else ""), arg
         if option in ("-c", "--config") and Path(value).is_file():
             with open(value, errors="replace") as stream:  # YAML's messages then name the file
-                _check_yaml(stream, f"config file {value}")
+                if _check_yaml(stream, f"config file {value}") is None:
+                    raise ValueError(f"config file {value} is empty (or only comments): it sets nothing; give it a "
+                                     "model and data section, e.g. copy configs/tiny_offline.yaml")
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
 
 
-def _check_yaml(text: Any, source: str, syntax: bool = True) -> None:
+def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
+    """The composed YAML node of ``text`` (None when it holds no document), or a ValueError naming ``source``."""
     try:
-        yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
+        return yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
     except RecursionError:
         raise ValueError(f"{source} nests too deeply to be a config; flatten it") from None
     except yaml.YAMLError as err:

@@ -169,6 +169,7 @@ class FewShotClassifier(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self._fingerprint: Optional[dict] = None
         self.exported_adapter_dir: Optional[Path] = None
+        self.exported_adapter_bits: Optional[int] = None
 
     # ---- what is trained -------------------------------------------------------------------------
     @property
@@ -285,6 +286,7 @@ class FewShotClassifier(L.LightningModule):
             return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits)
+        self.exported_adapter_bits = bits
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
