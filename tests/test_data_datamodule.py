@@ -328,3 +328,12 @@ def test_an_imagefolder_with_one_class_says_so(tmp_path):
     write_imagefolder(tmp_path / "one", classes=("only",), eval_folder="test")
     with pytest.raises(ValueError, match="has one class \\('only'\\): a classifier needs at least two"):
         FewShotDataModule("imagefolder", root=str(tmp_path / "one"), shots=2, image_size=8).num_classes
+
+
+def test_a_held_out_class_without_images_is_named_in_a_warning(tmp_path):
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
+    for image in (tmp_path / "pets" / "test" / "dog").iterdir():
+        image.unlink()
+    dm = FewShotDataModule("imagefolder", root=str(tmp_path / "pets"), shots=2, image_size=8, augment="none")
+    with pytest.warns(UserWarning, match=r"no images of classes \['dog'\]"):
+        dm.setup("test")

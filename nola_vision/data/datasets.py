@@ -13,6 +13,7 @@ import os
 import pickle
 import reprlib
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,6 +553,10 @@ class _ImageFolder:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
                    if (folder / name).is_dir() for fname in _image_files(folder / name)]
+        empty = sorted(set(names) - {names[label] for _, label in samples})
+        if split != "train" and samples and empty:
+            warnings.warn(f"{folder} has no images of classes {empty}: its accuracy covers the other classes only",
+                          stacklevel=2)
         return ImageDataset(self.name, root, split, samples, names)
 
 
