@@ -204,3 +204,10 @@ def test_the_weights_header_is_rewritten_with_sorted_metadata_and_the_same_lengt
     other = raw[:8] + text.ljust(size) + raw[8 + size :]
     assert _canonical_safetensors(raw) == _canonical_safetensors(other)
     assert torch.equal(load(_canonical_safetensors(other))["x"], torch.arange(3.0))
+
+
+def test_a_byte_order_mark_added_by_an_editor_is_tolerated(tmp_path):
+    nv.save_adapter(trained(), tmp_path, bits=32)
+    (tmp_path / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + (tmp_path / CONFIG_NAME).read_bytes())
+    with torch.no_grad():
+        torch.testing.assert_close(nv.load_adapter(tiny_vit(), tmp_path)(IMAGES), trained()(IMAGES))

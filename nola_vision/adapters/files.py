@@ -299,7 +299,7 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     editing the format cannot skip them; a file without any loads only with ``allow_unchecked_legacy``.
     """
     try:
-        document = json.loads(raw.decode())
+        document = json.loads(raw.decode("utf-8-sig"))  # an editor may have added a byte-order mark
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
     except RecursionError as error:
