@@ -146,11 +146,11 @@ class NolaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """What only the end of a run would find, found before it trains: the result path, and (when testing
-        after fit) the test split's class folders and its missing or empty image files."""
+        after fit, on data already on disk) the test split's class folders and its missing or empty image files."""
         config = self.config[self.subcommand]
         if config.result_file:
             check_result_path(config.result_file)
-        if config.test_after_fit:
+        if config.test_after_fit and not self.datamodule.download:  # data to download is not there to check yet
             self.datamodule.setup("test")
             bad = self.datamodule.test_set.dataset.missing_or_empty_files()
             if bad:
