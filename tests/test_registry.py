@@ -9,6 +9,7 @@ from tiny_models import tiny_vit
 
 import nola_vision as nv
 from nola_vision.core.config import adapter_to_hparam, resolve_adapter
+from nola_vision.core.registry import METHODS
 
 
 def test_a_method_registered_by_its_own_module_is_found_by_name_and_counted_exactly(tmp_path):
@@ -34,3 +35,16 @@ def test_built_in_methods_and_plain_configs_come_from_the_registry():
     with pytest.raises(ValueError, match="FrozenAConfig.method must be 'other'"):
         nv.register_method("other", FrozenAConfig, FrozenALinear)
     assert "other" not in nv.available_methods()
+
+
+def test_a_method_class_defined_again_in_a_rerun_cell_replaces_its_registration():
+    namespace: dict = {}
+    cell = ("from dataclasses import dataclass\nimport nola_vision as nv\n"
+            "@dataclass\nclass RerunConfig(nv.LoRAConfig):\n    method: str = 'rerun_lora'\n"
+            "nv.register_method('rerun_lora', RerunConfig, nv.LoRALinear)\n")
+    for _ in range(2):  # the same cell, twice: a new class object with the same module and name
+        exec(compile(cell, "<notebook cell>", "exec"), namespace)
+    assert nv.get_method("rerun_lora").config_cls is namespace["RerunConfig"]
+    with pytest.raises(ValueError, match="already registered by .*RerunConfig: choose another name for LoRAConfig"):
+        nv.register_method("rerun_lora", nv.LoRAConfig, nv.LoRALinear)
+    del METHODS["rerun_lora"]

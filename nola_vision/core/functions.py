@@ -151,10 +151,14 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
 
 
 def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor) -> Tensor:
-    """``inputs Wᵀ + bias + xa B``, the low-rank term added into the product's buffer in place."""
-    y = F.linear(inputs, weight, bias)
-    y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
-    return y
+    """``inputs Wᵀ + bias + xa B``, the low-rank term added into the product's buffer in place.
+
+    The result is not a view autograd tracks (as ``matmul``'s is not), so an in-place op after the layer (a
+    ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one.
+    """
+    y = F.linear(inputs.reshape(-1, inputs.shape[-1]), weight, bias)
+    y.addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
+    return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
 
 
 def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,

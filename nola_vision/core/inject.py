@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -19,7 +20,14 @@ from .basis import BasisBank
 from .config import AdapterConfig
 from .fingerprint import record_merged
 from .layer import AdaptedLinear, adapted_layers
-from .merge import combine_shared_factors, has_shared_bases, merge, release_shared_factors, unmerge
+from .merge import (
+    combine_shared_factors,
+    has_shared_bases,
+    merge,
+    reentrant_checkpointing_inputs,
+    release_shared_factors,
+    unmerge,
+)
 from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
@@ -120,12 +128,92 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         if activation is not None:  # fc2 recomputes its input from the pre-activation in backward
             adapted.input_activation = replace_module(parent, "act", nn.Identity())
         replace_module(model, name, adapted)
-    hooks = []
+    hooks = [model.register_forward_pre_hook(reentrant_checkpointing_inputs)] if plan.layers else []
     if has_shared_bases(model):
-        hooks = [model.register_forward_pre_hook(combine_shared_factors),
-                 model.register_forward_hook(release_shared_factors, always_call=True)]
+        hooks += [model.register_forward_pre_hook(combine_shared_factors),
+                  model.register_forward_hook(release_shared_factors, always_call=True)]
+    hooks += _require_adapters_called(model, list(plan.layers))
+    if plan.layers:
+        keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
+                for parameter in layer.adapter_parameter_names]
+        hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
     setattr(model, STATE_ATTRIBUTE, AdapterState(plan, context.get("bank"), requires_grad, hooks))
     return model
+
+
+class _PlainStateDicts:
+    """Load-state-dict post-hook: a plain model's state dict (pretrained weights, timm's ``checkpoint_path``) loads
+    into the injected model strictly; when it holds none of the adapter tensors, they keep their values instead of
+    being reported missing. A state dict holding some of them must hold all. (A class, so the model still pickles.)"""
+
+    def __init__(self, adapter_keys: List[str]) -> None:
+        self.adapter_keys = adapter_keys
+
+    def __call__(self, module: nn.Module, incompatible) -> None:
+        # names as loaded: with a prefix when loaded through a wrapper (torch.compile's _orig_mod.)
+        missing = [key for key in incompatible.missing_keys
+                   if any(key == k or key.endswith("." + k) for k in self.adapter_keys)]
+        if len(missing) == len(self.adapter_keys):
+            for key in missing:
+                incompatible.missing_keys.remove(key)
+
+
+class _CallCheck:
+    """Checks, on the model's first forward pass, that every adapted layer whose parent module ran was called: some
+    attentions read ``self.qkv.weight`` with ``F.linear`` instead of calling the layer (timm's EVA and BEiT with a
+    qkv bias, Swin V2), so an adapter there would silently change nothing but the merged weights. Its hooks do
+    nothing once a pass has called every layer whose parent ran (a class, so the model still pickles)."""
+
+    def __init__(self, model: nn.Module, names: List[str]) -> None:
+        self.names = names
+        self.parents = {name: id(model.get_submodule(name.rpartition(".")[0])) for name in names}
+        self.parent_types = {name: type(model.get_submodule(name.rpartition(".")[0])).__name__ for name in names}
+        self.ran: set = set()
+        self.called: set = set()
+        self.done = False
+        self.handles: List[RemovableHandle] = []  # removed once the check passed
+
+    def __getstate__(self) -> dict:  # a copy's module ids differ: it keeps no-op hooks
+        return {**self.__dict__, "parents": {}, "ran": set(), "called": set(), "done": True, "handles": []}
+
+    def parent_ran(self, module: nn.Module, args: tuple) -> None:
+        if not self.done and not torch.compiler.is_compiling():
+            self.ran.add(id(module))
+
+    def layer_called(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not self.done and not torch.compiler.is_compiling():
+            self.called.add(name)
+
+    def check(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.done or torch.compiler.is_compiling():
+            return
+        skipped = [name for name in self.names if self.parents[name] in self.ran and name not in self.called]
+        self.ran.clear()
+        self.called.clear()
+        if skipped:
+            parent = self.parent_types[skipped[0]]
+            raise ValueError(
+                f"adapted layer {skipped[0]} was never called although its parent {parent} ran"
+                f"{f' ({len(skipped)} such layers)' if len(skipped) > 1 else ''}: {parent}.forward reads the layer's "
+                "weight directly (e.g. F.linear(x, self.qkv.weight, bias)), so an adapter there changes nothing. "
+                "Target other layers of this model (e.g. mlp.fc1, mlp.fc2, attn.proj): nv.unload(model), then "
+                "inject again")
+        self.done = True
+        for handle in self.handles:
+            handle.remove()
+
+
+def _require_adapters_called(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
+    """Install a ``_CallCheck``: a pre-hook on each adapted layer's parent, a hook on each layer, one on the model."""
+    if not names:
+        return []
+    check = _CallCheck(model, names)
+    parents = {id(p): p for p in (model.get_submodule(name.rpartition(".")[0]) for name in names)}
+    handles = [parent.register_forward_pre_hook(check.parent_ran) for parent in parents.values()]
+    handles += [model.get_submodule(name).register_forward_hook(functools.partial(check.layer_called, name))
+                for name in names]
+    check.handles = handles + [model.register_forward_hook(check.check)]
+    return check.handles
 
 
 def unload(model: nn.Module) -> nn.Module:

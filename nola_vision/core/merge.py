@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,8 @@ from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "combine_shared", "combine_shared_factors", "gradient_checkpointing",
-           "has_shared_bases", "merge", "release_shared_factors", "switch_merged", "unmerge"]
+           "has_shared_bases", "merge", "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged",
+           "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -62,6 +63,19 @@ def _reentrant_checkpointing() -> bool:
     must not go through a combination shared by every block (the first block's backward would free it)."""
     use_reentrant = getattr(sys.modules.get("timm.layers"), "use_reentrant_ckpt", None)
     return True if use_reentrant is None else bool(use_reentrant())
+
+
+def reentrant_checkpointing_inputs(model: nn.Module, args: tuple) -> Optional[tuple]:
+    """Forward pre-hook: under re-entrant gradient checkpointing, hand the model its images as a tensor that
+    requires grad (the same storage). Re-entrant checkpointing only differentiates a block whose input requires
+    grad, and a frozen stem's output does not: without this every adapter would silently get no gradient."""
+    if not (args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad):
+        return None
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
+        return None
+    return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:

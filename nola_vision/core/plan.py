@@ -2,6 +2,7 @@
 without changing the model, so injection and adapter files are validated before anything is built."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 
@@ -11,7 +12,7 @@ from .basis import BasisSpec, fingerprint
 from .config import AdapterConfig, as_config
 from .layer import Slice
 from .registry import method_of
-from .targets import find_targets, head_parameter_names
+from .targets import find_targets, head_parameter_names, require_one_head
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
@@ -98,7 +99,10 @@ def _require_plain_forward(name: str, linear: nn.Linear) -> None:
 
 def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
-    config = as_config(config)
+    # A copy: changing the caller's config afterwards (a sweep reusing one object) must not change this plan, the
+    # injected model or what its files record.
+    config = copy.deepcopy(as_config(config))
+    require_one_head(model)
     layer_cls = method_of(config).layer_cls
     layers = {}
     if layer_cls is not None:

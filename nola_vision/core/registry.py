@@ -39,8 +39,11 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
 
     The layer class subclasses ``nola_vision.AdaptedLinear``; see the guide "Adding a method" (docs/guides).
     """
-    if name in METHODS and METHODS[name].config_cls is not config_cls:
-        raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config_cls.__name__}")
+    registered = METHODS[name].config_cls if name in METHODS else config_cls
+    # The same class defined again (a notebook cell run twice) replaces its registration; any other class is refused.
+    if (registered.__module__, registered.__qualname__) != (config_cls.__module__, config_cls.__qualname__):
+        raise ValueError(f"adapter method {name!r} is already registered by {registered.__module__}."
+                         f"{registered.__qualname__}: choose another name for {config_cls.__qualname__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
     if not 0.0 <= default_warmup_fraction < 1.0:

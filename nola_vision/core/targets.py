@@ -2,6 +2,7 @@
 one definition of a model's trained tensors (used by the plan, files, counts, training, export and serving)."""
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -9,7 +10,8 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "trained_parameters"]
+__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_one_head",
+           "trained_parameters"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -37,6 +39,18 @@ def classifier_head(model: nn.Module) -> Optional[nn.Module]:
     return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
 
 
+def require_one_head(model: nn.Module) -> None:
+    """Refuse a model with several classifier heads (timm's distilled DeiT and EfficientFormer return a tuple from
+    ``get_classifier()``): adapters would train beside heads that stay frozen at their random init."""
+    get_classifier = getattr(model, "get_classifier", None)
+    heads = get_classifier() if callable(get_classifier) else None
+    if isinstance(heads, (tuple, list)):
+        names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
+        raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
+                         "model), and nola_vision trains one: use the model without distillation (e.g. "
+                         "deit_base_patch16_224 for deit_base_distilled_patch16_224)")
+
+
 def head_parameter_names(model: nn.Module) -> Tuple[str, ...]:
     """Full names of the classifier head's parameters (empty without a head)."""
     head = classifier_head(model)
@@ -58,6 +72,19 @@ def trained_parameters(model: nn.Module, train_backbone: bool) -> Tuple[Dict[str
     return adapter, {name: parameters[name] for name in head_parameter_names(model)}
 
 
+def _splits_into_q_k_v_blocks(attention: nn.Module) -> bool:
+    """Whether an attention's forward reads its fused qkv output as q, k, v blocks (``reshape(B, N, 3, num_heads,
+    ...)``), the layout that slicing by thirds assumes; MaxViT's ``head_first`` and EfficientFormer lay it out head by
+    head."""
+    if getattr(attention, "head_first", False):
+        return False
+    try:
+        source = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):  # no source (a compiled or dynamically built class): the layout cannot be read
+        return False
+    return re.search(r"\b3,\s*self\.num_heads\b", source) is not None
+
+
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
     """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
     head = classifier_head(model)
@@ -75,6 +102,12 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
             if last in QKV_SLICES and _matches(name, f"{prefix}.qkv" if prefix else "qkv"):
                 if module.out_features % 3:
                     raise ValueError(f"target {pattern!r}: {name} has {module.out_features} outputs, not a fused qkv")
+                parent = model.get_submodule(name.rpartition(".")[0])
+                if not _splits_into_q_k_v_blocks(parent):
+                    raise ValueError(
+                        f"target {pattern!r}: cannot tell that {type(parent).__name__} splits the output of {name} "
+                        "into q, k and v blocks (reshape(B, N, 3, num_heads, ...)); it may lay them out head by head, "
+                        "so a third of it would mix q, k and v. Target the fused layer ('attn.qkv') instead")
                 width = module.out_features // 3
                 start = QKV_SLICES[last] * width
                 found.setdefault(name, []).append((start, start + width))

@@ -17,7 +17,7 @@ from timm.models import (
 )
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.registry import get_method
 
@@ -55,15 +55,20 @@ def check_model_name(model_name: str, fix: str = "") -> None:
                          f"Drop the tag for timm's default. {fix}".rstrip())
 
 
-def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str]] = None, **kwargs: Any) -> nn.Module:
+def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Dict[str, Any]]] = None,
+                 **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, **kwargs)`` followed by ``inject(model, adapter)`` when one is given.
+
+    ``adapter`` is a config, a method name ("nola", "lora" for their defaults; "linear", "full") or a config's
+    ``to_dict()`` form, as ``FewShotClassifier`` takes it.
 
     Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).
     """
     check_model_name(model_name)
+    config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
     model = timm.create_model(model_name, **kwargs)
-    if adapter is not None:
-        inject(model, adapter)
+    if config is not None:
+        inject(model, config)
     return model
 
 

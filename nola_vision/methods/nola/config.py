@@ -63,4 +63,6 @@ class NOLAConfig(AdapterConfig):
         return self.scale / self.rank
 
     def describe(self) -> str:
-        return f"NOLA r={self.rank} k=l={self.num_basis_a} on {'+'.join(self.targets)}"
+        bases = (f"k=l={self.num_basis_a}" if self.num_basis_a == self.num_basis_b
+                 else f"k={self.num_basis_a} l={self.num_basis_b}")
+        return f"NOLA r={self.rank} {bases} on {'+'.join(self.targets)}"
