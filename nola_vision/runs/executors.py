@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Executor", "LocalExecutor", "Run", "SubmititExecutor", "add_executor_arguments", "build_executor"]
+__all__ = ["Executor", "LocalExecutor", "Run", "SubmititExecutor", "add_executor_arguments", "build_executor",
+           "call", "stop_runs_on_sigterm"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class Run:
     log: Path
 
 
+_RUNNING: Set[subprocess.Popen] = set()  # the fits this process started and waits for
+_RUNNING_LOCK = threading.Lock()
+
+
 def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, float]:
     """Run ``cmd`` with its output in ``log`` (after the command line); return its exit code and wall seconds."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -33,8 +39,36 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> 
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.call(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            code = process.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
     return code, round(time.time() - start, 1)
+
+
+def stop_runs_on_sigterm() -> None:
+    """On SIGTERM (``kill``, a scheduler's cancel), stop the fits this process started, then exit: left running,
+    they would hold their devices and race a re-run for the same folders."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        with _RUNNING_LOCK:
+            running = list(_RUNNING)
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 class Executor:

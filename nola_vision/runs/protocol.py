@@ -18,6 +18,7 @@ What the seeds control: the split seed draws the k-shot training images; the ini
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,16 +26,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..core.storage import write_json_atomic
-from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
+from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_sigterm
 from .knn import run_knn
 from .results import (
     RESULT_FILE,
+    check_seeds,
     claim_row,
+    claim_run,
     config_key,
     counted,
     discard_result,
     parse_overrides,
     read_result,
+    row_folder,
     write_tables,
 )
 
@@ -129,14 +133,17 @@ def run_protocol(
             raise FileNotFoundError(f"config {config} does not exist")
     refuse_controlled_overrides(overrides)
     name = name or "_".join(Path(c).stem for c in configs)
-    root = Path(out) / name
+    check_seeds(split_seeds, init_seeds)
+    if knn and (isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1):
+        raise ValueError(f"--knn_k must be a positive integer (neighbours of the k-NN baseline), got {knn_k!r}")
     key = config_key(configs, overrides)
-    root.mkdir(parents=True, exist_ok=True)
+    root = row_folder(out, name)
     claim_row(root, key)
     executor = executor or LocalExecutor(1)
     config_args = [arg for c in configs for arg in ("-c", str(c))]
     grid = [(s, i) for s in split_seeds for i in init_seeds]
     labels: Dict[Path, str] = {}
+    claims: Dict[Path, int] = {}
     pending: List[Run] = []
     for n, (split_seed, init_seed) in enumerate(grid, 1):
         run_dir = root / run_dir_name(split_seed, init_seed)
@@ -145,29 +152,42 @@ def run_protocol(
             if echo:
                 print(f"{label}: done already, skipped", flush=True)
             continue
+        claim = claim_run(run_dir)
+        if claim is None:
+            if echo:
+                print(f"{label}: running in another process, skipped", flush=True)
+            continue
+        claims[run_dir] = claim
+        if counted(read_result(run_dir / RESULT_FILE)):  # finished by another process meanwhile
+            os.close(claims.pop(run_dir))
+            continue
         discard_result(run_dir / RESULT_FILE)  # a result that does not count must not be mistaken for a finished run
         run_dir.mkdir(parents=True, exist_ok=True)
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
                            run_dir / "log.txt"))
     failed: List[str] = []
-    for run, code, wall in executor.run(pending):
-        run_dir, label = run.log.parent, labels[run.log.parent]
-        result = run_dir / RESULT_FILE
-        row = read_result(result)
-        if code != 0 or not counted(row):
-            discard_result(result)
-            why = f"exit {code}" if code != 0 else "no finite test accuracy"
-            failed.append(f"{run_dir} ({why}; see {run.log})")
+    try:
+        for run, code, wall in executor.run(pending):
+            run_dir, label = run.log.parent, labels[run.log.parent]
+            result = run_dir / RESULT_FILE
+            row = read_result(result)
+            if code != 0 or not counted(row):
+                discard_result(result)
+                why = f"exit {code}" if code != 0 else "no finite test accuracy"
+                failed.append(f"{run_dir} ({why}; see {run.log})")
+                if echo:
+                    print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
+                continue
+            # the wall time of the whole run, process start-up included, and the settings it was made with
+            row.update(wall_s=wall, config_hash=key["config_hash"])
+            write_json_atomic(result, row)
+            write_tables(out)
             if echo:
-                print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
-            continue
-        # the wall time of the whole run, process start-up included, and the settings it was made with
-        row.update(wall_s=wall, config_hash=key["config_hash"])
-        write_json_atomic(result, row)
-        write_tables(out)
-        if echo:
-            print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
+                print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
+    finally:
+        for claim in claims.values():
+            os.close(claim)
     if knn:
         run_knn(configs, out=out, name=name + "-knn", split_seeds=split_seeds, overrides=overrides, k=knn_k,
                 echo=echo)
@@ -193,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--knn_k", type=int, default=1, help="neighbours of the k-NN baseline")
     add_executor_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
+    stop_runs_on_sigterm()
     try:
         name = args.name or "_".join(Path(c).stem for c in args.config)
         executor = build_executor(args, Path(args.out) / name / "submitit")

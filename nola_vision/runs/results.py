@@ -10,14 +10,21 @@ import csv
 import hashlib
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
 
-__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "claim_row", "collect_results", "config_key",
-           "counted", "discard_result", "parse_overrides", "read_result", "summarise", "write_tables"]
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "check_seeds", "claim_row", "claim_run",
+           "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result", "row_folder",
+           "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -52,10 +59,53 @@ def config_key(configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, An
     """What a protocol row measures: the composed config files' content and the overrides, without seeds and
     paths, with a short hash. Rows are keyed by it so runs with other settings never share a mean."""
     contents = [Path(c).read_text() for c in configs]
-    settings = [f"{k}={v}" if v is not None else k for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
-    digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings}).encode()).hexdigest()[:16]
+    pairs = [(k, v) for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
+    settings = [f"{k}={v}" if v is not None else k for k, v in pairs]
+    # an override given as a file (--trainer t.yaml, --model.adapter a.yaml) counts by its content, as -c files do
+    files = {v: Path(v).read_text() for _, v in pairs if v is not None and Path(v).is_file()}
+    digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings, **({"override_files": files}
+                                                                                        if files else {})}
+                                       ).encode()).hexdigest()[:16]
     return {"config_hash": digest, "configs": [str(c) for c in configs],
             "config_sha256": [hashlib.sha256(c.encode()).hexdigest()[:16] for c in contents], "overrides": settings}
+
+
+def row_folder(out: str, name: str) -> Path:
+    """``<out>/<name>``, made: a row's name is one folder name (the tables read ``<out>/<name>/<run>/result.json``)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\|") or name != name.strip():
+        raise ValueError(f"--name {name!r}: a row name is one folder name (no '/', '\\' or '|' (the table's column "
+                         "separator), not '.' or '..', no leading or trailing spaces)")
+    root = Path(out) / name
+    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{blocking} is a file, so the runs cannot go under {root}: choose another --out or --name")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def claim_run(run_dir: Path) -> Optional[int]:
+    """An exclusive lock on ``<run_dir>/.claim``, held by this process until the returned descriptor is closed; None
+    when another process holds it (it runs that fit now): two protocol commands on one row never run a fit twice.
+    Without ``fcntl`` (Windows) nothing is locked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int]) -> None:
+    """Refuse empty or repeated seeds: a repeated one would run (and count) the same run twice."""
+    for option, seeds in (("split_seeds", split_seeds), ("init_seeds", init_seeds)):
+        if not seeds:
+            raise ValueError(f"--{option} is empty: give at least one seed")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--{option} {list(seeds)} repeats a seed: each (split, init) run is made once")
 
 
 def claim_row(root: Path, key: Dict[str, Any]) -> None:

@@ -32,9 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import yaml
 
 from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
-from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor
+from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_sigterm
 from .protocol import fit_command, refuse_controlled_overrides, run_protocol
-from .results import RESULT_FILE, config_key, counted, parse_overrides, read_result
+from .results import RESULT_FILE, check_seeds, config_key, counted, parse_overrides, read_result, row_folder
 
 __all__ = ["CONTROLLED", "check_grid", "main", "parse_grid", "run_tune"]
 
@@ -67,6 +67,10 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         if key in grid:
             raise ValueError(f"--grid {key} is given twice: list all its values in one --grid {key}=a,b,c")
         parsed = [_number(v.strip()) for v in values.split(",") if v.strip()]
+        if not parsed:
+            raise ValueError(f"--grid {key} has no values: list them, e.g. --grid {key}=1e-3,5e-3")
+        if len({repr(float(v)) if isinstance(v, (int, float)) else v for v in parsed}) != len(parsed):
+            raise ValueError(f"--grid {item!r} repeats a value (1 and 1.0 are one setting)")
         if len(set(map(str, parsed))) != len(parsed):
             raise ValueError(f"--grid {item!r} repeats a value")
         grid[key] = parsed
@@ -78,7 +82,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
 def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str, List[Any]]) -> None:
     """Refuse, before the first trial, a grid key that no ``fit`` option has, a value ``fit`` does not accept, and a
     key that tune sets itself: every value is parsed by ``fit``'s own parser, composed as a trial composes it."""
-    from ..train.cli import argument_error, cli_parser
+    from ..train.cli import argument_error, argument_value_error, cli_parser
 
     for key, values in grid.items():
         refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
@@ -89,7 +93,8 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
         raise ValueError(f"the configs and overrides are not valid `nola-vision fit` arguments: {error}")
     for key, values in grid.items():
         for value in values:
-            error = argument_error(parser, [*base, f"--{key}", str(value)])
+            args = [*base, f"--{key}", str(value)]
+            error = argument_error(parser, args) or argument_value_error(parser, args)
             if error:
                 raise ValueError(f"--grid {key}={value} is not accepted by `nola-vision fit` (see nola-vision fit "
                                  f"--help): {error}")
@@ -138,7 +143,7 @@ class _Search:
 
     def __init__(self, *, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
                  python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
-                 executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool) -> None:
+                 executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool, settings_hash: str) -> None:
         self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
         self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
         self.executor, self.n_trials, self.tpe_budget, self.echo = executor, n_trials, tpe_budget, echo
@@ -151,6 +156,7 @@ class _Search:
         self.lock = threading.Lock()
         self.failed_here: Set[str] = set()  # failed in this run: retried by the next run, not in a loop now
         self.started = 0
+        self.settings_hash = settings_hash
         self.heartbeat_s = storage.get_heartbeat_interval() or 30
 
     # ---- claiming ------------------------------------------------------------------------------------
@@ -272,7 +278,8 @@ class _Search:
 
     def _fit(self, params: Params) -> Dict[str, float]:
         """Validation accuracy of every selection seed of one grid point (finished fits are reused)."""
-        digest = hashlib.sha256(_point_key(params).encode()).hexdigest()[:10]
+        # keyed by the settings too: fits made with other settings (a deleted, re-made study) are never reused
+        digest = hashlib.sha256(f"{self.settings_hash}|{_point_key(params)}".encode()).hexdigest()[:10]
         trial_dir = self.root / "tune" / f"trial-{digest}"
         overrides = [*self.overrides, *_param_args(params), "--test_after_fit", "false"]
         runs = []
@@ -383,8 +390,8 @@ def run_tune(
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
     check_grid(configs, overrides, grid)
     name = name or "_".join(Path(c).stem for c in configs)
-    root = Path(out) / name
-    root.mkdir(parents=True, exist_ok=True)
+    check_seeds(split_seeds, init_seeds)
+    root = row_folder(out, name)
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
     key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
@@ -394,7 +401,7 @@ def run_tune(
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
                      executor=executor, n_trials=n_trials if sampler == "grid" else None, tpe_budget=n_trials or 20,
-                     echo=echo)
+                     echo=echo, settings_hash=key["config_hash"])
     workers = max(1, math.ceil(executor.capacity / len(seeds)))
     if echo:
         print(f"[tune {name}] study {url}: {len(search.points) if sampler == 'grid' else search.tpe_budget} "
@@ -411,6 +418,10 @@ def run_tune(
         raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}")
     finished = (sampler == "tpe" or all(_point_key(p) in {search._identity(t) for t in trials if t.state.name ==
                                                            "COMPLETE"} for p in search.points))
+    if not finished and search.failed_here:
+        raise RuntimeError(f"{len(search.failed_here)} trial(s) failed in this run, so nothing is chosen yet (see "
+                           f"{root / 'tune_results.md'} and each trial's log.txt): fix the cause and re-run the same "
+                           "command to retry them")
     if not finished:
         if echo:
             print(f"[tune {name}] trials are left to run (or failed, and are retried): re-run the same command to go "
@@ -510,6 +521,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--skip_protocol", action="store_true", help="only search (e.g. extra workers)")
     add_executor_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
+    stop_runs_on_sigterm()
     try:
         name = args.name or "_".join(Path(c).stem for c in args.config)
         grid = parse_grid(args.grid)

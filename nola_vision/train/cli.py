@@ -22,11 +22,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..core.storage import atomic_path, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
-from .module import FewShotClassifier, NonFiniteLossError
+from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "RunConfigSaver",
-           "argument_error", "check_checkpoint_file", "check_config_sources", "cli_parser", "error_message",
-           "run_lightning_cli"]
+           "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources", "cli_parser",
+           "error_message", "run_lightning_cli"]
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
@@ -331,6 +331,20 @@ def cli_parser() -> Any:
     except _Built as built:
         return built.args[0]
     raise RuntimeError("LightningCLI built no parser")  # its constructor always parses: never reached
+
+
+def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
+    """The error ``FewShotClassifier`` would raise for the model arguments of ``fit`` ``args`` (a range or a
+    combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``), found without building the model; None if
+    they pass. ``args`` must parse (``argument_error``)."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        model = parser.parse_args(list(args))[args[0]].model.as_dict()
+    model["num_classes"] = model.get("num_classes") or 2  # linked from the data when the run builds it
+    try:
+        check_classifier_arguments(model)
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
 
 
 def argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:

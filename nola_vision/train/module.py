@@ -29,7 +29,7 @@ from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -40,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged (NaN/Inf loss or weights): the run stops, exports nothing and writes no result."""
 
 
-def _check_arguments(hp: Dict[str, Any]) -> AdapterConfig:
+def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     """Refuse any ``FewShotClassifier`` argument of the wrong type or range, naming it, before anything is built;
     store the checked values in ``hp`` (the adapter in the CLI's own form, the learning rates the run uses, bit widths
     as ints) and return the adapter config."""
@@ -151,7 +151,7 @@ class FewShotClassifier(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.adapter_config = _check_arguments(self.hparams)
+        self.adapter_config = check_classifier_arguments(self.hparams)
         hp = self.hparams
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,

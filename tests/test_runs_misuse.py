@@ -1,0 +1,118 @@
+"""protocol and tune runs that used to be mixed, duplicated, orphaned or left unclear: names and folders, seeds,
+file-valued overrides, grids that fit refuses, fits reused across settings, concurrent commands, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.results import claim_run
+from nola_vision.runs.tune import parse_grid, run_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+FAST = ["--trainer.max_epochs", "1", "--data.shots", "2"]
+
+
+@pytest.mark.parametrize("name", ["grp/cell", ".", "..", "a|b", " padded"])
+def test_a_row_name_must_be_one_folder_name(tmp_path, name):
+    with pytest.raises(ValueError, match="a row name is one folder name"):
+        run_protocol([TINY], out=str(tmp_path), name=name, split_seeds=[0], init_seeds=[0], overrides=FAST)
+
+
+def test_seeds_knn_k_and_an_output_under_a_file_are_checked_before_any_fit(tmp_path):
+    for seeds, message in (([], "--split_seeds is empty"), ([0, 0], "repeats a seed")):
+        with pytest.raises(ValueError, match=message):
+            run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=seeds, init_seeds=[0], overrides=FAST)
+    with pytest.raises(ValueError, match="--knn_k must be a positive integer"):
+        run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0], overrides=FAST, knn=True,
+                     knn_k=0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, so the runs cannot go under"):
+        run_protocol([TINY], out=str(tmp_path / "afile"), name="r", split_seeds=[0], init_seeds=[0], overrides=FAST)
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_an_override_file_counts_by_its_content(tmp_path):
+    trainer = tmp_path / "trainer.yaml"
+    trainer.write_text("max_epochs: 1\n")
+    overrides = ["--data.shots", "2", "--trainer", str(trainer)]
+    run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0], overrides=overrides,
+                 echo=False)
+    trainer.write_text("max_epochs: 2\n")
+    with pytest.raises(ValueError, match="holds runs made with other settings"):
+        run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0, 1],
+                     overrides=overrides, echo=False)
+
+
+def test_a_run_another_process_holds_is_skipped_not_run_twice(tmp_path, capsys):
+    held = claim_run(tmp_path / "out" / "cell" / "split0-init1")
+    try:
+        run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0, 1],
+                     overrides=FAST)
+    finally:
+        os.close(held)
+    assert "split 0 init 1: running in another process, skipped" in capsys.readouterr().out
+    assert (tmp_path / "out" / "cell" / "split0-init0" / "result.json").is_file()
+    assert not (tmp_path / "out" / "cell" / "split0-init1" / "result.json").exists()
+    assert claim_run(tmp_path / "out" / "cell" / "split0-init1") is not None  # released by the other holder
+
+
+def test_grids_that_fit_refuses_or_that_repeat_a_setting_are_refused_before_the_first_trial(tmp_path):
+    with pytest.raises(ValueError, match="--grid model.lr has no values"):
+        parse_grid(["model.lr=,"])
+    with pytest.raises(ValueError, match="repeats a value"):
+        parse_grid(["model.lr=1,1.0"])
+    for grid, message in ((["model.lr=-1,1e-2"], "lr must be a finite number > 0"),
+                          (["model.lr=1e-7"], r"min_lr \(1e-06\) must not exceed lr")):
+        with pytest.raises(ValueError, match=message):
+            run_tune([TINY], parse_grid(grid), out=str(tmp_path), name="t", overrides=[*FAST, "--data.val_shots", "2"],
+                     skip_protocol=True, echo=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_trial_fits_made_with_other_settings_are_never_reused(tmp_path):
+    grid = parse_grid(["model.lr=1e-2"])
+    common = dict(out=str(tmp_path), name="t", skip_protocol=True, echo=False)
+    run_tune([TINY], grid, overrides=[*FAST, "--data.val_shots", "2"], **common)
+    (tmp_path / "t" / "tune.db").unlink()  # "delete the study", as the error for changed settings says
+    run_tune([TINY], grid, overrides=["--trainer.max_epochs", "2", "--data.shots", "2", "--data.val_shots", "2"],
+             **common)
+    epochs = sorted(json.loads(p.read_text())["epochs"] for p in (tmp_path / "t" / "tune").rglob("result.json"))
+    assert epochs == [1, 2]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
+def test_sigterm_stops_the_fit_a_protocol_started(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "nola_vision.cli", "protocol", "-c", TINY, "--out", str(out), "--name", "cell",
+               "--split_seeds", "0", "--init_seeds", "0", "--trainer.max_epochs", "50"]
+    protocol = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = str(out / "cell" / "split0-init0")
+
+    def fits():
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "fit" in cmdline and run_dir in cmdline and entry.name != str(protocol.pid):
+                found.append(entry.name)
+        return found
+
+    deadline = time.time() + 120
+    while not fits() and time.time() < deadline:
+        time.sleep(0.5)
+    assert fits(), "the fit never started"
+    protocol.send_signal(signal.SIGTERM)
+    assert protocol.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while fits() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not fits()
