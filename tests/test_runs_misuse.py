@@ -116,3 +116,13 @@ def test_sigterm_stops_the_fit_a_protocol_started(tmp_path):
     while fits() and time.time() < deadline:
         time.sleep(0.5)
     assert not fits()
+
+
+def test_a_logger_less_run_that_was_killed_is_redone_by_the_same_command(tmp_path):
+    run_dir = tmp_path / "out" / "cell" / "split0-init0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("# the config a killed fit wrote\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"partial")
+    run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0],
+                 overrides=[*FAST, "--trainer.logger", "false"], echo=False)
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["test/acc"] >= 0

@@ -126,3 +126,13 @@ def test_create_model_takes_the_adapter_forms_the_classifier_takes():
         assert nv.adapted_layers(nv.create_model("vit_tiny_patch16_224", adapter=adapter, **kwargs))
     with pytest.raises(ValueError, match="unknown adapter 'nolla'"):
         nv.create_model("vit_tiny_patch16_224", adapter="nolla", **kwargs)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("hiera_tiny_224", dict(img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1))),  # 3, self.heads
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                  attn_layer="diff")),  # qkv(x).chunk(3, dim=2)
+])
+def test_q_k_v_block_layouts_written_otherwise_keep_their_slices(name, kwargs):
+    model = nv.create_model(name, adapter=nv.LoRAConfig(rank=2), pretrained=False, num_classes=5, **kwargs)
+    assert nv.adapted_layers(model)

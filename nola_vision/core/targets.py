@@ -74,15 +74,17 @@ def trained_parameters(model: nn.Module, train_backbone: bool) -> Tuple[Dict[str
 
 def _splits_into_q_k_v_blocks(attention: nn.Module) -> bool:
     """Whether an attention's forward reads its fused qkv output as q, k, v blocks (``reshape(B, N, 3, num_heads,
-    ...)``), the layout that slicing by thirds assumes; MaxViT's ``head_first`` and EfficientFormer lay it out head by
-    head."""
+    ...)`` or ``chunk(3, dim=-1)``), the layout that slicing by thirds assumes; MaxViT's ``head_first`` and
+    EfficientFormer lay it out head by head."""
     if getattr(attention, "head_first", False):
         return False
     try:
         source = inspect.getsource(type(attention).forward)
     except (OSError, TypeError):  # no source (a compiled or dynamically built class): the layout cannot be read
         return False
-    return re.search(r"\b3,\s*self\.num_heads\b", source) is not None
+    blocks = (r"\b3,\s*(self\.)?(num_heads|heads|n_heads)\b",  # reshape(B, N, 3, heads, head_dim)
+              r"\.chunk\(\s*3\s*,\s*dim\s*=\s*(-1|2)\s*\)")  # qkv(x).chunk(3, dim=-1): q | k | v
+    return any(re.search(pattern, source) for pattern in blocks)
 
 
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:

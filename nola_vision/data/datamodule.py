@@ -36,11 +36,12 @@ __all__ = ["FewShotDataModule", "FewShotSubset"]
 
 
 class EpochShuffle(Sampler[int]):
-    """The orders ``RandomSampler`` draws from one generator seeded with ``seed``, indexed by epoch: a run resumed
-    at epoch e (Lightning calls ``set_epoch``) sees the order the uninterrupted run saw there, not epoch 0's again.
+    """One permutation per epoch, a function of ``seed`` and the epoch: a run resumed at epoch e (Lightning calls
+    ``set_epoch``) sees the order the uninterrupted run saw there, not epoch 0's again.
 
-    ``RandomSampler`` draws two permutations per pass (the second for a remainder that is empty here), so epoch e's
-    order is the first of the pair after 2e draws. Without ``set_epoch`` each pass moves to the next epoch.
+    Epoch e's order is the one a ``RandomSampler`` with a generator seeded by ``seed`` gives on its e-th pass
+    (it draws two permutations per pass, the second for an empty remainder). Without ``set_epoch`` each pass moves
+    to the next epoch.
     """
 
     def __init__(self, size: int, seed: int) -> None:

@@ -38,6 +38,7 @@ from .results import (
     discard_result,
     parse_overrides,
     read_result,
+    retire_unfinished_run,
     row_folder,
     write_tables,
 )
@@ -162,6 +163,7 @@ def run_protocol(
             os.close(claims.pop(run_dir))
             continue
         discard_result(run_dir / RESULT_FILE)  # a result that does not count must not be mistaken for a finished run
+        retire_unfinished_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),

@@ -23,8 +23,8 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "check_seeds", "claim_row", "claim_run",
-           "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result", "row_folder",
-           "summarise", "write_tables"]
+           "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result",
+           "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -81,6 +81,12 @@ def row_folder(out: str, name: str) -> Path:
         raise ValueError(f"{blocking} is a file, so the runs cannot go under {root}: choose another --out or --name")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def retire_unfinished_run(run_dir: Path) -> None:
+    """Before a run folder's fit is redone: drop the ``config.yaml`` that a logger-less fit which died there wrote
+    at its root, which would otherwise make the retry refuse the folder as another run's."""
+    (run_dir / "config.yaml").unlink(missing_ok=True)
 
 
 def claim_run(run_dir: Path) -> Optional[int]:

@@ -34,7 +34,16 @@ import yaml
 from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
 from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_sigterm
 from .protocol import fit_command, refuse_controlled_overrides, run_protocol
-from .results import RESULT_FILE, check_seeds, config_key, counted, parse_overrides, read_result, row_folder
+from .results import (
+    RESULT_FILE,
+    check_seeds,
+    config_key,
+    counted,
+    parse_overrides,
+    read_result,
+    retire_unfinished_run,
+    row_folder,
+)
 
 __all__ = ["CONTROLLED", "check_grid", "main", "parse_grid", "run_tune"]
 
@@ -286,6 +295,7 @@ class _Search:
         for split_seed, init_seed in self.seeds:
             run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
             if not counted(read_result(run_dir / RESULT_FILE), "val/acc"):
+                retire_unfinished_run(run_dir)
                 runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
                                 run_dir / "log.txt"))
         errors = [f"exit {code}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]

@@ -86,16 +86,22 @@ class RunConfigSaver(SaveConfigCallback):
             return
         path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
-        if exists and stage == "fit" and self.config.get("ckpt_path") is None:
+        kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
+        if exists and kept and stage == "fit" and self.config.get("ckpt_path") is None:
             raise ValueError(
                 f"{path.parent} already holds another run ({path.name}, its checkpoints and exported adapter), which "
                 "this fit would overwrite: a run without a logger writes straight into --trainer.default_root_dir. "
                 "Choose another --trainer.default_root_dir, keep the logger (each run then gets its own version_N "
                 "folder), or resume that run with --ckpt_path last")
-        if exists:
+        if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
-        super().setup(trainer, pl_module, stage)
+        super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether a run folder holds what a run kept: a checkpoint or an exported adapter."""
+    return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter").is_dir()
 
 
 class NolaCLI(LightningCLI):
