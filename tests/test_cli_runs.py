@@ -120,3 +120,15 @@ def test_a_logger_less_fit_that_died_before_keeping_anything_does_not_lock_its_f
                     "--model.lr", "1e30")
     assert code == 1 and (tmp_path / "config.yaml").is_file() and not list(tmp_path.rglob("*.ckpt"))
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+
+
+def test_a_rerun_that_fails_after_replacing_the_adapter_moves_the_old_result_aside(tmp_path, capsys):
+    write_imagefolder(tmp_path / "pets", eval_folder="test")
+    common = [*FIT, "--data.dataset", "imagefolder", "--data.root", tmp_path / "pets", "--data.shots", 2,
+              "--trainer.max_epochs", 1, "--model.adapter_dir", tmp_path / "adapter",
+              "--result_file", tmp_path / "r.json"]
+    assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "a")[0] == 0
+    (tmp_path / "pets" / "test" / "dog" / "dog 01.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    code, err = run(capsys, *common, "--trainer.default_root_dir", tmp_path / "b")
+    assert code == 1 and "described the adapter this run replaced: moved to" in err
+    assert not (tmp_path / "r.json").exists() and (tmp_path / "r.json.previous").is_file()

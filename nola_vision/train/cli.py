@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import re
 import sys
@@ -175,7 +176,8 @@ class NolaCLI(LightningCLI):
                 raise CorruptImageError(
                     f"{error_message(error)}. Training finished and was kept: adapter "
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
-                    "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>") from error
+                    "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
+                    f"{self._retire_stale_result(config.result_file)}") from error
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
@@ -195,6 +197,23 @@ class NolaCLI(LightningCLI):
                 "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
                 or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
             })
+
+    def _retire_stale_result(self, result_file: Optional[str]) -> str:
+        """Move aside a result file that describes the adapter this run just replaced (a re-run into the same
+        ``adapter_dir`` that failed after exporting), so no valid-looking result sits beside another adapter."""
+        path = Path(result_file) if result_file else None
+        exported = self.model.exported_adapter_dir
+        if path is None or exported is None or not path.is_file() or not self.trainer.is_global_zero:
+            return ""
+        try:
+            described = json.loads(path.read_text()).get("adapter_dir")
+        except (OSError, ValueError, AttributeError):
+            return ""
+        if described is None or Path(described).resolve() != Path(exported).resolve():
+            return ""
+        aside = path.with_name(path.name + ".previous")
+        os.replace(path, aside)
+        return f" {path} described the adapter this run replaced: moved to {aside}."
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, keeping a ``last.ckpt`` by default so that ``fit --ckpt_path last`` resumes a run."""
