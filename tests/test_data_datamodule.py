@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
-from torch.utils.data import RandomSampler
 
 from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
 from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
@@ -295,21 +294,28 @@ def test_worker_processes_yield_the_same_split(folder_root):
     assert labels == [0, 0, 1, 1, 2, 2]
 
 
-def test_each_epoch_orders_as_one_seeded_random_sampler_and_a_resumed_epoch_repeats_it(cifar10_root):
-    """Epoch e's order is what ``RandomSampler`` with the seeded generator gives on its e-th pass, whether the
-    epochs run in one go or a resumed run starts at epoch e (Lightning calls ``set_epoch``)."""
-    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
-                           augment="none", shuffle_seed=3)
-    dm.setup("fit")
-    reference = RandomSampler(range(len(dm.train_set)), generator=torch.Generator().manual_seed(3))
-    expected = [list(reference) for _ in range(4)]
-    sampler = dm.train_dataloader().sampler
-    assert [list(sampler) for _ in range(4)] == expected  # a plain loop moves on by itself
-    resumed = dm.train_dataloader().sampler
-    resumed.set_epoch(2)
-    assert list(resumed) == expected[2] != expected[0]
-    resumed.set_epoch(3)
-    assert list(resumed) == expected[3]
+def test_a_checkpointed_loader_state_continues_the_orders_of_the_uninterrupted_run(cifar10_root):
+    """The train order is a seeded DataLoader's (unchanged from before checkpoints kept it), and a module restored
+    from ``state_dict`` after epoch e draws the orders epochs e+1, e+2 drew, not epoch 0's again."""
+    def module():
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                               augment="none", shuffle_seed=3)
+        dm.setup("fit")
+        return dm
+
+    def orders(loader, epochs):
+        return [torch.cat([y for _, y in loader]).tolist() for _ in range(epochs)]
+
+    first = module()
+    reference = torch.utils.data.DataLoader(first.train_set, batch_size=10, shuffle=True, drop_last=True,
+                                            generator=torch.Generator().manual_seed(3))
+    uninterrupted = orders(first.train_dataloader(), 3)
+    assert uninterrupted == orders(reference, 3)
+    interrupted = module()
+    assert orders(interrupted.train_dataloader(), 1) == uninterrupted[:1]
+    resumed = module()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert orders(resumed.train_dataloader(), 2) == uninterrupted[1:] and uninterrupted[1] != uninterrupted[0]
 
 
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from .datasets import (
@@ -33,32 +33,6 @@ from .transforms import (
 )
 
 __all__ = ["FewShotDataModule", "FewShotSubset"]
-
-
-class EpochShuffle(Sampler[int]):
-    """One permutation per epoch, a function of ``seed`` and the epoch: a run resumed at epoch e (Lightning calls
-    ``set_epoch``) sees the order the uninterrupted run saw there, not epoch 0's again.
-
-    Epoch e's order is the one a ``RandomSampler`` with a generator seeded by ``seed`` gives on its e-th pass
-    (it draws two permutations per pass, the second for an empty remainder). Without ``set_epoch`` each pass moves
-    to the next epoch.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        for _ in range(2 * self.epoch):
-            torch.randperm(self.size, generator=generator)
-        self.epoch += 1
-        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class FewShotSubset(Dataset):
@@ -237,6 +211,8 @@ class FewShotDataModule(L.LightningDataModule):
         self.train_set: Optional[FewShotSubset] = None
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
+        self._train_generator: Optional[torch.Generator] = None
+        self._resumed_generator_state: Optional[torch.Tensor] = None
         self.split: Optional[FewShotSplit] = None
         self.manifest_path: Optional[Path] = None
         self.val_manifest_path: Optional[Path] = None
@@ -331,8 +307,8 @@ class FewShotDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by epoch from a seed (``EpochShuffle``: a resumed run sees the orders of an uninterrupted one);
-        drop_last only when at least one full batch remains.
+        """Shuffled with a seeded generator, whose state checkpoints keep (``state_dict``): a resumed run sees the
+        orders of an uninterrupted one. drop_last only when at least one full batch remains.
 
         Under DDP Lightning replaces a shuffling loader's sampler with one seeded by ``seed_everything``, so a set
         ``shuffle_seed`` comes with its own ``DistributedSampler``, which Lightning keeps.
@@ -346,8 +322,20 @@ class FewShotDataModule(L.LightningDataModule):
         if ddp:  # Lightning swaps a shuffling loader's sampler for its DistributedSampler (ordered by epoch too)
             return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
-        sampler = EpochShuffle(len(self.train_set), seed % 2**63)
-        return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
+        self._train_generator = torch.Generator().manual_seed(seed % 2**63)
+        if self._resumed_generator_state is not None:  # where the checkpointed run's order stood
+            self._train_generator.set_state(self._resumed_generator_state)
+            self._resumed_generator_state = None
+        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=self._train_generator,
+                            drop_last=drop_last)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the data: the train loader's shuffling state, so that a run resumed from it
+        draws the orders the uninterrupted run draws (Lightning restores it before the loader is built)."""
+        return {"train_generator": self._train_generator.get_state()} if self._train_generator is not None else {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._resumed_generator_state = state_dict.get("train_generator")
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
