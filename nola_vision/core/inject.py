@@ -164,10 +164,10 @@ class _CallCheck:
     qkv bias, Swin V2), so an adapter there would silently change nothing but the merged weights. Its hooks do
     nothing once a pass has called every layer whose parent ran (a class, so the model still pickles)."""
 
-    def __init__(self, model: nn.Module, names: List[str]) -> None:
-        self.names = names
-        self.parents = {name: id(model.get_submodule(name.rpartition(".")[0])) for name in names}
-        self.parent_types = {name: type(model.get_submodule(name.rpartition(".")[0])).__name__ for name in names}
+    def __init__(self, parents: Dict[str, nn.Module]) -> None:
+        self.names = list(parents)
+        self.parents = {name: id(parent) for name, parent in parents.items()}
+        self.parent_types = {name: type(parent).__name__ for name, parent in parents.items()}
         self.ran: set = set()
         self.called: set = set()
         self.done = False
@@ -207,9 +207,10 @@ def _require_adapters_called(model: nn.Module, names: List[str]) -> List[Removab
     """Install a ``_CallCheck``: a pre-hook on each adapted layer's parent, a hook on each layer, one on the model."""
     if not names:
         return []
-    check = _CallCheck(model, names)
-    parents = {id(p): p for p in (model.get_submodule(name.rpartition(".")[0]) for name in names)}
-    handles = [parent.register_forward_pre_hook(check.parent_ran) for parent in parents.values()]
+    parents = {name: model.get_submodule(name.rpartition(".")[0]) for name in names}
+    check = _CallCheck(parents)
+    handles = [parent.register_forward_pre_hook(check.parent_ran)
+               for parent in {id(p): p for p in parents.values()}.values()]
     handles += [model.get_submodule(name).register_forward_hook(functools.partial(check.layer_called, name))
                 for name in names]
     check.handles = handles + [model.register_forward_hook(check.check)]

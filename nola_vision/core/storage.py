@@ -26,8 +26,8 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["atomic_directory", "atomic_path", "read_files", "resolve_directory_target", "write_bytes_atomic",
-           "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_directory", "atomic_path", "file_in_the_way", "read_files", "resolve_directory_target",
+           "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -70,6 +70,13 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def file_in_the_way(path: PathLike) -> Optional[Path]:
+    """The first of ``path`` and its parents that exists and is not a directory (no directory can be made at or
+    under it), or None."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def resolve_directory_target(path: PathLike) -> Path:
     """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
 
@@ -80,7 +87,7 @@ def resolve_directory_target(path: PathLike) -> Path:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
                          "Choose a directory path (the file was left untouched)")
-    blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_in_the_way(target)
     if blocking is not None:
         raise ValueError(f"{path} lies under {blocking}, an existing file, so no directory can be made there: choose "
                          "another path (the file was left untouched)")

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
+from ..core.storage import atomic_path, file_in_the_way, write_json_atomic, write_text_atomic
 
 try:
     import fcntl
@@ -76,7 +76,7 @@ def row_folder(out: str, name: str) -> Path:
         raise ValueError(f"--name {name!r}: a row name is one folder name (no '/', '\\' or '|' (the table's column "
                          "separator), not '.' or '..', no leading or trailing spaces)")
     root = Path(out) / name
-    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(root)
     if blocking is not None:
         raise ValueError(f"{blocking} is a file, so the runs cannot go under {root}: choose another --out or --name")
     root.mkdir(parents=True, exist_ok=True)

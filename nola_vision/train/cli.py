@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..core.storage import atomic_path, write_json_atomic
+from ..core.storage import atomic_path, file_in_the_way, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments
@@ -276,7 +276,7 @@ def check_result_path(path: str) -> None:
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"--result_file {path} is a directory: pass a file path, e.g. {file / 'result.json'}")
-    blocking = next((parent for parent in file.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_in_the_way(file.parent)
     if blocking is not None:
         raise ValueError(f"--result_file {path} lies under {blocking}, an existing file: choose another path")
 
