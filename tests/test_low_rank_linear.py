@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import nola_vision as nv
-from nola_vision.core.functions import low_rank_linear
+from nola_vision.core.functions import _forward, low_rank_linear
 
 
 class PeakOfNewTensors(TorchDispatchMode):
@@ -145,6 +145,20 @@ def test_adapted_fc2_backward_needs_about_one_input_gradient_of_memory(method):
     with PeakOfNewTensors() as memory:
         out.backward(grad)
     assert memory.peak <= 1.6 * h.nbytes  # the input gradient plus a block of rows or two, never 2 whole tensors
+
+
+def test_the_compiled_operator_holds_an_adapted_fc2s_activation_output_for_half_the_rows_at_a_time():
+    """At the end of a compiled forward pass (the step's peak) the operator's body never holds the activation
+    output of all rows: that frees more than the compiler keeps beyond eager (docs/benchmarks/training.md)."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 512, 256, generator=generator)  # 4 MiB of pre-activations
+    weight, bias = torch.randn(16, 256, generator=generator), torch.randn(16, generator=generator)
+    a, b = torch.randn(256, 3, generator=generator), torch.randn(3, 16, generator=generator)
+    with PeakOfNewTensors() as memory:
+        out, xa = _forward(h, weight, bias, a, b, nn.GELU(), torch.float32)
+    assert memory.peak <= 0.6 * h.nbytes
+    torch.testing.assert_close(out, _plain(h, weight, bias, a, b, nn.GELU()))
+    torch.testing.assert_close(xa, F.gelu(h) @ a)
 
 
 def test_autocast_training_keeps_no_low_precision_copy_of_an_adapted_frozen_weight(images):

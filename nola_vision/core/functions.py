@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "low_rank_linear"]
@@ -134,11 +133,30 @@ def _kept_input(ctx, x: Tensor, has_activation: bool) -> Optional[Tensor]:
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
              activation: Optional[nn.Module], dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
-    """The output and ``x A``; in ``dtype`` when given (what autocast would choose), else as the ambient autocast."""
-    inputs, xa = _adapter_input(x, a, activation, dtype)
+    """The output and ``x A``; in ``dtype`` when given (what autocast would choose), else as the ambient autocast.
+
+    The compiled operator's body. With a taken-over activation it runs on half the rows at a time, so the
+    activation output (as wide as the MLP) exists for half the rows only: at the end of a compiled forward pass,
+    where the last block's ``fc2`` product sits at the step's memory peak, this frees more than the compiler
+    keeps beyond eager (it fuses each residual addition into the next layer norm, so one addend lives longer).
+    """
     if dtype is not None:
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-    return _product(inputs, weight, bias, xa, b), xa
+    if activation is None or x.dim() < 2 or x.numel() == 0:
+        inputs, xa = _adapter_input(x, a, activation, dtype)
+        return _product(inputs, weight, bias, xa, b), xa
+    h = x.reshape(-1, x.shape[-1])
+    part = -(-h.shape[0] // 2)
+    y, xas = None, []
+    for start in range(0, h.shape[0], part):
+        inputs, xa = _adapter_input(h[start : start + part], a, activation, dtype)
+        if y is None:
+            y = inputs.new_empty((h.shape[0], weight.shape[0]))
+        _product(inputs, weight, bias, xa, b, out=y[start : start + part])
+        xas.append(xa)
+        del inputs
+    xa = torch.cat(xas)
+    return y.view(*x.shape[:-1], y.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
 
 
 def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
@@ -150,14 +168,27 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     return inputs, inputs @ a.to(inputs.dtype)
 
 
-def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor) -> Tensor:
-    """``inputs Wᵀ + bias + xa B``, the low-rank term added into the product's buffer in place.
+def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
+             out: Optional[Tensor] = None) -> Tensor:
+    """``inputs Wᵀ + bias + xa B``: one rank-(r+1) product writes ``xa B + bias`` (the bias as a row of B against
+    a column of ones), then the frozen product accumulates onto it, so the output is written once and read once
+    instead of being filled with the bias, written by the product and read and written again by the update.
 
     The result is not a view autograd tracks (as ``matmul``'s is not), so an in-place op after the layer (a
-    ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one.
+    ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one. ``out``: the
+    2-d rows to write instead (``_forward``'s row parts).
     """
-    y = F.linear(inputs.reshape(-1, inputs.shape[-1]), weight, bias)
-    y.addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.to(y.dtype))
+    device = inputs.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs.dtype
+    rows = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+    left, right = xa.reshape(-1, xa.shape[-1]).to(dtype), b.to(dtype)
+    if bias is not None:
+        left = torch.cat([left, left.new_ones(left.shape[0], 1)], dim=1)
+        right = torch.cat([right, bias.to(dtype).unsqueeze(0)])
+    y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
+    y.addmm_(rows, weight.to(dtype).t())
+    if out is not None:
+        return out
     return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
 
 
@@ -179,8 +210,8 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     else:
         if grad_x is not None:
             grad_x.addmm_(grad_xa, a_.t())
-        if needs_a:
-            grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+        if needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product
+            grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).t().contiguous()
     if grad_x is not None:
         grad_x = grad_x.view(input_shape)
     grad_a = grad_a.to(a.dtype) if grad_a is not None else None
