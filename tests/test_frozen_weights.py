@@ -167,3 +167,15 @@ def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_ve
         "modules": {"0": [64.062, -30.5, 21.25, 9.5, -82.25, -78.5, -36.0, 31.25, 47.25]},
         "merged": [],
     }
+
+
+def test_an_adapter_is_refused_on_a_model_that_pools_its_tokens_otherwise(tmp_path):
+    # Pooling changes every output without changing a weight (avg pooling without fc_norm adds none), so only the
+    # recorded setting tells the two models apart: served under token pooling, the logits moved by more than their size.
+    trained = as_if_trained(nv.inject(tiny_vit(global_pool="avg", fc_norm=False), nv.LoRAConfig()), 0, scale=0.2)
+    directory = nv.save_adapter(trained, tmp_path / "avg")
+    with pytest.raises(AdapterLoadError, match=r"global_pool='avg'.*global_pool='token'"):
+        nv.load_adapter(tiny_vit(), directory)
+    with pytest.raises(AdapterLoadError, match=r"global_pool='avg'"):
+        nv.MultiTaskModel(tiny_vit()).add_task("avg", directory)
+    nv.load_adapter(tiny_vit(global_pool="avg", fc_norm=False), directory)

@@ -145,3 +145,51 @@ def test_a_backbone_moved_to_another_dtype_gets_its_tasks_in_that_dtype(adapters
     logits = model(images.bfloat16(), tasks)
     for value, expected in zip(logits, reference):
         assert value.dtype == torch.bfloat16 and (value.float() - expected).abs().max() < 0.05
+
+
+def test_calls_from_several_threads_each_get_their_own_tasks_logits(adapters, images):
+    # The layers' per-call task state belongs to one call at a time: without that, a thread's images were answered
+    # with another thread's task factors (a quarter to nine tenths of the calls, no error).
+    import threading
+
+    model = served(adapters)
+    names = ["nola_mlp", "lora_qv"]
+    expected = {name: model(images, name) for name in names}
+    wrong, errors = {name: 0 for name in names}, []
+
+    def serve(name):
+        try:
+            for _ in range(15):
+                wrong[name] += any(not torch.equal(a, b) for a, b in zip(model(images, name), expected[name]))
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(name,)) for name in names]
+    threads.append(threading.Thread(target=lambda: [model.remove_task("head_only"),
+                                                     model.add_task("head_only", adapters["head_only"])]))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and wrong == {name: 0 for name in names}
+    copied = __import__("copy").deepcopy(model)  # each copy gets its own lock
+    assert all(torch.equal(a, b) for a, b in zip(copied(images, "lora_qv"), expected["lora_qv"]))
+
+
+def test_removing_every_nola_task_releases_the_random_bases(adapters, images):
+    model = served(adapters)
+    model(images, "nola_mlp")
+    assert model.memory_bytes()["bases"] > 0
+    for name in model.tasks:
+        model.remove_task(name)
+    assert model.memory_bytes() == {"tasks": 0, "cache": 0, "bases": 0}
+
+
+def test_a_compiled_backbone_and_unbatched_images_get_errors_naming_the_fix(adapters, images):
+    with pytest.raises(ValueError, match=r"torch.compile\(nv.MultiTaskModel\(model\)\)"):
+        nv.MultiTaskModel(torch.compile(tiny_vit()))
+    model = served(adapters)
+    with pytest.raises(ValueError, match=r"image\[None\]"):
+        model(images[0], "nola_mlp")
+    with pytest.raises(ValueError, match="torch.stack"):
+        model(list(images), "nola_mlp")

@@ -67,6 +67,13 @@ def architecture_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+def pooling_of(model: nn.Module) -> Optional[str]:
+    """How the head pools the tokens (timm's ``global_pool``: "token", "avg", "map", ...), None where the model has
+    no such setting. It changes every output without changing a weight, so an adapter file records it."""
+    pooling = getattr(model, "global_pool", None)
+    return pooling if isinstance(pooling, str) else None
+
+
 def num_classes_of(model: nn.Module) -> int:
     """The class count of the model's classifier (timm's ``num_classes``, else the head's out_features)."""
     if hasattr(model, "num_classes"):
@@ -141,6 +148,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "method": state.method,
         "config": state.config_dict(),
         "backbone": architecture_name(model),
+        "pooling": pooling_of(model),
         "num_classes": num_classes_of(model),
         "layers": {
             name: {"in": layer.in_features, "out": layer.out_features, "slices": [list(s) for s in layer.slices]}
@@ -288,6 +296,7 @@ def _is_frozen_weights(value: Any) -> bool:
             and all(isinstance(entry, dict) for entry in merged))
 
 
+_POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_pool name")
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects]}')}
 
@@ -315,7 +324,8 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
             "trained it), or pass allow_unchecked_legacy=True to load its contents unchecked"
         )
     fingerprinted = document["format"] == FORMAT or "frozen_weights" in document
-    schema = {**_SCHEMA, **(_CHECKSUMS if checked else {}), **(_FROZEN_WEIGHTS if fingerprinted else {})}
+    schema = {**_SCHEMA, **(_CHECKSUMS if checked else {}), **(_FROZEN_WEIGHTS if fingerprinted else {}),
+              **({"pooling": _POOLING} if "pooling" in document else {})}  # older files record none
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -428,6 +438,14 @@ def _check_architecture(model: nn.Module, document: dict) -> None:
     if backbone != model_arch:
         raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
                                f"model with timm.create_model({backbone!r}, ...)")
+
+
+def _check_pooling(model: nn.Module, document: dict) -> None:
+    trained, pooling = document.get("pooling"), pooling_of(model)
+    if trained is not None and pooling is not None and trained != pooling:
+        raise AdapterLoadError(f"adapter was trained on a model that pools its tokens with global_pool={trained!r}, "
+                               f"but this model uses global_pool={pooling!r}, so every output would differ: create it "
+                               f"with timm.create_model({document['backbone']!r}, ..., global_pool={trained!r})")
 
 
 def _check_injected_head(model: nn.Module) -> None:
@@ -580,6 +598,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     model = unwrap_compiled(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
+    _check_pooling(model, document)
     _check_injected_head(model)
     if match_num_classes:
         _check_num_classes(model, document)

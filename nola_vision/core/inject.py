@@ -220,8 +220,9 @@ def _require_adapters_called(model: nn.Module, names: List[str]) -> List[Removab
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
 
-    A merged model is unmerged first. Returns the model (changed in place). ``"full"`` fine-tuning trains the
-    weights themselves, in place: unloading it restores the flags and hooks, and the model keeps its trained weights.
+    A merged model is unmerged first. Returns the model (changed in place). The classifier head is trained in place,
+    never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves, in place:
+    unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
     state = _require_injected(model)
     return _remove_injection(unmerge(model), state)

@@ -8,6 +8,7 @@ store; the factors of recently used tasks are cached under a memory budget (leas
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,7 +72,8 @@ class MultiTaskModel(nn.Module):
 
     ``add_task(name, adapter_dir)`` registers an adapter saved by ``save_adapter`` (NOLA, LoRA or a linear
     probe), with its own head and class count; ``model(images, tasks)`` returns one logits tensor per image.
-    Inference only.
+    Inference only. Safe to call from several threads: calls run one at a time (each holds the layers' per-call
+    task state from its first layer to its last), as do ``add_task`` and ``remove_task``.
 
     Args:
         model: a plain timm model (not injected). Its weights are shared and never changed; its head is unused.
@@ -81,6 +83,10 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, model: nn.Module, cache_mb: float = 256.0) -> None:
         super().__init__()
+        if getattr(model, "_orig_mod", None) is not None:
+            raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "
+                             "and methods belong to the module it wraps): pass the plain model and compile the "
+                             "served model instead, torch.compile(nv.MultiTaskModel(model))")
         if adapter_state(model) is not None or adapted_layers(model):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
                              "fresh timm.create_model(...) (or call nv.unload(model) first)")
@@ -96,6 +102,16 @@ class MultiTaskModel(nn.Module):
         self._cache: OrderedDict[str, _Factors] = OrderedDict()
         self._hooks: Dict[str, RemovableHandle] = {}
         self._batch: Dict[str, LayerBatch] = {}
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_lock")  # a lock does not copy or pickle: each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     @property
     def tasks(self) -> List[str]:
@@ -128,23 +144,37 @@ class MultiTaskModel(nn.Module):
                                    allow_unchecked_legacy=allow_unchecked_legacy)
         except AdapterLoadError as error:
             raise AdapterLoadError(f"task {name!r} ({adapter_dir}): {error}") from error
-        self._tasks[name] = task
-        self._hook_layers()
+        with self._lock:
+            if name in self._tasks:
+                raise ValueError(f"task {name!r} is already registered: call remove_task({name!r}) first to "
+                                 "replace it")
+            self._tasks[name] = task
+            self._hook_layers()
 
     def remove_task(self, name: str) -> None:
-        """Forget a task, its cached factors, and the hooks of layers no other task adapts."""
-        self._task(name)
-        del self._tasks[name]
-        self._cache.pop(name, None)
-        self._hook_layers()
+        """Forget a task, its cached factors, the hooks of layers no other task adapts, and the random bases no
+        other task uses."""
+        with self._lock:
+            self._task(name)
+            del self._tasks[name]
+            self._cache.pop(name, None)
+            self._hook_layers()
+            used = {method_of(task.plan.config).layer_cls for task in self._tasks.values()}
+            for layer_cls in set(self._contexts) - used:
+                del self._contexts[layer_cls]
+            for bank in self._banks():  # bases of the removed task's shapes are generated again when needed
+                bank.release()
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held: the tasks' stored numbers, the factor cache, and the shared random bases."""
-        banks = [value for context in self._contexts.values() for value in context.values()
-                 if isinstance(value, BasisBank)]
-        return {"tasks": sum(task.nbytes() for task in self._tasks.values()),
-                "cache": sum(factors.nbytes for factors in self._cache.values()),
-                "bases": sum(bank.nbytes() for bank in banks)}
+        with self._lock:
+            return {"tasks": sum(task.nbytes() for task in self._tasks.values()),
+                    "cache": sum(factors.nbytes for factors in self._cache.values()),
+                    "bases": sum(bank.nbytes() for bank in self._banks())}
+
+    def _banks(self) -> List[BasisBank]:
+        return [value for context in self._contexts.values() for value in context.values()
+                if isinstance(value, BasisBank)]
 
     @torch.no_grad()
     def forward(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[Tensor]:
@@ -153,16 +183,17 @@ class MultiTaskModel(nn.Module):
         ``tasks`` names one registered task per image (a single name: the whole batch). The frozen backbone runs
         once for the batch; each adapted layer adds every image's task update in two batched matmuls.
         """
-        names = self._check_tasks(images, tasks)
-        present = list(dict.fromkeys(names))
-        position = {task: i for i, task in enumerate(present)}
-        index = torch.tensor([position[task] for task in names], device=images.device)
-        factors = self._factors(present)
-        self._batch = self._layer_batches(factors, index)
-        try:
-            features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-        finally:
-            self._batch = {}
+        with self._lock:
+            names = self._check_tasks(images, tasks)
+            present = list(dict.fromkeys(names))
+            position = {task: i for i, task in enumerate(present)}
+            index = torch.tensor([position[task] for task in names], device=images.device)
+            factors = self._factors(present)
+            self._batch = self._layer_batches(factors, index)
+            try:
+                features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            finally:
+                self._batch = {}
         head = self.model.get_submodule(self._head_name)
         logits: List[Optional[Tensor]] = [None] * len(names)
         for i, task in enumerate(factors):  # heads differ in size per task: one matmul per task present
@@ -180,6 +211,10 @@ class MultiTaskModel(nn.Module):
     def _check_tasks(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[str]:
         if not self._tasks:
             raise ValueError("no task is registered: add one with add_task(name, adapter_dir)")
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be one batch tensor (images, channels, height, width), got "
+                             f"{shown(images) if not isinstance(images, Tensor) else f'shape {tuple(images.shape)}'}: "
+                             "stack single images with torch.stack (or add a batch dimension with image[None])")
         count = images.shape[0]
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
