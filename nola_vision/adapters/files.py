@@ -45,7 +45,7 @@ from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
            "architecture_name", "decode_tensors", "existing_adapter_kind", "load_adapter", "num_classes_of",
-           "read_adapter", "save_adapter", "verify_adapter"]
+           "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

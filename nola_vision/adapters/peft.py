@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..core.inject import adapter_state
+from ..core.inject import adapter_state, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
@@ -42,7 +42,9 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite;
     a directory holding a ``save_adapter`` file (same names) is refused, since a peft export cannot give back its
     coefficients. Under quantisation-aware training the factors and the head are exported as the model sees them.
+    A ``torch.compile``d model is exported as the module it wraps (whose module names peft matches).
     """
+    model = unwrap_compiled(model)
     if existing_adapter_kind(directory) == "nola_vision":
         raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
                          "exporting there would replace it, and a peft export cannot give back its coefficients. "

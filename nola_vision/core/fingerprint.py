@@ -25,8 +25,8 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "differing_module",
-           "frozen_fingerprint", "frozen_modules", "merged_adapters", "missing_merges", "record_merged",
-           "unexpected_merges"]
+           "differing_records", "frozen_fingerprint", "frozen_modules", "merged_adapters", "missing_merges",
+           "record_merged", "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -180,12 +180,23 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     missing = [name for name in names if not _has_module(model, name)]
     if missing:
         return f"the model has no module {missing[0]}"
-    actual = frozen_fingerprint(model, names)["modules"]
-    for name in names:
-        difference = _difference(expected["modules"][name], actual[name], _sample_size(model.get_submodule(name)))
+    sizes = {name: _sample_size(model.get_submodule(name)) for name in names}
+    return differing_records(expected, frozen_fingerprint(model, names), sizes, f"{type(model).__name__} itself")
+
+
+def differing_records(expected: dict, actual: dict, sample_sizes: Optional[Dict[str, int]] = None,
+                      root: str = "the model itself") -> Optional[str]:
+    """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
+    version), else what differs, naming the first differing module. ``sample_sizes`` (values sampled per module)
+    adds the absolute tolerance for weights near zero; without it only the relative one applies."""
+    for name, record in expected["modules"].items():
+        other = actual["modules"].get(name)
+        label = name or root
+        if other is None:
+            return f"there is no fingerprint of {label}"
+        difference = _difference(record, other, (sample_sizes or {}).get(name, 0))
         if difference is not None:
             amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
-            label = name or f"{type(model).__name__} itself"
             return (f"the weights of {label} differ by about {amount} of their norm (a bfloat16 or float16 copy of the "
                     "same weights differs by under 0.5%)")
     return None

@@ -19,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 try:
     import fcntl
@@ -38,19 +38,92 @@ _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux
 def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it onto ``path``.
 
-    On any failure the temporary file is removed and ``path`` keeps its old content.
+    On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through
+    (its target gets the new content; the link stays). A path ending in a separator, an existing directory or a path
+    under a file is refused before the block runs, with an OSError naming the fix. The temporary file,
+    ``.<name>.<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
+    same path, which nothing locks, are removed first.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    target = _file_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp, fd = _locked_temporary(target)
     try:
         yield tmp
         os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)  # releases the lock, after the file has left the temporary name
+
+
+def _file_target(path: PathLike) -> Path:
+    """The real file a write to ``path`` replaces (symlinks resolved), or an OSError naming the fix, before anything
+    is written, for a path ending in a separator, an existing directory, or a path under an existing file."""
+    text = os.fspath(path)
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
+                                f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
+    target = Path(os.path.realpath(text))
+    if target.is_dir():
+        raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: pass a file path (e.g. "
+                                f"{Path(text) / 'name'}); the directory was left untouched")
+    blocking = file_in_the_way(target.parent)
+    if blocking is not None:
+        raise NotADirectoryError(f"{text} lies under {blocking}, an existing file, so no file can be written there: "
+                                 "choose another path (the file was left untouched)")
+    return target
+
+
+def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
+    """A new temporary sibling of ``target``, with its descriptor holding the lock (None on Windows: no flock, and an
+    open file could not be renamed there)."""
+    while True:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{_sibling_stem(target)}.", suffix=".tmp")
+        if fcntl is None:
+            os.close(fd)
+            return Path(name), None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _names_open_file(name, fd):
+            return Path(name), fd
+        os.close(fd)  # another write removed it as stale before it was locked: take a new one
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove ``target``'s temporary files that no live writer locks: a killed writer's lock went with it.
+
+    Windows has no flock, so a live writer's file could not be told apart: there nothing is removed.
+    """
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkstemp's names
+    with os.scandir(target.parent) as entries:
+        stale = [entry.path for entry in entries if pattern.fullmatch(entry.name)
+                 and entry.is_file(follow_symlinks=False)]
+    for name in stale:
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # renamed or removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names_open_file(name, fd):
+                os.unlink(name)
+        except OSError:  # locked by a live writer (or gone meanwhile): not stale
+            pass
+        finally:
+            os.close(fd)
+
+
+def _names_open_file(name: str, fd: int) -> bool:
+    """Whether ``name`` is still the file open as ``fd`` (not removed, nor replaced by another file)."""
+    try:
+        now = os.stat(name, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> Path:

@@ -21,14 +21,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..adapters.files import AdapterLoadError, PathLike, architecture_name, decode_tensors, num_classes_of, read_adapter
+from ..adapters.files import (
+    AdapterLoadError,
+    PathLike,
+    architecture_name,
+    decode_tensors,
+    num_classes_of,
+    pooling_of,
+    read_adapter,
+)
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.config import config_from_dict
-from ..core.inject import adapter_state, merge_and_unload, unwrap_compiled
+from ..core.fingerprint import differing_records, frozen_fingerprint, frozen_modules
+from ..core.inject import adapter_state, set_quantization_aware, unwrap_compiled
 from ..core.layer import adapted_layers, as_factors
+from ..core.merge import merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
 from ..core.targets import trained_parameters
+from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
 
@@ -41,21 +52,34 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
                 input_size: Optional[Sequence[int]] = None) -> Path:
     """Write ``model`` as an ONNX graph with input ``images`` and output ``logits``, both with a dynamic batch axis.
 
-    By default the graph is the merged model: one task at the base model's cost (``model`` itself is not changed).
-    With ``tasks_as_inputs`` the unmerged model is exported with every trained tensor as an input named as in
-    adapter files: one graph for all tasks of this backbone, adapter config (seed and bases included) and head size,
-    fed by ``onnx_task_inputs``. Heads of another size need their own graph (export a model built with that
-    ``num_classes``); ``onnx_task_inputs(adapter_dir, graph)`` refuses a task that does not fit. ``input_size``
-    (C, H, W) defaults to the size the model was built for. Returns ``path``.
+    By default the graph is the merged model: one task at the base model's cost, computing what the model computes
+    (under quantisation-aware training too), in the dtype of its parameters (``model`` itself is not changed).
+    With ``tasks_as_inputs`` the unmerged float32 model is exported with every trained tensor as an input named as
+    in adapter files, applied as given (not quantisation-aware): one graph for all tasks of this backbone and its
+    frozen weights, adapter config (seed and bases included) and head size, fed by ``onnx_task_inputs``. Heads of
+    another size need their own graph (export a model built with that ``num_classes``);
+    ``onnx_task_inputs(adapter_dir, graph)`` refuses a task that does not fit. ``input_size`` (C, H, W) defaults to
+    the size the model was built for. Returns ``path``.
     """
     model = unwrap_compiled(model)
-    images = torch.zeros(2, *(input_size or _input_size(model)), device=_device(model))
+    if isinstance(model, MultiTaskModel):
+        raise TypeError("a MultiTaskModel picks its tasks by name in forward, which a graph cannot take: export "
+                        "its backbone with nv.export_onnx(backbone, path, tasks_as_inputs=True) (the model it was "
+                        "built on, with an adapter of the tasks' config injected or loaded) and feed each task's "
+                        "arrays with nv.onnx_task_inputs(adapter_dir, graph)")
+    parameter = next(model.parameters())
+    if parameter.dtype == torch.bfloat16:
+        raise ValueError("ONNX has no bfloat16 Conv at the opsets torch's exporter writes (up to 20), so the graph of "
+                         "a bfloat16 model would not load: export a float16 or float32 copy "
+                         "(copy.deepcopy(model).half() or .float())")
+    images = torch.zeros(2, *(input_size or _input_size(model)), device=parameter.device, dtype=parameter.dtype)
     if not tasks_as_inputs:
-        served = merge_and_unload(copy.deepcopy(model)) if adapter_state(model) is not None else model
+        # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
+        served = merge(copy.deepcopy(model)) if adapter_state(model) is not None else model
         with _as_served(served):
             return _export(served, (images,), ["images"], path)
     graph = _TaskInputGraph(model)
-    with _as_served(model):
+    with _as_served(graph.model):
         return _export(graph, (images, *graph.example_inputs()), ["images", *graph.names], path,
                        _graph_metadata(model))
 
@@ -65,7 +89,8 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
 
     The adapter files are checked as they are read (checksums, sizes, finite values). Pass ``graph`` (the ``.onnx``
     path or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise ``AdapterLoadError`` naming
-    the fix: same backbone, adapter config and bases, and head size (one graph per head size).
+    the fix: same backbone, adapter config and bases, head size (one graph per head size), and frozen weights (as
+    ``load_adapter`` checks them; graphs exported before they were recorded take any).
 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
@@ -93,8 +118,12 @@ class _TaskInputGraph(nn.Module):
         if state.config.train_backbone:
             raise ValueError("full fine-tuning trains every weight, so tasks share nothing a graph could hold: export "
                              "each task with export_onnx(model, path)")
-        layers = adapted_layers(model)
-        for name, layer in layers.items():
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"the model's parameters are {dtype}, and a task-input graph takes the float32 arrays of "
+                             "nv.onnx_task_inputs: export it from the float32 model (model.float()), or export each "
+                             f"task in {dtype} with export_onnx(model, path)")
+        for name, layer in adapted_layers(model).items():
             if layer.merged:
                 raise ValueError(f"layer {name} is merged: a task-input graph needs the frozen weights without ΔW; "
                                  "call nv.unmerge(model) first")
@@ -102,6 +131,8 @@ class _TaskInputGraph(nn.Module):
                 raise ValueError(f"layer {name} regenerates its own bases (basis='per_layer'); a task-input graph "
                                  "holds shared bases only: train with basis='shared', or export one merged graph per "
                                  "task with export_onnx(model, path)")
+        model = _without_quantisation(model)
+        layers = adapted_layers(model)
         adapter, head = trained_parameters(model, train_backbone=False)
         self.names: List[str] = [*adapter, *head]
         self._example = [p.detach() for p in (*adapter.values(), *head.values())]
@@ -156,6 +187,15 @@ def _substituted(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
             module._parameters[attribute] = parameter
 
 
+def _without_quantisation(model: nn.Module) -> nn.Module:
+    """``model``, or under quantisation-aware training a copy without it: a graph input is the task's tensor as its
+    file holds it, which quantising again (to the model's width) would change."""
+    state = adapter_state(model)
+    if state.quantized_head is None and all(layer.quant_bits is None for layer in adapted_layers(model).values()):
+        return model
+    return set_quantization_aware(copy.deepcopy(model), None)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -174,20 +214,15 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
 
 @contextmanager
 def _as_served(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients and no quantisation-aware training while tracing; the model's settings come back."""
+    """Eval mode and no gradients while tracing; the modules' modes come back."""
     training = {module: module.training for module in model.modules()}
-    bits = {layer: layer.quant_bits for layer in adapted_layers(model).values()}
     model.eval()
-    for layer in bits:
-        layer.quant_bits = None
     try:
         with torch.no_grad():
             yield
     finally:
         for module, mode in training.items():
             module.training = mode
-        for layer, value in bits.items():
-            layer.quant_bits = value
 
 
 def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str], path: PathLike,
@@ -216,11 +251,13 @@ def _import_onnx():
 
 
 def _graph_metadata(model: nn.Module) -> Dict[str, str]:
-    """What a task must match to fit the graph: backbone, adapter config, bases and head size."""
+    """What a task must match to fit the graph: backbone, adapter config, bases, head size, and frozen weights (their
+    fingerprint as adapter files record it)."""
     state = adapter_state(model)
     return {"format": GRAPH_FORMAT, "backbone": architecture_name(model), "config": _canonical(state.config_dict()),
             "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
-            "num_classes": str(num_classes_of(model))}
+            "num_classes": str(num_classes_of(model)), "pooling": pooling_of(model) or "",
+            "frozen_weights": _canonical(frozen_fingerprint(model, frozen_modules(model, state.plan)))}
 
 
 def _canonical(config: Any) -> str:
@@ -299,8 +336,41 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
         if meta.get(key) != value:
             raise AdapterLoadError(f"task {directory} does not fit the graph: its {key} is {value}, the graph's is "
                                    f"{meta.get(key)}; {fixes[key]}")
+    trained, pooling = document.get("pooling"), meta.get("pooling")  # either may predate the field: then unchecked
+    if trained and pooling and trained != pooling:
+        raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained with global_pool={trained!r}, "
+                               f"the graph pools with {pooling!r}; export a graph from a model created with "
+                               f"global_pool={trained!r}")
+    if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
+        _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory)
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}
     got = {name: tuple(value.shape) for name, value in values.items()}
     if got != expected:
         raise AdapterLoadError(f"task {directory} holds tensors {got}, the graph takes {expected}: export a graph "
                                "from a model with the task's config")
+
+
+def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path) -> None:
+    """Raise ``AdapterLoadError`` unless the graph holds the frozen weights the task was trained on, as
+    ``load_adapter`` requires of a model: the same adapters merged into them, and the same fingerprint (format 2
+    files have none: only merges are checked)."""
+    task = document.get("frozen_weights")
+    task_merged, graph_merged = (task or {}).get("merged", []), (graph or {}).get("merged", [])
+    if any(entry not in graph_merged for entry in task_merged) or any(e not in task_merged for e in graph_merged):
+        raise AdapterLoadError(
+            f"task {directory} does not fit the graph: the adapters folded into the frozen weights by "
+            f"nv.merge_and_unload differ ({len(graph_merged)} in the graph's, {len(task_merged)} in the task's, not "
+            "the same): export the graph from the model the task was trained on")
+    if task is None or graph is None:
+        return
+    if task.get("version") != graph.get("version"):
+        raise AdapterLoadError(f"task {directory}'s frozen weights were fingerprinted by {task.get('version')!r}, the "
+                               f"graph's by {graph.get('version')!r}: export the graph with the nola_vision version "
+                               f"{document['library_version']} that wrote the task")
+    difference = differing_records(task, graph)
+    if difference is not None:
+        raise AdapterLoadError(
+            f"task {directory} does not fit the graph: the graph's frozen weights are not those the task was trained "
+            f"on: {difference}. Export the graph from a model with the pretrained weights the task was trained on (the "
+            "same timm name and pretrained tag, or pretrained_file; another tag, a fine-tune, a random init or weights "
+            "with an adapter merged in give other outputs)")

@@ -1,0 +1,216 @@
+"""Faults of the exports found by a fault hunt: what a task-input graph accepts, quantisation-aware models, compiled
+models, half-precision models, a many-task model, and the paths a single-file export writes to."""
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.core.inject import adapter_state
+from nola_vision.core.storage import atomic_path
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+CONFIG = nv.NOLAConfig(rank=4, num_basis_a=96, num_basis_b=96, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
+
+
+def session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
+def trained(seed: int, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    return as_if_trained(nv.inject(model if model is not None else tiny_vit(), CONFIG), seed=seed, scale=0.5)
+
+
+def other_frozen_weights() -> torch.nn.Module:
+    """The tiny ViT's architecture with every weight 1.3 times as large: another pretrained checkpoint."""
+    model = tiny_vit()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.3)
+    return model
+
+
+# ---- which tasks fit a task-input graph ----------------------------------------------------------------------
+def test_a_task_trained_on_other_frozen_weights_does_not_fit_the_graph(tmp_path):
+    graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0, other_frozen_weights()), tmp_path / "other")
+    with pytest.raises(nv.AdapterLoadError, match="frozen weights are not those"):
+        nv.load_adapter(tiny_vit(), task)  # what the graph's check must agree with
+    for fed in (graph, session(graph)):
+        with pytest.raises(nv.AdapterLoadError, match="does not fit the graph: the graph's frozen weights are not "
+                                                       "those the task was trained on: the weights of blocks.0"):
+            nv.onnx_task_inputs(task, fed)
+    same = nv.save_adapter(trained(1), tmp_path / "same")
+    assert set(nv.onnx_task_inputs(same, graph)) == {i.name for i in session(graph).get_inputs()} - {"images"}
+
+
+def test_a_task_trained_with_another_pooling_does_not_fit_the_graph(tmp_path):
+    graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(global_pool="avg", fc_norm=False), CONFIG), seed=0),
+                           tmp_path / "avg")
+    with pytest.raises(nv.AdapterLoadError, match=r"trained with global_pool='avg', the graph pools with 'token'"):
+        nv.onnx_task_inputs(task, graph)
+
+
+def test_a_task_trained_without_the_adapter_merged_into_the_graphs_weights_does_not_fit_it(tmp_path):
+    lora = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["mlp.fc1"]))
+    backbone = nv.merge_and_unload(as_if_trained(lora, seed=0, adapters_only=True))
+    graph = nv.export_onnx(nv.inject(backbone, CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(1), tmp_path / "plain")
+    with pytest.raises(nv.AdapterLoadError, match=r"adapters folded into the frozen weights by nv.merge_and_unload "
+                                                   r"differ \(1 in the graph's, 0 in the task's"):
+        nv.onnx_task_inputs(task, graph)
+
+
+def test_a_graph_exported_before_it_recorded_frozen_weights_still_takes_tasks(tmp_path):
+    graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    proto = onnx.load(str(graph))
+    kept = [entry for entry in proto.metadata_props if entry.key != "nola_vision.frozen_weights"]
+    assert len(kept) < len(proto.metadata_props)  # the new graph records them
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(graph))
+    task = nv.save_adapter(trained(0, other_frozen_weights()), tmp_path / "other")
+    assert nv.onnx_task_inputs(task, graph)
+
+
+# ---- quantisation-aware models -------------------------------------------------------------------------------
+def test_the_task_input_graph_of_a_quantisation_aware_model_applies_each_task_exactly(images, tmp_path):
+    model = trained(1).eval()
+    nv.set_quantization_aware(model, 8)
+    before = logits(model, images)
+    graph = nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(2), tmp_path / "task", bits=16)
+    outputs = session(graph).run(None, {"images": images.numpy(), **nv.onnx_task_inputs(task, graph)})[0]
+    expected = logits(nv.load_adapter(tiny_vit(), task), images)
+    assert np.abs(outputs - expected.numpy()).max() <= 1e-4
+    assert adapter_state(model).quantized_head is not None  # the model still trains against the stored head
+    assert torch.equal(logits(model, images), before)
+
+
+def test_the_merged_export_of_a_quantisation_aware_model_gives_the_models_outputs(images, tmp_path):
+    model = trained(3).eval()
+    nv.set_quantization_aware(model, 8)
+    expected = logits(model, images)
+    graph = nv.export_onnx(model, tmp_path / "merged.onnx")
+    outputs = session(graph).run(None, {"images": images.numpy()})[0]
+    assert np.abs(outputs - expected.numpy()).max() <= 1e-4
+    assert torch.equal(logits(model, images), expected)
+
+
+# ---- compiled, half-precision and many-task models -----------------------------------------------------------
+def test_export_peft_of_a_compiled_model_loads_in_peft_with_the_same_logits(images, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = trained(4).eval()
+    nv.export_peft(torch.compile(model, backend="eager"), tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"] and not any("_orig_mod" in n for n in config["target_modules"])
+    served = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(served, images), logits(model, images), rtol=0, atol=1e-5)
+
+
+def test_a_float16_model_exports_and_runs_in_onnx_runtime(images, tmp_path):
+    model = trained(5).eval().half()
+    graph = nv.export_onnx(model, tmp_path / "half.onnx")
+    outputs = session(graph).run(None, {"images": images.half().numpy()})[0]
+    assert outputs.dtype == np.float16
+    expected = logits(model.float(), images)
+    assert np.abs(outputs.astype(np.float32) - expected.numpy()).max() <= 2e-2
+
+
+def test_what_a_graph_cannot_hold_in_half_precision_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"no bfloat16 Conv.*export a float16 or float32 copy"):
+        nv.export_onnx(trained(5).to(torch.bfloat16), tmp_path / "bfloat16.onnx")
+    with pytest.raises(ValueError, match=r"takes the float32 arrays of nv.onnx_task_inputs.*model.float\(\)"):
+        nv.export_onnx(trained(5).half(), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_multitask_model_is_refused_naming_what_to_export_instead(tmp_path):
+    served = nv.MultiTaskModel(tiny_vit())
+    for size in (None, (3, 32, 32)):
+        with pytest.raises(TypeError, match=r"tasks_as_inputs=True.*nv.onnx_task_inputs"):
+            nv.export_onnx(served, tmp_path / "served.onnx", input_size=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the path a single-file export writes to -----------------------------------------------------------------
+def test_an_existing_directory_at_the_path_is_refused_before_the_export_runs(tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(torch.onnx, "export", traced)
+    with pytest.raises(IsADirectoryError, match=f"{target} is an existing directory"):
+        nv.export_onnx(trained(0), target)
+    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_path_ending_in_a_separator_is_refused(tmp_path):
+    for path in (f"{tmp_path / 'exports'}/", f"{tmp_path / 'exports'}{os.sep}"):
+        with pytest.raises(IsADirectoryError, match="ends in a path separator"):
+            nv.export_onnx(trained(0), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_under_a_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "exports").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"lies under {tmp_path / 'exports'}, an existing file"):
+        nv.export_onnx(trained(0), tmp_path / "exports" / "model.onnx")
+    assert (tmp_path / "exports").read_text() == "mine"
+
+
+def test_a_symlinked_file_is_written_through_and_stays_a_link(images, tmp_path):
+    real = tmp_path / "store" / "v1.onnx"
+    real.parent.mkdir()
+    real.write_bytes(b"old graph")
+    link = tmp_path / "current.onnx"
+    link.symlink_to(real)
+    model = trained(6).eval()
+    nv.export_onnx(model, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    outputs = session(real).run(None, {"images": images.numpy()})[0]
+    assert np.abs(outputs - logits(model, images).numpy()).max() <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "store"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["v1.onnx"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a live writer's temporary file is told by its flock")
+def test_temporary_files_a_killed_export_left_are_removed_and_live_ones_kept(tmp_path):
+    import fcntl
+
+    target = tmp_path / "model.onnx"
+    stale, live = tmp_path / ".model.onnx.k1ll3d_x.tmp", tmp_path / ".model.onnx.wr1t1ng_.tmp"
+    others = [tmp_path / name for name in (".model.onnx.short.tmp", ".model.onnx.abcdefgh.tmp.keep", ".other.onnx."
+                                           "abcdefgh.tmp", ".model.onnx.abcdefgh.staged-00")]
+    for path in (stale, live, *others):
+        path.write_bytes(b"partial")
+    with open(live, "rb") as writer:  # another writer of the same path, still writing
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        nv.export_onnx(trained(0), target)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"second write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, *others))
+    assert target.read_bytes() == b"second write"
+
+
+def test_a_target_whose_name_is_too_long_for_a_suffix_is_still_written(tmp_path):
+    target = tmp_path / ("m" * 250)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"graph")
+    assert target.read_bytes() == b"graph" and list(tmp_path.iterdir()) == [target]
