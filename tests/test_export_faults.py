@@ -195,9 +195,11 @@ def test_temporary_files_a_killed_export_left_are_removed_and_live_ones_kept(tmp
     import fcntl
 
     target = tmp_path / "model.onnx"
-    stale, live = tmp_path / ".model.onnx.k1ll3d_x.tmp", tmp_path / ".model.onnx.wr1t1ng_.tmp"
-    others = [tmp_path / name for name in (".model.onnx.short.tmp", ".model.onnx.abcdefgh.tmp.keep", ".other.onnx."
-                                           "abcdefgh.tmp", ".model.onnx.abcdefgh.staged-00")]
+    stale, live = tmp_path / ".model.onnx.nv-k1ll3d_x.tmp", tmp_path / ".model.onnx.nv-wr1t1ng_.tmp"
+    # a user's own files, including one shaped like mkstemp's names but without the library's mark
+    others = [tmp_path / name for name in (".model.onnx.nv-short.tmp", ".model.onnx.nv-abcdefgh.tmp.keep",
+                                           ".other.onnx.nv-abcdefgh.tmp", ".model.onnx.abcdefgh.staged-00",
+                                           ".model.onnx.abcd1234.tmp")]
     for path in (stale, live, *others):
         path.write_bytes(b"partial")
     with open(live, "rb") as writer:  # another writer of the same path, still writing
@@ -207,6 +209,23 @@ def test_temporary_files_a_killed_export_left_are_removed_and_live_ones_kept(tmp
             tmp.write_bytes(b"second write")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, *others))
     assert target.read_bytes() == b"second write"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks")
+def test_a_symlink_to_a_missing_folder_is_refused_without_creating_it(tmp_path):
+    link = tmp_path / "model.onnx"
+    link.symlink_to(tmp_path / "missing" / "model.onnx")
+    with pytest.raises(FileNotFoundError, match="symlink to .*missing.*whose folder does not exist"):
+        with atomic_path(link) as tmp:
+            tmp.write_bytes(b"graph")
+    assert not (tmp_path / "missing").exists() and link.is_symlink()
+
+
+def test_a_graph_of_a_model_without_pooling_refuses_a_task_that_pools(tmp_path):
+    graph = nv.export_onnx(nv.inject(tiny_vit(global_pool=""), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0), tmp_path / "token")
+    with pytest.raises(nv.AdapterLoadError, match=r"trained with global_pool='token', the graph pools with ''"):
+        nv.onnx_task_inputs(task, graph)
 
 
 def test_a_target_whose_name_is_too_long_for_a_suffix_is_still_written(tmp_path):

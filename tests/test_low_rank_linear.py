@@ -200,3 +200,15 @@ def test_under_autocast_the_output_gradient_reaches_the_fused_backward_in_the_pr
         out = low_rank_linear(x, weight, bias, a, b, activation)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and seen == [torch.bfloat16] and a.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_float64_model_under_autocast_keeps_its_adapted_layers_in_float64(compiled, images):
+    # Autocast never casts float64 (F.linear stays in it): neither may the adapted layer's own product.
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).double().train()
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    expected = model(images.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = forward(images.double())
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)

@@ -68,7 +68,7 @@ class LowRankLinear(torch.autograd.Function):
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
         # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else inputs.dtype
+        dtype = _product_dtype(inputs)
         sink = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
         return inputs, xa, sink
 
@@ -112,11 +112,18 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
     if torch.compiler.is_compiling() and (activation is None or type(activation) is nn.GELU):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             raise _trainable_weight_error()
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), dtype)[0]
+        return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), _product_dtype(x))[0]
     inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation)
     return _FrozenProduct.apply(inputs, weight, bias, xa, b, sink)
+
+
+def _product_dtype(inputs: Tensor) -> torch.dtype:
+    """The dtype autocast (if on) gives ``F.linear`` of ``inputs``: its lower precision for float32, float16 and
+    bfloat16 inputs; float64 and every other dtype are left as they are."""
+    device = inputs.device.type
+    if torch.is_autocast_enabled(device) and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return inputs.dtype
 
 
 def _trainable_weight_error() -> ValueError:
@@ -178,8 +185,7 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one. ``out``: the
     2-d rows to write instead (``_forward``'s row parts).
     """
-    device = inputs.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs.dtype
+    dtype = _product_dtype(inputs)
     rows = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
     left, right = xa.reshape(-1, xa.shape[-1]).to(dtype), b.to(dtype)
     if bias is not None:

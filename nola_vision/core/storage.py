@@ -34,6 +34,9 @@ _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory u
 _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux/fs.h> and macOS <stdio.h>
 
 
+_TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones are told from a user's files
+
+
 @contextmanager
 def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it onto ``path``.
@@ -41,7 +44,7 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through
     (its target gets the new content; the link stays). A path ending in a separator, an existing directory or a path
     under a file is refused before the block runs, with an OSError naming the fix. The temporary file,
-    ``.<name>.<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
+    ``.<name>.nv-<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
     same path, which nothing locks, are removed first.
     """
     target = _file_target(path)
@@ -66,6 +69,9 @@ def _file_target(path: PathLike) -> Path:
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
     target = Path(os.path.realpath(text))
+    if os.path.islink(text) and not target.parent.is_dir():
+        raise FileNotFoundError(f"{text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
+                                "that folder, or remove the link to write a plain file there")
     if target.is_dir():
         raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: pass a file path (e.g. "
                                 f"{Path(text) / 'name'}); the directory was left untouched")
@@ -80,7 +86,8 @@ def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
     """A new temporary sibling of ``target``, with its descriptor holding the lock (None on Windows: no flock, and an
     open file could not be renamed there)."""
     while True:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{_sibling_stem(target)}.", suffix=".tmp")
+        prefix = f".{_sibling_stem(target)}.{_TEMPORARY_MARK}"
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
         if fcntl is None:
             os.close(fd)
             return Path(name), None
@@ -97,7 +104,8 @@ def _remove_stale_temporaries(target: Path) -> None:
     """
     if fcntl is None:
         return
-    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkstemp's names
+    # Only names this function makes (tempfile.mkstemp's 8 characters after the mark): never a user's own file.
+    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.{_TEMPORARY_MARK}[a-z0-9_]{{8}}\.tmp")
     with os.scandir(target.parent) as entries:
         stale = [entry.path for entry in entries if pattern.fullmatch(entry.name)
                  and entry.is_file(follow_symlinks=False)]

@@ -256,7 +256,7 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
     state = adapter_state(model)
     return {"format": GRAPH_FORMAT, "backbone": architecture_name(model), "config": _canonical(state.config_dict()),
             "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
-            "num_classes": str(num_classes_of(model)), "pooling": pooling_of(model) or "",
+            "num_classes": str(num_classes_of(model)), "pooling": json.dumps(pooling_of(model)),
             "frozen_weights": _canonical(frozen_fingerprint(model, frozen_modules(model, state.plan)))}
 
 
@@ -336,8 +336,11 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
         if meta.get(key) != value:
             raise AdapterLoadError(f"task {directory} does not fit the graph: its {key} is {value}, the graph's is "
                                    f"{meta.get(key)}; {fixes[key]}")
-    trained, pooling = document.get("pooling"), meta.get("pooling")  # either may predate the field: then unchecked
-    if trained and pooling and trained != pooling:
+    if "pooling" in document and "pooling" in meta:  # either may predate the field: then unchecked
+        trained, pooling = document["pooling"], json.loads(meta["pooling"])
+    else:
+        trained = pooling = None
+    if trained != pooling:
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained with global_pool={trained!r}, "
                                f"the graph pools with {pooling!r}; export a graph from a model created with "
                                f"global_pool={trained!r}")
