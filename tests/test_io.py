@@ -156,3 +156,25 @@ def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images):
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
         nv.unmerge(live)
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-40])
+def test_at_16_bits_a_tensor_too_small_for_float16_is_stored_in_float32_not_lost(scale, tmp_path):
+    # A LoRA B a few steps from its zero init: float16 made 16% of 1e-7-sized values zero (17% error), and every
+    # 1e-40-sized value, so the adapter loaded as if untrained.
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    nv.save_adapter(model, tmp_path / "small")
+    loaded = nv.load_adapter(tiny_vit(), tmp_path / "small")
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_B"):
+            assert torch.equal(loaded.get_parameter(name), parameter)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "small" / WEIGHTS_NAME)
+    assert {t.dtype for n, t in stored.items() if n.endswith("lora_B")} == {torch.float32}
+    assert {t.dtype for n, t in stored.items() if n.endswith("lora_A")} == {torch.float16}  # normal range: float16

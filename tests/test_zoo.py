@@ -54,3 +54,16 @@ def test_nola_variants_download_the_base_weights():
         base = get_pretrained_cfg(f"vit_base_patch16_224{tag}")
         assert nola.hf_hub_id == base.hf_hub_id and nola.url == base.url
         assert nola.architecture == "vit_base_patch16_224_nola"
+
+
+def test_nola_config_takes_a_nola_config_or_its_dict_and_refuses_another_method(tmp_path):
+    small = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=5)
+    model = timm.create_model("vit_base_patch16_224_nola", nola_config=nv.NOLAConfig(num_basis_a=16).to_dict(),
+                              **small)
+    assert nv.count_parameters(model)["adapter"] == nv.count_parameters(
+        timm.create_model("vit_base_patch16_224_nola", nola_config=nv.NOLAConfig(num_basis_a=16), **small))["adapter"]
+    with pytest.raises(TypeError, match=r"must be a NOLAConfig.*got a LoRAConfig.*nv.create_model"):
+        timm.create_model("vit_base_patch16_224_nola", nola_config=nv.LoRAConfig(rank=2), **small)
+    directory = nv.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"is a directory.*nv.load_adapter\(model, directory\)"):
+        nv.create_model("vit_base_patch16_224", checkpoint_path=str(directory), **small)

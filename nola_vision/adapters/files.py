@@ -221,11 +221,21 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
 
 
 def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
-    """``value`` as float16 at 16 bits (float32 if float16 would turn a value into ±inf) or float32 at 32 bits."""
+    """``value`` as float16 at 16 bits, or float32 (at 32 bits, and at 16 where float16 would lose it).
+
+    Float16 keeps a tensor when every value comes back finite and within half a float16 step of the tensor's
+    largest value (what it gives any tensor in its normal range): beyond ±65,504 it would turn values into ±inf, and
+    a tensor of values below its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate)
+    would lose most of its digits, or every value, to subnormals and zeros.
+    """
     for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
         stored = value.to(dtype)
-        if bool(torch.isfinite(stored).all()):
-            return stored
+        if not bool(torch.isfinite(stored).all()):
+            continue
+        if dtype == torch.float16 and value.numel():
+            if float((stored.float() - value.float()).abs().max()) > 2**-11 * float(value.abs().max()):
+                continue
+        return stored
     raise ValueError(f"tensor {name} holds {value.abs().max().item():.4g}, beyond float32's range: it cannot be "
                      "stored (train again with a lower learning rate)")
 

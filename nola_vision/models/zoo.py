@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, Optional, Union
@@ -66,6 +67,11 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     """
     check_model_name(model_name)
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
+    checkpoint = kwargs.get("checkpoint_path")
+    if checkpoint and os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint_path {checkpoint} is a directory, and timm loads a state-dict file from it: an "
+                         "adapter saved by nv.save_adapter loads onto the created model with "
+                         "nv.load_adapter(model, directory)")
     model = timm.create_model(model_name, **kwargs)
     if config is not None:
         inject(model, config)
@@ -84,6 +90,11 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
     if config is not None:
         if overrides:
             raise TypeError("pass either nola_config or nola_<field> arguments, not both")
+        config = resolve_adapter(config)  # a NOLAConfig or its to_dict() form
+        if not isinstance(config, config_cls):
+            raise TypeError(f"nola_config of a {NOLA_SUFFIX} model must be a {config_cls.__name__} (or its to_dict() "
+                            f"form), got a {type(config).__name__}: for another method create the base model with "
+                            "nv.create_model(name, adapter=config)")
         return config
     return config_cls(**{**defaults, **overrides})
 
