@@ -154,11 +154,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
         return _product(inputs, weight, bias, xa, b), xa
     h = x.reshape(-1, x.shape[-1])
     part = -(-h.shape[0] // 2)
-    y, xas = None, []
+    y, xas = h.new_empty((h.shape[0], weight.shape[0]), dtype=dtype or h.dtype), []
     for start in range(0, h.shape[0], part):
         inputs, xa = _adapter_input(h[start : start + part], a, activation, dtype)
-        if y is None:
-            y = inputs.new_empty((h.shape[0], weight.shape[0]))
         _product(inputs, weight, bias, xa, b, out=y[start : start + part])
         xas.append(xa)
         del inputs
