@@ -61,10 +61,10 @@ def test_fused_low_rank_linear_gives_the_values_and_gradients_of_the_plain_ops(a
     grad = torch.randn(2, 7, 16, generator=generator)
     fused = low_rank_linear(*tensors, activation)
     plain = _plain(*tensors, activation)
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     trained = [tensors[i] for i in (0, 3, 4)]
     for got, expected in zip(torch.autograd.grad(fused, trained, grad), torch.autograd.grad(plain, trained, grad)):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_low_rank_linear_computes_only_the_gradients_asked_for():
@@ -147,6 +147,36 @@ def test_adapted_fc2_backward_needs_about_one_input_gradient_of_memory(method):
     assert memory.peak <= 1.6 * h.nbytes  # the input gradient plus a block of rows or two, never 2 whole tensors
 
 
+class AccumulationTargets(TorchDispatchMode):
+    """The tensors that in-place matrix products (``addmm_``) accumulate into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.addmm_.default:
+            self.targets.append((tuple(args[0].shape), args[0].stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_adapted_layers_accumulate_their_gradients_into_row_major_tensors(method):
+    """A's gradient of an adapted fc2 is summed over row blocks into a (rank, in) tensor: row-major it is a fast
+    product, column-major (``zeros_like`` of ``Aᵀ`` keeps A's strides) ten times slower, 3% of a ViT-B step."""
+    config = (nv.NOLAConfig(num_basis_a=16, num_basis_b=16) if method == "nola"
+              else nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"]))
+    model = nv.inject(tiny_vit(), config).train()
+    assert model.blocks[0].mlp.fc2.input_activation is not None
+    generator = torch.Generator().manual_seed(0)
+    loss = model(torch.randn(2, 3, 32, 32, generator=generator)).square().mean()
+    with AccumulationTargets() as accumulations:
+        loss.backward()
+    assert (config.rank, model.blocks[0].mlp.fc2.in_features) in {shape for shape, _ in accumulations.targets}
+    for shape, stride in accumulations.targets:
+        assert stride == (shape[1], 1), f"an accumulation into {shape} with strides {stride}"
+
+
 def test_the_compiled_operator_holds_an_adapted_fc2s_activation_output_for_half_the_rows_at_a_time():
     """At the end of a compiled forward pass (the step's peak) the operator's body never holds the activation
     output of all rows: that frees more than the compiler keeps beyond eager (docs/benchmarks/training.md)."""
@@ -158,7 +188,7 @@ def test_the_compiled_operator_holds_an_adapted_fc2s_activation_output_for_half_
         out, xa = _forward(h, weight, bias, a, b, nn.GELU(), torch.float32)
     assert memory.peak <= 0.6 * h.nbytes
     torch.testing.assert_close(out, _plain(h, weight, bias, a, b, nn.GELU()))
-    torch.testing.assert_close(xa, F.gelu(h) @ a)
+    torch.testing.assert_close(xa, F.gelu(h) @ a, rtol=1e-5, atol=1e-4)  # sums of 256 products of order 1
 
 
 def test_autocast_training_keeps_no_low_precision_copy_of_an_adapted_frozen_weight(images):
