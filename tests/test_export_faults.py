@@ -138,6 +138,31 @@ def test_what_a_graph_cannot_hold_in_half_precision_is_refused_naming_the_fix(tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def reentrant_checkpointing():
+    """timm's re-entrant gradient checkpointing (``set_reentrant_ckpt``), its previous setting restored after."""
+    import timm.layers
+
+    previous = timm.layers.use_reentrant_ckpt()
+    timm.layers.set_reentrant_ckpt(True)
+    yield
+    timm.layers.set_reentrant_ckpt(previous)
+
+
+@pytest.mark.parametrize("tasks_as_inputs", [False, True])
+def test_a_model_training_with_reentrant_checkpointing_exports_and_keeps_checkpointing(
+        images, tmp_path, reentrant_checkpointing, tasks_as_inputs):
+    model = trained(6).train()
+    model.set_grad_checkpointing(True)
+    graph = nv.export_onnx(model, tmp_path / "checkpointed.onnx", tasks_as_inputs=tasks_as_inputs)
+    assert model.grad_checkpointing and model.training  # the model trains on as it was
+    feeds = {"images": images.numpy()}
+    if tasks_as_inputs:
+        feeds.update(nv.onnx_task_inputs(nv.save_adapter(model, tmp_path / "task", bits=32), graph))
+    outputs = session(graph).run(None, feeds)[0]
+    assert np.abs(outputs - logits(model.eval(), images).numpy()).max() <= 1e-4
+
+
 def test_a_multitask_model_is_refused_naming_what_to_export_instead(tmp_path):
     served = nv.MultiTaskModel(tiny_vit())
     for size in (None, (3, 32, 32)):

@@ -214,15 +214,24 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
 
 @contextmanager
 def _as_served(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients while tracing; the modules' modes come back."""
+    """Eval mode, no gradients and no gradient checkpointing while tracing; the modules' settings come back.
+
+    A graph has no backward to save memory for, and timm's re-entrant checkpointing (``set_reentrant_ckpt(True)``)
+    runs even without gradients, where the tracer fails inside torch (``unordered_map::at``).
+    """
     training = {module: module.training for module in model.modules()}
+    checkpointing = [module for module in model.modules() if getattr(module, "grad_checkpointing", False) is True]
     model.eval()
     try:
+        for module in checkpointing:
+            module.grad_checkpointing = False
         with torch.no_grad():
             yield
     finally:
         for module, mode in training.items():
             module.training = mode
+        for module in checkpointing:
+            module.grad_checkpointing = True
 
 
 def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str], path: PathLike,
