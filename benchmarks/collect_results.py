@@ -103,7 +103,7 @@ TIMING_NOTE = (
     "NOLA-MLP's step-time ratios to LoRA are paired: both methods train in one process, one step each per round in "
     "alternating order, and each round's ratio compares steps seconds apart (median of 20 rounds, quartiles "
     "bracketed; glibc's default allocator). Even paired, the median moves by a few percent from run to run on this "
-    "shared VM (two runs of the ViT-B fp32 table on the same code, 2026-12-01: 1.07× and 1.02×). Fresh-process rounds "
+    "shared VM (two runs of the ViT-B fp32 table on the same code on the Intel VM, 2026-12-01: 1.07× and 1.02×). Fresh-process rounds "
     "swing by ±10–20%, too much to decide a few percent; they give the memory (a process's peak cannot be split between two models). The training "
     "peak is the step's memory above what a run keeps across steps; NOLA's shared basis codes (60 MiB for ViT-B, 80 "
     "MiB for ViT-L at k = l = 1024) count as step memory. By default a CPU step holds them only between its backward "
