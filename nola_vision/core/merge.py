@@ -15,9 +15,9 @@ from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
-__all__ = ["batched_factors", "combine_shared", "combine_shared_factors", "gradient_checkpointing",
-           "has_shared_bases", "merge", "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged",
-           "unmerge"]
+__all__ = ["batched_factors", "checkpointing_modules", "combine_shared", "combine_shared_factors",
+           "gradient_checkpointing", "has_shared_bases", "merge", "reentrant_checkpointing_inputs",
+           "release_shared_factors", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -53,9 +53,15 @@ def has_shared_bases(model: nn.Module) -> bool:
     return bool(_shared_layers(model, include_merged=True))
 
 
+def checkpointing_modules(model: nn.Module) -> List[nn.Module]:
+    """The modules that recompute their blocks in backward (timm's ``set_grad_checkpointing`` contract: a
+    ``grad_checkpointing`` flag set to True)."""
+    return [module for module in model.modules() if getattr(module, "grad_checkpointing", False) is True]
+
+
 def gradient_checkpointing(model: nn.Module) -> bool:
     """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract)."""
-    return any(getattr(module, "grad_checkpointing", False) is True for module in model.modules())
+    return bool(checkpointing_modules(model))
 
 
 def _reentrant_checkpointing() -> bool:

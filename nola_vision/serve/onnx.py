@@ -35,7 +35,7 @@ from ..core.config import config_from_dict
 from ..core.fingerprint import differing_records, frozen_fingerprint, frozen_modules
 from ..core.inject import adapter_state, set_quantization_aware, unwrap_compiled
 from ..core.layer import adapted_layers, as_factors
-from ..core.merge import merge
+from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
 from ..core.targets import trained_parameters
@@ -220,7 +220,7 @@ def _as_served(model: nn.Module) -> Iterator[None]:
     runs even without gradients, where the tracer fails inside torch (``unordered_map::at``).
     """
     training = {module: module.training for module in model.modules()}
-    checkpointing = [module for module in model.modules() if getattr(module, "grad_checkpointing", False) is True]
+    checkpointing = checkpointing_modules(model)
     model.eval()
     try:
         for module in checkpointing:
