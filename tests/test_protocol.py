@@ -127,6 +127,36 @@ def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
     assert [r["name"] for r in rows] == ["crash"]
 
 
+def test_a_row_with_fewer_runs_than_requested_is_flagged_until_they_finish(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    flaky = tmp_path / "flaky"
+    flaky.write_text(f"""#!{sys.executable}
+import os, sys
+if "--data.split_seed" in sys.argv and sys.argv[sys.argv.index("--data.split_seed") + 1] == "1" and os.environ.get("FAIL"):
+    sys.exit(3)
+os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
+""")
+    flaky.chmod(0o755)
+    run_protocol([TINY], out=str(out), name="full", split_seeds=[0], init_seeds=[0, 1], python=fake_python(tmp_path),
+                 echo=False)
+    monkeypatch.setenv("FAIL", "1")  # the runs of split seed 1 fail
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_protocol([TINY], out=str(out), name="row", split_seeds=[0, 1], init_seeds=[0, 1], python=str(flaky),
+                     echo=False)
+    monkeypatch.delenv("FAIL")
+    md = (out / "results.md").read_text()
+    assert "| row | fake |" in md and "| 2 of 4 | 50.0 (0.0) |" in md
+    assert "| full | fake |" in md and "| 2 | 50.0 (0.0) |" in md
+    assert "Fewer runs than requested (row)" in md
+    # a later command asking for fewer seeds does not hide the missing ones; finishing them clears the flag
+    run_protocol([TINY], out=str(out), name="row", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path),
+                 echo=False)
+    assert "| 2 of 4 |" in (out / "results.md").read_text()
+    run_protocol([TINY], out=str(out), name="row", split_seeds=[1], init_seeds=[0, 1], python=str(flaky), echo=False)
+    md = (out / "results.md").read_text()
+    assert "| 4 | 50.0 (0.0) |" in md and " of 4 |" not in md and "Fewer runs" not in md
+
+
 @pytest.mark.parametrize("executor", ["local_jobs", "submitit_local"])
 def test_runs_go_through_an_executor(tmp_path, executor):
     from nola_vision.runs.executors import LocalExecutor, SubmititExecutor

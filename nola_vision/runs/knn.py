@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.storage import write_json_atomic
-from .results import RESULT_FILE, claim_row, config_key, counted, read_result
+from .results import RESULT_FILE, claim_row, config_key, counted, read_result, request_runs
 
 __all__ = ["extract_features", "knn_predict", "run_knn"]
 
@@ -59,6 +59,7 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
     key = config_key(configs, [*_drop_trainer_args(overrides), f"--knn_k={k}"])
     (Path(out) / name).mkdir(parents=True, exist_ok=True)
     claim_row(Path(out) / name, key)
+    request_runs(Path(out) / name, [f"split{split_seed}" for split_seed in split_seeds])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test_cache: Optional[Tuple[Tensor, Tensor]] = None
     for split_seed in split_seeds:

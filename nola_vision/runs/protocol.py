@@ -38,6 +38,7 @@ from .results import (
     discard_result,
     parse_overrides,
     read_result,
+    request_runs,
     retire_unfinished_run,
     row_folder,
     write_tables,
@@ -143,6 +144,7 @@ def run_protocol(
     executor = executor or LocalExecutor(1)
     config_args = [arg for c in configs for arg in ("-c", str(c))]
     grid = [(s, i) for s in split_seeds for i in init_seeds]
+    request_runs(root, [run_dir_name(s, i) for s, i in grid])
     labels: Dict[Path, str] = {}
     claims: Dict[Path, int] = {}
     pending: List[Run] = []

@@ -2,7 +2,8 @@
 
 A run counts only once its ``result.json`` exists with finite metrics and status ok. A row (``<out>/<name>``) is
 keyed by its settings (``config.json``: the config files' content and the overrides, without seeds and paths),
-so runs with other settings are never averaged into one row.
+so runs with other settings are never averaged into one row. ``requested.json`` lists every run a command asked the
+row for, so the tables can flag a mean over fewer runs (failed, or still running).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ except ImportError:  # Windows
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "check_seeds", "claim_row", "claim_run",
            "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result",
-           "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
+           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
+REQUESTED_FILE = "requested.json"
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
               "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir"]
 # set per run by the runner, or only where outputs go: they do not change what a row measures
@@ -103,6 +105,31 @@ def claim_run(run_dir: Path) -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def request_runs(root: Path, runs: Sequence[str]) -> None:
+    """Add ``runs`` (run folder names) to the row's ``requested.json``: what its commands asked for, so far.
+
+    Two commands on one row take turns (a lock beside the file), so neither loses the other's runs."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f".{REQUESTED_FILE}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        before = requested_runs(root)
+        if not set(runs) <= before:
+            write_json_atomic(root / REQUESTED_FILE, sorted(before | set(runs)))
+    finally:
+        os.close(fd)
+
+
+def requested_runs(root: Path) -> set:
+    """The run folder names that commands asked the row ``root`` for (empty for rows written before this record)."""
+    try:
+        names = json.loads((root / REQUESTED_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int]) -> None:
@@ -216,10 +243,22 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         writer.writerows(rows)
     lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
+    finished: Dict[str, set] = {}
+    for row in rows:
+        finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
+    short = []
     for s in summarise(rows):
+        asked = requested_runs(root / s["name"]) | finished[s["name"]]
+        runs = f"{s['runs']}" if len(asked) == s["runs"] else f"{s['runs']} of {len(asked)}"
+        if len(asked) != s["runs"]:
+            short.append(s["name"])
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
-                     f"{s['adapter_params']:,} | {s['head_params']:,} | {s['runs']} | "
+                     f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
                      f"{s['mean']:.1f} ({s['std']:.1f}) |")
-    write_text_atomic(root / "results.md", "\n".join(lines) + "\n\nMean (population std) of final-epoch top-1 accuracy "
-                 "on the full test split over split seeds × init seeds.\n")
+    notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init seeds."]
+    if short:
+        notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
+                     "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
+                     "listed in its output and each run's log.txt).")
+    write_text_atomic(root / "results.md", "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n")
     return rows
