@@ -199,6 +199,20 @@ def test_coefficients_near_the_float32_limit_quantise_to_finite_values(tmp_path,
     assert bool(torch.isfinite(loaded).all()) and (loaded.double() - alpha.double()).abs().max() <= half_step * 1.001
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_coefficients_near_the_smallest_float32_quantise_within_half_a_step(tmp_path, bits):
+    """A range so narrow that float32 cannot hold its step (values near 1e-44) is coded in float64."""
+    model = trained(seed=1)
+    alpha = dict(model.named_parameters())["blocks.0.mlp.fc1.nola_alpha"]
+    with torch.no_grad():
+        alpha.copy_(torch.linspace(1e-44, 4e-44, alpha.numel()).reshape(alpha.shape))
+    nv.save_adapter(model, tmp_path, bits=bits)
+    loaded = dict(nv.load_adapter(tiny_vit(), tmp_path).named_parameters())["blocks.0.mlp.fc1.nola_alpha"]
+    subnormal = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # float32's resolution there
+    half_step = (alpha.double().max() - alpha.double().min()) / (2**bits - 1) / 2
+    assert (loaded.double() - alpha.double()).abs().max() <= half_step + subnormal / 2
+
+
 @pytest.mark.parametrize("bits", [16, 4])
 def test_a_value_beyond_float32_is_refused_naming_the_tensor_before_the_old_adapter_is_touched(tmp_path, bits):
     nv.save_adapter(trained(seed=1), tmp_path)

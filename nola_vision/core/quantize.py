@@ -18,6 +18,8 @@ INTEGER_BITS = tuple(bits for bits in SUPPORTED_BITS if bits <= 8)
 QAT_BITS = INTEGER_BITS
 # The classifier head is a few thousand values: below 16 bits it keeps 8-bit codes, which cost little and keep accuracy.
 MIN_HEAD_INTEGER_BITS = 8
+# Steps below float32's smallest normal value are not held by float32 arithmetic: such ranges are coded in float64.
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def head_bits(bits: int) -> int:
@@ -53,6 +55,9 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
     step = (maximum - minimum) / levels
     if step == 0.0:  # a constant tensor (e.g. the paper's α = 1/k init) is exact with code 0
         return torch.zeros_like(flat, dtype=torch.uint8), minimum, 0.0
+    if step < _SMALLEST_NORMAL:  # float32 cannot hold the step (values near 1e-44): in float64
+        codes = torch.round((flat.double() - minimum) / step).clamp_(0, levels).to(torch.uint8)
+        return codes, minimum, step
     # At half scale, so that a range wider than float32's largest value (values near ±3e38) does not overflow;
     # halving is exact, so the codes are those of (flat - minimum) / step.
     codes = torch.round((flat / 2 - minimum / 2) / (step / 2)).clamp_(0, levels).to(torch.uint8)
@@ -61,6 +66,8 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
 
 def dequantize(codes: Tensor, minimum: float, step: float) -> Tensor:
     """``minimum + codes * step`` in float32, at half scale like ``quantize``: finite for every finite range."""
+    if 0.0 < abs(step) < _SMALLEST_NORMAL:  # as in quantize: in float64, then rounded once to float32
+        return (minimum + codes.double() * step).float()
     return (minimum / 2 + codes.float() * (step / 2)) * 2
 
 

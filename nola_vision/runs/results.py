@@ -255,7 +255,8 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
                      f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
                      f"{s['mean']:.1f} ({s['std']:.1f}) |")
-    notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init seeds."]
+    notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
+             "seeds."]
     if short:
         notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
