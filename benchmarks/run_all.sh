@@ -3,8 +3,9 @@
 # (<name>.md, exactly what the script printed), raw numbers (<name>.json) and plot (<name>.png) into
 # benchmarks/results/, then benchmarks/RESULTS.md is rebuilt from them. Progress goes to stderr.
 # Parts: `benchmarks/run_all.sh storage accuracy` runs two; `cpu` runs every CPU part on this machine in one go
-# (so every CPU table of RESULTS.md comes from one machine): about 2½ hours on the quiet 2-core VM for everything
-# but the accuracy parts, which add minutes with their trial cache (runs/accuracy_cache) and about 46 minutes without it.
+# (so every CPU table of RESULTS.md comes from one machine): about 2 h 20 min on the quiet 2-core AMD EPYC VM (2½ hours
+# on the Intel Xeon one) for everything but the accuracy parts, which add minutes with their trial cache
+# (runs/accuracy_cache) and about 46 minutes without it.
 # `gpu` runs only where torch sees CUDA.
 # With no part named, `cpu` then `gpu`.
 set -euo pipefail
