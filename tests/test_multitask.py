@@ -83,6 +83,23 @@ def test_tasks_are_held_as_their_stored_numbers_until_used(adapters, images):
     assert model.memory_bytes()["bases"] > 0
 
 
+def test_tasks_of_one_config_share_their_plan_and_each_task_is_one_allocation(adapters, images, tmp_path):
+    """What keeps 1,000 registered tasks small (benchmarks/multitask.py measures the RSS): no per-task copy of an
+    equal plan, and no heap block per tensor."""
+    config, classes = TASKS["nola_mlp"]
+    again = nv.save_adapter(trained(config, classes, seed=99), tmp_path / "again")
+    model = served(adapters)
+    model.add_task("again", again)
+    tasks = model._tasks
+    assert tasks["again"].plan is tasks["nola_mlp"].plan and tasks["again"].shapes is tasks["nola_mlp"].shapes
+    assert tasks["lora_qv"].plan is not tasks["nola_mlp"].plan
+    for task in tasks.values():
+        assert len({t.untyped_storage().data_ptr() for t in task.stored.values()}) == 1
+    # the packed numbers are the stored ones, and serve the same logits as the task's own merged model
+    assert all(torch.equal(tasks["again"].stored[k], v) for k, v in read_adapter(again)[1].items())
+    assert torch.allclose(torch.stack(model(images, "again")), merged_logits(again, classes, images), atol=1e-5)
+
+
 def test_remove_task_unhooks_layers_no_task_adapts(adapters, images):
     model = served(adapters)
     hooked = lambda: sorted(n for n, m in model.model.named_modules() if m._forward_hooks)  # noqa: E731
