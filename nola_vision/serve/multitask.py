@@ -252,9 +252,11 @@ class MultiTaskModel(nn.Module):
 
     def _sharing_plans(self, task: _Task) -> _Task:
         """``task`` holding the plan and shapes of an equal registered task: tasks of one config on one backbone
-        share them, instead of a thousand tasks holding a thousand copies (about 45 KB each for ViT-B)."""
-        for other in self._tasks.values():
-            if other.plan is not task.plan and other.plan == task.plan:
+        share them, instead of a thousand tasks holding a thousand copies (about 45 KB each for ViT-B). Only the
+        distinct plans held are compared: a few (one per config and head size), however many tasks there are."""
+        distinct = {id(other.plan): other for other in self._tasks.values()}
+        for other in distinct.values():
+            if other.plan == task.plan:
                 task.plan = other.plan
                 task.shapes = other.shapes if other.shapes == task.shapes else task.shapes
                 break
