@@ -27,7 +27,7 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ["atomic_directory", "atomic_path", "file_in_the_way", "read_files", "resolve_directory_target",
-           "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+           "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -203,7 +203,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     """
     target = resolve_directory_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(target):
+    with writer_lock(target):
         _remove_leftovers(target)
         staged = _make_staging_directory(target)
         try:
@@ -220,8 +220,9 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``.<name>.lock`` beside ``target`` (released when its file is closed)."""
+def writer_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``.<name>.lock`` beside ``target`` (released when its file is closed), so
+    that writers of ``target`` take turns; Windows has no lock, so nothing is held there."""
     if fcntl is None:
         yield
         return

@@ -14,9 +14,9 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from ..core.storage import atomic_path, file_in_the_way, write_json_atomic, write_text_atomic
+from ..core.storage import atomic_path, file_in_the_way, write_json_atomic, write_text_atomic, writer_lock
 
 try:
     import fcntl
@@ -110,20 +110,15 @@ def claim_run(run_dir: Path) -> Optional[int]:
 def request_runs(root: Path, runs: Sequence[str]) -> None:
     """Add ``runs`` (run folder names) to the row's ``requested.json``: what its commands asked for, so far.
 
-    Two commands on one row take turns (a lock beside the file), so neither loses the other's runs."""
+    Two commands on one row take turns (``writer_lock``), so neither loses the other's runs."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".{REQUESTED_FILE}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with writer_lock(root / REQUESTED_FILE):
         before = requested_runs(root)
         if not set(runs) <= before:
             write_json_atomic(root / REQUESTED_FILE, sorted(before | set(runs)))
-    finally:
-        os.close(fd)
 
 
-def requested_runs(root: Path) -> set:
+def requested_runs(root: Path) -> Set[str]:
     """The run folder names that commands asked the row ``root`` for (empty for rows written before this record)."""
     try:
         names = json.loads((root / REQUESTED_FILE).read_text())
@@ -243,14 +238,14 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         writer.writerows(rows)
     lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
-    finished: Dict[str, set] = {}
+    finished: Dict[str, Set[str]] = {}
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
     short = []
     for s in summarise(rows):
-        asked = requested_runs(root / s["name"]) | finished[s["name"]]
-        runs = f"{s['runs']}" if len(asked) == s["runs"] else f"{s['runs']} of {len(asked)}"
-        if len(asked) != s["runs"]:
+        asked = len(requested_runs(root / s["name"]) | finished[s["name"]])
+        runs = f"{s['runs']}" if asked == s["runs"] else f"{s['runs']} of {asked}"
+        if asked != s["runs"]:
             short.append(s["name"])
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
                      f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "

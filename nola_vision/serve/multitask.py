@@ -258,7 +258,8 @@ class MultiTaskModel(nn.Module):
         for other in distinct.values():
             if other.plan == task.plan:
                 task.plan = other.plan
-                task.shapes = other.shapes if other.shapes == task.shapes else task.shapes
+                if other.shapes == task.shapes:
+                    task.shapes = other.shapes
                 break
         return task
 
