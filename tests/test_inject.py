@@ -53,6 +53,19 @@ def test_inject_freezes_backbone_and_keeps_head_trainable():
     }
 
 
+@pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=32, num_basis_b=32), "linear"])
+def test_the_head_keeps_its_pooled_input_not_the_whole_final_token_map(config, images):
+    model = nv.inject(tiny_vit(), config)
+    head_inputs, kept = [], []
+    model.head.register_forward_hook(lambda module, args, output: head_inputs.append(args[0]))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        model(images)
+    (pooled,) = head_inputs  # the class token, which the head keeps for its weight gradient
+    assert any(t is pooled for t in kept)
+    assert pooled.untyped_storage().nbytes() == pooled.numel() * pooled.element_size()
+    assert not nv.unload(model).head._forward_pre_hooks  # unload takes the hook away again
+
+
 def test_zero_delta_init_gives_the_frozen_base_logits(images):
     base = tiny_vit()
     with torch.no_grad():

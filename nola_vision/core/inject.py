@@ -129,6 +129,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
             adapted.input_activation = replace_module(parent, "act", nn.Identity())
         replace_module(model, name, adapted)
     hooks = [model.register_forward_pre_hook(reentrant_checkpointing_inputs)] if plan.layers else []
+    if head is not None:
+        hooks.append(head.register_forward_pre_hook(_compact_input))
     if has_shared_bases(model):
         hooks += [model.register_forward_pre_hook(combine_shared_factors),
                   model.register_forward_hook(release_shared_factors, always_call=True)]
@@ -139,6 +141,15 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
     setattr(model, STATE_ATTRIBUTE, AdapterState(plan, context.get("bank"), requires_grad, hooks))
     return model
+
+
+def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
+    """Forward pre-hook on the classifier head: hand it its input as a compact tensor. Class-token pooling gives a
+    view into the whole final token map, and the trained head keeps its input for its weight gradient: that view
+    would keep every token's features alive until backward reaches the head, which a compiled backward does last."""
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 class _PlainStateDicts:
