@@ -222,9 +222,10 @@ def inference_targets(results: Path) -> List[List[str]]:
     seconds = {name: statistics.median(times) for name, times in data["throughput_s"].items()}
     merged = seconds["base model"] / seconds["NOLA merged"]
     switch_ms = statistics.median(data["switch_s"]["in_place"]) * 1000
+    floor = data["switch_s"].get("memory_floor")  # one pass over the adapted weights, which a switch must make
+    measured = f"{switch_ms:.1f} ms" + (f" (weights pass alone: {statistics.median(floor) * 1000:.1f} ms)" if floor else "")
     return [["merged NOLA inference ≥ 0.97× base images/s (ViT-B/16)", f"{merged:.3f}×", _verdict(merged, 0.97, True)],
-            ["task switch (load + in-place re-merge) < 50 ms (ViT-B/16)", f"{switch_ms:.1f} ms",
-             _verdict(switch_ms, 50.0, unit="ms")]]
+            ["task switch (load + in-place re-merge) < 50 ms (ViT-B/16)", measured, _verdict(switch_ms, 50.0, unit="ms")]]
 
 
 def serving_targets(results: Path) -> List[List[str]]:

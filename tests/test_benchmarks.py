@@ -137,6 +137,7 @@ def test_inference_main(tmp_path, capsys):
                     *_files(tmp_path)], **TINY_KWARGS)
     data = _check_outputs(capsys.readouterr().out, tmp_path)
     assert set(data["throughput_s"]) == set(inference.MODELS) and data["switch_max_logit_error"] < 1e-3
+    assert set(data["switch_s"]) == {"in_place", "unmerge_load_merge", inference.WEIGHTS_PASS}
 
 
 def test_multitask_main(tmp_path, capsys):
@@ -293,6 +294,11 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
     assert "| NOLA per-layer-basis training peak ≤ 1.15× LoRA (ViT-B/16) | 1.20× | missed by 0.05× |" in report
     assert "| merged NOLA inference ≥ 0.97× base images/s (ViT-B/16) | 0.990× | met |" in report
     assert "| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 40.0 ms | met |" in report
+    # with the memory floor measured beside it, the target's row names it
+    (tmp_path / "inference.json").write_text(json.dumps({"throughput_s": {"base model": [1.0], "NOLA merged": [1.0]},
+                                                       "switch_s": {"in_place": [0.06], "memory_floor": [0.05]}}))
+    assert ("| task switch (load + in-place re-merge) < 50 ms (ViT-B/16) | 60.0 ms (weights pass alone: 50.0 ms) | "
+            "missed by 10.0 ms |") in collect_results.build(tmp_path)
     assert "## Training step, ViT-B/16\n" in report and "## Storage" not in report
     assert "Not run yet: `accuracy`, `accuracy_study`, `accuracy_transfer`, `compiled_switch`, `gpu`, " in report
     # paired timing decides the step-time verdict; the held-codes variant gets its own rows
