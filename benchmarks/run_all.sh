@@ -5,7 +5,7 @@
 # Parts: `benchmarks/run_all.sh storage accuracy` runs two; `cpu` runs every CPU part on this machine in one go
 # (so every CPU table of RESULTS.md comes from one machine): about 2 h 20 min on the quiet 2-core AMD EPYC VM (2½ hours
 # on the Intel Xeon one) for everything but the accuracy parts, which add minutes with their trial cache
-# (runs/accuracy_cache) and about 46 minutes without it.
+# (runs/accuracy_cache) and about an hour without it (AMD: accuracy 36 min, accuracy_study 15, accuracy_transfer 7).
 # `gpu` runs only where torch sees CUDA.
 # With no part named, `cpu` then `gpu`.
 set -euo pipefail
