@@ -9,6 +9,7 @@ from tiny_models import as_if_trained, tiny_vit
 import nola_vision as nv
 from nola_vision.adapters import files as adapter_io
 from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.core.basis import BasisSpec
 from nola_vision.core.quantize import dequantize, pack4, quantize, unpack4
 
 CONFIG = nv.NOLAConfig(rank=4, num_basis_a=64, num_basis_b=64, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
@@ -156,6 +157,21 @@ def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images):
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
         nv.unmerge(live)
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
+
+
+def test_a_model_merged_in_grad_mode_keeps_its_shared_bases_so_a_task_switch_does_not_regenerate_them(
+        tmp_path, monkeypatch):
+    nv.save_adapter(trained(seed=4), tmp_path / "b")
+    live = nv.merge(trained(seed=3))  # as users call it, without torch.no_grad()
+    generated, original = [], BasisSpec.codes
+
+    def counted(spec, *args, **kwargs):
+        generated.append(spec)
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setattr(BasisSpec, "codes", counted)
+    nv.load_adapter(live, tmp_path / "b")
+    assert generated == []
 
 
 @pytest.mark.parametrize("scale", [1e-7, 1e-40])

@@ -137,11 +137,12 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs.
 
     Each layer first keeps the fingerprint of its unmerged weight, so that checking which frozen weights the
-    model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged.
+    model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged. Nothing is recorded
+    for autograd, so the basis bank keeps the shared bases' codes, which a task switch reads again.
     """
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
-    with batched_factors(model):
+    with torch.no_grad(), batched_factors(model):
         for name, layer in unmerged.items():
             layer.merge()
             layer.unmerged_record = records[name]
@@ -150,7 +151,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again."""
-    with batched_factors(model):
+    with torch.no_grad(), batched_factors(model):
         for layer in adapted_layers(model).values():
             layer.unmerge()
     return model
