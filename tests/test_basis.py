@@ -189,5 +189,8 @@ def test_cpu_codes_equal_the_int64_tensor_path_at_every_alignment():
     try:  # torch's intra-op threads hash disjoint ranges: the codes do not depend on how many there are
         torch.set_num_threads(3)
         assert torch.equal(basis_codes(3, "s", 1_000_001, 77), reference(1_000_001, 77))
+        # several long passes per thread, one of them split where the counter's high word changes
+        assert torch.equal(basis_codes(3, "s", 3_000_001, boundary - 1_000_001),
+                           reference(3_000_001, boundary - 1_000_001))
     finally:
         torch.set_num_threads(threads)
