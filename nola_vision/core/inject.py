@@ -144,10 +144,11 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
 
 
 def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
-    """Forward pre-hook on the classifier head: hand it its input as a compact tensor. Class-token pooling gives a
-    view into the whole final token map, and the trained head keeps its input for its weight gradient: that view
-    would keep every token's features alive until backward reaches the head, which a compiled backward does last."""
-    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+    """Forward pre-hook on the classifier head: hand it pooled features as a compact tensor. Class-token pooling
+    gives a (batch, features) view into the whole final token map, and the trained head keeps its input for its
+    weight gradient: that view would keep every token's features alive until backward reaches the head, which a
+    compiled backward does last. Inputs of other ranks (a convnet head's channels-last maps) are left as they are."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() == 2 and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
 
