@@ -4,7 +4,8 @@ Each (model, method) runs in its own process, built as ``train_step.py`` builds 
 seed), after one warm-up step (shared bases generated, optimiser state created). Then, each over its own step:
 
 * time: ``torch.profiler`` self CPU time and calls of every op, per step (median of ``--steps`` profiled steps);
-* FLOPs: ``torch.utils.flop_counter.FlopCounterMode``;
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode``, with the formulas it lacks added (``flop_formulas``): the
+  in-place ``addmm_`` of the adapted layers' frozen products and the CPU flash attention;
 * memory: every tensor storage the step creates is tracked (a ``TorchDispatchMode`` with a weak reference per
   storage), and at the step's peak the live bytes are grouped by the module and op that made them. This is
   deterministic: no allocator caching, no RSS noise from other processes. What the model holds across steps
@@ -103,6 +104,26 @@ def _memory_tracker():
     return MemoryTracker
 
 
+def flop_formulas() -> Dict:
+    """FLOP formulas ``FlopCounterMode`` lacks: without them it counts an in-place ``addmm_`` (every adapted layer's
+    frozen product) and CPU attention as 0 FLOPs, so a method that adapts more layers would seem to compute less."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def in_place_product(self, left, right, *args, out_shape=None, **kwargs) -> int:
+        return 2 * left[0] * left[1] * right[1]
+
+    def attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return {aten.addmm_: in_place_product, aten._scaled_dot_product_flash_attention_for_cpu: attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
+
+
 def worker(args: argparse.Namespace) -> Dict:
     """Profile one method on one model: op times, FLOPs and the tensors alive at the step's memory peak."""
     import torch
@@ -139,7 +160,7 @@ def worker(args: argparse.Namespace) -> Dict:
         for event in events:
             times[event.key].append(event.self_cpu_time_total / 1e3)
             calls[event.key] = event.count
-    with FlopCounterMode(display=False) as flops:
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as flops:
         step()
     modules = ModuleTracker()
     with modules, _memory_tracker()(modules, lambda: held_basis_bytes(model)) as memory:

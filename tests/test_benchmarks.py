@@ -106,6 +106,22 @@ def test_profile_step_main_shows_op_times_and_the_tensors_alive_at_the_peak(tmp_
     assert (lora["method"], nola["method"]) == ("lora", "nola") and lora["bases_mib"] == 0 < nola["bases_mib"]
     assert all(r["peak_mib"] > 0 and sum(r["at_peak_mib"].values()) == pytest.approx(r["peak_mib"]) for r in (lora, nola))
     assert "`aten::mm`" in out and "alive at the peak" in out and "`blocks.*.mlp.fc1: addmm`" in out
+    # Both steps run the same frozen products (only the adapters differ, a few % of a step): counted alike whether a
+    # product runs as addmm or as an in-place addmm_
+    assert sum(nola["flops"].values()) == pytest.approx(sum(lora["flops"].values()), rel=0.05)
+
+
+def test_profile_flop_formulas_count_in_place_products_and_cpu_flash_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, b, c = torch.randn(8, 6), torch.randn(6, 4), torch.zeros(8, 4)
+    q = torch.randn(1, 2, 5, 4, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=profile_step.flop_formulas()) as flops:
+        c.addmm_(a, b)
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)
+    counts = {str(op): n for op, n in flops.get_flop_counts()["Global"].items()}
+    assert counts["aten.addmm_"] == 2 * 8 * 6 * 4
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == 2 * (2 * 1 * 2 * 5 * 5 * 4)  # QKᵀ and PV
 
 
 def test_train_step_sweep_jobs_cover_shared_and_per_layer_bases():
