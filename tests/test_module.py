@@ -1,4 +1,5 @@
 """FewShotClassifier: what it trains, what checkpoints hold, how bad configs fail, the schedule."""
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -103,6 +104,35 @@ def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
     with pytest.raises(ValueError, match="different frozen backbone"):
         FewShotClassifier.load_from_checkpoint(ckpt, backbone_seed=1)
+
+
+def _checkpoint_of(model: FewShotClassifier) -> dict:
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)  # what Lightning writes
+    return checkpoint
+
+
+@pytest.mark.parametrize("other", [dict(seed=7), dict(scale=8.0), dict(num_basis_a=8)])
+def test_checkpoint_of_another_adapter_config_is_refused_naming_the_field(other):
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    checkpoint = _checkpoint_of(model)
+    FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(checkpoint)  # same config: loads
+    field = next(iter(other))
+    changed = FewShotClassifier(num_classes=4, adapter=dataclasses.replace(NOLA, **other), **TINY)
+    with pytest.raises(ValueError, match=rf"another adapter config \({field}="):
+        changed.on_load_checkpoint(_checkpoint_of(model))
+
+
+def test_checkpoint_with_other_random_bases_or_none_recorded():
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    checkpoint = _checkpoint_of(model)
+    checkpoint["nola_vision"]["basis_fingerprint"] = "0" * 64  # as written by another generator version
+    with pytest.raises(ValueError, match="random bases come from generator"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(checkpoint)
+    older = _checkpoint_of(model)
+    for key in ("adapter", "basis_fingerprint", "generator_version"):  # a checkpoint written before they were recorded
+        del older["nola_vision"][key]
+    FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(older)
 
 
 def test_random_backbone_is_the_same_in_every_process_but_the_head_follows_the_run_seed():

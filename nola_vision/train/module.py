@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..adapters.files import save_adapter
+from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
@@ -34,6 +35,14 @@ __all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_argument
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
 AdapterArg = Union[AdapterConfig, str]
+
+
+def _config_difference(saved: Union[str, dict], own: Union[str, dict]) -> str:
+    """The fields in which two stored adapter configs differ, as ``name=checkpoint (this model: value)``."""
+    if not (isinstance(saved, dict) and isinstance(own, dict)):
+        return f"{saved!r}; this model has {own!r}"
+    keys = [key for key in {**saved, **own} if saved.get(key) != own.get(key)]
+    return ", ".join(f"{key}={saved.get(key)!r} (this model: {own.get(key)!r})" for key in keys)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -293,17 +302,23 @@ class FewShotClassifier(L.LightningModule):
         """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
+                                     "adapter": state.config_dict(),
+                                     "basis_fingerprint": state.plan.basis_fingerprint(),
+                                     "generator_version": GENERATOR_VERSION,
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
                                      "data": self._data_record()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Check that the checkpoint fits this model (every trained tensor, same frozen backbone), then complete its
-        state dict with this model's own frozen tensors so that loading it is exact and reports no missing keys."""
+        """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
+        frozen backbone), then complete its state dict with this model's own frozen tensors so that loading it is exact
+        and reports no missing keys."""
         info = checkpoint.get("nola_vision")
         if info is None:
             return
+        self._check_adapter(info)
         missing = sorted(set(info["trained_keys"]) - set(checkpoint["state_dict"]))
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         if missing or set(info["trained_keys"]) != expected:
@@ -323,6 +338,21 @@ class FewShotClassifier(L.LightningModule):
         self._check_backbone(info.get("backbone_fingerprint"))
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _check_adapter(self, info: Dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another adapter config or other random bases: its trained tensors would
+        load without a shape error (another seed or scale keeps every shape) and give another model."""
+        if "adapter" not in info:  # written before checkpoints recorded their adapter
+            return
+        state = adapter_state(self.model)
+        saved, own = info["adapter"], state.config_dict()
+        if saved != own:
+            raise ValueError(f"checkpoint was trained with another adapter config ({_config_difference(saved, own)}): "
+                             "build the model with the run's model.adapter")
+        if info["basis_fingerprint"] != state.plan.basis_fingerprint():
+            raise ValueError(f"checkpoint's random bases come from generator {info['generator_version']!r}, this "
+                             f"nola_vision regenerates others ({GENERATOR_VERSION!r}): use the nola_vision version "
+                             "that wrote the checkpoint")
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names and the k-shot split's settings), for the checks of a later load."""
