@@ -48,6 +48,15 @@ def test_quantisation_aware_bits_cannot_change_while_merged_so_unload_gives_back
             torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="has no nola_vision adapters.*call nv.inject"):
+        nv.set_quantization_aware(model, 4)
+    nv.set_quantization_aware(model, None)  # off is what a plain model already is
+    nv.set_quantization_aware(nv.inject(model, NOLA), 4)
+    assert {layer.quant_bits for layer in nv.adapted_layers(model).values()} == {4}
+
+
 def test_export_peft_and_save_adapter_never_replace_each_others_files(tmp_path):
     model = trained(LORA)
     nv.save_adapter(model, tmp_path / "ours")

@@ -49,3 +49,11 @@ def test_export_peft_refuses_non_finite_tensors_and_keeps_the_previous_export(tm
     with pytest.raises(ValueError, match="base_model.model.head.bias holds NaN or Inf"):
         nv.export_peft(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("size", [(32, 32), 32, (3, 0, 32), (3.0, 32, 32), "3x32x32"])
+def test_export_onnx_refuses_an_input_size_that_is_not_channels_height_width(size, tmp_path):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+    with pytest.raises(ValueError, match=r"input_size must be 3 positive ints .*e\.g\. \(3, 32, 32\), the size"):
+        nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)
+    assert not (tmp_path / "model.onnx").exists()

@@ -109,3 +109,16 @@ def test_task_input_export_refuses_what_one_graph_cannot_serve(tmp_path):
         with pytest.raises(ValueError, match=message):
             nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
     assert not (tmp_path / "tasks.onnx").exists()
+
+
+def test_a_graph_is_checked_as_an_onnx_model_proto_and_another_type_is_named(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    config = CONFIGS["nola_mlp_qv"]
+    path = nv.export_onnx(nv.inject(tiny_vit(), config()), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    fits, ten = _task(config(), tmp_path / "fits", 0), _task(config(), tmp_path / "ten", 0, num_classes=10)
+    by_proto = nv.onnx_task_inputs(fits, onnx.load(str(path)))
+    assert {k: v.tolist() for k, v in by_proto.items()} == {k: v.tolist() for k, v in nv.onnx_task_inputs(fits).items()}
+    with pytest.raises(nv.AdapterLoadError, match="num_classes=10"):
+        nv.onnx_task_inputs(ten, onnx.load(str(path)))
+    with pytest.raises(TypeError, match="path, an onnx.ModelProto .* or an onnxruntime.InferenceSession"):
+        nv.onnx_task_inputs(fits, path.read_bytes())

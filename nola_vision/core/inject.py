@@ -284,9 +284,14 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     """Train against the values ``save_adapter(bits=bits)`` stores (straight-through estimator); ``None`` turns it off.
 
     The adapter tensors are seen at ``bits``; a linear classifier head at the width files keep it (8-bit codes).
-    Refused on a merged model whose setting it would change: unmerge would subtract another update than was merged.
+    Refused on a merged model whose setting it would change: unmerge would subtract another update than was merged,
+    and on a model without adapters, where it would change nothing and training would silently run in full precision.
     """
     bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
+    state = adapter_state(model)
+    if state is None and bits is not None:
+        raise ValueError(f"{type(model).__name__} has no nola_vision adapters to train quantisation-aware (never "
+                         "injected, or unloaded); call nv.inject or nv.load_adapter first, then set_quantization_aware")
     merged = [name for name, layer in adapted_layers(model).items() if layer.merged and layer.quant_bits != bits]
     if merged:
         raise ValueError(
@@ -296,7 +301,6 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
             "nv.unmerge(model) first, then set_quantization_aware, then nv.merge(model) again")
     for layer in adapted_layers(model).values():
         layer.quant_bits = bits
-    state = adapter_state(model)
     if state is not None:
         if state.quantized_head is not None:
             state.quantized_head.remove()

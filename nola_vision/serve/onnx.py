@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     the size the model was built for. Returns ``path``.
     """
     model = unwrap_compiled(model)
+    if input_size is not None:
+        _check_input_size(input_size, model)
     if isinstance(model, MultiTaskModel):
         raise TypeError("a MultiTaskModel picks its tasks by name in forward, which a graph cannot take: export "
                         "its backbone with nv.export_onnx(backbone, path, tasks_as_inputs=True) (the model it was "
@@ -88,9 +91,9 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
     """The float32 arrays of one saved task, by graph input name, for a graph of ``export_onnx(tasks_as_inputs=True)``.
 
     The adapter files are checked as they are read (checksums, sizes, finite values). Pass ``graph`` (the ``.onnx``
-    path or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise ``AdapterLoadError`` naming
-    the fix: same backbone, adapter config and bases, head size (one graph per head size), and frozen weights (as
-    ``load_adapter`` checks them; graphs exported before they were recorded take any).
+    path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise
+    ``AdapterLoadError`` naming the fix: same backbone, adapter config and bases, head size (one graph per head size),
+    and frozen weights (as ``load_adapter`` checks them; graphs exported before they were recorded take any).
 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
@@ -212,6 +215,18 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
     return tuple(cfg["input_size"])
 
 
+def _check_input_size(size: Any, model: nn.Module) -> None:
+    """Refuse an ``input_size`` that is not (C, H, W) now: traced, it fails deep inside the model's forward."""
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 3 and all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size):
+        return
+    try:
+        example = f"{tuple(_input_size(model))}, the size the model was built for"
+    except ValueError:
+        example = "(3, 224, 224)"
+    raise ValueError(f"input_size must be 3 positive ints (channels, height, width), e.g. {example}; got {size!r}")
+
+
 @contextmanager
 def _as_served(model: nn.Module) -> Iterator[None]:
     """Eval mode, no gradients and no gradient checkpointing while tracing; the modules' settings come back.
@@ -310,22 +325,41 @@ class _GraphInfo:
 
 
 def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
-    if isinstance(graph, (str, os.PathLike)):
-        onnx = _import_onnx()
-        from google.protobuf.message import DecodeError  # onnx's own dependency
+    """A graph's metadata and inputs, from its path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``.
 
-        try:
-            proto = onnx.load(str(graph))
-        except (OSError, DecodeError) as error:
-            raise AdapterLoadError(f"{graph} cannot be read as an ONNX graph ({error}): pass the .onnx file that "
-                                   "export_onnx(model, path, tasks_as_inputs=True) wrote") from error
-        metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    Any other type is refused with a ``TypeError``: duck typing an unknown object would fail with a raw attribute error.
+    """
+    if isinstance(graph, (str, os.PathLike)):
+        graph = _load_graph(graph)
+    if _instance_of(graph, "onnx", "ModelProto"):
+        metadata = {entry.key: entry.value for entry in graph.metadata_props}
         inputs = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
-                  for i in proto.graph.input}
-    else:  # an onnxruntime.InferenceSession
+                  for i in graph.graph.input}
+    elif _instance_of(graph, "onnxruntime", "InferenceSession"):
         metadata = dict(graph.get_modelmeta().custom_metadata_map)
         inputs = {i.name: tuple(i.shape) for i in graph.get_inputs()}
+    else:
+        raise TypeError(f"graph is a {type(graph).__module__}.{type(graph).__qualname__}: pass the graph that "
+                        "export_onnx(model, path, tasks_as_inputs=True) wrote as its path, an onnx.ModelProto "
+                        "(onnx.load(path)) or an onnxruntime.InferenceSession")
     return _GraphInfo({k[len(_PREFIX):]: v for k, v in metadata.items() if k.startswith(_PREFIX)}, inputs)
+
+
+def _load_graph(path: PathLike) -> Any:
+    onnx = _import_onnx()
+    from google.protobuf.message import DecodeError  # onnx's own dependency
+
+    try:
+        return onnx.load(str(path))
+    except (OSError, DecodeError) as error:
+        raise AdapterLoadError(f"{path} cannot be read as an ONNX graph ({error}): pass the .onnx file that "
+                               "export_onnx(model, path, tasks_as_inputs=True) wrote") from error
+
+
+def _instance_of(value: Any, module: str, name: str) -> bool:
+    """Whether ``value`` is a ``module.name``, without importing ``module`` (its objects exist only once imported)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(value, cls)
 
 
 def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, directory: Path) -> None:
