@@ -2,6 +2,7 @@
 see half of, the user's other files kept, odd paths refused before anything moves, and killed saves cleaned up."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,3 +224,46 @@ def test_a_reader_whose_directory_is_swapped_and_removed_while_it_reads_reads_th
     monkeypatch.setattr(storage, "_read_relative", save_then_read)
     torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
     assert len(saves) == 1
+
+
+@pytest.fixture
+def restore_modes():
+    """Paths a test write-protects; made writable again afterwards, so that tmp_path can be removed."""
+    protected = []
+    yield protected
+    for path in protected:
+        os.chmod(path, 0o755)
+
+
+def test_a_write_protected_directory_is_refused_and_left_untouched(tmp_path, restore_modes):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    for file in target.iterdir():
+        file.chmod(0o444)
+    restore_modes.append(target)
+    os.chmod(target, 0o555)  # no write bit for anyone: refused even for root, whom permissions do not stop
+    with pytest.raises(PermissionError, match=f"{re.escape(str(target))} is write-protected.*make it writable"):
+        nv.save_adapter(trained(2), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert (target.stat().st_mode & 0o777) == 0o555 and siblings(target) == [".adapter.lock", "adapter"]
+
+
+def test_a_save_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path, restore_modes,
+                                                                                     monkeypatch):
+    parent = tmp_path / "shared"
+    target = parent / "mine"
+    target.mkdir(parents=True)
+    (target / USER_FILE).write_text(USER_TEXT)
+    restore_modes.append(parent)
+    os.chmod(parent, 0o555)
+    access = os.access  # root may write the parent anyway: answer as for a user whom its mode stops
+
+    def as_a_user(path, mode, **kwargs):
+        return not (Path(path) == parent and mode & os.W_OK) and access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", as_a_user)
+    for save in (nv.save_adapter, nv.export_peft):
+        with pytest.raises(PermissionError, match=f"the parent directory {re.escape(str(parent))} must be writable"
+                                                  ".*save to a directory inside a writable folder"):
+            save(trained(2), target)
+    assert os.listdir(parent) == ["mine"] and os.listdir(target) == [USER_FILE]

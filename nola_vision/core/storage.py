@@ -162,7 +162,9 @@ def resolve_directory_target(path: PathLike) -> Path:
     """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
 
     A ValueError, before anything moves, for a path that exists and is not a directory, that is or contains the
-    current working directory, or that is a mount point: none of them can be swapped for a new directory.
+    current working directory, or that is a mount point: none of them can be swapped for a new directory. A
+    PermissionError, as early, for a write-protected directory or a parent the save cannot write (see
+    ``_refuse_unwritable``).
     """
     target = Path(os.path.realpath(path))
     if target.exists() and not target.is_dir():
@@ -181,7 +183,32 @@ def resolve_directory_target(path: PathLike) -> Path:
                          "cannot replace: save into a subdirectory (e.g. ./adapter) instead")
     if os.path.ismount(target):
         raise ValueError(f"{path} is a mount point, which a save cannot replace: save into a subdirectory of it")
+    _refuse_unwritable(target)
     return target
+
+
+def _refuse_unwritable(target: Path) -> None:
+    """A PermissionError naming the fix when a save must not replace ``target`` or cannot write beside it.
+
+    The swap works in the parent (lock file, staged copy, renames), so it needs the parent writable, and it would
+    replace a write-protected directory without ever writing into it, undoing that protection.
+    """
+    if target.is_dir():
+        # os.access tells what the bits cannot (owner, ACLs, read-only mounts) but says "writable" to root, so no
+        # write bit for anyone also refuses: a chmod 555 directory is a deliberate "do not overwrite", for root too.
+        # Not on Windows, whose directories' read-only attribute (mode 0o555 there) often just marks custom folders.
+        no_write_bit = os.name == "posix" and stat.S_IMODE(os.stat(target).st_mode) & 0o222 == 0
+        if no_write_bit or not os.access(target, os.W_OK):
+            raise PermissionError(f"{target} is write-protected, and a save would replace the whole directory: make "
+                                  f"it writable (e.g. chmod u+w {target}) to save over it, or save to another "
+                                  "directory (it was left untouched)")
+    # Root may write a parent whose bits say read-only, and then the save works: only a parent it cannot write fails.
+    parent = target.parent
+    if parent.is_dir() and not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot save to {target}: a save swaps the whole directory in atomically (a lock file, "
+                              f"a staged copy and a rename beside it), so the parent directory {parent} must be "
+                              f"writable. Make {parent} writable, or save to a directory inside a writable folder "
+                              "(nothing was written)")
 
 
 @contextmanager
