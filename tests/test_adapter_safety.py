@@ -176,6 +176,14 @@ def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(
     assert stored["head.weight"].dtype == torch.float32 and stored["head.bias"].dtype == torch.float16
     loaded = nv.load_adapter(tiny_vit(), tmp_path)
     assert torch.equal(loaded.head.weight, model.head.weight)
+    # a float16 model cannot hold it: refused before anything is injected, instead of a head of inf
+    half = tiny_vit().half()
+    with pytest.raises(AdapterLoadError, match=r"head.weight holds values up to 1e\+05, beyond the torch.float16"):
+        nv.load_adapter(half, tmp_path)
+    assert not nv.adapted_layers(half) and torch.isfinite(half.head.weight).all()
+    with pytest.raises(AdapterLoadError, match="beyond the torch.float16"):
+        nv.MultiTaskModel(tiny_vit().half()).add_task("large", tmp_path)
+    nv.load_adapter(tiny_vit().bfloat16(), tmp_path)
 
 
 @pytest.mark.parametrize("bits", [16.0, "16", True, 12])

@@ -179,3 +179,32 @@ def test_an_adapter_is_refused_on_a_model_that_pools_its_tokens_otherwise(tmp_pa
     with pytest.raises(AdapterLoadError, match=r"global_pool='avg'"):
         nv.MultiTaskModel(tiny_vit()).add_task("avg", directory)
     nv.load_adapter(tiny_vit(global_pool="avg", fc_norm=False), directory)
+
+
+def test_a_linear_probe_is_refused_on_another_random_init_whose_norms_are_the_same(tmp_path):
+    # timm sets every norm of a random init to ones and zeros: the head's input norm alone cannot tell two inits apart
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
+    trained = as_if_trained(nv.inject(copy.deepcopy(model), "linear"), 0, scale=0.2)
+    directory = nv.save_adapter(trained, tmp_path / "probe")
+    torch.manual_seed(1)
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
+    with pytest.raises(AdapterLoadError, match=r"the weights of patch_embed\.proj differ"):
+        nv.load_adapter(other, directory)
+    nv.load_adapter(model, directory)
+
+
+@pytest.mark.parametrize("other, message", [
+    (dict(num_heads=4), r"attention layers have 2 heads, this model's have 4.*num_heads=2"),
+    (dict(act_layer="gelu_tanh"), r"activations \['GELU'\], this model has \['GELUTanh'\]"),
+])
+def test_an_adapter_is_refused_on_a_model_with_other_heads_or_activations_and_the_same_weights(tmp_path, other,
+                                                                                               message):
+    # Neither setting changes a weight: only the recorded settings tell the models apart
+    directory = nv.save_adapter(trained(), tmp_path / "adapter")
+    model = tiny_vit(**other)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_vit().state_dict().values()))
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(model, directory)
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.MultiTaskModel(tiny_vit(**other)).add_task("other", directory)

@@ -123,6 +123,13 @@ def test_checkpoint_of_another_adapter_config_is_refused_naming_the_field(other)
         changed.on_load_checkpoint(_checkpoint_of(model))
 
 
+def test_checkpoint_of_a_backbone_with_other_attention_heads_is_refused():
+    checkpoint = _checkpoint_of(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY))
+    other = {**TINY, "backbone_kwargs": {**TINY["backbone_kwargs"], "num_heads": 4}}  # the same weights
+    with pytest.raises(ValueError, match=r"'attention_heads': \[2, 2\].*\[4, 4\].*backbone_kwargs"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **other).on_load_checkpoint(checkpoint)
+
+
 def test_checkpoint_with_other_random_bases_or_none_recorded():
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
     checkpoint = _checkpoint_of(model)
@@ -130,7 +137,8 @@ def test_checkpoint_with_other_random_bases_or_none_recorded():
     with pytest.raises(ValueError, match="random bases come from generator"):
         FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(checkpoint)
     older = _checkpoint_of(model)
-    for key in ("adapter", "basis_fingerprint", "generator_version"):  # a checkpoint written before they were recorded
+    # a checkpoint written before they were recorded
+    for key in ("adapter", "basis_fingerprint", "generator_version", "settings"):
         del older["nola_vision"][key]
     FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(older)
 

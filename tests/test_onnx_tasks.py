@@ -89,7 +89,8 @@ def test_a_task_that_does_not_fit_the_graph_is_refused_naming_the_fix(tmp_path):
     cases = [(_task(config(), tmp_path / "ten", 0, num_classes=10), "one graph serves one head size.*num_classes=10"),
              (_task(other_seed, tmp_path / "seed", 0), "config"),
              (_task(other_size, tmp_path / "size", 0), "config"),
-             (_task(CONFIGS["lora_qv_fc1"](), tmp_path / "lora", 0), "config")]
+             (_task(CONFIGS["lora_qv_fc1"](), tmp_path / "lora", 0), "config"),
+             (_task(config(), tmp_path / "heads", 0, num_heads=4), r"'attention_heads': \[4, 4\].*\[2, 2\]")]
     for task, message in cases:
         for graph in (path, _session(path)):
             with pytest.raises(nv.AdapterLoadError, match=message):

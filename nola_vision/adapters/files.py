@@ -45,7 +45,7 @@ from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
            "architecture_name", "decode_tensors", "existing_adapter_kind", "load_adapter", "num_classes_of",
-           "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
+           "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,6 +72,20 @@ def pooling_of(model: nn.Module) -> Optional[str]:
     no such setting. It changes every output without changing a weight, so an adapter file records it."""
     pooling = getattr(model, "global_pool", None)
     return pooling if isinstance(pooling, str) else None
+
+
+def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
+    """Other settings that change every output without changing a weight, which an adapter file records: the number
+    of heads of each attention layer (``num_heads``), and the activation functions by type (GELU's approximation)."""
+    heads = [m.num_heads for m in model.modules() if _is_int(getattr(m, "num_heads", None))]
+    activations = {_activation_name(m) for m in model.modules()
+                   if type(m).__module__.rsplit(".", 1)[-1] in ("activation", "activations")}
+    return {"attention_heads": heads, "activations": sorted(activations)}
+
+
+def _activation_name(module: nn.Module) -> str:
+    approximate = getattr(module, "approximate", "none")
+    return type(module).__name__ + (f"(approximate={approximate!r})" if approximate != "none" else "")
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -149,6 +163,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "config": state.config_dict(),
         "backbone": architecture_name(model),
         "pooling": pooling_of(model),
+        "settings": output_settings(model),
         "num_classes": num_classes_of(model),
         "layers": {
             name: {"in": layer.in_features, "out": layer.out_features, "slices": [list(s) for s in layer.slices]}
@@ -307,6 +322,10 @@ def _is_frozen_weights(value: Any) -> bool:
 
 
 _POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_pool name")
+_SETTINGS = (lambda v: isinstance(v, dict) and isinstance(v.get("attention_heads"), list)
+             and all(_is_int(x) for x in v["attention_heads"]) and isinstance(v.get("activations"), list)
+             and all(isinstance(x, str) for x in v["activations"]),
+             '{"attention_heads": [integers], "activations": [names]}')
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects]}')}
 
@@ -335,7 +354,8 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         )
     fingerprinted = document["format"] == FORMAT or "frozen_weights" in document
     schema = {**_SCHEMA, **(_CHECKSUMS if checked else {}), **(_FROZEN_WEIGHTS if fingerprinted else {}),
-              **({"pooling": _POOLING} if "pooling" in document else {})}  # older files record none
+              **({"pooling": _POOLING} if "pooling" in document else {}),  # older files record none
+              **({"settings": _SETTINGS} if "settings" in document else {})}
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -458,6 +478,30 @@ def _check_pooling(model: nn.Module, document: dict) -> None:
                                f"with timm.create_model({document['backbone']!r}, ..., global_pool={trained!r})")
 
 
+def _check_settings(model: nn.Module, document: dict) -> None:
+    """The model splits attention into as many heads and uses the same activations as the one the adapter was trained
+    on (files from before the record are not checked)."""
+    trained, own = document.get("settings"), output_settings(model)
+    if trained is None:
+        return
+    if trained["attention_heads"] != own["attention_heads"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose attention layers have {_few(trained['attention_heads'])} heads, "
+            f"this model's have {_few(own['attention_heads'])}: the same weights give other outputs. Create it with "
+            f"timm.create_model({document['backbone']!r}, ..., num_heads={_few(trained['attention_heads'])}) as in "
+            "training")
+    if trained["activations"] != own["activations"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model with activations {trained['activations']}, this model has "
+            f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
+            "with")
+
+
+def _few(values: List[int]) -> str:
+    """A per-layer list shown compactly: one number when every layer has it."""
+    return str(values[0]) if values and len(set(values)) == 1 else str(values)
+
+
 def _check_injected_head(model: nn.Module) -> None:
     """An injected model still has the head its adapters were injected with (not one from reset_classifier)."""
     state = adapter_state(model)
@@ -494,6 +538,20 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
         return plan_injection(model, config)
     except ValueError as error:
         raise AdapterLoadError(f"adapter targets do not fit this model: {error}") from error
+
+
+def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
+    """Every value fits the dtype of the parameter it is copied into (a float16 model overflows above 65504 to
+    infinity, which the files' float32 values may hold); a parameter not yet injected takes the model's dtype."""
+    parameters = dict(model.named_parameters())
+    default = next((p.dtype for p in parameters.values() if p.is_floating_point()), torch.float32)
+    for name, value in values.items():
+        dtype = parameters[name].dtype if name in parameters else default
+        largest = float(value.abs().max()) if value.numel() else 0.0
+        if dtype.is_floating_point and largest > torch.finfo(dtype).max:
+            raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g}, beyond the {dtype} of this "
+                                   f"model (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Load "
+                                   "it onto a float32 or bfloat16 model")
 
 
 def _check_layers(plan: InjectionPlan, document: dict) -> None:
@@ -609,6 +667,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
     _check_pooling(model, document)
+    _check_settings(model, document)
     _check_injected_head(model)
     if match_num_classes:
         _check_num_classes(model, document)
@@ -624,6 +683,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
             shape = shapes[name]
             shapes[name] = (document["num_classes"], *shape[1:]) if shape[0] == own else shape
     values = decode_tensors(stored, quantization, shapes)
+    _check_representable(model, values)
     return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes)
 
 

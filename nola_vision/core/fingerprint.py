@@ -42,15 +42,22 @@ STRIDE = 2654435761
 # ConvNeXt's ``head.norm``): their weights shape the features a head was trained on.
 HEAD_INPUTS = ("norm", "fc_norm", "head.norm")
 MERGED_ATTRIBUTE = "nola_merged_adapters"
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def frozen_modules(model: nn.Module, plan: InjectionPlan) -> List[str]:
     """The modules whose frozen weights an adapter depends on: every adapted layer, and the norm(s) the classifier
-    head reads (``HEAD_INPUTS`` that exist and hold parameters); none for full fine-tuning, which trains them all."""
+    head reads (``HEAD_INPUTS`` that exist and hold parameters); none for full fine-tuning, which trains them all.
+
+    A plan that adapts no layer (a linear probe) records every linear and convolution layer outside the head instead:
+    the head norm alone would not tell two random inits apart (timm sets every norm to ones and zeros).
+    """
     if plan.config.train_backbone:
         return []
     head = classifier_head(model)
     head_modules = {id(m) for m in head.modules()} if head is not None else set()
+    layers = list(plan.layers) or [name for name, module in model.named_modules()
+                                   if isinstance(module, _WEIGHT_LAYERS) and id(module) not in head_modules]
     inputs = []
     for name in HEAD_INPUTS:
         try:
@@ -59,7 +66,7 @@ def frozen_modules(model: nn.Module, plan: InjectionPlan) -> List[str]:
             continue
         if id(module) not in head_modules and any(True for _ in module.parameters(recurse=False)):
             inputs.append(name)
-    return [*plan.layers, *inputs]
+    return [*layers, *inputs]
 
 
 def merged_adapters(model: nn.Module) -> List[dict]:

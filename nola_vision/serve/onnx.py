@@ -28,6 +28,7 @@ from ..adapters.files import (
     architecture_name,
     decode_tensors,
     num_classes_of,
+    output_settings,
     pooling_of,
     read_adapter,
 )
@@ -281,6 +282,7 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
     return {"format": GRAPH_FORMAT, "backbone": architecture_name(model), "config": _canonical(state.config_dict()),
             "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
             "num_classes": str(num_classes_of(model)), "pooling": json.dumps(pooling_of(model)),
+            "settings": json.dumps(output_settings(model)),
             "frozen_weights": _canonical(frozen_fingerprint(model, frozen_modules(model, state.plan)))}
 
 
@@ -387,6 +389,10 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained with global_pool={trained!r}, "
                                f"the graph pools with {pooling!r}; export a graph from a model created with "
                                f"global_pool={trained!r}")
+    if "settings" in document and "settings" in meta and document["settings"] != json.loads(meta["settings"]):
+        raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained on a model with "
+                               f"{document['settings']}, the graph's has {json.loads(meta['settings'])} (heads per "
+                               "attention layer, activations); export a graph from a model created as in training")
     if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
         _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory)
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters.files import save_adapter
+from ..adapters.files import output_settings, save_adapter
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
@@ -307,6 +307,7 @@ class FewShotClassifier(L.LightningModule):
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
+                                     "settings": output_settings(self.model),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
                                      "data": self._data_record()}
@@ -336,6 +337,7 @@ class FewShotClassifier(L.LightningModule):
                        "config"))
         self._check_data(info.get("data"))
         self._check_backbone(info.get("backbone_fingerprint"))
+        self._check_settings(info.get("settings"))
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
@@ -353,6 +355,14 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint's random bases come from generator {info['generator_version']!r}, this "
                              f"nola_vision regenerates others ({GENERATOR_VERSION!r}): use the nola_vision version "
                              "that wrote the checkpoint")
+
+    def _check_settings(self, saved: Optional[dict]) -> None:
+        """The backbone splits attention into as many heads and uses the same activations as the run's did: neither
+        changes a weight, so the backbone's fingerprint cannot tell."""
+        own = output_settings(self.model)
+        if saved is not None and saved != own:
+            raise ValueError(f"checkpoint was trained on a backbone with {saved}, this one has {own} (heads per "
+                             "attention layer, activations): use the run's model.backbone_kwargs")
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names and the k-shot split's settings), for the checks of a later load."""
