@@ -77,9 +77,13 @@ def pooling_of(model: nn.Module) -> Optional[str]:
 def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
     """Other settings that change every output without changing a weight, which an adapter file records: the number
     of heads of each attention layer (``num_heads``), and the activation functions by type (GELU's approximation)."""
-    heads = [m.num_heads for m in model.modules() if _is_int(getattr(m, "num_heads", None))]
-    activations = {_activation_name(m) for m in model.modules()
-                   if type(m).__module__.rsplit(".", 1)[-1] in ("activation", "activations")}
+    heads, activations = [], set()
+    for module in model.modules():
+        heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
+        if _is_int(heads_of):
+            heads.append(heads_of)
+        if type(module).__module__.rsplit(".", 1)[-1] in ("activation", "activations"):
+            activations.add(_activation_name(module))
     return {"attention_heads": heads, "activations": sorted(activations)}
 
 
@@ -543,13 +547,15 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
 def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
     """Every value fits the dtype of the parameter it is copied into (a float16 model overflows above 65504 to
     infinity, which the files' float32 values may hold); a parameter not yet injected takes the model's dtype."""
+    largest = {name: float(value.abs().max()) for name, value in values.items() if value.numel()}
+    if max(largest.values(), default=0.0) <= torch.finfo(torch.float16).max:  # every float dtype holds them
+        return
     parameters = dict(model.named_parameters())
     default = next((p.dtype for p in parameters.values() if p.is_floating_point()), torch.float32)
-    for name, value in values.items():
+    for name, value in largest.items():
         dtype = parameters[name].dtype if name in parameters else default
-        largest = float(value.abs().max()) if value.numel() else 0.0
-        if dtype.is_floating_point and largest > torch.finfo(dtype).max:
-            raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g}, beyond the {dtype} of this "
+        if dtype.is_floating_point and value > torch.finfo(dtype).max:
+            raise AdapterLoadError(f"tensor {name} holds values up to {value:.4g}, beyond the {dtype} of this "
                                    f"model (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Load "
                                    "it onto a float32 or bfloat16 model")
 
