@@ -186,6 +186,8 @@ def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_p
     with pytest.warns(UserWarning, match=r"model.lr 0.005 -> 0.001"):  # a config-file value: replaced, with a warning
         run_lightning_cli(predict)
     assert main([*predict, "--model.lr", "0.001"]) == 0  # the same value is fine
+    assert main([*predict[:-1], str(tmp_path)]) != 0  # a directory: refused before the prediction pass, not after
+    assert f"--predictions_file {tmp_path} is a directory: pass a file path" in capsys.readouterr().err
 
 
 def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path):

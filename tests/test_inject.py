@@ -336,3 +336,18 @@ def test_batched_shared_factors_equal_per_layer_factors(images):
     torch.testing.assert_close(batched, per_layer)
     for a, b in zip(batched_grads, per_layer_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_hooks_on_a_layer_inject_replaces_are_named_in_a_warning_and_come_back_with_unload():
+    model = tiny_vit()
+    calls = []
+    model.blocks[0].mlp.fc1.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match=r"blocks\.0\.mlp\.fc1 carry forward or backward hooks, which do not run"):
+        nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == []
+    nv.unload(model)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == [1]

@@ -147,16 +147,29 @@ def test_loading_onto_an_already_adapted_model_with_the_same_config(tmp_path, im
         nv.load_adapter(nv.inject(tiny_vit(), nv.LoRAConfig()), tmp_path)
 
 
-def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images):
-    task_a, task_b = trained(seed=3), trained(seed=4)
+@pytest.mark.parametrize("config", [
+    CONFIG,
+    nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, basis="per_layer"),
+    nv.LoRAConfig(rank=4, targets=["mlp.fc1", "mlp.fc2"]),  # full width: B is the parameter that the load overwrites
+    nv.LoRAConfig(rank=4),
+], ids=["nola_shared", "nola_per_layer", "lora_full_width", "lora_qv"])
+def test_loading_onto_a_merged_model_switches_tasks_in_place(tmp_path, images, config):
+    task_a, task_b = trained(config, seed=3), trained(config, seed=4)
+    nv.save_adapter(task_a, tmp_path / "a", bits=32)
     nv.save_adapter(task_b, tmp_path / "b", bits=32)
     live = nv.merge(task_a)
-    nv.load_adapter(live, tmp_path / "b")
+    for _ in range(3):  # an error would add up with every switch
+        nv.load_adapter(live, tmp_path / "a")
+        nv.load_adapter(live, tmp_path / "b")
     assert all(layer.merged for layer in nv.adapted_layers(live).values())
     with torch.no_grad():
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
         nv.unmerge(live)
         torch.testing.assert_close(live(images), task_b(images), rtol=0, atol=1e-5)
+    fresh = dict(tiny_vit().named_parameters())  # and the frozen weights are the base model's again
+    for name, parameter in live.named_parameters():
+        if not parameter.requires_grad:
+            torch.testing.assert_close(parameter, fresh[name], rtol=0, atol=1e-5)
 
 
 def test_a_model_merged_in_grad_mode_keeps_its_shared_bases_so_a_task_switch_does_not_regenerate_them(

@@ -121,8 +121,12 @@ def test_unload_gives_back_the_original_modules_flags_weights_and_outputs(varian
     never_injected = copy.deepcopy(model)
     modules = dict(model.named_modules())
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = {name: module.training for name, module in model.named_modules()}  # eval, block 0's new linears train
+    assert len(set(modes.values())) == 2
     for merged in (False, True):  # the second round also shows that nothing left over blocks a new injection
         trained(variant, model=model, adapters_only=True)  # the head keeps its values: only the adapters go
+        assert {name: layer.training for name, layer in nv.adapted_layers(model).items()} == {
+            name: modes[name] for name in nv.adapted_layers(model)}  # an adapted layer runs in its base's mode
         if merged:
             nv.merge(model)
         assert nv.unload(model) is model
@@ -130,6 +134,7 @@ def test_unload_gives_back_the_original_modules_flags_weights_and_outputs(varian
         assert [name for name, module in model.named_modules() if module is not modules[name]] == []
         assert type(model.blocks[0].mlp.fc1) is timm.layers.Linear
         assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+        assert {name: module.training for name, module in model.named_modules()} == modes
         assert nv.adapted_layers(model) == {} and not hasattr(model, "nola_adapter")
         assert not model._forward_pre_hooks and not model._forward_hooks
         assert list(model.state_dict()) == list(never_injected.state_dict())

@@ -175,3 +175,7 @@ def test_local_executor_gives_each_job_slot_its_gpus():
     assert LocalExecutor(jobs=3, gpus_per_job=1, devices=["0", "1"]).slot_devices == ["0", "1", "0"]
     assert LocalExecutor(jobs=2, gpus_per_job=2, devices=["0", "1", "2", "3"]).slot_devices == ["0,1", "2,3"]
     assert LocalExecutor(jobs=2, devices=[]).slot_devices == [None, None]
+    assert LocalExecutor(jobs=2, gpus_per_job=0, devices=["0", "1"]).slot_devices == ["", ""]  # on the CPU
+    for gpus, devices in ((-1, ["0", "1"]), (3, ["0", "1"]), (1, [])):  # -1 hid every GPU, 3 listed one twice
+        with pytest.raises(ValueError, match=rf"--gpus_per_job must be between 0 .*got {gpus}"):
+            LocalExecutor(jobs=2, gpus_per_job=gpus, devices=devices)

@@ -126,3 +126,17 @@ def test_a_logger_less_run_that_was_killed_is_redone_by_the_same_command(tmp_pat
     run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0],
                  overrides=[*FAST, "--trainer.logger", "false"], echo=False)
     assert json.loads((run_dir / "result.json").read_text())["metrics"]["test/acc"] >= 0
+
+
+@pytest.mark.parametrize("value", [None, "0.7", True, [0.7], 5.0, -0.1, float("nan")])
+def test_a_result_whose_accuracy_is_not_a_number_in_0_1_does_not_count_and_is_left_out_of_the_tables(tmp_path, value):
+    from nola_vision.runs.results import counted, write_tables
+
+    good = {"status": "ok", "metrics": {"test/acc": 0.7, "val/acc": 0.6}, "config": {"method": "nola"}}
+    edited = {**good, "metrics": {**good["metrics"], "test/acc": value}}
+    assert counted(good) and not counted(edited)
+    for run, data in (("split0-init0", good), ("split0-init1", edited)):
+        (tmp_path / "row" / run).mkdir(parents=True)
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps(data))
+    rows = write_tables(str(tmp_path))  # the edited run is redone by the next protocol, not summarised (or raised on)
+    assert [Path(r["run_dir"]).name for r in rows] == ["split0-init0"]

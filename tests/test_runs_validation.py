@@ -24,6 +24,7 @@ FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2
     (["--data.split_dir", "elsewhere"], "--data.split_dir", "--out and --name"),
     (["--result_file", "r.json"], "--result_file", "--out and --name"),
     (["--test_after_fit", "false"], "--test_after_fit", "always tests after fit"),
+    (["--model.adapter_dir", "one"], "--model.adapter_dir", "its own run folder"),
 ])
 def test_protocol_refuses_overrides_of_what_it_sets_in_every_run(tmp_path, override, option, instead):
     with pytest.raises(ValueError, match=rf"protocol sets {option} in every run itself.*{instead}"):
@@ -41,6 +42,8 @@ def test_protocol_cli_refuses_a_split_seed_override_naming_its_own_option(tmp_pa
 def test_tune_refuses_overrides_and_grid_keys_it_sets_itself(tmp_path):
     with pytest.raises(ValueError, match="tune sets --seed_everything .*--protocol_init_seeds"):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), overrides=[*FAST, "--seed_everything", "3"])
+    with pytest.raises(ValueError, match="tune sets --model.adapter_dir .*its own run folder"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), overrides=[*FAST, "--model.adapter_dir", "one"])
     with pytest.raises(ValueError, match="tune sets --data.split_seed .*--split_seeds"):
         run_tune([TINY], {"data.split_seed": [0, 1]}, out=str(tmp_path), overrides=FAST)
     assert not list(tmp_path.iterdir())
@@ -78,3 +81,14 @@ def test_tune_exits_non_zero_when_no_trial_completed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "no trial completed (1 failed" in err
     assert not (tmp_path / "t" / "best.json").exists()
+
+
+def test_each_protocol_run_exports_into_its_own_folder_even_when_a_config_names_one_adapter_dir(tmp_path):
+    from nola_vision.runs.protocol import fit_command
+    from nola_vision.train.cli import cli_parser
+
+    config = tmp_path / "shared_adapter.yaml"
+    config.write_text(f"model:\n  adapter_dir: {tmp_path / 'one'}\n")  # every run would overwrite the last one's
+    command = fit_command("python", ["-c", TINY, "-c", str(config)], tmp_path / "run", 0, 0, [])
+    parsed = cli_parser().parse_args(list(command[3:]))
+    assert parsed["fit"]["model"]["adapter_dir"] is None  # so fit exports into <run>/.../adapter

@@ -49,6 +49,17 @@ def test_grid_keys_and_validation_data_are_checked(tmp_path):
     assert done.returncode == 1 and "dotted key" in done.stderr
 
 
+def test_validation_shots_are_read_as_fit_reads_them_from_a_whole_group_or_a_file(tmp_path):
+    from nola_vision.runs.tune import _val_shots
+
+    group = tmp_path / "data.yaml"
+    group.write_text("val_shots: 3\n")
+    assert _val_shots([TINY], []) == 0
+    assert _val_shots([TINY], ["--data.val_shots", "2"]) == 2
+    assert _val_shots([TINY], ["--data", "{val_shots: 2, shots: 2}"]) == 2  # was read as none: tune refused the run
+    assert _val_shots([TINY], ["--data", str(group)]) == 3
+
+
 def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(tmp_path, monkeypatch):
     (tmp_path / "spy").mkdir()
     (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)

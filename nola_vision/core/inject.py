@@ -8,6 +8,7 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -112,6 +113,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     else:
         plan = plan_injection(model, config)  # validates before anything changes
     config = plan.config
+    _warn_about_hooks(model, list(plan.layers))
     layer_cls = method_of(config).layer_cls
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(config.train_backbone)
@@ -121,12 +123,14 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
 
     context = layer_cls.injection_context(config) if layer_cls is not None else {}
     for name, layer in plan.layers.items():
-        adapted: AdaptedLinear = layer_cls(model.get_submodule(name), config, name, layer.slices, **context)
+        base = model.get_submodule(name)
+        # in the base layer's train/eval mode, so that unload gives it back in the mode it had
+        adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         activation = _recomputable_activation(parent, child_name) if config.recompute_activation else None
         if activation is not None:  # fc2 recomputes its input from the pre-activation in backward
-            adapted.input_activation = replace_module(parent, "act", nn.Identity())
+            adapted.input_activation = replace_module(parent, "act", nn.Identity().train(activation.training))
         replace_module(model, name, adapted)
     hooks = [model.register_forward_pre_hook(reentrant_checkpointing_inputs)] if plan.layers else []
     if head is not None:
@@ -252,6 +256,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
         record_merged(model, folded)
     return model
+
+
+def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
+    """Warn that hooks on a layer ``inject`` replaces stop running: its adapted layer does not call it."""
+    hooked = [name for name in names if any(getattr(model.get_submodule(name), kind) for kind in _HOOKS)]
+    if hooked:
+        warnings.warn(f"{', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} carry forward or backward hooks, "
+                      "which do not run while the layer is adapted (inject replaces it; unload gives it back with its "
+                      "hooks): register them on the adapted layer, model.get_submodule(name), after inject",
+                      UserWarning, stacklevel=3)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _require_injected(model: nn.Module) -> AdapterState:

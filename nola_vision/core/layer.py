@@ -133,7 +133,9 @@ class AdaptedLinear(nn.Module):
         raise NotImplementedError
 
     def delta_factors(self) -> Tuple[Tensor, Tensor]:
-        """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out)."""
+        """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out).
+
+        B of a layer adapted over its whole width may be the trained parameter itself: clone it to keep a snapshot."""
         a, b = self.factors() if self.batched_factors is None else self.batched_factors
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling

@@ -181,7 +181,8 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
         layer.batched_factors = as_factors(layer, *[new for _, new in pairs])
         changes[id(layer)] = (old, layer.delta_factors())
         layer.batched_factors = None
-    others = {id(m): m.delta_factors() for m in layers.values() if id(m) not in changes}
+    # Copies: a full-width layer's B factor is its parameter itself, which the copies below overwrite
+    others = {id(m): tuple(f.clone() for f in m.delta_factors()) for m in layers.values() if id(m) not in changes}
     parameters = dict(model.named_parameters())
     for name, value in values.items():
         parameters[name].copy_(value)

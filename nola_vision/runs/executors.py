@@ -85,7 +85,8 @@ class LocalExecutor(Executor):
     """Up to ``jobs`` subprocesses at once on this machine, shared by every caller (thread-safe).
 
     With CUDA, each job slot gets its own ``CUDA_VISIBLE_DEVICES`` (``gpus_per_job`` devices, round-robin over the
-    visible ones), so ``--jobs 4`` on a 4-GPU machine runs one run per GPU.
+    visible ones), so ``--jobs 4`` on a 4-GPU machine runs one run per GPU; ``gpus_per_job=0`` runs every job on
+    the CPU. More than the visible devices is refused: a slot would list one device twice.
     """
 
     def __init__(self, jobs: int = 1, gpus_per_job: Optional[int] = None, devices: Optional[List[str]] = None) -> None:
@@ -93,9 +94,12 @@ class LocalExecutor(Executor):
             raise ValueError(f"--jobs must be at least 1, got {jobs}")
         self.capacity = jobs
         devices = _visible_devices() if devices is None else devices
+        if gpus_per_job is not None and not 0 <= gpus_per_job <= len(devices):
+            visible = f"the {len(devices)} visible CUDA devices ({','.join(devices)})" if devices else "0 (no GPU)"
+            raise ValueError(f"--gpus_per_job must be between 0 (jobs on the CPU) and {visible}, got {gpus_per_job}")
         gpus = (1 if devices else 0) if gpus_per_job is None else gpus_per_job
         self.slot_devices: List[Optional[str]] = [
-            ",".join(devices[(slot * gpus + g) % len(devices)] for g in range(gpus)) if gpus and devices else None
+            ",".join(devices[(slot * gpus + g) % len(devices)] for g in range(gpus)) if devices else None
             for slot in range(jobs)]
         self._free = list(range(jobs))
         self._lock = threading.Condition()
@@ -184,7 +188,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jobs", type=int, default=1,
                        help="runs at once (local: processes on this machine; slurm: array parallelism)")
     group.add_argument("--gpus_per_job", type=int, default=None,
-                       help="local with CUDA: GPUs per job slot via CUDA_VISIBLE_DEVICES (default 1)")
+                       help="local with CUDA: GPUs per job slot via CUDA_VISIBLE_DEVICES (default 1; 0: on the CPU)")
     group.add_argument("--slurm_partition", default=None)
     group.add_argument("--slurm_time", type=int, default=60, help="time limit per run, in minutes")
     group.add_argument("--slurm_gpus_per_node", type=int, default=1)

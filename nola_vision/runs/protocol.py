@@ -56,6 +56,8 @@ CONTROLLED = {
     "--trainer.default_root_dir": "choose where runs go with protocol's --out and --name",
     "--data.split_dir": "choose where runs go with protocol's --out and --name",
     "--result_file": "choose where runs go with protocol's --out and --name",
+    "--model.adapter_dir": "every run exports its adapter into its own run folder (its result.json names it), so "
+                           "that no run overwrites another's",
     "--test_after_fit": "protocol reports each run's test accuracy, so it always tests after fit",
 }
 
@@ -99,12 +101,13 @@ def run_dir_name(split_seed: int, init_seed: int) -> str:
 
 def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_seed: int, init_seed: int,
                 overrides: Sequence[str]) -> Tuple[str, ...]:
-    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir``."""
+    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir`` (an ``adapter_dir`` a
+    config sets is reset: each run exports into its own log folder, not all into one)."""
     quiet = [] if any("enable_progress_bar" in o for o in overrides) else ["--trainer.enable_progress_bar", "false"]
     return (python, "-m", "nola_vision.cli", "fit", *config_args,
             "--seed_everything", str(init_seed), "--data.split_seed", str(split_seed),
             "--trainer.default_root_dir", str(run_dir), "--data.split_dir", str(run_dir),
-            "--result_file", str(run_dir / RESULT_FILE), *quiet, *overrides)
+            "--result_file", str(run_dir / RESULT_FILE), "--model.adapter_dir", "null", *quiet, *overrides)
 
 
 def run_protocol(

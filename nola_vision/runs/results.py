@@ -166,15 +166,19 @@ def claim_row(root: Path, key: Dict[str, Any]) -> None:
 
 
 def _finite(value: Any) -> bool:
-    return not isinstance(value, (int, float)) or math.isfinite(value)
+    """A real, finite number: not a bool, a string or null, which an edited or damaged file may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def counted(data: Optional[Dict[str, Any]], metric: str = "test/acc") -> bool:
-    """Whether a result counts: it holds ``metric``, every metric is finite and its status (if any) is ok."""
+    """Whether a result counts: it holds ``metric``, every metric is a finite number (an accuracy one in [0, 1]) and
+    its status (if any) is ok. A result that does not count is run again, never summarised."""
     if not data or data.get("status", "ok") != "ok":
         return False
     metrics = data.get("metrics")
-    return isinstance(metrics, dict) and metric in metrics and all(_finite(v) for v in metrics.values())
+    if not (isinstance(metrics, dict) and metric in metrics and all(_finite(v) for v in metrics.values())):
+        return False
+    return not metric.endswith("/acc") or 0.0 <= metrics[metric] <= 1.0
 
 
 def discard_result(result: Path) -> None:

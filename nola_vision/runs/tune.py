@@ -39,7 +39,6 @@ from .results import (
     check_seeds,
     config_key,
     counted,
-    parse_overrides,
     read_result,
     retire_unfinished_run,
     row_folder,
@@ -55,6 +54,8 @@ CONTROLLED = {
     "--trainer.default_root_dir": "choose where runs go with tune's --out and --name",
     "--data.split_dir": "choose where runs go with tune's --out and --name",
     "--result_file": "choose where runs go with tune's --out and --name",
+    "--model.adapter_dir": "every run exports its adapter into its own run folder (its result.json names it), so "
+                           "that no run overwrites another's",
     "--test_after_fit": "tune selects on validation accuracy without testing, then the protocol tests",
 }
 Params = Dict[str, Any]
@@ -133,18 +134,12 @@ def _param_args(params: Params) -> List[str]:
 
 
 def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
-    """``data.val_shots`` as the composed configs and overrides set it (0 when nothing sets it)."""
-    shots: Any = 0
-    for config in configs:
-        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
-        shots = data.get("val_shots", data.get("init_args", {}).get("val_shots", shots))
-    for key, value in parse_overrides(overrides):
-        if key in ("--data.val_shots", "--data.init_args.val_shots"):
-            shots = value
-    try:
-        return int(shots or 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"data.val_shots must be an integer, got {shots!r}") from None
+    """``data.val_shots`` as ``fit`` reads the composed configs and overrides: its own parser, so a whole group given
+    as YAML (``--data '{val_shots: 2}'``) or as a file counts as it does for fit."""
+    from ..train.cli import cli_parser
+
+    parsed = cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides])
+    return int(parsed["fit"]["data"].get("val_shots") or 0)
 
 
 class _Search:
@@ -395,10 +390,10 @@ def run_tune(
     if sampler not in ("grid", "tpe"):
         raise ValueError(f"--sampler must be grid or tpe, got {sampler!r}")
     refuse_controlled_overrides(overrides, CONTROLLED, prog="tune")
+    check_grid(configs, overrides, grid)  # the configs and overrides parse as fit's
     if _val_shots(configs, overrides) <= 0:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
-    check_grid(configs, overrides, grid)
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
     root = row_folder(out, name)

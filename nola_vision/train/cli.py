@@ -229,6 +229,10 @@ class NolaCLI(LightningCLI):
                              "from the training shots, e.g. 2) as in the run that trained the checkpoint")
 
     def before_predict(self) -> None:
+        """The predictions file is checked before the pass, whose predictions a bad path would lose at the end."""
+        path = self.config[self.subcommand].predictions_file
+        if path:
+            check_result_path(path, "--predictions_file", "predictions.csv")
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
 
@@ -271,14 +275,14 @@ def error_message(err: BaseException) -> str:
     return text
 
 
-def check_result_path(path: str) -> None:
-    """Refuse a ``--result_file`` that cannot be written (a directory, or under a file) before a run trains."""
+def check_result_path(path: str, option: str = "--result_file", example: str = "result.json") -> None:
+    """Refuse an output file that cannot be written (a directory, or under a file) before the run, not after it."""
     file = Path(path)
     if file.is_dir():
-        raise ValueError(f"--result_file {path} is a directory: pass a file path, e.g. {file / 'result.json'}")
+        raise ValueError(f"{option} {path} is a directory: pass a file path, e.g. {file / example}")
     blocking = file_in_the_way(file.parent)
     if blocking is not None:
-        raise ValueError(f"--result_file {path} lies under {blocking}, an existing file: choose another path")
+        raise ValueError(f"{option} {path} lies under {blocking}, an existing file: choose another path")
 
 
 def check_checkpoint_file(path: Optional[str]) -> None:
