@@ -57,3 +57,11 @@ def test_export_onnx_refuses_an_input_size_that_is_not_channels_height_width(siz
     with pytest.raises(ValueError, match=r"input_size must be 3 positive ints .*e\.g\. \(3, 32, 32\), the size"):
         nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_onnx_refuses_another_image_size_than_a_fixed_size_vit_was_built_for(tmp_path):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+    with pytest.raises(ValueError, match=r"built for 32×32 images; export at \(3, 32, 32\), or build it with "
+                                         r"img_size=\(48, 48\)"):
+        nv.export_onnx(model, tmp_path / "model.onnx", input_size=(3, 48, 48))
+    assert not (tmp_path / "model.onnx").exists()

@@ -41,6 +41,25 @@ def test_state_dict_round_trip_keeps_outputs_whatever_either_side_merged(source_
         torch.testing.assert_close(target(images), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("source_bits, target_bits", [(4, None), (None, 8), (4, 8)])
+def test_a_merged_state_dict_loads_only_into_a_model_set_to_the_bits_it_was_merged_at(source_bits, target_bits):
+    # unmerge subtracts ΔW at the model's bits: another setting than the merge's would leave the frozen weights off
+    def model(bits):
+        return nv.set_quantization_aware(trained_nola(), bits)
+
+    source = nv.merge(model(source_bits))
+    target = model(target_bits)
+    with pytest.raises(RuntimeError, match=rf"ΔW merged .*set_quantization_aware\(model, {source_bits}\)"):
+        target.load_state_dict(source.state_dict())
+    matching = model(source_bits)
+    matching.load_state_dict(source.state_dict())  # the same bits: exact, and unmerge gives the base weights back
+    nv.unload(nv.unmerge(matching))
+    fresh = tiny_vit().state_dict()
+    for key, value in matching.state_dict().items():
+        if key in fresh and not key.startswith("head"):
+            torch.testing.assert_close(value, fresh[key], rtol=0, atol=1e-5, msg=key)
+
+
 def test_merged_flag_without_weights_is_refused():
     source = nv.merge(trained_nola())
     target = nv.inject(tiny_vit(), nv.NOLAConfig(**NOLA))

@@ -351,3 +351,17 @@ def test_hooks_on_a_layer_inject_replaces_are_named_in_a_warning_and_come_back_w
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == [1]
+
+
+def test_inject_into_a_compiled_model_adapts_the_module_it_runs(tmp_path):
+    model = tiny_vit()
+    compiled = torch.compile(model, backend="eager")
+    assert nv.inject(compiled, nv.LoRAConfig(rank=2, targets=["mlp.fc1"])) is compiled
+    assert list(adapter_state(model).plan.layers) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]  # no _orig_mod.
+    as_if_trained(model, 1, scale=0.3)
+    directory = nv.save_adapter(compiled, tmp_path / "adapter", bits=32)  # was refused: "the head changed"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(nv.load_adapter(tiny_vit(), directory)(images), compiled(images))
+    nv.unload(compiled)
+    assert nv.adapted_layers(model) == {}

@@ -32,7 +32,7 @@ from .merge import (
 from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
-from .targets import classifier_head
+from .targets import classifier_head, unwrap_compiled
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "set_basis_holding",
            "set_quantization_aware", "unload", "unwrap_compiled"]
@@ -70,14 +70,6 @@ def adapter_state(model: nn.Module) -> Optional[AdapterState]:
     return getattr(model, STATE_ATTRIBUTE, None)
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper runs, else ``model``: adapters, their names and files belong to it.
-
-    The wrapper prefixes every name with ``_orig_mod.``; code that matches names works on the module it wraps.
-    """
-    return getattr(model, "_orig_mod", model)
-
-
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at the dotted module path ``name`` of ``model``; returns the module it replaced."""
     parent_name, _, child_name = name.rpartition(".")
@@ -102,8 +94,10 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
 
     ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), ``"linear"`` (train the
     head only), ``"full"`` (train everything), or a plan from ``plan_injection(model, config)``. Nothing is
-    changed when the config or a target is invalid. ``unload`` undoes it exactly.
+    changed when the config or a target is invalid. ``unload`` undoes it exactly. A ``torch.compile`` wrapper is
+    adapted through the module it runs (the names of its layers and files are that module's) and returned.
     """
+    wrapper, model = model, unwrap_compiled(model)
     if adapter_state(model) is not None:
         raise ValueError(f"model already has {adapter_state(model).method!r} adapters; inject into a fresh model "
                          "(or nv.unload(model) first)")
@@ -144,7 +138,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
                 for parameter in layer.adapter_parameter_names]
         hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
     setattr(model, STATE_ATTRIBUTE, AdapterState(plan, context.get("bank"), requires_grad, hooks))
-    return model
+    return wrapper
 
 
 def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:

@@ -21,7 +21,8 @@ from .quantize import fake_quantize
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision"]
 
 Slice = Tuple[int, int]
-# A 0-dim bool buffer of every adapted layer: merged-ness travels with its state dict (see ``_load_from_state_dict``).
+# A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)
+# travels with its state dict (see ``_load_from_state_dict``).
 MERGED_FLAG = "adapter_merged"
 
 
@@ -69,7 +70,7 @@ class AdaptedLinear(nn.Module):
         self.width = widths.pop()
         self.rank = rank
         self.scaling = scaling
-        self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.bool, device=base.weight.device))
+        self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.uint8, device=base.weight.device))
         self.merged = False
         # Set by inject() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
@@ -88,7 +89,8 @@ class AdaptedLinear(nn.Module):
     @merged.setter
     def merged(self, value: bool) -> None:
         self._merged = bool(value)
-        getattr(self, MERGED_FLAG).fill_(self._merged)
+        # 0 unmerged; merged: the quantisation-aware bits ΔW was folded in at, 1 without (unmerge must match them)
+        getattr(self, MERGED_FLAG).fill_((self.quant_bits or 1) if self._merged else 0)
 
     @classmethod
     def parameter_shapes(
@@ -203,6 +205,15 @@ class AdaptedLinear(nn.Module):
         flag = state_dict.get(prefix + MERGED_FLAG)
         loads = [prefix + name in state_dict for name in ("weight", *self.adapter_parameter_names)]
         merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
+        folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
+        if folded_bits != self.quant_bits:
+            error_msgs.append(
+                f"{prefix[:-1] or type(self).__name__}: the state dict's weight holds ΔW merged "
+                f"{f'at {folded_bits} bits (quantisation-aware)' if folded_bits else 'at full precision'}, this model "
+                f"is set to {f'{self.quant_bits} bits' if self.quant_bits else 'full precision'}, so unmerge would "
+                "subtract another ΔW: call nv.set_quantization_aware(model, "
+                f"{folded_bits}) before loading it, or nv.unmerge before state_dict()")
+            return
         # Merged: ΔW of exactly these coefficients is in exactly this weight. Unmerged: the weight is a plain one.
         consistent = (all(loads) or (not any(loads) and self.merged)) if merged else (loads[0] or not self.merged)
         if not consistent:

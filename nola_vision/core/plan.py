@@ -12,7 +12,7 @@ from .basis import BasisSpec, fingerprint
 from .config import AdapterConfig, as_config
 from .layer import Slice
 from .registry import method_of
-from .targets import find_targets, head_parameter_names, require_one_head
+from .targets import find_targets, head_parameter_names, require_one_head, unwrap_compiled
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
@@ -102,6 +102,7 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
     # A copy: changing the caller's config afterwards (a sweep reusing one object) must not change this plan, the
     # injected model or what its files record.
     config = copy.deepcopy(as_config(config))
+    model = unwrap_compiled(model)  # the plan names the layers of the module a torch.compile wrapper runs
     require_one_head(model)
     layer_cls = method_of(config).layer_cls
     layers = {}

@@ -11,10 +11,18 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_one_head",
-           "trained_parameters"]
+           "trained_parameters", "unwrap_compiled"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs, else ``model``: adapters, their names and files belong to it.
+
+    The wrapper prefixes every name with ``_orig_mod.``; code that matches names works on the module it wraps.
+    """
+    return getattr(model, "_orig_mod", model)
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -217,9 +217,16 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
 
 
 def _check_input_size(size: Any, model: nn.Module) -> None:
-    """Refuse an ``input_size`` that is not (C, H, W) now: traced, it fails deep inside the model's forward."""
+    """Refuse an ``input_size`` that is not (C, H, W), or not the size a fixed-size ViT was built for, now: traced,
+    it fails deep inside the model's forward."""
     if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 3 and all(
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size):
+        embed = getattr(model, "patch_embed", None)
+        built = tuple(getattr(embed, "img_size", None) or ())
+        if getattr(embed, "strict_img_size", False) and built and tuple(size[1:]) != built:
+            raise ValueError(f"input_size {tuple(size)}: the model was built for {built[0]}×{built[1]} images; export "
+                             f"at (3, {built[0]}, {built[1]}), or build it with img_size={tuple(size[1:])} (or "
+                             "dynamic_img_size=True) for another size")
         return
     try:
         example = f"{tuple(_input_size(model))}, the size the model was built for"
