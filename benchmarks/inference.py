@@ -5,7 +5,9 @@ measured in interleaved rounds (order rotated every round) so that machine noise
 and the median per model is reported. Task switch: a live model serving task A (merged) is switched to
 task B's saved adapter by ``load_adapter`` on the merged model (reads the files, checks the basis fingerprint,
 copies coefficients and head, and applies W += ΔW_new − ΔW_old in place); median over alternating A→B and
-B→A switches, beside the naive unmerge + load_adapter + merge.
+B→A switches, beside the naive unmerge + load_adapter + merge. The switches are timed in ``--switch-processes``
+fresh processes (each builds the model and its two tasks), pooled, with each process's median shown: on a shared
+VM the same switch can take twice as long in one process as in another.
 
     python benchmarks/inference.py                        # ViT-B/16, batch 32, 224 px, CPU
     python benchmarks/inference.py --model vit_large_patch16_224 --batch 8 --png inference.png
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ import torch
 from common import (
     add_common_arguments,
     add_model_arguments,
+    answer_as_worker,
     markdown_table,
     publish,
     pyplot,
@@ -102,6 +109,40 @@ def switch_times(model: nn.Module, directories: Sequence[Path], switches: int) -
     return parts
 
 
+def switch_run(args: argparse.Namespace, **model_kwargs) -> Dict:
+    """One process's task switches: the model and two saved tasks built, ``args.switches`` switches timed, then the
+    live model's logits checked against the target task's unmerged model."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = nv.NOLAConfig(rank=4, num_basis_a=args.k, num_basis_b=args.k)
+    base = base_model(args.model, args.img_size, args.num_classes, **model_kwargs)
+    unmerged = randomise_trained(nv.inject(copy.deepcopy(base), config), seed=1)
+    images = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as root:
+        directories = [nv.save_adapter(unmerged, Path(root) / "task_a", bits=args.bits),
+                       nv.save_adapter(randomise_trained(copy.deepcopy(unmerged), seed=2), Path(root) / "task_b",
+                                       bits=args.bits)]
+        live = nv.inject(copy.deepcopy(base), config)
+        switches = switch_times(live, directories, args.switches)
+        # the live model, switched in place to task B, must predict what B's adapter predicts unmerged
+        nv.load_adapter(live, directories[1])
+        reference = nv.load_adapter(nv.inject(copy.deepcopy(base), config), directories[1])
+        with torch.inference_mode():
+            error = (live(images) - reference(images)).abs().max().item()
+    return {"switch_s": switches, "switch_max_logit_error": error}
+
+
+def switch_in_fresh_process(args: argparse.Namespace, **model_kwargs) -> Dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "switch", "--model", args.model,
+               "--img-size", str(args.img_size), "--num-classes", str(args.num_classes), "--k", str(args.k),
+               "--bits", str(args.bits), "--switches", str(args.switches), "--threads", str(args.threads),
+               "--model-kwargs", json.dumps(model_kwargs)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the switch process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace, **model_kwargs) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,18 +152,13 @@ def run(args: argparse.Namespace, **model_kwargs) -> Dict:
     merged = nv.merge(copy.deepcopy(unmerged))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     times = throughput(dict(zip(MODELS, (base, unmerged, merged))), images, args.rounds)
-
-    with tempfile.TemporaryDirectory() as root:
-        directories = [nv.save_adapter(unmerged, Path(root) / "task_a", bits=args.bits)]
-        directories.append(nv.save_adapter(randomise_trained(copy.deepcopy(unmerged), seed=2), Path(root) / "task_b", bits=args.bits))
-        live = nv.inject(copy.deepcopy(base), config)
-        switches = switch_times(live, directories, args.switches)
-        # the live model, switched in place to task B, must predict what B's adapter predicts unmerged
-        nv.load_adapter(live, directories[1])
-        reference = nv.load_adapter(nv.inject(copy.deepcopy(base), config), directories[1])
-        with torch.inference_mode():
-            error = (live(images[:2]) - reference(images[:2])).abs().max().item()
-    return {"throughput_s": times, "switch_s": switches, "switch_max_logit_error": error, "batch": args.batch}
+    del base, unmerged, merged
+    runs = ([switch_in_fresh_process(args, **model_kwargs) for _ in range(args.switch_processes)]
+            if args.switch_processes else [switch_run(args, **model_kwargs)])
+    switches = {part: [s for r in runs for s in r["switch_s"][part]] for part in runs[0]["switch_s"]}
+    per_process = {part: [statistics.median(r["switch_s"][part]) for r in runs] for part in switches}
+    return {"throughput_s": times, "switch_s": switches, "switch_process_medians_s": per_process,
+            "switch_max_logit_error": max(r["switch_max_logit_error"] for r in runs), "batch": args.batch}
 
 
 def table(result: Dict) -> str:
@@ -131,8 +167,10 @@ def table(result: Dict) -> str:
     rows = [[name, f"{result['batch'] / seconds:.1f}", f"{seconds * 1000:.0f}", f"{base / seconds:.3f}"] for name, seconds in medians.items()]
     speed = markdown_table(["model", "images/s", "ms per batch (median)", "× base images/s"], rows)
     switch = {name: statistics.median(seconds) * 1000 for name, seconds in result["switch_s"].items()}
-    rows = [[name, f"{ms:.1f}"] for name, ms in switch.items()]
-    return speed + "\n\n" + markdown_table(["task switch step", "ms (median)"], rows)
+    processes = result.get("switch_process_medians_s", {})
+    rows = [[name, f"{ms:.1f}", ", ".join(f"{s * 1000:.1f}" for s in processes.get(name, []))]
+            for name, ms in switch.items()]
+    return speed + "\n\n" + markdown_table(["task switch step", "ms (median)", "median of each process (ms)"], rows)
 
 
 def plot(result: Dict, path: str, title: str) -> None:
@@ -157,7 +195,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, batch=32, bits=4)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per model")
-    parser.add_argument("--switches", type=int, default=20, help="timed task switches")
+    parser.add_argument("--switches", type=int, default=20, help="timed task switches per process")
+    parser.add_argument("--switch-processes", type=int, default=3,
+                        help="fresh processes that time the switches (0: this one)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-kwargs", default="{}", help=argparse.SUPPRESS)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -165,10 +207,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     """``model_kwargs`` go to ``timm.create_model`` (tests pass a tiny architecture)."""
     args = parse_args(argv)
+    if answer_as_worker(args, lambda worker_args: switch_run(worker_args, **json.loads(worker_args.model_kwargs))):
+        return
     result = run(args, **model_kwargs)
+    processes = f"in each of {args.switch_processes} fresh processes" if args.switch_processes else "in this process"
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, CPU fp32, {torch.get_num_threads()} threads, "
                f"median of {args.rounds} interleaved rounds; NOLA-MLP k=l={args.k} r=4 (shared basis); "
-               f"switch: median of {args.switches} switches between two {args.bits}-bit adapters")
+               f"switch: median of {args.switches} switches between two {args.bits}-bit adapters {processes}, "
+               "pooled")
     total = statistics.median(result["switch_s"]["in_place"]) * 1000
     floor = statistics.median(result["switch_s"][WEIGHTS_PASS]) * 1000
     switch = (f"Task switch (in place): {total:.1f} ms (issue target for ViT-B: < {SWITCH_TARGET_MS} ms); reading and "

@@ -150,10 +150,15 @@ def test_storage_main(tmp_path, capsys):
 
 def test_inference_main(tmp_path, capsys):
     inference.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--rounds", "1", "--switches", "1", "--k", "32",
-                    *_files(tmp_path)], **TINY_KWARGS)
-    data = _check_outputs(capsys.readouterr().out, tmp_path)
+                    "--switch-processes", "2", *_files(tmp_path)], **TINY_KWARGS)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
     assert set(data["throughput_s"]) == set(inference.MODELS) and data["switch_max_logit_error"] < 1e-3
     assert set(data["switch_s"]) == {"in_place", "unmerge_load_merge", inference.WEIGHTS_PASS}
+    # one switch timed in each of two fresh processes (built with the tiny kwargs), pooled
+    assert all(len(data["switch_s"][part]) == 2 and len(data["switch_process_medians_s"][part]) == 2
+               for part in data["switch_s"])
+    assert "median of each process (ms)" in out
 
 
 def test_multitask_main(tmp_path, capsys):
