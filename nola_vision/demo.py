@@ -251,3 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
     print(format_table(results))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,6 +149,21 @@ def test_split_file_reproduces_a_run_exactly(cifar10_root, tmp_path):
                               split_file=str(dm.manifest_path), val_split_file=str(dm.val_manifest_path))
     again.setup("fit")
     assert again.train_manifest == dm.train_manifest and again.val_manifest == dm.val_manifest
+    assert (again.shots, again.val_shots, again.split_seed) == (4, 1, 9)  # what the run records is the manifest's
+
+
+def test_a_manifest_that_lists_an_image_twice_is_refused(cifar10_root, tmp_path):
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, split_seed=0, image_size=8,
+                           split_dir=str(tmp_path / "run"))
+    dm.setup("fit")
+    lines = dm.manifest_path.read_text().splitlines()
+    entries = [i for i, line in enumerate(lines) if not line.startswith("#")]
+    lines[entries[1]] = lines[entries[0]]  # one image twice, another dropped: still 2 lines for that class
+    edited = tmp_path / "edited.txt"
+    edited.write_text("\n".join(lines) + "\n")
+    again = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, image_size=8, split_file=str(edited))
+    with pytest.raises(ValueError, match="is listed twice"):
+        again.setup("fit")
 
 
 def test_kshot_images_are_decoded_once_and_cached(folder_root, monkeypatch):

@@ -263,6 +263,20 @@ def test_imagefolder_reads_class_folders_and_falls_back_to_val(tmp_path):
     assert test.load_image(5).getpixel((0, 0)) == class_color(2)
 
 
+def test_imagefolder_reads_the_images_in_a_class_folders_sub_folders_as_torchvision_does(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test")
+    before = len(build_dataset("imagefolder", tmp_path, "test"))
+    dog = tmp_path / "test" / "dog"
+    image = next(dog.glob("*.png")).read_bytes()
+    for folder in (dog / "batch2", dog / ".cache"):  # a hidden folder is tool metadata, never data
+        folder.mkdir()
+        for name in ("a.png", ".b.png"):
+            (folder / name).write_bytes(image)
+    test = build_dataset("imagefolder", tmp_path, "test")
+    assert ("test/dog/batch2/a.png", 1) in test.samples  # "testing uses every image of test/": these were skipped
+    assert len(test) == before + 1 and not any(".b.png" in key or ".cache" in key for key, _ in test.samples)
+
+
 def test_imagefolder_rejects_test_classes_unknown_to_train(tmp_path):
     write_imagefolder(tmp_path, eval_folder="test")
     (tmp_path / "test" / "zebra").mkdir()

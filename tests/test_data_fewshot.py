@@ -122,6 +122,11 @@ def test_allow_fewer_keeps_what_a_short_class_has():
     counts = Counter(samples[i][1] for i in split.train)
     assert counts[4] == 3 and counts[0] == 5
     assert all(samples[i][1] != 4 for i in split.val)
+    # every image outside validation (shots=0): a short class still trains on one of its images first
+    samples = [s for s in samples if not (s[1] == 4 and s[0] > "images/004/img_0001.jpg")]  # class 4: 2 images
+    with pytest.warns(UserWarning, match="class_4"):
+        split = sample_kshot(samples, 0, seed=0, val_shots=2, class_names=NAMES, allow_fewer=True)
+    assert Counter(samples[i][1] for i in split.train)[4] == 1 and Counter(samples[i][1] for i in split.val)[4] == 1
 
 
 def test_validation_that_does_not_fit_is_also_an_error():

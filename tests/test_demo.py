@@ -95,3 +95,11 @@ def test_full_offline_demo_beats_chance_within_ten_minutes(tmp_path):
     by_method = {r.method: r for r in results}
     assert by_method["nola"].adapter_params == 49_152 and by_method["lora"].adapter_params == 73_728
     assert all(len(r.test_accs) == 3 and min(r.test_accs) > 0.5 for r in results)  # 10 classes: chance is 10%
+
+
+def test_the_demo_module_runs_as_a_script():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "nola_vision.demo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--shots" in done.stdout  # it did nothing and exited 0 before

@@ -21,7 +21,14 @@ from .datasets import (
     dataset_num_classes,
     download_dataset,
 )
-from .fewshot import FewShotSplit, indices_from_manifest, read_manifest, sample_kshot, write_manifest
+from .fewshot import (
+    FewShotSplit,
+    indices_from_manifest,
+    manifest_settings,
+    read_manifest,
+    sample_kshot,
+    write_manifest,
+)
 from .transforms import (
     AUGMENTS,
     NORMALIZATIONS,
@@ -276,8 +283,9 @@ class FewShotDataModule(L.LightningDataModule):
             self.save_split(self.split_dir)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
-        """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, so what a
-        run records is what it trained on."""
+        """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and
+        ``split_seed`` the seed its header names (a manifest this module wrote), so what a run records is what it
+        trained on."""
         indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
         val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
                if self.val_split_file else [])
@@ -285,6 +293,9 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
         self.shots = _images_per_class(train, indices, self.split_file)
         self.val_shots = _images_per_class(train, val, self.val_split_file) if val else 0
+        seed = manifest_settings(self.split_file).get("split_seed", "")
+        if seed.lstrip("-").isdigit():
+            self.split_seed = int(seed)
         return FewShotSplit(indices, val)
 
     def save_split(self, split_dir: str) -> Path:

@@ -313,9 +313,18 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def _image_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
+def _image_files(folder: Path, recursive: bool = False) -> list[str]:
+    """The image files of ``folder``, sorted; ``recursive`` reads its visible sub-folders too (paths relative to
+    ``folder``), as torchvision's ImageFolder does with a class folder."""
+    if not recursive:
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
+    files = []
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [(Path(directory) / name).relative_to(folder).as_posix() for name in names
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS]
+    return sorted(files)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -552,7 +561,7 @@ class _ImageFolder:
             if extra:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
-                   if (folder / name).is_dir() for fname in _image_files(folder / name)]
+                   if (folder / name).is_dir() for fname in _image_files(folder / name, recursive=True)]
         empty = sorted(set(names) - {names[label] for _, label in samples})
         if split != "train" and samples and empty:
             warnings.warn(f"{folder} has no images of classes {empty}: its accuracy covers the other classes only",

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "read_manifest",
-           "sample_kshot", "write_manifest"]
+__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
+           "read_manifest", "sample_kshot", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -60,7 +60,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
         if len(members) < need:
             name = class_names[label] if class_names is not None else str(label)
             short.append(f"class '{name}' (label {label}) has {len(members)} train images")
-        k = shots if shots else max(len(members) - val_shots, 0)
+        k = shots if shots else max(len(members) - val_shots, min(len(members), 1))  # training images first
         train.extend(members[:k])
         val.extend(members[k:k + val_shots])
     if short:
@@ -101,15 +101,25 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
     return entries
 
 
+def manifest_settings(path: str | os.PathLike) -> dict[str, str]:
+    """The ``key=value`` settings of a manifest's header (``write_manifest``'s first comment line), {} without."""
+    with open(path) as f:
+        first = f.readline()
+    return dict(t.split("=", 1) for t in first.lstrip("#").split() if "=" in t) if first.startswith("#") else {}
+
+
 def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
                           source: str = "manifest") -> list[int]:
-    """Map manifest entries onto dataset indices, checking that every key exists with the same label."""
+    """Map manifest entries onto dataset indices, checking that every key exists with the same label, once."""
     position = {key: i for i, (key, _) in enumerate(samples)}
-    indices = []
+    indices: list[int] = []
     for key, label in entries:
         if key not in position:
             raise ValueError(f"{source}: '{key}' is not in the dataset's train split (wrong dataset or root?)")
         i = position[key]
+        if i in indices:
+            raise ValueError(f"{source}: '{key}' is listed twice: a manifest lists each image once (a repeated line "
+                             "would train on fewer distinct images than it records)")
         if samples[i][1] != label:
             raise ValueError(f"{source}: '{key}' has label {label}, but the dataset says {samples[i][1]}")
         indices.append(i)
