@@ -1,4 +1,5 @@
 """Lightning DDP works unchanged: two CPU processes see the same k-shot split and end with identical coefficients."""
+import json
 import os
 import subprocess
 import sys
@@ -29,5 +30,8 @@ def test_ddp_ranks_share_the_split_and_end_with_identical_coefficients(tmp_path)
     initial = torch.full_like(ranks[0]["trained"]["model.blocks.0.mlp.fc1.nola_alpha"], 1 / 64)
     assert not torch.equal(ranks[0]["trained"]["model.blocks.0.mlp.fc1.nola_alpha"], initial)  # it trained
     assert (tmp_path / "result.json").is_file()  # written by rank 0 after the distributed test pass
+    # digits' 899 test images, each counted once: Lightning's padded sampler gave both ranks 450 (one image twice)
+    correct = json.loads((tmp_path / "result.json").read_text())["metrics"]["test/acc"] * 899
+    assert abs(correct - round(correct)) < 1e-4
     # rank 0 alone exported the adapter
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1

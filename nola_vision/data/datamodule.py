@@ -135,6 +135,19 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) 
     return shots
 
 
+class _UnpaddedDistributedSampler(DistributedSampler):
+    """Rank ``rank``'s images of an evaluation set (every ``num_replicas``-th, in order), without the padding of
+    ``DistributedSampler``: ranks may get one image fewer, and metrics sum their counts over the ranks."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 class FewShotDataModule(L.LightningDataModule):
     """Few-shot image classification data: k images per class for training, the full test split for testing.
 
@@ -352,13 +365,22 @@ class FewShotDataModule(L.LightningDataModule):
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._evaluation_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         """The full official test split."""
         if self.test_set is None:
             self.setup("test")
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._evaluation_loader(self.test_set)
+
+    def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
+        """In order; under DDP each rank takes its share of the images, every image exactly once (Lightning's own
+        sampler repeats some to even out the ranks, which would count them twice in the accuracy)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = _UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+            return self._loader(dataset, self.eval_batch_size, sampler=sampler)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
