@@ -56,6 +56,17 @@ def test_resuming_on_another_split_is_refused(tmp_path, capsys):
     assert code == 2 and "resuming trains on another split" in err and "--data.split_seed 7 (checkpoint: 0)" in err
 
 
+def test_validating_on_another_split_or_testing_with_other_preprocessing_is_refused(tmp_path, capsys):
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+               "--data.val_shots", 2, "--test_after_fit", "false")[0] == 0
+    evaluate = ["-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--ckpt_path", "last"]
+    code, err = run(capsys, "validate", *evaluate, "--data.val_shots", 2, "--data.split_seed", 7)
+    assert code == 2 and "validating draws its images from another split" in err  # they could be training images
+    code, err = run(capsys, "test", *evaluate, "--data.normalize", "imagenet")
+    assert code == 2 and "preprocessed evaluation images as" in err and "--data.normalize" in err
+    assert run(capsys, "test", *evaluate)[0] == 0
+
+
 def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_path, capsys):
     for subcommand in ("test", "validate", "predict"):
         code, err = run(capsys, subcommand, "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path)

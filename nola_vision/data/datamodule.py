@@ -36,6 +36,7 @@ from .transforms import (
     DataConfig,
     Normalize,
     build_transforms,
+    evaluation_settings,
     resolve_data_config,
 )
 
@@ -227,6 +228,7 @@ class FewShotDataModule(L.LightningDataModule):
                              "folders do not count)")
         self.data_config: DataConfig = resolve_data_config(hp.backbone, hp.image_size)
         self.train_transform, self.eval_transform = build_transforms(hp.augment, hp.normalize, self.data_config)
+        self.evaluation = evaluation_settings(hp.augment, hp.normalize, self.data_config)
         self._class_names: Optional[list[str]] = None
         self.train_set: Optional[FewShotSubset] = None
         self.val_set: Optional[FewShotSubset] = None

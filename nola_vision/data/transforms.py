@@ -17,7 +17,8 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 __all__ = ["AUGMENTS", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig", "RandomGaussianBlur",
-           "build_transforms", "eval_transform", "paper_train_transform", "resolve_data_config"]
+           "build_transforms", "eval_transform", "evaluation_settings", "paper_train_transform",
+           "resolve_data_config"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,9 +108,10 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], c
     ])
 
 
-def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
-                     config: Optional[DataConfig] = None) -> tuple[Callable, Callable]:
-    """``(train_transform, eval_transform)`` for PIL RGB images, producing normalised float32 CHW tensors."""
+def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "model",
+                        config: Optional[DataConfig] = None) -> dict:
+    """What the evaluation transform does, as plain values (size, mean, std, crop fraction, interpolation): a
+    checkpoint records them, so that testing it preprocesses as its run did."""
     config = config or DataConfig()
     if normalize == "model":
         mean, std = config.mean, config.std
@@ -117,11 +119,21 @@ def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
-    size = config.input_size
+    # the paper's eval is exactly Resize(256) -> CenterCrop(224), torchvision's default bilinear
+    crop, interpolation = (224 / 256, "bilinear") if augment == "paper" else (config.crop_pct, config.interpolation)
+    return {"size": config.input_size, "mean": list(mean), "std": list(std), "crop_pct": crop,
+            "interpolation": interpolation}
+
+
+def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
+                     config: Optional[DataConfig] = None) -> tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` for PIL RGB images, producing normalised float32 CHW tensors."""
+    config = config or DataConfig()
+    evaluation = evaluation_settings(augment, normalize, config)
+    size, mean, std = config.input_size, evaluation["mean"], evaluation["std"]
+    model_eval = eval_transform(size, mean, std, evaluation["crop_pct"], evaluation["interpolation"])
     if augment == "paper":
-        # the paper's eval is exactly Resize(256) -> CenterCrop(224), torchvision's default bilinear
-        return paper_train_transform(size, mean, std), eval_transform(size, mean, std, 224 / 256, "bilinear")
-    model_eval = eval_transform(size, mean, std, config.crop_pct, config.interpolation)
+        return paper_train_transform(size, mean, std), model_eval
     if augment == "none":
         return model_eval, model_eval
     if augment == "timm":

@@ -370,10 +370,12 @@ class FewShotClassifier(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "class_names"):
             return None
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
-        return {"class_names": list(datamodule.class_names), "split": split}
+        return {"class_names": list(datamodule.class_names), "split": split,
+                "evaluation": getattr(datamodule, "evaluation", None)}
 
     def _check_data(self, saved: Optional[dict]) -> None:
-        """Refuse to test a checkpoint on other classes, or to resume its training on another k-shot split."""
+        """Refuse to test a checkpoint on other classes or other preprocessing, or to resume its training (or
+        validate it) on another k-shot split, whose validation images could be its training images."""
         now = self._data_record()
         if saved is None or now is None:
             return
@@ -381,12 +383,18 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"the checkpoint was trained on classes {_few(saved['class_names'])}, the data has "
                              f"{_few(now['class_names'])}: its head would name the wrong classes. Pass the data it was "
                              "trained on (--data.dataset, --data.root)")
-        if self.trainer.state.fn == "fit":
+        if saved.get("evaluation") and now["evaluation"] and saved["evaluation"] != now["evaluation"]:
+            raise ValueError(f"the checkpoint's run preprocessed evaluation images as {saved['evaluation']}, this data "
+                             f"does {now['evaluation']}: its accuracy would differ from the run's. Pass the run's "
+                             "--data.normalize and --data.augment")
+        if self.trainer.state.fn in ("fit", "validate"):
             changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
             if changed:
-                raise ValueError("resuming trains on another split than the run did: " + "; ".join(
-                    f"--data.{k} {b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items())
-                    + ". Pass the run's data settings, or start a new run")
+                doing = "resuming trains on" if self.trainer.state.fn == "fit" else "validating draws its images from"
+                raise ValueError(f"{doing} another split than the run did (validation images could be training "
+                                 "images): " + "; ".join(f"--data.{k} {b!r} (checkpoint: {a!r})"
+                                                         for k, (a, b) in changed.items())
+                                 + ". Pass the run's data settings, or start a new run")
 
     def _check_backbone(self, saved: Any) -> None:
         """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes)."""
