@@ -32,7 +32,15 @@ def test_a_second_fit_into_a_finished_runs_folder_is_refused_and_resuming_it_is_
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
                     "--data.split_seed", 7)
     assert code == 2 and "already holds another run" in err and "--ckpt_path last" in err
-    assert {p: p.read_bytes() for p in kept} == kept
+    other = tmp_path.with_name(f"{tmp_path.name}_other")  # its checkpoint would continue it over this run's files
+    assert run(capsys, *FIT, "--trainer.default_root_dir", other, "--trainer.max_epochs", 1)[0] == 0
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+                    "--ckpt_path", other / "checkpoints" / "last.ckpt")
+    assert code == 2 and "already holds another run" in err and "belongs to another folder" in err
+    # a debug pass runs, but neither replaces the run's adapter nor writes a result
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.fast_dev_run", "true",
+               "--result_file", tmp_path / "debug.json")[0] == 0
+    assert {p: p.read_bytes() for p in kept} == kept and not (tmp_path / "debug.json").exists()
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
                "--ckpt_path", "last")[0] == 0
 

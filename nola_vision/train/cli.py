@@ -18,7 +18,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.storage import atomic_path, file_in_the_way, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
@@ -88,12 +88,18 @@ class RunConfigSaver(SaveConfigCallback):
         path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
-        if exists and kept and stage == "fit" and self.config.get("ckpt_path") is None:
+        checkpoint = self.config.get("ckpt_path")
+        # resuming the run in this folder; another run's checkpoint would continue that run over this one's files
+        own = (path.parent / "checkpoints").resolve()
+        resumes_it = checkpoint is not None and (str(checkpoint) in ("last", "best", "hpc", "registry")
+                                                 or Path(checkpoint).resolve().parent == own)
+        if exists and kept and stage == "fit" and not resumes_it:
+            given = f" (--ckpt_path {checkpoint} belongs to another folder)" if checkpoint is not None else ""
             raise ValueError(
                 f"{path.parent} already holds another run ({path.name}, its checkpoints and exported adapter), which "
-                "this fit would overwrite: a run without a logger writes straight into --trainer.default_root_dir. "
-                "Choose another --trainer.default_root_dir, keep the logger (each run then gets its own version_N "
-                "folder), or resume that run with --ckpt_path last")
+                f"this fit would overwrite{given}: a run without a logger writes straight into "
+                "--trainer.default_root_dir. Choose another --trainer.default_root_dir, keep the logger (each run then "
+                "gets its own version_N folder), or resume that run with --ckpt_path last")
         if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
@@ -180,6 +186,9 @@ class NolaCLI(LightningCLI):
                     f"{self._retire_stale_result(config.result_file)}") from error
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if config.result_file and self.trainer.fast_dev_run:  # its metrics are those of a few batches
+            rank_zero_info(f"nola_vision: fast_dev_run, so {config.result_file} is not written")
+            return
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
             adapter = self.model.adapter_config
             write_json_atomic(config.result_file, {

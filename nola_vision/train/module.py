@@ -293,6 +293,9 @@ class FewShotClassifier(L.LightningModule):
             target = str(Path(root) / "adapter")
         if not self.trainer.is_global_zero:
             return
+        if self.trainer.fast_dev_run:  # a debug pass of a few batches: it must not replace a run's adapter
+            rank_zero_info("nola_vision: fast_dev_run, so no adapter is exported")
+            return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits)
         self.exported_adapter_bits = bits
