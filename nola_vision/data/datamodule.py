@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -356,12 +357,19 @@ class FewShotDataModule(L.LightningDataModule):
                             drop_last=drop_last)
 
     def state_dict(self) -> Dict[str, Any]:
-        """What a checkpoint keeps of the data: the train loader's shuffling state, so that a run resumed from it
-        draws the orders the uninterrupted run draws (Lightning restores it before the loader is built)."""
-        return {"train_generator": self._train_generator.get_state()} if self._train_generator is not None else {}
+        """What a checkpoint keeps of the data: the train loader's shuffling state, and the global random states
+        the augmentations (in this process) and dropout draw from, so that a run resumed from it draws what the
+        uninterrupted run draws (Lightning restores them before the loader is built)."""
+        if self._train_generator is None:
+            return {}
+        return {"train_generator": self._train_generator.get_state(), "torch_rng": torch.random.get_rng_state(),
+                "python_rng": random.getstate()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._resumed_generator_state = state_dict.get("train_generator")
+        if "torch_rng" in state_dict:  # checkpoints written before it was kept resume with the current states
+            torch.random.set_rng_state(state_dict["torch_rng"])
+            random.setstate(state_dict["python_rng"])
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
