@@ -44,10 +44,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(HELP)
         if not args:
             return 2
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, run_lightning_cli
 
     try:
         run_lightning_cli(args)
+    except SIGTERMException:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
+        print("nola-vision: stopped by SIGTERM before the run finished: no result was written", file=sys.stderr)
+        return 143
     except CONFIG_ERRORS + RUN_ERRORS as err:
         if os.environ.get("NOLA_VISION_TRACEBACK"):
             raise

@@ -140,3 +140,20 @@ def test_a_result_whose_accuracy_is_not_a_number_in_0_1_does_not_count_and_is_le
         (tmp_path / "row" / run / "result.json").write_text(json.dumps(data))
     rows = write_tables(str(tmp_path))  # the edited run is redone by the next protocol, not summarised (or raised on)
     assert [Path(r["run_dir"]).name for r in rows] == ["split0-init0"]
+
+
+def test_a_fit_stopped_by_sigterm_exits_non_zero_without_a_result(tmp_path):
+    # Lightning stops on SIGTERM with a code-less SystemExit: exit 0, as if the run had finished
+    result = tmp_path / "result.json"
+    command = [sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, "--trainer.logger", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.max_epochs", "200", "--result_file", str(result)]
+    fit = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("checkpoints/*.ckpt")) and time.time() < deadline and fit.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob("checkpoints/*.ckpt")), "the fit never trained an epoch"
+    fit.send_signal(signal.SIGTERM)
+    _, err = fit.communicate(timeout=60)
+    assert fit.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    assert not result.exists()

@@ -184,6 +184,9 @@ class NolaCLI(LightningCLI):
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
                     "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
                     f"{self._retire_stale_result(config.result_file)}") from error
+            except BaseException:  # SIGTERM, Ctrl-C or a failure: no earlier result may describe the new adapter
+                self._retire_stale_result(config.result_file)
+                raise
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.fast_dev_run:  # its metrics are those of a few batches
