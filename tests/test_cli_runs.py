@@ -4,6 +4,8 @@ training."""
 import json
 from pathlib import Path
 
+import lightning.pytorch
+import pytest
 import torch
 from fixtures_data import write_imagefolder
 
@@ -150,3 +152,18 @@ def test_a_rerun_that_fails_after_replacing_the_adapter_moves_the_old_result_asi
     code, err = run(capsys, *common, "--trainer.default_root_dir", tmp_path / "b")
     assert code == 1 and "described the adapter this run replaced: moved to" in err
     assert not (tmp_path / "r.json").exists() and (tmp_path / "r.json.previous").is_file()
+
+
+def test_a_test_after_fit_that_is_interrupted_moves_aside_the_result_of_the_adapter_it_replaced(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    same = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", "--trainer.max_epochs", 1, *same)[0] == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as a SIGTERM or Ctrl-C in the test pass
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "test", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--trainer.max_epochs", 1, *same)
+    # the adapter is the second run's: the first run's result no longer sits beside it as if it described it
+    assert not (tmp_path / "result.json").exists() and (tmp_path / "result.json.previous").is_file()
