@@ -65,6 +65,16 @@ def test_resuming_on_another_split_is_refused(tmp_path, capsys):
     assert code == 2 and "resuming trains on another split" in err and "--data.split_seed 7 (checkpoint: 0)" in err
 
 
+def test_a_callback_monitoring_validation_without_validation_images_is_refused_before_training(tmp_path, capsys):
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.callbacks+=EarlyStopping",
+                    "--trainer.callbacks.monitor", "val/acc")
+    assert code == 2 and "EarlyStopping(monitor='val/acc') monitors a validation metric" in err and "val_shots" in err
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # it failed after the first epoch, with a traceback
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.callbacks+=EarlyStopping",
+               "--trainer.callbacks.monitor", "val/acc", "--data.val_shots", 2, "--trainer.max_epochs", 1,
+               "--test_after_fit", "false")[0] == 0
+
+
 def test_validating_on_another_split_or_testing_with_other_preprocessing_is_refused(tmp_path, capsys):
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
                "--data.val_shots", 2, "--test_after_fit", "false")[0] == 0

@@ -158,11 +158,18 @@ class NolaCLI(LightningCLI):
             check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
 
     def before_fit(self) -> None:
-        """What only the end of a run would find, found before it trains: the result path, and (when testing
-        after fit, on data already on disk) the test split's class folders and its missing or empty image files."""
+        """What only the end of a run would find, found before it trains: the result path, a callback that monitors
+        validation metrics without validation images, and (when testing after fit, on data already on disk) the test
+        split's class folders and its missing or empty image files."""
         config = self.config[self.subcommand]
         if config.result_file:
             check_result_path(config.result_file)
+        watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
+                    if str(getattr(c, "monitor", None) or "").startswith("val/")]
+        data = self.datamodule.hparams
+        if watching and not (data.get("val_shots") or data.get("val_split_file")):
+            raise ValueError(f"{', '.join(watching)} monitors a validation metric, and this run has no validation "
+                             "images: set --data.val_shots N (e.g. 2; drawn apart from the training shots)")
         if config.test_after_fit and not self.datamodule.download:  # data to download is not there to check yet
             self.datamodule.setup("test")
             bad = self.datamodule.test_set.dataset.missing_or_empty_files()
