@@ -113,14 +113,16 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
     """Map manifest entries onto dataset indices, checking that every key exists with the same label, once."""
     position = {key: i for i, (key, _) in enumerate(samples)}
     indices: list[int] = []
+    listed: set[int] = set()  # a set: a full-split manifest lists tens of thousands of images
     for key, label in entries:
         if key not in position:
             raise ValueError(f"{source}: '{key}' is not in the dataset's train split (wrong dataset or root?)")
         i = position[key]
-        if i in indices:
+        if i in listed:
             raise ValueError(f"{source}: '{key}' is listed twice: a manifest lists each image once (a repeated line "
                              "would train on fewer distinct images than it records)")
         if samples[i][1] != label:
             raise ValueError(f"{source}: '{key}' has label {label}, but the dataset says {samples[i][1]}")
         indices.append(i)
+        listed.add(i)
     return indices
