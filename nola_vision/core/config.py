@@ -13,7 +13,7 @@ from .checks import check_bool, check_choice, check_int, check_number, shown
 from .registry import METHODS, available_methods, get_method, method_of
 
 __all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
-           "require_bool", "require_choice", "require_finite", "require_integer", "require_positive",
+           "require_bool", "require_choice", "require_finite", "require_integer", "require_nonzero", "require_positive",
            "resolve_adapter"]
 
 
@@ -158,6 +158,15 @@ def require_finite(config: Any, *names: str) -> None:
     """Each field a finite real number: a NaN or inf scale would make every logit NaN at step 0."""
     for name in names:
         object.__setattr__(config, name, check_number(getattr(config, name), _field(config, name)))
+
+
+def require_nonzero(config: Any, *names: str) -> None:
+    """Each field a finite, non-zero real number: a zero scale makes ΔW and every adapter gradient zero for good."""
+    require_finite(config, *names)
+    for name in names:
+        if getattr(config, name) == 0:
+            raise ValueError(f"{_field(config, name)} is 0: ΔW and every adapter gradient would stay zero, so the "
+                             "adapter could never train; use a non-zero value")
 
 
 def require_bool(config: Any, *names: str) -> None:

@@ -25,7 +25,8 @@ class MergedGuard(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         raise RuntimeError(
             "backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter parameters "
-            "would get no gradient. Call nv.unmerge(model) before training (for inference, use torch.no_grad())"
+            "would get no gradient. Call nv.unmerge(model) before training or taking gradients of the input (saliency "
+            "maps); for inference, use torch.no_grad()"
         )
 
 

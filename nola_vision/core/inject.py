@@ -20,8 +20,9 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisBank
 from .config import AdapterConfig
 from .fingerprint import record_merged
-from .layer import AdaptedLinear, adapted_layers
+from .layer import AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
+    checkpointed_models,
     combine_shared_factors,
     has_shared_bases,
     merge,
@@ -34,8 +35,8 @@ from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head, unwrap_compiled
 
-__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "set_basis_holding",
-           "set_quantization_aware", "unload", "unwrap_compiled"]
+__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "running_statistics",
+           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_compiled"]
 
 STATE_ATTRIBUTE = "nola_adapter"
 
@@ -51,6 +52,9 @@ class AdapterState:
     hooks: List[RemovableHandle] = field(default_factory=list)
     # The forward hook that shows the head at its stored width during quantisation-aware training.
     quantized_head: Optional[RemovableHandle] = None
+    # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
+    # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
+    statistics: Dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def config(self) -> AdapterConfig:
@@ -80,13 +84,34 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.Module]:
-    """The activation of a timm-style Mlp whose fc2 may recompute its input (nothing between act and fc2)."""
+    """The activation of a timm-style Mlp whose fc2 may recompute its input (nothing between act and fc2).
+
+    Only a pure function is taken over: an activation with hooks (backward's recomputation would skip them), with
+    parameters or buffers (their state-dict keys would move under fc2) or in place (it would overwrite the kept
+    pre-activation) stays where it is.
+    """
     from timm.layers import Mlp
 
     if child_name != "fc2" or type(parent).forward is not Mlp.forward:
         return None
     no_dropout = isinstance(parent.drop1, nn.Identity) or getattr(parent.drop1, "p", 1.0) == 0.0
-    return parent.act if no_dropout and isinstance(parent.norm, nn.Identity) else None
+    activation = parent.act
+    pure = (not has_hooks(activation) and not getattr(activation, "inplace", False)
+            and next(activation.parameters(), None) is None and next(activation.buffers(), None) is None)
+    return activation if pure and no_dropout and isinstance(parent.norm, nn.Identity) else None
+
+
+class MovedActivation(nn.Identity):
+    """What stays at ``mlp.act`` while the adapted ``mlp.fc2`` computes the activation itself: it passes the
+    pre-activation through, so a hook registered here after ``inject`` would see the wrong tensor and is refused."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if has_hooks(self):
+            raise ValueError(
+                "a hook on mlp.act, whose activation the adapted mlp.fc2 computes (recompute_activation=True): here it "
+                "would see the pre-activation. Register it before inject (the activation then stays in place), or "
+                "inject with recompute_activation=False")
+        return x
 
 
 def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -> nn.Module:
@@ -95,7 +120,9 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), ``"linear"`` (train the
     head only), ``"full"`` (train everything), or a plan from ``plan_injection(model, config)``. Nothing is
     changed when the config or a target is invalid. ``unload`` undoes it exactly. A ``torch.compile`` wrapper is
-    adapted through the module it runs (the names of its layers and files are that module's) and returned.
+    adapted through the module it runs (the names of its layers and files are that module's) and returned. The
+    head is what timm's ``get_classifier()`` returns, on the model or the outermost submodule that has it: a wrapper
+    module with a head of its own defines ``get_classifier()`` to have it trained.
     """
     wrapper, model = model, unwrap_compiled(model)
     if adapter_state(model) is not None:
@@ -124,9 +151,10 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         parent = model.get_submodule(parent_name) if parent_name else model
         activation = _recomputable_activation(parent, child_name) if config.recompute_activation else None
         if activation is not None:  # fc2 recomputes its input from the pre-activation in backward
-            adapted.input_activation = replace_module(parent, "act", nn.Identity().train(activation.training))
+            adapted.input_activation = replace_module(parent, "act", MovedActivation().train(activation.training))
         replace_module(model, name, adapted)
-    hooks = [model.register_forward_pre_hook(reentrant_checkpointing_inputs)] if plan.layers else []
+    hooks = [module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True)
+             for module in (checkpointed_models(model) if plan.layers else [])]
     if head is not None:
         hooks.append(head.register_forward_pre_hook(_compact_input))
     if has_shared_bases(model):
@@ -137,8 +165,19 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
                 for parameter in layer.adapter_parameter_names]
         hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
-    setattr(model, STATE_ATTRIBUTE, AdapterState(plan, context.get("bank"), requires_grad, hooks))
+    state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
+    state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
+    setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
+    """The running statistics of the model's batch norms by buffer name: state that a forward pass in train mode
+    changes without a gradient (hybrid ViTs' convolutional stems have them; plain ViTs have none)."""
+    return {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            for buffer in ("running_mean", "running_var") if getattr(module, buffer, None) is not None}
 
 
 def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
@@ -169,62 +208,62 @@ class _PlainStateDicts:
 
 
 class _CallCheck:
-    """Checks, on the model's first forward pass, that every adapted layer whose parent module ran was called: some
-    attentions read ``self.qkv.weight`` with ``F.linear`` instead of calling the layer (timm's EVA and BEiT with a
-    qkv bias, Swin V2), so an adapter there would silently change nothing but the merged weights. Its hooks do
-    nothing once a pass has called every layer whose parent ran (a class, so the model still pickles)."""
+    """Checks that every adapted layer is called when its parent module runs: some attentions read
+    ``self.qkv.weight`` with ``F.linear`` instead of calling the layer (timm's EVA and BEiT with a qkv bias, Swin
+    V2), so an adapter there would silently change nothing but the merged weights. Each parent's first completed
+    forward pass is checked (through ``model()``, ``forward_features`` or any other path), and once every parent
+    has passed, its hooks are removed. Parents are known by name, so a deep copy or a pickled model keeps checking
+    (a class, so the model still pickles)."""
 
-    def __init__(self, parents: Dict[str, nn.Module]) -> None:
-        self.names = list(parents)
-        self.parents = {name: id(parent) for name, parent in parents.items()}
-        self.parent_types = {name: type(parent).__name__ for name, parent in parents.items()}
-        self.ran: set = set()
+    def __init__(self, layers_by_parent: Dict[str, List[str]], parent_types: Dict[str, str]) -> None:
+        self.pending = {parent: list(layers) for parent, layers in layers_by_parent.items()}
+        self.parent_types = parent_types
         self.called: set = set()
-        self.done = False
-        self.handles: List[RemovableHandle] = []  # removed once the check passed
+        self.handles: List[RemovableHandle] = []  # removed once every parent passed
 
-    def __getstate__(self) -> dict:  # a copy's module ids differ: it keeps no-op hooks
-        return {**self.__dict__, "parents": {}, "ran": set(), "called": set(), "done": True, "handles": []}
-
-    def parent_ran(self, module: nn.Module, args: tuple) -> None:
-        if not self.done and not torch.compiler.is_compiling():
-            self.ran.add(id(module))
+    def parent_starts(self, parent: str, module: nn.Module, args: tuple) -> None:
+        if parent in self.pending and not torch.compiler.is_compiling():
+            self.called.difference_update(self.pending[parent])
 
     def layer_called(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not self.done and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             self.called.add(name)
 
-    def check(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self.done or torch.compiler.is_compiling():
+    def parent_ends(self, parent: str, module: nn.Module, args: tuple, output: object) -> None:
+        if parent not in self.pending or torch.compiler.is_compiling():
             return
-        skipped = [name for name in self.names if self.parents[name] in self.ran and name not in self.called]
-        self.ran.clear()
-        self.called.clear()
+        skipped = [name for name in self.pending[parent] if name not in self.called]
         if skipped:
-            parent = self.parent_types[skipped[0]]
+            kind = self.parent_types[parent]
             raise ValueError(
-                f"adapted layer {skipped[0]} was never called although its parent {parent} ran"
-                f"{f' ({len(skipped)} such layers)' if len(skipped) > 1 else ''}: {parent}.forward reads the layer's "
+                f"adapted layer {skipped[0]} was never called although its parent {kind} ran"
+                f"{f' ({len(skipped)} such layers)' if len(skipped) > 1 else ''}: {kind}.forward reads the layer's "
                 "weight directly (e.g. F.linear(x, self.qkv.weight, bias)), so an adapter there changes nothing. "
                 "Target other layers of this model (e.g. mlp.fc1, mlp.fc2, attn.proj): nv.unload(model), then "
                 "inject again")
-        self.done = True
-        for handle in self.handles:
-            handle.remove()
+        del self.pending[parent]
+        if not self.pending:
+            for handle in self.handles:
+                handle.remove()
 
 
 def _require_adapters_called(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
-    """Install a ``_CallCheck``: a pre-hook on each adapted layer's parent, a hook on each layer, one on the model."""
+    """Install a ``_CallCheck``: a pre-hook and a hook on each adapted layer's parent, a hook on each layer."""
     if not names:
         return []
-    parents = {name: model.get_submodule(name.rpartition(".")[0]) for name in names}
-    check = _CallCheck(parents)
-    handles = [parent.register_forward_pre_hook(check.parent_ran)
-               for parent in {id(p): p for p in parents.values()}.values()]
+    layers_by_parent: Dict[str, List[str]] = {}
+    for name in names:
+        layers_by_parent.setdefault(name.rpartition(".")[0], []).append(name)
+    parents = {parent: model.get_submodule(parent) for parent in layers_by_parent}
+    check = _CallCheck(layers_by_parent, {parent: type(module).__name__ for parent, module in parents.items()})
+    handles = []
+    for parent, module in parents.items():
+        handles.append(module.register_forward_pre_hook(functools.partial(check.parent_starts, parent)))
+        handles.append(module.register_forward_hook(functools.partial(check.parent_ends, parent)))
     handles += [model.get_submodule(name).register_forward_hook(functools.partial(check.layer_called, name))
                 for name in names]
-    check.handles = handles + [model.register_forward_hook(check.check)]
-    return check.handles
+    check.handles = handles
+    return handles
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -254,15 +293,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
     """Warn that hooks on a layer ``inject`` replaces stop running: its adapted layer does not call it."""
-    hooked = [name for name in names if any(getattr(model.get_submodule(name), kind) for kind in _HOOKS)]
+    hooked = [name for name in names if has_hooks(model.get_submodule(name))]
     if hooked:
         warnings.warn(f"{', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} carry forward or backward hooks, "
                       "which do not run while the layer is adapted (inject replaces it; unload gives it back with its "
                       "hooks): register them on the adapted layer, model.get_submodule(name), after inject",
                       UserWarning, stacklevel=3)
 
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _require_injected(model: nn.Module) -> AdapterState:

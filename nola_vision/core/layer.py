@@ -18,12 +18,18 @@ from .basis import BasisSpec
 from .functions import MergedGuard, add_low_rank_output, low_rank_linear
 from .quantize import fake_quantize
 
-__all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision"]
+__all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
 
 Slice = Tuple[int, int]
 # A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)
 # travels with its state dict (see ``_load_from_state_dict``).
 MERGED_FLAG = "adapter_merged"
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether the module itself carries forward or backward hooks (global hooks aside)."""
+    return any(getattr(module, kind) for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                  "_backward_pre_hooks"))
 
 
 def full_precision(device: torch.device):
@@ -46,7 +52,7 @@ class AdaptedLinear(nn.Module):
     * model-level code reads ``base_layer`` (the module this layer replaced, given back by ``unload``),
       ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
       ``adapter_parameters()``, ``trained()``, ``delta_factors()`` and ``get_delta_weight()``, and calls
-      ``merge()``, ``unmerge()`` and ``replace_merged_delta()``;
+      ``merge()``, ``unmerge()``, ``replace_merged_delta()`` and ``keep_batched_factors()``;
     * model-level code sets ``input_activation`` (inject), ``quant_bits`` (quantisation-aware training),
       ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
       frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in).
@@ -80,6 +86,29 @@ class AdaptedLinear(nn.Module):
         self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
         # While merged: the fingerprint record of the weight without ΔW (see fingerprint.py), None when unknown.
         self.unmerged_record: Optional[List[float]] = None
+
+    @property
+    def batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """Factors combined for all layers of a forward pass at once; ``delta_factors`` uses them instead of its own."""
+        return self._batched_factors
+
+    @batched_factors.setter
+    def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
+        self._batched_factors = value
+        self._batched_versions: Optional[Tuple[int, ...]] = None
+
+    def keep_batched_factors(self) -> None:
+        """Keep the batched factors past their forward pass (for a backward that recomputes blocks) only while the
+        adapter tensors stay unchanged: a forward pass whose backward never comes (and an optimizer step) would
+        otherwise leave stale factors to every later call outside the model's forward (``forward_features``)."""
+        self._batched_versions = self._adapter_versions()
+
+    def _adapter_versions(self) -> Tuple[int, ...]:
+        return tuple(p._version for p in self.adapter_parameters().values())
+
+    def __getstate__(self) -> dict:
+        # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
+        return {**self.__dict__, "_batched_factors": None, "_batched_versions": None}
 
     @property
     def merged(self) -> bool:
@@ -138,7 +167,10 @@ class AdaptedLinear(nn.Module):
         """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out).
 
         B of a layer adapted over its whole width may be the trained parameter itself: clone it to keep a snapshot."""
-        a, b = self.factors() if self.batched_factors is None else self.batched_factors
+        batched, versions = self._batched_factors, self._batched_versions
+        if batched is not None and versions is not None and versions != self._adapter_versions():
+            batched = None  # kept for a backward pass that never came, and the adapter tensors changed since
+        a, b = self.factors() if batched is None else batched
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
         if self.slices == ((0, self.out_features),):
@@ -155,6 +187,11 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         activation = self.input_activation
+        if activation is not None and has_hooks(activation):
+            raise ValueError(
+                "a hook on the activation an adapted mlp.fc2 computes (recompute_activation=True): its backward "
+                "recomputes the activation without hooks. Register it on mlp.act before inject (the activation then "
+                "stays in place), or inject with recompute_activation=False")
         if self.merged:
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in self.adapter_parameters().values() if p.requires_grad]

@@ -15,9 +15,9 @@ from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
-__all__ = ["batched_factors", "checkpointing_modules", "combine_shared", "combine_shared_factors",
-           "gradient_checkpointing", "has_shared_bases", "merge", "reentrant_checkpointing_inputs",
-           "release_shared_factors", "switch_merged", "unmerge"]
+__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
+           "combine_shared_factors", "gradient_checkpointing", "has_shared_bases", "merge",
+           "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -71,17 +71,33 @@ def _reentrant_checkpointing() -> bool:
     return True if use_reentrant is None else bool(use_reentrant())
 
 
-def reentrant_checkpointing_inputs(model: nn.Module, args: tuple) -> Optional[tuple]:
-    """Forward pre-hook: under re-entrant gradient checkpointing, hand the model its images as a tensor that
-    requires grad (the same storage). Re-entrant checkpointing only differentiates a block whose input requires
-    grad, and a frozen stem's output does not: without this every adapter would silently get no gradient."""
-    if not (args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad):
-        return None
+def reentrant_checkpointing_inputs(model: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+    """Forward pre-hook (with keyword arguments): under re-entrant gradient checkpointing, hand the model its images
+    as tensors that require grad (the same storage). Re-entrant checkpointing only differentiates a block whose input
+    requires grad, and a frozen stem's output does not: without this every adapter would silently get no gradient.
+    ``inject`` installs it on the model and on each timm model inside it, which gets the images of a dict batch."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    if not any(_frozen_input(value) for value in (*args, *kwargs.values())):
         return None
     if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
         return None
-    return (args[0].detach().requires_grad_(True), *args[1:])
+    return tuple(map(_requiring_grad, args)), {key: _requiring_grad(value) for key, value in kwargs.items()}
+
+
+def _frozen_input(value: object) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and not value.requires_grad
+
+
+def _requiring_grad(value: object) -> object:
+    return value.detach().requires_grad_(True) if _frozen_input(value) else value
+
+
+def checkpointed_models(model: nn.Module) -> List[nn.Module]:
+    """The model and every timm model inside it (``set_grad_checkpointing``): where re-entrant checkpointing needs
+    inputs that require grad (``reentrant_checkpointing_inputs``)."""
+    return [model] + [module for module in model.modules()
+                      if module is not model and callable(getattr(module, "set_grad_checkpointing", None))]
 
 
 def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = False) -> None:
@@ -112,6 +128,9 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     trained = [f for pair in factors.values() for f in pair if f.requires_grad]
     if trained and torch.is_grad_enabled() and gradient_checkpointing(model):
         torch.autograd.graph.register_multi_grad_hook(trained, lambda _: _drop_factors(factors))
+        if not torch.compiler.is_compiling():
+            for layer in factors:
+                layer.keep_batched_factors()
         return
     _drop_factors(factors)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .basis import BasisSpec, fingerprint
 from .config import AdapterConfig, as_config
@@ -89,6 +90,12 @@ def _plain_linear_forwards() -> tuple:
 
 def _require_plain_forward(name: str, linear: nn.Linear) -> None:
     """Refuse an ``nn.Linear`` subclass with its own forward (a quantised linear): the adapter would replace it."""
+    if parametrize.is_parametrized(linear):
+        raise ValueError(
+            f"target {name} has parametrized tensors ({', '.join(linear.parametrizations)}; torch.nn.utils."
+            "parametrize: weight_norm, spectral_norm, ...), which an adapter would freeze as a snapshot: remove the "
+            "parametrization "
+            "first (parametrize.remove_parametrizations(module, 'weight')) or leave the layer out of targets")
     if type(linear).forward not in _plain_linear_forwards():
         raise ValueError(
             f"target {name} is a {type(linear).__module__}.{type(linear).__qualname__}, an nn.Linear subclass with its "
@@ -117,6 +124,10 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
                 {k: tuple(v) for k, v in layer_cls.parameter_shapes(config, linear.in_features, width,
                                                                      len(slices)).items()})
     head_names = head_parameter_names(model)
+    if not (layers or head_names or config.train_backbone):
+        raise ValueError(f"{config.method!r} would train nothing: {type(model).__name__} has no classifier head with "
+                         "parameters (timm's get_classifier()). Create the model with num_classes > 0, or give a "
+                         "wrapper module a get_classifier() method that returns its head")
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     if config.train_backbone:
         trained = shapes

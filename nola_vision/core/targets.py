@@ -40,18 +40,28 @@ def _summarise_names(names: List[str]) -> List[str]:
     return sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
 
 
+def _classifier_owner(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose ``get_classifier()`` names the head: the model, else its outermost submodule that has one
+    (a timm model inside a wrapper module)."""
+    for module in model.modules():
+        if callable(getattr(module, "get_classifier", None)):
+            return module
+    return None
+
+
 def classifier_head(model: nn.Module) -> Optional[nn.Module]:
-    """The classifier head by timm's ``get_classifier()`` contract; None for a model without one."""
-    get_classifier = getattr(model, "get_classifier", None)
-    head = get_classifier() if callable(get_classifier) else None
+    """The classifier head by timm's ``get_classifier()`` contract (of the model or of the timm model it wraps); None
+    for a model without one."""
+    owner = _classifier_owner(model)
+    head = owner.get_classifier() if owner is not None else None
     return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
 
 
 def require_one_head(model: nn.Module) -> None:
     """Refuse a model with several classifier heads (timm's distilled DeiT and EfficientFormer return a tuple from
     ``get_classifier()``): adapters would train beside heads that stay frozen at their random init."""
-    get_classifier = getattr(model, "get_classifier", None)
-    heads = get_classifier() if callable(get_classifier) else None
+    owner = _classifier_owner(model)
+    heads = owner.get_classifier() if owner is not None else None
     if isinstance(heads, (tuple, list)):
         names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
@@ -95,6 +105,21 @@ def _splits_into_q_k_v_blocks(attention: nn.Module) -> bool:
     return any(re.search(pattern, source) for pattern in blocks)
 
 
+def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: Optional[nn.Module]) -> str:
+    """Why a target matched nothing: the model's Linear layers to choose from, or that it has none to adapt."""
+    kind = type(model).__name__
+    if not linears:
+        return (f"target {pattern!r}: {kind} has no nn.Linear layer outside its classifier head (its layers are "
+                "convolutions or fused ops), so no adapter fits it; adapt a transformer (ViT, DeiT, Swin, ...) or "
+                "train its head alone with 'linear'")
+    head_names = [name for name, module in model.named_modules() if head is not None and module is head]
+    is_head = bool(head_names) and any(_matches(name, pattern) for name in head_names)
+    return (f"target {pattern!r} matches no nn.Linear of {kind}"
+            f"{' outside its classifier head, which every method trains in full (never adapted)' if is_head else ''}. "
+            f"Its Linear layers are: {', '.join(_summarise_names(linears))} (targets are name suffixes or regexes; "
+            "'attn.q', 'attn.k', 'attn.v' select one third of a fused 'attn.qkv')")
+
+
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
     """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
     head = classifier_head(model)
@@ -126,11 +151,7 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
                 found.setdefault(name, []).append((0, module.out_features))
                 matched = True
         if not matched:
-            raise ValueError(
-                f"target {pattern!r} matches no nn.Linear of {type(model).__name__}. Its Linear layers are: "
-                f"{', '.join(_summarise_names(list(linears)))} (targets are name suffixes or regexes; "
-                "'attn.q', 'attn.k', 'attn.v' select one third of a fused 'attn.qkv')"
-            )
+            raise ValueError(_no_match_message(model, pattern, list(linears), head))
     resolved = {}
     for name, slices in found.items():
         slices = sorted(set(slices))

@@ -67,6 +67,10 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     """
     check_model_name(model_name)
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
+    if config is not None and model_name.split(".")[0].endswith(NOLA_SUFFIX):
+        base = model_name.split(".")[0][: -len(NOLA_SUFFIX)]
+        raise ValueError(f"{model_name} comes with NOLA adapters (set by nola_* arguments), so adapter= would be a "
+                         f"second injection: pass adapter= with the plain model ({base!r}), or nola_config= here")
     checkpoint = kwargs.get("checkpoint_path")
     if checkpoint and os.path.isdir(checkpoint):
         raise ValueError(f"checkpoint_path {checkpoint} is a directory, and timm loads a state-dict file from it: an "

@@ -8,8 +8,8 @@ from ...core.config import (
     AdapterConfig,
     as_target_list,
     require_bool,
-    require_finite,
     require_integer,
+    require_nonzero,
     require_positive,
 )
 
@@ -41,7 +41,7 @@ class LoRAConfig(AdapterConfig):
         require_positive(self, "rank")
         require_integer(self, "seed")
         if self.alpha is not None:
-            require_finite(self, "alpha")
+            require_nonzero(self, "alpha")
         require_bool(self, "recompute_activation")
 
     @property

@@ -9,8 +9,8 @@ from ...core.config import (
     as_target_list,
     require_bool,
     require_choice,
-    require_finite,
     require_integer,
+    require_nonzero,
     require_positive,
 )
 
@@ -53,7 +53,7 @@ class NOLAConfig(AdapterConfig):
         self.targets = as_target_list(self.targets)
         require_positive(self, "rank", "num_basis_a", "num_basis_b")
         require_integer(self, "seed")
-        require_finite(self, "scale")
+        require_nonzero(self, "scale")
         require_choice(self, "basis", BASIS_MODES)
         require_choice(self, "init", NOLA_INITS)
         require_bool(self, "recompute_activation")

@@ -1,0 +1,151 @@
+"""inject on the edges of what models do: copies, other call paths, hooked or stateful activations, wrappers, re-entrant
+checkpointing with other input forms, parametrized layers, and configs that could never train."""
+import copy
+import io
+from functools import partial
+
+import pytest
+import timm
+import timm.layers
+import torch
+from tiny_models import TINY_VIT, as_if_trained, tiny_vit
+from torch import nn
+
+import nola_vision as nv
+
+SMALL_NOLA = dict(rank=2, num_basis_a=8, num_basis_b=8)
+
+
+def _eva_with_lora_on_qkv() -> nn.Module:
+    # EvaAttention reads qkv.weight with F.linear when it has a qkv bias: an adapter there is never called.
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, embed_dim=32,
+                              num_heads=2, num_classes=3)
+    return nv.inject(model, nv.LoRAConfig(rank=2, targets=["attn.qkv"]))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "forward_features"])
+def test_an_adapter_that_is_never_called_is_refused_in_copies_and_on_every_call_path(how):
+    model = _eva_with_lora_on_qkv()
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        model = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    images = torch.randn(1, 3, 28, 28)
+    with torch.no_grad(), pytest.raises(ValueError, match="blocks.0.attn.qkv was never called although its parent"):
+        model.forward_features(images) if how == "forward_features" else model(images)
+
+
+def test_the_call_check_removes_its_hooks_once_every_parent_passed(images):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["attn.qkv", "mlp.fc2"]))
+    hooked = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.blocks.modules())  # noqa: E731
+    before = hooked()
+    with torch.no_grad():
+        model(images)
+    assert before > 0 and hooked() == 0
+
+
+def test_an_activation_with_hooks_parameters_or_in_place_stays_in_the_mlp(images):
+    hooked = tiny_vit()
+    mask = (torch.arange(hooked.blocks[0].mlp.fc1.out_features) % 2).float()
+    for block in hooked.blocks:
+        block.mlp.act.register_forward_hook(lambda module, args, out: out * mask)
+    stateful, in_place = tiny_vit(act_layer=nn.PReLU), tiny_vit(act_layer=partial(nn.ReLU, inplace=True))
+    plain_keys = set(stateful.state_dict())
+    for model in (hooked, stateful, in_place):
+        nv.inject(model, nv.LoRAConfig(targets=["mlp.fc2"]))
+        assert model.blocks[0].mlp.fc2.input_activation is None
+    assert {key for key in stateful.state_dict() if "lora" not in key and "merged" not in key} == plain_keys
+    # the hooked mask holds in backward too: the same gradients as without the takeover
+    reference = tiny_vit()
+    for block in reference.blocks:
+        block.mlp.act.register_forward_hook(lambda module, args, out: out * mask)
+    nv.inject(reference, nv.LoRAConfig(targets=["mlp.fc2"], recompute_activation=False))
+    grads = []
+    for model in (hooked, reference):
+        as_if_trained(model, 1, scale=0.3, adapters_only=True)
+        model(images).square().sum().backward()
+        grads.append(model.blocks[0].mlp.fc2.lora_A.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    in_place(images).sum().backward()  # an in-place activation would overwrite the kept pre-activation
+
+
+def test_a_hook_added_after_inject_on_a_taken_over_activation_is_refused(images):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc2"]))
+    handle = model.blocks[0].mlp.act.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(ValueError, match="hook on mlp.act, whose activation the adapted mlp.fc2 computes"):
+        model(images)
+    handle.remove()
+    model.blocks[0].mlp.fc2.input_activation.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="backward recomputes the activation without hooks"):
+        model(images)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.backbone = tiny_vit(num_classes)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.backbone(batch["image"])
+
+
+def test_a_wrapped_timm_model_trains_its_head_and_a_headless_linear_probe_is_refused():
+    wrapped = nv.inject(_Wrapper(), nv.NOLAConfig(**SMALL_NOLA))
+    assert wrapped.backbone.head.weight.requires_grad
+    assert nv.count_parameters(wrapped)["head"] == 5 * 64 + 5
+    with pytest.raises(ValueError, match="'linear' would train nothing: .* has no classifier head"):
+        nv.inject(tiny_vit(num_classes=0), "linear")
+
+
+@pytest.mark.parametrize("call", ["keyword", "dict batch"])
+def test_reentrant_checkpointing_trains_the_adapters_whatever_form_the_images_come_in(images, call):
+    if not hasattr(timm.layers, "set_reentrant_ckpt"):
+        pytest.skip("this timm checkpoints non-reentrantly only")
+    model = nv.inject(_Wrapper() if call == "dict batch" else tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)).train()
+    (model.backbone if call == "dict batch" else model).set_grad_checkpointing(True)
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        out = model({"image": images}) if call == "dict batch" else model(x=images)
+        out.square().sum().backward()
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
+    grads = [layer.nola_alpha.grad for layer in nv.adapted_layers(model).values()]
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads)
+
+
+def test_a_forward_pass_whose_backward_never_comes_leaves_no_stale_factors(images):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)).train()
+    model.set_grad_checkpointing(True)
+    model(images)  # in grad mode under checkpointing: its factors wait for a backward pass
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            layer.nola_alpha.add_(0.5)
+    layer = model.blocks[0].mlp.fc1
+    batched = layer.get_delta_weight()
+    layer.batched_factors = None
+    torch.testing.assert_close(batched, layer.get_delta_weight())
+    copy.deepcopy(model)  # the kept factors belong to an autograd graph, which deepcopy cannot copy
+
+
+def test_a_parametrized_linear_and_a_zero_scale_are_refused():
+    model = tiny_vit()
+    nn.utils.parametrizations.weight_norm(model.blocks[0].mlp.fc1)
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1 has parametrized tensors"):
+        nv.inject(model, nv.NOLAConfig(**SMALL_NOLA))
+    assert not nv.adapted_layers(model)
+    with pytest.raises(ValueError, match="NOLAConfig.scale is 0"):
+        nv.NOLAConfig(scale=0)
+    with pytest.raises(ValueError, match="LoRAConfig.alpha is 0"):
+        nv.LoRAConfig(alpha=0.0)
+
+
+def test_targets_that_cannot_fit_say_why():
+    with pytest.raises(ValueError, match="ResNet has no nn.Linear layer outside its classifier head"):
+        nv.create_model("resnet10t", adapter="nola", pretrained=False)
+    with pytest.raises(ValueError, match="outside its classifier head, which every method trains in full"):
+        nv.inject(tiny_vit(), nv.LoRAConfig(targets=["head"]))
+    with pytest.raises(ValueError, match="comes with NOLA adapters .* pass adapter= with the plain model "
+                                         "\\('vit_tiny_patch16_224'\\)"):
+        nv.create_model("vit_tiny_patch16_224_nola", adapter="lora", pretrained=False, **TINY_VIT)
