@@ -51,6 +51,22 @@ def test_export_peft_refuses_non_finite_tensors_and_keeps_the_previous_export(tm
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_export_peft_refuses_a_model_with_an_adapter_folded_into_its_weights(tmp_path):
+    # the export holds the current adapter only: on a fresh base, the folded one would be missing from every logit
+    model = nv.merge_and_unload(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, adapters_only=True))
+    nv.inject(model, nv.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"hold 1 earlier adapter\(s\) folded in by nv.merge_and_unload"):
+        nv.export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_export_onnx_refuses_a_float64_model_onnx_runtime_cannot_run(tmp_path):
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)).double()
+    with pytest.raises(ValueError, match=r"no float64 Conv .* export a float32 copy"):
+        nv.export_onnx(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.mark.parametrize("size", [(32, 32), 32, (3, 0, 32), (3.0, 32, 32), "3x32x32"])
 def test_export_onnx_refuses_an_input_size_that_is_not_channels_height_width(size, tmp_path):
     model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))

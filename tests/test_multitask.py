@@ -193,6 +193,23 @@ def test_calls_from_several_threads_each_get_their_own_tasks_logits(adapters, im
     assert all(torch.equal(a, b) for a, b in zip(copied(images, "lora_qv"), expected["lora_qv"]))
 
 
+def test_each_call_applies_its_tasks_heads_under_the_lock(adapters, images, monkeypatch):
+    # functional_call swaps the tensors of the one head module every call shares: outside the lock, concurrent calls
+    # got another task's head (and could leave one in the backbone).
+    from nola_vision.serve import multitask
+
+    model, owned = served(adapters), []
+
+    def checked(*args, **kwargs):
+        owned.append(model._lock._is_owned())
+        return functional_call(*args, **kwargs)
+
+    functional_call = multitask.functional_call
+    monkeypatch.setattr(multitask, "functional_call", checked)
+    model(images, ["nola_mlp", "lora_qv"] * (len(images) // 2) + ["nola_mlp"] * (len(images) % 2))
+    assert len(owned) == 2 and all(owned)
+
+
 def test_removing_every_nola_task_releases_the_random_bases(adapters, images):
     model = served(adapters)
     model(images, "nola_mlp")
@@ -210,3 +227,6 @@ def test_a_compiled_backbone_and_unbatched_images_get_errors_naming_the_fix(adap
         model(images[0], "nola_mlp")
     with pytest.raises(ValueError, match="torch.stack"):
         model(list(images), "nola_mlp")
+    for wrong in (images.double(), (images * 255).to(torch.uint8)):
+        with pytest.raises(ValueError, match=rf"images are {wrong.dtype} and the backbone's weights torch.float32"):
+            model(wrong, "nola_mlp")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..core.fingerprint import merged_adapters
 from ..core.inject import adapter_state, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
@@ -56,6 +57,13 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         hint = (f"method {method!r} has no adapter layers; save the head with nv.save_adapter instead"
                 if method is not None else "inject or load an adapter first (nv.inject / nv.load_adapter)")
         raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
+    folded = merged_adapters(model)
+    if folded:
+        raise ValueError(
+            f"the model's weights hold {len(folded)} earlier adapter(s) folded in by nv.merge_and_unload (first: "
+            f"{folded[0]['method']!r} on {len(folded[0]['layers'])} layers), which a peft export does not carry: "
+            "PeftModel.from_pretrained on a fresh base model would give other logits. Export from a model trained "
+            "on the plain base weights, or save each adapter with nv.save_adapter")
     tensors: Dict[str, Tensor] = {}
     ranks: Dict[str, int] = {}
     alphas: Dict[str, Union[int, float]] = {}

@@ -208,12 +208,13 @@ class MultiTaskModel(nn.Module):
                 features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
             finally:
                 self._batch = {}
-        head = self.model.get_submodule(self._head_name)
-        logits: List[Optional[Tensor]] = [None] * len(names)
-        for i, task in enumerate(factors):  # heads differ in size per task: one matmul per task present
-            rows = (index == i).nonzero().squeeze(1)
-            for row, value in zip(rows.tolist(), functional_call(head, task.head, (features[rows],))):
-                logits[row] = value
+            # Under the lock too: functional_call swaps the tensors of the one head module that every call shares.
+            head = self.model.get_submodule(self._head_name)
+            logits: List[Optional[Tensor]] = [None] * len(names)
+            for i, task in enumerate(factors):  # heads differ in size per task: one matmul per task present
+                rows = (index == i).nonzero().squeeze(1)
+                for row, value in zip(rows.tolist(), functional_call(head, task.head, (features[rows],))):
+                    logits[row] = value
         return logits  # type: ignore[return-value]
 
     def _task(self, name: str) -> _Task:
@@ -229,6 +230,11 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"images must be one batch tensor (images, channels, height, width), got "
                              f"{shown(images) if not isinstance(images, Tensor) else f'shape {tuple(images.shape)}'}: "
                              "stack single images with torch.stack (or add a batch dimension with image[None])")
+        dtype = next(self.model.parameters()).dtype
+        autocast = torch.is_autocast_enabled(images.device.type)
+        if not images.is_floating_point() or (images.dtype != dtype and not autocast):
+            raise ValueError(f"images are {images.dtype} and the backbone's weights {dtype}: pass images as the "
+                             f"model's float type (images.to({dtype})), normalised as for the backbone")
         count = images.shape[0]
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):

@@ -71,11 +71,16 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
                         "its backbone with nv.export_onnx(backbone, path, tasks_as_inputs=True) (the model it was "
                         "built on, with an adapter of the tasks' config injected or loaded) and feed each task's "
                         "arrays with nv.onnx_task_inputs(adapter_dir, graph)")
-    parameter = next(model.parameters())
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise TypeError(f"export_onnx exports a timm model with weights, got a {type(model).__name__} without any")
     if parameter.dtype == torch.bfloat16:
         raise ValueError("ONNX has no bfloat16 Conv at the opsets torch's exporter writes (up to 20), so the graph of "
                          "a bfloat16 model would not load: export a float16 or float32 copy "
                          "(copy.deepcopy(model).half() or .float())")
+    if parameter.dtype == torch.float64:
+        raise ValueError("ONNX Runtime has no float64 Conv on the CPU, so the graph of a float64 model would not load "
+                         "there: export a float32 copy (copy.deepcopy(model).float())")
     images = torch.zeros(2, *(input_size or _input_size(model)), device=parameter.device, dtype=parameter.dtype)
     if not tasks_as_inputs:
         # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
