@@ -120,6 +120,33 @@ def test_saving_non_finite_values_is_refused_naming_the_tensor(tmp_path):
     assert not (tmp_path / CONFIG_NAME).exists()
 
 
+def vit_with_batch_norm():
+    """A tiny ViT whose patch embedding ends in a batch norm, as the convolutional stems of hybrid ViTs do."""
+    model = tiny_vit()
+    model.patch_embed.proj = torch.nn.Sequential(model.patch_embed.proj, torch.nn.BatchNorm2d(64).eval())
+    return model
+
+
+@pytest.mark.parametrize("config", [CONFIG, "linear", "full"], ids=["nola", "linear", "full"])
+def test_batch_norm_statistics_changed_by_training_are_refused_as_files_hold_no_buffers(tmp_path, config):
+    model = nv.inject(vit_with_batch_norm(), config)
+    nv.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model.train()(IMAGES)  # a forward pass in train mode updates the running statistics
+    with pytest.raises(ValueError, match=r"running statistics of 1 batch-norm layer\(s\) changed since inject \(first: "
+                                         r"patch_embed\.proj\.1\).*_BatchNorm\): m\.eval\(\)\).*nv\.unload"):
+        nv.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    model = as_if_trained(nv.inject(vit_with_batch_norm(), config), 1, scale=0.1).train()
+    for module in model.modules():  # what the message advises: train with the batch norms in eval mode
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    model(IMAGES)
+    nv.save_adapter(model, tmp_path, bits=32)
+    torch.testing.assert_close(logits(nv.load_adapter(vit_with_batch_norm(), tmp_path)), logits(model.eval()),
+                               rtol=0, atol=1e-5)
+
+
 def test_loading_non_finite_values_is_refused_even_with_matching_checksums(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     tensors = load_bytes((tmp_path / WEIGHTS_NAME).read_bytes())

@@ -84,6 +84,38 @@ def test_loading_onto_another_class_count_says_which(tmp_path):
     assert not nv.adapted_layers(model)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_loading_onto_a_model_of_another_depth_names_both_depths_not_the_heads(tmp_path, depth):
+    nv.save_adapter(trained(), tmp_path)  # tiny_vit: depth 2
+    model = tiny_vit(depth=depth)
+    with pytest.raises(AdapterLoadError, match=rf"saved from a model with 2 attention layers, this model has {depth} "
+                                               r"\(another depth\?\).*'vit_tiny_patch16_224', \.\.\., depth=2\)"):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+def test_a_headless_adapter_onto_a_model_with_a_head_says_so_and_only_a_file_lacking_tensors_is_incomplete(
+        tmp_path):
+    from safetensors.torch import load_file
+    from safetensors.torch import save as save_bytes
+
+    nv.save_adapter(trained(num_classes=0), tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"saved from a model without a classifier head.*this model's head "
+                                               r"\['head.weight', 'head.bias'\].*num_classes=0") as refused:
+        nv.verify_adapter(tiny_vit(5), tmp_path, match_num_classes=False)  # as a server of many tasks checks
+    assert "incomplete" not in str(refused.value)
+    nv.save_adapter(trained(), tmp_path)  # a file that lost its head tensors is still reported incomplete
+    tensors = {name: t for name, t in load_file(tmp_path / WEIGHTS_NAME).items() if name != "head.weight"}
+    weights = save_bytes(tensors)
+    (tmp_path / WEIGHTS_NAME).write_bytes(weights)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    document["weights_sha256"] = adapter_io._sha256(weights)  # a crafted file: its checksums taken again
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match=r"lacks tensors \['head.weight'\]; the file is incomplete"):
+        nv.verify_adapter(tiny_vit(), tmp_path, match_num_classes=False)
+
+
 def test_a_wrong_basis_fingerprint_is_rejected_before_anything_changes(tmp_path):
     nv.save_adapter(trained(), tmp_path)
     document = json.loads((tmp_path / CONFIG_NAME).read_text())

@@ -1,5 +1,6 @@
 """The storage protocol of every directory the library writes: serialised writers, one atomic swap that readers never
 see half of, the user's other files kept, odd paths refused before anything moves, and killed saves cleaned up."""
+import errno
 import json
 import os
 import re
@@ -267,3 +268,75 @@ def test_a_save_whose_parent_is_not_writable_is_refused_before_anything_is_writt
                                                   ".*save to a directory inside a writable folder"):
             save(trained(2), target)
     assert os.listdir(parent) == ["mine"] and os.listdir(target) == [USER_FILE]
+
+
+@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "no space is left on its filesystem"),
+                                         (errno.EFBIG, r"a file would exceed the file size limit \(ulimit -f\)")],
+                         ids=["ENOSPC", "EFBIG"])
+def test_a_full_disk_while_staging_names_the_directory_the_cause_and_that_nothing_changed(tmp_path, monkeypatch,
+                                                                                          code, cause):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def full(path, data):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    named = re.escape(str(target))
+    with pytest.raises(OSError, match=rf"cannot save to {named}: {cause}.*Nothing in {named} was changed: a "
+                                      r"previous adapter there, if any, is intact") as error:
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert error.value.errno == code and error.value.__cause__.errno == code
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert siblings(target) == [".adapter.lock", "adapter"]
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """Mount a filesystem at a folder: ``mount(path)`` a 1 MiB tmpfs, ``mount(path, source)`` a bind mount of
+    ``source``; every mount under tmp_path is unmounted afterwards (where a save moved it too). Skips the test where
+    mounting is not allowed (not root, or no right to mount)."""
+
+    def mount_at(path, source=None):
+        path.mkdir(parents=True, exist_ok=True)
+        command = ["mount", "--bind", str(source), str(path)] if source else [
+            "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)]
+        if os.name != "posix" or os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+            pytest.skip("mounting a filesystem needs root (and the right to mount)")
+        return path
+
+    yield mount_at
+    if os.path.exists("/proc/self/mountinfo"):
+        with open("/proc/self/mountinfo") as file:
+            points = [line.split()[4] for line in file]
+        for point in sorted((p for p in points if p.startswith(f"{tmp_path}{os.sep}")), reverse=True):
+            subprocess.run(["umount", point], check=True)
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "bind"])
+def test_a_directory_holding_a_mount_point_is_refused_and_the_mounted_files_kept(tmp_path, mount, kind):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    source = tmp_path / "elsewhere"  # a bind mount of the same filesystem, which os.path.ismount cannot tell
+    source.mkdir()
+    mounted = mount(target / "data" / "mnt", source if kind == "bind" else None)
+    (mounted / "precious.txt").write_text("data on another filesystem")
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=f"{re.escape(str(target))} holds a mount point, {re.escape(str(mounted))}"
+                                         ".*Unmount it"):
+        nv.save_adapter(trained(2), target)
+    assert (mounted / "precious.txt").read_text() == "data on another filesystem"
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert siblings(target) == [".adapter.lock", "adapter", "elsewhere"]
+
+
+def test_a_leftover_holding_a_mount_point_is_left_whole_not_emptied(tmp_path, mount):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    leftover = tmp_path / ".adapter.staged-0123abcd"  # as a killed save leaves it
+    mounted = mount(leftover / "mnt")
+    (mounted / "precious.txt").write_text("data on another filesystem")
+    new = trained(2)
+    with pytest.warns(RuntimeWarning, match=f"{re.escape(str(leftover))} was left in place: .*mnt in it is a mount"):
+        nv.save_adapter(new, target)
+    assert (mounted / "precious.txt").read_text() == "data on another filesystem"
+    torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)

@@ -34,7 +34,7 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject, unwrap_compiled
+from ..core.inject import adapter_state, inject, running_statistics, unwrap_compiled
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -127,8 +127,9 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     version and a fingerprint, and ``load_adapter`` regenerates and verifies them. The two files replace an
     existing adapter in ``directory`` in one atomic step (``core.storage.atomic_directory``); other files there
     are kept. A ``torch.compile``d model saves what the module it wraps holds, under that module's names.
-    Refused: a trainable parameter the file would not hold, integer codes for full fine-tuning, and a directory
-    holding a peft export; saving at other bits than quantisation-aware training used warns.
+    Refused: a trainable parameter the file would not hold, batch-norm running statistics that changed since
+    inject (files hold no buffers), integer codes for full fine-tuning, and a directory holding a peft export;
+    saving at other bits than quantisation-aware training used warns.
     """
     model = unwrap_compiled(model)
     state = adapter_state(model)
@@ -142,6 +143,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
                          "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
     _require_nothing_else_trained(model, {**adapter, **head})
+    _require_statistics_of_inject(model, state.statistics)
     _warn_if_not_trained_width(model, bits)
     if existing_adapter_kind(directory) == "peft":
         raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
@@ -211,6 +213,24 @@ def _require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Paramete
             "with other outputs than this model. Freeze them (requires_grad_(False)) before training, or train them "
             "with the 'full' method, which saves every weight"
         )
+
+
+def _require_statistics_of_inject(model: nn.Module, statistics: Dict[str, Tensor]) -> None:
+    """Refuse to save when batch-norm running statistics differ from those at inject (a forward pass in train mode
+    updates them): files hold no buffers, so the adapter would load onto the base model's statistics and give
+    other outputs than this model, whatever the method ("full" and "linear" too)."""
+    current = running_statistics(model)
+    changed = [name for name, saved in statistics.items() if name in current
+               and not torch.equal(saved.to(current[name].device, current[name].dtype), current[name])]
+    if changed:
+        layers = list(dict.fromkeys(name.rpartition(".")[0] for name in changed))
+        raise ValueError(
+            f"the running statistics of {len(layers)} batch-norm layer(s) changed since inject (first: {layers[0]}), "
+            "and adapter files hold no buffers: the adapter would load onto the base model's statistics and give "
+            "other outputs than this model. Train with the batch norms in eval mode (after model.train(): for m in "
+            "model.modules(): if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.eval()), or nv.unload the "
+            "model and inject again into one with the base model's statistics (e.g. a fresh timm.create_model), "
+            "then train again")
 
 
 def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
@@ -488,6 +508,12 @@ def _check_settings(model: nn.Module, document: dict) -> None:
     trained, own = document.get("settings"), output_settings(model)
     if trained is None:
         return
+    if len(trained["attention_heads"]) != len(own["attention_heads"]):
+        raise AdapterLoadError(
+            f"adapter was saved from a model with {len(trained['attention_heads'])} attention layers, this model has "
+            f"{len(own['attention_heads'])} (another depth?): create it with the depth the adapter was trained on "
+            f"(a ViT has one attention layer per block: timm.create_model({document['backbone']!r}, ..., "
+            f"depth={len(trained['attention_heads'])}))")
     if trained["attention_heads"] != own["attention_heads"]:
         raise AdapterLoadError(
             f"adapter was trained on a model whose attention layers have {_few(trained['attention_heads'])} heads, "
@@ -504,6 +530,18 @@ def _check_settings(model: nn.Module, document: dict) -> None:
 def _few(values: List[int]) -> str:
     """A per-layer list shown compactly: one number when every layer has it."""
     return str(values[0]) if values and len(set(values)) == 1 else str(values)
+
+
+def _check_head_stored(plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> None:
+    """The file holds the model's head tensors, unless it says it has none: an adapter saved from a headless model
+    (``num_classes=0``) is complete, and it is the model's head it cannot fill."""
+    missing = [name for name in plan.head_names if name not in stored]
+    if missing and not document["head"]:
+        raise AdapterLoadError(
+            f"the adapter was saved from a model without a classifier head, so it holds no values for this model's "
+            f"head {missing}: create the model as it was, timm.create_model({document['backbone']!r}, ..., "
+            f"num_classes={document['num_classes']}) (its outputs are then the features), or train and save the "
+            "adapter on a model with a head")
 
 
 def _check_injected_head(model: nn.Module) -> None:
@@ -688,6 +726,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
         for name in plan.head_names:
             shape = shapes[name]
             shapes[name] = (document["num_classes"], *shape[1:]) if shape[0] == own else shape
+    _check_head_stored(plan, document, stored)
     values = decode_tensors(stored, quantization, shapes)
     _check_representable(model, values)
     return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes)

@@ -16,10 +16,11 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple, Union
 
 try:
     import fcntl
@@ -32,6 +33,13 @@ __all__ = ["atomic_directory", "atomic_path", "file_in_the_way", "read_files", "
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
 _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux/fs.h> and macOS <stdio.h>
+# Why a write can fail for want of room, and what frees it, by errno: a save then says so instead of a bare OSError.
+_NO_ROOM = {
+    errno.ENOSPC: ("no space is left on its filesystem", "Free space there, or save to another filesystem"),
+    errno.EDQUOT: ("the disk quota is used up", "Free space within the quota, or save elsewhere"),
+    errno.EFBIG: ("a file would exceed the file size limit (ulimit -f) or the filesystem's largest file",
+                  "Raise the limit (e.g. ulimit -f unlimited), or save to another filesystem"),
+}
 
 
 _TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones are told from a user's files
@@ -162,7 +170,7 @@ def resolve_directory_target(path: PathLike) -> Path:
     """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
 
     A ValueError, before anything moves, for a path that exists and is not a directory, that is or contains the
-    current working directory, or that is a mount point: none of them can be swapped for a new directory. A
+    current working directory, or that is or holds a mount point: none of them can be swapped for a new directory. A
     PermissionError, as early, for a write-protected directory or a parent the save cannot write (see
     ``_refuse_unwritable``).
     """
@@ -181,10 +189,45 @@ def resolve_directory_target(path: PathLike) -> Path:
     if cwd is not None and (cwd == target or target in cwd.parents):
         raise ValueError(f"{path} is {'' if cwd == target else 'above '}the current working directory, which a save "
                          "cannot replace: save into a subdirectory (e.g. ./adapter) instead")
-    if os.path.ismount(target):
+    mounted = _mount_point_within(target)
+    if mounted == target:
         raise ValueError(f"{path} is a mount point, which a save cannot replace: save into a subdirectory of it")
+    if mounted is not None:
+        raise ValueError(f"{path} holds a mount point, {mounted}: a save replaces the whole directory, so it would "
+                         "copy that filesystem's files into the new set and then delete them from it with the old "
+                         f"one. Unmount it (umount {mounted}) or move it out of {path}, or save to another directory "
+                         "(nothing was written)")
     _refuse_unwritable(target)
     return target
+
+
+def _mount_point_within(directory: Path) -> Optional[Path]:
+    """The first mount point at or under ``directory`` (a folder or a bind-mounted file; symlinks are not followed),
+    or None."""
+    if directory.is_symlink() or not directory.is_dir():
+        return None
+    listed = _listed_mount_points()
+    if os.path.ismount(directory) or os.fspath(directory) in listed:
+        return directory
+    for root, folders, files in os.walk(directory):  # os.walk does not follow symlinks
+        for name in (*folders, *files):
+            path = os.path.join(root, name)
+            if path in listed or os.path.ismount(path):
+                return Path(path)
+    return None
+
+
+def _listed_mount_points() -> FrozenSet[str]:
+    """Every mount point that /proc/self/mountinfo lists (Linux; empty elsewhere): it names the bind mounts of a
+    folder of the same filesystem too, which os.path.ismount cannot tell from a plain folder."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return frozenset()
+    # The fifth field; spaces, tabs, newlines and backslashes in it are written as octal escapes (\040, ...).
+    return frozenset(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4]))
+                     for fields in map(bytes.split, lines) if len(fields) > 4)
 
 
 def _refuse_unwritable(target: Path) -> None:
@@ -226,7 +269,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     exchange, by two renames, between which ``path`` is briefly missing (a kill there is undone by the next
     save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. Files
     another process creates or replaces inside the directory while a save runs may not be carried over.
-    A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched.
+    A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched; a full
+    disk or file size limit while the new set is staged raises an OSError (same errno) that says so.
     """
     target = resolve_directory_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -234,16 +278,32 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         _remove_leftovers(target)
         staged = _make_staging_directory(target)
         try:
-            yield staged
-            written = os.listdir(staged)
-            old_mode = _keep_unwritten_entries(target, staged)
-            _fsync_entries(staged, written)
+            with _explained_if_out_of_room(target):
+                yield staged
+                written = os.listdir(staged)
+                old_mode = _keep_unwritten_entries(target, staged)
+                _fsync_entries(staged, written)
             if old_mode is not None:
                 os.chmod(staged, old_mode)
             _swap_in(staged, target)
             _fsync_directory(target.parent)
         finally:
             _remove_tree(staged)
+
+
+@contextmanager
+def _explained_if_out_of_room(target: Path) -> Iterator[None]:
+    """Re-raise a write that failed for want of room (``_NO_ROOM``) as an OSError of the same errno naming
+    ``target``, the cause and the fix: staging runs before anything at ``target`` moves, so nothing there changed."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _NO_ROOM:
+            raise
+        cause, fix = _NO_ROOM[error.errno]
+        raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new files were "
+                                   f"written beside it. Nothing in {target} was changed: a previous adapter there, if "
+                                   f"any, is intact. {fix}, then save again") from error
 
 
 @contextmanager
@@ -400,8 +460,14 @@ def _native_exchange() -> Optional[Callable[[bytes, bytes], int]]:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a leftover or replaced directory, even one whose copied mode is read-only."""
+    """Remove a leftover or replaced directory, even one whose copied mode is read-only; one holding a mount point
+    is left whole (with a warning), since removing it would delete the mounted filesystem's files."""
     if not os.path.lexists(path):
+        return
+    mounted = _mount_point_within(path)
+    if mounted is not None:
+        warnings.warn(f"{path} was left in place: {mounted} in it is a mount point, whose files a removal would "
+                      f"delete. Unmount it (umount {mounted}), then remove {path}", RuntimeWarning, stacklevel=2)
         return
     try:
         os.chmod(path, 0o700)
