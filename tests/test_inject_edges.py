@@ -149,3 +149,20 @@ def test_targets_that_cannot_fit_say_why():
     with pytest.raises(ValueError, match="comes with NOLA adapters .* pass adapter= with the plain model "
                                          "\\('vit_tiny_patch16_224'\\)"):
         nv.create_model("vit_tiny_patch16_224_nola", adapter="lora", pretrained=False, **TINY_VIT)
+
+
+def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adapters_only_unwrapped(tmp_path, images):
+    # DataParallel (CPU: runs the module itself) stands for DistributedDataParallel: both took the parameters when built
+    trained = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)), 1)
+    nv.save_adapter(nn.DataParallel(trained), tmp_path / "task", bits=32)  # the inner module's names (no "module.")
+    with pytest.raises(ValueError, match="wrapped in DataParallel, which took its parameters when it was built"):
+        nv.load_adapter(nn.DataParallel(tiny_vit()), tmp_path / "task")
+    with pytest.raises(ValueError, match="wrapped in DataParallel"):
+        nv.inject(nn.DataParallel(tiny_vit()), nv.NOLAConfig(**SMALL_NOLA))
+    with pytest.raises(ValueError, match=r"its submodule '0' does .* save_adapter\(model.get_submodule\('0'\)"):
+        nv.save_adapter(nn.Sequential(trained), tmp_path / "other")
+    served = nn.DataParallel(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)))
+    nv.verify_adapter(served, tmp_path / "task")
+    nv.load_adapter(served, tmp_path / "task")  # a task switch copies in place: the wrapper keeps the same tensors
+    with torch.no_grad():
+        torch.testing.assert_close(served(images), trained(images))

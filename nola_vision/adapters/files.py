@@ -34,7 +34,7 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject, running_statistics, unwrap_compiled
+from ..core.inject import adapter_state, inject, running_statistics, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -131,9 +131,13 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     inject (files hold no buffers), integer codes for full fine-tuning, and a directory holding a peft export;
     saving at other bits than quantisation-aware training used warns.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     state = adapter_state(model)
     if state is None:
+        inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
+        if inner is not None:
+            raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
+                             f"wrapping): save that module, save_adapter(model.get_submodule({inner!r}), directory)")
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
     state.plan.require_same_head(model)
     bits = require_bits(bits)
@@ -707,7 +711,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     ``check_frozen_weights`` is False), tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1
     files, which carry no checksums.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
     _check_pooling(model, document)
@@ -747,10 +751,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     tensors are copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays
     merged), so a ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
-    target = unwrap_compiled(model)
+    target = unwrap_model(model)
     verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)
     if adapter_state(target) is None:
-        inject(target, verified.plan)
+        inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
     switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
     return model

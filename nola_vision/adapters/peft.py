@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.fingerprint import merged_adapters
-from ..core.inject import adapter_state, unwrap_compiled
+from ..core.inject import adapter_state, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
@@ -45,7 +45,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     coefficients. Under quantisation-aware training the factors and the head are exported as the model sees them.
     A ``torch.compile``d model is exported as the module it wraps (whose module names peft matches).
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     if existing_adapter_kind(directory) == "nola_vision":
         raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
                          "exporting there would replace it, and a peft export cannot give back its coefficients. "

@@ -33,10 +33,10 @@ from .merge import (
 from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
-from .targets import classifier_head, unwrap_compiled
+from .targets import classifier_head, require_not_data_parallel, unwrap_model
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "running_statistics",
-           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_compiled"]
+           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
 
 STATE_ATTRIBUTE = "nola_adapter"
 
@@ -124,7 +124,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     head is what timm's ``get_classifier()`` returns, on the model or the outermost submodule that has it: a wrapper
     module with a head of its own defines ``get_classifier()`` to have it trained.
     """
-    wrapper, model = model, unwrap_compiled(model)
+    require_not_data_parallel(model)
+    wrapper, model = model, unwrap_model(model)
     if adapter_state(model) is not None:
         raise ValueError(f"model already has {adapter_state(model).method!r} adapters; inject into a fresh model "
                          "(or nv.unload(model) first)")

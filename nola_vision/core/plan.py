@@ -13,7 +13,7 @@ from .basis import BasisSpec, fingerprint
 from .config import AdapterConfig, as_config
 from .layer import Slice
 from .registry import method_of
-from .targets import find_targets, head_parameter_names, require_one_head, unwrap_compiled
+from .targets import find_targets, head_parameter_names, require_one_head, unwrap_model
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
@@ -109,7 +109,7 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
     # A copy: changing the caller's config afterwards (a sweep reusing one object) must not change this plan, the
     # injected model or what its files record.
     config = copy.deepcopy(as_config(config))
-    model = unwrap_compiled(model)  # the plan names the layers of the module a torch.compile wrapper runs
+    model = unwrap_model(model)  # the plan names the layers of the module a wrapper (torch.compile, DDP) runs
     require_one_head(model)
     layer_cls = method_of(config).layer_cls
     layers = {}

@@ -11,18 +11,36 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_one_head",
-           "trained_parameters", "unwrap_compiled"]
+           "require_not_data_parallel", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper runs, else ``model``: adapters, their names and files belong to it.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that a ``torch.compile`` wrapper, ``DistributedDataParallel`` or ``DataParallel`` runs (through any
+    nesting of them), else ``model``: adapters, their layer names and files belong to it.
 
-    The wrapper prefixes every name with ``_orig_mod.``; code that matches names works on the module it wraps.
+    The wrappers prefix every name (``_orig_mod.``, ``module.``); code that matches names works on the module inside.
     """
-    return getattr(model, "_orig_mod", model)
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def require_not_data_parallel(model: nn.Module) -> None:
+    """Refuse to add adapters through ``DistributedDataParallel``/``DataParallel``: the wrapper took the model's
+    parameters when it was built, so new adapter tensors would silently train unsynchronised on each replica."""
+    while model is not unwrap_model(model):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError(f"the model is wrapped in {type(model).__name__}, which took its parameters when it was "
+                             "built: adapters added now would not be synchronised across replicas. Inject (or load "
+                             "the adapter) into the plain model first, then wrap it")
+        model = getattr(model, "_orig_mod", model)
 
 
 def _matches(name: str, pattern: str) -> bool:

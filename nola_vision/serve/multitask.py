@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
 from ..core.basis import BasisBank
 from ..core.checks import check_number, shown
-from ..core.inject import adapter_state, unwrap_compiled
+from ..core.inject import adapter_state
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
 from ..core.plan import InjectionPlan
@@ -97,7 +97,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, model: nn.Module, cache_mb: float = 256.0) -> None:
         super().__init__()
-        if unwrap_compiled(model) is not model:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "
                              "and methods belong to the module it wraps): pass the plain model and compile the "
                              "served model instead, torch.compile(nv.MultiTaskModel(model))")

@@ -35,7 +35,7 @@ from ..adapters.files import (
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.config import config_from_dict
 from ..core.fingerprint import differing_records, frozen_fingerprint, frozen_modules
-from ..core.inject import adapter_state, set_quantization_aware, unwrap_compiled
+from ..core.inject import adapter_state, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
@@ -63,7 +63,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     ``onnx_task_inputs(adapter_dir, graph)`` refuses a task that does not fit. ``input_size`` (C, H, W) defaults to
     the size the model was built for. Returns ``path``.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     if input_size is not None:
         _check_input_size(input_size, model)
     if isinstance(model, MultiTaskModel):
