@@ -2,6 +2,8 @@
 resumes that were not the interrupted run, tests of untrained or mismatched checkpoints, failures found only after
 training."""
 import json
+import shutil
+from itertools import count
 from pathlib import Path
 
 import lightning.pytorch
@@ -10,6 +12,8 @@ import torch
 from fixtures_data import write_imagefolder
 
 from nola_vision.cli import main
+from nola_vision.data import FewShotDataModule, read_manifest
+from nola_vision.data.fewshot import draw_order
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -84,6 +88,50 @@ def test_validating_on_another_split_or_testing_with_other_preprocessing_is_refu
     code, err = run(capsys, "test", *evaluate, "--data.normalize", "imagenet")
     assert code == 2 and "preprocessed evaluation images as" in err and "--data.normalize" in err
     assert run(capsys, "test", *evaluate)[0] == 0
+
+
+def test_validating_or_resuming_after_images_were_added_is_refused_and_the_runs_manifests_are_kept(tmp_path, capsys):
+    """An image added to a class folder changes the draw of the same settings (a validation image could be one the
+    checkpoint trained on): the checkpoint's digest of its drawn images refuses it. A replay of the run's manifests
+    passes, and so does a checkpoint written before checkpoints recorded the digest."""
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_folder="test")
+    splits, run_dir = tmp_path / "splits", tmp_path / "run"
+    data = ["--data.dataset", "imagefolder", "--data.root", tmp_path / "pets", "--data.shots", 2, "--data.val_shots", 2]
+    assert run(capsys, *FIT, *data, "--data.split_dir", splits, "--trainer.default_root_dir", run_dir,
+               "--trainer.max_epochs", 1, "--test_after_fit", "false")[0] == 0
+    manifests = {path: path.read_bytes() for path in splits.iterdir()}
+    cats = [key for key, label in read_manifest(splits / "imagefolder_2shot_seed0_train.txt") if label == 0]
+    first = min(draw_order(key, 0) for key in cats)
+    added = next(key for key in (f"train/cat/new {i}.png" for i in count()) if draw_order(key, 0) < first)
+    shutil.copy(tmp_path / "pets" / cats[0], tmp_path / "pets" / added)  # drawn before the run's first 'cat' image
+
+    validate = ["validate", "-c", TINY, *QUIET, *data, "--trainer.default_root_dir", run_dir]
+    code, err = run(capsys, *validate, "--ckpt_path", "last", "--data.split_dir", splits)
+    assert code == 2 and "lists another k-shot split than this run draws" in err and "not replaced" in err
+    assert {path: path.read_bytes() for path in splits.iterdir()} == manifests
+    code, err = run(capsys, *validate, "--ckpt_path", "last")
+    assert code == 2 and "validating draws its images from another split than the run did, with the same data" in err
+    code, err = run(capsys, *FIT, *data, "--trainer.default_root_dir", run_dir, "--trainer.max_epochs", 2,
+                    "--ckpt_path", "last")
+    assert code == 2 and "resuming trains on another split than the run did, with the same data settings" in err
+    replay = ["--data.split_file", splits / "imagefolder_2shot_seed0_train.txt",
+              "--data.val_split_file", splits / "imagefolder_2shot_seed0_val.txt"]
+    assert run(capsys, *validate, "--ckpt_path", "last", *replay, "--data.split_dir", splits)[0] == 0
+    older = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    del older["nola_vision"]["data"]["split_digest"]
+    torch.save(older, tmp_path / "older.ckpt")
+    assert run(capsys, *validate, "--ckpt_path", tmp_path / "older.ckpt")[0] == 0  # compared by its settings
+
+
+def test_val_shots_with_a_split_file_but_no_validation_manifest_is_refused_before_training(tmp_path, capsys):
+    drawn = FewShotDataModule("digits", shots=5, image_size=8, augment="none")
+    drawn.setup("fit")
+    manifest = drawn.save_split(str(tmp_path / "splits"))
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "run", "--data.split_file", manifest,
+                    "--data.val_shots", 2, "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor",
+                    "val/acc")
+    assert code == 2 and "with a split_file but no val_split_file" in err and "--data.val_split_file" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_path, capsys):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from itertools import count
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision.datasets as tvd
 from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
+from PIL import Image
 
 from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
 from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from nola_vision.data.fewshot import draw_order
 from nola_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -150,6 +154,42 @@ def test_split_file_reproduces_a_run_exactly(cifar10_root, tmp_path):
     again.setup("fit")
     assert again.train_manifest == dm.train_manifest and again.val_manifest == dm.val_manifest
     assert (again.shots, again.val_shots, again.split_seed) == (4, 1, 9)  # what the run records is the manifest's
+
+
+def add_drawn_image(dm: FewShotDataModule, class_name: str) -> Path:
+    """Add a train image of ``class_name`` that ``dm``'s split seed draws before its drawn ones: the same settings then
+    draw another split, and one of the run's training images becomes a validation image."""
+    label = dm.class_names.index(class_name)
+    first = min(draw_order(key, dm.split_seed) for key, drawn in dm.train_manifest if drawn == label)
+    keys = (f"train/{class_name}/new {i}.png" for i in count())
+    key = next(key for key in keys if draw_order(key, dm.split_seed) < first)
+    path = Path(dm.root) / key
+    Image.new("RGB", (20, 16), class_color(label)).save(path)
+    return path
+
+
+def test_a_manifest_of_another_draw_is_refused_and_kept(folder_root, tmp_path):
+    def drawn(split_dir=str(tmp_path / "splits")):
+        dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, val_shots=2, image_size=8,
+                               split_dir=split_dir)
+        dm.setup("fit")
+        return dm
+
+    run = drawn()
+    kept = {path: path.read_bytes() for path in (run.manifest_path, run.val_manifest_path)}
+    drawn()  # the same images again: the manifests stay as they are
+    add_drawn_image(run, "cat")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run.manifest_path))} lists another k-shot split .* so it "
+                                         r"is not replaced: .*--data.split_file"):
+        drawn()
+    assert {path: path.read_bytes() for path in kept} == kept  # the record of what the run trained on
+    assert drawn(split_dir=None).split_digest != run.split_digest  # what checkpoints record of the draw
+
+
+def test_val_shots_with_a_split_file_but_no_val_split_file_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"val_shots=2 with a split_file but no val_split_file.*--data.val_split_file"):
+        FewShotDataModule("digits", split_file=str(tmp_path / "train.txt"), val_shots=2)
+    FewShotDataModule("digits", split_file=str(tmp_path / "train.txt"))  # a replay without validation
 
 
 def test_a_manifest_that_lists_an_image_twice_is_refused(cifar10_root, tmp_path):

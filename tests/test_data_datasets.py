@@ -31,7 +31,7 @@ from nola_vision.data import (
     dataset_class_names,
     dataset_num_classes,
 )
-from nola_vision.data.datasets import FASHION_MNIST_SYSTEM_DIR, DatasetMetadataError
+from nola_vision.data.datasets import CALTECH101_CLASSES, FASHION_MNIST_SYSTEM_DIR, DatasetMetadataError
 
 ALL = ["cifar10", "cifar100", "cub200", "caltech101", "food101", "fashion_mnist", "digits", "imagefolder"]
 
@@ -312,6 +312,39 @@ def test_incomplete_extraction_is_reported(tmp_path):
     write_cub(tmp_path, num_classes=3)
     with pytest.raises(DatasetNotFoundError, match="3 classes, expected 200"):
         build_dataset("cub200", tmp_path)
+
+
+def test_an_extra_caltech101_class_folder_is_named_and_no_split_file_lists_it(tmp_path):
+    info = write_caltech101(tmp_path, per_class=2)
+    cats = info["folder"] / "101_ObjectCategories"
+    stand_ins = [name for name in info["class_names"] if name not in CALTECH101_CLASSES]
+    for stand_in, name in zip(stand_ins, sorted(CALTECH101_CLASSES - set(info["class_names"]))):
+        (cats / stand_in).rename(cats / name)  # the archive's own folder names
+    (cats / "zz_extra").mkdir()
+    (cats / "zz_extra" / "image_0001.jpg").write_bytes((cats / "Faces_easy" / "image_0001.jpg").read_bytes())
+    with pytest.raises(DatasetMetadataError, match=r"holds 102 classes, expected 101: 'zz_extra' is not among its "
+                                                   r"classes\. Remove the folders"):
+        build_dataset("caltech101", tmp_path, "train")
+    assert not (info["folder"] / "nola_vision_split.txt").exists()  # it would list the extra folder's images
+    (cats / "zz_extra" / "image_0001.jpg").unlink()
+    (cats / "zz_extra").rmdir()
+    assert build_dataset("caltech101", tmp_path, "train").num_classes == 101
+
+
+def test_an_extra_cub_or_food101_class_is_named(tmp_path):
+    info = write_cub(tmp_path / "cub", train_per_class=1, test_per_class=1)
+    with open(info["folder"] / "classes.txt", "a") as classes:
+        classes.write("201 201.Extra_bird\n")
+    with pytest.raises(DatasetMetadataError, match=r"classes\.txt holds 201 classes, expected 200: '201 "
+                                                   r"201\.Extra_bird' is not among its classes\. Remove those lines"):
+        build_dataset("cub200", tmp_path / "cub", "train")
+    info = write_food101(tmp_path / "food", train_per_class=1, test_per_class=1)
+    for split in ("train", "test"):
+        meta = info["folder"] / "meta" / f"{split}.json"
+        meta.write_text(meta.read_text()[:-1] + ', "extra_dish": ["extra_dish/1"]}')
+    with pytest.raises(DatasetMetadataError, match=r"test\.json holds 102 classes, expected 101: 'extra_dish' is not "
+                                                   r"among its classes\. Remove the classes"):
+        build_dataset("food101", tmp_path / "food", "train")
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):

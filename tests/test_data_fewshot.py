@@ -19,6 +19,7 @@ from nola_vision.data import (
     sample_kshot,
     write_manifest,
 )
+from nola_vision.data.fewshot import FewShotSplit, draw_order, split_digest
 
 NAMES = [f"class_{c}" for c in range(10)]
 
@@ -161,3 +162,22 @@ def test_manifest_with_unknown_path_or_wrong_label_is_rejected(tmp_path):
     path.write_text("no-label-here\n")
     with pytest.raises(ValueError, match=r"m.txt:1: expected 'relative/path label'"):
         read_manifest(path)
+
+
+def test_split_digest_names_the_drawn_images_not_their_indices_or_order():
+    samples = make_samples(per_class=6, num_classes=3)
+    split = sample_kshot(samples, 2, seed=0, val_shots=2)
+    digest = split_digest(samples, split)
+    assert split_digest(samples, FewShotSplit(split.train[::-1], split.val[::-1])) == digest
+    # an image of class 0 that sorts last in the draw: every index moves, the drawn images stay
+    last = next(f"images/000/late_{i}.jpg" for i in range(1000) if draw_order(f"images/000/late_{i}.jpg", 0)
+                > max(draw_order(key, 0) for key, label in samples if label == 0))
+    shifted = [(last, 0)] + samples
+    again = sample_kshot(shifted, 2, seed=0, val_shots=2)
+    assert again.train != split.train and split_digest(shifted, again) == digest
+    # one that sorts first: it is drawn, so the draw is another
+    first = next(f"images/000/early_{i}.jpg" for i in range(1000) if draw_order(f"images/000/early_{i}.jpg", 0)
+                 < min(draw_order(key, 0) for key, label in samples if label == 0))
+    added = samples + [(first, 0)]
+    assert split_digest(added, sample_kshot(added, 2, seed=0, val_shots=2)) != digest
+    assert split_digest(samples, FewShotSplit(split.train, split.val[:-1])) != digest  # validation images count too

@@ -143,7 +143,7 @@ def test_a_split_file_records_the_shot_count_it_holds(folder_root, tmp_path):
     drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, image_size=8,
                               split_dir=str(tmp_path / "one"))
     drawn.setup("fit")
-    again = FewShotDataModule("imagefolder", root=str(folder_root), shots=5, val_shots=2, image_size=8,
+    again = FewShotDataModule("imagefolder", root=str(folder_root), shots=5, image_size=8,
                               split_file=str(drawn.manifest_path), split_dir=str(tmp_path / "again"))
     again.setup("fit")
     assert len(again.train_manifest) == 3 and (again.shots, again.val_shots) == (1, 0)

@@ -30,6 +30,7 @@ from .fewshot import (
     sample_kshot,
     write_manifest,
 )
+from .fewshot import split_digest as digest_of  # the property of the same name below returns it for this split
 from .transforms import (
     AUGMENTS,
     NORMALIZATIONS,
@@ -117,6 +118,11 @@ def _check_arguments(hp: Any) -> Any:
     if hp.val_split_file and not hp.split_file:
         raise ValueError(f"{name('val_split_file')} is read only with a split_file: pass the train manifest as "
                          "split_file too (or drop val_split_file to draw the split)")
+    if hp.split_file and hp.val_shots and not hp.val_split_file:
+        raise ValueError(f"{name('val_shots')}={hp.val_shots} with a split_file but no val_split_file: a replayed "
+                         "split takes its validation images from the run's validation manifest, not from a new draw. "
+                         "Pass it with --data.val_split_file (<split_dir>/<dataset>_<k>shot_seed<s>_val.txt), or set "
+                         "--data.val_shots 0 to replay without validation")
     hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
     return hp
 
@@ -135,6 +141,26 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) 
                       f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}",
                       stacklevel=3)
     return shots
+
+
+def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path) -> bool:
+    """Whether the manifest ``path`` exists and lists exactly the ``drawn`` images; one that lists others is refused,
+    naming the file: it is the record of what an earlier run trained on."""
+    if not path.is_file():
+        return False
+    listed = read_manifest(path)
+    if sorted(listed) == sorted(drawn):
+        return True
+    gone, new = sorted(set(listed) - set(drawn)), sorted(set(drawn) - set(listed))
+    differences = [f"it lists {len(gone)} image(s) this run does not draw, e.g. '{gone[0][0]}'" if gone else "",
+                   f"this run draws {len(new)} image(s) it does not list, e.g. '{new[0][0]}'" if new else ""]
+    differ = "; ".join(difference for difference in differences if difference)
+    raise ValueError(f"{path} lists another k-shot split than this run draws ({differ}): "
+                     f"the images under {root} changed since it was written (an image added, removed or renamed "
+                     "changes the draw), or it belongs to another dataset folder. It records what an earlier run "
+                     "trained on, so it is not replaced: restore the images, replay that split with "
+                     "--data.split_file (and --data.val_split_file) naming its manifests, or pass another "
+                     "--data.split_dir")
 
 
 class _UnpaddedDistributedSampler(DistributedSampler):
@@ -200,8 +226,10 @@ class FewShotDataModule(L.LightningDataModule):
             download: download with torchvision's downloader in ``prepare_data`` where one exists.
             split_file: a train manifest to load instead of drawing (reproduces a run exactly); ``shots`` (and
                 ``val_shots``) then become the images per class the manifests hold, and are recorded as such.
+                Validation images then come only from ``val_split_file``: ``val_shots`` > 0 without it is refused.
             val_split_file: a validation manifest to load instead of drawing (only with ``split_file``).
-            split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing.
+            split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing. A manifest already
+                there that lists other images is refused, never replaced (see ``save_split``).
             allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
             shuffle_seed: seed of the train loader's shuffling (under DDP: of its ``DistributedSampler``);
                 None takes ``torch.initial_seed()`` (under DDP Lightning's sampler, seeded by ``seed_everything``).
@@ -257,6 +285,14 @@ class FewShotDataModule(L.LightningDataModule):
     def val_manifest(self) -> list[tuple[str, int]]:
         self._require_setup()
         return self.val_set.samples if self.val_set is not None else []
+
+    @property
+    def split_digest(self) -> Optional[str]:
+        """sha256 of the drawn training and validation images (``fewshot.split_digest``), None before ``setup`` draws
+        them: checkpoints record it, so that validating or resuming a run on another draw is refused."""
+        if self.split is None:
+            return None
+        return digest_of(self.train_set.dataset.samples, self.split)
 
     def _require_setup(self) -> None:
         if self.train_set is None:
@@ -315,18 +351,27 @@ class FewShotDataModule(L.LightningDataModule):
         return FewShotSplit(indices, val)
 
     def save_split(self, split_dir: str) -> Path:
-        """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path."""
+        """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path.
+
+        A manifest already there records what an earlier run drew: one that lists the same images is kept as it is,
+        one that lists others is refused before either file is written, never replaced.
+        """
         self._require_setup()
         stem = f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
+        root = self.train_set.dataset.root
         header = (f"nola_vision k-shot manifest: dataset={self.dataset_name} shots={self.shots} "
                   f"split_seed={self.split_seed} val_shots={self.val_shots}\n"
-                  f"paths are relative to {self.train_set.dataset.root}")
+                  f"paths are relative to {root}")
         samples = self.train_set.dataset.samples
-        self.manifest_path = write_manifest(Path(split_dir) / f"{stem}_train.txt", samples, self.split.train,
-                                            header)
+        train_path, val_path = Path(split_dir) / f"{stem}_train.txt", Path(split_dir) / f"{stem}_val.txt"
+        manifests = {train_path: self.split.train, **({val_path: self.split.val} if self.split.val else {})}
+        kept = {path: _lists_already(path, [samples[i] for i in indices], root) for path, indices in manifests.items()}
+        for path, indices in manifests.items():
+            if not kept[path]:
+                write_manifest(path, samples, indices, header)
+        self.manifest_path = train_path
         if self.split.val:
-            self.val_manifest_path = write_manifest(Path(split_dir) / f"{stem}_val.txt", samples,
-                                                    self.split.val, header)
+            self.val_manifest_path = val_path
         return self.manifest_path
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:

@@ -52,6 +52,21 @@ DIGITS_TRAIN_SIZE = 898
 CALTECH_SPLIT_FILE = "nola_vision_split.txt"
 CALTECH_IMAGES = "101_ObjectCategories"
 CALTECH_TEST_EVERY = 5
+# The class folders of the archive's 101_ObjectCategories (BACKGROUND_Google aside), to name a folder that is not one.
+CALTECH101_CLASSES = frozenset((
+    "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes", "anchor", "ant", "barrel", "bass",
+    "beaver", "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car_side",
+    "ceiling_fan", "cellphone", "chair", "chandelier", "cougar_body", "cougar_face", "crab", "crayfish", "crocodile",
+    "crocodile_head", "cup", "dalmatian", "dollar_bill", "dolphin", "dragonfly", "electric_guitar", "elephant", "emu",
+    "euphonium", "ewer", "ferry", "flamingo", "flamingo_head", "garfield", "gerenuk", "gramophone", "grand_piano",
+    "hawksbill", "headphone", "hedgehog", "helicopter", "ibis", "inline_skate", "joshua_tree", "kangaroo", "ketch",
+    "lamp", "laptop", "llama", "lobster", "lotus", "mandolin", "mayfly", "menorah", "metronome", "minaret", "nautilus",
+    "octopus", "okapi", "pagoda", "panda", "pigeon", "pizza", "platypus", "pyramid", "revolver", "rhino", "rooster",
+    "saxophone", "schooner", "scissors", "scorpion", "sea_horse", "snoopy", "soccer_ball", "stapler", "starfish",
+    "stegosaurus", "stop_sign", "strawberry", "sunflower", "tick", "trilobite", "umbrella", "watch", "water_lilly",
+    "wheelchair", "wild_cat", "windsor_chair", "wrench", "yin_yang"))
+CUB_CLASSES = 200  # ids 1..200 in classes.txt
+FOOD101_CLASSES = 101
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -173,6 +188,20 @@ def _not_found(name: str, expected: Path, how: str) -> DatasetNotFoundError:
         f"Or point --data.root (root=...) at the folder that holds it.")
 
 
+def _refuse_extra_classes(name: str, source: Path, found: int, expected: int, extra: Sequence[str],
+                          fix: str) -> None:
+    """Refuse more classes than the dataset has, naming those that are not its own (``extra``): an added folder or
+    entry is not an incomplete extraction, and extracting again would not remove it."""
+    if found <= expected:
+        return
+    which = ""
+    if len(extra) == found - expected:
+        which = f": {', '.join(map(repr, extra))} {'is' if len(extra) == 1 else 'are'} not among its classes"
+    elif extra:  # more than the surplus are foreign (renamed, or another dataset): which ones to drop is unclear
+        which = f", and {len(extra)} of them are not among its classes (e.g. {', '.join(map(repr, extra[:3]))})"
+    raise DatasetMetadataError(f"dataset '{name}': {source} holds {found} classes, expected {expected}{which}. {fix}")
+
+
 class _CIFAR:
     """CIFAR-10/100 through torchvision, which verifies the MD5 of every pickle."""
 
@@ -285,6 +314,10 @@ class _CUB:
         folder = self._folder(root)
         # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
         classes = _read_pairs(folder / "classes.txt", self._fix(root))
+        extra = [f"{key} {value}" for key, value in sorted(classes.items()) if not 1 <= key <= CUB_CLASSES]
+        _refuse_extra_classes(self.name, folder / "classes.txt", len(classes), CUB_CLASSES, extra,
+                              f"Remove those lines (CUB-200-2011 numbers its classes 1 to {CUB_CLASSES}), or extract "
+                              f"{self.url} under {root} again.")
         return [classes[key].split(".", 1)[-1] for key in sorted(classes)]
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
@@ -362,7 +395,13 @@ class _Caltech101:
             raise _not_found(self.name, cats, f"Pass download=True (--data.download true) to fetch {self.url} "
                              f"with torchvision, or extract it so that {cats} exists.")
         # as torchvision: sorted folder names without the BACKGROUND_Google clutter class
-        return [name for name in _class_folders(cats) if name != "BACKGROUND_Google"]
+        names = [name for name in _class_folders(cats) if name != "BACKGROUND_Google"]
+        # refused here, before split_assignment writes a split file that would list the extra folder's images
+        _refuse_extra_classes(self.name, cats, len(names), len(CALTECH101_CLASSES),
+                              [name for name in names if name not in CALTECH101_CLASSES],
+                              f"Remove the folders that are not Caltech-101 categories from {cats} (each of its "
+                              "folders but BACKGROUND_Google is a class)")
+        return names
 
     def split_assignment(self, root: Path) -> dict[str, str]:
         """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule."""
@@ -442,7 +481,15 @@ class _Food101:
         return meta
 
     def class_names(self, root: Path) -> list[str]:
-        return sorted(self._meta(root, "test"))  # as torchvision: sorted keys of the split json
+        names = sorted(self._meta(root, "test"))  # as torchvision: sorted keys of the split json
+        meta = self.expected(root) / "meta"
+        listed = meta / "classes.txt"  # the archive's list of its classes, one per line
+        official = set(listed.read_text(errors="replace").split()) if listed.is_file() else set()
+        _refuse_extra_classes(self.name, meta / "test.json", len(names), FOOD101_CLASSES,
+                              [name for name in names if name not in official] if official else [],
+                              f"Remove the classes that are not Food-101's from {meta / 'train.json'} and "
+                              f"{meta / 'test.json'}, or extract {self.url} under {root} again.")
+        return names
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
         meta = self._meta(root, split)
@@ -602,10 +649,10 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("cifar100", 100, _CIFAR("cifar100", "cifar-100-python",
                                         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100"),
                 True, "CIFAR-100 fine labels, official 50,000/10,000 split (torchvision)"),
-    DatasetSpec("cub200", 200, _CUB(), False, "CUB-200-2011, official 5,994/5,794 split"),
-    DatasetSpec("caltech101", 101, _Caltech101(), True,
+    DatasetSpec("cub200", CUB_CLASSES, _CUB(), False, "CUB-200-2011, official 5,994/5,794 split"),
+    DatasetSpec("caltech101", len(CALTECH101_CLASSES), _Caltech101(), True,
                 "Caltech-101 without BACKGROUND_Google; every 5th image per class is test"),
-    DatasetSpec("food101", 101, _Food101(), True, "Food-101, official 750/250 per class"),
+    DatasetSpec("food101", FOOD101_CLASSES, _Food101(), True, "Food-101, official 750/250 per class"),
     DatasetSpec("fashion_mnist", 10, _FashionMNIST(), True, "Fashion-MNIST, official 60,000/10,000 split"),
     DatasetSpec("digits", 10, _Digits(), False, "scikit-learn's 8x8 digits, first 898 train, last 899 test"),
     DatasetSpec("imagefolder", None, _ImageFolder(), False, "root/train/<class>/ and root/test|val/<class>/"),
@@ -642,6 +689,17 @@ def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
         spec.reader.download(Path(root))
 
 
+def _check_class_count(spec: DatasetSpec, dataset: ImageDataset) -> None:
+    """Refuse a class count other than the dataset's: fewer is an incomplete extraction; more (which each reader
+    refuses first, naming the extra classes) needs them removed."""
+    if spec.num_classes is None or dataset.num_classes == spec.num_classes:
+        return
+    where = f"dataset '{spec.name}' under {dataset.root} has {dataset.num_classes} classes, expected {spec.num_classes}"
+    if dataset.num_classes < spec.num_classes:
+        raise DatasetNotFoundError(f"{where}: the extraction looks incomplete; extract the full archive again.")
+    raise DatasetMetadataError(f"{where}: remove the classes that are not {spec.name}'s.")
+
+
 def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "train", download: bool = False,
                   transform: Optional[Callable] = None) -> ImageDataset:
     """Read split ``"train"`` or ``"test"`` of dataset ``name`` under ``root``.
@@ -656,10 +714,7 @@ def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "tra
     if download:
         download_dataset(spec.name, root)
     dataset = spec.reader(root, split)
-    if spec.num_classes is not None and dataset.num_classes != spec.num_classes:
-        raise DatasetNotFoundError(
-            f"dataset '{spec.name}' under {dataset.root} has {dataset.num_classes} classes, expected "
-            f"{spec.num_classes}: the extraction looks incomplete; extract the full archive again.")
+    _check_class_count(spec, dataset)
     if not len(dataset):
         raise DatasetNotFoundError(f"dataset '{spec.name}' has no {split} images under {dataset.root}")
     dataset.transform = transform

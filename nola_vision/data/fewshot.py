@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
-           "read_manifest", "sample_kshot", "write_manifest"]
+           "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -72,6 +72,18 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
                                        "there is, or lower shots/val_shots.")
         warnings.warn(f"{msg}; allow_fewer=True keeps what there is", stacklevel=2)
     return FewShotSplit(train, val)
+
+
+def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str:
+    """sha256 of the split's training and validation images (sorted ``key label`` lines, so not of their order).
+
+    Keys, not indices: an image added to a class folder shifts the indices of others without changing their draw.
+    """
+    digest = hashlib.sha256()
+    for part, indices in (("train", split.train), ("val", split.val)):
+        lines = sorted(f"{samples[i][0]} {samples[i][1]}" for i in indices)
+        digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode())
+    return digest.hexdigest()
 
 
 def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], indices: Sequence[int],

@@ -368,12 +368,14 @@ class FewShotClassifier(L.LightningModule):
                              "attention layer, activations): use the run's model.backbone_kwargs")
 
     def _data_record(self) -> Optional[dict]:
-        """What the run trained on (class names and the k-shot split's settings), for the checks of a later load."""
+        """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
+        the checks of a later load."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "class_names"):
             return None
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
         return {"class_names": list(datamodule.class_names), "split": split,
+                "split_digest": getattr(datamodule, "split_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
     def _check_data(self, saved: Optional[dict]) -> None:
@@ -391,13 +393,29 @@ class FewShotClassifier(L.LightningModule):
                              f"does {now['evaluation']}: its accuracy would differ from the run's. Pass the run's "
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
-            changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
-            if changed:
-                doing = "resuming trains on" if self.trainer.state.fn == "fit" else "validating draws its images from"
-                raise ValueError(f"{doing} another split than the run did (validation images could be training "
-                                 "images): " + "; ".join(f"--data.{k} {b!r} (checkpoint: {a!r})"
-                                                         for k, (a, b) in changed.items())
-                                 + ". Pass the run's data settings, or start a new run")
+            self._check_split(saved, now)
+
+    def _check_split(self, saved: dict, now: dict) -> None:
+        """The run's k-shot draw, compared by the digest of its images where the checkpoint records one (a replay of
+        its manifests passes; an image added to a class folder, which changes the draw of the same settings, does
+        not), else by the settings that decide it."""
+        doing = "resuming trains on" if self.trainer.state.fn == "fit" else "validating draws its images from"
+        saved_digest, digest = saved.get("split_digest"), now.get("split_digest")
+        if saved_digest is not None and saved_digest == digest:
+            return
+        changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
+        if changed:
+            raise ValueError(f"{doing} another split than the run did (validation images could be training "
+                             "images): " + "; ".join(f"--data.{k} {b!r} (checkpoint: {a!r})"
+                                                     for k, (a, b) in changed.items())
+                             + ". Pass the run's data settings, or start a new run")
+        if saved_digest is not None and digest is not None:
+            raise ValueError(f"{doing} another split than the run did, with the same data settings: the images under "
+                             f"--data.root {now['split'].get('root')!r} changed since the checkpoint was written (an "
+                             "image added, removed or renamed changes the k-shot draw), so validation images could be "
+                             "the run's training images. Restore the folder as it was, replay the run's manifests with "
+                             "--data.split_file and --data.val_split_file (written under its --data.split_dir), or "
+                             "train a new run (fit without --ckpt_path, in a new --trainer.default_root_dir)")
 
     def _check_backbone(self, saved: Any) -> None:
         """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes)."""
