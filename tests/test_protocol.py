@@ -179,3 +179,58 @@ def test_local_executor_gives_each_job_slot_its_gpus():
     for gpus, devices in ((-1, ["0", "1"]), (3, ["0", "1"]), (1, [])):  # -1 hid every GPU, 3 listed one twice
         with pytest.raises(ValueError, match=rf"--gpus_per_job must be between 0 .*got {gpus}"):
             LocalExecutor(jobs=2, gpus_per_job=gpus, devices=devices)
+
+
+def with_data(tmp_path, name, data, top=None):
+    """The tiny config with ``data`` fields (and top-level ``top`` fields) added, as a file of its own."""
+    import yaml
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["data"].update(data)
+    config.update(top or {})
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("config_data, overrides", [
+    ({"split_file": "manifest.txt"}, []),
+    ({"split_file": "manifest.txt", "val_split_file": "val.txt"}, []),
+    ({}, ["--data.split_file", "manifest.txt"]),
+    ({}, ["--data.init_args.val_split_file=val.txt"]),
+    ({}, ["--data", "{split_file: manifest.txt, shots: 2}"]),  # a whole group, as fit accepts it
+])
+def test_a_split_manifest_in_a_config_or_an_override_is_refused_before_any_run(tmp_path, config_data, overrides):
+    # it gave every split seed the manifest's images, averaged in results.md as independent splits
+    config = with_data(tmp_path, "manifest.yaml", config_data)
+    with pytest.raises(ValueError, match=r"draws each run's split from --split_seeds.*`nola-vision fit` with its "
+                                         r"manifest: --data\.split_file"):
+        run_protocol([config], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0], overrides=overrides,
+                     python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_class_path_group_with_a_split_manifest_is_refused(tmp_path):
+    config = tmp_path / "class_path.yaml"
+    config.write_text("data:\n  class_path: nola_vision.data.FewShotDataModule\n"
+                      "  init_args: {dataset: digits, split_file: manifest.txt}\n")
+    with pytest.raises(ValueError, match=rf"config {config} sets data\.split_file: manifest\.txt"):
+        run_protocol([TINY, str(config)], out=str(tmp_path / "out"), split_seeds=[0], init_seeds=[0],
+                     python=fake_python(tmp_path), echo=False)
+
+
+def test_seeds_folders_and_the_test_pass_a_config_sets_are_replaced_in_every_run(tmp_path):
+    from nola_vision.runs.protocol import fit_command
+    from nola_vision.train.cli import cli_parser
+
+    # what a printed config (--print_config) holds: the seeds and folders of one run, and unset manifests
+    config = with_data(tmp_path, "printed.yaml", {"split_seed": 9, "split_file": None, "val_split_file": None},
+                       {"seed_everything": 7, "test_after_fit": False, "result_file": "one.json"})
+    rows = run_protocol([config], out=str(tmp_path / "out"), name="row", split_seeds=[0, 1], init_seeds=[0],
+                        python=fake_python(tmp_path), echo=False)
+    assert sorted(r["split_seed"] for r in rows) == [0, 1]
+    run = tmp_path / "out" / "row" / "split1-init0"
+    parsed = cli_parser().parse_args(list(fit_command("python", ["-c", config], run, 1, 0, [])[3:]))["fit"]
+    assert (parsed["seed_everything"], parsed["data"]["split_seed"]) == (0, 1)
+    assert parsed["test_after_fit"] is True  # false in the config left every run without a test accuracy
+    assert parsed["result_file"] == str(run / "result.json")

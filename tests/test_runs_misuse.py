@@ -157,3 +157,104 @@ def test_a_fit_stopped_by_sigterm_exits_non_zero_without_a_result(tmp_path):
     _, err = fit.communicate(timeout=60)
     assert fit.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
     assert not result.exists()
+
+
+# a protocol whose every run is a stand-in that records its pid in its run folder and sleeps
+PROTOCOL_OF_SLEEPERS = """
+import sys
+from nola_vision.runs import protocol
+protocol.run_protocol.__kwdefaults__["python"] = sys.argv[1]
+sys.exit(protocol.main(sys.argv[2:]))
+"""
+
+
+def sleeper(tmp_path):
+    script = tmp_path / "sleeper"
+    script.write_text(f"""#!{sys.executable}
+import os, sys, time
+run_dir = os.path.dirname(sys.argv[sys.argv.index("--result_file") + 1])
+with open(os.path.join(run_dir, "started"), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(60)
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def pid_in(path):
+    """The pid a stand-in run wrote to ``path``, or None before it has."""
+    text = path.read_text() if path.is_file() else ""
+    return int(text) if text.isdigit() else None
+
+
+def alive(pid):
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_protocol_starts_no_queued_run_and_exits_with_the_signals_code(tmp_path, signum):
+    # the queued runs used to start one after another once the running one was stopped, and protocol never exited
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", PROTOCOL_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out),
+               "--name", "cell", "--split_seeds", "0", "1", "2", "--init_seeds", "0", "--jobs", "1"]
+    protocol = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "cell" / "split0-init0" / "started"
+    try:
+        deadline = time.time() + 60
+        while pid_in(first) is None and time.time() < deadline and protocol.poll() is None:
+            time.sleep(0.2)
+        assert pid_in(first) is not None, "the first run never started"
+        protocol.send_signal(signum)
+        assert protocol.wait(timeout=30) == 128 + signum  # 143 for SIGTERM, 130 for Ctrl-C
+        time.sleep(1)
+        assert sorted(p.parent.name for p in out.glob("cell/*/started")) == ["split0-init0"]
+        assert sorted(p.parent.name for p in out.glob("cell/*/log.txt")) == ["split0-init0"]  # queued logs untouched
+        assert not alive(pid_in(first))
+    finally:
+        if protocol.poll() is None:
+            os.killpg(protocol.pid, signal.SIGKILL)  # the protocol and the runs it started (its session)
+            protocol.wait()
+        for pid in filter(alive, map(pid_in, out.glob("cell/*/started"))):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("command", ["protocol", "tune"])
+def test_protocol_and_tune_leave_the_signal_handlers_as_they_found_them(tmp_path, command):
+    # a Ctrl-C in a notebook or a test session after the command would otherwise still stop its (finished) runs
+    from nola_vision.cli import main
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert main([command, "-c", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 1
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
+def test_a_submitit_batch_left_early_cancels_its_jobs_and_their_runs(tmp_path):
+    # its jobs went on running, and on SLURM queued array tasks started after the protocol had stopped
+    from nola_vision.runs.executors import Run, SubmititExecutor
+
+    pid_file = tmp_path / "pid"
+    sleep = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    runs = [Run((sys.executable, "-c", "pass"), tmp_path / "quick.log"),
+            Run((sys.executable, "-c", sleep, str(pid_file)), tmp_path / "sleep.log")]
+    executor = SubmititExecutor(str(tmp_path / "submitit"), cluster="local", jobs=2, gpus_per_node=0, poll_s=0.2)
+    batch = executor.run(runs)
+    try:
+        assert next(batch)[0] == runs[0]
+        deadline = time.time() + 60
+        while pid_in(pid_file) is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert pid_in(pid_file) is not None, "the run never started"
+        batch.close()  # the caller stops reading: stopped by a signal, or an error
+        deadline = time.time() + 30
+        while alive(pid_in(pid_file)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(pid_in(pid_file))
+    finally:
+        if pid_in(pid_file) is not None and alive(pid_in(pid_file)):
+            os.kill(pid_in(pid_file), signal.SIGKILL)

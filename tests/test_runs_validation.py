@@ -77,7 +77,7 @@ def test_overrides_that_fit_does_not_take_are_refused_before_any_trial(fit_optio
 
 def test_tune_exits_non_zero_when_no_trial_completed(tmp_path, capsys):
     code = main(["tune", "-c", TINY, "--out", str(tmp_path), "--name", "t", *FAST, "--skip_protocol",
-                 "--grid", f"data.split_file={tmp_path / 'missing.txt'}"])
+                 "--grid", f"data.root={tmp_path / 'missing'}", "--data.dataset", "imagefolder"])
     err = capsys.readouterr().err
     assert code == 1 and "no trial completed (1 failed" in err
     assert not (tmp_path / "t" / "best.json").exists()

@@ -105,3 +105,21 @@ def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_pa
     assert len(fits(out)) == 2  # each grid point fitted exactly once
     trials = [t for t in csv.DictReader((out / "t" / "tune_trials.csv").open()) if t["state"] == "COMPLETE"]
     assert sorted(t["model.lr"] for t in trials) == ["0.0001", "0.02"]
+
+
+@pytest.mark.parametrize("where", ["config", "override", "grid"])
+def test_a_split_manifest_is_refused_before_the_first_trial(tmp_path, where):
+    # a trial's selection seeds (and the protocol's split seeds after it) would all train on the manifest's images
+    import yaml
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    if where == "config":
+        config["data"]["split_file"] = "manifest.txt"
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(config))
+    overrides = [*FAST, "--data.val_split_file", "val.txt"] if where == "override" else FAST
+    grid = {"data.split_file": ["a.txt", "b.txt"]} if where == "grid" else {"model.lr": [1e-3]}
+    with pytest.raises(ValueError, match=r"tune draws each fit's split from --split_seeds.*`nola-vision fit` with its "
+                                         r"manifest"):
+        run_tune([str(tmp_path / "manifest.yaml")], grid, out=str(tmp_path / "out"), name="t", overrides=overrides,
+                 skip_protocol=True, python=str(Path(tmp_path / "never")), echo=False)
+    assert not (tmp_path / "out").exists()

@@ -2,10 +2,13 @@
 
 A run is a command line and a log file; an executor runs a batch of them and yields each with its exit code
 as it finishes. Runs write their own results atomically, so an executor only has to start them and report.
+A stop (SIGTERM or Ctrl-C, inside :func:`stop_runs_on_signals`) is final: the running fits are terminated, no
+queued run starts (submitit jobs are cancelled), and the command exits 143 or 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,10 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Executor", "LocalExecutor", "Run", "SubmititExecutor", "add_executor_arguments", "build_executor",
-           "call", "stop_runs_on_sigterm"]
+__all__ = ["Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
+           "build_executor", "call", "stop_runs_on_signals", "stopping"]
 
 
 @dataclass(frozen=True)
@@ -30,45 +33,83 @@ class Run:
 
 _RUNNING: Set[subprocess.Popen] = set()  # the fits this process started and waits for
 _RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set once by a stop (SIGTERM, Ctrl-C): from then on no run starts
+
+
+class Stopped(RuntimeError):
+    """A run was not started because this process is stopping (SIGTERM or Ctrl-C)."""
 
 
 def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, float]:
-    """Run ``cmd`` with its output in ``log`` (after the command line); return its exit code and wall seconds."""
+    """Run ``cmd`` with its output in ``log`` (after the command line); return its exit code and wall seconds.
+
+    Raises :class:`Stopped`, without starting it or touching ``log``, once this process is stopping."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+    process = _start(cmd, log, env)
+    try:
+        code = process.wait()
+    except BaseException:  # interrupted while waiting (a cancelled submitit job): stop the fit, not orphan it
+        process.terminate()
+        raise
+    finally:
         with _RUNNING_LOCK:
-            _RUNNING.add(process)
-        try:
-            code = process.wait()
-        finally:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(process)
+            _RUNNING.discard(process)
     return code, round(time.time() - start, 1)
 
 
-def stop_runs_on_sigterm() -> None:
-    """On SIGTERM (``kill``, a scheduler's cancel), stop the fits this process started, then exit: left running,
-    they would hold their devices and race a re-run for the same folders."""
-    if threading.current_thread() is not threading.main_thread():
+def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]]) -> subprocess.Popen:
+    """Start ``cmd`` and register it as running, unless a stop came first: both under the lock a stop takes, so a
+    run either starts before the stop (and is terminated by it) or not at all."""
+    with _RUNNING_LOCK:
+        if _STOPPING.is_set():
+            raise Stopped(f"not started, this process is stopping (SIGTERM or Ctrl-C): {' '.join(cmd)}")
+        with open(log, "w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+        _RUNNING.add(process)
+    return process
+
+
+def stopping() -> bool:
+    """Whether this process is stopping (SIGTERM or Ctrl-C): callers start no further work."""
+    return _STOPPING.is_set()
+
+
+@contextlib.contextmanager
+def stop_runs_on_signals() -> Iterator[None]:
+    """Inside it, SIGTERM (``kill``, a scheduler's cancel) or Ctrl-C starts no further run, stops the fits this
+    process started, then exits 143 (SIGTERM) or 130 (Ctrl-C): left running, they would hold their devices and race
+    a re-run for the same folders. Ctrl-C is left alone where it is ignored (a background job); on leaving, the
+    previous handlers are back. A stop lasts for the process: no run starts in it afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
         return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _stop)
+    if previous[signal.SIGINT] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
-    def stop(signum: int, frame: object) -> None:
-        with _RUNNING_LOCK:
-            running = list(_RUNNING)
-        for process in running:
-            process.terminate()
-        for process in running:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+def _stop(signum: int, frame: object) -> None:
+    """The signal handler of :func:`stop_runs_on_signals` (the main thread never holds ``_RUNNING_LOCK``)."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
+        running = list(_RUNNING)
+    for process in running:
+        process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    raise SystemExit(128 + signum)
 
 
 class Executor:
@@ -119,12 +160,17 @@ class LocalExecutor(Executor):
                 self._lock.notify()
 
     def run(self, runs: Sequence[Run]) -> Iterator[Tuple[Run, int, float]]:
+        """Start every run; yield each as it finishes. Left early (a stop, an error), the runs not started are
+        cancelled, and it waits for the running ones."""
         if not runs:
             return
-        with ThreadPoolExecutor(max_workers=min(len(runs), self.capacity)) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(len(runs), self.capacity))
+        try:
             futures = {pool.submit(self._call, run): run for run in runs}
             for future in as_completed(futures):
                 yield (futures[future], *future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _visible_devices() -> List[str]:
@@ -165,6 +211,14 @@ class SubmititExecutor(Executor):
             return
         jobs = self.executor.map_array(call, [list(r.cmd) for r in runs], [str(r.log) for r in runs])
         pending = dict(zip(jobs, runs))
+        try:
+            yield from self._results(pending)
+        finally:  # left early (a stop, an error): the array's jobs would go on, queued ones starting later
+            for job in pending:
+                job.cancel(check=False)
+
+    def _results(self, pending: Dict[Any, Run]) -> Iterator[Tuple[Run, int, float]]:
+        """Yield each job's run as it finishes, removing it from ``pending``."""
         while pending:
             for job in [j for j in pending if j.done()]:
                 run = pending.pop(job)
@@ -175,6 +229,8 @@ class SubmititExecutor(Executor):
                         f.write(f"\nsubmitit job {job.job_id} failed: {err}\n")
                     code, wall = -1, 0.0
                 yield run, code, wall
+            if pending and stopping():  # stopped while another thread reads the results (tune's workers)
+                raise Stopped(f"stopped waiting for {len(pending)} submitit job(s): this process is stopping")
             if pending:
                 time.sleep(self.poll_s)
 

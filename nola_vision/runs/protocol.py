@@ -11,7 +11,8 @@ A row is keyed by its settings (the config files' content and the overrides, wit
 ``<out>/<name>/config.json`` records them, and re-running under the same name with other settings is refused
 with the differing settings named, instead of averaging runs of different settings into one row.
 
-What the seeds control: the split seed draws the k-shot training images; the init seed is the run's
+What the seeds control: the split seed draws the k-shot training images (so a split manifest, ``data.split_file``
+or ``data.val_split_file``, is refused in a config or an override); the init seed is the run's
 ``seed_everything`` (head initialisation, data order, augmentation). The adapter config's own ``seed``
 (NOLA's random bases, LoRA's A) stays as configured, as in the authors' code, which fixes the bases.
 """
@@ -26,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..core.storage import write_json_atomic
-from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_sigterm
+from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_signals
 from .knn import run_knn
 from .results import (
     RESULT_FILE,
@@ -44,15 +45,22 @@ from .results import (
     write_tables,
 )
 
-__all__ = ["CONTROLLED", "fit_command", "main", "refuse_controlled_overrides", "run_dir_name", "run_protocol",
-           "set_options"]
+__all__ = ["CONTROLLED", "REPLAY_SPLIT", "fit_command", "main", "refuse_controlled_configs",
+           "refuse_controlled_overrides", "run_dir_name", "run_protocol", "set_options"]
 
+
+# how to replay the split of one run, which a split manifest given to protocol or tune cannot do
+REPLAY_SPLIT = ("a split manifest would give every split seed the same images. To replay one run's split, run "
+                "`nola-vision fit` with its manifest: "
+                "--data.split_file <run folder>/<dataset>_<k>shot_seed<S>_train.txt")
 
 # What protocol sets in every run itself, and how to control it instead: an override of these would make every
 # "split seed" the same split (or every init seed the same seed), or write the results where nothing reads them.
 CONTROLLED = {
     "--seed_everything": "set the init seeds with protocol's --init_seeds",
     "--data.split_seed": "set the split seeds with protocol's --split_seeds",
+    "--data.split_file": f"protocol draws each run's split from --split_seeds; {REPLAY_SPLIT}",
+    "--data.val_split_file": f"protocol draws each run's split from --split_seeds; {REPLAY_SPLIT}",
     "--trainer.default_root_dir": "choose where runs go with protocol's --out and --name",
     "--data.split_dir": "choose where runs go with protocol's --out and --name",
     "--result_file": "choose where runs go with protocol's --out and --name",
@@ -78,36 +86,79 @@ def refuse_controlled_overrides(overrides: Sequence[str], controlled: Dict[str, 
                                  f"fit: {controlled[hit]}")
 
 
+def refuse_controlled_configs(configs: Sequence[str], controlled: Dict[str, str] = CONTROLLED,
+                             prog: str = "protocol") -> None:
+    """Refuse a config file that sets what ``prog`` controls and does not set again on fit's command line (a split
+    manifest): every run would keep the config's value. Those it sets again (seeds, folders) may stay in a config."""
+    set_again = set(_run_settings(Path(), 0, 0))  # the options, whatever the run
+    for config in configs:
+        for option, value in _config_settings(config).items():
+            if option in controlled and option not in set_again and value is not None:
+                raise ValueError(f"config {config} sets {option[2:]}: {value}, which {prog} controls in every run "
+                                 f"itself: {controlled[option]}")
+
+
+def _config_settings(config: str) -> Dict[str, Any]:
+    """The dotted fit options a config file sets, with their values: ``data: {split_file: x}`` (or the group under
+    ``init_args``, or in a file of its own) sets ``--data.split_file``. Empty for a file that is not a YAML mapping,
+    which fit itself reports."""
+    try:
+        content = yaml.safe_load(Path(config).read_text())
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return {}
+    if not isinstance(content, dict):
+        return {}
+    settings: Dict[str, Any] = {}
+    for key, value in content.items():
+        option = f"--{key}"
+        settings[option] = value
+        if option in GROUPS:
+            settings.update({f"{option}.{name}": field for name, field in _group_settings(value).items()})
+    return settings
+
+
 def set_options(key: str, value: Optional[str]) -> List[str]:
     """The dotted fit options an override sets: ``--data.init_args.split_seed 7`` sets ``--data.split_seed``, and a
     whole group given as YAML (``--data '{split_seed: 7}'``) or as a file sets each of its keys."""
     option = key.replace(".init_args.", ".")
     if value is None or option not in GROUPS:
         return [option]
-    try:
-        text = Path(value).read_text() if Path(value).is_file() else value
-        group = yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError, RecursionError):
-        return [option]
-    if not isinstance(group, dict):
-        return [option]
-    group = group.get("init_args", group) if isinstance(group.get("init_args"), dict) else group
-    return [option] + [f"{option}.{name}" for name in group]
+    return [option] + [f"{option}.{name}" for name in _group_settings(value)]
+
+
+def _group_settings(value: Any) -> Dict[str, Any]:
+    """The fields a whole fit group (``--data``, ``data:``) sets: a mapping, YAML text or a YAML file, with its
+    ``init_args`` unwrapped; empty for anything else (a class path alone sets no field)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(Path(value).read_text() if Path(value).is_file() else value)
+        except (OSError, ValueError, yaml.YAMLError, RecursionError):
+            return {}
+    if not isinstance(value, dict):
+        return {}
+    return value["init_args"] if isinstance(value.get("init_args"), dict) else value
 
 
 def run_dir_name(split_seed: int, init_seed: int) -> str:
     return f"split{split_seed}-init{init_seed}"
 
 
+def _run_settings(run_dir: Path, split_seed: int, init_seed: int) -> Dict[str, str]:
+    """What every run's command line sets after the configs, replacing their values: seeds, where the run writes
+    (an ``adapter_dir`` a config sets is reset: each run exports into its own log folder, not all into one), and a
+    test pass (a config's ``test_after_fit: false`` would leave every run without a test accuracy)."""
+    return {"--seed_everything": str(init_seed), "--data.split_seed": str(split_seed),
+            "--trainer.default_root_dir": str(run_dir), "--data.split_dir": str(run_dir),
+            "--result_file": str(run_dir / RESULT_FILE), "--model.adapter_dir": "null", "--test_after_fit": "true"}
+
+
 def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_seed: int, init_seed: int,
                 overrides: Sequence[str]) -> Tuple[str, ...]:
-    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir`` (an ``adapter_dir`` a
-    config sets is reset: each run exports into its own log folder, not all into one)."""
+    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir``."""
     quiet = [] if any("enable_progress_bar" in o for o in overrides) else ["--trainer.enable_progress_bar", "false"]
-    return (python, "-m", "nola_vision.cli", "fit", *config_args,
-            "--seed_everything", str(init_seed), "--data.split_seed", str(split_seed),
-            "--trainer.default_root_dir", str(run_dir), "--data.split_dir", str(run_dir),
-            "--result_file", str(run_dir / RESULT_FILE), "--model.adapter_dir", "null", *quiet, *overrides)
+    settings = _run_settings(run_dir, split_seed, init_seed)
+    return (python, "-m", "nola_vision.cli", "fit", *config_args, *(a for pair in settings.items() for a in pair),
+            *quiet, *overrides)
 
 
 def run_protocol(
@@ -128,14 +179,16 @@ def run_protocol(
 
     ``configs`` are YAML files composed in order (``-c a.yaml -c b.yaml``); ``overrides`` are extra CLI
     arguments for every run (``--trainer.max_epochs 5``); ``executor`` runs them (default: one at a time here).
-    Raises ValueError when an override sets what the protocol controls (seeds, result paths: ``CONTROLLED``) or
-    ``<out>/<name>`` holds runs made with other settings, RuntimeError listing failed runs (after running the others).
+    Raises ValueError, before any run, when an override or a config sets what the protocol controls (seeds, split
+    manifests, result paths: ``CONTROLLED``) or ``<out>/<name>`` holds runs made with other settings; RuntimeError
+    listing failed runs (after running the others).
     """
     if not configs:
         raise ValueError("protocol needs a config: nola-vision protocol -c configs/paper/... [-c ...]")
     for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config {config} does not exist")
+    refuse_controlled_configs(configs)
     refuse_controlled_overrides(overrides)
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
@@ -220,12 +273,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--knn_k", type=int, default=1, help="neighbours of the k-NN baseline")
     add_executor_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
-    stop_runs_on_sigterm()
     try:
-        name = args.name or "_".join(Path(c).stem for c in args.config)
-        executor = build_executor(args, Path(args.out) / name / "submitit")
-        run_protocol(args.config, out=args.out, name=name, split_seeds=args.split_seeds, init_seeds=args.init_seeds,
-                     overrides=overrides, knn=args.knn, knn_k=args.knn_k, executor=executor)
+        with stop_runs_on_signals():
+            name = args.name or "_".join(Path(c).stem for c in args.config)
+            executor = build_executor(args, Path(args.out) / name / "submitit")
+            run_protocol(args.config, out=args.out, name=name, split_seeds=args.split_seeds,
+                         init_seeds=args.init_seeds, overrides=overrides, knn=args.knn, knn_k=args.knn_k,
+                         executor=executor)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"nola-vision protocol: error: {err}", file=sys.stderr)
         return 1

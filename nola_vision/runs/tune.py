@@ -32,8 +32,16 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import yaml
 
 from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
-from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_sigterm
-from .protocol import fit_command, refuse_controlled_overrides, run_protocol
+from .executors import (
+    Executor,
+    LocalExecutor,
+    Run,
+    add_executor_arguments,
+    build_executor,
+    stop_runs_on_signals,
+    stopping,
+)
+from .protocol import REPLAY_SPLIT, fit_command, refuse_controlled_configs, refuse_controlled_overrides, run_protocol
 from .results import (
     RESULT_FILE,
     check_seeds,
@@ -51,6 +59,9 @@ GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 CONTROLLED = {
     "--seed_everything": "set the init seeds with tune's --init_seeds (selection) and --protocol_init_seeds",
     "--data.split_seed": "set the split seeds with tune's --split_seeds (selection) and --protocol_split_seeds",
+    "--data.split_file": f"tune draws each fit's split from --split_seeds and --protocol_split_seeds; {REPLAY_SPLIT}",
+    "--data.val_split_file": f"tune draws each fit's split from --split_seeds and --protocol_split_seeds; "
+                             f"{REPLAY_SPLIT}",
     "--trainer.default_root_dir": "choose where runs go with tune's --out and --name",
     "--data.split_dir": "choose where runs go with tune's --out and --name",
     "--result_file": "choose where runs go with tune's --out and --name",
@@ -233,7 +244,7 @@ class _Search:
 
     # ---- running -------------------------------------------------------------------------------------
     def work(self) -> None:
-        while True:
+        while not stopping():  # after SIGTERM or Ctrl-C no further trial is claimed
             trial = self._claim()
             if trial is None:
                 return
@@ -379,8 +390,9 @@ def run_tune(
 
     ``n_trials``: grid — at most this many trials from this worker (default: until the grid is done); tpe — the
     study's total (default 20). Returns ``best.json``'s content, or None while trials are left to run. Raises
-    ValueError before the first trial for an override or grid key that ``fit`` does not accept or that tune sets
-    itself, RuntimeError when no trial completed.
+    ValueError before the first trial for an override or grid key that ``fit`` does not accept, or an override,
+    grid key or config that sets what tune sets itself (seeds, split manifests, result paths: ``CONTROLLED``);
+    RuntimeError when no trial completed.
     """
     if not configs:
         raise ValueError("tune needs a config: nola-vision tune -c configs/... --grid model.lr=1e-3,5e-3")
@@ -389,6 +401,7 @@ def run_tune(
             raise FileNotFoundError(f"config {config} does not exist")
     if sampler not in ("grid", "tpe"):
         raise ValueError(f"--sampler must be grid or tpe, got {sampler!r}")
+    refuse_controlled_configs(configs, CONTROLLED, prog="tune")
     refuse_controlled_overrides(overrides, CONTROLLED, prog="tune")
     check_grid(configs, overrides, grid)  # the configs and overrides parse as fit's
     if _val_shots(configs, overrides) <= 0:
@@ -526,16 +539,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--skip_protocol", action="store_true", help="only search (e.g. extra workers)")
     add_executor_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
-    stop_runs_on_sigterm()
     try:
-        name = args.name or "_".join(Path(c).stem for c in args.config)
-        grid = parse_grid(args.grid)
-        executor = build_executor(args, Path(args.out) / name / "submitit")
-        chosen = run_tune(args.config, grid, out=args.out, name=name, split_seeds=args.split_seeds,
-                          init_seeds=args.init_seeds, overrides=overrides, sampler=args.sampler,
-                          n_trials=args.n_trials, storage=args.storage, protocol_split_seeds=args.protocol_split_seeds,
-                          protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
-                          executor=executor, heartbeat_s=args.heartbeat)
+        with stop_runs_on_signals():
+            name = args.name or "_".join(Path(c).stem for c in args.config)
+            grid = parse_grid(args.grid)
+            executor = build_executor(args, Path(args.out) / name / "submitit")
+            chosen = run_tune(args.config, grid, out=args.out, name=name, split_seeds=args.split_seeds,
+                              init_seeds=args.init_seeds, overrides=overrides, sampler=args.sampler,
+                              n_trials=args.n_trials, storage=args.storage,
+                              protocol_split_seeds=args.protocol_split_seeds,
+                              protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
+                              executor=executor, heartbeat_s=args.heartbeat)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"nola-vision tune: error: {err}", file=sys.stderr)
         return 1
