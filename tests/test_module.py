@@ -60,6 +60,17 @@ def _plain_tiny():
                           **TINY["backbone_kwargs"])
 
 
+def test_training_keeps_batch_norms_at_the_backbones_statistics(tmp_path):
+    # adapter files hold no buffers: statistics updated in training would be lost (save_adapter refuses them)
+    module = FewShotClassifier(**TINY, num_classes=4, adapter=NOLA)
+    norm = torch.nn.BatchNorm2d(64).eval().requires_grad_(False)
+    module.model.patch_embed.proj = torch.nn.Sequential(module.model.patch_embed.proj, norm)
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    trainer(tmp_path, epochs=1, limit_train_batches=2).fit(module, loader())
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert module.train().model.training and not norm.training
+
+
 def test_exported_adapter_matches_trained_model(tmp_path):
     L.seed_everything(1)
     model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "a"), adapter_bits=32, **TINY)

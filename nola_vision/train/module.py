@@ -180,6 +180,16 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_dir: Optional[Path] = None
         self.exported_adapter_bits: Optional[int] = None
 
+    def train(self, mode: bool = True) -> FewShotClassifier:
+        """Train mode, except for batch norms (hybrid ViTs' stems): they keep the backbone's running statistics,
+        which adapter files do not hold and a few-shot batch would estimate poorly."""
+        super().train(mode)
+        if mode:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     # ---- what is trained -------------------------------------------------------------------------
     @property
     def parameter_counts(self) -> Dict[str, int]:
