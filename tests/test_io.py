@@ -239,3 +239,14 @@ def test_at_16_bits_a_tensor_too_small_for_float16_is_stored_in_float32_not_lost
     stored = load_file(tmp_path / "small" / WEIGHTS_NAME)
     assert {t.dtype for n, t in stored.items() if n.endswith("lora_B")} == {torch.float32}
     assert {t.dtype for n, t in stored.items() if n.endswith("lora_A")} == {torch.float16}  # normal range: float16
+
+
+def test_an_adapter_onto_a_model_with_other_norm_epsilons_is_refused(tmp_path):
+    # the same weights with LayerNorm(eps=1e-2) changed outputs by ~14% and loaded without a word
+    from functools import partial
+
+    nv.save_adapter(trained(), tmp_path)
+    other = tiny_vit(norm_layer=partial(torch.nn.LayerNorm, eps=1e-2))
+    with pytest.raises(AdapterLoadError, match=r"normalisation layers use eps \[1e-06\], this model's use \[0\.01\]"):
+        nv.load_adapter(other, tmp_path)
+    nv.load_adapter(tiny_vit(), tmp_path)

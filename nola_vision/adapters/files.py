@@ -44,8 +44,8 @@ from ..core.targets import classifier_head, trained_parameters
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
-           "architecture_name", "decode_tensors", "existing_adapter_kind", "load_adapter", "num_classes_of",
-           "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
+           "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind", "load_adapter",
+           "num_classes_of", "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,15 +76,23 @@ def pooling_of(model: nn.Module) -> Optional[str]:
 
 def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
     """Other settings that change every output without changing a weight, which an adapter file records: the number
-    of heads of each attention layer (``num_heads``), and the activation functions by type (GELU's approximation)."""
-    heads, activations = [], set()
+    of heads of each attention layer (``num_heads``), the activation functions by type (GELU's approximation), and
+    the epsilons of the normalisation layers. Records of older files hold fewer of them (``changed_settings``)."""
+    heads, activations, epsilons = [], set(), set()
     for module in model.modules():
         heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
         if _is_int(heads_of):
             heads.append(heads_of)
         if type(module).__module__.rsplit(".", 1)[-1] in ("activation", "activations"):
             activations.add(_activation_name(module))
-    return {"attention_heads": heads, "activations": sorted(activations)}
+        if "Norm" in type(module).__name__ and isinstance(vars(module).get("eps"), float):
+            epsilons.add(vars(module)["eps"])
+    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": sorted(epsilons)}
+
+
+def changed_settings(recorded: Dict[str, Any], own: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """(recorded, own) of each setting a record holds and the model does otherwise (older records hold fewer)."""
+    return {key: (value, own.get(key)) for key, value in recorded.items() if own.get(key) != value}
 
 
 def _activation_name(module: nn.Module) -> str:
@@ -352,8 +360,9 @@ def _is_frozen_weights(value: Any) -> bool:
 _POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_pool name")
 _SETTINGS = (lambda v: isinstance(v, dict) and isinstance(v.get("attention_heads"), list)
              and all(_is_int(x) for x in v["attention_heads"]) and isinstance(v.get("activations"), list)
-             and all(isinstance(x, str) for x in v["activations"]),
-             '{"attention_heads": [integers], "activations": [names]}')
+             and all(isinstance(x, str) for x in v["activations"])
+             and ("norm_eps" not in v or v["norm_eps"] == [] or _is_number_list(v["norm_eps"])),
+             '{"attention_heads": [integers], "activations": [names], "norm_eps": [numbers] (optional)}')
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects]}')}
 
@@ -529,6 +538,11 @@ def _check_settings(model: nn.Module, document: dict) -> None:
             f"adapter was trained on a model with activations {trained['activations']}, this model has "
             f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
             "with")
+    if "norm_eps" in trained and trained["norm_eps"] != own["norm_eps"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose normalisation layers use eps {trained['norm_eps']}, this model's "
+            f"use {own['norm_eps']}: the same weights give other outputs. Create it with the norm_layer (eps) it was "
+            "trained with")
 
 
 def _few(values: List[int]) -> str:

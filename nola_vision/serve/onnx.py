@@ -401,10 +401,12 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained with global_pool={trained!r}, "
                                f"the graph pools with {pooling!r}; export a graph from a model created with "
                                f"global_pool={trained!r}")
-    if "settings" in document and "settings" in meta and document["settings"] != json.loads(meta["settings"]):
+    graph_settings, recorded = json.loads(meta.get("settings", "{}")), document.get("settings") or {}
+    # compared where both record a setting: older files and graphs record fewer
+    if any(recorded[key] != graph_settings[key] for key in recorded.keys() & graph_settings.keys()):
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained on a model with "
-                               f"{document['settings']}, the graph's has {json.loads(meta['settings'])} (heads per "
-                               "attention layer, activations); export a graph from a model created as in training")
+                               f"{document['settings']}, the graph's has {graph_settings} (heads per attention layer, "
+                               "activations, norm epsilons); export a graph from a model created as in training")
     if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
         _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory)
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}

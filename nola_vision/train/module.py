@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters.files import output_settings, save_adapter
+from ..adapters.files import changed_settings, output_settings, save_adapter
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
@@ -372,10 +372,11 @@ class FewShotClassifier(L.LightningModule):
     def _check_settings(self, saved: Optional[dict]) -> None:
         """The backbone splits attention into as many heads and uses the same activations as the run's did: neither
         changes a weight, so the backbone's fingerprint cannot tell."""
-        own = output_settings(self.model)
-        if saved is not None and saved != own:
-            raise ValueError(f"checkpoint was trained on a backbone with {saved}, this one has {own} (heads per "
-                             "attention layer, activations): use the run's model.backbone_kwargs")
+        changed = changed_settings(saved, output_settings(self.model)) if saved is not None else {}
+        if changed:
+            raise ValueError("checkpoint was trained on a backbone with other settings ("
+                             + "; ".join(f"{key} {own} (checkpoint: {was})" for key, (was, own) in changed.items())
+                             + "): use the run's model.backbone_kwargs")
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
