@@ -71,14 +71,20 @@ def test_an_activation_with_hooks_parameters_or_in_place_stays_in_the_mlp(images
     in_place(images).sum().backward()  # an in-place activation would overwrite the kept pre-activation
 
 
-def test_a_hook_added_after_inject_on_a_taken_over_activation_is_refused(images):
-    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc2"]))
-    handle = model.blocks[0].mlp.act.register_forward_hook(lambda module, args, out: out)
-    with pytest.raises(ValueError, match="hook on mlp.act, whose activation the adapted mlp.fc2 computes"):
-        model(images)
-    handle.remove()
-    model.blocks[0].mlp.fc2.input_activation.register_forward_pre_hook(lambda module, args: None)
-    with pytest.raises(ValueError, match="backward recomputes the activation without hooks"):
+def test_hooks_added_after_inject_on_a_taken_over_activation_run_on_its_output_or_are_warned_about(images):
+    model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc2"])), 1, adapters_only=True)
+    reference = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc2"], recompute_activation=False)), 1,
+                              adapters_only=True)
+    mask = (torch.arange(model.blocks[0].mlp.fc1.out_features) % 2).float()
+    model.blocks[0].mlp.fc2.input_activation.register_forward_hook(lambda module, args, out: out * mask)
+    reference.blocks[0].mlp.act.register_forward_hook(lambda module, args, out: out * mask)
+    grads = []
+    for m in (model, reference):  # the hook's mask holds in backward too: the activation is kept, not recomputed
+        m(images).square().sum().backward()
+        grads.append(m.blocks[0].mlp.fc2.lora_A.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    model.blocks[1].mlp.act.register_forward_hook(lambda module, args, out: None)  # a summary tool's hook
+    with pytest.warns(UserWarning, match="hook on mlp.act, whose activation the adapted mlp.fc2 computes"):
         model(images)
 
 
@@ -97,6 +103,9 @@ def test_a_wrapped_timm_model_trains_its_head_and_a_headless_linear_probe_is_ref
     assert nv.count_parameters(wrapped)["head"] == 5 * 64 + 5
     with pytest.raises(ValueError, match="'linear' would train nothing: .* has no classifier head"):
         nv.inject(tiny_vit(num_classes=0), "linear")
+    two = nn.ModuleDict({"student": tiny_vit(), "teacher": tiny_vit()})
+    with pytest.raises(ValueError, match=r"holds 2 timm models with classifier heads \(student, teacher\)"):
+        nv.inject(two, nv.NOLAConfig(**SMALL_NOLA))
 
 
 @pytest.mark.parametrize("call", ["keyword", "dict batch"])
@@ -166,3 +175,33 @@ def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adap
     nv.load_adapter(served, tmp_path / "task")  # a task switch copies in place: the wrapper keeps the same tensors
     with torch.no_grad():
         torch.testing.assert_close(served(images), trained(images))
+
+
+def test_the_call_check_keeps_each_threads_calls_apart():
+    # DataParallel's replicas (and threaded servers) run one parent in several threads: a second thread entering it
+    # must not wipe the calls the first made, or the first is told its adapter was never called
+    import threading
+
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"]))
+    mlp = model.blocks[0].mlp
+    check = next(hook.func.__self__ for hook in mlp._forward_pre_hooks.values() if isinstance(hook, partial))
+    inside, entered, errors = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        try:
+            check.parent_starts("blocks.0.mlp", mlp, ())
+            for name in ("blocks.0.mlp.fc1", "blocks.0.mlp.fc2"):
+                check.layer_called(name, None, (), None)
+            inside.set()
+            entered.wait(10)
+            check.parent_ends("blocks.0.mlp", mlp, (), None)
+        except ValueError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(10)
+    check.parent_starts("blocks.0.mlp", mlp, ())  # the second thread enters before the first leaves
+    entered.set()
+    thread.join()
+    assert errors == []

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from timm.layers import PatchEmbed
 from torch.utils.data import DataLoader, TensorDataset
 
 from nola_vision import LoRAConfig, NOLAConfig, load_adapter
@@ -60,14 +61,24 @@ def _plain_tiny():
                           **TINY["backbone_kwargs"])
 
 
+class _PatchEmbedWithBatchNorm(PatchEmbed):
+    """timm's patch embedding ending in a batch norm (in train mode), as hybrid ViTs' convolutional stems do."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.proj = torch.nn.Sequential(self.proj, torch.nn.BatchNorm2d(self.proj.out_channels))
+
+
 def test_training_keeps_batch_norms_at_the_backbones_statistics(tmp_path):
     # adapter files hold no buffers: statistics updated in training would be lost (save_adapter refuses them)
-    module = FewShotClassifier(**TINY, num_classes=4, adapter=NOLA)
-    norm = torch.nn.BatchNorm2d(64).eval().requires_grad_(False)
-    module.model.patch_embed.proj = torch.nn.Sequential(module.model.patch_embed.proj, norm)
+    kwargs = {**TINY["backbone_kwargs"], "embed_layer": _PatchEmbedWithBatchNorm}
+    module = FewShotClassifier(**{**TINY, "backbone_kwargs": kwargs}, num_classes=4, adapter=NOLA,
+                               adapter_dir=str(tmp_path / "adapter"))
+    norm = module.model.patch_embed.proj[1]
     before = norm.running_mean.clone(), norm.running_var.clone()
     trainer(tmp_path, epochs=1, limit_train_batches=2).fit(module, loader())
     assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert (tmp_path / "adapter").is_dir()  # exported at the end of the fit, which changed statistics would refuse
     assert module.train().model.training and not norm.training
 
 

@@ -239,8 +239,9 @@ def _require_statistics_of_inject(model: nn.Module, statistics: Dict[str, Tensor
         raise ValueError(
             f"the running statistics of {len(layers)} batch-norm layer(s) changed since inject (first: {layers[0]}), "
             "and adapter files hold no buffers: the adapter would load onto the base model's statistics and give "
-            "other outputs than this model. Train with the batch norms in eval mode (after model.train(): for m in "
-            "model.modules(): if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.eval()), or nv.unload the "
+            "other outputs than this model. Train with them in eval mode, as FewShotClassifier does (after "
+            "model.train(): for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._NormBase): "
+            "m.eval()), or nv.unload the "
             "model and inject again into one with the base model's statistics (e.g. a fresh timm.create_model), "
             "then train again")
 

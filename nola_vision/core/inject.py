@@ -8,6 +8,7 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -36,7 +37,7 @@ from .registry import method_of
 from .targets import classifier_head, require_not_data_parallel, unwrap_model
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "running_statistics",
-           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
+           "set_basis_holding", "set_quantization_aware", "statistics_layers", "unload", "unwrap_model"]
 
 STATE_ATTRIBUTE = "nola_adapter"
 
@@ -103,14 +104,16 @@ def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.
 
 class MovedActivation(nn.Identity):
     """What stays at ``mlp.act`` while the adapted ``mlp.fc2`` computes the activation itself: it passes the
-    pre-activation through, so a hook registered here after ``inject`` would see the wrong tensor and is refused."""
+    pre-activation through, so a hook registered here after ``inject`` sees that (a warning says so); hooks on the
+    activation itself (``fc2.input_activation``) run on its output."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if has_hooks(self):
-            raise ValueError(
-                "a hook on mlp.act, whose activation the adapted mlp.fc2 computes (recompute_activation=True): here it "
-                "would see the pre-activation. Register it before inject (the activation then stays in place), or "
-                "inject with recompute_activation=False")
+        if has_hooks(self) and not torch.compiler.is_compiling():
+            warnings.warn(
+                "a hook on mlp.act, whose activation the adapted mlp.fc2 computes (recompute_activation=True), sees "
+                "the pre-activation, and an output it returns would be activated after it. Hook "
+                "mlp.fc2.input_activation, register it before inject (the activation then stays in place), or inject "
+                "with recompute_activation=False", UserWarning, stacklevel=2)
         return x
 
 
@@ -172,12 +175,17 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     return wrapper
 
 
+def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The norm layers that keep running statistics (batch norms, tracking instance norms) by name: state that a
+    forward pass in train mode changes without a gradient (hybrid ViTs' convolutional stems have them)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats}
+
+
 def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
-    """The running statistics of the model's batch norms by buffer name: state that a forward pass in train mode
-    changes without a gradient (hybrid ViTs' convolutional stems have them; plain ViTs have none)."""
+    """The running means and variances of ``statistics_layers`` by buffer name (plain ViTs have none)."""
     return {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
-            for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            for name, module in statistics_layers(model).items()
             for buffer in ("running_mean", "running_var") if getattr(module, buffer, None) is not None}
 
 
@@ -213,27 +221,31 @@ class _CallCheck:
     ``self.qkv.weight`` with ``F.linear`` instead of calling the layer (timm's EVA and BEiT with a qkv bias, Swin
     V2), so an adapter there would silently change nothing but the merged weights. Each parent's first completed
     forward pass is checked (through ``model()``, ``forward_features`` or any other path), and once every parent
-    has passed, its hooks are removed. Parents are known by name, so a deep copy or a pickled model keeps checking
-    (a class, so the model still pickles)."""
+    has passed, its hooks are removed. Calls are recorded per thread (DataParallel's replicas run the same modules
+    in several threads), and parents are known by name, so a deep copy or a pickled model keeps checking (a
+    class, so the model still pickles)."""
 
     def __init__(self, layers_by_parent: Dict[str, List[str]], parent_types: Dict[str, str]) -> None:
         self.pending = {parent: list(layers) for parent, layers in layers_by_parent.items()}
         self.parent_types = parent_types
-        self.called: set = set()
+        self.called: Dict[int, set] = {}  # by thread
         self.handles: List[RemovableHandle] = []  # removed once every parent passed
 
     def parent_starts(self, parent: str, module: nn.Module, args: tuple) -> None:
-        if parent in self.pending and not torch.compiler.is_compiling():
-            self.called.difference_update(self.pending[parent])
+        layers = self.pending.get(parent)
+        if layers is not None and not torch.compiler.is_compiling():
+            self.called.setdefault(threading.get_ident(), set()).difference_update(layers)
 
     def layer_called(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not torch.compiler.is_compiling():
-            self.called.add(name)
+        if self.pending and not torch.compiler.is_compiling():
+            self.called.setdefault(threading.get_ident(), set()).add(name)
 
     def parent_ends(self, parent: str, module: nn.Module, args: tuple, output: object) -> None:
-        if parent not in self.pending or torch.compiler.is_compiling():
+        layers = self.pending.get(parent)
+        if layers is None or torch.compiler.is_compiling():
             return
-        skipped = [name for name in self.pending[parent] if name not in self.called]
+        called = self.called.get(threading.get_ident(), set())
+        skipped = [name for name in layers if name not in called]
         if skipped:
             kind = self.parent_types[parent]
             raise ValueError(
@@ -242,8 +254,9 @@ class _CallCheck:
                 "weight directly (e.g. F.linear(x, self.qkv.weight, bias)), so an adapter there changes nothing. "
                 "Target other layers of this model (e.g. mlp.fc1, mlp.fc2, attn.proj): nv.unload(model), then "
                 "inject again")
-        del self.pending[parent]
+        self.pending.pop(parent, None)
         if not self.pending:
+            self.called.clear()
             for handle in self.handles:
                 handle.remove()
 

@@ -187,11 +187,8 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         activation = self.input_activation
-        if activation is not None and has_hooks(activation):
-            raise ValueError(
-                "a hook on the activation an adapted mlp.fc2 computes (recompute_activation=True): its backward "
-                "recomputes the activation without hooks. Register it on mlp.act before inject (the activation then "
-                "stays in place), or inject with recompute_activation=False")
+        if activation is not None and has_hooks(activation):  # hooks run once, on the output this pass keeps
+            x, activation = activation(x), None
         if self.merged:
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in self.adapter_parameters().values() if p.requires_grad]

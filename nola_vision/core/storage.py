@@ -203,16 +203,21 @@ def resolve_directory_target(path: PathLike) -> Path:
 
 def _mount_point_within(directory: Path) -> Optional[Path]:
     """The first mount point at or under ``directory`` (a folder or a bind-mounted file; symlinks are not followed),
-    or None."""
+    or None. Where the system lists its mount points (Linux), they are compared by path, whatever the directory
+    holds; elsewhere its tree is walked."""
     if directory.is_symlink() or not directory.is_dir():
         return None
-    listed = _listed_mount_points()
-    if os.path.ismount(directory) or os.fspath(directory) in listed:
+    if os.path.ismount(directory):
         return directory
+    listed = _listed_mount_points()
+    if listed:
+        top = os.fspath(directory)
+        inside = sorted(path for path in listed if path == top or path.startswith(top + os.sep))
+        return Path(inside[0]) if inside else None
     for root, folders, files in os.walk(directory):  # os.walk does not follow symlinks
         for name in (*folders, *files):
             path = os.path.join(root, name)
-            if path in listed or os.path.ismount(path):
+            if os.path.ismount(path):
                 return Path(path)
     return None
 

@@ -58,28 +58,38 @@ def _summarise_names(names: List[str]) -> List[str]:
     return sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
 
 
-def _classifier_owner(model: nn.Module) -> Optional[nn.Module]:
-    """The module whose ``get_classifier()`` names the head: the model, else its outermost submodule that has one
-    (a timm model inside a wrapper module)."""
-    for module in model.modules():
-        if callable(getattr(module, "get_classifier", None)):
-            return module
-    return None
+def _classifier_owners(model: nn.Module) -> List[nn.Module]:
+    """The modules whose ``get_classifier()`` may name the head: the model itself when it has one, else its outermost
+    submodules that have one (a timm model inside a wrapper module)."""
+    if callable(getattr(model, "get_classifier", None)):
+        return [model]
+    owners: Dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{owner}.") for owner in owners)
+        if callable(getattr(module, "get_classifier", None)) and not inside:
+            owners[name] = module
+    return list(owners.values())
 
 
 def classifier_head(model: nn.Module) -> Optional[nn.Module]:
-    """The classifier head by timm's ``get_classifier()`` contract (of the model or of the timm model it wraps); None
-    for a model without one."""
-    owner = _classifier_owner(model)
-    head = owner.get_classifier() if owner is not None else None
+    """The classifier head by timm's ``get_classifier()`` contract (of the model or of the one timm model it wraps);
+    None for a model without one."""
+    owners = _classifier_owners(model)
+    head = owners[0].get_classifier() if len(owners) == 1 else None
     return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
 
 
 def require_one_head(model: nn.Module) -> None:
-    """Refuse a model with several classifier heads (timm's distilled DeiT and EfficientFormer return a tuple from
-    ``get_classifier()``): adapters would train beside heads that stay frozen at their random init."""
-    owner = _classifier_owner(model)
-    heads = owner.get_classifier() if owner is not None else None
+    """Refuse a model with several classifier heads: timm's distilled DeiT and EfficientFormer return a tuple from
+    ``get_classifier()``, and a wrapper may hold several timm models. Adapters would train beside heads that stay
+    frozen at their random init."""
+    owners = _classifier_owners(model)
+    if len(owners) > 1:
+        names = [name for name, module in model.named_modules() if any(module is owner for owner in owners)]
+        raise ValueError(f"{type(model).__name__} holds {len(owners)} timm models with classifier heads "
+                         f"({', '.join(names)}), and nola_vision trains one head: define get_classifier() on it to "
+                         "return the head to train")
+    heads = owners[0].get_classifier() if owners else None
     if isinstance(heads, (tuple, list)):
         names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "

@@ -22,7 +22,7 @@ from ..core.checks import check_bool, check_choice, check_int, check_number, che
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.fingerprint import differing_module, frozen_fingerprint
-from ..core.inject import adapter_state, inject, set_quantization_aware
+from ..core.inject import adapter_state, inject, set_quantization_aware, statistics_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import resolve_directory_target
@@ -181,14 +181,19 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_bits: Optional[int] = None
 
     def train(self, mode: bool = True) -> FewShotClassifier:
-        """Train mode, except for batch norms (hybrid ViTs' stems): they keep the backbone's running statistics,
+        """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
         which adapter files do not hold and a few-shot batch would estimate poorly."""
         super().train(mode)
         if mode:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            self._freeze_statistics()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        self._freeze_statistics()  # Lightning sets train mode without calling train()
+
+    def _freeze_statistics(self) -> None:
+        for module in statistics_layers(self.model).values():
+            module.eval()
 
     # ---- what is trained -------------------------------------------------------------------------
     @property
