@@ -179,11 +179,47 @@ def test_a_manifest_of_another_draw_is_refused_and_kept(folder_root, tmp_path):
     kept = {path: path.read_bytes() for path in (run.manifest_path, run.val_manifest_path)}
     drawn()  # the same images again: the manifests stay as they are
     add_drawn_image(run, "cat")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(run.manifest_path))} lists another k-shot split .* so it "
-                                         r"is not replaced: .*--data.split_file"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run.manifest_path))} lists another k-shot split .* the "
+                                         rf"images under {re.escape(str(folder_root))} changed since it was written.* "
+                                         r"so it is not replaced: .*--data.split_file"):
         drawn()
     assert {path: path.read_bytes() for path in kept} == kept  # the record of what the run trained on
     assert drawn(split_dir=None).split_digest != run.split_digest  # what checkpoints record of the draw
+
+
+def test_a_manifest_of_other_settings_is_refused_naming_them(folder_root, tmp_path):
+    # the same split_dir with another val_shots was refused as if the images under root had changed
+    def drawn(val_shots):
+        dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, val_shots=val_shots, image_size=8,
+                               split_dir=str(tmp_path / "splits"))
+        dm.setup("fit")
+        return dm
+
+    run = drawn(val_shots=2)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run.val_manifest_path))} was written by a run with "
+                                         r"val_shots=2, but this run has val_shots=1.*another --data.split_dir.*"
+                                         r"--data.val_shots 2\)$") as refused:
+        drawn(val_shots=1)
+    assert "changed" not in str(refused.value)
+
+
+def test_every_rank_refuses_a_manifest_of_another_draw_and_only_rank_zero_writes(folder_root, tmp_path):
+    # rank 0 alone refused it, and the other ranks waited at the barrier ending Lightning's setup until a timeout
+    from types import SimpleNamespace
+
+    def rank1(split_dir):
+        dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8, split_dir=str(split_dir))
+        dm.trainer = SimpleNamespace(is_global_zero=False)  # what setup reads of a DDP rank's trainer
+        dm.setup("fit")
+        return dm
+
+    run = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8,
+                            split_dir=str(tmp_path / "splits"))
+    run.setup("fit")
+    add_drawn_image(run, "cat")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run.manifest_path))} lists another k-shot split"):
+        rank1(tmp_path / "splits")
+    assert not rank1(tmp_path / "fresh").manifest_path.exists()  # written by rank 0 only
 
 
 def test_val_shots_with_a_split_file_but_no_val_split_file_is_refused_at_construction(tmp_path):

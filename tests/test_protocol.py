@@ -203,8 +203,10 @@ def with_data(tmp_path, name, data, top=None):
 def test_a_split_manifest_in_a_config_or_an_override_is_refused_before_any_run(tmp_path, config_data, overrides):
     # it gave every split seed the manifest's images, averaged in results.md as independent splits
     config = with_data(tmp_path, "manifest.yaml", config_data)
+    # and the replay it names passes the validation manifest too: a config with val_shots > 0 refuses one without
     with pytest.raises(ValueError, match=r"draws each run's split from --split_seeds.*`nola-vision fit` with its "
-                                         r"manifest: --data\.split_file"):
+                                         r"manifests: --data\.split_file <run folder>/\S+_train\.txt .*"
+                                         r"--data\.val_split_file <run folder>/\S+_val\.txt \(or --data\.val_shots 0"):
         run_protocol([config], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0], overrides=overrides,
                      python=fake_python(tmp_path), echo=False)
     assert not (tmp_path / "out").exists()
@@ -217,6 +219,27 @@ def test_a_config_class_path_group_with_a_split_manifest_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"config {config} sets data\.split_file: manifest\.txt"):
         run_protocol([TINY, str(config)], out=str(tmp_path / "out"), split_seeds=[0], init_seeds=[0],
                      python=fake_python(tmp_path), echo=False)
+
+
+def test_a_group_file_beside_its_config_with_a_split_manifest_is_refused(tmp_path, monkeypatch):
+    # fit reads `data: data.yaml` from the config's folder; protocol read it from the current directory and let it by
+    import yaml
+
+    from nola_vision.train.cli import cli_parser
+
+    (tmp_path / "configs").mkdir()
+    config = yaml.safe_load(Path(TINY).read_text())
+    (tmp_path / "configs" / "data.yaml").write_text(yaml.safe_dump({**config["data"], "split_file": "manifest.txt"}))
+    config["data"] = "data.yaml"
+    (tmp_path / "configs" / "main.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    parsed = cli_parser().parse_args(["fit", "-c", str(tmp_path / "configs" / "main.yaml")])["fit"]
+    assert parsed["data"]["split_file"] == "manifest.txt"  # what every run would have read
+    with pytest.raises(ValueError, match=r"config .*main\.yaml sets data\.split_file: manifest\.txt"):
+        run_protocol([str(tmp_path / "configs" / "main.yaml")], out=str(tmp_path / "out"), split_seeds=[0],
+                     init_seeds=[0], python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_seeds_folders_and_the_test_pass_a_config_sets_are_replaced_in_every_run(tmp_path):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -221,6 +222,54 @@ def test_a_stopped_protocol_starts_no_queued_run_and_exits_with_the_signals_code
             protocol.wait()
         for pid in filter(alive, map(pid_in, out.glob("cell/*/started"))):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stop_is_over_once_its_context_is_left(tmp_path, monkeypatch):
+    # a Ctrl-C in a notebook or a test session refused every later run of the process until it restarted
+    from nola_vision.runs import executors
+
+    monkeypatch.setattr(executors, "_STOPPING", threading.Event())  # this test's stop state, whatever it leaves
+    monkeypatch.setattr(executors, "_RUNNING", set())
+    run = [sys.executable, "-c", "pass"]
+    with executors.stop_runs_on_signals():
+        with pytest.raises(SystemExit, match="130"):
+            executors._stop(signal.SIGINT, None)  # what the handler does on Ctrl-C, without sending one
+        assert executors.stopping()
+        with pytest.raises(executors.Stopped):
+            executors.call(run, str(tmp_path / "refused.log"))
+    assert not executors.stopping()
+    assert executors.call(run, str(tmp_path / "after.log"))[0] == 0
+
+
+def test_a_stop_gives_the_fits_it_terminates_one_grace_period_together(monkeypatch):
+    # each fit had 30 s in turn: four that ignore SIGTERM held the handler 2 minutes, past SLURM's KillWait (30 s)
+    from nola_vision.runs import executors
+
+    class Stubborn:
+        """A fit that ignores SIGTERM: it exits only when killed."""
+
+        def __init__(self):
+            self.waited, self.killed = [], False
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            self.waited.append(timeout)
+            time.sleep(min(timeout, 0.5))
+            raise subprocess.TimeoutExpired("fit", timeout)
+
+        def kill(self):
+            self.killed = True
+
+    fits = [Stubborn() for _ in range(4)]
+    monkeypatch.setattr(executors, "_STOPPING", threading.Event())
+    monkeypatch.setattr(executors, "_RUNNING", set(fits))
+    monkeypatch.setattr(executors, "_STOP_GRACE_S", 0.3, raising=False)
+    with pytest.raises(SystemExit, match="143"):
+        executors._stop(signal.SIGTERM, None)
+    assert all(fit.killed for fit in fits)
+    assert sum(timeout for fit in fits for timeout in fit.waited) <= 0.3
 
 
 @pytest.mark.parametrize("command", ["protocol", "tune"])

@@ -143,24 +143,45 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) 
     return shots
 
 
-def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path) -> bool:
+def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path, settings: dict[str, str]) -> bool:
     """Whether the manifest ``path`` exists and lists exactly the ``drawn`` images; one that lists others is refused,
-    naming the file: it is the record of what an earlier run trained on."""
+    naming the file: it is the record of what an earlier run trained on. Its header's settings are compared with this
+    run's (``settings``) first, so that a run with another ``val_shots`` is told so, not that the images changed."""
     if not path.is_file():
         return False
     listed = read_manifest(path)
     if sorted(listed) == sorted(drawn):
         return True
+    recorded = manifest_settings(path)
+    other = {key: value for key, value in settings.items() if recorded.get(key, value) != value}
+    if other:
+        raise ValueError(_other_settings_message(path, recorded, other))
+    raise ValueError(_changed_images_message(path, listed, drawn, root))
+
+
+def _other_settings_message(path: Path, recorded: dict[str, str], other: dict[str, str]) -> str:
+    """Why a manifest written with other settings (``other``: this run's values of them) is kept, and what to do."""
+    theirs = ", ".join(f"{key}={recorded[key]}" for key in other)
+    ours = ", ".join(f"{key}={value}" for key, value in other.items())
+    options = " ".join(f"--data.{key} {recorded[key]}" for key in other)
+    return (f"{path} was written by a run with {theirs}, but this run has {ours}, so it draws other images. It "
+            "records what that run trained on, so it is not replaced: pass another --data.split_dir for this run, "
+            f"or run with that run's settings ({options})")
+
+
+def _changed_images_message(path: Path, listed: list[tuple[str, int]], drawn: list[tuple[str, int]],
+                            root: Path) -> str:
+    """Why a manifest of the same settings that lists other images than this run draws is kept, and what to do."""
     gone, new = sorted(set(listed) - set(drawn)), sorted(set(drawn) - set(listed))
     differences = [f"it lists {len(gone)} image(s) this run does not draw, e.g. '{gone[0][0]}'" if gone else "",
                    f"this run draws {len(new)} image(s) it does not list, e.g. '{new[0][0]}'" if new else ""]
     differ = "; ".join(difference for difference in differences if difference)
-    raise ValueError(f"{path} lists another k-shot split than this run draws ({differ}): "
-                     f"the images under {root} changed since it was written (an image added, removed or renamed "
-                     "changes the draw), or it belongs to another dataset folder. It records what an earlier run "
-                     "trained on, so it is not replaced: restore the images, replay that split with "
-                     "--data.split_file (and --data.val_split_file) naming its manifests, or pass another "
-                     "--data.split_dir")
+    return (f"{path} lists another k-shot split than this run draws ({differ}): "
+            f"the images under {root} changed since it was written (an image added, removed or renamed "
+            "changes the draw), or it belongs to another dataset folder. It records what an earlier run "
+            "trained on, so it is not replaced: restore the images, replay that split with "
+            "--data.split_file (and --data.val_split_file) naming its manifests, or pass another "
+            "--data.split_dir")
 
 
 class _UnpaddedDistributedSampler(DistributedSampler):
@@ -228,8 +249,8 @@ class FewShotDataModule(L.LightningDataModule):
                 ``val_shots``) then become the images per class the manifests hold, and are recorded as such.
                 Validation images then come only from ``val_split_file``: ``val_shots`` > 0 without it is refused.
             val_split_file: a validation manifest to load instead of drawing (only with ``split_file``).
-            split_dir: folder to write the drawn manifests to (rank 0 only); None writes nothing. A manifest already
-                there that lists other images is refused, never replaced (see ``save_split``).
+            split_dir: folder to write the drawn manifests to (rank 0 writes them); None writes nothing. A manifest
+                already there that lists other images is refused on every rank, never replaced (see ``save_split``).
             allow_fewer: keep classes with fewer than ``shots + val_shots`` train images instead of failing.
             shuffle_seed: seed of the train loader's shuffling (under DDP: of its ``DistributedSampler``);
                 None takes ``torch.initial_seed()`` (under DDP Lightning's sampler, seeded by ``seed_everything``).
@@ -331,8 +352,12 @@ class FewShotDataModule(L.LightningDataModule):
         self.train_set = FewShotSubset(train, self.split.train, self.train_transform, cache, self.cache_mb)
         if self.split.val:
             self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache, self.cache_mb)
-        if self.split_dir and (self.trainer is None or self.trainer.is_global_zero):
-            self.save_split(self.split_dir)
+        if self.split_dir:
+            # every rank checks, so that all raise the same error: one raised on rank 0 alone would leave the others
+            # waiting at the barrier that ends Lightning's setup until the process group times out
+            unwritten = self._unwritten_manifests(self.split_dir)
+            if self.trainer is None or self.trainer.is_global_zero:
+                self._write_manifests(unwritten)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
         """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and
@@ -356,23 +381,35 @@ class FewShotDataModule(L.LightningDataModule):
         A manifest already there records what an earlier run drew: one that lists the same images is kept as it is,
         one that lists others is refused before either file is written, never replaced.
         """
+        self._write_manifests(self._unwritten_manifests(split_dir))
+        return self.manifest_path
+
+    def _unwritten_manifests(self, split_dir: str) -> dict[Path, list[int]]:
+        """The manifests of this split that ``split_dir`` does not hold yet (path: train-set indices), after refusing
+        one there that lists other images; it only reads, so every DDP rank runs it."""
         self._require_setup()
         stem = f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
-        root = self.train_set.dataset.root
-        header = (f"nola_vision k-shot manifest: dataset={self.dataset_name} shots={self.shots} "
-                  f"split_seed={self.split_seed} val_shots={self.val_shots}\n"
-                  f"paths are relative to {root}")
-        samples = self.train_set.dataset.samples
         train_path, val_path = Path(split_dir) / f"{stem}_train.txt", Path(split_dir) / f"{stem}_val.txt"
         manifests = {train_path: self.split.train, **({val_path: self.split.val} if self.split.val else {})}
-        kept = {path: _lists_already(path, [samples[i] for i in indices], root) for path, indices in manifests.items()}
+        samples, root = self.train_set.dataset.samples, self.train_set.dataset.root
+        settings = self._manifest_settings()
+        unwritten = {path: indices for path, indices in manifests.items()
+                     if not _lists_already(path, [samples[i] for i in indices], root, settings)}
+        self.manifest_path, self.val_manifest_path = train_path, val_path if self.split.val else None
+        return unwritten
+
+    def _write_manifests(self, manifests: dict[Path, list[int]]) -> None:
+        """Write each manifest (path: train-set indices) under a header of the settings that drew it."""
+        dataset = self.train_set.dataset
+        settings = " ".join(f"{key}={value}" for key, value in self._manifest_settings().items())
+        header = f"nola_vision k-shot manifest: {settings}\npaths are relative to {dataset.root}"
         for path, indices in manifests.items():
-            if not kept[path]:
-                write_manifest(path, samples, indices, header)
-        self.manifest_path = train_path
-        if self.split.val:
-            self.val_manifest_path = val_path
-        return self.manifest_path
+            write_manifest(path, dataset.samples, indices, header)
+
+    def _manifest_settings(self) -> dict[str, str]:
+        """The settings a manifest header records (``manifest_settings`` reads them back): those that drew it."""
+        return {"dataset": self.dataset_name, "shots": str(self.shots), "split_seed": str(self.split_seed),
+                "val_shots": str(self.val_shots)}
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,

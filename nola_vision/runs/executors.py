@@ -2,8 +2,9 @@
 
 A run is a command line and a log file; an executor runs a batch of them and yields each with its exit code
 as it finishes. Runs write their own results atomically, so an executor only has to start them and report.
-A stop (SIGTERM or Ctrl-C, inside :func:`stop_runs_on_signals`) is final: the running fits are terminated, no
-queued run starts (submitit jobs are cancelled), and the command exits 143 or 130.
+A stop (SIGTERM or Ctrl-C, inside :func:`stop_runs_on_signals`) ends the command: the running fits are terminated,
+no queued run starts (submitit jobs are cancelled), and it exits 143 or 130. The stop ends with the context, so a
+process that goes on (a notebook, a test session) can start runs again.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ class Run:
 
 _RUNNING: Set[subprocess.Popen] = set()  # the fits this process started and waits for
 _RUNNING_LOCK = threading.Lock()
-_STOPPING = threading.Event()  # set once by a stop (SIGTERM, Ctrl-C): from then on no run starts
+_STOPPING = threading.Event()  # set by a stop (SIGTERM, Ctrl-C): no run starts until its context is left
+_STOP_GRACE_S = 25.0  # how long a stop waits for the fits it terminated, all together, before killing the rest
+# (below SLURM's default KillWait of 30 s, after which the scheduler kills this process too)
 
 
 class Stopped(RuntimeError):
@@ -43,7 +46,7 @@ class Stopped(RuntimeError):
 def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, float]:
     """Run ``cmd`` with its output in ``log`` (after the command line); return its exit code and wall seconds.
 
-    Raises :class:`Stopped`, without starting it or touching ``log``, once this process is stopping."""
+    Raises :class:`Stopped`, without starting it or touching ``log``, while this process is stopping."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     process = _start(cmd, log, env)
@@ -82,7 +85,7 @@ def stop_runs_on_signals() -> Iterator[None]:
     """Inside it, SIGTERM (``kill``, a scheduler's cancel) or Ctrl-C starts no further run, stops the fits this
     process started, then exits 143 (SIGTERM) or 130 (Ctrl-C): left running, they would hold their devices and race
     a re-run for the same folders. Ctrl-C is left alone where it is ignored (a background job); on leaving, the
-    previous handlers are back. A stop lasts for the process: no run starts in it afterwards."""
+    previous handlers are back and a stop is over: a process that goes on (a notebook) can start runs again."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -95,6 +98,7 @@ def stop_runs_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _STOPPING.clear()  # its runs are over: executors wait for their workers when left
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -104,9 +108,10 @@ def _stop(signum: int, frame: object) -> None:
         running = list(_RUNNING)
     for process in running:
         process.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S  # one for all: waiting for each in turn could take N times as long
     for process in running:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
     raise SystemExit(128 + signum)

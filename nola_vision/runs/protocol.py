@@ -51,8 +51,10 @@ __all__ = ["CONTROLLED", "REPLAY_SPLIT", "fit_command", "main", "refuse_controll
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
 REPLAY_SPLIT = ("a split manifest would give every split seed the same images. To replay one run's split, run "
-                "`nola-vision fit` with its manifest: "
-                "--data.split_file <run folder>/<dataset>_<k>shot_seed<S>_train.txt")
+                "`nola-vision fit` with its manifests: "
+                "--data.split_file <run folder>/<dataset>_<k>shot_seed<S>_train.txt and, for a config with "
+                "val_shots > 0, --data.val_split_file <run folder>/<dataset>_<k>shot_seed<S>_val.txt (or "
+                "--data.val_shots 0 to replay without validation)")
 
 # What protocol sets in every run itself, and how to control it instead: an override of these would make every
 # "split seed" the same split (or every init seed the same seed), or write the results where nothing reads them.
@@ -113,7 +115,9 @@ def _config_settings(config: str) -> Dict[str, Any]:
         option = f"--{key}"
         settings[option] = value
         if option in GROUPS:
-            settings.update({f"{option}.{name}": field for name, field in _group_settings(value).items()})
+            # fit reads a group file a config names from the config's folder
+            group = _group_settings(value, Path(config).parent)
+            settings.update({f"{option}.{name}": field for name, field in group.items()})
     return settings
 
 
@@ -126,12 +130,14 @@ def set_options(key: str, value: Optional[str]) -> List[str]:
     return [option] + [f"{option}.{name}" for name in _group_settings(value)]
 
 
-def _group_settings(value: Any) -> Dict[str, Any]:
-    """The fields a whole fit group (``--data``, ``data:``) sets: a mapping, YAML text or a YAML file, with its
-    ``init_args`` unwrapped; empty for anything else (a class path alone sets no field)."""
+def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
+    """The fields a whole fit group (``--data``, ``data:``) sets: a mapping, YAML text or a YAML file (a relative path
+    is read from ``folder``, as fit does), with its ``init_args`` unwrapped; empty for anything else (a class path
+    alone sets no field)."""
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(Path(value).read_text() if Path(value).is_file() else value)
+            path = folder / value
+            value = yaml.safe_load(path.read_text() if path.is_file() else value)
         except (OSError, ValueError, yaml.YAMLError, RecursionError):
             return {}
     if not isinstance(value, dict):
