@@ -115,7 +115,7 @@ def test_validating_or_resuming_after_images_were_added_is_refused_and_the_runs_
                     "--ckpt_path", "last")
     assert code == 2 and "resuming trains on another split than the run did, with the same data settings" in err
     replay = ["--data.split_file", splits / "imagefolder_2shot_seed0_train.txt",
-              "--data.val_split_file", splits / "imagefolder_2shot_seed0_val.txt"]
+              "--data.val_split_file", splits / "imagefolder_2shot_seed0_val2.txt"]
     assert run(capsys, *validate, "--ckpt_path", "last", *replay, "--data.split_dir", splits)[0] == 0
     older = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     del older["nola_vision"]["data"]["split_digest"]

@@ -187,7 +187,8 @@ def test_a_manifest_of_another_draw_is_refused_and_kept(folder_root, tmp_path):
     assert drawn(split_dir=None).split_digest != run.split_digest  # what checkpoints record of the draw
 
 
-def test_a_manifest_of_other_settings_is_refused_naming_them(folder_root, tmp_path):
+def test_runs_with_another_val_shots_keep_their_own_manifests_and_a_manifest_of_other_settings_is_named(
+        folder_root, tmp_path):
     # the same split_dir with another val_shots was refused as if the images under root had changed
     def drawn(val_shots):
         dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, val_shots=val_shots, image_size=8,
@@ -195,11 +196,15 @@ def test_a_manifest_of_other_settings_is_refused_naming_them(folder_root, tmp_pa
         dm.setup("fit")
         return dm
 
-    run = drawn(val_shots=2)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(run.val_manifest_path))} was written by a run with "
-                                         r"val_shots=2, but this run has val_shots=1.*another --data.split_dir.*"
-                                         r"--data.val_shots 2\)$") as refused:
-        drawn(val_shots=1)
+    first, second = drawn(val_shots=2), drawn(val_shots=1)
+    assert first.manifest_path == second.manifest_path  # the same training draw, one record
+    assert first.val_manifest_path.name.endswith("_val2.txt") and second.val_manifest_path.name.endswith("_val1.txt")
+    lines = first.manifest_path.read_text().replace("split_seed=0", "split_seed=7").splitlines()
+    first.manifest_path.write_text("\n".join(lines[:-1]) + "\n")  # another seed's record: other images
+    with pytest.raises(ValueError, match=rf"{re.escape(str(first.manifest_path))} was written by a run with "
+                                         r"split_seed=7, but this run has split_seed=0.*another --data.split_dir.*"
+                                         r"--data.split_seed 7\)$") as refused:
+        drawn(val_shots=2)
     assert "changed" not in str(refused.value)
 
 

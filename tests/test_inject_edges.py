@@ -106,6 +106,8 @@ def test_a_wrapped_timm_model_trains_its_head_and_a_headless_linear_probe_is_ref
     two = nn.ModuleDict({"student": tiny_vit(), "teacher": tiny_vit()})
     with pytest.raises(ValueError, match=r"holds 2 timm models with classifier heads \(student, teacher\)"):
         nv.inject(two, nv.NOLAConfig(**SMALL_NOLA))
+    encoders = nn.ModuleDict({"image": tiny_vit(num_classes=0), "crop": tiny_vit(num_classes=0)})  # headless: fine
+    assert nv.count_parameters(nv.inject(encoders, nv.NOLAConfig(**SMALL_NOLA)))["head"] == 0
 
 
 @pytest.mark.parametrize("call", ["keyword", "dict batch"])

@@ -59,8 +59,9 @@ def _summarise_names(names: List[str]) -> List[str]:
 
 
 def _classifier_owners(model: nn.Module) -> List[nn.Module]:
-    """The modules whose ``get_classifier()`` may name the head: the model itself when it has one, else its outermost
-    submodules that have one (a timm model inside a wrapper module)."""
+    """The modules whose ``get_classifier()`` names the head: the model itself when it has the method, else its
+    outermost submodules that have it and whose head has parameters (a timm model inside a wrapper module; headless
+    encoders, ``num_classes=0``, do not count)."""
     if callable(getattr(model, "get_classifier", None)):
         return [model]
     owners: Dict[str, nn.Module] = {}
@@ -68,7 +69,12 @@ def _classifier_owners(model: nn.Module) -> List[nn.Module]:
         inside = any(name.startswith(f"{owner}.") for owner in owners)
         if callable(getattr(module, "get_classifier", None)) and not inside:
             owners[name] = module
-    return list(owners.values())
+    return [module for module in owners.values() if _has_head(module.get_classifier())]
+
+
+def _has_head(head: object) -> bool:
+    heads = head if isinstance(head, (tuple, list)) else [head]
+    return any(isinstance(h, nn.Module) and any(True for _ in h.parameters()) for h in heads)
 
 
 def classifier_head(model: nn.Module) -> Optional[nn.Module]:

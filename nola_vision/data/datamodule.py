@@ -121,8 +121,8 @@ def _check_arguments(hp: Any) -> Any:
     if hp.split_file and hp.val_shots and not hp.val_split_file:
         raise ValueError(f"{name('val_shots')}={hp.val_shots} with a split_file but no val_split_file: a replayed "
                          "split takes its validation images from the run's validation manifest, not from a new draw. "
-                         "Pass it with --data.val_split_file (<split_dir>/<dataset>_<k>shot_seed<s>_val.txt), or set "
-                         "--data.val_shots 0 to replay without validation")
+                         "Pass it with --data.val_split_file (<split_dir>/<dataset>_<k>shot_seed<s>_val<v>.txt), or "
+                         "set --data.val_shots 0 to replay without validation")
     hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
     return hp
 
@@ -388,8 +388,9 @@ class FewShotDataModule(L.LightningDataModule):
         """The manifests of this split that ``split_dir`` does not hold yet (path: train-set indices), after refusing
         one there that lists other images; it only reads, so every DDP rank runs it."""
         self._require_setup()
-        stem = f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
-        train_path, val_path = Path(split_dir) / f"{stem}_train.txt", Path(split_dir) / f"{stem}_val.txt"
+        stem = Path(split_dir) / f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
+        # val_shots in the validation manifest's name: runs that differ only in it share the training draw
+        train_path, val_path = Path(f"{stem}_train.txt"), Path(f"{stem}_val{self.val_shots}.txt")
         manifests = {train_path: self.split.train, **({val_path: self.split.val} if self.split.val else {})}
         samples, root = self.train_set.dataset.samples, self.train_set.dataset.root
         settings = self._manifest_settings()

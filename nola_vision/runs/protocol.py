@@ -53,7 +53,7 @@ __all__ = ["CONTROLLED", "REPLAY_SPLIT", "fit_command", "main", "refuse_controll
 REPLAY_SPLIT = ("a split manifest would give every split seed the same images. To replay one run's split, run "
                 "`nola-vision fit` with its manifests: "
                 "--data.split_file <run folder>/<dataset>_<k>shot_seed<S>_train.txt and, for a config with "
-                "val_shots > 0, --data.val_split_file <run folder>/<dataset>_<k>shot_seed<S>_val.txt (or "
+                "val_shots > 0, --data.val_split_file <run folder>/<dataset>_<k>shot_seed<S>_val<V>.txt (or "
                 "--data.val_shots 0 to replay without validation)")
 
 # What protocol sets in every run itself, and how to control it instead: an override of these would make every
