@@ -206,7 +206,7 @@ def test_a_split_manifest_in_a_config_or_an_override_is_refused_before_any_run(t
     # and the replay it names passes the validation manifest too: a config with val_shots > 0 refuses one without
     with pytest.raises(ValueError, match=r"draws each run's split from --split_seeds.*`nola-vision fit` with its "
                                          r"manifests: --data\.split_file <run folder>/\S+_train\.txt .*"
-                                         r"--data\.val_split_file <run folder>/\S+_val\.txt \(or --data\.val_shots 0"):
+                                         r"--data\.val_split_file <run folder>/\S+_val<V>\.txt \(or --data\.val_shots 0"):
         run_protocol([config], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0], overrides=overrides,
                      python=fake_python(tmp_path), echo=False)
     assert not (tmp_path / "out").exists()
