@@ -133,10 +133,19 @@ def test_batch_norm_statistics_changed_by_training_are_refused_as_files_hold_no_
     nv.save_adapter(model, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model.train()(IMAGES)  # a forward pass in train mode updates the running statistics
-    with pytest.raises(ValueError, match=r"running statistics of 1 batch-norm layer\(s\) changed since inject \(first: "
-                                         r"patch_embed\.proj\.1\).*_BatchNorm\): m\.eval\(\)\).*nv\.unload"):
+    with pytest.raises(ValueError, match=r"running statistics of 1 norm layer\(s\) changed since inject \(first: "
+                                         r"patch_embed\.proj\.1\).*_NormBase\): m\.eval\(\)\).*nv\.unload"):
         nv.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    if config == CONFIG:  # a peft export holds no buffers either
+        with pytest.raises(ValueError, match="running statistics of 1 norm layer"):
+            nv.export_peft(model, tmp_path / "peft")
+    frozen = nv.inject(vit_with_batch_norm(), config)
+    frozen.train()(IMAGES)
+    frozen.patch_embed.proj[1].track_running_stats = False  # no longer a statistics layer, its changed values kept
+    with pytest.raises(ValueError, match="running statistics of 1 norm layer"):
+        nv.save_adapter(frozen, tmp_path / "frozen")
+    nv.save_adapter(nv.inject(vit_with_batch_norm(), config).half().float(), tmp_path / "round_trip")  # same values
     model = as_if_trained(nv.inject(vit_with_batch_norm(), config), 1, scale=0.1).train()
     for module in model.modules():  # what the message advises: train with the batch norms in eval mode
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

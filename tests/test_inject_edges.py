@@ -166,10 +166,11 @@ def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adap
     # DataParallel (CPU: runs the module itself) stands for DistributedDataParallel: both took the parameters when built
     trained = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)), 1)
     nv.save_adapter(nn.DataParallel(trained), tmp_path / "task", bits=32)  # the inner module's names (no "module.")
-    with pytest.raises(ValueError, match="wrapped in DataParallel, which took its parameters when it was built"):
+    with pytest.raises(ValueError, match=r"is \(or holds\) a DataParallel, which took its parameters when it was"):
         nv.load_adapter(nn.DataParallel(tiny_vit()), tmp_path / "task")
-    with pytest.raises(ValueError, match="wrapped in DataParallel"):
-        nv.inject(nn.DataParallel(tiny_vit()), nv.NOLAConfig(**SMALL_NOLA))
+    for wrapped in (nn.DataParallel(tiny_vit()), nn.Sequential(nn.DataParallel(tiny_vit()))):  # inside a module too
+        with pytest.raises(ValueError, match=r"is \(or holds\) a DataParallel"):
+            nv.inject(wrapped, nv.NOLAConfig(**SMALL_NOLA))
     with pytest.raises(ValueError, match=r"its submodule '0' does .* save_adapter\(model.get_submodule\('0'\)"):
         nv.save_adapter(nn.Sequential(trained), tmp_path / "other")
     served = nn.DataParallel(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)))
@@ -177,6 +178,7 @@ def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adap
     nv.load_adapter(served, tmp_path / "task")  # a task switch copies in place: the wrapper keeps the same tensors
     with torch.no_grad():
         torch.testing.assert_close(served(images), trained(images))
+    assert not nv.adapted_layers(nv.unload(served))  # through the wrapper too
 
 
 def test_the_call_check_keeps_each_threads_calls_apart():

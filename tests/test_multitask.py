@@ -227,6 +227,7 @@ def test_a_compiled_backbone_and_unbatched_images_get_errors_naming_the_fix(adap
         model(images[0], "nola_mlp")
     with pytest.raises(ValueError, match="torch.stack"):
         model(list(images), "nola_mlp")
+    assert not model.train().model.training  # inference only: train mode would change the shared backbone
     for wrong in (images.double(), (images * 255).to(torch.uint8)):
         with pytest.raises(ValueError, match=rf"images are {wrong.dtype} and the backbone's weights torch.float32"):
             model(wrong, "nola_mlp")

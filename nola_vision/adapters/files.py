@@ -34,7 +34,7 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject, running_statistics, unwrap_model
+from ..core.inject import adapter_state, inject, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -78,7 +78,7 @@ def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
     """Other settings that change every output without changing a weight, which an adapter file records: the number
     of heads of each attention layer (``num_heads``), the activation functions by type (GELU's approximation), and
     the epsilons of the normalisation layers. Records of older files hold fewer of them (``changed_settings``)."""
-    heads, activations, epsilons = [], set(), set()
+    heads, activations, epsilons = [], set(), []
     for module in model.modules():
         heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
         if _is_int(heads_of):
@@ -86,8 +86,8 @@ def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
         if type(module).__module__.rsplit(".", 1)[-1] in ("activation", "activations"):
             activations.add(_activation_name(module))
         if "Norm" in type(module).__name__ and isinstance(vars(module).get("eps"), float):
-            epsilons.add(vars(module)["eps"])
-    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": sorted(epsilons)}
+            epsilons.append(vars(module)["eps"])  # per layer, in order: which layer has which eps matters
+    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": epsilons}
 
 
 def changed_settings(recorded: Dict[str, Any], own: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
@@ -155,7 +155,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
                          "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
     _require_nothing_else_trained(model, {**adapter, **head})
-    _require_statistics_of_inject(model, state.statistics)
+    require_unchanged_statistics(model)
     _warn_if_not_trained_width(model, bits)
     if existing_adapter_kind(directory) == "peft":
         raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
@@ -225,25 +225,6 @@ def _require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Paramete
             "with other outputs than this model. Freeze them (requires_grad_(False)) before training, or train them "
             "with the 'full' method, which saves every weight"
         )
-
-
-def _require_statistics_of_inject(model: nn.Module, statistics: Dict[str, Tensor]) -> None:
-    """Refuse to save when batch-norm running statistics differ from those at inject (a forward pass in train mode
-    updates them): files hold no buffers, so the adapter would load onto the base model's statistics and give
-    other outputs than this model, whatever the method ("full" and "linear" too)."""
-    current = running_statistics(model)
-    changed = [name for name, saved in statistics.items() if name in current
-               and not torch.equal(saved.to(current[name].device, current[name].dtype), current[name])]
-    if changed:
-        layers = list(dict.fromkeys(name.rpartition(".")[0] for name in changed))
-        raise ValueError(
-            f"the running statistics of {len(layers)} batch-norm layer(s) changed since inject (first: {layers[0]}), "
-            "and adapter files hold no buffers: the adapter would load onto the base model's statistics and give "
-            "other outputs than this model. Train with them in eval mode, as FewShotClassifier does (after "
-            "model.train(): for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._NormBase): "
-            "m.eval()), or nv.unload the "
-            "model and inject again into one with the base model's statistics (e.g. a fresh timm.create_model), "
-            "then train again")
 
 
 def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
@@ -541,12 +522,12 @@ def _check_settings(model: nn.Module, document: dict) -> None:
             "with")
     if "norm_eps" in trained and trained["norm_eps"] != own["norm_eps"]:
         raise AdapterLoadError(
-            f"adapter was trained on a model whose normalisation layers use eps {trained['norm_eps']}, this model's "
-            f"use {own['norm_eps']}: the same weights give other outputs. Create it with the norm_layer (eps) it was "
-            "trained with")
+            f"adapter was trained on a model whose normalisation layers use eps {_few(trained['norm_eps'])}, this "
+            f"model's use {_few(own['norm_eps'])}: the same weights give other outputs. Create it with the norm_layer "
+            "(eps) it was trained with")
 
 
-def _few(values: List[int]) -> str:
+def _few(values: List[Any]) -> str:
     """A per-layer list shown compactly: one number when every layer has it."""
     return str(values[0]) if values and len(set(values)) == 1 else str(values)
 

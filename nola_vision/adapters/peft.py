@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.fingerprint import merged_adapters
-from ..core.inject import adapter_state, unwrap_model
+from ..core.inject import adapter_state, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
@@ -57,6 +57,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         hint = (f"method {method!r} has no adapter layers; save the head with nv.save_adapter instead"
                 if method is not None else "inject or load an adapter first (nv.inject / nv.load_adapter)")
         raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
+    require_unchanged_statistics(model)
     folded = merged_adapters(model)
     if folded:
         raise ValueError(

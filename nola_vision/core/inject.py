@@ -36,8 +36,9 @@ from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head, require_not_data_parallel, unwrap_model
 
-__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module", "running_statistics",
-           "set_basis_holding", "set_quantization_aware", "statistics_layers", "unload", "unwrap_model"]
+__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module",
+           "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
+           "statistics_layers", "unload", "unwrap_model"]
 
 STATE_ATTRIBUTE = "nola_adapter"
 
@@ -189,6 +190,27 @@ def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
             for buffer in ("running_mean", "running_var") if getattr(module, buffer, None) is not None}
 
 
+def require_unchanged_statistics(model: nn.Module) -> None:
+    """Refuse to save or export a model whose running statistics differ from those at inject (a forward pass in train
+    mode updates them) or whose norm stopped keeping them: files and exports hold no buffers, so the adapter would
+    load onto the base model's statistics and give other outputs, whatever the method. A dtype round trip passes."""
+    state = adapter_state(unwrap_model(model))
+    current = running_statistics(unwrap_model(model))
+    changed = [name for name, saved in (state.statistics if state is not None else {}).items()
+               if name not in current or not torch.allclose(current[name].float(), saved.to(current[name].device),
+                                                           rtol=4e-3, atol=1e-6)]
+    if changed:
+        layers = list(dict.fromkeys(name.rpartition(".")[0] for name in changed))
+        raise ValueError(
+            f"the running statistics of {len(layers)} norm layer(s) changed since inject (first: {layers[0]}), and "
+            "adapter files and exports hold no buffers: the adapter would load onto the base model's statistics and "
+            "give other outputs than this model. Train with those layers in eval mode, as FewShotClassifier does "
+            "(after model.train(): for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._NormBase): "
+            "m.eval()), or "
+            "nv.unload the model and inject again into one with the base model's statistics (e.g. a fresh "
+            "timm.create_model), then train again")
+
+
 def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
     """Forward pre-hook on the classifier head: hand it pooled features as a compact tensor. Class-token pooling
     gives a (batch, features) view into the whole final token map, and the trained head keeps its input for its
@@ -287,6 +309,7 @@ def unload(model: nn.Module) -> nn.Module:
     never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves, in place:
     unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
+    model = unwrap_model(model)
     state = _require_injected(model)
     return _remove_injection(unmerge(model), state)
 
@@ -297,6 +320,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The model records what was folded in (``fingerprint.merged_adapters``), so loading an adapter trained on
     the weights without it (the same one again, say) is refused instead of adding its update on top.
     """
+    model = unwrap_model(model)
     state = _require_injected(model)
     _remove_injection(merge(model), state)
     if state.plan.layers:

@@ -35,12 +35,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def require_not_data_parallel(model: nn.Module) -> None:
     """Refuse to add adapters through ``DistributedDataParallel``/``DataParallel``: the wrapper took the model's
     parameters when it was built, so new adapter tensors would silently train unsynchronised on each replica."""
-    while model is not unwrap_model(model):
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            raise ValueError(f"the model is wrapped in {type(model).__name__}, which took its parameters when it was "
-                             "built: adapters added now would not be synchronised across replicas. Inject (or load "
-                             "the adapter) into the plain model first, then wrap it")
-        model = getattr(model, "_orig_mod", model)
+    wrapper = next((module for module in model.modules()
+                    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))), None)
+    if wrapper is not None:
+        raise ValueError(f"the model is (or holds) a {type(wrapper).__name__}, which took its parameters when it was "
+                         "built: adapters added now would not be synchronised across replicas. Inject (or load "
+                         "the adapter) into the plain model first, then wrap it")
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -118,6 +118,13 @@ class MultiTaskModel(nn.Module):
         self._batch: Dict[str, LayerBatch] = {}
         self._lock = threading.RLock()
 
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        """Inference only: the shared backbone stays in eval mode (train mode would change its norms' running
+        statistics, and with them every task's outputs, for good)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_lock")  # a lock does not copy or pickle: each copy gets its own
