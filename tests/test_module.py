@@ -82,6 +82,12 @@ def test_training_keeps_batch_norms_at_the_backbones_statistics(tmp_path):
     assert module.train().model.training and not norm.training
 
 
+def test_full_fine_tuning_stored_below_16_bits_is_refused_before_training():
+    # save_adapter refused it after the whole fit had run
+    with pytest.raises(ValueError, match=r"adapter_bits=8 would store a fully fine-tuned backbone as 8-bit codes"):
+        FewShotClassifier(**TINY, num_classes=4, adapter="full", adapter_bits=8)
+
+
 def test_exported_adapter_matches_trained_model(tmp_path):
     L.seed_everything(1)
     model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "a"), adapter_bits=32, **TINY)

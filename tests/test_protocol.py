@@ -63,6 +63,15 @@ def test_failed_runs_are_reported_and_not_counted(tmp_path):
     assert "allow_fewer" in (tmp_path / "bad" / "split0-init0" / "log.txt").read_text()
 
 
+def test_the_knn_baseline_ignores_quantisation_aware_training(tmp_path):
+    # --model.quant_bits (for the fits) reached the k-NN pass's linear model, which refused it after every fit ran
+    from nola_vision.runs.knn import run_knn
+
+    run_knn([TINY], out=str(tmp_path), name="q4-knn", split_seeds=[0], overrides=["--model.quant_bits", "4"],
+            echo=False)
+    assert (tmp_path / "q4-knn" / "split0" / "result.json").is_file()
+
+
 def test_knn_votes_by_cosine_similarity():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])

@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+from tiny_models import TINY_VIT
 
 import nola_vision as nv
 
@@ -67,3 +68,13 @@ def test_nola_config_takes_a_nola_config_or_its_dict_and_refuses_another_method(
     directory = nv.save_adapter(model, tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"is a directory.*nv.load_adapter\(model, directory\)"):
         nv.create_model("vit_base_patch16_224", checkpoint_path=str(directory), **small)
+
+
+def test_timm_hub_and_local_folder_names_pass_the_name_check_and_a_flat_nola_config_is_nola():
+    from nola_vision.models.zoo import check_model_name
+
+    for name in ("local-dir:/models/my_vit", "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"):
+        check_model_name(name)  # timm resolves these sources itself
+    model = timm.create_model("vit_tiny_patch16_224_nola", pretrained=False, **TINY_VIT,
+                              nola_config={"rank": 2, "num_basis_a": 8, "num_basis_b": 8})  # no "method" key
+    assert nv.adapted_layers(model)["blocks.0.mlp.fc1"].rank == 2

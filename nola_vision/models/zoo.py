@@ -44,6 +44,8 @@ def check_model_name(model_name: str, fix: str = "") -> None:
 
     ``fix`` is appended to the message (e.g. which option to change).
     """
+    if model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
     if not is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
@@ -94,6 +96,8 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
     if config is not None:
         if overrides:
             raise TypeError("pass either nola_config or nola_<field> arguments, not both")
+        if isinstance(config, dict) and "method" not in config:  # NOLA fields without the method: a NOLAConfig
+            config = {**config, "method": METHOD}
         config = resolve_adapter(config)  # a NOLAConfig or its to_dict() form
         if not isinstance(config, config_cls):
             raise TypeError(f"nola_config of a {NOLA_SUFFIX} model must be a {config_cls.__name__} (or its to_dict() "

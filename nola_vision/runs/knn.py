@@ -68,7 +68,7 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
             continue
         start = time.time()
         args = [a for c in configs for a in ("-c", str(c))] + list(_drop_trainer_args(overrides)) + [
-            "--data.split_seed", str(split_seed), "--model.adapter", "linear"]
+            "--data.split_seed", str(split_seed), "--model.adapter", "linear", "--model.quant_bits", "null"]
         with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds others
             warnings.simplefilter("ignore", UserWarning)
             cli = run_lightning_cli(args, run=False)

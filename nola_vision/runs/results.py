@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -23,8 +24,8 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "check_seeds", "claim_row", "claim_run",
-           "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result",
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "RUN_FOLDER", "check_seeds", "claim_row",
+           "claim_run", "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result",
            "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
@@ -196,15 +197,20 @@ def read_result(path: Path) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+# The run folders of a row: split<S>-init<I> (fits), split<S> (the k-NN baseline). Other folders (a user's copy,
+# split0-init0.bak) are not runs of the row.
+RUN_FOLDER = re.compile(r"split\d+(-init\d+)?")
+
+
 def collect_results(out: str) -> List[Dict[str, Any]]:
     """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
-    metric or with a status other than ok are left out."""
+    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out."""
     rows = []
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
         data = read_result(path)
-        if not counted(data):
+        if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
-        cfg, counts = data.get("config", {}), data.get("parameter_counts", {})
+        cfg, counts = data.get("config") or {}, data.get("parameter_counts") or {}
         rows.append({
             "name": path.parent.parent.name, "method": cfg.get("method", ""), "backbone": cfg.get("backbone", ""),
             "dataset": cfg.get("dataset", ""), "shots": cfg.get("shots", ""),

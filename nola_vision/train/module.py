@@ -83,6 +83,10 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
                          "quant_bits: null")
     hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True)
     hp["adapter_bits"] = require_bits(hp["adapter_bits"], name("adapter_bits"), optional=True)
+    if config.train_backbone and hp["adapter_bits"] is not None and hp["adapter_bits"] < 16:
+        raise ValueError(f"{name('adapter_bits')}={hp['adapter_bits']} would store a fully fine-tuned backbone as "
+                         f"{hp['adapter_bits']}-bit codes, which change far more than training did (save_adapter "
+                         "refuses it after training): use adapter_bits 16 or 32")
     # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and LightningCLI can
     # re-parse a checkpoint's hyper-parameters
     hp["adapter"] = adapter_to_hparam(config)
