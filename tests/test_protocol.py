@@ -72,6 +72,16 @@ def test_the_knn_baseline_ignores_quantisation_aware_training(tmp_path):
     assert (tmp_path / "q4-knn" / "split0" / "result.json").is_file()
 
 
+def test_a_test_pass_on_part_of_the_test_split_is_refused_and_every_run_tests_on_all_of_it(tmp_path):
+    # --trainer.limit_test_batches 1 reported the accuracy of 8 of 899 images as the run's, unflagged
+    from nola_vision.runs.protocol import fit_command, refuse_controlled_overrides
+
+    with pytest.raises(ValueError, match="limit_test_batches .* accuracy on the full test split"):
+        refuse_controlled_overrides(["--trainer.limit_test_batches", "1"])
+    command = fit_command("python", ["-c", TINY], tmp_path, 0, 0, [])
+    assert command[command.index("--trainer.limit_test_batches") + 1] == "1.0"
+
+
 def test_knn_votes_by_cosine_similarity():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])

@@ -69,6 +69,8 @@ CONTROLLED = {
     "--model.adapter_dir": "every run exports its adapter into its own run folder (its result.json names it), so "
                            "that no run overwrites another's",
     "--test_after_fit": "protocol reports each run's test accuracy, so it always tests after fit",
+    "--trainer.limit_test_batches": "protocol reports each run's accuracy on the full test split, so it tests on "
+                                    "every test image",
 }
 
 
@@ -152,10 +154,12 @@ def run_dir_name(split_seed: int, init_seed: int) -> str:
 def _run_settings(run_dir: Path, split_seed: int, init_seed: int) -> Dict[str, str]:
     """What every run's command line sets after the configs, replacing their values: seeds, where the run writes
     (an ``adapter_dir`` a config sets is reset: each run exports into its own log folder, not all into one), and a
-    test pass (a config's ``test_after_fit: false`` would leave every run without a test accuracy)."""
+    test pass on the whole test split (a config's ``test_after_fit: false`` would leave every run without a test
+    accuracy, its ``limit_test_batches`` would report the accuracy of a few batches as the run's)."""
     return {"--seed_everything": str(init_seed), "--data.split_seed": str(split_seed),
             "--trainer.default_root_dir": str(run_dir), "--data.split_dir": str(run_dir),
-            "--result_file": str(run_dir / RESULT_FILE), "--model.adapter_dir": "null", "--test_after_fit": "true"}
+            "--result_file": str(run_dir / RESULT_FILE), "--model.adapter_dir": "null", "--test_after_fit": "true",
+            "--trainer.limit_test_batches": "1.0"}
 
 
 def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_seed: int, init_seed: int,

@@ -68,6 +68,7 @@ CONTROLLED = {
     "--model.adapter_dir": "every run exports its adapter into its own run folder (its result.json names it), so "
                            "that no run overwrites another's",
     "--test_after_fit": "tune selects on validation accuracy without testing, then the protocol tests",
+    "--trainer.limit_test_batches": "the protocol after the search tests every run on the full test split",
 }
 Params = Dict[str, Any]
 
