@@ -188,6 +188,10 @@ def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_p
     assert main([*predict, "--model.lr", "0.001"]) == 0  # the same value is fine
     assert main([*predict[:-1], str(tmp_path)]) != 0  # a directory: refused before the prediction pass, not after
     assert f"--predictions_file {tmp_path} is a directory: pass a file path" in capsys.readouterr().err
+    notes = tmp_path / "notes.csv"  # a file predict did not write is never replaced (its own earlier file is)
+    notes.write_text("my notes\n")
+    assert main([*predict[:-1], str(notes)]) != 0 and notes.read_text() == "my notes\n"
+    assert "is a file that predict did not write" in capsys.readouterr().err
 
 
 def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path):

@@ -30,6 +30,9 @@ __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "Prediction
            "error_message", "run_lightning_cli"]
 
 
+PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
+
+
 class PredictionsCSVWriter(BasePredictionWriter):
     """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence."""
 
@@ -63,7 +66,7 @@ class PredictionsCSVWriter(BasePredictionWriter):
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"])
+            writer.writerow(PREDICTIONS_HEADER)
             for r in rows:
                 idx, label, pred = r["index"], r["label"], r["prediction"]
                 writer.writerow([idx, samples[idx][0] if samples is not None and idx is not None else "",
@@ -252,8 +255,20 @@ class NolaCLI(LightningCLI):
         path = self.config[self.subcommand].predictions_file
         if path:
             check_result_path(path, "--predictions_file", "predictions.csv")
+            _refuse_other_files(Path(path))
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+
+
+def _refuse_other_files(path: Path) -> None:
+    """Refuse to replace a file that is not an earlier predictions file (one ``predict`` wrote is replaced)."""
+    if not path.is_file():
+        return
+    with open(path, newline="", errors="replace") as f:
+        first = next(csv.reader(f), None)
+    if first != PREDICTIONS_HEADER:
+        raise ValueError(f"--predictions_file {path} is a file that predict did not write, which it would replace: "
+                         "pass another path (or remove the file)")
 
 
 def check_config_sources(argv: Any) -> None:
