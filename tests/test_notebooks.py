@@ -86,6 +86,24 @@ def test_protocol_results_notebook_compares_the_tune_studies_of_two_methods(tmp_
     check_tune_notebook(tmp_path, ["lora", "nola"])
 
 
+def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path):
+    # without tune studies its trial cells raised (pd.concat of nothing, then NameError)
+    import csv
+
+    from nola_vision.runs.results import CSV_FIELDS
+
+    results = tmp_path / "protocol" / "results.csv"
+    results.parent.mkdir()
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        for name, method, trainable, acc in (("nola", "nola", 100, 0.8), ("knn", "knn (k=1)", 0, 0.6)):
+            writer.writerow({"name": name, "method": method, "shots": 5, "test_acc": acc, "adapter_params": trainable,
+                             "head_params": 0, "trainable_params": trainable})
+    text = outputs(execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(results)))
+    assert "tune studies: none" in text and "no tune study under" in text
+
+
 def test_many_tasks_notebook_serves_a_mixed_batch_and_exports(tmp_path):
     text = outputs(execute("03_many_tasks.ipynb", tmp_path, NOLA_VISION_TINY="1"))
     assert "max |mixed batch - each task's merged model|" in text and "five-or-more" in text
