@@ -146,6 +146,7 @@ def test_batch_norm_statistics_changed_by_training_are_refused_as_files_hold_no_
     with pytest.raises(ValueError, match="running statistics of 1 norm layer"):
         nv.save_adapter(frozen, tmp_path / "frozen")
     nv.save_adapter(nv.inject(vit_with_batch_norm(), config).half().float(), tmp_path / "round_trip")  # same values
+    nv.save_adapter(nv.inject(vit_with_batch_norm().bfloat16(), config), tmp_path / "bf16")  # statistics kept in bf16
     model = as_if_trained(nv.inject(vit_with_batch_norm(), config), 1, scale=0.1).train()
     for module in model.modules():  # what the message advises: train with the batch norms in eval mode
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

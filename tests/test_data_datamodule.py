@@ -199,8 +199,13 @@ def test_runs_with_another_val_shots_keep_their_own_manifests_and_a_manifest_of_
     first, second = drawn(val_shots=2), drawn(val_shots=1)
     assert first.manifest_path == second.manifest_path  # the same training draw, one record
     assert first.val_manifest_path.name.endswith("_val2.txt") and second.val_manifest_path.name.endswith("_val1.txt")
+    lines = first.manifest_path.read_text().splitlines()
+    first.manifest_path.write_text("\n".join(lines[:-1]) + "\n")  # an image gone: the shared record's header
+    with pytest.raises(ValueError, match="changed since it was written") as refused:  # says val_shots=2 (first's)
+        drawn(val_shots=1)
+    assert "was written by a run with" not in str(refused.value)
     lines = first.manifest_path.read_text().replace("split_seed=0", "split_seed=7").splitlines()
-    first.manifest_path.write_text("\n".join(lines[:-1]) + "\n")  # another seed's record: other images
+    first.manifest_path.write_text("\n".join(lines) + "\n")  # another seed's record: other images
     with pytest.raises(ValueError, match=rf"{re.escape(str(first.manifest_path))} was written by a run with "
                                          r"split_seed=7, but this run has split_seed=0.*another --data.split_dir.*"
                                          r"--data.split_seed 7\)$") as refused:

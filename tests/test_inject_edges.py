@@ -178,7 +178,7 @@ def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adap
     nv.load_adapter(served, tmp_path / "task")  # a task switch copies in place: the wrapper keeps the same tensors
     with torch.no_grad():
         torch.testing.assert_close(served(images), trained(images))
-    assert not nv.adapted_layers(nv.unload(served))  # through the wrapper too
+    assert nv.unload(served) is served and not nv.adapted_layers(served)  # through the wrapper, which it returns
 
 
 def test_the_call_check_keeps_each_threads_calls_apart():

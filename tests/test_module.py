@@ -82,10 +82,13 @@ def test_training_keeps_batch_norms_at_the_backbones_statistics(tmp_path):
     assert module.train().model.training and not norm.training
 
 
-def test_full_fine_tuning_stored_below_16_bits_is_refused_before_training():
-    # save_adapter refused it after the whole fit had run
+def test_full_fine_tuning_stored_below_16_bits_is_refused_before_training(tmp_path):
+    # save_adapter refused it after the whole fit had run (a checkpoint of such a run still loads for test)
+    module = FewShotClassifier(**TINY, num_classes=4, adapter="full", adapter_bits=8)
+    fit = trainer(tmp_path, epochs=1, limit_train_batches=2)
     with pytest.raises(ValueError, match=r"adapter_bits=8 would store a fully fine-tuned backbone as 8-bit codes"):
-        FewShotClassifier(**TINY, num_classes=4, adapter="full", adapter_bits=8)
+        fit.fit(module, loader())
+    assert fit.global_step == 0
 
 
 def test_exported_adapter_matches_trained_model(tmp_path):

@@ -148,11 +148,11 @@ def test_only_run_folders_count_and_a_null_config_is_read_as_empty(tmp_path):
     from nola_vision.runs.results import write_tables
 
     good = {"status": "ok", "metrics": {"test/acc": 0.7}, "config": None, "parameter_counts": None}
-    for run in ("split0-init0", "split0-init0.bak", "split1"):
+    for run in ("split0-init0", "split0-init0.bak", "split1", "split-1-init0"):
         (tmp_path / "row" / run).mkdir(parents=True)
         (tmp_path / "row" / run / "result.json").write_text(json.dumps(good))
     rows = write_tables(str(tmp_path))
-    assert sorted(Path(r["run_dir"]).name for r in rows) == ["split0-init0", "split1"]
+    assert sorted(Path(r["run_dir"]).name for r in rows) == ["split-1-init0", "split0-init0", "split1"]
 
 
 def test_a_fit_stopped_by_sigterm_exits_non_zero_without_a_result(tmp_path):

@@ -520,6 +520,11 @@ def _check_settings(model: nn.Module, document: dict) -> None:
             f"adapter was trained on a model with activations {trained['activations']}, this model has "
             f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
             "with")
+    if "norm_eps" in trained and len(trained["norm_eps"]) != len(own["norm_eps"]):
+        raise AdapterLoadError(
+            f"adapter was trained on a model with {len(trained['norm_eps'])} normalisation layers, this model has "
+            f"{len(own['norm_eps'])} (another depth, or qk_norm/pre_norm?): the same weights give other outputs. "
+            "Create it as it was trained")
     if "norm_eps" in trained and trained["norm_eps"] != own["norm_eps"]:
         raise AdapterLoadError(
             f"adapter was trained on a model whose normalisation layers use eps {_few(trained['norm_eps'])}, this "

@@ -197,8 +197,7 @@ def require_unchanged_statistics(model: nn.Module) -> None:
     state = adapter_state(unwrap_model(model))
     current = running_statistics(unwrap_model(model))
     changed = [name for name, saved in (state.statistics if state is not None else {}).items()
-               if name not in current or not torch.allclose(current[name].float(), saved.to(current[name].device),
-                                                           rtol=4e-3, atol=1e-6)]
+               if name not in current or not _close(current[name], saved)]
     if changed:
         layers = list(dict.fromkeys(name.rpartition(".")[0] for name in changed))
         raise ValueError(
@@ -209,6 +208,11 @@ def require_unchanged_statistics(model: nn.Module) -> None:
             "m.eval()), or "
             "nv.unload the model and inject again into one with the base model's statistics (e.g. a fresh "
             "timm.create_model), then train again")
+
+
+def _close(current: Tensor, saved: Tensor) -> bool:
+    """Equal up to a bf16 round trip (a model cast to another dtype and back keeps its statistics)."""
+    return torch.allclose(current.float(), saved.to(current.device).float(), rtol=4e-3, atol=1e-6)
 
 
 def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
@@ -309,9 +313,10 @@ def unload(model: nn.Module) -> nn.Module:
     never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves, in place:
     unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
-    model = unwrap_model(model)
+    wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
-    return _remove_injection(unmerge(model), state)
+    _remove_injection(unmerge(model), state)
+    return wrapper
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -320,13 +325,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The model records what was folded in (``fingerprint.merged_adapters``), so loading an adapter trained on
     the weights without it (the same one again, say) is refused instead of adding its update on top.
     """
-    model = unwrap_model(model)
+    wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     _remove_injection(merge(model), state)
     if state.plan.layers:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
         record_merged(model, folded)
-    return model
+    return wrapper
 
 
 def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:

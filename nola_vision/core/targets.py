@@ -82,7 +82,7 @@ def classifier_head(model: nn.Module) -> Optional[nn.Module]:
     None for a model without one."""
     owners = _classifier_owners(model)
     head = owners[0].get_classifier() if len(owners) == 1 else None
-    return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
+    return head if isinstance(head, nn.Module) and _has_head(head) else None
 
 
 def require_one_head(model: nn.Module) -> None:

@@ -389,13 +389,16 @@ class FewShotDataModule(L.LightningDataModule):
         one there that lists other images; it only reads, so every DDP rank runs it."""
         self._require_setup()
         stem = Path(split_dir) / f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
-        # val_shots in the validation manifest's name: runs that differ only in it share the training draw
+        # val_shots in the validation manifest's name: with shots > 0, runs that differ only in it share the training
+        # draw (and its manifest, whose header then records the first run's val_shots: not compared)
         train_path, val_path = Path(f"{stem}_train.txt"), Path(f"{stem}_val{self.val_shots}.txt")
         manifests = {train_path: self.split.train, **({val_path: self.split.val} if self.split.val else {})}
         samples, root = self.train_set.dataset.samples, self.train_set.dataset.root
         settings = self._manifest_settings()
+        train_settings = {k: v for k, v in settings.items() if not (self.shots and k == "val_shots")}
         unwritten = {path: indices for path, indices in manifests.items()
-                     if not _lists_already(path, [samples[i] for i in indices], root, settings)}
+                     if not _lists_already(path, [samples[i] for i in indices], root,
+                                           train_settings if path == train_path else settings)}
         self.manifest_path, self.val_manifest_path = train_path, val_path if self.split.val else None
         return unwritten
 

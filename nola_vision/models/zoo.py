@@ -44,7 +44,7 @@ def check_model_name(model_name: str, fix: str = "") -> None:
 
     ``fix`` is appended to the message (e.g. which option to change).
     """
-    if model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+    if model_name.lower().startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
     if not is_model(architecture):

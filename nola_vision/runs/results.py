@@ -199,7 +199,7 @@ def read_result(path: Path) -> Optional[Dict[str, Any]]:
 
 # The run folders of a row: split<S>-init<I> (fits), split<S> (the k-NN baseline). Other folders (a user's copy,
 # split0-init0.bak) are not runs of the row.
-RUN_FOLDER = re.compile(r"split\d+(-init\d+)?")
+RUN_FOLDER = re.compile(r"split-?\d+(-init-?\d+)?")
 
 
 def collect_results(out: str) -> List[Dict[str, Any]]:

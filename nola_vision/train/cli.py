@@ -255,20 +255,24 @@ class NolaCLI(LightningCLI):
         path = self.config[self.subcommand].predictions_file
         if path:
             check_result_path(path, "--predictions_file", "predictions.csv")
-            _refuse_other_files(Path(path))
+        default = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"  # the writer's
+        _refuse_other_files(Path(path) if path else default)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
 
 
 def _refuse_other_files(path: Path) -> None:
     """Refuse to replace a file that is not an earlier predictions file (one ``predict`` wrote is replaced)."""
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, newline="", errors="replace") as f:
-        first = next(csv.reader(f), None)
+    try:
+        with open(path, newline="", errors="replace") as f:
+            first = next(csv.reader(f), None)
+    except (OSError, csv.Error):  # unreadable, or not CSV (a binary file)
+        first = None
     if first != PREDICTIONS_HEADER:
-        raise ValueError(f"--predictions_file {path} is a file that predict did not write, which it would replace: "
-                         "pass another path (or remove the file)")
+        raise ValueError(f"the predictions file {path} exists and predict did not write it, so it would be replaced: "
+                         "pass another --predictions_file (or remove the file)")
 
 
 def check_config_sources(argv: Any) -> None:

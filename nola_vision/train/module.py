@@ -83,10 +83,6 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
                          "quant_bits: null")
     hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True)
     hp["adapter_bits"] = require_bits(hp["adapter_bits"], name("adapter_bits"), optional=True)
-    if config.train_backbone and hp["adapter_bits"] is not None and hp["adapter_bits"] < 16:
-        raise ValueError(f"{name('adapter_bits')}={hp['adapter_bits']} would store a fully fine-tuned backbone as "
-                         f"{hp['adapter_bits']}-bit codes, which change far more than training did (save_adapter "
-                         "refuses it after training): use adapter_bits 16 or 32")
     # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and LightningCLI can
     # re-parse a checkpoint's hyper-parameters
     hp["adapter"] = adapter_to_hparam(config)
@@ -291,6 +287,10 @@ class FewShotClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.adapter_dir is not None:  # a file or the working directory: refused before training, not after
             resolve_directory_target(self.hparams.adapter_dir)
+        bits = self.hparams.adapter_bits
+        if self.adapter_config.train_backbone and bits is not None and bits < 16:  # save_adapter refuses it at the end
+            raise ValueError(f"FewShotClassifier.adapter_bits={bits} would store a fully fine-tuned backbone as "
+                             f"{bits}-bit codes, which change far more than training did: use adapter_bits 16 or 32")
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
@@ -379,8 +379,8 @@ class FewShotClassifier(L.LightningModule):
                              "that wrote the checkpoint")
 
     def _check_settings(self, saved: Optional[dict]) -> None:
-        """The backbone splits attention into as many heads and uses the same activations as the run's did: neither
-        changes a weight, so the backbone's fingerprint cannot tell."""
+        """The backbone splits attention into as many heads and uses the same activations and norm epsilons as the
+        run's did: none changes a weight, so the backbone's fingerprint cannot tell."""
         changed = changed_settings(saved, output_settings(self.model)) if saved is not None else {}
         if changed:
             raise ValueError("checkpoint was trained on a backbone with other settings ("
