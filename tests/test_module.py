@@ -161,6 +161,14 @@ def test_checkpoint_of_a_backbone_with_other_attention_heads_is_refused():
         FewShotClassifier(num_classes=4, adapter=NOLA, **other).on_load_checkpoint(checkpoint)
 
 
+def test_checkpoint_of_a_backbone_with_other_pooling_is_refused():
+    # the same weights pooled by averaging instead of the class token: logits off by 3, and it loaded
+    kwargs = {**TINY["backbone_kwargs"], "global_pool": "avg", "fc_norm": False}
+    checkpoint = _checkpoint_of(FewShotClassifier(num_classes=4, adapter=NOLA, **{**TINY, "backbone_kwargs": kwargs}))
+    with pytest.raises(ValueError, match=r"global_pool token \(checkpoint: avg\).*backbone_kwargs"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(checkpoint)
+
+
 def test_checkpoint_with_other_random_bases_or_none_recorded():
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
     checkpoint = _checkpoint_of(model)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters.files import changed_settings, output_settings, save_adapter
+from ..adapters.files import changed_settings, output_settings, pooling_of, save_adapter
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
@@ -329,7 +329,7 @@ class FewShotClassifier(L.LightningModule):
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
-                                     "settings": output_settings(self.model),
+                                     "settings": self._settings(),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
                                      "data": self._data_record()}
@@ -378,10 +378,15 @@ class FewShotClassifier(L.LightningModule):
                              f"nola_vision regenerates others ({GENERATOR_VERSION!r}): use the nola_vision version "
                              "that wrote the checkpoint")
 
+    def _settings(self) -> Dict[str, Any]:
+        """What a checkpoint records of the backbone's settings: ``output_settings`` and the head's pooling (an adapter
+        file records that apart, as its ``pooling``)."""
+        return {**output_settings(self.model), "global_pool": pooling_of(self.model)}
+
     def _check_settings(self, saved: Optional[dict]) -> None:
         """The backbone splits attention into as many heads and uses the same activations and norm epsilons as the
         run's did: none changes a weight, so the backbone's fingerprint cannot tell."""
-        changed = changed_settings(saved, output_settings(self.model)) if saved is not None else {}
+        changed = changed_settings(saved, self._settings()) if saved is not None else {}
         if changed:
             raise ValueError("checkpoint was trained on a backbone with other settings ("
                              + "; ".join(f"{key} {own} (checkpoint: {was})" for key, (was, own) in changed.items())
