@@ -40,7 +40,7 @@ from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.storage import atomic_directory, read_files
-from ..core.targets import classifier_head, trained_parameters
+from ..core.targets import classifier_head, head_parameter_names, trained_parameters
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
@@ -87,7 +87,18 @@ def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
             activations.add(_activation_name(module))
         if "Norm" in type(module).__name__ and isinstance(vars(module).get("eps"), float):
             epsilons.append(vars(module)["eps"])  # per layer, in order: which layer has which eps matters
-    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": epsilons}
+    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": epsilons,
+            "parameter_names": parameter_names_digest(model)}
+
+
+def parameter_names_digest(model: nn.Module) -> str:
+    """A short hash of the backbone's parameter names (head and adapter tensors left out): constructor settings that
+    add or remove parameters outside the fingerprinted layers (LayerScale's ``init_values``, ``reg_tokens``,
+    ``qkv_bias``, ``pos_embed``) change it. Names only, not shapes, so another input size still loads."""
+    skipped = set(head_parameter_names(model)) | {
+        f"{name}.{key}" for name, layer in adapted_layers(model).items() for key in layer.adapter_parameter_names}
+    names = sorted(name for name, _ in model.named_parameters() if name not in skipped)
+    return _sha256("\n".join(names).encode())[:16]
 
 
 def changed_settings(recorded: Dict[str, Any], own: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
@@ -343,8 +354,10 @@ _POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_po
 _SETTINGS = (lambda v: isinstance(v, dict) and isinstance(v.get("attention_heads"), list)
              and all(_is_int(x) for x in v["attention_heads"]) and isinstance(v.get("activations"), list)
              and all(isinstance(x, str) for x in v["activations"])
-             and ("norm_eps" not in v or v["norm_eps"] == [] or _is_number_list(v["norm_eps"])),
-             '{"attention_heads": [integers], "activations": [names], "norm_eps": [numbers] (optional)}')
+             and ("norm_eps" not in v or v["norm_eps"] == [] or _is_number_list(v["norm_eps"]))
+             and isinstance(v.get("parameter_names", ""), str),
+             '{"attention_heads": [integers], "activations": [names], "norm_eps": [numbers] (optional), '
+             '"parameter_names": str (optional)}')
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects]}')}
 
@@ -520,6 +533,12 @@ def _check_settings(model: nn.Module, document: dict) -> None:
             f"adapter was trained on a model with activations {trained['activations']}, this model has "
             f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
             "with")
+    if "parameter_names" in trained and trained["parameter_names"] != own["parameter_names"]:
+        raise AdapterLoadError(
+            "adapter was trained on a model with other parameters (by name, head aside): a constructor setting that "
+            "adds or removes parameters differs, e.g. init_values (LayerScale), reg_tokens, class_token, qkv_bias or "
+            f"pos_embed, so the same weights give other outputs. Create it with timm.create_model("
+            f"{document['backbone']!r}, ...) and the settings it was trained with")
     if "norm_eps" in trained and len(trained["norm_eps"]) != len(own["norm_eps"]):
         raise AdapterLoadError(
             f"adapter was trained on a model with {len(trained['norm_eps'])} normalisation layers, this model has "
