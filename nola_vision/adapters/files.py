@@ -102,8 +102,9 @@ def parameter_names_digest(model: nn.Module) -> str:
 
 
 def changed_settings(recorded: Dict[str, Any], own: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
-    """(recorded, own) of each setting a record holds and the model does otherwise (older records hold fewer)."""
-    return {key: (value, own.get(key)) for key, value in recorded.items() if own.get(key) != value}
+    """(recorded, own) of each setting both records hold with other values: records written before a setting was
+    recorded (older files, checkpoints, graphs) are compared on the ones they hold."""
+    return {key: (value, own[key]) for key, value in recorded.items() if key in own and own[key] != value}
 
 
 def _activation_name(module: nn.Module) -> str:

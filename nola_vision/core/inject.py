@@ -194,8 +194,8 @@ def require_unchanged_statistics(model: nn.Module) -> None:
     """Refuse to save or export a model whose running statistics differ from those at inject (a forward pass in train
     mode updates them) or whose norm stopped keeping them: files and exports hold no buffers, so the adapter would
     load onto the base model's statistics and give other outputs, whatever the method. A dtype round trip passes."""
-    state = adapter_state(unwrap_model(model))
-    current = running_statistics(unwrap_model(model))
+    model = unwrap_model(model)
+    state, current = adapter_state(model), running_statistics(model)
     changed = [name for name, saved in (state.statistics if state is not None else {}).items()
                if name not in current or not _close(current[name], saved)]
     if changed:
@@ -205,9 +205,8 @@ def require_unchanged_statistics(model: nn.Module) -> None:
             "adapter files and exports hold no buffers: the adapter would load onto the base model's statistics and "
             "give other outputs than this model. Train with those layers in eval mode, as FewShotClassifier does "
             "(after model.train(): for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._NormBase): "
-            "m.eval()), or "
-            "nv.unload the model and inject again into one with the base model's statistics (e.g. a fresh "
-            "timm.create_model), then train again")
+            "m.eval()), or nv.unload the model and inject again into one with the base model's statistics (e.g. a "
+            "fresh timm.create_model), then train again")
 
 
 def _close(current: Tensor, saved: Tensor) -> bool:
@@ -342,7 +341,6 @@ def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
                       "which do not run while the layer is adapted (inject replaces it; unload gives it back with its "
                       "hooks): register them on the adapted layer, model.get_submodule(name), after inject",
                       UserWarning, stacklevel=3)
-
 
 
 def _require_injected(model: nn.Module) -> AdapterState:

@@ -94,8 +94,8 @@ def _require_plain_forward(name: str, linear: nn.Linear) -> None:
         raise ValueError(
             f"target {name} has parametrized tensors ({', '.join(linear.parametrizations)}; torch.nn.utils."
             "parametrize: weight_norm, spectral_norm, ...), which an adapter would freeze as a snapshot: remove the "
-            "parametrization "
-            "first (parametrize.remove_parametrizations(module, 'weight')) or leave the layer out of targets")
+            "parametrization first (parametrize.remove_parametrizations(module, 'weight')) or leave the layer out of "
+            "targets")
     if type(linear).forward not in _plain_linear_forwards():
         raise ValueError(
             f"target {name} is a {type(linear).__module__}.{type(linear).__qualname__}, an nn.Linear subclass with its "

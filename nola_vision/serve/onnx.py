@@ -26,6 +26,7 @@ from ..adapters.files import (
     AdapterLoadError,
     PathLike,
     architecture_name,
+    changed_settings,
     decode_tensors,
     num_classes_of,
     output_settings,
@@ -401,9 +402,8 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained with global_pool={trained!r}, "
                                f"the graph pools with {pooling!r}; export a graph from a model created with "
                                f"global_pool={trained!r}")
-    graph_settings, recorded = json.loads(meta.get("settings", "{}")), document.get("settings") or {}
-    # compared where both record a setting: older files and graphs record fewer
-    if any(recorded[key] != graph_settings[key] for key in recorded.keys() & graph_settings.keys()):
+    graph_settings = json.loads(meta.get("settings", "{}"))
+    if changed_settings(document.get("settings") or {}, graph_settings):
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained on a model with "
                                f"{document['settings']}, the graph's has {graph_settings} (heads per attention layer, "
                                "activations, norm epsilons); export a graph from a model created as in training")
