@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_without_an_atomic_exchange_a_save_still_keeps_every_file(tmp_path, monk
 
 def test_an_old_set_that_a_killed_two_rename_save_left_aside_is_put_back(tmp_path):
     target = saved_adapter(tmp_path / "adapter", seed=1)
-    target.rename(tmp_path / ".adapter.old-0123abcd")  # killed between its two renames: the path is missing
+    target.rename(tmp_path / ".adapter.old-0123456789ab")  # killed between its two renames: the path is missing
     new = trained(2)
     nv.save_adapter(new, target)
     assert (target / USER_FILE).read_text() == USER_TEXT and siblings(target) == [".adapter.lock", "adapter"]
@@ -207,10 +208,26 @@ def test_an_old_set_that_a_killed_two_rename_save_left_aside_is_put_back(tmp_pat
 
 def test_leftovers_of_a_sibling_with_a_longer_name_are_not_touched(tmp_path):
     target = saved_adapter(tmp_path / "a", seed=1)
-    other = tmp_path / ".a.b.staged-0123abcd"  # a killed save of the directory "a.b", not of "a"
+    other = tmp_path / ".a.b.staged-0123456789ab"  # a killed save of the directory "a.b", not of "a"
     other.mkdir()
     nv.save_adapter(trained(2), target)
     assert other.is_dir()
+
+
+def test_user_folders_and_files_that_only_resemble_leftovers_are_kept(tmp_path):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    backups = [tmp_path / ".adapter.old-2024", tmp_path / ".adapter.staged-1"]  # a user's hidden backups
+    for backup in backups:
+        backup.mkdir()
+        (backup / "backup.txt").write_text("precious")
+    lookalike = tmp_path / ".adapter.old-0123456789ab"  # a leftover's name, but a file: not what a save leaves
+    lookalike.write_text("precious")
+    nv.save_adapter(trained(2), target)
+    assert all((backup / "backup.txt").read_text() == "precious" for backup in backups)
+    assert lookalike.read_text() == "precious" and not (target / "backup.txt").exists()
+    shutil.rmtree(target)  # with the target gone, a user's backup is not taken for a set a killed save left aside
+    nv.save_adapter(trained(2), target)
+    assert (backups[0] / "backup.txt").read_text() == "precious" and not (target / "backup.txt").exists()
 
 
 def test_a_reader_whose_directory_is_swapped_and_removed_while_it_reads_reads_the_new_set(tmp_path, monkeypatch):
@@ -332,7 +349,7 @@ def test_a_directory_holding_a_mount_point_is_refused_and_the_mounted_files_kept
 
 def test_a_leftover_holding_a_mount_point_is_left_whole_not_emptied(tmp_path, mount):
     target = saved_adapter(tmp_path / "adapter", seed=1)
-    leftover = tmp_path / ".adapter.staged-0123abcd"  # as a killed save leaves it
+    leftover = tmp_path / ".adapter.staged-0123456789ab"  # as a killed save leaves it
     mounted = mount(leftover / "mnt")
     (mounted / "precious.txt").write_text("data on another filesystem")
     new = trained(2)

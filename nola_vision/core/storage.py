@@ -332,15 +332,19 @@ def _remove_leftovers(target: Path) -> None:
     Safe under the writer lock: no live save of ``target`` owns these, and every file of the user's that they hold
     is also linked from ``target``.
     """
-    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.(staged|old)-[0-9a-f]+")
+    # Exactly the token length saves make, and directories only: a user's ``.task.old-2024`` backup is not ours.
+    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.(staged|old)-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
     for entry in target.parent.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match is None:
+        if match is None or not entry.is_dir() or entry.is_symlink():
             continue
         if match.group(1) == "old" and not os.path.lexists(target):
             os.rename(entry, target)
         else:
             _remove_tree(entry)
+
+
+_TOKEN_BYTES = 6  # random bytes in a staged or set-aside sibling's name (12 hex digits)
 
 
 def _sibling_stem(target: Path) -> str:
@@ -362,7 +366,7 @@ def _sibling(target: Path, kind: str, token: str) -> Path:
 def _make_staging_directory(target: Path) -> Path:
     """A new empty ``.<name>.staged-<hex>`` sibling of ``target`` (mode 0777 less the umask)."""
     while True:
-        staged = _sibling(target, "staged", os.urandom(6).hex())
+        staged = _sibling(target, "staged", os.urandom(_TOKEN_BYTES).hex())
         try:
             os.mkdir(staged, 0o777)
             return staged
