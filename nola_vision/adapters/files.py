@@ -74,21 +74,57 @@ def pooling_of(model: nn.Module) -> Optional[str]:
     return pooling if isinstance(pooling, str) else None
 
 
-def output_settings(model: nn.Module) -> Dict[str, List[Any]]:
+def output_settings(model: nn.Module) -> Dict[str, Any]:
     """Other settings that change every output without changing a weight, which an adapter file records: the number
-    of heads of each attention layer (``num_heads``), the activation functions by type (GELU's approximation), and
-    the epsilons of the normalisation layers. Records of older files hold fewer of them (``changed_settings``)."""
-    heads, activations, epsilons = [], set(), []
+    of heads of each attention layer (``num_heads``), the activation of each activation layer, the class and
+    epsilon of each normalisation layer, constructor options such as ``pool_include_prefix`` (``_OPTIONS``) and a
+    digest of the parameter names. Records of older files hold fewer of them (``changed_settings``)."""
+    heads, activations, epsilons, norms = [], [], [], []
     for module in model.modules():
         heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
         if _is_int(heads_of):
             heads.append(heads_of)
         if type(module).__module__.rsplit(".", 1)[-1] in ("activation", "activations"):
-            activations.add(_activation_name(module))
+            activations.append(module)
         if "Norm" in type(module).__name__ and isinstance(vars(module).get("eps"), float):
             epsilons.append(vars(module)["eps"])  # per layer, in order: which layer has which eps matters
-    return {"attention_heads": heads, "activations": sorted(activations), "norm_eps": epsilons,
+            norms.append(_norm_name(module))
+    return {"attention_heads": heads, "activations": sorted({_activation_name(m) for m in activations}),
+            "activation_layers": [_activation_layer_name(m) for m in activations], "norm_eps": epsilons,
+            "norm_layers": norms, "constructor_options": _constructor_options(model),
             "parameter_names": parameter_names_digest(model)}
+
+
+# Constructor options that timm models keep as plain attributes and that change outputs without changing a weight
+# name: ViT's/EVA's ``no_embed_class`` (only pos_embed's length changes) and ``pool_include_prefix``, and EVA's
+# rotary embedding (``rope``: its class, None without one) with its settings. Options that follow the input size
+# (``img_size``, ``dynamic_img_size``, a rope's ``feat_shape``) are left out: another input size still loads.
+_OPTIONS = ("no_embed_class", "pool_include_prefix", "rope", "rotate_half", "temperature", "grid_indexing",
+            "grid_offset")
+# Activation and norm classes by the function they compute: timm's and torch's classes of one function compare
+# equal (timm's GELU is nn.GELU's name already; a norm computed in float32 is the same function).
+_ACTIVATION_ALIASES = {"GELUTanh": "GELU(approximate='tanh')", "Swish": "SiLU", "HardSwish": "Hardswish",
+                       "HardSigmoid": "Hardsigmoid"}
+_NORM_ALIASES = {"RmsNorm": "RMSNorm", "GroupNorm1": "GroupNorm"}
+# Attributes of torch's activation and norm layers that change what they compute (not ``inplace``, not PReLU's
+# ``init``, a starting value of its weight).
+_ACTIVATION_ARGUMENTS = ("negative_slope", "alpha", "beta", "threshold", "value", "min_val", "max_val", "lower",
+                         "upper", "dim", "lambd")
+_NORM_ARGUMENTS = ("num_groups",)
+
+
+def _constructor_options(model: nn.Module) -> Dict[str, List[Any]]:
+    """The values of each ``_OPTIONS`` attribute the model's modules hold, in module order (a submodule by its
+    class name, None where it is left out)."""
+    options: Dict[str, List[Any]] = {}
+    for module in model.modules():
+        for name in _OPTIONS:
+            if name in module._modules:
+                child = module._modules[name]
+                options.setdefault(name, []).append(None if child is None else type(child).__name__)
+            elif name in vars(module) and _is_scalar(vars(module)[name]):
+                options.setdefault(name, []).append(vars(module)[name])
+    return options
 
 
 def parameter_names_digest(model: nn.Module) -> str:
@@ -102,14 +138,56 @@ def parameter_names_digest(model: nn.Module) -> str:
 
 
 def changed_settings(recorded: Dict[str, Any], own: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
-    """(recorded, own) of each setting both records hold with other values: records written before a setting was
-    recorded (older files, checkpoints, graphs) are compared on the ones they hold."""
-    return {key: (value, own[key]) for key, value in recorded.items() if key in own and own[key] != value}
+    """(recorded, own) of each setting both records hold with other outputs (``_same_setting``): records written
+    before a setting was recorded (older files, checkpoints, graphs) are compared on the ones they hold."""
+    return {key: (value, own[key]) for key, value in recorded.items()
+            if key in own and not _same_setting(key, value, own[key])}
+
+
+def _same_setting(key: str, recorded: Any, own: Any) -> bool:
+    """Whether two records of one setting give the same outputs: the set of activation class names by the functions
+    they compute, constructor options on the ones both hold (another timm version may hold more)."""
+    if key == "activations":  # class names, as recorded before activation_layers: GELUTanh, not its function
+        return {_canonical_activation(n) for n in recorded} == {_canonical_activation(n) for n in own}
+    if key == "constructor_options":
+        return not _changed_options(recorded, own)
+    return recorded == own
+
+
+def _changed_options(recorded: Dict[str, List[Any]], own: Dict[str, List[Any]]) -> Dict[str, Tuple[list, list]]:
+    """(recorded, own) values of each constructor option both records hold with other values."""
+    return {name: (values, own[name]) for name, values in recorded.items() if name in own and own[name] != values}
 
 
 def _activation_name(module: nn.Module) -> str:
+    """The class name, with GELU's approximation: what older files recorded, as a set, under "activations"."""
     approximate = getattr(module, "approximate", "none")
     return type(module).__name__ + (f"(approximate={approximate!r})" if approximate != "none" else "")
+
+
+def _activation_layer_name(module: nn.Module) -> str:
+    """What an activation layer computes, as one name: its canonical class with the arguments that change its
+    function (LeakyReLU's slope)."""
+    return _canonical_activation(_activation_name(module)) + _arguments(module, _ACTIVATION_ARGUMENTS)
+
+
+def _canonical_activation(name: str) -> str:
+    """One name for the classes of one activation function: timm's GELUTanh is GELU(approximate='tanh')."""
+    return _ACTIVATION_ALIASES.get(name, name)
+
+
+def _norm_name(module: nn.Module) -> str:
+    """What a normalisation layer computes, as one name: timm's RmsNorm is torch's RMSNorm, a float32 variant is
+    its function's, and a GroupNorm holds its group count."""
+    name = re.sub(r"Fp32$", "", type(module).__name__)
+    return _NORM_ALIASES.get(name, name) + _arguments(module, _NORM_ARGUMENTS)
+
+
+def _arguments(module: nn.Module, names: Tuple[str, ...]) -> str:
+    """``(name=value, ...)`` of the plain attributes ``names`` the module holds; empty when it holds none."""
+    found = [f"{name}={vars(module)[name]!r}" for name in names
+             if name in vars(module) and _is_scalar(vars(module)[name])]
+    return f"({', '.join(found)})" if found else ""
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -311,6 +389,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_scalar(value: Any) -> bool:
+    """A value JSON stores as it is: null, a boolean, a finite number or a string."""
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
+
+
 def _is_layer(value: Any) -> bool:
     slices = value.get("slices") if isinstance(value, dict) else None
     return (_is_int(value.get("in")) and _is_int(value.get("out")) and isinstance(slices, list) and bool(slices)
@@ -351,14 +434,37 @@ def _is_frozen_weights(value: Any) -> bool:
             and all(isinstance(entry, dict) for entry in merged))
 
 
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _is_options(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and isinstance(values, list) and bool(values) and all(_is_scalar(x) for x in values)
+        for name, values in value.items())
+
+
 _POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_pool name")
-_SETTINGS = (lambda v: isinstance(v, dict) and isinstance(v.get("attention_heads"), list)
-             and all(_is_int(x) for x in v["attention_heads"]) and isinstance(v.get("activations"), list)
-             and all(isinstance(x, str) for x in v["activations"])
-             and ("norm_eps" not in v or v["norm_eps"] == [] or _is_number_list(v["norm_eps"]))
-             and isinstance(v.get("parameter_names", ""), str),
-             '{"attention_heads": [integers], "activations": [names], "norm_eps": [numbers] (optional), '
-             '"parameter_names": str (optional)}')
+# Each key of the settings record and what it must be; older files hold the first two only.
+_SETTING_FIELDS = {
+    "attention_heads": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "[integers]"),
+    "activations": (_is_name_list, "[names]"),
+    "activation_layers": (_is_name_list, "[names] (optional)"),
+    "norm_eps": (lambda v: v == [] or _is_number_list(v), "[numbers] (optional)"),
+    "norm_layers": (_is_name_list, "[names] (optional)"),
+    "constructor_options": (_is_options, "{option: [null, booleans, numbers or strings]} (optional)"),
+    "parameter_names": (lambda v: isinstance(v, str), "str (optional)"),
+}
+_REQUIRED_SETTINGS = ("attention_heads", "activations")
+
+
+def _is_settings(value: Any) -> bool:
+    return (isinstance(value, dict) and all(key in value for key in _REQUIRED_SETTINGS)
+            and all(valid(value[key]) for key, (valid, _) in _SETTING_FIELDS.items() if key in value))
+
+
+_SETTINGS = (_is_settings, "{" + ", ".join(f"{json.dumps(key)}: {what}" for key, (_, what) in _SETTING_FIELDS.items())
+             + "}")
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects]}')}
 
@@ -512,34 +618,55 @@ def _check_pooling(model: nn.Module, document: dict) -> None:
 
 
 def _check_settings(model: nn.Module, document: dict) -> None:
-    """The model splits attention into as many heads and uses the same activations as the one the adapter was trained
-    on (files from before the record are not checked)."""
+    """The model computes what the one the adapter was trained on did where no weight tells: as many attention heads,
+    the same activations, parameter names, normalisation layers and constructor options (a file is checked on the
+    settings it records: older files record fewer, the oldest none)."""
     trained, own = document.get("settings"), output_settings(model)
     if trained is None:
         return
+    for check in (_check_heads, _check_activations, _check_parameter_names, _check_norms, _check_options):
+        check(trained, own, document["backbone"])
+
+
+def _check_heads(trained: dict, own: dict, backbone: str) -> None:
     if len(trained["attention_heads"]) != len(own["attention_heads"]):
         raise AdapterLoadError(
             f"adapter was saved from a model with {len(trained['attention_heads'])} attention layers, this model has "
             f"{len(own['attention_heads'])} (another depth?): create it with the depth the adapter was trained on "
-            f"(a ViT has one attention layer per block: timm.create_model({document['backbone']!r}, ..., "
+            f"(a ViT has one attention layer per block: timm.create_model({backbone!r}, ..., "
             f"depth={len(trained['attention_heads'])}))")
     if trained["attention_heads"] != own["attention_heads"]:
         raise AdapterLoadError(
             f"adapter was trained on a model whose attention layers have {_few(trained['attention_heads'])} heads, "
             f"this model's have {_few(own['attention_heads'])}: the same weights give other outputs. Create it with "
-            f"timm.create_model({document['backbone']!r}, ..., num_heads={_few(trained['attention_heads'])}) as in "
-            "training")
-    if trained["activations"] != own["activations"]:
+            f"timm.create_model({backbone!r}, ..., num_heads={_few(trained['attention_heads'])}) as in training")
+
+
+def _check_activations(trained: dict, own: dict, backbone: str) -> None:
+    """The same activation functions (by what they compute), and in files that record them, layer by layer."""
+    if not _same_setting("activations", trained["activations"], own["activations"]):
         raise AdapterLoadError(
             f"adapter was trained on a model with activations {trained['activations']}, this model has "
             f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
             "with")
+    if "activation_layers" in trained and trained["activation_layers"] != own["activation_layers"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose activation layers compute, in order, {trained['activation_layers']}"
+            f", this model's compute {own['activation_layers']}: the same weights give other outputs. Create it with "
+            f"timm.create_model({backbone!r}, ...) and the act_layer of each block it was trained with")
+
+
+def _check_parameter_names(trained: dict, own: dict, backbone: str) -> None:
     if "parameter_names" in trained and trained["parameter_names"] != own["parameter_names"]:
         raise AdapterLoadError(
             "adapter was trained on a model with other parameters (by name, head aside): a constructor setting that "
             "adds or removes parameters differs, e.g. init_values (LayerScale), reg_tokens, class_token, qkv_bias or "
-            f"pos_embed, so the same weights give other outputs. Create it with timm.create_model("
-            f"{document['backbone']!r}, ...) and the settings it was trained with")
+            f"pos_embed, so the same weights give other outputs. Create it with timm.create_model({backbone!r}, ...) "
+            "and the settings it was trained with")
+
+
+def _check_norms(trained: dict, own: dict, backbone: str) -> None:
+    """As many normalisation layers, with the same epsilons and (in files that record them) classes."""
     if "norm_eps" in trained and len(trained["norm_eps"]) != len(own["norm_eps"]):
         raise AdapterLoadError(
             f"adapter was trained on a model with {len(trained['norm_eps'])} normalisation layers, this model has "
@@ -550,6 +677,22 @@ def _check_settings(model: nn.Module, document: dict) -> None:
             f"adapter was trained on a model whose normalisation layers use eps {_few(trained['norm_eps'])}, this "
             f"model's use {_few(own['norm_eps'])}: the same weights give other outputs. Create it with the norm_layer "
             "(eps) it was trained with")
+    if "norm_layers" in trained and trained["norm_layers"] != own["norm_layers"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose normalisation layers are {_few(trained['norm_layers'])}, this "
+            f"model's are {_few(own['norm_layers'])}: the same weights give other outputs. Create it with "
+            f"timm.create_model({backbone!r}, ..., norm_layer=...) as it was trained")
+
+
+def _check_options(trained: dict, own: dict, backbone: str) -> None:
+    """The same constructor options, of those both the file and the model hold (``_OPTIONS``)."""
+    changed = _changed_options(trained.get("constructor_options", {}), own["constructor_options"])
+    if changed:
+        name, (was, now) = next(iter(changed.items()))
+        raise AdapterLoadError(
+            f"adapter was trained on a model with {name}={_few(was)}, this model has {name}={_few(now)}: the same "
+            f"weights give other outputs. Create it with timm.create_model({backbone!r}, ...) and the {name} it was "
+            "trained with")
 
 
 def _few(values: List[Any]) -> str:

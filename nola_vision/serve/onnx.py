@@ -406,7 +406,8 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
     if changed_settings(document.get("settings") or {}, graph_settings):
         raise AdapterLoadError(f"task {directory} does not fit the graph: it was trained on a model with "
                                f"{document['settings']}, the graph's has {graph_settings} (heads per attention layer, "
-                               "activations, norm epsilons); export a graph from a model created as in training")
+                               "activations, normalisation layers and their epsilons, constructor options such as "
+                               "pool_include_prefix); export a graph from a model created as in training")
     if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
         _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory)
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}

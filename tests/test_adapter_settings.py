@@ -1,0 +1,211 @@
+"""Settings that change outputs without changing a weight name (constructor options, norm classes, activations layer
+by layer) are recorded in adapter files and refused when they differ; math-identical classes and older files load."""
+import copy
+import json
+from functools import partial
+
+import pytest
+import timm
+import torch
+from timm.layers import GELUTanh, RmsNorm, SimpleNorm
+from tiny_models import as_if_trained, tiny_vit
+from torch import nn
+
+import nola_vision as nv
+from nola_vision.adapters import files as adapter_io
+from nola_vision.adapters.files import CONFIG_NAME, AdapterLoadError
+from nola_vision.train.module import FewShotClassifier
+
+CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+NEW_KEYS = ("activation_layers", "norm_layers", "constructor_options")
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(IMAGES)
+
+
+def with_weights_of(source, model):
+    """``model`` holding ``source``'s weights wherever names and shapes match, as the same checkpoint would give."""
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in source.state_dict().items() if k in own and v.shape == own[k].shape},
+                          strict=False)
+    return model
+
+
+def set_activations(model, *activations):
+    for block, activation in zip(model.blocks, activations):
+        block.mlp.act = activation
+    return model
+
+
+def save_trained(model, directory):
+    nv.save_adapter(as_if_trained(nv.inject(model, CONFIG), 1, scale=0.1), directory, bits=32)
+    return model
+
+
+def edit_settings(directory, change):
+    """Edit the file's settings record and take its checksum again, as a file written so would hold it."""
+    document = json.loads((directory / CONFIG_NAME).read_text())
+    change(document["settings"])
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (directory / CONFIG_NAME).write_text(json.dumps(document))
+
+
+def as_older_file(directory):
+    """The file as nola_vision wrote it before activations were recorded per layer and norms by class."""
+    def drop_new_keys(settings):
+        for key in NEW_KEYS:
+            del settings[key]
+
+    edit_settings(directory, drop_new_keys)
+
+
+@pytest.mark.parametrize("trained_with, other, message", [
+    (dict(global_pool="avg"), dict(global_pool="avg", pool_include_prefix=True),
+     r"pool_include_prefix=False, this model has pool_include_prefix=True"),
+    (dict(), dict(no_embed_class=True), r"no_embed_class=False, this model has no_embed_class=True"),
+], ids=["pool_include_prefix", "no_embed_class"])
+def test_a_constructor_option_that_changes_no_weight_name_is_refused_naming_it(tmp_path, trained_with, other,
+                                                                               message):
+    # logits off by 0.004 (pool_include_prefix) and 0.05 (no_embed_class: only pos_embed's length changes), loaded
+    base = tiny_vit(**trained_with)
+    model = with_weights_of(base, tiny_vit(**other))
+    assert not torch.allclose(logits(base), logits(model), atol=1e-4)  # the option alone changes the outputs
+    save_trained(tiny_vit(**trained_with), tmp_path)
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+def test_settings_that_follow_the_input_size_are_not_recorded_so_such_models_load(tmp_path):
+    trained = save_trained(tiny_vit(), tmp_path)
+    dynamic = nv.load_adapter(tiny_vit(dynamic_img_size=True), tmp_path)  # the same outputs at the same size
+    torch.testing.assert_close(logits(dynamic), logits(trained), rtol=0, atol=1e-5)
+    nv.load_adapter(tiny_vit(img_size=48), tmp_path, check_frozen_weights=False)  # another pos_embed length
+
+
+def test_normalisation_layers_of_another_function_at_the_same_eps_are_refused(tmp_path):
+    # RmsNorm and SimpleNorm hold the same weights and eps: logits off by 0.001, loaded
+    save_trained(tiny_vit(norm_layer=RmsNorm), tmp_path)
+    with pytest.raises(AdapterLoadError, match="normalisation layers are RMSNorm, this model's are SimpleNorm"):
+        nv.load_adapter(tiny_vit(norm_layer=SimpleNorm), tmp_path)
+
+
+def test_timm_and_torch_classes_of_one_norm_function_load_with_the_same_outputs(tmp_path):
+    trained = save_trained(tiny_vit(norm_layer=RmsNorm), tmp_path)
+    torch_norm = nv.load_adapter(tiny_vit(norm_layer=partial(nn.RMSNorm, eps=1e-6)), tmp_path)
+    torch.testing.assert_close(logits(torch_norm), logits(trained), rtol=0, atol=1e-5)
+
+
+def test_activations_swapped_between_blocks_are_refused(tmp_path):
+    # block 0 GELU and block 1 ReLU against the reverse: the same set of classes, logits off by 0.01, loaded
+    save_trained(set_activations(tiny_vit(), nn.GELU(), nn.ReLU()), tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"activation layers compute, in order, \['GELU', 'ReLU'\], this "
+                                               r"model's compute \['ReLU', 'GELU'\]"):
+        nv.load_adapter(set_activations(tiny_vit(), nn.ReLU(), nn.GELU()), tmp_path)
+
+
+def test_an_activation_with_other_arguments_is_refused_naming_them(tmp_path):
+    save_trained(set_activations(tiny_vit(), nn.LeakyReLU(0.2), nn.LeakyReLU(0.2)), tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"LeakyReLU\(negative_slope=0\.2\).*LeakyReLU\(negative_slope=0\.01\)"):
+        nv.load_adapter(set_activations(tiny_vit(), nn.LeakyReLU(), nn.LeakyReLU()), tmp_path)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["file", "older_file"])
+@pytest.mark.parametrize("trained_act, model_act", [(GELUTanh, partial(nn.GELU, approximate="tanh")),
+                                                    (partial(nn.GELU, approximate="tanh"), GELUTanh),
+                                                    (timm.layers.GELU, nn.GELU)],
+                         ids=["timm_tanh_onto_torch", "torch_tanh_onto_timm", "timm_gelu_onto_torch"])
+def test_timm_and_torch_classes_of_one_activation_load_with_the_same_outputs(tmp_path, trained_act, model_act,
+                                                                             older):
+    # GELUTanh computes F.gelu(x, approximate="tanh") as nn.GELU(approximate="tanh") does: it was refused
+    trained = save_trained(set_activations(tiny_vit(), trained_act(), trained_act()), tmp_path)
+    if older:
+        as_older_file(tmp_path)
+    model = nv.load_adapter(set_activations(tiny_vit(), model_act(), model_act()), tmp_path)
+    torch.testing.assert_close(logits(model), logits(trained), rtol=0, atol=0)
+
+
+def test_a_file_written_before_the_new_settings_loads_onto_the_same_model_and_is_checked_on_what_it_holds(tmp_path):
+    trained = save_trained(tiny_vit(), tmp_path)
+    as_older_file(tmp_path)
+    torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(), tmp_path)), logits(trained), rtol=0, atol=1e-5)
+    with pytest.raises(AdapterLoadError, match=r"activations \['GELU'\], this model has \['QuickGELU'\]"):
+        nv.load_adapter(tiny_vit(act_layer="quick_gelu"), tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s.update(norm_layers="LayerNorm"),
+    lambda s: s.update(activation_layers=["GELU", 1]),
+    lambda s: s.update(constructor_options=["pool_include_prefix"]),
+    lambda s: s.update(constructor_options={"pool_include_prefix": []}),
+    lambda s: s.update(constructor_options={"rope": [{"class": "RotaryEmbeddingCat"}]}),
+], ids=["norm_layers", "activation_layers", "options_list", "option_without_values", "option_object"])
+def test_a_malformed_new_setting_is_rejected_before_the_model_changes(tmp_path, change):
+    save_trained(tiny_vit(), tmp_path)
+    edit_settings(tmp_path, change)
+    model = tiny_vit()
+    with pytest.raises(AdapterLoadError, match=r"field 'settings' must be .*\"constructor_options\""):
+        nv.load_adapter(model, tmp_path)
+    assert not nv.adapted_layers(model)
+
+
+def test_the_config_checksum_covers_the_new_settings(tmp_path):
+    save_trained(tiny_vit(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    document["settings"]["constructor_options"]["pool_include_prefix"] = [True]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="was edited or damaged after it was saved"):
+        nv.load_adapter(tiny_vit(pool_include_prefix=True), tmp_path)
+
+
+def test_an_eva_without_its_rotary_embedding_is_refused(tmp_path):
+    # EVA's rope holds no parameters: without it the same weights load by name
+    kwargs = dict(pretrained=False, num_classes=3, img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)
+    base = timm.create_model("eva02_tiny_patch14_224", **kwargs)
+    without = timm.create_model("eva02_tiny_patch14_224", use_rot_pos_emb=False, **kwargs)
+    without.load_state_dict(base.state_dict())
+    nv.save_adapter(nv.inject(copy.deepcopy(base), nv.LoRAConfig(rank=2, targets=["attn.proj"])), tmp_path)
+    with pytest.raises(AdapterLoadError, match="rope=RotaryEmbeddingCat, this model has rope=None"):
+        nv.load_adapter(without, tmp_path)
+    nv.load_adapter(base, tmp_path)
+
+
+TINY = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
+            backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2, global_pool="avg"))
+
+
+def checkpoint_of(model):
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)  # what Lightning writes
+    return checkpoint
+
+
+def test_a_checkpoint_of_a_backbone_with_another_constructor_option_is_refused_and_an_older_one_loads():
+    checkpoint = checkpoint_of(FewShotClassifier(num_classes=4, adapter=CONFIG, **TINY))
+    other = {**TINY, "backbone_kwargs": {**TINY["backbone_kwargs"], "pool_include_prefix": True}}
+    with pytest.raises(ValueError, match=r"constructor_options .*'pool_include_prefix': \[True\].*\(checkpoint: "):
+        FewShotClassifier(num_classes=4, adapter=CONFIG, **other).on_load_checkpoint(checkpoint)
+    for key in NEW_KEYS:  # as written before they were recorded
+        del checkpoint["nola_vision"]["settings"][key]
+    FewShotClassifier(num_classes=4, adapter=CONFIG, **TINY).on_load_checkpoint(checkpoint)
+
+
+def test_the_record_names_each_layers_function_and_the_constructor_options():
+    settings = adapter_io.output_settings(tiny_vit(act_layer="gelu_tanh", norm_layer=RmsNorm))
+    assert settings["activations"] == ["GELUTanh"]  # as older files recorded it: older nola_vision reads it so
+    assert settings["activation_layers"] == ["GELU(approximate='tanh')"] * 2
+    assert settings["norm_layers"] == ["RMSNorm"] * 5 and len(settings["norm_eps"]) == 5  # 2 per block, the final
+    assert settings["constructor_options"] == {"no_embed_class": [False], "pool_include_prefix": [False]}
+
+
+def test_records_of_checkpoints_and_graphs_compare_activations_by_function_and_on_the_settings_both_hold():
+    own = adapter_io.output_settings(set_activations(tiny_vit(), nn.GELU(approximate="tanh"), nn.GELU("tanh")))
+    older = {"attention_heads": [2, 2], "activations": ["GELUTanh"], "norm_eps": own["norm_eps"]}
+    assert adapter_io.changed_settings(older, own) == {}
+    newer_timm = {**own, "constructor_options": {**own["constructor_options"], "an_option_timm_added": [True]}}
+    assert adapter_io.changed_settings(newer_timm, own) == {}
+    other = adapter_io.output_settings(tiny_vit(no_embed_class=True))
+    assert set(adapter_io.changed_settings(other, adapter_io.output_settings(tiny_vit()))) == {"constructor_options"}
