@@ -116,6 +116,58 @@ def test_saving_at_other_bits_than_quantisation_aware_training_warns(tmp_path):
         nv.save_adapter(model, tmp_path / "4", bits=4)
 
 
+def test_a_linear_probe_saved_at_other_bits_than_its_quantisation_aware_head_warns(tmp_path):
+    probe = nv.inject(tiny_vit(), "linear")
+    nv.set_quantization_aware(probe, 4)  # no adapted layers: only the head is seen at its stored width
+    with pytest.warns(UserWarning, match="trains against 4-bit .*head at 8 bits.* saved at bits=16"):
+        nv.save_adapter(probe, tmp_path / "16")
+
+
+def test_export_peft_refuses_trainable_parameters_it_would_not_carry(tmp_path):
+    model = trained(LORA)
+    model.norm.bias.requires_grad_(True)  # unfrozen by hand and trained: a peft export holds factors and head only
+    with pytest.raises(ValueError, match=r"1 trainable parameter\(s\) are not part of a peft export: \['norm.bias"):
+        nv.export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    model.norm.bias.requires_grad_(False)
+    nv.export_peft(model, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("config", [NOLA, LORA, "linear"], ids=["nola", "lora", "linear"])
+def test_loading_onto_a_quantisation_aware_model_gives_the_saved_outputs_or_is_refused(tmp_path, config):
+    saved = trained(config)
+    nv.set_quantization_aware(saved, 4)
+    nv.save_adapter(saved, tmp_path / "4", bits=4)
+    nv.set_quantization_aware(saved, None)
+    nv.save_adapter(saved, tmp_path / "16", bits=16)
+    model = nv.set_quantization_aware(trained(config, seed=2), 4)  # the model that trained another task at 4 bits
+    nv.merge(model)
+    with torch.no_grad():
+        before = model(IMAGES)
+        with pytest.raises(ValueError, match="quantisation-aware at 4 bits .*16-bit adapter .*set_quantization_aware"):
+            nv.load_adapter(model, tmp_path / "16")
+        torch.testing.assert_close(model(IMAGES), before, rtol=0, atol=0)  # refused before anything changed
+        nv.load_adapter(model, tmp_path / "4")  # at its own bits: the model sees the file's values as they are
+        expected = nv.load_adapter(tiny_vit(), tmp_path / "4")(IMAGES)
+        torch.testing.assert_close(model(IMAGES), expected, rtol=0, atol=1e-5)
+        nv.unmerge(model)
+        nv.set_quantization_aware(model, None)
+        nv.load_adapter(model, tmp_path / "16")
+        torch.testing.assert_close(model(IMAGES), nv.load_adapter(tiny_vit(), tmp_path / "16")(IMAGES),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [NOLA, "linear"], ids=["nola", "linear"])
+def test_merge_and_unload_of_a_quantisation_aware_model_keeps_its_outputs(config):
+    model = nv.set_quantization_aware(trained(config), 4)
+    with torch.no_grad():
+        seen = model(IMAGES)
+        assert not torch.allclose(nv.set_quantization_aware(trained(config), None)(IMAGES), seen, rtol=0, atol=1e-4)
+        plain = nv.merge_and_unload(model)
+        assert nv.adapted_layers(plain) == {} and not plain.head._forward_hooks
+        torch.testing.assert_close(plain(IMAGES), seen, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("field, value", [("num_classes", 6), ("backbone", "vit_small_patch16_224"),
                                           ("seed", 7), ("rank", 3)])
 def test_an_edited_field_is_reported_as_an_edit_before_any_advice_drawn_from_it(tmp_path, field, value):

@@ -10,6 +10,7 @@ import torch
 from timm.layers import PatchEmbed
 from torch.utils.data import DataLoader, TensorDataset
 
+import nola_vision as nv
 from nola_vision import LoRAConfig, NOLAConfig, load_adapter
 from nola_vision.core.config import adapter_to_hparam, resolve_adapter
 from nola_vision.train.module import FewShotClassifier
@@ -341,3 +342,13 @@ def test_diverged_weights_are_never_exported(tmp_path):
     with pytest.raises(NonFiniteLossError, match="nola_alpha"):
         model.on_fit_end()
     assert not (tmp_path / "adapter").exists()
+
+
+def test_an_adapter_dir_holding_a_peft_export_is_refused_before_training(tmp_path):
+    exporter = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2, targets=["attn.qkv"]), **TINY)
+    nv.export_peft(exporter.model, tmp_path / "peft")
+    exported = (tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "peft"), **TINY)
+    with pytest.raises(ValueError, match="holds a peft LoRA export .*another directory"):
+        model.on_fit_start()  # what fit calls before the first step: the export is refused now, not after training
+    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == exported

@@ -34,13 +34,13 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject, require_unchanged_statistics, unwrap_model
+from ..core.inject import adapter_state, inject, quantization_aware_bits, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
-from ..core.storage import atomic_directory, read_files
-from ..core.targets import classifier_head, head_parameter_names, trained_parameters
+from ..core.storage import atomic_directory, read_files, resolve_directory_target
+from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
@@ -244,12 +244,10 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
                          "coefficients, but full fine-tuning stores every backbone weight, which such codes would "
                          "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
-    _require_nothing_else_trained(model, {**adapter, **head})
+    require_nothing_else_trained(model, {**adapter, **head}, "an adapter file")
     require_unchanged_statistics(model)
     _warn_if_not_trained_width(model, bits)
-    if existing_adapter_kind(directory) == "peft":
-        raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
-                         "files of the same names. Save the adapter into another directory")
+    require_adapter_directory(directory)
     head_names = set(state.plan.head_names)
     stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
     tensors: Dict[str, Tensor] = {}
@@ -292,6 +290,18 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     return Path(directory)
 
 
+def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike) -> None:
+    """Refuse to load onto a model under quantisation-aware training at other bits than the file's: the model would
+    show the loaded values at its own width, so its outputs would not be the saved adapter's."""
+    aware = quantization_aware_bits(model)
+    if aware is not None and aware != bits:
+        raise ValueError(
+            f"the model trains quantisation-aware at {aware} bits (nv.set_quantization_aware), so it would see the "
+            f"{bits}-bit adapter in {directory} at {aware} bits, with other outputs than the saved one. Call "
+            f"nv.set_quantization_aware(model, None) before loading (and set it again to train on at {aware} bits), or "
+            "load a file saved at those bits")
+
+
 def _canonical_safetensors(raw: bytes) -> bytes:
     """``raw`` with its header's metadata keys sorted: safetensors writes them in hash-map order, which changes from
     process to process, so two saves of the same values would differ byte for byte (and in ``weights_sha256``).
@@ -305,27 +315,24 @@ def _canonical_safetensors(raw: bytes) -> bytes:
     return raw[:8] + text.ljust(size) + raw[8 + size :]
 
 
-def _require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Parameter]) -> None:
-    """Refuse to save when a parameter that trains is not one the file holds: the file would load as another model."""
-    extra = [name for name, p in model.named_parameters() if p.requires_grad and name not in saved]
-    if extra:
-        raise ValueError(
-            f"{len(extra)} trainable parameter(s) are not part of an adapter file: {extra[:4]}"
-            f"{' ...' if len(extra) > 4 else ''}. Their trained values would be lost and the saved adapter would load "
-            "with other outputs than this model. Freeze them (requires_grad_(False)) before training, or train them "
-            "with the 'full' method, which saves every weight"
-        )
-
-
 def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
     """Warn when quantisation-aware training saw other values than ``bits`` stores: the file then loads as another
     model than the one that was trained and evaluated."""
-    trained_bits = {layer.quant_bits for layer in adapted_layers(model).values()} - {None}
-    if trained_bits and bits not in trained_bits:
-        warnings.warn(f"the model trains against {sorted(trained_bits)[0]}-bit adapter values "
-                      f"(set_quantization_aware) but is saved at bits={bits}: the file holds the latent values, "
-                      f"whose outputs differ from the trained model's. Save with bits={sorted(trained_bits)[0]} to "
-                      "keep what was trained and evaluated", stacklevel=3)
+    trained_bits = quantization_aware_bits(model)
+    if trained_bits is not None and bits != trained_bits:
+        warnings.warn(f"the model trains against {trained_bits}-bit adapter values (its head at "
+                      f"{head_bits(trained_bits)} bits; set_quantization_aware) but is saved at bits={bits}: the file "
+                      f"holds the latent values, whose outputs differ from the trained model's. Save with "
+                      f"bits={trained_bits} to keep what was trained and evaluated", stacklevel=3)
+
+
+def require_adapter_directory(directory: PathLike) -> None:
+    """Refuse, before anything is trained or written, a directory ``save_adapter`` cannot replace: a file, the working
+    directory or a mount point (``core.storage.resolve_directory_target``), or one holding a peft export."""
+    resolve_directory_target(directory)
+    if existing_adapter_kind(directory) == "peft":
+        raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
+                         "files of the same names. Save the adapter into another directory")
 
 
 def existing_adapter_kind(directory: PathLike) -> Optional[str]:
@@ -918,6 +925,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     target = unwrap_model(model)
     verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)
+    _require_quantization_fits(target, verified.document["bits"], directory)
     if adapter_state(target) is None:
         inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
     switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged

@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.fingerprint import merged_adapters
-from ..core.inject import adapter_state, require_unchanged_statistics, unwrap_model
+from ..core.inject import adapter_state, quantization_aware_bits, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
-from ..core.targets import classifier_head
+from ..core.targets import classifier_head, require_nothing_else_trained, trained_parameters
 from .files import existing_adapter_kind
 
 __all__ = ["export_peft"]
@@ -57,6 +57,8 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         hint = (f"method {method!r} has no adapter layers; save the head with nv.save_adapter instead"
                 if method is not None else "inject or load an adapter first (nv.inject / nv.load_adapter)")
         raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
+    adapter_tensors, head_tensors = trained_parameters(model, train_backbone=False)  # the factors' sources, the head
+    require_nothing_else_trained(model, {**adapter_tensors, **head_tensors}, "a peft export")
     require_unchanged_statistics(model)
     folded = merged_adapters(model)
     if folded:
@@ -78,11 +80,11 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     head = classifier_head(model)
     head_names = [n for n, m in model.named_modules() if m is head] if head is not None else []
     quantized_head = state is not None and state.quantized_head is not None
-    quant_bits = {layer.quant_bits for layer in layers.values()} - {None}
+    quant_bits = quantization_aware_bits(model)
     for module_name in head_names:
         for key, value in head.state_dict().items():
             if quantized_head and quant_bits and key in ("weight", "bias"):  # the head as the QAT model sees it
-                value = fake_quantize(value, head_bits(min(quant_bits)))
+                value = fake_quantize(value, head_bits(quant_bits))
             tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
     # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).
     r, lora_alpha = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]

@@ -36,7 +36,7 @@ from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head, require_not_data_parallel, unwrap_model
 
-__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "replace_module",
+__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits", "replace_module",
            "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
            "statistics_layers", "unload", "unwrap_model"]
 
@@ -52,7 +52,9 @@ class AdapterState:
     # requires_grad of every parameter before inject, by name (names do not change: adapted layers keep them).
     requires_grad: Dict[str, bool] = field(default_factory=dict)
     hooks: List[RemovableHandle] = field(default_factory=list)
-    # The forward hook that shows the head at its stored width during quantisation-aware training.
+    # Quantisation-aware training's bits (``set_quantization_aware``), and the forward hook that shows the head at
+    # its stored width meanwhile.
+    quant_bits: Optional[int] = None
     quantized_head: Optional[RemovableHandle] = None
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
@@ -326,7 +328,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
-    _remove_injection(merge(model), state)
+    merge(model)
+    if state.quantized_head is not None:  # the hook that showed the head at its stored width goes: fold that in
+        head = classifier_head(model)
+        with torch.no_grad():
+            for parameter in (head.weight, head.bias):
+                if parameter is not None:
+                    parameter.copy_(fake_quantize(parameter, head_bits(quantization_aware_bits(model))))
+    _remove_injection(model, state)
     if state.plan.layers:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
         record_merged(model, folded)
@@ -391,6 +400,7 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     for layer in adapted_layers(model).values():
         layer.quant_bits = bits
     if state is not None:
+        state.quant_bits = bits
         if state.quantized_head is not None:
             state.quantized_head.remove()
             state.quantized_head = None
@@ -398,6 +408,15 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
         if bits is not None and isinstance(head, nn.Linear):
             state.quantized_head = head.register_forward_hook(functools.partial(_quantized_head, head_bits(bits)))
     return model
+
+
+def quantization_aware_bits(model: nn.Module) -> Optional[int]:
+    """The bits ``set_quantization_aware`` set on the model (its adapters and head are seen at them), else None."""
+    state = adapter_state(unwrap_model(model))
+    if state is None:
+        return None
+    layer_bits = {layer.quant_bits for layer in adapted_layers(model).values()} - {None}
+    return state.quant_bits or min(layer_bits, default=None)
 
 
 def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:

@@ -10,8 +10,8 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_one_head",
-           "require_not_data_parallel", "trained_parameters", "unwrap_model"]
+__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_nothing_else_trained",
+           "require_one_head", "require_not_data_parallel", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -122,6 +122,19 @@ def trained_parameters(model: nn.Module, train_backbone: bool) -> Tuple[Dict[str
                for param_name, param in layer.adapter_parameters().items()}
     parameters = dict(model.named_parameters())
     return adapter, {name: parameters[name] for name in head_parameter_names(model)}
+
+
+def require_nothing_else_trained(model: nn.Module, saved: Dict[str, nn.Parameter], written: str) -> None:
+    """Refuse to write ``written`` (an adapter file, a peft export) when a parameter that trains is not in ``saved``:
+    its trained value would be lost, and what is written would load as another model."""
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and name not in saved]
+    if extra:
+        raise ValueError(
+            f"{len(extra)} trainable parameter(s) are not part of {written}: {extra[:4]}"
+            f"{' ...' if len(extra) > 4 else ''}. Their trained values would be lost and what is written would load "
+            "with other outputs than this model. Freeze them (requires_grad_(False)) before training, or train them "
+            "with the 'full' method and nv.save_adapter, which saves every weight"
+        )
 
 
 def _splits_into_q_k_v_blocks(attention: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters.files import changed_settings, output_settings, pooling_of, save_adapter
+from ..adapters.files import changed_settings, output_settings, pooling_of, require_adapter_directory, save_adapter
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
@@ -25,7 +25,6 @@ from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, set_quantization_aware, statistics_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
-from ..core.storage import resolve_directory_target
 from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
@@ -285,8 +284,8 @@ class FewShotClassifier(L.LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if self.hparams.adapter_dir is not None:  # a file or the working directory: refused before training, not after
-            resolve_directory_target(self.hparams.adapter_dir)
+        if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
+            require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
         if self.adapter_config.train_backbone and bits is not None and bits < 16:  # save_adapter refuses it at the end
             raise ValueError(f"FewShotClassifier.adapter_bits={bits} would store a fully fine-tuned backbone as "
