@@ -277,6 +277,33 @@ def test_imagefolder_reads_the_images_in_a_class_folders_sub_folders_as_torchvis
     assert len(test) == before + 1 and not any(".b.png" in key or ".cache" in key for key, _ in test.samples)
 
 
+def test_a_symlink_loop_in_a_class_folder_counts_each_image_once(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test")
+    before = build_dataset("imagefolder", tmp_path, "test").samples
+    (tmp_path / "test" / "cat" / "again").symlink_to(".", target_is_directory=True)  # os.walk would follow it 40 deep
+    assert build_dataset("imagefolder", tmp_path, "test").samples == before
+
+
+def test_image_files_an_imagefolder_does_not_read_are_named_and_a_class_left_without_images_is_refused(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test")
+    image = Image.new("RGB", (8, 8), class_color(0))
+    image.save(tmp_path / "test" / "cat" / "cat 10.gif")
+    image.save(tmp_path / "test" / "unsorted.png")  # loose, not in a class folder
+    (tmp_path / "test" / "cat" / "notes.txt").write_text("not an image: never named")
+    with pytest.warns(UserWarning, match=r"2 image file\(s\) under .*test are not read \(unsorted.png, cat/cat 10.gif\)"):
+        assert len(build_dataset("imagefolder", tmp_path, "test")) == 6
+    for png in (tmp_path / "train" / "owl").glob("*.png"):  # a class whose images are all in a format not read
+        Image.open(png).save(png.with_suffix(".gif"))
+        png.unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"4 image file\(s\) under .*train are not read \(owl/owl 00.gif"):
+        build_dataset("imagefolder", tmp_path, "train")
+    for name in ("cat", "dog", "owl"):  # only loose images in test/: nothing to evaluate, and the message says why
+        for path in (tmp_path / "test" / name).iterdir():
+            path.rename(tmp_path / "test" / f"{name}-{path.name}")
+    with pytest.raises(DatasetNotFoundError, match=r"not read .*Move loose images into their class folder"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
 def test_imagefolder_rejects_test_classes_unknown_to_train(tmp_path):
     write_imagefolder(tmp_path, eval_folder="test")
     (tmp_path / "test" / "zebra").mkdir()

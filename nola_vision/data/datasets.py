@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Image formats a user may have among their images that are not read (not in IMG_EXTENSIONS): named, never skipped
+# silently.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jxl", ".svg", ".ico",
+                           ".tga", ".dng", ".cr2", ".nef", ".arw", ".raw")
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -352,12 +356,28 @@ def _image_files(folder: Path, recursive: bool = False) -> list[str]:
     if not recursive:
         return sorted(p.name for p in folder.iterdir()
                       if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
-    files = []
+    files, visited = [], set()
     for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:  # a symlink back to a folder already read (a loop): its images would count again
+            subfolders[:] = []
+            continue
+        visited.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         files += [(Path(directory) / name).relative_to(folder).as_posix() for name in names
                   if not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS]
     return sorted(files)
+
+
+def _unread_images(folder: Path, class_names: Sequence[str]) -> list[str]:
+    """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a
+    class folder in a format that is not read (``UNREAD_IMAGE_EXTENSIONS``); paths relative to ``folder``."""
+    known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
+    loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
+    unread = [f"{name}/{p.relative_to(folder / name).as_posix()}" for name in class_names if (folder / name).is_dir()
+              for p in sorted((folder / name).rglob("*"))
+              if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")]
+    return sorted(loose) + unread
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -610,6 +630,16 @@ class _ImageFolder:
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
                    if (folder / name).is_dir() for fname in _image_files(folder / name, recursive=True)]
         empty = sorted(set(names) - {names[label] for _, label in samples})
+        unread = _unread_images(folder, names)
+        if unread:
+            message = (f"{len(unread)} image file(s) under {folder} are not read ({', '.join(unread[:3])}"
+                       f"{', ...' if len(unread) > 3 else ''}): images are read from {folder}/<class>/ in the formats "
+                       f"{', '.join(IMG_EXTENSIONS)}. Move loose images into their class folder and convert others "
+                       "(e.g. GIF, AVIF, HEIC) to PNG or JPEG")
+            # Nothing read at all, or a training class left with none of its images: refused, not trained without
+            if not samples or (split == "train" and any(f.split("/", 1)[0] in empty for f in unread)):
+                raise DatasetNotFoundError(message)
+            warnings.warn(message, stacklevel=2)
         if split != "train" and samples and empty:
             warnings.warn(f"{folder} has no images of classes {empty}: its accuracy covers the other classes only",
                           stacklevel=2)
