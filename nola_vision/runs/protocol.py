@@ -7,7 +7,8 @@ re-run from scratch on restart, while finished runs are skipped. ``results.csv``
 rebuilt from every ``result.json`` under ``<out>`` after each run. A result with a non-finite metric, a
 status other than ok, or from a process that exited non-zero never counts.
 
-A row is keyed by its settings (the config files' content and the overrides, without seeds and paths):
+A row is keyed by its settings (the config files' content, the overrides without seeds and paths, and the
+content of every file they name, ``results.config_key``):
 ``<out>/<name>/config.json`` records them, and re-running under the same name with other settings is refused
 with the differing settings named, instead of averaging runs of different settings into one row.
 

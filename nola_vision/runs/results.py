@@ -1,9 +1,11 @@
 """The results store of protocol and tune runs: what a finished run wrote, whether it counts, and the tables.
 
 A run counts only once its ``result.json`` exists with finite metrics and status ok. A row (``<out>/<name>``) is
-keyed by its settings (``config.json``: the config files' content and the overrides, without seeds and paths),
-so runs with other settings are never averaged into one row. ``requested.json`` lists every run a command asked the
-row for, so the tables can flag a mean over fewer runs (failed, or still running).
+keyed by its settings (``config.json``: the config files' content, the overrides without seeds and paths, and the
+content of every file they name: a group, subclass or nested config file, found recursively, or a weights file),
+so runs with other settings are never averaged into one row; the tables refuse to average runs of one row whose
+results record different settings. ``requested.json`` lists every run a command asked the row for, so the tables can
+flag a mean over fewer runs (failed, or still running).
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import math
 import os
 import re
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import yaml
 
 from ..core.storage import atomic_path, file_in_the_way, write_json_atomic, write_text_atomic, writer_lock
 
@@ -24,9 +29,10 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "RUN_ARGS", "RUN_FOLDER", "check_seeds", "claim_row",
-           "claim_run", "collect_results", "config_key", "counted", "discard_result", "parse_overrides", "read_result",
-           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER", "check_seeds",
+           "claim_row", "claim_run", "collect_results", "config_key", "counted", "discard_result", "mixed_settings",
+           "parse_overrides", "read_result", "referenced_files", "request_runs", "requested_runs",
+           "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -59,18 +65,120 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, Optional[str]]]
 
 
 def config_key(configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, Any]:
-    """What a protocol row measures: the composed config files' content and the overrides, without seeds and
-    paths, with a short hash. Rows are keyed by it so runs with other settings never share a mean."""
-    contents = [Path(c).read_text() for c in configs]
+    """What a protocol row measures: the composed config files' content, the overrides without seeds and paths, and
+    the content of every file they name (``referenced_files``), with a short hash. Rows are keyed by it so runs with
+    other settings never share a mean.
+
+    The hash of settings that name no file is the one of earlier versions (``config.json`` rows keep matching);
+    ``files`` (path as fit opens it: sha256 prefix) is there only when some file is named."""
+    contents = [_config_text(c) for c in configs]
     pairs = [(k, v) for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
     settings = [f"{k}={v}" if v is not None else k for k, v in pairs]
-    # an override given as a file (--trainer t.yaml, --model.adapter a.yaml) counts by its content, as -c files do
-    files = {v: Path(v).read_text() for _, v in pairs if v is not None and Path(v).is_file()}
-    digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings, **({"override_files": files}
-                                                                                        if files else {})}
+    files = referenced_files(configs, [v for _, v in pairs if v is not None], contents)
+    # a named file counts by its content (its path is in the text that names it); the list keeps their order
+    digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings,
+                                        **({"files": list(files.values())} if files else {})}
                                        ).encode()).hexdigest()[:16]
     return {"config_hash": digest, "configs": [str(c) for c in configs],
-            "config_sha256": [hashlib.sha256(c.encode()).hexdigest()[:16] for c in contents], "overrides": settings}
+            "config_sha256": [hashlib.sha256(c.encode()).hexdigest()[:16] for c in contents], "overrides": settings,
+            **({"files": {path: sha[:16] for path, sha in files.items()}} if files else {})}
+
+
+def _config_text(config: str) -> str:
+    try:
+        return Path(config).read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config {config} is not a text (YAML) file: {err}") from None
+
+
+# A file of at most this size without a NUL byte (a weights file has them) is read as YAML for the files it names.
+_SETTINGS_FILE_MAX = 1 << 20
+_CHUNK = 1 << 20
+
+
+def referenced_files(configs: Sequence[str], values: Sequence[str],
+                     contents: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Every file the composed settings name, as ``{path: sha256 of its bytes}`` in the order found: a string value
+    in a ``-c`` config that names a file relative to the config's folder (as jsonargparse resolves ``data: data.yaml``,
+    ``model: {adapter: nola.yaml}``, ``config: base.yaml``), or else relative to the working directory (as fit opens
+    a plain path, ``pretrained_file: w.safetensors``); an override value (or a string in an inline YAML override,
+    ``--model '{adapter: a.yaml}'``) naming a file relative to the working directory; and, recursively, the same in
+    each named YAML/JSON file (relative to its own folder). Files are hashed in chunks, never decoded: a weights file
+    counts by its bytes. ``contents``: the configs' text, when already read."""
+    found: Dict[str, str] = {}
+    seen = {os.path.realpath(c) for c in configs}  # their text is in the key already
+
+    def visit(path: Path, loadable: bool) -> None:
+        real = os.path.realpath(path)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            digest, data = _file_digest(path, keep=loadable)
+        except OSError as err:
+            raise ValueError(f"cannot read {path}, a file the config or an override names: {err}") from None
+        found[str(path)] = digest
+        content = _yaml(data) if data is not None else None
+        if isinstance(content, (dict, list)):  # settings (jsonargparse loads them from there): what they name counts
+            walk(content, path.parent)
+
+    def walk(node: Any, folder: Optional[Path]) -> None:
+        """``folder``: that of the file holding ``node``; None on the command line (the working directory)."""
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value, folder)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, folder)
+        elif isinstance(node, str):
+            name(node, folder)
+
+    def name(text: str, folder: Optional[Path]) -> None:
+        candidates = [(Path(text), True)] if folder is None else [(folder / text, True), (Path(text), False)]
+        for path, loadable in candidates:
+            if _is_file(path):
+                visit(path, loadable)
+                return
+        if text.lstrip()[:1] in ("{", "["):  # a group given inline: the files it names
+            walk(_yaml(text), folder)
+
+    try:
+        for config, text in zip(configs, contents if contents is not None else map(_config_text, configs)):
+            walk(_yaml(text), Path(config).parent)
+        for value in values:
+            name(value, None)
+    except RecursionError:
+        raise ValueError("a config or an override nests too deeply (or its files name each other in a loop too "
+                         "deep to follow); flatten it") from None
+    return found
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return len(str(path)) < 4096 and "\n" not in str(path) and path.is_file()
+    except (OSError, ValueError):  # a name too long, or with a NUL
+        return False
+
+
+def _file_digest(path: Path, keep: bool) -> Tuple[str, Optional[bytes]]:
+    """The sha256 of a file's bytes, read in chunks, and with ``keep`` its bytes when it may hold settings (small, no
+    NUL byte)."""
+    digest = hashlib.sha256()
+    kept: Optional[bytearray] = bytearray() if keep else None
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+            if kept is not None:
+                kept = None if len(kept) + len(chunk) > _SETTINGS_FILE_MAX or b"\0" in chunk else kept + chunk
+    return digest.hexdigest(), bytes(kept) if kept is not None else None
+
+
+def _yaml(data: Any) -> Any:
+    """The YAML (or JSON) document in ``data`` (bytes or text), or None when it holds none."""
+    try:
+        return yaml.safe_load(data)
+    except (ValueError, yaml.YAMLError, RecursionError):
+        return None
 
 
 def row_folder(out: str, name: str) -> Path:
@@ -161,6 +269,13 @@ def claim_row(root: Path, key: Dict[str, Any]) -> None:
     if before != now:
         diffs.append(f"overrides: only before {[o for o in before if o not in now] or before}, "
                      f"only now {[o for o in now if o not in before] or now}")
+    files_before, files_now = old.get("files", {}), key.get("files", {})
+    if files_before != files_now:
+        changed = [f"{p} {files_before.get(p, '(not named)')} -> {files_now.get(p, '(not named)')}"
+                   for p in dict.fromkeys([*files_before, *files_now]) if files_before.get(p) != files_now.get(p)]
+        earlier = (" (this row was recorded before the files its settings name counted, so which content its runs "
+                   "read is unknown)" if "files" not in old and not diffs else "")
+        diffs.append(f"files the configs or overrides name (content sha256): {'; '.join(changed)}{earlier}")
     raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
                      f"their results would be averaged into one row. Pass another --name for a separate row, "
                      f"or delete {root} to redo this one")
@@ -218,22 +333,40 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
             "test_acc": data["metrics"]["test/acc"], "adapter_params": counts.get("adapter", 0),
             "head_params": counts.get("head", 0), "trainable_params": counts.get("trainable", 0),
             "epochs": data.get("epochs", ""), "wall_s": data.get("wall_s", ""), "run_dir": str(path.parent),
+            "config_hash": data.get("config_hash"),  # not a column of results.csv: what its row is keyed by
         })
     return rows
 
 
+# What the runs of one row must share to be averaged (seeds, times and folders differ between them).
+ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params", "config_hash")
+
+
+def mixed_settings(members: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
+    """The ``ROW_SETTINGS`` in which the results of one row's runs differ, with their values (empty: none). A value
+    a result does not record (an older one without ``config_hash``) differs from none."""
+    mixed = {}
+    for field in ROW_SETTINGS:
+        values = sorted({str(r.get(field)) for r in members if r.get(field) not in (None, "")})
+        if len(values) > 1:
+            mixed[field] = values
+    return mixed
+
+
 def summarise(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per name: mean and population std of test accuracy (in %), run count, exact parameter counts."""
+    """Per name: mean and population std of test accuracy (in %), run count, exact parameter counts, and ``mixed``:
+    the settings its runs differ in (``mixed_settings``); then the runs are not averaged (mean and std are NaN)."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["name"], []).append(row)
     summary = []
     for members in groups.values():
         accs = [100.0 * float(r["test_acc"]) for r in members]
-        first = members[0]
+        first, mixed = members[0], mixed_settings(members)
         summary.append({**{k: first[k] for k in ("name", "method", "backbone", "dataset", "shots",
                                                   "adapter_params", "head_params")},
-                        "runs": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs)})
+                        "runs": len(accs), "mean": math.nan if mixed else statistics.fmean(accs),
+                        "std": math.nan if mixed else statistics.pstdev(accs), "mixed": mixed})
     return summary
 
 
@@ -243,7 +376,7 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     rows = collect_results(out)
     with atomic_path(root / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",
@@ -251,17 +384,27 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
     finished: Dict[str, Set[str]] = {}
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
-    short = []
+    short, mixed = [], []
     for s in summarise(rows):
         asked = len(requested_runs(root / s["name"]) | finished[s["name"]])
         runs = f"{s['runs']}" if asked == s["runs"] else f"{s['runs']} of {asked}"
         if asked != s["runs"]:
             short.append(s["name"])
-        lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {s['shots']} | "
+        differ = "; ".join(f"{field} {' / '.join(values)}" for field, values in s["mixed"].items())
+        if differ:
+            mixed.append(f"{s['name']} ({differ})")
+            warnings.warn(f"nola_vision: the runs of row {s['name']} under {out} were made with different settings "
+                          f"({differ}): not averaged; see {root / 'results.md'}", stacklevel=2)
+        shots = " / ".join(s["mixed"]["shots"]) if "shots" in s["mixed"] else s["shots"]
+        lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {shots} | "
                      f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
-                     f"{s['mean']:.1f} ({s['std']:.1f}) |")
+                     + (f"{s['mean']:.1f} ({s['std']:.1f}) |" if not differ else "not averaged: mixed settings |"))
     notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
              "seeds."]
+    if mixed:
+        notes.append(f"NOT AVERAGED ({', '.join(mixed)}): the runs of these rows record different settings, so no mean "
+                     "of them measures one experiment (each run is in results.csv). Redo each setting in a row of its "
+                     "own: delete the row's folder, or pass another --name.")
     if short:
         notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
