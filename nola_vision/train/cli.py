@@ -16,18 +16,19 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.storage import atomic_path, file_in_the_way, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
-from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments
+from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments, check_training_data
 
-__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "NolaCLI", "PredictionsCSVWriter", "RunConfigSaver",
-           "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources", "cli_parser",
-           "error_message", "run_lightning_cli"]
+__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
+           "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
+           "cli_parser", "error_message", "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
@@ -109,6 +110,40 @@ class RunConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
 
 
+class FinalWeights(Callback):
+    """Keeps the checkpoints a run resumes from and names in its result at the weights it ended with.
+
+    A ``ModelCheckpoint`` that saves after validation (Lightning's choice with ``check_val_every_n_epoch`` > 1, or
+    with validation inside an epoch) saves nothing after an epoch that did not validate: ``last.ckpt`` would hold an
+    earlier epoch than the exported adapter and the result, and a resume from it would train those epochs again. At
+    the end of such an epoch this saves what that callback would have saved there: ``last.ckpt``, and without a
+    monitored metric its newest checkpoint (``epoch=E-step=S.ckpt``). A callback that monitors a metric keeps its
+    best among the validated epochs. It also records the last step whose weights were validated during fit, so that
+    the CLI validates the final weights when no validation saw them.
+    """
+
+    def __init__(self) -> None:
+        self.validated_step: Optional[int] = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            # what ModelCheckpoint.on_train_epoch_end does, for a callback that saves only after validation
+            if (not isinstance(callback, ModelCheckpoint) or callback._should_save_on_train_epoch_end(trainer)
+                    or callback._last_global_step_saved == trainer.global_step):
+                continue
+            candidates = callback._monitor_candidates(trainer)
+            every = callback._every_n_epochs
+            if callback.monitor is None and every >= 1 and (trainer.current_epoch + 1) % every == 0:
+                callback._save_topk_checkpoint(trainer, candidates)
+            callback._save_last_checkpoint(trainer, candidates)  # whatever its schedule: fit resumes from it
+
+
 def _holds_work(folder: Path) -> bool:
     """Whether a run folder holds what a run kept: a checkpoint or an exported adapter."""
     return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter").is_dir()
@@ -124,7 +159,8 @@ class NolaCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the final weights on the full test split (the paper's number)")
         parser.add_argument("--result_file", type=Optional[str], default=None,
-                            help="after fit, write final metrics and parameter counts to this JSON file (atomically)")
+                            help="fit, test, validate: write the final metrics, the checkpoint and parameter counts to "
+                                 "this JSON file (atomically); predict refuses it (see --predictions_file)")
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict: CSV path (default <log_dir>/predictions.csv)")
 
@@ -148,6 +184,9 @@ class NolaCLI(LightningCLI):
             raise ValueError(f"{subcommand} without --ckpt_path would evaluate the untrained model (a random head): "
                              "pass --ckpt_path <a checkpoint of the fit run> (or --ckpt_path last for the newest under "
                              "--trainer.default_root_dir)")
+        if subcommand == "predict" and config.get("result_file"):
+            raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its predictions "
+                             "go to --predictions_file (default <log_dir>/predictions.csv)")
         check_checkpoint_file(config.get("ckpt_path"))
         self.given_model = config.model.clone()
         argv = sys.argv[1:] if args is None else args
@@ -167,6 +206,11 @@ class NolaCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.result_file:
             check_result_path(config.result_file)
+        checkpoint = config.get("ckpt_path")
+        if checkpoint is not None and Path(checkpoint).is_file():  # a resume: refused before anything is written
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            check_training_data(saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None,
+                                self.datamodule.hparams)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
                     if str(getattr(c, "monitor", None) or "").startswith("val/")]
         data = self.datamodule.hparams
@@ -184,6 +228,15 @@ class NolaCLI(LightningCLI):
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if self._final_weights_unvalidated():
+            # the last epoch did not validate (check_val_every_n_epoch > 1, max_steps, ...): the val/* metrics are an
+            # earlier epoch's, while the result, the adapter and last.ckpt are the final weights'
+            try:
+                results = self.trainer.validate(self.model, datamodule=self.datamodule)
+            except BaseException:
+                self._retire_stale_result(config.result_file)
+                raise
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         if config.test_after_fit and not self.trainer.interrupted:
             try:
                 results = self.trainer.test(self.model, datamodule=self.datamodule)
@@ -220,6 +273,16 @@ class NolaCLI(LightningCLI):
                 or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
             })
 
+    def _final_weights_unvalidated(self) -> bool:
+        """Whether this run validates (validation images, ``limit_val_batches`` > 0) and no validation during fit saw
+        its final weights."""
+        trainer, final = self.trainer, getattr(self, "final_weights", None)
+        if final is None or trainer.interrupted or trainer.fast_dev_run or not trainer.limit_val_batches:
+            return False
+        if self.datamodule.val_set is None:
+            return False
+        return final.validated_step != trainer.global_step
+
     def _retire_stale_result(self, result_file: Optional[str]) -> str:
         """Move aside a result file that describes the adapter this run just replaced (a re-run into the same
         ``adapter_dir`` that failed after exporting), so no valid-looking result sits beside another adapter."""
@@ -238,17 +301,60 @@ class NolaCLI(LightningCLI):
         return f" {path} described the adapter this run replaced: moved to {aside}."
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, keeping a ``last.ckpt`` by default so that ``fit --ckpt_path last`` resumes a run."""
+        """The trainer, keeping a ``last.ckpt`` of the latest epoch's weights by default (``FinalWeights``), so that
+        ``fit --ckpt_path last`` resumes a run where it stopped and ``test`` on it reproduces fit's accuracy."""
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if callback.save_last is None:
                 callback.save_last = True
+        self.final_weights = FinalWeights()
+        trainer.callbacks.append(self.final_weights)
         return trainer
 
     def before_validate(self) -> None:
         if not self.datamodule.val_shots and not self.datamodule.val_split_file:
             raise ValueError("validate needs validation images: set --data.val_shots (images per class drawn apart "
                              "from the training shots, e.g. 2) as in the run that trained the checkpoint")
+        self.before_test()
+
+    def before_test(self) -> None:
+        """The result path is checked before the pass, whose metrics a bad path would lose at the end."""
+        path = self.config[self.subcommand].result_file
+        if path:
+            check_result_path(path)
+
+    def after_test(self) -> None:
+        self._write_evaluation_result("test")
+
+    def after_validate(self) -> None:
+        self._write_evaluation_result("val")
+
+    def _write_evaluation_result(self, split: str) -> None:
+        """``test``/``validate --result_file``: the metrics of the pass, as ``fit`` writes its own, with the checkpoint
+        it evaluated and the split it read (``test``: the full test split; ``val``: the run's validation images)."""
+        config = self.config[self.subcommand]
+        if not config.result_file:
+            return
+        trainer = self.trainer
+        if trainer.fast_dev_run:  # its metrics are those of a few batches
+            rank_zero_info(f"nola_vision: fast_dev_run, so {config.result_file} is not written")
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        data = self.datamodule
+        write_json_atomic(config.result_file, {
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "subcommand": self.subcommand,
+            "split": split,
+            "config": {"method": self.model.adapter_config.method, "backbone": self.model.hparams.backbone,
+                       "dataset": data.dataset_name, "shots": data.shots, "split_seed": data.split_seed,
+                       "val_shots": data.val_shots, "seed": config.seed_everything},
+            "parameter_counts": self.model.parameter_counts,
+            "log_dir": log_dir,
+            "checkpoint": str(trainer.ckpt_path or config.ckpt_path),
+        })
+        rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
     def before_predict(self) -> None:
         """The predictions file is checked before the pass, whose predictions a bad path would lose at the end."""

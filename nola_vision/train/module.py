@@ -29,7 +29,7 @@ from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments", "check_training_data"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -94,6 +94,28 @@ def _few(names: List[str]) -> str:
 
 # The data settings that decide which images a run trains on: a resumed run must keep them.
 _SPLIT_SETTINGS = ("dataset", "root", "shots", "split_seed", "val_shots", "split_file", "val_split_file", "allow_fewer")
+# The data settings that decide what the training steps see of those images (crops and flips, pixel scaling, batches
+# and their order): a resumed run must keep them too. The others only change how the data is read (num_workers,
+# pin_memory, cache_images, cache_mb, download), what is written (split_dir) or evaluation batches (eval_batch_size),
+# and may differ; the image size and the backbone's preprocessing follow the model's arguments.
+_TRAINING_SETTINGS = ("augment", "normalize", "batch_size", "shuffle_seed")
+
+
+def check_training_data(saved: Optional[dict], now: Optional[dict]) -> None:
+    """Refuse to resume a run with other training-data settings (``_TRAINING_SETTINGS``) than the data module's
+    hyper-parameters its checkpoint holds (``saved``): the resumed steps would not train as the uninterrupted run's,
+    and its ``config.yaml`` would record the new values as the whole run's."""
+    if not isinstance(saved, dict) or now is None:
+        return
+    changed = {key: (saved[key], now[key]) for key in _TRAINING_SETTINGS
+               if key in saved and key in now and saved[key] != now[key]}
+    if changed:
+        raise ValueError("resuming would train on the run's images with other data settings than the run did: "
+                         + "; ".join(f"--data.{key} {given!r} (checkpoint: {was!r})"
+                                     for key, (was, given) in changed.items())
+                         + ". The resumed steps would not train as the uninterrupted run, and its config.yaml would "
+                         "record these values for the whole run. Pass the run's values (its config.yaml holds them), "
+                         "or train a new run (fit without --ckpt_path)")
 
 
 class FewShotClassifier(L.LightningModule):
@@ -357,6 +379,7 @@ class FewShotClassifier(L.LightningModule):
                        "test it on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
         self._check_data(info.get("data"))
+        self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
         for key, tensor in own.items():
@@ -418,6 +441,13 @@ class FewShotClassifier(L.LightningModule):
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
             self._check_split(saved, now)
+
+    def _check_training_data(self, saved: Optional[dict]) -> None:
+        """Refuse to resume with other training-data settings (``check_training_data``); the CLI asks before it
+        trains, this covers ``Trainer.fit(..., ckpt_path=...)``."""
+        if self._trainer is None or self._data_record() is None or self._trainer.state.fn != "fit":
+            return
+        check_training_data(saved, getattr(self._trainer.datamodule, "hparams", None))
 
     def _check_split(self, saved: dict, now: dict) -> None:
         """The run's k-shot draw, compared by the digest of its images where the checkpoint records one (a replay of

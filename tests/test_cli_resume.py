@@ -1,0 +1,129 @@
+"""The CLI's final weights, resumes and evaluation results: ``last.ckpt`` and ``val/acc`` are the final epoch's when
+validation is sparser than every epoch; a resume keeps the run's training-data settings; ``test``/``validate`` write
+their ``--result_file``."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nola_vision.cli import main
+from nola_vision.train.cli import run_lightning_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_offline.yaml"
+QUIET = ["--trainer.enable_progress_bar", "false"]
+CLI = [sys.executable, "-m", "nola_vision.cli"]
+STEPS = 3  # 5-shot digits, batch 16: 3 training steps per epoch
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-epoch run that validates every 2nd epoch: its last epoch does not validate during fit."""
+    root = tmp_path_factory.mktemp("sparse_validation")
+    result = root / "result.json"
+    cli = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(root), "--data.val_shots", "2",
+                             "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2",
+                             "--result_file", str(result), *QUIET])
+    assert cli.trainer.global_step == 3 * STEPS
+    fit = json.loads(result.read_text())
+    return {"root": root, "fit": fit, "checkpoint": Path(fit["checkpoint"]),
+            "config": Path(fit["log_dir"]) / "config.yaml"}
+
+
+# ---- A: the final weights, whatever check_val_every_n_epoch ------------------------------------------------------
+
+def test_last_checkpoint_and_newest_checkpoint_hold_the_final_epoch(run):
+    assert run["checkpoint"].name == "last.ckpt"
+    saved = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (2, 3 * STEPS)  # not epoch 1, the last one that validated
+    assert (run["checkpoint"].parent / f"epoch=2-step={3 * STEPS}.ckpt").is_file()
+    assert run["fit"]["epochs"] == 3
+
+
+def test_test_and_validate_of_last_ckpt_reproduce_the_fit_result(run):
+    common = ["-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), *QUIET]
+    tested = run_lightning_cli(["test", *common]).trainer.callback_metrics["test/acc"].item()
+    assert tested == pytest.approx(run["fit"]["metrics"]["test/acc"], abs=1e-7)
+    validated = run_lightning_cli(["validate", *common]).trainer.callback_metrics["val/acc"].item()
+    assert validated == pytest.approx(run["fit"]["metrics"]["val/acc"], abs=1e-7)  # the final weights' val/acc
+    rows = list(csv.DictReader(open(Path(run["fit"]["log_dir"]) / "metrics.csv")))
+    logged = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert logged[-1] == pytest.approx(run["fit"]["metrics"]["val/acc"])  # logged last, after the last epoch
+
+
+def test_resuming_the_last_checkpoint_trains_only_the_new_epochs(run, tmp_path):
+    cli = run_lightning_cli(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
+                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "4",
+                             "--test_after_fit", "false", *QUIET])
+    assert (cli.trainer.current_epoch, cli.trainer.global_step) == (4, 4 * STEPS)
+    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    assert {r["epoch"] for r in rows if r.get("train/loss_step")} == {"3"}  # epoch 2 is not trained again
+
+
+# ---- B: a resume keeps the run's training-data settings ---------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, shown", [
+    ("--data.augment", "timm", "--data.augment 'timm' (checkpoint: 'none')"),
+    ("--data.batch_size", "8", "--data.batch_size 8 (checkpoint: 16)"),
+    ("--data.shuffle_seed", "7", "--data.shuffle_seed 7 (checkpoint: None)"),
+    ("--data.normalize", "imagenet", "--data.normalize 'imagenet' (checkpoint: 'model')"),
+])
+def test_resuming_with_other_training_data_settings_is_refused_naming_them(run, tmp_path, capsys, option, value,
+                                                                           shown):
+    code = main(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+                 str(tmp_path), "--trainer.max_epochs", "4", "--test_after_fit", "false", *QUIET, option, value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert shown in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written: no config.yaml records the value
+
+
+def test_resuming_through_the_trainer_with_another_batch_size_is_refused_too(run, tmp_path):
+    cli = run_lightning_cli(["-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--data.val_shots", "2",
+                             "--trainer.max_epochs", "4", "--data.batch_size", "8", *QUIET], run=False)
+    with pytest.raises(ValueError, match=r"--data.batch_size 8 \(checkpoint: 16\)"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(run["checkpoint"]))
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before a step
+
+
+def test_resuming_with_settings_that_only_change_how_data_is_read_trains_on(run, tmp_path):
+    # digits ship with scikit-learn: another root holds the same images, so the run's split digest matches
+    cli = run_lightning_cli(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
+                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "4",
+                             "--test_after_fit", "false", "--data.eval_batch_size", "7", "--data.cache_images", "false",
+                             "--data.num_workers", "1", "--data.root", str(tmp_path / "moved"), *QUIET])
+    assert cli.trainer.global_step == 4 * STEPS
+
+
+# ---- C: test and validate write their --result_file -------------------------------------------------------------
+
+def test_test_writes_its_result_file(run, tmp_path):
+    result = tmp_path / "test.json"
+    done = subprocess.run([*CLI, "test", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
+                           "--trainer.default_root_dir", str(tmp_path), "--result_file", str(result), *QUIET],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(result.read_text())
+    assert (written["subcommand"], written["split"], written["checkpoint"]) == ("test", "test", str(run["checkpoint"]))
+    assert written["metrics"]["test/acc"] == pytest.approx(run["fit"]["metrics"]["test/acc"], abs=1e-7)
+    assert written["parameter_counts"] == run["fit"]["parameter_counts"]
+    assert written["config"] == {**run["fit"]["config"], "val_shots": 2}
+
+
+def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, capsys):
+    common = ["-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+              str(tmp_path), *QUIET]
+    result = tmp_path / "val.json"
+    assert main(["validate", *common, "--result_file", str(result)]) == 0
+    written = json.loads(result.read_text())
+    assert (written["subcommand"], written["split"]) == ("validate", "val")
+    assert written["metrics"] == {"val/acc": pytest.approx(run["fit"]["metrics"]["val/acc"], abs=1e-7)}
+    assert main(["validate", *common, "--result_file", str(tmp_path)]) == 2  # a directory: refused before the pass
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["predict", *common, "--result_file", str(tmp_path / "p.json")]) == 2
+    assert "--result_file is for fit, test and validate" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
