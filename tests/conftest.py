@@ -21,3 +21,11 @@ def variant(request):
 def adapter_variant(request):
     """Each variant whose method adds adapter layers (all but ``linear`` and ``full``)."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tune_study(tmp_path_factory):
+    """One real tiny tune study (see tune_study.py), shared by the tests that read it."""
+    from tune_study import make_tune_study
+
+    return make_tune_study(tmp_path_factory.mktemp("tune_study"))

@@ -130,13 +130,23 @@ def test_help_lists_subcommands(capsys):
     assert "demo" in out and "protocol" in out and "fit" in out
 
 
-def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args, "--trainer.default_root_dir", str(tmp_path), *QUIET], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def run_cli(tmp_path, capfd, monkeypatch):
+    """The console script run in ``tmp_path``: its exit code and output (file descriptors 1 and 2, so a data loader
+    worker's output too). In this process: test_fit_then_test_from_checkpoint_gives_the_same_accuracy runs the real
+    console script, and each of these would only add the start-up of a fresh interpreter importing Lightning."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(tmp_path)
+        capfd.readouterr()
+        code = main([*args, "--trainer.default_root_dir", str(tmp_path), *QUIET])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([*CLI, *args], code, out, err)
+
+    return run
 
 
-def test_diverging_fit_stops_with_a_short_error_and_exports_nothing(tmp_path):
-    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.lr", "1e10", "--result_file", str(tmp_path / "result.json"))
+def test_diverging_fit_stops_with_a_short_error_and_exports_nothing(tmp_path, run_cli):
+    run = run_cli("fit", "-c", str(TINY), "--model.lr", "1e10", "--result_file", str(tmp_path / "result.json"))
     assert run.returncode == 1, run.stderr[-3000:]
     assert "training diverged" in run.stderr and "lr 1" in run.stderr and "Lower model.lr" in run.stderr
     assert "Traceback" not in run.stderr
@@ -145,14 +155,14 @@ def test_diverging_fit_stops_with_a_short_error_and_exports_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("split, extra", [("train", []), ("val", ["--data.num_workers", "1"])])
-def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, split, extra):
+def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, run_cli, split, extra):
     from fixtures_data import write_imagefolder
 
     write_imagefolder(tmp_path / "data")
     bad = tmp_path / "data" / split / "dog" / "dog 01.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--data.dataset", "imagefolder", "--data.root",
-                  str(tmp_path / "data"), "--data.shots", "4", "--trainer.max_epochs", "1", *extra)
+    run = run_cli("fit", "-c", str(TINY), "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "data"),
+                  "--data.shots", "4", "--trainer.max_epochs", "1", *extra)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     message = run.stderr.strip().splitlines()[-2]
@@ -194,14 +204,13 @@ def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_p
     assert "exists and predict did not write it" in capsys.readouterr().err
 
 
-def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path):
+def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path, run_cli):
     from safetensors.torch import load_file
 
     from nola_vision import load_adapter
 
     result = tmp_path / "result.json"
-    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.lr", "1e5", "--trainer.max_epochs", "1",
-                  "--result_file", str(result))
+    run = run_cli("fit", "-c", str(TINY), "--model.lr", "1e5", "--trainer.max_epochs", "1", "--result_file", str(result))
     assert run.returncode == 0, run.stderr[-3000:]
     adapter_dir = Path(json.loads(result.read_text())["adapter_dir"])
     stored = load_file(adapter_dir / "adapter_model.safetensors")
@@ -212,11 +221,10 @@ def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_an_adapter_dir_that_is_a_file_is_refused_before_training_and_left_untouched(tmp_path):
+def test_an_adapter_dir_that_is_a_file_is_refused_before_training_and_left_untouched(tmp_path, run_cli):
     target = tmp_path / "adapter"
     target.write_text("my notes")
-    run = run_cli(tmp_path, "fit", "-c", str(TINY), "--model.adapter_dir", str(target),
-                  "--result_file", str(tmp_path / "result.json"))
+    run = run_cli("fit", "-c", str(TINY), "--model.adapter_dir", str(target), "--result_file", str(tmp_path / "result.json"))
     assert run.returncode == 2, run.stderr[-3000:]
     assert "is an existing file, not a directory" in run.stderr and "Traceback" not in run.stderr
     assert target.read_text() == "my notes" and not (tmp_path / "result.json").exists()

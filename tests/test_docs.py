@@ -117,16 +117,18 @@ def test_the_python_examples_of_the_page_run_offline(page, offline_timm, tmp_pat
             METHODS["frozen_a"] = suites
 
 
-def test_the_own_images_config_trains_with_the_cli_and_writes_what_the_page_says(tmp_path):
+def test_the_own_images_config_trains_with_the_cli_and_writes_what_the_page_says(tmp_path, monkeypatch, capsys):
+    # the console script's entry point, in this process (test_cli.py runs the console script as a process)
+    from nola_vision.cli import main
+
     write_imagefolder(tmp_path / "my_images", classes=("cat", "dog"), train_per_class=12, eval_per_class=2,
                       eval_folder="test")
     (config,) = YAML_BLOCK.findall((DOCS / "get-started/own-images.md").read_text())
     (tmp_path / "my_images.yaml").write_text(config)
-    done = subprocess.run([sys.executable, "-m", "nola_vision.cli", "fit", "-c", "my_images.yaml",
-                           "--model.pretrained", "false", "--model.backbone_kwargs", str(TINY).replace("'", '"'),
-                           "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # the page's relative paths: my_images/, runs/my_images
+    code = main(["fit", "-c", "my_images.yaml", "--model.pretrained", "false", "--model.backbone_kwargs",
+                 str(TINY).replace("'", '"'), "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     run = tmp_path / "runs" / "my_images" / "lightning_logs" / "version_0"
     assert (run / "config.yaml").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()

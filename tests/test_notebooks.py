@@ -64,8 +64,7 @@ def test_quickstart_notebook_runs_offline(tmp_path):
     assert inline_images(notebook) == 1  # the loss curve
 
 
-def check_tune_notebook(tmp_path: Path, studies: list) -> None:
-    out = tmp_path / "tune"
+def check_tune_notebook(tmp_path: Path, out: Path, studies: list) -> None:
     notebook = execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(out / "results.csv"))
     text = outputs(notebook)
     assert f"{len(studies)} runs from" in text and f"tune studies: {', '.join(studies)}" in text
@@ -74,16 +73,17 @@ def check_tune_notebook(tmp_path: Path, studies: list) -> None:
     assert (out / "accuracy_vs_params.png").stat().st_size > 10_000
 
 
-def test_protocol_results_notebook_shows_a_real_tune_study(tmp_path):
-    tiny_tune(tmp_path / "tune", "nola")
-    check_tune_notebook(tmp_path, ["nola"])
+def test_protocol_results_notebook_shows_a_real_tune_study(tmp_path, tune_study):
+    # the study `nola-vision tune` made for test_tune.py (see tune_study.py): two learning rates, a one-run protocol
+    assert tune_study.restart.returncode == 0, tune_study.restart.stderr[-3000:]
+    check_tune_notebook(tmp_path, tune_study.out, ["t"])
 
 
 @pytest.mark.slow
 def test_protocol_results_notebook_compares_the_tune_studies_of_two_methods(tmp_path):
     tiny_tune(tmp_path / "tune", "lora", "--model.adapter", LORA)
     tiny_tune(tmp_path / "tune", "nola")
-    check_tune_notebook(tmp_path, ["lora", "nola"])
+    check_tune_notebook(tmp_path, tmp_path / "tune", ["lora", "nola"])
 
 
 def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_fit import fake_python
 
 from nola_vision.runs.knn import knn_predict
 from nola_vision.runs.protocol import main, run_protocol
@@ -93,23 +94,6 @@ def test_knn_votes_by_cosine_similarity():
     assert knn_predict(train[2:4], torch.tensor([1, 2]), torch.tensor([[0.0, 1.0]]), k=2, num_classes=3).tolist() == [1]
 
 
-def fake_python(tmp_path, acc="0.5", code=0, extra=""):
-    """A stand-in for `python -m nola_vision.cli fit`: writes the result file at once, then exits with ``code``."""
-    script = tmp_path / f"fake_python_{abs(hash((acc, code, extra)))}"
-    script.write_text(f"""#!{sys.executable}
-import json, sys
-args = sys.argv[1:]
-value = lambda flag: args[args.index(flag) + 1]
-json.dump({{"metrics": {{"test/acc": float("{acc}")}}, {extra}
-           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
-                      "seed": int(value("--seed_everything"))}},
-           "parameter_counts": {{"adapter": 8, "head": 2}}}}, open(value("--result_file"), "w"))
-sys.exit({code})
-""")
-    script.chmod(0o755)
-    return str(script)
-
-
 def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
     out = str(tmp_path / "out")
     run_protocol([TINY], out=out, name="row", split_seeds=[0], init_seeds=[0], overrides=["--model.lr", "1e-3"], python=fake_python(tmp_path), echo=False)
@@ -176,15 +160,20 @@ os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
     assert "| 4 | 50.0 (0.0) |" in md and " of 4 |" not in md and "Fewer runs" not in md
 
 
-@pytest.mark.parametrize("executor", ["local_jobs", "submitit_local"])
-def test_runs_go_through_an_executor(tmp_path, executor):
+@pytest.mark.parametrize("executor, init_seeds", [
+    ("local_jobs", [0, 1]),  # 4 runs through 2 slots: runs wait for a free slot
+    # one job array of 2 (submitit's local executor starts every job at once, each a process importing nola_vision:
+    # a bigger array runs the same code, only longer)
+    ("submitit_local", [0]),
+], ids=["local_jobs", "submitit_local"])
+def test_runs_go_through_an_executor(tmp_path, executor, init_seeds):
     from nola_vision.runs.executors import LocalExecutor, SubmititExecutor
 
     ex = (LocalExecutor(jobs=2) if executor == "local_jobs"
           else SubmititExecutor(str(tmp_path / "submitit"), cluster="local", jobs=2, gpus_per_node=0, poll_s=0.2))
-    rows = run_protocol([TINY], out=str(tmp_path / "out"), name="row", split_seeds=[0, 1], init_seeds=[0, 1], python=fake_python(tmp_path),
+    rows = run_protocol([TINY], out=str(tmp_path / "out"), name="row", split_seeds=[0, 1], init_seeds=init_seeds, python=fake_python(tmp_path),
                         echo=False, executor=ex)
-    assert sorted((r["split_seed"], r["init_seed"]) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted((r["split_seed"], r["init_seed"]) for r in rows) == [(s, i) for s in (0, 1) for i in init_seeds]
     assert all(isinstance(r["wall_s"], float) for r in rows)
 
 

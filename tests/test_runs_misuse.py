@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_fit import fake_python
 
 from nola_vision.runs.protocol import run_protocol
 from nola_vision.runs.results import claim_run
@@ -43,19 +44,21 @@ def test_an_override_file_counts_by_its_content(tmp_path):
     trainer = tmp_path / "trainer.yaml"
     trainer.write_text("max_epochs: 1\n")
     overrides = ["--data.shots", "2", "--trainer", str(trainer)]
+    # the row's settings are the protocol's to record and compare: a stand-in fit (fake_fit.py) finishes the run
     run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0], overrides=overrides,
-                 echo=False)
+                 python=fake_python(tmp_path), echo=False)
+    assert (tmp_path / "out" / "cell" / "split0-init0" / "result.json").is_file()
     trainer.write_text("max_epochs: 2\n")
     with pytest.raises(ValueError, match="holds runs made with other settings"):
         run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0, 1],
-                     overrides=overrides, echo=False)
+                     overrides=overrides, python=fake_python(tmp_path), echo=False)
 
 
 def test_a_run_another_process_holds_is_skipped_not_run_twice(tmp_path, capsys):
     held = claim_run(tmp_path / "out" / "cell" / "split0-init1")
-    try:
+    try:  # the claims are the protocol's own: a stand-in fit (fake_fit.py) runs the run it is free to run
         run_protocol([TINY], out=str(tmp_path / "out"), name="cell", split_seeds=[0], init_seeds=[0, 1],
-                     overrides=FAST)
+                     overrides=FAST, python=fake_python(tmp_path))
     finally:
         os.close(held)
     assert "split 0 init 1: running in another process, skipped" in capsys.readouterr().out
@@ -79,7 +82,9 @@ def test_grids_that_fit_refuses_or_that_repeat_a_setting_are_refused_before_the_
 
 def test_trial_fits_made_with_other_settings_are_never_reused(tmp_path):
     grid = parse_grid(["model.lr=1e-2"])
-    common = dict(out=str(tmp_path), name="t", skip_protocol=True, echo=False)
+    # reusing a trial's fits is tune's decision: a stand-in fit (fake_fit.py) records the epochs it was asked for
+    fit = fake_python(tmp_path, metric="val/acc", extra='"epochs": int(value("--trainer.max_epochs")),')
+    common = dict(out=str(tmp_path), name="t", skip_protocol=True, echo=False, python=fit)
     run_tune([TINY], grid, overrides=[*FAST, "--data.val_shots", "2"], **common)
     (tmp_path / "t" / "tune.db").unlink()  # "delete the study", as the error for changed settings says
     run_tune([TINY], grid, overrides=["--trainer.max_epochs", "2", "--data.shots", "2", "--data.val_shots", "2"],

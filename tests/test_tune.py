@@ -1,43 +1,17 @@
 """`nola-vision tune`: selection on validation only, resumable Optuna studies, workers sharing one study."""
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tune_study import FAST, TINY, fits, tune_cmd
 
+from nola_vision.cli import main
 from nola_vision.runs.tune import parse_grid, run_tune
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny_offline.yaml")
-FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2"]
-# every Python process started with this on PYTHONPATH records each read of a test split, with its command line
-SPY = """
-import json, os, sys
-import nola_vision.data.datamodule as dm
-_build = dm.build_dataset
-def build_dataset(name, root, split, *args, **kwargs):
-    if split == "test":
-        with open(os.environ["TEST_SPLIT_READS"], "a") as f:
-            f.write(json.dumps(sys.argv) + "\\n")
-    return _build(name, root, split, *args, **kwargs)
-dm.build_dataset = build_dataset
-"""
 
-
-def tune_cmd(out, *extra):
-    return [sys.executable, "-m", "nola_vision.cli", "tune", "-c", TINY, "--out", str(out), "--name", "t", *FAST,
-            *extra]
-
-
-def fits(root):
-    """Every fit that ran under a tune folder: Lightning writes one version folder per run."""
-    return sorted(str(p.parent.parent.relative_to(root)) for p in root.glob("t/tune/*/*/lightning_logs/version_*/"))
-
-
-def test_grid_keys_and_validation_data_are_checked(tmp_path):
+def test_grid_keys_and_validation_data_are_checked(tmp_path, capsys):
     assert parse_grid(["model.lr=1e-3,5e-3", "model.adapter.init_args.scale=1,4"]) == {
         "model.lr": [0.001, 0.005], "model.adapter.init_args.scale": [1, 4]}
     for bad in ["lr=1e-3", "model.lr", "model.lr=", "model..lr=1"]:
@@ -45,8 +19,10 @@ def test_grid_keys_and_validation_data_are_checked(tmp_path):
             parse_grid([bad])
     with pytest.raises(ValueError, match="--data.val_shots"):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name="t", overrides=["--trainer.max_epochs", "1"])
-    done = subprocess.run(tune_cmd(tmp_path, "--grid", "model.lr"), capture_output=True, text=True)
-    assert done.returncode == 1 and "dotted key" in done.stderr
+    # the console script's own exit code and message (in this process: tune_study runs it as a process)
+    capsys.readouterr()
+    assert main(tune_cmd(tmp_path, "--grid", "model.lr")[3:]) == 1
+    assert "dotted key" in capsys.readouterr().err
 
 
 def test_validation_shots_are_read_as_fit_reads_them_from_a_whole_group_or_a_file(tmp_path):
@@ -60,15 +36,8 @@ def test_validation_shots_are_read_as_fit_reads_them_from_a_whole_group_or_a_fil
     assert _val_shots([TINY], ["--data", str(group)]) == 3
 
 
-def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(tmp_path, monkeypatch):
-    (tmp_path / "spy").mkdir()
-    (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
-    reads = tmp_path / "test_reads.jsonl"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "spy"), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("TEST_SPLIT_READS", str(reads))
-    out = tmp_path / "out"
-    done = subprocess.run(tune_cmd(out, "--grid", "model.lr=1e-4,2e-2", "--protocol_split_seeds", "0",
-                                   "--protocol_init_seeds", "0"), capture_output=True, text=True)
+def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(tune_study):
+    done, out = tune_study.restart, tune_study.out
     assert done.returncode == 0, done.stderr[-3000:]
     trials = list(csv.DictReader((out / "t" / "tune_trials.csv").open()))
     assert sorted(t["model.lr"] for t in trials) == ["0.0001", "0.02"] and {t["state"] for t in trials} == {"COMPLETE"}
@@ -76,22 +45,21 @@ def test_tune_chooses_on_validation_without_reading_test_then_runs_the_protocol(
     assert best["val_acc"] == max(float(t["val_acc"]) for t in trials)
     assert "Chosen" in (out / "t" / "tune_results.md").read_text() and "model:" in (out / "t" / "best.yaml").read_text()
     assert (out / "t" / "split0-init0" / "result.json").is_file() and "| t | nola |" in (out / "results.md").read_text()
-    # the spy saw exactly one test-split read: the protocol's run, never a selection fit
-    readers = [json.loads(line) for line in reads.read_text().splitlines()]
+    # the spy saw exactly one test-split read (in either command's processes): the protocol's run, never a
+    # selection fit
+    readers = tune_study.test_reads
     assert len(readers) == 1 and str(out / "t" / "split0-init0") in " ".join(readers[0])
     assert "--model.lr" in readers[0] and best["overrides"][1] in readers[0]
 
 
-def test_a_restarted_search_runs_only_the_remaining_trials(tmp_path):
-    out = tmp_path / "out"
-    grid = ["--grid", "model.lr=1e-4,2e-2", "--skip_protocol"]
-    first = subprocess.run(tune_cmd(out, *grid, "--n_trials", "1"), capture_output=True, text=True)
+def test_a_restarted_search_runs_only_the_remaining_trials(tune_study):
+    # the study above: its first command stopped after one trial (--n_trials 1), the same command then finished it
+    first, second = tune_study.first, tune_study.restart
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(fits(out)) == 1 and not (out / "t" / "best.json").exists()
-    second = subprocess.run(tune_cmd(out, *grid), capture_output=True, text=True)
+    assert len(tune_study.first_fits) == 1 and not tune_study.first_best
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("[tune t] trial #") == 1  # only the remaining trial ran
-    assert len(fits(out)) == 2 and (out / "t" / "best.json").is_file()
+    assert len(fits(tune_study.out)) == 2 and (tune_study.out / "t" / "best.json").is_file()
 
 
 def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_path):
