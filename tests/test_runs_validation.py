@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nola_vision.cli import main
-from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.protocol import refuse_controlled_overrides, run_protocol
 from nola_vision.runs.tune import check_grid, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,14 @@ def test_protocol_refuses_overrides_of_what_it_sets_in_every_run(tmp_path, overr
         run_protocol([TINY], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0],
                      overrides=["--trainer.max_epochs", "1", *override], echo=False)
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("override", [["--model.adapter", "lora"], ["--model.adapter={method: lora, rank: 2}"]])
+def test_an_option_whose_name_begins_a_controlled_one_is_not_taken_for_its_abbreviation(override):
+    refuse_controlled_overrides(override)  # --model.adapter is an option of fit, not a prefix of --model.adapter_dir
+    check_grid([TINY], [], {"model.adapter": ["lora", "nola"]})
+    with pytest.raises(ValueError, match="protocol sets --model.adapter_dir"):
+        refuse_controlled_overrides(["--model.adapter_d", "one"])  # an abbreviation fit would expand
 
 
 def test_protocol_cli_refuses_a_split_seed_override_naming_its_own_option(tmp_path, capsys):

@@ -83,12 +83,22 @@ def refuse_controlled_overrides(overrides: Sequence[str], controlled: Dict[str, 
     """Refuse an override of what ``prog`` sets in every run, saying how to control it instead."""
     for key, value in parse_overrides(overrides):
         for option in set_options(key, value):
-            # fit takes a unique prefix of an option name for the option (``--seed 3`` is ``--seed_everything 3``)
+            # fit takes a unique prefix of an option name for the option (``--seed 3`` is ``--seed_everything 3``),
+            # unless the prefix is an option itself (``--model.adapter`` is not ``--model.adapter_dir``)
             hit = next((c for c in controlled if c == option or option not in GROUPS and c.startswith(option)), None)
+            if hit is not None and hit != option and _is_fit_option(option):
+                continue
             if hit is not None:
                 given = f"{key} {value}" if value is not None else key
                 raise ValueError(f"{prog} sets {hit} in every run itself, so `{given}` cannot be passed on to "
                                  f"fit: {controlled[hit]}")
+
+
+def _is_fit_option(option: str) -> bool:
+    """Whether ``option`` is a whole option name of ``fit`` (its parser is built only for this question)."""
+    from ..train.cli import fit_options
+
+    return option in fit_options()
 
 
 def refuse_controlled_configs(configs: Sequence[str], controlled: Dict[str, str] = CONTROLLED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from .module import FewShotClassifier, NonFiniteLossError, check_classifier_argu
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
            "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
-           "cli_parser", "error_message", "run_lightning_cli"]
+           "cli_parser", "error_message", "fit_options", "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
@@ -504,6 +505,12 @@ def cli_parser() -> Any:
     except _Built as built:
         return built.args[0]
     raise RuntimeError("LightningCLI built no parser")  # its constructor always parses: never reached
+
+
+@functools.lru_cache(maxsize=1)
+def fit_options() -> frozenset:
+    """Every option name of ``nola-vision fit`` (``--model.adapter``, ``--data.shots``, ...), from its parser."""
+    return frozenset(cli_parser()._subcommands_action._name_parser_map["fit"]._option_string_actions)
 
 
 def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
