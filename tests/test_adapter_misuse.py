@@ -272,3 +272,25 @@ def test_a_byte_order_mark_added_by_an_editor_is_tolerated(tmp_path):
     (tmp_path / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + (tmp_path / CONFIG_NAME).read_bytes())
     with torch.no_grad():
         torch.testing.assert_close(nv.load_adapter(tiny_vit(), tmp_path)(IMAGES), trained()(IMAGES))
+
+
+def test_class_names_are_recorded_for_whoever_serves_the_file_and_checked(tmp_path):
+    model, names = trained(), ("cat", "dog", "owl", "emu", "yak")
+    with pytest.raises(ValueError, match="got 2 class_names for a head of 5 classes"):
+        nv.save_adapter(model, tmp_path / "a", class_names=["cat", "dog"])
+    with pytest.raises(TypeError, match="sequence of non-empty strings"):
+        nv.save_adapter(model, tmp_path / "a", class_names="cat dog owl")
+    assert not (tmp_path / "a").exists()
+    nv.save_adapter(model, tmp_path / "a", class_names=names)
+    nv.save_adapter(model, tmp_path / "b")
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "a").class_names == list(names)
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "b").class_names is None
+    served = nv.MultiTaskModel(tiny_vit())
+    served.add_task("a", tmp_path / "a")
+    served.add_task("b", tmp_path / "b")
+    assert served.class_names("a") == list(names) and served.class_names("b") is None
+    document = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    document["class_names"] = ["cat", "dog"]  # edited: refused as edited, however the checksum came out
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="'class_names' holds 2 names for a 5-class head"):
+        nv.verify_adapter(tiny_vit(), tmp_path / "a")

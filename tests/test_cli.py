@@ -36,6 +36,8 @@ def test_fit_then_test_from_checkpoint_gives_the_same_accuracy(tmp_path):
     config = Path(fit["log_dir"]) / "config.yaml"  # the saved config of the run re-parses
     cli = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", str(ckpt), *QUIET])
     assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(fit["metrics"]["test/acc"], abs=1e-7)
+    exported = json.loads((Path(fit["adapter_dir"]) / "adapter_config.json").read_text())
+    assert exported["class_names"] == cli.datamodule.class_names  # what the head's outputs are, for serving
 
 
 def test_predict_writes_a_csv_with_class_names(tmp_path):

@@ -17,7 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -214,7 +214,8 @@ def _document_text(document: Dict[str, Any]) -> str:
     return "{\n" + lines + "\n}\n"
 
 
-def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
+def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
+                 class_names: Optional[Sequence[str]] = None) -> Path:
     """Save what was trained (adapter coefficients/factors and the head) to ``directory``; returns it.
 
     ``bits`` 32 or 16 store floats; 8 and 4 store adapter tensors as per-tensor affine integer codes of that width
@@ -227,7 +228,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     are kept. A ``torch.compile``d model saves what the module it wraps holds, under that module's names.
     Refused: a trainable parameter the file would not hold, batch-norm running statistics that changed since
     inject (files hold no buffers), integer codes for full fine-tuning, and a directory holding a peft export;
-    saving at other bits than quantisation-aware training used warns.
+    saving at other bits than quantisation-aware training used warns. ``class_names`` (one per output of the head, in
+    order) are recorded for whoever serves the file (``VerifiedAdapter.class_names``, ``MultiTaskModel.class_names``).
     """
     model = unwrap_model(model)
     state = adapter_state(model)
@@ -248,6 +250,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
     require_unchanged_statistics(model)
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
+    names = _checked_class_names(class_names, num_classes_of(model))
     head_names = set(state.plan.head_names)
     stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
     tensors: Dict[str, Tensor] = {}
@@ -271,6 +274,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         "pooling": pooling_of(model),
         "settings": output_settings(model),
         "num_classes": num_classes_of(model),
+        **({"class_names": names} if names is not None else {}),
         "layers": {
             name: {"in": layer.in_features, "out": layer.out_features, "slices": [list(s) for s in layer.slices]}
             for name, layer in adapted_layers(model).items()
@@ -288,6 +292,19 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16) -> Path:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
+
+
+def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+    """``names`` as a list: one non-empty string per output of the head, or a ValueError saying what is wrong."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
+    names = list(names)
+    if len(names) != num_classes:
+        raise ValueError(f"got {len(names)} class_names for a head of {num_classes} classes: pass one name per output, "
+                         "in the order of the head's outputs")
+    return names
 
 
 def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike) -> None:
@@ -452,6 +469,7 @@ def _is_options(value: Any) -> bool:
 
 
 _POOLING = (lambda v: v is None or isinstance(v, str), "null or a timm global_pool name")
+_CLASS_NAMES = (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v), "a list of class names")
 # Each key of the settings record and what it must be; older files hold the first two only.
 _SETTING_FIELDS = {
     "attention_heads": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "[integers]"),
@@ -501,7 +519,8 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     fingerprinted = document["format"] == FORMAT or "frozen_weights" in document
     schema = {**_SCHEMA, **(_CHECKSUMS if checked else {}), **(_FROZEN_WEIGHTS if fingerprinted else {}),
               **({"pooling": _POOLING} if "pooling" in document else {}),  # older files record none
-              **({"settings": _SETTINGS} if "settings" in document else {})}
+              **({"settings": _SETTINGS} if "settings" in document else {}),
+              **({"class_names": _CLASS_NAMES} if "class_names" in document else {})}
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -509,6 +528,9 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         if not valid(document[key]):
             raise AdapterLoadError(f"{path}: field {key!r} must be {what}, got {document[key]!r} "
                                    f"({type(document[key]).__name__}); the file was edited or damaged")
+    if "class_names" in document and len(document["class_names"]) != document["num_classes"]:
+        raise AdapterLoadError(f"{path}: field 'class_names' holds {len(document['class_names'])} names for a "
+                               f"{document['num_classes']}-class head; the file was edited or damaged")
     # Before any field is trusted: an edited class count or backbone would otherwise be reported as the model's fault.
     if "config_sha256" in document and _document_digest(document) != document["config_sha256"]:
         raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
@@ -870,6 +892,11 @@ class VerifiedAdapter:
     @property
     def num_classes(self) -> int:
         return self.document["num_classes"]
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The names of the head's outputs, in order, where the file records them (``save_adapter(class_names=)``)."""
+        return self.document.get("class_names")
 
 
 def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: bool = True,

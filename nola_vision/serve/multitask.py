@@ -47,6 +47,7 @@ class _Task:
     quantization: dict
     shapes: Dict[str, Tuple[int, ...]]
     num_classes: int
+    class_names: Optional[List[str]] = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stored.values())
@@ -146,6 +147,11 @@ class MultiTaskModel(nn.Module):
 
     def num_classes(self, task: str) -> int:
         return self._task(task).num_classes
+
+    def class_names(self, task: str) -> Optional[List[str]]:
+        """The names of ``task``'s outputs, in order, where its file records them (``save_adapter(class_names=)``;
+        the CLI records the dataset's); None otherwise."""
+        return self._task(task).class_names
 
     def add_task(self, name: str, adapter_dir: PathLike, *, check_frozen_weights: bool = True,
                  allow_unchecked_legacy: bool = False) -> None:
@@ -261,7 +267,7 @@ class MultiTaskModel(nn.Module):
             raise AdapterLoadError(f"a {verified.plan.config.method!r} adapter changes the backbone itself, so it "
                                    "cannot share one: serve it on its own model with nv.load_adapter")
         return _Task(verified.plan, _packed(verified.stored), verified.quantization, verified.shapes,
-                     verified.num_classes)
+                     verified.num_classes, verified.class_names)
 
     def _sharing_plans(self, task: _Task) -> _Task:
         """``task`` holding the plan and shapes of an equal registered task: tasks of one config on one backbone

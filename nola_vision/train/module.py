@@ -16,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters.files import changed_settings, output_settings, pooling_of, require_adapter_directory, save_adapter
+from ..adapters.files import (
+    changed_settings,
+    num_classes_of,
+    output_settings,
+    pooling_of,
+    require_adapter_directory,
+    save_adapter,
+)
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
@@ -337,9 +344,18 @@ class FewShotClassifier(L.LightningModule):
             rank_zero_info("nola_vision: fast_dev_run, so no adapter is exported")
             return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
-        self.exported_adapter_dir = save_adapter(self.model, target, bits=bits)
+        self.exported_adapter_dir = save_adapter(self.model, target, bits=bits, class_names=self._head_class_names())
         self.exported_adapter_bits = bits
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
+
+    def _head_class_names(self) -> Optional[List[str]]:
+        """The data's class names, one per head output, for the exported file; None where they do not fit the head
+        (a custom datamodule): the file is saved without them rather than lost at the end of training."""
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if not isinstance(names, (list, tuple)) or len(names) != num_classes_of(self.model):
+            return None
+        names = [str(name) for name in names]
+        return names if all(names) else None
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
