@@ -281,6 +281,7 @@ def test_a_symlink_loop_in_a_class_folder_counts_each_image_once(tmp_path):
     write_imagefolder(tmp_path, eval_folder="test")
     before = build_dataset("imagefolder", tmp_path, "test").samples
     (tmp_path / "test" / "cat" / "again").symlink_to(".", target_is_directory=True)  # os.walk would follow it 40 deep
+    (tmp_path / "test" / "dog" / "up").symlink_to("..", target_is_directory=True)  # cat's images would come back as dog
     assert build_dataset("imagefolder", tmp_path, "test").samples == before
 
 
@@ -290,6 +291,8 @@ def test_image_files_an_imagefolder_does_not_read_are_named_and_a_class_left_wit
     image.save(tmp_path / "test" / "cat" / "cat 10.gif")
     image.save(tmp_path / "test" / "unsorted.png")  # loose, not in a class folder
     (tmp_path / "test" / "cat" / "notes.txt").write_text("not an image: never named")
+    (tmp_path / "test" / "cat" / ".thumbs").mkdir()  # hidden: tool metadata, neither read nor named
+    image.save(tmp_path / "test" / "cat" / ".thumbs" / "t.gif")
     with pytest.warns(UserWarning, match=r"2 image file\(s\) under .*test are not read \(unsorted.png, cat/cat 10.gif\)"):
         assert len(build_dataset("imagefolder", tmp_path, "test")) == 6
     for png in (tmp_path / "train" / "owl").glob("*.png"):  # a class whose images are all in a format not read
@@ -299,7 +302,8 @@ def test_image_files_an_imagefolder_does_not_read_are_named_and_a_class_left_wit
         build_dataset("imagefolder", tmp_path, "train")
     for name in ("cat", "dog", "owl"):  # only loose images in test/: nothing to evaluate, and the message says why
         for path in (tmp_path / "test" / name).iterdir():
-            path.rename(tmp_path / "test" / f"{name}-{path.name}")
+            if path.is_file():
+                path.rename(tmp_path / "test" / f"{name}-{path.name}")
     with pytest.raises(DatasetNotFoundError, match=r"not read .*Move loose images into their class folder"):
         build_dataset("imagefolder", tmp_path, "test")
 

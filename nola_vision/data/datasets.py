@@ -356,16 +356,24 @@ def _image_files(folder: Path, recursive: bool = False) -> list[str]:
     if not recursive:
         return sorted(p.name for p in folder.iterdir()
                       if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
+    return [name for name in _visible_files(folder) if Path(name).suffix.lower() in IMG_EXTENSIONS]
+
+
+def _visible_files(folder: Path) -> list[str]:
+    """Every visible file under ``folder`` (paths relative to it, sorted), following symbolic links once: a link
+    back to a folder already read, to ``folder`` or to one of its parents (whose other class folders' images would
+    come back under this class) is not followed."""
+    root = os.path.realpath(folder)
     files, visited = [], set()
     for directory, subfolders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
-        if real in visited:  # a symlink back to a folder already read (a loop): its images would count again
+        encloses_root = real == root or root.startswith(real.rstrip(os.sep) + os.sep)
+        if real in visited or (encloses_root and visited):  # the walk's start is the one enclosing folder it reads
             subfolders[:] = []
             continue
         visited.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        files += [(Path(directory) / name).relative_to(folder).as_posix() for name in names
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files += [(Path(directory) / name).relative_to(folder).as_posix() for name in names if not name.startswith(".")]
     return sorted(files)
 
 
@@ -374,9 +382,8 @@ def _unread_images(folder: Path, class_names: Sequence[str]) -> list[str]:
     class folder in a format that is not read (``UNREAD_IMAGE_EXTENSIONS``); paths relative to ``folder``."""
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
     loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
-    unread = [f"{name}/{p.relative_to(folder / name).as_posix()}" for name in class_names if (folder / name).is_dir()
-              for p in sorted((folder / name).rglob("*"))
-              if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")]
+    unread = [f"{name}/{path}" for name in class_names if (folder / name).is_dir()
+              for path in _visible_files(folder / name) if Path(path).suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
     return sorted(loose) + unread
 
 
