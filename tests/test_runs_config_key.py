@@ -212,3 +212,30 @@ def test_the_tables_do_not_average_runs_of_one_row_that_record_different_setting
     assert "| row | nola |  |  | 1 / 4 | 0 | 0 | 2 | not averaged: mixed settings |" in md
     assert "NOT AVERAGED (row (shots 1 / 4))" in md
     assert "config_hash" not in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_a_row_recorded_with_an_override_file_before_files_counted_by_bytes_is_the_same_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("t.yaml").write_text("max_epochs: 2\n")
+    overrides = ["--trainer", "t.yaml"]
+    key = config_key([str(TINY)], overrides)
+    earlier = dict(old_key([str(TINY)], overrides))  # the earlier key held an override file's text
+    pairs = [(k, v) for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
+    earlier["config_hash"] = hashlib.sha256(json.dumps({
+        "configs": [TINY.read_text()], "overrides": earlier["overrides"],
+        "override_files": {v: Path(v).read_text() for _, v in pairs}}).encode()).hexdigest()[:16]
+    assert earlier["config_hash"] != key["config_hash"]
+    (tmp_path / "row").mkdir()
+    (tmp_path / "row" / "config.json").write_text(json.dumps(earlier))
+    claim_row(tmp_path / "row", key)  # unchanged settings: the row goes on, its record upgraded
+    assert json.loads((tmp_path / "row" / "config.json").read_text()) == key
+    (tmp_path / "row" / "config.json").write_text(json.dumps(earlier))
+    Path("t.yaml").write_text("max_epochs: 3\n")  # changed since: refused
+    with pytest.raises(ValueError, match="holds runs made with other settings"):
+        claim_row(tmp_path / "row", config_key([str(TINY)], overrides))
+    for run, config_hash in (("split0-init0", earlier["config_hash"]), ("split1-init0", key["config_hash"])):
+        (tmp_path / "row" / run).mkdir()  # runs of before and after the upgrade are averaged as one row
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": {"method": "nola", "shots": 4}, "config_hash": config_hash}))
+    (row,) = summarise(collect_results(str(tmp_path)))
+    assert row["mixed"] == {} and row["mean"] == 50.0

@@ -298,9 +298,11 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     """``names`` as a list: one non-empty string per output of the head, or a ValueError saying what is wrong."""
     if names is None:
         return None
-    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+    if isinstance(names, str):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
-    names = list(names)
+    names = list(names)  # a generator is read once
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class_names for a head of {num_classes} classes: pass one name per output, "
                          "in the order of the head's outputs")

@@ -181,6 +181,23 @@ def _yaml(data: Any) -> Any:
         return None
 
 
+def _recorded_by_earlier_key(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
+    """Whether ``old`` (a row's ``config.json`` from before named files counted by their bytes) recorded the settings
+    of ``key``: its hash is the earlier one of these settings (which held an override file's text) and ``key`` names
+    no file that the earlier key did not cover (one a config names, or one an override file names)."""
+    values = [setting.split("=", 1)[1] for setting in key["overrides"] if "=" in setting]
+    try:
+        contents = [Path(c).read_text() for c in key["configs"]]
+        override_files = {v: Path(v).read_text() for v in values if _is_file(Path(v))}
+    except (OSError, UnicodeDecodeError):  # the earlier key could not have been made of these
+        return False
+    if set(key.get("files", {})) != {str(Path(v)) for v in override_files}:
+        return False
+    earlier = {"configs": contents, "overrides": key["overrides"],
+               **({"override_files": override_files} if override_files else {})}
+    return old.get("config_hash") == hashlib.sha256(json.dumps(earlier).encode()).hexdigest()[:16]
+
+
 def row_folder(out: str, name: str) -> Path:
     """``<out>/<name>``, made: a row's name is one folder name (the tables read ``<out>/<name>/<run>/result.json``)."""
     if not name or name in (".", "..") or any(c in name for c in "/\\|") or name != name.strip():
@@ -261,6 +278,9 @@ def claim_row(root: Path, key: Dict[str, Any]) -> None:
         return
     if old.get("config_hash") == key["config_hash"]:
         return
+    if "files" not in old and _recorded_by_earlier_key(old, key):
+        write_json_atomic(path, key)  # the same settings, recorded before named files counted by their bytes
+        return
     diffs = []
     if old.get("config_sha256") != key["config_sha256"]:
         diffs.append(f"config files: before {old.get('configs')} (content {old.get('config_sha256')}), now "
@@ -338,8 +358,9 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
     return rows
 
 
-# What the runs of one row must share to be averaged (seeds, times and folders differ between them).
-ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params", "config_hash")
+# What the runs of one row must share to be averaged (seeds, times and folders differ between them). Not the
+# config hash: rows recorded by earlier versions keep their runs' older hashes (``claim_row`` checks the settings).
+ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params")
 
 
 def mixed_settings(members: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:

@@ -351,7 +351,10 @@ class FewShotClassifier(L.LightningModule):
     def _head_class_names(self) -> Optional[List[str]]:
         """The data's class names, one per head output, for the exported file; None where they do not fit the head
         (a custom datamodule): the file is saved without them rather than lost at the end of training."""
-        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        try:
+            names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        except Exception:  # a custom datamodule's property that cannot tell: the adapter is saved all the same
+            return None
         if not isinstance(names, (list, tuple)) or len(names) != num_classes_of(self.model):
             return None
         names = [str(name) for name in names]
