@@ -330,11 +330,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     state = _require_injected(model)
     merge(model)
     if state.quantized_head is not None:  # the hook that showed the head at its stored width goes: fold that in
-        head = classifier_head(model)
+        head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
         with torch.no_grad():
             for parameter in (head.weight, head.bias):
                 if parameter is not None:
-                    parameter.copy_(fake_quantize(parameter, head_bits(quantization_aware_bits(model))))
+                    parameter.copy_(fake_quantize(parameter, bits))
     _remove_injection(model, state)
     if state.plan.layers:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}

@@ -350,13 +350,10 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def _image_files(folder: Path, recursive: bool = False) -> list[str]:
-    """The image files of ``folder``, sorted; ``recursive`` reads its visible sub-folders too (paths relative to
-    ``folder``), as torchvision's ImageFolder does with a class folder."""
-    if not recursive:
-        return sorted(p.name for p in folder.iterdir()
-                      if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
-    return [name for name in _visible_files(folder) if Path(name).suffix.lower() in IMG_EXTENSIONS]
+def _image_files(folder: Path) -> list[str]:
+    """The image files of ``folder`` (not of its sub-folders), sorted."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
 
 
 def _visible_files(folder: Path) -> list[str]:
@@ -377,13 +374,14 @@ def _visible_files(folder: Path) -> list[str]:
     return sorted(files)
 
 
-def _unread_images(folder: Path, class_names: Sequence[str]) -> list[str]:
+def _unread_images(folder: Path, class_files: dict[str, list[str]]) -> list[str]:
     """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a
-    class folder in a format that is not read (``UNREAD_IMAGE_EXTENSIONS``); paths relative to ``folder``."""
+    class folder (``class_files``: its visible files) in a format that is not read (``UNREAD_IMAGE_EXTENSIONS``);
+    paths relative to ``folder``."""
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
     loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
-    unread = [f"{name}/{path}" for name in class_names if (folder / name).is_dir()
-              for path in _visible_files(folder / name) if Path(path).suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
+    unread = [f"{name}/{path}" for name, files in class_files.items()
+              for path in files if Path(path).suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
     return sorted(loose) + unread
 
 
@@ -634,10 +632,12 @@ class _ImageFolder:
             extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
+        # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once
+        class_files = {name: _visible_files(folder / name) for name in names if (folder / name).is_dir()}
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
-                   if (folder / name).is_dir() for fname in _image_files(folder / name, recursive=True)]
+                   for fname in class_files.get(name, []) if Path(fname).suffix.lower() in IMG_EXTENSIONS]
         empty = sorted(set(names) - {names[label] for _, label in samples})
-        unread = _unread_images(folder, names)
+        unread = _unread_images(folder, class_files)
         if unread:
             message = (f"{len(unread)} image file(s) under {folder} are not read ({', '.join(unread[:3])}"
                        f"{', ...' if len(unread) > 3 else ''}): images are read from {folder}/<class>/ in the formats "

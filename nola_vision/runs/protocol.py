@@ -86,12 +86,11 @@ def refuse_controlled_overrides(overrides: Sequence[str], controlled: Dict[str, 
             # fit takes a unique prefix of an option name for the option (``--seed 3`` is ``--seed_everything 3``),
             # unless the prefix is an option itself (``--model.adapter`` is not ``--model.adapter_dir``)
             hit = next((c for c in controlled if c == option or option not in GROUPS and c.startswith(option)), None)
-            if hit is not None and hit != option and _is_fit_option(option):
+            if hit is None or hit != option and _is_fit_option(option):
                 continue
-            if hit is not None:
-                given = f"{key} {value}" if value is not None else key
-                raise ValueError(f"{prog} sets {hit} in every run itself, so `{given}` cannot be passed on to "
-                                 f"fit: {controlled[hit]}")
+            given = f"{key} {value}" if value is not None else key
+            raise ValueError(f"{prog} sets {hit} in every run itself, so `{given}` cannot be passed on to fit: "
+                             f"{controlled[hit]}")
 
 
 def _is_fit_option(option: str) -> bool:

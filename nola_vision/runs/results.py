@@ -353,7 +353,6 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
             "test_acc": data["metrics"]["test/acc"], "adapter_params": counts.get("adapter", 0),
             "head_params": counts.get("head", 0), "trainable_params": counts.get("trainable", 0),
             "epochs": data.get("epochs", ""), "wall_s": data.get("wall_s", ""), "run_dir": str(path.parent),
-            "config_hash": data.get("config_hash"),  # not a column of results.csv: what its row is keyed by
         })
     return rows
 
@@ -365,7 +364,7 @@ ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "hea
 
 def mixed_settings(members: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
     """The ``ROW_SETTINGS`` in which the results of one row's runs differ, with their values (empty: none). A value
-    a result does not record (an older one without ``config_hash``) differs from none."""
+    a result does not record differs from none."""
     mixed = {}
     for field in ROW_SETTINGS:
         values = sorted({str(r.get(field)) for r in members if r.get(field) not in (None, "")})
@@ -397,7 +396,7 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     rows = collect_results(out)
     with atomic_path(root / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",

@@ -36,7 +36,7 @@ from ..adapters.files import (
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.config import config_from_dict
 from ..core.fingerprint import differing_records, frozen_fingerprint, frozen_modules
-from ..core.inject import adapter_state, set_quantization_aware, unwrap_model
+from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
@@ -200,8 +200,7 @@ def _substituted(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
 def _without_quantisation(model: nn.Module) -> nn.Module:
     """``model``, or under quantisation-aware training a copy without it: a graph input is the task's tensor as its
     file holds it, which quantising again (to the model's width) would change."""
-    state = adapter_state(model)
-    if state.quantized_head is None and all(layer.quant_bits is None for layer in adapted_layers(model).values()):
+    if quantization_aware_bits(model) is None:
         return model
     return set_quantization_aware(copy.deepcopy(model), None)
 
