@@ -56,6 +56,17 @@ def test_a_task_trained_on_other_frozen_weights_does_not_fit_the_graph(tmp_path)
     assert set(nv.onnx_task_inputs(same, graph)) == {i.name for i in session(graph).get_inputs()} - {"images"}
 
 
+def test_a_task_does_not_fit_a_graph_whose_unadapted_frozen_modules_differ(tmp_path):
+    other = tiny_vit()
+    with torch.no_grad():
+        other.patch_embed.proj.weight.mul_(1.3)  # no adapted layer and no head norm changes
+    graph = nv.export_onnx(nv.inject(other, CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0), tmp_path / "task")
+    with pytest.raises(nv.AdapterLoadError, match=r"does not fit the graph: .*the weights of frozen module \d+ of the "
+                                                   r"\d+ outside the adapted layers and the head differ by about 23%"):
+        nv.onnx_task_inputs(task, graph)
+
+
 def test_a_task_trained_with_another_pooling_does_not_fit_the_graph(tmp_path):
     graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
     task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(global_pool="avg", fc_norm=False), CONFIG), seed=0),

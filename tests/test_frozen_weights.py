@@ -208,3 +208,72 @@ def test_an_adapter_is_refused_on_a_model_with_other_heads_or_activations_and_th
         nv.load_adapter(model, directory)
     with pytest.raises(AdapterLoadError, match=message):
         nv.MultiTaskModel(tiny_vit(**other)).add_task("other", directory)
+
+
+# ---- frozen modules outside the adapted layers (the context records) ------------------------------------------
+@pytest.mark.parametrize("module", ["patch_embed.proj", "blocks.0.attn.proj", "blocks.1.norm1"])
+def test_other_frozen_modules_than_the_adapted_ones_are_refused_naming_them(saved, module):
+    # CONFIG adapts mlp.fc1 and attn.v only: these modules are recorded as context, not by name
+    assert module not in nv.adapted_layers(saved[0])
+    other = changed(tiny_vit(), 0.05, names={module})
+    with pytest.raises(AdapterLoadError, match=rf"the weights of {module} differ by about"):
+        nv.load_adapter(other, saved[1])
+    assert not nv.adapted_layers(other)
+    with pytest.raises(AdapterLoadError, match=rf"the weights of {module} differ"):
+        nv.MultiTaskModel(changed(tiny_vit(), 0.05, names={module})).add_task("other", saved[1])
+    nv.load_adapter(changed(tiny_vit(), 0.05, names={module}), saved[1], check_frozen_weights=False)
+
+
+def resized(model, **kwargs):
+    """``model``'s weights in a tiny ViT built with ``kwargs``: the patch embedding and position embedding resampled
+    as timm does for pretrained weights at another patch or input size."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    other = tiny_vit(**kwargs)
+    state = model.state_dict()
+    state["patch_embed.proj.weight"] = resample_patch_embed(state["patch_embed.proj.weight"],
+                                                            list(other.patch_embed.patch_size))
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(other.patch_embed.grid_size),
+                                                num_prefix_tokens=1)
+    other.load_state_dict(state)
+    return other
+
+
+def test_a_model_resampled_to_another_patch_size_is_refused_and_another_input_size_loads(tmp_path):
+    base = tiny_vit(dynamic_img_size=True)
+    model = trained(model=copy.deepcopy(base))
+    directory = nv.save_adapter(model, tmp_path / "adapter", bits=32)
+    other_patch = resized(base, dynamic_img_size=True, patch_size=4)
+    assert not torch.allclose(nv.load_adapter(copy.deepcopy(other_patch), directory, check_frozen_weights=False)(
+        IMAGES), model(IMAGES), atol=1e-3)  # what the refusal prevents: other outputs
+    with pytest.raises(AdapterLoadError, match=r"the weights of patch_embed\.proj differ"):
+        nv.load_adapter(other_patch, directory)
+    larger = nv.load_adapter(resized(base, dynamic_img_size=True, img_size=48), directory)  # pos_embed resized
+    for name, value in adapter_values(model).items():
+        assert torch.equal(larger.get_parameter(name), value)
+
+
+def test_files_record_the_other_frozen_modules_compactly_and_older_files_without_them_load(tmp_path):
+    import json
+
+    from nola_vision.adapters import files as adapter_io
+    from nola_vision.core.fingerprint import context_modules
+
+    model = trained()
+    directory = nv.save_adapter(model, tmp_path / "adapter", bits=32)
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    context = document["frozen_weights"]["context"]
+    names = context_modules(tiny_vit(), list(document["frozen_weights"]["modules"]))
+    assert context["modules"] == len(names) and "patch_embed.proj" in names and "" not in names  # pos_embed: left out
+    assert len(context["records"]) == -(-context["modules"] * 24 // 3) * 4  # base64 of 24 bytes a module
+    del document["frozen_weights"]["context"]  # as written before the context records
+    document["config_sha256"] = adapter_io._document_digest(document)
+    path.write_text(json.dumps(document))
+    nv.load_adapter(changed(tiny_vit(), 0.05, names={"blocks.0.attn.proj"}), directory)  # checked on what it holds
+    for records in ("not base64!", context["records"][:-8]):
+        document["frozen_weights"]["context"] = {**context, "records": records}
+        document["config_sha256"] = adapter_io._document_digest(document)
+        path.write_text(json.dumps(document))
+        with pytest.raises(AdapterLoadError, match=r"field 'frozen_weights' must be .*\"context\""):
+            nv.load_adapter(tiny_vit(), directory)

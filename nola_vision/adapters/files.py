@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from ..core.basis import GENERATOR_VERSION
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
+    adapter_fingerprint,
     differing_module,
-    frozen_fingerprint,
-    frozen_modules,
+    is_context,
     missing_merges,
     unexpected_merges,
 )
@@ -77,8 +77,9 @@ def pooling_of(model: nn.Module) -> Optional[str]:
 def output_settings(model: nn.Module) -> Dict[str, Any]:
     """Other settings that change every output without changing a weight, which an adapter file records: the number
     of heads of each attention layer (``num_heads``), the activation of each activation layer, the class and
-    epsilon of each normalisation layer, constructor options such as ``pool_include_prefix`` (``_OPTIONS``) and a
-    digest of the parameter names. Records of older files hold fewer of them (``changed_settings``)."""
+    epsilon of each normalisation layer, constructor options such as ``pool_include_prefix`` (``_OPTIONS``), the
+    class of each block and a digest of the parameter names. Records of older files hold fewer of them
+    (``changed_settings``)."""
     heads, activations, epsilons, norms = [], [], [], []
     for module in model.modules():
         heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
@@ -92,15 +93,21 @@ def output_settings(model: nn.Module) -> Dict[str, Any]:
     return {"attention_heads": heads, "activations": sorted({_activation_name(m) for m in activations}),
             "activation_layers": [_activation_layer_name(m) for m in activations], "norm_eps": epsilons,
             "norm_layers": norms, "constructor_options": _constructor_options(model),
+            "block_layers": [type(m).__name__ for name, m in model.named_modules() if _BLOCK_NAME.search(name)],
             "parameter_names": parameter_names_digest(model)}
 
 
 # Constructor options that timm models keep as plain attributes and that change outputs without changing a weight
 # name: ViT's/EVA's ``no_embed_class`` (only pos_embed's length changes) and ``pool_include_prefix``, and EVA's
-# rotary embedding (``rope``: its class, None without one) with its settings. Options that follow the input size
+# rotary embedding (``rope``: its class, None without one) with its settings (``ref_feat_shape``, the pretrained
+# grid its frequencies are scaled to, is one, as a list). Options that follow the input size
 # (``img_size``, ``dynamic_img_size``, a rope's ``feat_shape``) are left out: another input size still loads.
 _OPTIONS = ("no_embed_class", "pool_include_prefix", "rope", "rotate_half", "temperature", "grid_indexing",
-            "grid_offset")
+            "grid_offset", "ref_feat_shape", "in_pixels", "linear_bands", "grid_type", "normalize_coords",
+            "min_period", "max_period")
+# The blocks of a model, by timm's names (``blocks.3``, ``stages.1.blocks.0``): their class decides the order of
+# norm, attention and MLP (``block_fn``, EVA's ``use_post_norm``) with the same parameter names.
+_BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
 # Activation and norm classes by the function they compute: timm's and torch's classes of one function compare
 # equal (timm's GELU is nn.GELU's name already; a norm computed in float32 is the same function).
 _ACTIVATION_ALIASES = {"GELUTanh": "GELU(approximate='tanh')", "Swish": "SiLU", "HardSwish": "Hardswish",
@@ -122,8 +129,9 @@ def _constructor_options(model: nn.Module) -> Dict[str, List[Any]]:
             if name in module._modules:
                 child = module._modules[name]
                 options.setdefault(name, []).append(None if child is None else type(child).__name__)
-            elif name in vars(module) and _is_scalar(vars(module)[name]):
-                options.setdefault(name, []).append(vars(module)[name])
+            elif name in vars(module) and _is_option_value(vars(module)[name]):
+                value = vars(module)[name]
+                options.setdefault(name, []).append(list(value) if isinstance(value, (list, tuple)) else value)
     return options
 
 
@@ -284,7 +292,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         "library_version": __version__,
         "generator_version": GENERATOR_VERSION,
         "basis_fingerprint": state.plan.basis_fingerprint(),
-        "frozen_weights": frozen_fingerprint(model, frozen_modules(model, state.plan)),
+        "frozen_weights": adapter_fingerprint(model, state.plan),
         "weights_sha256": _sha256(weights),
     }
     document["config_sha256"] = _document_digest(document)
@@ -420,6 +428,11 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
 
 
+def _is_option_value(value: Any) -> bool:
+    """A constructor option's value as a file records it: a scalar, or a list or tuple of scalars (a shape)."""
+    return _is_scalar(value) or (isinstance(value, (list, tuple)) and all(_is_scalar(x) for x in value))
+
+
 def _is_layer(value: Any) -> bool:
     slices = value.get("slices") if isinstance(value, dict) else None
     return (_is_int(value.get("in")) and _is_int(value.get("out")) and isinstance(slices, list) and bool(slices)
@@ -457,7 +470,8 @@ def _is_frozen_weights(value: Any) -> bool:
     modules, merged = value.get("modules"), value.get("merged")
     return (isinstance(value.get("version"), str) and isinstance(modules, dict) and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
-            and all(isinstance(entry, dict) for entry in merged))
+            and all(isinstance(entry, dict) for entry in merged)
+            and ("context" not in value or is_context(value["context"])))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -466,7 +480,7 @@ def _is_name_list(value: Any) -> bool:
 
 def _is_options(value: Any) -> bool:
     return isinstance(value, dict) and all(
-        isinstance(name, str) and isinstance(values, list) and bool(values) and all(_is_scalar(x) for x in values)
+        isinstance(name, str) and isinstance(values, list) and bool(values) and all(_is_option_value(x) for x in values)
         for name, values in value.items())
 
 
@@ -479,7 +493,8 @@ _SETTING_FIELDS = {
     "activation_layers": (_is_name_list, "[names] (optional)"),
     "norm_eps": (lambda v: v == [] or _is_number_list(v), "[numbers] (optional)"),
     "norm_layers": (_is_name_list, "[names] (optional)"),
-    "constructor_options": (_is_options, "{option: [null, booleans, numbers or strings]} (optional)"),
+    "constructor_options": (_is_options, "{option: [null, booleans, numbers, strings or lists of them]} (optional)"),
+    "block_layers": (_is_name_list, "[names] (optional)"),
     "parameter_names": (lambda v: isinstance(v, str), "str (optional)"),
 }
 _REQUIRED_SETTINGS = ("attention_heads", "activations")
@@ -493,7 +508,8 @@ def _is_settings(value: Any) -> bool:
 _SETTINGS = (_is_settings, "{" + ", ".join(f"{json.dumps(key)}: {what}" for key, (_, what) in _SETTING_FIELDS.items())
              + "}")
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
-                                                          '[numbers]}, "merged": [objects]}')}
+                                                          '[numbers]}, "merged": [objects], optionally "context": '
+                                                          '{"modules": int, "records": base64 of 24 bytes each}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:
@@ -655,7 +671,8 @@ def _check_settings(model: nn.Module, document: dict) -> None:
     trained, own = document.get("settings"), output_settings(model)
     if trained is None:
         return
-    for check in (_check_heads, _check_activations, _check_parameter_names, _check_norms, _check_options):
+    for check in (_check_heads, _check_activations, _check_parameter_names, _check_norms, _check_blocks,
+                  _check_options):
         check(trained, own, document["backbone"])
 
 
@@ -715,6 +732,15 @@ def _check_norms(trained: dict, own: dict, backbone: str) -> None:
             f"timm.create_model({backbone!r}, ..., norm_layer=...) as it was trained")
 
 
+def _check_blocks(trained: dict, own: dict, backbone: str) -> None:
+    if "block_layers" in trained and trained["block_layers"] != own["block_layers"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose blocks are {_few(trained['block_layers'])}, this model's are "
+            f"{_few(own['block_layers'])}: the same weights in another block order of norm, attention and MLP give "
+            f"other outputs. Create it with timm.create_model({backbone!r}, ...) and the block_fn (EVA: use_post_norm) "
+            "it was trained with")
+
+
 def _check_options(trained: dict, own: dict, backbone: str) -> None:
     """The same constructor options, of those both the file and the model hold (``_OPTIONS``)."""
     changed = _changed_options(trained.get("constructor_options", {}), own["constructor_options"])
@@ -728,7 +754,7 @@ def _check_options(trained: dict, own: dict, backbone: str) -> None:
 
 def _few(values: List[Any]) -> str:
     """A per-layer list shown compactly: one number when every layer has it."""
-    return str(values[0]) if values and len(set(values)) == 1 else str(values)
+    return str(values[0]) if values and all(value == values[0] for value in values) else str(values)
 
 
 def _check_head_stored(plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> None:

@@ -35,7 +35,7 @@ from ..adapters.files import (
 )
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.config import config_from_dict
-from ..core.fingerprint import differing_records, frozen_fingerprint, frozen_modules
+from ..core.fingerprint import adapter_fingerprint, differing_records
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
@@ -295,7 +295,7 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
             "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
             "num_classes": str(num_classes_of(model)), "pooling": json.dumps(pooling_of(model)),
             "settings": json.dumps(output_settings(model)),
-            "frozen_weights": _canonical(frozen_fingerprint(model, frozen_modules(model, state.plan)))}
+            "frozen_weights": _canonical(adapter_fingerprint(model, state.plan))}
 
 
 def _canonical(config: Any) -> str:

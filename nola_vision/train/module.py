@@ -29,7 +29,7 @@ from ..core.checks import check_bool, check_choice, check_int, check_number, che
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.fingerprint import differing_module, frozen_fingerprint
-from ..core.inject import adapter_state, inject, set_quantization_aware, statistics_layers
+from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware, statistics_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.targets import head_parameter_names
@@ -369,6 +369,7 @@ class FewShotClassifier(L.LightningModule):
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
+                                     "quant_bits": quantization_aware_bits(self.model),
                                      "settings": self._settings(),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
@@ -405,8 +406,15 @@ class FewShotClassifier(L.LightningModule):
             checkpoint["state_dict"].setdefault(key, tensor)
 
     def _check_adapter(self, info: Dict[str, Any]) -> None:
-        """Refuse a checkpoint trained with another adapter config or other random bases: its trained tensors would
-        load without a shape error (another seed or scale keeps every shape) and give another model."""
+        """Refuse a checkpoint trained with another adapter config, other random bases or at other quantisation-aware
+        bits: its trained tensors would load without a shape error (another seed or scale keeps every shape) and
+        give another model."""
+        own_bits = quantization_aware_bits(self.model)
+        if "quant_bits" in info and info["quant_bits"] != own_bits:  # older checkpoints record no bits
+            raise ValueError(f"checkpoint was trained quantisation-aware at {info['quant_bits']} bits, this model "
+                             f"{f'at {own_bits} bits' if own_bits else 'is not quantisation-aware'}: the same trained "
+                             f"tensors give other outputs. Build the model with quant_bits={info['quant_bits']} "
+                             "(--model.quant_bits) as in training")
         if "adapter" not in info:  # written before checkpoints recorded their adapter
             return
         state = adapter_state(self.model)
