@@ -267,3 +267,21 @@ def test_an_adapter_onto_a_model_with_other_parameters_is_refused_and_another_in
     with pytest.raises(AdapterLoadError, match=r"other parameters \(by name, head aside\).*init_values \(LayerScale\)"):
         nv.load_adapter(other, tmp_path)
     nv.load_adapter(tiny_vit(img_size=48), tmp_path, check_frozen_weights=False)  # pos_embed of another size: names
+
+
+def test_a_bfloat16_model_saved_at_16_bits_keeps_its_values_exactly(tmp_path):
+    # float16 turns the small values a bfloat16 tensor holds into subnormals, and float32 doubles its bytes
+    from safetensors.torch import load_file
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for config in (nv.LoRAConfig(rank=2), nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)):
+        model = as_if_trained(nv.inject(tiny_vit().to(torch.bfloat16), config), 0, scale=1e-5)
+        directory = nv.save_adapter(model, tmp_path / type(config).__name__)
+        stored = load_file(directory / "adapter_model.safetensors")
+        assert {stored[name].dtype for name in ("head.weight", "head.bias")} == {torch.bfloat16}  # 16 bits, as is
+        loaded = nv.load_adapter(tiny_vit().to(torch.bfloat16), directory)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                assert torch.equal(loaded.get_parameter(name), parameter), name
+        with torch.no_grad():
+            assert torch.equal(loaded(images), model(images))

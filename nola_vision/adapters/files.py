@@ -378,13 +378,16 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
 
 
 def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
-    """``value`` as float16 at 16 bits, or float32 (at 32 bits, and at 16 where float16 would lose it).
+    """``value`` as float16 at 16 bits (a bfloat16 tensor as it is: exact), or float32 (at 32 bits, and at 16 where
+    float16 would lose it).
 
     Float16 keeps a tensor when every value comes back finite and within half a float16 step of the tensor's
     largest value (what it gives any tensor in its normal range): beyond ±65,504 it would turn values into ±inf, and
     a tensor of values below its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate)
     would lose most of its digits, or every value, to subnormals and zeros.
     """
+    if bits == 16 and value.dtype == torch.bfloat16:
+        return value
     for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
         stored = value.to(dtype)
         if not bool(torch.isfinite(stored).all()):
