@@ -181,3 +181,17 @@ def test_split_digest_names_the_drawn_images_not_their_indices_or_order():
     added = samples + [(first, 0)]
     assert split_digest(added, sample_kshot(added, 2, seed=0, val_shots=2)) != digest
     assert split_digest(samples, FewShotSplit(split.train, split.val[:-1])) != digest  # validation images count too
+
+
+def test_a_file_name_that_is_not_utf8_is_drawn_by_its_bytes_and_utf8_names_keep_their_draw():
+    import hashlib
+
+    from nola_vision.data.fewshot import FewShotSplit, draw_order, split_digest
+
+    latin1 = os.fsdecode(b"cat/caf\xe9.png")  # a name copied from a Latin-1 system: a surrogate escape in Python
+    expected = hashlib.blake2b(b"3\0cat/caf\xe9.png", digest_size=8).digest()
+    assert draw_order(latin1, 3) == int.from_bytes(expected, "big")
+    utf8 = hashlib.blake2b("3\0cat/café.png".encode(), digest_size=8).digest()
+    assert draw_order("cat/café.png", 3) == int.from_bytes(utf8, "big")  # the splits of earlier releases
+    samples = [(latin1, 0), ("cat/b.png", 0)]
+    assert split_digest(samples, FewShotSplit([0], [1])) != split_digest(samples, FewShotSplit([1], [0]))

@@ -33,8 +33,9 @@ class FewShotSplit:
 
 
 def draw_order(key: str, seed: int) -> int:
-    """The position-free sort key of one image for split seed ``seed`` (64 bits of blake2b)."""
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    """The position-free sort key of one image for split seed ``seed`` (64 bits of blake2b). A file name that is not
+    UTF-8 (Python's surrogate escapes) hashes as its bytes; any other key as its UTF-8 encoding."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -82,7 +83,7 @@ def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str
     digest = hashlib.sha256()
     for part, indices in (("train", split.train), ("val", split.val)):
         lines = sorted(f"{samples[i][0]} {samples[i][1]}" for i in indices)
-        digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode())
+        digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
