@@ -419,6 +419,27 @@ def test_a_checkpointed_loader_state_continues_the_orders_of_the_uninterrupted_r
     assert orders(resumed.train_dataloader(), 2) == uninterrupted[1:] and uninterrupted[1] != uninterrupted[0]
 
 
+def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifar10_root):
+    """Persistent workers make one loader iterator per run (one more after a resume), no workers one per epoch, and
+    each iterator draws its workers' seed: the orders must come from the seeded shuffle alone."""
+    def module(workers):
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                               augment="none", shuffle_seed=3, num_workers=workers)
+        dm.setup("fit")
+        return dm
+
+    def orders(loader, epochs):
+        return [torch.cat([y for _, y in loader]).tolist() for _ in range(epochs)]
+
+    without_workers = orders(module(0).train_dataloader(), 3)
+    assert orders(module(2).train_dataloader(), 3) == without_workers
+    interrupted = module(2)
+    assert orders(interrupted.train_dataloader(), 1) == without_workers[:1]
+    resumed = module(2)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert orders(resumed.train_dataloader(), 2) == without_workers[1:]
+
+
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
     write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
     for split in ("train", "test"):

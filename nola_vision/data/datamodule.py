@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from .datasets import (
@@ -439,8 +439,10 @@ class FewShotDataModule(L.LightningDataModule):
         if self._resumed_generator_state is not None:  # where the checkpointed run's order stood
             self._train_generator.set_state(self._resumed_generator_state)
             self._resumed_generator_state = None
-        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=self._train_generator,
-                            drop_last=drop_last)
+        # The loader's own generator seeds its workers only: the orders are the sampler's alone.
+        workers = torch.Generator().manual_seed(seed % 2**63)
+        sampler = _EpochShuffle(self.train_set, generator=self._train_generator)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
 
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps of the data: the train loader's shuffling state, and the global random states
@@ -480,3 +482,14 @@ class FewShotDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class _EpochShuffle(RandomSampler):
+    """A seeded shuffle whose orders do not depend on ``num_workers``: each epoch it draws the number a DataLoader
+    iterator draws from a shuffling loader's generator (its workers' base seed), then the order. A loader without
+    workers makes one iterator per epoch and persistent workers one per run (one more after a resume), so drawing
+    it here keeps every epoch's order that of a plain ``DataLoader(shuffle=True, generator=g)`` without workers."""
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()
