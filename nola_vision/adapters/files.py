@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -296,7 +297,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         "weights_sha256": _sha256(weights),
     }
     document["config_sha256"] = _document_digest(document)
-    with atomic_directory(directory) as tmp:
+    # Checked again under the writer lock: an export_peft of the same directory may have finished meanwhile.
+    with atomic_directory(directory, check=partial(_refuse_peft_export, directory)) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
@@ -357,6 +359,11 @@ def require_adapter_directory(directory: PathLike) -> None:
     """Refuse, before anything is trained or written, a directory ``save_adapter`` cannot replace: a file, the working
     directory or a mount point (``core.storage.resolve_directory_target``), or one holding a peft export."""
     resolve_directory_target(directory)
+    _refuse_peft_export(directory)
+
+
+def _refuse_peft_export(directory: PathLike) -> None:
+    """A ValueError when ``directory`` holds a peft export, whose files ``save_adapter``'s would replace."""
     if existing_adapter_kind(directory) == "peft":
         raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
                          "files of the same names. Save the adapter into another directory")

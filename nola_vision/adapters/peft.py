@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Dict, Union
 
@@ -35,6 +36,15 @@ def _alpha(rank: int, scaling: float) -> Union[int, float]:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
+def _refuse_nola_vision_adapter(directory: Union[str, Path]) -> None:
+    """A ValueError when ``directory`` holds a ``save_adapter`` file, which a peft export of the same names would
+    replace without a way back to its coefficients."""
+    if existing_adapter_kind(directory) == "nola_vision":
+        raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
+                         "exporting there would replace it, and a peft export cannot give back its coefficients. "
+                         "Export into another directory")
+
+
 @torch.no_grad()
 def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
@@ -46,10 +56,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     A ``torch.compile``d model is exported as the module it wraps (whose module names peft matches).
     """
     model = unwrap_model(model)
-    if existing_adapter_kind(directory) == "nola_vision":
-        raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
-                         "exporting there would replace it, and a peft export cannot give back its coefficients. "
-                         "Export into another directory")
+    _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)
     layers = adapted_layers(model)
     if not layers:
@@ -111,7 +118,8 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"tensor {key} holds NaN or Inf values (in float32): refusing to export a diverged "
                              "adapter (train again with a lower learning rate)")
-    with atomic_directory(directory) as tmp:
+    # Checked again under the writer lock: a save_adapter of the same directory may have finished meanwhile.
+    with atomic_directory(directory, check=partial(_refuse_nola_vision_adapter, directory)) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     return Path(directory)

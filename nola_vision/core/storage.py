@@ -53,16 +53,21 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     (its target gets the new content; the link stays). A path ending in a separator, an existing directory or a path
     under a file is refused before the block runs, with an OSError naming the fix. The temporary file,
     ``.<name>.nv-<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
-    same path, which nothing locks, are removed first.
+    same path, which nothing locks, are removed first. The new file is fsynced before the rename and its folder after
+    it, so a power loss keeps the old or the new content; a full disk or file size limit raises an OSError (same errno)
+    that says so.
     """
     target = _file_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     tmp, fd = _locked_temporary(target)
     try:
-        yield tmp
-        os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
+        with _explained_if_out_of_room(target, f"{target} was not changed: its previous content, if any, is intact."):
+            yield tmp
+            os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
+            _fsync_file(tmp)
         os.replace(tmp, target)
+        _fsync_directory(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
         if fd is not None:
@@ -170,7 +175,8 @@ def resolve_directory_target(path: PathLike) -> Path:
     """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
 
     A ValueError, before anything moves, for a path that exists and is not a directory, that is or contains the
-    current working directory, or that is or holds a mount point: none of them can be swapped for a new directory. A
+    current working directory, or that is or holds a mount point: none of them can be swapped for a new directory; and
+    for a writers' lock path beside it that is no file (see ``writer_lock``), on which the save would fail at its end. A
     PermissionError, as early, for a write-protected directory or a parent the save cannot write (see
     ``_refuse_unwritable``).
     """
@@ -197,6 +203,7 @@ def resolve_directory_target(path: PathLike) -> Path:
                          "copy that filesystem's files into the new set and then delete them from it with the old "
                          f"one. Unmount it (umount {mounted}) or move it out of {path}, or save to another directory "
                          "(nothing was written)")
+    _refuse_unusable_lock(target)
     _refuse_unwritable(target)
     return target
 
@@ -260,7 +267,7 @@ def _refuse_unwritable(target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
+def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds, it replaces the directory ``path`` in one step.
 
     Writers of one directory are serialised by ``fcntl.flock`` on a ``.<name>.lock`` file beside it (left there;
@@ -275,7 +282,9 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. Files
     another process creates or replaces inside the directory while a save runs may not be carried over.
     A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched; a full
-    disk or file size limit while the new set is staged raises an OSError (same errno) that says so.
+    disk or file size limit while the new set is staged raises an OSError (same errno) that says so. ``check``, when
+    given, runs under the lock just before the swap: it raises to refuse replacing what another writer put at
+    ``path`` after the caller's own checks ran, and the old set then stays.
     """
     target = resolve_directory_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -283,11 +292,14 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         _remove_leftovers(target)
         staged = _make_staging_directory(target)
         try:
-            with _explained_if_out_of_room(target):
+            with _explained_if_out_of_room(target, f"Nothing in {target} was changed: a previous adapter there, if "
+                                                   "any, is intact."):
                 yield staged
                 written = os.listdir(staged)
                 old_mode = _keep_unwritten_entries(target, staged)
                 _fsync_entries(staged, written)
+            if check is not None:
+                check()
             if old_mode is not None:
                 os.chmod(staged, old_mode)
             _swap_in(staged, target)
@@ -297,33 +309,56 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def _explained_if_out_of_room(target: Path) -> Iterator[None]:
+def _explained_if_out_of_room(target: Path, unchanged: str) -> Iterator[None]:
     """Re-raise a write that failed for want of room (``_NO_ROOM``) as an OSError of the same errno naming
-    ``target``, the cause and the fix: staging runs before anything at ``target`` moves, so nothing there changed."""
+    ``target``, the cause, the fix and that ``target`` is ``unchanged``: new content is written beside it first."""
     try:
         yield
     except OSError as error:
         if error.errno not in _NO_ROOM:
             raise
         cause, fix = _NO_ROOM[error.errno]
-        raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new files were "
-                                   f"written beside it. Nothing in {target} was changed: a previous adapter there, if "
-                                   f"any, is intact. {fix}, then save again") from error
+        raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new content was "
+                                   f"written beside it. {unchanged} {fix}, then save again") from error
 
 
 @contextmanager
 def writer_lock(target: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``.<name>.lock`` beside ``target`` (released when its file is closed), so
-    that writers of ``target`` take turns; Windows has no lock, so nothing is held there."""
+    that writers of ``target`` take turns; Windows has no lock, so nothing is held there. A lock path that is no
+    file (a directory, a dangling symlink) raises a ValueError naming it and the fix."""
     if fcntl is None:
         yield
         return
-    fd = os.open(target.parent / f".{_sibling_stem(target)}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    _refuse_unusable_lock(target)
+    fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_path(target: Path) -> Path:
+    """``.<name>.lock`` beside ``target``: the file its writers lock (``writer_lock``)."""
+    return target.parent / f".{_sibling_stem(target)}.lock"
+
+
+def _refuse_unusable_lock(target: Path) -> None:
+    """A ValueError naming the fix when ``target``'s lock path exists as no (link to a) regular file, which
+    ``writer_lock`` could not open, or (a FIFO) would wait on forever. Nothing to refuse on Windows: no lock there."""
+    lock = _lock_path(target)
+    if fcntl is None or not os.path.lexists(lock) or os.path.isfile(lock):
+        return
+    if os.path.isdir(lock):
+        what = "a directory"
+    elif not os.path.exists(lock):
+        what = f"a symlink to {os.readlink(lock)}, which does not exist"
+    else:
+        what = "not a regular file"
+    raise ValueError(f"cannot write {target}: {lock}, the lock file that writers of it take turns on, is {what}. "
+                     "Move it away or remove it (a write makes a new lock file there), or write to another path "
+                     "(nothing was written)")
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -404,15 +439,21 @@ def _fsync_entries(directory: Path, names: Sequence[str]) -> None:
     for name in names:
         path = directory / name
         if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(path)
     _fsync_directory(directory)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush the data of the regular file ``path`` to its disk."""
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # Windows flushes only a writable handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to its disk, where the platform can open a directory."""
     if os.name != "posix":  # directories cannot be opened for fsync on Windows
         return
     fd = os.open(directory, os.O_RDONLY)

@@ -1,0 +1,126 @@
+"""Storage faults beyond the protocol of test_storage.py: single files written out of room and flushed before their
+rename, a writers' lock path that is no file, and save_adapter and export_peft overtaking each other."""
+import errno
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from storage_workers import trained
+from tiny_models import tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters import files, peft
+from nola_vision.adapters.files import require_adapter_directory
+from nola_vision.core import storage
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="file size limits, flock and symlinks")
+
+
+def files_of(directory):
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir()}
+
+
+def test_a_file_size_limit_names_the_file_the_cause_and_the_fix_and_keeps_the_old_content(tmp_path):
+    resource = pytest.importorskip("resource")
+    target = storage.write_text_atomic(tmp_path / "result.json", "old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # Python ignores SIGXFSZ: the write fails with EFBIG
+    try:
+        with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: a file would exceed the file "
+                                          r"size limit \(ulimit -f\).*was not changed.*Raise the limit") as error:
+            storage.write_bytes_atomic(target, b"x" * 4096)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert error.value.errno == errno.EFBIG and error.value.__cause__.errno == errno.EFBIG
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_a_full_disk_found_when_the_file_is_flushed_names_the_file_and_keeps_the_old_content(tmp_path, monkeypatch):
+    target = storage.write_text_atomic(tmp_path / "results.csv", "old")
+
+    def full(fd):  # delayed allocation: a full disk may show only when the data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: no space is left on its "
+                                      "filesystem.*was not changed: its previous content, if any, is intact") as error:
+        storage.write_text_atomic(target, "new")
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.csv"]
+
+
+def test_a_file_is_flushed_before_it_replaces_the_old_one_and_its_folder_after(tmp_path, monkeypatch):
+    target = storage.write_json_atomic(tmp_path / "result.json", {"acc": 0.9})
+    calls, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(source, destination, **kwargs):
+        calls.append(("replace", os.stat(source).st_ino))
+        replace(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    storage.write_json_atomic(target, {"acc": 0.8})
+    monkeypatch.undo()
+    new = target.stat().st_ino
+    expected = [("fsync", new), ("replace", new)] + ([("fsync", tmp_path.stat().st_ino)] if os.name == "posix" else [])
+    assert calls == expected and json.loads(target.read_text()) == {"acc": 0.8}
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["directory", "dangling symlink"])
+def test_a_lock_path_that_is_no_file_is_refused_before_training_naming_it_and_the_fix(tmp_path, kind):
+    target, lock = tmp_path / "adapter", tmp_path / ".adapter.lock"
+    if kind == "directory":
+        lock.mkdir()
+    else:
+        lock.symlink_to(tmp_path / "missing" / "lock")
+    refused = rf"{re.escape(str(lock))}, the lock file that writers of it take turns on, is .*Move it away or remove it"
+    with pytest.raises(ValueError, match=refused):
+        require_adapter_directory(target)  # what fit checks before it trains
+    with pytest.raises(ValueError, match=refused):
+        nv.save_adapter(trained(1), target)
+    with pytest.raises(ValueError, match=refused), storage.writer_lock(target):
+        pass
+    assert os.listdir(tmp_path) == [".adapter.lock"]
+
+
+def overtaken(monkeypatch, module, other_save):
+    """Make ``module``'s saves meet a directory that ``other_save`` filled after their own checks ran, just before
+    they took the writer lock (as when two processes save at once)."""
+    atomic_directory = module.atomic_directory
+
+    def other_save_first(path, **kwargs):
+        other_save()
+        return atomic_directory(path, **kwargs)
+
+    monkeypatch.setattr(module, "atomic_directory", other_save_first)
+
+
+def test_a_save_adapter_overtaken_by_an_export_peft_is_refused_and_the_export_kept(tmp_path, monkeypatch):
+    target, model = tmp_path / "adapter", trained(1)
+    overtaken(monkeypatch, files, lambda: nv.export_peft(model, target))
+    with pytest.raises(ValueError, match="holds a peft LoRA export"):
+        nv.save_adapter(model, target)
+    monkeypatch.undo()
+    exported = files_of(target)
+    nv.export_peft(model, tmp_path / "alone")
+    assert exported == files_of(tmp_path / "alone") and "peft_type" in json.loads(exported["adapter_config.json"])
+
+
+def test_an_export_peft_overtaken_by_a_save_adapter_is_refused_and_the_adapter_kept(tmp_path, monkeypatch):
+    target, model = tmp_path / "adapter", trained(1)
+    overtaken(monkeypatch, peft, lambda: nv.save_adapter(model, target))
+    with pytest.raises(ValueError, match="holds a nola_vision adapter.*Export into another directory"):
+        nv.export_peft(model, target)
+    monkeypatch.undo()
+    saved = files_of(target)
+    nv.save_adapter(model, tmp_path / "alone")
+    assert saved == files_of(tmp_path / "alone")
+    nv.load_adapter(tiny_vit(), target)
