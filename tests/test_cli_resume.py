@@ -127,3 +127,27 @@ def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, 
     assert main(["predict", *common, "--result_file", str(tmp_path / "p.json")]) == 2
     assert "--result_file is for fit, test and validate" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+# ---- C: fits that would train nothing, or skip batches -------------------------------------------------------
+
+@pytest.mark.parametrize("option", ["--trainer.max_steps", "--trainer.limit_train_batches"])
+def test_a_fit_set_to_train_nothing_is_refused_instead_of_recording_an_untrained_result(tmp_path, capsys, option):
+    result = tmp_path / "result.json"
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), option, "0",
+                 "--result_file", str(result), *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{option.split('.')[-1]}=0 ({option}) trains nothing" in err and "Traceback" not in err
+    assert not result.exists() and not list(tmp_path.rglob("adapter_model.safetensors"))
+
+
+def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, capsys):
+    first = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "first"),
+                               "--trainer.max_steps", "2", "--test_after_fit", "false", *QUIET])
+    assert first.trainer.global_step == 2 < STEPS  # stopped inside epoch 0
+    checkpoint = Path(first.trainer.checkpoint_callback.last_model_path)
+    code = main(["fit", "-c", str(TINY), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir",
+                 str(tmp_path / "resumed"), "--test_after_fit", "false", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "saved after step 2, 2 batches into epoch 0" in err and "never train" in err
+    assert not list((tmp_path / "resumed").rglob("*.ckpt"))

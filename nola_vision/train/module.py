@@ -313,6 +313,7 @@ class FewShotClassifier(L.LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        _require_training_steps(self.trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -400,6 +401,8 @@ class FewShotClassifier(L.LightningModule):
                        "config"))
         self._check_data(info.get("data"))
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
         for key, tensor in own.items():
@@ -512,3 +515,27 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
+
+
+def _require_training_steps(trainer: Any) -> None:
+    """Refuse a fit set to take no training step: it would export the untrained adapter and record its chance-level
+    accuracy as the run's result (a protocol row would average it)."""
+    for name in ("max_steps", "max_epochs", "limit_train_batches"):
+        if getattr(trainer, name) == 0:
+            raise ValueError(f"trainer.{name}=0 (--trainer.{name}) trains nothing: the fit would export the untrained "
+                             f"adapter and record its chance-level accuracy as a result. Set {name} above 0, or test a "
+                             "trained checkpoint with the test command")
+
+
+def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
+    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, or a
+    callback saved every n steps): Lightning resumes at the next epoch, so the rest of that epoch's batches would
+    silently never train."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = progress.get("current", {}).get("completed", 0)
+    if done and progress.get("is_last_batch") is False:
+        raise ValueError(f"the checkpoint was saved after step {checkpoint.get('global_step')}, {done} batches into "
+                         f"epoch {checkpoint.get('epoch')} (trainer.max_steps or a callback saving every n steps "
+                         "stopped it there), and a resume starts at the next epoch: the rest of that epoch's batches "
+                         "would never train. Resume from a checkpoint saved at the end of an epoch, or train again "
+                         "with max_epochs alone")
