@@ -53,12 +53,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SIGTERMException:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
         print("nola-vision: stopped by SIGTERM before the run finished: no result was written", file=sys.stderr)
         return 143
-    except CONFIG_ERRORS + RUN_ERRORS as err:
+    except CONFIG_ERRORS + RUN_ERRORS + (OSError,) as err:  # OSError: a read or write failed (a full disk, a limit)
         if os.environ.get("NOLA_VISION_TRACEBACK"):
             raise
         print(f"nola-vision: error: {error_message(err)}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)",
               file=sys.stderr)
-        return 1 if isinstance(err, RUN_ERRORS) else 2
+        return 2 if isinstance(err, CONFIG_ERRORS) else 1
     finally:
         close_process_group()
     return 0

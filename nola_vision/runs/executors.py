@@ -26,10 +26,12 @@ __all__ = ["Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "a
 
 @dataclass(frozen=True)
 class Run:
-    """One ``nola-vision fit`` process: its command line and the file that receives its output."""
+    """One ``nola-vision fit`` process: its command line, the file that receives its output, and the descriptor of
+    its run's claim lock (``results.claim_run``), which a local fit inherits and so holds for as long as it lives."""
 
     cmd: Tuple[str, ...]
     log: Path
+    claim: Optional[int] = None
 
 
 _RUNNING: Set[subprocess.Popen] = set()  # the fits this process started and waits for
@@ -43,13 +45,15 @@ class Stopped(RuntimeError):
     """A run was not started because this process is stopping (SIGTERM or Ctrl-C)."""
 
 
-def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, float]:
+def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
+         pass_fds: Sequence[int] = ()) -> Tuple[int, float]:
     """Run ``cmd`` with its output in ``log`` (after the command line); return its exit code and wall seconds.
+    ``pass_fds``: descriptors the process inherits (a run's claim lock).
 
     Raises :class:`Stopped`, without starting it or touching ``log``, while this process is stopping."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    process = _start(cmd, log, env)
+    process = _start(cmd, log, env, pass_fds)
     try:
         code = process.wait()
     except BaseException:  # interrupted while waiting (a cancelled submitit job): stop the fit, not orphan it
@@ -61,7 +65,7 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None) -> 
     return code, round(time.time() - start, 1)
 
 
-def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]]) -> subprocess.Popen:
+def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]], pass_fds: Sequence[int]) -> subprocess.Popen:
     """Start ``cmd`` and register it as running, unless a stop came first: both under the lock a stop takes, so a
     run either starts before the stop (and is terminated by it) or not at all."""
     with _RUNNING_LOCK:
@@ -70,7 +74,7 @@ def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]]) -> subpr
         with open(log, "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
         _RUNNING.add(process)
     return process
 
@@ -158,7 +162,9 @@ class LocalExecutor(Executor):
             env = None
             if self.slot_devices[slot] is not None:
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.slot_devices[slot]}
-            return call(run.cmd, str(run.log), env)
+            # the fit inherits its claim (not PR_SET_PDEATHSIG): if we die, a re-run skips the live fit, not doubles it
+            claim = () if run.claim is None or os.name != "posix" else (run.claim,)  # Windows: no lock, no fd passing
+            return call(run.cmd, str(run.log), env, claim)
         finally:
             with self._lock:
                 self._free.append(slot)

@@ -46,8 +46,8 @@ from .results import (
     write_tables,
 )
 
-__all__ = ["CONTROLLED", "REPLAY_SPLIT", "fit_command", "main", "refuse_controlled_configs",
-           "refuse_controlled_overrides", "run_dir_name", "run_protocol", "set_options"]
+__all__ = ["CONTROLLED", "REPLAY_SPLIT", "check_output_paths", "error_text", "fit_command", "main",
+           "refuse_controlled_configs", "refuse_controlled_overrides", "run_dir_name", "run_protocol", "set_options"]
 
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
@@ -157,6 +157,20 @@ def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
     return value["init_args"] if isinstance(value.get("init_args"), dict) else value
 
 
+def check_output_paths(out: str, name: str) -> None:
+    """Refuse, before the first run, an ``--out`` or ``--name`` whose tables or run folders could not be written (a
+    folder this process may not write, a name over the file system's limit, ``results.csv`` a directory), found
+    otherwise only after a fit, or as an OSError. A file in the way of the row is ``row_folder``'s to name."""
+    from ..train.cli import check_writable_file
+
+    root = Path(out) / name
+    if any(os.path.isfile(p) for p in (root, *root.parents)):
+        return
+    for table in ("results.csv", "results.md"):
+        check_writable_file(Path(out) / table, f"--out {out}")
+    check_writable_file(root / run_dir_name(0, 0) / RESULT_FILE, "--name")
+
+
 def run_dir_name(split_seed: int, init_seed: int) -> str:
     return f"split{split_seed}-init{init_seed}"
 
@@ -215,6 +229,7 @@ def run_protocol(
     if knn and (isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1):
         raise ValueError(f"--knn_k must be a positive integer (neighbours of the k-NN baseline), got {knn_k!r}")
     key = config_key(configs, overrides)
+    check_output_paths(out, name)
     root = row_folder(out, name)
     claim_row(root, key)
     executor = executor or LocalExecutor(1)
@@ -245,7 +260,7 @@ def run_protocol(
         run_dir.mkdir(parents=True, exist_ok=True)
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
-                           run_dir / "log.txt"))
+                           run_dir / "log.txt", claim))
     failed: List[str] = []
     try:
         for run, code, wall in executor.run(pending):
@@ -277,6 +292,16 @@ def run_protocol(
     return rows
 
 
+def error_text(err: BaseException) -> str:
+    """The one line a failed ``protocol`` or ``tune`` prints: an OSError as ``fit`` prints it (its file, and for want
+    of room the cause and fix), any other error its message."""
+    if not isinstance(err, OSError):
+        return str(err)
+    from ..train.cli import error_message
+
+    return error_message(err)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nola-vision protocol",
@@ -300,8 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_protocol(args.config, out=args.out, name=name, split_seeds=args.split_seeds,
                          init_seeds=args.init_seeds, overrides=overrides, knn=args.knn, knn_k=args.knn_k,
                          executor=executor)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
-        print(f"nola-vision protocol: error: {err}", file=sys.stderr)
+    except (RuntimeError, ValueError, OSError) as err:  # OSError: a write failed (a full disk, a folder's permissions)
+        print(f"nola-vision protocol: error: {error_text(err)}", file=sys.stderr)
         return 1
     print((Path(args.out) / "results.md").read_text())
     return 0

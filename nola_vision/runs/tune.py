@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -41,7 +42,15 @@ from .executors import (
     stop_runs_on_signals,
     stopping,
 )
-from .protocol import REPLAY_SPLIT, fit_command, refuse_controlled_configs, refuse_controlled_overrides, run_protocol
+from .protocol import (
+    REPLAY_SPLIT,
+    check_output_paths,
+    error_text,
+    fit_command,
+    refuse_controlled_configs,
+    refuse_controlled_overrides,
+    run_protocol,
+)
 from .results import (
     RESULT_FILE,
     check_seeds,
@@ -52,7 +61,7 @@ from .results import (
     row_folder,
 )
 
-__all__ = ["CONTROLLED", "check_grid", "main", "parse_grid", "run_tune"]
+__all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "main", "parse_grid", "run_tune"]
 
 GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # what tune sets in every fit itself, and how to control it instead
@@ -367,6 +376,23 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
     return study, storage
 
 
+def check_sqlite_storage(url: str) -> None:
+    """Refuse a SQLite storage URL whose database cannot be made (its folder missing, or not writable) before the
+    study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
+    from sqlalchemy.engine import make_url
+
+    from ..train.cli import check_writable_file
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    folder = Path(parsed.database).parent
+    if not os.path.isdir(folder):
+        raise ValueError(f"--storage {url}: the folder {folder} does not exist (SQLite makes the database file, not "
+                         "its folder): create it, or pass another --storage")
+    check_writable_file(parsed.database, f"--storage {url}")
+
+
 def run_tune(
     configs: Sequence[str],
     grid: Dict[str, List[Any]],
@@ -410,11 +436,13 @@ def run_tune(
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
+    check_output_paths(out, name)
     root = row_folder(out, name)
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
     key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
+    check_sqlite_storage(url)
     study, rdb = _open_study(name, url, grid, sampler, heartbeat_s, key)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
@@ -515,6 +543,12 @@ def _append_choice(path: Path, chosen: Dict[str, Any]) -> None:
     write_text_atomic(path, text)
 
 
+def _storage_errors() -> Tuple[type, ...]:
+    """SQLAlchemy's base error once it is imported (a study was opened), else none: no error of it can have occurred."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    return (exc.SQLAlchemyError,) if exc is not None else ()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nola-vision tune",
@@ -551,8 +585,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               protocol_split_seeds=args.protocol_split_seeds,
                               protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
                               executor=executor, heartbeat_s=args.heartbeat)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
-        print(f"nola-vision tune: error: {err}", file=sys.stderr)
+    except (RuntimeError, ValueError, OSError, *_storage_errors()) as err:  # the tuple is built as an error arrives
+        print(f"nola-vision tune: error: {error_text(err)}", file=sys.stderr)
         return 1
     root = Path(args.out) / name
     print((root / "tune_results.md").read_text())

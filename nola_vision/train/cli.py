@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import io
 import json
@@ -12,7 +13,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -22,14 +23,15 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..core.storage import atomic_path, file_in_the_way, write_json_atomic
+from ..core.storage import atomic_path, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments, check_training_data
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
            "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
-           "cli_parser", "error_message", "fit_options", "run_lightning_cli"]
+           "check_result_path", "check_writable_file", "cli_parser", "error_message", "fit_options",
+           "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
@@ -413,21 +415,63 @@ def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
 
 
 def error_message(err: BaseException) -> str:
-    """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in."""
+    """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in; a bare system
+    error for want of room (its file named when known) says so and what frees it, as a full disk gives no hint."""
     text = str(err).strip()
     if "Original Traceback" in text:  # torch's ExceptionWrapper: "...\n<module>.<Class>: <message>" ends it
         text = text.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(err, OSError) and err.errno in _NO_ROOM and err.strerror == os.strerror(err.errno):
+        text += f" ({_NO_ROOM[err.errno]})"  # only a bare one: an explained error (save_adapter's) says it already
     return text
 
 
+# Why a bare write error for want of room happened, by errno, and what frees it.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full: free space there, or point the output elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space within it, or point the output elsewhere",
+    errno.EFBIG: "a file would exceed the file size limit (ulimit -f) or the file system's largest file: raise the "
+                 "limit, or point the output elsewhere",
+}
+
+
 def check_result_path(path: str, option: str = "--result_file", example: str = "result.json") -> None:
-    """Refuse an output file that cannot be written (a directory, or under a file) before the run, not after it."""
-    file = Path(path)
-    if file.is_dir():
-        raise ValueError(f"{option} {path} is a directory: pass a file path, e.g. {file / example}")
-    blocking = file_in_the_way(file.parent)
-    if blocking is not None:
-        raise ValueError(f"{option} {path} lies under {blocking}, an existing file: choose another path")
+    """Refuse an output file that cannot be written (a directory, ``check_writable_file``'s cases) before the run,
+    not after it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory: pass a file path, e.g. {Path(path) / example}")
+    check_writable_file(path, f"{option} {path}")
+
+
+def check_writable_file(path: Union[str, os.PathLike], what: str) -> None:
+    """Refuse, with a ValueError that starts with ``what`` and names the fix, a file that a write at the end of a run
+    could not create: a directory, a path under a file or through a symlink into a missing folder, a name over the
+    file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
+    text = os.fspath(path)
+    target = Path(os.path.realpath(text))  # where the write goes: atomic writes follow symlinks
+    if os.path.isdir(target):
+        raise ValueError(f"{what}: {text} is a directory, where a file is written: remove it, or choose another path")
+    if os.path.islink(text) and not os.path.isdir(target.parent):
+        raise ValueError(f"{what}: {text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
+                         "that folder, or remove the link")
+    folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} lies under {folder}, an existing file: choose another path")
+    limit = _name_limit(folder)
+    long = next((n for n in target.relative_to(folder).parts if len(os.fsencode(n)) > limit), None)
+    if long is not None:
+        raise ValueError(f"{what}: the name {long[:20]}... is {len(os.fsencode(long))} bytes long, over the {limit} "
+                         f"bytes a file name may have on the file system of {folder}: choose a shorter name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
+                         "file system): choose another path, or make that folder writable")
+
+
+def _name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (255 where the system does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_checkpoint_file(path: Optional[str]) -> None:

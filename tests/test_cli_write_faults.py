@@ -1,0 +1,192 @@
+"""Writes that cannot succeed: a full disk or a file size limit mid-run is one error line, not a traceback; an output
+that cannot be written (a folder the process may not write, a name over the file system's limit, a symlink into a
+missing folder, a table that is a directory, a SQLite storage in a missing folder) is refused before the first run;
+and a killed protocol's fit keeps its run's claim, so a re-run does not start it twice."""
+import contextlib
+import errno
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_fit import fake_python
+
+from nola_vision.cli import main
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.results import claim_run
+from nola_vision.train.cli import check_result_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+LONG = "n" * 300  # over the 255 bytes a file name may have on common file systems
+# root obeys file permissions only without its capabilities (CAP_DAC_OVERRIDE)
+NO_CAPS = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+
+
+def run(capsys, *args):
+    """Exit code and stderr of the console script's main, in this process."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def file_size_limit(kib):
+    """``ulimit -f`` for this process: a longer write fails with EFBIG (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+# ---- a write that fails mid-run -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kib, options, message", [
+    (40, [], "[Errno 27] File too large (a file would exceed the file size limit"),  # a ~47 KB checkpoint, in fsspec
+    (3, ["--trainer.enable_checkpointing", "false"], "cannot save to"),  # the ~3.2 KB adapter: save_adapter's own
+], ids=["checkpoint", "adapter"])
+def test_a_file_size_limit_mid_fit_is_one_error_line(tmp_path, capsys, kib, options, message):
+    with file_size_limit(kib):
+        code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, *options)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error, message", [
+    (PermissionError(errno.EACCES, "Permission denied", "/x/r.json"), "Permission denied: '/x/r.json'"),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/last.ckpt"), "'/x/last.ckpt' (the disk is full"),
+], ids=["permission", "full-disk"])
+def test_an_os_error_names_its_file_and_a_programming_error_stays_a_traceback(monkeypatch, capsys, error, message):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("nola_vision.train.cli.run_lightning_cli", fail)
+    code, err = run(capsys, "fit", "-c", TINY)
+    assert code == 1 and message in err
+    monkeypatch.setattr("nola_vision.train.cli.run_lightning_cli", lambda args: [][0])
+    with pytest.raises(IndexError):
+        main(["fit", "-c", TINY])
+
+
+# ---- an output that cannot be written, refused before the run -----------------------------------------------------
+
+@pytest.mark.parametrize("path, message", [
+    (f"{LONG}.json", "is 305 bytes long, over the"),  # in an existing folder
+    (f"new/{LONG}.json", "is 305 bytes long, over the"),  # in a folder not made yet
+    (f"{LONG}/result.json", "is 300 bytes long, over the"),
+    ("link.json", "is a symlink to"),  # into a folder that does not exist
+], ids=["long-name", "long-name-in-a-new-folder", "long-folder-name", "symlink-into-a-missing-folder"])
+def test_a_result_path_that_cannot_be_written_is_refused(tmp_path, monkeypatch, path, message):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "missing" / "result.json", "link.json")
+    with pytest.raises(ValueError, match=message):
+        check_result_path(path)
+    check_result_path("new/deeper/result.json")  # a folder made at the end is fine
+
+
+def test_fit_refuses_a_symlink_into_a_missing_folder_before_training(tmp_path, capsys):
+    os.symlink(tmp_path / "missing" / "result.json", tmp_path / "link.json")
+    code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path,
+                    "--result_file", tmp_path / "link.json")
+    assert code == 2 and "whose folder does not exist" in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_folder_the_process_may_not_write_is_refused_by_fit_and_protocol_before_the_run(tmp_path):
+    if NO_CAPS and (shutil.which("setpriv") is None or subprocess.run([*NO_CAPS, "true"]).returncode != 0):
+        pytest.skip("running as root, which may write anywhere, and setpriv cannot drop that")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    script = f"""import sys
+from nola_vision.runs.protocol import main
+from nola_vision.train.cli import check_result_path
+try:
+    check_result_path("ro/result.json")
+except ValueError as err:
+    print(err)
+sys.exit(main(["-c", {TINY!r}, "--out", "ro/out", "--split_seeds", "0", "--init_seeds", "0"]))
+"""
+    done = subprocess.run([*NO_CAPS, sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    refusals = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in refusals, refusals[-3000:]
+    assert f"--result_file ro/result.json: this process may not create files in {tmp_path / 'ro'}" in refusals
+    assert f"--out ro/out: this process may not create files in {tmp_path / 'ro'}" in refusals
+
+
+def test_protocol_refuses_a_table_that_is_a_directory_before_any_fit(tmp_path):
+    (tmp_path / "results.csv").mkdir()
+    with pytest.raises(ValueError, match="results.csv is a directory"):
+        run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0],
+                     python=fake_python(tmp_path), echo=False)
+    assert not list(tmp_path.rglob("log.txt"))
+
+
+def test_protocol_refuses_a_name_over_the_limit_as_an_error_line(tmp_path, capsys):
+    code, err = run(capsys, "protocol", "-c", TINY, "--out", tmp_path, "--name", LONG, "--split_seeds", 0,
+                    "--init_seeds", 0)
+    assert code == 1 and "--name: the name nnnn" in err and "is 300 bytes long" in err
+
+
+def test_protocol_reports_a_full_disk_as_an_error_line(tmp_path, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "results.md"))
+
+    monkeypatch.setattr("nola_vision.runs.protocol.run_protocol", full)
+    code, err = run(capsys, "protocol", "-c", TINY, "--out", tmp_path)
+    assert code == 1 and f"No space left on device: '{tmp_path / 'results.md'}' (the disk is full" in err
+
+
+def test_tune_refuses_a_sqlite_storage_in_a_missing_folder_at_once(tmp_path, capsys):
+    start = time.monotonic()
+    code, err = run(capsys, "tune", "-c", TINY, "--grid", "model.lr=1e-3,5e-3", "--data.val_shots", 2,
+                    "--skip_protocol", "--out", tmp_path, "--storage", f"sqlite:///{tmp_path}/missing/x.db")
+    assert code == 1 and f"the folder {tmp_path / 'missing'} does not exist" in err
+    assert time.monotonic() - start < 8  # not after optuna's retries
+
+
+def test_tune_reports_a_storage_error_as_an_error_line(tmp_path, monkeypatch, capsys):
+    from sqlalchemy.exc import OperationalError
+
+    def locked(*args, **kwargs):
+        raise OperationalError("INSERT INTO trials", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("nola_vision.runs.tune.run_tune", locked)
+    code, err = run(capsys, "tune", "-c", TINY, "--grid", "model.lr=1e-3", "--out", tmp_path)
+    assert code == 1 and "database is locked" in err
+
+
+# ---- a killed protocol -------------------------------------------------------------------------------------------
+
+def test_a_killed_protocols_fit_keeps_its_claim(tmp_path):
+    started = tmp_path / "started"
+    fit = tmp_path / "slow_fit"  # a fit that trains for a while
+    fit.write_text(f"#!{sys.executable}\nimport os, time\nopen({str(started)!r}, 'w').write(str(os.getpid()))\n"
+                   "time.sleep(120)\n")
+    fit.chmod(0o755)
+    driver = subprocess.Popen([sys.executable, "-c", "from nola_vision.runs.protocol import run_protocol\n"
+                               f"run_protocol([{TINY!r}], out={str(tmp_path / 'out')!r}, name='row', split_seeds=[0], "
+                               f"init_seeds=[0], python={str(fit)!r}, echo=False)"])
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() or not started.read_text():
+            assert driver.poll() is None and time.monotonic() < deadline, "the fit never started"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)  # kill -9, the OOM killer: the fit goes on as an orphan
+        driver.wait()
+        run_dir = tmp_path / "out" / "row" / "split0-init0"
+        assert claim_run(run_dir) is None  # a re-run sees the run as running, and skips it
+    finally:
+        driver.kill()
+        if started.exists() and started.read_text():
+            os.kill(int(started.read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 30  # once the fit is gone, its claim is free
+    while (claim := claim_run(run_dir)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert claim is not None
+    os.close(claim)
