@@ -151,3 +151,17 @@ def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "saved after step 2, 2 batches into epoch 0" in err and "never train" in err
     assert not list((tmp_path / "resumed").rglob("*.ckpt"))
+
+
+def test_the_result_names_no_checkpoint_rather_than_one_of_earlier_weights(tmp_path):
+    # a user's ModelCheckpoint without last.ckpt whose best is epoch 0: test on it would not reproduce the result
+    result = tmp_path / "result.json"
+    common = ["-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "2",
+              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "train/loss",
+              "--trainer.callbacks.mode", "max", "--trainer.callbacks.save_last", "false", *QUIET]
+    with pytest.warns(UserWarning, match="the result names no checkpoint"):
+        run_lightning_cli(["fit", *common, "--trainer.callbacks.save_top_k", "1", "--result_file", str(result)])
+    saved = json.loads(result.read_text())
+    assert saved["checkpoint"] is None and saved["epochs"] == 2
+    kept = list(tmp_path.rglob("*.ckpt"))
+    assert [torch.load(k, weights_only=False)["global_step"] for k in kept] == [STEPS]  # epoch 0's weights

@@ -272,9 +272,23 @@ class NolaCLI(LightningCLI):
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
                 "log_dir": log_dir,
-                "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path", None)
-                or getattr(self.trainer.checkpoint_callback, "best_model_path", None),
+                "checkpoint": self._final_checkpoint(),
             })
+
+    def _final_checkpoint(self) -> Optional[str]:
+        """The checkpoint ``test`` reproduces the result from, one that holds the final weights: ``last.ckpt``, else
+        the best one when it was saved at the final step; None (with a warning) when the run kept none of them."""
+        callback = self.trainer.checkpoint_callback
+        last, best = getattr(callback, "last_model_path", None), getattr(callback, "best_model_path", None)
+        if last or not best:
+            return last or None
+        saved = torch.load(best, map_location="cpu", weights_only=False, mmap=True)  # the run's own small file
+        if saved["global_step"] == self.trainer.global_step:
+            return best
+        rank_zero_warn(f"nola_vision: the result names no checkpoint: the run's ModelCheckpoint kept {best}, an "
+                       "earlier step's weights, and no last.ckpt (save_last false), while the result's metrics are "
+                       f"the final weights' (the exported adapter, {self.model.exported_adapter_dir})")
+        return None
 
     def _final_weights_unvalidated(self) -> bool:
         """Whether this run validates (validation images, ``limit_val_batches`` > 0) and no validation during fit saw
