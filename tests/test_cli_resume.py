@@ -151,6 +151,11 @@ def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "saved after step 2, 2 batches into epoch 0" in err and "never train" in err
     assert not list((tmp_path / "resumed").rglob("*.ckpt"))
+    from nola_vision.train.module import _require_epoch_end
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"batches_yielded": 2}]  # a stateful loader's
+    _require_epoch_end(saved)  # continues inside the epoch: let through
 
 
 def test_the_result_names_no_checkpoint_rather_than_one_of_earlier_weights(tmp_path):

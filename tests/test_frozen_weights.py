@@ -224,6 +224,14 @@ def test_other_frozen_modules_than_the_adapted_ones_are_refused_naming_them(save
     nv.load_adapter(changed(tiny_vit(), 0.05, names={module}), saved[1], check_frozen_weights=False)
 
 
+def test_a_changed_class_token_is_refused_while_the_position_embedding_is_left_to_the_input_size(saved):
+    other = tiny_vit()
+    with torch.no_grad():
+        other.cls_token.mul_(1.5)
+    with pytest.raises(AdapterLoadError, match=r"the weights of VisionTransformer itself differ"):
+        nv.load_adapter(other, saved[1])
+
+
 def resized(model, **kwargs):
     """``model``'s weights in a tiny ViT built with ``kwargs``: the patch embedding and position embedding resampled
     as timm does for pretrained weights at another patch or input size."""
@@ -265,7 +273,7 @@ def test_files_record_the_other_frozen_modules_compactly_and_older_files_without
     document = json.loads(path.read_text())
     context = document["frozen_weights"]["context"]
     names = context_modules(tiny_vit(), list(document["frozen_weights"]["modules"]))
-    assert context["modules"] == len(names) and "patch_embed.proj" in names and "" not in names  # pos_embed: left out
+    assert context["modules"] == len(names) and {"patch_embed.proj", ""} <= set(names)  # "": the class token
     assert len(context["records"]) == -(-context["modules"] * 24 // 3) * 4  # base64 of 24 bytes a module
     del document["frozen_weights"]["context"]  # as written before the context records
     document["config_sha256"] = adapter_io._document_digest(document)

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,39 @@ def test_an_export_peft_overtaken_by_a_save_adapter_is_refused_and_the_adapter_k
     nv.save_adapter(model, tmp_path / "alone")
     assert saved == files_of(tmp_path / "alone")
     nv.load_adapter(tiny_vit(), target)
+
+
+@posix_only
+def test_a_file_system_without_directory_sync_keeps_the_write_standing(tmp_path, monkeypatch):
+    # vboxsf, some FUSE, 9p and CIFS mounts refuse fsync of a directory: the renamed file is written all the same
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = storage.write_text_atomic(tmp_path / "result.json", "new")
+    assert target.read_text() == "new"
+    nv.save_adapter(trained(0), tmp_path / "adapter")  # the directory swap too
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # a real disk error still surfaces
+        storage.write_text_atomic(tmp_path / "other.json", "x")
+
+
+def test_a_writable_file_check_works_where_the_system_gives_no_name_limit(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "pathconf", raising=False)  # Windows has none: 255 is assumed
+    storage.check_writable_file(tmp_path / ("a" * 200), "--result_file")
+    with pytest.raises(ValueError, match=r"--result_file: the name a{20}\.\.\. is 300 units long, over the 255"):
+        storage.check_writable_file(tmp_path / "new" / ("a" * 300), "--result_file")
+
+
+@posix_only
+def test_a_lock_file_this_process_may_not_read_is_refused_before_training(tmp_path, monkeypatch):
+    lock = tmp_path / ".adapter.lock"
+    lock.write_text("")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == lock else real_access(p, mode, **kw))
+    with pytest.raises(ValueError, match=r"\.adapter\.lock, the lock file .* is a file this process may not read"):
+        require_adapter_directory(tmp_path / "adapter")

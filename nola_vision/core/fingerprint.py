@@ -49,8 +49,8 @@ STRIDE = 2654435761
 HEAD_INPUTS = ("norm", "fc_norm", "head.norm")
 MERGED_ATTRIBUTE = "nola_merged_adapters"
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Parameters timm resizes for another input size (absolute and relative position embeddings): a module holding one
-# is left out of the context records, so an adapter still loads onto the model built for another input size.
+# Parameters timm resizes for another input size (absolute and relative position embeddings): left out of the
+# context records, so an adapter still loads onto the model built for another input size.
 _RESIZED_WITH_INPUT = ("pos_embed", "relative_position", "rel_pos")
 # A context record: the norm (float64, as computed), then the 8 projections divided by it (float16: within 0.05%
 # of the norm, far under the tolerance), little-endian.
@@ -83,15 +83,11 @@ def frozen_modules(model: nn.Module, plan: InjectionPlan) -> List[str]:
 
 def context_modules(model: nn.Module, recorded: Sequence[str]) -> List[str]:
     """The other frozen modules an adapter's outputs depend on, sorted by name (not by the order a block registers
-    them in): those outside the classifier head with parameters of their own, other than ``recorded`` and those
-    holding a position embedding."""
-    head_modules, recorded, names = _head_module_ids(model), set(recorded), []
-    for name, module in model.named_modules():
-        keys = _frozen_parameters(module)
-        if (keys and name not in recorded and id(module) not in head_modules
-                and not any(part in key for key in keys for part in _RESIZED_WITH_INPUT)):
-            names.append(name)
-    return sorted(names)
+    them in): those outside the classifier head, other than ``recorded``, with parameters of their own besides
+    position embeddings (``_context_parameters``)."""
+    head_modules, recorded = _head_module_ids(model), set(recorded)
+    return sorted(name for name, module in model.named_modules()
+                  if name not in recorded and id(module) not in head_modules and _context_parameters(module))
 
 
 def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]:
@@ -101,14 +97,27 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
     fingerprint = frozen_fingerprint(model, named)
     if fingerprint is not None:
         context = context_modules(model, named)
-        records = frozen_fingerprint(model, context)["modules"] if context else {}
+        records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
     return fingerprint
 
 
+def _context_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
+    """A module's frozen parameters that context records hold: all but position embeddings (``_RESIZED_WITH_INPUT``),
+    so a class token or BEiT's q and v biases are checked beside a relative position table."""
+    return {name: value for name, value in _frozen_parameters(module).items()
+            if not any(part in name for part in _RESIZED_WITH_INPUT)}
+
+
+def _context_records(model: nn.Module, names: Sequence[str]) -> Dict[str, List[float]]:
+    with torch.no_grad():
+        return _records({name: torch.cat([_sample(value) for value in _context_parameters(
+            model.get_submodule(name)).values()]) for name in names})
+
+
 def is_context(value: object) -> bool:
     """Whether ``value`` is a well-formed ``context`` entry (a count and that many packed records)."""
-    if not isinstance(value, dict) or set(value) != {"modules", "records"}:
+    if not isinstance(value, dict) or not {"modules", "records"} <= set(value):  # a later version may add keys
         return False
     count, records = value["modules"], value["records"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(records, str):
@@ -271,8 +280,9 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     if len(context) != expected["context"]["modules"]:
         return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), the "
                 f"adapter's backbone had {expected['context']['modules']}")
-    actual = frozen_fingerprint(model, context)["modules"] if context else {}
-    sizes = {name: _sample_size(model.get_submodule(name)) for name in context}
+    actual = _context_records(model, context)
+    sizes = {name: sum(min(value.numel(), SAMPLE) for value in _context_parameters(model.get_submodule(name)).values())
+             for name in context}
     return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))}, {"modules": actual},
                              sizes, root)
 
@@ -295,8 +305,8 @@ def differing_records(expected: dict, actual: dict, sample_sizes: Optional[Dict[
         return None
     count = expected["context"]["modules"]
     if actual["context"]["modules"] != count:
-        return (f"the other frozen modules (outside the adapted layers and the head) number {count} in one and "
-                f"{actual['context']['modules']} in the other")
+        return (f"the other frozen modules (outside the adapted layers and the head) number {count} where the "
+                f"adapter was trained and {actual['context']['modules']} here")
     for index, (record, other) in enumerate(zip(_unpack(expected["context"]), _unpack(actual["context"]))):
         difference = _difference(record, other, 0)
         if difference is not None:

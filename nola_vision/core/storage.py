@@ -27,8 +27,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["atomic_directory", "atomic_path", "file_in_the_way", "read_files", "resolve_directory_target",
-           "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
+__all__ = ["atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way", "out_of_room_hint",
+           "read_files", "resolve_directory_target", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+           "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -40,6 +41,58 @@ _NO_ROOM = {
     errno.EFBIG: ("a file would exceed the file size limit (ulimit -f) or the filesystem's largest file",
                   "Raise the limit (e.g. ulimit -f unlimited), or save to another filesystem"),
 }
+
+
+# A directory fsync that the file system does not offer (vboxsf, some FUSE, 9p and CIFS mounts) or this process may
+# not do: the rename before it has happened, so the write stands; only its durability after a crash is not promised.
+_NO_DIRECTORY_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM,
+                      errno.EISDIR, errno.EROFS}
+
+
+def out_of_room_hint(error: OSError) -> Optional[str]:
+    """For a write that failed for want of room (a full disk, a quota, a file size limit): its cause and fix."""
+    if error.errno not in _NO_ROOM:
+        return None
+    cause, fix = _NO_ROOM[error.errno]
+    return f"{cause}. {fix}"
+
+
+def check_writable_file(path: PathLike, what: str) -> None:
+    """Refuse, with a ValueError that starts with ``what`` and names the fix, a file that a write at the end of a run
+    could not create: a directory, a path under a file or through a symlink into a missing folder, a name over the
+    file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
+    text = os.fspath(path)
+    target = Path(os.path.realpath(text))  # where the write goes: atomic writes follow symlinks
+    if os.path.isdir(target):
+        raise ValueError(f"{what}: {text} is a directory, where a file is written: remove it, or choose another path")
+    if os.path.islink(text) and not os.path.isdir(target.parent):
+        raise ValueError(f"{what}: {text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
+                         "that folder, or remove the link")
+    folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} lies under {folder}, an existing file: choose another path")
+    limit = _name_limit(folder)
+    long = next((n for n in target.relative_to(folder).parts if _name_length(n) > limit), None)
+    if long is not None:
+        raise ValueError(f"{what}: the name {long[:20]}... is {_name_length(long)} units long, over the {limit} a file "
+                         f"name may have on the file system of {folder}: choose a shorter name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
+                         "file system): choose another path, or make that folder writable")
+
+
+def _name_limit(folder: Path) -> int:
+    """The longest file name ``folder``'s file system takes, in ``_name_length`` units (255 where it does not say:
+    Windows has no ``pathconf``, and NTFS takes 255 UTF-16 units)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def _name_length(name: str) -> int:
+    """A file name's length as its file system counts it: bytes on POSIX, UTF-16 units on Windows."""
+    return len(os.fsencode(name)) if os.name == "posix" else len(name.encode("utf-16-le")) // 2
 
 
 _TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones are told from a user's files
@@ -348,9 +401,11 @@ def _refuse_unusable_lock(target: Path) -> None:
     """A ValueError naming the fix when ``target``'s lock path exists as no (link to a) regular file, which
     ``writer_lock`` could not open, or (a FIFO) would wait on forever. Nothing to refuse on Windows: no lock there."""
     lock = _lock_path(target)
-    if fcntl is None or not os.path.lexists(lock) or os.path.isfile(lock):
+    if fcntl is None or not os.path.lexists(lock) or (os.path.isfile(lock) and os.access(lock, os.R_OK)):
         return
-    if os.path.isdir(lock):
+    if os.path.isfile(lock):
+        what = "a file this process may not read (another user's?)"
+    elif os.path.isdir(lock):
         what = "a directory"
     elif not os.path.exists(lock):
         what = f"a symlink to {os.readlink(lock)}, which does not exist"
@@ -453,14 +508,19 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Flush ``directory``'s entries (a rename into it) to its disk, where the platform can open a directory."""
+    """Flush ``directory``'s entries (a rename into it) to its disk, where the platform and file system offer it
+    (``_NO_DIRECTORY_SYNC``)."""
     if os.name != "posix":  # directories cannot be opened for fsync on Windows
         return
-    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno not in _NO_DIRECTORY_SYNC:
+            raise
 
 
 def _swap_in(staged: Path, target: Path) -> None:

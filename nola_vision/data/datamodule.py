@@ -439,8 +439,10 @@ class FewShotDataModule(L.LightningDataModule):
         if self._resumed_generator_state is not None:  # where the checkpointed run's order stood
             self._train_generator.set_state(self._resumed_generator_state)
             self._resumed_generator_state = None
-        # The loader's own generator seeds its workers only: the orders are the sampler's alone.
-        workers = torch.Generator().manual_seed(seed % 2**63)
+        # The loader's own generator seeds its workers only (the orders are the sampler's alone), from where the
+        # shuffle stands: a resumed run's workers draw on, not the first epoch's numbers again.
+        workers = torch.Generator()
+        workers.set_state(self._train_generator.get_state())
         sampler = _EpochShuffle(self.train_set, generator=self._train_generator)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
 

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
-from ..core.storage import atomic_path, write_json_atomic, write_text_atomic
+from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
 from .executors import (
     Executor,
     LocalExecutor,
@@ -381,7 +381,6 @@ def check_sqlite_storage(url: str) -> None:
     study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
     from sqlalchemy.engine import make_url
 
-    from ..train.cli import check_writable_file
 
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):

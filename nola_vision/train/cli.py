@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import functools
 import io
 import json
@@ -13,8 +12,9 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
+import fsspec
 import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
@@ -23,14 +23,14 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..core.storage import atomic_path, write_json_atomic
+from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments, check_training_data
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
            "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
-           "check_result_path", "check_writable_file", "cli_parser", "error_message", "fit_options",
+           "check_result_path", "cli_parser", "error_message", "fit_options",
            "run_lightning_cli"]
 
 
@@ -277,13 +277,15 @@ class NolaCLI(LightningCLI):
 
     def _final_checkpoint(self) -> Optional[str]:
         """The checkpoint ``test`` reproduces the result from, one that holds the final weights: ``last.ckpt``, else
-        the best one when it was saved at the final step; None (with a warning) when the run kept none of them."""
+        the best one when it was saved at the final step; None when the run kept neither (with a warning when its
+        best holds earlier weights)."""
         callback = self.trainer.checkpoint_callback
         last, best = getattr(callback, "last_model_path", None), getattr(callback, "best_model_path", None)
         if last or not best:
             return last or None
-        saved = torch.load(best, map_location="cpu", weights_only=False, mmap=True)  # the run's own small file
-        if saved["global_step"] == self.trainer.global_step:
+        with fsspec.open(best, "rb") as file:  # the run's own small file, local or remote (s3://, gs://)
+            step = torch.load(file, map_location="cpu", weights_only=False)["global_step"]
+        if step == self.trainer.global_step:
             return best
         rank_zero_warn(f"nola_vision: the result names no checkpoint: the run's ModelCheckpoint kept {best}, an "
                        "earlier step's weights, and no last.ckpt (save_last false), while the result's metrics are "
@@ -434,18 +436,10 @@ def error_message(err: BaseException) -> str:
     text = str(err).strip()
     if "Original Traceback" in text:  # torch's ExceptionWrapper: "...\n<module>.<Class>: <message>" ends it
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    if isinstance(err, OSError) and err.errno in _NO_ROOM and err.strerror == os.strerror(err.errno):
-        text += f" ({_NO_ROOM[err.errno]})"  # only a bare one: an explained error (save_adapter's) says it already
+    hint = out_of_room_hint(err) if isinstance(err, OSError) else None
+    if hint and err.strerror == os.strerror(err.errno):  # only a bare one: an explained error (a save's) says it
+        text += f" ({hint})"
     return text
-
-
-# Why a bare write error for want of room happened, by errno, and what frees it.
-_NO_ROOM = {
-    errno.ENOSPC: "the disk is full: free space there, or point the output elsewhere",
-    errno.EDQUOT: "the disk quota is used up: free space within it, or point the output elsewhere",
-    errno.EFBIG: "a file would exceed the file size limit (ulimit -f) or the file system's largest file: raise the "
-                 "limit, or point the output elsewhere",
-}
 
 
 def check_result_path(path: str, option: str = "--result_file", example: str = "result.json") -> None:
@@ -454,38 +448,6 @@ def check_result_path(path: str, option: str = "--result_file", example: str = "
     if os.path.isdir(path):
         raise ValueError(f"{option} {path} is a directory: pass a file path, e.g. {Path(path) / example}")
     check_writable_file(path, f"{option} {path}")
-
-
-def check_writable_file(path: Union[str, os.PathLike], what: str) -> None:
-    """Refuse, with a ValueError that starts with ``what`` and names the fix, a file that a write at the end of a run
-    could not create: a directory, a path under a file or through a symlink into a missing folder, a name over the
-    file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
-    text = os.fspath(path)
-    target = Path(os.path.realpath(text))  # where the write goes: atomic writes follow symlinks
-    if os.path.isdir(target):
-        raise ValueError(f"{what}: {text} is a directory, where a file is written: remove it, or choose another path")
-    if os.path.islink(text) and not os.path.isdir(target.parent):
-        raise ValueError(f"{what}: {text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
-                         "that folder, or remove the link")
-    folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} lies under {folder}, an existing file: choose another path")
-    limit = _name_limit(folder)
-    long = next((n for n in target.relative_to(folder).parts if len(os.fsencode(n)) > limit), None)
-    if long is not None:
-        raise ValueError(f"{what}: the name {long[:20]}... is {len(os.fsencode(long))} bytes long, over the {limit} "
-                         f"bytes a file name may have on the file system of {folder}: choose a shorter name")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
-                         "file system): choose another path, or make that folder writable")
-
-
-def _name_limit(folder: Path) -> int:
-    """The longest file name, in bytes, that ``folder``'s file system takes (255 where the system does not say)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
 
 
 def check_checkpoint_file(path: Optional[str]) -> None:

@@ -313,7 +313,8 @@ class FewShotClassifier(L.LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        _require_training_steps(self.trainer)
+        if self._trainer is not None:
+            _require_training_steps(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -528,14 +529,16 @@ def _require_training_steps(trainer: Any) -> None:
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
-    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, or a
-    callback saved every n steps): Lightning resumes at the next epoch, so the rest of that epoch's batches would
-    silently never train."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, validation
+    inside an epoch saved it, or a callback saving every n steps): Lightning resumes at the next epoch, so the rest of
+    that epoch's batches would silently never train. A loader whose state the checkpoint holds (a stateful one)
+    continues inside the epoch, and is let through."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress = loops.get("epoch_loop.batch_progress", {})
     done = progress.get("current", {}).get("completed", 0)
-    if done and progress.get("is_last_batch") is False:
+    if done and progress.get("is_last_batch") is False and not loops.get("state_dict", {}).get("combined_loader"):
         raise ValueError(f"the checkpoint was saved after step {checkpoint.get('global_step')}, {done} batches into "
-                         f"epoch {checkpoint.get('epoch')} (trainer.max_steps or a callback saving every n steps "
-                         "stopped it there), and a resume starts at the next epoch: the rest of that epoch's batches "
-                         "would never train. Resume from a checkpoint saved at the end of an epoch, or train again "
-                         "with max_epochs alone")
+                         f"epoch {checkpoint.get('epoch')} (trainer.max_steps stopped the run there, or it was "
+                         "saved by validation inside an epoch, val_check_interval, or every n steps), and a resume "
+                         "starts at the next epoch: the rest of that epoch's batches would never train. Resume from a "
+                         "checkpoint saved at the end of an epoch (epoch=E-step=S.ckpt), or train again")
