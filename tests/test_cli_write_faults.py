@@ -61,7 +61,7 @@ def test_a_file_size_limit_mid_fit_is_one_error_line(tmp_path, capsys, kib, opti
 
 @pytest.mark.parametrize("error, message", [
     (PermissionError(errno.EACCES, "Permission denied", "/x/r.json"), "Permission denied: '/x/r.json'"),
-    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/last.ckpt"), "'/x/last.ckpt' (the disk is full"),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/last.ckpt"), "'/x/last.ckpt' (no space is left"),
 ], ids=["permission", "full-disk"])
 def test_an_os_error_names_its_file_and_a_programming_error_stays_a_traceback(monkeypatch, capsys, error, message):
     def fail(args):
@@ -139,7 +139,7 @@ def test_protocol_reports_a_full_disk_as_an_error_line(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr("nola_vision.runs.protocol.run_protocol", full)
     code, err = run(capsys, "protocol", "-c", TINY, "--out", tmp_path)
-    assert code == 1 and f"No space left on device: '{tmp_path / 'results.md'}' (the disk is full" in err
+    assert code == 1 and f"No space left on device: '{tmp_path / 'results.md'}' (no space is left" in err
 
 
 def test_tune_refuses_a_sqlite_storage_in_a_missing_folder_at_once(tmp_path, capsys):

@@ -74,8 +74,9 @@ def check_writable_file(path: PathLike, what: str) -> None:
     limit = _name_limit(folder)
     long = next((n for n in target.relative_to(folder).parts if _name_length(n) > limit), None)
     if long is not None:
-        raise ValueError(f"{what}: the name {long[:20]}... is {_name_length(long)} units long, over the {limit} a file "
-                         f"name may have on the file system of {folder}: choose a shorter name")
+        unit = "bytes" if os.name == "posix" else "characters"
+        raise ValueError(f"{what}: the name {long[:20]}... is {_name_length(long)} {unit} long, over the {limit} "
+                         f"{unit} a file name may have on the file system of {folder}: choose a shorter name")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
