@@ -23,6 +23,23 @@ def test_merged_and_unloaded_model_runs_in_onnx_runtime(images, tmp_path):
     torch.testing.assert_close(torch.from_numpy(logits), adapted[:3], rtol=0, atol=1e-4)
 
 
+def test_an_eva_exports_as_a_merged_graph(tmp_path):
+    # EVA's forward takes is_causal=False: traced as the graph's own argument it became a tensor timm refused
+    ort = pytest.importorskip("onnxruntime")
+    import timm
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=3, img_size=28, patch_size=14,
+                            embed_dim=32, depth=1, num_heads=2).eval()
+    model = as_if_trained(nv.inject(eva, nv.LoRAConfig(rank=2, targets=["mlp.fc1"])), 0, scale=0.2)
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    graph = nv.export_onnx(model, tmp_path / "eva.onnx")
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), rtol=0, atol=1e-4)
+
+
 def test_qv_slices_export_as_a_qkv_lora_with_zero_key_rows(tmp_path):
     from safetensors.torch import load_file
 

@@ -1,5 +1,6 @@
 """MultiTaskModel: caching, registration, dtype and errors. That a mixed-task batch equals each task's own model,
 for every registered method, is checked by the method matrix (test_methods.py)."""
+import copy
 import json
 
 import pytest
@@ -231,3 +232,33 @@ def test_a_compiled_backbone_and_unbatched_images_get_errors_naming_the_fix(adap
     for wrong in (images.double(), (images * 255).to(torch.uint8)):
         with pytest.raises(ValueError, match=rf"images are {wrong.dtype} and the backbone's weights torch.float32"):
             model(wrong, "nola_mlp")
+
+
+# ---- serving faults found by a probe ----------------------------------------------------------------------------
+def test_a_task_update_on_a_layer_the_backbone_never_calls_is_refused_instead_of_left_out(tmp_path):
+    # timm's BEiT reads attn.qkv's weight with F.linear: a q/v adapter saved without a forward pass has no effect
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                             embed_dim=64, depth=2, num_heads=2).eval()
+    trained = as_if_trained(nv.inject(copy.deepcopy(beit), nv.LoRAConfig(rank=2)), 0)
+    directory = nv.save_adapter(trained, tmp_path / "qv")
+    served = nv.MultiTaskModel(copy.deepcopy(beit))
+    served.add_task("qv", directory)
+    with pytest.raises(ValueError, match=r"adapted layer blocks\.0\.attn\.qkv was never called .*silently left out"):
+        served(torch.randn(2, 3, 32, 32), "qv")
+
+
+@pytest.mark.parametrize("change", ["load_adapter", "merge_and_unload"])
+def test_a_backbone_adapted_in_place_after_wrapping_is_refused(tmp_path, change):
+    images = torch.randn(2, 3, 32, 32)
+    task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 0), tmp_path / "task")
+    other = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1), tmp_path / "other")
+    model = tiny_vit()
+    served = nv.MultiTaskModel(model)
+    served.add_task("task", task)
+    served(images, "task")
+    nv.load_adapter(model, other)  # the served backbone itself now holds another task
+    if change == "merge_and_unload":
+        nv.merge_and_unload(model)
+    with pytest.raises(RuntimeError, match="since it was wrapped"):
+        served(images, "task")

@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
 from ..core.basis import BasisBank
 from ..core.checks import check_number, shown
+from ..core.fingerprint import merged_adapters
 from ..core.inject import adapter_state
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
@@ -117,6 +118,8 @@ class MultiTaskModel(nn.Module):
         self._cache: OrderedDict[str, _Factors] = OrderedDict()
         self._hooks: Dict[str, RemovableHandle] = {}
         self._batch: Dict[str, LayerBatch] = {}
+        self._applied: set = set()  # the hooked layers that added their updates in the current forward pass
+        self._merged = merged_adapters(model)  # what the weights held when wrapped; a later change is refused
         self._lock = threading.RLock()
 
     def train(self, mode: bool = True) -> MultiTaskModel:
@@ -132,6 +135,8 @@ class MultiTaskModel(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("_applied", set())  # pickled before these were kept
+        state.setdefault("_merged", merged_adapters(state["_modules"]["model"]))
         super().__setstate__(state)
         self._lock = threading.RLock()
 
@@ -212,13 +217,15 @@ class MultiTaskModel(nn.Module):
         """
         with self._lock:
             names = self._check_tasks(images, tasks)
+            self._require_unchanged_backbone()
             present = list(dict.fromkeys(names))
             position = {task: i for i, task in enumerate(present)}
             index = torch.tensor([position[task] for task in names], device=images.device)
             factors = self._factors(present)
-            self._batch = self._layer_batches(factors, index)
+            self._batch, self._applied = self._layer_batches(factors, index), set()
             try:
                 features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+                self._require_every_update_applied()
             finally:
                 self._batch = {}
             # Under the lock too: functional_call swaps the tensors of the one head module that every call shares.
@@ -229,6 +236,28 @@ class MultiTaskModel(nn.Module):
                 for row, value in zip(rows.tolist(), functional_call(head, task.head, (features[rows],))):
                     logits[row] = value
         return logits  # type: ignore[return-value]
+
+    def _require_unchanged_backbone(self) -> None:
+        """Refuse to serve once the wrapped model itself was adapted or had an adapter merged in (``load_adapter`` or
+        ``merge_and_unload`` on it): its layers no longer run the hooks, or run them on top of another task."""
+        if adapter_state(self.model) is not None or adapted_layers(self.model):
+            raise RuntimeError("the model this MultiTaskModel serves was given adapters since it was wrapped "
+                               "(nv.inject or nv.load_adapter on it): its tasks would be served through the wrong "
+                               "layers. Serve single tasks on another copy of the backbone, or nv.unload(model) first")
+        if merged_adapters(self.model) != self._merged:
+            raise RuntimeError("the model this MultiTaskModel serves had an adapter merged into its weights since it "
+                               "was wrapped (nv.merge_and_unload): every task would get that update too. Wrap a fresh "
+                               "timm.create_model(...) instead")
+
+    def _require_every_update_applied(self) -> None:
+        """Refuse outputs without an update a task holds: a hooked layer that the backbone never called (its parent
+        reads ``layer.weight`` directly, as timm's BEiT and EVA attention read ``qkv``)."""
+        skipped = sorted(set(self._batch) - self._applied)
+        if skipped:
+            raise ValueError(f"adapted layer {skipped[0]} was never called in the backbone's forward pass (its parent "
+                             "reads the layer's weight directly, e.g. F.linear(x, self.qkv.weight, bias)), so a task's "
+                             "update there would be silently left out: serve tasks that adapt other layers of this "
+                             "model (e.g. mlp.fc1, mlp.fc2, attn.proj)")
 
     def _task(self, name: str) -> _Task:
         if name not in self._tasks:
@@ -295,6 +324,7 @@ class MultiTaskModel(nn.Module):
         batch = self._batch.get(name)
         if batch is None:  # outside MultiTaskModel.forward, or no task of this batch adapts the layer
             return output
+        self._applied.add(name)
         a, b, index = batch
         x = args[0]
         dtype = output.dtype  # under autocast it may differ from the input's and the weight's

@@ -87,7 +87,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
         # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
         served = merge(copy.deepcopy(model)) if adapter_state(model) is not None else model
         with _as_served(served):
-            return _export(served, (images,), ["images"], path)
+            return _export(_ImagesOnly(served), (images,), ["images"], path)
     graph = _TaskInputGraph(model)
     with _as_served(graph.model):
         return _export(graph, (images, *graph.example_inputs()), ["images", *graph.names], path,
@@ -109,6 +109,18 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
     if graph is not None:
         _check_fits(document, values, _read_graph(graph), Path(adapter_dir))
     return {name: value.numpy() for name, value in values.items()}
+
+
+class _ImagesOnly(nn.Module):
+    """``model(images)``, nothing else: the exporter would pass the model's other forward arguments as traced values
+    (EVA's ``is_causal`` default becomes a tensor, which timm's attention refuses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
 
 
 class _TaskInputGraph(nn.Module):
