@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from storage_workers import trained
-from tiny_models import tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters import files, peft
@@ -104,27 +103,20 @@ def overtaken(monkeypatch, module, other_save):
     monkeypatch.setattr(module, "atomic_directory", other_save_first)
 
 
-def test_a_save_adapter_overtaken_by_an_export_peft_is_refused_and_the_export_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first, second, module, refusal", [
+    ("export_peft", "save_adapter", files, "holds a peft LoRA export"),
+    ("save_adapter", "export_peft", peft, "holds a nola_vision adapter.*Export into another directory"),
+], ids=["save_adapter overtaken", "export_peft overtaken"])
+def test_a_save_overtaken_by_the_other_kind_of_export_is_refused_and_that_export_kept(tmp_path, monkeypatch, first,
+                                                                                      second, module, refusal):
     target, model = tmp_path / "adapter", trained(1)
-    overtaken(monkeypatch, files, lambda: nv.export_peft(model, target))
-    with pytest.raises(ValueError, match="holds a peft LoRA export"):
-        nv.save_adapter(model, target)
+    overtaken(monkeypatch, module, lambda: getattr(nv, first)(model, target))
+    with pytest.raises(ValueError, match=refusal):
+        getattr(nv, second)(model, target)
     monkeypatch.undo()
-    exported = files_of(target)
-    nv.export_peft(model, tmp_path / "alone")
-    assert exported == files_of(tmp_path / "alone") and "peft_type" in json.loads(exported["adapter_config.json"])
-
-
-def test_an_export_peft_overtaken_by_a_save_adapter_is_refused_and_the_adapter_kept(tmp_path, monkeypatch):
-    target, model = tmp_path / "adapter", trained(1)
-    overtaken(monkeypatch, peft, lambda: nv.save_adapter(model, target))
-    with pytest.raises(ValueError, match="holds a nola_vision adapter.*Export into another directory"):
-        nv.export_peft(model, target)
-    monkeypatch.undo()
-    saved = files_of(target)
-    nv.save_adapter(model, tmp_path / "alone")
-    assert saved == files_of(tmp_path / "alone")
-    nv.load_adapter(tiny_vit(), target)
+    kept = files_of(target)
+    getattr(nv, first)(model, tmp_path / "alone")
+    assert kept == files_of(tmp_path / "alone")  # the first export, whole
 
 
 @posix_only
