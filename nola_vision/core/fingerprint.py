@@ -111,8 +111,8 @@ def _context_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
 
 def _context_records(model: nn.Module, names: Sequence[str]) -> Dict[str, List[float]]:
     with torch.no_grad():
-        return _records({name: torch.cat([_sample(value) for value in _context_parameters(
-            model.get_submodule(name)).values()]) for name in names})
+        modules = {name: model.get_submodule(name) for name in names}
+        return _records({name: _module_vector(module, _context_parameters(module)) for name, module in modules.items()})
 
 
 def is_context(value: object) -> bool:
@@ -199,11 +199,13 @@ def _merged_delta(layer: AdaptedLinear) -> Callable[[Tensor], Tensor]:
     return at
 
 
-def _module_vector(module: nn.Module) -> Tensor:
-    """The sampled frozen values of one module, as unmerged weights (a merged layer's ΔW taken out again)."""
+def _module_vector(module: nn.Module, parameters: Optional[Dict[str, nn.Parameter]] = None) -> Tensor:
+    """The sampled values of one module's ``parameters`` (default: its frozen ones), as unmerged weights (a merged
+    layer's ΔW taken out again)."""
     merged = isinstance(module, AdaptedLinear) and module.merged
+    parameters = _frozen_parameters(module) if parameters is None else parameters
     parts = [_sample(value, _merged_delta(module) if merged and name == "weight" else None)
-             for name, value in _frozen_parameters(module).items()]
+             for name, value in parameters.items()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
@@ -272,7 +274,7 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     if missing:
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
-    sizes = {name: _sample_size(model.get_submodule(name)) for name in names}
+    sizes = {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}
     difference = differing_records(expected, frozen_fingerprint(model, names), sizes, root)
     if difference is not None or "context" not in expected:
         return difference
@@ -281,8 +283,7 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
         return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), the "
                 f"adapter's backbone had {expected['context']['modules']}")
     actual = _context_records(model, context)
-    sizes = {name: sum(min(value.numel(), SAMPLE) for value in _context_parameters(model.get_submodule(name)).values())
-             for name in context}
+    sizes = {name: _sample_size(_context_parameters(model.get_submodule(name))) for name in context}
     return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))}, {"modules": actual},
                              sizes, root)
 
@@ -329,8 +330,9 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-def _sample_size(module: nn.Module) -> int:
-    return sum(min(value.numel(), SAMPLE) for value in _frozen_parameters(module).values())
+def _sample_size(parameters: Dict[str, nn.Parameter]) -> int:
+    """How many values the fingerprint samples of ``parameters``."""
+    return sum(min(value.numel(), SAMPLE) for value in parameters.values())
 
 
 def _difference(expected: List[float], actual: List[float], count: int) -> Optional[float]:

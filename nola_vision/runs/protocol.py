@@ -161,7 +161,6 @@ def check_output_paths(out: str, name: str) -> None:
     """Refuse, before the first run, an ``--out`` or ``--name`` whose tables or run folders could not be written (a
     folder this process may not write, a name over the file system's limit, ``results.csv`` a directory), found
     otherwise only after a fit, or as an OSError. A file in the way of the row is ``row_folder``'s to name."""
-
     root = Path(out) / name
     if any(os.path.isfile(p) for p in (root, *root.parents)):
         return

@@ -381,7 +381,6 @@ def check_sqlite_storage(url: str) -> None:
     study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
     from sqlalchemy.engine import make_url
 
-
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return

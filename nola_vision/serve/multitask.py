@@ -103,7 +103,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "
                              "and methods belong to the module it wraps): pass the plain model and compile the "
                              "served model instead, torch.compile(nv.MultiTaskModel(model))")
-        if adapter_state(model) is not None or adapted_layers(model):
+        if _has_adapters(model):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
                              "fresh timm.create_model(...) (or call nv.unload(model) first)")
         head = classifier_head(model)
@@ -240,7 +240,7 @@ class MultiTaskModel(nn.Module):
     def _require_unchanged_backbone(self) -> None:
         """Refuse to serve once the wrapped model itself was adapted or had an adapter merged in (``load_adapter`` or
         ``merge_and_unload`` on it): its layers no longer run the hooks, or run them on top of another task."""
-        if adapter_state(self.model) is not None or adapted_layers(self.model):
+        if _has_adapters(self.model):
             raise RuntimeError("the model this MultiTaskModel serves was given adapters since it was wrapped "
                                "(nv.inject or nv.load_adapter on it): its tasks would be served through the wrong "
                                "layers. Serve single tasks on another copy of the backbone, or nv.unload(model) first")
@@ -405,3 +405,8 @@ class MultiTaskModel(nn.Module):
             a, b = layer.delta_factors()
             factors[name][layer_name] = (a.contiguous(), b.clone())  # own storage: not a view of all tasks' rows
         return {name: _Factors(factors[name], heads[name], placement) for name in names}
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    """Whether adapters were injected into ``model``: the plain backbone MultiTaskModel serves has none."""
+    return adapter_state(model) is not None or bool(adapted_layers(model))
