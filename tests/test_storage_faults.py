@@ -153,3 +153,11 @@ def test_a_lock_file_this_process_may_not_read_is_refused_before_training(tmp_pa
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == lock else real_access(p, mode, **kw))
     with pytest.raises(ValueError, match=r"\.adapter\.lock, the lock file .* is a file this process may not read"):
         require_adapter_directory(tmp_path / "adapter")
+
+
+def test_a_result_path_ending_in_a_separator_is_refused_before_the_run(tmp_path):
+    # realpath drops the separator, so only the write at the end of the run used to refuse it
+    with pytest.raises(ValueError, match=r"--result_file: .*out/ ends in a path separator"):
+        storage.check_writable_file(f"{tmp_path}/out/", "--result_file")
+    with pytest.raises(IsADirectoryError, match="ends in a path separator"):
+        storage.write_text_atomic(f"{tmp_path}/out/", "{}")  # what the run's end would have met

@@ -62,6 +62,9 @@ def check_writable_file(path: PathLike, what: str) -> None:
     could not create: a directory, a path under a file or through a symlink into a missing folder, a name over the
     file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
     text = os.fspath(path)
+    if _ends_in_separator(text):
+        raise ValueError(f"{what}: {text} ends in a path separator, so it names a directory, but a file is written "
+                         "there: pass a file path")
     target = Path(os.path.realpath(text))  # where the write goes: atomic writes follow symlinks
     if os.path.isdir(target):
         raise ValueError(f"{what}: {text} is a directory, where a file is written: remove it, or choose another path")
@@ -80,6 +83,11 @@ def check_writable_file(path: PathLike, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
+
+
+def _ends_in_separator(text: str) -> bool:
+    """Whether a path names a directory by its form (``out/``), whatever exists there."""
+    return text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
 
 
 def _name_limit(folder: Path) -> int:
@@ -132,7 +140,7 @@ def _file_target(path: PathLike) -> Path:
     """The real file a write to ``path`` replaces (symlinks resolved), or an OSError naming the fix, before anything
     is written, for a path ending in a separator, an existing directory, or a path under an existing file."""
     text = os.fspath(path)
-    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+    if _ends_in_separator(text):
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
     target = Path(os.path.realpath(text))
