@@ -730,25 +730,25 @@ def _check_norms(trained: dict, own: dict, backbone: str) -> None:
             f"adapter was trained on a model with {len(trained['norm_eps'])} normalisation layers, this model has "
             f"{len(own['norm_eps'])} (another depth, or qk_norm/pre_norm?): the same weights give other outputs. "
             "Create it as it was trained")
-    if "norm_eps" in trained and trained["norm_eps"] != own["norm_eps"]:
-        raise AdapterLoadError(
-            f"adapter was trained on a model whose normalisation layers use eps {_few(trained['norm_eps'])}, this "
-            f"model's use {_few(own['norm_eps'])}: the same weights give other outputs. Create it with the norm_layer "
-            "(eps) it was trained with")
-    if "norm_layers" in trained and trained["norm_layers"] != own["norm_layers"]:
-        raise AdapterLoadError(
-            f"adapter was trained on a model whose normalisation layers are {_few(trained['norm_layers'])}, this "
-            f"model's are {_few(own['norm_layers'])}: the same weights give other outputs. Create it with "
-            f"timm.create_model({backbone!r}, ..., norm_layer=...) as it was trained")
+    _refuse_other(trained, own, "norm_eps", "normalisation layers use eps", "this model's use",
+                  "Create it with the norm_layer (eps) it was trained with")
+    _refuse_other(trained, own, "norm_layers", "normalisation layers are", "this model's are",
+                  f"Create it with timm.create_model({backbone!r}, ..., norm_layer=...) as it was trained")
 
 
 def _check_blocks(trained: dict, own: dict, backbone: str) -> None:
-    if "block_layers" in trained and trained["block_layers"] != own["block_layers"]:
+    """The same block classes: the same weights in another order of norm, attention and MLP give other outputs."""
+    _refuse_other(trained, own, "block_layers", "blocks are", "this model's are",
+                  f"Create it with timm.create_model({backbone!r}, ...) and the block_fn (EVA: use_post_norm) it was "
+                  "trained with")
+
+
+def _refuse_other(trained: dict, own: dict, key: str, subject: str, own_subject: str, fix: str) -> None:
+    """Refuse a file whose recorded per-layer ``key`` differs from this model's, naming both and the fix."""
+    if key in trained and trained[key] != own[key]:
         raise AdapterLoadError(
-            f"adapter was trained on a model whose blocks are {_few(trained['block_layers'])}, this model's are "
-            f"{_few(own['block_layers'])}: the same weights in another block order of norm, attention and MLP give "
-            f"other outputs. Create it with timm.create_model({backbone!r}, ...) and the block_fn (EVA: use_post_norm) "
-            "it was trained with")
+            f"adapter was trained on a model whose {subject} {_few(trained[key])}, {own_subject} "
+            f"{_few(own[key])}: the same weights give other outputs. {fix}")
 
 
 def _check_options(trained: dict, own: dict, backbone: str) -> None:
