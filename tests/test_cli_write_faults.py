@@ -121,7 +121,7 @@ sys.exit(main(["-c", {TINY!r}, "--out", "ro/out", "--split_seeds", "0", "--init_
 
 def test_protocol_refuses_a_table_that_is_a_directory_before_any_fit(tmp_path):
     (tmp_path / "results.csv").mkdir()
-    with pytest.raises(ValueError, match="results.csv is a directory"):
+    with pytest.raises(ValueError, match="results.csv is an existing directory"):
         run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0],
                      python=fake_python(tmp_path), echo=False)
     assert not list(tmp_path.rglob("log.txt"))

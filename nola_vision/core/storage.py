@@ -61,19 +61,11 @@ def check_writable_file(path: PathLike, what: str) -> None:
     """Refuse, with a ValueError that starts with ``what`` and names the fix, a file that a write at the end of a run
     could not create: a directory, a path under a file or through a symlink into a missing folder, a name over the
     file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
-    text = os.fspath(path)
-    if _ends_in_separator(text):
-        raise ValueError(f"{what}: {text} ends in a path separator, so it names a directory, but a file is written "
-                         "there: pass a file path")
-    target = Path(os.path.realpath(text))  # where the write goes: atomic writes follow symlinks
-    if os.path.isdir(target):
-        raise ValueError(f"{what}: {text} is a directory, where a file is written: remove it, or choose another path")
-    if os.path.islink(text) and not os.path.isdir(target.parent):
-        raise ValueError(f"{what}: {text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
-                         "that folder, or remove the link")
+    try:
+        target = _file_target(path)  # where the write goes: atomic writes follow symlinks
+    except OSError as error:
+        raise ValueError(f"{what}: {error}") from None
     folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} lies under {folder}, an existing file: choose another path")
     limit = _name_limit(folder)
     long = next((n for n in target.relative_to(folder).parts if _name_length(n) > limit), None)
     if long is not None:
@@ -144,12 +136,12 @@ def _file_target(path: PathLike) -> Path:
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
     target = Path(os.path.realpath(text))
-    if os.path.islink(text) and not target.parent.is_dir():
+    if os.path.islink(text) and not os.path.isdir(target.parent):
         raise FileNotFoundError(f"{text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
                                 "that folder, or remove the link to write a plain file there")
-    if target.is_dir():
-        raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: pass a file path (e.g. "
-                                f"{Path(text) / 'name'}); the directory was left untouched")
+    if os.path.isdir(target):  # os.path's: False, not an OSError, for a name over the file system's limit
+        raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: remove it, or choose "
+                                "another file path (the directory was left untouched)")
     blocking = file_in_the_way(target.parent)
     if blocking is not None:
         raise NotADirectoryError(f"{text} lies under {blocking}, an existing file, so no file can be written there: "
@@ -229,8 +221,8 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool
 def file_in_the_way(path: PathLike) -> Optional[Path]:
     """The first of ``path`` and its parents that exists and is not a directory (no directory can be made at or
     under it), or None."""
-    path = Path(path)
-    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    path = Path(path)  # os.path's tests: False, not an OSError, for a name over the file system's limit
+    return next((p for p in (path, *path.parents) if os.path.exists(p) and not os.path.isdir(p)), None)
 
 
 def resolve_directory_target(path: PathLike) -> Path:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ..core.storage import check_writable_file, write_json_atomic
+from ..core.storage import check_writable_file, file_in_the_way, write_json_atomic
 from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_signals
 from .knn import run_knn
 from .results import (
@@ -162,7 +162,7 @@ def check_output_paths(out: str, name: str) -> None:
     folder this process may not write, a name over the file system's limit, ``results.csv`` a directory), found
     otherwise only after a fit, or as an OSError. A file in the way of the row is ``row_folder``'s to name."""
     root = Path(out) / name
-    if any(os.path.isfile(p) for p in (root, *root.parents)):
+    if file_in_the_way(root) is not None:
         return
     for table in ("results.csv", "results.md"):
         check_writable_file(Path(out) / table, f"--out {out}")
