@@ -129,6 +129,22 @@ def test_ddp_train_sampler_is_seeded_with_shuffle_seed(cifar10_root):
     assert list(a) == list(sampler(3)) != list(b) and len(list(a)) == 25  # rank 0's half of 50 images
 
 
+@pytest.mark.parametrize("shuffle_seed", [None, 3])
+def test_ddp_keeps_a_batch_when_each_process_has_less_than_one(cifar10_root, shuffle_seed):
+    """10 images, batch 8, 2 processes: 5 each. drop_last decided on all 10 left every process 0 batches, so a fit
+    trained nothing and exported the untrained adapter."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=1, batch_size=8, image_size=8, augment="none",
+                           shuffle_seed=shuffle_seed)
+    dm.trainer = trainer
+    dm.setup("fit")
+    loader = trainer._data_connector._prepare_dataloader(dm.train_dataloader(), True, RunningStage.TRAINING)
+    assert len(loader) == 1 and [len(y) for _, y in loader] == [5]
+
+
 def test_two_ranks_draw_the_same_split_and_write_the_same_manifest(cifar10_root, tmp_path):
     ranks = []
     for rank in range(2):

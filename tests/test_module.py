@@ -352,3 +352,13 @@ def test_an_adapter_dir_holding_a_peft_export_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match="holds a peft LoRA export .*another directory"):
         model.on_fit_start()  # what fit calls before the first step: the export is refused now, not after training
     assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == exported
+
+
+def test_a_fit_without_a_training_batch_exports_nothing(tmp_path):
+    """A loader with no batch (4 images, batch 8, drop_last): Lightning only warns and stops, and the untrained
+    adapter was exported as the run's result."""
+    module = FewShotClassifier(**TINY, num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"))
+    empty = DataLoader(loader(n=4).dataset, batch_size=8, drop_last=True)
+    with pytest.raises(ValueError, match="the fit took no training step"):
+        trainer(tmp_path, epochs=1).fit(module, empty)
+    assert not (tmp_path / "adapter").exists()

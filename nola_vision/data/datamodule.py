@@ -421,14 +421,16 @@ class FewShotDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a seeded generator, whose state checkpoints keep (``state_dict``): a resumed run sees the
-        orders of an uninterrupted one. drop_last only when at least one full batch remains.
+        orders of an uninterrupted one. drop_last only when at least one full batch remains on each process.
 
         Under DDP Lightning replaces a shuffling loader's sampler with one seeded by ``seed_everything``, so a set
         ``shuffle_seed`` comes with its own ``DistributedSampler``, which Lightning keeps.
         """
         self._require_setup()
-        drop_last = len(self.train_set) >= self.batch_size
         ddp = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        # Under DDP each process batches its share (DistributedSampler pads the shares to equal length).
+        per_process = -(-len(self.train_set) // (ddp or {}).get("num_replicas", 1))
+        drop_last = per_process >= self.batch_size
         if ddp and self.shuffle_seed is not None:
             sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.shuffle_seed, **ddp)
             return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)

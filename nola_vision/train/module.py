@@ -329,12 +329,18 @@ class FewShotClassifier(L.LightningModule):
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
     def on_fit_end(self) -> None:
-        """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``; never NaN/Inf weights."""
+        """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``; never NaN/Inf weights, nor
+        an adapter that took no training step (no batch: Lightning only warns and stops)."""
         diverged = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if diverged:
             raise NonFiniteLossError(f"training diverged: {len(diverged)} trained tensors hold NaN/Inf after the last "
                                      f"step (e.g. {diverged[0]}) with lr {self.hparams.lr}. Lower model.lr; nothing "
                                      "was exported.")
+        if self.trainer.global_step == 0:
+            raise ValueError(
+                "the fit took no training step (its train loader gave no batch: fewer training images than "
+                "data.batch_size with drop_last?), so the untrained adapter would be exported and its chance-level "
+                "accuracy recorded. Nothing was exported: lower data.batch_size")
         target = self.hparams.adapter_dir
         if target is None:
             # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask
