@@ -549,6 +549,10 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
               **({"pooling": _POOLING} if "pooling" in document else {}),  # older files record none
               **({"settings": _SETTINGS} if "settings" in document else {}),
               **({"class_names": _CLASS_NAMES} if "class_names" in document else {})}
+    _refuse_unknown_fields(path, document, {"format", *_SCHEMA, *_CHECKSUMS, *_FROZEN_WEIGHTS, "pooling", "settings",
+                                            "class_names"}, "")
+    if "settings" in document and isinstance(document["settings"], dict):
+        _refuse_unknown_fields(path, document["settings"], set(_SETTING_FIELDS), "settings.")
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -565,6 +569,17 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
                                "covers scale, init, targets, slices, bits and every other field) does not match; "
                                "save the adapter again")
     return document
+
+
+def _refuse_unknown_fields(path: Path, document: dict, known: set, prefix: str) -> None:
+    """Refuse fields this version does not know: a newer nola_vision records what changes the outputs (as pooling and
+    settings once were) within one format, so applying the file without them could give other outputs silently."""
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise AdapterLoadError(
+            f"{path} holds the field{'s' if len(unknown) > 1 else ''} {', '.join(prefix + k for k in unknown[:4])}, "
+            f"which this nola_vision ({__version__}) does not know: the file was written by a newer version, whose "
+            "outputs this one cannot reproduce, or was edited. Upgrade nola_vision (pip install -U nola_vision)")
 
 
 def _unknown_format(path: Path, document: Any) -> str:
@@ -622,6 +637,9 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 
 
+_FLOAT_STORAGE = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
                    shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tensor]:
     """Float32 values of every stored tensor, dequantised and reshaped to the plan's shapes.
@@ -649,6 +667,10 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
                 raise AdapterLoadError(f"tensor {name} holds {stored.numel()} {bits}-bit codes in the file but the "
                                        f"model needs {numel} values of shape {shape}")
             stored = dequantize(unpack4(stored, numel) if bits == 4 else stored, minimum, step)
+        elif stored.dtype not in _FLOAT_STORAGE:
+            raise AdapterLoadError(f"tensor {name} is stored as {stored.dtype} without a quantisation entry: "
+                                   "unquantised tensors are float16, bfloat16 or float32 (the file was edited or "
+                                   "damaged)")
         elif stored.numel() != numel:
             raise AdapterLoadError(f"tensor {name} has shape {tuple(stored.shape)} in the file but {shape} in the "
                                    "model")
