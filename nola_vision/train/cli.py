@@ -28,6 +28,11 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments, check_training_data
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
            "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
            "check_result_path", "cli_parser", "error_message", "fit_options",
@@ -68,7 +73,8 @@ class PredictionsCSVWriter(BasePredictionWriter):
         names = getattr(datamodule, "class_names", None) if datamodule is not None else None
         samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        # class names and paths from undecodable file names keep their bytes (surrogate escapes), not an error
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(PREDICTIONS_HEADER)
             for r in rows:
@@ -86,13 +92,19 @@ class RunConfigSaver(SaveConfigCallback):
 
     Without a logger every run logs straight into ``default_root_dir``, so a second ``fit`` there would replace the
     first run's config and exported adapter beside its checkpoints: it is refused before training. A resumed fit, or
-    a ``test``/``validate``/``predict`` of the run in that folder, keeps the run's config as it is.
+    a ``test``/``validate``/``predict`` of the run in that folder, keeps the run's config as it is. A fit holds its
+    folder's ``.fit.lock`` until it ends, so a fit started meanwhile into the same folder (logger-less, or the same
+    ``version_N`` picked by two runs at once) is refused before it checks the folder.
     """
+
+    _lock: Optional[int] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
+        if stage == "fit":
+            self._hold_folder(trainer, path.parent)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
         checkpoint = self.config.get("ckpt_path")
@@ -111,6 +123,25 @@ class RunConfigSaver(SaveConfigCallback):
             self.already_saved = True
             return
         super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
+
+    def _hold_folder(self, trainer: Trainer, folder: Path) -> None:
+        """Take the folder's fit lock (rank 0), or refuse the fit when another one holds it."""
+        if trainer.is_global_zero:
+            self._lock = _lock_run_folder(folder)
+        if not trainer.strategy.broadcast(self._lock is not None if trainer.is_global_zero else True):
+            raise ValueError(f"another fit is running in {folder} now (it holds {folder / FIT_LOCK}): wait for it to "
+                             "end, or choose another --trainer.default_root_dir")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()  # Lightning calls no teardown after a failure; an in-process retry must find the folder free
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class FinalWeights(Callback):
@@ -145,6 +176,25 @@ class FinalWeights(Callback):
             if callback.monitor is None and every >= 1 and (trainer.current_epoch + 1) % every == 0:
                 callback._save_topk_checkpoint(trainer, candidates)
             callback._save_last_checkpoint(trainer, candidates)  # whatever its schedule: fit resumes from it
+
+
+FIT_LOCK = ".fit.lock"
+
+
+def _lock_run_folder(folder: Path) -> Optional[int]:
+    """A descriptor holding the exclusive lock on ``<folder>/.fit.lock`` until it is closed, or None when another
+    process holds it. Not ``results.claim_run``'s ``.claim``: a protocol run's fit inherits that lock from the
+    protocol command, which holds it in the same folder. Windows has no flock: nothing is locked there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / FIT_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _holds_work(folder: Path) -> bool:
@@ -271,6 +321,7 @@ class NolaCLI(LightningCLI):
                 "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
+                "adapter_sha256": self.model.exported_adapter_sha256,  # which adapter: the folder may be re-exported
                 "log_dir": log_dir,
                 "checkpoint": self._final_checkpoint(),
             })

@@ -7,6 +7,10 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..adapters.files import (
+    WEIGHTS_NAME,
     changed_settings,
     num_classes_of,
     output_settings,
@@ -207,6 +212,8 @@ class FewShotClassifier(L.LightningModule):
         self._fingerprint: Optional[dict] = None
         self.exported_adapter_dir: Optional[Path] = None
         self.exported_adapter_bits: Optional[int] = None
+        self.exported_adapter_sha256: Optional[str] = None
+        self._reschedule = False  # set by a resume onto another schedule: on_train_start sets its learning rates
 
     def train(self, mode: bool = True) -> FewShotClassifier:
         """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
@@ -352,8 +359,10 @@ class FewShotClassifier(L.LightningModule):
             rank_zero_info("nola_vision: fast_dev_run, so no adapter is exported")
             return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
+        _keep_previous_adapter(Path(target))
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits, class_names=self._head_class_names())
         self.exported_adapter_bits = bits
+        self.exported_adapter_sha256 = _sha256(self.exported_adapter_dir / WEIGHTS_NAME)
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
 
     def _head_class_names(self) -> Optional[List[str]]:
@@ -381,7 +390,8 @@ class FewShotClassifier(L.LightningModule):
                                      "settings": self._settings(),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
-                                     "data": self._data_record()}
+                                     "data": self._data_record(),
+                                     "schedule": self._schedule()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
@@ -409,6 +419,7 @@ class FewShotClassifier(L.LightningModule):
         self._check_data(info.get("data"))
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
+            self._check_schedule(info.get("schedule"))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
@@ -450,6 +461,43 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError("checkpoint was trained on a backbone with other settings ("
                              + "; ".join(f"{key} {own} (checkpoint: {was})" for key, (was, own) in changed.items())
                              + "): use the run's model.backbone_kwargs")
+
+    def _schedule(self) -> Dict[str, Optional[int]]:
+        """What the learning-rate schedule depends on beside the hyper-parameters: the run's ``max_epochs`` (the cosine
+        decays over them), and the warm-up they resolved."""
+        epochs = self._trainer.max_epochs if self._trainer is not None else None
+        return {"max_epochs": epochs, "warmup_epochs": self.hparams.warmup_epochs}
+
+    def _check_schedule(self, saved: Optional[dict]) -> None:
+        """On a resume with another ``max_epochs`` or warm-up than the run's (checkpoints written before the record
+        pass), warn and have ``on_train_start`` set the learning rates the new schedule gives at the resumed epoch: the
+        checkpoint's follow the run's cosine, decayed for its length (an extended run would train on at ``min_lr``)."""
+        if saved is None:
+            return
+        now = self._schedule()
+        changed = [f"--{'trainer' if key == 'max_epochs' else 'model'}.{key} {now[key]!r} (checkpoint: {was!r})"
+                   for key, was in saved.items() if now.get(key) is not None and was is not None and now[key] != was]
+        if changed:
+            self._reschedule = True
+            rank_zero_warn("nola_vision: resuming on another learning-rate schedule than the run's ("
+                           + "; ".join(changed) + "): the remaining epochs follow the new schedule from the resumed "
+                           "epoch on, the earlier ones followed the run's, so the result is not that of an "
+                           "uninterrupted run of the new length")
+
+    def on_train_start(self) -> None:
+        """After a resume onto another schedule (``_check_schedule``), the learning rates it gives at this epoch."""
+        if not self._reschedule:
+            return
+        self._reschedule = False
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
+                continue
+            rates = [base * factor(scheduler.last_epoch)
+                     for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                group["lr"] = rate
+            scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
@@ -522,6 +570,44 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
+
+
+def _keep_previous_adapter(target: Path) -> None:
+    """Keep the adapter already in ``target`` (an earlier run's, which its result file may name) as
+    ``<target>.previous``, replacing an older one, before an export replaces it; ``target`` itself is left as it is,
+    so a failed export loses nothing."""
+    if not (target / WEIGHTS_NAME).is_file():
+        return
+    previous = target.with_name(target.name + ".previous")
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+    try:
+        shutil.copytree(target, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous)
+        else:
+            previous.unlink(missing_ok=True)
+        os.replace(staged, previous)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; a failed copy's leftovers
+    rank_zero_warn(f"nola_vision: {target} already held an adapter, which this run's export replaces: it is kept as "
+                   f"{previous}")
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """Hard-link ``source`` (exports replace files, never write into them), or copy it where links are refused."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _sha256(path: Path) -> str:
+    """The sha256 of a file, read in chunks (a full fine-tuning export is the size of the backbone)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _require_training_steps(trainer: Any) -> None:

@@ -1,0 +1,136 @@
+"""Runs that overwrote each other or trained silently wrong: two fits at once in one folder, a re-run into a fixed
+``adapter_dir``, a resume with another ``max_epochs``, and predictions of classes whose names are not UTF-8."""
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nola_vision.cli import main
+from nola_vision.train import module
+from nola_vision.train.cli import PredictionsCSVWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_offline.yaml"
+FIT = ["fit", "-c", str(TINY), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+       "--test_after_fit", "false"]
+NO_LOGGER = ["--trainer.logger", "false"]
+
+
+def run(capsys, *args):
+    """Exit code and stderr of the console script's main, in this process."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hold_fit_lock(folder: Path) -> int:
+    """Hold ``folder``'s fit lock as a fit running there now would."""
+    fcntl = pytest.importorskip("fcntl")  # Windows: fits lock nothing
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".fit.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+# without a logger, or two runs of a logger on the same version_N (given, or picked by both at once)
+SAME_VERSION = ["--trainer.logger", "CSVLogger", "--trainer.logger.version", "0"]
+
+
+@pytest.mark.parametrize("logger, folder", [(NO_LOGGER, "."), (SAME_VERSION, "lightning_logs/version_0")])
+def test_a_fit_into_a_folder_another_fit_is_running_in_is_refused(tmp_path, capsys, logger, folder):
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, *logger]
+    if "CSVLogger" in logger:
+        fit += ["--trainer.logger.save_dir", tmp_path]
+    held = hold_fit_lock(tmp_path / folder)
+    try:
+        code, err = run(capsys, *fit)
+    finally:
+        os.close(held)
+    assert code == 2 and f"another fit is running in {tmp_path / folder}" in err.replace("/./", "/")
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("adapter"))
+    # the lock file left behind keeps nothing: a fit runs there, and once it ended, a resume of it too
+    assert run(capsys, *fit)[0] == 0
+    assert run(capsys, *fit, "--ckpt_path", "last")[0] == 0
+
+
+def test_a_rerun_into_one_adapter_dir_keeps_the_previous_adapter_and_results_name_theirs(tmp_path, capsys):
+    shared = tmp_path / "shared_adapter"
+    common = [*FIT, *NO_LOGGER, "--model.adapter_dir", shared]
+    assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "a", "--model.lr", "5e-3",
+               "--result_file", tmp_path / "a.json")[0] == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["adapter_sha256"] == sha256(shared / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match=f"{shared} already held an adapter.*kept as {shared}.previous"):
+        assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "b", "--model.lr", "5e-2",
+                   "--result_file", tmp_path / "b.json")[0] == 0
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert second["adapter_sha256"] == sha256(shared / "adapter_model.safetensors") != first["adapter_sha256"]
+    previous = shared.with_name("shared_adapter.previous")
+    assert sha256(previous / "adapter_model.safetensors") == first["adapter_sha256"]
+
+
+def test_a_failed_export_into_an_adapter_dir_loses_no_adapter(tmp_path, capsys, monkeypatch):
+    shared = tmp_path / "shared_adapter"
+    common = [*FIT, *NO_LOGGER, "--model.adapter_dir", shared]
+    assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "a")[0] == 0
+    kept = (shared / "adapter_model.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "save_adapter", full_disk)
+    with pytest.warns(UserWarning, match="already held an adapter"):
+        assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "b")[0] == 1
+    assert (shared / "adapter_model.safetensors").read_bytes() == kept
+    assert (shared.with_name("shared_adapter.previous") / "adapter_model.safetensors").read_bytes() == kept
+
+
+def test_resuming_with_another_max_epochs_trains_on_at_the_new_schedules_rates(tmp_path):
+    """A run of 1 epoch extended to 3: the checkpoint's learning rates had decayed to min_lr (the 1-epoch cosine's
+    end), and the extension trained at them. Now epoch 1 trains at the 3-epoch cosine's rate, with a warning."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from test_module import NOLA, TINY, loader, trainer
+
+    from nola_vision.train.module import FewShotClassifier
+    from nola_vision.train.recipe import cosine_factor
+
+    def module():
+        return FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-2, head_lr=1e-2, min_lr=1e-6, warmup_epochs=0,
+                                 **TINY)
+
+    L.seed_everything(0)
+    trainer(tmp_path / "a", epochs=1).fit(module(), loader())
+    checkpoint = next((tmp_path / "a" / "checkpoints").glob("*.ckpt"))
+    rates = []
+
+    class Rates(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    with pytest.warns(UserWarning, match=r"another learning-rate schedule .*max_epochs 3 \(checkpoint: 1\)"):
+        trainer(tmp_path / "b", epochs=3, callbacks=[Rates()]).fit(module(), loader(), ckpt_path=checkpoint)
+    factor = cosine_factor(3, 1e-2, 1e-6, 0)
+    assert rates == [[1e-2 * factor(1)] * len(rates[0]), [1e-2 * factor(2)] * len(rates[0])]
+
+
+def test_predictions_of_classes_named_in_no_utf8_keep_their_bytes(tmp_path):
+    path = tmp_path / "predictions.csv"
+    writer = PredictionsCSVWriter(str(path))
+    names = [os.fsdecode(b"caf\xe9"), "tea"]  # a Latin-1 folder name, as the dataset lists it
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, datamodule=SimpleNamespace(class_names=names),
+                              log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    prediction = {"prediction": torch.tensor([0, 1]), "confidence": torch.tensor([0.9, 0.6]),
+                  "label": torch.tensor([0, 0])}
+    writer.write_on_batch_end(trainer, None, prediction, [0, 1], None, 0, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    rows = path.read_bytes().splitlines()
+    assert rows[1] == b"0,,0,caf\xe9,0,caf\xe9,0.900000" and rows[2] == b"1,,0,caf\xe9,1,tea,0.600000"
