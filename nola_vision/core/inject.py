@@ -34,7 +34,7 @@ from .merge import (
 from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
-from .targets import classifier_head, require_not_data_parallel, unwrap_model
+from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits", "replace_module",
            "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
@@ -108,7 +108,7 @@ def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.
 class MovedActivation(nn.Identity):
     """What stays at ``mlp.act`` while the adapted ``mlp.fc2`` computes the activation itself: it passes the
     pre-activation through, so a hook registered here after ``inject`` sees that (a warning says so); hooks on the
-    activation itself (``fc2.input_activation``) run on its output."""
+    activation itself (``fc2.input_activation``) run on its output, and a hook on ``fc2`` gives the activation back."""
 
     def forward(self, x: Tensor) -> Tensor:
         if has_hooks(self) and not torch.compiler.is_compiling():
@@ -130,13 +130,13 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     head is what timm's ``get_classifier()`` returns, on the model or the outermost submodule that has it: a wrapper
     module with a head of its own defines ``get_classifier()`` to have it trained.
     """
+    require_module(model, "inject")
     require_not_data_parallel(model)
     wrapper, model = model, unwrap_model(model)
-    if adapter_state(model) is not None:
-        raise ValueError(f"model already has {adapter_state(model).method!r} adapters; inject into a fresh model "
-                         "(or nv.unload(model) first)")
+    _require_not_injected(model)
     if isinstance(config, InjectionPlan):
         plan = config
+        plan.require_planned_config()
         plan.require_fits(model)
     else:
         plan = plan_injection(model, config)  # validates before anything changes
@@ -156,9 +156,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        activation = _recomputable_activation(parent, child_name) if config.recompute_activation else None
-        if activation is not None:  # fc2 recomputes its input from the pre-activation in backward
-            adapted.input_activation = replace_module(parent, "act", MovedActivation().train(activation.training))
+        if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
+            adapted.take_activation(parent, MovedActivation())  # recomputed from the pre-activation in backward
         replace_module(model, name, adapted)
     hooks = [module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True)
              for module in (checkpointed_models(model) if plan.layers else [])]
@@ -176,6 +175,20 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def _require_not_injected(model: nn.Module) -> None:
+    """Refuse a model that has adapters, or holds a submodule that has (a wrapper of an injected model): a second
+    injection would freeze the first one's adapters, and neither unload nor adapter files handle both."""
+    for name, module in model.named_modules():
+        state = adapter_state(module)
+        if state is not None and not name:
+            raise ValueError(f"model already has {state.method!r} adapters; inject into a fresh model (or "
+                             "nv.unload(model) first)")
+        if state is not None:
+            raise ValueError(f"submodule {name} of the {type(model).__name__} already has {state.method!r} adapters, "
+                             f"which this injection would freeze: nv.unload(model.{name}) first, or inject into "
+                             f"model.{name} itself")
 
 
 def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -301,7 +314,9 @@ def _require_adapters_called(model: nn.Module, names: List[str]) -> List[Removab
     for parent, module in parents.items():
         handles.append(module.register_forward_pre_hook(functools.partial(check.parent_starts, parent)))
         handles.append(module.register_forward_hook(functools.partial(check.parent_ends, parent)))
-    handles += [model.get_submodule(name).register_forward_hook(functools.partial(check.layer_called, name))
+    # nn.Module's own registration: this hook reads no input, so the layer keeps computing its activation
+    # (AdaptedLinear's gives it back, for hooks that read the input).
+    handles += [nn.Module.register_forward_hook(model.get_submodule(name), functools.partial(check.layer_called, name))
                 for name in names]
     check.handles = handles
     return handles
@@ -314,6 +329,7 @@ def unload(model: nn.Module) -> nn.Module:
     never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves, in place:
     unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
+    require_module(model, "unload")
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     _remove_injection(unmerge(model), state)
@@ -326,6 +342,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The model records what was folded in (``fingerprint.merged_adapters``), so loading an adapter trained on
     the weights without it (the same one again, say) is refused instead of adding its update on top.
     """
+    require_module(model, "merge_and_unload")
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     merge(model)
@@ -363,9 +380,7 @@ def _require_injected(model: nn.Module) -> AdapterState:
 def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
     """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state."""
     for name, layer in adapted_layers(model).items():
-        if layer.input_activation is not None:
-            parent_name = name.rpartition(".")[0]
-            replace_module(model, f"{parent_name}.act" if parent_name else "act", layer.input_activation)
+        layer.give_back_activation()
         base = layer.base_layer
         # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
         base.weight, base.bias = layer.weight, layer.bias

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisSpec
 from .functions import MergedGuard, add_low_rank_output, low_rank_linear
@@ -53,7 +54,8 @@ class AdaptedLinear(nn.Module):
       ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
       ``adapter_parameters()``, ``trained()``, ``delta_factors()`` and ``get_delta_weight()``, and calls
       ``merge()``, ``unmerge()``, ``replace_merged_delta()`` and ``keep_batched_factors()``;
-    * model-level code sets ``input_activation`` (inject), ``quant_bits`` (quantisation-aware training),
+    * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
+      ``input_activation`` and sets ``quant_bits`` (quantisation-aware training),
       ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
       frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in).
     """
@@ -78,8 +80,10 @@ class AdaptedLinear(nn.Module):
         self.scaling = scaling
         self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.uint8, device=base.weight.device))
         self.merged = False
-        # Set by inject() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
+        # Set by take_activation() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
+        # The Mlp whose ``act`` that is, outside the module tree (it is this layer's parent).
+        self.__dict__["activation_owner"] = None
         # Quantisation-aware training: forward sees the values that save_adapter(bits=...) would store.
         self.quant_bits: Optional[int] = None
         # Combined factors of the current forward pass, set by merge.combine_shared_factors (see there).
@@ -96,6 +100,39 @@ class AdaptedLinear(nn.Module):
     def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
         self._batched_factors = value
         self._batched_versions: Optional[Tuple[int, ...]] = None
+
+    def take_activation(self, mlp: nn.Module, placeholder: nn.Module) -> None:
+        """Compute ``mlp.act`` here, on the pre-activation ``mlp`` passes in (backward recomputes it instead of keeping
+        it), leaving ``placeholder`` at ``mlp.act``; ``give_back_activation`` undoes it."""
+        activation = mlp.act
+        mlp.act = placeholder.train(activation.training)
+        self.input_activation = activation
+        self.__dict__["activation_owner"] = mlp
+
+    def give_back_activation(self) -> None:
+        """Put a taken-over activation back at ``mlp.act``: the layer then receives its output, as in a plain model."""
+        if self.input_activation is None:
+            return
+        self.activation_owner.act = self.input_activation
+        del self.input_activation  # out of the module tree, then a plain attribute again
+        self.input_activation = None
+        self.__dict__["activation_owner"] = None
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first: the hook sees the real input."""
+        self.give_back_activation()
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first: the hook sees the real input."""
+        self.give_back_activation()
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first, so ``grad_input`` is the gradient
+        of the real input."""
+        self.give_back_activation()
+        return super().register_full_backward_hook(*args, **kwargs)
 
     def keep_batched_factors(self) -> None:
         """Keep the batched factors past their forward pass (for a backward that recomputes blocks) only while the

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .basis import BasisSpec, fingerprint
 from .config import AdapterConfig, as_config
-from .layer import Slice
+from .layer import Slice, adapted_layers
 from .registry import method_of
-from .targets import find_targets, head_parameter_names, require_one_head, unwrap_model
+from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
@@ -39,6 +39,23 @@ class InjectionPlan:
     # Every trained tensor by full parameter name: adapter tensors, then the head (every parameter for "full").
     trained_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     head_names: Tuple[str, ...] = ()
+    # The config's fields as planned: the layers were computed from them (see ``require_planned_config``).
+    planned_config: Dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "planned_config", self.config.to_dict())
+
+    def require_planned_config(self) -> None:
+        """Raise when ``config`` was changed after planning (``plan.config.rank = 8``): the planned layers, shapes and
+        bases no longer match it, and files would record a config whose bases differ from the model's."""
+        current = self.config.to_dict()
+        changed = sorted(k for k in {**current, **self.planned_config}
+                         if current.get(k) != self.planned_config.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {self.planned_config.get(k)!r} → {current.get(k)!r}" for k in changed)
+            raise ValueError(f"the injection plan's config changed after plan_injection ({shown}), so its planned "
+                             "layers no longer match it: make a new plan, nv.plan_injection(model, config), or inject "
+                             "the config itself")
 
     def basis_fingerprint(self) -> Optional[str]:
         """Fingerprint of every random basis the plan uses (None without any)."""
@@ -47,7 +64,8 @@ class InjectionPlan:
 
     def require_fits(self, model: nn.Module) -> None:
         """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size, and the classifier
-        head has the planned parameters."""
+        head has the planned parameters, and the model holds no adapter layers yet."""
+        _require_no_adapters(model)
         for name, layer in self.layers.items():
             try:
                 linear = model.get_submodule(name)
@@ -104,13 +122,57 @@ def _require_plain_forward(name: str, linear: nn.Linear) -> None:
         )
 
 
+def _validated_copy(config: Union[AdapterConfig, str]) -> AdapterConfig:
+    """A deep copy of the config, checked again as its constructor checks it: fields set after construction (a sweep
+    reusing one object, ``cfg.rank = 0``) are refused as ``NOLAConfig(rank=0)`` is. A copy, so that changing the
+    caller's config afterwards changes neither the plan, the injected model nor what its files record."""
+    config = copy.deepcopy(as_config(config))
+    validate = getattr(config, "__post_init__", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def _require_no_adapters(model: nn.Module) -> None:
+    """Refuse a model that holds adapter layers (in a submodule: a wrapper of an injected model): the new injection
+    would freeze them, and neither unload nor adapter files would handle both."""
+    nested = next(iter(adapted_layers(model)), None)
+    if nested is not None:
+        raise ValueError(f"{type(model).__name__} already holds nola_vision adapter layers (first: {nested}): "
+                         "nv.unload the module they were injected into first, or, to adapt a wrapper of an injected "
+                         "model, inject into the injected model itself")
+
+
+def _require_not_shared(model: nn.Module, names: List[str]) -> None:
+    """Refuse a target reachable under a second module name, or whose weight another module shares (tied weights):
+    inject replaces it under one name only, and merge folds ΔW into the weight the other module uses too."""
+    module_names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+    parameter_names: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        parameter_names.setdefault(id(parameter), []).append(name)
+    for name in names:
+        linear = model.get_submodule(name)
+        aliases = [other for other in module_names[id(linear)] if other != name]
+        if aliases:
+            raise ValueError(f"target {name} is the same module as {aliases[0]}: an adapter would replace it under "
+                             f"{name} only, and merge would change {aliases[0]} too. Use a separate layer for each "
+                             "name (copy.deepcopy), or leave it out of targets")
+        tied = [other for other in parameter_names[id(linear.weight)] if other != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"target {name} shares its weight with {tied[0]} (tied weights): merge would fold ΔW into "
+                             f"{tied[0]} too. Untie them first ({tied[0]} = nn.Parameter({tied[0]}.detach().clone())), "
+                             "or leave it out of targets")
+
+
 def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
-    # A copy: changing the caller's config afterwards (a sweep reusing one object) must not change this plan, the
-    # injected model or what its files record.
-    config = copy.deepcopy(as_config(config))
+    require_module(model, "plan_injection")
+    config = _validated_copy(config)
     model = unwrap_model(model)  # the plan names the layers of the module a wrapper (torch.compile, DDP) runs
     require_one_head(model)
+    _require_no_adapters(model)
     layer_cls = method_of(config).layer_cls
     layers = {}
     if layer_cls is not None:
@@ -123,6 +185,7 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
                 tuple(layer_cls.plan_basis_specs(config, name, linear.in_features, width, slices)),
                 {k: tuple(v) for k, v in layer_cls.parameter_shapes(config, linear.in_features, width,
                                                                      len(slices)).items()})
+        _require_not_shared(model, list(layers))
     head_names = head_parameter_names(model)
     if not (layers or head_names or config.train_backbone):
         raise ValueError(f"{config.method!r} would train nothing: {type(model).__name__} has no classifier head with "

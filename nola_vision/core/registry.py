@@ -41,9 +41,9 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
     """
     registered = METHODS[name].config_cls if name in METHODS else config_cls
     # The same class defined again (a notebook cell run twice) replaces its registration; any other class is refused.
-    if (registered.__module__, registered.__qualname__) != (config_cls.__module__, config_cls.__qualname__):
-        raise ValueError(f"adapter method {name!r} is already registered by {registered.__module__}."
-                         f"{registered.__qualname__}: choose another name for {config_cls.__qualname__}")
+    if _path(registered) != _path(config_cls):
+        raise ValueError(f"adapter method {name!r} is already registered by {_path(registered)}: choose another name "
+                         f"for {config_cls.__qualname__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
     if not 0.0 <= default_warmup_fraction < 1.0:
@@ -68,7 +68,18 @@ def get_method(name: str) -> Method:
 def method_of(config: Any) -> Method:
     """The registered method of a config object (or a method name)."""
     name = config if isinstance(config, str) else getattr(config, "method", None)
-    if not isinstance(name, str) or name not in METHODS or not isinstance(config, (str, METHODS[name].config_cls)):
+    if not isinstance(name, str) or name not in METHODS:
         raise TypeError(f"expected a config of one of {available_methods()} (e.g. NOLAConfig, LoRAConfig) or "
                         f"'linear'/'full', got {type(config).__name__}")
+    registered, kind = METHODS[name].config_cls, type(config)
+    if not isinstance(config, (str, registered)) and _path(kind) != _path(registered):
+        raise TypeError(f"{_path(kind)} says method {name!r}, which is registered by {_path(registered)}: make the "
+                        f"config with {registered.__qualname__}(...), or register {kind.__qualname__} under its own "
+                        "name")
     return METHODS[name]
+
+
+def _path(cls: type) -> str:
+    """``module.qualname``: a class defined again (a notebook cell run twice) has the same path as the one it replaced,
+    so configs made before still count as the method's."""
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -11,7 +11,7 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_nothing_else_trained",
-           "require_one_head", "require_not_data_parallel", "trained_parameters", "unwrap_model"]
+           "require_module", "require_one_head", "require_not_data_parallel", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -30,6 +30,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def require_module(model: object, function: str) -> None:
+    """Refuse anything but an ``nn.Module`` with a TypeError naming what was passed, before any attribute of it is read;
+    a model name gets the one call that builds that model with adapters."""
+    if isinstance(model, nn.Module):
+        return
+    got = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
+    hint = (f": to build that timm model with adapters, call nv.create_model({model!r}, adapter=config)"
+            if isinstance(model, str) and function != "unload" else "")
+    raise TypeError(f"nv.{function} takes a model (a torch.nn.Module), got {got}{hint}")
 
 
 def require_not_data_parallel(model: nn.Module) -> None:
