@@ -2,7 +2,8 @@
 
 Every dataset is an :class:`ImageDataset`: ``samples`` lists ``(key, label)`` pairs, where ``key`` is the
 image path relative to the dataset folder (or ``train/00042`` for array-backed sets such as CIFAR), so
-k-shot sampling and split manifests work on labels without decoding a single image.
+k-shot sampling and split manifests work on labels without decoding a single image. A key read from the file
+system is its bytes as UTF-8 (undecodable bytes as surrogate escapes), so it is the same under every locale.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..core.storage import write_text_atomic
+from ..core.storage import write_bytes_atomic
 
 __all__ = [
     "DATASETS",
@@ -85,16 +86,33 @@ class DatasetMetadataError(ValueError):
     """A dataset's metadata (split lists, labels, class names) is malformed; the message names the file and line."""
 
 
+def _key(name: str) -> str:
+    """A name read from the file system as a sample key: its bytes as UTF-8, undecodable bytes as surrogate escapes
+    (what Python itself gives under a UTF-8 locale), so keys and the k-shot draw do not depend on the locale."""
+    return os.fsencode(name).decode("utf-8", "surrogateescape")
+
+
+def _fs_name(key: str) -> str:
+    """The file-system name of a key or class name (the inverse of :func:`_key`), to open it under this locale."""
+    return os.fsdecode(key.encode("utf-8", "surrogateescape"))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """An 8-bit RGB image of any PIL mode, with the brightness the file means (PIL's own ``convert`` clips 16-bit
     greys to white): integer greys (``I;16``, ``I``) are scaled from 0..65535, float greys (``F``) from [0, 1] (from
-    0..255 when brighter), and transparency (``LA``, ``RGBA``, ``P`` with a transparent colour) is composited over
-    white. A float image with NaN or infinite pixels is refused (ValueError)."""
-    if img.mode == "RGB":
-        return img
+    0..255 when brighter), and transparency (``LA``, ``RGBA``, or a transparent colour in any mode, as PNG's tRNS)
+    is composited over white. A float image with NaN or infinite pixels is refused (ValueError)."""
+    trns = img.info.get("transparency")
     if img.mode.startswith("I") or img.mode == "F":
-        return Image.fromarray(_grey_to_uint8(np.asarray(img), img.mode)).convert("RGB")
-    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        pixels = np.asarray(img)
+        grey = Image.fromarray(_grey_to_uint8(pixels, img.mode))
+        if trns is None:
+            return grey.convert("RGB")
+        grey.putalpha(Image.fromarray(np.where(pixels == trns, 0, 255).astype(np.uint8)))
+        img = grey
+    if img.mode == "RGB" and trns is None:
+        return img
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa") or trns is not None:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
@@ -133,12 +151,17 @@ class ImageDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def _file(self, key: str) -> Path:
+        """The file of sample key ``key``, named as this process's file system names it."""
+        return self.root / _fs_name(key)
+
     def load_image(self, index: int) -> Image.Image:
-        """Decode sample ``index`` as a PIL RGB image."""
-        path = self.root / self.samples[index][0]
+        """Decode sample ``index`` as a PIL RGB image, turned upright as its EXIF orientation says (as viewers do)."""
+        path = self._file(self.samples[index][0])
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, while the file is open (and so that errors surface here)
+                ImageOps.exif_transpose(img, in_place=True)
                 return _to_rgb(img)
         except FileNotFoundError:
             raise
@@ -148,7 +171,7 @@ class ImageDataset(Dataset):
 
     def missing_or_empty_files(self) -> list[Path]:
         """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
-        paths = (self.root / key for key, _ in self.samples)
+        paths = (self._file(key) for key, _ in self.samples)
         return [path for path in paths if not path.is_file() or path.stat().st_size == 0]
 
     def __len__(self) -> int:
@@ -269,10 +292,22 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset metadata file")
 
 
-def _text_lines(path: Path, fix: str) -> list[tuple[int, str]]:
+def _refuse_repeats(entries: Iterable[tuple[str, str]], fix: str) -> None:
+    """Refuse an image listed twice, in one split or in both: ``entries`` are ``(identity, where it is listed)``
+    over both splits. A repeat would be drawn twice as a shot, or be tested on after training on it."""
+    seen: dict[str, str] = {}
+    for identity, where in entries:
+        if identity in seen:
+            first = seen[identity]
+            repeat = f"{where} is listed twice" if first == where else f"{first} and {where} are the same image"
+            raise DatasetMetadataError(f"{repeat}: each image may be used once, in one class of one split. {fix}")
+        seen[identity] = where
+
+
+def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
     """``(line number, stripped line)`` of a metadata text file, blank lines left out."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors=errors) as f:
             return [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as err:
         raise DatasetMetadataError(f"{path} is not a text file ({err}). {fix}") from err
@@ -339,6 +374,9 @@ class _CUB:
             wrong = next((key for key, value in values.items() if value not in valid), None)
             if wrong is not None:
                 raise DatasetMetadataError(f"{path}: image id {wrong} has {values[wrong]}, expected {what}. {fix}")
+        _refuse_repeats(((rel, f"{folder / 'images.txt'}: image id {img_id} {rel!r} "
+                                f"({'train' if is_train[img_id] else 'test'})") for img_id, rel in images.items()),
+                        f"Remove one of those lines, or extract {self.url} under {root} again.")
         want = 1 if split == "train" else 0
         samples = [(f"images/{images[img_id]}", labels[img_id] - 1)  # labels are 1-based on disk
                    for img_id in sorted(images) if is_train[img_id] == want]
@@ -351,17 +389,18 @@ def _hidden(path: Path) -> bool:
 
 
 def _image_files(folder: Path) -> list[str]:
-    """The image files of ``folder`` (not of its sub-folders), sorted."""
-    return sorted(p.name for p in folder.iterdir()
+    """The image files of ``folder`` (not of its sub-folders), as keys (:func:`_key`), sorted."""
+    return sorted(_key(p.name) for p in folder.iterdir()
                   if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
 
 
-def _visible_files(folder: Path) -> list[str]:
-    """Every visible file under ``folder`` (paths relative to it, sorted), following symbolic links once: a link
-    back to a folder already read, to ``folder`` or to one of its parents (whose other class folders' images would
-    come back under this class) is not followed."""
+def _visible_files(folder: Path) -> dict[str, str]:
+    """Every visible file under ``folder``: ``{path relative to it, as a key: its real path}``, sorted, following
+    symbolic links once: a link back to a folder already read, to ``folder`` or to one of its parents (whose other
+    class folders' images would come back under this class) is not followed."""
     root = os.path.realpath(folder)
-    files, visited = [], set()
+    files: dict[str, str] = {}
+    visited: set[str] = set()
     for directory, subfolders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
         encloses_root = real == root or root.startswith(real.rstrip(os.sep) + os.sep)
@@ -370,14 +409,18 @@ def _visible_files(folder: Path) -> list[str]:
             continue
         visited.add(real)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        files += [(Path(directory) / name).relative_to(folder).as_posix() for name in names if not name.startswith(".")]
-    return sorted(files)
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.startswith("."):  # the real path: a linked file's target, else the file in its real folder
+                real_file = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, name)
+                files[_key(Path(path).relative_to(folder).as_posix())] = real_file
+    return dict(sorted(files.items()))
 
 
-def _unread_images(folder: Path, class_files: dict[str, list[str]]) -> list[str]:
+def _unread_images(folder: Path, class_files: dict[str, dict[str, str]]) -> list[str]:
     """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a
-    class folder (``class_files``: its visible files) in a format that is not read (``UNREAD_IMAGE_EXTENSIONS``);
-    paths relative to ``folder``."""
+    class folder (``class_files``: its :func:`_visible_files`) in a format that is not read
+    (``UNREAD_IMAGE_EXTENSIONS``); paths relative to ``folder``."""
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
     loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
     unread = [f"{name}/{path}" for name, files in class_files.items()
@@ -386,8 +429,9 @@ def _unread_images(folder: Path, class_files: dict[str, list[str]]) -> list[str]
 
 
 def _class_folders(folder: Path) -> list[str]:
-    """Sorted names of the visible sub-folders of ``folder`` (hidden ones are tool metadata, not classes)."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+    """Sorted names (as keys, :func:`_key`) of the visible sub-folders of ``folder`` (hidden ones are tool metadata,
+    not classes)."""
+    return sorted(_key(p.name) for p in folder.iterdir() if p.is_dir() and not _hidden(p))
 
 
 def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
@@ -432,7 +476,7 @@ class _Caltech101:
         """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule."""
         folder = root / "caltech101"
         split_path = folder / CALTECH_SPLIT_FILE
-        on_disk = {name: _image_files(self.expected(root) / name) for name in self.class_names(root)}
+        on_disk = {name: _image_files(self.expected(root) / _fs_name(name)) for name in self.class_names(root)}
         if split_path.is_file():
             assignment = self._read_split(split_path, set(on_disk))
             images = {f"{CALTECH_IMAGES}/{name}/{fname}" for name, files in on_disk.items() for fname in files}
@@ -451,7 +495,7 @@ class _Caltech101:
     def _read_split(self, path: Path, names: set[str]) -> dict[str, str]:
         """The split file ``<101_ObjectCategories/class/file> <train|test>`` per line; a malformed line is named."""
         assignment = {}
-        for lineno, line in _text_lines(path, f"Delete {path} to regenerate it."):
+        for lineno, line in _text_lines(path, f"Delete {path} to regenerate it.", errors="surrogateescape"):
             if line.startswith("#"):
                 continue
             rel, _, split = line.rpartition(" ")
@@ -519,6 +563,11 @@ class _Food101:
     def __call__(self, root: Path, split: str) -> ImageDataset:
         meta = self._meta(root, split)
         names = self.class_names(root)
+        other = "test" if split == "train" else "train"
+        _refuse_repeats(((rel, f"{self.expected(root) / 'meta' / f'{s}.json'}: {rel!r}")
+                         for s, listed in ((split, meta), (other, self._meta(root, other)))
+                         for images in listed.values() for rel in images),
+                        f"Remove the repeats, or extract {self.url} under {root} again.")
         if sorted(meta) != names:  # labels are positions in the sorted class list: both splits must share it
             raise DatasetMetadataError(f"{self.expected(root) / 'meta' / f'{split}.json'} lists other classes than "
                                        f"test.json ({sorted(set(meta) ^ set(names))[:5]}); extract {self.url} again.")
@@ -623,17 +672,25 @@ class _ImageFolder:
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
         names = self.class_names(root)
-        folder = root / "train"
+        held_out = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
+        folder = root / "train" if split == "train" else held_out
         if split != "train":
-            folder = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
             if not folder.is_dir():
                 raise _not_found(self.name, folder, f"Put the held-out images under {root / 'test'}/<class>/ "
                                  f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.")
             extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
-        # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once
-        class_files = {name: _visible_files(folder / name) for name in names if (folder / name).is_dir()}
+        # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once.
+        # Both splits, to refuse a file that a symbolic link brings into a second class or split.
+        listed = {split_folder: {name: _visible_files(split_folder / _fs_name(name)) for name in names
+                                 if (split_folder / _fs_name(name)).is_dir()}
+                  for split_folder in (root / "train", held_out) if split_folder.is_dir()}
+        _refuse_repeats(((real, f"{split_folder}/{name}/{fname}") for split_folder, classes in listed.items()
+                         for name, files in classes.items() for fname, real in files.items()
+                         if Path(fname).suffix.lower() in IMG_EXTENSIONS),
+                        "Remove the symbolic link that reaches it a second time.")
+        class_files = listed[folder]
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
                    for fname in class_files.get(name, []) if Path(fname).suffix.lower() in IMG_EXTENSIONS]
         empty = sorted(set(names) - {names[label] for _, label in samples})
@@ -654,9 +711,10 @@ class _ImageFolder:
 
 
 def _write_text_atomic(path: Path, text: str, missing_ok: bool = False) -> bool:
-    """Write via a temporary file and rename, so concurrent processes never see half a file."""
+    """Write ``text`` as UTF-8 (keys of non-UTF-8 file names as their bytes) via a temporary file and rename, so
+    concurrent processes never see half a file."""
     try:
-        write_text_atomic(path, text)
+        write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
         return True
     except OSError:
         if not missing_ok:

@@ -89,19 +89,22 @@ def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str
 
 def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], indices: Sequence[int],
                    header: Optional[str] = None) -> Path:
-    """Write ``key label`` for each chosen sample, atomically; ``header`` becomes ``#`` comment lines."""
+    """Write ``key label`` for each chosen sample, atomically; ``header`` becomes ``#`` comment lines. UTF-8, with a
+    non-UTF-8 file name (a key with surrogate escapes) written as its bytes, so it reads back as the same key."""
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
     lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
-    from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
+    # here, so the split logic above imports alone (tests load it by path)
+    from ..core.storage import write_bytes_atomic
 
-    return write_text_atomic(path, "".join(lines))
+    return write_bytes_atomic(path, "".join(lines).encode("utf-8", "surrogateescape"))
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped)."""
+    """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped); UTF-8 whatever the
+    locale, bytes that are not UTF-8 as surrogate escapes (as ``write_manifest`` wrote them)."""
     entries = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -116,7 +119,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 def manifest_settings(path: str | os.PathLike) -> dict[str, str]:
     """The ``key=value`` settings of a manifest's header (``write_manifest``'s first comment line), {} without."""
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         first = f.readline()
     return dict(t.split("=", 1) for t in first.lstrip("#").split() if "=" in t) if first.startswith("#") else {}
 
