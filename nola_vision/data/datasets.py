@@ -151,13 +151,13 @@ class ImageDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _file(self, key: str) -> Path:
+    def path_of(self, key: str) -> Path:
         """The file of sample key ``key``, named as this process's file system names it."""
         return self.root / _fs_name(key)
 
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` as a PIL RGB image, turned upright as its EXIF orientation says (as viewers do)."""
-        path = self._file(self.samples[index][0])
+        path = self.path_of(self.samples[index][0])
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, while the file is open (and so that errors surface here)
@@ -171,7 +171,7 @@ class ImageDataset(Dataset):
 
     def missing_or_empty_files(self) -> list[Path]:
         """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
-        paths = (self._file(key) for key, _ in self.samples)
+        paths = (self.path_of(key) for key, _ in self.samples)
         return [path for path in paths if not path.is_file() or path.stat().st_size == 0]
 
     def __len__(self) -> int:

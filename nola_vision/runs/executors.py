@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
-           "build_executor", "call", "stop_runs_on_signals", "stopping"]
+__all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
+           "build_executor", "call", "error_line", "stop_runs_on_signals", "stopping"]
+
+# The exit code of a fit that refused its arguments or settings before training: re-running it fails the same way.
+CONFIG_EXIT = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,16 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
         with _RUNNING_LOCK:
             _RUNNING.discard(process)
     return code, round(time.time() - start, 1)
+
+
+def error_line(log: Path) -> str:
+    """The last ``error:`` line a run printed to its log (after its command line), or a pointer to the log."""
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        lines = []
+    errors = [line.strip() for line in lines if "error:" in line]
+    return errors[-1] if errors else f"see {log}"
 
 
 def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]], pass_fds: Sequence[int]) -> subprocess.Popen:

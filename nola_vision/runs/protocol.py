@@ -10,7 +10,12 @@ status other than ok, or from a process that exited non-zero never counts.
 A row is keyed by its settings (the config files' content, the overrides without seeds and paths, and the
 content of every file they name, ``results.config_key``):
 ``<out>/<name>/config.json`` records them, and re-running under the same name with other settings is refused
-with the differing settings named, instead of averaging runs of different settings into one row.
+with the differing settings named, instead of averaging runs of different settings into one row. Each result
+records the digests of the images it was made on (``results.data_digests``), and adding runs to a row made on other
+images (a data folder changed since) is refused the same way.
+
+The fit command line is checked once, before any run (``check_fit_arguments``): a misspelt option or a value fit
+refuses would fail every run alike.
 
 What the seeds control: the split seed draws the k-shot training images (so a split manifest, ``data.split_file``
 or ``data.val_split_file``, is refused in a config or an override); the init seed is the run's
@@ -28,15 +33,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..core.storage import check_writable_file, file_in_the_way, write_json_atomic
-from .executors import Executor, LocalExecutor, Run, add_executor_arguments, build_executor, stop_runs_on_signals
+from .executors import (
+    CONFIG_EXIT,
+    Executor,
+    LocalExecutor,
+    Run,
+    add_executor_arguments,
+    build_executor,
+    error_line,
+    stop_runs_on_signals,
+)
 from .knn import run_knn
 from .results import (
     RESULT_FILE,
+    check_row_data,
     check_seeds,
     claim_row,
     claim_run,
     config_key,
     counted,
+    data_digests,
     discard_result,
     parse_overrides,
     read_result,
@@ -46,8 +62,9 @@ from .results import (
     write_tables,
 )
 
-__all__ = ["CONTROLLED", "REPLAY_SPLIT", "check_output_paths", "error_text", "fit_command", "main",
-           "refuse_controlled_configs", "refuse_controlled_overrides", "run_dir_name", "run_protocol", "set_options"]
+__all__ = ["CONTROLLED", "REPLAY_SPLIT", "check_fit_arguments", "check_output_paths", "error_text",
+           "fit_argument_error", "fit_command", "main", "refuse_controlled_configs", "refuse_controlled_overrides",
+           "run_dir_name", "run_protocol", "set_options"]
 
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
@@ -193,6 +210,36 @@ def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_se
             *quiet, *overrides)
 
 
+def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
+    """Why ``fit`` would refuse ``args`` (``["fit", ...]``) before training, found without running it: its parser, the
+    model's range checks, or a trainer set to train no epoch; None when none applies."""
+    from ..train.cli import argument_error, argument_value_error
+
+    error = argument_error(parser, args) or argument_value_error(parser, args)
+    if error:
+        return error
+    trainer = parser.parse_args(list(args))[args[0]].trainer
+    if trainer.get("max_epochs") is not None and trainer.max_epochs < 1:
+        return (f"--trainer.max_epochs {trainer.max_epochs}: the learning rate follows a per-epoch schedule, so a run "
+                "needs 1 or more epochs (the paper uses 50)")
+    idle = next((option for option in ("max_steps", "limit_train_batches") if trainer.get(option) == 0), None)
+    return f"--trainer.{idle} 0 trains nothing: set it above 0" if idle else None
+
+
+def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str]) -> Any:
+    """Refuse, before any run, a fit command line that every run would fail on alike (an unknown or misspelt option,
+    a value fit refuses); returns fit's parsed config, as every run composes it."""
+    from ..train.cli import cli_parser
+
+    parser = cli_parser()
+    args = list(fit_command("python", [a for c in configs for a in ("-c", str(c))], Path("run"), 0, 0, overrides)[3:])
+    error = fit_argument_error(parser, args)
+    if error:
+        raise ValueError(f"the configs and overrides are not valid `nola-vision fit` arguments, so every run would "
+                         f"fail: {error}")
+    return parser.parse_args(args)["fit"]
+
+
 def run_protocol(
     configs: Sequence[str],
     *,
@@ -212,8 +259,9 @@ def run_protocol(
     ``configs`` are YAML files composed in order (``-c a.yaml -c b.yaml``); ``overrides`` are extra CLI
     arguments for every run (``--trainer.max_epochs 5``); ``executor`` runs them (default: one at a time here).
     Raises ValueError, before any run, when an override or a config sets what the protocol controls (seeds, split
-    manifests, result paths: ``CONTROLLED``) or ``<out>/<name>`` holds runs made with other settings; RuntimeError
-    listing failed runs (after running the others).
+    manifests, result paths: ``CONTROLLED``), fit would refuse the command line (``check_fit_arguments``), or
+    ``<out>/<name>`` holds runs made with other settings or on other images; RuntimeError listing failed runs (after
+    running the others).
     """
     if not configs:
         raise ValueError("protocol needs a config: nola-vision protocol -c configs/paper/... [-c ...]")
@@ -226,10 +274,14 @@ def run_protocol(
     check_seeds(split_seeds, init_seeds)
     if knn and (isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1):
         raise ValueError(f"--knn_k must be a positive integer (neighbours of the k-NN baseline), got {knn_k!r}")
+    data = check_fit_arguments(configs, overrides).data
     key = config_key(configs, overrides)
     check_output_paths(out, name)
     root = row_folder(out, name)
     claim_row(root, key)
+    images = data_digests(data.dataset, data.root)
+    if images is not None:  # else the first run downloads the data
+        check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}")
     executor = executor or LocalExecutor(1)
     config_args = [arg for c in configs for arg in ("-c", str(c))]
     grid = [(s, i) for s in split_seeds for i in init_seeds]
@@ -260,6 +312,7 @@ def run_protocol(
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
                            run_dir / "log.txt", claim))
     failed: List[str] = []
+    refused = False  # a run failed on its configuration: re-running the same command fails the same way
     try:
         for run, code, wall in executor.run(pending):
             run_dir, label = run.log.parent, labels[run.log.parent]
@@ -268,12 +321,18 @@ def run_protocol(
             if code != 0 or not counted(row):
                 discard_result(result)
                 why = f"exit {code}" if code != 0 else "no finite test accuracy"
+                if code == CONFIG_EXIT:
+                    why = f"fit refused its configuration: {error_line(run.log)}"
+                    refused = True
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
                 continue
-            # the wall time of the whole run, process start-up included, and the settings it was made with
+            # the wall time of the whole run, process start-up included, the settings it was made with and (where fit
+            # does not record them) the images it read, as they are after its test pass
             row.update(wall_s=wall, config_hash=key["config_hash"])
+            if "data" not in row:
+                row["data"] = data_digests(data.dataset, data.root)
             write_json_atomic(result, row)
             write_tables(out)
             if echo:
@@ -286,7 +345,9 @@ def run_protocol(
                 echo=echo)
     rows = write_tables(out)
     if failed:
-        raise RuntimeError("runs failed (re-run the same command to retry them):\n  " + "\n  ".join(failed))
+        retry = "fix the configuration error named, then re-run the same command" if refused else (
+            "re-run the same command to retry them")
+        raise RuntimeError(f"runs failed ({retry}):\n  " + "\n  ".join(failed))
     return rows
 
 

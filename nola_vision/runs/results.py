@@ -4,8 +4,9 @@ A run counts only once its ``result.json`` exists with finite metrics and status
 keyed by its settings (``config.json``: the config files' content, the overrides without seeds and paths, and the
 content of every file they name: a group, subclass or nested config file, found recursively, or a weights file),
 so runs with other settings are never averaged into one row; the tables refuse to average runs of one row whose
-results record different settings. ``requested.json`` lists every run a command asked the row for, so the tables can
-flag a mean over fewer runs (failed, or still running).
+results record different settings or images (each result's ``data``: digests of the train and test images, so a
+data folder that changed between runs is caught). ``requested.json`` lists every run a command asked the row for, so
+the tables can flag a mean over fewer runs (failed, or still running).
 """
 from __future__ import annotations
 
@@ -29,19 +30,21 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["CONFIG_FILE", "CSV_FIELDS", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER", "check_seeds",
-           "claim_row", "claim_run", "collect_results", "config_key", "counted", "discard_result", "mixed_settings",
-           "parse_overrides", "read_result", "referenced_files", "request_runs", "requested_runs",
-           "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
+           "check_row_data", "check_seeds", "claim_row", "claim_run", "collect_results", "config_key", "counted",
+           "data_digests", "discard_result", "mixed_settings", "parse_overrides", "read_result", "referenced_files",
+           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
-              "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir"]
+              "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir", "train_images",
+              "test_images"]
 # set per run by the runner, or only where outputs go: they do not change what a row measures
 RUN_ARGS = ("--seed_everything", "--data.split_seed", "--trainer.default_root_dir", "--data.split_dir",
             "--result_file", "--trainer.enable_progress_bar", "--test_after_fit")
+MAX_SEED = 2**32 - 1  # seed_everything's (numpy's) largest seed; the smallest is 0
 
 
 
@@ -254,12 +257,69 @@ def requested_runs(root: Path) -> Set[str]:
 
 
 def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int]) -> None:
-    """Refuse empty or repeated seeds: a repeated one would run (and count) the same run twice."""
+    """Refuse empty or repeated seeds (a repeated one would run, and count, the same run twice) and an init seed that
+    ``seed_everything`` refuses, which would fail every run of it. A split seed only orders a hash: any integer."""
     for option, seeds in (("split_seeds", split_seeds), ("init_seeds", init_seeds)):
         if not seeds:
             raise ValueError(f"--{option} is empty: give at least one seed")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--{option} {list(seeds)} repeats a seed: each (split, init) run is made once")
+    for seed in init_seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"--init_seeds {seed} is out of range: an init seed is each run's seed_everything, "
+                             f"which takes 0 to {MAX_SEED} (2**32-1)")
+
+
+def data_digests(dataset: str, root: str) -> Optional[Dict[str, str]]:
+    """What a run of ``dataset`` under ``root`` reads now: ``{"train": ..., "test": ...}``, sha256 prefixes of each
+    split's sorted ``key label size`` lines (an in-memory split: its pixels and labels), so runs made before and after
+    the images changed are told apart. None when the data cannot be read here (not downloaded yet)."""
+    from ..data import build_dataset
+
+    try:
+        return {split: _images_digest(build_dataset(dataset, root, split)) for split in ("train", "test")}
+    except (OSError, ValueError):
+        return None
+
+
+def _images_digest(dataset: Any) -> str:
+    """sha256 prefix of one split's images: file keys, labels and sizes (a stat, never a decode), or the pixels."""
+    digest = hashlib.sha256()
+    images = getattr(dataset, "images", None)
+    if images is not None:  # array-backed (CIFAR, digits): keys are positions, the pixels are the content
+        import numpy as np
+
+        digest.update(np.ascontiguousarray(images).data)
+        digest.update(json.dumps(dataset.targets).encode())
+    else:
+        for line in sorted(f"{key} {label} {_file_size(dataset, key)}" for key, label in dataset.samples):
+            digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _file_size(dataset: Any, key: str) -> int:
+    """The size of sample ``key``'s file, -1 when it cannot be read (fit reports that itself)."""
+    try:
+        return dataset.path_of(key).stat().st_size
+    except OSError:
+        return -1
+
+
+def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
+    """Refuse to add runs to the row ``root`` when its finished runs recorded other images than ``data`` (the
+    dataset and root, for the message) holds now: the row would average runs on two data sets, as it would runs of
+    two config files (``claim_row``)."""
+    for path in sorted(root.glob(f"*/{RESULT_FILE}")):
+        result = read_result(path)
+        recorded = result.get("data") if RUN_FOLDER.fullmatch(path.parent.name) and counted(result) else None
+        if not isinstance(recorded, dict):
+            continue
+        changed = [f"{split} images {recorded[split]} -> {digest}" for split, digest in digests.items()
+                   if recorded.get(split) not in (None, digest)]
+        if changed:
+            raise ValueError(f"{path.parent} was made on other images than {data} holds now ({'; '.join(changed)}); "
+                             f"their results would be averaged into one row. Restore the data as it was, pass another "
+                             f"--name for a separate row, or delete {root} to redo this one")
 
 
 def claim_row(root: Path, key: Dict[str, Any]) -> None:
@@ -346,6 +406,7 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
         if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
         cfg, counts = data.get("config") or {}, data.get("parameter_counts") or {}
+        images = data.get("data") if isinstance(data.get("data"), dict) else {}
         rows.append({
             "name": path.parent.parent.name, "method": cfg.get("method", ""), "backbone": cfg.get("backbone", ""),
             "dataset": cfg.get("dataset", ""), "shots": cfg.get("shots", ""),
@@ -353,13 +414,16 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
             "test_acc": data["metrics"]["test/acc"], "adapter_params": counts.get("adapter", 0),
             "head_params": counts.get("head", 0), "trainable_params": counts.get("trainable", 0),
             "epochs": data.get("epochs", ""), "wall_s": data.get("wall_s", ""), "run_dir": str(path.parent),
+            "train_images": images.get("train", ""), "test_images": images.get("test", ""),
         })
     return rows
 
 
-# What the runs of one row must share to be averaged (seeds, times and folders differ between them). Not the
-# config hash: rows recorded by earlier versions keep their runs' older hashes (``claim_row`` checks the settings).
-ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params")
+# What the runs of one row must share to be averaged (seeds, times and folders differ between them), the digests of
+# the images they read included. Not the config hash: rows recorded by earlier versions keep their runs' older hashes
+# (``claim_row`` checks the settings).
+ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params", "train_images",
+                "test_images")
 
 
 def mixed_settings(members: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
@@ -422,9 +486,9 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
     notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
              "seeds."]
     if mixed:
-        notes.append(f"NOT AVERAGED ({', '.join(mixed)}): the runs of these rows record different settings, so no mean "
-                     "of them measures one experiment (each run is in results.csv). Redo each setting in a row of its "
-                     "own: delete the row's folder, or pass another --name.")
+        notes.append(f"NOT AVERAGED ({', '.join(mixed)}): the runs of these rows record different settings or "
+                     "images, so no mean of them measures one experiment (each run is in results.csv). Redo each "
+                     "setting in a row of its own: delete the row's folder, or pass another --name.")
     if short:
         notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "

@@ -34,11 +34,13 @@ import yaml
 
 from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
 from .executors import (
+    CONFIG_EXIT,
     Executor,
     LocalExecutor,
     Run,
     add_executor_arguments,
     build_executor,
+    error_line,
     stop_runs_on_signals,
     stopping,
 )
@@ -46,6 +48,7 @@ from .protocol import (
     REPLAY_SPLIT,
     check_output_paths,
     error_text,
+    fit_argument_error,
     fit_command,
     refuse_controlled_configs,
     refuse_controlled_overrides,
@@ -112,20 +115,21 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
 
 def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str, List[Any]]) -> None:
     """Refuse, before the first trial, a grid key that no ``fit`` option has, a value ``fit`` does not accept, and a
-    key that tune sets itself: every value is parsed by ``fit``'s own parser, composed as a trial composes it."""
-    from ..train.cli import argument_error, argument_value_error, cli_parser
+    key that tune sets itself: every value is parsed by ``fit``'s own parser, composed as a trial composes it, and
+    checked as ``fit`` checks it before training (``fit_argument_error``)."""
+    from ..train.cli import cli_parser
 
     for key, values in grid.items():
         refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
     parser = cli_parser()
     base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
-    error = argument_error(parser, base)
+    error = fit_argument_error(parser, base)
     if error:
         raise ValueError(f"the configs and overrides are not valid `nola-vision fit` arguments: {error}")
     for key, values in grid.items():
         for value in values:
             args = [*base, f"--{key}", str(value)]
-            error = argument_error(parser, args) or argument_value_error(parser, args)
+            error = fit_argument_error(parser, args)
             if error:
                 raise ValueError(f"--grid {key}={value} is not accepted by `nola-vision fit` (see nola-vision fit "
                                  f"--help): {error}")
@@ -314,7 +318,8 @@ class _Search:
                 retire_unfinished_run(run_dir)
                 runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
                                 run_dir / "log.txt"))
-        errors = [f"exit {code}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
+        errors = [(f"fit refused its configuration: {error_line(run.log)}" if code == CONFIG_EXIT else f"exit {code}")
+                  + f", log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
         if errors:
             raise TrialFailed("; ".join(errors))
         accs = {}

@@ -1,0 +1,98 @@
+"""Protocol and tune refuse what would fail or mix every run once, before any run: data that changed under a row,
+an init seed seed_everything refuses, a misspelt fit option, a trainer set to train no epoch."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_fit import fake_python
+from PIL import Image
+
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.results import write_tables
+from nola_vision.runs.tune import check_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+
+
+def image_folder(root: Path, test_per_class: int) -> None:
+    """An imagefolder dataset of two classes: 4 train images each, ``test_per_class`` test images each."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", test_per_class)):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_a_row_refuses_runs_on_images_that_changed_since_its_first_runs(tmp_path):
+    # split 0 ran on a folder, the folder was regenerated with other test images, split 1 ran on the new data: one
+    # row of 2 runs on two data sets, without a warning
+    data = tmp_path / "imgdata"
+    image_folder(data, test_per_class=2)
+    options = dict(out=str(tmp_path / "out"), name="row", init_seeds=[0], python=fake_python(tmp_path), echo=False,
+                   overrides=["--data.dataset", "imagefolder", "--data.root", str(data), "--data.shots", "2"])
+    run_protocol([TINY], split_seeds=[0], **options)
+    recorded = json.loads((tmp_path / "out" / "row" / "split0-init0" / "result.json").read_text())["data"]
+    assert set(recorded) == {"train", "test"}
+    image_folder(data, test_per_class=5)  # more test images
+    with pytest.raises(ValueError, match=r"split0-init0 was made on other images .* \(test images "):
+        run_protocol([TINY], split_seeds=[0, 1], **options)
+    assert not (tmp_path / "out" / "row" / "split1-init0").exists()
+
+
+def test_the_tables_do_not_average_runs_that_recorded_other_test_images(tmp_path):
+    for run, test in (("split0-init0", "aaaa"), ("split1-init0", "bbbb")):
+        (tmp_path / "row" / run).mkdir(parents=True)
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": {"method": "nola"}, "parameter_counts": {"adapter": 8, "head": 2},
+            "data": {"train": "tttt", "test": test}}))
+    with pytest.warns(UserWarning, match="test_images aaaa / bbbb"):
+        write_tables(str(tmp_path))
+    assert "not averaged: mixed settings" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_protocol_refuses_an_init_seed_that_seed_everything_refuses_before_any_run(tmp_path, seed):
+    with pytest.raises(ValueError, match=f"--init_seeds {seed} is out of range: .* 0 to 4294967295"):
+        run_protocol([TINY], out=str(tmp_path), name="neg", split_seeds=[0], init_seeds=[seed],
+                     python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "neg").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--trainer.max_epochz", "1"], "unrecognized arguments: --trainer.max_epochz 1"),
+    (["--trainer.max_epochs", "-1"], "--trainer.max_epochs -1: .* 1 or more epochs"),
+    (["--model.lr", "-1"], "lr"),
+])
+def test_protocol_refuses_fit_arguments_every_run_would_fail_on_before_any_run(tmp_path, override, message):
+    with pytest.raises(ValueError, match=f"not valid `nola-vision fit` arguments, so every run would fail: .*{message}"
+                       ):
+        run_protocol([TINY], out=str(tmp_path), name="typo", split_seeds=[0], init_seeds=[0], overrides=override,
+                     python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_tune_refuses_a_trainer_that_trains_no_epoch_before_any_trial():
+    with pytest.raises(ValueError, match="--trainer.max_epochs -1: .* 1 or more epochs"):
+        check_grid([TINY], ["--trainer.max_epochs", "-1"], {"model.lr": [1e-3]})
+    with pytest.raises(ValueError, match="--grid trainer.max_epochs=0 .* 1 or more epochs"):
+        check_grid([TINY], [], {"trainer.max_epochs": [0, 2]})
+
+
+def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(tmp_path):
+    # exit 2 (fit refused its configuration) was reported as "re-run the same command to retry them"
+    refusing = tmp_path / "refusing_python"
+    refusing.write_text(f"#!{sys.executable}\nimport sys\nprint('loading')\n"
+                        "print('nola-vision: error: FewShotDataModule.root imgdata: no such folder', file=sys.stderr)\n"
+                        "sys.exit(2)\n")
+    refusing.chmod(0o755)
+    with pytest.raises(RuntimeError) as raised:
+        run_protocol([TINY], out=str(tmp_path), name="bad", split_seeds=[0], init_seeds=[0], python=str(refusing),
+                     echo=False)
+    text = str(raised.value)
+    assert "fit refused its configuration: nola-vision: error: FewShotDataModule.root imgdata" in text
+    assert "fix the configuration error named, then re-run" in text and "to retry them" not in text
