@@ -129,7 +129,9 @@ def run_demo(
     if backbone is None:
         from .models.assets import OFFLINE_BACKBONE
 
-        backbone, pretrained_file = OFFLINE_BACKBONE, pretrained_file or OFFLINE_PRETRAINED_FILE
+        backbone = OFFLINE_BACKBONE
+        if pretrained:  # a random backbone (--no_pretrained) takes no weights file
+            pretrained_file = pretrained_file or OFFLINE_PRETRAINED_FILE
     check_backbone_name(backbone)
     configs = method_configs(rank, num_basis)
     unknown = [m for m in methods if m not in available_methods()]
@@ -239,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
                            rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
                            verbose=args.verbose)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:  # TypeError: a bad --backbone_kwargs key
         # the data layer names the CLI's options; the demo's own are --root and --download
         message = str(err).replace("--data.root", "--root").replace("--data.download true", "--download")
         print(f"nola-vision demo: error: {message}", file=sys.stderr)

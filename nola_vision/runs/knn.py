@@ -15,13 +15,38 @@ from .results import RESULT_FILE, claim_row, config_key, counted, read_result, r
 __all__ = ["extract_features", "knn_predict", "run_knn"]
 
 
+def _require_finite(features: Tensor, side: str) -> None:
+    """Raise when rows of ``features`` hold NaN or inf: normalised, they would match or outvote arbitrarily."""
+    bad = (~torch.isfinite(features).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"{len(bad)} of {len(features)} {side} feature rows hold NaN or inf (rows "
+                         f"{bad[:5].tolist()}): the backbone produced non-finite features")
+
+
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = 1,
                 num_classes: Optional[int] = None, chunk: int = 4096) -> Tensor:
     """Labels of ``test_features`` by majority vote of their ``k`` most cosine-similar training features.
 
-    Ties are broken by the summed similarity of the tied classes.
+    Ties are broken by the summed similarity of the tied classes. Labels must be integers in
+    ``[0, num_classes)``; features 2-D, finite and non-empty.
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    for side, features in (("train", train_features), ("test", test_features)):
+        if features.ndim != 2 or not len(features):
+            raise ValueError(f"{side} features must be a non-empty 2-D tensor, got shape {tuple(features.shape)}")
+        _require_finite(features, side)
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train features have {train_features.shape[1]} dimensions and test features "
+                         f"{test_features.shape[1]}: extract both with the same backbone")
+    if train_labels.shape != (len(train_features),) or train_labels.is_floating_point() or train_labels.is_complex():
+        raise ValueError(f"train labels must be {len(train_features)} integers (one per train feature row), got "
+                         f"shape {tuple(train_labels.shape)} of {train_labels.dtype}")
+    train_labels = train_labels.long()
     num_classes = num_classes or int(train_labels.max()) + 1
+    if train_labels.min() < 0 or train_labels.max() >= num_classes:
+        raise ValueError(f"train labels must lie in [0, {num_classes}), got {int(train_labels.min())} to "
+                         f"{int(train_labels.max())}")
     k = min(k, len(train_labels))
     train = nn.functional.normalize(train_features.float(), dim=1)
     predictions = []
@@ -45,7 +70,9 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device) -
         x = model.forward_features(images.to(device))
         feats.append(model.forward_head(x, pre_logits=True).float().cpu())
         labels.append(torch.as_tensor(targets))
-    return torch.cat(feats), torch.cat(labels)
+    features = torch.cat(feats)
+    _require_finite(features, "extracted")
+    return features, torch.cat(labels)
 
 
 def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequence[int],

