@@ -211,19 +211,11 @@ def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_se
 
 
 def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
-    """Why ``fit`` would refuse ``args`` (``["fit", ...]``) before training, found without running it: its parser, the
-    model's range checks, or a trainer set to train no epoch; None when none applies."""
+    """Why ``fit`` would refuse ``args`` (``["fit", ...]``) before training, found without running it (its parser, the
+    model's and trainer's range checks); None when none applies."""
     from ..train.cli import argument_error, argument_value_error
 
-    error = argument_error(parser, args) or argument_value_error(parser, args)
-    if error:
-        return error
-    trainer = parser.parse_args(list(args))[args[0]].trainer
-    if trainer.get("max_epochs") is not None and trainer.max_epochs < 1:
-        return (f"--trainer.max_epochs {trainer.max_epochs}: the learning rate follows a per-epoch schedule, so a run "
-                "needs 1 or more epochs (the paper uses 50)")
-    idle = next((option for option in ("max_steps", "limit_train_batches") if trainer.get(option) == 0), None)
-    return f"--trainer.{idle} 0 trains nothing: set it above 0" if idle else None
+    return argument_error(parser, args) or argument_value_error(parser, args)
 
 
 def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str]) -> Any:

@@ -26,7 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
-from .module import FewShotClassifier, NonFiniteLossError, check_classifier_arguments, check_training_data
+from .module import (
+    FewShotClassifier,
+    NonFiniteLossError,
+    check_classifier_arguments,
+    check_training_data,
+    check_training_length,
+)
 
 try:
     import fcntl
@@ -585,14 +591,17 @@ def fit_options() -> frozenset:
 
 
 def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
-    """The error ``FewShotClassifier`` would raise for the model arguments of ``fit`` ``args`` (a range or a
-    combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``), found without building the model; None if
-    they pass. ``args`` must parse (``argument_error``)."""
+    """The error ``FewShotClassifier`` would raise for the model and trainer arguments of ``fit`` ``args`` (a range
+    or a combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``, ``max_epochs`` 0), found without
+    building the model; None if they pass. ``args`` must parse (``argument_error``)."""
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        model = parser.parse_args(list(args))[args[0]].model.as_dict()
+        parsed = parser.parse_args(list(args))[args[0]]
+    model = parsed.model.as_dict()
     model["num_classes"] = model.get("num_classes") or 2  # linked from the data when the run builds it
     try:
         check_classifier_arguments(model)
+        if args[0] == "fit":
+            check_training_length(parsed.trainer)
     except (ValueError, TypeError) as err:
         return str(err)
     return None

@@ -41,7 +41,8 @@ from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments", "check_training_data"]
+__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments", "check_training_data",
+           "check_training_length"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -321,7 +322,7 @@ class FewShotClassifier(L.LightningModule):
     # ---- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self._trainer is not None:
-            _require_training_steps(self._trainer)
+            check_training_length(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -610,14 +611,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _require_training_steps(trainer: Any) -> None:
-    """Refuse a fit set to take no training step: it would export the untrained adapter and record its chance-level
-    accuracy as the run's result (a protocol row would average it)."""
+def check_training_length(trainer: Any) -> None:
+    """Refuse a trainer (or its parsed settings) set to take no training step, or to no whole epoch: the first would
+    export the untrained adapter and record its chance-level accuracy as the run's result (a protocol row would
+    average it), the second has no per-epoch learning-rate schedule."""
     for name in ("max_steps", "max_epochs", "limit_train_batches"):
-        if getattr(trainer, name) == 0:
+        if getattr(trainer, name, None) == 0:
             raise ValueError(f"trainer.{name}=0 (--trainer.{name}) trains nothing: the fit would export the untrained "
                              f"adapter and record its chance-level accuracy as a result. Set {name} above 0, or test a "
                              "trained checkpoint with the test command")
+    epochs = getattr(trainer, "max_epochs", None)
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"trainer.max_epochs={epochs} (--trainer.max_epochs): the learning rate follows a per-epoch "
+                         "cosine schedule, so a run needs 1 or more epochs (the paper uses 50)")
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
