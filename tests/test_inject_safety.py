@@ -3,6 +3,7 @@ activation inject took over, tied or aliased targets, injecting around an inject
 after they were made, a method registered again, and a model name passed where a model is expected."""
 import dataclasses
 
+import lightning as L
 import pytest
 import torch
 from tiny_models import as_if_trained, tiny_vit
@@ -48,6 +49,39 @@ def test_an_adapted_fc2_that_gave_its_activation_back_trains_saves_and_loads_as_
     torch.testing.assert_close(hooked.blocks[0].mlp.fc2.lora_A.grad, reference.blocks[0].mlp.fc2.lora_A.grad)
     nv.save_adapter(hooked, tmp_path, bits=32)
     torch.testing.assert_close(nv.load_adapter(tiny_vit(), tmp_path)(images), hooked(images))
+
+
+def test_removing_the_last_hook_takes_the_activation_over_again(images):
+    """A model summary registers a hook on every layer and removes it: the recompute stayed off for the whole fit,
+    keeping every fc2's activation output in memory."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA))
+    fc2 = model.blocks[0].mlp.fc2
+    first = fc2.register_forward_hook(lambda *args: None)
+    second = fc2.register_forward_pre_hook(lambda *args: None)
+    first.remove()
+    assert fc2.input_activation is None and isinstance(model.blocks[0].mlp.act, nn.GELU)  # one hook is left
+    with second:
+        pass
+    assert isinstance(fc2.input_activation, nn.GELU) and not isinstance(model.blocks[0].mlp.act, nn.GELU)
+
+    class Wrapped(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+    ModelSummary(Wrapped(), max_depth=-1)
+    assert all(block.mlp.fc2.input_activation is not None for block in model.blocks)
+    torch.testing.assert_close(model(images), nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA))(images))
+
+
+def test_a_hook_removed_after_unload_leaves_the_plain_model_alone():
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA))
+    handle = model.blocks[0].mlp.fc2.register_forward_hook(lambda *args: None)
+    nv.unload(model)
+    handle.remove()
+    assert isinstance(model.blocks[0].mlp.act, nn.GELU) and type(model.blocks[0].mlp.fc2) is nn.Linear
 
 
 class _Tied(nn.Module):

@@ -7,6 +7,7 @@ here, on the base class, and nowhere else.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -108,31 +109,61 @@ class AdaptedLinear(nn.Module):
         mlp.act = placeholder.train(activation.training)
         self.input_activation = activation
         self.__dict__["activation_owner"] = mlp
+        self.__dict__["_given_back"] = None
 
-    def give_back_activation(self) -> None:
-        """Put a taken-over activation back at ``mlp.act``: the layer then receives its output, as in a plain model."""
+    def give_back_activation(self, *, for_hook: bool = False) -> None:
+        """Put a taken-over activation back at ``mlp.act``: the layer then receives its output, as in a plain model.
+
+        ``for_hook``: for a hook on this layer, which must see its real input; once the last such hook is removed,
+        the layer takes the activation over again (a model summary's passing hooks leave the recompute on)."""
+        if not for_hook:
+            self.__dict__["_given_back"] = None  # for good (unload): no hook's removal takes it over again
         if self.input_activation is None:
             return
-        self.activation_owner.act = self.input_activation
+        owner, activation = self.activation_owner, self.input_activation
+        placeholder = owner.act
+        owner.act = activation
         del self.input_activation  # out of the module tree, then a plain attribute again
         self.input_activation = None
         self.__dict__["activation_owner"] = None
+        if for_hook:
+            self.__dict__["_given_back"] = (owner, activation, placeholder)
+
+    def _register_seeing_real_input(self, register: Any, *args: Any, **kwargs: Any) -> RemovableHandle:
+        """Register a hook after giving a taken-over activation back; its handle's removal may take it over again."""
+        self.give_back_activation(for_hook=True)
+        handle = register(*args, **kwargs)
+        if self.__dict__.get("_given_back") is None:  # never taken over, or given back for good
+            return handle
+        self.__dict__.setdefault("_hook_ids", set()).add(handle.id)
+        return _RetakingHandle(handle, self)
+
+    def _hook_removed(self, hook_id: int) -> None:
+        """Take the activation over again once no hook registered through this layer's methods is left, unless it
+        changed since (replaced at ``mlp.act``, or given hooks of its own: those stay where they are)."""
+        hook_ids = self.__dict__.get("_hook_ids", set())
+        hook_ids.discard(hook_id)
+        given_back = self.__dict__.get("_given_back")
+        if hook_ids or given_back is None:
+            return
+        owner, activation, placeholder = given_back
+        if owner.act is activation and not has_hooks(activation):
+            self.take_activation(owner, placeholder)
 
     def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
-        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first: the hook sees the real input."""
-        self.give_back_activation()
-        return super().register_forward_pre_hook(*args, **kwargs)
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` while it is registered: the hook sees
+        the real input."""
+        return self._register_seeing_real_input(super().register_forward_pre_hook, *args, **kwargs)
 
     def register_forward_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
-        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first: the hook sees the real input."""
-        self.give_back_activation()
-        return super().register_forward_hook(*args, **kwargs)
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` while it is registered: the hook sees
+        the real input."""
+        return self._register_seeing_real_input(super().register_forward_hook, *args, **kwargs)
 
     def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
-        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` first, so ``grad_input`` is the gradient
-        of the real input."""
-        self.give_back_activation()
-        return super().register_full_backward_hook(*args, **kwargs)
+        """As ``nn.Module``'s; a taken-over activation goes back to ``mlp.act`` while it is registered, so
+        ``grad_input`` is the gradient of the real input."""
+        return self._register_seeing_real_input(super().register_full_backward_hook, *args, **kwargs)
 
     def keep_batched_factors(self) -> None:
         """Keep the batched factors past their forward pass (for a backward that recomputes blocks) only while the
@@ -316,3 +347,18 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
 def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
     """Every adapter layer of the model by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+class _RetakingHandle(RemovableHandle):
+    """A hook's handle on an adapted layer: removing it removes the hook, then lets the layer take its activation
+    over again once no such hook is left (``AdaptedLinear._hook_removed``)."""
+
+    def __init__(self, handle: RemovableHandle, layer: AdaptedLinear) -> None:
+        self.__dict__.update(handle.__dict__)  # the same hooks dict, id and extra dicts
+        self.layer_ref = weakref.ref(layer)
+
+    def remove(self) -> None:
+        super().remove()
+        layer = getattr(self, "layer_ref", lambda: None)()  # an unpickled handle holds no layer
+        if layer is not None:
+            layer._hook_removed(self.id)
