@@ -211,3 +211,16 @@ def test_a_file_in_another_projects_layout_that_timm_converts_still_loads(tmp_pa
     built = build_backbone("vit_small_patch14_dinov2", 0, pretrained=True, pretrained_file=str(tmp_path / "dinov2.pth"),
                            **kwargs)
     assert all(torch.equal(built.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_a_file_without_batch_norm_step_counters_still_loads(tmp_path):
+    """torch's load_state_dict fills in a missing num_batches_tracked; files converted without them are complete."""
+    import timm
+
+    from nola_vision.models.backbones import build_backbone
+
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "resnet.pth")
+    built = build_backbone("resnet10t", 0, pretrained=True, pretrained_file=str(tmp_path / "resnet.pth"))
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in state.items())

@@ -26,13 +26,17 @@ def check_backbone_name(name: str) -> None:
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
-    """The state dict timm reads from ``path`` (its own loader: ``state_dict``/``model`` unwrapped, ``module.``
-    stripped)."""
-    from safetensors import SafetensorError
-    from timm.models import load_state_dict
+    """The state dict timm reads from ``path`` (``state_dict``/``model`` unwrapped, ``module.`` stripped), as tensors
+    on the meta device: names and shapes for the checks, without reading (and holding) the weights a second time."""
+    from safetensors import SafetensorError, safe_open
+    from timm.models import clean_state_dict, load_state_dict
 
     try:
-        return load_state_dict(str(path))
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as file:
+                return clean_state_dict({key: torch.empty(file.get_slice(key).get_shape(), device="meta")
+                                         for key in file.keys()})
+        return load_state_dict(str(path), device="meta")
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
         raise ValueError(f"pretrained_file {path} cannot be read as a state dict ({err}): "
                          "point model.pretrained_file at an intact .safetensors/.pth file") from err

@@ -47,7 +47,8 @@ def check_backbone_keys(model: nn.Module, keys: Iterable[str], path: str | Path,
     """Raise ValueError naming the keys and their likely cause when the state dict ``keys`` of ``path`` leave a
     weight of ``model`` unset or hold others; classifier keys are ignored on both sides."""
     path = Path(path)
-    expected = {k for k in model.state_dict() if not _head_key(k, model)}
+    # a batch norm's step counter may be absent: torch's own loading fills it in
+    expected = {k for k in model.state_dict() if not _head_key(k, model) and not k.endswith(".num_batches_tracked")}
     given = {k for k in keys if not _head_key(k, model)}
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
