@@ -84,7 +84,7 @@ def test_tune_refuses_a_trainer_that_trains_no_epoch_before_any_trial():
 
 
 def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(tmp_path):
-    # exit 2 (fit refused its configuration) was reported as "re-run the same command to retry them"
+    # exit 2 (fit refused to run) was reported as "re-run the same command to retry them"
     refusing = tmp_path / "refusing_python"
     refusing.write_text(f"#!{sys.executable}\nimport sys\nprint('loading')\n"
                         "print('nola-vision: error: FewShotDataModule.root imgdata: no such folder', file=sys.stderr)\n"
@@ -94,5 +94,5 @@ def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(t
         run_protocol([TINY], out=str(tmp_path), name="bad", split_seeds=[0], init_seeds=[0], python=str(refusing),
                      echo=False)
     text = str(raised.value)
-    assert "fit refused its configuration: nola-vision: error: FewShotDataModule.root imgdata" in text
-    assert "fix the configuration error named, then re-run" in text and "to retry them" not in text
+    assert "fit refused to run: nola-vision: error: FewShotDataModule.root imgdata" in text
+    assert "fix what the errors name, then re-run" in text and "to retry them" not in text

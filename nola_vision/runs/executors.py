@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 __all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
            "build_executor", "call", "error_line", "stop_runs_on_signals", "stopping"]
 
-# The exit code of a fit that refused its arguments or settings before training: re-running it fails the same way.
+# The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
+# unchanged fails the same way until what its error names is fixed.
 CONFIG_EXIT = 2
 
 

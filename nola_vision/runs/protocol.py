@@ -314,7 +314,7 @@ def run_protocol(
                 discard_result(result)
                 why = f"exit {code}" if code != 0 else "no finite test accuracy"
                 if code == CONFIG_EXIT:
-                    why = f"fit refused its configuration: {error_line(run.log)}"
+                    why = f"fit refused to run: {error_line(run.log)}"
                     refused = True
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
@@ -337,7 +337,7 @@ def run_protocol(
                 echo=echo)
     rows = write_tables(out)
     if failed:
-        retry = "fix the configuration error named, then re-run the same command" if refused else (
+        retry = "fix what the errors name, then re-run the same command" if refused else (
             "re-run the same command to retry them")
         raise RuntimeError(f"runs failed ({retry}):\n  " + "\n  ".join(failed))
     return rows

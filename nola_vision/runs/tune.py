@@ -318,7 +318,7 @@ class _Search:
                 retire_unfinished_run(run_dir)
                 runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
                                 run_dir / "log.txt"))
-        errors = [(f"fit refused its configuration: {error_line(run.log)}" if code == CONFIG_EXIT else f"exit {code}")
+        errors = [(f"fit refused to run: {error_line(run.log)}" if code == CONFIG_EXIT else f"exit {code}")
                   + f", log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
         if errors:
             raise TrialFailed("; ".join(errors))
