@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,7 +98,7 @@ def test_resuming_with_another_max_epochs_trains_on_at_the_new_schedules_rates(t
     """A run of 1 epoch extended to 3: the checkpoint's learning rates had decayed to min_lr (the 1-epoch cosine's
     end), and the extension trained at them. Now epoch 1 trains at the 3-epoch cosine's rate, with a warning."""
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from test_module import NOLA, TINY, loader, trainer
 
     from nola_vision.train.module import FewShotClassifier
@@ -116,9 +117,18 @@ def test_resuming_with_another_max_epochs_trains_on_at_the_new_schedules_rates(t
         def on_train_epoch_start(self, trainer, pl_module):
             rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
 
-    with pytest.warns(UserWarning, match=r"another learning-rate schedule .*max_epochs 3 \(checkpoint: 1\)"):
+    with pytest.warns(UserWarning, match=r"resuming at epoch 1 with learning rate 1e-06 .* gives 0.0075 there"):
         trainer(tmp_path / "b", epochs=3, callbacks=[Rates()]).fit(module(), loader(), ckpt_path=checkpoint)
     factor = cosine_factor(3, 1e-2, 1e-6, 0)
+    assert rates == [[1e-2 * factor(1)] * len(rates[0]), [1e-2 * factor(2)] * len(rates[0])]
+    # a resume on the run's own schedule keeps the checkpoint's rates, without a warning
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1)
+    trainer(tmp_path / "c", epochs=3, callbacks=[every_epoch]).fit(module(), loader())
+    rates.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nola_vision: resuming")
+        trainer(tmp_path / "d", epochs=3, callbacks=[Rates()]).fit(module(), loader(),
+                                                                  ckpt_path=next((tmp_path / "c").glob("epoch=0-*")))
     assert rates == [[1e-2 * factor(1)] * len(rates[0]), [1e-2 * factor(2)] * len(rates[0])]
 
 

@@ -8,6 +8,7 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -214,7 +215,6 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_dir: Optional[Path] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
-        self._reschedule = False  # set by a resume onto another schedule: on_train_start sets its learning rates
 
     def train(self, mode: bool = True) -> FewShotClassifier:
         """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
@@ -391,8 +391,7 @@ class FewShotClassifier(L.LightningModule):
                                      "settings": self._settings(),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
-                                     "data": self._data_record(),
-                                     "schedule": self._schedule()}
+                                     "data": self._data_record()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
@@ -420,7 +419,6 @@ class FewShotClassifier(L.LightningModule):
         self._check_data(info.get("data"))
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
-            self._check_schedule(info.get("schedule"))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
@@ -463,40 +461,25 @@ class FewShotClassifier(L.LightningModule):
                              + "; ".join(f"{key} {own} (checkpoint: {was})" for key, (was, own) in changed.items())
                              + "): use the run's model.backbone_kwargs")
 
-    def _schedule(self) -> Dict[str, Optional[int]]:
-        """What the learning-rate schedule depends on beside the hyper-parameters: the run's ``max_epochs`` (the cosine
-        decays over them), and the warm-up they resolved."""
-        epochs = self._trainer.max_epochs if self._trainer is not None else None
-        return {"max_epochs": epochs, "warmup_epochs": self.hparams.warmup_epochs}
-
-    def _check_schedule(self, saved: Optional[dict]) -> None:
-        """On a resume with another ``max_epochs`` or warm-up than the run's (checkpoints written before the record
-        pass), warn and have ``on_train_start`` set the learning rates the new schedule gives at the resumed epoch: the
-        checkpoint's follow the run's cosine, decayed for its length (an extended run would train on at ``min_lr``)."""
-        if saved is None:
-            return
-        now = self._schedule()
-        changed = [f"--{'trainer' if key == 'max_epochs' else 'model'}.{key} {now[key]!r} (checkpoint: {was!r})"
-                   for key, was in saved.items() if now.get(key) is not None and was is not None and now[key] != was]
-        if changed:
-            self._reschedule = True
-            rank_zero_warn("nola_vision: resuming on another learning-rate schedule than the run's ("
-                           + "; ".join(changed) + "): the remaining epochs follow the new schedule from the resumed "
-                           "epoch on, the earlier ones followed the run's, so the result is not that of an "
-                           "uninterrupted run of the new length")
-
     def on_train_start(self) -> None:
-        """After a resume onto another schedule (``_check_schedule``), the learning rates it gives at this epoch."""
-        if not self._reschedule:
-            return
-        self._reschedule = False
+        """On a resume, the learning rates this run's schedule gives at the resumed epoch, where the checkpoint's
+        differ: it was saved by a run of another ``max_epochs`` or warm-up, whose cosine had decayed them (an extended
+        run trained on at ``min_lr``). A fresh run, or a resume of the same schedule, is left as it is."""
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
                 continue
+            groups = scheduler.optimizer.param_groups
             rates = [base * factor(scheduler.last_epoch)
                      for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-            for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            if all(math.isclose(group["lr"], rate, rel_tol=1e-9) for group, rate in zip(groups, rates)):
+                continue
+            rank_zero_warn(f"nola_vision: resuming at epoch {scheduler.last_epoch} with learning rate "
+                           f"{groups[0]['lr']:.3g} from the checkpoint, but this run's schedule (its max_epochs and "
+                           f"warm-up) gives {rates[0]:.3g} there: the checkpoint was saved by a run of another length. "
+                           "Training on at this run's schedule; the earlier epochs followed the other's, so the result "
+                           "is not that of an uninterrupted run")
+            for group, rate in zip(groups, rates):
                 group["lr"] = rate
             scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
