@@ -321,10 +321,12 @@ def run_protocol(
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
                 continue
             # the wall time of the whole run, process start-up included, the settings it was made with and (where fit
-            # does not record them) the images it read, as they are after its test pass
+            # does not record them) the images it read: those checked before the first run, or, where a fit only
+            # downloaded them, as they are after it
             row.update(wall_s=wall, config_hash=key["config_hash"])
-            if "data" not in row:
-                row["data"] = data_digests(data.dataset, data.root)
+            if images is None:
+                images = data_digests(data.dataset, data.root)
+            row.setdefault("data", images)
             write_json_atomic(result, row)
             write_tables(out)
             if echo:
