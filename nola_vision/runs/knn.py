@@ -43,7 +43,7 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
         raise ValueError(f"train labels must be {len(train_features)} integers (one per train feature row), got "
                          f"shape {tuple(train_labels.shape)} of {train_labels.dtype}")
     train_labels = train_labels.long()
-    num_classes = num_classes or int(train_labels.max()) + 1
+    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     if train_labels.min() < 0 or train_labels.max() >= num_classes:
         raise ValueError(f"train labels must lie in [0, {num_classes}), got {int(train_labels.min())} to "
                          f"{int(train_labels.max())}")
