@@ -42,7 +42,9 @@ ROWS = [
 
 
 def empty_model(model_name: str, num_classes: int, **kwargs) -> nn.Module:
-    """The timm model with uninitialised backbone weights and a small finite head (fixed local generator)."""
+    """The timm model with weight-like backbone values and a small finite head, from a fixed local generator: the
+    frozen-weights fingerprint a file records is then the same in every run (uninitialised memory gave numbers of
+    other lengths, so file sizes varied by ~0.5% between runs)."""
     import timm
 
     with torch.device("meta"):
@@ -51,6 +53,9 @@ def empty_model(model_name: str, num_classes: int, **kwargs) -> nn.Module:
     head = model.get_classifier()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
         head.bias.zero_()
     return model
