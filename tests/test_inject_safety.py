@@ -186,3 +186,17 @@ def test_a_model_name_or_none_instead_of_a_model_is_a_type_error_that_says_what_
         call(None, nv.LoRAConfig())
     with pytest.raises(TypeError, match="nv.unload takes a model"):
         nv.unload(None)
+
+
+def test_a_global_module_hook_is_warned_that_it_sees_the_pre_activation(images):
+    """Hooks registered for every module cannot be handed the activation back: they are told, as hooks on mlp.act
+    are, instead of silently reading fc2's pre-activation as its input."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA))
+    handle = register_module_forward_hook(lambda module, args, output: None)
+    try:
+        with pytest.warns(UserWarning, match="a global module hook .* sees mlp.act's output and mlp.fc2's input"):
+            model(images)
+    finally:
+        handle.remove()

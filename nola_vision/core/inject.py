@@ -111,13 +111,29 @@ class MovedActivation(nn.Identity):
     activation itself (``fc2.input_activation``) run on its output, and a hook on ``fc2`` gives the activation back."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if has_hooks(self) and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return x
+        if has_hooks(self):
             warnings.warn(
                 "a hook on mlp.act, whose activation the adapted mlp.fc2 computes (recompute_activation=True), sees "
                 "the pre-activation, and an output it returns would be activated after it. Hook "
                 "mlp.fc2.input_activation, register it before inject (the activation then stays in place), or inject "
                 "with recompute_activation=False", UserWarning, stacklevel=2)
+        elif _global_module_hooks():
+            warnings.warn(
+                "a global module hook (torch.nn.modules.module.register_module_forward_hook and the like) sees "
+                "mlp.act's output and mlp.fc2's input as the pre-activation: the adapted mlp.fc2 computes the "
+                "activation (recompute_activation=True). Register the hook on the modules themselves (a hook on an "
+                "adapted fc2 gets its real input), or inject with recompute_activation=False", UserWarning,
+                stacklevel=2)
         return x
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` and the like) exist."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                         "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -> nn.Module:
