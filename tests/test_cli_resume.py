@@ -64,6 +64,16 @@ def test_resuming_the_last_checkpoint_trains_only_the_new_epochs(run, tmp_path):
     assert {r["epoch"] for r in rows if r.get("train/loss_step")} == {"3"}  # epoch 2 is not trained again
 
 
+def test_resuming_with_the_runs_own_null_rates_is_no_change(run, tmp_path):
+    """lr, head_lr and warmup_epochs null ask for the recipe's values, which the checkpoint holds resolved: the run's
+    own command line was refused as 'differ from --model.lr None (checkpoint: 0.03)'."""
+    cli = run_lightning_cli(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
+                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "3",
+                             "--model.lr", "null", "--model.head_lr", "null", "--model.warmup_epochs", "null",
+                             "--test_after_fit", "false", *QUIET])
+    assert cli.trainer.global_step == 3 * STEPS
+
+
 # ---- B: a resume keeps the run's training-data settings ---------------------------------------------------------
 
 @pytest.mark.parametrize("option, value, shown", [
