@@ -209,8 +209,9 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path. A file name that is not UTF-8 (held in a str
+    as surrogate escapes, as Python decodes it) is written as its original bytes, so it reads back as the same str."""
+    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool = True) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..core.storage import write_bytes_atomic
+from ..core.storage import write_text_atomic
 
 __all__ = [
     "DATASETS",
@@ -714,7 +714,7 @@ def _write_text_atomic(path: Path, text: str, missing_ok: bool = False) -> bool:
     """Write ``text`` as UTF-8 (keys of non-UTF-8 file names as their bytes) via a temporary file and rename, so
     concurrent processes never see half a file."""
     try:
-        write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
+        write_text_atomic(path, text)
         return True
     except OSError:
         if not missing_ok:

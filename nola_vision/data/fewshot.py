@@ -94,10 +94,9 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
     lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
-    # here, so the split logic above imports alone (tests load it by path)
-    from ..core.storage import write_bytes_atomic
+    from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
 
-    return write_bytes_atomic(path, "".join(lines).encode("utf-8", "surrogateescape"))
+    return write_text_atomic(path, "".join(lines))
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
