@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
-           "build_executor", "call", "error_line", "stop_runs_on_signals", "stopping"]
+           "build_executor", "call", "failure", "stop_runs_on_signals", "stopping"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
@@ -69,7 +69,13 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
     return code, round(time.time() - start, 1)
 
 
-def error_line(log: Path) -> str:
+def failure(code: int, log: Path) -> str:
+    """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``, with its
+    error line) or its exit code."""
+    return f"fit refused to run: {_error_line(log)}" if code == CONFIG_EXIT else f"exit {code}"
+
+
+def _error_line(log: Path) -> str:
     """The last ``error:`` line a run printed to its log (after its command line), or a pointer to the log."""
     try:
         lines = Path(log).read_text(errors="replace").splitlines()[1:]

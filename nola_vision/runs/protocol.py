@@ -40,7 +40,7 @@ from .executors import (
     Run,
     add_executor_arguments,
     build_executor,
-    error_line,
+    failure,
     stop_runs_on_signals,
 )
 from .knn import run_knn
@@ -312,10 +312,8 @@ def run_protocol(
             row = read_result(result)
             if code != 0 or not counted(row):
                 discard_result(result)
-                why = f"exit {code}" if code != 0 else "no finite test accuracy"
-                if code == CONFIG_EXIT:
-                    why = f"fit refused to run: {error_line(run.log)}"
-                    refused = True
+                why = failure(code, run.log) if code != 0 else "no finite test accuracy"
+                refused = refused or code == CONFIG_EXIT
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)

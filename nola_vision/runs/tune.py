@@ -34,13 +34,12 @@ import yaml
 
 from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
 from .executors import (
-    CONFIG_EXIT,
     Executor,
     LocalExecutor,
     Run,
     add_executor_arguments,
     build_executor,
-    error_line,
+    failure,
     stop_runs_on_signals,
     stopping,
 )
@@ -318,8 +317,7 @@ class _Search:
                 retire_unfinished_run(run_dir)
                 runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
                                 run_dir / "log.txt"))
-        errors = [(f"fit refused to run: {error_line(run.log)}" if code == CONFIG_EXIT else f"exit {code}")
-                  + f", log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
+        errors = [f"{failure(code, run.log)}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
         if errors:
             raise TrialFailed("; ".join(errors))
         accs = {}
