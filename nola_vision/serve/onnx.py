@@ -11,7 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import secrets
+import shutil
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,11 +187,34 @@ class _TaskInputGraph(nn.Module):
         for layer in self._shared.values():
             layer.batched_factors = as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()])
         try:
-            with _substituted(self.model, values):
-                return self.model.forward(images)  # not model(): its hooks would combine the bases from the parameters
+            with _substituted(self.model, values), _without_own_model_hooks(self.model):
+                return self.model(images)
         finally:
             for layer in self._shared.values():
                 layer.batched_factors = None
+
+
+@contextmanager
+def _without_own_model_hooks(model: nn.Module) -> Iterator[None]:
+    """Within the block, the forward hooks ``inject`` put on ``model`` itself do nothing, and the user's run.
+
+    Those would combine the bases with the coefficients of the parameters instead of the graph's inputs; the user's
+    (e.g. normalising the images, or a temperature on the logits) are part of what the model computes.
+    """
+    own = {handle.id for handle in adapter_state(model).hooks}
+    saved = [(hooks, key, hook) for hooks in (model._forward_pre_hooks, model._forward_hooks)
+             for key, hook in hooks.items() if key in own]
+    for hooks, key, _ in saved:
+        hooks[key] = _do_nothing  # in place: the hooks keep their order
+    try:
+        yield
+    finally:
+        for hooks, key, hook in saved:
+            hooks[key] = hook
+
+
+def _do_nothing(*_: Any, **__: Any) -> None:
+    """A forward (pre-)hook that changes nothing."""
 
 
 @contextmanager
@@ -276,18 +303,76 @@ def _as_served(model: nn.Module) -> Iterator[None]:
 
 def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str], path: PathLike,
             metadata: Optional[Dict[str, str]] = None) -> Path:
-    """The legacy (TorchScript) exporter, written atomically: the dynamo exporter needs onnxscript, an extra package."""
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-        torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        if metadata:
-            onnx = _import_onnx()
-            graph = onnx.load(str(tmp))
-            for key, value in metadata.items():
-                graph.metadata_props.add(key=_PREFIX + key, value=value)
-            onnx.save(graph, str(tmp))
+    """The legacy (TorchScript) exporter, into a private folder, then written to ``path`` by ``_write_graph``.
+
+    The dynamo exporter needs onnxscript, an extra package. A graph over 2 GB has its tensors in external files named
+    after the parameters, beside the file it is exported to: in the private folder they neither collide with another
+    graph's nor stay behind.
+    """
+    name, written = os.path.basename(os.path.realpath(path)), []
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as folder:
+                exported = Path(folder) / "graph.onnx"
+                torch.onnx.export(module, args, str(exported), input_names=input_names, output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+                external = len(os.listdir(folder)) > 1  # the tensors' files beside the graph
+                if metadata or external:
+                    _write_graph(exported, tmp, name, metadata or {}, external, written)
+                else:
+                    shutil.copyfile(exported, tmp)  # into the file atomic_path locked, not a rename over it
+            replaced = _own_external_data(tmp.parent / name)
+    except BaseException:
+        for data in written:
+            data.unlink(missing_ok=True)
+        raise
+    for data in replaced:
+        data.unlink(missing_ok=True)
     return Path(path)
+
+
+def _write_graph(exported: Path, tmp: Path, name: str, metadata: Dict[str, str], external: bool,
+                 written: List[Path]) -> None:
+    """Write the graph at ``exported`` to ``tmp`` (renamed to ``name`` next) with ``metadata`` added, and its
+    ``external`` data to one file of its own beside it, ``<name>.<8 hex digits>.data``, appended to ``written``.
+
+    A new name per export: a graph already at ``name`` keeps reading its own data until the rename replaces it, and
+    ``_export`` then removes that data (``_own_external_data``). An export killed after writing the data leaves it,
+    unreferenced. Saved as one protobuf, a graph with its data would exceed protobuf's 2 GB.
+    """
+    onnx = _import_onnx()
+    graph = onnx.load(str(exported), load_external_data=False)
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=_PREFIX + key, value=value)
+    if not external:
+        onnx.save(graph, str(tmp))
+        return
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(graph, str(exported.parent))
+    location = f"{name}.{secrets.token_hex(4)}.data"
+    written.append(tmp.parent / location)
+    onnx.save_model(graph, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+    with open(tmp.parent / location, "rb") as data:
+        os.fsync(data.fileno())  # on disk before the graph that reads it is renamed into place
+
+
+def _own_external_data(graph: Path) -> List[Path]:
+    """The external data files ``_write_graph`` wrote for the graph now at ``graph`` (none where it has none)."""
+    pattern = re.compile(rf"{re.escape(graph.name)}\.[0-9a-f]{{8}}\.data")
+    if not graph.is_file() or not any(pattern.fullmatch(entry) for entry in os.listdir(graph.parent)):
+        return []
+    onnx = _import_onnx()
+    from google.protobuf.message import DecodeError  # onnx's own dependency
+
+    try:
+        tensors = onnx.load(str(graph), load_external_data=False).graph.initializer
+    except (OSError, DecodeError):  # not a graph: it references nothing
+        return []
+    locations = {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
+    return [graph.parent / location for location in sorted(locations) if pattern.fullmatch(location)]
 
 
 def _import_onnx():

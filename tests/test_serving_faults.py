@@ -1,0 +1,194 @@
+"""Serving faults: a served backbone shared with other forward passes, model-level hooks, graphs
+with external data, and weights changed under registered tasks."""
+import copy
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+
+LORA = nv.LoRAConfig(rank=4, targets=["mlp.fc1"])
+NOLA = nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1", "mlp.fc2"], scale=40.0)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return {name: nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), LORA), seed, scale=0.2), root / name)
+            for seed, name in enumerate(["a", "b"])}
+
+
+def served(backbone, **tasks) -> nv.MultiTaskModel:
+    model = nv.MultiTaskModel(backbone)
+    for name, directory in tasks.items():
+        model.add_task(name, directory)
+    return model
+
+
+def during_a_call(module: torch.nn.Module, action):
+    """Run ``action`` once in another thread while the calling thread is inside ``module``'s forward, and return what
+    it returned: any per-call state of the calling thread's forward pass is set then."""
+    caller, results = threading.get_ident(), []
+
+    def hook(*_):
+        if threading.get_ident() == caller and not results:
+            thread = threading.Thread(target=lambda: results.append(action()))
+            thread.start()
+            thread.join()
+
+    module.register_forward_pre_hook(hook)
+    return results
+
+
+# ---- the per-call state belongs to the call -------------------------------------------------------------------
+def test_two_models_serving_one_backbone_answer_calls_from_two_threads_with_their_own_tasks(tasks, images):
+    backbone = tiny_vit()
+    first, second = served(backbone, a=tasks["a"]), served(backbone, b=tasks["b"])
+    expected = {"a": torch.stack(first(images, "a")), "b": torch.stack(second(images, "b"))}
+    results = during_a_call(backbone.blocks[1].norm1, lambda: torch.stack(second(images, "b")))
+    torch.testing.assert_close(torch.stack(first(images, "a")), expected["a"], rtol=0, atol=0)
+    torch.testing.assert_close(results[0], expected["b"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inside", ["blocks.1.norm1", "head"])  # the adapted layers, and the head of each task
+def test_the_backbone_called_directly_from_another_thread_during_a_call_gives_its_own_outputs(tasks, images, inside):
+    backbone = tiny_vit()
+    with torch.no_grad():
+        plain = backbone(images)
+    model = served(backbone, a=tasks["a"])
+    expected = torch.stack(model(images, "a"))
+    with torch.no_grad():
+        results = during_a_call(backbone.get_submodule(inside), lambda: backbone(images))
+        torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=0, atol=0)
+    torch.testing.assert_close(results[0], plain, rtol=0, atol=0)
+
+
+# ---- model-level hooks --------------------------------------------------------------------------------------
+def normalising(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with a model-level pre-hook (normalisation) and hook (a temperature), as a user might add them."""
+    model.register_forward_pre_hook(lambda module, args: ((args[0] - 0.5) / 0.25,))
+    model.register_forward_hook(lambda module, args, output: output / 2.0)
+    return model
+
+
+def test_a_backbone_with_model_level_hooks_is_refused_when_wrapped_and_when_called(tasks, images):
+    with pytest.raises(ValueError, match=r"forward hooks of its own \(normalising.<locals>.<lambda>, normalising"
+                                         r".*preprocess the images before calling it"):
+        nv.MultiTaskModel(normalising(tiny_vit()))
+    backbone = tiny_vit()
+    model = served(backbone, a=tasks["a"])
+    handle = backbone.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    with pytest.raises(ValueError, match="forward hooks of its own since it was wrapped"):
+        model(images, "a")
+    handle.remove()
+    model(images, "a")
+
+
+def test_a_task_input_graph_runs_the_models_own_forward_hooks(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), NOLA), 0), tmp_path / "task")
+    model = normalising(nv.load_adapter(tiny_vit(), task))
+    with torch.no_grad():
+        eager = model(images).numpy()
+    session = ort.InferenceSession(str(nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)))
+    outputs = session.run(None, {"images": images.numpy(), **nv.onnx_task_inputs(task, session)})[0]
+    assert np.abs(outputs - eager).max() < 1e-4
+    other = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), NOLA), 1), tmp_path / "other")
+    with torch.no_grad():
+        expected = normalising(nv.load_adapter(tiny_vit(), other))(images).numpy()
+    outputs = session.run(None, {"images": images.numpy(), **nv.onnx_task_inputs(other, session)})[0]
+    assert np.abs(outputs - expected).max() < 1e-4  # the bases are combined from the inputs, not the parameters
+
+
+# ---- graphs with external data (those over 2 GB) ---------------------------------------------------------------
+@pytest.fixture
+def exporting_external_data(monkeypatch):
+    """torch's exporter writing every tensor to a file named after it beside the graph, as it does over 2 GB."""
+    onnx = pytest.importorskip("onnx")
+    export = torch.onnx.export
+
+    def exported(module, args, path, **kwargs):
+        export(module, args, path, **kwargs)
+        onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", exported)
+
+
+def run(graph, images, **inputs) -> np.ndarray:
+    ort = pytest.importorskip("onnxruntime")
+    return ort.InferenceSession(str(graph)).run(None, {"images": images.numpy(), **inputs})[0]
+
+
+def test_graphs_with_external_data_each_get_one_data_file_of_their_own(exporting_external_data, images, tmp_path):
+    folder = tmp_path / "graphs"
+    merged = as_if_trained(nv.inject(tiny_vit(), NOLA), 0)
+    tasks = as_if_trained(nv.inject(tiny_vit(), NOLA), 1)
+    nv.export_onnx(merged, folder / "merged.onnx")
+    nv.export_onnx(tasks, folder / "tasks.onnx", tasks_as_inputs=True)
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 4 and re.fullmatch(r"merged\.onnx merged\.onnx\.[0-9a-f]{8}\.data tasks\.onnx "
+                                            r"tasks\.onnx\.[0-9a-f]{8}\.data", " ".join(files)), files
+    with torch.no_grad():
+        assert np.abs(run(folder / "merged.onnx", images) - merged(images).numpy()).max() < 1e-4
+        task = nv.save_adapter(tasks, tmp_path / "task")
+        inputs = nv.onnx_task_inputs(task, folder / "tasks.onnx")  # the metadata is there
+        assert np.abs(run(folder / "tasks.onnx", images, **inputs) - tasks(images).numpy()).max() < 1e-4
+        replacement = as_if_trained(nv.inject(tiny_vit(), NOLA), 2)
+        nv.export_onnx(replacement, folder / "merged.onnx")  # the data of the graph it replaces goes with it
+        assert len(list(folder.iterdir())) == 4 and not (folder / files[1]).exists()
+        assert np.abs(run(folder / "merged.onnx", images) - replacement(images).numpy()).max() < 1e-4
+
+
+def test_a_failed_export_with_external_data_leaves_the_folder_as_it_was(exporting_external_data, monkeypatch, images,
+                                                                       tmp_path):
+    model = as_if_trained(nv.inject(tiny_vit(), NOLA), 0)
+    nv.export_onnx(model, tmp_path / "model.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        nv.export_onnx(as_if_trained(nv.inject(tiny_vit(), NOLA), 1), tmp_path / "model.onnx")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with torch.no_grad():
+        assert np.abs(run(tmp_path / "model.onnx", images) - model(images).numpy()).max() < 1e-4
+
+
+# ---- weights changed under registered tasks -------------------------------------------------------------------
+def test_weights_written_or_replaced_after_the_tasks_were_registered_are_refused(tasks, images):
+    backbone = tiny_vit()
+    model = served(backbone, a=tasks["a"])
+    expected = torch.stack(model(images, "a"))
+    other = as_if_trained(tiny_vit(), 9, scale=0.05).state_dict()
+    backbone.load_state_dict(other)
+    with pytest.raises(RuntimeError, match=r"changed since its tasks were registered: cls_token was written or "
+                                           r"replaced.*new nv.MultiTaskModel and add the tasks again"):
+        model(images, "a")
+    backbone.load_state_dict(tiny_vit().state_dict())  # the weights the task was trained on, written again
+    with pytest.raises(RuntimeError, match="changed since its tasks were registered"):
+        model(images, "a")
+    model.remove_task("a")
+    model.add_task("a", tasks["a"])  # checked against the weights it has now
+    torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=0, atol=0)
+    backbone.blocks[1].mlp.fc2.bias = torch.nn.Parameter(backbone.blocks[1].mlp.fc2.bias.detach().clone())
+    with pytest.raises(RuntimeError, match="registered: blocks.1.mlp.fc2.bias was written or replaced"):
+        model(images, "a")
+    fresh = served(backbone, a=tasks["a"])
+    activation, backbone.blocks[0].mlp.act = backbone.blocks[0].mlp.act, torch.nn.GELU(approximate="tanh")
+    with pytest.raises(RuntimeError, match="registered: a module was replaced, added or removed"):
+        fresh(images, "a")
+    backbone.blocks[0].mlp.act = activation  # the recorded module again
+    torch.testing.assert_close(torch.stack(fresh(images, "a")), expected, rtol=0, atol=0)
+    copied = copy.deepcopy(fresh)  # a copy records its own weights
+    torch.testing.assert_close(torch.stack(copied(images, "a")), expected, rtol=0, atol=0)
