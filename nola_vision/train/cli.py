@@ -29,6 +29,7 @@ from ..models.backbones import check_backbone_name
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
+    changed_hparams,
     check_classifier_arguments,
     check_training_data,
     check_training_length,
@@ -521,17 +522,11 @@ def explicit_model_args(argv: Sequence[Any]) -> set:
     return {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
 
 
-# Hyper-parameters whose None asks for the method's recipe, resolved when the run was built: the checkpoint holds the
-# resolved value, so a None given again (the run's own command line) is no change.
-_RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
-
-
 def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
     """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
     ``--model.*`` values it would silently replace, warn about config-file values it replaces."""
     given, used = given.as_dict(), used.as_dict()
-    changed = {k: (given[k], used[k]) for k in given.keys() & used.keys()
-               if given[k] != used[k] and not (given[k] is None and k in _RESOLVED_FROM_NONE)}
+    changed = changed_hparams(used, given, given.keys() & used.keys())  # as a resume through Trainer.fit compares
     refused = {k: v for k, v in changed.items() if k in explicit}
     if refused:
         raise ValueError("with --ckpt_path the model is rebuilt from the checkpoint's hyper-parameters, which differ "

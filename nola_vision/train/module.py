@@ -7,12 +7,13 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 import lightning as L
 import torch
@@ -38,12 +39,14 @@ from ..core.inject import adapter_state, inject, quantization_aware_bits, set_qu
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import file_sha256
-from ..core.targets import head_parameter_names
+from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters
+from ..data.datamodule import FewShotDataModule
+from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["FewShotClassifier", "NonFiniteLossError", "check_classifier_arguments", "check_training_data",
-           "check_training_length"]
+__all__ = ["RESOLVED_FROM_NONE", "TRAINING_HPARAMS", "FewShotClassifier", "NonFiniteLossError", "changed_hparams",
+           "check_classifier_arguments", "check_training_data", "check_training_length"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -56,6 +59,24 @@ def _config_difference(saved: Union[str, dict], own: Union[str, dict]) -> str:
         return f"{saved!r}; this model has {own!r}"
     keys = [key for key in {**saved, **own} if saved.get(key) != own.get(key)]
     return ", ".join(f"{key}={saved.get(key)!r} (this model: {own.get(key)!r})" for key in keys)
+
+
+# Hyper-parameters whose None asks for the method's recipe, resolved when the run was built (or, for the warm-up, when
+# it started training): the checkpoint holds the resolved value, so a None given again is no change.
+RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
+# The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
+# Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
+TRAINING_HPARAMS = ("optimizer", "lr", "head_lr", "weight_decay", "momentum", "min_lr", "warmup_epochs",
+                    "label_smoothing")
+
+
+def changed_hparams(saved: Mapping[str, Any], given: Mapping[str, Any],
+                    keys: Iterable[str]) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (given, saved)}`` for each of ``keys`` whose given value differs from a checkpoint's; a None in
+    ``RESOLVED_FROM_NONE`` is no change. The CLI and ``FewShotClassifier`` compare resumes with it alone."""
+    return {key: (given[key], saved[key]) for key in keys
+            if key in saved and key in given and given[key] != saved[key]
+            and not (given[key] is None and key in RESOLVED_FROM_NONE)}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -185,7 +206,8 @@ class FewShotClassifier(L.LightningModule):
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
             warmup_epochs: linear warm-up epochs before the cosine decay; None takes the method's recipe,
                 ``nv.get_method(name).default_warmup_fraction`` of ``max_epochs`` rounded (NOLA: 2 of 20; the
-                paper presets set 0). The resolved value is stored in the hyperparameters when training starts.
+                paper presets set 0). Each fit resolves it for its own ``max_epochs``, and stores the value it uses
+                in the hyperparameters (and so in its checkpoints).
             label_smoothing: cross-entropy label smoothing (paper: 0.1).
             quant_bits: quantisation-aware training of the adapter tensors at 8 or 4 bits (straight-through
                 estimator); None trains in full precision.
@@ -197,6 +219,7 @@ class FewShotClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.adapter_config = check_classifier_arguments(self.hparams)
         hp = self.hparams
+        self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,
                                     backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
@@ -314,13 +337,19 @@ class FewShotClassifier(L.LightningModule):
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
-        if hp.warmup_epochs is None:  # the recipe's share of this run's epochs, kept for its checkpoints
-            hp.warmup_epochs = recipe_warmup_epochs(self.adapter_config, epochs)
+        warmup = self._given_warmup_epochs
+        # None: the recipe's share of this fit's epochs, resolved again by every fit; recorded for its checkpoints
+        hp.warmup_epochs = warmup if warmup is not None else recipe_warmup_epochs(self.adapter_config, epochs)
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ---- hooks -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse data preprocessed for another backbone before any pass (``_check_preprocessing``)."""
+        self._check_preprocessing()
+
     def on_fit_start(self) -> None:
+        """Refuse, before the first step, what only the end of the run or a later load would find."""
         if self._trainer is not None:
             check_training_length(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
@@ -329,6 +358,11 @@ class FewShotClassifier(L.LightningModule):
         if self.adapter_config.train_backbone and bits is not None and bits < 16:  # save_adapter refuses it at the end
             raise ValueError(f"FewShotClassifier.adapter_bits={bits} would store a fully fine-tuned backbone as "
                              f"{bits}-bit codes, which change far more than training did: use adapter_bits 16 or 32")
+        self._check_what_trains()
+        self._check_quantization_aware()
+        if self._trainer is not None:
+            self._check_data_classes()
+            self._check_optimizer_precision()
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
@@ -365,6 +399,85 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_bits = bits
         self.exported_adapter_sha256 = file_sha256(self.exported_adapter_dir / WEIGHTS_NAME)
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
+
+    def _check_what_trains(self) -> None:
+        """The trainable parameters are exactly what the method trains, which the adapter file and the checkpoints hold
+        (flags changed by hand would be found only when the export or a reload fails, after the run)."""
+        outside = [name for name, p in self.named_parameters() if p.requires_grad and not name.startswith("model.")]
+        if outside:
+            raise ValueError(f"trainable parameter(s) {_few(outside)} are outside FewShotClassifier.model: the "
+                             "optimiser, the adapter file and the parameter counts cover that model only, so they "
+                             "would never train. Add them to self.model's modules, or freeze them "
+                             "(requires_grad_(False))")
+        adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
+        require_nothing_else_trained(self.model, {**adapter, **head}, "an adapter file")
+        frozen = [f"model.{name}" for name, p in {**adapter, **head}.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"{len(frozen)} parameter(s) that {self.adapter_config.method!r} trains are frozen "
+                             f"(requires_grad False, set by hand): {_few(frozen)}. Checkpoints would not hold them and "
+                             "could not be loaded, and the adapter file would store their untrained values. Leave them "
+                             "trainable (requires_grad_(True)), or choose a method that does not train them")
+
+    def _check_quantization_aware(self) -> None:
+        """The model trains at the bits ``quant_bits`` records, which the export, checkpoints and loads follow."""
+        bits, given = quantization_aware_bits(self.model), self.hparams.quant_bits
+        if bits != given:
+            trains = f"quantisation-aware at {bits} bits" if bits else "not quantisation-aware"
+            raise ValueError(f"the model is {trains} (nv.set_quantization_aware by hand?), but "
+                             f"FewShotClassifier.quant_bits is {given}: the exported adapter and the checkpoints would "
+                             f"record another width than training used. Set quant_bits={bits} on FewShotClassifier "
+                             "instead, and leave the model's setting to it")
+
+    def _check_data_classes(self) -> None:
+        """The head has one output per class of the data the trainer's datamodule reports, where it reports them."""
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            count = getattr(datamodule, "num_classes", None)
+            names = getattr(datamodule, "class_names", None)
+        except Exception:  # a custom datamodule's property that cannot tell: nothing to compare
+            return
+        if not isinstance(count, int) and isinstance(names, (list, tuple)):
+            count = len(names)
+        outputs = num_classes_of(self.model)
+        if isinstance(count, int) and count != outputs:
+            raise ValueError(f"the data has {count} classes, the model's head {outputs} outputs (FewShotClassifier."
+                             f"num_classes={self.hparams.num_classes}, whose default is 10): it would train a head of "
+                             "the wrong size and export it without class names. Build "
+                             f"FewShotClassifier with num_classes={count} (datamodule.num_classes)")
+
+    def _check_optimizer_precision(self) -> None:
+        """Refuse Adam or AdamW on float16 parameters (``precision="16-true"``): squared gradients and Adam's eps
+        (1e-8) underflow to 0 in float16, so its first step divides by zero and the loss is NaN at any lr."""
+        for optimizer in self.trainer.optimizers:
+            if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+                continue
+            if any(p.dtype == torch.float16 for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError(f"{type(optimizer).__name__} cannot train float16 parameters (the trainer's "
+                                 "precision '16-true'): squared gradients and its eps underflow to 0 in float16, so "
+                                 "its first step divides by zero and the loss is NaN at any learning rate. Use "
+                                 "precision '16-mixed' or 'bf16-mixed' (float32 weights, half-precision compute), or "
+                                 "optimizer 'sgd'")
+
+    def _check_preprocessing(self) -> None:
+        """Refuse a ``FewShotDataModule`` that resolved its size, crop, interpolation and (``normalize="model"``) mean
+        and std for another backbone, or none: it would feed this model images it was not built for, silently."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(datamodule, FewShotDataModule):
+            return
+        expected = resolve_data_config(self.hparams.backbone, self.hparams.image_size)
+        fields = [f.name for f in dataclasses.fields(DataConfig)
+                  if datamodule.normalize == "model" or f.name not in ("mean", "std")]
+        differ = {name: (getattr(datamodule.data_config, name), getattr(expected, name)) for name in fields
+                  if getattr(datamodule.data_config, name) != getattr(expected, name)}
+        if differ:
+            given = datamodule.hparams.get("backbone")
+            raise ValueError(
+                "the FewShotDataModule preprocesses images for "
+                + (f"backbone {given!r}" if given else "no backbone (ImageNet's mean and std)")
+                + ", not for this model's: " + "; ".join(f"{name} {was} (the model's: {own})"
+                                                         for name, (was, own) in differ.items())
+                + f". Build it with backbone={self.hparams.backbone!r}, image_size={expected.input_size} (the CLI "
+                "links them from --model.backbone and --model.image_size)")
 
     def _head_class_names(self) -> Optional[List[str]]:
         """The data's class names, one per head output, for the exported file; None where they do not fit the head
@@ -419,6 +532,7 @@ class FewShotClassifier(L.LightningModule):
         self._check_data(info.get("data"))
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
+            self._check_training_hparams(checkpoint.get("hyper_parameters"))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
@@ -431,9 +545,11 @@ class FewShotClassifier(L.LightningModule):
         give another model."""
         own_bits = quantization_aware_bits(self.model)
         if "quant_bits" in info and info["quant_bits"] != own_bits:  # older checkpoints record no bits
-            raise ValueError(f"checkpoint was trained quantisation-aware at {info['quant_bits']} bits, this model "
+            saved = info["quant_bits"]
+            trained = f"quantisation-aware at {saved} bits" if saved else "without quantisation-aware training"
+            raise ValueError(f"checkpoint was trained {trained}, this model "
                              f"{f'at {own_bits} bits' if own_bits else 'is not quantisation-aware'}: the same trained "
-                             f"tensors give other outputs. Build the model with quant_bits={info['quant_bits']} "
+                             f"tensors give other outputs. Build the model with quant_bits={saved} "
                              "(--model.quant_bits) as in training")
         if "adapter" not in info:  # written before checkpoints recorded their adapter
             return
@@ -517,6 +633,20 @@ class FewShotClassifier(L.LightningModule):
         if self._trainer is None or self._data_record() is None or self._trainer.state.fn != "fit":
             return
         check_training_data(saved, getattr(self._trainer.datamodule, "hparams", None))
+
+    def _check_training_hparams(self, saved: Optional[dict]) -> None:
+        """Refuse to resume with other ``TRAINING_HPARAMS`` than the checkpoint's run: its optimiser state keeps that
+        run's rates while this run would record these values as the whole run's (another optimiser cannot load it)."""
+        if not isinstance(saved, dict):
+            return
+        given = {**self.hparams, "warmup_epochs": self._given_warmup_epochs}
+        changed = changed_hparams(saved, given, TRAINING_HPARAMS)
+        if changed:
+            raise ValueError("resuming would train with other settings than the checkpoint's run: "
+                             + "; ".join(f"{key}={now!r} (checkpoint: {was!r})" for key, (now, was) in changed.items())
+                             + ". Its optimiser state keeps the run's, while this run would record these for the whole "
+                             "run. Build the model with the run's values (FewShotClassifier.load_from_checkpoint(path) "
+                             "does), or train a new run (fit without ckpt_path)")
 
     def _check_split(self, saved: dict, now: dict) -> None:
         """The run's k-shot draw, compared by the digest of its images where the checkpoint records one (a replay of

@@ -1,0 +1,166 @@
+"""FewShotClassifier refuses, before its first step, a fit that would train or record something other than asked: a
+resume with other training settings, data preprocessed or labelled for another model, trainable flags or quantisation
+set by hand, Adam on float16 weights, parameters outside its model. Each fit resolves the recipe's warm-up anew."""
+import re
+
+import lightning as L
+import pytest
+import torch
+from fixtures_data import write_imagefolder
+from test_module import NOLA, TINY, loader, trainer
+
+import nola_vision as nv
+from nola_vision.data import FewShotDataModule
+from nola_vision.train.module import FewShotClassifier
+
+
+def module(**hparams) -> FewShotClassifier:
+    return FewShotClassifier(**{"num_classes": 4, "adapter": NOLA, "lr": 1e-2, "head_lr": 1e-2, "warmup_epochs": 0,
+                                **TINY, **hparams})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of a 1-epoch run of ``module()``."""
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0)
+    trainer(root, epochs=1).fit(module(), loader())
+    return next((root / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+    write_imagefolder(tmp_path / "pets", train_per_class=4, eval_per_class=1, eval_folder="test")
+    return tmp_path / "pets"
+
+
+def refused_before_a_step(run: L.Trainer, fit, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fit()
+    assert run.global_step == 0
+
+
+# ---- F1: a resume keeps the run's training settings ------------------------------------------------------------
+
+@pytest.mark.parametrize("changed, shown", [
+    (dict(lr=0.5, head_lr=0.5), "lr=0.5 (checkpoint: 0.01); head_lr=0.5 (checkpoint: 0.01)"),
+    (dict(weight_decay=0.1, label_smoothing=0.0), "weight_decay=0.1 (checkpoint: 0.0); label_smoothing=0.0"),
+    (dict(optimizer="sgd"), "optimizer='sgd' (checkpoint: 'adam')"),  # was a bare KeyError 'momentum'
+])
+def test_resuming_through_the_trainer_with_other_training_hparams_is_refused_naming_them(checkpoint, tmp_path,
+                                                                                        changed, shown):
+    run = trainer(tmp_path, epochs=3)
+    refused_before_a_step(run, lambda: run.fit(module(**changed), loader(), ckpt_path=checkpoint),
+                          re.escape(shown) + ".*load_from_checkpoint")
+
+
+def test_resuming_with_the_runs_values_or_the_recipes_null_warmup_trains_on(checkpoint, tmp_path):
+    for name, model in (("loaded", FewShotClassifier.load_from_checkpoint(checkpoint)),
+                        ("null_warmup", module(warmup_epochs=None))):  # the recipe's, resolved: no change
+        run = trainer(tmp_path / name, epochs=2, limit_train_batches=1, enable_checkpointing=False)
+        run.fit(model, loader(), ckpt_path=checkpoint)
+        assert run.global_step == 4 + 1
+
+
+def test_the_cli_and_the_module_compare_hyperparameters_alike():
+    from nola_vision.train.module import RESOLVED_FROM_NONE, changed_hparams
+
+    saved = {"lr": 0.03, "head_lr": 0.01, "warmup_epochs": 2, "min_lr": 1e-6}
+    assert changed_hparams(saved, {key: None for key in RESOLVED_FROM_NONE}, saved) == {}
+    assert changed_hparams(saved, {**saved, "lr": 0.5, "min_lr": None}, saved) == {"lr": (0.5, 0.03),
+                                                                                   "min_lr": (None, 1e-6)}
+
+
+# ---- F2, F3: the data fits the model -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, shown", [
+    (dict(image_size=32), r"no backbone \(ImageNet's mean and std\), not for this model's: mean \(0.485, 0.456, "
+                          r"0.406\) \(the model's: \(0.5, 0.5, 0.5\)\)"),
+    (dict(backbone="vit_small_patch14_dinov2", image_size=32), "backbone 'vit_small_patch14_dinov2'.*mean"),
+    (dict(backbone="vit_tiny_patch16_224"), r"input_size 224 \(the model's: 32\)"),
+])
+def test_a_datamodule_preprocessing_for_another_backbone_is_refused_at_fit_and_test(folder_root, tmp_path, data,
+                                                                                    shown):
+    datamodule = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, **data)
+    match = shown + r".*backbone='vit_tiny_patch16_224', image_size=32"
+    run = trainer(tmp_path)
+    refused_before_a_step(run, lambda: run.fit(module(num_classes=3), datamodule=datamodule), match)
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path).test(module(num_classes=3), datamodule=datamodule)
+
+
+@pytest.mark.parametrize("normalize", ["model", "imagenet"])  # imagenet: the user's own choice of mean and std
+def test_a_datamodule_of_the_models_backbone_and_size_trains(folder_root, tmp_path, normalize):
+    datamodule = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=32,
+                                   backbone="vit_tiny_patch16_224", normalize=normalize)
+    run = trainer(tmp_path, epochs=1, limit_train_batches=1)
+    run.fit(module(num_classes=3, adapter_dir=str(tmp_path / "adapter")), datamodule=datamodule)
+    assert run.global_step == 1
+
+
+def test_a_head_of_another_class_count_than_the_data_is_refused_before_training(folder_root, tmp_path):
+    datamodule = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=32,
+                                   backbone="vit_tiny_patch16_224")
+    run = trainer(tmp_path)
+    refused_before_a_step(run, lambda: run.fit(FewShotClassifier(adapter=NOLA, **TINY), datamodule=datamodule),
+                          r"the data has 3 classes, the model's head 10 outputs .*num_classes=3")
+
+
+# ---- F4, F5, F8: what trains is what the files hold -------------------------------------------------------------
+
+def test_trainable_flags_changed_by_hand_are_refused_before_training(tmp_path):
+    unfrozen = module()
+    unfrozen.model.norm.weight.requires_grad_(True)
+    run = trainer(tmp_path / "unfrozen")
+    refused_before_a_step(run, lambda: run.fit(unfrozen, loader()), r"not part of an adapter file: \['norm.weight'\]")
+    frozen = module()
+    frozen.model.head.requires_grad_(False)
+    run = trainer(tmp_path / "frozen")
+    refused_before_a_step(run, lambda: run.fit(frozen, loader()), r"'nola' trains are frozen .*model.head.weight")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("quant_bits, by_hand, shown", [
+    (None, 4, "quantisation-aware at 4 bits .*quant_bits is None.*quant_bits=4 on FewShotClassifier"),
+    (4, None, "not quantisation-aware .*quant_bits is 4.*quant_bits=None on FewShotClassifier"),
+])
+def test_quantisation_aware_training_set_by_hand_is_refused_before_training(tmp_path, quant_bits, by_hand, shown):
+    model = module(quant_bits=quant_bits)
+    nv.set_quantization_aware(model.model, by_hand)
+    run = trainer(tmp_path)
+    refused_before_a_step(run, lambda: run.fit(model, loader()), shown)
+
+
+def test_a_checkpoint_trained_without_quantisation_says_so():
+    checkpoint = {"state_dict": module().state_dict()}
+    module().on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"trained without quantisation-aware training, this model at 4 bits.*"
+                                         r"quant_bits=None"):
+        module(quant_bits=4).on_load_checkpoint(checkpoint)
+
+
+def test_a_trainable_parameter_outside_the_model_is_refused_naming_it(tmp_path):
+    class WithTemperature(FewShotClassifier):
+        def __init__(self, **hparams):
+            super().__init__(**hparams)
+            self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    model = WithTemperature(num_classes=4, adapter=NOLA, **TINY)
+    run = trainer(tmp_path)
+    refused_before_a_step(run, lambda: run.fit(model, loader()),
+                          r"\['logit_scale'\] are outside FewShotClassifier.model")
+
+
+# ---- F6, F7: the schedule and the optimiser ----------------------------------------------------------------------
+
+def test_each_fit_resolves_the_recipes_warmup_for_its_own_epochs():
+    model = module(warmup_epochs=None)
+    for epochs, warmup in ((3, 0), (20, 2), (3, 0)):  # NOLA's recipe: a tenth of the epochs, rounded
+        model.trainer = L.Trainer(max_epochs=epochs, logger=False)
+        model.configure_optimizers()
+        assert model.hparams.warmup_epochs == warmup  # the value this fit used, for its checkpoints
+
+
+def test_adam_on_float16_weights_is_refused_before_training(tmp_path):
+    run = trainer(tmp_path, precision="16-true")
+    refused_before_a_step(run, lambda: run.fit(module(), loader()), "Adam cannot train float16 .*'16-mixed'")
