@@ -324,7 +324,7 @@ def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike)
     show the loaded values at its own width, so its outputs would not be the saved adapter's."""
     aware = quantization_aware_bits(model)
     if aware is not None and aware != bits:
-        raise ValueError(
+        raise AdapterLoadError(
             f"the model trains quantisation-aware at {aware} bits (nv.set_quantization_aware), so it would see the "
             f"{bits}-bit adapter in {directory} at {aware} bits, with other outputs than the saved one. Call "
             f"nv.set_quantization_aware(model, None) before loading (and set it again to train on at {aware} bits), or "
@@ -966,8 +966,8 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     Checked: the file's fields and checksums, architecture, class count (unless ``match_num_classes`` is False:
     then the head takes the file's class count, as a server of many tasks needs), layer shapes against the
     injection plan, the fingerprint of the regenerated random bases, the frozen weights (unless
-    ``check_frozen_weights`` is False), tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1
-    files, which carry no checksums.
+    ``check_frozen_weights`` is False), that a model under quantisation-aware training trains at the file's bits,
+    tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
     """
     model = unwrap_model(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
@@ -982,6 +982,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_bases(plan, document)
     if check_frozen_weights:
         _check_frozen_weights(model, document, plan)
+    _require_quantization_fits(model, document["bits"], directory)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
         own = num_classes_of(model)
@@ -1000,19 +1001,18 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
 
     ``verify_adapter`` checks everything before the model changes: the file's fields and checksums, architecture,
     class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, the
-    frozen weights, and finite values. The frozen weights of the adapted layers and of the norm the head reads must
-    match the fingerprint saved with the adapter (a bfloat16/float16 copy does; another pretrained tag, fine-tune or
-    random init does not), and no adapter may have been merged into them since (``merge_and_unload``);
-    ``check_frozen_weights=False`` skips both, for a deliberate transfer. Format 2 files hold no fingerprint, so
-    only merged adapters are checked for them; format 1 files, without checksums, load only with
-    ``allow_unchecked_legacy=True``. On a model with the same adapter config it switches tasks in place: the trained
-    tensors are copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays
+    frozen weights, the bits of quantisation-aware training, and finite values. The frozen weights of the adapted
+    layers and of the norm the head reads must match the fingerprint saved with the adapter (a bfloat16/float16 copy
+    does; another pretrained tag, fine-tune or random init does not), and no adapter may have been merged into them
+    since (``merge_and_unload``); ``check_frozen_weights=False`` skips both, for a deliberate transfer. Format 2 files
+    hold no fingerprint, so only merged adapters are checked for them; format 1 files, without checksums, load only
+    with ``allow_unchecked_legacy=True``. On a model with the same adapter config it switches tasks in place: the
+    trained tensors are copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays
     merged), so a ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
     target = unwrap_model(model)
     verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)
-    _require_quantization_fits(target, verified.document["bits"], directory)
     if adapter_state(target) is None:
         inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
     switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged

@@ -10,9 +10,10 @@ status other than ok, or from a process that exited non-zero never counts.
 A row is keyed by its settings (the config files' content, the overrides without seeds and paths, and the
 content of every file they name, ``results.config_key``):
 ``<out>/<name>/config.json`` records them, and re-running under the same name with other settings is refused
-with the differing settings named, instead of averaging runs of different settings into one row. Each result
-records the digests of the images it was made on (``results.data_digests``), and adding runs to a row made on other
-images (a data folder changed since) is refused the same way.
+with the differing settings named (the same overrides in another order are the same settings: ``same_settings``),
+instead of averaging runs of different settings into one row. Each result records the digests of the images it
+was made on (``results.data_digests``), and adding runs to a row made on other images (a data folder changed since)
+is refused the same way.
 
 The fit command line is checked once, before any run (``check_fit_arguments``): a misspelt option or a value fit
 refuses would fail every run alike.
@@ -49,15 +50,14 @@ from .results import (
     check_row_data,
     check_seeds,
     claim_row,
-    claim_run,
+    claim_unfinished_run,
     config_key,
     counted,
     data_digests,
-    discard_result,
+    finished_result,
     parse_overrides,
     read_result,
     request_runs,
-    retire_unfinished_run,
     row_folder,
     write_tables,
 )
@@ -270,7 +270,7 @@ def run_protocol(
     key = config_key(configs, overrides)
     check_output_paths(out, name)
     root = row_folder(out, name)
-    claim_row(root, key)
+    key = claim_row(root, key)
     images = data_digests(data.dataset, data.root)
     if images is not None:  # else the first run downloads the data
         check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}")
@@ -288,18 +288,12 @@ def run_protocol(
             if echo:
                 print(f"{label}: done already, skipped", flush=True)
             continue
-        claim = claim_run(run_dir)
-        if claim is None:
-            if echo:
+        claim = claim_unfinished_run(run_dir)
+        if claim is None:  # another process runs it (or has just finished it)
+            if echo and not counted(read_result(run_dir / RESULT_FILE)):
                 print(f"{label}: running in another process, skipped", flush=True)
             continue
         claims[run_dir] = claim
-        if counted(read_result(run_dir / RESULT_FILE)):  # finished by another process meanwhile
-            os.close(claims.pop(run_dir))
-            continue
-        discard_result(run_dir / RESULT_FILE)  # a result that does not count must not be mistaken for a finished run
-        retire_unfinished_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
                            run_dir / "log.txt", claim))
@@ -308,10 +302,8 @@ def run_protocol(
     try:
         for run, code, wall in executor.run(pending):
             run_dir, label = run.log.parent, labels[run.log.parent]
-            result = run_dir / RESULT_FILE
-            row = read_result(result)
-            if code != 0 or not counted(row):
-                discard_result(result)
+            row = finished_result(run_dir, code)
+            if row is None:
                 why = failure(code, run.log) if code != 0 else "no finite test accuracy"
                 refused = refused or code == CONFIG_EXIT
                 failed.append(f"{run_dir} ({why}; see {run.log})")
@@ -325,7 +317,7 @@ def run_protocol(
             if images is None:
                 images = data_digests(data.dataset, data.root)
             row.setdefault("data", images)
-            write_json_atomic(result, row)
+            write_json_atomic(run_dir / RESULT_FILE, row)
             write_tables(out)
             if echo:
                 print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)

@@ -11,6 +11,7 @@ the tables can flag a mean over fewer runs (failed, or still running).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -33,9 +34,11 @@ from ..core.storage import (
 )
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "check_row_data", "check_seeds", "claim_row", "claim_run", "collect_results", "config_key", "counted",
-           "data_digests", "discard_result", "mixed_settings", "parse_overrides", "read_result", "referenced_files",
-           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "summarise", "write_tables"]
+           "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
+           "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
+           "finished_result", "mixed_settings", "override_changes", "parse_overrides", "read_result",
+           "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
+           "same_settings", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -79,7 +82,8 @@ def config_key(configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, An
     contents = [_config_text(c) for c in configs]
     pairs = [(k, v) for k, v in parse_overrides(overrides) if k not in RUN_ARGS]
     settings = [f"{k}={v}" if v is not None else k for k, v in pairs]
-    files = referenced_files(configs, [v for _, v in pairs if v is not None], contents)
+    named = [(k, v) for k, v in pairs if v is not None]
+    files = referenced_files(configs, [v for _, v in named], contents, [k for k, _ in named])
     # a named file counts by its content (its path is in the text that names it); the list keeps their order
     digest = hashlib.sha256(json.dumps({"configs": contents, "overrides": settings,
                                         **({"files": list(files.values())} if files else {})}
@@ -102,18 +106,21 @@ _CHUNK = 1 << 20
 
 
 def referenced_files(configs: Sequence[str], values: Sequence[str],
-                     contents: Optional[Sequence[str]] = None) -> Dict[str, str]:
-    """Every file the composed settings name, as ``{path: sha256 of its bytes}`` in the order found: a string value
-    in a ``-c`` config that names a file relative to the config's folder (as jsonargparse resolves ``data: data.yaml``,
-    ``model: {adapter: nola.yaml}``, ``config: base.yaml``), or else relative to the working directory (as fit opens
-    a plain path, ``pretrained_file: w.safetensors``); an override value (or a string in an inline YAML override,
-    ``--model '{adapter: a.yaml}'``) naming a file relative to the working directory; and, recursively, the same in
-    each named YAML/JSON file (relative to its own folder). Files are hashed in chunks, never decoded: a weights file
-    counts by its bytes. ``contents``: the configs' text, when already read."""
+                     contents: Optional[Sequence[str]] = None,
+                     options: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Every file the composed settings name, as ``{path: sha256 of its bytes}`` in the order found, each resolved as
+    fit resolves it: in a ``-c`` config (or a file it names), a value of an option from which fit's parser loads a
+    settings file (a group, ``data: data.yaml``; a subclass, ``model: {adapter: nola.yaml}``; ``config: base.yaml``:
+    ``config_file_options``) relative to the naming file's folder, and any other path relative to the working
+    directory, where fit opens it (``pretrained_file: w.safetensors``); an override value (or a string in an inline
+    YAML override, ``--model '{adapter: a.yaml}'``) relative to the working directory; and, recursively, the same in
+    each settings file named. Files are hashed in chunks, never decoded: a weights file counts by its bytes.
+    ``contents``: the configs' text, when already read; ``options``: the override option of each value
+    (``--model.adapter``), for the files its settings name."""
     found: Dict[str, str] = {}
     seen = {os.path.realpath(c) for c in configs}  # their text is in the key already
 
-    def visit(path: Path, loadable: bool) -> None:
+    def visit(path: Path, loadable: bool, option: str) -> None:
         real = os.path.realpath(path)
         if real in seen:
             return
@@ -125,37 +132,68 @@ def referenced_files(configs: Sequence[str], values: Sequence[str],
         found[str(path)] = digest
         content = _yaml(data) if data is not None else None
         if isinstance(content, (dict, list)):  # settings (jsonargparse loads them from there): what they name counts
-            walk(content, path.parent)
+            walk(content, path.parent, config_file_options().get(option, option))
 
-    def walk(node: Any, folder: Optional[Path]) -> None:
-        """``folder``: that of the file holding ``node``; None on the command line (the working directory)."""
+    def walk(node: Any, folder: Optional[Path], option: str) -> None:
+        """``folder``: that of the file holding ``node``, None on the command line (the working directory);
+        ``option``: the dotted fit option ``node`` sets ("" for a whole config)."""
         if isinstance(node, dict):
-            for value in node.values():
-                walk(value, folder)
+            for key, value in node.items():
+                walk(value, folder, f"{option}.{key}" if option else str(key))
         elif isinstance(node, list):
             for value in node:
-                walk(value, folder)
+                walk(value, folder, option)
         elif isinstance(node, str):
-            name(node, folder)
+            name(node, folder, option)
 
-    def name(text: str, folder: Optional[Path]) -> None:
-        candidates = [(Path(text), True)] if folder is None else [(folder / text, True), (Path(text), False)]
+    def name(text: str, folder: Optional[Path], option: str) -> None:
+        if folder is None:
+            candidates = [(Path(text), True)]
+        elif not (_is_file(folder / text) or _is_file(Path(text))):
+            candidates = []  # names no file (most values): fit's parser need not be asked
+        elif option in config_file_options():  # a settings file: jsonargparse looks in the naming file's folder first
+            candidates = [(folder / text, True), (Path(text), True)]
+        else:
+            candidates = [(Path(text), False)]  # fit opens any other path from the working directory
         for path, loadable in candidates:
             if _is_file(path):
-                visit(path, loadable)
+                visit(path, loadable, option)
                 return
         if text.lstrip()[:1] in ("{", "["):  # a group given inline: the files it names
-            walk(_yaml(text), folder)
+            walk(_yaml(text), folder, option)
 
     try:
         for config, text in zip(configs, contents if contents is not None else map(_config_text, configs)):
-            walk(_yaml(text), Path(config).parent)
-        for value in values:
-            name(value, None)
+            walk(_yaml(text), Path(config).parent, "")
+        for value, option in zip(values, options if options is not None else [""] * len(values)):
+            name(value, None, option.lstrip("-").replace(".init_args.", "."))
     except RecursionError:
         raise ValueError("a config or an override nests too deeply (or its files name each other in a loop too "
                          "deep to follow); flatten it") from None
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def config_file_options() -> Dict[str, str]:
+    """The fit options whose string value fit's parser (jsonargparse) loads as a settings file, read relative to the
+    folder of the file that gives it: ``--config``, the groups (``data``, ``model``, ``trainer``) and class-typed
+    options (``model.adapter``, ``trainer.callbacks``); each with the option the loaded file's keys belong to."""
+    from jsonargparse import ActionConfigFile
+    from jsonargparse._actions import _ActionConfigLoad
+    from jsonargparse._typehints import ActionTypeHint, is_subclass_container_typehint
+
+    from ..train.cli import cli_parser
+
+    options: Dict[str, str] = {}
+    for action in cli_parser()._subcommands_action._name_parser_map["fit"]._actions:
+        typehint = getattr(action, "_typehint", None)
+        if isinstance(action, ActionConfigFile):
+            options[action.dest] = action.dest.rpartition(".")[0]  # a config file sets the options beside it
+        elif isinstance(action, _ActionConfigLoad) or typehint is not None and (
+                ActionTypeHint.is_subclass_typehint(typehint, all_subtypes=False)
+                or is_subclass_container_typehint(typehint)):
+            options[action.dest] = action.dest
+    return options
 
 
 def _is_file(path: Path) -> bool:
@@ -228,6 +266,35 @@ def claim_run(run_dir: Path) -> Optional[int]:
     Where no lock can be taken (Windows), nothing is locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return try_lock(run_dir / ".claim")
+
+
+def claim_unfinished_run(run_dir: Path, metric: str = "test/acc") -> Optional[int]:
+    """Claim ``run_dir`` for a new fit (``claim_run``), unless its result counts (``metric``): the claim's descriptor,
+    with the folder ready for the fit (a result that does not count moved aside, never mistaken for a finished run,
+    and a dead fit's leftovers retired), or None when its result counts or another process holds the claim (runs
+    its fit now). The one path by which ``protocol`` and ``tune`` start a fit in a run folder."""
+    if counted(read_result(run_dir / RESULT_FILE), metric):
+        return None
+    claim = claim_run(run_dir)
+    if claim is None:
+        return None
+    if counted(read_result(run_dir / RESULT_FILE), metric):  # finished by another process meanwhile
+        os.close(claim)
+        return None
+    discard_result(run_dir / RESULT_FILE)
+    retire_unfinished_run(run_dir)
+    return claim
+
+
+def finished_result(run_dir: Path, code: int, metric: str = "test/acc") -> Optional[Dict[str, Any]]:
+    """The result that the fit which exited with ``code`` left in ``run_dir``, when it counts (``metric``); else None,
+    with the result moved aside (``discard_result``): a fit that failed after writing it (``code`` != 0) never
+    counts, in this command or in a later one that finds the file."""
+    result = read_result(run_dir / RESULT_FILE)
+    if code == 0 and counted(result, metric):
+        return result
+    discard_result(run_dir / RESULT_FILE)
+    return None
 
 
 def request_runs(root: Path, runs: Sequence[str]) -> None:
@@ -316,8 +383,10 @@ def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
                              f"--name for a separate row, or delete {root} to redo this one")
 
 
-def claim_row(root: Path, key: Dict[str, Any]) -> None:
-    """Record the row's settings in ``<root>/config.json``, or refuse when its runs were made with others."""
+def claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+    """Record the row's settings in ``<root>/config.json``, or refuse when its runs were made with others; returns the
+    key the row records (``key``, or the one recorded for the same settings: ``same_settings``), whose hash its
+    results carry."""
     path = root / CONFIG_FILE
     try:
         old = json.loads(path.read_text())
@@ -329,20 +398,19 @@ def claim_row(root: Path, key: Dict[str, Any]) -> None:
             raise ValueError(f"{root} holds runs made with other settings than now; pass another --name for a "
                              f"separate row, or delete {root} to redo it")
         write_json_atomic(path, key)
-        return
-    if old.get("config_hash") == key["config_hash"]:
-        return
+        return key
+    if old.get("config_hash") == key["config_hash"] or same_settings(old, key):
+        return old
     if "files" not in old and _recorded_by_earlier_key(old, key):
         write_json_atomic(path, key)  # the same settings, recorded before named files counted by their bytes
-        return
+        return key
     diffs = []
     if old.get("config_sha256") != key["config_sha256"]:
         diffs.append(f"config files: before {old.get('configs')} (content {old.get('config_sha256')}), now "
                      f"{key['configs']} (content {key['config_sha256']})")
     before, now = old.get("overrides", []), key["overrides"]
-    if before != now:
-        diffs.append(f"overrides: only before {[o for o in before if o not in now] or before}, "
-                     f"only now {[o for o in now if o not in before] or now}")
+    if effective_overrides(before) != effective_overrides(now):
+        diffs.append(override_changes(before, now))
     files_before, files_now = old.get("files", {}), key.get("files", {})
     if files_before != files_now:
         changed = [f"{p} {files_before.get(p, '(not named)')} -> {files_now.get(p, '(not named)')}"
@@ -353,6 +421,55 @@ def claim_row(root: Path, key: Dict[str, Any]) -> None:
     raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
                      f"their results would be averaged into one row. Pass another --name for a separate row, "
                      f"or delete {root} to redo this one")
+
+
+def _option_path(key: str) -> Tuple[str, ...]:
+    """The option a key sets, as parts: ``--model.adapter.init_args.rank`` is ``(model, adapter, rank)``."""
+    return tuple(p for p in key.lstrip("-").split(".") if p not in ("init_args", "class_path", "dict_kwargs"))
+
+
+def _last_values(settings: Sequence[str]) -> Dict[str, Optional[str]]:
+    """Each key's last value (``key=value`` settings; a flag alone has None), in the order of those last values."""
+    last: Dict[str, Optional[str]] = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        last.pop(key, None)
+        last[key] = value if sep else None
+    return last
+
+
+def effective_overrides(settings: Sequence[str]) -> List[str]:
+    """The overrides (``key=value`` settings) as fit applies them, in one canonical form: each key's last value, sorted
+    by key. Where one key sets a group or class that another sets part of (``--data`` and ``--data.shots``), fit's
+    result depends on their order, so they stay as given."""
+    last = _last_values(settings)
+    paths = [_option_path(k) for k in last]
+    if any(a[:len(b)] == b for i, a in enumerate(paths) for j, b in enumerate(paths) if i != j):
+        return list(settings)
+    return [k if v is None else f"{k}={v}" for k, v in sorted(last.items())]
+
+
+def same_settings(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
+    """Whether two keys (``config_key``) record the same settings: the configs' content, the named files' content and
+    the overrides as fit applies them (``effective_overrides``), so the same overrides given in another order (or with
+    a value repeated) are one row, whichever order made its hash."""
+    return (old.get("config_sha256") == key["config_sha256"] and old.get("files", {}) == key.get("files", {})
+            and effective_overrides(old.get("overrides", [])) == effective_overrides(key["overrides"]))
+
+
+def override_changes(before: Sequence[str], now: Sequence[str]) -> str:
+    """What differs between two lists of overrides (``key=value`` settings), said per key, for a refusal."""
+    old, new = _last_values(before), _last_values(now)
+
+    def shown(values: Dict[str, Optional[str]], key: str) -> str:
+        return "(not given)" if key not in values else key if values[key] is None else f"{key}={values[key]}"
+
+    changed = [f"{shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
+               if k not in old or k not in new or old[k] != new[k]]
+    if changed:
+        return f"overrides: {'; '.join(changed)}"
+    return (f"overrides in another order: before {list(before)}, now {list(now)}; one sets a group or class that "
+            "another sets part of, so fit's result depends on their order: give them in the order before")
 
 
 def _finite(value: Any) -> bool:

@@ -6,8 +6,10 @@ the mean final-epoch ``val/acc``: the test split is never read while choosing. T
 storage (``sqlite:///<out>/<name>/tune.db`` by default), so a killed search resumes where it stopped, and
 workers on several machines can share one study through a ``postgresql://`` or ``mysql://`` URL.
 
-Grid search claims grid points in the storage: a point is run by one worker only (a duplicate claim yields to
-the lower trial number), finished points are never rerun, and points whose trial failed or whose worker died
+Each fit starts only under its folder's claim, as in ``protocol``: a fit that another process runs there (one a killed
+worker left running) is waited for, never started twice; a fit that exits non-zero never counts, even where it wrote
+its result. Grid search claims grid points in the storage: a point is run by one worker only (a duplicate claim
+yields to the lower trial number), finished points are never rerun, and points whose trial failed or whose worker died
 (its heartbeat went stale) are retried by the next run. Then the best point (ties: the first in grid order)
 is run through ``protocol`` (split seeds × init seeds, final test accuracy) as the row ``<name>``.
 """
@@ -37,6 +39,7 @@ from .executors import (
     Executor,
     LocalExecutor,
     Run,
+    Stopped,
     add_executor_arguments,
     build_executor,
     failure,
@@ -56,11 +59,14 @@ from .protocol import (
 from .results import (
     RESULT_FILE,
     check_seeds,
+    claim_unfinished_run,
     config_key,
     counted,
+    finished_result,
+    override_changes,
     read_result,
-    retire_unfinished_run,
     row_folder,
+    same_settings,
 )
 
 __all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "main", "parse_grid", "run_tune"]
@@ -89,7 +95,8 @@ class TrialFailed(RuntimeError):
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
-    """``["model.lr=1e-3,5e-3", ...]`` as ``{"model.lr": [0.001, 0.005]}`` (numbers parsed, other values strings)."""
+    """``["model.lr=1e-3,5e-3", ...]`` as ``{"model.lr": [0.001, 0.005]}`` (numbers parsed, other values strings; a
+    YAML list or mapping, ``[mlp.fc1,mlp.fc2]``, is one value)."""
     grid: Dict[str, List[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -99,7 +106,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
                              "--grid model.lr=1e-3,5e-3,2e-2 or --grid model.adapter.init_args.scale=1,4")
         if key in grid:
             raise ValueError(f"--grid {key} is given twice: list all its values in one --grid {key}=a,b,c")
-        parsed = [_number(v.strip()) for v in values.split(",") if v.strip()]
+        parsed = [_number(v.strip()) for v in _split_values(key, values) if v.strip()]
         if not parsed:
             raise ValueError(f"--grid {key} has no values: list them, e.g. --grid {key}=1e-3,5e-3")
         if len({repr(float(v)) if isinstance(v, (int, float)) else v for v in parsed}) != len(parsed):
@@ -110,6 +117,35 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     if not grid:
         raise ValueError("tune needs at least one --grid key=v1,v2,... (e.g. --grid model.lr=1e-3,5e-3,2e-2)")
     return grid
+
+
+def _split_values(key: str, values: str) -> List[str]:
+    """``values`` split on the commas outside brackets, braces and quotes, so that a YAML flow value is one value
+    (``[mlp.fc1,mlp.fc2],[qkv]`` is two lists); unbalanced ones are refused before any fit runs."""
+    parts, current, open_ = [], [], []  # open_: the closers (or quote) still awaited, innermost last
+    closers = {"[": "]", "{": "}"}
+    for char in values:
+        if open_ and open_[-1] in "'\"":
+            if char == open_[-1]:
+                open_.pop()
+        elif char in "'\"" and "".join(current).rstrip()[-1:] in ("", "[", "{", ",", ":"):  # where YAML quotes
+            open_.append(char)
+        elif char in closers:
+            open_.append(closers[char])
+        elif char in "]}":
+            if not open_ or open_[-1] != char:
+                raise ValueError(f"--grid {key}={values}: {char!r} closes no bracket opened before it; a value that "
+                                 f"is a YAML list or mapping is written whole, e.g. --grid {key}=[a,b],[c]")
+            open_.pop()
+        elif char == "," and not open_:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if open_:
+        raise ValueError(f"--grid {key}={values}: {open_[-1]!r} is missing (a bracket or quote is not closed); a value "
+                         f"that is a YAML list or mapping is written whole, e.g. --grid {key}=[a,b],[c]")
+    return [*parts, "".join(current)]
 
 
 def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str, List[Any]]) -> None:
@@ -183,6 +219,7 @@ class _Search:
         self.first_pass = sampler_order is not None
         self.lock = threading.Lock()
         self.failed_here: Set[str] = set()  # failed in this run: retried by the next run, not in a loop now
+        self.failures = 0  # trials failed in this run: they use up tpe's budget, so a fit failing alike ends the run
         self.started = 0
         self.settings_hash = settings_hash
         self.heartbeat_s = storage.get_heartbeat_interval() or 30
@@ -209,7 +246,8 @@ class _Search:
                 optuna.storages.fail_stale_trials(self.study)
                 trials = self.study.get_trials(deepcopy=False)
                 if self.sampler == "tpe":
-                    if sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) >= self.tpe_budget:
+                    used = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) + self.failures
+                    if used >= self.tpe_budget:
                         return None
                     trial = self.study.ask()
                     self._beat(trial)
@@ -281,6 +319,7 @@ class _Search:
             stop.set()
             with self.lock:
                 self.failed_here.add(_point_key(params))
+                self.failures += 1
                 trial.set_user_attr("error", str(err))
                 self.study.tell(trial, state=TrialState.FAIL)
             if self.echo:
@@ -305,32 +344,65 @@ class _Search:
             self._beat(trial)
 
     def _fit(self, params: Params) -> Dict[str, float]:
-        """Validation accuracy of every selection seed of one grid point (finished fits are reused)."""
+        """Validation accuracy of every selection seed of one grid point. Finished fits are reused; a fit is started
+        only under its folder's claim (``claim_unfinished_run``, as protocol does), so a fit another process runs
+        there (one a killed worker left running) is waited for, never started twice."""
         # keyed by the settings too: fits made with other settings (a deleted, re-made study) are never reused
         digest = hashlib.sha256(f"{self.settings_hash}|{_point_key(params)}".encode()).hexdigest()[:10]
         trial_dir = self.root / "tune" / f"trial-{digest}"
         overrides = [*self.overrides, *_param_args(params), "--test_after_fit", "false"]
-        runs = []
-        for split_seed, init_seed in self.seeds:
-            run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
-            if not counted(read_result(run_dir / RESULT_FILE), "val/acc"):
-                retire_unfinished_run(run_dir)
-                runs.append(Run(fit_command(self.python, self.config_args, run_dir, split_seed, init_seed, overrides),
-                                run_dir / "log.txt"))
-        errors = [f"{failure(code, run.log)}, log {run.log}" for run, code, _ in self.executor.run(runs) if code != 0]
-        if errors:
-            raise TrialFailed("; ".join(errors))
+        seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
+        announced: Set[Path] = set()
+        while True:
+            left = [d for d in seeds if not counted(read_result(d / RESULT_FILE), "val/acc")]
+            if not left:
+                break
+            claims: Dict[Path, int] = {}
+            try:
+                for run_dir in left:
+                    claim = claim_unfinished_run(run_dir, "val/acc")
+                    if claim is not None:
+                        claims[run_dir] = claim
+                runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim)
+                        for d, claim in claims.items()]
+                errors = [self._failure(run, code) for run, code, _ in self.executor.run(runs)
+                          if finished_result(run.log.parent, code, "val/acc") is None]
+            finally:
+                for claim in claims.values():
+                    os.close(claim)
+            if errors:
+                raise TrialFailed("; ".join(errors))
+            if not runs:
+                self._wait_for_others(left, announced)
         accs = {}
-        for split_seed, init_seed in self.seeds:
-            run_dir = trial_dir / f"split{split_seed}-init{init_seed}"
+        for run_dir in seeds:
             result = read_result(run_dir / RESULT_FILE)
-            if not counted(result, "val/acc"):
-                raise TrialFailed(f"{run_dir / RESULT_FILE} has no finite val/acc (see {run_dir / 'log.txt'})")
             if any(k.startswith("test/") for k in result["metrics"]):
                 raise RuntimeError(f"{run_dir} read the test split during selection")  # guarded, never expected
-            accs[f"split{split_seed}-init{init_seed}"] = float(result["metrics"]["val/acc"])
+            accs[run_dir.name] = float(result["metrics"]["val/acc"])
         return accs
 
+    @staticmethod
+    def _failure(run: Run, code: int) -> str:
+        if code != 0:
+            return f"{failure(code, run.log)}, log {run.log}"
+        return f"{run.log.parent / RESULT_FILE} has no finite val/acc (see {run.log})"
+
+    def _wait_for_others(self, run_dirs: List[Path], announced: Set[Path]) -> None:
+        """Wait a while for the fits that other processes run in ``run_dirs`` (holding their claims): once they end,
+        their results count, or, where they failed, this trial runs them."""
+        for run_dir in run_dirs:
+            if self.echo and run_dir not in announced:
+                print(f"[tune {self.root.name}] {run_dir}: its fit runs in another process (it holds "
+                      f"{run_dir / '.claim'}; e.g. a fit a killed tune left running), so no second one is started: "
+                      "waiting for it to end", flush=True)
+            announced.add(run_dir)
+        deadline = time.monotonic() + min(5.0, self.heartbeat_s)
+        while time.monotonic() < deadline:
+            if stopping():
+                raise Stopped(f"stopped waiting for the fits in {', '.join(map(str, run_dirs))}: this process is "
+                              "stopping")
+            time.sleep(0.2)
 
 
 def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
@@ -345,8 +417,9 @@ def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
 
 
 def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler: str, heartbeat_s: int,
-                key: Dict[str, Any]) -> Tuple[Any, Any]:
-    """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds)."""
+                key: Dict[str, Any]) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds); also returns
+    the settings key the study records (``key``, or the one recorded for the same settings)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -371,12 +444,14 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
     old = study.user_attrs.get("settings")
     if old is None:
         study.set_user_attr("settings", key)
-    elif old != key:
-        differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        raise ValueError(f"study {name!r} in {storage_url} was made with other settings (differing: "
-                         f"{', '.join(differing)}: before {[old.get(k) for k in differing]}, now "
-                         f"{[key.get(k) for k in differing]}); pass another --name, or delete the study")
-    return study, storage
+        return study, storage, key
+    differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if not differing or set(differing) <= {"config_hash", "overrides"} and same_settings(old, key):
+        return study, storage, old  # the same settings (overrides perhaps in another order): the study's fits count
+    changes = [override_changes(old.get("overrides", []), key["overrides"]) if k == "overrides" else
+               f"{k}: before {old.get(k)}, now {key.get(k)}" for k in differing if k != "config_hash"]
+    raise ValueError(f"study {name!r} in {storage_url} was made with other settings ({'; '.join(changes)}); pass "
+                     "another --name, or delete the study")
 
 
 def check_sqlite_storage(url: str) -> None:
@@ -444,7 +519,7 @@ def run_tune(
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     check_sqlite_storage(url)
-    study, rdb = _open_study(name, url, grid, sampler, heartbeat_s, key)
+    study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
@@ -464,10 +539,11 @@ def run_tune(
         failed = [t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"]
         why = f" ({len(failed)} failed, e.g. {failed[0]})" if failed else ""
         raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}")
-    finished = (sampler == "tpe" or all(_point_key(p) in {search._identity(t) for t in trials if t.state.name ==
-                                                           "COMPLETE"} for p in search.points))
-    if not finished and search.failed_here:
-        raise RuntimeError(f"{len(search.failed_here)} trial(s) failed in this run, so nothing is chosen yet (see "
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    finished = (len(complete) >= search.tpe_budget if sampler == "tpe" else
+                all(_point_key(p) in {search._identity(t) for t in complete} for p in search.points))
+    if not finished and search.failures:
+        raise RuntimeError(f"{search.failures} trial(s) failed in this run, so nothing is chosen yet (see "
                            f"{root / 'tune_results.md'} and each trial's log.txt): fix the cause and re-run the same "
                            "command to retry them")
     if not finished:
@@ -560,7 +636,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/tune", help="output folder (the protocol's results.md is here)")
     parser.add_argument("--name", default=None, help="study and row name (default: config file stems)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="values of a dotted fit option, e.g. model.lr=1e-3,5e-3,2e-2; repeat for more keys")
+                        help="values of a dotted fit option, e.g. model.lr=1e-3,5e-3,2e-2 (a YAML list or mapping is "
+                             "one value: model.adapter.init_args.targets=[qkv],[mlp.fc1,mlp.fc2]); repeat for more "
+                             "keys")
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0], help="selection split seeds")
     parser.add_argument("--init_seeds", type=int, nargs="+", default=[0], help="selection init seeds")
     parser.add_argument("--sampler", choices=["grid", "tpe"], default="grid")

@@ -1,0 +1,203 @@
+"""tune and protocol bookkeeping (failed fits, claims, grid values, row keys) and verify_adapter's quantisation check,
+with fake fits (tests/fake_fit.py) so that no test trains."""
+import fcntl
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fake_fit import fake_python
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.results import config_key
+from nola_vision.runs.tune import parse_grid, run_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_offline.yaml")
+VAL = ["--data.val_shots", "2"]
+
+
+def counting_fit(tmp_path, fails_first: int) -> str:
+    """A fake fit that appends a line to ``starts.txt`` when it starts, exits 1 for its first ``fails_first`` starts
+    and then writes a val/acc result."""
+    script = tmp_path / "counting_fit"
+    starts = tmp_path / "starts.txt"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+with open({str(starts)!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+if len(open({str(starts)!r}).read().splitlines()) <= {fails_first}:
+    sys.exit(1)
+json.dump({{"metrics": {{"val/acc": 0.5}}}}, open(args[args.index("--result_file") + 1], "w"))
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def starts(tmp_path) -> int:
+    path = tmp_path / "starts.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_tpe_stops_when_every_fit_fails_instead_of_starting_trials_without_end(tmp_path):
+    # M1: the budget counted only complete and running trials, so failing fits started trial after trial
+    python = counting_fit(tmp_path, fails_first=6)
+    with pytest.raises(RuntimeError, match=r"no trial completed \(2 failed"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, out=str(tmp_path / "out"), name="t", sampler="tpe", n_trials=2,
+                 overrides=VAL, python=python, skip_protocol=True, echo=False)
+    assert starts(tmp_path) == 2
+
+
+def test_tpe_with_some_failed_trials_chooses_nothing_until_rerun(tmp_path):
+    python = counting_fit(tmp_path, fails_first=1)
+    kw = dict(out=str(tmp_path / "out"), name="t", sampler="tpe", n_trials=2, overrides=VAL, python=python,
+              skip_protocol=True, echo=False)
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed in this run, so nothing is chosen yet"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, **kw)
+    assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, **kw)["val_acc"] == 0.5  # the rerun completes the budget
+
+
+def test_a_fit_that_wrote_its_result_then_exited_non_zero_is_never_counted_on_a_retry(tmp_path):
+    # M3: the retry counted the result.json of the failed fit
+    python = fake_python(tmp_path, acc="0.9", code=1, metric="val/acc")
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, python=python, skip_protocol=True, echo=False)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="failed"):
+            run_tune([TINY], {"model.lr": [1e-3]}, **kw)
+    (run_dir,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
+    assert not (run_dir / "result.json").exists() and (run_dir / "result.json.failed").is_file()
+    assert not (tmp_path / "out" / "t" / "best.json").exists()
+    # protocol, through the same routine
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_protocol([TINY], out=str(tmp_path / "out"), name="r", split_seeds=[0], init_seeds=[0],
+                     python=fake_python(tmp_path, code=3), echo=False)
+    assert (tmp_path / "out" / "r" / "split0-init0" / "result.json.failed").is_file()
+    assert not (tmp_path / "out" / "r" / "split0-init0" / "result.json").exists()
+
+
+def test_tune_waits_for_a_fit_another_process_runs_in_its_folder_and_never_starts_a_second(tmp_path, capsys):
+    # M4: a restarted tune started a second fit beside the fit a killed worker had left running there
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, skip_protocol=True, heartbeat_s=1)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_tune([TINY], {"model.lr": [1e-3]}, python="/bin/false", echo=False, **kw)  # leaves the run folder
+    (run_dir,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
+    other = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT)  # the other process's fit holds the claim
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    python = counting_fit(tmp_path, fails_first=0)
+    chosen = {}
+    worker = threading.Thread(target=lambda: chosen.update(run_tune([TINY], {"model.lr": [1e-3]}, python=python,
+                                                                     echo=True, **kw)))
+    worker.start()
+    printed = ""
+    deadline = time.monotonic() + 50
+    while "runs in another process" not in printed and not starts(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        printed += capsys.readouterr().out
+    assert not starts(tmp_path), "a second fit was started in the folder whose fit runs"
+    assert f"{run_dir}: its fit runs in another process" in printed and "waiting for it to end" in printed
+    (run_dir / "result.json").write_text(json.dumps({"metrics": {"val/acc": 0.75}}))  # the other fit ends
+    os.close(other)
+    worker.join(timeout=50)
+    assert chosen["val_acc"] == 0.75 and not starts(tmp_path)
+
+
+def test_verify_adapter_refuses_what_load_adapter_refuses_on_a_quantisation_aware_model(tmp_path):
+    # M5: verify accepted a 4-bit file for a model training quantisation-aware at 8 bits; load refused it
+    config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)
+    saved = as_if_trained(nv.inject(tiny_vit(), config))
+    nv.save_adapter(saved, tmp_path / "a4", bits=4)
+    target = nv.set_quantization_aware(nv.inject(tiny_vit(), config), 8)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for check in (nv.verify_adapter, nv.load_adapter):
+        with pytest.raises(nv.AdapterLoadError, match="quantisation-aware at 8 bits .*4-bit adapter"):
+            check(target, tmp_path / "a4")
+    assert issubclass(nv.AdapterLoadError, ValueError)  # callers catching ValueError still catch it
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    nv.set_quantization_aware(target, 4)
+    nv.verify_adapter(target, tmp_path / "a4")  # at the file's bits it fits
+
+
+def test_a_list_valued_grid_value_is_one_value_and_an_unbalanced_one_is_refused():
+    # M6: the value was split on its inner commas, each half run as a fit
+    key = "model.adapter.init_args.targets"
+    assert parse_grid([f"{key}=[mlp.fc1,mlp.fc2],[mlp.fc1]"]) == {key: ["[mlp.fc1,mlp.fc2]", "[mlp.fc1]"]}
+    assert parse_grid(["model.x={a: 1, b: [2,3]},'c,d',it's"]) == {"model.x": ["{a: 1, b: [2,3]}", "'c,d'", "it's"]}
+    assert parse_grid(["model.lr=1e-3,5e-3"]) == {"model.lr": [0.001, 0.005]}
+    for bad, missing in ((f"{key}=[mlp.fc1,mlp.fc2", "']' is missing"), (f"{key}=mlp.fc1],[qkv]", "closes no"),
+                         ("model.x='a,b", "is missing")):
+        with pytest.raises(ValueError, match=rf"{missing}.*written whole, e\.g\. --grid"):
+            parse_grid([bad])
+
+
+def test_a_list_valued_grid_value_reaches_fit_whole(tmp_path):
+    python = counting_fit(tmp_path, fails_first=0)
+    grid = parse_grid(["model.adapter.init_args.targets=[mlp.fc1,mlp.fc2],[mlp.fc1]"])
+    run_tune([TINY], grid, out=str(tmp_path / "out"), name="t", overrides=VAL, python=python, skip_protocol=True,
+             echo=False)
+    lines = (tmp_path / "starts.txt").read_text().splitlines()
+    assert sorted(line.split("--model.adapter.init_args.targets ")[1].split()[0] for line in lines) == [
+        "[mlp.fc1,mlp.fc2]", "[mlp.fc1]"]
+
+
+def test_the_row_key_hashes_the_weights_file_fit_opens_from_the_working_directory(tmp_path, monkeypatch):
+    # M2: a plain path in a config was looked up beside the config first, where fit never opens it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("model: {pretrained_file: w.bin}\ndata: data.yaml\n")
+    (tmp_path / "cfg" / "data.yaml").write_text("shots: 2\n")  # a group file: jsonargparse reads it from cfg/
+    for folder in (tmp_path, tmp_path / "cfg"):
+        (folder / "w.bin").write_bytes(b"\0weights")
+    (tmp_path / "data.yaml").write_text("shots: 3\n")
+    configs = [TINY, "cfg/c.yaml"]
+    before = config_key(configs, [])
+    assert set(before["files"]) == {"w.bin", "cfg/data.yaml"}
+    (tmp_path / "w.bin").write_bytes(b"\0other weights")  # what fit loads changed
+    assert config_key(configs, [])["config_hash"] != before["config_hash"]
+    after = config_key(configs, [])
+    (tmp_path / "cfg" / "w.bin").write_bytes(b"\0unused")  # files fit does not open do not count
+    (tmp_path / "data.yaml").write_text("shots: 4\n")
+    assert config_key(configs, [])["config_hash"] == after["config_hash"]
+    (tmp_path / "cfg" / "data.yaml").write_text("shots: 5\n")
+    assert config_key(configs, [])["config_hash"] != after["config_hash"]
+
+
+def test_the_same_overrides_in_another_order_are_the_same_protocol_row(tmp_path):
+    # M7: the overrides were hashed in the order given, and the refusal listed both lists whole
+    python = fake_python(tmp_path)
+    kw = dict(out=str(tmp_path / "out"), name="r", init_seeds=[0], python=python, echo=False)
+    run_protocol([TINY], split_seeds=[0], overrides=["--trainer.max_epochs", "1", "--data.shots", "2"], **kw)
+    recorded = json.loads((tmp_path / "out" / "r" / "config.json").read_text())
+    run_protocol([TINY], split_seeds=[0, 1], overrides=["--data.shots=2", "--trainer.max_epochs", "1"], **kw)
+    run_protocol([TINY], split_seeds=[2], overrides=["--data.shots", "5", "--trainer.max_epochs", "1",
+                                                     "--data.shots", "2"], **kw)  # the last value counts
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out" / "r").glob("split*/result.json")]
+    assert len(results) == 3 and {r["config_hash"] for r in results} == {recorded["config_hash"]}
+    with pytest.raises(ValueError, match=r"overrides: --data\.shots=2 -> --data\.shots=3; \(not given\) -> "
+                                         r"--model\.lr=1e-3; --trainer\.max_epochs=1 -> \(not given\)"):
+        run_protocol([TINY], split_seeds=[3], overrides=["--model.lr", "1e-3", "--data.shots", "3"], **kw)
+
+
+def test_overrides_whose_order_changes_what_fit_sets_stay_apart_and_the_refusal_says_so(tmp_path):
+    python = fake_python(tmp_path)
+    kw = dict(out=str(tmp_path / "out"), name="r", init_seeds=[0], python=python, echo=False)
+    run_protocol([TINY], split_seeds=[0], overrides=["--data", "{shots: 2}", "--data.shots", "3"], **kw)
+    with pytest.raises(ValueError, match=r"overrides in another order: .*fit's result depends on their order"):
+        run_protocol([TINY], split_seeds=[1], overrides=["--data.shots", "3", "--data", "{shots: 2}"], **kw)
+
+
+def test_a_tune_study_goes_on_with_its_overrides_in_another_order_reusing_its_fits(tmp_path):
+    python = counting_fit(tmp_path, fails_first=0)
+    kw = dict(out=str(tmp_path / "out"), name="t", python=python, skip_protocol=True, echo=False)
+    run_tune([TINY], {"model.lr": [1e-3]}, overrides=[*VAL, "--data.shots", "2"], **kw)
+    assert run_tune([TINY], {"model.lr": [1e-3]}, overrides=["--data.shots", "2", *VAL], **kw)["val_acc"] == 0.5
+    run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=["--data.shots", "2", *VAL], **{**kw, "name": "u"})
+    assert starts(tmp_path) == 3  # one fit for t (reused by its rerun), two for u
+    with pytest.raises(ValueError, match=r"other settings \(overrides: --data\.shots=2 -> --data\.shots=4\)"):
+        run_tune([TINY], {"model.lr": [1e-3]}, overrides=["--data.shots", "4", *VAL], **kw)
