@@ -2,9 +2,11 @@
 import csv
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from fake_fit import fake_python
 from tune_study import FAST, TINY, fits, tune_cmd
 
 from nola_vision.cli import main
@@ -63,15 +65,24 @@ def test_a_restarted_search_runs_only_the_remaining_trials(tune_study):
 
 
 def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_path):
-    out = tmp_path / "out"
-    cmd = tune_cmd(out, "--grid", "model.lr=1e-4,2e-2", "--grid", "model.head_lr=1e-3", "--skip_protocol")
+    # sharing the study is tune's own bookkeeping: stand-in fits (fake_fit.py) that last long enough for the two
+    # workers to overlap, and record each run they were started for
+    ran = tmp_path / "ran.txt"
+    fit = fake_python(tmp_path, metric="val/acc", extra=f'"ran": open({str(ran)!r}, "a").write(value("--result_file") '
+                      '+ "\\n"), "slept": __import__("time").sleep(2),')
+    worker = ("import sys; from nola_vision.runs.tune import parse_grid, run_tune; run_tune([sys.argv[1]], "
+              "parse_grid(['model.lr=1e-4,2e-2', 'model.head_lr=1e-3']), out=sys.argv[2], name='t', "
+              "overrides=sys.argv[4:], skip_protocol=True, python=sys.argv[3])")
+    cmd = [sys.executable, "-c", worker, TINY, str(tmp_path / "out"), fit, *FAST]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
-    ran = [line for o in outputs for line in o[0].splitlines() if line.startswith("[tune t] trial #")]
-    assert len(ran) == 2 and len({line.split(": val acc")[0].split("} ")[0].split(" ", 3)[3] for line in ran}) == 2
-    assert len(fits(out)) == 2  # each grid point fitted exactly once
-    trials = [t for t in csv.DictReader((out / "t" / "tune_trials.csv").open()) if t["state"] == "COMPLETE"]
+    trials_run = [[line for line in o[0].splitlines() if line.startswith("[tune t] trial #")] for o in outputs]
+    assert [len(lines) for lines in trials_run] == [1, 1]  # the workers overlapped: one trial each
+    runs = ran.read_text().splitlines()
+    assert len(runs) == len(set(runs)) == 2  # each grid point fitted exactly once
+    table = csv.DictReader((tmp_path / "out" / "t" / "tune_trials.csv").open())
+    trials = [t for t in table if t["state"] == "COMPLETE"]
     assert sorted(t["model.lr"] for t in trials) == ["0.0001", "0.02"]
 
 
