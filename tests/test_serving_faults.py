@@ -192,3 +192,21 @@ def test_weights_written_or_replaced_after_the_tasks_were_registered_are_refused
     torch.testing.assert_close(torch.stack(fresh(images, "a")), expected, rtol=0, atol=0)
     copied = copy.deepcopy(fresh)  # a copy records its own weights
     torch.testing.assert_close(torch.stack(copied(images, "a")), expected, rtol=0, atol=0)
+
+
+def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write_is_refused(tasks, images):
+    # inference tensors keep no version counter: they are compared by identity, and never refused for it
+    expected = torch.stack(served(tiny_vit(), a=tasks["a"])(images, "a")).double()
+    with torch.inference_mode():
+        model = served(tiny_vit().double(), a=tasks["a"])
+        torch.testing.assert_close(torch.stack(model(images.double(), "a")), expected, rtol=1e-6, atol=1e-6)
+    backbone = tiny_vit()
+    model = served(backbone, a=tasks["a"])
+    with torch.inference_mode():
+        model.double()  # a move made there
+        torch.testing.assert_close(torch.stack(model(images.double(), "a")), expected, rtol=1e-6, atol=1e-6)
+    model.float()
+    with torch.no_grad():
+        backbone.blocks[0].attn.qkv.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight was written or replaced"):
+        model(images, "a")

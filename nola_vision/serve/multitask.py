@@ -482,18 +482,33 @@ class _WeightRecord:
         for module in model.modules():
             for entries in (module._modules, module._parameters):
                 self.sizes.append((entries, len(entries)))
-                self.entries += [(entries, key, value, getattr(value, "_version", None))
+                self.entries += [(entries, key, value, _version(value))
                                  for key, value in entries.items()]
 
     def change(self, model: nn.Module) -> Optional[str]:
         """None when ``model`` is the recorded model with the recorded weights, else what changed."""
         if model is self.model and all(len(entries) == size for entries, size in self.sizes) and all(
-                entries.get(key) is value and (version is None or value._version == version)
+                entries.get(key) is value and _same_version(value, version)
                 for entries, key, value, version in self.entries):
             return None
-        recorded = {id(value): version for _, _, value, version in self.entries if version is not None}
-        changed = next((name for name, p in model.named_parameters() if recorded.get(id(p)) != p._version), None)
+        recorded = {id(value): version for _, _, value, version in self.entries if isinstance(value, Tensor)}
+        changed = next((name for name, p in model.named_parameters()
+                        if id(p) not in recorded or not _same_version(p, recorded[id(p)])), None)
         return f"{changed} was written or replaced" if changed else "a module was replaced, added or removed"
+
+
+def _version(value: object) -> Optional[int]:
+    """A tensor's version counter (bumped by every write in place); None for a module, and for an inference tensor
+    (made under ``torch.inference_mode``, e.g. by a move there), which keeps none."""
+    if not isinstance(value, Tensor) or value.is_inference():
+        return None
+    return value._version
+
+
+def _same_version(value: object, version: Optional[int]) -> bool:
+    """Whether ``value`` still has the recorded ``version``; where either side keeps none, its identity alone counts."""
+    now = _version(value)
+    return version is None or now is None or now == version
 
 
 def _has_adapters(model: nn.Module) -> bool:
