@@ -164,3 +164,18 @@ def test_each_fit_resolves_the_recipes_warmup_for_its_own_epochs():
 def test_adam_on_float16_weights_is_refused_before_training(tmp_path):
     run = trainer(tmp_path, precision="16-true")
     refused_before_a_step(run, lambda: run.fit(module(), loader()), "Adam cannot train float16 .*'16-mixed'")
+
+
+def test_the_size_a_backbone_was_built_for_in_backbone_kwargs_is_the_one_compared(folder_root, tmp_path):
+    kwargs = {**TINY["backbone_kwargs"], "img_size": 32}
+    built = dict(TINY, image_size=None, backbone_kwargs=kwargs)
+    datamodule = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=32,
+                                   backbone="vit_tiny_patch16_224")
+    run = trainer(tmp_path / "same", epochs=1, limit_train_batches=1)
+    run.fit(module(num_classes=3, adapter_dir=str(tmp_path / "adapter"), **built), datamodule=datamodule)
+    assert run.global_step == 1
+    wide = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, batch_size=2, image_size=224,
+                             backbone="vit_tiny_patch16_224")
+    run = trainer(tmp_path / "other")
+    refused_before_a_step(run, lambda: run.fit(module(num_classes=3, **built), datamodule=wide),
+                          r"input_size 224 \(the model's: 32\).*image_size=32")

@@ -464,7 +464,7 @@ class FewShotClassifier(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if not isinstance(datamodule, FewShotDataModule):
             return
-        expected = resolve_data_config(self.hparams.backbone, self.hparams.image_size)
+        expected = resolve_data_config(self.hparams.backbone, self._input_size())
         fields = [f.name for f in dataclasses.fields(DataConfig)
                   if datamodule.normalize == "model" or f.name not in ("mean", "std")]
         differ = {name: (getattr(datamodule.data_config, name), getattr(expected, name)) for name in fields
@@ -478,6 +478,14 @@ class FewShotClassifier(L.LightningModule):
                                                          for name, (was, own) in differ.items())
                 + f". Build it with backbone={self.hparams.backbone!r}, image_size={expected.input_size} (the CLI "
                 "links them from --model.backbone and --model.image_size)")
+
+    def _input_size(self) -> Optional[int]:
+        """The image size the backbone was built for: ``backbone_kwargs``' ``img_size`` (which ``build_backbone`` lets
+        win) or ``image_size``; None for the backbone's default (or a non-square size, not compared)."""
+        size = (self.hparams.backbone_kwargs or {}).get("img_size", self.hparams.image_size)
+        if isinstance(size, (list, tuple)):
+            size = size[0] if len(set(size)) == 1 else None
+        return size if isinstance(size, int) else None
 
     def _head_class_names(self) -> Optional[List[str]]:
         """The data's class names, one per head output, for the exported file; None where they do not fit the head
