@@ -201,3 +201,33 @@ def test_a_tune_study_goes_on_with_its_overrides_in_another_order_reusing_its_fi
     assert starts(tmp_path) == 3  # one fit for t (reused by its rerun), two for u
     with pytest.raises(ValueError, match=r"other settings \(overrides: --data\.shots=2 -> --data\.shots=4\)"):
         run_tune([TINY], {"model.lr": [1e-3]}, overrides=["--data.shots", "4", *VAL], **kw)
+
+
+def test_settings_file_options_come_from_fits_parser_or_a_table_of_the_same_options(monkeypatch):
+    import jsonargparse._typehints
+
+    from nola_vision.train import cli
+
+    cli.settings_file_options.cache_clear()
+    from_parser = cli.settings_file_options()
+    assert {"config", "data", "model", "trainer", "model.adapter", "trainer.callbacks"} <= set(from_parser)
+    assert from_parser["config"] == "" and from_parser["model.adapter"] == "model.adapter"
+    # a jsonargparse without the internals it reads (before 4.51 it lacks is_subclass_container_typehint)
+    monkeypatch.delattr(jsonargparse._typehints, "is_subclass_container_typehint")
+    cli.settings_file_options.cache_clear()
+    try:
+        table = cli.settings_file_options()
+    finally:
+        cli.settings_file_options.cache_clear()
+    assert table == {k: v for k, v in from_parser.items() if not k.endswith(".help")}
+
+
+def test_overrides_that_append_or_load_a_config_keep_their_order_and_every_value():
+    from nola_vision.runs.results import effective_overrides
+
+    appended = ["--trainer.callbacks+=A", "--trainer.callbacks+=B"]
+    assert effective_overrides(appended) == appended != effective_overrides(["--trainer.callbacks+=B"])
+    assert effective_overrides(["--model.lr=0.1", "--config=x.yaml"]) != effective_overrides(
+        ["--config=x.yaml", "--model.lr=0.1"])
+    assert effective_overrides(["--model.lr=0.1", "--data.shots=2", "--model.lr=0.2"]) == effective_overrides(
+        ["--data.shots=2", "--model.lr=0.2"]) == ["--data.shots=2", "--model.lr=0.2"]

@@ -11,7 +11,6 @@ the tables can flag a mean over fewer runs (failed, or still running).
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import math
@@ -173,27 +172,12 @@ def referenced_files(configs: Sequence[str], values: Sequence[str],
     return found
 
 
-@functools.lru_cache(maxsize=1)
 def config_file_options() -> Dict[str, str]:
-    """The fit options whose string value fit's parser (jsonargparse) loads as a settings file, read relative to the
-    folder of the file that gives it: ``--config``, the groups (``data``, ``model``, ``trainer``) and class-typed
-    options (``model.adapter``, ``trainer.callbacks``); each with the option the loaded file's keys belong to."""
-    from jsonargparse import ActionConfigFile
-    from jsonargparse._actions import _ActionConfigLoad
-    from jsonargparse._typehints import ActionTypeHint, is_subclass_container_typehint
+    """The fit options whose string value fit's parser loads as a settings file, read relative to the folder of the
+    file that gives it, each with the option the loaded file's keys belong to (``train.cli.settings_file_options``)."""
+    from ..train.cli import settings_file_options
 
-    from ..train.cli import cli_parser
-
-    options: Dict[str, str] = {}
-    for action in cli_parser()._subcommands_action._name_parser_map["fit"]._actions:
-        typehint = getattr(action, "_typehint", None)
-        if isinstance(action, ActionConfigFile):
-            options[action.dest] = action.dest.rpartition(".")[0]  # a config file sets the options beside it
-        elif isinstance(action, _ActionConfigLoad) or typehint is not None and (
-                ActionTypeHint.is_subclass_typehint(typehint, all_subtypes=False)
-                or is_subclass_container_typehint(typehint)):
-            options[action.dest] = action.dest
-    return options
+    return settings_file_options()
 
 
 def _is_file(path: Path) -> bool:
@@ -440,11 +424,13 @@ def _last_values(settings: Sequence[str]) -> Dict[str, Optional[str]]:
 
 def effective_overrides(settings: Sequence[str]) -> List[str]:
     """The overrides (``key=value`` settings) as fit applies them, in one canonical form: each key's last value, sorted
-    by key. Where one key sets a group or class that another sets part of (``--data`` and ``--data.shots``), fit's
-    result depends on their order, so they stay as given."""
+    by key. Where one key sets a group or class that another sets part of (``--data`` and ``--data.shots``), a list
+    grows (``--trainer.callbacks+=...``) or a config file may set anything, fit's result depends on their order and
+    every value, so they stay as given."""
     last = _last_values(settings)
     paths = [_option_path(k) for k in last]
-    if any(a[:len(b)] == b for i, a in enumerate(paths) for j, b in enumerate(paths) if i != j):
+    if any(k.endswith("+") or _option_path(k)[-1:] in (("config",), ("c",), ("print_config",)) for k in last) or any(
+            a[:len(b)] == b for i, a in enumerate(paths) for j, b in enumerate(paths) if i != j):
         return list(settings)
     return [k if v is None else f"{k}={v}" for k, v in sorted(last.items())]
 

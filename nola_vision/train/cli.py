@@ -578,6 +578,42 @@ def fit_options() -> frozenset:
     return frozenset(cli_parser()._subcommands_action._name_parser_map["fit"]._option_string_actions)
 
 
+# What settings_file_options falls back to where jsonargparse's internals differ from those it reads: the groups,
+# the config file and the class-typed options of fit.
+_SETTINGS_FILE_OPTIONS = {"config": "", "data": "data", "model": "model", "trainer": "trainer",
+                          **{option: option for option in ("model.adapter", "trainer.accelerator", "trainer.strategy",
+                                                            "trainer.logger", "trainer.callbacks", "trainer.profiler",
+                                                            "trainer.plugins")}}
+
+
+@functools.lru_cache(maxsize=1)
+def settings_file_options() -> Dict[str, str]:
+    """The ``fit`` options whose string value jsonargparse loads as a settings file, relative to the folder of the
+    file that gives it: ``--config``, the groups (``data``, ``model``, ``trainer``) and class-typed options
+    (``model.adapter``, ``trainer.callbacks``); each with the option the loaded file's keys belong to.
+
+    Read from fit's parser through jsonargparse internals; where a jsonargparse version lacks them, a fixed table of
+    the same options.
+    """
+    try:
+        from jsonargparse import ActionConfigFile
+        from jsonargparse._actions import _ActionConfigLoad
+        from jsonargparse._typehints import ActionTypeHint, is_subclass_container_typehint
+
+        options: Dict[str, str] = {}
+        for action in cli_parser()._subcommands_action._name_parser_map["fit"]._actions:
+            typehint = getattr(action, "_typehint", None)
+            if isinstance(action, ActionConfigFile):
+                options[action.dest] = action.dest.rpartition(".")[0]  # a config file sets the options beside it
+            elif isinstance(action, _ActionConfigLoad) or typehint is not None and (
+                    ActionTypeHint.is_subclass_typehint(typehint, all_subtypes=False)
+                    or is_subclass_container_typehint(typehint)):
+                options[action.dest] = action.dest
+        return options
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return dict(_SETTINGS_FILE_OPTIONS)
+
+
 def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     """The error ``FewShotClassifier`` would raise for the model and trainer arguments of ``fit`` ``args`` (a range
     or a combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``, ``max_epochs`` 0), found without
