@@ -65,11 +65,15 @@ def test_a_restarted_search_runs_only_the_remaining_trials(tune_study):
 
 
 def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_path):
-    # sharing the study is tune's own bookkeeping: stand-in fits (fake_fit.py) that last long enough for the two
-    # workers to overlap, and record each run they were started for
-    ran = tmp_path / "ran.txt"
-    fit = fake_python(tmp_path, metric="val/acc", extra=f'"ran": open({str(ran)!r}, "a").write(value("--result_file") '
-                      '+ "\\n"), "slept": __import__("time").sleep(2),')
+    # sharing the study is tune's own bookkeeping: stand-in fits (fake_fit.py) that record each run they were started
+    # for, and wait (up to 60 s) until both workers' fits have started, so that the workers overlap
+    ran, started = tmp_path / "ran.txt", tmp_path / "started"
+    started.mkdir()
+    rendezvous = (f'[__import__("time").sleep(0.2) for _ in range(300) '
+                  f'if len(__import__("os").listdir({str(started)!r})) < 2]')
+    fit = fake_python(tmp_path, metric="val/acc", extra=(
+        f'"ran": open({str(ran)!r}, "a").write(value("--result_file") + "\\n"), '
+        f'"started": open({str(started)!r} + "/" + str(__import__("os").getpid()), "w").close(), "met": {rendezvous},'))
     worker = ("import sys; from nola_vision.runs.tune import parse_grid, run_tune; run_tune([sys.argv[1]], "
               "parse_grid(['model.lr=1e-4,2e-2', 'model.head_lr=1e-3']), out=sys.argv[2], name='t', "
               "overrides=sys.argv[4:], skip_protocol=True, python=sys.argv[3])")
