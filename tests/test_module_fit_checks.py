@@ -161,6 +161,15 @@ def test_each_fit_resolves_the_recipes_warmup_for_its_own_epochs():
         assert model.hparams.warmup_epochs == warmup  # the value this fit used, for its checkpoints
 
 
+def test_a_resume_keeps_the_warmup_its_run_resolved_as_the_cli_does(tmp_path):
+    run = trainer(tmp_path / "first", epochs=1)
+    run.fit(module(warmup_epochs=None), loader())  # the recipe's share of 1 epoch: 0
+    resumed = module(warmup_epochs=None)  # the recipe's share of 20 epochs would be 2
+    run = trainer(tmp_path / "resumed", epochs=20, limit_train_batches=1, enable_checkpointing=False)
+    run.fit(resumed, loader(), ckpt_path=next((tmp_path / "first" / "checkpoints").glob("*.ckpt")))
+    assert resumed.hparams.warmup_epochs == 0  # the run's, not the recipe's share of the longer run (2)
+
+
 def test_adam_on_float16_weights_is_refused_before_training(tmp_path):
     run = trainer(tmp_path, precision="16-true")
     refused_before_a_step(run, lambda: run.fit(module(), loader()), "Adam cannot train float16 .*'16-mixed'")

@@ -644,11 +644,14 @@ class FewShotClassifier(L.LightningModule):
 
     def _check_training_hparams(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other ``TRAINING_HPARAMS`` than the checkpoint's run: its optimiser state keeps that
-        run's rates while this run would record these values as the whole run's (another optimiser cannot load it)."""
+        run's rates while this run would record these values as the whole run's (another optimiser cannot load it).
+        A warm-up left to the recipe (None) keeps the run's, as a resume from the command line does."""
         if not isinstance(saved, dict):
             return
         given = {**self.hparams, "warmup_epochs": self._given_warmup_epochs}
         changed = changed_hparams(saved, given, TRAINING_HPARAMS)
+        if not changed and self._given_warmup_epochs is None and isinstance(saved.get("warmup_epochs"), int):
+            self._given_warmup_epochs = saved["warmup_epochs"]
         if changed:
             raise ValueError("resuming would train with other settings than the checkpoint's run: "
                              + "; ".join(f"{key}={now!r} (checkpoint: {was!r})" for key, (now, was) in changed.items())
