@@ -357,3 +357,26 @@ def test_a_leftover_holding_a_mount_point_is_left_whole_not_emptied(tmp_path, mo
         nv.save_adapter(new, target)
     assert (mounted / "precious.txt").read_text() == "data on another filesystem"
     torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)
+
+
+def test_a_killed_writers_staging_folder_goes_with_its_temporary_file_and_a_live_writers_stays(tmp_path):
+    import fcntl
+
+    from nola_vision.core.storage import atomic_path
+
+    target = tmp_path / "graph.onnx"
+    killed = tmp_path / ".graph.onnx.nv-abcd1234.tmp.x1y2z3w4"  # its temporary file is gone already
+    (killed / "sub").mkdir(parents=True)
+    (killed / "sub" / "weights").write_bytes(b"0" * 100)
+    live_file = tmp_path / ".graph.onnx.nv-live5678.tmp"
+    live_file.write_bytes(b"")
+    live = tmp_path / ".graph.onnx.nv-live5678.tmp.a1b2c3d4"
+    live.mkdir()
+    mine = tmp_path / ".graph.onnx.nv-abcd1234.tmp.notmine"  # not a name a writer makes: never touched
+    mine.mkdir()
+    with open(live_file, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a writer of the same path that is still running
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"graph")
+    assert target.read_bytes() == b"graph"
+    assert not killed.exists() and live.is_dir() and live_file.exists() and mine.is_dir()

@@ -107,9 +107,10 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     (its target gets the new content; the link stays). A path ending in a separator, an existing directory or a path
     under a file is refused before the block runs, with an OSError naming the fix. The temporary file,
     ``.<name>.nv-<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
-    same path, which nothing locks, are removed first. The new file is fsynced before the rename and its folder after
-    it, so a power loss keeps the old or the new content; a full disk or file size limit raises an OSError (same errno)
-    that says so.
+    same path, which nothing locks, are removed first, with any folder they staged beside them
+    (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before
+    the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
+    limit raises an OSError (same errno) that says so.
     """
     target = _file_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +175,12 @@ def _remove_stale_temporaries(target: Path) -> None:
     # Only names this function makes (tempfile.mkstemp's 8 characters after the mark): never a user's own file.
     pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.{_TEMPORARY_MARK}[a-z0-9_]{{8}}\.tmp")
     with os.scandir(target.parent) as entries:
-        stale = [entry.path for entry in entries if pattern.fullmatch(entry.name)
-                 and entry.is_file(follow_symlinks=False)]
+        stale, companions = [], []
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                stale.append(entry.path)
+            elif _is_companion(entry, pattern):
+                companions.append(entry.path)
     for name in stale:
         try:
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -189,6 +194,17 @@ def _remove_stale_temporaries(target: Path) -> None:
             pass
         finally:
             os.close(fd)
+    for folder in companions:  # a live writer's temporary file outlives its folder: one without it is a killed one's
+        if not os.path.lexists(folder.rpartition(".")[0]):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_companion(entry: os.DirEntry, pattern: re.Pattern) -> bool:
+    """Whether ``entry`` is a folder a writer staged beside its temporary file ``<tmp>``, named
+    ``<tmp>.<8 characters>`` (``tempfile.mkdtemp(dir=..., prefix=f"{tmp.name}.")``), e.g. an ONNX export's."""
+    stem, dot, suffix = entry.name.rpartition(".")
+    return (bool(dot) and re.fullmatch(r"[a-z0-9_]{8}", suffix) is not None and pattern.fullmatch(stem) is not None
+            and entry.is_dir(follow_symlinks=False))
 
 
 def _names_open_file(name: str, fd: int) -> bool:
