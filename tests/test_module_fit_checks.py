@@ -188,3 +188,87 @@ def test_the_size_a_backbone_was_built_for_in_backbone_kwargs_is_the_one_compare
     run = trainer(tmp_path / "other")
     refused_before_a_step(run, lambda: run.fit(module(num_classes=3, **built), datamodule=wide),
                           r"input_size 224 \(the model's: 32\).*image_size=32")
+
+
+# ---- N1: a checkpoint loaded without a trainer keeps its data record for every later stage ------------------------
+
+STAGES = ("validate", "test", "predict")
+
+
+def datamodule(root, **settings) -> FewShotDataModule:
+    return FewShotDataModule("imagefolder", root=str(root), shots=2, val_shots=1, batch_size=2, image_size=32,
+                             backbone="vit_tiny_patch16_224", **settings)
+
+
+@pytest.fixture(scope="module")
+def data_checkpoint(tmp_path_factory):
+    """A checkpoint of a 1-epoch run of ``module(num_classes=3)`` on a cat/dog/owl folder, and that folder."""
+    root = tmp_path_factory.mktemp("data_run")
+    write_imagefolder(root / "pets", train_per_class=4, eval_per_class=1, eval_folder="test")
+    L.seed_everything(0)
+    trainer(root / "run", epochs=1).fit(module(num_classes=3, adapter_dir=str(root / "adapter")),
+                                        datamodule=datamodule(root / "pets"))
+    return next((root / "run" / "checkpoints").glob("*.ckpt")), root / "pets"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("other, shown", [
+    ("classes", r"trained on classes \['cat', 'dog', 'owl'\], the data has \['ant', 'bee', 'fly'\]"),
+    ("normalize", r"preprocessed evaluation images as .*Pass the run's --data.normalize"),
+])
+def test_a_loaded_checkpoint_is_refused_on_other_data_at_every_stage_as_through_ckpt_path(data_checkpoint, tmp_path,
+                                                                                          stage, other, shown):
+    ckpt, pets = data_checkpoint
+    if other == "classes":
+        write_imagefolder(tmp_path / "bugs", classes=("ant", "bee", "fly"), eval_per_class=1, eval_folder="test")
+        data = datamodule(tmp_path / "bugs")
+    else:
+        data = datamodule(pets, normalize="imagenet")
+    with pytest.raises(ValueError, match=shown):  # was: the other data's accuracy, reported as the checkpoint's
+        getattr(trainer(tmp_path), stage)(FewShotClassifier.load_from_checkpoint(ckpt), datamodule=data)
+    with pytest.raises(ValueError, match=shown):
+        getattr(trainer(tmp_path), stage)(module(num_classes=3), datamodule=data, ckpt_path=ckpt)
+
+
+def test_a_loaded_checkpoint_evaluates_on_its_own_data_and_resumes_from_itself(data_checkpoint, tmp_path):
+    ckpt, pets = data_checkpoint
+    loaded = FewShotClassifier.load_from_checkpoint(ckpt)
+    for stage in STAGES:
+        assert getattr(trainer(tmp_path), stage)(loaded, datamodule=datamodule(pets))
+    assert trainer(tmp_path).test(loaded, datamodule=datamodule(pets), ckpt_path=ckpt)
+    run = trainer(tmp_path / "resumed", epochs=2, limit_train_batches=1, enable_checkpointing=False)
+    run.fit(loaded, datamodule=datamodule(pets), ckpt_path=ckpt)
+    assert run.global_step > 0
+
+
+def test_a_copied_or_pickled_loaded_checkpoint_keeps_its_data_record_outside_its_hyperparameters(data_checkpoint,
+                                                                                                tmp_path):
+    import copy
+    import pickle
+
+    ckpt, _ = data_checkpoint
+    loaded = FewShotClassifier.load_from_checkpoint(ckpt)
+    assert dict(loaded.hparams) == dict(FewShotClassifier.load_from_checkpoint(ckpt, strict=False).hparams)
+    assert "cat" not in str(dict(loaded.hparams))
+    write_imagefolder(tmp_path / "bugs", classes=("ant", "bee", "fly"), eval_per_class=1, eval_folder="test")
+    for copied in (copy.deepcopy(loaded), pickle.loads(pickle.dumps(loaded))):
+        with pytest.raises(ValueError, match=r"trained on classes \['cat', 'dog', 'owl'\]"):
+            trainer(tmp_path).test(copied, datamodule=datamodule(tmp_path / "bugs"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_head_of_another_class_count_than_the_data_is_refused_at_every_stage(folder_root, tmp_path, stage):
+    with pytest.raises(ValueError, match=r"the data has 3 classes, the model's head 4 outputs .*num_classes=3"):
+        getattr(trainer(tmp_path), stage)(module(num_classes=4), datamodule=datamodule(folder_root))
+
+
+# ---- N3: a resume keeps the run's backbone regularisers ----------------------------------------------------------
+
+@pytest.mark.parametrize("regulariser", ["drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate",
+                                         "pos_drop_rate", "patch_drop_rate"])
+def test_resuming_through_the_trainer_with_other_backbone_regularisers_is_refused_naming_them(checkpoint, tmp_path,
+                                                                                             regulariser):
+    kwargs = {**TINY["backbone_kwargs"], regulariser: 0.5}
+    run = trainer(tmp_path, epochs=3)
+    refused_before_a_step(run, lambda: run.fit(module(backbone_kwargs=kwargs), loader(), ckpt_path=checkpoint),
+                          re.escape(f"backbone_kwargs.{regulariser}=0.5 (checkpoint: None)") + ".*load_from_checkpoint")

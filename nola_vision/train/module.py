@@ -45,8 +45,9 @@ from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
 from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
-__all__ = ["RESOLVED_FROM_NONE", "TRAINING_HPARAMS", "FewShotClassifier", "NonFiniteLossError", "changed_hparams",
-           "check_classifier_arguments", "check_training_data", "check_training_length"]
+__all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
+           "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
+           "check_training_length"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -68,6 +69,11 @@ RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
 # Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
 TRAINING_HPARAMS = ("optimizer", "lr", "head_lr", "weight_decay", "momentum", "min_lr", "warmup_epochs",
                     "label_smoothing")
+# The backbone_kwargs that regularise training (dropout, stochastic depth) without changing a weight: a resumed run must
+# keep them as it keeps TRAINING_HPARAMS. A missing key means the model's own default, which differs between timm
+# models, so it is compared as given (None), not as 0.
+TRAINING_BACKBONE_KWARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",
+                            "patch_drop_rate")
 
 
 def changed_hparams(saved: Mapping[str, Any], given: Mapping[str, Any],
@@ -235,6 +241,9 @@ class FewShotClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(hp.num_classes, average="micro")
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self._fingerprint: Optional[dict] = None
+        # the data record of the checkpoint this module's weights were loaded from (not a hyper-parameter): a load
+        # without a trainer (load_from_checkpoint) has no data to compare it with, so every later setup compares it
+        self._checkpoint_data: Optional[dict] = None
         self.exported_adapter_dir: Optional[Path] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
@@ -345,8 +354,14 @@ class FewShotClassifier(L.LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse data preprocessed for another backbone before any pass (``_check_preprocessing``)."""
+        """Refuse, before any pass of any stage, data preprocessed for another backbone (``_check_preprocessing``) or
+        of another class count than the head (``_check_data_classes``); and evaluating on other data than that of the
+        checkpoint these weights were loaded from (``_check_data``; a trainer's ``ckpt_path`` is checked at its load,
+        after this)."""
         self._check_preprocessing()
+        self._check_data_classes()
+        if stage != "fit":  # a fit from loaded weights is a new run; one through ckpt_path is checked at its load
+            self._check_data(getattr(self, "_checkpoint_data", None))  # absent from older pickles
 
     def on_fit_start(self) -> None:
         """Refuse, before the first step, what only the end of the run or a later load would find."""
@@ -361,7 +376,6 @@ class FewShotClassifier(L.LightningModule):
         self._check_what_trains()
         self._check_quantization_aware()
         if self._trainer is not None:
-            self._check_data_classes()
             self._check_optimizer_precision()
         counts = self.parameter_counts
         method = self.adapter_config.method
@@ -440,10 +454,13 @@ class FewShotClassifier(L.LightningModule):
             count = len(names)
         outputs = num_classes_of(self.model)
         if isinstance(count, int) and count != outputs:
+            effect = ("it would train a head of the wrong size and export it without class names"
+                      if self.trainer.state.fn == "fit" else "its outputs are not the data's classes, so its accuracy "
+                      "and predictions would mean nothing")
             raise ValueError(f"the data has {count} classes, the model's head {outputs} outputs (FewShotClassifier."
-                             f"num_classes={self.hparams.num_classes}, whose default is 10): it would train a head of "
-                             "the wrong size and export it without class names. Build "
-                             f"FewShotClassifier with num_classes={count} (datamodule.num_classes)")
+                             f"num_classes={self.hparams.num_classes}, whose default is 10): {effect}. Build "
+                             f"FewShotClassifier with num_classes={count} (datamodule.num_classes), or evaluate a "
+                             "checkpoint on the data it was trained on")
 
     def _check_optimizer_precision(self) -> None:
         """Refuse Adam or AdamW on float16 parameters (``precision="16-true"``): squared gradients and Adam's eps
@@ -537,13 +554,14 @@ class FewShotClassifier(L.LightningModule):
                     + (f": the checkpoint was trained on {tensor.shape[0]} classes, the data has {own[key].shape[0]}; "
                        "test it on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
-        self._check_data(info.get("data"))
+        self._check_data(info.get("data"))  # through a trainer's ckpt_path, after setup: compared now
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
+        self._checkpoint_data = info.get("data")  # kept for the setup of every later stage, once the load is accepted
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
@@ -643,13 +661,18 @@ class FewShotClassifier(L.LightningModule):
         check_training_data(saved, getattr(self._trainer.datamodule, "hparams", None))
 
     def _check_training_hparams(self, saved: Optional[dict]) -> None:
-        """Refuse to resume with other ``TRAINING_HPARAMS`` than the checkpoint's run: its optimiser state keeps that
-        run's rates while this run would record these values as the whole run's (another optimiser cannot load it).
-        A warm-up left to the recipe (None) keeps the run's, as a resume from the command line does."""
+        """Refuse to resume with other ``TRAINING_HPARAMS`` or ``TRAINING_BACKBONE_KWARGS`` than the checkpoint's run:
+        its optimiser state keeps that run's rates while this run would record these values as the whole run's (another
+        optimiser cannot load it). A warm-up left to the recipe (None) keeps the run's, as a resume from the command
+        line does."""
         if not isinstance(saved, dict):
             return
         given = {**self.hparams, "warmup_epochs": self._given_warmup_epochs}
         changed = changed_hparams(saved, given, TRAINING_HPARAMS)
+        if "backbone_kwargs" in saved:
+            was, now = saved["backbone_kwargs"] or {}, self.hparams.backbone_kwargs or {}
+            changed.update({f"backbone_kwargs.{key}": (now.get(key), was.get(key)) for key in TRAINING_BACKBONE_KWARGS
+                            if now.get(key) != was.get(key)})
         if not changed and self._given_warmup_epochs is None and isinstance(saved.get("warmup_epochs"), int):
             self._given_warmup_epochs = saved["warmup_epochs"]
         if changed:
