@@ -66,7 +66,7 @@ def test_failed_runs_are_reported_and_not_counted(tmp_path):
 
 def test_the_knn_baseline_ignores_quantisation_aware_training(tmp_path):
     # --model.quant_bits (for the fits) reached the k-NN pass's linear model, which refused it after every fit ran
-    from nola_vision.runs.knn import run_knn
+    from nola_vision.runs.protocol import run_knn
 
     run_knn([TINY], out=str(tmp_path), name="q4-knn", split_seeds=[0], overrides=["--model.quant_bits", "4"],
             echo=False)

@@ -1,18 +1,12 @@
-"""The paper's nearest-neighbour baseline: k-NN on frozen backbone features, one result per split seed."""
+"""The paper's nearest-neighbour baseline: k-NN on frozen backbone features (``protocol.run_knn`` runs its rows)."""
 from __future__ import annotations
 
-import time
-import warnings
-from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..core.storage import write_json_atomic
-from .results import RESULT_FILE, claim_row, config_key, counted, read_result, request_runs
-
-__all__ = ["extract_features", "knn_predict", "run_knn"]
+__all__ = ["extract_features", "knn_predict"]
 
 
 def _require_finite(features: Tensor, side: str) -> None:
@@ -63,73 +57,48 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Pre-logit features (timm ``forward_head(pre_logits=True)``) and labels of every batch."""
-    model.eval().to(device)
+    """Pre-logit features (the input of the model's classifier, which timm's ``forward_head(pre_logits=True)``
+    returns) and labels of every batch, with the model in eval mode on ``device``.
+
+    The model is called as a whole (``model(images)``), so its own forward hooks run as in any other use (a
+    preprocessing pre-hook changes the features as it changes the logits); a model without one classifier module
+    (``get_classifier()``) is read through ``forward_features``/``forward_head``, and refused when it has forward
+    hooks, which that would skip. The caller's model keeps its train/eval modes and, when all of it was on one
+    device, its device."""
+    head = getattr(model, "get_classifier", None)
+    head = head() if callable(head) else None
+    if not isinstance(head, nn.Module) and (model._forward_pre_hooks or model._forward_hooks):
+        raise ValueError(f"{type(model).__name__} has forward hooks and no single classifier module "
+                         "(get_classifier()) whose input is the pre-logit features, so they would be extracted without "
+                         "the hooks: apply what the hooks do to the images instead, or give the model a "
+                         "get_classifier()")
+    modes = [(module, module.training) for module in model.modules()]
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    seen: List[Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if isinstance(head, nn.Module) else None
     feats, labels = [], []
-    for images, targets in loader:
-        x = model.forward_features(images.to(device))
-        feats.append(model.forward_head(x, pre_logits=True).float().cpu())
-        labels.append(torch.as_tensor(targets))
+    try:
+        model.eval().to(device)
+        for images, targets in loader:
+            images = images.to(device)
+            if hook is None:
+                feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
+            else:
+                seen.clear()
+                model(images)
+                if len(seen) != 1:
+                    raise ValueError(f"the classifier of {type(model).__name__} (get_classifier(): "
+                                     f"{type(head).__name__}) ran {len(seen)} times in one forward pass, so its input "
+                                     "is not one batch of pre-logit features")
+                feats.append(seen[0].float().cpu())
+            labels.append(torch.as_tensor(targets))
+    finally:
+        if hook is not None:
+            hook.remove()
+        for module, training in modes:  # as the caller had it, module by module (a frozen part may stay in eval)
+            module.training = training
+        if len(devices) == 1 and devices != {torch.device(device)}:
+            model.to(devices.pop())
     features = torch.cat(feats)
     _require_finite(features, "extracted")
     return features, torch.cat(labels)
-
-
-def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequence[int],
-            overrides: Sequence[str] = (), k: int = 1, echo: bool = True) -> None:
-    """The paper's nearest-neighbour baseline: k-NN on frozen backbone features, one result per split seed."""
-    from torch.utils.data import DataLoader
-
-    from ..data import FewShotSubset
-    from ..train.cli import run_lightning_cli
-
-    key = config_key(configs, [*_drop_trainer_args(overrides), f"--knn_k={k}"])
-    (Path(out) / name).mkdir(parents=True, exist_ok=True)
-    claim_row(Path(out) / name, key)
-    request_runs(Path(out) / name, [f"split{split_seed}" for split_seed in split_seeds])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    test_cache: Optional[Tuple[Tensor, Tensor]] = None
-    for split_seed in split_seeds:
-        result = Path(out) / name / f"split{split_seed}" / RESULT_FILE
-        if counted(read_result(result)):
-            continue
-        start = time.time()
-        args = [a for c in configs for a in ("-c", str(c))] + list(_drop_trainer_args(overrides)) + [
-            "--data.split_seed", str(split_seed), "--model.adapter", "linear", "--model.quant_bits", "null"]
-        with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds others
-            warnings.simplefilter("ignore", UserWarning)
-            cli = run_lightning_cli(args, run=False)
-        dm, model = cli.datamodule, cli.model.model
-        dm.setup("fit")
-        train = FewShotSubset(dm.train_set.dataset, dm.train_set.indices, dm.eval_transform)
-        train_feats, train_labels = extract_features(model, DataLoader(train, batch_size=dm.eval_batch_size,
-                                                                       num_workers=dm.num_workers), device)
-        if test_cache is None:
-            test_cache = extract_features(model, dm.test_dataloader(), device)
-        test_feats, test_labels = test_cache
-        pred = knn_predict(train_feats.to(device), train_labels.to(device), test_feats.to(device), k, dm.num_classes)
-        acc = (pred.cpu() == test_labels).float().mean().item()
-        hp = cli.model.hparams
-        write_json_atomic(result, {
-            "metrics": {"test/acc": acc},
-            "parameter_counts": {"adapter": 0, "head": 0, "trainable": 0},
-            "config": {"method": f"knn (k={k})", "backbone": hp.backbone, "dataset": dm.dataset_name,
-                       "shots": dm.shots, "split_seed": split_seed, "seed": ""},
-            "epochs": 0, "wall_s": round(time.time() - start, 1), "config_hash": key["config_hash"],
-        })
-        if echo:
-            print(f"{name} split {split_seed}: {k}-NN test acc {100 * acc:.2f}%", flush=True)
-
-
-def _drop_trainer_args(overrides: Sequence[str]) -> List[str]:
-    """Overrides without ``--trainer.*``/``--seed_everything``: the k-NN pass builds no trainer state that matters."""
-    kept, skip = [], False
-    for arg in overrides:
-        if skip:
-            skip = False
-            continue
-        if arg.startswith(("--trainer.", "--seed_everything")):
-            skip = "=" not in arg
-            continue
-        kept.append(arg)
-    return kept

@@ -28,10 +28,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import yaml
+from torch import Tensor
 
 from ..core.storage import check_writable_file, file_in_the_way, write_json_atomic
 from .executors import (
@@ -44,7 +49,7 @@ from .executors import (
     failure,
     stop_runs_on_signals,
 )
-from .knn import run_knn
+from .knn import extract_features, knn_predict
 from .results import (
     RESULT_FILE,
     check_row_data,
@@ -62,9 +67,10 @@ from .results import (
     write_tables,
 )
 
-__all__ = ["CONTROLLED", "REPLAY_SPLIT", "check_fit_arguments", "check_output_paths", "error_text",
-           "fit_argument_error", "fit_command", "main", "refuse_controlled_configs", "refuse_controlled_overrides",
-           "run_dir_name", "run_protocol", "set_options"]
+__all__ = ["CONTROLLED", "KNN_MODEL", "REPLAY_SPLIT", "Row", "check_fit_arguments", "check_knn_k",
+           "check_output_paths", "error_text", "fit_argument_error", "fit_command", "main", "open_knn_row", "open_row",
+           "refuse_controlled_configs", "refuse_controlled_overrides", "run_dir_name", "run_knn", "run_protocol",
+           "set_options"]
 
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
@@ -232,6 +238,44 @@ def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str]) -> Any
     return parser.parse_args(args)["fit"]
 
 
+@dataclass
+class Row:
+    """A row set up for runs (``open_row``): its folder, the key it records, and the images its runs are made on."""
+
+    root: Path
+    key: Dict[str, Any]  # the key the row records (``claim_row``): the one a same-settings row was recorded under
+    dataset: str
+    data_root: str
+    images: Optional[Dict[str, str]]  # ``data_digests`` checked before the first run; None until the data exists
+
+    def recorded(self) -> Dict[str, Any]:
+        """The row's part of each of its results: the hash of the key the row records, and the images (those checked
+        before the first run or, where a run only downloaded them, as they are after it)."""
+        if self.images is None:
+            self.images = data_digests(self.dataset, self.data_root)
+        return {"config_hash": self.key["config_hash"], "data": self.images}
+
+
+def open_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence[str],
+             run_overrides: Optional[Sequence[str]] = None) -> Row:
+    """Set up the row ``<out>/<name>`` before any of its runs, as every row is set up (protocol's fits, the k-NN
+    baseline): refuse a run command line fit would refuse (``check_fit_arguments``), a name that is not one folder
+    name or paths that cannot be written, settings other than those the row's runs were made with (``claim_row``)
+    and images other than those they read (``check_row_data``).
+
+    ``overrides``: what the row is keyed by (``config_key``); ``run_overrides``: the overrides of each run's command
+    line, when they differ (default ``overrides``)."""
+    data = check_fit_arguments(configs, overrides if run_overrides is None else run_overrides).data
+    key = config_key(configs, overrides)
+    check_output_paths(out, name)
+    root = row_folder(out, name)
+    key = claim_row(root, key)
+    images = data_digests(data.dataset, data.root)
+    if images is not None:  # else the first run downloads the data
+        check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}")
+    return Row(root=root, key=key, dataset=data.dataset, data_root=data.root, images=images)
+
+
 def run_protocol(
     configs: Sequence[str],
     *,
@@ -252,8 +296,9 @@ def run_protocol(
     arguments for every run (``--trainer.max_epochs 5``); ``executor`` runs them (default: one at a time here).
     Raises ValueError, before any run, when an override or a config sets what the protocol controls (seeds, split
     manifests, result paths: ``CONTROLLED``), fit would refuse the command line (``check_fit_arguments``), or
-    ``<out>/<name>`` holds runs made with other settings or on other images; RuntimeError listing failed runs (after
-    running the others).
+    ``<out>/<name>`` (with ``knn``, also ``<out>/<name>-knn``) holds runs made with other settings or on other images
+    (``open_row``); RuntimeError listing failed runs (after running the others, and the k-NN baseline's error with
+    them when it failed too).
     """
     if not configs:
         raise ValueError("protocol needs a config: nola-vision protocol -c configs/paper/... [-c ...]")
@@ -264,16 +309,12 @@ def run_protocol(
     refuse_controlled_overrides(overrides)
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
-    if knn and (isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1):
-        raise ValueError(f"--knn_k must be a positive integer (neighbours of the k-NN baseline), got {knn_k!r}")
-    data = check_fit_arguments(configs, overrides).data
-    key = config_key(configs, overrides)
-    check_output_paths(out, name)
-    root = row_folder(out, name)
-    key = claim_row(root, key)
-    images = data_digests(data.dataset, data.root)
-    if images is not None:  # else the first run downloads the data
-        check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}")
+    if knn:
+        check_knn_k(knn_k)
+    row = open_row(configs, out=out, name=name, overrides=overrides)
+    if knn:  # its settings and images are checked now, not after every fit ran
+        open_knn_row(configs, out=out, name=name + "-knn", overrides=overrides, k=knn_k)
+    root = row.root
     executor = executor or LocalExecutor(1)
     config_args = [arg for c in configs for arg in ("-c", str(c))]
     grid = [(s, i) for s in split_seeds for i in init_seeds]
@@ -302,8 +343,8 @@ def run_protocol(
     try:
         for run, code, wall in executor.run(pending):
             run_dir, label = run.log.parent, labels[run.log.parent]
-            row = finished_result(run_dir, code)
-            if row is None:
+            result = finished_result(run_dir, code)
+            if result is None:
                 why = failure(code, run.log) if code != 0 else "no finite test accuracy"
                 refused = refused or code == CONFIG_EXIT
                 failed.append(f"{run_dir} ({why}; see {run.log})")
@@ -311,28 +352,128 @@ def run_protocol(
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
                 continue
             # the wall time of the whole run, process start-up included, the settings it was made with and (where fit
-            # does not record them) the images it read: those checked before the first run, or, where a fit only
-            # downloaded them, as they are after it
-            row.update(wall_s=wall, config_hash=key["config_hash"])
-            if images is None:
-                images = data_digests(data.dataset, data.root)
-            row.setdefault("data", images)
-            write_json_atomic(run_dir / RESULT_FILE, row)
+            # does not record them) the images it read
+            recorded = row.recorded()
+            result.update(wall_s=wall, config_hash=recorded["config_hash"])
+            result.setdefault("data", recorded["data"])
+            write_json_atomic(run_dir / RESULT_FILE, result)
             write_tables(out)
             if echo:
-                print(f"{label}: test acc {100 * row['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
+                print(f"{label}: test acc {100 * result['metrics']['test/acc']:.2f}% ({wall:.0f} s)", flush=True)
     finally:
         for claim in claims.values():
             os.close(claim)
+    knn_error: Optional[Exception] = None
     if knn:
-        run_knn(configs, out=out, name=name + "-knn", split_seeds=split_seeds, overrides=overrides, k=knn_k,
-                echo=echo)
+        try:
+            run_knn(configs, out=out, name=name + "-knn", split_seeds=split_seeds, overrides=overrides, k=knn_k,
+                    echo=echo)
+        except Exception as err:  # re-raised below, with the fits' failures when there are any
+            knn_error = err
     rows = write_tables(out)
     if failed:
         retry = "fix what the errors name, then re-run the same command" if refused else (
             "re-run the same command to retry them")
-        raise RuntimeError(f"runs failed ({retry}):\n  " + "\n  ".join(failed))
+        also = f"\nthe k-NN baseline failed too: {error_text(knn_error)}" if knn_error is not None else ""
+        raise RuntimeError(f"runs failed ({retry}):\n  " + "\n  ".join(failed) + also) from knn_error
+    if knn_error is not None:
+        raise knn_error
     return rows
+
+
+def check_knn_k(k: int) -> None:
+    """Refuse a ``k`` that is not a positive integer, before anything runs."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"--knn_k must be a positive integer (neighbours of the k-NN baseline), got {k!r}")
+
+
+# what the k-NN pass sets in each split's model: a linear probe's backbone (the head is never trained), unquantised
+KNN_MODEL = ("--model.adapter", "linear", "--model.quant_bits", "null")
+
+
+def open_knn_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence[str] = (),
+                 k: int = 1) -> Row:
+    """Set up the k-NN row ``<out>/<name>`` before any of its splits, as protocol sets up each row
+    (``open_row``): keyed by the configs, the overrides without trainer options and ``k``; refused when its
+    splits were made with other settings or on other images, or when the settings would give every split seed the
+    same split (a split manifest, ``CONTROLLED``)."""
+    check_knn_k(k)
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config} does not exist")
+    kept = _drop_trainer_args(overrides)
+    refuse_controlled_configs(configs, prog="the k-NN baseline")
+    refuse_controlled_overrides(kept, prog="the k-NN baseline")
+    return open_row(configs, out=out, name=name, overrides=[*kept, f"--knn_k={k}"], run_overrides=[*kept, *KNN_MODEL])
+
+
+def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequence[int],
+            overrides: Sequence[str] = (), k: int = 1, echo: bool = True) -> None:
+    """The paper's nearest-neighbour baseline: k-NN on frozen backbone features, one result per split seed.
+
+    The row is set up as protocol's rows are (``open_knn_row``, before any split) and each split is claimed as
+    protocol claims a fit (``claim_unfinished_run``): finished splits are skipped, and one that another process
+    computes now is left to it. Each result records the key the row records and the images it was made on."""
+    from torch.utils.data import DataLoader
+
+    from ..data import FewShotSubset
+    from ..train.cli import run_lightning_cli
+
+    row = open_knn_row(configs, out=out, name=name, overrides=overrides, k=k)
+    request_runs(row.root, [f"split{split_seed}" for split_seed in split_seeds])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    test_cache: Optional[Tuple[Tensor, Tensor]] = None
+    for split_seed in split_seeds:
+        run_dir = row.root / f"split{split_seed}"
+        claim = claim_unfinished_run(run_dir)
+        if claim is None:  # finished, or another process computes it now
+            if echo and not counted(read_result(run_dir / RESULT_FILE)):
+                print(f"{name} split {split_seed}: running in another process, skipped", flush=True)
+            continue
+        try:
+            start = time.time()
+            args = [a for c in configs for a in ("-c", str(c))] + list(_drop_trainer_args(overrides)) + [
+                "--data.split_seed", str(split_seed), *KNN_MODEL]
+            with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds others
+                warnings.simplefilter("ignore", UserWarning)
+                cli = run_lightning_cli(args, run=False)
+            dm, model = cli.datamodule, cli.model.model.to(device)
+            dm.setup("fit")
+            train = FewShotSubset(dm.train_set.dataset, dm.train_set.indices, dm.eval_transform)
+            train_feats, train_labels = extract_features(
+                model, DataLoader(train, batch_size=dm.eval_batch_size, num_workers=dm.num_workers), device)
+            if test_cache is None:
+                test_cache = extract_features(model, dm.test_dataloader(), device)
+            test_feats, test_labels = test_cache
+            pred = knn_predict(train_feats.to(device), train_labels.to(device), test_feats.to(device), k,
+                               dm.num_classes)
+            acc = (pred.cpu() == test_labels).float().mean().item()
+            hp = cli.model.hparams
+            write_json_atomic(run_dir / RESULT_FILE, {
+                "metrics": {"test/acc": acc},
+                "parameter_counts": {"adapter": 0, "head": 0, "trainable": 0},
+                "config": {"method": f"knn (k={k})", "backbone": hp.backbone, "dataset": dm.dataset_name,
+                           "shots": dm.shots, "split_seed": split_seed, "seed": ""},
+                "epochs": 0, "wall_s": round(time.time() - start, 1), **row.recorded(),
+            })
+            if echo:
+                print(f"{name} split {split_seed}: {k}-NN test acc {100 * acc:.2f}%", flush=True)
+        finally:
+            os.close(claim)
+
+
+def _drop_trainer_args(overrides: Sequence[str]) -> List[str]:
+    """Overrides without ``--trainer.*``/``--seed_everything``: the k-NN pass builds no trainer state that matters."""
+    kept, skip = [], False
+    for arg in overrides:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--trainer.", "--seed_everything")):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 def error_text(err: BaseException) -> str:
