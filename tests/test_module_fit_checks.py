@@ -272,3 +272,50 @@ def test_resuming_through_the_trainer_with_other_backbone_regularisers_is_refuse
     run = trainer(tmp_path, epochs=3)
     refused_before_a_step(run, lambda: run.fit(module(backbone_kwargs=kwargs), loader(), ckpt_path=checkpoint),
                           re.escape(f"backbone_kwargs.{regulariser}=0.5 (checkpoint: None)") + ".*load_from_checkpoint")
+
+
+# ---- the data these weights were trained on: a trainer's ckpt_path, and this module's own fit ----------------------
+
+def test_a_trainers_ckpt_path_is_compared_with_its_own_data_not_the_weights_the_module_held(data_checkpoint,
+                                                                                            tmp_path):
+    """A module loaded from checkpoint A, then tested with ``ckpt_path=B``, is evaluated with B's weights: B's data is
+    what counts (was: A's data record, compared in ``setup`` before B loaded, refused B's own data)."""
+    ckpt_a, _ = data_checkpoint
+    write_imagefolder(tmp_path / "bugs", classes=("ant", "bee", "fly"), train_per_class=4, eval_per_class=1,
+                      eval_folder="test")
+    bugs = datamodule(tmp_path / "bugs")
+    L.seed_everything(0)
+    trainer(tmp_path / "b", epochs=1).fit(module(num_classes=3, adapter_dir=str(tmp_path / "b_adapter")),
+                                          datamodule=bugs)
+    ckpt_b = next((tmp_path / "b" / "checkpoints").glob("*.ckpt"))
+    loaded_a = FewShotClassifier.load_from_checkpoint(ckpt_a)
+    assert trainer(tmp_path).test(loaded_a, datamodule=datamodule(tmp_path / "bugs"), ckpt_path=ckpt_b)
+    with pytest.raises(ValueError, match=r"checkpoint was trained on classes \['ant', 'bee', 'fly'\]"):
+        trainer(tmp_path).test(loaded_a, datamodule=datamodule(data_checkpoint[1]))  # it now holds B's weights
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_module_fitted_in_this_process_is_refused_on_other_data_at_every_stage(data_checkpoint, tmp_path, stage):
+    """Was: a fitted module tested on another folder's classes (same count) gave an accuracy under the wrong names."""
+    _, pets = data_checkpoint
+    write_imagefolder(tmp_path / "bugs", classes=("ant", "bee", "fly"), eval_per_class=1, eval_folder="test")
+    fitted = module(num_classes=3, adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "run", epochs=1, limit_train_batches=1).fit(fitted, datamodule=datamodule(pets))
+    assert getattr(trainer(tmp_path), stage)(fitted, datamodule=datamodule(pets))  # its own data evaluates
+    with pytest.raises(ValueError, match=r"this module's last fit was trained on classes \['cat', 'dog', 'owl'\]"):
+        getattr(trainer(tmp_path), stage)(fitted, datamodule=datamodule(tmp_path / "bugs"))
+    if stage == "validate":
+        with pytest.raises(ValueError, match=r"another split than the run did .*--data.split_seed 1 \(fit: 0\)"):
+            trainer(tmp_path).validate(fitted, datamodule=datamodule(pets, split_seed=1))
+
+
+def test_a_loaded_checkpoint_fitted_on_other_data_is_then_evaluated_on_that_data(data_checkpoint, tmp_path):
+    """A fit from loaded weights without ``ckpt_path`` is a new run: its data is what the weights now know."""
+    ckpt, pets = data_checkpoint
+    write_imagefolder(tmp_path / "bugs", classes=("ant", "bee", "fly"), train_per_class=4, eval_per_class=1,
+                      eval_folder="test")
+    loaded = FewShotClassifier.load_from_checkpoint(ckpt, adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "run", epochs=1, limit_train_batches=1).fit(loaded, datamodule=datamodule(tmp_path / "bugs"))
+    assert trainer(tmp_path).test(loaded, datamodule=datamodule(tmp_path / "bugs"))
+    with pytest.raises(ValueError, match=r"this module's last fit was trained on classes \['ant', 'bee', 'fly'\]"):
+        trainer(tmp_path).test(loaded, datamodule=datamodule(pets))

@@ -243,7 +243,9 @@ class FewShotClassifier(L.LightningModule):
         self._fingerprint: Optional[dict] = None
         # the data record of the checkpoint this module's weights were loaded from (not a hyper-parameter): a load
         # without a trainer (load_from_checkpoint) has no data to compare it with, so every later setup compares it
-        self._checkpoint_data: Optional[dict] = None
+        # What these weights were trained on (``_data_record``) and by whom: a loaded checkpoint or this module's fit
+        self._trained_data: Optional[dict] = None
+        self._trained_data_source = "the checkpoint"
         self.exported_adapter_dir: Optional[Path] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
@@ -355,13 +357,26 @@ class FewShotClassifier(L.LightningModule):
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse, before any pass of any stage, data preprocessed for another backbone (``_check_preprocessing``) or
-        of another class count than the head (``_check_data_classes``); and evaluating on other data than that of the
-        checkpoint these weights were loaded from (``_check_data``; a trainer's ``ckpt_path`` is checked at its load,
-        after this)."""
+        of another class count than the head (``_check_data_classes``)."""
         self._check_preprocessing()
         self._check_data_classes()
-        if stage != "fit":  # a fit from loaded weights is a new run; one through ckpt_path is checked at its load
-            self._check_data(getattr(self, "_checkpoint_data", None))  # absent from older pickles
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":  # a fit's own validation draws from the split it trains on
+            self._check_evaluated_data()
+
+    def on_test_start(self) -> None:
+        self._check_evaluated_data()
+
+    def on_predict_start(self) -> None:
+        self._check_evaluated_data()
+
+    def _check_evaluated_data(self) -> None:
+        """Refuse to evaluate on other data than these weights were trained on (``_check_data``): a loaded
+        checkpoint's, or this module's last fit's. Run at the loop's start, so after a trainer's ``ckpt_path`` has
+        loaded (``setup`` runs before that load, and would compare the weights the module held before it)."""
+        self._check_data(getattr(self, "_trained_data", None),  # absent from older pickles
+                         getattr(self, "_trained_data_source", "the checkpoint"))
 
     def on_fit_start(self) -> None:
         """Refuse, before the first step, what only the end of the run or a later load would find."""
@@ -377,6 +392,8 @@ class FewShotClassifier(L.LightningModule):
         self._check_quantization_aware()
         if self._trainer is not None:
             self._check_optimizer_precision()
+        # the weights now train on this data (a resume's was compared at its load): later stages compare with it
+        self._trained_data, self._trained_data_source = self._data_record(), "this module's last fit"
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
@@ -554,14 +571,15 @@ class FewShotClassifier(L.LightningModule):
                     + (f": the checkpoint was trained on {tensor.shape[0]} classes, the data has {own[key].shape[0]}; "
                        "test it on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
-        self._check_data(info.get("data"))  # through a trainer's ckpt_path, after setup: compared now
+        self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
-        self._checkpoint_data = info.get("data")  # kept for the setup of every later stage, once the load is accepted
+        # kept for the evaluation stages that follow, once the load is accepted
+        self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
@@ -636,22 +654,23 @@ class FewShotClassifier(L.LightningModule):
                 "split_digest": getattr(datamodule, "split_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
-    def _check_data(self, saved: Optional[dict]) -> None:
-        """Refuse to test a checkpoint on other classes or other preprocessing, or to resume its training (or
-        validate it) on another k-shot split, whose validation images could be its training images."""
+    def _check_data(self, saved: Optional[dict], source: str = "the checkpoint") -> None:
+        """Refuse to test weights on other classes or other preprocessing than ``source`` (a checkpoint, or the
+        module's last fit) trained them on, or to resume their training (or validate them) on another k-shot split,
+        whose validation images could be their training images."""
         now = self._data_record()
         if saved is None or now is None:
             return
         if saved["class_names"] != now["class_names"]:
-            raise ValueError(f"the checkpoint was trained on classes {_few(saved['class_names'])}, the data has "
+            raise ValueError(f"{source} was trained on classes {_few(saved['class_names'])}, the data has "
                              f"{_few(now['class_names'])}: its head would name the wrong classes. Pass the data it was "
                              "trained on (--data.dataset, --data.root)")
         if saved.get("evaluation") and now["evaluation"] and saved["evaluation"] != now["evaluation"]:
-            raise ValueError(f"the checkpoint's run preprocessed evaluation images as {saved['evaluation']}, this data "
+            raise ValueError(f"{source}'s run preprocessed evaluation images as {saved['evaluation']}, this data "
                              f"does {now['evaluation']}: its accuracy would differ from the run's. Pass the run's "
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
-            self._check_split(saved, now)
+            self._check_split(saved, now, "checkpoint" if source == "the checkpoint" else "fit")
 
     def _check_training_data(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other training-data settings (``check_training_data``); the CLI asks before it
@@ -682,7 +701,7 @@ class FewShotClassifier(L.LightningModule):
                              "run. Build the model with the run's values (FewShotClassifier.load_from_checkpoint(path) "
                              "does), or train a new run (fit without ckpt_path)")
 
-    def _check_split(self, saved: dict, now: dict) -> None:
+    def _check_split(self, saved: dict, now: dict, source: str = "checkpoint") -> None:
         """The run's k-shot draw, compared by the digest of its images where the checkpoint records one (a replay of
         its manifests passes; an image added to a class folder, which changes the draw of the same settings, does
         not), else by the settings that decide it."""
@@ -693,12 +712,12 @@ class FewShotClassifier(L.LightningModule):
         changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
         if changed:
             raise ValueError(f"{doing} another split than the run did (validation images could be training "
-                             "images): " + "; ".join(f"--data.{k} {b!r} (checkpoint: {a!r})"
+                             "images): " + "; ".join(f"--data.{k} {b!r} ({source}: {a!r})"
                                                      for k, (a, b) in changed.items())
                              + ". Pass the run's data settings, or start a new run")
         if saved_digest is not None and digest is not None:
             raise ValueError(f"{doing} another split than the run did, with the same data settings: the images under "
-                             f"--data.root {now['split'].get('root')!r} changed since the checkpoint was written (an "
+                             f"--data.root {now['split'].get('root')!r} changed since the {source} (an "
                              "image added, removed or renamed changes the k-shot draw), so validation images could be "
                              "the run's training images. Restore the folder as it was, replay the run's manifests with "
                              "--data.split_file and --data.val_split_file (written under its --data.split_dir), or "
