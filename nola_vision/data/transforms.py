@@ -4,7 +4,9 @@
 ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale p=0.2, Gaussian blur sigma~U[0.1, 2] with
 p=0.5, horizontal flip; eval Resize(256) -> CenterCrop(224) (scaled by image size / 224).
 ``augment="timm"`` is ``timm.data.create_transform`` with the backbone's data config, ``augment="none"``
-uses the eval transform (resize + center crop per the model's crop_pct) for training too.
+uses the eval transform for training too. With "timm" and "none" the eval transform is timm's for the backbone:
+its crop_pct, interpolation and crop_mode ('center' resizes the short side and crops, 'squash' resizes both sides
+ignoring the aspect ratio, 'border' fits the long side and pads with the mean colour).
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-__all__ = ["AUGMENTS", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig", "RandomGaussianBlur",
-           "build_transforms", "eval_transform", "evaluation_settings", "paper_train_transform",
+__all__ = ["AUGMENTS", "CROP_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig",
+           "RandomGaussianBlur", "build_transforms", "eval_transform", "evaluation_settings", "paper_train_transform",
            "resolve_data_config"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Augment = Literal["paper", "timm", "none"]
 Normalize = Literal["model", "imagenet"]
+CropMode = Literal["center", "squash", "border"]
 AUGMENTS: tuple = get_args(Augment)
 NORMALIZATIONS: tuple = get_args(Normalize)
+CROP_MODES: tuple = get_args(CropMode)
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,19 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    crop_mode: CropMode = "center"  # timm's eval geometry; last, so positional construction keeps its meaning
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {self.crop_mode!r}")
 
 
 def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int] = None) -> DataConfig:
-    """The backbone's mean/std/input size/crop_pct/interpolation from timm; ``image_size`` overrides the size.
+    """The backbone's mean/std/input size/crop_pct/interpolation/crop_mode from timm; ``image_size`` overrides the size.
 
     Read from the model's pretrained cfg without building it; a model registered without one (or with
-    an unknown tag) is built on the meta device, which allocates no weights.
+    an unknown tag) is built on the meta device, which allocates no weights. A non-square pretrained input size
+    needs ``image_size``: nola_vision preprocesses square images and will not pick a side silently.
     """
     if backbone is None:
         return DataConfig(input_size=image_size or 224)
@@ -61,9 +71,20 @@ def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int
         except RuntimeError as err:  # timm: "Unknown model (...)"
             raise ValueError(f"unknown timm backbone '{backbone}' ({err}); see timm.list_models()") from err
         cfg = resolve_model_data_config(model)
-    return DataConfig(input_size=int(image_size or cfg["input_size"][-1]), mean=tuple(cfg["mean"]),
+    return DataConfig(input_size=int(image_size or _square_side(backbone, cfg["input_size"])), mean=tuple(cfg["mean"]),
                       std=tuple(cfg["std"]), crop_pct=float(cfg.get("crop_pct") or 0.875),
-                      interpolation=str(cfg.get("interpolation") or "bicubic"))
+                      interpolation=str(cfg.get("interpolation") or "bicubic"),
+                      crop_mode=cfg.get("crop_mode") or "center")
+
+
+def _square_side(backbone: str, input_size: tuple) -> int:
+    """The side of a square pretrained ``input_size`` (C, H, W); a non-square one is refused, not squared."""
+    height, width = int(input_size[-2]), int(input_size[-1])
+    if height != width:
+        raise ValueError(f"backbone {backbone!r} was pretrained on non-square images, (h, w) = ({height}, {width}), "
+                         "but nola_vision preprocesses square images: pass image_size (the CLI's --model.image_size, "
+                         "which it links to the data) to choose the square side the backbone is built and fed at")
+    return width
 
 
 class RandomGaussianBlur:
@@ -98,20 +119,36 @@ _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.Interpol
 
 
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
-                   interpolation: str = "bilinear") -> T.Compose:
-    """Resize the short side to ``size / crop_pct``, then center-crop ``size`` (0.875: 256 -> 224)."""
-    return T.Compose([
-        T.Resize(int(size / crop_pct), interpolation=_INTERPOLATION.get(interpolation, T.InterpolationMode.BILINEAR)),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+                   interpolation: str = "bilinear", crop_mode: CropMode = "center") -> T.Compose:
+    """timm's eval geometry at ``scale = floor(size / crop_pct)``, then ``size`` x ``size`` (0.875: 256 -> 224).
+
+    'center' resizes the short side to ``scale`` and center-crops; 'squash' resizes to ``scale`` x ``scale`` and
+    center-crops; 'border' fits the long side to ``scale`` and center-crops or pads with the mean colour.
+    """
+    return T.Compose([*_geometry(size, mean, crop_pct, interpolation, crop_mode), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation: str, crop_mode: str) -> list:
+    """The resize and crop steps of ``timm.data.transforms_imagenet_eval`` for a square ``size``."""
+    scale = int(size / crop_pct)
+    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BILINEAR)
+    if crop_mode == "center":
+        return [T.Resize(scale, interpolation=mode), T.CenterCrop(size)]
+    if crop_mode == "squash":
+        return [T.Resize((scale, scale), interpolation=mode), T.CenterCrop(size)]
+    if crop_mode == "border":
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+
+        name = interpolation if interpolation in _INTERPOLATION else "bilinear"
+        return [ResizeKeepRatio((scale, scale), interpolation=name, longest=1.0),
+                CenterCropOrPad(size, fill=[round(255 * v) for v in mean])]
+    raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {crop_mode!r}")
 
 
 def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "model",
                         config: Optional[DataConfig] = None) -> dict:
-    """What the evaluation transform does, as plain values (size, mean, std, crop fraction, interpolation): a
-    checkpoint records them, so that testing it preprocesses as its run did."""
+    """What the evaluation transform does, as plain values (size, mean, std, crop fraction, interpolation, and a
+    crop_mode other than 'center'): a checkpoint records them, so that testing it preprocesses as its run did."""
     config = config or DataConfig()
     if normalize == "model":
         mean, std = config.mean, config.std
@@ -121,8 +158,12 @@ def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "mode
         raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
     # the paper's eval is exactly Resize(256) -> CenterCrop(224), torchvision's default bilinear
     crop, interpolation = (224 / 256, "bilinear") if augment == "paper" else (config.crop_pct, config.interpolation)
-    return {"size": config.input_size, "mean": list(mean), "std": list(std), "crop_pct": crop,
-            "interpolation": interpolation}
+    settings = {"size": config.input_size, "mean": list(mean), "std": list(std), "crop_pct": crop,
+                "interpolation": interpolation}
+    if augment != "paper" and config.crop_mode != "center":
+        # only a non-default mode adds the key, so records of 'center' runs stay as they were written
+        settings["crop_mode"] = config.crop_mode
+    return settings
 
 
 def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
@@ -131,7 +172,8 @@ def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
     config = config or DataConfig()
     evaluation = evaluation_settings(augment, normalize, config)
     size, mean, std = config.input_size, evaluation["mean"], evaluation["std"]
-    model_eval = eval_transform(size, mean, std, evaluation["crop_pct"], evaluation["interpolation"])
+    model_eval = eval_transform(size, mean, std, evaluation["crop_pct"], evaluation["interpolation"],
+                                evaluation.get("crop_mode", "center"))
     if augment == "paper":
         return paper_train_transform(size, mean, std), model_eval
     if augment == "none":
