@@ -127,13 +127,17 @@ def write_cub(root: Path, num_classes: int = 200, train_per_class: int = 3, test
 def write_caltech101(root: Path, num_classes: int = 101, per_class: int = 6) -> dict:
     """Write ``root/caltech101/101_ObjectCategories/<class>/image_0001.jpg`` incl. BACKGROUND_Google.
 
-    The first image of the first class is a grayscale (mode "L") JPEG, as some real ones are.
+    The full set (101 classes) has the archive's own folder names; fewer have stand-ins (``cat_000``, ...) and
+    ``Faces_easy``. The first image of ``Faces_easy`` is a grayscale (mode "L") JPEG, as some real ones are.
     """
+    from nola_vision.data.datasets import CALTECH101_CLASSES
+
     cats = root / "caltech101" / "101_ObjectCategories"
-    names = sorted([f"cat_{c:03d}" for c in range(num_classes - 1)] + ["Faces_easy"])
+    names = sorted(CALTECH101_CLASSES) if num_classes == len(CALTECH101_CLASSES) else \
+        sorted([f"cat_{c:03d}" for c in range(num_classes - 1)] + ["Faces_easy"])
     for label, name in enumerate(names):
         for j in range(1, per_class + 1):
-            if label == 0 and j == 1:
+            if name == "Faces_easy" and j == 1:
                 _jpeg(cats / name / f"image_{j:04d}.jpg", 128, mode="L")
             else:
                 _jpeg(cats / name / f"image_{j:04d}.jpg", class_color(label))

@@ -481,3 +481,36 @@ def test_a_held_out_class_without_images_is_named_in_a_warning(tmp_path):
     dm = FewShotDataModule("imagefolder", root=str(tmp_path / "pets"), shots=2, image_size=8, augment="none")
     with pytest.warns(UserWarning, match=r"no images of classes \['dog'\]"):
         dm.setup("test")
+
+
+def test_loaders_built_again_each_epoch_go_on_shuffling_as_one_loader_does(tmp_path):
+    """``reload_dataloaders_every_n_epochs=1`` (was: every rebuilt loader seeded its shuffle anew, so each epoch
+    trained on the first epoch's batch order); a new Trainer's fit starts the seeded orders again."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    import nola_vision as nv
+
+    class Orders(Callback):
+        def __init__(self):
+            self.first = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first.setdefault(trainer.current_epoch, batch[1].tolist())
+
+    def orders(reload: int):
+        L.seed_everything(0)
+        data = FewShotDataModule("digits", shots=2, image_size=32, backbone="vit_tiny_patch16_224", augment="none",
+                                 batch_size=4)
+        model = nv.FewShotClassifier("vit_tiny_patch16_224", 10, "linear", pretrained=False, image_size=32,
+                                     backbone_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
+                                     adapter_dir=str(tmp_path / f"adapter{reload}"))
+        seen = Orders()
+        L.Trainer(max_epochs=3, reload_dataloaders_every_n_epochs=reload, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[seen], num_sanity_val_steps=0,
+                  default_root_dir=tmp_path).fit(model, datamodule=data)
+        return [seen.first[epoch] for epoch in range(3)]
+
+    once = orders(0)
+    assert len({str(order) for order in once}) == 3
+    assert orders(1) == once

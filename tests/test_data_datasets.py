@@ -180,7 +180,8 @@ def test_caltech101_drops_background_converts_grayscale_and_splits_every_fifth_i
     assert (len(train), len(test)) == (101 * 4, 101 * 2)  # positions 0 and 5 of six are test
     test_names = {k.rsplit("/", 1)[1] for k, _ in test.samples}
     assert test_names == {"image_0001.jpg", "image_0006.jpg"}
-    gray = test.load_image(test.samples.index(("101_ObjectCategories/Faces_easy/image_0001.jpg", 0)))
+    faces_easy = train.class_names.index("Faces_easy")
+    gray = test.load_image(test.samples.index(("101_ObjectCategories/Faces_easy/image_0001.jpg", faces_easy)))
     assert gray.mode == "RGB" and gray.getpixel((0, 0))[0] == gray.getpixel((0, 0))[2]
 
 

@@ -52,7 +52,7 @@ class FewShotSubset(Dataset):
                  cache: bool = False, cache_mb: float = 2048) -> None:
         self.dataset, self.indices, self.transform = dataset, list(indices), transform
         self.cache: dict[int, Any] = {}
-        if cache:
+        if cache and cache_mb > 0:  # cache_mb=0: no cache (not a cache that is full at once)
             budget = cache_mb * 2**20
             for pos, index in enumerate(self.indices):  # also surfaces a corrupt file now, by name
                 img = dataset.load_image(index)
@@ -125,6 +125,11 @@ def _check_arguments(hp: Any) -> Any:
                          "set --data.val_shots 0 to replay without validation")
     hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
     return hp
+
+
+def _dataset_key(name: str) -> str:
+    """A dataset name as the registry looks it up (``Fashion-MNIST`` and ``fashion_mnist`` are one dataset)."""
+    return name.lower().replace("-", "_")
 
 
 def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
@@ -284,6 +289,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
         self._train_generator: Optional[torch.Generator] = None
+        self._generator_fit: Optional[tuple] = None  # (id of the trainer, epoch) that made _train_generator
         self._resumed_generator_state: Optional[torch.Tensor] = None
         self.split: Optional[FewShotSplit] = None
         self.manifest_path: Optional[Path] = None
@@ -363,6 +369,9 @@ class FewShotDataModule(L.LightningDataModule):
         """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and
         ``split_seed`` the seed its header names (a manifest this module wrote), so what a run records is what it
         trained on."""
+        for manifest in (self.split_file, self.val_split_file):
+            if manifest:
+                self._refuse_other_dataset(manifest)
         indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
         val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
                if self.val_split_file else [])
@@ -374,6 +383,16 @@ class FewShotDataModule(L.LightningDataModule):
         if seed.lstrip("-").isdigit():
             self.split_seed = int(seed)
         return FewShotSplit(indices, val)
+
+    def _refuse_other_dataset(self, manifest: str) -> None:
+        """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels
+        are another dataset's. A manifest without that header (older, or written by hand) is checked line by line."""
+        recorded = manifest_settings(manifest).get("dataset")
+        if recorded is not None and _dataset_key(recorded) != _dataset_key(self.dataset_name):
+            raise ValueError(f"{manifest} is a manifest of dataset {recorded!r} (its header says dataset={recorded}), "
+                             f"but this data module reads {self.dataset_name!r}: replay it with --data.dataset "
+                             f"{recorded} (and that dataset's --data.root), or drop split_file to draw a split of "
+                             f"{self.dataset_name!r}")
 
     def save_split(self, split_dir: str) -> Path:
         """Write the train (and validation) manifests under ``split_dir``; returns the train manifest path.
@@ -436,17 +455,30 @@ class FewShotDataModule(L.LightningDataModule):
             return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
         if ddp:  # Lightning swaps a shuffling loader's sampler for its DistributedSampler (ordered by epoch too)
             return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
-        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
-        self._train_generator = torch.Generator().manual_seed(seed % 2**63)
-        if self._resumed_generator_state is not None:  # where the checkpointed run's order stood
-            self._train_generator.set_state(self._resumed_generator_state)
-            self._resumed_generator_state = None
+        self._train_generator = self._shuffle_generator()
         # The loader's own generator seeds its workers only (the orders are the sampler's alone), from where the
         # shuffle stands: a resumed run's workers draw on, not the first epoch's numbers again.
         workers = torch.Generator()
         workers.set_state(self._train_generator.get_state())
         sampler = _EpochShuffle(self.train_set, generator=self._train_generator)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
+
+    def _shuffle_generator(self) -> torch.Generator:
+        """A fit's shuffling generator: seeded at the fit's first loader (or set where a resumed run's stood), then
+        kept for the loaders Lightning builds again later in the same fit (``reload_dataloaders_every_n_epochs``), so
+        their epochs go on drawing new orders as one loader's do, instead of repeating the first epoch's."""
+        trainer, generator = self.trainer, self._train_generator
+        if (generator is not None and trainer is not None and self._resumed_generator_state is None
+                and self._generator_fit is not None and self._generator_fit[0] == id(trainer)
+                and trainer.current_epoch > self._generator_fit[1]):
+            return generator
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        if self._resumed_generator_state is not None:  # where the checkpointed run's order stood
+            generator.set_state(self._resumed_generator_state)
+            self._resumed_generator_state = None
+        self._generator_fit = (id(trainer), trainer.current_epoch) if trainer is not None else None
+        return generator
 
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps of the data: the train loader's shuffling state, and the global random states

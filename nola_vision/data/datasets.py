@@ -9,6 +9,7 @@ system is its bytes as UTF-8 (undecodable bytes as surrogate escapes), so it is 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -45,7 +46,22 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # silently.
 UNREAD_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jxl", ".svg", ".ico",
                            ".tga", ".dng", ".cr2", ".nef", ".arw", ".raw")
+# Folders that tools write among the images, never data: Synology NAS thumbnails, macOS zip resource forks.
+METADATA_FOLDERS = frozenset(("@eaDir", "__MACOSX"))
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
+FASHION_MNIST_SIZES = {"train": 60000, "t10k": 10000}  # images per file; fewer (a subset) cannot be verified
+FASHION_MNIST_IMAGE_SHAPE = (28, 28)
+# sha256 of the DECOMPRESSED bytes of Fashion-MNIST's four IDX files, so that .gz and raw copies verify alike:
+# computed once (`zcat <file> | sha256sum`) from Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1
+# (/usr/share/datasets/fashion-mnist/*.gz, the files of github.com/zalandoresearch/fashion-mnist). MNIST and KMNIST
+# use the same file names, so only the content tells them apart.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # scikit-learn's digits come in a fixed order; as in its "Recognizing hand-written digits" example the
@@ -118,6 +134,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _too_large_message(path: Path, where: str, err: Exception) -> str:
+    """Why an image over PIL's pixel limit is not read, and how to read it: it is not corrupt, just large."""
+    reason = str(err).rstrip(".")
+    return (f"image {path} ({where}) is larger than PIL's limit ({reason}; PIL refuses twice Image.MAX_IMAGE_PIXELS="
+            f"{Image.MAX_IMAGE_PIXELS}, a guard against decompression bombs). It is not corrupt: resize the image, or "
+            "raise the limit before the data is read (`PIL.Image.MAX_IMAGE_PIXELS = <pixels>`, or None for none).")
+
+
 def _grey_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
     if mode == "F":
         bad = int(np.count_nonzero(~np.isfinite(pixels)))
@@ -165,7 +189,9 @@ class ImageDataset(Dataset):
                 return _to_rgb(img)
         except FileNotFoundError:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError as err:
+            raise CorruptImageError(_too_large_message(path, f"{self.name} {self.split} split", err)) from err
+        except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
 
@@ -292,10 +318,10 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset metadata file")
 
 
-def _refuse_repeats(entries: Iterable[tuple[str, str]], fix: str) -> None:
+def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
     """Refuse an image listed twice, in one split or in both: ``entries`` are ``(identity, where it is listed)``
     over both splits. A repeat would be drawn twice as a shot, or be tested on after training on it."""
-    seen: dict[str, str] = {}
+    seen: dict[Hashable, str] = {}
     for identity, where in entries:
         if identity in seen:
             first = seen[identity]
@@ -349,19 +375,37 @@ class _CUB:
     def _fix(self, root: Path) -> str:
         return f"Extract {self.url} under {root} again."
 
-    def class_names(self, root: Path) -> list[str]:
+    def _class_folders(self, root: Path) -> list[str]:
+        """The class folder names of ``classes.txt`` (``001.Black_footed_Albatross``) in label order."""
         folder = self._folder(root)
-        # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
         classes = _read_pairs(folder / "classes.txt", self._fix(root))
         extra = [f"{key} {value}" for key, value in sorted(classes.items()) if not 1 <= key <= CUB_CLASSES]
         _refuse_extra_classes(self.name, folder / "classes.txt", len(classes), CUB_CLASSES, extra,
                               f"Remove those lines (CUB-200-2011 numbers its classes 1 to {CUB_CLASSES}), or extract "
                               f"{self.url} under {root} again.")
-        return [classes[key].split(".", 1)[-1] for key in sorted(classes)]
+        return [classes[key] for key in sorted(classes)]
+
+    def class_names(self, root: Path) -> list[str]:
+        # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
+        return [name.split(".", 1)[-1] for name in self._class_folders(root)]
+
+    def _refuse_other_folders(self, root: Path, images: dict[int, str], labels: dict[int, int],
+                              class_folders: list[str]) -> None:
+        """Refuse an image whose label (``image_class_labels.txt``) is not the class of the folder ``images.txt``
+        puts it in: it would be trained on as another bird."""
+        for img_id, rel in images.items():
+            folder, label = rel.split("/", 1)[0], labels[img_id]
+            if folder != class_folders[label - 1]:
+                raise DatasetMetadataError(
+                    f"{self._folder(root) / 'image_class_labels.txt'}: image id {img_id} ({rel!r}) has class {label} "
+                    f"({class_folders[label - 1]!r}), but images.txt puts it in the folder of class {folder!r}: an "
+                    f"image's label and its class folder must agree. Fix that line, or extract {self.url} under {root} "
+                    "again.")
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
         folder, fix = self._folder(root), self._fix(root)
-        names = self.class_names(root)
+        class_folders = self._class_folders(root)
+        names = [name.split(".", 1)[-1] for name in class_folders]
         images = _read_pairs(folder / "images.txt", fix)
         labels = _read_pairs(folder / "image_class_labels.txt", fix, integer_values=True)
         is_train = _read_pairs(folder / "train_test_split.txt", fix, integer_values=True)
@@ -374,6 +418,7 @@ class _CUB:
             wrong = next((key for key, value in values.items() if value not in valid), None)
             if wrong is not None:
                 raise DatasetMetadataError(f"{path}: image id {wrong} has {values[wrong]}, expected {what}. {fix}")
+        self._refuse_other_folders(root, images, labels, class_folders)
         _refuse_repeats(((rel, f"{folder / 'images.txt'}: image id {img_id} {rel!r} "
                                 f"({'train' if is_train[img_id] else 'test'})") for img_id, rel in images.items()),
                         f"Remove one of those lines, or extract {self.url} under {root} again.")
@@ -383,23 +428,63 @@ class _CUB:
         return ImageDataset(self.name, folder, split, samples, names)
 
 
+def _hidden_name(name: str) -> bool:
+    """A dot-file or dot-folder (macOS ``._*`` resource forks, ``.ipynb_checkpoints``, ``.DS_Store``) or a folder
+    that tools write among images (``METADATA_FOLDERS``: Synology ``@eaDir`` thumbnails, ``__MACOSX``): never data."""
+    return name.startswith(".") or name in METADATA_FOLDERS
+
+
 def _hidden(path: Path) -> bool:
-    """A dot-file or dot-folder (macOS ``._*`` resource forks, ``.ipynb_checkpoints``, ``.DS_Store``): never data."""
-    return path.name.startswith(".")
+    """Whether ``path`` is tool metadata (:func:`_hidden_name`), never a class or an image."""
+    return _hidden_name(path.name)
 
 
-def _image_files(folder: Path) -> list[str]:
-    """The image files of ``folder`` (not of its sub-folders), as keys (:func:`_key`), sorted."""
-    return sorted(_key(p.name) for p in folder.iterdir()
-                  if p.is_file() and not _hidden(p) and p.suffix.lower() in IMG_EXTENSIONS)
+def _broken_link_error(path: Union[str, Path]) -> DatasetNotFoundError:
+    """The error for a symbolic link whose target cannot be reached: skipping it would silently drop a class (and
+    shift every later label) or an image."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return DatasetNotFoundError(
+        f"{path} is a symbolic link to {target}, which cannot be reached (missing, e.g. an unmounted share or a moved "
+        "folder, or a loop of links). Mount or restore its target, fix the link, or remove it: a broken link is not "
+        "skipped, since the class or image it stands for would be left out without a word.")
 
 
-def _visible_files(folder: Path) -> dict[str, str]:
-    """Every visible file under ``folder``: ``{path relative to it, as a key: its real path}``, sorted, following
-    symbolic links once: a link back to a folder already read, to ``folder`` or to one of its parents (whose other
-    class folders' images would come back under this class) is not followed."""
+def _refuse_broken_link(path: Union[str, Path]) -> None:
+    """Refuse ``path`` when it is a symbolic link whose target cannot be reached (:func:`_broken_link_error`)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise _broken_link_error(path)
+
+
+def _refuse_line_break(key: str, path: Union[str, Path]) -> None:
+    """Refuse a sample key with a line break: a split manifest holds one image per line, so it could not be read
+    back."""
+    if "\n" in key or "\r" in key:
+        raise DatasetMetadataError(f"{os.fspath(path)!r}: a file or folder name with a line break ('\\n' or '\\r') "
+                                   "cannot be written to a split manifest (one image per line). Rename it.")
+
+
+def _file_identity(path: str) -> Hashable:
+    """What makes two paths one file: device and inode (``os.stat`` follows symbolic links), so that a hard link and a
+    symbolic link to an image are both caught as its repeats; the real path where the file system numbers no inodes."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        if os.path.islink(path):
+            raise _broken_link_error(path) from err
+        raise
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.realpath(path)
+
+
+def _visible_files(folder: Path) -> dict[str, Hashable]:
+    """Every visible file under ``folder``: ``{path relative to it, as a key: its identity (:func:`_file_identity`)}``,
+    sorted, following symbolic links once: a link back to a folder already read, to ``folder`` or to one of its
+    parents (whose other class folders' images would come back under this class) is not followed. A broken link, and
+    an image whose path has a line break, are refused."""
     root = os.path.realpath(folder)
-    files: dict[str, str] = {}
+    files: dict[str, Hashable] = {}
     visited: set[str] = set()
     for directory, subfolders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
@@ -408,30 +493,75 @@ def _visible_files(folder: Path) -> dict[str, str]:
             subfolders[:] = []
             continue
         visited.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = sorted(name for name in subfolders if not _hidden_name(name))
         for name in names:
+            if _hidden_name(name):
+                continue
             path = os.path.join(directory, name)
-            if not name.startswith("."):  # the real path: a linked file's target, else the file in its real folder
-                real_file = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, name)
-                files[_key(Path(path).relative_to(folder).as_posix())] = real_file
+            key = _key(Path(path).relative_to(folder).as_posix())
+            if Path(name).suffix.lower() in IMG_EXTENSIONS:
+                _refuse_line_break(key, path)
+            files[key] = _file_identity(path)
     return dict(sorted(files.items()))
 
 
-def _unread_images(folder: Path, class_files: dict[str, dict[str, str]]) -> list[str]:
-    """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a
-    class folder (``class_files``: its :func:`_visible_files`) in a format that is not read
-    (``UNREAD_IMAGE_EXTENSIONS``); paths relative to ``folder``."""
+def _reads_nested(key: str) -> bool:
+    """Whether torchvision's ImageFolder (and ours) reads the file ``key`` of a class folder: an image in a read format,
+    in the class folder or any of its sub-folders."""
+    return Path(key).suffix.lower() in IMG_EXTENSIONS
+
+
+def _reads_flat(key: str) -> bool:
+    """Whether Caltech-101's reader reads the file ``key`` of a class folder: an image in a read format, in the class
+    folder itself (the archive has no sub-folders; torchvision's reader lists the class folder alone)."""
+    return "/" not in key and _reads_nested(key)
+
+
+def _unread_images(folder: Path, class_files: dict[str, dict[str, Hashable]],
+                   reads: Callable[[str], bool] = _reads_nested) -> list[str]:
+    """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a class
+    folder (``class_files``: its :func:`_visible_files`) but not read (``reads``: in a format that is not read, or
+    in a sub-folder that is not); paths relative to ``folder``."""
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
     loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
     unread = [f"{name}/{path}" for name, files in class_files.items()
-              for path in files if Path(path).suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
+              for path in files if Path(path).suffix.lower() in known and not reads(path)]
     return sorted(loose) + unread
+
+
+def _report_unread_images(folder: Path, unread: list[str], refuse: bool, layout: str = "") -> None:
+    """Name the image files a split leaves out (:func:`_unread_images`): refused (``refuse``: nothing read at all, or
+    a training class left with none of its images), else a warning. ``layout`` says where images are read from."""
+    if not unread:
+        return
+    message = (f"{len(unread)} image file(s) under {folder} are not read ({', '.join(unread[:3])}"
+               f"{', ...' if len(unread) > 3 else ''}): images are read from {folder}/<class>/{layout} in the formats "
+               f"{', '.join(IMG_EXTENSIONS)}. Move loose images into their class folder and convert others "
+               "(e.g. GIF, AVIF, HEIC) to PNG or JPEG")
+    if refuse:
+        raise DatasetNotFoundError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _warn_classes_without_images(where: Union[str, Path], empty: Sequence[str]) -> None:
+    """Warn that the held-out split ``where`` has no images of classes ``empty``: its accuracy leaves them out."""
+    if empty:
+        warnings.warn(f"{where} has no images of classes {list(empty)}: its accuracy covers the other classes only",
+                      stacklevel=3)
 
 
 def _class_folders(folder: Path) -> list[str]:
     """Sorted names (as keys, :func:`_key`) of the visible sub-folders of ``folder`` (hidden ones are tool metadata,
-    not classes)."""
-    return sorted(_key(p.name) for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+    not classes). A broken link among them is refused: dropping it would shift every later class's label."""
+    names = []
+    for path in folder.iterdir():
+        if _hidden(path):
+            continue
+        _refuse_broken_link(path)
+        if path.is_dir():
+            _refuse_line_break(_key(path.name), path)
+            names.append(_key(path.name))
+    return sorted(names)
 
 
 def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
@@ -460,6 +590,8 @@ class _Caltech101:
 
     def class_names(self, root: Path) -> list[str]:
         cats = self.expected(root)
+        for folder in (cats.parent, cats):
+            _refuse_broken_link(folder)
         if not cats.is_dir():
             raise _not_found(self.name, cats, f"Pass download=True (--data.download true) to fetch {self.url} "
                              f"with torchvision, or extract it so that {cats} exists.")
@@ -470,13 +602,42 @@ class _Caltech101:
                               [name for name in names if name not in CALTECH101_CLASSES],
                               f"Remove the folders that are not Caltech-101 categories from {cats} (each of its "
                               "folders but BACKGROUND_Google is a class)")
+        self._refuse_other_names(cats, names)
         return names
 
-    def split_assignment(self, root: Path) -> dict[str, str]:
-        """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule."""
+    def _refuse_other_names(self, cats: Path, names: list[str]) -> None:
+        """Refuse Caltech-101's class count under other folder names: a foreign folder standing in for a missing
+        category would be trained on under a name that is not Caltech-101's."""
+        if len(names) != len(CALTECH101_CLASSES) or set(names) == CALTECH101_CLASSES:
+            return
+        unexpected, missing = sorted(set(names) - CALTECH101_CLASSES), sorted(CALTECH101_CLASSES - set(names))
+
+        def few(items: list[str]) -> str:
+            return ", ".join(map(repr, items[:3])) + (", ..." if len(items) > 3 else "")
+
+        raise DatasetMetadataError(
+            f"dataset '{self.name}': {cats} holds {len(names)} class folders, as Caltech-101 has, but "
+            f"{len(unexpected)} are not its categories ({few(unexpected)}) and {len(missing)} of its categories are "
+            f"missing ({few(missing)}). Give the folders the archive's own names, or extract {self.url} there again.")
+
+    def _listing(self, root: Path) -> dict[str, dict[str, Hashable]]:
+        """Every visible file of each class folder (:func:`_visible_files`), after refusing a file that a link
+        (symbolic or hard) brings in twice: it could be a training and a test image at once."""
+        cats = self.expected(root)
+        listing = {name: _visible_files(cats / _fs_name(name)) for name in self.class_names(root)}
+        _refuse_repeats(((identity, f"{cats}/{name}/{fname}") for name, files in listing.items()
+                         for fname, identity in files.items() if _reads_flat(fname)),
+                        "Remove the symbolic link or hard link that reaches it a second time.")
+        return listing
+
+    def split_assignment(self, root: Path, listing: Optional[dict[str, dict[str, Hashable]]] = None
+                         ) -> dict[str, str]:
+        """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule;
+        ``listing``: :meth:`_listing`, when the caller has it already."""
         folder = root / "caltech101"
         split_path = folder / CALTECH_SPLIT_FILE
-        on_disk = {name: _image_files(self.expected(root) / _fs_name(name)) for name in self.class_names(root)}
+        listing = self._listing(root) if listing is None else listing
+        on_disk = {name: [fname for fname in files if _reads_flat(fname)] for name, files in listing.items()}
         if split_path.is_file():
             assignment = self._read_split(split_path, set(on_disk))
             images = {f"{CALTECH_IMAGES}/{name}/{fname}" for name, files in on_disk.items() for fname in files}
@@ -512,7 +673,13 @@ class _Caltech101:
     def __call__(self, root: Path, split: str) -> ImageDataset:
         names = self.class_names(root)
         index = {n: i for i, n in enumerate(names)}
-        samples = [(rel, index[rel.split("/")[1]]) for rel, s in self.split_assignment(root).items() if s == split]
+        listing = self._listing(root)
+        unread = _unread_images(self.expected(root), listing, _reads_flat)
+        emptied = {name for name, files in listing.items() if not any(_reads_flat(f) for f in files)}
+        _report_unread_images(self.expected(root), unread, any(f.split("/", 1)[0] in emptied for f in unread),
+                              " (not its sub-folders)")
+        samples = [(rel, index[rel.split("/")[1]]) for rel, s in self.split_assignment(root, listing).items()
+                   if s == split]
         return ImageDataset(self.name, root / "caltech101", split, samples, names)
 
 
@@ -547,6 +714,8 @@ class _Food101:
             if not isinstance(images, list) or not all(isinstance(i, str) and i.startswith(f"{name}/") for i in images):
                 raise DatasetMetadataError(f"{path}: class {name!r} must list '{name}/<id>' image names, got "
                                            f"{reprlib.repr(images)}. {fix}")
+            for image in images:
+                _refuse_line_break(image, f"{path}: {image}")
         return meta
 
     def class_names(self, root: Path) -> list[str]:
@@ -572,11 +741,15 @@ class _Food101:
             raise DatasetMetadataError(f"{self.expected(root) / 'meta' / f'{split}.json'} lists other classes than "
                                        f"test.json ({sorted(set(meta) ^ set(names))[:5]}); extract {self.url} again.")
         samples = [(f"images/{rel}.jpg", label) for label, name in enumerate(names) for rel in meta[name]]
+        if split != "train":
+            _warn_classes_without_images(self.expected(root) / "meta" / f"{split}.json",
+                                         [name for name in names if not meta[name]])
         return ImageDataset(self.name, self.expected(root), split, samples, names)
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an ``ndim``-dimensional uint8 IDX file (MNIST format), gzip-compressed or not."""
+def _read_idx(path: Path, ndim: int) -> tuple[np.ndarray, bytes]:
+    """Read an ``ndim``-dimensional uint8 IDX file (MNIST format), gzip-compressed or not; returns the array and the
+    decompressed bytes it views (to verify them without reading the file again)."""
     opener = gzip.open if path.suffix == ".gz" else open
     fix = "Delete it and download Fashion-MNIST again (--data.download true)."
     try:
@@ -591,7 +764,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
         raise CorruptImageError(f"{path} is truncated: header says {shape}, found {array.size} bytes. {fix}")
-    return array.reshape(shape)
+    return array.reshape(shape), data
 
 
 class _FashionMNIST:
@@ -612,10 +785,31 @@ class _FashionMNIST:
     def _find(self, root: Path) -> Optional[Path]:
         for folder in self.candidates(root):
             for suffix in ("", ".gz"):
-                if all((folder / f"{p}-{kind}-ubyte{suffix}").is_file()
-                       for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
+                paths = [folder / f"{p}-{kind}-ubyte{suffix}" for p in ("train", "t10k")
+                         for kind in ("images-idx3", "labels-idx1")]
+                for path in paths:  # not skipped for the next folder: that may hold other files
+                    _refuse_broken_link(path)
+                if all(path.is_file() for path in paths):
                     return folder / f"{{prefix}}-{{kind}}-ubyte{suffix}"
         return None
+
+    def _read(self, pattern: Path, prefix: str, kind: str, ndim: int) -> np.ndarray:
+        """One IDX file of the ``pattern`` folder, refused when it is not Fashion-MNIST's: images other than 28x28, or
+        a full-size file (all 60,000 or 10,000 items) whose content is not the official file's."""
+        path = Path(str(pattern).format(prefix=prefix, kind=kind))
+        array, data = _read_idx(path, ndim)
+        get = (f"Put Fashion-MNIST's own files there: download=True (--data.download true) fetches them with "
+               f"torchvision, `apt-get install dataset-fashion-mnist` puts them under {FASHION_MNIST_SYSTEM_DIR}, "
+               f"or get them from {FASHION_MNIST_URL}.")
+        if ndim == 3 and array.shape[1:] != FASHION_MNIST_IMAGE_SHAPE:
+            raise DatasetMetadataError(f"{path} holds {array.shape[1]}x{array.shape[2]} images, but Fashion-MNIST's "
+                                       "are 28x28: these are another dataset's files under Fashion-MNIST's names. "
+                                       f"{get}")
+        if len(array) == FASHION_MNIST_SIZES[prefix] and \
+                hashlib.sha256(data).hexdigest() != FASHION_MNIST_SHA256[f"{prefix}-{kind}"]:
+            raise DatasetMetadataError(f"{path} is not Fashion-MNIST's {prefix}-{kind} file (its content differs from "
+                                       f"the official file's; MNIST and KMNIST use the same file names). {get}")
+        return array
 
     def class_names(self, root: Path) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
@@ -627,8 +821,8 @@ class _FashionMNIST:
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
         prefix = "train" if split == "train" else "t10k"
-        images = _read_idx(Path(str(pattern).format(prefix=prefix, kind="images-idx3")), ndim=3)
-        labels = _read_idx(Path(str(pattern).format(prefix=prefix, kind="labels-idx1")), ndim=1)
+        images = self._read(pattern, prefix, "images-idx3", ndim=3)
+        labels = self._read(pattern, prefix, "labels-idx1", ndim=1)
         if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
             raise CorruptImageError(f"{pattern.parent}: {prefix} label {labels.max()} is not a Fashion-MNIST class "
                                     "(0..9); download the dataset again (--data.download true)")
@@ -663,6 +857,7 @@ class _ImageFolder:
 
     def class_names(self, root: Path) -> list[str]:
         train = self.expected(root)
+        _refuse_broken_link(train)
         names = _class_folders(train) if train.is_dir() else []
         if not names:
             raise _not_found(self.name, train / "<class>" / "<image>.jpg",
@@ -672,6 +867,8 @@ class _ImageFolder:
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
         names = self.class_names(root)
+        for name in ("test", "val"):  # a broken link must not pass for a missing folder (and let "val" stand in)
+            _refuse_broken_link(root / name)
         held_out = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
         folder = root / "train" if split == "train" else held_out
         if split != "train":
@@ -682,31 +879,24 @@ class _ImageFolder:
             if extra:
                 raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
         # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once.
-        # Both splits, to refuse a file that a symbolic link brings into a second class or split.
+        # Both splits, to refuse a file that a link (symbolic or hard) brings into a second class or split.
         listed = {split_folder: {name: _visible_files(split_folder / _fs_name(name)) for name in names
                                  if (split_folder / _fs_name(name)).is_dir()}
                   for split_folder in (root / "train", held_out) if split_folder.is_dir()}
-        _refuse_repeats(((real, f"{split_folder}/{name}/{fname}") for split_folder, classes in listed.items()
-                         for name, files in classes.items() for fname, real in files.items()
-                         if Path(fname).suffix.lower() in IMG_EXTENSIONS),
-                        "Remove the symbolic link that reaches it a second time.")
+        _refuse_repeats(((identity, f"{split_folder}/{name}/{fname}") for split_folder, classes in listed.items()
+                         for name, files in classes.items() for fname, identity in files.items()
+                         if _reads_nested(fname)),
+                        "Remove the symbolic link or hard link that reaches it a second time.")
         class_files = listed[folder]
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
-                   for fname in class_files.get(name, []) if Path(fname).suffix.lower() in IMG_EXTENSIONS]
+                   for fname in class_files.get(name, []) if _reads_nested(fname)]
         empty = sorted(set(names) - {names[label] for _, label in samples})
         unread = _unread_images(folder, class_files)
-        if unread:
-            message = (f"{len(unread)} image file(s) under {folder} are not read ({', '.join(unread[:3])}"
-                       f"{', ...' if len(unread) > 3 else ''}): images are read from {folder}/<class>/ in the formats "
-                       f"{', '.join(IMG_EXTENSIONS)}. Move loose images into their class folder and convert others "
-                       "(e.g. GIF, AVIF, HEIC) to PNG or JPEG")
-            # Nothing read at all, or a training class left with none of its images: refused, not trained without
-            if not samples or (split == "train" and any(f.split("/", 1)[0] in empty for f in unread)):
-                raise DatasetNotFoundError(message)
-            warnings.warn(message, stacklevel=2)
-        if split != "train" and samples and empty:
-            warnings.warn(f"{folder} has no images of classes {empty}: its accuracy covers the other classes only",
-                          stacklevel=2)
+        # Nothing read at all, or a training class left with none of its images: refused, not trained without
+        _report_unread_images(folder, unread, not samples or (split == "train" and
+                                                              any(f.split("/", 1)[0] in empty for f in unread)))
+        if split != "train" and samples:
+            _warn_classes_without_images(folder, empty)
         return ImageDataset(self.name, root, split, samples, names)
 
 

@@ -10,6 +10,7 @@ the prefix of the 10-shot draw with the same seed.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -39,19 +40,41 @@ def draw_order(key: str, seed: int) -> int:
     return int.from_bytes(digest, "big")
 
 
+def _integer(value: object, name: str) -> int:
+    """``value`` as an int, refusing a bool or a float: the draw hashes the seed's text, so ``3.0`` or ``True`` would
+    silently draw another split than ``3`` or ``1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"sample_kshot: {name} must be an integer, got {value!r} ({type(value).__name__}); pass "
+                        f"int({value!r}) if that is the number you mean")
+    return int(value)
+
+
+def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1``: their images would silently never be drawn."""
+    unknown = sorted((label for label in by_class
+                      if not (isinstance(label, numbers.Integral) and 0 <= label < num_classes)), key=str)
+    if unknown:
+        raise ValueError(f"sample_kshot: labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not classes "
+                         f"0..{num_classes - 1} (len(class_names)={num_classes}): pass the class_names of these "
+                         "samples, or fix their labels")
+
+
 def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, val_shots: int = 0,
                  class_names: Optional[Sequence[str]] = None, allow_fewer: bool = False) -> FewShotSplit:
     """Draw ``shots`` train and ``val_shots`` validation images per class; ``shots=0`` keeps all the rest.
 
     A class with too few images raises :class:`NotEnoughImagesError` naming it and its count, unless
-    ``allow_fewer`` (then it keeps what it has, training images first).
+    ``allow_fewer`` (then it keeps what it has, training images first). ``seed``, ``shots`` and ``val_shots`` must
+    be integers (a bool or float is refused), and every label one of ``class_names``.
     """
+    seed, shots, val_shots = (_integer(v, n) for v, n in ((seed, "seed"), (shots, "shots"), (val_shots, "val_shots")))
     if shots < 0 or val_shots < 0:
         raise ValueError(f"shots and val_shots must be >= 0, got {shots} and {val_shots}")
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(samples):
         by_class.setdefault(label, []).append(index)
     num_classes = len(class_names) if class_names is not None else max(by_class, default=-1) + 1
+    _refuse_unknown_labels(by_class, num_classes)
     train: list[int] = []
     val: list[int] = []
     short = []
