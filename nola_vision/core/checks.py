@@ -14,7 +14,11 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["as_integer", "check_bool", "check_choice", "check_int", "check_number", "check_path", "shown"]
+__all__ = ["INT64_RANGE", "as_integer", "check_bool", "check_choice", "check_int", "check_number", "check_path",
+           "shown"]
+
+# The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def shown(value: Any) -> str:
@@ -33,8 +37,11 @@ def as_integer(value: Any) -> Optional[int]:
         return None
 
 
-def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional: bool = False) -> Optional[int]:
-    """``value`` as an ``int`` (any integer type; a bool, float or string is refused, not rounded or parsed)."""
+def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional: bool = False,
+              int64: bool = False) -> Optional[int]:
+    """``value`` as an ``int`` (any integer type; a bool, float or string is refused, not rounded or parsed).
+
+    ``int64``: also within ``INT64_RANGE``, for a value that reaches torch ops (a seed, a size)."""
     if value is None and optional:
         return None
     number = as_integer(value)
@@ -42,6 +49,10 @@ def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional
         kind = ("a positive integer" if at_least == 1 else
                 f"an integer >= {at_least}" if at_least is not None else "an integer")
         raise ValueError(f"{name} must be {kind}{' or null' if optional else ''}, got {shown(value)}")
+    low, high = INT64_RANGE
+    if int64 and not low <= number <= high:
+        raise ValueError(f"{name} must be an integer in torch's int64 range [{max(low, at_least or low)}, {high}] "
+                         f"(it reaches torch's integer ops), got {shown(value)}")
     return number
 
 

@@ -143,15 +143,17 @@ def as_target_list(targets: Any) -> List[str]:
 
 
 def require_positive(config: Any, *names: str) -> None:
-    """Each field an integer >= 1 (a numpy integer is stored as ``int``)."""
+    """Each field an integer in [1, 2**63 - 1] (a size that reaches torch; a numpy integer is stored as ``int``)."""
     for name in names:
-        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name), at_least=1))
+        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name), at_least=1,
+                                                   int64=True))
 
 
 def require_integer(config: Any, *names: str) -> None:
-    """Each field an integer: a float, bool or string is refused, not rounded or parsed."""
+    """Each field an integer in torch's int64 range (a seed reaches its integer ops): a float, bool or string is
+    refused, not rounded or parsed."""
     for name in names:
-        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name)))
+        object.__setattr__(config, name, check_int(getattr(config, name), _field(config, name), int64=True))
 
 
 def require_finite(config: Any, *names: str) -> None:

@@ -190,7 +190,7 @@ def _sample(values: Tensor, delta: Optional[Callable[[Tensor], Tensor]] = None) 
 
 def _merged_delta(layer: AdaptedLinear) -> Callable[[Tensor], Tensor]:
     """ΔW of a merged layer at flat positions of its weight, from the low-rank factors (ΔW is never built)."""
-    a, b = (t.detach().to(torch.float64) for t in layer.delta_factors())  # ΔWᵀ = a @ b
+    a, b = (t.detach().to(torch.float64) for t in layer.merged_delta_factors())  # ΔWᵀ = a @ b
 
     def at(positions: Tensor) -> Tensor:
         rows, columns = positions // layer.in_features, positions % layer.in_features

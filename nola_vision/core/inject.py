@@ -98,19 +98,38 @@ def _recomputable_activation(parent: nn.Module, child_name: str) -> Optional[nn.
 
     if child_name != "fc2" or type(parent).forward is not Mlp.forward:
         return None
-    no_dropout = isinstance(parent.drop1, nn.Identity) or getattr(parent.drop1, "p", 1.0) == 0.0
     activation = parent.act
     pure = (not has_hooks(activation) and not getattr(activation, "inplace", False)
             and next(activation.parameters(), None) is None and next(activation.buffers(), None) is None)
-    return activation if pure and no_dropout and isinstance(parent.norm, nn.Identity) else None
+    return activation if pure and _between_is_identity(parent, training=True) else None
+
+
+def _between_is_identity(mlp: nn.Module, *, training: bool) -> bool:
+    """Whether ``mlp.drop1`` and ``mlp.norm`` (between the activation and fc2) pass their input through unchanged:
+    no norm, and a dropout that is off (p = 0) or, unless ``training``, in eval mode. A few attribute reads."""
+    drop = mlp.drop1
+    no_dropout = (isinstance(drop, nn.Identity) or getattr(drop, "p", 1.0) == 0.0
+                  or (not training and isinstance(drop, nn.modules.dropout._DropoutNd) and not drop.training))
+    return no_dropout and isinstance(mlp.norm, nn.Identity)
 
 
 class MovedActivation(nn.Identity):
     """What stays at ``mlp.act`` while the adapted ``mlp.fc2`` computes the activation itself: it passes the
     pre-activation through, so a hook registered here after ``inject`` sees that (a warning says so); hooks on the
-    activation itself (``fc2.input_activation``) run on its output, and a hook on ``fc2`` gives the activation back."""
+    activation itself (``fc2.input_activation``) run on its output, and a hook on ``fc2`` gives the activation back.
+
+    Each pass checks that ``mlp.drop1`` and ``mlp.norm`` still change nothing (inject checked them): a dropout turned
+    on or a norm put there afterwards would run on the pre-activation, before fc2 activates it."""
+
+    def __init__(self, mlp: Optional[nn.Module] = None, name: str = "mlp") -> None:
+        super().__init__()
+        self.__dict__["mlp"] = mlp  # the Mlp whose act this stands in for, outside the module tree
+        self.mlp_name = name
 
     def forward(self, x: Tensor) -> Tensor:
+        mlp = getattr(self, "mlp", None)
+        if mlp is not None and not _between_is_identity(mlp, training=False):
+            _refuse_changed_mlp(mlp, self.mlp_name)
         if torch.compiler.is_compiling():
             return x
         if has_hooks(self):
@@ -127,6 +146,20 @@ class MovedActivation(nn.Identity):
                 "adapted fc2 gets its real input), or inject with recompute_activation=False", UserWarning,
                 stacklevel=2)
         return x
+
+
+def _refuse_changed_mlp(mlp: nn.Module, name: str) -> None:
+    """Raise for an Mlp whose drop1 or norm changed since inject took its activation over (``_between_is_identity``)."""
+    if not isinstance(mlp.norm, nn.Identity):
+        changed, wrong = f"{name}.norm is now a {type(mlp.norm).__name__}", "act(norm(h)) instead of norm(act(h))"
+    else:
+        changed = f"{name}.drop1 now drops (a {type(mlp.drop1).__name__} with p={getattr(mlp.drop1, 'p', '?')})"
+        wrong = "act(dropout(h)) instead of dropout(act(h))"
+    raise ValueError(
+        f"{changed}, set after inject, but its adapted {name}.fc2 computes {name}.act itself "
+        f"(recompute_activation=True), so this pass would compute {wrong}. nv.unload(model) and inject again with "
+        "recompute_activation=False, or set the dropout or norm before inject "
+        "(inject then keeps the activation in place)")
 
 
 def _global_module_hooks() -> bool:
@@ -173,7 +206,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
-            adapted.take_activation(parent, MovedActivation())  # recomputed from the pre-activation in backward
+            # recomputed from the pre-activation in backward
+            adapted.take_activation(parent, MovedActivation(parent, parent_name))
         replace_module(model, name, adapted)
     hooks = [module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True)
              for module in (checkpointed_models(model) if plan.layers else [])]

@@ -7,9 +7,10 @@ here, on the base class, and nowhere else.
 """
 from __future__ import annotations
 
+import json
 import weakref
-from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ Slice = Tuple[int, int]
 # A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)
 # travels with its state dict (see ``_load_from_state_dict``).
 MERGED_FLAG = "adapter_merged"
+# The entry of each adapted layer's state dict (``get_extra_state``) that identifies its update: method, slices, rank,
+# scaling and random bases, as JSON bytes in a uint8 tensor (so ``safetensors.save_file(model.state_dict())`` works).
+IDENTITY_KEY = "_extra_state"
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -45,7 +49,8 @@ class AdaptedLinear(nn.Module):
 
     ``weight`` and ``bias`` are the wrapped layer's own parameters, so state-dict keys of the base model are
     unchanged and pretrained weights load into an adapted model as they are; the only other keys are the adapter
-    tensors and the ``adapter_merged`` flag, which keeps a merged state dict from adding ΔW twice.
+    tensors, the ``adapter_merged`` flag, which keeps a merged state dict from adding ΔW twice, and ``_extra_state``
+    (``identity()``), which keeps adapter tensors from loading into a layer with another update.
 
     The contract, everything model-level code may use:
 
@@ -53,8 +58,10 @@ class AdaptedLinear(nn.Module):
       bases, ``plan_basis_specs``, ``basis_specs``, ``injection_context`` and ``shared_coefficients``);
     * model-level code reads ``base_layer`` (the module this layer replaced, given back by ``unload``),
       ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
-      ``adapter_parameters()``, ``trained()``, ``delta_factors()`` and ``get_delta_weight()``, and calls
-      ``merge()``, ``unmerge()``, ``replace_merged_delta()`` and ``keep_batched_factors()``;
+      ``adapter_parameters()``, ``trained()``, ``trained_values()``, ``delta_factors()``, ``delta_factors_of()``,
+      ``merged_values``, ``merged_delta_factors()``, ``identity()``, ``pending_passes`` and ``get_delta_weight()``,
+      and calls ``merge()``, ``unmerge()``, ``replace_merged_delta()``, ``keep_batched_factors()``,
+      ``release_batched_factors()`` and ``forget_pending_passes()``;
     * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
       ``input_activation`` and sets ``quant_bits`` (quantisation-aware training),
       ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
@@ -91,6 +98,11 @@ class AdaptedLinear(nn.Module):
         self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
         # While merged: the fingerprint record of the weight without ΔW (see fingerprint.py), None when unknown.
         self.unmerged_record: Optional[List[float]] = None
+        # While merged: copies of the trained tensors as the forward pass saw them when ΔW was folded in (see
+        # ``merged_values``); unmerge and task switches subtract exactly their ΔW.
+        self._merged_values: Optional[Dict[str, Tensor]] = None
+        # Forward passes (gradient checkpointing) whose backward may still recompute blocks from the batched factors.
+        self._pending_passes = 0
 
     @property
     def batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -168,15 +180,43 @@ class AdaptedLinear(nn.Module):
     def keep_batched_factors(self) -> None:
         """Keep the batched factors past their forward pass (for a backward that recomputes blocks) only while the
         adapter tensors stay unchanged: a forward pass whose backward never comes (and an optimizer step) would
-        otherwise leave stale factors to every later call outside the model's forward (``forward_features``)."""
+        otherwise leave stale factors to every later call outside the model's forward (``forward_features``).
+
+        Each call counts one pass whose backward is pending; ``release_batched_factors`` drops the factors once every
+        such pass is done. A recomputed block may read another pending pass's factors: with unchanged adapter tensors
+        they hold the same values, and its gradients still flow through its own pass's graph (torch takes only the
+        values of what a recomputation saves)."""
+        self._pending_passes = self.__dict__.get("_pending_passes", 0) + 1
         self._batched_versions = self._adapter_versions()
+
+    def release_batched_factors(self) -> None:
+        """One pass's backward no longer needs the factors: drop them when no other pass's backward still may."""
+        self._pending_passes = max(0, self.__dict__.get("_pending_passes", 0) - 1)
+        if self._pending_passes == 0:
+            self.batched_factors = None
+
+    def stale_batched_factors(self) -> bool:
+        """Whether kept factors no longer match the adapter tensors (changed since: their backward never came)."""
+        versions = self._batched_versions
+        return self._batched_factors is not None and versions is not None and versions != self._adapter_versions()
+
+    @property
+    def pending_passes(self) -> int:
+        """Forward passes whose backward may still recompute blocks from the batched factors (kept till then)."""
+        return self.__dict__.get("_pending_passes", 0)
+
+    def forget_pending_passes(self) -> None:
+        """Forget the passes whose backward never came (their factors are stale): the next pass's factors are
+        dropped after its own backward."""
+        self._pending_passes = 0
 
     def _adapter_versions(self) -> Tuple[int, ...]:
         return tuple(p._version for p in self.adapter_parameters().values())
 
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
-        return {**self.__dict__, "_batched_factors": None, "_batched_versions": None}
+        return {**self.__dict__, "_batched_factors": None, "_batched_versions": None, "_pending_passes": 0,
+                "_reading": None}
 
     @property
     def merged(self) -> bool:
@@ -222,23 +262,50 @@ class AdaptedLinear(nn.Module):
     def trained(self, name: str, value: Optional[Tensor] = None) -> Tensor:
         """An adapter parameter (or a ``value`` for it) as the forward pass uses it.
 
-        Fake-quantised during quantisation-aware training.
+        Fake-quantised during quantisation-aware training. Inside ``delta_factors(values)`` the given values, as
+        they are (they are what a forward pass saw, quantised already).
         """
-        value = getattr(self, name) if value is None else value
+        if value is None:
+            reading = self.__dict__.get("_reading")
+            if reading is not None:
+                return reading[name]
+            value = getattr(self, name)
         return fake_quantize(value, self.quant_bits) if self.quant_bits else value
+
+    def trained_values(self) -> Dict[str, Tensor]:
+        """Copies of the trained tensors as the forward pass sees them (a few numbers for NOLA, r·(in+out) for LoRA)."""
+        return {name: self.trained(name).detach().clone() for name in self.adapter_parameter_names}
+
+    @contextmanager
+    def _reading_values(self, values: Dict[str, Tensor]) -> Iterator[None]:
+        """Within this block, ``factors()`` combines ``values`` instead of the parameters."""
+        devices = {name: getattr(self, name).device for name in self.adapter_parameter_names}
+        self.__dict__["_reading"] = {name: value.to(devices[name]) for name, value in values.items()}
+        try:
+            yield
+        finally:
+            self.__dict__["_reading"] = None
 
     def factors(self) -> Tuple[Tensor, Tensor]:
         """A of shape (slices, in, rank) and B of shape (slices, rank, width), float32, without scaling."""
         raise NotImplementedError
 
-    def delta_factors(self) -> Tuple[Tensor, Tensor]:
+    def delta_factors(self, values: Optional[Dict[str, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out).
 
-        B of a layer adapted over its whole width may be the trained parameter itself: clone it to keep a snapshot."""
-        batched, versions = self._batched_factors, self._batched_versions
-        if batched is not None and versions is not None and versions != self._adapter_versions():
-            batched = None  # kept for a backward pass that never came, and the adapter tensors changed since
-        a, b = self.factors() if batched is None else batched
+        ``values``: trained tensors as a forward pass saw them (``trained_values()``, ``merged_values``), whose update
+        to compute instead of the parameters'. B of a layer adapted over its whole width may be the trained parameter
+        itself: clone it to keep a snapshot."""
+        if values is not None:
+            with self._reading_values(values):
+                return self.delta_factors_of(self.factors())
+        batched = None if self.stale_batched_factors() else self._batched_factors
+        # stale: kept for a backward pass that never came, and the adapter tensors changed since
+        return self.delta_factors_of(self.factors() if batched is None else batched)
+
+    def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """``delta_factors`` of given factors (A (slices, in, rank), B (slices, rank, width), as ``factors()``)."""
+        a, b = factors
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
         if self.slices == ((0, self.out_features),):
@@ -272,45 +339,120 @@ class AdaptedLinear(nn.Module):
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
         self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
 
+    @property
+    def merged_values(self) -> Optional[Dict[str, Tensor]]:
+        """While merged: the trained tensors whose ΔW is in ``weight``, as the forward pass saw them; else None.
+
+        Whatever happens to the parameters meanwhile (an optimizer step, an in-place edit), unmerge and task switches
+        subtract the update of these values, so unmerge is the exact inverse of merge."""
+        return self.__dict__.get("_merged_values") if self.merged else None
+
+    def merged_delta_factors(self) -> Tuple[Tensor, Tensor]:
+        """``delta_factors`` of what is merged into ``weight`` (``merged_values``)."""
+        values = self.merged_values
+        if values is None:
+            raise RuntimeError(f"{type(self).__name__} is not merged: it has no merged update")
+        return self.delta_factors(values)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into ``weight`` for inference at the base layer's cost."""
+        """Fold ΔW into ``weight`` for inference at the base layer's cost, keeping the trained tensors it came from."""
         if not self.merged:
+            values = self.trained_values()  # what the factors below are combined from, at this moment
             self._add_low_rank(*self.delta_factors())
+            self._merged_values = values
             self.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ΔW again (exact up to one float rounding per weight)."""
+    def unmerge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """Subtract the merged ΔW again (exact up to one float rounding per weight).
+
+        ``factors``: ``merged_delta_factors()`` computed by model-level code (``merge.unmerge`` combines the shared
+        bases of every layer at once)."""
         if self.merged:
-            a, b = self.delta_factors()
+            a, b = self.merged_delta_factors() if factors is None else factors
             self._add_low_rank(-a, b)
             self.merged = False
+            self._merged_values = None
             self.unmerged_record = None
 
     @torch.no_grad()
-    def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> None:
-        """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks."""
+    def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
+                             values: Optional[Dict[str, Tensor]] = None) -> None:
+        """On a merged layer, weight += ΔW_new − ΔW_old as one rank-2r update: a fast switch between tasks.
+
+        ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
+        now), which become what is merged."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
+        self._merged_values = self.trained_values() if values is None else values
 
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """The trained tensors of this layer by parameter name."""
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
+    def identity(self) -> Dict[str, Any]:
+        """What identifies this layer's update besides its trained tensors: method, output slices, rank, scaling and
+        random bases (seed, stream, shape, count). Trained tensors of another identity mean another update."""
+        return {"method": type(self).__name__, "slices": [list(s) for s in self.slices], "rank": self.rank,
+                "scaling": float(self.scaling),
+                "bases": [[spec.seed, spec.stream, list(spec.shape), spec.count] for spec in self.basis_specs()]}
+
+    def get_extra_state(self) -> Tensor:
+        """The layer's ``identity()`` as JSON bytes in a uint8 tensor: a state dict then says what its adapter tensors
+        belong to, and stays a dict of tensors (safetensors)."""
+        data = json.dumps(self.identity(), sort_keys=True, separators=(",", ":")).encode()
+        return torch.tensor(list(data), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to set: the identity follows from the layer, and ``_load_from_state_dict`` compared it already."""
+
+    def _identity_mismatch(self, state: Any, name: str) -> Optional[str]:
+        """Why a state dict's identity entry does not describe this layer's update, or None when it does."""
+        try:
+            saved = json.loads(bytes(state.detach().cpu().to(torch.uint8).reshape(-1).tolist()).decode())
+            if not isinstance(saved, dict):
+                raise ValueError
+        except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError):
+            return f"{name}: the state dict's {IDENTITY_KEY} entry is not an adapter identity (damaged or not this " \
+                   "library's)"
+        own = self.identity()
+        differ = []
+        for key in sorted(set(own) | set(saved)):
+            if key == "bases" and saved.get(key) != own.get(key):
+                differ += [f"{field} {_bases_field(saved.get(key), i)} (this model: {_bases_field(own.get(key), i)})"
+                           for i, field in enumerate(("seed", "basis streams", "basis shapes", "number of bases"))
+                           if _bases_field(saved.get(key), i) != _bases_field(own.get(key), i)]
+            elif saved.get(key) != own.get(key):
+                differ.append(f"{key} {saved.get(key)} (this model: {own.get(key)})")
+        if not differ:
+            return None
+        return (f"{name}: the state dict's adapter tensors belong to another update: {'; '.join(differ)}. Its "
+                "coefficients would apply to other bases, slices or scaling: inject this model with the config the "
+                "state dict was saved with (method, targets, rank, scale, seed, basis), or move adapters with "
+                "nv.save_adapter/nv.load_adapter")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Load the merged flag with the weight it describes, so a merged state dict never adds ΔW twice.
+        """Load the merged flag with the weight it describes, so a merged state dict never adds ΔW twice, and refuse
+        adapter tensors of another update (``identity()``).
 
         A state dict without the flag (a plain model's, e.g. pretrained weights) holds unmerged weights. A
-        merged layer needs its weight and adapter tensors from one state dict, or it refuses to load.
+        merged layer needs its weight and adapter tensors from one state dict, or it refuses to load. A state dict
+        without the identity entry (a plain model's, or saved before it existed) loads unchecked.
         """
+        name = prefix[:-1] or type(self).__name__
+        identity = state_dict.get(prefix + IDENTITY_KEY)
+        mismatch = self._identity_mismatch(identity, name) if identity is not None else None
+        if mismatch is not None:
+            error_msgs.append(mismatch)
+            return
         flag = state_dict.get(prefix + MERGED_FLAG)
-        loads = [prefix + name in state_dict for name in ("weight", *self.adapter_parameter_names)]
+        loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
         merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
         folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
         if folded_bits != self.quant_bits:
             error_msgs.append(
-                f"{prefix[:-1] or type(self).__name__}: the state dict's weight holds ΔW merged "
+                f"{name}: the state dict's weight holds ΔW merged "
                 f"{f'at {folded_bits} bits (quantisation-aware)' if folded_bits else 'at full precision'}, this model "
                 f"is set to {f'{self.quant_bits} bits' if self.quant_bits else 'full precision'}, so unmerge would "
                 "subtract another ΔW: call nv.set_quantization_aware(model, "
@@ -320,7 +462,7 @@ class AdaptedLinear(nn.Module):
         consistent = (all(loads) or (not any(loads) and self.merged)) if merged else (loads[0] or not self.merged)
         if not consistent:
             error_msgs.append(
-                f"{prefix[:-1] or type(self).__name__}: the state dict is {'' if merged else 'un'}merged but does not "
+                f"{name}: the state dict is {'' if merged else 'un'}merged but does not "
                 "hold the layer's weight with its adapter tensors, so ΔW would be lost or added twice: call "
                 "nv.unmerge(model) before state_dict() (and before loading into a merged model), or load the full "
                 "state dict"
@@ -328,14 +470,28 @@ class AdaptedLinear(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if flag is None and prefix + MERGED_FLAG in missing_keys:
-            missing_keys.remove(prefix + MERGED_FLAG)  # plain models' and older state dicts have no flag
+        for key, present in ((MERGED_FLAG, flag is not None), (IDENTITY_KEY, identity is not None)):
+            if not present and prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)  # plain models' and older state dicts have neither entry
+        loaded_adapter = all(loads[1:])
         self.merged = merged
+        if not merged:
+            self._merged_values = None
+        elif loaded_adapter:
+            # The loaded weight holds the saved model's ΔW, that of the trained tensors loaded with it (the state dict
+            # of a merged model is taken in one go): those are what is merged now, whatever this model had merged.
+            self._merged_values = self.trained_values()
+        # else nothing of this layer's update was loaded: what this model merged stays merged
         self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
 
     def extra_repr(self) -> str:
         slices = "" if self.slices == ((0, self.out_features),) else f", slices={list(self.slices)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
+
+
+def _bases_field(bases: Any, index: int) -> Any:
+    """One field of every basis in an ``identity()``'s bases (for naming what differs)."""
+    return [entry[index] if isinstance(entry, list) and len(entry) > index else None for entry in bases or []]
 
 
 def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:

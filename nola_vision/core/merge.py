@@ -16,7 +16,7 @@ from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
-           "combine_shared_factors", "gradient_checkpointing", "has_shared_bases", "merge",
+           "combine_shared_factors", "gradient_checkpointing", "has_shared_bases", "merge", "merged_delta_factors",
            "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
@@ -106,9 +106,14 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
     Twelve ViT blocks then read (and decode) each shared basis once per step instead of twelve times, in
     forward and in backward. Layers called outside the model's forward combine their own factors.
     """
-    layers = _shared_layers(model, include_merged)
-    for layer in layers:
+    layers = []
+    for layer in _shared_layers(model, include_merged):
+        if layer.stale_batched_factors():
+            layer.forget_pending_passes()  # kept for a backward that never came: the adapter tensors changed since
+        if layer.pending_passes and not torch.is_grad_enabled():
+            continue  # a pending backward recomputes blocks from these (current) factors: use them, keep them
         layer.batched_factors = None
+        layers.append(layer)
     if torch.is_grad_enabled() and gradient_checkpointing(model) and _reentrant_checkpointing():
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
@@ -120,26 +125,31 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
 def release_shared_factors(model: nn.Module, *_: object) -> None:
     """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it.
 
-    With (non-reentrant) gradient checkpointing, backward recomputes each block's layers, which read the same
-    factors: they are dropped once backward has computed their gradients, i.e. after the last recomputation.
+    With (non-reentrant) gradient checkpointing, backward recomputes each block's layers, which read the layer's
+    factors: they are kept until every pass that may still recompute them is done (two forward passes then one
+    backward, the two-views pattern, recompute the first pass's blocks after the second pass's backward), i.e. until
+    backward has computed the gradients of each pending pass's factors. One counter per layer, one hook per pass.
     """
     factors = {layer: layer.batched_factors for layer in adapted_layers(model).values()
                if layer.batched_factors is not None}
     trained = [f for pair in factors.values() for f in pair if f.requires_grad]
     if trained and torch.is_grad_enabled() and gradient_checkpointing(model):
-        torch.autograd.graph.register_multi_grad_hook(trained, lambda _: _drop_factors(factors))
+        layers = list(factors)
+        torch.autograd.graph.register_multi_grad_hook(trained, lambda _: _release_factors(layers))
         if not torch.compiler.is_compiling():
-            for layer in factors:
+            for layer in layers:
                 layer.keep_batched_factors()
         return
-    _drop_factors(factors)
-
-
-def _drop_factors(factors: Dict[AdaptedLinear, Tuple[Tensor, Tensor]]) -> None:
-    """Drop each layer's per-pass factors, unless a later forward pass has replaced them already."""
-    for layer, pair in factors.items():
-        if layer.batched_factors is pair:
+    for layer in factors:
+        if not layer.pending_passes:  # else kept for the backward of an earlier pass (see combine_shared_factors)
             layer.batched_factors = None
+
+
+def _release_factors(layers: List[AdaptedLinear]) -> None:
+    """One pass's backward has computed its factors' gradients: each layer drops its factors unless another pending
+    pass's backward may still recompute blocks from them."""
+    for layer in layers:
+        layer.release_batched_factors()
 
 
 @contextmanager
@@ -168,11 +178,27 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_delta_factors(layers: Sequence[AdaptedLinear]) -> Dict[int, Tuple[Tensor, Tensor]]:
+    """``merged_delta_factors()`` of merged layers by ``id``, the shared bases combined once for all of them."""
+    shared = [layer for layer in layers if layer.merged and layer.shared_coefficients()]
+    entries = [(layer, spec, layer.merged_values[name].to(getattr(layer, name).device))
+               for layer in shared for spec, name in layer.shared_coefficients()]
+    rows = iter(combine_shared(entries))
+    factors = {id(layer): layer.delta_factors_of(as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()]))
+               for layer in shared}
+    factors.update({id(layer): layer.merged_delta_factors() for layer in layers
+                    if layer.merged and id(layer) not in factors})
+    return factors
+
+
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge`` so the adapters can train again."""
-    with torch.no_grad(), batched_factors(model):
-        for layer in adapted_layers(model).values():
-            layer.unmerge()
+    """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
+    happened to its trained tensors since (an optimizer step while merged)."""
+    layers = [layer for layer in adapted_layers(model).values() if layer.merged]
+    with torch.no_grad():
+        factors = merged_delta_factors(layers)
+        for layer in layers:
+            layer.unmerge(factors[id(layer)])
     return model
 
 
@@ -180,31 +206,37 @@ def unmerge(model: nn.Module) -> nn.Module:
 def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     """Copy new adapter values (by parameter name) into a model, applying W += ΔW_new − ΔW_old on merged layers.
 
-    Old and new coefficients of all shared-basis layers are combined in one pass over each basis, so
-    switching a live ViT-B between tasks touches each weight once and decodes each basis once. On an
-    unmerged model this is a plain copy.
+    ΔW_old is what each layer merged (``merged_values``), not the update of its parameters now, which an optimizer
+    step or an in-place edit may have changed since; ΔW_new is that of the new values (a layer whose parameters
+    ``values`` leaves out: of its parameters now). Old and new coefficients of all shared-basis layers are combined
+    in one pass over each basis, so switching a live ViT-B between tasks touches each weight once and decodes each
+    basis once. On an unmerged model this is a plain copy.
     """
     layers = {name: m for name, m in adapted_layers(model).items() if m.merged}
-    shared = [(n, m) for n, m in layers.items() if m.shared_coefficients()]
+    new_values = {
+        id(layer): {name: layer.trained(name, values.get(f"{prefix}.{name}", getattr(layer, name))
+                                        .to(getattr(layer, name))).detach().clone()
+                    for name in layer.adapter_parameter_names}
+        for prefix, layer in layers.items()}
+    shared = [m for m in layers.values() if m.shared_coefficients()]
     entries = []
-    for prefix, layer in shared:
+    for layer in shared:
         for spec, name in layer.shared_coefficients():
-            new = values.get(f"{prefix}.{name}", getattr(layer, name)).to(getattr(layer, name))
-            entries += [(layer, spec, layer.trained(name)), (layer, spec, layer.trained(name, new))]
+            device = getattr(layer, name).device
+            entries += [(layer, spec, layer.merged_values[name].to(device)),
+                        (layer, spec, new_values[id(layer)][name])]
     rows = iter(combine_shared(entries))
     changes: Dict[int, Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]] = {}
-    for _, layer in shared:
+    for layer in shared:
         pairs = [(next(rows), next(rows)) for _ in layer.shared_coefficients()]
-        layer.batched_factors = as_factors(layer, *[old for old, _ in pairs])
-        old = layer.delta_factors()
-        layer.batched_factors = as_factors(layer, *[new for _, new in pairs])
-        changes[id(layer)] = (old, layer.delta_factors())
-        layer.batched_factors = None
-    # Copies: a full-width layer's B factor is its parameter itself, which the copies below overwrite
-    others = {id(m): tuple(f.clone() for f in m.delta_factors()) for m in layers.values() if id(m) not in changes}
+        changes[id(layer)] = (layer.delta_factors_of(as_factors(layer, *[old for old, _ in pairs])),
+                              layer.delta_factors_of(as_factors(layer, *[new for _, new in pairs])))
+    for layer in layers.values():  # of copies: the parameters are overwritten below
+        if id(layer) not in changes:
+            changes[id(layer)] = (layer.merged_delta_factors(), layer.delta_factors(new_values[id(layer)]))
     parameters = dict(model.named_parameters())
     for name, value in values.items():
         parameters[name].copy_(value)
     for layer in layers.values():
-        old, new = changes.get(id(layer)) or (others[id(layer)], layer.delta_factors())
-        layer.replace_merged_delta(old, new)
+        old, new = changes[id(layer)]
+        layer.replace_merged_delta(old, new, new_values[id(layer)])

@@ -63,8 +63,9 @@ class InjectionPlan:
         return fingerprint(specs) if specs else None
 
     def require_fits(self, model: nn.Module) -> None:
-        """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size, and the classifier
-        head has the planned parameters, and the model holds no adapter layers yet."""
+        """Raise unless every planned layer is, in ``model``, an ``nn.Linear`` of the planned size, the config's targets
+        select exactly the planned layers and slices there, the classifier head has the planned parameters, and the
+        model holds no adapter layers yet."""
         _require_no_adapters(model)
         for name, layer in self.layers.items():
             try:
@@ -76,10 +77,38 @@ class InjectionPlan:
                 raise ValueError(f"the injection plan adapts {name} as a {layer.in_features}→{layer.out_features} "
                                  f"nn.Linear, which this model does not have: plan_injection(model, config) on this "
                                  "model")
+        self._require_same_selection(model)
         current, planned = self._heads(model)
         if current != planned:
             raise ValueError(f"the injection plan was made for a model whose classifier head has {planned}, this "
                              f"model's has {current}: plan_injection(model, config) on this model")
+
+    def _require_same_selection(self, model: nn.Module) -> None:
+        """Raise unless the config's targets select, on ``model``, exactly the planned layers and slices: a plan made
+        on another model (fewer blocks) would leave layers the config names unadapted, and its files would then not
+        load onto this architecture."""
+        if method_of(self.config).layer_cls is None:
+            return
+        fix = ("make the plan from this model, nv.plan_injection(model, config), or pass the config to inject "
+               "itself")
+        try:
+            selected = find_targets(model, list(self.config.targets))
+        except ValueError as error:
+            raise ValueError(f"the injection plan's targets do not fit this model ({error}): {fix}") from error
+        planned = {name: layer.slices for name, layer in self.layers.items()}
+        if selected == planned:
+            return
+        extra = [name for name in selected if name not in planned]
+        missing = [name for name in planned if name not in selected]
+        other = [name for name in selected if name in planned and selected[name] != planned[name]]
+        parts = [f"{what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in ((f"select {len(extra)} layer(s) the plan leaves out", extra),
+                                     (f"do not select {len(missing)} planned layer(s)", missing),
+                                     (f"select other slices of {len(other)} layer(s)", other)) if names]
+        raise ValueError(f"the injection plan was made on another model: on this {type(model).__name__} its config's "
+                         f"targets {list(self.config.targets)} {'; '.join(parts)}, so inject would adapt other layers "
+                         "than the config records and its adapter files would not load onto this architecture: "
+                         f"{fix}")
 
     def _heads(self, model: nn.Module) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Tuple[int, ...]]]:
         """(the model's classifier head parameters, the plan's): names and shapes."""

@@ -24,7 +24,7 @@ class LoRAConfig(AdapterConfig):
         rank: rank r.
         alpha: scaling numerator; ``None`` means alpha = rank (scale 1, as in the NOLA paper's baseline).
         targets: module-name suffixes or regexes; ``attn.q``/``attn.k``/``attn.v`` adapt one third of ``attn.qkv``.
-        seed: seed of A's initialisation (portable generator, never the global RNG).
+        seed: seed of A's initialisation (portable generator, never the global RNG; an int64).
         recompute_activation: as in ``NOLAConfig``.
     """
 

@@ -28,7 +28,7 @@ class NOLAConfig(AdapterConfig):
         num_basis_a: k, the number of random bases (and trained coefficients α) for A.
         num_basis_b: l, the number of random bases (and trained coefficients β) for B.
         targets: module-name suffixes or regexes; ``attn.q``/``attn.k``/``attn.v`` adapt one third of ``attn.qkv``.
-        seed: generator seed of the random bases.
+        seed: generator seed of the random bases (an integer in torch's int64 range).
         scale: c in ΔW = (c/r)·A·B.
         basis: ``"shared"`` (one basis set per shape, shared by all layers) or ``"per_layer"``
             (distinct bases per layer, regenerated in chunks in forward and backward).

@@ -1,0 +1,100 @@
+"""Injection misuse that used to pass silently or fail deep inside torch: a plan made on another model, dropout or a
+norm put between an activation and the fc2 that took it over, and seeds beyond torch's int64 range."""
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+from torch import nn
+
+import nola_vision as nv
+
+SMALL_NOLA = dict(rank=2, num_basis_a=6, num_basis_b=4, seed=1)
+
+
+def test_a_plan_made_on_a_shallower_model_is_refused_and_one_made_on_this_model_saves_and_loads(images, tmp_path):
+    config = nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc1"])
+    model = tiny_vit(depth=3)
+    with pytest.raises(ValueError, match=r"blocks\.2\.mlp\.fc1.*plan_injection\(model, config\)"):
+        nv.inject(model, nv.plan_injection(tiny_vit(depth=2), config))
+    assert not hasattr(model, "nola_adapter") and not nv.adapted_layers(model)  # nothing changed
+
+    nv.inject(model, nv.plan_injection(tiny_vit(depth=3), config))  # a plan from the same architecture fits
+    assert sorted(nv.adapted_layers(model)) == [f"blocks.{i}.mlp.fc1" for i in range(3)]
+    as_if_trained(model, 1)
+    nv.save_adapter(model, tmp_path / "a", bits=32)
+    fresh = nv.load_adapter(tiny_vit(depth=3), tmp_path / "a")  # builds a plan from the file and injects it
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), model(images))
+
+
+def test_a_plan_whose_slices_differ_on_this_model_is_refused():
+    config = nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"])
+    plan = nv.plan_injection(tiny_vit(), config)
+    nv.inject(tiny_vit(), plan)  # onto the same architecture it injects
+    narrower = tiny_vit(depth=1)  # the plan's blocks.1 layers are missing here
+    with pytest.raises(ValueError, match="plan"):
+        nv.inject(narrower, plan)
+    deeper = tiny_vit(depth=4)
+    with pytest.raises(ValueError, match=r"select 2 layer\(s\) the plan leaves out \(blocks\.2\.attn\.qkv"):
+        nv.inject(deeper, plan)
+    assert not nv.adapted_layers(deeper)
+
+
+@pytest.mark.parametrize("change", ["dropout", "norm"])
+def test_dropout_or_a_norm_set_after_inject_before_an_fc2_that_took_the_activation_over_is_refused(images, change):
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc2"]))
+    assert model.blocks[1].mlp.fc2.input_activation is not None  # recompute_activation took mlp.act over
+    if change == "dropout":
+        model.blocks[1].mlp.drop1.p = 0.5
+        with torch.no_grad():
+            model.eval()(images)  # dropout is off in eval mode: the outputs are right
+        with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.drop1 now drops.*recompute_activation=False"):
+            model.train()(images)
+    else:
+        model.blocks[1].mlp.norm = nn.LayerNorm(model.blocks[1].mlp.fc1.out_features)
+        with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.norm is now a LayerNorm.*recompute_activation=False"):
+            with torch.no_grad():
+                model.eval()(images)  # a norm changes outputs in every mode
+
+
+def test_dropout_is_refused_only_where_fc2_took_the_activation_over(images):
+    outputs = []
+    for recompute in (True, False):
+        model = tiny_vit()
+        for block in model.blocks:
+            block.mlp.drop1.p = 0.5
+        nv.inject(model, nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc2"], recompute_activation=recompute))
+        assert model.blocks[0].mlp.fc2.input_activation is None
+        torch.manual_seed(3)
+        with torch.no_grad():
+            outputs.append(model.train()(images))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    # set after inject with recompute_activation=False: nothing was taken over, so nothing to refuse
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc2"], recompute_activation=False))
+    model.blocks[0].mlp.drop1.p = 0.5
+    model.train()(images)
+    # and the check is only attribute reads: a model whose Mlps are unchanged still trains with recomputation
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc2"]))
+    model.train()(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="drop1 now drops"):
+        model.blocks[0].mlp.drop1 = nn.Dropout(0.1)
+        model(images)
+
+
+@pytest.mark.parametrize("config_cls", [nv.NOLAConfig, nv.LoRAConfig])
+def test_seeds_beyond_int64_are_refused_at_config_time_naming_the_range(config_cls, images):
+    for seed in (2**63, -(2**63) - 1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in torch's int64 range "
+                                             r"\[-9223372036854775808, 9223372036854775807\]"):
+            config_cls(rank=2, seed=seed)
+    for seed in (2**63 - 1, -(2**63)):  # the ends of the range inject and run
+        model = nv.inject(tiny_vit(), config_cls(rank=2, seed=seed))
+        model(images)
+    config = config_cls(rank=2)
+    config.seed = 2**63  # set after construction: refused by inject, which leaves the model as it was
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="int64 range"):
+        nv.inject(model, config)
+    assert not nv.adapted_layers(model)
+    with pytest.raises(ValueError, match=r"rank must be an integer in torch's int64 range \[1, "):
+        config_cls(rank=2**63)

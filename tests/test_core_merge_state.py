@@ -1,0 +1,202 @@
+"""Merged state and state dicts of adapted layers: unmerge is the exact inverse of merge whatever happens to the
+trained tensors meanwhile, a state dict refuses a layer with another update, and two forward passes under gradient
+checkpointing share one backward."""
+import copy
+import io
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.core.merge import switch_merged
+
+CONFIGS = {
+    "nola_shared": lambda: nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "attn.v"], seed=1),
+    "nola_per_layer": lambda: nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "attn.q"],
+                                            seed=1, basis="per_layer"),
+    "lora_qv": lambda: nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]),
+}
+
+
+def _images(n=2, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(model):
+    return {name: layer.weight.detach().clone() for name, layer in nv.adapted_layers(model).items()}
+
+
+def _assert_restored(model, before):
+    for name, layer in nv.adapted_layers(model).items():
+        error = (layer.weight - before[name]).norm() / before[name].norm()
+        assert error < 1e-6, f"{name}: frozen weight off by {error:.2e} (relative)"
+
+
+def _adapted(key, seed=0):
+    model = tiny_vit()
+    nv.inject(model, CONFIGS[key]())
+    return as_if_trained(model, seed=seed, adapters_only=True)
+
+
+def _step_adapters(model, seed=7):
+    """Change every adapter tensor in place, as an optimizer step does."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            for parameter in layer.adapter_parameters().values():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_unmerge_after_an_optimizer_step_while_merged_restores_the_frozen_weights(key):
+    model = tiny_vit()
+    before = {name: model.get_submodule(name).weight.detach().clone()
+              for name in nv.plan_injection(model, CONFIGS[key]()).layers}
+    nv.inject(model, CONFIGS[key]())
+    as_if_trained(model, adapters_only=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    model(_images()).square().sum().backward()  # gradients pending (gradient accumulation)
+    nv.merge(model)
+    optimizer.step()  # taken while merged
+    nv.unmerge(model)
+    _assert_restored(model, before)
+    nv.merge(model)
+    _step_adapters(model)
+    nv.unload(model)
+    for name, weight in before.items():
+        assert torch.allclose(model.get_submodule(name).weight, weight, rtol=0, atol=1e-6 * weight.norm())
+
+
+def test_unmerge_subtracts_what_was_merged_at_quantisation_aware_bits():
+    model = _adapted("nola_shared")
+    nv.set_quantization_aware(model, 4)
+    before = _weights(model)
+    nv.merge(model)
+    _step_adapters(model)
+    nv.unmerge(model)
+    _assert_restored(model, before)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_task_switch_on_a_merged_model_after_an_in_place_change_gives_the_new_task(key):
+    model = _adapted(key, seed=0)
+    task_b = {name: p.detach().clone() for name, p in as_if_trained(copy.deepcopy(model), seed=3).named_parameters()
+              if p.requires_grad}
+    expected_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in expected_model.named_parameters():
+            if name in task_b:
+                parameter.copy_(task_b[name])
+        expected = expected_model(_images())
+    before = _weights(model)
+    nv.merge(model)
+    _step_adapters(model)  # the merged weight now holds another update than the parameters give
+    switch_merged(model, task_b)
+    with torch.no_grad():
+        assert torch.allclose(model(_images()), expected, atol=1e-5)
+    nv.unmerge(model)
+    _assert_restored(model, before)
+
+
+def test_deepcopy_and_pickle_of_a_merged_model_keep_what_was_merged():
+    model = _adapted("nola_shared")
+    before = _weights(model)
+    nv.merge(model)
+    _step_adapters(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        nv.unmerge(copied)
+        _assert_restored(copied, before)
+
+
+def test_a_merged_state_dict_loaded_into_a_merged_model_unmerges_to_the_frozen_weights():
+    source = _adapted("nola_shared", seed=0)
+    before = _weights(source)
+    nv.merge(source)
+    state = source.state_dict()
+    target = _adapted("nola_shared", seed=4)
+    nv.merge(target)
+    _step_adapters(target)
+    target.load_state_dict(state, strict=True)  # the loaded weight holds the source's ΔW, of the loaded tensors
+    _step_adapters(target, seed=8)
+    nv.unmerge(target)
+    _assert_restored(target, before)
+
+
+@pytest.mark.parametrize("change", [dict(seed=0), dict(rank=1), dict(scale=3.0), dict(basis="per_layer"),
+                                    dict(targets=["attn.v"]), dict(targets=["attn.k"])])
+def test_state_dict_refuses_a_model_injected_with_another_config(change):
+    config = dict(rank=2, num_basis_a=6, num_basis_b=4, targets=["attn.q"], seed=1)
+    source = tiny_vit()
+    nv.inject(source, nv.NOLAConfig(**config))
+    state = as_if_trained(source).state_dict()
+    target = tiny_vit()
+    nv.inject(target, nv.NOLAConfig(**{**config, **change}))
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv: the state dict's adapter tensors belong to another"):
+        target.load_state_dict(state, strict=True)
+
+
+def test_state_dict_refuses_another_method_with_the_same_shapes():
+    source = tiny_vit()
+    nv.inject(source, nv.LoRAConfig(rank=2, targets=["attn.q"]))
+    state = source.state_dict()
+    target = tiny_vit()
+    nv.inject(target, nv.LoRAConfig(rank=2, targets=["attn.v"]))
+    with pytest.raises(RuntimeError, match=r"slices \[\[0, 64\]\] \(this model: \[\[128, 192\]\]\)"):
+        target.load_state_dict(state, strict=True)
+
+
+def test_state_dicts_of_the_same_config_without_the_identity_and_through_safetensors_load(tmp_path):
+    config = CONFIGS["nola_shared"]
+    source = tiny_vit()
+    nv.inject(source, config())
+    as_if_trained(source)
+    with torch.no_grad():
+        expected = source(_images())
+    state = source.state_dict()
+    assert any(key.endswith("._extra_state") for key in state)
+    older = {key: value for key, value in state.items() if not key.endswith("._extra_state")}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    for loaded in (state, older, load_file(str(tmp_path / "model.safetensors"))):
+        target = tiny_vit()
+        nv.inject(target, config())
+        target.load_state_dict(loaded, strict=True)
+        with torch.no_grad():
+            assert torch.equal(target(_images()), expected)
+
+
+def test_merge_and_unload_leaves_a_plain_timm_state_dict():
+    plain = tiny_vit()
+    model = _adapted("nola_shared")
+    nv.merge_and_unload(model)
+    assert set(model.state_dict()) == set(plain.state_dict())
+
+
+def _gradients(checkpointing, views, backward):
+    model = tiny_vit()
+    nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "mlp.fc2"], seed=1))
+    as_if_trained(model)
+    model.train()
+    model.set_grad_checkpointing(checkpointing)
+    losses = [model(view).square().sum() for view in views]
+    backward(losses)
+    layers = nv.adapted_layers(model).values()
+    assert all(layer.batched_factors is None for layer in layers), "factors outlive the backward that needed them"
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("order", ["summed", "last_first", "first_last"])
+def test_two_forward_passes_then_backward_with_gradient_checkpointing_match_without(order):
+    views = [_images(seed=1), _images(seed=2) * 0.5]
+    backward = {"summed": lambda losses: sum(losses).backward(),
+                "last_first": lambda losses: [loss.backward() for loss in reversed(losses)],
+                "first_last": lambda losses: [loss.backward() for loss in losses]}[order]
+    expected = _gradients(False, views, backward)
+    got = _gradients(True, views, backward)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
