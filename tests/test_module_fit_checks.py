@@ -57,9 +57,9 @@ def test_resuming_through_the_trainer_with_other_training_hparams_is_refused_nam
 def test_resuming_with_the_runs_values_or_the_recipes_null_warmup_trains_on(checkpoint, tmp_path):
     for name, model in (("loaded", FewShotClassifier.load_from_checkpoint(checkpoint)),
                         ("null_warmup", module(warmup_epochs=None))):  # the recipe's, resolved: no change
-        run = trainer(tmp_path / name, epochs=2, limit_train_batches=1, enable_checkpointing=False)
+        run = trainer(tmp_path / name, epochs=2, enable_checkpointing=False)
         run.fit(model, loader(), ckpt_path=checkpoint)
-        assert run.global_step == 4 + 1
+        assert run.global_step == 4 + 4
 
 
 def test_the_cli_and_the_module_compare_hyperparameters_alike():
@@ -162,7 +162,7 @@ def test_each_fit_resolves_the_recipes_warmup_for_its_own_epochs():
 
 
 def test_a_resume_keeps_the_warmup_its_run_resolved_as_the_cli_does(tmp_path):
-    run = trainer(tmp_path / "first", epochs=1)
+    run = trainer(tmp_path / "first", epochs=1, limit_train_batches=1)
     run.fit(module(warmup_epochs=None), loader())  # the recipe's share of 1 epoch: 0
     resumed = module(warmup_epochs=None)  # the recipe's share of 20 epochs would be 2
     run = trainer(tmp_path / "resumed", epochs=20, limit_train_batches=1, enable_checkpointing=False)
@@ -236,7 +236,7 @@ def test_a_loaded_checkpoint_evaluates_on_its_own_data_and_resumes_from_itself(d
     for stage in STAGES:
         assert getattr(trainer(tmp_path), stage)(loaded, datamodule=datamodule(pets))
     assert trainer(tmp_path).test(loaded, datamodule=datamodule(pets), ckpt_path=ckpt)
-    run = trainer(tmp_path / "resumed", epochs=2, limit_train_batches=1, enable_checkpointing=False)
+    run = trainer(tmp_path / "resumed", epochs=2, enable_checkpointing=False)
     run.fit(loaded, datamodule=datamodule(pets), ckpt_path=ckpt)
     assert run.global_step > 0
 
@@ -319,3 +319,40 @@ def test_a_loaded_checkpoint_fitted_on_other_data_is_then_evaluated_on_that_data
     assert trainer(tmp_path).test(loaded, datamodule=datamodule(tmp_path / "bugs"))
     with pytest.raises(ValueError, match=r"this module's last fit was trained on classes \['ant', 'bee', 'fly'\]"):
         trainer(tmp_path).test(loaded, datamodule=datamodule(pets))
+
+
+# ---- a resume keeps the run's trainer settings -----------------------------------------------------------------
+
+@pytest.mark.parametrize("changed, shown", [
+    (dict(accumulate_grad_batches=3), "trainer.accumulate_grad_batches 3 (checkpoint: 1)"),
+    (dict(gradient_clip_val=0.001), "trainer.gradient_clip_val 0.001 (checkpoint: None)"),
+    (dict(limit_train_batches=0.34), "trainer.limit_train_batches 0.34 (checkpoint: 1.0)"),
+    (dict(limit_train_batches=1), "trainer.limit_train_batches 1 (checkpoint: 1.0)"),  # one batch, not all of them
+    (dict(precision="bf16-mixed"), "trainer.precision 'bf16-mixed' (checkpoint: '32-true')"),
+])
+def test_resuming_with_other_trainer_settings_is_refused_naming_them(checkpoint, tmp_path, changed, shown):
+    """Was: accepted, the rest of the run trained otherwise (one batch an epoch, bf16) and recorded as one run."""
+    run = trainer(tmp_path, epochs=2, **changed)
+    refused_before_a_step(run, lambda: run.fit(module(), loader(), ckpt_path=checkpoint), re.escape(shown))
+
+
+def test_the_seed_is_compared_only_where_asked_for():
+    from nola_vision.train.module import check_training_settings
+    saved = {"precision": "32-true", "seed_everything": 0}
+    check_training_settings(saved, {"precision": "32-true", "seed_everything": 7})  # the module's resume: restored
+    check_training_settings(saved, {"precision": "32-true", "seed_everything": None}, compare_seed=True)
+    with pytest.raises(ValueError, match=r"seed_everything 7 \(checkpoint: 0\)"):
+        check_training_settings(saved, {"precision": "32-true", "seed_everything": 7}, compare_seed=True)
+
+
+def test_testing_on_another_test_split_with_the_same_classes_warns(data_checkpoint, tmp_path):
+    """A relative --data.root read from another working directory found another folder with the same class names:
+    was a silent test/acc of other images. Another test set may be meant (a shifted one), so it warns."""
+    ckpt, pets = data_checkpoint
+    write_imagefolder(tmp_path / "other", train_per_class=4, eval_per_class=2, eval_folder="test")
+    with pytest.warns(UserWarning, match=r"testing on other images than the test split of the checkpoint's run"):
+        trainer(tmp_path).test(FewShotClassifier.load_from_checkpoint(ckpt), datamodule=datamodule(tmp_path / "other"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other images than the test split.*")
+        trainer(tmp_path).test(FewShotClassifier.load_from_checkpoint(ckpt), datamodule=datamodule(pets))

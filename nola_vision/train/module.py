@@ -47,7 +47,7 @@ from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
-           "check_training_length"]
+           "check_training_length", "check_training_settings", "training_settings"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -546,7 +546,8 @@ class FewShotClassifier(L.LightningModule):
                                      "settings": self._settings(),
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
-                                     "data": self._data_record()}
+                                     "data": self._data_record(),
+                                     "training": training_settings(self._trainer)}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
@@ -575,6 +576,7 @@ class FewShotClassifier(L.LightningModule):
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
         if self._trainer is not None and self._trainer.state.fn == "fit":
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
+            check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
@@ -652,6 +654,7 @@ class FewShotClassifier(L.LightningModule):
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
         return {"class_names": list(datamodule.class_names), "split": split,
                 "split_digest": getattr(datamodule, "split_digest", None),
+                "test_digest": getattr(datamodule, "test_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
     def _check_data(self, saved: Optional[dict], source: str = "the checkpoint") -> None:
@@ -671,6 +674,13 @@ class FewShotClassifier(L.LightningModule):
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
             self._check_split(saved, now, "checkpoint" if source == "the checkpoint" else "fit")
+        if self.trainer.state.fn == "test" and None not in (saved.get("test_digest"), now["test_digest"]) \
+                and saved["test_digest"] != now["test_digest"]:  # another test set may be meant (a shifted one)
+            root = now["split"].get("root")
+            rank_zero_warn(f"nola_vision: testing on other images than the test split of {source}'s run: the test "
+                           f"split under --data.root {root!r} lists other files or labels (a relative root is read "
+                           f"from the working directory, here {os.getcwd()!r}). test/acc is of these images, not of "
+                           "the run's test split; pass the run's --data.root to reproduce its accuracy")
 
     def _check_training_data(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other training-data settings (``check_training_data``); the CLI asks before it
@@ -781,6 +791,49 @@ def check_training_length(trainer: Any) -> None:
     if epochs is not None and epochs < 1:
         raise ValueError(f"trainer.max_epochs={epochs} (--trainer.max_epochs): the learning rate follows a per-epoch "
                          "cosine schedule, so a run needs 1 or more epochs (the paper uses 50)")
+
+
+# What a trainer (beyond the module's and the data's hyper-parameters) changes about the steps a run takes. max_epochs
+# and max_steps may differ on a resume: they extend or end the run, whose schedule on_train_start follows.
+TRAINER_TRAINING_SETTINGS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+                             "limit_train_batches", "overfit_batches", "precision")
+
+
+def training_settings(trainer: Any) -> Optional[Dict[str, Any]]:
+    """The trainer's ``TRAINER_TRAINING_SETTINGS`` and the global seed (``seed_everything``'s, None if never set) of a
+    fit, as a checkpoint records them for the comparison of a resume."""
+    if trainer is None:
+        return None
+    settings = {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    settings["seed_everything"] = int(seed) if seed is not None else None
+    return settings
+
+
+def check_training_settings(saved: Optional[Mapping[str, Any]], now: Optional[Mapping[str, Any]], *,
+                            compare_seed: bool = False) -> None:
+    """Refuse to resume with other trainer settings than the checkpoint's run: the resumed steps would train otherwise
+    while the run is recorded as one. ``compare_seed``: the global seed too, where a run records it (the CLI's
+    config.yaml and result; the resumed training does not depend on it, since the checkpoint restores the random
+    states). Checkpoints written before these were recorded, and a seed never set, are not compared."""
+    if not saved or not now:
+        return
+    changed = {f"trainer.{name}": (now[name], saved[name]) for name in TRAINER_TRAINING_SETTINGS
+               if name in saved and _setting_differs(now[name], saved[name])}
+    seeds = now.get("seed_everything"), saved.get("seed_everything")
+    if compare_seed and None not in seeds and seeds[0] != seeds[1]:
+        changed["seed_everything"] = seeds
+    if changed:
+        raise ValueError("resuming would train the rest of the run with other settings than the checkpoint's run, "
+                         "while recording them as the whole run's: "
+                         + "; ".join(f"{name} {new!r} (checkpoint: {old!r})" for name, (new, old) in changed.items())
+                         + ". Pass the run's values (--trainer.*, --seed_everything: its config.yaml holds them; from "
+                         "Python, the Trainer's arguments), or train a new run (fit without ckpt_path)")
+
+
+def _setting_differs(now: Any, saved: Any) -> bool:
+    """Other values, or an int against a float: Lightning's batch limits read 1 as one batch and 1.0 as all."""
+    return now != saved or isinstance(now, float) != isinstance(saved, float)
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
