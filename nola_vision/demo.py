@@ -137,6 +137,9 @@ def run_demo(
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
         raise ValueError(f"unknown demo methods {unknown}; choose from {available_methods()}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {list(methods)} repeat one: its second run would train again into the first's "
+                         "adapter folders (<out>/<method>/seed<s>) and the table would list it twice")
     if not seeds:
         raise ValueError("the demo needs at least one split seed")
     if len(set(seeds)) != len(seeds):

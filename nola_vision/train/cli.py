@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import traceback
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,9 +23,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, try_lock, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
+from ..data.fewshot import manifest_settings
 from ..models.backbones import check_backbone_name
 from .module import (
     FewShotClassifier,
@@ -35,10 +38,10 @@ from .module import (
     check_training_length,
 )
 
-__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "RUN_ERRORS", "FinalWeights", "NolaCLI", "PredictionsCSVWriter",
-           "RunConfigSaver", "argument_error", "argument_value_error", "check_checkpoint_file", "check_config_sources",
-           "check_result_path", "cli_parser", "error_message", "fit_options",
-           "run_lightning_cli"]
+__all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
+           "NolaCLI", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error", "argument_value_error",
+           "check_checkpoint_file", "check_config_sources", "check_full_passes", "check_monitors",
+           "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options", "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
@@ -155,11 +158,25 @@ class FinalWeights(Callback):
     the end of such an epoch this saves what that callback would have saved there: ``last.ckpt``, and without a
     monitored metric its newest checkpoint (``epoch=E-step=S.ckpt``). A callback that monitors a metric keeps its
     best among the validated epochs. It also records the last step whose weights were validated during fit, so that
-    the CLI validates the final weights when no validation saw them.
+    the CLI validates the final weights when no validation saw them. When a callback stops the fit for a metric it
+    monitors and that was not logged (``monitoring_callback``), it saves the ``last.ckpt`` the checkpoint callbacks
+    would have saved at that point (``kept``), so the epochs trained are not lost.
     """
 
     def __init__(self) -> None:
         self.validated_step: Optional[int] = None
+        self.kept: Optional[str] = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not trainer.global_step:
+            return
+        if monitoring_callback(exception) is None:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                if callback._last_global_step_saved != trainer.global_step:
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+                self.kept = self.kept or callback.last_model_path or None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -179,6 +196,27 @@ class FinalWeights(Callback):
                 callback._save_topk_checkpoint(trainer, candidates)
             callback._save_last_checkpoint(trainer, candidates)  # whatever its schedule: fit resumes from it
 
+
+class RunSeed(Callback):
+    """Records the run's ``seed_everything`` in its checkpoints (``checkpoint[RUN_RECORD]["seed"]``): ``test`` and
+    ``validate --result_file`` then name the seed of the run that trained the weights, not the command line's.
+
+    A fit resumed from a checkpoint that records another seed, or none (an older checkpoint), trained with more than
+    one seed, or with one nobody knows: its checkpoints record None (unknown).
+    """
+
+    def __init__(self, seed: Optional[int]) -> None:
+        self.seed = seed
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and (checkpoint.get(RUN_RECORD) or {}).get("seed") != self.seed:
+            self.seed = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[RUN_RECORD] = {"seed": self.seed}
+
+
+RUN_RECORD = "nola_vision_run"  # the checkpoint key of what the CLI records of its run (RunSeed)
 
 FIT_LOCK = ".fit.lock"
 
@@ -247,12 +285,23 @@ class NolaCLI(LightningCLI):
             check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
 
     def before_fit(self) -> None:
-        """What only the end of a run would find, found before it trains: the result path, a callback that monitors
-        validation metrics without validation images, and (when testing after fit, on data already on disk) the test
-        split's class folders and its missing or empty image files."""
+        """What only the end of a run would find, found before it trains: the result path, a result of part of an
+        evaluation split (``check_full_passes``), a callback that monitors a metric the module never logs
+        (``check_monitors``) or validation metrics without validation images, and (when testing after fit, on data
+        already on disk) the test split's class folders and its missing or empty image files."""
         config = self.config[self.subcommand]
+        data = self.datamodule.hparams
+        validates = bool(data.get("val_shots") or data.get("val_split_file"))
         if config.result_file:
             check_result_path(config.result_file)
+            if self.trainer.overfit_batches and not self.trainer.fast_dev_run:
+                raise ValueError(f"--trainer.overfit_batches {self.trainer.overfit_batches} trains (and validates) on "
+                                 f"a few fixed batches, a debugging run: --result_file {config.result_file} would "
+                                 "record its accuracy as the run's. Drop --trainer.overfit_batches, or drop "
+                                 "--result_file")
+            check_full_passes(self.trainer, ["val"] * validates + ["test"] * bool(config.test_after_fit),
+                              config.result_file)
+        check_monitors(self.trainer.callbacks)
         checkpoint = config.get("ckpt_path")
         if checkpoint is not None and Path(checkpoint).is_file():  # a resume: refused before anything is written
             saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
@@ -260,8 +309,7 @@ class NolaCLI(LightningCLI):
                                 self.datamodule.hparams)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
                     if str(getattr(c, "monitor", None) or "").startswith("val/")]
-        data = self.datamodule.hparams
-        if watching and not (data.get("val_shots") or data.get("val_split_file")):
+        if watching and not validates:
             raise ValueError(f"{', '.join(watching)} monitors a validation metric, and this run has no validation "
                              "images: set --data.val_shots N (e.g. 2; drawn apart from the training shots)")
         if config.test_after_fit and not self.datamodule.download:  # data to download is not there to check yet
@@ -309,7 +357,7 @@ class NolaCLI(LightningCLI):
                 "config": {"method": adapter.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
-                           "seed": config.seed_everything},
+                           "seed": self.run_seed.seed},  # None when a resume mixed seeds (RunSeed)
                 "parameter_counts": self.model.parameter_counts,
                 "epochs": self.trainer.current_epoch,
                 "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
@@ -369,23 +417,50 @@ class NolaCLI(LightningCLI):
         ``fit --ckpt_path last`` resumes a run where it stopped and ``test`` on it reproduces fit's accuracy."""
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
-            if callback.save_last is None:
+            # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
+            # end of any fit): its last-v1.ckpt would be the newest that --ckpt_path last finds in the run's folder
+            if callback.save_last is None and not trainer.fast_dev_run:
                 callback.save_last = True
         self.final_weights = FinalWeights()
-        trainer.callbacks.append(self.final_weights)
+        seed = self.config[self.subcommand].seed_everything if self.subcommand else None
+        self.run_seed = RunSeed(seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+        trainer.callbacks.extend([self.final_weights, self.run_seed])
         return trainer
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """``Trainer.fit``; a callback that stops it for a metric it monitors and that was not logged (a name that
+        ``check_monitors`` cannot know) ends it with a ``MonitoredMetricError`` naming the checkpoint kept, not with
+        Lightning's traceback."""
+        try:
+            self.trainer.fit(model, **kwargs)
+        except (MisconfigurationException, RuntimeError) as err:
+            callback = monitoring_callback(err)
+            if callback is None:
+                raise
+            kept, why = self.final_weights.kept, error_message(err)
+            raise MonitoredMetricError(
+                f"{type(callback).__name__}(monitor={callback.monitor!r}) stopped the fit at step "
+                f"{self.trainer.global_step}: {why}{'' if why.endswith(('.', '?')) else '.'} "
+                + (f"The weights trained so far are kept in {kept}: monitor a metric the run logs, then resume "
+                   f"with --ckpt_path {kept}" if kept else "Nothing was kept (no checkpoint callback saves last.ckpt)")
+            ) from err
 
     def before_validate(self) -> None:
         if not self.datamodule.val_shots and not self.datamodule.val_split_file:
             raise ValueError("validate needs validation images: set --data.val_shots (images per class drawn apart "
                              "from the training shots, e.g. 2) as in the run that trained the checkpoint")
-        self.before_test()
+        self._check_result_file("val")
 
     def before_test(self) -> None:
-        """The result path is checked before the pass, whose metrics a bad path would lose at the end."""
+        self._check_result_file("test")
+
+    def _check_result_file(self, split: str) -> None:
+        """The result path, and a pass over the whole split, are checked before the pass, whose metrics a bad path
+        would lose at the end."""
         path = self.config[self.subcommand].result_file
         if path:
             check_result_path(path)
+            check_full_passes(self.trainer, [split], path)
 
     def after_test(self) -> None:
         self._write_evaluation_result("test")
@@ -395,7 +470,11 @@ class NolaCLI(LightningCLI):
 
     def _write_evaluation_result(self, split: str) -> None:
         """``test``/``validate --result_file``: the metrics of the pass, as ``fit`` writes its own, with the checkpoint
-        it evaluated and the split it read (``test``: the full test split; ``val``: the run's validation images)."""
+        it evaluated and the split it read (``test``: the full test split; ``val``: the run's validation images).
+
+        ``config`` is the checkpoint's run (``checkpoint_run``: its k-shot split and seed), never this command line's
+        data settings or seed, which decide nothing of the weights: protocol and tune file results by it. What the
+        pass itself read is ``evaluated``."""
         config = self.config[self.subcommand]
         if not config.result_file:
             return
@@ -406,17 +485,21 @@ class NolaCLI(LightningCLI):
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero or trainer.interrupted:
             return
-        data = self.datamodule
+        data, checkpoint = self.datamodule, str(trainer.ckpt_path or config.ckpt_path)
+        evaluated = data.test_set if split == "test" else data.val_set
         write_json_atomic(config.result_file, {
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "subcommand": self.subcommand,
             "split": split,
             "config": {"method": self.model.adapter_config.method, "backbone": self.model.hparams.backbone,
-                       "dataset": data.dataset_name, "shots": data.shots, "split_seed": data.split_seed,
-                       "val_shots": data.val_shots, "seed": config.seed_everything},
+                       **checkpoint_run(checkpoint)},
+            # the images of this pass: the test split of --data.dataset/root (any shots), or the validation images
+            # drawn as the run drew them (another draw is refused before the pass)
+            "evaluated": {"split": split, "dataset": data.dataset_name, "root": str(data.root),
+                          "images": len(evaluated) if evaluated is not None else None},
             "parameter_counts": self.model.parameter_counts,
             "log_dir": log_dir,
-            "checkpoint": str(trainer.ckpt_path or config.ckpt_path),
+            "checkpoint": checkpoint,
         })
         rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
@@ -429,6 +512,92 @@ class NolaCLI(LightningCLI):
         _refuse_other_files(Path(path) if path else default)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+
+
+# What FewShotClassifier logs during fit (train/module.py's self.log calls), by the names callbacks find them under:
+# train/loss is logged per step and per epoch, so Lightning adds train/loss_step and train/loss_epoch. test/acc is
+# logged by test passes only. tests/test_cli_records.py compares this with a fit's callback metrics.
+FIT_METRICS = ("train/loss", "train/loss_step", "train/loss_epoch", "train/acc", "val/acc")
+MODULE_PREFIXES = ("train/", "val/", "test/")  # the module's names; any other may be logged by a user's callback
+
+
+class MonitoredMetricError(ValueError):
+    """A callback stopped a fit for a metric it monitors that was never logged: a configuration error found late."""
+
+
+def check_monitors(callbacks: Sequence[Callback]) -> None:
+    """Refuse a callback (``ModelCheckpoint``, ``EarlyStopping``) that monitors a name of the module's own
+    (``train/``, ``val/``, ``test/``) that the module never logs during fit: Lightning finds it missing only after the
+    first epoch, and stops the run there with a traceback. Other names may come from a callback of the user's."""
+    wrong = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in callbacks
+             if isinstance(getattr(c, "monitor", None), str) and c.monitor.startswith(MODULE_PREFIXES)
+             and c.monitor not in FIT_METRICS]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} monitors a metric the model never logs during fit (test/ metrics are "
+                         "logged by test passes only), so the run would stop after its first epoch: monitor one of "
+                         f"{', '.join(FIT_METRICS)} (val/acc needs --data.val_shots)")
+
+
+def monitoring_callback(err: BaseException) -> Optional[Callback]:
+    """The callback that raised ``err`` from its own code over the metric it monitors (``EarlyStopping``'s
+    RuntimeError, ``ModelCheckpoint``'s MisconfigurationException for a metric never logged), or None."""
+    if not isinstance(err, (MisconfigurationException, RuntimeError)):
+        return None
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    owner = frames[-1].f_locals.get("self") if frames else None
+    monitor = getattr(owner, "monitor", None)
+    if isinstance(owner, Callback) and isinstance(monitor, str) and monitor in str(err):
+        return owner
+    return None
+
+
+def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str) -> None:
+    """Refuse a result file of evaluation passes (``val``, ``test``) that a trainer limit cuts to part of their split
+    (``limit_val_batches``/``limit_test_batches`` other than 1.0 or 0, ``overfit_batches``): its ``val/acc`` or
+    ``test/acc`` would be the accuracy of a few batches, recorded as the split's. ``fast_dev_run`` writes no result;
+    a run without ``--result_file`` may take any limit."""
+    if trainer.fast_dev_run:
+        return
+    cut = []
+    for split in splits:
+        limit = trainer.limit_val_batches if split == "val" else trainer.limit_test_batches
+        if limit == 0 or isinstance(limit, float) and limit >= 1.0:  # no pass (no metric), or every batch
+            continue
+        option = (f"--trainer.overfit_batches {trainer.overfit_batches}" if split == "val" and trainer.overfit_batches
+                  else f"--trainer.limit_{split}_batches {limit}")
+        part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit:.0%} of its batches"
+        name = "validation images" if split == "val" else "test split"
+        cut.append((option, f"{option} limits the {split} pass to {part}, so {split}/acc in --result_file "
+                            f"{result_file} would cover only part of the {name}"))
+    if cut:
+        drop = " and ".join(option for option, _ in cut)
+        raise ValueError("; ".join(why for _, why in cut) + f", with nothing saying so: drop {drop} to evaluate every "
+                         "image, or drop --result_file")
+
+
+def checkpoint_run(path: str) -> Dict[str, Any]:
+    """What checkpoint ``path`` records of the run that trained it: its k-shot split (``dataset``, ``shots``,
+    ``split_seed``, ``val_shots``; a split file's from its manifest header) and its ``seed`` (``RunSeed``). A value
+    the checkpoint does not record is None (unknown), never the command line's."""
+    with fsspec.open(path, "rb") as file:  # a small file, local or remote (s3://, gs://)
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+    split = ((saved.get("nola_vision") or {}).get("data") or {}).get("split") or saved.get(
+        "datamodule_hyper_parameters") or {}
+    record = {key: split.get(key) for key in ("dataset", "shots", "split_seed", "val_shots")}
+    if split.get("split_file"):  # the settings of the manifests (in the header of one the data module wrote)
+        train, val = _manifest_header(split["split_file"]), _manifest_header(split.get("val_split_file"))
+        record.update(shots=train.get("shots"), split_seed=train.get("split_seed"),
+                      val_shots=val.get("val_shots") if split.get("val_split_file") else 0)
+    return {**record, "seed": (saved.get(RUN_RECORD) or {}).get("seed")}
+
+
+def _manifest_header(path: Optional[str]) -> Dict[str, int]:
+    """The integer settings a manifest's header records ({} for none, or an unreadable file)."""
+    try:
+        header = manifest_settings(path) if path else {}
+    except OSError:
+        return {}
+    return {key: int(value) for key, value in header.items() if value.lstrip("-").isdigit()}
 
 
 def _refuse_other_files(path: Path) -> None:
@@ -537,7 +706,8 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
                        + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
-CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError)
+# MisconfigurationException: Lightning's own "this trainer setting is wrong" (a callback's invalid arguments)
+CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError, MisconfigurationException)
 RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that started and failed: exit code 1
 
 

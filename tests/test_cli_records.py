@@ -1,0 +1,120 @@
+"""What a CLI run records and when it stops: a test's result names the checkpoint's run, a result of part of a split
+is refused, a monitored metric the model never logs is refused before training (or, found mid-run, ends in one line
+keeping the checkpoint), and the demo refuses a repeated method."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+CLI = [sys.executable, "-m", "nola_vision.cli"]
+# a one-block ViT of width 32 on digits at 32 px: 3-shot, 2 validation images per class, 3 steps per epoch
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_model_summary": False,
+                "enable_progress_bar": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0},
+    "model": {"backbone": "vit_tiny_patch16_224", "pretrained": False, "image_size": 32,
+              "backbone_kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
+              "adapter": {"class_path": "nola_vision.NOLAConfig",
+                          "init_args": {"rank": 2, "num_basis_a": 16, "num_basis_b": 16,
+                                        "targets": ["mlp.fc1", "mlp.fc2"]}},
+              "optimizer": "adam", "lr": 5.0e-3},
+    "data": {"dataset": "digits", "shots": 3, "split_seed": 0, "val_shots": 2, "batch_size": 8,
+             "eval_batch_size": 256, "augment": "none"},
+}
+
+
+def cli(folder: Path, *args) -> subprocess.CompletedProcess:
+    """The console script in its own process, run in ``folder`` with the tiny config."""
+    return subprocess.run([*CLI, *map(str, args[:1]), "-c", str(folder.parent / "tiny.yaml"), *map(str, args[1:])],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One fitted run (1 epoch, seed 0, split seed 0, 3 shots, 2 validation images per class, CSV logger)."""
+    base = tmp_path_factory.mktemp("records")
+    (base / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
+    folder = base / "work"
+    folder.mkdir()
+    done = cli(folder, "fit", "--trainer.default_root_dir", "run", "--test_after_fit", "false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log_dir = folder / "run" / "lightning_logs" / "version_0"
+    return {"folder": folder, "log_dir": log_dir, "checkpoint": log_dir / "checkpoints" / "last.ckpt"}
+
+
+def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_settings_and_seed(fitted):
+    result = fitted["folder"] / "test.json"
+    done = cli(fitted["folder"], "test", "--ckpt_path", fitted["checkpoint"], "--trainer.logger", "false",
+               "--trainer.default_root_dir", "evaluated", "--data.shots", 10, "--data.split_seed", 4,
+               "--data.val_shots", 0, "--seed_everything", 9, "--result_file", result)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(result.read_text())
+    assert written["config"] == {"method": "nola", "backbone": "vit_tiny_patch16_224", "dataset": "digits",
+                                 "shots": 3, "split_seed": 0, "val_shots": 2, "seed": 0}
+    evaluated = written["evaluated"]  # what the pass read: the whole test split, whatever the shots
+    assert (evaluated["split"], evaluated["dataset"]) == ("test", "digits") and evaluated["images"] > 100
+
+
+@pytest.mark.parametrize("subcommand, limits, part", [
+    ("fit", ["--trainer.limit_test_batches", 1, "--trainer.limit_val_batches", 1], "part of the"),
+    ("test", ["--trainer.limit_test_batches", 0.5], "part of the test split"),
+])
+def test_a_result_file_of_part_of_a_split_is_refused_before_anything_runs(fitted, subcommand, limits, part):
+    result = fitted["folder"] / f"limited-{subcommand}.json"
+    where = fitted["folder"] / f"limited-{subcommand}"
+    checkpoint = ["--ckpt_path", fitted["checkpoint"]] if subcommand == "test" else []
+    done = cli(fitted["folder"], subcommand, *checkpoint, *limits, "--trainer.logger", "false",
+               "--trainer.default_root_dir", where, "--result_file", result)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert part in done.stderr and "drop --trainer.limit_" in done.stderr and "Traceback" not in done.stderr
+    assert not result.exists() and not list(where.rglob("*.ckpt"))
+
+
+def test_a_monitor_the_model_never_logs_is_refused_before_training_listing_the_logged_ones(fitted):
+    where = fitted["folder"] / "typo"
+    done = cli(fitted["folder"], "fit", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor",
+               "val/accuracy", "--trainer.callbacks.mode", "max", "--trainer.logger", "false",
+               "--trainer.default_root_dir", where)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "ModelCheckpoint(monitor='val/accuracy') monitors a metric the model never logs" in done.stderr
+    assert "monitor one of train/loss" in done.stderr and "val/acc" in done.stderr and "Traceback" not in done.stderr
+    assert not list(where.rglob("*.ckpt"))
+
+
+def test_a_monitor_found_missing_mid_run_ends_in_one_line_and_keeps_the_epochs_checkpoint(fitted):
+    """A name without the module's prefixes may be a callback of the user's: it is let through, and when it is
+    never logged the fit stops with a one-line error after keeping what it trained."""
+    where = fitted["folder"] / "mid"
+    done = cli(fitted["folder"], "fit", "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor",
+               "accuracy", "--trainer.max_epochs", 3, "--trainer.logger", "false", "--trainer.default_root_dir", where)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "EarlyStopping(monitor='accuracy') stopped the fit" in done.stderr
+    kept = where / "checkpoints" / "last.ckpt"
+    assert str(kept) in done.stderr or "last.ckpt" in done.stderr
+    assert torch.load(kept, map_location="cpu", weights_only=False)["global_step"] == 3  # epoch 0's 3 steps
+
+
+def test_fit_metrics_are_the_metrics_a_fit_logs(fitted):
+    """The names ``check_monitors`` accepts are those a fit logs (read in a fresh process, like the CLI's)."""
+    done = subprocess.run([sys.executable, "-c", "import json; from nola_vision.train.cli import FIT_METRICS; "
+                           "print(json.dumps(FIT_METRICS))"], cwd=fitted["folder"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(fitted["log_dir"] / "metrics.csv", newline="") as f:
+        logged = {name for name in next(csv.reader(f)) if name.startswith(("train/", "val/", "test/"))}
+    # loggers get train/loss per step and per epoch; callbacks also find it as train/loss
+    assert logged | {"train/loss"} == set(json.loads(done.stdout))
+
+
+def test_demo_refuses_a_repeated_method(tmp_path):
+    tiny = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "16", "--backbone_kwargs",
+            '{"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 1}', "--epochs", "1", "--shots", "1"]
+    done = subprocess.run([*CLI, "demo", "--methods", "linear", "linear", "--seeds", "0", *tiny, "--out",
+                           str(tmp_path / "demo"), "--accelerator", "cpu", "--no_progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "repeat" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "demo").exists()
