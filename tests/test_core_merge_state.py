@@ -200,3 +200,44 @@ def test_two_forward_passes_then_backward_with_gradient_checkpointing_match_with
     got = _gradients(True, views, backward)
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_merged_model_pickled_before_snapshots_unmerges_to_the_frozen_weights():
+    """A pickle of a merged layer without ``_merged_values`` (written before they were kept) unmerges as it used to,
+    from its trained tensors (was: a TypeError / 'not merged' RuntimeError)."""
+    import pickle
+
+    from nola_vision.core.layer import adapted_layers
+
+    for key in CONFIGS:
+        model = _adapted(key)
+        before = _weights(model)
+        nv.merge(model)
+        for layer in adapted_layers(model).values():
+            del layer.__dict__["_merged_values"]
+        restored = pickle.loads(pickle.dumps(model))
+        nv.unmerge(restored)
+        _assert_restored(restored, before)
+
+
+@pytest.mark.parametrize("change", ["data", "bits"])
+def test_factors_kept_for_a_backward_that_never_came_are_not_reused_after_data_or_bits_change(change):
+    """Under gradient checkpointing a pass's factors are kept for its backward; a later no-grad pass after ``.data``
+    was replaced (no version bump) or quantisation-aware bits were set must combine its own (was: the stale ones)."""
+    from nola_vision.core.layer import adapted_layers
+
+    model = tiny_vit()
+    nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, basis="shared"))
+    as_if_trained(model, adapters_only=True, scale=2.0)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(_images())  # its backward never comes
+    if change == "data":
+        for layer in adapted_layers(model).values():
+            for parameter in layer.adapter_parameters().values():
+                parameter.data = torch.zeros_like(parameter)
+    else:
+        nv.set_quantization_aware(model, 4)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_images()), copy.deepcopy(model)(_images()), rtol=0, atol=0)

@@ -336,13 +336,26 @@ def test_resuming_with_other_trainer_settings_is_refused_naming_them(checkpoint,
     refused_before_a_step(run, lambda: run.fit(module(), loader(), ckpt_path=checkpoint), re.escape(shown))
 
 
-def test_the_seed_is_compared_only_where_asked_for():
+def test_settings_of_the_same_value_are_the_same_but_a_batch_count_is_not_a_fraction():
     from nola_vision.train.module import check_training_settings
-    saved = {"precision": "32-true", "seed_everything": 0}
-    check_training_settings(saved, {"precision": "32-true", "seed_everything": 7})  # the module's resume: restored
-    check_training_settings(saved, {"precision": "32-true", "seed_everything": None}, compare_seed=True)
-    with pytest.raises(ValueError, match=r"seed_everything 7 \(checkpoint: 0\)"):
-        check_training_settings(saved, {"precision": "32-true", "seed_everything": 7}, compare_seed=True)
+    check_training_settings({"gradient_clip_val": 1, "precision": "32-true"}, {"gradient_clip_val": 1.0,
+                                                                              "precision": "32-true"})
+    with pytest.raises(ValueError, match=r"limit_train_batches 1 \(checkpoint: 1.0\)"):
+        check_training_settings({"limit_train_batches": 1.0}, {"limit_train_batches": 1})
+
+
+def test_a_fit_trains_when_its_test_split_cannot_be_listed(tmp_path):
+    """The test split's digest is recorded where it can be listed; a fit needs no test split (was: a test folder with
+    an extra class stopped the fit before its first step)."""
+    from PIL import Image
+
+    write_imagefolder(tmp_path / "pets", train_per_class=4, eval_per_class=1, eval_folder="test")
+    extra = tmp_path / "pets" / "test" / "zebra" / "z.png"
+    extra.parent.mkdir(parents=True)
+    Image.new("RGB", (20, 16), (1, 2, 3)).save(extra)
+    run = trainer(tmp_path / "run", epochs=1, limit_train_batches=1)
+    run.fit(module(num_classes=3, adapter_dir=str(tmp_path / "adapter")), datamodule=datamodule(tmp_path / "pets"))
+    assert run.global_step == 1
 
 
 def test_testing_on_another_test_split_with_the_same_classes_warns(data_checkpoint, tmp_path):

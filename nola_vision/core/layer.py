@@ -210,13 +210,22 @@ class AdaptedLinear(nn.Module):
         dropped after its own backward."""
         self._pending_passes = 0
 
-    def _adapter_versions(self) -> Tuple[int, ...]:
-        return tuple(p._version for p in self.adapter_parameters().values())
+    def _adapter_versions(self) -> Tuple[Any, ...]:
+        """What kept factors were combined from: each adapter tensor's version, storage, dtype and device (``.data``
+        assignment and ``.to()`` bump no version), and the quantisation-aware bits."""
+        return (self.quant_bits, *((p._version, p.data_ptr(), p.dtype, p.device)
+                                   for p in self.adapter_parameters().values()))
 
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
         return {**self.__dict__, "_batched_factors": None, "_batched_versions": None, "_pending_passes": 0,
                 "_reading": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.merged and self.__dict__.get("_merged_values") is None:
+            # pickled before merged layers kept what they merged: the trained tensors are the best record there is
+            self._merged_values = self.trained_values()
 
     @property
     def merged(self) -> bool:
@@ -414,7 +423,8 @@ class AdaptedLinear(nn.Module):
                 raise ValueError
         except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError):
             return f"{name}: the state dict's {IDENTITY_KEY} entry is not an adapter identity (damaged or not this " \
-                   "library's)"
+                   f"library's; an average of state dicts must leave the {IDENTITY_KEY} entries out and copy them " \
+                   "from one of them)"
         own = self.identity()
         differ = []
         for key in sorted(set(own) | set(saved)):

@@ -800,40 +800,32 @@ TRAINER_TRAINING_SETTINGS = ("accumulate_grad_batches", "gradient_clip_val", "gr
 
 
 def training_settings(trainer: Any) -> Optional[Dict[str, Any]]:
-    """The trainer's ``TRAINER_TRAINING_SETTINGS`` and the global seed (``seed_everything``'s, None if never set) of a
-    fit, as a checkpoint records them for the comparison of a resume."""
+    """The trainer's ``TRAINER_TRAINING_SETTINGS`` of a fit, as a checkpoint records them for a resume's comparison."""
     if trainer is None:
         return None
-    settings = {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    settings["seed_everything"] = int(seed) if seed is not None else None
-    return settings
+    return {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
 
 
-def check_training_settings(saved: Optional[Mapping[str, Any]], now: Optional[Mapping[str, Any]], *,
-                            compare_seed: bool = False) -> None:
+def check_training_settings(saved: Optional[Mapping[str, Any]], now: Optional[Mapping[str, Any]]) -> None:
     """Refuse to resume with other trainer settings than the checkpoint's run: the resumed steps would train otherwise
-    while the run is recorded as one. ``compare_seed``: the global seed too, where a run records it (the CLI's
-    config.yaml and result; the resumed training does not depend on it, since the checkpoint restores the random
-    states). Checkpoints written before these were recorded, and a seed never set, are not compared."""
+    while the run is recorded as one. Checkpoints written before these were recorded are not compared."""
     if not saved or not now:
         return
     changed = {f"trainer.{name}": (now[name], saved[name]) for name in TRAINER_TRAINING_SETTINGS
-               if name in saved and _setting_differs(now[name], saved[name])}
-    seeds = now.get("seed_everything"), saved.get("seed_everything")
-    if compare_seed and None not in seeds and seeds[0] != seeds[1]:
-        changed["seed_everything"] = seeds
+               if name in saved and _setting_differs(name, now[name], saved[name])}
     if changed:
         raise ValueError("resuming would train the rest of the run with other settings than the checkpoint's run, "
                          "while recording them as the whole run's: "
-                         + "; ".join(f"{name} {new!r} (checkpoint: {old!r})" for name, (new, old) in changed.items())
-                         + ". Pass the run's values (--trainer.*, --seed_everything: its config.yaml holds them; from "
-                         "Python, the Trainer's arguments), or train a new run (fit without ckpt_path)")
+                         + "; ".join(f"--{name} {new!r} (checkpoint: {old!r})" for name, (new, old) in changed.items())
+                         + ". Pass the run's values (its config.yaml holds them; from Python, the Trainer's "
+                         "arguments), or train a new run (fit without ckpt_path)")
 
 
-def _setting_differs(now: Any, saved: Any) -> bool:
-    """Other values, or an int against a float: Lightning's batch limits read 1 as one batch and 1.0 as all."""
-    return now != saved or isinstance(now, float) != isinstance(saved, float)
+def _setting_differs(name: str, now: Any, saved: Any) -> bool:
+    """Other values; for the batch limits also an int against a float, which Lightning reads as a count against a
+    fraction (1: one batch, 1.0: all)."""
+    limit = name in ("limit_train_batches", "overfit_batches")
+    return now != saved or (limit and isinstance(now, float) != isinstance(saved, float))
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
