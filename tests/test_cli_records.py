@@ -118,3 +118,12 @@ def test_demo_refuses_a_repeated_method(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "repeat" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_relative_data_root_is_recorded_as_the_folder_it_read(fitted):
+    """``test -c <run>/config.yaml`` from another directory read another folder of that relative name (with the same
+    class names, a silent accuracy of other images): the run records the absolute folder."""
+    saved = yaml.safe_load((fitted["log_dir"] / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(fitted["folder"] / "data")
+    hparams = torch.load(fitted["checkpoint"], map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    assert hparams["root"] == str(fitted["folder"] / "data")

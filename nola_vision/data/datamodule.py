@@ -28,7 +28,6 @@ from .fewshot import (
     manifest_settings,
     read_manifest,
     sample_kshot,
-    samples_digest,
     write_manifest,
 )
 from .fewshot import split_digest as digest_of  # the property of the same name below returns it for this split
@@ -290,7 +289,6 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
         self._train_generator: Optional[torch.Generator] = None
-        self._test_digest: Optional[str] = None
         self._generator_fit: Optional[tuple] = None  # (id of the trainer, epoch) that made _train_generator
         self._resumed_generator_state: Optional[torch.Tensor] = None
         self.split: Optional[FewShotSplit] = None
@@ -322,22 +320,6 @@ class FewShotDataModule(L.LightningDataModule):
         if self.split is None:
             return None
         return digest_of(self.train_set.dataset.samples, self.split)
-
-    @property
-    def test_digest(self) -> Optional[str]:
-        """sha256 of the test split's images and labels (``fewshot.samples_digest``; listed, not decoded, if ``setup``
-        has not built it), None where there is no test split: checkpoints record it, so that testing a run on other
-        images than its test split (another folder under a relative ``root``) is not silent."""
-        if self._test_digest is None:
-            if self.test_set is not None:
-                samples = self.test_set.dataset.samples
-            else:
-                try:
-                    samples = build_dataset(self.dataset_name, self.root, "test").samples
-                except Exception:  # noqa: BLE001 - a fit needs no test split; a bad one is named when tested
-                    return None
-            self._test_digest = samples_digest(samples)
-        return self._test_digest
 
     def _require_setup(self) -> None:
         if self.train_set is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
-           "read_manifest", "sample_kshot", "samples_digest", "split_digest", "write_manifest"]
+           "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -108,12 +108,6 @@ def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str
         lines = sorted(f"{samples[i][0]} {samples[i][1]}" for i in indices)
         digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def samples_digest(samples: Sequence[tuple[str, int]]) -> str:
-    """sha256 of a whole split's ``key label`` lines, sorted (so not of their order)."""
-    lines = sorted(f"{key} {label}" for key, label in samples)
-    return hashlib.sha256("\n".join([str(len(lines)), *lines, ""]).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], indices: Sequence[int],

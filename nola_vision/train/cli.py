@@ -257,6 +257,7 @@ class NolaCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
             return
+        _absolute_data_root(config)
         root = config.trainer.default_root_dir or os.getcwd()
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(root)
@@ -676,6 +677,16 @@ def check_checkpoint_file(path: Optional[str]) -> None:
     if not zipfile.is_zipfile(file):
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
                          "short (a full disk, an interrupted copy): pass another checkpoint of the run")
+
+
+def _absolute_data_root(config: Any) -> None:
+    """Make a relative ``--data.root`` absolute (from the working directory, where it is read): the run's config.yaml,
+    checkpoints and results then name the folder it read, and ``test -c <run>/config.yaml`` run from another
+    directory reads the run's images, not another folder of that relative name. A URL is left as it is."""
+    data = config.get("data")
+    root = data.get("root") if data is not None else None
+    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(root):
+        data.root = os.path.abspath(root)
 
 
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:

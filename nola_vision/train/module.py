@@ -654,7 +654,6 @@ class FewShotClassifier(L.LightningModule):
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
         return {"class_names": list(datamodule.class_names), "split": split,
                 "split_digest": getattr(datamodule, "split_digest", None),
-                "test_digest": getattr(datamodule, "test_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
     def _check_data(self, saved: Optional[dict], source: str = "the checkpoint") -> None:
@@ -674,13 +673,6 @@ class FewShotClassifier(L.LightningModule):
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
             self._check_split(saved, now, "checkpoint" if source == "the checkpoint" else "fit")
-        if self.trainer.state.fn == "test" and None not in (saved.get("test_digest"), now["test_digest"]) \
-                and saved["test_digest"] != now["test_digest"]:  # another test set may be meant (a shifted one)
-            root = now["split"].get("root")
-            rank_zero_warn(f"nola_vision: testing on other images than the test split of {source}'s run: the test "
-                           f"split under --data.root {root!r} lists other files or labels (a relative root is read "
-                           f"from the working directory, here {os.getcwd()!r}). test/acc is of these images, not of "
-                           "the run's test split; pass the run's --data.root to reproduce its accuracy")
 
     def _check_training_data(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other training-data settings (``check_training_data``); the CLI asks before it
