@@ -110,3 +110,11 @@ def test_data_for_a_squash_backbone_is_refused_by_a_center_model(tmp_path):
     with pytest.raises(ValueError, match=r"crop_mode squash \(the model's: center\)"):
         run.fit(model, datamodule=datamodule)
     assert run.global_step == 0
+
+
+def test_an_unknown_pretrained_tag_is_a_value_error_listing_the_architectures_tags():
+    """Was timm's bare RuntimeError from the data config's lookup."""
+    from nola_vision.data.transforms import resolve_data_config
+
+    with pytest.raises(ValueError, match=r"unknown timm backbone tag 'vit_tiny_patch16_224.bogus'.*augreg_in21k"):
+        resolve_data_config("vit_tiny_patch16_224.bogus")

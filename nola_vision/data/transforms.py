@@ -61,7 +61,13 @@ def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int
     from timm.data import resolve_data_config as timm_resolve
     from timm.data import resolve_model_data_config
 
-    pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+    except RuntimeError as err:  # timm: "Invalid pretrained tag (...) for ..."
+        architecture = backbone.split(".", 1)[0]
+        tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{architecture}.*")]
+        raise ValueError(f"unknown timm backbone tag '{backbone}' ({err}); {architecture} has the tags "
+                         f"{', '.join(tags[:10]) or 'none'}{' ...' if len(tags) > 10 else ''}") from err
     if pretrained_cfg is not None:
         cfg = timm_resolve(pretrained_cfg=pretrained_cfg.to_dict())
     else:
