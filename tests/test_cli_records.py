@@ -111,12 +111,10 @@ def test_fit_metrics_are_the_metrics_a_fit_logs(fitted):
 
 
 def test_demo_refuses_a_repeated_method(tmp_path):
-    tiny = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "16", "--backbone_kwargs",
-            '{"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 1}', "--epochs", "1", "--shots", "1"]
-    done = subprocess.run([*CLI, "demo", "--methods", "linear", "linear", "--seeds", "0", *tiny, "--out",
-                           str(tmp_path / "demo"), "--accelerator", "cpu", "--no_progress"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1 and "repeat" in done.stderr, done.stderr[-3000:]
+    from nola_vision.demo import run_demo
+
+    with pytest.raises(ValueError, match="repeat one"):
+        run_demo(methods=("linear", "linear"), seeds=(0,), out=str(tmp_path / "demo"))
     assert not (tmp_path / "demo").exists()
 
 
