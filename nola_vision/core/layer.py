@@ -69,6 +69,9 @@ class AdaptedLinear(nn.Module):
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
+    # What take_activation() left at ``mlp.act``; None where nothing is taken over (and in layers pickled before it
+    # was kept, which then go unchecked).
+    activation_placeholder: Optional[nn.Module] = None
 
     def __init__(self, base: nn.Linear, slices: Sequence[Slice], rank: int, scaling: float) -> None:
         super().__init__()
@@ -116,11 +119,13 @@ class AdaptedLinear(nn.Module):
 
     def take_activation(self, mlp: nn.Module, placeholder: nn.Module) -> None:
         """Compute ``mlp.act`` here, on the pre-activation ``mlp`` passes in (backward recomputes it instead of keeping
-        it), leaving ``placeholder`` at ``mlp.act``; ``give_back_activation`` undoes it."""
+        it), leaving ``placeholder`` at ``mlp.act``; ``give_back_activation`` undoes it. Each forward pass checks that
+        the placeholder is still there (its ``mlp_name``, if any, names the Mlp in the error)."""
         activation = mlp.act
         mlp.act = placeholder.train(activation.training)
         self.input_activation = activation
         self.__dict__["activation_owner"] = mlp
+        self.__dict__["activation_placeholder"] = placeholder  # a plain attribute: mlp.act holds it in the tree
         self.__dict__["_given_back"] = None
 
     def give_back_activation(self, *, for_hook: bool = False) -> None:
@@ -133,11 +138,14 @@ class AdaptedLinear(nn.Module):
         if self.input_activation is None:
             return
         owner, activation = self.activation_owner, self.input_activation
-        placeholder = owner.act
-        owner.act = activation
+        placeholder = self.activation_placeholder
+        placeholder = owner.act if placeholder is None else placeholder  # None: pickled before it was kept
+        if owner.act is placeholder:  # else replaced since inject: that module stays, the taken-over one goes
+            owner.act = activation
         del self.input_activation  # out of the module tree, then a plain attribute again
         self.input_activation = None
         self.__dict__["activation_owner"] = None
+        self.__dict__["activation_placeholder"] = None
         if for_hook:
             self.__dict__["_given_back"] = (owner, activation, placeholder)
 
@@ -331,6 +339,9 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         activation = self.input_activation
+        placeholder = self.activation_placeholder
+        if placeholder is not None and self.activation_owner.act is not placeholder:
+            self._refuse_replaced_activation()
         if activation is not None and has_hooks(activation):  # hooks run once, on the output this pass keeps
             x, activation = activation(x), None
         if self.merged:
@@ -343,6 +354,18 @@ class AdaptedLinear(nn.Module):
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
+
+    def _refuse_replaced_activation(self) -> None:
+        """Raise for an ``mlp.act`` replaced after ``take_activation``: this layer would apply the activation it took
+        over on top of the new module's output (GELU(new(h))), a silent change of the model."""
+        name = getattr(self.activation_placeholder, "mlp_name", "mlp")
+        new, taken = type(self.activation_owner.act).__name__, self.input_activation
+        raise ValueError(
+            f"{name}.act was replaced after inject (it is now a {new}), but the adapted {name}.fc2 took the "
+            f"activation over at inject ({taken}) and applies it itself (recompute_activation=True), so this pass "
+            f"would compute {type(taken).__name__}({new}(h)). Call nv.unload(model), which keeps the new {name}.act, "
+            f"then inject again (or change activations before inject; with recompute_activation=False inject leaves "
+            f"{name}.act in place, and it may be changed afterwards)")
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
