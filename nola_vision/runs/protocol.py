@@ -19,7 +19,8 @@ The fit command line is checked once, before any run (``check_fit_arguments``): 
 refuses would fail every run alike.
 
 What the seeds control: the split seed draws the k-shot training images (so a split manifest, ``data.split_file``
-or ``data.val_split_file``, is refused in a config or an override); the init seed is the run's
+or ``data.val_split_file``, is refused in a config or an override, a settings file among the overrides,
+``--config x.yaml``, included); the init seed is the run's
 ``seed_everything`` (head initialisation, data order, augmentation). The adapter config's own ``seed``
 (NOLA's random bases, LoRA's A) stays as configured, as in the authors' code, which fixes the bases.
 """
@@ -99,6 +100,8 @@ CONTROLLED = {
 
 
 GROUPS = ("--data", "--model", "--trainer")
+# fit's options that load a whole settings file (or YAML text) at their place on the command line
+CONFIG_OPTIONS = ("--config", "-c")
 
 
 def refuse_controlled_overrides(overrides: Sequence[str], controlled: Dict[str, str] = CONTROLLED,
@@ -136,12 +139,12 @@ def refuse_controlled_configs(configs: Sequence[str], controlled: Dict[str, str]
 
 
 def _config_settings(config: str) -> Dict[str, Any]:
-    """The dotted fit options a config file sets, with their values: ``data: {split_file: x}`` (or the group under
-    ``init_args``, or in a file of its own) sets ``--data.split_file``. Empty for a file that is not a YAML mapping,
-    which fit itself reports."""
+    """The dotted fit options a config file (or YAML text, as ``--config`` also takes) sets, with their values:
+    ``data: {split_file: x}`` (or the group under ``init_args``, or in a file of its own) sets ``--data.split_file``.
+    Empty for a file that is not a YAML mapping, which fit itself reports."""
     try:
-        content = yaml.safe_load(Path(config).read_text())
-    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        content = yaml.safe_load(_settings_text(config))
+    except (ValueError, yaml.YAMLError, RecursionError):
         return {}
     if not isinstance(content, dict):
         return {}
@@ -157,12 +160,24 @@ def _config_settings(config: str) -> Dict[str, Any]:
 
 
 def set_options(key: str, value: Optional[str]) -> List[str]:
-    """The dotted fit options an override sets: ``--data.init_args.split_seed 7`` sets ``--data.split_seed``, and a
-    whole group given as YAML (``--data '{split_seed: 7}'``) or as a file sets each of its keys."""
+    """The dotted fit options an override sets: ``--data.init_args.split_seed 7`` sets ``--data.split_seed``, a
+    whole group given as YAML (``--data '{split_seed: 7}'``) or as a file sets each of its keys, and a settings file
+    (``--config x.yaml``, ``-c x.yaml``) each option it sets (``data: {split_seed: 7}``, ``seed_everything: 5``)."""
     option = key.replace(".init_args.", ".")
+    if value is not None and option in CONFIG_OPTIONS:
+        return [option, *_config_settings(value)]
     if value is None or option not in GROUPS:
         return [option]
     return [option] + [f"{option}.{name}" for name in _group_settings(value)]
+
+
+def _settings_text(value: str, folder: Path = Path()) -> str:
+    """The text fit loads settings from: the file ``value`` names (relative to ``folder``), else ``value`` itself."""
+    path = folder / value
+    try:
+        return path.read_text() if path.is_file() else value
+    except (OSError, ValueError):  # a name too long to be a file, or a file fit cannot read either
+        return value
 
 
 def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
@@ -171,9 +186,8 @@ def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
     alone sets no field)."""
     if isinstance(value, str):
         try:
-            path = folder / value
-            value = yaml.safe_load(path.read_text() if path.is_file() else value)
-        except (OSError, ValueError, yaml.YAMLError, RecursionError):
+            value = yaml.safe_load(_settings_text(value, folder))
+        except (ValueError, yaml.YAMLError, RecursionError):
             return {}
     if not isinstance(value, dict):
         return {}
@@ -196,6 +210,10 @@ def run_dir_name(split_seed: int, init_seed: int) -> str:
     return f"split{split_seed}-init{init_seed}"
 
 
+# the run settings a caller's own overrides may replace (tune's trials pass --test_after_fit false), given before them
+TEST_SETTINGS = ("--test_after_fit", "--trainer.limit_test_batches")
+
+
 def _run_settings(run_dir: Path, split_seed: int, init_seed: int) -> Dict[str, str]:
     """What every run's command line sets after the configs, replacing their values: seeds, where the run writes
     (an ``adapter_dir`` a config sets is reset: each run exports into its own log folder, not all into one), and a
@@ -209,11 +227,13 @@ def _run_settings(run_dir: Path, split_seed: int, init_seed: int) -> Dict[str, s
 
 def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_seed: int, init_seed: int,
                 overrides: Sequence[str]) -> Tuple[str, ...]:
-    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir``."""
+    """The ``nola-vision fit`` command line of one run, writing everything under ``run_dir``. Its seeds and folders
+    come after the overrides, where fit gives them the last word: no settings file among the overrides replaces them."""
     quiet = [] if any("enable_progress_bar" in o for o in overrides) else ["--trainer.enable_progress_bar", "false"]
     settings = _run_settings(run_dir, split_seed, init_seed)
-    return (python, "-m", "nola_vision.cli", "fit", *config_args, *(a for pair in settings.items() for a in pair),
-            *quiet, *overrides)
+    tests = [a for k in TEST_SETTINGS for a in (k, settings.pop(k))]
+    own = [a for pair in settings.items() for a in pair]
+    return (python, "-m", "nola_vision.cli", "fit", *config_args, *tests, *quiet, *overrides, *own)
 
 
 def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:

@@ -33,10 +33,10 @@ from ..core.storage import (
 )
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
-           "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
-           "finished_result", "mixed_settings", "override_changes", "parse_overrides", "read_result",
-           "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
+           "check_row_data", "check_run_seeds", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run",
+           "collect_results", "config_file_options", "config_key", "counted", "data_digests", "discard_result",
+           "effective_overrides", "finished_result", "mixed_settings", "override_changes", "parse_overrides",
+           "read_result", "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
            "same_settings", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
@@ -53,7 +53,8 @@ MAX_SEED = 2**32 - 1  # seed_everything's (numpy's) largest seed; the smallest i
 
 
 def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
-    """``--key value`` and ``--key=value`` as ``(key, value)`` pairs, in order (a flag alone has value None)."""
+    """``--key value`` and ``--key=value`` as ``(key, value)`` pairs, in order (a flag alone has value None); a short
+    option with its value attached (``-cx.yaml``, ``-c=x.yaml``, as fit takes them) is ``("-c", "x.yaml")``."""
     pairs: List[Tuple[str, Optional[str]]] = []
     args = list(overrides)
     i = 0
@@ -62,6 +63,8 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, Optional[str]]]
         if "=" in arg and arg.startswith("--"):
             key, value = arg.split("=", 1)
             pairs.append((key, value))
+        elif len(arg) > 2 and arg[0] == "-" and arg[1] not in "-.0123456789":
+            pairs.append((arg[:2], arg[2:].removeprefix("=")))
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             pairs.append((arg, args[i + 1]))
             i += 1
@@ -315,14 +318,15 @@ def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int]) -> None:
                              f"which takes 0 to {MAX_SEED} (2**32-1)")
 
 
-def data_digests(dataset: str, root: str) -> Optional[Dict[str, str]]:
-    """What a run of ``dataset`` under ``root`` reads now: ``{"train": ..., "test": ...}``, sha256 prefixes of each
-    split's sorted ``key label size`` lines (an in-memory split: its pixels and labels), so runs made before and after
-    the images changed are told apart. None when the data cannot be read here (not downloaded yet)."""
+def data_digests(dataset: str, root: str, splits: Sequence[str] = ("train", "test")) -> Optional[Dict[str, str]]:
+    """What a run of ``dataset`` under ``root`` reads now: ``{"train": ..., "test": ...}`` (each of ``splits``; tune's
+    selection reads only ``("train",)``), sha256 prefixes of each split's sorted ``key label size`` lines (an in-memory
+    split: its pixels and labels), so runs made before and after the images changed are told apart. None when the
+    data cannot be read here (not downloaded yet)."""
     from ..data import build_dataset
 
     try:
-        return {split: _images_digest(build_dataset(dataset, root, split)) for split in ("train", "test")}
+        return {split: _images_digest(build_dataset(dataset, root, split)) for split in splits}
     except (OSError, ValueError):
         return None
 
@@ -370,7 +374,14 @@ def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
 def claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
     """Record the row's settings in ``<root>/config.json``, or refuse when its runs were made with others; returns the
     key the row records (``key``, or the one recorded for the same settings: ``same_settings``), whose hash its
-    results carry."""
+    results carry. Two commands starting on one row take turns (``writer_lock``): the second compares its settings
+    with those the first recorded, never records its own over them."""
+    with writer_lock(root / CONFIG_FILE):
+        return _claim_row(root, key)
+
+
+def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+    """``claim_row``'s read, compare and write, under its lock."""
     path = root / CONFIG_FILE
     try:
         old = json.loads(path.read_text())
@@ -491,17 +502,32 @@ def read_result(path: Path) -> Optional[Dict[str, Any]]:
 
 # The run folders of a row: split<S>-init<I> (fits), split<S> (the k-NN baseline). Other folders (a user's copy,
 # split0-init0.bak) are not runs of the row.
-RUN_FOLDER = re.compile(r"split-?\d+(-init-?\d+)?")
+RUN_FOLDER = re.compile(r"split(?P<split>-?\d+)(-init(?P<init>-?\d+))?")
+
+
+def check_run_seeds(path: Path, data: Dict[str, Any]) -> None:
+    """Refuse a result (at ``path``) that records other seeds than its run folder's name: made with a split or init
+    seed that a settings file replaced, it would be counted as another run's, one run averaged as two."""
+    folder = RUN_FOLDER.fullmatch(path.parent.name)
+    cfg = data.get("config") if isinstance(data.get("config"), dict) else {}
+    for field, group in (("split_seed", "split"), ("seed", "init")):
+        recorded, expected = cfg.get(field), folder.group(group) if folder else None
+        if recorded not in (None, "") and expected is not None and str(recorded) != str(int(expected)):
+            raise ValueError(f"{path} records {field} {recorded}, but its folder {path.parent.name} is the run of "
+                             f"{group} seed {int(expected)}: it was made with other seeds than its folder's, so it "
+                             f"is not counted as that run. Delete {path.parent} to redo the run")
 
 
 def collect_results(out: str) -> List[Dict[str, Any]]:
     """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
-    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out."""
+    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; a result that
+    records other seeds than its folder's is refused (``check_run_seeds``)."""
     rows = []
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
         data = read_result(path)
         if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
+        check_run_seeds(path, data)
         cfg, counts = data.get("config") or {}, data.get("parameter_counts") or {}
         images = data.get("data") if isinstance(data.get("data"), dict) else {}
         rows.append({
