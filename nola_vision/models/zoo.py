@@ -100,8 +100,10 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
     if config is not None:
         if overrides:
             raise TypeError("pass either nola_config or nola_<field> arguments, not both")
-        if isinstance(config, dict) and "method" not in config:  # NOLA fields without the method: a NOLAConfig
-            config = {**config, "method": METHOD}
+        if isinstance(config, dict) and "class_path" not in config and config.get("method", METHOD) == METHOD:
+            # NOLA fields (the method perhaps left out): a dict sets only what it names, so the model's defaults (rank
+            # 1 for ViT-L) fill the rest, as for nola_<field> arguments; a NOLAConfig object sets every field itself
+            config = {**defaults, **config, "method": METHOD}
         config = resolve_adapter(config)  # a NOLAConfig or its to_dict() form
         if not isinstance(config, config_cls):
             raise TypeError(f"nola_config of a {NOLA_SUFFIX} model must be a {config_cls.__name__} (or its to_dict() "

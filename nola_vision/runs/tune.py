@@ -10,7 +10,10 @@ Each fit starts only under its folder's claim, as in ``protocol``: a fit that an
 worker left running) is waited for, never started twice; a fit that exits non-zero never counts, even where it wrote
 its result. Grid search claims grid points in the storage: a point is run by one worker only (a duplicate claim
 yields to the lower trial number), finished points are never rerun, and points whose trial failed or whose worker died
-(its heartbeat went stale) are retried by the next run. Then the best point (ties: the first in grid order)
+(its heartbeat went stale) are retried by the next run. Trial fits and the study record the images they were made
+on (``results.data_digests`` of the train split, which the validation images are drawn from; never the test split),
+and a search whose data changed since is refused before any trial, as the protocol refuses such rows: their
+validation accuracies would choose the values. Then the best point (ties: the first in grid order)
 is run through ``protocol`` (split seeds × init seeds, final test accuracy) as the row ``<name>``.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -62,6 +66,7 @@ from .results import (
     claim_unfinished_run,
     config_key,
     counted,
+    data_digests,
     finished_result,
     override_changes,
     read_result,
@@ -88,6 +93,8 @@ CONTROLLED = {
     "--trainer.limit_test_batches": "the protocol after the search tests every run on the full test split",
 }
 Params = Dict[str, Any]
+# the splits trial fits read: their validation images are drawn from the train split; the test split is never read
+SELECTION_SPLITS = ("train",)
 
 
 class TrialFailed(RuntimeError):
@@ -193,13 +200,48 @@ def _param_args(params: Params) -> List[str]:
     return [arg for k, v in sorted(params.items()) for arg in (f"--{k}", str(v))]
 
 
-def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
-    """``data.val_shots`` as ``fit`` reads the composed configs and overrides: its own parser, so a whole group given
+def _data_options(configs: Sequence[str], overrides: Sequence[str]) -> Any:
+    """The ``data`` group as ``fit`` reads the composed configs and overrides: its own parser, so a whole group given
     as YAML (``--data '{val_shots: 2}'``) or as a file counts as it does for fit."""
     from ..train.cli import cli_parser
 
-    parsed = cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides])
-    return int(parsed["fit"]["data"].get("val_shots") or 0)
+    return cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides])["fit"]["data"]
+
+
+def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
+    """``data.val_shots`` as ``fit`` reads it."""
+    return int(_data_options(configs, overrides).get("val_shots") or 0)
+
+
+@dataclass
+class _Images:
+    """The images the trial fits read (``SELECTION_SPLITS``), by ``data_digests``: a trial fit or a study's scores
+    made on other images are never reused."""
+
+    dataset: str
+    root: str
+    digests: Optional[Dict[str, str]]  # None while the data does not exist (the first fit downloads it)
+
+    @classmethod
+    def of(cls, configs: Sequence[str], overrides: Sequence[str]) -> _Images:
+        data = _data_options(configs, overrides)
+        return cls(data.dataset, data.root, data_digests(data.dataset, data.root, splits=SELECTION_SPLITS))
+
+    def now(self) -> Optional[Dict[str, str]]:
+        """The digests, read once the data exists (after a fit downloaded it)."""
+        if self.digests is None:
+            self.digests = data_digests(self.dataset, self.root, splits=SELECTION_SPLITS)
+        return self.digests
+
+    def changes(self, recorded: Any) -> List[str]:
+        """How the images ``recorded`` (a result's or a study's ``data``) differ from these; none where unknown."""
+        if not isinstance(recorded, dict) or self.digests is None:
+            return []
+        return [f"{split} images {recorded[split]} -> {digest}" for split, digest in self.digests.items()
+                if recorded.get(split) not in (None, digest)]
+
+    def __str__(self) -> str:
+        return f"dataset {self.dataset} under --data.root {self.root}"
 
 
 class _Search:
@@ -207,7 +249,8 @@ class _Search:
 
     def __init__(self, *, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
                  python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
-                 executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool, settings_hash: str) -> None:
+                 executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool, settings_hash: str,
+                 images: _Images) -> None:
         self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
         self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
         self.executor, self.n_trials, self.tpe_budget, self.echo = executor, n_trials, tpe_budget, echo
@@ -221,7 +264,7 @@ class _Search:
         self.failed_here: Set[str] = set()  # failed in this run: retried by the next run, not in a loop now
         self.failures = 0  # trials failed in this run: they use up tpe's budget, so a fit failing alike ends the run
         self.started = 0
-        self.settings_hash = settings_hash
+        self.settings_hash, self.images = settings_hash, images
         self.heartbeat_s = storage.get_heartbeat_interval() or 30
 
     # ---- claiming ------------------------------------------------------------------------------------
@@ -347,9 +390,7 @@ class _Search:
         """Validation accuracy of every selection seed of one grid point. Finished fits are reused; a fit is started
         only under its folder's claim (``claim_unfinished_run``, as protocol does), so a fit another process runs
         there (one a killed worker left running) is waited for, never started twice."""
-        # keyed by the settings too: fits made with other settings (a deleted, re-made study) are never reused
-        digest = hashlib.sha256(f"{self.settings_hash}|{_point_key(params)}".encode()).hexdigest()[:10]
-        trial_dir = self.root / "tune" / f"trial-{digest}"
+        trial_dir = self._trial_dir(params)
         overrides = [*self.overrides, *_param_args(params), "--test_after_fit", "false"]
         seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
         announced: Set[Path] = set()
@@ -366,7 +407,7 @@ class _Search:
                 runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim)
                         for d, claim in claims.items()]
                 errors = [self._failure(run, code) for run, code, _ in self.executor.run(runs)
-                          if finished_result(run.log.parent, code, "val/acc") is None]
+                          if not self._record(run.log.parent, code)]
             finally:
                 for claim in claims.values():
                     os.close(claim)
@@ -381,6 +422,36 @@ class _Search:
                 raise RuntimeError(f"{run_dir} read the test split during selection")  # guarded, never expected
             accs[run_dir.name] = float(result["metrics"]["val/acc"])
         return accs
+
+    def _trial_dir(self, params: Params) -> Path:
+        """A grid point's folder, keyed by the settings too: fits made with other settings (a deleted, re-made study)
+        are never reused."""
+        digest = hashlib.sha256(f"{self.settings_hash}|{_point_key(params)}".encode()).hexdigest()[:10]
+        return self.root / "tune" / f"trial-{digest}"
+
+    def _record(self, run_dir: Path, code: int) -> bool:
+        """Whether the fit in ``run_dir`` finished; its result then records the images it read, as the protocol's
+        results do, so that a later search reuses it only on the same images (``check_data``)."""
+        result = finished_result(run_dir, code, "val/acc")
+        if result is None:
+            return False
+        result.setdefault("data", self.images.now())
+        write_json_atomic(run_dir / RESULT_FILE, result)
+        return True
+
+    def check_data(self) -> None:
+        """Refuse, before any trial, to reuse a trial fit made on other images than the data holds now: its
+        validation accuracy would choose the values (the protocol refuses such runs for its rows alike)."""
+        for point in self.points:
+            for path in sorted(self._trial_dir(point).glob(f"*/{RESULT_FILE}")):
+                result = read_result(path)
+                changed = self.images.changes(result.get("data")) if counted(result, "val/acc") else []
+                if changed:
+                    raise ValueError(
+                        f"{path.parent} is a trial fit made on other images than {self.images} holds now "
+                        f"({'; '.join(changed)}); the search would reuse its validation accuracy. Restore the data "
+                        f"as it was, pass another --name (or --out) for a new search, or delete {self.root / 'tune'} "
+                        "and the study to redo this one")
 
     @staticmethod
     def _failure(run: Run, code: int) -> str:
@@ -454,6 +525,19 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
                      "another --name, or delete the study")
 
 
+def _check_study_data(study: Any, images: _Images, name: str, storage_url: str) -> None:
+    """Record the images the study's trials are scored on, or refuse when they were scored on others: finished
+    trials are never rerun, so their scores would choose the values."""
+    recorded = study.user_attrs.get("data")
+    changed = images.changes(recorded)
+    if changed:
+        raise ValueError(f"study {name!r} in {storage_url} scored its trials on other images than {images} holds now "
+                         f"({'; '.join(changed)}); restore the data as it was, pass another --name for a new search, "
+                         "or delete the study and its trial folders to redo it")
+    if recorded is None and images.digests is not None:
+        study.set_user_attr("data", images.digests)
+
+
 def check_sqlite_storage(url: str) -> None:
     """Refuse a SQLite storage URL whose database cannot be made (its folder missing, or not writable) before the
     study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
@@ -520,11 +604,14 @@ def run_tune(
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     check_sqlite_storage(url)
     study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
+    images = _Images.of(configs, overrides)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
                      executor=executor, n_trials=n_trials if sampler == "grid" else None, tpe_budget=n_trials or 20,
-                     echo=echo, settings_hash=key["config_hash"])
+                     echo=echo, settings_hash=key["config_hash"], images=images)
+    search.check_data()  # the trial folders' fits first: a refused run records nothing in the study
+    _check_study_data(study, images, name, url)
     workers = max(1, math.ceil(executor.capacity / len(seeds)))
     if echo:
         print(f"[tune {name}] study {url}: {len(search.points) if sampler == 'grid' else search.tpe_budget} "
