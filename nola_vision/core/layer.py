@@ -104,6 +104,8 @@ class AdaptedLinear(nn.Module):
         # While merged: copies of the trained tensors as the forward pass saw them when ΔW was folded in (see
         # ``merged_values``); unmerge and task switches subtract exactly their ΔW.
         self._merged_values: Optional[Dict[str, Tensor]] = None
+        # While merged: the factors of the ΔW folded in, when this layer computed them (``merged_delta_factors``).
+        self._merged_factors: Optional[Tuple[Tensor, Tensor]] = None
         # Forward passes (gradient checkpointing) whose backward may still recompute blocks from the batched factors.
         self._pending_passes = 0
 
@@ -233,7 +235,7 @@ class AdaptedLinear(nn.Module):
         super().__setstate__(state)
         if self.merged and self.__dict__.get("_merged_values") is None:
             # pickled before merged layers kept what they merged: the trained tensors are the best record there is
-            self._merged_values = self.trained_values()
+            self._set_merged_update(self.trained_values())
 
     @property
     def merged(self) -> bool:
@@ -379,20 +381,38 @@ class AdaptedLinear(nn.Module):
         subtract the update of these values, so unmerge is the exact inverse of merge."""
         return self.__dict__.get("_merged_values") if self.merged else None
 
+    @property
+    def keeps_merged_factors(self) -> bool:
+        """Whether ``merged_delta_factors()`` returns the factors this layer added (no bases are combined for it)."""
+        return self.merged and self.__dict__.get("_merged_factors") is not None
+
     def merged_delta_factors(self) -> Tuple[Tensor, Tensor]:
-        """``delta_factors`` of what is merged into ``weight`` (``merged_values``)."""
+        """``delta_factors`` of what is merged into ``weight`` (``merged_values``): the very factors that were added
+        when this layer merged them (unmerge and switches then subtract bit for bit what was added, without combining
+        the bases again), else computed from ``merged_values`` (a merged state dict or pickle)."""
         values = self.merged_values
         if values is None:
             raise RuntimeError(f"{type(self).__name__} is not merged: it has no merged update")
-        return self.delta_factors(values)
+        factors = self.__dict__.get("_merged_factors")
+        if factors is None:
+            return self.delta_factors(values)
+        return factors[0].to(self.weight.device), factors[1].to(self.weight.device)
+
+    def _set_merged_update(self, values: Optional[Dict[str, Tensor]],
+                           factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """Record what is merged: the trained ``values`` and, when known, the ``factors`` added to the weight (copies
+        with their own storage: a shared-basis batch's rows are views of every layer's, and B may be a parameter)."""
+        self._merged_values = values
+        self._merged_factors = None if factors is None else tuple(f.detach().clone() for f in factors)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into ``weight`` for inference at the base layer's cost, keeping the trained tensors it came from."""
         if not self.merged:
             values = self.trained_values()  # what the factors below are combined from, at this moment
-            self._add_low_rank(*self.delta_factors())
-            self._merged_values = values
+            factors = self.delta_factors()
+            self._add_low_rank(*factors)
+            self._set_merged_update(values, factors)
             self.merged = True
 
     @torch.no_grad()
@@ -405,7 +425,7 @@ class AdaptedLinear(nn.Module):
             a, b = self.merged_delta_factors() if factors is None else factors
             self._add_low_rank(-a, b)
             self.merged = False
-            self._merged_values = None
+            self._set_merged_update(None)
             self.unmerged_record = None
 
     @torch.no_grad()
@@ -416,7 +436,7 @@ class AdaptedLinear(nn.Module):
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
-        self._merged_values = self.trained_values() if values is None else values
+        self._set_merged_update(self.trained_values() if values is None else values, new)
 
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """The trained tensors of this layer by parameter name."""
@@ -509,11 +529,11 @@ class AdaptedLinear(nn.Module):
         loaded_adapter = all(loads[1:])
         self.merged = merged
         if not merged:
-            self._merged_values = None
+            self._set_merged_update(None)
         elif loaded_adapter:
             # The loaded weight holds the saved model's ΔW, that of the trained tensors loaded with it (the state dict
             # of a merged model is taken in one go): those are what is merged now, whatever this model had merged.
-            self._merged_values = self.trained_values()
+            self._set_merged_update(self.trained_values())
         # else nothing of this layer's update was loaded: what this model merged stays merged
         self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
 

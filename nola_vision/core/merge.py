@@ -179,8 +179,10 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def merged_delta_factors(layers: Sequence[AdaptedLinear]) -> Dict[int, Tuple[Tensor, Tensor]]:
-    """``merged_delta_factors()`` of merged layers by ``id``, the shared bases combined once for all of them."""
-    shared = [layer for layer in layers if layer.merged and layer.shared_coefficients()]
+    """``merged_delta_factors()`` of merged layers by ``id``: the factors each layer added where it kept them, else
+    combined from its ``merged_values``, the shared bases once for all such layers."""
+    shared = [layer for layer in layers
+              if layer.merged and layer.shared_coefficients() and not layer.keeps_merged_factors]
     entries = [(layer, spec, layer.merged_values[name].to(getattr(layer, name).device))
                for layer in shared for spec, name in layer.shared_coefficients()]
     rows = iter(combine_shared(entries))
@@ -206,11 +208,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     """Copy new adapter values (by parameter name) into a model, applying W += ΔW_new − ΔW_old on merged layers.
 
-    ΔW_old is what each layer merged (``merged_values``), not the update of its parameters now, which an optimizer
-    step or an in-place edit may have changed since; ΔW_new is that of the new values (a layer whose parameters
-    ``values`` leaves out: of its parameters now). Old and new coefficients of all shared-basis layers are combined
-    in one pass over each basis, so switching a live ViT-B between tasks touches each weight once and decodes each
-    basis once. On an unmerged model this is a plain copy.
+    ΔW_old is what each layer merged (the factors it added, kept since, or those of ``merged_values``), not the update
+    of its parameters now, which an optimizer step or an in-place edit may have changed since; ΔW_new is that of the
+    new values (a layer whose parameters ``values`` leaves out: of its parameters now). The coefficients of all
+    shared-basis layers are combined in one pass over each basis, so switching a live ViT-B between tasks touches
+    each weight once and decodes each basis once. On an unmerged model this is a plain copy.
     """
     layers = {name: m for name, m in adapted_layers(model).items() if m.merged}
     new_values = {
@@ -219,21 +221,17 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                     for name in layer.adapter_parameter_names}
         for prefix, layer in layers.items()}
     shared = [m for m in layers.values() if m.shared_coefficients()]
-    entries = []
-    for layer in shared:
-        for spec, name in layer.shared_coefficients():
-            device = getattr(layer, name).device
-            entries += [(layer, spec, layer.merged_values[name].to(device)),
-                        (layer, spec, new_values[id(layer)][name])]
+    old_factors = merged_delta_factors(list(layers.values()))
+    entries = [(layer, spec, new_values[id(layer)][name]) for layer in shared
+               for spec, name in layer.shared_coefficients()]
     rows = iter(combine_shared(entries))
     changes: Dict[int, Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]] = {}
     for layer in shared:
-        pairs = [(next(rows), next(rows)) for _ in layer.shared_coefficients()]
-        changes[id(layer)] = (layer.delta_factors_of(as_factors(layer, *[old for old, _ in pairs])),
-                              layer.delta_factors_of(as_factors(layer, *[new for _, new in pairs])))
+        new = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
+        changes[id(layer)] = (old_factors[id(layer)], layer.delta_factors_of(new))
     for layer in layers.values():  # of copies: the parameters are overwritten below
         if id(layer) not in changes:
-            changes[id(layer)] = (layer.merged_delta_factors(), layer.delta_factors(new_values[id(layer)]))
+            changes[id(layer)] = (old_factors[id(layer)], layer.delta_factors(new_values[id(layer)]))
     parameters = dict(model.named_parameters())
     for name, value in values.items():
         parameters[name].copy_(value)
