@@ -1,6 +1,7 @@
 """Settings files among protocol's and tune's overrides (``--config x.yaml``, ``-c x.yaml``) are read and checked as
 other overrides are, never replace a run's seeds or folders, and two commands starting on one row take turns."""
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -87,18 +88,31 @@ def write_result(run_dir: Path, split_seed: object, seed: object) -> None:
         "metrics": {"test/acc": 0.5}, "config": {"method": "nola", "split_seed": split_seed, "seed": seed}}))
 
 
-def test_a_result_recording_other_seeds_than_its_folder_is_refused_when_collected(tmp_path):
+def test_a_result_recording_other_seeds_than_its_folder_is_left_out_of_the_tables_with_a_warning(tmp_path):
     write_result(tmp_path / "row" / "split0-init0", 0, 0)
     write_result(tmp_path / "row-knn" / "split1", 1, "")  # the k-NN baseline records no init seed
     assert len(collect_results(str(tmp_path))) == 2
     write_result(tmp_path / "row" / "split1-init0", 7, 0)  # one run's result in another's folder
-    with pytest.raises(ValueError, match=r"split1-init0.*split_seed 7.*split seed 1"):
-        collect_results(str(tmp_path))
-    (tmp_path / "row" / "split1-init0" / "result.json").unlink()
-    (tmp_path / "row" / "split1-init0").rmdir()
-    write_result(tmp_path / "row" / "split3-init1", 3, 5)
-    with pytest.raises(ValueError, match=r"split3-init1.*seed 5.*init seed 1"):
-        collect_results(str(tmp_path))
+    write_result(tmp_path / "other" / "split3-init1", 3, 5)
+    with pytest.warns(UserWarning) as caught:
+        rows = collect_results(str(tmp_path))  # never stops the tables of the other rows
+    kept = sorted(str(tmp_path / d) for d in ("row/split0-init0", "row-knn/split1"))
+    assert sorted(r["run_dir"] for r in rows) == kept
+    messages = sorted(str(w.message) for w in caught)
+    assert re.search(r"split3-init1.*seed 5.*init seed 1.*Delete", messages[0])
+    assert re.search(r"split1-init0.*split_seed 7.*split seed 1.*Delete", messages[1])
+
+
+@pytest.mark.parametrize("form", [["-c", "sub/x.yaml"], ["-csub/x.yaml"], ["-c=sub/x.yaml"],
+                                  ["--config", "sub/x.yaml"]])
+def test_a_settings_file_override_counts_the_files_it_names_whatever_its_form(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.yaml").write_text("data: data.yaml\n")
+    (tmp_path / "sub" / "data.yaml").write_text("shots: 5\n")
+    before = config_key([TINY], form)["config_hash"]
+    (tmp_path / "sub" / "data.yaml").write_text("shots: 10\n")  # read from x.yaml's folder, as fit reads it
+    assert config_key([TINY], form)["config_hash"] != before
 
 
 def test_two_commands_claiming_one_row_with_other_settings_take_turns(tmp_path, monkeypatch):

@@ -33,11 +33,11 @@ from ..core.storage import (
 )
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "check_row_data", "check_run_seeds", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run",
-           "collect_results", "config_file_options", "config_key", "counted", "data_digests", "discard_result",
-           "effective_overrides", "finished_result", "mixed_settings", "override_changes", "parse_overrides",
-           "read_result", "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
-           "same_settings", "summarise", "write_tables"]
+           "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
+           "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
+           "finished_result", "mixed_settings", "override_changes", "parse_overrides", "read_result",
+           "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
+           "run_seeds_mismatch", "same_settings", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -168,11 +168,18 @@ def referenced_files(configs: Sequence[str], values: Sequence[str],
         for config, text in zip(configs, contents if contents is not None else map(_config_text, configs)):
             walk(_yaml(text), Path(config).parent, "")
         for value, option in zip(values, options if options is not None else [""] * len(values)):
-            name(value, None, option.lstrip("-").replace(".init_args.", "."))
+            name(value, None, _option_name(option))
     except RecursionError:
         raise ValueError("a config or an override nests too deeply (or its files name each other in a loop too "
                          "deep to follow); flatten it") from None
     return found
+
+
+def _option_name(option: str) -> str:
+    """An override's dotted fit option as settings files name it: ``--model.init_args.adapter`` is ``model.adapter``,
+    and ``-c`` is ``config``."""
+    name = option.lstrip("-").replace(".init_args.", ".")
+    return "config" if option == "-c" else name
 
 
 def config_file_options() -> Dict[str, str]:
@@ -505,29 +512,34 @@ def read_result(path: Path) -> Optional[Dict[str, Any]]:
 RUN_FOLDER = re.compile(r"split(?P<split>-?\d+)(-init(?P<init>-?\d+))?")
 
 
-def check_run_seeds(path: Path, data: Dict[str, Any]) -> None:
-    """Refuse a result (at ``path``) that records other seeds than its run folder's name: made with a split or init
-    seed that a settings file replaced, it would be counted as another run's, one run averaged as two."""
+def run_seeds_mismatch(path: Path, data: Dict[str, Any]) -> Optional[str]:
+    """Why a result (at ``path``) is not its run folder's run, or None: made with a split or init seed that a settings
+    file replaced, it would be counted as another run's, one run averaged as two."""
     folder = RUN_FOLDER.fullmatch(path.parent.name)
     cfg = data.get("config") if isinstance(data.get("config"), dict) else {}
     for field, group in (("split_seed", "split"), ("seed", "init")):
         recorded, expected = cfg.get(field), folder.group(group) if folder else None
         if recorded not in (None, "") and expected is not None and str(recorded) != str(int(expected)):
-            raise ValueError(f"{path} records {field} {recorded}, but its folder {path.parent.name} is the run of "
-                             f"{group} seed {int(expected)}: it was made with other seeds than its folder's, so it "
-                             f"is not counted as that run. Delete {path.parent} to redo the run")
+            return (f"{path} records {field} {recorded}, but its folder {path.parent.name} is the run of {group} seed "
+                    f"{int(expected)}: it was made with other seeds than its folder's, so it is left out of the "
+                    f"tables. Delete {path.parent} to redo the run")
+    return None
 
 
 def collect_results(out: str) -> List[Dict[str, Any]]:
     """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
-    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; a result that
-    records other seeds than its folder's is refused (``check_run_seeds``)."""
+    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; so is, with a
+    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``): one bad run never stops
+    the tables of every row under ``out``."""
     rows = []
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
         data = read_result(path)
         if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
-        check_run_seeds(path, data)
+        mismatch = run_seeds_mismatch(path, data)
+        if mismatch is not None:
+            warnings.warn(mismatch, stacklevel=2)
+            continue
         cfg, counts = data.get("config") or {}, data.get("parameter_counts") or {}
         images = data.get("data") if isinstance(data.get("data"), dict) else {}
         rows.append({
