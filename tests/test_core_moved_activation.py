@@ -1,6 +1,7 @@
 """An ``mlp.act`` replaced after an adapted ``mlp.fc2`` took its activation over (``recompute_activation``): refused at
 forward (fc2 would apply the old activation on top of the new one), kept by unload, and checked in copies and compiled
-models; and a merged model's state dict that loses the merged record (a known gap, see the xfail)."""
+models; an ``mlp.fc2`` replaced after inject (the activation would be skipped) is refused too; and a merged model's
+state dict that loses the merged record (a known gap, see the xfail)."""
 import copy
 import pickle
 
@@ -28,6 +29,15 @@ def relu_reference(images: torch.Tensor) -> torch.Tensor:
     model.blocks[0].mlp.act = nn.ReLU()
     with torch.no_grad():
         return model.eval()(images)
+
+
+def test_an_fc2_replaced_after_inject_is_refused_rather_than_skipping_the_activation(images):
+    model = adapted()
+    model.blocks[0].mlp.fc2 = nn.Linear(model.blocks[0].mlp.fc2.in_features, model.blocks[0].mlp.fc2.out_features)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc2 was replaced after inject \(it is now a Linear\).*"
+                                         r"skip the activation.*nv\.unload\(model\) before replacing layers"):
+        with torch.no_grad():
+            model.eval()(images)
 
 
 @pytest.mark.parametrize("new", [nn.ReLU, nn.Identity, nn.GELU])

@@ -82,6 +82,8 @@ def test_a_kept_study_scored_on_other_train_images_is_refused(search):
 def test_vit_large_nola_keeps_its_rank_1_default_for_a_partial_nola_config_dict():
     small = dict(pretrained=False, depth=1, embed_dim=32, num_heads=2, img_size=32, num_classes=3)
     ranks = [adapter_state(timm.create_model("vit_large_patch16_224_nola", nola_config=config, **small)).config.rank
-             for config in ({"num_basis_a": 16}, {"method": "nola", "num_basis_b": 16}, {"rank": 2})]
-    assert ranks == [1, 1, 2]
+             for config in ({"num_basis_a": 16}, {"method": "nola", "num_basis_b": 16}, {"rank": 2},
+                            {"class_path": "nola_vision.NOLAConfig", "init_args": {"num_basis_a": 16}},
+                            {"class_path": "nola_vision.NOLAConfig", "init_args": {"rank": 2}})]
+    assert ranks == [1, 1, 2, 1, 2]
     assert adapter_state(timm.create_model("vit_large_patch16_224_nola", nola_num_basis_a=16, **small)).config.rank == 1

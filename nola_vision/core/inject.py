@@ -119,7 +119,8 @@ class MovedActivation(nn.Identity):
     activation itself (``fc2.input_activation``) run on its output, and a hook on ``fc2`` gives the activation back.
 
     Each pass checks that ``mlp.drop1`` and ``mlp.norm`` still change nothing (inject checked them): a dropout turned
-    on or a norm put there afterwards would run on the pre-activation, before fc2 activates it."""
+    on or a norm put there afterwards would run on the pre-activation, before fc2 activates it; and that ``mlp.fc2``
+    still computes the activation (a layer put there after inject would skip it)."""
 
     def __init__(self, mlp: Optional[nn.Module] = None, name: str = "mlp") -> None:
         super().__init__()
@@ -130,6 +131,8 @@ class MovedActivation(nn.Identity):
         mlp = getattr(self, "mlp", None)
         if mlp is not None and not _between_is_identity(mlp, training=False):
             _refuse_changed_mlp(mlp, self.mlp_name)
+        if mlp is not None and getattr(mlp.fc2, "input_activation", None) is None:
+            _refuse_replaced_fc2(mlp, self.mlp_name)
         if torch.compiler.is_compiling():
             return x
         if has_hooks(self):
@@ -160,6 +163,16 @@ def _refuse_changed_mlp(mlp: nn.Module, name: str) -> None:
         f"(recompute_activation=True), so this pass would compute {wrong}. nv.unload(model) and inject again with "
         "recompute_activation=False, or set the dropout or norm before inject "
         "(inject then keeps the activation in place)")
+
+
+def _refuse_replaced_fc2(mlp: nn.Module, name: str) -> None:
+    """Raise for an ``mlp.fc2`` replaced after inject took its activation over: the new layer would get the
+    pre-activation, and the activation would be skipped."""
+    raise ValueError(
+        f"{name}.fc2 was replaced after inject (it is now a {type(mlp.fc2).__name__}), but the adapted fc2 it replaced "
+        f"computed {name}.act itself (recompute_activation=True): {name}.act is a pass-through now, so this pass "
+        f"would skip the activation. Call nv.unload(model) before replacing layers (it puts {name}.act back), then "
+        "inject again")
 
 
 def _global_module_hooks() -> bool:

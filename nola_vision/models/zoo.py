@@ -88,6 +88,11 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     return model
 
 
+def _names_class(class_path: Any, cls: type) -> bool:
+    """Whether ``class_path`` names ``cls`` (by its module or the package's export, as jsonargparse resolves it)."""
+    return isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == cls.__name__
+
+
 def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -> Any:
     """Pop ``nola_config`` or ``nola_<field>`` keyword arguments into the registered NOLA config."""
     config_cls = get_method(METHOD).config_cls
@@ -104,6 +109,8 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
             # NOLA fields (the method perhaps left out): a dict sets only what it names, so the model's defaults (rank
             # 1 for ViT-L) fill the rest, as for nola_<field> arguments; a NOLAConfig object sets every field itself
             config = {**defaults, **config, "method": METHOD}
+        elif isinstance(config, dict) and _names_class(config.get("class_path"), config_cls):  # jsonargparse's form
+            config = {**config, "init_args": {**defaults, **(config.get("init_args") or {})}}
         config = resolve_adapter(config)  # a NOLAConfig or its to_dict() form
         if not isinstance(config, config_cls):
             raise TypeError(f"nola_config of a {NOLA_SUFFIX} model must be a {config_cls.__name__} (or its to_dict() "
