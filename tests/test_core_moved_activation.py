@@ -1,7 +1,7 @@
 """An ``mlp.act`` replaced after an adapted ``mlp.fc2`` took its activation over (``recompute_activation``): refused at
 forward (fc2 would apply the old activation on top of the new one), kept by unload, and checked in copies and compiled
 models; an ``mlp.fc2`` replaced after inject (the activation would be skipped) is refused too; and a merged model's
-state dict that loses the merged record (a known gap, see the xfail)."""
+state dict that loses the merged record is refused by load_adapter."""
 import copy
 import pickle
 
@@ -139,9 +139,6 @@ def test_a_compiled_model_trains_without_breaks_or_recompiles_and_a_replacement_
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="merge_and_unload's record (fingerprint.merged_adapters) does not travel with "
-                   "state dicts, and a merged update under the fingerprint tolerance (1.6%) is not seen: "
-                   "load_adapter adds it a second time (fix belongs in fingerprint.py / adapters/files.py)")
 def test_an_adapter_loaded_again_onto_a_merge_and_unload_state_dict_is_refused(images, tmp_path):
     model = adapted()
     nv.save_adapter(model, tmp_path / "a")

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +31,7 @@ from ..core.config import config_from_dict
 from ..core.fingerprint import (
     adapter_fingerprint,
     differing_module,
+    holds_update,
     is_context,
     missing_merges,
     unexpected_merges,
@@ -40,6 +41,7 @@ from ..core.layer import adapted_layers
 from ..core.merge import switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
+from ..core.registry import method_of
 from ..core.storage import atomic_directory, read_files, resolve_directory_target
 from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
 from ..version import __version__
@@ -895,9 +897,11 @@ def _describe_merged(entries: List[dict]) -> str:
             f"{', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''})")
 
 
-def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan) -> None:
-    """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, and the
-    same fingerprint (format 2 files have none: only merges are checked). Full fine-tuning replaces them."""
+def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
+                          updates: Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]) -> None:
+    """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, the same
+    fingerprint (format 2 files have none: only merges are checked), and not the file's own update (``updates``) folded
+    in already. Full fine-tuning replaces them."""
     if plan.config.train_backbone:
         return
     record = document.get("frozen_weights")
@@ -923,6 +927,13 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan)
     except ValueError as error:
         raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
                                "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
+    if holds_update(record, model, list(plan.layers), updates):
+        raise AdapterLoadError(
+            "this adapter is already merged into the model's weights (folded in by nv.merge_and_unload, whose record a "
+            "state dict does not carry): loading it would add its update a second time. Load it onto the unmerged "
+            "base model (a fresh timm.create_model), or use nv.unload instead of nv.merge_and_unload to remove an "
+            "adapter; pass check_frozen_weights=False to stack it on purpose"
+        )
     if difference is not None:
         raise AdapterLoadError(
             f"the model's frozen weights are not those the adapter was trained on: {difference}. Create the model with "
@@ -930,6 +941,23 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan)
             "another tag, a fine-tune, a random init or weights with an adapter merged in give other outputs), or "
             "pass check_frozen_weights=False to transfer it on purpose"
         )
+
+
+def _file_updates(model: nn.Module, plan: InjectionPlan, stored: Dict[str, Tensor], quantization: dict,
+                  names: List[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """The update (``delta_factors``) of the file's values on each adapted layer ``names``: by the model's own layers
+    once injected, else by layers built around its linears for the purpose (the model does not change)."""
+    layer_cls, own = method_of(plan.config).layer_cls, adapted_layers(model)
+    context = {} if own else layer_cls.injection_context(plan.config)  # one basis bank, as inject would make
+    updates = {}
+    for name in names:
+        layer = own[name] if own else layer_cls(model.get_submodule(name), plan.config, name, plan.layers[name].slices,
+                                                **context)
+        keys = {parameter: f"{name}.{parameter}" for parameter in layer.adapter_parameter_names}
+        values = decode_tensors({key: stored[key] for key in keys.values() if key in stored}, quantization,
+                                {key: plan.trained_shapes[key] for key in keys.values()})
+        updates[name] = layer.delta_factors({parameter: values[key] for parameter, key in keys.items()})
+    return updates
 
 
 @dataclass(frozen=True)
@@ -981,7 +1009,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_layers(plan, document)
     _check_bases(plan, document)
     if check_frozen_weights:
-        _check_frozen_weights(model, document, plan)
+        _check_frozen_weights(model, document, plan, partial(_file_updates, model, plan, stored, quantization))
     _require_quantization_fits(model, document["bits"], directory)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count

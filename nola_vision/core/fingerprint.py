@@ -8,7 +8,8 @@ when that estimate stays below ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) of their norm: 
 most 2⁻⁸ of its value and a float16 copy by 2⁻¹¹ (together under 0.5 %, a margin of 3.5), whereas another
 pretrained tag, another fine-tune or a random init moves every weight, by tens of per cent of the norm. A
 change below the tolerance (e.g. a small merged adapter), or confined to weights outside the sample, is not
-seen; ``merge_and_unload`` therefore also records what it folded in (``merged_adapters``).
+seen; ``merge_and_unload`` therefore also records what it folded in (``merged_adapters``), and ``holds_update`` tells
+an adapter's own update, folded in where that record was lost (a state dict), from rounding.
 
 Adapter files name the records of the layers they adapt and the norm the head reads; every other frozen module
 their outputs depend on (patch embedding, attention, norms) is recorded too, packed without names in name order
@@ -19,7 +20,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "adapter_fingerprint",
            "context_modules", "differing_module", "differing_records", "frozen_fingerprint", "frozen_modules",
-           "is_context", "merged_adapters", "missing_merges", "record_merged", "unexpected_merges"]
+           "holds_update", "is_context", "merged_adapters", "missing_merges", "record_merged", "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -56,6 +57,10 @@ _RESIZED_WITH_INPUT = ("pos_embed", "relative_position", "rel_pos")
 # of the norm, far under the tolerance), little-endian.
 _CONTEXT_DTYPES = (np.dtype("<f8"), np.dtype("<f2"))
 _CONTEXT_BYTES = 8 + 2 * SKETCHES
+# Records keep 5 significant digits (``_records``): a relative distance under this may be rounding alone.
+_ROUNDING = 5e-5
+# Low-rank factors of a weight update: ΔWᵀ = a @ b, a (in, r) and b (r, out).
+Factors = Tuple[Tensor, Tensor]
 
 
 def frozen_modules(model: nn.Module, plan: InjectionPlan) -> List[str]:
@@ -188,24 +193,30 @@ def _sample(values: Tensor, delta: Optional[Callable[[Tensor], Tensor]] = None) 
     return torch.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _merged_delta(layer: AdaptedLinear) -> Callable[[Tensor], Tensor]:
-    """ΔW of a merged layer at flat positions of its weight, from the low-rank factors (ΔW is never built)."""
-    a, b = (t.detach().to(torch.float64) for t in layer.merged_delta_factors())  # ΔWᵀ = a @ b
+def _weight_delta(module: nn.Module, update: Optional[Factors] = None) -> Optional[Callable[[Tensor], Tensor]]:
+    """ΔW to take out of a module's weight at flat positions (a merged layer's, plus ``update``), None if none; from
+    the low-rank factors, so ΔW is never built."""
+    merged = isinstance(module, AdaptedLinear) and module.merged
+    factors = [*([module.merged_delta_factors()] if merged else []), *([update] if update is not None else [])]
+    if not factors:
+        return None
+    a = torch.cat([a.detach() for a, _ in factors], dim=1).to(torch.float64)  # a sum of updates: factors side by side
+    b = torch.cat([b.detach() for _, b in factors], dim=0).to(torch.float64)
 
     def at(positions: Tensor) -> Tensor:
-        rows, columns = positions // layer.in_features, positions % layer.in_features
+        rows, columns = positions // a.shape[0], positions % a.shape[0]
         return (a[columns] * b[:, rows].t()).sum(dim=1)
 
     return at
 
 
-def _module_vector(module: nn.Module, parameters: Optional[Dict[str, nn.Parameter]] = None) -> Tensor:
+def _module_vector(module: nn.Module, parameters: Optional[Dict[str, nn.Parameter]] = None,
+                   update: Optional[Factors] = None) -> Tensor:
     """The sampled values of one module's ``parameters`` (default: its frozen ones), as unmerged weights (a merged
-    layer's ΔW taken out again)."""
-    merged = isinstance(module, AdaptedLinear) and module.merged
+    layer's ΔW taken out again), less ``update`` on the weight."""
     parameters = _frozen_parameters(module) if parameters is None else parameters
-    parts = [_sample(value, _merged_delta(module) if merged and name == "weight" else None)
-             for name, value in parameters.items()]
+    delta = _weight_delta(module, update)
+    parts = [_sample(value, delta if name == "weight" else None) for name, value in parameters.items()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
@@ -340,8 +351,51 @@ def _difference(expected: List[float], actual: List[float], count: int) -> Optio
     if len(expected) != len(actual):
         return math.inf
     scale = max(abs(expected[0]), abs(actual[0]))
-    sketches = [(e - a) ** 2 for e, a in zip(expected[1:], actual[1:])]
-    estimate = max(math.sqrt(sum(sketches) / len(sketches)), abs(expected[0] - actual[0]))
+    estimate = _distance(expected, actual)
     if estimate <= TOLERANCE * scale + ABSOLUTE_TOLERANCE * math.sqrt(count):
         return None
     return estimate / scale if scale else math.inf
+
+
+def _distance(expected: List[float], actual: List[float]) -> float:
+    """The estimated norm of the difference of the weights two records (of equal length) were taken of."""
+    sketches = [(e - a) ** 2 for e, a in zip(expected[1:], actual[1:])]
+    return max(math.sqrt(sum(sketches) / len(sketches)), abs(expected[0] - actual[0]))
+
+
+def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
+                 updates: Callable[[List[str]], Dict[str, Factors]]) -> bool:
+    """Whether layers ``names`` already hold the update ``updates(changed)`` gives, merged in where no record says so
+    (a state dict) and maybe under ``TOLERANCE``: taken out, their weights come at least twice as close to ``expected``.
+
+    Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
+    copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away."""
+    records = expected["modules"]
+    names = [name for name in names if name in records]
+    actual = frozen_fingerprint(model, names)["modules"] if names else {}
+    now = {name: _relative(records[name], actual[name]) for name in names}
+    changed = [name for name, distance in now.items() if distance > _rounding(model.get_submodule(name))]
+    if not changed:
+        return False
+    update = updates(changed)
+    with torch.no_grad():
+        taken_out = _records({name: _module_vector(model.get_submodule(name), update=update[name]) for name in changed})
+    without = sum(_relative(records[name], taken_out[name]) ** 2 for name in changed)
+    return without < sum(now[name] ** 2 for name in changed) / 4
+
+
+def _rounding(module: nn.Module) -> float:
+    """The relative distance rounding alone may put between a record and a module's weight: the record's 5 digits, or
+    half the machine epsilon of a half-precision copy (no update smaller than that can be told from it anyway)."""
+    weight = getattr(module, "weight", None)
+    eps = torch.finfo(weight.dtype).eps if isinstance(weight, Tensor) and weight.is_floating_point() else 0.0
+    return max(_ROUNDING, eps / 2)
+
+
+def _relative(expected: List[float], actual: List[float]) -> float:
+    """``_distance`` relative to the larger norm (0 for two records of zeros, infinite for records of two versions)."""
+    if len(expected) != len(actual):
+        return math.inf
+    scale = max(abs(expected[0]), abs(actual[0]))
+    distance = _distance(expected, actual)
+    return distance / scale if scale else (math.inf if distance else 0.0)
