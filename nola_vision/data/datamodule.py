@@ -490,6 +490,12 @@ class FewShotDataModule(L.LightningDataModule):
                 "python_rng": random.getstate()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Take up a checkpointed run's shuffling and random states, for a resumed fit only: a trainer evaluating a
+        checkpoint (``test``/``validate``/``predict`` with ``ckpt_path``) restores the data module too, and the next
+        fresh fit on it must shuffle from its own seed, with the user's random states untouched."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn is not None and trainer.state.fn != "fit":
+            return
         self._resumed_generator_state = state_dict.get("train_generator")
         if "torch_rng" in state_dict:  # checkpoints written before it was kept resume with the current states
             torch.random.set_rng_state(state_dict["torch_rng"])

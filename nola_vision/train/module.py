@@ -241,6 +241,7 @@ class FewShotClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(hp.num_classes, average="micro")
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self._fingerprint: Optional[dict] = None
+        self._fingerprint_key: tuple = ()  # the frozen tensors' storage and versions it was taken of
         # the data record of the checkpoint this module's weights were loaded from (not a hyper-parameter): a load
         # without a trainer (load_from_checkpoint) has no data to compare it with, so every later setup compares it
         # What these weights were trained on (``_data_record``) and by whom: a loaded checkpoint or this module's fit
@@ -277,10 +278,12 @@ class FewShotClassifier(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in trained}
 
     def backbone_fingerprint(self) -> Optional[dict]:
-        """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning),
-        taken once: checkpoints record it, and refuse to load onto other frozen weights."""
-        if self._fingerprint is None:
-            self._fingerprint = frozen_fingerprint(self.model)
+        """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning):
+        checkpoints record it, and refuse to load onto other frozen weights. Taken again when a frozen tensor changed
+        (another ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad)
+        if self._fingerprint is None or self._fingerprint_key != key:
+            self._fingerprint, self._fingerprint_key = frozen_fingerprint(self.model), key
         return self._fingerprint
 
     def forward(self, images: Tensor) -> Tensor:
@@ -380,6 +383,7 @@ class FewShotClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Refuse, before the first step, what only the end of the run or a later load would find."""
+        self._fingerprint = None  # the backbone this fit trains on, taken afresh (see backbone_fingerprint)
         if self._trainer is not None:
             check_training_length(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after

@@ -1,0 +1,66 @@
+"""From Python, a trainer evaluating a checkpoint leaves the next fit alone (the data module takes up a checkpoint's
+shuffle and random states for a resume only), and each checkpoint records the frozen backbone its fit trained on."""
+import random
+
+import lightning as L
+import pytest
+import torch
+from fixtures_data import write_imagefolder
+from test_module import NOLA, TINY, trainer
+
+from nola_vision.data import FewShotDataModule
+from nola_vision.train.module import FewShotClassifier
+
+
+def module() -> FewShotClassifier:
+    return FewShotClassifier(num_classes=3, adapter=NOLA, lr=1e-2, head_lr=1e-2, warmup_epochs=0, **TINY)
+
+
+def coefficients(model: FewShotClassifier) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def fit(root, datamodule, name: str) -> FewShotClassifier:
+    L.seed_everything(0)
+    model = module()
+    trainer(root / name, epochs=1).fit(model, datamodule=datamodule)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_imagefolder(root / "pets", train_per_class=4, eval_per_class=1, eval_folder="test")
+    return root / "pets"
+
+
+def datamodule(folder) -> FewShotDataModule:
+    return FewShotDataModule("imagefolder", root=str(folder), shots=4, batch_size=4, image_size=32,
+                             backbone="vit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("stage", ["test", "validate", "predict"])
+def test_evaluating_a_checkpoint_changes_neither_the_next_fresh_fit_nor_the_random_state(folder, tmp_path, stage):
+    shared = datamodule(folder)
+    first = fit(tmp_path, shared, "first")
+    checkpoint = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    random.seed(123)
+    expected_draw = random.random()
+    random.seed(123)
+    getattr(trainer(tmp_path / "eval"), stage)(module(), datamodule=shared, ckpt_path=checkpoint)
+    assert random.random() == expected_draw  # the user's Python random state is theirs
+    again = fit(tmp_path, shared, "again")  # a new run on the same data module: its own seed's orders
+    torch.testing.assert_close(coefficients(again), coefficients(first), rtol=0, atol=0)
+
+
+def test_a_checkpoint_records_the_backbone_its_fit_trained_on_after_the_weights_changed(folder, tmp_path):
+    shared = datamodule(folder)
+    model = fit(tmp_path, shared, "first")
+    first = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    FewShotClassifier.load_from_checkpoint(first)  # built as the run was: its backbone
+    other = {name: torch.randn_like(p) for name, p in model.model.named_parameters() if not p.requires_grad}
+    model.model.load_state_dict(other, strict=False)  # another backbone's frozen weights, loaded between two fits
+    trainer(tmp_path / "second", epochs=1).fit(model, datamodule=shared)
+    second = next((tmp_path / "second" / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(ValueError, match="different frozen backbone"):  # it trained on the other weights
+        FewShotClassifier.load_from_checkpoint(second)
