@@ -1,7 +1,6 @@
 """Smoke tests: every benchmark script's ``main`` runs end to end on a tiny timm ViT, so the scripts cannot rot."""
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -72,14 +71,13 @@ def test_train_step_compile_measures_eager_and_compiled_side_by_side():
 
 def test_train_step_main_measures_in_subprocesses(tmp_path, capsys):
     train_step.main(["--model", TINY, "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--k", "32",
-                     "--methods", "linear", "lora", "--rounds", "2", "--paired", "3", *_files(tmp_path)])
-    out = capsys.readouterr().out
+                     "--methods", "linear", "lora", "--rounds", "1", "--paired", "3", *_files(tmp_path)])
+    out = capsys.readouterr().out  # one fresh process per method and round (median_round: tested on its own)
     data = _check_outputs(out, tmp_path)
     assert [r["method"] for r in data["results"]] == ["linear", "lora"]
-    assert all(len(r["step_s_rounds"]) == 2 and r["step_s"] == statistics.median(r["step_s_rounds"])
-               for r in data["results"])
+    assert all(r["step_s_rounds"] == [r["step_s"]] for r in data["results"])
     assert all(len(r["paired_step_s"]) == len(r["paired_step_cpu_s"]) == 3 for r in data["results"])
-    assert "median of 2 rounds" in data["setting"] and "paired: 3 rounds" in data["setting"]
+    assert "paired: 3 rounds" in data["setting"]
     assert "paired × LoRA (quartiles)" in out and "| 1.000× (1.000–1.000) |" in out  # LoRA against itself
 
 
