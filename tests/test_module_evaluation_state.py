@@ -1,12 +1,13 @@
 """From Python, a trainer evaluating a checkpoint leaves the next fit alone (the data module takes up a checkpoint's
-shuffle and random states for a resume only), and each checkpoint records the frozen backbone its fit trained on."""
+shuffle and random states for a resume only), each checkpoint records the frozen backbone its fit trained on, and a
+trainer fitting on after raising max_epochs takes the learning-rate schedule up where it stood, with a warning."""
 import random
 
 import lightning as L
 import pytest
 import torch
 from fixtures_data import write_imagefolder
-from test_module import NOLA, TINY, trainer
+from test_module import NOLA, TINY, loader, trainer
 
 from nola_vision.data import FewShotDataModule
 from nola_vision.train.module import FewShotClassifier
@@ -64,3 +65,27 @@ def test_a_checkpoint_records_the_backbone_its_fit_trained_on_after_the_weights_
     second = next((tmp_path / "second" / "checkpoints").glob("*.ckpt"))
     with pytest.raises(ValueError, match="different frozen backbone"):  # it trained on the other weights
         FewShotClassifier.load_from_checkpoint(second)
+
+
+class _Rates(L.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stood(tmp_path):
+    L.seed_everything(0)
+    whole = _Rates()
+    data = loader(classes=3)
+    trainer(tmp_path / "whole", epochs=4, callbacks=[whole], enable_checkpointing=False).fit(module(), data)
+    rates = _Rates()
+    run = trainer(tmp_path / "parts", epochs=2, callbacks=[rates], enable_checkpointing=False)
+    model = module()
+    run.fit(model, data)
+    run.fit_loop.max_epochs = 4
+    with pytest.warns(UserWarning, match="goes on at epoch 2 of a trainer that trained before.*ckpt_path='last'"):
+        run.fit(model, data)
+    # epochs 2 and 3 at the 4-epoch schedule's rates (epochs 0 and 1 ran a 2-epoch schedule); was lr0 again at epoch 2
+    assert len(rates.rates) == 4 and rates.rates[2:] == pytest.approx(whole.rates[2:])

@@ -630,10 +630,21 @@ class FewShotClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         """On a resume, the learning rates this run's schedule gives at the resumed epoch, where the checkpoint's
         differ: it was saved by a run of another ``max_epochs`` or warm-up, whose cosine had decayed them (an extended
-        run trained on at ``min_lr``). A fresh run, or a resume of the same schedule, is left as it is."""
+        run trained on at ``min_lr``). A fresh run, or a resume of the same schedule, is left as it is. A trainer that
+        trained before and fits on without a checkpoint (``max_epochs`` raised) takes the schedule up at its epoch,
+        with a warning: its optimizer starts afresh."""
+        epoch = self.trainer.current_epoch
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
+                continue
+            if epoch > scheduler.last_epoch == 0:  # no checkpoint restored the schedule (a resume would have)
+                rank_zero_warn(f"nola_vision: this fit goes on at epoch {epoch} of a trainer that trained before, "
+                               "without a checkpoint: the learning-rate schedule is taken up at that epoch, but the "
+                               "optimizer starts afresh (Adam's moments are lost), so the result is not that of an "
+                               "uninterrupted run. Pass ckpt_path='last' to resume a run")
+                scheduler.last_epoch = epoch
+                _set_rates(scheduler)
                 continue
             groups = scheduler.optimizer.param_groups
             rates = [base * factor(scheduler.last_epoch)
@@ -645,9 +656,7 @@ class FewShotClassifier(L.LightningModule):
                            f"warm-up) gives {rates[0]:.3g} there: the checkpoint was saved by a run of another length. "
                            "Training on at this run's schedule; the earlier epochs followed the other's, so the result "
                            "is not that of an uninterrupted run")
-            for group, rate in zip(groups, rates):
-                group["lr"] = rate
-            scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
+            _set_rates(scheduler)
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
@@ -743,6 +752,14 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
+
+
+def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the learning rates the schedule gives at its ``last_epoch``."""
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
 
 def _keep_previous_adapter(target: Path) -> None:
