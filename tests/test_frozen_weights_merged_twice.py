@@ -63,6 +63,21 @@ def test_the_base_model_and_its_half_precision_copies_still_load(tmp_path, kind,
                                    atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_float32_copy_of_half_precision_weights_and_another_backbone_compute_no_update(tmp_path, monkeypatch, half):
+    """A half-precision copy loaded back into float32 differs from the record by rounding only, and weights beyond the
+    tolerance are refused as other weights: neither needs the file's update (on ViT-B, seconds of basis work)."""
+    saved(tmp_path / "a")
+    monkeypatch.setattr(nv.adapters.files, "_file_updates", lambda *a: pytest.fail("the file's update computed"))
+    nv.load_adapter(tiny_vit().to(half).float(), tmp_path / "a")
+    other = tiny_vit()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    with pytest.raises(nv.AdapterLoadError, match="frozen weights are not those"):
+        nv.load_adapter(other, tmp_path / "a")
+
+
 def test_another_tasks_merged_update_is_not_taken_for_this_one(tmp_path):
     saved(tmp_path / "a")
     nv.load_adapter(as_state_dict(saved(tmp_path / "b", seed=2)), tmp_path / "a")  # under the tolerance: loads

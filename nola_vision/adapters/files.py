@@ -927,7 +927,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     except ValueError as error:
         raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
                                "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
-    if holds_update(record, model, list(plan.layers), updates):
+    if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway
         raise AdapterLoadError(
             "this adapter is already merged into the model's weights (folded in by nv.merge_and_unload, whose record a "
             "state dict does not carry): loading it would add its update a second time. Load it onto the unmerged "

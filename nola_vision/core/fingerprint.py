@@ -371,7 +371,8 @@ def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
     Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
     copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away."""
     records = expected["modules"]
-    names = [name for name in names if name in records]
+    merged = {name for name, layer in adapted_layers(model).items() if layer.merged}  # recorded: unexpected_merges
+    names = [name for name in names if name in records and name not in merged]
     actual = frozen_fingerprint(model, names)["modules"] if names else {}
     now = {name: _relative(records[name], actual[name]) for name in names}
     changed = [name for name, distance in now.items() if distance > _rounding(model.get_submodule(name))]
@@ -388,8 +389,20 @@ def _rounding(module: nn.Module) -> float:
     """The relative distance rounding alone may put between a record and a module's weight: the record's 5 digits, or
     half the machine epsilon of a half-precision copy (no update smaller than that can be told from it anyway)."""
     weight = getattr(module, "weight", None)
-    eps = torch.finfo(weight.dtype).eps if isinstance(weight, Tensor) and weight.is_floating_point() else 0.0
+    eps = _held_precision(weight.detach()) if isinstance(weight, Tensor) and weight.is_floating_point() else 0.0
     return max(_ROUNDING, eps / 2)
+
+
+def _held_precision(weight: Tensor) -> float:
+    """The machine epsilon of the precision a weight's values are held at: its dtype's, or bfloat16's (float16's)
+    where a float32 weight holds only such values, a half-precision copy loaded back (checked on a strided sample)."""
+    if weight.dtype != torch.float32:
+        return torch.finfo(weight.dtype).eps
+    sample = weight.reshape(-1)[:: max(1, weight.numel() // 4096)]
+    for half in (torch.bfloat16, torch.float16):  # bfloat16 first: its values often fit float16 as well
+        if torch.equal(sample.to(half).to(torch.float32), sample):
+            return torch.finfo(half).eps
+    return torch.finfo(torch.float32).eps
 
 
 def _relative(expected: List[float], actual: List[float]) -> float:
