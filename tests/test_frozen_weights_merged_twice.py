@@ -78,6 +78,24 @@ def test_a_float32_copy_of_half_precision_weights_and_another_backbone_compute_n
         nv.load_adapter(other, tmp_path / "a")
 
 
+@pytest.mark.parametrize("inject_first", [False, True])
+def test_the_files_update_combines_each_shared_basis_once_for_all_layers(tmp_path, monkeypatch, inject_first):
+    import nola_vision.core.merge as merge_module
+    import nola_vision.methods.nola.layer as nola_layer
+
+    merged = as_state_dict(saved(tmp_path / "a"))
+    merged = nv.inject(merged, CONFIGS["nola"][0]) if inject_first else merged
+    calls = []
+    for module in (merge_module, nola_layer):
+        original = module.combine_bases
+        monkeypatch.setattr(module, "combine_bases", lambda *a, _original=original, **k: calls.append(1) or
+                            _original(*a, **k))
+    with pytest.raises(nv.AdapterLoadError, match=MERGED):
+        nv.load_adapter(merged, tmp_path / "a")
+    # once per shared basis (A and B of fc1's shape and of fc2's), not per layer and factor (8 here; ViT-B: 48, 14 s)
+    assert len(calls) == 4
+
+
 def test_another_tasks_merged_update_is_not_taken_for_this_one(tmp_path):
     saved(tmp_path / "a")
     nv.load_adapter(as_state_dict(saved(tmp_path / "b", seed=2)), tmp_path / "a")  # under the tolerance: loads

@@ -37,8 +37,8 @@ from ..core.fingerprint import (
     unexpected_merges,
 )
 from ..core.inject import adapter_state, inject, quantization_aware_bits, require_unchanged_statistics, unwrap_model
-from ..core.layer import adapted_layers
-from ..core.merge import switch_merged
+from ..core.layer import adapted_layers, as_factors
+from ..core.merge import combine_shared, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.registry import method_of
@@ -946,17 +946,25 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
 def _file_updates(model: nn.Module, plan: InjectionPlan, stored: Dict[str, Tensor], quantization: dict,
                   names: List[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
     """The update (``delta_factors``) of the file's values on each adapted layer ``names``: by the model's own layers
-    once injected, else by layers built around its linears for the purpose (the model does not change)."""
+    once injected, else by layers built around its linears for the purpose (the model does not change). Shared bases
+    are combined once for all layers, as ``merge`` does."""
     layer_cls, own = method_of(plan.config).layer_cls, adapted_layers(model)
     context = {} if own else layer_cls.injection_context(plan.config)  # one basis bank, as inject would make
-    updates = {}
+    layers, values = {}, {}
     for name in names:
         layer = own[name] if own else layer_cls(model.get_submodule(name), plan.config, name, plan.layers[name].slices,
                                                 **context)
         keys = {parameter: f"{name}.{parameter}" for parameter in layer.adapter_parameter_names}
-        values = decode_tensors({key: stored[key] for key in keys.values() if key in stored}, quantization,
-                                {key: plan.trained_shapes[key] for key in keys.values()})
-        updates[name] = layer.delta_factors({parameter: values[key] for parameter, key in keys.items()})
+        decoded = decode_tensors({key: stored[key] for key in keys.values() if key in stored}, quantization,
+                                 {key: plan.trained_shapes[key] for key in keys.values()})
+        layers[name] = layer
+        values[name] = {parameter: decoded[key].to(getattr(layer, parameter).device) for parameter, key in keys.items()}
+    shared = [name for name in names if layers[name].shared_coefficients()]
+    rows = iter(combine_shared([(layers[name], spec, values[name][parameter]) for name in shared
+                                for spec, parameter in layers[name].shared_coefficients()]))
+    updates = {name: layers[name].delta_factors_of(
+        as_factors(layers[name], *[next(rows) for _ in layers[name].shared_coefficients()])) for name in shared}
+    updates.update({name: layers[name].delta_factors(values[name]) for name in names if name not in updates})
     return updates
 
 
