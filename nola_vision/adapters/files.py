@@ -37,8 +37,8 @@ from ..core.fingerprint import (
     unexpected_merges,
 )
 from ..core.inject import adapter_state, inject, quantization_aware_bits, require_unchanged_statistics, unwrap_model
-from ..core.layer import adapted_layers, as_factors
-from ..core.merge import combine_shared, switch_merged
+from ..core.layer import adapted_layers
+from ..core.merge import delta_factors_of_values, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.registry import method_of
@@ -958,14 +958,8 @@ def _file_updates(model: nn.Module, plan: InjectionPlan, stored: Dict[str, Tenso
         decoded = decode_tensors({key: stored[key] for key in keys.values() if key in stored}, quantization,
                                  {key: plan.trained_shapes[key] for key in keys.values()})
         layers[name] = layer
-        values[name] = {parameter: decoded[key].to(getattr(layer, parameter).device) for parameter, key in keys.items()}
-    shared = [name for name in names if layers[name].shared_coefficients()]
-    rows = iter(combine_shared([(layers[name], spec, values[name][parameter]) for name in shared
-                                for spec, parameter in layers[name].shared_coefficients()]))
-    updates = {name: layers[name].delta_factors_of(
-        as_factors(layers[name], *[next(rows) for _ in layers[name].shared_coefficients()])) for name in shared}
-    updates.update({name: layers[name].delta_factors(values[name]) for name in names if name not in updates})
-    return updates
+        values[name] = {parameter: decoded[key] for parameter, key in keys.items()}
+    return dict(zip(names, delta_factors_of_values([(layers[name], values[name]) for name in names])))
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
-           "combine_shared_factors", "gradient_checkpointing", "has_shared_bases", "merge", "merged_delta_factors",
-           "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged", "unmerge"]
+           "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
+           "merged_delta_factors", "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged",
+           "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -178,18 +179,25 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def delta_factors_of_values(pairs: Sequence[Tuple[AdaptedLinear, Dict[str, Tensor]]]) -> List[Tuple[Tensor, Tensor]]:
+    """``layer.delta_factors(values)`` of each (layer, values) pair, the shared bases combined once for all layers."""
+    shared = [i for i, (layer, _) in enumerate(pairs) if layer.shared_coefficients()]
+    rows = iter(combine_shared([(pairs[i][0], spec, pairs[i][1][name].to(getattr(pairs[i][0], name).device))
+                                for i in shared for spec, name in pairs[i][0].shared_coefficients()]))
+    combined = {i: pairs[i][0].delta_factors_of(as_factors(pairs[i][0], *[next(rows) for _ in
+                                                                          pairs[i][0].shared_coefficients()]))
+                for i in shared}
+    return [combined[i] if i in combined else layer.delta_factors(values) for i, (layer, values) in enumerate(pairs)]
+
+
 def merged_delta_factors(layers: Sequence[AdaptedLinear]) -> Dict[int, Tuple[Tensor, Tensor]]:
     """``merged_delta_factors()`` of merged layers by ``id``: the factors each layer added where it kept them, else
     combined from its ``merged_values``, the shared bases once for all such layers."""
-    shared = [layer for layer in layers
-              if layer.merged and layer.shared_coefficients() and not layer.keeps_merged_factors]
-    entries = [(layer, spec, layer.merged_values[name].to(getattr(layer, name).device))
-               for layer in shared for spec, name in layer.shared_coefficients()]
-    rows = iter(combine_shared(entries))
-    factors = {id(layer): layer.delta_factors_of(as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()]))
-               for layer in shared}
-    factors.update({id(layer): layer.merged_delta_factors() for layer in layers
-                    if layer.merged and id(layer) not in factors})
+    merged = [layer for layer in layers if layer.merged]
+    recompute = [layer for layer in merged if not layer.keeps_merged_factors]
+    factors = dict(zip(map(id, recompute),
+                       delta_factors_of_values([(layer, layer.merged_values) for layer in recompute])))
+    factors.update({id(layer): layer.merged_delta_factors() for layer in merged if id(layer) not in factors})
     return factors
 
 
@@ -220,18 +228,10 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                                         .to(getattr(layer, name))).detach().clone()
                     for name in layer.adapter_parameter_names}
         for prefix, layer in layers.items()}
-    shared = [m for m in layers.values() if m.shared_coefficients()]
     old_factors = merged_delta_factors(list(layers.values()))
-    entries = [(layer, spec, new_values[id(layer)][name]) for layer in shared
-               for spec, name in layer.shared_coefficients()]
-    rows = iter(combine_shared(entries))
-    changes: Dict[int, Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]] = {}
-    for layer in shared:
-        new = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
-        changes[id(layer)] = (old_factors[id(layer)], layer.delta_factors_of(new))
-    for layer in layers.values():  # of copies: the parameters are overwritten below
-        if id(layer) not in changes:
-            changes[id(layer)] = (old_factors[id(layer)], layer.delta_factors(new_values[id(layer)]))
+    new_factors = delta_factors_of_values([(layer, new_values[id(layer)]) for layer in layers.values()])  # of copies:
+    changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
+               for layer, new in zip(layers.values(), new_factors)}
     parameters = dict(model.named_parameters())
     for name, value in values.items():
         parameters[name].copy_(value)
