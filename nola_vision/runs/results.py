@@ -35,7 +35,7 @@ from ..core.storage import (
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
            "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
            "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
-           "finished_result", "mixed_settings", "override_changes", "parse_overrides", "read_result",
+           "finished_result", "image_changes", "mixed_settings", "override_changes", "parse_overrides", "read_result",
            "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
            "run_seeds_mismatch", "same_settings", "summarise", "write_tables"]
 
@@ -361,6 +361,15 @@ def _file_size(dataset: Any, key: str) -> int:
         return -1
 
 
+def image_changes(recorded: Any, digests: Optional[Dict[str, str]]) -> List[str]:
+    """How the images ``recorded`` (a result's or a study's ``data``) differ from ``digests`` (``data_digests``), split
+    by split; none where either is unknown."""
+    if not isinstance(recorded, dict) or digests is None:
+        return []
+    return [f"{split} images {recorded[split]} -> {digest}" for split, digest in digests.items()
+            if recorded.get(split) not in (None, digest)]
+
+
 def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
     """Refuse to add runs to the row ``root`` when its finished runs recorded other images than ``data`` (the
     dataset and root, for the message) holds now: the row would average runs on two data sets, as it would runs of
@@ -370,8 +379,7 @@ def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
         recorded = result.get("data") if RUN_FOLDER.fullmatch(path.parent.name) and counted(result) else None
         if not isinstance(recorded, dict):
             continue
-        changed = [f"{split} images {recorded[split]} -> {digest}" for split, digest in digests.items()
-                   if recorded.get(split) not in (None, digest)]
+        changed = image_changes(recorded, digests)
         if changed:
             raise ValueError(f"{path.parent} was made on other images than {data} holds now ({'; '.join(changed)}); "
                              f"their results would be averaged into one row. Restore the data as it was, pass another "

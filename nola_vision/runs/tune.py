@@ -68,6 +68,7 @@ from .results import (
     counted,
     data_digests,
     finished_result,
+    image_changes,
     override_changes,
     read_result,
     row_folder,
@@ -235,10 +236,7 @@ class _Images:
 
     def changes(self, recorded: Any) -> List[str]:
         """How the images ``recorded`` (a result's or a study's ``data``) differ from these; none where unknown."""
-        if not isinstance(recorded, dict) or self.digests is None:
-            return []
-        return [f"{split} images {recorded[split]} -> {digest}" for split, digest in self.digests.items()
-                if recorded.get(split) not in (None, digest)]
+        return image_changes(recorded, self.digests)
 
     def __str__(self) -> str:
         return f"dataset {self.dataset} under --data.root {self.root}"

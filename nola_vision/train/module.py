@@ -647,8 +647,7 @@ class FewShotClassifier(L.LightningModule):
                 _set_rates(scheduler)
                 continue
             groups = scheduler.optimizer.param_groups
-            rates = [base * factor(scheduler.last_epoch)
-                     for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            rates = _schedule_rates(scheduler)
             if all(math.isclose(group["lr"], rate, rel_tol=1e-9) for group, rate in zip(groups, rates)):
                 continue
             rank_zero_warn(f"nola_vision: resuming at epoch {scheduler.last_epoch} with learning rate "
@@ -754,9 +753,14 @@ class FewShotClassifier(L.LightningModule):
                              "run that wrote it")
 
 
+def _schedule_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
+    """The learning rates the schedule gives at its ``last_epoch``, one per parameter group."""
+    return [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
 def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Set the learning rates the schedule gives at its ``last_epoch``."""
-    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    rates = _schedule_rates(scheduler)
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
