@@ -118,3 +118,17 @@ def test_a_live_merged_model_still_switches_tasks_in_place_and_the_check_can_be_
     delta = nv.adapted_layers(stacked)["blocks.0.mlp.fc1"].get_delta_weight()
     nv.merge_and_unload(stacked)
     torch.testing.assert_close(stacked.blocks[0].mlp.fc1.weight, weight + delta)
+
+
+def test_an_adapter_close_to_the_merged_one_is_refused_naming_that_case(tmp_path):
+    """The weights hold nearly this adapter's update when an earlier checkpoint of its run was merged: loading it would
+    add almost the same update twice, and the message must not claim it is this very adapter."""
+    model = as_state_dict(saved(tmp_path / "a"))
+    near = saved(tmp_path / "tmp")  # the same as_if_trained values ...
+    with torch.no_grad():
+        for layer in nv.adapted_layers(near).values():
+            for parameter in layer.adapter_parameters().values():
+                parameter.mul_(1.05)  # ... 5% further along
+    nv.save_adapter(near, tmp_path / "near")
+    with pytest.raises(nv.AdapterLoadError, match=rf"or one whose update is close to its own.*{MERGED}"):
+        nv.load_adapter(model, tmp_path / "near")

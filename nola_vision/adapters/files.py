@@ -929,8 +929,9 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
                                "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
     if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway
         raise AdapterLoadError(
-            "this adapter is already merged into the model's weights (folded in by nv.merge_and_unload, whose record a "
-            "state dict does not carry): loading it would add its update a second time. Load it onto the unmerged "
+            "this adapter (or one whose update is close to its own, such as an earlier checkpoint of its run) is "
+            "already merged into the model's weights (folded in by nv.merge_and_unload, whose record a state dict does "
+            "not carry): loading it would add its update a second time. Load it onto the unmerged "
             "base model (a fresh timm.create_model), or use nv.unload instead of nv.merge_and_unload to remove an "
             "adapter; pass check_frozen_weights=False to stack it on purpose"
         )
