@@ -1,5 +1,6 @@
 """Faults of the exports found by a fault hunt: what a task-input graph accepts, quantisation-aware models, compiled
 models, half-precision models, a many-task model, and the paths a single-file export writes to."""
+import copy
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,25 @@ def test_a_task_does_not_fit_a_graph_whose_unadapted_frozen_modules_differ(tmp_p
     with pytest.raises(nv.AdapterLoadError, match=r"does not fit the graph: .*the weights of frozen module \d+ of the "
                                                    r"\d+ outside the adapted layers and the head differ by about 23%"):
         nv.onnx_task_inputs(task, graph)
+
+
+def test_a_task_saved_from_a_float16_copy_fits_the_graph_as_it_loads_onto_the_model(tmp_path):
+    """Weights near zero (timm inits the class token at 1e-6) become float16 subnormals, a few % off: load_adapter
+    allows them an absolute tolerance per sampled value, and the graph's check must too (it refused such a task,
+    naming a 1.7% difference as more than a float16 copy's)."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.cls_token.mul_(2e-5)  # about 1e-6, as timm's init
+    graph = nv.export_onnx(nv.inject(copy.deepcopy(model), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0, copy.deepcopy(model)).half(), tmp_path / "half")
+    nv.load_adapter(copy.deepcopy(model), task)  # what the graph's check must agree with
+    for fed in (graph, session(graph)):
+        assert set(nv.onnx_task_inputs(task, fed)) == {i.name for i in session(graph).get_inputs()} - {"images"}
+    with torch.no_grad():
+        model.cls_token.mul_(3.0)  # another such init is still told apart
+    other = nv.save_adapter(trained(0, model), tmp_path / "other")
+    with pytest.raises(nv.AdapterLoadError, match="frozen weights are not those the task was trained on"):
+        nv.onnx_task_inputs(other, graph)
 
 
 def test_a_task_trained_with_another_pooling_does_not_fit_the_graph(tmp_path):

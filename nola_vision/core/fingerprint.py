@@ -33,7 +33,8 @@ from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "adapter_fingerprint",
            "context_modules", "differing_module", "differing_records", "frozen_fingerprint", "frozen_modules",
-           "holds_update", "is_context", "merged_adapters", "missing_merges", "record_merged", "unexpected_merges"]
+           "holds_update", "is_context", "merged_adapters", "missing_merges", "record_merged", "sample_sizes",
+           "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -286,7 +287,7 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
     sizes = {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}
-    difference = differing_records(expected, frozen_fingerprint(model, names), sizes, root)
+    difference = differing_records(expected, frozen_fingerprint(model, names), {"modules": sizes}, root)
     if difference is not None or "context" not in expected:
         return difference
     context = context_modules(model, names)
@@ -296,21 +297,34 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     actual = _context_records(model, context)
     sizes = {name: _sample_size(_context_parameters(model.get_submodule(name))) for name in context}
     return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))}, {"modules": actual},
-                             sizes, root)
+                             {"modules": sizes}, root)
 
 
-def differing_records(expected: dict, actual: dict, sample_sizes: Optional[Dict[str, int]] = None,
+def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
+    """How many values ``fingerprint`` (``adapter_fingerprint`` of ``model``) sampled of each module, by name and, for
+    its context records, in order: what ``differing_records`` needs for the absolute tolerance of weights near zero
+    where the model itself is not at hand (a task-input ONNX graph records them)."""
+    names = list(fingerprint["modules"])
+    sizes: dict = {"modules": {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}}
+    if "context" in fingerprint:
+        sizes["context"] = [_sample_size(_context_parameters(model.get_submodule(name)))
+                            for name in context_modules(model, names)]
+    return sizes
+
+
+def differing_records(expected: dict, actual: dict, sample_sizes: Optional[dict] = None,
                       root: str = "the model itself") -> Optional[str]:
     """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
     version), and their context records match when both hold them, else what differs, naming the first differing
-    module. ``sample_sizes`` (values sampled per module) adds the absolute tolerance for weights near zero; without
-    it only the relative one applies."""
+    module. ``sample_sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance
+    for weights near zero; without it only the relative one applies."""
+    sizes = sample_sizes or {}
     for name, record in expected["modules"].items():
         other = actual["modules"].get(name)
         label = name or root
         if other is None:
             return f"there is no fingerprint of {label}"
-        difference = _difference(record, other, (sample_sizes or {}).get(name, 0))
+        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0))
         if difference is not None:
             return _differ(label, difference)
     if "context" not in expected or "context" not in actual:
@@ -319,8 +333,9 @@ def differing_records(expected: dict, actual: dict, sample_sizes: Optional[Dict[
     if actual["context"]["modules"] != count:
         return (f"the other frozen modules (outside the adapted layers and the head) number {count} where the "
                 f"adapter was trained and {actual['context']['modules']} here")
+    context_sizes = sizes.get("context") or [0] * count
     for index, (record, other) in enumerate(zip(_unpack(expected["context"]), _unpack(actual["context"]))):
-        difference = _difference(record, other, 0)
+        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0)
         if difference is not None:
             return _differ(f"frozen module {index + 1} of the {count} outside the adapted layers and the head",
                            difference)

@@ -39,7 +39,7 @@ from ..adapters.files import (
 )
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.config import config_from_dict
-from ..core.fingerprint import adapter_fingerprint, differing_records
+from ..core.fingerprint import adapter_fingerprint, differing_records, sample_sizes
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
@@ -388,11 +388,15 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
     """What a task must match to fit the graph: backbone, adapter config, bases, head size, and frozen weights (their
     fingerprint as adapter files record it)."""
     state = adapter_state(model)
-    return {"format": GRAPH_FORMAT, "backbone": architecture_name(model), "config": _canonical(state.config_dict()),
-            "basis_fingerprint": state.plan.basis_fingerprint() or "", "generator_version": GENERATOR_VERSION,
-            "num_classes": str(num_classes_of(model)), "pooling": json.dumps(pooling_of(model)),
-            "settings": json.dumps(output_settings(model)),
-            "frozen_weights": _canonical(adapter_fingerprint(model, state.plan))}
+    fingerprint = adapter_fingerprint(model, state.plan)
+    metadata = {"format": GRAPH_FORMAT, "backbone": architecture_name(model),
+                "config": _canonical(state.config_dict()), "basis_fingerprint": state.plan.basis_fingerprint() or "",
+                "generator_version": GENERATOR_VERSION, "num_classes": str(num_classes_of(model)),
+                "pooling": json.dumps(pooling_of(model)), "settings": json.dumps(output_settings(model)),
+                "frozen_weights": _canonical(fingerprint)}
+    if fingerprint is not None:
+        metadata["frozen_sample_sizes"] = _canonical(sample_sizes(model, fingerprint))
+    return metadata
 
 
 def _canonical(config: Any) -> str:
@@ -505,7 +509,8 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
                                "activations, normalisation layers and their epsilons, constructor options such as "
                                "pool_include_prefix); export a graph from a model created as in training")
     if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
-        _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory)
+        sizes = json.loads(meta["frozen_sample_sizes"]) if "frozen_sample_sizes" in meta else None  # older: relative
+        _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory, sizes)
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}
     got = {name: tuple(value.shape) for name, value in values.items()}
     if got != expected:
@@ -513,10 +518,11 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
                                "from a model with the task's config")
 
 
-def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path) -> None:
+def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path,
+                          sizes: Optional[dict] = None) -> None:
     """Raise ``AdapterLoadError`` unless the graph holds the frozen weights the task was trained on, as
     ``load_adapter`` requires of a model: the same adapters merged into them, and the same fingerprint (format 2
-    files have none: only merges are checked)."""
+    files have none: only merges are checked), with the graph's ``sizes`` for weights near zero."""
     task = document.get("frozen_weights")
     task_merged, graph_merged = (task or {}).get("merged", []), (graph or {}).get("merged", [])
     if any(entry not in graph_merged for entry in task_merged) or any(e not in task_merged for e in graph_merged):
@@ -530,7 +536,7 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
         raise AdapterLoadError(f"task {directory}'s frozen weights were fingerprinted by {task.get('version')!r}, the "
                                f"graph's by {graph.get('version')!r}: export the graph with the nola_vision version "
                                f"{document['library_version']} that wrote the task")
-    difference = differing_records(task, graph)
+    difference = differing_records(task, graph, sizes)
     if difference is not None:
         raise AdapterLoadError(
             f"task {directory} does not fit the graph: the graph's frozen weights are not those the task was trained "
