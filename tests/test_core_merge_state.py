@@ -3,6 +3,7 @@ trained tensors meanwhile, a state dict refuses a layer with another update, and
 checkpointing share one backward."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -165,9 +166,32 @@ def test_state_dicts_of_the_same_config_without_the_identity_and_through_safeten
     for loaded in (state, older, load_file(str(tmp_path / "model.safetensors"))):
         target = tiny_vit()
         nv.inject(target, config())
-        target.load_state_dict(loaded, strict=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            target.load_state_dict(loaded, strict=True)
+        unchecked = [str(w.message) for w in caught if "without their identity entries" in str(w.message)]
+        assert len(unchecked) == (loaded is older)  # loaded, but with one warning that nothing checked it
         with torch.no_grad():
             assert torch.equal(target(_images()), expected)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_adapter_tensors_without_their_identity_load_into_another_config_only_with_a_warning(partial):
+    """A dict of the trainable tensors only (strict=False), or one without '_extra_state', cannot be checked against
+    the model's adapter config: another seed's tensors load and give other outputs, so the load says so, once."""
+    config = dict(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "mlp.fc2"])
+    source = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(**config, seed=7)))
+    state = {key: value for key, value in source.state_dict().items() if not key.endswith("._extra_state")}
+    if partial:
+        state = {name: p for name, p in source.named_parameters() if p.requires_grad}
+    target = nv.inject(tiny_vit(), nv.NOLAConfig(**config, seed=0))
+    with pytest.warns(UserWarning, match=r"gave 4 adapted layer\(s\) \(e\.g\. blocks\.0\.mlp\.fc1\) their adapter "
+                                         r"tensors without their identity entries.*nv\.save_adapter") as caught:
+        target.load_state_dict(state, strict=not partial)
+    assert sum("identity entries" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.load_state_dict(target.state_dict())  # a full state dict: checked, no warning
 
 
 def test_merge_and_unload_leaves_a_plain_timm_state_dict():

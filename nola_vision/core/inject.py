@@ -305,7 +305,10 @@ def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
 class _PlainStateDicts:
     """Load-state-dict post-hook: a plain model's state dict (pretrained weights, timm's ``checkpoint_path``) loads
     into the injected model strictly; when it holds none of the adapter tensors, they keep their values instead of
-    being reported missing. A state dict holding some of them must hold all. (A class, so the model still pickles.)"""
+    being reported missing. A state dict holding some of them must hold all. Adapter tensors loaded without their
+    layers' identity entries (``_extra_state``: a dict of the trainable tensors only, or one saved before it existed)
+    load with a warning, since nothing checked that they belong to this adapter config. (A class, so the model still
+    pickles.)"""
 
     def __init__(self, adapter_keys: List[str]) -> None:
         self.adapter_keys = adapter_keys
@@ -317,6 +320,17 @@ class _PlainStateDicts:
         if len(missing) == len(self.adapter_keys):
             for key in missing:
                 incompatible.missing_keys.remove(key)
+        unchecked = [name for name, layer in adapted_layers(module).items() if layer.unchecked_load]
+        for layer in adapted_layers(module).values():
+            layer.unchecked_load = False
+        if unchecked:
+            warnings.warn(
+                f"nola_vision: the state dict gave {len(unchecked)} adapted layer(s) (e.g. {unchecked[0]}) their "
+                "adapter tensors without their identity entries ('_extra_state'), so nothing checked that they were "
+                "trained with this model's adapter config (method, rank, scaling, seed, bases): another config's "
+                "tensors load without error and give wrong outputs. Keep the '_extra_state' entries "
+                "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter",
+                stacklevel=2)
 
 
 class _CallCheck:

@@ -65,10 +65,14 @@ class AdaptedLinear(nn.Module):
     * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
       ``input_activation`` and sets ``quant_bits`` (quantisation-aware training),
       ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
-      frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in).
+      frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in); inject's
+      load post-hook reads and resets ``unchecked_load``.
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
+    # Whether the last load_state_dict gave this layer adapter tensors without their identity entry (see
+    # ``_load_from_state_dict``); inject's load post-hook reads it.
+    unchecked_load: bool = False
     # What take_activation() left at ``mlp.act``; None where nothing is taken over (and in layers pickled before it
     # was kept, which then go unchecked).
     activation_placeholder: Optional[nn.Module] = None
@@ -491,7 +495,8 @@ class AdaptedLinear(nn.Module):
 
         A state dict without the flag (a plain model's, e.g. pretrained weights) holds unmerged weights. A
         merged layer needs its weight and adapter tensors from one state dict, or it refuses to load. A state dict
-        without the identity entry (a plain model's, or saved before it existed) loads unchecked.
+        without the identity entry (a plain model's, or saved before it existed) loads unchecked; where it holds adapter
+        tensors, ``unchecked_load`` says so until the model-level load post-hook has warned.
         """
         name = prefix[:-1] or type(self).__name__
         identity = state_dict.get(prefix + IDENTITY_KEY)
@@ -527,6 +532,8 @@ class AdaptedLinear(nn.Module):
             if not present and prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)  # plain models' and older state dicts have neither entry
         loaded_adapter = all(loads[1:])
+        # adapter tensors whose identity nothing checked (inject's load post-hook warns once per load)
+        self.unchecked_load = identity is None and any(loads[1:])
         self.merged = merged
         if not merged:
             self._set_merged_update(None)
