@@ -139,6 +139,29 @@ def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, 
     assert not (tmp_path / "p.json").exists()
 
 
+def test_a_result_file_that_names_a_checkpoint_or_an_adapters_config_is_refused_before_the_pass(run, tmp_path,
+                                                                                                  capsys):
+    """--result_file pointed by mistake at the run's checkpoint or adapter config replaced it with the metrics."""
+    common = ["-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+              str(tmp_path), *QUIET]
+    checkpoint = tmp_path / "copy.ckpt"
+    checkpoint.write_bytes(run["checkpoint"].read_bytes())
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"format": "nola_vision.adapter/3", "config": {"method": "nola"}}))
+    for subcommand, victim in (("test", checkpoint), ("validate", config)):
+        before = victim.read_bytes()
+        assert main([subcommand, *common, "--result_file", str(victim)]) == 2
+        assert "is not a result file of fit, validate or test" in capsys.readouterr().err
+        assert victim.read_bytes() == before
+    assert main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_epochs",
+                 "1", "--result_file", str(config), *QUIET]) == 2
+    assert "is not a result file" in capsys.readouterr().err and not (tmp_path / "fit").exists()
+    result = tmp_path / "val.json"  # an earlier result file is replaced
+    assert main(["validate", *common, "--result_file", str(result)]) == 0
+    assert main(["validate", *common, "--result_file", str(result)]) == 0
+    assert json.loads(result.read_text())["subcommand"] == "validate"
+
+
 # ---- C: fits that would train nothing, or skip batches -------------------------------------------------------
 
 @pytest.mark.parametrize("option", ["--trainer.max_steps", "--trainer.limit_train_batches"])
@@ -180,3 +203,14 @@ def test_the_result_names_no_checkpoint_rather_than_one_of_earlier_weights(tmp_p
     assert saved["checkpoint"] is None and saved["epochs"] == 2
     kept = list(tmp_path.rglob("*.ckpt"))
     assert [torch.load(k, weights_only=False)["global_step"] for k in kept] == [STEPS]  # epoch 0's weights
+
+
+def test_a_data_root_under_the_home_folder_is_read_there_not_under_the_working_directory(tmp_path, monkeypatch):
+    """A YAML config's '~/data' (no shell expands it there) became '<cwd>/~/data'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cli = run_lightning_cli(["fit", "-c", str(TINY), "--data.root=~/digits", "--trainer.default_root_dir",
+                             str(tmp_path), "--trainer.max_epochs", "1", "--test_after_fit", "false", *QUIET])
+    assert cli.datamodule.hparams.root == str(tmp_path / "digits")
+    saved = (Path(cli.trainer.log_dir) / "config.yaml").read_text()
+    assert f"root: {tmp_path / 'digits'}" in saved

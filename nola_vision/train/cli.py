@@ -295,6 +295,7 @@ class NolaCLI(LightningCLI):
         validates = bool(data.get("val_shots") or data.get("val_split_file"))
         if config.result_file:
             check_result_path(config.result_file)
+            _refuse_replacing_other_files(config.result_file)
             if self.trainer.overfit_batches and not self.trainer.fast_dev_run:
                 raise ValueError(f"--trainer.overfit_batches {self.trainer.overfit_batches} trains (and validates) on "
                                  f"a few fixed batches, a debugging run: --result_file {config.result_file} would "
@@ -461,6 +462,7 @@ class NolaCLI(LightningCLI):
         path = self.config[self.subcommand].result_file
         if path:
             check_result_path(path)
+            _refuse_replacing_other_files(path)
             check_full_passes(self.trainer, [split], path)
 
     def after_test(self) -> None:
@@ -615,6 +617,28 @@ def _refuse_other_files(path: Path) -> None:
                          "pass another --predictions_file (or remove the file)")
 
 
+# A result file is a few KB of JSON: a larger file is something else (a checkpoint), and is not read to tell.
+_LARGEST_RESULT_FILE = 1 << 24
+
+
+def _refuse_replacing_other_files(path: str) -> None:
+    """Refuse a ``--result_file`` that exists and is not a result file (a JSON object with its ``metrics``, as fit,
+    validate and test write, which a new run replaces): a checkpoint or an adapter's config named by mistake would be
+    overwritten by the metrics."""
+    file = Path(path)
+    if not file.is_file() or file.stat().st_size == 0:
+        return
+    document = None
+    if file.stat().st_size <= _LARGEST_RESULT_FILE:
+        try:
+            document = json.loads(file.read_bytes())
+        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON (a binary file)
+            document = None
+    if not isinstance(document, dict) or not isinstance(document.get("metrics"), dict):
+        raise ValueError(f"--result_file {path} exists and is not a result file of fit, validate or test, so the "
+                         "metrics would replace it: pass another --result_file (or remove the file)")
+
+
 def check_config_sources(argv: Any) -> None:
     """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
     neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse."""
@@ -685,8 +709,10 @@ def _absolute_data_root(config: Any) -> None:
     directory reads the run's images, not another folder of that relative name. A URL is left as it is."""
     data = config.get("data")
     root = data.get("root") if data is not None else None
-    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(root):
+    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(os.path.expanduser(root)):
         data.root = os.path.abspath(root)
+    elif isinstance(root, str) and root.startswith("~"):
+        data.root = os.path.expanduser(root)
 
 
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
