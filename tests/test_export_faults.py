@@ -231,10 +231,30 @@ def test_a_path_under_a_file_is_refused_naming_the_file(tmp_path):
     assert (tmp_path / "exports").read_text() == "mine"
 
 
+def test_an_existing_file_that_is_not_a_graph_is_refused_and_an_earlier_graph_replaced(images, tmp_path, monkeypatch):
+    """A checkpoint or an adapter's config named by mistake was overwritten by the graph."""
+    checkpoint, config = tmp_path / "last.ckpt", tmp_path / "adapter_config.json"
+    checkpoint.write_bytes(b"PK\x03\x04" + bytes(64))
+    config.write_text('{"format": "nola_vision.adapter/3"}')
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("the export ran"))
+        for victim in (checkpoint, config):
+            before = victim.read_bytes()
+            for tasks_as_inputs in (False, True):
+                with pytest.raises(ValueError, match="exists and is not an ONNX graph"):
+                    nv.export_onnx(trained(0), victim, tasks_as_inputs=tasks_as_inputs)
+            assert victim.read_bytes() == before
+    graph = tmp_path / "model.onnx"
+    nv.export_onnx(trained(0).eval(), graph)
+    model = trained(1).eval()
+    nv.export_onnx(model, graph)  # the earlier export is replaced
+    assert np.abs(session(graph).run(None, {"images": images.numpy()})[0] - logits(model, images).numpy()).max() <= 1e-4
+
+
 def test_a_symlinked_file_is_written_through_and_stays_a_link(images, tmp_path):
     real = tmp_path / "store" / "v1.onnx"
     real.parent.mkdir()
-    real.write_bytes(b"old graph")
+    nv.export_onnx(trained(5).eval(), real)  # an earlier export, replaced through the link
     link = tmp_path / "current.onnx"
     link.symlink_to(real)
     model = trained(6).eval()

@@ -69,6 +69,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     the size the model was built for. Returns ``path``.
     """
     model = unwrap_model(model)
+    _refuse_replacing_other_files(Path(path))
     if input_size is not None:
         _check_input_size(input_size, model)
     if isinstance(model, MultiTaskModel):
@@ -357,6 +358,22 @@ def _write_graph(exported: Path, tmp: Path, name: str, metadata: Dict[str, str],
     onnx.save_model(graph, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
     with open(tmp.parent / location, "rb") as data:
         os.fsync(data.fileno())  # on disk before the graph that reads it is renamed into place
+
+
+# Every ONNX model file starts with its ir_version (field 1, a varint): the protobuf tag 0x08.
+_ONNX_FIRST_BYTE = b"\x08"
+
+
+def _refuse_replacing_other_files(path: Path) -> None:
+    """Refuse an export onto an existing file that is not an ONNX graph (an earlier export is replaced): a checkpoint
+    or an adapter's file named by mistake would be lost."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as stream:
+        first = stream.read(1)
+    if first != _ONNX_FIRST_BYTE:
+        raise ValueError(f"{path} exists and is not an ONNX graph (an earlier export would be replaced), so the export "
+                         "would overwrite it: pass another path (or remove the file)")
 
 
 def _own_external_data(graph: Path) -> List[Path]:
