@@ -21,6 +21,7 @@ from .datasets import (
     dataset_class_names,
     dataset_num_classes,
     download_dataset,
+    expand_root,
 )
 from .fewshot import (
     FewShotSplit,
@@ -94,12 +95,13 @@ class _Transformed(Dataset):
 
 def _check_arguments(hp: Any) -> Any:
     """Refuse any ``FewShotDataModule`` argument of the wrong type or range, naming it, before anything is read;
-    returns ``hp`` with the checked values (numpy integers as ints, paths as str)."""
+    returns ``hp`` with the checked values (numpy integers as ints, paths as str with a leading ``~`` expanded, as
+    ``build_dataset`` reads them, so that every path is read where it is recorded)."""
     name = "FewShotDataModule.{}".format
     if not isinstance(hp.dataset, str):
         raise ValueError(f"{name('dataset')} must be a dataset name ({', '.join(available_datasets())}), got "
                          f"{shown(hp.dataset)}")
-    hp.root = check_path(hp.root, name("root"))
+    hp.root = expand_root(check_path(hp.root, name("root")))
     for field in ("shots", "val_shots", "num_workers"):  # shots=0: every train image
         hp[field] = check_int(hp[field], name(field), at_least=0)
     hp.split_seed = check_int(hp.split_seed, name("split_seed"))
@@ -114,7 +116,8 @@ def _check_arguments(hp: Any) -> Any:
     for field in ("download", "allow_fewer", "cache_images", "pin_memory"):
         check_bool(hp[field], name(field))
     for field in ("split_file", "val_split_file", "split_dir"):
-        hp[field] = check_path(hp[field], name(field), optional=True)
+        path = check_path(hp[field], name(field), optional=True)
+        hp[field] = expand_root(path) if path is not None else None
     if hp.val_split_file and not hp.split_file:
         raise ValueError(f"{name('val_split_file')} is read only with a split_file: pass the train manifest as "
                          "split_file too (or drop val_split_file to draw the split)")
@@ -237,7 +240,8 @@ class FewShotDataModule(L.LightningDataModule):
         Args:
             dataset: one of ``nola_vision.data.available_datasets()`` (cifar10, cifar100, cub200,
                 caltech101, food101, fashion_mnist, digits, imagefolder).
-            root: folder that holds the dataset (e.g. ``data`` for ``data/cifar-10-batches-py``).
+            root: folder that holds the dataset (e.g. ``data`` for ``data/cifar-10-batches-py``); a leading ``~`` is
+                the home folder, here as in ``split_file``, ``val_split_file`` and ``split_dir``.
             shots: training images per class (k); 0 uses every training image.
             split_seed: seed of the k-shot draw (the paper uses 4 split seeds).
             val_shots: validation images per class, drawn disjointly from the remaining train images;

@@ -3,7 +3,9 @@
 Every dataset is an :class:`ImageDataset`: ``samples`` lists ``(key, label)`` pairs, where ``key`` is the
 image path relative to the dataset folder (or ``train/00042`` for array-backed sets such as CIFAR), so
 k-shot sampling and split manifests work on labels without decoding a single image. A key read from the file
-system is its bytes as UTF-8 (undecodable bytes as surrogate escapes), so it is the same under every locale.
+system is its bytes as UTF-8 (undecodable bytes as surrogate escapes), so it is the same under every locale. Names are
+never renormalized (a key must open the real file): class folders whose names differ only in Unicode normalization
+(NFC/NFD) are refused instead, since they would be two classes that look alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import pickle
 import reprlib
 import struct
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ __all__ = [
     "dataset_class_names",
     "dataset_num_classes",
     "download_dataset",
+    "expand_root",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -106,6 +110,13 @@ def _key(name: str) -> str:
     """A name read from the file system as a sample key: its bytes as UTF-8, undecodable bytes as surrogate escapes
     (what Python itself gives under a UTF-8 locale), so keys and the k-shot draw do not depend on the locale."""
     return os.fsencode(name).decode("utf-8", "surrogateescape")
+
+
+def _same_name_form(name: str) -> str:
+    """``name`` in Unicode's NFC form: two names with the same form differ only in normalization (macOS writes names
+    decomposed, NFD: ``e`` and a combining accent where Linux tools write one accented code point). Only compared,
+    never used as a key or a class name."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _fs_name(key: str) -> str:
@@ -552,7 +563,8 @@ def _warn_classes_without_images(where: Union[str, Path], empty: Sequence[str]) 
 
 def _class_folders(folder: Path) -> list[str]:
     """Sorted names (as keys, :func:`_key`) of the visible sub-folders of ``folder`` (hidden ones are tool metadata,
-    not classes). A broken link among them is refused: dropping it would shift every later class's label."""
+    not classes). A broken link among them is refused: dropping it would shift every later class's label; so are two
+    names that differ only in Unicode normalization (:func:`_refuse_names_alike`)."""
     names = []
     for path in folder.iterdir():
         if _hidden(path):
@@ -561,7 +573,51 @@ def _class_folders(folder: Path) -> list[str]:
         if path.is_dir():
             _refuse_line_break(_key(path.name), path)
             names.append(_key(path.name))
+    _refuse_names_alike(folder, names)
     return sorted(names)
+
+
+def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
+    """Refuse class folders of ``folder`` whose names differ only in Unicode normalization (a macOS copy, NFD, merged
+    into a tree written elsewhere, NFC): they look alike but would be two classes, one real class split in two labels.
+    Not merged here: each folder's key must keep opening its own files, so the user merges them."""
+    seen: dict[str, str] = {}
+    for name in sorted(names):
+        form = _same_name_form(name)
+        if form in seen:
+            raise DatasetMetadataError(
+                f"{folder} holds class folders {ascii(seen[form])} and {ascii(name)}, whose names differ only in "
+                "Unicode normalization (NFC/NFD: macOS writes an accented letter as the letter and a combining "
+                "accent, most other systems as one code point), e.g. a macOS copy merged into this tree. They look "
+                "alike but would be read as two classes: merge one folder's images into the other and remove it "
+                "(or rename one, if they are two classes).")
+        seen[form] = name
+
+
+def _refuse_unknown_held_out_classes(folder: Path, train: Path, extra: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse held-out class folders (``extra``) that ``train`` lacks; one spelled as a training class in another
+    Unicode normalization is shown with ``ascii`` (it would print exactly like the training class) and said so."""
+    own = {_same_name_form(name): name for name in names}
+    alike = {name: own[_same_name_form(name)] for name in extra if _same_name_form(name) in own}
+    listed = "[" + ", ".join(ascii(name) if name in alike else repr(name) for name in extra) + "]"
+    message = f"{folder} has class folders that {train} lacks: {listed}"
+    if alike:
+        pairs = ", ".join(f"{ascii(name)} (train/ has {ascii(ours)})" for name, ours in alike.items())
+        message += (f". {pairs}: the names differ only in Unicode normalization (NFC/NFD, as macOS writes names), "
+                    f"so they look alike but are other folders: rename the folder under {folder} as train/'s is "
+                    "spelled (or the other way round)")
+    raise DatasetMetadataError(message)
+
+
+def _warn_val_not_read(root: Path) -> None:
+    """Warn that ``root/val`` is not read when ``root/test`` exists: test/ is the held-out split, and validation images
+    are drawn from train/."""
+    warnings.warn(
+        f"{root} holds both test/ and val/, and {root / 'val'} is not read: test/ is the held-out split, and "
+        f"validation images are drawn from {root / 'train'} (--data.val_shots, or replayed from "
+        "--data.val_split_file). To test on val/ instead, rename test/ (e.g. to test_unused/) or move it out of "
+        f"{root}: val/ is the held-out split when there is no test/. To train or validate on val/'s images, move them "
+        "into train/'s class folders.", stacklevel=3)
 
 
 def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
@@ -877,7 +933,9 @@ class _ImageFolder:
                                  f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.")
             extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
-                raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
+                _refuse_unknown_held_out_classes(folder, root / "train", extra, names)
+        if (root / "test").is_dir() and (root / "val").is_dir():
+            _warn_val_not_read(root)
         # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once.
         # Both splits, to refuse a file that a link (symbolic or hard) brings into a second class or split.
         listed = {split_folder: {name: _visible_files(split_folder / _fs_name(name)) for name in names
@@ -956,22 +1014,29 @@ def _spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
+def expand_root(root: str | os.PathLike) -> str:
+    """``root`` with a leading ``~`` expanded to the home folder (as a shell would), so that every entry point reads
+    the same folder; a URL (``s3://...``) is left as it is."""
+    text = os.fspath(root)
+    return text if "://" in text else os.path.expanduser(text)
+
+
 def dataset_num_classes(name: str, root: str | os.PathLike = "data") -> int:
     """Number of classes, from a static table (only ``imagefolder`` reads its class folders)."""
     spec = _spec(name)
-    return spec.num_classes if spec.num_classes is not None else len(spec.reader.class_names(Path(root)))
+    return spec.num_classes if spec.num_classes is not None else len(spec.reader.class_names(Path(expand_root(root))))
 
 
 def dataset_class_names(name: str, root: str | os.PathLike = "data") -> list[str]:
     """Class names, read cheaply from the dataset's metadata (no image is decoded)."""
-    return _spec(name).reader.class_names(Path(root))
+    return _spec(name).reader.class_names(Path(expand_root(root)))
 
 
 def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
     """Fetch a dataset with torchvision's own download code; a no-op for data that needs no download."""
     spec = _spec(name)
     if spec.downloadable:
-        spec.reader.download(Path(root))
+        spec.reader.download(Path(expand_root(root)))
 
 
 def _check_class_count(spec: DatasetSpec, dataset: ImageDataset) -> None:
@@ -995,7 +1060,7 @@ def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "tra
     spec = _spec(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root).expanduser()
+    root = Path(expand_root(root))
     if download:
         download_dataset(spec.name, root)
     dataset = spec.reader(root, split)

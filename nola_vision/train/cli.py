@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, try_lock, write_json_atomic
 from ..data import CorruptImageError, FewShotDataModule
+from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import check_backbone_name
 from .module import (
@@ -709,10 +710,8 @@ def _absolute_data_root(config: Any) -> None:
     directory reads the run's images, not another folder of that relative name. A URL is left as it is."""
     data = config.get("data")
     root = data.get("root") if data is not None else None
-    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(os.path.expanduser(root)):
-        data.root = os.path.abspath(root)
-    elif isinstance(root, str) and root.startswith("~"):
-        data.root = os.path.expanduser(root)
+    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(root):
+        data.root = os.path.abspath(expand_root(root))  # "~/data" too: no shell expands it in a config file
 
 
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:

@@ -1,0 +1,159 @@
+"""ImageFolder names a user can get wrong without seeing it: class folders whose names differ only in Unicode
+normalization, a val/ folder beside test/, and a data root written with ``~``."""
+
+from __future__ import annotations
+
+import unicodedata
+import warnings
+from pathlib import Path
+
+import pytest
+from fixtures_data import class_color, write_imagefolder
+from PIL import Image
+
+from nola_vision.data import (
+    DatasetMetadataError,
+    FewShotDataModule,
+    build_dataset,
+    dataset_class_names,
+    dataset_num_classes,
+)
+
+NFC = "caf\u00e9"  # as Linux and Windows tools write it: one code point for the accented e
+NFD = "cafe\u0301"  # as macOS writes it: e, then a combining acute accent
+
+
+def _class_folder(root: Path, split: str, name: str, label: int, images: int = 2) -> None:
+    for j in range(images):
+        path = root / split / name / f"{j:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 6), class_color(label)).save(path)
+
+
+def _folder(root: Path, train: tuple[str, ...], test: tuple[str, ...]) -> Path:
+    for split, names in (("train", train), ("test", test)):
+        for label, name in enumerate(names):
+            _class_folder(root, split, name, label)
+    return root
+
+
+# ---------------------------------------------------------------- Unicode normalization of class folder names
+
+def test_the_fixture_names_look_alike_but_are_two_folders(tmp_path):
+    assert unicodedata.normalize("NFC", NFD) == NFC and NFD != NFC
+    _folder(tmp_path, train=(NFC, NFD, "tea"), test=(NFC, "tea"))
+    assert len(list((tmp_path / "train").iterdir())) == 3  # the file system keeps both spellings apart
+
+
+def test_class_folders_that_differ_only_in_unicode_normalization_are_refused_naming_both(tmp_path):
+    # one real class became two labels with identical-looking names: ['café', 'café', 'tea'], without a word
+    _folder(tmp_path, train=(NFC, NFD, "tea"), test=(NFC, "tea"))
+    for read in (lambda: build_dataset("imagefolder", tmp_path, "train"),
+                 lambda: build_dataset("imagefolder", tmp_path, "test"),
+                 lambda: dataset_num_classes("imagefolder", tmp_path),
+                 lambda: dataset_class_names("imagefolder", tmp_path),
+                 lambda: FewShotDataModule("imagefolder", root=str(tmp_path), shots=1, image_size=8)):
+        with pytest.raises(DatasetMetadataError) as err:
+            read()
+        message = str(err.value)
+        assert ascii(NFC) in message and ascii(NFD) in message  # 'caf\xe9' and 'cafe\u0301': the difference shows
+        assert "differ only in Unicode normalization" in message and "NFC/NFD" in message and "macOS" in message
+        assert "rename" in message and "merge" in message.lower()
+    # refused, never merged or renamed behind the user's back
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == sorted([NFC, NFD, "tea"])
+
+
+def test_held_out_class_folders_spelled_in_another_normalization_are_named_with_ascii(tmp_path):
+    # train/ copied on Linux (NFC), test/ on macOS (NFD): the error read "test has class folders that train lacks:
+    # ['café']", a name that looks like train's own
+    _folder(tmp_path, train=(NFC, "tea"), test=(NFD, "tea"))
+    assert build_dataset("imagefolder", tmp_path, "train").class_names == [NFC, "tea"]
+    with pytest.raises(DatasetMetadataError, match="lacks") as err:
+        build_dataset("imagefolder", tmp_path, "test")
+    message = str(err.value)
+    assert ascii(NFD) in message and ascii(NFC) in message and NFD not in message
+    assert "differ only in Unicode normalization" in message and "rename" in message
+
+
+def test_a_held_out_class_train_lacks_is_still_named_as_it_is(tmp_path):
+    _folder(tmp_path, train=(NFC, "tea"), test=(NFC, "tea", "zebra"))
+    with pytest.raises(ValueError, match=r"lacks: \['zebra'\]$"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
+def test_names_in_one_normalization_are_kept_as_on_disk_and_open_their_files(tmp_path):
+    _folder(tmp_path, train=(NFD, "tea"), test=(NFD, "tea"))
+    for split in ("train", "test"):
+        dataset = build_dataset("imagefolder", tmp_path, split)
+        assert dataset.class_names == [NFD, "tea"]  # not renormalized: keys must open the real files
+        assert dataset.samples[0] == (f"{split}/{NFD}/00.png", 0)
+        assert dataset.load_image(0).getpixel((0, 0)) == class_color(0)
+
+
+# ---------------------------------------------------------------- val/ beside test/
+
+def test_a_val_folder_beside_test_is_named_as_not_read(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test", train_per_class=2, eval_per_class=1)
+    write_imagefolder(tmp_path, eval_folder="val", train_per_class=2, eval_per_class=1)
+    for split in ("train", "test"):
+        with pytest.warns(UserWarning, match=r"val is not read") as record:
+            dataset = build_dataset("imagefolder", tmp_path, split)
+        message = str(next(w.message for w in record if "val is not read" in str(w.message)))
+        assert "test/ is the held-out split" in message and "--data.val_shots" in message
+        assert "val_split_file" in message and "rename" in message
+        assert {key.split("/", 1)[0] for key, _ in dataset.samples} == {split}  # what is read stays as it was
+
+
+def test_a_val_folder_alone_is_the_held_out_split_without_a_warning(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="val", train_per_class=2, eval_per_class=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_dataset("imagefolder", tmp_path, "test").samples[0][0].startswith("val/")
+        build_dataset("imagefolder", tmp_path, "train")
+
+
+def test_the_data_module_warns_that_val_is_not_read(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test", train_per_class=3, eval_per_class=1)
+    write_imagefolder(tmp_path, eval_folder="val", train_per_class=3, eval_per_class=1)
+    dm = FewShotDataModule("imagefolder", root=str(tmp_path), shots=2, val_shots=1, image_size=8)
+    with pytest.warns(UserWarning, match=r"val is not read"):
+        dm.setup("fit")
+    assert {key.split("/", 1)[0] for key, _ in dm.val_manifest} == {"train"}
+
+
+# ---------------------------------------------------------------- ~ in the data root
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_imagefolder(tmp_path / "imgs", eval_folder="test", train_per_class=3, eval_per_class=1)
+    return tmp_path
+
+
+def test_a_home_relative_root_is_read_by_every_entry_point(home):
+    # build_dataset expanded ~, but FewShotDataModule failed: "dataset 'imagefolder' not found: expected ~/imgs/train"
+    assert build_dataset("imagefolder", "~/imgs", "train").class_names == ["cat", "dog", "owl"]
+    assert dataset_num_classes("imagefolder", "~/imgs") == 3
+    assert dataset_class_names("imagefolder", "~/imgs") == ["cat", "dog", "owl"]
+    dm = FewShotDataModule("imagefolder", root="~/imgs", shots=2, val_shots=1, image_size=8,
+                           split_dir="~/splits")
+    assert dm.num_classes == 3 and dm.class_names == ["cat", "dog", "owl"]
+    assert dm.root == str(home / "imgs")  # what the run records is the folder it read
+    dm.setup(None)
+    assert dm.train_set.dataset.root == home / "imgs" and len(dm.test_set) == 3
+    assert dm.manifest_path.parent == home / "splits" and dm.manifest_path.is_file()
+    assert not Path("~").exists()  # nothing written under a folder literally named ~
+
+
+def test_a_home_relative_split_file_is_replayed(home):
+    first = FewShotDataModule("imagefolder", root="~/imgs", shots=2, val_shots=1, image_size=8, split_dir="~/splits")
+    first.setup("fit")
+    train, val = (f"~/{path.relative_to(home)}" for path in (first.manifest_path, first.val_manifest_path))
+    replay = FewShotDataModule("imagefolder", root="~/imgs", shots=2, val_shots=1, image_size=8, split_file=train,
+                               val_split_file=val)
+    replay.setup("fit")
+    assert replay.train_manifest == first.train_manifest and replay.val_manifest == first.val_manifest
+
+
+def test_a_url_root_is_left_as_it_is(home):
+    assert FewShotDataModule("cifar10", root="s3://bucket/~data", shots=1, image_size=8).root == "s3://bucket/~data"
