@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 
 def _md5(path: Path) -> str:
@@ -195,11 +195,14 @@ def write_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20, gz: b
 
 def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "owl"), train_per_class: int = 4,
                       eval_per_class: int = 2, eval_folder: str = "val") -> dict:
-    """Write ``root/train/<class>/*.png`` and ``root/<eval_folder>/<class>/*.png``, flat colour per class."""
+    """Write ``root/train/<class>/*.png`` and ``root/<eval_folder>/<class>/*.png``, flat colour per class; each file
+    its own bytes (a text chunk naming it), so that no image is a copy of another in another class or split."""
     for split, per in (("train", train_per_class), (eval_folder, eval_per_class)):
         for label, name in enumerate(classes):
             for j in range(per):
                 path = root / split / name / f"{name} {j:02d}.png"  # a space in the name, on purpose
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (20, 16), class_color(label)).save(path)
+                info = PngImagePlugin.PngInfo()
+                info.add_text("fixture", f"{split}/{name}/{j}")
+                Image.new("RGB", (20, 16), class_color(label)).save(path, pnginfo=info)
     return {"class_names": list(classes)}

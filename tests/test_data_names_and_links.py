@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_data import write_cub, write_food101, write_imagefolder
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import nola_vision
 from nola_vision.data import FewShotDataModule, build_dataset, read_manifest, sample_kshot, write_manifest
@@ -25,7 +25,9 @@ LATIN1_NAME = b"caf\xe9.png"  # "cafe" with an acute e in Latin-1 bytes, as from
 
 def _png(path: str | bytes, value: int = 0) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (8, 6), (value, 60, 90)).save(os.fsdecode(path), format="PNG")
+    info = PngImagePlugin.PngInfo()  # the same pixels in other files are other bytes: not copies of one image
+    info.add_text("fixture", ascii(path))
+    Image.new("RGB", (8, 6), (value, 60, 90)).save(os.fsdecode(path), format="PNG", pnginfo=info)
 
 
 def test_a_non_utf8_file_name_is_written_to_the_manifest_and_replayed(tmp_path):
