@@ -236,9 +236,15 @@ def test_an_existing_file_that_is_not_a_graph_is_refused_and_an_earlier_graph_re
     checkpoint, config = tmp_path / "last.ckpt", tmp_path / "adapter_config.json"
     checkpoint.write_bytes(b"PK\x03\x04" + bytes(64))
     config.write_text('{"format": "nola_vision.adapter/3"}')
+    # a safetensors file starts with its header's length: 0x08 first where it is 8 modulo 256 (1 in 32 adapters)
+    tensors = tmp_path / "adapter_model.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(0x1008)
+    tensors.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    garbage = tmp_path / "notes.bin"  # ONNX-like first bytes, but no graph
+    garbage.write_bytes(b"\x08\x07\x12\x03abc" + bytes(16))
     with monkeypatch.context() as patched:
         patched.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("the export ran"))
-        for victim in (checkpoint, config):
+        for victim in (checkpoint, config, tensors, garbage):
             before = victim.read_bytes()
             for tasks_as_inputs in (False, True):
                 with pytest.raises(ValueError, match="exists and is not an ONNX graph"):

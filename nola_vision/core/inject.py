@@ -8,6 +8,7 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -330,7 +331,16 @@ class _PlainStateDicts:
                 "trained with this model's adapter config (method, rank, scaling, seed, bases): another config's "
                 "tensors load without error and give wrong outputs. Keep the '_extra_state' entries "
                 "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter",
-                stacklevel=2)
+                stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that names the first frame outside this file and ``nn.Module``'s code (whose
+    ``load_state_dict`` recurses into submodules before it runs the hooks): the caller's ``load_state_dict`` line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in (__file__, nn.modules.module.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _CallCheck:

@@ -360,20 +360,32 @@ def _write_graph(exported: Path, tmp: Path, name: str, metadata: Dict[str, str],
         os.fsync(data.fileno())  # on disk before the graph that reads it is renamed into place
 
 
-# Every ONNX model file starts with its ir_version (field 1, a varint): the protobuf tag 0x08.
-_ONNX_FIRST_BYTE = b"\x08"
-
-
 def _refuse_replacing_other_files(path: Path) -> None:
     """Refuse an export onto an existing file that is not an ONNX graph (an earlier export is replaced): a checkpoint
     or an adapter's file named by mistake would be lost."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb") as stream:
-        first = stream.read(1)
-    if first != _ONNX_FIRST_BYTE:
+    if path.is_file() and path.stat().st_size and not _is_onnx_graph(path):
         raise ValueError(f"{path} exists and is not an ONNX graph (an earlier export would be replaced), so the export "
                          "would overwrite it: pass another path (or remove the file)")
+
+
+def _is_onnx_graph(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model with a graph. Its first bytes must be those exporters write (the
+    ``ir_version`` field: tag 0x08, a one-byte varint, then another field's tag), which a checkpoint (a zip), JSON or a
+    safetensors file (8 bytes of header length: a zero byte third, below 64 KB) never all have; then it must parse."""
+    with open(path, "rb") as stream:
+        head = stream.read(3)
+    if len(head) < 3 or head[0] != 0x08 or head[1] >= 0x80 or head[2] == 0:
+        return False
+    try:
+        onnx = _import_onnx()
+    except ImportError:  # the merged export needs no onnx package: the first bytes decide
+        return True
+    from google.protobuf.message import DecodeError  # onnx's own dependency
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except (OSError, DecodeError, ValueError):
+        return False
 
 
 def _own_external_data(graph: Path) -> List[Path]:
