@@ -286,18 +286,17 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     if missing:
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
-    sizes = {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}
-    difference = differing_records(expected, frozen_fingerprint(model, names), {"modules": sizes}, root)
+    sizes = {"modules": _named_sample_sizes(model, names)}
+    difference = differing_records(expected, frozen_fingerprint(model, names), sizes, root)
     if difference is not None or "context" not in expected:
         return difference
     context = context_modules(model, names)
     if len(context) != expected["context"]["modules"]:
         return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), the "
                 f"adapter's backbone had {expected['context']['modules']}")
-    actual = _context_records(model, context)
-    sizes = {name: _sample_size(_context_parameters(model.get_submodule(name))) for name in context}
-    return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))}, {"modules": actual},
-                             {"modules": sizes}, root)
+    return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
+                             {"modules": _context_records(model, context)},
+                             {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root)
 
 
 def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
@@ -305,20 +304,27 @@ def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
     its context records, in order: what ``differing_records`` needs for the absolute tolerance of weights near zero
     where the model itself is not at hand (a task-input ONNX graph records them)."""
     names = list(fingerprint["modules"])
-    sizes: dict = {"modules": {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}}
+    sizes: dict = {"modules": _named_sample_sizes(model, names)}
     if "context" in fingerprint:
-        sizes["context"] = [_sample_size(_context_parameters(model.get_submodule(name)))
-                            for name in context_modules(model, names)]
+        sizes["context"] = _context_sample_sizes(model, context_modules(model, names))
     return sizes
 
 
-def differing_records(expected: dict, actual: dict, sample_sizes: Optional[dict] = None,
+def _named_sample_sizes(model: nn.Module, names: Sequence[str]) -> Dict[str, int]:
+    return {name: _sample_size(_frozen_parameters(model.get_submodule(name))) for name in names}
+
+
+def _context_sample_sizes(model: nn.Module, context: Sequence[str]) -> List[int]:
+    return [_sample_size(_context_parameters(model.get_submodule(name))) for name in context]
+
+
+def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None,
                       root: str = "the model itself") -> Optional[str]:
     """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
     version), and their context records match when both hold them, else what differs, naming the first differing
-    module. ``sample_sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance
-    for weights near zero; without it only the relative one applies."""
-    sizes = sample_sizes or {}
+    module. ``sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance for
+    weights near zero; without it only the relative one applies."""
+    sizes = sizes or {}
     for name, record in expected["modules"].items():
         other = actual["modules"].get(name)
         label = name or root

@@ -66,7 +66,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     frozen weights, adapter config (seed and bases included) and head size, fed by ``onnx_task_inputs``. Heads of
     another size need their own graph (export a model built with that ``num_classes``);
     ``onnx_task_inputs(adapter_dir, graph)`` refuses a task that does not fit. ``input_size`` (C, H, W) defaults to
-    the size the model was built for. Returns ``path``.
+    the size the model was built for. An existing file at ``path`` is replaced only if it is an ONNX graph (an earlier
+    export). Returns ``path``.
     """
     model = unwrap_model(model)
     _refuse_replacing_other_files(Path(path))

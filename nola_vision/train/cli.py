@@ -246,7 +246,8 @@ class NolaCLI(LightningCLI):
                             help="after fit, test the final weights on the full test split (the paper's number)")
         parser.add_argument("--result_file", type=Optional[str], default=None,
                             help="fit, test, validate: write the final metrics, the checkpoint and parameter counts to "
-                                 "this JSON file (atomically); predict refuses it (see --predictions_file)")
+                                 "this JSON file (atomically; an existing file is replaced only if it is such a "
+                                 "result); predict refuses it (see --predictions_file)")
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict: CSV path (default <log_dir>/predictions.csv)")
 
@@ -633,7 +634,7 @@ def _refuse_replacing_other_files(path: str) -> None:
     if file.stat().st_size <= _LARGEST_RESULT_FILE:
         try:
             document = json.loads(file.read_bytes())
-        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON (a binary file)
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (a binary file) or too deep
             document = None
     if not isinstance(document, dict) or not isinstance(document.get("metrics"), dict):
         raise ValueError(f"--result_file {path} exists and is not a result file of fit, validate or test, so the "
