@@ -203,7 +203,7 @@ def test_checkpoint_hyperparameters_never_silently_replace_model_arguments(tmp_p
     notes = tmp_path / "notes.csv"  # a file predict did not write is never replaced (its own earlier file is)
     notes.write_text("my notes\n")
     assert main([*predict[:-1], str(notes)]) != 0 and notes.read_text() == "my notes\n"
-    assert "exists and predict did not write it" in capsys.readouterr().err
+    assert "exists and is not a file predict wrote" in capsys.readouterr().err
 
 
 def test_a_huge_learning_rate_exports_an_adapter_that_loads_before_the_result_is_written(tmp_path, run_cli):

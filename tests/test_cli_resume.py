@@ -151,11 +151,11 @@ def test_a_result_file_that_names_a_checkpoint_or_an_adapters_config_is_refused_
     for subcommand, victim in (("test", checkpoint), ("validate", config)):
         before = victim.read_bytes()
         assert main([subcommand, *common, "--result_file", str(victim)]) == 2
-        assert "is not a result file of fit, validate or test" in capsys.readouterr().err
+        assert "is not a file fit, validate or test wrote" in capsys.readouterr().err
         assert victim.read_bytes() == before
     assert main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_epochs",
                  "1", "--result_file", str(config), *QUIET]) == 2
-    assert "is not a result file" in capsys.readouterr().err and not (tmp_path / "fit").exists()
+    assert "is not a file fit, validate or test wrote" in capsys.readouterr().err and not (tmp_path / "fit").exists()
     result = tmp_path / "val.json"  # an earlier result file is replaced
     assert main(["validate", *common, "--result_file", str(result)]) == 0
     assert main(["validate", *common, "--result_file", str(result)]) == 0

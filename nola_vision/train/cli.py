@@ -13,7 +13,7 @@ import sys
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import fsspec
 import torch
@@ -297,7 +297,7 @@ class NolaCLI(LightningCLI):
         validates = bool(data.get("val_shots") or data.get("val_split_file"))
         if config.result_file:
             check_result_path(config.result_file)
-            _refuse_replacing_other_files(config.result_file)
+            _refuse_replacing(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file)
             if self.trainer.overfit_batches and not self.trainer.fast_dev_run:
                 raise ValueError(f"--trainer.overfit_batches {self.trainer.overfit_batches} trains (and validates) on "
                                  f"a few fixed batches, a debugging run: --result_file {config.result_file} would "
@@ -464,7 +464,7 @@ class NolaCLI(LightningCLI):
         path = self.config[self.subcommand].result_file
         if path:
             check_result_path(path)
-            _refuse_replacing_other_files(path)
+            _refuse_replacing(Path(path), "--result_file", "fit, validate or test", _is_result_file)
             check_full_passes(self.trainer, [split], path)
 
     def after_test(self) -> None:
@@ -514,7 +514,7 @@ class NolaCLI(LightningCLI):
         if path:
             check_result_path(path, "--predictions_file", "predictions.csv")
         default = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"  # the writer's
-        _refuse_other_files(Path(path) if path else default)
+        _refuse_replacing(Path(path) if path else default, "--predictions_file", "predict", _is_predictions_file)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
 
@@ -605,40 +605,35 @@ def _manifest_header(path: Optional[str]) -> Dict[str, int]:
     return {key: int(value) for key, value in header.items() if value.lstrip("-").isdigit()}
 
 
-def _refuse_other_files(path: Path) -> None:
-    """Refuse to replace a file that is not an earlier predictions file (one ``predict`` wrote is replaced)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+def _refuse_replacing(path: Path, option: str, writers: str, recognised: Callable[[Path], bool]) -> None:
+    """Refuse an output path that holds a file ``recognised`` does not take for an earlier output of ``writers`` (one
+    is replaced): a checkpoint or an adapter's file named there by mistake would be lost."""
+    if path.is_file() and path.stat().st_size and not recognised(path):
+        raise ValueError(f"{option} {path} exists and is not a file {writers} wrote, so it would be replaced: pass "
+                         f"another {option} (or remove the file)")
+
+
+def _is_predictions_file(path: Path) -> bool:
     try:
         with open(path, newline="", errors="replace") as f:
-            first = next(csv.reader(f), None)
+            return next(csv.reader(f), None) == PREDICTIONS_HEADER
     except (OSError, csv.Error):  # unreadable, or not CSV (a binary file)
-        first = None
-    if first != PREDICTIONS_HEADER:
-        raise ValueError(f"the predictions file {path} exists and predict did not write it, so it would be replaced: "
-                         "pass another --predictions_file (or remove the file)")
+        return False
 
 
 # A result file is a few KB of JSON: a larger file is something else (a checkpoint), and is not read to tell.
 _LARGEST_RESULT_FILE = 1 << 24
 
 
-def _refuse_replacing_other_files(path: str) -> None:
-    """Refuse a ``--result_file`` that exists and is not a result file (a JSON object with its ``metrics``, as fit,
-    validate and test write, which a new run replaces): a checkpoint or an adapter's config named by mistake would be
-    overwritten by the metrics."""
-    file = Path(path)
-    if not file.is_file() or file.stat().st_size == 0:
-        return
-    document = None
-    if file.stat().st_size <= _LARGEST_RESULT_FILE:
-        try:
-            document = json.loads(file.read_bytes())
-        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (a binary file) or too deep
-            document = None
-    if not isinstance(document, dict) or not isinstance(document.get("metrics"), dict):
-        raise ValueError(f"--result_file {path} exists and is not a result file of fit, validate or test, so the "
-                         "metrics would replace it: pass another --result_file (or remove the file)")
+def _is_result_file(path: Path) -> bool:
+    """A JSON object with its ``metrics``, as fit, validate and test write."""
+    if path.stat().st_size > _LARGEST_RESULT_FILE:
+        return False
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (a binary file) or too deep
+        return False
+    return isinstance(document, dict) and isinstance(document.get("metrics"), dict)
 
 
 def check_config_sources(argv: Any) -> None:
