@@ -1,8 +1,10 @@
-"""Byte-identical copies of one image in two classes, or in both train/ and test/, are named in a warning (a wrong
-label, or a test image trained on), never refused, and never change what is read; copies within one class are not."""
+"""Byte-identical copies of a drawn k-shot image, in another class or in the held-out split, are named in one warning
+where the split is drawn (a wrong label, or a test image trained on), never refused, and never change the split;
+copies among undrawn images or within one class are not, and building a dataset reads no image content at all."""
 
 from __future__ import annotations
 
+import builtins
 import shutil
 import warnings
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nola_vision.data import build_dataset
+from nola_vision.data import FewShotDataModule, build_dataset
+
+CLASSES = ("cat", "dog")
 
 
 def _png(path: Path, seed: int, size: tuple[int, int] = (12, 10)) -> None:
@@ -20,90 +24,124 @@ def _png(path: Path, seed: int, size: tuple[int, int] = (12, 10)) -> None:
     Image.frombytes("RGB", size, pixels).save(path)
 
 
-def _folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3) -> None:
+def _folder(root: Path, per_class: int = 4) -> None:
     """``root/train/<class>/`` and ``root/test/<class>/`` of distinct images."""
     seed = 0
     for split in ("train", "test"):
-        for name in classes:
+        for name in CLASSES:
             for j in range(per_class):
                 seed += 1
                 _png(root / split / name / f"{name} {j:02d}.png", seed)
 
 
-def _build_without_warnings(root: Path, split: str):
+def _module(root: Path, shots: int = 1, val_shots: int = 0) -> FewShotDataModule:
+    return FewShotDataModule("imagefolder", root=str(root), shots=shots, val_shots=val_shots, image_size=8,
+                             cache_images=False)
+
+
+def _drawn_and_undrawn(root: Path, name: str, shots: int = 1) -> tuple[str, str]:
+    """A drawn and an undrawn train key of class ``name`` (the draw depends on the file names alone)."""
+    dm = _module(root, shots)
+    dm.setup("fit")
+    drawn = [key for key, _ in dm.train_manifest if key.startswith(f"train/{name}/")]
+    undrawn = [key for key, _ in dm.train_set.dataset.samples if key.startswith(f"train/{name}/") and key not in drawn]
+    return drawn[0], undrawn[0]
+
+
+def _setup_without_warnings(dm: FewShotDataModule) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return build_dataset("imagefolder", root, split)
+        dm.setup("fit")
 
 
 def _copy_warning(record: pytest.WarningsRecorder) -> str:
     messages = [str(w.message) for w in record if "byte-identical" in str(w.message)]
-    assert len(messages) == 1, messages  # one warning per build, however many copies
+    assert len(messages) == 1, messages  # one warning per setup, however many copies
     return messages[0]
 
 
-def test_distinct_images_build_without_a_warning(tmp_path):
+def test_distinct_images_set_up_without_a_warning(tmp_path):
     _folder(tmp_path)
-    for split in ("train", "test"):
-        _build_without_warnings(tmp_path, split)
-
-
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_an_image_copied_into_another_class_warns_naming_both_paths(tmp_path, split):
-    _folder(tmp_path)
-    shutil.copyfile(tmp_path / "train" / "cat" / "cat 01.png", tmp_path / "train" / "dog" / "stray.png")
-    with pytest.warns(UserWarning, match=r"byte-identical") as record:
-        build_dataset("imagefolder", tmp_path, split)  # either split's build: the copy is a wrong training label
-    message = _copy_warning(record)
-    assert "1 group" in message and "train/cat/cat 01.png = train/dog/stray.png" in message
-    assert "wrong label" in message and "Remove the copies" in message
+    _setup_without_warnings(_module(tmp_path, shots=2, val_shots=1))
 
 
 @pytest.mark.parametrize("held_out", ["test", "val"])
-def test_a_train_image_copied_into_the_held_out_folder_warns(tmp_path, held_out):
+def test_a_drawn_shot_copied_into_the_held_out_split_warns_naming_both(tmp_path, held_out):
     _folder(tmp_path)
     if held_out == "val":
         (tmp_path / "test").rename(tmp_path / "val")
-    shutil.copyfile(tmp_path / "train" / "dog" / "dog 02.png", tmp_path / held_out / "dog" / "dog 99.png")
+    drawn, _ = _drawn_and_undrawn(tmp_path, "dog")
+    shutil.copyfile(tmp_path / drawn, tmp_path / held_out / "cat" / "leak.png")  # in any class of the held-out split
     with pytest.warns(UserWarning, match=r"byte-identical") as record:
-        build_dataset("imagefolder", tmp_path, "test")
+        _module(tmp_path).setup("fit")
     message = _copy_warning(record)
-    assert f"train/dog/dog 02.png = {held_out}/dog/dog 99.png" in message
-    assert "inflates test accuracy" in message
+    assert f"{drawn} = {held_out}/cat/leak.png" in message and "1 image of the drawn" in message
+    assert "inflates test accuracy" in message and "Remove the copies" in message
+
+
+def test_a_drawn_shot_copied_into_another_class_warns(tmp_path):
+    _folder(tmp_path)
+    drawn, _ = _drawn_and_undrawn(tmp_path, "cat")
+    shutil.copyfile(tmp_path / drawn, tmp_path / "train" / "dog" / "stray.png")  # undrawn there, or drawn: both warn
+    for shots in (1, 0):  # stray undrawn (c), or drawn too (b: shots=0 draws every image)
+        with pytest.warns(UserWarning, match=r"byte-identical") as record:
+            _module(tmp_path, shots).setup("fit")
+        message = _copy_warning(record)
+        assert f"{drawn} = train/dog/stray.png" in message and "wrong label" in message
+
+
+def test_a_drawn_validation_image_copied_into_the_test_split_warns(tmp_path):
+    _folder(tmp_path)
+    dm = _module(tmp_path, shots=1, val_shots=1)
+    dm.setup("fit")
+    val = dm.val_manifest[0][0]
+    shutil.copyfile(tmp_path / val, tmp_path / "test" / "dog" / "leak.png")
+    with pytest.warns(UserWarning, match=r"byte-identical") as record:
+        _module(tmp_path, shots=1, val_shots=1).setup("fit")
+    assert f"{val} = test/dog/leak.png" in _copy_warning(record)
 
 
 def test_many_copies_are_counted_in_one_warning_that_names_a_few(tmp_path):
     _folder(tmp_path, per_class=6)
+    dm = _module(tmp_path, shots=0)  # every train image drawn
+    dm.setup("fit")
     for j in range(6):
         shutil.copyfile(tmp_path / "train" / "cat" / f"cat {j:02d}.png", tmp_path / "test" / "dog" / f"copy {j}.png")
     with pytest.warns(UserWarning, match=r"byte-identical") as record:
-        build_dataset("imagefolder", tmp_path, "train")
+        _module(tmp_path, shots=0).setup("fit")
     message = _copy_warning(record)
-    assert message.count(" = ") == 3 and "6 groups" in message and "; ...)" in message
+    assert message.count(" = ") == 3 and "6 images of the drawn" in message and "; ...)" in message
 
 
-def test_copies_within_one_class_of_one_split_do_not_warn(tmp_path):
+def test_copies_among_undrawn_images_do_not_warn(tmp_path):
     _folder(tmp_path)
-    for split in ("train", "test"):
-        shutil.copyfile(tmp_path / split / "cat" / "cat 00.png", tmp_path / split / "cat" / "again.png")
-        (tmp_path / split / "cat" / "nested").mkdir()
-        shutil.copyfile(tmp_path / split / "cat" / "cat 00.png", tmp_path / split / "cat" / "nested" / "third.png")
-    for split in ("train", "test"):
-        assert len(_build_without_warnings(tmp_path, split)) == 8
+    _, undrawn = _drawn_and_undrawn(tmp_path, "cat")
+    shutil.copyfile(tmp_path / undrawn, tmp_path / "test" / "dog" / "leak.png")
+    shutil.copyfile(tmp_path / undrawn, tmp_path / "train" / "dog" / "stray.png")
+    dm = _module(tmp_path)
+    _setup_without_warnings(dm)
+    assert all(key != undrawn and key != "train/dog/stray.png" for key, _ in dm.train_manifest)
+
+
+def test_copies_within_one_class_do_not_warn(tmp_path):
+    _folder(tmp_path)
+    drawn, _ = _drawn_and_undrawn(tmp_path, "cat")
+    shutil.copyfile(tmp_path / drawn, tmp_path / "train" / "cat" / "again.png")
+    (tmp_path / "train" / "cat" / "nested").mkdir()
+    shutil.copyfile(tmp_path / drawn, tmp_path / "train" / "cat" / "nested" / "third.png")
+    _setup_without_warnings(_module(tmp_path, shots=0))  # all three drawn, in one class
 
 
 def test_distinct_images_of_equal_size_do_not_warn(tmp_path):
     # uncompressed BMPs of one resolution are all the same size: equal sizes alone are no copies
     for split in ("train", "test"):
-        for label, name in enumerate(("cat", "dog")):
+        for label, name in enumerate(CLASSES):
             for j in range(3):
                 path = tmp_path / split / name / f"{j}.bmp"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (16, 16), (label * 100, j * 40, 200 if split == "test" else 10)).save(path)
-    sizes = {path.stat().st_size for path in tmp_path.rglob("*.bmp")}
-    assert len(sizes) == 1
-    for split in ("train", "test"):
-        _build_without_warnings(tmp_path, split)
+    assert len({path.stat().st_size for path in tmp_path.rglob("*.bmp")}) == 1
+    _setup_without_warnings(_module(tmp_path, shots=2))
 
 
 def test_empty_files_are_not_named_as_copies(tmp_path):
@@ -111,19 +149,43 @@ def test_empty_files_are_not_named_as_copies(tmp_path):
     _folder(tmp_path)
     (tmp_path / "train" / "cat" / "empty.png").write_bytes(b"")
     (tmp_path / "test" / "dog" / "empty.png").write_bytes(b"")
-    _build_without_warnings(tmp_path, "train")
+    _setup_without_warnings(_module(tmp_path, shots=0))  # both drawn, or in the held-out split
 
 
-def test_the_check_leaves_samples_labels_and_classes_unchanged(tmp_path):
+def test_building_a_dataset_reads_no_image_content(tmp_path, monkeypatch):
     _folder(tmp_path)
-    before = {split: build_dataset("imagefolder", tmp_path, split) for split in ("train", "test")}
-    assert [key for key, _ in before["train"].samples][:2] == ["train/cat/cat 00.png", "train/cat/cat 01.png"]
-    shutil.copyfile(tmp_path / "train" / "cat" / "cat 00.png", tmp_path / "test" / "dog" / "leak.png")
-    shutil.copyfile(tmp_path / "train" / "cat" / "cat 01.png", tmp_path / "train" / "dog" / "stray.png")
+    # copies in two classes and in both splits: the build must not even look at them
+    shutil.copyfile(tmp_path / "train" / "cat" / "cat 00.png", tmp_path / "train" / "dog" / "stray.png")
+    shutil.copyfile(tmp_path / "train" / "cat" / "cat 01.png", tmp_path / "test" / "dog" / "leak.png")
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".png"):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
     for split in ("train", "test"):
-        with pytest.warns(UserWarning, match=r"2 groups of byte-identical"):
-            after = build_dataset("imagefolder", tmp_path, split)
-        added = {"train": [("train/dog/stray.png", 1)], "test": [("test/dog/leak.png", 1)]}[split]
-        assert after.samples == sorted(before[split].samples + added, key=lambda s: (s[1], s[0]))
-        assert after.targets == [label for _, label in after.samples]
-        assert after.class_names == before[split].class_names == ["cat", "dog"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build_dataset("imagefolder", tmp_path, split)
+    assert opened == []
+
+
+def test_the_check_leaves_the_split_labels_and_manifests_unchanged(tmp_path):
+    _folder(tmp_path, per_class=6)
+    before = _module(tmp_path, shots=2, val_shots=1)
+    before.setup("fit")
+    before.save_split(str(tmp_path / "before"))
+    drawn = before.train_manifest[0][0]
+    shutil.copyfile(tmp_path / drawn, tmp_path / "test" / "dog" / "leak.png")
+    with pytest.warns(UserWarning, match=r"byte-identical"):
+        after = _module(tmp_path, shots=2, val_shots=1)
+        after.setup("fit")
+    after.save_split(str(tmp_path / "after"))
+    assert after.train_manifest == before.train_manifest and after.val_manifest == before.val_manifest
+    assert after.split == before.split and after.split_digest == before.split_digest
+    assert after.train_set.dataset.samples == before.train_set.dataset.samples
+    for name in ("imagefolder_2shot_seed0_train.txt", "imagefolder_2shot_seed0_val1.txt"):
+        assert (tmp_path / "after" / name).read_text() == (tmp_path / "before" / name).read_text()

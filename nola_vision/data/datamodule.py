@@ -1,10 +1,16 @@
-"""``FewShotDataModule``: a seeded k-shot train split, an optional validation subset, the full test split."""
+"""``FewShotDataModule``: a seeded k-shot train split, an optional validation subset, the full test split.
+
+Where the split is drawn, the drawn images of an ImageFolder are checked for byte-identical copies that would mislead
+training or testing (:func:`_copies_of_drawn`): only files of a drawn image's size are read, so the cost is that of the
+drawn images and their size-mates, not of the dataset.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -44,6 +50,9 @@ from .transforms import (
 )
 
 __all__ = ["FewShotDataModule", "FewShotSubset"]
+
+COPY_CHUNK_BYTES = 1 << 20  # files are hashed whole, read in chunks of this size
+COPY_PAIRS_SHOWN = 3  # copies a warning names as examples
 
 
 class FewShotSubset(Dataset):
@@ -133,6 +142,75 @@ def _check_arguments(hp: Any) -> Any:
 def _dataset_key(name: str) -> str:
     """A dataset name as the registry looks it up (``Fashion-MNIST`` and ``fashion_mnist`` are one dataset)."""
     return name.lower().replace("-", "_")
+
+
+def _file_digest(path: Path) -> Optional[bytes]:
+    """blake2b of the whole file ``path``, read in COPY_CHUNK_BYTES chunks; None when it cannot be read (reading the
+    image reports that: this check only warns)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def _copies_of_drawn(train: ImageDataset, drawn: list[int],
+                     held_out: list[tuple[ImageDataset, str, Optional[int]]]) -> list[list[str]]:
+    """Groups of byte-identical files (keys, a drawn image first) in which a drawn image (``drawn``: train-set indices
+    of the train and validation shots) has a copy that training must not see: in the held-out split (any class), or
+    in another class of the train split, drawn or not (one image taught as two classes).
+
+    Only a file whose size is that of a drawn image can be a copy of one, and only size groups that hold a drawn image
+    and span two places (a train class, or the held-out split) are hashed, each file once and whole. So the cost is a
+    read of the drawn images and of their size-mates (sizes come from the listing's stat); with ``shots=0`` every
+    train image is drawn, and every image whose size an image in another place shares is read once. Copies among
+    undrawn images only, and copies within one class, are not looked for: training never sees the first, and the
+    second are harmless.
+    """
+    drawn_set = set(drawn)
+    drawn_sizes = {train.size_of(train.samples[index][0]) for index in drawn_set} - {None, 0}
+    everything = [(train, key, label, index in drawn_set) for index, (key, label) in enumerate(train.samples)]
+    everything += [(dataset, key, None, False) for dataset, key, _ in held_out]  # place None: the held-out split
+    sizes = [train.size_of(key) for key, _ in train.samples] + [size for _, _, size in held_out]
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, size in enumerate(sizes):
+        if size in drawn_sizes:  # so never an empty file: no image (missing_or_empty_files names it)
+            by_size[size].append(i)
+    by_content: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+    for size, group in by_size.items():
+        if len({everything[i][2] for i in group}) < 2:  # all in one class: no copy to warn of
+            continue
+        for i in group:
+            dataset, key = everything[i][:2]
+            digest = _file_digest(dataset.path_of(key))
+            if digest is not None:
+                by_content[size, digest].append(i)
+    copies = []
+    for group in by_content.values():
+        if any(everything[i][3] for i in group) and len({everything[i][2] for i in group}) > 1:
+            group = sorted(group, key=lambda i: (not everything[i][3], everything[i][1]))  # drawn first
+            copies.append([everything[i][1] for i in group])
+    return sorted(copies)
+
+
+def _warn_copied_shots(copies: list[list[str]], root: Path) -> None:
+    """Warn, once for a split, of the drawn images that have byte-identical copies (:func:`_copies_of_drawn`), naming a
+    few (keys relative to ``root``); never refused: real datasets hold a few copies."""
+    if not copies:
+        return
+    pairs = [f"{first} = {others[0]}" + (f" (+{len(others) - 1} more)" if len(others) > 1 else "")
+             for first, *others in copies[:COPY_PAIRS_SHOWN]]
+    many = len(copies) > 1
+    warnings.warn(
+        f"{len(copies)} {'images' if many else 'image'} of the drawn k-shot split {'have' if many else 'has'} "
+        f"byte-identical copies in another class or in the held-out (test) split under {root} "
+        f"({'; '.join(pairs)}{'; ...' if len(copies) > len(pairs) else ''}). A copy in another class is a wrong label "
+        "(one image taught as two classes), and a training image copied into the held-out split is tested on after "
+        "training on it, which inflates test accuracy. Remove the copies: keep each image once, in its one class of "
+        "one split.", stacklevel=5)
 
 
 def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
@@ -356,6 +434,7 @@ class FewShotDataModule(L.LightningDataModule):
         else:
             self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
                                       train.class_names, self.allow_fewer)
+        self._check_copies(train)
         # decode a small k-shot set once; array-backed sets (CIFAR, ...) are in memory already, and a
         # full train split (shots=0) is read from disk as usual
         cache = self.cache_images and self.shots > 0 and not isinstance(train, ArrayImageDataset)
@@ -368,6 +447,15 @@ class FewShotDataModule(L.LightningDataModule):
             unwritten = self._unwritten_manifests(self.split_dir)
             if self.trainer is None or self.trainer.is_global_zero:
                 self._write_manifests(unwritten)
+
+    def _check_copies(self, train: ImageDataset) -> None:
+        """Warn of byte-identical copies of the drawn images (:func:`_copies_of_drawn`) in a dataset whose reader
+        listed both splits with their file sizes (an ImageFolder: the user's own images, which the user can clean;
+        the benchmark sets are as published); on one rank only, as every rank draws the same split."""
+        if train.other_split_sizes is None or (self.trainer is not None and not self.trainer.is_global_zero):
+            return
+        held_out = [(train, key, size) for key, size in train.other_split_sizes.items()]
+        _warn_copied_shots(_copies_of_drawn(train, [*self.split.train, *self.split.val], held_out), train.root)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
         """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and

@@ -20,7 +20,6 @@ import struct
 import unicodedata
 import warnings
 import zlib
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
@@ -53,12 +52,6 @@ UNREAD_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", "
                            ".tga", ".dng", ".cr2", ".nef", ".arw", ".raw")
 # Folders that tools write among the images, never data: Synology NAS thumbnails, macOS zip resource forks.
 METADATA_FOLDERS = frozenset(("@eaDir", "__MACOSX"))
-# Copies of one image across classes or splits (:func:`_copies_across_places`) are told apart by a hash of the first
-# COPY_HEAD_BYTES of files of equal size (one page: enough to tell two photos apart), and only where those agree too by
-# a hash of the rest, read in COPY_CHUNK_BYTES chunks.
-COPY_HEAD_BYTES = 4096
-COPY_CHUNK_BYTES = 1 << 20
-COPY_PAIRS_SHOWN = 3
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
 FASHION_MNIST_SIZES = {"train": 60000, "t10k": 10000}  # images per file; fewer (a subset) cannot be verified
@@ -176,13 +169,19 @@ class ImageDataset(Dataset):
     """A labelled image dataset: ``samples`` of ``(key, label)``, ``load_image(i)`` gives a PIL RGB image."""
 
     def __init__(self, name: str, root: Path, split: str, samples: list[tuple[str, int]],
-                 class_names: list[str], transform: Optional[Callable] = None) -> None:
+                 class_names: list[str], transform: Optional[Callable] = None,
+                 sizes: Optional[dict[str, int]] = None, other_split_sizes: Optional[dict[str, int]] = None) -> None:
         self.name = name
         self.root = Path(root)  # the dataset folder; manifest keys are relative to it
         self.split = split
         self.samples = samples
         self.class_names = list(class_names)
         self.transform = transform
+        # File sizes by key from the stat of the reader's own listing (imagefolder), so that finding copies of the
+        # drawn images (FewShotDataModule) stats nothing twice; and the other split's image files (key: size), where
+        # the reader listed both splits (imagefolder does, to refuse links between them), so that it lists nothing twice
+        self.sizes = dict(sizes or {})
+        self.other_split_sizes = other_split_sizes
 
     @property
     def targets(self) -> list[int]:
@@ -212,6 +211,16 @@ class ImageDataset(Dataset):
         except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
+
+    def size_of(self, key: str) -> Optional[int]:
+        """The size in bytes of sample key ``key``'s file: from the listing where the reader kept it, else a stat;
+        None when it cannot be stat'd (reading the image reports that)."""
+        if key in self.sizes:
+            return self.sizes[key]
+        try:
+            return os.stat(self.path_of(key)).st_size
+        except OSError:
+            return None
 
     def missing_or_empty_files(self) -> list[Path]:
         """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
@@ -346,86 +355,6 @@ def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
             repeat = f"{where} is listed twice" if first == where else f"{first} and {where} are the same image"
             raise DatasetMetadataError(f"{repeat}: each image may be used once, in one class of one split. {fix}")
         seen[identity] = where
-
-
-def _copies_across_places(root: Path, files: Sequence[tuple[str, Hashable, int]]) -> list[list[tuple[str, Hashable]]]:
-    """Groups of byte-identical files that lie in more than one place, each as its ``(key, place)`` in the order of
-    ``files``: ``(key relative to root, place, size)``, where a place is a class of a split.
-
-    Only files of one size can be copies, and only a size shared across two places is read: the first COPY_HEAD_BYTES
-    of each file, then, where size and head agree across two places, the rest from where the head ended. So no byte is
-    read twice: the worst case (every image the same size in several classes, as uncompressed PPM or BMP of one
-    resolution) reads each file's head once, and whole files only where heads agree (copies, or near-copies). Empty
-    files are not compared: an interrupted copy is no image (:meth:`ImageDataset.missing_or_empty_files`).
-    """
-    base = os.fspath(root)
-
-    def path(index: int) -> str:  # a str, not a Path: for every file, pathlib would cost as much as its read
-        return os.path.join(base, _fs_name(files[index][0]))
-
-    def spread(group: list[int]) -> bool:
-        return len({files[index][1] for index in group}) > 1
-
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for index, (_, _, size) in enumerate(files):
-        if size:
-            by_size[size].append(index)
-    by_head: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for size, group in by_size.items():
-        if len(group) < 2 or not spread(group):  # a size of one file, or of one place's files: nothing to read
-            continue
-        for index in group:
-            head = _content_digest(path(index), 0, COPY_HEAD_BYTES)
-            if head is not None:
-                by_head[size, head].append(index)
-    by_content: dict[tuple[int, bytes, bytes], list[int]] = defaultdict(list)
-    for (size, head), group in by_head.items():
-        if len(group) < 2 or not spread(group):
-            continue
-        for index in group:
-            rest = _content_digest(path(index), COPY_HEAD_BYTES, None) if size > COPY_HEAD_BYTES else b""
-            if rest is not None:
-                by_content[size, head, rest].append(index)
-    return [[files[index][:2] for index in group] for group in sorted(by_content.values()) if spread(group)]
-
-
-def _content_digest(path: str, start: int, length: Optional[int]) -> Optional[bytes]:
-    """blake2b of ``length`` bytes of ``path`` from ``start`` (all the rest when None, read in COPY_CHUNK_BYTES
-    chunks); None when it cannot be read, which reading the image reports (this check only warns)."""
-    digest = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            if length is not None:
-                digest.update(f.read(length))
-            else:
-                for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b""):
-                    digest.update(chunk)
-    except OSError:
-        return None
-    return digest.digest()
-
-
-def _warn_copied_images(root: Path, images: Sequence[tuple[Path, str, str, _FileIdentity]], held_out: str) -> None:
-    """Warn, once for all, of images whose bytes are also in another class or in the other split (``images``: the
-    ``(split folder, class, file, identity)`` of each image read in either split; ``held_out``: that split's folder
-    name). Warned, not refused: real datasets hold a few copies. Copies within one class of one split are harmless and
-    not named."""
-    files = [(f"{split_folder.name}/{name}/{fname}", (split_folder.name, name), identity.size)
-             for split_folder, name, fname, identity in images]
-    groups = _copies_across_places(root, files)
-    if not groups:
-        return
-    pairs = []
-    for (first, place), *others in groups[:COPY_PAIRS_SHOWN]:
-        other = next(key for key, where in others if where != place)
-        pairs.append(f"{first} = {other}" + (f" (+{len(others) - 1} more)" if len(others) > 1 else ""))
-    warnings.warn(
-        f"{len(groups)} {'group' if len(groups) == 1 else 'groups'} of byte-identical images in two classes, or in "
-        f"both train/ and {held_out}/, under {root} ({'; '.join(pairs)}{'; ...' if len(groups) > len(pairs) else ''}). "
-        f"A copy in another class is a wrong label (one image drawn as a shot of two classes), and a train/ image "
-        f"copied into {held_out}/ is tested on after training on it, which inflates test accuracy. Remove the copies: "
-        "keep each image once, in its one class of one split.", stacklevel=3)
 
 
 def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
@@ -567,7 +496,7 @@ def _refuse_line_break(key: str, path: Union[str, Path]) -> None:
 @dataclass(frozen=True)
 class _FileIdentity:
     """What makes two paths one file (``file``: device and inode, or the real path), and the file's size from the same
-    stat: carried for :func:`_copies_across_places` (no second stat), never compared."""
+    stat: carried to :attr:`ImageDataset.sizes` (no second stat), never compared."""
 
     file: Hashable
     size: int = field(compare=False)
@@ -1033,8 +962,8 @@ class _ImageFolder:
         if (root / "test").is_dir() and (root / "val").is_dir():
             _warn_val_not_read(root)
         # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once.
-        # Both splits, to refuse a file that a link (symbolic or hard) brings into a second class or split, and to name
-        # byte-identical copies of a file there.
+        # Both splits, to refuse a file that a link (symbolic or hard) brings into a second class or split. Stat only:
+        # byte-identical copies are looked for where the k-shot split is drawn, among the drawn images' size-mates.
         listed = {split_folder: {name: _visible_files(split_folder / _fs_name(name)) for name in names
                                  if (split_folder / _fs_name(name)).is_dir()}
                   for split_folder in (root / "train", held_out) if split_folder.is_dir()}
@@ -1042,7 +971,6 @@ class _ImageFolder:
                   for name, files in classes.items() for fname, identity in files.items() if _reads_nested(fname)]
         _refuse_repeats(((identity, f"{split_dir}/{name}/{fname}") for split_dir, name, fname, identity in images),
                         "Remove the symbolic link or hard link that reaches it a second time.")
-        _warn_copied_images(root, images, held_out.name)  # then by content: copies with their own inode
         class_files = listed[folder]
         samples = [(f"{folder.name}/{name}/{fname}", label) for label, name in enumerate(names)
                    for fname in class_files.get(name, []) if _reads_nested(fname)]
@@ -1053,7 +981,11 @@ class _ImageFolder:
                                                               any(f.split("/", 1)[0] in empty for f in unread)))
         if split != "train" and samples:
             _warn_classes_without_images(folder, empty)
-        return ImageDataset(self.name, root, split, samples, names)
+        sizes = {f"{split_dir.name}/{name}/{fname}": identity.size for split_dir, name, fname, identity in images}
+        own = {key for key, _ in samples}
+        return ImageDataset(self.name, root, split, samples, names,
+                            sizes={key: size for key, size in sizes.items() if key in own},
+                            other_split_sizes={key: size for key, size in sizes.items() if key not in own})
 
 
 def _write_text_atomic(path: Path, text: str, missing_ok: bool = False) -> bool:
