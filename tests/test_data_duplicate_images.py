@@ -189,3 +189,25 @@ def test_the_check_leaves_the_split_labels_and_manifests_unchanged(tmp_path):
     assert after.train_set.dataset.samples == before.train_set.dataset.samples
     for name in ("imagefolder_2shot_seed0_train.txt", "imagefolder_2shot_seed0_val1.txt"):
         assert (tmp_path / "after" / name).read_text() == (tmp_path / "before" / name).read_text()
+
+
+def test_a_size_shared_by_many_files_is_not_read_and_the_sizes_are_not_kept(tmp_path, monkeypatch):
+    """Uncompressed images of one resolution all have one size: reading every size-mate of the drawn images would read
+    the dataset at every setup. Such a group is skipped; and the sizes, used once, do not travel to loader workers."""
+    from nola_vision.data import datamodule
+
+    for split, per in (("train", 40), ("test", 10)):
+        for label, name in enumerate(CLASSES):
+            for j in range(per):  # a PPM's size is its resolution's: 100 files of one size
+                path = tmp_path / split / name / f"{j:02d}.ppm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.frombytes("RGB", (6, 6), bytes((label * 97 + j * 13 + i) % 256 for i in range(108))).save(path)
+    read = []
+    digest = datamodule._file_digest
+    monkeypatch.setattr(datamodule, "_file_digest", lambda path, *a: read.append(path) or digest(path, *a))
+    dm = _module(tmp_path)
+    _setup_without_warnings(dm)
+    assert read == [] and len(dm.train_set.dataset.samples) == 80
+    assert dm.train_set.dataset.sizes == {} and dm.train_set.dataset.other_split_sizes is None
+    dm.setup("test")
+    assert dm.test_set.dataset.sizes == {} and dm.test_set.dataset.other_split_sizes is None

@@ -12,7 +12,7 @@ import random
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -51,7 +51,11 @@ from .transforms import (
 
 __all__ = ["FewShotDataModule", "FewShotSubset"]
 
-COPY_CHUNK_BYTES = 1 << 20  # files are hashed whole, read in chunks of this size
+# Copies of the drawn images (_copies_of_drawn): a file's first COPY_HEAD_BYTES are hashed, then the rest in chunks;
+# a size shared by more than COPY_GROUP_LIMIT files does not tell them apart, and is not read.
+COPY_HEAD_BYTES = 4096
+COPY_CHUNK_BYTES = 1 << 20
+COPY_GROUP_LIMIT = 64
 COPY_PAIRS_SHOWN = 3  # copies a warning names as examples
 
 
@@ -144,56 +148,69 @@ def _dataset_key(name: str) -> str:
     return name.lower().replace("-", "_")
 
 
-def _file_digest(path: Path) -> Optional[bytes]:
-    """blake2b of the whole file ``path``, read in COPY_CHUNK_BYTES chunks; None when it cannot be read (reading the
-    image reports that: this check only warns)."""
+def _file_digest(path: Path, start: int = 0, length: Optional[int] = None) -> Optional[bytes]:
+    """blake2b of ``length`` bytes of ``path`` from ``start`` (the rest of the file when None, read in
+    COPY_CHUNK_BYTES chunks); None when it cannot be read (reading the image reports that: this check only warns)."""
     digest = hashlib.blake2b(digest_size=16)
     try:
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b""):
+            f.seek(start)
+            if length is not None:
+                digest.update(f.read(length))
+            for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b"") if length is None else ():
                 digest.update(chunk)
     except OSError:
         return None
     return digest.digest()
 
 
-def _copies_of_drawn(train: ImageDataset, drawn: list[int],
-                     held_out: list[tuple[ImageDataset, str, Optional[int]]]) -> list[list[str]]:
-    """Groups of byte-identical files (keys, a drawn image first) in which a drawn image (``drawn``: train-set indices
-    of the train and validation shots) has a copy that training must not see: in the held-out split (any class), or
-    in another class of the train split, drawn or not (one image taught as two classes).
+class _File(NamedTuple):
+    key: str  # relative to the dataset root
+    place: Optional[int]  # the train class, or None: the held-out split
+    drawn: bool
 
-    Only a file whose size is that of a drawn image can be a copy of one, and only size groups that hold a drawn image
-    and span two places (a train class, or the held-out split) are hashed, each file once and whole. So the cost is a
-    read of the drawn images and of their size-mates (sizes come from the listing's stat); with ``shots=0`` every
-    train image is drawn, and every image whose size an image in another place shares is read once. Copies among
-    undrawn images only, and copies within one class, are not looked for: training never sees the first, and the
-    second are harmless.
+
+def _copies_of_drawn(path_of: Callable[[str], Path], train: list[_File], held_out: list[_File],
+                     sizes: dict[str, int]) -> list[list[str]]:
+    """Groups of byte-identical files (keys, a drawn image first) in which a drawn image (a train or validation shot)
+    has a copy that training must not see: in the held-out split (any class), or in another class of the train split,
+    drawn or not (one image taught as two classes). ``sizes``: every file's size, from the listing's stat;
+    ``path_of``: a key's file.
+
+    Only a file of a drawn image's size can be its copy, and only such size groups that span two places (a train class,
+    or the held-out split) are read: the first COPY_HEAD_BYTES of each file, then the rest only where sizes and heads
+    agree across places. A size group of more than COPY_GROUP_LIMIT files is not read: sizes then do not tell files
+    apart (uncompressed images of one resolution), and reading the group would read the dataset at every setup. So the
+    cost is bounded by the drawn images and their size-mates, never the whole dataset. Copies among undrawn images only,
+    and copies within one class, are not looked for: training never sees the first, and the second are harmless.
     """
-    drawn_set = set(drawn)
-    drawn_sizes = {train.size_of(train.samples[index][0]) for index in drawn_set} - {None, 0}
-    everything = [(train, key, label, index in drawn_set) for index, (key, label) in enumerate(train.samples)]
-    everything += [(dataset, key, None, False) for dataset, key, _ in held_out]  # place None: the held-out split
-    sizes = [train.size_of(key) for key, _ in train.samples] + [size for _, _, size in held_out]
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for i, size in enumerate(sizes):
-        if size in drawn_sizes:  # so never an empty file: no image (missing_or_empty_files names it)
-            by_size[size].append(i)
-    by_content: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for size, group in by_size.items():
-        if len({everything[i][2] for i in group}) < 2:  # all in one class: no copy to warn of
-            continue
-        for i in group:
-            dataset, key = everything[i][:2]
-            digest = _file_digest(dataset.path_of(key))
-            if digest is not None:
-                by_content[size, digest].append(i)
-    copies = []
-    for group in by_content.values():
-        if any(everything[i][3] for i in group) and len({everything[i][2] for i in group}) > 1:
-            group = sorted(group, key=lambda i: (not everything[i][3], everything[i][1]))  # drawn first
-            copies.append([everything[i][1] for i in group])
-    return sorted(copies)
+    files = train + held_out
+    drawn_sizes = {sizes.get(f.key) for f in train if f.drawn} - {None, 0}  # an empty file is no image
+
+    def spans_places(group: list[int]) -> bool:
+        return len({files[i].place for i in group}) > 1
+
+    def regroup(groups, digest):
+        out: dict[tuple, list[int]] = defaultdict(list)
+        for key, group in groups.items():
+            if spans_places(group) and any(files[i].drawn for i in group):
+                for i in group:
+                    value = digest(i, key)
+                    if value is not None:
+                        out[(*key, value)].append(i)
+        return out
+
+    by_size: dict[tuple, list[int]] = defaultdict(list)
+    for i, file in enumerate(files):
+        if sizes.get(file.key) in drawn_sizes:
+            by_size[(sizes[file.key],)].append(i)
+    by_size = {key: group for key, group in by_size.items() if len(group) <= COPY_GROUP_LIMIT}
+    by_head = regroup(by_size, lambda i, key: _file_digest(path_of(files[i].key), 0, COPY_HEAD_BYTES))
+    by_content = regroup(by_head, lambda i, key: (_file_digest(path_of(files[i].key), COPY_HEAD_BYTES)
+                                                  if key[0] > COPY_HEAD_BYTES else b""))
+    copies = [sorted(group, key=lambda i: (not files[i].drawn, files[i].key)) for group in by_content.values()
+              if spans_places(group) and any(files[i].drawn for i in group)]
+    return sorted([files[i].key for i in group] for group in copies)
 
 
 def _warn_copied_shots(copies: list[list[str]], root: Path) -> None:
@@ -452,10 +469,15 @@ class FewShotDataModule(L.LightningDataModule):
         """Warn of byte-identical copies of the drawn images (:func:`_copies_of_drawn`) in a dataset whose reader
         listed both splits with their file sizes (an ImageFolder: the user's own images, which the user can clean;
         the benchmark sets are as published); on one rank only, as every rank draws the same split."""
-        if train.other_split_sizes is None or (self.trainer is not None and not self.trainer.is_global_zero):
+        sizes, held_out = train.sizes, train.other_split_sizes
+        train.sizes, train.other_split_sizes = {}, None  # used once: not carried to the data loaders' workers
+        if held_out is None or (self.trainer is not None and not self.trainer.is_global_zero):
             return
-        held_out = [(train, key, size) for key, size in train.other_split_sizes.items()]
-        _warn_copied_shots(_copies_of_drawn(train, [*self.split.train, *self.split.val], held_out), train.root)
+        drawn = {*self.split.train, *self.split.val}
+        files = [_File(key, label, index in drawn) for index, (key, label) in enumerate(train.samples)]
+        copies = _copies_of_drawn(train.path_of, files, [_File(key, None, False) for key in held_out],
+                                  {**sizes, **held_out})
+        _warn_copied_shots(copies, train.root)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
         """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and

@@ -169,7 +169,7 @@ class ImageDataset(Dataset):
     """A labelled image dataset: ``samples`` of ``(key, label)``, ``load_image(i)`` gives a PIL RGB image."""
 
     def __init__(self, name: str, root: Path, split: str, samples: list[tuple[str, int]],
-                 class_names: list[str], transform: Optional[Callable] = None,
+                 class_names: list[str], transform: Optional[Callable] = None, *,
                  sizes: Optional[dict[str, int]] = None, other_split_sizes: Optional[dict[str, int]] = None) -> None:
         self.name = name
         self.root = Path(root)  # the dataset folder; manifest keys are relative to it
@@ -177,9 +177,9 @@ class ImageDataset(Dataset):
         self.samples = samples
         self.class_names = list(class_names)
         self.transform = transform
-        # File sizes by key from the stat of the reader's own listing (imagefolder), so that finding copies of the
-        # drawn images (FewShotDataModule) stats nothing twice; and the other split's image files (key: size), where
-        # the reader listed both splits (imagefolder does, to refuse links between them), so that it lists nothing twice
+        # A train split's file sizes by key from the stat of the reader's own listing, and the held-out split's (key:
+        # size), where the reader listed both (imagefolder does, to refuse links between them): what finding copies of
+        # the drawn images (FewShotDataModule, which then drops them) needs, without a second stat or listing
         self.sizes = dict(sizes or {})
         self.other_split_sizes = other_split_sizes
 
@@ -211,16 +211,6 @@ class ImageDataset(Dataset):
         except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
-
-    def size_of(self, key: str) -> Optional[int]:
-        """The size in bytes of sample key ``key``'s file: from the listing where the reader kept it, else a stat;
-        None when it cannot be stat'd (reading the image reports that)."""
-        if key in self.sizes:
-            return self.sizes[key]
-        try:
-            return os.stat(self.path_of(key)).st_size
-        except OSError:
-            return None
 
     def missing_or_empty_files(self) -> list[Path]:
         """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
@@ -642,7 +632,7 @@ def _warn_val_not_read(root: Path) -> None:
         f"validation images are drawn from {root / 'train'} (--data.val_shots, or replayed from "
         "--data.val_split_file). To test on val/ instead, rename test/ (e.g. to test_unused/) or move it out of "
         f"{root}: val/ is the held-out split when there is no test/. To train or validate on val/'s images, move them "
-        "into train/'s class folders.", stacklevel=3)
+        "into train/'s class folders.", stacklevel=4)  # build_dataset's caller
 
 
 def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
@@ -959,7 +949,7 @@ class _ImageFolder:
             extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
                 _refuse_unknown_held_out_classes(folder, root / "train", extra, names)
-        if (root / "test").is_dir() and (root / "val").is_dir():
+        if split == "train" and (root / "test").is_dir() and (root / "val").is_dir():  # once for a fit's builds
             _warn_val_not_read(root)
         # each class folder's sub-folders too, as torchvision's ImageFolder reads them; every folder is walked once.
         # Both splits, to refuse a file that a link (symbolic or hard) brings into a second class or split. Stat only:
@@ -981,6 +971,8 @@ class _ImageFolder:
                                                               any(f.split("/", 1)[0] in empty for f in unread)))
         if split != "train" and samples:
             _warn_classes_without_images(folder, empty)
+        if split != "train":
+            return ImageDataset(self.name, root, split, samples, names)
         sizes = {f"{split_dir.name}/{name}/{fname}": identity.size for split_dir, name, fname, identity in images}
         own = {key for key, _ in samples}
         return ImageDataset(self.name, root, split, samples, names,

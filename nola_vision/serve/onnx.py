@@ -369,13 +369,22 @@ def _refuse_replacing_other_files(path: Path) -> None:
                          "would overwrite it: pass another path (or remove the file)")
 
 
+# The tags a ModelProto field after ir_version starts with (producer_name, producer_version, domain, model_version,
+# doc_string, graph, opset_import, metadata_props, training_info): what an exporter writes third.
+_MODEL_FIELD_TAGS = frozenset((0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A))
+_LARGEST_GRAPH_FILE = 2**31  # protobuf's limit: a larger graph keeps its tensors in external data files
+
+
 def _is_onnx_graph(path: Path) -> bool:
     """Whether ``path`` holds an ONNX model with a graph. Its first bytes must be those exporters write (the
-    ``ir_version`` field: tag 0x08, a one-byte varint, then another field's tag), which a checkpoint (a zip), JSON or a
-    safetensors file (8 bytes of header length: a zero byte third, below 64 KB) never all have; then it must parse."""
+    ``ir_version`` field: tag 0x08 and a small version, then another field's tag), which a checkpoint (a zip), JSON or
+    a safetensors file (8 bytes of header length, whose second and third bytes are 0 below 256 bytes and a valid tag
+    only for headers of megabytes) do not have; then it must parse, and be under protobuf's 2 GB."""
     with open(path, "rb") as stream:
         head = stream.read(3)
-    if len(head) < 3 or head[0] != 0x08 or head[1] >= 0x80 or head[2] == 0:
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80 or head[2] not in _MODEL_FIELD_TAGS:
+        return False
+    if path.stat().st_size >= _LARGEST_GRAPH_FILE:
         return False
     try:
         onnx = _import_onnx()
