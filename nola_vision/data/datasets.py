@@ -543,7 +543,7 @@ def _reads_flat(key: str) -> bool:
     return "/" not in key and _reads_nested(key)
 
 
-def _unread_images(folder: Path, class_files: dict[str, dict[str, Hashable]],
+def _unread_images(folder: Path, class_files: dict[str, dict[str, _FileIdentity]],
                    reads: Callable[[str], bool] = _reads_nested) -> list[str]:
     """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a class
     folder (``class_files``: its :func:`_visible_files`) but not read (``reads``: in a format that is not read, or
@@ -691,7 +691,7 @@ class _Caltech101:
             f"{len(unexpected)} are not its categories ({few(unexpected)}) and {len(missing)} of its categories are "
             f"missing ({few(missing)}). Give the folders the archive's own names, or extract {self.url} there again.")
 
-    def _listing(self, root: Path) -> dict[str, dict[str, Hashable]]:
+    def _listing(self, root: Path) -> dict[str, dict[str, _FileIdentity]]:
         """Every visible file of each class folder (:func:`_visible_files`), after refusing a file that a link
         (symbolic or hard) brings in twice: it could be a training and a test image at once."""
         cats = self.expected(root)
@@ -701,7 +701,7 @@ class _Caltech101:
                         "Remove the symbolic link or hard link that reaches it a second time.")
         return listing
 
-    def split_assignment(self, root: Path, listing: Optional[dict[str, dict[str, Hashable]]] = None
+    def split_assignment(self, root: Path, listing: Optional[dict[str, dict[str, _FileIdentity]]] = None
                          ) -> dict[str, str]:
         """``{relative path: "train"|"test"}``, read from the split file or made (and written) by our rule;
         ``listing``: :meth:`_listing`, when the caller has it already."""
