@@ -48,7 +48,8 @@ from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
            "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind", "load_adapter",
-           "num_classes_of", "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
+           "num_classes_of", "other_adapter_files_error", "output_settings", "pooling_of", "read_adapter",
+           "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -365,25 +366,43 @@ def require_adapter_directory(directory: PathLike) -> None:
 
 
 def _refuse_peft_export(directory: PathLike) -> None:
-    """A ValueError when ``directory`` holds a peft export, whose files ``save_adapter``'s would replace."""
-    if existing_adapter_kind(directory) == "peft":
+    """A ValueError when ``directory`` holds a peft export, or adapter files another tool wrote, which the files of
+    ``save_adapter`` (of the same names) would replace."""
+    kind = existing_adapter_kind(directory)
+    if kind == "peft":
         raise ValueError(f"{directory} holds a peft LoRA export (nv.export_peft); save_adapter would replace it with "
                          "files of the same names. Save the adapter into another directory")
+    if kind == "other":
+        raise ValueError(other_adapter_files_error(directory, "save_adapter"))
+
+
+def other_adapter_files_error(directory: PathLike, writer: str) -> str:
+    """Why ``writer`` refuses ``directory``: it holds an ``adapter_config.json`` or ``adapter_model.safetensors`` that
+    neither ``save_adapter`` nor ``export_peft`` wrote (another library's adapter, or a user's file)."""
+    return (f"{directory} holds {CONFIG_NAME} or {WEIGHTS_NAME} that neither nv.save_adapter nor nv.export_peft wrote "
+            f"(another library's adapter, or your own file): {writer} would replace them with files of the same names. "
+            "Write into another directory, or move those files away")
 
 
 def existing_adapter_kind(directory: PathLike) -> Optional[str]:
-    """What ``directory``'s ``adapter_config.json`` is: ``"nola_vision"`` (``save_adapter``), ``"peft"``
-    (``export_peft``), or None (no such readable file). Both write files of the same names, so each refuses to
-    replace the other's: a peft export cannot give back NOLA's coefficients."""
+    """What ``directory``'s adapter files are: ``"nola_vision"`` (``save_adapter``), ``"peft"`` (``export_peft``),
+    ``"other"`` (an ``adapter_config.json`` that is neither, or an ``adapter_model.safetensors`` without any: another
+    tool's, or a user's file), or None (neither file, or only empty ones). Both writers write files of the same names,
+    so each refuses to replace the other's, and both refuse to replace another tool's."""
+    config, weights = Path(directory) / CONFIG_NAME, Path(directory) / WEIGHTS_NAME
     try:
-        document = json.loads((Path(directory) / CONFIG_NAME).read_bytes())
-    except (OSError, ValueError, RecursionError):
+        if not config.is_file() or not config.stat().st_size:
+            return "other" if weights.is_file() and weights.stat().st_size else None
+        document = json.loads(config.read_bytes())
+    except OSError:
         return None
+    except (ValueError, RecursionError):
+        return "other"
     if not isinstance(document, dict):
-        return None
+        return "other"
     if str(document.get("format", "")).startswith("nola_vision.adapter/"):
         return "nola_vision"
-    return "peft" if "peft_type" in document else None
+    return "peft" if "peft_type" in document else "other"
 
 
 def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:

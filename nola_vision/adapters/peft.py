@@ -23,7 +23,7 @@ from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
 from ..core.targets import classifier_head, require_nothing_else_trained, trained_parameters
-from .files import existing_adapter_kind
+from .files import existing_adapter_kind, other_adapter_files_error
 
 __all__ = ["export_peft"]
 
@@ -39,7 +39,10 @@ def _alpha(rank: int, scaling: float) -> Union[int, float]:
 def _refuse_nola_vision_adapter(directory: Union[str, Path]) -> None:
     """A ValueError when ``directory`` holds a ``save_adapter`` file, which a peft export of the same names would
     replace without a way back to its coefficients."""
-    if existing_adapter_kind(directory) == "nola_vision":
+    kind = existing_adapter_kind(directory)
+    if kind == "other":
+        raise ValueError(other_adapter_files_error(directory, "export_peft"))
+    if kind == "nola_vision":
         raise ValueError(f"{directory} holds a nola_vision adapter (nv.save_adapter), whose files have the same names: "
                          "exporting there would replace it, and a peft export cannot give back its coefficients. "
                          "Export into another directory")

@@ -8,6 +8,7 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..adapters.files import (
     WEIGHTS_NAME,
     changed_settings,
+    existing_adapter_kind,
     num_classes_of,
     output_settings,
     pooling_of,
@@ -772,7 +774,7 @@ def _keep_previous_adapter(target: Path) -> None:
     so a failed export loses nothing."""
     if not (target / WEIGHTS_NAME).is_file():
         return
-    previous = target.with_name(target.name + ".previous")
+    previous = _previous_adapter_path(target)
     staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
     try:
         shutil.copytree(target, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
@@ -785,6 +787,17 @@ def _keep_previous_adapter(target: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; a failed copy's leftovers
     rank_zero_warn(f"nola_vision: {target} already held an adapter, which this run's export replaces: it is kept as "
                    f"{previous}")
+
+
+def _previous_adapter_path(target: Path) -> Path:
+    """``<target>.previous``, or ``.previous.1``, ``.2``, ... where it holds something other than an adapter an earlier
+    export kept (a user's folder or file of that name, which replacing would delete)."""
+    for index in itertools.count():
+        path = target.with_name(target.name + ".previous" + (f".{index}" if index else ""))
+        if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink()
+                                         and existing_adapter_kind(path) == "nola_vision"):
+            return path
+    raise AssertionError("unreachable")
 
 
 def _link_or_copy(source: str, destination: str) -> None:

@@ -1,0 +1,50 @@
+"""Adapter files another tool (or the user) wrote under the names save_adapter and export_peft write are refused, never
+replaced; and a re-fit keeps a user's own ``<adapter_dir>.previous`` folder, keeping the earlier adapter beside it."""
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.train.module import _keep_previous_adapter
+
+CONFIG = nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "mlp.fc2"])
+
+
+def _model():
+    return as_if_trained(nv.inject(tiny_vit(), CONFIG))
+
+
+@pytest.mark.parametrize("files", [
+    {"adapter_config.json": json.dumps({"config": {"architecture": "lora"}, "model_name": "bert"})},  # AdapterHub
+    {"adapter_config.json": "my notes, not JSON"},
+    {"adapter_model.safetensors": "my weights"},  # weights without any config
+])
+@pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
+def test_adapter_files_another_tool_wrote_are_refused_not_replaced(tmp_path, files, write):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"neither nv.save_adapter nor nv.export_peft wrote.*{write} would replace"):
+        getattr(nv, write)(_model(), tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+
+
+def test_each_writer_still_replaces_its_own_earlier_files(tmp_path):
+    nv.save_adapter(_model(), tmp_path / "nola")
+    nv.save_adapter(_model(), tmp_path / "nola")
+    nv.export_peft(_model(), tmp_path / "peft")
+    nv.export_peft(_model(), tmp_path / "peft")
+
+
+def test_a_user_folder_named_previous_is_kept_and_the_earlier_adapter_goes_beside_it(tmp_path):
+    target = nv.save_adapter(_model(), tmp_path / "task")
+    mine = tmp_path / "task.previous"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1"):
+        _keep_previous_adapter(Path(target))
+    assert (mine / "notes.txt").read_text() == "mine" and not (mine / "adapter_model.safetensors").exists()
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "task.previous.1", check_frozen_weights=False)
+    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1"):  # an earlier kept adapter is replaced
+        _keep_previous_adapter(Path(target))
