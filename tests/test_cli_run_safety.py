@@ -144,3 +144,17 @@ def test_predictions_of_classes_named_in_no_utf8_keep_their_bytes(tmp_path):
     writer.on_predict_epoch_end(trainer, None)
     rows = path.read_bytes().splitlines()
     assert rows[1] == b"0,,0,caf\xe9,0,caf\xe9,0.900000" and rows[2] == b"1,,0,caf\xe9,1,tea,0.600000"
+
+
+def test_a_logger_less_fit_keeps_a_users_own_config_yaml_and_replaces_a_dead_runs(tmp_path, capsys):
+    """Without a logger a run writes config.yaml straight into default_root_dir (the working directory by default),
+    where a user's own config.yaml was replaced by Lightning's dump."""
+    mine = tmp_path / "config.yaml"
+    mine.write_text("# my project config\nkey: value\n")
+    code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
+    assert code == 2 and "is not a config.yaml a run saved" in err
+    assert mine.read_text() == "# my project config\nkey: value\n" and not (tmp_path / "checkpoints").exists()
+    mine.write_text("# lightning.pytorch==2.6.6\nseed_everything: 0\n")  # a run that died before it kept anything
+    code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
+    assert code == 0, err
+    assert "seed_everything" in mine.read_text() and "key: value" not in mine.read_text()

@@ -128,6 +128,12 @@ class RunConfigSaver(SaveConfigCallback):
         if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
+        if exists and not trainer.strategy.broadcast(_is_saved_config(path) if trainer.is_global_zero else True):
+            raise ValueError(
+                f"{path} exists and is not a config.yaml a run saved (a file of yours?), which this fit would "
+                "overwrite: a run without a logger writes straight into --trainer.default_root_dir (the working "
+                "directory by default). Choose another --trainer.default_root_dir, or keep the logger (each run then "
+                "gets its own version_N folder)")
         super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
 
     def _hold_folder(self, trainer: Trainer, folder: Path) -> None:
@@ -228,6 +234,17 @@ def _lock_run_folder(folder: Path) -> Optional[int]:
     protocol command, which holds it in the same folder. Where no lock can be taken (Windows), nothing is locked."""
     folder.mkdir(parents=True, exist_ok=True)
     return try_lock(folder / FIT_LOCK)
+
+
+def _is_saved_config(path: Path) -> bool:
+    """Whether ``path`` is a config LightningCLI saved (its dump starts with a ``# lightning.pytorch==`` header), or
+    empty: a fit may replace those, never a user's own file of that name."""
+    try:
+        with open(path, "rb") as stream:
+            first = stream.readline(256)
+    except OSError:
+        return False
+    return not first.strip() or first.startswith(b"# lightning.pytorch==")
 
 
 def _holds_work(folder: Path) -> bool:
