@@ -55,6 +55,7 @@ from .results import (
     RESULT_FILE,
     check_row_data,
     check_seeds,
+    check_tables_ours,
     claim_row,
     claim_unfinished_run,
     config_key,
@@ -197,8 +198,10 @@ def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
 def check_output_paths(out: str, name: str) -> None:
     """Refuse, before the first run, an ``--out`` or ``--name`` whose tables or run folders could not be written (a
     folder this process may not write, a name over the file system's limit, ``results.csv`` a directory), found
-    otherwise only after a fit, or as an OSError. A file in the way of the row is ``row_folder``'s to name."""
+    otherwise only after a fit, or as an OSError; and tables of that name nola-vision did not write, which it would
+    replace (``check_tables_ours``). A file in the way of the row is ``row_folder``'s to name."""
     root = Path(out) / name
+    check_tables_ours(out)
     if file_in_the_way(root) is not None:
         return
     for table in ("results.csv", "results.md"):

@@ -19,7 +19,7 @@ import re
 import statistics
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -36,12 +36,15 @@ __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS
            "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
            "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
            "finished_result", "image_changes", "mixed_settings", "override_changes", "parse_overrides", "read_result",
-           "referenced_files", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
-           "run_seeds_mismatch", "same_settings", "summarise", "write_tables"]
+           "check_tables_ours", "first_line", "referenced_files", "refuse_foreign_file", "request_runs",
+           "requested_runs", "retire_unfinished_run", "row_folder", "run_seeds_mismatch", "same_settings", "summarise",
+           "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
+RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | runs | "
+                     "top-1 % mean (std) |")  # results.md's first line: how the tables know a results.md as theirs
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
               "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir", "train_images",
               "test_images"]
@@ -398,10 +401,12 @@ def claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
 def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
     """``claim_row``'s read, compare and write, under its lock."""
     path = root / CONFIG_FILE
+    refuse_foreign_file(path, _is_row_config, "a protocol row's config (a JSON object with its config_hash)",
+                        f"Pass another --name for a separate row, or move {path} away.")
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
-        old = None
+        old = None  # missing or empty (anything else was refused above)
     if old is None:  # older rows have no config.json: their result files carry the hash, or nothing to compare
         hashes = {d.get("config_hash") for d in map(read_result, root.glob(f"*/{RESULT_FILE}")) if d}
         if hashes - {None, key["config_hash"]}:
@@ -431,6 +436,42 @@ def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
                      f"their results would be averaged into one row. Pass another --name for a separate row, "
                      f"or delete {root} to redo this one")
+
+
+def _is_row_config(path: Path) -> bool:
+    data = json.loads(path.read_text())
+    return isinstance(data, dict) and "config_hash" in data
+
+
+def first_line(path: Path) -> str:
+    """The first line of a text file (at most 4096 characters, without its line end)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline(4096).rstrip("\r\n")
+
+
+def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], what: str, fix: str) -> None:
+    """Refuse (ValueError) a ``path`` nola-vision would write over when it is a non-empty file that ``ours`` does not
+    recognise as one it wrote (``what``): a user's file of that name would be lost. Missing or empty files pass; so
+    does what is no file (a directory: the writers' own checks name it)."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        mine = ours(path)
+    except (OSError, ValueError, RecursionError):
+        mine = False
+    if not mine:
+        raise ValueError(f"{path} exists and is not {what}: nola-vision would replace it, losing its content. {fix}")
+
+
+def check_tables_ours(out: str) -> None:
+    """Refuse (``refuse_foreign_file``) an ``<out>/results.csv`` or ``results.md`` that ``write_tables`` did not
+    write: it rebuilds both after every run."""
+    fix = "Pass another --out, or remove or rename the file."
+    # the header's first columns: earlier versions' tables had fewer columns after them
+    refuse_foreign_file(Path(out) / "results.csv", lambda p: first_line(p).startswith(",".join(CSV_FIELDS[:3])),
+                        "a results table nola-vision wrote (its header is not nola-vision's)", fix)
+    refuse_foreign_file(Path(out) / "results.md", lambda p: first_line(p).startswith(RESULTS_MD_HEADER[:17]),
+                        "a results table nola-vision wrote (its first line is not nola-vision's table header)", fix)
 
 
 def _option_path(key: str) -> Tuple[str, ...]:
@@ -606,7 +647,7 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| run | method | backbone | dataset | shots | adapter params | head params | runs | top-1 % mean (std) |",
+    lines = [RESULTS_MD_HEADER,
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     finished: Dict[str, Set[str]] = {}
     for row in rows:

@@ -68,15 +68,20 @@ from .results import (
     counted,
     data_digests,
     finished_result,
+    first_line,
     image_changes,
     override_changes,
     read_result,
+    refuse_foreign_file,
     row_folder,
     same_settings,
 )
 
-__all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "main", "parse_grid", "run_tune"]
+__all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "check_tune_files_ours", "main", "parse_grid",
+           "run_tune"]
 
+BEST_YAML_HEADER = "# chosen by nola-vision tune on validation accuracy"
+CHOSEN_KEYS = ("params", "val_acc", "trial", "overrides")  # what best.json holds (and selection_seeds)
 GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # what tune sets in every fit itself, and how to control it instead
 CONTROLLED = {
@@ -596,6 +601,7 @@ def run_tune(
     check_seeds(split_seeds, init_seeds)
     check_output_paths(out, name)
     root = row_folder(out, name)
+    check_tune_files_ours(root)
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
     key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
@@ -639,7 +645,7 @@ def run_tune(
     chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
               "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}
     write_json_atomic(root / "best.json", chosen)
-    write_text_atomic(root / "best.yaml", "# chosen by nola-vision tune on validation accuracy\n"
+    write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
                       + yaml.safe_dump(_nested(best.params), sort_keys=True))
     _append_choice(root / "tune_results.md", chosen)
     if echo:
@@ -648,6 +654,23 @@ def run_tune(
         run_protocol(configs, out=out, name=name, split_seeds=protocol_split_seeds, init_seeds=protocol_init_seeds,
                      overrides=[*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
     return chosen
+
+
+def _is_best_json(path: Path) -> bool:
+    data = json.loads(path.read_text())
+    return isinstance(data, dict) and all(k in data for k in CHOSEN_KEYS)
+
+
+def check_tune_files_ours(root: Path) -> None:
+    """Refuse, before any trial, a ``best.json``, ``best.yaml``, ``tune_results.md`` or ``tune_trials.csv`` in the
+    study's folder that tune did not write (``refuse_foreign_file``): it replaces them."""
+    fix = "Pass another --out or --name, or remove or rename the file."
+    ours = {"best.json": _is_best_json,
+            "best.yaml": lambda p: first_line(p).startswith("# chosen by nola-vision tune"),
+            "tune_results.md": lambda p: first_line(p) == f"# Tuning: {root.name}",
+            "tune_trials.csv": lambda p: first_line(p).startswith("trial,")}
+    for file, recognise in ours.items():
+        refuse_foreign_file(root / file, recognise, "a file nola-vision tune wrote", fix)
 
 
 def _best(trials: Sequence[Any], points: Optional[List[Params]]) -> Optional[Any]:
