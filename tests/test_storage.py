@@ -380,3 +380,57 @@ def test_a_killed_writers_staging_folder_goes_with_its_temporary_file_and_a_live
             tmp.write_bytes(b"graph")
     assert target.read_bytes() == b"graph"
     assert not killed.exists() and live.is_dir() and live_file.exists() and mine.is_dir()
+
+
+OTHER_ID = 4321  # a user and group id that is not this process's (root may give files any)
+
+
+def ownership(path):
+    info = os.stat(path, follow_symlinks=False)
+    return info.st_uid, info.st_gid, stat_mode(info)
+
+
+def stat_mode(info):
+    return info.st_mode & 0o7777
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give files other owners")
+def test_a_save_keeps_owner_group_and_mode_of_the_directory_its_subfolders_and_a_replaced_file(tmp_path,
+                                                                                               monkeypatch):
+    # A shared (setgid, group-writable) adapter directory with a user's subfolder: re-created by the save, they keep
+    # their owner, group and mode (copytree gave them the saver's group, so the group lost its access).
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    notes = target / "notes"
+    (notes / "inner").mkdir(parents=True)
+    (notes / "inner" / "plot.txt").write_text("kept")
+    os.symlink("inner/plot.txt", notes / "link")
+    for path, mode in ((target, 0o2770), (notes, 0o2750), (notes / "inner", 0o700)):
+        os.chown(path, OTHER_ID, OTHER_ID)
+        os.chmod(path, mode)
+    before = {path: ownership(path) for path in (target, notes, notes / "inner", notes / "link")}
+    nv.save_adapter(trained(2), target)
+    assert {path: ownership(path) for path in before} == before
+    assert (notes / "inner" / "plot.txt").read_text() == "kept" and os.readlink(notes / "link") == "inner/plot.txt"
+
+    # Where hard links are refused, the copied file keeps its owner, group and mode too.
+    def refuse_links(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "links refused")
+
+    plot = notes / "inner" / "plot.txt"
+    os.chown(plot, OTHER_ID, OTHER_ID)
+    os.chmod(plot, 0o640)
+    monkeypatch.setattr(os, "link", refuse_links)
+    nv.save_adapter(trained(3), target)
+    assert ownership(plot) == (OTHER_ID, OTHER_ID, 0o640) and plot.read_text() == "kept"
+
+
+def test_a_replaced_file_keeps_its_mode_and_group_and_a_new_file_gets_the_default_mode(tmp_path):
+    private = tmp_path / "results.md"
+    private.write_text("old")
+    os.chmod(private, 0o600)  # the user made it private: a new version must not become world-readable
+    group = os.getgroups()[-1] if hasattr(os, "getgroups") and os.getgroups() else os.getgid()
+    os.chown(private, -1, group)
+    storage.write_text_atomic(private, "new")
+    assert private.read_text() == "new" and stat_mode(private.stat()) == 0o600 and private.stat().st_gid == group
+    fresh = storage.write_text_atomic(tmp_path / "fresh.md", "x")
+    assert stat_mode(fresh.stat()) == 0o644

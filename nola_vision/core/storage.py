@@ -110,7 +110,8 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     same path, which nothing locks, are removed first, with any folder they staged beside them
     (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before
     the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
-    limit raises an OSError (same errno) that says so.
+    limit raises an OSError (same errno) that says so. A new file gets ``mode``; a replaced one keeps its mode, its
+    group (where this user may set it) and, for root, its owner, so a file of a shared folder stays shared.
     """
     target = _file_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,12 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     try:
         with _explained_if_out_of_room(target, f"{target} was not changed: its previous content, if any, is intact."):
             yield tmp
-            os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
+            replaced = _stat_or_none(target)
+            if replaced is None:
+                os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
+            else:
+                _copy_ownership(replaced, tmp)
+                os.chmod(tmp, stat.S_IMODE(replaced.st_mode))  # after chown, which clears set-id bits
             _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_directory(target.parent)
@@ -354,7 +360,8 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
     Windows has no lock, so concurrent writers there must be avoided by the caller). Under the lock, leftovers of
     a killed save of this directory (``.<name>.staged-*``, ``.<name>.old-*`` siblings) are removed first. Files and
     folders of the old directory that the block did not write are hard-linked (copied where links are refused)
-    into the staging directory, so the user's other files are never moved and a reader sees them in both sets.
+    into the staging directory, so the user's other files are never moved and a reader sees them in both sets;
+    the staged directory and the folders re-created in it get the old ones' mode, group and (for root) owner.
     The staged set then replaces the old one: on Linux with ``renameat2(RENAME_EXCHANGE)`` and on macOS with
     ``renamex_np(RENAME_SWAP)``, one atomic step, so ``path`` always names a complete set and a reader (see
     ``read_files``) gets the whole old or the whole new one; elsewhere, or on filesystems without an atomic
@@ -376,12 +383,13 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
                                                    "any, is intact."):
                 yield staged
                 written = os.listdir(staged)
-                old_mode = _keep_unwritten_entries(target, staged)
+                old = _keep_unwritten_entries(target, staged)
                 _fsync_entries(staged, written)
             if check is not None:
                 check()
-            if old_mode is not None:
-                os.chmod(staged, old_mode)
+            if old is not None:
+                _copy_ownership(old, staged)
+                os.chmod(staged, stat.S_IMODE(old.st_mode))
             _swap_in(staged, target)
             _fsync_directory(target.parent)
         finally:
@@ -509,8 +517,8 @@ def _make_staging_directory(target: Path) -> Path:
             continue
 
 
-def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[int]:
-    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's mode."""
+def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[os.stat_result]:
+    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat."""
     if not target.is_dir():
         return None
     with os.scandir(target) as entries:
@@ -519,18 +527,56 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[int]:
             if os.path.lexists(destination):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+                _relink_folder(entry.path, str(destination))
             else:
-                _link_or_copy(entry.path, destination)
-    return stat.S_IMODE(os.stat(target).st_mode)
+                _link_or_copy(entry.path, str(destination))
+    return os.stat(target)
+
+
+def _relink_folder(source: str, destination: str) -> None:
+    """A new folder at ``destination`` with ``source``'s owner, group, mode and times, its files hard-linked: a save
+    re-creates a user's subfolder of an adapter directory with its access unchanged (``shutil.copytree`` would give
+    it this user's group, so a shared setgid folder would lose its group's access)."""
+    os.mkdir(destination)
+    with os.scandir(source) as entries:
+        for entry in entries:
+            inner = os.path.join(destination, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                _relink_folder(entry.path, inner)
+            else:
+                _link_or_copy(entry.path, inner)
+    _copy_ownership(os.stat(source), destination)
+    shutil.copystat(source, destination)  # last: after chown, which may clear set-id bits, and after filling it
 
 
 def _link_or_copy(source: str, destination: str) -> None:
-    """A hard link (a symlink is linked itself, not followed); a copy where the filesystem refuses links."""
+    """A hard link (a symlink is linked itself, not followed); where the filesystem refuses links, a copy with the
+    source's owner, group, mode and times."""
     try:
         os.link(source, destination, follow_symlinks=False)
     except (OSError, NotImplementedError):
         shutil.copy2(source, destination, follow_symlinks=False)
+        _copy_ownership(os.stat(source, follow_symlinks=False), destination)
+        shutil.copystat(source, destination, follow_symlinks=False)
+
+
+def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:
+    """Give ``path`` the group of ``reference`` where this user may (a member of it) and, for root, its owner too;
+    otherwise ``path`` keeps this user's. Symlinks are changed themselves, not followed."""
+    if not hasattr(os, "chown"):  # Windows
+        return
+    owner = reference.st_uid if os.geteuid() == 0 else -1
+    try:
+        os.chown(path, owner, reference.st_gid, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        pass
+
+
+def _stat_or_none(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _fsync_entries(directory: Path, names: Sequence[str]) -> None:
