@@ -410,6 +410,8 @@ def test_a_save_keeps_owner_group_and_mode_of_the_directory_its_subfolders_and_a
     before = {path: ownership(path) for path in (target, notes, notes / "inner", notes / "link")}
     nv.save_adapter(trained(2), target)
     assert {path: ownership(path) for path in before} == before
+    # The adapter's own new files get the folder's group, as files created in a setgid folder do.
+    assert {os.stat(target / name).st_gid for name in (CONFIG_NAME, WEIGHTS_NAME)} == {OTHER_ID}
     assert (notes / "inner" / "plot.txt").read_text() == "kept" and os.readlink(notes / "link") == "inner/plot.txt"
 
     # Where hard links are refused, the copied file keeps its owner, group and mode too.

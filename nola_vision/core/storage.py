@@ -379,6 +379,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
         _remove_leftovers(target)
         staged = _make_staging_directory(target)
         try:
+            _inherit_group(target, staged)
             with _explained_if_out_of_room(target, f"Nothing in {target} was changed: a previous adapter there, if "
                                                    "any, is intact."):
                 yield staged
@@ -570,6 +571,17 @@ def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:
         os.chown(path, owner, reference.st_gid, follow_symlinks=False)
     except (OSError, NotImplementedError):
         pass
+
+
+def _inherit_group(target: Path, staged: Path) -> None:
+    """Give ``staged`` the group (and set-group-ID bit) of an existing ``target`` before files are written into it, so
+    the new files get that group as they would in ``target`` itself (a shared setgid folder)."""
+    old = _stat_or_none(target)
+    if old is None or not stat.S_ISDIR(old.st_mode):
+        return
+    _copy_ownership(old, staged)
+    if old.st_mode & stat.S_ISGID:
+        os.chmod(staged, stat.S_IMODE(os.stat(staged).st_mode) | stat.S_ISGID)
 
 
 def _stat_or_none(path: Path) -> Optional[os.stat_result]:
