@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
@@ -28,6 +29,20 @@ def test_adapter_files_another_tool_wrote_are_refused_not_replaced(tmp_path, fil
     with pytest.raises(ValueError, match=f"neither nv.save_adapter nor nv.export_peft wrote.*{write} would replace"):
         getattr(nv, write)(_model(), tmp_path)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+
+
+def test_a_peft_adapter_no_export_wrote_is_refused_not_replaced(tmp_path):
+    # A peft adapter trained elsewhere has a peft config too: only the mark export_peft puts in its weights' metadata
+    # tells an export of ours (replaced by a new export) from it.
+    nv.export_peft(_model(), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    weights = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    safetensors.torch.save_file(weights, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for write in ("export_peft", "save_adapter"):
+        with pytest.raises(ValueError, match=f"a peft adapter trained elsewhere.*{write} would replace"):
+            getattr(nv, write)(_model(), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and config["peft_type"] == "LORA"
 
 
 def test_each_writer_still_replaces_its_own_earlier_files(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
@@ -46,13 +46,16 @@ from ..core.storage import atomic_directory, read_files, resolve_directory_targe
 from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
 from ..version import __version__
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
+__all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
            "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind", "load_adapter",
            "num_classes_of", "other_adapter_files_error", "output_settings", "pooling_of", "read_adapter",
            "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The safetensors metadata export_peft writes into its weights (peft ignores it): it tells an export of ours, which a
+# new export may replace, from a peft adapter trained elsewhere, which it must not.
+PEFT_EXPORT_MARK = {"written_by": "nola_vision.export_peft"}
 FORMAT = "nola_vision.adapter/3"
 # Format 2 has checksums but no frozen-weights fingerprint: it loads, checked by what it has. Format 1 files (before
 # checksums) can be checked for nothing, so they load only on request (``allow_unchecked_legacy=True``).
@@ -379,8 +382,12 @@ def _refuse_peft_export(directory: PathLike) -> None:
 def other_adapter_files_error(directory: PathLike, writer: str) -> str:
     """Why ``writer`` refuses ``directory``: it holds an ``adapter_config.json`` or ``adapter_model.safetensors`` that
     neither ``save_adapter`` nor ``export_peft`` wrote (another library's adapter, or a user's file)."""
+    peft = _peft_config(Path(directory) / CONFIG_NAME)
+    what = ("a peft adapter trained elsewhere (an nv.export_peft of nola_vision before its exports were marked counts "
+            "as one too: remove that directory to export there again)" if peft else
+            "another library's adapter, or your own file")
     return (f"{directory} holds {CONFIG_NAME} or {WEIGHTS_NAME} that neither nv.save_adapter nor nv.export_peft wrote "
-            f"(another library's adapter, or your own file): {writer} would replace them with files of the same names. "
+            f"({what}): {writer} would replace them with files of the same names. "
             "Write into another directory, or move those files away")
 
 
@@ -402,7 +409,26 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
         return "other"
     if str(document.get("format", "")).startswith("nola_vision.adapter/"):
         return "nola_vision"
-    return "peft" if "peft_type" in document else "other"
+    return "peft" if "peft_type" in document and _has_export_mark(weights) else "other"
+
+
+def _has_export_mark(weights: Path) -> bool:
+    """Whether ``weights`` is a safetensors file whose metadata holds ``PEFT_EXPORT_MARK`` (its header only is read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (OSError, SafetensorError, ValueError):
+        return False
+    return all(metadata.get(key) == value for key, value in PEFT_EXPORT_MARK.items())
+
+
+def _peft_config(config: Path) -> bool:
+    """Whether ``config`` is a JSON object with a ``peft_type``: a peft adapter's config."""
+    try:
+        document = json.loads(config.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and "peft_type" in document
 
 
 def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:

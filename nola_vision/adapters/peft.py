@@ -23,7 +23,7 @@ from ..core.layer import adapted_layers
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
 from ..core.targets import classifier_head, require_nothing_else_trained, trained_parameters
-from .files import existing_adapter_kind, other_adapter_files_error
+from .files import PEFT_EXPORT_MARK, existing_adapter_kind, other_adapter_files_error
 
 __all__ = ["export_peft"]
 
@@ -55,7 +55,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
 
     Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite;
     a directory holding a ``save_adapter`` file (same names) is refused, since a peft export cannot give back its
-    coefficients. Under quantisation-aware training the factors and the head are exported as the model sees them.
+    coefficients, and so is a peft adapter that no export wrote (exports mark their weights' metadata). Under quantisation-aware training the factors and the head are exported as the model sees them.
     A ``torch.compile``d model is exported as the module it wraps (whose module names peft matches).
     """
     model = unwrap_model(model)
@@ -123,6 +123,6 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
                              "adapter (train again with a lower learning rate)")
     # Checked again under the writer lock: a save_adapter of the same directory may have finished meanwhile.
     with atomic_directory(directory, check=partial(_refuse_nola_vision_adapter, directory)) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", **PEFT_EXPORT_MARK})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     return Path(directory)
