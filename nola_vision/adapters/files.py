@@ -46,10 +46,10 @@ from ..core.storage import atomic_directory, read_files, resolve_directory_targe
 from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
 from ..version import __version__
 
-__all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter", "adapter_size_bytes",
-           "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind", "load_adapter",
-           "num_classes_of", "other_adapter_files_error", "output_settings", "pooling_of", "read_adapter",
-           "save_adapter", "verify_adapter"]
+__all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
+           "adapter_size_bytes", "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind",
+           "load_adapter", "num_classes_of", "other_adapter_files_error", "output_settings", "pooling_of",
+           "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -55,8 +55,9 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
 
     Written like ``save_adapter``'s files (``core.storage.atomic_directory``), after every tensor is checked finite;
     a directory holding a ``save_adapter`` file (same names) is refused, since a peft export cannot give back its
-    coefficients, and so is a peft adapter that no export wrote (exports mark their weights' metadata). Under quantisation-aware training the factors and the head are exported as the model sees them.
-    A ``torch.compile``d model is exported as the module it wraps (whose module names peft matches).
+    coefficients, and so is a peft adapter that no export wrote (exports mark their weights' metadata). Under
+    quantisation-aware training the factors and the head are exported as the model sees them. A ``torch.compile``d
+    model is exported as the module it wraps (whose module names peft matches).
     """
     model = unwrap_model(model)
     _refuse_nola_vision_adapter(directory)
