@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits,
 from ..core.registry import method_of
 from ..core.storage import atomic_directory, read_files, resolve_directory_target
 from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
+from ..core.warn import warn_user
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
@@ -355,10 +355,10 @@ def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
     model than the one that was trained and evaluated."""
     trained_bits = quantization_aware_bits(model)
     if trained_bits is not None and bits != trained_bits:
-        warnings.warn(f"the model trains against {trained_bits}-bit adapter values (its head at "
-                      f"{head_bits(trained_bits)} bits; set_quantization_aware) but is saved at bits={bits}: the file "
-                      f"holds the latent values, whose outputs differ from the trained model's. Save with "
-                      f"bits={trained_bits} to keep what was trained and evaluated", stacklevel=3)
+        warn_user(f"the model trains against {trained_bits}-bit adapter values (its head at "
+                  f"{head_bits(trained_bits)} bits; set_quantization_aware) but is saved at bits={bits}: the file "
+                  f"holds the latent values, whose outputs differ from the trained model's. Save with "
+                  f"bits={trained_bits} to keep what was trained and evaluated")
 
 
 def require_adapter_directory(directory: PathLike) -> None:

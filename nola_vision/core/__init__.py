@@ -3,5 +3,6 @@
 One concept per module, bottom up: ``registry`` and ``config`` (methods and their configs), ``basis`` (portable
 random bases) and ``quantize`` (the bit widths), ``layer`` (the adapted-layer contract) with ``functions`` (its
 autograd functions), ``targets`` (what is adapted and what trains), ``plan``, ``fingerprint`` (which frozen
-weights a model has), ``merge``, ``inject`` (and its inverse, ``unload``), ``counts``, and ``storage`` (atomic writes).
+weights a model has), ``merge``, ``inject`` (and its inverse, ``unload``), ``counts``, ``storage`` (atomic writes),
+and ``warn`` (warnings that name the user's line).
 """

@@ -8,9 +8,7 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 from __future__ import annotations
 
 import functools
-import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -36,6 +34,7 @@ from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
+from .warn import warn_user
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits", "replace_module",
            "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
@@ -137,18 +136,17 @@ class MovedActivation(nn.Identity):
         if torch.compiler.is_compiling():
             return x
         if has_hooks(self):
-            warnings.warn(
+            warn_user(
                 "a hook on mlp.act, whose activation the adapted mlp.fc2 computes (recompute_activation=True), sees "
                 "the pre-activation, and an output it returns would be activated after it. Hook "
                 "mlp.fc2.input_activation, register it before inject (the activation then stays in place), or inject "
-                "with recompute_activation=False", UserWarning, stacklevel=2)
+                "with recompute_activation=False", UserWarning)
         elif _global_module_hooks():
-            warnings.warn(
+            warn_user(
                 "a global module hook (torch.nn.modules.module.register_module_forward_hook and the like) sees "
                 "mlp.act's output and mlp.fc2's input as the pre-activation: the adapted mlp.fc2 computes the "
                 "activation (recompute_activation=True). Register the hook on the modules themselves (a hook on an "
-                "adapted fc2 gets its real input), or inject with recompute_activation=False", UserWarning,
-                stacklevel=2)
+                "adapted fc2 gets its real input), or inject with recompute_activation=False", UserWarning)
         return x
 
 
@@ -325,22 +323,12 @@ class _PlainStateDicts:
         for layer in adapted_layers(module).values():
             layer.unchecked_load = False
         if unchecked:
-            warnings.warn(
+            warn_user(
                 f"nola_vision: the state dict gave {len(unchecked)} adapted layer(s) (e.g. {unchecked[0]}) their "
                 "adapter tensors without their identity entries ('_extra_state'), so nothing checked that they were "
                 "trained with this model's adapter config (method, rank, scaling, seed, bases): another config's "
                 "tensors load without error and give wrong outputs. Keep the '_extra_state' entries "
-                "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter",
-                stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that names the first frame outside this file and ``nn.Module``'s code (whose
-    ``load_state_dict`` recurses into submodules before it runs the hooks): the caller's ``load_state_dict`` line."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename in (__file__, nn.modules.module.__file__):
-        frame, level = frame.f_back, level + 1
-    return level
+                "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter")
 
 
 class _CallCheck:
@@ -450,10 +438,10 @@ def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
     """Warn that hooks on a layer ``inject`` replaces stop running: its adapted layer does not call it."""
     hooked = [name for name in names if has_hooks(model.get_submodule(name))]
     if hooked:
-        warnings.warn(f"{', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} carry forward or backward hooks, "
-                      "which do not run while the layer is adapted (inject replaces it; unload gives it back with its "
-                      "hooks): register them on the adapted layer, model.get_submodule(name), after inject",
-                      UserWarning, stacklevel=3)
+        warn_user(f"{', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} carry forward or backward hooks, "
+                  "which do not run while the layer is adapted (inject replaces it; unload gives it back with its "
+                  "hooks): register them on the adapted layer, model.get_submodule(name), after inject",
+                  UserWarning)
 
 
 def _require_injected(model: nn.Module) -> AdapterState:

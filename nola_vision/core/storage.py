@@ -16,11 +16,12 @@ import shutil
 import stat
 import sys
 import tempfile
-import warnings
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple, Union
+
+from .warn import warn_user
 
 try:
     import fcntl
@@ -679,8 +680,8 @@ def _remove_tree(path: Path) -> None:
         return
     mounted = _mount_point_within(path)
     if mounted is not None:
-        warnings.warn(f"{path} was left in place: {mounted} in it is a mount point, whose files a removal would "
-                      f"delete. Unmount it (umount {mounted}), then remove {path}", RuntimeWarning, stacklevel=2)
+        warn_user(f"{path} was left in place: {mounted} in it is a mount point, whose files a removal would "
+                  f"delete. Unmount it (umount {mounted}), then remove {path}", RuntimeWarning)
         return
     try:
         os.chmod(path, 0o700)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
+from ..core.warn import warn_user
 from .datasets import (
     ArrayImageDataset,
     ImageDataset,
@@ -72,8 +72,8 @@ class FewShotSubset(Dataset):
                 img = dataset.load_image(index)
                 budget -= img.width * img.height * 3
                 if budget < 0:
-                    warnings.warn(f"image cache full after {pos} of {len(self.indices)} images (cache_mb="
-                                  f"{cache_mb}); the rest are read from disk each epoch", stacklevel=2)
+                    warn_user(f"image cache full after {pos} of {len(self.indices)} images (cache_mb="
+                              f"{cache_mb}); the rest are read from disk each epoch")
                     break
                 self.cache[pos] = img
 
@@ -221,13 +221,13 @@ def _warn_copied_shots(copies: list[list[str]], root: Path) -> None:
     pairs = [f"{first} = {others[0]}" + (f" (+{len(others) - 1} more)" if len(others) > 1 else "")
              for first, *others in copies[:COPY_PAIRS_SHOWN]]
     many = len(copies) > 1
-    warnings.warn(
+    warn_user(
         f"{len(copies)} {'images' if many else 'image'} of the drawn k-shot split {'have' if many else 'has'} "
         f"byte-identical copies in another class or in the held-out (test) split under {root} "
         f"({'; '.join(pairs)}{'; ...' if len(copies) > len(pairs) else ''}). A copy in another class is a wrong label "
         "(one image taught as two classes), and a training image copied into the held-out split is tested on after "
         "training on it, which inflates test accuracy. Remove the copies: keep each image once, in its one class of "
-        "one split.", stacklevel=5)
+        "one split.")
 
 
 def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
@@ -240,9 +240,8 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) 
     shots = max(counts.values())
     fewer = [f"'{name}' {counts[label]}" for label, name in enumerate(dataset.class_names) if counts[label] < shots]
     if fewer:
-        warnings.warn(f"{manifest} lists {shots} images per class, but fewer for {len(fewer)} classes "
-                      f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}",
-                      stacklevel=3)
+        warn_user(f"{manifest} lists {shots} images per class, but fewer for {len(fewer)} classes "
+                  f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}")
     return shots
 
 

@@ -18,7 +18,6 @@ import pickle
 import reprlib
 import struct
 import unicodedata
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..core.storage import write_text_atomic
+from ..core.warn import warn_user
 
 __all__ = [
     "DATASETS",
@@ -566,14 +566,13 @@ def _report_unread_images(folder: Path, unread: list[str], refuse: bool, layout:
                "(e.g. GIF, AVIF, HEIC) to PNG or JPEG")
     if refuse:
         raise DatasetNotFoundError(message)
-    warnings.warn(message, stacklevel=3)
+    warn_user(message)
 
 
 def _warn_classes_without_images(where: Union[str, Path], empty: Sequence[str]) -> None:
     """Warn that the held-out split ``where`` has no images of classes ``empty``: its accuracy leaves them out."""
     if empty:
-        warnings.warn(f"{where} has no images of classes {list(empty)}: its accuracy covers the other classes only",
-                      stacklevel=3)
+        warn_user(f"{where} has no images of classes {list(empty)}: its accuracy covers the other classes only")
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -627,12 +626,12 @@ def _refuse_unknown_held_out_classes(folder: Path, train: Path, extra: Sequence[
 def _warn_val_not_read(root: Path) -> None:
     """Warn that ``root/val`` is not read when ``root/test`` exists: test/ is the held-out split, and validation images
     are drawn from train/."""
-    warnings.warn(
+    warn_user(
         f"{root} holds both test/ and val/, and {root / 'val'} is not read: test/ is the held-out split, and "
         f"validation images are drawn from {root / 'train'} (--data.val_shots, or replayed from "
         "--data.val_split_file). To test on val/ instead, rename test/ (e.g. to test_unused/) or move it out of "
         f"{root}: val/ is the held-out split when there is no test/. To train or validate on val/'s images, move them "
-        "into train/'s class folders.", stacklevel=4)  # build_dataset's caller
+        "into train/'s class folders.")
 
 
 def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+from ..core.warn import warn_user
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
            "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
@@ -94,7 +95,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
         if not allow_fewer:
             raise NotEnoughImagesError(f"{msg}. Pass allow_fewer=True (--data.allow_fewer true) to keep what "
                                        "there is, or lower shots/val_shots.")
-        warnings.warn(f"{msg}; allow_fewer=True keeps what there is", stacklevel=2)
+        warn_user(f"{msg}; allow_fewer=True keeps what there is")
     return FewShotSplit(train, val)
 
 

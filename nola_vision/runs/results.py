@@ -17,7 +17,6 @@ import math
 import os
 import re
 import statistics
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -31,6 +30,7 @@ from ..core.storage import (
     write_text_atomic,
     writer_lock,
 )
+from ..core.warn import warn_user
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
            "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
@@ -587,7 +587,7 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
             continue
         mismatch = run_seeds_mismatch(path, data)
         if mismatch is not None:
-            warnings.warn(mismatch, stacklevel=2)
+            warn_user(mismatch)
             continue
         cfg, counts = data.get("config") or {}, data.get("parameter_counts") or {}
         images = data.get("data") if isinstance(data.get("data"), dict) else {}
@@ -661,8 +661,8 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         differ = "; ".join(f"{field} {' / '.join(values)}" for field, values in s["mixed"].items())
         if differ:
             mixed.append(f"{s['name']} ({differ})")
-            warnings.warn(f"nola_vision: the runs of row {s['name']} under {out} were made with different settings "
-                          f"({differ}): not averaged; see {root / 'results.md'}", stacklevel=2)
+            warn_user(f"nola_vision: the runs of row {s['name']} under {out} were made with different settings "
+                      f"({differ}): not averaged; see {root / 'results.md'}")
         shots = " / ".join(s["mixed"]["shots"]) if "shots" in s["mixed"] else s["shots"]
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {shots} | "
                      f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
