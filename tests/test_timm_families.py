@@ -47,6 +47,26 @@ def test_a_distilled_model_with_two_heads_is_refused():
     assert not nv.adapted_layers(model)
 
 
+VOLO_TINY = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], num_heads=[1, 2, 2, 2], img_size=64,
+                 stem_hidden_dim=16, num_classes=3)
+
+
+def test_a_classifier_layer_beside_the_head_is_refused_and_a_model_without_it_adapts():
+    # VOLO's logits add aux_head's, which get_classifier() leaves out: it stayed frozen at its random init, was not
+    # saved, and a reload with a new random aux_head gave other predictions. timm's config lists it as a classifier;
+    # a VOLO built without the factory is known by a Linear child named like a head with the head's class count.
+    from timm.models.volo import VOLO, _create_volo
+
+    for model in (_create_volo("volo_d1_224", pretrained=False, **VOLO_TINY), VOLO(**VOLO_TINY)):
+        for config in (nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8), "linear"):
+            with pytest.raises(ValueError, match=r"beside the head get_classifier\(\) returns: aux_head .*"
+                                                 r"use_aux_head=False"):
+                nv.inject(model, config)
+        assert not nv.adapted_layers(model) and not any(p.requires_grad is False for p in model.parameters())
+    model = nv.inject(_create_volo("volo_d1_224", pretrained=False, use_aux_head=False, **VOLO_TINY), "linear")
+    assert nv.count_parameters(model)["head"] == 64 * 3 + 3
+
+
 @pytest.mark.parametrize("config", [nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8), nv.LoRAConfig(rank=2)],
                          ids=["nola", "lora"])
 def test_reentrant_checkpointing_gives_the_adapters_the_gradients_of_no_checkpointing(config):

@@ -112,6 +112,37 @@ def require_one_head(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
                          "model), and nola_vision trains one: use the model without distillation (e.g. "
                          "deit_base_patch16_224 for deit_base_distilled_patch16_224)")
+    others = _other_heads(owners[0], heads) if isinstance(heads, nn.Module) and _has_head(heads) else []
+    if others:
+        prefix = next(name for name, module in model.named_modules() if module is owners[0])
+        names = [f"{prefix}.{name}" if prefix else name for name in others]
+        raise ValueError(
+            f"{type(model).__name__} has classifier layers beside the head get_classifier() returns: "
+            f"{', '.join(names)} (timm lists them with it, and they feed the logits, e.g. VOLO's aux_head). "
+            "nola_vision trains one head, so they would stay frozen at their random init (timm re-initialises them for "
+            "a new class count). Create the model without them (timm's VOLO: use_aux_head=False)")
+
+
+def _other_heads(owner: nn.Module, head: nn.Module) -> List[str]:
+    """Names (within ``owner``) of classifier layers outside ``head``: those timm's pretrained config lists as its
+    classifiers (VOLO's ``('head', 'aux_head')``), and ``Linear`` children named like a head with the head's class
+    count (a model built without timm's factory has no config)."""
+    config = getattr(owner, "pretrained_cfg", None)
+    listed = config.get("classifier") if isinstance(config, dict) else getattr(config, "classifier", None)
+    names = [listed] if isinstance(listed, str) else list(listed or ())
+    classes = getattr(head, "out_features", None)
+    names += [name for name, child in owner.named_children() if "head" in name and isinstance(child, nn.Linear)
+              and classes is not None and child.out_features == classes]
+    inside = {id(module) for module in head.modules()}
+    found = []
+    for name in dict.fromkeys(names):
+        try:
+            module = owner.get_submodule(name)
+        except AttributeError:  # not built (use_aux_head=False leaves None), or named otherwise in this version
+            continue
+        if id(module) not in inside and _has_head(module):
+            found.append(name)
+    return found
 
 
 def head_parameter_names(model: nn.Module) -> Tuple[str, ...]:
