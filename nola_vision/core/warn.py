@@ -10,9 +10,10 @@ from typing import Tuple, Type
 __all__ = ["warn_user"]
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Frameworks that call back into the library (nn.Module's __call__ and load_state_dict, a Trainer's hooks): their
-# frames lie between the user's line and the warning too. Only those already imported are looked for.
-_FRAMEWORKS = ("torch", "lightning", "pytorch_lightning")
+# Frameworks that call back into the library (nn.Module's __call__ and load_state_dict, timm's blocks, a Trainer's
+# hooks, the CLI's parser): their frames lie between the user's line and the warning too. Only those already imported
+# are looked for.
+_FRAMEWORKS = ("torch", "torchvision", "timm", "lightning", "pytorch_lightning", "jsonargparse")
 
 
 def warn_user(message: str, category: Type[Warning] = UserWarning) -> None:
