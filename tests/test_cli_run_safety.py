@@ -3,16 +3,18 @@
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from nola_vision.cli import main
 from nola_vision.train import module
-from nola_vision.train.cli import PredictionsCSVWriter
+from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -154,7 +156,35 @@ def test_a_logger_less_fit_keeps_a_users_own_config_yaml_and_replaces_a_dead_run
     code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
     assert code == 2 and "is not a config.yaml a run saved" in err
     assert mine.read_text() == "# my project config\nkey: value\n" and not (tmp_path / "checkpoints").exists()
-    mine.write_text("# lightning.pytorch==2.6.6\nseed_everything: 0\n")  # a run that died before it kept anything
+    # A run that died before it kept anything left its marked dump: replaced, and the new dump is marked in turn.
+    mine.write_text("# lightning.pytorch==2.6.6\n" + SAVED_CONFIG_MARK.decode() + "seed_everything: 0\n")
     code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
     assert code == 0, err
     assert "seed_everything" in mine.read_text() and "key: value" not in mine.read_text()
+    assert mine.read_text().splitlines()[1] == SAVED_CONFIG_MARK.decode().rstrip("\n")
+    assert yaml.safe_load(mine.read_text())["trainer"]["logger"] is False  # still a config -c reads
+
+
+@pytest.mark.parametrize("text", [
+    "\n# my project config\nkey: value\n",  # a blank first line
+    "# lightning.pytorch==2.6.6\n# my note: lr picked by hand\nseed_everything: 0\n",  # --print_config, then edited
+])
+def test_a_logger_less_fit_keeps_a_print_config_dump_or_a_file_with_a_blank_first_line(tmp_path, capsys, text):
+    mine = tmp_path / "config.yaml"
+    mine.write_text(text)
+    code, err = run(capsys, *FIT, *NO_LOGGER, "--trainer.default_root_dir", tmp_path)
+    assert code == 2 and "is not a config.yaml a run saved" in err and "--print_config" in err
+    assert mine.read_text() == text
+
+
+def test_a_logger_less_fit_never_replaces_the_config_file_it_reads(tmp_path, capsys, monkeypatch):
+    # A run's own saved config.yaml, passed back with -c into the same folder, is the command's input: kept.
+    code, err = run(capsys, *FIT, *NO_LOGGER, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", "0")
+    saved = tmp_path / "config.yaml"
+    shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+    shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
+    text = saved.read_text() + "# my edit\n"
+    saved.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "fit", "-c", "config.yaml", "--trainer.max_epochs", "1")
+    assert code == 2 and "a config this command reads" in err and saved.read_text() == text

@@ -25,7 +25,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ..core.storage import atomic_path, check_writable_file, out_of_room_hint, try_lock, write_json_atomic
+from ..core.storage import (
+    atomic_path,
+    check_writable_file,
+    out_of_room_hint,
+    try_lock,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from ..data import CorruptImageError, FewShotDataModule
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
@@ -128,13 +135,26 @@ class RunConfigSaver(SaveConfigCallback):
         if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
-        if exists and not trainer.strategy.broadcast(_is_saved_config(path) if trainer.is_global_zero else True):
+        given_files = self.config.get("config") or []
+        if exists and not trainer.strategy.broadcast(_is_saved_config(path, given_files) if trainer.is_global_zero
+                                                     else True):
             raise ValueError(
-                f"{path} exists and is not a config.yaml a run saved (a file of yours?), which this fit would "
-                "overwrite: a run without a logger writes straight into --trainer.default_root_dir (the working "
-                "directory by default). Choose another --trainer.default_root_dir, or keep the logger (each run then "
-                "gets its own version_N folder)")
+                f"{path} exists and is not a config.yaml a run saved (a file of yours, a --print_config dump, or a "
+                "config this command reads), which this fit would overwrite: a run without a logger writes straight "
+                "into --trainer.default_root_dir (the working directory by default). Choose another "
+                "--trainer.default_root_dir, or keep the logger (each run then gets its own version_N folder). If it "
+                "is the config of a run that died, saved by an earlier nola-vision (no mark under its header), delete "
+                "it")
         super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Mark the config LightningCLI just saved (rank 0) as a run's, under its header: the one config.yaml a later
+        logger-less fit in this folder may replace (a ``--print_config`` dump has the same header)."""
+        path = Path(trainer.log_dir) / self.config_filename
+        if "://" in str(trainer.log_dir) or not path.is_file():
+            return
+        header, _, rest = path.read_bytes().partition(b"\n")
+        write_bytes_atomic(path, header + b"\n" + SAVED_CONFIG_MARK + rest)
 
     def _hold_folder(self, trainer: Trainer, folder: Path) -> None:
         """Take the folder's fit lock (rank 0), or refuse the fit when another one holds it."""
@@ -236,15 +256,24 @@ def _lock_run_folder(folder: Path) -> Optional[int]:
     return try_lock(folder / FIT_LOCK)
 
 
-def _is_saved_config(path: Path) -> bool:
-    """Whether ``path`` is a config LightningCLI saved (its dump starts with a ``# lightning.pytorch==`` header), or
-    empty: a fit may replace those, never a user's own file of that name."""
+# The line a run puts under LightningCLI's header in the config.yaml it saves (RunConfigSaver.save_config).
+SAVED_CONFIG_MARK = b"# saved by nola-vision fit: a run's config, which a later fit without a logger here replaces\n"
+
+
+def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
+    """Whether a fit may replace ``path``: an empty file, or a config a run saved (``SAVED_CONFIG_MARK`` under
+    LightningCLI's header); never a config file this command reads (``-c``), a ``--print_config`` dump (the same
+    header without the mark) or any other file of the user's."""
     try:
+        if any(os.path.samefile(path, getattr(given, "absolute", None) or str(given)) for given in given_files):
+            return False
         with open(path, "rb") as stream:
-            first = stream.readline(256)
+            if not os.fstat(stream.fileno()).st_size:
+                return True
+            header, mark = stream.readline(256), stream.readline(len(SAVED_CONFIG_MARK) + 2)
     except OSError:
         return False
-    return not first.strip() or first.startswith(b"# lightning.pytorch==")
+    return header.startswith(b"# lightning.pytorch==") and mark.rstrip(b"\r\n") == SAVED_CONFIG_MARK.rstrip(b"\n")
 
 
 def _holds_work(folder: Path) -> bool:
