@@ -8,6 +8,7 @@ import safetensors.torch
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
+from nola_vision.adapters.files import existing_adapter_kind
 from nola_vision.train.module import _keep_previous_adapter
 
 CONFIG = nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "mlp.fc2"])
@@ -46,10 +47,13 @@ def test_a_peft_adapter_no_export_wrote_is_refused_not_replaced(tmp_path):
 
 
 def test_each_writer_still_replaces_its_own_earlier_files(tmp_path):
-    nv.save_adapter(_model(), tmp_path / "nola")
-    nv.save_adapter(_model(), tmp_path / "nola")
-    nv.export_peft(_model(), tmp_path / "peft")
-    nv.export_peft(_model(), tmp_path / "peft")
+    for write, folder, kind in (("save_adapter", tmp_path / "nola", "nola_vision"),
+                                ("export_peft", tmp_path / "peft", "peft")):
+        getattr(nv, write)(_model(), folder)
+        first = (folder / "adapter_model.safetensors").stat().st_ino
+        getattr(nv, write)(_model(), folder)
+        assert (folder / "adapter_model.safetensors").stat().st_ino != first  # a new file replaced it
+        assert existing_adapter_kind(folder) == kind
 
 
 def test_a_user_folder_named_previous_is_kept_and_the_earlier_adapter_goes_beside_it(tmp_path):

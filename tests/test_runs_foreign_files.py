@@ -8,6 +8,8 @@ import pytest
 from fake_fit import fake_python
 from fixtures_data import write_imagefolder
 
+from nola_vision.runs import protocol
+from nola_vision.runs import tune as tune_module
 from nola_vision.runs.protocol import run_protocol
 from nola_vision.runs.results import check_tables_ours, claim_row, config_key, write_tables
 from nola_vision.runs.tune import check_tune_files_ours, run_tune
@@ -76,6 +78,59 @@ def test_tune_refuses_a_foreign_best_yaml_before_any_trial_and_replaces_its_own_
     (root / "tune.db").unlink()
     assert tune() is not None  # and replaced by the next run
     assert json.loads((root / "best.json").read_text())["params"] == {"model.lr": 1e-3}
+
+
+def test_a_results_md_written_while_the_runs_go_on_is_refused_when_the_tables_are_written(tmp_path, monkeypatch):
+    # Checked before the first run, the tables are rewritten after every run, hours later: a user's results.md that
+    # appeared meanwhile was replaced. It is checked again just before each write; the finished runs stay.
+    out = tmp_path / "proj"
+    original = protocol.request_runs
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (out / "results.md").write_text("# My project\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "request_runs", user_writes_meanwhile)
+    options = dict(out=str(out), split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path), echo=False)
+    with pytest.raises(ValueError, match=r"results.md exists and is not a results table.*finished runs are kept"):
+        run_protocol([TINY], name="row", **options)
+    assert (out / "results.md").read_text() == "# My project\n" and list((out / "row").glob("*/result.json"))
+    monkeypatch.setattr(protocol, "request_runs", original)
+    (out / "results.md").unlink()
+    run_protocol([TINY], name="row", **options)  # the same command writes the tables of the finished run
+    assert "| row |" in (out / "results.md").read_text()
+
+
+def _tune(tmp_path, **options):
+    data = tmp_path / "images"
+    if not data.exists():
+        write_imagefolder(data, ("a", "b"), 4, 2, eval_folder="test")
+    return run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, out=str(tmp_path / "out"), name="t", echo=False,
+                    python=fake_python(tmp_path, metric="val/acc"),
+                    overrides=["--data.dataset", "imagefolder", "--data.root", str(data), "--data.shots", "2",
+                               "--data.val_shots", "1"], **options)
+
+
+def test_a_tune_file_written_while_the_trials_run_is_refused_when_tune_writes_it(tmp_path, monkeypatch):
+    root = tmp_path / "out" / "t"
+    original = tune_module.write_trial_tables
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (root / "best.yaml").write_text("model:\n  lr: 0.5\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "write_trial_tables", user_writes_meanwhile)
+    with pytest.raises(ValueError, match="best.yaml exists and is not a file nola-vision tune wrote"):
+        _tune(tmp_path, skip_protocol=True)
+    assert (root / "best.yaml").read_text() == "model:\n  lr: 0.5\n"
+
+
+def test_tune_without_the_protocol_leaves_a_users_results_md_in_out_alone(tmp_path):
+    # --skip_protocol writes no <out>/results.md, so a project folder's own one is no reason to refuse.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.md").write_text("# My project notes\n")
+    assert _tune(tmp_path, skip_protocol=True) is not None
+    assert (tmp_path / "out" / "results.md").read_text() == "# My project notes\n"
 
 
 @pytest.mark.parametrize("content, why", [("not json {", "protocol row's config"),

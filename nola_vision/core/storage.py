@@ -101,7 +101,7 @@ _TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones 
 
 
 @contextmanager
-def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it onto ``path``.
 
     On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through
@@ -113,6 +113,8 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
     limit raises an OSError (same errno) that says so. A new file gets ``mode``; a replaced one keeps its mode, its
     group (where this user may set it) and, for root, its owner, so a file of a shared folder stays shared.
+    ``check``, when given, runs just before the rename: it raises to refuse replacing what appeared at ``path`` since
+    the caller's own checks (a user's file of that name, hours into a run), and ``path`` then stays as it is.
     """
     target = _file_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,8 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
                 _copy_ownership(replaced, tmp)
                 os.chmod(tmp, stat.S_IMODE(replaced.st_mode))  # after chown, which clears set-id bits
             _fsync_file(tmp)
+        if check is not None:
+            check()
         os.replace(tmp, target)
         _fsync_directory(target.parent)
     finally:
@@ -224,22 +228,23 @@ def _names_open_file(name: str, fd: int) -> bool:
     return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path."""
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: PathLike, data: bytes, check: Optional[Callable[[], None]] = None) -> Path:
+    """Write ``data`` to ``path`` atomically (``check`` as ``atomic_path``'s); returns the path."""
+    with atomic_path(path, check=check) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text_atomic(path: PathLike, text: str) -> Path:
+def write_text_atomic(path: PathLike, text: str, check: Optional[Callable[[], None]] = None) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path. A file name that is not UTF-8 (held in a str
     as surrogate escapes, as Python decodes it) is written as its original bytes, so it reads back as the same str."""
-    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
+    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"), check)
 
 
-def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool = True) -> Path:
+def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool = True,
+                      check: Optional[Callable[[], None]] = None) -> Path:
     """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; returns the path."""
-    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n", check)
 
 
 def file_sha256(path: PathLike) -> str:

@@ -195,16 +195,18 @@ def _group_settings(value: Any, folder: Path = Path()) -> Dict[str, Any]:
     return value["init_args"] if isinstance(value.get("init_args"), dict) else value
 
 
-def check_output_paths(out: str, name: str) -> None:
+def check_output_paths(out: str, name: str, tables: bool = True) -> None:
     """Refuse, before the first run, an ``--out`` or ``--name`` whose tables or run folders could not be written (a
     folder this process may not write, a name over the file system's limit, ``results.csv`` a directory), found
     otherwise only after a fit, or as an OSError; and tables of that name nola-vision did not write, which it would
-    replace (``check_tables_ours``). A file in the way of the row is ``row_folder``'s to name."""
+    replace (``check_tables_ours``). A file in the way of the row is ``row_folder``'s to name. ``tables=False``: a
+    caller that writes no ``<out>`` tables (``tune --skip_protocol``) checks the row folder only."""
     root = Path(out) / name
-    check_tables_ours(out)
+    if tables:
+        check_tables_ours(out)
     if file_in_the_way(root) is not None:
         return
-    for table in ("results.csv", "results.md"):
+    for table in ("results.csv", "results.md") if tables else ():
         check_writable_file(Path(out) / table, f"--out {out}")
     check_writable_file(root / run_dir_name(0, 0) / RESULT_FILE, "--name")
 

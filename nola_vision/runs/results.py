@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -33,18 +34,19 @@ from ..core.storage import (
 from ..core.warn import warn_user
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "check_row_data", "check_seeds", "claim_row", "claim_run", "claim_unfinished_run", "collect_results",
-           "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
-           "finished_result", "image_changes", "mixed_settings", "override_changes", "parse_overrides", "read_result",
-           "check_tables_ours", "first_line", "referenced_files", "refuse_foreign_file", "request_runs",
-           "requested_runs", "retire_unfinished_run", "row_folder", "run_seeds_mismatch", "same_settings", "summarise",
-           "write_tables"]
+           "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run", "claim_unfinished_run",
+           "collect_results", "config_file_options", "config_key", "counted", "data_digests", "discard_result",
+           "effective_overrides", "finished_result", "first_line", "image_changes", "mixed_settings",
+           "override_changes", "parse_overrides", "read_result", "referenced_files", "refuse_foreign_file",
+           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "run_seeds_mismatch",
+           "same_settings", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
 RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | runs | "
-                     "top-1 % mean (std) |")  # results.md's first line: how the tables know a results.md as theirs
+                     "top-1 % mean (std) |")  # results.md's first line
+RESULTS_MD_MARK = "| run | method | "  # how every version's results.md began: what the tables know theirs by
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
               "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir", "train_images",
               "test_images"]
@@ -465,13 +467,22 @@ def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], what: str, fix
 
 def check_tables_ours(out: str) -> None:
     """Refuse (``refuse_foreign_file``) an ``<out>/results.csv`` or ``results.md`` that ``write_tables`` did not
-    write: it rebuilds both after every run."""
-    fix = "Pass another --out, or remove or rename the file."
-    # the header's first columns: earlier versions' tables had fewer columns after them
-    refuse_foreign_file(Path(out) / "results.csv", lambda p: first_line(p).startswith(",".join(CSV_FIELDS[:3])),
-                        "a results table nola-vision wrote (its header is not nola-vision's)", fix)
-    refuse_foreign_file(Path(out) / "results.md", lambda p: first_line(p).startswith(RESULTS_MD_HEADER[:17]),
-                        "a results table nola-vision wrote (its first line is not nola-vision's table header)", fix)
+    write: it rebuilds both after every run (and checks each again just before it replaces it)."""
+    for table in _TABLES:
+        _refuse_foreign_table(Path(out) / table)
+
+
+# How each table is known as one write_tables wrote, by its first line; earlier versions' tables had fewer columns.
+_TABLES: Dict[str, Callable[[Path], bool]] = {
+    "results.csv": lambda path: first_line(path).startswith(",".join(CSV_FIELDS[:3])),
+    "results.md": lambda path: first_line(path).startswith(RESULTS_MD_MARK),
+}
+
+
+def _refuse_foreign_table(path: Path) -> None:
+    refuse_foreign_file(path, _TABLES[path.name], "a results table nola-vision wrote (its header is not "
+                        "nola-vision's)", "Pass another --out, or remove or rename the file (finished runs are kept: "
+                        "the same command then writes the tables without running them again).")
 
 
 def _option_path(key: str) -> Tuple[str, ...]:
@@ -643,7 +654,9 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     rows = collect_results(out)
-    with atomic_path(root / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+    csv_path, md_path = root / "results.csv", root / "results.md"
+    with atomic_path(csv_path, check=partial(_refuse_foreign_table, csv_path)) as tmp, \
+            open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -677,5 +690,6 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
                      "listed in its output and each run's log.txt).")
-    write_text_atomic(root / "results.md", "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n")
+    write_text_atomic(md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
+                      check=partial(_refuse_foreign_table, md_path))
     return rows

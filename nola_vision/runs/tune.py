@@ -33,8 +33,9 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -80,7 +81,8 @@ from .results import (
 __all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "check_tune_files_ours", "main", "parse_grid",
            "run_tune"]
 
-BEST_YAML_HEADER = "# chosen by nola-vision tune on validation accuracy"
+BEST_YAML_MARK = "# chosen by nola-vision tune"  # how every version's best.yaml began
+BEST_YAML_HEADER = f"{BEST_YAML_MARK} on validation accuracy"
 CHOSEN_KEYS = ("params", "val_acc", "trial", "overrides")  # what best.json holds (and selection_seeds)
 GRID_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # what tune sets in every fit itself, and how to control it instead
@@ -599,7 +601,7 @@ def run_tune(
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
-    check_output_paths(out, name)
+    check_output_paths(out, name, tables=not skip_protocol)  # run_protocol checks them again when it runs
     root = row_folder(out, name)
     check_tune_files_ours(root)
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
@@ -644,9 +646,9 @@ def run_tune(
         return None
     chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
               "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}
-    write_json_atomic(root / "best.json", chosen)
+    write_json_atomic(root / "best.json", chosen, check=_checked(root / "best.json"))
     write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
-                      + yaml.safe_dump(_nested(best.params), sort_keys=True))
+                      + yaml.safe_dump(_nested(best.params), sort_keys=True), check=_checked(root / "best.yaml"))
     _append_choice(root / "tune_results.md", chosen)
     if echo:
         print(f"[tune {name}] best {best.params}: val acc {100 * best.value:.2f}% (trial #{best.number})", flush=True)
@@ -663,14 +665,29 @@ def _is_best_json(path: Path) -> bool:
 
 def check_tune_files_ours(root: Path) -> None:
     """Refuse, before any trial, a ``best.json``, ``best.yaml``, ``tune_results.md`` or ``tune_trials.csv`` in the
-    study's folder that tune did not write (``refuse_foreign_file``): it replaces them."""
-    fix = "Pass another --out or --name, or remove or rename the file."
-    ours = {"best.json": _is_best_json,
-            "best.yaml": lambda p: first_line(p).startswith("# chosen by nola-vision tune"),
-            "tune_results.md": lambda p: first_line(p) == f"# Tuning: {root.name}",
-            "tune_trials.csv": lambda p: first_line(p).startswith("trial,")}
-    for file, recognise in ours.items():
-        refuse_foreign_file(root / file, recognise, "a file nola-vision tune wrote", fix)
+    study's folder that tune did not write (``refuse_foreign_file``): it replaces them (and checks each again just
+    before it does)."""
+    for name in _TUNE_FILES:
+        _refuse_foreign_tune_file(root / name)
+
+
+# How each file is known as one tune wrote, by its content.
+_TUNE_FILES: Dict[str, Callable[[Path], bool]] = {
+    "best.json": _is_best_json,
+    "best.yaml": lambda path: first_line(path).startswith(BEST_YAML_MARK),
+    "tune_results.md": lambda path: first_line(path) == f"# Tuning: {path.parent.name}",
+    "tune_trials.csv": lambda path: first_line(path).startswith("trial,"),
+}
+
+
+def _refuse_foreign_tune_file(path: Path) -> None:
+    refuse_foreign_file(path, _TUNE_FILES[path.name], "a file nola-vision tune wrote",
+                        "Pass another --out or --name, or remove or rename the file.")
+
+
+def _checked(path: Path) -> Callable[[], None]:
+    """The ``check`` of a tune file's atomic write: refuse, just before replacing it, a file tune did not write."""
+    return partial(_refuse_foreign_tune_file, path)
 
 
 def _best(trials: Sequence[Any], points: Optional[List[Params]]) -> Optional[Any]:
@@ -699,7 +716,8 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
     keys = sorted(grid)
     shown = [t for t in trials if t.state.name != "PRUNED"]  # pruned trials were released unrun
     seeds = sorted({s for t in shown for s in t.user_attrs.get("val_accs", {})})
-    with atomic_path(root / "tune_trials.csv") as tmp, open(tmp, "w", newline="") as f:
+    trials_csv = root / "tune_trials.csv"
+    with atomic_path(trials_csv, check=_checked(trials_csv)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *keys, "val_acc", *(f"val_acc_{s}" for s in seeds), "state", "duration_s", "error"])
         for t in shown:
@@ -718,14 +736,14 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
         value = "" if t.value is None else f"{100 * t.value:.2f}"
         lines.append(f"| {t.number} | " + " | ".join(str(t.params.get(k, "")) for k in keys)
                      + f" | {value} | {per_seed} | {t.state.name} | {t.user_attrs.get('duration_s', '')} |")
-    write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n")
+    write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n", check=_checked(root / "tune_results.md"))
 
 
 def _append_choice(path: Path, chosen: Dict[str, Any]) -> None:
     text = path.read_text() + (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
                                f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). The protocol "
                                "with these values is the row of this name in ../results.md.\n")
-    write_text_atomic(path, text)
+    write_text_atomic(path, text, check=_checked(path))
 
 
 def _storage_errors() -> Tuple[type, ...]:
