@@ -382,7 +382,8 @@ class AdaptedLinear(nn.Module):
         """While merged: the trained tensors whose ΔW is in ``weight``, as the forward pass saw them; else None.
 
         Whatever happens to the parameters meanwhile (an optimizer step, an in-place edit), unmerge and task switches
-        subtract the update of these values, so unmerge is the exact inverse of merge."""
+        subtract the update of these values: exactly what merge added (the weights then come back within one
+        rounding step of their dtype)."""
         return self.__dict__.get("_merged_values") if self.merged else None
 
     @property
