@@ -67,3 +67,22 @@ def test_a_user_folder_named_previous_is_kept_and_the_earlier_adapter_goes_besid
     assert nv.verify_adapter(tiny_vit(), tmp_path / "task.previous.1", check_frozen_weights=False)
     with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1"):  # an earlier kept adapter is replaced
         _keep_previous_adapter(Path(target))
+
+
+@pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
+def test_an_adapter_config_that_cannot_be_read_is_refused_not_replaced(tmp_path, monkeypatch, write):
+    # Unreadable (no read permission for this user, an I/O error), it was taken for no file at all and replaced.
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    read_bytes = Path.read_bytes
+
+    def unreadable(path):
+        if path.name == "adapter_config.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    assert existing_adapter_kind(tmp_path) == "other"
+    with pytest.raises(ValueError, match=f"{write} would replace"):
+        getattr(nv, write)(_model(), tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "adapter_config.json").read_text() == '{"peft_type": "LORA"}'

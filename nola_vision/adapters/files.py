@@ -394,16 +394,16 @@ def other_adapter_files_error(directory: PathLike, writer: str) -> str:
 def existing_adapter_kind(directory: PathLike) -> Optional[str]:
     """What ``directory``'s adapter files are: ``"nola_vision"`` (``save_adapter``), ``"peft"`` (``export_peft``),
     ``"other"`` (an ``adapter_config.json`` that is neither, or an ``adapter_model.safetensors`` without any: another
-    tool's, or a user's file), or None (neither file, or only empty ones). Both writers write files of the same names,
-    so each refuses to replace the other's, and both refuse to replace another tool's."""
+    tool's, a user's file, or one this process cannot read), or None (neither file, or only empty ones). Both writers
+    write files of the same names, so each refuses to replace the other's, and both refuse to replace another tool's."""
     config, weights = Path(directory) / CONFIG_NAME, Path(directory) / WEIGHTS_NAME
     try:
         if not config.is_file() or not config.stat().st_size:
             return "other" if weights.is_file() and weights.stat().st_size else None
         document = json.loads(config.read_bytes())
-    except OSError:
+    except FileNotFoundError:  # removed meanwhile
         return None
-    except (ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # unreadable (no permission, an I/O error) or not JSON: not ours
         return "other"
     if not isinstance(document, dict):
         return "other"
