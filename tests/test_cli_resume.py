@@ -174,6 +174,29 @@ def test_a_fit_set_to_train_nothing_is_refused_instead_of_recording_an_untrained
     assert not result.exists() and not list(tmp_path.rglob("adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("option, value, says", [
+    ("--trainer.accumulate_grad_batches", "-1", "a negative one ascends the loss"),  # trained backwards, exit 0
+    ("--trainer.accumulate_grad_batches", "0", "Use 1 (a step per batch) or more"),  # ZeroDivisionError mid-epoch
+    ("--trainer.check_val_every_n_epoch", "0", "must be 1 or more"),
+    ("--trainer.val_check_interval", "0", "must be above 0"),
+])
+def test_step_intervals_below_one_are_refused_before_anything_is_built(tmp_path, capsys, option, value, says):
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), option, value,
+                 "--data.val_shots", "1", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{option.split('.')[-1]}={value} ({option})" in err and says in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_a_python_trainer_accumulating_a_negative_number_of_batches_is_refused_at_fit_start(tmp_path):
+    import lightning as L
+
+    from nola_vision.train.module import check_training_length
+
+    with pytest.raises(ValueError, match="accumulate_grad_batches=-1"):
+        check_training_length(L.Trainer(accumulate_grad_batches=-1, logger=False, default_root_dir=tmp_path))
+
+
 def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, capsys):
     first = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "first"),
                                "--trainer.max_steps", "2", "--test_after_fit", "false", *QUIET])

@@ -338,6 +338,7 @@ class NolaCLI(LightningCLI):
         evaluation split (``check_full_passes``), a callback that monitors a metric the module never logs
         (``check_monitors``) or validation metrics without validation images, and (when testing after fit, on data
         already on disk) the test split's class folders and its missing or empty image files."""
+        check_training_length(self.trainer)  # before the run's folder and config exist (on_fit_start checks it too)
         config = self.config[self.subcommand]
         data = self.datamodule.hparams
         validates = bool(data.get("val_shots") or data.get("val_split_file"))

@@ -811,7 +811,8 @@ def _link_or_copy(source: str, destination: str) -> None:
 def check_training_length(trainer: Any) -> None:
     """Refuse a trainer (or its parsed settings) set to take no training step, or to no whole epoch: the first would
     export the untrained adapter and record its chance-level accuracy as the run's result (a protocol row would
-    average it), the second has no per-epoch learning-rate schedule."""
+    average it), the second has no per-epoch learning-rate schedule; and step intervals below 1
+    (``_check_step_intervals``)."""
     for name in ("max_steps", "max_epochs", "limit_train_batches"):
         if getattr(trainer, name, None) == 0:
             raise ValueError(f"trainer.{name}=0 (--trainer.{name}) trains nothing: the fit would export the untrained "
@@ -821,6 +822,27 @@ def check_training_length(trainer: Any) -> None:
     if epochs is not None and epochs < 1:
         raise ValueError(f"trainer.max_epochs={epochs} (--trainer.max_epochs): the learning rate follows a per-epoch "
                          "cosine schedule, so a run needs 1 or more epochs (the paper uses 50)")
+    _check_step_intervals(trainer)
+
+
+def _check_step_intervals(trainer: Any) -> None:
+    """Refuse intervals Lightning takes without a check: ``accumulate_grad_batches`` below 1 divides the loss by it
+    (-1 turns every step into gradient ascent, recorded as an ordinary result; 0 fails with a ZeroDivisionError
+    mid-epoch), and a validation interval of 0 fails the same way."""
+    accumulate = getattr(trainer, "accumulate_grad_batches", None)
+    if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
+        raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} (--trainer.accumulate_grad_batches): "
+                         "Lightning divides the loss by it, so a value below 1 trains wrongly (a negative one ascends "
+                         "the loss) or fails mid-epoch. Use 1 (a step per batch) or more (batches per optimizer step)")
+    every = getattr(trainer, "check_val_every_n_epoch", None)
+    if every is not None and every < 1:
+        raise ValueError(f"trainer.check_val_every_n_epoch={every!r} (--trainer.check_val_every_n_epoch) must be 1 or "
+                         "more (epochs between validations); to skip validation, pass --trainer.limit_val_batches 0")
+    interval = getattr(trainer, "val_check_interval", None)
+    if interval is not None and interval <= 0:
+        raise ValueError(f"trainer.val_check_interval={interval!r} (--trainer.val_check_interval) must be above 0: a "
+                         "fraction of an epoch (0.25) or a number of batches (100); to skip validation, pass "
+                         "--trainer.limit_val_batches 0")
 
 
 # What a trainer (beyond the module's and the data's hyper-parameters) changes about the steps a run takes. max_epochs
