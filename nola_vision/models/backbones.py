@@ -101,7 +101,30 @@ def build_backbone(
             torch.manual_seed(backbone_seed)
             model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
     model.reset_classifier(num_classes)
+    _refuse_dropped_border(model, backbone)
     return model
+
+
+def _refuse_dropped_border(model: nn.Module, backbone: str) -> None:
+    """Refuse an image size that the backbone's patch size does not divide (unless it pads, ``dynamic_img_pad``): its
+    stride-p patch embedding reads whole patches only, so the last rows and columns of every image would silently
+    never reach the model (image_size 100 on a patch-16 ViT: 96 × 96 of it)."""
+    embed = getattr(model, "patch_embed", None)
+    sizes, patches = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if sizes is None or patches is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    pairs = zip(_pair(sizes), _pair(patches))
+    for size, patch in pairs:
+        if size % patch:
+            low, high = size - size % patch, size - size % patch + patch
+            choices = f"{low} or {high}" if low else str(high)
+            raise ValueError(f"image_size {size} is not a multiple of {backbone}'s patch size {patch}: its patch "
+                             f"embedding reads whole {patch}-pixel patches, so the last {size % patch} rows and "
+                             f"columns of every image would never reach the model. Use image_size {choices}")
+
+
+def _pair(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
 def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn.Module:
