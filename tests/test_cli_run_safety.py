@@ -14,7 +14,7 @@ import yaml
 
 from nola_vision.cli import main
 from nola_vision.train import module
-from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter
+from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter, _is_saved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -179,7 +179,8 @@ def test_a_logger_less_fit_keeps_a_print_config_dump_or_a_file_with_a_blank_firs
 
 def test_a_logger_less_fit_never_replaces_the_config_file_it_reads(tmp_path, capsys, monkeypatch):
     # A run's own saved config.yaml, passed back with -c into the same folder, is the command's input: kept.
-    code, err = run(capsys, *FIT, *NO_LOGGER, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", "0")
+    code, err = run(capsys, *FIT, *NO_LOGGER, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", "1")
+    assert code == 0, err
     saved = tmp_path / "config.yaml"
     shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
     shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
@@ -188,3 +189,12 @@ def test_a_logger_less_fit_never_replaces_the_config_file_it_reads(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     code, err = run(capsys, "fit", "-c", "config.yaml", "--trainer.max_epochs", "1")
     assert code == 2 and "a config this command reads" in err and saved.read_text() == text
+
+
+def test_config_entries_that_are_no_local_file_do_not_block_replacing_a_runs_config(tmp_path):
+    # An inline --config string is None in the parsed list, and a -c URL or a file removed since is no local file:
+    # each made the check fail and refuse a dead run's marked config.yaml.
+    saved = tmp_path / "config.yaml"
+    saved.write_text("# lightning.pytorch==2.6.6\n" + SAVED_CONFIG_MARK.decode() + "seed_everything: 0\n")
+    assert _is_saved_config(saved, [None, tmp_path / "removed.yaml", "https://example.org/config.yaml"])
+    assert not _is_saved_config(saved, [None, saved])

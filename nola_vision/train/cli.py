@@ -264,9 +264,9 @@ def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
     """Whether a fit may replace ``path``: an empty file, or a config a run saved (``SAVED_CONFIG_MARK`` under
     LightningCLI's header); never a config file this command reads (``-c``), a ``--print_config`` dump (the same
     header without the mark) or any other file of the user's."""
+    if any(_same_local_file(path, given) for given in given_files):
+        return False
     try:
-        if any(os.path.samefile(path, getattr(given, "absolute", None) or str(given)) for given in given_files):
-            return False
         with open(path, "rb") as stream:
             if not os.fstat(stream.fileno()).st_size:
                 return True
@@ -274,6 +274,18 @@ def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
     except OSError:
         return False
     return header.startswith(b"# lightning.pytorch==") and mark.rstrip(b"\r\n") == SAVED_CONFIG_MARK.rstrip(b"\n")
+
+
+def _same_local_file(path: Path, given: Any) -> bool:
+    """Whether a ``-c`` entry (a jsonargparse path, or None for an inline ``--config`` string) is the file ``path``;
+    an entry that is no local file (inline, a URL, removed since) is not."""
+    if given is None:
+        return False
+    absolute = getattr(given, "absolute", None)  # a jsonargparse path's, as it resolved it when parsing
+    try:
+        return os.path.samefile(path, absolute if isinstance(absolute, str) else os.fspath(given))
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _holds_work(folder: Path) -> bool:
