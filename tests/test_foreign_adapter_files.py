@@ -1,6 +1,8 @@
 """Adapter files another tool (or the user) wrote under the names save_adapter and export_peft write are refused, never
 replaced; and a re-fit keeps a user's own ``<adapter_dir>.previous`` folder, keeping the earlier adapter beside it."""
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,12 @@ def test_an_adapter_config_that_cannot_be_read_is_refused_not_replaced(tmp_path,
         getattr(nv, write)(_model(), tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "adapter_config.json").read_text() == '{"peft_type": "LORA"}'
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="names that are not UTF-8 are a POSIX-bytes matter")
+def test_an_export_into_a_folder_whose_name_is_not_utf8_replaces_itself(tmp_path):
+    # safetensors' safe_open refuses such a path, so the mark was not read and the second export refused the first.
+    folder = os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(b"export_\xe9"))
+    nv.export_peft(_model(), folder)
+    nv.export_peft(_model(), folder)
+    assert existing_adapter_kind(folder) == "peft"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
@@ -56,6 +56,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # The safetensors metadata export_peft writes into its weights (peft ignores it): it tells an export of ours, which a
 # new export may replace, from a peft adapter trained elsewhere, which it must not.
 PEFT_EXPORT_MARK = {"written_by": "nola_vision.export_peft"}
+_SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on a header's bytes
 FORMAT = "nola_vision.adapter/3"
 # Format 2 has checksums but no frozen-weights fingerprint: it loads, checked by what it has. Format 1 files (before
 # checksums) can be checked for nothing, so they load only on request (``allow_unchecked_legacy=True``).
@@ -413,13 +414,18 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
 
 
 def _has_export_mark(weights: Path) -> bool:
-    """Whether ``weights`` is a safetensors file whose metadata holds ``PEFT_EXPORT_MARK`` (its header only is read)."""
+    """Whether ``weights`` is a safetensors file whose metadata holds ``PEFT_EXPORT_MARK``. Its header alone is read,
+    from the open file (``safetensors.safe_open`` refuses a path that is not UTF-8)."""
     try:
-        with safe_open(str(weights), framework="pt") as file:
-            metadata = file.metadata() or {}
-    except (OSError, SafetensorError, ValueError):
+        with open(weights, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if size > _SAFETENSORS_HEADER_LIMIT:
+                return False
+            header = json.loads(file.read(size))
+    except (OSError, ValueError, RecursionError):
         return False
-    return all(metadata.get(key) == value for key, value in PEFT_EXPORT_MARK.items())
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and all(metadata.get(key) == value for key, value in PEFT_EXPORT_MARK.items())
 
 
 def _peft_config(config: Path) -> bool:
