@@ -2,12 +2,14 @@
 results.md, best.yaml or config.json): they refuse before any run, naming the file; their own earlier files are
 still replaced."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 from fake_fit import fake_python
 from fixtures_data import write_imagefolder
 
+from nola_vision.core.storage import write_text_atomic
 from nola_vision.runs import protocol
 from nola_vision.runs import tune as tune_module
 from nola_vision.runs.protocol import run_protocol
@@ -149,3 +151,12 @@ def test_an_empty_or_missing_config_json_is_written(tmp_path):
     (tmp_path / "config.json").write_text("")
     assert claim_row(tmp_path, key) == key
     assert json.loads((tmp_path / "config.json").read_text())["config_hash"] == key["config_hash"]
+
+
+def test_a_tune_table_of_a_study_whose_name_is_not_utf8_is_recognised_as_tunes(tmp_path):
+    # Its header names the study (surrogate escapes in the str); read back with replacement characters, it never
+    # matched, so tune refused its own table at its next write.
+    root = tmp_path / os.fsdecode(b"row_\xe9")
+    root.mkdir()
+    write_text_atomic(root / "tune_results.md", f"# Tuning: {root.name}\n\nrows\n")
+    check_tune_files_ours(root)

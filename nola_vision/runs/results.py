@@ -446,8 +446,9 @@ def _is_row_config(path: Path) -> bool:
 
 
 def first_line(path: Path) -> str:
-    """The first line of a text file (at most 4096 characters, without its line end)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """The first line of a text file (at most 4096 characters, without its line end); bytes that are not UTF-8 as
+    surrogate escapes, as Python holds a file name that is not UTF-8 (so a header naming one compares equal)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return f.readline(4096).rstrip("\r\n")
 
 
