@@ -426,13 +426,37 @@ def test_a_save_keeps_owner_group_and_mode_of_the_directory_its_subfolders_and_a
     assert ownership(plot) == (OTHER_ID, OTHER_ID, 0o640) and plot.read_text() == "kept"
 
 
-def test_a_replaced_file_keeps_its_mode_and_group_and_a_new_file_gets_the_default_mode(tmp_path):
+def _other_group():
+    """A group this process may give its files other than its own: any for root, else a supplementary one."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return OTHER_ID
+    others = [group for group in os.getgroups() if group != os.getegid()] if hasattr(os, "getgroups") else []
+    return others[0] if others else None
+
+
+def test_a_replaced_file_keeps_its_mode_group_and_attributes_and_a_new_file_gets_the_default_mode(tmp_path):
     private = tmp_path / "results.md"
     private.write_text("old")
     os.chmod(private, 0o600)  # the user made it private: a new version must not become world-readable
-    group = os.getgroups()[-1] if hasattr(os, "getgroups") and os.getgroups() else os.getgid()
-    os.chown(private, -1, group)
+    group = _other_group()
+    if group is not None:
+        os.chown(private, -1, group)
+    xattrs = hasattr(os, "setxattr")
+    if xattrs:
+        os.setxattr(private, "user.note", b"mine")  # what cp -p keeps, and where Linux holds POSIX ACLs
+    os.utime(private, (1_000_000, 1_000_000))
     storage.write_text_atomic(private, "new")
-    assert private.read_text() == "new" and stat_mode(private.stat()) == 0o600 and private.stat().st_gid == group
+    info = private.stat()
+    assert private.read_text() == "new" and stat_mode(info) == 0o600 and info.st_mtime > 1_000_000
+    assert group is None or info.st_gid == group
+    assert not xattrs or os.getxattr(private, "user.note") == b"mine"
     fresh = storage.write_text_atomic(tmp_path / "fresh.md", "x")
     assert stat_mode(fresh.stat()) == 0o644
+
+
+@pytest.mark.skipif(not hasattr(os, "setxattr"), reason="extended attributes are a Linux call here")
+def test_a_saved_adapter_directory_keeps_its_extended_attributes(tmp_path):
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    os.setxattr(target, "user.project", b"shared")  # e.g. a default ACL that new files inherit
+    nv.save_adapter(trained(2), target)
+    assert os.getxattr(target, "user.project") == b"shared"

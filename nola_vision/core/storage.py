@@ -112,7 +112,8 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
     (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before
     the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
     limit raises an OSError (same errno) that says so. A new file gets ``mode``; a replaced one keeps its mode, its
-    group (where this user may set it) and, for root, its owner, so a file of a shared folder stays shared.
+    extended attributes (POSIX ACLs), its group (where this user may set it) and, for root, its owner, as ``cp -p``
+    would, so a file of a shared folder stays shared and a private one private.
     ``check``, when given, runs just before the rename: it raises to refuse replacing what appeared at ``path`` since
     the caller's own checks (a user's file of that name, hours into a run), and ``path`` then stays as it is.
     """
@@ -127,8 +128,7 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
             if replaced is None:
                 os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
             else:
-                _copy_ownership(replaced, tmp)
-                os.chmod(tmp, stat.S_IMODE(replaced.st_mode))  # after chown, which clears set-id bits
+                _copy_access(target, replaced, tmp)
             _fsync_file(tmp)
         if check is not None:
             check()
@@ -385,7 +385,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
         _remove_leftovers(target)
         staged = _make_staging_directory(target)
         try:
-            _inherit_group(target, staged)
+            _inherit_access(target, staged)
             with _explained_if_out_of_room(target, f"Nothing in {target} was changed: a previous adapter there, if "
                                                    "any, is intact."):
                 yield staged
@@ -395,8 +395,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
             if check is not None:
                 check()
             if old is not None:
-                _copy_ownership(old, staged)
-                os.chmod(staged, stat.S_IMODE(old.st_mode))
+                _copy_access(target, old, staged)
             _swap_in(staged, target)
             _fsync_directory(target.parent)
         finally:
@@ -579,15 +578,24 @@ def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:
         pass
 
 
-def _inherit_group(target: Path, staged: Path) -> None:
-    """Give ``staged`` the group (and set-group-ID bit) of an existing ``target`` before files are written into it, so
-    the new files get that group as they would in ``target`` itself (a shared setgid folder)."""
+def _inherit_access(target: Path, staged: Path) -> None:
+    """Give ``staged`` the group, set-group-ID bit and extended attributes (a default ACL) of an existing ``target``
+    before files are written into it, so the new files get what they would in ``target`` itself (a shared folder).
+    It stays writable for this user until ``_copy_access`` gives it ``target``'s exact mode."""
     old = _stat_or_none(target)
     if old is None or not stat.S_ISDIR(old.st_mode):
         return
-    _copy_ownership(old, staged)
-    if old.st_mode & stat.S_ISGID:
-        os.chmod(staged, stat.S_IMODE(os.stat(staged).st_mode) | stat.S_ISGID)
+    _copy_access(target, old, staged)
+    os.chmod(staged, stat.S_IMODE(old.st_mode) | stat.S_IRWXU)
+
+
+def _copy_access(source: Path, info: os.stat_result, path: PathLike) -> None:
+    """Give ``path`` the owner (for root), group (where this user may), mode and extended attributes (POSIX ACLs)
+    of ``source`` (whose stat is ``info``); not its times."""
+    _copy_ownership(info, path)
+    times = os.stat(path)
+    shutil.copystat(source, path)  # after chown, which may clear set-id bits; ACLs where the platform has them
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def _stat_or_none(path: Path) -> Optional[os.stat_result]:
