@@ -1,6 +1,7 @@
 """Every warning names the user's line, however deep the library and the frameworks around it (nn.Module calls,
 a Lightning Trainer) were called from there: one rule in ``core.warn`` instead of stack depths counted per call."""
 import inspect
+import os
 import shutil
 import warnings
 
@@ -11,6 +12,7 @@ from test_data_duplicate_images import _drawn_and_undrawn, _folder, _module
 from tiny_models import tiny_vit
 
 import nola_vision as nv
+from nola_vision.core import warn
 from nola_vision.core.warn import warn_user
 
 
@@ -69,3 +71,34 @@ def test_a_warning_raised_by_this_file_itself_names_its_line():
         line = _line_after(inspect.currentframe())
         warn_user("from a test", RuntimeWarning)
     assert (record[0].filename, record[0].lineno, record[0].category) == (__file__, line, RuntimeWarning)
+
+
+def test_frames_of_context_managers_and_imports_between_the_library_and_the_user_are_skipped(tmp_path,
+                                                                                                      monkeypatch):
+    # A library module imported by library code warns at import: between the two lie importlib's frames, which
+    # warnings.warn does not count in a stacklevel (the frozen bootstrap) or which are plumbing (import_module), and a
+    # context manager's exit, as in atomic_directory's cleanup.
+    library = tmp_path / "fake_library"
+    library.mkdir()
+    (library / "lazy.py").write_text("from nola_vision.core.warn import warn_user\nwarn_user('at import')\n")
+    (library / "entry.py").write_text(
+        "import contextlib, importlib\n"
+        "@contextlib.contextmanager\n"
+        "def cleanup():\n"
+        "    try:\n"
+        "        yield\n"
+        "    finally:\n"
+        "        importlib.import_module('lazy')\n"
+        "def run():\n"
+        "    with cleanup():\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(str(library))
+    internal = warn._internal_folders()
+    monkeypatch.setattr(warn, "_internal_folders", lambda: (os.path.join(str(library), ""), *internal))
+    import entry
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = _line_after(inspect.currentframe())
+        entry.run()
+    assert [(w.filename, w.lineno) for w in record if str(w.message) == "at import"] == [(__file__, line)]
