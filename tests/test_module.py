@@ -322,6 +322,10 @@ def test_warmup_defaults_to_the_method_recipe_and_shapes_the_schedule():
     assert epoch_lrs(given, 20)[0] == pytest.approx(given.hparams.lr / 5) and given.hparams.warmup_epochs == 4
     paper = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)
     assert epoch_lrs(paper, 20)[0] == pytest.approx(paper.hparams.lr)
+    # a warm-up as long as the run never reaches lr nor decays: said, not silent
+    with pytest.warns(UserWarning, match=r"warmup_epochs=4 is not below trainer.max_epochs=3: .* never reaching"):
+        too_long = epoch_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=4, **TINY), 3)
+    assert max(too_long) < given.hparams.lr
     with pytest.raises(ValueError, match="warmup_epochs"):
         FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=-1, **TINY)
     with pytest.raises(ValueError, match="default_warmup_fraction"):

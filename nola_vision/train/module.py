@@ -42,6 +42,7 @@ from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import file_sha256
 from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters
+from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
@@ -356,6 +357,10 @@ class FewShotClassifier(L.LightningModule):
         warmup = self._given_warmup_epochs
         # None: the recipe's share of this fit's epochs, resolved again by every fit; recorded for its checkpoints
         hp.warmup_epochs = warmup if warmup is not None else recipe_warmup_epochs(self.adapter_config, epochs)
+        if hp.warmup_epochs >= epochs:
+            warn_user(f"nola_vision: warmup_epochs={hp.warmup_epochs} is not below trainer.max_epochs={epochs}: the "
+                      f"learning rate only warms up (epoch 0 at lr/{hp.warmup_epochs + 1}), never reaching "
+                      f"lr={hp.lr:g} nor decaying to min_lr={hp.min_lr:g}. Use fewer warm-up epochs, or more epochs")
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
