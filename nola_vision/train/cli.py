@@ -111,11 +111,13 @@ class RunConfigSaver(SaveConfigCallback):
     """
 
     _lock: Optional[int] = None
+    _path: Optional[Path] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         path = Path(trainer.log_dir) / self.config_filename  # a collective under DDP: every rank asks
+        self._path = None if "://" in str(trainer.log_dir) else path  # for save_config, which rank 0 alone runs
         if stage == "fit" and "://" not in str(trainer.log_dir):  # a remote folder (s3://) has no file locks
             self._hold_folder(trainer, path.parent)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
@@ -150,8 +152,8 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Mark the config LightningCLI just saved (rank 0) as a run's, under its header: the one config.yaml a later
         logger-less fit in this folder may replace (a ``--print_config`` dump has the same header)."""
-        path = Path(trainer.log_dir) / self.config_filename
-        if "://" in str(trainer.log_dir) or not path.is_file():
+        path = self._path  # setup's (trainer.log_dir is a collective); None for a remote folder
+        if path is None or not path.is_file():
             return
         header, _, rest = path.read_bytes().partition(b"\n")
         write_bytes_atomic(path, header + b"\n" + SAVED_CONFIG_MARK + rest)
