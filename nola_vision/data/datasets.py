@@ -20,6 +20,7 @@ import struct
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 
@@ -374,6 +375,34 @@ def _read_pairs(path: Path, fix: str, integer_values: bool = False) -> dict[int,
     return pairs
 
 
+def _refuse_unplain_path(rel: str, where: str, fix: str) -> None:
+    """Refuse a metadata path with an empty, ``.`` or ``..`` part, or an absolute one: ``a/../b/x.jpg`` passes a
+    check of its first folder but reads an image of another class (trained under the wrong label, and a test image
+    could be trained on), and the repeat check compares paths as text."""
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise DatasetMetadataError(f"{where}: {rel!r} is not a plain relative path ('..', '.' or empty parts, or a "
+                                   f"leading '/', would read an image outside its class folder). {fix}")
+
+
+def _refuse_missing_images(folder: Path, keys: Sequence[str], listing: Path, fix: str) -> None:
+    """Refuse images the dataset's metadata lists that are not under ``folder`` (an incomplete extraction), before
+    anything trains: each image folder is listed once, no image is opened."""
+    by_folder: dict[str, list[str]] = {}
+    for key in keys:
+        parent, _, name = key.rpartition("/")
+        by_folder.setdefault(parent, []).append(name)
+    missing = []
+    for parent, names in by_folder.items():
+        try:
+            present = set(os.listdir(folder / parent))
+        except OSError:
+            present = set()
+        missing += [f"{parent}/{name}" for name in names if name not in present]
+    if missing:
+        raise DatasetNotFoundError(f"{len(missing)} of the {len(keys)} images {listing} lists are not under {folder} "
+                                   f"(e.g. {', '.join(map(repr, missing[:3]))}): the extraction is incomplete. {fix}")
+
+
 class _CUB:
     name = "cub200"
     url = "https://data.caltech.edu/records/65de6-vp158 (CUB_200_2011.tgz)"
@@ -435,6 +464,8 @@ class _CUB:
             wrong = next((key for key, value in values.items() if value not in valid), None)
             if wrong is not None:
                 raise DatasetMetadataError(f"{path}: image id {wrong} has {values[wrong]}, expected {what}. {fix}")
+        for img_id, rel in images.items():
+            _refuse_unplain_path(rel, f"{folder / 'images.txt'}: image id {img_id}", fix)
         self._refuse_other_folders(root, images, labels, class_folders)
         _refuse_repeats(((rel, f"{folder / 'images.txt'}: image id {img_id} {rel!r} "
                                 f"({'train' if is_train[img_id] else 'test'})") for img_id, rel in images.items()),
@@ -442,6 +473,11 @@ class _CUB:
         want = 1 if split == "train" else 0
         samples = [(f"images/{images[img_id]}", labels[img_id] - 1)  # labels are 1-based on disk
                    for img_id in sorted(images) if is_train[img_id] == want]
+        _refuse_missing_images(folder, [key for key, _ in samples], folder / "images.txt", fix)
+        if split != "train":
+            tested = {names[label] for _, label in samples}
+            _warn_classes_without_images(folder / "train_test_split.txt",
+                                         [name for name in names if name not in tested])
         return ImageDataset(self.name, folder, split, samples, names)
 
 
@@ -750,7 +786,22 @@ class _Caltech101:
                               " (not its sub-folders)")
         samples = [(rel, index[rel.split("/")[1]]) for rel, s in self.split_assignment(root, listing).items()
                    if s == split]
+        if split != "train":
+            tested = {names[label] for _, label in samples}
+            _warn_classes_without_images(self.expected(root), [name for name in names if name not in tested])
         return ImageDataset(self.name, root / "caltech101", split, samples, names)
+
+
+def _unique_keys(path: Path, fix: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a repeated key: ``json.load`` keeps the last one, so the images an
+    earlier repeat lists would silently be in no split."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DatasetMetadataError(f"{path}: class {key!r} is listed twice (JSON keeps only the last list, so the "
+                                       f"other's images would be in no split). {fix}")
+        seen[key] = value
+    return seen
 
 
 class _Food101:
@@ -772,7 +823,7 @@ class _Food101:
         fix = f"Extract {self.url} under {root} again."
         try:
             with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
+                meta = json.load(f, object_pairs_hook=partial(_unique_keys, path, fix))
         except json.JSONDecodeError as err:
             raise DatasetMetadataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}). {fix}") from err
         except (UnicodeDecodeError, RecursionError) as err:
@@ -786,6 +837,7 @@ class _Food101:
                                            f"{reprlib.repr(images)}. {fix}")
             for image in images:
                 _refuse_line_break(image, f"{path}: {image}")
+                _refuse_unplain_path(image, f"{path}: class {name!r}", fix)
         return meta
 
     def class_names(self, root: Path) -> list[str]:
@@ -811,6 +863,9 @@ class _Food101:
             raise DatasetMetadataError(f"{self.expected(root) / 'meta' / f'{split}.json'} lists other classes than "
                                        f"test.json ({sorted(set(meta) ^ set(names))[:5]}); extract {self.url} again.")
         samples = [(f"images/{rel}.jpg", label) for label, name in enumerate(names) for rel in meta[name]]
+        listing = self.expected(root) / "meta" / f"{split}.json"
+        _refuse_missing_images(self.expected(root), [key for key, _ in samples], listing,
+                               f"Extract {self.url} under {root} again.")
         if split != "train":
             _warn_classes_without_images(self.expected(root) / "meta" / f"{split}.json",
                                          [name for name in names if not meta[name]])
