@@ -44,3 +44,12 @@ def test_the_cli_refuses_it_before_anything_is_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "image_size 30 is not a multiple" in err and "Use image_size 24 or 32" in err
     assert not (tmp_path / "run").exists() and sys.exc_info() == (None, None, None)
+
+
+def test_a_model_pretrained_at_a_size_its_patch_does_not_divide_is_built_at_that_size():
+    # SigLIP so400m/14 was pretrained at 384 px (27 patches, the last 6 px dropped, as big_vision does): its own size
+    # is accepted; another size that drops a border is not.
+    with torch.device("meta"):
+        build_backbone("vit_so400m_patch14_siglip_384", 5, pretrained=False)
+        with pytest.raises(ValueError, match="Use image_size 378 or 392"):
+            build_backbone("vit_so400m_patch14_siglip_384", 5, pretrained=False, image_size=380)

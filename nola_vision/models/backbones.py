@@ -113,6 +113,10 @@ def _refuse_dropped_border(model: nn.Module, backbone: str) -> None:
     sizes, patches = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
     if sizes is None or patches is None or getattr(embed, "dynamic_img_pad", False):
         return
+    config = getattr(model, "pretrained_cfg", None)
+    native = config.get("input_size") if isinstance(config, dict) else getattr(config, "input_size", None)
+    if native is not None and tuple(native[-2:]) == _pair(sizes):  # pretrained so (SigLIP so400m/14 at 384): as is
+        return
     pairs = zip(_pair(sizes), _pair(patches))
     for size, patch in pairs:
         if size % patch:
