@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,6 +187,14 @@ def test_step_intervals_below_one_are_refused_before_anything_is_built(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and f"{option.split('.')[-1]}={value} ({option})" in err and says in err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("interval", ["00:00:10:00", 50, 0.25])
+def test_time_batch_and_fraction_validation_intervals_pass(interval):
+    # Lightning takes a time ("DD:HH:MM:SS", a timedelta) too: only a number can be 0 or below.
+    from nola_vision.train.module import check_training_length
+
+    check_training_length(SimpleNamespace(val_check_interval=interval, check_val_every_n_epoch=None))
 
 
 def test_a_python_trainer_accumulating_a_negative_number_of_batches_is_refused_at_fit_start(tmp_path):

@@ -843,8 +843,8 @@ def _check_step_intervals(trainer: Any) -> None:
     if every is not None and every < 1:
         raise ValueError(f"trainer.check_val_every_n_epoch={every!r} (--trainer.check_val_every_n_epoch) must be 1 or "
                          "more (epochs between validations); to skip validation, pass --trainer.limit_val_batches 0")
-    interval = getattr(trainer, "val_check_interval", None)
-    if interval is not None and interval <= 0:
+    interval = getattr(trainer, "val_check_interval", None)  # also a time ("00:00:10:00", a timedelta): not checked
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
         raise ValueError(f"trainer.val_check_interval={interval!r} (--trainer.val_check_interval) must be above 0: a "
                          "fraction of an epoch (0.25) or a number of batches (100); to skip validation, pass "
                          "--trainer.limit_val_batches 0")
