@@ -460,3 +460,18 @@ def test_a_saved_adapter_directory_keeps_its_extended_attributes(tmp_path):
     os.setxattr(target, "user.project", b"shared")  # e.g. a default ACL that new files inherit
     nv.save_adapter(trained(2), target)
     assert os.getxattr(target, "user.project") == b"shared"
+
+
+def test_a_replaced_file_whose_attributes_cannot_be_read_is_still_replaced_keeping_its_mode(tmp_path, monkeypatch):
+    # Another user's private file with a user.* attribute: reading the attribute needs read permission, so copystat
+    # failed and the save with it, where it had worked before attributes were copied.
+    target = tmp_path / "results.md"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(shutil, "copystat", unreadable)
+    storage.write_text_atomic(target, "new")
+    assert target.read_text() == "new" and stat_mode(target.stat()) == 0o640

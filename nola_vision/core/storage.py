@@ -594,7 +594,10 @@ def _copy_access(source: Path, info: os.stat_result, path: PathLike) -> None:
     of ``source`` (whose stat is ``info``); not its times."""
     _copy_ownership(info, path)
     times = os.stat(path)
-    shutil.copystat(source, path)  # after chown, which may clear set-id bits; ACLs where the platform has them
+    try:
+        shutil.copystat(source, path)  # after chown, which may clear set-id bits; ACLs where the platform has them
+    except OSError:  # an attribute this user may not read (another user's private file): its mode, as before
+        os.chmod(path, stat.S_IMODE(info.st_mode))
     os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
