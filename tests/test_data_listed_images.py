@@ -77,3 +77,17 @@ def test_a_caltech101_test_split_without_a_class_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataset("caltech101", tmp_path, "train")
+
+
+def test_a_fashion_mnist_folder_missing_one_of_its_files_is_refused_not_swapped_for_another_copy(tmp_path):
+    # An interrupted copy under root was passed over for the next candidate (the system's full set): another
+    # dataset than the user's, trained on without a word.
+    from fixtures_data import write_fashion_mnist
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_fashion_mnist(raw, 40, 20, gz=True)
+    assert len(build_dataset("fashion_mnist", tmp_path, "train")) == 40
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"holds 3 of Fashion-MNIST's 4 files; missing: "
+                                                   r"t10k-labels-idx1-ubyte"):
+        build_dataset("fashion_mnist", tmp_path, "train")

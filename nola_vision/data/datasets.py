@@ -903,19 +903,30 @@ class _FashionMNIST:
         return root / "FashionMNIST" / "raw"
 
     def download(self, root: Path) -> None:
-        if self._find(root) is None:
+        if self._find(root, refuse_partial=False) is None:  # torchvision completes a partial download
             import torchvision.datasets as tvd
             tvd.FashionMNIST(str(root), train=True, download=True)
 
-    def _find(self, root: Path) -> Optional[Path]:
+    def _find(self, root: Path, refuse_partial: bool = True) -> Optional[Path]:
+        """The first candidate folder with all four files (raw or ``.gz``), as a ``{prefix}``/``{kind}`` pattern. A
+        folder under ``root`` holding only some of them (an interrupted download or copy) is refused, naming the
+        missing ones, rather than passed over for the next candidate: that may be the system's full set, another
+        dataset than the user's."""
+        bases = [f"{p}-{kind}-ubyte" for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
         for folder in self.candidates(root):
             for suffix in ("", ".gz"):
-                paths = [folder / f"{p}-{kind}-ubyte{suffix}" for p in ("train", "t10k")
-                         for kind in ("images-idx3", "labels-idx1")]
+                paths = [folder / f"{base}{suffix}" for base in bases]
                 for path in paths:  # not skipped for the next folder: that may hold other files
                     _refuse_broken_link(path)
                 if all(path.is_file() for path in paths):
                     return folder / f"{{prefix}}-{{kind}}-ubyte{suffix}"
+            present = [base for base in bases if any((folder / f"{base}{suffix}").is_file() for suffix in ("", ".gz"))]
+            if refuse_partial and present and folder != Path(FASHION_MNIST_SYSTEM_DIR):
+                missing = [base for base in bases if base not in present]
+                raise DatasetNotFoundError(
+                    f"dataset '{self.name}': {folder} holds {len(present)} of Fashion-MNIST's 4 files; missing: "
+                    f"{', '.join(missing)} (raw or .gz). Complete them (download=True, --data.download true, "
+                    f"fetches them with torchvision), or remove the folder to read another copy")
         return None
 
     def _read(self, pattern: Path, prefix: str, kind: str, ndim: int) -> np.ndarray:
