@@ -188,7 +188,7 @@ def test_the_demo_refuses_repeated_seeds_and_names_its_own_options(capsys):
     assert demo(["--epochs", "0", "--no_progress"]) == 1
     assert "epochs must be a positive integer" in capsys.readouterr().err
     assert demo(["--dataset", "cub200", "--root", "/nonexistent", "--no_progress", "--backbone", "vit_tiny_patch16_224",
-                 "--no_pretrained"]) == 1
+                 "--no_pretrained", "--image_size", "64"]) == 1
     err = capsys.readouterr().err
     assert "--root" in err and "--data.root" not in err
 
