@@ -49,7 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, run_lightning_cli
 
     try:
-        run_lightning_cli(args)
+        # From the console script, Lightning reads sys.argv itself: given both, it warns on every run that
+        # args and command-line arguments were mixed.
+        run_lightning_cli(None if argv is None else args)
     except SIGTERMException:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
         print("nola-vision: stopped by SIGTERM before the run finished: no result was written", file=sys.stderr)
         return 143
