@@ -54,6 +54,14 @@ def test_predict_writes_a_csv_with_class_names(tmp_path):
     assert rows[0]["prediction_name"] == rows[0]["prediction"]  # digit classes are named "0".."9"
 
 
+def test_a_fit_without_validation_images_does_not_warn_about_its_empty_validation_loader(tmp_path, recwarn):
+    # val_shots 0: the data module's empty validation list made Lightning warn that its length was zero.
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1",
+                 "--test_after_fit", "false", *QUIET])
+    assert code == 0
+    assert not [w for w in recwarn if "across ranks is zero" in str(w.message)]
+
+
 @pytest.mark.parametrize("override, message", [
     (["--model.backbone", "vit_tiny_patch16_22"], "Close matches: vit_tiny_patch16_224"),
     (["--model.adapter", '{"class_path": "nola_vision.NOLAConfig", "init_args": {"targets": ["mlp.fc3"]}}'],

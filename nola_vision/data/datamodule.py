@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional
@@ -617,6 +618,8 @@ class FewShotDataModule(L.LightningDataModule):
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
         if self.val_set is None:
+            # Lightning skips validation on an empty list, and warns that its length is zero as if by mistake.
+            warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
             return []
         return self._evaluation_loader(self.val_set)
 
