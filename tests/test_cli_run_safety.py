@@ -14,7 +14,7 @@ import yaml
 
 from nola_vision.cli import main
 from nola_vision.train import module
-from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter, _is_saved_config
+from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter, _is_saved_config, check_config_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -198,3 +198,22 @@ def test_config_entries_that_are_no_local_file_do_not_block_replacing_a_runs_con
     saved.write_text("# lightning.pytorch==2.6.6\n" + SAVED_CONFIG_MARK.decode() + "seed_everything: 0\n")
     assert _is_saved_config(saved, [None, tmp_path / "removed.yaml", "https://example.org/config.yaml"])
     assert not _is_saved_config(saved, [None, saved])
+
+
+def test_a_config_file_before_the_subcommand_must_hold_subcommand_sections(tmp_path, capsys):
+    """``nola-vision -c run/config.yaml fit``: the parser silently ignored every key of a flat config given before
+    the subcommand, so the run trained on the defaults instead of the file's settings."""
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(TINY.read_text())
+    code, err = run(capsys, "-c", flat, "fit", "--trainer.default_root_dir", tmp_path / "run")
+    assert code == 2 and "comes before the subcommand" in err and f"nola-vision fit -c {flat}" in err
+    assert "model, data" in err and not (tmp_path / "run").exists()
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("seed_everything: 5\nfit:\n  seed_everything: 3\n")
+    assert "its seed_everything would be ignored" in run(capsys, "-c", mixed, "fit")[1]
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("fit:\n  seed_everything: 3\ntest:\n  seed_everything: 4\n")
+    check_config_sources(["-c", str(nested), "fit", "-c", str(flat)])  # sections before, a flat file after: fine
+    check_config_sources(["--config", str(nested), "fit"])
+    with pytest.raises(ValueError, match="comes before the subcommand"):
+        check_config_sources([f"--config={flat}", "fit"])

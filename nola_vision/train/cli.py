@@ -703,17 +703,34 @@ def check_config_sources(argv: Any) -> None:
     if not isinstance(argv, (list, tuple)):
         return
     args = [str(a) for a in argv]
+    subcommand_at = next((i for i, arg in enumerate(args) if arg in NolaCLI.subcommands()
+                          and (i == 0 or args[i - 1] not in ("-c", "--config"))), len(args))
     for i, arg in enumerate(args):
         option, equals, value = arg.partition("=")
         if not equals:
             option, value = (args[i - 1] if i else ""), arg
         if option in ("-c", "--config") and Path(value).is_file():
             with open(value, errors="replace") as stream:  # YAML's messages then name the file
-                if _check_yaml(stream, f"config file {value}") is None:
-                    raise ValueError(f"config file {value} is empty (or only comments): it sets nothing; give it a "
-                                     "model and data section, e.g. copy configs/tiny_offline.yaml")
+                node = _check_yaml(stream, f"config file {value}")
+            if node is None:
+                raise ValueError(f"config file {value} is empty (or only comments): it sets nothing; give it a "
+                                 "model and data section, e.g. copy configs/tiny_offline.yaml")
+            if i < subcommand_at:
+                _check_top_level_config(node, value)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+
+
+def _check_top_level_config(node: Any, path: str) -> None:
+    """Refuse a ``-c`` file before the subcommand that sets anything but subcommand sections: the parser silently
+    ignores those keys, so ``nola-vision -c run/config.yaml fit`` (a run's flat config) trained on defaults."""
+    keys = [key.value for key, _ in node.value] if isinstance(node, yaml.MappingNode) else []
+    stray = [str(key) for key in keys if key not in NolaCLI.subcommands()]
+    if stray:
+        raise ValueError(
+            f"config file {path} comes before the subcommand, where only {', '.join(NolaCLI.subcommands())} "
+            f"sections apply: its {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} would be ignored. Give it "
+            f"after the subcommand (nola-vision fit -c {path}), or nest its settings under fit:")
 
 
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
