@@ -266,3 +266,23 @@ def test_factors_kept_for_a_backward_that_never_came_are_not_reused_after_data_o
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(_images()), copy.deepcopy(model)(_images()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_files_of_a_merged_model_whose_adapter_changed_since_the_merge_are_refused(key, tmp_path):
+    """An EMA or in-place edit while merged: the model computes with the values merged then, and save_adapter wrote
+    the new ones, so the file loaded back with other outputs than the model gave."""
+    model = _adapted(key)
+    nv.merge(model)
+    nv.save_adapter(model, tmp_path / "unchanged", bits=32)  # merged, unchanged: the file is what the model computes
+    model.half()
+    nv.save_adapter(model, tmp_path / "unchanged_half", bits=32)  # cast after the merge: the same values
+    model.float()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith(("nola_beta", "lora_B"))).mul_(3)
+    for save in (lambda d: nv.save_adapter(model, d, bits=32), lambda d: nv.export_peft(model, d)):
+        with pytest.raises(ValueError, match="changed since nv.merge") as error:
+            save(tmp_path / "changed")
+        assert "nv.unmerge(model)" in str(error.value) and not (tmp_path / "changed").exists()
+    nv.unmerge(model)
+    nv.save_adapter(model, tmp_path / "changed", bits=32)

@@ -37,7 +37,7 @@ from ..core.fingerprint import (
 )
 from ..core.inject import adapter_state, inject, quantization_aware_bits, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
-from ..core.merge import delta_factors_of_values, switch_merged
+from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.registry import method_of
@@ -264,6 +264,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     adapter, head = trained_parameters(model, state.config.train_backbone)
     require_nothing_else_trained(model, {**adapter, **head}, "an adapter file")
     require_unchanged_statistics(model)
+    require_current_merge(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
     names = _checked_class_names(class_names, num_classes_of(model))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..core.fingerprint import merged_adapters
 from ..core.inject import adapter_state, quantization_aware_bits, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
+from ..core.merge import require_current_merge
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
 from ..core.targets import classifier_head, require_nothing_else_trained, trained_parameters
@@ -71,6 +72,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     adapter_tensors, head_tensors = trained_parameters(model, train_backbone=False)  # the factors' sources, the head
     require_nothing_else_trained(model, {**adapter_tensors, **head_tensors}, "a peft export")
     require_unchanged_statistics(model)
+    require_current_merge(model, "export_peft")
     folded = merged_adapters(model)
     if folded:
         raise ValueError(

@@ -17,8 +17,8 @@ from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
-           "merged_delta_factors", "reentrant_checkpointing_inputs", "release_shared_factors", "switch_merged",
-           "unmerge"]
+           "merged_delta_factors", "reentrant_checkpointing_inputs", "release_shared_factors",
+           "require_current_merge", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -199,6 +199,24 @@ def merged_delta_factors(layers: Sequence[AdaptedLinear]) -> Dict[int, Tuple[Ten
                        delta_factors_of_values([(layer, layer.merged_values) for layer in recompute])))
     factors.update({id(layer): layer.merged_delta_factors() for layer in merged if id(layer) not in factors})
     return factors
+
+
+def require_current_merge(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` (a file of the trained tensors) on a merged model whose adapter tensors changed since the
+    merge (an EMA or optimizer step, an in-place edit): the model computes with the values merged then, so the file
+    would load back with other outputs than the model gives."""
+    for name, layer in adapted_layers(model).items():
+        merged = layer.merged_values
+        if merged is None:
+            continue
+        current = layer.trained_values()
+        changed = [key for key, value in merged.items() if not torch.equal(value.to(current[key]), current[key])]
+        if changed:
+            raise ValueError(
+                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge, so the model "
+                "still computes with the values merged then: a file of the new values would load back with other "
+                "outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the new "
+                "values), or undo the change")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
