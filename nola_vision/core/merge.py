@@ -213,10 +213,10 @@ def require_current_merge(model: nn.Module, action: str) -> None:
         changed = [key for key, value in merged.items() if not torch.equal(value.to(current[key]), current[key])]
         if changed:
             raise ValueError(
-                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge, so the model "
-                "still computes with the values merged then: a file of the new values would load back with other "
-                "outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the new "
-                "values), or undo the change")
+                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge, so the "
+                "model still computes with the values merged then: a file of the new values would load back with "
+                "other outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the "
+                "new values), or undo the change")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
