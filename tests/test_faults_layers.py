@@ -134,6 +134,26 @@ def test_checkpointed_nola_combines_each_shared_basis_once_per_pass_unless_reent
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_reentrant_checkpointing_trains_the_adapters_through_forward_features(variant, images):
+    # The images are made to require grad in the model's forward pre-hook, which forward_features skips: re-entrant
+    # checkpointing then differentiated no block, and every adapter silently got no gradient.
+    previous = timm.layers.use_reentrant_ckpt()
+    timm.layers.set_reentrant_ckpt(True)  # timm's own setting: patching our check alone leaves timm non-reentrant
+    try:
+        grads = []
+        for checkpointing in (False, True):
+            model = trained(variant).train()
+            model.set_grad_checkpointing(checkpointing)
+            F.cross_entropy(model.forward_head(model.forward_features(images)), torch.arange(4)).backward()
+            grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    finally:
+        timm.layers.set_reentrant_ckpt(previous)
+    assert all(grad is not None for grad in grads[1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not images.requires_grad
+
+
 @pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=16, num_basis_b=16),
                                     nv.LoRAConfig(targets=["mlp.fc1", "mlp.fc2"]), nv.LoRAConfig()],
                          ids=["nola_mlp", "lora_mlp", "lora_qv"])

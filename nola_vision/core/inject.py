@@ -27,6 +27,7 @@ from .merge import (
     has_shared_bases,
     merge,
     reentrant_checkpointing_inputs,
+    reentrant_checkpointing_output,
     release_shared_factors,
     unmerge,
 )
@@ -223,6 +224,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         replace_module(model, name, adapted)
     hooks = [module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True)
              for module in (checkpointed_models(model) if plan.layers else [])]
+    hooks += [child.register_forward_hook(functools.partial(reentrant_checkpointing_output, module))
+              for module in (checkpointed_models(model) if plan.layers else []) for child in _frozen_children(module)]
     if head is not None:
         hooks.append(head.register_forward_pre_hook(_compact_input))
     if has_shared_bases(model):
@@ -237,6 +240,13 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def _frozen_children(model: nn.Module) -> List[nn.Module]:
+    """The children of ``model`` that neither train nor hold an adapter (a ViT's stem, its dropouts and norms)."""
+    return [child for child in model.children()
+            if not any(p.requires_grad for p in child.parameters())
+            and not any(isinstance(m, AdaptedLinear) for m in child.modules())]
 
 
 def _require_not_injected(model: nn.Module) -> None:

@@ -17,7 +17,8 @@ from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
-           "merged_delta_factors", "reentrant_checkpointing_inputs", "release_shared_factors",
+           "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
+           "release_shared_factors",
            "require_current_merge", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
@@ -84,6 +85,17 @@ def reentrant_checkpointing_inputs(model: nn.Module, args: tuple, kwargs: dict) 
     if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
         return None
     return tuple(map(_requiring_grad, args)), {key: _requiring_grad(value) for key, value in kwargs.items()}
+
+
+def reentrant_checkpointing_output(model: nn.Module, module: nn.Module, args: tuple, output: object) -> object:
+    """Forward hook on the frozen children of a timm model (its stem) with ``model`` bound: under re-entrant
+    gradient checkpointing, hand on their output as a tensor that requires grad, as ``reentrant_checkpointing_inputs``
+    does with the images, for calls that skip the model's own forward (``model.forward_features(x)``)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not _frozen_input(output):
+        return None
+    if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
+        return None
+    return _requiring_grad(output)
 
 
 def _frozen_input(value: object) -> bool:
