@@ -210,3 +210,26 @@ def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write
         backbone.blocks[0].attn.qkv.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight was written or replaced"):
         model(images, "a")
+
+
+def test_adapter_calls_on_a_served_model_are_refused_and_leave_it_serving(tasks, images):
+    """nv.inject on a MultiTaskModel injected into the shared backbone, after which every call was refused even once
+    unloaded: the served model was lost. load_adapter blamed the architecture ('MultiTaskModel')."""
+    model = served(tiny_vit(), **tasks)
+    before = model(images, ["a", "b", "a", "b"])
+    for call in (lambda: nv.inject(model, NOLA), lambda: nv.load_adapter(model, tasks["a"]),
+                 lambda: nv.verify_adapter(model, tasks["a"]), lambda: nv.merge(model), lambda: nv.unmerge(model),
+                 lambda: nv.unload(model), lambda: nv.merge_and_unload(model), lambda: nv.save_adapter(model, "x")):
+        with pytest.raises(ValueError, match=r"add_task\(name, adapter_dir\)"):
+            call()
+    assert not nv.adapted_layers(model)
+    torch.testing.assert_close(model(images, ["a", "b", "a", "b"]), before, rtol=0, atol=0)
+    assert nv.count_parameters(model)["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("call", [nv.count_parameters, nv.merge, nv.unmerge, nv.MultiTaskModel,
+                                  lambda m: nv.save_adapter(m, "x"), lambda m: nv.load_adapter(m, "x"),
+                                  lambda m: nv.export_peft(m, "x"), lambda m: nv.export_onnx(m, "x.onnx")])
+def test_calls_given_no_model_name_what_they_take(call):
+    with pytest.raises(TypeError, match=r"takes a model \(a torch.nn.Module\), got a NoneType"):
+        call(None)

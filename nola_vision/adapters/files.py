@@ -42,7 +42,13 @@ from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
 from ..core.registry import method_of
 from ..core.storage import atomic_directory, read_files, resolve_directory_target
-from ..core.targets import classifier_head, head_parameter_names, require_nothing_else_trained, trained_parameters
+from ..core.targets import (
+    classifier_head,
+    head_parameter_names,
+    require_module,
+    require_nothing_else_trained,
+    trained_parameters,
+)
 from ..core.warn import warn_user
 from ..version import __version__
 
@@ -247,6 +253,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     saving at other bits than quantisation-aware training used warns. ``class_names`` (one per output of the head, in
     order) are recorded for whoever serves the file (``VerifiedAdapter.class_names``, ``MultiTaskModel.class_names``).
     """
+    require_module(model, "save_adapter")
     model = unwrap_model(model)
     state = adapter_state(model)
     if state is None:
@@ -1052,6 +1059,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     ``check_frozen_weights`` is False), that a model under quantisation-aware training trains at the file's bits,
     tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
     """
+    require_module(model, "verify_adapter")
     model = unwrap_model(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
@@ -1093,6 +1101,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     trained tensors are copied into the model's own parameters (a merged model applies W += ΔW_new − ΔW_old and stays
     merged), so a ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
+    require_module(model, "load_adapter")
     target = unwrap_model(model)
     verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)

@@ -23,7 +23,7 @@ from ..core.layer import adapted_layers
 from ..core.merge import require_current_merge
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
-from ..core.targets import classifier_head, require_nothing_else_trained, trained_parameters
+from ..core.targets import classifier_head, require_module, require_nothing_else_trained, trained_parameters
 from .files import PEFT_EXPORT_MARK, existing_adapter_kind, other_adapter_files_error
 
 __all__ = ["export_peft"]
@@ -60,6 +60,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     quantisation-aware training the factors and the head are exported as the model sees them. A ``torch.compile``d
     model is exported as the module it wraps (whose module names peft matches).
     """
+    require_module(model, "export_peft")
     model = unwrap_model(model)
     _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)

@@ -6,13 +6,14 @@ from typing import Dict
 from torch import nn
 
 from .layer import adapted_layers
-from .targets import classifier_head
+from .targets import classifier_head, require_module
 
 __all__ = ["count_parameters"]
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
     """Exact parameter counts: adapter coefficients/factors and classifier head separately, trainable, total."""
+    require_module(model, "count_parameters", adaptable=False)
     adapter = {
         id(p): p.numel() for layer in adapted_layers(model).values() for p in layer.adapter_parameters().values()
     }

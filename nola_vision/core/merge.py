@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
+from .targets import require_module
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
@@ -182,6 +183,7 @@ def merge(model: nn.Module) -> nn.Module:
     model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged. Nothing is recorded
     for autograd, so the basis bank keeps the shared bases' codes, which a task switch reads again.
     """
+    require_module(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
     with torch.no_grad(), batched_factors(model):
@@ -234,6 +236,7 @@ def require_current_merge(model: nn.Module, action: str) -> None:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
     happened to its trained tensors since (an optimizer step while merged)."""
+    require_module(model, "unmerge")
     layers = [layer for layer in adapted_layers(model).values() if layer.merged]
     with torch.no_grad():
         factors = merged_delta_factors(layers)

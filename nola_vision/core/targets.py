@@ -32,10 +32,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def require_module(model: object, function: str) -> None:
+def require_module(model: object, function: str, *, adaptable: bool = True) -> None:
     """Refuse anything but an ``nn.Module`` with a TypeError naming what was passed, before any attribute of it is read;
-    a model name gets the one call that builds that model with adapters."""
+    a model name gets the one call that builds that model with adapters. With ``adaptable``, also refuse a module
+    that takes its adapters another way: one whose ``adapter_call_refusal`` (a class attribute) says which."""
     if isinstance(model, nn.Module):
+        refusal = getattr(type(model), "adapter_call_refusal", None)
+        if adaptable and isinstance(refusal, str):
+            raise ValueError(f"nv.{function}: {refusal}")
         return
     got = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
     hint = (f": to build that timm model with adapters, call nv.create_model({model!r}, adapter=config)"

@@ -30,7 +30,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
 from ..core.plan import InjectionPlan
 from ..core.registry import method_of
-from ..core.targets import classifier_head
+from ..core.targets import classifier_head, require_module
 
 __all__ = ["MultiTaskModel"]
 
@@ -99,7 +99,13 @@ class MultiTaskModel(nn.Module):
             the numbers their files hold and combined again when next used.
     """
 
+    # Read by core.targets.require_module: inject, load_adapter, merge and the like would change the shared backbone.
+    adapter_call_refusal = ("a MultiTaskModel serves the tasks added with served.add_task(name, adapter_dir) and "
+                            "takes no adapter of its own, which would change the backbone every task shares: save "
+                            "the adapter with nv.save_adapter and add it as a task")
+
     def __init__(self, model: nn.Module, cache_mb: float = 256.0) -> None:
+        require_module(model, "MultiTaskModel", adaptable=False)
         super().__init__()
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "

@@ -45,7 +45,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
-from ..core.targets import trained_parameters
+from ..core.targets import require_module, trained_parameters
 from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
@@ -69,6 +69,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     the size the model was built for. An existing file at ``path`` is replaced only if it is an ONNX graph (an earlier
     export). Returns ``path``.
     """
+    require_module(model, "export_onnx", adaptable=False)  # a MultiTaskModel gets its own message below
     model = unwrap_model(model)
     _refuse_replacing_other_files(Path(path))
     if input_size is not None:
