@@ -55,6 +55,25 @@ def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("flags", ["freeze", "unfreeze"])
+def test_a_checkpoint_saved_after_freeze_or_unfreeze_holds_the_trained_tensors(tmp_path, flags):
+    """Lightning's freeze() before inference cleared every requires_grad, and the checkpoint kept the tensors that
+    required grad: none (unfreeze(): the whole backbone), and it could not be loaded."""
+    L.seed_everything(0)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), **TINY)
+    t = trainer(tmp_path, epochs=1)
+    t.fit(model, loader())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    getattr(model, flags)()
+    t.save_checkpoint(tmp_path / "after.ckpt")
+    state = torch.load(tmp_path / "after.ckpt", weights_only=False)
+    assert set(state["state_dict"]) == trained == set(state["nola_vision"]["trained_keys"])
+    restored = FewShotClassifier.load_from_checkpoint(tmp_path / "after.ckpt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model.eval()(x), rtol=0, atol=0)
+
+
 def _plain_tiny():
     from nola_vision.models.backbones import build_backbone
 

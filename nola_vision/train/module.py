@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union
 
 import lightning as L
 import torch
@@ -275,18 +275,29 @@ class FewShotClassifier(L.LightningModule):
         """Exact counts: ``adapter``, ``head``, ``trainable``, ``total``."""
         return count_parameters(self.model)
 
+    def trained_keys(self) -> Set[str]:
+        """The checkpoint keys of what the method trains (adapter and head; everything for ``full``): by the method,
+        not by ``requires_grad``, which ``freeze()`` before inference (or ``unfreeze()``) changes for every tensor."""
+        adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
+        return {f"model.{name}" for name in {**adapter, **head}}
+
     def trained_state_dict(self) -> Dict[str, Tensor]:
         """The trained tensors (adapter and head; everything for ``full``) under their checkpoint keys."""
-        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        trained = self.trained_keys()
         return {k: v for k, v in self.state_dict().items() if k in trained}
 
     def backbone_fingerprint(self) -> Optional[dict]:
         """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning):
         checkpoints record it, and refuse to load onto other frozen weights. Taken again when a frozen tensor changed
         (another ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
-        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad)
+        adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
+        trained = {id(p) for p in {**adapter, **head}.values()}  # by the method, not by requires_grad (freeze())
+        frozen = {name: [p for p in module.parameters(recurse=False) if id(p) not in trained]
+                  for name, module in self.model.named_modules()}
+        key = tuple((p.data_ptr(), p._version) for parameters in frozen.values() for p in parameters)
         if self._fingerprint is None or self._fingerprint_key != key:
-            self._fingerprint, self._fingerprint_key = frozen_fingerprint(self.model), key
+            modules = [name for name, parameters in frozen.items() if parameters]
+            self._fingerprint, self._fingerprint_key = frozen_fingerprint(self.model, modules), key
         return self._fingerprint
 
     def forward(self, images: Tensor) -> Tensor:
@@ -546,7 +557,7 @@ class FewShotClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
-        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        trained = self.trained_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
@@ -569,7 +580,7 @@ class FewShotClassifier(L.LightningModule):
             return
         self._check_adapter(info)
         missing = sorted(set(info["trained_keys"]) - set(checkpoint["state_dict"]))
-        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        expected = self.trained_keys()
         if missing or set(info["trained_keys"]) != expected:
             raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this "
                              f"model's {sorted(expected)[:4]}...; build the model with the checkpoint's config (same "
