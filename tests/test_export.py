@@ -56,6 +56,14 @@ def test_export_peft_of_a_model_without_adapters_says_to_inject_first(tmp_path):
         nv.export_peft(tiny_vit(), tmp_path)
 
 
+def test_export_peft_writes_the_same_bytes_every_time(tmp_path):
+    # safetensors writes metadata keys in hash-map order, which changes from one save to the next
+    model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 3, scale=0.1, adapters_only=True)
+    exports = {nv.export_peft(model, tmp_path / str(i)).joinpath("adapter_model.safetensors").read_bytes()
+               for i in range(8)}
+    assert len(exports) == 1
+
+
 def test_export_peft_refuses_non_finite_tensors_and_keeps_the_previous_export(tmp_path):
     config = nv.NOLAConfig(rank=4, num_basis_a=32, num_basis_b=32, targets=["mlp.fc1"])
     nv.export_peft(as_if_trained(nv.inject(tiny_vit(), config), 7, scale=0.1, adapters_only=True), tmp_path)

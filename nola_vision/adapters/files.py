@@ -53,9 +53,9 @@ from ..core.warn import warn_user
 from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
-           "adapter_size_bytes", "architecture_name", "changed_settings", "decode_tensors", "existing_adapter_kind",
-           "load_adapter", "num_classes_of", "other_adapter_files_error", "output_settings", "pooling_of",
-           "read_adapter", "save_adapter", "verify_adapter"]
+           "adapter_size_bytes", "architecture_name", "canonical_safetensors", "changed_settings", "decode_tensors",
+           "existing_adapter_kind", "load_adapter", "num_classes_of", "other_adapter_files_error", "output_settings",
+           "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -289,7 +289,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         else:
             tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name])
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
-    weights = _canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
+    weights = canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
     document: Dict[str, Any] = {
         "format": FORMAT,
         "method": state.method,
@@ -346,7 +346,7 @@ def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike)
             "load a file saved at those bits")
 
 
-def _canonical_safetensors(raw: bytes) -> bytes:
+def canonical_safetensors(raw: bytes) -> bytes:
     """``raw`` with its header's metadata keys sorted: safetensors writes them in hash-map order, which changes from
     process to process, so two saves of the same values would differ byte for byte (and in ``weights_sha256``).
     The rewritten header has the same length and the same tensors."""

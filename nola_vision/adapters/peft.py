@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.fingerprint import merged_adapters
@@ -24,7 +24,7 @@ from ..core.merge import require_current_merge
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
 from ..core.targets import classifier_head, require_module, require_nothing_else_trained, trained_parameters
-from .files import PEFT_EXPORT_MARK, existing_adapter_kind, other_adapter_files_error
+from .files import PEFT_EXPORT_MARK, canonical_safetensors, existing_adapter_kind, other_adapter_files_error
 
 __all__ = ["export_peft"]
 
@@ -127,6 +127,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
                              "adapter (train again with a lower learning rate)")
     # Checked again under the writer lock: a save_adapter of the same directory may have finished meanwhile.
     with atomic_directory(directory, check=partial(_refuse_nola_vision_adapter, directory)) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", **PEFT_EXPORT_MARK})
+        raw = save_safetensors_bytes(tensors, metadata={"format": "pt", **PEFT_EXPORT_MARK})
+        (tmp / "adapter_model.safetensors").write_bytes(canonical_safetensors(raw))  # the same bytes every export
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     return Path(directory)
