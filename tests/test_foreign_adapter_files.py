@@ -63,11 +63,13 @@ def test_a_user_folder_named_previous_is_kept_and_the_earlier_adapter_goes_besid
     mine = tmp_path / "task.previous"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1"):
+    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1$"):  # nothing older: nothing deleted
         _keep_previous_adapter(Path(target))
     assert (mine / "notes.txt").read_text() == "mine" and not (mine / "adapter_model.safetensors").exists()
     assert nv.verify_adapter(tiny_vit(), tmp_path / "task.previous.1", check_frozen_weights=False)
-    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1"):  # an earlier kept adapter is replaced
+    # an earlier kept adapter is replaced, and the warning says it is deleted
+    with pytest.warns(UserWarning, match=r"kept as .*task\.previous\.1, and the older adapter .*task\.previous\.1 "
+                                         r"held is deleted"):
         _keep_previous_adapter(Path(target))
 
 

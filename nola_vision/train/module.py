@@ -792,6 +792,7 @@ def _keep_previous_adapter(target: Path) -> None:
         return
     previous = _previous_adapter_path(target)
     staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+    older = os.path.lexists(previous)
     try:
         shutil.copytree(target, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
         if previous.is_dir() and not previous.is_symlink():
@@ -801,8 +802,10 @@ def _keep_previous_adapter(target: Path) -> None:
         os.replace(staged, previous)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; a failed copy's leftovers
+    replaced = (f", and the older adapter {previous} held is deleted (only one earlier adapter is kept: give each "
+                "run its own --model.adapter_dir to keep them all)") if older else ""
     rank_zero_warn(f"nola_vision: {target} already held an adapter, which this run's export replaces: it is kept as "
-                   f"{previous}")
+                   f"{previous}{replaced}")
 
 
 def _previous_adapter_path(target: Path) -> Path:
