@@ -646,8 +646,10 @@ class _EpochShuffle(RandomSampler):
     """A seeded shuffle whose orders do not depend on ``num_workers``: each epoch it draws the number a DataLoader
     iterator draws from a shuffling loader's generator (its workers' base seed), then the order. A loader without
     workers makes one iterator per epoch and persistent workers one per run (one more after a resume), so drawing
-    it here keeps every epoch's order that of a plain ``DataLoader(shuffle=True, generator=g)`` without workers."""
+    it here keeps every epoch's order that of a plain ``DataLoader(shuffle=True, generator=g)`` without workers, as
+    Lightning runs it: stopped after its last batch. RandomSampler draws one more permutation when its iterator is
+    exhausted, which workers' prefetching does and Lightning without workers does not; this sampler never does."""
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        return super().__iter__()
+        return iter(torch.randperm(len(self.data_source), generator=self.generator).tolist())
