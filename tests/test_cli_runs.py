@@ -153,7 +153,7 @@ def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_pa
     data = ["--data.dataset", "imagefolder", "--data.shots", 2]
     test = ["test", "-c", TINY, *QUIET, "--ckpt_path", checkpoint, *data]
     code, err = run(capsys, *test, "--data.root", tmp_path / "pets")
-    assert code == 2 and "trained on 10 classes, the data has 3" in err
+    assert code == 2 and "trained on 10 classes, and this model's head has 3 outputs" in err
     code, err = run(capsys, *test, "--data.root", tmp_path / "ten")
     assert code == 2 and "trained on classes ['0', '1', '2', '3', '4'] ..., the data has ['a', 'b'" in err
 

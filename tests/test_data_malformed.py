@@ -154,9 +154,18 @@ def test_a_split_file_with_uneven_classes_warns_naming_them(folder_root, tmp_pat
     manifest = tmp_path / "uneven.txt"
     manifest.write_text("train/cat/cat 00.png 0\ntrain/cat/cat 01.png 0\ntrain/dog/dog 00.png 1\n")
     dm = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(manifest), image_size=8)
-    with pytest.warns(UserWarning, match=r"2 images per class, but fewer for 2 classes \('dog' 1, 'owl' 0\)"):
+    with pytest.warns(UserWarning, match=r"2 images per class, but fewer for 2 classes \('dog' 1, 'owl' 0\); "
+                                         r"recorded as shots=2"):
         dm.setup("fit")
     assert dm.shots == 2
+    full = tmp_path / "full.txt"
+    full.write_text("".join(f"train/{name}/{name} 0{i}.png {label}\n" for label, name in enumerate(["cat", "dog", "owl"])
+                            for i in (2, 3)))
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(full), val_split_file=str(manifest),
+                           image_size=8)
+    with pytest.warns(UserWarning, match=r"uneven.txt lists 2 images per class.*; recorded as val_shots=2"):
+        dm.setup("fit")
+    assert dm.val_shots == 2
 
 
 # ---------------------------------------------------------------- images of every mode

@@ -231,9 +231,9 @@ def _warn_copied_shots(copies: list[list[str]], root: Path) -> None:
         "one split.")
 
 
-def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) -> int:
-    """The shot count of a manifest: its images per class (the most any class has, with a warning naming the classes
-    that have fewer); a manifest that lists no image is refused."""
+def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, field: str = "shots") -> int:
+    """The shot count of a manifest (recorded as ``field``): its images per class (the most any class has, with a
+    warning naming the classes that have fewer); a manifest that lists no image is refused."""
     if not indices:
         raise ValueError(f"{manifest} lists no images: expected 'relative/path label' lines (write one with "
                          "--data.split_dir, or drop split_file to draw the split)")
@@ -242,7 +242,7 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str) 
     fewer = [f"'{name}' {counts[label]}" for label, name in enumerate(dataset.class_names) if counts[label] < shots]
     if fewer:
         warn_user(f"{manifest} lists {shots} images per class, but fewer for {len(fewer)} classes "
-                  f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as shots={shots}")
+                  f"({', '.join(fewer[:10])}{' ...' if len(fewer) > 10 else ''}); recorded as {field}={shots}")
     return shots
 
 
@@ -492,7 +492,7 @@ class FewShotDataModule(L.LightningDataModule):
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
         self.shots = _images_per_class(train, indices, self.split_file)
-        self.val_shots = _images_per_class(train, val, self.val_split_file) if val else 0
+        self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
         seed = manifest_settings(self.split_file).get("split_seed", "")
         if seed.lstrip("-").isdigit():
             self.split_seed = int(seed)

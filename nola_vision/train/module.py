@@ -591,8 +591,9 @@ class FewShotClassifier(L.LightningModule):
                 head = key in {f"model.{name}" for name in head_parameter_names(self.model)}
                 raise ValueError(
                     f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, this model's {tuple(own[key].shape)}"
-                    + (f": the checkpoint was trained on {tensor.shape[0]} classes, the data has {own[key].shape[0]}; "
-                       "test it on the data it was trained on" if head else "; build the model with the checkpoint's "
+                    + (f": the checkpoint was trained on {tensor.shape[0]} classes, and this model's head has "
+                       f"{own[key].shape[0]} outputs (its num_classes, which the CLI takes from the data); evaluate it "
+                       "on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
