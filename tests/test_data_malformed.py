@@ -159,8 +159,8 @@ def test_a_split_file_with_uneven_classes_warns_naming_them(folder_root, tmp_pat
         dm.setup("fit")
     assert dm.shots == 2
     full = tmp_path / "full.txt"
-    full.write_text("".join(f"train/{name}/{name} 0{i}.png {label}\n" for label, name in enumerate(["cat", "dog", "owl"])
-                            for i in (2, 3)))
+    full.write_text("".join(f"train/{name}/{name} 0{i}.png {label}\n"
+                            for label, name in enumerate(["cat", "dog", "owl"]) for i in (2, 3)))
     dm = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(full), val_split_file=str(manifest),
                            image_size=8)
     with pytest.warns(UserWarning, match=r"uneven.txt lists 2 images per class.*; recorded as val_shots=2"):
