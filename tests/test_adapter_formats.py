@@ -1,6 +1,7 @@
 """Older adapter formats: format 2 loads, checked by what it records; format 1 (no checksums) loads only on request;
 editing a current file's format skips no check."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -109,3 +110,20 @@ def test_format_2_files_load_checked_by_their_checksums_but_not_for_frozen_weigh
     rewrite(tmp_path / "b", lambda d: (as_format_2(d), edit_scale(d)))
     with pytest.raises(AdapterLoadError, match="edited or damaged"):
         nv.load_adapter(tiny_vit(), tmp_path / "b")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_codes_that_lose_most_of_a_tensor_warn_naming_it(tmp_path, bits):
+    """Per-tensor codes span a tensor's range: one coefficient far larger than the rest left all others on one code
+    (their values gone), without a word."""
+    model = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64)), 1, scale=0.2,
+                          adapters_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary trained tensors: their coding error is no news
+        nv.save_adapter(model, tmp_path / "plain", bits=bits)
+    name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
+    with torch.no_grad():
+        alpha[0, 0] = 1e4
+    with pytest.warns(UserWarning, match=rf"tensor {name} loses most of its values at {bits} bits.*up to 1e\+04.*"
+                                         r"Save with bits=16"):
+        nv.save_adapter(model, tmp_path / "outlier", bits=bits)

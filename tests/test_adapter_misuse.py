@@ -255,7 +255,7 @@ def test_two_saves_of_the_same_values_in_two_processes_are_the_same_bytes(tmp_pa
 def test_the_weights_header_is_rewritten_with_sorted_metadata_and_the_same_length():
     from safetensors.torch import load, save
 
-    from nola_vision.adapters.files import _canonical_safetensors
+    from nola_vision.adapters.files import canonical_safetensors
 
     raw = save({"x": torch.arange(3.0)}, metadata={"format": "f", "quantization": "{}"})
     size = int.from_bytes(raw[:8], "little")
@@ -263,8 +263,8 @@ def test_the_weights_header_is_rewritten_with_sorted_metadata_and_the_same_lengt
     header["__metadata__"] = {"quantization": "{}", "format": "f"}  # the other hash order
     text = json.dumps(header, separators=(",", ":")).encode()
     other = raw[:8] + text.ljust(size) + raw[8 + size :]
-    assert _canonical_safetensors(raw) == _canonical_safetensors(other)
-    assert torch.equal(load(_canonical_safetensors(other))["x"], torch.arange(3.0))
+    assert canonical_safetensors(raw) == canonical_safetensors(other)
+    assert torch.equal(load(canonical_safetensors(other))["x"], torch.arange(3.0))
 
 
 def test_a_byte_order_mark_added_by_an_editor_is_tolerated(tmp_path):

@@ -471,9 +471,17 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
 def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[float]]:
     """``value`` as ``bits``-bit codes (4-bit packed) with its quantisation entry; refused if it would load as inf."""
     codes, minimum, step = quantize(value, bits)
-    if not bool(torch.isfinite(dequantize(codes, minimum, step)).all()):
+    stored = dequantize(codes, minimum, step)
+    if not bool(torch.isfinite(stored).all()):
         raise ValueError(f"tensor {name} spans [{value.min().item():.4g}, {value.max().item():.4g}], too wide for "
                          f"{bits}-bit codes (they would load as inf): save it with bits=32")
+    values = value.detach().float().flatten()
+    typical, error = values.abs().median().item(), (stored.flatten() - values).abs().median().item()
+    if typical > 0 and error > 0.5 * typical:  # a few far larger values left the others one or two codes
+        warn_user(f"tensor {name} loses most of its values at {bits} bits: their median changes by "
+                  f"{error / typical:.0%} when stored, since values up to "
+                  f"{values.abs().max().item():.4g} set the range of its {2 ** bits} codes. Save with bits=16, or "
+                  f"train quantisation-aware at {bits} bits (set_quantization_aware)", UserWarning)
     return (pack4(codes) if bits == 4 else codes), [minimum, step, bits]
 
 
