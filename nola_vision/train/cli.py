@@ -311,10 +311,16 @@ class NolaCLI(LightningCLI):
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict: CSV path (default <log_dir>/predictions.csv)")
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: Dict[str, Any], subparser_kwargs: Dict[str, Any]
+                     ) -> None:
+        """Remember whether the parser has subcommands (``run=False`` builds a flat one: its ``-c`` files are flat)."""
+        self.with_subcommands = add_subcommands
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
         that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
-        check_config_sources(sys.argv[1:] if args is None else args)
+        check_config_sources(sys.argv[1:] if args is None else args, subcommands=self.with_subcommands)
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
@@ -697,9 +703,10 @@ def _is_result_file(path: Path) -> bool:
     return isinstance(document, dict) and isinstance(document.get("metrics"), dict)
 
 
-def check_config_sources(argv: Any) -> None:
+def check_config_sources(argv: Any, subcommands: bool = True) -> None:
     """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
-    neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse."""
+    neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse;
+    with ``subcommands`` (the CLI's parser has them), also a flat file given before the subcommand."""
     if not isinstance(argv, (list, tuple)):
         return
     args = [str(a) for a in argv]
@@ -715,7 +722,7 @@ def check_config_sources(argv: Any) -> None:
             if node is None:
                 raise ValueError(f"config file {value} is empty (or only comments): it sets nothing; give it a "
                                  "model and data section, e.g. copy configs/tiny_offline.yaml")
-            if i < subcommand_at:
+            if subcommands and i < subcommand_at:
                 _check_top_level_config(node, value)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
