@@ -215,5 +215,8 @@ def test_a_config_file_before_the_subcommand_must_hold_subcommand_sections(tmp_p
     nested.write_text("fit:\n  seed_everything: 3\ntest:\n  seed_everything: 4\n")
     check_config_sources(["-c", str(nested), "fit", "-c", str(flat)])  # sections before, a flat file after: fine
     check_config_sources(["--config", str(nested), "fit"])
+    chosen = tmp_path / "chosen.yaml"  # the subcommand itself may come from the file
+    chosen.write_text("subcommand: fit\nfit:\n  seed_everything: 3\n")
+    check_config_sources(["-c", str(chosen)])
     with pytest.raises(ValueError, match="comes before the subcommand"):
         check_config_sources([f"--config={flat}", "fit"])

@@ -462,6 +462,16 @@ def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifa
     resumed = module(2)
     resumed.load_state_dict(interrupted.state_dict())
     assert orders(resumed.train_dataloader(), 2) == without_workers[1:]
+    # Fewer images than a batch: one partial batch, for which Lightning runs the shuffle to its end (as a plain
+    # seeded DataLoader does), with or without workers.
+    small = [FewShotDataModule("cifar10", root=str(cifar10_root), shots=1, batch_size=16, image_size=8,
+                               augment="none", shuffle_seed=3, num_workers=workers) for workers in (0, 2)]
+    for dm in small:
+        dm.setup("fit")
+    reference = torch.utils.data.DataLoader(small[0].train_set, batch_size=16, shuffle=True,
+                                            generator=torch.Generator().manual_seed(3))
+    assert lightning_orders(small[0].train_dataloader(), 3) == orders(small[1].train_dataloader(), 3) == \
+        orders(reference, 3)
 
 
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):

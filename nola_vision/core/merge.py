@@ -224,13 +224,21 @@ def require_current_merge(model: nn.Module, action: str) -> None:
         if merged is None:
             continue
         current = layer.trained_values()
-        changed = [key for key, value in merged.items() if not torch.equal(value.to(current[key]), current[key])]
+        changed = [key for key, value in merged.items() if not _same_up_to_a_cast(value, current[key])]
         if changed:
             raise ValueError(
                 f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge, so the "
                 "model still computes with the values merged then: a file of the new values would load back with "
                 "other outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the "
                 "new values), or undo the change")
+
+
+def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
+    """Whether ``current`` is ``merged`` up to the rounding of casts (a model cast to half or bfloat16 and back after
+    the merge): each value within one bfloat16 step (2⁻⁷ of its size, the coarsest float dtype's), or within float16's
+    smallest step near 0."""
+    merged, current = merged.to(device=current.device, dtype=torch.float64), current.to(torch.float64)
+    return bool(((current - merged).abs() <= 2**-7 * merged.abs() + 2**-24).all())
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -574,7 +574,7 @@ class FewShotDataModule(L.LightningDataModule):
         # shuffle stands: a resumed run's workers draw on, not the first epoch's numbers again.
         workers = torch.Generator()
         workers.set_state(self._train_generator.get_state())
-        sampler = _EpochShuffle(self.train_set, generator=self._train_generator)
+        sampler = _EpochShuffle(self.train_set, generator=self._train_generator, runs_to_its_end=not drop_last)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
 
     def _shuffle_generator(self) -> torch.Generator:
@@ -647,9 +647,17 @@ class _EpochShuffle(RandomSampler):
     iterator draws from a shuffling loader's generator (its workers' base seed), then the order. A loader without
     workers makes one iterator per epoch and persistent workers one per run (one more after a resume), so drawing
     it here keeps every epoch's order that of a plain ``DataLoader(shuffle=True, generator=g)`` without workers, as
-    Lightning runs it: stopped after its last batch. RandomSampler draws one more permutation when its iterator is
-    exhausted, which workers' prefetching does and Lightning without workers does not; this sampler never does."""
+    Lightning runs it. RandomSampler draws one more permutation when its iterator is run to its end: Lightning without
+    workers does so only for a loader that yields a partial last batch (``runs_to_its_end``), workers' prefetching
+    always. This sampler draws it exactly when Lightning without workers would, whatever the workers do."""
+
+    def __init__(self, data_source: Dataset, generator: torch.Generator, runs_to_its_end: bool) -> None:
+        super().__init__(data_source, generator=generator)
+        self.runs_to_its_end = runs_to_its_end
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        return iter(torch.randperm(len(self.data_source), generator=self.generator).tolist())
+        order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
+        if self.runs_to_its_end:
+            torch.randperm(len(self.data_source), generator=self.generator)
+        return iter(order)

@@ -732,7 +732,7 @@ def _check_top_level_config(node: Any, path: str) -> None:
     """Refuse a ``-c`` file before the subcommand that sets anything but subcommand sections: the parser silently
     ignores those keys, so ``nola-vision -c run/config.yaml fit`` (a run's flat config) trained on defaults."""
     keys = [key.value for key, _ in node.value] if isinstance(node, yaml.MappingNode) else []
-    stray = [str(key) for key in keys if key not in NolaCLI.subcommands()]
+    stray = [str(key) for key in keys if key not in NolaCLI.subcommands() and key != "subcommand"]  # which one runs
     if stray:
         raise ValueError(
             f"config file {path} comes before the subcommand, where only {', '.join(NolaCLI.subcommands())} "
