@@ -74,6 +74,28 @@ def test_a_checkpoint_saved_after_freeze_or_unfreeze_holds_the_trained_tensors(t
         torch.testing.assert_close(restored(x), model.eval()(x), rtol=0, atol=0)
 
 
+def test_a_checkpoint_of_a_compiled_inner_model_loads_onto_a_plain_one_and_back(tmp_path):
+    """With ``self.model`` compiled, checkpoints kept torch.compile's ``_orig_mod.`` in every key and loaded only onto
+    a module compiled the same way ("build the model with the checkpoint's config")."""
+    L.seed_everything(0)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), **TINY)
+    model.model = torch.compile(model.model, backend="eager")
+    t = trainer(tmp_path, epochs=1)
+    t.fit(model, loader())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    assert not [k for k in [*state["state_dict"], *state["nola_vision"]["trained_keys"]] if "_orig_mod" in k]
+    plain = FewShotClassifier.load_from_checkpoint(ckpt).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-6, atol=1e-6)
+    compiled = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "again"), **TINY)
+    compiled.model = torch.compile(compiled.model, backend="eager")
+    t.test(compiled, loader(), ckpt_path=ckpt, verbose=False)  # and back onto a compiled one
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
 def _plain_tiny():
     from nola_vision.models.backbones import build_backbone
 

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,7 +42,7 @@ from ..core.inject import adapter_state, inject, quantization_aware_bits, set_qu
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import file_sha256
-from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters
+from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters, unwrap_model
 from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
@@ -279,12 +280,12 @@ class FewShotClassifier(L.LightningModule):
         """The checkpoint keys of what the method trains (adapter and head; everything for ``full``): by the method,
         not by ``requires_grad``, which ``freeze()`` before inference (or ``unfreeze()``) changes for every tensor."""
         adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
-        return {f"model.{name}" for name in {**adapter, **head}}
+        return {_plain_key(f"model.{name}") for name in {**adapter, **head}}
 
     def trained_state_dict(self) -> Dict[str, Tensor]:
         """The trained tensors (adapter and head; everything for ``full``) under their checkpoint keys."""
         trained = self.trained_keys()
-        return {k: v for k, v in self.state_dict().items() if k in trained}
+        return {_plain_key(k): v for k, v in self.state_dict().items() if _plain_key(k) in trained}
 
     def backbone_fingerprint(self) -> Optional[dict]:
         """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning):
@@ -292,12 +293,13 @@ class FewShotClassifier(L.LightningModule):
         (another ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
         adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
         trained = {id(p) for p in {**adapter, **head}.values()}  # by the method, not by requires_grad (freeze())
+        model = unwrap_model(self.model)  # names without a compiled model's _orig_mod., as files record them
         frozen = {name: [p for p in module.parameters(recurse=False) if id(p) not in trained]
-                  for name, module in self.model.named_modules()}
+                  for name, module in model.named_modules()}
         key = tuple((p.data_ptr(), p._version) for parameters in frozen.values() for p in parameters)
         if self._fingerprint is None or self._fingerprint_key != key:
             modules = [name for name, parameters in frozen.items() if parameters]
-            self._fingerprint, self._fingerprint_key = frozen_fingerprint(self.model, modules), key
+            self._fingerprint, self._fingerprint_key = frozen_fingerprint(model, modules), key
         return self._fingerprint
 
     def forward(self, images: Tensor) -> Tensor:
@@ -556,9 +558,11 @@ class FewShotClassifier(L.LightningModule):
         return names if all(names) else None
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone."""
+        """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone. Keys never carry
+        ``torch.compile``'s ``_orig_mod.`` (a compiled ``self.model``), so the checkpoint loads either way."""
         trained = self.trained_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["state_dict"] = {_plain_key(k): v for k, v in checkpoint["state_dict"].items()
+                                    if _plain_key(k) in trained}
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
                                      "adapter": state.config_dict(),
@@ -579,16 +583,19 @@ class FewShotClassifier(L.LightningModule):
         if info is None:
             return
         self._check_adapter(info)
-        missing = sorted(set(info["trained_keys"]) - set(checkpoint["state_dict"]))
-        expected = self.trained_keys()
-        if missing or set(info["trained_keys"]) != expected:
-            raise ValueError(f"checkpoint trained tensors {sorted(info['trained_keys'])[:4]}... do not match this "
-                             f"model's {sorted(expected)[:4]}...; build the model with the checkpoint's config (same "
-                             "adapter)")
         own = self.state_dict()
+        # this model's own names (a compiled self.model's carry _orig_mod.), whatever the checkpoint's model was
+        names = {_plain_key(key): key for key in own}
+        checkpoint["state_dict"] = {names.get(_plain_key(k), k): v for k, v in checkpoint["state_dict"].items()}
+        saved = {_plain_key(key) for key in info["trained_keys"]}
+        missing = sorted(saved - {_plain_key(key) for key in checkpoint["state_dict"]})
+        expected = self.trained_keys()
+        if missing or saved != expected:
+            raise ValueError(f"checkpoint trained tensors {sorted(saved)[:4]}... do not match this model's "
+                             f"{sorted(expected)[:4]}...; build the model with the checkpoint's config (same adapter)")
         for key, tensor in checkpoint["state_dict"].items():
             if key in own and tuple(tensor.shape) != tuple(own[key].shape):
-                head = key in {f"model.{name}" for name in head_parameter_names(self.model)}
+                head = _plain_key(key) in {_plain_key(f"model.{name}") for name in head_parameter_names(self.model)}
                 raise ValueError(
                     f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, this model's {tuple(own[key].shape)}"
                     + (f": the checkpoint was trained on {tensor.shape[0]} classes, and this model's head has "
@@ -635,7 +642,8 @@ class FewShotClassifier(L.LightningModule):
     def _settings(self) -> Dict[str, Any]:
         """What a checkpoint records of the backbone's settings: ``output_settings`` and the head's pooling (an adapter
         file records that apart, as its ``pooling``)."""
-        return {**output_settings(self.model), "global_pool": pooling_of(self.model)}
+        model = unwrap_model(self.model)  # a compiled model's names carry _orig_mod.
+        return {**output_settings(model), "global_pool": pooling_of(model)}
 
     def _check_settings(self, saved: Optional[dict]) -> None:
         """The backbone splits attention into as many heads and uses the same activations and norm epsilons as the
@@ -763,7 +771,7 @@ class FewShotClassifier(L.LightningModule):
                            "make sure the model is built as in the run that wrote it")
             return
         try:
-            difference = differing_module(saved, self.model) if saved is not None else None
+            difference = differing_module(saved, unwrap_model(self.model)) if saved is not None else None
         except ValueError as error:
             difference = str(error)
         if difference is not None:
@@ -783,6 +791,14 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
+
+
+_COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
+
+
+def _plain_key(key: str) -> str:
+    """A state-dict key without the ``_orig_mod.`` that a ``torch.compile``d submodule puts in its names."""
+    return _COMPILED_PREFIX.sub(r"\1", key)
 
 
 def _keep_previous_adapter(target: Path) -> None:
