@@ -4,6 +4,7 @@ import pytest
 import torch
 from method_matrix import assert_compiled_training_is_eager_training
 from tiny_models import tiny_vit
+from torch._dynamo.testing import CompileCounter
 
 import nola_vision as nv
 from nola_vision.core.basis import BasisSpec
@@ -66,3 +67,28 @@ def test_inductor_training_steps_give_the_eager_logits_and_gradients(variant, im
     # Inductor orders float sums its own way: first-step gradients agree to 1e-4 of their largest value, and full
     # fine-tuning's lr-0.1 step turns that into 2e-3 at the second step (still 1000 times below a stale value's error).
     assert_compiled_training_is_eager_training(variant, images, tolerance=5e-3, backend="inductor")
+
+
+def test_compiled_quantisation_aware_training_never_recompiles_as_the_values_move(images):
+    """Fake quantisation read each tensor's range with .item(): traced, the range became a constant of the graph, so
+    every optimizer step recompiled, until dynamo's recompile limit sent the step back to eager."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
+        nv.set_quantization_aware(model, 4)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        counter = CompileCounter()
+        forward = torch.compile(model, backend=counter) if compiled else model
+        losses, frames = [], []
+        for _ in range(6):
+            loss = forward(images).logsumexp(-1).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            frames.append(counter.frame_count)
+        runs.append((losses, frames))
+    (eager, _), (losses, frames) = runs
+    assert frames[0] == frames[-1]  # everything compiled in the first step, nothing after (was one frame a step)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-5)

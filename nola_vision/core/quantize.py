@@ -98,5 +98,28 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 def fake_quantize(values: Tensor, bits: int) -> Tensor:
-    """What ``values`` become after saving at ``bits``, differentiable by the straight-through estimator."""
+    """What ``values`` become after saving at ``bits``, differentiable by the straight-through estimator; under
+    ``torch.compile``, one opaque operator."""
+    if torch.compiler.is_compiling():
+        return _fake_quantize_op(values, bits)
     return _FakeQuantize.apply(values, bits)
+
+
+# Traced, quantize's range (read with .item()) became a constant of the graph: a compiled quantisation-aware step
+# recompiled at every optimizer step until dynamo's recompile limit. As an operator the range stays a runtime value.
+@torch.library.custom_op("nola_vision::fake_quantize", mutates_args=())
+def _fake_quantize_op(values: Tensor, bits: int) -> Tensor:
+    codes, minimum, step = quantize(values, bits)
+    return dequantize(codes, minimum, step).reshape(values.shape).to(values.dtype)
+
+
+@_fake_quantize_op.register_fake
+def _(values, bits):
+    return torch.empty_like(values)
+
+
+def _straight_through(ctx, grad: Tensor):
+    return grad, None
+
+
+_fake_quantize_op.register_autograd(_straight_through)
