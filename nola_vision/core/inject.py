@@ -222,10 +222,11 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
             # recomputed from the pre-activation in backward
             adapted.take_activation(parent, MovedActivation(parent, parent_name))
         replace_module(model, name, adapted)
-    hooks = [module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True)
-             for module in (checkpointed_models(model) if plan.layers else [])]
-    hooks += [child.register_forward_hook(functools.partial(reentrant_checkpointing_output, module))
-              for module in (checkpointed_models(model) if plan.layers else []) for child in _frozen_children(module)]
+    hooks = []
+    for module in checkpointed_models(model) if plan.layers else []:
+        hooks.append(module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True))
+        hooks += [child.register_forward_hook(functools.partial(reentrant_checkpointing_output, module))
+                  for child in _frozen_children(module)]
     if head is not None:
         hooks.append(head.register_forward_pre_hook(_compact_input))
     if has_shared_bases(model):

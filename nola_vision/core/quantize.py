@@ -89,8 +89,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, bits: int) -> Tensor:  # type: ignore[override]
-        codes, minimum, step = quantize(values, bits)
-        return dequantize(codes, minimum, step).view_as(values).to(values.dtype)
+        return _stored_values(values, bits)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -109,8 +108,13 @@ def fake_quantize(values: Tensor, bits: int) -> Tensor:
 # recompiled at every optimizer step until dynamo's recompile limit. As an operator the range stays a runtime value.
 @torch.library.custom_op("nola_vision::fake_quantize", mutates_args=())
 def _fake_quantize_op(values: Tensor, bits: int) -> Tensor:
+    return _stored_values(values, bits)
+
+
+def _stored_values(values: Tensor, bits: int) -> Tensor:
+    """``values`` coded at ``bits`` and decoded, in their shape and dtype: what a file at ``bits`` gives back."""
     codes, minimum, step = quantize(values, bits)
-    return dequantize(codes, minimum, step).reshape(values.shape).to(values.dtype)
+    return dequantize(codes, minimum, step).view_as(values).to(values.dtype)
 
 
 @_fake_quantize_op.register_fake
