@@ -122,7 +122,10 @@ def test_test_writes_its_result_file(run, tmp_path):
     assert (written["subcommand"], written["split"], written["checkpoint"]) == ("test", "test", str(run["checkpoint"]))
     assert written["metrics"]["test/acc"] == pytest.approx(run["fit"]["metrics"]["test/acc"], abs=1e-7)
     assert written["parameter_counts"] == run["fit"]["parameter_counts"]
-    assert written["config"] == {**run["fit"]["config"], "val_shots": 2}
+    trained = {key: value for key, value in run["fit"]["config"].items() if key != "precision"}
+    assert written["config"] == {**trained, "val_shots": 2}
+    # the fit records the precision it trained in, the test the precision of its own pass
+    assert run["fit"]["config"]["precision"] == written["evaluated"]["precision"] == "32-true"
 
 
 def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, capsys):

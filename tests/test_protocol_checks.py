@@ -55,6 +55,22 @@ def test_the_tables_do_not_average_runs_that_recorded_other_test_images(tmp_path
     assert "not averaged: mixed settings" in (tmp_path / "results.md").read_text()
 
 
+def test_the_tables_do_not_average_runs_trained_in_other_precisions(tmp_path):
+    # a row resumed with --trainer.precision bf16-mixed after its first run trained in float32; a run recorded before
+    # results named their precision is averaged with either
+    for run, precision in (("split0-init0", "32-true"), ("split1-init0", "bf16-mixed"), ("split2-init0", None)):
+        (tmp_path / "row" / run).mkdir(parents=True)
+        config = {"method": "nola", **({"precision": precision} if precision else {})}
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": config, "parameter_counts": {"adapter": 8, "head": 2}}))
+    with pytest.warns(UserWarning, match="precision 32-true / bf16-mixed"):
+        write_tables(str(tmp_path))
+    assert "not averaged: mixed settings" in (tmp_path / "results.md").read_text()
+    (tmp_path / "row" / "split1-init0" / "result.json").unlink()
+    write_tables(str(tmp_path))
+    assert "| 2 | 50.0 (0.0) |" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_protocol_refuses_an_init_seed_that_seed_everything_refuses_before_any_run(tmp_path, seed):
     with pytest.raises(ValueError, match=f"--init_seeds {seed} is out of range: .* 0 to 4294967295"):

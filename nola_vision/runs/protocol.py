@@ -478,7 +478,8 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
                 "metrics": {"test/acc": acc},
                 "parameter_counts": {"adapter": 0, "head": 0, "trainable": 0},
                 "config": {"method": f"knn (k={k})", "backbone": hp.backbone, "dataset": dm.dataset_name,
-                           "shots": dm.shots, "split_seed": split_seed, "seed": ""},
+                           "shots": dm.shots, "split_seed": split_seed, "seed": "",
+                           "precision": "32-true"},  # extract_features runs in float32, without autocast
                 "epochs": 0, "wall_s": round(time.time() - start, 1), **row.recorded(),
             })
             if echo:

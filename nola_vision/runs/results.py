@@ -49,7 +49,7 @@ RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter para
 RESULTS_MD_MARK = "| run | method | "  # how every version's results.md began: what the tables know theirs by
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
               "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir", "train_images",
-              "test_images"]
+              "test_images", "precision"]
 # set per run by the runner, or only where outputs go: they do not change what a row measures
 RUN_ARGS = ("--seed_everything", "--data.split_seed", "--trainer.default_root_dir", "--data.split_dir",
             "--result_file", "--trainer.enable_progress_bar", "--test_after_fit")
@@ -611,6 +611,7 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
             "head_params": counts.get("head", 0), "trainable_params": counts.get("trainable", 0),
             "epochs": data.get("epochs", ""), "wall_s": data.get("wall_s", ""), "run_dir": str(path.parent),
             "train_images": images.get("train", ""), "test_images": images.get("test", ""),
+            "precision": cfg.get("precision", ""),
         })
     return rows
 
@@ -619,7 +620,7 @@ def collect_results(out: str) -> List[Dict[str, Any]]:
 # the images they read included. Not the config hash: rows recorded by earlier versions keep their runs' older hashes
 # (``claim_row`` checks the settings).
 ROW_SETTINGS = ("method", "backbone", "dataset", "shots", "adapter_params", "head_params", "train_images",
-                "test_images")
+                "test_images", "precision")
 
 
 def mixed_settings(members: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:

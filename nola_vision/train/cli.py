@@ -428,7 +428,8 @@ class NolaCLI(LightningCLI):
                 "config": {"method": adapter.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
-                           "seed": self.run_seed.seed},  # None when a resume mixed seeds (RunSeed)
+                           "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
+                           "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
                 "epochs": self.trainer.current_epoch,
                 "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
@@ -568,7 +569,8 @@ class NolaCLI(LightningCLI):
             # the images of this pass: the test split of --data.dataset/root (any shots), or the validation images
             # drawn as the run drew them (another draw is refused before the pass)
             "evaluated": {"split": split, "dataset": data.dataset_name, "root": str(data.root),
-                          "images": len(evaluated) if evaluated is not None else None},
+                          "images": len(evaluated) if evaluated is not None else None,
+                          "precision": str(self.trainer.precision)},
             "parameter_counts": self.model.parameter_counts,
             "log_dir": log_dir,
             "checkpoint": checkpoint,
