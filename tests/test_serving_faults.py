@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import as_if_trained, tiny_vit
+from torch import nn
 
 import nola_vision as nv
 
@@ -225,6 +226,19 @@ def test_adapter_calls_on_a_served_model_are_refused_and_leave_it_serving(tasks,
     assert not nv.adapted_layers(model)
     torch.testing.assert_close(model(images, ["a", "b", "a", "b"]), before, rtol=0, atol=0)
     assert nv.count_parameters(model)["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("wrap, where", [
+    (torch.compile, ""),  # the refusal used to name plan_injection, and merge did nothing
+    (lambda m: nn.Sequential(nn.Identity(), m), r"the model holds a MultiTaskModel \(1\): "),  # was injected into
+])
+def test_adapter_calls_are_refused_on_a_compiled_served_model_and_on_a_module_holding_one(tasks, images, wrap, where):
+    model = wrap(served(tiny_vit(), **tasks))
+    for call in (lambda: nv.inject(model, NOLA), lambda: nv.load_adapter(model, tasks["a"]), lambda: nv.merge(model),
+                 lambda: nv.unload(model), lambda: nv.save_adapter(model, "x")):
+        with pytest.raises(ValueError, match=where + r"a MultiTaskModel serves the tasks added with served.add_task"):
+            call()
+    assert not nv.adapted_layers(model)
 
 
 @pytest.mark.parametrize("call", [nv.count_parameters, nv.merge, nv.unmerge, nv.MultiTaskModel,

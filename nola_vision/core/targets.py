@@ -35,11 +35,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def require_module(model: object, function: str, *, adaptable: bool = True) -> None:
     """Refuse anything but an ``nn.Module`` with a TypeError naming what was passed, before any attribute of it is read;
     a model name gets the one call that builds that model with adapters. With ``adaptable``, also refuse a module
-    that takes its adapters another way: one whose ``adapter_call_refusal`` (a class attribute) says which."""
+    that takes its adapters another way: one whose ``adapter_call_refusal`` (a class attribute) says which, found
+    through ``torch.compile``/DDP wrappers and inside a model that holds one."""
     if isinstance(model, nn.Module):
-        refusal = getattr(type(model), "adapter_call_refusal", None)
-        if adaptable and isinstance(refusal, str):
-            raise ValueError(f"nv.{function}: {refusal}")
+        for name, module in model.named_modules() if adaptable else ():
+            refusal = getattr(type(module), "adapter_call_refusal", None)
+            if isinstance(refusal, str):
+                where = "" if module is unwrap_model(model) else f"the model holds a {type(module).__name__} ({name}): "
+                raise ValueError(f"nv.{function}: {where}{refusal}")
         return
     got = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
     hint = (f": to build that timm model with adapters, call nv.create_model({model!r}, adapter=config)"
