@@ -287,3 +287,45 @@ def test_files_of_a_merged_model_whose_adapter_changed_since_the_merge_are_refus
         assert "nv.unmerge(model)" in str(error.value) and not (tmp_path / "changed").exists()
     nv.unmerge(model)
     nv.save_adapter(model, tmp_path / "changed", bits=32)
+
+
+def _overflowing(model, layer_name, value=300.0):
+    """Set one layer's LoRA factors so large that its ΔW (rank 2 × value²) leaves float16's range."""
+    layer = nv.adapted_layers(model)[layer_name]
+    with torch.no_grad():
+        layer.lora_A.fill_(value)
+        layer.lora_B.fill_(value)
+
+
+def test_a_float16_merge_that_would_overflow_is_refused_and_every_weight_kept():
+    # merge wrote inf into the frozen weight, and unmerge/unload could not give it back
+    model = _adapted("lora_qv").half()
+    _overflowing(model, "blocks.1.attn.qkv")
+    before = _weights(model)
+    with pytest.raises(OverflowError, match=r"nv.merge: blocks.1.attn.qkv: .*would leave torch.float16's range .*"
+                                            r"\(the model stays unmerged\)"):
+        nv.merge(model)
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())  # blocks.0 was merged, then undone
+    for name, layer in nv.adapted_layers(model).items():
+        assert torch.isfinite(layer.weight).all()
+        assert (layer.weight.float() - before[name].float()).abs().max() <= 2e-3  # one float16 rounding of a merge
+    nv.unload(model)
+    assert torch.isfinite(model.blocks[1].attn.qkv.weight).all()
+
+
+def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keeps_its_task():
+    model = _adapted("lora_qv").half()
+    nv.merge(model)
+    with torch.no_grad():
+        serving = model(_images().half())
+    overflowing = copy.deepcopy(model)
+    nv.unmerge(overflowing)
+    _overflowing(overflowing, "blocks.1.attn.qkv")
+    task = {name: p.detach().clone() for name, p in overflowing.named_parameters() if p.requires_grad}
+    with pytest.raises(OverflowError, match=r"blocks.1.attn.qkv: merging the new task's update: .* still serves"):
+        switch_merged(model, task)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_images().half()), serving, rtol=0, atol=2e-2)
+    assert all(layer.merged for layer in nv.adapted_layers(model).values())
+    nv.unmerge(model)  # the adapter tensors are the served task's again: unmerge subtracts what is merged
+    assert all(torch.isfinite(layer.weight).all() for layer in nv.adapted_layers(model).values())

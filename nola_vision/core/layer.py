@@ -44,6 +44,11 @@ def full_precision(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False) if is_available(device.type) else nullcontext()
 
 
+# Float dtypes with a larger largest value than this (float32, bfloat16, float64) hold any merged update a trained
+# adapter reaches; float16 (65,504) and the 8-bit floats do not, so their merges are checked.
+_WIDE_RANGE = 1e30
+
+
 class AdaptedLinear(nn.Module):
     """Frozen ``y = x Wᵀ + b`` plus ``scaling · (x A) B`` on each output slice, without materialising ΔW.
 
@@ -374,8 +379,23 @@ class AdaptedLinear(nn.Module):
             f"{name}.act in place, and it may be changed afterwards)")
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
-        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
-        self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
+        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower).
+
+        In a dtype of narrow range (float16: up to 65,504) the sum is formed aside and refused with an OverflowError,
+        the weight untouched, where it would not be finite: an infinite weight cannot be unmerged, so the frozen
+        weight would be lost."""
+        weight = self.weight
+        left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)
+        if torch.finfo(weight.dtype).max > _WIDE_RANGE:
+            weight.addmm_(left, right)
+            return
+        updated = torch.addmm(weight, left, right)
+        if not bool(torch.isfinite(updated).all()):
+            largest = (left.float() @ right.float()).abs().max().item()
+            raise OverflowError(
+                f"its ΔW (entries up to {largest:.4g}) added to its {weight.dtype} weight would leave "
+                f"{weight.dtype}'s range (±{torch.finfo(weight.dtype).max:,.0f}); the weight is left unchanged")
+        weight.copy_(updated)
 
     @property
     def merged_values(self) -> Optional[Dict[str, Tensor]]:

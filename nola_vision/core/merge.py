@@ -185,10 +185,19 @@ def merge(model: nn.Module) -> nn.Module:
     require_module(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
+    done: List[AdaptedLinear] = []
     with torch.no_grad(), batched_factors(model):
         for name, layer in unmerged.items():
-            layer.merge()
+            try:
+                layer.merge()
+            except OverflowError as error:  # a float16 weight: the model goes back to unmerged, every weight kept
+                for merged in done:
+                    merged.unmerge()
+                raise OverflowError(f"nv.merge: {name}: {error}, and so is every other layer (the model stays "
+                                    "unmerged). Serve it unmerged, or merge in float32 or bfloat16 "
+                                    "(model.float() before nv.merge)") from None
             layer.unmerged_record = records[name]
+            done.append(layer)
     return model
 
 
@@ -273,8 +282,22 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
                for layer, new in zip(layers.values(), new_factors)}
     parameters = dict(model.named_parameters())
+    previous = {name: parameters[name].detach().clone() for name in values}
+    merged_before = {id(layer): layer.merged_values for layer in layers.values()}
     for name, value in values.items():
         parameters[name].copy_(value)
-    for layer in layers.values():
+    switched: List[AdaptedLinear] = []
+    for prefix, layer in layers.items():
         old, new = changes[id(layer)]
-        layer.replace_merged_delta(old, new, new_values[id(layer)])
+        try:
+            layer.replace_merged_delta(old, new, new_values[id(layer)])
+        except OverflowError as error:  # a float16 weight: back to the task it served, every weight kept
+            for done in switched:
+                done_old, done_new = changes[id(done)]
+                done.replace_merged_delta(done_new, done_old, merged_before[id(done)])
+            for name, value in previous.items():
+                parameters[name].copy_(value)
+            raise OverflowError(f"{prefix}: merging the new task's update: {error}, and the model still serves "
+                                "its previous task. Switch tasks on an unmerged model (nv.unmerge), or hold the "
+                                "weights in float32 or bfloat16") from None
+        switched.append(layer)
