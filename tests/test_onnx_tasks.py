@@ -112,6 +112,19 @@ def test_task_input_export_refuses_what_one_graph_cannot_serve(tmp_path):
     assert not (tmp_path / "tasks.onnx").exists()
 
 
+def test_task_input_export_refuses_a_model_that_trains_a_weight_the_graph_would_hold_as_a_constant(tmp_path):
+    # a trained norm (changed by 1%, under the frozen-weight check's tolerance) became a constant that every other
+    # task then ran with, silently
+    model = nv.inject(tiny_vit(), CONFIGS["nola_mlp_qv"]())
+    model.norm.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.norm.weight.mul_(1.01)
+    with pytest.raises(ValueError, match=r"1 trainable parameter\(s\) are not part of a task-input graph's inputs: "
+                                         r"\['norm.weight'\]"):
+        nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    assert not (tmp_path / "tasks.onnx").exists()
+
+
 def test_a_graph_is_checked_as_an_onnx_model_proto_and_another_type_is_named(tmp_path):
     onnx = pytest.importorskip("onnx")
     config = CONFIGS["nola_mlp_qv"]

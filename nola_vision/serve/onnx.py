@@ -45,7 +45,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
-from ..core.targets import require_module, trained_parameters
+from ..core.targets import require_module, require_nothing_else_trained, trained_parameters
 from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
@@ -163,6 +163,8 @@ class _TaskInputGraph(nn.Module):
         model = _without_quantisation(model)
         layers = adapted_layers(model)
         adapter, head = trained_parameters(model, train_backbone=False)
+        # every other weight is a constant of the graph, which the tasks it serves then run with
+        require_nothing_else_trained(model, {**adapter, **head}, "a task-input graph's inputs")
         self.names: List[str] = [*adapter, *head]
         self._example = [p.detach() for p in (*adapter.values(), *head.values())]
         self.model = model
