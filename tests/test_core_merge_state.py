@@ -3,6 +3,7 @@ trained tensors meanwhile, a state dict refuses a layer with another update, and
 checkpointing share one backward."""
 import copy
 import io
+import json
 import warnings
 
 import pytest
@@ -329,3 +330,34 @@ def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keep
     assert all(layer.merged for layer in nv.adapted_layers(model).values())
     nv.unmerge(model)  # the adapter tensors are the served task's again: unmerge subtracts what is merged
     assert all(torch.isfinite(layer.weight).all() for layer in nv.adapted_layers(model).values())
+
+
+@pytest.mark.parametrize("trained_bits, model_bits", [(4, None), (4, 8), (None, 8)])
+def test_a_state_dict_refuses_a_model_set_to_other_quantisation_aware_bits(trained_bits, model_bits):
+    # an unmerged QAT model's state loaded into a model with other bits, silently giving other outputs
+    source = _adapted("lora_qv")
+    nv.set_quantization_aware(source, trained_bits)
+    target = _adapted("lora_qv", seed=5)
+    nv.set_quantization_aware(target, model_bits)
+    trained = f"at {trained_bits} bits" if trained_bits else "at full precision"
+    setting = f"{model_bits} bits" if model_bits else "full precision"
+    with pytest.raises(RuntimeError, match=rf"trained .*{trained}.* this model is set to {setting}.*"
+                                           rf"set_quantization_aware\(model, {trained_bits}\)"):
+        target.load_state_dict(source.state_dict())
+    nv.set_quantization_aware(target, trained_bits)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target(_images()), source(_images()), rtol=0, atol=0)
+
+
+def test_a_state_dict_saved_before_the_bits_were_recorded_loads_into_a_quantisation_aware_model():
+    source = _adapted("lora_qv")
+    nv.set_quantization_aware(source, 8)
+    state = source.state_dict()
+    for key in [k for k in state if k.endswith("._extra_state")]:
+        older = json.loads(bytes(state[key].tolist()).decode())
+        del older["quant_bits"]
+        state[key] = torch.tensor(list(json.dumps(older).encode()), dtype=torch.uint8)
+    target = _adapted("lora_qv", seed=5)
+    nv.set_quantization_aware(target, 8)
+    target.load_state_dict(state)

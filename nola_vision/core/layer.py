@@ -468,11 +468,13 @@ class AdaptedLinear(nn.Module):
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
     def identity(self) -> Dict[str, Any]:
-        """What identifies this layer's update besides its trained tensors: method, output slices, rank, scaling and
-        random bases (seed, stream, shape, count). Trained tensors of another identity mean another update."""
+        """What identifies this layer's update besides its trained tensors: method, output slices, rank, scaling,
+        random bases (seed, stream, shape, count) and the bits of quantisation-aware training, which change the
+        update the tensors give. Trained tensors of another identity mean another update."""
         return {"method": type(self).__name__, "slices": [list(s) for s in self.slices], "rank": self.rank,
                 "scaling": float(self.scaling),
-                "bases": [[spec.seed, spec.stream, list(spec.shape), spec.count] for spec in self.basis_specs()]}
+                "bases": [[spec.seed, spec.stream, list(spec.shape), spec.count] for spec in self.basis_specs()],
+                "quant_bits": self.quant_bits}
 
     def get_extra_state(self) -> Tensor:
         """The layer's ``identity()`` as JSON bytes in a uint8 tensor: a state dict then says what its adapter tensors
@@ -483,7 +485,7 @@ class AdaptedLinear(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """Nothing to set: the identity follows from the layer, and ``_load_from_state_dict`` compared it already."""
 
-    def _identity_mismatch(self, state: Any, name: str) -> Optional[str]:
+    def _identity_mismatch(self, state: Any, name: str, compare_bits: bool = True) -> Optional[str]:
         """Why a state dict's identity entry does not describe this layer's update, or None when it does."""
         try:
             saved = json.loads(bytes(state.detach().cpu().to(torch.uint8).reshape(-1).tolist()).decode())
@@ -494,6 +496,16 @@ class AdaptedLinear(nn.Module):
                    f"library's; an average of state dicts must leave the {IDENTITY_KEY} entries out and copy them " \
                    "from one of them)"
         own = self.identity()
+        if "quant_bits" not in saved or not compare_bits:  # unknown (saved before they were recorded), or compared
+            own.pop("quant_bits")                            # by the merged flag, which records them too
+            saved.pop("quant_bits", None)
+        if saved.get("quant_bits") != own.get("quant_bits") and {**saved, "quant_bits": None} == {**own,
+                                                                                                  "quant_bits": None}:
+            trained, here = saved["quant_bits"], own["quant_bits"]
+            return (f"{name}: the state dict's adapter tensors were trained "
+                    f"{f'quantisation-aware at {trained} bits' if trained else 'at full precision'}, and this model "
+                    f"is set to {f'{here} bits' if here else 'full precision'}, so they would give another update: "
+                    f"call nv.set_quantization_aware(model, {trained}) before loading it")
         differ = []
         for key in sorted(set(own) | set(saved)):
             if key == "bases" and saved.get(key) != own.get(key):
@@ -520,12 +532,12 @@ class AdaptedLinear(nn.Module):
         tensors, ``unchecked_load`` says so until the model-level load post-hook has warned.
         """
         name = prefix[:-1] or type(self).__name__
-        identity = state_dict.get(prefix + IDENTITY_KEY)
-        mismatch = self._identity_mismatch(identity, name) if identity is not None else None
+        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
+        merged_state = flag is not None and bool(flag)  # its flag records the bits ΔW was merged at, checked below
+        mismatch = self._identity_mismatch(identity, name, not merged_state) if identity is not None else None
         if mismatch is not None:
             error_msgs.append(mismatch)
             return
-        flag = state_dict.get(prefix + MERGED_FLAG)
         loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
         merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
         folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
