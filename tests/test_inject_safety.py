@@ -200,3 +200,19 @@ def test_a_global_module_hook_is_warned_that_it_sees_the_pre_activation(images):
             model(images)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("config", [nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc1", "attn.v"]),
+                                    nv.LoRAConfig(rank=2, targets=["mlp.fc1"])], ids=["nola", "lora"])
+@pytest.mark.parametrize("how", ["inject", "load_adapter"])
+def test_adapters_added_under_inference_mode_train(config, how, tmp_path):
+    # their parameters were inference tensors: a later training pass gave every adapter no gradient, silently
+    task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), config), seed=1), tmp_path / "task")
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        nv.inject(model, config) if how == "inject" else nv.load_adapter(model, task)
+        model(images)
+    model(images).sum().backward()
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) > 2 and all(p.grad is not None for p in trained.values())  # (a fresh LoRA A: zeros)

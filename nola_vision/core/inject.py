@@ -214,8 +214,10 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     context = layer_cls.injection_context(config) if layer_cls is not None else {}
     for name, layer in plan.layers.items():
         base = model.get_submodule(name)
-        # in the base layer's train/eval mode, so that unload gives it back in the mode it had
-        adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
+        # in the base layer's train/eval mode, so that unload gives it back in the mode it had; never inference
+        # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
+        with torch.inference_mode(False):
+            adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
