@@ -1,6 +1,7 @@
 """Protocol and tune refuse what would fail or mix every run once, before any run: data that changed under a row,
 an init seed seed_everything refuses, a misspelt fit option, a trainer set to train no epoch."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def test_the_tables_do_not_average_runs_trained_in_other_precisions(tmp_path):
     (tmp_path / "row" / "split1-init0" / "result.json").unlink()
     write_tables(str(tmp_path))
     assert "| 2 | 50.0 (0.0) |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("config", "nola", "config is str"), ("parameter_counts", [8, 2], "parameter_counts is list"),
+    ("parameter_counts", {"adapter": None, "head": 2}, "parameter_counts.adapter is None"),
+    ("parameter_counts", {"adapter": "8", "head": 2}, "parameter_counts.adapter is '8'"),
+])
+def test_a_hand_edited_result_is_left_out_of_the_tables_naming_it_and_the_other_runs_are_tabled(tmp_path, field,
+                                                                                                value, named):
+    # it stopped the tables of every row under --out (and so every protocol command there) with a bare traceback
+    for run in ("split0-init0", "split1-init0"):
+        (tmp_path / "row" / run).mkdir(parents=True)
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": {"method": "nola"}, "parameter_counts": {"adapter": 8, "head": 2}}))
+    damaged = tmp_path / "row" / "split1-init0" / "result.json"
+    damaged.write_text(json.dumps({**json.loads(damaged.read_text()), field: value}))
+    message = rf"{re.escape(str(damaged))} is not a result fit writes \({re.escape(named)}\), so it is left out"
+    with pytest.warns(UserWarning, match=message + r" of the tables. Delete .*split1-init0 to redo the run"):
+        write_tables(str(tmp_path))
+    assert "| 1 | 50.0 (0.0) |" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])

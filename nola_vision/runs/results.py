@@ -587,17 +587,36 @@ def run_seeds_mismatch(path: Path, data: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+# The fields of a result the tables read, with the types they take; a field may be absent (older results).
+_RESULT_FIELDS = {"config": dict, "parameter_counts": dict, "data": dict, "epochs": (int, float, str),
+                  "wall_s": (int, float, str)}
+
+
+def _malformed_result(path: Path, data: Dict[str, Any]) -> Optional[str]:
+    """Why a counted result (at ``path``) cannot be tabled, or None: a field of another type than fit writes
+    (hand-edited, or another tool's), which would stop the tables of every row under ``out``."""
+    wrong = [f"{field} is {type(data[field]).__name__}" for field, kind in _RESULT_FIELDS.items()
+             if data.get(field) is not None and not isinstance(data[field], kind)]
+    counts = data.get("parameter_counts") if isinstance(data.get("parameter_counts"), dict) else {}
+    wrong += [f"parameter_counts.{key} is {value!r}" for key, value in counts.items()
+              if key in ("adapter", "head", "trainable") and (type(value) is not int or value < 0)]
+    if not wrong:
+        return None
+    return (f"{path} is not a result fit writes ({'; '.join(wrong)}), so it is left out of the tables. Delete "
+            f"{path.parent} to redo the run")
+
+
 def collect_results(out: str) -> List[Dict[str, Any]]:
     """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
     metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; so is, with a
-    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``): one bad run never stops
-    the tables of every row under ``out``."""
+    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``) or holds a field of another
+    type than fit writes: one bad run never stops the tables of every row under ``out``."""
     rows = []
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
         data = read_result(path)
         if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
-        mismatch = run_seeds_mismatch(path, data)
+        mismatch = run_seeds_mismatch(path, data) or _malformed_result(path, data)
         if mismatch is not None:
             warn_user(mismatch)
             continue
