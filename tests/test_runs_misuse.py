@@ -21,7 +21,7 @@ TINY = str(ROOT / "configs" / "tiny_offline.yaml")
 FAST = ["--trainer.max_epochs", "1", "--data.shots", "2"]
 
 
-@pytest.mark.parametrize("name", ["grp/cell", ".", "..", "a|b", " padded"])
+@pytest.mark.parametrize("name", ["grp/cell", ".", "..", "a|b", " padded", "lr 1e-3\nrow", "a\tb"])
 def test_a_row_name_must_be_one_folder_name(tmp_path, name):
     with pytest.raises(ValueError, match="a row name is one folder name"):
         run_protocol([TINY], out=str(tmp_path), name=name, split_seeds=[0], init_seeds=[0], overrides=FAST)

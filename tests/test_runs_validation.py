@@ -100,3 +100,27 @@ def test_each_protocol_run_exports_into_its_own_folder_even_when_a_config_names_
     command = fit_command("python", ["-c", TINY, "-c", str(config)], tmp_path / "run", 0, 0, [])
     parsed = cli_parser().parse_args(list(command[3:]))
     assert parsed["fit"]["model"]["adapter_dir"] is None  # so fit exports into <run>/.../adapter
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(protocol_init_seeds=[-1]), r"--protocol_init_seeds -1 is out of range"),
+    (dict(protocol_split_seeds=[0, 0]), r"--protocol_split_seeds \[0, 0\] repeats a seed"),
+    (dict(n_trials=0), r"--n_trials 0: give at least 1"),
+    (dict(n_trials=0, sampler="tpe"), r"--n_trials 0: give at least 1"),  # tpe ran 20 trials
+    (dict(n_trials=-2), r"--n_trials -2: give at least 1"),
+])
+def test_tune_refuses_protocol_seeds_and_trial_counts_before_the_first_trial(tmp_path, options, message):
+    # the protocol's seeds were refused after the whole search, under the selection seeds' option names
+    with pytest.raises(ValueError, match=message):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False,
+                 **options)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_tune_names_a_damaged_study_database_and_what_to_do(tmp_path):
+    # SQLite's bare "file is not a database" with SQL, after ten seconds of retries
+    (tmp_path / "out" / "t").mkdir(parents=True)
+    (tmp_path / "out" / "t" / "tune.db").write_bytes(b"not a database, " * 256)
+    with pytest.raises(ValueError, match=r"--storage sqlite:///.*tune.db: file is not a database: the file is not a "
+                                         r"study database tune can read .* Move it away, or pass another --name"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False)

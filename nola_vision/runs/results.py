@@ -242,9 +242,11 @@ def _recorded_by_earlier_key(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
 
 def row_folder(out: str, name: str) -> Path:
     """``<out>/<name>``, made: a row's name is one folder name (the tables read ``<out>/<name>/<run>/result.json``)."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\|") or name != name.strip():
+    if (not name or name in (".", "..") or any(c in name for c in "/\\|") or name != name.strip()
+            or not name.isprintable()):
         raise ValueError(f"--name {name!r}: a row name is one folder name (no '/', '\\' or '|' (the table's column "
-                         "separator), not '.' or '..', no leading or trailing spaces)")
+                         "separator), not '.' or '..', no leading or trailing spaces, no line breaks, tabs or other "
+                         "control characters, which would break the table's row)")
     root = Path(out) / name
     blocking = file_in_the_way(root)
     if blocking is not None:
@@ -316,18 +318,19 @@ def requested_runs(root: Path) -> Set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
-def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int]) -> None:
+def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int], option_prefix: str = "") -> None:
     """Refuse empty or repeated seeds (a repeated one would run, and count, the same run twice) and an init seed that
-    ``seed_everything`` refuses, which would fail every run of it. A split seed only orders a hash: any integer."""
-    for option, seeds in (("split_seeds", split_seeds), ("init_seeds", init_seeds)):
+    ``seed_everything`` refuses, which would fail every run of it. A split seed only orders a hash: any integer.
+    ``option_prefix``: of the options named (tune's ``protocol_``)."""
+    for option, seeds in ((f"{option_prefix}split_seeds", split_seeds), (f"{option_prefix}init_seeds", init_seeds)):
         if not seeds:
             raise ValueError(f"--{option} is empty: give at least one seed")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--{option} {list(seeds)} repeats a seed: each (split, init) run is made once")
     for seed in init_seeds:
         if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"--init_seeds {seed} is out of range: an init seed is each run's seed_everything, "
-                             f"which takes 0 to {MAX_SEED} (2**32-1)")
+            raise ValueError(f"--{option_prefix}init_seeds {seed} is out of range: an init seed is each run's "
+                             f"seed_everything, which takes 0 to {MAX_SEED} (2**32-1)")
 
 
 def data_digests(dataset: str, root: str, splits: Sequence[str] = ("train", "test")) -> Optional[Dict[str, str]]:

@@ -492,6 +492,10 @@ def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
     return GridSampler(grid, seed=0)
 
 
+# SQLite's messages for a file that is no database (or a damaged one): retrying cannot help.
+_DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed")
+
+
 def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler: str, heartbeat_s: int,
                 key: Dict[str, Any]) -> Tuple[Any, Any, Dict[str, Any]]:
     """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds); also returns
@@ -513,7 +517,12 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
             study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="maximize",
                                         load_if_exists=True)
             break
-        except SQLAlchemyError:
+        except SQLAlchemyError as error:
+            reason = str(getattr(error, "orig", None) or error)
+            if any(damage in reason for damage in _DAMAGED_DATABASE):
+                raise ValueError(f"--storage {storage_url}: {reason}: the file is not a study database tune can read "
+                                 "(damaged, or another file). Move it away, or pass another --name or --storage"
+                                 ) from None
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
@@ -599,8 +608,13 @@ def run_tune(
     if _val_shots(configs, overrides) <= 0:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"--n_trials {n_trials}: give at least 1 (or leave it out: grid runs until the grid is done, "
+                         "tpe runs 20 trials)")
     name = name or "_".join(Path(c).stem for c in configs)
     check_seeds(split_seeds, init_seeds)
+    if not skip_protocol:  # refused now, not after the search
+        check_seeds(protocol_split_seeds, protocol_init_seeds, option_prefix="protocol_")
     check_output_paths(out, name, tables=not skip_protocol)  # run_protocol checks them again when it runs
     root = row_folder(out, name)
     check_tune_files_ours(root)
@@ -614,7 +628,8 @@ def run_tune(
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
-                     executor=executor, n_trials=n_trials if sampler == "grid" else None, tpe_budget=n_trials or 20,
+                     executor=executor, n_trials=n_trials if sampler == "grid" else None,
+                     tpe_budget=20 if n_trials is None else n_trials,
                      echo=echo, settings_hash=key["config_hash"], images=images)
     search.check_data()  # the trial folders' fits first: a refused run records nothing in the study
     _check_study_data(study, images, name, url)
