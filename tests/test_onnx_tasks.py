@@ -1,4 +1,5 @@
 """ONNX export: one graph with the task as inputs serves every task of a backbone; the default export is merged."""
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,6 +124,24 @@ def test_task_input_export_refuses_a_model_that_trains_a_weight_the_graph_would_
                                          r"\['norm.weight'\]"):
         nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
     assert not (tmp_path / "tasks.onnx").exists()
+
+
+def test_an_8_bit_task_with_a_head_of_several_layers_takes_its_shapes_from_the_graph(images, tmp_path):
+    # onnx_task_inputs guessed (classes, numel // classes) for every integer-coded head tensor: a valid task was
+    # refused naming the wrong fix, and without a graph it came back in the wrong shapes
+    base = tiny_vit()
+    base.head = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 10))
+    model = as_if_trained(nv.inject(copy.deepcopy(base), CONFIGS["lora_qv_fc1"]()), seed=1, scale=0.5)
+    graph = _session(nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True))
+    task = nv.save_adapter(model, tmp_path / "task", bits=8)
+    inputs = nv.onnx_task_inputs(task, graph)
+    assert inputs["head.0.weight"].shape == (32, 64) and inputs["head.2.bias"].shape == (10,)
+    with torch.no_grad():
+        expected = nv.load_adapter(copy.deepcopy(base), task)(images)
+    got = graph.run(None, {"images": images.numpy(), **inputs})[0]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
+    with pytest.raises(nv.AdapterLoadError, match=r"head is not one Linear layer .* pass the graph"):
+        nv.onnx_task_inputs(task)
 
 
 def test_a_graph_is_checked_as_an_onnx_model_proto_and_another_type_is_named(tmp_path):

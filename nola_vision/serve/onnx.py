@@ -112,9 +112,11 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
     document, stored, quantization = read_adapter(adapter_dir)
-    values = decode_tensors(stored, quantization, _task_shapes(document, stored, quantization))
-    if graph is not None:
-        _check_fits(document, values, _read_graph(graph), Path(adapter_dir))
+    info = _read_graph(graph) if graph is not None else None
+    shapes = _task_shapes(document, stored, quantization, info.inputs if info is not None else None)
+    values = decode_tensors(stored, quantization, shapes)
+    if info is not None:
+        _check_fits(document, values, info, Path(adapter_dir))
     return {name: value.numpy() for name, value in values.items()}
 
 
@@ -445,10 +447,13 @@ def _canonical(config: Any) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
-def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of a task's tensors from its file alone: the method's shapes of each adapted layer, and the head's.
+def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict,
+                 graph_inputs: Optional[Dict[str, Tuple[Any, ...]]] = None) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of a task's tensors: the method's shapes of each adapted layer, and the head's.
 
-    Integer codes of a head are stored flat; a head's class dimension comes first.
+    Integer codes of a head are stored flat, without their shape: a graph's input of that name gives it; without a
+    graph, a head of one ``Linear`` (a weight, perhaps a bias) has its class dimension first, and any other head is
+    refused (its shapes cannot be told from the file).
     """
     try:
         config = config_from_dict(document["config"])
@@ -464,13 +469,28 @@ def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict) 
         for key, shape in layer_cls.parameter_shapes(config, layer["in"], end - start, count).items():
             shapes[f"{name}.{key}"] = tuple(shape)
     classes = document["num_classes"]
+    one_linear = _one_linear(document["head"])
     for name in document["head"]:
         tensor = stored.get(name, torch.empty(0))  # a missing tensor is reported by decode_tensors
+        graph_shape = (graph_inputs or {}).get(name)
         if name not in quantization:
             shapes[name] = tuple(tensor.shape)
+        elif graph_shape is not None and all(isinstance(d, int) for d in graph_shape):
+            shapes[name] = tuple(graph_shape)  # a head tensor the graph lacks is reported by _check_fits
+        elif not one_linear:
+            raise AdapterLoadError(
+                f"the task's head is not one Linear layer ({', '.join(document['head'])}), and its {name} is stored "
+                "as integer codes, whose shape the file does not hold: pass the graph "
+                "(nv.onnx_task_inputs(adapter_dir, graph)) to take the shapes from its inputs")
         else:
-            shapes[name] = (classes,) if tensor.numel() == classes else (classes, tensor.numel() // max(classes, 1))
+            shapes[name] = (classes,) if name.endswith(".bias") else (classes, tensor.numel() // max(classes, 1))
     return shapes
+
+
+def _one_linear(head: Sequence[str]) -> bool:
+    """Whether a head's tensor names are one layer's ``weight`` and perhaps its ``bias``."""
+    layers = {name.rpartition(".")[0] for name in head}
+    return len(layers) == 1 and {name.rpartition(".")[2] for name in head} <= {"weight", "bias"}
 
 
 @dataclass(frozen=True)
