@@ -161,6 +161,12 @@ def test_targets_that_cannot_fit_say_why():
     with pytest.raises(ValueError, match="comes with NOLA adapters .* pass adapter= with the plain model "
                                          "\\('vit_tiny_patch16_224'\\)"):
         nv.create_model("vit_tiny_patch16_224_nola", adapter="lora", pretrained=False, **TINY_VIT)
+    # a regex written as a suffix: the layers it names were listed, with nothing saying why it matched none of them
+    with pytest.raises(ValueError, match=r"A regex matches the whole dotted name: '\.\*mlp.fc\[12\]' selects "
+                                         r"blocks.\*.mlp.fc1, blocks.\*.mlp.fc2\. Its Linear layers"):
+        nv.inject(tiny_vit(), nv.LoRAConfig(targets=[r"mlp.fc[12]"]))
+    with pytest.raises(ValueError, match=r"the model is itself an nn.Linear.* \(nn.Sequential\(linear\)"):
+        nv.inject(nn.Linear(8, 8), nv.LoRAConfig(targets=["x"]))  # listed no layers: "Its Linear layers are: "
 
 
 def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adapters_only_unwrapped(tmp_path, images):

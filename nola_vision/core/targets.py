@@ -204,6 +204,9 @@ def _splits_into_q_k_v_blocks(attention: nn.Module) -> bool:
 def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: Optional[nn.Module]) -> str:
     """Why a target matched nothing: the model's Linear layers to choose from, or that it has none to adapt."""
     kind = type(model).__name__
+    if isinstance(model, nn.Linear):
+        return (f"target {pattern!r}: the model is itself an nn.Linear, and inject replaces layers inside a model: "
+                "wrap it (nn.Sequential(linear)) and target its name ('0'), or adapt the model that holds it")
     if not linears:
         return (f"target {pattern!r}: {kind} has no nn.Linear layer outside its classifier head (its layers are "
                 "convolutions or fused ops), so no adapter fits it; adapt a transformer (ViT, DeiT, Swin, ...) or "
@@ -212,8 +215,23 @@ def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: 
     is_head = bool(head_names) and any(_matches(name, pattern) for name in head_names)
     return (f"target {pattern!r} matches no nn.Linear of {kind}"
             f"{' outside its classifier head, which every method trains in full (never adapted)' if is_head else ''}. "
-            f"Its Linear layers are: {', '.join(_summarise_names(linears))} (targets are name suffixes or regexes; "
-            "'attn.q', 'attn.k', 'attn.v' select one third of a fused 'attn.qkv')")
+            f"{_suffix_regex_hint(pattern, linears)}Its Linear layers are: {', '.join(_summarise_names(linears))} "
+            "(targets are name suffixes or regexes; 'attn.q', 'attn.k', 'attn.v' select one third of a fused "
+            "'attn.qkv')")
+
+
+def _suffix_regex_hint(pattern: str, linears: List[str]) -> str:
+    """For a regex written as a name suffix (``mlp.fc[12]``): that a regex matches the whole dotted name, and the
+    pattern that selects what it would match as a suffix."""
+    try:
+        suffix = re.compile(rf"(?:.*\.)?(?:{pattern})")
+    except re.error:
+        return ""
+    found = [name for name in linears if suffix.fullmatch(name)]
+    if not found:
+        return ""
+    return (f"A regex matches the whole dotted name: {'.*' + pattern!r} selects "
+            f"{', '.join(_summarise_names(found))}. ")
 
 
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
