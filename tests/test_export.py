@@ -1,6 +1,7 @@
 """Serving exports beyond the method matrix's peft round trip: ONNX of a merged-and-unloaded model, the layout of
 q/v slices in a peft LoRA, and the error for a model without adapters."""
 import pytest
+import timm
 import torch
 from tiny_models import as_if_trained, tiny_vit
 
@@ -105,4 +106,18 @@ def test_export_onnx_refuses_another_image_size_than_a_fixed_size_vit_was_built_
     with pytest.raises(ValueError, match=r"built for 32×32 images; export at \(3, 32, 32\), or build it with "
                                          r"img_size=\(48, 48\)"):
         nv.export_onnx(model, tmp_path / "model.onnx", input_size=(3, 48, 48))
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("size, message", [
+    ((1, 32, 32), r"input_size \(1, 32, 32\): the model takes 3-channel images; export at \(3, 32, 32\)"),
+    ((3, 40, 40), r"40×40 is not a multiple of the model's 16×16 patches; export at a multiple \(e.g. \(3, 32, 32\)\)"),
+    ((3, 48, 48), r"resamples its position embeddings .* ONNX has no operator for: export at \(3, 32, 32\)"),
+])
+def test_export_onnx_names_an_input_size_a_dynamic_size_vit_cannot_be_exported_at(size, message, tmp_path):
+    # each failed deep in the trace, with torch's or timm's message (or an IR dump) and nothing naming input_size
+    model = nv.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                                        img_size=32, dynamic_img_size=True, num_classes=3), nv.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=message):
+        nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)
     assert not (tmp_path / "model.onnx").exists()

@@ -274,6 +274,22 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size):
         embed = getattr(model, "patch_embed", None)
         built = tuple(getattr(embed, "img_size", None) or ())
+        channels = getattr(getattr(embed, "proj", None), "in_channels", None)
+        if isinstance(channels, int) and size[0] != channels:
+            raise ValueError(f"input_size {tuple(size)}: the model takes {channels}-channel images; export at "
+                             f"({channels}, {size[1]}, {size[2]})")
+        patch = tuple(getattr(embed, "patch_size", None) or ())
+        if len(patch) == 2 and (size[1] % patch[0] or size[2] % patch[1]) and not getattr(embed, "dynamic_img_pad",
+                                                                                            False):
+            raise ValueError(f"input_size {tuple(size)}: {size[1]}×{size[2]} is not a multiple of the model's "
+                             f"{patch[0]}×{patch[1]} patches; export at a multiple (e.g. "
+                             f"({size[0]}, {size[1] - size[1] % patch[0] or patch[0]}, "
+                             f"{size[2] - size[2] % patch[1] or patch[1]}))")
+        if getattr(model, "dynamic_img_size", False) and built and tuple(size[1:]) != built:
+            raise ValueError(f"input_size {tuple(size)}: the model resamples its position embeddings to sizes other "
+                             f"than the {built[0]}×{built[1]} it was built for with antialiased bicubic "
+                             "interpolation, which ONNX has no operator for: export at "
+                             f"({size[0]}, {built[0]}, {built[1]}), or build the model with img_size={tuple(size[1:])}")
         if getattr(embed, "strict_img_size", False) and built and tuple(size[1:]) != built:
             raise ValueError(f"input_size {tuple(size)}: the model was built for {built[0]}×{built[1]} images; export "
                              f"at (3, {built[0]}, {built[1]}), or build it with img_size={tuple(size[1:])} (or "
