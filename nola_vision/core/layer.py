@@ -379,23 +379,30 @@ class AdaptedLinear(nn.Module):
             f"{name}.act in place, and it may be changed afterwards)")
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
-        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower).
+        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
+        self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
 
-        In a dtype of narrow range (float16: up to 65,504) the sum is formed aside and refused with an OverflowError,
-        the weight untouched, where it would not be finite: an infinite weight cannot be unmerged, so the frozen
-        weight would be lost."""
+    @torch.no_grad()
+    def low_rank_overflow(self, a: Tensor, b: Tensor) -> Optional[str]:
+        """Why weight + (a b)ᵀ would not be finite in the weight's dtype, or None: a merge in a dtype of narrow range
+        (float16: up to 65,504) can leave it, and an infinite weight cannot be unmerged.
+
+        A bound first (the largest |W| plus the largest row norm of ``a`` times column norm of ``b``), so a weight is
+        read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
+        """
         weight = self.weight
+        largest = torch.finfo(weight.dtype).max
+        if largest > _WIDE_RANGE:
+            return None
+        bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
+        if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
+            return None
         left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)
-        if torch.finfo(weight.dtype).max > _WIDE_RANGE:
-            weight.addmm_(left, right)
-            return
-        updated = torch.addmm(weight, left, right)
-        if not bool(torch.isfinite(updated).all()):
-            largest = (left.float() @ right.float()).abs().max().item()
-            raise OverflowError(
-                f"its ΔW (entries up to {largest:.4g}) added to its {weight.dtype} weight would leave "
-                f"{weight.dtype}'s range (±{torch.finfo(weight.dtype).max:,.0f}); the weight is left unchanged")
-        weight.copy_(updated)
+        if bool(torch.isfinite(torch.addmm(weight, left, right)).all()) or not bool(torch.isfinite(weight).all()):
+            return None
+        delta = (left.float() @ right.float()).abs().max().item()
+        return (f"its ΔW (entries up to {delta:.4g}) added to its {weight.dtype} weight would leave {weight.dtype}'s "
+                f"range (±{largest:,.0f})")
 
     @property
     def merged_values(self) -> Optional[Dict[str, Tensor]]:

@@ -185,19 +185,15 @@ def merge(model: nn.Module) -> nn.Module:
     require_module(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
-    done: List[AdaptedLinear] = []
     with torch.no_grad(), batched_factors(model):
+        for name, layer in unmerged.items():  # every layer checked before any weight changes
+            overflow = layer.low_rank_overflow(*layer.delta_factors())
+            if overflow is not None:
+                raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
+                                    "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
         for name, layer in unmerged.items():
-            try:
-                layer.merge()
-            except OverflowError as error:  # a float16 weight: the model goes back to unmerged, every weight kept
-                for merged in done:
-                    merged.unmerge()
-                raise OverflowError(f"nv.merge: {name}: {error}, and so is every other layer (the model stays "
-                                    "unmerged). Serve it unmerged, or merge in float32 or bfloat16 "
-                                    "(model.float() before nv.merge)") from None
+            layer.merge()
             layer.unmerged_record = records[name]
-            done.append(layer)
     return model
 
 
@@ -281,23 +277,16 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     new_factors = delta_factors_of_values([(layer, new_values[id(layer)]) for layer in layers.values()])  # of copies:
     changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
                for layer, new in zip(layers.values(), new_factors)}
+    for prefix, layer in layers.items():  # every layer checked before anything changes
+        (old_a, old_b), (new_a, new_b) = changes[id(layer)]
+        overflow = layer.low_rank_overflow(torch.cat([new_a, -old_a], dim=1), torch.cat([new_b, old_b], dim=0))
+        if overflow is not None:
+            raise OverflowError(f"{prefix}: merging the new task's update: {overflow}; the model still serves its "
+                                "previous task, unchanged. Switch tasks on an unmerged model (nv.unmerge), or hold "
+                                "the weights in float32 or bfloat16")
     parameters = dict(model.named_parameters())
-    previous = {name: parameters[name].detach().clone() for name in values}
-    merged_before = {id(layer): layer.merged_values for layer in layers.values()}
     for name, value in values.items():
         parameters[name].copy_(value)
-    switched: List[AdaptedLinear] = []
-    for prefix, layer in layers.items():
+    for layer in layers.values():
         old, new = changes[id(layer)]
-        try:
-            layer.replace_merged_delta(old, new, new_values[id(layer)])
-        except OverflowError as error:  # a float16 weight: back to the task it served, every weight kept
-            for done in switched:
-                done_old, done_new = changes[id(done)]
-                done.replace_merged_delta(done_new, done_old, merged_before[id(done)])
-            for name, value in previous.items():
-                parameters[name].copy_(value)
-            raise OverflowError(f"{prefix}: merging the new task's update: {error}, and the model still serves "
-                                "its previous task. Switch tasks on an unmerged model (nv.unmerge), or hold the "
-                                "weights in float32 or bfloat16") from None
-        switched.append(layer)
+        layer.replace_merged_delta(old, new, new_values[id(layer)])
