@@ -512,7 +512,8 @@ class AdaptedLinear(nn.Module):
             return (f"{name}: the state dict's adapter tensors were trained "
                     f"{f'quantisation-aware at {trained} bits' if trained else 'at full precision'}, and this model "
                     f"is set to {f'{here} bits' if here else 'full precision'}, so they would give another update: "
-                    f"call nv.set_quantization_aware(model, {trained}) before loading it")
+                    f"call nv.set_quantization_aware(model, {trained}) before loading it (then "
+                    f"nv.set_quantization_aware(model, {here}) to train on from there at this model's setting)")
         differ = []
         for key in sorted(set(own) | set(saved)):
             if key == "bases" and saved.get(key) != own.get(key):
