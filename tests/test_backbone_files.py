@@ -224,3 +224,60 @@ def test_a_file_without_batch_norm_step_counters_still_loads(tmp_path):
     torch.save(state, tmp_path / "resnet.pth")
     built = build_backbone("resnet10t", 0, pretrained=True, pretrained_file=str(tmp_path / "resnet.pth"))
     assert all(torch.equal(built.state_dict()[k], v) for k, v in state.items())
+
+
+def test_an_adapted_models_state_dict_is_not_taken_for_an_adapter_folder(tmp_path):
+    # "load the adapter with nv.load_adapter(model, '<folder>')" for a folder that holds no adapter
+    adapted = nv.inject(timm.create_model(TINY, pretrained=False, num_classes=0, img_size=32, **KW),
+                        nv.LoRAConfig(rank=2))
+    torch.save(adapted.state_dict(), tmp_path / "adapted.pth")
+    with pytest.raises(ValueError, match=r"adapter tensors beside the weights .*nv.unload\(model\) first"):
+        _build(tmp_path / "adapted.pth")
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_text("empty"), r"cannot be read as a state dict \(IndexError"),
+    (lambda p: torch.save(torch.zeros(3), p), r"cannot be read as a state dict \(AttributeError"),
+    (lambda p: torch.save({"a": [1, 2]}, p), r"holds a dict, not a state dict of tensors|cannot be read"),
+    (lambda p: save_file(_tiny_state_dict(), str(p)), r"a safetensors file without the .safetensors suffix"),
+])
+def test_files_that_are_not_a_torch_state_dict_say_so(tmp_path, write, message):
+    # a bare KeyError or AttributeError from the unpickler or timm, or weights_only advice the user cannot follow
+    write(tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match=message):
+        _build(tmp_path / "weights.pth")
+
+
+def test_a_file_of_another_width_names_the_shapes_and_backbone_kwargs(tmp_path):
+    torch.save(_tiny_state_dict(), tmp_path / "w.pth")  # embed_dim 64
+    with pytest.raises(ValueError, match=r"holds weights of other shapes than vit_tiny_patch16_224 built with "
+                                         r"backbone_kwargs .*'embed_dim': 32.*size mismatch for"):
+        build_backbone(TINY, 5, pretrained_file=str(tmp_path / "w.pth"), image_size=32,
+                       **{**KW, "embed_dim": 32})
+
+
+def test_backbone_kwargs_that_bypass_or_contradict_the_builder_are_refused(tmp_path):
+    # a weights file in timm's overlay loaded without the key check (a partial file: random weights, silently)
+    torch.save(_tiny_state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay names a weights source .* model.pretrained_file"):
+        build_backbone(TINY, 5, image_size=32, pretrained_cfg_overlay={"file": str(tmp_path / "w.pth")}, **KW)
+    with pytest.raises(ValueError, match=r"backbone_kwargs img_size 32 and image_size 64 differ"):
+        build_backbone(TINY, 5, pretrained=False, image_size=64, img_size=32, **KW)
+    for key in ("num_classes", "pretrained"):  # Python's "got multiple values for argument"
+        with pytest.raises(ValueError, match=rf"backbone_kwargs '{key}' is an argument of FewShotClassifier"):
+            nv.FewShotClassifier(backbone=TINY, num_classes=3, pretrained=False, image_size=32,
+                                 backbone_kwargs={**KW, key: 7 if key == "num_classes" else True})
+    # a mean the user overlays is kept beside pretrained_file's own file
+    model = _build(tmp_path / "w.pth", pretrained_cfg_overlay={"mean": (0.1, 0.2, 0.3)})
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+
+
+def test_the_offline_backbone_refuses_an_image_size_its_patches_do_not_divide(tmp_path, monkeypatch):
+    # its pretrained config records the requested size as native, which exempted 100 px (14-px patches: 98 read)
+    with torch.device("meta"):
+        layout = timm.create_model(assets.OFFLINE_BACKBONE, pretrained=False, num_classes=0).state_dict()
+    save_file({k: torch.zeros(v.shape) for k, v in layout.items()}, str(tmp_path / assets._CONVERTED_NAME))
+    monkeypatch.setattr(assets, "_CONVERTED_SHA256", assets._tensors_sha256(tmp_path / assets._CONVERTED_NAME))
+    monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"image_size 100 is not a multiple of .*patch size 14.* 98 or 112"):
+        build_backbone(assets.OFFLINE_BACKBONE, 5, pretrained_file=OFFLINE_PRETRAINED_FILE, image_size=100)

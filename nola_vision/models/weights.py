@@ -29,13 +29,17 @@ def _head_key(key: str, model: nn.Module) -> bool:
 
 def _likely_cause(path: Path, missing: list[str], unexpected: list[str], expected: set[str]) -> str:
     """Why a file does not match the backbone, for the error message."""
-    if any(key.rsplit(".", 1)[-1] in _adapter_parameter_names() for key in unexpected):
-        return (f"it is a nola_vision adapter (save_adapter): build the backbone from its base weights and load "
-                f"the adapter with nv.load_adapter(model, '{path.parent}')")
     prefixes = sorted({k.split(".", 1)[0] for k in unexpected if "." in k and k.split(".", 1)[1] in expected})
     if prefixes:
         return (f"its keys carry a '{prefixes[0]}.' prefix (a Lightning checkpoint or a wrapper's state dict?): "
                 f"save the timm backbone's own state_dict() instead")
+    if any(key.rsplit(".", 1)[-1] in _adapter_parameter_names() for key in unexpected):
+        if (path.parent / "adapter_config.json").is_file():
+            return (f"it is a nola_vision adapter (save_adapter): build the backbone from its base weights and load "
+                    f"the adapter with nv.load_adapter(model, '{path.parent}')")
+        return ("it holds adapter tensors beside the weights (an adapted model's state_dict()): save the base "
+                "weights (nv.unload(model) first, or the pretrained file it was built from), and save adapters with "
+                "nv.save_adapter")
     if missing and unexpected:
         return "it holds another model's weights, or keys that are not in timm's layout for this model"
     if missing:

@@ -163,6 +163,10 @@ def check_training_data(saved: Optional[dict], now: Optional[dict]) -> None:
                          "or train a new run (fit without --ckpt_path)")
 
 
+# What build_backbone takes by name: in backbone_kwargs too, Python would refuse the call with a bare TypeError.
+_BUILDER_ARGUMENTS = {"backbone", "num_classes", "pretrained", "pretrained_file", "image_size", "backbone_seed"}
+
+
 class FewShotClassifier(L.LightningModule):
     """Few-shot image classifier: a timm backbone, an adapter, a classifier head, and the paper's recipe."""
 
@@ -230,6 +234,10 @@ class FewShotClassifier(L.LightningModule):
         self.adapter_config = check_classifier_arguments(self.hparams)
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
+        taken = sorted(set(hp.backbone_kwargs or {}) & _BUILDER_ARGUMENTS)
+        if taken:
+            raise ValueError(f"backbone_kwargs {taken[0]!r} is an argument of FewShotClassifier itself: set "
+                             f"model.{taken[0]} instead")
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,
                                     backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
