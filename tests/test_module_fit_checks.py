@@ -6,6 +6,7 @@ import re
 import lightning as L
 import pytest
 import torch
+import yaml
 from fixtures_data import write_imagefolder
 from test_module import NOLA, TINY, loader, trainer
 
@@ -356,3 +357,23 @@ def test_a_fit_trains_when_its_test_split_cannot_be_listed(tmp_path):
     run = trainer(tmp_path / "run", epochs=1, limit_train_batches=1)
     run.fit(module(num_classes=3, adapter_dir=str(tmp_path / "adapter")), datamodule=datamodule(tmp_path / "pets"))
     assert run.global_step == 1
+
+
+def test_max_steps_that_end_the_fit_before_max_epochs_warn_that_the_schedule_stops_partway(tmp_path):
+    # 6 steps of a 50-epoch schedule: the learning rate stopped partway up its warm-up, with no word
+    run = trainer(tmp_path, epochs=50, max_steps=6)
+    with pytest.warns(UserWarning, match=r"max_steps=6 ends the fit in epoch 2 of max_epochs=50 \(4 steps per epoch\).*"
+                                         r"Set trainer.max_epochs=2 instead of max_steps"):
+        run.fit(module(), loader())
+    assert run.global_step == 6
+
+
+def test_the_loggers_hyperparameters_are_the_checked_values_without_pickled_classes(tmp_path):
+    # hparams.yaml held lr: null (the recipe's rates resolved later) and a !!python/object NOLAConfig that
+    # yaml.safe_load and load_from_checkpoint(hparams_file=...) refused
+    run = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False,
+                    enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    run.fit(module(lr=None, head_lr=None), loader())
+    logged = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+    assert logged["lr"] == nv.get_method("nola").default_lr and logged["head_lr"] is not None
+    assert logged["adapter"]["class_path"] == "nola_vision.NOLAConfig"

@@ -232,6 +232,8 @@ class FewShotClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.adapter_config = check_classifier_arguments(self.hparams)
+        # the checked values (rates the recipe resolved, the adapter in its CLI form) are what the logger records too
+        self.save_hyperparameters(dict(self.hparams))
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
         taken = sorted(set(hp.backbone_kwargs or {}) & _BUILDER_ARGUMENTS)
@@ -662,12 +664,28 @@ class FewShotClassifier(L.LightningModule):
                              + "; ".join(f"{key} {own} (checkpoint: {was})" for key, (was, own) in changed.items())
                              + "): use the run's model.backbone_kwargs")
 
+    def _warn_if_steps_end_the_schedule_early(self) -> None:
+        """Warn when ``max_steps`` stops the fit epochs before ``max_epochs``: the per-epoch schedule is laid out over
+        ``max_epochs``, so the learning rate would stop partway up its warm-up or cosine, never decaying."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if trainer.max_steps is None or trainer.max_steps < 0 or not isinstance(batches, int) or batches < 1:
+            return
+        per_epoch = -(-batches // max(1, trainer.accumulate_grad_batches))
+        epochs = -(-trainer.max_steps // per_epoch)
+        if epochs < trainer.max_epochs:
+            warn_user(f"nola_vision: trainer.max_steps={trainer.max_steps} ends the fit in epoch {epochs} of "
+                      f"max_epochs={trainer.max_epochs} ({per_epoch} steps per epoch), while the learning-rate "
+                      f"schedule (warm-up, then cosine to min_lr) is laid out over {trainer.max_epochs} epochs: it "
+                      f"would stop partway, never decaying. Set trainer.max_epochs={epochs} instead of max_steps")
+
     def on_train_start(self) -> None:
         """On a resume, the learning rates this run's schedule gives at the resumed epoch, where the checkpoint's
         differ: it was saved by a run of another ``max_epochs`` or warm-up, whose cosine had decayed them (an extended
         run trained on at ``min_lr``). A fresh run, or a resume of the same schedule, is left as it is. A trainer that
         trained before and fits on without a checkpoint (``max_epochs`` raised) takes the schedule up at its epoch,
         with a warning: its optimizer starts afresh."""
+        self._warn_if_steps_end_the_schedule_early()
         epoch = self.trainer.current_epoch
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
