@@ -377,3 +377,17 @@ def test_the_loggers_hyperparameters_are_the_checked_values_without_pickled_clas
     logged = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
     assert logged["lr"] == nv.get_method("nola").default_lr and logged["head_lr"] is not None
     assert logged["adapter"]["class_path"] == "nola_vision.NOLAConfig"
+
+
+def test_a_module_frozen_whole_is_refused_by_name_before_training(tmp_path):
+    # freeze() (after using the module for inference) then fit: torch's bare "empty parameter list"
+    frozen = module()
+    frozen.freeze()
+    run = trainer(tmp_path)
+    refused_before_a_step(run, lambda: run.fit(frozen, loader()), r"parameter\(s\) that 'nola' trains are frozen")
+
+
+@pytest.mark.parametrize("momentum", [1.0, 5.0])
+def test_a_momentum_of_1_or_more_is_refused(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        module(optimizer="sgd", momentum=momentum)

@@ -115,7 +115,7 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     head_lr = check_number(hp["head_lr"], name("head_lr"), above=0, optional=True)
     hp["lr"], hp["head_lr"] = recipe_learning_rates(config, lr, head_lr)  # a checkpoint keeps the rates it used
     hp["weight_decay"] = check_number(hp["weight_decay"], name("weight_decay"), at_least=0)
-    hp["momentum"] = check_number(hp["momentum"], name("momentum"), at_least=0)
+    hp["momentum"] = check_number(hp["momentum"], name("momentum"), at_least=0, below=1)  # 1 or more diverges
     hp["min_lr"] = check_number(hp["min_lr"], name("min_lr"), at_least=0)
     if hp["min_lr"] > hp["lr"]:
         raise ValueError(f"{name('min_lr')} ({hp['min_lr']}) must not exceed lr ({hp['lr']})")
@@ -364,6 +364,7 @@ class FewShotClassifier(L.LightningModule):
         return parameter_groups(self.model, self.hparams.lr, self.hparams.head_lr)
 
     def configure_optimizers(self) -> Any:
+        self._check_what_trains()  # before the optimiser: a model frozen whole (freeze()) left it no parameter
         hp = self.hparams
         groups = self.parameter_groups()
         if hp.optimizer == "adam":
