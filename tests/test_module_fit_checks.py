@@ -391,3 +391,9 @@ def test_a_module_frozen_whole_is_refused_by_name_before_training(tmp_path):
 def test_a_momentum_of_1_or_more_is_refused(momentum):
     with pytest.raises(ValueError, match="momentum"):
         module(optimizer="sgd", momentum=momentum)
+
+
+def test_a_checkpoint_of_another_depth_names_the_tensors_that_differ(checkpoint):
+    # the message listed the first four names of both sides, which were the same blocks.0 tensors
+    with pytest.raises(ValueError, match=r"only in the checkpoint \[\], \d+ only in this model \['model.blocks.2"):
+        FewShotClassifier.load_from_checkpoint(checkpoint, backbone_kwargs={**TINY["backbone_kwargs"], "depth": 3})

@@ -602,8 +602,12 @@ class FewShotClassifier(L.LightningModule):
         missing = sorted(saved - {_plain_key(key) for key in checkpoint["state_dict"]})
         expected = self.trained_keys()
         if missing or saved != expected:
-            raise ValueError(f"checkpoint trained tensors {sorted(saved)[:4]}... do not match this model's "
-                             f"{sorted(expected)[:4]}...; build the model with the checkpoint's config (same adapter)")
+            only_saved, only_here = sorted(saved - expected), sorted(expected - saved)
+            raise ValueError(
+                f"the checkpoint's trained tensors do not match this model's: {len(only_saved)} only in the checkpoint "
+                f"{_few(only_saved)}, {len(only_here)} only in this model {_few(only_here)}"
+                f"{f', {len(missing)} listed but absent from its state dict {_few(missing)}' if missing else ''}; "
+                "build the model with the checkpoint's config (same adapter, and backbone_kwargs such as depth)")
         for key, tensor in checkpoint["state_dict"].items():
             if key in own and tuple(tensor.shape) != tuple(own[key].shape):
                 head = _plain_key(key) in {_plain_key(f"model.{name}") for name in head_parameter_names(self.model)}
