@@ -382,6 +382,12 @@ class AdaptedLinear(nn.Module):
         """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
         self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
 
+    @property
+    def merge_can_overflow(self) -> bool:
+        """Whether a merged update can leave the weight dtype's range (float16, the 8-bit floats): only then is
+        ``low_rank_overflow`` worth its factors."""
+        return torch.finfo(self.weight.dtype).max <= _WIDE_RANGE
+
     @torch.no_grad()
     def low_rank_overflow(self, a: Tensor, b: Tensor) -> Optional[str]:
         """Why weight + (a b)ᵀ would not be finite in the weight's dtype, or None: a merge in a dtype of narrow range
@@ -390,10 +396,10 @@ class AdaptedLinear(nn.Module):
         A bound first (the largest |W| plus the largest row norm of ``a`` times column norm of ``b``), so a weight is
         read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
         """
+        if not self.merge_can_overflow:
+            return None
         weight = self.weight
         largest = torch.finfo(weight.dtype).max
-        if largest > _WIDE_RANGE:
-            return None
         bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
             return None
@@ -438,11 +444,14 @@ class AdaptedLinear(nn.Module):
         self._merged_factors = None if factors is None else tuple(f.detach().clone() for f in factors)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW into ``weight`` for inference at the base layer's cost, keeping the trained tensors it came from."""
+    def merge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """Fold ΔW into ``weight`` for inference at the base layer's cost, keeping the trained tensors it came from.
+
+        ``factors``: ``delta_factors()`` of the trained tensors now, when model-level code computed them already
+        (``merge.merge`` checks them for overflow first)."""
         if not self.merged:
             values = self.trained_values()  # what the factors below are combined from, at this moment
-            factors = self.delta_factors()
+            factors = self.delta_factors() if factors is None else factors
             self._add_low_rank(*factors)
             self._set_merged_update(values, factors)
             self.merged = True

@@ -186,13 +186,15 @@ def merge(model: nn.Module) -> nn.Module:
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
     with torch.no_grad(), batched_factors(model):
-        for name, layer in unmerged.items():  # every layer checked before any weight changes
-            overflow = layer.low_rank_overflow(*layer.delta_factors())
+        # a float16 model's layers checked before any weight changes, with the factors their merge then adds
+        checked = {name: layer.delta_factors() for name, layer in unmerged.items() if layer.merge_can_overflow}
+        for name, factors in checked.items():
+            overflow = unmerged[name].low_rank_overflow(*factors)
             if overflow is not None:
                 raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
         for name, layer in unmerged.items():
-            layer.merge()
+            layer.merge(checked.get(name))
             layer.unmerged_record = records[name]
     return model
 
@@ -277,7 +279,7 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     new_factors = delta_factors_of_values([(layer, new_values[id(layer)]) for layer in layers.values()])  # of copies:
     changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
                for layer, new in zip(layers.values(), new_factors)}
-    for prefix, layer in layers.items():  # every layer checked before anything changes
+    for prefix, layer in ((p, m) for p, m in layers.items() if m.merge_can_overflow):  # before anything changes
         (old_a, old_b), (new_a, new_b) = changes[id(layer)]
         overflow = layer.low_rank_overflow(torch.cat([new_a, -old_a], dim=1), torch.cat([new_b, old_b], dim=0))
         if overflow is not None:

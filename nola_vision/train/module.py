@@ -93,6 +93,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged (NaN/Inf loss or weights): the run stops, exports nothing and writes no result."""
 
 
+# What build_backbone takes by name: in backbone_kwargs too, Python would refuse the call with a bare TypeError.
+_BUILDER_ARGUMENTS = {"backbone", "num_classes", "pretrained", "pretrained_file", "image_size", "backbone_seed"}
+
+
 def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     """Refuse any ``FewShotClassifier`` argument of the wrong type or range, naming it, before anything is built;
     store the checked values in ``hp`` (the adapter in the CLI's own form, the learning rates the run uses, bit widths
@@ -109,6 +113,10 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)):
         raise ValueError(f"{name('backbone_kwargs')} must map timm.create_model argument names to values, got "
                          f"{shown(kwargs)}")
+    taken = sorted(set(kwargs or {}) & _BUILDER_ARGUMENTS)
+    if taken:
+        raise ValueError(f"backbone_kwargs {taken[0]!r} is an argument of FewShotClassifier itself: set "
+                         f"model.{taken[0]} instead")
     hp["backbone_seed"] = check_int(hp["backbone_seed"], name("backbone_seed"))
     check_choice(hp["optimizer"], name("optimizer"), OPTIMIZERS)
     lr = check_number(hp["lr"], name("lr"), above=0, optional=True)
@@ -161,10 +169,6 @@ def check_training_data(saved: Optional[dict], now: Optional[dict]) -> None:
                          + ". The resumed steps would not train as the uninterrupted run, and its config.yaml would "
                          "record these values for the whole run. Pass the run's values (its config.yaml holds them), "
                          "or train a new run (fit without --ckpt_path)")
-
-
-# What build_backbone takes by name: in backbone_kwargs too, Python would refuse the call with a bare TypeError.
-_BUILDER_ARGUMENTS = {"backbone", "num_classes", "pretrained", "pretrained_file", "image_size", "backbone_seed"}
 
 
 class FewShotClassifier(L.LightningModule):
@@ -236,10 +240,6 @@ class FewShotClassifier(L.LightningModule):
         self.save_hyperparameters(dict(self.hparams))
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
-        taken = sorted(set(hp.backbone_kwargs or {}) & _BUILDER_ARGUMENTS)
-        if taken:
-            raise ValueError(f"backbone_kwargs {taken[0]!r} is an argument of FewShotClassifier itself: set "
-                             f"model.{taken[0]} instead")
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,
                                     backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
