@@ -178,6 +178,18 @@ def test_a_fit_set_to_train_nothing_is_refused_instead_of_recording_an_untrained
     assert not result.exists() and not list(tmp_path.rglob("adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_fit_whose_ranks_run_in_child_processes_is_refused_before_anything_is_written(tmp_path, capsys, strategy):
+    """Under ddp_spawn the command's process never learnt what rank 0 exported or checkpointed: its result named no
+    adapter or checkpoint, at epoch 0, after validating the weights a second time."""
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+                 "--trainer.devices", "2", "--trainer.strategy", strategy, "--result_file", str(tmp_path / "r.json"),
+                 *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--trainer.strategy {strategy} runs the fit in processes" in err and "Traceback" not in err
+    assert "--trainer.strategy ddp " in err and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option, value, says", [
     ("--trainer.accumulate_grad_batches", "-1", "a negative one ascends the loss"),  # trained backwards, exit 0
     ("--trainer.accumulate_grad_batches", "0", "Use 1 (a step per batch) or more"),  # ZeroDivisionError mid-epoch

@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -360,6 +361,7 @@ class NolaCLI(LightningCLI):
         already on disk) the test split's class folders and its missing or empty image files."""
         check_training_length(self.trainer)  # before the run's folder and config exist (on_fit_start checks it too)
         config = self.config[self.subcommand]
+        check_launcher(self.trainer, config.trainer.strategy)
         data = self.datamodule.hparams
         validates = bool(data.get("val_shots") or data.get("val_split_file"))
         if config.result_file:
@@ -597,6 +599,17 @@ MODULE_PREFIXES = ("train/", "val/", "test/")  # the module's names; any other m
 
 class MonitoredMetricError(ValueError):
     """A callback stopped a fit for a metric it monitors that was never logged: a configuration error found late."""
+
+
+def check_launcher(trainer: Trainer, strategy: Any) -> None:
+    """Refuse a fit whose ranks run in processes this one starts (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``):
+    what the run exported, checkpointed and how far it got stays in those processes, so this one would record a
+    result naming no adapter or checkpoint, at epoch 0, and validate the weights again."""
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(f"--trainer.strategy {strategy} runs the fit in processes the command cannot read its "
+                         "adapter, checkpoint and result back from: use --trainer.strategy ddp (each rank started as "
+                         "a script of its own, rank 0 recording the run), or train from Python with FewShotClassifier")
 
 
 def check_monitors(callbacks: Sequence[Callback]) -> None:
