@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import random
 import re
+import warnings
 from itertools import count
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,6 +205,44 @@ def test_a_manifest_of_another_draw_is_refused_and_kept(folder_root, tmp_path):
         drawn()
     assert {path: path.read_bytes() for path in kept} == kept  # the record of what the run trained on
     assert drawn(split_dir=None).split_digest != run.split_digest  # what checkpoints record of the draw
+
+
+def test_a_refused_setup_leaves_no_split_so_a_retried_setup_is_refused_again(folder_root, tmp_path):
+    """The split was kept before the manifests were checked: a second setup (a retried Trainer.fit) trained on the
+    refused draw, with no manifest written."""
+    def module():
+        return FewShotDataModule("imagefolder", root=str(folder_root), shots=2, val_shots=1, image_size=8,
+                                 split_dir=str(tmp_path / "splits"))
+
+    run = module()
+    run.setup("fit")
+    add_drawn_image(run, "cat")
+    dm = module()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="lists another k-shot split"):
+            dm.setup("fit")
+        assert dm.split_digest is None and dm.manifest_path is None
+        with pytest.raises(RuntimeError, match=r"call setup\(\) first"):
+            dm.train_dataloader()
+        with pytest.raises(RuntimeError, match=r"call setup\(\) first"):  # not an empty list: no validation at all
+            dm.val_dataloader()
+
+
+def test_replaying_the_manifest_of_a_whole_train_split_records_shots_0(folder_root, tmp_path):
+    """A shots=0 run's manifest lists every training image: its replay counted the largest class as the shots, cached
+    every image and wrote the manifest again under another name."""
+    Image.new("RGB", (20, 16), (9, 9, 9)).save(folder_root / "train" / "dog" / "extra.png")  # classes of 4 and 5
+    whole = FewShotDataModule("imagefolder", root=str(folder_root), shots=0, image_size=8,
+                              split_dir=str(tmp_path / "splits"))
+    whole.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fewer images for classes" warning
+        replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(whole.manifest_path),
+                                   image_size=8, split_dir=str(tmp_path / "splits"))
+        replay.setup("fit")
+    assert replay.shots == 0 and replay.manifest_path == whole.manifest_path and not replay.train_set.cache
+    assert sorted(replay.train_manifest) == sorted(whole.train_manifest)
+    assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == [whole.manifest_path.name]
 
 
 def test_runs_with_another_val_shots_keep_their_own_manifests_and_a_manifest_of_other_settings_is_named(
@@ -440,6 +481,27 @@ def test_a_checkpointed_loader_state_continues_the_orders_of_the_uninterrupted_r
     resumed = module()
     resumed.load_state_dict(interrupted.state_dict())
     assert orders(resumed.train_dataloader(), 2) == uninterrupted[1:] and uninterrupted[1] != uninterrupted[0]
+
+
+def test_a_checkpoint_of_a_ddp_run_keeps_the_random_states_its_augmentations_draw_from(cifar10_root):
+    """Under DDP the shuffle is Lightning's distributed sampler's, and the module kept nothing: a resumed DDP run
+    drew other augmentations and dropout than the uninterrupted one. The global random states are kept as in one
+    process."""
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8)
+    dm.setup("fit")
+    assert dm.state_dict() == {}  # no train loader yet: nothing drawn
+    dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    dm.train_dataloader()
+    torch.manual_seed(5)
+    random.seed(5)
+    state = dm.state_dict()
+    assert set(state) == {"torch_rng", "python_rng"}
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(6)
+    random.seed(6)
+    dm.trainer.state = SimpleNamespace(fn="fit")
+    dm.load_state_dict(state)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
 def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifar10_root):

@@ -309,6 +309,53 @@ def test_image_files_an_imagefolder_does_not_read_are_named_and_a_class_left_wit
         build_dataset("imagefolder", tmp_path, "test")
 
 
+def test_images_without_their_formats_extension_are_named_not_skipped_silently(tmp_path):
+    write_imagefolder(tmp_path, eval_folder="test")
+    image = Image.new("RGB", (8, 8), class_color(0))
+    image.save(tmp_path / "test" / "cat" / "3f9a2c0", format="JPEG")  # as a browser or a hash-named store saves it
+    image.save(tmp_path / "test" / "dog" / "dog.jpg_large", format="JPEG")
+    image.save(tmp_path / "test" / "dog" / "scan", format="PNG")
+    (tmp_path / "test" / "dog" / "labels").write_text("BM not an image, though it starts as a bitmap would")
+    with pytest.warns(UserWarning, match=r"3 image file\(s\) under .*test are not read \(cat/3f9a2c0, dog/dog.jpg_large, "
+                                         r"dog/scan\).*give images without their format's extension one"):
+        assert len(build_dataset("imagefolder", tmp_path, "test")) == 6
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_left_out(tmp_path, monkeypatch):
+    """os.walk skips a folder it may not list (no read permission): its images were left out of the split without a
+    word, and accuracy computed on the rest."""
+    write_imagefolder(tmp_path, eval_folder="test")
+    locked = tmp_path / "test" / "cat" / "batch2"
+    locked.mkdir()
+    Image.new("RGB", (8, 8), class_color(0)).save(locked / "b.png")
+    listing = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetNotFoundError, match=r"cannot list folder .*batch2 \(Permission denied\): the images in it "
+                                                   r"would be left out. Make it readable"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
+def test_an_image_that_may_not_be_read_says_so_rather_than_calling_it_corrupt(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path, eval_folder="test")
+    dataset = build_dataset("imagefolder", tmp_path, "test")
+    opening = Image.open
+
+    def open_image(path, *args, **kwargs):
+        if "cat 00" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return opening(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_image)
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*cat 00.png .*Permission denied. Make it readable"):
+        dataset.load_image(0)
+
+
 def test_imagefolder_rejects_test_classes_unknown_to_train(tmp_path):
     write_imagefolder(tmp_path, eval_folder="test")
     (tmp_path / "test" / "zebra").mkdir()
@@ -398,13 +445,20 @@ def test_getitem_applies_the_transform_and_returns_the_label(tmp_path):
 
 def test_a_caltech101_split_file_that_no_longer_matches_the_images_is_named(tmp_path):
     write_caltech101(tmp_path, per_class=6)
-    build_dataset("caltech101", tmp_path, "train")  # writes the split file
+    train = build_dataset("caltech101", tmp_path, "train").samples  # writes the split file
     split_file = tmp_path / "caltech101" / "nola_vision_split.txt"
     cats = tmp_path / "caltech101" / "101_ObjectCategories"
     added = cats / "Faces_easy" / "image_0099.jpg"
     added.write_bytes((cats / "Faces_easy" / "image_0002.jpg").read_bytes())  # extracted after the split was made
-    with pytest.raises(DatasetMetadataError, match=r"1 image\(s\) on disk are not listed .*image_0099.jpg.*delete"):
+    with pytest.raises(DatasetMetadataError, match=r"1 image\(s\) on disk are not listed .*image_0099.jpg.*adding a "
+                                                   r"'<path> train' or '<path> test' line.*Deleting it makes a new "
+                                                   r"split by position, in which images move between train and test"):
         build_dataset("caltech101", tmp_path, "train")
+    with open(split_file, "a") as f:  # the edit the message asks for: every other image stays in its split
+        f.write("101_ObjectCategories/Faces_easy/image_0099.jpg test\n")
+    assert build_dataset("caltech101", tmp_path, "train").samples == train
+    assert any(key.endswith("Faces_easy/image_0099.jpg") for key, _ in build_dataset("caltech101", tmp_path, "test").samples)
+    split_file.write_text("".join(line for line in split_file.read_text().splitlines(True) if "0099" not in line))
     added.unlink()
     (cats / "Faces_easy" / "image_0003.jpg").unlink()
     with pytest.raises(DatasetMetadataError, match=r"1 listed image\(s\) are not on disk .*image_0003.jpg"):

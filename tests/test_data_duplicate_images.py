@@ -1,6 +1,7 @@
 """Byte-identical copies of a drawn k-shot image, in another class or in the held-out split, are named in one warning
 where the split is drawn (a wrong label, or a test image trained on), never refused, and never change the split;
-copies among undrawn images or within one class are not, and building a dataset reads no image content at all."""
+copies among undrawn images or within one class are not (unless one is a training and the other a validation
+image), and building a dataset reads no image content at all."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_a_drawn_shot_copied_into_the_held_out_split_warns_naming_both(tmp_path,
         _module(tmp_path).setup("fit")
     message = _copy_warning(record)
     assert f"{drawn} = {held_out}/cat/leak.png" in message and "1 image of the drawn" in message
-    assert "inflates test accuracy" in message and "Remove the copies" in message
+    assert "inflates its accuracy" in message and "Remove the copies" in message
 
 
 def test_a_drawn_shot_copied_into_another_class_warns(tmp_path):
@@ -130,6 +131,20 @@ def test_copies_within_one_class_do_not_warn(tmp_path):
     (tmp_path / "train" / "cat" / "nested").mkdir()
     shutil.copyfile(tmp_path / drawn, tmp_path / "train" / "cat" / "nested" / "third.png")
     _setup_without_warnings(_module(tmp_path, shots=0))  # all three drawn, in one class
+
+
+def test_a_validation_image_copied_from_a_training_shot_of_its_class_warns(tmp_path):
+    """Within one class a copy is harmless unless one is trained on and the other validated on: then validation
+    scores an image the model trained on."""
+    _folder(tmp_path)
+    for path in sorted((tmp_path / "train" / "cat").iterdir()):
+        shutil.copyfile(path, path.with_name(f"{path.stem} copy.png"))
+    dm = _module(tmp_path, shots=0, val_shots=1)  # every cat image but the validation one trains: its copy too
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    message = _copy_warning(record)
+    (validation,) = [key for key, _ in dm.val_manifest if key.startswith("train/cat/")]
+    assert "among the validation images" in message and Path(validation).stem.removesuffix(" copy") in message
 
 
 def test_distinct_images_of_equal_size_do_not_warn(tmp_path):

@@ -19,7 +19,7 @@ from nola_vision.data import (
     sample_kshot,
     write_manifest,
 )
-from nola_vision.data.fewshot import FewShotSplit, draw_order, split_digest
+from nola_vision.data.fewshot import FewShotSplit, draw_order, manifest_settings, split_digest
 
 NAMES = [f"class_{c}" for c in range(10)]
 
@@ -155,6 +155,17 @@ def test_manifest_with_unknown_path_or_wrong_label_is_rejected(tmp_path):
     path.write_text("no-label-here\n")
     with pytest.raises(ValueError, match=r"m.txt:1: expected 'relative/path label'"):
         read_manifest(path)
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_or_keys_in_another_unicode_form_says_so(tmp_path):
+    samples = make_samples() + [("images/caf\u00e9.jpg", 3)]  # NFC, as Linux tools name it
+    path = tmp_path / "m.txt"
+    path.write_text("# dataset=x shots=1\nimages/000/img_0000.jpg 0\n", encoding="utf-8-sig")  # Windows Notepad's
+    assert read_manifest(path) == [("images/000/img_0000.jpg", 0)] and manifest_settings(path)["dataset"] == "x"
+    path.write_text("images/cafe\u0301.jpg 3\n")  # NFD, as macOS names it: both print as café
+    with pytest.raises(ValueError, match=r"'images/cafe\\u0301.jpg' is not in the dataset's train split: the dataset "
+                                         r"has 'images/caf\\xe9.jpg', the same name written with other code points"):
+        indices_from_manifest(samples, read_manifest(path), str(path))
 
 
 def test_split_digest_names_the_drawn_images_not_their_indices_or_order():

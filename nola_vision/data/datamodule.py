@@ -169,27 +169,29 @@ class _File(NamedTuple):
     key: str  # relative to the dataset root
     place: Optional[int]  # the train class, or None: the held-out split
     drawn: bool
+    validation: bool = False  # drawn as a validation image
 
 
 def _copies_of_drawn(path_of: Callable[[str], Path], train: list[_File], held_out: list[_File],
                      sizes: dict[str, int]) -> list[list[str]]:
     """Groups of byte-identical files (keys, a drawn image first) in which a drawn image (a train or validation shot)
     has a copy that training must not see: in the held-out split (any class), or in another class of the train split,
-    drawn or not (one image taught as two classes). ``sizes``: every file's size, from the listing's stat;
-    ``path_of``: a key's file.
+    drawn or not (one image taught as two classes), or a training shot has one among the validation shots (validated
+    on after training on it). ``sizes``: every file's size, from the listing's stat; ``path_of``: a key's file.
 
     Only a file of a drawn image's size can be its copy, and only such size groups that span two places (a train class,
     or the held-out split) are read: the first COPY_HEAD_BYTES of each file, then the rest only where sizes and heads
     agree across places. A size group of more than COPY_GROUP_LIMIT files is not read: sizes then do not tell files
     apart (uncompressed images of one resolution), and reading the group would read the dataset at every setup. So the
     cost is bounded by the drawn images and their size-mates, never the whole dataset. Copies among undrawn images only,
-    and copies within one class, are not looked for: training never sees the first, and the second are harmless.
+    and other copies within one class, are not looked for: training never sees the first, and the second are harmless.
     """
     files = train + held_out
     drawn_sizes = {sizes.get(f.key) for f in train if f.drawn} - {None, 0}  # an empty file is no image
 
     def spans_places(group: list[int]) -> bool:
-        return len({files[i].place for i in group}) > 1
+        validation = {files[i].validation for i in group if files[i].drawn}
+        return len({files[i].place for i in group}) > 1 or len(validation) > 1
 
     def regroup(groups, digest):
         out: dict[tuple, list[int]] = defaultdict(list)
@@ -224,11 +226,11 @@ def _warn_copied_shots(copies: list[list[str]], root: Path) -> None:
     many = len(copies) > 1
     warn_user(
         f"{len(copies)} {'images' if many else 'image'} of the drawn k-shot split {'have' if many else 'has'} "
-        f"byte-identical copies in another class or in the held-out (test) split under {root} "
-        f"({'; '.join(pairs)}{'; ...' if len(copies) > len(pairs) else ''}). A copy in another class is a wrong label "
-        "(one image taught as two classes), and a training image copied into the held-out split is tested on after "
-        "training on it, which inflates test accuracy. Remove the copies: keep each image once, in its one class of "
-        "one split.")
+        f"byte-identical copies in another class, among the validation images or in the held-out (test) split under "
+        f"{root} ({'; '.join(pairs)}{'; ...' if len(copies) > len(pairs) else ''}). A copy in another class is a wrong "
+        "label (one image taught as two classes), and a training image copied into the validation images or the "
+        "held-out split is validated or tested on after training on it, which inflates its accuracy. Remove the "
+        "copies: keep each image once, in its one class of one split.")
 
 
 def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, field: str = "shots") -> int:
@@ -388,6 +390,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
         self._train_generator: Optional[torch.Generator] = None
+        self._trains = False  # a train loader was built: checkpoints keep the random states its run draws from
         self._generator_fit: Optional[tuple] = None  # (id of the trainer, epoch) that made _train_generator
         self._resumed_generator_state: Optional[torch.Tensor] = None
         self.split: Optional[FewShotSplit] = None
@@ -444,6 +447,17 @@ class FewShotDataModule(L.LightningDataModule):
         self._class_names = ds.class_names
 
     def _setup_train(self) -> None:
+        """``_draw_train``, all or nothing: a setup that fails (a refused manifest, an image that cannot be read)
+        leaves no split behind, so a retried setup makes every check again rather than training on the refused one."""
+        settings = self.shots, self.val_shots, self.split_seed
+        try:
+            self._draw_train()
+        except BaseException:
+            self.split = self.train_set = self.val_set = self.manifest_path = self.val_manifest_path = None
+            self.shots, self.val_shots, self.split_seed = settings
+            raise
+
+    def _draw_train(self) -> None:
         train = build_dataset(self.dataset_name, self.root, "train")
         self._check_classes(train)
         if self.split_file:
@@ -473,8 +487,9 @@ class FewShotDataModule(L.LightningDataModule):
         train.sizes, train.other_split_sizes = {}, None  # used once: not carried to the data loaders' workers
         if held_out is None or (self.trainer is not None and not self.trainer.is_global_zero):
             return
-        drawn = {*self.split.train, *self.split.val}
-        files = [_File(key, label, index in drawn) for index, (key, label) in enumerate(train.samples)]
+        drawn, validation = {*self.split.train, *self.split.val}, set(self.split.val)
+        files = [_File(key, label, index in drawn, index in validation)
+                 for index, (key, label) in enumerate(train.samples)]
         copies = _copies_of_drawn(train.path_of, files, [_File(key, None, False) for key in held_out],
                                   {**sizes, **held_out})
         _warn_copied_shots(copies, train.root)
@@ -491,7 +506,9 @@ class FewShotDataModule(L.LightningDataModule):
                if self.val_split_file else [])
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
-        self.shots = _images_per_class(train, indices, self.split_file)
+        # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
+        whole = manifest_settings(self.split_file).get("shots") == "0"
+        self.shots = 0 if whole else _images_per_class(train, indices, self.split_file)
         self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
         seed = manifest_settings(self.split_file).get("split_seed", "")
         if seed.lstrip("-").isdigit():
@@ -564,6 +581,7 @@ class FewShotDataModule(L.LightningDataModule):
         # Under DDP each process batches its share (DistributedSampler pads the shares to equal length).
         per_process = -(-len(self.train_set) // (ddp or {}).get("num_replicas", 1))
         drop_last = per_process >= self.batch_size
+        self._trains = True
         if ddp and self.shuffle_seed is not None:
             sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.shuffle_seed, **ddp)
             return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
@@ -597,11 +615,14 @@ class FewShotDataModule(L.LightningDataModule):
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps of the data: the train loader's shuffling state, and the global random states
         the augmentations (in this process) and dropout draw from, so that a run resumed from it draws what the
-        uninterrupted run draws (Lightning restores them before the loader is built)."""
-        if self._train_generator is None:
+        uninterrupted run draws (Lightning restores them before the loader is built). Under DDP the shuffle is the
+        distributed sampler's (set by epoch), and only the random states are kept."""
+        if not self._trains:
             return {}
-        return {"train_generator": self._train_generator.get_state(), "torch_rng": torch.random.get_rng_state(),
-                "python_rng": random.getstate()}
+        state = {"torch_rng": torch.random.get_rng_state(), "python_rng": random.getstate()}
+        if self._train_generator is not None:
+            state["train_generator"] = self._train_generator.get_state()
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Take up a checkpointed run's shuffling and random states, for a resumed fit only: a trainer evaluating a
@@ -617,6 +638,7 @@ class FewShotDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
+        self._require_setup()  # before it, no validation images are drawn yet, whatever val_shots says
         if self.val_set is None:
             # Lightning skips validation on an empty list, and warns that its length is zero as if by mistake.
             warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")

@@ -100,7 +100,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class CorruptImageError(OSError):
-    """An image file could not be decoded; the message names the file."""
+    """An image file could not be read or decoded; the message names the file and why."""
 
 
 class DatasetMetadataError(ValueError):
@@ -207,6 +207,9 @@ class ImageDataset(Dataset):
                 return _to_rgb(img)
         except FileNotFoundError:
             raise
+        except PermissionError as err:  # a valid image: downloading it again is no cure
+            raise CorruptImageError(f"cannot read image {path} ({self.name} {self.split} split): {err.strerror}. Make "
+                                    "it readable (chmod a+r), or remove it") from err
         except Image.DecompressionBombError as err:
             raise CorruptImageError(_too_large_message(path, f"{self.name} {self.split} split", err)) from err
         except (OSError, SyntaxError, ValueError) as err:
@@ -548,7 +551,7 @@ def _visible_files(folder: Path) -> dict[str, _FileIdentity]:
     root = os.path.realpath(folder)
     files: dict[str, _FileIdentity] = {}
     visited: set[str] = set()
-    for directory, subfolders, names in os.walk(folder, followlinks=True):
+    for directory, subfolders, names in os.walk(folder, followlinks=True, onerror=_unlistable_folder):
         real = os.path.realpath(directory)
         encloses_root = real == root or root.startswith(real.rstrip(os.sep) + os.sep)
         if real in visited or (encloses_root and visited):  # the walk's start is the one enclosing folder it reads
@@ -567,6 +570,16 @@ def _visible_files(folder: Path) -> dict[str, _FileIdentity]:
     return dict(sorted(files.items()))
 
 
+def _unlistable_folder(err: OSError) -> None:
+    """``os.walk``'s error handler: a folder that cannot be listed (no read permission, an I/O error) would be
+    skipped, and its images with it, without a word. A folder gone meanwhile is simply not there."""
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return
+    raise DatasetNotFoundError(f"cannot list folder {err.filename} ({err.strerror or err}): the images in it would be "
+                               "left out. Make it readable (chmod -R u+rX on it), or move it out of the dataset"
+                               ) from err
+
+
 def _reads_nested(key: str) -> bool:
     """Whether torchvision's ImageFolder (and ours) reads the file ``key`` of a class folder: an image in a read format,
     in the class folder or any of its sub-folders."""
@@ -583,12 +596,32 @@ def _unread_images(folder: Path, class_files: dict[str, dict[str, _FileIdentity]
                    reads: Callable[[str], bool] = _reads_nested) -> list[str]:
     """Image files under ``folder`` that a split leaves out: loose in it rather than in a class folder, or in a class
     folder (``class_files``: its :func:`_visible_files`) but not read (``reads``: in a format that is not read, or
-    in a sub-folder that is not); paths relative to ``folder``."""
+    in a sub-folder that is not), or an image of a read format without its extension (a JPEG named ``3f9a2c0`` or
+    ``x.jpg_large``, told by its first bytes); paths relative to ``folder``."""
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
-    loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in known]
-    unread = [f"{name}/{path}" for name, files in class_files.items()
-              for path in files if Path(path).suffix.lower() in known and not reads(path)]
+
+    def is_image(path: Path, name: str) -> bool:
+        return Path(name).suffix.lower() in known or _has_image_signature(path)
+
+    loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and is_image(p, p.name)]
+    unread = [f"{name}/{path}" for name, files in class_files.items() for path in files
+              if not reads(path) and is_image(folder / _fs_name(name) / _fs_name(path), path)]
     return sorted(loose) + unread
+
+
+# The first bytes of the common read formats: JPEG, PNG, TIFF (both byte orders); WebP's follow RIFF and a length.
+# BMP's and PPM's two letters would also start a text file.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(path: Path) -> bool:
+    """Whether the file at ``path`` starts as an image of a read format does; False when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _report_unread_images(folder: Path, unread: list[str], refuse: bool, layout: str = "") -> None:
@@ -598,8 +631,8 @@ def _report_unread_images(folder: Path, unread: list[str], refuse: bool, layout:
         return
     message = (f"{len(unread)} image file(s) under {folder} are not read ({', '.join(unread[:3])}"
                f"{', ...' if len(unread) > 3 else ''}): images are read from {folder}/<class>/{layout} in the formats "
-               f"{', '.join(IMG_EXTENSIONS)}. Move loose images into their class folder and convert others "
-               "(e.g. GIF, AVIF, HEIC) to PNG or JPEG")
+               f"{', '.join(IMG_EXTENSIONS)}. Move loose images into their class folder, convert others "
+               "(e.g. GIF, AVIF, HEIC) to PNG or JPEG, and give images without their format's extension one")
     if refuse:
         raise DatasetNotFoundError(message)
     warn_user(message)
@@ -680,7 +713,10 @@ def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
         raise DatasetMetadataError(
             f"{split_path} does not match the images under {split_path.parent}: "
             f"{'; '.join(p for p in problems if p)}. The split was made from another set of files (a partial "
-            f"extraction?): delete {split_path} to make it again from the images on disk, or edit it")
+            f"extraction?): edit it, adding a '<path> train' or '<path> test' line for each image not listed and "
+            "removing the lines of images not on disk, which keeps every other image in its split. Deleting it "
+            "makes a new split by position, in which images move between train and test: a model trained on the "
+            "old split would be tested on some of its own training images")
 
 
 class _Caltech101:

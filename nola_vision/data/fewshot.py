@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -127,7 +128,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
     """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped); UTF-8 whatever the
     locale, bytes that are not UTF-8 as surrogate escapes (as ``write_manifest`` wrote them)."""
     entries = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a byte-order mark is not a key
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -142,9 +143,25 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 def manifest_settings(path: str | os.PathLike) -> dict[str, str]:
     """The ``key=value`` settings of a manifest's header (``write_manifest``'s first comment line), {} without."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         first = f.readline()
     return dict(t.split("=", 1) for t in first.lstrip("#").split() if "=" in t) if first.startswith("#") else {}
+
+
+def _shown_key(key: str) -> str:
+    """A key as an error shows it: quoted, with invisible or look-alike characters escaped."""
+    return repr(key) if key.isprintable() and key.isascii() else ascii(key)
+
+
+def _near_key(key: str, position: dict) -> str:
+    """Why ``key`` may be missing: a dataset key that differs only in Unicode normalization or surrounding spaces."""
+    wanted = unicodedata.normalize("NFC", key).strip()
+    near = next((k for k in position if unicodedata.normalize("NFC", k).strip() == wanted), None)
+    if near is None:
+        return " (wrong dataset or root?)"
+    return (f": the dataset has {ascii(near)}, the same name written with other code points or spaces (the file was "
+            "renamed or copied by a tool that normalizes names, e.g. on macOS). Write the manifest's key as the file "
+            "is named, or rename the file")
 
 
 def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
@@ -155,7 +172,8 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
     listed: set[int] = set()  # a set: a full-split manifest lists tens of thousands of images
     for key, label in entries:
         if key not in position:
-            raise ValueError(f"{source}: '{key}' is not in the dataset's train split (wrong dataset or root?)")
+            raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
+                             f"{_near_key(key, position)}")
         i = position[key]
         if i in listed:
             raise ValueError(f"{source}: '{key}' is listed twice: a manifest lists each image once (a repeated line "
