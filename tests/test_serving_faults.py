@@ -2,6 +2,7 @@
 with external data, and weights changed under registered tasks."""
 import copy
 import os
+import pickle
 import re
 import threading
 
@@ -88,6 +89,19 @@ def test_a_backbone_with_model_level_hooks_is_refused_when_wrapped_and_when_call
         model(images, "a")
     handle.remove()
     model(images, "a")
+    compiled = torch.compile(model, backend="eager")
+    compiled(images, "a")
+    handle = backbone.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(ValueError, match=r"forward hooks of its own since it was wrapped \(.*<lambda>\)"):
+        compiled(images, "a")  # named, not an internal compiler error
+    handle.remove()
+
+
+def test_an_empty_batch_names_a_registered_task_too(tasks, images):
+    model = served(tiny_vit(), a=tasks["a"])
+    assert model(images[:0], "a") == [] and model(images[:0], []) == []
+    with pytest.raises(ValueError, match="unknown task 'b'"):
+        model(images[:0], "b")
 
 
 def test_a_task_input_graph_runs_the_models_own_forward_hooks(tmp_path):
@@ -195,6 +209,23 @@ def test_weights_written_or_replaced_after_the_tasks_were_registered_are_refused
     torch.testing.assert_close(torch.stack(copied(images, "a")), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
+def test_weights_written_into_a_copy_before_its_first_call_are_refused(tasks, images, copied):
+    """A copy's weights have new version counters, recorded at its first call: a write before it went unseen, and
+    the copy served tasks checked against other weights."""
+    model = served(tiny_vit(), a=tasks["a"])
+    expected = torch.stack(model(images, "a"))
+    copy_of = copy.deepcopy if copied == "deepcopy" else lambda m: pickle.loads(pickle.dumps(m))
+    twin = copy_of(model)
+    twin.model.load_state_dict(as_if_trained(tiny_vit(), 9, scale=0.05).state_dict())
+    for _ in range(2):  # and stays refused
+        with pytest.raises(RuntimeError, match="changed since its tasks were registered: cls_token was written"):
+            twin(images, "a")
+    again = copy_of(copy_of(model))  # copies of copies serve, and the checked weights written again change nothing
+    again.model.load_state_dict(tiny_vit().state_dict())
+    torch.testing.assert_close(torch.stack(again(images, "a")), expected, rtol=0, atol=0)
+
+
 def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write_is_refused(tasks, images):
     # inference tensors keep no version counter: they are compared by identity, and never refused for it
     expected = torch.stack(served(tiny_vit(), a=tasks["a"])(images, "a")).double()
@@ -211,6 +242,21 @@ def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write
         backbone.blocks[0].attn.qkv.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight was written or replaced"):
         model(images, "a")
+
+
+def test_a_write_under_inference_mode_into_weights_moved_there_is_refused(tasks, images):
+    """Inference tensors keep no version counter: a load_state_dict under inference_mode went unseen, and the
+    tasks were served on other weights. Their sampled values tell it, while a move to another dtype serves on."""
+    model = served(tiny_vit(), a=tasks["a"])
+    expected = torch.stack(model(images, "a"))
+    with torch.inference_mode():
+        model.double()  # moves made there serve on
+        torch.testing.assert_close(torch.stack(model(images.double(), "a")).float(), expected, rtol=1e-5, atol=1e-5)
+        model.bfloat16()
+        torch.testing.assert_close(torch.stack(model(images.bfloat16(), "a")).float(), expected, rtol=0.1, atol=0.1)
+        model.model.load_state_dict(as_if_trained(tiny_vit(), 9, scale=0.05).state_dict())
+        with pytest.raises(RuntimeError, match="cls_token was written or replaced"):
+            model(images.bfloat16(), "a")
 
 
 def test_adapter_calls_on_a_served_model_are_refused_and_leave_it_serving(tasks, images):

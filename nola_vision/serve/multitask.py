@@ -130,6 +130,7 @@ class MultiTaskModel(nn.Module):
         self._merged = merged_adapters(model)  # what the weights held when wrapped; a later change is refused
         # The weights the tasks were checked against (None: recorded at the next call); a later change is refused.
         self._weights: Optional[_WeightRecord] = _WeightRecord(model)
+        self._copied_weights: Optional[Dict[str, _Sample]] = None  # a copy's original's weights (see __setstate__)
         self._lock = threading.RLock()
 
     def train(self, mode: bool = True) -> MultiTaskModel:
@@ -143,6 +144,8 @@ class MultiTaskModel(nn.Module):
         state = self.__dict__.copy()
         for name in ("_lock", "_call", "_weights"):  # each copy gets its own (see __setstate__)
             state.pop(name)
+        if self._weights is not None:  # a copy's first call checks its weights against these values
+            state["_copied_weights"] = self._weights.samples
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -151,10 +154,12 @@ class MultiTaskModel(nn.Module):
         state.setdefault("_merged", merged_adapters(state["_modules"]["model"]))
         super().__setstate__(state)
         # A lock and a thread-local do not copy or pickle. Copied weights have new version counters: recorded at the
-        # first call, since the model may still be half copied here (its hooks lead a copy through this object).
+        # first call, since the model may still be half copied here (its hooks lead a copy through this object), after
+        # comparing them with the original's sampled values (pickles from before they were kept: not compared).
         self._lock = threading.RLock()
         self._call = _Call()
         self._weights = None
+        self.__dict__.setdefault("_copied_weights", None)
 
     @property
     def tasks(self) -> List[str]:
@@ -197,7 +202,7 @@ class MultiTaskModel(nn.Module):
                 raise ValueError(f"task {name!r} is already registered: call remove_task({name!r}) first to "
                                  "replace it")
             if not self._tasks:  # no task holds on to earlier weights: the ones this task was checked against count
-                self._weights = _WeightRecord(self.model)
+                self._weights, self._copied_weights = _WeightRecord(self.model), None
             self._tasks[name] = self._sharing_plans(task)
             self._hook_layers()
 
@@ -270,8 +275,12 @@ class MultiTaskModel(nn.Module):
                                "timm.create_model(...) instead")
         _require_no_model_hooks(self.model, " since it was wrapped")
         if self._weights is None:
-            self._weights = _WeightRecord(self.model)
-        change = self._weights.change(self.model)
+            record = _WeightRecord(self.model)
+            change = record.differs_from(self._copied_weights)
+            if change is None:
+                self._weights, self._copied_weights = record, None
+        else:
+            change = self._weights.change(self.model)
         if change is not None:
             raise RuntimeError(f"the weights of the model this MultiTaskModel serves changed since its tasks were "
                                f"registered: {change} (by load_state_dict, an optimizer step or an assignment), and "
@@ -315,7 +324,7 @@ class MultiTaskModel(nn.Module):
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
-        for name in dict.fromkeys(names):
+        for name in dict.fromkeys([tasks] if isinstance(tasks, str) else names):  # an empty batch's name too
             self._task(name)
         return list(names)
 
@@ -465,20 +474,28 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
     (each task has its own head), which skips them, whereas each task's own model runs them."""
     hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
     if hooks:
-        names = ", ".join(getattr(hook, "__qualname__", None) or repr(hook) for hook in hooks)
+        names = _hook_names(hooks)
         raise ValueError(f"the model this MultiTaskModel serves has forward hooks of its own{since} ({names}), which "
                          "MultiTaskModel does not run: it calls forward_features and forward_head, with each task's "
                          "head. Remove them (handle.remove()) and apply them outside: preprocess the images before "
                          "calling it, and post-process each task's logits")
 
 
+@torch.compiler.disable
+def _hook_names(hooks: Sequence[object]) -> str:
+    """The hooks' names, read outside a compiled graph: traced, ``__qualname__`` reads as a descriptor."""
+    return ", ".join(getattr(hook, "__qualname__", None) or repr(hook) for hook in hooks)
+
+
 class _WeightRecord:
     """The backbone's weights as its tasks were checked against them: every dict of submodules and of parameters
-    with its entries, and each parameter's version counter.
+    with its entries, each parameter's version counter, and a few of its values.
 
     A write in place (``load_state_dict``, an optimizer step) bumps a counter, and a replaced parameter or module is
     another object; a move to another device or dtype keeps both. Comparing costs 0.1-0.2 ms a call on ViT-B (152
-    parameters in 276 modules); writes through ``.data`` bump no counter, and are not seen (nor by autograd).
+    parameters in 276 modules). An inference tensor (made under ``torch.inference_mode``, e.g. by a move there)
+    keeps no counter, and a copy of the model has new ones: for those, the sampled values are compared. Writes
+    through ``.data`` bump no counter, and are not seen (nor by autograd).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -490,17 +507,62 @@ class _WeightRecord:
                 self.sizes.append((entries, len(entries)))
                 self.entries += [(entries, key, value, _version(value))
                                  for key, value in entries.items()]
+        self.samples: Dict[str, _Sample] = {name: _Sample.of(p) for name, p in model.named_parameters()}
+        self._sample_of_id = {id(p): self.samples[name] for name, p in model.named_parameters()}
 
     def change(self, model: nn.Module) -> Optional[str]:
         """None when ``model`` is the recorded model with the recorded weights, else what changed."""
         if model is self.model and all(len(entries) == size for entries, size in self.sizes) and all(
-                entries.get(key) is value and _same_version(value, version)
+                entries.get(key) is value and self._unchanged(value, version)
                 for entries, key, value, version in self.entries):
             return None
         recorded = {id(value): version for _, _, value, version in self.entries if isinstance(value, Tensor)}
         changed = next((name for name, p in model.named_parameters()
-                        if id(p) not in recorded or not _same_version(p, recorded[id(p)])), None)
+                        if id(p) not in recorded or not self._unchanged(p, recorded[id(p)])), None)
         return f"{changed} was written or replaced" if changed else "a module was replaced, added or removed"
+
+    def differs_from(self, samples: Optional[Dict[str, _Sample]]) -> Optional[str]:
+        """None when the parameters hold the sampled values of another record (the original of a copy), else the
+        first that differs."""
+        if samples is None:
+            return None
+        if samples.keys() != self.samples.keys():
+            return "a module was replaced, added or removed"
+        changed = next((name for name, sample in samples.items() if not self.samples[name].matches(sample)), None)
+        return f"{changed} was written or replaced" if changed else None
+
+    def _unchanged(self, value: object, version: Optional[int]) -> bool:
+        now = _version(value)
+        if version is not None and now is not None:
+            return now == version
+        if not isinstance(value, Tensor):  # a module, or a parameter registered as None
+            return True
+        return _Sample.of(value).matches(self._sample_of_id[id(value)])
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Up to 17 evenly spaced values of a parameter, as float32, and its dtype: what tells a write in place where
+    no version counter does."""
+
+    values: Tensor
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(value: Tensor) -> _Sample:
+        flat = value.detach().reshape(-1)
+        values = flat[:: max(1, flat.numel() // 16)].to(torch.float32, copy=True)
+        return _Sample(values, value.dtype)
+
+    def matches(self, other: _Sample) -> bool:
+        """Equal values; within rounding when the model was moved to another dtype since."""
+        theirs = other.values.to(self.values.device)
+        if theirs.shape != self.values.shape:
+            return False
+        rtol = 0.0
+        if self.dtype != other.dtype and self.dtype.is_floating_point and other.dtype.is_floating_point:
+            rtol = 2 * max(torch.finfo(self.dtype).eps, torch.finfo(other.dtype).eps)
+        return torch.allclose(self.values, theirs, rtol=rtol, atol=0.0, equal_nan=True)
 
 
 def _version(value: object) -> Optional[int]:
@@ -509,12 +571,6 @@ def _version(value: object) -> Optional[int]:
     if not isinstance(value, Tensor) or value.is_inference():
         return None
     return value._version
-
-
-def _same_version(value: object, version: Optional[int]) -> bool:
-    """Whether ``value`` still has the recorded ``version``; where either side keeps none, its identity alone counts."""
-    now = _version(value)
-    return version is None or now is None or now == version
 
 
 def _has_adapters(model: nn.Module) -> bool:
