@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from tiny_models import as_if_trained, tiny_vit
@@ -46,6 +47,36 @@ def test_quantisation_aware_bits_cannot_change_while_merged_so_unload_gives_back
     for name, value in model.state_dict().items():
         if name not in head:
             torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6, msg=name)
+
+
+def sequential_head(model):
+    model.head = torch.nn.Sequential(torch.nn.Identity(), model.head)
+    return model
+
+
+@pytest.mark.parametrize("build", ["sequential", "crossvit"])
+def test_quantisation_aware_training_sees_every_head_layer_as_the_file_stores_it(tmp_path, build):
+    """Only a head that is one Linear was shown at the file's 8-bit width: timm's CrossViT (a Linear per branch in
+    a ModuleList) and a Sequential head trained on full-precision values, and the saved adapter gave other outputs."""
+    def base():
+        torch.manual_seed(0)
+        if build == "sequential":
+            return sequential_head(tiny_vit())
+        return timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    images = IMAGES if build == "sequential" else torch.randn(1, 3, 240, 240, generator=generator)
+    config = NOLA if build == "sequential" else nv.NOLAConfig(num_basis_a=16, num_basis_b=16)
+    model = as_if_trained(nv.inject(base(), config), 1, scale=0.3)
+    nv.set_quantization_aware(model, 4)
+    model.eval()
+    with torch.no_grad():
+        trained_outputs = model(images)
+    nv.save_adapter(model, tmp_path / "adapter", bits=4)
+    loaded = nv.load_adapter(base(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), trained_outputs, rtol=0, atol=0)
+        torch.testing.assert_close(nv.merge_and_unload(model)(images), trained_outputs, rtol=1e-5, atol=1e-5)
 
 
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():

@@ -6,6 +6,7 @@ image), and building a dataset reads no image content at all."""
 from __future__ import annotations
 
 import builtins
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -172,11 +173,14 @@ def test_building_a_dataset_reads_no_image_content(tmp_path, monkeypatch):
     # copies in two classes and in both splits: the build must not even look at them
     shutil.copyfile(tmp_path / "train" / "cat" / "cat 00.png", tmp_path / "train" / "dog" / "stray.png")
     shutil.copyfile(tmp_path / "train" / "cat" / "cat 01.png", tmp_path / "test" / "dog" / "leak.png")
+    for path in (tmp_path / "train" / "cat").glob("*.png"):  # sidecar files: never opened to look for an image
+        path.with_suffix(".json").write_text("{}")
+    os.mkfifo(tmp_path / "train" / "dog" / "capture")  # a named pipe: opening it would wait for a writer
     opened = []
     real_open = builtins.open
 
     def counting_open(file, *args, **kwargs):
-        if str(file).endswith(".png"):
+        if not str(file).endswith(".py"):
             opened.append(str(file))
         return real_open(file, *args, **kwargs)
 

@@ -244,6 +244,22 @@ def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write
         model(images, "a")
 
 
+def test_a_copy_or_a_model_moved_to_float16_serves_weights_below_its_normal_range(tasks, images):
+    """timm draws cls_token with std 1e-6, below float16's normal range: a move there changes those values by far more
+    than float16's relative rounding, and was taken for a write."""
+    backbone = tiny_vit()
+    with torch.no_grad():
+        backbone.cls_token.normal_(std=1e-6, generator=torch.Generator().manual_seed(0))
+    model = nv.MultiTaskModel(backbone)
+    model.add_task("a", tasks["a"], check_frozen_weights=False)
+    expected = torch.stack(model(images, "a"))
+    for twin in (copy.deepcopy(model).half(), pickle.loads(pickle.dumps(model)).half()):
+        torch.testing.assert_close(torch.stack(twin(images.half(), "a")).float(), expected, rtol=0.05, atol=0.05)
+    with torch.inference_mode():
+        model.half()
+        torch.testing.assert_close(torch.stack(model(images.half(), "a")).float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_a_write_under_inference_mode_into_weights_moved_there_is_refused(tasks, images):
     """Inference tensors keep no version counter: a load_state_dict under inference_mode went unseen, and the
     tasks were served on other weights. Their sampled values tell it, while a move to another dtype serves on."""
@@ -252,6 +268,8 @@ def test_a_write_under_inference_mode_into_weights_moved_there_is_refused(tasks,
     with torch.inference_mode():
         model.double()  # moves made there serve on
         torch.testing.assert_close(torch.stack(model(images.double(), "a")).float(), expected, rtol=1e-5, atol=1e-5)
+        model.half()
+        torch.testing.assert_close(torch.stack(model(images.half(), "a")).float(), expected, rtol=0.05, atol=0.05)
         model.bfloat16()
         torch.testing.assert_close(torch.stack(model(images.bfloat16(), "a")).float(), expected, rtol=0.1, atol=0.1)
         model.model.load_state_dict(as_if_trained(tiny_vit(), 9, scale=0.05).state_dict())

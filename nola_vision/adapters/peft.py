@@ -93,11 +93,12 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t()
     head = classifier_head(model)
     head_names = [n for n, m in model.named_modules() if m is head] if head is not None else []
-    quantized_head = state is not None and state.quantized_head is not None
+    quantized_head = state is not None and bool(state.quantized_head)
     quant_bits = quantization_aware_bits(model)
+    trained = dict(head.named_parameters()) if head is not None else {}
     for module_name in head_names:
         for key, value in head.state_dict().items():
-            if quantized_head and quant_bits and key in ("weight", "bias"):  # the head as the QAT model sees it
+            if quantized_head and quant_bits and key in trained:  # the head as the QAT model sees it
                 value = fake_quantize(value, head_bits(quant_bits))
             tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
     # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).

@@ -53,10 +53,10 @@ class AdapterState:
     # requires_grad of every parameter before inject, by name (names do not change: adapted layers keep them).
     requires_grad: Dict[str, bool] = field(default_factory=dict)
     hooks: List[RemovableHandle] = field(default_factory=list)
-    # Quantisation-aware training's bits (``set_quantization_aware``), and the forward hook that shows the head at
-    # its stored width meanwhile.
+    # Quantisation-aware training's bits (``set_quantization_aware``), and the forward hooks that show the head's
+    # layers at their stored width meanwhile (None in models pickled before a head could have several).
     quant_bits: Optional[int] = None
-    quantized_head: Optional[RemovableHandle] = None
+    quantized_head: Optional[List[RemovableHandle]] = None
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
     statistics: Dict[str, Tensor] = field(default_factory=dict)
@@ -434,12 +434,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     merge(model)
-    if state.quantized_head is not None:  # the hook that showed the head at its stored width goes: fold that in
+    if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
         with torch.no_grad():
-            for parameter in (head.weight, head.bias):
-                if parameter is not None:
-                    parameter.copy_(fake_quantize(parameter, bits))
+            for parameter in head.parameters():
+                parameter.copy_(fake_quantize(parameter, bits))
     _remove_injection(model, state)
     if state.plan.layers:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
@@ -473,7 +472,7 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
         # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
         base.weight, base.bias = layer.weight, layer.bias
         replace_module(model, name, base.train(layer.training))
-    for handle in [*state.hooks, *([state.quantized_head] if state.quantized_head else [])]:
+    for handle in [*state.hooks, *_head_hooks(state)]:
         handle.remove()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(state.requires_grad.get(name, parameter.requires_grad))
@@ -504,12 +503,10 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
         layer.quant_bits = bits
     if state is not None:
         state.quant_bits = bits
-        if state.quantized_head is not None:
-            state.quantized_head.remove()
-            state.quantized_head = None
+        for handle in _head_hooks(state):
+            handle.remove()
         head = classifier_head(model)
-        if bits is not None and isinstance(head, nn.Linear):
-            state.quantized_head = head.register_forward_hook(functools.partial(_quantized_head, head_bits(bits)))
+        state.quantized_head = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
     return model
 
 
@@ -539,7 +536,43 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     return model
 
 
+def _head_hooks(state: AdapterState) -> List[RemovableHandle]:
+    """The quantisation-aware head hooks (one handle in models pickled when the head had one hook)."""
+    hooks = state.quantized_head
+    return [] if hooks is None else [hooks] if isinstance(hooks, RemovableHandle) else list(hooks)
+
+
+def _quantize_head(head: nn.Module, bits: int) -> List[RemovableHandle]:
+    """Forward hooks that show each layer of the head with its parameters as files store them (``bits``): the head
+    itself when it is a Linear, else each of its modules that holds parameters (timm's CrossViT has a Linear per
+    branch in a ModuleList, which is never called itself)."""
+    hooks = []
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(functools.partial(_quantized_head, bits)))
+        elif any(parameter is not None for parameter in module._parameters.values()):
+            hooks.append(module.register_forward_hook(functools.partial(_quantized_module, bits), with_kwargs=True))
+    return hooks
+
+
 def _quantized_head(bits: int, head: nn.Linear, args: tuple, output: Tensor) -> Tensor:
     """Forward hook: the head's output with its weight and bias as stored at ``bits`` (straight-through gradient)."""
     bias = fake_quantize(head.bias, bits) if head.bias is not None else None
     return F.linear(args[0], fake_quantize(head.weight, bits), bias)
+
+
+_RERUN = threading.local()  # the modules whose forward _quantized_module runs again, in this thread
+
+
+def _quantized_module(bits: int, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    """Forward hook of a head layer that is not a Linear: its output run again with its own parameters as stored at
+    ``bits`` (straight-through gradient); the hook keeps the output of that second run."""
+    running = _RERUN.__dict__.setdefault("modules", set())
+    if id(module) in running:
+        return output
+    quantized = {name: fake_quantize(parameter, bits) for name, parameter in module.named_parameters(recurse=False)}
+    running.add(id(module))
+    try:
+        return torch.func.functional_call(module, quantized, args, kwargs)
+    finally:
+        running.discard(id(module))

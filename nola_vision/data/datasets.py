@@ -601,7 +601,10 @@ def _unread_images(folder: Path, class_files: dict[str, dict[str, _FileIdentity]
     known = (*IMG_EXTENSIONS, *UNREAD_IMAGE_EXTENSIONS)
 
     def is_image(path: Path, name: str) -> bool:
-        return Path(name).suffix.lower() in known or _has_image_signature(path)
+        suffix = Path(name).suffix.lower()
+        # only a name without a suffix, or with a read format's and more (".jpg_large"), is opened to look
+        looks = not suffix or suffix.startswith(IMG_EXTENSIONS)
+        return suffix in known or (looks and _has_image_signature(path))
 
     loose = [p.name for p in folder.iterdir() if p.is_file() and not _hidden(p) and is_image(p, p.name)]
     unread = [f"{name}/{path}" for name, files in class_files.items() for path in files
@@ -615,8 +618,11 @@ _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00
 
 
 def _has_image_signature(path: Path) -> bool:
-    """Whether the file at ``path`` starts as an image of a read format does; False when it cannot be read."""
+    """Whether the file at ``path`` starts as an image of a read format does; False when it cannot be read, and for
+    anything but a regular file (opening a named pipe would wait for a writer)."""
     try:
+        if not path.is_file():  # a regular file (or a link to one)
+            return False
         with open(path, "rb") as f:
             head = f.read(12)
     except OSError:
