@@ -54,7 +54,7 @@ def sequential_head(model):
     return model
 
 
-@pytest.mark.parametrize("build", ["sequential", "crossvit"])
+@pytest.mark.parametrize("build", ["sequential", "normed", "crossvit"])
 def test_quantisation_aware_training_sees_every_head_layer_as_the_file_stores_it(tmp_path, build):
     """Only a head that is one Linear was shown at the file's 8-bit width: timm's CrossViT (a Linear per branch in
     a ModuleList) and a Sequential head trained on full-precision values, and the saved adapter gave other outputs."""
@@ -62,11 +62,15 @@ def test_quantisation_aware_training_sees_every_head_layer_as_the_file_stores_it
         torch.manual_seed(0)
         if build == "sequential":
             return sequential_head(tiny_vit())
+        if build == "normed":  # a head whose norm holds parameters too (timm's LeViT: batch norm, then Linear)
+            model = tiny_vit()
+            model.head = torch.nn.Sequential(torch.nn.LayerNorm(64), model.head)
+            return model
         return timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5).eval()
 
     generator = torch.Generator().manual_seed(0)
-    images = IMAGES if build == "sequential" else torch.randn(1, 3, 240, 240, generator=generator)
-    config = NOLA if build == "sequential" else nv.NOLAConfig(num_basis_a=16, num_basis_b=16)
+    images = IMAGES if build != "crossvit" else torch.randn(1, 3, 240, 240, generator=generator)
+    config = NOLA if build != "crossvit" else nv.NOLAConfig(num_basis_a=16, num_basis_b=16)
     model = as_if_trained(nv.inject(base(), config), 1, scale=0.3)
     nv.set_quantization_aware(model, 4)
     model.eval()
@@ -77,6 +81,21 @@ def test_quantisation_aware_training_sees_every_head_layer_as_the_file_stores_it
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), trained_outputs, rtol=0, atol=0)
         torch.testing.assert_close(nv.merge_and_unload(model)(images), trained_outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_quantisation_aware_training_runs_each_head_layer_once():
+    """Running a head layer a second time with quantised parameters updated a batch norm's statistics twice per
+    step and applied the layer's own hooks twice."""
+    model = tiny_vit()
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(64), model.head)
+    calls = []
+    model.head[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    nv.set_quantization_aware(nv.inject(model, NOLA), 8)
+    model.train()
+    model(IMAGES).sum().backward()
+    assert model.head[0].num_batches_tracked.item() == 1 and calls == [1]
+    assert model.head[0].weight.grad is not None and model.head[1].weight.grad is not None  # straight through
+    assert isinstance(model.head[0].weight, torch.nn.Parameter)  # the trained parameter back in place
 
 
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():

@@ -141,6 +141,20 @@ def test_the_merged_export_of_a_quantisation_aware_model_gives_the_models_output
     assert torch.equal(logits(model, images), expected)
 
 
+def test_the_merged_export_of_a_quantisation_aware_model_with_a_normed_head_gives_its_outputs(images, tmp_path):
+    """A head with a norm before its Linear (timm's LeViT) is seen quantised through its own parameters too: the
+    merged export traces it."""
+    backbone = tiny_vit()
+    backbone.head = torch.nn.Sequential(torch.nn.LayerNorm(64), backbone.head)
+    model = trained(3, backbone).eval()
+    nv.set_quantization_aware(model, 8)
+    expected = logits(model, images)
+    graph = nv.export_onnx(model, tmp_path / "merged.onnx")
+    outputs = session(graph).run(None, {"images": images.numpy()})[0]
+    assert np.abs(outputs - expected.numpy()).max() <= 1e-4
+    assert torch.equal(logits(model, images), expected)
+
+
 # ---- compiled, half-precision and many-task models -----------------------------------------------------------
 def test_export_peft_of_a_compiled_model_loads_in_peft_with_the_same_logits(images, tmp_path):
     peft = pytest.importorskip("peft")

@@ -548,31 +548,41 @@ def _quantize_head(head: nn.Module, bits: int) -> List[RemovableHandle]:
     branch in a ModuleList, which is never called itself)."""
     hooks = []
     for module in head.modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(functools.partial(_quantized_head, bits)))
+        if type(module).forward is nn.Linear.forward:  # a Linear (a subclass with a forward of its own is not)
+            hooks.append(module.register_forward_hook(functools.partial(_quantized_linear, bits), with_kwargs=True))
         elif any(parameter is not None for parameter in module._parameters.values()):
-            hooks.append(module.register_forward_hook(functools.partial(_quantized_module, bits), with_kwargs=True))
+            hooks.append(module.register_forward_pre_hook(functools.partial(_show_stored, bits)))
+            hooks.append(module.register_forward_hook(_show_trained, always_call=True))
     return hooks
 
 
+def _quantized_linear(bits: int, layer: nn.Linear, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+    """Forward hook: the layer's output with its weight and bias as stored at ``bits`` (straight-through gradient)."""
+    bias = fake_quantize(layer.bias, bits) if layer.bias is not None else None
+    return F.linear(args[0] if args else kwargs["input"], fake_quantize(layer.weight, bits), bias)
+
+
 def _quantized_head(bits: int, head: nn.Linear, args: tuple, output: Tensor) -> Tensor:
-    """Forward hook: the head's output with its weight and bias as stored at ``bits`` (straight-through gradient)."""
-    bias = fake_quantize(head.bias, bits) if head.bias is not None else None
-    return F.linear(args[0], fake_quantize(head.weight, bits), bias)
+    """The hook of models pickled while a Linear head was the only one seen quantised (registered without kwargs)."""
+    return _quantized_linear(bits, head, args, {}, output)
 
 
-_RERUN = threading.local()  # the modules whose forward _quantized_module runs again, in this thread
+_SHOWN = threading.local()  # per module id, the parameters _show_stored swapped out in this thread, innermost last
 
 
-def _quantized_module(bits: int, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-    """Forward hook of a head layer that is not a Linear: its output run again with its own parameters as stored at
-    ``bits`` (straight-through gradient); the hook keeps the output of that second run."""
-    running = _RERUN.__dict__.setdefault("modules", set())
-    if id(module) in running:
-        return output
-    quantized = {name: fake_quantize(parameter, bits) for name, parameter in module.named_parameters(recurse=False)}
-    running.add(id(module))
-    try:
-        return torch.func.functional_call(module, quantized, args, kwargs)
-    finally:
-        running.discard(id(module))
+def _show_stored(bits: int, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: the module runs once with its own parameters as stored at ``bits`` (straight-through
+    gradient to them); ``_show_trained`` puts them back after it, also when it raises."""
+    trained = {name: parameter for name, parameter in module._parameters.items() if parameter is not None}
+    _SHOWN.__dict__.setdefault(id(module), []).append(trained)
+    for name, parameter in trained.items():
+        module._parameters[name] = fake_quantize(parameter, bits)
+
+
+def _show_trained(module: nn.Module, args: tuple, output: object) -> None:
+    """Forward hook (always called): the parameters ``_show_stored`` swapped out, back in place."""
+    swapped = _SHOWN.__dict__.get(id(module))
+    if swapped:
+        module._parameters.update(swapped.pop())
+        if not swapped:
+            del _SHOWN.__dict__[id(module)]
