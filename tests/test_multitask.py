@@ -155,6 +155,22 @@ def test_adapters_for_another_backbone_or_basis_are_refused(adapters, tmp_path):
     assert model.tasks == []
 
 
+def test_a_head_of_several_layers_is_served_as_its_own_model_gives_it(images, tmp_path):
+    """A head that is not one Linear (a norm, then the Linear) failed with an AttributeError on its weight."""
+    def normed():
+        model = tiny_vit()
+        model.head = torch.nn.Sequential(torch.nn.LayerNorm(64), model.head)
+        return model
+
+    trained = as_if_trained(nv.inject(normed(), nv.LoRAConfig(rank=2, targets=["mlp.fc1"])), 1, scale=0.3)
+    task = nv.save_adapter(trained, tmp_path / "normed")
+    served = nv.MultiTaskModel(normed())
+    served.add_task("normed", task)
+    with torch.no_grad():
+        expected = nv.load_adapter(normed(), task).eval()(images)
+    torch.testing.assert_close(torch.stack(served(images, "normed")), expected, rtol=0, atol=1e-6)
+
+
 def test_a_backbone_moved_to_another_dtype_gets_its_tasks_in_that_dtype(adapters, images):
     model = served(adapters)
     tasks = ["nola_mlp", "lora_qv", "nola_qv", "nola_per_layer"]

@@ -402,7 +402,7 @@ class MultiTaskModel(nn.Module):
     def _factors(self, names: List[str]) -> List[_Factors]:
         """Factors of ``names`` in order: cached ones marked recently used, the others combined together, then the
         cache trimmed to its budget, least recently used first."""
-        weight = self.model.get_submodule(self._head_name).weight
+        weight = next(self.model.get_submodule(self._head_name).parameters())  # the head may be several layers
         placement = (weight.device, weight.dtype)
         missing = [name for name in names if name not in self._cache or self._cache[name].placement != placement]
         self._cache.update(self._materialise(missing, placement) if missing else {})
