@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from nola_vision.cli import main
 from nola_vision.train.cli import run_lightning_cli
@@ -126,6 +127,20 @@ def test_test_writes_its_result_file(run, tmp_path):
     assert written["config"] == {**trained, "val_shots": 2}
     # the fit records the precision it trained in, the test the precision of its own pass
     assert run["fit"]["config"]["precision"] == written["evaluated"]["precision"] == "32-true"
+
+
+def test_evaluating_with_the_runs_config_keeps_the_fits_result(run, tmp_path, capsys):
+    """A run's config.yaml carries the fit's --result_file: test -c <it> replaced the fit's result (its adapter,
+    epochs, checkpoint) with the test's metrics, and predict -c <it> was refused."""
+    fit_result = Path(yaml.safe_load(run["config"].read_text())["result_file"])
+    before = fit_result.read_bytes()
+    common = ["-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+              str(tmp_path), *QUIET]
+    assert main(["test", *common]) == 0
+    assert main(["predict", *common, "--predictions_file", str(tmp_path / "p.csv")]) == 0
+    assert fit_result.read_bytes() == before and (tmp_path / "p.csv").is_file()
+    assert main(["validate", *common, "--result_file", str(fit_result)]) == 2  # named: refused, before the pass
+    assert "holds the result of a fit" in capsys.readouterr().err and fit_result.read_bytes() == before
 
 
 def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, capsys):

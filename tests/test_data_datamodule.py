@@ -504,6 +504,19 @@ def test_a_checkpoint_of_a_ddp_run_keeps_the_random_states_its_augmentations_dra
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
+def test_evaluation_passes_leave_the_global_random_state_alone(cifar10_root):
+    """A loader without a generator of its own draws its workers' seed from the global random state at every pass:
+    each validation pass shifted every later augmentation, so the trained weights depended on how often the run
+    validated."""
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, val_shots=1, image_size=8)
+    dm.setup("fit")
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifar10_root):
     """Persistent workers make one loader iterator per run (one more after a resume), no workers one per epoch, and
     each iterator draws its workers' seed: the orders must come from the seeded shuffle alone."""

@@ -653,12 +653,16 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
         """In order; under DDP each rank takes its share of the images, every image exactly once (Lightning's own
-        sampler repeats some to even out the ranks, which would count them twice in the accuracy)."""
-        trainer = self.trainer
+        sampler repeats some to even out the ranks, which would count them twice in the accuracy).
+
+        With a generator of its own: a loader without one draws its workers' seed from the global random state at
+        every pass, so each validation pass would shift the augmentations and dropout of every later training step,
+        and the trained weights would depend on how often the run validates."""
+        trainer, generator = self.trainer, torch.Generator().manual_seed(0)
         if trainer is not None and trainer.world_size > 1:
             sampler = _UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-            return self._loader(dataset, self.eval_batch_size, sampler=sampler)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+            return self._loader(dataset, self.eval_batch_size, sampler=sampler, generator=generator)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, generator=generator)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

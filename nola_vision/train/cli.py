@@ -339,12 +339,21 @@ class NolaCLI(LightningCLI):
             raise ValueError(f"{subcommand} without --ckpt_path would evaluate the untrained model (a random head): "
                              "pass --ckpt_path <a checkpoint of the fit run> (or --ckpt_path last for the newest under "
                              "--trainer.default_root_dir)")
+        argv = sys.argv[1:] if args is None else args
+        result = config.get("result_file")
+        if subcommand in ("test", "validate", "predict") and result and not _given_on_command_line(argv,
+                                                                                                 "--result_file"):
+            # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
+            if subcommand == "predict" or _is_fit_result(Path(result)):
+                config.result_file = None
+                if subcommand != "predict":
+                    rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it "
+                                   f"is: pass --result_file to write the {subcommand} metrics")
         if subcommand == "predict" and config.get("result_file"):
-            raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its predictions "
-                             "go to --predictions_file (default <log_dir>/predictions.csv)")
+            raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
+                             "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
         check_checkpoint_file(config.get("ckpt_path"))
         self.given_model = config.model.clone()
-        argv = sys.argv[1:] if args is None else args
         self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
 
     def before_instantiate_classes(self) -> None:
@@ -535,6 +544,11 @@ class NolaCLI(LightningCLI):
         if path:
             check_result_path(path)
             _refuse_replacing(Path(path), "--result_file", "fit, validate or test", _is_result_file)
+            if _is_fit_result(Path(path)):
+                raise ValueError(f"--result_file {path} holds the result of a fit (its adapter, epochs and "
+                                 f"checkpoint), which a {self.subcommand} result would replace; a run's config.yaml "
+                                 "carries its fit's --result_file. Pass another --result_file (e.g. "
+                                 f"{Path(path).stem}_{self.subcommand}.json), or --result_file null")
             check_full_passes(self.trainer, [split], path)
 
     def after_test(self) -> None:
@@ -716,6 +730,18 @@ def _is_result_file(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (a binary file) or too deep
         return False
     return isinstance(document, dict) and isinstance(document.get("metrics"), dict)
+
+
+def _is_fit_result(path: Path) -> bool:
+    """A result file that ``fit`` wrote (test and validate record their ``subcommand``)."""
+    if not path.is_file() or not _is_result_file(path):
+        return False
+    return "subcommand" not in json.loads(path.read_bytes())
+
+
+def _given_on_command_line(argv: Any, option: str) -> bool:
+    """Whether ``option`` is on the command line itself (``--x v`` or ``--x=v``), not only in a ``-c`` file."""
+    return isinstance(argv, (list, tuple)) and any(str(a) == option or str(a).startswith(f"{option}=") for a in argv)
 
 
 def check_config_sources(argv: Any, subcommands: bool = True) -> None:
