@@ -1,6 +1,8 @@
 """Misuse that used to lose a trained adapter or load it silently wrong: QAT changed while merged, peft exports and
 adapter files in one directory, trained tensors a file does not hold, edited fields read before the checksum."""
+import copy
 import json
+import pickle
 import subprocess
 import sys
 import warnings
@@ -89,13 +91,26 @@ def test_quantisation_aware_training_runs_each_head_layer_once():
     model = tiny_vit()
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(64), model.head)
     calls = []
-    model.head[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    counting = model.head[0].register_forward_pre_hook(lambda module, args: calls.append(1))
     nv.set_quantization_aware(nv.inject(model, NOLA), 8)
     model.train()
     model(IMAGES).sum().backward()
     assert model.head[0].num_batches_tracked.item() == 1 and calls == [1]
     assert model.head[0].weight.grad is not None and model.head[1].weight.grad is not None  # straight through
     assert isinstance(model.head[0].weight, torch.nn.Parameter)  # the trained parameter back in place
+    norm = model.head[0]
+    trained = norm.weight
+    interrupt = norm.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # an interrupt inside the head (Ctrl-C in a notebook)
+        model(IMAGES)
+    interrupt.remove()
+    counting.remove()
+    assert norm.weight is trained and all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        nv.set_quantization_aware(copied, None)  # the copy's layers run their own forward again, the original's not
+        assert "forward" not in copied.head[0].__dict__ and "forward" in model.head[0].__dict__
+    nv.unload(model)
+    assert "forward" not in norm.__dict__
 
 
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():

@@ -139,8 +139,9 @@ def test_evaluating_with_the_runs_config_keeps_the_fits_result(run, tmp_path, ca
     assert main(["test", *common]) == 0
     assert main(["predict", *common, "--predictions_file", str(tmp_path / "p.csv")]) == 0
     assert fit_result.read_bytes() == before and (tmp_path / "p.csv").is_file()
-    assert main(["validate", *common, "--result_file", str(fit_result)]) == 2  # named: refused, before the pass
-    assert "holds the result of a fit" in capsys.readouterr().err and fit_result.read_bytes() == before
+    for option in ("--result_file", "--result"):  # named, or abbreviated as argparse allows: refused, before the pass
+        assert main(["validate", *common, option, str(fit_result)]) == 2
+        assert "holds the result of a fit" in capsys.readouterr().err and fit_result.read_bytes() == before
 
 
 def test_validate_writes_its_result_file_and_predict_refuses_one(run, tmp_path, capsys):

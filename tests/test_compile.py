@@ -69,13 +69,18 @@ def test_inductor_training_steps_give_the_eager_logits_and_gradients(variant, im
     assert_compiled_training_is_eager_training(variant, images, tolerance=5e-3, backend="inductor")
 
 
-def test_compiled_quantisation_aware_training_never_recompiles_as_the_values_move(images):
+@pytest.mark.parametrize("head", ["linear", "normed"])
+def test_compiled_quantisation_aware_training_never_recompiles_as_the_values_move(images, head):
     """Fake quantisation read each tensor's range with .item(): traced, the range became a constant of the graph, so
-    every optimizer step recompiled, until dynamo's recompile limit sent the step back to eager."""
+    every optimizer step recompiled, until dynamo's recompile limit sent the step back to eager. A head with a norm
+    before its Linear shows the norm's parameters at their stored bits too."""
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
+        backbone = tiny_vit()
+        if head == "normed":
+            backbone.head = torch.nn.Sequential(torch.nn.LayerNorm(64), backbone.head)
+        model = nv.inject(backbone, nv.NOLAConfig(num_basis_a=16, num_basis_b=16)).train()
         nv.set_quantization_aware(model, 4)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         counter = CompileCounter()

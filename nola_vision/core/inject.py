@@ -56,7 +56,7 @@ class AdapterState:
     # Quantisation-aware training's bits (``set_quantization_aware``), and the forward hooks that show the head's
     # layers at their stored width meanwhile (None in models pickled before a head could have several).
     quant_bits: Optional[int] = None
-    quantized_head: Optional[List[RemovableHandle]] = None
+    quantized_head: Optional[List[Union[RemovableHandle, _StoredBitsForward]]] = None
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
     statistics: Dict[str, Tensor] = field(default_factory=dict)
@@ -536,13 +536,13 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     return model
 
 
-def _head_hooks(state: AdapterState) -> List[RemovableHandle]:
+def _head_hooks(state: AdapterState) -> List[Union[RemovableHandle, _StoredBitsForward]]:
     """The quantisation-aware head hooks (one handle in models pickled when the head had one hook)."""
     hooks = state.quantized_head
     return [] if hooks is None else [hooks] if isinstance(hooks, RemovableHandle) else list(hooks)
 
 
-def _quantize_head(head: nn.Module, bits: int) -> List[RemovableHandle]:
+def _quantize_head(head: nn.Module, bits: int) -> List[Union[RemovableHandle, _StoredBitsForward]]:
     """Forward hooks that show each layer of the head with its parameters as files store them (``bits``): the head
     itself when it is a Linear, else each of its modules that holds parameters (timm's CrossViT has a Linear per
     branch in a ModuleList, which is never called itself)."""
@@ -551,8 +551,7 @@ def _quantize_head(head: nn.Module, bits: int) -> List[RemovableHandle]:
         if type(module).forward is nn.Linear.forward:  # a Linear (a subclass with a forward of its own is not)
             hooks.append(module.register_forward_hook(functools.partial(_quantized_linear, bits), with_kwargs=True))
         elif any(parameter is not None for parameter in module._parameters.values()):
-            hooks.append(module.register_forward_pre_hook(functools.partial(_show_stored, bits)))
-            hooks.append(module.register_forward_hook(_show_trained, always_call=True))
+            hooks.append(_StoredBitsForward(module, bits))
     return hooks
 
 
@@ -567,22 +566,25 @@ def _quantized_head(bits: int, head: nn.Linear, args: tuple, output: Tensor) -> 
     return _quantized_linear(bits, head, args, {}, output)
 
 
-_SHOWN = threading.local()  # per module id, the parameters _show_stored swapped out in this thread, innermost last
+class _StoredBitsForward:
+    """A head layer's forward (set on the instance) that runs the class's forward once with the layer's own
+    parameters as stored at ``bits`` (straight-through gradient to them), swapped back in a ``finally``: also after
+    an interrupt, so no plain tensor is ever left where a trained parameter belongs. ``remove`` takes it off."""
 
+    def __init__(self, module: nn.Module, bits: int) -> None:
+        self.module, self.bits = module, bits
+        module.forward = self
 
-def _show_stored(bits: int, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: the module runs once with its own parameters as stored at ``bits`` (straight-through
-    gradient to them); ``_show_trained`` puts them back after it, also when it raises."""
-    trained = {name: parameter for name, parameter in module._parameters.items() if parameter is not None}
-    _SHOWN.__dict__.setdefault(id(module), []).append(trained)
-    for name, parameter in trained.items():
-        module._parameters[name] = fake_quantize(parameter, bits)
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        module = self.module
+        trained = {name: parameter for name, parameter in module._parameters.items() if parameter is not None}
+        try:
+            for name, parameter in trained.items():
+                module._parameters[name] = fake_quantize(parameter, self.bits)
+            return type(module).forward(module, *args, **kwargs)
+        finally:
+            module._parameters.update(trained)
 
-
-def _show_trained(module: nn.Module, args: tuple, output: object) -> None:
-    """Forward hook (always called): the parameters ``_show_stored`` swapped out, back in place."""
-    swapped = _SHOWN.__dict__.get(id(module))
-    if swapped:
-        module._parameters.update(swapped.pop())
-        if not swapped:
-            del _SHOWN.__dict__[id(module)]
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            del self.module.forward

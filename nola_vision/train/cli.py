@@ -740,8 +740,12 @@ def _is_fit_result(path: Path) -> bool:
 
 
 def _given_on_command_line(argv: Any, option: str) -> bool:
-    """Whether ``option`` is on the command line itself (``--x v`` or ``--x=v``), not only in a ``-c`` file."""
-    return isinstance(argv, (list, tuple)) and any(str(a) == option or str(a).startswith(f"{option}=") for a in argv)
+    """Whether ``option`` is on the command line itself (``--x v``, ``--x=v`` or an abbreviation argparse takes),
+    not only in a ``-c`` file; arguments given as a mapping (``run_lightning_cli({...})``) name each value."""
+    if not isinstance(argv, (list, tuple)):
+        return argv is not None
+    names = (str(a).split("=", 1)[0] for a in argv)
+    return any(len(name) > 2 and name.startswith("--") and option.startswith(name) for name in names)
 
 
 def check_config_sources(argv: Any, subcommands: bool = True) -> None:
