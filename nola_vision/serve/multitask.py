@@ -260,6 +260,7 @@ class MultiTaskModel(nn.Module):
                     logits[row] = value
         return logits  # type: ignore[return-value]
 
+    @torch.compiler.disable  # bookkeeping that must run at every call; traced, dynamo inlines a walk over every entry
     def _require_unchanged_backbone(self) -> None:
         """Refuse to serve once the wrapped model itself was adapted or had an adapter merged in (``load_adapter`` or
         ``merge_and_unload`` on it): its layers no longer run the hooks, or run them on top of another task. Also once
