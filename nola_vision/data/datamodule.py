@@ -506,11 +506,11 @@ class FewShotDataModule(L.LightningDataModule):
                if self.val_split_file else [])
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
+        header = manifest_settings(self.split_file)
         # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
-        whole = manifest_settings(self.split_file).get("shots") == "0"
-        self.shots = 0 if whole else _images_per_class(train, indices, self.split_file)
+        self.shots = 0 if header.get("shots") == "0" else _images_per_class(train, indices, self.split_file)
         self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
-        seed = manifest_settings(self.split_file).get("split_seed", "")
+        seed = header.get("split_seed", "")
         if seed.lstrip("-").isdigit():
             self.split_seed = int(seed)
         return FewShotSplit(indices, val)

@@ -260,7 +260,9 @@ class MultiTaskModel(nn.Module):
                     logits[row] = value
         return logits  # type: ignore[return-value]
 
-    @torch.compiler.disable  # bookkeeping that must run at every call; traced, dynamo inlines a walk over every entry
+    # Bookkeeping that must run at every call: traced, dynamo inlines a walk over every entry (which once exceeded
+    # its recursion limit in the full suite) and reads a hook's __qualname__ as a descriptor.
+    @torch.compiler.disable
     def _require_unchanged_backbone(self) -> None:
         """Refuse to serve once the wrapped model itself was adapted or had an adapter merged in (``load_adapter`` or
         ``merge_and_unload`` on it): its layers no longer run the hooks, or run them on top of another task. Also once
@@ -475,17 +477,11 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
     (each task has its own head), which skips them, whereas each task's own model runs them."""
     hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
     if hooks:
-        names = _hook_names(hooks)
+        names = ", ".join(getattr(hook, "__qualname__", None) or repr(hook) for hook in hooks)
         raise ValueError(f"the model this MultiTaskModel serves has forward hooks of its own{since} ({names}), which "
                          "MultiTaskModel does not run: it calls forward_features and forward_head, with each task's "
                          "head. Remove them (handle.remove()) and apply them outside: preprocess the images before "
                          "calling it, and post-process each task's logits")
-
-
-@torch.compiler.disable
-def _hook_names(hooks: Sequence[object]) -> str:
-    """The hooks' names, read outside a compiled graph: traced, ``__qualname__`` reads as a descriptor."""
-    return ", ".join(getattr(hook, "__qualname__", None) or repr(hook) for hook in hooks)
 
 
 class _WeightRecord:
@@ -508,9 +504,10 @@ class _WeightRecord:
                 self.sizes.append((entries, len(entries)))
                 self.entries += [(entries, key, value, _version(value))
                                  for key, value in entries.items()]
-        self.samples: Dict[str, _Sample] = {name: _Sample.of(p) for name, p in model.named_parameters()}
+        parameters = list(model.named_parameters())
+        self.samples: Dict[str, _Sample] = {name: _Sample.of(p) for name, p in parameters}
         # Each parameter's latest sample, taken again after a move to another dtype or device: compared exactly.
-        self._latest = {id(p): self.samples[name] for name, p in model.named_parameters()}
+        self._latest = {id(p): self.samples[name] for name, p in parameters}
         self._joined: Tuple[Tuple[int, ...], Optional[Tensor]] = ((), None)  # the latest samples of a call, as one
 
     def change(self, model: nn.Module) -> Optional[str]:

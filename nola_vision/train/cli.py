@@ -341,17 +341,17 @@ class NolaCLI(LightningCLI):
                              "--trainer.default_root_dir)")
         argv = sys.argv[1:] if args is None else args
         result = config.get("result_file")
-        if subcommand in ("test", "validate", "predict") and result and not _given_on_command_line(argv,
-                                                                                                 "--result_file"):
-            # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
-            if subcommand == "predict" or _is_fit_result(Path(result)):
-                config.result_file = None
-                if subcommand != "predict":
-                    rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it "
-                                   f"is: pass --result_file to write the {subcommand} metrics")
-        if subcommand == "predict" and config.get("result_file"):
-            raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
-                             "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
+        # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
+        from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
+        if subcommand == "predict" and result:
+            if not from_config:
+                raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
+                                 "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
+            config.result_file = None
+        elif subcommand in ("test", "validate") and from_config and _is_fit_result(Path(result)):
+            config.result_file = None
+            rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it is: "
+                           f"pass --result_file to write the {subcommand} metrics")
         check_checkpoint_file(config.get("ckpt_path"))
         self.given_model = config.model.clone()
         self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
@@ -721,22 +721,25 @@ def _is_predictions_file(path: Path) -> bool:
 _LARGEST_RESULT_FILE = 1 << 24
 
 
-def _is_result_file(path: Path) -> bool:
-    """A JSON object with its ``metrics``, as fit, validate and test write."""
+def _result_document(path: Path) -> Optional[dict]:
+    """The file's JSON object if it has its ``metrics``, as fit, validate and test write, else None."""
     if path.stat().st_size > _LARGEST_RESULT_FILE:
-        return False
+        return None
     try:
         document = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON (a binary file) or too deep
-        return False
-    return isinstance(document, dict) and isinstance(document.get("metrics"), dict)
+        return None
+    return document if isinstance(document, dict) and isinstance(document.get("metrics"), dict) else None
+
+
+def _is_result_file(path: Path) -> bool:
+    return _result_document(path) is not None
 
 
 def _is_fit_result(path: Path) -> bool:
     """A result file that ``fit`` wrote (test and validate record their ``subcommand``)."""
-    if not path.is_file() or not _is_result_file(path):
-        return False
-    return "subcommand" not in json.loads(path.read_bytes())
+    document = _result_document(path) if path.is_file() else None
+    return document is not None and "subcommand" not in document
 
 
 def _given_on_command_line(argv: Any, option: str) -> bool:
