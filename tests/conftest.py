@@ -1,8 +1,20 @@
 """Shared fixtures, and the method matrix's ``variant`` fixture over every registered method."""
+import os
+
 import example_method  # noqa: F401  (registers README's example method for the whole session: the matrix covers it)
 import pytest
 import torch
 from method_matrix import method_variants
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker takes its share of the cores (and so do the processes a test starts): workers
+    that each spin up every core's thread slow one another down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture

@@ -242,7 +242,7 @@ def test_ci_runs_exactly_the_readmes_test_command():
     command = next(line.split("  #")[0].strip() for line in README.read_text().splitlines()
                    if line.startswith('pip install -e ".[dev]"'))
     assert command == ('pip install -e ".[dev]" && ruff check . && mkdocs build --strict && '
-                       'python -m pytest -m "not slow"')
+                       'python -m pytest -m "not slow" -n auto --dist worksteal')
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
