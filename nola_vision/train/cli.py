@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ..core.storage import (
     atomic_path,
@@ -57,12 +57,19 @@ PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "pre
 
 
 class PredictionsCSVWriter(BasePredictionWriter):
-    """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence."""
+    """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence.
+
+    Paths and true-label names come from the data module's test split, and only for a pass over it: a loader of
+    other images (``trainer.predict(model, dataloaders=...)`` after a data module's run) leaves them empty rather than
+    name the data module's files. Each pass starts with no rows, so a failed pass leaves none behind."""
 
     def __init__(self, path: Optional[str] = None) -> None:
         super().__init__(write_interval="batch")
         self.path = path
         self.rows: List[Dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows = []
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
@@ -70,10 +77,11 @@ class PredictionsCSVWriter(BasePredictionWriter):
         n = len(prediction["prediction"])
         indices = list(batch_indices) if batch_indices is not None else [None] * n
         labels = prediction.get("label")
+        of_test_split = _predicts_test_split(trainer, dataloader_idx)
         for i in range(n):
             self.rows.append({"index": indices[i], "prediction": int(prediction["prediction"][i]),
                               "confidence": float(prediction["confidence"][i]),
-                              "label": int(labels[i]) if labels is not None else None})
+                              "label": int(labels[i]) if labels is not None else None, "of_test_split": of_test_split})
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = self.rows
@@ -87,18 +95,43 @@ class PredictionsCSVWriter(BasePredictionWriter):
         names = getattr(datamodule, "class_names", None) if datamodule is not None else None
         samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
+        # a file of another name that appeared at the path during the pass is kept (the pass fails saying so)
+        check = functools.partial(_refuse_replacing, path, "--predictions_file", "predict", _is_predictions_file)
         # class names and paths from undecodable file names keep their bytes (surrogate escapes), not an error
-        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with atomic_path(path, check=check) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                         errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(PREDICTIONS_HEADER)
             for r in rows:
                 idx, label, pred = r["index"], r["label"], r["prediction"]
-                writer.writerow([idx, samples[idx][0] if samples is not None and idx is not None else "",
-                                 "" if label is None else label, names[label] if names and label is not None else "",
+                own = r.get("of_test_split", True) and idx is not None
+                writer.writerow([idx, samples[idx][0] if samples is not None and own else "",
+                                 "" if label is None else label,
+                                 names[label] if names and own and label is not None else "",
                                  pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
         self.written_path = path
         print(f"nola_vision: wrote {len(rows)} predictions to {path}")
         self.rows = []
+
+
+def _predicts_test_split(trainer: Trainer, dataloader_idx: int) -> bool:
+    """Whether predict loader ``dataloader_idx`` reads the data module's test split (whose files name the rows)."""
+    loaders = getattr(trainer, "predict_dataloaders", None)
+    if loaders is None:  # not a pass of a Trainer (a writer driven by hand): the data module's split, as before
+        return True
+    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    test_set = getattr(getattr(trainer, "datamodule", None), "test_set", None)
+    return (test_set is not None and dataloader_idx < len(loaders)
+            and getattr(loaders[dataloader_idx], "dataset", None) is test_set)
+
+
+class StopPredictingOnSigterm(Callback):
+    """Ends a predict pass on SIGTERM (a scheduler's cancel), as Lightning ends fit and test passes: its predict loop
+    never looks, so the pass ran on until the scheduler's kill, or exited 0 having written its file."""
+
+    def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -327,6 +360,9 @@ class NolaCLI(LightningCLI):
         if config is None:
             return
         _absolute_data_root(config)
+        for option in ("result_file", "predictions_file"):  # "~/x.json" too: no shell expands it in a config file
+            if isinstance(config.get(option), str):
+                config[option] = expand_root(config[option])
         root = config.trainer.default_root_dir or os.getcwd()
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(root)
@@ -343,6 +379,9 @@ class NolaCLI(LightningCLI):
         result = config.get("result_file")
         # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
         from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
+        if subcommand != "predict" and _given_on_command_line(argv, "--predictions_file"):
+            raise ValueError(f"{subcommand} writes no predictions: --predictions_file is for predict (its metrics go "
+                             "to --result_file)")
         if subcommand == "predict" and result:
             if not from_config:
                 raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
@@ -394,13 +433,8 @@ class NolaCLI(LightningCLI):
         if watching and not validates:
             raise ValueError(f"{', '.join(watching)} monitors a validation metric, and this run has no validation "
                              "images: set --data.val_shots N (e.g. 2; drawn apart from the training shots)")
-        if config.test_after_fit and not self.datamodule.download:  # data to download is not there to check yet
-            self.datamodule.setup("test")
-            bad = self.datamodule.test_set.dataset.missing_or_empty_files()
-            if bad:
-                raise CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
-                                        "them again, or remove them, before training (the test after fit reads every "
-                                        "test image)")
+        if config.test_after_fit:
+            self._check_test_images("training (the test after fit reads every test image)")
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -434,7 +468,7 @@ class NolaCLI(LightningCLI):
             return
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
             adapter = self.model.adapter_config
-            write_json_atomic(config.result_file, {
+            write_json_atomic(config.result_file, check=_result_file_check(config.result_file), obj={
                 "metrics": metrics,
                 "config": {"method": adapter.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
@@ -576,7 +610,7 @@ class NolaCLI(LightningCLI):
             return
         data, checkpoint = self.datamodule, str(trainer.ckpt_path or config.ckpt_path)
         evaluated = data.test_set if split == "test" else data.val_set
-        write_json_atomic(config.result_file, {
+        write_json_atomic(config.result_file, check=_result_file_check(config.result_file), obj={
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "subcommand": self.subcommand,
             "split": split,
@@ -594,14 +628,41 @@ class NolaCLI(LightningCLI):
         rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
     def before_predict(self) -> None:
-        """The predictions file is checked before the pass, whose predictions a bad path would lose at the end."""
+        """What would lose the pass's predictions at its end, or write part of them over a whole file, is found before
+        it: the predictions path, a pass cut to part of the test split (``fast_dev_run`` writes no file), and test
+        images that are missing or empty. SIGTERM ends the pass (``StopPredictingOnSigterm``)."""
+        trainer = self.trainer
+        trainer.callbacks.append(StopPredictingOnSigterm())
+        if any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):  # the user's own writer decides
+            return
+        if trainer.fast_dev_run:  # predictions of a few batches
+            rank_zero_info("nola_vision: fast_dev_run, so no predictions file is written")
+            return
         path = self.config[self.subcommand].predictions_file
         if path:
             check_result_path(path, "--predictions_file", "predictions.csv")
-        default = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"  # the writer's
+        default = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"  # the writer's
         _refuse_replacing(Path(path) if path else default, "--predictions_file", "predict", _is_predictions_file)
-        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionsCSVWriter(self.config[self.subcommand].predictions_file))
+        limit = trainer.limit_predict_batches
+        if not (isinstance(limit, float) and limit >= 1.0):
+            part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit:.0%} of its batches"
+            raise ValueError(f"--trainer.limit_predict_batches {limit} limits the pass to {part}, so "
+                             f"{path or default} would hold predictions of part of the test split, with nothing saying "
+                             "so: drop --trainer.limit_predict_batches (or use --trainer.fast_dev_run to try a few "
+                             "batches without a file)")
+        self._check_test_images("predicting (the pass reads every test image)")
+        trainer.callbacks.append(PredictionsCSVWriter(path))
+
+    def _check_test_images(self, why: str) -> None:
+        """Refuse missing or empty (0-byte) test images before a pass that would fail on them at the end (data still
+        to download is not there to check)."""
+        if self.datamodule.download:
+            return
+        self.datamodule.setup("test")
+        bad = self.datamodule.test_set.dataset.missing_or_empty_files()
+        if bad:
+            raise CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
+                                    f"them again, or remove them, before {why}")
 
 
 # What FewShotClassifier logs during fit (train/module.py's self.log calls), by the names callbacks find them under:
@@ -707,6 +768,12 @@ def _refuse_replacing(path: Path, option: str, writers: str, recognised: Callabl
     if path.is_file() and path.stat().st_size and not recognised(path):
         raise ValueError(f"{option} {path} exists and is not a file {writers} wrote, so it would be replaced: pass "
                          f"another {option} (or remove the file)")
+
+
+def _result_file_check(path: str) -> Callable[[], None]:
+    """``atomic_path``'s check for a result file: a file that appeared at ``path`` during the run and is not a result
+    (a user's, hours into a fit) is kept, and the write fails saying so."""
+    return functools.partial(_refuse_replacing, Path(path), "--result_file", "fit, validate or test", _is_result_file)
 
 
 def _is_predictions_file(path: Path) -> bool:

@@ -1,0 +1,197 @@
+"""``predict`` and its predictions CSV: never part of a pass over a whole file, never another loader's file names,
+never a file that appeared at the path during the pass; ``~`` in output paths; SIGTERM ends the pass."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from nola_vision.cli import main
+from nola_vision.train.cli import PredictionsCSVWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "nola_vision.cli"]
+COLOURS = {"bird": (30, 30, 200), "cat": (200, 30, 30), "dog": (30, 200, 30)}
+TEST_IMAGES = 3 * len(COLOURS)
+
+
+class WriteUserFile(Callback):
+    """Writes a user's own file at ``path`` during a predict or test pass (another process of the user's would)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        Path(self.path).write_text("my notes\n")
+
+    on_test_batch_end = on_predict_batch_end
+
+
+class SlowBatches(Callback):
+    """Says when a predict batch ended, then takes its time: the test sends SIGTERM meanwhile."""
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        print("BATCH_DONE", flush=True)
+        time.sleep(2)
+
+
+def _image_folder(root: Path) -> Path:
+    for split, n in (("train", 4), ("test", 3)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), colour).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-epoch fit on a 3-class image folder; the arguments of a predict pass of its last checkpoint."""
+    root = tmp_path_factory.mktemp("predict")
+    data = _image_folder(root / "data")
+    args = ["--data.dataset", "imagefolder", "--data.root", str(data), "--data.shots", "4", "--data.batch_size", "4",
+            "--data.eval_batch_size", "4", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(root / "run")]
+    assert main(["fit", "-c", str(ROOT / "configs" / "tiny_offline.yaml"), *args, "--trainer.max_epochs", "1",
+                 "--test_after_fit", "false"]) == 0
+    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
+    return {"data": data, "predict": ["predict", "-c", str(root / "run" / "config.yaml"), "--ckpt_path",
+                                      str(checkpoint), "--trainer.enable_progress_bar", "false"]}
+
+
+def _rows(path: Path) -> list:
+    return list(csv.DictReader(path.open(newline="")))
+
+
+def test_a_debugging_pass_never_writes_part_of_the_predictions_over_the_whole_file(run, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main([*run["predict"], "--predictions_file", str(out)]) == 0
+    whole = out.read_bytes()
+    assert len(_rows(out)) == TEST_IMAGES
+    assert main([*run["predict"], "--predictions_file", str(out), "--trainer.fast_dev_run", "true"]) == 0
+    assert out.read_bytes() == whole  # fast_dev_run predicted one batch, and wrote none of it
+    assert main([*run["predict"], "--predictions_file", str(out), "--trainer.limit_predict_batches", "0.5"]) == 2
+    assert "would hold predictions of part of the test split" in capsys.readouterr().err
+    assert out.read_bytes() == whole
+
+
+def test_predictions_file_is_refused_by_test_and_a_tilde_is_the_home_folder(run, tmp_path, monkeypatch, capsys):
+    assert main(["test", *run["predict"][1:], "--predictions_file", str(tmp_path / "p.csv")]) == 2
+    assert "test writes no predictions: --predictions_file is for predict" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main([*run["predict"], "--predictions_file", "~/p.csv"]) == 0
+    assert len(_rows(tmp_path / "home" / "p.csv")) == TEST_IMAGES and not (tmp_path / "~").exists()
+    assert main(["test", *run["predict"][1:], "--result_file", "~/test.json"]) == 0
+    assert (tmp_path / "home" / "test.json").is_file() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("subcommand, option", [("predict", "--predictions_file"), ("test", "--result_file")])
+def test_a_users_file_that_appears_at_the_output_during_the_pass_is_kept(run, tmp_path, subcommand, option, capsys):
+    out = tmp_path / "out"
+    code = main([subcommand, *run["predict"][1:], option, str(out),
+                 "--trainer.callbacks+=test_cli_predict.WriteUserFile", "--trainer.callbacks.init_args.path", str(out)])
+    assert code == 2 and out.read_text() == "my notes\n"
+    assert f"{option} {out} exists and is not a file" in capsys.readouterr().err
+
+
+def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, capsys):
+    empty = run["data"] / "test" / "dog" / "2.png"
+    kept = empty.read_bytes()
+    try:
+        empty.write_bytes(b"")
+        assert main([*run["predict"], "--predictions_file", str(tmp_path / "p.csv")]) == 1
+    finally:
+        empty.write_bytes(kept)
+    err = capsys.readouterr().err
+    assert "1 test image(s) are missing or empty" in err and "2.png" in err and "before predicting" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_sigterm_ends_a_predict_pass_without_writing_its_file(run, tmp_path):
+    out = tmp_path / "p.csv"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([*CLI, *run["predict"], "--predictions_file", str(out),
+                                "--trainer.callbacks+=test_cli_predict.SlowBatches"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    for line in process.stdout:  # the pass has started: its first batch ended
+        if "BATCH_DONE" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopped by SIGTERM" in err  # before: the pass went on, and exited 0
+    assert not out.exists()
+
+
+# ---- the writer under a Trainer of its own (Python) --------------------------------------------------------------
+
+class _Images(Dataset):
+    """Labelled stand-in images; ``fail_at`` makes one of them fail to load."""
+
+    def __init__(self, n: int, fail_at: int = -1) -> None:
+        self.samples = [(f"test/{i % 2}/{i}.png", i % 2) for i in range(n)]
+        self.fail_at = fail_at
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        if i == self.fail_at:
+            raise OSError(f"cannot read image {i}")
+        return torch.full((2,), float(i)), self.samples[i][1]
+
+
+class _TestSplit(Dataset):
+    def __init__(self, dataset: _Images) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+
+class _Data(LightningDataModule):
+    class_names = ["even", "odd"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.test_set = _TestSplit(_Images(6))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=2)
+
+
+class _Classifier(LightningModule):
+    def predict_step(self, batch, batch_idx):
+        x, y = batch
+        prediction = (x[:, 0] > 2).long()
+        return {"prediction": prediction, "confidence": torch.ones(len(y)), "label": y}
+
+
+def test_the_writer_names_only_the_data_modules_own_files_and_keeps_no_rows_of_a_failed_pass(tmp_path):
+    out = tmp_path / "p.csv"
+    writer = PredictionsCSVWriter(str(out))
+    trainer = Trainer(callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu")
+    model, data = _Classifier(), _Data()
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    assert [r["path"] for r in _rows(out)] == [f"test/{i % 2}/{i}.png" for i in range(6)]
+    # Another loader after the data module's pass: Lightning keeps trainer.datamodule, whose files are not these.
+    trainer.predict(model, dataloaders=DataLoader(_Images(4), batch_size=2), return_predictions=False)
+    rows = _rows(out)
+    assert len(rows) == 4 and {r["path"] for r in rows} == {""} and {r["label_name"] for r in rows} == {""}
+    assert [r["prediction_name"] for r in rows] == ["even", "even", "even", "odd"]  # the model's classes
+    with pytest.raises(OSError, match="cannot read image 3"):  # a pass that fails after its first batch
+        trainer.predict(model, dataloaders=DataLoader(_Images(6, fail_at=3), batch_size=2), return_predictions=False)
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    assert len(_rows(out)) == 6  # not 8: the failed pass's first batch is not among them
