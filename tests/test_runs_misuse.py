@@ -214,13 +214,15 @@ def alive(pid):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stopped_protocol_starts_no_queued_run_and_exits_with_the_signals_code(tmp_path, signum):
-    # the queued runs used to start one after another once the running one was stopped, and protocol never exited
+    # the queued runs used to start one after another once the running one was stopped, and protocol never exited;
+    # SIGHUP (a login node's terminal closed) killed the protocol alone, leaving its fits (or SLURM jobs) running
     out = tmp_path / "out"
     command = [sys.executable, "-c", PROTOCOL_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out),
                "--name", "cell", "--split_seeds", "0", "1", "2", "--init_seeds", "0", "--jobs", "1"]
-    protocol = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    protocol = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_default_sighup)
     first = out / "cell" / "split0-init0" / "started"
     try:
         deadline = time.time() + 60
@@ -239,6 +241,11 @@ def test_a_stopped_protocol_starts_no_queued_run_and_exits_with_the_signals_code
             protocol.wait()
         for pid in filter(alive, map(pid_in, out.glob("cell/*/started"))):
             os.kill(pid, signal.SIGKILL)
+
+
+def _default_sighup():
+    """SIGHUP as a login shell leaves it (this test session may run under nohup, which ignores it)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def test_a_stop_is_over_once_its_context_is_left(tmp_path, monkeypatch):
@@ -294,9 +301,19 @@ def test_protocol_and_tune_leave_the_signal_handlers_as_they_found_them(tmp_path
     # a Ctrl-C in a notebook or a test session after the command would otherwise still stop its (finished) runs
     from nola_vision.cli import main
 
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    before = [signal.getsignal(signum) for signum in signals]
     assert main([command, "-c", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 1
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert [signal.getsignal(signum) for signum in signals] == before
+
+
+def test_the_slurm_executor_without_submitit_says_how_to_install_it(monkeypatch):
+    from nola_vision.runs.executors import SubmititExecutor
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # what an environment without it gives: an ImportError
+    with pytest.raises(ValueError, match=r"--executor slurm runs the fits through submitit, which is not installed: "
+                                         r"pip install 'nola_vision\[slurm\]'"):
+        SubmititExecutor("unused", cluster="slurm")
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")

@@ -106,17 +106,21 @@ def stopping() -> bool:
 
 @contextlib.contextmanager
 def stop_runs_on_signals() -> Iterator[None]:
-    """Inside it, SIGTERM (``kill``, a scheduler's cancel) or Ctrl-C starts no further run, stops the fits this
-    process started, then exits 143 (SIGTERM) or 130 (Ctrl-C): left running, they would hold their devices and race
-    a re-run for the same folders. Ctrl-C is left alone where it is ignored (a background job); on leaving, the
-    previous handlers are back and a stop is over: a process that goes on (a notebook) can start runs again."""
+    """Inside it, SIGTERM (``kill``, a scheduler's cancel), SIGHUP (the login node's terminal closed) or Ctrl-C starts
+    no further run, stops the fits this process started (cancels its SLURM jobs), then exits 143 (SIGTERM), 129
+    (SIGHUP) or 130 (Ctrl-C): left running, they would hold their devices and race a re-run for the same folders.
+    Ctrl-C and SIGHUP are left alone where they are ignored (a background job, ``nohup``); on leaving, the previous
+    handlers are back and a stop is over: a process that goes on (a notebook) can start runs again."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+    previous = {signum: signal.getsignal(signum) for signum in signals}
     signal.signal(signal.SIGTERM, _stop)
     if previous[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, _stop)
+    if hasattr(signal, "SIGHUP") and previous[signal.SIGHUP] is signal.SIG_DFL:  # nohup sets SIG_IGN: left so
+        signal.signal(signal.SIGHUP, _stop)
     try:
         yield
     finally:
@@ -225,7 +229,12 @@ class SubmititExecutor(Executor):
 
     def __init__(self, folder: str, cluster: str = "slurm", jobs: int = 64, partition: Optional[str] = None,
                  time_min: int = 60, gpus_per_node: int = 1, cpus_per_task: int = 4, poll_s: float = 1.0) -> None:
-        import submitit
+        try:
+            import submitit
+        except ImportError as err:  # an optional dependency: say how to get it, not a traceback
+            raise ValueError(f"--executor {'slurm' if cluster == 'slurm' else 'submitit_local'} runs the fits through "
+                             "submitit, which is not installed: pip install 'nola_vision[slurm]' (or pip install "
+                             f"submitit) ({err})") from err
 
         self.capacity, self.poll_s = jobs, poll_s
         self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
