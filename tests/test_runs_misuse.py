@@ -1,5 +1,6 @@
 """protocol and tune runs that used to be mixed, duplicated, orphaned or left unclear: names and folders, seeds,
 file-valued overrides, grids that fit refuses, fits reused across settings, concurrent commands, SIGTERM."""
+import csv
 import json
 import os
 import signal
@@ -65,6 +66,27 @@ def test_a_run_another_process_holds_is_skipped_not_run_twice(tmp_path, capsys):
     assert (tmp_path / "out" / "cell" / "split0-init0" / "result.json").is_file()
     assert not (tmp_path / "out" / "cell" / "split0-init1" / "result.json").exists()
     assert claim_run(tmp_path / "out" / "cell" / "split0-init1") is not None  # released by the other holder
+
+
+def test_a_result_its_fit_wrote_after_the_command_died_is_recorded_with_the_rows_settings_and_images(tmp_path):
+    # kill -9 of the command while its fit ran: the fit finished alone, and its result was counted without the
+    # settings and images the command stamps (the tables' train_images/test_images were empty for it)
+    out, row = tmp_path / "out", tmp_path / "out" / "cell"
+    run_protocol([TINY], out=str(out), name="cell", split_seeds=[0], init_seeds=[0], overrides=FAST,
+                 python=fake_python(tmp_path), echo=False)
+    stamped = json.loads((row / "split0-init0" / "result.json").read_text())
+    assert stamped["config_hash"] and stamped["data"]
+    orphan = {key: stamped[key] for key in ("metrics", "config", "parameter_counts")}  # what the fit alone writes
+    orphan["config"] = {**orphan["config"], "seed": 1}
+    (row / "split0-init1").mkdir()
+    (row / "split0-init1" / "result.json").write_text(json.dumps(orphan))
+    run_protocol([TINY], out=str(out), name="cell", split_seeds=[0], init_seeds=[0, 1], overrides=FAST,
+                 python=fake_python(tmp_path, acc="0.1"), echo=False)  # would fit split0-init1 with 0.1
+    adopted = json.loads((row / "split0-init1" / "result.json").read_text())
+    assert adopted["metrics"] == orphan["metrics"]  # counted, not run again
+    assert (adopted["config_hash"], adopted["data"]) == (stamped["config_hash"], stamped["data"])
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and all(r["train_images"] and r["test_images"] for r in rows)
 
 
 def test_grids_that_fit_refuses_or_that_repeat_a_setting_are_refused_before_the_first_trial(tmp_path):

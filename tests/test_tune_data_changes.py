@@ -69,6 +69,22 @@ def test_trial_fits_made_on_other_train_images_are_never_reused_even_after_the_s
     assert len(search(5, 3)) == 4
 
 
+def test_a_trial_fit_that_finished_after_its_worker_died_is_reused_with_the_images_recorded(search):
+    # kill -9 of the worker while its fit ran: the fit wrote its result alone, without the images the worker records,
+    # and later searches reused it without ever checking them
+    assert len(search(4, 2)) == 2
+    paths = sorted(search.root.glob("tune/trial-*/*/result.json"))
+    recorded = [json.loads(p.read_text()) for p in paths]
+    for path, result in zip(paths, recorded):
+        path.write_text(json.dumps({k: v for k, v in result.items() if k != "data"}))
+    (search.root / "tune.db").unlink()  # the search starts again and finds the fits finished
+    assert len(search(4, 2)) == 2  # reused, not fitted again
+    assert [json.loads(p.read_text())["data"] for p in paths] == [r["data"] for r in recorded]
+    (search.root / "tune.db").unlink()  # so the next search checks their images as it checks every fit's
+    with pytest.raises(ValueError, match="trial fit made on other images"):
+        search(5, 2)
+
+
 def test_a_kept_study_scored_on_other_train_images_is_refused(search):
     assert len(search(4, 2)) == 2
     with pytest.raises(ValueError, match="trial fit made on other images"):

@@ -301,6 +301,16 @@ def open_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence
     return Row(root=root, key=key, dataset=data.dataset, data_root=data.root, images=images)
 
 
+def _adopt(run_dir: Path, result: Dict[str, Any], row: Row) -> None:
+    """Record the row's settings and images in a result its own fit wrote after the command that started it died
+    (the command stamps them when it sees the fit end): without them the tables could not tell its images or
+    settings. It was started under this row, whose settings and images ``open_row`` has just checked."""
+    recorded = row.recorded()
+    result["config_hash"] = recorded["config_hash"]
+    result.setdefault("data", recorded["data"])
+    write_json_atomic(run_dir / RESULT_FILE, result)
+
+
 def run_protocol(
     configs: Sequence[str],
     *,
@@ -350,7 +360,10 @@ def run_protocol(
     for n, (split_seed, init_seed) in enumerate(grid, 1):
         run_dir = root / run_dir_name(split_seed, init_seed)
         label = f"[{n}/{len(grid)}] {name} split {split_seed} init {init_seed}"
-        if counted(read_result(run_dir / RESULT_FILE)):
+        done = read_result(run_dir / RESULT_FILE)
+        if counted(done):
+            if "config_hash" not in done:  # finished after the command that started it was killed (kill -9)
+                _adopt(run_dir, done, row)
             if echo:
                 print(f"{label}: done already, skipped", flush=True)
             continue

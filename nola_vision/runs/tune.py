@@ -400,7 +400,12 @@ class _Search:
         seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
         announced: Set[Path] = set()
         while True:
-            left = [d for d in seeds if not counted(read_result(d / RESULT_FILE), "val/acc")]
+            results = {d: read_result(d / RESULT_FILE) for d in seeds}
+            for run_dir, result in results.items():  # finished after the worker that started it was killed
+                if counted(result, "val/acc") and "data" not in result:  # the study's images, checked at its start
+                    result["data"] = self.images.now()
+                    write_json_atomic(run_dir / RESULT_FILE, result)
+            left = [d for d, result in results.items() if not counted(result, "val/acc")]
             if not left:
                 break
             claims: Dict[Path, int] = {}
