@@ -1,6 +1,7 @@
 """``predict`` and its predictions CSV: never part of a pass over a whole file, never another loader's file names,
 never a file that appeared at the path during the pass; ``~`` in output paths; SIGTERM ends the pass."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,25 @@ def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, c
     err = capsys.readouterr().err
     assert "1 test image(s) are missing or empty" in err and "2.png" in err and "before predicting" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_results_name_their_files_from_any_working_directory(run, tmp_path, monkeypatch):
+    # a fit into a relative folder recorded runs/.../last.ckpt: from another directory its test read nothing
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", str(ROOT / "configs" / "tiny_offline.yaml"), "--data.dataset", "imagefolder",
+                 "--data.root", str(run["data"]), "--data.shots", "4", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", "rel", "--trainer.max_steps", "1", "--test_after_fit", "false",
+                 "--result_file", "fit.json"]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    for key in ("log_dir", "checkpoint", "adapter_dir"):
+        assert Path(fit[key]).is_absolute() and Path(fit[key]).exists(), (key, fit[key])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["test", "-c", str(Path(fit["log_dir"]) / "config.yaml"), "--ckpt_path", fit["checkpoint"],
+                 "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--result_file", "t.json",
+                 "--trainer.default_root_dir", "."]) == 0
+    tested = json.loads((tmp_path / "elsewhere" / "t.json").read_text())
+    assert tested["checkpoint"] == fit["checkpoint"] and Path(tested["log_dir"]).is_absolute()
 
 
 def test_sigterm_ends_a_predict_pass_without_writing_its_file(run, tmp_path):

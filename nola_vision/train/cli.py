@@ -477,12 +477,12 @@ class NolaCLI(LightningCLI):
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
                 "epochs": self.trainer.current_epoch,
-                "adapter_dir": str(self.model.exported_adapter_dir) if self.model.exported_adapter_dir else None,
+                "adapter_dir": _absolute(self.model.exported_adapter_dir),
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
                 "adapter_sha256": self.model.exported_adapter_sha256,  # which adapter: the folder may be re-exported
-                "log_dir": log_dir,
-                "checkpoint": self._final_checkpoint(),
+                "log_dir": _absolute(log_dir),
+                "checkpoint": _absolute(self._final_checkpoint()),
             })
 
     def _final_checkpoint(self) -> Optional[str]:
@@ -622,8 +622,8 @@ class NolaCLI(LightningCLI):
                           "images": len(evaluated) if evaluated is not None else None,
                           "precision": str(self.trainer.precision)},
             "parameter_counts": self.model.parameter_counts,
-            "log_dir": log_dir,
-            "checkpoint": checkpoint,
+            "log_dir": _absolute(log_dir),
+            "checkpoint": _absolute(checkpoint),
         })
         rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
@@ -768,6 +768,14 @@ def _refuse_replacing(path: Path, option: str, writers: str, recognised: Callabl
     if path.is_file() and path.stat().st_size and not recognised(path):
         raise ValueError(f"{option} {path} exists and is not a file {writers} wrote, so it would be replaced: pass "
                          f"another {option} (or remove the file)")
+
+
+def _absolute(path: Any) -> Optional[str]:
+    """A local path a result records, made absolute (a URL as it is): the result names the files from any working
+    directory, as the run's ``data.root`` is (``_absolute_data_root``)."""
+    if path is None or path == "":
+        return None
+    return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
 def _result_file_check(path: str) -> Callable[[], None]:
