@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from nola_vision.cli import main
-from nola_vision.train.cli import PredictionsCSVWriter
+from nola_vision.train.cli import PredictionsCSVWriter, run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "nola_vision.cli"]
@@ -66,7 +67,8 @@ def run(tmp_path_factory):
                  "--test_after_fit", "false"]) == 0
     checkpoint = root / "run" / "checkpoints" / "last.ckpt"
     return {"data": data, "predict": ["predict", "-c", str(root / "run" / "config.yaml"), "--ckpt_path",
-                                      str(checkpoint), "--trainer.enable_progress_bar", "false"]}
+                                      str(checkpoint), "--trainer.enable_progress_bar", "false"],
+            "fit": ["fit", "-c", str(ROOT / "configs" / "tiny_offline.yaml"), *args[:-2], "--trainer.max_steps", "1"]}
 
 
 def _rows(path: Path) -> list:
@@ -80,14 +82,18 @@ def test_a_debugging_pass_never_writes_part_of_the_predictions_over_the_whole_fi
     assert len(_rows(out)) == TEST_IMAGES
     assert main([*run["predict"], "--predictions_file", str(out), "--trainer.fast_dev_run", "true"]) == 0
     assert out.read_bytes() == whole  # fast_dev_run predicted one batch, and wrote none of it
-    assert main([*run["predict"], "--predictions_file", str(out), "--trainer.limit_predict_batches", "0.5"]) == 2
-    assert "would hold predictions of part of the test split" in capsys.readouterr().err
-    assert out.read_bytes() == whole
+    for limit in ("0.5", "2"):  # of 3 batches
+        assert main([*run["predict"], "--predictions_file", str(out), "--trainer.limit_predict_batches", limit]) == 2
+        assert "would hold predictions of part of the test split" in capsys.readouterr().err
+        assert out.read_bytes() == whole
+    assert main([*run["predict"], "--predictions_file", str(out), "--trainer.limit_predict_batches", "3"]) == 0
+    assert len(_rows(out)) == TEST_IMAGES  # a limit of every batch is no limit
 
 
 def test_predictions_file_is_refused_by_test_and_a_tilde_is_the_home_folder(run, tmp_path, monkeypatch, capsys):
     assert main(["test", *run["predict"][1:], "--predictions_file", str(tmp_path / "p.csv")]) == 2
     assert "test writes no predictions: --predictions_file is for predict" in capsys.readouterr().err
+    assert main(["test", *run["predict"][1:], "--predictions_file", "null"]) == 0  # sets nothing
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert main([*run["predict"], "--predictions_file", "~/p.csv"]) == 0
@@ -96,13 +102,29 @@ def test_predictions_file_is_refused_by_test_and_a_tilde_is_the_home_folder(run,
     assert (tmp_path / "home" / "test.json").is_file() and not (tmp_path / "~").exists()
 
 
-@pytest.mark.parametrize("subcommand, option", [("predict", "--predictions_file"), ("test", "--result_file")])
+@pytest.mark.parametrize("subcommand, option", [("predict", "--predictions_file"), ("test", "--result_file"),
+                                                ("fit", "--result_file")])
 def test_a_users_file_that_appears_at_the_output_during_the_pass_is_kept(run, tmp_path, subcommand, option, capsys):
     out = tmp_path / "out"
-    code = main([subcommand, *run["predict"][1:], option, str(out),
-                 "--trainer.callbacks+=test_cli_predict.WriteUserFile", "--trainer.callbacks.init_args.path", str(out)])
-    assert code == 2 and out.read_text() == "my notes\n"
-    assert f"{option} {out} exists and is not a file" in capsys.readouterr().err
+    args = ([*run["fit"], "--trainer.default_root_dir", str(tmp_path / "run")] if subcommand == "fit"
+            else [subcommand, *run["predict"][1:]])
+    code = main([*args, option, str(out), "--trainer.callbacks+=test_cli_predict.WriteUserFile",
+                 "--trainer.callbacks.init_args.path", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and out.read_text() == "my notes\n"  # a failure of the run, not of its configuration
+    assert f"{option} {out} exists and is not a file" in err and "it appeared during the run" in err
+    if subcommand != "predict":  # what the pass measured is in the message
+        assert "its metrics: {" in err and "test/acc" in err
+    if subcommand == "fit":  # and what it trained is kept
+        assert "Training finished and was kept" in err and str(tmp_path / "run" / "checkpoints") in err
+
+
+def test_a_fit_from_a_mapping_of_arguments_runs(tmp_path):
+    # the --predictions_file check took any mapping for an explicit --predictions_file, refusing every such fit
+    config = yaml.safe_load((ROOT / "configs" / "tiny_offline.yaml").read_text())
+    config["trainer"].update(max_steps=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    cli = run_lightning_cli({"subcommand": "fit", "fit": {**config, "test_after_fit": False}})
+    assert cli.trainer.global_step == 1
 
 
 def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, capsys):
@@ -205,6 +227,8 @@ def test_the_writer_names_only_the_data_modules_own_files_and_keeps_no_rows_of_a
     trainer = Trainer(callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu")
     model, data = _Classifier(), _Data()
     trainer.predict(model, datamodule=data, return_predictions=False)
+    assert [r["path"] for r in _rows(out)] == [f"test/{i % 2}/{i}.png" for i in range(6)]
+    trainer.predict(model, dataloaders={"split": data.predict_dataloader()}, return_predictions=False)  # a dict
     assert [r["path"] for r in _rows(out)] == [f"test/{i % 2}/{i}.png" for i in range(6)]
     # Another loader after the data module's pass: Lightning keeps trainer.datamodule, whose files are not these.
     trainer.predict(model, dataloaders=DataLoader(_Images(4), batch_size=2), return_predictions=False)

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ..core.storage import (
@@ -48,7 +48,8 @@ from .module import (
 )
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
-           "NolaCLI", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error", "argument_value_error",
+           "NolaCLI", "OutputKeptError", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error",
+           "argument_value_error",
            "check_checkpoint_file", "check_config_sources", "check_full_passes", "check_monitors",
            "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options", "run_lightning_cli"]
 
@@ -96,7 +97,7 @@ class PredictionsCSVWriter(BasePredictionWriter):
         samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
         # a file of another name that appeared at the path during the pass is kept (the pass fails saying so)
-        check = functools.partial(_refuse_replacing, path, "--predictions_file", "predict", _is_predictions_file)
+        check = _kept_output_check(path, "--predictions_file", "predict", _is_predictions_file)
         # class names and paths from undecodable file names keep their bytes (surrogate escapes), not an error
         with atomic_path(path, check=check) as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                                          errors="surrogateescape") as f:
@@ -119,7 +120,7 @@ def _predicts_test_split(trainer: Trainer, dataloader_idx: int) -> bool:
     loaders = getattr(trainer, "predict_dataloaders", None)
     if loaders is None:  # not a pass of a Trainer (a writer driven by hand): the data module's split, as before
         return True
-    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    loaders = CombinedLoader(loaders, "sequential").flattened  # one, a list or a dict: numbered as Lightning does
     test_set = getattr(getattr(trainer, "datamodule", None), "test_set", None)
     return (test_set is not None and dataloader_idx < len(loaders)
             and getattr(loaders[dataloader_idx], "dataset", None) is test_set)
@@ -379,7 +380,8 @@ class NolaCLI(LightningCLI):
         result = config.get("result_file")
         # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
         from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
-        if subcommand != "predict" and _given_on_command_line(argv, "--predictions_file"):
+        if subcommand != "predict" and config.get("predictions_file") and _given_on_command_line(argv,
+                                                                                                "--predictions_file"):
             raise ValueError(f"{subcommand} writes no predictions: --predictions_file is for predict (its metrics go "
                              "to --result_file)")
         if subcommand == "predict" and result:
@@ -467,8 +469,19 @@ class NolaCLI(LightningCLI):
             rank_zero_info(f"nola_vision: fast_dev_run, so {config.result_file} is not written")
             return
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
-            adapter = self.model.adapter_config
-            write_json_atomic(config.result_file, check=_result_file_check(config.result_file), obj={
+            adapter, checkpoint = self.model.adapter_config, _absolute(self._final_checkpoint())
+            try:
+                self._write_fit_result(config.result_file, metrics, adapter, log_dir, checkpoint)
+            except OutputKeptError as error:
+                raise OutputKeptError(
+                    f"{error_message(error)}. Training finished and was kept: adapter "
+                    f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}; its metrics: "
+                    f"{json.dumps(metrics, sort_keys=True)}") from error
+
+    def _write_fit_result(self, path: str, metrics: Dict[str, float], adapter: Any, log_dir: Optional[str],
+                          checkpoint: Optional[str]) -> None:
+        write_json_atomic(path, check=_kept_output_check(Path(path), "--result_file", "fit, validate or test",
+                                                         _is_result_file), obj={
                 "metrics": metrics,
                 "config": {"method": adapter.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
@@ -482,7 +495,7 @@ class NolaCLI(LightningCLI):
                 "adapter_bits": self.model.exported_adapter_bits,
                 "adapter_sha256": self.model.exported_adapter_sha256,  # which adapter: the folder may be re-exported
                 "log_dir": _absolute(log_dir),
-                "checkpoint": _absolute(self._final_checkpoint()),
+                "checkpoint": checkpoint,
             })
 
     def _final_checkpoint(self) -> Optional[str]:
@@ -610,8 +623,11 @@ class NolaCLI(LightningCLI):
             return
         data, checkpoint = self.datamodule, str(trainer.ckpt_path or config.ckpt_path)
         evaluated = data.test_set if split == "test" else data.val_set
-        write_json_atomic(config.result_file, check=_result_file_check(config.result_file), obj={
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        kept = _kept_output_check(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file,
+                                  f"its metrics: {json.dumps(metrics, sort_keys=True)}")
+        write_json_atomic(config.result_file, check=kept, obj={
+            "metrics": metrics,
             "subcommand": self.subcommand,
             "split": split,
             "config": {"method": self.model.adapter_config.method, "backbone": self.model.hparams.backbone,
@@ -644,14 +660,21 @@ class NolaCLI(LightningCLI):
         default = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"  # the writer's
         _refuse_replacing(Path(path) if path else default, "--predictions_file", "predict", _is_predictions_file)
         limit = trainer.limit_predict_batches
-        if not (isinstance(limit, float) and limit >= 1.0):
+        self._check_test_images("predicting (the pass reads every test image)")
+        if not (isinstance(limit, float) and limit >= 1.0 or isinstance(limit, int) and limit >= self._test_batches()):
             part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit:.0%} of its batches"
             raise ValueError(f"--trainer.limit_predict_batches {limit} limits the pass to {part}, so "
                              f"{path or default} would hold predictions of part of the test split, with nothing saying "
                              "so: drop --trainer.limit_predict_batches (or use --trainer.fast_dev_run to try a few "
                              "batches without a file)")
-        self._check_test_images("predicting (the pass reads every test image)")
         trainer.callbacks.append(PredictionsCSVWriter(path))
+
+    def _test_batches(self) -> float:
+        """The batches of the whole test split (infinite while its data is still to download)."""
+        if self.datamodule.download:
+            return float("inf")
+        self.datamodule.setup("test")
+        return len(self.datamodule.predict_dataloader())
 
     def _check_test_images(self, why: str) -> None:
         """Refuse missing or empty (0-byte) test images before a pass that would fail on them at the end (data still
@@ -778,10 +801,22 @@ def _absolute(path: Any) -> Optional[str]:
     return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
-def _result_file_check(path: str) -> Callable[[], None]:
-    """``atomic_path``'s check for a result file: a file that appeared at ``path`` during the run and is not a result
-    (a user's, hours into a fit) is kept, and the write fails saying so."""
-    return functools.partial(_refuse_replacing, Path(path), "--result_file", "fit, validate or test", _is_result_file)
+class OutputKeptError(RuntimeError):
+    """A file that appeared at a run's output path while it ran (a user's, hours into a fit) was kept, so the run's
+    output was not written there: a failure of the run (exit code 1), not of its configuration."""
+
+
+def _kept_output_check(path: Path, option: str, writers: str, recognised: Callable[[Path], bool],
+                       lost: str = "") -> Callable[[], None]:
+    """``atomic_path``'s check for an output file: what ``_refuse_replacing`` refuses before the run, refused again
+    just before the rename, as an ``OutputKeptError`` (``lost``: what the message should give instead)."""
+    def check() -> None:
+        try:
+            _refuse_replacing(path, option, writers, recognised)
+        except ValueError as error:
+            raise OutputKeptError(f"{error}; it appeared during the run, so nothing was written there"
+                                  + (f"; {lost}" if lost else "")) from None
+    return check
 
 
 def _is_predictions_file(path: Path) -> bool:
@@ -948,7 +983,8 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
 
 # MisconfigurationException: Lightning's own "this trainer setting is wrong" (a callback's invalid arguments)
 CONFIG_ERRORS: tuple = (ValueError, FileNotFoundError, MisconfigurationException)
-RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError)  # a run that started and failed: exit code 1
+# a run that started and failed: exit code 1
+RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError, OutputKeptError)
 
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
