@@ -143,7 +143,14 @@ def _verdict(value: float, limit: float, higher_is_better: bool = False, unit: s
     met = value >= limit if higher_is_better else value <= limit
     if met:
         return "met"
-    return f"missed by {abs(value - limit):.2f}{unit}" if unit == "×" else f"missed by {abs(value - limit):.1f} {unit}"
+    if unit != "×":
+        return f"missed by {abs(value - limit):.1f} {unit}"
+    return f"missed by {abs(value - limit):.{_ratio_digits(value, limit)}f}{unit}"
+
+
+def _ratio_digits(value: float, limit: float) -> int:
+    """2 decimals, or 3 where 2 would print a missed ratio as the limit itself (1.003× as 1.00× against 1.00×)."""
+    return 3 if f"{value:.2f}" == f"{limit:.2f}" and value != limit else 2
 
 
 def _spread(reference: Dict, result: Dict) -> str:
@@ -168,7 +175,7 @@ def _optional_method(data: Dict, method: str) -> Optional[Dict]:
 
 
 def _ratio_row(name: str, value: float, limit: float, spread: str = "") -> List[str]:
-    return [name, f"{value:.2f}×{spread}", _verdict(value, limit)]
+    return [name, f"{value:.{_ratio_digits(value, limit)}f}×{spread}", _verdict(value, limit)]
 
 
 def training_targets(results: Path) -> List[List[str]]:

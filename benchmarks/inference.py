@@ -82,20 +82,20 @@ def throughput(models: Dict[str, nn.Module], images: torch.Tensor, rounds: int) 
 
 
 def switch_times(model: nn.Module, directories: Sequence[Path], switches: int) -> Dict[str, List[float]]:
-    """Seconds to switch a live merged model between tasks: load_adapter in place (W += ΔW_new − ΔW_old),
-    and, for comparison, the naive unmerge + load_adapter + merge and the memory floor (one pass over the
-    adapted weights, which any in-place switch must read and write)."""
+    """Seconds to switch a live merged model between tasks: load_adapter in place (W += ΔW_new − ΔW_old), always
+    from task 0 to task 1, and, for comparison, the naive unmerge + load_adapter + merge back from task 1 to task 0,
+    and the memory floor (one pass over the adapted weights, which any in-place switch must read and write). Every
+    timed load changes the task: none reloads the live one."""
     parts: Dict[str, List[float]] = {"in_place": [], "unmerge_load_merge": [], WEIGHTS_PASS: []}
     nv.load_adapter(model, directories[0])
     nv.merge(model)
     weights = [layer.weight for layer in nv.adapted_layers(model).values()]
     for index in range(switches + 1):  # the first switch is a warm-up
-        target = directories[(index + 1) % len(directories)]
         t0 = time.perf_counter()
-        nv.load_adapter(model, target)
+        nv.load_adapter(model, directories[1])
         t1 = time.perf_counter()
         nv.unmerge(model)
-        nv.load_adapter(model, directories[index % len(directories)])
+        nv.load_adapter(model, directories[0])
         nv.merge(model)
         t2 = time.perf_counter()
         with torch.no_grad():

@@ -6,8 +6,10 @@
 # (so every CPU table of RESULTS.md comes from one machine): about 2 h 20 min on the quiet 2-core AMD EPYC VM (2½ hours
 # on the Intel Xeon one) for everything but the accuracy parts, which add minutes with their trial cache
 # (runs/accuracy_cache) and about an hour without it (AMD: accuracy 36 min, accuracy_study 15, accuracy_transfer 7).
-# `gpu` runs only where torch sees CUDA.
-# With no part named, `cpu` then `gpu`.
+# `gpu` first runs the CUDA tests (bases bit-identical to the CPU's golden values; a model moved to CUDA gives the CPU
+# logits; their output in gpu_cuda_tests.txt), then the bf16 training-step tables. Named, it fails where torch sees
+# no CUDA; in the default run it is skipped there.
+# With no part named, `cpu` then `gpu`. Every name is checked before anything runs; -h lists them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -75,8 +77,13 @@ part() {
                 --extra nola_1024:3e-2:1e-2:2 --cache runs/accuracy_cache ;;
         gpu)
             if has_cuda; then
+                echo "== gpu: the CUDA tests" >&2
+                python -m pytest -q -p no:cacheprovider tests/test_basis.py tests/test_inject.py -k cuda 2>&1 \
+                    | tee "$out/gpu_cuda_tests.txt" >&2 || echo "== gpu: a CUDA test FAILED (see $out/gpu_cuda_tests.txt)" >&2
                 run gpu_train_step_vit_b train_step.py --device cuda --precision bf16 --model vit_base_patch16_224 --batch 32 --steps 20 --warmup 5
                 run gpu_train_step_vit_l train_step.py --device cuda --precision bf16 --model vit_large_patch16_224 --batch 32 --steps 20 --warmup 5
+            elif [ "$named" = 1 ]; then
+                echo "gpu: torch sees no CUDA device here (torch.cuda.is_available() is False)" >&2; exit 3
             else
                 echo "== gpu: skipped (no CUDA device)" >&2
             fi ;;
@@ -87,7 +94,20 @@ part() {
 cpu_parts=(storage inference compiled_switch onnx_tasks multitask nola_vs_lora profile train_step train_step_1thread train_step_large train_step_compile
            grad_checkpointing sweep_k sweep_layers accuracy accuracy_study accuracy_transfer)
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(cpu gpu)
+named=1
+[ ${#parts[@]} -gt 0 ] || { parts=(cpu gpu); named=0; }
+known=" cpu gpu ${cpu_parts[*]} "
+for name in "${parts[@]}"; do
+    case $name in
+        -h|--help)
+            sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+            echo "parts: cpu gpu ${cpu_parts[*]}"
+            exit 0 ;;
+    esac
+    if [[ $known != *" $name "* ]]; then
+        echo "unknown part $name: choose from cpu gpu ${cpu_parts[*]} (nothing was run)" >&2; exit 2
+    fi
+done
 for name in "${parts[@]}"; do
     if [ "$name" = cpu ]; then
         for cpu_part in "${cpu_parts[@]}"; do part "$cpu_part"; done

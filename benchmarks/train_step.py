@@ -391,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args.sweep and (args.compile or args.paired):
         raise SystemExit("--compile and --paired compare the steps of --methods; run them without --sweep")
+    if args.compile and args.paired:  # the paired worker builds eager steps: its times would fill the compiled rows
+        raise SystemExit("--paired times eager steps only: run --compile without it")
     results = run_all(args)
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
                f"median of {args.steps} steps after {args.warmup} warm-up"

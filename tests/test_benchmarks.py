@@ -1,6 +1,7 @@
 """Smoke tests: every benchmark script's ``main`` runs end to end on a tiny timm ViT, so the scripts cannot rot."""
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import profile_step  # noqa: E402
 import storage  # noqa: E402
 import train_step  # noqa: E402
 
+RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.sh"
 TINY = "vit_tiny_patch16_224"
 TINY_KWARGS = dict(depth=2)
 
@@ -157,6 +159,22 @@ def test_inference_main(tmp_path, capsys):
     assert all(len(data["switch_s"][part]) == 2 and len(data["switch_process_medians_s"][part]) == 2
                for part in data["switch_s"])
     assert "median of each process (ms)" in out
+
+
+def test_every_timed_task_switch_changes_the_live_task(monkeypatch):
+    # in place, every switch after the first reloaded the task the naive step had just made live (A -> A, B -> B)
+    loads = []
+    load = inference.nv.load_adapter
+
+    def logged(model, directory, *args, **kwargs):
+        loads.append((id(model), Path(directory).name))
+        return load(model, directory, *args, **kwargs)
+
+    monkeypatch.setattr(inference.nv, "load_adapter", logged)
+    args = inference.parse_args(["--model", TINY, "--img-size", "32", "--switches", "3", "--k", "32"])
+    assert inference.switch_run(args, **TINY_KWARGS)["switch_max_logit_error"] < 1e-3
+    live = [name for model, name in loads if model == loads[0][0]]
+    assert live[:2] == ["task_a", "task_b"] and all(a != b for a, b in zip(live, live[1:])), live
 
 
 def test_multitask_main(tmp_path, capsys):
@@ -404,3 +422,39 @@ def test_results_name_the_machine_once_and_flag_tables_from_another_machine(tmp_
     assert "Measured on another machine (AMD EPYC, 2 cores) and so not comparable with the rest until re-run: " \
         "`multitask` (`bash benchmarks/run_all.sh multitask`)." in report
     assert "AMD EPYC, 2 cores, H200" in report  # a GPU table names its own machine
+
+
+def _run_all_copy(tmp_path: Path) -> str:
+    """run_all.sh in a folder of its own: whatever it would run or write by mistake stays there."""
+    (tmp_path / "benchmarks").mkdir()
+    copy = tmp_path / "benchmarks" / "run_all.sh"
+    copy.write_text(RUN_ALL.read_text())
+    return str(copy)
+
+
+def test_run_all_checks_every_part_name_before_running_any(tmp_path):
+    # a typo at the end of the command ran every part before it (a GPU session's whole budget), then failed
+    run_all = _run_all_copy(tmp_path)
+    run = subprocess.run(["bash", run_all, "storage", "bogus"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown part bogus: choose from cpu gpu storage" in run.stderr
+    assert "nothing was run" in run.stderr and "== storage" not in run.stderr
+    listed = subprocess.run(["bash", run_all, "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "parts: cpu gpu storage inference" in listed.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_run_all_gpu_named_without_cuda_fails_instead_of_skipping(tmp_path):
+    run = subprocess.run(["bash", _run_all_copy(tmp_path), "gpu"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "torch sees no CUDA device" in run.stderr
+
+
+def test_train_step_refuses_paired_times_for_compiled_rows():
+    # the paired worker builds eager steps: their times filled the compiled rows too
+    with pytest.raises(SystemExit, match="--paired times eager steps only"):
+        train_step.main(["--model", TINY, "--methods", "lora", "nola", "--compile", "--paired", "2"])
+
+
+def test_a_ratio_that_misses_its_limit_is_never_printed_as_the_limit():
+    assert collect_results._ratio_row("t", 1.003, 1.0) == ["t", "1.003×", "missed by 0.003×"]
+    assert collect_results._ratio_row("t", 1.012, 1.0) == ["t", "1.01×", "missed by 0.01×"]
+    assert collect_results._ratio_row("t", 0.998, 1.0) == ["t", "0.998×", "met"]
