@@ -274,8 +274,9 @@ def multitask_targets(results: Path) -> List[List[str]]:
              for method, tasks in sorted(speed) if method == "peft"]
     memory = {row["registered"]: row["rss_mb"] for row in data["memory"]}
     if 1000 in memory:
-        rows.append(["1,000 registered NOLA tasks add ≤ 250 MB resident memory (ViT-B/16)", f"{memory[1000]:.1f} MB",
-                     _verdict(memory[1000], 250.0, unit="MB")])
+        added = memory[1000] * 2**20 / 1e6  # the JSON's rss_mb is in MiB, the target in MB
+        rows.append(["1,000 registered NOLA tasks add ≤ 250 MB resident memory (ViT-B/16)", f"{added:.1f} MB",
+                     _verdict(added, 250.0, unit="MB")])
     return rows
 
 

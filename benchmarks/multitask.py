@@ -83,7 +83,7 @@ def memory_worker(args: argparse.Namespace, model_kwargs: dict, directories: Lis
             model.add_task(f"task{index}", directories[index])
         registered = count
         gc.collect()
-        rows.append({"registered": count, "rss_mb": (rss_bytes() - before) / 2**20,
+        rows.append({"registered": count, "rss_mb": (rss_bytes() - before) / 2**20,  # *_mb: MiB, as named before
                      "held_mb": model.memory_bytes()["tasks"] / 2**20})
     return rows
 
@@ -194,7 +194,7 @@ def tables(result: Dict) -> str:
                f"{row['rss_mb'] * 1024 / row['registered']:.0f}"] for row in result["memory"]]
     return (markdown_table(["distinct tasks in the batch", "model", "images/s", "ms per batch (median)",
                             "× merged single-task"], speed, left=2) + "\n\n" +
-            markdown_table(["registered NOLA tasks", "RSS added (MB)", "numbers held (MB)", "RSS per task (KB)"],
+            markdown_table(["registered NOLA tasks", "RSS added (MiB)", "numbers held (MiB)", "RSS per task (KiB)"],
                            memory))
 
 
@@ -213,8 +213,9 @@ def target_lines(result: Dict) -> List[str]:
     memory = {row["registered"]: row["rss_mb"] for row in result["memory"]}
     count, limit = MEMORY_TARGET
     if count in memory:
-        lines.append(f"{count:,} registered NOLA tasks add {memory[count]:.1f} MB resident memory (target ≤ {limit:.0f} "
-                     f"MB: {'met' if memory[count] <= limit else 'missed'})")
+        added = memory[count] * 2**20 / 1e6  # the target is in MB (10^6 bytes); rss_mb is in MiB
+        lines.append(f"{count:,} registered NOLA tasks add {added:.1f} MB ({memory[count]:.1f} MiB) resident memory "
+                     f"(target ≤ {limit:.0f} MB: {'met' if added <= limit else 'missed'})")
     return lines
 
 
