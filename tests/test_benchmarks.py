@@ -438,14 +438,16 @@ def test_run_all_checks_every_part_name_before_running_any(tmp_path):
     run = subprocess.run(["bash", run_all, "storage", "bogus"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "unknown part bogus: choose from cpu gpu storage" in run.stderr
     assert "nothing was run" in run.stderr and "== storage" not in run.stderr
-    listed = subprocess.run(["bash", run_all, "--help"], capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(["bash", "run_all.sh", "--help"], capture_output=True, text=True, timeout=60,
+                            cwd=Path(run_all).parent)  # from its own folder too
     assert listed.returncode == 0 and "parts: cpu gpu storage inference" in listed.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
-def test_run_all_gpu_named_without_cuda_fails_instead_of_skipping(tmp_path):
-    run = subprocess.run(["bash", _run_all_copy(tmp_path), "gpu"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 3 and "torch sees no CUDA device" in run.stderr
+def test_run_all_gpu_named_without_cuda_fails_before_anything_runs(tmp_path):
+    run = subprocess.run(["bash", _run_all_copy(tmp_path), "storage", "gpu"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 3 and "torch sees no CUDA device" in run.stderr and "== storage" not in run.stderr
 
 
 def test_train_step_refuses_paired_times_for_compiled_rows():
@@ -458,3 +460,5 @@ def test_a_ratio_that_misses_its_limit_is_never_printed_as_the_limit():
     assert collect_results._ratio_row("t", 1.003, 1.0) == ["t", "1.003×", "missed by 0.003×"]
     assert collect_results._ratio_row("t", 1.012, 1.0) == ["t", "1.01×", "missed by 0.01×"]
     assert collect_results._ratio_row("t", 0.998, 1.0) == ["t", "0.998×", "met"]
+    assert collect_results._ratio_row("t", 1.0004, 1.0) == ["t", "1.0004×", "missed by 0.0004×"]
+    assert collect_results._verdict(250.04, 250.0, unit="MB") == "missed by 0.04 MB"

@@ -76,17 +76,31 @@ def test_a_result_its_fit_wrote_after_the_command_died_is_recorded_with_the_rows
                  python=fake_python(tmp_path), echo=False)
     stamped = json.loads((row / "split0-init0" / "result.json").read_text())
     assert stamped["config_hash"] and stamped["data"]
-    orphan = {key: stamped[key] for key in ("metrics", "config", "parameter_counts")}  # what the fit alone writes
-    orphan["config"] = {**orphan["config"], "seed": 1}
-    (row / "split0-init1").mkdir()
-    (row / "split0-init1" / "result.json").write_text(json.dumps(orphan))
-    run_protocol([TINY], out=str(out), name="cell", split_seeds=[0], init_seeds=[0, 1], overrides=FAST,
-                 python=fake_python(tmp_path, acc="0.1"), echo=False)  # would fit split0-init1 with 0.1
+    # what the command recorded when it claimed the run, before its fit started
+    stamp = json.loads((row / "split0-init0" / ".stamp.json").read_text())
+    assert stamp == {"config_hash": stamped["config_hash"], "data": stamped["data"]}
+    for init in (1, 2):  # init 1 as a killed command leaves it; init 2 without the command's record (unknown)
+        orphan = {key: stamped[key] for key in ("metrics", "config", "parameter_counts")}  # what the fit writes
+        (row / f"split0-init{init}").mkdir()
+        (row / f"split0-init{init}" / "result.json").write_text(json.dumps({**orphan, "config": {
+            **orphan["config"], "seed": init}}))
+    (row / "split0-init1" / ".stamp.json").write_text(json.dumps(stamp))
+    held = claim_run(row / "split0-init1")  # while the command that holds it lives, it stamps the result itself
+    try:
+        run_protocol([TINY], out=str(out), name="cell", split_seeds=[0], init_seeds=[0, 1, 2], overrides=FAST,
+                     python=fake_python(tmp_path, acc="0.1"), echo=False)  # would fit them with 0.1
+    finally:
+        os.close(held)
+    assert "config_hash" not in json.loads((row / "split0-init1" / "result.json").read_text())
+    run_protocol([TINY], out=str(out), name="cell", split_seeds=[0], init_seeds=[0, 1, 2], overrides=FAST,
+                 python=fake_python(tmp_path, acc="0.1"), echo=False)
     adopted = json.loads((row / "split0-init1" / "result.json").read_text())
     assert adopted["metrics"] == orphan["metrics"]  # counted, not run again
     assert (adopted["config_hash"], adopted["data"]) == (stamped["config_hash"], stamped["data"])
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 2 and all(r["train_images"] and r["test_images"] for r in rows)
+    unknown = json.loads((row / "split0-init2" / "result.json").read_text())
+    assert unknown["metrics"] == orphan["metrics"] and "data" not in unknown and "config_hash" not in unknown
+    rows = {r["run_dir"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert len(rows) == 3 and rows[str(row / "split0-init1")]["train_images"] == stamped["data"]["train"]
 
 
 def test_grids_that_fit_refuses_or_that_repeat_a_setting_are_refused_before_the_first_trial(tmp_path):

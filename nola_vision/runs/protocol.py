@@ -53,6 +53,7 @@ from .executors import (
 from .knn import extract_features, knn_predict
 from .results import (
     RESULT_FILE,
+    adopt_result,
     check_row_data,
     check_seeds,
     check_tables_ours,
@@ -66,6 +67,7 @@ from .results import (
     read_result,
     request_runs,
     row_folder,
+    stamp_claimed_run,
     write_tables,
 )
 
@@ -301,16 +303,6 @@ def open_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence
     return Row(root=root, key=key, dataset=data.dataset, data_root=data.root, images=images)
 
 
-def _adopt(run_dir: Path, result: Dict[str, Any], row: Row) -> None:
-    """Record the row's settings and images in a result its own fit wrote after the command that started it died
-    (the command stamps them when it sees the fit end): without them the tables could not tell its images or
-    settings. It was started under this row, whose settings and images ``open_row`` has just checked."""
-    recorded = row.recorded()
-    result["config_hash"] = recorded["config_hash"]
-    result.setdefault("data", recorded["data"])
-    write_json_atomic(run_dir / RESULT_FILE, result)
-
-
 def run_protocol(
     configs: Sequence[str],
     *,
@@ -363,7 +355,7 @@ def run_protocol(
         done = read_result(run_dir / RESULT_FILE)
         if counted(done):
             if "config_hash" not in done:  # finished after the command that started it was killed (kill -9)
-                _adopt(run_dir, done, row)
+                adopt_result(run_dir)
             if echo:
                 print(f"{label}: done already, skipped", flush=True)
             continue
@@ -373,6 +365,8 @@ def run_protocol(
                 print(f"{label}: running in another process, skipped", flush=True)
             continue
         claims[run_dir] = claim
+        # what this command stamps on the result once the fit ends, for a later command should this one die first
+        stamp_claimed_run(run_dir, {"config_hash": row.key["config_hash"], "data": row.images})
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
                            run_dir / "log.txt", claim))

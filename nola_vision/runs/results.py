@@ -34,16 +34,17 @@ from ..core.storage import (
 from ..core.warn import warn_user
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run", "claim_unfinished_run",
-           "collect_results", "config_file_options", "config_key", "counted", "data_digests", "discard_result",
-           "effective_overrides", "finished_result", "first_line", "image_changes", "mixed_settings",
-           "override_changes", "parse_overrides", "read_result", "referenced_files", "refuse_foreign_file",
-           "request_runs", "requested_runs", "retire_unfinished_run", "row_folder", "run_seeds_mismatch",
-           "same_settings", "summarise", "write_tables"]
+           "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run",
+           "claim_unfinished_run", "collect_results", "config_file_options", "config_key", "counted", "data_digests",
+           "discard_result", "effective_overrides", "finished_result", "first_line", "image_changes",
+           "mixed_settings", "override_changes", "parse_overrides", "read_result", "referenced_files",
+           "refuse_foreign_file", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
+           "run_seeds_mismatch", "same_settings", "stamp_claimed_run", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
+STAMP_FILE = ".stamp.json"  # in a run folder: what the command that started its fit stamps on its result
 RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | runs | "
                      "top-1 % mean (std) |")  # results.md's first line
 RESULTS_MD_MARK = "| run | method | "  # how every version's results.md began: what the tables know theirs by
@@ -285,6 +286,30 @@ def claim_unfinished_run(run_dir: Path, metric: str = "test/acc") -> Optional[in
     discard_result(run_dir / RESULT_FILE)
     retire_unfinished_run(run_dir)
     return claim
+
+
+def stamp_claimed_run(run_dir: Path, stamp: Dict[str, Any]) -> None:
+    """Record in ``run_dir`` what the command that claimed it stamps on its fit's result once the fit ends (the row's
+    settings hash, the images it is made on): a result the fit writes after that command died is stamped from it
+    (``adopt_result``), never from what a later command finds."""
+    write_json_atomic(run_dir / STAMP_FILE, stamp)
+
+
+def adopt_result(run_dir: Path, metric: str = "test/acc") -> None:
+    """Stamp a counted result that its fit wrote after the command that started it died (``kill -9``) with what that
+    command recorded (``stamp_claimed_run``), under the run's claim: while another process holds it, that process
+    stamps (or discards, when its fit exited non-zero) the result itself. A field the stamp leaves unknown stays
+    unknown."""
+    claim = claim_run(run_dir)
+    if claim is None:
+        return
+    try:
+        result, stamp = read_result(run_dir / RESULT_FILE), read_result(run_dir / STAMP_FILE) or {}
+        missing = {key: value for key, value in stamp.items() if value is not None and key not in (result or {})}
+        if counted(result, metric) and missing:
+            write_json_atomic(run_dir / RESULT_FILE, {**result, **missing})
+    finally:
+        os.close(claim)
 
 
 def finished_result(run_dir: Path, code: int, metric: str = "test/acc") -> Optional[Dict[str, Any]]:

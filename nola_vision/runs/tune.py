@@ -63,6 +63,7 @@ from .protocol import (
 )
 from .results import (
     RESULT_FILE,
+    adopt_result,
     check_seeds,
     claim_unfinished_run,
     config_key,
@@ -76,6 +77,7 @@ from .results import (
     refuse_foreign_file,
     row_folder,
     same_settings,
+    stamp_claimed_run,
 )
 
 __all__ = ["CONTROLLED", "check_grid", "check_sqlite_storage", "check_tune_files_ours", "main", "parse_grid",
@@ -400,12 +402,11 @@ class _Search:
         seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
         announced: Set[Path] = set()
         while True:
-            results = {d: read_result(d / RESULT_FILE) for d in seeds}
-            for run_dir, result in results.items():  # finished after the worker that started it was killed
-                if counted(result, "val/acc") and "data" not in result:  # the study's images, checked at its start
-                    result["data"] = self.images.now()
-                    write_json_atomic(run_dir / RESULT_FILE, result)
-            left = [d for d, result in results.items() if not counted(result, "val/acc")]
+            for run_dir in seeds:  # finished after the worker that started it was killed (kill -9)
+                result = read_result(run_dir / RESULT_FILE)
+                if counted(result, "val/acc") and "data" not in result:
+                    adopt_result(run_dir, "val/acc")
+            left = [d for d in seeds if not counted(read_result(d / RESULT_FILE), "val/acc")]
             if not left:
                 break
             claims: Dict[Path, int] = {}
@@ -414,6 +415,7 @@ class _Search:
                     claim = claim_unfinished_run(run_dir, "val/acc")
                     if claim is not None:
                         claims[run_dir] = claim
+                        stamp_claimed_run(run_dir, {"data": self.images.now()})  # for a later worker, should this die
                 runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim)
                         for d, claim in claims.items()]
                 errors = [self._failure(run, code) for run, code, _ in self.executor.run(runs)
