@@ -402,11 +402,11 @@ class _Search:
         seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
         announced: Set[Path] = set()
         while True:
-            for run_dir in seeds:  # finished after the worker that started it was killed (kill -9)
-                result = read_result(run_dir / RESULT_FILE)
+            results = {d: read_result(d / RESULT_FILE) for d in seeds}
+            for run_dir, result in results.items():  # finished after the worker that started it was killed (kill -9)
                 if counted(result, "val/acc") and "data" not in result:
                     adopt_result(run_dir, "val/acc")
-            left = [d for d in seeds if not counted(read_result(d / RESULT_FILE), "val/acc")]
+            left = [d for d, result in results.items() if not counted(result, "val/acc")]
             if not left:
                 break
             claims: Dict[Path, int] = {}

@@ -105,7 +105,7 @@ class PredictionsCSVWriter(BasePredictionWriter):
             writer.writerow(PREDICTIONS_HEADER)
             for r in rows:
                 idx, label, pred = r["index"], r["label"], r["prediction"]
-                own = r.get("of_test_split", True) and idx is not None
+                own = r["of_test_split"] and idx is not None
                 writer.writerow([idx, samples[idx][0] if samples is not None and own else "",
                                  "" if label is None else label,
                                  names[label] if names and own and label is not None else "",
@@ -469,21 +469,21 @@ class NolaCLI(LightningCLI):
             rank_zero_info(f"nola_vision: fast_dev_run, so {config.result_file} is not written")
             return
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
-            adapter, checkpoint = self.model.adapter_config, _absolute(self._final_checkpoint())
+            checkpoint = _absolute(self._final_checkpoint())
             try:
-                self._write_fit_result(config.result_file, metrics, adapter, log_dir, checkpoint)
+                self._write_fit_result(config.result_file, metrics, log_dir, checkpoint)
             except OutputKeptError as error:
                 raise OutputKeptError(
                     f"{error_message(error)}. Training finished and was kept: adapter "
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}; its metrics: "
                     f"{json.dumps(metrics, sort_keys=True)}") from error
 
-    def _write_fit_result(self, path: str, metrics: Dict[str, float], adapter: Any, log_dir: Optional[str],
+    def _write_fit_result(self, path: str, metrics: Dict[str, float], log_dir: Optional[str],
                           checkpoint: Optional[str]) -> None:
         write_json_atomic(path, check=_kept_output_check(Path(path), "--result_file", "fit, validate or test",
                                                          _is_result_file), obj={
                 "metrics": metrics,
-                "config": {"method": adapter.method,
+                "config": {"method": self.model.adapter_config.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
