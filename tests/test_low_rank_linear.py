@@ -225,7 +225,8 @@ def test_under_autocast_the_output_gradient_reaches_the_fused_backward_in_the_pr
     from nola_vision.core import functions
 
     seen, backward = [], functions._backward
-    monkeypatch.setattr(functions, "_backward", lambda grad, *args: seen.append(grad.dtype) or backward(grad, *args))
+    monkeypatch.setattr(functions, "_backward",
+                        lambda grad, *args, **kwargs: seen.append(grad.dtype) or backward(grad, *args, **kwargs))
     x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = low_rank_linear(x, weight, bias, a, b, activation)
@@ -243,3 +244,133 @@ def test_a_float64_model_under_autocast_keeps_its_adapted_layers_in_float64(comp
         logits = forward(images.double())
     assert logits.dtype == torch.float64
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+
+
+class WholeProducts(TorchDispatchMode):
+    """The matrix products that take a whole tensor of a given shape (not a block of its rows), transposed or not."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape, self.reads = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() == 2]
+        products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+        if func in products and any(self.shape in (tuple(t.shape), tuple(t.t().shape)) for t in tensors):
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _mlp_pair(generator, rows=64, features=12, hidden=40, rank=3):
+    """An adapted fc1 and fc2 around a GELU: x, its tensors and fc1's trained factors."""
+    def draw(*shape, grad=False):
+        return (torch.randn(*shape, generator=generator) * 0.5).requires_grad_(grad)
+
+    x = draw(2, rows // 2, features, grad=True)
+    fc1 = draw(hidden, features), draw(hidden), draw(features, rank, grad=True), draw(rank, hidden, grad=True)
+    fc2 = draw(features, hidden), draw(features), draw(hidden, rank, grad=True), draw(rank, features, grad=True)
+    return x, fc1, fc2
+
+
+def _through_mlp(function, x, fc1, fc2, between=None):
+    h = function(x, *fc1, None)
+    if between is not None:
+        h = between(h)
+    return function(h, *fc2, nn.GELU())
+
+
+# Hooks or other uses of fc1's output change the gradient fc1 gets: it must then compute its gradients itself.
+BETWEEN = {
+    "nothing": None,
+    "a hook returning a new gradient": lambda h: h.register_hook(lambda g: g * 3) and h,
+    "a hook changing the gradient in place": lambda h: h.register_hook(lambda g: (g.mul_(3), None)[1]) and h,
+    "a hook changing it through .data": lambda h: h.register_hook(lambda g: (g.data.mul_(3), None)[1]) and h,
+}
+
+
+@pytest.mark.parametrize("between", list(BETWEEN))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_adapted_mlp_gives_the_gradients_of_the_plain_ops_when_fc2_computes_fc1s(between, precision, monkeypatch):
+    """The adapted fc2's backward computes the adapted fc1's x A and B gradients block by block (several blocks
+    here): the same gradients as plain float32 autograd (under bf16 autocast, within bf16's rounding), also where a
+    hook or a second use changes what fc1 receives."""
+    from nola_vision.core import functions
+
+    monkeypatch.setattr(functions, "_ACTIVATION_BLOCK_ELEMENTS", 40 * 10)  # blocks of 10 of the 64 rows
+    generator = torch.Generator().manual_seed(0)
+    x, fc1, fc2 = _mlp_pair(generator)
+    trained = [x, *fc1[2:], *fc2[2:]]
+    grad = torch.randn(2, 32, 12, generator=generator)
+
+    def gradients(function, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = _through_mlp(function, x, fc1, fc2, BETWEEN[between])
+            second = _through_mlp(function, x, fc1, fc2, lambda h: torch.cat([h[..., :1] * 2, h[..., 1:]], -1))
+        return torch.autograd.grad((out + second).float(), trained, grad)
+
+    for got, expected in zip(gradients(low_rank_linear, precision == "bf16"), gradients(_plain, False)):
+        if precision == "fp32":
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # bf16 keeps 8 bits: these sums of a few hundred products are within 1% of their largest value
+            assert (got - expected).abs().max() <= 0.015 * expected.abs().max()
+
+
+def test_an_adapted_fc1_reads_its_mlp_wide_output_gradient_once_in_backward(monkeypatch):
+    """Its x A and B gradients come from the adapted fc2's blocks, while each block of that gradient is in cache:
+    fc1's own backward reads the whole gradient only for the frozen product."""
+    from nola_vision.core import functions
+
+    monkeypatch.setattr(functions, "_ACTIVATION_BLOCK_ELEMENTS", 40 * 10)
+    x, fc1, fc2 = _mlp_pair(torch.Generator().manual_seed(0))
+    out = _through_mlp(low_rank_linear, x, fc1, fc2)
+    with WholeProducts((64, 40)) as products:
+        out.sum().backward()
+    assert products.reads == [torch.ops.aten.mm.default]  # grad W, then the low-rank part added a block at a time
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_an_adapted_model_with_gradient_checkpointing_gets_the_gradients_of_the_plain_ops(method, monkeypatch):
+    """fc2 computing fc1's gradients holds under timm's gradient checkpointing (blocks recomputed in backward)."""
+    from nola_vision.core import functions, layer
+
+    monkeypatch.setattr(functions, "_ACTIVATION_BLOCK_ELEMENTS", 512)
+    config = (nv.NOLAConfig(rank=2, num_basis_a=32, num_basis_b=32) if method == "nola"
+              else nv.LoRAConfig(rank=2, targets=["mlp.fc1", "mlp.fc2"]))
+    generator = torch.Generator().manual_seed(0)
+    model = nv.inject(tiny_vit(num_classes=3), config).train()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.set_grad_checkpointing(True)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+
+    def gradients():
+        model.zero_grad()
+        model(images).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    got = gradients()
+    monkeypatch.setattr(layer, "low_rank_linear", _plain)
+    for g, e in zip(got, gradients()):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_what_fc2_computed_for_an_adapted_fc1_its_backward_never_ran_is_not_kept():
+    """A backward pass that stops at fc1's output (gradients of it, or of fc2's factors only) leaves nothing of the
+    MLP-wide gradient on fc1's node for as long as the graph is kept."""
+    from nola_vision.core import functions
+
+    x, fc1, fc2 = _mlp_pair(torch.Generator().manual_seed(0))
+    h = low_rank_linear(x, *fc1, None)
+    out = low_rank_linear(h, *fc2, nn.GELU())
+    node = functions._producer(h)
+    assert node is not None
+    (grad_h,) = torch.autograd.grad(out.sum(), [h], retain_graph=True)
+    assert node.precomputed is None
+    torch.autograd.grad(out.sum(), fc2[2:], retain_graph=True)
+    assert node.precomputed is None
+    grads = torch.autograd.grad(out.sum(), [x, *fc1[2:]], retain_graph=True)  # a full pass: the right gradients
+    expected = torch.autograd.grad(h, [x, *fc1[2:]], grad_h)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)

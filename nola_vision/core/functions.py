@@ -2,7 +2,8 @@
 output added in one op for inference, and the guard that refuses backward through a merged adapter."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import weakref
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,16 +54,26 @@ class LowRankLinear(torch.autograd.Function):
     activation output (four times wider for ViT MLPs) is never kept. Backward recomputes it a cache-sized block
     of rows at a time: the same block gives A's gradient and the activation's gradient, written into the input
     gradient in place, so an adapted ``fc2`` keeps nothing that the frozen MLP does not keep already.
+
+    ``producer`` is the node of an adapted ``fc1`` whose output ``x`` is (``_producer``): the same blocks, once they
+    hold ``x``'s gradient, also give that ``fc1``'s ``x A`` and B gradients (``_InputLayerGradients``), so its
+    backward does not read the MLP-wide gradient twice more for them.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module]
+        ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module],
+        producer: Optional[Any] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise _trainable_weight_error()
         inputs, xa = _adapter_input(x, a, activation)
-        ctx.activation = activation
+        ctx.activation, ctx.producer, ctx.precomputed = activation, producer, None
+        # x itself, to see in backward whether hooks were registered on it (they may change its gradient).
+        ctx.producer_output = weakref.ref(x) if producer is not None else None
+        # For an adapted fc2 after this layer (plain references: fc2's backward must not unpack this node's saved
+        # tensors, which gradient checkpointing allows once); both are kept in save_for_backward anyway.
+        ctx.fusable = (xa, b) if activation is None else None
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
         # Without an activation the product reads x: hand it a fresh alias, since a Function may not return an input.
         inputs = inputs.detach() if activation is None else inputs
@@ -76,16 +87,22 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
                  grad: Optional[Tensor]):
+        precomputed, ctx.precomputed = ctx.precomputed, None
         if grad is None:  # the product's output got no gradient
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         needs = ctx.needs_input_grad
         x, weight, xa, a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients that can be differentiated again
-            grads = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4])
-        else:
-            grads = _backward(grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4])
-        grad_x, grad_a, grad_b = grads
-        return grad_x, None, None, grad_a, grad_b, None
+            grad_x, grad_a, grad_b = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0],
+                                                              needs[3], needs[4])
+            return grad_x, None, None, grad_a, grad_b, None, None
+        producer = _InputLayerGradients.of(ctx.producer, ctx.producer_output, grad) if needs[0] else None
+        grad_x, grad_a, grad_b = _backward(
+            grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4],
+            precomputed=precomputed.of_gradient(grad) if precomputed is not None else None, producer=producer)
+        if producer is not None and grad_x is not None:
+            producer.hand_over(ctx.producer, grad_x)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -114,8 +131,82 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             raise _trainable_weight_error()
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), _product_dtype(x))[0]
-    inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation)
+    producer = _producer(x) if activation is not None else None
+    inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation, producer)
     return _FrozenProduct.apply(inputs, weight, bias, xa, b, sink)
+
+
+def _producer(x: Tensor) -> Optional[Any]:
+    """The ``LowRankLinear`` node of the adapted layer whose output ``x`` is (its ``_FrozenProduct``'s output, which
+    gets its gradient through that node's sink), or None."""
+    node = x.grad_fn
+    if type(node) is not _FrozenProduct._backward_cls:
+        return None
+    for producer, _ in node.next_functions:  # the sink's node; the other inputs are not differentiable or leaves
+        if type(producer) is LowRankLinear._backward_cls:
+            return producer if producer.fusable is not None else None
+    return None
+
+
+class _InputLayerGradients:
+    """An adapted ``fc1``'s ``x A`` and B gradients (``grad Bᵀ`` and ``(x A)ᵀ grad`` for its output gradient
+    ``grad``), computed by the adapted ``fc2`` after it, a block of rows at a time while each block of ``grad`` is
+    in cache (``add``). ``fc1``'s backward takes them only for the very tensor they were computed from, unchanged
+    (``of_gradient``): where anything else reaches that gradient (another use of ``fc1``'s output, a hook), it
+    computes them itself."""
+
+    def __init__(self, xa: Tensor, b: Tensor, needs_b: bool, dtype: torch.dtype) -> None:
+        self.xa = xa.reshape(-1, xa.shape[-1]).to(dtype)
+        self.b_t = b.to(dtype).t()
+        self.grad_xa = torch.empty(self.xa.shape, dtype=dtype, device=xa.device)
+        # Summed over blocks in float32 at least, as one product would accumulate it.
+        sum_dtype = torch.promote_types(dtype, torch.float32)
+        self.grad_b = torch.zeros(b.shape, dtype=sum_dtype, device=b.device) if needs_b else None
+        self.grad: Optional[weakref.ref] = None
+        self.version = -1
+
+    @classmethod
+    def of(cls, producer: Optional[Any], output: Optional[weakref.ref], grad: Tensor
+           ) -> Optional[_InputLayerGradients]:
+        """The gradients to compute for ``producer`` (a ``LowRankLinear`` node) from a ``grad`` of this dtype, or
+        None: also where its ``output`` is gone or has hooks, which may change the gradient without a trace (through
+        ``.data``)."""
+        if producer is None or not any(producer.needs_input_grad[i] for i in (0, 3, 4)):
+            return None
+        tensor = output() if output is not None else None
+        if tensor is None or tensor._backward_hooks:
+            return None
+        xa, b = producer.fusable
+        return cls(xa, b, producer.needs_input_grad[4], grad.dtype)
+
+    def add(self, start: int, grad_block: Tensor) -> None:
+        """Take the block of rows of the output gradient that starts at ``start``."""
+        rows = slice(start, start + grad_block.shape[0])
+        torch.mm(grad_block, self.b_t, out=self.grad_xa[rows])
+        if self.grad_b is None:
+            return
+        if self.grad_b.dtype == grad_block.dtype:
+            self.grad_b.addmm_(self.xa[rows].t(), grad_block)
+        else:
+            self.grad_b += self.xa[rows].t() @ grad_block
+
+    def hand_over(self, producer: Any, grad: Tensor) -> None:
+        """Leave these gradients for ``producer``'s backward, tied to ``grad`` (the output gradient it should get)
+        without keeping it alive, until the end of this backward pass (where it never runs, they are dropped)."""
+        self.grad, self.version = weakref.ref(grad), grad._version
+        producer.precomputed = self
+
+        def drop() -> None:
+            if producer.precomputed is self:
+                producer.precomputed = None
+
+        torch.autograd.Variable._execution_engine.queue_callback(drop)
+
+    def of_gradient(self, grad: Tensor) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """``(grad_xa, grad_b)`` if ``grad`` is the very tensor they were computed from, unchanged; else None."""
+        if self.grad is None or grad is not self.grad() or grad._version != self.version:
+            return None
+        return self.grad_xa, self.grad_b.to(grad.dtype) if self.grad_b is not None else None
 
 
 def _product_dtype(inputs: Tensor) -> torch.dtype:
@@ -170,12 +261,38 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     """``act(x)`` (in ``dtype`` when given) and ``act(x) A``.
 
     A is handed to the product as the transpose of a row-major (rank, in) copy: each output is then a dot product of
-    two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row.
+    two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. An activation with
+    an out op (GELU) is applied a cache-sized block of rows at a time, each block multiplied by A while it is in
+    cache: the activation output (as wide as the MLP) is written once and not read back for ``x A``.
     """
-    inputs = x if activation is None else activation(x)
-    if dtype is not None:
-        inputs = inputs.to(dtype)
-    return inputs, inputs @ a.to(inputs.dtype).t().contiguous().t()
+    a_t = a.t().contiguous().t()
+    if activation is None or type(activation) not in _ACTIVATION_OPS or x.dim() < 2 or x.numel() == 0:
+        inputs = x if activation is None else activation(x)
+        if dtype is not None:
+            inputs = inputs.to(dtype)
+        return inputs, inputs @ a_t.to(inputs.dtype)
+    forward_out = _ACTIVATION_OPS[type(activation)][0]
+    h = x.reshape(-1, x.shape[-1])
+    rows = _block_rows(h)
+    inputs = torch.empty(h.shape, dtype=dtype or h.dtype, device=h.device)
+    # In another dtype, each block is activated into one reused buffer, then cast into its rows of ``inputs``.
+    cast = inputs.dtype != h.dtype
+    buffer = torch.empty(min(rows, h.shape[0]), h.shape[1], dtype=h.dtype, device=h.device) if cast else None
+    xas = []
+    for start in range(0, h.shape[0], rows):
+        h_block, block = h[start : start + rows], inputs[start : start + rows]
+        if cast:
+            block.copy_(forward_out(activation, h_block, buffer[: h_block.shape[0]]))
+        else:
+            forward_out(activation, h_block, block)
+        xas.append(block @ a_t.to(block.dtype))
+    xa = torch.cat(xas) if len(xas) > 1 else xas[0]
+    return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
+
+
+def _block_rows(h: Tensor) -> int:
+    """Rows of a cache-sized block of the 2-d ``h`` (see ``_ACTIVATION_BLOCK_ELEMENTS``)."""
+    return max(1, _ACTIVATION_BLOCK_ELEMENTS // max(1, h.shape[-1]))
 
 
 def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
@@ -202,20 +319,29 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
 
 
 def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,
-              activation: Optional[nn.Module], needs_x: bool, needs_a: bool, needs_b: bool
+              activation: Optional[nn.Module], needs_x: bool, needs_a: bool, needs_b: bool,
+              precomputed: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+              producer: Optional[_InputLayerGradients] = None
               ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """The gradients of x, A and B that are asked for (see ``LowRankLinear``)."""
+    """The gradients of x, A and B that are asked for (see ``LowRankLinear``).
+
+    ``precomputed``: ``(grad Bᵀ, (x A)ᵀ grad)``, already computed by the adapted fc2 after this layer; ``producer``:
+    the gradients this (fc2) layer computes for the adapted fc1 before it (``_InputLayerGradients``)."""
     dtype = grad.dtype
     input_shape = (*grad.shape[:-1], weight.shape[1])
     grad = grad.reshape(-1, grad.shape[-1])
     a_, b_ = a.to(dtype), b.to(dtype)
-    grad_xa = grad @ b_.t()
-    grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
+    if precomputed is not None:
+        grad_xa, grad_b = precomputed[0], precomputed[1] if needs_b else None
+    else:
+        grad_xa = grad @ b_.t()
+        grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
     grad_x = grad @ weight.to(dtype) if needs_x else None
     grad_a = None
     if activation is not None:
         if needs_x or needs_a:
-            grad_a = _activation_backward(activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, a_, needs_a)
+            grad_a = _activation_backward(activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, a_, needs_a,
+                                          producer)
     else:
         if grad_x is not None:
             grad_x.addmm_(grad_xa, a_.t())
@@ -325,14 +451,15 @@ _ACTIVATION_OPS = {nn.GELU: (_gelu_out, _gelu_backward_)}
 
 
 def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor, a: Tensor,
-                         needs_a: bool) -> Optional[Tensor]:
+                         needs_a: bool, producer: Optional[_InputLayerGradients] = None) -> Optional[Tensor]:
     """Finish an adapted ``fc2``'s input gradient in place and return A's gradient, one block of rows at a time.
 
     ``grad_x`` holds the frozen part ``grad W``; each block gets the low-rank part ``grad_xa Aᵀ``, then the
     activation's backward, while it is in cache. The block's recomputed activation output gives A's gradient
-    ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once.
+    ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once. Each finished block of h's
+    gradient also gives the ``producer``'s gradients (an adapted fc1's), if any.
     """
-    rows = max(1, _ACTIVATION_BLOCK_ELEMENTS // h.shape[-1])
+    rows = _block_rows(h)
     a_t = a.t()
     # (rank, in) and row-major, the fast orientation for these products (``zeros_like(a_t)`` would keep a's
     # transposed strides: a column-major accumulator is ten times slower to add into).
@@ -346,6 +473,8 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
             grad_block.addmm_(grad_xa_block, a_t)
         out = buffer[: h_block.shape[0]] if buffer is not None else None
         x_block = _activation_block(activation, h_block, grad_block, out, needs_a)
+        if producer is not None and grad_block is not None:
+            producer.add(start, grad_block)
         if grad_a_t is not None:
             grad_a_t.addmm_(grad_xa_block.t(), x_block.to(grad_xa.dtype))
     return grad_a_t.t().contiguous() if grad_a_t is not None else None
