@@ -278,6 +278,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     # In another dtype, each block is activated into one reused buffer, then cast into its rows of ``inputs``.
     cast = inputs.dtype != h.dtype
     buffer = torch.empty(min(rows, h.shape[0]), h.shape[1], dtype=h.dtype, device=h.device) if cast else None
+    a_t = a_t.to(inputs.dtype)
     xas = []
     for start in range(0, h.shape[0], rows):
         h_block, block = h[start : start + rows], inputs[start : start + rows]
@@ -285,7 +286,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
             block.copy_(forward_out(activation, h_block, buffer[: h_block.shape[0]]))
         else:
             forward_out(activation, h_block, block)
-        xas.append(block @ a_t.to(block.dtype))
+        xas.append(block @ a_t)
     xa = torch.cat(xas) if len(xas) > 1 else xas[0]
     return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
 

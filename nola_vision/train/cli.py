@@ -49,9 +49,9 @@ from .module import (
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
            "NolaCLI", "OutputKeptError", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error",
-           "argument_value_error",
-           "check_checkpoint_file", "check_config_sources", "check_full_passes", "check_monitors",
-           "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options", "run_lightning_cli"]
+           "argument_value_error", "check_checkpoint_file", "check_config_sources", "check_full_passes",
+           "check_monitors", "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options",
+           "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
