@@ -288,6 +288,17 @@ def test_logs_metrics_and_parameter_counts(tmp_path):
     assert model.parameter_counts["head"] == 64 * 4 + 4
 
 
+@pytest.mark.parametrize("adapter", [NOLA, "linear", "full"])
+def test_trainable_count_is_what_the_method_trains_also_after_freeze(adapter):
+    model = FewShotClassifier(num_classes=4, adapter=adapter, **TINY)
+    counts = model.parameter_counts
+    assert counts["trainable"] == sum(p.numel() for p in model.model.parameters() if p.requires_grad) > 0
+    if adapter != "full":
+        assert counts["trainable"] == counts["adapter"] + counts["head"]
+    model.freeze()  # before inference: requires_grad is off everywhere, the method still trains the same tensors
+    assert model.parameter_counts == counts
+
+
 def test_cosine_schedule_per_epoch_reaches_min_lr():
     f = cosine_factor(50, 5e-3, 1e-6)
     assert f(0) == 1.0

@@ -283,8 +283,12 @@ class FewShotClassifier(L.LightningModule):
     # ---- what is trained -------------------------------------------------------------------------
     @property
     def parameter_counts(self) -> Dict[str, int]:
-        """Exact counts: ``adapter``, ``head``, ``trainable``, ``total``."""
-        return count_parameters(self.model)
+        """Exact counts: ``adapter``, ``head``, ``trainable``, ``total``. ``trainable`` counts what the method trains,
+        not what has ``requires_grad`` now: ``freeze()`` before inference would make it 0 in a test result."""
+        counts = count_parameters(self.model)
+        adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
+        counts["trainable"] = sum({id(p): p.numel() for p in (*adapter.values(), *head.values())}.values())
+        return counts
 
     def trained_keys(self) -> Set[str]:
         """The checkpoint keys of what the method trains (adapter and head; everything for ``full``): by the method,
