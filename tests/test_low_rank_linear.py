@@ -315,6 +315,41 @@ def test_an_adapted_mlp_gives_the_gradients_of_the_plain_ops_when_fc2_computes_f
             assert (got - expected).abs().max() <= 0.015 * expected.abs().max()
 
 
+class Products(TorchDispatchMode):
+    """Every matrix product: the shapes of its 2-d operands and of what it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            operands = tuple(tuple(t.shape) for t in args if isinstance(t, torch.Tensor) and t.dim() == 2)
+            self.calls.append((operands[-2:], tuple(result.shape)))
+        return result
+
+
+def test_under_autocast_the_low_rank_term_joins_the_frozen_product_where_w_is_cast_anyway(monkeypatch):
+    """Autocast casts fc1's float32 input and W to bfloat16 anyway: they are cast into buffers that also hold x A,
+    Bᵀ and the bias, so one product of inner size 12 + 3 + 1 (padded to a multiple of 8) writes fc1's output, where
+    a rank-4 product used to write it first. In fc2's backward W is cast too and its input is the wider side: one
+    product of inner size 12 + 3 (padded) gives the input gradient with its low-rank part, and no rank-3 update
+    reads and writes its blocks again."""
+    from nola_vision.core import functions
+
+    monkeypatch.setattr(functions, "_ACTIVATION_BLOCK_ELEMENTS", 40 * 10)  # blocks of 10 of the 64 rows
+    x, fc1, fc2 = _mlp_pair(torch.Generator().manual_seed(0))
+    with Products() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _through_mlp(low_rank_linear, x, fc1, fc2)
+    assert [operands for operands, written in forward.calls if written == (64, 40)] == [((64, 16), (16, 40))]
+    with Products() as backward:
+        out.float().sum().backward()
+    assert [operands for operands, written in backward.calls if written == (64, 40)] == [((64, 16), (16, 40))]
+    assert not [operands for operands, written in backward.calls if written[1] == 40 and written[0] < 64
+                and operands[0][1] == 3]  # no grad_xa Aᵀ added to a block of rows
+
+
 def test_an_adapted_fc1_reads_its_mlp_wide_output_gradient_once_in_backward(monkeypatch):
     """Its x A and B gradients come from the adapted fc2's blocks, while each block of that gradient is in cache:
     fc1's own backward reads the whole gradient only for the frozen product."""

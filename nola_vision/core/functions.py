@@ -239,9 +239,12 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
     where the last block's ``fc2`` product sits at the step's memory peak, this frees more than the compiler
     keeps beyond eager (it fuses each residual addition into the next layer norm, so one addend lives longer).
     """
+    if activation is None:  # x as it is: the product casts it, as under eager autocast (``_joined_product``)
+        xa = _adapter_input(x, a, None, dtype)[1]
+        return _product(x, weight, bias, xa, b, dtype), xa
     if dtype is not None:
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-    if activation is None or x.dim() < 2 or x.numel() == 0:
+    if x.dim() < 2 or x.numel() == 0:
         inputs, xa = _adapter_input(x, a, activation, dtype)
         return _product(inputs, weight, bias, xa, b), xa
     h = x.reshape(-1, x.shape[-1])
@@ -297,16 +300,21 @@ def _block_rows(h: Tensor) -> int:
 
 
 def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
-             out: Optional[Tensor] = None) -> Tensor:
+             dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None) -> Tensor:
     """``inputs Wᵀ + bias + xa B``: one rank-(r+1) product writes ``xa B + bias`` (the bias as a row of B against
     a column of ones), then the frozen product accumulates onto it, so the output is written once and read once
     instead of being filled with the bias, written by the product and read and written again by the update.
 
     The result is not a view autograd tracks (as ``matmul``'s is not), so an in-place op after the layer (a
-    ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one. ``out``: the
-    2-d rows to write instead (``_forward``'s row parts).
+    ``ReLU(inplace=True)``, ``qkv += bias``) works; ``F.linear`` on a 3-d input would return one. ``dtype``: the
+    product's (default: as autocast chooses); ``out``: the 2-d rows to write instead (``_forward``'s row parts).
+    Where ``inputs`` and ``W`` must both be cast, ``_joined_product`` computes it instead.
     """
-    dtype = _product_dtype(inputs)
+    dtype = dtype or _product_dtype(inputs)
+    if inputs.dtype != dtype and weight.dtype != dtype:
+        y = _joined_product(inputs.reshape(-1, inputs.shape[-1]), weight, xa.reshape(-1, xa.shape[-1]), b.t(), bias,
+                            dtype, out)
+        return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
     rows = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
     left, right = xa.reshape(-1, xa.shape[-1]).to(dtype), b.to(dtype)
     if bias is not None:
@@ -317,6 +325,56 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     if out is not None:
         return out
     return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
+
+
+def _joined_product(rows: Tensor, weight: Tensor, xa: Tensor, b_t: Tensor, bias: Optional[Tensor], dtype: torch.dtype,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """``rows Wᵀ + xa B (+ bias)`` in ``dtype`` as one product, for 2-d ``rows`` and ``xa``, where ``rows`` and ``W``
+    must both be cast (autocast).
+
+    They are cast into buffers that also hold ``xa`` (and a column of ones) and ``Bᵀ`` (and the bias): the product's
+    inner size grows by rank + 1, the output is written once and rounded once, and no separate low-rank product
+    writes it first (a bfloat16 product with an inner size of 5 takes a tenth of the frozen product's time). The inner
+    size is padded to a multiple of 8 with zeros, which keeps the buffers' rows aligned for accelerator kernels.
+    """
+    inner, rank = rows.shape[1], xa.shape[1]
+    used = inner + rank + (bias is not None)
+    width = _aligned(used)
+    left = torch.empty((rows.shape[0], width), dtype=dtype, device=rows.device)
+    right = torch.empty((weight.shape[0], width), dtype=dtype, device=weight.device)
+    left[:, :inner].copy_(rows)
+    left[:, inner : inner + rank].copy_(xa)
+    right[:, :inner].copy_(weight)
+    right[:, inner : inner + rank].copy_(b_t)
+    if bias is not None:
+        left[:, used - 1].fill_(1)
+        right[:, used - 1].copy_(bias)
+    left[:, used:].zero_()
+    right[:, used:].zero_()
+    return torch.mm(left, right.t(), out=out) if out is not None else torch.mm(left, right.t())
+
+
+def _joined_input_gradient(grad: Tensor, weight: Tensor, grad_xa: Tensor, a: Tensor) -> Tensor:
+    """``grad W + grad_xa Aᵀ`` as one product, for a 2-d ``grad`` in a dtype that ``W`` must be cast to (autocast):
+    ``W`` is cast into a buffer that also holds ``Aᵀ`` as extra rows (padded as in ``_joined_product``), so no
+    separate low-rank pass reads and writes the input gradient. Worth it where the output is narrower than the
+    input (an MLP's fc2): the copy of ``grad`` that it costs is smaller than the pass it saves."""
+    out_features, rank = grad.shape[1], grad_xa.shape[1]
+    used = out_features + rank
+    left = torch.empty((grad.shape[0], _aligned(used)), dtype=grad.dtype, device=grad.device)
+    right = torch.empty((left.shape[1], weight.shape[1]), dtype=grad.dtype, device=weight.device)
+    left[:, :out_features].copy_(grad)
+    left[:, out_features:used].copy_(grad_xa)
+    right[:out_features].copy_(weight)
+    right[out_features:used].copy_(a.t())
+    left[:, used:].zero_()
+    right[used:].zero_()
+    return left @ right
+
+
+def _aligned(inner: int) -> int:
+    """``inner`` rounded up to a multiple of 8 elements (16 bytes in 16-bit dtypes)."""
+    return -(-inner // 8) * 8
 
 
 def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: Tensor, b: Tensor,
@@ -337,14 +395,18 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     else:
         grad_xa = grad @ b_.t()
         grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
-    grad_x = grad @ weight.to(dtype) if needs_x else None
+    # W is cast anyway and the input is the wider side: the low-rank term joins the frozen product
+    joined = needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
+    grad_x = None
+    if needs_x:
+        grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ weight.to(dtype)
     grad_a = None
     if activation is not None:
         if needs_x or needs_a:
             grad_a = _activation_backward(activation, x.reshape(-1, x.shape[-1]), grad_x, grad_xa, a_, needs_a,
-                                          producer)
+                                          producer, low_rank_added=joined)
     else:
-        if grad_x is not None:
+        if grad_x is not None and not joined:
             grad_x.addmm_(grad_xa, a_.t())
         if needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product
             grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).t().contiguous()
@@ -452,13 +514,15 @@ _ACTIVATION_OPS = {nn.GELU: (_gelu_out, _gelu_backward_)}
 
 
 def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tensor], grad_xa: Tensor, a: Tensor,
-                         needs_a: bool, producer: Optional[_InputLayerGradients] = None) -> Optional[Tensor]:
+                         needs_a: bool, producer: Optional[_InputLayerGradients] = None,
+                         low_rank_added: bool = False) -> Optional[Tensor]:
     """Finish an adapted ``fc2``'s input gradient in place and return A's gradient, one block of rows at a time.
 
-    ``grad_x`` holds the frozen part ``grad W``; each block gets the low-rank part ``grad_xa Aᵀ``, then the
-    activation's backward, while it is in cache. The block's recomputed activation output gives A's gradient
-    ``act(h)ᵀ grad_xa``, so the activation output never exists for all rows at once. Each finished block of h's
-    gradient also gives the ``producer``'s gradients (an adapted fc1's), if any.
+    ``grad_x`` holds the frozen part ``grad W``; each block gets the low-rank part ``grad_xa Aᵀ`` (unless
+    ``low_rank_added``: ``_joined_input_gradient`` included it), then the activation's backward, while it is in cache.
+    The block's recomputed activation output gives A's gradient ``act(h)ᵀ grad_xa``, so the activation output never
+    exists for all rows at once. Each finished block of h's gradient also gives the ``producer``'s gradients (an
+    adapted fc1's), if any.
     """
     rows = _block_rows(h)
     a_t = a.t()
@@ -470,7 +534,7 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
     for start in range(0, h.shape[0], rows):
         h_block, grad_xa_block = h[start : start + rows], grad_xa[start : start + rows]
         grad_block = grad_x[start : start + rows] if grad_x is not None else None
-        if grad_block is not None:
+        if grad_block is not None and not low_rank_added:
             grad_block.addmm_(grad_xa_block, a_t)
         out = buffer[: h_block.shape[0]] if buffer is not None else None
         x_block = _activation_block(activation, h_block, grad_block, out, needs_a)
