@@ -127,3 +127,22 @@ def test_integer_codes_that_lose_most_of_a_tensor_warn_naming_it(tmp_path, bits)
     with pytest.warns(UserWarning, match=rf"tensor {name} loses most of its values at {bits} bits.*up to 1e\+04.*"
                                          r"Save with bits=16"):
         nv.save_adapter(model, tmp_path / "outlier", bits=bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_codes_that_collapse_values_far_from_zero_warn_too(tmp_path, bits):
+    """Values around 1 that differ by hundredths, and one at 100: every other value got one code, so their
+    differences (what the tensor holds) were gone, while their magnitude, which an earlier check compared the
+    coding error with, barely moved."""
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64))
+    name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
+    with torch.no_grad():
+        alpha.copy_(1 + 0.01 * torch.randn(alpha.shape, generator=torch.Generator().manual_seed(0)))
+        alpha[0, 0] = 100.0
+    with pytest.warns(UserWarning, match=rf"tensor {name} loses most of its values at {bits} bits.*up to 100\b"):
+        nv.save_adapter(model, tmp_path / "offset", bits=bits)
+    with torch.no_grad():
+        alpha[0, 0] = 1.05  # the same values without the outlier keep their differences: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path / "plain", bits=bits)

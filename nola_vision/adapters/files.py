@@ -476,13 +476,20 @@ def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[flo
         raise ValueError(f"tensor {name} spans [{value.min().item():.4g}, {value.max().item():.4g}], too wide for "
                          f"{bits}-bit codes (they would load as inf): save it with bits=32")
     values = value.detach().float().flatten()
-    typical, error = values.abs().median().item(), (stored.flatten() - values).abs().median().item()
-    if typical > 0 and error > 0.5 * typical:  # a few far larger values left the others one or two codes
-        warn_user(f"tensor {name} loses most of its values at {bits} bits: their median changes by "
-                  f"{error / typical:.0%} when stored, since values up to "
+    spread, error = _typical_spread(values), (stored.flatten() - values).abs().median().item()
+    if spread > 0 and error > 0.5 * spread:  # a few far larger values left the others one or two codes
+        warn_user(f"tensor {name} loses most of its values at {bits} bits: storing moves a typical value by "
+                  f"{error / spread:.0%} of how far its values typically lie from their median, since values up to "
                   f"{values.abs().max().item():.4g} set the range of its {2 ** bits} codes. Save with bits=16, or "
                   f"train quantisation-aware at {bits} bits (set_quantization_aware)", UserWarning)
     return (pack4(codes) if bits == 4 else codes), [minimum, step, bits]
+
+
+def _typical_spread(values: Tensor) -> float:
+    """How far values typically lie from their median (the median absolute deviation), or, where most are equal,
+    their typical magnitude: the scale a coding error must stay well under for the values to keep their differences."""
+    spread = (values - values.median()).abs().median().item()
+    return spread if spread > 0 else values.abs().median().item()
 
 
 def adapter_size_bytes(directory: PathLike) -> int:
