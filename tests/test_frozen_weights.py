@@ -1,6 +1,7 @@
 """An adapter belongs to the frozen weights it was trained on: other weights are refused naming the layer, a
 bfloat16/float16 copy is accepted, merged adapters and a reset classifier are reported, and transfer is opt-in."""
 import copy
+import warnings
 
 import pytest
 import timm
@@ -230,6 +231,26 @@ def test_a_changed_class_token_is_refused_while_the_position_embedding_is_left_t
         other.cls_token.mul_(1.5)
     with pytest.raises(AdapterLoadError, match=r"the weights of VisionTransformer itself differ"):
         nv.load_adapter(other, saved[1])
+
+
+def with_complex_filter(imaginary: float) -> torch.nn.Module:
+    """A tiny ViT with a frozen complex parameter (a spectral filter, as in FFT-mixing backbones)."""
+    model = tiny_vit()
+    model.spectral = torch.nn.Module()
+    values = torch.complex(torch.ones(8, 5), torch.full((8, 5), imaginary))
+    model.spectral.weight = torch.nn.Parameter(values, requires_grad=False)
+    return model
+
+
+def test_frozen_complex_weights_that_differ_in_their_imaginary_parts_are_refused(tmp_path):
+    """A complex weight's imaginary parts were dropped from its fingerprint (with a cast warning), so weights that
+    differ there matched."""
+    directory = nv.save_adapter(trained(model=with_complex_filter(1.0)), tmp_path / "adapter", bits=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights load, without a warning
+        nv.load_adapter(with_complex_filter(1.0), directory)
+    with pytest.raises(AdapterLoadError, match=r"the weights of spectral differ by about"):
+        nv.load_adapter(with_complex_filter(-1.0), directory)
 
 
 def resized(model, **kwargs):

@@ -185,13 +185,20 @@ def _positions(numel: int, device: torch.device) -> Tensor:
 
 def _sample(values: Tensor, delta: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Up to ``SAMPLE`` values of a tensor (minus ``delta``'s, a function of flat positions), float64, non-finite
-    values as 0."""
-    flat = values.detach().reshape(-1)
+    values as 0. A complex tensor's values are its real and imaginary parts."""
+    flat = _real_values(values.detach())
     positions = _positions(flat.numel(), flat.device) if flat.numel() > SAMPLE else None
     sample = (flat if positions is None else flat.index_select(0, positions)).to(torch.float64)
     if delta is not None:
         sample = sample - delta(torch.arange(flat.numel(), device=flat.device) if positions is None else positions)
     return torch.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _real_values(values: Tensor) -> Tensor:
+    """A tensor's values as one flat real tensor: a complex tensor's real and imaginary parts side by side (a cast
+    to float64 would keep the real parts only, so weights differing in their imaginary parts would match)."""
+    flat = values.reshape(-1)
+    return torch.view_as_real(flat).reshape(-1) if flat.is_complex() else flat
 
 
 def _weight_delta(module: nn.Module, update: Optional[Factors] = None) -> Optional[Callable[[Tensor], Tensor]]:
@@ -364,7 +371,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def _sample_size(parameters: Dict[str, nn.Parameter]) -> int:
     """How many values the fingerprint samples of ``parameters``."""
-    return sum(min(value.numel(), SAMPLE) for value in parameters.values())
+    return sum(min(value.numel() * (2 if value.is_complex() else 1), SAMPLE) for value in parameters.values())
 
 
 def _difference(expected: List[float], actual: List[float], count: int) -> Optional[float]:
