@@ -1,10 +1,12 @@
 """Misuse that used to lose a trained adapter or load it silently wrong: QAT changed while merged, peft exports and
 adapter files in one directory, trained tensors a file does not hold, edited fields read before the checksum."""
+import concurrent.futures
 import copy
 import json
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -111,6 +113,40 @@ def test_quantisation_aware_training_runs_each_head_layer_once():
         assert "forward" not in copied.head[0].__dict__ and "forward" in model.head[0].__dict__
     nv.unload(model)
     assert "forward" not in norm.__dict__
+
+
+class SlowNorm(torch.nn.LayerNorm):
+    """A head norm that takes a while: a second thread's call arrives while the first's quantised values are in."""
+
+    def forward(self, x):
+        time.sleep(0.005)
+        return super().forward(x)
+
+
+def test_a_quantisation_aware_head_serves_several_threads_and_keeps_its_trained_parameters():
+    """A call that started while another thread's quantised tensors were swapped in took them for the trained
+    parameters and put them back for good: the trained values were lost, and the optimizer's no longer in the model."""
+    model = tiny_vit()
+    model.head = torch.nn.Sequential(SlowNorm(64), model.head)
+    nv.set_quantization_aware(nv.inject(model, NOLA), 4)
+    model.eval()
+    norm = model.head[0]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        expected = model(IMAGES)
+    trained = dict(norm.named_parameters())
+
+    def serve(_):
+        with torch.no_grad():
+            return [model(IMAGES) for _ in range(6)]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outputs = [out for outs in pool.map(serve, range(3)) for out in outs]
+    assert all(norm._parameters[name] is parameter for name, parameter in trained.items())  # the very Parameters
+    assert all(torch.equal(out, expected) for out in outputs)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            assert torch.equal(copied(IMAGES), expected)
 
 
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():

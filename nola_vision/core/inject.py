@@ -569,21 +569,32 @@ def _quantized_head(bits: int, head: nn.Linear, args: tuple, output: Tensor) -> 
 class _StoredBitsForward:
     """A head layer's forward (set on the instance) that runs the class's forward once with the layer's own
     parameters as stored at ``bits`` (straight-through gradient to them), swapped back in a ``finally``: also after
-    an interrupt, so no plain tensor is ever left where a trained parameter belongs. ``remove`` takes it off."""
+    an interrupt, so no plain tensor is ever left where a trained parameter belongs. Calls from several threads run
+    one at a time: one that started while another's swap was in place would take the quantised tensors for the trained
+    parameters and put them back for good. ``remove`` takes it off."""
 
     def __init__(self, module: nn.Module, bits: int) -> None:
         self.module, self.bits = module, bits
+        self._lock = threading.RLock()
         module.forward = self
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         module = self.module
-        trained = {name: parameter for name, parameter in module._parameters.items() if parameter is not None}
-        try:
-            for name, parameter in trained.items():
-                module._parameters[name] = fake_quantize(parameter, self.bits)
-            return type(module).forward(module, *args, **kwargs)
-        finally:
-            module._parameters.update(trained)
+        with self._lock:
+            trained = {name: parameter for name, parameter in module._parameters.items() if parameter is not None}
+            try:
+                for name, parameter in trained.items():
+                    module._parameters[name] = fake_quantize(parameter, self.bits)
+                return type(module).forward(module, *args, **kwargs)
+            finally:
+                module._parameters.update(trained)
+
+    def __getstate__(self) -> dict:
+        return {"module": self.module, "bits": self.bits}  # a lock does not copy or pickle
+
+    def __setstate__(self, state: dict) -> None:
+        self.module, self.bits = state["module"], state["bits"]
+        self._lock = threading.RLock()
 
     def remove(self) -> None:
         if self.module.__dict__.get("forward") is self:
