@@ -3,9 +3,11 @@ with fake fits (tests/fake_fit.py) so that no test trains."""
 import fcntl
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from fake_fit import fake_python
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
+from nola_vision.runs.executors import claimed_job
 from nola_vision.runs.protocol import run_protocol
-from nola_vision.runs.results import config_key
+from nola_vision.runs.results import JOB_LOCK_FILE, RESULT_FILE, claim_unfinished_run, config_key, result_counts
 from nola_vision.runs.tune import parse_grid, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +234,59 @@ def test_overrides_that_append_or_load_a_config_keep_their_order_and_every_value
         ["--config=x.yaml", "--model.lr=0.1"])
     assert effective_overrides(["--model.lr=0.1", "--data.shots=2", "--model.lr=0.2"]) == effective_overrides(
         ["--data.shots=2", "--model.lr=0.2"]) == ["--data.shots=2", "--model.lr=0.2"]
+
+
+
+def test_a_cluster_jobs_fit_holds_its_runs_job_lock_after_the_job_dies_so_a_rerun_starts_no_second_fit(tmp_path):
+    """On SLURM a command's claim stays on its node: killed (kill -9), its jobs went on, and a re-run started each of
+    their fits a second time in the same folder, retiring the live fit's config.yaml first."""
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the live fit's settings")
+    job = subprocess.Popen([sys.executable, "-c", "import sys; from nola_vision.runs.executors import claimed_job; "
+                            "claimed_job(sys.argv[1:4], sys.argv[4], sys.argv[5])", sys.executable, "-c",
+                            f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
+                            f"open({str(tmp_path / 'ran')!r}, 'w')", str(tmp_path / "log.txt"),
+                            str(run_dir / JOB_LOCK_FILE)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "log.txt").exists():
+            assert time.monotonic() < deadline, "the job never started its fit"
+            time.sleep(0.05)
+        job.kill()  # the job dies; its fit goes on, holding the lock it inherited
+        job.wait()
+        assert claim_unfinished_run(run_dir) is None  # a re-run leaves the run to the live fit
+        assert (run_dir / "config.yaml").exists()
+    finally:
+        release.touch()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ran").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(0.2)  # the fit exits once it wrote its file
+    claim = claim_unfinished_run(run_dir)  # the fit ended: its run can be claimed again
+    assert claim is not None
+    os.close(claim)
+
+
+def test_a_job_a_killed_command_left_queued_waits_for_the_running_one_and_runs_no_fit_once_it_counts(tmp_path):
+    """The re-run's job and a queued job of the killed command ran the same fit twice, one after the other."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    marker = tmp_path / "ran"
+    fit = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    running = os.open(run_dir / JOB_LOCK_FILE, os.O_RDONLY | os.O_CREAT)  # the other job's fit runs
+    fcntl.flock(running, fcntl.LOCK_EX)
+    outcome = {}
+    queued = threading.Thread(target=lambda: outcome.update(code=claimed_job(
+        fit, str(tmp_path / "log.txt"), run_dir / JOB_LOCK_FILE, partial(result_counts, run_dir))))
+    queued.start()
+    time.sleep(0.5)
+    assert queued.is_alive() and not marker.exists()  # waits for the lock, starts nothing
+    (run_dir / RESULT_FILE).write_text(json.dumps({"metrics": {"test/acc": 0.5}}))  # the other fit ends
+    os.close(running)
+    queued.join(timeout=30)
+    assert outcome["code"][0] == 0 and not marker.exists()
+    (run_dir / RESULT_FILE).unlink()  # no counted result: the job runs the fit
+    assert claimed_job(fit, str(tmp_path / "log.txt"), run_dir / JOB_LOCK_FILE,
+                       partial(result_counts, run_dir))[0] == 0
+    assert marker.exists()

@@ -433,14 +433,15 @@ def writer_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def try_lock(path: PathLike) -> Optional[int]:
+def try_lock(path: PathLike, wait: bool = False) -> Optional[int]:
     """A descriptor holding an exclusive lock on the file ``path`` (created) until it is closed, or None when another
-    process holds it. Where no lock can be taken (Windows, a file system without locks), the descriptor holds none."""
+    process holds it (``wait``: once it lets go instead). Where no lock can be taken (Windows, a file system without
+    locks), the descriptor holds none."""
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     if fcntl is None:
         return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None

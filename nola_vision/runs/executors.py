@@ -18,10 +18,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+from ..core.storage import try_lock
 
 __all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
-           "build_executor", "call", "failure", "stop_runs_on_signals", "stopping"]
+           "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals", "stopping"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
@@ -31,11 +33,16 @@ CONFIG_EXIT = 2
 @dataclass(frozen=True)
 class Run:
     """One ``nola-vision fit`` process: its command line, the file that receives its output, and the descriptor of
-    its run's claim lock (``results.claim_run``), which a local fit inherits and so holds for as long as it lives."""
+    its run's claim lock (``results.claim_run``), which a local fit inherits and so holds for as long as it lives.
+
+    A cluster job cannot inherit a descriptor from the command's node: it locks ``job_lock`` instead, and runs no fit
+    where ``finished()`` says the run's result counts already (``claimed_job``)."""
 
     cmd: Tuple[str, ...]
     log: Path
     claim: Optional[int] = None
+    job_lock: Optional[Path] = None
+    finished: Optional[Callable[[], bool]] = None
 
 
 _RUNNING: Set[subprocess.Popen] = set()  # the fits this process started and waits for
@@ -67,6 +74,25 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
         with _RUNNING_LOCK:
             _RUNNING.discard(process)
     return code, round(time.time() - start, 1)
+
+
+def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
+                finished: Optional[Callable[[], bool]] = None) -> Tuple[int, float]:
+    """A cluster job's ``call``: under ``lock``, which its fit inherits, so that it is held as long as the fit lives.
+
+    The command that submitted the job may be killed (``kill -9``) while its jobs go on; a re-run then sees the lock
+    held and starts no second fit there. A job a killed command left queued waits here for the lock, and runs no fit
+    once ``finished()`` says the other job's result counts: its wall time is then the wait."""
+    if lock is None:
+        return call(cmd, log)
+    start = time.time()
+    fd = try_lock(lock, wait=True)
+    try:
+        if finished is not None and finished():
+            return 0, round(time.time() - start, 1)
+        return call(cmd, log, pass_fds=(fd,) if os.name == "posix" else ())
+    finally:
+        os.close(fd)
 
 
 def failure(code: int, log: Path) -> str:
@@ -249,7 +275,8 @@ class SubmititExecutor(Executor):
     def run(self, runs: Sequence[Run]) -> Iterator[Tuple[Run, int, float]]:
         if not runs:
             return
-        jobs = self.executor.map_array(call, [list(r.cmd) for r in runs], [str(r.log) for r in runs])
+        jobs = self.executor.map_array(claimed_job, [list(r.cmd) for r in runs], [str(r.log) for r in runs],
+                                       [r.job_lock for r in runs], [r.finished for r in runs])
         pending = dict(zip(jobs, runs))
         try:
             yield from self._results(pending)

@@ -32,6 +32,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +53,7 @@ from .executors import (
 )
 from .knn import extract_features, knn_predict
 from .results import (
+    JOB_LOCK_FILE,
     RESULT_FILE,
     adopt_result,
     check_row_data,
@@ -66,6 +68,7 @@ from .results import (
     parse_overrides,
     read_result,
     request_runs,
+    result_counts,
     row_folder,
     stamp_claimed_run,
     write_tables,
@@ -369,7 +372,7 @@ def run_protocol(
         stamp_claimed_run(run_dir, {"config_hash": row.key["config_hash"], "data": row.images})
         labels[run_dir] = label
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
-                           run_dir / "log.txt", claim))
+                           run_dir / "log.txt", claim, run_dir / JOB_LOCK_FILE, partial(result_counts, run_dir)))
     failed: List[str] = []
     refused = False  # a run failed on its configuration: re-running the same command fails the same way
     try:

@@ -33,18 +33,19 @@ from ..core.storage import (
 )
 from ..core.warn import warn_user
 
-__all__ = ["CONFIG_FILE", "CSV_FIELDS", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS", "RUN_FOLDER",
-           "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run",
+__all__ = ["CONFIG_FILE", "CSV_FIELDS", "JOB_LOCK_FILE", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS",
+           "RUN_FOLDER", "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run",
            "claim_unfinished_run", "collect_results", "config_file_options", "config_key", "counted", "data_digests",
-           "discard_result", "effective_overrides", "finished_result", "first_line", "image_changes",
-           "mixed_settings", "override_changes", "parse_overrides", "read_result", "referenced_files",
-           "refuse_foreign_file", "request_runs", "requested_runs", "retire_unfinished_run", "row_folder",
+           "discard_result", "effective_overrides", "finished_result", "first_line", "image_changes", "mixed_settings",
+           "override_changes", "parse_overrides", "read_result", "referenced_files", "refuse_foreign_file",
+           "request_runs", "requested_runs", "result_counts", "retire_unfinished_run", "row_folder",
            "run_seeds_mismatch", "same_settings", "stamp_claimed_run", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
 STAMP_FILE = ".stamp.json"  # in a run folder: what the command that started its fit stamps on its result
+JOB_LOCK_FILE = ".job"  # in a run folder: locked by the cluster job that runs its fit (``executors.claimed_job``)
 RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | runs | "
                      "top-1 % mean (std) |")  # results.md's first line
 RESULTS_MD_MARK = "| run | method | "  # how every version's results.md began: what the tables know theirs by
@@ -280,12 +281,30 @@ def claim_unfinished_run(run_dir: Path, metric: str = "test/acc") -> Optional[in
     claim = claim_run(run_dir)
     if claim is None:
         return None
-    if counted(read_result(run_dir / RESULT_FILE), metric):  # finished by another process meanwhile
+    # finished by another process meanwhile, or a cluster job runs its fit (one that a killed command submitted)
+    if counted(read_result(run_dir / RESULT_FILE), metric) or _job_running(run_dir):
         os.close(claim)
         return None
     discard_result(run_dir / RESULT_FILE)
     retire_unfinished_run(run_dir)
     return claim
+
+
+def _job_running(run_dir: Path) -> bool:
+    """Whether a cluster job holds ``run_dir``'s job lock: its command's claim is not passed to another node, so a job
+    outlives a command that was killed, and its fit goes on there."""
+    if not (run_dir / JOB_LOCK_FILE).exists():  # local fits never take it: no file in their folders
+        return False
+    lock = try_lock(run_dir / JOB_LOCK_FILE)
+    if lock is None:
+        return True
+    os.close(lock)
+    return False
+
+
+def result_counts(run_dir: Path, metric: str = "test/acc") -> bool:
+    """Whether ``run_dir`` holds a result that counts (``metric`` finite): a finished fit, never to be run again."""
+    return counted(read_result(run_dir / RESULT_FILE), metric)
 
 
 def stamp_claimed_run(run_dir: Path, stamp: Dict[str, Any]) -> None:

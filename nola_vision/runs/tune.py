@@ -62,6 +62,7 @@ from .protocol import (
     run_protocol,
 )
 from .results import (
+    JOB_LOCK_FILE,
     RESULT_FILE,
     adopt_result,
     check_seeds,
@@ -75,6 +76,7 @@ from .results import (
     override_changes,
     read_result,
     refuse_foreign_file,
+    result_counts,
     row_folder,
     same_settings,
     stamp_claimed_run,
@@ -416,8 +418,8 @@ class _Search:
                     if claim is not None:
                         claims[run_dir] = claim
                         stamp_claimed_run(run_dir, {"data": self.images.now()})  # for a later worker, should this die
-                runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim)
-                        for d, claim in claims.items()]
+                runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim,
+                            d / JOB_LOCK_FILE, partial(result_counts, d, "val/acc")) for d, claim in claims.items()]
                 errors = [self._failure(run, code) for run, code, _ in self.executor.run(runs)
                           if not self._record(run.log.parent, code)]
             finally:
@@ -477,8 +479,8 @@ class _Search:
         for run_dir in run_dirs:
             if self.echo and run_dir not in announced:
                 print(f"[tune {self.root.name}] {run_dir}: its fit runs in another process (it holds "
-                      f"{run_dir / '.claim'}; e.g. a fit a killed tune left running), so no second one is started: "
-                      "waiting for it to end", flush=True)
+                      f"{run_dir / '.claim'} or, a cluster job, {run_dir / JOB_LOCK_FILE}; e.g. a fit a killed tune "
+                      "left running), so no second one is started: waiting for it to end", flush=True)
             announced.add(run_dir)
         deadline = time.monotonic() + min(5.0, self.heartbeat_s)
         while time.monotonic() < deadline:
