@@ -251,6 +251,26 @@ def test_regex_targets_select_blocks():
     assert sorted(nv.adapted_layers(model)) == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
 
 
+@pytest.mark.parametrize("targets, expected", [
+    (["blocks.0.attn.q|blocks.1.attn.v"], {"blocks.0.attn.qkv": ((0, 64),), "blocks.1.attn.qkv": ((128, 192),)}),
+    ([r".*attn\.v|.*mlp\.fc1"], {**{f"blocks.{i}.attn.qkv": ((128, 192),) for i in (0, 1)},
+                                 **{f"blocks.{i}.mlp.fc1": ((0, 256),) for i in (0, 1)}}),
+    ([r".*mlp\.fc1|.*attn\.v"], {**{f"blocks.{i}.attn.qkv": ((128, 192),) for i in (0, 1)},
+                                 **{f"blocks.{i}.mlp.fc1": ((0, 256),) for i in (0, 1)}}),
+    ([r"blocks\.1\.attn\.[qv]"], {"blocks.1.attn.qkv": ((0, 64), (128, 192))}),
+    ([".*"], None),  # every Linear whole, the fused qkv too: never its thirds beside it
+])
+def test_a_regex_selects_a_fused_qkv_third_by_its_virtual_name_like_any_module_name(targets, expected):
+    """A regex alternating a third with other names selected the third only where it came last (its last dotted part
+    was read as the slice), and dropped or refused the rest without a word."""
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=targets))
+    layers = {name: layer.slices for name, layer in nv.adapted_layers(model).items()}
+    if expected is None:
+        expected = {name: ((0, module.out_features),) for name, module in tiny_vit().named_modules()
+                    if isinstance(module, torch.nn.Linear) and name != "head"}
+    assert layers == expected
+
+
 def test_invalid_configs_name_the_valid_choices():
     with pytest.raises(ValueError, match="shared"):
         nv.NOLAConfig(basis="global")

@@ -234,6 +234,14 @@ def _suffix_regex_hint(pattern: str, linears: List[str]) -> str:
             f"{', '.join(_summarise_names(found))}. ")
 
 
+def _virtual_thirds(name: str) -> Dict[str, str]:
+    """The virtual names of a fused ``qkv`` layer's thirds (``blocks.0.attn.qkv`` → ``blocks.0.attn.q``, ...), which
+    targets match as they match module names (so a regex alternation selects each of them alike); none for others."""
+    if name != "qkv" and not name.endswith(".qkv"):
+        return {}
+    return {part: name[: -len("qkv")] + part for part in QKV_SLICES}
+
+
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
     """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
     head = classifier_head(model)
@@ -246,24 +254,27 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
     found: Dict[str, List[Slice]] = {}
     for pattern in targets:
         matched = False
-        prefix, _, last = pattern.rpartition(".")
         for name, module in linears.items():
-            if last in QKV_SLICES and _matches(name, f"{prefix}.qkv" if prefix else "qkv"):
-                if module.out_features % 3:
-                    raise ValueError(f"target {pattern!r}: {name} has {module.out_features} outputs, not a fused qkv")
-                parent = model.get_submodule(name.rpartition(".")[0])
-                if not _splits_into_q_k_v_blocks(parent):
-                    raise ValueError(
-                        f"target {pattern!r}: cannot tell that {type(parent).__name__} splits the output of {name} "
-                        "into q, k and v blocks (reshape(B, N, 3, num_heads, ...)); it may lay them out head by head, "
-                        "so a third of it would mix q, k and v. Target the fused layer ('attn.qkv') instead")
-                width = module.out_features // 3
-                start = QKV_SLICES[last] * width
-                found.setdefault(name, []).append((start, start + width))
-                matched = True
-            elif _matches(name, pattern):
+            if _matches(name, pattern):
                 found.setdefault(name, []).append((0, module.out_features))
                 matched = True
+                continue
+            thirds = [part for part, virtual in _virtual_thirds(name).items() if _matches(virtual, pattern)]
+            if not thirds:
+                continue
+            if module.out_features % 3:
+                raise ValueError(f"target {pattern!r}: {name} has {module.out_features} outputs, not a fused qkv")
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if not _splits_into_q_k_v_blocks(parent):
+                raise ValueError(
+                    f"target {pattern!r}: cannot tell that {type(parent).__name__} splits the output of {name} "
+                    "into q, k and v blocks (reshape(B, N, 3, num_heads, ...)); it may lay them out head by head, "
+                    "so a third of it would mix q, k and v. Target the fused layer ('attn.qkv') instead")
+            width = module.out_features // 3
+            for part in thirds:
+                start = QKV_SLICES[part] * width
+                found.setdefault(name, []).append((start, start + width))
+            matched = True
         if not matched:
             raise ValueError(_no_match_message(model, pattern, list(linears), head))
     resolved = {}
