@@ -228,6 +228,27 @@ def test_two_forward_passes_then_backward_with_gradient_checkpointing_match_with
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+def _second_order_gradients(checkpointing):
+    model = tiny_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # scaled_dot_product_attention has no double backward on the CPU
+    nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4, targets=["mlp.fc1", "mlp.fc2"], seed=1))
+    as_if_trained(model)
+    model.train()
+    model.set_grad_checkpointing(checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(_images()).square().sum(), params, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+def test_second_order_gradients_with_gradient_checkpointing_match_without():
+    """A double backward (a gradient penalty, MAML) recomputes the blocks again after the first backward, which had
+    dropped the shared-basis factors: the recomputation combined its own, and torch refused what it saved
+    (CheckpointError: recomputed values have different metadata)."""
+    for got, expected in zip(_second_order_gradients(True), _second_order_gradients(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_a_merged_model_pickled_before_snapshots_unmerges_to_the_frozen_weights():
     """A pickle of a merged layer without ``_merged_values`` (written before they were kept) unmerges as it used to,
     from its trained tensors (was: a TypeError / 'not merged' RuntimeError)."""

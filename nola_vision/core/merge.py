@@ -160,7 +160,11 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
 
 def _release_factors(layers: List[AdaptedLinear]) -> None:
     """One pass's backward has computed its factors' gradients: each layer drops its factors unless another pending
-    pass's backward may still recompute blocks from them."""
+    pass's backward may still recompute blocks from them. A backward that builds a graph of the gradients
+    (``create_graph=True``) keeps them: a second backward through that graph recomputes the blocks again, and must
+    find the factors it found the first time (kept factors are dropped once stale, ``combine_shared_factors``)."""
+    if torch.is_grad_enabled():
+        return
     for layer in layers:
         layer.release_batched_factors()
 
