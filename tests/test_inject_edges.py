@@ -216,3 +216,35 @@ def test_the_call_check_keeps_each_threads_calls_apart():
     entered.set()
     thread.join()
     assert errors == []
+
+
+class EncoderLayerModel(nn.Module):
+    """torch's own TransformerEncoderLayer with a head: its inference fast path reads linear1/linear2's weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2, targets=["linear1", "linear2"]),
+                                    nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=["linear1", "linear2"])])
+def test_adapters_inside_a_transformer_encoder_layer_run_on_every_inference_call(config):
+    """Once the call check had passed and removed its hooks, torch's fast path (which runs only while no child has
+    hooks) read linear1/linear2's frozen weights itself: from the second no-grad call on, the adapters were skipped."""
+    torch.manual_seed(0)
+    model = as_if_trained(nv.inject(EncoderLayerModel(), config), adapters_only=True).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        outputs = [model(x) for _ in range(3)]
+        expected = nv.merge_and_unload(copy.deepcopy(model))(x)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    nv.unload(model)
+    assert not model.encoder.linear1._forward_pre_hooks and not model.encoder.linear2._forward_pre_hooks

@@ -235,6 +235,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         hooks += [model.register_forward_pre_hook(combine_shared_factors),
                   model.register_forward_hook(release_shared_factors, always_call=True)]
     hooks += _require_adapters_called(model, list(plan.layers))
+    hooks += _disable_fast_paths(model, list(plan.layers))
     if plan.layers:
         keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
                 for parameter in layer.adapter_parameter_names]
@@ -408,6 +409,27 @@ def _require_adapters_called(model: nn.Module, names: List[str]) -> List[Removab
                 for name in names]
     check.handles = handles
     return handles
+
+
+# Modules whose inference fast path reads their children's weights directly (``torch._transformer_encoder_layer_fwd``)
+# unless a child has forward hooks: an adapter inside one would be skipped without a word.
+_FAST_PATH_MODULES = (nn.TransformerEncoderLayer,)
+
+
+def _disable_fast_paths(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
+    """A no-op forward pre-hook on each adapted layer inside a ``_FAST_PATH_MODULES`` module, kept while the adapter
+    is: the module then always runs its layers, as its own check for hooks decides."""
+    handles = []
+    for name in names:
+        parts = name.split(".")
+        ancestors = [model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))]
+        if any(isinstance(module, _FAST_PATH_MODULES) for module in ancestors):
+            handles.append(model.get_submodule(name).register_forward_pre_hook(_run_the_layer))
+    return handles
+
+
+def _run_the_layer(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: its presence keeps a fast path from bypassing the layer."""
 
 
 def unload(model: nn.Module) -> nn.Module:
