@@ -126,7 +126,7 @@ def test_checkpointed_nola_combines_each_shared_basis_once_per_pass_unless_reent
         shapes = {spec for layer in layers for spec, _ in layer.shared_coefficients()}
         # re-entrant: A and B of every layer, in forward and in the recomputation; else one per basis per step
         assert len(calls) == (2 * len(layers) * 2 if reentrant else len(shapes))
-        assert all(layer.batched_factors is None for layer in layers)  # released once backward is done
+        assert all(layer.pending_passes == 0 for layer in layers)  # no longer pending once backward is done
     for _ in range(2):
         F.cross_entropy(plain(images), torch.arange(4)).backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):

@@ -233,8 +233,11 @@ class EncoderLayerModel(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
-@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2, targets=["linear1", "linear2"]),
-                                    nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=["linear1", "linear2"])])
+ENCODER_TARGETS = ["linear1", "linear2"]
+
+
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2, targets=ENCODER_TARGETS),
+                                    nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=ENCODER_TARGETS)])
 def test_adapters_inside_a_transformer_encoder_layer_run_on_every_inference_call(config):
     """Once the call check had passed and removed its hooks, torch's fast path (which runs only while no child has
     hooks) read linear1/linear2's frozen weights itself: from the second no-grad call on, the adapters were skipped."""

@@ -127,6 +127,7 @@ class AdaptedLinear(nn.Module):
     def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
         self._batched_factors = value
         self._batched_versions: Optional[Tuple[int, ...]] = None
+        self._kept_past_backward = False
 
     def take_activation(self, mlp: nn.Module, placeholder: nn.Module) -> None:
         """Compute ``mlp.act`` here, on the pre-activation ``mlp`` passes in (backward recomputes it instead of keeping
@@ -201,18 +202,33 @@ class AdaptedLinear(nn.Module):
         adapter tensors stay unchanged: a forward pass whose backward never comes (and an optimizer step) would
         otherwise leave stale factors to every later call outside the model's forward (``forward_features``).
 
-        Each call counts one pass whose backward is pending; ``release_batched_factors`` drops the factors once every
-        such pass is done. A recomputed block may read another pending pass's factors: with unchanged adapter tensors
-        they hold the same values, and its gradients still flow through its own pass's graph (torch takes only the
-        values of what a recomputation saves)."""
+        Each call counts one pass whose backward is pending; ``release_batched_factors`` counts it done, after which
+        only recomputations and calls without grad use the factors. A recomputed block may read another pending pass's
+        factors: with unchanged adapter tensors they hold the same values, and its gradients still flow through its own
+        pass's graph (torch takes only the values of what a recomputation saves)."""
         self._pending_passes = self.__dict__.get("_pending_passes", 0) + 1
         self._batched_versions = self._adapter_versions()
 
     def release_batched_factors(self) -> None:
-        """One pass's backward no longer needs the factors: drop them when no other pass's backward still may."""
+        """One pass's backward has the factors' gradients: it no longer counts as pending. The factors stay until the
+        model's next forward pass replaces them (or they go stale): a graph kept for another backward
+        (``retain_graph=True``, ``create_graph=True``) recomputes its blocks from them again, and a recomputation that
+        combined its own factors would save other tensors than the forward pass did (torch refuses that)."""
         self._pending_passes = max(0, self.__dict__.get("_pending_passes", 0) - 1)
         if self._pending_passes == 0:
+            self._kept_past_backward = True
+
+    def _usable_batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """The batched factors a call may use: not stale, and once every backward of their passes is done, only where
+        no new graph runs through them (their graph's buffers are freed): without grad, or a block recomputed inside
+        a later backward through a kept graph. A new graph drops them, so that its own recomputation combines the
+        factors again, as its forward pass did."""
+        if self._batched_factors is None or self.stale_batched_factors():
+            return None
+        if self.__dict__.get("_kept_past_backward") and torch.is_grad_enabled() and not _inside_backward():
             self.batched_factors = None
+            return None
+        return self._batched_factors
 
     def stale_batched_factors(self) -> bool:
         """Whether kept factors no longer match the adapter tensors (changed since: their backward never came)."""
@@ -327,8 +343,7 @@ class AdaptedLinear(nn.Module):
         if values is not None:
             with self._reading_values(values):
                 return self.delta_factors_of(self.factors())
-        batched = None if self.stale_batched_factors() else self._batched_factors
-        # stale: kept for a backward pass that never came, and the adapter tensors changed since
+        batched = self._usable_batched_factors()
         return self.delta_factors_of(self.factors() if batched is None else batched)
 
     def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
@@ -602,6 +617,11 @@ class AdaptedLinear(nn.Module):
 def _bases_field(bases: Any, index: int) -> Any:
     """One field of every basis in an ``identity()``'s bases (for naming what differs)."""
     return [entry[index] if isinstance(entry, list) and len(entry) > index else None for entry in bases or []]
+
+
+def _inside_backward() -> bool:
+    """Whether this code runs inside a backward pass (a block recomputed by gradient checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Tensor, Tensor]:

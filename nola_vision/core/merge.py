@@ -139,9 +139,11 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     """Forward hook: drop the per-pass factors so no graph outlives the forward pass that built it.
 
     With (non-reentrant) gradient checkpointing, backward recomputes each block's layers, which read the layer's
-    factors: they are kept until every pass that may still recompute them is done (two forward passes then one
-    backward, the two-views pattern, recompute the first pass's blocks after the second pass's backward), i.e. until
-    backward has computed the gradients of each pending pass's factors. One counter per layer, one hook per pass.
+    factors: they are kept until the model's next forward pass replaces them, for every backward that may still
+    recompute blocks (two forward passes then one backward, the two-views pattern, recompute the first pass's blocks
+    after the second pass's backward; a second backward through a kept graph recomputes them again). A pass counts as
+    pending in its layers until backward has computed its factors' gradients (one counter per layer, one hook per
+    pass): meanwhile a pass without grad uses the kept factors instead of replacing them.
     """
     factors = {layer: layer.batched_factors for layer in adapted_layers(model).values()
                if layer.batched_factors is not None}
@@ -159,12 +161,8 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
 
 
 def _release_factors(layers: List[AdaptedLinear]) -> None:
-    """One pass's backward has computed its factors' gradients: each layer drops its factors unless another pending
-    pass's backward may still recompute blocks from them. A backward that builds a graph of the gradients
-    (``create_graph=True``) keeps them: a second backward through that graph recomputes the blocks again, and must
-    find the factors it found the first time (kept factors are dropped once stale, ``combine_shared_factors``)."""
-    if torch.is_grad_enabled():
-        return
+    """One pass's backward has computed its factors' gradients: it is no longer pending in its layers (which keep the
+    factors for another backward through a kept graph, ``AdaptedLinear.release_batched_factors``)."""
     for layer in layers:
         layer.release_batched_factors()
 
