@@ -260,6 +260,24 @@ def test_a_copy_or_a_model_moved_to_float16_serves_weights_below_its_normal_rang
         torch.testing.assert_close(torch.stack(model(images.half(), "a")).float(), expected, rtol=0.05, atol=0.05)
 
 
+def test_a_task_beyond_float16_is_refused_once_the_served_model_moves_there(tmp_path, images):
+    """add_task checks a task's values against the backbone's dtype then; after a later .half() of the served model
+    its head became infinite, and the logits with it, without a word."""
+    model = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)), 1)
+    with torch.no_grad():
+        model.head.weight[0, 0] = 1e5
+    directory = nv.save_adapter(model, tmp_path / "large", bits=16)  # float32 in the file: beyond float16
+    served = nv.MultiTaskModel(tiny_vit())
+    served.add_task("large", directory)
+    assert all(torch.isfinite(logits).all() for logits in served(images, "large"))
+    served.half()
+    with pytest.raises(nv.AdapterLoadError, match=r"task 'large': head weight holds values up to 1e\+05, beyond the "
+                                                  r"torch\.float16 the model is served in now.*remove_task"):
+        served(images.half(), "large")
+    served.float()  # back in float32, it serves again
+    assert all(torch.isfinite(logits).all() for logits in served(images, "large"))
+
+
 def test_a_write_under_inference_mode_into_weights_moved_there_is_refused(tasks, images):
     """Inference tensors keep no version counter: a load_state_dict under inference_mode went unseen, and the
     tasks were served on other weights. Their sampled values tell it, while a move to another dtype serves on."""

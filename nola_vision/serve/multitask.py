@@ -438,7 +438,7 @@ class MultiTaskModel(nn.Module):
                 for parameter_name, parameter in layer.adapter_parameters().items():
                     parameter.copy_(values[f"{layer_name}.{parameter_name}"])
                 layers.append((name, layer_name, layer))
-            heads[name] = {key[len(prefix):]: values[key].to(*placement) for key in task.plan.head_names}
+            heads[name] = {key[len(prefix):]: values[key] for key in task.plan.head_names}
         entries = [(layer, spec, layer.trained(p)) for _, _, layer in layers for spec, p in layer.shared_coefficients()]
         rows = iter(combine_shared(entries))
         factors: Dict[str, Dict[str, Tuple[Tensor, Tensor]]] = {name: {} for name in names}
@@ -447,7 +447,24 @@ class MultiTaskModel(nn.Module):
                 layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
             a, b = layer.delta_factors()
             factors[name][layer_name] = (a.contiguous(), b.clone())  # own storage: not a view of all tasks' rows
+        for name in names:
+            _require_representable(name, factors[name], heads[name], placement[1])
+            heads[name] = {key: value.to(*placement) for key, value in heads[name].items()}
         return {name: _Factors(factors[name], heads[name], placement) for name in names}
+
+
+def _require_representable(task: str, factors: Dict[str, Tuple[Tensor, Tensor]], head: Dict[str, Tensor],
+                            dtype: torch.dtype) -> None:
+    """Refuse a task whose head or update factors overflow ``dtype`` (``add_task`` checks the dtype the backbone had
+    then; a later ``.half()`` of the served model would make them infinite without a word)."""
+    tensors = {**{f"{layer}.{part}": value for layer, pair in factors.items() for part, value in zip("AB", pair)},
+               **{f"head {key}": value for key, value in head.items()}}
+    for label, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value.to(dtype)).all()):
+            raise AdapterLoadError(
+                f"task {task!r}: {label} holds values up to {value.abs().max().item():.4g}, beyond the {dtype} the "
+                f"model is served in now (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Serve it "
+                "in float32 or bfloat16, or remove the task (remove_task)")
 
 
 class _Call(threading.local):
