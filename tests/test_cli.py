@@ -165,11 +165,11 @@ def test_diverging_fit_stops_with_a_short_error_and_exports_nothing(tmp_path, ru
     assert not list(tmp_path.rglob("adapter_model.safetensors")) and not list(tmp_path.rglob("adapter_config.json"))
 
 
-@pytest.mark.parametrize("split, extra", [("train", []), ("val", ["--data.num_workers", "1"])])
+@pytest.mark.parametrize("split, extra", [("train", []), ("val", ["--data.num_workers", "1"]), ("test", [])])
 def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, run_cli, split, extra):
     from fixtures_data import write_imagefolder
 
-    write_imagefolder(tmp_path / "data")
+    write_imagefolder(tmp_path / "data", eval_folder="test" if split == "test" else "val")
     bad = tmp_path / "data" / split / "dog" / "dog 01.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     run = run_cli("fit", "-c", str(TINY), "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "data"),
@@ -178,7 +178,9 @@ def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, run_cli, sp
     assert "Traceback" not in run.stderr
     message = run.stderr.strip().splitlines()[-2]
     assert message.startswith("nola-vision: error: cannot decode image") and str(bad) in message
-    assert "Replace it with a valid image" in message
+    assert "Replace it with a valid image" in message and ".." not in message
+    if split == "test":  # found after training, which is kept
+        assert "Training finished and was kept" in message
 
 
 def test_fit_ckpt_path_last_resumes_the_previous_run(tmp_path):

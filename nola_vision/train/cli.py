@@ -456,7 +456,7 @@ class NolaCLI(LightningCLI):
             except CorruptImageError as error:
                 checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
                 raise CorruptImageError(
-                    f"{error_message(error)}. Training finished and was kept: adapter "
+                    f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
                     "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
                     f"{self._retire_stale_result(config.result_file)}") from error
@@ -474,7 +474,7 @@ class NolaCLI(LightningCLI):
                 self._write_fit_result(config.result_file, metrics, log_dir, checkpoint)
             except OutputKeptError as error:
                 raise OutputKeptError(
-                    f"{error_message(error)}. Training finished and was kept: adapter "
+                    f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}; its metrics: "
                     f"{json.dumps(metrics, sort_keys=True)}") from error
 
