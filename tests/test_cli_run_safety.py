@@ -64,6 +64,18 @@ def test_a_fit_into_a_folder_another_fit_is_running_in_is_refused(tmp_path, caps
     assert run(capsys, *fit, "--ckpt_path", "last")[0] == 0
 
 
+@pytest.mark.parametrize("below", ["", "runs"])
+def test_a_default_root_dir_at_or_under_a_file_is_a_configuration_error_naming_both(tmp_path, capsys, below):
+    """Lightning's bare '[Errno 20] Not a directory: .../lightning_logs' named neither the option nor the file."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    root = notes / below if below else notes
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", root)
+    assert code == 2 and (f"--trainer.default_root_dir {root} cannot be a folder: {notes} is a file. Choose a "
+                          "directory (the file was left untouched)") in err
+    assert notes.read_text() == "mine\n"
+
+
 def test_a_rerun_into_one_adapter_dir_keeps_the_previous_adapter_and_results_name_theirs(tmp_path, capsys):
     shared = tmp_path / "shared_adapter"
     common = [*FIT, *NO_LOGGER, "--model.adapter_dir", shared]

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from ..core.storage import (
     atomic_path,
     check_writable_file,
+    file_in_the_way,
     out_of_room_hint,
     try_lock,
     write_bytes_atomic,
@@ -365,6 +366,10 @@ class NolaCLI(LightningCLI):
             if isinstance(config.get(option), str):
                 config[option] = expand_root(config[option])
         root = config.trainer.default_root_dir or os.getcwd()
+        blocking = file_in_the_way(root)
+        if blocking is not None:
+            raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
+                             "directory (the file was left untouched)")
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(root)
             if config.ckpt_path is None:
