@@ -167,6 +167,9 @@ def test_targets_that_cannot_fit_say_why():
         nv.inject(tiny_vit(), nv.LoRAConfig(targets=[r"mlp.fc[12]"]))
     with pytest.raises(ValueError, match=r"the model is itself an nn.Linear.* \(nn.Sequential\(linear\)"):
         nv.inject(nn.Linear(8, 8), nv.LoRAConfig(targets=["x"]))  # listed no layers: "Its Linear layers are: "
+    # a ViT built without blocks was said to be made of convolutions or fused ops
+    with pytest.raises(ValueError, match=r"VisionTransformer has no blocks \(built with depth 0\?\)"):
+        nv.inject(tiny_vit(depth=0), nv.NOLAConfig())
 
 
 def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adapters_only_unwrapped(tmp_path, images):

@@ -207,6 +207,10 @@ def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: 
     if isinstance(model, nn.Linear):
         return (f"target {pattern!r}: the model is itself an nn.Linear, and inject replaces layers inside a model: "
                 "wrap it (nn.Sequential(linear)) and target its name ('0'), or adapt the model that holds it")
+    blocks = getattr(model, "blocks", None)
+    if not linears and isinstance(blocks, nn.Module) and next(blocks.children(), None) is None:
+        return (f"target {pattern!r}: {kind} has no blocks (built with depth 0?), so it has no layer to adapt: build "
+                "it with at least one block, or train its head alone with 'linear'")
     if not linears:
         return (f"target {pattern!r}: {kind} has no nn.Linear layer outside its classifier head (its layers are "
                 "convolutions or fused ops), so no adapter fits it; adapt a transformer (ViT, DeiT, Swin, ...) or "
