@@ -162,6 +162,18 @@ def test_a_symlinked_directory_is_written_through_and_stays_a_link(tmp_path):
     assert siblings(real) == [".v1.lock", "v1"]
 
 
+@pytest.mark.parametrize("where", ["loop", "loop/adapter"])
+def test_a_save_into_a_loop_of_symlinks_is_refused_and_leaves_the_links(tmp_path, where):
+    """realpath leaves a loop as it is: the save swapped out the link itself, left it behind as a staged sibling
+    that no later save removed, and made the new folder owner-only."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValueError, match=r"leads into a loop of symbolic links.*nothing was written"):
+        nv.save_adapter(trained(1), tmp_path / where)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "loop2"]
+    assert all((tmp_path / name).is_symlink() for name in ("loop", "loop2"))
+
+
 def test_other_files_and_folders_are_kept_as_the_same_files(tmp_path):
     target = saved_adapter(tmp_path / "adapter", seed=1)
     (target / "plots").mkdir()

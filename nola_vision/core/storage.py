@@ -272,6 +272,12 @@ def resolve_directory_target(path: PathLike) -> Path:
     PermissionError, as early, for a write-protected directory or a parent the save cannot write (see
     ``_refuse_unwritable``).
     """
+    try:
+        os.stat(path)
+    except OSError as error:  # realpath would leave a loop as it is, and the save would swap out the link itself
+        if error.errno == errno.ELOOP:
+            raise ValueError(f"{path} leads into a loop of symbolic links, which no save can write through: remove or "
+                             "fix the link (nothing was written)") from error
     target = Path(os.path.realpath(path))
     if target.exists() and not target.is_dir():
         raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
