@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .functions import transforms_active
+
 GENERATOR_VERSION = "nola-lowbias32x2-int16-v1"
 
 _MASK32 = 0xFFFFFFFF
@@ -93,13 +95,21 @@ def basis_codes(
     resolution, stored in 2 bytes per value instead of 4, so shared bases cost half the memory. Each
     32-bit hash gives two codes (element 2i: high half of hash i, element 2i+1: low half).
     """
-    return _basis_codes(seed, stream, n, start, torch.device(device or "cpu"))
+    device = torch.device(device or "cpu")
+    if torch.jit.is_tracing():  # TorchScript's tracer takes no device argument of an operator: the codes are constants
+        return _generate_codes(seed, stream, n, start, device)
+    return _basis_codes(seed, stream, n, start, device)
 
 
 # One opaque operator for torch.compile: tracing the chunked hash loop would unroll thousands of integer ops
 # into the graph (minutes of compilation for ViT-B's shared bases); eager calls run the same code.
 @torch.library.custom_op("nola_vision::basis_codes", mutates_args=())
 def _basis_codes(seed: int, stream: str, n: int, start: int, device: torch.device) -> Tensor:
+    return _generate_codes(seed, stream, n, start, device)
+
+
+def _generate_codes(seed: int, stream: str, n: int, start: int, device: torch.device) -> Tensor:
+    """``basis_codes``' body: NumPy on the CPU, int64 tensor ops elsewhere."""
     if device.type == "cpu":
         return torch.from_numpy(_cpu_codes(seed, stream, n, start))
     out = torch.empty(n, dtype=torch.int16, device=device)
@@ -390,6 +400,11 @@ def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor]
                   bank: Optional[BasisBank] = None) -> Tensor:
     """``coefficients @ bases`` as (S, numel) float32: from ``codes``, from a ``bank`` (shared bases; it decides
     whether they are held), or regenerated chunk by chunk (per-layer bases)."""
+    if transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
+        if codes is None:
+            codes = bank.get(spec, coefficients.device) if bank is not None else None
+        codes = spec.codes(coefficients.device) if codes is None else codes
+        return coefficients.float() @ decode(codes, spec.step)
     keep_codes, backward_bank = True, None
     if bank is not None and codes is None:
         codes = bank.get(spec, coefficients.device)

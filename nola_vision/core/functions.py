@@ -8,19 +8,31 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "low_rank_linear"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "low_rank_linear", "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
 _ACTIVATION_BLOCK_ELEMENTS = 1 << 19
 
 
+def transforms_active() -> bool:
+    """Whether ``torch.func`` transforms (grad, vmap, jacrev) run this code: they need plain differentiable ops, not
+    this module's autograd functions, which keep state on their nodes."""
+    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
+
+
 class MergedGuard(torch.autograd.Function):
     """Identity on a merged layer's output whose backward raises: its adapter would silently get no gradient."""
 
+    generate_vmap_rule = True  # as torch.func transforms require (with setup_context)
+
     @staticmethod
-    def forward(ctx, y: Tensor, *adapter_parameters: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(y: Tensor, *adapter_parameters: Tensor) -> Tensor:  # type: ignore[override]
         return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

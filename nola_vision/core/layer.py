@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisSpec
-from .functions import MergedGuard, add_low_rank_output, low_rank_linear
+from .functions import MergedGuard, add_low_rank_output, low_rank_linear, transforms_active
 from .quantize import fake_quantize
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
@@ -376,7 +376,7 @@ class AdaptedLinear(nn.Module):
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if torch.is_grad_enabled() and frozen:
+        if torch.is_grad_enabled() and frozen and not transforms_active():
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)

@@ -1,0 +1,52 @@
+"""torch.func transforms (grad, vmap) and TorchScript tracing of adapted models: per-sample gradients, as
+differential-privacy training and influence functions take them, equal autograd's; a traced model, the eager one's."""
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+from torch.func import functional_call, grad, vmap
+
+import nola_vision as nv
+
+CONFIGS = {"lora": nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v", "mlp.fc2"]),
+           "nola": nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8),
+           "nola_per_layer": nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, basis="per_layer")}
+IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def adapted(key):
+    return as_if_trained(nv.inject(tiny_vit(), CONFIGS[key]), 1, scale=0.2).train()
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_per_sample_gradients_by_vmap_of_grad_equal_autograds_one_image_at_a_time(key):
+    """The library's autograd functions had no setup_context, so every torch.func transform refused the model."""
+    model = adapted(key)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss(values, image):
+        return functional_call(model, values, (image[None],), strict=False).logsumexp(-1).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, IMAGES)
+    for i, image in enumerate(IMAGES):
+        model.zero_grad()
+        model(image[None]).logsumexp(-1).sum().backward()
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], model.get_parameter(name).grad, rtol=1e-4, atol=1e-6,
+                                       msg=name)
+
+
+def test_grad_through_a_merged_adapter_is_refused_under_torch_func_too():
+    model = adapted("nola")
+    nv.merge(model)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match="backward through a merged adapter"):
+        grad(lambda values: functional_call(model, values, (IMAGES,), strict=False).sum())(params)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_a_traced_unmerged_model_gives_the_eager_outputs(key):
+    """Tracing stopped at the bases' generator operator ('unsupported input type: Device')."""
+    model = adapted(key).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, IMAGES, check_trace=False)
+        torch.testing.assert_close(traced(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-6)
