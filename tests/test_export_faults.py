@@ -158,6 +158,22 @@ def test_export_peft_of_a_compiled_model_loads_in_peft_with_the_same_logits(imag
     torch.testing.assert_close(logits(served, images), logits(model, images), rtol=0, atol=1e-5)
 
 
+def test_a_peft_model_is_refused_by_the_calls_that_adapt_or_serve_it_naming_the_plain_model(tmp_path):
+    """A peft model's parameter names differ from the plain model's: load_adapter blamed timm constructor settings
+    (init_values, reg_tokens), and MultiTaskModel took the peft model, to refuse each task the same way later."""
+    peft = pytest.importorskip("peft")
+    model = trained(4)
+    directory = nv.save_adapter(model, tmp_path / "adapter")
+    nv.export_peft(model, tmp_path / "peft")
+    message = r"the model is a peft PeftModel, and nola_vision adapts and loads into the plain timm model.*unload\(\)"
+    for call in (lambda served: nv.load_adapter(served, directory), nv.MultiTaskModel,
+                 lambda served: nv.inject(served, nv.LoRAConfig())):
+        with pytest.raises(ValueError, match=message):
+            call(peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "peft")))
+    served = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "peft"))
+    nv.load_adapter(served.unload(), directory)  # the plain model the message names takes the adapter
+
+
 def test_a_float16_model_exports_and_runs_in_onnx_runtime(images, tmp_path):
     model = trained(5).eval().half()
     graph = nv.export_onnx(model, tmp_path / "half.onnx")

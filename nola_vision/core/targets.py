@@ -10,8 +10,9 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_nothing_else_trained",
-           "require_module", "require_one_head", "require_not_data_parallel", "trained_parameters", "unwrap_model"]
+__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_no_peft_model",
+           "require_nothing_else_trained", "require_module", "require_one_head", "require_not_data_parallel",
+           "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -43,11 +44,26 @@ def require_module(model: object, function: str, *, adaptable: bool = True) -> N
             if isinstance(refusal, str):
                 where = "" if module is unwrap_model(model) else f"the model holds a {type(module).__name__} ({name}): "
                 raise ValueError(f"nv.{function}: {where}{refusal}")
+        if adaptable:
+            require_no_peft_model(model, function)
         return
     got = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
     hint = (f": to build that timm model with adapters, call nv.create_model({model!r}, adapter=config)"
             if isinstance(model, str) and function != "unload" else "")
     raise TypeError(f"nv.{function} takes a model (a torch.nn.Module), got {got}{hint}")
+
+
+def require_no_peft_model(model: nn.Module, function: str) -> None:
+    """Refuse a peft model (or one holding peft's adapter layers): nola_vision's adapters and files belong to the plain
+    model, whose parameter names peft's wrappers change (``base_model.model.``, ``base_layer``)."""
+    found = next(((name, module) for name, module in model.named_modules()
+                  if type(module).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        name, module = found
+        where = "is" if module is model else f"holds ({name or 'itself'})"
+        raise ValueError(f"nv.{function}: the model {where} a peft {type(module).__name__}, and nola_vision adapts and "
+                         "loads into the plain timm model. Pass that model: peft_model.unload() gives it back without "
+                         "peft's adapters, peft_model.merge_and_unload() with them folded into its weights")
 
 
 def require_not_data_parallel(model: nn.Module) -> None:

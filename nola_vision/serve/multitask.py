@@ -30,7 +30,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
 from ..core.plan import InjectionPlan
 from ..core.registry import method_of
-from ..core.targets import classifier_head, require_module
+from ..core.targets import classifier_head, require_module, require_no_peft_model
 
 __all__ = ["MultiTaskModel"]
 
@@ -106,6 +106,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, model: nn.Module, cache_mb: float = 256.0) -> None:
         require_module(model, "MultiTaskModel", adaptable=False)
+        require_no_peft_model(model, "MultiTaskModel")
         super().__init__()
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "
