@@ -235,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="show Lightning's own output (device banners, warnings, a progress bar per run)")
     args = parser.parse_args(argv)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # an accelerator this machine lacks
+
     start = time.time()
     try:
         results = run_demo(backbone=args.backbone, dataset=args.dataset, root=args.root, shots=args.shots,
@@ -244,10 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
                            rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
                            verbose=args.verbose)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:  # TypeError: a bad --backbone_kwargs key
-        # the data layer names the CLI's options; the demo's own are --root and --download
-        message = str(err).replace("--data.root", "--root").replace("--data.download true", "--download")
-        print(f"nola-vision demo: error: {message}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, MisconfigurationException, ImportError) as err:
+        print(f"nola-vision demo: error: {_demo_message(err)}", file=sys.stderr)
         return 1
     from .models.assets import OFFLINE_BACKBONE_DESCRIPTION
 
@@ -256,6 +256,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
     print(format_table(results))
     return 0
+
+
+def _demo_message(err: BaseException) -> str:
+    """An error's message in the demo's own options: the data layer names the CLI's (--data.root, ...)."""
+    from .data import NotEnoughImagesError
+
+    if isinstance(err, NotEnoughImagesError):
+        return f"{err.shortage}. Lower --shots (the demo has no allow_fewer: every class keeps the same number)"
+    return str(err).replace("--data.root", "--root").replace("--data.download true", "--download")
 
 
 if __name__ == "__main__":

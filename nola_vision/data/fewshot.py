@@ -24,7 +24,11 @@ __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_m
 
 
 class NotEnoughImagesError(ValueError):
-    """A class has fewer train images than the split asks for."""
+    """A class has fewer train images than the split asks for; ``shortage`` says which, without the advice."""
+
+    def __init__(self, message: str, shortage: str = "") -> None:
+        super().__init__(message)
+        self.shortage = shortage or message
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
                f"{(shots or 1) + val_shots} per class")
         if not allow_fewer:
             raise NotEnoughImagesError(f"{msg}. Pass allow_fewer=True (--data.allow_fewer true) to keep what "
-                                       "there is, or lower shots/val_shots.")
+                                       "there is, or lower shots/val_shots.", shortage=msg)
         warn_user(f"{msg}; allow_fewer=True keeps what there is")
     return FewShotSplit(train, val)
 
