@@ -88,7 +88,7 @@ def test_demo_rejects_unknown_backbones_with_close_matches(capsys):
     assert "vit_tiny_patch16_224" in capsys.readouterr().err
 
 
-TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "32", "--backbone_kwargs",
+FAILING_DEMO = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_size", "32", "--backbone_kwargs",
              '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--epochs", "1", "--seeds", "0", "--methods", "linear",
              "--no_progress"]
 
@@ -96,14 +96,14 @@ TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--no_pretrained", "--image_s
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_an_accelerator_this_machine_lacks_is_one_line_error(tmp_path, capsys):
     """Lightning's MisconfigurationException (and the ImportError of a TPU without XLA) ended in a traceback."""
-    assert main([*TINY_ARGS, "--accelerator", "gpu", "--out", str(tmp_path)]) == 1
+    assert main([*FAILING_DEMO, "--accelerator", "gpu", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("nola-vision demo: error: No supported gpu backend found") and "Traceback" not in err
 
 
 def test_more_shots_than_a_class_has_names_the_demos_own_fix(tmp_path, capsys):
     """The data layer's advice, --data.allow_fewer true, is no option of the demo's."""
-    assert main([*TINY_ARGS, "--shots", "1000", "--out", str(tmp_path)]) == 1
+    assert main([*FAILING_DEMO, "--shots", "1000", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "a 1000-shot split needs 1000 per class. Lower --shots" in err and "allow_fewer true" not in err
 
