@@ -22,10 +22,23 @@ TINY = str(ROOT / "configs" / "tiny_offline.yaml")
 FAST = ["--trainer.max_epochs", "1", "--data.shots", "2"]
 
 
-@pytest.mark.parametrize("name", ["grp/cell", ".", "..", "a|b", " padded", "lr 1e-3\nrow", "a\tb"])
+@pytest.mark.parametrize("name", ["grp/cell", ".", "..", "a|b", " padded", "lr 1e-3\nrow", "a\tb", ""])
 def test_a_row_name_must_be_one_folder_name(tmp_path, name):
+    # "" (an unset shell variable, --name "$ROW") was taken for no name: the runs went to the config's row
     with pytest.raises(ValueError, match="a row name is one folder name"):
         run_protocol([TINY], out=str(tmp_path), name=name, split_seeds=[0], init_seeds=[0], overrides=FAST)
+    with pytest.raises(ValueError, match="a row name is one folder name"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name=name, python="/bin/false", echo=False,
+                 overrides=[*FAST, "--data.val_shots", "1"], skip_protocol=True)
+    assert not (tmp_path / "tiny_offline").exists()
+
+
+@pytest.mark.parametrize("heartbeat", [0, -5, 2.5, True])
+def test_a_tune_heartbeat_must_be_a_whole_positive_number_of_seconds(tmp_path, heartbeat):
+    """Optuna's own message named its parameter (heartbeat_interval), not --heartbeat."""
+    with pytest.raises(ValueError, match=rf"--heartbeat {heartbeat!r}: give a whole number of seconds, at least 1"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name="t", python="/bin/false", echo=False,
+                 overrides=[*FAST, "--data.val_shots", "1"], skip_protocol=True, heartbeat_s=heartbeat)
 
 
 def test_seeds_knn_k_and_an_output_under_a_file_are_checked_before_any_fit(tmp_path):

@@ -337,7 +337,7 @@ def run_protocol(
             raise FileNotFoundError(f"config {config} does not exist")
     refuse_controlled_configs(configs)
     refuse_controlled_overrides(overrides)
-    name = name or "_".join(Path(c).stem for c in configs)
+    name = name if name is not None else "_".join(Path(c).stem for c in configs)  # "" is refused, not replaced
     check_seeds(split_seeds, init_seeds)
     if knn:
         check_knn_k(knn_k)
@@ -540,7 +540,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         with stop_runs_on_signals():
-            name = args.name or "_".join(Path(c).stem for c in args.config)
+            name = args.name if args.name is not None else "_".join(Path(c).stem for c in args.config)
             executor = build_executor(args, Path(args.out) / name / "submitit")
             run_protocol(args.config, out=args.out, name=name, split_seeds=args.split_seeds,
                          init_seeds=args.init_seeds, overrides=overrides, knn=args.knn, knn_k=args.knn_k,

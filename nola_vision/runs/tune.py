@@ -620,7 +620,10 @@ def run_tune(
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"--n_trials {n_trials}: give at least 1 (or leave it out: grid runs until the grid is done, "
                          "tpe runs 20 trials)")
-    name = name or "_".join(Path(c).stem for c in configs)
+    name = name if name is not None else "_".join(Path(c).stem for c in configs)  # "" is refused, not replaced
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
+        raise ValueError(f"--heartbeat {heartbeat_s!r}: give a whole number of seconds, at least 1 (how often a worker "
+                         "records that its trial is alive; a trial silent for 3 of them is taken over)")
     check_seeds(split_seeds, init_seeds)
     if not skip_protocol:  # refused now, not after the search
         check_seeds(protocol_split_seeds, protocol_init_seeds, option_prefix="protocol_")
@@ -805,7 +808,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         with stop_runs_on_signals():
-            name = args.name or "_".join(Path(c).stem for c in args.config)
+            name = args.name if args.name is not None else "_".join(Path(c).stem for c in args.config)
             grid = parse_grid(args.grid)
             executor = build_executor(args, Path(args.out) / name / "submitit")
             chosen = run_tune(args.config, grid, out=args.out, name=name, split_seeds=args.split_seeds,
