@@ -198,9 +198,9 @@ def _download_failure(backbone: str, err: OSError) -> str:
     import timm
 
     config = timm.models.get_pretrained_cfg(backbone)
-    source = getattr(config, "hf_hub_id", None) or getattr(config, "url", None)
-    where = f" (timm downloads them from {'the Hugging Face Hub, ' + source if config.hf_hub_id else source})" \
-        if source else ""
+    hub, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
+    where = f" (timm downloads them from the Hugging Face Hub, {hub})" if hub else (
+        f" (timm downloads them from {url})" if url else "")
     return (f"cannot get the pretrained weights of {backbone}{where} into timm's cache: {type(err).__name__}: {err}. "
             "Connect to the internet once (later runs read the cache), or point model.pretrained_file at a local "
             ".safetensors/.pth state dict of the backbone, or train from random weights with model.pretrained false")

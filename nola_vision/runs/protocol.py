@@ -364,7 +364,7 @@ def run_protocol(
             continue
         claim = claim_unfinished_run(run_dir)
         if claim is None:  # another process runs it (or has just finished it)
-            if echo and not counted(read_result(run_dir / RESULT_FILE)):
+            if echo and not result_counts(run_dir):
                 print(f"{label}: running in another process, skipped", flush=True)
             continue
         claims[run_dir] = claim
@@ -462,7 +462,7 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
         run_dir = row.root / f"split{split_seed}"
         claim = claim_unfinished_run(run_dir)
         if claim is None:  # finished, or another process computes it now
-            if echo and not counted(read_result(run_dir / RESULT_FILE)):
+            if echo and not result_counts(run_dir):
                 print(f"{name} split {split_seed}: running in another process, skipped", flush=True)
             continue
         try:

@@ -276,13 +276,13 @@ def claim_unfinished_run(run_dir: Path, metric: str = "test/acc") -> Optional[in
     with the folder ready for the fit (a result that does not count moved aside, never mistaken for a finished run,
     and a dead fit's leftovers retired), or None when its result counts or another process holds the claim (runs
     its fit now). The one path by which ``protocol`` and ``tune`` start a fit in a run folder."""
-    if counted(read_result(run_dir / RESULT_FILE), metric):
+    if result_counts(run_dir, metric):
         return None
     claim = claim_run(run_dir)
     if claim is None:
         return None
     # finished by another process meanwhile, or a cluster job runs its fit (one that a killed command submitted)
-    if counted(read_result(run_dir / RESULT_FILE), metric) or _job_running(run_dir):
+    if result_counts(run_dir, metric) or _job_running(run_dir):
         os.close(claim)
         return None
     discard_result(run_dir / RESULT_FILE)
