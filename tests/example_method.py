@@ -47,7 +47,7 @@ class FrozenALinear(nv.AdaptedLinear):
         return {"fa_B": (num_slices, config.rank, width)}
 
     def factors(self):
-        return self.fa_A, self.trained("fa_B").float()
+        return self.fa_A, self.trained("fa_B")
 
 
 nv.register_method("frozen_a", FrozenAConfig, FrozenALinear)

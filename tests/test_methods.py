@@ -5,6 +5,7 @@ says which variants run): inject and train, config round trips, save and load, m
 serving many tasks, dtype moves and torch.compile.
 """
 import copy
+import functools
 import json
 
 import pytest
@@ -253,6 +254,21 @@ def test_a_float64_copy_gives_the_float32_logits(variant, images):
     double = copy.deepcopy(model).to(torch.float64)
     assert {p.dtype for p in double.parameters()} == {torch.float64}
     torch.testing.assert_close(logits(double, images.double()).float(), logits(model, images), rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_models_adapter_gradients_pass_gradcheck(adapter_variant):
+    # Factors computed in float32 would round every float64 step: the numerical Jacobian would disagree.
+    model = trained(adapter_variant).double()
+    for name, layer in nv.adapted_layers(model).items():
+        names = [n for n, p in layer.adapter_parameters().items() if p.requires_grad]
+        x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        output = functools.partial(_layer_output, layer, names, x)
+        values = tuple(layer.adapter_parameters()[n].detach().clone().requires_grad_() for n in names)
+        assert torch.autograd.gradcheck(output, values, fast_mode=True), name
+
+
+def _layer_output(layer: torch.nn.Module, names, x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
 
 
 @pytest.fixture

@@ -327,8 +327,14 @@ class BasisBank:
         self.keep, self._codes = state.get("keep"), {}
 
 
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factors are computed in from trained tensors of ``dtype``: float32, or float64 for a float64
+    model, so that its factors (and ``gradcheck`` of them) keep float64's precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class _CombineBases(torch.autograd.Function):
-    """``coefficients (S, k) @ bases (k, numel)`` in float32, decoding (or generating) bases a chunk at a time.
+    """``coefficients (S, k) @ bases (k, numel)`` in ``factor_dtype``, decoding (or generating) bases a chunk at a time.
 
     Only one chunk of float32 codes exists at any moment, in forward and in backward, whether the codes are
     stored (shared bases) or regenerated (per-layer bases). Codes the forward pass was handed but not held are
@@ -341,10 +347,10 @@ class _CombineBases(torch.autograd.Function):
                 keep_codes: bool, bank: Optional[BasisBank]) -> Tensor:
         ctx.spec, ctx.codes, ctx.chunk, ctx.bank = spec, codes if keep_codes else None, chunk, bank
         ctx.save_for_backward(coefficients)
-        coefficients32 = coefficients.float()
-        out = (0.5 * coefficients32.sum(1, keepdim=True)).expand(-1, spec.numel).contiguous()
-        for start, rows in _chunks(spec, codes, chunk, coefficients.device):
-            out.addmm_(coefficients32[:, start : start + rows.shape[0]], rows)
+        wide = coefficients.to(factor_dtype(coefficients.dtype))
+        out = (0.5 * wide.sum(1, keepdim=True)).expand(-1, spec.numel).contiguous()
+        for start, rows in _chunks(spec, codes, chunk, coefficients.device, wide.dtype):
+            out.addmm_(wide[:, start : start + rows.shape[0]], rows)
         return out.mul_(spec.step)
 
     @staticmethod
@@ -376,20 +382,20 @@ class _ProjectOnBases(torch.autograd.Function):
 
 
 def _project_on_bases(grad: Tensor, spec: BasisSpec, codes: Optional[Tensor], chunk: int) -> Tensor:
-    """``grad @ basesᵀ`` as (S, k) float32, decoding (or generating) the bases a chunk at a time."""
-    grad32 = grad.float() * spec.step
+    """``grad @ basesᵀ`` as (S, k) in ``factor_dtype``, decoding (or generating) the bases a chunk at a time."""
+    wide = grad.to(factor_dtype(grad.dtype)) * spec.step
     # Column blocks joined once (an (S, k) copy, tiny): torch.compile cannot trace mm into a strided out=.
-    blocks = [grad32 @ rows.t() for _, rows in _chunks(spec, codes, chunk, grad.device)]
-    return torch.cat(blocks, dim=1) + 0.5 * grad32.sum(1, keepdim=True)
+    blocks = [wide @ rows.t() for _, rows in _chunks(spec, codes, chunk, grad.device, wide.dtype)]
+    return torch.cat(blocks, dim=1) + 0.5 * wide.sum(1, keepdim=True)
 
 
-def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device):
-    """(first index, float32 code rows) for consecutive chunks of bases, all decoded into one reused buffer.
+def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device, dtype: torch.dtype):
+    """(first index, code rows in ``dtype``) for consecutive chunks of bases, all decoded into one reused buffer.
 
     Each chunk is only valid until the next is yielded. One allocation per pass instead of one per chunk keeps
     small, cache-sized chunks cheap.
     """
-    buffer = torch.empty(min(chunk, spec.count), spec.numel, dtype=torch.float32, device=device)
+    buffer = torch.empty(min(chunk, spec.count), spec.numel, dtype=dtype, device=device)
     for start in range(0, spec.count, chunk):
         count = min(chunk, spec.count - start)
         rows = codes[start : start + count] if codes is not None else spec.codes(device, start, count)
@@ -398,13 +404,14 @@ def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.
 
 def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor] = None, chunk: int = 64,
                   bank: Optional[BasisBank] = None) -> Tensor:
-    """``coefficients @ bases`` as (S, numel) float32: from ``codes``, from a ``bank`` (shared bases; it decides
-    whether they are held), or regenerated chunk by chunk (per-layer bases)."""
+    """``coefficients @ bases`` as (S, numel) in ``factor_dtype``: from ``codes``, from a ``bank`` (shared bases; it
+    decides whether they are held), or regenerated chunk by chunk (per-layer bases)."""
     if transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
         if codes is None:
             codes = bank.get(spec, coefficients.device) if bank is not None else None
         codes = spec.codes(coefficients.device) if codes is None else codes
-        return coefficients.float() @ decode(codes, spec.step)
+        dtype = factor_dtype(coefficients.dtype)
+        return coefficients.to(dtype) @ decode(codes, spec.step).to(dtype)
     keep_codes, backward_bank = True, None
     if bank is not None and codes is None:
         codes = bank.get(spec, coefficients.device)

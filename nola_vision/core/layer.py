@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .basis import BasisSpec
+from .basis import BasisSpec, factor_dtype
 from .functions import MergedGuard, add_low_rank_output, low_rank_linear, transforms_active
 from .quantize import fake_quantize
 
@@ -331,7 +331,8 @@ class AdaptedLinear(nn.Module):
             self.__dict__["_reading"] = None
 
     def factors(self) -> Tuple[Tensor, Tensor]:
-        """A of shape (slices, in, rank) and B of shape (slices, rank, width), float32, without scaling."""
+        """A of shape (slices, in, rank) and B of shape (slices, rank, width), without scaling, in any float dtype:
+        ``delta_factors_of`` computes in float32, or in float64 when either factor is (``basis.factor_dtype``)."""
         raise NotImplementedError
 
     def delta_factors(self, values: Optional[Dict[str, Tensor]] = None) -> Tuple[Tensor, Tensor]:
@@ -349,6 +350,8 @@ class AdaptedLinear(nn.Module):
     def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         """``delta_factors`` of given factors (A (slices, in, rank), B (slices, rank, width), as ``factors()``)."""
         a, b = factors
+        dtype = factor_dtype(torch.promote_types(a.dtype, b.dtype))
+        a, b = a.to(dtype), b.to(dtype)
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
         if self.slices == ((0, self.out_features),):
@@ -359,7 +362,7 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def get_delta_weight(self) -> Tensor:
-        """ΔW (out×in, float32): what ``merge`` adds to ``weight``."""
+        """ΔW (out×in, in the factors' dtype): what ``merge`` adds to ``weight``."""
         a, b = self.delta_factors()
         return (a @ b).t()
 

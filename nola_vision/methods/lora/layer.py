@@ -40,4 +40,4 @@ class LoRALinear(AdaptedLinear):
         return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
 
     def factors(self) -> Tuple[Tensor, Tensor]:
-        return self.trained("lora_A").float(), self.trained("lora_B").float()
+        return self.trained("lora_A"), self.trained("lora_B")
