@@ -113,6 +113,19 @@ def test_protocol_refuses_fit_arguments_every_run_would_fail_on_before_any_run(t
     assert not (tmp_path / "typo").exists()
 
 
+def test_protocol_and_tune_refuse_an_abbreviated_fit_option_naming_the_whole_one(tmp_path):
+    # fit takes --trainer.max_ep; protocol refused it as if every run would fail, and an abbreviation of an option
+    # protocol sets itself (--model.adapter_d) would pass its by-name check.
+    with pytest.raises(ValueError, match=r"^--trainer.max_ep abbreviates --trainer.max_epochs: protocol takes whole"):
+        run_protocol([TINY], out=str(tmp_path), name="short", split_seeds=[0], init_seeds=[0],
+                     overrides=["--trainer.max_ep=1"], python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "short").exists()
+    with pytest.raises(ValueError, match=r"^--model.l abbreviates --model.label_smoothing or --model.lr: tune takes"):
+        check_grid([TINY], [], {"model.l": [1e-3]})
+    with pytest.raises(ValueError, match=r"^--trainer.max_ep abbreviates --trainer.max_epochs: tune takes"):
+        check_grid([TINY], ["--trainer.max_ep", "1"], {"model.lr": [1e-3]})
+
+
 def test_tune_refuses_a_trainer_that_trains_no_epoch_before_any_trial():
     with pytest.raises(ValueError, match="trainer.max_epochs=-1 .* 1 or more epochs"):
         check_grid([TINY], ["--trainer.max_epochs", "-1"], {"model.lr": [1e-3]})

@@ -75,9 +75,9 @@ from .results import (
 )
 
 __all__ = ["CONTROLLED", "KNN_MODEL", "REPLAY_SPLIT", "Row", "check_fit_arguments", "check_knn_k",
-           "check_output_paths", "error_text", "fit_argument_error", "fit_command", "main", "open_knn_row", "open_row",
-           "refuse_controlled_configs", "refuse_controlled_overrides", "run_dir_name", "run_knn", "run_protocol",
-           "set_options"]
+           "check_output_paths", "error_text", "fit_argument_error", "fit_command", "main", "open_knn_row",
+           "open_row", "refuse_abbreviated_options", "refuse_controlled_configs", "refuse_controlled_overrides",
+           "run_dir_name", "run_knn", "run_protocol", "set_options"]
 
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
@@ -254,11 +254,26 @@ def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     return argument_error(parser, args) or argument_value_error(parser, args)
 
 
-def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str]) -> Any:
+def refuse_abbreviated_options(args: Sequence[str], prog: str) -> None:
+    """Refuse an abbreviated fit option (``--trainer.max_ep``), naming the whole one. Fit takes it, but ``prog``
+    finds the options it sets itself, and a row's settings, by their whole names."""
+    from ..train.cli import fit_options
+
+    options = fit_options()
+    for arg in args:
+        given = arg.split("=", 1)[0]
+        whole = sorted(o for o in options if o.startswith(given)) if given.startswith("--") and given != "--" else []
+        if whole and given not in options:
+            raise ValueError(f"{given} abbreviates {' or '.join(whole)}: {prog} takes whole option names (it finds "
+                             f"the options it sets itself, and the settings of a row, by name)")
+
+
+def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str], prog: str = "protocol") -> Any:
     """Refuse, before any run, a fit command line that every run would fail on alike (an unknown or misspelt option,
     a value fit refuses); returns fit's parsed config, as every run composes it."""
     from ..train.cli import cli_parser
 
+    refuse_abbreviated_options(overrides, prog)
     parser = cli_parser()
     args = list(fit_command("python", [a for c in configs for a in ("-c", str(c))], Path("run"), 0, 0, overrides)[3:])
     error = fit_argument_error(parser, args)

@@ -57,6 +57,7 @@ from .protocol import (
     error_text,
     fit_argument_error,
     fit_command,
+    refuse_abbreviated_options,
     refuse_controlled_configs,
     refuse_controlled_overrides,
     run_protocol,
@@ -173,6 +174,7 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
     checked as ``fit`` checks it before training (``fit_argument_error``)."""
     from ..train.cli import cli_parser
 
+    refuse_abbreviated_options([*overrides, *(f"--{key}" for key in grid)], "tune")
     for key, values in grid.items():
         refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
     parser = cli_parser()
