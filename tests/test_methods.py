@@ -256,6 +256,15 @@ def test_a_float64_copy_gives_the_float32_logits(variant, images):
     torch.testing.assert_close(logits(double, images.double()).float(), logits(model, images), rtol=1e-5, atol=1e-5)
 
 
+def test_inject_into_a_float64_model_gives_float64_adapters_as_a_cast_after_inject(adapter_variant):
+    before = nv.inject(tiny_vit().double(), adapter_variant.config())
+    after = nv.inject(tiny_vit(), adapter_variant.config()).double()
+    for name, layer in nv.adapted_layers(before).items():
+        assert {n: p.dtype for n, p in layer.adapter_parameters().items()} == {
+            n: p.dtype for n, p in nv.adapted_layers(after)[name].adapter_parameters().items()}, name
+    torch.testing.assert_close(before.state_dict(), after.state_dict(), rtol=0, atol=0)
+
+
 def test_a_float64_models_adapter_gradients_pass_gradcheck(adapter_variant):
     # Factors computed in float32 would round every float64 step: the numerical Jacobian would disagree.
     model = trained(adapter_variant).double()

@@ -218,6 +218,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
         with torch.inference_mode(False):
             adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
+            _match_float64(adapted)
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
@@ -466,6 +467,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
         record_merged(model, folded)
     return wrapper
+
+
+def _match_float64(layer: AdaptedLinear) -> None:
+    """Give a float64 layer's adapter tensors float64, as inject-then-``.double()`` would: float32 ones would round
+    every update and gradient of a model cast to float64 first."""
+    if layer.weight.dtype == torch.float64:
+        for parameter in layer.adapter_parameters().values():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(torch.float64)
 
 
 def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
