@@ -224,6 +224,22 @@ def test_checkpoint_with_other_random_bases_or_none_recorded():
     FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(older)
 
 
+def test_checkpoint_without_a_record_must_hold_every_trained_tensor():
+    # Another project's checkpoint loaded non-strictly left the model untrained, and test scored it with exit 0.
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    foreign = {"state_dict": {"net.fc.weight": torch.zeros(4, 8)}}
+    with pytest.raises(ValueError, match=r"no nola_vision record and lacks \d+ of this model's \d+ trained tensors .*"
+                                         r"its keys \['net.fc.weight'\]"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(foreign)
+    partial = _checkpoint_of(model)
+    del partial["nola_vision"], partial["state_dict"]["model.head.weight"]
+    with pytest.raises(ValueError, match=r"lacks 1 of .*\['model.head.weight'\]"):
+        FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(partial)
+    older = _checkpoint_of(model)
+    del older["nola_vision"]  # written before the record: whole, so it loads
+    FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(older)
+
+
 def test_random_backbone_is_the_same_in_every_process_but_the_head_follows_the_run_seed():
     torch.manual_seed(0)
     a = FewShotClassifier(num_classes=4, **TINY)

@@ -595,7 +595,8 @@ class FewShotClassifier(L.LightningModule):
         frozen backbone), then complete its state dict with this model's own frozen tensors so that loading it is exact
         and reports no missing keys."""
         info = checkpoint.get("nola_vision")
-        if info is None:
+        if info is None:  # an older checkpoint, or another project's: it must at least hold every trained tensor
+            self._require_trained_tensors(checkpoint.get("state_dict", {}))
             return
         self._check_adapter(info)
         own = self.state_dict()
@@ -633,6 +634,17 @@ class FewShotClassifier(L.LightningModule):
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _require_trained_tensors(self, state_dict: Dict[str, Any]) -> None:
+        """Refuse a checkpoint without a nola_vision record that lacks some of this model's trained tensors: loaded
+        non-strictly, it would leave them as initialised, and evaluation would score the untrained model."""
+        expected = self.trained_keys()
+        absent = sorted(expected - {_plain_key(key) for key in state_dict})
+        if absent:
+            raise ValueError(
+                f"the checkpoint has no nola_vision record and lacks {len(absent)} of this model's {len(expected)} "
+                f"trained tensors {_few(absent)}: it was not saved by nola-vision fit for this model (its keys "
+                f"{_few(sorted(state_dict))}); pass a checkpoint of a nola-vision fit run (<run>/checkpoints/*.ckpt)")
 
     def _check_adapter(self, info: Dict[str, Any]) -> None:
         """Refuse a checkpoint trained with another adapter config, other random bases or at other quantisation-aware
