@@ -1,5 +1,6 @@
 """The API reference covers every public name: each name of ``nola_vision.__all__`` must be rendered on the page
-of its floor (``::: nola_vision.<floor>.<module>.<name>``) and have a docstring, or the build stops.
+of its floor (``::: nola_vision.<floor>.<module>.<name>``), listed in its floor's row of the index table and have a
+docstring, or the build stops.
 
 Names are found where they are defined (the public face re-exports them; ``FewShotClassifier`` and
 ``FewShotDataModule`` load lazily), and docstrings are read as mkdocstrings reads them (griffe, statically).
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOORS = ("core", "methods", "adapters", "serve", "models", "data", "train")
 PAGES: Dict[str, str] = {**{floor: f"api/{floor}.md" for floor in FLOORS}, "version": "api/index.md"}
 DIRECTIVE = re.compile(r"^::: ([\w.]+)\s*$", re.M)
+INDEX_ROW = re.compile(r"^\| \[(\w+)\]\(\w+\.md\) \|[^|]*\|([^|]*)\|\s*$", re.M)
 
 
 def public_paths() -> List[Tuple[str, str]]:
@@ -39,6 +41,8 @@ def problems(docs_dir: Path) -> List[str]:
     """What keeps the API reference from documenting every public name; empty when it is complete."""
     static = griffe.load("nola_vision", search_paths=[str(ROOT)])
     rendered = {page: set(DIRECTIVE.findall((docs_dir / page).read_text())) for page in set(PAGES.values())}
+    listed = {floor: set(re.findall(r"`(\w+)`", names))
+              for floor, names in INDEX_ROW.findall((docs_dir / "api/index.md").read_text())}
     found = []
     for name, path in public_paths():
         floor = path.split(".")[1]
@@ -49,6 +53,8 @@ def problems(docs_dir: Path) -> List[str]:
             continue
         if not any(path == shown or path.startswith(shown + ".") for shown in rendered[page]):
             found.append(f"nola_vision.{name} is missing from docs/{page}: add `::: {path}`")
+        if floor in FLOORS and name not in listed.get(floor, set()):
+            found.append(f"nola_vision.{name} is missing from the {floor} row of docs/api/index.md's table")
         if not static[path.split(".", 1)[1]].docstring:
             found.append(f"nola_vision.{name} ({path}) has no docstring")
     return found
