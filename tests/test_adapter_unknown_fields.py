@@ -1,13 +1,16 @@
 """Fields and tensor types this version does not know are refused, not ignored: a newer nola_vision records what
-changes the outputs within one format, and an integer tensor without its quantisation entry is no float."""
+changes the outputs within one format, and an integer tensor without its quantisation entry is no float. Files a
+script rewrote with fresh checksums are refused where they no longer say what save_adapter wrote: a tensor in
+another shape, malformed quantisation entries, an empty frozen-weights record."""
 import hashlib
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_adapter_formats import rewrite, saved
-from tiny_models import tiny_vit
+from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters import files as adapter_io
@@ -45,4 +48,69 @@ def test_an_integer_tensor_without_a_quantisation_entry_is_refused(tmp_path):
     document = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert document["bits"] == 32
     with pytest.raises(AdapterLoadError, match=rf"tensor {name} is stored as torch.int8 without a quantisation entry"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def resealed_weights(directory, change, metadata_change=None):
+    """The weights file rewritten by ``change`` (and its metadata by ``metadata_change``), both checksums taken
+    again, as a script or another tool rewriting the pair would."""
+    with safe_open(str(directory / WEIGHTS_NAME), "pt") as opened:
+        metadata = opened.metadata()
+    tensors = load_file(directory / WEIGHTS_NAME)
+    change(tensors)
+    if metadata_change is not None:
+        quantization = json.loads(metadata["quantization"])
+        metadata_change(quantization)
+        metadata["quantization"] = json.dumps(quantization)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata=metadata)
+    digest = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+    rewrite(directory, resealed(lambda d: d.update(weights_sha256=digest)))
+
+
+@pytest.mark.parametrize("name", ["head.weight", "blocks.0.mlp.fc1.nola_alpha"])
+def test_a_tensor_stored_in_another_shape_of_as_many_values_is_refused(tmp_path, name):
+    # It was reshaped to the model's shape: a transposed head loaded and moved the logits by up to 8.
+    saved(tmp_path)
+    shape = tuple(load_file(tmp_path / WEIGHTS_NAME)[name].shape)
+
+    def transpose(tensors):
+        tensors[name] = tensors[name].reshape(shape[::-1]) if name.endswith("alpha") else tensors[name].t().contiguous()
+    resealed_weights(tmp_path, transpose)
+    with pytest.raises(AdapterLoadError, match=rf"tensor {name} has shape \({shape[1]}, {shape[0]}\) in the file but "
+                                               rf"\({shape[0]}, {shape[1]}\) in the model"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def saved_at_8_bits(directory):
+    model = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)), 1, scale=0.1)
+    nv.save_adapter(model, directory, bits=8)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q: q["head.bias"].__setitem__(0, "0.1"), r"quantisation entry \['0.1', .* is not \[minimum, step, bits\] "
+                                                      r"with a finite minimum"),
+    (lambda q: q["head.bias"].__setitem__(1, None), r"quantisation entry \[.*, None, 8\] is not"),
+    (lambda q: q["head.bias"].__setitem__(1, -0.5), r"quantisation entry \[.*, -0.5, 8\] is not .* a finite step ≥ 0"),
+    (lambda q: q["head.bias"].__setitem__(2, 4), r"tensor head.bias holds 5 bytes of 4-bit codes, but the model's 5 "
+                                                  r"values of shape \(5,\) take two 4-bit codes a byte: 3 bytes"),
+])
+def test_malformed_quantisation_entries_are_refused_naming_what_is_wrong(tmp_path, change, message):
+    saved_at_8_bits(tmp_path)
+    resealed_weights(tmp_path, lambda tensors: None, change)
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_codes_stored_in_another_integer_dtype_are_refused_as_such(tmp_path):
+    saved_at_8_bits(tmp_path)
+    resealed_weights(tmp_path, lambda tensors: tensors.update({"head.bias": tensors["head.bias"].to(torch.int8)}))
+    with pytest.raises(AdapterLoadError, match=r"tensor head.bias is stored as torch.int8, but its quantisation entry "
+                                               r"says 8-bit codes, which are stored as uint8"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_an_empty_frozen_weights_record_is_refused_as_malformed(tmp_path):
+    saved(tmp_path)
+    rewrite(tmp_path, resealed(lambda d: d["frozen_weights"].update(modules={})))
+    with pytest.raises(AdapterLoadError, match="frozen_weights"):
         nv.load_adapter(tiny_vit(), tmp_path)

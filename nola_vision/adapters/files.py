@@ -554,7 +554,8 @@ def _is_frozen_weights(value: Any) -> bool:
     if not isinstance(value, dict):
         return False
     modules, merged = value.get("modules"), value.get("merged")
-    return (isinstance(value.get("version"), str) and isinstance(modules, dict) and isinstance(merged, list)
+    return (isinstance(value.get("version"), str) and isinstance(modules, dict) and bool(modules)
+            and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) for entry in merged)
             and ("context" not in value or is_context(value["context"])))
@@ -677,8 +678,8 @@ def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Ten
     """The stored tensors and quantisation table, after checking the file's sha256 against the config's."""
     expected = document.get("weights_sha256")
     if expected is not None and _sha256(raw) != expected:
-        raise AdapterLoadError(f"{path} is truncated or corrupt: its sha256 differs from the one recorded in "
-                               f"{CONFIG_NAME}; save the adapter again")
+        raise AdapterLoadError(f"{path} is truncated or corrupt, or comes from another save than {CONFIG_NAME} "
+                               f"beside it: its sha256 differs from the one recorded there; save the adapter again")
     try:
         tensors = load_safetensors_bytes(raw)
         header_size = int.from_bytes(raw[:8], "little")
@@ -720,7 +721,8 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
                    shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tensor]:
     """Float32 values of every stored tensor, dequantised and reshaped to the plan's shapes.
 
-    Sizes are compared before anything is unpacked, and non-finite values are refused.
+    Shapes (code counts for quantised tensors) are compared before anything is unpacked, and non-finite values are
+    refused.
     """
     unexpected = sorted(set(tensors) - set(shapes))
     if unexpected:
@@ -733,21 +735,21 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
         shape = shapes[name]
         numel = math.prod(shape)
         if name in quantization:
-            entry = quantization[name]
-            if not (isinstance(entry, list) and len(entry) == 3 and _is_int(entry[2]) and entry[2] in INTEGER_BITS):
-                raise AdapterLoadError(f"tensor {name}: quantisation entry {entry!r} is not [minimum, step, bits] "
-                                       f"with bits in {INTEGER_BITS}")
-            minimum, step, bits = entry
+            minimum, step, bits = _quantization_entry(name, quantization[name])
+            if stored.dtype != torch.uint8:
+                raise AdapterLoadError(f"tensor {name} is stored as {stored.dtype}, but its quantisation entry says "
+                                       f"{bits}-bit codes, which are stored as uint8 (the file was edited or damaged)")
             stored_numel = (numel + 1) // 2 if bits == 4 else numel
-            if stored.dtype != torch.uint8 or stored.numel() != stored_numel:
-                raise AdapterLoadError(f"tensor {name} holds {stored.numel()} {bits}-bit codes in the file but the "
-                                       f"model needs {numel} values of shape {shape}")
+            if stored.numel() != stored_numel:
+                what = f"two 4-bit codes a byte: {stored_numel} bytes" if bits == 4 else f"{numel} codes"
+                raise AdapterLoadError(f"tensor {name} holds {stored.numel()} bytes of {bits}-bit codes, but the "
+                                       f"model's {numel} values of shape {shape} take {what}")
             stored = dequantize(unpack4(stored, numel) if bits == 4 else stored, minimum, step)
         elif stored.dtype not in _FLOAT_STORAGE:
             raise AdapterLoadError(f"tensor {name} is stored as {stored.dtype} without a quantisation entry: "
                                    "unquantised tensors are float16, bfloat16 or float32 (the file was edited or "
                                    "damaged)")
-        elif stored.numel() != numel:
+        elif tuple(stored.shape) != tuple(shape):  # transposed or reshaped: as many values, in another order
             raise AdapterLoadError(f"tensor {name} has shape {tuple(stored.shape)} in the file but {shape} in the "
                                    "model")
         value = stored.float().reshape(shape)
@@ -755,6 +757,16 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
             raise AdapterLoadError(f"tensor {name} holds NaN or Inf values; the adapter is damaged or diverged")
         values[name] = value
     return values
+
+
+def _quantization_entry(name: str, entry: Any) -> Tuple[float, float, int]:
+    """(minimum, step, bits) of a tensor's quantisation entry, refused unless finite numbers, step ≥ 0, and bits
+    that ``save_adapter`` writes."""
+    if not (isinstance(entry, list) and len(entry) == 3 and _is_int(entry[2]) and entry[2] in INTEGER_BITS
+            and _is_number_list(entry[:2]) and entry[1] >= 0):
+        raise AdapterLoadError(f"tensor {name}: quantisation entry {entry!r} is not [minimum, step, bits] with a "
+                               f"finite minimum, a finite step ≥ 0 and bits in {INTEGER_BITS}")
+    return float(entry[0]), float(entry[1]), entry[2]
 
 
 def _check_architecture(model: nn.Module, document: dict) -> None:
