@@ -245,6 +245,37 @@ def test_replaying_the_manifest_of_a_whole_train_split_records_shots_0(folder_ro
     assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == [whole.manifest_path.name]
 
 
+def test_a_manifest_no_seed_drew_records_no_split_seed_and_never_takes_a_draws_name(folder_root, tmp_path):
+    """A hand-written manifest was recorded as the config's seed 0 and written under split_dir as seed 0's draw, so
+    seed 0's real draw was then refused there as if the images had changed; a shots=0 header on a trimmed manifest
+    was recorded as every train image."""
+    drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8)
+    drawn.setup("fit")
+    undrawn = [sample for sample in drawn.train_set.dataset.samples if sample not in drawn.train_manifest]
+    by_hand = tmp_path / "by_hand.txt"  # no header: images no seed has to draw
+    by_hand.write_text("".join(f"{key} {label}\n" for key, label in undrawn[::2]))
+    whole = FewShotDataModule("imagefolder", root=str(folder_root), shots=0, split_seed=4, image_size=8,
+                              split_dir=str(tmp_path / "whole"))
+    whole.setup("fit")
+    trimmed = tmp_path / "trimmed.txt"  # the whole split's header (shots=0 split_seed=4) over 2 images a class
+    header = [line for line in whole.manifest_path.read_text().splitlines(keepends=True) if line.startswith("#")]
+    trimmed.write_text("".join(header) + "".join(f"{key} {label}\n" for key, label in drawn.train_manifest))
+    for manifest in (by_hand, trimmed):
+        replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(manifest), image_size=8,
+                                   split_dir=str(tmp_path / "splits"))
+        replay.setup("fit")
+        assert replay.split_seed is None and replay.shots > 0, manifest
+        assert "seed" not in replay.manifest_path.name and "listed-" in replay.manifest_path.name
+    seed0 = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8,
+                              split_dir=str(tmp_path / "splits"))
+    seed0.setup("fit")  # its own record, beside the listed ones
+    assert seed0.manifest_path.name == "imagefolder_2shot_seed0_train.txt"
+    faithful = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(whole.manifest_path),
+                                 image_size=8)
+    faithful.setup("fit")
+    assert (faithful.shots, faithful.split_seed) == (0, 4)
+
+
 def test_runs_with_another_val_shots_keep_their_own_manifests_and_a_manifest_of_other_settings_is_named(
         folder_root, tmp_path):
     # the same split_dir with another val_shots was refused as if the images under root had changed

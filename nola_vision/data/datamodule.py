@@ -248,6 +248,18 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, 
     return shots
 
 
+def _is_draw(dataset: ImageDataset, indices: list[int], shots: Optional[int], seed: Optional[int],
+             val_shots: int) -> bool:
+    """Whether ``indices`` are the training images that ``split_seed`` ``seed`` draws at ``shots`` (and
+    ``val_shots``, which decide the rest for shots=0): only then does a replayed manifest count as that draw."""
+    if shots is None or seed is None or shots < 0 or val_shots < 0:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class short of images: the draw keeps what there is, as its run did
+        drawn = sample_kshot(dataset.samples, shots, seed, val_shots, dataset.class_names, allow_fewer=True)
+    return sorted(drawn.train) == sorted(indices)
+
+
 def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path, settings: dict[str, str]) -> bool:
     """Whether the manifest ``path`` exists and lists exactly the ``drawn`` images; one that lists others is refused,
     naming the file: it is the record of what an earlier run trained on. Its header's settings are compared with this
@@ -495,9 +507,10 @@ class FewShotDataModule(L.LightningDataModule):
         _warn_copied_shots(copies, train.root)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
-        """The split the manifests list; ``shots`` and ``val_shots`` become the images per class they hold, and
-        ``split_seed`` the seed its header names (a manifest this module wrote), so what a run records is what it
-        trained on."""
+        """The split the manifests list, so what a run records is what it trained on: a manifest whose header names
+        the settings that draw exactly its images keeps them (``shots``, ``split_seed``); any other (written by hand,
+        edited) records the images per class it holds as ``shots``, and no ``split_seed`` (None). ``val_shots``
+        becomes the validation manifest's images per class."""
         for manifest in (self.split_file, self.val_split_file):
             if manifest:
                 self._refuse_other_dataset(manifest)
@@ -506,13 +519,15 @@ class FewShotDataModule(L.LightningDataModule):
                if self.val_split_file else [])
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
-        header = manifest_settings(self.split_file)
-        # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
-        self.shots = 0 if header.get("shots") == "0" else _images_per_class(train, indices, self.split_file)
         self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
-        seed = header.get("split_seed", "")
-        if seed.lstrip("-").isdigit():
-            self.split_seed = int(seed)
+        header = {key: int(value) for key, value in manifest_settings(self.split_file).items()
+                  if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
+        if _is_draw(train, indices, header.get("shots"), header.get("split_seed"),
+                    self.val_shots if val else header.get("val_shots", 0)):
+            # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
+            self.shots, self.split_seed = header["shots"], header["split_seed"]
+        else:  # written by hand, or edited: no seed drew it
+            self.shots, self.split_seed = _images_per_class(train, indices, self.split_file), None
         return FewShotSplit(indices, val)
 
     def _refuse_other_dataset(self, manifest: str) -> None:
@@ -538,7 +553,9 @@ class FewShotDataModule(L.LightningDataModule):
         """The manifests of this split that ``split_dir`` does not hold yet (path: train-set indices), after refusing
         one there that lists other images; it only reads, so every DDP rank runs it."""
         self._require_setup()
-        stem = Path(split_dir) / f"{self.dataset_name}_{self.shots}shot_seed{self.split_seed}"
+        # a listed split no seed drew is named by its images, so that it never takes a draw's name
+        drawn_by = f"seed{self.split_seed}" if self.split_seed is not None else f"listed-{self.split_digest[:12]}"
+        stem = Path(split_dir) / f"{self.dataset_name}_{self.shots}shot_{drawn_by}"
         # val_shots in the validation manifest's name: with shots > 0, runs that differ only in it share the training
         # draw (and its manifest, whose header then records the first run's val_shots: not compared)
         train_path, val_path = Path(f"{stem}_train.txt"), Path(f"{stem}_val{self.val_shots}.txt")
@@ -562,8 +579,8 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _manifest_settings(self) -> dict[str, str]:
         """The settings a manifest header records (``manifest_settings`` reads them back): those that drew it."""
-        return {"dataset": self.dataset_name, "shots": str(self.shots), "split_seed": str(self.split_seed),
-                "val_shots": str(self.val_shots)}
+        seed = {} if self.split_seed is None else {"split_seed": str(self.split_seed)}  # None: listed, not drawn
+        return {"dataset": self.dataset_name, "shots": str(self.shots), **seed, "val_shots": str(self.val_shots)}
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
