@@ -123,6 +123,24 @@ def test_validating_or_resuming_after_images_were_added_is_refused_and_the_runs_
     assert run(capsys, *validate, "--ckpt_path", tmp_path / "older.ckpt")[0] == 0  # compared by its settings
 
 
+def test_the_results_of_a_hand_written_manifest_record_no_split_seed(tmp_path, capsys):
+    # they recorded the config's split_seed 0, and test's record took the manifest header's claim
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_folder="test")
+    data = ["--data.dataset", "imagefolder", "--data.root", tmp_path / "pets"]
+    manifest = tmp_path / "chosen.txt"
+    manifest.write_text("# nola_vision k-shot manifest: dataset=imagefolder shots=3 split_seed=5\n" + "".join(
+        f"train/{name}/{name} {i:02d}.png {label}\n" for label, name in enumerate(("cat", "dog", "owl"))
+        for i in range(1, 4)))
+    run_dir = tmp_path / "run"
+    assert run(capsys, *FIT, *data, "--data.split_file", manifest, "--trainer.default_root_dir", run_dir,
+               "--trainer.max_epochs", 1, "--result_file", tmp_path / "fit.json")[0] == 0
+    assert json.loads((tmp_path / "fit.json").read_text())["config"]["split_seed"] is None
+    assert run(capsys, "test", "-c", TINY, *QUIET, *data, "--trainer.default_root_dir", run_dir, "--ckpt_path", "last",
+               "--result_file", tmp_path / "test.json")[0] == 0
+    recorded = json.loads((tmp_path / "test.json").read_text())["config"]
+    assert (recorded["shots"], recorded["split_seed"]) == (3, None)
+
+
 def test_val_shots_with_a_split_file_but_no_validation_manifest_is_refused_before_training(tmp_path, capsys):
     drawn = FewShotDataModule("digits", shots=5, image_size=8, augment="none")
     drawn.setup("fit")

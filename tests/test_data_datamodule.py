@@ -274,6 +274,11 @@ def test_a_manifest_no_seed_drew_records_no_split_seed_and_never_takes_a_draws_n
                                  image_size=8)
     faithful.setup("fit")
     assert (faithful.shots, faithful.split_seed) == (0, 4)
+    add_drawn_image(seed0, "cat")  # seed 0 now draws another image: its manifest, unedited, is still its draw
+    replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(seed0.manifest_path),
+                               image_size=8, split_dir=str(tmp_path / "splits"))
+    replay.setup("fit")
+    assert (replay.shots, replay.split_seed, replay.manifest_path) == (2, 0, seed0.manifest_path)
 
 
 def test_runs_with_another_val_shots_keep_their_own_manifests_and_a_manifest_of_other_settings_is_named(

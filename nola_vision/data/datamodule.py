@@ -248,11 +248,15 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, 
     return shots
 
 
-def _is_draw(dataset: ImageDataset, indices: list[int], shots: Optional[int], seed: Optional[int],
-             val_shots: int) -> bool:
+def _listed_digest(samples: list[tuple[str, int]], indices: list[int]) -> str:
+    """The digest a manifest's header records of the images it lists (``images=``): 16 hex digits of their sha256."""
+    return digest_of(samples, FewShotSplit(indices, []))[:16]
+
+
+def _is_draw(dataset: ImageDataset, indices: list[int], shots: int, seed: int, val_shots: int) -> bool:
     """Whether ``indices`` are the training images that ``split_seed`` ``seed`` draws at ``shots`` (and
-    ``val_shots``, which decide the rest for shots=0): only then does a replayed manifest count as that draw."""
-    if shots is None or seed is None or shots < 0 or val_shots < 0:
+    ``val_shots``, which decide the rest for shots=0) from the images there now."""
+    if shots < 0 or val_shots < 0:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a class short of images: the draw keeps what there is, as its run did
@@ -507,10 +511,10 @@ class FewShotDataModule(L.LightningDataModule):
         _warn_copied_shots(copies, train.root)
 
     def _split_from_files(self, train: ImageDataset) -> FewShotSplit:
-        """The split the manifests list, so what a run records is what it trained on: a manifest whose header names
-        the settings that draw exactly its images keeps them (``shots``, ``split_seed``); any other (written by hand,
-        edited) records the images per class it holds as ``shots``, and no ``split_seed`` (None). ``val_shots``
-        becomes the validation manifest's images per class."""
+        """The split the manifests list, so what a run records is what it trained on: a manifest as this module wrote
+        it (its header's ``images=`` digest), or whose header names settings that draw exactly its images, keeps them
+        (``shots``, ``split_seed``); any other (written by hand, edited) records the images per class it holds as
+        ``shots``, and no ``split_seed`` (None). ``val_shots`` becomes the validation manifest's images per class."""
         for manifest in (self.split_file, self.val_split_file):
             if manifest:
                 self._refuse_other_dataset(manifest)
@@ -520,10 +524,14 @@ class FewShotDataModule(L.LightningDataModule):
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
         self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
-        header = {key: int(value) for key, value in manifest_settings(self.split_file).items()
+        recorded = manifest_settings(self.split_file)
+        header = {key: int(value) for key, value in recorded.items()
                   if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
-        if _is_draw(train, indices, header.get("shots"), header.get("split_seed"),
-                    self.val_shots if val else header.get("val_shots", 0)):
+        # as written (the images its header's digest names), or as its settings draw them from the images now
+        unedited = recorded.get("images") == _listed_digest(train.samples, indices)
+        if {"shots", "split_seed"} <= set(header) and (unedited or _is_draw(
+                train, indices, header["shots"], header["split_seed"], self.val_shots if val else header.get(
+                    "val_shots", 0))):
             # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
             self.shots, self.split_seed = header["shots"], header["split_seed"]
         else:  # written by hand, or edited: no seed drew it
@@ -573,8 +581,9 @@ class FewShotDataModule(L.LightningDataModule):
         """Write each manifest (path: train-set indices) under a header of the settings that drew it."""
         dataset = self.train_set.dataset
         settings = " ".join(f"{key}={value}" for key, value in self._manifest_settings().items())
-        header = f"nola_vision k-shot manifest: {settings}\npaths are relative to {dataset.root}"
         for path, indices in manifests.items():
+            listed = _listed_digest(dataset.samples, indices)  # tells a replay whether the file was edited since
+            header = f"nola_vision k-shot manifest: {settings} images={listed}\npaths are relative to {dataset.root}"
             write_manifest(path, dataset.samples, indices, header)
 
     def _manifest_settings(self) -> dict[str, str]:

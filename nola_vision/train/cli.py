@@ -767,14 +767,17 @@ def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str)
 
 def checkpoint_run(path: str) -> Dict[str, Any]:
     """What checkpoint ``path`` records of the run that trained it: its k-shot split (``dataset``, ``shots``,
-    ``split_seed``, ``val_shots``; a split file's from its manifest header) and its ``seed`` (``RunSeed``). A value
-    the checkpoint does not record is None (unknown), never the command line's."""
+    ``split_seed``, ``val_shots``; a replayed manifest's as the run resolved them) and its ``seed`` (``RunSeed``).
+    A value the checkpoint does not record is None (unknown), never the command line's."""
     with fsspec.open(path, "rb") as file:  # a small file, local or remote (s3://, gs://)
         saved = torch.load(file, map_location="cpu", weights_only=False)
-    split = ((saved.get("nola_vision") or {}).get("data") or {}).get("split") or saved.get(
-        "datamodule_hyper_parameters") or {}
+    data = (saved.get("nola_vision") or {}).get("data") or {}
+    split = data.get("split") or saved.get("datamodule_hyper_parameters") or {}
     record = {key: split.get(key) for key in ("dataset", "shots", "split_seed", "val_shots")}
-    if split.get("split_file"):  # the settings of the manifests (in the header of one the data module wrote)
+    drawn = data.get("drawn")  # the split as the run resolved it: a replayed manifest's settings (no seed: None)
+    if drawn is not None:
+        record.update({key: drawn.get(key) for key in ("shots", "split_seed", "val_shots")})
+    elif split.get("split_file"):  # an older checkpoint: the settings in the header of the manifest it replayed
         train, val = _manifest_header(split["split_file"]), _manifest_header(split.get("val_split_file"))
         record.update(shots=train.get("shots"), split_seed=train.get("split_seed"),
                       val_shots=val.get("val_shots") if split.get("val_split_file") else 0)

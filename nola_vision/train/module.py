@@ -738,7 +738,9 @@ class FewShotClassifier(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "class_names"):
             return None
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
-        return {"class_names": list(datamodule.class_names), "split": split,
+        # what the split was, a replayed manifest's included (split_seed None: listed by hand, no seed drew it)
+        drawn = {key: getattr(datamodule, key, None) for key in ("shots", "split_seed", "val_shots")}
+        return {"class_names": list(datamodule.class_names), "split": split, "drawn": drawn,
                 "split_digest": getattr(datamodule, "split_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
