@@ -254,3 +254,22 @@ def test_adapters_inside_a_transformer_encoder_layer_run_on_every_inference_call
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     nv.unload(model)
     assert not model.encoder.linear1._forward_pre_hooks and not model.encoder.linear2._forward_pre_hooks
+
+
+@pytest.mark.parametrize("quant_bits", [None, 8])
+def test_a_model_whose_head_was_reset_after_inject_copies_and_saves_whole(quant_bits):
+    # The hooks left on the replaced head could not be unpickled: deepcopy failed, and torch.save wrote a model that
+    # torch.load refused.
+    model = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=8, num_basis_b=8)))
+    if quant_bits is not None:
+        nv.set_quantization_aware(model, quant_bits)
+    model.reset_classifier(7)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(images)
+        for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert torch.equal(copied(images), expected)
+            nv.unload(copied)

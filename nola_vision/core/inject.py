@@ -73,6 +73,21 @@ class AdapterState:
         """The config as adapter files store it: a plain method's name, or the config's ``to_dict()``."""
         return self.config.serialize()
 
+    def __getstate__(self) -> dict:
+        # A handle on a module since replaced (the head ``reset_classifier`` swapped out) refers to hooks that are
+        # gone: removing it does nothing, and unpickling it fails, so copies and saved models leave it out.
+        state = dict(self.__dict__)
+        state["hooks"] = [handle for handle in self.hooks if _is_live(handle)]
+        if self.quantized_head is not None:
+            state["quantized_head"] = [hook for hook in self.quantized_head
+                                       if not isinstance(hook, RemovableHandle) or _is_live(hook)]
+        return state
+
+
+def _is_live(handle: RemovableHandle) -> bool:
+    """Whether the hooks dict ``handle`` removes from still exists."""
+    return handle.hooks_dict_ref() is not None
+
 
 def adapter_state(model: nn.Module) -> Optional[AdapterState]:
     """The ``AdapterState`` that ``inject`` attached, or None for a plain model."""
