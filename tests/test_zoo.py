@@ -14,6 +14,28 @@ def test_registered_vit_b_nola_has_the_paper_count():
     assert counts["adapter"] == 49_152 and counts["head"] == 7_690
 
 
+def test_a_zoo_name_with_an_unknown_tag_names_the_nola_model_and_its_tags():
+    # timm's own error named the base model (vit_base_patch16_224) and no tag
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'nosuchtag' for timm model "
+                                         r"'vit_base_patch16_224_nola'. Available: vit_base_patch16_224_nola\."):
+        timm.create_model("vit_base_patch16_224_nola.nosuchtag", pretrained=False)
+
+
+def test_a_zoo_model_whose_weights_cannot_be_downloaded_says_where_from_and_what_instead(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from nola_vision.models import zoo
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(zoo, "model_entrypoint", lambda name: offline)
+    with pytest.raises(FileNotFoundError, match=r"pretrained weights of vit_base_patch16_224.augreg2_in21k_ft_in1k "
+                                                r"\(timm downloads them from the Hugging Face Hub, .*pretrained_cfg_"
+                                                r"overlay=dict\(file=.*pretrained=False"):
+        timm.create_model("vit_base_patch16_224_nola.augreg2_in21k_ft_in1k", pretrained=True)
+
+
 def test_registered_variants_keep_the_base_pretrained_tags():
     assert "vit_base_patch16_224_nola.augreg2_in21k_ft_in1k" in timm.list_pretrained("vit_base_patch16_224_nola*")
     assert timm.is_model("vit_small_patch14_dinov2_nola") and timm.is_model("vit_large_patch16_224_nola")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .weights import check_backbone_keys
-from .zoo import check_model_name
+from .zoo import check_model_name, download_failure
 
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
 
@@ -107,7 +107,9 @@ def build_backbone(
         except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
             if path is not None:
                 raise
-            raise FileNotFoundError(_download_failure(backbone, err)) from err
+            raise FileNotFoundError(download_failure(backbone, err, (
+                "point model.pretrained_file at a local .safetensors/.pth state dict of the backbone, or train from "
+                "random weights with model.pretrained false"))) from err
         except RuntimeError as err:
             if path is None or "size mismatch" not in str(err):
                 raise
@@ -191,17 +193,3 @@ def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn
         why = str(err) or f"{type(err).__name__} in timm"
         raise ValueError(f"backbone_kwargs {backbone_kwargs} do not fit timm {backbone}: {why}. Fix or drop them "
                          "(model.backbone_kwargs)") from err
-
-
-def _download_failure(backbone: str, err: OSError) -> str:
-    """Why the pretrained weights of ``backbone`` could not be had, where timm fetches them, and what to do instead."""
-    import timm
-
-    config = timm.models.get_pretrained_cfg(backbone)
-    hub, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
-    where = f" (timm downloads them from the Hugging Face Hub, {hub})" if hub else (
-        f" (timm downloads them from {url})" if url else "")
-    return (f"cannot get the pretrained weights of {backbone}{where} into timm's cache: {type(err).__name__}: {err}. "
-            "Connect to the internet once (later runs read the cache), or point model.pretrained_file at a local "
-            ".safetensors/.pth state dict of the backbone, or train from random weights with model.pretrained false")
-

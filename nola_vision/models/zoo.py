@@ -22,7 +22,7 @@ from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.registry import get_method
 
-__all__ = ["NOLA_VARIANTS", "check_model_name", "create_model"]
+__all__ = ["NOLA_VARIANTS", "check_model_name", "create_model", "download_failure"]
 
 # Base architecture → NOLA defaults. ViT-L uses rank 1, as in the paper (98,304 coefficients at k=l=1024).
 NOLA_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -57,6 +57,17 @@ def check_model_name(model_name: str, fix: str = "") -> None:
         shown = ", ".join(tags[:8]) or "(none: this architecture has no pretrained weights)"
         raise ValueError(f"unknown pretrained tag '{tag}' for timm model '{architecture}'. Available: {shown}. "
                          f"Drop the tag for timm's default. {fix}".rstrip())
+
+
+def download_failure(model_name: str, err: OSError, instead: str) -> str:
+    """Why the pretrained weights of ``model_name`` could not be had, where timm fetches them, and ``instead``: what
+    to do without them."""
+    config = timm.models.get_pretrained_cfg(model_name)
+    hub, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
+    where = f" (timm downloads them from the Hugging Face Hub, {hub})" if hub else (
+        f" (timm downloads them from {url})" if url else "")
+    return (f"cannot get the pretrained weights of {model_name}{where} into timm's cache: {type(err).__name__}: "
+            f"{err}. Connect to the internet once (later runs read the cache), or {instead}")
 
 
 def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Dict[str, Any]]] = None,
@@ -123,8 +134,19 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
 def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         config = _nola_config_from_kwargs(kwargs, defaults)
+        tag = kwargs.get("pretrained_cfg")
+        if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
+            check_model_name(f"{name}.{tag}")
         # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
-        model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
+        try:
+            model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
+        except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
+            if not pretrained or "file" in (kwargs.get("pretrained_cfg_overlay") or {}):
+                raise
+            tagged = f"{base}.{tag}" if isinstance(tag, str) else base
+            raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
+                                                     ".safetensors/.pth state dict of the base model>), or "
+                                                     "pretrained=False for random weights")) from err
         return inject(model, config)
 
     name = base + NOLA_SUFFIX
