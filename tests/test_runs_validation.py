@@ -67,7 +67,7 @@ def fit_options():
     ({"model.lrr": [1e-3]}, r"--grid model\.lrr=0\.001 is not accepted by `nola-vision fit`.*unrecognized"),
     ({"model.adapter.init_args.scales": [1]}, r"(?s)--grid model\.adapter\.init_args\.scales=1 .*'scales' is not"),
     ({"model.lr": [1e-3, "fast"]}, r"(?s)--grid model\.lr=fast is not accepted.*model\.lr"),
-    ({"data.shot": [1]}, r"--grid data\.shot=1 is not accepted"),  # fit would take it as data.shots
+    ({"data.shot": [1]}, r"--data\.shot abbreviates --data\.shots: tune takes whole option names"),
 ])
 def test_a_grid_key_or_value_that_fit_does_not_take_is_refused_before_any_trial(fit_options, grid, message):
     with pytest.raises(ValueError, match=message):
@@ -80,6 +80,8 @@ def test_grid_keys_of_the_adapters_init_args_are_fit_options(fit_options):
 
 def test_overrides_that_fit_does_not_take_are_refused_before_any_trial(fit_options):
     with pytest.raises(ValueError, match="configs and overrides are not valid `nola-vision fit` arguments"):
+        fit_options({"model.lr": [1e-3]}, [*FAST, "--trainer.max_epochz", "1"])
+    with pytest.raises(ValueError, match="--trainer.max_epoch abbreviates --trainer.max_epochs: tune takes whole"):
         fit_options({"model.lr": [1e-3]}, [*FAST, "--trainer.max_epoch", "1"])
 
 

@@ -174,9 +174,9 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
     checked as ``fit`` checks it before training (``fit_argument_error``)."""
     from ..train.cli import cli_parser
 
-    refuse_abbreviated_options([*overrides, *(f"--{key}" for key in grid)], "tune")
     for key, values in grid.items():
         refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
+    refuse_abbreviated_options([*overrides, *(f"--{key}" for key in grid)], "tune")
     parser = cli_parser()
     base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
     error = fit_argument_error(parser, base)
