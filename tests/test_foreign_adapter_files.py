@@ -34,6 +34,17 @@ def test_adapter_files_another_tool_wrote_are_refused_not_replaced(tmp_path, fil
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+@pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
+def test_a_folder_named_like_an_adapter_file_is_refused_not_deleted(tmp_path, name, write):
+    # A folder was no file to the check: the save replaced the directory and deleted the folder with it.
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"neither nv.save_adapter nor nv.export_peft wrote.*{write} would replace"):
+        getattr(nv, write)(_model(), tmp_path)
+    assert (tmp_path / name / "notes.txt").read_text() == "mine"
+
+
 def test_a_peft_adapter_no_export_wrote_is_refused_not_replaced(tmp_path):
     # A peft adapter trained elsewhere has a peft config too: only the mark export_peft puts in its weights' metadata
     # tells an export of ours (replaced by a new export) from it.

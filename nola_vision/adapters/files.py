@@ -394,7 +394,7 @@ def other_adapter_files_error(directory: PathLike, writer: str) -> str:
     peft = _peft_config(Path(directory) / CONFIG_NAME)
     what = ("a peft adapter trained elsewhere (an nv.export_peft of nola_vision before its exports were marked counts "
             "as one too: remove that directory to export there again)" if peft else
-            "another library's adapter, or your own file")
+            "another library's adapter, or your own file or folder")
     return (f"{directory} holds {CONFIG_NAME} or {WEIGHTS_NAME} that neither nv.save_adapter nor nv.export_peft wrote "
             f"({what}): {writer} would replace them with files of the same names. "
             "Write into another directory, or move those files away")
@@ -403,10 +403,13 @@ def other_adapter_files_error(directory: PathLike, writer: str) -> str:
 def existing_adapter_kind(directory: PathLike) -> Optional[str]:
     """What ``directory``'s adapter files are: ``"nola_vision"`` (``save_adapter``), ``"peft"`` (``export_peft``),
     ``"other"`` (an ``adapter_config.json`` that is neither, or an ``adapter_model.safetensors`` without any: another
-    tool's, a user's file, or one this process cannot read), or None (neither file, or only empty ones). Both writers
-    write files of the same names, so each refuses to replace the other's, and both refuse to replace another tool's."""
+    tool's, a user's file or folder, or one this process cannot read), or None (neither file, or only empty ones).
+    Both writers write files of the same names, so each refuses to replace the other's, and both refuse to replace
+    another tool's."""
     config, weights = Path(directory) / CONFIG_NAME, Path(directory) / WEIGHTS_NAME
     try:
+        if any(path.exists() and not path.is_file() for path in (config, weights)):
+            return "other"  # a folder (or another entry) of that name: the user's, which a save would replace
         if not config.is_file() or not config.stat().st_size:
             return "other" if weights.is_file() and weights.stat().st_size else None
         document = json.loads(config.read_bytes())
