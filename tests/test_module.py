@@ -434,3 +434,10 @@ def test_a_fit_without_a_training_batch_exports_nothing(tmp_path):
     with pytest.raises(ValueError, match="the fit took no training step"):
         trainer(tmp_path, epochs=1).fit(module, empty)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_tilde_in_adapter_dir_is_the_home_folder(tmp_path, monkeypatch):
+    # Only result_file and predictions_file were expanded: a config's "~/ad" exported into "<cwd>/~/ad".
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir="~/ad", **TINY)
+    assert model.hparams.adapter_dir == str(tmp_path / "home" / "ad")
