@@ -52,6 +52,27 @@ def test_a_full_disk_found_when_the_file_is_flushed_names_the_file_and_keeps_the
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.csv"]
 
 
+@pytest.mark.parametrize("step", ["_locked_temporary", "_make_staging_directory", "writer_lock"])
+def test_a_disk_out_of_inodes_at_the_first_new_entry_names_the_target_and_that_nothing_changed(tmp_path, monkeypatch,
+                                                                                               step):
+    # The lock file, the temporary file and the staging folder are the first new entries: out of inodes, their
+    # bare ENOSPC named a hidden sibling (.a1.staged-…) and said nothing of the old content.
+    target = tmp_path / ("result.json" if step == "_locked_temporary" else "adapter")
+    nv.save_adapter(trained(1), target) if target.name == "adapter" else storage.write_text_atomic(target, "old")
+    before = files_of(target) if target.is_dir() else target.read_text()
+
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / f".{target.name}.staged-0"))
+
+    monkeypatch.setattr(storage, step, no_inode)
+    with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: no space is left on its filesystem.*"
+                                      r"(was not changed|Nothing in .* was changed)") as error:
+        nv.save_adapter(trained(2), target) if target.name == "adapter" else storage.write_text_atomic(target, "new")
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    assert (files_of(target) if target.is_dir() else target.read_text()) == before
+
+
 def test_a_file_is_flushed_before_it_replaces_the_old_one_and_its_folder_after(tmp_path, monkeypatch):
     target = storage.write_json_atomic(tmp_path / "result.json", {"acc": 0.9})
     calls, fsync, replace = [], os.fsync, os.replace

@@ -16,7 +16,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple, Union
@@ -37,7 +37,8 @@ _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory u
 _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux/fs.h> and macOS <stdio.h>
 # Why a write can fail for want of room, and what frees it, by errno: a save then says so instead of a bare OSError.
 _NO_ROOM = {
-    errno.ENOSPC: ("no space is left on its filesystem", "Free space there, or save to another filesystem"),
+    errno.ENOSPC: ("no space is left on its filesystem",
+                   "Free space (or inodes, df -i) there, or save to another filesystem"),
     errno.EDQUOT: ("the disk quota is used up", "Free space within the quota, or save elsewhere"),
     errno.EFBIG: ("a file would exceed the file size limit (ulimit -f) or the filesystem's largest file",
                   "Raise the limit (e.g. ulimit -f unlimited), or save to another filesystem"),
@@ -118,11 +119,13 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
     the caller's own checks (a user's file of that name, hours into a run), and ``path`` then stays as it is.
     """
     target = _file_target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp, fd = _locked_temporary(target)
+    unchanged = f"{target} was not changed: its previous content, if any, is intact."
+    with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        tmp, fd = _locked_temporary(target)
     try:
-        with _explained_if_out_of_room(target, f"{target} was not changed: its previous content, if any, is intact."):
+        with _explained_if_out_of_room(target, unchanged):
             yield tmp
             replaced = _stat_or_none(target)
             if replaced is None:
@@ -386,14 +389,16 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
     ``path`` after the caller's own checks ran, and the old set then stays.
     """
     target = resolve_directory_target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(target):
-        _remove_leftovers(target)
-        staged = _make_staging_directory(target)
+    unchanged = f"Nothing in {target} was changed: a previous adapter there, if any, is intact."
+    with ExitStack() as held:
+        with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
+            target.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(writer_lock(target))
+            _remove_leftovers(target)
+            staged = _make_staging_directory(target)
         try:
             _inherit_access(target, staged)
-            with _explained_if_out_of_room(target, f"Nothing in {target} was changed: a previous adapter there, if "
-                                                   "any, is intact."):
+            with _explained_if_out_of_room(target, unchanged):
                 yield staged
                 written = os.listdir(staged)
                 old = _keep_unwritten_entries(target, staged)
