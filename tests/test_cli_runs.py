@@ -230,6 +230,25 @@ def test_a_rerun_that_fails_after_replacing_the_adapter_moves_the_old_result_asi
     assert not (tmp_path / "r.json").exists() and (tmp_path / "r.json.previous").is_file()
 
 
+def test_the_result_of_the_adapter_a_rerun_replaces_is_moved_aside_before_the_export(tmp_path, capsys, monkeypatch):
+    # Moved aside only when Python saw the run fail: a SIGKILL after the export left the first run's result beside
+    # the second run's adapter. What the test pass after fit finds on disk is what a kill there would leave.
+    same = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", "--trainer.max_epochs", 1, *same)[0] == 0
+    first = json.loads((tmp_path / "result.json").read_text())["adapter_sha256"]
+    seen = []
+
+    def killed_here(*args, **kwargs):
+        seen.append((tmp_path / "result.json").exists())
+        seen.append(json.loads((tmp_path / "result.json.previous").read_text())["adapter_sha256"])
+        raise SystemExit(137)
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "test", killed_here)
+    with pytest.raises(SystemExit):
+        run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--trainer.max_epochs", 1, *same)
+    assert seen == [False, first]
+
+
 def test_a_test_after_fit_that_is_interrupted_moves_aside_the_result_of_the_adapter_it_replaced(tmp_path, capsys,
                                                                                                  monkeypatch):
     same = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]

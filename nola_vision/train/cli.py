@@ -422,6 +422,7 @@ class NolaCLI(LightningCLI):
         if config.result_file:
             check_result_path(config.result_file)
             _refuse_replacing(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file)
+            self.model.before_export = ResultRetirer(config.result_file)
             if self.trainer.overfit_batches and not self.trainer.fast_dev_run:
                 raise ValueError(f"--trainer.overfit_batches {self.trainer.overfit_batches} trains (and validates) on "
                                  f"a few fixed batches, a debugging run: --result_file {config.result_file} would "
@@ -449,11 +450,7 @@ class NolaCLI(LightningCLI):
         if self._final_weights_unvalidated():
             # the last epoch did not validate (check_val_every_n_epoch > 1, max_steps, ...): the val/* metrics are an
             # earlier epoch's, while the result, the adapter and last.ckpt are the final weights'
-            try:
-                results = self.trainer.validate(self.model, datamodule=self.datamodule)
-            except BaseException:
-                self._retire_stale_result(config.result_file)
-                raise
+            results = self.trainer.validate(self.model, datamodule=self.datamodule)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         if config.test_after_fit and not self.trainer.interrupted:
             try:
@@ -464,10 +461,7 @@ class NolaCLI(LightningCLI):
                     f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
                     f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
                     "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
-                    f"{self._retire_stale_result(config.result_file)}") from error
-            except BaseException:  # SIGTERM, Ctrl-C or a failure: no earlier result may describe the new adapter
-                self._retire_stale_result(config.result_file)
-                raise
+                    f"{self.model.before_export.note if self.model.before_export is not None else ''}") from error
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.fast_dev_run:  # its metrics are those of a few batches
@@ -529,23 +523,6 @@ class NolaCLI(LightningCLI):
         if self.datamodule.val_set is None:
             return False
         return final.validated_step != trainer.global_step
-
-    def _retire_stale_result(self, result_file: Optional[str]) -> str:
-        """Move aside a result file that describes the adapter this run just replaced (a re-run into the same
-        ``adapter_dir`` that failed after exporting), so no valid-looking result sits beside another adapter."""
-        path = Path(result_file) if result_file else None
-        exported = self.model.exported_adapter_dir
-        if path is None or exported is None or not path.is_file() or not self.trainer.is_global_zero:
-            return ""
-        try:
-            described = json.loads(path.read_text()).get("adapter_dir")
-        except (OSError, ValueError, AttributeError):
-            return ""
-        if described is None or Path(described).resolve() != Path(exported).resolve():
-            return ""
-        aside = path.with_name(path.name + ".previous")
-        os.replace(path, aside)
-        return f" {path} described the adapter this run replaced: moved to {aside}."
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, keeping a ``last.ckpt`` of the latest epoch's weights by default (``FinalWeights``), so that
@@ -763,6 +740,27 @@ def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str)
         drop = " and ".join(option for option, _ in cut)
         raise ValueError("; ".join(why for _, why in cut) + f", with nothing saying so: drop {drop} to evaluate every "
                          "image, or drop --result_file")
+
+
+class ResultRetirer:
+    """``before_export`` of a fit with ``--result_file``: a result there that describes the adapter folder the export
+    is about to replace is moved aside (``<result>.previous``) first, so no valid-looking result ever sits beside
+    another adapter, whatever stops the run after the export (a failure, SIGTERM, SIGKILL)."""
+
+    def __init__(self, result_file: str) -> None:
+        self.path, self.note = Path(result_file), ""
+
+    def __call__(self, adapter: Path) -> None:
+        try:
+            described = json.loads(self.path.read_text()).get("adapter_dir")
+        except (OSError, ValueError, AttributeError):  # none there, or not a result
+            return
+        if described is None or Path(described).resolve() != adapter.resolve():
+            return
+        aside = self.path.with_name(self.path.name + ".previous")
+        os.replace(self.path, aside)
+        self.note = f" {self.path} described the adapter this run replaced: moved to {aside}."
+        rank_zero_info(f"nola_vision:{self.note}")
 
 
 def checkpoint_run(path: str) -> Dict[str, Any]:

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union
 
 import lightning as L
 import torch
@@ -264,6 +264,8 @@ class FewShotClassifier(L.LightningModule):
         self._trained_data: Optional[dict] = None
         self._trained_data_source = "the checkpoint"
         self.exported_adapter_dir: Optional[Path] = None
+        # Called with the folder just before an export replaces it (the CLI moves aside a result that describes it).
+        self.before_export: Optional[Callable[[Path], None]] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
 
@@ -466,6 +468,8 @@ class FewShotClassifier(L.LightningModule):
             rank_zero_info("nola_vision: fast_dev_run, so no adapter is exported")
             return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
+        if self.before_export is not None:
+            self.before_export(Path(target))
         _keep_previous_adapter(Path(target))
         self.exported_adapter_dir = save_adapter(self.model, target, bits=bits, class_names=self._head_class_names())
         self.exported_adapter_bits = bits
