@@ -100,3 +100,54 @@ def test_timm_hub_and_local_folder_names_pass_the_name_check_and_a_flat_nola_con
     model = timm.create_model("vit_tiny_patch16_224_nola", pretrained=False, **TINY_VIT,
                               nola_config={"rank": 2, "num_basis_a": 8, "num_basis_b": 8})  # no "method" key
     assert nv.adapted_layers(model)["blocks.0.mlp.fc1"].rank == 2
+
+
+ZOO_KW = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=3)
+
+
+def _trained_zoo_model():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224_nola", pretrained=False, **ZOO_KW)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_zoo_models_own_state_dict_as_pretrained_file_keeps_its_adapter_and_head(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    model = _trained_zoo_model()
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    path = tmp_path / f"full{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    x = torch.randn(2, 3, 32, 32)
+    # timm loaded the base weights and dropped the adapter tensors (unexpected keys) and the head (num_classes=3)
+    loaded = timm.create_model("vit_tiny_patch16_224_nola", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)), **ZOO_KW).eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_a_pretrained_file_of_another_nola_model_is_refused(tmp_path):
+    model = _trained_zoo_model()
+    torch.save(model.state_dict(), tmp_path / "full.pth")
+    with pytest.raises(ValueError, match=r"adapter tensors of another NOLA model: it has no blocks.0.attn.qkv"):
+        timm.create_model("vit_tiny_patch16_224_nola", pretrained=True, nola_targets=["attn.qkv", "mlp.fc1", "mlp.fc2"],
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "full.pth")), **ZOO_KW)
+    with pytest.raises(ValueError, match=r"trained head head.weight of shape \(3, 64\), this model's is \(5, 64\)"):
+        timm.create_model("vit_tiny_patch16_224_nola", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "full.pth")), **{**ZOO_KW, "num_classes": 5})
+
+
+def test_a_base_models_pretrained_file_loads_with_fresh_adapters(tmp_path):
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ZOO_KW)
+    torch.save(base.state_dict(), tmp_path / "base.pth")
+    model = timm.create_model("vit_tiny_patch16_224_nola", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "base.pth")), **ZOO_KW)
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight, rtol=0, atol=0)
+    fresh = timm.create_model("vit_tiny_patch16_224_nola", pretrained=False, **ZOO_KW)
+    for (name, value), (_, initial) in zip(model.named_parameters(), fresh.named_parameters()):
+        if "nola_" in name:  # the adapters keep their init
+            torch.testing.assert_close(value, initial, rtol=0, atol=0)

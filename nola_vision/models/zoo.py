@@ -147,13 +147,41 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
             raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                      ".safetensors/.pth state dict of the base model>), or "
                                                      "pretrained=False for random weights")) from err
-        return inject(model, config)
+        base_keys = set(model.state_dict())
+        inject(model, config)
+        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if pretrained and weights_file:
+            _load_saved_adapter(model, weights_file, base_keys)
+        return model
 
     name = base + NOLA_SUFFIX
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"timm {base} with NOLA adapters (pass nola_rank, nola_num_basis_a, … or nola_config)."
     return entrypoint
+
+
+def _load_saved_adapter(model: nn.Module, weights_file: str, base_keys: set) -> None:
+    """Load what a ``_nola`` model's own state dict in ``weights_file`` holds beyond the base model's weights: its
+    adapter tensors (timm left them out as unexpected keys) and its trained head (timm drops a pretrained head for
+    another ``num_classes`` than the base's 1000). Nothing for a base model's file."""
+    state = timm.models.load_state_dict(weights_file)
+    adapter_keys = [key for key in model.state_dict() if key not in base_keys]
+    found = [key for key in adapter_keys if key in state]
+    if not found:
+        return
+    missing = [key for key in adapter_keys if key not in state]
+    if missing:
+        raise ValueError(f"{weights_file} holds adapter tensors of another NOLA model: it has no {missing[0]} (and "
+                         f"{len(missing) - 1} more of this model's): pass the nola_* arguments it was created with")
+    head = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is head) + "."
+    head_state = {key: state[key] for key in model.state_dict() if key.startswith(prefix) and key in state}
+    for key, value in head_state.items():
+        if value.shape != model.state_dict()[key].shape:
+            raise ValueError(f"{weights_file} holds a trained head {key} of shape {tuple(value.shape)}, this model's "
+                             f"is {tuple(model.state_dict()[key].shape)}: pass the num_classes it was trained with")
+    model.load_state_dict({**head_state, **{key: state[key] for key in found}}, strict=False)
 
 
 def _register_variants() -> None:
