@@ -115,6 +115,32 @@ def test_remove_task_unhooks_layers_no_task_adapts(adapters, images):
     assert list(model.model.state_dict()) == list(tiny_vit().state_dict())
 
 
+def test_a_dropped_served_model_is_collected_and_leaves_the_backbone_unhooked(adapters, images):
+    import gc
+    import weakref
+
+    backbone = tiny_vit()
+    reference = backbone(images)
+    dropped = []
+    for _ in range(3):  # the serving guide re-wraps a backbone whose weights changed
+        model = nv.MultiTaskModel(backbone)
+        model.add_task("nola_mlp", adapters["nola_mlp"])
+        model(images, "nola_mlp")
+        dropped.append(weakref.ref(model))
+        del model
+    gc.collect()
+    assert [ref() for ref in dropped] == [None] * 3  # the backbone's hooks kept them, their caches and bases alive
+    assert not any(module._forward_hooks for module in backbone.modules())
+    torch.testing.assert_close(backbone(images), reference, rtol=0, atol=0)
+    kept = nv.MultiTaskModel(backbone)
+    kept.add_task("nola_mlp", adapters["nola_mlp"])
+    twin = copy.deepcopy(kept)  # a copy's hooks belong to the copy
+    expected = merged_logits(adapters["nola_mlp"], 5, images)
+    del kept
+    gc.collect()
+    torch.testing.assert_close(torch.stack(twin(images, "nola_mlp")), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_task_names_and_lengths_get_errors_naming_the_fix(adapters, images):
     model = served(adapters)
     with pytest.raises(ValueError, match=r"unknown task 'cifar'; registered tasks are \['head_only', 'lora_qv'"):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -127,6 +127,7 @@ class MultiTaskModel(nn.Module):
         self._contexts: Dict[type, dict] = {}
         self._cache: OrderedDict[str, _Factors] = OrderedDict()
         self._hooks: Dict[str, RemovableHandle] = {}
+        self._finalizer = _removing_hooks_when_collected(self)
         self._call = _Call()
         self._merged = merged_adapters(model)  # what the weights held when wrapped; a later change is refused
         # The weights the tasks were checked against (None: recorded at the next call); a later change is refused.
@@ -143,7 +144,7 @@ class MultiTaskModel(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_lock", "_call", "_weights"):  # each copy gets its own (see __setstate__)
+        for name in ("_lock", "_call", "_weights", "_finalizer"):  # each copy gets its own (see __setstate__)
             state.pop(name)
         if self._weights is not None:  # a copy's first call checks its weights against these values
             state["_copied_weights"] = self._weights.samples
@@ -159,6 +160,7 @@ class MultiTaskModel(nn.Module):
         # comparing them with the original's sampled values (pickles from before they were kept: not compared).
         self._lock = threading.RLock()
         self._call = _Call()
+        self._finalizer = _removing_hooks_when_collected(self)
         self._weights = None
         self.__dict__.setdefault("_copied_weights", None)
 
@@ -360,7 +362,7 @@ class MultiTaskModel(nn.Module):
         for name in set(self._hooks) - wanted:
             self._hooks.pop(name).remove()
         for name in sorted(wanted - set(self._hooks)):
-            self._hooks[name] = self.model.get_submodule(name).register_forward_hook(partial(self._add_updates, name))
+            self._hooks[name] = self.model.get_submodule(name).register_forward_hook(_LayerHook(self, name))
 
     def _add_updates(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """Forward hook: y + (x A_t) B_t with each image's task t, as two batched matmuls over per-image factors."""
@@ -466,6 +468,46 @@ def _require_representable(task: str, factors: Dict[str, Tuple[Tensor, Tensor]],
                 f"task {task!r}: {label} holds values up to {value.abs().max().item():.4g}, beyond the {dtype} the "
                 f"model is served in now (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Serve it "
                 "in float32 or bfloat16, or remove the task (remove_task)")
+
+
+class _LayerHook:
+    """The forward hook of one adapted layer, bound weakly to its MultiTaskModel: the backbone does not keep a served
+    model that was dropped alive (with its cache and bases), and once it is collected its hooks are removed
+    (``_removing_hooks_when_collected``). Copies (deepcopy, pickle) are bound to the copy of the served model."""
+
+    def __init__(self, served: MultiTaskModel, name: str) -> None:
+        self.name = name
+        self._served = weakref.ref(served)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        served = self._served()
+        return output if served is None else served._add_updates(self.name, module, args, output)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "served": self._served()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.name = state["name"]
+        served = state["served"]
+        self._served = weakref.ref(served) if served is not None else _collected
+
+
+def _collected() -> None:
+    """What the weak reference of a collected served model gives."""
+    return None
+
+
+def _removing_hooks_when_collected(served: MultiTaskModel) -> weakref.finalize:
+    """Remove the served model's layer hooks from the backbone once the served model is garbage-collected."""
+    finalizer = weakref.finalize(served, _remove_hooks, served._hooks)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _remove_hooks(hooks: Dict[str, RemovableHandle]) -> None:
+    for handle in hooks.values():
+        handle.remove()
+    hooks.clear()
 
 
 class _Call(threading.local):
