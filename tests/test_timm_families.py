@@ -47,6 +47,34 @@ def test_a_distilled_model_with_two_heads_is_refused():
     assert not nv.adapted_layers(model)
 
 
+def test_a_distilled_model_is_refused_as_a_served_backbone_naming_its_two_heads_and_adapts_without_heads(tmp_path):
+    kwargs = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3, **kwargs)
+    with pytest.raises(ValueError, match=r"2 classifier heads \(head, head_dist: a distilled model\)"):
+        nv.MultiTaskModel(distilled)  # said it needed num_classes > 0
+    headless = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=0, **kwargs).eval()
+    config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)
+    as_if_trained(nv.inject(headless, config), 0, scale=0.3)  # two identities: no head stays frozen
+    nv.save_adapter(headless, tmp_path / "features")
+    fresh = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=0, **kwargs).eval()
+    fresh.load_state_dict({k: v for k, v in headless.state_dict().items() if k in fresh.state_dict()}, strict=False)
+    nv.load_adapter(fresh, tmp_path / "features")
+    torch.testing.assert_close(fresh(X), headless(X), rtol=1e-4, atol=1e-4)
+
+
+def test_thirds_of_a_projection_of_other_than_q_k_and_v_are_refused():
+    # GCViT's global attention projects k and v only (2 x dim): with dim a multiple of 3 its "q third" was two thirds
+    # of k, adapted silently
+    from timm.models.gcvit import GlobalContextVit
+
+    model = GlobalContextVit(num_classes=3, embed_dim=48, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), img_size=64)
+    with pytest.raises(ValueError, match=r"stages.0.blocks.1.attn.qkv has 96 outputs, 2 x 1 heads x 48 of "
+                                         r"WindowAttentionGlobal: k and v only .*Target the fused layer"):
+        nv.plan_injection(model, nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+    plan = nv.plan_injection(model, nv.LoRAConfig(rank=2, targets=["attn.qkv"]))
+    assert all(layer.slices == ((0, model.get_submodule(name).out_features),) for name, layer in plan.layers.items())
+
+
 VOLO_TINY = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], num_heads=[1, 2, 2, 2], img_size=64,
                  stem_hidden_dim=16, num_classes=3)
 

@@ -130,7 +130,7 @@ def require_one_head(model: nn.Module) -> None:
                          f"({', '.join(names)}), and nola_vision trains one head: define get_classifier() on it to "
                          "return the head to train")
     heads = owners[0].get_classifier() if owners else None
-    if isinstance(heads, (tuple, list)):
+    if isinstance(heads, (tuple, list)) and _has_head(heads):  # a headless one (num_classes=0) has identities
         names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
                          "model), and nola_vision trains one: use the model without distillation (e.g. "
@@ -285,6 +285,12 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
             if module.out_features % 3:
                 raise ValueError(f"target {pattern!r}: {name} has {module.out_features} outputs, not a fused qkv")
             parent = model.get_submodule(name.rpartition(".")[0])
+            heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
+            if isinstance(heads, int) and isinstance(head_dim, int) and module.out_features == 2 * heads * head_dim:
+                raise ValueError(
+                    f"target {pattern!r}: {name} has {module.out_features} outputs, 2 x {heads} heads x {head_dim} of "
+                    f"{type(parent).__name__}: k and v only (GCViT's global attention takes q from elsewhere), so "
+                    "its thirds are not q, k and v. Target the fused layer ('attn.qkv') instead")
             if not _splits_into_q_k_v_blocks(parent):
                 raise ValueError(
                     f"target {pattern!r}: cannot tell that {type(parent).__name__} splits the output of {name} "

@@ -30,7 +30,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
 from ..core.plan import InjectionPlan
 from ..core.registry import method_of
-from ..core.targets import classifier_head, require_module, require_no_peft_model
+from ..core.targets import classifier_head, require_module, require_no_peft_model, require_one_head
 
 __all__ = ["MultiTaskModel"]
 
@@ -115,6 +115,7 @@ class MultiTaskModel(nn.Module):
         if _has_adapters(model):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
                              "fresh timm.create_model(...) (or call nv.unload(model) first)")
+        require_one_head(model)
         head = classifier_head(model)
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
