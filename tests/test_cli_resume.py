@@ -211,6 +211,7 @@ def test_a_fit_whose_ranks_run_in_child_processes_is_refused_before_anything_is_
     ("--trainer.accumulate_grad_batches", "0", "Use 1 (a step per batch) or more"),  # ZeroDivisionError mid-epoch
     ("--trainer.check_val_every_n_epoch", "0", "must be 1 or more"),
     ("--trainer.val_check_interval", "0", "must be above 0"),
+    ("--trainer.gradient_clip_val", "-1", "Lightning skips clipping for a value below 0"),  # ran unclipped
 ])
 def test_step_intervals_below_one_are_refused_before_anything_is_built(tmp_path, capsys, option, value, says):
     code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), option, value,

@@ -353,11 +353,13 @@ def test_learning_rates_default_to_the_method_recipe_and_the_head_gets_its_own_g
                 for g in model.configure_optimizers()["optimizer"].param_groups}
 
     recipe = nv.get_method("nola")
-    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)) == {
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)) == {  # at the peak
         "adapter": recipe.default_lr, "head": recipe.default_head_lr or recipe.default_lr}
     # a given lr is the head's too unless head_lr is given
-    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, **TINY)) == {"adapter": 1e-3, "head": 1e-3}
-    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, head_lr=4e-3, **TINY)) == {
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, warmup_epochs=0, **TINY)) == {
+        "adapter": 1e-3, "head": 1e-3}
+    assert group_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, head_lr=4e-3, warmup_epochs=0,
+                                       **TINY)) == {
         "adapter": 1e-3, "head": 4e-3}
     lora = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY)
     assert lora.hparams.lr == nv.get_method("lora").default_lr  # resolved values are what checkpoints keep
@@ -384,8 +386,10 @@ def test_warmup_defaults_to_the_method_recipe_and_shapes_the_schedule():
     assert nola.hparams.warmup_epochs == 2  # ... and then kept, for the checkpoints
     assert lrs[:3] == pytest.approx([nola.hparams.lr * (e + 1) / 3 for e in range(3)])
     assert max(lrs) == pytest.approx(nola.hparams.lr) and lrs[-1] < lrs[2]
-    # a short run has no warm-up (round(3 x 0.1) = 0); a given value wins; 0 is the paper's schedule
-    assert epoch_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY), 3)[0] == pytest.approx(nola.hparams.lr)
+    # a short run warms up for at least an epoch (round(3 x 0.1) = 0), given room; a given value wins; 0 is the
+    # paper's schedule
+    assert epoch_lrs(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY), 3)[:2] == pytest.approx(
+        [nola.hparams.lr / 2, nola.hparams.lr])
     given = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=4, **TINY)
     assert epoch_lrs(given, 20)[0] == pytest.approx(given.hparams.lr / 5) and given.hparams.warmup_epochs == 4
     paper = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)

@@ -156,10 +156,63 @@ def test_a_trainable_parameter_outside_the_model_is_refused_naming_it(tmp_path):
 
 def test_each_fit_resolves_the_recipes_warmup_for_its_own_epochs():
     model = module(warmup_epochs=None)
-    for epochs, warmup in ((3, 0), (20, 2), (3, 0)):  # NOLA's recipe: a tenth of the epochs, rounded
+    for epochs, warmup in ((4, 1), (20, 2), (4, 1)):  # NOLA's recipe: a tenth of the epochs, rounded, at least 1
         model.trainer = L.Trainer(max_epochs=epochs, logger=False)
         model.configure_optimizers()
         assert model.hparams.warmup_epochs == warmup  # the value this fit used, for its checkpoints
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (14, 1), (15, 2)])
+def test_the_recipes_warmup_is_at_least_an_epoch_where_the_run_has_room_for_it(epochs, warmup):
+    # a tenth of 3 or 4 epochs rounded to none: NOLA started at its recipe's 3e-2 and diverged to chance
+    from nola_vision.train.recipe import recipe_warmup_epochs
+
+    assert recipe_warmup_epochs(NOLA, epochs) == warmup
+    assert recipe_warmup_epochs(nv.LoRAConfig(), epochs) == 0  # LoRA's recipe has none
+
+
+def warnings_of_configure_optimizers(epochs: int, **hparams) -> str:
+    model = module(**hparams)
+    model.trainer = L.Trainer(max_epochs=epochs, logger=False)
+    with pytest.warns() as caught:
+        model.configure_optimizers()
+        __import__("warnings").warn("end")  # pytest.warns needs one
+    return " | ".join(str(w.message) for w in caught)
+
+
+def test_a_schedule_the_warmup_leaves_no_room_in_warns():
+    said = warnings_of_configure_optimizers(2, lr=None, head_lr=None, warmup_epochs=None)
+    assert "nola's recipe lr=0.03 assumes a warm-up (10% of the epochs, at least 1), and a run of " \
+           "trainer.max_epochs=2 has no room for one" in said and "Train 3 or more epochs" in said
+    assert "no room" not in warnings_of_configure_optimizers(2, warmup_epochs=None)  # lr given: the user's choice
+    assert "no room" not in warnings_of_configure_optimizers(3, lr=None, head_lr=None, warmup_epochs=None)
+    said = warnings_of_configure_optimizers(3, warmup_epochs=2)  # epochs at lr/3, 2lr/3, then lr: never decayed
+    assert "warmup_epochs=2 leaves one of trainer.max_epochs=3 after the warm-up, and it trains at the peak" in said
+    assert "leaves one" not in warnings_of_configure_optimizers(3, warmup_epochs=1)
+    assert "is not below trainer.max_epochs=3" in warnings_of_configure_optimizers(3, warmup_epochs=3)
+
+
+class TimeUpAfterOneEpoch(__import__("lightning").pytorch.callbacks.Timer):
+    """trainer.max_time's Timer, whose time is up at the end of the first epoch."""
+
+    def __init__(self):
+        super().__init__(duration={"hours": 1}, interval="epoch")
+        self.up = False
+
+    def time_elapsed(self, stage="train"):
+        return 7200.0 if self.up else 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.up = True
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+def test_a_fit_that_max_time_stops_early_warns_that_its_schedule_never_decayed(tmp_path):
+    run = trainer(tmp_path, epochs=5, callbacks=[TimeUpAfterOneEpoch()], enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"trainer.max_time stopped the fit with 1 of max_epochs=5 epochs done.*"
+                                         r"stopped at lr 0.00905, 0.00905, never decaying to min_lr=1e-06"):
+        run.fit(module(), loader())
+    assert run.current_epoch == 1
 
 
 def test_a_resume_keeps_the_warmup_its_run_resolved_as_the_cli_does(tmp_path):

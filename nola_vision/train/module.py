@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -47,7 +48,7 @@ from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
-from .recipe import lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
+from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
@@ -225,9 +226,9 @@ class FewShotClassifier(L.LightningModule):
             momentum: SGD momentum.
             min_lr: final learning rate of the per-epoch cosine schedule (paper: 1e-6).
             warmup_epochs: linear warm-up epochs before the cosine decay; None takes the method's recipe,
-                ``nv.get_method(name).default_warmup_fraction`` of ``max_epochs`` rounded (NOLA: 2 of 20; the
-                paper presets set 0). Each fit resolves it for its own ``max_epochs``, and stores the value it uses
-                in the hyperparameters (and so in its checkpoints).
+                ``nv.get_method(name).default_warmup_fraction`` of ``max_epochs`` rounded, at least 1 from 3
+                epochs on (NOLA: 2 of 20, 1 of 3; the paper presets set 0). Each fit resolves it for its own
+                ``max_epochs``, and stores the value it uses in the hyperparameters (and so in its checkpoints).
             label_smoothing: cross-entropy label smoothing (paper: 0.1).
             quant_bits: quantisation-aware training of the adapter tensors at 8 or 4 bits (straight-through
                 estimator); None trains in full precision.
@@ -389,12 +390,31 @@ class FewShotClassifier(L.LightningModule):
         warmup = self._given_warmup_epochs
         # None: the recipe's share of this fit's epochs, resolved again by every fit; recorded for its checkpoints
         hp.warmup_epochs = warmup if warmup is not None else recipe_warmup_epochs(self.adapter_config, epochs)
+        self._warn_about_the_warmup(epochs)
+        scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _warn_about_the_warmup(self, epochs: int) -> None:
+        """Warn when the warm-up leaves the schedule no room: as long as the run (the rate never reaches ``lr``), one
+        epoch shorter (the last epoch trains at the peak, never decaying), or none where the recipe's rates want one
+        (a run of 1 or 2 epochs starts at NOLA's 3e-2, from which it can diverge)."""
+        hp = self.hparams
         if hp.warmup_epochs >= epochs:
             warn_user(f"nola_vision: warmup_epochs={hp.warmup_epochs} is not below trainer.max_epochs={epochs}: the "
                       f"learning rate only warms up (epoch 0 at lr/{hp.warmup_epochs + 1}), never reaching "
                       f"lr={hp.lr:g} nor decaying to min_lr={hp.min_lr:g}. Use fewer warm-up epochs, or more epochs")
-        scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        elif hp.warmup_epochs and hp.warmup_epochs == epochs - 1:
+            warn_user(f"nola_vision: warmup_epochs={hp.warmup_epochs} leaves one of trainer.max_epochs={epochs} after "
+                      f"the warm-up, and it trains at the peak lr={hp.lr:g}: the cosine decay to min_lr={hp.min_lr:g} "
+                      "would start after the run. Use fewer warm-up epochs, or more epochs")
+        method = method_of(self.adapter_config)
+        if (not hp.warmup_epochs and self._given_warmup_epochs is None and method.default_warmup_fraction > 0
+                and math.isclose(hp.lr, method.default_lr)):
+            warn_user(f"nola_vision: {method.name}'s recipe lr={hp.lr:g} assumes a warm-up "
+                      f"({method.default_warmup_fraction:.0%} of the epochs, at least 1), and a run of "
+                      f"trainer.max_epochs={epochs} has no room for one: it starts at the full rate (NOLA diverges "
+                      f"from 3e-2 without a warm-up). Train {MIN_EPOCHS_FOR_WARMUP} or more epochs, or pass a lower "
+                      "--model.lr")
 
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -443,6 +463,19 @@ class FewShotClassifier(L.LightningModule):
                        f"head {counts['head']:,}, trainable {counts['trainable']:,} of {counts['total']:,} parameters")
         for logger in self.loggers:
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+    def on_train_end(self) -> None:
+        """Warn when ``trainer.max_time`` stopped the fit before ``max_epochs``: the per-epoch schedule is laid out over
+        ``max_epochs``, so its last epochs trained near the peak rate, never decaying to ``min_lr``."""
+        trainer = self.trainer
+        timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
+        remaining = [timer.time_remaining() for timer in timers]
+        if trainer.current_epoch < trainer.max_epochs and any(left is not None and left <= 0 for left in remaining):
+            rates = ", ".join(f"{group['lr']:.3g}" for group in trainer.optimizers[0].param_groups)
+            warn_user(f"nola_vision: trainer.max_time stopped the fit with {trainer.current_epoch} of "
+                      f"max_epochs={trainer.max_epochs} epochs done, while the learning-rate schedule is laid out over "
+                      f"{trainer.max_epochs} epochs: it stopped at lr {rates}, never decaying to "
+                      f"min_lr={self.hparams.min_lr:g}. Set trainer.max_epochs to the epochs that fit the time instead")
 
     def on_fit_end(self) -> None:
         """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``; never NaN/Inf weights, nor
@@ -919,12 +952,17 @@ def check_training_length(trainer: Any) -> None:
 def _check_step_intervals(trainer: Any) -> None:
     """Refuse intervals Lightning takes without a check: ``accumulate_grad_batches`` below 1 divides the loss by it
     (-1 turns every step into gradient ascent, recorded as an ordinary result; 0 fails with a ZeroDivisionError
-    mid-epoch), and a validation interval of 0 fails the same way."""
+    mid-epoch), a validation interval of 0 fails the same way, and a negative ``gradient_clip_val`` clips nothing."""
     accumulate = getattr(trainer, "accumulate_grad_batches", None)
     if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
         raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} (--trainer.accumulate_grad_batches): "
                          "Lightning divides the loss by it, so a value below 1 trains wrongly (a negative one ascends "
                          "the loss) or fails mid-epoch. Use 1 (a step per batch) or more (batches per optimizer step)")
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip >= 0:
+        raise ValueError(f"trainer.gradient_clip_val={clip!r} (--trainer.gradient_clip_val) must be 0 or more: "
+                         "Lightning skips clipping for a value below 0 while the run records it. Use the largest "
+                         "gradient norm (or value) to allow, or leave it unset for no clipping")
     every = getattr(trainer, "check_val_every_n_epoch", None)
     if every is not None and every < 1:
         raise ValueError(f"trainer.check_val_every_n_epoch={every!r} (--trainer.check_val_every_n_epoch) must be 1 or "

@@ -15,7 +15,11 @@ from torch import nn
 from ..core.registry import method_of
 from ..core.targets import head_parameter_names
 
-__all__ = ["cosine_factor", "lr_schedule", "parameter_groups", "recipe_learning_rates", "recipe_warmup_epochs"]
+__all__ = ["MIN_EPOCHS_FOR_WARMUP", "cosine_factor", "lr_schedule", "parameter_groups", "recipe_learning_rates",
+           "recipe_warmup_epochs"]
+
+# The fewest epochs a recipe's warm-up has room in: one warm-up epoch and two along the cosine.
+MIN_EPOCHS_FOR_WARMUP = 3
 
 
 def parameter_groups(model: nn.Module, lr: float, head_lr: float) -> List[Dict[str, Any]]:
@@ -48,8 +52,12 @@ def recipe_learning_rates(config: Any, lr: Optional[float], head_lr: Optional[fl
 
 
 def recipe_warmup_epochs(config: Any, epochs: int) -> int:
-    """The method's recipe warm-up for a run of ``epochs``: its ``default_warmup_fraction``, rounded half up."""
-    return math.floor(method_of(config).default_warmup_fraction * epochs + 0.5)
+    """The method's recipe warm-up for a run of ``epochs``: its ``default_warmup_fraction``, rounded half up, and at
+    least 1 epoch from 3 epochs on (room for it and two decaying epochs): the recipe's rates assume a warm-up (NOLA's
+    3e-2 diverges without one), which a tenth of 3 or 4 epochs would round away."""
+    fraction = method_of(config).default_warmup_fraction
+    share = math.floor(fraction * epochs + 0.5)
+    return 1 if share == 0 and fraction > 0 and epochs >= MIN_EPOCHS_FOR_WARMUP else share
 
 
 def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0) -> Callable[[int], float]:
