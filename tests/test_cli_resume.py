@@ -278,3 +278,54 @@ def test_a_data_root_under_the_home_folder_is_read_there_not_under_the_working_d
     assert cli.datamodule.hparams.root == str(tmp_path / "digits")
     saved = (Path(cli.trainer.log_dir) / "config.yaml").read_text()
     assert f"root: {tmp_path / 'digits'}" in saved
+
+
+# ---- a ModelCheckpoint that monitors val/acc ---------------------------------------------------------------------
+
+MONITORED = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/acc",
+             "--trainer.callbacks.mode=max", "--trainer.callbacks.save_top_k=1", "--data.val_shots", "2", *QUIET]
+
+
+def monitored_state(checkpoint: Path) -> dict:
+    states = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]
+    return next(state for key, state in states.items() if "'monitor': 'val/acc'" in key)
+
+
+def logged_val_acc(*log_dirs: Path) -> list:
+    return [float(row["val/acc"]) for log_dir in log_dirs for row in csv.DictReader(open(log_dir / "metrics.csv"))
+            if row.get("val/acc")]
+
+
+def test_a_monitored_runs_last_ckpt_holds_its_final_epoch_and_test_finds_its_best(tmp_path, monkeypatch):
+    # Lightning refreshed last.ckpt only when val/acc improved: the result named an earlier epoch's weights
+    result = tmp_path / "fit.json"
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs",
+                       "4", "--result_file", str(result), *MONITORED])
+    fit = json.loads(result.read_text())
+    assert torch.load(fit["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == 4 * STEPS
+    best = monitored_state(Path(fit["checkpoint"]))
+    assert best["best_model_score"].item() == max(logged_val_acc(Path(fit["log_dir"])))
+    monkeypatch.chdir(tmp_path.parent)  # a new process elsewhere: Lightning's own "best" knew no checkpoint
+    tested = run_lightning_cli(["test", "-c", str(Path(fit["log_dir"]) / "config.yaml"), "--ckpt_path", "best", *QUIET])
+    assert Path(tested.trainer.ckpt_path).resolve() == Path(best["best_model_path"]).resolve()
+
+
+def test_best_names_what_is_missing_when_no_metric_was_monitored(run, capsys):
+    code = main(["test", "-c", str(run["config"]), "--ckpt_path", "best", *QUIET])
+    err = capsys.readouterr().err  # said ModelCheckpoint was not configured to save the best model
+    assert code == 2 and "has no single best checkpoint: no ModelCheckpoint of it monitored a metric" in err
+
+
+def test_a_resumed_monitored_run_keeps_the_best_of_its_earlier_epochs(tmp_path):
+    # the resume logs to version_1, and Lightning dropped the scores kept in version_0: its first epoch was the best
+    common = ["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "6",
+              *MONITORED]
+    run_lightning_cli([*common, "--trainer.max_steps", str(3 * STEPS)])  # stopped after 3 of 6 epochs
+    resumed = run_lightning_cli([*common, "--ckpt_path", "last"])
+    logs = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    assert [p.name for p in logs] == ["version_0", "version_1"]
+    before, after = logged_val_acc(logs[0]), logged_val_acc(logs[1])
+    assert len(before) == len(after) == 3 and max(before) > max(after)  # the best epoch came before the resume
+    callback = resumed.trainer.checkpoint_callback
+    assert callback.best_model_score.item() == max(before) and Path(callback.best_model_path).parent.parent == logs[0]
+    assert monitored_state(logs[1] / "checkpoints" / "last.ckpt")["best_model_path"] == callback.best_model_path

@@ -222,8 +222,9 @@ class FinalWeights(Callback):
     earlier epoch than the exported adapter and the result, and a resume from it would train those epochs again. At
     the end of such an epoch this saves what that callback would have saved there: ``last.ckpt``, and without a
     monitored metric its newest checkpoint (``epoch=E-step=S.ckpt``). A callback that monitors a metric keeps its
-    best among the validated epochs. It also records the last step whose weights were validated during fit, so that
-    the CLI validates the final weights when no validation saw them. When a callback stops the fit for a metric it
+    best among the validated epochs, and its ``last.ckpt`` the latest epoch (Lightning saves it only with a new
+    best). It also records the last step whose weights were validated during fit, so that the CLI validates the
+    final weights when no validation saw them. When a callback stops the fit for a metric it
     monitors and that was not logged (``monitoring_callback``), it saves the ``last.ckpt`` the checkpoint callbacks
     would have saved at that point (``kept``), so the epochs trained are not lost.
     """
@@ -231,6 +232,21 @@ class FinalWeights(Callback):
     def __init__(self) -> None:
         self.validated_step: Optional[int] = None
         self.kept: Optional[str] = None
+        self._resumed_states: Dict[str, Any] = {}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        self._resumed_states = checkpoint.get("callbacks") or {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resume logs to a new ``version_N`` folder, and Lightning then forgets the scores of the checkpoints a
+        monitoring callback kept in the run's earlier folder: its first new epoch would count as the best. They are
+        taken up again (files that are gone left out); Lightning deletes no file outside its own folder."""
+        for callback in trainer.checkpoint_callbacks:
+            state = self._resumed_states.get(getattr(callback, "state_key", None))
+            if (isinstance(callback, ModelCheckpoint) and callback.monitor is not None and isinstance(state, dict)
+                    and state.get("dirpath") != callback.dirpath):
+                _take_up_best(callback, state)
+        self._resumed_states = {}
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not trainer.global_step:
@@ -251,15 +267,41 @@ class FinalWeights(Callback):
         if trainer.fast_dev_run:
             return
         for callback in trainer.checkpoint_callbacks:
-            # what ModelCheckpoint.on_train_epoch_end does, for a callback that saves only after validation
-            if (not isinstance(callback, ModelCheckpoint) or callback._should_save_on_train_epoch_end(trainer)
-                    or callback._last_global_step_saved == trainer.global_step):
+            if not isinstance(callback, ModelCheckpoint) or callback._last_global_step_saved == trainer.global_step:
                 continue
+            if callback._should_save_on_train_epoch_end(trainer):
+                if callback.monitor is not None and callback.save_last:
+                    self._save_last_before_top_k(trainer, callback)
+                continue
+            # what ModelCheckpoint.on_train_epoch_end does, for a callback that saves only after validation
             candidates = callback._monitor_candidates(trainer)
             every = callback._every_n_epochs
             if callback.monitor is None and every >= 1 and (trainer.current_epoch + 1) % every == 0:
                 callback._save_topk_checkpoint(trainer, candidates)
             callback._save_last_checkpoint(trainer, candidates)  # whatever its schedule: fit resumes from it
+
+    @staticmethod
+    def _save_last_before_top_k(trainer: Trainer, callback: ModelCheckpoint) -> None:
+        """Save the ``last.ckpt`` of a monitoring callback that saves at this epoch's end (it runs after this one):
+        Lightning refreshes ``last.ckpt`` only when the metric improved, so it would hold the best epoch's weights.
+        The callback then decides on its top-k as if nothing was saved, and saves ``last.ckpt`` again if it saves."""
+        saved_step = callback._last_global_step_saved
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        callback._last_global_step_saved = saved_step
+
+
+def _take_up_best(callback: ModelCheckpoint, state: Dict[str, Any]) -> None:
+    """Give ``callback`` the top-k checkpoints (and their scores) its ``state`` from another folder recorded."""
+    kept = {path: score for path, score in (state.get("best_k_models") or {}).items() if Path(path).is_file()}
+    if not kept:
+        return
+    models = callback.best_k_models = {**kept, **callback.best_k_models}
+    best, worst = (min, max) if callback.mode == "min" else (max, min)
+    callback.best_model_path = best(models, key=models.get)
+    callback.best_model_score = models[callback.best_model_path]
+    if 0 < callback.save_top_k <= len(models):
+        callback.kth_best_model_path = worst(models, key=models.get)
+        callback.kth_value = models[callback.kth_best_model_path]
 
 
 class RunSeed(Callback):
@@ -370,6 +412,8 @@ class NolaCLI(LightningCLI):
         if blocking is not None:
             raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
                              "directory (the file was left untouched)")
+        if config.get("ckpt_path") == "best":
+            config.ckpt_path = find_best_checkpoint(root)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(root)
             if config.ckpt_path is None:
@@ -965,6 +1009,32 @@ def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
     found = [p for pattern in ("checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt") for p in Path(root).glob(pattern)
              if re.fullmatch(r"last(-v\d+)?", p.stem)]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def find_best_checkpoint(root: os.PathLike) -> str:
+    """The best checkpoint of the newest run under ``root`` by the metric its ``ModelCheckpoint`` monitored, as the
+    run's ``last.ckpt`` records it: Lightning's own ``ckpt_path="best"`` asks the trainer's callback, which knows
+    nothing in a new process."""
+    last = find_last_checkpoint(root)
+    if last is None:
+        raise FileNotFoundError(f"--ckpt_path best: no run under {root} (no last.ckpt, nor in its <name>/version_N "
+                                "folders). Pass --trainer.default_root_dir of the run, or a checkpoint path")
+    with open(last, "rb") as file:
+        states = torch.load(file, map_location="cpu", weights_only=False).get("callbacks") or {}
+    monitored = {state["best_model_path"]: state["monitor"] for state in states.values()
+                 if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")}
+    if len(monitored) != 1:
+        why = ("its ModelCheckpoint callbacks monitored several metrics" if monitored else
+               "no ModelCheckpoint of it monitored a metric (fit with --trainer.callbacks+=ModelCheckpoint "
+               "--trainer.callbacks.monitor=val/acc --trainer.callbacks.mode=max)")
+        raise ValueError(f"--ckpt_path best: the run of {last} has no single best checkpoint: {why}. Pass the "
+                         f"checkpoint's path ({Path(last).parent}/*.ckpt), or --ckpt_path last")
+    path, metric = next(iter(monitored.items()))
+    for candidate in (Path(path), Path(last).parent / Path(path).name):  # recorded relative to the fit's folder
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"--ckpt_path best: the run's best checkpoint by {metric}, {path}, is gone (recorded in "
+                            f"{last}): pass another checkpoint of the run, or --ckpt_path last")
 
 
 def explicit_model_args(argv: Sequence[Any]) -> set:
