@@ -197,6 +197,44 @@ def test_caltech101_split_file_is_written_and_read_back(tmp_path):
     assert len(build_dataset("caltech101", tmp_path, "train")) == 101 * 4 + 1
 
 
+@pytest.mark.parametrize("left_out", ["classes.txt", "train_test_split.txt", "image_class_labels.txt"])
+def test_a_cub_extraction_without_a_metadata_file_says_so_and_where_to_get_it(tmp_path, left_out):
+    info = write_cub(tmp_path, num_classes=200, train_per_class=1, test_per_class=1)
+    (info["folder"] / left_out).unlink()  # a bare FileNotFoundError
+    with pytest.raises(DatasetNotFoundError, match=rf"{left_out} is missing, so the extraction looks incomplete\. "
+                                                   r"Extract https://\S+ \(CUB_200_2011.tgz\) under .* again"):
+        build_dataset("cub200", tmp_path, "train")
+
+
+def test_a_cut_short_cub_images_txt_is_refused_instead_of_scoring_half_the_test_split(tmp_path):
+    info = write_cub(tmp_path, num_classes=200, train_per_class=1, test_per_class=1)
+    images = info["folder"] / "images.txt"
+    images.write_text("".join(images.read_text().splitlines(keepends=True)[:200]))
+    with pytest.raises(DatasetMetadataError, match=r"image_class_labels.txt lists 200 image ids that images.txt does "
+                                                   r"not \(e.g. \[201, 202, 203, 204, 205\]\): images.txt looks cut"):
+        build_dataset("cub200", tmp_path, "test")
+
+
+@pytest.mark.parametrize("cut", ["categories", "images"])
+def test_an_incomplete_caltech101_extraction_writes_no_split_file_that_would_refuse_the_complete_one(tmp_path, cut):
+    import shutil
+
+    info = write_caltech101(tmp_path, per_class=2)
+    cats = info["folder"] / "101_ObjectCategories"
+    if cut == "categories":  # the archive's end never extracted
+        for name in info["class_names"][60:]:
+            shutil.rmtree(cats / name)
+    else:  # the last category's folder made, its images not
+        for image in (cats / "yin_yang").iterdir():
+            image.unlink()
+    said = r"41 of its 101 categories are missing \(e.g. .*\)" if cut == "categories" else r"category 'yin_yang' has no images"
+    with pytest.raises(DatasetNotFoundError, match=said + r", so the extraction looks incomplete; extract .* again"):
+        build_dataset("caltech101", tmp_path, "train")
+    assert not (info["folder"] / "nola_vision_split.txt").exists()  # was written, and refused the full extraction
+    write_caltech101(tmp_path, per_class=2)
+    assert len(build_dataset("caltech101", tmp_path, "train")) == 101
+
+
 def test_food101_reads_meta_json_with_sorted_classes(tmp_path):
     info = write_food101(tmp_path, train_per_class=3, test_per_class=1)
     train, test = build_dataset("food101", tmp_path, "train"), build_dataset("food101", tmp_path, "test")
@@ -213,6 +251,19 @@ def test_fashion_mnist_reads_debian_style_idx_gz_files(tmp_path):
     assert train.class_names[0] == "T-shirt/top" and train.class_names[9] == "Ankle boot"
     img = train.load_image(17)
     assert img.mode == "RGB" and img.size == (28, 28) and img.getpixel((0, 0)) == (17, 17, 17)
+
+
+def test_fashion_mnist_reads_a_folder_with_one_file_still_gzipped(tmp_path):
+    # "holds 4 of Fashion-MNIST's 4 files; missing: " (nothing) when the four were not all raw or all .gz
+    import gzip
+
+    folder = tmp_path / "fashion-mnist"
+    labels = write_fashion_mnist(folder, n_train=40, n_test=20, gz=False)
+    raw = folder / "t10k-labels-idx1-ubyte"
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw.read_bytes()))
+    raw.unlink()
+    test = build_dataset("fashion_mnist", tmp_path, "test")
+    assert len(test) == 20 and test.targets == labels["t10k"]
 
 
 def test_fashion_mnist_reads_torchvision_raw_layout_first(tmp_path):

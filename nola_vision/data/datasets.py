@@ -358,6 +358,9 @@ def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int,
             return [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as err:
         raise DatasetMetadataError(f"{path} is not a text file ({err}). {fix}") from err
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:  # an extraction cut short
+        raise DatasetNotFoundError(f"{path} is missing{' (a folder)' if path.is_dir() else ''}, so the extraction "
+                                   f"looks incomplete. {fix}") from err
 
 
 def _read_pairs(path: Path, fix: str, integer_values: bool = False) -> dict[int, Any]:
@@ -461,9 +464,12 @@ class _CUB:
         for path, values, valid, what in (
                 (folder / "image_class_labels.txt", labels, range(1, len(names) + 1), "a class id of classes.txt"),
                 (folder / "train_test_split.txt", is_train, (0, 1), "1 (train) or 0 (test)")):
-            missing = sorted(set(images) - set(values))
+            missing, unknown = sorted(set(images) - set(values)), sorted(set(values) - set(images))
             if missing:
                 raise DatasetMetadataError(f"{path} has no line for image ids {missing[:5]} of images.txt. {fix}")
+            if unknown:  # images.txt cut short: its images would be left out of train and test alike, silently
+                raise DatasetMetadataError(f"{path} lists {len(unknown)} image ids that images.txt does not (e.g. "
+                                           f"{unknown[:5]}): images.txt looks cut short. {fix}")
             wrong = next((key for key, value in values.items() if value not in valid), None)
             if wrong is not None:
                 raise DatasetMetadataError(f"{path}: image id {wrong} has {values[wrong]}, expected {what}. {fix}")
@@ -722,7 +728,8 @@ def _require_same_images(split_path: Path, listed: set, on_disk: set) -> None:
             f"extraction?): edit it, adding a '<path> train' or '<path> test' line for each image not listed and "
             "removing the lines of images not on disk, which keeps every other image in its split. Deleting it "
             "makes a new split by position, in which images move between train and test: a model trained on the "
-            "old split would be tested on some of its own training images")
+            "old split would be tested on some of its own training images. If no model trained on it (its runs were "
+            "refused, say for too few images of a class cut short by the extraction), delete it instead")
 
 
 class _Caltech101:
@@ -791,6 +798,7 @@ class _Caltech101:
             images = {f"{CALTECH_IMAGES}/{name}/{fname}" for name, files in on_disk.items() for fname in files}
             _require_same_images(split_path, set(assignment), images)
             return assignment
+        self._refuse_incomplete(folder, on_disk)  # before the split file fixes an incomplete extraction's split
         assignment = {}
         for name, files in on_disk.items():
             for pos, fname in enumerate(files):
@@ -800,6 +808,20 @@ class _Caltech101:
                  "(positions 0, 5, ...) is test\n"] + [f"{rel} {s}\n" for rel, s in assignment.items()]
         _write_text_atomic(split_path, "".join(lines), missing_ok=True)
         return assignment
+
+    def _refuse_incomplete(self, folder: Path, on_disk: dict[str, list[str]]) -> None:
+        """Refuse an extraction without every category, or with a category folder without images (the archive cut
+        short): the split file made from it would stand, and refuse the complete dataset extracted again."""
+        missing = sorted(CALTECH101_CLASSES - set(on_disk))
+        empty = [name for name, files in on_disk.items() if not files]
+        if not missing and not empty:
+            return
+        what = (f"{len(missing)} of its {len(CALTECH101_CLASSES)} categories are missing (e.g. "
+                f"{', '.join(map(repr, missing[:3]))})" if missing else
+                f"category {empty[0]!r} has no images{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}")
+        raise DatasetNotFoundError(f"dataset '{self.name}' under {folder}: {what}, so the extraction looks "
+                                   f"incomplete; extract {self.url} there again. Nothing was written (the split file "
+                                   f"{CALTECH_SPLIT_FILE} is made from the complete dataset).")
 
     def _read_split(self, path: Path, names: set[str]) -> dict[str, str]:
         """The split file ``<101_ObjectCategories/class/file> <train|test>`` per line; a malformed line is named."""
@@ -950,19 +972,17 @@ class _FashionMNIST:
             tvd.FashionMNIST(str(root), train=True, download=True)
 
     def _find(self, root: Path, refuse_partial: bool = True) -> Optional[Path]:
-        """The first candidate folder with all four files (raw or ``.gz``), as a ``{prefix}``/``{kind}`` pattern. A
-        folder under ``root`` holding only some of them (an interrupted download or copy) is refused, naming the
-        missing ones, rather than passed over for the next candidate: that may be the system's full set, another
-        dataset than the user's."""
+        """The first candidate folder with all four files (each raw or ``.gz``). A folder under ``root`` holding only
+        some of them (an interrupted download or copy) is refused, naming the missing ones, rather than passed over
+        for the next candidate: that may be the system's full set, another dataset than the user's."""
         bases = [f"{p}-{kind}-ubyte" for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
         for folder in self.candidates(root):
-            for suffix in ("", ".gz"):
-                paths = [folder / f"{base}{suffix}" for base in bases]
-                for path in paths:  # not skipped for the next folder: that may hold other files
-                    _refuse_broken_link(path)
-                if all(path.is_file() for path in paths):
-                    return folder / f"{{prefix}}-{{kind}}-ubyte{suffix}"
+            for base in bases:  # not skipped for the next folder: that may hold other files
+                for suffix in ("", ".gz"):
+                    _refuse_broken_link(folder / f"{base}{suffix}")
             present = [base for base in bases if any((folder / f"{base}{suffix}").is_file() for suffix in ("", ".gz"))]
+            if len(present) == len(bases):
+                return folder
             if refuse_partial and present and folder != Path(FASHION_MNIST_SYSTEM_DIR):
                 missing = [base for base in bases if base not in present]
                 raise DatasetNotFoundError(
@@ -971,10 +991,11 @@ class _FashionMNIST:
                     f"fetches them with torchvision), or remove the folder to read another copy")
         return None
 
-    def _read(self, pattern: Path, prefix: str, kind: str, ndim: int) -> np.ndarray:
-        """One IDX file of the ``pattern`` folder, refused when it is not Fashion-MNIST's: images other than 28x28, or
-        a full-size file (all 60,000 or 10,000 items) whose content is not the official file's."""
-        path = Path(str(pattern).format(prefix=prefix, kind=kind))
+    def _read(self, folder: Path, prefix: str, kind: str, ndim: int) -> np.ndarray:
+        """One IDX file of ``folder`` (raw, else ``.gz``), refused when it is not Fashion-MNIST's: images other than
+        28x28, or a full-size file (all 60,000 or 10,000 items) whose content is not the official file's."""
+        path = folder / f"{prefix}-{kind}-ubyte"
+        path = path if path.is_file() else path.with_name(f"{path.name}.gz")
         array, data = _read_idx(path, ndim)
         get = (f"Put Fashion-MNIST's own files there: download=True (--data.download true) fetches them with "
                f"torchvision, `apt-get install dataset-fashion-mnist` puts them under {FASHION_MNIST_SYSTEM_DIR}, "
@@ -993,20 +1014,20 @@ class _FashionMNIST:
         return list(FASHION_MNIST_CLASSES)
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
-        pattern = self._find(root)
-        if pattern is None:
+        folder = self._find(root)
+        if folder is None:
             raise _not_found(self.name, self.expected(root) / "train-images-idx3-ubyte",
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
         prefix = "train" if split == "train" else "t10k"
-        images = self._read(pattern, prefix, "images-idx3", ndim=3)
-        labels = self._read(pattern, prefix, "labels-idx1", ndim=1)
+        images = self._read(folder, prefix, "images-idx3", ndim=3)
+        labels = self._read(folder, prefix, "labels-idx1", ndim=1)
         if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-            raise CorruptImageError(f"{pattern.parent}: {prefix} label {labels.max()} is not a Fashion-MNIST class "
+            raise CorruptImageError(f"{folder}: {prefix} label {labels.max()} is not a Fashion-MNIST class "
                                     "(0..9); download the dataset again (--data.download true)")
         if len(images) != len(labels):
-            raise CorruptImageError(f"{pattern.parent}: {len(images)} {prefix} images but {len(labels)} labels")
-        return ArrayImageDataset(self.name, pattern.parent, split, images, labels.tolist(), self.class_names(root))
+            raise CorruptImageError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels")
+        return ArrayImageDataset(self.name, folder, split, images, labels.tolist(), self.class_names(root))
 
 
 class _Digits:
