@@ -450,3 +450,36 @@ def test_a_checkpoint_of_another_depth_names_the_tensors_that_differ(checkpoint)
     # the message listed the first four names of both sides, which were the same blocks.0 tensors
     with pytest.raises(ValueError, match=r"only in the checkpoint \[\], \d+ only in this model \['model.blocks.2"):
         FewShotClassifier.load_from_checkpoint(checkpoint, backbone_kwargs={**TINY["backbone_kwargs"], "depth": 3})
+
+
+# ---- Lightning's tuner, and data-module settings set by hand -----------------------------------------------------
+
+def digits(**kwargs) -> FewShotDataModule:
+    return FewShotDataModule("digits", **{"shots": 2, "batch_size": 2, "backbone": TINY["backbone"], "image_size": 32,
+                                          "augment": "none", **kwargs})
+
+
+def test_lightnings_batch_size_finder_restores_its_own_checkpoint_and_the_fit_trains_on(tmp_path):
+    # its restore was taken for a resume at another batch size and refused, and the trainer could not fit after
+    from lightning.pytorch.tuner import Tuner
+
+    data, model, run = digits(), module(num_classes=10), trainer(tmp_path, epochs=1)
+    found = Tuner(run).scale_batch_size(model, datamodule=data, steps_per_trial=1, init_val=2, max_trials=2)
+    assert found > 2 and data.batch_size == data.hparams.batch_size == found
+    run.fit(model, datamodule=data)
+    assert run.global_step == 20 // found and not list(tmp_path.glob(".scale_batch_size_*"))
+    import pickle
+
+    pickle.dumps(data)  # it holds the trainer, whose scheduler held a closure of the learning-rate recipe
+
+
+def test_a_data_modules_split_settings_are_fixed_and_its_loader_settings_recorded():
+    data = digits()
+    for name, value in (("shots", 10), ("split_seed", 3), ("augment", "paper"), ("root", "elsewhere")):
+        with pytest.raises(AttributeError, match=rf"FewShotDataModule.{name} is fixed when the module is made .*"
+                                                 rf"create FewShotDataModule\(\.\.\., {name}="):
+            setattr(data, name, value)  # trained on (or ignored after setup) while hparams kept the old value
+    data.batch_size = 8
+    assert data.hparams.batch_size == 8  # what checkpoints record and resumes compare
+    with pytest.raises(ValueError, match="FewShotDataModule.batch_size must be"):
+        data.batch_size = 0

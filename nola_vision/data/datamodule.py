@@ -107,6 +107,21 @@ class _Transformed(Dataset):
         return self.transform(self.dataset.load_image(index)), self.dataset.samples[index][1]
 
 
+# What a FewShotDataModule's split and images depend on: fixed once it is made (FewShotDataModule.__setattr__).
+FIXED_SETTINGS = frozenset({"dataset_name", "root", "shots", "split_seed", "val_shots", "augment", "normalize",
+                            "download", "split_file", "val_split_file", "split_dir", "allow_fewer", "shuffle_seed",
+                            "cache_images", "cache_mb"})
+# Loader settings, which may change (Lightning's batch-size finder sets batch_size).
+LOADER_SETTINGS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory"})
+
+
+def _checked_loader_setting(name: str, value: Any) -> Any:
+    label = f"FewShotDataModule.{name}"
+    if name == "pin_memory":
+        return check_bool(value, label)
+    return check_int(value, label, at_least=0 if name == "num_workers" else 1)
+
+
 def _check_arguments(hp: Any) -> Any:
     """Refuse any ``FewShotDataModule`` argument of the wrong type or range, naming it, before anything is read;
     returns ``hp`` with the checked values (numpy integers as ints, paths as str with a leading ``~`` expanded, as
@@ -412,6 +427,27 @@ class FewShotDataModule(L.LightningDataModule):
         self.split: Optional[FewShotSplit] = None
         self.manifest_path: Optional[Path] = None
         self.val_manifest_path: Optional[Path] = None
+        self._settings_fixed = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The split's and the images' settings are fixed once made: set after, they would be trained on (or ignored,
+        after ``setup``) while the hyper-parameters that checkpoints and resumes compare kept the old value. Loader
+        settings (``batch_size``, which Lightning's batch-size finder sets) may change, and update them too."""
+        if self.__dict__.get("_settings_fixed"):
+            if name in FIXED_SETTINGS:
+                raise AttributeError(
+                    f"FewShotDataModule.{name} is fixed when the module is made (the k-shot split, the images and "
+                    f"the records of every run it trains depend on it): create FewShotDataModule(..., {name}="
+                    f"{value!r}) instead")
+            if name in LOADER_SETTINGS:
+                value = _checked_loader_setting(name, value)
+                self.hparams[name] = value
+        super().__setattr__(name, value)
+
+    def _record_drawn(self, **settings: Any) -> None:
+        """Record the ``shots``, ``split_seed`` or ``val_shots`` the split holds (a replayed manifest's)."""
+        for name, value in settings.items():
+            super().__setattr__(name, value)
 
     @property
     def class_names(self) -> list[str]:
@@ -470,7 +506,7 @@ class FewShotDataModule(L.LightningDataModule):
             self._draw_train()
         except BaseException:
             self.split = self.train_set = self.val_set = self.manifest_path = self.val_manifest_path = None
-            self.shots, self.val_shots, self.split_seed = settings
+            self._record_drawn(shots=settings[0], val_shots=settings[1], split_seed=settings[2])
             raise
 
     def _draw_train(self) -> None:
@@ -523,7 +559,7 @@ class FewShotDataModule(L.LightningDataModule):
                if self.val_split_file else [])
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
-        self.val_shots = _images_per_class(train, val, self.val_split_file, "val_shots") if val else 0
+        self._record_drawn(val_shots=_images_per_class(train, val, self.val_split_file, "val_shots") if val else 0)
         recorded = manifest_settings(self.split_file)
         header = {key: int(value) for key, value in recorded.items()
                   if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
@@ -533,9 +569,9 @@ class FewShotDataModule(L.LightningDataModule):
                 train, indices, header["shots"], header["split_seed"], self.val_shots if val else header.get(
                     "val_shots", 0))):
             # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
-            self.shots, self.split_seed = header["shots"], header["split_seed"]
+            self._record_drawn(shots=header["shots"], split_seed=header["split_seed"])
         else:  # written by hand, or edited: no seed drew it
-            self.shots, self.split_seed = _images_per_class(train, indices, self.split_file), None
+            self._record_drawn(shots=_images_per_class(train, indices, self.split_file), split_seed=None)
         return FewShotSplit(indices, val)
 
     def _refuse_other_dataset(self, manifest: str) -> None:

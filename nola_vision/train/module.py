@@ -72,6 +72,8 @@ def _config_difference(saved: Union[str, dict], own: Union[str, dict]) -> str:
 RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
 # The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
 # Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
+# The temporary checkpoints of Lightning's Tuner (scale_batch_size, lr_find), restored when it is done.
+TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
 TRAINING_HPARAMS = ("optimizer", "lr", "head_lr", "weight_decay", "momentum", "min_lr", "warmup_epochs",
                     "label_smoothing")
 # The backbone_kwargs that regularise training (dropout, stochastic depth) without changing a weight: a resumed run must
@@ -662,8 +664,9 @@ class FewShotClassifier(L.LightningModule):
                        "on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
-        self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
-        if self._trainer is not None and self._trainer.state.fn == "fit":
+        # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
+        if self._trainer is not None and self._trainer.state.fn == "fit" and not self._restores_tuner_checkpoint():
+            self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
@@ -673,6 +676,13 @@ class FewShotClassifier(L.LightningModule):
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _restores_tuner_checkpoint(self) -> bool:
+        """Whether the trainer restores the checkpoint Lightning's ``Tuner`` saved before trying batch sizes or learning
+        rates (``.scale_batch_size_<uuid>.ckpt``, ``.lr_find_<uuid>.ckpt``): the settings it tried since differ."""
+        connector = getattr(self._trainer, "_checkpoint_connector", None) if self._trainer is not None else None
+        path = getattr(connector, "_ckpt_path", None)
+        return isinstance(path, (str, os.PathLike)) and Path(path).name.startswith(TUNER_CHECKPOINTS)
 
     def _require_trained_tensors(self, state_dict: Dict[str, Any]) -> None:
         """Refuse a checkpoint without a nola_vision record that lacks some of this model's trained tensors: loaded

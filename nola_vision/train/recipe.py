@@ -6,6 +6,7 @@ share of the epochs spent warming up); ``parameter_groups`` puts the head in its
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -66,12 +67,13 @@ def cosine_factor(epochs: int, lr: float, min_lr: float, warmup_epochs: int = 0)
     Without warm-up this is ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped per epoch, as in the paper.
     """
     floor = min_lr / lr if lr > 0 else 0.0
-    decay = max(epochs - warmup_epochs, 1)
+    # a partial of a module-level function, not a closure: a scheduler (and the trainer holding it) then pickles
+    return functools.partial(_cosine_factor_at, warmup_epochs=warmup_epochs, decay=max(epochs - warmup_epochs, 1),
+                             floor=floor)
 
-    def factor(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return (epoch + 1) / (warmup_epochs + 1)
-        t = min(epoch - warmup_epochs, decay) / decay
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    return factor
+def _cosine_factor_at(epoch: int, warmup_epochs: int, decay: int, floor: float) -> float:
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    t = min(epoch - warmup_epochs, decay) / decay
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
