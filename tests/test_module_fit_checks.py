@@ -483,3 +483,10 @@ def test_a_data_modules_split_settings_are_fixed_and_its_loader_settings_recorde
     assert data.hparams.batch_size == 8  # what checkpoints record and resumes compare
     with pytest.raises(ValueError, match="FewShotDataModule.batch_size must be"):
         data.batch_size = 0
+
+
+def test_a_loader_with_labels_beyond_the_head_is_named_not_a_bare_index_error(tmp_path):
+    run = trainer(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"a training label \(7\) is not one of the head's 4 outputs "
+                                         r"\(FewShotClassifier.num_classes=4\).*datamodule=FewShotDataModule"):
+        run.fit(module(), loader(classes=10))  # was IndexError: Target 6 is out of bounds

@@ -330,7 +330,13 @@ class FewShotClassifier(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        try:
+            loss = self.criterion(logits, labels)
+        except IndexError as error:  # a label beyond the head, from loaders no data module describes
+            raise ValueError(
+                f"a training label ({labels.max().item()}) is not one of the head's {logits.shape[-1]} outputs "
+                f"(FewShotClassifier.num_classes={self.hparams.num_classes}): build it with the data's class count, "
+                "or fit with datamodule=FewShotDataModule(...), whose classes the fit checks before a step") from error
         if not torch.isfinite(loss):
             self._check_finite_inputs(images, batch_idx)
             raise NonFiniteLossError(f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
