@@ -63,16 +63,28 @@ def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_se
 @pytest.mark.parametrize("subcommand, limits, part", [
     ("fit", ["--trainer.limit_test_batches", 1, "--trainer.limit_val_batches", 1], "part of the"),
     ("test", ["--trainer.limit_test_batches", 0.5], "part of the test split"),
+    ("test", ["--trainer.limit_test_batches", 0.9999], "limits the test pass to 99.99% of its batches"),  # said 100%
+    ("test", ["--trainer.limit_test_batches", 0], "runs no test pass"),  # wrote "metrics": {} over a result
+    ("validate", ["--trainer.limit_val_batches", 0], "runs no val pass"),
 ])
 def test_a_result_file_of_part_of_a_split_is_refused_before_anything_runs(fitted, subcommand, limits, part):
     result = fitted["folder"] / f"limited-{subcommand}.json"
     where = fitted["folder"] / f"limited-{subcommand}"
-    checkpoint = ["--ckpt_path", fitted["checkpoint"]] if subcommand == "test" else []
+    checkpoint = ["--ckpt_path", fitted["checkpoint"]] if subcommand != "fit" else []
     done = cli(fitted["folder"], subcommand, *checkpoint, *limits, "--trainer.logger", "false",
                "--trainer.default_root_dir", where, "--result_file", result)
     assert done.returncode == 2, done.stderr[-3000:]
     assert part in done.stderr and "drop --trainer.limit_" in done.stderr and "Traceback" not in done.stderr
     assert not result.exists() and not list(where.rglob("*.ckpt"))
+
+
+def test_a_batch_limit_that_covers_the_whole_split_is_a_whole_pass(fitted):
+    result = fitted["folder"] / "one-batch.json"  # one batch of 1000 holds the 899 test images
+    done = cli(fitted["folder"], "test", "--ckpt_path", fitted["checkpoint"], "--trainer.limit_test_batches", 1,
+               "--data.eval_batch_size", 1000, "--trainer.logger", "false", "--trainer.default_root_dir",
+               fitted["folder"] / "one-batch", "--result_file", result)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(result.read_text())["metrics"]["test/acc"] > 0
 
 
 def test_a_monitor_the_model_never_logs_is_refused_before_training_listing_the_logged_ones(fitted):

@@ -622,7 +622,7 @@ class NolaCLI(LightningCLI):
                                  f"checkpoint), which a {self.subcommand} result would replace; a run's config.yaml "
                                  "carries its fit's --result_file. Pass another --result_file (e.g. "
                                  f"{Path(path).stem}_{self.subcommand}.json), or --result_file null")
-            check_full_passes(self.trainer, [split], path)
+            check_full_passes(self.trainer, [split], path, batches=self._split_batches)
 
     def after_test(self) -> None:
         self._write_evaluation_result("test")
@@ -688,7 +688,7 @@ class NolaCLI(LightningCLI):
         limit = trainer.limit_predict_batches
         self._check_test_images("predicting (the pass reads every test image)")
         if not (isinstance(limit, float) and limit >= 1.0 or isinstance(limit, int) and limit >= self._test_batches()):
-            part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit:.0%} of its batches"
+            part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit * 100:g}% of its batches"
             raise ValueError(f"--trainer.limit_predict_batches {limit} limits the pass to {part}, so "
                              f"{path or default} would hold predictions of part of the test split, with nothing saying "
                              "so: drop --trainer.limit_predict_batches (or use --trainer.fast_dev_run to try a few "
@@ -697,8 +697,15 @@ class NolaCLI(LightningCLI):
 
     def _test_batches(self) -> float:
         """The batches of the whole test split (infinite while its data is still to download)."""
+        return self._split_batches("test")
+
+    def _split_batches(self, split: str) -> float:
+        """The batches of the whole ``val`` or ``test`` split (infinite while its data is still to download)."""
         if self.datamodule.download:
             return float("inf")
+        if split == "val":
+            self.datamodule.setup("validate")
+            return len(self.datamodule.val_dataloader())
         self.datamodule.setup("test")
         return len(self.datamodule.predict_dataloader())
 
@@ -762,22 +769,31 @@ def monitoring_callback(err: BaseException) -> Optional[Callback]:
     return None
 
 
-def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str) -> None:
+def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str,
+                      batches: Optional[Callable[[str], float]] = None) -> None:
     """Refuse a result file of evaluation passes (``val``, ``test``) that a trainer limit cuts to part of their split
     (``limit_val_batches``/``limit_test_batches`` other than 1.0 or 0, ``overfit_batches``): its ``val/acc`` or
     ``test/acc`` would be the accuracy of a few batches, recorded as the split's. ``fast_dev_run`` writes no result;
-    a run without ``--result_file`` may take any limit."""
+    a run without ``--result_file`` may take any limit. ``batches`` (a split's batch count) is given for the
+    ``validate`` and ``test`` subcommands: a whole number of batches that covers the split is every batch, and a limit
+    of 0 is refused too, since their result would hold no metric."""
     if trainer.fast_dev_run:
         return
     cut = []
     for split in splits:
         limit = trainer.limit_val_batches if split == "val" else trainer.limit_test_batches
-        if limit == 0 or isinstance(limit, float) and limit >= 1.0:  # no pass (no metric), or every batch
+        name = "validation images" if split == "val" else "test split"
+        if limit == 0 and batches is not None:
+            raise ValueError(f"--trainer.limit_{split}_batches 0 runs no {split} pass, so --result_file {result_file} "
+                             f"would hold no {split}/acc (replacing any result there): drop --trainer.limit_{split}_"
+                             f"batches 0 to evaluate the {name}, or drop --result_file")
+        if limit == 0 or isinstance(limit, float) and limit >= 1.0:  # no pass in a fit (no metric), or every batch
+            continue
+        if isinstance(limit, int) and batches is not None and limit >= batches(split):
             continue
         option = (f"--trainer.overfit_batches {trainer.overfit_batches}" if split == "val" and trainer.overfit_batches
                   else f"--trainer.limit_{split}_batches {limit}")
-        part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit:.0%} of its batches"
-        name = "validation images" if split == "val" else "test split"
+        part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit * 100:g}% of its batches"
         cut.append((option, f"{option} limits the {split} pass to {part}, so {split}/acc in --result_file "
                             f"{result_file} would cover only part of the {name}"))
     if cut:
