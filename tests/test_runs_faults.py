@@ -111,6 +111,33 @@ def test_tune_waits_for_a_fit_another_process_runs_in_its_folder_and_never_start
     assert chosen["val_acc"] == 0.75 and not starts(tmp_path)
 
 
+def test_tune_does_not_count_a_result_whose_fit_another_process_still_judges(tmp_path, capsys):
+    # a trial on the point another trial's fit was running read that fit's result.json as soon as it was written and
+    # counted it, although the fit then exited 1 (its own trial failed): the failed fit's score was chosen
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, skip_protocol=True, heartbeat_s=1)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_tune([TINY], {"model.lr": [1e-3]}, python="/bin/false", echo=False, **kw)  # leaves the run folder
+    (run_dir,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
+    other = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT)  # the other process's fit holds the claim...
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (run_dir / "result.json").write_text(json.dumps({"metrics": {"val/acc": 0.9}}))  # ... and has written its result
+    python = counting_fit(tmp_path, fails_first=0)
+    chosen = {}
+    worker = threading.Thread(target=lambda: chosen.update(run_tune([TINY], {"model.lr": [1e-3]}, python=python,
+                                                                     echo=True, **kw)))
+    worker.start()
+    printed = ""
+    deadline = time.monotonic() + 50
+    while "waiting for it to end" not in printed and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        printed += capsys.readouterr().out
+    assert worker.is_alive() and "waiting for it to end" in printed, "the result of a fit still running was counted"
+    (run_dir / "result.json").replace(run_dir / "result.json.failed")  # that fit exits 1: its result never counts
+    os.close(other)
+    worker.join(timeout=50)
+    assert chosen["val_acc"] == 0.5 and starts(tmp_path) == 1  # this trial ran the fit itself
+
+
 def test_verify_adapter_refuses_what_load_adapter_refuses_on_a_quantisation_aware_model(tmp_path):
     # M5: verify accepted a 4-bit file for a model training quantisation-aware at 8 bits; load refused it
     config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)

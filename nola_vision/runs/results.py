@@ -34,12 +34,13 @@ from ..core.storage import (
 from ..core.warn import warn_user
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "JOB_LOCK_FILE", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS",
-           "RUN_FOLDER", "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row", "claim_run",
-           "claim_unfinished_run", "collect_results", "config_file_options", "config_key", "counted", "data_digests",
-           "discard_result", "effective_overrides", "finished_result", "first_line", "image_changes", "mixed_settings",
-           "override_changes", "parse_overrides", "read_result", "referenced_files", "refuse_foreign_file",
-           "request_runs", "requested_runs", "result_counts", "retire_unfinished_run", "row_folder",
-           "run_seeds_mismatch", "same_settings", "stamp_claimed_run", "summarise", "write_tables"]
+           "RUN_FOLDER", "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row",
+           "claim_run", "claim_unfinished_run", "claimed_elsewhere", "collect_results", "config_file_options",
+           "config_key", "counted", "data_digests", "discard_result", "effective_overrides", "finished_result",
+           "first_line", "image_changes", "mixed_settings", "override_changes", "parse_overrides", "read_result",
+           "referenced_files", "refuse_foreign_file", "request_runs", "requested_runs", "result_counts",
+           "retire_unfinished_run", "row_folder", "run_seeds_mismatch", "same_settings", "stamp_claimed_run",
+           "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -269,6 +270,16 @@ def claim_run(run_dir: Path) -> Optional[int]:
     Where no lock can be taken (Windows), nothing is locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return try_lock(run_dir / ".claim")
+
+
+def claimed_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s claim: its fit runs there, or has written a result whose fit's exit
+    code is still to judge it (a fit that fails after writing it never counts)."""
+    claim = claim_run(run_dir)
+    if claim is None:
+        return True
+    os.close(claim)
+    return False
 
 
 def claim_unfinished_run(run_dir: Path, metric: str = "test/acc") -> Optional[int]:

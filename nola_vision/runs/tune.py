@@ -68,6 +68,7 @@ from .results import (
     adopt_result,
     check_seeds,
     claim_unfinished_run,
+    claimed_elsewhere,
     config_key,
     counted,
     data_digests,
@@ -410,7 +411,8 @@ class _Search:
             for run_dir, result in results.items():  # finished after the worker that started it was killed (kill -9)
                 if counted(result, "val/acc") and "data" not in result:
                     adopt_result(run_dir, "val/acc")
-            left = [d for d, result in results.items() if not counted(result, "val/acc")]
+            # a result counts once its fit has ended well: one another process's fit wrote may yet be discarded
+            left = [d for d, result in results.items() if not counted(result, "val/acc") or claimed_elsewhere(d)]
             if not left:
                 break
             claims: Dict[Path, int] = {}
