@@ -317,3 +317,36 @@ def test_a_job_a_killed_command_left_queued_waits_for_the_running_one_and_runs_n
     assert claimed_job(fit, str(tmp_path / "log.txt"), run_dir / JOB_LOCK_FILE,
                        partial(result_counts, run_dir))[0] == 0
     assert marker.exists()
+
+
+def test_commands_rebuilding_one_outs_tables_take_turns_so_none_writes_a_stale_table(tmp_path, monkeypatch):
+    # a command that read the results before another's run finished replaced the newer tables with its older ones
+    from nola_vision.runs import results
+
+    def finish(row: str, seed: int) -> None:
+        run_dir = tmp_path / row / f"split{seed}-init0"
+        run_dir.mkdir(parents=True)
+        (run_dir / RESULT_FILE).write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "parameter_counts": {"adapter": 8, "head": 2},
+            "config": {"method": "nola", "backbone": "vit", "dataset": "digits", "shots": 5, "split_seed": seed,
+                       "seed": 0}}))
+
+    finish("a", 0)
+    collected, real = threading.Event(), results.collect_results
+
+    def slow(out):  # the first command has read the results, and not yet written its tables
+        rows = real(out)
+        if threading.current_thread().name == "first":
+            collected.set()
+            time.sleep(1.0)
+        return rows
+
+    monkeypatch.setattr(results, "collect_results", slow)
+    first = threading.Thread(target=results.write_tables, args=(str(tmp_path),), name="first")
+    first.start()
+    collected.wait(10)
+    finish("b", 0)  # another command's run finishes, and that command rebuilds the tables
+    results.write_tables(str(tmp_path))
+    first.join(10)
+    assert "| b | nola |" in (tmp_path / "results.md").read_text()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 2

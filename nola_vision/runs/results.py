@@ -43,6 +43,7 @@ __all__ = ["CONFIG_FILE", "CSV_FIELDS", "JOB_LOCK_FILE", "MAX_SEED", "RESULT_FIL
            "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
+TABLES_LOCK = "results"  # writer_lock(<out>/results): .results.lock, held while the tables are rebuilt
 CONFIG_FILE = "config.json"
 REQUESTED_FILE = "requested.json"
 STAMP_FILE = ".stamp.json"  # in a run folder: what the command that started its fit stamps on its result
@@ -729,9 +730,16 @@ def summarise(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def write_tables(out: str) -> List[Dict[str, Any]]:
-    """Rebuild ``<out>/results.csv`` (one row per run) and ``<out>/results.md`` (mean (std) per name)."""
+    """Rebuild ``<out>/results.csv`` (one row per run) and ``<out>/results.md`` (mean (std) per name). Commands on one
+    ``--out`` take turns from reading the results to writing both tables (``writer_lock``): one that read them before
+    another's run finished would otherwise replace the newer tables with its older ones."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    with writer_lock(root / TABLES_LOCK):
+        return _write_tables(root, out)
+
+
+def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     rows = collect_results(out)
     csv_path, md_path = root / "results.csv", root / "results.md"
     with atomic_path(csv_path, check=partial(_refuse_foreign_table, csv_path)) as tmp, \
