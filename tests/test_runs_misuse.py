@@ -363,9 +363,15 @@ def test_the_slurm_executor_without_submitit_says_how_to_install_it(monkeypatch)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
-def test_a_submitit_batch_left_early_cancels_its_jobs_and_their_runs(tmp_path):
-    # its jobs went on running, and on SLURM queued array tasks started after the protocol had stopped
+@pytest.mark.parametrize("sigint", ["taken", "ignored"])
+def test_a_submitit_batch_left_early_cancels_its_jobs_and_their_runs(tmp_path, sigint, request):
+    # its jobs went on running, and on SLURM queued array tasks started after the protocol had stopped; locally with
+    # SIGINT ignored (nohup, `cmd &` in a script), submitit's SIGINT to its jobs was ignored by them too
     from nola_vision.runs.executors import Run, SubmititExecutor
+
+    if sigint == "ignored":
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     pid_file = tmp_path / "pid"
     sleep = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"

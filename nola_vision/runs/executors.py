@@ -262,7 +262,7 @@ class SubmititExecutor(Executor):
                              "submitit, which is not installed: pip install 'nola_vision[slurm]' (or pip install "
                              f"submitit) ({err})") from err
 
-        self.capacity, self.poll_s = jobs, poll_s
+        self.capacity, self.poll_s, self.local = jobs, poll_s, cluster == "local"
         self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         params = {"timeout_min": time_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
                   "name": "nola-vision"}
@@ -275,8 +275,9 @@ class SubmititExecutor(Executor):
     def run(self, runs: Sequence[Run]) -> Iterator[Tuple[Run, int, float]]:
         if not runs:
             return
-        jobs = self.executor.map_array(claimed_job, [list(r.cmd) for r in runs], [str(r.log) for r in runs],
-                                       [r.job_lock for r in runs], [r.finished for r in runs])
+        with _children_take_sigint() if self.local else contextlib.nullcontext():
+            jobs = self.executor.map_array(claimed_job, [list(r.cmd) for r in runs], [str(r.log) for r in runs],
+                                           [r.job_lock for r in runs], [r.finished for r in runs])
         pending = dict(zip(jobs, runs))
         try:
             yield from self._results(pending)
@@ -300,6 +301,22 @@ class SubmititExecutor(Executor):
                 raise Stopped(f"stopped waiting for {len(pending)} submitit job(s): this process is stopping")
             if pending:
                 time.sleep(self.poll_s)
+
+
+@contextlib.contextmanager
+def _children_take_sigint() -> Iterator[None]:
+    """submitit cancels a local job with SIGINT, which a command started with it ignored (``nohup``, ``cmd &`` in a
+    script) would pass on to the processes it starts as ignored too, so they ran on: they are started while this
+    (main) thread takes SIGINT as Python does, which they start with."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if not ignored or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
