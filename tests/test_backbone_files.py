@@ -203,6 +203,18 @@ def test_knn_predict_refuses_invalid_input(train, labels, test, k, num_classes, 
         knn_predict(train, labels, test, k, num_classes)
 
 
+def test_knn_ties_go_to_the_class_of_the_highest_summed_similarity_however_close():
+    # the similarity was folded into the vote counts as 1e-3 x weight / k, which float32 rounded away near a count:
+    # a 3-way tie went to the lowest label
+    def at(cosine):
+        return [cosine, (1 - cosine**2) ** 0.5]
+
+    train = torch.tensor([at(0.99920), at(0.99905), at(0.99890), at(0.5)])
+    test = torch.tensor([[1.0, 0.0]])
+    assert knn_predict(train, torch.tensor([2, 1, 0, 0]), test, k=3, num_classes=3).tolist() == [2]
+    assert knn_predict(train, torch.tensor([2, 1, 1, 0]), test, k=3, num_classes=3).tolist() == [1]  # votes first
+
+
 def test_knn_predict_accepts_int32_labels():
     assert knn_predict(TRAIN, LABELS.int(), TRAIN[:4], 1).tolist() == [0, 1, 2, 3]
 

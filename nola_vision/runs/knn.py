@@ -51,7 +51,10 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
         votes = torch.zeros(len(test), num_classes, device=test.device)
         votes.scatter_add_(1, labels, torch.ones_like(sims))
         weight = torch.zeros_like(votes).scatter_add_(1, labels, sims)
-        predictions.append((votes + 1e-3 * weight / k).argmax(dim=1))  # |weight/k| <= 1, so counts decide first
+        # the most votes, then the highest summed similarity among those classes (compared apart: a weight folded into
+        # the counts rounded away in float32 near a count, and the tie went to the lowest label)
+        tied = votes == votes.max(dim=1, keepdim=True).values
+        predictions.append(weight.masked_fill(~tied, float("-inf")).argmax(dim=1))
     return torch.cat(predictions)
 
 
