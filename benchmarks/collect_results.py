@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from accuracy import DATASETS as ACCURACY_DATASETS
 from common import markdown_table, paired_quartiles
 
 HERE = Path(__file__).resolve().parent
@@ -98,27 +99,43 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
     ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
 )
-# Printed under the targets: what the step-time ranges mean.
+# Printed under the targets: what the step-time ranges mean (the run shown's numbers are filled in by timing_note).
 TIMING_NOTE = (
     "NOLA-MLP's step-time ratios to LoRA are paired: both methods train in one process, one step each per round in "
-    "alternating order, and each round's ratio compares steps seconds apart (median of 20 rounds, quartiles "
+    "alternating order, and each round's ratio compares steps seconds apart (median of the rounds, quartiles "
     "bracketed; glibc's default allocator). Even paired, the median moves by a few percent from run to run on this "
     "shared VM (two runs of the ViT-B fp32 table on the same code on the Intel VM, 2026-12-01: 1.07× and 1.02×), and on "
-    "a busy day more (a first run on 2026-12-03: quartiles up to ±8%). In the run shown (2026-12-03 17:11–18:21, no "
-    "steal time) the fp32 quartiles span ±3% (ViT-B) and ±5% (ViT-L): NOLA's 0.99× and 1.02× are within that of "
-    "1.00×. The bf16 tables (re-run 18:53–19:40, after the joined low-rank product) give 1.017× (ViT-B) and 1.004× "
-    "(ViT-L); before that change they gave 1.034× and 1.045× with quartiles above 1.00×, a real cost: "
-    "the bases' generation (~37 ms a ViT-B step) and combination (~47 ms) stay in float32 while the step takes half "
-    "fp32's time, and each adapted MLP's rank-4 products over its 3,072-wide tensors cost more than LoRA's on q and v "
-    "(`benchmarks/profile_step.py`). Fresh-process rounds "
-    "swing by ±10–20%, too much to decide a few percent; they give the memory (a process's peak cannot be split between two models). The training "
-    "peak is the step's memory above what a run keeps across steps; NOLA's shared basis codes (60 MiB for ViT-B, 80 "
-    "MiB for ViT-L at k = l = 1024) count as step memory. By default a CPU step holds them only between its backward "
-    "pass and the next forward pass, never under its activations, and generates them once per step; "
-    "`nv.set_basis_holding(model, True)` (\"codes held\") keeps them, trading their memory for that time. \"Peak + "
-    "kept\" is the process's peak above the built model. The profile section shows where each method's time and "
-    "memory go."
+    "a busy day more (a run on 2026-12-03: quartiles up to ±8%). {shown} Before the joined low-rank product the bf16 "
+    "tables gave 1.034× and 1.045× with quartiles above 1.00×, a real cost: the bases' generation (~37 ms a ViT-B "
+    "step) and combination (~47 ms) stay in float32 while the step takes half fp32's time, and each adapted MLP's "
+    "rank-4 products over its 3,072-wide tensors cost more than LoRA's on q and v (`benchmarks/profile_step.py`). "
+    "Fresh-process rounds swing by ±10–20%, too much to decide a few percent; they give the memory (a process's peak "
+    "cannot be split between two models). The training peak is the step's memory above what a run keeps across "
+    "steps; NOLA's shared basis codes (60 MiB for ViT-B, 80 MiB for ViT-L at k = l = 1024) count as step memory. By "
+    "default a CPU step holds them only between its backward pass and the next forward pass, never under its "
+    "activations, and generates them once per step; `nv.set_basis_holding(model, True)` (\"codes held\") keeps them, "
+    "trading their memory for that time. \"Peak + kept\" is the process's peak above the built model. The profile "
+    "section shows where each method's time and memory go."
 )
+
+
+def timing_note(results: Path) -> str:
+    """``TIMING_NOTE`` with the paired ratios of the run shown, from its raw numbers."""
+    shown = []
+    for precision, tag in (("fp32", ""), ("bf16", "_bf16")):
+        ratios = []
+        for model in ("vit_b", "vit_l"):
+            data = _load(results, f"nola_vs_lora{tag}_{model}")
+            if data is not None and "paired_step_s" in _method(data, "nola"):
+                low, median, high = paired_quartiles(_method(data, "nola"), _method(data, "lora"))
+                ratios.append(f"{median:.3f}× ({'ViT-B' if model == 'vit_b' else 'ViT-L'}, quartiles "
+                              f"{low:.3f}–{high:.3f})")
+        if ratios:
+            shown.append(f"{' and '.join(ratios)} in {precision}")
+    run = f"In the run shown NOLA's median ratios are {'; '.join(shown)}." if shown else ""
+    return TIMING_NOTE.format(shown=run)
+
+
 PARTS = {"nola_vs_lora_vit_b": "nola_vs_lora", "nola_vs_lora_vit_l": "nola_vs_lora",
          "nola_vs_lora_bf16_vit_b": "nola_vs_lora", "nola_vs_lora_bf16_vit_l": "nola_vs_lora",
          "profile_step": "profile", "profile_step_bf16": "profile",
@@ -351,8 +368,10 @@ def headline_rows(results: Path) -> List[List[str]]:
     accuracy = _load(results, "accuracy")
     if accuracy is not None:
         trained = {key: accuracy["runs"][0]["rows"][key]["adapter"] for key in ("nola_1024", "lora_r4")}
-        rows += [[f"test accuracy (%), {shots}-shot digits, ViT-S/14 ({trained['nola_1024']:,} vs "
-                  f"{trained['lora_r4']:,} trained), lr chosen on validation, 3 split seeds",
+        backbone, dataset = _accuracy_setting(accuracy)
+        rows += [[f"test accuracy (%), {shots}-shot {dataset}, {backbone} ({trained['nola_1024']:,} vs "
+                  f"{trained['lora_r4']:,} trained), lr chosen on validation, "
+                  f"{sum(run['shots'] == shots for run in accuracy['runs'])} split seeds",
                   f"{_mean_accuracy(accuracy, shots, 'nola_1024'):.1f}", f"{_mean_accuracy(accuracy, shots, 'lora_r4'):.1f}"]
                  for shots in sorted({run["shots"] for run in accuracy["runs"]})]
     step = _load(results, "nola_vs_lora_vit_b")
@@ -364,6 +383,18 @@ def headline_rows(results: Path) -> List[List[str]]:
                      f"{step_ratio(lora, nola)[0]:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}× / "
                      f"{total:.2f}×", "1.00× / 1.00× / 1.00×"])
     return rows
+
+
+def _accuracy_setting(data: Dict) -> Tuple[str, str]:
+    """The backbone (``ViT-S/14``, or the timm name of a smoke test's random one) and the dataset (``digits``) of an
+    accuracy run, as its protocol names them (``accuracy.protocol``)."""
+    match = re.match(r"Protocol: (?P<backbone>.+?), frozen; (?P<dataset>.+?) upsampled", data["protocol"])
+    if match is None:
+        raise ValueError("accuracy.json's protocol names no backbone and dataset: run benchmarks/accuracy.py again")
+    short = re.search(r"ViT-[A-Z]/\d+", match["backbone"])
+    backbone = short[0] if short and "random weights" not in match["backbone"] else match["backbone"]
+    names = {text: key for key, text in ACCURACY_DATASETS.items()}
+    return backbone, names.get(match["dataset"], match["dataset"]).replace("_", "-")
 
 
 def headline_sources(results: Path) -> str:
@@ -439,7 +470,7 @@ def build(results: Path) -> str:
         lines += [f"Not run yet: {', '.join(f'`{part}`' for part in missing)}.", ""]
     rows = target_rows(results)
     if rows:
-        lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), "", TIMING_NOTE, ""]
+        lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), "", timing_note(results), ""]
     for name, title, note in done:
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
         lines += [_without_machine(printed[name]) if _machine(printed[name]) == main else printed[name], ""]
@@ -468,6 +499,25 @@ def sync_readme(text: str, results: Path) -> str:
     return README_BLOCK.sub(lambda m: f"{m.group(1)}\n{quote(results, m.group(2))}\n\n{m.group(4)}", text)
 
 
+# Results whose script can print its output again from the raw numbers (its ``printed(data)``): ``--check`` compares
+# that with the ``.md`` it printed, so a table that no longer follows its ``.json`` (edited, or printed by older code)
+# is found.
+REPRINTED = {"multitask": "multitask", "profile_step": "profile_step", "profile_step_bf16": "profile_step"}
+
+
+def reprinted(results: Path, name: str) -> Optional[str]:
+    """The ``.md`` the script of result ``name`` prints from its ``.json`` (its first line, the run's, as written);
+    None for a result not run."""
+    md, raw = results / f"{name}.md", results / f"{name}.json"
+    if not md.is_file() or not raw.is_file():
+        return None
+    import importlib
+
+    data = json.loads(raw.read_text())
+    first = md.read_text().split("\n", 1)[0]
+    return f"{first}\n\n{data['setting']}\n\n{importlib.import_module(REPRINTED[name]).printed(data)}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -476,9 +526,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
     args = parser.parse_args(argv)
     try:
-        wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results)}
+        reprints = {args.results / f"{name}.md": text for name in REPRINTED
+                    if (text := reprinted(args.results, name)) is not None}
+        for path, text in reprints.items():  # first: RESULTS.md quotes them
+            if not args.check and path.read_text() != text:
+                path.write_text(text)
+                print(f"wrote {path}")
+        wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results),
+                  **reprints}
     except ValueError as err:
         print(f"collect_results: error: {err}", file=sys.stderr)
+        return 1
+    except (KeyError, StopIteration, FileNotFoundError) as err:  # a result run with other settings than run_all.sh's
+        what = f"has no {err}" if isinstance(err, KeyError) else (
+            f"is missing: {err.filename}" if isinstance(err, FileNotFoundError) else "has none of the rows it needs")
+        print(f"collect_results: error: a result the report reads {what}: it was run with other settings (methods, "
+              "models) than benchmarks/run_all.sh uses. Run that part of run_all.sh again", file=sys.stderr)
         return 1
     stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
     if args.check:

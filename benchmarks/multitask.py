@@ -270,10 +270,14 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
                f"median of {args.rounds} interleaved rounds; NOLA-MLP tasks k=l={args.k} r=4 (shared basis, "
                f"{args.bits}-bit files, {args.num_classes}-class heads), factor cache {args.cache_mb:g} MB; peft: LoRA "
                "r=4 on mlp.fc1+fc2 with the head in modules_to_save, one adapter per task")
+    publish(__file__, argv, args, setting, printed(result), result, lambda png: plot(result, png, setting))
+
+
+def printed(result: Dict) -> str:
+    """What the run prints below its setting, from its raw numbers (``collect_results.py --check`` compares them)."""
     targets = "\n".join(f"- {line}" for line in target_lines(result))
     error = f"Mixed-batch logits differ from each task's own merged model by at most {result['max_logit_error']:.1e}."
-    publish(__file__, argv, args, setting, f"{tables(result)}\n\n{targets}\n\n{error}", result,
-            lambda png: plot(result, png, setting))
+    return f"{tables(result)}\n\n{targets}\n\n{error}"
 
 
 if __name__ == "__main__":

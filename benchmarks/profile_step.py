@@ -221,9 +221,15 @@ def summary_table(runs: List[Dict]) -> str:
     return markdown_table(columns, rows)
 
 
+def largest_first(runs: List[Dict], key: str) -> List[str]:
+    """The names of ``key``'s entries, largest in any run first; ties by name, so a JSON prints one table whatever
+    the order of a set (``PYTHONHASHSEED``)."""
+    return sorted({k for r in runs for k in r[key]}, key=lambda k: (-max(r[key].get(k, 0.0) for r in runs), k))
+
+
 def op_table(runs: List[Dict]) -> str:
     """The ops with the most time in any run, their time per step and calls, and what the others add up to."""
-    keys = sorted({k for r in runs for k in r["op_ms"]}, key=lambda k: -max(r["op_ms"].get(k, 0.0) for r in runs))
+    keys = largest_first(runs, "op_ms")
     shown = keys[:TOP_OPS]
     rows = [[f"`{key}`", *[f"{_fmt(r['op_ms'].get(key, 0.0), 1)} ({r['op_calls'].get(key, 0)})" for r in runs],
              *[_fmt(r["op_ms"].get(key, 0.0) - runs[0]["op_ms"].get(key, 0.0), 1) for r in runs[1:]]] for key in shown]
@@ -236,8 +242,7 @@ def op_table(runs: List[Dict]) -> str:
 
 def memory_table(runs: List[Dict]) -> str:
     """The tensors alive at each run's memory peak, by the module and op that made them."""
-    labels = sorted({k for r in runs for k in r["at_peak_mib"]}, key=lambda k: -max(r["at_peak_mib"].get(k, 0.0)
-                                                                                    for r in runs))
+    labels = largest_first(runs, "at_peak_mib")
     shown = labels[:TOP_TENSORS]
     rows = [[f"`{label}`", *[_fmt(r["at_peak_mib"].get(label, 0.0), 1) for r in runs]] for label in shown]
     rows.append(["all other tensors", *[_fmt(sum(v for k, v in r["at_peak_mib"].items() if k not in shown), 1)
@@ -255,6 +260,11 @@ def report(results: List[Dict]) -> str:
     return "\n".join(parts).rstrip()
 
 
+def printed(data: Dict) -> str:
+    """What the run prints below its setting, from its raw numbers (``collect_results.py --check`` compares them)."""
+    return report(data["results"])
+
+
 def plot(results: List[Dict], path: str, title: str) -> None:
     """Per model: time of the top ops and memory at the peak by maker, one bar per method."""
     plt = pyplot()
@@ -264,7 +274,7 @@ def plot(results: List[Dict], path: str, title: str) -> None:
         runs = [r for r in results if r["model"] == model]
         for axis, key, unit in ((row[0], "op_ms", "self CPU time per step (ms)"),
                                 (row[1], "at_peak_mib", "alive at the memory peak (MiB)")):
-            names = sorted({k for r in runs for k in r[key]}, key=lambda k: -max(r[key].get(k, 0.0) for r in runs))[:10]
+            names = largest_first(runs, key)[:10]
             height = 0.8 / len(runs)
             for i, r in enumerate(runs):
                 axis.barh([j + i * height for j in range(len(names))], [r[key].get(n, 0.0) for n in names], height,
@@ -305,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                f"{' autocast' if args.precision == 'bf16' else ''}, "
                f"{args.threads} torch thread{'s' if args.threads != 1 else ''}, median of {args.steps} profiled "
                f"step{'s' if args.steps != 1 else ''}")
-    publish(__file__, argv, args, setting, report(results), {"results": results},
+    publish(__file__, argv, args, setting, printed({"results": results}), {"results": results},
             lambda png: plot(results, png, setting))
 
 

