@@ -130,6 +130,22 @@ def test_integer_codes_that_lose_most_of_a_tensor_warn_naming_it(tmp_path, bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantisation_aware_model_saved_at_its_bits_is_not_warned_about_its_codes(tmp_path, bits):
+    # it was told to save with bits=16 or to train quantisation-aware at the bits it trained at: its file reproduces
+    # the trained model exactly, and bits=16 would not
+    model = nv.set_quantization_aware(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64)), bits)
+    name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
+    with torch.no_grad():
+        alpha[0, 0] = 1e4  # what left the other values one or two codes
+    images = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path / "aware", bits=bits)
+    loaded = nv.set_quantization_aware(nv.load_adapter(tiny_vit(), tmp_path / "aware"), bits)
+    torch.testing.assert_close(loaded.eval()(images), model.eval()(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_integer_codes_that_collapse_values_far_from_zero_warn_too(tmp_path, bits):
     """Values around 1 that differ by hundredths, and one at 100: every other value got one code, so their
     differences (what the tensor holds) were gone, while their magnitude, which an earlier check compared the

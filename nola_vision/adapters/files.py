@@ -277,6 +277,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     names = _checked_class_names(class_names, num_classes_of(model))
     head_names = set(state.plan.head_names)
     stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
+    aware = quantization_aware_bits(model)  # at the saved bits, training saw what the codes store: nothing is lost
+    seen = {name: head_bits(aware) if name in head_names else aware for name in stored_bits} if aware else {}
     tensors: Dict[str, Tensor] = {}
     quantization: Dict[str, List[float]] = {}
     for name, param in {**adapter, **head}.items():
@@ -287,7 +289,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         if stored_bits[name] >= 16:
             tensors[name] = _stored_floats(name, value, stored_bits[name])
         else:
-            tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name])
+            tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name],
+                                                              trained_at_bits=seen.get(name) == stored_bits[name])
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
     weights = canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
     document: Dict[str, Any] = {
@@ -471,8 +474,10 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
                      "stored (train again with a lower learning rate)")
 
 
-def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[float]]:
-    """``value`` as ``bits``-bit codes (4-bit packed) with its quantisation entry; refused if it would load as inf."""
+def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False) -> Tuple[Tensor, List[float]]:
+    """``value`` as ``bits``-bit codes (4-bit packed) with its quantisation entry; refused if it would load as inf.
+    A warning names a tensor whose values the codes move far, unless training saw them at these bits already
+    (``trained_at_bits``: quantisation-aware training, whose outputs the codes then reproduce)."""
     codes, minimum, step = quantize(value, bits)
     stored = dequantize(codes, minimum, step)
     if not bool(torch.isfinite(stored).all()):
@@ -480,7 +485,7 @@ def _stored_codes(name: str, value: Tensor, bits: int) -> Tuple[Tensor, List[flo
                          f"{bits}-bit codes (they would load as inf): save it with bits=32")
     values = value.detach().float().flatten()
     spread, error = _typical_spread(values), (stored.flatten() - values).abs().median().item()
-    if spread > 0 and error > 0.5 * spread:  # a few far larger values left the others one or two codes
+    if spread > 0 and error > 0.5 * spread and not trained_at_bits:  # a few far larger values left one or two codes
         warn_user(f"tensor {name} loses most of its values at {bits} bits: storing moves a typical value by "
                   f"{error / spread:.0%} of how far its values typically lie from their median, since values up to "
                   f"{values.abs().max().item():.4g} set the range of its {2 ** bits} codes. Save with bits=16, or "
