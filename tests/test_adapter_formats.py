@@ -133,7 +133,9 @@ def test_integer_codes_that_lose_most_of_a_tensor_warn_naming_it(tmp_path, bits)
 def test_a_quantisation_aware_model_saved_at_its_bits_is_not_warned_about_its_codes(tmp_path, bits):
     # it was told to save with bits=16 or to train quantisation-aware at the bits it trained at: its file reproduces
     # the trained model exactly, and bits=16 would not
-    model = nv.set_quantization_aware(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64)), bits)
+    model = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64)), 1, scale=0.2,
+                          adapters_only=True)
+    nv.set_quantization_aware(model, bits)
     name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
     with torch.no_grad():
         alpha[0, 0] = 1e4  # what left the other values one or two codes
