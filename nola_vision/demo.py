@@ -36,7 +36,7 @@ class DemoResult:
 
     method: str
     test_accs: List[float]
-    adapter_params: int
+    adapter_params: int  # what trains besides the head: the adapter's (every backbone weight for full fine-tuning)
     head_params: int
     adapter_bytes: int
     adapter_bytes_4bit: Optional[int]
@@ -142,6 +142,9 @@ def run_demo(
                          "adapter folders (<out>/<method>/seed<s>) and the table would list it twice")
     if not seeds:
         raise ValueError("the demo needs at least one split seed")
+    if any(isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 for seed in seeds):
+        raise ValueError(f"split seeds must be integers ≥ 0 (each seeds the run's random generators), got "
+                         f"{list(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {list(seeds)} repeat one: the mean and spread would count that run twice")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -178,7 +181,9 @@ def run_demo(
             four_bit = None
             if get_method(method).layer_cls is not None:
                 four_bit = adapter_size_bytes(save_adapter(model.model, Path(out) / method / "4bit", bits=4))
-            results.append(DemoResult(method, accs, counts["adapter"], counts["head"], adapter_size_bytes(dirs[-1]),
+            # what trains besides the head: the adapter, or for full fine-tuning every backbone weight
+            results.append(DemoResult(method, accs, counts["trainable"] - counts["head"], counts["head"],
+                                      adapter_size_bytes(dirs[-1]),
                                       four_bit, time.time() - start, dirs, _describe(config)))
     return results
 
@@ -190,7 +195,7 @@ def _kb(n: Optional[int]) -> str:
 def format_table(results: Sequence[DemoResult]) -> str:
     """A Markdown table: method, exact trained parameter counts, test accuracy (mean ± sd over split seeds, and
     per seed), adapter file sizes, time."""
-    lines = ["| method | trained adapter params | head params | test acc (mean ± sd) | per split seed | "
+    lines = ["| method | trained params besides the head | head params | test acc (mean ± sd) | per split seed | "
              "adapter file (16-bit) | (4-bit) | time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:

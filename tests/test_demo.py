@@ -41,6 +41,18 @@ def test_demo_code_path_reports_exact_counts_and_adapter_sizes(tmp_path):
 def test_demo_needs_a_split_seed(tmp_path):
     with pytest.raises(ValueError, match="at least one split seed"):
         run_demo(**TINY, seeds=(), out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"split seeds must be integers ≥ 0 .*got \[-1\]"):  # numpy's bounds error
+        run_demo(**TINY, seeds=(-1,), out=str(tmp_path), progress=False)
+
+
+def test_full_fine_tuning_counts_every_weight_it_trains(tmp_path):
+    # the table said 0 trained parameters beside the head, as if full fine-tuning trained less than NOLA
+    (full,) = run_demo(**TINY, shots=1, epochs=1, seeds=(0,), methods=("full",), out=str(tmp_path), progress=False)
+    import timm
+
+    backbone = timm.create_model(TINY["backbone"], pretrained=False, num_classes=10, img_size=32,
+                                 **TINY["backbone_kwargs"])
+    assert full.adapter_params == sum(p.numel() for p in backbone.parameters()) - full.head_params > 0
 
 
 def test_demo_command_prints_the_table(tmp_path, capsys):
