@@ -1038,4 +1038,6 @@ def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
                          f"epoch {checkpoint.get('epoch')} (trainer.max_steps stopped the run there, or it was "
                          "saved by validation inside an epoch, val_check_interval, or every n steps), and a resume "
                          "starts at the next epoch: the rest of that epoch's batches would never train. Resume from a "
-                         "checkpoint saved at the end of an epoch (epoch=E-step=S.ckpt), or train again")
+                         "checkpoint saved at the end of an epoch (epoch=E-step=S.ckpt) where the run kept one; a run "
+                         "that max_steps stopped inside an epoch keeps none (the checkpoint it saved there replaced "
+                         "the epoch's), so train it again, stopped at an epoch's end with trainer.max_epochs")
