@@ -332,3 +332,20 @@ def test_a_resumed_monitored_run_keeps_the_best_of_its_earlier_epochs(tmp_path):
     callback = resumed.trainer.checkpoint_callback
     assert callback.best_model_score.item() == max(before) and Path(callback.best_model_path).parent.parent == logs[0]
     assert monitored_state(logs[1] / "checkpoints" / "last.ckpt")["best_model_path"] == callback.best_model_path
+
+
+def test_a_runs_config_used_from_another_folder_finds_that_runs_checkpoint(tmp_path, monkeypatch):
+    # its default_root_dir was saved relative ("run"): --ckpt_path last from another folder holding a "run" of its own
+    # tested that run's checkpoint, under the first run's config
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", "run", "--trainer.max_epochs", "1",
+                           "--data.split_dir", "splits", "--test_after_fit", "false", *QUIET])
+    config = tmp_path / "a" / "run" / "lightning_logs" / "version_0" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert saved["trainer"]["default_root_dir"] == str(tmp_path / "a" / "run")
+    assert saved["data"]["split_dir"] == str(tmp_path / "a" / "splits")
+    tested = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", "last", *QUIET])  # run from b
+    assert Path(tested.trainer.ckpt_path).is_relative_to(tmp_path / "a")
+    assert not (tmp_path / "b" / "run" / "lightning_logs" / "version_1").exists()  # it logs beside the fit's

@@ -403,7 +403,7 @@ class NolaCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
             return
-        _absolute_data_root(config)
+        _absolute_paths(config)
         for option in ("result_file", "predictions_file"):  # "~/x.json" too: no shell expands it in a config file
             if isinstance(config.get(option), str):
                 config[option] = expand_root(config[option])
@@ -861,7 +861,7 @@ def _refuse_replacing(path: Path, option: str, writers: str, recognised: Callabl
 
 def _absolute(path: Any) -> Optional[str]:
     """A local path a result records, made absolute (a URL as it is): the result names the files from any working
-    directory, as the run's ``data.root`` is (``_absolute_data_root``)."""
+    directory, as the run's ``data.root`` is (``_absolute_paths``)."""
     if path is None or path == "":
         return None
     return str(path) if "://" in str(path) else os.path.abspath(path)
@@ -1009,14 +1009,22 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                          "short (a full disk, an interrupted copy): pass another checkpoint of the run")
 
 
-def _absolute_data_root(config: Any) -> None:
-    """Make a relative ``--data.root`` absolute (from the working directory, where it is read): the run's config.yaml,
-    checkpoints and results then name the folder it read, and ``test -c <run>/config.yaml`` run from another
-    directory reads the run's images, not another folder of that relative name. A URL is left as it is."""
+def _absolute_paths(config: Any) -> None:
+    """Make the relative folders and files a run reads and writes absolute (from the working directory, where they are
+    read): ``--data.root``, the split manifests and ``--trainer.default_root_dir`` (the working directory itself when
+    unset). The run's config.yaml, checkpoints and results then name them, and ``test -c <run>/config.yaml`` run from
+    another directory reads the run's images and finds its ``--ckpt_path last``/``best``, not those of another folder
+    of that relative name. A URL is left as it is."""
     data = config.get("data")
-    root = data.get("root") if data is not None else None
-    if isinstance(root, str) and root and "://" not in root and not os.path.isabs(root):
-        data.root = os.path.abspath(expand_root(root))  # "~/data" too: no shell expands it in a config file
+    for key in ("root", "split_file", "val_split_file", "split_dir"):
+        path = data.get(key) if data is not None else None
+        if isinstance(path, str) and path and "://" not in path and not os.path.isabs(expand_root(path)):
+            data[key] = os.path.abspath(expand_root(path))  # "~/data" too: no shell expands it in a config file
+    trainer = config.get("trainer")
+    if trainer is not None:
+        root = trainer.get("default_root_dir")
+        if root is None or isinstance(root, str) and root and "://" not in root:
+            trainer.default_root_dir = os.path.abspath(expand_root(root)) if root else os.getcwd()
 
 
 def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
