@@ -157,6 +157,8 @@ def test_loading_from_a_file_or_a_missing_path_says_which(tmp_path):
     (tmp_path / "notes.txt").write_text("not an adapter")
     with pytest.raises(AdapterLoadError, match=r"notes.txt is a file, not an adapter directory"):
         nv.load_adapter(tiny_vit(), tmp_path / "notes.txt")
+    with pytest.raises(AdapterLoadError, match=r"notes.txt/task lies under .*notes.txt, a file, not an adapter"):
+        nv.load_adapter(tiny_vit(), tmp_path / "notes.txt" / "task")  # named notes.txt/task itself a file
     with pytest.raises(AdapterLoadError, match=r"nowhere is missing"):
         nv.load_adapter(tiny_vit(), tmp_path / "nowhere")
 

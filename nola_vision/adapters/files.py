@@ -712,7 +712,10 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is missing: an adapter directory holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)") from error
     except NotADirectoryError as error:
-        raise AdapterLoadError(f"{root} is a file, not an adapter directory: pass the directory save_adapter wrote "
+        # the path itself, or the folder it lies under (``notes/task`` with ``notes`` a file)
+        file = next((path for path in (root, *root.parents) if path.is_file()), root)
+        where = f"{root} is a file" if file == root else f"{root} lies under {file}, a file"
+        raise AdapterLoadError(f"{where}, not an adapter directory: pass the directory save_adapter wrote "
                                f"({CONFIG_NAME} and {WEIGHTS_NAME} inside)") from error
     except IsADirectoryError as error:
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is a directory where save_adapter writes a "
