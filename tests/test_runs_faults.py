@@ -85,19 +85,29 @@ def test_a_fit_that_wrote_its_result_then_exited_non_zero_is_never_counted_on_a_
     assert not (tmp_path / "out" / "r" / "split0-init0" / "result.json").exists()
 
 
-def test_tune_waits_for_a_fit_another_process_runs_in_its_folder_and_never_starts_a_second(tmp_path, capsys):
-    # M4: a restarted tune started a second fit beside the fit a killed worker had left running there
+def tune_beside_a_claimed_fit(tmp_path, result=None):
+    """A tune worker (a thread: its chosen point lands in the returned dict) started on a trial folder whose claim
+    another process holds (its fit runs), after that fit wrote ``result`` if given; returns the run folder, the
+    claim's descriptor, the thread and the dict."""
     kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, skip_protocol=True, heartbeat_s=1)
     with pytest.raises(RuntimeError, match="failed"):
         run_tune([TINY], {"model.lr": [1e-3]}, python="/bin/false", echo=False, **kw)  # leaves the run folder
     (run_dir,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
     other = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT)  # the other process's fit holds the claim
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if result is not None:
+        (run_dir / "result.json").write_text(json.dumps(result))
     python = counting_fit(tmp_path, fails_first=0)
     chosen = {}
     worker = threading.Thread(target=lambda: chosen.update(run_tune([TINY], {"model.lr": [1e-3]}, python=python,
                                                                      echo=True, **kw)))
     worker.start()
+    return run_dir, other, worker, chosen
+
+
+def test_tune_waits_for_a_fit_another_process_runs_in_its_folder_and_never_starts_a_second(tmp_path, capsys):
+    # M4: a restarted tune started a second fit beside the fit a killed worker had left running there
+    run_dir, other, worker, chosen = tune_beside_a_claimed_fit(tmp_path)
     printed = ""
     deadline = time.monotonic() + 50
     while "runs in another process" not in printed and not starts(tmp_path) and time.monotonic() < deadline:
@@ -114,18 +124,7 @@ def test_tune_waits_for_a_fit_another_process_runs_in_its_folder_and_never_start
 def test_tune_does_not_count_a_result_whose_fit_another_process_still_judges(tmp_path, capsys):
     # a trial on the point another trial's fit was running read that fit's result.json as soon as it was written and
     # counted it, although the fit then exited 1 (its own trial failed): the failed fit's score was chosen
-    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, skip_protocol=True, heartbeat_s=1)
-    with pytest.raises(RuntimeError, match="failed"):
-        run_tune([TINY], {"model.lr": [1e-3]}, python="/bin/false", echo=False, **kw)  # leaves the run folder
-    (run_dir,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
-    other = os.open(run_dir / ".claim", os.O_RDONLY | os.O_CREAT)  # the other process's fit holds the claim...
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    (run_dir / "result.json").write_text(json.dumps({"metrics": {"val/acc": 0.9}}))  # ... and has written its result
-    python = counting_fit(tmp_path, fails_first=0)
-    chosen = {}
-    worker = threading.Thread(target=lambda: chosen.update(run_tune([TINY], {"model.lr": [1e-3]}, python=python,
-                                                                     echo=True, **kw)))
-    worker.start()
+    run_dir, other, worker, chosen = tune_beside_a_claimed_fit(tmp_path, {"metrics": {"val/acc": 0.9}})
     printed = ""
     deadline = time.monotonic() + 50
     while "waiting for it to end" not in printed and worker.is_alive() and time.monotonic() < deadline:
