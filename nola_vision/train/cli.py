@@ -1018,7 +1018,7 @@ def _absolute_paths(config: Any) -> None:
     data = config.get("data")
     for key in ("root", "split_file", "val_split_file", "split_dir"):
         path = data.get(key) if data is not None else None
-        if isinstance(path, str) and path and "://" not in path and not os.path.isabs(expand_root(path)):
+        if isinstance(path, str) and path and "://" not in path:
             data[key] = os.path.abspath(expand_root(path))  # "~/data" too: no shell expands it in a config file
     trainer = config.get("trainer")
     if trainer is not None:
