@@ -29,6 +29,19 @@ def test_a_yaml_error_in_one_of_several_config_files_names_that_file_and_line(tm
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("section, typo, close", [("model", "lrr", "model.lr"), ("data", "shot", "data.shots")])
+def test_a_misspelt_key_in_one_of_several_config_files_names_that_file_and_the_close_option(tmp_path, capsys,
+                                                                                           section, typo, close):
+    # jsonargparse said "Group 'model' does not accept option 'lrr'": neither the file nor the option meant
+    good, misspelt = tmp_path / "good.yaml", tmp_path / "misspelt.yaml"
+    good.write_text("trainer:\n  max_epochs: 1\n")
+    misspelt.write_text(f"{section}:\n  {typo}: 3\n")
+    assert fit(tmp_path, "-c", str(good), "-c", str(misspelt)) == 2
+    err = capsys.readouterr().err
+    assert f"config file {misspelt}: {section}.{typo} is no option of" in err and f"did you mean {close}" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_deeply_nested_config_value_is_refused_quickly_by_name(tmp_path):
     done = subprocess.run([*CLI, "fit", "-c", str(TINY), "--model.adapter", DEEP], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import functools
+import inspect
 import io
 import json
 import os
@@ -948,6 +950,8 @@ def check_config_sources(argv: Any, subcommands: bool = True) -> None:
                                  "model and data section, e.g. copy configs/tiny_offline.yaml")
             if subcommands and i < subcommand_at:
                 _check_top_level_config(node, value)
+            else:
+                _check_section_keys(node, value)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
 
@@ -962,6 +966,23 @@ def _check_top_level_config(node: Any, path: str) -> None:
             f"config file {path} comes before the subcommand, where only {', '.join(NolaCLI.subcommands())} "
             f"sections apply: its {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} would be ignored. Give it "
             f"after the subcommand (nola-vision fit -c {path}), or nest its settings under fit:")
+
+
+def _check_section_keys(node: Any, path: str) -> None:
+    """Refuse a ``model:`` or ``data:`` key that is no argument of FewShotClassifier or FewShotDataModule, naming the
+    file and the close ones: the parser's message names neither, nor which of several ``-c`` files holds it."""
+    sections = {"model": FewShotClassifier, "data": FewShotDataModule}
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
+        cls = sections.get(key.value)
+        if cls is None or not isinstance(value, yaml.MappingNode):
+            continue
+        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        for option, _ in value.value:
+            if isinstance(option, yaml.ScalarNode) and option.value not in accepted:
+                close = difflib.get_close_matches(option.value, accepted, n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(f'{key.value}.{c}' for c in close)}? " if close else ""
+                raise ValueError(f"config file {path}: {key.value}.{option.value} is no option of {cls.__name__} "
+                                 f"({hint}its options: {', '.join(accepted)})")
 
 
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
