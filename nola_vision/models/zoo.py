@@ -21,6 +21,7 @@ from torch import nn
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.registry import get_method
+from ..core.targets import head_parameter_names
 
 __all__ = ["NOLA_VARIANTS", "check_model_name", "create_model", "download_failure"]
 
@@ -147,10 +148,10 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
             raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                      ".safetensors/.pth state dict of the base model>), or "
                                                      "pretrained=False for random weights")) from err
-        base_keys = set(model.state_dict())
+        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+        base_keys = set(model.state_dict()) if weights_file else set()
         inject(model, config)
-        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-        if pretrained and weights_file:
+        if weights_file:
             _load_saved_adapter(model, weights_file, base_keys)
         return model
 
@@ -165,8 +166,8 @@ def _load_saved_adapter(model: nn.Module, weights_file: str, base_keys: set) -> 
     """Load what a ``_nola`` model's own state dict in ``weights_file`` holds beyond the base model's weights: its
     adapter tensors (timm left them out as unexpected keys) and its trained head (timm drops a pretrained head for
     another ``num_classes`` than the base's 1000). Nothing for a base model's file."""
-    state = timm.models.load_state_dict(weights_file)
-    adapter_keys = [key for key in model.state_dict() if key not in base_keys]
+    state, own = timm.models.load_state_dict(weights_file), model.state_dict()
+    adapter_keys = [key for key in own if key not in base_keys]
     found = [key for key in adapter_keys if key in state]
     if not found:
         return
@@ -174,13 +175,11 @@ def _load_saved_adapter(model: nn.Module, weights_file: str, base_keys: set) -> 
     if missing:
         raise ValueError(f"{weights_file} holds adapter tensors of another NOLA model: it has no {missing[0]} (and "
                          f"{len(missing) - 1} more of this model's): pass the nola_* arguments it was created with")
-    head = model.get_classifier()
-    prefix = next(name for name, module in model.named_modules() if module is head) + "."
-    head_state = {key: state[key] for key in model.state_dict() if key.startswith(prefix) and key in state}
+    head_state = {key: state[key] for key in head_parameter_names(model) if key in state}
     for key, value in head_state.items():
-        if value.shape != model.state_dict()[key].shape:
+        if value.shape != own[key].shape:
             raise ValueError(f"{weights_file} holds a trained head {key} of shape {tuple(value.shape)}, this model's "
-                             f"is {tuple(model.state_dict()[key].shape)}: pass the num_classes it was trained with")
+                             f"is {tuple(own[key].shape)}: pass the num_classes it was trained with")
     model.load_state_dict({**head_state, **{key: state[key] for key in found}}, strict=False)
 
 

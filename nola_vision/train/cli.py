@@ -409,7 +409,7 @@ class NolaCLI(LightningCLI):
         for option in ("result_file", "predictions_file"):  # "~/x.json" too: no shell expands it in a config file
             if isinstance(config.get(option), str):
                 config[option] = expand_root(config[option])
-        root = config.trainer.default_root_dir or os.getcwd()
+        root = config.trainer.default_root_dir  # absolute now (_absolute_paths), or a URL
         blocking = file_in_the_way(root)
         if blocking is not None:
             raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
@@ -689,17 +689,15 @@ class NolaCLI(LightningCLI):
         _refuse_replacing(Path(path) if path else default, "--predictions_file", "predict", _is_predictions_file)
         limit = trainer.limit_predict_batches
         self._check_test_images("predicting (the pass reads every test image)")
-        if not (isinstance(limit, float) and limit >= 1.0 or isinstance(limit, int) and limit >= self._test_batches()):
+        whole = isinstance(limit, float) and limit >= 1.0 or isinstance(limit, int) and limit >= self._split_batches(
+            "test")
+        if not whole:
             part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit * 100:g}% of its batches"
             raise ValueError(f"--trainer.limit_predict_batches {limit} limits the pass to {part}, so "
                              f"{path or default} would hold predictions of part of the test split, with nothing saying "
                              "so: drop --trainer.limit_predict_batches (or use --trainer.fast_dev_run to try a few "
                              "batches without a file)")
         trainer.callbacks.append(PredictionsCSVWriter(path))
-
-    def _test_batches(self) -> float:
-        """The batches of the whole test split (infinite while its data is still to download)."""
-        return self._split_batches("test")
 
     def _split_batches(self, split: str) -> float:
         """The batches of the whole ``val`` or ``test`` split (infinite while its data is still to download)."""
