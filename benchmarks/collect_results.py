@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from accuracy import DATASETS as ACCURACY_DATASETS
 from common import markdown_table, paired_quartiles
 
 HERE = Path(__file__).resolve().parent
@@ -392,9 +393,7 @@ def _accuracy_setting(data: Dict) -> Tuple[str, str]:
         raise ValueError("accuracy.json's protocol names no backbone and dataset: run benchmarks/accuracy.py again")
     short = re.search(r"ViT-[A-Z]/\d+", match["backbone"])
     backbone = short[0] if short and "random weights" not in match["backbone"] else match["backbone"]
-    from accuracy import DATASETS  # torch and timm with it: imported only when an accuracy result is read
-
-    names = {text: key for key, text in DATASETS.items()}
+    names = {text: key for key, text in ACCURACY_DATASETS.items()}
     return backbone, names.get(match["dataset"], match["dataset"]).replace("_", "-")
 
 
