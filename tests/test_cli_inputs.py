@@ -2,6 +2,7 @@
 type; each fails before training with a message that names the file or option."""
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,16 @@ def test_a_value_out_of_range_fails_before_training_naming_the_field(tmp_path, c
     assert fit(tmp_path, option, value) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_kept(tmp_path):
+    # jsonargparse keeps the init args the new class accepts: LoRA trained on NOLA's mlp targets, silently
+    args = ["--model.adapter", "LoRAConfig", "--trainer.max_epochs", "1", "--test_after_fit", "false"]
+    with pytest.warns(UserWarning, match=r"--model.adapter LoRAConfig kept the earlier adapter's "
+                      r"targets=\['mlp.fc1', 'mlp.fc2'\] \(LoRAConfig's default: \['attn.q', 'attn.v'\]\)"):
+        assert fit(tmp_path, *args) == 0
+    for given in (["--model.adapter.targets", "[mlp.fc1]"], ["--model.adapter.init_args.targets=[mlp.fc1]"]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert fit(tmp_path / given[0][:20], *args, *given) == 0
+        assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]

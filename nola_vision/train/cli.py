@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import difflib
 import functools
+import importlib
 import inspect
 import io
 import json
@@ -445,6 +447,8 @@ class NolaCLI(LightningCLI):
             rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it is: "
                            f"pass --result_file to write the {subcommand} metrics")
         check_checkpoint_file(config.get("ckpt_path"))
+        if isinstance(argv, (list, tuple)) and config.model.get("adapter") is not None:
+            warn_carried_adapter_settings(parser, [str(a) for a in argv], subcommand, config.model.adapter)
         self.given_model = config.model.clone()
         self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
 
@@ -1098,6 +1102,66 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
     if changed:
         rank_zero_warn("nola_vision: --ckpt_path: the checkpoint's model hyper-parameters replace the config's: "
                        + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def _class_defaults(class_path: str) -> Dict[str, Any]:
+    """The keyword defaults of the class ``class_path`` names (``nola_vision.LoRAConfig``)."""
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if dataclasses.is_dataclass(cls):  # the adapter configs: a default_factory's signature default is "<factory>"
+        return {field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+                for field in dataclasses.fields(cls) if field.init}
+    return {key: parameter.default for key, parameter in inspect.signature(cls).parameters.items()}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal settings, a list and a tuple of the same items included (a config file gives lists)."""
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+
+def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any
+                             ) -> Dict[str, Any]:
+    """The settings ``--model.adapter <Class>`` on the command line took over from another class's config
+    (jsonargparse keeps every init arg the new class accepts): ``{name: value}`` for those that differ from the new
+    class's default and that the command line does not give itself."""
+    switches = [i for i, arg in enumerate(argv) if arg == "--model.adapter" or arg.startswith("--model.adapter=")]
+    if not switches or not hasattr(adapter, "init_args"):
+        return {}
+    at = switches[-1]
+    value = argv[at].partition("=")[2] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            before = parser.parse_args(argv[:at])
+    except SystemExit:  # what comes before the switch does not parse alone: nothing to compare with
+        return {}
+    previous = (before.get(subcommand) if subcommand else before).get("model.adapter")
+    if not hasattr(previous, "init_args") or previous.class_path == adapter.class_path:
+        return {}
+    given = {arg[len("--model.adapter."):].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+             for arg in argv if arg.startswith("--model.adapter.")}
+    with contextlib.suppress(yaml.YAMLError):
+        node = yaml.safe_load(value)
+        if isinstance(node, dict):  # --model.adapter '{"class_path": ..., "init_args": {...}}'
+            given |= set(node) | set(node.get("init_args") or {})
+    defaults = _class_defaults(adapter.class_path)
+    earlier = previous.init_args.as_dict()
+    return {name: kept for name, kept in adapter.init_args.as_dict().items()
+            if name not in given and name in earlier and _same_value(earlier[name], kept)
+            and not _same_value(defaults.get(name, inspect.Parameter.empty), kept)}
+
+
+def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any) -> None:
+    """Warn that ``--model.adapter LoRAConfig`` over a config file's NOLA adapter kept its targets (and any other
+    setting both classes take): the run is not the new class with its defaults, as the option reads."""
+    carried = carried_adapter_settings(parser, argv, subcommand, adapter)
+    if carried:
+        name = adapter.class_path.rpartition(".")[2]
+        defaults = _class_defaults(adapter.class_path)
+        rank_zero_warn(f"nola_vision: --model.adapter {name} kept the earlier adapter's "
+                       + ", ".join(f"{key}={value!r} ({name}'s default: {defaults[key]!r})"
+                                   for key, value in carried.items())
+                       + f" (a new class keeps the settings it accepts). Give them on the command line "
+                       f"(--model.adapter.{next(iter(carried))} ...) to choose others")
 
 
 # MisconfigurationException: Lightning's own "this trainer setting is wrong" (a callback's invalid arguments)
