@@ -136,3 +136,29 @@ def test_the_demo_module_runs_as_a_script():
 
     done = subprocess.run([sys.executable, "-m", "nola_vision.demo", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--shots" in done.stdout  # it did nothing and exited 0 before
+
+
+def test_the_demos_warnings_name_its_own_options_once(tmp_path):
+    # the module's advice named the CLI's --model.lr and trainer.max_epochs, once per split seed
+    _, err = _demo_output(tmp_path, "--epochs", "2", "--seeds", "0", "1")
+    assert err.count("a run of --epochs 2 has no room for one") == 1 and "pass a lower --lr" in err
+    assert "--model.lr" not in err and "trainer.max_epochs" not in err
+
+
+def test_the_demos_4_bit_copy_warns_in_one_line_not_one_per_tensor(tmp_path):
+    import nola_vision as nv
+    from nola_vision.demo import _save_four_bit_copy
+
+    model = nv.inject(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+                      nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=["0", "1"]))
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith(("nola_alpha", "nola_beta")):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)))
+                tensor[0, 0] = 1e4  # an outlier sets the range of the 16 codes: the others all on one
+    with pytest.warns(UserWarning) as caught:
+        _save_four_bit_copy(model, tmp_path / "4bit")
+    messages = [str(w.message) for w in caught]
+    assert messages == [f"nola_vision: the 4-bit copy {tmp_path / '4bit'} loses most of the values of 4 tensors (the "
+                        "run did not train for 4 bits): it measures the size; for a 4-bit adapter that keeps its "
+                        "accuracy, train quantisation-aware (FewShotClassifier(quant_bits=4), --model.quant_bits 4)"]
