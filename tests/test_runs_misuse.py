@@ -393,3 +393,41 @@ def test_a_submitit_batch_left_early_cancels_its_jobs_and_their_runs(tmp_path, s
     finally:
         if pid_in(pid_file) is not None and alive(pid_in(pid_file)):
             os.kill(pid_in(pid_file), signal.SIGKILL)
+
+
+TUNE_OF_SLEEPERS = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as at a terminal (a test session may ignore it)
+from nola_vision.runs import tune
+tune.run_tune.__kwdefaults__["python"] = sys.argv[1]
+sys.exit(tune.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
+def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_failed(tmp_path):
+    # the fits Ctrl-C stopped failed the trial: its table said FAIL with "exit code -15", as if its values had failed
+    import optuna
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", TUNE_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out), "--name",
+               "t", "--grid", "model.lr=1e-3,1e-2", "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol",
+               "--data.val_shots", "2"]
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("t/tune/*/*/started")) and time.time() < deadline and search.poll() is None:
+            time.sleep(0.2)
+        (started,) = out.glob("t/tune/*/*/started")
+        while pid_in(started) is None:
+            time.sleep(0.1)
+        search.send_signal(signal.SIGINT)
+        assert search.wait(timeout=30) == 128 + signal.SIGINT
+        assert not alive(pid_in(started))
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait()
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 't' / 'tune.db'}")
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states == ["PRUNED"]  # released: the next run of the command takes its point up again

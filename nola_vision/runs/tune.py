@@ -370,8 +370,17 @@ class _Search:
         label = f"[tune {self.root.name}] trial #{trial.number} {params}"
         try:
             accs = self._fit(params)
-        except TrialFailed as err:
+        except (TrialFailed, Stopped) as err:
             stop.set()
+            if stopping():  # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed
+                with self.lock:
+                    self.study.tell(trial, state=TrialState.PRUNED)
+                if self.echo:
+                    print(f"{label}: stopped with this process, not counted: the same command runs it again",
+                          flush=True)
+                return
+            if isinstance(err, Stopped):
+                raise
             with self.lock:
                 self.failed_here.add(_point_key(params))
                 self.failures += 1
