@@ -75,7 +75,11 @@ def test_a_run_another_process_holds_is_skipped_not_run_twice(tmp_path, capsys):
                      overrides=FAST, python=fake_python(tmp_path))
     finally:
         os.close(held)
-    assert "split 0 init 1: running in another process, skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "split 0 init 1: running in another process, skipped" in out
+    # the table printed next lacks that run (or, with all runs elsewhere, the whole row): say why, and who adds it
+    assert (f"cell: 1 of its 2 runs run in another process, so the tables leave them out until they end (that "
+            f"process adds them): {tmp_path / 'out' / 'results.md'}") in out
     assert (tmp_path / "out" / "cell" / "split0-init0" / "result.json").is_file()
     assert not (tmp_path / "out" / "cell" / "split0-init1" / "result.json").exists()
     assert claim_run(tmp_path / "out" / "cell" / "split0-init1") is not None  # released by the other holder

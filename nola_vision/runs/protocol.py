@@ -367,6 +367,7 @@ def run_protocol(
     labels: Dict[Path, str] = {}
     claims: Dict[Path, int] = {}
     pending: List[Run] = []
+    elsewhere = 0
     for n, (split_seed, init_seed) in enumerate(grid, 1):
         run_dir = root / run_dir_name(split_seed, init_seed)
         label = f"[{n}/{len(grid)}] {name} split {split_seed} init {init_seed}"
@@ -379,8 +380,10 @@ def run_protocol(
             continue
         claim = claim_unfinished_run(run_dir)
         if claim is None:  # another process runs it (or has just finished it)
-            if echo and not result_counts(run_dir):
-                print(f"{label}: running in another process, skipped", flush=True)
+            if not result_counts(run_dir):
+                elsewhere += 1
+                if echo:
+                    print(f"{label}: running in another process, skipped", flush=True)
             continue
         claims[run_dir] = claim
         # what this command stamps on the result once the fit ends, for a later command should this one die first
@@ -421,6 +424,9 @@ def run_protocol(
         except Exception as err:  # re-raised below, with the fits' failures when there are any
             knn_error = err
     rows = write_tables(out)
+    if elsewhere and echo:
+        print(f"{name}: {elsewhere} of its {len(grid)} runs run in another process, so the tables leave them out "
+              f"until they end (that process adds them): {Path(out) / 'results.md'}", flush=True)
     if failed:
         retry = "fix what the errors name, then re-run the same command" if refused else (
             "re-run the same command to retry them")
