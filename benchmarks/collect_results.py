@@ -502,7 +502,12 @@ def sync_readme(text: str, results: Path) -> str:
 # Results whose script can print its output again from the raw numbers (its ``printed(data)``): ``--check`` compares
 # that with the ``.md`` it printed, so a table that no longer follows its ``.json`` (edited, or printed by older code)
 # is found.
-REPRINTED = {"multitask": "multitask", "profile_step": "profile_step", "profile_step_bf16": "profile_step"}
+REPRINTED = {"multitask": "multitask", "profile_step": "profile_step", "profile_step_bf16": "profile_step",
+             **{name: "train_step" for name in (
+                 "nola_vs_lora_vit_b", "nola_vs_lora_vit_l", "nola_vs_lora_bf16_vit_b", "nola_vs_lora_bf16_vit_l",
+                 "train_step_vit_b", "train_step_vit_b_1thread", "train_step_vit_l", "compile_step_vit_b",
+                 "compile_step_vit_l", "grad_ckpt_off_vit_b", "grad_ckpt_on_vit_b", "sweep_k", "sweep_layers",
+                 "gpu_train_step_vit_b", "gpu_train_step_vit_l")}}
 
 
 def reprinted(results: Path, name: str) -> Optional[str]:

@@ -83,9 +83,10 @@ def paired_ratios(result: Dict[str, Any], reference: Dict[str, Any]) -> List[flo
 
 
 def paired_quartiles(result: Dict[str, Any], reference: Dict[str, Any]) -> List[float]:
-    """The lower quartile, median and upper quartile of the per-round paired ratios."""
+    """The lower quartile, median and upper quartile of the per-round paired ratios (inclusive: within the rounds,
+    numpy's default; the exclusive method puts them outside two rounds)."""
     ratios = paired_ratios(result, reference)
-    return statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
 
 
 def paired_summary(result: Dict[str, Any], reference: Dict[str, Any]) -> str:

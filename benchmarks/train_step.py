@@ -320,6 +320,18 @@ def table(results: List[Dict], sweep: Optional[str] = None) -> str:
     return markdown_table(columns, rows, left=2 if sweep == "layers" else 1)
 
 
+def printed(data: Dict) -> str:
+    """The table a run prints, from its raw numbers (``collect_results.py --check`` compares them). Results written
+    before the JSON named its sweep tell it by what varies: the adapted blocks, or NOLA's k."""
+    results = data["results"]
+    sweep = data.get("sweep")
+    if "sweep" not in data and len({r["blocks"] for r in results}) > 1:
+        sweep = "layers"
+    elif "sweep" not in data and len({r["k"] for r in results if r["method"] != "lora"}) > 1:
+        sweep = "k"
+    return table(results, sweep)
+
+
 def plot(results: List[Dict], sweep: Optional[str], path: str, title: str) -> None:
     """Bars of the ratios to our LoRA, or for a sweep step time and memory against k or adapted blocks."""
     plt = pyplot()
@@ -402,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                + (f", median of {args.rounds} rounds in alternating order" if args.rounds > 1 else "")
                + (f"; paired: {args.paired} rounds of one step per method in one process" if args.paired else "")
                + (f", {args.threads} torch thread{'s' if args.threads > 1 else ''}" if args.threads else ""))
-    publish(__file__, argv, args, setting, table(results, args.sweep), {"results": results},
+    publish(__file__, argv, args, setting, table(results, args.sweep), {"results": results, "sweep": args.sweep},
             lambda png: plot(results, args.sweep, png, setting), device=args.device)
 
 

@@ -89,7 +89,9 @@ def test_paired_summary_is_the_median_and_quartiles_of_the_per_round_ratios():
     from common import paired_ratios, paired_summary
 
     assert paired_ratios(nola, lora) == pytest.approx([1.1, 1.0, 1.3, 1.2])
-    assert paired_summary(nola, lora) == "1.150× (1.025–1.275)"
+    assert paired_summary(nola, lora) == "1.150× (1.075–1.225)"
+    # two rounds: quartiles between them (the exclusive method gave 0.975–1.125, outside both)
+    assert paired_summary({"paired_step_s": [1.1, 2.0]}, {"paired_step_s": [1.0, 2.0]}) == "1.050× (1.025–1.075)"
 
 
 def test_median_round_keeps_the_median_time_and_the_highest_memory():
@@ -347,10 +349,10 @@ def test_collected_targets_are_computed_from_the_raw_results(tmp_path):
                               "paired_step_s": [1.9, 1.9, 1.9, 2.0]})
     (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps(paired))
     report = collect_results.build(tmp_path)
-    assert "| NOLA-MLP step time ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 1.01× (paired, quartiles 0.96–1.04×) | " \
+    assert "| NOLA-MLP step time ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 1.01× (paired, quartiles 0.99–1.03×) | " \
         "missed by 0.01× |" in report
     assert "| NOLA-MLP, codes held, step time ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 0.95× (paired, quartiles " \
-        "0.95–0.99×) | met |" in report
+        "0.95–0.96×) | met |" in report
     assert "| NOLA-MLP, codes held, training peak ≤ 1.00× LoRA q,v (ViT-B/16, fp32) | 1.10× | missed by 0.10× |" in report
     readme = "intro\n<!-- results: train_step_vit_b -->\nold numbers\n<!-- /results -->\nrest\n"
     assert collect_results.sync_readme(readme, tmp_path) == (
