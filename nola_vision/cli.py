@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("nola-vision: stopped by SIGTERM before the run finished: no result was written", file=sys.stderr)
         return 143
     except CONFIG_ERRORS + RUN_ERRORS + (OSError,) as err:  # OSError: a read or write failed (a full disk, a limit)
-        if os.environ.get("NOLA_VISION_TRACEBACK"):
+        if os.environ.get("NOLA_VISION_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
         print(f"nola-vision: error: {error_message(err)}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)",
               file=sys.stderr)

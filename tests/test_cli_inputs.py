@@ -91,3 +91,16 @@ def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_k
             warnings.simplefilter("always")
             assert fit(tmp_path / given[0][:20], *args, *given) == 0
         assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]
+
+
+@pytest.mark.parametrize("setting, shown", [("0", False), ("false", False), ("", False), ("1", True)])
+def test_the_traceback_setting_reads_0_and_false_as_off(tmp_path, monkeypatch, capsys, setting, shown):
+    # any value showed it: NOLA_VISION_TRACEBACK=0 raised the error with its traceback
+    monkeypatch.setenv("NOLA_VISION_TRACEBACK", setting)
+    bad = ["--trainer.max_epochs", "0"]
+    if shown:
+        with pytest.raises(ValueError, match="trains nothing"):
+            fit(tmp_path, *bad)
+    else:
+        assert fit(tmp_path, *bad) == 2
+        assert "trains nothing" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 
 from nola_vision.cli import main
 from nola_vision.runs.protocol import refuse_controlled_overrides, run_protocol
-from nola_vision.runs.tune import check_grid, run_tune
+from nola_vision.runs.tune import check_grid, parse_grid, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_offline.yaml")
@@ -25,6 +25,9 @@ FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2
     (["--result_file", "r.json"], "--result_file", "--out and --name"),
     (["--test_after_fit", "false"], "--test_after_fit", "always tests after fit"),
     (["--model.adapter_dir", "one"], "--model.adapter_dir", "its own run folder"),
+    # every run resumed one checkpoint: one adapter, counted as several runs ("mean (0.0)")
+    (["--ckpt_path", "runs/x/last.ckpt"], "--ckpt_path", "counted as several"),
+    (["--ckpt_path=last"], "--ckpt_path", "counted as several"),
 ])
 def test_protocol_refuses_overrides_of_what_it_sets_in_every_run(tmp_path, override, option, instead):
     with pytest.raises(ValueError, match=rf"protocol sets {option} in every run itself.*{instead}"):
@@ -54,7 +57,25 @@ def test_tune_refuses_overrides_and_grid_keys_it_sets_itself(tmp_path):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), overrides=[*FAST, "--model.adapter_dir", "one"])
     with pytest.raises(ValueError, match="tune sets --data.split_seed .*--split_seeds"):
         run_tune([TINY], {"data.split_seed": [0, 1]}, out=str(tmp_path), overrides=FAST)
+    with pytest.raises(ValueError, match="tune sets --ckpt_path .*counted as several"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), overrides=[*FAST, "--ckpt_path", "last"])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_grid_over_what_tune_sets_itself_says_how_to_set_it_not_that_the_key_needs_a_dot():
+    # "--grid seed_everything=1,2: expected a dotted key": the seeds are tune's --init_seeds
+    with pytest.raises(ValueError, match="tune sets --seed_everything in every run itself.*--init_seeds"):
+        parse_grid(["seed_everything=1,2"])
+    with pytest.raises(ValueError, match="tune sets --result_file in every run itself"):
+        parse_grid(["--result_file=a.json,b.json"])
+
+
+def test_a_config_that_resumes_a_checkpoint_is_refused_by_protocol(tmp_path):
+    config = tmp_path / "resume.yaml"
+    config.write_text("ckpt_path: runs/x/last.ckpt\n")
+    with pytest.raises(ValueError, match=rf"config {config} sets ckpt_path: runs/x/last.ckpt, which protocol controls"):
+        run_protocol([TINY, str(config)], out=str(tmp_path / "out"), split_seeds=[0, 1], init_seeds=[0],
+                     overrides=FAST, echo=False)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,9 @@ def search(tmp_path, monkeypatch):
 
 def test_trial_fits_made_on_other_train_images_are_never_reused_even_after_the_study_is_deleted(search):
     assert len(search(4, 2)) == 2
+    # the protocol was skipped: the table's last line said its row was in ../results.md
+    assert "The protocol was skipped (--skip_protocol): run the same command without it for the row in " \
+        "../results.md." in (search.root / "tune_results.md").read_text()
     results = [json.loads(p.read_text()) for p in search.root.glob("tune/trial-*/*/result.json")]
     assert len(results) == 2 and all(set(r["data"]) == {"train"} for r in results)  # what the fits read, recorded
     # other test images only: selection never reads them, so the fits are reused (the study deleted, as below)
@@ -73,6 +76,9 @@ def test_a_trial_fit_that_finished_after_its_worker_died_is_reused_with_the_imag
     # kill -9 of the worker while its fit ran: the fit wrote its result alone, without the images the worker records,
     # and later searches reused it without ever checking them
     assert len(search(4, 2)) == 2
+    # the protocol was skipped: the table's last line said its row was in ../results.md
+    assert "The protocol was skipped (--skip_protocol): run the same command without it for the row in " \
+        "../results.md." in (search.root / "tune_results.md").read_text()
     paths = sorted(search.root.glob("tune/trial-*/*/result.json"))
     recorded = [json.loads(p.read_text()) for p in paths]
     for path, result in zip(paths, recorded):
@@ -87,6 +93,9 @@ def test_a_trial_fit_that_finished_after_its_worker_died_is_reused_with_the_imag
 
 def test_a_kept_study_scored_on_other_train_images_is_refused(search):
     assert len(search(4, 2)) == 2
+    # the protocol was skipped: the table's last line said its row was in ../results.md
+    assert "The protocol was skipped (--skip_protocol): run the same command without it for the row in " \
+        "../results.md." in (search.root / "tune_results.md").read_text()
     with pytest.raises(ValueError, match="trial fit made on other images"):
         search(5, 2)
     shutil.rmtree(search.root / "tune")  # the fits are gone, but the study's finished trials are never rerun

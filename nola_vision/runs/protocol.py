@@ -102,6 +102,8 @@ CONTROLLED = {
     "--test_after_fit": "protocol reports each run's test accuracy, so it always tests after fit",
     "--trainer.limit_test_batches": "protocol reports each run's accuracy on the full test split, so it tests on "
                                     "every test image",
+    "--ckpt_path": "each run trains from its own seeds; a checkpoint given to every run would make them one run "
+                   "(its weights and random state), counted as several",
 }
 
 

@@ -105,6 +105,8 @@ CONTROLLED = {
                            "that no run overwrites another's",
     "--test_after_fit": "tune selects on validation accuracy without testing, then the protocol tests",
     "--trainer.limit_test_batches": "the protocol after the search tests every run on the full test split",
+    "--ckpt_path": "each run trains from its own seeds; a checkpoint given to every run would make them one run "
+                   "(its weights and random state), counted as several",
 }
 Params = Dict[str, Any]
 # the splits trial fits read: their validation images are drawn from the train split; the test split is never read
@@ -122,6 +124,8 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().lstrip("-")
+        if sep and f"--{key}" in CONTROLLED:  # seed_everything, result_file, ...: not dotted, and tune's own
+            refuse_controlled_overrides([f"--{key}", values], CONTROLLED, prog="tune")
         if not sep or not GRID_KEY.match(key) or not values.strip():
             raise ValueError(f"--grid {item!r}: expected a dotted key and comma-separated values, e.g. "
                              "--grid model.lr=1e-3,5e-3,2e-2 or --grid model.adapter.init_args.scale=1,4")
@@ -689,7 +693,7 @@ def run_tune(
     write_json_atomic(root / "best.json", chosen, check=_checked(root / "best.json"))
     write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
                       + yaml.safe_dump(_nested(best.params), sort_keys=True), check=_checked(root / "best.yaml"))
-    _append_choice(root / "tune_results.md", chosen)
+    _append_choice(root / "tune_results.md", chosen, protocol=not skip_protocol)
     if echo:
         print(f"[tune {name}] best {best.params}: val acc {100 * best.value:.2f}% (trial #{best.number})", flush=True)
     if not skip_protocol:
@@ -779,10 +783,14 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
     write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n", check=_checked(root / "tune_results.md"))
 
 
-def _append_choice(path: Path, chosen: Dict[str, Any]) -> None:
+def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:
+    """Add the chosen values to the trials' table, and where the protocol with them is (not run with
+    ``--skip_protocol``)."""
+    then = ("The protocol with these values is the row of this name in ../results.md." if protocol else
+            "The protocol was skipped (--skip_protocol): run the same command without it for the row in "
+            "../results.md.")
     text = path.read_text() + (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
-                               f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). The protocol "
-                               "with these values is the row of this name in ../results.md.\n")
+                               f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). {then}\n")
     write_text_atomic(path, text, check=_checked(path))
 
 
