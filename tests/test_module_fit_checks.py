@@ -184,6 +184,10 @@ def test_a_schedule_the_warmup_leaves_no_room_in_warns():
     said = warnings_of_configure_optimizers(2, lr=None, head_lr=None, warmup_epochs=None)
     assert "nola's recipe lr=0.03 assumes a warm-up (10% of the epochs, at least 1), and a run of " \
            "trainer.max_epochs=2 has no room for one" in said and "Train 3 or more epochs" in said
+    assert "(NOLA diverges from 3e-2 without a warm-up)" in said
+    # another method's recipe: no word of NOLA's rate (a linear probe was told NOLA diverges from 3e-2)
+    said = warnings_of_configure_optimizers(2, adapter="linear", lr=None, head_lr=None, warmup_epochs=None)
+    assert "linear's recipe lr=0.01 assumes a warm-up" in said and "NOLA" not in said
     assert "no room" not in warnings_of_configure_optimizers(2, warmup_epochs=None)  # lr given: the user's choice
     assert "no room" not in warnings_of_configure_optimizers(3, lr=None, head_lr=None, warmup_epochs=None)
     said = warnings_of_configure_optimizers(3, warmup_epochs=2)  # epochs at lr/3, 2lr/3, then lr: never decayed

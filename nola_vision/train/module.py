@@ -418,11 +418,11 @@ class FewShotClassifier(L.LightningModule):
         method = method_of(self.adapter_config)
         if (not hp.warmup_epochs and self._given_warmup_epochs is None and method.default_warmup_fraction > 0
                 and math.isclose(hp.lr, method.default_lr)):
+            why = " (NOLA diverges from 3e-2 without a warm-up)" if method.name == "nola" else ""
             warn_user(f"nola_vision: {method.name}'s recipe lr={hp.lr:g} assumes a warm-up "
                       f"({method.default_warmup_fraction:.0%} of the epochs, at least 1), and a run of "
-                      f"trainer.max_epochs={epochs} has no room for one: it starts at the full rate (NOLA diverges "
-                      f"from 3e-2 without a warm-up). Train {MIN_EPOCHS_FOR_WARMUP} or more epochs, or pass a lower "
-                      "--model.lr")
+                      f"trainer.max_epochs={epochs} has no room for one: it starts at the full rate{why}. Train "
+                      f"{MIN_EPOCHS_FOR_WARMUP} or more epochs, or pass a lower --model.lr")
 
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
