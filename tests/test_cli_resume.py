@@ -349,3 +349,59 @@ def test_a_runs_config_used_from_another_folder_finds_that_runs_checkpoint(tmp_p
     tested = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", "last", *QUIET])  # run from b
     assert Path(tested.trainer.ckpt_path).is_relative_to(tmp_path / "a")
     assert not (tmp_path / "b" / "run" / "lightning_logs" / "version_1").exists()  # it logs beside the fit's
+
+
+def test_a_resumed_runs_config_names_no_checkpoint_to_evaluate(run, tmp_path, capsys):
+    # its config.yaml kept the checkpoint it resumed from: test -c <it> without --ckpt_path evaluated those older
+    # weights, silently, and named them in its result
+    cli = run_lightning_cli(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
+                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "4",
+                             "--test_after_fit", "false", *QUIET])
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    assert yaml.safe_load(config.read_text())["ckpt_path"] is None
+    assert main(["test", "-c", str(config), *QUIET]) == 2
+    assert "test without --ckpt_path would evaluate the untrained model" in capsys.readouterr().err
+    # its own last.ckpt, not the newest under the root nor the one it resumed
+    tested = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", "last", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_last_with_a_runs_config_is_that_runs_last_checkpoint_not_the_newest_runs(tmp_path):
+    # two runs under one root: `test -c version_0/config.yaml --ckpt_path last` tested version_1's weights
+    for seed in ("0", "1"):
+        run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--seed_everything",
+                           seed, "--trainer.max_epochs", "1", "--test_after_fit", "false", *QUIET])
+    first = tmp_path / "lightning_logs" / "version_0"
+    tested = run_lightning_cli(["test", "-c", str(first / "config.yaml"), "--ckpt_path", "last",
+                                "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == first / "checkpoints" / "last.ckpt"
+    # without a run's config, the newest run under the root, as before
+    tested = run_lightning_cli(["test", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path",
+                                "last", "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+
+
+def test_a_runs_result_file_and_weights_file_are_saved_absolute(tmp_path, monkeypatch):
+    # saved relative, `test -c <run>/config.yaml` from another directory missed the fit's result and wrote a test
+    # result of that name there; a relative pretrained_file read another directory's file of that name
+    from safetensors.torch import save_file
+
+    from nola_vision.models.backbones import build_backbone
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    backbone = build_backbone("vit_tiny_patch16_224", 0, pretrained=False, image_size=32,
+                              **yaml.safe_load(TINY.read_text())["model"]["backbone_kwargs"])
+    save_file(backbone.state_dict(), "weights.safetensors")
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", "run", "--trainer.max_epochs", "1",
+                       "--model.pretrained", "true", "--model.pretrained_file", "weights.safetensors",
+                       "--model.adapter_dir", "adapter", "--result_file", "result.json", *QUIET])
+    config = tmp_path / "a" / "run" / "lightning_logs" / "version_0" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert saved["result_file"] == str(tmp_path / "a" / "result.json")
+    assert saved["model"]["pretrained_file"] == str(tmp_path / "a" / "weights.safetensors")
+    assert saved["model"]["adapter_dir"] == str(tmp_path / "a" / "adapter")
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["test", "-c", str(config), "--ckpt_path", "last", *QUIET]) == 0
+    assert not (tmp_path / "b" / "result.json").exists()

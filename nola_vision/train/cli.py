@@ -42,7 +42,7 @@ from ..core.storage import (
 from ..data import CorruptImageError, FewShotDataModule
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
-from ..models.backbones import check_backbone_name
+from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
@@ -187,7 +187,15 @@ class RunConfigSaver(SaveConfigCallback):
                 "--trainer.default_root_dir, or keep the logger (each run then gets its own version_N folder). If it "
                 "is the config of a run that died, saved by an earlier nola-vision (no mark under its header), delete "
                 "it")
-        super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept anything
+        config = self.config
+        if stage == "fit" and config.get("ckpt_path") is not None:
+            # the checkpoint it resumed is not the run's: `test -c <this run>/config.yaml` would evaluate that one
+            self.config = config.clone()
+            self.config.ckpt_path = None
+        try:
+            super().setup(trainer, pl_module, stage)  # none yet, or the config of a run that died before it kept any
+        finally:
+            self.config = config
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Mark the config LightningCLI just saved (rank 0) as a run's, under its header: the one config.yaml a later
@@ -360,6 +368,20 @@ def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
     return header.startswith(b"# lightning.pytorch==") and mark.rstrip(b"\r\n") == SAVED_CONFIG_MARK.rstrip(b"\n")
 
 
+def saved_run_folder(given_files: Sequence[Any]) -> Optional[Path]:
+    """The folder of the last ``-c`` file that is a config a fit saved (``SAVED_CONFIG_MARK``): its run's folder,
+    which holds its ``checkpoints/``; None when no such file is given."""
+    for given in reversed(list(given_files)):
+        absolute = getattr(given, "absolute", None) if given is not None else None
+        try:
+            path = Path(absolute if isinstance(absolute, str) else os.fspath(given))
+        except TypeError:
+            continue
+        if path.is_file() and path.stat().st_size and _is_saved_config(path, []):
+            return path.parent
+    return None
+
+
 def _same_local_file(path: Path, given: Any) -> bool:
     """Whether a ``-c`` entry (a jsonargparse path, or None for an inline ``--config`` string) is the file ``path``;
     an entry that is no local file (inline, a URL, removed since) is not."""
@@ -407,23 +429,23 @@ class NolaCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
             return
-        _absolute_paths(config)
-        for option in ("result_file", "predictions_file"):  # "~/x.json" too: no shell expands it in a config file
-            if isinstance(config.get(option), str):
-                config[option] = expand_root(config[option])
+        _absolute_paths(config)  # "~/x.json" too: no shell expands it in a config file
         root = config.trainer.default_root_dir  # absolute now (_absolute_paths), or a URL
         blocking = file_in_the_way(root)
         if blocking is not None:
             raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
                              "directory (the file was left untouched)")
+        # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root
+        run = saved_run_folder(config.get("config") or [])
         if config.get("ckpt_path") == "best":
-            config.ckpt_path = find_best_checkpoint(root)
+            config.ckpt_path = find_best_checkpoint(run or root)
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(root)
+            config.ckpt_path = find_last_checkpoint(run or root)
             if config.ckpt_path is None:
-                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (nor its <name>/version_N "
-                                        "folders): nothing to resume. Pass --trainer.default_root_dir of the run, or "
-                                        "a checkpoint path")
+                where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
+                         f"under {root} (nor its <name>/version_N folders)")
+                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}: nothing to resume. Pass "
+                                        "--trainer.default_root_dir of the run, or a checkpoint path")
         subcommand = self.config.get("subcommand")
         if subcommand in ("test", "validate", "predict") and config.get("ckpt_path") is None:
             raise ValueError(f"{subcommand} without --ckpt_path would evaluate the untrained model (a random head): "
@@ -1034,15 +1056,25 @@ def check_checkpoint_file(path: Optional[str]) -> None:
 
 def _absolute_paths(config: Any) -> None:
     """Make the relative folders and files a run reads and writes absolute (from the working directory, where they are
-    read): ``--data.root``, the split manifests and ``--trainer.default_root_dir`` (the working directory itself when
-    unset). The run's config.yaml, checkpoints and results then name them, and ``test -c <run>/config.yaml`` run from
-    another directory reads the run's images and finds its ``--ckpt_path last``/``best``, not those of another folder
-    of that relative name. A URL is left as it is."""
+    read): ``--data.root``, the split manifests, ``--model.pretrained_file`` and ``adapter_dir``, ``--result_file``,
+    ``--predictions_file`` and ``--trainer.default_root_dir`` (the working directory itself when unset). The run's
+    config.yaml, checkpoints and results then name them, and ``test -c <run>/config.yaml`` run from another directory
+    reads the run's images and weights and finds its ``--ckpt_path last``/``best``, not those of another folder of
+    that relative name. A URL is left as it is."""
     data = config.get("data")
     for key in ("root", "split_file", "val_split_file", "split_dir"):
         path = data.get(key) if data is not None else None
         if isinstance(path, str) and path and "://" not in path:
             data[key] = os.path.abspath(expand_root(path))  # "~/data" too: no shell expands it in a config file
+    model = config.get("model")
+    for key in ("pretrained_file", "adapter_dir"):
+        path = model.get(key) if model is not None else None
+        if isinstance(path, str) and path and "://" not in path and path != OFFLINE_PRETRAINED_FILE:
+            model[key] = os.path.abspath(expand_root(path))
+    for key in ("result_file", "predictions_file"):
+        path = config.get(key)
+        if isinstance(path, str) and path and "://" not in path:
+            config[key] = os.path.abspath(expand_root(path))
     trainer = config.get("trainer")
     if trainer is not None:
         root = trainer.get("default_root_dir")
