@@ -104,3 +104,18 @@ def test_the_traceback_setting_reads_0_and_false_as_off(tmp_path, monkeypatch, c
     else:
         assert fit(tmp_path, *bad) == 2
         assert "trains nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--data.image_size", "48"], ["--data.init_args.backbone=vit_base_patch16_224"],
+                                  ["-c", "linked.yaml"]])
+def test_a_data_option_linked_from_the_model_is_refused_naming_the_model_option(tmp_path, capsys, args):
+    # in a file it was dropped (the run trained at the backbone's default 224 px); on the command line the parser
+    # said "argument model.image_size --> data.image_size: invalid Optional value: '48'"
+    (tmp_path / "linked.yaml").write_text("data:\n  image_size: 48\n")
+    args = [str(tmp_path / a) if a == "linked.yaml" else a for a in args]
+    assert fit(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    option = "backbone" if "backbone" in " ".join(args) else "image_size"
+    assert f"data.{option} is set from model.{option}" in err
+    assert f"set model.{option} (--model.{option}) instead" in err
+    assert not list(tmp_path.rglob("*.ckpt"))

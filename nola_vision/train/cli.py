@@ -955,8 +955,9 @@ def _given_on_command_line(argv: Any, option: str) -> bool:
 
 def check_config_sources(argv: Any, subcommands: bool = True) -> None:
     """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
-    neither the file nor which of several ``-c`` files it was), and any config or value nested too deeply to parse;
-    with ``subcommands`` (the CLI's parser has them), also a flat file given before the subcommand."""
+    neither the file nor which of several ``-c`` files it was), any config or value nested too deeply to parse, and a
+    linked data option (``LINKED_FROM``); with ``subcommands`` (the CLI's parser has them), also a flat file given
+    before the subcommand."""
     if not isinstance(argv, (list, tuple)):
         return
     args = [str(a) for a in argv]
@@ -978,6 +979,8 @@ def check_config_sources(argv: Any, subcommands: bool = True) -> None:
                 _check_section_keys(node, value)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+        if arg.startswith("--"):
+            _refuse_linked(arg.partition("=")[0][2:].replace(".init_args.", "."), "")
 
 
 def _check_top_level_config(node: Any, path: str) -> None:
@@ -992,9 +995,23 @@ def _check_top_level_config(node: Any, path: str) -> None:
             f"after the subcommand (nola-vision fit -c {path}), or nest its settings under fit:")
 
 
+# data options the CLI sets from the model's (``NolaCLI.add_arguments_to_parser``): a value given for them is dropped
+LINKED_FROM = {"data.backbone": "model.backbone", "data.image_size": "model.image_size"}
+
+
+def _refuse_linked(option: str, where: str) -> None:
+    """Refuse setting a linked data option (``data.image_size``): the parser drops a config file's value silently
+    (the run trained at the backbone's default size) and calls a command-line one an invalid value."""
+    source = LINKED_FROM.get(option)
+    if source is not None:
+        raise ValueError(f"{where}{option} is set from {source} (the data's preprocessing follows the model): set "
+                         f"{source} (--{source}) instead")
+
+
 def _check_section_keys(node: Any, path: str) -> None:
     """Refuse a ``model:`` or ``data:`` key that is no argument of FewShotClassifier or FewShotDataModule, naming the
-    file and the close ones: the parser's message names neither, nor which of several ``-c`` files holds it."""
+    file and the close ones: the parser's message names neither, nor which of several ``-c`` files holds it; and a
+    linked data option (``LINKED_FROM``)."""
     sections = {"model": FewShotClassifier, "data": FewShotDataModule}
     for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
         cls = sections.get(key.value)
@@ -1002,6 +1019,8 @@ def _check_section_keys(node: Any, path: str) -> None:
             continue
         accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         for option, _ in value.value:
+            if isinstance(option, yaml.ScalarNode):
+                _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
             if isinstance(option, yaml.ScalarNode) and option.value not in accepted:
                 close = difflib.get_close_matches(option.value, accepted, n=3, cutoff=0.6)
                 hint = f"did you mean {' or '.join(f'{key.value}.{c}' for c in close)}? " if close else ""
