@@ -87,7 +87,14 @@ def test_a_task_that_does_not_fit_the_graph_is_refused_naming_the_fix(tmp_path):
     config = CONFIGS["nola_mlp_qv"]
     path = nv.export_onnx(nv.inject(tiny_vit(), config()), tmp_path / "tasks.onnx", tasks_as_inputs=True)
     other_seed, other_size = replace(config(), seed=1), replace(config(), num_basis_a=64)
-    cases = [(_task(config(), tmp_path / "ten", 0, num_classes=10), "one graph serves one head size.*num_classes=10"),
+    # at 8 and 4 bits too (their head codes were decoded to the graph's shape first: "holds 50 bytes of 8-bit codes");
+    # a wider backbone of the same name names the layer (not its bases)
+    cases = [(_task(config(), tmp_path / f"ten{bits}", 0, bits, num_classes=10),
+              "one graph serves one head size.*num_classes=10") for bits in (16, 8, 4)]
+    cases += [(_task(config(), tmp_path / f"wide{bits}", 0, bits, embed_dim=96),
+               r"its layer blocks\.0\.attn\.qkv is 96→288, the graph's 64→192; export a graph from a model of the "
+               "architecture and sizes") for bits in (16, 8)]
+    cases += [(_task(config(), tmp_path / "ten", 0, num_classes=10), "one graph serves one head size.*num_classes=10"),
              (_task(other_seed, tmp_path / "seed", 0), "config"),
              (_task(other_size, tmp_path / "size", 0), "config"),
              (_task(CONFIGS["lora_qv_fc1"](), tmp_path / "lora", 0), "config"),

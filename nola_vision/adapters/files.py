@@ -64,8 +64,8 @@ from ..version import __version__
 
 __all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
            "adapter_size_bytes", "architecture_name", "canonical_safetensors", "changed_settings", "decode_tensors",
-           "existing_adapter_kind", "load_adapter", "num_classes_of", "other_adapter_files_error", "output_settings",
-           "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
+           "existing_adapter_kind", "layer_shapes", "load_adapter", "num_classes_of", "other_adapter_files_error",
+           "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -312,10 +312,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         "settings": output_settings(model),
         "num_classes": num_classes_of(model),
         **({"class_names": names} if names is not None else {}),
-        "layers": {
-            name: {"in": layer.in_features, "out": layer.out_features, "slices": [list(s) for s in layer.slices]}
-            for name, layer in adapted_layers(model).items()
-        },
+        "layers": layer_shapes(model),
         "head": sorted(head),
         "bits": bits,
         "library_version": __version__,
@@ -963,6 +960,12 @@ def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
             raise AdapterLoadError(f"tensor {name} holds values up to {value:.4g}, beyond the {dtype} of this "
                                    f"model (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Load "
                                    "it onto a float32 or bfloat16 model")
+
+
+def layer_shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """Each adapted layer's in and out features and output slices, as an adapter file records them (``layers``)."""
+    return {name: {"in": layer.in_features, "out": layer.out_features, "slices": [list(s) for s in layer.slices]}
+            for name, layer in adapted_layers(model).items()}
 
 
 def _check_layers(plan: InjectionPlan, document: dict) -> None:

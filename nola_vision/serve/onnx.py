@@ -32,6 +32,7 @@ from ..adapters.files import (
     architecture_name,
     changed_settings,
     decode_tensors,
+    layer_shapes,
     num_classes_of,
     output_settings,
     pooling_of,
@@ -106,17 +107,20 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
 
     The adapter files are checked as they are read (checksums, sizes, finite values). Pass ``graph`` (the ``.onnx``
     path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise
-    ``AdapterLoadError`` naming the fix: same backbone, adapter config and bases, head size (one graph per head size),
-    and frozen weights (as ``load_adapter`` checks them; graphs exported before they were recorded take any).
+    ``AdapterLoadError`` naming the fix: same backbone, adapter config, layer sizes and bases, head size (one graph per
+    head size), and frozen weights (as ``load_adapter`` checks them; graphs exported before they were recorded take
+    any), at every bit width.
 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
     document, stored, quantization = read_adapter(adapter_dir)
     info = _read_graph(graph) if graph is not None else None
+    if info is not None:  # before decoding: integer codes decoded to the graph's shapes would fail on a misfit first
+        _check_task_fits(document, info, Path(adapter_dir))
     shapes = _task_shapes(document, stored, quantization, info.inputs if info is not None else None)
     values = decode_tensors(stored, quantization, shapes)
     if info is not None:
-        _check_fits(document, values, info, Path(adapter_dir))
+        _check_tensor_shapes(values, info, Path(adapter_dir))
     return {name: value.numpy() for name, value in values.items()}
 
 
@@ -453,7 +457,7 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
                 "config": _canonical(state.config_dict()), "basis_fingerprint": state.plan.basis_fingerprint() or "",
                 "generator_version": GENERATOR_VERSION, "num_classes": str(num_classes_of(model)),
                 "pooling": json.dumps(pooling_of(model)), "settings": json.dumps(output_settings(model)),
-                "frozen_weights": _canonical(fingerprint)}
+                "frozen_weights": _canonical(fingerprint), "layers": _canonical(layer_shapes(model))}
     if fingerprint is not None:
         metadata["frozen_sample_sizes"] = _canonical(sample_sizes(model, fingerprint))
     return metadata
@@ -492,7 +496,7 @@ def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict,
         if name not in quantization:
             shapes[name] = tuple(tensor.shape)
         elif graph_shape is not None and all(isinstance(d, int) for d in graph_shape):
-            shapes[name] = tuple(graph_shape)  # a head tensor the graph lacks is reported by _check_fits
+            shapes[name] = tuple(graph_shape)  # a head tensor the graph lacks is reported by _check_tensor_shapes
         elif not one_linear:
             raise AdapterLoadError(
                 f"the task's head is not one Linear layer ({', '.join(document['head'])}), and its {name} is stored "
@@ -555,8 +559,9 @@ def _instance_of(value: Any, module: str, name: str) -> bool:
     return isinstance(cls, type) and isinstance(value, cls)
 
 
-def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, directory: Path) -> None:
-    """Raise ``AdapterLoadError`` unless the task's backbone, config, bases, head size and tensors fit the graph."""
+def _check_task_fits(document: dict, graph: _GraphInfo, directory: Path) -> None:
+    """Raise ``AdapterLoadError`` unless the task's backbone, config, layer sizes, bases, head size, pooling, model
+    settings and frozen weights fit the graph (its tensors' shapes: ``_check_tensor_shapes``)."""
     meta = graph.metadata
     if meta.get("format") != GRAPH_FORMAT:
         raise AdapterLoadError("the graph was not written by export_onnx(model, path, tasks_as_inputs=True), so it "
@@ -569,6 +574,8 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
              "num_classes": "one graph serves one head size: export another graph from a model with "
                             f"num_classes={document['num_classes']}"}
     for key, value in task.items():
+        if key == "basis_fingerprint" and "layers" in meta:  # graphs exported before it was recorded: unchecked
+            _check_layer_sizes(document["layers"], json.loads(meta["layers"]), directory)
         if meta.get(key) != value:
             raise AdapterLoadError(f"task {directory} does not fit the graph: its {key} is {value}, the graph's is "
                                    f"{meta.get(key)}; {fixes[key]}")
@@ -589,6 +596,23 @@ def _check_fits(document: dict, values: Dict[str, Tensor], graph: _GraphInfo, di
     if "frozen_weights" in meta:  # graphs exported before it was recorded fit any frozen weights
         sizes = json.loads(meta["frozen_sample_sizes"]) if "frozen_sample_sizes" in meta else None  # older: relative
         _check_frozen_weights(document, json.loads(meta["frozen_weights"]), directory, sizes)
+
+
+def _check_layer_sizes(task: Dict[str, dict], graph: Dict[str, dict], directory: Path) -> None:
+    """Raise ``AdapterLoadError`` naming the first adapted layer whose sizes differ between the task and the graph (a
+    task trained on a wider backbone of the same name: its bases differ too, but that would not say why)."""
+    def size(layer: Optional[dict]) -> str:
+        return "not adapted" if layer is None else f"{layer['in']}→{layer['out']}"
+
+    for name in sorted(set(task) | set(graph)):
+        if task.get(name) != graph.get(name):
+            raise AdapterLoadError(f"task {directory} does not fit the graph: its layer {name} is "
+                                   f"{size(task.get(name))}, the graph's {size(graph.get(name))}; export a graph from "
+                                   "a model of the architecture and sizes the task was trained on")
+
+
+def _check_tensor_shapes(values: Dict[str, Tensor], graph: _GraphInfo, directory: Path) -> None:
+    """Raise ``AdapterLoadError`` unless the task's decoded tensors have the shapes of the graph's inputs."""
     expected = {name: shape for name, shape in graph.inputs.items() if name != "images"}
     got = {name: tuple(value.shape) for name, value in values.items()}
     if got != expected:
