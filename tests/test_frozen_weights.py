@@ -53,6 +53,27 @@ def test_an_adapter_is_refused_on_other_frozen_weights_naming_the_first_layer_an
     assert not nv.adapted_layers(model)
 
 
+def test_a_random_backbone_a_run_trained_on_is_rebuilt_as_the_error_says(tmp_path):
+    # an adapter of a pretrained: false run (the README's first command) named no way to rebuild its backbone: the error
+    # spoke of pretrained tags and files, and create_model draws other random weights
+    from nola_vision import FewShotClassifier
+    from nola_vision.models import build_backbone
+
+    kwargs = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    run = FewShotClassifier("vit_tiny_patch16_224", 5, nv.NOLAConfig(num_basis_a=16, num_basis_b=16),
+                            pretrained=False, image_size=32, backbone_kwargs=kwargs)
+    saved = nv.save_adapter(run.model, tmp_path / "adapter", bits=32)
+    with pytest.raises(AdapterLoadError, match=r"nola_vision\.models\.build_backbone\(backbone, num_classes, "
+                                               r"pretrained=False, backbone_seed="):
+        nv.load_adapter(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                                          **kwargs), saved)
+    rebuilt = nv.load_adapter(build_backbone("vit_tiny_patch16_224", 5, pretrained=False, image_size=32, **kwargs),
+                              saved)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(images), run.model.eval()(images))
+
+
 @pytest.mark.parametrize("module", ["blocks.1.attn.qkv", "norm"])
 def test_the_error_names_the_one_layer_whose_weights_differ(saved, module):
     with pytest.raises(AdapterLoadError, match=rf"the weights of {module} differ"):

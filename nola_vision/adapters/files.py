@@ -1050,8 +1050,10 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
         raise AdapterLoadError(
             f"the model's frozen weights are not those the adapter was trained on: {difference}. Create the model with "
             "the pretrained weights it was trained on (the same timm name and pretrained tag, or pretrained_file; "
-            "another tag, a fine-tune, a random init or weights with an adapter merged in give other outputs), or "
-            "pass check_frozen_weights=False to transfer it on purpose"
+            "another tag, a fine-tune, a random init or weights with an adapter merged in give other outputs; a "
+            "random backbone of a FewShotClassifier or CLI run, pretrained=False, is rebuilt by "
+            "nola_vision.models.build_backbone(backbone, num_classes, pretrained=False, backbone_seed=<the run's, 0 by "
+            "default>, **backbone_kwargs)), or pass check_frozen_weights=False to transfer it on purpose"
         )
 
 
