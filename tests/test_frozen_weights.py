@@ -327,3 +327,47 @@ def test_files_record_the_other_frozen_modules_compactly_and_older_files_without
         path.write_text(json.dumps(document))
         with pytest.raises(AdapterLoadError, match=r"field 'frozen_weights' must be .*\"context\""):
             nv.load_adapter(tiny_vit(), directory)
+
+
+@pytest.mark.parametrize("edit", [lambda p: p.mul_(10), lambda p: p.add_(0.05 * torch.randn_like(p))])
+def test_other_position_embeddings_at_the_same_size_are_refused_and_older_files_load(tmp_path, edit):
+    # position embeddings were left out to let another input size load: at the same size a changed pos_embed loaded
+    # silently (logits moved by up to 2)
+    import json
+
+    from nola_vision.adapters import files as adapter_io
+
+    model = trained()
+    directory = nv.save_adapter(model, tmp_path / "adapter", bits=32)
+    other = tiny_vit()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        edit(other.pos_embed)
+    with pytest.raises(AdapterLoadError, match=r"the weights of pos_embed differ by about"):
+        nv.load_adapter(copy.deepcopy(other), directory)
+    with pytest.raises(AdapterLoadError, match=r"the weights of pos_embed differ"):
+        nv.MultiTaskModel(copy.deepcopy(other)).add_task("a", directory)
+    document = json.loads((directory / "adapter_config.json").read_text())
+    assert list(document["frozen_weights"]["positions"]) == ["pos_embed"]
+    assert document["frozen_weights"]["positions"]["pos_embed"]["shape"] == list(other.pos_embed.shape)
+    del document["frozen_weights"]["positions"]  # as written before 2026-12-04: not recorded, not checked
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (directory / "adapter_config.json").write_text(json.dumps(document))
+    nv.load_adapter(copy.deepcopy(other), directory)
+    document["frozen_weights"]["positions"] = {"pos_embed": {"shape": [1, 17, 64], "record": [1.0]}}
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (directory / "adapter_config.json").write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match=r"field 'frozen_weights' must be .*\"positions\""):
+        nv.load_adapter(tiny_vit(), directory)
+
+
+def test_a_task_input_graph_of_other_position_embeddings_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime")
+    task = nv.save_adapter(trained(), tmp_path / "task", bits=32)
+    other = nv.load_adapter(tiny_vit(), task)
+    with torch.no_grad():
+        other.pos_embed.mul_(10)
+    graph = nv.export_onnx(other, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    with pytest.raises(AdapterLoadError, match=r"the graph's frozen weights are not those the task was trained on: "
+                                               r"the weights of pos_embed differ"):
+        nv.onnx_task_inputs(task, graph)

@@ -32,6 +32,7 @@ from ..core.fingerprint import (
     differing_module,
     holds_update,
     is_context,
+    is_positions,
     missing_merges,
     unexpected_merges,
 )
@@ -574,7 +575,8 @@ def _is_frozen_weights(value: Any) -> bool:
             and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) for entry in merged)
-            and ("context" not in value or is_context(value["context"])))
+            and ("context" not in value or is_context(value["context"]))
+            and ("positions" not in value or is_positions(value["positions"])))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -612,7 +614,9 @@ _SETTINGS = (_is_settings, "{" + ", ".join(f"{json.dumps(key)}: {what}" for key,
              + "}")
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [objects], optionally "context": '
-                                                          '{"modules": int, "records": base64 of 24 bytes each}}')}
+                                                          '{"modules": int, "records": base64 of 24 bytes each} and '
+                                                          '"positions": {parameter name: {"shape": [ints], '
+                                                          '"record": [9 numbers]}}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:

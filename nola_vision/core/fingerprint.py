@@ -32,9 +32,9 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "adapter_fingerprint",
-           "context_modules", "differing_module", "differing_records", "frozen_fingerprint", "frozen_modules",
-           "holds_update", "is_context", "merged_adapters", "missing_merges", "record_merged", "sample_sizes",
-           "unexpected_merges"]
+           "context_modules", "differing_module", "differing_positions", "differing_records", "frozen_fingerprint",
+           "frozen_modules", "holds_update", "is_context", "is_positions", "merged_adapters", "missing_merges",
+           "position_records", "record_merged", "sample_sizes", "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -105,7 +105,48 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
         context = context_modules(model, named)
         records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
+        positions = position_records(model)
+        if positions:
+            fingerprint["positions"] = positions
     return fingerprint
+
+
+def position_records(model: nn.Module) -> Dict[str, dict]:
+    """The position embeddings (``_RESIZED_WITH_INPUT``) outside the classifier head, by parameter name: each with its
+    shape and record. They are compared only at the same shape: timm resizes them for another input size."""
+    head = _head_module_ids(model)
+    parameters = {f"{module_name}.{name}".lstrip("."): value for module_name, module in model.named_modules()
+                  if id(module) not in head for name, value in _frozen_parameters(module).items()
+                  if any(part in name for part in _RESIZED_WITH_INPUT)}
+    with torch.no_grad():
+        records = _records({name: _sample(value) for name, value in sorted(parameters.items())})
+    return {name: {"shape": list(parameters[name].shape), "record": record} for name, record in records.items()}
+
+
+def is_positions(value: object) -> bool:
+    """Whether ``value`` is a well-formed ``positions`` entry: {name: {"shape": [ints], "record": [numbers]}}."""
+    def valid(entry: object) -> bool:
+        return (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry["shape"])
+                and isinstance(entry.get("record"), list) and len(entry["record"]) == SKETCHES + 1
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                        for x in entry["record"]))
+
+    return isinstance(value, dict) and all(isinstance(name, str) and valid(entry) for name, entry in value.items())
+
+
+def differing_positions(expected: dict, actual: Dict[str, dict]) -> Optional[str]:
+    """What differs between the position embeddings a fingerprint ``expected`` recorded (none in files from before
+    2026-12-04) and ``actual`` (``position_records``), naming the first; those of another shape (another input
+    size) or that a side lacks are not compared."""
+    for name, entry in (expected.get("positions") or {}).items():
+        other = actual.get(name)
+        if other is None or other["shape"] != entry["shape"]:
+            continue
+        difference = _difference(entry["record"], other["record"], min(math.prod(entry["shape"]), SAMPLE))
+        if difference is not None:
+            return _differ(name, difference)
+    return None
 
 
 def _context_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
@@ -295,15 +336,17 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     root = f"{type(model).__name__} itself"
     sizes = {"modules": _named_sample_sizes(model, names)}
     difference = differing_records(expected, frozen_fingerprint(model, names), sizes, root)
-    if difference is not None or "context" not in expected:
+    if difference is not None:
         return difference
-    context = context_modules(model, names)
-    if len(context) != expected["context"]["modules"]:
-        return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), the "
-                f"adapter's backbone had {expected['context']['modules']}")
-    return differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
-                             {"modules": _context_records(model, context)},
-                             {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root)
+    if "context" in expected:
+        context = context_modules(model, names)
+        if len(context) != expected["context"]["modules"]:
+            return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), "
+                    f"the adapter's backbone had {expected['context']['modules']}")
+        difference = differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
+                                       {"modules": _context_records(model, context)},
+                                       {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root)
+    return difference if difference is not None else differing_positions(expected, position_records(model))
 
 
 def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
