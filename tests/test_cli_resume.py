@@ -405,3 +405,20 @@ def test_a_runs_result_file_and_weights_file_are_saved_absolute(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "b")
     assert main(["test", "-c", str(config), "--ckpt_path", "last", *QUIET]) == 0
     assert not (tmp_path / "b" / "result.json").exists()
+
+
+def test_a_run_with_a_gradient_clip_algorithm_keeps_checkpoints_that_load(tmp_path, capsys):
+    # the checkpoint recorded Lightning's GradClipAlgorithmType: weights_only loading refused it, so test, resume and
+    # load_from_checkpoint all failed with an UnpicklingError after a fit that exited 0
+    clip = ["--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_algorithm", "norm"]
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+                       "--test_after_fit", "false", *clip, *QUIET])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["test", "-c", str(TINY), "--ckpt_path", str(last), "--trainer.logger", "false", *QUIET]) == 0
+    resumed = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path",
+                                 str(last), "--trainer.max_epochs", "2", "--test_after_fit", "false", *clip, *QUIET])
+    assert resumed.trainer.current_epoch == 2
+    assert main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(last),
+                 "--trainer.max_epochs", "2", "--trainer.gradient_clip_val", "0.5",
+                 "--trainer.gradient_clip_algorithm", "value", *QUIET]) == 2
+    assert "--trainer.gradient_clip_algorithm 'value' (checkpoint: 'norm')" in capsys.readouterr().err

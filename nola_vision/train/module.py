@@ -8,6 +8,7 @@ the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_fil
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import math
 import os
@@ -997,10 +998,12 @@ TRAINER_TRAINING_SETTINGS = ("accumulate_grad_batches", "gradient_clip_val", "gr
 
 
 def training_settings(trainer: Any) -> Optional[Dict[str, Any]]:
-    """The trainer's ``TRAINER_TRAINING_SETTINGS`` of a fit, as a checkpoint records them for a resume's comparison."""
+    """The trainer's ``TRAINER_TRAINING_SETTINGS`` of a fit, as a checkpoint records them for a resume's comparison:
+    plain values (Lightning's ``GradClipAlgorithmType`` as its string), which ``weights_only`` loading accepts."""
     if trainer is None:
         return None
-    return {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
+    values = {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
+    return {name: value.value if isinstance(value, enum.Enum) else value for name, value in values.items()}
 
 
 def check_training_settings(saved: Optional[Mapping[str, Any]], now: Optional[Mapping[str, Any]]) -> None:
