@@ -585,6 +585,43 @@ def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifa
         orders(reference, 3)
 
 
+class _LabelRecorder(__import__("lightning").LightningModule):
+    """Trains nothing that matters: records each training batch's labels, in the order the fit takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.labels = []
+
+    def training_step(self, batch, index):
+        self.labels.append(batch[1].tolist())
+        return self.weight ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("reload", [0, 1])
+def test_a_fits_orders_do_not_depend_on_workers_when_its_loaders_are_rebuilt_every_epoch(cifar10_root, reload):
+    # Lightning iterates a rebuilt loader twice, and one with workers draws its first batches each time: every
+    # reload drew an order for nothing, so with workers the fit trained on other batches than without
+    import lightning as L
+
+    labels = []
+    for workers in (0, 2):
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                               augment="none", shuffle_seed=3, num_workers=workers)
+        recorder = _LabelRecorder()
+        L.Trainer(max_epochs=3, reload_dataloaders_every_n_epochs=reload, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(recorder,
+                                                                                               datamodule=dm)
+        labels.append(recorder.labels)
+    assert labels[0] == labels[1]
+    steps = len(labels[0]) // 3
+    epochs = [labels[0][e * steps:(e + 1) * steps] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]  # new orders each epoch, reloaded or not
+
+
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
     write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
     for split in ("train", "test"):

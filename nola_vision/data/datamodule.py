@@ -421,6 +421,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
         self._train_generator: Optional[torch.Generator] = None
+        self._epoch_orders: Dict[int, list] = {}  # the order each epoch of the fit drew, shared by its loaders
         self._trains = False  # a train loader was built: checkpoints keep the random states its run draws from
         self._generator_fit: Optional[tuple] = None  # (id of the trainer, epoch) that made _train_generator
         self._resumed_generator_state: Optional[torch.Tensor] = None
@@ -649,13 +650,24 @@ class FewShotDataModule(L.LightningDataModule):
             return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=drop_last)
         if ddp:  # Lightning swaps a shuffling loader's sampler for its DistributedSampler (ordered by epoch too)
             return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
-        self._train_generator = self._shuffle_generator()
+        generator = self._shuffle_generator()
+        if generator is not self._train_generator:  # a new fit's: no epoch's order drawn from it yet
+            self._epoch_orders = {}
+        self._train_generator = generator
         # The loader's own generator seeds its workers only (the orders are the sampler's alone), from where the
         # shuffle stands: a resumed run's workers draw on, not the first epoch's numbers again.
         workers = torch.Generator()
         workers.set_state(self._train_generator.get_state())
-        sampler = _EpochShuffle(self.train_set, generator=self._train_generator, runs_to_its_end=not drop_last)
+        sampler = _EpochShuffle(self.train_set, generator=self._train_generator, runs_to_its_end=not drop_last,
+                                epoch=self._fit_epoch, orders=self._epoch_orders)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
+
+    def _fit_epoch(self) -> Optional[int]:
+        """The epoch a running fit is in; None outside one (a loader iterated by hand)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
+            return None
+        return trainer.current_epoch
 
     def _shuffle_generator(self) -> torch.Generator:
         """A fit's shuffling generator: seeded at the fit's first loader (or set where a resumed run's stood), then
@@ -737,15 +749,29 @@ class _EpochShuffle(RandomSampler):
     it here keeps every epoch's order that of a plain ``DataLoader(shuffle=True, generator=g)`` without workers, as
     Lightning runs it. RandomSampler draws one more permutation when its iterator is run to its end: Lightning without
     workers does so only for a loader that yields a partial last batch (``runs_to_its_end``), workers' prefetching
-    always. This sampler draws it exactly when Lightning without workers would, whatever the workers do."""
+    always. This sampler draws it exactly when Lightning without workers would, whatever the workers do.
 
-    def __init__(self, data_source: Dataset, generator: torch.Generator, runs_to_its_end: bool) -> None:
+    Within a fit (``epoch`` gives its epoch) an epoch draws once: a loader with workers starts them (and draws its
+    first batches) whenever it is iterated, and Lightning iterates a loader rebuilt by
+    ``reload_dataloaders_every_n_epochs`` twice, which drew an order for nothing at every reload. ``orders`` holds the
+    epoch's order, shared by the fit's loaders."""
+
+    def __init__(self, data_source: Dataset, generator: torch.Generator, runs_to_its_end: bool,
+                 epoch: Optional[Callable[[], Optional[int]]] = None, orders: Optional[Dict[int, list]] = None) -> None:
         super().__init__(data_source, generator=generator)
         self.runs_to_its_end = runs_to_its_end
+        self.epoch = epoch
+        self.orders = {} if orders is None else orders
 
     def __iter__(self):
+        epoch = self.epoch() if self.epoch is not None else None
+        if epoch is not None and epoch in self.orders:
+            return iter(self.orders[epoch])
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
         if self.runs_to_its_end:
             torch.randperm(len(self.data_source), generator=self.generator)
+        if epoch is not None:
+            self.orders.clear()  # only the epoch running now can be started again
+            self.orders[epoch] = order
         return iter(order)
