@@ -422,3 +422,15 @@ def test_a_run_with_a_gradient_clip_algorithm_keeps_checkpoints_that_load(tmp_pa
                  "--trainer.max_epochs", "2", "--trainer.gradient_clip_val", "0.5",
                  "--trainer.gradient_clip_algorithm", "value", *QUIET]) == 2
     assert "--trainer.gradient_clip_algorithm 'value' (checkpoint: 'norm')" in capsys.readouterr().err
+    # a checkpoint of an earlier version holds the enum itself: it loads, and compares as its string
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    earlier = torch.load(last, weights_only=False)
+    earlier["nola_vision"]["training"]["gradient_clip_algorithm"] = GradClipAlgorithmType.NORM
+    torch.save(earlier, tmp_path / "earlier.ckpt")
+    assert main(["test", "-c", str(TINY), "--ckpt_path", str(tmp_path / "earlier.ckpt"), "--trainer.logger", "false",
+                 *QUIET]) == 0
+    resumed = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "again"),
+                                 "--ckpt_path", str(tmp_path / "earlier.ckpt"), "--trainer.max_epochs", "2",
+                                 "--test_after_fit", "false", *clip, *QUIET])
+    assert resumed.trainer.current_epoch == 2

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -995,6 +995,11 @@ def _check_step_intervals(trainer: Any) -> None:
 # and max_steps may differ on a resume: they extend or end the run, whose schedule on_train_start follows.
 TRAINER_TRAINING_SETTINGS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                              "limit_train_batches", "overfit_batches", "precision")
+
+
+# Checkpoints written before the training settings were stored as plain values hold Lightning's enum: safe loading
+# (weights_only, as Lightning loads a checkpoint) may read that harmless type.
+torch.serialization.add_safe_globals([GradClipAlgorithmType])
 
 
 def training_settings(trainer: Any) -> Optional[Dict[str, Any]]:
