@@ -165,6 +165,10 @@ def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_pa
     for bad in ("cut.ckpt", "text.ckpt"):
         code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / bad)
         assert code == 2 and "is not a checkpoint written by fit" in err
+    # an object weights_only loading refuses: Lightning's UnpicklingError ended in a traceback
+    torch.save({"state_dict": {}, "callbacks": {"mine": Path("x")}}, tmp_path / "objects.ckpt")
+    code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "objects.ckpt")
+    assert code == 2 and "holds objects that safe loading refuses (pathlib.PosixPath" in err and "Traceback" not in err
     # a 10-class digits checkpoint on 3 classes, then on 10 classes with other names
     write_imagefolder(tmp_path / "pets", eval_folder="test")
     write_imagefolder(tmp_path / "ten", classes=tuple("abcdefghij"), eval_folder="test")

@@ -12,6 +12,7 @@ import inspect
 import io
 import json
 import os
+import pickle
 import re
 import sys
 import traceback
@@ -1071,6 +1072,16 @@ def check_checkpoint_file(path: Optional[str]) -> None:
     if not zipfile.is_zipfile(file):
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
                          "short (a full disk, an interrupted copy): pass another checkpoint of the run")
+    try:
+        with open(file, "rb") as stream:  # as Lightning loads it: only tensors and plain values
+            torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"{found.group(1)}, " if found else ""
+        raise ValueError(f"--ckpt_path {path} holds objects that safe loading refuses ({what}see torch.load's "
+                         "weights_only), so Lightning "
+                         "cannot read it: a checkpoint of other code, or of a callback that stores such objects. "
+                         "Pass a checkpoint that nola-vision fit wrote") from err
 
 
 def _absolute_paths(config: Any) -> None:
