@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start = time.time()
     try:
-        with warnings_in_demo_terms():
+        with _warnings_in_demo_terms():
             results = run_demo(backbone=args.backbone, dataset=args.dataset, root=args.root, shots=args.shots,
                                epochs=args.epochs, image_size=args.image_size, methods=args.methods, seeds=args.seeds,
                                pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
@@ -293,7 +293,7 @@ _DEMO_OPTIONS = ((re.compile(r"--data\.download true"), "--download"),
                  (re.compile(r"trainer\.max_epochs="), "--epochs "), (re.compile(r"--trainer\.max_epochs"), "--epochs"))
 
 
-def in_demo_terms(text: str) -> str:
+def _in_demo_terms(text: str) -> str:
     """A library message with the CLI's options (``--data.root``, ``--model.lr``, ``trainer.max_epochs``) named as
     the demo's (``--root``, ``--lr``, ``--epochs``)."""
     for pattern, replacement in _DEMO_OPTIONS:
@@ -302,12 +302,12 @@ def in_demo_terms(text: str) -> str:
 
 
 @contextmanager
-def warnings_in_demo_terms() -> Iterator[None]:
+def _warnings_in_demo_terms() -> Iterator[None]:
     """Show the warnings of a demo run in the demo's options (the module's advice names the CLI's ``--model.lr``)."""
     shown, seen = warnings.showwarning, set()
 
     def show(message: Any, *args: Any, **kwargs: Any) -> None:
-        text = in_demo_terms(str(message))
+        text = _in_demo_terms(str(message))
         if text not in seen:  # once, not once per run: each run's Trainer resets the warnings' registry
             seen.add(text)
             shown(text, *args, **kwargs)
@@ -325,7 +325,7 @@ def _demo_message(err: BaseException) -> str:
 
     if isinstance(err, NotEnoughImagesError):
         return f"{err.shortage}. Lower --shots (the demo has no allow_fewer: every class keeps the same number)"
-    return in_demo_terms(str(err))
+    return _in_demo_terms(str(err))
 
 
 if __name__ == "__main__":
