@@ -375,6 +375,10 @@ def test_last_with_a_runs_config_is_that_runs_last_checkpoint_not_the_newest_run
     tested = run_lightning_cli(["test", "-c", str(first / "config.yaml"), "--ckpt_path", "last",
                                 "--trainer.logger", "false", *QUIET])
     assert Path(tested.trainer.ckpt_path) == first / "checkpoints" / "last.ckpt"
+    # the root named on the command line: its newest run, whatever config the settings came from
+    tested = run_lightning_cli(["test", "-c", str(first / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                                "--ckpt_path", "last", "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     # without a run's config, the newest run under the root, as before
     tested = run_lightning_cli(["test", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path",
                                 "last", "--trainer.logger", "false", *QUIET])

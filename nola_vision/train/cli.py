@@ -436,8 +436,11 @@ class NolaCLI(LightningCLI):
         if blocking is not None:
             raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
                              "directory (the file was left untouched)")
-        # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root
-        run = saved_run_folder(config.get("config") or [])
+        argv = sys.argv[1:] if args is None else args
+        # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root (unless
+        # the command line names the root to look under)
+        run = (None if _given_on_command_line(argv, "--trainer.default_root_dir")
+               else saved_run_folder(config.get("config") or []))
         if config.get("ckpt_path") == "best":
             config.ckpt_path = find_best_checkpoint(run or root)
         if config.get("ckpt_path") == "last":
@@ -452,7 +455,6 @@ class NolaCLI(LightningCLI):
             raise ValueError(f"{subcommand} without --ckpt_path would evaluate the untrained model (a random head): "
                              "pass --ckpt_path <a checkpoint of the fit run> (or --ckpt_path last for the newest under "
                              "--trainer.default_root_dir)")
-        argv = sys.argv[1:] if args is None else args
         result = config.get("result_file")
         # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
         from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
