@@ -373,25 +373,31 @@ def saved_run_folder(given_files: Sequence[Any]) -> Optional[Path]:
     """The folder of the last ``-c`` file that is a config a fit saved (``SAVED_CONFIG_MARK``): its run's folder,
     which holds its ``checkpoints/``; None when no such file is given."""
     for given in reversed(list(given_files)):
-        absolute = getattr(given, "absolute", None) if given is not None else None
-        try:
-            path = Path(absolute if isinstance(absolute, str) else os.fspath(given))
-        except TypeError:
-            continue
-        if path.is_file() and path.stat().st_size and _is_saved_config(path, []):
+        path = _local_path(given)
+        if path is not None and path.is_file() and path.stat().st_size and _is_saved_config(path, []):
             return path.parent
     return None
+
+
+def _local_path(given: Any) -> Optional[Path]:
+    """The path of a ``-c`` entry (a jsonargparse path, as it resolved it when parsing); None for an inline
+    ``--config`` string."""
+    if given is None:
+        return None
+    absolute = getattr(given, "absolute", None)
+    try:
+        return Path(absolute if isinstance(absolute, str) else os.fspath(given))
+    except TypeError:
+        return None
 
 
 def _same_local_file(path: Path, given: Any) -> bool:
     """Whether a ``-c`` entry (a jsonargparse path, or None for an inline ``--config`` string) is the file ``path``;
     an entry that is no local file (inline, a URL, removed since) is not."""
-    if given is None:
-        return False
-    absolute = getattr(given, "absolute", None)  # a jsonargparse path's, as it resolved it when parsing
+    local = _local_path(given)
     try:
-        return os.path.samefile(path, absolute if isinstance(absolute, str) else os.fspath(given))
-    except (OSError, TypeError, ValueError):
+        return local is not None and os.path.samefile(path, local)
+    except (OSError, ValueError):
         return False
 
 
@@ -1022,9 +1028,10 @@ def _check_section_keys(node: Any, path: str) -> None:
             continue
         accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         for option, _ in value.value:
-            if isinstance(option, yaml.ScalarNode):
-                _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
-            if isinstance(option, yaml.ScalarNode) and option.value not in accepted:
+            if not isinstance(option, yaml.ScalarNode):
+                continue
+            _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
+            if option.value not in accepted:
                 close = difflib.get_close_matches(option.value, accepted, n=3, cutoff=0.6)
                 hint = f"did you mean {' or '.join(f'{key.value}.{c}' for c in close)}? " if close else ""
                 raise ValueError(f"config file {path}: {key.value}.{option.value} is no option of {cls.__name__} "
@@ -1074,9 +1081,8 @@ def check_checkpoint_file(path: Optional[str]) -> None:
     if not zipfile.is_zipfile(file):
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
                          "short (a full disk, an interrupted copy): pass another checkpoint of the run")
-    try:
-        with open(file, "rb") as stream:  # as Lightning loads it: only tensors and plain values
-            torch.load(stream, map_location="cpu", weights_only=True)
+    try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
+        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"{found.group(1)}, " if found else ""
@@ -1186,8 +1192,8 @@ def _same_value(a: Any, b: Any) -> bool:
 def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any
                              ) -> Dict[str, Any]:
     """The settings ``--model.adapter <Class>`` on the command line took over from another class's config
-    (jsonargparse keeps every init arg the new class accepts): ``{name: value}`` for those that differ from the new
-    class's default and that the command line does not give itself."""
+    (jsonargparse keeps every init arg the new class accepts): ``{name: (value, the new class's default)}`` for those
+    that differ from that default and that the command line does not give itself."""
     switches = [i for i, arg in enumerate(argv) if arg == "--model.adapter" or arg.startswith("--model.adapter=")]
     if not switches or not hasattr(adapter, "init_args"):
         return {}
@@ -1209,7 +1215,7 @@ def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[
             given |= set(node) | set(node.get("init_args") or {})
     defaults = _class_defaults(adapter.class_path)
     earlier = previous.init_args.as_dict()
-    return {name: kept for name, kept in adapter.init_args.as_dict().items()
+    return {name: (kept, defaults.get(name)) for name, kept in adapter.init_args.as_dict().items()
             if name not in given and name in earlier and _same_value(earlier[name], kept)
             and not _same_value(defaults.get(name, inspect.Parameter.empty), kept)}
 
@@ -1220,10 +1226,9 @@ def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Opti
     carried = carried_adapter_settings(parser, argv, subcommand, adapter)
     if carried:
         name = adapter.class_path.rpartition(".")[2]
-        defaults = _class_defaults(adapter.class_path)
         rank_zero_warn(f"nola_vision: --model.adapter {name} kept the earlier adapter's "
-                       + ", ".join(f"{key}={value!r} ({name}'s default: {defaults[key]!r})"
-                                   for key, value in carried.items())
+                       + ", ".join(f"{key}={value!r} ({name}'s default: {default!r})"
+                                   for key, (value, default) in carried.items())
                        + f" (a new class keeps the settings it accepts). Give them on the command line "
                        f"(--model.adapter.{next(iter(carried))} ...) to choose others")
 
