@@ -91,6 +91,15 @@ def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_k
             warnings.simplefilter("always")
             assert fit(tmp_path / given[0][:20], *args, *given) == 0
         assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]
+    # the same class under its defining module's path: nothing switched, nothing to warn about
+    full = tmp_path / "full.yaml"
+    full.write_text("model:\n  adapter:\n    class_path: nola_vision.methods.nola.config.NOLAConfig\n"
+                    "    init_args: {num_basis_a: 64, num_basis_b: 64}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fit(tmp_path / "same", "-c", str(full), "--model.adapter", "NOLAConfig", "--trainer.max_epochs", "1",
+                   "--test_after_fit", "false") == 0
+    assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]
 
 
 @pytest.mark.parametrize("setting, shown", [("0", False), ("false", False), ("", False), ("1", True)])

@@ -1174,10 +1174,15 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
                        + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
+def _class_of(class_path: str) -> Any:
+    """The class ``class_path`` names (``nola_vision.LoRAConfig``, or its defining module's path)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _class_defaults(class_path: str) -> Dict[str, Any]:
     """The keyword defaults of the class ``class_path`` names (``nola_vision.LoRAConfig``)."""
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _class_of(class_path)
     if dataclasses.is_dataclass(cls):  # the adapter configs: a default_factory's signature default is "<factory>"
         return {field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
                 for field in dataclasses.fields(cls) if field.init}
@@ -1205,7 +1210,7 @@ def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[
     except SystemExit:  # what comes before the switch does not parse alone: nothing to compare with
         return {}
     previous = (before.get(subcommand) if subcommand else before).get("model.adapter")
-    if not hasattr(previous, "init_args") or previous.class_path == adapter.class_path:
+    if not hasattr(previous, "init_args") or _class_of(previous.class_path) is _class_of(adapter.class_path):
         return {}
     given = {arg[len("--model.adapter."):].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
              for arg in argv if arg.startswith("--model.adapter.")}
