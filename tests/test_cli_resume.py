@@ -375,6 +375,14 @@ def test_last_with_a_runs_config_is_that_runs_last_checkpoint_not_the_newest_run
     tested = run_lightning_cli(["test", "-c", str(first / "config.yaml"), "--ckpt_path", "last",
                                 "--trainer.logger", "false", *QUIET])
     assert Path(tested.trainer.ckpt_path) == first / "checkpoints" / "last.ckpt"
+    # a logger-less run's folder is the root: its own last.ckpt, not the newer logged runs' below it
+    loggerless = tmp_path / "loggerless"
+    for logger in ("false", "true"):
+        run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(loggerless), "--trainer.logger",
+                           logger, "--trainer.max_epochs", "1", "--test_after_fit", "false", *QUIET])
+    tested = run_lightning_cli(["test", "-c", str(loggerless / "config.yaml"), "--ckpt_path", "last",
+                                "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == loggerless / "checkpoints" / "last.ckpt"
     # the root named on the command line: its newest run, whatever config the settings came from
     tested = run_lightning_cli(["test", "-c", str(first / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
                                 "--ckpt_path", "last", "--trainer.logger", "false", *QUIET])

@@ -448,9 +448,9 @@ class NolaCLI(LightningCLI):
         run = (None if _given_on_command_line(argv, "--trainer.default_root_dir")
                else saved_run_folder(config.get("config") or []))
         if config.get("ckpt_path") == "best":
-            config.ckpt_path = find_best_checkpoint(run or root)
+            config.ckpt_path = find_best_checkpoint(run or root, runs_below=run is None)
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(run or root)
+            config.ckpt_path = find_last_checkpoint(run or root, runs_below=run is None)
             if config.ckpt_path is None:
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")
@@ -1120,19 +1120,20 @@ def _absolute_paths(config: Any) -> None:
             trainer.default_root_dir = os.path.abspath(expand_root(root)) if root else os.getcwd()
 
 
-def find_last_checkpoint(root: os.PathLike) -> Optional[str]:
+def find_last_checkpoint(root: os.PathLike, runs_below: bool = True) -> Optional[str]:
     """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
-    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None."""
-    found = [p for pattern in ("checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt") for p in Path(root).glob(pattern)
-             if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None; with
+    ``runs_below`` False, only ``root``'s own run's (a logger-less run's folder holds the others' too)."""
+    patterns = ("checkpoints/last*.ckpt", *(("*/*/checkpoints/last*.ckpt",) if runs_below else ()))
+    found = [p for pattern in patterns for p in Path(root).glob(pattern) if re.fullmatch(r"last(-v\d+)?", p.stem)]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def find_best_checkpoint(root: os.PathLike) -> str:
+def find_best_checkpoint(root: os.PathLike, runs_below: bool = True) -> str:
     """The best checkpoint of the newest run under ``root`` by the metric its ``ModelCheckpoint`` monitored, as the
     run's ``last.ckpt`` records it: Lightning's own ``ckpt_path="best"`` asks the trainer's callback, which knows
     nothing in a new process."""
-    last = find_last_checkpoint(root)
+    last = find_last_checkpoint(root, runs_below)
     if last is None:
         raise FileNotFoundError(f"--ckpt_path best: no run under {root} (no last.ckpt, nor in its <name>/version_N "
                                 "folders). Pass --trainer.default_root_dir of the run, or a checkpoint path")
