@@ -5,10 +5,12 @@ import sys
 
 import pytest
 import torch
+from counted_ops import CountedOps
 
 from nola_vision.core.basis import (
     BasisBank,
     BasisSpec,
+    bases_per_chunk,
     basis_codes,
     combine_bases,
     fingerprint,
@@ -110,6 +112,23 @@ def test_chunked_combination_matches_dense_in_forward_and_backward(stored):
     (dense * weight).sum().backward()
     torch.testing.assert_close(out, dense)
     torch.testing.assert_close(coefficients.grad, dense_coefficients.grad)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored_codes", "regenerated"])
+def test_accelerators_combine_bases_in_few_chunks_where_the_cpu_takes_cache_sized_ones(stored):
+    """Each chunk costs kernel launches on an accelerator (a GPU step of NOLA was launch-bound at 32 bases a chunk):
+    there ViT-B's shared B bases (1024 of 4x3072) take two chunks each way, on the CPU sixteen (meta stands in for
+    an accelerator: it runs the same ops without memory)."""
+    spec = BasisSpec(0, "B/4x3072", (4, 3072), 1024)
+    assert bases_per_chunk(spec, torch.device("cpu"), 64) == 64
+    assert bases_per_chunk(spec, torch.device("cuda"), 64) == 682  # 8M values, 32 MiB in float32
+    assert bases_per_chunk(BasisSpec(0, "B/4x8", (4, 8), 1024), torch.device("cuda"), 64) == 262144  # all at once
+    for device, chunks in (("cpu", 16), ("meta", 2)):
+        coefficients = torch.randn(24, 1024, device=device, requires_grad=True)
+        codes = spec.codes(device) if stored else None
+        with CountedOps() as ops:
+            combine_bases(coefficients, spec, codes).sum().backward()
+        assert (ops.calls["addmm_"], ops.calls["mm"]) == (chunks, chunks), device
 
 
 @pytest.mark.parametrize("source", ["stored_codes", "regenerated", "bank"])

@@ -5,6 +5,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from counted_ops import CountedOps
 from tiny_models import tiny_vit
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -348,6 +349,19 @@ def test_under_autocast_the_low_rank_term_joins_the_frozen_product_where_w_is_ca
     assert [operands for operands, written in backward.calls if written == (64, 40)] == [((64, 16), (16, 40))]
     assert not [operands for operands, written in backward.calls if written[1] == 40 and written[0] < 64
                 and operands[0][1] == 3]  # no grad_xa Aᵀ added to a block of rows
+
+
+def test_accelerators_activate_an_adapted_fc2s_input_in_few_blocks_where_the_cpu_takes_cache_sized_ones():
+    """Each block costs kernel launches on an accelerator (a GPU step of NOLA-MLP was launch-bound at 2 MiB blocks):
+    there a ViT-B batch of 32 takes 3 blocks each way, on the CPU 38 (meta stands in for an accelerator)."""
+    for device, blocks in (("cpu", 38), ("meta", 3)):
+        x = torch.randn(32, 197, 3072, device=device, requires_grad=True)
+        weight = torch.randn(768, 3072, device=device)
+        a = torch.randn(3072, 4, device=device, requires_grad=True)
+        b = torch.randn(4, 768, device=device, requires_grad=True)
+        with CountedOps() as ops:
+            low_rank_linear(x, weight, None, a, b, nn.GELU()).sum().backward()
+        assert (ops.calls["gelu"], ops.calls["gelu_backward"]) == (2 * blocks, blocks), device  # forward, recomputed
 
 
 def test_an_adapted_fc1_reads_its_mlp_wide_output_gradient_once_in_backward(monkeypatch):

@@ -333,6 +333,10 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Decoded bases per chunk on accelerators: 8M values, 32 MiB in float32 (ViT-B's shared B bases in two chunks).
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 23
+
+
 class _CombineBases(torch.autograd.Function):
     """``coefficients (S, k) @ bases (k, numel)`` in ``factor_dtype``, decoding (or generating) bases a chunk at a time.
 
@@ -389,6 +393,15 @@ def _project_on_bases(grad: Tensor, spec: BasisSpec, codes: Optional[Tensor], ch
     return torch.cat(blocks, dim=1) + 0.5 * wide.sum(1, keepdim=True)
 
 
+def bases_per_chunk(spec: BasisSpec, device: torch.device, chunk: int) -> int:
+    """Bases decoded (or generated) at a time on ``device``: ``chunk`` on the CPU, where a cache-sized chunk is fastest;
+    on accelerators each chunk costs kernel launches (a GPU step was launch-bound at 32 bases), so as many as fill
+    ``_ACCELERATOR_CHUNK_ELEMENTS``, at least ``chunk``."""
+    if device.type == "cpu":
+        return chunk
+    return max(chunk, _ACCELERATOR_CHUNK_ELEMENTS // max(1, spec.numel))
+
+
 def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.device, dtype: torch.dtype):
     """(first index, code rows in ``dtype``) for consecutive chunks of bases, all decoded into one reused buffer.
 
@@ -405,7 +418,9 @@ def _chunks(spec: BasisSpec, codes: Optional[Tensor], chunk: int, device: torch.
 def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor] = None, chunk: int = 64,
                   bank: Optional[BasisBank] = None) -> Tensor:
     """``coefficients @ bases`` as (S, numel) in ``factor_dtype``: from ``codes``, from a ``bank`` (shared bases; it
-    decides whether they are held), or regenerated chunk by chunk (per-layer bases)."""
+    decides whether they are held), or regenerated chunk by chunk (per-layer bases). ``chunk``: bases decoded at a
+    time on the CPU (cache-sized); accelerators take larger chunks (``bases_per_chunk``)."""
+    chunk = bases_per_chunk(spec, coefficients.device, chunk)
     if transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
         if codes is None:
             codes = bank.get(spec, coefficients.device) if bank is not None else None

@@ -8,11 +8,15 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "low_rank_linear", "transforms_active"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "low_rank_linear",
+           "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
 _ACTIVATION_BLOCK_ELEMENTS = 1 << 19
+# On accelerators a block buys no cache locality and costs kernel launches (a GPU step was launch-bound at 2 MiB):
+# blocks of 8M elements (16 MiB in bf16) keep the launches few and the recomputed activation small beside a batch's.
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 23
 
 
 def transforms_active() -> bool:
@@ -221,11 +225,19 @@ class _InputLayerGradients:
         return self.grad_xa, self.grad_b.to(grad.dtype) if self.grad_b is not None else None
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether torch has autocast for ``device_type`` (cpu, cuda, mps, xpu...; not meta), where asking whether it is
+    on would raise."""
+    is_available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    return is_available(device_type)
+
+
 def _product_dtype(inputs: Tensor) -> torch.dtype:
     """The dtype autocast (if on) gives ``F.linear`` of ``inputs``: its lower precision for float32, float16 and
-    bfloat16 inputs; float64 and every other dtype are left as they are."""
+    bfloat16 inputs; float64 and every other dtype are left as they are (and on devices without autocast: meta)."""
     device = inputs.device.type
-    if torch.is_autocast_enabled(device) and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    autocast = autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device)
     return inputs.dtype
 
@@ -307,8 +319,10 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
 
 
 def _block_rows(h: Tensor) -> int:
-    """Rows of a cache-sized block of the 2-d ``h`` (see ``_ACTIVATION_BLOCK_ELEMENTS``)."""
-    return max(1, _ACTIVATION_BLOCK_ELEMENTS // max(1, h.shape[-1]))
+    """Rows of a block of the 2-d ``h``: cache-sized on the CPU, launch-sized elsewhere (``_ACTIVATION_BLOCK_ELEMENTS``,
+    ``_ACCELERATOR_BLOCK_ELEMENTS``)."""
+    elements = _ACTIVATION_BLOCK_ELEMENTS if h.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+    return max(1, elements // max(1, h.shape[-1]))
 
 
 def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,

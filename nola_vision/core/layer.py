@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisSpec, factor_dtype
-from .functions import MergedGuard, add_low_rank_output, low_rank_linear, transforms_active
+from .functions import MergedGuard, add_low_rank_output, autocast_available, low_rank_linear, transforms_active
 from .quantize import fake_quantize
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
@@ -40,8 +40,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 def full_precision(device: torch.device):
     """Disable autocast: coefficient combinations are tiny and must not cast the large bases every step."""
-    is_available = getattr(torch, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
-    return torch.autocast(device_type=device.type, enabled=False) if is_available(device.type) else nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False) if autocast_available(device.type) else nullcontext()
 
 
 # Float dtypes with a larger largest value than this (float32, bfloat16, float64) hold any merged update a trained
