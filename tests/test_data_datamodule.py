@@ -622,6 +622,28 @@ def test_a_fits_orders_do_not_depend_on_workers_when_its_loaders_are_rebuilt_eve
     assert epochs[0] != epochs[1] != epochs[2]  # new orders each epoch, reloaded or not
 
 
+@pytest.mark.parametrize("reload", [0, 1])
+def test_a_run_resumed_from_an_epoch_end_checkpoint_trains_on_the_uninterrupted_runs_orders_with_workers(
+        cifar10_root, tmp_path, reload):
+    # Was: with reload, the resumed fit started its loader while current_epoch still named the finished epoch, its
+    # workers drew that epoch an order, and the rebuilt loader drew again: every later epoch took the next one's order
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(recorder, callbacks=(), ckpt_path=None):
+        data = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
+                                 augment="none", shuffle_seed=3, num_workers=2)
+        L.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=reload, logger=False, callbacks=list(callbacks),
+                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, default_root_dir=tmp_path).fit(recorder, datamodule=data, ckpt_path=ckpt_path)
+        return recorder.labels
+
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    uninterrupted = fit(_LabelRecorder(), [every_epoch])
+    resumed = fit(_LabelRecorder(), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert resumed == uninterrupted[len(uninterrupted) // 2:]
+
+
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
     write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
     for split in ("train", "test"):

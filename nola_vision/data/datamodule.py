@@ -663,11 +663,13 @@ class FewShotDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
 
     def _fit_epoch(self) -> Optional[int]:
-        """The epoch a running fit is in; None outside one (a loader iterated by hand)."""
+        """The epoch a running fit trains next (the one Lightning hands samplers' ``set_epoch``); None outside a fit
+        (a loader iterated by hand). Not ``current_epoch``: a run resumed from a checkpoint saved at an epoch's end
+        starts its loader (and its workers draw) while ``current_epoch`` still names the finished epoch."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
             return None
-        return trainer.current_epoch
+        return trainer.fit_loop.epoch_progress.current.processed
 
     def _shuffle_generator(self) -> torch.Generator:
         """A fit's shuffling generator: seeded at the fit's first loader (or set where a resumed run's stood), then
