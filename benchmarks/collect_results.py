@@ -96,8 +96,19 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("accuracy_transfer", "Does the recipe transfer? Fashion-MNIST, each method at its recipe and its neighbours (5-shot)",
      "The recipes were chosen on digits validation images; here each method's recipe competes, again on validation, "
      "with the points around it on a dataset the choice never saw (first 1,000 test images)."),
-    ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16", ""),
-    ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16", ""),
+    ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16",
+     "One H200 on a 16-core host, one process per method. A step of this size is launch-bound there: "
+     "`torch.profiler` gave our LoRA 10.6 ms of GPU work in a 40 ms step and peft's LoRA 11.5 ms in 22 ms, so "
+     "these ratios measure the host's Python and kernel-launch cost more than GPU work. The first run (same day) "
+     "decoded NOLA's bases 32 at a time and recomputed fc2's activation in 2 MiB blocks, as on a CPU, and took "
+     "0.141 s a step (4.13× LoRA; per-layer bases 0.902 s, 26×); since then accelerators take 8M-value chunks and "
+     "blocks (`bases_per_chunk`, `_block_rows`), which gave this table. What remains was not profiled: NOLA-MLP "
+     "adapts twice LoRA q,v's layers (fc1 and fc2 against qkv), each through the fused autograd functions that keep "
+     "CPU memory at LoRA's, plus the per-step combination of its bases."),
+    ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16",
+     "Measured before the 8M-value chunks and blocks (see ViT-B). After them, in the ViT-B table's session "
+     "(lora, nola and peft_lora only): our LoRA 0.066 s, NOLA-MLP 0.144 s (2.18×; it was 0.299 s), peft's LoRA "
+     "0.034 s, peaks unchanged (4,714, 4,467 and 4,547 MiB). `bash benchmarks/run_all.sh gpu` re-runs this table."),
 )
 # Printed under the targets: what the step-time ranges mean (the run shown's numbers are filled in by timing_note).
 TIMING_NOTE = (
