@@ -419,6 +419,31 @@ def test_a_runs_result_file_and_weights_file_are_saved_absolute(tmp_path, monkey
     assert not (tmp_path / "b" / "result.json").exists()
 
 
+def test_a_checkpoint_is_pointed_at_its_moved_weights_file_and_refuses_other_weights(tmp_path, monkeypatch, capsys):
+    # was: any --model.pretrained_file other than the recorded string (a moved project, or a checkpoint that recorded
+    # it relative) was refused as a changed hyper-parameter, so the checkpoint could not be tested or resumed at all
+    from safetensors.torch import save_file
+
+    from nola_vision.models.backbones import build_backbone
+
+    kwargs = yaml.safe_load(TINY.read_text())["model"]["backbone_kwargs"]
+    monkeypatch.chdir(tmp_path)
+    weights = build_backbone("vit_tiny_patch16_224", 0, pretrained=False, image_size=32, **kwargs).state_dict()
+    save_file(weights, "weights.safetensors")
+    save_file({**weights, "blocks.0.mlp.fc1.weight": weights["blocks.0.mlp.fc1.weight"] * 1.1}, "other.safetensors")
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", "run", "--trainer.max_epochs", "1",
+                       "--model.pretrained", "true", "--model.pretrained_file", "weights.safetensors",
+                       "--test_after_fit", "false", *QUIET])
+    last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "weights.safetensors").rename(tmp_path / "moved" / "weights.safetensors")
+    test = ["test", "-c", str(TINY), "--ckpt_path", str(last), "--trainer.logger", "false", *QUIET]
+    assert main([*test, "--model.pretrained_file", "moved/weights.safetensors"]) == 0
+    capsys.readouterr()
+    assert main([*test, "--model.pretrained_file", "other.safetensors"]) == 2  # the fingerprint tells other weights
+    assert "frozen" in capsys.readouterr().err
+
+
 def test_a_run_with_a_gradient_clip_algorithm_keeps_checkpoints_that_load(tmp_path, capsys):
     # the checkpoint recorded Lightning's GradClipAlgorithmType: weights_only loading refused it, so test, resume and
     # load_from_checkpoint all failed with an UnpicklingError after a fit that exited 0

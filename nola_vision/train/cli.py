@@ -488,7 +488,9 @@ class NolaCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_backbone_name(config.model.backbone)
         if self.subcommand and getattr(self, "given_model", None) is not None:
-            check_checkpoint_overrides(self.given_model, config.model, self.explicit_model_args)
+            for key, value in check_checkpoint_overrides(self.given_model, config.model,
+                                                         self.explicit_model_args).items():
+                config.model[key] = value
 
     def before_fit(self) -> None:
         """What only the end of a run would find, found before it trains: the result path, a result of part of an
@@ -1160,11 +1162,22 @@ def explicit_model_args(argv: Sequence[Any]) -> set:
     return {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
 
 
-def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
+# Hyper-parameters that say where a file is, not what it holds: the command line may point a checkpoint at its frozen
+# weights' new place (a moved project, another machine), since loading compares the weights with the checkpoint's
+# fingerprint of them and refuses other ones.
+_LOCATION_HPARAMS = ("pretrained_file",)
+
+
+def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> Dict[str, Any]:
     """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
-    ``--model.*`` values it would silently replace, warn about config-file values it replaces."""
+    ``--model.*`` values it would silently replace, warn about config-file values it replaces. Returns the
+    command line's file locations (``_LOCATION_HPARAMS``) to build with instead of the checkpoint's."""
     given, used = given.as_dict(), used.as_dict()
     changed = changed_hparams(used, given, given.keys() & used.keys())  # as a resume through Trainer.fit compares
+    moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS if k in changed and k in explicit and given[k]}
+    for key, value in moved.items():
+        rank_zero_info(f"nola_vision: --ckpt_path: --model.{key} {value} replaces the checkpoint's {used[key]} (the "
+                       "checkpoint's fingerprint of the frozen weights checks what it holds)")
     refused = {k: v for k, v in changed.items() if k in explicit}
     if refused:
         raise ValueError("with --ckpt_path the model is rebuilt from the checkpoint's hyper-parameters, which differ "
@@ -1173,6 +1186,7 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> None:
     if changed:
         rank_zero_warn("nola_vision: --ckpt_path: the checkpoint's model hyper-parameters replace the config's: "
                        + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return moved
 
 
 def _class_of(class_path: str) -> Any:
