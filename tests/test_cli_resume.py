@@ -393,6 +393,28 @@ def test_last_with_a_runs_config_is_that_runs_last_checkpoint_not_the_newest_run
     assert Path(tested.trainer.ckpt_path) == tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
 
 
+def test_last_and_best_are_found_in_a_checkpoint_callbacks_own_folder(tmp_path, monkeypatch):
+    # was: a ModelCheckpoint with its own dirpath keeps last.ckpt there, and --ckpt_path last/best looked only in the
+    # run's folder ("no last.ckpt ... nothing to resume")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    callback = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpts",
+                "--trainer.callbacks.save_last=true", "--trainer.callbacks.monitor=val/acc",
+                "--trainer.callbacks.mode=max", "--trainer.callbacks.filename={epoch}"]
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", "run", "--trainer.max_epochs", "2",
+                       "--data.val_shots", "2", "--test_after_fit", "false", *callback, *QUIET])
+    config = tmp_path / "run" / "lightning_logs" / "version_0" / "config.yaml"
+    assert yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"]["dirpath"] == \
+        str(tmp_path / "ckpts")  # saved absolute, as the run's other folders
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    tested = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", "last", "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == tmp_path / "ckpts" / "last.ckpt"
+    best = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)["callbacks"]
+    tested = run_lightning_cli(["test", "-c", str(config), "--ckpt_path", "best", "--trainer.logger", "false", *QUIET])
+    assert Path(tested.trainer.ckpt_path) == Path(next(iter(best.values()))["best_model_path"])
+    assert Path(tested.trainer.ckpt_path).parent == tmp_path / "ckpts"
+
+
 def test_a_runs_result_file_and_weights_file_are_saved_absolute(tmp_path, monkeypatch):
     # saved relative, `test -c <run>/config.yaml` from another directory missed the fit's result and wrote a test
     # result of that name there; a relative pretrained_file read another directory's file of that name

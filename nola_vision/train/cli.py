@@ -447,13 +447,15 @@ class NolaCLI(LightningCLI):
         # the command line names the root to look under)
         run = (None if _given_on_command_line(argv, "--trainer.default_root_dir")
                else saved_run_folder(config.get("config") or []))
+        dirpaths = checkpoint_dirpaths(config)
         if config.get("ckpt_path") == "best":
-            config.ckpt_path = find_best_checkpoint(run or root, runs_below=run is None)
+            config.ckpt_path = find_best_checkpoint(run or root, runs_below=run is None, dirpaths=dirpaths)
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(run or root, runs_below=run is None)
+            config.ckpt_path = find_last_checkpoint(run or root, runs_below=run is None, dirpaths=dirpaths)
             if config.ckpt_path is None:
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")
+                where += f" nor in {', '.join(map(str, dirpaths))} (its ModelCheckpoint dirpath)" if dirpaths else ""
                 raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}: nothing to resume. Pass "
                                         "--trainer.default_root_dir of the run, or a checkpoint path")
         subcommand = self.config.get("subcommand")
@@ -1120,22 +1122,50 @@ def _absolute_paths(config: Any) -> None:
         root = trainer.get("default_root_dir")
         if root is None or isinstance(root, str) and root and "://" not in root:
             trainer.default_root_dir = os.path.abspath(expand_root(root)) if root else os.getcwd()
+        for init_args in _checkpoint_callback_args(trainer):
+            if "://" not in init_args.dirpath:
+                init_args.dirpath = os.path.abspath(expand_root(init_args.dirpath))
 
 
-def find_last_checkpoint(root: os.PathLike, runs_below: bool = True) -> Optional[str]:
+def _checkpoint_callback_args(trainer: Any) -> List[Any]:
+    """The init args of the configured ``ModelCheckpoint`` callbacks (subclasses too) that name a ``dirpath``."""
+    found = []
+    for callback in trainer.get("callbacks") or []:
+        class_path, init_args = getattr(callback, "class_path", None), getattr(callback, "init_args", None)
+        if not isinstance(class_path, str) or init_args is None or not isinstance(init_args.get("dirpath"), str):
+            continue
+        with contextlib.suppress(ImportError, AttributeError, ValueError):
+            cls = _class_of(class_path if "." in class_path else f"lightning.pytorch.callbacks.{class_path}")
+            if isinstance(cls, type) and issubclass(cls, ModelCheckpoint) and init_args.dirpath:
+                found.append(init_args)
+    return found
+
+
+def checkpoint_dirpaths(config: Any) -> List[Path]:
+    """The folders the config's ``ModelCheckpoint`` callbacks save into (their ``dirpath``): Lightning keeps their
+    checkpoints, ``last.ckpt`` too, there instead of in the run's folder."""
+    trainer = config.get("trainer")
+    return [Path(args.dirpath) for args in _checkpoint_callback_args(trainer)] if trainer is not None else []
+
+
+def find_last_checkpoint(root: os.PathLike, runs_below: bool = True,
+                         dirpaths: Sequence[os.PathLike] = ()) -> Optional[str]:
     """The newest ``last.ckpt`` (or ``last-v1.ckpt``, ...) of any run under ``root`` (each run logs to its own
-    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look), or None; with
-    ``runs_below`` False, only ``root``'s own run's (a logger-less run's folder holds the others' too)."""
+    ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look) or in ``dirpaths`` (the
+    run's checkpoint callbacks' own folders), or None; with ``runs_below`` False, only ``root``'s own run's (a
+    logger-less run's folder holds the others' too)."""
     patterns = ("checkpoints/last*.ckpt", *(("*/*/checkpoints/last*.ckpt",) if runs_below else ()))
-    found = [p for pattern in patterns for p in Path(root).glob(pattern) if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    candidates = [p for pattern in patterns for p in Path(root).glob(pattern)]
+    candidates += [p for folder in dirpaths for p in Path(folder).glob("last*.ckpt")]
+    found = [p for p in candidates if re.fullmatch(r"last(-v\d+)?", p.stem)]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def find_best_checkpoint(root: os.PathLike, runs_below: bool = True) -> str:
-    """The best checkpoint of the newest run under ``root`` by the metric its ``ModelCheckpoint`` monitored, as the
-    run's ``last.ckpt`` records it: Lightning's own ``ckpt_path="best"`` asks the trainer's callback, which knows
-    nothing in a new process."""
-    last = find_last_checkpoint(root, runs_below)
+def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: Sequence[os.PathLike] = ()) -> str:
+    """The best checkpoint of the newest run under ``root`` (or in ``dirpaths``) by the metric its ``ModelCheckpoint``
+    monitored, as the run's ``last.ckpt`` records it: Lightning's own ``ckpt_path="best"`` asks the trainer's
+    callback, which knows nothing in a new process."""
+    last = find_last_checkpoint(root, runs_below, dirpaths)
     if last is None:
         raise FileNotFoundError(f"--ckpt_path best: no run under {root} (no last.ckpt, nor in its <name>/version_N "
                                 "folders). Pass --trainer.default_root_dir of the run, or a checkpoint path")
