@@ -464,6 +464,20 @@ def test_a_checkpoint_is_pointed_at_its_moved_weights_file_and_refuses_other_wei
     capsys.readouterr()
     assert main([*test, "--model.pretrained_file", "other.safetensors"]) == 2  # the fingerprint tells other weights
     assert "frozen" in capsys.readouterr().err
+    # the run's config.yaml edited to the new place: its recorded file is gone, so the config's path is taken
+    config = tmp_path / "run" / "lightning_logs" / "version_0" / "config.yaml"
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(config.read_text().replace(str(tmp_path / "weights.safetensors"),
+                                                 str(tmp_path / "moved" / "weights.safetensors")))
+    assert main(["test", "-c", str(edited), "--ckpt_path", str(last), "--trainer.logger", "false", *QUIET]) == 0
+    # a run that loaded no weights file (pretrained false) is not pointed at one
+    run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", "random", "--trainer.max_epochs", "1",
+                       "--test_after_fit", "false", *QUIET])
+    random_last = tmp_path / "random" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(["test", "-c", str(TINY), "--ckpt_path", str(random_last), "--trainer.logger", "false",
+                 "--model.pretrained_file", "moved/weights.safetensors", *QUIET]) == 2
+    assert "Drop those arguments" in capsys.readouterr().err
 
 
 def test_a_run_with_a_gradient_clip_algorithm_keeps_checkpoints_that_load(tmp_path, capsys):

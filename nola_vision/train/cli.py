@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from ..core.config import resolve_adapter
 from ..core.storage import (
     atomic_path,
     check_writable_file,
@@ -1198,16 +1199,37 @@ def explicit_model_args(argv: Sequence[Any]) -> set:
 _LOCATION_HPARAMS = ("pretrained_file",)
 
 
+def _moved_location(key: str, given: Dict[str, Any], used: Dict[str, Any], explicit: set) -> bool:
+    """Whether the given ``key`` (a file location) replaces the checkpoint's: a different one for a checkpoint whose
+    run loaded weights (``pretrained``), given on the command line, or in a config file where the recorded file is
+    gone (a moved project's edited config.yaml); a config that merely differs keeps the checkpoint's."""
+    value, recorded = given.get(key), used.get(key)
+    if not value or value == recorded or not used.get("pretrained"):
+        return False
+    return key in explicit or not (isinstance(recorded, str) and os.path.exists(recorded))
+
+
+def _full_fine_tuning(hparams: Dict[str, Any]) -> bool:
+    """Whether the checkpoint's run trained every weight (it then holds them all, and no frozen fingerprint)."""
+    with contextlib.suppress(ValueError, TypeError):
+        return bool(resolve_adapter(hparams.get("adapter")).train_backbone)
+    return False
+
+
 def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> Dict[str, Any]:
     """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
     ``--model.*`` values it would silently replace, warn about config-file values it replaces. Returns the
     command line's file locations (``_LOCATION_HPARAMS``) to build with instead of the checkpoint's."""
     given, used = given.as_dict(), used.as_dict()
     changed = changed_hparams(used, given, given.keys() & used.keys())  # as a resume through Trainer.fit compares
-    moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS if k in changed and k in explicit and given[k]}
+    moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS if _moved_location(k, given, used, explicit)}
     for key, value in moved.items():
-        rank_zero_info(f"nola_vision: --ckpt_path: --model.{key} {value} replaces the checkpoint's {used[key]} (the "
-                       "checkpoint's fingerprint of the frozen weights checks what it holds)")
+        checked = ("a full fine-tuning checkpoint holds every weight: the file only builds the model"
+                   if _full_fine_tuning(used)
+                   else "the checkpoint's fingerprint of the frozen weights checks what it holds")
+        source = f"--model.{key}" if key in explicit else f"the config's model.{key}"
+        rank_zero_info(f"nola_vision: --ckpt_path: {source} {value} replaces the checkpoint's {used[key]}, "
+                       f"{'which is gone' if key not in explicit else 'as given'} ({checked})")
     refused = {k: v for k, v in changed.items() if k in explicit}
     if refused:
         raise ValueError("with --ckpt_path the model is rebuilt from the checkpoint's hyper-parameters, which differ "
