@@ -333,7 +333,8 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Decoded bases per chunk on accelerators: 8M values, 32 MiB in float32 (ViT-B's shared B bases in two chunks).
+# Decoded values per chunk on accelerators: 8M, 32 MiB in float32 (ViT-B's shared B bases in two chunks); a chunk
+# holds at least the CPU's number of bases, so bases wider than 8M / chunk values exceed it.
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 23
 
 

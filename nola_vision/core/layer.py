@@ -354,7 +354,8 @@ class AdaptedLinear(nn.Module):
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
         if self.slices == ((0, self.out_features),):
-            return a, b[0]
+            # a view, not b[0]: its gradient is the same tensor (select's is a zeroed copy, two kernels on a GPU)
+            return a, b.reshape(self.rank, self.out_features)
         # Each slice's B placed in its own output columns: one matmul covers q and v of a fused qkv.
         blocks = [F.pad(b[i], (start, self.out_features - end)) for i, (start, end) in enumerate(self.slices)]
         return a, torch.cat(blocks, dim=0)
