@@ -622,25 +622,38 @@ def test_a_fits_orders_do_not_depend_on_workers_when_its_loaders_are_rebuilt_eve
     assert epochs[0] != epochs[1] != epochs[2]  # new orders each epoch, reloaded or not
 
 
-@pytest.mark.parametrize("reload", [0, 1])
+class _ValidatedLabelRecorder(_LabelRecorder):
+    def validation_step(self, batch, index):
+        pass
+
+
+@pytest.mark.parametrize("reload,validation", [(0, None), (1, None), (0, 0.5), (1, 0.5)],
+                         ids=["", "reload", "validated_mid_epoch", "reload-validated_mid_epoch"])
 def test_a_run_resumed_from_an_epoch_end_checkpoint_trains_on_the_uninterrupted_runs_orders_with_workers(
-        cifar10_root, tmp_path, reload):
-    # Was: with reload, the resumed fit started its loader while current_epoch still named the finished epoch, its
-    # workers drew that epoch an order, and the rebuilt loader drew again: every later epoch took the next one's order
+        cifar10_root, tmp_path, reload, validation):
+    # Was: the resumed fit started its loader while Lightning still named the finished epoch (current_epoch; with
+    # validation within the epoch the checkpoint is saved before the epoch counts as processed), its workers drew
+    # that epoch an order, and the epoch that trained drew again: every later epoch took the next one's order
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(recorder, callbacks=(), ckpt_path=None):
-        data = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8,
-                                 augment="none", shuffle_seed=3, num_workers=2)
+        data = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, val_shots=1 if validation else 0,
+                                 batch_size=10, image_size=8, augment="none", shuffle_seed=3, num_workers=2)
         L.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=reload, logger=False, callbacks=list(callbacks),
                   enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-                  limit_val_batches=0, default_root_dir=tmp_path).fit(recorder, datamodule=data, ckpt_path=ckpt_path)
+                  val_check_interval=validation or 1.0, limit_val_batches=1 if validation else 0,
+                  limit_train_batches=4,
+                  num_sanity_val_steps=0, default_root_dir=tmp_path).fit(recorder, datamodule=data,
+                                                                        ckpt_path=ckpt_path)
         return recorder.labels
 
+    recorder = _ValidatedLabelRecorder if validation else _LabelRecorder
     every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
-    uninterrupted = fit(_LabelRecorder(), [every_epoch])
-    resumed = fit(_LabelRecorder(), ckpt_path=tmp_path / "epoch=1.ckpt")
+    uninterrupted = fit(recorder(), [every_epoch])
+    # the epoch's last save: at its end, or at the validation after its last batch (epoch=1-v1.ckpt)
+    last_of_epoch_1 = max(tmp_path.glob("epoch=1*.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+    resumed = fit(recorder(), ckpt_path=last_of_epoch_1)
     assert resumed == uninterrupted[len(uninterrupted) // 2:]
 
 

@@ -421,7 +421,9 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: Optional[FewShotSubset] = None
         self.test_set: Optional[_Transformed] = None
         self._train_generator: Optional[torch.Generator] = None
-        self._epoch_orders: Dict[int, list] = {}  # the order each epoch of the fit drew, shared by its loaders
+        # the order each epoch of the fit drew, shared by its loaders (with the shuffle's state before the draw, and
+        # the training batches the fit had read then)
+        self._epoch_orders: Dict[int, _EpochOrder] = {}
         self._trains = False  # a train loader was built: checkpoints keep the random states its run draws from
         self._generator_fit: Optional[tuple] = None  # (id of the trainer, epoch) that made _train_generator
         self._resumed_generator_state: Optional[torch.Tensor] = None
@@ -662,14 +664,16 @@ class FewShotDataModule(L.LightningDataModule):
                                 epoch=self._fit_epoch, orders=self._epoch_orders)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, generator=workers, drop_last=drop_last)
 
-    def _fit_epoch(self) -> Optional[int]:
-        """The epoch a running fit trains next (the one Lightning hands samplers' ``set_epoch``); None outside a fit
-        (a loader iterated by hand). Not ``current_epoch``: a run resumed from a checkpoint saved at an epoch's end
-        starts its loader (and its workers draw) while ``current_epoch`` still names the finished epoch."""
+    def _fit_epoch(self) -> Optional[tuple[int, int]]:
+        """The epoch a running fit trains next (the one Lightning hands samplers' ``set_epoch``) and the training
+        batches it has read so far; None outside a fit (a loader iterated by hand). Not ``current_epoch``: a run
+        resumed from a checkpoint saved at an epoch's end starts its loader (and its workers draw) while
+        ``current_epoch`` still names the finished epoch."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
             return None
-        return trainer.fit_loop.epoch_progress.current.processed
+        loop = trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.total.ready
 
     def _shuffle_generator(self) -> torch.Generator:
         """A fit's shuffling generator: seeded at the fit's first loader (or set where a resumed run's stood), then
@@ -744,6 +748,14 @@ class FewShotDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
 
+class _EpochOrder(NamedTuple):
+    """An epoch's order, the shuffle's state before it was drawn, and the training batches the fit had read then."""
+
+    order: list
+    state_before: torch.Tensor
+    batches_read: int
+
+
 class _EpochShuffle(RandomSampler):
     """A seeded shuffle whose orders do not depend on ``num_workers``: each epoch it draws the number a DataLoader
     iterator draws from a shuffling loader's generator (its workers' base seed), then the order. A loader without
@@ -756,24 +768,35 @@ class _EpochShuffle(RandomSampler):
     Within a fit (``epoch`` gives its epoch) an epoch draws once: a loader with workers starts them (and draws its
     first batches) whenever it is iterated, and Lightning iterates a loader rebuilt by
     ``reload_dataloaders_every_n_epochs`` twice, which drew an order for nothing at every reload. ``orders`` holds the
-    epoch's order, shared by the fit's loaders."""
+    epoch's order, shared by the fit's loaders. An order no batch was read from before the next epoch's was drawn for
+    nothing too, and is taken back: a resumed fit starts its loader before Lightning settles which epoch it resumes
+    (a checkpoint saved at validation within the last batch names the finished epoch), and workers draw at once.
+
+    ``epoch`` gives (the epoch a running fit trains next, the training batches it has read), or None."""
 
     def __init__(self, data_source: Dataset, generator: torch.Generator, runs_to_its_end: bool,
-                 epoch: Optional[Callable[[], Optional[int]]] = None, orders: Optional[Dict[int, list]] = None) -> None:
+                 epoch: Optional[Callable[[], Optional[tuple[int, int]]]] = None,
+                 orders: Optional[Dict[int, _EpochOrder]] = None) -> None:
         super().__init__(data_source, generator=generator)
         self.runs_to_its_end = runs_to_its_end
         self.epoch = epoch
         self.orders = {} if orders is None else orders
 
     def __iter__(self):
-        epoch = self.epoch() if self.epoch is not None else None
+        where = self.epoch() if self.epoch is not None else None
+        epoch, read = where if where is not None else (None, None)
         if epoch is not None and epoch in self.orders:
-            return iter(self.orders[epoch])
+            return iter(self.orders[epoch].order)
+        if epoch is not None:
+            for earlier, drawn in self.orders.items():
+                if earlier < epoch and drawn.batches_read == read:  # nothing was trained on it: drawn for nothing
+                    self.generator.set_state(drawn.state_before)
+        state_before = self.generator.get_state() if epoch is not None else None
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
         if self.runs_to_its_end:
             torch.randperm(len(self.data_source), generator=self.generator)
         if epoch is not None:
             self.orders.clear()  # only the epoch running now can be started again
-            self.orders[epoch] = order
+            self.orders[epoch] = _EpochOrder(order, state_before, read)
         return iter(order)
