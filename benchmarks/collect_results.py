@@ -362,7 +362,7 @@ def _mean_accuracy(data: Dict, shots: int, method: str) -> float:
     return statistics.mean(run["rows"][method]["accuracy"] for run in data["runs"] if run["shots"] == shots)
 
 
-HEADLINE_SOURCES = ("storage", "accuracy", "nola_vs_lora_vit_b")  # the results headline_rows reads
+HEADLINE_SOURCES = ("storage", "accuracy", "nola_vs_lora_vit_b", "gpu_train_step_vit_b")  # what headline_rows reads
 
 
 def headline_rows(results: Path) -> List[List[str]]:
@@ -393,7 +393,24 @@ def headline_rows(results: Path) -> List[List[str]]:
                      "ViT-B/16, CPU fp32 (× LoRA)",
                      f"{step_ratio(lora, nola)[0]:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}× / "
                      f"{total:.2f}×", "1.00× / 1.00× / 1.00×"])
+    gpu = _load(results, "gpu_train_step_vit_b")
+    if gpu is not None:
+        lora, nola = _method(gpu, "lora"), _method(gpu, "nola")
+        batch = re.search(r"batch \d+", gpu.get("setting", ""))
+        rows.append([f"training step time / training peak, ViT-B/16, {_gpu_name(results, 'gpu_train_step_vit_b')} "
+                     f"bf16{f', {batch[0]}' if batch else ''} (× LoRA)",
+                     f"{nola['step_s'] / lora['step_s']:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}×",
+                     "1.00× / 1.00×"])
     return rows
+
+
+def _gpu_name(results: Path, name: str) -> str:
+    """The GPU a part ran on, from its output's first line (``NVIDIA H200``), or "a GPU"."""
+    if (results / f"{name}.md").is_file():
+        match = HEADER.match(printed_output(results, name).splitlines()[0])
+        if match and "NVIDIA" in match["machine"]:
+            return "one " + match["machine"].rsplit(", ", 1)[-1].removeprefix("NVIDIA ")
+    return "a GPU"
 
 
 def _accuracy_setting(data: Dict) -> Tuple[str, str]:

@@ -205,14 +205,21 @@ def test_the_headline_numbers_are_computed_from_the_raw_results(tmp_path):
     steps = [{"method": "lora", "step_s": 2.0, "train_mem_mb": 100.0, "kept_mb": 20.0},
              {"method": "nola", "step_s": 1.8, "train_mem_mb": 95.0, "kept_mb": 37.0}]
     (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps({"results": steps}))
+    gpu = [{"method": "lora", "step_s": 0.04, "train_mem_mb": 200.0}, {"method": "nola", "step_s": 0.07,
+                                                                     "train_mem_mb": 190.0}]
+    (tmp_path / "gpu_train_step_vit_b.json").write_text(json.dumps({"results": gpu, "setting": "x, batch 16, 224 px"}))
+    (tmp_path / "gpu_train_step_vit_b.md").write_text("_2026-12-04 12:01, Intel(R) Xeon(R), 16 cores, NVIDIA A100, "
+                                                      "torch 2.11, `python x.py`_\n")
     rows = hook("results").collect_results.headline_rows(tmp_path)
     assert "5-shot digits, ViT-S/14 (49,152 vs 73,728 trained), lr chosen on validation, 2 split seeds" in rows[2][0]
+    assert rows[-1][0] == "training step time / training peak, ViT-B/16, one A100 bf16, batch 16 (× LoRA)"
     assert [row[1:] for row in rows] == [
         ["49,152", "147,456"], ["40.0 KB (4-bit)", "300.5 KB (16-bit)"], ["71.0", "74.5"],
-        ["0.90× / 0.95× / 1.10×", "1.00× / 1.00× / 1.00×"]]
+        ["0.90× / 0.95× / 1.10×", "1.00× / 1.00× / 1.00×"], ["1.75× / 0.95×", "1.00× / 1.00×"]]
     (tmp_path / "storage.md").write_text("_2026-11-30 14:22, Intel(R) Xeon(R), 2 cores, torch 2.5, `python x.py`_\n")
     assert hook("results").collect_results.quote(tmp_path, "headline").endswith(
-        "\n\n_Measured: `storage` 2026-11-30 14:22, Intel(R) Xeon(R), 2 cores._")
+        "\n\n_Measured: `storage` 2026-11-30 14:22, Intel(R) Xeon(R), 2 cores; `gpu_train_step_vit_b` 2026-12-04 "
+        "12:01, Intel(R) Xeon(R), 16 cores, NVIDIA A100._")
 
 
 def test_no_benchmark_table_row_is_copied_by_hand_into_the_readme_or_the_docs():
