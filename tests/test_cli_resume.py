@@ -480,6 +480,16 @@ def test_a_checkpoint_is_pointed_at_its_moved_weights_file_and_refuses_other_wei
     assert "Drop those arguments" in capsys.readouterr().err
 
 
+def test_a_checkpoint_that_records_no_weights_file_is_given_one_without_a_key_error():
+    # the hyper-parameters of a checkpoint written before pretrained_file existed lack the key
+    from jsonargparse import Namespace
+
+    from nola_vision.train.cli import check_checkpoint_overrides
+
+    given = Namespace(pretrained=True, pretrained_file="/new/weights.safetensors")
+    assert check_checkpoint_overrides(given, Namespace(pretrained=True), {"pretrained_file"}) == {}
+
+
 def test_a_run_with_a_gradient_clip_algorithm_keeps_checkpoints_that_load(tmp_path, capsys):
     # the checkpoint recorded Lightning's GradClipAlgorithmType: weights_only loading refused it, so test, resume and
     # load_from_checkpoint all failed with an UnpicklingError after a fit that exited 0

@@ -1218,11 +1218,12 @@ def _full_fine_tuning(hparams: Dict[str, Any]) -> bool:
 
 def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> Dict[str, Any]:
     """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
-    ``--model.*`` values it would silently replace, warn about config-file values it replaces. Returns the
-    command line's file locations (``_LOCATION_HPARAMS``) to build with instead of the checkpoint's."""
+    ``--model.*`` values it would silently replace, warn about config-file values it replaces. Returns the given
+    file locations (``_LOCATION_HPARAMS``, ``_moved_location``) to build with instead of the checkpoint's."""
     given, used = given.as_dict(), used.as_dict()
     changed = changed_hparams(used, given, given.keys() & used.keys())  # as a resume through Trainer.fit compares
-    moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS if _moved_location(k, given, used, explicit)}
+    moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS
+             if k in changed and _moved_location(k, given, used, explicit)}
     for key, value in moved.items():
         checked = ("a full fine-tuning checkpoint holds every weight: the file only builds the model"
                    if _full_fine_tuning(used)
