@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,6 +220,20 @@ class _Classifier(LightningModule):
         x, y = batch
         prediction = (x[:, 0] > 2).long()
         return {"prediction": prediction, "confidence": torch.ones(len(y)), "label": y}
+
+
+def test_the_writer_reads_each_batch_back_once_not_each_value(tmp_path):
+    # on a GPU each int(tensor[i]) waits for the device: 3 waits per image
+    from counted_ops import CountedOps
+
+    writer = PredictionsCSVWriter(str(tmp_path / "p.csv"))
+    prediction = {"prediction": torch.tensor([1, 0, 1]), "confidence": torch.tensor([0.5, 0.25, 1.0]),
+                  "label": torch.tensor([1, 1, 0])}
+    with CountedOps() as ops:
+        writer.write_on_batch_end(SimpleNamespace(), None, prediction, [4, 5, 6], None, 0, 0)
+    assert ops.calls["_local_scalar_dense"] == 0
+    assert [(r["index"], r["prediction"], r["confidence"], r["label"]) for r in writer.rows] == [
+        (4, 1, 0.5, 1), (5, 0, 0.25, 1), (6, 1, 1.0, 0)]
 
 
 def test_the_writer_names_only_the_data_modules_own_files_and_keeps_no_rows_of_a_failed_pass(tmp_path):

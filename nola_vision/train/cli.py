@@ -64,6 +64,11 @@ __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalW
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
 
 
+def _as_list(values: Any) -> list:
+    """A tensor's values as a list, in one read from its device; other sequences as they are."""
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
 class PredictionsCSVWriter(BasePredictionWriter):
     """Writes ``predictions.csv``: index, image path, true label, predicted label and class names, confidence.
 
@@ -82,13 +87,13 @@ class PredictionsCSVWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        n = len(prediction["prediction"])
-        indices = list(batch_indices) if batch_indices is not None else [None] * n
-        labels = prediction.get("label")
+        # each batch read back once (on a GPU every element read was a wait for the device)
+        predicted, confidence = _as_list(prediction["prediction"]), _as_list(prediction["confidence"])
+        labels = _as_list(prediction["label"]) if prediction.get("label") is not None else None
+        indices = list(batch_indices) if batch_indices is not None else [None] * len(predicted)
         of_test_split = _predicts_test_split(trainer, dataloader_idx)
-        for i in range(n):
-            self.rows.append({"index": indices[i], "prediction": int(prediction["prediction"][i]),
-                              "confidence": float(prediction["confidence"][i]),
+        for i in range(len(predicted)):
+            self.rows.append({"index": indices[i], "prediction": int(predicted[i]), "confidence": float(confidence[i]),
                               "label": int(labels[i]) if labels is not None else None, "of_test_split": of_test_split})
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
