@@ -407,9 +407,9 @@ def headline_rows(results: Path) -> List[List[str]]:
 def _gpu_name(results: Path, name: str) -> str:
     """The GPU a part ran on, from its output's first line (``NVIDIA H200``), or "a GPU"."""
     if (results / f"{name}.md").is_file():
-        match = HEADER.match(printed_output(results, name).splitlines()[0])
-        if match and "NVIDIA" in match["machine"]:
-            return "one " + match["machine"].rsplit(", ", 1)[-1].removeprefix("NVIDIA ")
+        machine = _machine(printed_output(results, name))
+        if "NVIDIA" in machine:
+            return "one " + machine.rsplit(", ", 1)[-1].removeprefix("NVIDIA ")
     return "a GPU"
 
 

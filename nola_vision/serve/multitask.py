@@ -25,6 +25,7 @@ from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_
 from ..core.basis import BasisBank
 from ..core.checks import check_number, shown
 from ..core.fingerprint import merged_adapters
+from ..core.functions import autocast_available
 from ..core.inject import adapter_state
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
@@ -319,7 +320,7 @@ class MultiTaskModel(nn.Module):
                              f"{shown(images) if not isinstance(images, Tensor) else f'shape {tuple(images.shape)}'}: "
                              "stack single images with torch.stack (or add a batch dimension with image[None])")
         dtype = next(self.model.parameters()).dtype
-        autocast = torch.is_autocast_enabled(images.device.type)
+        autocast = autocast_available(images.device.type) and torch.is_autocast_enabled(images.device.type)
         if not images.is_floating_point() or (images.dtype != dtype and not autocast):
             raise ValueError(f"images are {images.dtype} and the backbone's weights {dtype}: pass images as the "
                              f"model's float type (images.to({dtype})), normalised as for the backbone")
