@@ -414,3 +414,19 @@ def test_a_state_dict_saved_before_the_bits_were_recorded_loads_into_a_quantisat
     target = _adapted("lora_qv", seed=5)
     nv.set_quantization_aware(target, 8)
     target.load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_model_on_the_meta_device_merges_for_its_shapes_but_its_files_are_refused_clearly(dtype, tmp_path):
+    model = _adapted("nola_shared")
+    nv.save_adapter(model, tmp_path / "adapter")
+    model.to(device="meta", dtype=dtype)
+    nv.merge(model)  # no values to fingerprint or overflow: merging only tracks state, as a meta model's shapes do
+    assert all(layer.merged and layer.weight.is_meta for layer in nv.adapted_layers(model).values())
+    assert model(_images().to(device="meta", dtype=dtype)).shape == (2, 5)
+    nv.unmerge(model)
+    with pytest.raises(ValueError, match="meta device, which holds no values"):
+        nv.save_adapter(model, tmp_path / "meta")
+    with pytest.raises(nv.AdapterLoadError, match="meta device.*materialize the model first") as refused:
+        nv.load_adapter(model, tmp_path / "adapter")
+    assert "install the nola_vision version" not in str(refused.value)  # the fingerprint is comparable: not advised

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..core.basis import GENERATOR_VERSION
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
+    FINGERPRINT_VERSION,
     adapter_fingerprint,
     differing_module,
     holds_update,
@@ -293,6 +294,9 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     tensors: Dict[str, Tensor] = {}
     quantization: Dict[str, List[float]] = {}
     for name, param in {**adapter, **head}.items():
+        if param.is_meta:
+            raise ValueError(f"tensor {name} is on the meta device, which holds no values: there is nothing to save "
+                             "(load or train the model's weights on a real device first)")
         value = param.detach().cpu()
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
@@ -1040,6 +1044,8 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     try:
         difference = differing_module(record, model)
     except ValueError as error:
+        if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
+            raise AdapterLoadError(f"{error}; or pass check_frozen_weights=False to load it unchecked") from error
         raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
                                "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
     if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway

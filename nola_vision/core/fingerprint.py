@@ -284,6 +284,10 @@ def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
     signs = {}
     records = {}
     for name, vector in vectors.items():
+        if vector.is_meta:
+            raise ValueError(f"{name or 'the model'}'s frozen weights are on the meta device, which holds no values, "
+                             "so they cannot be fingerprinted (an adapter file records the weights it was trained on): "
+                             "materialize the model first (model.to_empty(device='cpu'), then load its weights)")
         if vector.device not in signs:
             signs[vector.device] = _signs(longest, vector.device)
         values = torch.cat([torch.linalg.vector_norm(vector)[None], vector @ signs[vector.device][: vector.numel()]])

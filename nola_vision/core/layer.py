@@ -403,8 +403,8 @@ class AdaptedLinear(nn.Module):
     @property
     def merge_can_overflow(self) -> bool:
         """Whether a merged update can leave the weight dtype's range (float16, the 8-bit floats): only then is
-        ``low_rank_overflow`` worth its factors."""
-        return torch.finfo(self.weight.dtype).max <= _WIDE_RANGE
+        ``low_rank_overflow`` worth its factors. A weight on the meta device has no values to leave a range."""
+        return torch.finfo(self.weight.dtype).max <= _WIDE_RANGE and not self.weight.is_meta
 
     @torch.no_grad()
     def low_rank_overflow(self, a: Tensor, b: Tensor) -> Optional[str]:

@@ -186,7 +186,8 @@ def merge(model: nn.Module) -> nn.Module:
     """
     require_module(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
-    records = frozen_fingerprint(model, list(unmerged))["modules"] if unmerged else {}
+    valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
+    records = frozen_fingerprint(model, valued)["modules"] if valued else {}
     with torch.no_grad(), batched_factors(model):
         # a float16 model's layers checked before any weight changes, with the factors their merge then adds
         checked = {name: layer.delta_factors() for name, layer in unmerged.items() if layer.merge_can_overflow}
@@ -197,7 +198,7 @@ def merge(model: nn.Module) -> nn.Module:
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
         for name, layer in unmerged.items():
             layer.merge(checked.get(name))
-            layer.unmerged_record = records[name]
+            layer.unmerged_record = records.get(name)
     return model
 
 
