@@ -309,7 +309,7 @@ def bank_devices(model: nn.Module):
     return {codes.device.type for codes in adapter_state(model).bank.tensors().values()}
 
 
-def test_a_model_moved_through_meta_regenerates_its_bases_and_unloads_to_its_live_weights(images):
+def test_a_model_moved_through_meta_releases_and_regenerates_its_bases_and_unloads_to_its_live_weights(images):
     # How large models are materialised: to("meta"), to_empty(device=...), load_state_dict. Each step replaces the
     # parameter objects; the bases follow the device, and unload gives back the weights the model has now.
     model = trained_nola_shared()
@@ -319,9 +319,20 @@ def test_a_model_moved_through_meta_regenerates_its_bases_and_unloads_to_its_liv
     with torch.no_grad():
         assert model.to("meta")(images.to("meta")).is_meta
     assert bank_devices(model) == {"meta"}
-    model.to_empty(device="cpu").load_state_dict(state)
+    model.to_empty(device="cpu")
+    assert bank_devices(model) == set()  # moving released the codes held where the model was
+    model.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(model(images), expected)
+    assert bank_devices(model) == {"cpu"}
+    model.to("meta")
+    assert bank_devices(model) == set()
+    model.to_empty(device="cpu").load_state_dict(state)
+    model.double().float()  # a dtype cast keeps the codes where the model stays
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+        assert bank_devices(model) == {"cpu"}
+        model.float()
     assert bank_devices(model) == {"cpu"}
     nv.merge_and_unload(model)
     with torch.no_grad():

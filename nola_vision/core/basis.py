@@ -311,6 +311,10 @@ class BasisBank:
         """Drop every held code (they are generated again where a pass needs them)."""
         self._codes.clear()
 
+    def release_elsewhere(self, device: torch.device) -> None:
+        """Drop the codes held on devices other than ``device``: a model moved off a device leaves none there."""
+        self._codes = {spec: codes for spec, codes in self._codes.items() if codes.device == device}
+
     def tensors(self) -> Dict[BasisSpec, Tensor]:
         """The codes held now (for memory accounting and tests)."""
         return dict(self._codes)

@@ -64,6 +64,13 @@ class NOLALinear(AdaptedLinear):
     def injection_context(cls, config: NOLAConfig) -> Dict[str, Any]:
         return {"bank": BasisBank()}  # one bank per model: each shared basis is held once per device
 
+    def _apply(self, *args: Any, **kwargs: Any) -> NOLALinear:
+        """``model.to(device)`` and the like also release the shared codes held on the device the layer left (a
+        model moved off a GPU would otherwise keep its bases there, 60 MiB for ViT-B, until a pass ran there)."""
+        moved = super()._apply(*args, **kwargs)
+        self.bank.release_elsewhere(self.weight.device)
+        return moved
+
     def shared_coefficients(self) -> List[Tuple[BasisSpec, str]]:
         if self.basis != "shared":
             return []
