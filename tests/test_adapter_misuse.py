@@ -395,3 +395,20 @@ def test_class_names_are_recorded_for_whoever_serves_the_file_and_checked(tmp_pa
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(document))
     with pytest.raises(AdapterLoadError, match="'class_names' holds 2 names for a 5-class head"):
         nv.verify_adapter(tiny_vit(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("path", [None, 5, ""])
+def test_every_file_entry_point_refuses_a_path_that_is_not_one_by_its_name(path):
+    model = trained(LORA)
+    calls = {
+        "the adapter directory": [lambda: nv.save_adapter(model, path), lambda: nv.load_adapter(model, path),
+                                  lambda: nv.verify_adapter(model, path), lambda: nv.adapter_size_bytes(path),
+                                  lambda: nv.onnx_task_inputs(path),
+                                  lambda: nv.MultiTaskModel(tiny_vit()).add_task("task", path)],
+        "the export directory": [lambda: nv.export_peft(model, path)],
+        "export_onnx's path": [lambda: nv.export_onnx(model, path)],
+    }
+    for argument, entry_points in calls.items():
+        for call in entry_points:
+            with pytest.raises(ValueError, match=f"^{argument} must be a path, got {path!r}"):
+                call()

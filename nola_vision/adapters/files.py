@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
+from ..core.checks import check_path
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     FINGERPRINT_VERSION,
@@ -266,6 +267,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     order) are recorded for whoever serves the file (``VerifiedAdapter.class_names``, ``MultiTaskModel.class_names``).
     """
     require_module(model, "save_adapter")
+    directory = check_path(directory, "the adapter directory")
     model = unwrap_model(model)
     state = adapter_state(model)
     if state is None:
@@ -515,7 +517,7 @@ def _typical_spread(values: Tensor) -> float:
 
 def adapter_size_bytes(directory: PathLike) -> int:
     """Bytes on disk of an adapter directory (config + weights)."""
-    root = Path(directory)
+    root = Path(check_path(directory, "the adapter directory"))
     if not root.is_dir():
         raise AdapterLoadError(f"{directory} is {'a file' if root.exists() else 'missing'}, not an adapter directory "
                                f"({CONFIG_NAME} and {WEIGHTS_NAME}, written by save_adapter)")
@@ -721,7 +723,7 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     new pair, never one of each. A legacy file without checksums (format 1) is refused unless
     ``allow_unchecked_legacy`` says that its contents may go unchecked.
     """
-    root = Path(directory)
+    root = Path(check_path(directory, "the adapter directory"))
     try:
         raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))
     except FileNotFoundError as error:

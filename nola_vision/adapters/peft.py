@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
+from ..core.checks import check_path
 from ..core.fingerprint import merged_adapters
 from ..core.inject import adapter_state, quantization_aware_bits, require_unchanged_statistics, unwrap_model
 from ..core.layer import adapted_layers
@@ -61,6 +62,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     model is exported as the module it wraps (whose module names peft matches).
     """
     require_module(model, "export_peft")
+    directory = check_path(directory, "the export directory")
     model = unwrap_model(model)
     _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)

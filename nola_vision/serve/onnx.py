@@ -39,6 +39,7 @@ from ..adapters.files import (
     read_adapter,
 )
 from ..core.basis import GENERATOR_VERSION, BasisSpec
+from ..core.checks import check_path
 from ..core.config import config_from_dict
 from ..core.fingerprint import adapter_fingerprint, differing_positions, differing_records, sample_sizes
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
@@ -71,6 +72,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     export). Returns ``path``.
     """
     require_module(model, "export_onnx", adaptable=False)  # a MultiTaskModel gets its own message below
+    path = check_path(path, "export_onnx's path")
     model = unwrap_model(model)
     _refuse_replacing_other_files(Path(path))
     if input_size is not None:
