@@ -51,11 +51,11 @@ def test_an_integer_tensor_without_a_quantisation_entry_is_refused(tmp_path):
         nv.load_adapter(tiny_vit(), tmp_path)
 
 
-def resealed_weights(directory, change, metadata_change=None):
-    """The weights file rewritten by ``change`` (and its metadata by ``metadata_change``), both checksums taken
-    again, as a script or another tool rewriting the pair would."""
+def resealed_weights(directory, change, metadata_change=None, metadata_update=None):
+    """The weights file rewritten by ``change`` (its quantisation table by ``metadata_change``, its metadata by
+    ``metadata_update``), both checksums taken again, as a script or another tool rewriting the pair would."""
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as opened:
-        metadata = opened.metadata()
+        metadata = {**opened.metadata(), **(metadata_update or {})}
     tensors = load_file(directory / WEIGHTS_NAME)
     change(tensors)
     if metadata_change is not None:
@@ -113,4 +113,12 @@ def test_an_empty_frozen_weights_record_is_refused_as_malformed(tmp_path):
     saved(tmp_path)
     rewrite(tmp_path, resealed(lambda d: d["frozen_weights"].update(modules={})))
     with pytest.raises(AdapterLoadError, match="frozen_weights"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+@pytest.mark.parametrize("table", ["5", "[]", '"entries"'])
+def test_a_quantisation_table_that_is_no_object_is_refused_by_name(tmp_path, table):
+    saved(tmp_path)
+    resealed_weights(tmp_path, lambda tensors: None, metadata_update={"quantization": table})
+    with pytest.raises(AdapterLoadError, match="quantisation table is a JSON (int|list|str), not an object"):
         nv.load_adapter(tiny_vit(), tmp_path)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,7 +55,7 @@ from ..core.quantize import (
     unpack4,
 )
 from ..core.registry import method_of
-from ..core.storage import atomic_directory, read_files, resolve_directory_target
+from ..core.storage import NotARegularFileError, atomic_directory, read_files, resolve_directory_target
 from ..core.targets import (
     classifier_head,
     head_parameter_names,
@@ -432,7 +433,10 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
         document = json.loads(config.read_bytes())
     except FileNotFoundError:  # removed meanwhile
         return None
-    except (OSError, ValueError, RecursionError):  # unreadable (no permission, an I/O error) or not JSON: not ours
+    except OSError:  # unreadable files (no permission, an I/O error) are not ours; a directory that cannot be looked
+        # into at all (a name too long, a parent it may not search) is left to the writer, which says why
+        return "other" if os.path.isdir(directory) else None
+    except (ValueError, RecursionError):  # not JSON: not ours
         return "other"
     if not isinstance(document, dict):
         return "other"
@@ -459,6 +463,8 @@ def _has_export_mark(weights: Path) -> bool:
 def _peft_config(config: Path) -> bool:
     """Whether ``config`` is a JSON object with a ``peft_type``: a peft adapter's config."""
     try:
+        if not config.is_file():  # a FIFO would block the read
+            return False
         document = json.loads(config.read_bytes())
     except (OSError, ValueError, RecursionError):
         return False
@@ -469,23 +475,34 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
     """``value`` as float16 at 16 bits (a bfloat16 tensor as it is: exact), or float32 (at 32 bits, and at 16 where
     float16 would lose it).
 
-    Float16 keeps a tensor when every value comes back finite and within half a float16 step of the tensor's
-    largest value (what it gives any tensor in its normal range): beyond ±65,504 it would turn values into ±inf, and
-    a tensor of values below its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate)
-    would lose most of its digits, or every value, to subnormals and zeros.
+    A dtype keeps a tensor when every value comes back finite and within half a step of that dtype at the tensor's
+    largest value (``_lossless_in``): beyond ±65,504 float16 would turn values into ±inf, and a tensor of values below
+    its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate) would lose most of its
+    digits, or every value, to subnormals and zeros; so would float32 a float64 model's tensor below 1e-38.
     """
     if bits == 16 and value.dtype == torch.bfloat16:
         return value
     for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
-        stored = value.to(dtype)
-        if not bool(torch.isfinite(stored).all()):
-            continue
-        if dtype == torch.float16 and value.numel():
-            if float((stored.float() - value.float()).abs().max()) > 2**-11 * float(value.abs().max()):
-                continue
-        return stored
-    raise ValueError(f"tensor {name} holds {value.abs().max().item():.4g}, beyond float32's range: it cannot be "
-                     "stored (train again with a lower learning rate)")
+        if _lossless_in(value, dtype):
+            return value.to(dtype)
+    largest = value.abs().max().item()
+    if largest > torch.finfo(torch.float32).max:
+        raise ValueError(f"tensor {name} holds {largest:.4g}, beyond float32's range: it cannot be stored (train again "
+                         "with a lower learning rate)")
+    raise ValueError(f"tensor {name} holds values up to {largest:.4g} only, below float32's normal range (from "
+                     f"{torch.finfo(torch.float32).tiny:.2g}): float32 would store them as zeros or lose most of their "
+                     "digits: an adapter file holds at most float32")
+
+
+def _lossless_in(value: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` cast to ``dtype`` stays finite and within half a ``dtype`` step at its largest value of it:
+    a tensor in the dtype's normal range always does, one that would overflow or sink into subnormals does not."""
+    if not value.numel() or value.dtype == dtype:
+        return True
+    exact, cast = value.double(), value.to(dtype).double()
+    if not bool(torch.isfinite(cast).all()):
+        return False
+    return float((cast - exact).abs().max()) <= torch.finfo(dtype).eps / 2 * float(exact.abs().max())
 
 
 def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False) -> Tuple[Tensor, List[float]]:
@@ -522,10 +539,15 @@ def adapter_size_bytes(directory: PathLike) -> int:
         raise AdapterLoadError(f"{directory} is {'a file' if root.exists() else 'missing'}, not an adapter directory "
                                f"({CONFIG_NAME} and {WEIGHTS_NAME}, written by save_adapter)")
     try:
-        return sum((root / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
+        entries = {root / name: (root / name).stat() for name in (CONFIG_NAME, WEIGHTS_NAME)}
     except FileNotFoundError as error:
         raise AdapterLoadError(f"{error.filename} is missing: an adapter directory holds {CONFIG_NAME} and "
                                f"{WEIGHTS_NAME} (written by save_adapter)") from error
+    other = next((path for path, info in entries.items() if not stat.S_ISREG(info.st_mode)), None)
+    if other is not None:
+        raise AdapterLoadError(f"{other} is not a file (a directory, FIFO or device): the adapter directory was "
+                               "changed after it was saved; save the adapter again")
+    return sum(info.st_size for info in entries.values())
 
 
 def _is_int(value: Any) -> bool:
@@ -633,7 +655,7 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     """
     try:
         document = json.loads(raw.decode("utf-8-sig"))  # an editor may have added a byte-order mark
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # not JSON, not UTF-8, an integer of over 4,300 digits
         raise AdapterLoadError(f"{path} is not valid JSON ({error}); the file is truncated or was edited") from error
     except RecursionError as error:
         raise AdapterLoadError(f"{path} nests its JSON too deeply to be an adapter config; the file was edited or "
@@ -713,6 +735,10 @@ def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Ten
         quantization = json.loads(metadata.get("quantization", "{}"))
     except (SafetensorError, ValueError, AttributeError, json.JSONDecodeError) as error:
         raise AdapterLoadError(f"{path} is truncated or corrupt ({error}); save the adapter again") from error
+    if not isinstance(quantization, dict):
+        raise AdapterLoadError(f"{path}'s quantisation table is a JSON {type(quantization).__name__}, not an object of "
+                               "entries by tensor name (the file was edited or written by another tool); save the "
+                               "adapter again")
     return tensors, quantization
 
 
@@ -735,10 +761,14 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
         where = f"{root} is a file" if file == root else f"{root} lies under {file}, a file"
         raise AdapterLoadError(f"{where}, not an adapter directory: pass the directory save_adapter wrote "
                                f"({CONFIG_NAME} and {WEIGHTS_NAME} inside)") from error
-    except IsADirectoryError as error:
-        raise AdapterLoadError(f"{error.args[0] if error.args else root} is a directory where save_adapter writes a "
+    except (IsADirectoryError, NotARegularFileError) as error:
+        what = "a directory" if isinstance(error, IsADirectoryError) else "a FIFO, socket or device"
+        raise AdapterLoadError(f"{error.args[0] if error.args else root} is {what} where save_adapter writes a "
                                "file: the adapter directory was changed after it was saved; save the adapter again") \
             from error
+    except OSError as error:  # no permission, an I/O error
+        raise AdapterLoadError(f"{error.filename or root} cannot be read ({error.strerror or error}): check its "
+                               "permissions (and the directories' above it) or the disk") from error
     document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 
@@ -957,19 +987,25 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
 
 
 def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
-    """Every value fits the dtype of the parameter it is copied into (a float16 model overflows above 65504 to
-    infinity, which the files' float32 values may hold); a parameter not yet injected takes the model's dtype."""
-    largest = {name: float(value.abs().max()) for name, value in values.items() if value.numel()}
-    if max(largest.values(), default=0.0) <= torch.finfo(torch.float16).max:  # every float dtype holds them
-        return
+    """Every value fits the dtype of the parameter it is copied into: a float16 model overflows above 65504 to
+    infinity, which the files' float32 values may hold (a parameter not yet injected counts with the model's dtype,
+    which the update reaches), and turns a tensor below its normal range (6e-5, a head saved as float32 for that
+    reason) into zeros and subnormals (``_lossless_in``)."""
     parameters = dict(model.named_parameters())
     default = next((p.dtype for p in parameters.values() if p.is_floating_point()), torch.float32)
-    for name, value in largest.items():
+    for name, value in values.items():
         dtype = parameters[name].dtype if name in parameters else default
-        if dtype.is_floating_point and value > torch.finfo(dtype).max:
-            raise AdapterLoadError(f"tensor {name} holds values up to {value:.4g}, beyond the {dtype} of this "
+        if not value.numel() or not dtype.is_floating_point or _lossless_in(value, dtype):
+            continue
+        largest = float(value.abs().max())
+        if largest > torch.finfo(dtype).max:
+            raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g}, beyond the {dtype} of this "
                                    f"model (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Load "
                                    "it onto a float32 or bfloat16 model")
+        if name in parameters:  # an adapter not yet injected gets float32 parameters
+            raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g} only, below the normal range of "
+                                   f"the {dtype} of this model (from {torch.finfo(dtype).tiny:.2g}): they would load "
+                                   "as zeros or lose most of their digits. Load it onto a float32 or bfloat16 model")
 
 
 def layer_shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:

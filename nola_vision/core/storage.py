@@ -28,9 +28,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way", "file_sha256",
-           "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock", "write_bytes_atomic",
-           "write_json_atomic", "write_text_atomic", "writer_lock"]
+__all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way",
+           "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
+           "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -68,15 +68,23 @@ def check_writable_file(path: PathLike, what: str) -> None:
     except OSError as error:
         raise ValueError(f"{what}: {error}") from None
     folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
-    limit = _name_limit(folder)
-    long = next((n for n in target.relative_to(folder).parts if _name_length(n) > limit), None)
-    if long is not None:
-        unit = "bytes" if os.name == "posix" else "characters"
-        raise ValueError(f"{what}: the name {long[:20]}... is {_name_length(long)} {unit} long, over the {limit} "
-                         f"{unit} a file name may have on the file system of {folder}: choose a shorter name")
+    too_long = _name_too_long(target, folder)
+    if too_long is not None:
+        raise ValueError(f"{what}: {too_long}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
+
+
+def _name_too_long(target: Path, folder: Path) -> Optional[str]:
+    """Which name of ``target`` below its existing ``folder`` is longer than that file system takes, or None."""
+    limit = _name_limit(folder)
+    long = next((n for n in target.relative_to(folder).parts if _name_length(n) > limit), None)
+    if long is None:
+        return None
+    unit = "bytes" if os.name == "posix" else "characters"
+    return (f"the name {long[:20]}... is {_name_length(long)} {unit} long, over the {limit} {unit} a file name may "
+            f"have on the file system of {folder}: choose a shorter name")
 
 
 def _ends_in_separator(text: str) -> bool:
@@ -281,6 +289,11 @@ def resolve_directory_target(path: PathLike) -> Path:
         if error.errno == errno.ELOOP:
             raise ValueError(f"{path} leads into a loop of symbolic links, which no save can write through: remove or "
                              "fix the link (nothing was written)") from error
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):  # a name too long, a parent it may not look into
+            target = Path(os.path.abspath(path))
+            folder = next((p for p in target.parents if os.path.isdir(p)), None)
+            too_long = _name_too_long(target, folder) if folder is not None else None
+            raise ValueError(f"cannot save to {path}: {too_long or error.strerror} (nothing was written)") from error
     target = Path(os.path.realpath(path))
     if target.exists() and not target.is_dir():
         raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
@@ -718,13 +731,19 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class NotARegularFileError(OSError):
+    """An entry ``read_files`` reads (named by the message) is a FIFO, socket or device: reading it could block or
+    never end."""
+
+
 def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
     """The bytes of each of ``names`` in ``directory``, all read from one and the same directory.
 
     The directory is opened once and its files relative to it (where the platform allows), so a reader never
     mixes the files of two saves. When a save swaps a new set in and removes the old one while it reads, it
     reads again from the new set. A missing file or directory raises FileNotFoundError naming its path, a
-    ``directory`` that is not one NotADirectoryError, a directory in place of a file IsADirectoryError.
+    ``directory`` that is not one NotADirectoryError, a directory in place of a file IsADirectoryError, any other
+    entry that is not a regular file ``NotARegularFileError``; other OSErrors name the file's full path.
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
@@ -750,18 +769,24 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
 def _read_relative(dir_fd: int, directory: Path, names: Sequence[str]) -> Dict[str, bytes]:
     contents = {}
     for name in names:
-        try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        try:  # not blocking: a FIFO of that name would wait for a writer forever (a regular file never blocks)
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
         except FileNotFoundError as error:
             raise FileNotFoundError(str(directory / name)) from error
         except IsADirectoryError as error:
             raise IsADirectoryError(str(directory / name)) from error
-        if stat.S_ISDIR(os.fstat(fd).st_mode):  # Linux opens a directory read-only, and only reading it fails
+        except OSError as error:  # named in full: relative to the directory, it would be named by its name alone
+            raise type(error)(error.errno, error.strerror, str(directory / name)) from error
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise IsADirectoryError(str(directory / name))
+            if stat.S_ISDIR(mode):  # Linux opens a directory read-only, and only reading it fails
+                raise IsADirectoryError(str(directory / name))
+            raise NotARegularFileError(str(directory / name))
         with os.fdopen(fd, "rb") as file:
             contents[name] = file.read()
     return contents
+
 
 
 def _was_replaced(directory: Path, dir_fd: int) -> bool:

@@ -1,0 +1,112 @@
+"""Adapter directories whose entries are not what save_adapter wrote, or cannot be looked at (a FIFO, an unreadable
+file, a name too long), and tensors a dtype cannot hold: each refused with what is wrong, never a hang, a raw OSError
+or values silently turned into zeros."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.core import storage
+
+LORA = nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"])
+
+
+def saved(tmp_path, name="adapter", model=None):
+    model = model if model is not None else as_if_trained(nv.inject(tiny_vit(), LORA), 1, scale=0.3)
+    return nv.save_adapter(model, tmp_path / name), model
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+@pytest.mark.parametrize("entry", [CONFIG_NAME, WEIGHTS_NAME])
+def test_a_fifo_in_an_adapter_directory_is_refused_by_load_save_and_size_without_blocking(tmp_path, entry):
+    # Run apart, so that a read that blocks on the FIFO fails the test by its timeout instead of hanging the suite.
+    directory, _ = saved(tmp_path)
+    os.remove(directory / entry)
+    os.mkfifo(directory / entry)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import nola_vision as nv
+        from tiny_models import tiny_vit
+        directory = {str(directory)!r}
+        for call in (lambda: nv.load_adapter(tiny_vit(), directory), lambda: nv.adapter_size_bytes(directory),
+                     lambda: nv.save_adapter(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), directory)):
+            try:
+                call()
+            except ValueError as error:
+                print(type(error).__name__, error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout + done.stderr
+    assert lines[0].startswith("AdapterLoadError") and "FIFO, socket or device" in lines[0]
+    assert lines[1].startswith("AdapterLoadError") and "is not a file" in lines[1]
+    assert lines[2].startswith("ValueError") and "neither nv.save_adapter nor nv.export_peft wrote" in lines[2]
+
+
+def test_an_unreadable_file_is_named_in_full_with_what_to_check(tmp_path, monkeypatch):
+    directory, _ = saved(tmp_path)
+    opened = os.open
+
+    def refuse_the_config(path, flags, *args, **kwargs):
+        if path == CONFIG_NAME:  # as for a file without read permission (root reads any file, so none is made)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return opened(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "open", refuse_the_config)
+    monkeypatch.setattr(storage.os, "supports_dir_fd", os.supports_dir_fd | {refuse_the_config})
+    with pytest.raises(AdapterLoadError, match=f"^{directory / CONFIG_NAME} cannot be read .*check its permissions"):
+        nv.load_adapter(tiny_vit(), directory)
+
+
+def test_save_and_export_to_a_name_too_long_say_so_instead_of_claiming_foreign_files(tmp_path):
+    model = as_if_trained(nv.inject(tiny_vit(), LORA), 1)
+    long = tmp_path / ("n" * 300)
+    for call in (lambda: nv.save_adapter(model, long), lambda: nv.export_peft(model, long)):
+        with pytest.raises(ValueError, match="is 300 bytes long, over the 255 bytes.*choose a shorter name"):
+            call()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_config_with_an_integer_of_thousands_of_digits_is_named_as_not_valid_json(tmp_path):
+    directory, _ = saved(tmp_path)
+    text = (directory / CONFIG_NAME).read_text()
+    (directory / CONFIG_NAME).write_text(text.replace('"rank":2', '"rank":' + "9" * 5000, 1))
+    assert "9" * 5000 in (directory / CONFIG_NAME).read_text()
+    with pytest.raises(AdapterLoadError, match=f"^{directory / CONFIG_NAME} is not valid JSON"):
+        nv.load_adapter(tiny_vit(), directory)
+
+
+def test_a_head_below_float16s_range_is_refused_by_a_float16_model_not_loaded_as_zeros(tmp_path):
+    model = as_if_trained(nv.inject(tiny_vit(), LORA), 1)
+    with torch.no_grad():
+        model.head.weight.mul_(1e-6)  # |w| ~ 1e-8: saved as float32, since float16 would zero it
+    directory, _ = saved(tmp_path, model=model)
+    with pytest.raises(AdapterLoadError, match="head.weight holds values up to .* only, below the normal range of "
+                                               "the torch.float16 of this model"):
+        nv.load_adapter(tiny_vit().half(), directory)
+    loaded = nv.load_adapter(tiny_vit(), directory)  # float32 holds them
+    assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_a_float64_tensor_below_float32s_range_is_refused_at_save_not_stored_as_zeros(tmp_path, bits):
+    model = as_if_trained(nv.inject(tiny_vit().double(), LORA), 1)
+    with torch.no_grad():
+        model.head.weight.mul_(1e-50)
+    with pytest.raises(ValueError, match="head.weight holds values up to .* only, below float32's normal range"):
+        nv.save_adapter(model, tmp_path / "adapter", bits=bits)
+    assert not (tmp_path / "adapter").exists()
+    with torch.no_grad():
+        model.head.weight.mul_(1e50)  # a float64 tensor in float32's range is stored to float32's precision
+    nv.save_adapter(model, tmp_path / "adapter", bits=bits)
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert config["format"].startswith("nola_vision.adapter/")
