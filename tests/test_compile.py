@@ -1,5 +1,7 @@
 """torch.compile beyond the method matrix (which compiles every variant's training step with ``aot_eager`` and
 ``fullgraph=True``): the basis generator is one operator in a graph, and inductor trains as eager does (slow)."""
+import copy
+
 import pytest
 import torch
 from method_matrix import assert_compiled_training_is_eager_training
@@ -98,3 +100,15 @@ def test_compiled_quantisation_aware_training_never_recompiles_as_the_values_mov
     (eager, _), (losses, frames) = runs
     assert frames[0] == frames[-1]  # everything compiled in the first step, nothing after (was one frame a step)
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_called(images):
+    # Compiled code records no calls: a compiled layer under an eager parent (as after a frame dynamo gave up on, or
+    # a recompile limit, which a 12-block model's per-block hooks reached) was blamed for reading its weight directly.
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    expected = copy.deepcopy(model)
+    model.blocks[0].mlp.fc1.compile(backend="eager")
+    with torch.no_grad():
+        assert torch.equal(model(images), expected(images))
+        assert torch.equal(model(images), expected(images))  # the check stopped: its hooks are gone
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.blocks.modules())

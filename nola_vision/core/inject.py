@@ -368,26 +368,48 @@ class _CallCheck:
     forward pass is checked (through ``model()``, ``forward_features`` or any other path), and once every parent
     has passed, its hooks are removed. Calls are recorded per thread (DataParallel's replicas run the same modules
     in several threads), and parents are known by name, so a deep copy or a pickled model keeps checking (a
-    class, so the model still pickles)."""
+    class, so the model still pickles).
+
+    Compiled code records no calls, and a compiled model can run some modules compiled and others eagerly (a
+    compiled submodule, a frame dynamo gave up on, a recompile limit): once any hook runs compiled, the check stops
+    (``compiled``), rather than blame a layer whose call it could not see.
+    """
 
     def __init__(self, layers_by_parent: Dict[str, List[str]], parent_types: Dict[str, str]) -> None:
         self.pending = {parent: list(layers) for parent, layers in layers_by_parent.items()}
         self.parent_types = parent_types
         self.called: Dict[int, set] = {}  # by thread
         self.handles: List[RemovableHandle] = []  # removed once every parent passed
+        self.compiled = False
+
+    def _unchecked(self) -> bool:
+        """Whether this call is not checked: compiled (marked, for the eager calls after it), or after one was."""
+        if torch.compiler.is_compiling():
+            self.compiled = True  # dynamo replays the assignment when the compiled code runs
+            return True
+        if self.compiled and self.handles:
+            self._finish()
+        return self.compiled
+
+    def _finish(self) -> None:
+        self.pending.clear()
+        self.called.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def parent_starts(self, parent: str, module: nn.Module, args: tuple) -> None:
         layers = self.pending.get(parent)
-        if layers is not None and not torch.compiler.is_compiling():
+        if layers is not None and not self._unchecked():
             self.called.setdefault(threading.get_ident(), set()).difference_update(layers)
 
     def layer_called(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self.pending and not torch.compiler.is_compiling():
+        if self.pending and not self._unchecked():
             self.called.setdefault(threading.get_ident(), set()).add(name)
 
     def parent_ends(self, parent: str, module: nn.Module, args: tuple, output: object) -> None:
         layers = self.pending.get(parent)
-        if layers is None or torch.compiler.is_compiling():
+        if layers is None or self._unchecked():
             return
         called = self.called.get(threading.get_ident(), set())
         skipped = [name for name in layers if name not in called]
@@ -401,9 +423,7 @@ class _CallCheck:
                 "inject again")
         self.pending.pop(parent, None)
         if not self.pending:
-            self.called.clear()
-            for handle in self.handles:
-                handle.remove()
+            self._finish()
 
 
 def _require_adapters_called(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
