@@ -314,6 +314,23 @@ def test_factors_kept_for_a_backward_that_never_came_are_not_reused_after_data_o
         torch.testing.assert_close(model(_images()), copy.deepcopy(model)(_images()), rtol=0, atol=0)
 
 
+def test_factors_kept_past_their_backward_are_not_read_by_a_later_call_without_grad():
+    """After a checkpointed step's backward, its factors stay for another backward through the kept graph; a write
+    through ``.data`` (a hand-written update: no version bump, same storage) then ``forward_features`` without grad
+    read the factors of the old coefficients (features off by 1.9)."""
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIGS["nola_shared"]()), adapters_only=True, scale=2.0)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(_images()).square().sum().backward()
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            layer.nola_alpha.data.mul_(100.0)
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(_images())
+        torch.testing.assert_close(features, copy.deepcopy(model).forward_features(_images()), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("key", sorted(CONFIGS))
 def test_files_of_a_merged_model_whose_adapter_changed_since_the_merge_are_refused(key, tmp_path):
     """An EMA or in-place edit while merged: the model computes with the values merged then, and save_adapter wrote

@@ -202,7 +202,7 @@ class AdaptedLinear(nn.Module):
         otherwise leave stale factors to every later call outside the model's forward (``forward_features``).
 
         Each call counts one pass whose backward is pending; ``release_batched_factors`` counts it done, after which
-        only recomputations and calls without grad use the factors. A recomputed block may read another pending pass's
+        only recomputations use the factors. A recomputed block may read another pending pass's
         factors: with unchanged adapter tensors they hold the same values, and its gradients still flow through its own
         pass's graph (torch takes only the values of what a recomputation saves)."""
         self._pending_passes = self.__dict__.get("_pending_passes", 0) + 1
@@ -218,13 +218,13 @@ class AdaptedLinear(nn.Module):
             self._kept_past_backward = True
 
     def _usable_batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """The batched factors a call may use: not stale, and once every backward of their passes is done, only where
-        no new graph runs through them (their graph's buffers are freed): without grad, or a block recomputed inside
-        a later backward through a kept graph. A new graph drops them, so that its own recomputation combines the
-        factors again, as its forward pass did."""
+        """The batched factors a call may use: not stale, and once every backward of their passes is done, only in a
+        block recomputed inside a later backward through a kept graph. Any other call drops them: a new graph
+        recomputes from the factors its own forward pass combined, and a call without grad (``forward_features`` after
+        a step) combines the tensors now, which a write through ``.data`` changes without a version to tell."""
         if self._batched_factors is None or self.stale_batched_factors():
             return None
-        if self.__dict__.get("_kept_past_backward") and torch.is_grad_enabled() and not _inside_backward():
+        if self.__dict__.get("_kept_past_backward") and not _inside_backward():
             self.batched_factors = None
             return None
         return self._batched_factors
