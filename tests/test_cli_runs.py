@@ -169,6 +169,13 @@ def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_pa
     torch.save({"state_dict": {}, "callbacks": {"mine": Path("x")}}, tmp_path / "objects.ckpt")
     code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "objects.ckpt")
     assert code == 2 and "holds objects that safe loading refuses (pathlib.PosixPath" in err and "Traceback" not in err
+    # torch files that are no Lightning checkpoint: Lightning's KeyError ended in a traceback
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    torch.save({"weight": torch.ones(2)}, tmp_path / "weights.ckpt")
+    for bad, what in (("plain.ckpt", "lacks pytorch-lightning_version. "), ("weights.ckpt", "(a bare state dict")):
+        code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / bad)
+        assert code == 2 and "is a torch file, but not a checkpoint written by fit" in err and what in err, err
+        assert "Traceback" not in err
     # a 10-class digits checkpoint on 3 classes, then on 10 classes with other names
     write_imagefolder(tmp_path / "pets", eval_folder="test")
     write_imagefolder(tmp_path / "ten", classes=tuple("abcdefghij"), eval_folder="test")

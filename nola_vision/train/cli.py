@@ -1092,7 +1092,7 @@ def check_checkpoint_file(path: Optional[str]) -> None:
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
                          "short (a full disk, an interrupted copy): pass another checkpoint of the run")
     try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
-        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"{found.group(1)}, " if found else ""
@@ -1100,6 +1100,14 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                          "weights_only), so Lightning "
                          "cannot read it: a checkpoint of other code, or of a callback that stores such objects. "
                          "Pass a checkpoint that nola-vision fit wrote") from err
+    missing = [key for key in ("pytorch-lightning_version", "state_dict")
+               if not isinstance(loaded, dict) or key not in loaded]
+    if missing:
+        bare = isinstance(loaded, dict) and bool(loaded) and all(isinstance(v, torch.Tensor) for v in loaded.values())
+        what = " (a bare state dict, as torch.save(model.state_dict()) writes)" if bare else ""
+        raise ValueError(f"--ckpt_path {path} is a torch file, but not a checkpoint written by fit: it lacks "
+                         f"{' and '.join(missing)}{what}. "
+                         "Pass a checkpoint of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
 
 
 def _absolute_paths(config: Any) -> None:
