@@ -2,6 +2,7 @@
 replaced; and a re-fit keeps a user's own ``<adapter_dir>.previous`` folder, keeping the earlier adapter beside it."""
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def test_an_export_into_a_folder_whose_name_is_not_utf8_replaces_itself(tmp_path
     nv.export_peft(_model(), folder)
     nv.export_peft(_model(), folder)
     assert existing_adapter_kind(folder) == "peft"
+
+
+def test_keeping_the_earlier_adapter_leaves_no_staging_folder_even_after_a_killed_copy(tmp_path, monkeypatch):
+    # It staged into a .task.previous-XXXX folder of its own, which a kill left behind for good (a full adapter copy).
+    target = nv.save_adapter(_model(), tmp_path / "task")
+    killed = tmp_path / ".task.previous.staged-0123456789ab"  # what a copy killed before its swap leaves
+    killed.mkdir()
+    (killed / "adapter_model.safetensors").write_bytes(b"half")
+    with pytest.warns(UserWarning, match="kept as"):
+        _keep_previous_adapter(Path(target))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["task", "task.previous"]
+    monkeypatch.setattr(shutil, "copytree", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        _keep_previous_adapter(Path(target))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["task", "task.previous"]
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "task.previous", check_frozen_weights=False)

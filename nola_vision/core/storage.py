@@ -28,7 +28,8 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "file_in_the_way",
+__all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "copy_directory",
+           "file_in_the_way",
            "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
            "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
 
@@ -424,6 +425,15 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
             _fsync_directory(target.parent)
         finally:
             _remove_tree(staged)
+
+
+def copy_directory(source: PathLike, destination: PathLike) -> Path:
+    """Replace the directory ``destination`` by the files of ``source``, hard-linked where the filesystem allows, as
+    ``atomic_directory`` writes: it names the old copy or the new one, and a killed copy's staging folder is removed
+    by the next one."""
+    with atomic_directory(destination) as staged:
+        shutil.copytree(source, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return Path(destination)
 
 
 @contextmanager

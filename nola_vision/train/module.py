@@ -13,8 +13,6 @@ import itertools
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union
 
@@ -43,7 +41,7 @@ from ..core.fingerprint import differing_module, frozen_fingerprint
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware, statistics_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
-from ..core.storage import file_sha256
+from ..core.storage import copy_directory, file_sha256
 from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters, unwrap_model
 from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
@@ -913,17 +911,8 @@ def _keep_previous_adapter(target: Path) -> None:
     if not (target / WEIGHTS_NAME).is_file():
         return
     previous = _previous_adapter_path(target)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
     older = os.path.lexists(previous)
-    try:
-        shutil.copytree(target, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
-        if previous.is_dir() and not previous.is_symlink():
-            shutil.rmtree(previous)
-        else:
-            previous.unlink(missing_ok=True)
-        os.replace(staged, previous)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; a failed copy's leftovers
+    copy_directory(target, previous)  # atomic: a killed copy leaves no staging folder for good
     replaced = (f", and the older adapter {previous} held is deleted (only one earlier adapter is kept: give each "
                 "run its own --model.adapter_dir to keep them all)") if older else ""
     rank_zero_warn(f"nola_vision: {target} already held an adapter, which this run's export replaces: it is kept as "
@@ -941,12 +930,6 @@ def _previous_adapter_path(target: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-def _link_or_copy(source: str, destination: str) -> None:
-    """Hard-link ``source`` (exports replace files, never write into them), or copy it where links are refused."""
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def check_training_length(trainer: Any) -> None:
