@@ -147,6 +147,26 @@ def test_a_quantisation_aware_model_saved_at_its_bits_is_not_warned_about_its_co
     torch.testing.assert_close(loaded.eval()(images), model.eval()(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=16, num_basis_b=16),
+                                    nv.LoRAConfig(rank=2, alpha=3.0, targets=["attn.q", "attn.v"])],
+                         ids=["nola", "lora_alpha3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_trained_quantisation_aware_loads_back_its_exact_outputs(tmp_path, config, dtype):
+    # Training rounded the decoded codes to the parameters' 16-bit dtype before combining them in float32; a model
+    # loading the file holds float32 adapter tensors and combined the exact decode (logits off by half the codes'
+    # own effect).
+    model = as_if_trained(nv.inject(tiny_vit(), config), 1, scale=1.0).to(dtype)
+    nv.set_quantization_aware(model, 4)
+    nv.save_adapter(model, tmp_path / "aware", bits=4)
+    loaded = nv.load_adapter(tiny_vit().to(dtype), tmp_path / "aware")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images), rtol=0, atol=0)
+    trained = next(p for n, p in model.named_parameters() if n.endswith(("nola_alpha", "lora_A")))
+    (model.eval()(images).float().square().sum()).backward()  # the straight-through gradient keeps its dtype
+    assert trained.grad.dtype == dtype and bool(trained.grad.abs().sum() > 0)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_integer_codes_that_collapse_values_far_from_zero_warn_too(tmp_path, bits):
     """Values around 1 that differ by hundredths, and one at 100: every other value got one code, so their

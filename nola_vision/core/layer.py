@@ -305,15 +305,17 @@ class AdaptedLinear(nn.Module):
     def trained(self, name: str, value: Optional[Tensor] = None) -> Tensor:
         """An adapter parameter (or a ``value`` for it) as the forward pass uses it.
 
-        Fake-quantised during quantisation-aware training. Inside ``delta_factors(values)`` the given values, as
-        they are (they are what a forward pass saw, quantised already).
+        Fake-quantised during quantisation-aware training, decoded in the dtype the factors are computed in (float32
+        for a bfloat16 or float16 parameter: what a model loading the file computes with, as its adapter parameters
+        are float32). Inside ``delta_factors(values)`` the given values, as they are (they are what a forward pass
+        saw, quantised already).
         """
         if value is None:
             reading = self.__dict__.get("_reading")
             if reading is not None:
                 return reading[name]
             value = getattr(self, name)
-        return fake_quantize(value, self.quant_bits) if self.quant_bits else value
+        return fake_quantize(value, self.quant_bits, factor_dtype(value.dtype)) if self.quant_bits else value
 
     def trained_values(self) -> Dict[str, Tensor]:
         """Copies of the trained tensors as the forward pass sees them (a few numbers for NOLA, r·(in+out) for LoRA)."""

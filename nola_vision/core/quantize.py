@@ -111,42 +111,51 @@ class _FakeQuantize(torch.autograd.Function):
     """Quantise-dequantise in forward, identity gradient in backward (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, bits: int) -> Tensor:  # type: ignore[override]
-        return _stored_values(values, bits)
+    def forward(ctx, values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        ctx.dtype = values.dtype
+        return _stored_values(values, bits, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, None
+        return grad.to(ctx.dtype), None, None
 
 
-def fake_quantize(values: Tensor, bits: int) -> Tensor:
-    """What ``values`` become after saving at ``bits``, differentiable by the straight-through estimator; under
-    ``torch.compile``, one opaque operator."""
+def fake_quantize(values: Tensor, bits: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """What ``values`` become after saving at ``bits``, in ``dtype`` (default: theirs), differentiable by the
+    straight-through estimator; under ``torch.compile``, one opaque operator.
+
+    A file's codes decode to float32: a bfloat16 tensor that is combined in float32 (NOLA's coefficients) passes
+    ``dtype=torch.float32``, so that it computes with what a model loading the file (float32 coefficients) does."""
+    dtype = values.dtype if dtype is None else dtype
     if torch.compiler.is_compiling():
-        return _fake_quantize_op(values, bits)
-    return _FakeQuantize.apply(values, bits)
+        return _fake_quantize_op(values, bits, dtype)
+    return _FakeQuantize.apply(values, bits, dtype)
 
 
 # Traced, quantize's range (read with .item()) became a constant of the graph: a compiled quantisation-aware step
 # recompiled at every optimizer step until dynamo's recompile limit. As an operator the range stays a runtime value.
 @torch.library.custom_op("nola_vision::fake_quantize", mutates_args=())
-def _fake_quantize_op(values: Tensor, bits: int) -> Tensor:
-    return _stored_values(values, bits)
+def _fake_quantize_op(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    return _stored_values(values, bits, dtype)
 
 
-def _stored_values(values: Tensor, bits: int) -> Tensor:
-    """``values`` coded at ``bits`` and decoded, in their shape and dtype: what a file at ``bits`` gives back."""
+def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    """``values`` coded at ``bits`` and decoded, in their shape and ``dtype``: what a file at ``bits`` gives back."""
     codes, minimum, step = quantize(values, bits)
-    return dequantize(codes, minimum, step).view_as(values).to(values.dtype)
+    return dequantize(codes, minimum, step).view_as(values).to(dtype)
 
 
 @_fake_quantize_op.register_fake
-def _(values, bits):
-    return torch.empty_like(values)
+def _(values, bits, dtype):
+    return torch.empty_like(values, dtype=dtype)
+
+
+def _remember_dtype(ctx, inputs, output) -> None:
+    ctx.dtype = inputs[0].dtype
 
 
 def _straight_through(ctx, grad: Tensor):
-    return grad, None
+    return grad.to(ctx.dtype), None, None
 
 
-_fake_quantize_op.register_autograd(_straight_through)
+_fake_quantize_op.register_autograd(_straight_through, setup_context=_remember_dtype)
