@@ -4,6 +4,7 @@ classes, counts and labels; bad input fails with an error that names the fix."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,35 @@ def test_fashion_mnist_reads_the_real_debian_files(tmp_path):
     test = build_dataset("fashion_mnist", tmp_path / "empty", "test")
     assert len(test) == 10_000 and np.bincount(test.targets).tolist() == [1000] * 10
     assert test.load_image(0).size == (28, 28)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist to run this")
+@pytest.mark.parametrize("layout", ["swapped", "test_twice"])
+def test_fashion_mnist_files_of_the_other_split_are_refused(tmp_path, layout):
+    # Both loaded: the model trained on the official test set (and was tested on it), or on 10,000 images only.
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for kind in ("images-idx3", "labels-idx1"):
+        official = {prefix: Path(FASHION_MNIST_SYSTEM_DIR, f"{prefix}-{kind}-ubyte.gz") for prefix in ("train", "t10k")}
+        sources = ({"train": official["t10k"], "t10k": official["train"]} if layout == "swapped" else
+                   {"train": official["t10k"], "t10k": official["t10k"]})
+        for prefix, source in sources.items():
+            shutil.copyfile(source, folder / f"{prefix}-{kind}-ubyte.gz")
+    with pytest.raises(DatasetMetadataError, match="is Fashion-MNIST's t10k-images-idx3 file under the train name"):
+        build_dataset("fashion_mnist", tmp_path, "train")
+    if layout == "swapped":
+        with pytest.raises(DatasetMetadataError, match="is Fashion-MNIST's train-images-idx3 file under the t10k name"):
+            build_dataset("fashion_mnist", tmp_path, "test")
+    else:
+        assert len(build_dataset("fashion_mnist", tmp_path, "test")) == 10_000
+
+
+def test_a_fashion_mnist_file_with_more_items_than_the_official_one_is_refused(tmp_path):
+    write_fashion_mnist(tmp_path / "fashion-mnist", n_train=20, n_test=10_001, gz=False)
+    with pytest.raises(DatasetMetadataError, match="holds 10001 items, more than Fashion-MNIST's t10k-images-idx3"):
+        build_dataset("fashion_mnist", tmp_path, "test")
+    assert len(build_dataset("fashion_mnist", tmp_path, "train")) == 20  # fewer: a subset, which cannot be checked
 
 
 def test_digits_has_a_fixed_split_and_needs_no_root():

@@ -993,7 +993,8 @@ class _FashionMNIST:
 
     def _read(self, folder: Path, prefix: str, kind: str, ndim: int) -> np.ndarray:
         """One IDX file of ``folder`` (raw, else ``.gz``), refused when it is not Fashion-MNIST's: images other than
-        28x28, or a full-size file (all 60,000 or 10,000 items) whose content is not the official file's."""
+        28x28, the other split's official file, more items than the official file, or a full-size file (all 60,000 or
+        10,000 items) whose content is not the official file's."""
         path = folder / f"{prefix}-{kind}-ubyte"
         path = path if path.is_file() else path.with_name(f"{path.name}.gz")
         array, data = _read_idx(path, ndim)
@@ -1004,8 +1005,17 @@ class _FashionMNIST:
             raise DatasetMetadataError(f"{path} holds {array.shape[1]}x{array.shape[2]} images, but Fashion-MNIST's "
                                        "are 28x28: these are another dataset's files under Fashion-MNIST's names. "
                                        f"{get}")
-        if len(array) == FASHION_MNIST_SIZES[prefix] and \
-                hashlib.sha256(data).hexdigest() != FASHION_MNIST_SHA256[f"{prefix}-{kind}"]:
+        other = "t10k" if prefix == "train" else "train"
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == FASHION_MNIST_SHA256[f"{other}-{kind}"]:
+            raise DatasetMetadataError(f"{path} is Fashion-MNIST's {other}-{kind} file under the {prefix} name: the "
+                                       f"{'train' if prefix == 'train' else 'test'} split would read the other "
+                                       f"split's images (train and test swapped, or the same). {get}")
+        if len(array) > FASHION_MNIST_SIZES[prefix]:
+            raise DatasetMetadataError(f"{path} holds {len(array)} items, more than Fashion-MNIST's {prefix}-{kind} "
+                                       f"file ({FASHION_MNIST_SIZES[prefix]}): it is another file under that name "
+                                       f"(the other split's, or another dataset's). {get}")
+        if len(array) == FASHION_MNIST_SIZES[prefix] and digest != FASHION_MNIST_SHA256[f"{prefix}-{kind}"]:
             raise DatasetMetadataError(f"{path} is not Fashion-MNIST's {prefix}-{kind} file (its content differs from "
                                        f"the official file's; MNIST and KMNIST use the same file names). {get}")
         return array
