@@ -349,3 +349,21 @@ def test_commands_rebuilding_one_outs_tables_take_turns_so_none_writes_a_stale_t
     first.join(10)
     assert "| b | nola |" in (tmp_path / "results.md").read_text()
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_a_study_of_that_name_that_tune_did_not_make_is_refused_not_adopted(tmp_path):
+    # Adopted, its 4 trials counted as this grid's points: 0 fits ran, and a value it never fitted was "chosen".
+    import optuna
+
+    (tmp_path / "out" / "t").mkdir(parents=True)
+    foreign = optuna.create_study(study_name="t", storage=f"sqlite:///{tmp_path}/out/t/tune.db", direction="maximize")
+    for score in (0.99, 0.98):
+        trial = foreign.ask()
+        trial.suggest_float("dropout", 0, 1)
+        foreign.tell(trial, score)
+    python = counting_fit(tmp_path, fails_first=0)
+    kw = dict(out=str(tmp_path / "out"), name="t", python=python, skip_protocol=True, echo=False)
+    with pytest.raises(ValueError, match="study 't' in .* holds 2 trials that tune did not make"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **kw)
+    assert starts(tmp_path) == 0
+    assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **{**kw, "name": "u"})["val_acc"] == 0.5

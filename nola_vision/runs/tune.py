@@ -554,6 +554,11 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
             time.sleep(1.0 + attempt)
     old = study.user_attrs.get("settings")
     if old is None:
+        trials = len(study.get_trials(deepcopy=False))
+        if trials:  # its trials' scores would choose the values, as if fits of this grid had made them
+            raise ValueError(f"study {name!r} in {storage_url} holds {trials} trials that tune did not make (it "
+                             "records no tune settings: a study of another program or search); pass another --name "
+                             "or --storage")
         study.set_user_attr("settings", key)
         return study, storage, key
     differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
