@@ -103,6 +103,17 @@ def test_a_result_recording_other_seeds_than_its_folder_is_left_out_of_the_table
     assert re.search(r"split1-init0.*split_seed 7.*split seed 1.*Delete", messages[1])
 
 
+def test_a_copy_of_a_run_folder_under_a_name_with_leading_zeros_is_not_counted_again(tmp_path):
+    # split00-init0 (a backup copy) matched as a second run of seeds (0, 0): the row showed 3 runs of 2.
+    write_result(tmp_path / "row" / "split0-init0", 0, 0)
+    write_result(tmp_path / "row" / "split1-init0", 1, 0)
+    write_result(tmp_path / "row" / "split00-init0", 0, 0)
+    write_result(tmp_path / "row" / "split1-init00", 1, 0)
+    write_result(tmp_path / "row" / "split-1-init0", -1, 0)  # negative seeds are runs' own names
+    runs = sorted(Path(r["run_dir"]).name for r in collect_results(str(tmp_path)))
+    assert runs == ["split-1-init0", "split0-init0", "split1-init0"]
+
+
 @pytest.mark.parametrize("form", [["-c", "sub/x.yaml"], ["-csub/x.yaml"], ["-c=sub/x.yaml"],
                                   ["--config", "sub/x.yaml"]])
 def test_a_settings_file_override_counts_the_files_it_names_whatever_its_form(tmp_path, monkeypatch, form):

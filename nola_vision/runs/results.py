@@ -629,7 +629,8 @@ def read_result(path: Path) -> Optional[Dict[str, Any]]:
 
 # The run folders of a row: split<S>-init<I> (fits), split<S> (the k-NN baseline). Other folders (a user's copy,
 # split0-init0.bak) are not runs of the row.
-RUN_FOLDER = re.compile(r"split(?P<split>-?\d+)(-init(?P<init>-?\d+))?")
+# The seeds as runs name their folders (no leading zeros): a copy named split00-init0 is not a second run of (0, 0).
+RUN_FOLDER = re.compile(r"split(?P<split>0|-?[1-9]\d*)(-init(?P<init>0|-?[1-9]\d*))?")
 
 
 def run_seeds_mismatch(path: Path, data: Dict[str, Any]) -> Optional[str]:
