@@ -245,6 +245,22 @@ def test_replaying_the_manifest_of_a_whole_train_split_records_shots_0(folder_ro
     assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == [whole.manifest_path.name]
 
 
+def test_replaying_a_manifest_after_a_class_was_added_is_refused_naming_the_class(folder_root, tmp_path):
+    """The new class got no training image, silently, while the test split scored it; the run recorded the draw's
+    shots and seed as if it had trained on every class."""
+    drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, split_seed=7, image_size=8,
+                              split_dir=str(tmp_path / "splits"))
+    drawn.setup("fit")
+    for split in ("train", "test"):
+        (folder_root / split / "zebra").mkdir()
+        for j in range(3):
+            Image.new("RGB", (20, 16), (j, 200, 10)).save(folder_root / split / "zebra" / f"z{j}.png")
+    replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(drawn.manifest_path),
+                               image_size=8)
+    with pytest.raises(ValueError, match=r"lists no training image of 1 of the \d+ classes there now \('zebra'\)"):
+        replay.setup("fit")
+
+
 def test_a_manifest_no_seed_drew_records_no_split_seed_and_never_takes_a_draws_name(folder_root, tmp_path):
     """A hand-written manifest was recorded as the config's seed 0 and written under split_dir as seed 0's draw, so
     seed 0's real draw was then refused there as if the images had changed; a shots=0 header on a trimmed manifest

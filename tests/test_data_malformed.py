@@ -154,7 +154,12 @@ def test_a_split_file_with_uneven_classes_warns_naming_them(folder_root, tmp_pat
     manifest = tmp_path / "uneven.txt"
     manifest.write_text("train/cat/cat 00.png 0\ntrain/cat/cat 01.png 0\ntrain/dog/dog 00.png 1\n")
     dm = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(manifest), image_size=8)
-    with pytest.warns(UserWarning, match=r"2 images per class, but fewer for 2 classes \('dog' 1, 'owl' 0\); "
+    with pytest.raises(ValueError, match=r"lists no training image of 1 of the 3 classes there now \('owl'\)"):
+        dm.setup("fit")  # the head's owl output would never train, and the test split scores it
+    with manifest.open("a") as listed:
+        listed.write("train/owl/owl 00.png 2\n")
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(manifest), image_size=8)
+    with pytest.warns(UserWarning, match=r"2 images per class, but fewer for 2 classes \('dog' 1, 'owl' 1\); "
                                          r"recorded as shots=2"):
         dm.setup("fit")
     assert dm.shots == 2

@@ -263,6 +263,18 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, 
     return shots
 
 
+def _refuse_unlisted_classes(dataset: ImageDataset, indices: list[int], manifest: str) -> None:
+    """Refuse a training manifest that lists no image of some class: the head would have an output never trained
+    (a class folder added after the manifest was written), which the test split still scores."""
+    listed = {dataset.samples[i][1] for i in indices}
+    unlisted = [name for label, name in enumerate(dataset.class_names) if label not in listed]
+    if indices and unlisted:
+        raise ValueError(f"{manifest} lists no training image of {len(unlisted)} of the {len(dataset.class_names)} "
+                         f"classes there now ({', '.join(repr(n) for n in unlisted[:10])}"
+                         f"{' ...' if len(unlisted) > 10 else ''}): added after it was written, or left out of it. "
+                         "Drop split_file to draw a split of every class, or move those classes' folders away")
+
+
 def _listed_digest(samples: list[tuple[str, int]], indices: list[int]) -> str:
     """The digest a manifest's header records of the images it lists (``images=``): 16 hex digits of their sha256."""
     return digest_of(samples, FewShotSplit(indices, []))[:16]
@@ -562,6 +574,7 @@ class FewShotDataModule(L.LightningDataModule):
                if self.val_split_file else [])
         if set(indices) & set(val):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
+        _refuse_unlisted_classes(train, indices, self.split_file)
         self._record_drawn(val_shots=_images_per_class(train, val, self.val_split_file, "val_shots") if val else 0)
         recorded = manifest_settings(self.split_file)
         header = {key: int(value) for key, value in recorded.items()
