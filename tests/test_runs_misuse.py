@@ -435,3 +435,34 @@ def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 't' / 'tune.db'}")
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["PRUNED"]  # released: the next run of the command takes its point up again
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
+def test_a_worker_waiting_on_another_workers_last_trial_stops_at_once(tmp_path):
+    # It slept and looked again until the other worker's trial ended (hours for a real fit; SLURM kills 30 s after
+    # the stop), ignoring the SIGTERM it had been sent.
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", TUNE_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out), "--name",
+               "t", "--grid", "model.lr=1e-3", "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol",
+               "--data.val_shots", "2"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second = None
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("t/tune/*/*/started")) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert list(out.glob("t/tune/*/*/started")), "the first worker's fit never started"
+        second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+        time.sleep(8)  # it found the only point running elsewhere, and waits on it
+        assert second.poll() is None
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=15) == 128 + signal.SIGTERM
+        assert len(list(out.glob("t/tune/*/*/started"))) == 1  # it started no fit
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for pid in filter(alive, map(pid_in, out.glob("t/tune/*/*/started"))):
+            os.kill(pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 from ..core.storage import try_lock
 
 __all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
-           "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals", "stopping"]
+           "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals", "stopping", "stopping_within"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
@@ -128,6 +128,11 @@ def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]], pass_fds
 def stopping() -> bool:
     """Whether this process is stopping (SIGTERM or Ctrl-C): callers start no further work."""
     return _STOPPING.is_set()
+
+
+def stopping_within(seconds: float) -> bool:
+    """Wait up to ``seconds`` for a stop; whether this process is stopping (at once when it begins to)."""
+    return _STOPPING.wait(seconds)
 
 
 @contextlib.contextmanager

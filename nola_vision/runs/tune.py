@@ -50,6 +50,7 @@ from .executors import (
     failure,
     stop_runs_on_signals,
     stopping,
+    stopping_within,
 )
 from .protocol import (
     REPLAY_SPLIT,
@@ -332,7 +333,9 @@ class _Search:
                     return trial
                 if not (running - done):
                     return None
-            time.sleep(min(5.0, self.heartbeat_s))  # other workers run the last points: wait, take over if they die
+            # other workers run the last points: wait, take over if they die; a stop ends the wait at once
+            if stopping_within(min(5.0, self.heartbeat_s)):
+                return None
 
     def _params_of(self, key: str) -> Params:
         return next(p for p in self.points if _point_key(p) == key)
