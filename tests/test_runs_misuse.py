@@ -366,6 +366,19 @@ def test_the_slurm_executor_without_submitit_says_how_to_install_it(monkeypatch)
         SubmititExecutor("unused", cluster="slurm")
 
 
+@pytest.mark.parametrize("setting, option", [(dict(jobs=-3), "--jobs must be at least 1, got -3"),
+                                             (dict(time_min=0), "--slurm_time must be at least 1, got 0"),
+                                             (dict(cpus_per_task=0), "--slurm_cpus_per_task must be at least 1"),
+                                             (dict(gpus_per_node=-1), "--slurm_gpus_per_node must be at least 0")])
+def test_submitit_settings_no_job_can_run_with_are_refused_before_any_run(tmp_path, setting, option):
+    # Accepted, every run then failed with "exit -1 ... re-run to retry", which failed the same way each time.
+    pytest.importorskip("submitit")
+    from nola_vision.runs.executors import SubmititExecutor
+
+    with pytest.raises(ValueError, match=option):
+        SubmititExecutor(str(tmp_path / "submitit"), cluster="local", **setting)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
 @pytest.mark.parametrize("sigint", ["taken", "ignored"])
 def test_a_submitit_batch_left_early_cancels_its_jobs_and_their_runs(tmp_path, sigint, request):

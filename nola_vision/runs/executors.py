@@ -267,6 +267,12 @@ class SubmititExecutor(Executor):
                              "submitit, which is not installed: pip install 'nola_vision[slurm]' (or pip install "
                              f"submitit) ({err})") from err
 
+        # a job that cannot be scheduled fails every run alike ("exit -1", no output), re-run after re-run
+        for value, option, least in ((jobs, "--jobs", 1), (time_min, "--slurm_time", 1),
+                                     (cpus_per_task, "--slurm_cpus_per_task", 1),
+                                     (gpus_per_node, "--slurm_gpus_per_node", 0)):
+            if value < least:
+                raise ValueError(f"{option} must be at least {least}, got {value}")
         self.capacity, self.poll_s, self.local = jobs, poll_s, cluster == "local"
         self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         params = {"timeout_min": time_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
