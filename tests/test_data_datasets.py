@@ -507,6 +507,18 @@ def test_an_extra_cub_or_food101_class_is_named(tmp_path):
         build_dataset("food101", tmp_path / "food", "train")
 
 
+def test_a_food101_class_under_a_name_its_classes_txt_does_not_list_is_refused(tmp_path):
+    # 101 classes, one of them another dish standing in for a Food-101 class: trained and tested under its name.
+    info = write_food101(tmp_path, train_per_class=1, test_per_class=1)
+    for split in ("train", "test"):
+        meta = info["folder"] / "meta" / f"{split}.json"
+        meta.write_text(meta.read_text().replace("food_050", "my_pizza"))
+    (info["folder"] / "images" / "food_050").rename(info["folder"] / "images" / "my_pizza")
+    with pytest.raises(DatasetMetadataError, match=r"test\.json holds 1 class that .*classes\.txt does not list "
+                                                   r"\('my_pizza'\)"):
+        build_dataset("food101", tmp_path, "train")
+
+
 def test_corrupt_image_error_names_the_file(tmp_path):
     write_imagefolder(tmp_path)
     bad = tmp_path / "train" / "dog" / "dog 01.png"

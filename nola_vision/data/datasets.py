@@ -913,6 +913,13 @@ class _Food101:
                               [name for name in names if name not in official] if official else [],
                               f"Remove the classes that are not Food-101's from {meta / 'train.json'} and "
                               f"{meta / 'test.json'}, or extract {self.url} under {root} again.")
+        foreign = sorted(set(names) - official) if official else []
+        if foreign and len(names) <= FOOD101_CLASSES:  # one standing in for a class of its own would train under it
+            classes = f"{len(foreign)} class{'es' if len(foreign) > 1 else ''}"
+            raise DatasetMetadataError(
+                f"dataset '{self.name}': {meta / 'test.json'} holds {classes} that {listed} does not list "
+                f"({', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}): Food-101's classes "
+                f"under other names. Give them the archive's own names, or extract {self.url} under {root} again.")
         return names
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
