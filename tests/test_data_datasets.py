@@ -198,6 +198,16 @@ def test_caltech101_split_file_is_written_and_read_back(tmp_path):
     assert len(build_dataset("caltech101", tmp_path, "train")) == 101 * 4 + 1
 
 
+def test_cub_metadata_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    # Refused at line 1 ("got '\\ufeff1 001...'") without a word about the mark an editor had added.
+    info = write_cub(tmp_path, train_per_class=1, test_per_class=1)
+    expected = build_dataset("cub200", tmp_path, "train").samples
+    for name in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt"):
+        path = info["folder"] / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert build_dataset("cub200", tmp_path, "train").samples == expected
+
+
 @pytest.mark.parametrize("left_out", ["classes.txt", "train_test_split.txt", "image_class_labels.txt"])
 def test_a_cub_extraction_without_a_metadata_file_says_so_and_where_to_get_it(tmp_path, left_out):
     info = write_cub(tmp_path, num_classes=200, train_per_class=1, test_per_class=1)
@@ -282,8 +292,12 @@ def test_truncated_idx_file_names_the_file(tmp_path):
     folder = tmp_path / "fashion-mnist"
     write_fashion_mnist(folder, gz=False)
     path = folder / "train-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CorruptImageError, match="train-images-idx3-ubyte"):
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
+    with pytest.raises(CorruptImageError, match="train-images-idx3-ubyte is truncated"):
+        build_dataset("fashion_mnist", tmp_path, "train")
+    path.write_bytes(whole + bytes(100))  # it said "truncated" of a file with bytes appended
+    with pytest.raises(CorruptImageError, match="train-images-idx3-ubyte is longer than its header says"):
         build_dataset("fashion_mnist", tmp_path, "train")
 
 

@@ -354,7 +354,7 @@ def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
 def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
     """``(line number, stripped line)`` of a metadata text file, blank lines left out."""
     try:
-        with open(path, encoding="utf-8", errors=errors) as f:
+        with open(path, encoding="utf-8-sig", errors=errors) as f:  # a byte-order mark, as Notepad may save
             return [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as err:
         raise DatasetMetadataError(f"{path} is not a text file ({err}). {fix}") from err
@@ -959,7 +959,8 @@ def _read_idx(path: Path, ndim: int) -> tuple[np.ndarray, bytes]:
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise CorruptImageError(f"{path} is truncated: header says {shape}, found {array.size} bytes. {fix}")
+        state = "truncated" if array.size < int(np.prod(shape)) else "longer than its header says (bytes appended)"
+        raise CorruptImageError(f"{path} is {state}: header says {shape}, found {array.size} bytes. {fix}")
     return array.reshape(shape), data
 
 
