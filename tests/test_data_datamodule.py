@@ -348,6 +348,17 @@ def test_val_shots_with_a_split_file_but_no_val_split_file_is_refused_at_constru
     FewShotDataModule("digits", split_file=str(tmp_path / "train.txt"))  # a replay without validation
 
 
+@pytest.mark.parametrize("what", ["missing", "a directory"])
+def test_a_split_file_that_is_no_file_is_named_by_the_module(folder_root, tmp_path, what):
+    # read_manifest's raw FileNotFoundError / IsADirectoryError, at setup
+    manifest = tmp_path / "split.txt"
+    if what == "a directory":
+        manifest.mkdir()
+    replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(manifest), image_size=8)
+    with pytest.raises(FileNotFoundError, match=f"FewShotDataModule.split_file {manifest} is {what}: pass a manifest"):
+        replay.setup("fit")
+
+
 def test_a_manifest_that_lists_an_image_twice_is_refused(cifar10_root, tmp_path):
     dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, split_seed=0, image_size=8,
                            split_dir=str(tmp_path / "run"))

@@ -566,7 +566,12 @@ class FewShotDataModule(L.LightningDataModule):
         it (its header's ``images=`` digest), or whose header names settings that draw exactly its images, keeps them
         (``shots``, ``split_seed``); any other (written by hand, edited) records the images per class it holds as
         ``shots``, and no ``split_seed`` (None). ``val_shots`` becomes the validation manifest's images per class."""
-        for manifest in (self.split_file, self.val_split_file):
+        for field, manifest in (("split_file", self.split_file), ("val_split_file", self.val_split_file)):
+            if manifest and not Path(manifest).is_file():
+                what = "a directory" if Path(manifest).is_dir() else "missing"
+                raise FileNotFoundError(f"FewShotDataModule.{field} {manifest} is {what}: pass a manifest file a run "
+                                        "wrote under its split_dir (<dataset>_<k>shot_seed<s>_train.txt), or drop it "
+                                        "to draw the split")
             if manifest:
                 self._refuse_other_dataset(manifest)
         indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
