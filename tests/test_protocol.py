@@ -150,7 +150,7 @@ os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
     md = (out / "results.md").read_text()
     assert "| row | fake |" in md and "| 2 of 4 | 50.0 (0.0) |" in md
     assert "| full | fake |" in md and "| 2 | 50.0 (0.0) |" in md
-    assert "Fewer runs than requested (row)" in md
+    assert "Fewer runs than requested (row: split1-init0, split1-init1)" in md  # which runs it lacks
     # a later command asking for fewer seeds does not hide the missing ones; finishing them clears the flag
     run_protocol([TINY], out=str(out), name="row", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path),
                  echo=False)
@@ -158,6 +158,14 @@ os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
     run_protocol([TINY], out=str(out), name="row", split_seeds=[1], init_seeds=[0, 1], python=str(flaky), echo=False)
     md = (out / "results.md").read_text()
     assert "| 4 | 50.0 (0.0) |" in md and " of 4 |" not in md and "Fewer runs" not in md
+    # a row whose runs all failed is listed too (it was left out: the table looked complete)
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_protocol([TINY], out=str(out), name="none", split_seeds=[1], init_seeds=[0], python=str(flaky),
+                     echo=False)
+    monkeypatch.delenv("FAIL")
+    md = (out / "results.md").read_text()
+    assert "| none |  |  |  |  |  |  | 0 of 1 | no finished run |" in md and "(none: split1-init0)" in md
 
 
 @pytest.mark.parametrize("executor, init_seeds", [

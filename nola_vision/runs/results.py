@@ -740,6 +740,12 @@ def write_tables(out: str) -> List[Dict[str, Any]]:
         return _write_tables(root, out)
 
 
+def _missing_runs(name: str, missing: Set[str]) -> str:
+    """A row's name with the run folders it lacks, for the note on rows with fewer runs than requested."""
+    listed = sorted(missing)
+    return f"{name}: {', '.join(listed[:6])}{', ...' if len(listed) > 6 else ''}" if listed else name
+
+
 def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     rows = collect_results(out)
     csv_path, md_path = root / "results.csv", root / "results.md"
@@ -754,11 +760,13 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
     short, mixed = [], []
-    for s in summarise(rows):
-        asked = len(requested_runs(root / s["name"]) | finished[s["name"]])
+    summary = summarise(rows)
+    for s in summary:
+        requested = requested_runs(root / s["name"])
+        asked = len(requested | finished[s["name"]])
         runs = f"{s['runs']}" if asked == s["runs"] else f"{s['runs']} of {asked}"
         if asked != s["runs"]:
-            short.append(s["name"])
+            short.append(_missing_runs(s["name"], requested - finished[s["name"]]))
         differ = "; ".join(f"{field} {' / '.join(values)}" for field, values in s["mixed"].items())
         if differ:
             mixed.append(f"{s['name']} ({differ})")
@@ -768,6 +776,11 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {shots} | "
                      f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
                      + (f"{s['mean']:.1f} ({s['std']:.1f}) |" if not differ else "not averaged: mixed settings |"))
+    for folder in sorted(p.parent for p in root.glob(f"*/{REQUESTED_FILE}")):
+        requested = requested_runs(folder)
+        if requested and folder.name not in {s["name"] for s in summary}:  # every run failed, or none finished yet
+            lines.append(f"| {folder.name} |  |  |  |  |  |  | 0 of {len(requested)} | no finished run |")
+            short.append(_missing_runs(folder.name, requested))
     notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
              "seeds."]
     if mixed:
@@ -775,7 +788,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
                      "images, so no mean of them measures one experiment (each run is in results.csv). Redo each "
                      "setting in a row of its own: delete the row's folder, or pass another --name.")
     if short:
-        notes.append(f"Fewer runs than requested ({', '.join(short)}): their mean is over the finished runs only, so "
+        notes.append(f"Fewer runs than requested ({'; '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
                      "listed in its output and each run's log.txt).")
     write_text_atomic(md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
