@@ -367,3 +367,38 @@ def test_a_study_of_that_name_that_tune_did_not_make_is_refused_not_adopted(tmp_
         run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **kw)
     assert starts(tmp_path) == 0
     assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **{**kw, "name": "u"})["val_acc"] == 0.5
+
+
+def lr_scored_fit(tmp_path) -> str:
+    """A fake fit whose accuracy is 100 × its learning rate: validation during selection, test in the protocol."""
+    script = tmp_path / "lr_scored_fit"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[len(args) - 1 - args[::-1].index(flag) + 1]
+acc = float(value("--model.lr")) * 100
+metric = "val/acc" if "--test_after_fit" in args and value("--test_after_fit") == "false" else "test/acc"
+json.dump({{"metrics": {{metric: acc}}, "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_grown_tpe_study_whose_new_choice_its_protocol_row_refuses_leaves_best_as_it_was(tmp_path):
+    # best.json and tune_results.md named the new value while results.md kept the row measured with the old one,
+    # and the refusal said to delete the row's folder, which holds the study.
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, python=lr_scored_fit(tmp_path), sampler="tpe",
+              protocol_split_seeds=[0], protocol_init_seeds=[0], echo=False)
+    grid = {"model.lr": [0.001, 0.002, 0.003, 0.004]}
+    first = run_tune([TINY], grid, n_trials=1, **kw)["params"]["model.lr"]
+    best = tmp_path / "out" / "t" / "best.json"
+    before = best.read_text()
+    with pytest.raises(ValueError, match=r"the search now chooses --model\.lr 0\.004 .* Do not delete .* for tune: "
+                                         r"it holds the study too"):
+        run_tune([TINY], grid, n_trials=8, **kw)
+    assert first != 0.004 and best.read_text() == before
+    table = (tmp_path / "out" / "t" / "tune_results.md").read_text()
+    chosen = [line for line in table.splitlines() if "Chosen" in line]
+    assert not any("0.004" in line for line in chosen)  # the trials table is rewritten; no choice names it

@@ -58,6 +58,7 @@ from .protocol import (
     error_text,
     fit_argument_error,
     fit_command,
+    open_row,
     refuse_abbreviated_options,
     refuse_controlled_configs,
     refuse_controlled_overrides,
@@ -698,6 +699,15 @@ def run_tune(
         return None
     chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
               "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}
+    if not skip_protocol:  # the protocol row takes the new values, or nothing names them (best.* stay as they were)
+        try:
+            open_row(configs, out=out, name=name, overrides=[*overrides, *_param_args(best.params)])
+        except ValueError as error:
+            raise ValueError(f"the search now chooses {' '.join(chosen['overrides'])} (trial #{best.number}), but "
+                             f"the protocol row cannot take it: {error}. Do not delete {root} for tune: it holds "
+                             "the study too (tune.db, tune/); to measure the new choice, delete only the row's "
+                             "split*-init* folders, config.json and requested.json there. best.json and best.yaml "
+                             "still name the earlier choice") from None
     write_json_atomic(root / "best.json", chosen, check=_checked(root / "best.json"))
     write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
                       + yaml.safe_dump(_nested(best.params), sort_keys=True), check=_checked(root / "best.yaml"))
