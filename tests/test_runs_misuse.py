@@ -421,21 +421,30 @@ sys.exit(tune.main(sys.argv[2:]))
 """
 
 
+def sleeping_search(tmp_path, out, grid: str) -> list:
+    """The command line of a tune search over ``grid`` (one split and init seed) whose fits sleep (``sleeper``)."""
+    return [sys.executable, "-c", TUNE_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out), "--name", "t",
+            "--grid", grid, "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol", "--data.val_shots", "2"]
+
+
+def started_fits(out, search, timeout: float = 60) -> list:
+    """The marks of the trial fits started under ``out``, once there is one (or ``search`` ended, or ``timeout``)."""
+    deadline = time.time() + timeout
+    while not list(out.glob("t/tune/*/*/started")) and time.time() < deadline and search.poll() is None:
+        time.sleep(0.2)
+    return list(out.glob("t/tune/*/*/started"))
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
 def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_failed(tmp_path):
     # the fits Ctrl-C stopped failed the trial: its table said FAIL with "exit code -15", as if its values had failed
     import optuna
 
     out = tmp_path / "out"
-    command = [sys.executable, "-c", TUNE_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out), "--name",
-               "t", "--grid", "model.lr=1e-3,1e-2", "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol",
-               "--data.val_shots", "2"]
+    command = sleeping_search(tmp_path, out, "model.lr=1e-3,1e-2")
     search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while not list(out.glob("t/tune/*/*/started")) and time.time() < deadline and search.poll() is None:
-            time.sleep(0.2)
-        (started,) = out.glob("t/tune/*/*/started")
+        (started,) = started_fits(out, search)
         while pid_in(started) is None:
             time.sleep(0.1)
         search.send_signal(signal.SIGINT)
@@ -455,16 +464,11 @@ def test_a_worker_waiting_on_another_workers_last_trial_stops_at_once(tmp_path):
     # It slept and looked again until the other worker's trial ended (hours for a real fit; SLURM kills 30 s after
     # the stop), ignoring the SIGTERM it had been sent.
     out = tmp_path / "out"
-    command = [sys.executable, "-c", TUNE_OF_SLEEPERS, sleeper(tmp_path), "-c", TINY, "--out", str(out), "--name",
-               "t", "--grid", "model.lr=1e-3", "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol",
-               "--data.val_shots", "2"]
+    command = sleeping_search(tmp_path, out, "model.lr=1e-3")
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     second = None
     try:
-        deadline = time.time() + 60
-        while not list(out.glob("t/tune/*/*/started")) and time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
-        assert list(out.glob("t/tune/*/*/started")), "the first worker's fit never started"
+        assert started_fits(out, first), "the first worker's fit never started"
         second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   start_new_session=True)
         time.sleep(8)  # it found the only point running elsewhere, and waits on it
