@@ -245,6 +245,25 @@ def test_replaying_the_manifest_of_a_whole_train_split_records_shots_0(folder_ro
     assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == [whole.manifest_path.name]
 
 
+def test_a_manifest_whose_header_settings_were_edited_records_what_it_lists_not_the_edit(folder_root, tmp_path):
+    """Its images= digest covers the image lines only: shots and split_seed edited in the header were recorded as the
+    run's draw (into checkpoints and the names of manifests written later)."""
+    drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, split_seed=7, image_size=8,
+                              split_dir=str(tmp_path / "splits"))
+    drawn.setup("fit")
+    text = drawn.manifest_path.read_text()
+    assert re.search(r"images=[0-9a-f]{16} header=[0-9a-f]{16}\n", text)
+    for name, content, recorded in (
+            ("as_written.txt", text, (2, 7)),
+            ("edited.txt", text.replace("shots=2 split_seed=7", "shots=5 split_seed=3", 1), (2, None)),
+            ("older.txt", re.sub(r" header=[0-9a-f]{16}", "", text, count=1), (2, 7))):  # before the header digest
+        (tmp_path / name).write_text(content)
+        replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(tmp_path / name),
+                                   image_size=8)
+        replay.setup("fit")
+        assert (replay.shots, replay.split_seed) == recorded, name
+
+
 def test_replaying_a_manifest_after_a_class_was_added_is_refused_naming_the_class(folder_root, tmp_path):
     """The new class got no training image, silently, while the test split scored it; the run recorded the draw's
     shots and seed as if it had trained on every class."""

@@ -275,6 +275,12 @@ def _refuse_unlisted_classes(dataset: ImageDataset, indices: list[int], manifest
                          "Drop split_file to draw a split of every class, or move those classes' folders away")
 
 
+def _header_digest(settings: str, listed: str) -> str:
+    """The digest a manifest's header records of its settings (``key=value`` text) and its images' digest
+    (``header=``): 16 hex digits of their sha256."""
+    return hashlib.sha256(f"{settings} images={listed}".encode()).hexdigest()[:16]
+
+
 def _listed_digest(samples: list[tuple[str, int]], indices: list[int]) -> str:
     """The digest a manifest's header records of the images it lists (``images=``): 16 hex digits of their sha256."""
     return digest_of(samples, FewShotSplit(indices, []))[:16]
@@ -584,8 +590,12 @@ class FewShotDataModule(L.LightningDataModule):
         recorded = manifest_settings(self.split_file)
         header = {key: int(value) for key, value in recorded.items()
                   if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
-        # as written (the images its header's digest names), or as its settings draw them from the images now
-        unedited = recorded.get("images") == _listed_digest(train.samples, indices)
+        # as written (the images its header's digest names, under the settings written with them: a header whose
+        # shots or split_seed were edited does not record the draw), or as its settings draw them from the images now
+        listed = _listed_digest(train.samples, indices)
+        written = " ".join(f"{key}={value}" for key, value in recorded.items() if key not in ("images", "header"))
+        unedited = recorded.get("images") == listed and recorded.get("header", _header_digest(written, listed)) == \
+            _header_digest(written, listed)  # manifests written before the header digest: their images alone
         if {"shots", "split_seed"} <= set(header) and (unedited or _is_draw(
                 train, indices, header["shots"], header["split_seed"], self.val_shots if val else header.get(
                     "val_shots", 0))):
@@ -640,7 +650,8 @@ class FewShotDataModule(L.LightningDataModule):
         settings = " ".join(f"{key}={value}" for key, value in self._manifest_settings().items())
         for path, indices in manifests.items():
             listed = _listed_digest(dataset.samples, indices)  # tells a replay whether the file was edited since
-            header = f"nola_vision k-shot manifest: {settings} images={listed}\npaths are relative to {dataset.root}"
+            header = (f"nola_vision k-shot manifest: {settings} images={listed} "
+                      f"header={_header_digest(settings, listed)}\npaths are relative to {dataset.root}")
             write_manifest(path, dataset.samples, indices, header)
 
     def _manifest_settings(self) -> dict[str, str]:
