@@ -29,8 +29,7 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "copy_directory",
-           "file_in_the_way",
-           "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
+           "file_in_the_way", "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
            "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
