@@ -33,7 +33,8 @@ def replace_line(path, number: int, text: str) -> None:
     ("classes.txt", 1, "1", r"classes\.txt:1: expected"),
     ("image_class_labels.txt", 5, "5 two", r"image_class_labels\.txt:5: expected '<id> <integer>'"),
     ("image_class_labels.txt", 1, "1 0", r"image_class_labels\.txt: image id 1 has 0, expected a class id"),
-    ("image_class_labels.txt", 1, "1 3", r"image_class_labels\.txt: image id 1 has 3, expected a class id"),
+    ("image_class_labels.txt", 1, "1 3", r"image_class_labels\.txt: image id 1 has 3, expected a class id from 1 "
+                                         r"to \d+: the labels count classes\.txt's lines in order"),
     ("train_test_split.txt", 2, "2 2", r"train_test_split\.txt: image id 2 has 2, expected 1 \(train\) or 0"),
     ("train_test_split.txt", 2, "", r"train_test_split\.txt has no line for image ids \[2\]"),
 ])

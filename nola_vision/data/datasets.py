@@ -462,7 +462,8 @@ class _CUB:
         labels = _read_pairs(folder / "image_class_labels.txt", fix, integer_values=True)
         is_train = _read_pairs(folder / "train_test_split.txt", fix, integer_values=True)
         for path, values, valid, what in (
-                (folder / "image_class_labels.txt", labels, range(1, len(names) + 1), "a class id of classes.txt"),
+                (folder / "image_class_labels.txt", labels, range(1, len(names) + 1),
+                 f"a class id from 1 to {len(names)}: the labels count classes.txt's lines in order"),
                 (folder / "train_test_split.txt", is_train, (0, 1), "1 (train) or 0 (test)")):
             missing, unknown = sorted(set(images) - set(values)), sorted(set(values) - set(images))
             if missing:
