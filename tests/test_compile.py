@@ -107,8 +107,23 @@ def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_ca
     # a recompile limit, which a 12-block model's per-block hooks reached) was blamed for reading its weight directly.
     model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
     expected = copy.deepcopy(model)
-    model.blocks[0].mlp.fc1.compile(backend="eager")
+    fc1 = model.blocks[0].mlp.fc1
+    fc1.compile(backend="eager")
     with torch.no_grad():
         assert torch.equal(model(images), expected(images))
-        assert torch.equal(model(images), expected(images))  # the check stopped: its hooks are gone
+        assert torch.equal(model(images), expected(images))
+        fc1._compiled_call_impl = None  # eager again: its parent's next pass is judged, and the check completes
+        assert torch.equal(model(images), expected(images))
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.blocks.modules())
+
+
+def test_an_adapter_the_attention_never_calls_is_still_refused_eagerly_after_torch_export():
+    # Exporting traces the model's Python code (torch.compiler.is_compiling() holds there): a check that stopped for
+    # good after any traced hook let the eager passes after it through.
+    from test_timm_families import LORA_QKV, eva02
+
+    model = nv.inject(eva02(), LORA_QKV)
+    images = torch.randn(1, 3, 28, 28)
+    torch.export.export(model, (images,))
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv was never called although its parent EvaAttention ran"):
+        model(images)

@@ -371,45 +371,41 @@ class _CallCheck:
     class, so the model still pickles).
 
     Compiled code records no calls, and a compiled model can run some modules compiled and others eagerly (a
-    compiled submodule, a frame dynamo gave up on, a recompile limit): once any hook runs compiled, the check stops
-    (``compiled``), rather than blame a layer whose call it could not see.
+    compiled submodule, a frame dynamo gave up on, a recompile limit): a parent whose pass ran any hook compiled
+    (``unseen``) is not judged in that pass, rather than blame a layer whose call the check could not see; its next
+    eager pass is (and so is a model's eager pass after ``torch.export`` traced it).
     """
+
+    unseen = False  # also for checks pickled before it was kept
 
     def __init__(self, layers_by_parent: Dict[str, List[str]], parent_types: Dict[str, str]) -> None:
         self.pending = {parent: list(layers) for parent, layers in layers_by_parent.items()}
         self.parent_types = parent_types
         self.called: Dict[int, set] = {}  # by thread
         self.handles: List[RemovableHandle] = []  # removed once every parent passed
-        self.compiled = False
+        self.unseen = False  # a hook ran compiled since the last parent's eager pass began
 
-    def _unchecked(self) -> bool:
-        """Whether this call is not checked: compiled (marked, for the eager calls after it), or after one was."""
+    def _compiling(self) -> bool:
+        """Whether this hook runs compiled (or traced), marking the pass ``unseen`` (dynamo replays the assignment
+        when the compiled code runs; it only writes, so no guard depends on it)."""
         if torch.compiler.is_compiling():
-            self.compiled = True  # dynamo replays the assignment when the compiled code runs
+            self.unseen = True
             return True
-        if self.compiled and self.handles:
-            self._finish()
-        return self.compiled
-
-    def _finish(self) -> None:
-        self.pending.clear()
-        self.called.clear()
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        return False
 
     def parent_starts(self, parent: str, module: nn.Module, args: tuple) -> None:
         layers = self.pending.get(parent)
-        if layers is not None and not self._unchecked():
+        if layers is not None and not self._compiling():
+            self.unseen = False
             self.called.setdefault(threading.get_ident(), set()).difference_update(layers)
 
     def layer_called(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self.pending and not self._unchecked():
+        if self.pending and not self._compiling():
             self.called.setdefault(threading.get_ident(), set()).add(name)
 
     def parent_ends(self, parent: str, module: nn.Module, args: tuple, output: object) -> None:
         layers = self.pending.get(parent)
-        if layers is None or self._unchecked():
+        if layers is None or self._compiling() or self.unseen:
             return
         called = self.called.get(threading.get_ident(), set())
         skipped = [name for name in layers if name not in called]
@@ -423,7 +419,9 @@ class _CallCheck:
                 "inject again")
         self.pending.pop(parent, None)
         if not self.pending:
-            self._finish()
+            self.called.clear()
+            for handle in self.handles:
+                handle.remove()
 
 
 def _require_adapters_called(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
