@@ -280,6 +280,20 @@ def test_replaying_a_manifest_after_a_class_was_added_is_refused_naming_the_clas
         replay.setup("fit")
 
 
+@pytest.mark.parametrize("shots", [1, 0])
+def test_a_manifest_of_a_draw_that_found_no_training_image_of_a_class_replays(folder_root, tmp_path, shots):
+    # allow_fewer draws nothing of a class whose train folder is empty: its own manifest was refused on replay
+    for image in (folder_root / "train" / "owl").iterdir():
+        image.unlink()
+    drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=shots, allow_fewer=True, image_size=8,
+                              split_dir=str(tmp_path / "splits"))
+    drawn.setup("fit")
+    replay = FewShotDataModule("imagefolder", root=str(folder_root), split_file=str(drawn.manifest_path),
+                               image_size=8)
+    replay.setup("fit")
+    assert sorted(replay.train_manifest) == sorted(drawn.train_manifest)
+
+
 def test_a_manifest_no_seed_drew_records_no_split_seed_and_never_takes_a_draws_name(folder_root, tmp_path):
     """A hand-written manifest was recorded as the config's seed 0 and written under split_dir as seed 0's draw, so
     seed 0's real draw was then refused there as if the images had changed; a shots=0 header on a trimmed manifest

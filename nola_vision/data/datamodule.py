@@ -264,10 +264,12 @@ def _images_per_class(dataset: ImageDataset, indices: list[int], manifest: str, 
 
 
 def _refuse_unlisted_classes(dataset: ImageDataset, indices: list[int], manifest: str) -> None:
-    """Refuse a training manifest that lists no image of some class: the head would have an output never trained
-    (a class folder added after the manifest was written), which the test split still scores."""
+    """Refuse a training manifest that lists no image of a class with training images: the head would have an output
+    never trained (a class folder added after the manifest was written), which the test split still scores. A class
+    without any (a draw with ``allow_fewer`` took none) is not the manifest's doing."""
     listed = {dataset.samples[i][1] for i in indices}
-    unlisted = [name for label, name in enumerate(dataset.class_names) if label not in listed]
+    present = {label for _, label in dataset.samples}
+    unlisted = [name for label, name in enumerate(dataset.class_names) if label in present and label not in listed]
     if indices and unlisted:
         raise ValueError(f"{manifest} lists no training image of {len(unlisted)} of the {len(dataset.class_names)} "
                          f"classes there now ({', '.join(repr(n) for n in unlisted[:10])}"
