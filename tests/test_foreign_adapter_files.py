@@ -127,3 +127,17 @@ def test_keeping_the_earlier_adapter_leaves_no_staging_folder_even_after_a_kille
         _keep_previous_adapter(Path(target))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["task", "task.previous"]
     assert nv.verify_adapter(tiny_vit(), tmp_path / "task.previous", check_frozen_weights=False)
+
+
+def test_the_kept_earlier_adapter_is_an_exact_copy_without_files_of_older_ones(tmp_path):
+    # Kept through a save that keeps the other files of the folder it replaces: .previous mixed the new earlier
+    # adapter with an older one's extra files (and the warning said the older one was deleted).
+    target = nv.save_adapter(_model(), tmp_path / "task")
+    (target / "notes_v1.txt").write_text("v1")
+    with pytest.warns(UserWarning, match="kept as"):
+        _keep_previous_adapter(Path(target))
+    (target / "notes_v1.txt").unlink()
+    nv.save_adapter(_model(), target)
+    with pytest.warns(UserWarning, match="is deleted"):
+        _keep_previous_adapter(Path(target))
+    assert sorted(os.listdir(tmp_path / "task.previous")) == sorted(os.listdir(target))

@@ -381,15 +381,17 @@ def _refuse_unwritable(target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
+                     keep_others: bool = True) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds, it replaces the directory ``path`` in one step.
 
     Writers of one directory are serialised by ``fcntl.flock`` on a ``.<name>.lock`` file beside it (left there;
     Windows has no lock, so concurrent writers there must be avoided by the caller). Under the lock, leftovers of
     a killed save of this directory (``.<name>.staged-*``, ``.<name>.old-*`` siblings) are removed first. Files and
     folders of the old directory that the block did not write are hard-linked (copied where links are refused)
-    into the staging directory, so the user's other files are never moved and a reader sees them in both sets;
-    the staged directory and the folders re-created in it get the old ones' mode, group and (for root) owner.
+    into the staging directory, so the user's other files are never moved and a reader sees them in both sets
+    (``keep_others=False``: the block's files alone make the new set, an exact copy of something else); the
+    staged directory and the folders re-created in it get the old ones' mode, group and (for root) owner.
     The staged set then replaces the old one: on Linux with ``renameat2(RENAME_EXCHANGE)`` and on macOS with
     ``renamex_np(RENAME_SWAP)``, one atomic step, so ``path`` always names a complete set and a reader (see
     ``read_files``) gets the whole old or the whole new one; elsewhere, or on filesystems without an atomic
@@ -414,7 +416,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
             with _explained_if_out_of_room(target, unchanged):
                 yield staged
                 written = os.listdir(staged)
-                old = _keep_unwritten_entries(target, staged)
+                old = _keep_unwritten_entries(target, staged) if keep_others else _stat_or_none(target)
                 _fsync_entries(staged, written)
             if check is not None:
                 check()
@@ -427,10 +429,10 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None)
 
 
 def copy_directory(source: PathLike, destination: PathLike) -> Path:
-    """Replace the directory ``destination`` by the files of ``source``, hard-linked where the filesystem allows, as
-    ``atomic_directory`` writes: it names the old copy or the new one, and a killed copy's staging folder is removed
-    by the next one."""
-    with atomic_directory(destination) as staged:
+    """Replace the directory ``destination`` by an exact copy of ``source`` (files hard-linked where the filesystem
+    allows), as ``atomic_directory`` writes: it names the old copy or the new one, and a killed copy's staging folder
+    is removed by the next one."""
+    with atomic_directory(destination, keep_others=False) as staged:
         shutil.copytree(source, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
     return Path(destination)
 
