@@ -110,3 +110,19 @@ def test_a_float64_tensor_below_float32s_range_is_refused_at_save_not_stored_as_
     nv.save_adapter(model, tmp_path / "adapter", bits=bits)
     config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
     assert config["format"].startswith("nola_vision.adapter/")
+
+
+def test_a_tensor_just_below_float16s_normal_range_still_switches_into_a_float16_model(tmp_path):
+    # A LoRA B of |b| ~ 3e-5 (stored as float32: float16 would round it by 0.1%) was refused by a float16 model
+    # whose adapters are injected already, as if it would lose most of its digits.
+    model = as_if_trained(nv.inject(tiny_vit(), LORA), 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.mul_(3e-5 / parameter.abs().max())
+    directory, _ = saved(tmp_path, model=model)
+    serving = nv.inject(tiny_vit(), LORA).half()
+    nv.load_adapter(serving, directory)
+    loaded = dict(serving.named_parameters())["blocks.0.attn.qkv.lora_B"].float()
+    expected = dict(model.named_parameters())["blocks.0.attn.qkv.lora_B"]
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=2**-25)  # half float16's subnormal step

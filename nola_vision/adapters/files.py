@@ -494,15 +494,16 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
                      "digits: an adapter file holds at most float32")
 
 
-def _lossless_in(value: Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``value`` cast to ``dtype`` stays finite and within half a ``dtype`` step at its largest value of it:
-    a tensor in the dtype's normal range always does, one that would overflow or sink into subnormals does not."""
+def _lossless_in(value: Tensor, dtype: torch.dtype, steps: float = 0.5) -> bool:
+    """Whether ``value`` cast to ``dtype`` stays finite and within ``steps`` ``dtype`` steps at its largest value of
+    it (half a step: what rounding gives a tensor in the dtype's normal range; one that would overflow or sink into
+    subnormals goes beyond)."""
     if not value.numel() or value.dtype == dtype:
         return True
     exact, cast = value.double(), value.to(dtype).double()
     if not bool(torch.isfinite(cast).all()):
         return False
-    return float((cast - exact).abs().max()) <= torch.finfo(dtype).eps / 2 * float(exact.abs().max())
+    return float((cast - exact).abs().max()) <= torch.finfo(dtype).eps * steps * float(exact.abs().max())
 
 
 def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False) -> Tuple[Tensor, List[float]]:
@@ -995,7 +996,8 @@ def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
     default = next((p.dtype for p in parameters.values() if p.is_floating_point()), torch.float32)
     for name, value in values.items():
         dtype = parameters[name].dtype if name in parameters else default
-        if not value.numel() or not dtype.is_floating_point or _lossless_in(value, dtype):
+        # up to 8 steps at its largest value (0.8% in float16: a tensor just below the normal range still loads)
+        if not value.numel() or not dtype.is_floating_point or _lossless_in(value, dtype, steps=8):
             continue
         largest = float(value.abs().max())
         if largest > torch.finfo(dtype).max:
@@ -1005,7 +1007,8 @@ def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
         if name in parameters:  # an adapter not yet injected gets float32 parameters
             raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g} only, below the normal range of "
                                    f"the {dtype} of this model (from {torch.finfo(dtype).tiny:.2g}): they would load "
-                                   "as zeros or lose most of their digits. Load it onto a float32 or bfloat16 model")
+                                   "as zeros or as subnormals of a few digits. Load it onto a float32 or bfloat16 "
+                                   "model")
 
 
 def layer_shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
