@@ -596,8 +596,9 @@ class FewShotDataModule(L.LightningDataModule):
         # shots or split_seed were edited does not record the draw), or as its settings draw them from the images now
         listed = _listed_digest(train.samples, indices)
         written = " ".join(f"{key}={value}" for key, value in recorded.items() if key not in ("images", "header"))
-        unedited = recorded.get("images") == listed and recorded.get("header", _header_digest(written, listed)) == \
-            _header_digest(written, listed)  # manifests written before the header digest: their images alone
+        settings_digest = _header_digest(written, listed)
+        # manifests written before the header digest: their images alone
+        unedited = recorded.get("images") == listed and recorded.get("header", settings_digest) == settings_digest
         if {"shots", "split_seed"} <= set(header) and (unedited or _is_draw(
                 train, indices, header["shots"], header["split_seed"], self.val_shots if val else header.get(
                     "val_shots", 0))):

@@ -760,8 +760,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
     short, mixed = [], []
-    summary = summarise(rows)
-    for s in summary:
+    for s in summarise(rows):
         requested = requested_runs(root / s["name"])
         asked = len(requested | finished[s["name"]])
         runs = f"{s['runs']}" if asked == s["runs"] else f"{s['runs']} of {asked}"
@@ -778,7 +777,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
                      + (f"{s['mean']:.1f} ({s['std']:.1f}) |" if not differ else "not averaged: mixed settings |"))
     for folder in sorted(p.parent for p in root.glob(f"*/{REQUESTED_FILE}")):
         requested = requested_runs(folder)
-        if requested and folder.name not in {s["name"] for s in summary}:  # every run failed, or none finished yet
+        if requested and folder.name not in finished:  # every run failed, or none finished yet
             lines.append(f"| {folder.name} |  |  |  |  |  |  | 0 of {len(requested)} | no finished run |")
             short.append(_missing_runs(folder.name, requested))
     notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
