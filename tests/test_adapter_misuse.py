@@ -149,6 +149,21 @@ def test_a_quantisation_aware_head_serves_several_threads_and_keeps_its_trained_
             assert torch.equal(copied(IMAGES), expected)
 
 
+def test_merge_and_unmerge_of_a_model_without_adapters_say_to_inject_first():
+    """A never-injected or unloaded model is refused, not returned unchanged as if merged; a linear probe (an
+    injected model without adapter layers) merges as the no-op it is."""
+    model = tiny_vit()
+    for action in (nv.merge, nv.unmerge):
+        with pytest.raises(ValueError, match=f"nv.{action.__name__}: VisionTransformer has no nola_vision adapters.*"
+                                             "call nv.inject"):
+            action(model)
+    nv.unload(nv.merge(nv.inject(model, NOLA)))
+    with pytest.raises(ValueError, match="nothing to merge"):
+        nv.merge(model)
+    probe = nv.inject(tiny_vit(), "linear")
+    assert nv.unmerge(nv.merge(probe)) is probe
+
+
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():
     model = tiny_vit()
     with pytest.raises(ValueError, match="has no nola_vision adapters.*call nv.inject"):

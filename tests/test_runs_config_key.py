@@ -3,6 +3,7 @@ recursively, relative to the naming file's folder as fit's parser resolves them)
 import hashlib
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -228,7 +229,17 @@ def test_a_row_recorded_with_an_override_file_before_files_counted_by_bytes_is_t
     (tmp_path / "row").mkdir()
     (tmp_path / "row" / "config.json").write_text(json.dumps(earlier))
     claim_row(tmp_path / "row", key)  # unchanged settings: the row goes on, its record upgraded
-    assert json.loads((tmp_path / "row" / "config.json").read_text()) == key
+    upgraded = json.loads((tmp_path / "row" / "config.json").read_text())
+    assert upgraded == {**key, "earlier_config_hashes": [earlier["config_hash"]]}
+    for run, config_hash in (("split0-init0", earlier["config_hash"]), ("split1-init0", key["config_hash"]),
+                             ("split2-init0", "0123456789abcdef")):  # the last: a run folder of another row
+        (tmp_path / "row" / run).mkdir()
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": {"method": "nola", "shots": 4}, "config_hash": config_hash}))
+    with pytest.warns(UserWarning, match="split2-init0.*made with other settings .hash 0123456789abcdef"):
+        assert len(collect_results(str(tmp_path))) == 2  # the runs of before and after the upgrade
+    for run in ("split0-init0", "split1-init0", "split2-init0"):
+        shutil.rmtree(tmp_path / "row" / run)
     (tmp_path / "row" / "config.json").write_text(json.dumps(earlier))
     Path("t.yaml").write_text("max_epochs: 3\n")  # changed since: refused
     with pytest.raises(ValueError, match="holds runs made with other settings"):

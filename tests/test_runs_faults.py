@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -211,6 +212,29 @@ def test_the_same_overrides_in_another_order_are_the_same_protocol_row(tmp_path)
     with pytest.raises(ValueError, match=r"overrides: --data\.shots=2 -> --data\.shots=3; \(not given\) -> "
                                          r"--model\.lr=1e-3; --trainer\.max_epochs=1 -> \(not given\)"):
         run_protocol([TINY], split_seeds=[3], overrides=["--model.lr", "1e-3", "--data.shots", "3"], **kw)
+
+
+def test_a_run_folder_copied_from_a_row_with_other_settings_is_left_out_of_its_tables(tmp_path):
+    """Rows that differ only in a setting the results do not record (the learning rate): a run folder copied from
+    one into the other carries the other row's settings hash and is not averaged into it."""
+    import shutil
+
+    from nola_vision.runs.results import collect_results
+    python = fake_python(tmp_path)
+    kw = dict(out=str(tmp_path / "out"), init_seeds=[0], python=python, echo=False)
+    for name, lr, split in (("a", "1e-3", 0), ("b", "2e-3", 1)):
+        run_protocol([TINY], name=name, split_seeds=[split], overrides=["--model.lr", lr], **kw)
+    shutil.copytree(tmp_path / "out" / "a" / "split0-init0", tmp_path / "out" / "b" / "split0-init0")
+    with pytest.warns(UserWarning, match=r"b/split0-init0/result\.json was made with other settings .* a run folder "
+                                         r"of another row, so it is left out"):
+        rows = collect_results(str(tmp_path / "out"))
+    assert sorted((r["name"], r["split_seed"]) for r in rows) == [("a", 0), ("b", 1)]
+    shutil.rmtree(tmp_path / "out" / "b" / "split0-init0")  # as the warning says: redone with b's settings
+    run_protocol([TINY], name="b", split_seeds=[0, 1], overrides=["--model.lr", "2e-3"], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = collect_results(str(tmp_path / "out"))
+    assert sorted((r["name"], r["split_seed"]) for r in rows) == [("a", 0), ("b", 0), ("b", 1)]
 
 
 def test_overrides_whose_order_changes_what_fit_sets_stay_apart_and_the_refusal_says_so(tmp_path):

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisBank
 from .config import AdapterConfig
 from .fingerprint import record_merged
-from .layer import AdaptedLinear, adapted_layers, has_hooks
+from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
     checkpointed_models,
     combine_shared_factors,
@@ -40,9 +40,6 @@ from .warn import warn_user
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits", "replace_module",
            "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
            "statistics_layers", "unload", "unwrap_model"]
-
-STATE_ATTRIBUTE = "nola_adapter"
-
 
 @dataclass
 class AdapterState:

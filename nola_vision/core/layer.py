@@ -635,9 +635,18 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
 
 
+STATE_ATTRIBUTE = "nola_adapter"  # the attribute ``nv.inject`` gives the model it adapts (its ``AdapterState``)
+
+
 def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
     """Every adapter layer of the model by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def is_injected(model: nn.Module) -> bool:
+    """Whether ``model`` or a module in it went through ``nv.inject`` (a linear probe or full fine-tuning adapts no
+    layer) or holds adapter layers."""
+    return any(hasattr(module, STATE_ATTRIBUTE) or isinstance(module, AdaptedLinear) for module in model.modules())
 
 
 class _RetakingHandle(RemovableHandle):

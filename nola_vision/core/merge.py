@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
-from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision
+from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
@@ -184,7 +184,7 @@ def merge(model: nn.Module) -> nn.Module:
     model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged. Nothing is recorded
     for autograd, so the basis bank keeps the shared bases' codes, which a task switch reads again.
     """
-    require_module(model, "merge")
+    _require_injected(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
     records = frozen_fingerprint(model, valued)["modules"] if valued else {}
@@ -200,6 +200,15 @@ def merge(model: nn.Module) -> nn.Module:
             layer.merge(checked.get(name))
             layer.unmerged_record = records.get(name)
     return model
+
+
+def _require_injected(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model without adapters: returning it unchanged would look like a merge (or unmerge)
+    that took place."""
+    require_module(model, action)
+    if not is_injected(model):
+        raise ValueError(f"nv.{action}: {type(model).__name__} has no nola_vision adapters (never injected, or "
+                         f"unloaded): there is nothing to {action}; call nv.inject or nv.load_adapter first")
 
 
 def delta_factors_of_values(pairs: Sequence[Tuple[AdaptedLinear, Dict[str, Tensor]]]) -> List[Tuple[Tensor, Tensor]]:
@@ -253,7 +262,7 @@ def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
     happened to its trained tensors since (an optimizer step while merged)."""
-    require_module(model, "unmerge")
+    _require_injected(model, "unmerge")
     layers = [layer for layer in adapted_layers(model).values() if layer.merged]
     with torch.no_grad():
         factors = merged_delta_factors(layers)

@@ -45,6 +45,8 @@ __all__ = ["CONFIG_FILE", "CSV_FIELDS", "JOB_LOCK_FILE", "MAX_SEED", "RESULT_FIL
 RESULT_FILE = "result.json"
 TABLES_LOCK = "results"  # writer_lock(<out>/results): .results.lock, held while the tables are rebuilt
 CONFIG_FILE = "config.json"
+# The field of a row's config.json listing the hashes of earlier records of its settings, which its runs may carry
+EARLIER_HASHES = "earlier_config_hashes"
 REQUESTED_FILE = "requested.json"
 STAMP_FILE = ".stamp.json"  # in a run folder: what the command that started its fit stamps on its result
 JOB_LOCK_FILE = ".job"  # in a run folder: locked by the cluster job that runs its fit (``executors.claimed_job``)
@@ -473,12 +475,13 @@ def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
         if hashes - {None, key["config_hash"]}:
             raise ValueError(f"{root} holds runs made with other settings than now; pass another --name for a "
                              f"separate row, or delete {root} to redo it")
-        write_json_atomic(path, key)
+        write_json_atomic(path, {**key, EARLIER_HASHES: []})
         return key
     if old.get("config_hash") == key["config_hash"] or same_settings(old, key):
         return old
     if "files" not in old and _recorded_by_earlier_key(old, key):
-        write_json_atomic(path, key)  # the same settings, recorded before named files counted by their bytes
+        # the same settings, recorded before named files counted by their bytes: its runs carry the earlier hash
+        write_json_atomic(path, {**key, EARLIER_HASHES: [old["config_hash"], *old.get(EARLIER_HASHES, [])]})
         return key
     diffs = []
     if old.get("config_sha256") != key["config_sha256"]:
@@ -497,6 +500,19 @@ def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
                      f"their results would be averaged into one row. Pass another --name for a separate row, "
                      f"or delete {root} to redo this one")
+
+
+def _row_hashes(root: Path) -> Optional[Set[str]]:
+    """The settings hashes a run of the row at ``root`` may carry (its ``config.json``'s, and those it replaced when
+    an earlier version's record of the same settings was upgraded), or None where that is not known: no readable
+    ``config.json``, or one written before it listed the hashes it replaced."""
+    try:
+        recorded = json.loads((root / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get(EARLIER_HASHES), list):
+        return None
+    return {str(recorded.get("config_hash")), *map(str, recorded[EARLIER_HASHES])}
 
 
 def _is_row_config(path: Path) -> bool:
@@ -652,6 +668,17 @@ _RESULT_FIELDS = {"config": dict, "parameter_counts": dict, "data": dict, "epoch
                   "wall_s": (int, float, str)}
 
 
+def _foreign_settings(path: Path, data: Dict[str, Any], hashes: Optional[Set[str]]) -> Optional[str]:
+    """Why a result (at ``path``) is not a run of its row, or None: it carries a settings hash its row never recorded
+    (a run folder copied from another row), so averaging it would mix two rows' settings (``hashes``: the row's)."""
+    recorded = data.get("config_hash")
+    if hashes is None or recorded is None or str(recorded) in hashes:
+        return None
+    return (f"{path} was made with other settings (hash {recorded}) than its row records in "
+            f"{path.parent.parent / CONFIG_FILE} ({', '.join(sorted(hashes))}): a run folder of another row, so it is "
+            f"left out of the tables. Delete {path.parent} to redo the run")
+
+
 def _malformed_result(path: Path, data: Dict[str, Any]) -> Optional[str]:
     """Why a counted result (at ``path``) cannot be tabled, or None: a field of another type than fit writes
     (hand-edited, or another tool's), which would stop the tables of every row under ``out``."""
@@ -669,14 +696,20 @@ def _malformed_result(path: Path, data: Dict[str, Any]) -> Optional[str]:
 def collect_results(out: str) -> List[Dict[str, Any]]:
     """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
     metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; so is, with a
-    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``) or holds a field of another
-    type than fit writes: one bad run never stops the tables of every row under ``out``."""
+    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``), another settings hash than
+    its row's (``_foreign_settings``) or a field of another type than fit writes: one bad run never stops the tables
+    of every row under ``out``."""
     rows = []
+    hashes: Dict[Path, Optional[Set[str]]] = {}
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
         data = read_result(path)
         if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
             continue
-        mismatch = run_seeds_mismatch(path, data) or _malformed_result(path, data)
+        row = path.parent.parent
+        if row not in hashes:
+            hashes[row] = _row_hashes(row)
+        mismatch = (run_seeds_mismatch(path, data) or _foreign_settings(path, data, hashes[row])
+                    or _malformed_result(path, data))
         if mismatch is not None:
             warn_user(mismatch)
             continue
