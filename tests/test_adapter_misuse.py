@@ -427,3 +427,41 @@ def test_every_file_entry_point_refuses_a_path_that_is_not_one_by_its_name(path)
         for call in entry_points:
             with pytest.raises(ValueError, match=f"^{argument} must be a path, got {path!r}"):
                 call()
+
+
+def test_a_head_replaced_by_hand_is_saved_and_checked_by_its_own_class_count(tmp_path):
+    """``model.head = nn.Linear(d, 7)`` leaves timm's ``num_classes`` at 5: the file records the head's 7 classes
+    (with 7 names), loads onto the same model, and a 7-class file loads onto such a model."""
+    def hand_headed():
+        model = tiny_vit(num_classes=5)
+        model.head = torch.nn.Linear(64, 7)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(7, 64, generator=torch.Generator().manual_seed(3)))
+        return model
+
+    model = as_if_trained(nv.inject(hand_headed(), NOLA), 1, scale=0.3)
+    nv.save_adapter(model, tmp_path / "a", bits=32, class_names=list("abcdefg"))
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["num_classes"] == 7
+    fresh = hand_headed()
+    assert nv.verify_adapter(fresh, tmp_path / "a").class_names == list("abcdefg")
+    nv.load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(IMAGES), model.eval()(IMAGES))
+    with pytest.raises(AdapterLoadError, match="adapter has a 7-class head but the model has 5 classes"):
+        nv.load_adapter(tiny_vit(num_classes=5), tmp_path / "a")
+
+
+def test_an_adapter_tensor_replaced_with_another_shape_is_refused_before_a_load_copies_anything(tmp_path):
+    model = trained()
+    nv.save_adapter(model, tmp_path / "a", bits=32)
+    target = nv.inject(tiny_vit(), NOLA)
+    before = {name: p.detach().clone() for name, p in target.named_parameters() if p.requires_grad}
+    target.blocks[1].mlp.fc1.nola_beta = torch.nn.Parameter(torch.zeros(3))  # the user's, of another shape
+    for action in (nv.verify_adapter, nv.load_adapter):
+        with pytest.raises(AdapterLoadError, match=r"blocks\.1\.mlp\.fc1\.nola_beta has \(3,\), injected as "):
+            action(target, tmp_path / "a")
+    assert all(torch.equal(p, before[name]) for name, p in target.named_parameters() if name in before
+               and p.shape == before[name].shape)  # nothing copied
+    with pytest.raises(ValueError, match="changed after inject"):
+        nv.save_adapter(target, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -2,6 +2,7 @@
 checkpointing with other input forms, parametrized layers, and configs that could never train."""
 import copy
 import io
+import re
 from functools import partial
 
 import pytest
@@ -162,9 +163,22 @@ def test_targets_that_cannot_fit_say_why():
                                          "\\('vit_tiny_patch16_224'\\)"):
         nv.create_model("vit_tiny_patch16_224_nola", adapter="lora", pretrained=False, **TINY_VIT)
     # a regex written as a suffix: the layers it names were listed, with nothing saying why it matched none of them
-    with pytest.raises(ValueError, match=r"A regex matches the whole dotted name: '\.\*mlp.fc\[12\]' selects "
+    with pytest.raises(ValueError, match=r"A regex matches the whole dotted name: '\.\*\\\.mlp.fc\[12\]' selects "
                                          r"blocks.\*.mlp.fc1, blocks.\*.mlp.fc2\. Its Linear layers"):
         nv.inject(tiny_vit(), nv.LoRAConfig(targets=[r"mlp.fc[12]"]))
+    # the hint is a pattern that selects what it says: an alternation grouped (ungrouped, '.*' bound to the first
+    # alternative only: 'attn.q|mlp.fc1' adapted q alone), a fused qkv's thirds among what it selects
+    for pattern, said, selected in (
+            ("mlp.fc1|mlp.fc2", {"mlp.fc1", "mlp.fc2"}, {"mlp.fc1": ((0, 256),), "mlp.fc2": ((0, 64),)}),
+            ("attn.q|mlp.fc1", {"attn.q", "mlp.fc1"}, {"attn.qkv": ((0, 64),), "mlp.fc1": ((0, 256),)}),
+            ("attn.[qv]", {"attn.q", "attn.v"}, {"attn.qkv": ((0, 64), (128, 192))})):
+        with pytest.raises(ValueError, match="A regex matches the whole dotted name") as refused:
+            nv.inject(tiny_vit(), nv.LoRAConfig(targets=[pattern]))
+        hint = re.search(r"name: '(.*?)' selects (.*?)\. Its", str(refused.value))
+        assert {name.replace("blocks.*.", "") for name in hint.group(2).split(", ")} == said
+        model = nv.inject(tiny_vit(), nv.LoRAConfig(targets=[hint.group(1)]))
+        assert {name.replace("blocks.0.", ""): layer.slices for name, layer in nv.adapted_layers(model).items()
+                if name.startswith("blocks.0.")} == selected
     with pytest.raises(ValueError, match=r"the model is itself an nn.Linear.* \(nn.Sequential\(linear\)"):
         nv.inject(nn.Linear(8, 8), nv.LoRAConfig(targets=["x"]))  # listed no layers: "Its Linear layers are: "
     # a ViT built without blocks was said to be made of convolutions or fused ops

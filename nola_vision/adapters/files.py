@@ -227,10 +227,12 @@ def _arguments(module: nn.Module, names: Tuple[str, ...]) -> str:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    """The class count of the model's classifier (timm's ``num_classes``, else the head's out_features)."""
-    if hasattr(model, "num_classes"):
-        return int(model.num_classes)
-    return int(getattr(classifier_head(model), "out_features", 0))
+    """The class count of the model's classifier: its head's ``out_features``, which a head replaced by hand
+    (``model.head = nn.Linear(d, 7)``) changes while timm's ``num_classes`` stays; else ``num_classes``, else 0."""
+    outputs = getattr(classifier_head(model), "out_features", None)
+    if isinstance(outputs, int):
+        return outputs
+    return int(getattr(model, "num_classes", 0))
 
 
 def _sha256(data: bytes) -> str:
@@ -277,7 +279,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
             raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
                              f"wrapping): save that module, save_adapter(model.get_submodule({inner!r}), directory)")
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
-    state.plan.require_same_head(model)
+    state.plan.require_same_trained(model)
     bits = require_bits(bits)
     if state.config.train_backbone and bits < 16:
         raise ValueError(f"bits={bits} stores each tensor as {bits}-bit codes over its own range: fine for adapter "
@@ -950,11 +952,12 @@ def _check_head_stored(plan: InjectionPlan, document: dict, stored: Dict[str, Te
 
 
 def _check_injected_head(model: nn.Module) -> None:
-    """An injected model still has the head its adapters were injected with (not one from reset_classifier)."""
+    """An injected model still has the head its adapters were injected with (not one from reset_classifier), and its
+    adapter tensors their shapes."""
     state = adapter_state(model)
     if state is not None:
         try:
-            state.plan.require_same_head(model)
+            state.plan.require_same_trained(model)
         except ValueError as error:
             raise AdapterLoadError(str(error)) from error
 

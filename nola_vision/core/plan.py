@@ -116,6 +116,20 @@ class InjectionPlan:
         current = {name: tuple(p.shape) for name, p in model.named_parameters() if name in names}
         return current, {name: self.trained_shapes[name] for name in self.head_names}
 
+    def require_same_trained(self, model: nn.Module) -> None:
+        """``require_same_head``, and raise unless every other trained tensor still has its planned shape: a parameter
+        replaced after inject (``layer.nola_beta = nn.Parameter(...)``) would be saved in a file no model loads, or
+        fail a load halfway through copying a file's tensors into the model."""
+        self.require_same_head(model)
+        shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+        changed = [f"{name} has {shapes.get(name, 'no parameter')}, injected as {shape}"
+                   for name, shape in self.trained_shapes.items()
+                   if name not in self.head_names and shapes.get(name) != shape]
+        if changed:
+            raise ValueError(f"{len(changed)} trained tensor(s) changed after inject ({'; '.join(changed[:3])}"
+                             f"{'; ...' if len(changed) > 3 else ''}): give them back their shapes, or re-inject "
+                             "(nv.unload(model), then nv.inject(model, config))")
+
     def require_same_head(self, model: nn.Module) -> None:
         """Raise unless the model's classifier head has the parameters (names, shapes) this plan was made for:
         ``model.reset_classifier(n)`` after ``inject`` replaces the head that adapters, files and counts describe."""

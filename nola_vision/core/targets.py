@@ -241,17 +241,22 @@ def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: 
 
 
 def _suffix_regex_hint(pattern: str, linears: List[str]) -> str:
-    """For a regex written as a name suffix (``mlp.fc[12]``): that a regex matches the whole dotted name, and the
-    pattern that selects what it would match as a suffix."""
+    """For a regex written as a name suffix (``mlp.fc[12]``, ``attn.q|attn.v``): that a regex matches the whole dotted
+    name, and a pattern that does, with what it selects as a target (the thirds of a fused qkv included)."""
+    suggestion = rf".*\.(?:{pattern})" if "|" in pattern else rf".*\.{pattern}"
     try:
-        suffix = re.compile(rf"(?:.*\.)?(?:{pattern})")
+        re.compile(suggestion)
     except re.error:
         return ""
-    found = [name for name in linears if suffix.fullmatch(name)]
+    found = []
+    for name in linears:
+        if _matches(name, suggestion):
+            found.append(name)
+        else:
+            found += [virtual for virtual in _virtual_thirds(name).values() if _matches(virtual, suggestion)]
     if not found:
         return ""
-    return (f"A regex matches the whole dotted name: {'.*' + pattern!r} selects "
-            f"{', '.join(_summarise_names(found))}. ")
+    return f"A regex matches the whole dotted name: '{suggestion}' selects {', '.join(_summarise_names(found))}. "
 
 
 def _virtual_thirds(name: str) -> Dict[str, str]:
