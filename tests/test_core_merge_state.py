@@ -447,3 +447,19 @@ def test_a_model_on_the_meta_device_merges_for_its_shapes_but_its_files_are_refu
     with pytest.raises(nv.AdapterLoadError, match="meta device.*materialize the model first") as refused:
         nv.load_adapter(model, tmp_path / "adapter")
     assert "install the nola_vision version" not in str(refused.value)  # the fingerprint is comparable: not advised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_merging_an_update_that_is_not_finite_is_refused_before_any_weight_changes(key, dtype):
+    """A NaN coefficient (a diverged step) merged turned the whole frozen weight into NaN, which unmerge cannot undo
+    (float16 blamed its range instead)."""
+    model = _adapted(key).to(dtype)
+    before = _weights(model)
+    name, layer = list(nv.adapted_layers(model).items())[-1]
+    with torch.no_grad():
+        next(iter(layer.adapter_parameters().values())).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"nv.merge: {name}'s update is not finite .*no weight was changed"):
+        nv.merge(model)
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())
+    assert all(torch.equal(layer.weight, before[n]) for n, layer in nv.adapted_layers(model).items())

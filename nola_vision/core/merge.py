@@ -189,17 +189,29 @@ def merge(model: nn.Module) -> nn.Module:
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
     records = frozen_fingerprint(model, valued)["modules"] if valued else {}
     with torch.no_grad(), batched_factors(model):
-        # a float16 model's layers checked before any weight changes, with the factors their merge then adds
-        checked = {name: layer.delta_factors() for name, layer in unmerged.items() if layer.merge_can_overflow}
+        # every layer checked before any weight changes, with the factors its merge then adds
+        checked = {name: layer.delta_factors() for name, layer in unmerged.items()}
         for name, factors in checked.items():
+            _require_finite_update(name, factors)
             overflow = unmerged[name].low_rank_overflow(*factors)
             if overflow is not None:
                 raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
         for name, layer in unmerged.items():
-            layer.merge(checked.get(name))
+            layer.merge(checked[name])
             layer.unmerged_record = records.get(name)
     return model
+
+
+def _require_finite_update(name: str, factors: Tuple[Tensor, Tensor]) -> None:
+    """Refuse to merge a layer's update that is not finite (trained tensors holding NaN or inf): it would turn the
+    whole frozen weight into NaN, which no unmerge gives back."""
+    if any(factor.is_meta for factor in factors) or all(bool(torch.isfinite(factor).all()) for factor in factors):
+        return
+    raise ValueError(f"nv.merge: {name}'s update is not finite (its trained tensors hold NaN or inf: a diverged "
+                     "training step?): merged, it would turn the frozen weight into NaN, which nv.unmerge cannot "
+                     "undo; no weight was changed. Train or load finite values first (nv.load_adapter of a saved "
+                     "adapter)")
 
 
 def _require_injected(model: nn.Module, action: str) -> None:
