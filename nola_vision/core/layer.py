@@ -399,8 +399,14 @@ class AdaptedLinear(nn.Module):
             f"{name}.act in place, and it may be changed afterwards)")
 
     def _add_low_rank(self, a: Tensor, b: Tensor) -> None:
-        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower)."""
-        self.weight.addmm_(b.t().to(self.weight.dtype), a.t().to(self.weight.dtype))
+        """weight += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times slower). A float64 weight adds
+        the product formed aside: float64 addmm_ rounds an update added and then subtracted unevenly, so merge and
+        unmerge cycles drifted the weight by about 0.7 of its rounding step each."""
+        left, right = b.t().to(self.weight.dtype), a.t().to(self.weight.dtype)
+        if self.weight.dtype == torch.float64:
+            self.weight.add_(left @ right)
+        else:
+            self.weight.addmm_(left, right)
 
     @property
     def merge_can_overflow(self) -> bool:
