@@ -2,7 +2,7 @@
 
 The module holds the *what* of a few-shot run (backbone, adapter, loss, metrics, optimiser, schedule); the
 Trainer holds the *how*. Its typed ``__init__`` arguments are the ``model:`` section of a LightningCLI config.
-Checkpoints hold only trained tensors (adapter coefficients and head, a few KB) plus the hyper-parameters:
+Checkpoints hold only trained tensors (adapter coefficients and head, tens of KB) plus the hyper-parameters:
 the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_file`` when loading.
 """
 from __future__ import annotations
