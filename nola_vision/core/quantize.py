@@ -140,9 +140,19 @@ def _fake_quantize_op(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
 
 
 def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
-    """``values`` coded at ``bits`` and decoded, in their shape and ``dtype``: what a file at ``bits`` gives back."""
+    """``values`` coded at ``bits`` and decoded, in their shape and ``dtype``: what a file at ``bits`` gives back.
+
+    Values on a grid already (a file at ``bits`` loaded into a model training at ``bits``) come back unchanged, as
+    the file's step (``grid_step``) decodes them: the step computed anew from their decoded maximum may differ in
+    its last digits, which moved some by one float32 step from the values training saw."""
     codes, minimum, step = quantize(values, bits)
-    return dequantize(codes, minimum, step).view_as(values).to(dtype)
+    decoded = dequantize(codes, minimum, step)
+    if step and abs(step) >= _SMALLEST_NORMAL:
+        flat = values.detach().float().flatten()
+        off = (decoded - flat).abs().max().item()
+        if 0 < off <= abs(step) * (2**bits - 1) * 2**-17:  # within a few steps' rounding of the range: on a grid
+            decoded = dequantize(codes, minimum, grid_step(values, codes, minimum, step))
+    return decoded.view_as(values).to(dtype)
 
 
 @_fake_quantize_op.register_fake
