@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -483,3 +484,43 @@ def test_an_adapter_tensor_replaced_with_another_shape_is_refused_before_a_load_
     with pytest.raises(ValueError, match="changed after inject"):
         nv.save_adapter(target, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_class_names_without_an_order_or_naming_an_output_twice_are_refused(tmp_path):
+    """A set was stored in hash order (another per process): outputs were labelled with other classes' names."""
+    model = trained()
+    with pytest.raises(TypeError, match="got a set, which has no such order"):
+        nv.save_adapter(model, tmp_path / "a", class_names={"a", "b", "c", "d", "e"})
+    with pytest.raises(ValueError, match="class_names names several outputs 'a'"):
+        nv.save_adapter(model, tmp_path / "a", class_names=["a", "a", "b", "c", "d"])
+    assert not (tmp_path / "a").exists()
+    nv.save_adapter(model, tmp_path / "a", class_names=(name for name in "edcba"))  # ordered: kept as given
+    assert nv.verify_adapter(model, tmp_path / "a").class_names == list("edcba")
+
+
+@pytest.mark.parametrize("value", [None, "no", 0, 1])
+def test_safety_flags_take_true_or_false_only(tmp_path, value):
+    """check_frozen_weights=None skipped the frozen-weight check; tasks_as_inputs=1 exported a task-input graph."""
+    nv.save_adapter(trained(), tmp_path / "a")
+    other = nv.inject(tiny_vit(), NOLA)
+    for call, flag in ((partial(nv.load_adapter, other, tmp_path / "a"), "load_adapter: check_frozen_weights"),
+                       (partial(nv.load_adapter, other, tmp_path / "a", check_frozen_weights=True),
+                        "load_adapter: allow_unchecked_legacy"),
+                       (partial(nv.verify_adapter, other, tmp_path / "a"), "verify_adapter: match_num_classes"),
+                       (partial(nv.MultiTaskModel(tiny_vit()).add_task, "t", tmp_path / "a"),
+                        "add_task: check_frozen_weights"),
+                       (partial(nv.export_onnx, other, tmp_path / "g.onnx"), "export_onnx: tasks_as_inputs")):
+        keyword = flag.split(": ")[1]
+        with pytest.raises(ValueError, match=f"{flag} must be true or false"):
+            call(**{keyword: value})
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_exports_of_a_model_on_the_meta_device_say_it_holds_no_values(tmp_path):
+    with torch.device("meta"):
+        model = nv.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                                            patch_size=8, embed_dim=64, depth=2, num_heads=2), NOLA)
+    for export, path in ((nv.export_peft, tmp_path / "p"), (nv.export_onnx, tmp_path / "g.onnx")):
+        with pytest.raises(ValueError, match=f"{export.__name__}: the model's weights are on the meta device"):
+            export(model, path)
+        assert not path.exists()

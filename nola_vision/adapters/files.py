@@ -9,6 +9,7 @@ registers tasks through it too.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
-from ..core.checks import check_path
+from ..core.checks import check_bool, check_path
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     FINGERPRINT_VERSION,
@@ -343,6 +344,9 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     """``names`` as a list: one non-empty string per output of the head, or a ValueError saying what is wrong."""
     if names is None:
         return None
+    if isinstance(names, (set, frozenset, dict)):  # no order of outputs: names would label them as a hash orders them
+        raise TypeError(f"class_names must be a list of non-empty strings in the order of the head's outputs, got a "
+                        f"{type(names).__name__}, which has no such order: pass sorted(...) or the dataset's list")
     if isinstance(names, str):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
     names = list(names)  # a generator is read once
@@ -351,6 +355,10 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class_names for a head of {num_classes} classes: pass one name per output, "
                          "in the order of the head's outputs")
+    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"class_names names several outputs {', '.join(map(repr, repeated[:5]))}: pass one name per "
+                         "output, each once")
     return names
 
 
@@ -1168,6 +1176,9 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     tensor sizes and finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
     """
     require_module(model, "verify_adapter")
+    for flag, value in (("match_num_classes", match_num_classes), ("check_frozen_weights", check_frozen_weights),
+                        ("allow_unchecked_legacy", allow_unchecked_legacy)):
+        check_bool(value, f"verify_adapter: {flag}")
     model = unwrap_model(model)
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
@@ -1210,6 +1221,8 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     merged), so a ``torch.compile``d model (pass it or the module it wraps) runs the new task without recompiling.
     """
     require_module(model, "load_adapter")
+    check_bool(check_frozen_weights, "load_adapter: check_frozen_weights")
+    check_bool(allow_unchecked_legacy, "load_adapter: allow_unchecked_legacy")
     target = unwrap_model(model)
     verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                               allow_unchecked_legacy=allow_unchecked_legacy)

@@ -74,6 +74,9 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
     adapter_tensors, head_tensors = trained_parameters(model, train_backbone=False)  # the factors' sources, the head
     require_nothing_else_trained(model, {**adapter_tensors, **head_tensors}, "a peft export")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("export_peft: the model's weights are on the meta device, which holds no values: there is "
+                         "nothing to export (load or train its weights on a real device first)")
     require_unchanged_statistics(model)
     require_current_merge(model, "export_peft")
     folded = merged_adapters(model)

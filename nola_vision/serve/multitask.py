@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
 from ..core.basis import BasisBank
-from ..core.checks import check_number, check_path, shown
+from ..core.checks import check_bool, check_number, check_path, shown
 from ..core.fingerprint import merged_adapters
 from ..core.functions import autocast_available
 from ..core.inject import adapter_state
@@ -194,6 +194,8 @@ class MultiTaskModel(nn.Module):
         finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
         """
         adapter_dir = check_path(adapter_dir, "the adapter directory")
+        check_bool(check_frozen_weights, "add_task: check_frozen_weights")
+        check_bool(allow_unchecked_legacy, "add_task: allow_unchecked_legacy")
         if not isinstance(name, str) or not name:
             raise TypeError(f"a task name is a non-empty str (batches name their tasks by it), got {name!r}")
         if name in self._tasks:

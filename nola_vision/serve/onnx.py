@@ -39,7 +39,7 @@ from ..adapters.files import (
     read_adapter,
 )
 from ..core.basis import GENERATOR_VERSION, BasisSpec
-from ..core.checks import check_path
+from ..core.checks import check_bool, check_path
 from ..core.config import config_from_dict
 from ..core.fingerprint import adapter_fingerprint, differing_positions, differing_records, sample_sizes
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
@@ -73,6 +73,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     """
     require_module(model, "export_onnx", adaptable=False)  # a MultiTaskModel gets its own message below
     path = check_path(path, "export_onnx's path")
+    check_bool(tasks_as_inputs, "export_onnx: tasks_as_inputs")
     model = unwrap_model(model)
     _refuse_replacing_other_files(Path(path))
     if input_size is not None:
@@ -85,6 +86,9 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     parameter = next(model.parameters(), None)
     if parameter is None:
         raise TypeError(f"export_onnx exports a timm model with weights, got a {type(model).__name__} without any")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("export_onnx: the model's weights are on the meta device, which holds no values: there is "
+                         "nothing to export (load or train its weights on a real device first)")
     if parameter.dtype == torch.bfloat16:
         raise ValueError("ONNX has no bfloat16 Conv at the opsets torch's exporter writes (up to 20), so the graph of "
                          "a bfloat16 model would not load: export a float16 or float32 copy "
