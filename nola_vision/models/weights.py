@@ -4,14 +4,18 @@ timm loads a file non-strictly when the head size differs (it drops the head), s
 otherwise leave random weights in place silently."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from torch import nn
 
 from ..core.registry import METHODS
 
-__all__ = ["check_backbone_keys"]
+__all__ = ["check_backbone_keys", "check_backbone_shapes"]
+
+# Position tables, which timm resamples on purpose for another input size (the model then reads other images).
+_RESIZED_FOR_THE_INPUT = re.compile(r"(^|\.)(pos_embed|relative_position_bias_table|rel_pos\w*)($|\.)")
 
 
 def _adapter_parameter_names() -> set[str]:
@@ -25,6 +29,23 @@ def _head_key(key: str, model: nn.Module) -> bool:
     classifiers = model.pretrained_cfg.get("classifier") or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
     return any(key.startswith(f"{name}.") for name in classifiers)
+
+
+def check_backbone_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], path: str | Path, what: str) -> None:
+    """Raise ValueError when a weight the file at ``path`` holds under a name of ``model`` has another shape there
+    (classifier and position tables aside): timm's checkpoint filters resample patch embeddings (FlexiViT), so
+    another ``patch_size`` would load other weights than the file's without a word. ``shapes``: the file's, as
+    saved (before timm's filter)."""
+    own = model.state_dict()
+    changed = [f"{key} {tuple(shape)} in the file, {tuple(own[key].shape)} in the model"
+               for key, shape in shapes.items()
+               if key in own and tuple(shape) != tuple(own[key].shape) and not _head_key(key, model)
+               and not _RESIZED_FOR_THE_INPUT.search(key)]
+    if changed:
+        name = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ValueError(f"{what} {path} holds weights of other shapes than {name} as built ({'; '.join(changed[:2])}"
+                         f"{'; ...' if len(changed) > 2 else ''}): timm would resample them into other weights than "
+                         "the file's. Build the backbone the file was saved from (its patch_size, embed_dim, ...)")
 
 
 def _likely_cause(path: Path, missing: list[str], unexpected: list[str], expected: set[str]) -> str:

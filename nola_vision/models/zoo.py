@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, Optional, Union
 
 import timm
+from safetensors import SafetensorError
 from timm.models import (
     generate_default_cfgs,
     get_arch_pretrained_cfgs,
@@ -45,6 +47,9 @@ def check_model_name(model_name: str, fix: str = "") -> None:
 
     ``fix`` is appended to the message (e.g. which option to change).
     """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"a timm model name is a non-empty str (such as 'vit_base_patch16_224'), got "
+                         f"{model_name!r} ({type(model_name).__name__}). {fix}".rstrip())
     if model_name.lower().startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
@@ -94,7 +99,14 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint_path {checkpoint} does not exist: point it at a .pth/.safetensors state "
                                 f"dict of {model_name}")
-    model = timm.create_model(model_name, **kwargs)
+    try:
+        model = timm.create_model(model_name, **kwargs)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        if not checkpoint:
+            raise
+        raise ValueError(f"checkpoint_path {checkpoint} does not load into {model_name} ({type(err).__name__}: "
+                         f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict "
+                         "of this model (an interrupted copy or download is cut short)") from err
     if config is not None:
         inject(model, config)
     return model
