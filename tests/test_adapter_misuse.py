@@ -524,3 +524,20 @@ def test_exports_of_a_model_on_the_meta_device_say_it_holds_no_values(tmp_path):
         with pytest.raises(ValueError, match=f"{export.__name__}: the model's weights are on the meta device"):
             export(model, path)
         assert not path.exists()
+
+
+def test_quantisation_aware_training_reaches_adapters_through_wrappers_and_names_what_is_not_a_model():
+    """set_quantization_aware(DataParallel(model), 8) said the model had no adapters; None gave an AttributeError."""
+    model = nv.inject(tiny_vit(), NOLA)
+    wrapped = torch.nn.DataParallel(model)
+    assert nv.set_quantization_aware(wrapped, 8) is wrapped
+    assert {layer.quant_bits for layer in nv.adapted_layers(model).values()} == {8}
+    with pytest.raises(ValueError, match=r"its submodule '0' does \(injected before wrapping\): call "
+                                         r"set_quantization_aware\(model.get_submodule\('0'\), bits\)"):
+        nv.set_quantization_aware(torch.nn.Sequential(model), 4)
+    for call in (lambda: nv.set_quantization_aware(None, None), lambda: nv.set_quantization_aware(8, model),
+                 lambda: nv.adapted_layers(None)):
+        with pytest.raises(TypeError, match=r"takes a model \(a torch.nn.Module\)"):
+            call()
+    with pytest.raises(TypeError, match="register_method: config_cls is a class, got a NoneType"):
+        nv.register_method("mine", None, None)

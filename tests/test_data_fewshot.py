@@ -199,3 +199,15 @@ def test_a_file_name_that_is_not_utf8_is_drawn_by_its_bytes_and_utf8_names_keep_
     assert draw_order("cat/café.png", 3) == int.from_bytes(utf8, "big")  # the splits of earlier releases
     samples = [(latin1, 0), ("cat/b.png", 0)]
     assert split_digest(samples, FewShotSplit([0], [1])) != split_digest(samples, FewShotSplit([1], [0]))
+
+
+def test_samples_that_are_not_path_label_pairs_are_named():
+    with pytest.raises(ValueError, match=r"labels \['cat', 'dog'\] are not classes"):  # was a str + int TypeError
+        sample_kshot([("a.png", "cat"), ("b.png", "dog")], 1)
+    with pytest.raises(TypeError, match=r"samples are a sequence of \(image path, integer label\) pairs, got a "
+                                        r"NoneType"):
+        sample_kshot(None, 1)
+    with pytest.raises(TypeError, match=r"got 'a.png' at index 1"):
+        sample_kshot([("b.png", 0), "a.png"], 1)
+    with pytest.raises(TypeError, match="allow_fewer must be True or False, got 'no'"):
+        sample_kshot([("a.png", 0), ("b.png", 1)], 1, allow_fewer="no")

@@ -106,3 +106,27 @@ def test_unknown_augment_or_normalize_is_rejected():
         build_transforms("randaugment")
     with pytest.raises(ValueError, match="normalize must be"):
         build_transforms("paper", "cifar")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(mean=(0.5, 0.5)), r"DataConfig.mean is one number per RGB channel \(3\)"),  # torch's broadcast error later
+    (dict(std=(0.0, 0.0, 0.0)), r"DataConfig.std must be a finite number > 0.0"),
+    (dict(crop_pct=float("nan")), r"DataConfig.crop_pct must be a finite number > 0.0"),
+    (dict(input_size=0), r"DataConfig.input_size must be a positive integer"),
+    (dict(input_size="224"), r"DataConfig.input_size must be a positive integer"),
+    (dict(interpolation="bicubc"), r"DataConfig.interpolation must be one of \['bicubic', 'bilinear', 'nearest'\]"),
+])
+def test_a_data_config_that_no_transform_can_apply_is_refused_where_it_is_made(arguments, message):
+    """These were accepted and failed at the first image inside torchvision, or (a misspelt interpolation) silently
+    resized bilinearly."""
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**arguments)
+
+
+def test_transform_helpers_name_an_argument_of_the_wrong_kind():
+    with pytest.raises(TypeError, match="build_transforms: config is a DataConfig"):
+        build_transforms("paper", "model", 5)
+    with pytest.raises(TypeError, match="resolve_data_config: backbone is a timm model name"):
+        resolve_data_config(5)
+    with pytest.raises(ValueError, match="image_size must be a positive integer or null, got -5"):
+        resolve_data_config(image_size=-5)

@@ -549,8 +549,14 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     Refused on a merged model whose setting it would change: unmerge would subtract another update than was merged,
     and on a model without adapters, where it would change nothing and training would silently run in full precision.
     """
+    require_module(model, "set_quantization_aware")
     bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
+    wrapper, model = model, unwrap_model(model)
     state = adapter_state(model)
+    inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
+    if state is None and inner is not None:
+        raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
+                         f"wrapping): call set_quantization_aware(model.get_submodule({inner!r}), bits)")
     if state is None and bits is not None:
         raise ValueError(f"{type(model).__name__} has no nola_vision adapters to train quantisation-aware (never "
                          "injected, or unloaded); call nv.inject or nv.load_adapter first, then set_quantization_aware")
@@ -569,7 +575,7 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
             handle.remove()
         head = classifier_head(model)
         state.quantized_head = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
-    return model
+    return wrapper
 
 
 def quantization_aware_bits(model: nn.Module) -> Optional[int]:

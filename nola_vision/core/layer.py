@@ -646,6 +646,8 @@ STATE_ATTRIBUTE = "nola_adapter"  # the attribute ``nv.inject`` gives the model 
 
 def adapted_layers(model: nn.Module) -> Dict[str, AdaptedLinear]:
     """Every adapter layer of the model by module name."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"nv.adapted_layers takes a model (a torch.nn.Module), got a {type(model).__name__}")
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 

@@ -39,6 +39,12 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
 
     The layer class subclasses ``nola_vision.AdaptedLinear``; see the guide "Adding a method" (docs/guides).
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_method: name is a non-empty str (as files and the CLI name it), got {name!r}")
+    for argument, value in (("config_cls", config_cls), ("layer_cls", layer_cls)):
+        if not isinstance(value, type) and not (argument == "layer_cls" and value is None):
+            raise TypeError(f"register_method: {argument} is a class{' or None' if argument == 'layer_cls' else ''}, "
+                            f"got a {type(value).__name__}")
     registered = METHODS[name].config_cls if name in METHODS else config_cls
     # The same class defined again (a notebook cell run twice) replaces its registration; any other class is refused.
     if _path(registered) != _path(config_cls):

@@ -58,7 +58,8 @@ def _integer(value: object, name: str) -> int:
 def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int) -> None:
     """Refuse labels outside ``0 .. num_classes - 1``: their images would silently never be drawn."""
     unknown = sorted((label for label in by_class
-                      if not (isinstance(label, numbers.Integral) and 0 <= label < num_classes)), key=str)
+                      if not (isinstance(label, numbers.Integral) and not isinstance(label, bool)
+                              and 0 <= label < num_classes)), key=str)
     if unknown:
         raise ValueError(f"sample_kshot: labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not classes "
                          f"0..{num_classes - 1} (len(class_names)={num_classes}): pass the class_names of these "
@@ -76,10 +77,19 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
     seed, shots, val_shots = (_integer(v, n) for v, n in ((seed, "seed"), (shots, "shots"), (val_shots, "val_shots")))
     if shots < 0 or val_shots < 0:
         raise ValueError(f"shots and val_shots must be >= 0, got {shots} and {val_shots}")
+    if not isinstance(allow_fewer, bool):
+        raise TypeError(f"sample_kshot: allow_fewer must be True or False, got {allow_fewer!r}")
+    if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
+        raise TypeError(f"sample_kshot: samples are a sequence of (image path, integer label) pairs, got a "
+                        f"{type(samples).__name__}")
     by_class: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(samples):
-        by_class.setdefault(label, []).append(index)
-    num_classes = len(class_names) if class_names is not None else max(by_class, default=-1) + 1
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            raise TypeError(f"sample_kshot: samples are (image path, integer label) pairs, got {sample!r} at index "
+                            f"{index}")
+        by_class.setdefault(sample[1], []).append(index)
+    labels = [label for label in by_class if isinstance(label, numbers.Integral) and not isinstance(label, bool)]
+    num_classes = len(class_names) if class_names is not None else max(labels, default=-1) + 1
     _refuse_unknown_labels(by_class, num_classes)
     train: list[int] = []
     val: list[int] = []

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
+from ..core.checks import check_int, check_number
+
 __all__ = ["AUGMENTS", "CROP_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig",
            "RandomGaussianBlur", "build_transforms", "eval_transform", "evaluation_settings", "paper_train_transform",
            "resolve_data_config"]
@@ -30,6 +32,10 @@ CropMode = Literal["center", "squash", "border"]
 AUGMENTS: tuple = get_args(Augment)
 NORMALIZATIONS: tuple = get_args(Normalize)
 CROP_MODES: tuple = get_args(CropMode)
+
+
+_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {self.crop_mode!r}")
+        check_int(self.input_size, "DataConfig.input_size", at_least=1)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, (tuple, list)) or len(values) != 3:
+                raise ValueError(f"DataConfig.{name} is one number per RGB channel (3), got {values!r}")
+            for value in values:
+                check_number(value, f"DataConfig.{name}", above=0.0 if name == "std" else None)
+        check_number(self.crop_pct, "DataConfig.crop_pct", above=0.0)
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"DataConfig.interpolation must be one of {sorted(_INTERPOLATION)}, got "
+                             f"{self.interpolation!r}")
 
 
 def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int] = None) -> DataConfig:
@@ -55,6 +72,9 @@ def resolve_data_config(backbone: Optional[str] = None, image_size: Optional[int
     an unknown tag) is built on the meta device, which allocates no weights. A non-square pretrained input size
     needs ``image_size``: nola_vision preprocesses square images and will not pick a side silently.
     """
+    image_size = check_int(image_size, "image_size", at_least=1, optional=True)
+    if backbone is not None and (not isinstance(backbone, str) or not backbone):
+        raise TypeError(f"resolve_data_config: backbone is a timm model name (str) or None, got {backbone!r}")
     if backbone is None:
         return DataConfig(input_size=image_size or 224)
     import timm
@@ -120,9 +140,6 @@ def paper_train_transform(size: int, mean: tuple[float, ...], std: tuple[float, 
     ])
 
 
-_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-                  "nearest": T.InterpolationMode.NEAREST}
-
 
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
                    interpolation: str = "bilinear", crop_mode: CropMode = "center") -> T.Compose:
@@ -175,7 +192,10 @@ def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "mode
 def build_transforms(augment: Augment = "paper", normalize: Normalize = "model",
                      config: Optional[DataConfig] = None) -> tuple[Callable, Callable]:
     """``(train_transform, eval_transform)`` for PIL RGB images, producing normalised float32 CHW tensors."""
-    config = config or DataConfig()
+    config = DataConfig() if config is None else config
+    if not isinstance(config, DataConfig):
+        raise TypeError(f"build_transforms: config is a DataConfig (resolve_data_config(backbone)), got a "
+                        f"{type(config).__name__}")
     evaluation = evaluation_settings(augment, normalize, config)
     size, mean, std = config.input_size, evaluation["mean"], evaluation["std"]
     model_eval = eval_transform(size, mean, std, evaluation["crop_pct"], evaluation["interpolation"],
