@@ -182,3 +182,12 @@ def test_a_result_path_ending_in_a_separator_is_refused_before_the_run(tmp_path)
         storage.check_writable_file(f"{tmp_path}/out/", "--result_file")
     with pytest.raises(IsADirectoryError, match="ends in a path separator"):
         storage.write_text_atomic(f"{tmp_path}/out/", "{}")  # what the run's end would have met
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc takes no new files (Linux)")
+@posix_only
+def test_a_target_whose_folder_takes_no_files_is_named_not_its_lock_file(tmp_path):
+    """save_adapter(model, "/proc/x") said "No such file or directory: '/proc/.x.lock'", a file nobody named."""
+    with pytest.raises(OSError, match=r"cannot write /proc/adapter_x: no file can be made in its folder /proc"):
+        with storage.writer_lock(Path("/proc/adapter_x")):
+            pass

@@ -460,7 +460,11 @@ def writer_lock(target: Path) -> Iterator[None]:
         yield
         return
     _refuse_unusable_lock(target)
-    fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as error:  # the folder is missing or cannot be written: say so of the target, not of the lock
+        raise type(error)(error.errno, f"cannot write {target}: no file can be made in its folder {target.parent} "
+                                       f"({error.strerror}): write it to a folder this user can write") from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
