@@ -348,6 +348,9 @@ def test_create_model_names_a_checkpoint_that_does_not_load_and_a_name_that_is_n
     with pytest.raises(ValueError, match=r"checkpoint_path .*weights.pth does not load into vit_tiny_patch16_224 "
                                          r"\(EOFError: the file ends early\)"):
         nv.create_model(TINY, checkpoint_path=str(tmp_path / "weights.pth"), img_size=32, **KW)
+    with pytest.raises(ValueError, match=r"weights.pth does not load into vit_tiny_patch16_224_nola \(EOFError"):
+        nv.create_model(TINY + "_nola", pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "weights.pth")},
+                        img_size=32, **KW)
     for name in (None, 5, ""):
         with pytest.raises(ValueError, match="a timm model name is a non-empty str"):
             nv.create_model(name)

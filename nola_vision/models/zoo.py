@@ -104,12 +104,17 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         if not checkpoint:
             raise
-        raise ValueError(f"checkpoint_path {checkpoint} does not load into {model_name} ({type(err).__name__}: "
-                         f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict "
-                         "of this model (an interrupted copy or download is cut short)") from err
+        raise _unloadable(f"checkpoint_path {checkpoint}", model_name, err) from err
     if config is not None:
         inject(model, config)
     return model
+
+
+def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError:
+    """The error for a weights file timm could not load into ``model_name`` (cut short, not a state dict, ...)."""
+    return ValueError(f"{weights} does not load into {model_name} ({type(err).__name__}: "
+                      f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict of "
+                      "this model (an interrupted copy or download is cut short)")
 
 
 def _names_class(class_path: Any, cls: type) -> bool:
@@ -151,16 +156,20 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
             check_model_name(f"{name}.{tag}")
         # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
+        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
         try:
             model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
+        except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+            if not weights_file:
+                raise
+            raise _unloadable(weights_file, name, err) from err
         except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
-            if not pretrained or "file" in (kwargs.get("pretrained_cfg_overlay") or {}):
+            if not pretrained or weights_file:
                 raise
             tagged = f"{base}.{tag}" if isinstance(tag, str) else base
             raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                      ".safetensors/.pth state dict of the base model>), or "
                                                      "pretrained=False for random weights")) from err
-        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
         base_keys = set(model.state_dict()) if weights_file else set()
         inject(model, config)
         if weights_file:
