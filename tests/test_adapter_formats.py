@@ -184,3 +184,31 @@ def test_integer_codes_that_collapse_values_far_from_zero_warn_too(tmp_path, bit
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nv.save_adapter(model, tmp_path / "plain", bits=bits)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_file_of_an_earlier_version_recording_a_hand_replaced_heads_stale_class_count_still_loads(tmp_path, bits):
+    """Earlier versions recorded timm's num_classes (1000) for ``model.head = nn.Linear(d, 7)``, with 7-row head
+    tensors: such files load and serve by their head's 7 rows, not the count they record."""
+    def hand_headed():
+        model = tiny_vit(num_classes=1000)
+        model.head = torch.nn.Linear(64, 7)
+        return model
+
+    model = as_if_trained(nv.inject(hand_headed(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)), 1)
+    directory = nv.save_adapter(model, tmp_path / "a", bits=bits)
+
+    def as_recorded_then(document):
+        document["num_classes"] = 1000
+        document["config_sha256"] = adapter_io._document_digest(document)
+
+    rewrite(directory, as_recorded_then)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = nv.load_adapter(hand_headed(), directory)
+    assert nv.verify_adapter(loaded, directory).num_classes == 7
+    served = nv.MultiTaskModel(hand_headed())
+    served.add_task("a", directory)
+    with torch.no_grad():
+        expected = loaded.eval()(images)
+        assert served.num_classes("a") == 7
+        torch.testing.assert_close(torch.stack(served(images, "a")), expected, rtol=1e-5, atol=1e-5)

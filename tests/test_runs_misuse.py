@@ -459,6 +459,16 @@ def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_
     assert states == ["PRUNED"]  # released: the next run of the command takes its point up again
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its /proc status's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
 def test_a_worker_waiting_on_another_workers_last_trial_stops_at_once(tmp_path):
     # It slept and looked again until the other worker's trial ended (hours for a real fit; SLURM kills 30 s after
@@ -471,7 +481,10 @@ def test_a_worker_waiting_on_another_workers_last_trial_stops_at_once(tmp_path):
         assert started_fits(out, first), "the first worker's fit never started"
         second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   start_new_session=True)
-        time.sleep(8)  # it found the only point running elsewhere, and waits on it
+        deadline = time.time() + 90  # its SIGTERM handler installed (imports take long on a loaded machine) ...
+        while not _catches(second.pid, signal.SIGTERM) and time.time() < deadline and second.poll() is None:
+            time.sleep(0.2)
+        time.sleep(5)  # ... then it found the only point running elsewhere, and waits on it
         assert second.poll() is None
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=15) == 128 + signal.SIGTERM

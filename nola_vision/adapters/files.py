@@ -970,12 +970,22 @@ def _check_injected_head(model: nn.Module) -> None:
             raise AdapterLoadError(str(error)) from error
 
 
-def _check_num_classes(model: nn.Module, document: dict) -> None:
-    if document["num_classes"] != num_classes_of(model):
-        raise AdapterLoadError(
-            f"adapter has a {document['num_classes']}-class head but the model has {num_classes_of(model)} classes: "
-            f"create the model with num_classes={document['num_classes']}"
-        )
+def _check_num_classes(model: nn.Module, classes: int) -> None:
+    if classes != num_classes_of(model):
+        raise AdapterLoadError(f"adapter has a {classes}-class head but the model has {num_classes_of(model)} classes: "
+                               f"create the model with num_classes={classes}")
+
+
+def _file_classes(plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
+    """The class count of the file's head: the rows of its stored head tensors (a head is stored at 8 bits or more,
+    one code a value), else what the file records. Files of earlier versions recorded timm's ``num_classes`` for a
+    head replaced by hand (``model.head = nn.Linear(d, 7)`` left it at 1000), while their head tensors hold 7 rows."""
+    for name in plan.head_names:
+        shape, tensor = plan.trained_shapes[name], stored.get(name)
+        inner = math.prod(shape[1:])
+        if tensor is not None and shape and inner and tensor.numel() % inner == 0:
+            return tensor.numel() // inner
+    return document["num_classes"]
 
 
 def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
@@ -1157,7 +1167,10 @@ class VerifiedAdapter:
 
     @property
     def num_classes(self) -> int:
-        return self.document["num_classes"]
+        """The class count of the file's head: the rows of its head tensors (what the file records without a head;
+        earlier versions recorded timm's stale ``num_classes`` for a head replaced by hand)."""
+        heads = [self.shapes[name] for name in self.plan.head_names if self.shapes.get(name)]
+        return heads[0][0] if heads else self.document["num_classes"]
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -1185,9 +1198,10 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_pooling(model, document)
     _check_settings(model, document)
     _check_injected_head(model)
-    if match_num_classes:
-        _check_num_classes(model, document)
     plan = _plan_for(model, document)
+    classes = _file_classes(plan, document, stored)
+    if match_num_classes:
+        _check_num_classes(model, classes)
     _check_layers(plan, document)
     _check_bases(plan, document)
     if check_frozen_weights:
@@ -1198,7 +1212,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
         own = num_classes_of(model)
         for name in plan.head_names:
             shape = shapes[name]
-            shapes[name] = (document["num_classes"], *shape[1:]) if shape[0] == own else shape
+            shapes[name] = (classes, *shape[1:]) if shape[0] == own else shape
     _check_head_stored(plan, document, stored)
     values = decode_tensors(stored, quantization, shapes)
     _check_representable(model, values)
