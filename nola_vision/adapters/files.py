@@ -9,7 +9,6 @@ registers tasks through it too.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import math
@@ -344,7 +343,7 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     """``names`` as a list: one non-empty string per output of the head, or a ValueError saying what is wrong."""
     if names is None:
         return None
-    if isinstance(names, (set, frozenset, dict)):  # no order of outputs: names would label them as a hash orders them
+    if isinstance(names, (set, frozenset)):  # no order of outputs: names would label them as a hash orders them
         raise TypeError(f"class_names must be a list of non-empty strings in the order of the head's outputs, got a "
                         f"{type(names).__name__}, which has no such order: pass sorted(...) or the dataset's list")
     if isinstance(names, str):
@@ -355,10 +354,6 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class_names for a head of {num_classes} classes: pass one name per output, "
                          "in the order of the head's outputs")
-    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
-    if repeated:
-        raise ValueError(f"class_names names several outputs {', '.join(map(repr, repeated[:5]))}: pass one name per "
-                         "output, each once")
     return names
 
 
@@ -976,14 +971,16 @@ def _check_num_classes(model: nn.Module, classes: int) -> None:
                                f"create the model with num_classes={classes}")
 
 
-def _file_classes(plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
-    """The class count of the file's head: the rows of its stored head tensors (a head is stored at 8 bits or more,
-    one code a value), else what the file records. Files of earlier versions recorded timm's ``num_classes`` for a
-    head replaced by hand (``model.head = nn.Linear(d, 7)`` left it at 1000), while their head tensors hold 7 rows."""
+def _file_classes(model: nn.Module, plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
+    """The class count of the file's head: the rows of its stored tensors of the model's class rows (a head is
+    stored at 8 bits or more, one code a value; a norm in the head has none), else what the file records. Files of
+    earlier versions recorded timm's ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)``
+    left it at 1000), while their head tensors hold 7 rows."""
+    own = num_classes_of(model)
     for name in plan.head_names:
         shape, tensor = plan.trained_shapes[name], stored.get(name)
         inner = math.prod(shape[1:])
-        if tensor is not None and shape and inner and tensor.numel() % inner == 0:
+        if tensor is not None and shape and shape[0] == own and inner and tensor.numel() % inner == 0:
             return tensor.numel() // inner
     return document["num_classes"]
 
@@ -1165,12 +1162,13 @@ class VerifiedAdapter:
     quantization: Dict[str, Any]
     shapes: Dict[str, Tuple[int, ...]]
 
+    # The class count of the file's head (``_file_classes``): earlier versions recorded timm's stale ``num_classes``
+    # for a head replaced by hand.
+    classes: Optional[int] = None
+
     @property
     def num_classes(self) -> int:
-        """The class count of the file's head: the rows of its head tensors (what the file records without a head;
-        earlier versions recorded timm's stale ``num_classes`` for a head replaced by hand)."""
-        heads = [self.shapes[name] for name in self.plan.head_names if self.shapes.get(name)]
-        return heads[0][0] if heads else self.document["num_classes"]
+        return self.document["num_classes"] if self.classes is None else self.classes
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -1199,7 +1197,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_settings(model, document)
     _check_injected_head(model)
     plan = _plan_for(model, document)
-    classes = _file_classes(plan, document, stored)
+    classes = _file_classes(model, plan, document, stored)
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_layers(plan, document)
@@ -1216,7 +1214,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_head_stored(plan, document, stored)
     values = decode_tensors(stored, quantization, shapes)
     _check_representable(model, values)
-    return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes)
+    return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes, classes)
 
 
 def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights: bool = True,

@@ -22,6 +22,8 @@ MIN_HEAD_INTEGER_BITS = 8
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 # grid_step looks this many float32 steps either side of a computed step (a recomputed one is a few away).
 _NEAR = 32
+# Fake quantisation of values on a grid looks this many either side (each forward pass; one or two away in practice).
+_ON_GRID = 4
 
 
 def head_bits(bits: int) -> int:
@@ -151,8 +153,19 @@ def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
         flat = values.detach().float().flatten()
         off = (decoded - flat).abs().max().item()
         if 0 < off <= abs(step) * (2**bits - 1) * 2**-17:  # within a few steps' rounding of the range: on a grid
-            decoded = dequantize(codes, minimum, grid_step(values, codes, minimum, step))
+            decoded = _decoded_on_their_grid(flat, codes, minimum, step, decoded)
     return decoded.view_as(values).to(dtype)
+
+
+def _decoded_on_their_grid(flat: Tensor, codes: Tensor, minimum: float, step: float, decoded: Tensor) -> Tensor:
+    """``flat`` itself where a float32 step within ``_ON_GRID`` of ``step`` decodes ``codes`` to it exactly
+    (``grid_step``'s first search, all candidates in one product), else ``decoded``."""
+    near = torch.tensor([step], dtype=torch.float32).view(torch.int32) + torch.arange(-_ON_GRID, _ON_GRID + 1,
+                                                                                     dtype=torch.int32)
+    candidates = near.view(torch.float32)
+    candidates = candidates[candidates >= _SMALLEST_NORMAL].to(flat.device)
+    grids = (minimum / 2 + codes.float().unsqueeze(0) * (candidates.unsqueeze(1) / 2)) * 2
+    return flat if bool((grids == flat).all(dim=1).any()) else decoded
 
 
 @_fake_quantize_op.register_fake

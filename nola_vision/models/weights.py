@@ -33,19 +33,27 @@ def _head_key(key: str, model: nn.Module) -> bool:
 
 def check_backbone_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], path: str | Path, what: str) -> None:
     """Raise ValueError when a weight the file at ``path`` holds under a name of ``model`` has another shape there
-    (classifier and position tables aside): timm's checkpoint filters resample patch embeddings (FlexiViT), so
-    another ``patch_size`` would load other weights than the file's without a word. ``shapes``: the file's, as
-    saved (before timm's filter)."""
+    (classifier, position tables and the first conv's input channels aside): timm's checkpoint filters resample patch
+    embeddings (FlexiViT), so another ``patch_size`` would load other weights than the file's without a word.
+    ``shapes``: the file's, as saved (before timm's filter)."""
     own = model.state_dict()
+    first_conv = f"{model.pretrained_cfg.get('first_conv')}.weight"
     changed = [f"{key} {tuple(shape)} in the file, {tuple(own[key].shape)} in the model"
                for key, shape in shapes.items()
-               if key in own and tuple(shape) != tuple(own[key].shape) and not _head_key(key, model)
-               and not _RESIZED_FOR_THE_INPUT.search(key)]
+               if key in own and not _same_but_channels(key, tuple(shape), tuple(own[key].shape), first_conv)
+               and not _head_key(key, model) and not _RESIZED_FOR_THE_INPUT.search(key)]
     if changed:
         name = model.pretrained_cfg.get("architecture", type(model).__name__)
         raise ValueError(f"{what} {path} holds weights of other shapes than {name} as built ({'; '.join(changed[:2])}"
                          f"{'; ...' if len(changed) > 2 else ''}): timm would resample them into other weights than "
                          "the file's. Build the backbone the file was saved from (its patch_size, embed_dim, ...)")
+
+
+def _same_but_channels(key: str, shape: tuple, own: tuple, first_conv: str) -> bool:
+    """Whether a file's weight of ``shape`` loads as ``own``: the same shape, or the first conv's for another
+    ``in_chans`` (timm adapts its input channels, summing or repeating them, without changing its kernels)."""
+    return shape == own or (key == first_conv and len(shape) == len(own) > 1 and shape[0] == own[0]
+                            and shape[2:] == own[2:])
 
 
 def _likely_cause(path: Path, missing: list[str], unexpected: list[str], expected: set[str]) -> str:

@@ -102,12 +102,18 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     try:
         model = timm.create_model(model_name, **kwargs)
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        if not checkpoint:
+        if not checkpoint or _read_but_misfit(err):
             raise
         raise _unloadable(f"checkpoint_path {checkpoint}", model_name, err) from err
     if config is not None:
         inject(model, config)
     return model
+
+
+def _read_but_misfit(err: BaseException) -> bool:
+    """Whether torch read the file and found weights of other names or shapes (its own message says which; callers
+    such as ``build_backbone`` name the backbone arguments), rather than failing to read it."""
+    return isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err)
 
 
 def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError:
@@ -160,7 +166,7 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         try:
             model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
         except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-            if not weights_file:
+            if not weights_file or _read_but_misfit(err):
                 raise
             raise _unloadable(weights_file, name, err) from err
         except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
