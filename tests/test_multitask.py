@@ -311,3 +311,23 @@ def test_a_backbone_adapted_in_place_after_wrapping_is_refused(tmp_path, change)
         nv.merge_and_unload(model)
     with pytest.raises(RuntimeError, match="since it was wrapped"):
         served(images, "task")
+
+
+def test_a_mixed_batch_over_swins_window_attention_says_to_serve_its_tasks_one_per_batch(tmp_path):
+    def swin():
+        torch.manual_seed(0)
+        return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, img_size=32,
+                                 patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)).eval()
+
+    for name, targets in (("a", ["attn.qkv"]), ("b", ["mlp.fc1"])):
+        nv.save_adapter(as_if_trained(nv.inject(swin(), nv.LoRAConfig(rank=2, targets=targets)), 1), tmp_path / name)
+    model = nv.MultiTaskModel(swin())
+    model.add_task("a", tmp_path / "a")
+    model.add_task("b", tmp_path / "b")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = nv.load_adapter(swin(), tmp_path / "a")(images)
+        torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"attn.qkv sees 8 rows for a batch of 2 images .*Serve the tasks that "
+                                               r"adapt it one task per batch"):
+            model(images, ["a", "b"])

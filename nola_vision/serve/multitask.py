@@ -390,8 +390,10 @@ class MultiTaskModel(nn.Module):
             return flat.addmm_(xa.to(dtype), b[0].to(dtype)).view(output.shape)
         images = index.shape[0]
         if x.shape[0] != images:
-            raise RuntimeError(f"layer {name} sees {x.shape[0]} rows for a batch of {images} images: MultiTaskModel "
-                               "needs adapted layers that keep the image dimension first")
+            raise RuntimeError(f"layer {name} sees {x.shape[0]} rows for a batch of {images} images (windows or "
+                               "tokens first, as Swin's window attention): a batch mixing tasks needs adapted layers "
+                               "that keep the image dimension first. Serve the tasks that adapt it one task per "
+                               "batch (model(images, 'task')), or mix tasks that adapt other layers")
         xa = torch.bmm(x.reshape(images, -1, x.shape[-1]), a.index_select(0, index).to(x.dtype))
         output.view(images, -1, output.shape[-1]).baddbmm_(xa.to(dtype), b.index_select(0, index).to(dtype))
         return output
