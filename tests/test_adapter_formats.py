@@ -212,3 +212,23 @@ def test_a_file_of_an_earlier_version_recording_a_hand_replaced_heads_stale_clas
         expected = loaded.eval()(images)
         assert served.num_classes("a") == 7
         torch.testing.assert_close(torch.stack(served(images, "a")), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_class_count_of_a_file_comes_from_the_heads_linear_not_a_norm_of_as_many_features(tmp_path):
+    """A head of LayerNorm(64) then Linear(64, 5), loaded onto a 64-class one: the norm's 64 features were taken for
+    the file's class count (the refusal lost its fix, and a served task was refused)."""
+    def normed(classes):
+        model = tiny_vit(num_classes=classes)
+        model.head = torch.nn.Sequential(torch.nn.LayerNorm(64), model.head)
+        return model
+
+    directory = nv.save_adapter(as_if_trained(nv.inject(normed(5), "linear"), 1), tmp_path / "a")
+    with pytest.raises(AdapterLoadError, match="adapter has a 5-class head but the model has 64 classes"):
+        nv.load_adapter(normed(64), directory)
+    served = nv.MultiTaskModel(normed(64))
+    served.add_task("t", directory)
+    assert served.num_classes("t") == 5
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(served(images, "t")), nv.load_adapter(normed(5), directory)(images),
+                                   rtol=1e-5, atol=1e-5)

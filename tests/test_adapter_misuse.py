@@ -488,13 +488,16 @@ def test_an_adapter_tensor_replaced_with_another_shape_is_refused_before_a_load_
 
 def test_class_names_without_an_order_are_refused(tmp_path):
     """A set was stored in hash order (another per process): outputs were labelled with other classes' names.
-    Ordered forms keep their order: a generator, a dict (ImageFolder's class_to_idx), names repeated (ImageNet's
-    descriptions name two classes 'crane')."""
+    Ordered forms keep their order: a generator, names repeated (ImageNet's descriptions name two classes 'crane');
+    a dict (ImageFolder's class_to_idx) is ordered by its indices, not by its keys' order."""
     model = trained()
     with pytest.raises(TypeError, match="got a set, which has no such order"):
         nv.save_adapter(model, tmp_path / "a", class_names={"a", "b", "c", "d", "e"})
     assert not (tmp_path / "a").exists()
-    for names, expected in (((name for name in "edcba"), list("edcba")), (dict.fromkeys("edcba"), list("edcba")),
+    with pytest.raises(TypeError, match="class_names as a dict maps each name to its output index"):
+        nv.save_adapter(model, tmp_path / "a", class_names=dict.fromkeys("abcde"))
+    for names, expected in (((name for name in "edcba"), list("edcba")),
+                            (dict(zip("abcde", [4, 3, 2, 1, 0])), list("edcba")),  # ordered by the indices
                             (["crane", "crane", "b", "c", "d"], ["crane", "crane", "b", "c", "d"])):
         nv.save_adapter(model, tmp_path / "a", class_names=names)
         assert nv.verify_adapter(model, tmp_path / "a").class_names == expected

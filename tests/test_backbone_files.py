@@ -354,6 +354,11 @@ def test_create_model_names_a_checkpoint_that_does_not_load_and_a_name_that_is_n
     with pytest.raises(ValueError, match=r"weights.pth does not load into vit_tiny_patch16_224_nola \(EOFError"):
         nv.create_model(TINY + "_nola", pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "weights.pth")},
                         img_size=32, **KW)
+    wider = timm.create_model(TINY, pretrained=False, num_classes=0, img_size=32, **{**KW, "embed_dim": 32})
+    save_file(wider.state_dict(), str(tmp_path / "wider.safetensors"))
+    with pytest.raises(ValueError, match=r"checkpoint_path .*wider.safetensors holds weights of other names or shapes "
+                                         r"than vit_tiny_patch16_224"):
+        nv.create_model(TINY, checkpoint_path=str(tmp_path / "wider.safetensors"), num_classes=0, img_size=32, **KW)
     for name in (None, 5, ""):
         with pytest.raises(ValueError, match="a timm model name is a non-empty str"):
             nv.create_model(name)

@@ -108,8 +108,9 @@ def test_every_adaptable_layer_is_hooked_from_the_start_so_a_compiled_model_serv
     model = nv.MultiTaskModel(tiny_vit())
     linears = sorted(n for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "head")
     hooked = lambda: sorted(n for n, m in model.model.named_modules() if m._forward_hooks)  # noqa: E731
-    assert hooked() == linears  # before any task
+    assert hooked() == []  # without tasks the backbone carries no hook
     model.add_task("nola_qv", adapters["nola_qv"])
+    assert hooked() == linears  # not only the qkv layers this task adapts
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         compiled(images, "nola_qv")
@@ -119,6 +120,9 @@ def test_every_adaptable_layer_is_hooked_from_the_start_so_a_compiled_model_serv
             assert (torch.stack(compiled(images, name)) - expected).abs().max() <= 1e-4
     model.remove_task("nola_mlp")
     assert hooked() == linears
+    for name in ("nola_qv", "nola_per_layer", "lora_qv"):
+        model.remove_task(name)
+    assert hooked() == []
     assert list(model.model.state_dict()) == list(tiny_vit().state_dict())
 
 

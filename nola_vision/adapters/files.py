@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
-from ..core.checks import check_bool, check_path
+from ..core.checks import check_bool, check_path, shown
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     FINGERPRINT_VERSION,
@@ -348,6 +348,12 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
                         f"{type(names).__name__}, which has no such order: pass sorted(...) or the dataset's list")
     if isinstance(names, str):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
+    if isinstance(names, dict):  # {name: output index} (ImageFolder's class_to_idx): ordered by the indices
+        indices = list(names.values())
+        if sorted(i for i in indices if type(i) is int) != list(range(len(names))):
+            raise TypeError("class_names as a dict maps each name to its output index, 0 to n-1 once each, got "
+                            f"{shown(names)}: pass a list of names in the order of the head's outputs")
+        names = sorted(names, key=names.__getitem__)
     names = list(names)  # a generator is read once
     if not all(isinstance(n, str) and n for n in names):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
@@ -976,13 +982,25 @@ def _file_classes(model: nn.Module, plan: InjectionPlan, document: dict, stored:
     stored at 8 bits or more, one code a value; a norm in the head has none), else what the file records. Files of
     earlier versions recorded timm's ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)``
     left it at 1000), while their head tensors hold 7 rows."""
-    own = num_classes_of(model)
-    for name in plan.head_names:
-        shape, tensor = plan.trained_shapes[name], stored.get(name)
-        inner = math.prod(shape[1:])
-        if tensor is not None and shape and shape[0] == own and inner and tensor.numel() % inner == 0:
+    for name in _class_rows(model):
+        shape, tensor = plan.trained_shapes.get(name), stored.get(name)
+        inner = math.prod(shape[1:]) if shape else 0
+        if tensor is not None and inner and tensor.numel() % inner == 0:
             return tensor.numel() // inner
     return document["num_classes"]
+
+
+def _class_rows(model: nn.Module) -> List[str]:
+    """The parameters whose rows are the model's classes: the weight and bias of each Linear in its head with as many
+    outputs as it has classes (not a norm in the head, whose features may number as many)."""
+    head, own = classifier_head(model), num_classes_of(model)
+    if head is None:
+        return []
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    return [f"{prefix}.{name}".strip(".") for layer_name, layer in head.named_modules()
+            if isinstance(layer, nn.Linear) and layer.out_features == own
+            for name in (f"{layer_name}.weight".strip("."), f"{layer_name}.bias".strip("."))
+            if getattr(layer, name.rsplit(".", 1)[-1]) is not None]
 
 
 def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
@@ -1207,10 +1225,9 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _require_quantization_fits(model, document["bits"], directory)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
-        own = num_classes_of(model)
-        for name in plan.head_names:
-            shape = shapes[name]
-            shapes[name] = (classes, *shape[1:]) if shape[0] == own else shape
+        for name in _class_rows(model):
+            if name in shapes:
+                shapes[name] = (classes, *shapes[name][1:])
     _check_head_stored(plan, document, stored)
     values = decode_tensors(stored, quantization, shapes)
     _check_representable(model, values)

@@ -102,8 +102,12 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     try:
         model = timm.create_model(model_name, **kwargs)
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        if not checkpoint or _read_but_misfit(err):
+        if not checkpoint:
             raise
+        if _read_but_misfit(err):
+            raise ValueError(f"checkpoint_path {checkpoint} holds weights of other names or shapes than {model_name} "
+                             f"built with these arguments ({str(err).splitlines()[0]} ...): point it at a state dict "
+                             "of this model, or build the model the file was saved from") from err
         raise _unloadable(f"checkpoint_path {checkpoint}", model_name, err) from err
     if config is not None:
         inject(model, config)

@@ -136,7 +136,6 @@ class MultiTaskModel(nn.Module):
         self._weights: Optional[_WeightRecord] = _WeightRecord(model)
         self._copied_weights: Optional[Dict[str, _Sample]] = None  # a copy's original's weights (see __setstate__)
         self._lock = threading.RLock()
-        self._hook_layers()
 
     def train(self, mode: bool = True) -> MultiTaskModel:
         """Inference only: the shared backbone stays in eval mode (train mode would change its norms' running
@@ -216,11 +215,13 @@ class MultiTaskModel(nn.Module):
             self._hook_layers()
 
     def remove_task(self, name: str) -> None:
-        """Forget a task, its cached factors and the random bases no other task uses."""
+        """Forget a task, its cached factors and the random bases no other task uses (and, with the last task, the
+        backbone's hooks)."""
         with self._lock:
             self._task(name)
             del self._tasks[name]
             self._cache.pop(name, None)
+            self._hook_layers()
             used = {method_of(task.plan.config).layer_cls for task in self._tasks.values()}
             for layer_cls in set(self._contexts) - used:
                 del self._contexts[layer_cls]
@@ -361,13 +362,13 @@ class MultiTaskModel(nn.Module):
         return task
 
     def _hook_layers(self) -> None:
-        """One forward hook on every linear layer a task can adapt (outside the head), from the start: a compiled
-        served model inlines the hooks it finds at its first call, and torch.compile does not see hooks added later
-        (it does not guard on them), so a task added then would not be applied there. A layer no task of a batch
-        adapts returns its output at once."""
+        """While any task is registered, one forward hook on every linear layer a task can adapt (outside the head),
+        not only those the tasks adapt: a compiled served model inlines the hooks it finds at its first call, and
+        torch.compile does not guard on hooks, so a task added later would not be applied there. A layer no task of
+        a batch adapts returns its output at once. Without tasks the backbone carries none."""
         head = {id(module) for module in self.model.get_submodule(self._head_name).modules()}
         wanted = {name for name, module in self.model.named_modules()
-                  if isinstance(module, nn.Linear) and id(module) not in head}
+                  if self._tasks and isinstance(module, nn.Linear) and id(module) not in head}
         wanted |= {layer for task in self._tasks.values() for layer in task.plan.layers}
         for name in set(self._hooks) - wanted:
             self._hooks.pop(name).remove()
@@ -486,6 +487,8 @@ class _LayerHook:
     """The forward hook of one adapted layer, bound weakly to its MultiTaskModel: the backbone does not keep a served
     model that was dropped alive (with its cache and bases), and once it is collected its hooks are removed
     (``_removing_hooks_when_collected``). Copies (deepcopy, pickle) are bound to the copy of the served model."""
+
+    __name__ = "MultiTaskModel._add_updates"  # what torch.jit.script reads of a hook on a module it compiles
 
     def __init__(self, served: MultiTaskModel, name: str) -> None:
         self.name = name
