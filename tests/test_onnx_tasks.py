@@ -162,3 +162,31 @@ def test_a_graph_is_checked_as_an_onnx_model_proto_and_another_type_is_named(tmp
         nv.onnx_task_inputs(ten, onnx.load(str(path)))
     with pytest.raises(TypeError, match="path, an onnx.ModelProto .* or an onnxruntime.InferenceSession"):
         nv.onnx_task_inputs(fits, path.read_bytes())
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_file_recording_a_hand_replaced_heads_stale_class_count_feeds_its_graph(images, tmp_path, bits):
+    """Earlier versions recorded timm's num_classes (1000) for ``model.head = nn.Linear(d, 7)``: such files load
+    (verify_adapter counts their head's rows), and their task inputs were refused by the graph of their 7 classes."""
+    import json
+
+    from nola_vision.adapters import files as adapter_io
+
+    def hand_headed():
+        model = tiny_vit(num_classes=1000)
+        model.head = torch.nn.Linear(64, 7)
+        return model
+
+    directory = nv.save_adapter(as_if_trained(nv.inject(hand_headed(), CONFIGS["nola_mlp_qv"]()), 1, scale=0.5),
+                                tmp_path / "a", bits=bits)
+    document = json.loads((directory / adapter_io.CONFIG_NAME).read_text())
+    document["num_classes"] = 1000
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (directory / adapter_io.CONFIG_NAME).write_text(json.dumps(document))
+    loaded = nv.load_adapter(hand_headed(), directory)
+    path = nv.export_onnx(loaded, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    for graph in (None, path):
+        inputs = nv.onnx_task_inputs(directory, graph)
+        logits = torch.from_numpy(_session(path).run(None, {"images": images[:2].numpy(), **inputs})[0])
+        with torch.no_grad():
+            assert (logits - loaded.eval()(images[:2])).abs().max() <= 1e-4

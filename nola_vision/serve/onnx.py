@@ -120,6 +120,7 @@ def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
     document, stored, quantization = read_adapter(adapter_dir)
+    document = {**document, "num_classes": _head_classes(document, stored, quantization)}
     info = _read_graph(graph) if graph is not None else None
     if info is not None:  # before decoding: integer codes decoded to the graph's shapes would fail on a misfit first
         _check_task_fits(document, info, Path(adapter_dir))
@@ -511,6 +512,23 @@ def _task_shapes(document: dict, stored: Dict[str, Tensor], quantization: dict,
         else:
             shapes[name] = (classes,) if name.endswith(".bias") else (classes, tensor.numel() // max(classes, 1))
     return shapes
+
+
+def _head_classes(document: dict, stored: Dict[str, Tensor], quantization: dict) -> int:
+    """The rows of a one-Linear head as stored (its bias, one value or code each; a float weight's first dimension),
+    else the count the file records: earlier versions recorded timm's stale ``num_classes`` for a head replaced by
+    hand (``model.head = nn.Linear(d, 7)`` on a 1000-class model), with 7-row tensors."""
+    if not _one_linear(document["head"]):
+        return document["num_classes"]
+    for name in document["head"]:
+        tensor = stored.get(name)
+        if tensor is None:
+            continue
+        if name.endswith(".bias") and tensor.dim() == 1:
+            return int(tensor.numel())
+        if name not in quantization and tensor.dim() == 2:
+            return int(tensor.shape[0])
+    return document["num_classes"]
 
 
 def _one_linear(head: Sequence[str]) -> bool:
