@@ -295,13 +295,14 @@ def test_a_cluster_jobs_fit_holds_its_runs_job_lock_after_the_job_dies_so_a_reru
     (run_dir / "config.yaml").write_text("the live fit's settings")
     job = subprocess.Popen([sys.executable, "-c", "import sys; from nola_vision.runs.executors import claimed_job; "
                             "claimed_job(sys.argv[1:4], sys.argv[4], sys.argv[5])", sys.executable, "-c",
-                            f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
+                            f"import os, time\nopen({str(tmp_path / 'started')!r}, 'w')\n"
+                            f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
                             f"open({str(tmp_path / 'ran')!r}, 'w')", str(tmp_path / "log.txt"),
                             str(run_dir / JOB_LOCK_FILE)], start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "log.txt").exists():
-            assert time.monotonic() < deadline, "the job never started its fit"
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():  # the fit runs (its log opens before it starts: a loaded
+            assert time.monotonic() < deadline, "the job never started its fit"  # machine killed the job first)
             time.sleep(0.05)
         job.kill()  # the job dies; its fit goes on, holding the lock it inherited
         job.wait()
