@@ -39,7 +39,14 @@ from ..core.fingerprint import (
     missing_merges,
     unexpected_merges,
 )
-from ..core.inject import adapter_state, inject, quantization_aware_bits, require_unchanged_statistics, unwrap_model
+from ..core.inject import (
+    adapter_state,
+    inject,
+    quantization_aware_bits,
+    refuse_wrapped_adapters,
+    require_unchanged_statistics,
+    unwrap_model,
+)
 from ..core.layer import adapted_layers
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -274,10 +281,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     model = unwrap_model(model)
     state = adapter_state(model)
     if state is None:
-        inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
-        if inner is not None:
-            raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
-                             f"wrapping): save that module, save_adapter(model.get_submodule({inner!r}), directory)")
+        refuse_wrapped_adapters(model, "save that module, save_adapter(model.get_submodule({inner!r}), directory)")
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
     state.plan.require_same_trained(model)
     bits = require_bits(bits)
@@ -977,12 +981,12 @@ def _check_num_classes(model: nn.Module, classes: int) -> None:
                                f"create the model with num_classes={classes}")
 
 
-def _file_classes(model: nn.Module, plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
+def _file_classes(rows: List[str], plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
     """The class count of the file's head: the rows of its stored tensors of the model's class rows (a head is
     stored at 8 bits or more, one code a value; a norm in the head has none), else what the file records. Files of
     earlier versions recorded timm's ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)``
-    left it at 1000), while their head tensors hold 7 rows."""
-    for name in _class_rows(model):
+    left it at 1000), while their head tensors hold 7 rows. ``rows``: the model's ``_class_rows``."""
+    for name in rows:
         shape, tensor = plan.trained_shapes.get(name), stored.get(name)
         inner = math.prod(shape[1:]) if shape else 0
         if tensor is not None and inner and tensor.numel() % inner == 0:
@@ -997,10 +1001,9 @@ def _class_rows(model: nn.Module) -> List[str]:
     if head is None:
         return []
     prefix = next(name for name, module in model.named_modules() if module is head)
-    return [f"{prefix}.{name}".strip(".") for layer_name, layer in head.named_modules()
-            if isinstance(layer, nn.Linear) and layer.out_features == own
-            for name in (f"{layer_name}.weight".strip("."), f"{layer_name}.bias".strip("."))
-            if getattr(layer, name.rsplit(".", 1)[-1]) is not None]
+    return [".".join(filter(None, (prefix, layer_name, parameter)))
+            for layer_name, layer in head.named_modules() if isinstance(layer, nn.Linear) and layer.out_features == own
+            for parameter, _ in layer.named_parameters(recurse=False)]
 
 
 def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
@@ -1215,7 +1218,8 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_settings(model, document)
     _check_injected_head(model)
     plan = _plan_for(model, document)
-    classes = _file_classes(model, plan, document, stored)
+    rows = _class_rows(model)
+    classes = _file_classes(rows, plan, document, stored)
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_layers(plan, document)
@@ -1225,7 +1229,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _require_quantization_fits(model, document["bits"], directory)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
-        for name in _class_rows(model):
+        for name in rows:
             if name in shapes:
                 shapes[name] = (classes, *shapes[name][1:])
     _check_head_stored(plan, document, stored)

@@ -24,7 +24,13 @@ from ..core.layer import adapted_layers
 from ..core.merge import require_current_merge
 from ..core.quantize import fake_quantize, head_bits
 from ..core.storage import atomic_directory
-from ..core.targets import classifier_head, require_module, require_nothing_else_trained, trained_parameters
+from ..core.targets import (
+    classifier_head,
+    require_module,
+    require_nothing_else_trained,
+    require_values,
+    trained_parameters,
+)
 from .files import PEFT_EXPORT_MARK, canonical_safetensors, existing_adapter_kind, other_adapter_files_error
 
 __all__ = ["export_peft"]
@@ -74,9 +80,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
     adapter_tensors, head_tensors = trained_parameters(model, train_backbone=False)  # the factors' sources, the head
     require_nothing_else_trained(model, {**adapter_tensors, **head_tensors}, "a peft export")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("export_peft: the model's weights are on the meta device, which holds no values: there is "
-                         "nothing to export (load or train its weights on a real device first)")
+    require_values(model, "export_peft")
     require_unchanged_statistics(model)
     require_current_merge(model, "export_peft")
     folded = merged_adapters(model)

@@ -37,9 +37,10 @@ from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 from .warn import warn_user
 
-__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits", "replace_module",
-           "require_unchanged_statistics", "running_statistics", "set_basis_holding", "set_quantization_aware",
-           "statistics_layers", "unload", "unwrap_model"]
+__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits",
+           "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics", "running_statistics",
+           "set_basis_holding", "set_quantization_aware", "statistics_layers", "unload", "unwrap_model"]
+
 
 @dataclass
 class AdapterState:
@@ -553,10 +554,8 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     bits = require_bits(bits, "quantisation-aware training bits", QAT_BITS, optional=True)
     wrapper, model = model, unwrap_model(model)
     state = adapter_state(model)
-    inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
-    if state is None and inner is not None:
-        raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
-                         f"wrapping): call set_quantization_aware(model.get_submodule({inner!r}), bits)")
+    if state is None:
+        refuse_wrapped_adapters(model, "call set_quantization_aware(model.get_submodule({inner!r}), bits)")
     if state is None and bits is not None:
         raise ValueError(f"{type(model).__name__} has no nola_vision adapters to train quantisation-aware (never "
                          "injected, or unloaded); call nv.inject or nv.load_adapter first, then set_quantization_aware")
@@ -576,6 +575,15 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
         head = classifier_head(model)
         state.quantized_head = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
     return wrapper
+
+
+def refuse_wrapped_adapters(model: nn.Module, fix: str) -> None:
+    """Refuse a model without adapters of its own that holds an injected submodule (injected, then wrapped): ``fix``
+    (formatted with ``inner``, the submodule's name) says what to pass instead."""
+    inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
+    if inner is not None:
+        raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
+                         f"wrapping): {fix.format(inner=inner)}")
 
 
 def quantization_aware_bits(model: nn.Module) -> Optional[int]:

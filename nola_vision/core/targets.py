@@ -10,9 +10,9 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "classifier_head", "find_targets", "head_parameter_names", "require_no_peft_model",
-           "require_nothing_else_trained", "require_module", "require_one_head", "require_not_data_parallel",
-           "trained_parameters", "unwrap_model"]
+__all__ = ["QKV_SLICES", "adaptable_linears", "classifier_head", "find_targets", "head_parameter_names",
+           "require_no_peft_model", "require_nothing_else_trained", "require_module", "require_one_head",
+           "require_not_data_parallel", "require_values", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -51,6 +51,13 @@ def require_module(model: object, function: str, *, adaptable: bool = True) -> N
     hint = (f": to build that timm model with adapters, call nv.create_model({model!r}, adapter=config)"
             if isinstance(model, str) and function != "unload" else "")
     raise TypeError(f"nv.{function} takes a model (a torch.nn.Module), got {got}{hint}")
+
+
+def require_values(model: nn.Module, function: str) -> None:
+    """Refuse to export a model whose weights are on the meta device: they hold no values to write."""
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(f"{function}: the model's weights are on the meta device, which holds no values: there is "
+                         "nothing to export (load or train its weights on a real device first)")
 
 
 def require_no_peft_model(model: nn.Module, function: str) -> None:
@@ -267,15 +274,18 @@ def _virtual_thirds(name: str) -> Dict[str, str]:
     return {part: name[: -len("qkv")] + part for part in QKV_SLICES}
 
 
+def adaptable_linears(model: nn.Module) -> Dict[str, nn.Linear]:
+    """Every ``nn.Linear`` a target can select, by module name: those outside the classifier head."""
+    head = classifier_head(model)
+    head_modules = {id(m) for m in head.modules()} if head is not None else set()
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and id(module) not in head_modules}
+
+
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
     """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
     head = classifier_head(model)
-    head_modules = {id(m) for m in head.modules()} if head is not None else set()
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) not in head_modules
-    }
+    linears = adaptable_linears(model)
     found: Dict[str, List[Slice]] = {}
     for pattern in targets:
         matched = False

@@ -55,11 +55,15 @@ def _integer(value: object, name: str) -> int:
     return int(value)
 
 
+def _is_label(value: object) -> bool:
+    """Whether ``value`` is an integer label (a bool is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int) -> None:
     """Refuse labels outside ``0 .. num_classes - 1``: their images would silently never be drawn."""
     unknown = sorted((label for label in by_class
-                      if not (isinstance(label, numbers.Integral) and not isinstance(label, bool)
-                              and 0 <= label < num_classes)), key=str)
+                      if not (_is_label(label) and 0 <= label < num_classes)), key=str)
     if unknown:
         raise ValueError(f"sample_kshot: labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not classes "
                          f"0..{num_classes - 1} (len(class_names)={num_classes}): pass the class_names of these "
@@ -88,8 +92,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
             raise TypeError(f"sample_kshot: samples are (image path, integer label) pairs, got {sample!r} at index "
                             f"{index}")
         by_class.setdefault(sample[1], []).append(index)
-    labels = [label for label in by_class if isinstance(label, numbers.Integral) and not isinstance(label, bool)]
-    num_classes = len(class_names) if class_names is not None else max(labels, default=-1) + 1
+    num_classes = len(class_names) if class_names is not None else max(filter(_is_label, by_class), default=-1) + 1
     _refuse_unknown_labels(by_class, num_classes)
     train: list[int] = []
     val: list[int] = []

@@ -31,7 +31,13 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import combine_shared
 from ..core.plan import InjectionPlan
 from ..core.registry import method_of
-from ..core.targets import classifier_head, require_module, require_no_peft_model, require_one_head
+from ..core.targets import (
+    adaptable_linears,
+    classifier_head,
+    require_module,
+    require_no_peft_model,
+    require_one_head,
+)
 
 __all__ = ["MultiTaskModel"]
 
@@ -366,9 +372,7 @@ class MultiTaskModel(nn.Module):
         not only those the tasks adapt: a compiled served model inlines the hooks it finds at its first call, and
         torch.compile does not guard on hooks, so a task added later would not be applied there. A layer no task of
         a batch adapts returns its output at once. Without tasks the backbone carries none."""
-        head = {id(module) for module in self.model.get_submodule(self._head_name).modules()}
-        wanted = {name for name, module in self.model.named_modules()
-                  if self._tasks and isinstance(module, nn.Linear) and id(module) not in head}
+        wanted = set(adaptable_linears(self.model)) if self._tasks else set()
         wanted |= {layer for task in self._tasks.values() for layer in task.plan.layers}
         for name in set(self._hooks) - wanted:
             self._hooks.pop(name).remove()

@@ -47,7 +47,7 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
-from ..core.targets import require_module, require_nothing_else_trained, trained_parameters
+from ..core.targets import require_module, require_nothing_else_trained, require_values, trained_parameters
 from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
@@ -86,9 +86,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     parameter = next(model.parameters(), None)
     if parameter is None:
         raise TypeError(f"export_onnx exports a timm model with weights, got a {type(model).__name__} without any")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("export_onnx: the model's weights are on the meta device, which holds no values: there is "
-                         "nothing to export (load or train its weights on a real device first)")
+    require_values(model, "export_onnx")
     if parameter.dtype == torch.bfloat16:
         raise ValueError("ONNX has no bfloat16 Conv at the opsets torch's exporter writes (up to 20), so the graph of "
                          "a bfloat16 model would not load: export a float16 or float32 copy "
