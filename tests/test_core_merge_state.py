@@ -476,3 +476,37 @@ def test_merge_and_unmerge_cycles_do_not_drift_the_frozen_weights(dtype):
     for name, layer in nv.adapted_layers(model).items():
         steps = (layer.weight - before[name]).abs().max() / (before[name].abs().max() * torch.finfo(dtype).eps)
         assert steps <= 2, f"{name}: {steps:.1f} rounding steps after 20 cycles"
+
+
+class _FlagAsProperty(torch.nn.Module):
+    @property
+    def grad_checkpointing(self):
+        return True
+
+
+def test_checkpointing_modules_reads_flags_as_attributes_class_attributes_and_properties():
+    from nola_vision.core.merge import checkpointing_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), _FlagAsProperty(), torch.nn.Linear(2, 2))
+    model[0].grad_checkpointing = True
+    model[1].grad_checkpointing = 1  # timm's contract is the bool True
+    type(model[3]).grad_checkpointing = False
+    try:
+        assert checkpointing_modules(model) == [model[0], model[2]]
+    finally:
+        del type(model[3]).grad_checkpointing
+
+
+@pytest.mark.parametrize("key", ["lora_qv", "nola_shared"])
+def test_a_training_step_without_reentrant_checkpointing_walks_the_model_for_its_flags_at_most_once(key, monkeypatch):
+    import nola_vision.core.merge as merge_module
+
+    model = _adapted(key).train()
+    calls = []
+    original = merge_module._checkpoints
+    monkeypatch.setattr(merge_module, "_checkpoints", lambda module: calls.append(module) or original(module))
+    model(_images()).sum().backward()
+    # The re-entrant hooks of the model and its stem ask nothing while timm checkpoints non-reentrantly; a shared
+    # basis asks once (its factors are kept for a checkpointed backward).
+    modules = len(list(model.modules()))
+    assert len(calls) == (modules if key == "nola_shared" else 0)

@@ -124,9 +124,8 @@ class AdaptedLinear(nn.Module):
 
     @batched_factors.setter
     def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
-        self._batched_factors = value
-        self._batched_versions: Optional[Tuple[int, ...]] = None
-        self._kept_past_backward = False
+        # Plain attributes written past nn.Module.__setattr__'s checks: every training step sets them twice per layer.
+        self.__dict__.update(_batched_factors=value, _batched_versions=None, _kept_past_backward=False)
 
     def take_activation(self, mlp: nn.Module, placeholder: nn.Module) -> None:
         """Compute ``mlp.act`` here, on the pre-activation ``mlp`` passes in (backward recomputes it instead of keeping

@@ -58,7 +58,16 @@ def has_shared_bases(model: nn.Module) -> bool:
 def checkpointing_modules(model: nn.Module) -> List[nn.Module]:
     """The modules that recompute their blocks in backward (timm's ``set_grad_checkpointing`` contract: a
     ``grad_checkpointing`` flag set to True)."""
-    return [module for module in model.modules() if getattr(module, "grad_checkpointing", False) is True]
+    return [module for module in model.modules() if _checkpoints(module)]
+
+
+def _checkpoints(module: nn.Module) -> bool:
+    """Whether ``module.grad_checkpointing is True``, without ``nn.Module.__getattr__``'s raised AttributeError for
+    the modules that have no such attribute (most of them): training steps ask this of the whole tree."""
+    flag = module.__dict__.get("grad_checkpointing")
+    if flag is None and hasattr(type(module), "grad_checkpointing"):  # a class attribute or property
+        flag = getattr(module, "grad_checkpointing", None)
+    return flag is True
 
 
 def gradient_checkpointing(model: nn.Module) -> bool:
@@ -82,7 +91,7 @@ def reentrant_checkpointing_inputs(model: nn.Module, args: tuple, kwargs: dict) 
         return None
     if not any(_frozen_input(value) for value in (*args, *kwargs.values())):
         return None
-    if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
+    if not (_reentrant_checkpointing() and gradient_checkpointing(model)):
         return None
     return tuple(map(_requiring_grad, args)), {key: _requiring_grad(value) for key, value in kwargs.items()}
 
@@ -93,7 +102,7 @@ def reentrant_checkpointing_output(model: nn.Module, module: nn.Module, args: tu
     does with the images, for calls that skip the model's own forward (``model.forward_features(x)``)."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not _frozen_input(output):
         return None
-    if not (gradient_checkpointing(model) and _reentrant_checkpointing()):
+    if not (_reentrant_checkpointing() and gradient_checkpointing(model)):
         return None
     return _requiring_grad(output)
 
@@ -127,7 +136,7 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
             continue  # a pending backward recomputes blocks from these (current) factors: use them, keep them
         layer.batched_factors = None
         layers.append(layer)
-    if torch.is_grad_enabled() and gradient_checkpointing(model) and _reentrant_checkpointing():
+    if torch.is_grad_enabled() and _reentrant_checkpointing() and gradient_checkpointing(model):
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
     rows = iter(combine_shared(entries))
