@@ -60,17 +60,19 @@ SWEEP_K = (256, 512, 1024, 2048, 4096)
 
 
 def build(method: str, model_name: str, num_classes: int, device: str, k: int = 1024, blocks: int = 0,
-          img_size: int = 224):
+          img_size: int = 224, **model_kwargs):
     """The model with the method's trainable parameters (random weights; no download).
 
     ``blocks`` > 0 adapts only the first ``blocks`` transformer blocks (our methods only), so backward
-    always reaches block 0 and a layer sweep measures the adapters' own cost.
+    always reaches block 0 and a layer sweep measures the adapters' own cost. ``model_kwargs`` go to timm
+    (``embed_dim``, ``num_heads``: ``launch_bound.py``'s narrow models).
     """
     import timm
 
     import nola_vision as nv
 
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size).to(device)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size,
+                              **model_kwargs).to(device)
     if method == "linear":
         return nv.inject(model, "linear")
     if method == "lora":

@@ -510,3 +510,18 @@ def test_the_headline_names_the_accuracy_runs_backbone_dataset_and_seeds():
     smoke = {"protocol": protocol.format("vit_tiny_patch16_224 with random weights (smoke test, not a result)")}
     assert collect_results._accuracy_setting(offline) == ("ViT-S/14", "digits")
     assert collect_results._accuracy_setting(smoke)[0].startswith("vit_tiny_patch16_224 with random weights")
+
+
+def test_launch_bound_measures_every_method_with_an_accelerators_choices_and_leaves_the_cpus(tmp_path, capsys):
+    import launch_bound
+
+    from nola_vision.core import functions
+
+    launch_bound.main(["--model", TINY, "--methods", "linear", "lora", "nola", "--rounds", "2", "--steps", "1",
+                       "--warmup", "1", "--k", "16", *_files(tmp_path)])
+    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    results = data["results"]
+    assert set(results) == {"linear", "lora", "nola"}
+    assert all(len(r["paired_step_s"]) == 2 and r["ops"] > 0 for r in results.values())
+    assert results["linear"]["ops"] < results["lora"]["ops"]
+    assert functions.launch_bound(torch.device("cpu")) is False

@@ -434,3 +434,94 @@ def test_what_fc2_computed_for_an_adapted_fc1_its_backward_never_ran_is_not_kept
     expected = torch.autograd.grad(h, [x, *fc1[2:]], grad_h)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.fixture
+def launch_bound(monkeypatch):
+    """The CPU making an accelerator's choices (``functions.launch_bound``): the few-launch products, no joined
+    buffers, no fc1 gradients computed inside fc2's blocks."""
+    from nola_vision.core import functions
+
+    monkeypatch.setattr(functions, "launch_bound", lambda device: True)
+
+
+@pytest.mark.parametrize("activation", [None, nn.GELU(), nn.SiLU()])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_on_a_launch_bound_device_the_fused_layer_gives_the_values_and_gradients_of_the_plain_ops(
+        activation, with_bias, launch_bound):
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, a, b = _tensors(generator)
+    bias = bias if with_bias else None
+    grad = torch.randn(2, 7, 16, generator=generator)
+    fused, plain = low_rank_linear(x, weight, bias, a, b, activation), _plain(x, weight, bias, a, b, activation)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(torch.autograd.grad(fused, [x, a, b], grad), torch.autograd.grad(plain, [x, a, b], grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("between", list(BETWEEN))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_on_a_launch_bound_device_an_adapted_mlp_gives_the_gradients_of_the_plain_ops(between, precision,
+                                                                                      launch_bound):
+    generator = torch.Generator().manual_seed(0)
+    x, fc1, fc2 = _mlp_pair(generator)
+    trained = [x, *fc1[2:], *fc2[2:]]
+    grad = torch.randn(2, 32, 12, generator=generator)
+
+    def gradients(function, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = _through_mlp(function, x, fc1, fc2, BETWEEN[between])
+        return torch.autograd.grad(out.float(), trained, grad)
+
+    for got, expected in zip(gradients(low_rank_linear, precision == "bf16"), gradients(_plain, False)):
+        if precision == "fp32":
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # bf16 keeps 8 bits: these sums of a few hundred products are within 1% of their largest value
+            assert (got - expected).abs().max() <= 0.015 * expected.abs().max()
+
+
+def test_on_a_launch_bound_device_an_adapted_mlp_launches_only_its_products_and_casts(launch_bound):
+    """Under bf16 autocast on an accelerator every kernel is a launch the host pays for: fc1 and fc2 write their
+    outputs with the frozen product and one low-rank addmm_ (no joined, padded buffers filled by copies), and fc2's
+    backward neither joins W with Aᵀ nor computes fc1's gradients a block at a time."""
+    x, fc1, fc2 = _mlp_pair(torch.Generator().manual_seed(0))
+    with CountedOps() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _through_mlp(low_rank_linear, x, fc1, fc2)
+    with CountedOps() as backward:
+        out.float().sum().backward()
+    assert (forward.calls["addmm"], forward.calls["addmm_"], forward.calls["mm"]) == (2, 2, 2)  # frozen, ΔW, x A
+    for ops in (forward, backward):
+        assert not {"fill_", "zero_", "copy_", "cat"} & set(ops.calls), ops.calls
+    # Per layer five: the x A, B, A and x gradients, and x A's part of x's gradient added onto it.
+    assert backward.calls["mm"] + backward.calls["addmm_"] == 10
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_on_a_launch_bound_device_an_adapted_model_gets_the_gradients_of_the_plain_ops(method, checkpointing,
+                                                                                      launch_bound, monkeypatch):
+    from nola_vision.core import layer
+    from nola_vision.core.inject import adapter_state
+
+    config = (nv.NOLAConfig(rank=2, num_basis_a=32, num_basis_b=32) if method == "nola"
+              else nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v", "mlp.fc1", "mlp.fc2"]))
+    generator = torch.Generator().manual_seed(0)
+    model = nv.inject(tiny_vit(num_classes=3), config).train()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.set_grad_checkpointing(checkpointing)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+
+    def gradients():
+        model.zero_grad()
+        model(images).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    got = gradients()
+    if method == "nola":  # an accelerator's training pass holds the shared codes
+        assert adapter_state(model).bank.nbytes() > 0
+    monkeypatch.setattr(layer, "low_rank_linear", _plain)
+    for g, e in zip(got, gradients()):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import functions
 from .functions import transforms_active
 
 GENERATOR_VERSION = "nola-lowbias32x2-int16-v1"
@@ -292,7 +293,7 @@ class BasisBank:
         """Whether a pass on ``device`` in the current grad mode reads held codes (else it regenerates them)."""
         if self.keep is not None:
             return self.keep
-        return device.type != "cpu" or not torch.is_grad_enabled()
+        return functions.launch_bound(device) or not torch.is_grad_enabled()
 
     def get(self, spec: BasisSpec, device: torch.device) -> Optional[Tensor]:
         """The (count, numel) int16 codes of ``spec`` on ``device``: held (generated there on first use) where
@@ -402,7 +403,7 @@ def bases_per_chunk(spec: BasisSpec, device: torch.device, chunk: int) -> int:
     """Bases decoded (or generated) at a time on ``device``: ``chunk`` on the CPU, where a cache-sized chunk is fastest;
     on accelerators each chunk costs kernel launches (a GPU step was launch-bound at 32 bases), so as many as fill
     ``_ACCELERATOR_CHUNK_ELEMENTS``, at least ``chunk``."""
-    if device.type == "cpu":
+    if not functions.launch_bound(device):
         return chunk
     return max(chunk, _ACCELERATOR_CHUNK_ELEMENTS // max(1, spec.numel))
 

@@ -8,8 +8,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "low_rank_linear",
-           "transforms_active"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "launch_bound",
+           "low_rank_linear", "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -17,6 +17,13 @@ _ACTIVATION_BLOCK_ELEMENTS = 1 << 19
 # On accelerators a block buys no cache locality and costs kernel launches (a GPU step was launch-bound at 2 MiB):
 # blocks of 8M elements (16 MiB in bf16) keep the launches few and the recomputed activation small beside a batch's.
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 23
+
+
+def launch_bound(device: torch.device) -> bool:
+    """Whether small ops on ``device`` cost their kernel launches more than their memory traffic: every device but the
+    CPU. Block and chunk sizes, and whether a training pass holds the shared bases, follow from it (one place, so a
+    benchmark can measure an accelerator's choices on the CPU: ``benchmarks/launch_bound.py``)."""
+    return device.type != "cpu"
 
 
 def transforms_active() -> bool:
@@ -147,7 +154,8 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             raise _trainable_weight_error()
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), _product_dtype(x))[0]
-    producer = _producer(x) if activation is not None else None
+    # Computing fc1's gradients inside fc2's cache-sized blocks saves memory traffic, not launches: CPU only.
+    producer = _producer(x) if activation is not None and not launch_bound(x.device) else None
     inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation, producer)
     return _FrozenProduct.apply(inputs, weight, bias, xa, b, sink)
 
@@ -292,8 +300,9 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     an out op (GELU) is applied a cache-sized block of rows at a time, each block multiplied by A while it is in
     cache: the activation output (as wide as the MLP) is written once and not read back for ``x A``.
     """
-    a_t = a.t().contiguous().t()
-    if activation is None or type(activation) not in _ACTIVATION_OPS or x.dim() < 2 or x.numel() == 0:
+    a_t = a if launch_bound(a.device) else a.t().contiguous().t()
+    if (activation is None or type(activation) not in _ACTIVATION_OPS or x.dim() < 2 or x.numel() == 0
+            or _one_launch_bound_block(x)):
         inputs = x if activation is None else activation(x)
         if dtype is not None:
             inputs = inputs.to(dtype)
@@ -318,10 +327,16 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
 
 
+def _one_launch_bound_block(h: Tensor) -> bool:
+    """Whether ``h``'s rows make one block on a launch-bound device: then the blocks' slices, buffers and accumulators
+    are dispatches (and zeroing kernels) the host pays for and nothing gains."""
+    return launch_bound(h.device) and _block_rows(h) >= h.numel() // max(1, h.shape[-1])
+
+
 def _block_rows(h: Tensor) -> int:
     """Rows of a block of the 2-d ``h``: cache-sized on the CPU, launch-sized elsewhere (``_ACTIVATION_BLOCK_ELEMENTS``,
     ``_ACCELERATOR_BLOCK_ELEMENTS``)."""
-    elements = _ACTIVATION_BLOCK_ELEMENTS if h.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+    elements = _ACCELERATOR_BLOCK_ELEMENTS if launch_bound(h.device) else _ACTIVATION_BLOCK_ELEMENTS
     return max(1, elements // max(1, h.shape[-1]))
 
 
@@ -337,6 +352,10 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     Where ``inputs`` and ``W`` must both be cast, ``_joined_product`` computes it instead.
     """
     dtype = dtype or _product_dtype(inputs)
+    if launch_bound(inputs.device):
+        y = _few_launch_product(inputs.reshape(-1, inputs.shape[-1]), weight, bias, xa.reshape(-1, xa.shape[-1]), b,
+                                dtype, out)
+        return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
     if inputs.dtype != dtype and weight.dtype != dtype:
         y = _joined_product(inputs.reshape(-1, inputs.shape[-1]), weight, xa.reshape(-1, xa.shape[-1]), b.t(), bias,
                             dtype, out)
@@ -351,6 +370,20 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     if out is not None:
         return out
     return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
+
+
+def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
+                        dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+    """``rows Wᵀ + bias + xa B`` in ``dtype`` for 2-d ``rows`` and ``xa`` in the fewest kernels, for devices where each
+    launch costs more than the memory it saves (``launch_bound``): the frozen product with its bias, then the
+    low-rank product added onto it, with no buffers joined or padded."""
+    rows, weight_t = rows.to(dtype), weight.to(dtype).t()
+    if bias is None:
+        y = torch.mm(rows, weight_t, out=out) if out is not None else torch.mm(rows, weight_t)
+    else:
+        y = torch.addmm(bias.to(dtype), rows, weight_t, out=out) if out is not None else torch.addmm(
+            bias.to(dtype), rows, weight_t)
+    return y.addmm_(xa.to(dtype), b.to(dtype))
 
 
 def _joined_product(rows: Tensor, weight: Tensor, xa: Tensor, b_t: Tensor, bias: Optional[Tensor], dtype: torch.dtype,
@@ -422,7 +455,8 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
         grad_xa = grad @ b_.t()
         grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
     # W is cast anyway and the input is the wider side: the low-rank term joins the frozen product
-    joined = needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
+    joined = (needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
+              and not launch_bound(grad.device))
     grad_x = None
     if needs_x:
         grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ weight.to(dtype)
@@ -434,7 +468,9 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     else:
         if grad_x is not None and not joined:
             grad_x.addmm_(grad_xa, a_.t())
-        if needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product
+        if needs_a and launch_bound(grad.device):
+            grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+        elif needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product on the CPU
             grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).t().contiguous()
     if grad_x is not None:
         grad_x = grad_x.view(input_shape)
@@ -526,7 +562,9 @@ def _(grad, x, weight, xa, a, b, gelu, needs_x, needs_a, needs_b):
     return grad_x, a.new_empty(a.shape if needs_a else (0,)), b.new_empty(b.shape if needs_b else (0,))
 
 
-def _gelu_out(activation: nn.GELU, h: Tensor, out: Tensor) -> Tensor:
+def _gelu_out(activation: nn.GELU, h: Tensor, out: Optional[Tensor]) -> Tensor:
+    if out is None:
+        return torch.ops.aten.gelu(h, approximate=activation.approximate)
     return torch.ops.aten.gelu.out(h, approximate=activation.approximate, out=out)
 
 
@@ -550,6 +588,11 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
     exists for all rows at once. Each finished block of h's gradient also gives the ``producer``'s gradients (an
     adapted fc1's), if any.
     """
+    if producer is None and _one_launch_bound_block(h):
+        if grad_x is not None and not low_rank_added:
+            grad_x.addmm_(grad_xa, a.t())
+        x = _activation_block(activation, h, grad_x, None, needs_a)
+        return x.to(grad_xa.dtype).t() @ grad_xa if needs_a else None
     rows = _block_rows(h)
     a_t = a.t()
     # (rank, in) and row-major, the fast orientation for these products (``zeros_like(a_t)`` would keep a's
