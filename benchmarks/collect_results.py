@@ -109,6 +109,22 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "Measured before the 8M-value chunks and blocks (see ViT-B). After them, in the ViT-B table's session "
      "(lora, nola and peft_lora only): our LoRA 0.066 s, NOLA-MLP 0.144 s (2.18×; it was 0.299 s), peft's LoRA "
      "0.034 s, peaks unchanged (4,714, 4,467 and 4,547 MiB). `bash benchmarks/run_all.sh gpu` re-runs this table."),
+    ("launch_bound_vit_b", "The host's cost of a training step, ViT-B/16's 12 blocks, bf16: the GPU step's bound on a CPU",
+     "A GPU step of this model is launch-bound (see above), so its time is what the host spends per op. Here every "
+     "op of every block runs at width 64 on 32-px images, where kernels cost next to nothing, and nola_vision makes "
+     "an accelerator's choices (`functions.launch_bound`): the step time is the host's cost alone. Before the "
+     "few-launch path (same machine and day, alternating runs of the previous commit): our LoRA 20.3 ms and 1,767 "
+     "ops a step, NOLA-MLP 29.3 ms and 2,794 ops (1.45×); at k = l = 1,024 NOLA-MLP took 1.785× LoRA, the H200's "
+     "ratio, though about 8 ms of it was the CPU's arithmetic on the 1,024 bases, which an accelerator does in the "
+     "same ops in microseconds (hence k = l = 64 here). On accelerators an adapted layer now writes its output with "
+     "the frozen product and one low-rank `addmm_` (no joined, padded buffers filled by copies), fc2's backward no "
+     "longer joins W with Aᵀ or computes fc1's gradients a block at a time (CPU cache savings, paid in launches), "
+     "and the training hooks no longer walk the model for timm's re-entrant checkpointing flag unless timm "
+     "checkpoints re-entrantly. What remains is structural: NOLA-MLP adapts fc1 and fc2 (24 layers), LoRA q,v one "
+     "qkv per block (12), and each adapted layer costs the host one and a half to two frozen blocks' worth of ops. peft's "
+     "LoRA adapts the same 12 layers with fewer host ops than ours (no slices for q and v, C++ autograd nodes only). "
+     "A GPU session re-measures the bf16 table above (`bash benchmarks/run_all.sh gpu`)."),
+    ("launch_bound_vit_l", "The host's cost of a training step, ViT-L/16's 24 blocks, bf16", "As for ViT-B/16."),
 )
 # Printed under the targets: what the step-time ranges mean (the run shown's numbers are filled in by timing_note).
 TIMING_NOTE = (
@@ -154,7 +170,8 @@ PARTS = {"nola_vs_lora_vit_b": "nola_vs_lora", "nola_vs_lora_vit_l": "nola_vs_lo
          "train_step_vit_l": "train_step_large", "compile_step_vit_b": "train_step_compile",
          "compile_step_vit_l": "train_step_compile",
          "grad_ckpt_off_vit_b": "grad_checkpointing", "grad_ckpt_on_vit_b": "grad_checkpointing",
-         "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu"}
+         "gpu_train_step_vit_b": "gpu", "gpu_train_step_vit_l": "gpu",
+         "launch_bound_vit_b": "launch_bound", "launch_bound_vit_l": "launch_bound"}
 
 
 METHOD_NAMES = {"lora": "LoRA q,v", "nola": "NOLA-MLP"}
