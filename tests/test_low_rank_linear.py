@@ -492,6 +492,8 @@ def test_on_a_launch_bound_device_an_adapted_mlp_launches_only_its_products_and_
     assert (forward.calls["addmm"], forward.calls["addmm_"], forward.calls["mm"]) == (2, 2, 2)  # frozen, ΔW, x A
     for ops in (forward, backward):
         assert not {"fill_", "zero_", "copy_", "cat"} & set(ops.calls), ops.calls
+    # x cast to bfloat16 once, for x A and the product; fc1's output is in it already; each of W, bias, A, B once
+    assert forward.calls["_to_copy"] == 1 + 2 * 4
     # Per layer five: the x A, B, A and x gradients, and x A's part of x's gradient added onto it.
     assert backward.calls["mm"] + backward.calls["addmm_"] == 10
 

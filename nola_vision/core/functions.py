@@ -295,12 +295,17 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
                    dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """``act(x)`` (in ``dtype`` when given) and ``act(x) A``.
 
-    A is handed to the product as the transpose of a row-major (rank, in) copy: each output is then a dot product of
-    two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. An activation with
+    On the CPU, A is handed to the product as the transpose of a row-major (rank, in) copy: each output is then a dot
+    product of two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. On
+    launch-bound devices ``act(x)`` comes in the product's dtype (as autocast would cast it), so the product does not
+    cast it again. An activation with
     an out op (GELU) is applied a cache-sized block of rows at a time, each block multiplied by A while it is in
     cache: the activation output (as wide as the MLP) is written once and not read back for ``x A``.
     """
-    a_t = a if launch_bound(a.device) else a.t().contiguous().t()
+    if launch_bound(x.device):  # x cast once, for x A and for the product
+        a_t, dtype = a, dtype or _product_dtype(x)
+    else:
+        a_t = a.t().contiguous().t()
     if (activation is None or type(activation) not in _ACTIVATION_OPS or x.dim() < 2 or x.numel() == 0
             or _one_launch_bound_block(x)):
         inputs = x if activation is None else activation(x)
