@@ -367,12 +367,14 @@ def test_accelerators_activate_an_adapted_fc2s_input_in_few_blocks_where_the_cpu
 @pytest.mark.parametrize("method", ["nola", "lora"])
 def test_a_layer_adapted_over_its_whole_width_hands_its_b_on_as_a_view(method):
     """B of a one-slice layer reaches the product as a view: ``b[0]`` gave a select, whose backward writes a zeroed
-    copy of B's gradient (two more kernels per layer and step on a GPU)."""
+    copy of B's gradient (two more kernels per layer and step on a GPU). A is a view too (no permute), and the
+    factors' dtype is chosen without a dispatched ``promote_types``: every op is a host cost per layer and step."""
     model = nv.inject(tiny_vit(), nv.get_method(method).config_cls(targets=["mlp.fc1"]))
     layer = model.blocks[0].mlp.fc1
     with CountedOps() as ops:
         layer(torch.randn(2, 5, layer.in_features)).sum().backward()
     assert ops.calls["select_backward"] == 0 and ops.calls["select"] == 0
+    assert ops.calls["permute"] == 0 and ops.calls["promote_types"] == 0
 
 
 def test_an_adapted_fc1_reads_its_mlp_wide_output_gradient_once_in_backward(monkeypatch):

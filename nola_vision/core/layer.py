@@ -350,13 +350,15 @@ class AdaptedLinear(nn.Module):
     def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         """``delta_factors`` of given factors (A (slices, in, rank), B (slices, rank, width), as ``factors()``)."""
         a, b = factors
-        dtype = factor_dtype(torch.promote_types(a.dtype, b.dtype))
+        # Each step asks this of every layer: a dtype comparison in Python, not a dispatched promote_types.
+        dtype = factor_dtype(a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype))
         a, b = a.to(dtype), b.to(dtype)
+        if self.slices == ((0, self.out_features),):
+            # views, not a[0] and b[0]: their gradients are the same tensors (select's is a zeroed copy, two kernels
+            # on a GPU), and one slice needs no permute
+            return a.reshape(self.in_features, self.rank) * self.scaling, b.reshape(self.rank, self.out_features)
         num_slices = len(self.slices)
         a = a.permute(1, 0, 2).reshape(self.in_features, num_slices * self.rank) * self.scaling
-        if self.slices == ((0, self.out_features),):
-            # a view, not b[0]: its gradient is the same tensor (select's is a zeroed copy, two kernels on a GPU)
-            return a, b.reshape(self.rank, self.out_features)
         # Each slice's B placed in its own output columns: one matmul covers q and v of a fused qkv.
         blocks = [F.pad(b[i], (start, self.out_features - end)) for i, (start, end) in enumerate(self.slices)]
         return a, torch.cat(blocks, dim=0)
