@@ -98,13 +98,14 @@ class LowRankLinear(torch.autograd.Function):
         # tensors, which gradient checkpointing allows once); both are kept in save_for_backward anyway.
         ctx.fusable = (xa, b) if activation is None else None
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
-        # Without an activation the product reads x: hand it a fresh alias, since a Function may not return an input.
-        inputs = inputs.detach() if activation is None else inputs
+        # Where the product reads x itself, hand it a fresh alias, since a Function may not return an input.
+        inputs = inputs.detach() if inputs is x else inputs
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
         # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
         dtype = _product_dtype(inputs)
-        sink = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
+        # Never read: uninitialised (no fill kernel to launch).
+        sink = torch.empty((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
         return inputs, xa, sink
 
     @staticmethod
