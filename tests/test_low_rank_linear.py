@@ -529,3 +529,14 @@ def test_on_a_launch_bound_device_an_adapted_model_gets_the_gradients_of_the_pla
     monkeypatch.setattr(layer, "low_rank_linear", _plain)
     for g, e in zip(got, gradients()):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_on_a_launch_bound_device_the_compiled_operators_body_casts_the_input_once(launch_bound):
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, a, b = _tensors(generator)
+    x, a, b = x.detach(), a.detach(), b.detach()
+    with CountedOps() as ops:
+        y, xa = _forward(x, weight, bias, a, b, None, torch.bfloat16)
+    assert ops.calls["_to_copy"] == 5  # x, then W, the bias, A and B
+    expected = _plain(x, weight, bias, a, b, None)
+    assert (y.float() - expected).abs().max() <= 0.015 * expected.abs().max()  # within bf16's rounding

@@ -272,9 +272,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
     where the last block's ``fc2`` product sits at the step's memory peak, this frees more than the compiler
     keeps beyond eager (it fuses each residual addition into the next layer norm, so one addend lives longer).
     """
-    if activation is None:  # x as it is: the product casts it, as under eager autocast (``_joined_product``)
-        xa = _adapter_input(x, a, None, dtype)[1]
-        return _product(x, weight, bias, xa, b, dtype), xa
+    if activation is None:  # on the CPU x as it is: the product casts it, as under eager autocast (``_joined_product``)
+        inputs, xa = _adapter_input(x, a, None, dtype)
+        return _product(inputs if launch_bound(x.device) else x, weight, bias, xa, b, dtype), xa
     if dtype is not None:
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     if x.dim() < 2 or x.numel() == 0:
