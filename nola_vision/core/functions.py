@@ -297,11 +297,11 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     """``act(x)`` (in ``dtype`` when given) and ``act(x) A``.
 
     On the CPU, A is handed to the product as the transpose of a row-major (rank, in) copy: each output is then a dot
-    product of two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. On
-    launch-bound devices ``act(x)`` comes in the product's dtype (as autocast would cast it), so the product does not
-    cast it again. An activation with
-    an out op (GELU) is applied a cache-sized block of rows at a time, each block multiplied by A while it is in
-    cache: the activation output (as wide as the MLP) is written once and not read back for ``x A``.
+    product of two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. An
+    activation with an out op (GELU) is applied a cache-sized block of rows at a time, each block multiplied by A
+    while it is in cache: the activation output (as wide as the MLP) is written once and not read back for ``x A``.
+    On launch-bound devices ``act(x)`` comes in the product's dtype (as autocast would cast it), so the product does
+    not cast it again, and rows that fit one block are not split.
     """
     if launch_bound(x.device):  # x cast once, for x A and for the product
         a_t, dtype = a, dtype or _product_dtype(x)
