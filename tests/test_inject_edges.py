@@ -205,6 +205,24 @@ def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adap
     assert nv.unload(served) is served and not nv.adapted_layers(served)  # through the wrapper, which it returns
 
 
+def test_adapters_are_not_removed_through_distributed_data_parallel(tmp_path, images):
+    """DDP keeps the parameters it was built with: after unload through it, its next forward pass failed on an
+    internal assert of torch's reducer. The model inside it unloads."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)))
+        for remove in (nv.unload, nv.merge_and_unload):
+            with pytest.raises(ValueError, match=r"DistributedDataParallel, which holds the adapter tensors it was "
+                                                 r"built with.*\(wrapper.module\)"):
+                remove(ddp)
+        ddp(images).sum().backward()  # untouched
+        assert not nv.adapted_layers(nv.unload(ddp.module))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_call_check_keeps_each_threads_calls_apart():
     # DataParallel's replicas (and threaded servers) run one parent in several threads: a second thread entering it
     # must not wipe the calls the first made, or the first is told its adapter was never called

@@ -472,6 +472,7 @@ def unload(model: nn.Module) -> nn.Module:
     unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
     require_module(model, "unload")
+    require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     _remove_injection(unmerge(model), state)
@@ -485,6 +486,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the weights without it (the same one again, say) is refused instead of adding its update on top.
     """
     require_module(model, "merge_and_unload")
+    require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model)
     merge(model)

@@ -73,11 +73,18 @@ def require_no_peft_model(model: nn.Module, function: str) -> None:
                          "peft's adapters, peft_model.merge_and_unload() with them folded into its weights")
 
 
-def require_not_data_parallel(model: nn.Module) -> None:
+def require_not_data_parallel(model: nn.Module, removing: bool = False) -> None:
     """Refuse to add adapters through ``DistributedDataParallel``/``DataParallel``: the wrapper took the model's
-    parameters when it was built, so new adapter tensors would silently train unsynchronised on each replica."""
-    wrapper = next((module for module in model.modules()
-                    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))), None)
+    parameters when it was built, so new adapter tensors would silently train unsynchronised on each replica.
+    ``removing``: refuse to remove them through ``DistributedDataParallel``, whose next forward pass would fail on
+    the tensors it holds (``DataParallel`` takes the module as it is at each call)."""
+    kinds = (nn.parallel.DistributedDataParallel,) if removing else (nn.parallel.DistributedDataParallel,
+                                                                    nn.DataParallel)
+    wrapper = next((module for module in model.modules() if isinstance(module, kinds)), None)
+    if wrapper is not None and removing:
+        raise ValueError(f"the model is (or holds) a {type(wrapper).__name__}, which holds the adapter tensors it was "
+                         "built with: removing them through it would break its next forward pass. Unload the model "
+                         "inside it (wrapper.module), then wrap that again if it is to train on")
     if wrapper is not None:
         raise ValueError(f"the model is (or holds) a {type(wrapper).__name__}, which took its parameters when it was "
                          "built: adapters added now would not be synchronised across replicas. Inject (or load "
