@@ -292,6 +292,27 @@ def test_a_file_loaded_into_a_model_training_at_its_bits_shows_exactly_the_value
         assert torch.equal(fake_quantize(decoded, bits), decoded)
 
 
+def test_values_on_a_grid_several_float32_steps_off_the_recomputed_step_are_shown_as_the_file_stores_them(tmp_path):
+    """A head bias a few float32 steps off a grid (a small optimizer update) lies on a grid whose step is 7 float32
+    steps from the recomputed one: quantisation-aware training looked 4 steps either side and decoded it with the
+    recomputed step, while the file (which looks 32 either side) stored it as it was. A plain load then differed from
+    the training-time forward pass by a float32 step."""
+    from nola_vision.core.quantize import dequantize, grid_step, quantize
+
+    model = nv.set_quantization_aware(nv.inject(tiny_vit(num_classes=3), "linear"), 8)
+    bias = torch.tensor([10.057745933532715, 9.377175331115723, 9.740145683288574])
+    codes, minimum, step = quantize(bias, 8)
+    found = grid_step(bias, codes, minimum, step)
+    assert found != step and torch.equal(dequantize(codes, minimum, found), bias)  # on a grid, not the recomputed one
+    with torch.no_grad():
+        model.head.bias.copy_(bias)
+        seen = model(IMAGES)
+    assert torch.equal(fake_quantize(bias, 8), bias)
+    nv.save_adapter(model, tmp_path / "a", bits=8)
+    with torch.no_grad():
+        assert torch.equal(nv.load_adapter(tiny_vit(num_classes=3), tmp_path / "a")(IMAGES), seen)
+
+
 @pytest.mark.parametrize("config", [NOLA, "linear"], ids=["nola", "linear"])
 def test_merge_and_unload_of_a_quantisation_aware_model_keeps_its_outputs(config):
     model = nv.set_quantization_aware(trained(config), 4)

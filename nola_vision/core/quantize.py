@@ -22,7 +22,8 @@ MIN_HEAD_INTEGER_BITS = 8
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 # grid_step looks this many float32 steps either side of a computed step (a recomputed one is a few away).
 _NEAR = 32
-# Fake quantisation of values on a grid looks this many either side (each forward pass; one or two away in practice).
+# Fake quantisation of values on a grid looks this many either side first (one or two away in practice), then as far
+# as grid_step does, so that it shows the values a file stores.
 _ON_GRID = 4
 
 
@@ -158,14 +159,18 @@ def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
 
 
 def _decoded_on_their_grid(flat: Tensor, codes: Tensor, minimum: float, step: float, decoded: Tensor) -> Tensor:
-    """``flat`` itself where a float32 step within ``_ON_GRID`` of ``step`` decodes ``codes`` to it exactly
-    (``grid_step``'s first search, all candidates in one product), else ``decoded``."""
-    near = torch.tensor([step], dtype=torch.float32).view(torch.int32) + torch.arange(-_ON_GRID, _ON_GRID + 1,
-                                                                                     dtype=torch.int32)
-    candidates = near.view(torch.float32)
-    candidates = candidates[candidates >= _SMALLEST_NORMAL].to(flat.device)
-    grids = (minimum / 2 + codes.float().unsqueeze(0) * (candidates.unsqueeze(1) / 2)) * 2
-    return flat if bool((grids == flat).all(dim=1).any()) else decoded
+    """``flat`` itself where a float32 step within ``_NEAR`` of ``step`` decodes ``codes`` to it exactly (``grid_step``'s
+    first search: then a file stores ``flat``), else ``decoded``. The ``_ON_GRID`` nearest steps are tried first, in
+    one product; the rest only where none of them is the grid."""
+    offsets = torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)
+    near = offsets.abs() <= _ON_GRID
+    for ring in (offsets[near], offsets[~near]):
+        candidates = (torch.tensor([step], dtype=torch.float32).view(torch.int32) + ring).view(torch.float32)
+        candidates = candidates[candidates >= _SMALLEST_NORMAL].to(flat.device)
+        grids = (minimum / 2 + codes.float().unsqueeze(0) * (candidates.unsqueeze(1) / 2)) * 2
+        if bool((grids == flat).all(dim=1).any()):
+            return flat
+    return decoded
 
 
 @_fake_quantize_op.register_fake
