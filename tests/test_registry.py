@@ -3,9 +3,12 @@
 That the example method (like every registered one) injects, trains, saves, loads, merges, unloads, exports and
 serves is checked by the method matrix (``test_methods.py``); here only what is particular to it.
 """
+from dataclasses import dataclass, field
+
 import pytest
 from example_method import FrozenAConfig, FrozenALinear
 from tiny_models import tiny_vit
+from torch import nn
 
 import nola_vision as nv
 from nola_vision.core.config import adapter_to_hparam, resolve_adapter
@@ -48,3 +51,97 @@ def test_a_method_class_defined_again_in_a_rerun_cell_replaces_its_registration(
     with pytest.raises(ValueError, match="already registered by .*RerunConfig: choose another name for LoRAConfig"):
         nv.register_method("rerun_lora", nv.LoRAConfig, nv.LoRALinear)
     del METHODS["rerun_lora"]
+
+
+def test_a_variant_cannot_take_a_registered_methods_name_and_a_built_in_keeps_its_recipe():
+    """Registered under "lora" with LoRAConfig (its method is "lora"), a LoRA variant replaced the built-in for the
+    whole process: every LoRA file then loaded into it. Re-registering the built-in without its recipe dropped it."""
+    class DoubledLoRA(nv.LoRALinear):
+        def factors(self):
+            a, b = super().factors()
+            return 2 * a, b
+
+    before = nv.get_method("lora")
+    with pytest.raises(ValueError, match=r"registered with layer class nola_vision\.methods\.lora\.layer\.LoRALinear"
+                                         r".*name of its own: a subclass of LoRAConfig with method = 'my_lora'"):
+        nv.register_method("lora", nv.LoRAConfig, DoubledLoRA)
+    with pytest.raises(ValueError, match=r"'lora' is built in and keeps its registration \(its recipe: lr 0.005, "
+                                         r"head lr 0.003"):
+        nv.register_method("lora", nv.LoRAConfig, nv.LoRALinear)
+    assert nv.get_method("lora") is before
+    again = nv.register_method("lora", nv.LoRAConfig, nv.LoRALinear, default_lr=before.default_lr,
+                               default_head_lr=before.default_head_lr)  # the same registration: a no-op
+    assert again == before
+
+
+class _NotDefiningShapes(nv.AdaptedLinear):
+    adapter_parameter_names = ("b",)
+
+    def factors(self):
+        raise AssertionError("never called")
+
+
+class _NotDefiningFactors(nv.AdaptedLinear):
+    adapter_parameter_names = ("b",)
+
+    @classmethod
+    def parameter_shapes(cls, config, in_features, width, num_slices):
+        return {"b": (num_slices, config.rank, width)}
+
+
+@pytest.mark.parametrize("layer_cls, message", [
+    (nn.Linear, r"Linear is not a subclass of nola_vision.AdaptedLinear"),
+    (_NotDefiningShapes, r"_NotDefiningShapes does not define parameter_shapes, which every"),
+    (_NotDefiningFactors, r"_NotDefiningFactors does not define factors, which every"),
+])
+def test_a_layer_class_that_breaks_the_contract_is_refused_when_registered(layer_cls, message):
+    @dataclass
+    class BrokenConfig(nv.AdapterConfig):
+        rank: int = 2
+        targets: list = field(default_factory=lambda: ["mlp.fc1"])
+        method = "broken"
+        scaling = 1.0
+
+    with pytest.raises(TypeError, match=message):
+        nv.register_method("broken", BrokenConfig, layer_cls)
+    assert "broken" not in nv.available_methods()
+
+
+def test_a_config_that_is_not_an_adapter_config_is_refused_by_name_at_inject():
+    class LooseConfig:  # says a registered method, but is no AdapterConfig (no targets, no to_dict)
+        method = "frozen_a"
+
+    METHODS["loose"] = METHODS["frozen_a"].__class__("loose", LooseConfig, FrozenALinear)
+    LooseConfig.method = "loose"
+    try:
+        with pytest.raises(TypeError, match=r"LooseConfig \(method 'loose'\) is not a subclass of "
+                                            r"nola_vision.AdapterConfig"):
+            nv.inject(tiny_vit(), LooseConfig())
+    finally:
+        del METHODS["loose"]
+
+
+def test_a_layer_holding_state_its_files_do_not_store_is_refused_at_save(tmp_path):
+    """A frozen random A kept as a persistent buffer (drawn from torch's global generator, say) is in the state dict
+    but not in the file: the file loaded with other outputs, and verify_adapter passed."""
+    @dataclass
+    class PersistentAConfig(FrozenAConfig):
+        method = "persistent_a"
+
+    class PersistentA(FrozenALinear):
+        def __init__(self, base, config, name, slices):
+            super().__init__(base, config, name, slices)
+            self.register_buffer("kept_A", self.fa_A.clone())  # persistent
+
+        def factors(self):
+            return self.kept_A, self.trained("fa_B")
+
+    nv.register_method("persistent_a", PersistentAConfig, PersistentA)
+    try:
+        with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1 \(PersistentA\) holds \['kept_A'\] in its state, "
+                                             r"which adapter files do not store.*persistent=False"):
+            nv.save_adapter(nv.inject(tiny_vit(), PersistentAConfig()), tmp_path / "a")
+        assert not (tmp_path / "a").exists()
+    finally:
+        del METHODS["persistent_a"]
+    nv.save_adapter(nv.inject(tiny_vit(), FrozenAConfig()), tmp_path / "b")  # its non-persistent buffer: saved

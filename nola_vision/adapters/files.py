@@ -47,7 +47,7 @@ from ..core.inject import (
     require_unchanged_statistics,
     unwrap_model,
 )
-from ..core.layer import adapted_layers
+from ..core.layer import MERGED_FLAG, adapted_layers
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import (
@@ -291,6 +291,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
                          "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
     require_nothing_else_trained(model, {**adapter, **head}, "an adapter file")
+    _require_no_unsaved_layer_state(model)
     require_unchanged_statistics(model)
     require_current_merge(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
@@ -519,6 +520,21 @@ def _lossless_in(value: Tensor, dtype: torch.dtype, steps: float = 0.5) -> bool:
     if not bool(torch.isfinite(cast).all()):
         return False
     return float((cast - exact).abs().max()) <= torch.finfo(dtype).eps * steps * float(exact.abs().max())
+
+
+def _require_no_unsaved_layer_state(model: nn.Module) -> None:
+    """Refuse to save an adapted layer that holds state of its own beyond its trained tensors (a method's persistent
+    buffer, a frozen parameter): the file would not hold it, so it would load with other outputs. What a layer needs
+    besides its trained tensors is regenerated from the config (as NOLA's bases are) or kept out of its state."""
+    frozen = {"weight", "bias", MERGED_FLAG, "_extra_state"}
+    for name, layer in adapted_layers(model).items():
+        kept = {key for key in layer.state_dict(keep_vars=True) if key not in frozen
+                and key not in layer.adapter_parameter_names and not key.startswith("input_activation.")}
+        if kept:
+            raise ValueError(f"{name} ({type(layer).__name__}) holds {sorted(kept)} in its state, which adapter "
+                             "files do not store: the file would load with other outputs. Make it a trained tensor "
+                             "(in adapter_parameter_names), or regenerate it from the config and register it with "
+                             "persistent=False (see the guide 'Adding a method')")
 
 
 def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False) -> Tuple[Tensor, List[float]]:

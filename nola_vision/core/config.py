@@ -48,6 +48,10 @@ def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:
                              f"one of {plain}")
         return method.config_cls()
     method_of(config)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"{type(config).__qualname__} (method {config.method!r}) is not a subclass of "
+                        "nola_vision.AdapterConfig, which every method's config is (a dataclass: see the guide "
+                        "'Adding a method')")
     return config
 
 
@@ -93,7 +97,8 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
             matches = [m.config_cls for m in METHODS.values() if m.config_cls.__name__ == name]
             if not matches:
                 raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: use one of "
-                                 f"{[f'nola_vision.{n}' for n in _config_names()]}")
+                                 f"{[f'nola_vision.{n}' for n in _config_names()]} (a method of your own is known "
+                                 "once the module that registers it, with nv.register_method, is imported)")
             if not isinstance(init_args, dict):
                 raise ValueError(f"adapter init_args must be a mapping of {name} fields, got {shown(init_args)}")
             return _build(matches[0], init_args)

@@ -276,7 +276,8 @@ class AdaptedLinear(nn.Module):
         cls, config: Any, in_features: int, width: int, num_slices: int
     ) -> Dict[str, Tuple[int, ...]]:
         """Shapes of the trained tensors by parameter name, known before the layer exists."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} does not define parameter_shapes, which every method's layer class "
+                                  "does (see the guide 'Adding a method')")
 
     @classmethod
     def plan_basis_specs(cls, config: Any, name: str, in_features: int, width: int,
@@ -333,7 +334,8 @@ class AdaptedLinear(nn.Module):
     def factors(self) -> Tuple[Tensor, Tensor]:
         """A of shape (slices, in, rank) and B of shape (slices, rank, width), without scaling, in any float dtype:
         ``delta_factors_of`` computes in float32, or in float64 when either factor is (``basis.factor_dtype``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define factors, which every method's layer class "
+                                  "does (see the guide 'Adding a method')")
 
     def delta_factors(self, values: Optional[Dict[str, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """Factors of the whole update, scaling applied: ΔWᵀ = A @ B with A (in, slices·rank), B (slices·rank, out).

@@ -159,9 +159,9 @@ def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
 
 
 def _decoded_on_their_grid(flat: Tensor, codes: Tensor, minimum: float, step: float, decoded: Tensor) -> Tensor:
-    """``flat`` itself where a float32 step within ``_NEAR`` of ``step`` decodes ``codes`` to it exactly (``grid_step``'s
-    first search: then a file stores ``flat``), else ``decoded``. The ``_ON_GRID`` nearest steps are tried first, in
-    one product; the rest only where none of them is the grid."""
+    """``flat`` itself where a float32 step within ``_NEAR`` of ``step`` decodes ``codes`` to it exactly
+    (``grid_step``'s first search: then a file stores ``flat``), else ``decoded``. The ``_ON_GRID`` nearest steps are
+    tried first, in one product; the rest only where none of them is the grid."""
     offsets = torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)
     near = offsets.abs() <= _ON_GRID
     for ring in (offsets[near], offsets[~near]):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .layer import AdaptedLinear
+
 __all__ = ["DEFAULT_LR", "METHODS", "Method", "available_methods", "get_method", "method_of", "register_method"]
 
 # The paper's learning rate; a method registers its own recipe (benchmarks/RESULTS.md, "What NOLA needs").
@@ -37,7 +39,10 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
                     default_warmup_fraction: float = 0.0) -> Method:
     """Declare an adapter method once: ``name`` (as in files and CLI), its config class and its layer class.
 
-    The layer class subclasses ``nola_vision.AdaptedLinear``; see the guide "Adding a method" (docs/guides).
+    The layer class subclasses ``nola_vision.AdaptedLinear`` and defines ``parameter_shapes`` and ``factors``; see
+    the guide "Adding a method" (docs/guides). A name keeps its classes: another layer class under a registered name
+    would silently load that method's files into it, so a variant takes a name of its own (a config subclass with
+    another ``method``). A built-in method (lora, nola, linear, full) keeps its recipe too.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_method: name is a non-empty str (as files and the CLI name it), got {name!r}")
@@ -45,6 +50,8 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         if not isinstance(value, type) and not (argument == "layer_cls" and value is None):
             raise TypeError(f"register_method: {argument} is a class{' or None' if argument == 'layer_cls' else ''}, "
                             f"got a {type(value).__name__}")
+    if layer_cls is not None:
+        _require_layer_contract(name, layer_cls)
     registered = METHODS[name].config_cls if name in METHODS else config_cls
     # The same class defined again (a notebook cell run twice) replaces its registration; any other class is refused.
     if _path(registered) != _path(config_cls):
@@ -54,8 +61,42 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
     if not 0.0 <= default_warmup_fraction < 1.0:
         raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
-    METHODS[name] = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
-    return METHODS[name]
+    method = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
+    if name in METHODS:
+        _require_same_method(METHODS[name], method)
+    METHODS[name] = method
+    return method
+
+
+def _require_layer_contract(name: str, layer_cls: type) -> None:
+    """Refuse a layer class that is not an ``AdaptedLinear`` defining what every method must (else inject or the
+    first forward pass fails later with a bare error)."""
+    if not issubclass(layer_cls, AdaptedLinear):
+        raise TypeError(f"register_method({name!r}): {layer_cls.__qualname__} is not a subclass of "
+                        "nola_vision.AdaptedLinear, which every method's layer class is (see the guide 'Adding a "
+                        "method')")
+    missing = [member for member in ("parameter_shapes", "factors")
+               if getattr(getattr(layer_cls, member), "__func__", getattr(layer_cls, member))
+               is getattr(getattr(AdaptedLinear, member), "__func__", getattr(AdaptedLinear, member))]
+    if missing:
+        raise TypeError(f"register_method({name!r}): {layer_cls.__qualname__} does not define "
+                        f"{' and '.join(missing)}, which every method's layer class does (the shapes of its trained "
+                        "tensors by name, and its factors A and B; see the guide 'Adding a method')")
+
+
+def _require_same_method(registered: Method, method: Method) -> None:
+    """A name registered again keeps its layer class (a class defined again, as a notebook cell run twice does, has the
+    same path); a built-in method keeps all of its registration."""
+    if _path(registered.layer_cls) != _path(method.layer_cls):
+        raise ValueError(f"adapter method {method.name!r} is registered with layer class "
+                         f"{_path(registered.layer_cls)}: {_path(method.layer_cls)} under that name would load every "
+                         f"{method.name!r} adapter file into it. Register it under a name of its own: a subclass of "
+                         f"{method.config_cls.__qualname__} with method = 'my_{method.name}'")
+    if registered.config_cls.__module__.startswith("nola_vision.") and registered != method:
+        raise ValueError(f"adapter method {method.name!r} is built in and keeps its registration (its recipe: lr "
+                         f"{registered.default_lr}, head lr {registered.default_head_lr}, warm-up fraction "
+                         f"{registered.default_warmup_fraction}); set the learning rates of a run where it trains "
+                         "(FewShotClassifier, the CLI), or register a variant under a name of its own")
 
 
 def available_methods() -> List[str]:
@@ -85,7 +126,7 @@ def method_of(config: Any) -> Method:
     return METHODS[name]
 
 
-def _path(cls: type) -> str:
+def _path(cls: Optional[type]) -> str:
     """``module.qualname``: a class defined again (a notebook cell run twice) has the same path as the one it replaced,
     so configs made before still count as the method's."""
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return "None" if cls is None else f"{cls.__module__}.{cls.__qualname__}"
