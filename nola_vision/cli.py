@@ -46,7 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from .runs.executors import CONFIG_EXIT, DIVERGED_EXIT
     from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, run_lightning_cli
+    from .train.module import NonFiniteLossError
 
     try:
         # From the console script, Lightning reads sys.argv itself: given both, it warns on every run that
@@ -60,7 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"nola-vision: error: {error_message(err)}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)",
               file=sys.stderr)
-        return 2 if isinstance(err, CONFIG_ERRORS) else 1
+        if isinstance(err, CONFIG_ERRORS):
+            return CONFIG_EXIT
+        return DIVERGED_EXIT if isinstance(err, NonFiniteLossError) else 1
     finally:
         close_process_group()
     return 0

@@ -106,3 +106,46 @@ def test_a_split_manifest_is_refused_before_the_first_trial(tmp_path, where):
         run_tune([str(tmp_path / "manifest.yaml")], grid, out=str(tmp_path / "out"), name="t", overrides=overrides,
                  skip_protocol=True, python=str(Path(tmp_path / "never")), echo=False)
     assert not (tmp_path / "out").exists()
+
+
+def _diverging_fit(tmp_path, diverging_lr):
+    """A stand-in fit that diverges (exit 3, as fit's NaN-loss stop) at ``diverging_lr``, else scores lr * 10."""
+    script = tmp_path / "diverging_fit"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+if value("--model.lr") == {str(diverging_lr)!r}:
+    print("nola-vision: error: training diverged: the loss is nan at step 1 (epoch 0)", file=sys.stderr)
+    sys.exit(3)
+json.dump({{"metrics": {{"val/acc": float(value("--model.lr")) * 10}},
+           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+                      "seed": int(value("--seed_everything"))}},
+           "parameter_counts": {{"adapter": 8, "head": 2}}}}, open(value("--result_file"), "w"))
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_diverging_grid_point_counts_as_the_worst_score_and_the_search_chooses_among_the_others(tmp_path):
+    """Divergence at a large learning rate is an outcome of the grid, not a fault: it failed the trial, and every
+    re-run of the same command ran it again and chose nothing (the grid could not be narrowed either)."""
+    fit = _diverging_fit(tmp_path, 0.05)
+    chosen = run_tune([TINY], {"model.lr": [1e-3, 0.05, 2e-2]}, out=str(tmp_path / "out"), name="t", python=fit,
+                      echo=False, skip_protocol=True, overrides=FAST)
+    assert chosen["params"] == {"model.lr": 2e-2} and chosen["val_acc"] == pytest.approx(0.2)
+    rows = {row["model.lr"]: row for row in csv.DictReader((tmp_path / "out" / "t" / "tune_trials.csv").open())}
+    assert rows["0.05"]["state"] == "DIVERGED" and rows["0.05"]["val_acc"] == ""
+    assert "training diverged: nola-vision: error: training diverged: the loss is nan" in rows["0.05"]["error"]
+    assert "| DIVERGED |" in (tmp_path / "out" / "t" / "tune_results.md").read_text()
+    with pytest.raises(RuntimeError, match=r"no trial completed but diverged \(1, e.g. training diverged: .*lower "
+                                           r"the learning rates"):
+        run_tune([TINY], {"model.lr": [0.05]}, out=str(tmp_path / "out"), name="all", python=fit, echo=False,
+                 skip_protocol=True, overrides=FAST)
+
+
+def test_every_validation_shots_value_of_a_grid_is_checked_before_the_first_trial(tmp_path):
+    with pytest.raises(ValueError, match=r"--grid data.val_shots=0: .*that point would have no validation images"):
+        run_tune([TINY], {"data.val_shots": [2, 0]}, out=str(tmp_path / "out"), name="t", skip_protocol=True,
+                 overrides=["--trainer.max_epochs", "1", "--data.shots", "2"])
+    assert not (tmp_path / "out").exists()

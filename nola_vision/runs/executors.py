@@ -22,12 +22,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 from ..core.storage import try_lock
 
-__all__ = ["CONFIG_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor", "add_executor_arguments",
-           "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals", "stopping", "stopping_within"]
+__all__ = ["CONFIG_EXIT", "DIVERGED_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor",
+           "add_executor_arguments", "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals",
+           "stopping", "stopping_within"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
 CONFIG_EXIT = 2
+# The exit code of a fit whose training diverged (a NaN/Inf loss or weights): an outcome of its settings (a learning
+# rate too large), not a fault; re-running it unchanged diverges again.
+DIVERGED_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,13 @@ def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
 
 
 def failure(code: int, log: Path) -> str:
-    """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``, with its
-    error line) or its exit code."""
-    return f"fit refused to run: {_error_line(log)}" if code == CONFIG_EXIT else f"exit {code}"
+    """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``) or its
+    training diverged (``DIVERGED_EXIT``), each with its error line, or its exit code."""
+    if code == CONFIG_EXIT:
+        return f"fit refused to run: {_error_line(log)}"
+    if code == DIVERGED_EXIT:
+        return f"training diverged: {_error_line(log)}"
+    return f"exit {code}"
 
 
 def _error_line(log: Path) -> str:

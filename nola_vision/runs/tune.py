@@ -41,6 +41,7 @@ import yaml
 
 from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
 from .executors import (
+    DIVERGED_EXIT,
     Executor,
     LocalExecutor,
     Run,
@@ -117,6 +118,11 @@ SELECTION_SPLITS = ("train",)
 
 class TrialFailed(RuntimeError):
     """A trial's fit failed or gave no validation accuracy: reported, not counted."""
+
+
+class TrialDiverged(RuntimeError):
+    """A trial's fit diverged (``DIVERGED_EXIT``): an outcome of its values, counted as the worst score (never chosen),
+    not retried."""
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
@@ -378,6 +384,15 @@ class _Search:
         label = f"[tune {self.root.name}] trial #{trial.number} {params}"
         try:
             accs = self._fit(params)
+        except TrialDiverged as err:
+            stop.set()
+            with self.lock:
+                trial.set_user_attr("diverged", str(err))
+                trial.set_user_attr("duration_s", round(time.time() - start, 1))
+                self.study.tell(trial, -math.inf)
+            if self.echo:
+                print(f"{label}: diverged, counted as the worst score ({err})", flush=True)
+            return
         except (TrialFailed, Stopped) as err:
             stop.set()
             if stopping():  # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed
@@ -441,11 +456,14 @@ class _Search:
                         stamp_claimed_run(run_dir, {"data": self.images.now()})  # for a later worker, should this die
                 runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim,
                             d / JOB_LOCK_FILE, partial(result_counts, d, "val/acc")) for d, claim in claims.items()]
-                errors = [self._failure(run, code) for run, code, _ in self.executor.run(runs)
-                          if not self._record(run.log.parent, code)]
+                ended = [(run, code) for run, code, _ in self.executor.run(runs)
+                         if not self._record(run.log.parent, code)]
             finally:
                 for claim in claims.values():
                     os.close(claim)
+            errors = [self._failure(run, code) for run, code in ended]
+            if errors and all(code == DIVERGED_EXIT for _, code in ended):
+                raise TrialDiverged("; ".join(errors))
             if errors:
                 raise TrialFailed("; ".join(errors))
             if not runs:
@@ -640,9 +658,13 @@ def run_tune(
     refuse_controlled_configs(configs, CONTROLLED, prog="tune")
     refuse_controlled_overrides(overrides, CONTROLLED, prog="tune")
     check_grid(configs, overrides, grid)  # the configs and overrides parse as fit's
-    if _val_shots(configs, overrides) <= 0:
+    if _val_shots(configs, overrides) <= 0 and "data.val_shots" not in grid:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
+    for value in grid.get("data.val_shots", []):  # each point's fit must have validation images too
+        if _val_shots(configs, [*overrides, *_param_args({"data.val_shots": value})]) <= 0:
+            raise ValueError(f"--grid data.val_shots={value}: tune chooses on validation accuracy, and that point "
+                             "would have no validation images; give every value at least 1")
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"--n_trials {n_trials}: give at least 1 (or leave it out: grid runs until the grid is done, "
                          "tpe runs 20 trials)")
@@ -683,7 +705,10 @@ def run_tune(
     best = _best(trials, grid_points(grid) if sampler == "grid" else None)
     if best is None:
         failed = [t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"]
-        why = f" ({len(failed)} failed, e.g. {failed[0]})" if failed else ""
+        diverged = [t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs]
+        why = (f" ({len(failed)} failed, e.g. {failed[0]})" if failed else
+               f" but diverged ({len(diverged)}, e.g. {diverged[0]}): lower the learning rates of the grid, or add "
+               "warm-up epochs" if diverged else "")
         raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     finished = (len(complete) >= search.tpe_budget if sampler == "tpe" else
@@ -784,9 +809,9 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
         writer.writerow(["trial", *keys, "val_acc", *(f"val_acc_{s}" for s in seeds), "state", "duration_s", "error"])
         for t in shown:
             accs = t.user_attrs.get("val_accs", {})
-            writer.writerow([t.number, *(t.params.get(k, "") for k in keys), "" if t.value is None else t.value,
-                             *(accs.get(s, "") for s in seeds), t.state.name, t.user_attrs.get("duration_s", ""),
-                             t.user_attrs.get("error", "")])
+            writer.writerow([t.number, *(t.params.get(k, "") for k in keys), _score(t, lambda v: v),
+                             *(accs.get(s, "") for s in seeds), _state(t), t.user_attrs.get("duration_s", ""),
+                             t.user_attrs.get("error", t.user_attrs.get("diverged", ""))])
     lines = [f"# Tuning: {root.name}", "",
              f"Study `{root.name}` in `{url}`. Score: mean final-epoch validation accuracy over the selection seeds "
              "(fits with `--test_after_fit false`: the test split is not read while choosing).", "",
@@ -795,10 +820,20 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
     for t in sorted(shown, key=lambda t: -(t.value if t.value is not None else -1)):
         accs = t.user_attrs.get("val_accs", {})
         per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
-        value = "" if t.value is None else f"{100 * t.value:.2f}"
+        value = _score(t, lambda v: f"{100 * v:.2f}")
         lines.append(f"| {t.number} | " + " | ".join(str(t.params.get(k, "")) for k in keys)
-                     + f" | {value} | {per_seed} | {t.state.name} | {t.user_attrs.get('duration_s', '')} |")
+                     + f" | {value} | {per_seed} | {_state(t)} | {t.user_attrs.get('duration_s', '')} |")
     write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n", check=_checked(root / "tune_results.md"))
+
+
+def _score(trial: Any, shown: Callable[[float], Any]) -> Any:
+    """A trial's score as the tables show it: empty where it has none (failed, running) or diverged (-inf)."""
+    return "" if trial.value is None or not math.isfinite(trial.value) else shown(trial.value)
+
+
+def _state(trial: Any) -> str:
+    """A trial's state for the tables: DIVERGED for a completed trial whose fit diverged."""
+    return "DIVERGED" if "diverged" in trial.user_attrs else trial.state.name
 
 
 def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:

@@ -121,8 +121,9 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
                          f"model.{taken[0]} instead")
     hp["backbone_seed"] = check_int(hp["backbone_seed"], name("backbone_seed"))
     check_choice(hp["optimizer"], name("optimizer"), OPTIMIZERS)
-    lr = check_number(hp["lr"], name("lr"), above=0, optional=True)
-    head_lr = check_number(hp["head_lr"], name("head_lr"), above=0, optional=True)
+    # Below 1e6 (far above any rate that trains): near float32's range Adam's first step overflowed with a raw error.
+    lr = check_number(hp["lr"], name("lr"), above=0, below=1e6, optional=True)
+    head_lr = check_number(hp["head_lr"], name("head_lr"), above=0, below=1e6, optional=True)
     hp["lr"], hp["head_lr"] = recipe_learning_rates(config, lr, head_lr)  # a checkpoint keeps the rates it used
     hp["weight_decay"] = check_number(hp["weight_decay"], name("weight_decay"), at_least=0)
     hp["momentum"] = check_number(hp["momentum"], name("momentum"), at_least=0, below=1)  # 1 or more diverges
