@@ -93,7 +93,8 @@ def test_config_dicts_with_unknown_fields_or_no_method_name_the_problem():
 
 @pytest.mark.parametrize("field, value", [
     ("num_classes", 0), ("num_classes", 2.0), ("lr", math.nan), ("lr", "abc"), ("lr", 0.0), ("head_lr", -1e-3),
-    ("head_lr", math.inf), ("lr", 1e38), ("head_lr", 1e6), ("min_lr", -1.0), ("weight_decay", math.nan), ("momentum", "0.9"),
+    ("head_lr", math.inf), ("lr", 1e38), ("head_lr", 1e6), ("min_lr", -1.0), ("weight_decay", math.nan),
+    ("momentum", "0.9"),
     ("warmup_epochs", -1), ("warmup_epochs", 1.5), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
     ("quant_bits", 16), ("quant_bits", 8.0), ("adapter_bits", 12), ("adapter_bits", np.float64(16)),
     ("optimizer", "lamb"), ("pretrained", "yes"), ("image_size", 0), ("backbone_seed", "0"),
