@@ -224,8 +224,8 @@ def test_the_demo_refuses_repeated_seeds_and_names_its_own_options(capsys):
 
 def test_a_logger_less_fit_that_died_before_keeping_anything_does_not_lock_its_folder(tmp_path, capsys):
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
-                    "--model.lr", "1e30")
-    assert code == 1 and (tmp_path / "config.yaml").is_file() and not list(tmp_path.rglob("*.ckpt"))
+                    "--model.lr", "9e5")
+    assert code == 3 and (tmp_path / "config.yaml").is_file() and not list(tmp_path.rglob("*.ckpt"))
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
 
 

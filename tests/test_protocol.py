@@ -64,6 +64,22 @@ def test_failed_runs_are_reported_and_not_counted(tmp_path):
     assert "allow_fewer" in (tmp_path / "bad" / "split0-init0" / "log.txt").read_text()
 
 
+def test_a_diverged_run_is_reported_as_such_with_what_to_change(tmp_path):
+    """A diverged fit (exit 3) diverges again as it is: re-running the same command, the advice given to every failed
+    run, could not help."""
+    fit = tmp_path / "diverging_fit"
+    fit.write_text(f"#!{sys.executable}\nimport sys\n"
+                   "print('nola-vision: error: training diverged: the loss is nan at step 1', file=sys.stderr)\n"
+                   "sys.exit(3)\n")
+    fit.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"runs failed \(a diverged run diverges again as it is: lower model.lr "
+                                           r"\(or add warm-up epochs\), under another --name\):\n.*training "
+                                           r"diverged: nola-vision: error: training diverged"):
+        run_protocol([TINY], out=str(tmp_path), name="big_lr", split_seeds=[0], init_seeds=[0], overrides=FAST,
+                     python=str(fit), echo=False)
+    assert collect_results(str(tmp_path)) == []
+
+
 def test_the_knn_baseline_ignores_quantisation_aware_training(tmp_path):
     # --model.quant_bits (for the fits) reached the k-NN pass's linear model, which refused it after every fit ran
     from nola_vision.runs.protocol import run_knn

@@ -145,3 +145,19 @@ def test_a_layer_holding_state_its_files_do_not_store_is_refused_at_save(tmp_pat
     finally:
         del METHODS["persistent_a"]
     nv.save_adapter(nv.inject(tiny_vit(), FrozenAConfig()), tmp_path / "b")  # its non-persistent buffer: saved
+
+
+def test_a_built_in_method_whose_modules_are_reloaded_registers_again():
+    """importlib.reload (or autoreload) of nola_vision.methods.lora gives new classes at the same paths with the same
+    recipe: refused as a changed registration of a built-in."""
+    before = METHODS["lora"]
+    config = type("LoRAConfig", (nv.LoRAConfig,), {"__module__": before.config_cls.__module__,
+                                                   "__qualname__": "LoRAConfig"})
+    layer = type("LoRALinear", (nv.LoRALinear,), {"__module__": before.layer_cls.__module__,
+                                                  "__qualname__": "LoRALinear"})
+    try:
+        again = nv.register_method("lora", config, layer, default_lr=before.default_lr,
+                                   default_head_lr=before.default_head_lr)
+        assert again.config_cls is config and again.layer_cls is layer
+    finally:
+        METHODS["lora"] = before

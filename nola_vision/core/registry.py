@@ -92,7 +92,10 @@ def _require_same_method(registered: Method, method: Method) -> None:
                          f"{_path(registered.layer_cls)}: {_path(method.layer_cls)} under that name would load every "
                          f"{method.name!r} adapter file into it. Register it under a name of its own: a subclass of "
                          f"{method.config_cls.__qualname__} with method = 'my_{method.name}'")
-    if registered.config_cls.__module__.startswith("nola_vision.") and registered != method:
+    recipe = ("default_lr", "default_head_lr", "default_warmup_fraction")
+    same = (_path(registered.config_cls) == _path(method.config_cls)  # its module reloaded: new classes, same paths
+            and all(getattr(registered, field) == getattr(method, field) for field in recipe))
+    if registered.config_cls.__module__.startswith("nola_vision.") and not same:
         raise ValueError(f"adapter method {method.name!r} is built in and keeps its registration (its recipe: lr "
                          f"{registered.default_lr}, head lr {registered.default_head_lr}, warm-up fraction "
                          f"{registered.default_warmup_fraction}); set the learning rates of a run where it trains "

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..core.storage import check_writable_file, file_in_the_way, write_json_atomic
 from .executors import (
     CONFIG_EXIT,
+    DIVERGED_EXIT,
     Executor,
     LocalExecutor,
     Run,
@@ -394,7 +395,8 @@ def run_protocol(
         pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
                            run_dir / "log.txt", claim, run_dir / JOB_LOCK_FILE, partial(result_counts, run_dir)))
     failed: List[str] = []
-    refused = False  # a run failed on its configuration: re-running the same command fails the same way
+    # a run failed on its configuration (refused) or its training diverged: re-running the same command fails alike
+    refused = diverged = False
     try:
         for run, code, wall in executor.run(pending):
             run_dir, label = run.log.parent, labels[run.log.parent]
@@ -402,6 +404,7 @@ def run_protocol(
             if result is None:
                 why = failure(code, run.log) if code != 0 else "no finite test accuracy"
                 refused = refused or code == CONFIG_EXIT
+                diverged = diverged or code == DIVERGED_EXIT
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
@@ -430,8 +433,9 @@ def run_protocol(
         print(f"{name}: {elsewhere} of its {len(grid)} runs run in another process, so the tables leave them out "
               f"until they end (that process adds them): {Path(out) / 'results.md'}", flush=True)
     if failed:
-        retry = "fix what the errors name, then re-run the same command" if refused else (
-            "re-run the same command to retry them")
+        retry = ("fix what the errors name, then re-run the same command" if refused else
+                 "a diverged run diverges again as it is: lower model.lr (or add warm-up epochs), under another "
+                 "--name" if diverged else "re-run the same command to retry them")
         also = f"\nthe k-NN baseline failed too: {error_text(knn_error)}" if knn_error is not None else ""
         raise RuntimeError(f"runs failed ({retry}):\n  " + "\n  ".join(failed) + also) from knn_error
     if knn_error is not None:
