@@ -131,8 +131,8 @@ def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="no finite test accuracy"):
         run_protocol([TINY], out=str(out), name="nan", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path, acc="nan"), echo=False)
-    with pytest.raises(RuntimeError, match="exit 3"):
-        run_protocol([TINY], out=str(out), name="crash", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path, code=3), echo=False)
+    with pytest.raises(RuntimeError, match="exit 4"):
+        run_protocol([TINY], out=str(out), name="crash", split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path, code=4), echo=False)
     status = out / "status" / "split0-init0"
     status.mkdir(parents=True)
     (status / "result.json").write_text(json.dumps({"metrics": {"test/acc": 0.9}, "status": "diverged"}))
@@ -152,14 +152,14 @@ def test_a_row_with_fewer_runs_than_requested_is_flagged_until_they_finish(tmp_p
     flaky.write_text(f"""#!{sys.executable}
 import os, sys
 if "--data.split_seed" in sys.argv and sys.argv[sys.argv.index("--data.split_seed") + 1] == "1" and os.environ.get("FAIL"):
-    sys.exit(3)
+    sys.exit(4)
 os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
 """)
     flaky.chmod(0o755)
     run_protocol([TINY], out=str(out), name="full", split_seeds=[0], init_seeds=[0, 1], python=fake_python(tmp_path),
                  echo=False)
     monkeypatch.setenv("FAIL", "1")  # the runs of split seed 1 fail
-    with pytest.raises(RuntimeError, match="exit 3"):
+    with pytest.raises(RuntimeError, match="exit 4"):
         run_protocol([TINY], out=str(out), name="row", split_seeds=[0, 1], init_seeds=[0, 1], python=str(flaky),
                      echo=False)
     monkeypatch.delenv("FAIL")
@@ -176,7 +176,7 @@ os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
     assert "| 4 | 50.0 (0.0) |" in md and " of 4 |" not in md and "Fewer runs" not in md
     # a row whose runs all failed is listed too (it was left out: the table looked complete)
     monkeypatch.setenv("FAIL", "1")
-    with pytest.raises(RuntimeError, match="exit 3"):
+    with pytest.raises(RuntimeError, match="exit 4"):
         run_protocol([TINY], out=str(out), name="none", split_seeds=[1], init_seeds=[0], python=str(flaky),
                      echo=False)
     monkeypatch.delenv("FAIL")

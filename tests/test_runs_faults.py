@@ -79,9 +79,9 @@ def test_a_fit_that_wrote_its_result_then_exited_non_zero_is_never_counted_on_a_
     assert not (run_dir / "result.json").exists() and (run_dir / "result.json.failed").is_file()
     assert not (tmp_path / "out" / "t" / "best.json").exists()
     # protocol, through the same routine
-    with pytest.raises(RuntimeError, match="exit 3"):
+    with pytest.raises(RuntimeError, match="exit 4"):
         run_protocol([TINY], out=str(tmp_path / "out"), name="r", split_seeds=[0], init_seeds=[0],
-                     python=fake_python(tmp_path, code=3), echo=False)
+                     python=fake_python(tmp_path, code=4), echo=False)
     assert (tmp_path / "out" / "r" / "split0-init0" / "result.json.failed").is_file()
     assert not (tmp_path / "out" / "r" / "split0-init0" / "result.json").exists()
 
