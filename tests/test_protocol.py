@@ -73,8 +73,8 @@ def test_a_diverged_run_is_reported_as_such_with_what_to_change(tmp_path):
                    "sys.exit(3)\n")
     fit.chmod(0o755)
     with pytest.raises(RuntimeError, match=r"runs failed \(a diverged run diverges again as it is: lower model.lr "
-                                           r"\(or add warm-up epochs\), under another --name\):\n.*training "
-                                           r"diverged: nola-vision: error: training diverged"):
+                                           r"\(or add warm-up epochs\), under another --name\):\n.* \(training "
+                                           r"diverged: the loss is nan at step 1; see "):
         run_protocol([TINY], out=str(tmp_path), name="big_lr", split_seeds=[0], init_seeds=[0], overrides=FAST,
                      python=str(fit), echo=False)
     assert collect_results(str(tmp_path)) == []

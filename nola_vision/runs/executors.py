@@ -104,8 +104,9 @@ def failure(code: int, log: Path) -> str:
     training diverged (``DIVERGED_EXIT``), each with its error line, or its exit code."""
     if code == CONFIG_EXIT:
         return f"fit refused to run: {_error_line(log)}"
-    if code == DIVERGED_EXIT:
-        return f"training diverged: {_error_line(log)}"
+    if code == DIVERGED_EXIT:  # fit's own line names the step and the lr: once, without its program prefix
+        line = _error_line(log).removeprefix("nola-vision: error: ")
+        return line if line.startswith("training diverged") else f"training diverged: {line}"
     return f"exit {code}"
 
 
