@@ -47,7 +47,7 @@ from ..core.inject import (
     require_unchanged_statistics,
     unwrap_model,
 )
-from ..core.layer import MERGED_FLAG, adapted_layers
+from ..core.layer import adapted_layers
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import (
@@ -526,12 +526,10 @@ def _require_no_unsaved_layer_state(model: nn.Module) -> None:
     """Refuse to save an adapted layer that holds state of its own beyond its trained tensors (a method's persistent
     buffer, a frozen parameter): the file would not hold it, so it would load with other outputs. What a layer needs
     besides its trained tensors is regenerated from the config (as NOLA's bases are) or kept out of its state."""
-    frozen = {"weight", "bias", MERGED_FLAG, "_extra_state"}
     for name, layer in adapted_layers(model).items():
-        kept = {key for key in layer.state_dict(keep_vars=True) if key not in frozen
-                and key not in layer.adapter_parameter_names and not key.startswith("input_activation.")}
+        kept = layer.unstored_state()
         if kept:
-            raise ValueError(f"{name} ({type(layer).__name__}) holds {sorted(kept)} in its state, which adapter "
+            raise ValueError(f"{name} ({type(layer).__name__}) holds {kept} in its state, which adapter "
                              "files do not store: the file would load with other outputs. Make it a trained tensor "
                              "(in adapter_parameter_names), or regenerate it from the config and register it with "
                              "persistent=False (see the guide 'Adding a method')")

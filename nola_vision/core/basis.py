@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from . import functions
-from .functions import transforms_active
 
 GENERATOR_VERSION = "nola-lowbias32x2-int16-v1"
 
@@ -427,7 +426,7 @@ def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor]
     decides whether they are held), or regenerated chunk by chunk (per-layer bases). ``chunk``: bases decoded at a
     time on the CPU (cache-sized); accelerators take larger chunks (``bases_per_chunk``)."""
     chunk = bases_per_chunk(spec, coefficients.device, chunk)
-    if transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
+    if functions.transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
         if codes is None:
             codes = bank.get(spec, coefficients.device) if bank is not None else None
         codes = spec.codes(coefficients.device) if codes is None else codes

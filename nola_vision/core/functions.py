@@ -358,24 +358,19 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     Where ``inputs`` and ``W`` must both be cast, ``_joined_product`` computes it instead.
     """
     dtype = dtype or _product_dtype(inputs)
+    rows, xa_rows = inputs.reshape(-1, inputs.shape[-1]), xa.reshape(-1, xa.shape[-1])
     if launch_bound(inputs.device):
-        y = _few_launch_product(inputs.reshape(-1, inputs.shape[-1]), weight, bias, xa.reshape(-1, xa.shape[-1]), b,
-                                dtype, out)
-        return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
-    if inputs.dtype != dtype and weight.dtype != dtype:
-        y = _joined_product(inputs.reshape(-1, inputs.shape[-1]), weight, xa.reshape(-1, xa.shape[-1]), b.t(), bias,
-                            dtype, out)
-        return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
-    rows = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
-    left, right = xa.reshape(-1, xa.shape[-1]).to(dtype), b.to(dtype)
-    if bias is not None:
-        left = torch.cat([left, left.new_ones(left.shape[0], 1)], dim=1)
-        right = torch.cat([right, bias.to(dtype).unsqueeze(0)])
-    y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
-    y.addmm_(rows, weight.to(dtype).t())
-    if out is not None:
-        return out
-    return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
+        y = _few_launch_product(rows, weight, bias, xa_rows, b, dtype, out)
+    elif inputs.dtype != dtype and weight.dtype != dtype:
+        y = _joined_product(rows, weight, xa_rows, b.t(), bias, dtype, out)
+    else:
+        left, right = xa_rows.to(dtype), b.to(dtype)
+        if bias is not None:
+            left = torch.cat([left, left.new_ones(left.shape[0], 1)], dim=1)
+            right = torch.cat([right, bias.to(dtype).unsqueeze(0)])
+        y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
+        y.addmm_(rows.to(dtype), weight.to(dtype).t())
+    return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
 
 
 def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,

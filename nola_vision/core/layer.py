@@ -63,7 +63,8 @@ class AdaptedLinear(nn.Module):
     * model-level code reads ``base_layer`` (the module this layer replaced, given back by ``unload``),
       ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
       ``adapter_parameters()``, ``trained()``, ``trained_values()``, ``delta_factors()``, ``delta_factors_of()``,
-      ``merged_values``, ``merged_delta_factors()``, ``identity()``, ``pending_passes`` and ``get_delta_weight()``,
+      ``merged_values``, ``merged_delta_factors()``, ``identity()``, ``unstored_state()``, ``pending_passes`` and
+      ``get_delta_weight()``,
       and calls ``merge()``, ``unmerge()``, ``replace_merged_delta()``, ``keep_batched_factors()``,
       ``release_batched_factors()`` and ``forget_pending_passes()``;
     * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
@@ -507,6 +508,14 @@ class AdaptedLinear(nn.Module):
         now), which become what is merged."""
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
         self._set_merged_update(self.trained_values() if values is None else values, new)
+
+    def unstored_state(self) -> List[str]:
+        """Keys of this layer's state dict that adapter files do not store: all but the frozen weight and bias, the
+        merged flag, the identity entry, the trained tensors and a taken-over activation (the backbone's). A method
+        regenerates what else it needs from its config and registers it with ``persistent=False``."""
+        kept = {"weight", "bias", MERGED_FLAG, IDENTITY_KEY, *self.adapter_parameter_names}
+        return sorted(key for key in self.state_dict(keep_vars=True)
+                      if key not in kept and not key.startswith("input_activation."))
 
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """The trained tensors of this layer by parameter name."""

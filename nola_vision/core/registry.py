@@ -76,12 +76,17 @@ def _require_layer_contract(name: str, layer_cls: type) -> None:
                         "nola_vision.AdaptedLinear, which every method's layer class is (see the guide 'Adding a "
                         "method')")
     missing = [member for member in ("parameter_shapes", "factors")
-               if getattr(getattr(layer_cls, member), "__func__", getattr(layer_cls, member))
-               is getattr(getattr(AdaptedLinear, member), "__func__", getattr(AdaptedLinear, member))]
+               if _function(layer_cls, member) is _function(AdaptedLinear, member)]
     if missing:
         raise TypeError(f"register_method({name!r}): {layer_cls.__qualname__} does not define "
                         f"{' and '.join(missing)}, which every method's layer class does (the shapes of its trained "
                         "tensors by name, and its factors A and B; see the guide 'Adding a method')")
+
+
+def _function(cls: type, member: str) -> Any:
+    """The function behind ``cls.member``, a method or a classmethod (bound to ``cls``, so compared by function)."""
+    attribute = getattr(cls, member)
+    return getattr(attribute, "__func__", attribute)
 
 
 def _require_same_method(registered: Method, method: Method) -> None:

@@ -78,8 +78,7 @@ def require_not_data_parallel(model: nn.Module, removing: bool = False) -> None:
     parameters when it was built, so new adapter tensors would silently train unsynchronised on each replica.
     ``removing``: refuse to remove them through ``DistributedDataParallel``, whose next forward pass would fail on
     the tensors it holds (``DataParallel`` takes the module as it is at each call)."""
-    kinds = (nn.parallel.DistributedDataParallel,) if removing else (nn.parallel.DistributedDataParallel,
-                                                                    nn.DataParallel)
+    kinds = (nn.parallel.DistributedDataParallel,) + (() if removing else (nn.DataParallel,))
     wrapper = next((module for module in model.modules() if isinstance(module, kinds)), None)
     if wrapper is not None and removing:
         raise ValueError(f"the model is (or holds) a {type(wrapper).__name__}, which holds the adapter tensors it was "
