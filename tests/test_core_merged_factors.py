@@ -36,15 +36,15 @@ def _weights(model):
 
 
 def _combined_rows(monkeypatch):
-    """Count the coefficient rows merge.combine_shared combines."""
+    """Count the coefficient rows the shared bases are combined with (merge's one combination per basis)."""
     calls = []
-    original = merge_module.combine_shared
+    original = merge_module._combined_groups
 
     def counting(entries):
         calls.append(len(entries))
         return original(entries)
 
-    monkeypatch.setattr(merge_module, "combine_shared", counting)
+    monkeypatch.setattr(merge_module, "_combined_groups", counting)
     return calls
 
 

@@ -8,8 +8,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "launch_bound",
-           "low_rank_linear", "transforms_active"]
+__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "autocast_dtype",
+           "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -103,7 +103,7 @@ class LowRankLinear(torch.autograd.Function):
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
         # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
-        dtype = _product_dtype(inputs)
+        dtype = product_dtype(inputs)
         # Never read: uninitialised (no fill kernel to launch).
         sink = torch.empty((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
         return inputs, xa, sink
@@ -154,7 +154,7 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
     if torch.compiler.is_compiling() and (activation is None or type(activation) is nn.GELU):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             raise _trainable_weight_error()
-        return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), _product_dtype(x))[0]
+        return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), product_dtype(x))[0]
     # Computing fc1's gradients inside fc2's cache-sized blocks saves memory traffic, not launches: CPU only.
     producer = _producer(x) if activation is not None and not launch_bound(x.device) else None
     inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation, producer)
@@ -241,13 +241,18 @@ def autocast_available(device_type: str) -> bool:
     return is_available(device_type)
 
 
-def _product_dtype(inputs: Tensor) -> torch.dtype:
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast casts ``F.linear``'s float32 inputs to on ``device``, or None where it is off."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if autocast_available(kind) and torch.is_autocast_enabled(kind) else None
+
+
+def product_dtype(inputs: Tensor) -> torch.dtype:
     """The dtype autocast (if on) gives ``F.linear`` of ``inputs``: its lower precision for float32, float16 and
     bfloat16 inputs; float64 and every other dtype are left as they are (and on devices without autocast: meta)."""
-    device = inputs.device.type
-    autocast = autocast_available(device) and torch.is_autocast_enabled(device)
-    if autocast and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(device)
+    autocast = autocast_dtype(inputs.device)
+    if autocast is not None and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return autocast
     return inputs.dtype
 
 
@@ -304,7 +309,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     not cast it again, and rows that fit one block are not split.
     """
     if launch_bound(x.device):  # x cast once, for x A and for the product
-        a_t, dtype = a, dtype or _product_dtype(x)
+        a_t, dtype = a, dtype or product_dtype(x)
     else:
         a_t = a.t().contiguous().t()
     if (activation is None or type(activation) not in _ACTIVATION_OPS or x.dim() < 2 or x.numel() == 0
@@ -357,7 +362,7 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     product's (default: as autocast chooses); ``out``: the 2-d rows to write instead (``_forward``'s row parts).
     Where ``inputs`` and ``W`` must both be cast, ``_joined_product`` computes it instead.
     """
-    dtype = dtype or _product_dtype(inputs)
+    dtype = dtype or product_dtype(inputs)
     rows, xa_rows = inputs.reshape(-1, inputs.shape[-1]), xa.reshape(-1, xa.shape[-1])
     if launch_bound(inputs.device):
         y = _few_launch_product(rows, weight, bias, xa_rows, b, dtype, out)

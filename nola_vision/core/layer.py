@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisSpec, factor_dtype
-from .functions import MergedGuard, add_low_rank_output, autocast_available, low_rank_linear, transforms_active
+from .functions import (
+    MergedGuard,
+    add_low_rank_output,
+    autocast_available,
+    low_rank_linear,
+    product_dtype,
+    transforms_active,
+)
 from .quantize import fake_quantize
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
@@ -120,13 +127,24 @@ class AdaptedLinear(nn.Module):
 
     @property
     def batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """Factors combined for all layers of a forward pass at once; ``delta_factors`` uses them instead of its own."""
+        """``delta_factors()`` combined for all layers of a forward pass at once; ``delta_factors`` returns them."""
         return self._batched_factors
 
     @batched_factors.setter
     def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
         # Plain attributes written past nn.Module.__setattr__'s checks: every training step sets them twice per layer.
-        self.__dict__.update(_batched_factors=value, _batched_versions=None, _kept_past_backward=False)
+        self.__dict__.update(_batched_factors=value, _batched_cast=None, _batched_versions=None,
+                             _kept_past_backward=False)
+
+    @property
+    def batched_cast(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """The batched factors as autocast casts them (cast once for all layers), which a training pass whose product
+        has their dtype uses; setting ``batched_factors`` drops them."""
+        return self.__dict__.get("_batched_cast")
+
+    @batched_cast.setter
+    def batched_cast(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
+        self.__dict__["_batched_cast"] = value
 
     def take_activation(self, mlp: nn.Module, placeholder: nn.Module) -> None:
         """Compute ``mlp.act`` here, on the pre-activation ``mlp`` passes in (backward recomputes it instead of keeping
@@ -252,8 +270,8 @@ class AdaptedLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
-        return {**self.__dict__, "_batched_factors": None, "_batched_versions": None, "_pending_passes": 0,
-                "_reading": None}
+        return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
+                "_pending_passes": 0, "_reading": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -348,7 +366,7 @@ class AdaptedLinear(nn.Module):
             with self._reading_values(values):
                 return self.delta_factors_of(self.factors())
         batched = self._usable_batched_factors()
-        return self.delta_factors_of(self.factors() if batched is None else batched)
+        return self.delta_factors_of(self.factors()) if batched is None else batched
 
     def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         """``delta_factors`` of given factors (A (slices, in, rank), B (slices, rank, width), as ``factors()``)."""
@@ -386,6 +404,10 @@ class AdaptedLinear(nn.Module):
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if torch.is_grad_enabled() and frozen and not transforms_active():
+            cast = self.batched_cast
+            if cast is not None and self._batched_factors is not None and a is self._batched_factors[0] and (
+                    cast[0].dtype == product_dtype(x)):  # the product would cast a and b to it: done already
+                a, b = cast
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import functions
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
@@ -19,7 +20,7 @@ from .targets import require_module
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
            "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
-           "release_shared_factors", "require_current_merge", "switch_merged", "unmerge"]
+           "release_shared_factors", "require_current_merge", "shared_delta_factors", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -31,18 +32,94 @@ def combine_shared(entries: Sequence[SharedEntry]) -> List[Tensor]:
     Every entry whose basis is shared (``AdaptedLinear.shared_coefficients``) with others is combined in the same
     pass over that basis: merge, task switching and multi-task serving read each basis once, whatever the layers.
     """
+    rows: list = [None] * len(entries)
+    for indices, combined in _combined_groups(entries):
+        for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
+            rows[i] = part
+    return rows
+
+
+def _combined_groups(entries: Sequence[SharedEntry]) -> List[Tuple[List[int], Tensor]]:
+    """The entries' indices by basis and device, each group with its combined rows (the entries' rows in order)."""
     groups: dict = {}
     for index, (_, spec, coefficients) in enumerate(entries):
         groups.setdefault((spec, coefficients.device), []).append(index)
-    rows: list = [None] * len(entries)
+    combined = []
     for (spec, device), indices in groups.items():
         layer = entries[indices[0]][0]
         with full_precision(device):
             coefficients = torch.cat([entries[i][2] for i in indices])
-            combined = combine_bases(coefficients, spec, chunk=layer.shared_chunk, bank=layer.bank)
-        for i, part in zip(indices, combined.split([entries[i][2].shape[0] for i in indices])):
-            rows[i] = part
-    return rows
+            combined.append((indices, combine_bases(coefficients, spec, chunk=layer.shared_chunk, bank=layer.bank)))
+    return combined
+
+
+Factors = Tuple[Tensor, Tensor]
+
+
+def shared_delta_factors(layers: Sequence[AdaptedLinear], values: Optional[Sequence[Dict[str, Tensor]]] = None,
+                         autocast: bool = False) -> List[Tuple[Factors, Optional[Factors]]]:
+    """``delta_factors()`` of each shared-basis layer (of its ``values``, when given), combining each basis once for
+    all layers; with ``autocast``, also those factors in the dtype autocast casts them to on their device (or None).
+
+    The rows of layers adapted over their whole width come first in each combination: where they share a shape and
+    scaling (and all coefficients a dtype), they are viewed, scaled and cast as one tensor per basis, so a training
+    step spends a few ops on all their factors instead of about ten per layer (views, scaling, and casts in forward,
+    in backward and of the gradients), the ops that bound a step on a GPU. Each layer's values are those
+    ``delta_factors_of`` gives for its rows of the combination, bit for bit.
+    """
+    order = sorted(range(len(layers)), key=lambda index: not _whole(layers[index]))  # stable: whole layers first
+    entries, roles = [], []
+    for index in order:
+        layer = layers[index]
+        for role, (spec, name) in enumerate(layer.shared_coefficients()):
+            value = layer.trained(name) if values is None else values[index][name].to(getattr(layer, name).device)
+            entries.append((layer, spec, value))
+            roles.append(role)  # 0: A's rows, 1: B's (as_factors)
+    one_dtype = len({coefficients.dtype for _, _, coefficients in entries}) == 1
+    parts: List[Tensor] = [None] * len(entries)  # type: ignore[list-item]
+    casts: List[Optional[Tensor]] = [None] * len(entries)
+    final = [False] * len(entries)  # parts[i] is entry i's delta factor, not its rows
+    for indices, combined in _combined_groups(entries):
+        whole = [i for i in indices if _whole(entries[i][0])] if one_dtype else []
+        shapes = {_factor_shape(entries[i][0], roles[i]) for i in whole}
+        scalings = {entries[i][0].scaling if roles[i] == 0 else 1.0 for i in whole}
+        if len(shapes) != 1 or len(scalings) != 1:
+            whole = []
+        rest = indices[len(whole):]
+        if rest:
+            for i, part in zip(rest, combined[len(whole):].split([entries[i][2].shape[0] for i in rest])):
+                parts[i] = part
+        if not whole:
+            continue
+        viewed = (combined[: len(whole)] if rest else combined).view(len(whole), *shapes.pop())
+        scaling = scalings.pop()
+        viewed = viewed * scaling if scaling != 1.0 else viewed  # A's scaling, as delta_factors_of applies it
+        cast = functions.autocast_dtype(combined.device) if autocast and viewed.dtype == torch.float32 else None
+        cast_parts = viewed.to(cast).unbind(0) if cast is not None else [None] * len(whole)
+        for i, part, cast_part in zip(whole, viewed.unbind(0), cast_parts):
+            parts[i], casts[i], final[i] = part, cast_part, True
+    factors: Dict[int, Tuple[Factors, Optional[Factors]]] = {}
+    for index, a, b in zip(order, range(0, len(entries), 2), range(1, len(entries), 2)):
+        layer = entries[a][0]
+        if not (final[a] or final[b]):
+            factors[index] = (layer.delta_factors_of(as_factors(layer, parts[a], parts[b])), None)
+            continue
+        for i in (a, b):  # a whole-width layer whose other basis is combined with other shapes or scalings
+            if not final[i]:
+                part = parts[i].view(_factor_shape(layer, roles[i]))
+                parts[i] = part * layer.scaling if roles[i] == 0 and layer.scaling != 1.0 else part
+        cast = (casts[a], casts[b])
+        factors[index] = ((parts[a], parts[b]), cast if None not in cast else None)
+    return [factors[index] for index in range(len(layers))]
+
+
+def _whole(layer: AdaptedLinear) -> bool:
+    return layer.slices == ((0, layer.out_features),)
+
+
+def _factor_shape(layer: AdaptedLinear, role: int) -> Tuple[int, int]:
+    """The 2-d shape of a whole-width layer's delta factor: A (in, rank), B (rank, out)."""
+    return (layer.in_features, layer.rank) if role == 0 else (layer.rank, layer.out_features)
 
 
 def _shared_layers(model: nn.Module, include_merged: bool) -> List[AdaptedLinear]:
@@ -138,10 +215,10 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
         layers.append(layer)
     if torch.is_grad_enabled() and _reentrant_checkpointing() and gradient_checkpointing(model):
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
-    entries = [(layer, spec, layer.trained(name)) for layer in layers for spec, name in layer.shared_coefficients()]
-    rows = iter(combine_shared(entries))
-    for layer in layers:
-        layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
+    # A pass with grad also gets the factors as autocast casts them, once for all layers (the forward uses them)
+    for layer, (factors, cast) in zip(layers, shared_delta_factors(layers, autocast=torch.is_grad_enabled())):
+        layer.batched_factors = factors
+        layer.batched_cast = cast
 
 
 def release_shared_factors(model: nn.Module, *_: object) -> None:
@@ -154,9 +231,9 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     pending in its layers until backward has computed its factors' gradients (one counter per layer, one hook per
     pass): meanwhile a pass without grad uses the kept factors instead of replacing them.
     """
-    factors = {layer: layer.batched_factors for layer in adapted_layers(model).values()
+    factors = {layer: (*layer.batched_factors, *(layer.batched_cast or ())) for layer in adapted_layers(model).values()
                if layer.batched_factors is not None}
-    trained = [f for pair in factors.values() for f in pair if f.requires_grad]
+    trained = [f for tensors in factors.values() for f in tensors if f.requires_grad]
     if trained and torch.is_grad_enabled() and gradient_checkpointing(model):
         layers = list(factors)
         torch.autograd.graph.register_multi_grad_hook(trained, lambda _: _release_factors(layers))
@@ -235,11 +312,8 @@ def _require_injected(model: nn.Module, action: str) -> None:
 def delta_factors_of_values(pairs: Sequence[Tuple[AdaptedLinear, Dict[str, Tensor]]]) -> List[Tuple[Tensor, Tensor]]:
     """``layer.delta_factors(values)`` of each (layer, values) pair, the shared bases combined once for all layers."""
     shared = [i for i, (layer, _) in enumerate(pairs) if layer.shared_coefficients()]
-    rows = iter(combine_shared([(pairs[i][0], spec, pairs[i][1][name].to(getattr(pairs[i][0], name).device))
-                                for i in shared for spec, name in pairs[i][0].shared_coefficients()]))
-    combined = {i: pairs[i][0].delta_factors_of(as_factors(pairs[i][0], *[next(rows) for _ in
-                                                                          pairs[i][0].shared_coefficients()]))
-                for i in shared}
+    factors = shared_delta_factors([pairs[i][0] for i in shared], [pairs[i][1] for i in shared])
+    combined = {i: pair for i, (pair, _) in zip(shared, factors)}
     return [combined[i] if i in combined else layer.delta_factors(values) for i, (layer, values) in enumerate(pairs)]
 
 

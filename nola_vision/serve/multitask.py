@@ -27,8 +27,8 @@ from ..core.checks import check_bool, check_number, check_path, shown
 from ..core.fingerprint import merged_adapters
 from ..core.functions import autocast_available
 from ..core.inject import adapter_state
-from ..core.layer import adapted_layers, as_factors
-from ..core.merge import combine_shared
+from ..core.layer import adapted_layers
+from ..core.merge import shared_delta_factors
 from ..core.plan import InjectionPlan
 from ..core.registry import method_of
 from ..core.targets import (
@@ -459,14 +459,12 @@ class MultiTaskModel(nn.Module):
                     parameter.copy_(values[f"{layer_name}.{parameter_name}"])
                 layers.append((name, layer_name, layer))
             heads[name] = {key[len(prefix):]: values[key] for key in task.plan.head_names}
-        entries = [(layer, spec, layer.trained(p)) for _, _, layer in layers for spec, p in layer.shared_coefficients()]
-        rows = iter(combine_shared(entries))
+        shared = [layer for _, _, layer in layers if layer.shared_coefficients()]
+        combined = {id(layer): pair for layer, (pair, _) in zip(shared, shared_delta_factors(shared))}
         factors: Dict[str, Dict[str, Tuple[Tensor, Tensor]]] = {name: {} for name in names}
         for name, layer_name, layer in layers:
-            if layer.shared_coefficients():
-                layer.batched_factors = as_factors(layer, *[next(rows) for _ in layer.shared_coefficients()])
-            a, b = layer.delta_factors()
-            factors[name][layer_name] = (a.contiguous(), b.clone())  # own storage: not a view of all tasks' rows
+            a, b = combined[id(layer)] if id(layer) in combined else layer.delta_factors()
+            factors[name][layer_name] = (a.clone(), b.clone())  # own storage: not a view of all tasks' rows
         for name in names:
             _require_representable(name, factors[name], heads[name], placement[1])
             heads[name] = {key: value.to(*placement) for key, value in heads[name].items()}

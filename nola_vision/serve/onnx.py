@@ -201,7 +201,8 @@ class _TaskInputGraph(nn.Module):
                 rows[i] = part
         parts = iter(rows)
         for layer in self._shared.values():
-            layer.batched_factors = as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()])
+            layer.batched_factors = layer.delta_factors_of(
+                as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()]))
         try:
             with _substituted(self.model, values), _without_own_model_hooks(self.model):
                 return self.model(images)
