@@ -3,7 +3,7 @@ output added in one op for inference, and the guard that refuses backward throug
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,10 @@ class LowRankLinear(torch.autograd.Function):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise _trainable_weight_error()
-        inputs, xa = _adapter_input(x, a, activation)
+        # Where the product reads x itself (no activation, no cast), it gets a fresh alias: a Function may not return
+        # its input (nor a view autograd would tie to it).
+        aliases_x = activation is None and (not launch_bound(x.device) or product_dtype(x) == x.dtype)
+        inputs, xa = _adapter_input(x.detach() if aliases_x else x, a, activation, flat=True)
         ctx.activation, ctx.producer, ctx.precomputed = activation, producer, None
         # x itself, to see in backward whether hooks were registered on it (they may change its gradient).
         ctx.producer_output = weakref.ref(x) if producer is not None else None
@@ -98,14 +101,10 @@ class LowRankLinear(torch.autograd.Function):
         # tensors, which gradient checkpointing allows once); both are kept in save_for_backward anyway.
         ctx.fusable = (xa, b) if activation is None else None
         ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
-        # Where the product reads x itself, hand it a fresh alias, since a Function may not return an input.
-        inputs = inputs.detach() if inputs is x else inputs
         ctx.mark_non_differentiable(inputs, xa)
         ctx.set_materialize_grads(False)
-        # The product's dtype as autocast (if on) chooses it for F.linear: the sink's gradient arrives in it.
-        dtype = product_dtype(inputs)
-        # Never read: uninitialised (no fill kernel to launch).
-        sink = torch.empty((), dtype=dtype, device=x.device).expand(*x.shape[:-1], weight.shape[0])
+        # Shaped as the output; its gradient arrives in the product's dtype, as autocast (if on) chooses it for F.linear
+        sink = _sink(product_dtype(inputs), x.device).expand(*x.shape[:-1], weight.shape[0])
         return inputs, xa, sink
 
     @staticmethod
@@ -129,14 +128,29 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def _sink(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A one-value tensor that is never read (uninitialised: no fill kernel), expanded to an output's shape as the
+    sink; one per dtype and device, made once (an allocation per layer and step is a host cost on accelerators)."""
+    if torch.compiler.is_compiling():
+        return torch.empty((), dtype=dtype, device=device)
+    sink = _SINKS.get((dtype, device))
+    if sink is None:
+        sink = _SINKS[(dtype, device)] = torch.empty((), dtype=dtype, device=device)
+    return sink
+
+
+_SINKS: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+
 class _FrozenProduct(torch.autograd.Function):
-    """``inputs Wᵀ + bias + xa B`` (autocast as ambient), keeping nothing: its gradient goes to ``LowRankLinear``
-    through the sink, whose backward computes every gradient."""
+    """``inputs Wᵀ + bias + xa B`` (autocast as ambient) shaped as the sink, keeping nothing: its gradient goes to
+    ``LowRankLinear`` through the sink, whose backward computes every gradient."""
 
     @staticmethod
     def forward(ctx, inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,  # type: ignore[override]
                 sink: Tensor) -> Tensor:
-        return _product(inputs, weight, bias, xa, b)
+        y = _product(inputs, weight, bias, xa, b)
+        return y if y.shape == sink.shape else torch.ops.aten._unsafe_view(y, sink.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -298,8 +312,8 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
 
 
 def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
-                   dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """``act(x)`` (in ``dtype`` when given) and ``act(x) A``.
+                   dtype: Optional[torch.dtype] = None, flat: bool = False) -> Tuple[Tensor, Tensor]:
+    """``act(x)`` (in ``dtype`` when given) and ``act(x) A``, shaped as ``x`` or (``flat``) as 2-d rows.
 
     On the CPU, A is handed to the product as the transpose of a row-major (rank, in) copy: each output is then a dot
     product of two contiguous rows, 2-4x faster than reading a contiguous (in, rank) A four values to a row. An
@@ -317,6 +331,8 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
         inputs = x if activation is None else activation(x)
         if dtype is not None:
             inputs = inputs.to(dtype)
+        if flat:
+            inputs = _rows(inputs)
         return inputs, inputs @ a_t.to(inputs.dtype)
     forward_out = _ACTIVATION_OPS[type(activation)][0]
     h = x.reshape(-1, x.shape[-1])
@@ -335,7 +351,14 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
             forward_out(activation, h_block, block)
         xas.append(block @ a_t)
     xa = torch.cat(xas) if len(xas) > 1 else xas[0]
+    if flat:
+        return inputs, xa
     return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """``tensor`` as 2-d rows: itself when it is 2-d already (a reshape would still dispatch a view)."""
+    return tensor if tensor.dim() == 2 else tensor.reshape(-1, tensor.shape[-1])
 
 
 def _one_launch_bound_block(h: Tensor) -> bool:
@@ -363,7 +386,7 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     Where ``inputs`` and ``W`` must both be cast, ``_joined_product`` computes it instead.
     """
     dtype = dtype or product_dtype(inputs)
-    rows, xa_rows = inputs.reshape(-1, inputs.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    rows, xa_rows = _rows(inputs), _rows(xa)
     if launch_bound(inputs.device):
         y = _few_launch_product(rows, weight, bias, xa_rows, b, dtype, out)
     elif inputs.dtype != dtype and weight.dtype != dtype:
@@ -375,7 +398,9 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
             right = torch.cat([right, bias.to(dtype).unsqueeze(0)])
         y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
         y.addmm_(rows.to(dtype), weight.to(dtype).t())
-    return out if out is not None else torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
+    if out is not None or inputs.dim() == 2:
+        return out if out is not None else y
+    return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
 
 
 def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
@@ -453,13 +478,13 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     the gradients this (fc2) layer computes for the adapted fc1 before it (``_InputLayerGradients``)."""
     dtype = grad.dtype
     input_shape = (*grad.shape[:-1], weight.shape[1])
-    grad = grad.reshape(-1, grad.shape[-1])
+    grad = _rows(grad)
     a_, b_ = a.to(dtype), b.to(dtype)
     if precomputed is not None:
         grad_xa, grad_b = precomputed[0], precomputed[1] if needs_b else None
     else:
         grad_xa = grad @ b_.t()
-        grad_b = xa.reshape(-1, xa.shape[-1]).to(dtype).t() @ grad if needs_b else None
+        grad_b = _rows(xa).to(dtype).t() @ grad if needs_b else None
     # W is cast anyway and the input is the wider side: the low-rank term joins the frozen product
     joined = (needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
               and not launch_bound(grad.device))
