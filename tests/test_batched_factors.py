@@ -114,3 +114,25 @@ def test_a_training_step_scales_the_factors_once_per_basis_whatever_the_depth():
             _step(model, torch.randn(2, 3, 32, 32), autocast=False)
         counts.append(ops.calls["mul"])
     assert counts[0] == counts[1]
+
+
+def test_a_training_step_walks_the_models_tree_once(monkeypatch):
+    """The hooks before and after the forward pass both need the adapted layers and whether the model checkpoints:
+    one walk of the tree answers both (each walk of a ViT-B's tree costs the host 0.2-0.4 ms a step)."""
+    model, walks = _model("mlp"), []
+    original = merge._walk
+    monkeypatch.setattr(merge, "_walk", lambda module: walks.append(module) or original(module))
+    with monkeypatch.context() as inside_the_step:
+        inside_the_step.setattr(torch.nn.Module, "named_modules", lambda *_, **__: pytest.fail("walked again"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(2, 3, 32, 32)).float().square().mean()
+        loss.backward()
+    assert walks == [model]
+
+
+def test_factors_released_without_their_pre_hook_are_released_all_the_same():
+    model = _model("mlp")
+    merge.combine_shared_factors(model)
+    merge.release_shared_factors(model)
+    merge.release_shared_factors(model)  # no walk kept for it: it walks the tree itself
+    assert all(layer.batched_factors is None for layer in nv.adapted_layers(model).values())
