@@ -2,6 +2,7 @@
 output added in one op for inference, and the guard that refuses backward through a merged adapter."""
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
@@ -56,7 +57,7 @@ class MergedGuard(torch.autograd.Function):
 
 def add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
     """y + xa @ b as one addmm: the low-rank output is never written and read back separately."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.to(xa.dtype))
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), _cast(b, xa.dtype))
     return out.view(y.shape)
 
 
@@ -195,8 +196,8 @@ class _InputLayerGradients:
     computes them itself."""
 
     def __init__(self, xa: Tensor, b: Tensor, needs_b: bool, dtype: torch.dtype) -> None:
-        self.xa = xa.reshape(-1, xa.shape[-1]).to(dtype)
-        self.b_t = b.to(dtype).t()
+        self.xa = _cast(xa.reshape(-1, xa.shape[-1]), dtype)
+        self.b_t = _cast(b, dtype).t()
         self.grad_xa = torch.empty(self.xa.shape, dtype=dtype, device=xa.device)
         # Summed over blocks in float32 at least, as one product would accumulate it.
         sum_dtype = torch.promote_types(dtype, torch.float32)
@@ -248,6 +249,7 @@ class _InputLayerGradients:
         return self.grad_xa, self.grad_b.to(grad.dtype) if self.grad_b is not None else None
 
 
+@functools.cache
 def autocast_available(device_type: str) -> bool:
     """Whether torch has autocast for ``device_type`` (cpu, cuda, mps, xpu...; not meta), where asking whether it is
     on would raise."""
@@ -295,7 +297,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
         inputs, xa = _adapter_input(x, a, None, dtype)
         return _product(inputs if launch_bound(x.device) else x, weight, bias, xa, b, dtype), xa
     if dtype is not None:
-        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        weight, bias = _cast(weight, dtype), _cast(bias, dtype) if bias is not None else None
     if x.dim() < 2 or x.numel() == 0:
         inputs, xa = _adapter_input(x, a, activation, dtype)
         return _product(inputs, weight, bias, xa, b), xa
@@ -330,10 +332,10 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
             or _one_launch_bound_block(x)):
         inputs = x if activation is None else activation(x)
         if dtype is not None:
-            inputs = inputs.to(dtype)
+            inputs = _cast(inputs, dtype)
         if flat:
             inputs = _rows(inputs)
-        return inputs, inputs @ a_t.to(inputs.dtype)
+        return inputs, inputs @ _cast(a_t, inputs.dtype)
     forward_out = _ACTIVATION_OPS[type(activation)][0]
     h = x.reshape(-1, x.shape[-1])
     rows = _block_rows(h)
@@ -341,7 +343,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     # In another dtype, each block is activated into one reused buffer, then cast into its rows of ``inputs``.
     cast = inputs.dtype != h.dtype
     buffer = torch.empty(min(rows, h.shape[0]), h.shape[1], dtype=h.dtype, device=h.device) if cast else None
-    a_t = a_t.to(inputs.dtype)
+    a_t = _cast(a_t, inputs.dtype)
     xas = []
     for start in range(0, h.shape[0], rows):
         h_block, block = h[start : start + rows], inputs[start : start + rows]
@@ -354,6 +356,12 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     if flat:
         return inputs, xa
     return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call where it has that dtype already (a no-op ``to`` still costs the host
+    about 3 µs, a dozen times per layer and step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -392,12 +400,12 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     elif inputs.dtype != dtype and weight.dtype != dtype:
         y = _joined_product(rows, weight, xa_rows, b.t(), bias, dtype, out)
     else:
-        left, right = xa_rows.to(dtype), b.to(dtype)
+        left, right = _cast(xa_rows, dtype), _cast(b, dtype)
         if bias is not None:
             left = torch.cat([left, left.new_ones(left.shape[0], 1)], dim=1)
-            right = torch.cat([right, bias.to(dtype).unsqueeze(0)])
+            right = torch.cat([right, _cast(bias, dtype).unsqueeze(0)])
         y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
-        y.addmm_(rows.to(dtype), weight.to(dtype).t())
+        y.addmm_(_cast(rows, dtype), _cast(weight, dtype).t())
     if out is not None or inputs.dim() == 2:
         return out if out is not None else y
     return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
@@ -408,13 +416,13 @@ def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa
     """``rows Wᵀ + bias + xa B`` in ``dtype`` for 2-d ``rows`` and ``xa`` in the fewest kernels, for devices where each
     launch costs more than the memory it saves (``launch_bound``): the frozen product with its bias, then the
     low-rank product added onto it, with no buffers joined or padded."""
-    rows, weight_t = rows.to(dtype), weight.to(dtype).t()
+    rows, weight_t = _cast(rows, dtype), _cast(weight, dtype).t()
     if bias is None:
         y = torch.mm(rows, weight_t, out=out) if out is not None else torch.mm(rows, weight_t)
     else:
-        y = torch.addmm(bias.to(dtype), rows, weight_t, out=out) if out is not None else torch.addmm(
-            bias.to(dtype), rows, weight_t)
-    return y.addmm_(xa.to(dtype), b.to(dtype))
+        y = torch.addmm(_cast(bias, dtype), rows, weight_t, out=out) if out is not None else torch.addmm(
+            _cast(bias, dtype), rows, weight_t)
+    return y.addmm_(_cast(xa, dtype), _cast(b, dtype))
 
 
 def _joined_product(rows: Tensor, weight: Tensor, xa: Tensor, b_t: Tensor, bias: Optional[Tensor], dtype: torch.dtype,
@@ -479,18 +487,18 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     dtype = grad.dtype
     input_shape = (*grad.shape[:-1], weight.shape[1])
     grad = _rows(grad)
-    a_, b_ = a.to(dtype), b.to(dtype)
+    a_, b_ = _cast(a, dtype), _cast(b, dtype)
     if precomputed is not None:
         grad_xa, grad_b = precomputed[0], precomputed[1] if needs_b else None
     else:
         grad_xa = grad @ b_.t()
-        grad_b = _rows(xa).to(dtype).t() @ grad if needs_b else None
+        grad_b = _cast(_rows(xa), dtype).t() @ grad if needs_b else None
     # W is cast anyway and the input is the wider side: the low-rank term joins the frozen product
     joined = (needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
               and not launch_bound(grad.device))
     grad_x = None
     if needs_x:
-        grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ weight.to(dtype)
+        grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ _cast(weight, dtype)
     grad_a = None
     if activation is not None:
         if needs_x or needs_a:
@@ -500,13 +508,13 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
         if grad_x is not None and not joined:
             grad_x.addmm_(grad_xa, a_.t())
         if needs_a and launch_bound(grad.device):
-            grad_a = x.reshape(-1, x.shape[-1]).to(dtype).t() @ grad_xa
+            grad_a = _cast(_rows(x), dtype).t() @ grad_xa
         elif needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product on the CPU
-            grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).t().contiguous()
+            grad_a = (grad_xa.t() @ _cast(_rows(x), dtype)).t().contiguous()
     if grad_x is not None:
         grad_x = grad_x.view(input_shape)
-    grad_a = grad_a.to(a.dtype) if grad_a is not None else None
-    grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+    grad_a = _cast(grad_a, a.dtype) if grad_a is not None else None
+    grad_b = _cast(grad_b, b.dtype) if grad_b is not None else None
     return grad_x, grad_a, grad_b
 
 
@@ -623,7 +631,7 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
         if grad_x is not None and not low_rank_added:
             grad_x.addmm_(grad_xa, a.t())
         x = _activation_block(activation, h, grad_x, None, needs_a)
-        return x.to(grad_xa.dtype).t() @ grad_xa if needs_a else None
+        return _cast(x, grad_xa.dtype).t() @ grad_xa if needs_a else None
     rows = _block_rows(h)
     a_t = a.t()
     # (rank, in) and row-major, the fast orientation for these products (``zeros_like(a_t)`` would keep a's
@@ -641,7 +649,7 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
         if producer is not None and grad_block is not None:
             producer.add(start, grad_block)
         if grad_a_t is not None:
-            grad_a_t.addmm_(grad_xa_block.t(), x_block.to(grad_xa.dtype))
+            grad_a_t.addmm_(grad_xa_block.t(), _cast(x_block, grad_xa.dtype))
     return grad_a_t.t().contiguous() if grad_a_t is not None else None
 
 
