@@ -473,6 +473,17 @@ def test_on_a_launch_bound_device_the_fused_layer_gives_the_values_and_gradients
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_on_a_launch_bound_device_a_layer_is_one_autograd_node_unless_saved_tensor_hooks_may_recompute_it(
+        launch_bound):
+    """Two nodes (the product apart) let checkpointing stop recomputing before the frozen product; without saved-tensor
+    hooks nothing recomputes, and each node costs the host a call in forward and one in backward."""
+    x, weight, bias, a, b = _tensors(torch.Generator().manual_seed(0))
+    assert type(low_rank_linear(x, weight, bias, a, b, None).grad_fn).__name__ == "_FusedLowRankLinearBackward"
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+        split = low_rank_linear(x, weight, bias, a, b, None)
+    assert type(split.grad_fn).__name__ == "_FrozenProductBackward"
+
+
 def test_on_a_launch_bound_device_an_adapted_mlp_launches_only_its_products_and_casts(launch_bound):
     """Under bf16 autocast on an accelerator every kernel is a launch the host pays for: fc1 and fc2 write their
     outputs with the frozen product and one low-rank addmm_ (no joined, padded buffers filled by copies), and fc2's

@@ -71,7 +71,8 @@ class LowRankLinear(torch.autograd.Function):
     ``sink``; the frozen product runs after it in ``_FrozenProduct``, which keeps nothing and hands its output
     gradient back through the sink. So when gradient checkpointing recomputes a block, torch stops the recomputation
     as soon as this node has kept its tensors, as it stops before a frozen ``nn.Linear``'s product: an adapted
-    ``fc2``'s product is never recomputed.
+    ``fc2``'s product is never recomputed. (Launch-bound devices take one node, ``_FusedLowRankLinear``, where no
+    saved-tensor hooks run.)
 
     ``activation`` is an ``mlp.act`` that an adapted ``mlp.fc2`` took over (``AdaptedLinear.input_activation``):
     then ``x`` is the pre-activation, which a frozen model keeps for the activation's backward anyway, and the
@@ -89,21 +90,8 @@ class LowRankLinear(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, activation: Optional[nn.Module],
         producer: Optional[Any] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise _trainable_weight_error()
-        # Where the product reads x itself (no activation, no cast), it gets a fresh alias: a Function may not return
-        # its input (nor a view autograd would tie to it).
-        aliases_x = activation is None and (not launch_bound(x.device) or product_dtype(x) == x.dtype)
-        inputs, xa = _adapter_input(x.detach() if aliases_x else x, a, activation, flat=True)
-        ctx.activation, ctx.producer, ctx.precomputed = activation, producer, None
-        # x itself, to see in backward whether hooks were registered on it (they may change its gradient).
-        ctx.producer_output = weakref.ref(x) if producer is not None else None
-        # For an adapted fc2 after this layer (plain references: fc2's backward must not unpack this node's saved
-        # tensors, which gradient checkpointing allows once); both are kept in save_for_backward anyway.
-        ctx.fusable = (xa, b) if activation is None else None
-        ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
+        inputs, xa = _keep_for_backward(ctx, x, weight, a, b, activation, producer)
         ctx.mark_non_differentiable(inputs, xa)
-        ctx.set_materialize_grads(False)
         # Shaped as the output; its gradient arrives in the product's dtype, as autocast (if on) chooses it for F.linear
         sink = _sink(product_dtype(inputs), x.device).expand(*x.shape[:-1], weight.shape[0])
         return inputs, xa, sink
@@ -111,22 +99,65 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
                  grad: Optional[Tensor]):
-        precomputed, ctx.precomputed = ctx.precomputed, None
-        if grad is None:  # the product's output got no gradient
-            return None, None, None, None, None, None, None
-        needs = ctx.needs_input_grad
-        x, weight, xa, a, b = ctx.saved_tensors
-        if torch.is_grad_enabled():  # backward(create_graph=True): gradients that can be differentiated again
-            grad_x, grad_a, grad_b = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0],
-                                                              needs[3], needs[4])
-            return grad_x, None, None, grad_a, grad_b, None, None
-        producer = _InputLayerGradients.of(ctx.producer, ctx.producer_output, grad) if needs[0] else None
-        grad_x, grad_a, grad_b = _backward(
-            grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4],
-            precomputed=precomputed.of_gradient(grad) if precomputed is not None else None, producer=producer)
-        if producer is not None and grad_x is not None:
-            producer.hand_over(ctx.producer, grad_x)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return (*_gradients(ctx, grad), None)
+
+
+class _FusedLowRankLinear(torch.autograd.Function):
+    """``LowRankLinear`` and ``_FrozenProduct`` as one node, for launch-bound devices where no saved-tensor hooks run
+    (gradient checkpointing's): there nothing recomputes the layer, so the split buys nothing and costs the host a
+    node in forward and in backward per layer and step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,  # type: ignore[override]
+                activation: Optional[nn.Module]) -> Tensor:
+        inputs, xa = _keep_for_backward(ctx, x, weight, a, b, activation, None)
+        y, shape = _product(inputs, weight, bias, xa, b), (*x.shape[:-1], weight.shape[0])
+        return y if y.shape == shape else torch.ops.aten._unsafe_view(y, shape)
+
+    @staticmethod
+    def backward(ctx, grad: Optional[Tensor]):  # type: ignore[override]
+        return _gradients(ctx, grad)
+
+
+def _keep_for_backward(ctx, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, activation: Optional[nn.Module],
+                       producer: Optional[Any]) -> Tuple[Tensor, Tensor]:
+    """``act(x)`` and ``act(x) A`` as 2-d rows, keeping on ``ctx`` what ``_gradients`` needs (see ``LowRankLinear``)."""
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise _trainable_weight_error()
+    # Where the product reads x itself (no activation, no cast), it gets a fresh alias: a Function may not return
+    # its input (nor a view autograd would tie to it).
+    aliases_x = activation is None and (not launch_bound(x.device) or product_dtype(x) == x.dtype)
+    inputs, xa = _adapter_input(x.detach() if aliases_x else x, a, activation, flat=True)
+    ctx.activation, ctx.producer, ctx.precomputed = activation, producer, None
+    # x itself, to see in backward whether hooks were registered on it (they may change its gradient).
+    ctx.producer_output = weakref.ref(x) if producer is not None else None
+    # For an adapted fc2 after this layer (plain references: fc2's backward must not unpack this node's saved
+    # tensors, which gradient checkpointing allows once); both are kept in save_for_backward anyway.
+    ctx.fusable = (xa, b) if activation is None else None
+    ctx.save_for_backward(_kept_input(ctx, x, activation is not None), weight, xa, a, b)
+    ctx.set_materialize_grads(False)
+    return inputs, xa
+
+
+def _gradients(ctx, grad: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of the inputs ``_keep_for_backward`` kept for (x, weight, bias, A, B, activation) from the
+    output gradient ``grad``."""
+    precomputed, ctx.precomputed = ctx.precomputed, None
+    if grad is None:  # the product's output got no gradient
+        return None, None, None, None, None, None
+    needs = ctx.needs_input_grad
+    x, weight, xa, a, b = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): gradients that can be differentiated again
+        grad_x, grad_a, grad_b = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0],
+                                                          needs[3], needs[4])
+        return grad_x, None, None, grad_a, grad_b, None
+    producer = _InputLayerGradients.of(ctx.producer, ctx.producer_output, grad) if needs[0] else None
+    grad_x, grad_a, grad_b = _backward(
+        grad, x, weight, xa, a, b, ctx.activation, needs[0], needs[3], needs[4],
+        precomputed=precomputed.of_gradient(grad) if precomputed is not None else None, producer=producer)
+    if producer is not None and grad_x is not None:
+        producer.hand_over(ctx.producer, grad_x)
+    return grad_x, None, None, grad_a, grad_b, None
 
 
 def _sink(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -170,10 +201,20 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             raise _trainable_weight_error()
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), product_dtype(x))[0]
-    # Computing fc1's gradients inside fc2's cache-sized blocks saves memory traffic, not launches: CPU only.
-    producer = _producer(x) if activation is not None and not launch_bound(x.device) else None
+    if launch_bound(x.device):
+        if not _saved_tensor_hooks():
+            return _FusedLowRankLinear.apply(x, weight, bias, a, b, activation)
+        producer = None  # computing fc1's gradients inside fc2's cache-sized blocks saves memory traffic, not launches
+    else:
+        producer = _producer(x) if activation is not None else None
     inputs, xa, sink = LowRankLinear.apply(x, weight, bias, a, b, activation, producer)
     return _FrozenProduct.apply(inputs, weight, bias, xa, b, sink)
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks run (gradient checkpointing's, offloading's), or cannot be told (older torch)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _producer(x: Tensor) -> Optional[Any]:
