@@ -133,9 +133,23 @@ def _shared(layers: Iterable[AdaptedLinear], include_merged: bool) -> List[Adapt
 
 def _walk(model: nn.Module) -> Tuple[List[AdaptedLinear], bool]:
     """The adapted layers of ``model`` (as ``adapted_layers`` orders them) and whether it checkpoints
-    (``gradient_checkpointing``), from one walk of its tree: a training step's hooks need both, and each
-    ``named_modules`` walk of a ViT-B costs the host 0.2-0.4 ms."""
-    layers, checkpoints, seen, stack = [], False, set(), [model]
+    (``gradient_checkpointing``): a training step's hooks ask both, and a walk of a ViT-B's tree costs the host
+    ~0.3 ms. The tree is walked again only after a module was assigned into any module since (``_tree_changed``);
+    the flags of the modules that have one are read each time."""
+    if torch.compiler.is_compiling():
+        layers, flagged = _walk_tree(model)
+    else:
+        cached = _WALKS.get(model)
+        if cached is None or cached[0] != _tree_generation:
+            cached = _WALKS[model] = (_tree_generation, *_walk_tree(model))
+        layers, flagged = cached[1], cached[2]
+    return layers, any(_checkpoints(module) for module in flagged)
+
+
+def _walk_tree(model: nn.Module) -> Tuple[List[AdaptedLinear], List[nn.Module]]:
+    """The adapted layers of ``model`` in ``named_modules`` order, and its modules with a ``grad_checkpointing``
+    attribute (on the instance or its class: timm sets it in ``__init__``)."""
+    layers, flagged, seen, stack = [], [], set(), [model]
     while stack:
         module = stack.pop()
         if id(module) in seen:
@@ -143,13 +157,26 @@ def _walk(model: nn.Module) -> Tuple[List[AdaptedLinear], bool]:
         seen.add(id(module))
         if isinstance(module, AdaptedLinear):
             layers.append(module)
-        checkpoints = checkpoints or _checkpoints(module)
+        if "grad_checkpointing" in module.__dict__ or hasattr(type(module), "grad_checkpointing"):
+            flagged.append(module)
         stack.extend(reversed([child for child in module._modules.values() if child is not None]))
-    return layers, checkpoints
+    return layers, flagged
 
 
-# The walk of each model whose forward pass is running, taken by its pre-hook for its forward hook.
-_PASS_WALKS: weakref.WeakKeyDictionary[nn.Module, Tuple[List[AdaptedLinear], bool]] = weakref.WeakKeyDictionary()
+# Each model's last walk, with the generation of module trees it was taken in.
+_WALKS: weakref.WeakKeyDictionary[nn.Module, Tuple[int, List[AdaptedLinear], List[nn.Module]]] = (
+    weakref.WeakKeyDictionary())
+_tree_generation = 0
+
+
+def _tree_changed(*_: object) -> None:
+    """nn.Module's registration hook: a module was assigned into another, so walks taken before may be stale. (A
+    deleted module bumps nothing: a layer no longer in the tree then combines factors that nothing reads.)"""
+    global _tree_generation
+    _tree_generation += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_tree_changed)
 
 
 def has_shared_bases(model: nn.Module) -> bool:
@@ -231,8 +258,6 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
     forward and in backward. Layers called outside the model's forward combine their own factors.
     """
     walk = _walk(model)
-    if not torch.compiler.is_compiling():
-        _PASS_WALKS[model] = walk
     layers = []
     for layer in _shared(walk[0], include_merged):
         if layer.stale_batched_factors():
@@ -259,8 +284,7 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
     pending in its layers until backward has computed its factors' gradients (one counter per layer, one hook per
     pass): meanwhile a pass without grad uses the kept factors instead of replacing them.
     """
-    walk = None if torch.compiler.is_compiling() else _PASS_WALKS.pop(model, None)
-    adapted, checkpoints = _walk(model) if walk is None else walk  # None: called without the pre-hook
+    adapted, checkpoints = _walk(model)
     factors = {layer: (*layer.batched_factors, *(layer.batched_cast or ())) for layer in adapted
                if layer.batched_factors is not None}
     trained = [f for tensors in factors.values() for f in tensors if f.requires_grad]
