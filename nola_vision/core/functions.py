@@ -202,7 +202,7 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor
             raise _trainable_weight_error()
         return _low_rank_linear_op(x, weight, bias, a, b, _gelu_name(activation), product_dtype(x))[0]
     if launch_bound(x.device):
-        if not _saved_tensor_hooks():
+        if not (torch.compiler.is_compiling() or _saved_tensor_hooks()):
             return _FusedLowRankLinear.apply(x, weight, bias, a, b, activation)
         producer = None  # computing fc1's gradients inside fc2's cache-sized blocks saves memory traffic, not launches
     else:
