@@ -131,6 +131,23 @@ def test_accelerators_combine_bases_in_few_chunks_where_the_cpu_takes_cache_size
         assert (ops.calls["addmm_"], ops.calls["mm"]) == (chunks, chunks), device
 
 
+def test_codes_combined_in_one_chunk_take_no_buffer_and_give_the_chunked_sums_bit_for_bit():
+    """One chunk (an accelerator's usual case) is one product onto the half sums: no buffer, slices or copies to
+    launch, and the values of the buffered path, which adds the same product onto the same expanded sums."""
+    spec = BasisSpec(0, "layer/A", (24, 3), 50)
+    coefficients = torch.randn(5, 50, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    codes = spec.codes()
+    with CountedOps() as ops:
+        out = combine_bases(coefficients, spec, codes, chunk=50)
+        grad = torch.autograd.grad(out, coefficients, torch.ones_like(out))[0]
+    assert not {"empty", "copy_", "cat"} & set(ops.calls), ops.calls
+    with torch.no_grad():
+        half_sums = (0.5 * coefficients.sum(1, keepdim=True)).expand(-1, spec.numel).contiguous()
+        assert torch.equal(out, half_sums.addmm_(coefficients, codes.float()).mul_(spec.step))
+        step_grad = torch.ones_like(out) * spec.step
+        assert torch.equal(grad, step_grad @ codes.float().t() + 0.5 * step_grad.sum(1, keepdim=True))
+
+
 @pytest.mark.parametrize("source", ["stored_codes", "regenerated", "bank"])
 def test_combination_differentiates_twice_like_the_dense_product(source):
     """MAML's inner step differentiates the coefficient gradient: its second derivative is the dense product's."""

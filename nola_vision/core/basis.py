@@ -357,7 +357,10 @@ class _CombineBases(torch.autograd.Function):
         ctx.spec, ctx.codes, ctx.chunk, ctx.bank = spec, codes if keep_codes else None, chunk, bank
         ctx.save_for_backward(coefficients)
         wide = coefficients.to(factor_dtype(coefficients.dtype))
-        out = (0.5 * wide.sum(1, keepdim=True)).expand(-1, spec.numel).contiguous()
+        half_sums = 0.5 * wide.sum(1, keepdim=True)
+        if codes is not None and chunk >= spec.count:  # one chunk (accelerators): no buffer, no slices, no copy
+            return torch.addmm(half_sums, wide, codes.to(wide.dtype)).mul_(spec.step)
+        out = half_sums.expand(-1, spec.numel).contiguous()
         for start, rows in _chunks(spec, codes, chunk, coefficients.device, wide.dtype):
             out.addmm_(wide[:, start : start + rows.shape[0]], rows)
         return out.mul_(spec.step)
@@ -393,6 +396,8 @@ class _ProjectOnBases(torch.autograd.Function):
 def _project_on_bases(grad: Tensor, spec: BasisSpec, codes: Optional[Tensor], chunk: int) -> Tensor:
     """``grad @ basesᵀ`` as (S, k) in ``factor_dtype``, decoding (or generating) the bases a chunk at a time."""
     wide = grad.to(factor_dtype(grad.dtype)) * spec.step
+    if codes is not None and chunk >= spec.count:  # one chunk (accelerators): no buffer, no slices, no copies
+        return wide @ codes.to(wide.dtype).t() + 0.5 * wide.sum(1, keepdim=True)
     # Column blocks joined once (an (S, k) copy, tiny): torch.compile cannot trace mm into a strided out=.
     blocks = [wide @ rows.t() for _, rows in _chunks(spec, codes, chunk, grad.device, wide.dtype)]
     return torch.cat(blocks, dim=1) + 0.5 * wide.sum(1, keepdim=True)
