@@ -191,6 +191,51 @@ def test_malformed_config_fields_give_a_clear_error(tmp_path, change, message):
     assert not nv.adapted_layers(model)
 
 
+def every_reader(directory, build=tiny_vit):
+    """verify_adapter, load_adapter and MultiTaskModel.add_task of ``directory``, each on a fresh model ``build()``."""
+    return [lambda: nv.verify_adapter(build(), directory), lambda: nv.load_adapter(build(), directory),
+            lambda: nv.MultiTaskModel(build()).add_task("task", directory)]
+
+
+def frozen_record(document, name="blocks.0.mlp.fc1"):
+    return document["frozen_weights"]["modules"][name]
+
+
+def position_record(document):
+    return document["frozen_weights"]["positions"]["pos_embed"]["record"]
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d["layers"].update({"blocks.0.mlp.fc1": None}), "layers"),
+    (lambda d: d["layers"].update({"blocks.0.mlp.fc1": [64, 256]}), "layers"),
+    (lambda d: frozen_record(d).__setitem__(1, 10**400), "frozen_weights"),  # JSON reads it as an int, not inf
+    (lambda d: position_record(d).__setitem__(1, 10**400), "frozen_weights"),
+    (lambda d: d["frozen_weights"]["merged"].append({"method": "nola", "layers": 5}), "frozen_weights"),
+], ids=["null_layer", "list_layer", "huge_record", "huge_position_record", "merged_layers_not_a_list"])
+@pytest.mark.parametrize("checksum", ["stale", "taken_again"])
+def test_a_damaged_layer_entry_or_an_integer_beyond_float_is_refused_by_every_reader_naming_the_field(
+        tmp_path, change, field, checksum):
+    """Fields are checked before the checksum: these raised AttributeError, OverflowError or TypeError."""
+    nv.save_adapter(trained(seed=1), tmp_path)
+    edit_document(tmp_path, lambda d: (change(d), checksum == "taken_again"
+                                       and d.update(config_sha256=adapter_io._document_digest(d))))
+    for read in every_reader(tmp_path):
+        with pytest.raises(AdapterLoadError, match=f"field '{field}' must be .*the file was edited or damaged"):
+            read()
+
+
+@pytest.mark.parametrize("edit", [lambda d: frozen_record(d).__setitem__(1, 1e308),
+                                  lambda d: position_record(d).__setitem__(2, -1e308)], ids=["module", "position"])
+def test_a_frozen_weights_record_edited_to_near_floats_largest_value_is_refused_as_edited(tmp_path, edit):
+    """A finite 1e308 passes the field checks; comparing it squared the difference, an OverflowError."""
+    nv.save_adapter(trained(seed=1), tmp_path)
+    edit_document(tmp_path, lambda d: (edit(d), d.update(config_sha256=adapter_io._document_digest(d))))
+    for read in every_reader(tmp_path):
+        with pytest.raises(AdapterLoadError, match="frozen weights are not those .* record of the weights of "
+                                                   r"(blocks\.0\.mlp\.fc1|pos_embed) .*the record was edited"):
+            read()
+
+
 def test_a_crafted_huge_rank_is_rejected_before_anything_is_allocated(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     edit_document(tmp_path, lambda d: d["config"].update(rank=2**40))  # bases of 2**40 x in values: 100s of TB
@@ -202,6 +247,23 @@ def test_a_width_mismatch_names_the_layer_and_both_shapes(tmp_path):
     nv.save_adapter(trained(seed=1, mlp_ratio=2.0), tmp_path)
     with pytest.raises(AdapterLoadError, match=r"layer blocks.0.mlp.fc1 is 64→256 .* in the model but 64→128"):
         nv.load_adapter(tiny_vit(), tmp_path)
+
+
+@pytest.mark.parametrize("config", [CONFIG, "linear"], ids=["nola", "linear_probe"])
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("classes", [5, 10])  # 10: what the old message advised
+def test_an_adapter_of_another_width_is_refused_naming_the_width_not_another_class_count(tmp_path, config, bits,
+                                                                                         classes):
+    """A 64-wide model's 5-class head read on a 32-wide model was taken for a 10-class one (320 values / 32): "create
+    the model with num_classes=10", after which the layers' shapes were refused."""
+    nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), config), 1, scale=0.1), tmp_path, bits=bits)
+    says = (r"layer blocks\.0\.\S+ is 32→\d+ .* in the model but 64→\d+" if config == CONFIG else
+            r"head head\.weight takes 64 input features for each of its 5 classes, and the model's head takes 32: "
+            r".*another width \(embed_dim\)")
+    for read in every_reader(tmp_path, lambda: tiny_vit(classes, embed_dim=32)):
+        with pytest.raises(AdapterLoadError, match=says) as error:
+            read()
+        assert "num_classes" not in str(error.value)
 
 
 def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(tmp_path):

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
-from ..core.checks import check_bool, check_path, shown
+from ..core.checks import check_bool, check_path, is_finite_number, shown
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     FINGERPRINT_VERSION,
@@ -338,7 +338,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     }
     document["config_sha256"] = _document_digest(document)
     # Checked again under the writer lock: an export_peft of the same directory may have finished meanwhile.
-    with atomic_directory(directory, check=partial(_refuse_peft_export, directory)) as tmp:
+    with atomic_directory(directory, check=partial(_refuse_peft_export, directory),
+                          names=(WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
@@ -406,8 +407,9 @@ def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
 
 def require_adapter_directory(directory: PathLike) -> None:
     """Refuse, before anything is trained or written, a directory ``save_adapter`` cannot replace: a file, the working
-    directory or a mount point (``core.storage.resolve_directory_target``), or one holding a peft export."""
-    resolve_directory_target(directory)
+    directory, a mount point or a path too long for its files (``core.storage.resolve_directory_target``), or one
+    holding a peft export."""
+    resolve_directory_target(directory, (WEIGHTS_NAME, CONFIG_NAME))
     _refuse_peft_export(directory)
 
 
@@ -595,7 +597,9 @@ def _is_option_value(value: Any) -> bool:
 
 
 def _is_layer(value: Any) -> bool:
-    slices = value.get("slices") if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return False
+    slices = value.get("slices")
     return (_is_int(value.get("in")) and _is_int(value.get("out")) and isinstance(slices, list) and bool(slices)
             and all(isinstance(s, list) and len(s) == 2 and all(_is_int(i) for i in s) for s in slices))
 
@@ -619,8 +623,7 @@ _CHECKSUMS = {name: (lambda v: isinstance(v, str), "a sha256 hex string")
 
 
 def _is_number_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    return isinstance(value, list) and bool(value) and all(is_finite_number(x) for x in value)
 
 
 def _is_frozen_weights(value: Any) -> bool:
@@ -632,7 +635,7 @@ def _is_frozen_weights(value: Any) -> bool:
     return (isinstance(value.get("version"), str) and isinstance(modules, dict) and bool(modules)
             and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
-            and all(isinstance(entry, dict) for entry in merged)
+            and all(isinstance(entry, dict) and _is_name_list(entry.get("layers", [])) for entry in merged)
             and ("context" not in value or is_context(value["context"]))
             and ("positions" not in value or is_positions(value["positions"])))
 
@@ -671,10 +674,10 @@ def _is_settings(value: Any) -> bool:
 _SETTINGS = (_is_settings, "{" + ", ".join(f"{json.dumps(key)}: {what}" for key, (_, what) in _SETTING_FIELDS.items())
              + "}")
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
-                                                          '[numbers]}, "merged": [objects], optionally "context": '
-                                                          '{"modules": int, "records": base64 of 24 bytes each} and '
-                                                          '"positions": {parameter name: {"shape": [ints], '
-                                                          '"record": [9 numbers]}}}')}
+                                                          '[numbers]}, "merged": [{..., "layers": [names]}], '
+                                                          'optionally "context": {"modules": int, "records": base64 '
+                                                          'of 24 bytes each} and "positions": {parameter name: '
+                                                          '{"shape": [ints], "record": [9 numbers]}}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:
@@ -996,16 +999,43 @@ def _check_num_classes(model: nn.Module, classes: int) -> None:
 
 
 def _file_classes(rows: List[str], plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
-    """The class count of the file's head: the rows of its stored tensors of the model's class rows (a head is
-    stored at 8 bits or more, one code a value; a norm in the head has none), else what the file records. Files of
-    earlier versions recorded timm's ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)``
-    left it at 1000), while their head tensors hold 7 rows. ``rows``: the model's ``_class_rows``."""
+    """The class count of the file's head: the rows of its stored tensors of the model's class rows where their form
+    tells them (``_stored_rows``) and they agree, else what the file records. Files of earlier versions recorded timm's
+    ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)`` left it at 1000), while their head
+    tensors hold 7 rows. A head of another width is refused as such (``_check_head_width``), not taken for another
+    class count. ``rows``: the model's ``_class_rows``."""
+    counts = {_stored_rows(stored.get(name), plan.trained_shapes.get(name)) for name in rows} - {None}
+    # Tensors that disagree (a weight stored transposed) tell no count: the file's, and the shape checks name them
+    classes = counts.pop() if len(counts) == 1 else document["num_classes"]
+    _check_head_width(rows, plan, stored, classes)
+    return classes
+
+
+def _stored_rows(tensor: Optional[Tensor], shape: Optional[Tuple[int, ...]]) -> Optional[int]:
+    """The rows of a stored class-row tensor of the model's ``shape``: a float tensor's first dimension (it is stored
+    in its shape), or a bias's value count (a head is stored at 8 bits or more, one code a value, but flat); None
+    for the flat codes of a weight, whose rows depend on the width they were trained at."""
+    if tensor is None or not shape:
+        return None
+    if tensor.dtype in _FLOAT_STORAGE and tensor.dim() == len(shape):
+        return tensor.shape[0]
+    return tensor.numel() if len(shape) == 1 else None
+
+
+def _check_head_width(rows: List[str], plan: InjectionPlan, stored: Dict[str, Tensor], classes: int) -> None:
+    """Each stored class-row tensor holds ``classes`` rows of the model's head inputs: a head trained on another width
+    (``embed_dim``) would otherwise be reported as another class count, naming a fix that does not fit either."""
     for name in rows:
         shape, tensor = plan.trained_shapes.get(name), stored.get(name)
-        inner = math.prod(shape[1:]) if shape else 0
-        if tensor is not None and inner and tensor.numel() % inner == 0:
-            return tensor.numel() // inner
-    return document["num_classes"]
+        if tensor is None or not shape or len(shape) == 1 or not classes:
+            continue
+        inputs = math.prod(shape[1:])
+        if tensor.numel() != classes * inputs:
+            raise AdapterLoadError(
+                f"the adapter's head {name} takes {tensor.numel() / classes:g} input features for each of its "
+                f"{classes} classes, and the model's head takes {inputs}: the adapter was trained on a model of "
+                "another width (embed_dim). Create the model with the architecture and sizes the adapter was trained "
+                "on")
 
 
 def _class_rows(model: nn.Module) -> List[str]:
@@ -1232,11 +1262,11 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_settings(model, document)
     _check_injected_head(model)
     plan = _plan_for(model, document)
+    _check_layers(plan, document)  # first: another width changes the layers, and the head (``_file_classes``)
     rows = _class_rows(model)
     classes = _file_classes(rows, plan, document, stored)
     if match_num_classes:
         _check_num_classes(model, classes)
-    _check_layers(plan, document)
     _check_bases(plan, document)
     if check_frozen_weights:
         _check_frozen_weights(model, document, plan, partial(_file_updates, model, plan, stored, quantization))

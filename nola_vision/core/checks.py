@@ -15,7 +15,7 @@ import reprlib
 from typing import Any, Optional, Sequence
 
 __all__ = ["INT64_RANGE", "as_integer", "check_bool", "check_choice", "check_int", "check_number", "check_path",
-           "shown"]
+           "is_finite_number", "shown"]
 
 # The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
 INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -54,6 +54,17 @@ def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional
         raise ValueError(f"{name} must be an integer in torch's int64 range [{max(low, at_least or low)}, {high}] "
                          f"(it reaches torch's integer ops), got {shown(value)}")
     return number
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float a float holds finite: not a bool, NaN, an infinity, nor an integer beyond
+    float's range (JSON reads ``1e400`` as inf but ``10**400`` as an int, on which ``math.isfinite`` overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_number(value: Any, name: str, *, above: Optional[float] = None, at_least: Optional[float] = None,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .basis import random_bits
+from .checks import is_finite_number
 from .layer import AdaptedLinear, adapted_layers
 from .plan import InjectionPlan
 from .targets import classifier_head
@@ -129,8 +130,7 @@ def is_positions(value: object) -> bool:
         return (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
                 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry["shape"])
                 and isinstance(entry.get("record"), list) and len(entry["record"]) == SKETCHES + 1
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                        for x in entry["record"]))
+                and all(is_finite_number(x) for x in entry["record"]))
 
     return isinstance(value, dict) and all(isinstance(name, str) and valid(entry) for name, entry in value.items())
 
@@ -403,6 +403,9 @@ def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None
 
 
 def _differ(label: str, difference: float) -> str:
+    if not difference < 100:  # two weights lie at most about twice their norm apart: a record edited (inf: its length)
+        return (f"the record of the weights of {label} lies over 100 times their norm from this model's, farther than "
+                "the records of any two weights do: the record was edited or damaged")
     amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
     return (f"the weights of {label} differ by about {amount} of their norm (a bfloat16 or float16 copy of the "
             "same weights differs by under 0.5%)")
@@ -433,9 +436,11 @@ def _difference(expected: List[float], actual: List[float], count: int) -> Optio
 
 
 def _distance(expected: List[float], actual: List[float]) -> float:
-    """The estimated norm of the difference of the weights two records (of equal length) were taken of."""
-    sketches = [(e - a) ** 2 for e, a in zip(expected[1:], actual[1:])]
-    return max(math.sqrt(sum(sketches) / len(sketches)), abs(expected[0] - actual[0]))
+    """The estimated norm of the difference of the weights two records (of equal length) were taken of: by
+    ``math.hypot``, which squares nothing, so a record edited to hold 1e308 gives a distance (inf at worst), not an
+    OverflowError."""
+    sketches = [e - a for e, a in zip(expected[1:], actual[1:])]
+    return max(math.hypot(*sketches) / math.sqrt(len(sketches)), abs(expected[0] - actual[0]))
 
 
 def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
