@@ -2,6 +2,7 @@
 
     python storage_workers.py write DIRECTORY SEED BITS SAVES GO_FILE   save one adapter SAVES times, then print counts
     python storage_workers.py die DIRECTORY SEED WHERE READY_FILE       start a save and stop inside it (see ``die``)
+    python storage_workers.py hold DIRECTORY SEED READY_FILE GO_FILE    save, pausing before the swap (see ``hold``)
 Each prints one JSON line; a writer touches ``writer<SEED>.ready`` beside GO_FILE when its model is built.
 """
 import json
@@ -18,6 +19,7 @@ from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from nola_vision.core import storage
 
 __all__ = ["CONFIG", "USER_FILE", "USER_TEXT", "trained"]
 
@@ -78,6 +80,22 @@ def die(directory: str, seed: str, where: str, ready: str) -> dict:
     return {"saved": True}
 
 
+def hold(directory: str, seed: str, ready: str, go: str) -> dict:
+    """Save, pausing once the old set's entries are linked into the staged one (touching READY_FILE) until GO_FILE
+    exists: what appears in the old directory meanwhile is in neither set."""
+    model = trained(int(seed))
+    fsync_entries = storage._fsync_entries
+
+    def pausing(staged, names):
+        Path(ready).touch()
+        wait_for(Path(go))
+        return fsync_entries(staged, names)
+
+    storage._fsync_entries = pausing
+    nv.save_adapter(model, directory)
+    return {"saved": True}
+
+
 if __name__ == "__main__":
     role, *arguments = sys.argv[1:]
-    print(json.dumps({"write": write, "die": die}[role](*arguments)), flush=True)
+    print(json.dumps({"write": write, "die": die, "hold": hold}[role](*arguments)), flush=True)

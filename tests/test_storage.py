@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -183,6 +184,121 @@ def test_other_files_and_folders_are_kept_as_the_same_files(tmp_path):
     nv.save_adapter(trained(2), target)
     assert {name: (target / name).stat().st_ino for name in inodes} == inodes  # hard links: nothing copied or moved
     assert (target / "latest").is_symlink() and (target / "latest" / "loss.png").read_bytes() == b"png"
+
+
+@pytest.mark.parametrize("subfolder", ["new", "saved_before"])
+def test_a_save_into_a_subfolder_and_a_save_of_its_directory_take_turns_and_both_are_kept(tmp_path, subfolder):
+    """A save of tasks/task1 while another process saved tasks/ (after tasks/ was listed, before its swap) was lost: the
+    swap removed the old set with it, or put back the task1 the listing had linked."""
+    target = saved_adapter(tmp_path / "tasks", seed=1)
+    if subfolder == "saved_before":
+        nv.save_adapter(trained(4), target / "task1")
+    ready, go, inner = tmp_path / "ready", tmp_path / "go", trained(3)
+    process = worker("hold", target, 2, ready, go)
+    wait_for(ready, process)  # the other process saves tasks/: its entries are linked, its swap is still to come
+    errors = []
+    saving = threading.Thread(target=lambda: errors.extend(_failure(nv.save_adapter, inner, target / "task1")))
+    saving.start()
+    saving.join(timeout=2)  # as long as the inner save needs to finish, unless it waits for the other
+    go.touch()
+    finish(process)
+    saving.join(timeout=120)
+    assert not saving.is_alive() and errors == []
+    assert sorted(os.listdir(target)) == [".task1.lock", CONFIG_NAME, WEIGHTS_NAME, USER_FILE, "task1"]
+    torch.testing.assert_close(loaded_logits(target / "task1"), logits(inner), rtol=0, atol=1e-3)
+    torch.testing.assert_close(loaded_logits(target), logits(trained(2)), rtol=0, atol=1e-3)
+
+
+def _failure(call, *arguments):
+    """[the exception ``call(*arguments)`` raised], or [] when it returned."""
+    try:
+        call(*arguments)
+    except Exception as error:  # reported by the test, from the thread it ran in
+        return [error]
+    return []
+
+
+def test_a_save_into_a_subfolder_from_within_a_save_of_its_directory_is_kept_and_never_waits(tmp_path, monkeypatch):
+    """In one thread the save of tasks/ holds the lock the inner save takes turns on: it must neither wait for itself
+    forever nor lose the inner save, which comes after tasks/ was listed."""
+    target = saved_adapter(tmp_path / "tasks", seed=1)
+    inner, fsync_entries, saves = trained(3), storage._fsync_entries, []
+
+    def saving_inside(staged, names):
+        if not saves:  # the first call is the save of tasks/; the inner save's own comes after this mark
+            saves.append(target / "task1")
+            nv.save_adapter(inner, target / "task1")
+        return fsync_entries(staged, names)
+
+    monkeypatch.setattr(storage, "_fsync_entries", saving_inside)
+    nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert sorted(os.listdir(target)) == [".task1.lock", CONFIG_NAME, WEIGHTS_NAME, USER_FILE, "task1"]
+    torch.testing.assert_close(loaded_logits(target / "task1"), logits(inner), rtol=0, atol=1e-3)
+    torch.testing.assert_close(loaded_logits(target), logits(trained(2)), rtol=0, atol=1e-3)
+
+
+def test_an_entry_made_during_a_save_that_cannot_be_moved_into_the_new_set_is_kept_aside_not_removed(tmp_path,
+                                                                                                     monkeypatch):
+    target = saved_adapter(tmp_path / "tasks", seed=1)
+    fsync_entries = storage._fsync_entries
+
+    def writing_inside(staged, names):
+        (target / "late.txt").write_text("mine")  # in the old set, after its entries were linked into the new one
+        return fsync_entries(staged, names)
+
+    def refused(source, destination):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(storage, "_fsync_entries", writing_inside)
+    monkeypatch.setattr(storage, "_move_entry", refused)
+    with pytest.warns(RuntimeWarning, match=r"could not all be moved into the new set \(late\.txt \(Permission denied"
+                                            r"\)\): the old set is kept as .*tasks\.late-[0-9a-f]{12}"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    [kept] = [path for path in tmp_path.iterdir() if path.name.startswith("tasks.late-")]
+    assert (kept / "late.txt").read_text() == "mine" and not (target / "late.txt").exists()
+    torch.testing.assert_close(loaded_logits(target), logits(trained(2)), rtol=0, atol=1e-3)
+    nv.save_adapter(trained(3), target)  # the next save's clean-up leaves it
+    assert (kept / "late.txt").read_text() == "mine"
+
+
+def test_a_save_of_a_directory_from_within_a_save_into_it_is_refused_instead_of_waiting_for_itself(tmp_path,
+                                                                                                   monkeypatch):
+    target = saved_adapter(tmp_path / "tasks", seed=1)
+    nv.save_adapter(trained(4), target / "task1")
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    fsync_entries, saves = storage._fsync_entries, []
+
+    def saving_outside(staged, names):
+        if not saves:  # the first call is the save of task1, and the save of tasks/ is refused before its own
+            saves.append(target)
+            nv.save_adapter(trained(2), target)
+        return fsync_entries(staged, names)
+
+    monkeypatch.setattr(storage, "_fsync_entries", saving_outside)
+    with pytest.raises(RuntimeError, match=r"cannot write .*tasks from within a write of it, or of a directory inside "
+                                           r"it, in this thread.*nothing was written"):
+        nv.save_adapter(trained(3), target / "task1")
+    monkeypatch.undo()
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_save_into_a_directory_whose_lock_stays_held_is_refused_after_a_while_not_hung(tmp_path, monkeypatch):
+    import fcntl
+
+    target = saved_adapter(tmp_path / "tasks", seed=1)
+    fd = os.open(tmp_path / ".tasks.lock", os.O_RDONLY)  # held as another process would: not by this save's thread
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setattr(storage, "_ANCESTOR_WAIT_S", 0.3)
+    try:
+        with pytest.raises(TimeoutError, match=r"tasks/task1: .*\.tasks\.lock, the lock of .*tasks above it, has been "
+                                               r"held for 0\.3 s .*Nothing was written"):
+            nv.save_adapter(trained(3), target / "task1")
+    finally:
+        os.close(fd)
+    assert not (target / "task1").exists() and not (target / ".task1.lock").exists()
 
 
 def test_a_save_failing_at_its_last_step_keeps_the_old_set_whole(tmp_path, monkeypatch):

@@ -191,3 +191,45 @@ def test_a_target_whose_folder_takes_no_files_is_named_not_its_lock_file(tmp_pat
     with pytest.raises(OSError, match=r"cannot write /proc/adapter_x: no file can be made in its folder /proc"):
         with storage.writer_lock(Path("/proc/adapter_x")):
             pass
+
+
+def deep_folder(root, length):
+    """A folder under ``root`` whose path is ``length`` bytes long, made of names of 1 to 201 bytes."""
+    folder = Path(root)
+    while len(os.fsencode(folder)) < length - 202:
+        folder /= "d" * 200
+    folder /= "e" * (length - len(os.fsencode(folder)) - 1)
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.skipif(not hasattr(os, "pathconf"), reason="a system that says its path limit")
+@pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
+def test_a_target_whose_staged_files_would_pass_the_path_limit_is_refused_before_anything_is_written(tmp_path, write):
+    """Each name under the file system's limit, the path near the system's: the staged copy's files, 47 bytes longer,
+    failed midway with a bare 'File name too long' naming a hidden staging path."""
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX") - 1
+    folder = deep_folder(tmp_path, limit - 250)
+    model, save = trained(1), getattr(nv, write)
+    for over in (1, 12):
+        target = folder / ("a" * (limit - len(os.fsencode(folder)) - 48 + over))
+        with pytest.raises(ValueError, match=rf"cannot save to .*: its path is {over} bytes? too long: .*\.staged-"
+                                             rf"<random>/adapter_\w+\.\w+ beside it, a path of {limit + over} bytes, "
+                                             rf"over the {limit} this system takes. Choose a path at least {over} "
+                                             r"bytes? shorter .*\(nothing was written\)"):
+            save(model, target)
+        assert os.listdir(folder) == []
+    save(model, folder / ("a" * (limit - len(os.fsencode(folder)) - 48)))  # at the limit: saved
+
+
+@pytest.mark.skipif(not hasattr(os, "pathconf"), reason="a system that says its path limit")
+@posix_only
+def test_a_lock_file_whose_path_is_too_long_is_named_as_such_not_as_a_permission_problem(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX") - 1
+    folder = deep_folder(tmp_path, limit - 230)  # a target name of 227 bytes: its siblings' names hold it whole
+    target = folder / ("a" * (limit - len(os.fsencode(folder)) - 3))  # its lock file, 6 bytes longer, is not
+    with pytest.raises(OSError, match=r"lock file beside it, \.a+\.lock, is \d+ bytes long, too long for this system "
+                                      r"\(File name too long\): choose a shorter path") as error:
+        with storage.writer_lock(target):
+            pass
+    assert error.value.errno == errno.ENAMETOOLONG and "this user can write" not in str(error.value)

@@ -31,7 +31,14 @@ from ..core.targets import (
     require_values,
     trained_parameters,
 )
-from .files import PEFT_EXPORT_MARK, canonical_safetensors, existing_adapter_kind, other_adapter_files_error
+from .files import (
+    CONFIG_NAME,
+    PEFT_EXPORT_MARK,
+    WEIGHTS_NAME,
+    canonical_safetensors,
+    existing_adapter_kind,
+    other_adapter_files_error,
+)
 
 __all__ = ["export_peft"]
 
@@ -136,8 +143,9 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
             raise ValueError(f"tensor {key} holds NaN or Inf values (in float32): refusing to export a diverged "
                              "adapter (train again with a lower learning rate)")
     # Checked again under the writer lock: a save_adapter of the same directory may have finished meanwhile.
-    with atomic_directory(directory, check=partial(_refuse_nola_vision_adapter, directory)) as tmp:
+    with atomic_directory(directory, check=partial(_refuse_nola_vision_adapter, directory),
+                          names=(WEIGHTS_NAME, CONFIG_NAME)) as tmp:  # the names peft reads
         raw = save_safetensors_bytes(tensors, metadata={"format": "pt", **PEFT_EXPORT_MARK})
-        (tmp / "adapter_model.safetensors").write_bytes(canonical_safetensors(raw))  # the same bytes every export
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (tmp / WEIGHTS_NAME).write_bytes(canonical_safetensors(raw))  # the same bytes every export
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return Path(directory)

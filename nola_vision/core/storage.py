@@ -16,10 +16,13 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
+import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Set, Tuple, Union
 
 from .warn import warn_user
 
@@ -85,6 +88,39 @@ def _name_too_long(target: Path, folder: Path) -> Optional[str]:
     unit = "bytes" if os.name == "posix" else "characters"
     return (f"the name {long[:20]}... is {_name_length(long)} {unit} long, over the {limit} {unit} a file name may "
             f"have on the file system of {folder}: choose a shorter name")
+
+
+def _path_too_long(target: Path, names: Sequence[str] = ()) -> Optional[str]:
+    """Why a save of the directory ``target`` cannot make the longest path it writes (its staged copy beside it, with
+    ``names`` inside, or its lock file), where that is longer than the system takes; else None."""
+    folder = next((p for p in target.parents if os.path.isdir(p)), None)
+    limit = _path_limit(folder) if folder is not None else None
+    if limit is None:
+        return None
+    token = "0" * 2 * _TOKEN_BYTES
+    staged = _sibling(target, "staged", token)
+    longest = max([_lock_path(target), staged, *(staged / name for name in names)], key=_path_length)
+    over = _path_length(longest) - limit
+    if over <= 0:
+        return None
+    shown, amount = str(longest.relative_to(target.parent)).replace(token, "<random>"), f"{over} byte{'s' * (over > 1)}"
+    return (f"its path is {amount} too long: while it runs, a save writes {shown} beside it, a path of "
+            f"{_path_length(longest)} bytes, over the {limit} this system takes. Choose a path at least {amount} "
+            "shorter (fewer or shorter folder names)")
+
+
+def _path_limit(folder: Path) -> Optional[int]:
+    """The longest path ``folder``'s system takes, in bytes (``PATH_MAX`` less the final NUL it counts), or None where
+    it does not say (Windows has no ``pathconf``)."""
+    try:
+        return os.pathconf(folder, "PC_PATH_MAX") - 1
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _path_length(path: PathLike) -> int:
+    """A path's length as the system's path limit counts it: bytes."""
+    return len(os.fsencode(path))
 
 
 def _ends_in_separator(text: str) -> bool:
@@ -274,14 +310,15 @@ def file_in_the_way(path: PathLike) -> Optional[Path]:
     return next((p for p in (path, *path.parents) if os.path.exists(p) and not os.path.isdir(p)), None)
 
 
-def resolve_directory_target(path: PathLike) -> Path:
+def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
     """The real directory a save to ``path`` replaces (symlinks resolved, so a linked directory is written through).
 
     A ValueError, before anything moves, for a path that exists and is not a directory, that is or contains the
-    current working directory, or that is or holds a mount point: none of them can be swapped for a new directory; and
-    for a writers' lock path beside it that is no file (see ``writer_lock``), on which the save would fail at its end. A
-    PermissionError, as early, for a write-protected directory or a parent the save cannot write (see
-    ``_refuse_unwritable``).
+    current working directory, or that is or holds a mount point: none of them can be swapped for a new directory; for
+    a writers' lock path beside it that is no file (see ``writer_lock``), on which the save would fail at its end; and
+    for a path too long for the system once the save's staged copy (with the files ``names`` in it) and lock file are
+    named beside it, on which the save would fail midway naming a hidden path. A PermissionError, as early, for a
+    write-protected directory or a parent the save cannot write (see ``_refuse_unwritable``).
     """
     try:
         os.stat(path)
@@ -292,7 +329,7 @@ def resolve_directory_target(path: PathLike) -> Path:
         if error.errno not in (errno.ENOENT, errno.ENOTDIR):  # a name too long, a parent it may not look into
             target = Path(os.path.abspath(path))
             folder = next((p for p in target.parents if os.path.isdir(p)), None)
-            too_long = _name_too_long(target, folder) if folder is not None else None
+            too_long = (_name_too_long(target, folder) if folder is not None else None) or _path_too_long(target, names)
             raise ValueError(f"cannot save to {path}: {too_long or error.strerror} (nothing was written)") from error
     target = Path(os.path.realpath(path))
     if target.exists() and not target.is_dir():
@@ -317,6 +354,9 @@ def resolve_directory_target(path: PathLike) -> Path:
                          "copy that filesystem's files into the new set and then delete them from it with the old "
                          f"one. Unmount it (umount {mounted}) or move it out of {path}, or save to another directory "
                          "(nothing was written)")
+    too_long = _path_too_long(target, names)
+    if too_long is not None:
+        raise ValueError(f"cannot save to {path}: {too_long} (nothing was written)")
     _refuse_unusable_lock(target)
     _refuse_unwritable(target)
     return target
@@ -381,12 +421,14 @@ def _refuse_unwritable(target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
-                     keep_others: bool = True) -> Iterator[Path]:
+def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None, keep_others: bool = True,
+                     names: Sequence[str] = ()) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds, it replaces the directory ``path`` in one step.
 
     Writers of one directory are serialised by ``fcntl.flock`` on a ``.<name>.lock`` file beside it (left there;
-    Windows has no lock, so concurrent writers there must be avoided by the caller). Under the lock, leftovers of
+    Windows has no lock, so concurrent writers there must be avoided by the caller). A writer also takes a shared lock
+    on the lock file of each folder above it that has one (``_ancestor_locks``), so a save into a subfolder of a saved
+    directory (an adapter per task inside another) and a save of that directory take turns. Under the lock, leftovers of
     a killed save of this directory (``.<name>.staged-*``, ``.<name>.old-*`` siblings) are removed first. Files and
     folders of the old directory that the block did not write are hard-linked (copied where links are refused)
     into the staging directory, so the user's other files are never moved and a reader sees them in both sets
@@ -396,16 +438,21 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
     ``renamex_np(RENAME_SWAP)``, one atomic step, so ``path`` always names a complete set and a reader (see
     ``read_files``) gets the whole old or the whole new one; elsewhere, or on filesystems without an atomic
     exchange, by two renames, between which ``path`` is briefly missing (a kill there is undone by the next
-    save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. Files
-    another process creates or replaces inside the directory while a save runs may not be carried over.
+    save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. An entry
+    that appears in the old directory after its entries were linked (a writer that takes no turns with this one: a
+    save into a subfolder of a directory never saved before, a file of the user's) is moved into the new set after
+    the swap (unless ``keep_others`` is False), never removed with the old set; a file replaced, or one created
+    inside a kept subfolder, meanwhile by such a writer may still be replaced by the version this save linked.
+    ``names``: the files the block writes, so that a path too long for them is refused before anything is written.
     A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched; a full
     disk or file size limit while the new set is staged raises an OSError (same errno) that says so. ``check``, when
     given, runs under the lock just before the swap: it raises to refuse replacing what another writer put at
     ``path`` after the caller's own checks ran, and the old set then stays.
     """
-    target = resolve_directory_target(path)
+    target = resolve_directory_target(path, names)
     unchanged = f"Nothing in {target} was changed: a previous adapter there, if any, is intact."
     with ExitStack() as held:
+        held.enter_context(_ancestor_locks(target))
         with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
             target.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(writer_lock(target))
@@ -422,7 +469,10 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
                 check()
             if old is not None:
                 _copy_access(target, old, staged)
+            new_set = set(os.listdir(staged))
             _swap_in(staged, target)
+            if keep_others:  # the old set now lies at ``staged``
+                _carry_over_late_entries(staged, target, new_set)
             _fsync_directory(target.parent)
         finally:
             _remove_tree(staged)
@@ -455,21 +505,125 @@ def _explained_if_out_of_room(target: Path, unchanged: str) -> Iterator[None]:
 def writer_lock(target: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``.<name>.lock`` beside ``target`` (released when its file is closed), so
     that writers of ``target`` take turns; Windows has no lock, so nothing is held there. A lock path that is no
-    file (a directory, a dangling symlink) raises a ValueError naming it and the fix."""
+    file (a directory, a dangling symlink) raises a ValueError naming it and the fix; a lock this thread holds already
+    (a write of ``target``, or of a directory inside it, asked for from within one of ``target``) a RuntimeError, as
+    waiting for it would never end."""
     if fcntl is None:
         yield
         return
     _refuse_unusable_lock(target)
     try:
         fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError as error:  # the folder is missing or cannot be written: say so of the target, not of the lock
-        raise type(error)(error.errno, f"cannot write {target}: no file can be made in its folder {target.parent} "
-                                       f"({error.strerror}): write it to a folder this user can write") from error
+    except OSError as error:  # say so of the target, not of the lock
+        raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
     try:
+        key = _file_key(fd)
+        if key in _held_locks():
+            raise RuntimeError(f"cannot write {target} from within a write of it, or of a directory inside it, in this "
+                               "thread: that write holds its lock, which this one would wait for forever. Write it "
+                               "after that write returns (nothing was written)")
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        with _registered(key):
+            yield
     finally:
         os.close(fd)
+
+
+def _no_lock_file(target: Path, error: OSError) -> str:
+    """Why ``target``'s lock file could not be made (``error``), and the fix that errno calls for."""
+    if error.errno == errno.ENAMETOOLONG:
+        lock = _lock_path(target)
+        return (f"the path of its lock file beside it, {lock.name}, is {_path_length(lock)} bytes long, too long for "
+                f"this system ({error.strerror}): choose a shorter path (nothing was written)")
+    fix = ("write it to a folder this user can write" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+           "write it to another folder")
+    return f"no file can be made in its folder {target.parent} ({error.strerror}): {fix}"
+
+
+# The lock files this thread holds, by (device, inode), with how many times (``_held_locks``).
+_THREAD = threading.local()
+# How long a save waits for a folder above its target that another writer is saving (``_ancestor_locks``).
+_ANCESTOR_WAIT_S = 600.0
+
+
+def _held_locks() -> Counter:
+    """How many locks this thread holds on each lock file, by (device, inode): flock locks each open file apart, so
+    asking for one of them again on another descriptor would wait for this thread itself."""
+    if not hasattr(_THREAD, "locks"):
+        _THREAD.locks = Counter()
+    return _THREAD.locks
+
+
+@contextmanager
+def _registered(key: Tuple[int, int]) -> Iterator[None]:
+    """Count a lock on the lock file ``key`` as held by this thread while the block runs."""
+    held = _held_locks()
+    held[key] += 1
+    try:
+        yield
+    finally:
+        held[key] -= 1
+        if not held[key]:
+            del held[key]
+
+
+def _file_key(fd: int) -> Tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+@contextmanager
+def _ancestor_locks(target: Path) -> Iterator[None]:
+    """Hold a shared lock on the lock file of each folder above ``target`` that has one (a directory saved before),
+    outermost first, so that a save into a saved directory and a save of that directory take turns: the latter's swap
+    would remove what the former wrote into the old set. No lock file is made here; one this thread holds already (a
+    save asked for from within a save of that folder) is not waited for. A lock held longer than ``_ANCESTOR_WAIT_S``
+    raises a TimeoutError instead of waiting on forever."""
+    if fcntl is None:
+        yield
+        return
+    with ExitStack() as held:
+        for folder in reversed([p for p in target.parents if p.parent != p]):
+            fd = _open_existing(_lock_path(folder))
+            if fd is None:
+                continue
+            held.callback(os.close, fd)
+            key = _file_key(fd)
+            if key not in _held_locks() and _lock_shared(fd, folder, target):
+                held.enter_context(_registered(key))
+        yield
+
+
+def _open_existing(path: Path) -> Optional[int]:
+    """A read-only descriptor of the regular file ``path``, or None where there is none (the usual case for a
+    folder never saved) or it cannot be opened; without blocking (a FIFO of that name would wait for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _lock_shared(fd: int, folder: Path, target: Path) -> bool:
+    """Take a shared lock on ``fd`` (the lock file of ``folder``, above ``target``), waiting at most
+    ``_ANCESTOR_WAIT_S``; False where the file system locks nothing (NFS without a lock daemon)."""
+    deadline = time.monotonic() + _ANCESTOR_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"cannot save to {target}: {_lock_path(folder)}, the lock of {folder} above it, has been held for "
+                    f"{_ANCESTOR_WAIT_S:g} s (by another process saving that directory, or holding that file for "
+                    "another purpose). Nothing was written: save again once it is free, or save elsewhere") from None
+            time.sleep(0.05)
+        except OSError:
+            return False
 
 
 def try_lock(path: PathLike, wait: bool = False) -> Optional[int]:
@@ -697,7 +851,42 @@ def _swap_in(staged: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    _remove_tree(old)
+    os.rename(old, staged)
+
+
+def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str]) -> None:
+    """Move into the new set ``target`` each entry of the old set ``old`` (after the swap) that is not one of the
+    ``new_set`` names it was made with: created in the old directory after its entries were linked (by a writer that
+    does not take turns with this save), it would otherwise be removed with the old set. Where one cannot be moved,
+    the old set is kept beside ``target`` (``<name>.late-<hex>``) with a warning, rather than removed."""
+    if not os.path.isdir(old) or os.path.islink(old):  # no old set: the save made the directory
+        return
+    failed = []
+    for name in sorted(set(os.listdir(old)) - new_set):
+        if not os.path.lexists(target / name):  # else made in the new set meanwhile: that one is the newer
+            try:
+                _move_entry(old / name, target / name)
+            except OSError as error:
+                failed.append(f"{name} ({error.strerror or error})")
+    if failed:
+        kept = target.with_name(f"{target.name}.late-{old.name.rsplit('-', 1)[1]}")
+        os.rename(old, kept)
+        warn_user(f"{target} was saved, but what another writer made in it meanwhile could not all be moved into the "
+                  f"new set ({', '.join(failed[:3])}): the old set is kept as {kept}. Move those entries into {target} "
+                  "yourself, then remove it", RuntimeWarning)
+
+
+def _move_entry(source: Path, destination: Path) -> None:
+    """Rename ``source`` to ``destination``; a folder this user may not move (renaming one to another folder needs
+    write permission on it) is re-created there with its files linked. Gone meanwhile: nothing to move."""
+    try:
+        os.rename(source, destination)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if not source.is_dir() or source.is_symlink():
+            raise
+        _relink_folder(str(source), str(destination))
 
 
 def _exchange(first: Path, second: Path) -> bool:
