@@ -70,10 +70,36 @@ def test_resuming_with_the_runs_own_null_rates_is_no_change(run, tmp_path):
     """lr, head_lr and warmup_epochs null ask for the recipe's values, which the checkpoint holds resolved: the run's
     own command line was refused as 'differ from --model.lr None (checkpoint: 0.03)'."""
     cli = run_lightning_cli(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]),
-                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "3",
+                             "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "4",
                              "--model.lr", "null", "--model.head_lr", "null", "--model.warmup_epochs", "null",
                              "--test_after_fit", "false", *QUIET])
-    assert cli.trainer.global_step == 3 * STEPS
+    assert cli.trainer.global_step == 4 * STEPS
+
+
+@pytest.mark.parametrize("option, value", [("--trainer.max_epochs", "2"), ("--trainer.max_epochs", "3"),
+                                           ("--trainer.max_steps", str(3 * STEPS))])
+def test_resuming_a_run_that_reached_its_limit_already_is_refused_before_anything_is_written(run, tmp_path, capsys,
+                                                                                             option, value):
+    """It trained nothing, exited 0, and exported the checkpoint's adapter into a new run with a result file."""
+    result = tmp_path / "result.json"
+    code = main(["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+                 str(tmp_path / "resumed"), "--test_after_fit", "false", "--result_file", str(result), option, value,
+                 *QUIET])
+    err = " ".join(capsys.readouterr().err.split())
+    name = option.split(".")[-1]
+    assert code == 2 and "Traceback" not in err
+    assert (f"the checkpoint ends epoch 2 at step {3 * STEPS} (3 epochs trained), and trainer.{name}={value} "
+            f"({option}) ends the run there: resuming would train nothing") in err
+    assert f"Raise {name} above {3 * STEPS if name == 'max_steps' else 3} to train on" in err
+    assert not result.exists() and not (tmp_path / "resumed").exists()
+
+
+def test_resuming_a_run_that_reached_its_limit_through_the_trainer_is_refused_before_it_exports(run, tmp_path):
+    cli = run_lightning_cli(["-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--data.val_shots", "2",
+                             "--trainer.max_epochs", "3", *QUIET], run=False)
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs=3 \(--trainer\.max_epochs\) ends the run there"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(run["checkpoint"]))
+    assert not list(tmp_path.rglob("adapter_model.safetensors"))
 
 
 # ---- B: a resume keeps the run's training-data settings ---------------------------------------------------------

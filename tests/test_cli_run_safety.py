@@ -61,7 +61,7 @@ def test_a_fit_into_a_folder_another_fit_is_running_in_is_refused(tmp_path, caps
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("adapter"))
     # the lock file left behind keeps nothing: a fit runs there, and once it ended, a resume of it too
     assert run(capsys, *fit)[0] == 0
-    assert run(capsys, *fit, "--ckpt_path", "last")[0] == 0
+    assert run(capsys, *fit, "--ckpt_path", "last", "--trainer.max_epochs", "2")[0] == 0
 
 
 @pytest.mark.parametrize("below", ["", "runs"])

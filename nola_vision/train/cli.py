@@ -52,6 +52,7 @@ from .module import (
     check_classifier_arguments,
     check_training_data,
     check_training_length,
+    require_training_left,
 )
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
@@ -527,6 +528,8 @@ class NolaCLI(LightningCLI):
             saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
             check_training_data(saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None,
                                 self.datamodule.hparams)
+            if isinstance(saved, dict):
+                require_training_left(saved, self.trainer)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
                     if str(getattr(c, "monitor", None) or "").startswith("val/")]
         if watching and not validates:

@@ -51,7 +51,7 @@ from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
-           "check_training_length", "check_training_settings", "training_settings"]
+           "check_training_length", "check_training_settings", "require_training_left", "training_settings"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
@@ -676,6 +676,7 @@ class FewShotClassifier(L.LightningModule):
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
+            require_training_left(checkpoint, self._trainer)
         self._check_backbone(info.get("backbone_fingerprint"))
         self._check_settings(info.get("settings"))
         # kept for the evaluation stages that follow, once the load is accepted
@@ -1015,6 +1016,24 @@ def _setting_differs(name: str, now: Any, saved: Any) -> bool:
     fraction (1: one batch, 1.0: all)."""
     limit = name in ("limit_train_batches", "overfit_batches")
     return now != saved or (limit and isinstance(now, float) != isinstance(saved, float))
+
+
+def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
+    """Refuse to resume from a checkpoint that has reached the trainer's ``max_epochs`` or ``max_steps`` already:
+    Lightning would train nothing, and the fit would export the checkpoint's adapter again and record its result as a
+    new run's (a fresh fit set to train nothing is refused alike, ``check_training_length``). Epochs are counted as
+    Lightning's loop counts them on a resume."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    step = checkpoint.get("global_step", 0)
+    epochs = progress.get("processed", checkpoint.get("epoch", -1) + 1)
+    at = f"the checkpoint ends epoch {epochs - 1} at step {step} ({epochs} epochs trained)"
+    for name, reached in (("max_steps", step), ("max_epochs", epochs)):  # in the order Lightning's loop asks
+        limit = getattr(trainer, name, None)
+        if isinstance(limit, int) and limit != -1 and reached >= limit:
+            raise ValueError(f"{at}, and trainer.{name}={limit} (--trainer.{name}) ends the run there: resuming would "
+                             "train nothing, yet export the checkpoint's adapter again and record its result as a new "
+                             f"run's. Raise {name} above {reached} to train on, or evaluate the checkpoint with the "
+                             "test command")
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
