@@ -139,6 +139,9 @@ def test_non_finite_failed_status_or_nonzero_exit_never_count(tmp_path):
     loss = out / "loss" / "split0-init0"
     loss.mkdir(parents=True)
     (loss / "result.json").write_text('{"metrics": {"test/acc": 0.9, "train/loss": NaN}}')
+    huge = out / "huge" / "split0-init0"  # an integer beyond float's range (an edited file): no count, no crash
+    huge.mkdir(parents=True)
+    (huge / "result.json").write_text('{"metrics": {"test/acc": 0.9, "train/loss": 1' + "0" * 400 + '}}')
     assert collect_results(str(out)) == []
     # a crashed run's result is moved aside, so a restart redoes it instead of skipping it
     assert (out / "crash" / "split0-init0" / "result.json.failed").is_file()

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import yaml
 
+from ..core.checks import is_finite_number
 from ..core.storage import (
     atomic_path,
     file_in_the_way,
@@ -612,9 +613,6 @@ def override_changes(before: Sequence[str], now: Sequence[str]) -> str:
             "another sets part of, so fit's result depends on their order: give them in the order before")
 
 
-def _finite(value: Any) -> bool:
-    """A real, finite number: not a bool, a string or null, which an edited or damaged file may hold."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def counted(data: Optional[Dict[str, Any]], metric: str = "test/acc") -> bool:
@@ -623,7 +621,7 @@ def counted(data: Optional[Dict[str, Any]], metric: str = "test/acc") -> bool:
     if not data or data.get("status", "ok") != "ok":
         return False
     metrics = data.get("metrics")
-    if not (isinstance(metrics, dict) and metric in metrics and all(_finite(v) for v in metrics.values())):
+    if not (isinstance(metrics, dict) and metric in metrics and all(is_finite_number(v) for v in metrics.values())):
         return False
     return not metric.endswith("/acc") or 0.0 <= metrics[metric] <= 1.0
 
