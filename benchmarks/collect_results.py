@@ -111,20 +111,23 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "0.034 s, peaks unchanged (4,714, 4,467 and 4,547 MiB). `bash benchmarks/run_all.sh gpu` re-runs this table."),
     ("launch_bound_vit_b", "The host's cost of a training step, ViT-B/16's 12 blocks, bf16: the GPU step's bound on a CPU",
      "A GPU step of this model is launch-bound (see above), so its time is what the host spends per op. Here every "
-     "op of every block runs at width 64 on 32-px images, where kernels cost next to nothing, and nola_vision makes "
-     "an accelerator's choices (`functions.launch_bound`): the step time is the host's cost alone. Before the "
-     "few-launch path (same machine and hour, two runs of commit e8b3b99 alternating with this table's code): our "
-     "LoRA 23.4 ms and 1,767 ops a step against 18.5 ms, NOLA-MLP 33.2 ms and 2,794 ops against 24.6 ms (1.44× "
-     "against 1.32×); at k = l = 1,024 e8b3b99's NOLA-MLP took 1.785× LoRA, the H200's "
-     "ratio, though about 8 ms of it was the CPU's arithmetic on the 1,024 bases, which an accelerator does in the "
-     "same ops in microseconds (hence k = l = 64 here). On accelerators an adapted layer now writes its output with "
-     "the frozen product and one low-rank `addmm_` (no joined, padded buffers filled by copies), fc2's backward no "
-     "longer joins W with Aᵀ or computes fc1's gradients a block at a time (CPU cache savings, paid in launches), "
-     "and the training hooks no longer walk the model for timm's re-entrant checkpointing flag unless timm "
-     "checkpoints re-entrantly. What remains is structural: NOLA-MLP adapts fc1 and fc2 (24 layers), LoRA q,v one "
-     "qkv per block (12), and each adapted layer costs the host one and a half to two frozen blocks' worth of ops. peft's "
-     "LoRA adapts the same 12 layers with fewer host ops than ours (no slices for q and v, C++ autograd nodes only). "
-     "A GPU session re-measures the bf16 table above (`bash benchmarks/run_all.sh gpu`)."),
+     "op of every block runs at width 64 on 16-px images (two tokens), where kernels cost next to nothing, and "
+     "nola_vision makes an accelerator's choices (`functions.launch_bound`): the step time is the host's cost alone. "
+     "(Until 2026-12-04 the images were 32 px, 65 tokens: there a bfloat16 product of rank 4 took this CPU 15-20 µs "
+     "of arithmetic, and an adapted layer has seven, which counted against the method with more adapted layers.) "
+     "History, same proxy: commit e8b3b99's NOLA-MLP took 1.44× our LoRA (1.785× at k = l = 1,024, the H200's "
+     "ratio, though about 8 ms of it was the CPU's arithmetic on 1,024 bases, hence k = l = 64 here); the few-launch "
+     "path (e4634e2) 1.32×, at 32 px. Since, alternating runs of e4634e2 and this table's code at 16 px: 1.29-1.31× "
+     "against 1.10-1.11×. Layers sharing a basis get their factors viewed, scaled and cast to autocast's dtype once "
+     "per basis, not per layer (casts in forward, backward and of the gradients; 1,990 ops a step → 1,446); x A and "
+     "the layer's input reach the product as 2-d rows; an adapted layer is one autograd node where no saved-tensor "
+     "hooks run (checkpointing keeps two, for its recomputation to stop before the product); the hooks walk the "
+     "model's tree once, and again only after a module is assigned; no-op casts are skipped; bases combined in one "
+     "chunk are one product. What remains is structural: NOLA-MLP adapts fc1 and fc2 (24 layers of ViT-B), LoRA q,v "
+     "one qkv per block (12), and each adapted layer costs the host Python and autograd work that a frozen one does "
+     "not, in forward and in backward; Adam steps 50 tensors against 26. peft's LoRA adapts the same 12 layers with "
+     "fewer host ops than ours (no slices for q and v, C++ autograd nodes only). A GPU session re-measures the bf16 "
+     "table above (`bash benchmarks/run_all.sh gpu`)."),
     ("launch_bound_vit_l", "The host's cost of a training step, ViT-L/16's 24 blocks, bf16", "As for ViT-B/16."),
 )
 # Printed under the targets: what the step-time ranges mean (the run shown's numbers are filled in by timing_note).

@@ -3,9 +3,11 @@
 A ViT-B step at batch 32 in bf16 is launch-bound on an H200: `torch.profiler` gave our LoRA 10.6 ms of GPU work in
 a 35-40 ms step, so the step time is what the host spends per op (Python, autograd, dispatch, kernel launch), and
 the GPU table's ratios measure that. This script measures the same cost on the CPU: the model keeps its depth
-(every op of every block runs) but takes a width of 64 and 32-px images, so its kernels cost next to nothing, and
-nola_vision makes an accelerator's choices (``functions.launch_bound`` answers True: 8M-value basis chunks and
-activation blocks, shared basis codes held). NOLA takes k = l = 64 bases by default: an accelerator combines
+(every op of every block runs) but takes a width of 64 and 16-px images (two tokens, four rows a product), so its
+kernels cost next to nothing (at 32 px, 130 rows, a bfloat16 product of rank 4 took this CPU 15-20 µs of
+arithmetic, about five launches' worth, and an adapted layer has seven), and nola_vision makes an accelerator's
+choices (``functions.launch_bound`` answers True: 8M-value basis chunks and activation blocks, shared basis codes
+held, one autograd node per adapted layer). NOLA takes k = l = 64 bases by default: an accelerator combines
 ViT-B's 1,024 in one or two 8M-value chunks, the same ops, in microseconds, where this CPU would spend about 8 ms a
 step on their arithmetic. Every method trains in one process, ``--steps`` steps each per round in alternating order;
 a method's time is its median round, its ratio the median of the per-round ratios to our LoRA (quartiles
@@ -28,7 +30,7 @@ from train_step import METHODS, build
 
 import nola_vision.core.functions as functions
 
-WIDTH = dict(embed_dim=64, num_heads=4, img_size=32)  # every block's ops, kernels next to free
+WIDTH = dict(embed_dim=64, num_heads=4, img_size=16)  # every block's ops, kernels next to free
 DEFAULT_METHODS = ("linear", "lora", "nola", "peft_lora")
 
 

@@ -43,8 +43,8 @@ part() {
                 run "nola_vs_lora${tag:+_$tag}_vit_l" train_step.py --model vit_large_patch16_224 --batch 4 --steps 3 --warmup 1 --rounds 3 --threads 1 --methods lora nola nola_held --paired 20 --precision $precision
             done ;;
         launch_bound)  # the host's cost of a step with an accelerator's choices: what bounds a GPU step launched op by op
-            run launch_bound_vit_b launch_bound.py --model vit_base_patch16_224 --rounds 40 --steps 3
-            run launch_bound_vit_l launch_bound.py --model vit_large_patch16_224 --rounds 40 --steps 3 ;;
+            run launch_bound_vit_b launch_bound.py --model vit_base_patch16_224 --rounds 150 --steps 3
+            run launch_bound_vit_l launch_bound.py --model vit_large_patch16_224 --rounds 150 --steps 3 ;;
         profile)
             run profile_step profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1
             run profile_step_bf16 profile_step.py --models vit_base_patch16_224:8 vit_large_patch16_224:4 --steps 3 --threads 1 --precision bf16 ;;
