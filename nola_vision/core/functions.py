@@ -376,7 +376,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
             inputs = _cast(inputs, dtype)
         if flat:
             inputs = _rows(inputs)
-        return inputs, inputs @ _cast(a_t, inputs.dtype)
+        return inputs, inputs @ _cast(a_t, product_dtype(inputs))  # as autocast (if on) would cast it
     forward_out = _ACTIVATION_OPS[type(activation)][0]
     h = x.reshape(-1, x.shape[-1])
     rows = _block_rows(h)
