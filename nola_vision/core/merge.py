@@ -66,7 +66,8 @@ def shared_delta_factors(layers: Sequence[AdaptedLinear], values: Optional[Seque
     scaling (and all coefficients a dtype), they are viewed, scaled and cast as one tensor per basis, so a training
     step spends a few ops on all their factors instead of about ten per layer (views, scaling, and casts in forward,
     in backward and of the gradients), the ops that bound a step on a GPU. Each layer's values are those
-    ``delta_factors_of`` gives for its rows of the combination, bit for bit.
+    ``delta_factors_of`` gives for its rows of the combination, bit for bit; as with autocast's own cast of a
+    parameter, a layer called several times in one pass adds up its factors' gradients in the cast dtype.
     """
     order = sorted(range(len(layers)), key=lambda index: not _whole(layers[index]))  # stable: whole layers first
     entries, roles = [], []
@@ -134,38 +135,47 @@ def _shared(layers: Iterable[AdaptedLinear], include_merged: bool) -> List[Adapt
 def _walk(model: nn.Module) -> Tuple[List[AdaptedLinear], bool]:
     """The adapted layers of ``model`` (as ``adapted_layers`` orders them) and whether it checkpoints
     (``gradient_checkpointing``): a training step's hooks ask both, and a walk of a ViT-B's tree costs the host
-    ~0.3 ms. The tree is walked again only after a module was assigned into any module since (``_tree_changed``);
-    the flags of the modules that have one are read each time."""
+    ~0.3 ms. The tree is walked again only after a module was assigned into any module (``_tree_changed``) or one of
+    its modules was freed; the walk holds them weakly (a model, or a layer unloaded from it, is freed as before), and
+    every module's checkpointing flag is read each time (setting it registers nothing)."""
     if torch.compiler.is_compiling():
-        layers, flagged = _walk_tree(model)
-    else:
-        cached = _WALKS.get(model)
-        if cached is None or cached[0] != _tree_generation:
-            cached = _WALKS[model] = (_tree_generation, *_walk_tree(model))
-        layers, flagged = cached[1], cached[2]
-    return layers, any(_checkpoints(module) for module in flagged)
+        return _walked(*_walk_tree(model))
+    cached = _WALKS.get(model)
+    walk = None
+    if cached is not None and cached[0] == _tree_generation:
+        walk = tuple([ref() for ref in refs] for refs in cached[1:])
+        if any(module is None for modules in walk for module in modules):
+            walk = None  # a module freed since (deleted from the tree, which registers nothing)
+    if walk is None:
+        walk = _walk_tree(model)
+        _WALKS[model] = (_tree_generation, *([weakref.ref(module) for module in modules] for modules in walk))
+    return _walked(*walk)
 
 
-def _walk_tree(model: nn.Module) -> Tuple[List[AdaptedLinear], List[nn.Module]]:
-    """The adapted layers of ``model`` in ``named_modules`` order, and its modules with a ``grad_checkpointing``
-    attribute (on the instance or its class: timm sets it in ``__init__``)."""
-    layers, flagged, seen, stack = [], [], set(), [model]
+def _walked(layers: List[AdaptedLinear], modules: List[nn.Module], with_class_flag: List[nn.Module]
+            ) -> Tuple[List[AdaptedLinear], bool]:
+    checkpoints = any(module.__dict__.get("grad_checkpointing") is True for module in modules)
+    return layers, checkpoints or any(_checkpoints(module) for module in with_class_flag)
+
+
+def _walk_tree(model: nn.Module) -> Tuple[List[AdaptedLinear], List[nn.Module], List[nn.Module]]:
+    """The adapted layers of ``model`` in ``named_modules`` order, all its modules, and those whose class has a
+    ``grad_checkpointing`` attribute (a class attribute or property, which ``_checkpoints`` reads)."""
+    layers, modules, seen, stack = [], [], set(), [model]
     while stack:
         module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
+        modules.append(module)
         if isinstance(module, AdaptedLinear):
             layers.append(module)
-        if "grad_checkpointing" in module.__dict__ or hasattr(type(module), "grad_checkpointing"):
-            flagged.append(module)
         stack.extend(reversed([child for child in module._modules.values() if child is not None]))
-    return layers, flagged
+    return layers, modules, [module for module in modules if hasattr(type(module), "grad_checkpointing")]
 
 
-# Each model's last walk, with the generation of module trees it was taken in.
-_WALKS: weakref.WeakKeyDictionary[nn.Module, Tuple[int, List[AdaptedLinear], List[nn.Module]]] = (
-    weakref.WeakKeyDictionary())
+# Each model's last walk (weak references), with the generation of module trees it was taken in.
+_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _tree_generation = 0
 
 
