@@ -404,10 +404,14 @@ class AdaptedLinear(nn.Module):
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if torch.is_grad_enabled() and frozen and not transforms_active():
-            cast = self.batched_cast
-            if cast is not None and self._batched_factors is not None and a is self._batched_factors[0] and (
-                    cast[0].dtype == product_dtype(x)):  # the product would cast a and b to it: done already
+            # The factors in the product's dtype, as it would cast them: cast once per basis for all layers where
+            # that was done, else here, so that what the layer keeps for backward never depends on it (a block that
+            # checkpointing recomputes after another pass replaced the batched factors keeps what it kept before).
+            dtype, cast = product_dtype(x), self.batched_cast
+            if cast is not None and cast[0].dtype == dtype and a is self._batched_factors[0]:
                 a, b = cast
+            else:
+                a, b = (a if a.dtype == dtype else a.to(dtype)), (b if b.dtype == dtype else b.to(dtype))
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
