@@ -163,12 +163,18 @@ def _gradients(ctx, grad: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
 def _sink(dtype: torch.dtype, device: torch.device) -> Tensor:
     """A one-value tensor that is never read (uninitialised: no fill kernel), expanded to an output's shape as the
     sink; one per dtype and device, made once (an allocation per layer and step is a host cost on accelerators)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _fake_mode():  # a fake pass takes (and leaves) no real tensor
         return torch.empty((), dtype=dtype, device=device)
     sink = _SINKS.get((dtype, device))
     if sink is None:
         sink = _SINKS[(dtype, device)] = torch.empty((), dtype=dtype, device=device)
     return sink
+
+
+def _fake_mode() -> bool:
+    """Whether a FakeTensorMode (shape propagation, export, memory estimates) runs this code."""
+    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+    return key is not None and torch._C._get_dispatch_mode(key) is not None
 
 
 _SINKS: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
