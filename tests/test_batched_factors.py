@@ -1,5 +1,8 @@
 """Layers that share a basis get their factors from one combination per basis, viewed, scaled and cast for all of
 them at once: the values and gradients are those of each layer's own factors, bit for bit, in fewer ops."""
+import gc
+import weakref
+
 import pytest
 import torch
 from counted_ops import CountedOps
@@ -137,9 +140,76 @@ def test_training_steps_walk_the_models_tree_once_until_a_module_is_assigned(mon
     assert merge._walk(model)[0] == [model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2] and len(walks) == 2
 
 
+def test_the_walks_kept_for_training_steps_keep_no_model_or_layer_alive():
+    """A model that trained, and a layer unloaded or deleted from one, are freed as before (the walk holds them
+    weakly: the model itself has a checkpointing flag, so a strong reference kept every trained model)."""
+    model = _model("mlp")
+    _step(model, torch.randn(2, 3, 32, 32))
+    fc1 = weakref.ref(model.blocks[0].mlp.fc1)
+    nv.unload(model)
+    gc.collect()
+    assert fc1() is None
+    trained = weakref.ref(model)
+    del model
+    gc.collect()
+    assert trained() is None
+    model = _model("mlp")
+    _step(model, torch.randn(2, 3, 32, 32))
+    gone = weakref.ref(model.blocks[1].mlp.fc1)
+    del model.blocks[1]  # deleting registers nothing: the freed layer makes the walk stale
+    gc.collect()
+    assert gone() is None and merge._walk(model)[0] == [model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2]
+
+
+def test_a_checkpointing_flag_a_module_gets_after_a_step_is_seen():
+    model = _model("mlp")
+    _step(model, torch.randn(2, 3, 32, 32))
+    model.blocks[0].grad_checkpointing = True  # an attribute set registers nothing
+    assert merge._walk(model)[1]
+
+
 def test_factors_released_without_their_pre_hook_are_released_all_the_same():
     model = _model("mlp")
     merge.combine_shared_factors(model)
     merge.release_shared_factors(model)
     merge.release_shared_factors(model)  # no walk kept for it: it walks the tree itself
     assert all(layer.batched_factors is None for layer in nv.adapted_layers(model).values())
+
+
+@pytest.mark.parametrize("second", ["float32", "float16"])
+def test_two_passes_in_other_precisions_before_one_checkpointed_backward_recompute_what_they_kept(second, monkeypatch):
+    """The second pass replaces the batched factors (and their cast) before the first pass's blocks are recomputed:
+    each layer keeps its factors in its product's dtype however they were cast, so the recomputation keeps the same
+    tensors (it kept float32 factors where the forward pass had kept the bfloat16 cast: CheckpointError)."""
+    import timm.layers
+
+    monkeypatch.setattr(timm.layers, "use_reentrant_ckpt", lambda: False)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (True, False):
+        model = _model("mlp")
+        model.set_grad_checkpointing(checkpointing)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first = model(images)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=second == "float16"):
+            second_out = model(images.flip(-1))
+        (first.float().sum() + second_out.float().sum()).backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for got, expected in zip(*grads):
+        assert torch.equal(got, expected)
+
+
+def test_a_pass_under_fake_tensors_leaves_nothing_fake_for_the_next_real_pass(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nola_vision.core import functions
+
+    model, images = _model("mlp"), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = model(images).detach()
+    monkeypatch.setattr(functions, "_SINKS", {})  # as in a process whose first pass is a fake one
+    with FakeTensorMode(allow_non_fake_inputs=True):  # shape propagation, memory estimates
+        model(torch.randn(2, 3, 32, 32))
+    assert all(type(sink) is torch.Tensor for sink in functions._SINKS.values())  # no fake one kept for later
+    got = model(images)
+    got.sum().backward()
+    assert torch.equal(got, expected)
