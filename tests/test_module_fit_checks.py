@@ -9,6 +9,7 @@ import torch
 import yaml
 from fixtures_data import write_imagefolder
 from test_module import NOLA, TINY, loader, trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 import nola_vision as nv
 from nola_vision.data import FewShotDataModule
@@ -491,6 +492,35 @@ def test_a_data_modules_split_settings_are_fixed_and_its_loader_settings_recorde
 
 def test_a_loader_with_labels_beyond_the_head_is_named_not_a_bare_index_error(tmp_path):
     run = trainer(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"a training label \(7\) is not one of the head's 4 outputs "
-                                         r"\(FewShotClassifier.num_classes=4\).*datamodule=FewShotDataModule"):
+    with pytest.raises(ValueError, match=r"a training batch holds label 4, which is not one of the head's 4 classes "
+                                         r"\(0..3\): there is no output to train for it.*FewShotDataModule"):
         run.fit(module(), loader(classes=10))  # was IndexError: Target 6 is out of bounds
+    assert run.global_step == 0
+
+
+def _labelled(labels, images=None):
+    images = torch.randn(len(labels), 3, 32, 32) if images is None else images
+    return DataLoader(TensorDataset(images, torch.tensor(labels)), batch_size=len(labels))
+
+
+@pytest.mark.parametrize("labels, shown", [([0, 1, 5, 2], "5"), ([0, -1, 2, 3], "-1"), ([-100, 0, 1, 2], "-100")])
+def test_evaluating_labels_the_head_has_no_class_for_is_refused_not_counted_as_wrong_answers(tmp_path, labels, shown):
+    """Validation and test scored such images as wrong (an accuracy silently too low); a training batch of -100, the
+    loss's ignore_index, trained on without them, or (all of them) was blamed on the learning rate."""
+    run = trainer(tmp_path, epochs=1)
+    for stage, evaluate in (("test", run.test), ("validation", run.validate)):
+        with pytest.raises(ValueError, match=rf"a {stage} batch holds label {shown}, which is not one of the head's 4 "
+                                             r"classes \(0..3\): the accuracy would count those images as wrong"):
+            evaluate(module(), _labelled(labels), verbose=False)
+    with pytest.raises(ValueError, match=rf"a training batch holds label {shown}"):
+        run.fit(module(), _labelled(labels))
+    assert run.global_step == 0
+
+
+def test_integer_images_or_float_labels_are_named_not_a_dtype_error_deep_in_torch(tmp_path):
+    run = trainer(tmp_path, epochs=1)
+    images = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"a test batch holds uint8 images: the model takes floating-point images"):
+        run.test(module(), _labelled([0, 1, 2, 3], images), verbose=False)
+    with pytest.raises(TypeError, match=r"a training batch holds float32 labels: give class indices as integers"):
+        run.fit(module(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1, 2, 3]))))

@@ -327,16 +327,22 @@ class FewShotClassifier(L.LightningModule):
         return self.model(images)
 
     # ---- steps -----------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check an (images, labels) batch while it is still on the host (no device sync): labels the head has no
+        output for would stop a training step with a device-side assert on a GPU, or be counted as wrong answers by
+        validation and test (an accuracy silently too low), and integer images or float labels fail deep in torch."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+            _check_batch(*batch, self.hparams.num_classes, self.trainer.state.stage)
+        return batch
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
         try:
             loss = self.criterion(logits, labels)
-        except IndexError as error:  # a label beyond the head, from loaders no data module describes
-            raise ValueError(
-                f"a training label ({labels.max().item()}) is not one of the head's {logits.shape[-1]} outputs "
-                f"(FewShotClassifier.num_classes={self.hparams.num_classes}): build it with the data's class count, "
-                "or fit with datamodule=FewShotDataModule(...), whose classes the fit checks before a step") from error
+        except IndexError:  # a label beyond the head, in a step called without on_before_batch_transfer
+            _check_batch(images, labels, self.hparams.num_classes, "train")
+            raise
         if not torch.isfinite(loss):
             self._check_finite_inputs(images, batch_idx)
             raise NonFiniteLossError(f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
@@ -1016,6 +1022,35 @@ def _setting_differs(name: str, now: Any, saved: Any) -> bool:
     fraction (1: one batch, 1.0: all)."""
     limit = name in ("limit_train_batches", "overfit_batches")
     return now != saved or (limit and isinstance(now, float) != isinstance(saved, float))
+
+
+_STAGE_NAMES = {"train": "training", "validate": "validation", "sanity_check": "validation", "test": "test",
+                "predict": "prediction"}
+
+
+def _check_batch(images: Tensor, labels: Tensor, num_classes: int, stage: Any) -> None:
+    """Refuse a batch whose images are not floating point, or (but for prediction, which only hands labels on) whose
+    labels are not integers or not all classes of the head (``0 .. num_classes - 1``; not -100, the loss's
+    ``ignore_index``)."""
+    name = _STAGE_NAMES.get(getattr(stage, "value", stage))
+    what = f"a {name or 'data'} batch"
+    if not images.is_floating_point():
+        raise TypeError(f"{what} holds {str(images.dtype).replace('torch.', '')} images: the model takes "
+                        "floating-point images normalised as for the backbone (the data module's transforms give "
+                        "them; convert with images.float() and normalise them)")
+    if name == "prediction":
+        return
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{what} holds {str(labels.dtype).replace('torch.', '')} labels: give class indices as "
+                        "integers (labels.long())")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        effect = ("there is no output to train for it" if name == "training"
+                  else "the accuracy would count those images as wrong answers")
+        raise ValueError(f"{what} holds label {outside[0].item()}, which is not one of the head's {num_classes} "
+                         f"classes (0..{num_classes - 1}): {effect}. Map the labels to 0..{num_classes - 1} (-100, "
+                         "CrossEntropyLoss's ignore_index, is not taken), or build FewShotClassifier with the data's "
+                         "class count (FewShotDataModule's loaders are checked before a step)")
 
 
 def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
