@@ -76,6 +76,20 @@ def test_loading_onto_another_architecture_says_which(tmp_path):
     assert not nv.adapted_layers(other)
 
 
+def test_loading_onto_a_wrapper_of_the_backbone_names_the_module_to_pass(tmp_path):
+    nv.save_adapter(trained(), tmp_path)
+
+    class Wrapper(torch.nn.Module):  # a FewShotClassifier, or a notebook's own module
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_vit()
+
+    for read in (nv.load_adapter, nv.verify_adapter):
+        with pytest.raises(AdapterLoadError, match=r"holds as its submodule 'model': pass that module, "
+                                                   r"model.get_submodule\('model'\)"):
+            read(Wrapper(), tmp_path)
+
+
 def test_loading_onto_another_class_count_says_which(tmp_path):
     nv.save_adapter(trained(), tmp_path)
     model = tiny_vit(num_classes=7)

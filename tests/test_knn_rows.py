@@ -135,3 +135,18 @@ def test_extract_features_refuses_hooks_it_could_not_run():
     model.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
     with pytest.raises(ValueError, match="has forward hooks and no single classifier module"):
         extract_features(model, [(torch.ones(2, 3), torch.zeros(2))], torch.device("cpu"))
+
+
+def test_a_wrapper_of_the_backbone_or_labels_as_a_list_are_named_not_a_raw_attribute_error():
+    from nola_vision.runs.knn import knn_predict
+
+    class Wrapper(torch.nn.Module):  # a Lightning module or a notebook's own: no classifier of its own
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_vit()
+
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    with pytest.raises(TypeError, match=r"pass its submodule 'model' \(model.get_submodule\('model'\)\)"):
+        extract_features(Wrapper(), batches, "cpu")
+    with pytest.raises(TypeError, match=r"train_labels must be a tensor .* got a list"):
+        knn_predict(torch.randn(3, 4), [0, 1, 0], torch.randn(2, 4))

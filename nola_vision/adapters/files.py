@@ -863,9 +863,16 @@ def _quantization_entry(name: str, entry: Any) -> Tuple[float, float, int]:
 
 def _check_architecture(model: nn.Module, document: dict) -> None:
     backbone, model_arch = document["backbone"], architecture_name(model)
-    if backbone != model_arch:
-        raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
-                               f"model with timm.create_model({backbone!r}, ...)")
+    if backbone == model_arch:
+        return
+    # A wrapper of the backbone (a FewShotClassifier, a notebook's own module): name the module to pass instead
+    inner = next((name for name, module in model.named_modules() if name and architecture_name(module) == backbone),
+                 None)
+    if inner is not None:
+        raise AdapterLoadError(f"adapter was trained on {backbone!r}, which the model ({model_arch!r}) holds as its "
+                               f"submodule {inner!r}: pass that module, model.get_submodule({inner!r})")
+    raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
+                           f"model with timm.create_model({backbone!r}, ...)")
 
 
 def _check_pooling(model: nn.Module, document: dict) -> None:

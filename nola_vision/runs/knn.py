@@ -26,6 +26,11 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    for name, value in (("train_features", train_features), ("train_labels", train_labels),
+                        ("test_features", test_features)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor (as extract_features returns), got a {type(value).__name__}: "
+                            f"convert it with torch.as_tensor({name})")
     for side, features in (("train", train_features), ("test", test_features)):
         if features.ndim != 2 or not len(features):
             raise ValueError(f"{side} features must be a non-empty 2-D tensor, got shape {tuple(features.shape)}")
@@ -70,6 +75,14 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device) -
     device, its device."""
     head = getattr(model, "get_classifier", None)
     head = head() if callable(head) else None
+    if not isinstance(head, nn.Module) and not all(callable(getattr(model, name, None))
+                                                   for name in ("forward_features", "forward_head")):
+        inner = next((name for name, module in model.named_modules() if name and callable(
+            getattr(module, "get_classifier", None))), None)
+        hint = f"pass its submodule {inner!r} (model.get_submodule({inner!r})), " if inner else ""
+        raise TypeError(f"{type(model).__name__} has no classifier module (get_classifier()) and no "
+                        f"forward_features/forward_head to read its pre-logit features from: {hint}a timm model, or a "
+                        "model with a get_classifier() whose input is those features")
     if not isinstance(head, nn.Module) and (model._forward_pre_hooks or model._forward_hooks):
         raise ValueError(f"{type(model).__name__} has forward hooks and no single classifier module "
                          "(get_classifier()) whose input is the pre-logit features, so they would be extracted without "
