@@ -14,7 +14,13 @@ import yaml
 
 from nola_vision.cli import main
 from nola_vision.train import module
-from nola_vision.train.cli import SAVED_CONFIG_MARK, PredictionsCSVWriter, _is_saved_config, check_config_sources
+from nola_vision.train.cli import (
+    FIT_LOCK,
+    SAVED_CONFIG_MARK,
+    PredictionsCSVWriter,
+    _is_saved_config,
+    check_config_sources,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -38,7 +44,7 @@ def hold_fit_lock(folder: Path) -> int:
     """Hold ``folder``'s fit lock as a fit running there now would."""
     fcntl = pytest.importorskip("fcntl")  # Windows: fits lock nothing
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".fit.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = os.open(folder / FIT_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
 

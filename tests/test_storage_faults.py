@@ -233,3 +233,41 @@ def test_a_lock_file_whose_path_is_too_long_is_named_as_such_not_as_a_permission
         with storage.writer_lock(target):
             pass
     assert error.value.errno == errno.ENAMETOOLONG and "this user can write" not in str(error.value)
+
+
+def test_an_adapter_saved_into_a_folder_named_fit_inside_a_running_fits_folder_does_not_wait_on_its_lock(tmp_path,
+                                                                                                       monkeypatch):
+    """A fit's lock was ".fit.lock", the writer lock of a folder named fit beside it: a fit exporting into
+    <run folder>/fit waited on its own lock forever (and into <run folder>/fit/... for the ancestor wait)."""
+    import threading
+
+    from nola_vision.train.cli import FIT_LOCK
+
+    monkeypatch.setattr(storage, "_ANCESTOR_WAIT_S", 1.0)
+    fd = storage.try_lock(tmp_path / FIT_LOCK)  # the running fit's
+    try:
+        model = trained(0)
+        nv.save_adapter(model, tmp_path / "fit" / "adapter")
+        saving = threading.Thread(target=nv.save_adapter, args=(model, tmp_path / "fit"), daemon=True)
+        saving.start()
+        saving.join(20)
+        assert not saving.is_alive()
+        assert nv.verify_adapter(trained(0), tmp_path / "fit") is not None
+    finally:
+        os.close(fd)
+
+
+def test_a_file_system_without_locks_saves_unlocked_as_the_fit_lock_does(tmp_path, monkeypatch):
+    def no_locks(fd, operation):  # NFS without a lock daemon
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(storage.fcntl, "flock", no_locks)
+    nv.save_adapter(trained(0), tmp_path / "adapter")
+    nv.verify_adapter(trained(0), tmp_path / "adapter")
+
+
+def test_a_copy_into_the_directory_it_copies_is_refused(tmp_path):
+    nv.save_adapter(trained(0), tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"lies inside it: the copy would hold itself"):
+        storage.copy_directory(tmp_path / "adapter", tmp_path / "adapter" / "backup")
+    assert sorted(os.listdir(tmp_path / "adapter")) == sorted(["adapter_config.json", "adapter_model.safetensors"])

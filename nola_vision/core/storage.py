@@ -481,7 +481,12 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
 def copy_directory(source: PathLike, destination: PathLike) -> Path:
     """Replace the directory ``destination`` by an exact copy of ``source`` (files hard-linked where the filesystem
     allows), as ``atomic_directory`` writes: it names the old copy or the new one, and a killed copy's staging folder
-    is removed by the next one."""
+    is removed by the next one. A ``destination`` inside ``source`` is refused: the copy would hold its own staging
+    folder."""
+    real_source, real_destination = Path(os.path.realpath(source)), Path(os.path.realpath(destination))
+    if real_destination == real_source or real_source in real_destination.parents:
+        raise ValueError(f"cannot copy {source} into {destination}, which lies inside it: the copy would hold "
+                         "itself (its staging folder). Copy it beside the directory instead (nothing was written)")
     with atomic_directory(destination, keep_others=False) as staged:
         shutil.copytree(source, staged, copy_function=_link_or_copy, dirs_exist_ok=True)
     return Path(destination)
@@ -522,7 +527,11 @@ def writer_lock(target: Path) -> Iterator[None]:
             raise RuntimeError(f"cannot write {target} from within a write of it, or of a directory inside it, in this "
                                "thread: that write holds its lock, which this one would wait for forever. Write it "
                                "after that write returns (nothing was written)")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK (NFS without a lock daemon): nothing can be locked there, as try_lock
+            if error.errno != errno.ENOLCK:
+                raise
         with _registered(key):
             yield
     finally:

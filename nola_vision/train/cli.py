@@ -154,7 +154,7 @@ class RunConfigSaver(SaveConfigCallback):
     Without a logger every run logs straight into ``default_root_dir``, so a second ``fit`` there would replace the
     first run's config and exported adapter beside its checkpoints: it is refused before training. A resumed fit, or
     a ``test``/``validate``/``predict`` of the run in that folder, keeps the run's config as it is. A fit holds its
-    folder's ``.fit.lock`` until it ends, so a fit started meanwhile into the same folder (logger-less, or the same
+    folder's ``.fit-running`` until it ends, so a fit started meanwhile into the same folder (logger-less, or the same
     ``version_N`` picked by two runs at once) is refused before it checks the folder.
     """
 
@@ -345,11 +345,13 @@ class RunSeed(Callback):
 
 RUN_RECORD = "nola_vision_run"  # the checkpoint key of what the CLI records of its run (RunSeed)
 
-FIT_LOCK = ".fit.lock"
+# Not ".<name>.lock", the form of a directory's writer lock (core.storage): a fit exporting into <folder>/fit
+# would wait on this lock, its own.
+FIT_LOCK = ".fit-running"
 
 
 def _lock_run_folder(folder: Path) -> Optional[int]:
-    """A descriptor holding the exclusive lock on ``<folder>/.fit.lock`` until it is closed, or None when another
+    """A descriptor holding the exclusive lock on ``<folder>/.fit-running`` until it is closed, or None when another
     process holds it. Not ``results.claim_run``'s ``.claim``: a protocol run's fit inherits that lock from the
     protocol command, which holds it in the same folder. Where no lock can be taken (Windows), nothing is locked."""
     folder.mkdir(parents=True, exist_ok=True)
