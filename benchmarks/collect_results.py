@@ -119,7 +119,7 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "ratio, though about 8 ms of it was the CPU's arithmetic on 1,024 bases, hence k = l = 64 here); the few-launch "
      "path (e4634e2) 1.32×, at 32 px. Since, alternating runs of e4634e2 and this table's code at 16 px: 1.29-1.31× "
      "against 1.10-1.11×. Layers sharing a basis get their factors viewed, scaled and cast to autocast's dtype once "
-     "per basis, not per layer (casts in forward, backward and of the gradients; 1,990 ops a step → 1,446, our LoRA's 1,767 → 1,407 alike); x A and "
+     "per basis, not per layer (casts in forward, backward and of the gradients; 1,990 ops a step → 1,446, our LoRA's 1,503 → 1,407); x A and "
      "the layer's input reach the product as 2-d rows; an adapted layer is one autograd node where no saved-tensor "
      "hooks run (checkpointing keeps two, for its recomputation to stop before the product); the hooks walk the "
      "model's tree once, and again only after a module is assigned; no-op casts are skipped; bases combined in one "
