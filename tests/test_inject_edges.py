@@ -305,3 +305,21 @@ def test_a_model_whose_head_was_reset_after_inject_copies_and_saves_whole(quant_
         for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
             assert torch.equal(copied(images), expected)
             nv.unload(copied)
+
+
+@pytest.mark.parametrize("cut", ["truncated", "block shared"])
+def test_a_model_whose_adapted_block_was_cut_off_or_replaced_copies_saves_and_loads(cut):
+    """The check that adapted layers are called kept handles on the removed block's hooks: deepcopy, and torch.load
+    of a saved model, failed with "cannot create weak reference to 'NoneType' object"."""
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=["mlp.fc1"]))
+    if cut == "truncated":
+        model.blocks = model.blocks[:1]
+    else:
+        model.blocks[1] = model.blocks[0]
+    images = torch.randn(2, 3, 32, 32)
+    expected = model(images)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert torch.equal(copied(images), expected)

@@ -383,6 +383,11 @@ class _CallCheck:
         self.handles: List[RemovableHandle] = []  # removed once every parent passed
         self.unseen = False  # a hook ran compiled since the last parent's eager pass began
 
+    def __getstate__(self) -> dict:
+        # Handles on a module since replaced or cut off (``model.blocks = model.blocks[:6]``) refer to hooks that are
+        # gone: unpickling one fails, so copies and saved models leave them out (as ``AdapterState`` does).
+        return {**self.__dict__, "handles": [handle for handle in self.handles if _is_live(handle)]}
+
     def _compiling(self) -> bool:
         """Whether this hook runs compiled (or traced), marking the pass ``unseen`` (dynamo replays the assignment
         when the compiled code runs; it only writes, so no guard depends on it)."""
