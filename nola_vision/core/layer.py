@@ -76,7 +76,8 @@ class AdaptedLinear(nn.Module):
       ``release_batched_factors()`` and ``forget_pending_passes()``;
     * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
       ``input_activation`` and sets ``quant_bits`` (quantisation-aware training),
-      ``batched_factors`` (shared-basis batching, one forward pass at a time) and ``unmerged_record`` (the
+      ``batched_factors`` and ``batched_cast`` (shared-basis batching, one forward pass at a time: the layer's
+      ``delta_factors()``, and those in autocast's dtype) and ``unmerged_record`` (the
       frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in); inject's
       load post-hook reads and resets ``unchecked_load``.
     """
