@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "autocast_dtype",
-           "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
+           "cast_to", "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -57,7 +57,7 @@ class MergedGuard(torch.autograd.Function):
 
 def add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
     """y + xa @ b as one addmm: the low-rank output is never written and read back separately."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), _cast(b, xa.dtype))
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), cast_to(b, xa.dtype))
     return out.view(y.shape)
 
 
@@ -111,8 +111,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,  # type: ignore[override]
                 activation: Optional[nn.Module]) -> Tensor:
         inputs, xa = _keep_for_backward(ctx, x, weight, a, b, activation, None)
-        y, shape = _product(inputs, weight, bias, xa, b), (*x.shape[:-1], weight.shape[0])
-        return y if y.shape == shape else torch.ops.aten._unsafe_view(y, shape)
+        return _shaped(_product(inputs, weight, bias, xa, b), (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor]):  # type: ignore[override]
@@ -187,8 +186,7 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,  # type: ignore[override]
                 sink: Tensor) -> Tensor:
-        y = _product(inputs, weight, bias, xa, b)
-        return y if y.shape == sink.shape else torch.ops.aten._unsafe_view(y, sink.shape)
+        return _shaped(_product(inputs, weight, bias, xa, b), sink.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -243,8 +241,8 @@ class _InputLayerGradients:
     computes them itself."""
 
     def __init__(self, xa: Tensor, b: Tensor, needs_b: bool, dtype: torch.dtype) -> None:
-        self.xa = _cast(xa.reshape(-1, xa.shape[-1]), dtype)
-        self.b_t = _cast(b, dtype).t()
+        self.xa = cast_to(xa.reshape(-1, xa.shape[-1]), dtype)
+        self.b_t = cast_to(b, dtype).t()
         self.grad_xa = torch.empty(self.xa.shape, dtype=dtype, device=xa.device)
         # Summed over blocks in float32 at least, as one product would accumulate it.
         sum_dtype = torch.promote_types(dtype, torch.float32)
@@ -344,7 +342,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Te
         inputs, xa = _adapter_input(x, a, None, dtype)
         return _product(inputs if launch_bound(x.device) else x, weight, bias, xa, b, dtype), xa
     if dtype is not None:
-        weight, bias = _cast(weight, dtype), _cast(bias, dtype) if bias is not None else None
+        weight, bias = cast_to(weight, dtype), cast_to(bias, dtype) if bias is not None else None
     if x.dim() < 2 or x.numel() == 0:
         inputs, xa = _adapter_input(x, a, activation, dtype)
         return _product(inputs, weight, bias, xa, b), xa
@@ -379,10 +377,10 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
             or _one_launch_bound_block(x)):
         inputs = x if activation is None else activation(x)
         if dtype is not None:
-            inputs = _cast(inputs, dtype)
+            inputs = cast_to(inputs, dtype)
         if flat:
             inputs = _rows(inputs)
-        return inputs, inputs @ _cast(a_t, product_dtype(inputs))  # as autocast (if on) would cast it
+        return inputs, inputs @ cast_to(a_t, product_dtype(inputs))  # as autocast (if on) would cast it
     forward_out = _ACTIVATION_OPS[type(activation)][0]
     h = x.reshape(-1, x.shape[-1])
     rows = _block_rows(h)
@@ -390,7 +388,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     # In another dtype, each block is activated into one reused buffer, then cast into its rows of ``inputs``.
     cast = inputs.dtype != h.dtype
     buffer = torch.empty(min(rows, h.shape[0]), h.shape[1], dtype=h.dtype, device=h.device) if cast else None
-    a_t = _cast(a_t, inputs.dtype)
+    a_t = cast_to(a_t, inputs.dtype)
     xas = []
     for start in range(0, h.shape[0], rows):
         h_block, block = h[start : start + rows], inputs[start : start + rows]
@@ -405,7 +403,7 @@ def _adapter_input(x: Tensor, a: Tensor, activation: Optional[nn.Module],
     return inputs.view(*x.shape[:-1], h.shape[-1]), xa.view(*x.shape[:-1], xa.shape[-1])
 
 
-def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+def cast_to(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, without the call where it has that dtype already (a no-op ``to`` still costs the host
     about 3 µs, a dozen times per layer and step)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -447,15 +445,19 @@ def _product(inputs: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     elif inputs.dtype != dtype and weight.dtype != dtype:
         y = _joined_product(rows, weight, xa_rows, b.t(), bias, dtype, out)
     else:
-        left, right = _cast(xa_rows, dtype), _cast(b, dtype)
+        left, right = cast_to(xa_rows, dtype), cast_to(b, dtype)
         if bias is not None:
             left = torch.cat([left, left.new_ones(left.shape[0], 1)], dim=1)
-            right = torch.cat([right, _cast(bias, dtype).unsqueeze(0)])
+            right = torch.cat([right, cast_to(bias, dtype).unsqueeze(0)])
         y = torch.mm(left, right, out=out) if out is not None else torch.mm(left, right)
-        y.addmm_(_cast(rows, dtype), _cast(weight, dtype).t())
-    if out is not None or inputs.dim() == 2:
-        return out if out is not None else y
-    return torch.ops.aten._unsafe_view(y, (*inputs.shape[:-1], y.shape[-1]))
+        y.addmm_(cast_to(rows, dtype), cast_to(weight, dtype).t())
+    return out if out is not None else _shaped(y, (*inputs.shape[:-1], y.shape[-1]))
+
+
+def _shaped(y: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """The product's rows ``y`` in ``shape``: as they are where it is theirs, else as a tensor that is no view autograd
+    tracks (as ``matmul``'s is not), so an in-place op after the layer works."""
+    return y if y.shape == shape else torch.ops.aten._unsafe_view(y, shape)
 
 
 def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, b: Tensor,
@@ -463,13 +465,13 @@ def _few_launch_product(rows: Tensor, weight: Tensor, bias: Optional[Tensor], xa
     """``rows Wᵀ + bias + xa B`` in ``dtype`` for 2-d ``rows`` and ``xa`` in the fewest kernels, for devices where each
     launch costs more than the memory it saves (``launch_bound``): the frozen product with its bias, then the
     low-rank product added onto it, with no buffers joined or padded."""
-    rows, weight_t = _cast(rows, dtype), _cast(weight, dtype).t()
+    rows, weight_t = cast_to(rows, dtype), cast_to(weight, dtype).t()
     if bias is None:
         y = torch.mm(rows, weight_t, out=out) if out is not None else torch.mm(rows, weight_t)
     else:
-        y = torch.addmm(_cast(bias, dtype), rows, weight_t, out=out) if out is not None else torch.addmm(
-            _cast(bias, dtype), rows, weight_t)
-    return y.addmm_(_cast(xa, dtype), _cast(b, dtype))
+        y = torch.addmm(cast_to(bias, dtype), rows, weight_t, out=out) if out is not None else torch.addmm(
+            cast_to(bias, dtype), rows, weight_t)
+    return y.addmm_(cast_to(xa, dtype), cast_to(b, dtype))
 
 
 def _joined_product(rows: Tensor, weight: Tensor, xa: Tensor, b_t: Tensor, bias: Optional[Tensor], dtype: torch.dtype,
@@ -534,18 +536,18 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
     dtype = grad.dtype
     input_shape = (*grad.shape[:-1], weight.shape[1])
     grad = _rows(grad)
-    a_, b_ = _cast(a, dtype), _cast(b, dtype)
+    a_, b_ = cast_to(a, dtype), cast_to(b, dtype)
     if precomputed is not None:
         grad_xa, grad_b = precomputed[0], precomputed[1] if needs_b else None
     else:
         grad_xa = grad @ b_.t()
-        grad_b = _cast(_rows(xa), dtype).t() @ grad if needs_b else None
+        grad_b = cast_to(_rows(xa), dtype).t() @ grad if needs_b else None
     # W is cast anyway and the input is the wider side: the low-rank term joins the frozen product
     joined = (needs_x and weight.dtype != dtype and weight.shape[0] < weight.shape[1]
               and not launch_bound(grad.device))
     grad_x = None
     if needs_x:
-        grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ _cast(weight, dtype)
+        grad_x = _joined_input_gradient(grad, weight, grad_xa, a_) if joined else grad @ cast_to(weight, dtype)
     grad_a = None
     if activation is not None:
         if needs_x or needs_a:
@@ -555,13 +557,13 @@ def _backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, xa: Tensor, a: 
         if grad_x is not None and not joined:
             grad_x.addmm_(grad_xa, a_.t())
         if needs_a and launch_bound(grad.device):
-            grad_a = _cast(_rows(x), dtype).t() @ grad_xa
+            grad_a = cast_to(_rows(x), dtype).t() @ grad_xa
         elif needs_a:  # as (r, in), then transposed: several times faster than the (in, r) product on the CPU
-            grad_a = (grad_xa.t() @ _cast(_rows(x), dtype)).t().contiguous()
+            grad_a = (grad_xa.t() @ cast_to(_rows(x), dtype)).t().contiguous()
     if grad_x is not None:
         grad_x = grad_x.view(input_shape)
-    grad_a = _cast(grad_a, a.dtype) if grad_a is not None else None
-    grad_b = _cast(grad_b, b.dtype) if grad_b is not None else None
+    grad_a = cast_to(grad_a, a.dtype) if grad_a is not None else None
+    grad_b = cast_to(grad_b, b.dtype) if grad_b is not None else None
     return grad_x, grad_a, grad_b
 
 
@@ -678,7 +680,7 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
         if grad_x is not None and not low_rank_added:
             grad_x.addmm_(grad_xa, a.t())
         x = _activation_block(activation, h, grad_x, None, needs_a)
-        return _cast(x, grad_xa.dtype).t() @ grad_xa if needs_a else None
+        return cast_to(x, grad_xa.dtype).t() @ grad_xa if needs_a else None
     rows = _block_rows(h)
     a_t = a.t()
     # (rank, in) and row-major, the fast orientation for these products (``zeros_like(a_t)`` would keep a's
@@ -696,7 +698,7 @@ def _activation_backward(activation: nn.Module, h: Tensor, grad_x: Optional[Tens
         if producer is not None and grad_block is not None:
             producer.add(start, grad_block)
         if grad_a_t is not None:
-            grad_a_t.addmm_(grad_xa_block.t(), _cast(x_block, grad_xa.dtype))
+            grad_a_t.addmm_(grad_xa_block.t(), cast_to(x_block, grad_xa.dtype))
     return grad_a_t.t().contiguous() if grad_a_t is not None else None
 
 

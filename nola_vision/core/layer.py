@@ -22,6 +22,7 @@ from .functions import (
     MergedGuard,
     add_low_rank_output,
     autocast_available,
+    cast_to,
     low_rank_linear,
     product_dtype,
     transforms_active,
@@ -68,7 +69,7 @@ class AdaptedLinear(nn.Module):
     * a method implements ``adapter_parameter_names``, ``parameter_shapes`` and ``factors`` (and, with random
       bases, ``plan_basis_specs``, ``basis_specs``, ``injection_context`` and ``shared_coefficients``);
     * model-level code reads ``base_layer`` (the module this layer replaced, given back by ``unload``),
-      ``in_features``, ``out_features``, ``slices``, ``width``, ``rank``, ``scaling``, ``merged``,
+      ``in_features``, ``out_features``, ``slices``, ``whole_width``, ``width``, ``rank``, ``scaling``, ``merged``,
       ``adapter_parameters()``, ``trained()``, ``trained_values()``, ``delta_factors()``, ``delta_factors_of()``,
       ``merged_values``, ``merged_delta_factors()``, ``identity()``, ``unstored_state()``, ``pending_passes`` and
       ``get_delta_weight()``,
@@ -125,6 +126,12 @@ class AdaptedLinear(nn.Module):
         self._merged_factors: Optional[Tuple[Tensor, Tensor]] = None
         # Forward passes (gradient checkpointing) whose backward may still recompute blocks from the batched factors.
         self._pending_passes = 0
+
+    @property
+    def whole_width(self) -> bool:
+        """Whether one slice spans the whole output: the delta factors are then A and B themselves, viewed (no
+        permute, no padding)."""
+        return self.slices == ((0, self.out_features),)
 
     @property
     def batched_factors(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -375,7 +382,7 @@ class AdaptedLinear(nn.Module):
         # Each step asks this of every layer: a dtype comparison in Python, not a dispatched promote_types.
         dtype = factor_dtype(a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype))
         a, b = a.to(dtype), b.to(dtype)
-        if self.slices == ((0, self.out_features),):
+        if self.whole_width:
             # views, not a[0] and b[0]: their gradients are the same tensors (select's is a zeroed copy, two kernels
             # on a GPU), and one slice needs no permute
             return a.reshape(self.in_features, self.rank) * self.scaling, b.reshape(self.rank, self.out_features)
@@ -412,7 +419,7 @@ class AdaptedLinear(nn.Module):
             if cast is not None and cast[0].dtype == dtype and a is self._batched_factors[0]:
                 a, b = cast
             else:
-                a, b = (a if a.dtype == dtype else a.to(dtype)), (b if b.dtype == dtype else b.to(dtype))
+                a, b = cast_to(a, dtype), cast_to(b, dtype)
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
@@ -660,7 +667,7 @@ class AdaptedLinear(nn.Module):
         self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
 
     def extra_repr(self) -> str:
-        slices = "" if self.slices == ((0, self.out_features),) else f", slices={list(self.slices)}"
+        slices = "" if self.whole_width else f", slices={list(self.slices)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
 
 

@@ -69,7 +69,7 @@ def shared_delta_factors(layers: Sequence[AdaptedLinear], values: Optional[Seque
     ``delta_factors_of`` gives for its rows of the combination, bit for bit; as with autocast's own cast of a
     parameter, a layer called several times in one pass adds up its factors' gradients in the cast dtype.
     """
-    order = sorted(range(len(layers)), key=lambda index: not _whole(layers[index]))  # stable: whole layers first
+    order = sorted(range(len(layers)), key=lambda index: not layers[index].whole_width)  # stable: whole layers first
     entries, roles = [], []
     for index in order:
         layer = layers[index]
@@ -82,7 +82,7 @@ def shared_delta_factors(layers: Sequence[AdaptedLinear], values: Optional[Seque
     casts: List[Optional[Tensor]] = [None] * len(entries)
     final = [False] * len(entries)  # parts[i] is entry i's delta factor, not its rows
     for indices, combined in _combined_groups(entries):
-        whole = [i for i in indices if _whole(entries[i][0])] if one_dtype else []
+        whole = [i for i in indices if entries[i][0].whole_width] if one_dtype else []
         shapes = {_factor_shape(entries[i][0], roles[i]) for i in whole}
         scalings = {entries[i][0].scaling if roles[i] == 0 else 1.0 for i in whole}
         if len(shapes) != 1 or len(scalings) != 1:
@@ -113,10 +113,6 @@ def shared_delta_factors(layers: Sequence[AdaptedLinear], values: Optional[Seque
         both_cast = casts[a] is not None and casts[b] is not None  # not ``None in``: Tensor == None costs ~20 µs
         factors[index] = ((parts[a], parts[b]), (casts[a], casts[b]) if both_cast else None)
     return [factors[index] for index in range(len(layers))]
-
-
-def _whole(layer: AdaptedLinear) -> bool:
-    return layer.slices == ((0, layer.out_features),)
 
 
 def _factor_shape(layer: AdaptedLinear, role: int) -> Tuple[int, int]:
@@ -210,8 +206,9 @@ def _checkpoints(module: nn.Module) -> bool:
 
 
 def gradient_checkpointing(model: nn.Module) -> bool:
-    """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract)."""
-    return bool(checkpointing_modules(model))
+    """Whether the model recomputes blocks in backward (timm's ``set_grad_checkpointing`` contract), from its kept
+    walk (``_walk``)."""
+    return _walk(model)[1]
 
 
 def _reentrant_checkpointing() -> bool:
