@@ -11,6 +11,7 @@ import timm.layers
 import torch
 from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 from torch import nn
+from torch.nn.utils import prune
 
 import nola_vision as nv
 
@@ -140,6 +141,24 @@ def test_a_forward_pass_whose_backward_never_comes_leaves_no_stale_factors(image
     layer.batched_factors = None
     torch.testing.assert_close(batched, layer.get_delta_weight())
     copy.deepcopy(model)  # the kept factors belong to an autograd graph, which deepcopy cannot copy
+
+
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+@pytest.mark.parametrize("kind", ["prune", "weight_norm"])
+def test_a_linear_whose_weight_a_pre_hook_computes_is_refused_naming_the_fix(kind, tensor):
+    """Pruning and the legacy weight_norm turn the weight into a plain tensor that a pre-hook recomputes: inject
+    failed with a bare KeyError holding a memory address."""
+    model = tiny_vit()
+    fc1 = model.blocks[0].mlp.fc1
+    if kind == "prune":
+        prune.l1_unstructured(fc1, tensor, amount=0.5)
+    else:
+        nn.utils.weight_norm(fc1, tensor)
+    for config in (nv.NOLAConfig(rank=2, num_basis_a=6, num_basis_b=4), nv.LoRAConfig(rank=2, targets=["mlp.fc1"])):
+        with pytest.raises(ValueError, match=rf"target blocks.0.mlp.fc1's {tensor} is no parameter but computed "
+                                             r"before each call .*prune.remove\(module, 'weight'\)"):
+            nv.inject(model, config)
+    assert nv.adapted_layers(model) == {}
 
 
 def test_a_parametrized_linear_and_a_zero_scale_are_refused():

@@ -150,13 +150,22 @@ def _plain_linear_forwards() -> tuple:
 
 
 def _require_plain_forward(name: str, linear: nn.Linear) -> None:
-    """Refuse an ``nn.Linear`` subclass with its own forward (a quantised linear): the adapter would replace it."""
+    """Refuse an ``nn.Linear`` subclass with its own forward (a quantised linear), or one whose weight is parametrized
+    or computed by a pre-hook (pruning, weight norm): the adapter would replace its forward, or freeze the weight."""
     if parametrize.is_parametrized(linear):
         raise ValueError(
             f"target {name} has parametrized tensors ({', '.join(linear.parametrizations)}; torch.nn.utils."
             "parametrize: weight_norm, spectral_norm, ...), which an adapter would freeze as a snapshot: remove the "
             "parametrization first (parametrize.remove_parametrizations(module, 'weight')) or leave the layer out of "
             "targets")
+    computed = [key for key in ("weight", "bias") if key not in linear._parameters]
+    if computed:
+        owned = ", ".join(linear._parameters) or "none"
+        raise ValueError(
+            f"target {name}'s {' and '.join(computed)} is no parameter but computed before each call (torch.nn.utils."
+            f"prune or the legacy torch.nn.utils.weight_norm; its parameters: {owned}), which an adapter would freeze "
+            "as a snapshot: make it permanent first (prune.remove(module, 'weight'), "
+            "torch.nn.utils.remove_weight_norm(module)) or leave the layer out of targets")
     if type(linear).forward not in _plain_linear_forwards():
         raise ValueError(
             f"target {name} is a {type(linear).__module__}.{type(linear).__qualname__}, an nn.Linear subclass with its "
