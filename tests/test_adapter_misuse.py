@@ -4,6 +4,7 @@ import concurrent.futures
 import copy
 import json
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -377,6 +378,19 @@ def test_paths_that_cannot_hold_an_adapter_give_clear_errors(tmp_path):
         nv.MultiTaskModel(tiny_vit()).add_task(7, tmp_path)
 
 
+def test_the_size_of_an_adapter_behind_a_symbolic_link_loop_says_it_cannot_be_read(tmp_path):
+    """A weights file that is a link loop raised a bare OSError (ELOOP); a looping directory was called missing."""
+    directory = nv.save_adapter(trained(), tmp_path / "task")
+    weights = directory / WEIGHTS_NAME
+    weights.unlink()
+    weights.symlink_to(weights)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, named in ((directory, weights), (tmp_path / "loop", tmp_path / "loop")):
+        with pytest.raises(AdapterLoadError, match=rf"{re.escape(str(named))} cannot be read \(Too many levels of "
+                                                   r"symbolic links\): check its permissions"):
+            nv.adapter_size_bytes(path)
+
+
 def test_a_name_too_long_for_the_staging_siblings_still_saves_and_resaves(tmp_path):
     target = tmp_path / ("a" * 250)
     model = trained()
@@ -550,6 +564,17 @@ def test_exports_of_a_model_on_the_meta_device_say_it_holds_no_values(tmp_path):
         with pytest.raises(ValueError, match=f"{export.__name__}: the model's weights are on the meta device"):
             export(model, path)
         assert not path.exists()
+
+
+@pytest.mark.parametrize("action", ["unload", "merge_and_unload"])
+def test_unloading_a_wrapper_of_an_injected_model_names_the_submodule(action):
+    """merge and count_parameters reach the adapters through nn.Sequential(model); unload said the model was never
+    injected or already unloaded, so a user could take it for a plain model and export it, adapters and all."""
+    model = nv.inject(tiny_vit(), NOLA)
+    with pytest.raises(ValueError, match=rf"its submodule '0' does \(injected before wrapping\): call "
+                                         rf"nv.{action}\(model.get_submodule\('0'\)\)"):
+        getattr(nv, action)(torch.nn.Sequential(model))
+    assert nv.adapted_layers(model) and not any(layer.merged for layer in nv.adapted_layers(model).values())
 
 
 def test_quantisation_aware_training_reaches_adapters_through_wrappers_and_names_what_is_not_a_model():

@@ -40,6 +40,21 @@ def test_an_fc2_replaced_after_inject_is_refused_rather_than_skipping_the_activa
             model.eval()(images)
 
 
+@pytest.mark.parametrize("unload", ["unload", "merge_and_unload"])
+def test_unload_after_an_adapted_fc2_was_replaced_puts_the_activation_back(images, unload):
+    """The error above says to unload; unload left the placeholder at mlp.act (the replaced fc2 held the only
+    reference to the GELU), so the plain model kept failing and a second unload said it was never injected."""
+    model = adapted()
+    plain = copy.deepcopy(model.blocks[0].mlp.fc2.base_layer)
+    model.blocks[0].mlp.fc2 = plain
+    getattr(nv, unload)(model)
+    assert type(model.blocks[0].mlp.act) is nn.GELU and model.blocks[0].mlp.fc2 is plain
+    with torch.no_grad():
+        out = model.eval()(images)
+        if unload == "unload":  # the backbone as it was
+            torch.testing.assert_close(out, tiny_vit().eval()(images), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("new", [nn.ReLU, nn.Identity, nn.GELU])
 def test_an_activation_replaced_after_inject_is_refused_in_training_eval_and_merged(images, new):
     model = adapted()

@@ -567,19 +567,29 @@ def _typical_spread(values: Tensor) -> float:
 def adapter_size_bytes(directory: PathLike) -> int:
     """Bytes on disk of an adapter directory (config + weights)."""
     root = Path(check_path(directory, "the adapter directory"))
-    if not root.is_dir():
-        raise AdapterLoadError(f"{directory} is {'a file' if root.exists() else 'missing'}, not an adapter directory "
-                               f"({CONFIG_NAME} and {WEIGHTS_NAME}, written by save_adapter)")
     try:
-        entries = {root / name: (root / name).stat() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+        is_directory = stat.S_ISDIR(root.stat().st_mode)
+        entries = {root / name: (root / name).stat() for name in (CONFIG_NAME, WEIGHTS_NAME)} if is_directory else {}
     except FileNotFoundError as error:
-        raise AdapterLoadError(f"{error.filename} is missing: an adapter directory holds {CONFIG_NAME} and "
-                               f"{WEIGHTS_NAME} (written by save_adapter)") from error
+        if error.filename != str(root):
+            raise AdapterLoadError(f"{error.filename} is missing: an adapter directory holds {CONFIG_NAME} and "
+                                   f"{WEIGHTS_NAME} (written by save_adapter)") from error
+        is_directory = None
+    except OSError as error:  # a symbolic link loop, no permission, an I/O error
+        raise _unreadable(error, root) from error
+    if not is_directory:
+        raise AdapterLoadError(f"{directory} is {'missing' if is_directory is None else 'a file'}, not an adapter "
+                               f"directory ({CONFIG_NAME} and {WEIGHTS_NAME}, written by save_adapter)")
     other = next((path for path, info in entries.items() if not stat.S_ISREG(info.st_mode)), None)
     if other is not None:
         raise AdapterLoadError(f"{other} is not a file (a directory, FIFO or device): the adapter directory was "
                                "changed after it was saved; save the adapter again")
     return sum(info.st_size for info in entries.values())
+
+
+def _unreadable(error: OSError, root: Path) -> AdapterLoadError:
+    return AdapterLoadError(f"{error.filename or root} cannot be read ({error.strerror or error}): check its "
+                            "permissions (and the directories' above it) or the disk")
 
 
 def _is_int(value: Any) -> bool:
@@ -800,8 +810,7 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
                                "file: the adapter directory was changed after it was saved; save the adapter again") \
             from error
     except OSError as error:  # no permission, an I/O error
-        raise AdapterLoadError(f"{error.filename or root} cannot be read ({error.strerror or error}): check its "
-                               "permissions (and the directories' above it) or the disk") from error
+        raise _unreadable(error, root) from error
     document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)
     return (document, *_read_weights(root / WEIGHTS_NAME, raw[WEIGHTS_NAME], document))
 

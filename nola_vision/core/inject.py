@@ -140,6 +140,9 @@ class MovedActivation(nn.Identity):
         super().__init__()
         self.__dict__["mlp"] = mlp  # the Mlp whose act this stands in for, outside the module tree
         self.mlp_name = name
+        # The activation itself, outside the module tree: unload puts it back even where the adapted fc2 that
+        # computes it was replaced since, and nothing else holds it.
+        self.__dict__["activation"] = mlp.act if mlp is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         mlp = getattr(self, "mlp", None)
@@ -479,7 +482,7 @@ def unload(model: nn.Module) -> nn.Module:
     require_module(model, "unload")
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
-    state = _require_injected(model)
+    state = _require_injected(model, "unload")
     _remove_injection(unmerge(model), state)
     return wrapper
 
@@ -493,7 +496,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     require_module(model, "merge_and_unload")
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
-    state = _require_injected(model)
+    state = _require_injected(model, "merge_and_unload")
     merge(model)
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
@@ -526,9 +529,11 @@ def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
                   UserWarning)
 
 
-def _require_injected(model: nn.Module) -> AdapterState:
+def _require_injected(model: nn.Module, action: str) -> AdapterState:
+    """The model's adapter state; refused for a model without adapters of its own, naming an injected submodule."""
     state = adapter_state(model)
     if state is None:
+        refuse_wrapped_adapters(model, f"call nv.{action}(model.get_submodule({{inner!r}}))")
         raise ValueError(f"{type(model).__name__} has no nola_vision adapters to unload (never injected, or already "
                          "unloaded); call nv.inject or nv.load_adapter first")
     return state
@@ -542,6 +547,10 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
         # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
         base.weight, base.bias = layer.weight, layer.bias
         replace_module(model, name, base.train(layer.training))
+    for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
+        placeholder = module._modules.get("act")
+        if isinstance(placeholder, MovedActivation) and placeholder.__dict__.get("activation") is not None:
+            module.act = placeholder.activation.train(placeholder.training)
     for handle in [*state.hooks, *_head_hooks(state)]:
         handle.remove()
     for name, parameter in model.named_parameters():
