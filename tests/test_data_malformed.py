@@ -4,6 +4,7 @@ the file means it (16-bit and transparent images); nothing is silently misread."
 from __future__ import annotations
 
 import gzip
+import json
 import re
 
 import lightning as L
@@ -46,6 +47,14 @@ def test_malformed_cub_lists_name_the_file_and_line(tmp_path, file, line, text, 
     assert "CUB_200_2011.tgz" in str(error.value)  # and says how to fix it
 
 
+def test_an_empty_cub_classes_txt_is_named(tmp_path):
+    """An empty classes.txt was blamed on image_class_labels.txt (image id 1 expected a class id from 1 to 0)."""
+    info = write_cub(tmp_path, num_classes=2, train_per_class=1, test_per_class=1)
+    (info["folder"] / "classes.txt").write_bytes(b"")
+    with pytest.raises(DatasetMetadataError, match=r"classes\.txt lists no class \(it is empty\)\. Extract .*again"):
+        build_dataset("cub200", tmp_path, "train")
+
+
 def test_a_cub_list_that_is_not_text_is_named(tmp_path):
     info = write_cub(tmp_path, num_classes=2, train_per_class=1, test_per_class=1)
     (info["folder"] / "images.txt").write_bytes(b"1 \xff\xfe\x00bird.jpg\n")
@@ -78,13 +87,24 @@ def test_a_malformed_caltech_split_file_names_the_line_and_how_to_regenerate_it(
     ('["food_000/1"]', r"train\.json: expected an object of class name"),
     ('{"food_000": "food_000/1", "food_001": []}', r"train\.json: class 'food_000' must list"),
     ('{"food_000": [1], "food_001": []}', r"train\.json: class 'food_000' must list"),
-    ('{"food_000": ["food_000/1"], "food_002": ["food_002/2"]}', r"train\.json lists other classes than test\.json"),
+    ('{"food_000": ["food_000/1"], "food_002": ["food_002/2"]}',
+     r"train\.json and test\.json list other classes \(only train\.json lists \['food_002'\]; only test\.json lists "
+     r"\['food_001'\]\)"),
     ("[" * 100_000 + "]" * 100_000, r"train\.json: not a Food-101 JSON file"),
 ])
 def test_malformed_food101_json_names_the_file(tmp_path, content, message):
     info = write_food101(tmp_path, num_classes=2, train_per_class=1, test_per_class=1)
     (info["folder"] / "meta" / "train.json").write_text(content)
     with pytest.raises(DatasetMetadataError, match=message):
+        build_dataset("food101", tmp_path, "train")
+
+
+def test_a_class_missing_from_food101_test_json_is_blamed_on_test_json(tmp_path):
+    """It said train.json lists other classes than test.json, naming the file that was complete."""
+    info = write_food101(tmp_path, num_classes=3, train_per_class=1, test_per_class=1)
+    test_json = info["folder"] / "meta" / "test.json"
+    test_json.write_text(json.dumps({k: v for k, v in json.loads(test_json.read_text()).items() if k != "food_002"}))
+    with pytest.raises(DatasetMetadataError, match=r"\(only train\.json lists \['food_002'\]\)"):
         build_dataset("food101", tmp_path, "train")
 
 

@@ -431,6 +431,8 @@ class _CUB:
         """The class folder names of ``classes.txt`` (``001.Black_footed_Albatross``) in label order."""
         folder = self._folder(root)
         classes = _read_pairs(folder / "classes.txt", self._fix(root))
+        if not classes:  # else every label of image_class_labels.txt is blamed instead
+            raise DatasetMetadataError(f"{folder / 'classes.txt'} lists no class (it is empty). {self._fix(root)}")
         extra = [f"{key} {value}" for key, value in sorted(classes.items()) if not 1 <= key <= CUB_CLASSES]
         _refuse_extra_classes(self.name, folder / "classes.txt", len(classes), CUB_CLASSES, extra,
                               f"Remove those lines (CUB-200-2011 numbers its classes 1 to {CUB_CLASSES}), or extract "
@@ -932,8 +934,10 @@ class _Food101:
                          for images in listed.values() for rel in images),
                         f"Remove the repeats, or extract {self.url} under {root} again.")
         if sorted(meta) != names:  # labels are positions in the sorted class list: both splits must share it
-            raise DatasetMetadataError(f"{self.expected(root) / 'meta' / f'{split}.json'} lists other classes than "
-                                       f"test.json ({sorted(set(meta) ^ set(names))[:5]}); extract {self.url} again.")
+            only = {f"{split}.json": sorted(set(meta) - set(names)), "test.json": sorted(set(names) - set(meta))}
+            which = "; ".join(f"only {file} lists {listed[:5]}" for file, listed in only.items() if listed)
+            raise DatasetMetadataError(f"{self.expected(root) / 'meta'}: train.json and test.json list other classes "
+                                       f"({which}); extract {self.url} again.")
         samples = [(f"images/{rel}.jpg", label) for label, name in enumerate(names) for rel in meta[name]]
         listing = self.expected(root) / "meta" / f"{split}.json"
         _refuse_missing_images(self.expected(root), [key for key, _ in samples], listing,
