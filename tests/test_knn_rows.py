@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_models import tiny_vit
 
 from nola_vision.runs import protocol
-from nola_vision.runs.knn import extract_features
+from nola_vision.runs.knn import extract_features, knn_predict
 from nola_vision.runs.protocol import run_knn, run_protocol
 from nola_vision.runs.results import claim_run, summarise, write_tables
 
@@ -138,8 +138,6 @@ def test_extract_features_refuses_hooks_it_could_not_run():
 
 
 def test_a_wrapper_of_the_backbone_or_labels_as_a_list_are_named_not_a_raw_attribute_error():
-    from nola_vision.runs.knn import knn_predict
-
     class Wrapper(torch.nn.Module):  # a Lightning module or a notebook's own: no classifier of its own
         def __init__(self):
             super().__init__()
@@ -150,3 +148,24 @@ def test_a_wrapper_of_the_backbone_or_labels_as_a_list_are_named_not_a_raw_attri
         extract_features(Wrapper(), batches, "cpu")
     with pytest.raises(TypeError, match=r"train_labels must be a tensor .* got a list"):
         knn_predict(torch.randn(3, 4), [0, 1, 0], torch.randn(2, 4))
+
+
+def test_a_k_above_the_training_images_is_lowered_to_them_with_a_warning_naming_both():
+    # every test image then votes over every training image: the same votes for all, without a word
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.randn(6, 8, generator=generator), torch.randn(200, 8, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    with pytest.warns(UserWarning, match=r"k=1000 exceeds the 6 training images: every test image is given the same "
+                                         r"neighbours; k-NN uses k=6"):
+        lowered = knn_predict(train, labels, test, k=1000)
+    assert torch.equal(lowered, knn_predict(train, labels, test, k=6))
+
+
+def test_a_knn_row_records_the_k_its_classifier_used(tmp_path):
+    # the row was named "knn (k=1000)" when 20 training images (2 shots of 10 digits) made it a 20-NN
+    out = str(tmp_path / "out")
+    with pytest.warns(UserWarning, match="k=1000 exceeds the 20 training images"):
+        run_knn([TINY], out=out, name="row", split_seeds=[0], overrides=FAST, k=1000, echo=False)
+    assert _result(out, "row", 0)["config"]["method"] == "knn (k=20)"
+    write_tables(out)
+    assert "| row | knn (k=20) |" in (tmp_path / "out" / "results.md").read_text()

@@ -51,7 +51,8 @@ def test_a_killed_run_leaves_nothing_counted(tmp_path):
     half = out / "cell" / "split1-init0"
     half.mkdir()
     (half / "result.json").write_text('{"metrics": {"test/')  # even a torn file is never counted
-    rows = write_tables(str(out))
+    with pytest.warns(UserWarning, match="split1-init0/result.json cannot be read as a result"):
+        rows = write_tables(str(out))
     assert [r["run_dir"] for r in rows] == [str(done)]
     assert summarise(rows)[0]["runs"] == 1
 
@@ -202,6 +203,24 @@ def test_runs_go_through_an_executor(tmp_path, executor, init_seeds):
                         echo=False, executor=ex)
     assert sorted((r["split_seed"], r["init_seed"]) for r in rows) == [(s, i) for s in (0, 1) for i in init_seeds]
     assert all(isinstance(r["wall_s"], float) for r in rows)
+
+
+def test_a_run_whose_program_cannot_start_is_reported_failed_with_its_log_and_the_others_go_on(tmp_path):
+    # a missing --python raised FileNotFoundError out of protocol: no list of failed runs, no log, no tables
+    from nola_vision.runs.executors import LocalExecutor, Run
+
+    missing = str(tmp_path / "no_such_python")
+    runs = [Run((missing, "-c", "pass"), tmp_path / "a" / "log.txt"),
+            Run((sys.executable, "-c", "pass"), tmp_path / "b" / "log.txt")]
+    assert sorted((run.log.parent.name, code) for run, code, _ in LocalExecutor(1).run(runs)) == [("a", -1), ("b", 0)]
+    assert "the run could not be started: [Errno 2] No such file or directory" in (tmp_path / "a" / "log.txt").read_text()
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"(?s)runs failed.*split0-init0 \(exit -1; see .*split0-init0/log.txt\)"
+                                           r".*split1-init0 \(exit -1; see "):
+        run_protocol([TINY], out=str(out), name="row", split_seeds=[0, 1], init_seeds=[0], python=missing, echo=False,
+                     executor=LocalExecutor(1))
+    assert "No such file or directory" in (out / "row" / "split1-init0" / "log.txt").read_text()
+    assert "| row |  |  |  |  |  |  | 0 of 2 | no finished run |" in (out / "results.md").read_text()
 
 
 def test_local_executor_gives_each_job_slot_its_gpus():

@@ -92,6 +92,21 @@ def test_a_hand_edited_result_is_left_out_of_the_tables_naming_it_and_the_other_
     assert "| 1 | 50.0 (0.0) |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.parametrize("content", ['{"metrics": {"test/', '[0.5]'], ids=["truncated", "not_an_object"])
+def test_an_unreadable_result_is_left_out_of_the_tables_naming_it_and_the_other_runs_are_tabled(tmp_path, content):
+    # it was dropped without a word: the row looked as if that run had never been asked for
+    for run in ("split0-init0", "split1-init0", "split2-init0"):
+        (tmp_path / "row" / run).mkdir(parents=True)
+        (tmp_path / "row" / run / "result.json").write_text(json.dumps({
+            "metrics": {"test/acc": 0.5}, "config": {"method": "nola"}, "parameter_counts": {"adapter": 8, "head": 2}}))
+    damaged = tmp_path / "row" / "split2-init0" / "result.json"
+    damaged.write_text(content)
+    message = rf"{re.escape(str(damaged))} cannot be read as a result \(truncated, or not a JSON object\), so it is"
+    with pytest.warns(UserWarning, match=message + r" left out of the tables. Re-run the command that made it to redo"):
+        write_tables(str(tmp_path))
+    assert "| 2 | 50.0 (0.0) |" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_protocol_refuses_an_init_seed_that_seed_everything_refuses_before_any_run(tmp_path, seed):
     with pytest.raises(ValueError, match=f"--init_seeds {seed} is out of range: .* 0 to 4294967295"):

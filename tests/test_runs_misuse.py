@@ -14,7 +14,7 @@ import pytest
 from fake_fit import fake_python
 
 from nola_vision.runs.protocol import run_protocol
-from nola_vision.runs.results import claim_run
+from nola_vision.runs.results import claim_run, row_folder
 from nola_vision.runs.tune import parse_grid, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,17 @@ def test_a_row_name_must_be_one_folder_name(tmp_path, name):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name=name, python="/bin/false", echo=False,
                  overrides=[*FAST, "--data.val_shots", "1"], skip_protocol=True)
     assert not (tmp_path / "tiny_offline").exists()
+
+
+def test_a_row_name_that_differs_from_a_rows_only_in_unicode_normalization_is_refused(tmp_path):
+    # "café" typed on Linux (NFC) and pasted from macOS (NFD) made two folders, two table rows that look alike
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert row_folder(str(tmp_path), nfc) == tmp_path / nfc
+    with pytest.raises(ValueError, match=r"--name 'cafe\\u0301': .* holds the row 'caf\\xe9', whose name differs "
+                                         r"only in Unicode normalization .* reuse the existing row's name"):
+        row_folder(str(tmp_path), nfd)
+    assert not (tmp_path / nfd).exists()
+    assert row_folder(str(tmp_path), nfc) == tmp_path / nfc  # the row's own name, as its folder spells it
 
 
 @pytest.mark.parametrize("heartbeat", [0, -5, 2.5, True])

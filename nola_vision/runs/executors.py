@@ -200,7 +200,8 @@ class LocalExecutor(Executor):
 
     With CUDA, each job slot gets its own ``CUDA_VISIBLE_DEVICES`` (``gpus_per_job`` devices, round-robin over the
     visible ones), so ``--jobs 4`` on a 4-GPU machine runs one run per GPU; ``gpus_per_job=0`` runs every job on
-    the CPU. More than the visible devices is refused: a slot would list one device twice.
+    the CPU. More than the visible devices is refused: a slot would list one device twice. A run that cannot be
+    started (its command's program is missing) exits -1, with the reason in its log.
     """
 
     def __init__(self, jobs: int = 1, gpus_per_job: Optional[int] = None, devices: Optional[List[str]] = None) -> None:
@@ -228,7 +229,12 @@ class LocalExecutor(Executor):
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.slot_devices[slot]}
             # the fit inherits its claim (not PR_SET_PDEATHSIG): if we die, a re-run skips the live fit, not doubles it
             claim = () if run.claim is None or os.name != "posix" else (run.claim,)  # Windows: no lock, no fd passing
-            return call(run.cmd, str(run.log), env, claim)
+            try:
+                return call(run.cmd, str(run.log), env, claim)
+            except OSError as err:  # no such python: one failed run (the others go on), as a failed submitit job is
+                with open(run.log, "a") as f:
+                    f.write(f"\nthe run could not be started: {err}\n")
+                return -1, 0.0
         finally:
             with self._lock:
                 self._free.append(slot)

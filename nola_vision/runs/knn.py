@@ -6,7 +6,9 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["extract_features", "knn_predict"]
+from ..core.warn import warn_user
+
+__all__ = ["extract_features", "knn_predict", "neighbours_used"]
 
 
 def _require_finite(features: Tensor, side: str) -> None:
@@ -17,12 +19,18 @@ def _require_finite(features: Tensor, side: str) -> None:
                          f"{bad[:5].tolist()}): the backbone produced non-finite features")
 
 
+def neighbours_used(k: int, train_images: int) -> int:
+    """The ``k`` that ``knn_predict`` votes with among ``train_images`` training images: at most all of them."""
+    return min(k, train_images)
+
+
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = 1,
                 num_classes: Optional[int] = None, chunk: int = 4096) -> Tensor:
     """Labels of ``test_features`` by majority vote of their ``k`` most cosine-similar training features.
 
     Ties are broken by the summed similarity of the tied classes. Labels must be integers in
-    ``[0, num_classes)``; features 2-D, finite and non-empty.
+    ``[0, num_classes)``; features 2-D, finite and non-empty. A ``k`` above the training images is lowered to their
+    number, with a warning (``neighbours_used``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -46,12 +54,15 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     if train_labels.min() < 0 or train_labels.max() >= num_classes:
         raise ValueError(f"train labels must lie in [0, {num_classes}), got {int(train_labels.min())} to "
                          f"{int(train_labels.max())}")
-    k = min(k, len(train_labels))
+    used = neighbours_used(k, len(train_labels))
+    if used < k:
+        warn_user(f"k={k} exceeds the {used} training images: every test image is given the same neighbours; k-NN "
+                  f"uses k={used} (pass a k of at most {used})")
     train = nn.functional.normalize(train_features.float(), dim=1)
     predictions = []
     for start in range(0, len(test_features), chunk):
         test = nn.functional.normalize(test_features[start:start + chunk].float(), dim=1)
-        sims, idx = (test @ train.T).topk(k, dim=1)
+        sims, idx = (test @ train.T).topk(used, dim=1)
         labels = train_labels[idx]
         votes = torch.zeros(len(test), num_classes, device=test.device)
         votes.scatter_add_(1, labels, torch.ones_like(sims))

@@ -52,7 +52,7 @@ from .executors import (
     failure,
     stop_runs_on_signals,
 )
-from .knn import extract_features, knn_predict
+from .knn import extract_features, knn_predict, neighbours_used
 from .results import (
     JOB_LOCK_FILE,
     RESULT_FILE,
@@ -509,18 +509,19 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
             test_feats, test_labels = test_cache
             pred = knn_predict(train_feats.to(device), train_labels.to(device), test_feats.to(device), k,
                                dm.num_classes)
+            used = neighbours_used(k, len(train_labels))  # the classifier that ran, which the table row names
             acc = (pred.cpu() == test_labels).float().mean().item()
             hp = cli.model.hparams
             write_json_atomic(run_dir / RESULT_FILE, {
                 "metrics": {"test/acc": acc},
                 "parameter_counts": {"adapter": 0, "head": 0, "trainable": 0},
-                "config": {"method": f"knn (k={k})", "backbone": hp.backbone, "dataset": dm.dataset_name,
+                "config": {"method": f"knn (k={used})", "backbone": hp.backbone, "dataset": dm.dataset_name,
                            "shots": dm.shots, "split_seed": split_seed, "seed": "",
                            "precision": "32-true"},  # extract_features runs in float32, without autocast
                 "epochs": 0, "wall_s": round(time.time() - start, 1), **row.recorded(),
             })
             if echo:
-                print(f"{name} split {split_seed}: {k}-NN test acc {100 * acc:.2f}%", flush=True)
+                print(f"{name} split {split_seed}: {used}-NN test acc {100 * acc:.2f}%", flush=True)
         finally:
             os.close(claim)
 

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import unicodedata
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -248,18 +249,39 @@ def _recorded_by_earlier_key(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
 
 
 def row_folder(out: str, name: str) -> Path:
-    """``<out>/<name>``, made: a row's name is one folder name (the tables read ``<out>/<name>/<run>/result.json``)."""
+    """``<out>/<name>``, made: a row's name is one folder name (the tables read ``<out>/<name>/<run>/result.json``),
+    not one that looks like another row's (``_refuse_row_name_alike``)."""
     if (not name or name in (".", "..") or any(c in name for c in "/\\|") or name != name.strip()
             or not name.isprintable()):
         raise ValueError(f"--name {name!r}: a row name is one folder name (no '/', '\\' or '|' (the table's column "
                          "separator), not '.' or '..', no leading or trailing spaces, no line breaks, tabs or other "
                          "control characters, which would break the table's row)")
+    _refuse_row_name_alike(Path(out), name)
     root = Path(out) / name
     blocking = file_in_the_way(root)
     if blocking is not None:
         raise ValueError(f"{blocking} is a file, so the runs cannot go under {root}: choose another --out or --name")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _refuse_row_name_alike(out: Path, name: str) -> None:
+    """Refuse a new row ``name`` that differs from a row folder of ``out`` only in Unicode normalization (NFC/NFD):
+    the table would show two rows that look alike. A row's own name, spelled as its folder is, passes."""
+    try:
+        folders = [entry.name for entry in os.scandir(out) if entry.is_dir()]
+    except OSError:  # no --out yet (a file in the way is named by row_folder)
+        return
+    if name in folders:
+        return
+    form = unicodedata.normalize("NFC", name)
+    alike = next((folder for folder in folders if unicodedata.normalize("NFC", folder) == form), None)
+    if alike is not None:
+        raise ValueError(f"--name {ascii(name)}: {out} holds the row {ascii(alike)}, whose name differs only in "
+                         "Unicode normalization (NFC/NFD: macOS writes an accented letter as the letter and a "
+                         "combining accent, most other systems as one code point). They look alike but would be two "
+                         "rows of the table: reuse the existing row's name as its folder spells it (copy the folder's "
+                         "name), or pass another --name")
 
 
 def retire_unfinished_run(run_dir: Path) -> None:
@@ -692,16 +714,23 @@ def _malformed_result(path: Path, data: Dict[str, Any]) -> Optional[str]:
 
 
 def collect_results(out: str) -> List[Dict[str, Any]]:
-    """One row per finished run under ``out``: runs without a complete ``result.json``, with a non-finite
-    metric or with a status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; so is, with a
-    warning, a result that records other seeds than its folder's (``run_seeds_mismatch``), another settings hash than
-    its row's (``_foreign_settings``) or a field of another type than fit writes: one bad run never stops the tables
-    of every row under ``out``."""
+    """One row per finished run under ``out``: runs without a ``result.json``, with a non-finite metric or with a
+    status other than ok, and folders not named as runs (``RUN_FOLDER``) are left out; so is, with a warning, a
+    ``result.json`` that cannot be read as one (truncated, or no JSON object), or a result that records other seeds
+    than its folder's (``run_seeds_mismatch``), another settings hash than its row's (``_foreign_settings``) or a field
+    of another type than fit writes: one bad run never stops the tables of every row under ``out``."""
     rows = []
     hashes: Dict[Path, Optional[Set[str]]] = {}
     for path in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
+        if not RUN_FOLDER.fullmatch(path.parent.name):
+            continue
         data = read_result(path)
-        if not RUN_FOLDER.fullmatch(path.parent.name) or not counted(data):
+        # results are written atomically: one that cannot be read is damaged, never half-written (and one gone since
+        # the glob was moved aside by another command)
+        if data is None and path.exists():
+            warn_user(f"{path} cannot be read as a result (truncated, or not a JSON object), so it is left out of "
+                      "the tables. Re-run the command that made it to redo the run, or delete the file")
+        if not counted(data):
             continue
         row = path.parent.parent
         if row not in hashes:
