@@ -43,6 +43,32 @@ def test_a_misspelt_key_in_one_of_several_config_files_names_that_file_and_the_c
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("text, typo, close", [
+    ("model:\n  adapter:\n    class_path: nola_vision.NOLAConfig\n    init_args: {rnak: 4}\n",
+     "model.adapter.init_args.rnak is no option of NOLAConfig", "did you mean model.adapter.init_args.rank"),
+    ("model:\n  adapter:\n    class_path: nola_vision.LoRAConfig\n    init_args: {alpah: 4}\n",
+     "model.adapter.init_args.alpah is no option of LoRAConfig", "did you mean model.adapter.init_args.alpha"),
+    ("trainer:\n  max_epoch: 1\n", "trainer.max_epoch is no option of Trainer", "did you mean trainer.max_epochs"),
+])
+def test_a_misspelt_adapter_or_trainer_key_in_a_config_file_names_that_file_and_the_close_option(tmp_path, capsys,
+                                                                                               text, typo, close):
+    """These gave ~90 lines of usage ending in the parser's message, which named neither the file nor the option
+    meant."""
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text(text)
+    assert fit(tmp_path, "-c", str(misspelt)) == 2
+    err = capsys.readouterr().err
+    assert f"config file {misspelt}: {typo}" in err and close in err and len(err.splitlines()) <= 3
+
+
+def test_a_value_of_the_wrong_type_is_named_without_the_usage_of_every_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fit(tmp_path, "--model.optimizer", "adamx")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'Parser key "model.optimizer"' in err and "--help" in err
+    assert len(err.splitlines()) <= 5, err
+
+
 def test_a_deeply_nested_config_value_is_refused_quickly_by_name(tmp_path):
     done = subprocess.run([*CLI, "fit", "-c", str(TINY), "--model.adapter", DEEP], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

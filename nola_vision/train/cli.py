@@ -25,7 +25,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
@@ -415,6 +415,14 @@ def _holds_work(folder: Path) -> bool:
     return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter").is_dir()
 
 
+class _ConciseParser(LightningArgumentParser):
+    """The CLI's parser: an error shows its message under the parser's tip to run ``--help``, without the usage of
+    every option above them (about 90 lines, under which the line naming the mistake was lost)."""
+
+    def print_usage(self, file: Any = None) -> None:
+        pass
+
+
 class NolaCLI(LightningCLI):
     """LightningCLI with linked data/model arguments, a test pass after ``fit`` and a JSON result file."""
 
@@ -430,6 +438,12 @@ class NolaCLI(LightningCLI):
                                  "result); predict refuses it (see --predictions_file)")
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict: CSV path (default <log_dir>/predictions.csv)")
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser (each subcommand's too), whose errors show one line of usage (``_ConciseParser``)."""
+        parser = super().init_parser(**kwargs)
+        parser.__class__ = _ConciseParser  # a subclass that only overrides a method: Lightning built the rest
+        return parser
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: Dict[str, Any], subparser_kwargs: Dict[str, Any]
                      ) -> None:
@@ -1033,24 +1047,53 @@ def _refuse_linked(option: str, where: str) -> None:
 
 
 def _check_section_keys(node: Any, path: str) -> None:
-    """Refuse a ``model:`` or ``data:`` key that is no argument of FewShotClassifier or FewShotDataModule, naming the
-    file and the close ones: the parser's message names neither, nor which of several ``-c`` files holds it; and a
-    linked data option (``LINKED_FROM``)."""
-    sections = {"model": FewShotClassifier, "data": FewShotDataModule}
+    """Refuse a ``model:``, ``data:`` or ``trainer:`` key that is no argument of FewShotClassifier, FewShotDataModule
+    or the Trainer, or an adapter's ``init_args`` key that is none of its config class, naming the file and the close
+    ones: the parser's message names neither, nor which of several ``-c`` files holds it, under ~90 lines of usage;
+    and a linked data option (``LINKED_FROM``)."""
+    sections = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": Trainer}
     for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
         cls = sections.get(key.value)
         if cls is None or not isinstance(value, yaml.MappingNode):
             continue
-        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-        for option, _ in value.value:
+        for option, option_value in value.value:
             if not isinstance(option, yaml.ScalarNode):
                 continue
             _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
-            if option.value not in accepted:
-                close = difflib.get_close_matches(option.value, accepted, n=3, cutoff=0.6)
-                hint = f"did you mean {' or '.join(f'{key.value}.{c}' for c in close)}? " if close else ""
-                raise ValueError(f"config file {path}: {key.value}.{option.value} is no option of {cls.__name__} "
-                                 f"({hint}its options: {', '.join(accepted)})")
+            _refuse_unknown_key(cls, f"{key.value}.", option.value, path)
+            if key.value == "model" and option.value == "adapter":
+                _check_adapter_init_args(option_value, path)
+
+
+def _check_adapter_init_args(node: Any, path: str) -> None:
+    """Refuse an ``init_args`` key of ``model.adapter`` that its ``class_path`` config class has no field for (a
+    class that cannot be imported is left to the parser, which names it)."""
+    fields = dict((key.value, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)) \
+        if isinstance(node, yaml.MappingNode) else {}
+    class_path, init_args = fields.get("class_path"), fields.get("init_args")
+    if not isinstance(class_path, yaml.ScalarNode) or not isinstance(init_args, yaml.MappingNode):
+        return
+    module, _, name = str(class_path.value).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "nola_vision"), name)
+        inspect.signature(cls)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return
+    for option, _ in init_args.value:
+        if isinstance(option, yaml.ScalarNode):
+            _refuse_unknown_key(cls, "model.adapter.init_args.", option.value, path)
+
+
+def _refuse_unknown_key(cls: Any, prefix: str, option: str, path: str) -> None:
+    """Refuse ``option``, a key of config file ``path`` under ``prefix``, if ``cls`` takes no such argument."""
+    parameters = inspect.signature(cls).parameters
+    if option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name != "self"]
+    close = difflib.get_close_matches(option, accepted, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'{prefix}{c}' for c in close)}? " if close else ""
+    listed = f"its options: {', '.join(accepted)}" if len(accepted) <= 30 else "nola-vision fit --help lists them"
+    raise ValueError(f"config file {path}: {prefix}{option} is no option of {cls.__name__} ({hint}{listed})")
 
 
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
