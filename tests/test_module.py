@@ -365,6 +365,36 @@ def test_learning_rates_default_to_the_method_recipe_and_the_head_gets_its_own_g
     assert lora.hparams.lr == nv.get_method("lora").default_lr  # resolved values are what checkpoints keep
 
 
+def _group_lrs(model):
+    head = {id(p) for p in model.model.head.parameters()}
+    return {("head" if id(g["params"][0]) in head else "adapter"): g["lr"]
+            for g in model.configure_optimizers()["optimizer"].param_groups}
+
+
+def test_lr_finders_rate_is_the_heads_too_unless_head_lr_was_given():
+    """lr_find writes hparams.lr only: the head trained on at its old rate (20 times the adapter's), and a rate
+    below min_lr made the cosine decay rise."""
+    from lightning.pytorch.utilities.parsing import lightning_setattr
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, lr=5e-3, warmup_epochs=0, **TINY)
+    lightning_setattr(model, "lr", 2.5e-4)  # how lr_find sets its suggestion
+    model.trainer = L.Trainer(max_epochs=3, logger=False)
+    assert _group_lrs(model) == {"adapter": 2.5e-4, "head": 2.5e-4}
+    recipe = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)  # its own head rate: kept ratio
+    recipe.trainer = L.Trainer(max_epochs=3, logger=False)
+    ratio = recipe.hparams.head_lr / recipe.hparams.lr
+    recipe.hparams.lr /= 10
+    assert _group_lrs(recipe) == pytest.approx({"adapter": recipe.hparams.lr, "head": recipe.hparams.lr * ratio})
+    given = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, head_lr=4e-3, warmup_epochs=0, **TINY)
+    given.trainer = L.Trainer(max_epochs=3, logger=False)
+    given.hparams.lr = 2e-3
+    assert _group_lrs(given) == {"adapter": 2e-3, "head": 4e-3}
+    given.hparams.lr = 1e-7
+    with pytest.raises(ValueError, match=r"min_lr \(1e-06\) exceeds lr \(1e-07\), which was set after the "
+                                         r"classifier was built \(by Lightning's lr_find\?\)"):
+        given.configure_optimizers()
+
+
 def test_warmup_defaults_to_the_method_recipe_and_shapes_the_schedule():
     import nola_vision as nv
 

@@ -245,6 +245,9 @@ class FewShotClassifier(L.LightningModule):
         self.save_hyperparameters(dict(self.hparams))
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
+        # The rates as resolved now, and whether the head's was given: a rate set later follows (``_rates_now``)
+        self._resolved_rates: Tuple[float, float] = (hp.lr, hp.head_lr)
+        self._given_head_lr = head_lr is not None
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,
                                     backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
@@ -388,6 +391,7 @@ class FewShotClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         self._check_what_trains()  # before the optimiser: a model frozen whole (freeze()) left it no parameter
+        self._follow_a_changed_lr()
         hp = self.hparams
         groups = self.parameter_groups()
         if hp.optimizer == "adam":
@@ -407,6 +411,21 @@ class FewShotClassifier(L.LightningModule):
         self._warn_about_the_warmup(epochs)
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _follow_a_changed_lr(self) -> None:
+        """An ``lr`` set after construction (Lightning's ``lr_find`` writes ``hparams.lr``): the head's rate follows
+        it at the ratio resolved then, unless ``head_lr`` was given (the head trained on at the old rate, 20 times the
+        adapter's after one search), and ``min_lr`` must not exceed it (the cosine "decay" rose six-fold)."""
+        hp = self.hparams
+        lr = check_number(hp.lr, "FewShotClassifier.lr", above=0, below=1e6)
+        resolved_lr, resolved_head_lr = self._resolved_rates
+        if lr != resolved_lr and not self._given_head_lr:
+            hp.head_lr = resolved_head_lr * lr / resolved_lr
+            self._resolved_rates = (lr, hp.head_lr)
+        if hp.min_lr > lr:
+            raise ValueError(f"FewShotClassifier.min_lr ({hp.min_lr:g}) exceeds lr ({lr:g}), which was set after the "
+                             "classifier was built (by Lightning's lr_find?): the cosine schedule would rise instead "
+                             "of decaying. Give a smaller min_lr when building it, or search lr above min_lr")
 
     def _warn_about_the_warmup(self, epochs: int) -> None:
         """Warn when the warm-up leaves the schedule no room: as long as the run (the rate never reaches ``lr``), one
