@@ -150,8 +150,13 @@ class AdaptedLinear(nn.Module):
 
     @batched_factors.setter
     def batched_factors(self, value: Optional[Tuple[Tensor, Tensor]]) -> None:
-        # Plain attributes written past nn.Module.__setattr__'s checks: every training step sets them twice per layer.
-        self.__dict__.update(_batched_factors=value, _batched_cast=None, _batched_versions=None,
+        self.hold_batched_factors(value)
+
+    def hold_batched_factors(self, factors: Optional[Tuple[Tensor, Tensor]],
+                             cast: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """Set ``batched_factors`` and ``batched_cast`` as plain attributes: an assignment passes
+        nn.Module.__setattr__'s checks first (~4 µs), and every training step sets them a few times per layer."""
+        self.__dict__.update(_batched_factors=factors, _batched_cast=cast, _batched_versions=None,
                              _kept_past_backward=False)
 
     @property
@@ -261,7 +266,7 @@ class AdaptedLinear(nn.Module):
         if self._batched_factors is None or self.stale_batched_factors():
             return None
         if self.__dict__.get("_kept_past_backward") and not _inside_backward():
-            self.batched_factors = None
+            self.hold_batched_factors(None)
             return None
         return self._batched_factors
 

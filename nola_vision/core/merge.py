@@ -271,14 +271,13 @@ def combine_shared_factors(model: nn.Module, *_: object, include_merged: bool = 
             layer.forget_pending_passes()  # kept for a backward that never came: the adapter tensors changed since
         if layer.pending_passes and not torch.is_grad_enabled():
             continue  # a pending backward recomputes blocks from these (current) factors: use them, keep them
-        layer.batched_factors = None
+        layer.hold_batched_factors(None)
         layers.append(layer)
     if torch.is_grad_enabled() and _reentrant_checkpointing() and walk[1]:
         return  # each layer combines its own factors, inside the checkpointed block that recomputes them
     # A pass with grad also gets the factors as autocast casts them, once for all layers (the forward uses them)
     for layer, (factors, cast) in zip(layers, shared_delta_factors(layers, autocast=torch.is_grad_enabled())):
-        layer.batched_factors = factors
-        layer.batched_cast = cast
+        layer.hold_batched_factors(factors, cast)
 
 
 def release_shared_factors(model: nn.Module, *_: object) -> None:
@@ -304,7 +303,7 @@ def release_shared_factors(model: nn.Module, *_: object) -> None:
         return
     for layer in factors:
         if not layer.pending_passes:  # else kept for the backward of an earlier pass (see combine_shared_factors)
-            layer.batched_factors = None
+            layer.hold_batched_factors(None)
 
 
 def _release_factors(layers: List[AdaptedLinear]) -> None:
