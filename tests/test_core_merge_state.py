@@ -392,6 +392,50 @@ def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keep
     assert all(layer.merged for layer in nv.adapted_layers(model).values())
 
 
+def test_a_float16_switch_is_checked_against_the_weight_unmerge_gives_back():
+    """A 16-bit switch unmerges (restoring the rounding the merge lost), then merges: near float16's largest value
+    the checked one-step sum W + ΔW_new − ΔW_old (60000 + 5520 − 15 rounds to 65504) passed while the written one
+    (60000 + 5520 = 65520) was inf."""
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=1, targets=["mlp.fc2"])).half()
+    layer = model.blocks[0].mlp.fc2
+    with torch.no_grad():
+        layer.weight[0, 0] = 60000.0
+        layer.lora_A.zero_()
+        layer.lora_A[0, 0, 0] = 1.0
+        layer.lora_B.zero_()
+        layer.lora_B[0, 0, 0] = 15.0
+    nv.merge(model)
+    before = layer.weight.detach().clone()
+    task = {f"{name}.lora_B": value.detach().clone() for name, layer_ in [("blocks.0.mlp.fc2", layer)]
+            for value in [layer_.lora_B]}
+    task["blocks.0.mlp.fc2.lora_B"][0, 0, 0] = 5520.0
+    with pytest.raises(OverflowError, match=r"blocks.0.mlp.fc2: merging the new task's update"):
+        switch_merged(model, task)
+    assert torch.equal(layer.weight, before) and bool(torch.isfinite(layer.weight).all())
+
+
+def test_a_large_16_bit_update_keeps_at_most_a_copy_of_the_weight_and_small_ones_int32_positions():
+    """Each kept entry cost 10 bytes (an int64 position and its value) against the weight's 2: an update about as
+    large as the weight kept three times the weight's memory."""
+    model = _adapted("lora_qv").to(torch.bfloat16)
+    small = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model).values():
+            for parameter in layer.adapter_parameters().values():
+                parameter.mul_(30)
+    before = _weights(model)
+    nv.merge(model)
+    nv.merge(small)
+    for layer in nv.adapted_layers(model).values():
+        kept = layer._rounding
+        assert kept.positions is None or kept.positions.numel() * 3 <= layer.weight.numel()
+        assert (0 if kept.positions is None else kept.positions.nbytes) + kept.values.nbytes <= layer.weight.nbytes
+    assert any(layer._rounding.positions is None for layer in nv.adapted_layers(model).values())
+    assert all(layer._rounding.positions.dtype == torch.int32 for layer in nv.adapted_layers(small).values())
+    nv.unmerge(model)
+    assert all(torch.equal(layer.weight, before[name]) for name, layer in nv.adapted_layers(model).items())
+
+
 def test_a_float16_model_whose_weight_is_infinite_already_still_unmerges_and_unloads():
     # the overflow check blamed ΔW for an infinite weight (one an earlier version's merge wrote) and stopped
     # unmerge and unload halfway, leaving the model part-merged

@@ -385,6 +385,11 @@ def test_lr_finders_rate_is_the_heads_too_unless_head_lr_was_given():
     ratio = recipe.hparams.head_lr / recipe.hparams.lr
     recipe.hparams.lr /= 10
     assert _group_lrs(recipe) == pytest.approx({"adapter": recipe.hparams.lr, "head": recipe.hparams.lr * ratio})
+    set_since = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, warmup_epochs=0, **TINY)
+    set_since.trainer = L.Trainer(max_epochs=3, logger=False)
+    lightning_setattr(set_since, "head_lr", 5e-2)  # a search of the head's rate first, then of lr
+    lightning_setattr(set_since, "lr", 2e-3)
+    assert _group_lrs(set_since) == {"adapter": 2e-3, "head": 5e-2}
     given = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, head_lr=4e-3, warmup_epochs=0, **TINY)
     given.trainer = L.Trainer(max_epochs=3, logger=False)
     given.hparams.lr = 2e-3

@@ -52,11 +52,15 @@ def full_precision(device: torch.device):
 
 
 class _Rounding(NamedTuple):
-    """What a merge in a 16-bit dtype rounded away: the (flat) positions where weight − ΔW would not round back to
-    the weight before the merge, and the values there (usually a few entries in a thousand, far below a copy)."""
+    """What a merge in a 16-bit dtype rounded away: the values of the weight before the merge where weight − ΔW would
+    not round back to them, at their flat ``positions`` (int32 where they fit); ``positions`` None: ``values`` is the
+    whole weight, kept where more than a third of the entries would not round back (a ΔW about as large as W)."""
 
-    positions: Tensor
+    positions: Optional[Tensor]
     values: Tensor
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 # Float dtypes with a larger largest value than this (float32, bfloat16, float64) hold any merged update a trained
@@ -464,34 +468,57 @@ class AdaptedLinear(nn.Module):
 
     def _merge_update(self, a: Tensor, b: Tensor) -> Optional[_Rounding]:
         """weight += (a b)ᵀ; in a 16-bit dtype, also the entries that subtracting it again would not round back to
-        (``_Rounding``). Each 16-bit rounding of a task switch otherwise stayed in the weight: 300 switches among three
-        bfloat16 tasks moved the logits by 14%, where a fresh merge rounds once."""
-        if self.weight.dtype not in (torch.float16, torch.bfloat16) or self.weight.is_meta:
+        (``_Rounding``: for a trained adapter a few in ten thousand). Each 16-bit rounding of a task switch otherwise
+        stayed in the weight: 300 switches among three bfloat16 tasks moved the logits by 14%, where a fresh merge
+        rounds once."""
+        if self.weight.dtype not in _SIXTEEN_BIT or self.weight.is_meta:
             self._add_low_rank(a, b)
             return None
         before = self.weight.detach().clone()
         self._add_low_rank(a, b)
         back = self.weight.detach().clone()
         self._add_low_rank(-a, b, into=back)  # what _unmerge_update computes
-        positions = torch.ne(back, before).reshape(-1).nonzero().squeeze(1)
-        return _Rounding(positions, before[torch.unravel_index(positions, before.shape)])
+        lost = torch.ne(back, before).reshape(-1)
+        del back
+        if int(lost.sum()) * 3 > lost.numel():  # positions and values would outgrow a copy
+            return _Rounding(None, before)
+        positions = lost.nonzero().squeeze(1)
+        values = before[torch.unravel_index(positions, before.shape)]
+        return _Rounding(positions.int() if before.numel() <= torch.iinfo(torch.int32).max else positions, values)
 
-    def _unmerge_update(self, a: Tensor, b: Tensor) -> None:
-        """weight −= (a b)ᵀ: the weight before ``_merge_update``, bit for bit, from the entries it kept. They are put
-        back only where the weight (in the dtype it merged in) comes within a few rounding steps of them: other
-        weights loaded since keep their values."""
+    def _unmerge_update(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> None:
+        """weight (or ``weight``, a copy of it) −= (a b)ᵀ: the weight before ``_merge_update``, bit for bit, from the
+        entries it kept. They are put back only where the weight (in the dtype it merged in) comes within a few
+        rounding steps of them: other weights loaded since keep their values."""
+        weight = self.weight if weight is None else weight
         rounding = self.__dict__.get("_rounding")
-        if rounding is None or not rounding.positions.numel() or rounding.values.dtype != self.weight.dtype:
-            self._add_low_rank(-a, b)
+        if rounding is None or rounding.values.dtype != weight.dtype or (
+                rounding.positions is not None and not rounding.positions.numel()):
+            self._add_low_rank(-a, b, into=weight)
             return
-        where = torch.unravel_index(rounding.positions.to(self.weight.device), self.weight.shape)
-        merged = self.weight[where].float()
-        self._add_low_rank(-a, b)
-        kept = rounding.values.to(self.weight.device)
+        if rounding.positions is None:
+            where = (...,)
+        else:
+            where = torch.unravel_index(rounding.positions.to(weight.device, torch.int64), weight.shape)
+        merged = weight[where].float()
+        self._add_low_rank(-a, b, into=weight)
+        kept = rounding.values.to(weight.device)
         # a rounding step of the merged value or of the kept one (a ΔW larger than the weight there): four of either
         scale = torch.maximum(merged.abs(), kept.float().abs()) + torch.finfo(kept.dtype).tiny
-        if bool(((self.weight[where].float() - kept.float()).abs() <= 4 * torch.finfo(kept.dtype).eps * scale).all()):
-            self.weight[where] = kept
+        if bool(((weight[where].float() - kept.float()).abs() <= 4 * torch.finfo(kept.dtype).eps * scale).all()):
+            weight[where] = kept
+
+    @torch.no_grad()
+    def switch_overflow(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> Optional[str]:
+        """Why ``replace_merged_delta(old, new)`` would leave the weight dtype's range, or None: a 16-bit weight is
+        unmerged first, so the new update is checked against the weight as unmerge gives it back."""
+        if not self.merge_can_overflow:
+            return None
+        if self.weight.dtype not in _SIXTEEN_BIT:
+            return self.low_rank_overflow(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
+        weight = self.weight.detach().clone()
+        self._unmerge_update(*old, weight=weight)
+        return self.low_rank_overflow(*new, weight=weight)
 
     @property
     def merge_can_overflow(self) -> bool:
@@ -500,16 +527,16 @@ class AdaptedLinear(nn.Module):
         return torch.finfo(self.weight.dtype).max <= _WIDE_RANGE and not self.weight.is_meta
 
     @torch.no_grad()
-    def low_rank_overflow(self, a: Tensor, b: Tensor) -> Optional[str]:
-        """Why weight + (a b)ᵀ would not be finite in the weight's dtype, or None: a merge in a dtype of narrow range
-        (float16: up to 65,504) can leave it, and an infinite weight cannot be unmerged.
+    def low_rank_overflow(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Optional[str]:
+        """Why weight (or ``weight``, shaped as it) + (a b)ᵀ would not be finite in the weight's dtype, or None: a merge
+        in a dtype of narrow range (float16: up to 65,504) can leave it, and an infinite weight cannot be unmerged.
 
         A bound first (the largest |W| plus the largest row norm of ``a`` times column norm of ``b``), so a weight is
         read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
         """
         if not self.merge_can_overflow:
             return None
-        weight = self.weight
+        weight = self.weight if weight is None else weight
         largest = torch.finfo(weight.dtype).max
         bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
@@ -591,7 +618,7 @@ class AdaptedLinear(nn.Module):
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged."""
         values = self.trained_values() if values is None else values
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
+        if self.weight.dtype in _SIXTEEN_BIT:
             self._unmerge_update(*old)
             self._set_merged_update(values, new, self._merge_update(*new))
             return

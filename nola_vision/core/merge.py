@@ -447,8 +447,7 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
                for layer, new in zip(layers.values(), new_factors)}
     for prefix, layer in ((p, m) for p, m in layers.items() if m.merge_can_overflow):  # before anything changes
-        (old_a, old_b), (new_a, new_b) = changes[id(layer)]
-        overflow = layer.low_rank_overflow(torch.cat([new_a, -old_a], dim=1), torch.cat([new_b, old_b], dim=0))
+        overflow = layer.switch_overflow(*changes[id(layer)])
         if overflow is not None:
             raise OverflowError(f"{prefix}: merging the new task's update: {overflow}; the model still serves its "
                                 "previous task, unchanged. Switch tasks on an unmerged model (nv.unmerge), or hold "

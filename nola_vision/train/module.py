@@ -414,12 +414,13 @@ class FewShotClassifier(L.LightningModule):
 
     def _follow_a_changed_lr(self) -> None:
         """An ``lr`` set after construction (Lightning's ``lr_find`` writes ``hparams.lr``): the head's rate follows
-        it at the ratio resolved then, unless ``head_lr`` was given (the head trained on at the old rate, 20 times the
-        adapter's after one search), and ``min_lr`` must not exceed it (the cosine "decay" rose six-fold)."""
+        it at the ratio resolved then, unless ``head_lr`` was given or set since (the head trained on at the old rate,
+        20 times the adapter's after one search), and ``min_lr`` must not exceed it (the cosine "decay" rose
+        six-fold)."""
         hp = self.hparams
         lr = check_number(hp.lr, "FewShotClassifier.lr", above=0, below=1e6)
         resolved_lr, resolved_head_lr = self._resolved_rates
-        if lr != resolved_lr and not self._given_head_lr:
+        if lr != resolved_lr and not self._given_head_lr and hp.head_lr == resolved_head_lr:
             hp.head_lr = resolved_head_lr * lr / resolved_lr
             self._resolved_rates = (lr, hp.head_lr)
         if hp.min_lr > lr:
