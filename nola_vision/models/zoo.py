@@ -6,7 +6,8 @@ import os
 import pickle
 import sys
 from dataclasses import fields
-from typing import Any, Callable, Dict, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import timm
 from safetensors import SafetensorError
@@ -22,8 +23,17 @@ from torch import nn
 
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
+from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
 from ..core.targets import head_parameter_names
+from .weights import (
+    UnreadableWeights,
+    adapter_entries,
+    check_backbone_keys,
+    check_backbone_shapes,
+    loaded_keys,
+    read_state_dict,
+)
 
 __all__ = ["NOLA_VARIANTS", "check_model_name", "create_model", "download_failure"]
 
@@ -72,8 +82,16 @@ def download_failure(model_name: str, err: OSError, instead: str) -> str:
     hub, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
     where = f" (timm downloads them from the Hugging Face Hub, {hub})" if hub else (
         f" (timm downloads them from {url})" if url else "")
+    if hub and os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        from huggingface_hub import constants
+
+        fix = (f"HF_HUB_OFFLINE is set, so only the cache folder ({constants.HF_HUB_CACHE}, under HF_HOME) is read and "
+               "it does not hold them: unset HF_HUB_OFFLINE for one run with internet (later runs read the cache), "
+               f"point HF_HOME at a cache folder that holds them, or {instead}")
+    else:
+        fix = f"Connect to the internet once (later runs read the cache), or {instead}"
     return (f"cannot get the pretrained weights of {model_name}{where} into timm's cache: {type(err).__name__}: "
-            f"{err}. Connect to the internet once (later runs read the cache), or {instead}")
+            f"{str(err).rstrip('.')}. {fix}")
 
 
 def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Dict[str, Any]]] = None,
@@ -81,13 +99,16 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     """``timm.create_model(model_name, **kwargs)`` followed by ``inject(model, adapter)`` when one is given.
 
     ``adapter`` is a config, a method name ("nola", "lora" for their defaults; "linear", "full") or a config's
-    ``to_dict()`` form, as ``FewShotClassifier`` takes it.
+    ``to_dict()`` form, as ``FewShotClassifier`` takes it. A ``pretrained_cfg_overlay=dict(file=...)`` must hold
+    every backbone weight; an adapted model's state dict there also gives its adapters and head, as for ``*_nola``
+    names.
 
     Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).
     """
     check_model_name(model_name)
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
-    if config is not None and model_name.split(".")[0].endswith(NOLA_SUFFIX):
+    nola_name = model_name.split(".")[0].endswith(NOLA_SUFFIX)
+    if config is not None and nola_name:
         base = model_name.split(".")[0][: -len(NOLA_SUFFIX)]
         raise ValueError(f"{model_name} comes with NOLA adapters (set by nola_* arguments), so adapter= would be a "
                          f"second injection: pass adapter= with the plain model ({base!r}), or nola_config= here")
@@ -99,25 +120,101 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint_path {checkpoint} does not exist: point it at a .pth/.safetensors state "
                                 f"dict of {model_name}")
+    overlay = _overlay_file(kwargs)
+    # a *_nola entrypoint checks its own overlay file (timm.create_model reaches it without this function)
+    weights_file = None if nola_name else overlay
+    file_state = _read_overlay_file(weights_file, model_name) if weights_file else None
     try:
-        model = timm.create_model(model_name, **kwargs)
+        model = timm.create_model(model_name, **_loading(kwargs, file_state))
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        if not checkpoint:
+        if not checkpoint and not overlay:
             raise
+        weights = f"checkpoint_path {checkpoint}" if checkpoint else f"{OVERLAY_FILE} {overlay}"
         if _read_but_misfit(err):
-            raise ValueError(f"checkpoint_path {checkpoint} holds weights of other names or shapes than {model_name} "
-                             f"built with these arguments ({str(err).splitlines()[0]} ...): point it at a state dict "
-                             "of this model, or build the model the file was saved from") from err
-        raise _unloadable(f"checkpoint_path {checkpoint}", model_name, err) from err
+            raise _misfit(weights, model_name, err) from err
+        raise _unloadable(weights, model_name, err) from err
+    except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
+        if nola_name or weights_file or not kwargs.get("pretrained") or model_name.lower().startswith("local-dir:"):
+            raise
+        raise FileNotFoundError(download_failure(model_name, err, "pass pretrained_cfg_overlay=dict(file=<a local "
+                                                 ".safetensors/.pth state dict of the model>), or pretrained=False "
+                                                 "for random weights")) from err
+    base_keys = _check_overlay_covers(model, file_state, weights_file) if weights_file else set()
     if config is not None:
         inject(model, config)
+    if weights_file:
+        _load_saved_adapter(model, model_name, weights_file, state=file_state, base_keys=base_keys,
+                            fix="Pass adapter= with the settings the file's model was adapted with (method, targets, "
+                                "rank, seed, ...), or point the overlay at the base model's weights")
     return model
+
+
+# How errors name a weights file given as ``pretrained_cfg_overlay=dict(file=...)``.
+OVERLAY_FILE = "pretrained_cfg_overlay file"
+
+
+def _overlay_file(kwargs: Dict[str, Any]) -> Optional[str]:
+    """The weights file timm loads from ``pretrained_cfg_overlay`` (only with ``pretrained=True``), or None."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    file = overlay.get("file") if kwargs.get("pretrained") and isinstance(overlay, dict) else None
+    return str(file) if file else None
+
+
+def _read_overlay_file(path: str, model_name: str) -> Dict[str, Any]:
+    """The state dict (meta tensors) of an overlay file; a named error for a missing file, a folder or a file that is
+    no state dict, where timm raises a bare ``FileNotFoundError('')`` or ``EOFError('')``."""
+    if os.path.isdir(path):
+        raise ValueError(f"{OVERLAY_FILE} {path} is a directory, and timm loads a state-dict file from it: point it at "
+                         f"a .safetensors/.pth state dict of {model_name} (an adapter saved by nv.save_adapter loads "
+                         "onto the created model with nv.load_adapter(model, directory))")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{OVERLAY_FILE} {path} does not exist: point it at a local .safetensors/.pth state "
+                                f"dict of {model_name}")
+    try:
+        return read_state_dict(Path(path), OVERLAY_FILE)
+    except UnreadableWeights as err:
+        raise _unloadable(f"{OVERLAY_FILE} {path}", model_name, err.__cause__) from err.__cause__
+
+
+def _loading(kwargs: Dict[str, Any], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``kwargs`` for timm, which loads an overlay file strictly when its head fits and so would refuse an adapted
+    model's file for its adapter entries: these are loaded after injection (``_load_saved_adapter``), and
+    ``_check_overlay_covers`` keeps the backbone weights strict."""
+    return {**kwargs, "pretrained_strict": False} if state is not None and adapter_entries(state) else kwargs
+
+
+def _check_overlay_covers(model: nn.Module, state: Dict[str, Any], path: str) -> set:
+    """Refuse an overlay file that leaves a backbone weight unset or holds other weights (timm loads it non-strictly
+    for another ``num_classes``, leaving random weights in place); the classifier and adapter entries aside. Returns
+    the plain model's state-dict keys, which tell the adapters' apart after injection."""
+    own = set(model.state_dict())
+    saved_adapters = set(adapter_entries(state)) - own
+    backbone = {key: value for key, value in state.items() if key not in saved_adapters}
+    check_backbone_keys(model, loaded_keys(backbone, model), path, OVERLAY_FILE)
+    check_backbone_shapes(model, {key: value.shape for key, value in backbone.items()}, path, OVERLAY_FILE)
+    return own
 
 
 def _read_but_misfit(err: BaseException) -> bool:
     """Whether torch read the file and found weights of other names or shapes (its own message says which; callers
     such as ``build_backbone`` name the backbone arguments), rather than failing to read it."""
     return isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err)
+
+
+def _misfit(weights: str, model_name: str, err: BaseException) -> ValueError:
+    """The error for a weights file torch read but could not load into ``model_name``, with torch's informative lines:
+    an adapted layer's own message (which names the seed, targets, ... that differ), else the first mismatched keys."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    torch_lines = ("Missing key(s)", "Unexpected key(s)", "size mismatch for")
+    layers = [line for line in lines if not line.startswith(torch_lines)]
+    if layers:
+        more = f" (and {len(layers) - 1} more layers like it)" if len(layers) > 1 else ""
+        return ValueError(f"{weights} does not load into {model_name} as built: {layers[0]}{more}")
+    shown = [line if len(line) <= 300 else line[:300] + " ..." for line in lines[:3]]
+    more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
+    return ValueError(f"{weights} holds weights of other names or shapes than {model_name} built with these arguments "
+                      f"({'; '.join(shown)}{more}): point it at a state dict of this model, or build the model the "
+                      "file was saved from")
 
 
 def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError:
@@ -166,13 +263,14 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
             check_model_name(f"{name}.{tag}")
         # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
-        weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+        weights_file = _overlay_file({**kwargs, "pretrained": pretrained})
+        file_state = _read_overlay_file(weights_file, name) if weights_file else None
         try:
-            model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
+            model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, file_state))
         except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
             if not weights_file or _read_but_misfit(err):
                 raise
-            raise _unloadable(weights_file, name, err) from err
+            raise _unloadable(f"{OVERLAY_FILE} {weights_file}", name, err) from err
         except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
             if not pretrained or weights_file:
                 raise
@@ -180,10 +278,13 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
             raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                      ".safetensors/.pth state dict of the base model>), or "
                                                      "pretrained=False for random weights")) from err
-        base_keys = set(model.state_dict()) if weights_file else set()
+        base_keys = _check_overlay_covers(model, file_state, weights_file) if weights_file else set()
         inject(model, config)
         if weights_file:
-            _load_saved_adapter(model, weights_file, base_keys)
+            _load_saved_adapter(model, name, weights_file, state=file_state, base_keys=base_keys,
+                                fix=f"Build {name} with the nola_* settings the file's model was created with "
+                                    "(nola_targets, nola_rank, nola_seed, ...), or point the overlay at the base "
+                                    "model's weights")
         return model
 
     name = base + NOLA_SUFFIX
@@ -193,25 +294,56 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
     return entrypoint
 
 
-def _load_saved_adapter(model: nn.Module, weights_file: str, base_keys: set) -> None:
-    """Load what a ``_nola`` model's own state dict in ``weights_file`` holds beyond the base model's weights: its
-    adapter tensors (timm left them out as unexpected keys) and its trained head (timm drops a pretrained head for
-    another ``num_classes`` than the base's 1000). Nothing for a base model's file."""
-    state, own = timm.models.load_state_dict(weights_file), model.state_dict()
+def _load_saved_adapter(model: nn.Module, model_name: str, weights_file: str, *, state: Dict[str, Any],
+                        base_keys: set, fix: str) -> None:
+    """Load what an adapted model's own state dict in ``weights_file`` (``state``: its meta tensors) holds beyond the
+    base model's weights: its adapter tensors (timm left them out as unexpected keys) and its trained head (timm drops
+    a pretrained head for another ``num_classes`` than the base's 1000). Nothing for a base model's file; a file
+    adapted at other layers than this model is refused (its adapters and head would be dropped), ``fix`` saying how
+    to build the model it fits."""
+    own = model.state_dict()
     adapter_keys = [key for key in own if key not in base_keys]
-    found = [key for key in adapter_keys if key in state]
-    if not found:
+    saved = [key for key in adapter_entries(state) if key not in base_keys]
+    if not saved:
         return
+    where = (f"the file's model is adapted at {_adapted_at(saved)}, this one at "
+             f"{_adapted_at(adapter_entries(adapter_keys)) if adapter_keys else 'no layer (it has no adapters)'}")
+    foreign = [key for key in saved if key not in own]
+    if foreign:
+        shown = [key for key in foreign if key.rsplit(".", 1)[-1] not in (MERGED_FLAG, IDENTITY_KEY)] or foreign
+        raise ValueError(f"{OVERLAY_FILE} {weights_file} holds adapter tensors this model does not have "
+                         f"({', '.join(shown[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}): "
+                         f"{where}, so its trained adapters and head would be dropped. {fix}")
     missing = [key for key in adapter_keys if key not in state]
     if missing:
-        raise ValueError(f"{weights_file} holds adapter tensors of another NOLA model: it has no {missing[0]} (and "
-                         f"{len(missing) - 1} more of this model's): pass the nola_* arguments it was created with")
-    head_state = {key: state[key] for key in head_parameter_names(model) if key in state}
-    for key, value in head_state.items():
-        if value.shape != own[key].shape:
-            raise ValueError(f"{weights_file} holds a trained head {key} of shape {tuple(value.shape)}, this model's "
-                             f"is {tuple(own[key].shape)}: pass the num_classes it was trained with")
-    model.load_state_dict({**head_state, **{key: state[key] for key in found}}, strict=False)
+        raise ValueError(f"{OVERLAY_FILE} {weights_file} holds adapter tensors of another adapted model: it has no "
+                         f"{missing[0]} (and {len(missing) - 1} more of this model's): {where}. {fix}")
+    for key in head_parameter_names(model):
+        if key in state and state[key].shape != own[key].shape:
+            raise ValueError(f"{OVERLAY_FILE} {weights_file} holds a trained head {key} of shape "
+                             f"{tuple(state[key].shape)}, this model's is {tuple(own[key].shape)}: pass the "
+                             "num_classes it was trained with")
+    values = timm.models.load_state_dict(weights_file)
+    # the adapted layers' weights too: a merged model's hold ΔW, which its merged flag says (loaded weights unchanged)
+    weights = [f"{layer}.{p}" for layer in {key.rsplit(".", 1)[0] for key in saved} for p in ("weight", "bias")]
+    kept = [key for key in [*head_parameter_names(model), *weights] if key in values]
+    try:
+        model.load_state_dict({key: values[key] for key in [*kept, *saved]}, strict=False)
+    except RuntimeError as err:  # an adapted layer refuses tensors of another update (seed, slices, rank, ...)
+        raise _misfit(f"{OVERLAY_FILE} {weights_file}", model_name, err) from err
+
+
+def _adapted_at(keys: List[str]) -> str:
+    """Where the adapter entries ``keys`` sit, as targets (``blocks.3.mlp.fc1`` → ``mlp.fc1``) and a layer count."""
+    layers = sorted({key.rsplit(".", 1)[0] for key in keys})
+    targets = sorted({".".join(_after_last_index(layer.split("."))) for layer in layers})
+    return f"{', '.join(targets)} ({len(layers)} layer{'s' if len(layers) != 1 else ''})"
+
+
+def _after_last_index(parts: List[str]) -> List[str]:
+    """The parts of a module name after its last numeric one (a block index), or all of them."""
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return parts[indices[-1] + 1:] if indices and indices[-1] + 1 < len(parts) else parts
 
 
 def _register_variants() -> None:

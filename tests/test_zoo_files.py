@@ -1,0 +1,135 @@
+"""Weights files given to create_model and the *_nola zoo models: overlay files checked like pretrained_file, adapted
+models' files loaded whole or refused, and errors that name the file and the fix."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import nola_vision as nv
+
+NOLA = "vit_tiny_patch16_224_nola"
+PLAIN = "vit_tiny_patch16_224"
+SMALL = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=5)
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _trained(**kwargs):
+    """A *_nola model whose adapters and head moved away from their init, as after training."""
+    model = nv.create_model(NOLA, pretrained=False, **{**SMALL, **kwargs})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model.eval()
+
+
+def _overlay(path, name=NOLA, **kwargs):
+    return nv.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **{**SMALL, **kwargs})
+
+
+def test_a_nola_file_adapted_at_other_targets_is_refused_naming_both(tmp_path):
+    # was: loaded silently, the file's trained adapters and head dropped as unexpected keys
+    torch.save(_trained().state_dict(), tmp_path / "nola.pth")  # mlp.fc1 and mlp.fc2
+    with pytest.raises(ValueError, match=r"nola.pth holds adapter tensors this model does not have \(blocks.0.mlp.fc1."
+                                         r"nola_alpha.*adapted at mlp.fc1, mlp.fc2 \(4 layers\), this one at attn.qkv "
+                                         r"\(2 layers\).*Build vit_tiny_patch16_224_nola with the nola_\* settings"):
+        _overlay(tmp_path / "nola.pth", nola_targets=["attn.qkv"])
+    with pytest.raises(ValueError, match=r"this one at no layer \(it has no adapters\).*Pass adapter= with the "
+                                         r"settings"):
+        _overlay(tmp_path / "nola.pth", PLAIN)
+
+
+def test_a_nola_file_through_create_model_with_an_adapter_loads_its_adapters_or_names_the_seed(tmp_path):
+    trained = _trained()
+    torch.save(trained.state_dict(), tmp_path / "nola.pth")
+    loaded = _overlay(tmp_path / "nola.pth", PLAIN, adapter="nola").eval()  # was: fresh adapters and head
+    torch.testing.assert_close(loaded(X), trained(X))
+    with pytest.raises(ValueError, match=r"does not load into vit_tiny_patch16_224 as built: blocks.0.mlp.fc1: .*seed "
+                                         r"\[0, 0\] \(this model: \[3, 3\]\)"):
+        _overlay(tmp_path / "nola.pth", PLAIN, adapter=dict(method="nola", seed=3))
+
+
+def test_a_merged_nola_file_and_one_with_a_1000_class_head_load_through_the_overlay(tmp_path):
+    # were refused: the merged weights were loaded apart from their flag; timm loaded a 1000-class file strictly
+    for num_classes in (5, 1000):
+        trained = _trained(num_classes=num_classes)
+        nv.merge(trained)
+        torch.save(trained.state_dict(), tmp_path / "merged.pth")
+        loaded = _overlay(tmp_path / "merged.pth", num_classes=num_classes).eval()
+        torch.testing.assert_close(loaded(X), trained(X))
+
+
+def test_an_overlay_file_that_does_not_cover_the_model_is_refused(tmp_path):
+    # was: random weights left in place for what the file lacks, the extra blocks of a deeper model's file dropped
+    deeper = timm.create_model(PLAIN, pretrained=False, **{**SMALL, "depth": 3}).state_dict()
+    save_file({k: v for k, v in deeper.items() if not k.startswith(("blocks.1.", "blocks.2."))},
+              str(tmp_path / "part.safetensors"))
+    torch.save(deeper, tmp_path / "deeper.pth")
+    for name, adapter in ((PLAIN, "nola"), (PLAIN, None), (NOLA, None)):
+        with pytest.raises(ValueError, match=r"overlay file .*part.safetensors does not fit vit_tiny_patch16_224: 12 "
+                                             r"backbone weights missing \(e.g. blocks.1.attn.proj.bias"):
+            _overlay(tmp_path / "part.safetensors", name, adapter=adapter)
+        with pytest.raises(ValueError, match=r"deeper.pth does not fit .*12 unexpected keys \(e.g. blocks.2.*depth"):
+            _overlay(tmp_path / "deeper.pth", name, adapter=adapter)
+    base = {k: v for k, v in deeper.items() if not k.startswith("blocks.2.")}
+    torch.save(base, tmp_path / "base.pth")  # the whole backbone, with another head: loads
+    model = _overlay(tmp_path / "base.pth", PLAIN, adapter="nola", num_classes=3)
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, base["blocks.1.attn.qkv.weight"], rtol=0, atol=0)
+
+
+def _cut_short(path, source):
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name", [PLAIN, NOLA])
+def test_an_overlay_file_that_is_missing_a_folder_or_cut_short_is_named(tmp_path, name):
+    # was: FileNotFoundError('') for a missing file or a folder, EOFError('') for an empty one (plain names)
+    with pytest.raises(FileNotFoundError, match=r"overlay file .*nope.safetensors does not exist: point it at"):
+        _overlay(tmp_path / "nope.safetensors", name)
+    with pytest.raises(ValueError, match=r"overlay file .* is a directory.*nv.load_adapter\(model, directory\)"):
+        _overlay(tmp_path, name)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"empty.pth does not load into {name} \(EOFError: the file ends early\)"):
+        _overlay(tmp_path / "empty.pth", name)
+    state = timm.create_model(PLAIN, pretrained=False, **SMALL).state_dict()
+    save_file(state, str(tmp_path / "full.safetensors"))
+    torch.save(state, tmp_path / "full.pth")
+    for suffix in (".safetensors", ".pth"):
+        _cut_short(tmp_path / f"short{suffix}", tmp_path / f"full{suffix}")
+        with pytest.raises(ValueError, match=rf"short{suffix} does not load into {name} \(.*intact"):
+            _overlay(tmp_path / f"short{suffix}", name)
+
+
+@pytest.mark.parametrize("name, adapter", [(PLAIN, "nola"), (PLAIN, None), (NOLA, None)])
+def test_weights_that_cannot_be_downloaded_are_named_with_offline_mode_and_what_instead(monkeypatch, name, adapter):
+    # was: Hugging Face's raw LocalEntryNotFoundError for plain names; no word of HF_HUB_OFFLINE for any
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"pretrained weights of vit_tiny_patch16_224 \(timm downloads them "
+                                                r"from the Hugging Face Hub.*HF_HUB_OFFLINE is set, so only the cache "
+                                                r"folder \(.*, under HF_HOME\).*pretrained_cfg_overlay=dict\(file="):
+        nv.create_model(name, adapter, pretrained=True, **SMALL)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(FileNotFoundError, match=r"local cache\. Connect to the internet once"):
+        nv.create_model(name, adapter, pretrained=True, **SMALL)
+
+
+def test_a_checkpoint_of_another_seed_or_width_says_which_in_the_error(tmp_path):
+    # was: "(Error(s) in loading state_dict for VisionTransformer: ...)", the cause cut off
+    torch.save(_trained(nola_seed=3).state_dict(), tmp_path / "seed3.pth")
+    with pytest.raises(ValueError, match=r"checkpoint_path .*seed3.pth does not load into vit_tiny_patch16_224_nola as "
+                                         r"built: blocks.0.mlp.fc1: .*seed \[3, 3\] \(this model: \[0, 0\]\).*\(and 3 "
+                                         r"more layers like it\)"):
+        nv.create_model(NOLA, checkpoint_path=str(tmp_path / "seed3.pth"), **SMALL)
+    torch.save(timm.create_model(PLAIN, pretrained=False, **{**SMALL, "embed_dim": 32}).state_dict(),
+               tmp_path / "narrow.pth")
+    with pytest.raises(ValueError, match=r"narrow.pth holds weights of other names or shapes than .*\(size mismatch "
+                                         r"for cls_token: copying a param with shape torch.Size\(\[1, 1, 32\]\)"):
+        nv.create_model(NOLA, checkpoint_path=str(tmp_path / "narrow.pth"), **SMALL)
