@@ -400,6 +400,20 @@ def test_lr_finders_rate_is_the_heads_too_unless_head_lr_was_given():
         given.configure_optimizers()
 
 
+def test_loggers_record_the_warmup_and_rates_a_fit_resolved():
+    """Loggers record hparams_initial, taken before configure_optimizers resolved warmup_epochs: a logger's
+    hparams.yaml said warmup_epochs null for a run that warmed up for 2 epochs."""
+    from lightning.pytorch.utilities.parsing import lightning_setattr
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, **TINY)
+    lightning_setattr(model, "lr", 2e-3)
+    model.trainer = L.Trainer(max_epochs=20, logger=False)
+    model.configure_optimizers()
+    assert model.hparams.warmup_epochs == 2
+    assert {key: model.hparams_initial[key] for key in ("warmup_epochs", "lr", "head_lr")} == {
+        "warmup_epochs": 2, "lr": 2e-3, "head_lr": 2e-3}
+
+
 def test_warmup_defaults_to_the_method_recipe_and_shapes_the_schedule():
     import nola_vision as nv
 

@@ -409,6 +409,8 @@ class FewShotClassifier(L.LightningModule):
         # None: the recipe's share of this fit's epochs, resolved again by every fit; recorded for its checkpoints
         hp.warmup_epochs = warmup if warmup is not None else recipe_warmup_epochs(self.adapter_config, epochs)
         self._warn_about_the_warmup(epochs)
+        # what loggers record (hparams_initial, logged after this): the rates and warm-up this fit resolved
+        self.save_hyperparameters(dict(hp))
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
