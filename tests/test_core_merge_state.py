@@ -600,6 +600,17 @@ def test_16_bit_merge_and_unmerge_cycles_give_the_weights_back_bit_for_bit(dtype
         assert torch.equal(layer.weight, before[name]), name
 
 
+def test_a_16_bit_merged_model_cast_to_float32_still_unloads_to_its_weights_bit_for_bit():
+    """After a cast that lost nothing, unmerge ignored the entries the merge kept (320 entries off after unload)."""
+    model = _adapted("nola_shared").to(torch.bfloat16)
+    before = _weights(model)
+    nv.merge(model)
+    model.float()
+    nv.unmerge(model)
+    for name, layer in nv.adapted_layers(model).items():
+        assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, before[name].float()), name
+
+
 def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_entries():
     """The entries a merge keeps belong to its weight: after other values were copied into the merged weight, unmerge
     subtracts ΔW from those and puts none of the old entries back."""

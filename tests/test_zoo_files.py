@@ -133,3 +133,43 @@ def test_a_checkpoint_of_another_seed_or_width_says_which_in_the_error(tmp_path)
     with pytest.raises(ValueError, match=r"narrow.pth holds weights of other names or shapes than .*\(size mismatch "
                                          r"for cls_token: copying a param with shape torch.Size\(\[1, 1, 32\]\)"):
         nv.create_model(NOLA, checkpoint_path=str(tmp_path / "narrow.pth"), **SMALL)
+
+
+def _big_vision_npz(model, path):
+    """``model`` (one block) in big_vision's .npz layout, which timm's ``load_pretrained`` reads."""
+    import numpy as np
+
+    s = {k: v.numpy() for k, v in model.state_dict().items()}
+    heads, width = model.blocks[0].attn.num_heads, s["cls_token"].shape[-1]
+    block, attn = "Transformer/encoderblock_0/", "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+    arrays = {"embedding/kernel": s["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+              "embedding/bias": s["patch_embed.proj.bias"], "cls": s["cls_token"],
+              "Transformer/posembed_input/pos_embedding": s["pos_embed"], "head/kernel": s["head.weight"].T,
+              "head/bias": s["head.bias"], "Transformer/encoder_norm/scale": s["norm.weight"],
+              "Transformer/encoder_norm/bias": s["norm.bias"],
+              attn + "out/kernel": s["blocks.0.attn.proj.weight"].reshape(width, heads, -1).transpose(1, 2, 0),
+              attn + "out/bias": s["blocks.0.attn.proj.bias"]}
+    for norm, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+        arrays[f"{block}{norm}/scale"], arrays[f"{block}{norm}/bias"] = s[f"blocks.0.{ours}.weight"], s[
+            f"blocks.0.{ours}.bias"]
+    weights, biases = np.split(s["blocks.0.attn.qkv.weight"], 3), np.split(s["blocks.0.attn.qkv.bias"], 3)
+    for name, weight, bias in zip(("query", "key", "value"), weights, biases):
+        arrays[f"{attn}{name}/kernel"], arrays[f"{attn}{name}/bias"] = weight.T.reshape(width, heads, -1), bias.reshape(
+            heads, -1)
+    for i in range(2):
+        arrays[f"{block}MlpBlock_3/Dense_{i}/kernel"] = s[f"blocks.0.mlp.fc{i + 1}.weight"].T
+        arrays[f"{block}MlpBlock_3/Dense_{i}/bias"] = s[f"blocks.0.mlp.fc{i + 1}.bias"]
+    np.savez(path, **arrays)
+
+
+def test_a_big_vision_npz_overlay_loads_as_timm_loads_it(tmp_path):
+    """The coverage check read every overlay file as a torch state dict, and refused timm's own .npz route
+    (custom_load) as a file cut short."""
+    kwargs = dict(SMALL, depth=1, num_classes=1000)
+    source = timm.create_model(PLAIN, pretrained=False, **kwargs).eval()
+    _big_vision_npz(source, tmp_path / "vit.npz")
+    for adapter in (None, "nola"):
+        model = nv.create_model(PLAIN, adapter, pretrained=True, **kwargs,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.npz"), custom_load=True)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(X), source(X), rtol=1e-4, atol=1e-4)

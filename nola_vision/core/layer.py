@@ -489,11 +489,18 @@ class AdaptedLinear(nn.Module):
     def _unmerge_update(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> None:
         """weight (or ``weight``, a copy of it) −= (a b)ᵀ: the weight before ``_merge_update``, bit for bit, from the
         entries it kept. They are put back only where the weight (in the dtype it merged in) comes within a few
-        rounding steps of them: other weights loaded since keep their values."""
+        rounding steps of them: other weights loaded since keep their values. A weight cast since to a dtype that holds
+        its merged values exactly (bfloat16 to float32) is unmerged in the merge's dtype, then cast again."""
         weight = self.weight if weight is None else weight
         rounding = self.__dict__.get("_rounding")
-        if rounding is None or rounding.values.dtype != weight.dtype or (
-                rounding.positions is not None and not rounding.positions.numel()):
+        if rounding is not None and rounding.values.dtype != weight.dtype:  # the model was cast since the merge
+            merged = weight.to(rounding.values.dtype)
+            if torch.equal(merged.to(weight.dtype), weight):  # a cast that lost nothing: unmerged as it merged
+                self._unmerge_update(a, b, weight=merged)
+                weight.copy_(merged)
+                return
+            rounding = None
+        if rounding is None or (rounding.positions is not None and not rounding.positions.numel()):
             self._add_low_rank(-a, b, into=weight)
             return
         if rounding.positions is None:

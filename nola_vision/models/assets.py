@@ -331,10 +331,10 @@ def offline_backbone_file(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def check_offline_image_size(size: Any, option: str = "img_size") -> None:
+def check_offline_image_size(size: Any, option: str = "img_size", padded: bool = False) -> None:
     """Refuse an image ``size`` that the offline backbone's 14-pixel patches do not divide (``option`` names it): the
-    last rows and columns of every image would never reach the model."""
-    if isinstance(size, int) and not isinstance(size, bool) and size % _PATCH:
+    last rows and columns of every image would never reach the model, unless it pads them (``dynamic_img_pad``)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size % _PATCH and not padded:
         low, high = size - size % _PATCH, size - size % _PATCH + _PATCH
         raise ValueError(f"{option} {size} is not a multiple of {OFFLINE_BACKBONE}'s patch size {_PATCH}: the last "
                          f"{size % _PATCH} rows and columns of every image would never reach the model. Use {option} "
@@ -358,7 +358,7 @@ def create_offline_backbone(
     from safetensors import safe_open
     from timm.layers import resample_abs_pos_embed
 
-    check_offline_image_size(img_size)
+    check_offline_image_size(img_size, padded=bool(kwargs.get("dynamic_img_pad")))
     weights = offline_backbone_file(cache_dir)
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))
     with safe_open(str(weights), framework="pt") as f:

@@ -61,7 +61,7 @@ def build_backbone(
         if backbone.split(".")[0] != OFFLINE_BACKBONE:
             raise ValueError(f"pretrained_file '{OFFLINE_PRETRAINED_FILE}' holds {OFFLINE_BACKBONE} weights; "
                              f"set model.backbone: {OFFLINE_BACKBONE} (got {backbone!r})")
-        check_offline_image_size(image_size, "image_size")
+        check_offline_image_size(image_size, "image_size", padded=bool(kwargs.get("dynamic_img_pad")))
         model = create_offline_backbone(img_size=kwargs.pop("img_size", 224), num_classes=0, **kwargs)
     elif pretrained:
         path = None if pretrained_file is None else Path(pretrained_file)

@@ -154,10 +154,13 @@ OVERLAY_FILE = "pretrained_cfg_overlay file"
 
 
 def _overlay_file(kwargs: Dict[str, Any]) -> Optional[str]:
-    """The weights file timm loads from ``pretrained_cfg_overlay`` (only with ``pretrained=True``), or None."""
+    """The state-dict file timm loads from ``pretrained_cfg_overlay`` (only with ``pretrained=True``), or None; also
+    None for a file the model loads itself (``custom_load``, big_vision's ``.npz``), which is no state dict to check."""
     overlay = kwargs.get("pretrained_cfg_overlay")
     file = overlay.get("file") if kwargs.get("pretrained") and isinstance(overlay, dict) else None
-    return str(file) if file else None
+    if not file or overlay.get("custom_load") or str(file).endswith(".npz"):
+        return None
+    return str(file)
 
 
 def _read_overlay_file(path: str, model_name: str) -> Dict[str, Any]:
@@ -221,7 +224,8 @@ def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError
     """The error for a weights file timm could not load into ``model_name`` (cut short, not a state dict, ...)."""
     return ValueError(f"{weights} does not load into {model_name} ({type(err).__name__}: "
                       f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict of "
-                      "this model (an interrupted copy or download is cut short)")
+                      "this model (an interrupted copy or download is cut short; another project's layout loads only "
+                      "where timm converts it)")
 
 
 def _names_class(class_path: Any, cls: type) -> bool:
