@@ -215,8 +215,9 @@ def test_a_run_whose_program_cannot_start_is_reported_failed_with_its_log_and_th
     assert sorted((run.log.parent.name, code) for run, code, _ in LocalExecutor(1).run(runs)) == [("a", -1), ("b", 0)]
     assert "the run could not be started: [Errno 2] No such file or directory" in (tmp_path / "a" / "log.txt").read_text()
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match=r"(?s)runs failed.*split0-init0 \(exit -1; see .*split0-init0/log.txt\)"
-                                           r".*split1-init0 \(exit -1; see "):
+    with pytest.raises(RuntimeError, match=r"(?s)runs failed \(fix what the errors name, then re-run the same command\)"
+                                           r".*split0-init0 \(the run could not be started: \[Errno 2\] No such file "
+                                           r"or directory.*; see .*split0-init0/log.txt\).*split1-init0 \(the run "):
         run_protocol([TINY], out=str(out), name="row", split_seeds=[0, 1], init_seeds=[0], python=missing, echo=False,
                      executor=LocalExecutor(1))
     assert "No such file or directory" in (out / "row" / "split1-init0" / "log.txt").read_text()

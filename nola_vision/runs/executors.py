@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 from ..core.storage import try_lock
 
-__all__ = ["CONFIG_EXIT", "DIVERGED_EXIT", "Executor", "LocalExecutor", "Run", "Stopped", "SubmititExecutor",
-           "add_executor_arguments", "build_executor", "call", "claimed_job", "failure", "stop_runs_on_signals",
-           "stopping", "stopping_within"]
+__all__ = ["CONFIG_EXIT", "DIVERGED_EXIT", "NOT_STARTED", "Executor", "LocalExecutor", "Run", "Stopped",
+           "SubmititExecutor", "add_executor_arguments", "build_executor", "call", "claimed_job", "failure",
+           "stop_runs_on_signals", "stopping", "stopping_within"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
@@ -32,6 +32,8 @@ CONFIG_EXIT = 2
 # The exit code of a fit whose training diverged (a NaN/Inf loss or weights): an outcome of its settings (a learning
 # rate too large), not a fault; re-running it unchanged diverges again.
 DIVERGED_EXIT = 3
+# How a run's log says its program could not be started (a missing python): re-running it unchanged fails alike.
+NOT_STARTED = "the run could not be started"
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,20 @@ def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
 
 
 def failure(code: int, log: Path) -> str:
-    """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``) or its
-    training diverged (``DIVERGED_EXIT``), each with its error line, or its exit code."""
+    """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``), its
+    training diverged (``DIVERGED_EXIT``), each with its error line, its program could not start (``NOT_STARTED``),
+    or its exit code."""
     if code == CONFIG_EXIT:
         return f"fit refused to run: {_error_line(log)}"
     if code == DIVERGED_EXIT:  # fit's own line names the step and the lr: once, without its program prefix
         line = _error_line(log).removeprefix("nola-vision: error: ")
         return line if line.startswith("training diverged") else f"training diverged: {line}"
-    return f"exit {code}"
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+        not_started = [line for line in lines if line.startswith(NOT_STARTED)]
+    except OSError:
+        not_started = []
+    return not_started[-1] if not_started else f"exit {code}"
 
 
 def _error_line(log: Path) -> str:
@@ -233,7 +241,7 @@ class LocalExecutor(Executor):
                 return call(run.cmd, str(run.log), env, claim)
             except OSError as err:  # no such python: one failed run (the others go on), as a failed submitit job is
                 with open(run.log, "a") as f:
-                    f.write(f"\nthe run could not be started: {err}\n")
+                    f.write(f"\n{NOT_STARTED}: {err}\n")
                 return -1, 0.0
         finally:
             with self._lock:

@@ -44,6 +44,7 @@ from ..core.storage import check_writable_file, file_in_the_way, write_json_atom
 from .executors import (
     CONFIG_EXIT,
     DIVERGED_EXIT,
+    NOT_STARTED,
     Executor,
     LocalExecutor,
     Run,
@@ -403,7 +404,7 @@ def run_protocol(
             result = finished_result(run_dir, code)
             if result is None:
                 why = failure(code, run.log) if code != 0 else "no finite test accuracy"
-                refused = refused or code == CONFIG_EXIT
+                refused = refused or code == CONFIG_EXIT or why.startswith(NOT_STARTED)
                 diverged = diverged or code == DIVERGED_EXIT
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
