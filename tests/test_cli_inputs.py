@@ -5,6 +5,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from nola_vision.cli import main
@@ -59,6 +60,25 @@ def test_a_misspelt_adapter_or_trainer_key_in_a_config_file_names_that_file_and_
     assert fit(tmp_path, "-c", str(misspelt)) == 2
     err = capsys.readouterr().err
     assert f"config file {misspelt}: {typo}" in err and close in err and len(err.splitlines()) <= 3
+
+
+class _TrainerWithAnOption(L.Trainer):
+    def __init__(self, *args, my_option: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.my_option = my_option
+
+
+def test_the_trainer_keys_of_a_config_file_are_checked_against_the_clis_trainer_class(tmp_path):
+    from nola_vision.data import FewShotDataModule
+    from nola_vision.train.cli import NolaCLI
+    from nola_vision.train.module import FewShotClassifier
+
+    config = tmp_path / "trainer.yaml"
+    config.write_text("trainer:\n  my_option: 3\n")
+    cli = NolaCLI(FewShotClassifier, FewShotDataModule, trainer_class=_TrainerWithAnOption, run=False,
+                  args=["-c", str(TINY), "-c", str(config), "--trainer.logger", "false",
+                        "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.my_option == 3
 
 
 def test_a_value_of_the_wrong_type_is_named_without_the_usage_of_every_option(tmp_path, capsys):

@@ -454,7 +454,8 @@ class NolaCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse; resolve ``--ckpt_path last`` in this run directory; remember the model arguments as given, so
         that those the checkpoint's hyper-parameters replace (LightningCLI does so next) can be reported."""
-        check_config_sources(sys.argv[1:] if args is None else args, subcommands=self.with_subcommands)
+        check_config_sources(sys.argv[1:] if args is None else args, subcommands=self.with_subcommands,
+                             trainer_class=self.trainer_class)
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
@@ -991,11 +992,12 @@ def _given_on_command_line(argv: Any, option: str) -> bool:
     return any(len(name) > 2 and name.startswith("--") and option.startswith(name) for name in names)
 
 
-def check_config_sources(argv: Any, subcommands: bool = True) -> None:
+def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any = Trainer) -> None:
     """Refuse a ``-c``/``--config`` file that is not valid YAML, naming the file (the parser's message names
-    neither the file nor which of several ``-c`` files it was), any config or value nested too deeply to parse, and a
-    linked data option (``LINKED_FROM``); with ``subcommands`` (the CLI's parser has them), also a flat file given
-    before the subcommand."""
+    neither the file nor which of several ``-c`` files it was), any config or value nested too deeply to parse, a
+    misspelt key (``_check_section_keys``, ``trainer:`` against ``trainer_class``), and a linked data option
+    (``LINKED_FROM``); with ``subcommands`` (the CLI's parser has them), also a flat file given before the
+    subcommand."""
     if not isinstance(argv, (list, tuple)):
         return
     args = [str(a) for a in argv]
@@ -1014,7 +1016,7 @@ def check_config_sources(argv: Any, subcommands: bool = True) -> None:
             if subcommands and i < subcommand_at:
                 _check_top_level_config(node, value)
             else:
-                _check_section_keys(node, value)
+                _check_section_keys(node, value, trainer_class)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
         if arg.startswith("--"):
@@ -1046,12 +1048,12 @@ def _refuse_linked(option: str, where: str) -> None:
                          f"{source} (--{source}) instead")
 
 
-def _check_section_keys(node: Any, path: str) -> None:
+def _check_section_keys(node: Any, path: str, trainer_class: Any = Trainer) -> None:
     """Refuse a ``model:``, ``data:`` or ``trainer:`` key that is no argument of FewShotClassifier, FewShotDataModule
     or the Trainer, or an adapter's ``init_args`` key that is none of its config class, naming the file and the close
     ones: the parser's message names neither, nor which of several ``-c`` files holds it, under ~90 lines of usage;
     and a linked data option (``LINKED_FROM``)."""
-    sections = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": Trainer}
+    sections = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": trainer_class}
     for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
         cls = sections.get(key.value)
         if cls is None or not isinstance(value, yaml.MappingNode):
