@@ -54,7 +54,8 @@ def full_precision(device: torch.device):
 class _Rounding(NamedTuple):
     """What a merge in a 16-bit dtype rounded away: the values of the weight before the merge where weight − ΔW would
     not round back to them, at their flat ``positions`` (int32 where they fit); ``positions`` None: ``values`` is the
-    whole weight, kept where more than a third of the entries would not round back (a ΔW about as large as W)."""
+    whole weight, kept where more than a third of the entries would not round back (a ΔW about as large as W). Both
+    in host memory."""
 
     positions: Optional[Tensor]
     values: Tensor
@@ -480,11 +481,13 @@ class AdaptedLinear(nn.Module):
         self._add_low_rank(-a, b, into=back)  # what _unmerge_update computes
         lost = torch.ne(back, before).reshape(-1)
         del back
+        # Kept in host memory, so a merged model on an accelerator still takes what its base model takes there
         if int(lost.sum()) * 3 > lost.numel():  # positions and values would outgrow a copy
-            return _Rounding(None, before)
+            return _Rounding(None, before.cpu())
         positions = lost.nonzero().squeeze(1)
         values = before[torch.unravel_index(positions, before.shape)]
-        return _Rounding(positions.int() if before.numel() <= torch.iinfo(torch.int32).max else positions, values)
+        narrow = positions.int() if before.numel() <= torch.iinfo(torch.int32).max else positions
+        return _Rounding(narrow.cpu(), values.cpu())
 
     def _unmerge_update(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> None:
         """weight (or ``weight``, a copy of it) −= (a b)ᵀ: the weight before ``_merge_update``, bit for bit, from the
