@@ -611,6 +611,16 @@ def test_a_16_bit_merged_model_cast_to_float32_still_unloads_to_its_weights_bit_
         assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, before[name].float()), name
 
 
+def test_a_16_bit_merged_model_given_its_own_state_dict_back_still_unloads_bit_for_bit():
+    """Loading a merged model's own state dict dropped the entries its merge kept (177 entries off after unload)."""
+    model = _adapted("nola_shared").to(torch.bfloat16)
+    before = _weights(model)
+    nv.merge(model)
+    model.load_state_dict(model.state_dict())
+    nv.unmerge(model)
+    assert all(torch.equal(layer.weight, before[name]) for name, layer in nv.adapted_layers(model).items())
+
+
 def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_entries():
     """The entries a merge keeps belong to its weight: after other values were copied into the merged weight, unmerge
     subtracts ΔW from those and puts none of the old entries back."""

@@ -754,7 +754,12 @@ class AdaptedLinear(nn.Module):
         elif loaded_adapter:
             # The loaded weight holds the saved model's ΔW, that of the trained tensors loaded with it (the state dict
             # of a merged model is taken in one go): those are what is merged now, whatever this model had merged.
-            self._set_merged_update(self.trained_values())
+            values, previous = self.trained_values(), self.__dict__.get("_merged_values")
+            if previous is not None and previous.keys() == values.keys() and all(
+                    torch.equal(previous[key].to(value.device), value) for key, value in values.items()):
+                self._merged_values = values  # its own update loaded back: the factors and rounding it kept hold
+            else:
+                self._set_merged_update(values)
         # else nothing of this layer's update was loaded: what this model merged stays merged
         self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
 
