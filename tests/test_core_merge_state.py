@@ -621,6 +621,29 @@ def test_a_16_bit_merged_model_given_its_own_state_dict_back_still_unloads_bit_f
     assert all(torch.equal(layer.weight, before[name]) for name, layer in nv.adapted_layers(model).items())
 
 
+def test_another_merged_models_state_dict_with_the_same_adapter_values_unmerges_to_its_own_weights():
+    """The same update loaded with other frozen weights kept this model's rounding entries, and unmerge wrote this
+    model's old weights back over the loaded ones."""
+    ours, theirs = (_adapted("lora_qv").to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        for model in (ours, theirs):  # an update as large as the weight: the merge keeps all of it
+            for layer in nv.adapted_layers(model).values():
+                for parameter in layer.adapter_parameters().values():
+                    parameter.mul_(30)
+        for layer in nv.adapted_layers(theirs).values():  # moved by 2% of W + ΔW: four of its rounding steps
+            merged_value = (layer.weight.float() + layer.get_delta_weight().float()).abs()
+            layer.weight.add_((0.02 * merged_value).to(layer.weight.dtype))
+    expected = _weights(theirs)
+    nv.merge(ours)
+    nv.merge(theirs)
+    merged = _weights(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    nv.unmerge(ours)
+    for name, layer in nv.adapted_layers(ours).items():  # theirs, within a rounding step of the merged values
+        error = (layer.weight.float() - expected[name].float()).abs()
+        assert bool((error <= 2**-7 * merged[name].float().abs() + 1e-6).all()), name
+
+
 def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_entries():
     """The entries a merge keeps belong to its weight: after other values were copied into the merged weight, unmerge
     subtracts ΔW from those and puts none of the old entries back."""

@@ -740,6 +740,8 @@ class AdaptedLinear(nn.Module):
                 "state dict"
             )
             return
+        # the weight the kept rounding entries belong to (a 16-bit merged layer's): they hold only for that weight
+        kept_for = self.weight.detach().clone() if self.merged and self.__dict__.get("_rounding") else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for key, present in ((MERGED_FLAG, flag is not None), (IDENTITY_KEY, identity is not None)):
@@ -757,7 +759,9 @@ class AdaptedLinear(nn.Module):
             values, previous = self.trained_values(), self.__dict__.get("_merged_values")
             if previous is not None and previous.keys() == values.keys() and all(
                     torch.equal(previous[key].to(value.device), value) for key, value in values.items()):
-                self._merged_values = values  # its own update loaded back: the factors and rounding it kept hold
+                self._merged_values = values  # the same update loaded back: the factors it kept hold
+                if kept_for is None or not torch.equal(kept_for, self.weight):
+                    self._rounding = None  # another weight (another model's): its rounding was not kept
             else:
                 self._set_merged_update(values)
         # else nothing of this layer's update was loaded: what this model merged stays merged
