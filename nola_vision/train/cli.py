@@ -1095,7 +1095,8 @@ def _refuse_unknown_key(cls: Any, prefix: str, option: str, path: str) -> None:
     close = difflib.get_close_matches(option, accepted, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(f'{prefix}{c}' for c in close)}? " if close else ""
     listed = f"its options: {', '.join(accepted)}" if len(accepted) <= 30 else "nola-vision fit --help lists them"
-    raise ValueError(f"config file {path}: {prefix}{option} is no option of {cls.__name__} ({hint}{listed})")
+    owner = getattr(cls, "__name__", cls)  # a trainer_class may be any callable (a functools.partial)
+    raise ValueError(f"config file {path}: {prefix}{option} is no option of {owner} ({hint}{listed})")
 
 
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
