@@ -446,7 +446,7 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     new_factors = delta_factors_of_values([(layer, new_values[id(layer)]) for layer in layers.values()])  # of copies:
     changes = {id(layer): (old_factors[id(layer)], new)  # the parameters are overwritten below
                for layer, new in zip(layers.values(), new_factors)}
-    for prefix, layer in ((p, m) for p, m in layers.items() if m.merge_can_overflow):  # before anything changes
+    for prefix, layer in layers.items():  # before anything changes (None at once where no range can be left)
         overflow = layer.switch_overflow(*changes[id(layer)])
         if overflow is not None:
             raise OverflowError(f"{prefix}: merging the new task's update: {overflow}; the model still serves its "

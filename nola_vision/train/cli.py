@@ -18,7 +18,7 @@ import sys
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import fsspec
 import torch
@@ -1058,11 +1058,12 @@ def _check_section_keys(node: Any, path: str, trainer_class: Any = Trainer) -> N
         cls = sections.get(key.value)
         if cls is None or not isinstance(value, yaml.MappingNode):
             continue
+        parameters = inspect.signature(cls).parameters
         for option, option_value in value.value:
             if not isinstance(option, yaml.ScalarNode):
                 continue
             _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
-            _refuse_unknown_key(cls, f"{key.value}.", option.value, path)
+            _refuse_unknown_key(cls, parameters, f"{key.value}.", option.value, path)
             if key.value == "model" and option.value == "adapter":
                 _check_adapter_init_args(option_value, path)
 
@@ -1078,17 +1079,18 @@ def _check_adapter_init_args(node: Any, path: str) -> None:
     module, _, name = str(class_path.value).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module or "nola_vision"), name)
-        inspect.signature(cls)
+        parameters = inspect.signature(cls).parameters
     except (ImportError, AttributeError, TypeError, ValueError):
         return
     for option, _ in init_args.value:
         if isinstance(option, yaml.ScalarNode):
-            _refuse_unknown_key(cls, "model.adapter.init_args.", option.value, path)
+            _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, path)
 
 
-def _refuse_unknown_key(cls: Any, prefix: str, option: str, path: str) -> None:
-    """Refuse ``option``, a key of config file ``path`` under ``prefix``, if ``cls`` takes no such argument."""
-    parameters = inspect.signature(cls).parameters
+def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], prefix: str, option: str,
+                        path: str) -> None:
+    """Refuse ``option``, a key of config file ``path`` under ``prefix``, if ``cls`` (whose signature has
+    ``parameters``) takes no such argument."""
     if option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     accepted = [name for name in parameters if name != "self"]

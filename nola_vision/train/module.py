@@ -245,7 +245,7 @@ class FewShotClassifier(L.LightningModule):
         self.save_hyperparameters(dict(self.hparams))
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
-        # The rates as resolved now, and whether the head's was given: a rate set later follows (``_rates_now``)
+        # The rates as resolved now, and whether the head's was given (``_follow_a_changed_lr``: a rate set later)
         self._resolved_rates: Tuple[float, float] = (hp.lr, hp.head_lr)
         self._given_head_lr = head_lr is not None
         self.model = build_backbone(hp.backbone, hp.num_classes, pretrained=hp.pretrained,
