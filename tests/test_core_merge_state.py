@@ -611,6 +611,55 @@ def test_a_16_bit_merged_model_cast_to_float32_still_unloads_to_its_weights_bit_
         assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, before[name].float()), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key", ["nola_shared", "lora_qv"])
+def test_switches_of_a_16_bit_merge_cast_to_float32_hold_a_fresh_merges_weights(key, dtype):
+    """A float32 weight took a switch as one rank-2r update and dropped the entries its 16-bit merge kept: two switches
+    left every adapted weight off after unload (2.4e-4 in bfloat16). Switches now run in the merge's dtype."""
+    tasks = [_trained_values(_adapted(key, seed=seed)) for seed in range(2)]
+    served = _adapted(key).to(dtype)
+    original = _weights(served)
+    nv.merge(served)
+    served.float()
+    for task in (tasks[1], tasks[0], tasks[1]):
+        switch_merged(served, task)
+    fresh = _adapted(key).to(dtype)  # frozen weights in 16 bits, trained tensors in float32 as the served model's
+    for layer in nv.adapted_layers(fresh).values():
+        for parameter in layer.adapter_parameters().values():
+            parameter.data = parameter.data.float()
+    switch_merged(fresh, tasks[1])
+    nv.merge(fresh)
+    for name, weight in _weights(fresh).items():
+        assert torch.equal(nv.adapted_layers(served)[name].weight, weight.float()), name
+    nv.unload(served)
+    for name, weight in original.items():
+        layer = served.get_submodule(name)
+        assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight.float()), name
+
+
+def test_a_float16_merge_cast_to_float32_takes_a_switch_beyond_float16s_range_in_float32():
+    """A switch on a float32 weight merged in float16 runs in float16, save for an update that float16 cannot hold:
+    that one the float32 weight takes (nothing infinite, nothing refused)."""
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=1, targets=["mlp.fc2"])).half()
+    layer = model.blocks[0].mlp.fc2
+    with torch.no_grad():
+        layer.weight[0, 0] = 60000.0
+        layer.lora_A.zero_()
+        layer.lora_A[0, 0, 0] = 1.0
+        layer.lora_B.zero_()
+        layer.lora_B[0, 0, 0] = 15.0
+    original = layer.weight.detach().float()
+    nv.merge(model)
+    model.float()
+    task = {"blocks.0.mlp.fc2.lora_B": layer.lora_B.detach().clone()}
+    task["blocks.0.mlp.fc2.lora_B"][0, 0, 0] = 9000.0
+    switch_merged(model, task)
+    assert layer.weight.dtype == torch.float32 and bool(torch.isfinite(layer.weight).all())
+    assert layer.weight[0, 0].item() == 69000.0
+    nv.unload(model)
+    assert torch.allclose(model.blocks[0].mlp.fc2.weight, original, rtol=0, atol=1e-6)
+
+
 def test_a_16_bit_merged_model_given_its_own_state_dict_back_still_unloads_bit_for_bit():
     """Loading a merged model's own state dict dropped the entries its merge kept (177 entries off after unload)."""
     model = _adapted("nola_shared").to(torch.bfloat16)

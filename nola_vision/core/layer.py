@@ -64,6 +64,12 @@ class _Rounding(NamedTuple):
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
+def _can_overflow(weight: Tensor) -> bool:
+    """Whether an update merged into ``weight`` can leave its dtype's range (float16, the 8-bit floats; see
+    ``_WIDE_RANGE``). A weight on the meta device has no values to leave a range."""
+    return torch.finfo(weight.dtype).max <= _WIDE_RANGE and not weight.is_meta
+
+
 # Float dtypes with a larger largest value than this (float32, bfloat16, float64) hold any merged update a trained
 # adapter reaches; float16 (65,504) and the 8-bit floats do not, so their merges are checked.
 _WIDE_RANGE = 1e30
@@ -467,17 +473,18 @@ class AdaptedLinear(nn.Module):
         else:
             weight.addmm_(left, right)
 
-    def _merge_update(self, a: Tensor, b: Tensor) -> Optional[_Rounding]:
-        """weight += (a b)ᵀ; in a 16-bit dtype, also the entries that subtracting it again would not round back to
-        (``_Rounding``: for a trained adapter a few in ten thousand). Each 16-bit rounding of a task switch otherwise
-        stayed in the weight: 300 switches among three bfloat16 tasks moved the logits by 14%, where a fresh merge
-        rounds once."""
-        if self.weight.dtype not in _SIXTEEN_BIT or self.weight.is_meta:
-            self._add_low_rank(a, b)
+    def _merge_update(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Optional[_Rounding]:
+        """weight (or ``weight``, a copy of it) += (a b)ᵀ; in a 16-bit dtype, also the entries that subtracting it again
+        would not round back to (``_Rounding``: for a trained adapter a few in ten thousand). Each 16-bit rounding of a
+        task switch otherwise stayed in the weight: 300 switches among three bfloat16 tasks moved the logits by 14%,
+        where a fresh merge rounds once."""
+        weight = self.weight if weight is None else weight
+        if weight.dtype not in _SIXTEEN_BIT or weight.is_meta:
+            self._add_low_rank(a, b, into=weight)
             return None
-        before = self.weight.detach().clone()
-        self._add_low_rank(a, b)
-        back = self.weight.detach().clone()
+        before = weight.detach().clone()
+        self._add_low_rank(a, b, into=weight)
+        back = weight.detach().clone()
         self._add_low_rank(-a, b, into=back)  # what _unmerge_update computes
         lost = torch.ne(back, before).reshape(-1)
         del back
@@ -489,6 +496,16 @@ class AdaptedLinear(nn.Module):
         narrow = positions.int() if before.numel() <= torch.iinfo(torch.int32).max else positions
         return _Rounding(narrow.cpu(), values.cpu())
 
+    def _as_merged(self, weight: Tensor) -> Optional[Tensor]:
+        """``weight`` in the 16-bit dtype it was merged in, where the model was cast since without loss (bfloat16 to
+        float32): unmerges and switches then run in that dtype, with the entries the merge kept. None where it was not
+        cast, or the cast lost values (the kept entries then no longer apply)."""
+        rounding = self.__dict__.get("_rounding")
+        if rounding is None or rounding.values.dtype == weight.dtype:
+            return None
+        merged = weight.detach().to(rounding.values.dtype)
+        return merged if torch.equal(merged.to(weight.dtype), weight) else None
+
     def _unmerge_update(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> None:
         """weight (or ``weight``, a copy of it) −= (a b)ᵀ: the weight before ``_merge_update``, bit for bit, from the
         entries it kept. They are put back only where the weight (in the dtype it merged in) comes within a few
@@ -497,8 +514,8 @@ class AdaptedLinear(nn.Module):
         weight = self.weight if weight is None else weight
         rounding = self.__dict__.get("_rounding")
         if rounding is not None and rounding.values.dtype != weight.dtype:  # the model was cast since the merge
-            merged = weight.to(rounding.values.dtype)
-            if torch.equal(merged.to(weight.dtype), weight):  # a cast that lost nothing: unmerged as it merged
+            merged = self._as_merged(weight)
+            if merged is not None:
                 self._unmerge_update(a, b, weight=merged)
                 weight.copy_(merged)
                 return
@@ -534,7 +551,7 @@ class AdaptedLinear(nn.Module):
     def merge_can_overflow(self) -> bool:
         """Whether a merged update can leave the weight dtype's range (float16, the 8-bit floats): only then is
         ``low_rank_overflow`` worth its factors. A weight on the meta device has no values to leave a range."""
-        return torch.finfo(self.weight.dtype).max <= _WIDE_RANGE and not self.weight.is_meta
+        return _can_overflow(self.weight)
 
     @torch.no_grad()
     def low_rank_overflow(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Optional[str]:
@@ -544,9 +561,9 @@ class AdaptedLinear(nn.Module):
         A bound first (the largest |W| plus the largest row norm of ``a`` times column norm of ``b``), so a weight is
         read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
         """
-        if not self.merge_can_overflow:
-            return None
         weight = self.weight if weight is None else weight
+        if not _can_overflow(weight):
+            return None
         largest = torch.finfo(weight.dtype).max
         bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
@@ -623,11 +640,26 @@ class AdaptedLinear(nn.Module):
                              values: Optional[Dict[str, Tensor]] = None) -> None:
         """On a merged layer, weight += ΔW_new − ΔW_old: a switch between tasks. A float32 or float64 weight takes it
         as one rank-2r update (rounded once); a 16-bit one is unmerged, then merged again (``_merge_update``), so its
-        weight is that of a fresh merge of the new task, however many switches came before.
+        weight is that of a fresh merge of the new task, however many switches came before. So is a weight merged in
+        16 bits and cast since without loss (bfloat16 to float32): it switches in the merge's dtype.
 
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged."""
         values = self.trained_values() if values is None else values
+        # Merged in 16 bits, then cast without loss to a dtype of wider range (float32): switched in the merge's dtype,
+        # unless the new update leaves it (float16), which the weight's own dtype then takes.
+        merged = None if self.merge_can_overflow else self._as_merged(self.weight)
+        if merged is not None:
+            self._unmerge_update(*old, weight=merged)
+            if self.low_rank_overflow(*new, weight=merged) is None:
+                rounding = self._merge_update(*new, weight=merged)
+                self.weight.copy_(merged)
+                self._set_merged_update(values, new, rounding)
+                return
+            self.weight.copy_(merged)
+            self._add_low_rank(*new)
+            self._set_merged_update(values, new)
+            return
         if self.weight.dtype in _SIXTEEN_BIT:
             self._unmerge_update(*old)
             self._set_merged_update(values, new, self._merge_update(*new))
