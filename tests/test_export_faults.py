@@ -167,7 +167,7 @@ def test_a_peft_model_is_refused_by_the_calls_that_adapt_or_serve_it_naming_the_
     nv.export_peft(model, tmp_path / "peft")
     message = r"the model is a peft PeftModel, and nola_vision adapts and loads into the plain timm model.*unload\(\)"
     for call in (lambda served: nv.load_adapter(served, directory), nv.MultiTaskModel,
-                 lambda served: nv.inject(served, nv.LoRAConfig())):
+                 lambda served: nv.inject(served, nv.LoRAConfig()), nv.count_parameters):  # counts: adapter 0, head 2x
         with pytest.raises(ValueError, match=message):
             call(peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "peft")))
     served = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "peft"))
