@@ -1,5 +1,6 @@
 """inject, counts, init, slices, recomputation and bases on timm ViTs, beyond the method matrix's contract."""
 import copy
+import warnings
 
 import pytest
 import timm
@@ -244,6 +245,34 @@ def test_overlapping_targets_and_double_injection_are_rejected():
     model = nv.inject(tiny_vit(), "linear")
     with pytest.raises(ValueError, match="already has"):
         nv.inject(model, nv.LoRAConfig())
+
+
+def test_a_wrappers_own_head_after_a_headless_timm_model_is_named_when_inject_freezes_it():
+    """Without a get_classifier() the wrapper's classifier stayed frozen at its random init, without a word."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.fc = tiny_vit(num_classes=0), torch.nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.fc(self.backbone(x))
+
+    with pytest.warns(UserWarning, match=r"Wrapper has no classifier head .* froze its own nn.Linear layer\(s\) "
+                                         r"outside the timm model .*: fc\. .*get_classifier\(\) method"):
+        model = nv.inject(Wrapper(), nv.NOLAConfig())
+    assert not model.fc.weight.requires_grad
+    Wrapper.get_classifier = lambda self: self.fc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nv.inject(Wrapper(), nv.NOLAConfig())  # its head named: trained, nothing to warn of
+        nv.inject(tiny_vit(num_classes=0), nv.NOLAConfig())  # a headless timm model alone: an encoder
+    assert model.fc.weight.requires_grad
+
+
+def test_a_target_that_is_no_valid_regex_says_so_beside_the_layers_there_are():
+    with pytest.raises(ValueError, match=r"'mlp\.fc\[' matches no nn.Linear.*It is no valid regex either \("
+                                         r"unterminated character set.*Its Linear layers are: .*mlp\.fc1"):
+        nv.inject(tiny_vit(), nv.NOLAConfig(targets=["mlp.fc["]))
 
 
 def test_regex_targets_select_blocks():

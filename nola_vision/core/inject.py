@@ -226,6 +226,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     head = classifier_head(model)
     if head is not None:
         head.requires_grad_(True)
+    elif not config.train_backbone:
+        _warn_about_frozen_wrapper_layers(model, list(plan.layers))
 
     context = layer_cls.injection_context(config) if layer_cls is not None else {}
     for name, layer in plan.layers.items():
@@ -261,6 +263,23 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def _warn_about_frozen_wrapper_layers(model: nn.Module, adapted: List[str]) -> None:
+    """Warn of the ``nn.Linear`` layers a wrapper module holds outside its timm models when no head was found: inject
+    freezes them at their initial values, and a wrapper's own classifier (``self.fc`` after a headless timm model)
+    would then never train, without a word."""
+    inside = [name for name, module in model.named_modules() if callable(getattr(module, "get_classifier", None))]
+    if "" in inside:  # a timm model: no head (num_classes=0), and no layer of a wrapper's
+        return
+    frozen = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+              and name not in adapted and not any(name.startswith(f"{owner}.") for owner in inside)]
+    if frozen:
+        warn_user(f"{type(model).__name__} has no classifier head by timm's get_classifier() contract, so inject "
+                  f"froze its own nn.Linear layer(s) outside the timm model at their initial values: "
+                  f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}. If one is the classifier, give "
+                  f"{type(model).__name__} a get_classifier() method that returns it (then it trains), and inject "
+                  "again into a fresh model (or nv.unload(model) first)")
 
 
 def _frozen_children(model: nn.Module) -> List[nn.Module]:

@@ -248,9 +248,19 @@ def _no_match_message(model: nn.Module, pattern: str, linears: List[str], head: 
     is_head = bool(head_names) and any(_matches(name, pattern) for name in head_names)
     return (f"target {pattern!r} matches no nn.Linear of {kind}"
             f"{' outside its classifier head, which every method trains in full (never adapted)' if is_head else ''}. "
-            f"{_suffix_regex_hint(pattern, linears)}Its Linear layers are: {', '.join(_summarise_names(linears))} "
+            f"{_regex_error(pattern)}{_suffix_regex_hint(pattern, linears)}"
+            f"Its Linear layers are: {', '.join(_summarise_names(linears))} "
             "(targets are name suffixes or regexes; 'attn.q', 'attn.k', 'attn.v' select one third of a fused "
             "'attn.qkv')")
+
+
+def _regex_error(pattern: str) -> str:
+    """Why ``pattern`` is no regex (``mlp.fc[``), as a sentence, or an empty string: it then matched names only."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return f"It is no valid regex either ({error}), so it matched as an exact name or suffix only. "
+    return ""
 
 
 def _suffix_regex_hint(pattern: str, linears: List[str]) -> str:
