@@ -78,8 +78,22 @@ def test_a_default_root_dir_at_or_under_a_file_is_a_configuration_error_naming_b
     root = notes / below if below else notes
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", root)
     assert code == 2 and (f"--trainer.default_root_dir {root} cannot be a folder: {notes} is a file. Choose a "
-                          "directory (the file was left untouched)") in err
+                          "directory (the file was left untouched, and nothing trained)") in err
     assert notes.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("option", ["checkpoint", "logger"])
+def test_a_checkpoint_dirpath_or_logger_save_dir_at_a_file_is_refused_before_anything_trains(tmp_path, capsys, option):
+    """A ModelCheckpoint's dirpath at a file trained a whole epoch, then failed on a bare '[Errno 17] File exists'
+    (its checkpoint lost); a logger's save_dir there on a bare '[Errno 20] Not a directory'."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    extra = (["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", notes] if option == "checkpoint"
+             else ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", notes / "logs"])
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "run", *extra)
+    named = "ModelCheckpoint's dirpath" if option == "checkpoint" else "CSVLogger's save_dir"
+    assert code == 2 and named in err and f"cannot be a folder: {notes} is a file" in err and "nothing trained" in err
+    assert notes.read_text() == "mine\n" and not (tmp_path / "run").exists()
 
 
 def test_a_rerun_into_one_adapter_dir_keeps_the_previous_adapter_and_results_name_theirs(tmp_path, capsys):

@@ -462,10 +462,7 @@ class NolaCLI(LightningCLI):
             return
         _absolute_paths(config)  # "~/x.json" too: no shell expands it in a config file
         root = config.trainer.default_root_dir  # absolute now (_absolute_paths), or a URL
-        blocking = file_in_the_way(root)
-        if blocking is not None:
-            raise ValueError(f"--trainer.default_root_dir {root} cannot be a folder: {blocking} is a file. Choose a "
-                             "directory (the file was left untouched)")
+        _refuse_files_in_the_way(config.trainer)
         argv = sys.argv[1:] if args is None else args
         # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root (unless
         # the command line names the root to look under)
@@ -1192,6 +1189,28 @@ def _absolute_paths(config: Any) -> None:
         for init_args in _checkpoint_callback_args(trainer):
             if "://" not in init_args.dirpath:
                 init_args.dirpath = os.path.abspath(expand_root(init_args.dirpath))
+
+
+def _refuse_files_in_the_way(trainer: Any) -> None:
+    """Refuse, before anything trains, a folder the run writes into that cannot be one (it, or a folder above it, is a
+    file): the run's root, a ``ModelCheckpoint``'s ``dirpath`` (else the first epoch's checkpoint failed on a bare
+    ``[Errno 17]`` after that epoch trained) and a logger's ``save_dir``."""
+    places = [("--trainer.default_root_dir", trainer.get("default_root_dir"))]
+    places += [("--trainer.callbacks ModelCheckpoint's dirpath", args.dirpath)
+               for args in _checkpoint_callback_args(trainer)]
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if isinstance(save_dir, (str, os.PathLike)):
+            places.append((f"--trainer.logger {getattr(logger, 'class_path', 'logger')}'s save_dir", save_dir))
+    for option, path in places:
+        if not isinstance(path, (str, os.PathLike)) or not str(path) or "://" in str(path):
+            continue
+        blocking = file_in_the_way(os.path.abspath(expand_root(str(path))))
+        if blocking is not None:
+            raise ValueError(f"{option} {path} cannot be a folder: {blocking} is a file. Choose a directory (the file "
+                             "was left untouched, and nothing trained)")
 
 
 def _checkpoint_callback_args(trainer: Any) -> List[Any]:
