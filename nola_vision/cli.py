@@ -54,9 +54,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         # From the console script, Lightning reads sys.argv itself: given both, it warns on every run that
         # args and command-line arguments were mixed.
         run_lightning_cli(None if argv is None else args)
-    except SIGTERMException:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
-        print("nola-vision: stopped by SIGTERM before the run finished: no result was written", file=sys.stderr)
+    except SIGTERMException as stop:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
+        print(f"nola-vision: stopped by SIGTERM before the run finished: no result was written{_kept(stop)}",
+              file=sys.stderr)
         return 143
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning exits 1 on Ctrl-C, the code of a failed run
+        interrupt = stop if isinstance(stop, KeyboardInterrupt) else stop.__context__
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        print(f"nola-vision: interrupted (Ctrl-C, SIGINT) before the run finished: no result was written"
+              f"{_kept(interrupt)}", file=sys.stderr)
+        return 130
     except CONFIG_ERRORS + RUN_ERRORS + (OSError,) as err:  # OSError: a read or write failed (a full disk, a limit)
         if os.environ.get("NOLA_VISION_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
@@ -68,6 +76,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         close_process_group()
     return 0
+
+
+def _kept(stop: BaseException) -> str:
+    """Where a stopped fit's latest checkpoint is (``FinalWeights`` records it on the exception), as a sentence."""
+    kept = getattr(stop, "kept_checkpoint", None)
+    return f". The weights of its last saved epoch are kept: resume with --ckpt_path {kept}" if kept else ""
 
 
 def close_process_group() -> None:

@@ -271,6 +271,10 @@ class FinalWeights(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not trainer.global_step:
             return
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):  # the console script names it (``cli.main``)
+            exception.kept_checkpoint = next((callback.last_model_path for callback in trainer.checkpoint_callbacks
+                                              if getattr(callback, "last_model_path", "")), None)
+            return
         if monitoring_callback(exception) is None:
             return
         for callback in trainer.checkpoint_callbacks:
