@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -552,6 +554,64 @@ def test_a_save_keeps_owner_group_and_mode_of_the_directory_its_subfolders_and_a
     monkeypatch.setattr(os, "link", refuse_links)
     nv.save_adapter(trained(3), target)
     assert ownership(plot) == (OTHER_ID, OTHER_ID, 0o640) and plot.read_text() == "kept"
+
+
+def _as_other_user(action):
+    """Run ``action()`` in a forked child as user and group OTHER_ID; its warnings, or its error, as one string."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child runs filesystem calls only, then leaves without running the parent's exit handlers
+        try:
+            os.setgroups([])
+            os.setgid(OTHER_ID)
+            os.setuid(OTHER_ID)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                action()
+            message = "saved|" + "|".join(str(warning.message) for warning in caught)
+        except BaseException as error:  # noqa: BLE001 - handed to the parent, which asserts on it
+            message = f"{type(error).__name__}|{error}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to act as two users")
+def test_a_user_resaving_a_folder_that_holds_another_users_entries_is_told_what_cannot_be_kept():
+    """Another user's private folder in the adapter folder failed the save on a bare PermissionError; their readable
+    files, which Linux's protected_hardlinks keeps from being linked, silently became copies the saver owns."""
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path lies under root's private folders, which OTHER_ID cannot enter
+    try:
+        target = base / "task"
+        private = target / "private"
+        private.mkdir(parents=True)
+        os.chmod(private, 0o700)
+        (target / "adapter.txt").write_text("old")
+        (target / "notes.txt").write_text("root's")
+        for path in (base, target, target / "adapter.txt"):
+            os.chown(path, OTHER_ID, OTHER_ID)
+
+        def save():
+            with storage.atomic_directory(target) as staged:
+                (staged / "adapter.txt").write_text("new")
+
+        refused = _as_other_user(save)
+        assert refused.startswith("PermissionError|")
+        assert f"{private}, kept in it, cannot be read by this user" in refused
+        assert "move it out of" in refused and (target / "adapter.txt").read_text() == "old"
+        assert sorted(p.name for p in base.iterdir()) == [".task.lock", "task"]  # no staged folder left
+        shutil.rmtree(private)
+        saved = _as_other_user(save)
+        assert saved.startswith("saved|") and (target / "adapter.txt").read_text() == "new"
+        assert (target / "notes.txt").read_text() == "root's"
+        copied = os.stat(target / "notes.txt").st_uid != 0  # protected_hardlinks=1 (the default) refuses the link
+        assert ("notes.txt): they are copies now, owned by you" in saved) == copied, saved
+    finally:
+        shutil.rmtree(base)
 
 
 def _other_group():

@@ -22,7 +22,7 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .warn import warn_user
 
@@ -463,7 +463,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
             with _explained_if_out_of_room(target, unchanged):
                 yield staged
                 written = os.listdir(staged)
-                old = _keep_unwritten_entries(target, staged) if keep_others else _stat_or_none(target)
+                old, copied = _keep_unwritten_entries(target, staged) if keep_others else (_stat_or_none(target), [])
                 _fsync_entries(staged, written)
             if check is not None:
                 check()
@@ -476,6 +476,13 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
             _fsync_directory(target.parent)
         finally:
             _remove_tree(staged)
+    if copied:
+        names = [os.path.relpath(path, target) for path in copied]
+        warn_user(f"{target} was saved, and the other files it holds are kept, but {len(names)} of them belong to "
+                  f"another user and this file system would not link them ({', '.join(names[:3])}"
+                  f"{', ...' if len(names) > 3 else ''}): they are copies now, owned by you, with their mode and "
+                  "group. Their owner may want them back as theirs; keep other users' files out of adapter folders "
+                  "you re-save", RuntimeWarning)
 
 
 def copy_directory(source: PathLike, destination: PathLike) -> Path:
@@ -726,47 +733,66 @@ def _make_staging_directory(target: Path) -> Path:
             continue
 
 
-def _keep_unwritten_entries(target: Path, staged: Path) -> Optional[os.stat_result]:
-    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat."""
+def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.stat_result], List[str]]:
+    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat
+    and the files kept as copies that this user owns instead of their owner (``_link_or_copy``). An entry this user
+    cannot read (another user's private folder) raises a PermissionError naming it and the fix: the new set cannot
+    hold it, and the old set stays."""
     if not target.is_dir():
-        return None
+        return None, []
+    copied: List[str] = []
     with os.scandir(target) as entries:
         for entry in entries:
             destination = staged / entry.name
             if os.path.lexists(destination):
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                _relink_folder(entry.path, str(destination))
-            else:
-                _link_or_copy(entry.path, str(destination))
-    return os.stat(target)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    copied += _relink_folder(entry.path, str(destination))
+                elif not _link_or_copy(entry.path, str(destination)):
+                    copied.append(entry.path)
+            except PermissionError as error:
+                unreadable = error.filename or entry.path
+                raise PermissionError(error.errno, (
+                    f"cannot save to {target}: {unreadable}, kept in it, cannot be read by this user, and a save "
+                    "keeps every other entry of the folder (linked or copied into the new set). Make it readable to "
+                    f"you, move it out of {target}, or save elsewhere. Nothing in {target} was changed: a previous "
+                    "adapter there, if any, is intact")) from error
+    return os.stat(target), copied
 
 
-def _relink_folder(source: str, destination: str) -> None:
+def _relink_folder(source: str, destination: str) -> List[str]:
     """A new folder at ``destination`` with ``source``'s owner, group, mode and times, its files hard-linked: a save
     re-creates a user's subfolder of an adapter directory with its access unchanged (``shutil.copytree`` would give
-    it this user's group, so a shared setgid folder would lose its group's access)."""
+    it this user's group, so a shared setgid folder would lose its group's access). Returns the files kept as copies
+    this user owns instead of their owner."""
     os.mkdir(destination)
+    copied: List[str] = []
     with os.scandir(source) as entries:
         for entry in entries:
             inner = os.path.join(destination, entry.name)
             if entry.is_dir(follow_symlinks=False):
-                _relink_folder(entry.path, inner)
-            else:
-                _link_or_copy(entry.path, inner)
+                copied += _relink_folder(entry.path, inner)
+            elif not _link_or_copy(entry.path, inner):
+                copied.append(entry.path)
     _copy_ownership(os.stat(source), destination)
     shutil.copystat(source, destination)  # last: after chown, which may clear set-id bits, and after filling it
+    return copied
 
 
-def _link_or_copy(source: str, destination: str) -> None:
-    """A hard link (a symlink is linked itself, not followed); where the filesystem refuses links, a copy with the
-    source's owner, group, mode and times."""
+def _link_or_copy(source: str, destination: str) -> bool:
+    """A hard link (a symlink is linked itself, not followed); where the filesystem refuses links (or Linux's
+    ``protected_hardlinks`` another user's file), a copy with the source's owner, group, mode and times. Returns False
+    for a copy that could not keep its owner (one this user now owns; only root gives files away)."""
     try:
         os.link(source, destination, follow_symlinks=False)
+        return True
     except (OSError, NotImplementedError):
         shutil.copy2(source, destination, follow_symlinks=False)
-        _copy_ownership(os.stat(source, follow_symlinks=False), destination)
+        info = os.stat(source, follow_symlinks=False)
+        _copy_ownership(info, destination)
         shutil.copystat(source, destination, follow_symlinks=False)
+        return os.stat(destination, follow_symlinks=False).st_uid == info.st_uid
 
 
 def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:
