@@ -591,13 +591,44 @@ def test_a_checkpoint_of_a_ddp_run_keeps_the_random_states_its_augmentations_dra
     torch.manual_seed(5)
     random.seed(5)
     state = dm.state_dict()
-    assert set(state) == {"torch_rng", "python_rng"}
+    assert set(state) == {"torch_rng", "python_rng", "rank_rngs"}
     expected = torch.rand(3), random.random()
     torch.manual_seed(6)
     random.seed(6)
     dm.trainer.state = SimpleNamespace(fn="fit")
     dm.load_state_dict(state)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_a_ddp_checkpoint_keeps_every_processs_random_states_and_each_resumes_its_own(cifar10_root, monkeypatch):
+    """The processes' random states drift apart (a RandomResizedCrop draws as often as an image's size asks), and rank 0
+    alone writes the checkpoint: every rank resumed from rank 0's states, so a DDP run on photos of varied sizes went
+    on otherwise than the uninterrupted one."""
+    states = []
+    for seed in (5, 6):  # rank 0's and rank 1's states when the checkpoint is written
+        torch.manual_seed(seed)
+        random.seed(seed)
+        states.append({"torch_rng": torch.random.get_rng_state(), "python_rng": random.getstate()})
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, state: out.__setitem__(slice(None), states))
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=10, image_size=8)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0}, world_size=2,
+                                 global_rank=0, state=SimpleNamespace(fn="fit"))
+    dm.train_dataloader()
+    saved = dm.state_dict()
+    assert [torch.equal(kept["torch_rng"], state["torch_rng"]) for kept, state in zip(saved["rank_rngs"], states)] == [
+        True, True]
+    torch.manual_seed(6)
+    random.seed(6)
+    expected = torch.rand(3), random.random()
+    dm.trainer.global_rank = 1
+    torch.manual_seed(0)
+    dm.load_state_dict(saved)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    dm.trainer.world_size, dm.trainer.global_rank = 1, 0  # resumed in one process: it cannot go on as the run did
+    with pytest.warns(RuntimeWarning, match="resumes a run of 2 processes on 1"):
+        dm.load_state_dict(saved)
 
 
 def test_evaluation_passes_leave_the_global_random_state_alone(cifar10_root):

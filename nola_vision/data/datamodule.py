@@ -12,7 +12,7 @@ import random
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -732,9 +732,22 @@ class FewShotDataModule(L.LightningDataModule):
         if not self._trains:
             return {}
         state = {"torch_rng": torch.random.get_rng_state(), "python_rng": random.getstate()}
+        # Under DDP each process's states, which drift apart (a RandomResizedCrop draws as often as an image's size
+        # asks): rank 0 writes the checkpoint, and every rank resumed from its states alone drew other crops.
+        state["rank_rngs"] = self._each_process(state)
         if self._train_generator is not None:
             state["train_generator"] = self._train_generator.get_state()
         return state
+
+    def _each_process(self, state: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """``state`` of every process of the run, by global rank (a collective under DDP: Lightning asks every rank
+        for the checkpoint's state together)."""
+        world = getattr(self.trainer, "world_size", 1)
+        if world <= 1 or not torch.distributed.is_initialized():
+            return [state]
+        gathered: List[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Take up a checkpointed run's shuffling and random states, for a resumed fit only: a trainer evaluating a
@@ -745,8 +758,15 @@ class FewShotDataModule(L.LightningDataModule):
             return
         self._resumed_generator_state = state_dict.get("train_generator")
         if "torch_rng" in state_dict:  # checkpoints written before it was kept resume with the current states
-            torch.random.set_rng_state(state_dict["torch_rng"])
-            random.setstate(state_dict["python_rng"])
+            processes = state_dict.get("rank_rngs") or [state_dict]  # one for all before each process's was kept
+            rank, world = getattr(trainer, "global_rank", 0), getattr(trainer, "world_size", 1)
+            if "rank_rngs" in state_dict and len(processes) != world:
+                warn_user(f"this fit resumes a run of {len(processes)} processes on {world}: each process's data order "
+                          "and random draws differ from the run's, which went on as it would have only on as many "
+                          "processes", RuntimeWarning)
+            own = processes[rank] if len(processes) == world else processes[0]
+            torch.random.set_rng_state(own["torch_rng"])
+            random.setstate(own["python_rng"])
 
     def val_dataloader(self) -> Any:
         """The validation subset; an empty list (Lightning then skips validation) when ``val_shots=0``."""
