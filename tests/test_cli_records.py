@@ -60,6 +60,18 @@ def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_se
     assert (evaluated["split"], evaluated["dataset"]) == ("test", "digits") and evaluated["images"] > 100
 
 
+@pytest.mark.parametrize("subcommand, split", [("test", "test"), ("validate", "val")])
+def test_a_pass_run_in_a_spawned_process_records_the_images_it_read(fitted, subcommand, split):
+    """Under ddp_spawn the command's own data module was never set up, and the result recorded "images": null."""
+    result = fitted["folder"] / f"spawned-{subcommand}.json"
+    done = cli(fitted["folder"], subcommand, "--ckpt_path", fitted["checkpoint"], "--trainer.logger", "false",
+               "--trainer.strategy", "ddp_spawn", "--trainer.default_root_dir", f"spawned-{subcommand}",
+               "--result_file", result)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = json.loads(result.read_text())["evaluated"]
+    assert evaluated["split"] == split and evaluated["images"] == (899 if split == "test" else 20)
+
+
 @pytest.mark.parametrize("subcommand, limits, part", [
     ("fit", ["--trainer.limit_test_batches", 1, "--trainer.limit_val_batches", 1], "part of the"),
     ("test", ["--trainer.limit_test_batches", 0.5], "part of the test split"),

@@ -142,6 +142,18 @@ def test_exported_adapter_matches_trained_model(tmp_path):
     torch.testing.assert_close(base(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+def test_every_rank_knows_where_rank_0_exports_the_adapter(tmp_path, monkeypatch):
+    """Under DDP a failure on rank 1 after the fit (an undecodable test image) named 'adapter None': only rank 0, which
+    exports it, kept where the adapter went."""
+    L.seed_everything(1)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "a"), **TINY)
+    fit = trainer(tmp_path, epochs=1, enable_checkpointing=False)
+    monkeypatch.setattr(L.Trainer, "is_global_zero", property(lambda self: False))  # as rank 1 sees it
+    fit.fit(model, loader())
+    assert model.exported_adapter_dir is None and model.export_target == tmp_path / "a"
+    assert not (tmp_path / "a").exists()  # rank 1 exports nothing
+
+
 class TrainedTensorsAtStart(L.Callback):
     """Keeps the trained tensors as training starts: after a resume, those the checkpoint restored."""
 

@@ -569,9 +569,10 @@ class NolaCLI(LightningCLI):
                 results = self.trainer.test(self.model, datamodule=self.datamodule)
             except CorruptImageError as error:
                 checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+                adapter = self.model.exported_adapter_dir or self.model.export_target  # rank 0 exported it
                 raise CorruptImageError(
                     f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
-                    f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
+                    f"{adapter}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
                     "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
                     f"{self.model.before_export.note if self.model.before_export is not None else ''}") from error
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
@@ -716,6 +717,8 @@ class NolaCLI(LightningCLI):
         if not trainer.is_global_zero or trainer.interrupted:
             return
         data, checkpoint = self.datamodule, str(trainer.ckpt_path or config.ckpt_path)
+        if data.train_set is None and data.test_set is None:  # the pass set its data up in processes it started
+            data.setup(split if split == "test" else "validate")  # (ddp_spawn): listed here to count its images
         evaluated = data.test_set if split == "test" else data.val_set
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         kept = _kept_output_check(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file,

@@ -264,12 +264,12 @@ class FewShotClassifier(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self._fingerprint: Optional[dict] = None
         self._fingerprint_key: tuple = ()  # the frozen tensors' storage and versions it was taken of
-        # the data record of the checkpoint this module's weights were loaded from (not a hyper-parameter): a load
-        # without a trainer (load_from_checkpoint) has no data to compare it with, so every later setup compares it
         # What these weights were trained on (``_data_record``) and by whom: a loaded checkpoint or this module's fit
         self._trained_data: Optional[dict] = None
         self._trained_data_source = "the checkpoint"
         self.exported_adapter_dir: Optional[Path] = None
+        # Where the fit's adapter goes, on every rank (rank 0 alone exports it, to ``exported_adapter_dir``)
+        self.export_target: Optional[Path] = None
         # Called with the folder just before an export replaces it (the CLI moves aside a result that describes it).
         self.before_export: Optional[Callable[[Path], None]] = None
         self.exported_adapter_bits: Optional[int] = None
@@ -531,6 +531,7 @@ class FewShotClassifier(L.LightningModule):
             # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask
             root = self.trainer.log_dir or self.trainer.default_root_dir
             target = str(Path(root) / "adapter")
+        self.export_target = Path(target)
         if not self.trainer.is_global_zero:
             return
         if self.trainer.fast_dev_run:  # a debug pass of a few batches: it must not replace a run's adapter
