@@ -113,6 +113,23 @@ def test_train_loader_shuffles_with_a_seeded_generator(cifar10_root):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_loaders_built_by_hand_each_epoch_go_on_drawing_new_orders_as_one_loaders_epochs_do(cifar10_root):
+    """A loop calling train_dataloader() each epoch (the notebooks' own loop) got the first epoch's order every time,
+    and drop_last left out the same images in every epoch."""
+    def module():
+        dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=5, batch_size=16, image_size=8,
+                               augment="none", shuffle_seed=3)
+        dm.setup("fit")
+        return dm
+
+    rebuilt, kept = module(), module()
+    loader = kept.train_dataloader()
+    by_hand = [torch.cat([y for _, y in rebuilt.train_dataloader()]).tolist() for _ in range(4)]
+    one_loader = [torch.cat([y for _, y in loader]).tolist() for _ in range(4)]
+    assert by_hand == one_loader and len({tuple(order) for order in by_hand}) == 4
+    assert [len(order) for order in by_hand] == [48] * 4  # 50 images, batches of 16: 2 left out, other ones each time
+
+
 def test_ddp_train_sampler_is_seeded_with_shuffle_seed(cifar10_root):
     """The sampler Lightning trains with under DDP (built here without launching 2 processes)."""
     from lightning.pytorch import Trainer

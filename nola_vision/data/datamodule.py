@@ -710,11 +710,14 @@ class FewShotDataModule(L.LightningDataModule):
     def _shuffle_generator(self) -> torch.Generator:
         """A fit's shuffling generator: seeded at the fit's first loader (or set where a resumed run's stood), then
         kept for the loaders Lightning builds again later in the same fit (``reload_dataloaders_every_n_epochs``), so
-        their epochs go on drawing new orders as one loader's do, instead of repeating the first epoch's."""
+        their epochs go on drawing new orders as one loader's do, instead of repeating the first epoch's. Loaders
+        built by hand (no trainer: a loop that calls ``train_dataloader()`` each epoch) go on from the first's too:
+        each started again from the seed, so every epoch had the same order and drop_last left out the same images."""
         trainer, generator = self.trainer, self._train_generator
-        if (generator is not None and trainer is not None and self._resumed_generator_state is None
-                and self._generator_fit is not None and self._generator_fit[0] == id(trainer)
-                and trainer.current_epoch > self._generator_fit[1]):
+        if generator is not None and self._resumed_generator_state is None and (
+                (trainer is None and self._generator_fit is None)
+                or (trainer is not None and self._generator_fit is not None and self._generator_fit[0] == id(trainer)
+                    and trainer.current_epoch > self._generator_fit[1])):
             return generator
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
         generator = torch.Generator().manual_seed(seed % 2**63)
