@@ -2,8 +2,9 @@
 
 The module holds the *what* of a few-shot run (backbone, adapter, loss, metrics, optimiser, schedule); the
 Trainer holds the *how*. Its typed ``__init__`` arguments are the ``model:`` section of a LightningCLI config.
-Checkpoints hold only trained tensors (adapter coefficients and head, tens of KB) plus the hyper-parameters:
-the frozen backbone is rebuilt from ``backbone``/``pretrained``/``pretrained_file`` when loading.
+Checkpoints hold only trained tensors (adapter coefficients and head, with the optimizer's moments: 0.77 MB for a
+ViT-B NOLA task) plus the hyper-parameters: the frozen backbone is rebuilt from ``backbone``/``pretrained``/
+``pretrained_file`` when loading.
 """
 from __future__ import annotations
 
@@ -649,8 +650,8 @@ class FewShotClassifier(L.LightningModule):
         return names if all(names) else None
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Keep only the trained tensors: a NOLA checkpoint is KB, not the size of the backbone. Keys never carry
-        ``torch.compile``'s ``_orig_mod.`` (a compiled ``self.model``), so the checkpoint loads either way."""
+        """Keep only the trained tensors: a NOLA checkpoint is under a MB, not the size of the backbone. Keys never
+        carry ``torch.compile``'s ``_orig_mod.`` (a compiled ``self.model``), so the checkpoint loads either way."""
         trained = self.trained_keys()
         checkpoint["state_dict"] = {_plain_key(k): v for k, v in checkpoint["state_dict"].items()
                                     if _plain_key(k) in trained}
