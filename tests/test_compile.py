@@ -1,6 +1,7 @@
 """torch.compile beyond the method matrix (which compiles every variant's training step with ``aot_eager`` and
 ``fullgraph=True``): the basis generator is one operator in a graph, and inductor trains as eager does (slow)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,45 @@ def test_compiled_autocast_training_gives_the_eager_autocast_logits_and_gradient
     torch.testing.assert_close(logits, eager, rtol=0, atol=0)
     for grad, expected in zip(grads, eager_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_compiled_training_under_gradient_checkpointing_gives_the_adapters_the_eager_gradients(method, reentrant,
+                                                                                                images):
+    """Under timm's re-entrant checkpointing a compiled model kept its images frozen, so every adapter got no gradient
+    (only the head trained, without an error)."""
+    import timm.layers
+
+    if reentrant and not hasattr(timm.layers, "set_reentrant_ckpt"):
+        pytest.skip("this timm checkpoints non-reentrantly only")
+    config = nv.NOLAConfig(num_basis_a=16, num_basis_b=16) if method == "nola" else nv.LoRAConfig()
+    generator = torch.Generator().manual_seed(0)
+    model = nv.inject(tiny_vit(), config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    eager = copy.deepcopy(model)
+    eager(images).logsumexp(-1).sum().backward()
+    model.set_grad_checkpointing(True)
+    previous = timm.layers.use_reentrant_ckpt() if hasattr(timm.layers, "use_reentrant_ckpt") else None
+    if previous is not None:
+        timm.layers.set_reentrant_ckpt(reentrant)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.compile(model, backend="aot_eager")(images).logsumexp(-1).sum().backward()
+    finally:
+        if previous is not None:
+            timm.layers.set_reentrant_ckpt(previous)
+    # dynamo warned of each functools.cache it traced in our code ("silent incorrectness is a potential risk")
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    expected = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, expected[name].grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 output added in one op for inference, and the guard that refuses backward through a merged adapter."""
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
@@ -294,12 +293,17 @@ class _InputLayerGradients:
         return self.grad_xa, self.grad_b.to(grad.dtype) if self.grad_b is not None else None
 
 
-@functools.cache
 def autocast_available(device_type: str) -> bool:
     """Whether torch has autocast for ``device_type`` (cpu, cuda, mps, xpu...; not meta), where asking whether it is
-    on would raise."""
-    is_available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
-    return is_available(device_type)
+    on would raise. Kept in a plain dict, which torch.compile traces (it warned of every ``functools.cache``)."""
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        is_available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+        available = _AUTOCAST_AVAILABLE[device_type] = bool(is_available(device_type))
+    return available
+
+
+_AUTOCAST_AVAILABLE: Dict[str, bool] = {}
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

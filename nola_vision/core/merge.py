@@ -223,7 +223,7 @@ def reentrant_checkpointing_inputs(model: nn.Module, args: tuple, kwargs: dict) 
     as tensors that require grad (the same storage). Re-entrant checkpointing only differentiates a block whose input
     requires grad, and a frozen stem's output does not: without this every adapter would silently get no gradient.
     ``inject`` installs it on the model and on each timm model inside it, which gets the images of a dict batch."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
         return None
     if not any(_frozen_input(value) for value in (*args, *kwargs.values())):
         return None
@@ -236,7 +236,7 @@ def reentrant_checkpointing_output(model: nn.Module, module: nn.Module, args: tu
     """Forward hook on the frozen children of a timm model (its stem) with ``model`` bound: under re-entrant
     gradient checkpointing, hand on their output as a tensor that requires grad, as ``reentrant_checkpointing_inputs``
     does with the images, for calls that skip the model's own forward (``model.forward_features(x)``)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not _frozen_input(output):
+    if not torch.is_grad_enabled() or not _frozen_input(output):
         return None
     if not (_reentrant_checkpointing() and gradient_checkpointing(model)):
         return None
