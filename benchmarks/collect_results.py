@@ -97,18 +97,14 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "The recipes were chosen on digits validation images; here each method's recipe competes, again on validation, "
      "with the points around it on a dataset the choice never saw (first 1,000 test images)."),
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16",
-     "One H200 on a 16-core host, one process per method. A step of this size is launch-bound there: "
-     "`torch.profiler` gave our LoRA 10.6 ms of GPU work in a 40 ms step and peft's LoRA 11.5 ms in 22 ms, so "
-     "these ratios measure the host's Python and kernel-launch cost more than GPU work. The first run (same day) "
-     "decoded NOLA's bases 32 at a time and recomputed fc2's activation in 2 MiB blocks, as on a CPU, and took "
-     "0.141 s a step (4.13× LoRA; per-layer bases 0.902 s, 26×); since then accelerators take 8M-value chunks and "
-     "blocks (`bases_per_chunk`, `_block_rows`), which gave this table. What remains was not profiled: NOLA-MLP "
-     "adapts twice LoRA q,v's layers (fc1 and fc2 against qkv), each through the fused autograd functions that keep "
-     "CPU memory at LoRA's, plus the per-step combination of its bases."),
+     "One process per method on the GPU the first line names. A step of this size is launch-bound on an H200: "
+     "`torch.profiler` gave our LoRA 10.6 ms of GPU work in a 40 ms step and peft's LoRA 11.5 ms in 22 ms "
+     "(2026-12-04), so these ratios measure the host's Python and kernel-launch cost more than GPU work (see the "
+     "host's cost tables below). The first run (2026-12-04) decoded NOLA's bases 32 at a time and recomputed fc2's "
+     "activation in 2 MiB blocks, as on a CPU, and took 0.141 s a step (4.13× LoRA; per-layer bases 0.902 s, 26×); "
+     "since then accelerators take 8M-value chunks and blocks (`bases_per_chunk`, `_block_rows`)."),
     ("gpu_train_step_vit_l", "GPU training step, ViT-L/16, bf16",
-     "Measured before the 8M-value chunks and blocks (see ViT-B). After them, in the ViT-B table's session "
-     "(lora, nola and peft_lora only): our LoRA 0.066 s, NOLA-MLP 0.144 s (2.18×; it was 0.299 s), peft's LoRA "
-     "0.034 s, peaks unchanged (4,714, 4,467 and 4,547 MiB). `bash benchmarks/run_all.sh gpu` re-runs this table."),
+     "As for ViT-B. `bash benchmarks/run_all.sh gpu` re-runs both tables."),
     ("launch_bound_vit_b", "The host's cost of a training step, ViT-B/16's 12 blocks, bf16: the GPU step's bound on a CPU",
      "A GPU step of this model is launch-bound (see above), so its time is what the host spends per op. Here every "
      "op of every block runs at width 64 on 16-px images (two tokens), where kernels cost next to nothing, and "
@@ -184,8 +180,28 @@ NOLA_VARIANTS = {"nola": "NOLA-MLP", "nola_held": "NOLA-MLP, codes held,"}
 
 
 def _load(results: Path, name: str):
+    """Result ``name``'s raw numbers, or None where it was not run; one measured on another model than the report's
+    labels name (``ViT-B/16`` for ``*_vit_b``) is refused, naming the file."""
     path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    setting = data.get("setting", "") if isinstance(data, dict) else ""
+    measured = re.match(r"[\w.\-]*", setting)[0]  # the setting starts with the timm name
+    expected = _labelled_model(name)
+    if measured and expected and measured != expected:
+        raise ValueError(f"{path} was measured on {measured}, and the report labels it {expected}: re-run "
+                         f"`bash benchmarks/run_all.sh {PARTS.get(name, name)}`, which measures {expected}")
+    return data
+
+
+def _labelled_model(name: str) -> Optional[str]:
+    """The timm model the report's labels name for result ``name`` (ViT-B/16 or ViT-L/16), or None."""
+    if re.search(r"_vit_l(_|$)", name):
+        return "vit_large_patch16_224"
+    if re.search(r"_vit_b(_|$)", name) or name in ("inference", "compiled_switch", "onnx_tasks", "multitask"):
+        return "vit_base_patch16_224"
+    return None
 
 
 def _method(data: Dict, method: str) -> Dict:
@@ -521,11 +537,27 @@ def build(results: Path) -> str:
     if rows:
         lines += ["## Targets", "", markdown_table(["target", "measured", "verdict"], rows), "", timing_note(results), ""]
     for name, title, note in done:
+        note = " ".join(filter(None, [note, _run_note(name, printed[name])]))
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
         lines += [_without_machine(printed[name]) if _machine(printed[name]) == main else printed[name], ""]
         if (results / f"{name}.png").is_file():
             lines += [f"![{title}](results/{name}.png)", ""]
     return "\n".join(lines)
+
+
+# What is true of one run only, shown beside its table while that run (its header's date) is the one shown.
+RUN_NOTES = {
+    ("gpu_train_step_vit_b", "2026-12-04 12:01"): "This table is the second run of that day, with the 8M-value chunks and "
+    "blocks.",
+    ("gpu_train_step_vit_l", "2026-12-04 11:49"): "This table was measured before the 8M-value chunks and blocks. After "
+    "them, in the ViT-B table's session (lora, nola and peft_lora only): our LoRA 0.066 s, NOLA-MLP 0.144 s (2.18×; "
+    "it was 0.299 s), peft's LoRA 0.034 s, peaks unchanged (4,714, 4,467 and 4,547 MiB).",
+}
+
+
+def _run_note(name: str, printed: str) -> str:
+    match = HEADER.match(printed.splitlines()[0])
+    return RUN_NOTES.get((name, match["date"] if match else ""), "")
 
 
 README_BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -569,6 +601,9 @@ def reprinted(results: Path, name: str) -> Optional[str]:
 
     data = json.loads(raw.read_text())
     first = md.read_text().split("\n", 1)[0]
+    if not HEADER.match(first):  # an emptied table would be written back under a blank first line
+        raise ValueError(f"{md} does not start with its run's header line (it is empty or cut short): its part is "
+                         f"still running or failed; re-run `bash benchmarks/run_all.sh {PARTS.get(name, name)}`")
     return f"{first}\n\n{data['setting']}\n\n{importlib.import_module(REPRINTED[name]).printed(data)}\n"
 
 

@@ -4,8 +4,8 @@ Throughput: images/s of a forward pass (``torch.inference_mode``) at one batch s
 measured in interleaved rounds (order rotated every round) so that machine noise hits all of them alike,
 and the median per model is reported. Task switch: a live model serving task A (merged) is switched to
 task B's saved adapter by ``load_adapter`` on the merged model (reads the files, checks the basis fingerprint,
-copies coefficients and head, and applies W += ΔW_new − ΔW_old in place); median over alternating A→B and
-B→A switches, beside the naive unmerge + load_adapter + merge. The switches are timed in ``--switch-processes``
+copies coefficients and head, and applies W += ΔW_new − ΔW_old in place); median over A→B switches (each timed
+load changes the task), beside the naive unmerge + load_adapter + merge back B→A. The switches are timed in ``--switch-processes``
 fresh processes (each builds the model and its two tasks), pooled, with each process's median shown: on a shared
 VM the same switch can take twice as long in one process as in another.
 

@@ -83,8 +83,8 @@ def _measure(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         with CountedOps() as counter:
             step()
         results[method]["ops"] = counter.count
-    for _ in range(args.rounds):
-        for method, step in steps.items():
+    for round_ in range(args.rounds):
+        for method, step in list(steps.items())[:: 1 if round_ % 2 == 0 else -1]:  # alternating order
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()

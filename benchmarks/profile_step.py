@@ -178,6 +178,14 @@ def worker(args: argparse.Namespace) -> Dict:
     }
 
 
+def _model_batch(text: str) -> str:
+    """A ``model:batch`` pair as given, checked (``vit_base_patch16_224:8``)."""
+    model, _, batch = text.partition(":")
+    if not model or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is no model:batch pair (e.g. vit_base_patch16_224:8)")
+    return text
+
+
 def run_all(args: argparse.Namespace) -> List[Dict]:
     """Every (model, method) in a fresh process, so one run's memory never mixes with another's."""
     results = []
@@ -290,7 +298,7 @@ def plot(results: List[Dict], path: str, title: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="model:batch pairs")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), type=_model_batch, help="model:batch pairs")
     parser.add_argument("--methods", nargs="+", default=["lora", "nola"], choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=1, help="profiled steps per run (median per op)")
     parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")

@@ -21,8 +21,19 @@ run() {  # run <name> <script> [args...]
     local name=$1 script=$2
     shift 2
     echo "== $name: python benchmarks/$script $*" >&2
-    local start=$SECONDS
-    python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/$name.md"
+    local start=$SECONDS kind
+    for kind in md json png; do  # kept until the part succeeds: a failed run must not leave an empty table
+        if [ -e "$out/$name.$kind" ]; then cp -p "$out/$name.$kind" "$out/.$name.$kind.previous"; fi
+    done
+    if python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/$name.md"; then
+        rm -f "$out/.$name.md.previous" "$out/.$name.json.previous" "$out/.$name.png.previous"
+    else
+        for kind in md json png; do
+            if [ -e "$out/.$name.$kind.previous" ]; then mv "$out/.$name.$kind.previous" "$out/$name.$kind"; fi
+        done
+        echo "== $name failed after $((SECONDS - start)) s: its previous table, numbers and plot are kept" >&2
+        exit 1
+    fi
     echo "== $name took $((SECONDS - start)) s" >&2
 }
 

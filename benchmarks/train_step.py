@@ -400,6 +400,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _has_cuda() -> bool:
+    import torch  # here only: this (parent) process measures nothing, its workers import torch themselves
+
+    return torch.cuda.is_available()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if answer_as_worker(args, worker):
@@ -408,6 +414,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("--compile and --paired compare the steps of --methods; run them without --sweep")
     if args.compile and args.paired:  # the paired worker builds eager steps: its times would fill the compiled rows
         raise SystemExit("--paired times eager steps only: run --compile without it")
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit(f"--rounds and --steps must be 1 or more (got {args.rounds} and {args.steps})")
+    if args.device.startswith("cuda") and not _has_cuda():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     results = run_all(args)
     setting = (f"{args.model}, batch {args.batch}, {args.img_size} px, {args.device} {args.precision}, "
                f"median of {args.steps} steps after {args.warmup} warm-up"

@@ -499,6 +499,45 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     assert code == 1 and "run with other settings (methods, models) than benchmarks/run_all.sh uses" in err
 
 
+def test_a_part_that_fails_keeps_its_previous_table_numbers_and_plot(tmp_path):
+    """run_all.sh's tee emptied the table before the script printed anything: a crash left an empty table, which
+    collect_results then wrote back under a blank header line."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "benchmarks" / "storage.py").write_text("print('half a table')\nraise SystemExit('boom')\n")
+    results = tree / "benchmarks" / "results"
+    before = {kind: (results / f"storage.{kind}").read_bytes() for kind in ("md", "json", "png")}
+    run = subprocess.run(["bash", str(tree / "benchmarks" / "run_all.sh"), "storage"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and "storage failed" in run.stderr and "previous table, numbers and plot are kept" in \
+        run.stderr
+    assert {kind: (results / f"storage.{kind}").read_bytes() for kind in before} == before
+    assert not list(results.glob(".storage.*"))
+
+
+def test_an_emptied_reprinted_table_is_refused_not_written_back_without_its_header(tmp_path):
+    import shutil
+
+    for kind in ("md", "json"):
+        shutil.copy(HERE / "results" / f"train_step_vit_b.{kind}", tmp_path / f"train_step_vit_b.{kind}")
+    (tmp_path / "train_step_vit_b.md").write_text("")
+    with pytest.raises(ValueError, match=r"train_step_vit_b.md does not start with its run's header line .*"
+                                         r"run_all.sh train_step"):
+        collect_results.reprinted(tmp_path, "train_step_vit_b")
+
+
+def test_a_result_measured_on_another_model_than_its_label_is_refused_naming_the_file(tmp_path):
+    """A vit_tiny inference.json was reported as 'merged NOLA inference ... (ViT-B/16)'."""
+    data = json.loads((HERE / "results" / "inference.json").read_text())
+    data["setting"] = data["setting"].replace("vit_base_patch16_224", "vit_tiny_patch16_224")
+    (tmp_path / "inference.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"inference.json was measured on vit_tiny_patch16_224, and the report labels "
+                                         r"it vit_base_patch16_224"):
+        collect_results.inference_targets(tmp_path)
+
+
 def test_profile_tables_list_tied_entries_by_name_whatever_the_hash_seed():
     runs = [{"op_ms": {"b": 1.0, "a": 1.0, "c": 2.0}}, {"op_ms": {"a": 0.5, "d": 1.0}}]
     assert profile_step.largest_first(runs, "op_ms") == ["c", "a", "b", "d"]
