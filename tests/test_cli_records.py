@@ -60,6 +60,16 @@ def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_se
     assert (evaluated["split"], evaluated["dataset"]) == ("test", "digits") and evaluated["images"] > 100
 
 
+def test_a_relative_checkpoint_path_is_recorded_absolute_so_a_replay_from_elsewhere_reads_that_checkpoint(fitted):
+    """The config.yaml of a test pass kept --ckpt_path as given: replayed from another folder that holds the same
+    relative path, it would evaluate another checkpoint."""
+    relative = fitted["checkpoint"].relative_to(fitted["folder"])
+    done = cli(fitted["folder"], "test", "--ckpt_path", relative, "--trainer.default_root_dir", "relative")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = yaml.safe_load(next((fitted["folder"] / "relative").rglob("config.yaml")).read_text())
+    assert saved["ckpt_path"] == str(fitted["checkpoint"])
+
+
 @pytest.mark.parametrize("subcommand, split", [("test", "test"), ("validate", "val")])
 def test_a_pass_run_in_a_spawned_process_records_the_images_it_read(fitted, subcommand, split):
     """Under ddp_spawn the command's own data module was never set up, and the result recorded "images": null."""

@@ -20,6 +20,7 @@ from nola_vision.train.cli import (
     PredictionsCSVWriter,
     _is_saved_config,
     check_config_sources,
+    claim_log_dir,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,21 @@ def test_a_checkpoint_dirpath_or_logger_save_dir_at_a_file_is_refused_before_any
     named = "ModelCheckpoint's dirpath" if option == "checkpoint" else "CSVLogger's save_dir"
     assert code == 2 and named in err and f"cannot be a folder: {notes} is a file" in err and "nothing trained" in err
     assert notes.read_text() == "mine\n" and not (tmp_path / "run").exists()
+
+
+def test_commands_started_together_in_one_root_each_claim_their_own_version_folder(tmp_path):
+    """Two predict passes started together picked the same version_N (the folder was made only later, after the slow
+    checks): the second replaced the first one's predictions and config record."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    first, second = (Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False) for _ in range(2))
+    assert claim_log_dir(first) == tmp_path / "lightning_logs" / "version_0" and (tmp_path / "lightning_logs" /
+                                                                                     "version_0").is_dir()
+    assert claim_log_dir(second) == tmp_path / "lightning_logs" / "version_1"
+    assert first.log_dir != second.log_dir
+    assert claim_log_dir(Trainer(logger=False, default_root_dir=tmp_path / "none")) is None  # no logger: no folder
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_rerun_into_one_adapter_dir_keeps_the_previous_adapter_and_results_name_theirs(tmp_path, capsys):

@@ -354,6 +354,32 @@ RUN_RECORD = "nola_vision_run"  # the checkpoint key of what the CLI records of 
 FIT_LOCK = ".fit-running"
 
 
+def claim_log_dir(trainer: Trainer) -> Optional[Path]:
+    """Pick the run's ``version_N`` folder and make it, holding a lock beside the versions (rank 0 picks; the other
+    ranks learn it by broadcast once the processes are joined): two commands started together in one root (two
+    ``predict`` passes, a ``test`` beside a ``fit``) picked the same folder, and the second replaced the first one's
+    predictions and config record. Returns the folder when this call made it, else None (no logger, a remote folder,
+    a folder that existed, another rank)."""
+    logger = trainer.logger
+    root = getattr(logger, "root_dir", None) if logger is not None else None
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not trainer.is_global_zero and not joined:
+        return None
+    fd = None
+    if root is not None and "://" not in str(root) and trainer.is_global_zero:
+        os.makedirs(root, exist_ok=True)
+        fd = try_lock(Path(root) / ".version.lock", wait=True)
+    try:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if fd is None or log_dir is None or os.path.isdir(log_dir):
+            return None
+        os.makedirs(log_dir)
+        return Path(log_dir)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _lock_run_folder(folder: Path) -> Optional[int]:
     """A descriptor holding the exclusive lock on ``<folder>/.fit-running`` until it is closed, or None when another
     process holds it. Not ``results.claim_run``'s ``.claim``: a protocol run's fit inherits that lock from the
@@ -555,6 +581,7 @@ class NolaCLI(LightningCLI):
                              "images: set --data.val_shots N (e.g. 2; drawn apart from the training shots)")
         if config.test_after_fit:
             self._check_test_images("training (the test after fit reads every test image)")
+        claim_log_dir(self.trainer)
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -675,9 +702,11 @@ class NolaCLI(LightningCLI):
             raise ValueError("validate needs validation images: set --data.val_shots (images per class drawn apart "
                              "from the training shots, e.g. 2) as in the run that trained the checkpoint")
         self._check_result_file("val")
+        claim_log_dir(self.trainer)
 
     def before_test(self) -> None:
         self._check_result_file("test")
+        claim_log_dir(self.trainer)
 
     def _check_result_file(self, split: str) -> None:
         """The result path, and a pass over the whole split, are checked before the pass, whose metrics a bad path
@@ -754,6 +783,17 @@ class NolaCLI(LightningCLI):
         path = self.config[self.subcommand].predictions_file
         if path:
             check_result_path(path, "--predictions_file", "predictions.csv")
+        made = claim_log_dir(trainer)  # before the checks below, which take a while: the folder is this pass's
+        try:
+            self._check_predictions(path)
+        except BaseException:
+            if made is not None and not any(made.iterdir()):
+                made.rmdir()
+            raise
+
+    def _check_predictions(self, path: Optional[str]) -> None:
+        """``before_predict``'s checks of the predictions file and the test images."""
+        trainer = self.trainer
         default = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"  # the writer's
         _refuse_replacing(Path(path) if path else default, "--predictions_file", "predict", _is_predictions_file)
         limit = trainer.limit_predict_batches
@@ -1167,10 +1207,15 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                          "Pass a checkpoint of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
 
 
+# The checkpoint names Lightning (and ``parse_arguments``) resolve themselves: no file path
+_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+
 def _absolute_paths(config: Any) -> None:
     """Make the relative folders and files a run reads and writes absolute (from the working directory, where they are
     read): ``--data.root``, the split manifests, ``--model.pretrained_file`` and ``adapter_dir``, ``--result_file``,
-    ``--predictions_file`` and ``--trainer.default_root_dir`` (the working directory itself when unset). The run's
+    ``--predictions_file``, ``--ckpt_path`` (a file, not ``last``/``best``) and ``--trainer.default_root_dir`` (the
+    working directory itself when unset). The run's
     config.yaml, checkpoints and results then name them, and ``test -c <run>/config.yaml`` run from another directory
     reads the run's images and weights and finds its ``--ckpt_path last``/``best``, not those of another folder of
     that relative name. A URL is left as it is."""
@@ -1184,9 +1229,9 @@ def _absolute_paths(config: Any) -> None:
         path = model.get(key) if model is not None else None
         if isinstance(path, str) and path and "://" not in path and path != OFFLINE_PRETRAINED_FILE:
             model[key] = os.path.abspath(expand_root(path))
-    for key in ("result_file", "predictions_file"):
+    for key in ("result_file", "predictions_file", "ckpt_path"):
         path = config.get(key)
-        if isinstance(path, str) and path and "://" not in path:
+        if isinstance(path, str) and path and "://" not in path and path not in _CHECKPOINT_NAMES:
             config[key] = os.path.abspath(expand_root(path))
     trainer = config.get("trainer")
     if trainer is not None:
