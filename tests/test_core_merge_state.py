@@ -392,10 +392,8 @@ def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keep
     assert all(layer.merged for layer in nv.adapted_layers(model).values())
 
 
-def test_a_float16_switch_is_checked_against_the_weight_unmerge_gives_back():
-    """A 16-bit switch unmerges (restoring the rounding the merge lost), then merges: near float16's largest value
-    the checked one-step sum W + ΔW_new − ΔW_old (60000 + 5520 − 15 rounds to 65504) passed while the written one
-    (60000 + 5520 = 65520) was inf."""
+def _float16_weight_near_its_largest_value():
+    """A float16 LoRA model whose fc2 weight has 60000 at [0, 0] and whose ΔW adds 15 there."""
     model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=1, targets=["mlp.fc2"])).half()
     layer = model.blocks[0].mlp.fc2
     with torch.no_grad():
@@ -404,6 +402,14 @@ def test_a_float16_switch_is_checked_against_the_weight_unmerge_gives_back():
         layer.lora_A[0, 0, 0] = 1.0
         layer.lora_B.zero_()
         layer.lora_B[0, 0, 0] = 15.0
+    return model, layer
+
+
+def test_a_float16_switch_is_checked_against_the_weight_unmerge_gives_back():
+    """A 16-bit switch unmerges (restoring the rounding the merge lost), then merges: near float16's largest value
+    the checked one-step sum W + ΔW_new − ΔW_old (60000 + 5520 − 15 rounds to 65504) passed while the written one
+    (60000 + 5520 = 65520) was inf."""
+    model, layer = _float16_weight_near_its_largest_value()
     nv.merge(model)
     before = layer.weight.detach().clone()
     task = {f"{name}.lora_B": value.detach().clone() for name, layer_ in [("blocks.0.mlp.fc2", layer)]
@@ -640,14 +646,7 @@ def test_switches_of_a_16_bit_merge_cast_to_float32_hold_a_fresh_merges_weights(
 def test_a_float16_merge_cast_to_float32_takes_a_switch_beyond_float16s_range_in_float32():
     """A switch on a float32 weight merged in float16 runs in float16, save for an update that float16 cannot hold:
     that one the float32 weight takes (nothing infinite, nothing refused)."""
-    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=1, targets=["mlp.fc2"])).half()
-    layer = model.blocks[0].mlp.fc2
-    with torch.no_grad():
-        layer.weight[0, 0] = 60000.0
-        layer.lora_A.zero_()
-        layer.lora_A[0, 0, 0] = 1.0
-        layer.lora_B.zero_()
-        layer.lora_B[0, 0, 0] = 15.0
+    model, layer = _float16_weight_near_its_largest_value()
     original = layer.weight.detach().float()
     nv.merge(model)
     model.float()

@@ -224,27 +224,14 @@ def test_only_run_folders_count_and_a_null_config_is_read_as_empty(tmp_path):
     assert sorted(Path(r["run_dir"]).name for r in rows) == ["split-1-init0", "split0-init0", "split1"]
 
 
-def test_a_fit_stopped_by_sigterm_exits_non_zero_without_a_result(tmp_path):
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("stop, code, says", [
     # Lightning stops on SIGTERM with a code-less SystemExit: exit 0, as if the run had finished
-    result = tmp_path / "result.json"
-    command = [sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, "--trainer.logger", "false",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-               "--trainer.max_epochs", "200", "--result_file", str(result)]
-    fit = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("checkpoints/*.ckpt")) and time.time() < deadline and fit.poll() is None:
-        time.sleep(0.2)
-    assert list(tmp_path.glob("checkpoints/*.ckpt")), "the fit never trained an epoch"
-    fit.send_signal(signal.SIGTERM)
-    _, err = fit.communicate(timeout=60)
-    assert fit.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
-    assert f"kept: resume with --ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in err
-    assert not result.exists()
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
-def test_a_fit_interrupted_with_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path):
-    """Lightning exits 1 on Ctrl-C, the code of a failed run, and nothing said where the weights were kept."""
+    ("SIGTERM", 128 + 15, "stopped by SIGTERM"),
+    # and exits 1 on Ctrl-C, the code of a failed run; neither said where the weights were kept
+    ("SIGINT", 130, "interrupted (Ctrl-C, SIGINT) before the run finished"),
+])
+def test_a_stopped_fit_exits_with_its_signals_code_naming_the_checkpoint_to_resume_from(tmp_path, stop, code, says):
     result = tmp_path / "result.json"
     command = [sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
@@ -255,9 +242,9 @@ def test_a_fit_interrupted_with_ctrl_c_exits_130_naming_the_checkpoint_to_resume
     while not list(tmp_path.glob("checkpoints/*.ckpt")) and time.time() < deadline and fit.poll() is None:
         time.sleep(0.2)
     assert list(tmp_path.glob("checkpoints/*.ckpt")), "the fit never trained an epoch"
-    fit.send_signal(signal.SIGINT)
+    fit.send_signal(getattr(signal, stop))
     _, err = fit.communicate(timeout=60)
-    assert fit.returncode == 130 and "interrupted (Ctrl-C, SIGINT) before the run finished" in err
+    assert fit.returncode == code and says in err
     assert f"kept: resume with --ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in err
     assert not result.exists()
 
