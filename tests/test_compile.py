@@ -105,6 +105,20 @@ def test_compiled_training_under_gradient_checkpointing_gives_the_adapters_the_e
             torch.testing.assert_close(p.grad, expected[name].grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)])
+def test_a_hook_compiled_once_without_grad_leaves_later_fullgraph_training_compiles_working(config, images):
+    """A compiled pass without grad traced the re-entrant checkpointing hook to no ops, and dynamo skipped it from then
+    on: it ran eagerly inside later compiled calls, where its generator expressions failed every fullgraph=True
+    compile in the process ("Attempt to trace generator")."""
+    served = torch.compile(nv.inject(tiny_vit(), config), backend="eager")
+    with torch.no_grad():
+        served(images)
+    model = nv.inject(tiny_vit(), config).train()
+    expected = model(images)
+    logits = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_inductor_training_steps_give_the_eager_logits_and_gradients(variant, images):
     # Inductor orders float sums its own way: first-step gradients agree to 1e-4 of their largest value, and full

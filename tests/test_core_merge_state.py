@@ -643,6 +643,21 @@ def test_switches_of_a_16_bit_merge_cast_to_float32_hold_a_fresh_merges_weights(
         assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight.float()), name
 
 
+def test_a_float16_merge_cast_to_bfloat16_switches_in_bfloat16_without_drift():
+    """bfloat16 -> float16 -> bfloat16 always round-trips, so such a weight switched in float16 and was rounded back to
+    bfloat16 at every switch: 200 switches moved 47 entries by up to 0.017."""
+    tasks = [_trained_values(_adapted("lora_qv", seed=seed)) for seed in range(2)]
+    served = _adapted("lora_qv").half()
+    nv.merge(served)
+    served.to(torch.bfloat16)
+    switch_merged(served, tasks[1])
+    reference = _weights(served)
+    for i in range(20):
+        switch_merged(served, tasks[i % 2])  # back on task 1 after the last
+    for name, weight in reference.items():
+        assert torch.equal(nv.adapted_layers(served)[name].weight, weight), name
+
+
 def test_a_float16_merge_cast_to_float32_takes_a_switch_beyond_float16s_range_in_float32():
     """A switch on a float32 weight merged in float16 runs in float16, save for an update that float16 cannot hold:
     that one the float32 weight takes (nothing infinite, nothing refused)."""

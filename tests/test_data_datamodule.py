@@ -609,6 +609,8 @@ def test_a_checkpoint_of_a_ddp_run_keeps_the_random_states_its_augmentations_dra
     random.seed(5)
     state = dm.state_dict()
     assert set(state) == {"torch_rng", "python_rng", "rank_rngs"}
+    # a copy, not the state itself: a checkpoint holding itself failed every recursive walk (AsyncCheckpointIO)
+    assert [set(kept) for kept in state["rank_rngs"]] == [{"torch_rng", "python_rng"}]
     expected = torch.rand(3), random.random()
     torch.manual_seed(6)
     random.seed(6)

@@ -295,15 +295,20 @@ class _InputLayerGradients:
 
 def autocast_available(device_type: str) -> bool:
     """Whether torch has autocast for ``device_type`` (cpu, cuda, mps, xpu...; not meta), where asking whether it is
-    on would raise. Kept in a plain dict, which torch.compile traces (it warned of every ``functools.cache``)."""
+    on would raise. Kept in a plain dict, which torch.compile traces (it warned of every ``functools.cache``), filled
+    at import for the usual devices: one filled inside a compiled call made the next call compile again."""
     available = _AUTOCAST_AVAILABLE.get(device_type)
     if available is None:
-        is_available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
-        available = _AUTOCAST_AVAILABLE[device_type] = bool(is_available(device_type))
+        available = _AUTOCAST_AVAILABLE[device_type] = _ask_autocast_available(device_type)
     return available
 
 
-_AUTOCAST_AVAILABLE: Dict[str, bool] = {}
+def _ask_autocast_available(device_type: str) -> bool:
+    is_available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    return bool(is_available(device_type))
+
+
+_AUTOCAST_AVAILABLE: Dict[str, bool] = {kind: _ask_autocast_available(kind) for kind in ("cpu", "cuda", "meta")}
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

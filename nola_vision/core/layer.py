@@ -648,7 +648,8 @@ class AdaptedLinear(nn.Module):
         values = self.trained_values() if values is None else values
         # Merged in 16 bits, then cast without loss to a dtype of wider range (float32): switched in the merge's dtype,
         # unless the new update leaves it (float16), which the weight's own dtype then takes.
-        merged = None if self.merge_can_overflow else self._as_merged(self.weight)
+        wide = self.weight.dtype not in _SIXTEEN_BIT and not self.merge_can_overflow
+        merged = self._as_merged(self.weight) if wide else None
         if merged is not None:
             self._unmerge_update(*old, weight=merged)
             if self.low_rank_overflow(*new, weight=merged) is None:

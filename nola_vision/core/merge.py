@@ -139,19 +139,29 @@ def _walk(model: nn.Module) -> Tuple[List[AdaptedLinear], bool]:
     cached = _WALKS.get(model)
     walk = None
     if cached is not None and cached[0] == _tree_generation:
-        walk = tuple([ref() for ref in refs] for refs in cached[1:])
-        if any(module is None for modules in walk for module in modules):
-            walk = None  # a module freed since (deleted from the tree, which registers nothing)
+        walk = tuple([[ref() for ref in refs] for refs in cached[1:]])  # no generator: see _walked
+        for modules in walk:
+            if None in modules:  # a module freed since (deleted from the tree, which registers nothing)
+                walk = None
+                break
     if walk is None:
         walk = _walk_tree(model)
-        _WALKS[model] = (_tree_generation, *([weakref.ref(module) for module in modules] for modules in walk))
+        _WALKS[model] = (_tree_generation, *[[weakref.ref(module) for module in modules] for modules in walk])
     return _walked(*walk)
 
 
 def _walked(layers: List[AdaptedLinear], modules: List[nn.Module], with_class_flag: List[nn.Module]
             ) -> Tuple[List[AdaptedLinear], bool]:
-    checkpoints = any(module.__dict__.get("grad_checkpointing") is True for module in modules)
-    return layers, checkpoints or any(_checkpoints(module) for module in with_class_flag)
+    # Loops, no generator expressions, here and in the hooks: a hook whose trace held no ops (a pass without grad) is
+    # skipped by dynamo from then on and runs eagerly inside compiled calls, where a fullgraph=True compile refuses
+    # any generator frame started ("Attempt to trace generator")
+    for module in modules:
+        if module.__dict__.get("grad_checkpointing") is True:
+            return layers, True
+    for module in with_class_flag:
+        if _checkpoints(module):
+            return layers, True
+    return layers, False
 
 
 def _walk_tree(model: nn.Module) -> Tuple[List[AdaptedLinear], List[nn.Module], List[nn.Module]]:
@@ -225,7 +235,10 @@ def reentrant_checkpointing_inputs(model: nn.Module, args: tuple, kwargs: dict) 
     ``inject`` installs it on the model and on each timm model inside it, which gets the images of a dict batch."""
     if not torch.is_grad_enabled():
         return None
-    if not any(_frozen_input(value) for value in (*args, *kwargs.values())):
+    for value in (*args, *kwargs.values()):  # a loop, no generator: see _walked
+        if _frozen_input(value):
+            break
+    else:
         return None
     if not (_reentrant_checkpointing() and gradient_checkpointing(model)):
         return None

@@ -737,7 +737,7 @@ class FewShotDataModule(L.LightningDataModule):
         state = {"torch_rng": torch.random.get_rng_state(), "python_rng": random.getstate()}
         # Under DDP each process's states, which drift apart (a RandomResizedCrop draws as often as an image's size
         # asks): rank 0 writes the checkpoint, and every rank resumed from its states alone drew other crops.
-        state["rank_rngs"] = self._each_process(state)
+        state["rank_rngs"] = self._each_process(dict(state))  # a copy: the state must not hold itself
         if self._train_generator is not None:
             state["train_generator"] = self._train_generator.get_state()
         return state

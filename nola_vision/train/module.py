@@ -532,11 +532,11 @@ class FewShotClassifier(L.LightningModule):
             # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask
             root = self.trainer.log_dir or self.trainer.default_root_dir
             target = str(Path(root) / "adapter")
-        self.export_target = Path(target)
-        if not self.trainer.is_global_zero:
-            return
         if self.trainer.fast_dev_run:  # a debug pass of a few batches: it must not replace a run's adapter
             rank_zero_info("nola_vision: fast_dev_run, so no adapter is exported")
+            return
+        self.export_target = Path(target)
+        if not self.trainer.is_global_zero:
             return
         bits = self.hparams.adapter_bits or self.hparams.quant_bits or 16
         if self.before_export is not None:
