@@ -17,23 +17,35 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 
+restore_previous() {  # restore_previous <name>: put back the part's numbers and plot kept before it ran
+    local kind
+    for kind in json png; do
+        if [ -e "$out/.$1.$kind.previous" ]; then mv "$out/.$1.$kind.previous" "$out/$1.$kind"; fi
+    done
+    rm -f "$out/.$1.md.new"
+}
+
 run() {  # run <name> <script> [args...]
     local name=$1 script=$2
     shift 2
     echo "== $name: python benchmarks/$script $*" >&2
     local start=$SECONDS kind
-    for kind in md json png; do  # kept until the part succeeds: a failed run must not leave an empty table
+    # Until the part succeeds its table goes to .<name>.md.new and its previous numbers and plot are kept aside, so a
+    # part that fails or is stopped (SIGTERM, Ctrl-C) leaves the previous table, numbers and plot as they were.
+    for kind in json png; do
         if [ -e "$out/$name.$kind" ]; then cp -p "$out/$name.$kind" "$out/.$name.$kind.previous"; fi
     done
-    if python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/$name.md"; then
-        rm -f "$out/.$name.md.previous" "$out/.$name.json.previous" "$out/.$name.png.previous"
+    trap 'restore_previous "$name"; echo "== $name stopped: its previous table, numbers and plot are kept" >&2; exit 143' TERM
+    trap 'restore_previous "$name"; echo "== $name stopped: its previous table, numbers and plot are kept" >&2; exit 130' INT
+    if python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/.$name.md.new"; then
+        mv "$out/.$name.md.new" "$out/$name.md"
+        rm -f "$out/.$name.json.previous" "$out/.$name.png.previous"
     else
-        for kind in md json png; do
-            if [ -e "$out/.$name.$kind.previous" ]; then mv "$out/.$name.$kind.previous" "$out/$name.$kind"; fi
-        done
+        restore_previous "$name"
         echo "== $name failed after $((SECONDS - start)) s: its previous table, numbers and plot are kept" >&2
         exit 1
     fi
+    trap - TERM INT
     echo "== $name took $((SECONDS - start)) s" >&2
 }
 

@@ -499,20 +499,26 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     assert code == 1 and "run with other settings (methods, models) than benchmarks/run_all.sh uses" in err
 
 
-def test_a_part_that_fails_keeps_its_previous_table_numbers_and_plot(tmp_path):
+@pytest.mark.parametrize("how", ["fails", "is stopped"])
+def test_a_part_that_fails_or_is_stopped_keeps_its_previous_table_numbers_and_plot(tmp_path, how):
     """run_all.sh's tee emptied the table before the script printed anything: a crash left an empty table, which
-    collect_results then wrote back under a blank header line."""
+    collect_results then wrote back under a blank header line; a stopped part left its new header over the old
+    numbers."""
     import shutil
 
     tree = tmp_path / "tree"
     shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
-    (tree / "benchmarks" / "storage.py").write_text("print('half a table')\nraise SystemExit('boom')\n")
+    ending = "raise SystemExit('boom')" if how == "fails" else "import time; time.sleep(60)"
+    (tree / "benchmarks" / "storage.py").write_text(
+        "import sys\nprint('_2026-12-09 10:00, a machine, torch 2.14.1, `a command`_', flush=True)\n"
+        "open(sys.argv[sys.argv.index('--json') + 1], 'w').write('{}')\n" + ending + "\n")
     results = tree / "benchmarks" / "results"
     before = {kind: (results / f"storage.{kind}").read_bytes() for kind in ("md", "json", "png")}
-    run = subprocess.run(["bash", str(tree / "benchmarks" / "run_all.sh"), "storage"], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode != 0 and "storage failed" in run.stderr and "previous table, numbers and plot are kept" in \
-        run.stderr
+    command = ["bash", str(tree / "benchmarks" / "run_all.sh"), "storage"]
+    if how == "is stopped":
+        command = ["timeout", "-s", "TERM", "5", *command]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "previous table, numbers and plot are kept" in run.stderr
     assert {kind: (results / f"storage.{kind}").read_bytes() for kind in before} == before
     assert not list(results.glob(".storage.*"))
 
