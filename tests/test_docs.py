@@ -207,7 +207,8 @@ def test_the_headline_numbers_are_computed_from_the_raw_results(tmp_path):
     (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps({"results": steps}))
     gpu = [{"method": "lora", "step_s": 0.04, "train_mem_mb": 200.0}, {"method": "nola", "step_s": 0.07,
                                                                      "train_mem_mb": 190.0}]
-    (tmp_path / "gpu_train_step_vit_b.json").write_text(json.dumps({"results": gpu, "setting": "x, batch 16, 224 px"}))
+    gpu_setting = "vit_base_patch16_224, batch 16, 224 px"
+    (tmp_path / "gpu_train_step_vit_b.json").write_text(json.dumps({"results": gpu, "setting": gpu_setting}))
     (tmp_path / "gpu_train_step_vit_b.md").write_text("_2026-12-04 12:01, Intel(R) Xeon(R), 16 cores, NVIDIA A100, "
                                                       "torch 2.11, `python x.py`_\n")
     rows = hook("results").collect_results.headline_rows(tmp_path)
