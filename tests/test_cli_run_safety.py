@@ -112,6 +112,29 @@ def test_commands_started_together_in_one_root_each_claim_their_own_version_fold
     assert not (tmp_path / "none").exists()
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_version_folder(tmp_path):
+    """The folder is claimed before the run starts: a DDP launch whose processes never joined (a busy port), or Ctrl-C
+    while they started, left an empty version_N behind."""
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    class FailsAtSetup(LightningModule):
+        def setup(self, stage):
+            raise RuntimeError("before anything ran")
+
+        def training_step(self, batch):
+            return None
+
+        def configure_optimizers(self):
+            return None
+
+    trainer = Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, max_epochs=1)
+    folder = claim_log_dir(trainer)
+    with pytest.raises(RuntimeError, match="before anything ran"):
+        trainer.fit(FailsAtSetup(), train_dataloaders=[])
+    assert not folder.exists()
+
+
 def test_a_rerun_into_one_adapter_dir_keeps_the_previous_adapter_and_results_name_theirs(tmp_path, capsys):
     shared = tmp_path / "shared_adapter"
     common = [*FIT, *NO_LOGGER, "--model.adapter_dir", shared]

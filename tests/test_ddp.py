@@ -35,3 +35,12 @@ def test_ddp_ranks_share_the_split_and_end_with_identical_coefficients(tmp_path)
     assert abs(correct - round(correct)) < 1e-4
     # rank 0 alone exported the adapter
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1
+    # predict with its default file: rank 0 asked the log folder (a collective) after rank 1 had left, and failed
+    run_dir = next(tmp_path.rglob("checkpoints")).parent
+    predict = [sys.executable, "-m", "nola_vision.cli", "predict", "-c", str(run_dir / "config.yaml"), "--ckpt_path",
+               str(run_dir / "checkpoints" / "last.ckpt"), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "predicted")]
+    run = subprocess.run(predict, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = next((tmp_path / "predicted").rglob("predictions.csv")).read_text().splitlines()
+    assert len(rows) == 1 + 899  # a header, then every test image once

@@ -103,12 +103,13 @@ class PredictionsCSVWriter(BasePredictionWriter):
             gathered: List[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, rows)
             rows = sorted((r for part in gathered for r in part), key=lambda r: (r["index"] is None, r["index"] or 0))
+        # trainer.log_dir is a collective under DDP: every rank asks, before the others return (rank 0 waited alone)
+        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
         if not trainer.is_global_zero:
             return
         datamodule = getattr(trainer, "datamodule", None)
         names = getattr(datamodule, "class_names", None) if datamodule is not None else None
         samples = getattr(getattr(getattr(datamodule, "test_set", None), "dataset", None), "samples", None)
-        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
         # a file of another name that appeared at the path during the pass is kept (the pass fails saying so)
         check = _kept_output_check(path, "--predictions_file", "predict", _is_predictions_file)
         # class names and paths from undecodable file names keep their bytes (surrogate escapes), not an error
@@ -374,10 +375,24 @@ def claim_log_dir(trainer: Trainer) -> Optional[Path]:
         if fd is None or log_dir is None or os.path.isdir(log_dir):
             return None
         os.makedirs(log_dir)
+        trainer.callbacks.append(_DropEmptyRunFolder(Path(log_dir)))
         return Path(log_dir)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+class _DropEmptyRunFolder(Callback):
+    """Removes the ``version_N`` folder ``claim_log_dir`` made when the run fails before anything was written into it
+    (a DDP launch whose processes never joined, Ctrl-C while they start): a run that never ran leaves no folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            if trainer.is_global_zero and self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()
 
 
 def _lock_run_folder(folder: Path) -> Optional[int]:
