@@ -747,10 +747,7 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
             if os.path.lexists(destination):
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    copied += _relink_folder(entry.path, str(destination))
-                elif not _link_or_copy(entry.path, str(destination)):
-                    copied.append(entry.path)
+                copied += _link_entry(entry, str(destination))
             except PermissionError as error:
                 unreadable = error.filename or entry.path
                 raise PermissionError(error.errno, (
@@ -770,14 +767,18 @@ def _relink_folder(source: str, destination: str) -> List[str]:
     copied: List[str] = []
     with os.scandir(source) as entries:
         for entry in entries:
-            inner = os.path.join(destination, entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                copied += _relink_folder(entry.path, inner)
-            elif not _link_or_copy(entry.path, inner):
-                copied.append(entry.path)
+            copied += _link_entry(entry, os.path.join(destination, entry.name))
     _copy_ownership(os.stat(source), destination)
     shutil.copystat(source, destination)  # last: after chown, which may clear set-id bits, and after filling it
     return copied
+
+
+def _link_entry(entry: os.DirEntry, destination: str) -> List[str]:
+    """``entry`` at ``destination``: a folder re-created with its files linked, a file linked (or copied); returns the
+    files kept as copies this user owns instead of their owner."""
+    if entry.is_dir(follow_symlinks=False):
+        return _relink_folder(entry.path, destination)
+    return [] if _link_or_copy(entry.path, destination) else [entry.path]
 
 
 def _link_or_copy(source: str, destination: str) -> bool:

@@ -390,9 +390,15 @@ class _DropEmptyRunFolder(Callback):
         self.folder = folder
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        with contextlib.suppress(OSError):
-            if trainer.is_global_zero and self.folder.is_dir() and not any(self.folder.iterdir()):
-                self.folder.rmdir()
+        if trainer.is_global_zero:
+            _remove_if_empty(self.folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when nothing was written into it (a claimed run folder whose run never started)."""
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _lock_run_folder(folder: Path) -> Optional[int]:
@@ -802,8 +808,8 @@ class NolaCLI(LightningCLI):
         try:
             self._check_predictions(path)
         except BaseException:
-            if made is not None and not any(made.iterdir()):
-                made.rmdir()
+            if made is not None:
+                _remove_if_empty(made)
             raise
 
     def _check_predictions(self, path: Optional[str]) -> None:
