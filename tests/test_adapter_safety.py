@@ -157,6 +157,42 @@ def test_batch_norm_statistics_changed_by_training_are_refused_as_files_hold_no_
                                rtol=0, atol=1e-5)
 
 
+def with_other_statistics(model):
+    """``model`` with the running statistics a forward pass in train mode leaves (as a recalibrated copy has)."""
+    with torch.no_grad():
+        model.train()(IMAGES * 3 + 1)
+    return model.eval()
+
+
+def test_an_adapter_is_refused_on_a_backbone_with_other_running_statistics(tmp_path):
+    """The weights alone matched: an adapter trained on a hybrid ViT loaded silently onto the same weights with other
+    batch-norm statistics (which its outputs depend on as on weights)."""
+    model = as_if_trained(nv.inject(vit_with_batch_norm(), CONFIG), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path, bits=32)
+    other = with_other_statistics(vit_with_batch_norm())
+    assert torch.equal(other.patch_embed.proj[0].weight, vit_with_batch_norm().patch_embed.proj[0].weight)
+    message = r"running statistics of patch_embed\.proj\.1 differ by about \d+% of their norm.*eval mode"
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(other, tmp_path)
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.verify_adapter(other, tmp_path)
+    stopped = vit_with_batch_norm()
+    stopped.patch_embed.proj[1].track_running_stats = False  # normalises by each batch's statistics instead
+    with pytest.raises(AdapterLoadError, match="patch_embed.proj.1 keeps no running statistics"):
+        nv.load_adapter(stopped, tmp_path)
+    for same in (vit_with_batch_norm(), vit_with_batch_norm().bfloat16().float()):  # a bfloat16 copy's rounding loads
+        torch.testing.assert_close(logits(nv.load_adapter(same, tmp_path)), logits(model.eval()), rtol=0, atol=1e-2)
+    # Files from before statistics were recorded load as they did
+    edit_document(tmp_path, lambda d: (d["frozen_weights"].pop("statistics"),
+                                       d.update(config_sha256=adapter_io._document_digest(d))))
+    nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path)
+
+
+def test_plain_vit_files_hold_no_statistics_record(tmp_path):
+    nv.save_adapter(trained(seed=1), tmp_path)
+    assert "statistics" not in json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
+
+
 def test_loading_non_finite_values_is_refused_even_with_matching_checksums(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     tensors = load_bytes((tmp_path / WEIGHTS_NAME).read_bytes())

@@ -68,6 +68,24 @@ def test_a_task_does_not_fit_a_graph_whose_unadapted_frozen_modules_differ(tmp_p
         nv.onnx_task_inputs(task, graph)
 
 
+def test_a_task_does_not_fit_a_graph_exported_with_other_running_statistics(tmp_path):
+    def with_batch_norm(statistics_changed):
+        model = tiny_vit()
+        model.patch_embed.proj = torch.nn.Sequential(model.patch_embed.proj, torch.nn.BatchNorm2d(64).eval())
+        if statistics_changed:
+            with torch.no_grad():
+                model.train()(torch.randn(2, 3, 32, 32) * 3 + 1)
+        return model.eval()
+
+    graph = nv.export_onnx(nv.inject(with_batch_norm(True), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0, with_batch_norm(False)), tmp_path / "task")
+    with pytest.raises(nv.AdapterLoadError, match=r"does not fit the graph: .*running statistics of "
+                                                   r"patch_embed\.proj\.1 differ"):
+        nv.onnx_task_inputs(task, graph)
+    same = nv.export_onnx(nv.inject(with_batch_norm(False), CONFIG), tmp_path / "same.onnx", tasks_as_inputs=True)
+    assert set(nv.onnx_task_inputs(task, same)) == {i.name for i in session(same).get_inputs()} - {"images"}
+
+
 def test_a_task_saved_from_a_float16_copy_fits_the_graph_as_it_loads_onto_the_model(tmp_path):
     """Weights near zero (timm inits the class token at 1e-6) become float16 subnormals, a few % off: load_adapter
     allows them an absolute tolerance per sampled value, and the graph's check must too (it refused such a task,

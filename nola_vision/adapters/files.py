@@ -36,6 +36,7 @@ from ..core.fingerprint import (
     holds_update,
     is_context,
     is_positions,
+    is_statistics,
     missing_merges,
     unexpected_merges,
 )
@@ -647,7 +648,8 @@ def _is_frozen_weights(value: Any) -> bool:
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) and _is_name_list(entry.get("layers", [])) for entry in merged)
             and ("context" not in value or is_context(value["context"]))
-            and ("positions" not in value or is_positions(value["positions"])))
+            and ("positions" not in value or is_positions(value["positions"]))
+            and ("statistics" not in value or is_statistics(value["statistics"])))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -686,8 +688,9 @@ _SETTINGS = (_is_settings, "{" + ", ".join(f"{json.dumps(key)}: {what}" for key,
 _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": str, "modules": {module name: '
                                                           '[numbers]}, "merged": [{..., "layers": [names]}], '
                                                           'optionally "context": {"modules": int, "records": base64 '
-                                                          'of 24 bytes each} and "positions": {parameter name: '
-                                                          '{"shape": [ints], "record": [9 numbers]}}}')}
+                                                          'of 24 bytes each}, "positions": {parameter name: '
+                                                          '{"shape": [ints], "record": [9 numbers]}} and '
+                                                          '"statistics": {norm layer name: [9 numbers]}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:

@@ -13,7 +13,9 @@ an adapter's own update, folded in where that record was lost (a state dict), fr
 
 Adapter files name the records of the layers they adapt and the norm the head reads; every other frozen module
 their outputs depend on (patch embedding, attention, norms) is recorded too, packed without names in name order
-(``context``: 24 bytes a module, so a ViT-B NOLA file grows by 1.6 KB instead of 6.5 KB).
+(``context``: 24 bytes a module, so a ViT-B NOLA file grows by 1.6 KB instead of 6.5 KB). Norm layers that keep
+running statistics (hybrid ViTs' batch norms) are recorded by them too (``statistics``): they are buffers, which a
+forward pass in train mode changes, and the outputs depend on them as on weights.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "adapter_fingerprint",
-           "context_modules", "differing_module", "differing_positions", "differing_records", "frozen_fingerprint",
-           "frozen_modules", "holds_update", "is_context", "is_positions", "merged_adapters", "missing_merges",
-           "position_records", "record_merged", "sample_sizes", "unexpected_merges"]
+           "context_modules", "differing_module", "differing_positions", "differing_records",
+           "differing_statistics", "frozen_fingerprint", "frozen_modules", "holds_update", "is_context",
+           "is_positions", "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
+           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -55,6 +58,8 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Parameters timm resizes for another input size (absolute and relative position embeddings): left out of the
 # context records, so an adapter still loads onto the model built for another input size.
 _RESIZED_WITH_INPUT = ("pos_embed", "relative_position", "rel_pos")
+# The buffers of a norm layer that keeps running statistics, recorded in ``statistics``.
+_STATISTICS = ("running_mean", "running_var")
 # A context record: the norm (float64, as computed), then the 8 projections divided by it (float16: within 0.05%
 # of the norm, far under the tolerance), little-endian.
 _CONTEXT_DTYPES = (np.dtype("<f8"), np.dtype("<f2"))
@@ -109,7 +114,63 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
         positions = position_records(model)
         if positions:
             fingerprint["positions"] = positions
+        statistics = statistics_records(model)
+        if statistics:
+            fingerprint["statistics"] = statistics
     return fingerprint
+
+
+def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The norm layers that keep running statistics (batch norms, tracking instance norms) by name: state that a
+    forward pass in train mode changes without a gradient (hybrid ViTs' convolutional stems have them)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats}
+
+
+def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
+    """The running means and variances of ``statistics_layers`` by buffer name (plain ViTs have none)."""
+    return {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
+            for name, module in statistics_layers(model).items()
+            for buffer in _STATISTICS if getattr(module, buffer, None) is not None}
+
+
+def statistics_records(model: nn.Module) -> Dict[str, List[float]]:
+    """The running statistics of ``statistics_layers`` outside the classifier head, by layer name: the record of each
+    layer's running means and variances together (empty for plain ViTs, whose files then hold no ``statistics``)."""
+    head = _head_module_ids(model)
+    vectors = {}
+    with torch.no_grad():
+        for name, module in statistics_layers(model).items():
+            buffers = [getattr(module, buffer) for buffer in _STATISTICS]
+            if id(module) not in head and all(isinstance(value, Tensor) for value in buffers):
+                vectors[name] = torch.cat([_sample(value) for value in buffers])
+        return _records(vectors) if vectors else {}
+
+
+def is_statistics(value: object) -> bool:
+    """Whether ``value`` is a well-formed ``statistics`` entry: {layer name: [numbers]}."""
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and isinstance(record, list) and len(record) == SKETCHES + 1
+        and all(is_finite_number(x) for x in record) for name, record in value.items())
+
+
+def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]]) -> Optional[str]:
+    """What differs between the running statistics a fingerprint ``expected`` recorded (none in files from before
+    2026-12-05, nor for models without them) and ``actual`` (``statistics_records``; None: not known, as in a graph
+    exported before), naming the first norm layer."""
+    if actual is None:
+        return None
+    for name, record in (expected.get("statistics") or {}).items():
+        other = actual.get(name)
+        if other is None:
+            return (f"the model's {name or 'root module'} keeps no running statistics (or is missing), where the "
+                    "adapter's backbone had them")
+        difference = _difference(record, other, 0)
+        if difference is not None:
+            amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
+            return (f"the running statistics of {name} differ by about {amount} of their norm (a forward pass in train "
+                    "mode updates them: keep batch norms in eval mode while training, as FewShotClassifier does)")
+    return None
 
 
 def position_records(model: nn.Module) -> Dict[str, dict]:
@@ -350,7 +411,9 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
         difference = differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
                                        {"modules": _context_records(model, context)},
                                        {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root)
-    return difference if difference is not None else differing_positions(expected, position_records(model))
+    if difference is None:
+        difference = differing_positions(expected, position_records(model))
+    return difference if difference is not None else differing_statistics(expected, statistics_records(model))
 
 
 def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisBank
 from .config import AdapterConfig
-from .fingerprint import record_merged
+from .fingerprint import record_merged, running_statistics
 from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
     checkpointed_models,
@@ -38,8 +38,8 @@ from .targets import classifier_head, require_module, require_not_data_parallel,
 from .warn import warn_user
 
 __all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits",
-           "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics", "running_statistics",
-           "set_basis_holding", "set_quantization_aware", "statistics_layers", "unload", "unwrap_model"]
+           "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics", "set_basis_holding",
+           "set_quantization_aware", "unload", "unwrap_model"]
 
 
 @dataclass
@@ -301,20 +301,6 @@ def _require_not_injected(model: nn.Module) -> None:
             raise ValueError(f"submodule {name} of the {type(model).__name__} already has {state.method!r} adapters, "
                              f"which this injection would freeze: nv.unload(model.{name}) first, or inject into "
                              f"model.{name} itself")
-
-
-def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """The norm layers that keep running statistics (batch norms, tracking instance norms) by name: state that a
-    forward pass in train mode changes without a gradient (hybrid ViTs' convolutional stems have them)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats}
-
-
-def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
-    """The running means and variances of ``statistics_layers`` by buffer name (plain ViTs have none)."""
-    return {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
-            for name, module in statistics_layers(model).items()
-            for buffer in ("running_mean", "running_var") if getattr(module, buffer, None) is not None}
 
 
 def require_unchanged_statistics(model: nn.Module) -> None:

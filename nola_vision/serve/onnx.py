@@ -41,7 +41,13 @@ from ..adapters.files import (
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.checks import check_bool, check_path
 from ..core.config import config_from_dict
-from ..core.fingerprint import adapter_fingerprint, differing_positions, differing_records, sample_sizes
+from ..core.fingerprint import (
+    adapter_fingerprint,
+    differing_positions,
+    differing_records,
+    differing_statistics,
+    sample_sizes,
+)
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
@@ -664,6 +670,8 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
     difference = differing_records(task, graph, sizes)
     if difference is None:
         difference = differing_positions(task, graph.get("positions") or {})
+    if difference is None:  # a graph exported before 2026-12-05 holds no statistics: not compared
+        difference = differing_statistics(task, graph.get("statistics"))
     if difference is not None:
         raise AdapterLoadError(
             f"task {directory} does not fit the graph: the graph's frozen weights are not those the task was trained "

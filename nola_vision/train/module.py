@@ -38,8 +38,8 @@ from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
-from ..core.fingerprint import differing_module, frozen_fingerprint
-from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware, statistics_layers
+from ..core.fingerprint import differing_module, frozen_fingerprint, statistics_layers
+from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import copy_directory, file_sha256
