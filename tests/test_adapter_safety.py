@@ -188,6 +188,30 @@ def test_an_adapter_is_refused_on_a_backbone_with_other_running_statistics(tmp_p
     nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path)
 
 
+@pytest.mark.parametrize("write", ["copy_", "optimizer step"])
+def test_a_merged_model_whose_adapted_weights_were_overwritten_is_refused_as_an_unmerged_one_is(tmp_path, write):
+    """The check of a merged model read the record its merge took: weights written since (in place) passed it."""
+    nv.save_adapter(trained(seed=1), tmp_path, bits=32)
+    for merged in (False, True):
+        served = nv.load_adapter(tiny_vit(), tmp_path)
+        if merged:
+            nv.merge(served)
+            nv.load_adapter(served, tmp_path)  # a switch to the same task keeps the merge's record valid
+        weights = [served.get_submodule(name).weight for name in nv.adapted_layers(served)]
+        with torch.no_grad():
+            if write == "copy_":
+                for weight in weights:
+                    weight.copy_(torch.randn_like(weight) * weight.std())  # another backbone's weights
+            else:
+                for weight in weights:
+                    weight.grad = torch.ones_like(weight)
+                torch.optim.SGD(weights, lr=0.5).step()
+        with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ"):
+            nv.verify_adapter(served, tmp_path)
+        with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ"):
+            nv.load_adapter(served, tmp_path)
+
+
 def test_plain_vit_files_hold_no_statistics_record(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     assert "statistics" not in json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]

@@ -136,8 +136,8 @@ class AdaptedLinear(nn.Module):
         self.quant_bits: Optional[int] = None
         # Combined factors of the current forward pass, set by merge.combine_shared_factors (see there).
         self.batched_factors: Optional[Tuple[Tensor, Tensor]] = None
-        # While merged: the fingerprint record of the weight without ΔW (see fingerprint.py), None when unknown.
-        self.unmerged_record: Optional[List[float]] = None
+        # While merged: the fingerprint record of the weight without ΔW (see ``unmerged_record``).
+        self.unmerged_record = None
         # While merged: copies of the trained tensors as the forward pass saw them when ΔW was folded in (see
         # ``merged_values``); unmerge and task switches subtract exactly their ΔW.
         self._merged_values: Optional[Dict[str, Tensor]] = None
@@ -295,6 +295,23 @@ class AdaptedLinear(nn.Module):
         """Forget the passes whose backward never came (their factors are stale): the next pass's factors are
         dropped after its own backward."""
         self._pending_passes = 0
+
+    @property
+    def unmerged_record(self) -> Optional[List[float]]:
+        """While merged: the fingerprint record of the weight without ΔW, which ``merge.merge`` took before folding ΔW
+        in, as long as the weight is what the merge (or a task switch since) left; None when unknown, or once the
+        weight was written otherwise (``copy_``, an optimizer step, a cast): then weight − ΔW is fingerprinted."""
+        kept = self.__dict__.get("_unmerged_record")
+        return kept[0] if kept is not None and kept[1] == self._weight_stamp() else None
+
+    @unmerged_record.setter
+    def unmerged_record(self, record: Optional[List[float]]) -> None:
+        self.__dict__["_unmerged_record"] = None if record is None else (record, self._weight_stamp())
+
+    def _weight_stamp(self) -> Tuple[Any, ...]:
+        """What tells whether the weight was written: its version, storage, dtype and device."""
+        weight = self.weight
+        return (weight._version, weight.data_ptr(), weight.dtype, weight.device)
 
     def _adapter_versions(self) -> Tuple[Any, ...]:
         """What kept factors were combined from: each adapter tensor's version, storage, dtype and device (``.data``
@@ -645,7 +662,12 @@ class AdaptedLinear(nn.Module):
 
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged."""
-        values = self.trained_values() if values is None else values
+        record = self.unmerged_record  # a switch leaves the weight without ΔW as it was
+        self._switch_merged_delta(old, new, self.trained_values() if values is None else values)
+        self.unmerged_record = record
+
+    def _switch_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
+                             values: Dict[str, Tensor]) -> None:
         # Merged in 16 bits, then cast without loss to a dtype of wider range (float32): switched in the merge's dtype,
         # unless the new update leaves it (float16), which the weight's own dtype then takes.
         wide = self.weight.dtype not in _SIXTEEN_BIT and not self.merge_can_overflow
