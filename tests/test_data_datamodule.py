@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 from fixtures_data import cifar_class_with_checksums, class_color, write_cifar10, write_cub, write_imagefolder
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
 from nola_vision.data import DATASETS, CorruptImageError, DatasetNotFoundError, FewShotDataModule
@@ -439,6 +440,17 @@ def test_cache_budget_is_respected(folder_root):
     assert len(dm.train_set.cache) == 3 and len(dm.train_set) == 6
 
 
+def test_cache_budget_holds_train_and_validation_images_together(folder_root):
+    """Each set took the whole budget: twice cache_mb was held."""
+    image = 20 * 16 * 3
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, val_shots=1, image_size=8,
+                           cache_mb=4 * image / 2**20)
+    with pytest.warns(UserWarning, match="image cache full after 1 of 3"):
+        dm.setup("fit")
+    assert (len(dm.train_set.cache), len(dm.val_set.cache)) == (3, 1)
+    assert dm.train_set.cached_bytes + dm.val_set.cached_bytes == 4 * image
+
+
 def test_corrupt_image_in_kshot_set_fails_at_setup_naming_the_file(folder_root):
     for path in (folder_root / "train" / "owl").iterdir():
         path.write_bytes(b"garbage")
@@ -825,3 +837,14 @@ def test_loaders_built_again_each_epoch_go_on_shuffling_as_one_loader_does(tmp_p
     once = orders(0)
     assert len({str(order) for order in once}) == 3
     assert orders(1) == once
+
+
+@pytest.mark.parametrize("stage", ["train", "Fit", "testing"])
+def test_setup_refuses_a_stage_it_does_not_know_listing_the_stages(folder_root, stage):
+    """setup('train') drew nothing, and the loader then said to call setup(), which had been called."""
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, image_size=8)
+    with pytest.raises(ValueError, match=rf"setup\(stage='{stage}'\): not a stage; use one of None, 'fit', 'validate', "
+                                         r"'test', 'predict'"):
+        dm.setup(stage)
+    dm.setup(TrainerFn.FITTING)  # what Lightning passes
+    assert len(dm.train_set) == 3

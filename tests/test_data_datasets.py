@@ -264,6 +264,18 @@ def test_fashion_mnist_reads_debian_style_idx_gz_files(tmp_path):
     assert img.mode == "RGB" and img.size == (28, 28) and img.getpixel((0, 0)) == (17, 17, 17)
 
 
+def test_fashion_mnist_subset_whose_test_images_are_the_train_images_is_refused(tmp_path):
+    """A subset's files are not verified by digest: the train file copied under the t10k name was read as the test
+    split, so the model was tested on its training images."""
+    folder = tmp_path / "fashion-mnist"
+    write_fashion_mnist(folder, n_train=40, n_test=20, gz=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        shutil.copyfile(folder / f"train-{kind}-ubyte.gz", folder / f"t10k-{kind}-ubyte.gz")
+    for split in ("train", "test"):
+        with pytest.raises(DatasetMetadataError, match="hold the same 40 images, so the test split would be the train"):
+            build_dataset("fashion_mnist", tmp_path, split)
+
+
 def test_fashion_mnist_reads_a_folder_with_one_file_still_gzipped(tmp_path):
     # "holds 4 of Fashion-MNIST's 4 files; missing: " (nothing) when the four were not all raw or all .gz
     import gzip
@@ -573,3 +585,31 @@ def test_a_caltech101_split_file_that_no_longer_matches_the_images_is_named(tmp_
     split_file.unlink()
     assert len(build_dataset("caltech101", tmp_path, "train")) + len(build_dataset("caltech101", tmp_path, "test")) \
         == 101 * 6 - 1
+
+
+@pytest.mark.parametrize("extra", ["ds_store", "no_background"])
+def test_caltech101_download_reads_an_extraction_the_reader_accepts(tmp_path, monkeypatch, extra):
+    """download=True (the paper config's) on a copy with a .DS_Store beside the class folders, or without the
+    BACKGROUND_Google clutter class, failed inside torchvision, which takes every entry for a category."""
+    write_caltech101(tmp_path)
+    cats = tmp_path / "caltech101" / "101_ObjectCategories"
+    if extra == "ds_store":
+        (cats / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    else:
+        shutil.rmtree(cats / "BACKGROUND_Google")
+    monkeypatch.setattr(tvd, "Caltech101", lambda *a, **k: pytest.fail("nothing to download"))
+    assert build_dataset("caltech101", tmp_path, "train", download=True).num_classes == 101
+
+
+def test_food101_download_onto_a_partial_extraction_names_what_is_missing(tmp_path, monkeypatch):
+    """The advice 'Pass download=True' led to a bare FileNotFoundError: torchvision downloads only into a root
+    without meta/ and images/, then opens meta/train.json."""
+    folder = write_food101(tmp_path)["folder"]
+    (folder / "meta" / "train.json").unlink()
+    monkeypatch.setattr(tvd, "Food101", lambda *a, **k: pytest.fail("torchvision would not complete it"))
+    for download in (False, True):
+        with pytest.raises(DatasetNotFoundError, match=rf"{folder} lacks meta/train.json .*delete {folder} and pass "
+                                                       r"download=True"):
+            build_dataset("food101", tmp_path, "train", download=download)
+    write_food101(tmp_path)  # whole again: nothing to download, read as it is
+    assert build_dataset("food101", tmp_path, "train", download=True).num_classes == 101

@@ -60,6 +60,10 @@ COPY_GROUP_LIMIT = 64
 COPY_PAIRS_SHOWN = 3  # copies a warning names as examples
 
 
+# The stages setup() takes (Lightning's TrainerFn values; None: all).
+_STAGES = (None, "fit", "validate", "test", "predict")
+
+
 class FewShotSubset(Dataset):
     """Chosen samples of an :class:`ImageDataset`; with ``cache``, images are decoded once and kept in memory."""
 
@@ -67,16 +71,18 @@ class FewShotSubset(Dataset):
                  cache: bool = False, cache_mb: float = 2048) -> None:
         self.dataset, self.indices, self.transform = dataset, list(indices), transform
         self.cache: dict[int, Any] = {}
+        self.cached_bytes = 0  # decoded RGB pixels held, 3 bytes each
         if cache and cache_mb > 0:  # cache_mb=0: no cache (not a cache that is full at once)
             budget = cache_mb * 2**20
             for pos, index in enumerate(self.indices):  # also surfaces a corrupt file now, by name
                 img = dataset.load_image(index)
-                budget -= img.width * img.height * 3
-                if budget < 0:
+                size = img.width * img.height * 3
+                if self.cached_bytes + size > budget:
                     warn_user(f"image cache full after {pos} of {len(self.indices)} images (cache_mb="
-                              f"{cache_mb}); the rest are read from disk each epoch")
+                              f"{cache_mb:g} left for them); the rest are read from disk each epoch")
                     break
                 self.cache[pos] = img
+                self.cached_bytes += size
 
     @property
     def samples(self) -> list[tuple[str, int]]:
@@ -412,7 +418,7 @@ class FewShotDataModule(L.LightningDataModule):
             shuffle_seed: seed of the train loader's shuffling (under DDP: of its ``DistributedSampler``);
                 None takes ``torch.initial_seed()`` (under DDP Lightning's sampler, seeded by ``seed_everything``).
             cache_images: decode the k-shot train (and validation) images once and keep them in memory.
-            cache_mb: memory budget of that cache in MiB of decoded RGB pixels.
+            cache_mb: memory budget of that cache in MiB of decoded RGB pixels (train and validation images together).
             pin_memory: DataLoader ``pin_memory``.
         """
         super().__init__()
@@ -509,6 +515,8 @@ class FewShotDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Draw (or load) the k-shot split and build the datasets; every rank draws the same split."""
+        if stage not in _STAGES:  # another name would draw nothing, and the loaders then ask for setup()
+            raise ValueError(f"setup(stage={stage!r}): not a stage; use one of {', '.join(map(repr, _STAGES))}")
         if self.train_set is None and stage in (None, "fit", "validate"):
             self._setup_train()
         if self.test_set is None and stage in (None, "test", "predict", "validate"):
@@ -545,8 +553,9 @@ class FewShotDataModule(L.LightningDataModule):
         # full train split (shots=0) is read from disk as usual
         cache = self.cache_images and self.shots > 0 and not isinstance(train, ArrayImageDataset)
         self.train_set = FewShotSubset(train, self.split.train, self.train_transform, cache, self.cache_mb)
-        if self.split.val:
-            self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache, self.cache_mb)
+        if self.split.val:  # cache_mb is the budget of both sets' images: the validation images take what is left
+            left = self.cache_mb - self.train_set.cached_bytes / 2**20
+            self.val_set = FewShotSubset(train, self.split.val, self.eval_transform, cache and left > 0, left)
         if self.split_dir:
             # every rank checks, so that all raise the same error: one raised on rank 0 alone would leave the others
             # waiting at the barrier that ends Lightning's setup until the process group times out

@@ -743,6 +743,8 @@ class _Caltech101:
         return root / "caltech101" / CALTECH_IMAGES
 
     def download(self, root: Path) -> None:
+        if self.expected(root).is_dir():  # extracted: read as it is (torchvision would take each entry, .DS_Store or
+            return                        # a folder without BACKGROUND_Google, for its category list and fail)
         import torchvision.datasets as tvd
         tvd.Caltech101(str(root), download=True)
 
@@ -879,12 +881,30 @@ class _Food101:
         return root / "food-101"
 
     def download(self, root: Path) -> None:
+        folder = self.expected(root)
+        if folder.exists():  # torchvision downloads only where meta/ or images/ is missing, then reads train.json
+            self._require_whole(root)
+            return
         import torchvision.datasets as tvd
         tvd.Food101(str(root), download=True)
+
+    def _require_whole(self, root: Path) -> None:
+        """Refuse an extraction that lacks one of the files or folders read, which a download would not complete."""
+        folder = self.expected(root)
+        parts = [folder / "meta" / "train.json", folder / "meta" / "test.json", folder / "images"]
+        missing = [str(part.relative_to(folder)) for part in parts if not part.exists()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"dataset '{self.name}': {folder} lacks {', '.join(missing)} (an interrupted extraction?), which "
+                f"download=True does not complete (torchvision downloads only into a root without it): delete "
+                f"{folder} and pass download=True (--data.download true) again, or extract {self.url} under {root} "
+                "again.")
 
     def _meta(self, root: Path, split: str) -> dict[str, list[str]]:
         path = self.expected(root) / "meta" / f"{split}.json"
         if not path.is_file():
+            if self.expected(root).exists():
+                self._require_whole(root)
             raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url} "
                              f"with torchvision, or extract it under {root}.")
         fix = f"Extract {self.url} under {root} again."
@@ -1033,6 +1053,17 @@ class _FashionMNIST:
                                        f"the official file's; MNIST and KMNIST use the same file names). {get}")
         return array
 
+    def _refuse_same_as_other_split(self, folder: Path, prefix: str, images: np.ndarray) -> None:
+        """Refuse a subset's images file whose content is the other split's: the test split would be the train set."""
+        other = "t10k" if prefix == "train" else "train"
+        path = folder / f"{other}-images-idx3-ubyte"
+        path = path if path.is_file() else path.with_name(f"{path.name}.gz")
+        if path.is_file() and np.array_equal(_read_idx(path, 3)[0], images):
+            raise DatasetMetadataError(
+                f"{folder}: the {prefix} and {other} images files hold the same {len(images)} images, so the test "
+                "split would be the train set: put the held-out images in the t10k files (or use Fashion-MNIST's own "
+                "files: download=True, --data.download true)")
+
     def class_names(self, root: Path) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
 
@@ -1044,6 +1075,8 @@ class _FashionMNIST:
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
         prefix = "train" if split == "train" else "t10k"
         images = self._read(folder, prefix, "images-idx3", ndim=3)
+        if len(images) < FASHION_MNIST_SIZES[prefix]:  # a subset, which no digest verifies
+            self._refuse_same_as_other_split(folder, prefix, images)
         labels = self._read(folder, prefix, "labels-idx1", ndim=1)
         if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
             raise CorruptImageError(f"{folder}: {prefix} label {labels.max()} is not a Fashion-MNIST class "
