@@ -161,6 +161,15 @@ def test_a_linear_whose_weight_a_pre_hook_computes_is_refused_naming_the_fix(kin
     assert nv.adapted_layers(model) == {}
 
 
+def test_a_target_whose_weight_was_set_to_none_is_refused_by_name():
+    """inject failed with a bare KeyError holding a memory address."""
+    model = tiny_vit()
+    model.blocks[1].mlp.fc2.weight = None
+    with pytest.raises(ValueError, match="target blocks.1.mlp.fc2 has no weight"):
+        nv.inject(model, nv.NOLAConfig(**SMALL_NOLA, targets=["mlp.fc1", "mlp.fc2"]))
+    assert nv.adapted_layers(model) == {}
+
+
 def test_a_parametrized_linear_and_a_zero_scale_are_refused():
     model = tiny_vit()
     nn.utils.parametrizations.weight_norm(model.blocks[0].mlp.fc1)

@@ -158,6 +158,9 @@ def _require_plain_forward(name: str, linear: nn.Linear) -> None:
             "parametrize: weight_norm, spectral_norm, ...), which an adapter would freeze as a snapshot: remove the "
             "parametrization first (parametrize.remove_parametrizations(module, 'weight')) or leave the layer out of "
             "targets")
+    if "weight" in linear._parameters and linear._parameters["weight"] is None:
+        raise ValueError(f"target {name} has no weight (set to None), so it computes nothing an adapter could add to: "
+                         "give it its weight back or leave it out of targets")
     computed = [key for key in ("weight", "bias") if key not in linear._parameters]
     if computed:
         owned = ", ".join(linear._parameters) or "none"
