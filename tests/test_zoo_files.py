@@ -173,3 +173,82 @@ def test_a_big_vision_npz_overlay_loads_as_timm_loads_it(tmp_path):
                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.npz"), custom_load=True)).eval()
         with torch.no_grad():
             torch.testing.assert_close(model(X), source(X), rtol=1e-4, atol=1e-4)
+
+
+def _local_dir(folder, state, num_classes=5):
+    """A ``local-dir:`` model folder as timm reads it: config.json and model.safetensors."""
+    import json
+
+    folder.mkdir()
+    config = {"architecture": PLAIN, "num_classes": num_classes,
+              "model_args": {k: v for k, v in SMALL.items() if k != "num_classes"},
+              "pretrained_cfg": {"input_size": [3, 32, 32], "classifier": "head", "num_classes": num_classes}}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, str(folder / "model.safetensors"))
+    return f"local-dir:{folder}"
+
+
+def test_weights_given_in_memory_or_as_a_local_folder_are_checked_like_an_overlay_file(tmp_path):
+    """A partial state dict in the overlay, or in a local-dir: folder, loaded without a word where the head size
+    differed (timm then loads non-strictly): blocks it lacked kept their random init."""
+    whole = timm.create_model(PLAIN, pretrained=False, **SMALL).state_dict()
+    part = {k: v for k, v in whole.items() if not k.startswith("blocks.0.")}
+    missing = r"does not fit vit_tiny_patch16_224: 12 backbone weights missing \(e.g. blocks.0.attn.proj.bias"
+    for name, adapter in ((PLAIN, "nola"), (PLAIN, None), (NOLA, None)):
+        with pytest.raises(ValueError, match=rf"pretrained_cfg_overlay state_dict {missing}"):
+            nv.create_model(name, adapter=adapter, pretrained=True, pretrained_cfg_overlay=dict(state_dict=part),
+                            **{**SMALL, "num_classes": 3})
+    model = nv.create_model(PLAIN, pretrained=True, pretrained_cfg_overlay=dict(state_dict=whole),
+                            **{**SMALL, "num_classes": 3})
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, whole["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    local = _local_dir(tmp_path / "part", part)
+    with pytest.raises(ValueError, match=rf"{local}'s weights file .*model.safetensors {missing}"):
+        nv.create_model(local, pretrained=True, num_classes=3)
+    with pytest.raises(ValueError, match=rf"{local}'s weights file .*model.safetensors {missing}"):
+        nv.models.build_backbone(local, 3)
+    local = _local_dir(tmp_path / "whole", whole)
+    for model in (nv.create_model(local, pretrained=True, num_classes=3), nv.models.build_backbone(local, 3)):
+        torch.testing.assert_close(model.blocks[0].attn.qkv.weight, whole["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay names a weights source \(\['state_dict'\]\)"):
+        nv.models.build_backbone(PLAIN, 3, pretrained_cfg_overlay=dict(state_dict=whole), depth=2, embed_dim=64)
+
+
+@pytest.mark.parametrize("name", [PLAIN, NOLA])
+def test_weights_named_in_the_overlay_without_pretrained_are_refused(tmp_path, name):
+    """timm ignores the overlay's weights with pretrained=False: the model came back random without a word."""
+    torch.save(timm.create_model(PLAIN, pretrained=False, **SMALL).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay names weights \(file\), but pretrained=False builds "
+                                         r"random weights"):
+        nv.create_model(name, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")), **SMALL)
+    with pytest.raises(ValueError, match=r"names weights \(file\), but pretrained=False"):
+        timm.create_model(NOLA, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")), **SMALL)
+
+
+@pytest.mark.parametrize("adapter", ["linear", "full", None])
+def test_a_trained_head_of_the_models_size_loads_through_the_overlay(tmp_path, adapter):
+    """timm drops a file's head for another num_classes than its config's 1000, even where it fits the model: a
+    linear probe's or a fine-tune's head came back at its random init."""
+    trained = nv.create_model(PLAIN, adapter=adapter, pretrained=False, **SMALL)
+    with torch.no_grad():
+        trained.head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    torch.save(trained.state_dict(), tmp_path / "trained.pth")
+    loaded = _overlay(tmp_path / "trained.pth", PLAIN, adapter=adapter)
+    torch.testing.assert_close(loaded.eval()(X), trained.eval()(X), rtol=0, atol=0)
+    fresh = _overlay(tmp_path / "trained.pth", PLAIN, adapter=adapter, num_classes=3)  # another head size: a new head
+    assert fresh.head.weight.shape == (3, 64)
+
+
+def test_a_big_vision_npz_overlay_without_custom_load_and_an_adapter_folder_are_named(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "w.npz", cls_token=np.zeros((1, 1, 64), dtype=np.float32))
+    for name in (PLAIN, NOLA):  # torch failed on it as on a damaged zip: "file in archive is not in a subdirectory"
+        with pytest.raises(ValueError, match=r"w.npz is a big_vision .npz file, which timm reads only with "
+                                             r"custom_load=True"):
+            _overlay(tmp_path / "w.npz", name)
+    model = nv.inject(timm.create_model(PLAIN, pretrained=False, **SMALL), nv.NOLAConfig(rank=2, num_basis_a=4,
+                                                                                      num_basis_b=4))
+    folder = nv.save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"is a folder: an adapter saved by nv.save_adapter loads .* "
+                                         r"nv.load_adapter\(model, folder\)"):
+        nv.create_model(PLAIN, adapter=str(folder), pretrained=False, **SMALL)

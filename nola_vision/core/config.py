@@ -5,6 +5,7 @@ JSON, adapter files, Lightning hyper-parameters and the CLI. Methods are found i
 """
 from __future__ import annotations
 
+import os
 import reprlib
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, Dict, List, Sequence, Union
@@ -88,8 +89,10 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
     if isinstance(adapter, str):
         if adapter.lower() in METHODS:
             return get_method(adapter.lower()).config_cls()
-        raise ValueError(f"unknown adapter {adapter!r}: use {', '.join(repr(m) for m in METHODS)}, or a config "
-                         "{class_path: nola_vision.NOLAConfig, init_args: {...}}")
+        folder = (f" ({adapter} is a folder: an adapter saved by nv.save_adapter loads onto a model created without "
+                  "it with nv.load_adapter(model, folder))") if os.path.isdir(adapter) else ""
+        raise ValueError(f"unknown adapter {adapter!r}{folder}: use {', '.join(repr(m) for m in METHODS)}, or a "
+                         "config {class_path: nola_vision.NOLAConfig, init_args: {...}}")
     if isinstance(adapter, dict):
         if "class_path" in adapter:
             class_path, init_args = adapter["class_path"], adapter.get("init_args", {})

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from ..core.checks import check_bool, check_int, check_path
-from .weights import UnreadableWeights, check_backbone_keys, check_backbone_shapes, loaded_keys, read_state_dict
+from .weights import (
+    UnreadableWeights,
+    check_backbone_keys,
+    check_backbone_shapes,
+    loaded_keys,
+    local_dir_weights,
+    read_state_dict,
+)
 from .zoo import check_model_name, download_failure
 
 __all__ = ["OFFLINE_PRETRAINED_FILE", "build_backbone", "check_backbone_name"]
@@ -95,10 +102,16 @@ def build_backbone(
                              f"{f' built with backbone_kwargs {backbone_kwargs}' if backbone_kwargs else ''} "
                              f"(another embed_dim, mlp_ratio, or class/register tokens?): "
                              f"{_first_mismatch(str(err))}. Build the backbone the file was saved from") from err
+        what = "pretrained_file"
+        if path is None and local_dir_weights(backbone) is not None:  # loaded non-strictly too (no head)
+            path, what = local_dir_weights(backbone), f"{backbone}'s weights file"
+            try:
+                file_state = read_state_dict(path, what)
+            except UnreadableWeights as err:
+                raise ValueError(f"{err}: put an intact .safetensors/.pth state dict of the backbone there") from err
         if path is not None:
-            check_backbone_keys(model, loaded_keys(file_state, model), path, "pretrained_file")
-            check_backbone_shapes(model, {key: value.shape for key, value in file_state.items()}, path,
-                                  "pretrained_file")
+            check_backbone_keys(model, loaded_keys(file_state, model), path, what)
+            check_backbone_shapes(model, {key: value.shape for key, value in file_state.items()}, path, what)
             del file_state
     else:
         with torch.random.fork_rng(devices=[]):
@@ -118,10 +131,11 @@ def _refuse_builder_kwargs(kwargs: dict[str, Any], image_size: Optional[int], of
         raise ValueError(f"backbone_kwargs pretrained_cfg_overlay: pretrained_file '{OFFLINE_PRETRAINED_FILE}' sets "
                          "the backbone's pretrained config itself (its weights, mean and std); drop the overlay")
     overlay = kwargs.get("pretrained_cfg_overlay")
-    if isinstance(overlay, dict) and {"file", "url", "hf_hub_id"} & set(overlay):
+    sources = {"file", "state_dict", "url", "hf_hub_id"}
+    if isinstance(overlay, dict) and sources & set(overlay):
         raise ValueError("backbone_kwargs pretrained_cfg_overlay names a weights source ("
-                         f"{sorted({'file', 'url', 'hf_hub_id'} & set(overlay))}): set model.pretrained_file instead, "
-                         "which checks that the file holds every weight of the backbone")
+                         f"{sorted(sources & set(overlay))}): set model.pretrained_file instead, which checks that "
+                         "the file holds every weight of the backbone")
     size = kwargs.get("img_size")
     if image_size is not None and size is not None and _pair(size) != _pair(image_size):
         raise ValueError(f"backbone_kwargs img_size {size} and image_size {image_size} differ: the model would be "

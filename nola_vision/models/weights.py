@@ -15,11 +15,34 @@ from torch import nn
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import METHODS
 
-__all__ = ["UnreadableWeights", "adapter_entries", "check_backbone_keys", "check_backbone_shapes", "loaded_keys",
-           "read_state_dict"]
+__all__ = ["LOCAL_DIR", "UnreadableWeights", "adapter_entries", "check_backbone_keys", "check_backbone_shapes",
+           "local_dir_weights", "loaded_keys", "read_state_dict"]
+
+# timm's prefix of a model name that reads config.json and the weights from a local folder.
+LOCAL_DIR = "local-dir:"
+# The weights files timm looks for in such a folder, in its order (timm.models._hub._PREFERRED_FILES), then by suffix.
+_LOCAL_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_LOCAL_DIR_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 # Position tables, which timm resamples on purpose for another input size (the model then reads other images).
 _RESIZED_FOR_THE_INPUT = re.compile(r"(^|\.)(pos_embed|relative_position_bias_table|rel_pos\w*)($|\.)")
+
+
+def local_dir_weights(model_name: str) -> Path | None:
+    """The weights file timm loads for a ``local-dir:<folder>`` model name with ``pretrained=True`` (its preferred
+    names first, then the first file of each suffix), or None (another name, or a folder without one)."""
+    if not model_name.lower().startswith(LOCAL_DIR):
+        return None
+    folder = Path(model_name[len(LOCAL_DIR):])
+    preferred = getattr(sys.modules.get("timm.models._hub"), "_PREFERRED_FILES", _LOCAL_DIR_FILES)
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    for suffix in _LOCAL_DIR_SUFFIXES:
+        found = sorted(path for path in folder.glob(f"*{suffix}") if path.is_file())
+        if found:
+            return found[0]
+    return None
 
 
 def _adapter_parameter_names() -> set[str]:

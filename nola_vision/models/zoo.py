@@ -5,11 +5,12 @@ import difflib
 import os
 import pickle
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import timm
+import torch
 from safetensors import SafetensorError
 from timm.models import (
     generate_default_cfgs,
@@ -27,11 +28,13 @@ from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
 from ..core.targets import head_parameter_names
 from .weights import (
+    LOCAL_DIR,
     UnreadableWeights,
     adapter_entries,
     check_backbone_keys,
     check_backbone_shapes,
     loaded_keys,
+    local_dir_weights,
     read_state_dict,
 )
 
@@ -120,30 +123,28 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint_path {checkpoint} does not exist: point it at a .pth/.safetensors state "
                                 f"dict of {model_name}")
-    overlay = _overlay_file(kwargs)
-    # a *_nola entrypoint checks its own overlay file (timm.create_model reaches it without this function)
-    weights_file = None if nola_name else overlay
-    file_state = _read_overlay_file(weights_file, model_name) if weights_file else None
+    # a *_nola entrypoint checks its own overlay (timm.create_model reaches it without this function)
+    weights = None if nola_name else _local_weights(model_name, kwargs)
     try:
-        model = timm.create_model(model_name, **_loading(kwargs, file_state))
+        model = timm.create_model(model_name, **_loading(kwargs, weights))
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        if not checkpoint and not overlay:
+        source = f"checkpoint_path {checkpoint}" if checkpoint else _overlay_label(kwargs)
+        if source is None:
             raise
-        weights = f"checkpoint_path {checkpoint}" if checkpoint else f"{OVERLAY_FILE} {overlay}"
         if _read_but_misfit(err):
-            raise _misfit(weights, model_name, err) from err
-        raise _unloadable(weights, model_name, err) from err
+            raise _misfit(source, model_name, err) from err
+        raise _unloadable(source, model_name, err) from err
     except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
-        if nola_name or weights_file or not kwargs.get("pretrained") or model_name.lower().startswith("local-dir:"):
+        if nola_name or weights or not kwargs.get("pretrained") or model_name.lower().startswith(LOCAL_DIR):
             raise
         raise FileNotFoundError(download_failure(model_name, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                  ".safetensors/.pth state dict of the model>), or pretrained=False "
                                                  "for random weights")) from err
-    base_keys = _check_overlay_covers(model, file_state, weights_file) if weights_file else set()
+    base_keys = _check_overlay_covers(model, weights) if weights else set()
     if config is not None:
         inject(model, config)
-    if weights_file:
-        _load_saved_adapter(model, model_name, weights_file, state=file_state, base_keys=base_keys,
+    if weights:
+        _load_saved_adapter(model, model_name, weights, base_keys=base_keys,
                             fix="Pass adapter= with the settings the file's model was adapted with (method, targets, "
                                 "rank, seed, ...), or point the overlay at the base model's weights")
     return model
@@ -151,16 +152,71 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
 
 # How errors name a weights file given as ``pretrained_cfg_overlay=dict(file=...)``.
 OVERLAY_FILE = "pretrained_cfg_overlay file"
+# The overlay keys that name weights for timm to load (it takes the first it finds in this order).
+_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")
 
 
-def _overlay_file(kwargs: Dict[str, Any]) -> Optional[str]:
-    """The state-dict file timm loads from ``pretrained_cfg_overlay`` (only with ``pretrained=True``), or None; also
-    None for a file the model loads itself (``custom_load``, big_vision's ``.npz``), which is no state dict to check."""
+@dataclass
+class _LocalWeights:
+    """Weights timm loads from this machine (an overlay's state dict or file, a ``local-dir:`` folder's file): the
+    option that gave them and where they are (errors name both), their keys and shapes (``state``: meta tensors for a
+    file), and the file (None: in memory)."""
+
+    what: str
+    where: str
+    state: Dict[str, Any]
+    path: Optional[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.what} {self.where}"
+
+    def values(self) -> Dict[str, Any]:
+        """The tensors themselves."""
+        return self.state if self.path is None else timm.models.load_state_dict(self.path)
+
+
+def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWeights]:
+    """The weights timm will load from this machine into ``model_name`` built with ``kwargs``, to check that they
+    cover the model (timm loads them non-strictly for another ``num_classes``); None where there are none, or the
+    model loads them itself (``custom_load``). Refuses weights named while ``pretrained=False`` (timm ignores them)
+    and a big_vision ``.npz`` without ``custom_load`` (torch would fail on it as on a damaged zip)."""
     overlay = kwargs.get("pretrained_cfg_overlay")
-    file = overlay.get("file") if kwargs.get("pretrained") and isinstance(overlay, dict) else None
-    if not file or overlay.get("custom_load") or str(file).endswith(".npz"):
+    overlay = overlay if isinstance(overlay, dict) else {}
+    sources = [key for key in _WEIGHT_SOURCES if overlay.get(key) is not None]
+    if sources and not kwargs.get("pretrained"):
+        raise ValueError(f"pretrained_cfg_overlay names weights ({', '.join(sources)}), but pretrained=False builds "
+                         "random weights and timm ignores them: pass pretrained=True to load them, or drop them")
+    if not kwargs.get("pretrained") or overlay.get("custom_load"):
         return None
-    return str(file)
+    if sources and sources[0] == "state_dict":
+        state = overlay["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"pretrained_cfg_overlay state_dict holds a {type(state).__name__}, not a state dict of "
+                             f"tensors: pass {model_name}'s state_dict()")
+        return _LocalWeights("pretrained_cfg_overlay", "state_dict", state, None)
+    if sources and sources[0] == "file":
+        file = str(overlay["file"])
+        if file.endswith(".npz"):
+            raise ValueError(f"{OVERLAY_FILE} {file} is a big_vision .npz file, which timm reads only with "
+                             "custom_load=True in the overlay (for the models that can, such as ViTs): add it, or "
+                             "point the overlay at a .safetensors/.pth state dict")
+        return _LocalWeights(OVERLAY_FILE, file, _read_overlay_file(file, model_name), file)
+    folder_file = local_dir_weights(model_name) if not sources else None
+    if folder_file is not None:
+        what = f"{model_name}'s weights file"
+        try:
+            return _LocalWeights(what, str(folder_file), read_state_dict(folder_file, what), str(folder_file))
+        except UnreadableWeights as err:
+            raise _unloadable(f"{what} {folder_file}", model_name, err.__cause__) from err.__cause__
+    return None
+
+
+def _overlay_label(kwargs: Dict[str, Any]) -> Optional[str]:
+    """How errors name the overlay's weights file, or None where it names none."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    file = overlay.get("file") if isinstance(overlay, dict) else None
+    return f"{OVERLAY_FILE} {file}" if file and kwargs.get("pretrained") else None
 
 
 def _read_overlay_file(path: str, model_name: str) -> Dict[str, Any]:
@@ -179,22 +235,22 @@ def _read_overlay_file(path: str, model_name: str) -> Dict[str, Any]:
         raise _unloadable(f"{OVERLAY_FILE} {path}", model_name, err.__cause__) from err.__cause__
 
 
-def _loading(kwargs: Dict[str, Any], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """``kwargs`` for timm, which loads an overlay file strictly when its head fits and so would refuse an adapted
-    model's file for its adapter entries: these are loaded after injection (``_load_saved_adapter``), and
+def _loading(kwargs: Dict[str, Any], weights: Optional[_LocalWeights]) -> Dict[str, Any]:
+    """``kwargs`` for timm, which loads local weights strictly when their head fits and so would refuse an adapted
+    model's for its adapter entries: these are loaded after injection (``_load_saved_adapter``), and
     ``_check_overlay_covers`` keeps the backbone weights strict."""
-    return {**kwargs, "pretrained_strict": False} if state is not None and adapter_entries(state) else kwargs
+    return {**kwargs, "pretrained_strict": False} if weights and adapter_entries(weights.state) else kwargs
 
 
-def _check_overlay_covers(model: nn.Module, state: Dict[str, Any], path: str) -> set:
-    """Refuse an overlay file that leaves a backbone weight unset or holds other weights (timm loads it non-strictly
+def _check_overlay_covers(model: nn.Module, weights: _LocalWeights) -> set:
+    """Refuse local weights that leave a backbone weight unset or hold other weights (timm loads them non-strictly
     for another ``num_classes``, leaving random weights in place); the classifier and adapter entries aside. Returns
     the plain model's state-dict keys, which tell the adapters' apart after injection."""
     own = set(model.state_dict())
-    saved_adapters = set(adapter_entries(state)) - own
-    backbone = {key: value for key, value in state.items() if key not in saved_adapters}
-    check_backbone_keys(model, loaded_keys(backbone, model), path, OVERLAY_FILE)
-    check_backbone_shapes(model, {key: value.shape for key, value in backbone.items()}, path, OVERLAY_FILE)
+    saved_adapters = set(adapter_entries(weights.state)) - own
+    backbone = {key: value for key, value in weights.state.items() if key not in saved_adapters}
+    check_backbone_keys(model, loaded_keys(backbone, model), weights.where, weights.what)
+    check_backbone_shapes(model, {key: value.shape for key, value in backbone.items()}, weights.where, weights.what)
     return own
 
 
@@ -267,25 +323,24 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
             check_model_name(f"{name}.{tag}")
         # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
-        weights_file = _overlay_file({**kwargs, "pretrained": pretrained})
-        file_state = _read_overlay_file(weights_file, name) if weights_file else None
+        weights = _local_weights(name, {**kwargs, "pretrained": pretrained})
         try:
-            model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, file_state))
+            model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, weights))
         except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-            if not weights_file or _read_but_misfit(err):
+            if not weights or _read_but_misfit(err):  # torch's message names the keys (build_backbone adds its kwargs)
                 raise
-            raise _unloadable(f"{OVERLAY_FILE} {weights_file}", name, err) from err
+            raise _unloadable(weights.label, name, err) from err
         except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
-            if not pretrained or weights_file:
+            if not pretrained or weights:
                 raise
             tagged = f"{base}.{tag}" if isinstance(tag, str) else base
             raise FileNotFoundError(download_failure(tagged, err, "pass pretrained_cfg_overlay=dict(file=<a local "
                                                      ".safetensors/.pth state dict of the base model>), or "
                                                      "pretrained=False for random weights")) from err
-        base_keys = _check_overlay_covers(model, file_state, weights_file) if weights_file else set()
+        base_keys = _check_overlay_covers(model, weights) if weights else set()
         inject(model, config)
-        if weights_file:
-            _load_saved_adapter(model, name, weights_file, state=file_state, base_keys=base_keys,
+        if weights:
+            _load_saved_adapter(model, name, weights, base_keys=base_keys,
                                 fix=f"Build {name} with the nola_* settings the file's model was created with "
                                     "(nola_targets, nola_rank, nola_seed, ...), or point the overlay at the base "
                                     "model's weights")
@@ -298,43 +353,48 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
     return entrypoint
 
 
-def _load_saved_adapter(model: nn.Module, model_name: str, weights_file: str, *, state: Dict[str, Any],
-                        base_keys: set, fix: str) -> None:
-    """Load what an adapted model's own state dict in ``weights_file`` (``state``: its meta tensors) holds beyond the
-    base model's weights: its adapter tensors (timm left them out as unexpected keys) and its trained head (timm drops
-    a pretrained head for another ``num_classes`` than the base's 1000). Nothing for a base model's file; a file
-    adapted at other layers than this model is refused (its adapters and head would be dropped), ``fix`` saying how
-    to build the model it fits."""
-    own = model.state_dict()
+def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeights, *, base_keys: set,
+                        fix: str) -> None:
+    """Load what a model's own state dict in ``weights`` holds beyond the base model's weights: an adapted model's
+    adapter tensors (timm left them out as unexpected keys), and a trained head of this model's size (timm drops a
+    head for another ``num_classes`` than its pretrained config's, 1000 for most, even where the file's fits: a
+    linear probe's or a fine-tune's would stay random). A file adapted at other layers than this model is refused
+    (its adapters and head would be dropped), ``fix`` saying how to build the model it fits."""
+    state, own = weights.state, model.state_dict()
     adapter_keys = [key for key in own if key not in base_keys]
     saved = [key for key in adapter_entries(state) if key not in base_keys]
     if not saved:
+        heads = [key for key in head_parameter_names(model) if key in state and state[key].shape == own[key].shape]
+        if heads:
+            values = weights.values()
+            model.load_state_dict({key: values[key] for key in heads}, strict=False)
         return
+    source = weights.label
     where = (f"the file's model is adapted at {_adapted_at(saved)}, this one at "
              f"{_adapted_at(adapter_entries(adapter_keys)) if adapter_keys else 'no layer (it has no adapters)'}")
     foreign = [key for key in saved if key not in own]
     if foreign:
         shown = [key for key in foreign if key.rsplit(".", 1)[-1] not in (MERGED_FLAG, IDENTITY_KEY)] or foreign
-        raise ValueError(f"{OVERLAY_FILE} {weights_file} holds adapter tensors this model does not have "
+        raise ValueError(f"{source} holds adapter tensors this model does not have "
                          f"({', '.join(shown[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}): "
                          f"{where}, so its trained adapters and head would be dropped. {fix}")
     missing = [key for key in adapter_keys if key not in state]
     if missing:
-        raise ValueError(f"{OVERLAY_FILE} {weights_file} holds adapter tensors of another adapted model: it has no "
+        raise ValueError(f"{source} holds adapter tensors of another adapted model: it has no "
                          f"{missing[0]} (and {len(missing) - 1} more of this model's): {where}. {fix}")
     for key in head_parameter_names(model):
         if key in state and state[key].shape != own[key].shape:
-            raise ValueError(f"{OVERLAY_FILE} {weights_file} holds a trained head {key} of shape "
+            raise ValueError(f"{source} holds a trained head {key} of shape "
                              f"{tuple(state[key].shape)}, this model's is {tuple(own[key].shape)}: pass the "
                              "num_classes it was trained with")
-    values = timm.models.load_state_dict(weights_file)
+    values = weights.values()
     # the adapted layers' weights too: a merged model's hold ΔW, which its merged flag says (loaded weights unchanged)
-    weights = [f"{layer}.{p}" for layer in {key.rsplit(".", 1)[0] for key in saved} for p in ("weight", "bias")]
-    kept = [key for key in [*head_parameter_names(model), *weights] if key in values]
+    layer_weights = [f"{layer}.{p}" for layer in {key.rsplit(".", 1)[0] for key in saved} for p in ("weight", "bias")]
+    kept = [key for key in [*head_parameter_names(model), *layer_weights] if key in values]
     try:
         model.load_state_dict({key: values[key] for key in [*kept, *saved]}, strict=False)
     except RuntimeError as err:  # an adapted layer refuses tensors of another update (seed, slices, rank, ...)
-        raise _misfit(f"{OVERLAY_FILE} {weights_file}", model_name, err) from err
+        raise _misfit(source, model_name, err) from err
 
 
 def _adapted_at(keys: List[str]) -> str:
