@@ -74,6 +74,18 @@ def test_flipped_bytes_in_a_format_1_file_load_only_when_asked(tmp_path):
         nv.MultiTaskModel(tiny_vit()).add_task("legacy", tmp_path)
 
 
+def test_onnx_task_inputs_takes_the_format_1_option_its_error_names(tmp_path):
+    """The error said "pass allow_unchecked_legacy=True", which onnx_task_inputs did not take (a TypeError)."""
+    pytest.importorskip("onnx")
+    saved(tmp_path)
+    rewrite(tmp_path, as_format_1)
+    with pytest.raises(AdapterLoadError, match="allow_unchecked_legacy=True"):
+        nv.onnx_task_inputs(tmp_path)
+    current = nv.onnx_task_inputs(saved(tmp_path / "current")[1])
+    legacy = nv.onnx_task_inputs(tmp_path, allow_unchecked_legacy=True)
+    assert legacy.keys() == current.keys()
+
+
 @pytest.mark.parametrize("allow_unchecked_legacy", [False, True])
 def test_a_current_file_relabelled_as_format_1_keeps_every_check(tmp_path, allow_unchecked_legacy):
     saved(tmp_path / "edited")

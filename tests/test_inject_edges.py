@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import nola_vision as nv
+from nola_vision.core.inject import adapter_state
 
 SMALL_NOLA = dict(rank=2, num_basis_a=8, num_basis_b=8)
 
@@ -351,3 +352,11 @@ def test_a_model_whose_adapted_block_was_cut_off_or_replaced_copies_saves_and_lo
     buffer.seek(0)
     for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
         assert torch.equal(copied(images), expected)
+
+
+def test_inject_takes_a_method_name_as_create_model_and_the_classifier_do():
+    """inject(model, "nola") was refused ("use ... one of ['linear', 'full']") where create_model took it."""
+    for name, config in (("nola", nv.NOLAConfig()), ("LoRA", nv.LoRAConfig()), ("Linear", "linear")):
+        assert adapter_state(nv.inject(tiny_vit(), name)).config == config
+    with pytest.raises(ValueError, match=r"unknown adapter 'nolla': use 'lora', 'nola', 'linear', 'full'"):
+        nv.inject(tiny_vit(), "nolla")

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .basis import BasisSpec, fingerprint
-from .config import AdapterConfig, as_config
+from .config import AdapterConfig, as_config, resolve_adapter
 from .layer import Slice, adapted_layers
 from .registry import method_of
 from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
@@ -181,7 +181,8 @@ def _validated_copy(config: Union[AdapterConfig, str]) -> AdapterConfig:
     """A deep copy of the config, checked again as its constructor checks it: fields set after construction (a sweep
     reusing one object, ``cfg.rank = 0``) are refused as ``NOLAConfig(rank=0)`` is. A copy, so that changing the
     caller's config afterwards changes neither the plan, the injected model nor what its files record."""
-    config = copy.deepcopy(as_config(config))
+    # a method name as create_model and FewShotClassifier take it ("nola", "lora": their defaults; "linear", "full")
+    config = copy.deepcopy(resolve_adapter(config) if isinstance(config, str) else as_config(config))
     validate = getattr(config, "__post_init__", None)
     if validate is not None:
         validate()

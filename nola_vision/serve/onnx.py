@@ -112,18 +112,20 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
                        _graph_metadata(model))
 
 
-def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = None) -> Dict[str, np.ndarray]:
+def onnx_task_inputs(adapter_dir: PathLike, graph: Union[PathLike, Any, None] = None, *,
+                     allow_unchecked_legacy: bool = False) -> Dict[str, np.ndarray]:
     """The float32 arrays of one saved task, by graph input name, for a graph of ``export_onnx(tasks_as_inputs=True)``.
 
     The adapter files are checked as they are read (checksums, sizes, finite values). Pass ``graph`` (the ``.onnx``
     path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``) to check that the task fits it, or raise
     ``AdapterLoadError`` naming the fix: same backbone, adapter config, layer sizes and bases, head size (one graph per
     head size), and frozen weights (as ``load_adapter`` checks them; graphs exported before they were recorded take
-    any), at every bit width.
+    any), at every bit width. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
 
         session.run(None, {"images": images, **nv.onnx_task_inputs("runs/cifar10", session)})
     """
-    document, stored, quantization = read_adapter(adapter_dir)
+    check_bool(allow_unchecked_legacy, "onnx_task_inputs: allow_unchecked_legacy")
+    document, stored, quantization = read_adapter(adapter_dir, allow_unchecked_legacy=allow_unchecked_legacy)
     document = {**document, "num_classes": _head_classes(document, stored, quantization)}
     info = _read_graph(graph) if graph is not None else None
     if info is not None:  # before decoding: integer codes decoded to the graph's shapes would fail on a misfit first
