@@ -26,7 +26,7 @@ HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol,tune} ...
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: dispatch ``demo``/``protocol`` to their parsers, everything else to the Lightning CLI."""
+    """Entry point: dispatch ``demo``/``protocol``/``tune`` to their parsers, everything else to the Lightning CLI."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "demo":
         from .demo import main as demo_main

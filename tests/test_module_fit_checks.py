@@ -2,6 +2,7 @@
 resume with other training settings, data preprocessed or labelled for another model, trainable flags or quantisation
 set by hand, Adam on float16 weights, parameters outside its model. Each fit resolves the recipe's warm-up anew."""
 import re
+import warnings
 
 import lightning as L
 import pytest
@@ -524,3 +525,15 @@ def test_integer_images_or_float_labels_are_named_not_a_dtype_error_deep_in_torc
         run.test(module(), _labelled([0, 1, 2, 3], images), verbose=False)
     with pytest.raises(TypeError, match=r"a training batch holds float32 labels: give class indices as integers"):
         run.fit(module(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1, 2, 3]))))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_a_momentum_given_to_an_optimizer_without_one_warns_that_it_is_ignored(optimizer):
+    with pytest.warns(UserWarning, match=rf"momentum=0.5 is SGD's, and optimizer='{optimizer}' ignores it"):
+        module(optimizer=optimizer, momentum=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(optimizer=optimizer)  # the default momentum says nothing
+        model = module(optimizer="sgd", momentum=0.5)
+    model.trainer = L.Trainer(max_epochs=3, logger=False)
+    assert model.configure_optimizers()["optimizer"].defaults["momentum"] == 0.5

@@ -540,7 +540,7 @@ def _require_injected(model: nn.Module, action: str) -> AdapterState:
     state = adapter_state(model)
     if state is None:
         refuse_wrapped_adapters(model, f"call nv.{action}(model.get_submodule({{inner!r}}))")
-        raise ValueError(f"{type(model).__name__} has no nola_vision adapters to unload (never injected, or already "
+        raise ValueError(f"nv.{action}: {type(model).__name__} has no nola_vision adapters (never injected, or already "
                          "unloaded); call nv.inject or nv.load_adapter first")
     return state
 

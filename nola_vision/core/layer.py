@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def has_hooks(module: nn.Module) -> bool:
                                                   "_backward_pre_hooks"))
 
 
-def full_precision(device: torch.device):
+def full_precision(device: torch.device) -> ContextManager[None]:
     """Disable autocast: coefficient combinations are tiny and must not cast the large bases every step."""
     return torch.autocast(device_type=device.type, enabled=False) if autocast_available(device.type) else nullcontext()
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from ..core.checks import check_int, check_number
+from ..core.checks import check_choice, check_int, check_number
 
 __all__ = ["AUGMENTS", "CROP_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "DataConfig",
            "RandomGaussianBlur", "build_transforms", "eval_transform", "evaluation_settings", "paper_train_transform",
@@ -146,15 +146,17 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], c
     """timm's eval geometry at ``scale = floor(size / crop_pct)``, then ``size`` x ``size`` (0.875: 256 -> 224).
 
     'center' resizes the short side to ``scale`` and center-crops; 'squash' resizes to ``scale`` x ``scale`` and
-    center-crops; 'border' fits the long side to ``scale`` and center-crops or pads with the mean colour.
+    center-crops; 'border' fits the long side to ``scale`` and center-crops or pads with the mean colour. Its
+    ``interpolation`` default is the paper's evaluation (bilinear); a backbone's own is in its ``DataConfig``.
     """
+    check_choice(interpolation, "eval_transform: interpolation", sorted(_INTERPOLATION))
     return T.Compose([*_geometry(size, mean, crop_pct, interpolation, crop_mode), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation: str, crop_mode: str) -> list:
     """The resize and crop steps of ``timm.data.transforms_imagenet_eval`` for a square ``size``."""
     scale = int(size / crop_pct)
-    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BILINEAR)
+    mode = _INTERPOLATION[interpolation]
     if crop_mode == "center":
         return [T.Resize(scale, interpolation=mode), T.CenterCrop(size)]
     if crop_mode == "squash":
@@ -162,8 +164,7 @@ def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation
     if crop_mode == "border":
         from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 
-        name = interpolation if interpolation in _INTERPOLATION else "bilinear"
-        return [ResizeKeepRatio((scale, scale), interpolation=name, longest=1.0),
+        return [ResizeKeepRatio((scale, scale), interpolation=interpolation, longest=1.0),
                 CenterCropOrPad(size, fill=[round(255 * v) for v in mean])]
     raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {crop_mode!r}")
 
@@ -173,12 +174,9 @@ def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "mode
     """What the evaluation transform does, as plain values (size, mean, std, crop fraction, interpolation, and a
     crop_mode other than 'center'): a checkpoint records them, so that testing it preprocesses as its run did."""
     config = config or DataConfig()
-    if normalize == "model":
-        mean, std = config.mean, config.std
-    elif normalize == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        raise ValueError(f"normalize must be 'model' or 'imagenet', got {normalize!r}")
+    check_choice(augment, "augment", AUGMENTS)  # any other value was taken for timm's geometry
+    check_choice(normalize, "normalize", NORMALIZATIONS)
+    mean, std = (config.mean, config.std) if normalize == "model" else (IMAGENET_MEAN, IMAGENET_STD)
     # the paper's eval is exactly Resize(256) -> CenterCrop(224), torchvision's default bilinear
     crop, interpolation = (224 / 256, "bilinear") if augment == "paper" else (config.crop_pct, config.interpolation)
     settings = {"size": config.input_size, "mean": list(mean), "std": list(std), "crop_pct": crop,

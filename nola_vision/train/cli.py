@@ -124,7 +124,6 @@ class PredictionsCSVWriter(BasePredictionWriter):
                                  "" if label is None else label,
                                  names[label] if names and own and label is not None else "",
                                  pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
-        self.written_path = path
         print(f"nola_vision: wrote {len(rows)} predictions to {path}")
         self.rows = []
 

