@@ -3,6 +3,8 @@ import csv
 import json
 import subprocess
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from fake_fit import fake_python
 from tune_study import FAST, TINY, fits, tune_cmd
 
 from nola_vision.cli import main
-from nola_vision.runs.tune import parse_grid, run_tune
+from nola_vision.runs.tune import _Search, parse_grid, run_tune
 
 
 def test_grid_keys_and_validation_data_are_checked(tmp_path, capsys):
@@ -74,7 +76,7 @@ def test_two_workers_share_one_sqlite_study_without_running_a_trial_twice(tmp_pa
     fit = fake_python(tmp_path, metric="val/acc", extra=(
         f'"ran": open({str(ran)!r}, "a").write(value("--result_file") + "\\n"), '
         f'"started": open({str(started)!r} + "/" + str(__import__("os").getpid()), "w").close(), "met": {rendezvous},'))
-    worker = ("import sys; from nola_vision.runs.tune import parse_grid, run_tune; run_tune([sys.argv[1]], "
+    worker = ("import sys; from nola_vision.runs.tune import _Search, parse_grid, run_tune; run_tune([sys.argv[1]], "
               "parse_grid(['model.lr=1e-4,2e-2', 'model.head_lr=1e-3']), out=sys.argv[2], name='t', "
               "overrides=sys.argv[4:], skip_protocol=True, python=sys.argv[3])")
     cmd = [sys.executable, "-c", worker, TINY, str(tmp_path / "out"), fit, *FAST]
@@ -149,3 +151,30 @@ def test_every_validation_shots_value_of_a_grid_is_checked_before_the_first_tria
         run_tune([TINY], {"data.val_shots": [2, 0]}, out=str(tmp_path / "out"), name="t", skip_protocol=True,
                  overrides=["--trainer.max_epochs", "1", "--data.shots", "2"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_with_another_heartbeat_than_its_study_is_refused(tmp_path):
+    """A worker with a shorter --heartbeat took another worker's live trial for dead and failed it; that worker then
+    crashed on Optuna's "Trial#1 has already finished and can not be updated"."""
+    fit = fake_python(tmp_path, metric="val/acc")
+    run = partial(run_tune, [TINY], parse_grid(["model.lr=1e-4"]), out=str(tmp_path / "out"), name="t",
+                  overrides=FAST, skip_protocol=True, python=fit)
+    run(heartbeat_s=30)
+    with pytest.raises(ValueError, match=r"study 't' .* runs with --heartbeat 30 \(set by its first worker\).*Pass "
+                                         r"--heartbeat 30"):
+        run(heartbeat_s=1)
+    run(heartbeat_s=30)  # the same interval: the finished study is read again
+
+
+def test_a_trial_another_worker_ended_is_said_so_not_a_crash(capsys):
+    optuna = pytest.importorskip("optuna")
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the other worker's stale-trial sweep did
+    search = object.__new__(_Search)
+    search.lock = threading.Lock()
+    with search._finishing(trial):
+        trial.set_user_attr("val_accs", {"0": 0.5})
+        study.tell(trial, 0.5)
+    assert "trial #0 was ended by another worker meanwhile" in capsys.readouterr().out
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL

@@ -32,10 +32,11 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -386,7 +387,7 @@ class _Search:
             accs = self._fit(params)
         except TrialDiverged as err:
             stop.set()
-            with self.lock:
+            with self._finishing(trial):
                 trial.set_user_attr("diverged", str(err))
                 trial.set_user_attr("duration_s", round(time.time() - start, 1))
                 self.study.tell(trial, -math.inf)
@@ -396,7 +397,7 @@ class _Search:
         except (TrialFailed, Stopped) as err:
             stop.set()
             if stopping():  # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed
-                with self.lock:
+                with self._finishing(trial):
                     self.study.tell(trial, state=TrialState.PRUNED)
                 if self.echo:
                     print(f"{label}: stopped with this process, not counted: the same command runs it again",
@@ -404,7 +405,7 @@ class _Search:
                 return
             if isinstance(err, Stopped):
                 raise
-            with self.lock:
+            with self._finishing(trial):
                 self.failed_here.add(_point_key(params))
                 self.failures += 1
                 trial.set_user_attr("error", str(err))
@@ -415,7 +416,7 @@ class _Search:
         finally:
             stop.set()
         score = statistics.fmean(accs.values())
-        with self.lock:
+        with self._finishing(trial):
             trial.set_user_attr("val_accs", accs)
             trial.set_user_attr("duration_s", round(time.time() - start, 1))
             self.study.tell(trial, score)
@@ -425,6 +426,21 @@ class _Search:
             total = len(self.points) if self.sampler == "grid" else self.tpe_budget
             print(f"{label}: val acc {100 * score:.2f}% (per seed {per_seed}) [{done}/{total} done, "
                   f"{time.time() - start:.0f} s]", flush=True)
+
+    @contextmanager
+    def _finishing(self, trial: Any) -> Iterator[None]:
+        """The lock, while this worker records how a trial ended. A trial another worker ended meanwhile (it took this
+        one's heartbeats for stalled: a storage lock held for long) is said so instead of failing the worker: its fits
+        are kept, and the run that takes the point again reuses them."""
+        import optuna
+
+        with self.lock:
+            try:
+                yield
+            except optuna.exceptions.UpdateFinishedTrialError:
+                print(f"tune: trial #{trial.number} was ended by another worker meanwhile, which took it for stalled "
+                      "(no heartbeat within 3 of this worker's --heartbeat); its fits are kept, and the worker that "
+                      "runs the point again reuses them", flush=True)
 
     def _beat_until(self, trial: Any, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
@@ -592,6 +608,18 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
                      "another --name, or delete the study")
 
 
+def _check_heartbeat(study: Any, heartbeat_s: int, name: str, storage_url: str) -> None:
+    """Record the study's heartbeat, or refuse another: a worker takes a trial without a heartbeat for 3 of its own
+    intervals as dead, so one with a shorter interval failed the live trials of the others (which then crashed)."""
+    recorded = study.user_attrs.get("heartbeat_s")
+    if recorded is None:
+        study.set_user_attr("heartbeat_s", heartbeat_s)
+    elif recorded != heartbeat_s:
+        raise ValueError(f"study {name!r} in {storage_url} runs with --heartbeat {recorded} (set by its first worker), "
+                         f"and every worker of a study must beat alike: one with another interval takes the others' "
+                         f"live trials for dead (or is taken for dead). Pass --heartbeat {recorded}")
+
+
 def _check_study_data(study: Any, images: _Images, name: str, storage_url: str) -> None:
     """Record the images the study's trials are scored on, or refuse when they were scored on others: finished
     trials are never rerun, so their scores would choose the values."""
@@ -684,6 +712,7 @@ def run_tune(
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     check_sqlite_storage(url)
     study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
+    _check_heartbeat(study, heartbeat_s, name, url)
     images = _Images.of(configs, overrides)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
