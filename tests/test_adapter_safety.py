@@ -1,4 +1,5 @@
 """Adapter files fail loudly: atomic re-saves, checksums, finite values, malformed fields, clear shape messages."""
+import copy
 import errno
 import json
 import os
@@ -188,7 +189,7 @@ def test_an_adapter_is_refused_on_a_backbone_with_other_running_statistics(tmp_p
     nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path)
 
 
-@pytest.mark.parametrize("write", ["copy_", "optimizer step"])
+@pytest.mark.parametrize("write", ["copy_", "optimizer step", ".data"])
 def test_a_merged_model_whose_adapted_weights_were_overwritten_is_refused_as_an_unmerged_one_is(tmp_path, write):
     """The check of a merged model read the record its merge took: weights written since (in place) passed it."""
     nv.save_adapter(trained(seed=1), tmp_path, bits=32)
@@ -199,9 +200,10 @@ def test_a_merged_model_whose_adapted_weights_were_overwritten_is_refused_as_an_
             nv.load_adapter(served, tmp_path)  # a switch to the same task keeps the merge's record valid
         weights = [served.get_submodule(name).weight for name in nv.adapted_layers(served)]
         with torch.no_grad():
-            if write == "copy_":
+            if write in ("copy_", ".data"):  # .data has a version counter of its own
                 for weight in weights:
-                    weight.copy_(torch.randn_like(weight) * weight.std())  # another backbone's weights
+                    other = torch.randn_like(weight) * weight.std()  # another backbone's weights
+                    (weight.data if write == ".data" else weight).copy_(other)
             else:
                 for weight in weights:
                     weight.grad = torch.ones_like(weight)
@@ -210,6 +212,26 @@ def test_a_merged_model_whose_adapted_weights_were_overwritten_is_refused_as_an_
             nv.verify_adapter(served, tmp_path)
         with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ"):
             nv.load_adapter(served, tmp_path)
+
+
+def test_a_merged_model_built_in_inference_mode_or_moved_after_its_merge_switches_and_keeps_its_records(tmp_path):
+    """Inference tensors keep no version, which the record's stamp read (merge crashed); a model moved or copied after
+    its merge lost its records and fingerprinted every layer again at each switch."""
+    nv.save_adapter(trained(seed=1), tmp_path / "a", bits=32)
+    nv.save_adapter(trained(seed=2), tmp_path / "b", bits=32)
+    with torch.inference_mode():
+        served = nv.merge(nv.load_adapter(tiny_vit(), tmp_path / "a"))
+        nv.load_adapter(served, tmp_path / "b")
+        nv.verify_adapter(served, tmp_path / "b")
+    moved = copy.deepcopy(nv.merge(nv.load_adapter(tiny_vit(), tmp_path / "a")))
+    layers = list(nv.adapted_layers(moved).values())
+    assert all(layer.unmerged_record is None for layer in layers)  # another storage: the merge's records no longer hold
+    nv.load_adapter(moved, tmp_path / "b")  # checks the weights once, from weight - ΔW, and keeps that
+    records = [layer.unmerged_record for layer in layers]
+    assert None not in records
+    nv.load_adapter(moved, tmp_path / "a")
+    assert [layer.unmerged_record for layer in layers] == records
+    torch.testing.assert_close(logits(moved), logits(nv.load_adapter(tiny_vit(), tmp_path / "a")), rtol=0, atol=1e-5)
 
 
 def test_plain_vit_files_hold_no_statistics_record(tmp_path):

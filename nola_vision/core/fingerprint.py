@@ -361,17 +361,20 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     train), with the adapters merged into them; None when there are none.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
-    else their weight minus ΔW. Cheap (a fixed sample per tensor) and the same on every device and dtype.
+    else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
+    device and dtype.
     """
     if modules is None:
         modules = [name for name, module in model.named_modules()
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     if not modules:
         return None
-    known = {name: layer.unmerged_record for name, layer in adapted_layers(model).items()
-             if layer.merged and layer.unmerged_record is not None}
+    merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
+    known = {name: layer.unmerged_record for name, layer in merged.items() if layer.unmerged_record is not None}
     with torch.no_grad():
         computed = _records({name: _module_vector(model.get_submodule(name)) for name in modules if name not in known})
+    for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
+        merged[name].unmerged_record = computed[name]
     records = {name: known[name] if name in known else computed[name] for name in modules}
     return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model)}
 

@@ -51,6 +51,14 @@ def full_precision(device: torch.device) -> ContextManager[None]:
     return torch.autocast(device_type=device.type, enabled=False) if autocast_available(device.type) else nullcontext()
 
 
+# Values of a merged weight its stamp keeps (``AdaptedLinear._weight_stamp``), evenly spaced over it.
+_STAMP_VALUES = 64
+
+
+def _same_stamp(kept: Tuple[Any, ...], now: Optional[Tuple[Any, ...]]) -> bool:
+    return now is not None and kept[:4] == now[:4] and torch.equal(kept[4], now[4])
+
+
 class _Rounding(NamedTuple):
     """What a merge in a 16-bit dtype rounded away: the values of the weight before the merge where weight − ΔW would
     not round back to them, at their flat ``positions`` (int32 where they fit); ``positions`` None: ``values`` is the
@@ -298,20 +306,27 @@ class AdaptedLinear(nn.Module):
 
     @property
     def unmerged_record(self) -> Optional[List[float]]:
-        """While merged: the fingerprint record of the weight without ΔW, which ``merge.merge`` took before folding ΔW
-        in, as long as the weight is what the merge (or a task switch since) left; None when unknown, or once the
-        weight was written otherwise (``copy_``, an optimizer step, a cast): then weight − ΔW is fingerprinted."""
+        """While merged: the fingerprint record of the weight without ΔW (taken by ``merge.merge`` before folding ΔW
+        in, or by the fingerprint since), as long as the weight is what it was then or a task switch left; None when
+        unknown, or once the weight was written otherwise (``copy_``, an optimizer step, a cast, a write through
+        ``.data`` that changed its probed values): then weight − ΔW is fingerprinted."""
         kept = self.__dict__.get("_unmerged_record")
-        return kept[0] if kept is not None and kept[1] == self._weight_stamp() else None
+        return kept[0] if kept is not None and _same_stamp(kept[1], self._weight_stamp()) else None
 
     @unmerged_record.setter
     def unmerged_record(self, record: Optional[List[float]]) -> None:
-        self.__dict__["_unmerged_record"] = None if record is None else (record, self._weight_stamp())
+        stamp = self._weight_stamp() if record is not None else None
+        self.__dict__["_unmerged_record"] = None if stamp is None else (record, stamp)
 
-    def _weight_stamp(self) -> Tuple[Any, ...]:
-        """What tells whether the weight was written: its version, storage, dtype and device."""
+    def _weight_stamp(self) -> Optional[Tuple[Any, ...]]:
+        """What tells whether the weight was written: its version, storage, dtype, device and a few of its values
+        (``.data`` has a version of its own); None for a weight that keeps no version (an inference tensor)."""
         weight = self.weight
-        return (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        if weight.is_inference() or weight.is_meta:
+            return None
+        flat = weight.detach().reshape(-1)
+        probe = flat[:: max(1, flat.numel() // _STAMP_VALUES)][:_STAMP_VALUES].clone()
+        return (weight._version, weight.data_ptr(), weight.dtype, weight.device, probe)
 
     def _adapter_versions(self) -> Tuple[Any, ...]:
         """What kept factors were combined from: each adapter tensor's version, storage, dtype and device (``.data``
