@@ -175,7 +175,8 @@ def _idx(array: np.ndarray) -> bytes:
 
 
 def write_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = True) -> dict:
-    """Write ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``: pixel (0, 0) of image i is i % 256."""
+    """Write ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``: pixel (0, 0) of image i is i % 256; pixel (27, 27)
+    is white in the t10k images only."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -183,6 +184,7 @@ def write_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20, gz: b
         images = np.zeros((n, 28, 28), dtype=np.uint8)
         images[:, 0, 0] = np.arange(n) % 256
         images[:, 10:18, 10:18] = (labels * 20 + 30)[:, None, None]
+        images[:, 27, 27] = 255 if prefix == "t10k" else 0  # held-out images differ from every train image
         for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
             data = _idx(arr)
             path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"

@@ -31,6 +31,7 @@ from nola_vision.data import (
     build_dataset,
     dataset_class_names,
     dataset_num_classes,
+    download_dataset,
 )
 from nola_vision.data.datasets import CALTECH101_CLASSES, FASHION_MNIST_SYSTEM_DIR, DatasetMetadataError
 
@@ -267,13 +268,25 @@ def test_fashion_mnist_reads_debian_style_idx_gz_files(tmp_path):
 def test_fashion_mnist_subset_whose_test_images_are_the_train_images_is_refused(tmp_path):
     """A subset's files are not verified by digest: the train file copied under the t10k name was read as the test
     split, so the model was tested on its training images."""
+    import gzip
+
     folder = tmp_path / "fashion-mnist"
     write_fashion_mnist(folder, n_train=40, n_test=20, gz=True)
     for kind in ("images-idx3", "labels-idx1"):
         shutil.copyfile(folder / f"train-{kind}-ubyte.gz", folder / f"t10k-{kind}-ubyte.gz")
     for split in ("train", "test"):
-        with pytest.raises(DatasetMetadataError, match="hold the same 40 images, so the test split would be the train"):
+        with pytest.raises(DatasetMetadataError, match="40 of the 40 t10k .test. images are also train images"):
             build_dataset("fashion_mnist", tmp_path, split)
+    train = gzip.decompress((folder / "train-images-idx3-ubyte.gz").read_bytes())
+    header, pixels = train[:16], np.frombuffer(train[16:], np.uint8).reshape(40, 28 * 28)
+    for rows, shared in ((pixels[::-1], 40), (pixels[:10], 10)):  # shuffled, and a part of them
+        count = (len(rows)).to_bytes(4, "big")
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header[:4] + count + header[8:] +
+                                                                         rows.tobytes()))
+        labels = gzip.decompress((folder / "train-labels-idx1-ubyte.gz").read_bytes())
+        (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:4] + count + labels[8:8 + len(rows)]))
+        with pytest.raises(DatasetMetadataError, match=f"{shared} of the {len(rows)} t10k"):
+            build_dataset("fashion_mnist", tmp_path, "test")
 
 
 def test_fashion_mnist_reads_a_folder_with_one_file_still_gzipped(tmp_path):
@@ -613,3 +626,12 @@ def test_food101_download_onto_a_partial_extraction_names_what_is_missing(tmp_pa
             build_dataset("food101", tmp_path, "train", download=download)
     write_food101(tmp_path)  # whole again: nothing to download, read as it is
     assert build_dataset("food101", tmp_path, "train", download=True).num_classes == 101
+
+
+def test_food101_download_onto_an_extraction_without_meta_fetches_it_again(tmp_path, monkeypatch):
+    """torchvision downloads where meta/ or images/ is missing: such a folder is handed to it, not refused."""
+    (tmp_path / "food-101" / "images" / "apple_pie").mkdir(parents=True)  # stopped before meta/
+    calls = []
+    monkeypatch.setattr(tvd, "Food101", lambda root, download: calls.append((root, download)))
+    download_dataset("food101", tmp_path)
+    assert calls == [(str(tmp_path), True)]

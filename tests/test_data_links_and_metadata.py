@@ -122,7 +122,7 @@ def test_idx_files_of_other_than_28x28_images_are_not_read_as_fashion_mnist(tmp_
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_a_full_size_test_set_that_is_not_fashion_mnist_is_refused(tmp_path, gz):
-    _write_idx_set(tmp_path, np.zeros((20, 28, 28), np.uint8), np.zeros((10000, 28, 28), np.uint8))
+    _write_idx_set(tmp_path, np.zeros((20, 28, 28), np.uint8), np.ones((10000, 28, 28), np.uint8))
     if gz:  # the digest is of the decompressed bytes: a .gz copy is judged alike
         for path in list(tmp_path.iterdir()):
             path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes(), compresslevel=1))

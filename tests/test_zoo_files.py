@@ -252,3 +252,12 @@ def test_a_big_vision_npz_overlay_without_custom_load_and_an_adapter_folder_are_
     with pytest.raises(ValueError, match=r"is a folder: an adapter saved by nv.save_adapter loads .* "
                                          r"nv.load_adapter\(model, folder\)"):
         nv.create_model(PLAIN, adapter=str(folder), pretrained=False, **SMALL)
+
+
+def test_an_overlay_files_head_is_not_read_again_where_timm_loaded_it(tmp_path, monkeypatch):
+    """The whole file was read a second time for a head timm had loaded itself (1000 classes, as its config's)."""
+    state = timm.create_model(PLAIN, pretrained=False, **{**SMALL, "num_classes": 1000}).state_dict()
+    save_file(state, str(tmp_path / "in1k.safetensors"))  # read by timm, and by nola_vision for its keys only
+    monkeypatch.setattr(timm.models, "load_state_dict", lambda *a, **k: pytest.fail("the file was read again"))
+    model = _overlay(tmp_path / "in1k.safetensors", PLAIN, num_classes=1000)
+    torch.testing.assert_close(model.head.weight, state["head.weight"], rtol=0, atol=0)

@@ -882,7 +882,7 @@ class _Food101:
 
     def download(self, root: Path) -> None:
         folder = self.expected(root)
-        if folder.exists():  # torchvision downloads only where meta/ or images/ is missing, then reads train.json
+        if (folder / "meta").is_dir() and (folder / "images").is_dir():  # torchvision would download nothing here
             self._require_whole(root)
             return
         import torchvision.datasets as tvd
@@ -896,9 +896,9 @@ class _Food101:
         if missing:
             raise DatasetNotFoundError(
                 f"dataset '{self.name}': {folder} lacks {', '.join(missing)} (an interrupted extraction?), which "
-                f"download=True does not complete (torchvision downloads only into a root without it): delete "
-                f"{folder} and pass download=True (--data.download true) again, or extract {self.url} under {root} "
-                "again.")
+                "download=True does not complete (torchvision downloads only where meta/ or images/ is missing): "
+                f"delete {folder} and pass download=True (--data.download true) again, or extract {self.url} under "
+                f"{root} again.")
 
     def _meta(self, root: Path, split: str) -> dict[str, list[str]]:
         path = self.expected(root) / "meta" / f"{split}.json"
@@ -1054,15 +1054,25 @@ class _FashionMNIST:
         return array
 
     def _refuse_same_as_other_split(self, folder: Path, prefix: str, images: np.ndarray) -> None:
-        """Refuse a subset's images file whose content is the other split's: the test split would be the train set."""
+        """Refuse a subset whose test images are mostly train images (a copy of the train file, part of it, or it
+        shuffled): the model would be tested on what it trained on. A few shared images are warned of."""
         other = "t10k" if prefix == "train" else "train"
         path = folder / f"{other}-images-idx3-ubyte"
         path = path if path.is_file() else path.with_name(f"{path.name}.gz")
-        if path.is_file() and np.array_equal(_read_idx(path, 3)[0], images):
-            raise DatasetMetadataError(
-                f"{folder}: the {prefix} and {other} images files hold the same {len(images)} images, so the test "
-                "split would be the train set: put the held-out images in the t10k files (or use Fashion-MNIST's own "
-                "files: download=True, --data.download true)")
+        if not path.is_file():
+            return
+        train, test = (images, _read_idx(path, 3)[0]) if prefix == "train" else (_read_idx(path, 3)[0], images)
+        seen = {hash(image.tobytes()) for image in train}
+        shared = sum(hash(image.tobytes()) in seen for image in test)
+        if not shared:
+            return
+        message = (f"{folder}: {shared} of the {len(test)} t10k (test) images are also train images, so the model "
+                   "would be tested on images it trained on")
+        if 2 * shared >= len(test):
+            raise DatasetMetadataError(f"{message}: put held-out images in the t10k files (or use Fashion-MNIST's own "
+                                       "files: download=True, --data.download true)")
+        if 100 * shared > len(test):  # the official files share a few duplicates
+            warn_user(f"{message}; remove them from one of the two files")
 
     def class_names(self, root: Path) -> list[str]:
         return list(FASHION_MNIST_CLASSES)

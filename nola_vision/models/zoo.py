@@ -365,7 +365,7 @@ def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeight
     saved = [key for key in adapter_entries(state) if key not in base_keys]
     if not saved:
         heads = [key for key in head_parameter_names(model) if key in state and state[key].shape == own[key].shape]
-        if heads:
+        if heads and _head_dropped(model):
             values = weights.values()
             model.load_state_dict({key: values[key] for key in heads}, strict=False)
         return
@@ -395,6 +395,13 @@ def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeight
         model.load_state_dict({key: values[key] for key in [*kept, *saved]}, strict=False)
     except RuntimeError as err:  # an adapted layer refuses tensors of another update (seed, slices, rank, ...)
         raise _misfit(source, model_name, err) from err
+
+
+def _head_dropped(model: nn.Module) -> bool:
+    """Whether timm dropped the loaded weights' head: it does for another ``num_classes`` than its pretrained config's
+    (where they match it loaded the head itself, and nothing needs reading again)."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return config.get("num_classes") != getattr(model, "num_classes", None)
 
 
 def _adapted_at(keys: List[str]) -> str:
