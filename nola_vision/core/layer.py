@@ -8,6 +8,7 @@ here, on the base class, and nowhere else.
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -176,7 +177,7 @@ class AdaptedLinear(nn.Module):
         """Set ``batched_factors`` and ``batched_cast`` as plain attributes: an assignment passes
         nn.Module.__setattr__'s checks first (~4 µs), and every training step sets them a few times per layer."""
         self.__dict__.update(_batched_factors=factors, _batched_cast=cast, _batched_versions=None,
-                             _kept_past_backward=False)
+                             _kept_past_backward=False, _batched_thread=_thread_of_pass())
 
     @property
     def batched_cast(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -284,6 +285,10 @@ class AdaptedLinear(nn.Module):
         a step) combines the tensors now, which a write through ``.data`` changes without a version to tell."""
         if self._batched_factors is None or self.stale_batched_factors():
             return None
+        owner = self.__dict__.get("_batched_thread")  # None: a compiled pass's, which cannot tell
+        if (owner is not None and not torch.compiler.is_compiling() and owner != threading.get_ident()
+                and not _inside_backward()):
+            return None  # another thread's pass combined them (its backward frees their graph): combined here instead
         if self.__dict__.get("_kept_past_backward") and not _inside_backward():
             self.hold_batched_factors(None)
             return None
@@ -845,6 +850,11 @@ class AdaptedLinear(nn.Module):
 def _bases_field(bases: Any, index: int) -> Any:
     """One field of every basis in an ``identity()``'s bases (for naming what differs)."""
     return [entry[index] if isinstance(entry, list) and len(entry) > index else None for entry in bases or []]
+
+
+def _thread_of_pass() -> Optional[int]:
+    """The thread running this forward pass (None inside a compiled one, which cannot ask)."""
+    return None if torch.compiler.is_compiling() else threading.get_ident()
 
 
 def _inside_backward() -> bool:
