@@ -283,7 +283,11 @@ class AdaptedLinear(nn.Module):
         block recomputed inside a later backward through a kept graph. Any other call drops them: a new graph
         recomputes from the factors its own forward pass combined, and a call without grad (``forward_features`` after
         a step) combines the tensors now, which a write through ``.data`` changes without a version to tell."""
-        if self._batched_factors is None or self.stale_batched_factors():
+        if self._batched_factors is None:
+            return None
+        if self.stale_batched_factors() and not _inside_backward():
+            # inside backward, a block recomputes with the factors its forward pass combined, even from tensors since
+            # put back (torch.func.functional_call's): torch refuses a recomputation that saves other tensors
             return None
         owner = self.__dict__.get("_batched_thread")  # None: a compiled pass's, which cannot tell
         if (owner is not None and not torch.compiler.is_compiling() and owner != threading.get_ident()
