@@ -234,6 +234,38 @@ def test_a_merged_model_built_in_inference_mode_or_moved_after_its_merge_switche
     torch.testing.assert_close(logits(moved), logits(nv.load_adapter(tiny_vit(), tmp_path / "a")), rtol=0, atol=1e-5)
 
 
+def test_task_switches_from_two_threads_take_turns_and_leave_the_weights_whole(tmp_path):
+    """Two switches of one merged model at once interleaved their read-modify-writes of the weights: they stayed off
+    for good (a later switch and unload did not give them back)."""
+    import threading
+
+    for seed in (1, 2):
+        nv.save_adapter(trained(seed=seed), tmp_path / str(seed), bits=32)
+    model = nv.merge(nv.load_adapter(tiny_vit(), tmp_path / "1"))
+    failures = []
+
+    def switches(task):
+        try:
+            for _ in range(10):
+                nv.load_adapter(model, tmp_path / task)
+        except Exception as err:  # noqa: BLE001 - reported below
+            failures.append(repr(err)[:300])
+
+    threads = [threading.Thread(target=switches, args=(task,)) for task in ("2", "1")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    nv.load_adapter(model, tmp_path / "1")
+    fresh = nv.merge(nv.load_adapter(tiny_vit(), tmp_path / "1"))
+    torch.testing.assert_close(logits(model), logits(fresh), rtol=0, atol=2e-6)
+    nv.unload(model)
+    for name, value in tiny_vit().state_dict().items():
+        if not name.startswith("head"):
+            torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+
+
 def test_plain_vit_files_hold_no_statistics_record(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     assert "statistics" not in json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]

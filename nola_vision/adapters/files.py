@@ -49,7 +49,7 @@ from ..core.inject import (
     unwrap_model,
 )
 from ..core.layer import adapted_layers
-from ..core.merge import delta_factors_of_values, require_current_merge, switch_merged
+from ..core.merge import delta_factors_of_values, require_current_merge, switch_lock, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import (
     INTEGER_BITS,
@@ -1320,9 +1320,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     check_bool(check_frozen_weights, "load_adapter: check_frozen_weights")
     check_bool(allow_unchecked_legacy, "load_adapter: allow_unchecked_legacy")
     target = unwrap_model(model)
-    verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
-                              allow_unchecked_legacy=allow_unchecked_legacy)
-    if adapter_state(target) is None:
-        inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
-    switch_merged(target, verified.values)  # plain copies; a merged model switches tasks in place and stays merged
+    with switch_lock(target):  # another thread's switch of this model waits: their writes would interleave
+        verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
+                                  allow_unchecked_legacy=allow_unchecked_legacy)
+        if adapter_state(target) is None:
+            inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
+        switch_merged(target, verified.values)  # plain copies; a merged model switches in place and stays merged
     return model

@@ -8,7 +8,6 @@ here, on the base class, and nowhere else.
 from __future__ import annotations
 
 import json
-import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -177,7 +176,7 @@ class AdaptedLinear(nn.Module):
         """Set ``batched_factors`` and ``batched_cast`` as plain attributes: an assignment passes
         nn.Module.__setattr__'s checks first (~4 µs), and every training step sets them a few times per layer."""
         self.__dict__.update(_batched_factors=factors, _batched_cast=cast, _batched_versions=None,
-                             _kept_past_backward=False, _batched_thread=_thread_of_pass())
+                             _kept_past_backward=False)
 
     @property
     def batched_cast(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -289,10 +288,6 @@ class AdaptedLinear(nn.Module):
             # inside backward, a block recomputes with the factors its forward pass combined, even from tensors since
             # put back (torch.func.functional_call's): torch refuses a recomputation that saves other tensors
             return None
-        owner = self.__dict__.get("_batched_thread")  # None: a compiled pass's, which cannot tell
-        if (owner is not None and not torch.compiler.is_compiling() and owner != threading.get_ident()
-                and not _inside_backward()):
-            return None  # another thread's pass combined them (its backward frees their graph): combined here instead
         if self.__dict__.get("_kept_past_backward") and not _inside_backward():
             self.hold_batched_factors(None)
             return None
@@ -854,11 +849,6 @@ class AdaptedLinear(nn.Module):
 def _bases_field(bases: Any, index: int) -> Any:
     """One field of every basis in an ``identity()``'s bases (for naming what differs)."""
     return [entry[index] if isinstance(entry, list) and len(entry) > index else None for entry in bases or []]
-
-
-def _thread_of_pass() -> Optional[int]:
-    """The thread running this forward pass (None inside a compiled one, which cannot ask)."""
-    return None if torch.compiler.is_compiling() else threading.get_ident()
 
 
 def _inside_backward() -> bool:

@@ -5,6 +5,7 @@ Layers hold per-layer math only (``layer.py``); what needs every adapted layer o
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
 
-__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
+__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared", "switch_lock",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
            "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
            "release_shared_factors", "require_current_merge", "shared_delta_factors", "switch_merged", "unmerge"]
@@ -437,6 +438,21 @@ def unmerge(model: nn.Module) -> nn.Module:
         for layer in layers:
             layer.unmerge(factors[id(layer)])
     return model
+
+
+def switch_lock(model: nn.Module) -> threading.RLock:
+    """The lock a task switch of ``model`` holds from its check of the frozen weights to its last write: two switches
+    from two threads would interleave their read-modify-writes of the merged weights (W += ΔW_new − ΔW_old), which
+    then stayed off for good."""
+    with _LOCKS_LOCK:
+        lock = _SWITCH_LOCKS.get(model)
+        if lock is None:
+            lock = _SWITCH_LOCKS[model] = threading.RLock()
+        return lock
+
+
+_SWITCH_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
 
 
 @torch.no_grad()
