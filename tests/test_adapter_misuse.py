@@ -166,6 +166,15 @@ def test_merge_and_unmerge_of_a_model_without_adapters_say_to_inject_first():
     assert nv.unmerge(nv.merge(probe)) is probe
 
 
+def test_quantisation_aware_full_fine_tuning_is_refused_as_no_file_would_reproduce_it():
+    """It was accepted (the classifier refuses it): saving then refused 4 and 8 bits, and 16 bits gave other outputs."""
+    model = nv.inject(tiny_vit(), "full")
+    with pytest.raises(ValueError, match=r"full fine-tuning .* 16 or 32 bits only .* quantisation-aware training at 4 "
+                                         r"bits would train a model no file reproduces"):
+        nv.set_quantization_aware(model, 4)
+    assert nv.set_quantization_aware(model, None) is model  # off is what it is
+
+
 def test_quantisation_aware_training_of_a_model_without_adapters_says_to_inject_first():
     model = tiny_vit()
     with pytest.raises(ValueError, match="has no nola_vision adapters.*call nv.inject"):

@@ -581,6 +581,11 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     if state is None and bits is not None:
         raise ValueError(f"{type(model).__name__} has no nola_vision adapters to train quantisation-aware (never "
                          "injected, or unloaded); call nv.inject or nv.load_adapter first, then set_quantization_aware")
+    if state is not None and bits is not None and state.config.train_backbone:
+        raise ValueError(f"full fine-tuning trains every weight, which files keep at 16 or 32 bits only (per-tensor "
+                         f"codes would change each weight more than training did): quantisation-aware training at "
+                         f"{bits} bits would train a model no file reproduces. Train at full precision, or adapt "
+                         "the model with NOLA or LoRA for integer codes")
     merged = [name for name, layer in adapted_layers(model).items() if layer.merged and layer.quant_bits != bits]
     if merged:
         raise ValueError(
