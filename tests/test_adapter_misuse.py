@@ -601,3 +601,28 @@ def test_quantisation_aware_training_reaches_adapters_through_wrappers_and_names
             call()
     with pytest.raises(TypeError, match="register_method: config_cls is a class, got a NoneType"):
         nv.register_method("mine", None, None)
+
+
+def test_a_linear_probes_state_dict_records_its_quantisation_aware_bits():
+    """Adapted layers record the bits in their identity; a linear probe has none, so its state dict trained at 4 bits
+    loaded into a full-precision probe with other outputs and without a word."""
+    trained = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), 4)
+    with torch.no_grad():
+        trained.head.weight.add_(torch.randn(trained.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    state = trained.state_dict()
+    for bits, strict in ((None, True), (None, False), (8, True)):
+        other = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), bits)
+        with pytest.raises(RuntimeError, match=r"head was trained quantisation-aware at 4 bits, and this model shows "
+                                               r"it at (full precision|8 bits)"):
+            other.load_state_dict(state, strict=strict)
+    same = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), 4)
+    same.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(same(IMAGES), trained(IMAGES))
+    with pytest.raises(RuntimeError, match="trained at full precision, and this model shows it at 4 bits"):
+        same.load_state_dict(nv.inject(tiny_vit(), "linear").state_dict())
+    copied = copy.deepcopy(trained)
+    assert "nola_quant_bits" in copied.state_dict()
+    nv.unload(trained)
+    assert "nola_quant_bits" not in trained.state_dict()
+    tiny_vit().load_state_dict(trained.state_dict())  # a plain model's state dict again

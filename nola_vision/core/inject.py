@@ -260,6 +260,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
                 for parameter in layer.adapter_parameter_names]
         hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
+    else:  # a linear probe (or full fine-tuning): no adapted layer's identity records quantisation-aware bits
+        hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
     state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
@@ -600,7 +602,10 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
         for handle in _head_hooks(state):
             handle.remove()
         head = classifier_head(model)
-        state.quantized_head = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
+        hooks = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
+        if hooks is not None and not adapted_layers(model):  # a linear probe: no adapted layer records the bits
+            hooks.append(model._register_state_dict_hook(functools.partial(_save_bits, bits)))
+        state.quantized_head = hooks
     return wrapper
 
 
@@ -643,6 +648,32 @@ def _head_hooks(state: AdapterState) -> List[Union[RemovableHandle, _StoredBitsF
     """The quantisation-aware head hooks (one handle in models pickled when the head had one hook)."""
     hooks = state.quantized_head
     return [] if hooks is None else [hooks] if isinstance(hooks, RemovableHandle) else list(hooks)
+
+
+# The state-dict entry of a linear probe trained quantisation-aware (adapted layers record it in their identity).
+QAT_BITS_KEY = "nola_quant_bits"
+
+
+def _save_bits(bits: int, module: nn.Module, state_dict: Dict[str, Tensor], prefix: str, metadata: object) -> None:
+    """State-dict hook of a model without adapted layers set quantisation-aware: its state dict records ``bits``."""
+    state_dict[prefix + QAT_BITS_KEY] = torch.tensor(bits)
+
+
+def _check_bits(model: nn.Module, state_dict: Dict[str, Tensor], prefix: str, metadata: object, strict: bool,
+                missing: List[str], unexpected: List[str], errors: List[str]) -> None:
+    """Load pre-hook of a model without adapted layers: refuse a state dict of other quantisation-aware bits (or of
+    none), as an adapted layer's identity does for LoRA and NOLA (a linear probe's loaded into a model at other bits
+    gave other outputs without a word)."""
+    state = adapter_state(model)
+    bits = state.quant_bits if state is not None else None
+    saved = state_dict.pop(prefix + QAT_BITS_KEY, None)
+    saved_bits = None if saved is None else int(saved)
+    if saved_bits != bits:
+        trained = f"quantisation-aware at {saved_bits} bits" if saved_bits is not None else "at full precision"
+        shown = f"at {bits} bits (set_quantization_aware)" if bits is not None else "at full precision"
+        errors.append(f"the state dict's head was trained {trained}, and this model shows it {shown}: its outputs "
+                      "would differ. Set the model to the bits the state dict was trained at first "
+                      "(nv.set_quantization_aware)")
 
 
 def _quantize_head(head: nn.Module, bits: int) -> List[Union[RemovableHandle, _StoredBitsForward]]:
