@@ -86,6 +86,25 @@ def test_a_task_does_not_fit_a_graph_exported_with_other_running_statistics(tmp_
     assert set(nv.onnx_task_inputs(task, same)) == {i.name for i in session(same).get_inputs()} - {"images"}
 
 
+def test_a_hybrid_vit_exports_at_its_images_channels(tmp_path):
+    """The image channels were read from patch_embed.proj, which in a hybrid ViT reads the CNN's 2048-channel
+    features: both exports traced 2048-channel images and failed, and input_size=(3, H, W) was refused."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_resnet26d_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                              img_size=64, num_classes=5)
+    model = as_if_trained(nv.inject(model, CONFIG), seed=0).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    merged = nv.export_onnx(model, tmp_path / "merged.onnx", input_size=(3, 64, 64))
+    out = session(merged).run(None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(out, logits(model, images).numpy(), rtol=0, atol=1e-4)
+    graph = nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(model, tmp_path / "task", bits=32)
+    out = session(graph).run(None, {"images": images.numpy(), **nv.onnx_task_inputs(task, graph)})[0]
+    np.testing.assert_allclose(out, logits(model, images).numpy(), rtol=0, atol=1e-4)
+
+
 def test_a_task_saved_from_a_float16_copy_fits_the_graph_as_it_loads_onto_the_model(tmp_path):
     """Weights near zero (timm inits the class token at 1e-6) become float16 subnormals, a few % off: load_adapter
     allows them an absolute tolerance per sampled value, and the graph's check must too (it refused such a task,

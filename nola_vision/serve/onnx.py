@@ -278,11 +278,21 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
     if size is not None:
-        return (getattr(getattr(embed, "proj", None), "in_channels", 3), *size)
+        channels = _image_channels(embed)
+        return (3 if channels is None else channels, *size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" not in cfg:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes: pass input_size=(3, H, W)")
     return tuple(cfg["input_size"])
+
+
+def _image_channels(embed: nn.Module) -> Optional[int]:
+    """The channels of the images a patch embedding reads: its first convolution's input (a hybrid ViT's stem, whose
+    ``proj`` reads the CNN's features, 2048 channels for a ResNet), or None."""
+    for module in embed.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+    return None
 
 
 def _check_input_size(size: Any, model: nn.Module) -> None:
@@ -292,7 +302,7 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size):
         embed = getattr(model, "patch_embed", None)
         built = tuple(getattr(embed, "img_size", None) or ())
-        channels = getattr(getattr(embed, "proj", None), "in_channels", None)
+        channels = _image_channels(embed) if embed is not None else None
         if isinstance(channels, int) and size[0] != channels:
             raise ValueError(f"input_size {tuple(size)}: the model takes {channels}-channel images; export at "
                              f"({channels}, {size[1]}, {size[2]})")
