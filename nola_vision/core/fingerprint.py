@@ -167,9 +167,9 @@ def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]
                     "adapter's backbone had them")
         difference = _difference(record, other, 0)
         if difference is not None:
-            amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
-            return (f"the running statistics of {name} differ by about {amount} of their norm (a forward pass in train "
-                    "mode updates them: keep batch norms in eval mode while training, as FewShotClassifier does)")
+            return (f"the running statistics of {name} differ by about {_amount(difference)} of their norm (a forward "
+                    "pass in train mode updates them: keep batch norms in eval mode while training, as "
+                    "FewShotClassifier does)")
     return None
 
 
@@ -472,9 +472,13 @@ def _differ(label: str, difference: float) -> str:
     if not difference < 100:  # two weights lie at most about twice their norm apart: a record edited (inf: its length)
         return (f"the record of the weights of {label} lies over 100 times their norm from this model's, farther than "
                 "the records of any two weights do: the record was edited or damaged")
-    amount = f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
-    return (f"the weights of {label} differ by about {amount} of their norm (a bfloat16 or float16 copy of the "
-            "same weights differs by under 0.5%)")
+    return (f"the weights of {label} differ by about {_amount(difference)} of their norm (a bfloat16 or float16 copy "
+            "of the same weights differs by under 0.5%)")
+
+
+def _amount(difference: float) -> str:
+    """A relative difference as the messages show it: one decimal under 10%."""
+    return f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -203,11 +203,11 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
 
     ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), a method's name (``"nola"``,
     ``"lora"``: their default configs; ``"linear"``: train the head only; ``"full"``: train everything), or a plan
-    from ``plan_injection(model, config)``. Nothing is
-    changed when the config or a target is invalid. ``unload`` undoes it exactly. A ``torch.compile`` wrapper is
-    adapted through the module it runs (the names of its layers and files are that module's) and returned. The
-    head is what timm's ``get_classifier()`` returns, on the model or the outermost submodule that has it: a wrapper
-    module with a head of its own defines ``get_classifier()`` to have it trained.
+    from ``plan_injection(model, config)``. Nothing is changed when the config or a target is invalid. ``unload``
+    undoes it exactly. A ``torch.compile`` wrapper is adapted through the module it runs (the names of its layers and
+    files are that module's) and returned. The head is what timm's ``get_classifier()`` returns, on the model or the
+    outermost submodule that has it: a wrapper module with a head of its own defines ``get_classifier()`` to have it
+    trained.
     """
     require_module(model, "inject")
     require_not_data_parallel(model)

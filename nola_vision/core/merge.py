@@ -19,10 +19,11 @@ from .fingerprint import frozen_fingerprint
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
 
-__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared", "switch_lock",
+__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
            "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
-           "release_shared_factors", "require_current_merge", "shared_delta_factors", "switch_merged", "unmerge"]
+           "release_shared_factors", "require_current_merge", "shared_delta_factors", "switch_lock", "switch_merged",
+           "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]

@@ -743,8 +743,10 @@ class _Caltech101:
         return root / "caltech101" / CALTECH_IMAGES
 
     def download(self, root: Path) -> None:
-        if self.expected(root).is_dir():  # extracted: read as it is (torchvision would take each entry, .DS_Store or
-            return                        # a folder without BACKGROUND_Google, for its category list and fail)
+        # An extraction that is there is read as it is: torchvision would take each entry (a .DS_Store, a folder
+        # without BACKGROUND_Google) for its category list and fail
+        if self.expected(root).is_dir():
+            return
         import torchvision.datasets as tvd
         tvd.Caltech101(str(root), download=True)
 

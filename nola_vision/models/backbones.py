@@ -11,6 +11,7 @@ from torch import nn
 
 from ..core.checks import check_bool, check_int, check_path
 from .weights import (
+    OVERLAY_WEIGHT_SOURCES,
     UnreadableWeights,
     check_backbone_keys,
     check_backbone_shapes,
@@ -103,8 +104,9 @@ def build_backbone(
                              f"(another embed_dim, mlp_ratio, or class/register tokens?): "
                              f"{_first_mismatch(str(err))}. Build the backbone the file was saved from") from err
         what = "pretrained_file"
-        if path is None and local_dir_weights(backbone) is not None:  # loaded non-strictly too (no head)
-            path, what = local_dir_weights(backbone), f"{backbone}'s weights file"
+        folder_file = local_dir_weights(backbone) if path is None else None
+        if folder_file is not None:  # loaded non-strictly too (no head)
+            path, what = folder_file, f"{backbone}'s weights file"
             try:
                 file_state = read_state_dict(path, what)
             except UnreadableWeights as err:
@@ -131,11 +133,10 @@ def _refuse_builder_kwargs(kwargs: dict[str, Any], image_size: Optional[int], of
         raise ValueError(f"backbone_kwargs pretrained_cfg_overlay: pretrained_file '{OFFLINE_PRETRAINED_FILE}' sets "
                          "the backbone's pretrained config itself (its weights, mean and std); drop the overlay")
     overlay = kwargs.get("pretrained_cfg_overlay")
-    sources = {"file", "state_dict", "url", "hf_hub_id"}
-    if isinstance(overlay, dict) and sources & set(overlay):
-        raise ValueError("backbone_kwargs pretrained_cfg_overlay names a weights source ("
-                         f"{sorted(sources & set(overlay))}): set model.pretrained_file instead, which checks that "
-                         "the file holds every weight of the backbone")
+    sources = sorted(set(OVERLAY_WEIGHT_SOURCES) & set(overlay)) if isinstance(overlay, dict) else []
+    if sources:
+        raise ValueError(f"backbone_kwargs pretrained_cfg_overlay names a weights source ({sources}): set "
+                         "model.pretrained_file instead, which checks that the file holds every weight of the backbone")
     size = kwargs.get("img_size")
     if image_size is not None and size is not None and _pair(size) != _pair(image_size):
         raise ValueError(f"backbone_kwargs img_size {size} and image_size {image_size} differ: the model would be "

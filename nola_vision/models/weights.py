@@ -15,9 +15,11 @@ from torch import nn
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import METHODS
 
-__all__ = ["LOCAL_DIR", "UnreadableWeights", "adapter_entries", "check_backbone_keys", "check_backbone_shapes",
-           "local_dir_weights", "loaded_keys", "read_state_dict"]
+__all__ = ["LOCAL_DIR", "OVERLAY_WEIGHT_SOURCES", "UnreadableWeights", "adapter_entries", "check_backbone_keys",
+           "check_backbone_shapes", "local_dir_weights", "loaded_keys", "read_state_dict"]
 
+# The keys of a pretrained_cfg_overlay that name weights for timm to load (it takes the first it finds, in this order).
+OVERLAY_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")
 # timm's prefix of a model name that reads config.json and the weights from a local folder.
 LOCAL_DIR = "local-dir:"
 # The weights files timm looks for in such a folder, in its order (timm.models._hub._PREFERRED_FILES), then by suffix.

@@ -29,6 +29,7 @@ from ..core.registry import get_method
 from ..core.targets import head_parameter_names
 from .weights import (
     LOCAL_DIR,
+    OVERLAY_WEIGHT_SOURCES,
     UnreadableWeights,
     adapter_entries,
     check_backbone_keys,
@@ -152,8 +153,6 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
 
 # How errors name a weights file given as ``pretrained_cfg_overlay=dict(file=...)``.
 OVERLAY_FILE = "pretrained_cfg_overlay file"
-# The overlay keys that name weights for timm to load (it takes the first it finds in this order).
-_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")
 
 
 @dataclass
@@ -183,7 +182,7 @@ def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWe
     and a big_vision ``.npz`` without ``custom_load`` (torch would fail on it as on a damaged zip)."""
     overlay = kwargs.get("pretrained_cfg_overlay")
     overlay = overlay if isinstance(overlay, dict) else {}
-    sources = [key for key in _WEIGHT_SOURCES if overlay.get(key) is not None]
+    sources = [key for key in OVERLAY_WEIGHT_SOURCES if overlay.get(key) is not None]
     if sources and not kwargs.get("pretrained"):
         raise ValueError(f"pretrained_cfg_overlay names weights ({', '.join(sources)}), but pretrained=False builds "
                          "random weights and timm ignores them: pass pretrained=True to load them, or drop them")
