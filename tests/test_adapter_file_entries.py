@@ -112,6 +112,21 @@ def test_a_float64_tensor_below_float32s_range_is_refused_at_save_not_stored_as_
     assert config["format"].startswith("nola_vision.adapter/")
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("scale, refusal", [(1e-300, "below float32's normal range"),
+                                            (1e300, "beyond float32's range")])
+def test_a_float64_tensor_float32_cannot_hold_is_refused_at_low_bits_too(tmp_path, bits, scale, refusal):
+    # Codes are made from float32 values: at 8/4 bits such a tensor was stored as all zeros (or refused with advice to
+    # save it at bits=32, which refused it too).
+    model = as_if_trained(nv.inject(tiny_vit().double(), LORA), 1)
+    name = next(name for name, _ in model.named_parameters() if name.endswith("lora_A"))
+    with torch.no_grad():
+        model.get_parameter(name).mul_(scale)
+    with pytest.raises(ValueError, match=f"{name} holds .*{refusal}"):
+        nv.save_adapter(model, tmp_path / "adapter", bits=bits)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_a_tensor_just_below_float16s_normal_range_still_switches_into_a_float16_model(tmp_path):
     # A LoRA B of |b| ~ 3e-5 (stored as float32: float16 would round it by 0.1%) was refused by a float16 model
     # whose adapters are injected already, as if it would lose most of its digits.

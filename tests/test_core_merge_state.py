@@ -497,6 +497,11 @@ def test_a_model_on_the_meta_device_merges_for_its_shapes_but_its_files_are_refu
     with pytest.raises(nv.AdapterLoadError, match="meta device.*materialize the model first") as refused:
         nv.load_adapter(model, tmp_path / "adapter")
     assert "install the nola_vision version" not in str(refused.value)  # the fingerprint is comparable: not advised
+    assert "check_frozen_weights=False" not in str(refused.value)  # which copied nothing: the values were lost
+    with pytest.raises(nv.AdapterLoadError, match="meta device.*would be lost"):
+        nv.load_adapter(model, tmp_path / "adapter", check_frozen_weights=False)
+    with pytest.raises(nv.AdapterLoadError, match="meta device"):  # verifying only: the fingerprint cannot be read
+        nv.verify_adapter(model, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -177,6 +177,21 @@ def test_a_save_into_a_loop_of_symlinks_is_refused_and_leaves_the_links(tmp_path
     assert all((tmp_path / name).is_symlink() for name in ("loop", "loop2"))
 
 
+def test_a_path_stepping_up_out_of_a_missing_folder_is_refused_as_it_could_not_be_read_back(tmp_path):
+    """realpath removes "missing/.." as text, so such a save wrote beside it, at a path the system cannot reach
+    through the one given: the load of the returned path failed."""
+    for path in (tmp_path / "missing" / ".." / "adapter", tmp_path / "missing" / ".." / "graph.onnx"):
+        with pytest.raises((ValueError, OSError), match=r"steps up \('\.\.'\) out of .*missing, which does not exist"):
+            if path.suffix:
+                storage.write_bytes_atomic(path, b"graph")
+            else:
+                nv.save_adapter(trained(1), path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "there").mkdir()  # a folder that exists can be stepped out of, as the system does
+    directory = nv.save_adapter(trained(1), tmp_path / "there" / ".." / "adapter")
+    torch.testing.assert_close(loaded_logits(directory), logits(trained(1)), rtol=0, atol=1e-3)
+
+
 def test_other_files_and_folders_are_kept_as_the_same_files(tmp_path):
     target = saved_adapter(tmp_path / "adapter", seed=1)
     (target / "plots").mkdir()

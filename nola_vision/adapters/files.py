@@ -314,8 +314,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
                              "(train again with a lower learning rate)")
         if stored_bits[name] >= 16:
             tensors[name] = _stored_floats(name, value, stored_bits[name])
-        else:
-            tensors[name], quantization[name] = _stored_codes(name, value, stored_bits[name],
+        else:  # coded from float32 values: a float64 tensor float32 cannot hold is refused as at bits=32
+            tensors[name], quantization[name] = _stored_codes(name, _stored_floats(name, value, 32), stored_bits[name],
                                                               trained_at_bits=seen.get(name) == stored_bits[name])
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
     weights = canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
@@ -1188,7 +1188,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
         difference = differing_module(record, model)
     except ValueError as error:
         if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
-            raise AdapterLoadError(f"{error}; or pass check_frozen_weights=False to load it unchecked") from error
+            raise AdapterLoadError(str(error)) from error
         raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
                                "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
     if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway
@@ -1320,6 +1320,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     check_bool(check_frozen_weights, "load_adapter: check_frozen_weights")
     check_bool(allow_unchecked_legacy, "load_adapter: allow_unchecked_legacy")
     target = unwrap_model(model)
+    if any(tensor.is_meta for tensor in (*target.parameters(), *target.buffers())):  # copies onto meta do nothing
+        raise AdapterLoadError("the model's weights are on the meta device, which holds no values: the adapter's "
+                               "values would be lost there. materialize the model first (model.to_empty(device='cpu'), "
+                               "then load its weights), then load the adapter")
     with switch_lock(target):  # another thread's switch of this model waits: their writes would interleave
         verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                                   allow_unchecked_legacy=allow_unchecked_legacy)

@@ -194,6 +194,9 @@ def _file_target(path: PathLike) -> Path:
     if _ends_in_separator(text):
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
+    missing = _missing_before_parent_step(text)
+    if missing is not None:  # realpath drops "missing/.." as text; reading the path back would fail there
+        raise FileNotFoundError(_unreadable_back(text, missing, "file"))
     target = Path(os.path.realpath(text))
     if os.path.islink(text) and not os.path.isdir(target.parent):
         raise FileNotFoundError(f"{text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
@@ -331,6 +334,9 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
             folder = next((p for p in target.parents if os.path.isdir(p)), None)
             too_long = (_name_too_long(target, folder) if folder is not None else None) or _path_too_long(target, names)
             raise ValueError(f"cannot save to {path}: {too_long or error.strerror} (nothing was written)") from error
+        missing = _missing_before_parent_step(path)
+        if missing is not None:  # realpath drops "missing/.." as text; reading the path back would fail there
+            raise ValueError(_unreadable_back(path, missing, "files")) from error
     target = Path(os.path.realpath(path))
     if target.exists() and not target.is_dir():
         raise ValueError(f"{path} is an existing file, not a directory: a save writes a directory of files there. "
@@ -360,6 +366,24 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
     _refuse_unusable_lock(target)
     _refuse_unwritable(target)
     return target
+
+
+def _unreadable_back(path: PathLike, missing: str, written: str) -> str:
+    return (f"{os.fspath(path)} steps up ('..') out of {missing}, which does not exist, so the saved {written} could "
+            f"not be read back through this path: create {missing} first, or give the path without '..' "
+            f"({os.path.normpath(path)}) (nothing was written)")
+
+
+def _missing_before_parent_step(path: PathLike) -> Optional[str]:
+    """The first folder of ``path`` that a ``..`` right after it steps out of but that does not exist, or None: the
+    system cannot pass through it, where ``os.path.realpath`` removes both as text."""
+    parts = os.fspath(path).split(os.sep)
+    for index in range(1, len(parts)):
+        if parts[index] == ".." and parts[index - 1] not in ("", ".", ".."):
+            folder = os.sep.join(parts[:index])
+            if not os.path.isdir(folder):
+                return folder
+    return None
 
 
 def _mount_point_within(directory: Path) -> Optional[Path]:
