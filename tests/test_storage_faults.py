@@ -223,6 +223,24 @@ def test_a_target_whose_staged_files_would_pass_the_path_limit_is_refused_before
 
 
 @pytest.mark.skipif(not hasattr(os, "pathconf"), reason="a system that says its path limit")
+def test_a_kept_folder_too_deep_for_the_staged_copy_is_named_with_the_fix_and_the_old_adapter_stays(tmp_path):
+    """The user's folder kept in an adapter directory is re-created in the staged copy, 21 bytes deeper: a folder near
+    the path limit failed with a bare 'File name too long' naming the hidden staging path."""
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX") - 1
+    target = nv.save_adapter(trained(1), tmp_path / "adapter")
+    before = files_of(target)
+    deep = deep_folder(target, limit - 10)
+    (deep / "notes").write_text("kept")
+    with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: a save keeps every other entry .* "
+                                      rf"{re.escape(str(target))}/d+/.* is too long for that on this system\. Move it "
+                                      r"out .*a previous adapter there, if any, is intact") as error:
+        nv.save_adapter(trained(2), target)
+    assert error.value.errno == errno.ENAMETOOLONG and ".staged-" not in str(error.value)
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert (deep / "notes").read_text() == "kept" and sorted(os.listdir(tmp_path)) == [".adapter.lock", "adapter"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pathconf"), reason="a system that says its path limit")
 @posix_only
 def test_a_lock_file_whose_path_is_too_long_is_named_as_such_not_as_a_permission_problem(tmp_path):
     limit = os.pathconf(tmp_path, "PC_PATH_MAX") - 1

@@ -779,6 +779,16 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
                     "keeps every other entry of the folder (linked or copied into the new set). Make it readable to "
                     f"you, move it out of {target}, or save elsewhere. Nothing in {target} was changed: a previous "
                     "adapter there, if any, is intact")) from error
+            except OSError as error:
+                if error.errno != errno.ENAMETOOLONG:
+                    raise
+                longer = _path_length(staged) - _path_length(target)
+                deep = os.fspath(error.filename or destination).replace(os.fspath(staged), os.fspath(target), 1)
+                raise OSError(error.errno, (
+                    f"cannot save to {target}: a save keeps every other entry of the folder by re-creating it in a "
+                    f"staged copy beside it, whose path is {longer} bytes longer, and {deep} is too long for that on "
+                    f"this system. Move it out of {target}, shorten its folder names, or save elsewhere. Nothing in "
+                    f"{target} was changed: a previous adapter there, if any, is intact")) from error
     return os.stat(target), copied
 
 
