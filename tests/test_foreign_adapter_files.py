@@ -35,6 +35,26 @@ def test_adapter_files_another_tool_wrote_are_refused_not_replaced(tmp_path, fil
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
 
 
+@pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
+def test_a_config_this_process_cannot_read_is_named_as_such_not_as_another_tools(tmp_path, monkeypatch, write):
+    # Re-saving over one's own adapter with an unreadable config said it was "another library's adapter".
+    nv.save_adapter(_model(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    config, opened = tmp_path / "adapter_config.json", Path.open
+
+    def refuse_config(path, *args, **kwargs):  # as chmod 000 does to a user other than root
+        if path == config:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_config)
+    with pytest.raises(ValueError, match=rf"holds adapter_config.json, which this process cannot read \(Permission "
+                                         rf"denied\), so {write} cannot tell .*make it readable \(chmod u\+r\)"):
+        getattr(nv, write)(_model(), tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
 @pytest.mark.parametrize("write", ["save_adapter", "export_peft"])
 def test_a_folder_named_like_an_adapter_file_is_refused_not_deleted(tmp_path, name, write):

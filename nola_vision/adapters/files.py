@@ -428,6 +428,11 @@ def _refuse_peft_export(directory: PathLike) -> None:
 def other_adapter_files_error(directory: PathLike, writer: str) -> str:
     """Why ``writer`` refuses ``directory``: it holds an ``adapter_config.json`` or ``adapter_model.safetensors`` that
     neither ``save_adapter`` nor ``export_peft`` wrote (another library's adapter, or a user's file)."""
+    unreadable = _unreadable_reason(Path(directory) / CONFIG_NAME)
+    if unreadable is not None:
+        return (f"{directory} holds {CONFIG_NAME}, which this process cannot read ({unreadable}), so {writer} cannot "
+                "tell whether nv.save_adapter or nv.export_peft wrote it, and would replace it with a file of the same "
+                "name: make it readable (chmod u+r), write into another directory, or move it away")
     peft = _peft_config(Path(directory) / CONFIG_NAME)
     what = ("a peft adapter trained elsewhere (an nv.export_peft of nola_vision before its exports were marked counts "
             "as one too: remove that directory to export there again)" if peft else
@@ -435,6 +440,17 @@ def other_adapter_files_error(directory: PathLike, writer: str) -> str:
     return (f"{directory} holds {CONFIG_NAME} or {WEIGHTS_NAME} that neither nv.save_adapter nor nv.export_peft wrote "
             f"({what}): {writer} would replace them with files of the same names. "
             "Write into another directory, or move those files away")
+
+
+def _unreadable_reason(path: Path) -> Optional[str]:
+    """Why this process cannot read the file ``path`` (its system error), or None: readable, absent or no file."""
+    try:
+        if path.is_file():
+            with path.open("rb"):
+                pass
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
 
 
 def existing_adapter_kind(directory: PathLike) -> Optional[str]:
