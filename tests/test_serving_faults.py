@@ -209,6 +209,85 @@ def test_weights_written_or_replaced_after_the_tasks_were_registered_are_refused
     torch.testing.assert_close(torch.stack(copied(images, "a")), expected, rtol=0, atol=0)
 
 
+def vit_with_batch_norm():
+    """A tiny ViT whose patch embedding ends in a batch norm, as the convolutional stems of hybrid ViTs do."""
+    model = tiny_vit()
+    model.patch_embed.proj = nn.Sequential(model.patch_embed.proj, nn.BatchNorm2d(64).eval())
+    return model
+
+
+def test_running_statistics_written_after_the_tasks_were_registered_are_refused(tmp_path, images):
+    """add_task checks a task against the batch norms' statistics, but calls compared only the parameters: statistics
+    changed since (a train-mode pass by another user of the backbone, a buffers-only load_state_dict) were served."""
+    directory = nv.save_adapter(as_if_trained(nv.inject(vit_with_batch_norm(), LORA), 1, scale=0.2), tmp_path / "a")
+    backbone = vit_with_batch_norm()
+    model = served(backbone, a=directory)
+    expected = torch.stack(model(images, "a"))
+    with torch.no_grad():
+        backbone.train()(images * 3 + 1)
+    backbone.eval()
+    for _ in range(2):  # and stays refused
+        with pytest.raises(RuntimeError, match=r"registered: buffer patch_embed\.proj\.1\.\w+ was written"):
+            model(images, "a")
+    fresh = served(vit_with_batch_norm(), a=directory)
+    statistics = {key: value * 1.5 for key, value in fresh.model.state_dict().items() if "running_var" in key}
+    fresh.model.load_state_dict(statistics, strict=False)
+    with pytest.raises(RuntimeError, match="buffer patch_embed.proj.1.running_var was written"):
+        fresh(images, "a")
+    moved = served(vit_with_batch_norm(), a=directory).double()  # a move makes new buffers of the same values
+    torch.testing.assert_close(torch.stack(moved(images.double(), "a")).float(), expected, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(served(vit_with_batch_norm(), a=directory))
+    twin.model.patch_embed.proj[1].running_mean.add_(1.0)  # before the copy's first call
+    with pytest.raises(RuntimeError, match="running_mean was written or replaced"):
+        twin(images, "a")
+
+
+def test_a_backbone_put_in_train_mode_after_wrapping_is_refused_until_it_is_in_eval_mode_again(tmp_path, images):
+    """Only the served model's own train() kept the backbone in eval mode: the backbone's train() was served, each
+    image's logits then depending on its batch (batch norm) and the statistics changed for good."""
+    directory = nv.save_adapter(as_if_trained(nv.inject(vit_with_batch_norm(), LORA), 1, scale=0.2), tmp_path / "a")
+    model = served(vit_with_batch_norm(), a=directory)
+    expected = torch.stack(model(images, "a"))
+    model.model.blocks[1].train()
+    with pytest.raises(RuntimeError, match=r"is in train mode \(blocks\.1;.*Call served\.eval\(\)"):
+        model(images, "a")
+    model.eval()
+    torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=0, atol=0)
+
+
+def test_a_setting_add_task_checked_changed_after_registering_is_refused_and_others_serve_on(tasks, images):
+    """add_task refuses a task trained with another global_pool, but a change after registering it was served."""
+    backbone = tiny_vit()
+    model = served(backbone, a=tasks["a"])
+    expected = torch.stack(model(images, "a"))
+    for block in backbone.blocks:  # a choice of kernel, which add_task does not check: served on
+        block.attn.fused_attn = not block.attn.fused_attn
+    torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=1e-5, atol=1e-5)
+    backbone.global_pool = "avg"
+    with pytest.raises(RuntimeError, match=r"registered: global_pool was set to 'avg' \(was 'token'\), which "
+                                           r"changes every output"):
+        model(images, "a")
+    backbone.global_pool = "token"
+    torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=1e-5, atol=1e-5)
+    backbone.blocks[0].norm1.eps = 1e-3
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.norm1\.eps was set to 0\.001"):
+        model(images, "a")
+
+
+def test_the_cache_budget_set_after_construction_is_checked_as_at_construction_and_lookups_take_str_names(tasks):
+    """A NaN budget set later turned eviction off for good, a string failed inside every call; a list as a task name
+    failed on hashing."""
+    model = served(tiny_vit(), a=tasks["a"])
+    for budget in (float("nan"), -1, "64", None):
+        with pytest.raises(ValueError, match="cache_mb must be a finite number"):
+            model.cache_mb = budget
+    model.cache_mb = 0
+    assert model.cache_mb == 0.0
+    for lookup in (model.num_classes, model.class_names, model.remove_task):
+        with pytest.raises(TypeError, match=r"a task is named by a str, got .*; registered tasks are \['a'\]"):
+            lookup(["a"])
+
+
 @pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
 def test_weights_written_into_a_copy_before_its_first_call_are_refused(tasks, images, copied):
     """A copy's weights have new version counters, recorded at its first call: a write before it went unseen, and

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
-from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, verify_adapter
+from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, output_settings, pooling_of, verify_adapter
 from ..core.basis import BasisBank
 from ..core.checks import check_bool, check_number, check_path, shown
 from ..core.fingerprint import merged_adapters
@@ -128,7 +128,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
                              "layer): create the backbone with any num_classes > 0")
         _require_no_model_hooks(model, "")
-        self.cache_mb = float(check_number(cache_mb, "MultiTaskModel.cache_mb", at_least=0))  # MiB; 0 caches nothing
+        self.cache_mb = cache_mb
         self.model = model.eval()
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
@@ -161,6 +161,8 @@ class MultiTaskModel(nn.Module):
     def __setstate__(self, state: dict) -> None:
         for name in ("_batch", "_applied"):  # pickled when the per-call state was kept on the model
             state.pop(name, None)
+        if "cache_mb" in state:  # pickled when the budget was a plain attribute
+            state["_cache_mb"] = state.pop("cache_mb")
         state.setdefault("_merged", merged_adapters(state["_modules"]["model"]))
         super().__setstate__(state)
         # A lock and a thread-local do not copy or pickle. Copied weights have new version counters: recorded at the
@@ -171,6 +173,15 @@ class MultiTaskModel(nn.Module):
         self._finalizer = _removing_hooks_when_collected(self)
         self._weights = None
         self.__dict__.setdefault("_copied_weights", None)
+
+    @property
+    def cache_mb(self) -> float:
+        """The factor cache's budget in MiB (0 caches nothing); checked when set, as at construction."""
+        return self._cache_mb
+
+    @cache_mb.setter
+    def cache_mb(self, value: float) -> None:
+        self._cache_mb = float(check_number(value, "MultiTaskModel.cache_mb", at_least=0))
 
     @property
     def tasks(self) -> List[str]:
@@ -280,8 +291,8 @@ class MultiTaskModel(nn.Module):
     def _require_unchanged_backbone(self) -> None:
         """Refuse to serve once the wrapped model itself was adapted or had an adapter merged in (``load_adapter`` or
         ``merge_and_unload`` on it): its layers no longer run the hooks, or run them on top of another task. Also once
-        it got model-level forward hooks, which a call would skip, or its weights were written or replaced, which
-        the tasks were not checked against."""
+        it got model-level forward hooks, which a call would skip, or its weights, buffers or settings were written or
+        replaced, which the tasks were not checked against; and while it is in train mode."""
         if _has_adapters(self.model):
             raise RuntimeError("the model this MultiTaskModel serves was given adapters since it was wrapped "
                                "(nv.inject or nv.load_adapter on it): its tasks would be served through the wrong "
@@ -304,6 +315,13 @@ class MultiTaskModel(nn.Module):
                                "add_task checked each task against the weights it had then. Wrap the backbone in a "
                                "new nv.MultiTaskModel and add the tasks again, which checks them against these "
                                "weights (or remove_task every task and add them again)")
+        training = next((name for name, module in self.model.named_modules() if module.training), None)
+        if training is not None:
+            raise RuntimeError(f"the model this MultiTaskModel serves is in train mode ({training or 'the model'}; "
+                               "model.train() was called on it since it was wrapped): its batch norms would fold the "
+                               "served images into their running statistics for good and its dropout would drop at "
+                               "random, so each image's logits would depend on its batch. Call served.eval() (or "
+                               "model.eval()) before serving")
 
     def _require_every_update_applied(self) -> None:
         """Refuse outputs without an update a task holds: a hooked layer that the backbone never called (its parent
@@ -316,6 +334,8 @@ class MultiTaskModel(nn.Module):
                              "model (e.g. mlp.fc1, mlp.fc2, attn.proj)")
 
     def _task(self, name: str) -> _Task:
+        if not isinstance(name, str):
+            raise TypeError(f"a task is named by a str, got {shown(name)}; registered tasks are {sorted(self._tasks)}")
         if name not in self._tasks:
             raise ValueError(f"unknown task {name!r}; registered tasks are {sorted(self._tasks)}: register it with "
                            f"add_task({name!r}, adapter_dir)")
@@ -563,7 +583,8 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
 
 class _WeightRecord:
     """The backbone's weights as its tasks were checked against them: every dict of submodules and of parameters
-    with its entries, each parameter's version counter, and a few of its values.
+    with its entries, each parameter's version counter, and a few of its values; its buffers (batch norms' running
+    statistics), by version and values; and its settings (``_Settings``).
 
     A write in place (``load_state_dict``, an optimizer step) bumps a counter, and a replaced parameter or module is
     another object; a move to another device or dtype keeps both. Comparing costs 0.1-0.2 ms a call on ViT-B (152
@@ -581,8 +602,13 @@ class _WeightRecord:
                 self.sizes.append((entries, len(entries)))
                 self.entries += [(entries, key, value, _version(value))
                                  for key, value in entries.items()]
+        self.buffers = [_BufferRecord(name, module._buffers, key) for name, module in model.named_modules()
+                        for key, value in module._buffers.items() if value is not None]
+        self.sizes += [(module._buffers, len(module._buffers)) for module in model.modules()]
+        self.settings = _Settings(model)
         parameters = list(model.named_parameters())
         self.samples: Dict[str, _Sample] = {name: _Sample.of(p) for name, p in parameters}
+        self.samples.update((record.name, record.sample) for record in self.buffers)  # a copy's are compared too
         # Each parameter's latest sample, taken again after a move to another dtype or device: compared exactly.
         self._latest = {id(p): self.samples[name] for name, p in parameters}
         self._joined: Tuple[Tuple[int, ...], Optional[Tensor]] = ((), None)  # the latest samples of a call, as one
@@ -593,7 +619,8 @@ class _WeightRecord:
             unversioned: List[Tensor] = []
             if all(entries.get(key) is value and self._same_version(value, version, unversioned)
                    for entries, key, value, version in self.entries) and self._same_values(unversioned):
-                return None
+                buffer = next((record.name for record in self.buffers if not record.unchanged()), None)
+                return f"buffer {buffer} was written or replaced" if buffer else self.settings.change(model)
         recorded = {id(value): version for _, _, value, version in self.entries if isinstance(value, Tensor)}
         changed = next((name for name, p in model.named_parameters()
                         if id(p) not in recorded or not self._unchanged(p, recorded[id(p)])), None)
@@ -645,6 +672,72 @@ class _WeightRecord:
     def _unchanged(self, value: Tensor, version: Optional[int]) -> bool:
         unversioned: List[Tensor] = []
         return self._same_version(value, version, unversioned) and self._same_values(unversioned)
+
+
+class _BufferRecord:
+    """A buffer as its tasks were checked against it (``module._buffers[key]``): the tensor, its version and a few
+    of its values. A move to another device or dtype makes a new tensor: its values are compared then, and it is
+    recorded in turn; a write in place bumps the version."""
+
+    def __init__(self, name: str, entries: dict, key: str) -> None:
+        self.name = f"{name}.{key}" if name else key
+        self.entries, self.key = entries, key
+        self.value: Tensor = entries[key]
+        self.version = _version(self.value)
+        self.sample = self.latest = _Sample.of(self.value)
+
+    def unchanged(self) -> bool:
+        now = self.entries.get(self.key)
+        if now is self.value and self.version is not None and _version(now) is not None:
+            return _version(now) == self.version
+        if not isinstance(now, Tensor):
+            return False
+        taken = _Sample.of(now)
+        if not taken.matches(self.latest):
+            return False
+        self.value, self.version, self.latest = now, _version(now), taken
+        return True
+
+
+class _Settings:
+    """The backbone's plain attributes (``global_pool``, ``num_heads``, a norm's ``eps``...), compared at each call
+    in a few microseconds; where one changed, the settings ``add_task`` checked (``pooling_of``, ``output_settings``,
+    about 2 ms on ViT-B) are compared again, and a change they ignore (``fused_attn``) is recorded."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.checked = (pooling_of(model), output_settings(model))
+        self.attributes = _plain_attributes(model)
+
+    def change(self, model: nn.Module) -> Optional[str]:
+        """None while the settings ``add_task`` checked are unchanged, else the attribute that changed them."""
+        moved = next(((name, key, value) for name, entries, key, value in self.attributes
+                      if entries.get(key, _ABSENT) is not value and entries.get(key, _ABSENT) != value), None)
+        if moved is None:
+            return None
+        if (pooling_of(model), output_settings(model)) != self.checked:
+            name, key, value = moved
+            now = vars(model.get_submodule(name)).get(key, _ABSENT)
+            return (f"{name + '.' if name else ''}{key} was set to {'nothing' if now is _ABSENT else repr(now)} "
+                    f"(was {value!r}), which changes every output")
+        self.attributes = _plain_attributes(model)
+        return None
+
+
+_ABSENT = object()
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: object) -> bool:
+    """A scalar, or a tuple or list of them: what compares by value."""
+    return isinstance(value, _SCALARS) or (isinstance(value, (tuple, list)) and all(map(_is_plain, value)))
+
+
+def _plain_attributes(model: nn.Module) -> List[Tuple[str, dict, str, object]]:
+    """Each public plain attribute of each module (not ``training``: refused on its own): its module's name, the
+    module's attribute dict, its key and a copy of its value."""
+    return [(name, vars(module), key, copy.copy(value)) for name, module in model.named_modules()
+            for key, value in vars(module).items()
+            if not key.startswith("_") and key != "training" and _is_plain(value)]
 
 
 def _sampled(value: Tensor) -> Tensor:
