@@ -38,6 +38,23 @@ def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(cls, fie
         cls(**{field: value})
 
 
+@pytest.mark.parametrize("value", [torch.tensor(True), torch.tensor([True]), torch.tensor([2]), torch.tensor([[2]]),
+                                   np.array(True), np.array([2])])
+def test_a_bool_tensor_or_an_array_with_dimensions_is_not_an_integer(value):
+    # torch's __index__ took tensor(True) as rank 1 and tensor([[2]]) as rank 2 (numpy refuses both)
+    with pytest.raises(ValueError, match=r"NOLAConfig\.rank must be"):
+        nv.NOLAConfig(rank=value)
+    with pytest.raises(ValueError, match=r"LoRAConfig\.rank must be"):
+        nv.LoRAConfig(rank=value)
+    with pytest.raises(ValueError, match=r"FewShotDataModule\.shots "):
+        FewShotDataModule(dataset="digits", shots=value)
+
+
+def test_a_0d_integer_tensor_or_array_is_an_integer_like_a_numpy_integer():
+    config = nv.NOLAConfig(rank=torch.tensor(2), seed=np.array(3))
+    assert (config.rank, config.seed) == (2, 3) and (type(config.rank), type(config.seed)) == (int, int)
+
+
 @pytest.mark.parametrize("targets", [None, 5, ["mlp.fc1", 1], {"mlp.fc1": 1}, []])
 def test_targets_must_be_a_name_or_a_list_of_names(targets):
     with pytest.raises(ValueError, match="targets must"):

@@ -27,14 +27,22 @@ def shown(value: Any) -> str:
 
 
 def as_integer(value: Any) -> Optional[int]:
-    """``value`` as an ``int`` if it is an integer of any type (``numpy.int64`` too), else None: a bool, float or
-    string is not an integer here, so ``16.0`` or ``"4"`` is refused by the caller, not rounded or parsed."""
-    if isinstance(value, bool):
+    """``value`` as an ``int`` if it is an integer of any type (``numpy.int64``, a 0-d integer tensor too), else None:
+    a bool, float or string is not an integer here, so ``16.0`` or ``"4"`` is refused by the caller, not rounded or
+    parsed."""
+    if isinstance(value, bool) or _is_array_or_bool_array(value):
         return None
     try:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _is_array_or_bool_array(value: Any) -> bool:
+    """Whether ``value`` is an array (numpy, torch) with dimensions or of bools: torch's ``__index__`` takes
+    ``tensor(True)`` as 1 and ``tensor([[3]])`` as 3, where numpy refuses both."""
+    ndim = getattr(value, "ndim", None)
+    return ndim is not None and (ndim != 0 or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"))
 
 
 def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional: bool = False,
