@@ -77,6 +77,25 @@ def test_unknown_dataset_error_lists_valid_names():
         assert name in str(err.value)
 
 
+@pytest.mark.parametrize("call", [lambda: build_dataset(None), lambda: dataset_num_classes(3),
+                                  lambda: dataset_class_names(["digits"])])
+def test_a_dataset_name_that_is_not_a_string_is_refused_listing_the_valid_names(call):
+    # None or 3 gave a bare AttributeError: 'NoneType' object has no attribute 'lower'
+    with pytest.raises(ValueError, match=r"dataset must be a name, one of cifar10, .*digits.*; got") as err:
+        call()
+    assert all(name in str(err.value) for name in ALL)
+
+
+@pytest.mark.parametrize("download", ["no", "false", 0, None])
+def test_download_must_be_true_or_false_not_a_string_that_counts_as_true(tmp_path, monkeypatch, download):
+    # download="no" is truthy: it ran torchvision's downloader
+    fetched = []
+    monkeypatch.setattr(DATASETS["cifar10"].reader, "download", fetched.append)
+    with pytest.raises(ValueError, match=r"download must be true or false, got"):
+        build_dataset("cifar10", tmp_path, download=download)
+    assert not fetched
+
+
 def test_cifar10_reads_official_pickles_through_torchvision(tmp_path, cifar_fixture_checksums):
     info = write_cifar10(tmp_path)
     cifar_fixture_checksums("cifar10", info["md5"])

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..core.checks import check_bool, shown
 from ..core.storage import write_text_atomic
 from ..core.warn import warn_user
 
@@ -1226,6 +1227,9 @@ def available_datasets() -> list[str]:
 
 
 def _spec(name: str) -> DatasetSpec:
+    """The spec of dataset ``name`` (any case, ``-`` or ``_``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"dataset must be a name, one of {', '.join(DATASETS)}; got {shown(name)}")
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
@@ -1279,7 +1283,7 @@ def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "tra
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(expand_root(root))
-    if download:
+    if check_bool(download, "download"):  # a string such as "no" would count as true
         download_dataset(spec.name, root)
     dataset = spec.reader(root, split)
     _check_class_count(spec, dataset)
