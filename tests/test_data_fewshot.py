@@ -143,6 +143,35 @@ def test_manifest_round_trip_reproduces_the_same_samples(tmp_path):
     assert keys(reordered, indices_from_manifest(reordered, entries)) == [e[0] for e in entries]
 
 
+@pytest.mark.parametrize("indices, match", [
+    ([-1], "got -1"), ([40], "got 40"), ([True], "got True"), ([1.0], "got 1.0"), (["0"], "got '0'"),
+])
+def test_manifest_indices_must_be_positions_in_samples_and_nothing_is_written_otherwise(tmp_path, indices, match):
+    # -1 wrapped to the last sample and True wrote sample 1; 40 and 1.0 gave a bare IndexError / TypeError
+    path = tmp_path / "train.txt"
+    with pytest.raises(ValueError, match=rf"indices must be positions in samples, integers 0\.\.39, {match}"):
+        write_manifest(path, make_samples(per_class=4), [0, *indices])
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("sample, match", [
+    (("a\nb.jpg", 0), r"has key 'a\\nb.jpg' .*line breaks"), (("a\rb.jpg", 0), "line breaks"), ((7, 0), "has key 7"),
+    (("a.jpg", True), "has label True .* a label is an integer"), (("a.jpg", "3"), "has label '3'"),
+    (("a.jpg", 1.0), "has label 1.0"),
+])
+def test_a_sample_whose_manifest_line_would_not_read_back_is_refused_before_writing(tmp_path, sample, match):
+    # these were written, and read_manifest then failed or read another key or label
+    path = tmp_path / "train.txt"
+    with pytest.raises(ValueError, match=rf"write_manifest: sample 1 .*{match}"):
+        write_manifest(path, [("ok.jpg", 0), sample], [0, 1])
+    assert not path.exists()
+
+
+def test_manifest_indices_may_be_integer_tensor_elements(tmp_path):
+    path = write_manifest(tmp_path / "train.txt", make_samples(), torch.tensor([3, 0]))
+    assert read_manifest(path) == [make_samples()[3], make_samples()[0]]
+
+
 def test_manifest_with_unknown_path_or_wrong_label_is_rejected(tmp_path):
     samples = make_samples()
     path = tmp_path / "m.txt"

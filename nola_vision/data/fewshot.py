@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..core.checks import as_integer, shown
 from ..core.warn import warn_user
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
@@ -135,10 +136,31 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
     non-UTF-8 file name (a key with surrogate escapes) written as its bytes, so it reads back as the same key."""
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
-    lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in indices]
+    lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in _manifest_indices(samples, indices)]
     from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
 
     return write_text_atomic(path, "".join(lines))
+
+
+def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]) -> list[int]:
+    """``indices`` as ints, each the position of a sample ``read_manifest`` reads back as written: a negative index
+    would wrap to another sample, ``True`` count as 1, and a label that is not an integer or a key with a line break
+    would write a manifest that cannot be read back."""
+    checked = []
+    for index in indices:
+        number = as_integer(index)
+        if number is None or not 0 <= number < len(samples):
+            raise ValueError(f"write_manifest: indices must be positions in samples, integers 0..{len(samples) - 1}, "
+                             f"got {shown(index)}")
+        key, label = samples[number]
+        if not isinstance(key, str) or "\n" in key or "\r" in key:
+            raise ValueError(f"write_manifest: sample {number} has key {shown(key)}: a key is a path without line "
+                             "breaks (its manifest line would not read back)")
+        if not _is_label(label):
+            raise ValueError(f"write_manifest: sample {number} ({key!r}) has label {shown(label)}: a label is an "
+                             "integer (a bool, float or string would not read back)")
+        checked.append(number)
+    return checked
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
