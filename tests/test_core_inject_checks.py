@@ -1,11 +1,14 @@
 """Injection misuse that used to pass silently or fail deep inside torch: a plan made on another model, dropout or a
 norm put between an activation and the fc2 that took it over, and seeds beyond torch's int64 range."""
+import warnings
+
 import pytest
 import torch
 from tiny_models import as_if_trained, tiny_vit
 from torch import nn
 
 import nola_vision as nv
+from nola_vision.core import plan
 
 SMALL_NOLA = dict(rank=2, num_basis_a=6, num_basis_b=4, seed=1)
 
@@ -98,3 +101,34 @@ def test_seeds_beyond_int64_are_refused_at_config_time_naming_the_range(config_c
     assert not nv.adapted_layers(model)
     with pytest.raises(ValueError, match=r"rank must be an integer in torch's int64 range \[1, "):
         config_cls(rank=2**63)
+
+
+@pytest.mark.parametrize("config", [nv.NOLAConfig(rank=100, num_basis_a=8, num_basis_b=8),
+                                    nv.LoRAConfig(rank=100, targets=["mlp.fc1", "mlp.fc2"])])
+def test_a_rank_above_a_layers_smaller_size_warns_naming_the_layer_and_the_sizes(config):
+    # accepted silently: ΔW = A·B of a 64→256 layer has rank at most 64, whatever the rank trains
+    with pytest.warns(UserWarning, match=rf"{type(config).__name__} on blocks\.0\.mlp\.fc1 \(64→256\) and 3 more "
+                                         r"layer\(s\): rank=100 is above min\(in, out\)=64: .*use rank <= 64"):
+        nv.inject(tiny_vit(), config)
+
+
+def test_a_rank_within_every_layers_sizes_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.inject(tiny_vit(), nv.NOLAConfig(rank=64, num_basis_a=8, num_basis_b=8, targets=["mlp.fc1", "mlp.fc2"]))
+
+
+def test_bases_so_many_their_coefficients_cannot_be_allocated_are_refused_before_inject_allocates_them():
+    # num_basis_a=10**9 got the process killed for memory while inject allocated 4 GB per layer
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"would train 7,999,999,996 adapter values .* more than the 2,147,483,648 "
+                                         r"inject allocates: lower NOLAConfig\.num_basis_a=1000000000$"):
+        nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=10**9, num_basis_b=10**9 - 1))
+    assert not any(isinstance(m, nv.NOLALinear) for m in model.modules())
+
+
+def test_the_adapter_size_bound_counts_every_layers_trained_tensors(monkeypatch):
+    monkeypatch.setattr(plan, "MAX_ADAPTER_VALUES", 100_000)
+    nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["mlp.fc1", "mlp.fc2"]))
+    with pytest.raises(ValueError, match=r"would train 384,000 adapter values .* lower LoRAConfig\.rank=300$"):
+        nv.inject(tiny_vit(), nv.LoRAConfig(rank=300, targets=["mlp.fc1", "mlp.fc2"]))  # 300·(64+256) on 4 layers

@@ -369,6 +369,16 @@ class AdaptedLinear(nn.Module):
                                   "does (see the guide 'Adding a method')")
 
     @classmethod
+    def pointless_sizes(cls, config: Any, in_features: int, width: int) -> List[str]:
+        """Why the config's sizes are pointless on an ``in_features``→``width`` layer (inject warns with each): a rank
+        above min(in, out), which ΔW = A·B cannot reach."""
+        rank, most = getattr(config, "rank", None), min(in_features, width)
+        if isinstance(rank, int) and rank > most:
+            return [f"rank={rank} is above min(in, out)={most}: ΔW = A·B has rank at most {most}, so a larger rank "
+                    f"only adds trained values; use rank <= {most}"]
+        return []
+
+    @classmethod
     def plan_basis_specs(cls, config: Any, name: str, in_features: int, width: int,
                          slices: Sequence[Slice]) -> Tuple[BasisSpec, ...]:
         """The random bases the layer will use (none by default), known before it exists."""

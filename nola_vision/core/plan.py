@@ -3,6 +3,7 @@ without changing the model, so injection and adapter files are validated before 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -14,6 +15,7 @@ from .config import AdapterConfig, as_config, resolve_adapter
 from .layer import Slice, adapted_layers
 from .registry import method_of
 from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
+from .warn import warn_user
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
@@ -222,6 +224,44 @@ def _require_not_shared(model: nn.Module, names: List[str]) -> None:
                              "or leave it out of targets")
 
 
+# The most adapter values one injection allocates: 2**31 float32 values are 8 GiB before their gradients and optimiser
+# state, over 30 times a rank-64 LoRA on every linear layer of ViT-g (6·10**7). A size beyond it is a slip (k=10**9),
+# which would otherwise get the process killed for memory while inject allocates it.
+MAX_ADAPTER_VALUES = 2**31
+
+
+def _require_allocatable(config: AdapterConfig, layers: Dict[str, LayerPlan]) -> None:
+    """Refuse a config whose trained adapter tensors would hold more than ``MAX_ADAPTER_VALUES`` values, before any
+    is allocated."""
+    sizes = {(name, param): math.prod(shape) for name, layer in layers.items()
+             for param, shape in layer.tensor_shapes.items()}
+    total = sum(sizes.values())
+    if total > MAX_ADAPTER_VALUES:
+        name, param = max(sizes, key=sizes.get)
+        shape = layers[name].tensor_shapes[param]
+        # the fields whose value is the tensor's largest size (k, l or a rank): what a slip made huge
+        fields = [f"{type(config).__name__}.{key}={value}" for key, value in config.to_dict().items()
+                  if type(value) is int and value == max(shape)]
+        raise ValueError(f"{config.describe()} would train {total:,} adapter values ({total * 4 / 2**30:,.0f} GiB as "
+                         f"float32; {param} of {name} alone has shape {shape}), more than the {MAX_ADAPTER_VALUES:,} "
+                         f"inject allocates: lower {' or '.join(fields) or 'the config field that sets its shape'}")
+
+
+def _warn_pointless_sizes(config: AdapterConfig, layers: Dict[str, LayerPlan], layer_cls: Any) -> None:
+    """Warn once per reason the config's sizes are pointless (``pointless_sizes``), naming the first layer of the
+    sizes it holds for and how many more there are."""
+    found: Dict[str, List[LayerPlan]] = {}
+    for layer in layers.values():
+        width = layer.slices[0][1] - layer.slices[0][0]
+        for reason in layer_cls.pointless_sizes(config, layer.in_features, width):
+            found.setdefault(reason, []).append(layer)
+    for reason, planned in found.items():
+        first, more = planned[0], len(planned) - 1
+        width = first.slices[0][1] - first.slices[0][0]
+        warn_user(f"{type(config).__name__} on {first.name} ({first.in_features}→{width})"
+                  f"{f' and {more} more layer(s)' if more else ''}: {reason}")
+
+
 def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
     require_module(model, "plan_injection")
@@ -242,6 +282,8 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
                 {k: tuple(v) for k, v in layer_cls.parameter_shapes(config, linear.in_features, width,
                                                                      len(slices)).items()})
         _require_not_shared(model, list(layers))
+        _require_allocatable(config, layers)
+        _warn_pointless_sizes(config, layers, layer_cls)
     head_names = head_parameter_names(model)
     if not (layers or head_names or config.train_backbone):
         raise ValueError(f"{config.method!r} would train nothing: {type(model).__name__} has no classifier head with "
