@@ -215,6 +215,15 @@ def test_targets_that_cannot_fit_say_why():
         nv.inject(tiny_vit(depth=0), nv.NOLAConfig())
 
 
+@pytest.mark.parametrize("targets", [[""], [".*"]])
+def test_a_target_matching_a_linear_model_itself_says_the_model_is_an_nn_linear(targets):
+    # "" and ".*" matched the model itself (module name ""), refused as sharing its weight with "weight" (tied weights)
+    for config in (nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, targets=targets),
+                   nv.LoRAConfig(targets=targets)):
+        with pytest.raises(ValueError, match=r"the model is itself an nn.Linear.* \(nn.Sequential\(linear\)"):
+            nv.inject(nn.Linear(4, 4), config)
+
+
 def test_a_data_parallel_model_saves_and_switches_its_adapter_but_takes_new_adapters_only_unwrapped(tmp_path, images):
     # DataParallel (CPU: runs the module itself) stands for DistributedDataParallel: both took the parameters when built
     trained = as_if_trained(nv.inject(tiny_vit(), nv.NOLAConfig(**SMALL_NOLA)), 1)
