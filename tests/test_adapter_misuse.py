@@ -418,6 +418,21 @@ def test_a_file_that_is_not_an_onnx_graph_is_named(tmp_path):
         nv.onnx_task_inputs(tmp_path / "task", tmp_path / "junk.onnx")
 
 
+@pytest.mark.parametrize("name, text", [("graph.json", "{not json"), ("graph.json", '{"graph": 3}'),
+                                        ("graph.textproto", "not: [a graph"), ("graph.onnxtxt", "<not a graph"),
+                                        ("graph.json", b"\xff\xfe binary")])
+def test_a_text_file_that_is_not_an_onnx_graph_is_named_whatever_its_extension(tmp_path, name, text):
+    # onnx.load picks its parser from the extension: a .json or .textproto raised protobuf's own ParseError
+    pytest.importorskip("onnx")
+    nv.save_adapter(trained(), tmp_path / "task")
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx calls its .onnxtxt reader experimental
+        with pytest.raises(AdapterLoadError, match=rf"{name} cannot be read as an ONNX graph"):
+            nv.onnx_task_inputs(tmp_path / "task", path)
+
+
 def test_two_saves_of_the_same_values_in_two_processes_are_the_same_bytes(tmp_path):
     """safetensors writes its metadata in a per-process hash order: the files (and weights_sha256) must not."""
     script = ("import sys; sys.path.insert(0, sys.argv[2]); import nola_vision as nv; "

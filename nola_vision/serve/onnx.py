@@ -583,13 +583,20 @@ def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
     return _GraphInfo({k[len(_PREFIX):]: v for k, v in metadata.items() if k.startswith(_PREFIX)}, inputs)
 
 
+def _unreadable_graph_errors(onnx: Any) -> Tuple[type, ...]:
+    """What ``onnx.load`` raises for a file it cannot read: it picks the parser from the extension (protobuf's binary,
+    JSON or text format, ONNX's own text), each with its own errors, and undecodable text."""
+    from google.protobuf import json_format, message, text_format  # onnx's own dependency
+
+    parser_error = getattr(sys.modules.get("onnx.parser"), "ParseError", OSError)  # loaded by onnx.load for .onnxtxt
+    return OSError, UnicodeDecodeError, message.Error, json_format.Error, text_format.Error, parser_error
+
+
 def _load_graph(path: PathLike) -> Any:
     onnx = _import_onnx()
-    from google.protobuf.message import DecodeError  # onnx's own dependency
-
     try:
         return onnx.load(str(path))
-    except (OSError, DecodeError) as error:
+    except _unreadable_graph_errors(onnx) as error:
         raise AdapterLoadError(f"{path} cannot be read as an ONNX graph ({error}): pass the .onnx file that "
                                "export_onnx(model, path, tasks_as_inputs=True) wrote") from error
 
