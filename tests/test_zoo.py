@@ -1,4 +1,7 @@
 """NOLA variants in timm's registry and create_model for other timm families."""
+import re
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -49,6 +52,19 @@ def test_registered_variants_keep_the_base_pretrained_tags():
 def test_nola_kwargs_are_validated():
     with pytest.raises(TypeError, match="nola_rnk"):
         timm.create_model("vit_tiny_patch16_224_nola", nola_rnk=2)
+
+
+@pytest.mark.parametrize("num_classes", [-1, "3", 2.5, True])
+def test_create_model_refuses_a_num_classes_that_is_not_an_integer_of_at_least_0(num_classes):
+    # -1 built a headless model silently; "3", 2.5 and True failed deep inside timm or torch
+    shown = re.escape(repr(num_classes))
+    with pytest.raises(ValueError, match=rf"num_classes must be an integer >= 0 or null, got {shown}"):
+        nv.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_VIT)
+
+
+def test_create_model_takes_num_classes_0_as_a_headless_encoder():
+    model = nv.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=np.int64(0), **TINY_VIT)
+    assert model.num_classes == 0 and model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
 
 
 @pytest.mark.parametrize("arch", ["swin_tiny_patch4_window7_224", "deit_tiny_patch16_224"])

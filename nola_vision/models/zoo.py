@@ -22,6 +22,7 @@ from timm.models import (
 )
 from torch import nn
 
+from ..core.checks import check_int
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
@@ -110,6 +111,9 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).
     """
     check_model_name(model_name)
+    if "num_classes" in kwargs:  # -1 gave a headless model silently, "3" or 2.5 failed deep in timm
+        # 0: a headless encoder; None: left out by timm (the model's default head)
+        kwargs["num_classes"] = check_int(kwargs["num_classes"], "num_classes", at_least=0, int64=True, optional=True)
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
     nola_name = model_name.split(".")[0].endswith(NOLA_SUFFIX)
     if config is not None and nola_name:
