@@ -203,6 +203,13 @@ def test_knn_predict_refuses_invalid_input(train, labels, test, k, num_classes, 
         knn_predict(train, labels, test, k, num_classes)
 
 
+@pytest.mark.parametrize("chunk", [0, -1, 2.0, "8"])
+def test_knn_predict_refuses_a_chunk_that_is_not_a_positive_integer(chunk):
+    # chunk=0 raised range()'s bare "arg 3 must not be zero"; -1 or 2.0 failed likewise inside the loop
+    with pytest.raises(ValueError, match=r"chunk \(test rows compared at a time\) must be a positive integer, got"):
+        knn_predict(TRAIN, LABELS, TRAIN[:3], 1, None, chunk=chunk)
+
+
 def test_knn_ties_go_to_the_class_of_the_highest_summed_similarity_however_close():
     # the similarity was folded into the vote counts as 1e-3 x weight / k, which float32 rounded away near a count:
     # a 3-way tie went to the lowest label

@@ -6,6 +6,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_int
 from ..core.warn import warn_user
 
 __all__ = ["extract_features", "knn_predict", "neighbours_used"]
@@ -34,6 +35,7 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    chunk = check_int(chunk, "chunk (test rows compared at a time)", at_least=1)  # 0 or -1 gave bare range errors
     for name, value in (("train_features", train_features), ("train_labels", train_labels),
                         ("test_features", test_features)):
         if not isinstance(value, Tensor):
