@@ -140,6 +140,16 @@ def test_tune_refuses_protocol_seeds_and_trial_counts_before_the_first_trial(tmp
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
+@pytest.mark.parametrize("storage", ["foo", "tune.db", "sqlite//tune.db"])
+def test_tune_refuses_a_storage_that_is_no_database_url_naming_the_option_before_making_a_folder(tmp_path, storage):
+    # SQLAlchemy's "Could not parse SQLAlchemy URL" named neither --storage nor the value, and out/t/ was left behind
+    with pytest.raises(ValueError, match=rf"--storage '{storage}' is no database URL .*: give one such as "
+                                         r"sqlite:///path/tune\.db"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False,
+                 storage=storage)
+    assert not (tmp_path / "out").exists()
+
+
 def test_tune_names_a_damaged_study_database_and_what_to_do(tmp_path):
     # SQLite's bare "file is not a database" with SQL, after ten seconds of retries
     (tmp_path / "out" / "t").mkdir(parents=True)

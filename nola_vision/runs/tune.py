@@ -637,8 +637,13 @@ def check_sqlite_storage(url: str) -> None:
     """Refuse a SQLite storage URL whose database cannot be made (its folder missing, or not writable) before the
     study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:  # SQLAlchemy's message names neither the option nor the value
+        raise ValueError(f"--storage {url!r} is no database URL ({error}): give one such as sqlite:///path/tune.db "
+                         "(a SQLite file) or postgresql://user@host/db") from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
     folder = Path(parsed.database).parent
@@ -703,6 +708,8 @@ def run_tune(
     check_seeds(split_seeds, init_seeds)
     if not skip_protocol:  # refused now, not after the search
         check_seeds(protocol_split_seeds, protocol_init_seeds, option_prefix="protocol_")
+    if storage is not None:  # refused before row_folder makes <out>/<name>
+        check_sqlite_storage(storage)
     check_output_paths(out, name, tables=not skip_protocol)  # run_protocol checks them again when it runs
     root = row_folder(out, name)
     check_tune_files_ours(root)
