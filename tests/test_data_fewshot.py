@@ -167,6 +167,15 @@ def test_a_sample_whose_manifest_line_would_not_read_back_is_refused_before_writ
     assert not path.exists()
 
 
+def test_keys_that_look_like_comments_or_escapes_read_back_as_written(tmp_path):
+    """A key starting with '#' (a class folder named "#1") was written as is and read back as a comment: the sample
+    was silently left out of the split."""
+    samples = [("#1/a.png", 0), ("  #2/b.png", 1), ("\\c.png", 2), ("d#.png", 3), ("# e.png", 4)]
+    path = write_manifest(tmp_path / "train.txt", samples, range(len(samples)), header="seed=0")
+    assert read_manifest(path) == samples
+    assert path.read_text().splitlines()[:2] == ["# seed=0", "\\#1/a.png 0"]
+
+
 def test_manifest_indices_may_be_integer_tensor_elements(tmp_path):
     path = write_manifest(tmp_path / "train.txt", make_samples(), torch.tensor([3, 0]))
     assert read_manifest(path) == [make_samples()[3], make_samples()[0]]

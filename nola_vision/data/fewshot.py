@@ -136,10 +136,19 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
     non-UTF-8 file name (a key with surrogate escapes) written as its bytes, so it reads back as the same key."""
     path = Path(path)
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
-    lines += [f"{samples[i][0]} {samples[i][1]}\n" for i in _manifest_indices(samples, indices)]
+    lines += [f"{_escaped(samples[i][0])} {samples[i][1]}\n" for i in _manifest_indices(samples, indices)]
     from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
 
     return write_text_atomic(path, "".join(lines))
+
+
+# A key that would read as a comment (``#1/img.png``, a class folder named "#1") is written after this mark, as is a
+# key that begins with it; read_manifest drops the mark.
+_ESCAPE = "\\"
+
+
+def _escaped(key: str) -> str:
+    return _ESCAPE + key if key.lstrip().startswith("#") or key.startswith(_ESCAPE) else key
 
 
 def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]) -> list[int]:
@@ -164,8 +173,9 @@ def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped); UTF-8 whatever the
-    locale, bytes that are not UTF-8 as surrogate escapes (as ``write_manifest`` wrote them)."""
+    """Read a manifest back as ``(key, label)`` pairs (``#`` lines and blank lines are skipped, a key's ``\\`` escape
+    dropped); UTF-8 whatever the locale, bytes that are not UTF-8 as surrogate escapes (as ``write_manifest`` wrote
+    them)."""
     entries = []
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a byte-order mark is not a key
         for lineno, line in enumerate(f, 1):
@@ -174,7 +184,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
                 continue
             try:
                 key, label = line.rsplit(" ", 1)  # keys may contain spaces; the label never does
-                entries.append((key, int(label)))
+                entries.append((key[len(_ESCAPE):] if key.startswith(_ESCAPE) else key, int(label)))
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}") from None
     return entries
