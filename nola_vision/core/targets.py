@@ -291,11 +291,12 @@ def _virtual_thirds(name: str) -> Dict[str, str]:
 
 
 def adaptable_linears(model: nn.Module) -> Dict[str, nn.Linear]:
-    """Every ``nn.Linear`` a target can select, by module name: those outside the classifier head."""
+    """Every ``nn.Linear`` a target can select, by module name: those outside the classifier head, below the model
+    itself (inject replaces layers inside a model, never the model: an ``nn.Linear`` model is named "")."""
     head = classifier_head(model)
     head_modules = {id(m) for m in head.modules()} if head is not None else set()
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and id(module) not in head_modules}
+            if name and isinstance(module, nn.Linear) and id(module) not in head_modules}
 
 
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
