@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: run header, Markdown tables, output files, peft baselines."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -52,19 +53,38 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], left: 
     return "\n".join(lines)
 
 
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of ``least`` or more, so that a count of rounds, steps or tasks of 0 is
+    refused with the parser's usage before anything is measured (not as a ZeroDivisionError after the runs)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give {least} or more")
+        return value
+
+    count.__name__ = f"at_least_{least}"  # argparse names the type in some messages
+    return count
+
+
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)
+
+
 def add_model_arguments(parser: Any, batch: int, bits: int) -> None:
     """--model, --batch, --img-size, --num-classes, --k and --bits of the ViT-B NOLA-MLP serving benchmarks."""
     parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch", type=int, default=batch)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
+    parser.add_argument("--batch", type=POSITIVE, default=batch)
+    parser.add_argument("--img-size", type=POSITIVE, default=224)
+    parser.add_argument("--num-classes", type=POSITIVE, default=10)
+    parser.add_argument("--k", type=POSITIVE, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
     parser.add_argument("--bits", type=int, default=bits, help="bits of the saved task adapters")
 
 
 def add_common_arguments(parser: Any) -> None:
     """--threads, --json and --png, which every benchmark script takes."""
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--png", help="also write a plot here")
 

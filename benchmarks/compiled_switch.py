@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from common import (
+    POSITIVE,
     add_common_arguments,
     add_model_arguments,
     markdown_table,
@@ -153,8 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, batch=1, bits=16)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--switches", type=int, default=20, help="timed switches between three tasks")
-    parser.add_argument("--forwards", type=int, default=3, help="compiled forward passes timed before the switches")
+    parser.add_argument("--switches", type=POSITIVE, default=20, help="timed switches between three tasks")
+    parser.add_argument("--forwards", type=POSITIVE, default=3, help="compiled forward passes timed before the switches")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     add_common_arguments(parser)
     return parser.parse_args(argv)

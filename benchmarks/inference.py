@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from common import (
+    NON_NEGATIVE,
+    POSITIVE,
     add_common_arguments,
     add_model_arguments,
     answer_as_worker,
@@ -194,9 +196,9 @@ def plot(result: Dict, path: str, title: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, batch=32, bits=4)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per model")
-    parser.add_argument("--switches", type=int, default=20, help="timed task switches per process")
-    parser.add_argument("--switch-processes", type=int, default=3,
+    parser.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved timed passes per model")
+    parser.add_argument("--switches", type=POSITIVE, default=20, help="timed task switches per process")
+    parser.add_argument("--switch-processes", type=NON_NEGATIVE, default=3,
                         help="fresh processes that time the switches (0: this one)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-kwargs", default="{}", help=argparse.SUPPRESS)

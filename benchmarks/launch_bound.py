@@ -24,7 +24,17 @@ import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from common import PEFT_METHODS, add_common_arguments, markdown_table, paired_summary, publish, pyplot, save_figure
+from common import (
+    NON_NEGATIVE,
+    PEFT_METHODS,
+    POSITIVE,
+    add_common_arguments,
+    markdown_table,
+    paired_summary,
+    publish,
+    pyplot,
+    save_figure,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import METHODS, build
 
@@ -109,11 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--model", default="vit_base_patch16_224", help="its depth is kept, its width is 64")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--k", type=int, default=64, help="NOLA's bases per factor (k = l; see above)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per method and round")
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=POSITIVE, default=2)
+    parser.add_argument("--k", type=POSITIVE, default=64, help="NOLA's bases per factor (k = l; see above)")
+    parser.add_argument("--steps", type=POSITIVE, default=5, help="steps per method and round")
+    parser.add_argument("--rounds", type=POSITIVE, default=25)
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=3)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if "lora" not in args.methods:

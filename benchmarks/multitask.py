@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from common import (
+    POSITIVE,
     add_common_arguments,
     add_model_arguments,
     markdown_table,
@@ -253,11 +254,11 @@ def plot(result: Dict, path: str, title: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, batch=64, bits=16)
-    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 64], help="distinct tasks per batch")
-    parser.add_argument("--registered", type=int, nargs="+", default=[1, 100, 1000],
+    parser.add_argument("--tasks", type=POSITIVE, nargs="+", default=[1, 8, 64], help="distinct tasks per batch")
+    parser.add_argument("--registered", type=POSITIVE, nargs="+", default=[1, 100, 1000],
                         help="registered task counts whose resident memory is measured")
     parser.add_argument("--cache-mb", type=float, default=256.0, help="MultiTaskModel's factor cache budget")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed passes per row")
+    parser.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved timed passes per row")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

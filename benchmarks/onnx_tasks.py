@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from common import add_common_arguments, markdown_table, publish, pyplot, save_figure, suptitle
+from common import POSITIVE, add_common_arguments, markdown_table, publish, pyplot, save_figure, suptitle
 from compiled_switch import METHODS, adapter_config, save_tasks
 from inference import base_model
 
@@ -139,13 +139,13 @@ def plot(result: Dict, path: str, title: str, k: int) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--k", type=int, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
+    parser.add_argument("--batches", type=POSITIVE, nargs="+", default=[1, 32])
+    parser.add_argument("--img-size", type=POSITIVE, default=224)
+    parser.add_argument("--num-classes", type=POSITIVE, default=10)
+    parser.add_argument("--k", type=POSITIVE, default=1024, help="NOLA-MLP bases per factor, k = l (rank 4)")
     parser.add_argument("--bits", type=int, default=16, help="bits of the saved task adapter")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed runs per graph and batch")
+    parser.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved timed runs per graph and batch")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

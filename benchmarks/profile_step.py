@@ -29,6 +29,7 @@ import weakref
 from typing import Callable, Dict, List, Optional, Sequence
 
 from common import (
+    POSITIVE,
     add_common_arguments,
     answer_as_worker,
     held_basis_bytes,
@@ -300,8 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), type=_model_batch, help="model:batch pairs")
     parser.add_argument("--methods", nargs="+", default=["lora", "nola"], choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=1, help="profiled steps per run (median per op)")
-    parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
+    parser.add_argument("--steps", type=POSITIVE, default=1, help="profiled steps per run (median per op)")
+    parser.add_argument("--k", type=POSITIVE, default=1024, help="NOLA bases per factor, k = l")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",

@@ -32,7 +32,9 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from common import (
+    NON_NEGATIVE,
     PEFT_METHODS,
+    POSITIVE,
     add_common_arguments,
     answer_as_worker,
     block_targets,
@@ -209,6 +211,15 @@ def model_depth(model_name: str) -> int:
         return len(timm.create_model(model_name, pretrained=False).blocks)
 
 
+def check_blocks(args: argparse.Namespace) -> None:
+    """Refuse adapting more blocks than the model has (``--blocks``, ``--sweep layers --values``) before any run: the
+    runs would adapt all of them and label the rows with the number given."""
+    option = "--values" if args.sweep == "layers" else "--blocks"
+    wanted = max(args.values or [0]) if args.sweep == "layers" else 0 if args.sweep else args.blocks
+    if wanted and wanted > (depth := model_depth(args.model)):
+        raise SystemExit(f"{option} {wanted} exceeds {args.model}'s {depth} blocks: give {depth} or fewer")
+
+
 def jobs(args: argparse.Namespace) -> List[Dict[str, int]]:
     """The (method, k, blocks) measurements of the chosen mode."""
     if args.sweep == "k":
@@ -373,22 +384,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="measure every method this often, in alternating "
+    parser.add_argument("--batch", type=POSITIVE, default=8)
+    parser.add_argument("--img-size", type=POSITIVE, default=224)
+    parser.add_argument("--steps", type=POSITIVE, default=5)
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+    parser.add_argument("--rounds", type=POSITIVE, default=1, help="measure every method this often, in alternating "
                         "order: the median step time, the highest memory (for a shared, noisy machine)")
-    parser.add_argument("--paired", type=int, default=0, help="also time the methods in one process for this many "
+    parser.add_argument("--paired", type=NON_NEGATIVE, default=0, help="also time the methods in one process for this many "
                         "rounds, one step each per round in alternating order: a ratio per round; their median resolves about "
                         "2%% on a noisy machine (memory comes from the fresh-process runs)")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--num-classes", type=POSITIVE, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "nola_held"], choices=list(METHODS))
-    parser.add_argument("--k", type=int, default=1024, help="NOLA bases per factor, k = l")
-    parser.add_argument("--blocks", type=int, default=0, help="adapt only the first N blocks (0: all)")
+    parser.add_argument("--k", type=POSITIVE, default=1024, help="NOLA bases per factor, k = l")
+    parser.add_argument("--blocks", type=NON_NEGATIVE, default=0, help="adapt only the first N blocks (0: all)")
     parser.add_argument("--sweep", choices=["k", "layers"], help="scale k (256..4096) or the adapted blocks")
-    parser.add_argument("--values", type=int, nargs="+", help="override the sweep's k values or block counts")
+    parser.add_argument("--values", type=POSITIVE, nargs="+", help="override the sweep's k values or block counts")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute each block's activations in backward (timm's set_grad_checkpointing)")
     parser.add_argument("--compile", action="store_true", help="measure every method also under torch.compile(model), "
@@ -414,8 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("--compile and --paired compare the steps of --methods; run them without --sweep")
     if args.compile and args.paired:  # the paired worker builds eager steps: its times would fill the compiled rows
         raise SystemExit("--paired times eager steps only: run --compile without it")
-    if args.rounds < 1 or args.steps < 1:
-        raise SystemExit(f"--rounds and --steps must be 1 or more (got {args.rounds} and {args.steps})")
+    check_blocks(args)
     if args.device.startswith("cuda") and not _has_cuda():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     results = run_all(args)

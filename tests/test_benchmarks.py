@@ -570,3 +570,28 @@ def test_launch_bound_measures_every_method_with_an_accelerators_choices_and_lea
     assert all(len(r["paired_step_s"]) == 2 and r["ops"] > 0 for r in results.values())
     assert results["linear"]["ops"] < results["lora"]["ops"]
     assert functions.launch_bound(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("script, argv, option", [
+    ("launch_bound", ["--rounds", "0"], "--rounds"), ("launch_bound", ["--steps", "0"], "--steps"),
+    ("inference", ["--rounds", "0"], "--rounds"), ("compiled_switch", ["--switches", "0"], "--switches"),
+    ("multitask", ["--tasks", "0"], "--tasks"), ("onnx_tasks", ["--batches", "1", "0"], "--batches"),
+    ("train_step", ["--paired", "-2"], "--paired"), ("train_step", ["--threads", "-1"], "--threads"),
+])
+def test_a_count_below_its_least_is_refused_before_anything_is_measured(script, argv, option, capsys):
+    """Each of these measured first and then failed (StatisticsError, ZeroDivisionError), or ran with nothing."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).main(["--model", TINY, *argv])
+    assert exit_.value.code == 2
+    least = 0 if option in ("--paired", "--threads") else 1
+    assert f"argument {option}: {argv[-1]} is too small: give {least} or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [(["--sweep", "layers", "--values", "1", "20"], "--values"),
+                                          (["--blocks", "20"], "--blocks")])
+def test_train_step_refuses_more_adapted_blocks_than_the_model_has(argv, option):
+    """A 20-block sweep point on a 12-block model adapted all 12 and was labelled 20."""
+    with pytest.raises(SystemExit, match=f"{option} 20 exceeds {TINY}'s 12 blocks: give 12 or fewer"):
+        train_step.main(["--model", TINY, *argv])
