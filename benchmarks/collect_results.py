@@ -17,7 +17,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from accuracy import DATASETS as ACCURACY_DATASETS
 from common import markdown_table, paired_quartiles
@@ -402,7 +402,7 @@ def _mean_accuracy(data: Dict, shots: int, method: str) -> float:
 HEADLINE_SOURCES = ("storage", "accuracy", "nola_vs_lora_vit_b", "gpu_train_step_vit_b")  # what headline_rows reads
 
 
-def headline_rows(results: Path) -> List[List[str]]:
+def headline_rows(results: Path, pending: Optional[Mapping[str, str]] = None) -> List[List[str]]:
     """NOLA against LoRA in four numbers (trained parameters, file size, accuracy, cost), each from the raw JSON."""
     rows = []
     storage = _load(results, "storage")
@@ -434,17 +434,17 @@ def headline_rows(results: Path) -> List[List[str]]:
     if gpu is not None:
         lora, nola = _method(gpu, "lora"), _method(gpu, "nola")
         batch = re.search(r"batch \d+", gpu.get("setting", ""))
-        rows.append([f"training step time / training peak, ViT-B/16, {_gpu_name(results, 'gpu_train_step_vit_b')} "
+        rows.append([f"training step time / training peak, ViT-B/16, {_gpu_name(results, 'gpu_train_step_vit_b', pending)} "
                      f"bf16{f', {batch[0]}' if batch else ''} (× LoRA)",
                      f"{nola['step_s'] / lora['step_s']:.2f}× / {nola['train_mem_mb'] / lora['train_mem_mb']:.2f}×",
                      "1.00× / 1.00×"])
     return rows
 
 
-def _gpu_name(results: Path, name: str) -> str:
+def _gpu_name(results: Path, name: str, pending: Optional[Mapping[str, str]] = None) -> str:
     """The GPU a part ran on, from its output's first line (``NVIDIA H200``), or "a GPU"."""
     if (results / f"{name}.md").is_file():
-        machine = _machine(printed_output(results, name))
+        machine = _machine(printed_output(results, name, pending))
         if "NVIDIA" in machine:
             return "one " + machine.rsplit(", ", 1)[-1].removeprefix("NVIDIA ")
     return "a GPU"
@@ -462,12 +462,12 @@ def _accuracy_setting(data: Dict) -> Tuple[str, str]:
     return backbone, names.get(match["dataset"], match["dataset"]).replace("_", "-")
 
 
-def headline_sources(results: Path) -> str:
+def headline_sources(results: Path, pending: Optional[Mapping[str, str]] = None) -> str:
     """The line under the headline naming when and where each of its results was measured."""
     sources = []
     for name in HEADLINE_SOURCES:
         if (results / f"{name}.md").is_file():
-            match = HEADER.match(printed_output(results, name).splitlines()[0])
+            match = HEADER.match(printed_output(results, name, pending).splitlines()[0])
             sources.append(f"`{name}` {match['date']}, {match['machine']}" if match else f"`{name}`")
     return f"_Measured: {'; '.join(sources)}._" if sources else ""
 
@@ -476,9 +476,11 @@ def target_rows(results: Path) -> List[List[str]]:
     return [row for target in TARGETS for row in target(results)]
 
 
-def printed_output(results: Path, name: str) -> str:
-    """What a part's script printed (``<name>.md``); empty while ``run_all.sh`` is rewriting it or after it failed."""
-    text = (results / f"{name}.md").read_text().strip()
+def printed_output(results: Path, name: str, pending: Optional[Mapping[str, str]] = None) -> str:
+    """What a part's script printed (``<name>.md``, or its reprint in ``pending`` that is not written yet: the report
+    is built before any file is); empty while ``run_all.sh`` is rewriting it or after it failed."""
+    text = (pending or {}).get(name, None) or (results / f"{name}.md").read_text()
+    text = text.strip()
     if not text:
         raise ValueError(f"{results / name}.md is empty: its part is still running or failed; re-run "
                          f"`bash benchmarks/run_all.sh {PARTS.get(name, name)}`")
@@ -521,11 +523,12 @@ def machine_lines(machines: Dict[str, str]) -> Tuple[Optional[str], List[str]]:
     return main, lines
 
 
-def build(results: Path) -> str:
-    """The report: the one machine, targets computed from the JSON, then every section's printed table and plot."""
+def build(results: Path, pending: Optional[Mapping[str, str]] = None) -> str:
+    """The report: the one machine, targets computed from the JSON, then every section's printed table and plot
+    (``pending``: reprinted tables not written yet)."""
     done = [section for section in SECTIONS if (results / f"{section[0]}.md").is_file()]
     missing = sorted({PARTS.get(section[0], section[0]) for section in SECTIONS if section not in done})
-    printed = {name: printed_output(results, name) for name, _, _ in done}
+    printed = {name: printed_output(results, name, pending) for name, _, _ in done}
     main, machine_text = machine_lines({name: _machine(text) for name, text in printed.items()})
     lines = ["# Benchmark results", "",
              "Written by `python benchmarks/collect_results.py` from `benchmarks/results/`. Each section below is exactly "
@@ -563,21 +566,21 @@ def _run_note(name: str, printed: str) -> str:
 README_BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
 
-def quote(results: Path, name: str) -> str:
+def quote(results: Path, name: str, pending: Optional[Mapping[str, str]] = None) -> str:
     """What the README shows of a result: its tables (or the targets table) and the line naming date and command."""
     if name == "targets":
         return markdown_table(["target", "measured", "verdict"], target_rows(results))
     if name == "headline":
-        return "\n\n".join(filter(None, [markdown_table(["measured", "NOLA", "LoRA"], headline_rows(results)),
-                                          headline_sources(results)]))
-    printed = printed_output(results, name)
+        return "\n\n".join(filter(None, [markdown_table(["measured", "NOLA", "LoRA"], headline_rows(results, pending)),
+                                          headline_sources(results, pending)]))
+    printed = printed_output(results, name, pending)
     tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in printed.split("\n\n")]
     return "\n\n".join([printed.splitlines()[0]] + [table for table in tables if table])
 
 
-def sync_readme(text: str, results: Path) -> str:
+def sync_readme(text: str, results: Path, pending: Optional[Mapping[str, str]] = None) -> str:
     """The README with every ``<!-- results: name -->`` block replaced by the current quote of that result."""
-    return README_BLOCK.sub(lambda m: f"{m.group(1)}\n{quote(results, m.group(2))}\n\n{m.group(4)}", text)
+    return README_BLOCK.sub(lambda m: f"{m.group(1)}\n{quote(results, m.group(2), pending)}\n\n{m.group(4)}", text)
 
 
 # Results whose script can print its output again from the raw numbers (its ``printed(data)``): ``--check`` compares
@@ -592,7 +595,7 @@ REPRINTED = {"multitask": "multitask", "profile_step": "profile_step", "profile_
 
 
 def reprinted(results: Path, name: str) -> Optional[str]:
-    """The ``.md`` the script of result ``name`` prints from its ``.json`` (its first line, the run's, as written);
+    """The ``.md`` the script of result ``name`` prints from its ``.json``, under the header line the JSON records;
     None for a result not run."""
     md, raw = results / f"{name}.md", results / f"{name}.json"
     if not md.is_file() or not raw.is_file():
@@ -600,11 +603,26 @@ def reprinted(results: Path, name: str) -> Optional[str]:
     import importlib
 
     data = json.loads(raw.read_text())
+    setting = data.get("setting") if isinstance(data, dict) else None  # storage.json was a bare list of rows
+    body = "\n\n".join(filter(None, [setting, importlib.import_module(REPRINTED[name]).printed(data)]))
+    if isinstance(data, dict) and "header" in data:
+        return f"{data['header']}\n\n{body}\n"
+    return _under_old_header(md, raw, body, PARTS.get(name, name))
+
+
+def _under_old_header(md: Path, raw: Path, body: str, part: str) -> str:
+    """A reprint of a JSON written before the scripts recorded their header line: the ``.md``'s first line names its
+    run only while the ``.md`` still shows the JSON's numbers, so anything else is refused, not written under it."""
     first = md.read_text().split("\n", 1)[0]
     if not HEADER.match(first):  # an emptied table would be written back under a blank first line
         raise ValueError(f"{md} does not start with its run's header line (it is empty or cut short): its part is "
-                         f"still running or failed; re-run `bash benchmarks/run_all.sh {PARTS.get(name, name)}`")
-    return f"{first}\n\n{data['setting']}\n\n{importlib.import_module(REPRINTED[name]).printed(data)}\n"
+                         f"still running or failed; re-run `bash benchmarks/run_all.sh {part}`")
+    text = f"{first}\n\n{body}\n"
+    if text != md.read_text():
+        raise ValueError(f"{md} is stale and cannot be printed again: {raw.name} records no header line (written "
+                         f"before the scripts recorded it), and {md.name}'s (date, machine, command) would name a run "
+                         f"whose numbers it no longer shows; re-run `bash benchmarks/run_all.sh {part}`")
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -614,15 +632,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
     args = parser.parse_args(argv)
-    try:
-        reprints = {args.results / f"{name}.md": text for name in REPRINTED
-                    if (text := reprinted(args.results, name)) is not None}
-        for path, text in reprints.items():  # first: RESULTS.md quotes them
-            if not args.check and path.read_text() != text:
-                path.write_text(text)
-                print(f"wrote {path}")
-        wanted = {args.out: build(args.results), args.readme: sync_readme(args.readme.read_text(), args.results),
-                  **reprints}
+    try:  # everything is computed (and so checked) before any file is written
+        reprints = {name: text for name in REPRINTED if (text := reprinted(args.results, name)) is not None}
+        wanted = {**{args.results / f"{name}.md": text for name, text in reprints.items()},
+                  args.out: build(args.results, reprints),
+                  args.readme: sync_readme(args.readme.read_text(), args.results, reprints)}
     except ValueError as err:
         print(f"collect_results: error: {err}", file=sys.stderr)
         return 1

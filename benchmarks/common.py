@@ -128,11 +128,13 @@ def answer_as_worker(args: Any, worker: Callable[[Any], Dict[str, Any]]) -> bool
 def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str, text: str, data: Dict[str, Any],
             plot: Optional[Callable[[str], None]] = None, device: str = "cpu") -> None:
     """How every benchmark ends: the header line, the setting and the tables printed (RESULTS.md quotes them as
-    printed), the raw numbers with the setting written to ``--json``, and the plot to ``--png``."""
-    print(header(script, argv, device))
+    printed), the raw numbers with the header and setting written to ``--json`` (``collect_results.py`` prints the
+    tables again under the header of the run the numbers come from), and the plot to ``--png``."""
+    first = header(script, argv, device)
+    print(first)
     print(f"\n{setting}\n")
     print(text)
-    write_json(args.json, {"setting": setting, **data})
+    write_json(args.json, {"header": first, "setting": setting, **data})
     if args.png and plot is not None:
         plot(args.png)
 

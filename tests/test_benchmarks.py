@@ -595,3 +595,60 @@ def test_train_step_refuses_more_adapted_blocks_than_the_model_has(argv, option)
     """A 20-block sweep point on a 12-block model adapted all 12 and was labelled 20."""
     with pytest.raises(SystemExit, match=f"{option} 20 exceeds {TINY}'s 12 blocks: give 12 or fewer"):
         train_step.main(["--model", TINY, *argv])
+
+
+def _results_copy(tmp_path: Path, *names: str) -> list:
+    """Committed results ``names`` (.md and .json) copied into tmp_path; collect_results' arguments for that copy."""
+    import shutil
+
+    for name in names:
+        for suffix in (".md", ".json"):
+            shutil.copy(HERE / "results" / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    (tmp_path / "README.md").write_text("no quotes\n")
+    return ["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(tmp_path / "README.md")]
+
+
+def test_the_json_records_the_header_line_the_run_printed(tmp_path, capsys):
+    from common import publish
+
+    publish("benchmarks/x.py", ["--rounds", "2"], argparse.Namespace(json=str(tmp_path / "x.json"), png=None),
+            "a setting", "| a |\n|---|", {"rows": [1]})
+    first = capsys.readouterr().out.splitlines()[0]
+    assert json.loads((tmp_path / "x.json").read_text())["header"] == first
+    assert collect_results.HEADER.match(first) and first.endswith("`python benchmarks/x.py --rounds 2`_")
+
+
+def test_a_reprinted_table_takes_the_header_of_the_run_its_numbers_come_from(tmp_path):
+    """The old .md's first line (date, machine, command) was kept over a new JSON's numbers."""
+    args = _results_copy(tmp_path, "multitask")
+    data = json.loads((tmp_path / "multitask.json").read_text())
+    data["header"] = "_2026-12-09 10:00, Another CPU, 2 cores, torch 2.14.1, `python benchmarks/multitask.py`_"
+    data["memory"][-1]["rss_mb"] *= 2
+    (tmp_path / "multitask.json").write_text(json.dumps(data))
+    assert collect_results.main(args) == 0
+    written = (tmp_path / "multitask.md").read_text()
+    assert written.splitlines()[0] == data["header"] and written == collect_results.reprinted(tmp_path, "multitask")
+    assert collect_results.main([*args, "--check"]) == 0
+
+
+def test_new_numbers_in_a_json_without_a_header_are_refused_not_printed_under_the_old_header(tmp_path, capsys):
+    args = _results_copy(tmp_path, "multitask")
+    before = (tmp_path / "multitask.md").read_text()
+    data = json.loads((tmp_path / "multitask.json").read_text())
+    data["memory"][-1]["rss_mb"] *= 2
+    (tmp_path / "multitask.json").write_text(json.dumps(data))
+    assert collect_results.main(args) == 1
+    assert "multitask.json records no header line" in capsys.readouterr().err
+    assert (tmp_path / "multitask.md").read_text() == before and not (tmp_path / "R.md").exists()
+
+
+def test_no_file_is_written_when_a_result_is_refused(tmp_path, capsys):
+    """A JSON measured on another model than its label was refused only after its .md had been rewritten."""
+    args = _results_copy(tmp_path, "nola_vs_lora_vit_b")
+    before = (tmp_path / "nola_vs_lora_vit_b.md").read_text()
+    data = json.loads((tmp_path / "nola_vs_lora_vit_b.json").read_text())
+    data["setting"] = data["setting"].replace("vit_base_patch16_224", "vit_large_patch16_224")
+    data["header"] = before.splitlines()[0]
+    (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps(data))
+    assert collect_results.main(args) == 1 and "measured on vit_large_patch16_224" in capsys.readouterr().err
+    assert (tmp_path / "nola_vs_lora_vit_b.md").read_text() == before and not (tmp_path / "R.md").exists()
