@@ -130,6 +130,14 @@ def target_lines(result: Dict) -> List[str]:
     return lines
 
 
+def printed(result: Dict) -> str:
+    """What the run prints below its setting, from its raw numbers (``collect_results.py --check`` compares them)."""
+    # A JSON written before it recorded ``k`` was run with the default: collect_results prints it again only while that
+    # gives the table its run printed.
+    targets = "\n".join(f"- {line}" for line in target_lines(result))
+    return f"{table(result, result.get('k', parse_args([]).k))}\n\n{targets}"
+
+
 def plot(result: Dict, path: str, title: str, k: int) -> None:
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -168,8 +176,8 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     setting = (f"{args.model}, unmerged, torch.compile backend {args.backend}, forward batch {args.batch}, "
                f"{args.img_size} px, CPU fp32, {torch.get_num_threads()} threads; {args.switches} switches between "
                f"three {args.bits}-bit tasks by nv.load_adapter on the compiled model")
-    targets = "\n".join(f"- {line}" for line in target_lines(result))
-    publish(__file__, argv, args, setting, f"{table(result, args.k)}\n\n{targets}", result,
+    result["k"] = args.k
+    publish(__file__, argv, args, setting, printed(result), result,
             lambda png: plot(result, png, setting, args.k))
 
 

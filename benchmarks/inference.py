@@ -175,6 +175,21 @@ def table(result: Dict) -> str:
     return speed + "\n\n" + markdown_table(["task switch step", "ms (median)", "median of each process (ms)"], rows)
 
 
+def switch_lines(result: Dict) -> str:
+    """The in-place switch against its target and the weights pass it cannot beat, and the switch's logit error."""
+    total = statistics.median(result["switch_s"]["in_place"]) * 1000
+    floor = statistics.median(result["switch_s"][WEIGHTS_PASS]) * 1000
+    return (f"Task switch (in place): {total:.1f} ms (issue target for ViT-B: < {SWITCH_TARGET_MS} ms); reading and "
+            f"writing the adapted weights alone takes {floor:.1f} ms on this machine.\n"
+            f"After switching, merged logits differ from the target adapter's unmerged logits by at most "
+            f"{result['switch_max_logit_error']:.1e}.")
+
+
+def printed(result: Dict) -> str:
+    """What the run prints below its setting, from its raw numbers (``collect_results.py --check`` compares them)."""
+    return f"{table(result)}\n\n{switch_lines(result)}"
+
+
 def plot(result: Dict, path: str, title: str) -> None:
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -217,13 +232,7 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
                f"median of {args.rounds} interleaved rounds; NOLA-MLP k=l={args.k} r=4 (shared basis); "
                f"switch: median of {args.switches} switches between two {args.bits}-bit adapters {processes}, "
                "pooled")
-    total = statistics.median(result["switch_s"]["in_place"]) * 1000
-    floor = statistics.median(result["switch_s"][WEIGHTS_PASS]) * 1000
-    switch = (f"Task switch (in place): {total:.1f} ms (issue target for ViT-B: < {SWITCH_TARGET_MS} ms); reading and "
-              f"writing the adapted weights alone takes {floor:.1f} ms on this machine.\n"
-              f"After switching, merged logits differ from the target adapter's unmerged logits by at most "
-              f"{result['switch_max_logit_error']:.1e}.")
-    publish(__file__, argv, args, setting, f"{table(result)}\n\n{switch}", result,
+    publish(__file__, argv, args, setting, printed(result), result,
             lambda png: plot(result, png, setting))
 
 

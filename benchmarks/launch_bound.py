@@ -42,6 +42,7 @@ import nola_vision.core.functions as functions
 
 WIDTH = dict(embed_dim=64, num_heads=4, img_size=16)  # every block's ops, kernels next to free
 DEFAULT_METHODS = ("linear", "lora", "nola", "peft_lora")
+DEFAULT_K = 64  # see above
 
 
 class CountedOps(TorchDispatchMode):
@@ -114,13 +115,20 @@ def table(results: Dict[str, Dict[str, Any]], k: int) -> str:
     return markdown_table(["method", "host ms / step", "ops / step", "ops ÷ LoRA", "time ÷ LoRA (paired)"], rows)
 
 
+def printed(data: Dict[str, Any]) -> str:
+    """The table a run prints, from its raw numbers (``collect_results.py --check`` compares them)."""
+    # A JSON written before it recorded ``k`` was run with the default: collect_results prints it again only while that
+    # gives the table its run printed.
+    return table(data["results"], data.get("k", DEFAULT_K))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vit_base_patch16_224", help="its depth is kept, its width is 64")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--batch", type=POSITIVE, default=2)
-    parser.add_argument("--k", type=POSITIVE, default=64, help="NOLA's bases per factor (k = l; see above)")
+    parser.add_argument("--k", type=POSITIVE, default=DEFAULT_K, help="NOLA's bases per factor (k = l; see above)")
     parser.add_argument("--steps", type=POSITIVE, default=5, help="steps per method and round")
     parser.add_argument("--rounds", type=POSITIVE, default=25)
     parser.add_argument("--warmup", type=NON_NEGATIVE, default=3)
@@ -137,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setting = (f"{args.model}'s blocks at width {WIDTH['embed_dim']} ({WIDTH['img_size']}-px images, batch "
                f"{args.batch}), {args.precision}, CPU with an accelerator's choices, {args.threads or 1} torch "
                f"thread(s), {args.rounds} paired rounds of {args.steps} steps.")
-    publish(__file__, argv, args, setting, table(results, args.k), {"results": results},
+    publish(__file__, argv, args, setting, table(results, args.k), {"results": results, "k": args.k},
             plot=lambda path: plot(results, args.k, setting, path))
 
 

@@ -116,6 +116,14 @@ def target_lines(result: Dict) -> List[str]:
     return lines
 
 
+def printed(result: Dict) -> str:
+    """What the run prints below its setting, from its raw numbers (``collect_results.py --check`` compares them)."""
+    # A JSON written before it recorded ``k`` was run with the default: collect_results prints it again only while that
+    # gives the table its run printed.
+    targets = "\n".join(f"- {line}" for line in target_lines(result))
+    return f"{tables(result, result.get('k', parse_args([]).k))}\n\n{targets}"
+
+
 def plot(result: Dict, path: str, title: str, k: int) -> None:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(10, 3.5))
@@ -160,8 +168,8 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
                f"{args.threads or 'default'} intra-op threads, median of {args.rounds} interleaved rounds; one "
                f"{args.bits}-bit task of {args.num_classes} classes; graphs by nv.export_onnx (merged, and "
                "tasks_as_inputs=True fed nv.onnx_task_inputs)")
-    targets = "\n".join(f"- {line}" for line in target_lines(result))
-    publish(__file__, argv, args, setting, f"{tables(result, args.k)}\n\n{targets}", result,
+    result["k"] = args.k
+    publish(__file__, argv, args, setting, printed(result), result,
             lambda png: plot(result, png, setting, args.k))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from common import header, markdown_table, peft_config, pyplot, save_figure, write_json
+from common import markdown_table, peft_config, publish, pyplot, save_figure
 from torch import nn
 
 # The paper's NOLA presets (NOLA-MLP): ViT-B r=4, ViT-L r=1, k = l = 1024.
@@ -114,6 +114,9 @@ def _kb(size: int) -> str:
     return f"{size / 1000:,.1f} KB" if size < 10**6 else f"{size / 10**6:,.2f} MB"
 
 
+SETTING = "Bytes on disk per task (1 KB = 1000 bytes); \"params\" counts adapter parameters without the head."
+
+
 def table(results: List[Dict], models: Sequence[str]) -> str:
     """One row per adapter, one column per backbone and head; ratios to our 4-bit NOLA on the first column."""
     cell = {(r["row"], r["model"], r["head"]): r for r in results}
@@ -128,6 +131,14 @@ def table(results: List[Dict], models: Sequence[str]) -> str:
         row += [_kb(cell[(name, m, head)]["bytes"]) for m in models for head in HEADS]
         rows.append(row + [f"{cell[(name, *first)]['bytes'] / reference:.1f}"])
     return markdown_table(columns, rows)
+
+
+def printed(data) -> str:
+    """The table a run prints, from its raw numbers (``collect_results.py --check`` compares them); a JSON written
+    before it recorded the setting is the bare list of rows, printed with the setting."""
+    rows = data if isinstance(data, list) else data["results"]
+    text = table(rows, list(dict.fromkeys(row["model"] for row in rows)))
+    return f"{SETTING}\n\n{text}" if isinstance(data, list) else text
 
 
 def plot(results: List[Dict], models: Sequence[str], path: str) -> None:
@@ -160,12 +171,8 @@ def main(argv: Optional[Sequence[str]] = None, **model_kwargs) -> None:
     """``model_kwargs`` go to ``timm.create_model`` (tests pass a tiny architecture)."""
     args = parse_args(argv)
     results = run(args.models, **model_kwargs)
-    print(header(__file__, argv))
-    print("\nBytes on disk per task (1 KB = 1000 bytes); \"params\" counts adapter parameters without the head.\n")
-    print(table(results, args.models))
-    write_json(args.json, results)
-    if args.png:
-        plot(results, args.models, args.png)
+    publish(__file__, argv, args, SETTING, table(results, args.models), {"results": results},
+            lambda png: plot(results, args.models, png))
 
 
 if __name__ == "__main__":

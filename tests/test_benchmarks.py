@@ -32,6 +32,11 @@ def _check_outputs(out: str, tmp_path: Path) -> dict:
     return json.loads((tmp_path / "raw.json").read_text())
 
 
+def _printed_again(module, out: str, data: dict) -> bool:
+    """Whether ``collect_results`` prints the run's output again from its JSON alone (header, setting, tables)."""
+    return out == f"{data['header']}\n\n{data['setting']}\n\n{module.printed(data)}\n"
+
+
 def _files(tmp_path: Path) -> list:
     return ["--png", str(tmp_path / "plot.png"), "--json", str(tmp_path / "raw.json")]
 
@@ -145,7 +150,10 @@ def test_train_step_sweeps_run_and_plot(sweep, tmp_path, capsys):
 
 def test_storage_main(tmp_path, capsys):
     storage.main(["--models", TINY, *_files(tmp_path)], img_size=32, **TINY_KWARGS)
-    results = _check_outputs(capsys.readouterr().out, tmp_path)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
+    assert _printed_again(storage, out, data)
+    results = data["results"]
     size = {(r["row"], r["classes"]): r["bytes"] for r in results}
     assert size[(storage.ROWS[2][0], 10)] < size[(storage.ROWS[1][0], 10)] < size[(storage.ROWS[0][0], 10)]
     assert all(size[(name, 200)] > size[(name, 10)] for name, *_ in storage.ROWS)
@@ -156,6 +164,7 @@ def test_inference_main(tmp_path, capsys):
                     "--switch-processes", "2", *_files(tmp_path)], **TINY_KWARGS)
     out = capsys.readouterr().out
     data = _check_outputs(out, tmp_path)
+    assert _printed_again(inference, out, data)
     assert set(data["throughput_s"]) == set(inference.MODELS) and data["switch_max_logit_error"] < 1e-3
     assert set(data["switch_s"]) == {"in_place", "unmerge_load_merge", inference.WEIGHTS_PASS}
     # one switch timed in each of two fresh processes (built with the tiny kwargs), pooled
@@ -196,6 +205,7 @@ def test_compiled_switch_main(tmp_path, capsys):
                           "--backend", "aot_eager", *_files(tmp_path)], **TINY_KWARGS)
     out = capsys.readouterr().out
     data = _check_outputs(out, tmp_path)
+    assert _printed_again(compiled_switch, out, data)  # at --k 32: the JSON records k
     assert [row["method"] for row in data["rows"]] == ["nola", "lora"]
     assert all(len(row["switch_s"]) == 2 and row["recompilations"] == 0 and row["max_logit_error"] < 1e-4
                for row in data["rows"])
@@ -205,7 +215,9 @@ def test_compiled_switch_main(tmp_path, capsys):
 def test_onnx_tasks_main(tmp_path, capsys):
     onnx_tasks.main(["--model", TINY, "--img-size", "32", "--batches", "1", "3", "--rounds", "1", "--k", "32",
                      *_files(tmp_path)], **TINY_KWARGS)
-    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
+    assert _printed_again(onnx_tasks, out, data)
     assert [entry["method"] for entry in data["methods"]] == ["nola", "lora"]
     for entry in data["methods"]:
         assert [row["batch"] for row in entry["rows"]] == [1, 3]
@@ -491,7 +503,8 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     shutil.copy(HERE / "results" / "storage.md", tmp_path / "storage.md")
     rows = [row for row in json.loads((HERE / "results" / "storage.json").read_text())
             if row["model"] != "vit_base_patch16_224"]  # storage.py --models vit_large_patch16_224
-    (tmp_path / "storage.json").write_text(json.dumps(rows))
+    header = (tmp_path / "storage.md").read_text().splitlines()[0]
+    (tmp_path / "storage.json").write_text(json.dumps({"header": header, "setting": storage.SETTING, "results": rows}))
     readme = tmp_path / "README.md"
     readme.write_text("no quotes\n")
     code = collect_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(readme)])
@@ -564,7 +577,9 @@ def test_launch_bound_measures_every_method_with_an_accelerators_choices_and_lea
 
     launch_bound.main(["--model", TINY, "--methods", "linear", "lora", "nola", "--rounds", "2", "--steps", "1",
                        "--warmup", "1", "--k", "16", *_files(tmp_path)])
-    data = _check_outputs(capsys.readouterr().out, tmp_path)
+    out = capsys.readouterr().out
+    data = _check_outputs(out, tmp_path)
+    assert _printed_again(launch_bound, out, data)
     results = data["results"]
     assert set(results) == {"linear", "lora", "nola"}
     assert all(len(r["paired_step_s"]) == 2 and r["ops"] > 0 for r in results.values())
@@ -652,3 +667,26 @@ def test_no_file_is_written_when_a_result_is_refused(tmp_path, capsys):
     (tmp_path / "nola_vs_lora_vit_b.json").write_text(json.dumps(data))
     assert collect_results.main(args) == 1 and "measured on vit_large_patch16_224" in capsys.readouterr().err
     assert (tmp_path / "nola_vs_lora_vit_b.md").read_text() == before and not (tmp_path / "R.md").exists()
+
+
+def test_every_section_is_compared_with_its_json_or_named_as_not_compared(capsys):
+    """storage, inference, onnx_tasks, compiled_switch and launch_bound_* were neither, so --check passed them edited."""
+    names = {name for name, _, _ in collect_results.SECTIONS}
+    assert names == set(collect_results.REPRINTED) | set(collect_results.NOT_REPRINTED)
+    assert collect_results.main(["--check"]) == 0
+    assert "not compared with their .json (they print what it does not hold): accuracy" in capsys.readouterr().out
+
+
+def test_an_edited_storage_json_makes_its_printed_table_stale(tmp_path, capsys):
+    """The README's headline followed the edit while the storage section kept the old figure, and --check passed."""
+    args = _results_copy(tmp_path, "storage")
+    assert collect_results.main([*args, "--check"]) == 1  # the report itself is not written yet
+    assert collect_results.main(args) == 0 and collect_results.main([*args, "--check"]) == 0
+    rows = json.loads((tmp_path / "storage.json").read_text())
+    row = next(r for r in rows if r["row"] == "NOLA-MLP k=l=1024 (ours), 4-bit" and r["model"] == "vit_base_patch16_224"
+               and r["head"] == "CIFAR-10")
+    row["bytes"] += 1000
+    (tmp_path / "storage.json").write_text(json.dumps(rows))
+    capsys.readouterr()
+    assert collect_results.main([*args, "--check"]) == 1
+    assert "storage.md is stale" in capsys.readouterr().err
