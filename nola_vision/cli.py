@@ -79,7 +79,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _kept(stop: BaseException) -> str:
-    """Where a stopped fit's latest checkpoint is (``FinalWeights`` records it on the exception), as a sentence."""
+    """Where a stopped fit's latest checkpoint is (``FinalWeights`` records it on the exception), or, stopped after
+    training finished (in its test pass), its adapter and checkpoint (``NolaCLI.after_fit``), as a sentence."""
+    finished = getattr(stop, "finished_fit", None)
+    if finished:
+        checkpoint = finished["checkpoint"]
+        return (f". Training had finished and was kept: adapter {finished['adapter']}, checkpoint "
+                f"{checkpoint or '(none)'}" + (f". Get its metrics with: nola-vision test -c <this config> "
+                                              f"--ckpt_path {checkpoint}" if checkpoint else ""))
     kept = getattr(stop, "kept_checkpoint", None)
     return f". The weights of its last saved epoch are kept: resume with --ckpt_path {kept}" if kept else ""
 

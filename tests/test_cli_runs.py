@@ -10,6 +10,7 @@ import lightning.pytorch
 import pytest
 import torch
 from fixtures_data import write_imagefolder
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nola_vision.cli import main
 from nola_vision.data import FewShotDataModule, read_manifest
@@ -260,16 +261,23 @@ def test_the_result_of_the_adapter_a_rerun_replaces_is_moved_aside_before_the_ex
     assert seen == [False, first]
 
 
+@pytest.mark.parametrize("stop, code, said", [
+    (KeyboardInterrupt, 130, "interrupted (Ctrl-C, SIGINT)"), (SIGTERMException, 143, "stopped by SIGTERM")])
 def test_a_test_after_fit_that_is_interrupted_moves_aside_the_result_of_the_adapter_it_replaced(tmp_path, capsys,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, stop,
+                                                                                                 code, said):
     same = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", "--trainer.max_epochs", 1, *same)[0] == 0
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # as a SIGTERM or Ctrl-C in the test pass
+        raise stop  # as a SIGTERM or Ctrl-C in the test pass
 
     monkeypatch.setattr(lightning.pytorch.Trainer, "test", interrupted)
-    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--trainer.max_epochs", 1, *same)
-    assert code == 130 and "interrupted (Ctrl-C, SIGINT) before the run finished: no result was written" in err
+    returned, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--trainer.max_epochs", 1, *same)
+    assert returned == code and f"{said} before the run finished: no result was written" in err
+    # the fit had finished: what it kept is named, not left for the user to find (nor a resume advised)
+    checkpoint = next((tmp_path / "b").rglob("last.ckpt"))
+    assert (f"Training had finished and was kept: adapter {tmp_path / 'adapter'}, checkpoint {checkpoint}. Get its "
+            f"metrics with: nola-vision test -c <this config> --ckpt_path {checkpoint}") in " ".join(err.split())
     # the adapter is the second run's: the first run's result no longer sits beside it as if it described it
     assert not (tmp_path / "result.json").exists() and (tmp_path / "result.json.previous").is_file()

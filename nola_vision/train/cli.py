@@ -604,6 +604,20 @@ class NolaCLI(LightningCLI):
         claim_log_dir(self.trainer)
 
     def after_fit(self) -> None:
+        try:
+            self._after_training()
+        except BaseException as stop:  # Lightning exits 1 on Ctrl-C, with the interrupt as the exit's context
+            stops = (KeyboardInterrupt, SIGTERMException)  # SIGTERMException is a SystemExit
+            interrupt = stop if isinstance(stop, stops) else stop.__context__
+            if isinstance(interrupt, stops):  # the console script names it (cli.main)
+                interrupt.finished_fit = {"adapter": self.model.exported_adapter_dir or self.model.export_target,
+                                          "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path",
+                                                                None) or None}
+            raise
+
+    def _after_training(self) -> None:
+        """What a fit runs once training finished: validate the final weights where no validation saw them, test
+        them (``test_after_fit``) and write the result file."""
         config = self.config[self.subcommand]
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         if self._final_weights_unvalidated():
