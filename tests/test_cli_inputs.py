@@ -119,6 +119,9 @@ def test_a_seed_of_the_wrong_type_is_a_cli_error_naming_the_option(tmp_path, cap
     ("--model.adapter.init_args.seed", "abc", "NOLAConfig.seed must be an integer"),
     ("--model.label_smoothing", "1.5", "FewShotClassifier.label_smoothing must be a finite number >= 0 and < 1"),
     ("--data.cache_mb", "-1", "FewShotDataModule.cache_mb must be a finite number >= 0"),
+    # Lightning's own message named no option: "-5 is not in bounds, numpy accepts from 0 to 4294967295"
+    ("--seed_everything", "-5", "--seed_everything must be true, false or an integer from 0 to 4294967295"),
+    ("--seed_everything", str(2**32), "(the seeds numpy takes), got 4294967296"),
 ])
 def test_a_value_out_of_range_fails_before_training_naming_the_field(tmp_path, capsys, option, value, message):
     assert fit(tmp_path, option, value) == 2

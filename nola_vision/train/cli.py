@@ -513,6 +513,7 @@ class NolaCLI(LightningCLI):
         _absolute_paths(config)  # "~/x.json" too: no shell expands it in a config file
         root = config.trainer.default_root_dir  # absolute now (_absolute_paths), or a URL
         _refuse_files_in_the_way(config.trainer)
+        _check_seed(config.get("seed_everything"))
         argv = sys.argv[1:] if args is None else args
         # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root (unless
         # the command line names the root to look under)
@@ -1275,6 +1276,14 @@ def _absolute_paths(config: Any) -> None:
         for init_args in _checkpoint_callback_args(trainer):
             if "://" not in init_args.dirpath:
                 init_args.dirpath = os.path.abspath(expand_root(init_args.dirpath))
+
+
+def _check_seed(seed: object) -> None:
+    """Refuse a ``seed_everything`` numpy cannot take, before anything runs (Lightning's error names no option)."""
+    largest = 2**32 - 1
+    if type(seed) is int and not 0 <= seed <= largest:
+        raise ValueError(f"--seed_everything must be true, false or an integer from 0 to {largest} (the seeds numpy "
+                         f"takes), got {seed}")
 
 
 def _refuse_files_in_the_way(trainer: Any) -> None:
