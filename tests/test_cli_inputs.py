@@ -129,6 +129,16 @@ def test_a_value_out_of_range_fails_before_training_naming_the_field(tmp_path, c
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("given", [["--model.adapter", "lora"], ["--model.adapter=LoRA"]])
+def test_options_given_to_a_method_name_are_refused_naming_the_config_class_that_takes_them(tmp_path, capsys, given):
+    # the parser dumped the adapter Union's subtypes ("Expected a dot import path string: lora ... NestedArg")
+    assert fit(tmp_path, *given, "--model.adapter.targets", "[attn.q,attn.v]") == 2
+    assert (f"--model.adapter {given[-1].partition('=')[2] or given[-1]} names a method with its default settings, "
+            "which takes no options, so --model.adapter.targets has nothing to set: give its config class instead, "
+            "--model.adapter LoRAConfig --model.adapter.targets ...") in " ".join(capsys.readouterr().err.split())
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_kept(tmp_path):
     # jsonargparse keeps the init args the new class accepts: LoRA trained on NOLA's mlp targets, silently
     args = ["--model.adapter", "LoRAConfig", "--trainer.max_epochs", "1", "--test_after_fit", "false"]

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ..core.config import resolve_adapter
+from ..core.registry import METHODS
 from ..core.storage import (
     atomic_path,
     check_writable_file,
@@ -1100,6 +1101,23 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
         if arg.startswith("--"):
             _refuse_linked(arg.partition("=")[0][2:].replace(".init_args.", "."), "")
+    _refuse_options_of_a_method_name(args)
+
+
+def _refuse_options_of_a_method_name(args: List[str]) -> None:
+    """Refuse ``--model.adapter lora`` followed by ``--model.adapter.<option>``: a method name stands for its default
+    config and takes no options, which the parser reported as a dump of the adapter Union's subtypes."""
+    name = None
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if option == "--model.adapter":
+            value = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            name = value if value.lower() in METHODS else None
+        elif name is not None and option.startswith("--model.adapter."):
+            config = METHODS[name.lower()].config_cls.__name__
+            raise ValueError(f"--model.adapter {name} names a method with its default settings, which takes no "
+                             f"options, so {option} has nothing to set: give its config class instead, "
+                             f"--model.adapter {config} {option} ...")
 
 
 def _check_top_level_config(node: Any, path: str) -> None:
