@@ -53,3 +53,11 @@ def test_a_model_pretrained_at_a_size_its_patch_does_not_divide_is_built_at_that
         build_backbone("vit_so400m_patch14_siglip_384", 5, pretrained=False)
         with pytest.raises(ValueError, match="Use image_size 378 or 392"):
             build_backbone("vit_so400m_patch14_siglip_384", 5, pretrained=False, image_size=380)
+
+
+def test_an_image_size_for_a_backbone_built_without_one_is_refused_naming_the_fix():
+    # timm's "ResNet.__init__() got an unexpected keyword argument 'img_size'" named neither option nor fix
+    with pytest.raises(ValueError, match=r"timm builds resnet18 without an image size .* image_size=32 cannot be "
+                                         r"applied: leave image_size unset"):
+        build_backbone("resnet18", 3, pretrained=False, image_size=32)
+    assert build_backbone("resnet18", 3, pretrained=False).num_classes == 3

@@ -527,6 +527,19 @@ def test_integer_images_or_float_labels_are_named_not_a_dtype_error_deep_in_torc
         run.fit(module(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1, 2, 3]))))
 
 
+def test_numpys_int32_labels_and_float64_images_train_as_int64_and_float32_do(tmp_path):
+    """Straight from numpy, int32 labels failed in the loss ('expected target dtype to be Long') and float64 images in
+    the patch embedding ('Input type (double) and bias type (float)'), though the batch check passed them."""
+    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    trained = []
+    for batch in ((images, labels), (images.float(), labels.long())):
+        torch.manual_seed(0)
+        model = module()
+        trainer(tmp_path / str(len(trained)), epochs=1).fit(model, DataLoader(TensorDataset(*batch), batch_size=4))
+        trained.append({k: v for k, v in model.state_dict().items() if "nola_" in k or "head" in k})
+    assert all(torch.equal(trained[0][key], trained[1][key]) for key in trained[1])
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_a_momentum_given_to_an_optimizer_without_one_warns_that_it_is_ignored(optimizer):
     with pytest.warns(UserWarning, match=rf"momentum=0.5 is SGD's, and optimizer='{optimizer}' ignores it"):

@@ -340,9 +340,15 @@ class FewShotClassifier(L.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Check an (images, labels) batch while it is still on the host (no device sync): labels the head has no
         output for would stop a training step with a device-side assert on a GPU, or be counted as wrong answers by
-        validation and test (an accuracy silently too low), and integer images or float labels fail deep in torch."""
+        validation and test (an accuracy silently too low), and integer images or float labels fail deep in torch.
+        Images of another float dtype than the model's (float64 from numpy) and integer labels other than int64 (int32)
+        are converted, losslessly for labels: the loss and the backbone would refuse them."""
         if isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-            _check_batch(*batch, self.hparams.num_classes, self.trainer.state.stage)
+            images, labels = batch
+            _check_batch(images, labels, self.hparams.num_classes, self.trainer.state.stage)
+            dtype = next(self.model.parameters()).dtype
+            if images.dtype != dtype or labels.dtype in _NARROW_INTEGERS:
+                return type(batch)((images.to(dtype), labels.long() if labels.dtype in _NARROW_INTEGERS else labels))
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -1053,6 +1059,10 @@ def _setting_differs(name: str, now: Any, saved: Any) -> bool:
 
 _STAGE_NAMES = {"train": "training", "validate": "validation", "sanity_check": "validation", "test": "test",
                 "predict": "prediction"}
+
+
+# Label dtypes a batch may hold that the loss does not take (it takes int64 class indices): converted, losslessly.
+_NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 
 
 def _check_batch(images: Tensor, labels: Tensor, num_classes: int, stage: Any) -> None:
