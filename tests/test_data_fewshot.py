@@ -167,6 +167,11 @@ def test_a_sample_whose_manifest_line_would_not_read_back_is_refused_before_writ
     assert not path.exists()
 
 
+def test_an_empty_sample_list_is_refused_not_drawn_into_an_empty_split():
+    with pytest.raises(ValueError, match="sample_kshot: samples is empty: there are no images to draw a split from"):
+        sample_kshot([], shots=1)
+
+
 def test_keys_that_look_like_comments_or_escapes_read_back_as_written(tmp_path):
     """A key starting with '#' (a class folder named "#1") was written as is and read back as a comment: the sample
     was silently left out of the split."""

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from nola_vision.data import DataConfig, build_transforms, resolve_data_config
-from nola_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomGaussianBlur
+from nola_vision.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomGaussianBlur,
+    eval_transform,
+    paper_train_transform,
+)
+
+MEAN = (0.5, 0.5, 0.5)
 
 
 def _steps(compose):
@@ -142,3 +153,21 @@ def test_an_unknown_interpolation_or_augment_is_refused_not_taken_for_another():
     with pytest.raises(ValueError, match=r"augment must be one of \['paper', 'timm', 'none'\], got 'papr'"):
         evaluation_settings("papr")
     assert evaluation_settings("paper")["interpolation"] == "bilinear"
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: eval_transform(0, MEAN, MEAN), "eval_transform: size must be a positive integer, got 0"),
+    (lambda: eval_transform("32", MEAN, MEAN), "eval_transform: size must be a positive integer, got '32'"),
+    (lambda: eval_transform(32, MEAN, (0.0, 0.5, 0.5)), "eval_transform: std must be a finite number > 0.0"),
+    (lambda: eval_transform(32, MEAN, MEAN, crop_pct=0.0), "eval_transform: crop_pct must be a finite number > 0"),
+    (lambda: paper_train_transform(0, MEAN, MEAN), "paper_train_transform: size must be a positive integer"),
+    (lambda: RandomGaussianBlur((2.0, 0.1)), "sigma's max must be a finite number >= 2.0, got 0.1"),
+    (lambda: RandomGaussianBlur((math.nan, 1.0)), "sigma's min must be a finite number >= 0.0, got nan"),
+    (lambda: RandomGaussianBlur((-1.0, 2.0)), "sigma's min must be a finite number >= 0.0, got -1.0"),
+    (lambda: RandomGaussianBlur("ab"), "sigma is a (min, max) pair of blur radii, got 'ab'"),
+])
+def test_settings_a_transform_would_fail_on_when_called_are_refused_when_it_is_built(build, message):
+    # they were built, then failed at the first image (PIL's "height and width must be > 0", torchvision's "std
+    # evaluated to zero", a ZeroDivisionError, torch's uniform_ error), or blurred with a negative radius
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()

@@ -162,6 +162,8 @@ def test_bad_task_names_and_lengths_get_errors_naming_the_fix(adapters, images):
         model.add_task("lora_qv", adapters["lora_qv"])
     with pytest.raises(ValueError, match="no task is registered"):
         nv.MultiTaskModel(tiny_vit())(images, "nola_mlp")
+    with pytest.raises(ValueError, match=r"images are 64x64, and the backbone takes 32x32 \(timm's img_size\)"):
+        model(torch.randn(4, 3, 64, 64), "nola_mlp")  # timm's bare assertion said neither what to do nor who
     with pytest.raises(ValueError, match="has adapters injected"):
         nv.MultiTaskModel(nv.inject(tiny_vit(), TASKS["nola_mlp"][0]))
 

@@ -117,7 +117,11 @@ class RandomGaussianBlur:
     """PIL Gaussian blur with radius sigma ~ U[sigma_min, sigma_max], as in MoCo v2 and the NOLA paper."""
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
+        if not isinstance(sigma, (tuple, list)) or len(sigma) != 2:
+            raise ValueError(f"RandomGaussianBlur: sigma is a (min, max) pair of blur radii, got {sigma!r}")
+        low = check_number(sigma[0], "RandomGaussianBlur: sigma's min", at_least=0.0)
+        high = check_number(sigma[1], "RandomGaussianBlur: sigma's max", at_least=low)
+        self.sigma = (low, high)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()  # torch RNG, seeded per worker
@@ -129,6 +133,7 @@ class RandomGaussianBlur:
 
 def paper_train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """The NOLA paper's training augmentation."""
+    _check_image_settings("paper_train_transform", size, mean, std)
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -150,7 +155,20 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], c
     ``interpolation`` default is the paper's evaluation (bilinear); a backbone's own is in its ``DataConfig``.
     """
     check_choice(interpolation, "eval_transform: interpolation", sorted(_INTERPOLATION))
+    _check_image_settings("eval_transform", size, mean, std)
+    check_number(crop_pct, "eval_transform: crop_pct", above=0.0)
     return T.Compose([*_geometry(size, mean, crop_pct, interpolation, crop_mode), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _check_image_settings(where: str, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Refuse a size or normalisation a transform would fail on only when called (PIL's "height and width must be >
+    0", torchvision's "std evaluated to zero"), naming the argument."""
+    check_int(size, f"{where}: size", at_least=1)
+    for name, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, (tuple, list)) or not values:
+            raise ValueError(f"{where}: {name} is one number per image channel, got {values!r}")
+        for value in values:
+            check_number(value, f"{where}: {name}", above=0.0 if name == "std" else None)
 
 
 def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation: str, crop_mode: str) -> list:

@@ -353,6 +353,7 @@ class MultiTaskModel(nn.Module):
         if not images.is_floating_point() or (images.dtype != dtype and not autocast):
             raise ValueError(f"images are {images.dtype} and the backbone's weights {dtype}: pass images as the "
                              f"model's float type (images.to({dtype})), normalised as for the backbone")
+        _require_image_size(self.model, images)
         count = images.shape[0]
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
@@ -579,6 +580,18 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
                          "MultiTaskModel does not run: it calls forward_features and forward_head, with each task's "
                          "head. Remove them (handle.remove()) and apply them outside: preprocess the images before "
                          "calling it, and post-process each task's logits")
+
+
+def _require_image_size(model: nn.Module, images: Tensor) -> None:
+    """Refuse images of another size than a backbone built for one size takes (timm's ``strict_img_size``), naming
+    both: timm's assertion, or a hybrid's shape error deep in its position embedding, named neither."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
+        height, width = images.shape[-2:]
+        raise ValueError(f"images are {height}x{width}, and the backbone takes {size[0]}x{size[1]} (timm's img_size): "
+                         "resize them as its tasks were trained (the data's image_size), or build "
+                         "the backbone with dynamic_img_size=True")
 
 
 class _WeightRecord:
