@@ -139,7 +139,9 @@ def fake_quantize(values: Tensor, bits: int, dtype: Optional[torch.dtype] = None
 # recompiled at every optimizer step until dynamo's recompile limit. As an operator the range stays a runtime value.
 @torch.library.custom_op("nola_vision::fake_quantize", mutates_args=())
 def _fake_quantize_op(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
-    return _stored_values(values, bits, dtype)
+    stored = _stored_values(values, bits, dtype)
+    # values on their grid come back as themselves (a view), which an operator's output may not be
+    return stored.clone() if stored.untyped_storage().data_ptr() == values.untyped_storage().data_ptr() else stored
 
 
 def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
