@@ -71,6 +71,24 @@ def test_a_fit_into_a_folder_another_fit_is_running_in_is_refused(tmp_path, caps
     assert run(capsys, *fit, "--ckpt_path", "last", "--trainer.max_epochs", "2")[0] == 0
 
 
+@pytest.mark.parametrize("shared", ["adapter", "result.json"])
+def test_a_fit_sharing_its_adapter_dir_or_result_file_with_a_running_fit_is_refused(tmp_path, capsys, shared):
+    """Two fits into other run folders but one adapter_dir and result_file each exported and wrote its result: one
+    run's result ended beside the other run's adapter, and the other's result was lost, both exiting 0."""
+    outputs = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]
+    held = hold_fit_lock(tmp_path)  # a fit's lock on <output>: .<name>.fit-running beside it
+    os.rename(tmp_path / FIT_LOCK, tmp_path / f".{shared}{FIT_LOCK}")
+    try:
+        code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", *outputs)
+    finally:
+        os.close(held)
+    option = "--model.adapter_dir" if shared == "adapter" else "--result_file"
+    assert code == 2 and f"another fit is writing {option} {tmp_path / shared} now" in " ".join(err.split())
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "adapter").exists()
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", *outputs)[0] == 0  # once it ended
+    assert (tmp_path / "adapter").is_dir() and (tmp_path / "result.json").is_file()
+
+
 @pytest.mark.parametrize("below", ["", "runs"])
 def test_a_default_root_dir_at_or_under_a_file_is_a_configuration_error_naming_both(tmp_path, capsys, below):
     """Lightning's bare '[Errno 20] Not a directory: .../lightning_logs' named neither the option nor the file."""

@@ -18,7 +18,7 @@ import sys
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 import torch
@@ -160,6 +160,7 @@ class RunConfigSaver(SaveConfigCallback):
     """
 
     _lock: Optional[int] = None
+    _output_locks: Tuple[int, ...] = ()
     _path: Optional[Path] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -169,6 +170,8 @@ class RunConfigSaver(SaveConfigCallback):
         self._path = None if "://" in str(trainer.log_dir) else path  # for save_config, which rank 0 alone runs
         if stage == "fit" and "://" not in str(trainer.log_dir):  # a remote folder (s3://) has no file locks
             self._hold_folder(trainer, path.parent)
+        if stage == "fit":
+            self._hold_outputs(trainer)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
         checkpoint = self.config.get("ckpt_path")
@@ -223,6 +226,32 @@ class RunConfigSaver(SaveConfigCallback):
             raise ValueError(f"another fit is running in {folder} now (it holds {folder / FIT_LOCK}): wait for it to "
                              "end, or choose another --trainer.default_root_dir")
 
+    def _hold_outputs(self, trainer: Trainer) -> None:
+        """Take the fit lock of the run's ``--model.adapter_dir`` and ``--result_file`` outside its folder (rank 0),
+        or refuse the fit when another fit holds one: two fits sharing them each exported and wrote its result,
+        leaving one run's result beside the other run's adapter."""
+        outputs = {"--model.adapter_dir": self.config.model.get("adapter_dir"),
+                   "--result_file": self.config.get("result_file")}
+        held, busy = [], None
+        if trainer.is_global_zero:
+            for option, output in outputs.items():
+                if output is None or "://" in str(output):
+                    continue
+                fd = _lock_run_output(Path(output))
+                if fd is None:
+                    busy = (option, str(output))
+                    break
+                held.append(fd)
+        self._output_locks = tuple(held)
+        busy = trainer.strategy.broadcast(busy)
+        if busy is not None:
+            self._release()
+            option, output = busy
+            raise ValueError(f"another fit is writing {option} {output} now (it holds "
+                             f"{_output_lock_path(Path(output))}): two fits sharing it would leave one run's result "
+                             "beside the other's adapter. Wait for it to end, or give this fit its own adapter_dir and "
+                             "result_file")
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
 
@@ -233,6 +262,9 @@ class RunConfigSaver(SaveConfigCallback):
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+        for fd in self._output_locks:
+            os.close(fd)
+        self._output_locks = ()
 
 
 class FinalWeights(Callback):
@@ -407,6 +439,18 @@ def _lock_run_folder(folder: Path) -> Optional[int]:
     protocol command, which holds it in the same folder. Where no lock can be taken (Windows), nothing is locked."""
     folder.mkdir(parents=True, exist_ok=True)
     return try_lock(folder / FIT_LOCK)
+
+
+def _output_lock_path(output: Path) -> Path:
+    """``.<name>.fit-running`` beside a fit's output: the lock a fit writing it holds until it ends."""
+    return output.parent / f".{output.name}{FIT_LOCK}"
+
+
+def _lock_run_output(output: Path) -> Optional[int]:
+    """A descriptor holding the exclusive lock on ``_output_lock_path(output)`` until it is closed (its folder made),
+    or None when another process holds it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return try_lock(_output_lock_path(output))
 
 
 # The line a run puts under LightningCLI's header in the config.yaml it saves (RunConfigSaver.save_config).
