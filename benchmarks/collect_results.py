@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from accuracy import DATASETS as ACCURACY_DATASETS
 from common import markdown_table, paired_quartiles
 
+from nola_vision.core.storage import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 
 # (result name, title, how it was run): in the order of the report. A missing result is listed as not run.
@@ -668,7 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{path} is stale: run python benchmarks/collect_results.py", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
-        path.write_text(wanted[path])
+        write_text_atomic(path, wanted[path])
         print(f"wrote {path}")
     return 0
 

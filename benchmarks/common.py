@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
+
+from nola_vision.core.storage import write_bytes_atomic, write_text_atomic
 
 # peft baselines on timm's fused ``attn.qkv`` (peft cannot adapt the q and v thirds alone), with their
 # papers' ViT settings: VeRA r=256; FourierFT n=3000 (ViT-B) / 10000 (ViT-L) frequencies, scaling 300.
@@ -140,9 +143,10 @@ def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str,
 
 
 def write_json(path: Optional[str], data: Any) -> None:
+    """Write ``data`` to ``path`` (if given) in one atomic step: an earlier run's numbers stay whole if it fails."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def pyplot():
@@ -161,10 +165,13 @@ def suptitle(figure: Any, text: str) -> None:
 
 
 def save_figure(figure: Any, path: str) -> None:
+    """Save ``figure`` as a PNG at ``path`` in one atomic step, and close it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, dpi=120, format="png")
     pyplot().close(figure)
+    write_bytes_atomic(path, image.getvalue())
 
 
 def fourierft_frequencies(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import collect_results  # noqa: E402
+import common  # noqa: E402
 import compiled_switch  # noqa: E402
 import inference  # noqa: E402
 import multitask  # noqa: E402
@@ -690,3 +691,20 @@ def test_an_edited_storage_json_makes_its_printed_table_stale(tmp_path, capsys):
     capsys.readouterr()
     assert collect_results.main([*args, "--check"]) == 1
     assert "storage.md is stale" in capsys.readouterr().err
+
+
+def test_a_results_file_a_failed_write_would_cut_short_keeps_the_earlier_runs_numbers(tmp_path):
+    """write_json emptied the file before writing: a write stopped by the file size limit left the earlier run's
+    numbers cut to the limit, as invalid JSON."""
+    resource = pytest.importorskip("resource")
+    path = tmp_path / "result.json"
+    common.write_json(str(path), {"trials": list(range(2000))})
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError, match="file size limit"):
+            common.write_json(str(path), {"trials": list(range(3000))})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
