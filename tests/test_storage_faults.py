@@ -289,3 +289,21 @@ def test_a_copy_into_the_directory_it_copies_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"lies inside it: the copy would hold itself"):
         storage.copy_directory(tmp_path / "adapter", tmp_path / "adapter" / "backup")
     assert sorted(os.listdir(tmp_path / "adapter")) == sorted(["adapter_config.json", "adapter_model.safetensors"])
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_a_file_write_into_a_folder_it_may_not_create_files_in_names_the_folder_not_the_hidden_temporary(
+        tmp_path, monkeypatch, code):
+    """export_onnx and the split manifests into an immutable folder (or a read-only mount) failed with a bare
+    'Operation not permitted: .../.x.onnx.nv-izn9jave.tmp', a file nobody named, and no fix."""
+    target = storage.write_bytes_atomic(tmp_path / "graph.onnx", b"old")
+
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / ".graph.onnx.nv-abcdefgh.tmp"))
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", refused)
+    message = (rf"cannot save to {re.escape(str(target))}: this process may not create files in "
+               rf"{re.escape(str(tmp_path))} .*make that folder writable.*was not changed")
+    with pytest.raises(OSError, match=message) as error:
+        storage.write_bytes_atomic(target, b"new")
+    assert error.value.errno == code and ".nv-" not in str(error.value) and target.read_bytes() == b"old"

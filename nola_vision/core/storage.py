@@ -165,9 +165,17 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
     target = _file_target(path)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
     with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(target)
-        tmp, fd = _locked_temporary(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(target)
+            tmp, fd = _locked_temporary(target)
+        except OSError as error:  # named the hidden temporary file, and no fix
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise type(error)(error.errno, f"cannot save to {target}: this process may not create files in "
+                                           f"{target.parent} ({error.strerror}: its permissions, an immutable folder "
+                                           "or a read-only file system). Choose another path, or make that folder "
+                                           f"writable. {unchanged}") from error
     try:
         with _explained_if_out_of_room(target, unchanged):
             yield tmp
