@@ -173,6 +173,22 @@ def test_a_compiled_model_training_at_the_bits_of_the_file_it_loaded_runs_as_eag
         torch.testing.assert_close(torch.compile(model, backend="aot_eager")(images), model(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=4, targets=["attn.qkv", "mlp.fc1"]),
+                                    nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)], ids=["lora", "nola"])
+def test_a_merged_model_compiled_whole_runs_with_gradients_on_and_refuses_only_a_backward(images, config):
+    """The merged layers' guard raised in its backward, which dynamo traces with the forward pass: fullgraph=True
+    failed on a forward pass alone ('Observed exception'), and otherwise every frame holding one ran eagerly."""
+    model = nv.merge(nv.inject(tiny_vit(), config))
+    images = images.clone().requires_grad_()  # a saliency map's input: gradients are on
+    expected = model(images)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through a merged adapter.*nv.unmerge"):
+        compiled(images).sum().backward()
+    with pytest.raises(RuntimeError, match="backward through a merged adapter"):
+        expected.sum().backward()
+
+
 def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_called(images):
     # Compiled code records no calls: a compiled layer under an eager parent (as after a frame dynamo gave up on, or
     # a recompile limit, which a 12-block model's per-block hooks reached) was blamed for reading its weight directly.

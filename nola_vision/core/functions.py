@@ -43,15 +43,29 @@ class MergedGuard(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        pass
+        ctx.inputs = len(inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        raise RuntimeError(
-            "backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter parameters "
-            "would get no gradient. Call nv.unmerge(model) before training or taking gradients of the input (saliency "
-            "maps); for inference, use torch.no_grad()"
-        )
+        if not torch.compiler.is_compiling():
+            raise RuntimeError(_MERGED_BACKWARD)
+        # traced, by an operator that raises when the backward runs: a raise here ended dynamo's trace of the forward
+        return (_refuse_merged_backward(grad), *([None] * (ctx.inputs - 1)))
+
+
+_MERGED_BACKWARD = ("backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter "
+                    "parameters would get no gradient. Call nv.unmerge(model) before training or taking gradients of "
+                    "the input (saliency maps); for inference, use torch.no_grad()")
+
+
+@torch.library.custom_op("nola_vision::refuse_merged_backward", mutates_args=())
+def _refuse_merged_backward(grad: Tensor) -> Tensor:
+    raise RuntimeError(_MERGED_BACKWARD)
+
+
+@_refuse_merged_backward.register_fake
+def _(grad: Tensor) -> Tensor:
+    return torch.empty_like(grad)
 
 
 def add_low_rank_output(y: Tensor, xa: Tensor, b: Tensor) -> Tensor:
