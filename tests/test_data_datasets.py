@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,12 @@ def test_truncated_idx_file_names_the_file(tmp_path):
     path.write_bytes(whole + bytes(100))  # it said "truncated" of a file with bytes appended
     with pytest.raises(CorruptImageError, match="train-images-idx3-ubyte is longer than its header says"):
         build_dataset("fashion_mnist", tmp_path, "train")
+    # a header whose sizes multiply past int64: numpy's product wrapped, so it read as "longer than its header says",
+    # or, wrapped to the file's size, passed on to a bare reshape error
+    for count, data in ((3, bytes(16)), (4, b"")):
+        path.write_bytes(b"\0\0\x08\x03" + struct.pack(">3I", count, 2**31, 2**31) + data)
+        with pytest.raises(CorruptImageError, match=r"train-images-idx3-ubyte is truncated: header says \(%d, " % count):
+            build_dataset("fashion_mnist", tmp_path, "train")
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").is_file(),

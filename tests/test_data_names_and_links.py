@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_data import write_cub, write_food101, write_imagefolder
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 import nola_vision
 from nola_vision.data import FewShotDataModule, build_dataset, read_manifest, sample_kshot, write_manifest
@@ -165,3 +166,29 @@ def test_the_exif_orientation_turns_an_image_upright(tmp_path):
     loaded = ImageDataset("t", tmp_path, "train", [("phone.jpg", 0)], ["x"]).load_image(0)
     assert loaded.size == (20, 40)
     assert min(loaded.getpixel((10, 1))) > 200 and max(loaded.getpixel((10, 38))) < 50
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_image_as_pillows_transpose_does(tmp_path, orientation):
+    pixels = np.random.default_rng(orientation).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "x.png", exif=exif)
+    with Image.open(tmp_path / "x.png") as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    loaded = ImageDataset("t", tmp_path, "train", [("x.png", 0)], ["x"]).load_image(0)
+    assert np.array_equal(np.asarray(loaded), expected)
+
+
+def test_an_image_whose_exif_block_pillow_cannot_write_back_loads_turned_upright(tmp_path):
+    """exif_transpose rewrites the EXIF block after turning the image, which failed with a bare struct.error on a
+    camera's malformed tag (an unknown TIFF type), though the pixels decode: the image (and the split) failed."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"  # orientation 6 and the camera's make
+    raw = bytearray(exif.tobytes())
+    raw[17] = 32  # the make's TIFF type: ASCII (2) -> an unknown type
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "x.jpg", exif=bytes(raw))
+    with Image.open(tmp_path / "x.jpg") as stored, pytest.raises(struct.error):
+        ImageOps.exif_transpose(stored)
+    loaded = ImageDataset("t", tmp_path, "train", [("x.jpg", 0)], ["x"]).load_image(0)
+    assert loaded.size == (6, 8) and loaded.mode == "RGB"

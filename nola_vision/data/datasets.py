@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
 import reprlib
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..core.checks import check_bool, shown
@@ -204,8 +205,7 @@ class ImageDataset(Dataset):
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, while the file is open (and so that errors surface here)
-                ImageOps.exif_transpose(img, in_place=True)
-                return _to_rgb(img)
+                return _to_rgb(_upright(img))
         except FileNotFoundError:
             raise
         except PermissionError as err:  # a valid image: downloading it again is no cure
@@ -234,6 +234,25 @@ class ImageDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, root={str(self.root)!r}, "
                 f"samples={len(self)}, classes={self.num_classes})")
+
+
+# EXIF orientations (tag 0x0112) and the transposition that turns such an image upright, as viewers (and
+# ``ImageOps.exif_transpose``) do.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says. Only the pixels are turned: ``exif_transpose`` also rewrites the
+    EXIF block, which failed (struct.error) on a camera's malformed tag of no use here. Metadata too damaged to read
+    leaves the image as stored."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds on damaged metadata; the pixels decoded fine
+        return img
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img if method is None else img.transpose(method)
 
 
 class ArrayImageDataset(ImageDataset):
@@ -986,8 +1005,8 @@ def _read_idx(path: Path, ndim: int) -> tuple[np.ndarray, bytes]:
                                 f"does not start with that IDX header). {fix}")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        state = "truncated" if array.size < int(np.prod(shape)) else "longer than its header says (bytes appended)"
+    if array.size != math.prod(shape):  # Python's product: numpy's wraps around int64 for a byte-swapped header
+        state = "truncated" if array.size < math.prod(shape) else "longer than its header says (bytes appended)"
         raise CorruptImageError(f"{path} is {state}: header says {shape}, found {array.size} bytes. {fix}")
     return array.reshape(shape), data
 
