@@ -725,3 +725,25 @@ def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_e
     nv.unmerge(model)
     expected = other.clone().addmm_(b.t().to(torch.bfloat16), -a.t().to(torch.bfloat16))
     assert torch.equal(layer.weight, expected), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_a_weight_cast_to_16_bits_after_a_float32_merge_unmerges_to_the_casts_rounding(key, dtype):
+    """The kept float32 factors were rounded to 16 bits before their product was subtracted: where the rank terms
+    cancel, entries ended tens to hundreds of the dtype's steps from the cast base weight (the guide: one at most)."""
+    model = _adapted(key)
+    with torch.no_grad():  # updates as large as the weights: the rank terms' rounding shows
+        for layer in nv.adapted_layers(model).values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.mul_(5.0)
+    base = {name: layer.weight.detach().clone() for name, layer in nv.adapted_layers(model).items()}
+    nv.merge(model)
+    merged = {name: layer.weight.detach().clone() for name, layer in nv.adapted_layers(model).items()}
+    nv.unmerge(model.to(dtype))
+    for name, layer in nv.adapted_layers(model).items():
+        largest = torch.maximum(base[name].abs(), merged[name].abs()).double().clamp_min(torch.finfo(dtype).tiny)
+        step = torch.finfo(dtype).eps * 2 ** torch.floor(torch.log2(largest))  # the dtype's step there
+        off = (layer.weight.double() - base[name].double()).abs() / step
+        assert off.max() <= 1.0, f"{name}: {off.max():.1f} steps"

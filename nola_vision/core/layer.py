@@ -566,6 +566,11 @@ class AdaptedLinear(nn.Module):
                 weight.copy_(merged)
                 return
             rounding = None
+        if rounding is None and weight.dtype in _SIXTEEN_BIT and not weight.is_meta:
+            # cast to 16 bits since a float32 merge: ΔW subtracted in float32 and rounded once (factors rounded to the
+            # weight's dtype first moved entries whose rank terms cancel by tens of its steps)
+            weight.copy_(weight.float().addmm_(b.t().float(), a.t().float(), alpha=-1))
+            return
         if rounding is None or (rounding.positions is not None and not rounding.positions.numel()):
             self._add_low_rank(-a, b, into=weight)
             return
