@@ -89,6 +89,34 @@ def test_a_fit_sharing_its_adapter_dir_or_result_file_with_a_running_fit_is_refu
     assert (tmp_path / "adapter").is_dir() and (tmp_path / "result.json").is_file()
 
 
+def test_a_fit_holds_its_adapter_dir_and_result_file_locks_until_its_result_is_written(tmp_path, capsys, monkeypatch):
+    """The locks were let go when trainer.fit returned, before the test pass and the result's write: a second fit could
+    export over the adapter meanwhile, and the first run's result then described the other run's adapter."""
+    import lightning.pytorch
+
+    from nola_vision.core.storage import try_lock
+
+    locks = [tmp_path / f".{name}{FIT_LOCK}" for name in ("adapter", "result.json")]
+    free = []
+    testing = lightning.pytorch.Trainer.test
+
+    def probing(*args, **kwargs):
+        for lock in locks:
+            fd = try_lock(lock)  # another open file: refused while the fit holds it
+            free.append(fd is not None)
+            if fd is not None:
+                os.close(fd)
+        return testing(*args, **kwargs)
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "test", probing)
+    outputs = ["--model.adapter_dir", tmp_path / "adapter", "--result_file", tmp_path / "result.json"]
+    args = FIT[:-2]  # with its test pass
+    assert run(capsys, *args, "--trainer.default_root_dir", tmp_path / "run", *outputs)[0] == 0
+    assert free == [False, False]
+    for lock in locks:  # and let go once it ended
+        os.close(try_lock(lock))
+
+
 @pytest.mark.parametrize("below", ["", "runs"])
 def test_a_default_root_dir_at_or_under_a_file_is_a_configuration_error_naming_both(tmp_path, capsys, below):
     """Lightning's bare '[Errno 20] Not a directory: .../lightning_logs' named neither the option nor the file."""

@@ -227,9 +227,9 @@ class RunConfigSaver(SaveConfigCallback):
                              "end, or choose another --trainer.default_root_dir")
 
     def _hold_outputs(self, trainer: Trainer) -> None:
-        """Take the fit lock of the run's ``--model.adapter_dir`` and ``--result_file`` outside its folder (rank 0),
-        or refuse the fit when another fit holds one: two fits sharing them each exported and wrote its result,
-        leaving one run's result beside the other run's adapter."""
+        """Take the fit lock of the run's ``--model.adapter_dir`` and ``--result_file`` (rank 0), or refuse the fit
+        when another fit holds one: two fits sharing them each exported and wrote its result, leaving one run's result
+        beside the other run's adapter. Held until the fit's result is written (``release_outputs``)."""
         outputs = {"--model.adapter_dir": self.config.model.get("adapter_dir"),
                    "--result_file": self.config.get("result_file")}
         held, busy = [], None
@@ -253,7 +253,9 @@ class RunConfigSaver(SaveConfigCallback):
                              "result_file")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
+        if self._lock is not None:  # the outputs' locks stay held through the test pass and the result's write
+            os.close(self._lock)
+            self._lock = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._release()  # Lightning calls no teardown after a failure; an in-process retry must find the folder free
@@ -262,6 +264,10 @@ class RunConfigSaver(SaveConfigCallback):
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+        self.release_outputs()
+
+    def release_outputs(self) -> None:
+        """Let go of the outputs' locks (``_hold_outputs``): the fit's result is written, or it failed."""
         for fd in self._output_locks:
             os.close(fd)
         self._output_locks = ()
@@ -660,6 +666,10 @@ class NolaCLI(LightningCLI):
                                           "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path",
                                                                 None) or None}
             raise
+        finally:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, RunConfigSaver):
+                    callback.release_outputs()
 
     def _after_training(self) -> None:
         """What a fit runs once training finished: validate the final weights where no validation saw them, test
