@@ -179,6 +179,9 @@ def test_keys_that_look_like_comments_or_escapes_read_back_as_written(tmp_path):
     path = write_manifest(tmp_path / "train.txt", samples, range(len(samples)), header="seed=0")
     assert read_manifest(path) == samples
     assert path.read_text().splitlines()[:2] == ["# seed=0", "\\#1/a.png 0"]
+    # a key of an older manifest that begins with a backslash (no escape then) reads as it was written
+    path.write_text("\\x/a.png 0\n\\ y.png 1\n")
+    assert read_manifest(path) == [("\\x/a.png", 0), ("\\ y.png", 1)]
 
 
 def test_manifest_indices_may_be_integer_tensor_elements(tmp_path):

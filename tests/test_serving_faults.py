@@ -242,6 +242,24 @@ def test_running_statistics_written_after_the_tasks_were_registered_are_refused(
         twin(images, "a")
 
 
+def test_a_pickle_from_before_buffers_were_recorded_serves_its_tasks(tmp_path, images, monkeypatch):
+    """A pickle's record of its original's weights held parameters alone: compared with the buffers' record too, its
+    first call was refused ('a module was replaced, added or removed')."""
+    directory = nv.save_adapter(as_if_trained(nv.inject(vit_with_batch_norm(), LORA), 1, scale=0.2), tmp_path / "a")
+    model = served(vit_with_batch_norm(), a=directory)
+    expected = torch.stack(model(images, "a"))
+    buffers, pickled = {name for name, _ in model.model.named_buffers()}, nv.MultiTaskModel.__getstate__
+
+    def as_before(self):
+        state = pickled(self)
+        state["_copied_weights"] = {k: v for k, v in state["_copied_weights"].items() if k not in buffers}
+        return state
+
+    monkeypatch.setattr(nv.MultiTaskModel, "__getstate__", as_before)
+    older = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(torch.stack(older(images, "a")), expected, rtol=0, atol=0)
+
+
 def test_a_backbone_put_in_train_mode_after_wrapping_is_refused_until_it_is_in_eval_mode_again(tmp_path, images):
     """Only the served model's own train() kept the backbone in eval mode: the backbone's train() was served, each
     image's logits then depending on its batch (batch norm) and the statistics changed for good."""

@@ -307,3 +307,13 @@ def test_a_file_write_into_a_folder_it_may_not_create_files_in_names_the_folder_
     with pytest.raises(OSError, match=message) as error:
         storage.write_bytes_atomic(target, b"new")
     assert error.value.errno == code and ".nv-" not in str(error.value) and target.read_bytes() == b"old"
+
+
+def test_a_missing_folder_that_cannot_be_made_names_the_folder_that_refused_it(tmp_path, monkeypatch):
+    # the message named the target's own folder, which did not exist, not the one that refused the new folder
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "new"))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(PermissionError, match=rf"may not create files in {re.escape(str(tmp_path))} \(Permission"):
+        storage.write_bytes_atomic(tmp_path / "new" / "sub" / "graph.onnx", b"graph")

@@ -172,8 +172,9 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
         except OSError as error:  # named the hidden temporary file, and no fix
             if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
+            refusing = Path(error.filename).parent if error.filename else target.parent  # mkdir's: a folder above
             raise type(error)(error.errno, f"cannot save to {target}: this process may not create files in "
-                                           f"{target.parent} ({error.strerror}: its permissions, an immutable folder "
+                                           f"{refusing} ({error.strerror}: its permissions, an immutable folder "
                                            "or a read-only file system). Choose another path, or make that folder "
                                            f"writable. {unchanged}") from error
     try:
@@ -377,6 +378,7 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
 
 
 def _unreadable_back(path: PathLike, missing: str, written: str) -> str:
+    """Why a save to ``path``, which steps up out of the ``missing`` folder, is refused (``written``: what it saves)."""
     return (f"{os.fspath(path)} steps up ('..') out of {missing}, which does not exist, so the saved {written} could "
             f"not be read back through this path: create {missing} first, or give the path without '..' "
             f"({os.path.normpath(path)}) (nothing was written)")

@@ -146,12 +146,22 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
 
 
 # A key that would read as a comment (``#1/img.png``, a class folder named "#1") is written after this mark, as is a
-# key that begins with it; read_manifest drops the mark.
+# key that begins with it; read_manifest drops the mark before those alone, so older files read as they did.
 _ESCAPE = "\\"
 
 
+def _needs_escape(key: str) -> bool:
+    return key.lstrip().startswith("#") or key.startswith(_ESCAPE)
+
+
 def _escaped(key: str) -> str:
-    return _ESCAPE + key if key.lstrip().startswith("#") or key.startswith(_ESCAPE) else key
+    """``key`` as a manifest line holds it (``_ESCAPE``)."""
+    return _ESCAPE + key if _needs_escape(key) else key
+
+
+def _unescaped(key: str) -> str:
+    """A manifest line's key as written to it (``_escaped``'s inverse)."""
+    return key[len(_ESCAPE):] if key.startswith(_ESCAPE) and _needs_escape(key[len(_ESCAPE):]) else key
 
 
 def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]) -> list[int]:
@@ -187,7 +197,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
                 continue
             try:
                 key, label = line.rsplit(" ", 1)  # keys may contain spaces; the label never does
-                entries.append((key[len(_ESCAPE):] if key.startswith(_ESCAPE) else key, int(label)))
+                entries.append((_unescaped(key), int(label)))
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}") from None
     return entries

@@ -620,6 +620,7 @@ class _WeightRecord:
         self.sizes += [(module._buffers, len(module._buffers)) for module in model.modules()]
         self.settings = _Settings(model)
         parameters = list(model.named_parameters())
+        self.parameter_names = {name for name, _ in parameters}
         self.samples: Dict[str, _Sample] = {name: _Sample.of(p) for name, p in parameters}
         self.samples.update((record.name, record.sample) for record in self.buffers)  # a copy's are compared too
         # Each parameter's latest sample, taken again after a move to another dtype or device: compared exactly.
@@ -644,6 +645,8 @@ class _WeightRecord:
         first that differs."""
         if samples is None:
             return None
+        if samples.keys() == self.parameter_names:  # a pickle from before buffers were recorded: parameters alone
+            samples = {**samples, **{record.name: record.sample for record in self.buffers}}
         if samples.keys() != self.samples.keys():
             return "a module was replaced, added or removed"
         changed = next((name for name, sample in samples.items() if not self.samples[name].matches(sample)), None)
