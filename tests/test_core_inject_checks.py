@@ -112,6 +112,16 @@ def test_a_rank_above_a_layers_smaller_size_warns_naming_the_layer_and_the_sizes
         nv.inject(tiny_vit(), config)
 
 
+def test_a_rank_above_a_layers_smaller_size_warns_at_inject_not_at_each_load_of_its_file(tmp_path):
+    # the advice is for whoever chooses the rank: it was repeated at every load_adapter, verify_adapter and add_task
+    with pytest.warns(UserWarning, match="is above min"):
+        directory = nv.save_adapter(nv.inject(tiny_vit(), nv.LoRAConfig(rank=100)), tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.load_adapter(tiny_vit(), directory)
+        nv.MultiTaskModel(tiny_vit()).add_task("a", directory)
+
+
 def test_a_rank_within_every_layers_sizes_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

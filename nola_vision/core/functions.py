@@ -60,11 +60,13 @@ _MERGED_BACKWARD = ("backward through a merged adapter: its ΔW is folded into t
 
 @torch.library.custom_op("nola_vision::refuse_merged_backward", mutates_args=())
 def _refuse_merged_backward(grad: Tensor) -> Tensor:
+    """The gradient through a merged layer, in a compiled graph: refused when it runs."""
     raise RuntimeError(_MERGED_BACKWARD)
 
 
 @_refuse_merged_backward.register_fake
 def _(grad: Tensor) -> Tensor:
+    """Its shape, for tracing."""
     return torch.empty_like(grad)
 
 

@@ -17,7 +17,7 @@ from .registry import method_of
 from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
 from .warn import warn_user
 
-__all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
+__all__ = ["InjectionPlan", "LayerPlan", "plan_injection", "warn_pointless_sizes"]
 
 
 @dataclass(frozen=True)
@@ -247,11 +247,12 @@ def _require_allocatable(config: AdapterConfig, layers: Dict[str, LayerPlan]) ->
                          f"inject allocates: lower {' or '.join(fields) or 'the config field that sets its shape'}")
 
 
-def _warn_pointless_sizes(config: AdapterConfig, layers: Dict[str, LayerPlan], layer_cls: Any) -> None:
-    """Warn once per reason the config's sizes are pointless (``pointless_sizes``), naming the first layer of the
-    sizes it holds for and how many more there are."""
+def warn_pointless_sizes(plan: InjectionPlan) -> None:
+    """Warn once per reason the plan's sizes are pointless (``pointless_sizes``), naming the first layer of the
+    sizes it holds for and how many more there are. ``inject`` asks, given a config: not loads of a file's plan."""
+    config, layer_cls = plan.config, method_of(plan.config).layer_cls
     found: Dict[str, List[LayerPlan]] = {}
-    for layer in layers.values():
+    for layer in plan.layers.values():
         width = layer.slices[0][1] - layer.slices[0][0]
         for reason in layer_cls.pointless_sizes(config, layer.in_features, width):
             found.setdefault(reason, []).append(layer)
@@ -283,7 +284,6 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
                                                                      len(slices)).items()})
         _require_not_shared(model, list(layers))
         _require_allocatable(config, layers)
-        _warn_pointless_sizes(config, layers, layer_cls)
     head_names = head_parameter_names(model)
     if not (layers or head_names or config.train_backbone):
         raise ValueError(f"{config.method!r} would train nothing: {type(model).__name__} has no classifier head with "

@@ -87,7 +87,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
     if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
         raise TypeError(f"sample_kshot: samples are a sequence of (image path, integer label) pairs, got a "
                         f"{type(samples).__name__}")
-    if not samples:  # no class to draw from: an empty split, which trained nothing
+    if not samples and class_names is None:  # no class to draw from (with class_names, each is named short below)
         raise ValueError("sample_kshot: samples is empty: there are no images to draw a split from (check the "
                          "dataset's root and its files)")
     by_class: dict[int, list[int]] = {}

@@ -165,6 +165,7 @@ def _check_image_settings(where: str, size: int, mean: tuple[float, ...], std: t
     0", torchvision's "std evaluated to zero"), naming the argument."""
     check_int(size, f"{where}: size", at_least=1)
     for name, values in (("mean", mean), ("std", std)):
+        values = values.tolist() if hasattr(values, "tolist") else values  # a numpy array or tensor, as torchvision
         if not isinstance(values, (tuple, list)) or not values:
             raise ValueError(f"{where}: {name} is one number per image channel, got {values!r}")
         for value in values:

@@ -183,7 +183,8 @@ def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn
     try:
         return timm.create_model(backbone, num_classes=0, **kwargs)
     except (TypeError, AssertionError, ZeroDivisionError) as err:
-        if isinstance(err, TypeError) and "img_size" in str(err) and "img_size" not in backbone_kwargs:
+        if isinstance(err, TypeError) and "unexpected keyword argument 'img_size'" in str(err) \
+                and "img_size" in kwargs and "img_size" not in backbone_kwargs:
             raise ValueError(f"timm builds {backbone} without an image size (it takes no img_size, as CNNs do), so "
                              f"image_size={kwargs['img_size']} cannot be applied: leave image_size unset to build it "
                              "and feed it at its own input size (nola_vision adapts Vision Transformers' linear "

@@ -340,15 +340,20 @@ class FewShotClassifier(L.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Check an (images, labels) batch while it is still on the host (no device sync): labels the head has no
         output for would stop a training step with a device-side assert on a GPU, or be counted as wrong answers by
-        validation and test (an accuracy silently too low), and integer images or float labels fail deep in torch.
-        Images of another float dtype than the model's (float64 from numpy) and integer labels other than int64 (int32)
-        are converted, losslessly for labels: the loss and the backbone would refuse them."""
+        validation and test (an accuracy silently too low), and integer images or float labels fail deep in torch."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+            _check_batch(*batch, self.hparams.num_classes, self.trainer.state.stage)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Convert, on the device, images of another float dtype than the model's (float64 from numpy) and integer
+        labels other than int64 (int32), losslessly for labels: the backbone and the loss would refuse them."""
         if isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
             images, labels = batch
-            _check_batch(images, labels, self.hparams.num_classes, self.trainer.state.stage)
             dtype = next(self.model.parameters()).dtype
-            if images.dtype != dtype or labels.dtype in _NARROW_INTEGERS:
-                return type(batch)((images.to(dtype), labels.long() if labels.dtype in _NARROW_INTEGERS else labels))
+            if images.is_floating_point() and images.dtype != dtype or labels.dtype in _NARROW_INTEGERS:
+                images = images.to(dtype) if images.is_floating_point() else images
+                return type(batch)((images, labels.long() if labels.dtype in _NARROW_INTEGERS else labels))
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
