@@ -157,3 +157,18 @@ def test_tune_names_a_damaged_study_database_and_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"--storage sqlite:///.*tune.db: file is not a database: the file is not a "
                                          r"study database tune can read .* Move it away, or pass another --name"):
         run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False)
+
+
+def test_tune_names_a_study_database_that_found_no_room_and_what_to_do(tmp_path, capsys):
+    # SQLAlchemy's "(sqlite3.OperationalError) disk I/O error [SQL: CREATE TABLE ...]" named neither cause nor fix
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # Python ignores SIGXFSZ: the write fails (EFBIG)
+    try:
+        code = main(["tune", "-c", TINY, "--out", str(tmp_path / "out"), "--name", "t", "--grid",
+                     "model.lr=1e-3,1e-2", "--skip_protocol", *FAST])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot write the study database: disk I/O error (a full disk, a file size limit" in err
+    assert "[SQL:" not in err and "run the same command again" in err

@@ -583,6 +583,8 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
             break
         except SQLAlchemyError as error:
             reason = str(getattr(error, "orig", None) or error)
+            if any(cause in reason for cause in _DATABASE_OUT_OF_ROOM):
+                raise  # retrying finds no more room; main names the cause
             if any(damage in reason for damage in _DAMAGED_DATABASE):
                 raise ValueError(f"--storage {storage_url}: {reason}: the file is not a study database tune can read "
                                  "(damaged, or another file). Move it away, or pass another --name or --storage"
@@ -883,6 +885,21 @@ def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:
     write_text_atomic(path, text, check=_checked(path))
 
 
+# SQLite's reasons for a write that found no room (a full disk, a file size limit, a failing disk): SQLAlchemy's
+# message adds the SQL statement and names neither.
+_DATABASE_OUT_OF_ROOM = ("disk I/O error", "database or disk is full")
+
+
+def _storage_failure(error: BaseException) -> Optional[str]:
+    """A study database's write that found no room, as one line naming the cause and the fix; None for others."""
+    reason = str(getattr(error, "orig", None) or "")
+    if not isinstance(error, _storage_errors()) or not any(cause in reason for cause in _DATABASE_OUT_OF_ROOM):
+        return None
+    return (f"cannot write the study database: {reason} (a full disk, a file size limit (ulimit -f) or a failing "
+            "disk). Make room or raise the limit, then run the same command again: tune goes on from what the "
+            "database holds")
+
+
 def _storage_errors() -> Tuple[type, ...]:
     """SQLAlchemy's base error once it is imported (a study was opened), else none: no error of it can have occurred."""
     exc = sys.modules.get("sqlalchemy.exc")
@@ -928,7 +945,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
                               executor=executor, heartbeat_s=args.heartbeat)
     except (RuntimeError, ValueError, OSError, *_storage_errors()) as err:  # the tuple is built as an error arrives
-        print(f"nola-vision tune: error: {error_text(err)}", file=sys.stderr)
+        print(f"nola-vision tune: error: {_storage_failure(err) or error_text(err)}", file=sys.stderr)
         return 1
     root = Path(args.out) / name
     print((root / "tune_results.md").read_text())
