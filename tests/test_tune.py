@@ -178,3 +178,22 @@ def test_a_trial_another_worker_ended_is_said_so_not_a_crash(capsys):
         study.tell(trial, 0.5)
     assert "trial #0 was ended by another worker meanwhile" in capsys.readouterr().out
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_trial_failed_for_its_stopped_worker_says_so_in_the_trials_table(tmp_path):
+    # a trial Optuna failed for its missed heartbeats showed as FAIL with an empty error, as if its fit had failed
+    import csv
+
+    import optuna
+
+    from nola_vision.runs.tune import write_trial_tables
+
+    distribution = optuna.distributions.CategoricalDistribution([1e-3, 1e-2])
+    trials = [optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"model.lr": 1e-3},
+                                        distributions={"model.lr": distribution}),
+              optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"model.lr": 1e-2},
+                                        distributions={"model.lr": distribution}, user_attrs={"error": "boom"})]
+    write_trial_tables(tmp_path, trials, {"model.lr": [1e-3, 1e-2]}, "sqlite:///tune.db")
+    with open(tmp_path / "tune_trials.csv") as f:
+        errors = [row["error"] for row in csv.DictReader(f)]
+    assert errors == ["its worker stopped sending heartbeats (killed?): the point was retried in another trial", "boom"]

@@ -742,7 +742,7 @@ def run_tune(
     write_trial_tables(root, trials, grid, url)
     best = _best(trials, grid_points(grid) if sampler == "grid" else None)
     if best is None:
-        failed = [t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"]
+        failed = [_failure(t) for t in trials if t.state.name == "FAIL"]
         diverged = [t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs]
         why = (f" ({len(failed)} failed, e.g. {failed[0]})" if failed else
                f" but diverged ({len(diverged)}, e.g. {diverged[0]}): lower the learning rates of the grid, or add "
@@ -849,7 +849,7 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
             accs = t.user_attrs.get("val_accs", {})
             writer.writerow([t.number, *(t.params.get(k, "") for k in keys), _score(t, lambda v: v),
                              *(accs.get(s, "") for s in seeds), _state(t), t.user_attrs.get("duration_s", ""),
-                             t.user_attrs.get("error", t.user_attrs.get("diverged", ""))])
+                             _failure(t) if t.state.name == "FAIL" else t.user_attrs.get("diverged", "")])
     lines = [f"# Tuning: {root.name}", "",
              f"Study `{root.name}` in `{url}`. Score: mean final-epoch validation accuracy over the selection seeds "
              "(fits with `--test_after_fit false`: the test split is not read while choosing).", "",
@@ -867,6 +867,13 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
 def _score(trial: Any, shown: Callable[[float], Any]) -> Any:
     """A trial's score as the tables show it: empty where it has none (failed, running) or diverged (-inf)."""
     return "" if trial.value is None or not math.isfinite(trial.value) else shown(trial.value)
+
+
+def _failure(trial: Any) -> str:
+    """Why a failed trial failed: its fit's error, or, where it recorded none, that its worker stopped (killed, or its
+    machine lost) and another worker took the point over once its heartbeats stopped."""
+    return trial.user_attrs.get("error") or ("its worker stopped sending heartbeats (killed?): the point was "
+                                             "retried in another trial")
 
 
 def _state(trial: Any) -> str:
