@@ -170,8 +170,6 @@ class RunConfigSaver(SaveConfigCallback):
         self._path = None if "://" in str(trainer.log_dir) else path  # for save_config, which rank 0 alone runs
         if stage == "fit" and "://" not in str(trainer.log_dir):  # a remote folder (s3://) has no file locks
             self._hold_folder(trainer, path.parent)
-        if stage == "fit":
-            self._hold_outputs(trainer)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
         checkpoint = self.config.get("ckpt_path")
@@ -225,6 +223,11 @@ class RunConfigSaver(SaveConfigCallback):
         if not trainer.strategy.broadcast(self._lock is not None if trainer.is_global_zero else True):
             raise ValueError(f"another fit is running in {folder} now (it holds {folder / FIT_LOCK}): wait for it to "
                              "end, or choose another --trainer.default_root_dir")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lock the fit's outputs once the module's own checks of them passed (a refused fit leaves no lock file)."""
+        if not self._output_locks:
+            self._hold_outputs(trainer)
 
     def _hold_outputs(self, trainer: Trainer) -> None:
         """Take the fit lock of the run's ``--model.adapter_dir`` and ``--result_file`` (rank 0), or refuse the fit
