@@ -117,6 +117,20 @@ def test_a_fit_holds_its_adapter_dir_and_result_file_locks_until_its_result_is_w
         os.close(try_lock(lock))
 
 
+def test_a_fit_driven_from_python_lets_go_of_its_output_locks_when_it_ends(tmp_path):
+    """Only the console script's after_fit let go of them: a second fit in the same process (a notebook) into the same
+    adapter_dir was refused as if another fit were writing it."""
+    from nola_vision.core.storage import try_lock
+    from nola_vision.train.cli import run_lightning_cli
+
+    for run in ("a", "b"):
+        args = [*FIT[1:-2], "--test_after_fit", "false", "--trainer.default_root_dir", str(tmp_path / run),
+                "--model.adapter_dir", str(tmp_path / "adapter")]
+        cli = run_lightning_cli(args, run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    os.close(try_lock(tmp_path / f".adapter{FIT_LOCK}"))  # free
+
+
 @pytest.mark.parametrize("below", ["", "runs"])
 def test_a_default_root_dir_at_or_under_a_file_is_a_configuration_error_naming_both(tmp_path, capsys, below):
     """Lightning's bare '[Errno 20] Not a directory: .../lightning_logs' named neither the option nor the file."""

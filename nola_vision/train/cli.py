@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from ..adapters.files import require_adapter_directory
 from ..core.config import resolve_adapter
 from ..core.registry import METHODS
 from ..core.storage import (
@@ -161,6 +162,8 @@ class RunConfigSaver(SaveConfigCallback):
 
     _lock: Optional[int] = None
     _output_locks: Tuple[int, ...] = ()
+    # Set by NolaCLI.fit: its after_fit (the test pass, the result) releases the outputs' locks, not teardown.
+    outputs_until_after_fit: bool = False
     _path: Optional[Path] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -170,6 +173,11 @@ class RunConfigSaver(SaveConfigCallback):
         self._path = None if "://" in str(trainer.log_dir) else path  # for save_config, which rank 0 alone runs
         if stage == "fit" and "://" not in str(trainer.log_dir):  # a remote folder (s3://) has no file locks
             self._hold_folder(trainer, path.parent)
+        if stage == "fit":
+            adapter_dir = self.config.model.get("adapter_dir")
+            if adapter_dir is not None:  # a file there is refused before a lock file is made beside it
+                require_adapter_directory(adapter_dir)
+            self._hold_outputs(trainer)
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         kept = trainer.strategy.broadcast(_holds_work(path.parent) if trainer.is_global_zero else False)
         checkpoint = self.config.get("ckpt_path")
@@ -224,11 +232,6 @@ class RunConfigSaver(SaveConfigCallback):
             raise ValueError(f"another fit is running in {folder} now (it holds {folder / FIT_LOCK}): wait for it to "
                              "end, or choose another --trainer.default_root_dir")
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Lock the fit's outputs once the module's own checks of them passed (a refused fit leaves no lock file)."""
-        if not self._output_locks:
-            self._hold_outputs(trainer)
-
     def _hold_outputs(self, trainer: Trainer) -> None:
         """Take the fit lock of the run's ``--model.adapter_dir`` and ``--result_file`` (rank 0), or refuse the fit
         when another fit holds one: two fits sharing them each exported and wrote its result, leaving one run's result
@@ -256,9 +259,11 @@ class RunConfigSaver(SaveConfigCallback):
                              "result_file")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._lock is not None:  # the outputs' locks stay held through the test pass and the result's write
+        if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+        if stage == "fit" and not self.outputs_until_after_fit:  # else held through the test pass and the result
+            self.release_outputs()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._release()  # Lightning calls no teardown after a failure; an in-process retry must find the folder free
@@ -776,6 +781,9 @@ class NolaCLI(LightningCLI):
         """``Trainer.fit``; a callback that stops it for a metric it monitors and that was not logged (a name that
         ``check_monitors`` cannot know) ends it with a ``MonitoredMetricError`` naming the checkpoint kept, not with
         Lightning's traceback."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunConfigSaver):
+                callback.outputs_until_after_fit = True  # after_fit lets go of them
         try:
             self.trainer.fit(model, **kwargs)
         except (MisconfigurationException, RuntimeError) as err:
