@@ -110,6 +110,10 @@ def test_a_rank_above_a_layers_smaller_size_warns_naming_the_layer_and_the_sizes
     with pytest.warns(UserWarning, match=rf"{type(config).__name__} on blocks\.0\.mlp\.fc1 \(64→256\) and 3 more "
                                          r"layer\(s\): rank=100 is above min\(in, out\)=64: .*use rank <= 64"):
         nv.inject(tiny_vit(), config)
+    model = tiny_vit()
+    with pytest.warns(UserWarning, match="is above min"):  # planned first, as the concepts guide does
+        plan = nv.plan_injection(model, config)
+    nv.inject(model, plan)
 
 
 def test_a_rank_above_a_layers_smaller_size_warns_at_inject_not_at_each_load_of_its_file(tmp_path):

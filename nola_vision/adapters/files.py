@@ -1100,7 +1100,7 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
                                    f"{document['config']}; load onto a fresh model")
         return state.plan
     try:
-        return plan_injection(model, config)
+        return plan_injection(model, config, warn=False)  # the file's sizes: its trainer was told
     except ValueError as error:
         raise AdapterLoadError(f"adapter targets do not fit this model: {error}") from error
 

@@ -31,7 +31,7 @@ from .merge import (
     release_shared_factors,
     unmerge,
 )
-from .plan import InjectionPlan, plan_injection, warn_pointless_sizes
+from .plan import InjectionPlan, plan_injection
 from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
 from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
@@ -219,7 +219,6 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         plan.require_fits(model)
     else:
         plan = plan_injection(model, config)  # validates before anything changes
-        warn_pointless_sizes(plan)
     config = plan.config
     _warn_about_hooks(model, list(plan.layers))
     layer_cls = method_of(config).layer_cls

@@ -11,13 +11,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .basis import BasisSpec, fingerprint
+from .checks import check_bool
 from .config import AdapterConfig, as_config, resolve_adapter
 from .layer import Slice, adapted_layers
 from .registry import method_of
 from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
 from .warn import warn_user
 
-__all__ = ["InjectionPlan", "LayerPlan", "plan_injection", "warn_pointless_sizes"]
+__all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,9 @@ def _require_allocatable(config: AdapterConfig, layers: Dict[str, LayerPlan]) ->
                          f"inject allocates: lower {' or '.join(fields) or 'the config field that sets its shape'}")
 
 
-def warn_pointless_sizes(plan: InjectionPlan) -> None:
+def _warn_pointless_sizes(plan: InjectionPlan) -> None:
     """Warn once per reason the plan's sizes are pointless (``pointless_sizes``), naming the first layer of the
-    sizes it holds for and how many more there are. ``inject`` asks, given a config: not loads of a file's plan."""
+    sizes it holds for and how many more there are."""
     config, layer_cls = plan.config, method_of(plan.config).layer_cls
     found: Dict[str, List[LayerPlan]] = {}
     for layer in plan.layers.values():
@@ -263,9 +264,12 @@ def warn_pointless_sizes(plan: InjectionPlan) -> None:
                   f"{f' and {more} more layer(s)' if more else ''}: {reason}")
 
 
-def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> InjectionPlan:
-    """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing."""
+def plan_injection(model: nn.Module, config: Union[AdapterConfig, str], *, warn: bool = True) -> InjectionPlan:
+    """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing.
+    ``warn``: of sizes the config chose in vain (a rank above a layer's min(in, out)), for whoever chooses them; a
+    file's plan is checked without (``load_adapter``)."""
     require_module(model, "plan_injection")
+    check_bool(warn, "plan_injection: warn")
     config = _validated_copy(config)
     model = unwrap_model(model)  # the plan names the layers of the module a wrapper (torch.compile, DDP) runs
     require_one_head(model)
@@ -296,4 +300,7 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str]) -> Injec
         trained = {f"{layer}.{param}": shape
                    for layer, plan in layers.items() for param, shape in plan.tensor_shapes.items()}
         trained.update({name: shapes[name] for name in head_names})
-    return InjectionPlan(config, layers, trained, head_names)
+    plan = InjectionPlan(config, layers, trained, head_names)
+    if warn:
+        _warn_pointless_sizes(plan)
+    return plan
