@@ -172,3 +172,23 @@ def test_tune_names_a_study_database_that_found_no_room_and_what_to_do(tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and "cannot write the study database: disk I/O error (a full disk, a file size limit" in err
     assert "[SQL:" not in err and "run the same command again" in err
+
+
+def test_a_study_write_that_failed_once_the_study_is_open_is_named_from_optunas_wrapped_error():
+    # Optuna wraps a failed write of an open study as StorageInternalError ('typically happens due to invalid data'),
+    # which escaped as a traceback: its cause holds SQLite's reason
+    import sqlite3
+
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from nola_vision.runs.tune import _storage_failure
+
+    try:
+        try:
+            raise OperationalError("UPDATE trials ...", {}, sqlite3.OperationalError("disk I/O error"))
+        except OperationalError as error:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from error
+    except optuna.exceptions.StorageInternalError as wrapped:
+        assert _storage_failure(wrapped).startswith("cannot write the study database: disk I/O error (a full disk")
+    assert _storage_failure(optuna.exceptions.StorageInternalError("invalid data")) is None

@@ -196,4 +196,4 @@ def test_a_trial_failed_for_its_stopped_worker_says_so_in_the_trials_table(tmp_p
     write_trial_tables(tmp_path, trials, {"model.lr": [1e-3, 1e-2]}, "sqlite:///tune.db")
     with open(tmp_path / "tune_trials.csv") as f:
         errors = [row["error"] for row in csv.DictReader(f)]
-    assert errors == ["its worker stopped sending heartbeats (killed?): the point was retried in another trial", "boom"]
+    assert errors == ["no error recorded: its worker stopped (killed?), and its missed heartbeats failed it", "boom"]

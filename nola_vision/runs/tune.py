@@ -583,8 +583,6 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
             break
         except SQLAlchemyError as error:
             reason = str(getattr(error, "orig", None) or error)
-            if any(cause in reason for cause in _DATABASE_OUT_OF_ROOM):
-                raise  # retrying finds no more room; main names the cause
             if any(damage in reason for damage in _DAMAGED_DATABASE):
                 raise ValueError(f"--storage {storage_url}: {reason}: the file is not a study database tune can read "
                                  "(damaged, or another file). Move it away, or pass another --name or --storage"
@@ -871,9 +869,10 @@ def _score(trial: Any, shown: Callable[[float], Any]) -> Any:
 
 def _failure(trial: Any) -> str:
     """Why a failed trial failed: its fit's error, or, where it recorded none, that its worker stopped (killed, or its
-    machine lost) and another worker took the point over once its heartbeats stopped."""
-    return trial.user_attrs.get("error") or ("its worker stopped sending heartbeats (killed?): the point was "
-                                             "retried in another trial")
+    machine lost): Optuna fails a trial whose heartbeats stopped."""
+    if "error" in trial.user_attrs:
+        return trial.user_attrs["error"]
+    return "no error recorded: its worker stopped (killed?), and its missed heartbeats failed it"
 
 
 def _state(trial: Any) -> str:
@@ -892,25 +891,32 @@ def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:
     write_text_atomic(path, text, check=_checked(path))
 
 
-# SQLite's reasons for a write that found no room (a full disk, a file size limit, a failing disk): SQLAlchemy's
-# message adds the SQL statement and names neither.
-_DATABASE_OUT_OF_ROOM = ("disk I/O error", "database or disk is full")
+# SQLite's reasons for a write that failed (a full disk, a file size limit, a failing disk, a network file system
+# without locking): SQLAlchemy's message adds the SQL statement and names none of them.
+_DATABASE_WRITE_FAILED = ("disk I/O error", "database or disk is full")
 
 
 def _storage_failure(error: BaseException) -> Optional[str]:
-    """A study database's write that found no room, as one line naming the cause and the fix; None for others."""
-    reason = str(getattr(error, "orig", None) or "")
-    if not isinstance(error, _storage_errors()) or not any(cause in reason for cause in _DATABASE_OUT_OF_ROOM):
-        return None
-    return (f"cannot write the study database: {reason} (a full disk, a file size limit (ulimit -f) or a failing "
-            "disk). Make room or raise the limit, then run the same command again: tune goes on from what the "
-            "database holds")
+    """A study database's write that failed, as one line naming the causes and the fixes; None for other errors.
+    Optuna wraps the error of a write made once the study is open (``StorageInternalError``): its cause says why."""
+    errors = _storage_errors()
+    while errors and isinstance(error, errors):
+        reason = str(getattr(error, "orig", None) or "")
+        if any(cause in reason for cause in _DATABASE_WRITE_FAILED):
+            return (f"cannot write the study database: {reason} (a full disk, a file size limit (ulimit -f), a "
+                    "failing disk, or a network file system without file locking). Make room or raise the limit "
+                    "(for a network file system: --storage on a local disk, or a postgresql:// URL), then run the "
+                    "same command again: tune goes on from what the database holds")
+        if error.__cause__ is None:
+            return None
+        error = error.__cause__
+    return None
 
 
 def _storage_errors() -> Tuple[type, ...]:
     """SQLAlchemy's base error once it is imported (a study was opened), else none: no error of it can have occurred."""
-    exc = sys.modules.get("sqlalchemy.exc")
-    return (exc.SQLAlchemyError,) if exc is not None else ()
+    exc, optuna = sys.modules.get("sqlalchemy.exc"), sys.modules.get("optuna.exceptions")
+    return ((exc.SQLAlchemyError,) if exc is not None else ()) + ((optuna.StorageInternalError,) if optuna else ())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
