@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import pytest
@@ -170,6 +171,11 @@ def test_a_sample_whose_manifest_line_would_not_read_back_is_refused_before_writ
 def test_an_empty_sample_list_is_refused_not_drawn_into_an_empty_split():
     with pytest.raises(ValueError, match="sample_kshot: samples is empty: there are no images to draw a split from"):
         sample_kshot([], shots=1)
+    for class_names in ([], ["a", "b"]):  # allow_fewer kept what there was: nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(NotEnoughImagesError, match="there are no images of any of the"):
+                sample_kshot([], shots=1, class_names=class_names, allow_fewer=True)
 
 
 def test_keys_that_look_like_comments_or_escapes_read_back_as_written(tmp_path):

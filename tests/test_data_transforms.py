@@ -171,3 +171,13 @@ def test_settings_a_transform_would_fail_on_when_called_are_refused_when_it_is_b
     # evaluated to zero", a ZeroDivisionError, torch's uniform_ error), or blurred with a negative radius
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
+
+
+def test_mean_and_std_may_be_tensors_or_arrays_as_torchvision_takes_them():
+    # the check took them, but the border crop's fill then failed on round() of a tensor element
+    import numpy as np
+
+    image = Image.new("RGB", (20, 10))
+    for mean, std in ((torch.tensor(MEAN), torch.tensor(MEAN)), (np.array(MEAN), np.array(MEAN))):
+        assert eval_transform(16, mean, std, crop_mode="border")(image).shape == (3, 16, 16)
+        assert paper_train_transform(16, mean, std)(image).shape == (3, 16, 16)

@@ -118,6 +118,9 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
             raise NotEnoughImagesError(f"{msg}. Pass allow_fewer=True (--data.allow_fewer true) to keep what "
                                        "there is, or lower shots/val_shots.", shortage=msg)
         warn_user(f"{msg}; allow_fewer=True keeps what there is")
+    if not train and not val:  # no images (or no classes): allow_fewer kept an empty split, which trains nothing
+        raise NotEnoughImagesError(f"sample_kshot: there are no images of any of the {num_classes} classes to draw "
+                                   "a split from (check the dataset's root and its files)", shortage="no images")
     return FewShotSplit(train, val)
 
 

@@ -12,7 +12,7 @@ ignoring the aspect ratio, 'border' fits the long side and pads with the mean co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, get_args
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 import torch
 from PIL import Image, ImageFilter
@@ -133,7 +133,7 @@ class RandomGaussianBlur:
 
 def paper_train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """The NOLA paper's training augmentation."""
-    _check_image_settings("paper_train_transform", size, mean, std)
+    mean, std = _check_image_settings("paper_train_transform", size, mean, std)
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -155,21 +155,25 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], c
     ``interpolation`` default is the paper's evaluation (bilinear); a backbone's own is in its ``DataConfig``.
     """
     check_choice(interpolation, "eval_transform: interpolation", sorted(_INTERPOLATION))
-    _check_image_settings("eval_transform", size, mean, std)
+    mean, std = _check_image_settings("eval_transform", size, mean, std)
     check_number(crop_pct, "eval_transform: crop_pct", above=0.0)
     return T.Compose([*_geometry(size, mean, crop_pct, interpolation, crop_mode), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _check_image_settings(where: str, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """Refuse a size or normalisation a transform would fail on only when called (PIL's "height and width must be >
-    0", torchvision's "std evaluated to zero"), naming the argument."""
+def _check_image_settings(where: str, size: int, mean: Sequence[float], std: Sequence[float]
+                          ) -> tuple[list[float], list[float]]:
+    """``mean`` and ``std`` as lists of floats (a numpy array or tensor too, as torchvision takes them); a size or
+    normalisation a transform would fail on only when called (PIL's "height and width must be > 0", torchvision's
+    "std evaluated to zero") refused, naming the argument."""
     check_int(size, f"{where}: size", at_least=1)
+    checked = []
     for name, values in (("mean", mean), ("std", std)):
-        values = values.tolist() if hasattr(values, "tolist") else values  # a numpy array or tensor, as torchvision
+        values = values.tolist() if hasattr(values, "tolist") else values
         if not isinstance(values, (tuple, list)) or not values:
             raise ValueError(f"{where}: {name} is one number per image channel, got {values!r}")
-        for value in values:
-            check_number(value, f"{where}: {name}", above=0.0 if name == "std" else None)
+        checked.append([check_number(value, f"{where}: {name}", above=0.0 if name == "std" else None)
+                        for value in values])
+    return checked[0], checked[1]
 
 
 def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation: str, crop_mode: str) -> list:
