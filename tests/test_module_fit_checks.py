@@ -550,3 +550,12 @@ def test_a_momentum_given_to_an_optimizer_without_one_warns_that_it_is_ignored(o
         model = module(optimizer="sgd", momentum=0.5)
     model.trainer = L.Trainer(max_epochs=3, logger=False)
     assert model.configure_optimizers()["optimizer"].defaults["momentum"] == 0.5
+
+
+def test_float64_images_alone_predict_as_float32_ones_do(tmp_path):
+    # a prediction batch of images alone (TensorDataset(images)) was not converted, and failed in the patch embedding
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model = module()
+    outputs = [trainer(tmp_path / str(i), epochs=1).predict(model, DataLoader(TensorDataset(x), batch_size=4))
+               for i, x in enumerate((images, images.float()))]
+    assert torch.equal(outputs[0][0]["prediction"], outputs[1][0]["prediction"])

@@ -347,13 +347,17 @@ class FewShotClassifier(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Convert, on the device, images of another float dtype than the model's (float64 from numpy) and integer
-        labels other than int64 (int32), losslessly for labels: the backbone and the loss would refuse them."""
-        if isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-            images, labels = batch
-            dtype = next(self.model.parameters()).dtype
-            if images.is_floating_point() and images.dtype != dtype or labels.dtype in _NARROW_INTEGERS:
-                images = images.to(dtype) if images.is_floating_point() else images
-                return type(batch)((images, labels.long() if labels.dtype in _NARROW_INTEGERS else labels))
+        labels other than int64 (int32), losslessly for labels: the backbone and the loss would refuse them. A
+        prediction batch of images alone (a tensor, or a 1-tuple from ``TensorDataset(images)``) too."""
+        dtype = next(self.model.parameters()).dtype
+        if isinstance(batch, Tensor):
+            return batch.to(dtype) if batch.is_floating_point() else batch
+        if isinstance(batch, (list, tuple)) and 1 <= len(batch) <= 2 and all(isinstance(t, Tensor) for t in batch):
+            images, *labels = batch
+            if images.is_floating_point() and images.dtype != dtype:
+                images = images.to(dtype)
+            labels = [t.long() if t.dtype in _NARROW_INTEGERS else t for t in labels]
+            return type(batch)((images, *labels))
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
