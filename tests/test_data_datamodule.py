@@ -675,6 +675,20 @@ def test_evaluation_passes_leave_the_global_random_state_alone(cifar10_root):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_an_evaluation_set_smaller_than_the_processes_sharing_it_is_refused_naming_both(cifar10_root):
+    # the process left without an image failed inside Lightning ("DataLoader within local rank has zero length")
+    # while the other waited on it, after the training
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, val_shots=1, image_size=8)
+    dm.setup("fit")
+    processes = len(dm.val_set) + 1
+    dm.trainer = SimpleNamespace(world_size=processes, global_rank=0)
+    with pytest.raises(ValueError, match=rf"the validation set holds {len(dm.val_set)} image\(s\), fewer than the "
+                                         rf"{processes} processes that share it"):
+        dm.val_dataloader()
+    dm.trainer.world_size = len(dm.val_set)  # one image each: evaluated
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 1
+
+
 def test_loader_workers_change_neither_the_orders_nor_a_resumed_runs_orders(cifar10_root):
     """Persistent workers make one loader iterator per run (one more after a resume), no workers one per epoch, and
     each iterator draws its workers' seed: the orders must come from the seeded shuffle alone."""

@@ -50,7 +50,7 @@ from .transforms import (
     resolve_data_config,
 )
 
-__all__ = ["FewShotDataModule", "FewShotSubset"]
+__all__ = ["FewShotDataModule", "FewShotSubset", "require_share_per_process"]
 
 # Copies of the drawn images (_copies_of_drawn): a file's first COPY_HEAD_BYTES are hashed, then the rest in chunks;
 # a size shared by more than COPY_GROUP_LIMIT files does not tell them apart, and is not read.
@@ -344,6 +344,15 @@ def _changed_images_message(path: Path, listed: list[tuple[str, int]], drawn: li
             "trained on, so it is not replaced: restore the images, replay that split with "
             "--data.split_file (and --data.val_split_file) naming its manifests, or pass another "
             "--data.split_dir")
+
+
+def require_share_per_process(images: int, processes: int, split: str) -> None:
+    """Refuse an evaluation set smaller than the processes that share it: a process with no image fails in
+    Lightning ("DataLoader within local rank has zero length") while the others wait on it."""
+    if images < processes:
+        raise ValueError(f"the {split} set holds {images} image(s), fewer than the {processes} processes that share "
+                         f"it (each evaluates its own images, at least one): evaluate on at most {images} (e.g. "
+                         f"nola-vision test --trainer.devices {max(images, 1)}), or with more {split} images")
 
 
 class _UnpaddedDistributedSampler(DistributedSampler):
@@ -787,15 +796,15 @@ class FewShotDataModule(L.LightningDataModule):
             # Lightning skips validation on an empty list, and warns that its length is zero as if by mistake.
             warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
             return []
-        return self._evaluation_loader(self.val_set)
+        return self._evaluation_loader(self.val_set, "validation")
 
     def test_dataloader(self) -> DataLoader:
         """The full official test split."""
         if self.test_set is None:
             self.setup("test")
-        return self._evaluation_loader(self.test_set)
+        return self._evaluation_loader(self.test_set, "test")
 
-    def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
+    def _evaluation_loader(self, dataset: Dataset, split: str) -> DataLoader:
         """In order; under DDP each rank takes its share of the images, every image exactly once (Lightning's own
         sampler repeats some to even out the ranks, which would count them twice in the accuracy).
 
@@ -804,6 +813,7 @@ class FewShotDataModule(L.LightningDataModule):
         and the trained weights would depend on how often the run validates."""
         trainer, generator = self.trainer, torch.Generator().manual_seed(0)
         if trainer is not None and trainer.world_size > 1:
+            require_share_per_process(len(dataset), trainer.world_size, split)
             sampler = _UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
             return self._loader(dataset, self.eval_batch_size, sampler=sampler, generator=generator)
         return self._loader(dataset, self.eval_batch_size, shuffle=False, generator=generator)

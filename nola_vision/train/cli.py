@@ -44,6 +44,7 @@ from ..core.storage import (
     write_json_atomic,
 )
 from ..data import CorruptImageError, FewShotDataModule
+from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
@@ -925,6 +926,8 @@ class NolaCLI(LightningCLI):
         if self.datamodule.download:
             return
         self.datamodule.setup("test")
+        if self.trainer.world_size > 1:  # else found when the test pass starts, after training
+            require_share_per_process(len(self.datamodule.test_set), self.trainer.world_size, "test")
         bad = self.datamodule.test_set.dataset.missing_or_empty_files()
         if bad:
             raise CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
