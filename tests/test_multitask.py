@@ -337,3 +337,16 @@ def test_a_mixed_batch_over_swins_window_attention_says_to_serve_its_tasks_one_p
         with pytest.raises(RuntimeError, match=r"attn.qkv sees 8 rows for a batch of 2 images .*Serve the tasks that "
                                                r"adapt it one task per batch"):
             model(images, ["a", "b"])
+
+
+def test_a_backbone_whose_head_pools_the_features_itself_is_refused_naming_what_to_do():
+    # SAM ViT's head is timm's ClassifierHead (pool, dropout, fc): a call ran it on features pooled already, which
+    # failed deep in timm ("mat1 and mat2 shapes cannot be multiplied")
+    sam = timm.create_model("samvit_base_patch16", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                            num_heads=2, num_classes=3, global_attn_indexes=(1,), window_size=2, neck_chans=16)
+    with pytest.raises(ValueError, match=r"VisionTransformerSAM's classifier head \(ClassifierHead\) pools the "
+                                         r"features itself .* serve its tasks one at a time with nv.load_adapter"):
+        nv.MultiTaskModel(sam)
+    for name in ("vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256"):  # pooled before a Linear head: served
+        nv.MultiTaskModel(timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                            num_heads=2, num_classes=3))

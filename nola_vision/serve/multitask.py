@@ -127,6 +127,7 @@ class MultiTaskModel(nn.Module):
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
                              "layer): create the backbone with any num_classes > 0")
+        _require_head_after_pooling(model, head)
         _require_no_model_hooks(model, "")
         self.cache_mb = cache_mb
         self.model = model.eval()
@@ -580,6 +581,18 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
                          "MultiTaskModel does not run: it calls forward_features and forward_head, with each task's "
                          "head. Remove them (handle.remove()) and apply them outside: preprocess the images before "
                          "calling it, and post-process each task's logits")
+
+
+def _require_head_after_pooling(model: nn.Module, head: nn.Module) -> None:
+    """Refuse a head that pools the features itself (timm's ``ClassifierHead``, as SAM ViT's): a call runs each task's
+    head on ``forward_head(pre_logits=True)``'s features, pooled already, which such a head would pool again (a bare
+    shape error deep in timm)."""
+    pools = [m for m in head.modules() if "Pool" in type(m).__name__
+             and not (callable(getattr(m, "is_identity", None)) and m.is_identity())]
+    if pools:
+        raise ValueError(f"{type(model).__name__}'s classifier head ({type(head).__name__}) pools the features itself "
+                         f"({type(pools[0]).__name__}), after the point where a MultiTaskModel applies each task's "
+                         "head: serve its tasks one at a time with nv.load_adapter (a task switch copies in place)")
 
 
 def _require_image_size(model: nn.Module, images: Tensor) -> None:
