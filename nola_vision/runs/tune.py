@@ -914,7 +914,8 @@ def _storage_failure(error: BaseException) -> Optional[str]:
 
 
 def _storage_errors() -> Tuple[type, ...]:
-    """SQLAlchemy's base error once it is imported (a study was opened), else none: no error of it can have occurred."""
+    """SQLAlchemy's base error and Optuna's wrapper of a failed storage write, each once it is imported (a study was
+    opened), else none: no error of theirs can have occurred."""
     exc, optuna = sys.modules.get("sqlalchemy.exc"), sys.modules.get("optuna.exceptions")
     return ((exc.SQLAlchemyError,) if exc is not None else ()) + ((optuna.StorageInternalError,) if optuna else ())
 

@@ -316,8 +316,8 @@ class MultiTaskModel(nn.Module):
                                "add_task checked each task against the weights it had then. Wrap the backbone in a "
                                "new nv.MultiTaskModel and add the tasks again, which checks them against these "
                                "weights (or remove_task every task and add them again)")
-        training = next((name for name, module in self.model.named_modules() if module.training), None)
-        if training is not None:
+        if any(module.training for module in self.model.modules()):  # named only when refused: this runs every call
+            training = next(name for name, module in self.model.named_modules() if module.training)
             raise RuntimeError(f"the model this MultiTaskModel serves is in train mode ({training or 'the model'}; "
                                "model.train() was called on it since it was wrapped): its batch norms would fold the "
                                "served images into their running statistics for good and its dropout would drop at "
@@ -740,7 +740,7 @@ class _Settings:
     def change(self, model: nn.Module) -> Optional[str]:
         """None while the settings ``add_task`` checked are unchanged, else the attribute that changed them."""
         moved = next(((name, key, value) for name, entries, key, value in self.attributes
-                      if entries.get(key, _ABSENT) is not value and entries.get(key, _ABSENT) != value), None)
+                      if not _same(entries.get(key, _ABSENT), value)), None)
         if moved is None:
             return None
         if (pooling_of(model), output_settings(model)) != self.checked:
@@ -754,6 +754,11 @@ class _Settings:
 
 _ABSENT = object()
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def _same(now: object, recorded: object) -> bool:
+    """Whether an attribute holds its recorded value (the same object first: a NaN is not equal to itself)."""
+    return now is recorded or now == recorded
 
 
 def _is_plain(value: object) -> bool:

@@ -260,9 +260,7 @@ class RunConfigSaver(SaveConfigCallback):
                              "result_file")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        self._release_folder()
         if stage == "fit" and not self.outputs_until_after_fit:  # else held through the test pass and the result
             self.release_outputs()
 
@@ -270,10 +268,13 @@ class RunConfigSaver(SaveConfigCallback):
         self._release()  # Lightning calls no teardown after a failure; an in-process retry must find the folder free
 
     def _release(self) -> None:
+        self._release_folder()
+        self.release_outputs()
+
+    def _release_folder(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
-        self.release_outputs()
 
     def release_outputs(self) -> None:
         """Let go of the outputs' locks (``_hold_outputs``): the fit's result is written, or it failed."""
@@ -454,6 +455,11 @@ def _lock_run_folder(folder: Path) -> Optional[int]:
     protocol command, which holds it in the same folder. Where no lock can be taken (Windows), nothing is locked."""
     folder.mkdir(parents=True, exist_ok=True)
     return try_lock(folder / FIT_LOCK)
+
+
+def _config_savers(trainer: Trainer) -> List[RunConfigSaver]:
+    """The trainer's ``RunConfigSaver`` (LightningCLI adds it to the callbacks, keeping no reference of its own)."""
+    return [callback for callback in trainer.callbacks if isinstance(callback, RunConfigSaver)]
 
 
 def _output_lock_path(output: Path) -> Path:
@@ -676,9 +682,8 @@ class NolaCLI(LightningCLI):
                                                                 None) or None}
             raise
         finally:
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, RunConfigSaver):
-                    callback.release_outputs()
+            for saver in _config_savers(self.trainer):
+                saver.release_outputs()
 
     def _after_training(self) -> None:
         """What a fit runs once training finished: validate the final weights where no validation saw them, test
@@ -782,9 +787,8 @@ class NolaCLI(LightningCLI):
         """``Trainer.fit``; a callback that stops it for a metric it monitors and that was not logged (a name that
         ``check_monitors`` cannot know) ends it with a ``MonitoredMetricError`` naming the checkpoint kept, not with
         Lightning's traceback."""
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, RunConfigSaver):
-                callback.outputs_until_after_fit = True  # after_fit lets go of them
+        for saver in _config_savers(self.trainer):
+            saver.outputs_until_after_fit = True  # after_fit lets go of them
         try:
             self.trainer.fit(model, **kwargs)
         except (MisconfigurationException, RuntimeError) as err:

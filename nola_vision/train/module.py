@@ -354,10 +354,10 @@ class FewShotClassifier(L.LightningModule):
             return batch.to(dtype) if batch.is_floating_point() else batch
         if isinstance(batch, (list, tuple)) and 1 <= len(batch) <= 2 and all(isinstance(t, Tensor) for t in batch):
             images, *labels = batch
-            if images.is_floating_point() and images.dtype != dtype:
-                images = images.to(dtype)
-            labels = [t.long() if t.dtype in _NARROW_INTEGERS else t for t in labels]
-            return type(batch)((images, *labels))
+            narrow = any(t.dtype in _NARROW_INTEGERS for t in labels)
+            if images.is_floating_point() and images.dtype != dtype or narrow:  # else the batch as it is
+                images = images.to(dtype) if images.is_floating_point() else images
+                return type(batch)((images, *(t.long() if t.dtype in _NARROW_INTEGERS else t for t in labels)))
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
