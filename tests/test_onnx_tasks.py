@@ -51,6 +51,17 @@ def test_one_task_input_graph_gives_each_tasks_merged_logits(method, images, tmp
     assert min((a - b).abs().max() for a, b in [(outputs[0], outputs[1]), (outputs[1], outputs[2])]) > 1e-2
 
 
+@pytest.mark.parametrize("name", ["tasks.json", "tasks.textproto", "tasks.onnxtxt"])
+def test_a_graph_written_under_a_text_formats_suffix_is_read_back_and_replaced(name, images, tmp_path):
+    # export_onnx writes binary protobuf whatever the suffix; onnx.load chose a JSON or text parser from it
+    task = _task(CONFIGS["lora_qv_fc1"](), tmp_path / "task", 1)
+    path = nv.export_onnx(nv.inject(tiny_vit(), CONFIGS["lora_qv_fc1"]()), tmp_path / name, tasks_as_inputs=True)
+    inputs = nv.onnx_task_inputs(task, path)
+    path = nv.export_onnx(nv.inject(tiny_vit(), CONFIGS["lora_qv_fc1"]()), path, tasks_as_inputs=True)  # replaced
+    logits = torch.from_numpy(_session(path).run(None, {"images": images[:2].numpy(), **inputs})[0])
+    assert (logits - _merged_logits(task, images[:2])).abs().max() <= 1e-4
+
+
 def test_the_graph_holds_the_frozen_weights_and_bases_and_takes_only_what_a_task_trains(tmp_path):
     model = nv.inject(tiny_vit(), CONFIGS["nola_mlp_qv"]())
     session = _session(nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True))

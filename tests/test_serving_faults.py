@@ -162,6 +162,18 @@ def test_graphs_with_external_data_each_get_one_data_file_of_their_own(exporting
         assert np.abs(run(folder / "merged.onnx", images) - replacement(images).numpy()).max() < 1e-4
 
 
+def test_the_task_inputs_of_a_graph_are_read_without_its_external_data(exporting_external_data, tmp_path):
+    # only the metadata and input shapes are read: a data file not copied along left a raw onnx ValidationError
+    tasks = as_if_trained(nv.inject(tiny_vit(), NOLA), 1)
+    graph = nv.export_onnx(tasks, tmp_path / "graphs" / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(tasks, tmp_path / "task")
+    expected = nv.onnx_task_inputs(task, graph)
+    for data in graph.parent.glob("*.data"):
+        data.unlink()
+    found = nv.onnx_task_inputs(task, graph)
+    assert found.keys() == expected.keys() and all(np.array_equal(found[k], expected[k]) for k in expected)
+
+
 def test_a_failed_export_with_external_data_leaves_the_folder_as_it_was(exporting_external_data, monkeypatch, images,
                                                                        tmp_path):
     model = as_if_trained(nv.inject(tiny_vit(), NOLA), 0)

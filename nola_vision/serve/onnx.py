@@ -394,18 +394,19 @@ def _write_graph(exported: Path, tmp: Path, name: str, metadata: Dict[str, str],
     unreferenced. Saved as one protobuf, a graph with its data would exceed protobuf's 2 GB.
     """
     onnx = _import_onnx()
-    graph = onnx.load(str(exported), load_external_data=False)
+    graph = _load_protobuf(exported)
     for key, value in metadata.items():
         graph.metadata_props.add(key=_PREFIX + key, value=value)
     if not external:
-        onnx.save(graph, str(tmp))
+        onnx.save(graph, str(tmp), format="protobuf")
         return
     from onnx.external_data_helper import load_external_data_for_model
 
     load_external_data_for_model(graph, str(exported.parent))
     location = f"{name}.{secrets.token_hex(4)}.data"
     written.append(tmp.parent / location)
-    onnx.save_model(graph, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+    onnx.save_model(graph, str(tmp), format="protobuf", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location)
     with open(tmp.parent / location, "rb") as data:
         os.fsync(data.fileno())  # on disk before the graph that reads it is renamed into place
 
@@ -442,7 +443,7 @@ def _is_onnx_graph(path: Path) -> bool:
     from google.protobuf.message import DecodeError  # onnx's own dependency
 
     try:
-        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+        return len(_load_protobuf(path).graph.node) > 0
     except (OSError, DecodeError, ValueError):
         return False
 
@@ -452,11 +453,10 @@ def _own_external_data(graph: Path) -> List[Path]:
     pattern = re.compile(rf"{re.escape(graph.name)}\.[0-9a-f]{{8}}\.data")
     if not graph.is_file() or not any(pattern.fullmatch(entry) for entry in os.listdir(graph.parent)):
         return []
-    onnx = _import_onnx()
     from google.protobuf.message import DecodeError  # onnx's own dependency
 
     try:
-        tensors = onnx.load(str(graph), load_external_data=False).graph.initializer
+        tensors = _load_protobuf(graph).graph.initializer
     except (OSError, DecodeError):  # not a graph: it references nothing
         return []
     locations = {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
@@ -583,20 +583,19 @@ def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
     return _GraphInfo({k[len(_PREFIX):]: v for k, v in metadata.items() if k.startswith(_PREFIX)}, inputs)
 
 
-def _unreadable_graph_errors(onnx: Any) -> Tuple[type, ...]:
-    """What ``onnx.load`` raises for a file it cannot read: it picks the parser from the extension (protobuf's binary,
-    JSON or text format, ONNX's own text), each with its own errors, and undecodable text."""
-    from google.protobuf import json_format, message, text_format  # onnx's own dependency
-
-    parser_error = getattr(sys.modules.get("onnx.parser"), "ParseError", OSError)  # loaded by onnx.load for .onnxtxt
-    return OSError, UnicodeDecodeError, message.Error, json_format.Error, text_format.Error, parser_error
+def _load_protobuf(path: PathLike) -> Any:
+    """The ONNX model at ``path`` as the binary protobuf export_onnx writes, whatever its suffix (``onnx.load`` picks a
+    JSON or text parser for ``.json``, ``.textproto``, ``.onnxtxt``), without its external data: the graph's metadata,
+    inputs and data locations are all the library reads."""
+    return _import_onnx().load(str(path), format="protobuf", load_external_data=False)
 
 
 def _load_graph(path: PathLike) -> Any:
-    onnx = _import_onnx()
+    from google.protobuf.message import Error as ProtobufError  # onnx's own dependency
+
     try:
-        return onnx.load(str(path))
-    except _unreadable_graph_errors(onnx) as error:
+        return _load_protobuf(path)
+    except (OSError, ProtobufError) as error:
         raise AdapterLoadError(f"{path} cannot be read as an ONNX graph ({error}): pass the .onnx file that "
                                "export_onnx(model, path, tasks_as_inputs=True) wrote") from error
 
