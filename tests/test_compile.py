@@ -214,3 +214,35 @@ def test_an_adapter_the_attention_never_calls_is_still_refused_eagerly_after_tor
     torch.export.export(model, (images,))
     with pytest.raises(ValueError, match="blocks.0.attn.qkv was never called although its parent EvaAttention ran"):
         model(images)
+
+
+def _checkpoint_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return checkpoint_wrapper(module)
+
+
+@pytest.mark.parametrize("wrap, inner", [(torch.compile, "_orig_mod"),
+                                         (_checkpoint_wrapper, "_checkpoint_wrapped_module")])
+def test_a_block_wrapped_inside_the_model_is_refused_where_names_are_recorded(wrap, inner, tmp_path):
+    # Its layers' names carry the wrapper's own (blocks.0._orig_mod.attn.qkv): a file saved so did not load onto the
+    # plain model, a peft export silently left block 0 unadapted, and a load blamed a constructor setting.
+    config = nv.LoRAConfig(rank=2, targets=["attn.q", "mlp.fc1"])
+    task = nv.save_adapter(nv.inject(tiny_vit(), config), tmp_path / "task")
+    model = nv.inject(tiny_vit(), config)
+    model.blocks[0] = wrap(model.blocks[0])
+    message = (rf"blocks.0 is wrapped by .*'{inner}\.'.*put back the module it wraps: "
+               rf"model.blocks\[0\] = model.blocks\[0\].{inner}")
+    for name, call in [("save_adapter", lambda: nv.save_adapter(model, tmp_path / "saved")),
+                       ("export_peft", lambda: nv.export_peft(model, tmp_path / "peft")),
+                       ("export_onnx", lambda: nv.export_onnx(model, tmp_path / "g.onnx", tasks_as_inputs=True)),
+                       ("load_adapter", lambda: nv.load_adapter(model, task)),
+                       ("MultiTaskModel", lambda: nv.MultiTaskModel(model))]:
+        with pytest.raises(ValueError, match=rf"nv.{name}: {message}"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["task"]
+    model.blocks[0] = getattr(model.blocks[0], inner)  # as the message says: then the names are the plain model's
+    nv.load_adapter(model, nv.save_adapter(model, tmp_path / "saved"))
+    if wrap is torch.compile:
+        model.blocks[0].compile()  # in place: the names stay
+        nv.load_adapter(model, nv.save_adapter(model, tmp_path / "saved"))

@@ -57,6 +57,20 @@ def test_export_peft_of_a_model_without_adapters_says_to_inject_first(tmp_path):
         nv.export_peft(tiny_vit(), tmp_path)
 
 
+@pytest.mark.parametrize("method, trains", [("linear", "the head only"), ("full", "the whole backbone")])
+def test_export_peft_of_a_method_without_adapter_layers_says_what_it_trains(method, trains, tmp_path):
+    with pytest.raises(ValueError, match=rf"method '{method}' has no adapter layers \(it trains {trains}\): save it "
+                                         "with nv.save_adapter"):
+        nv.export_peft(nv.inject(tiny_vit(), method), tmp_path / "peft")
+
+
+def test_export_peft_after_merge_and_unload_says_the_adapter_was_folded_in(tmp_path):
+    model = nv.merge_and_unload(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, adapters_only=True))
+    with pytest.raises(ValueError, match=r"hold 1 adapter\(s\) folded in by nv.merge_and_unload \(last: 'lora'\), "
+                                         "which leaves no adapter to export: export before merge_and_unload"):
+        nv.export_peft(model, tmp_path / "peft")
+
+
 def test_export_peft_writes_the_same_bytes_every_time(tmp_path):
     # safetensors writes metadata keys in hash-map order, which changes from one save to the next
     model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 3, scale=0.1, adapters_only=True)

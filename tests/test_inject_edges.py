@@ -90,6 +90,9 @@ def test_hooks_added_after_inject_on_a_taken_over_activation_run_on_its_output_o
     model.blocks[1].mlp.act.register_forward_hook(lambda module, args, out: None)  # a summary tool's hook
     with pytest.warns(UserWarning, match="hook on mlp.act, whose activation the adapted mlp.fc2 computes"):
         model(images)
+    with pytest.warns(UserWarning, match=r"unload drops the hooks registered on blocks.1.mlp.act after inject"):
+        nv.unload(model)  # they were on the placeholder, which unload replaces by the activation: gone silently
+    assert isinstance(model.blocks[1].mlp.act, nn.GELU) and not model.blocks[1].mlp.act._forward_hooks
 
 
 class _Wrapper(nn.Module):

@@ -27,6 +27,7 @@ from ..core.storage import atomic_directory
 from ..core.targets import (
     classifier_head,
     require_module,
+    require_no_inner_wrappers,
     require_nothing_else_trained,
     require_values,
     trained_parameters,
@@ -63,6 +64,18 @@ def _refuse_nola_vision_adapter(directory: Union[str, Path]) -> None:
                          "Export into another directory")
 
 
+def _why_no_layers(model: nn.Module, state) -> str:
+    """Why a model without adapter layers has nothing to export, and what to do instead."""
+    if state is not None:
+        trains = "the whole backbone" if state.config.train_backbone else "the head only"
+        return f"method {state.method!r} has no adapter layers (it trains {trains}): save it with nv.save_adapter"
+    folded = merged_adapters(model)
+    if folded:
+        return (f"the model's weights hold {len(folded)} adapter(s) folded in by nv.merge_and_unload (last: "
+                f"{folded[-1]['method']!r}), which leaves no adapter to export: export before merge_and_unload")
+    return "inject or load an adapter first (nv.inject / nv.load_adapter)"
+
+
 @torch.no_grad()
 def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
@@ -77,14 +90,12 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     require_module(model, "export_peft")
     directory = check_path(directory, "the export directory")
     model = unwrap_model(model)
+    require_no_inner_wrappers(model, "export_peft")
     _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)
     layers = adapted_layers(model)
     if not layers:
-        method = state.method if state is not None else None
-        hint = (f"method {method!r} has no adapter layers; save the head with nv.save_adapter instead"
-                if method is not None else "inject or load an adapter first (nv.inject / nv.load_adapter)")
-        raise ValueError(f"nothing to export as a peft LoRA adapter: {hint}")
+        raise ValueError(f"nothing to export as a peft LoRA adapter: {_why_no_layers(model, state)}")
     adapter_tensors, head_tensors = trained_parameters(model, train_backbone=False)  # the factors' sources, the head
     require_nothing_else_trained(model, {**adapter_tensors, **head_tensors}, "a peft export")
     require_values(model, "export_peft")

@@ -28,6 +28,7 @@ from .functions import (
     transforms_active,
 )
 from .quantize import fake_quantize
+from .warn import warn_user
 
 __all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
 
@@ -212,6 +213,11 @@ class AdaptedLinear(nn.Module):
         placeholder = self.activation_placeholder
         placeholder = owner.act if placeholder is None else placeholder  # None: pickled before it was kept
         if owner.act is placeholder:  # else replaced since inject: that module stays, the taken-over one goes
+            if not for_hook and has_hooks(placeholder):
+                name = getattr(placeholder, "mlp_name", "mlp")
+                warn_user(f"unload drops the hooks registered on {name}.act after inject: they were on the stand-in "
+                          "for the activation the adapted fc2 computed (recompute_activation=True), which unload "
+                          f"replaces by the activation itself. Register them again on {name}.act")
             owner.act = activation
         del self.input_activation  # out of the module tree, then a plain attribute again
         self.input_activation = None

@@ -11,8 +11,8 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "adaptable_linears", "classifier_head", "find_targets", "head_parameter_names",
-           "require_no_peft_model", "require_nothing_else_trained", "require_module", "require_one_head",
-           "require_not_data_parallel", "require_values", "trained_parameters", "unwrap_model"]
+           "require_no_inner_wrappers", "require_no_peft_model", "require_nothing_else_trained", "require_module",
+           "require_one_head", "require_not_data_parallel", "require_values", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -31,6 +31,32 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+# Wrappers that put a name of their own between a module and its parent's: torch.compile's, activation checkpointing's
+# (torch.distributed's checkpoint_wrapper, which Lightning's FSDP applies) and FSDP's. How to keep the names, for each.
+_NAME_WRAPPERS = {
+    "_orig_mod": ("torch.compile", "Compile it in place ({path}.compile(), which keeps the names) or compile the "
+                                   "whole model"),
+    "_checkpoint_wrapped_module": ("checkpoint_wrapper", "Checkpoint with timm's model.set_grad_checkpointing(), which "
+                                                         "keeps the names"),
+    "_fsdp_wrapped_module": ("FullyShardedDataParallel", "Save from a model that FSDP does not wrap"),
+}
+
+
+def require_no_inner_wrappers(model: nn.Module, function: str) -> None:
+    """Refuse a model holding a wrapper below its top (a regionally compiled block): its modules' names carry the
+    wrapper's ``_orig_mod.``, which files and graphs would record and a plain model of the architecture does not have.
+    A wrapper around the whole model is unwrapped by every function (``unwrap_model``)."""
+    for name, module in unwrap_model(model).named_modules():
+        for attribute, (wrapper, fix) in _NAME_WRAPPERS.items():
+            if name and isinstance(getattr(module, attribute, None), nn.Module):
+                path = "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split("."))
+                raise ValueError(
+                    f"nv.{function}: {name} is wrapped by {wrapper}, so the names of the layers inside it carry "
+                    f"'{attribute}.', which adapter files and graphs do not record (the model they load onto has "
+                    f"no such names). {fix.format(path=path)}; to go on with this model, put back the module it "
+                    f"wraps: {path} = {path}.{attribute}")
 
 
 def require_module(model: object, function: str, *, adaptable: bool = True) -> None:

@@ -53,7 +53,13 @@ from ..core.layer import adapted_layers, as_factors
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
-from ..core.targets import require_module, require_nothing_else_trained, require_values, trained_parameters
+from ..core.targets import (
+    require_module,
+    require_no_inner_wrappers,
+    require_nothing_else_trained,
+    require_values,
+    trained_parameters,
+)
 from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
@@ -81,6 +87,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     path = check_path(path, "export_onnx's path")
     check_bool(tasks_as_inputs, "export_onnx: tasks_as_inputs")
     model = unwrap_model(model)
+    if tasks_as_inputs:  # its inputs are named as in adapter files
+        require_no_inner_wrappers(model, "export_onnx")
     _refuse_replacing_other_files(Path(path))
     if input_size is not None:
         _check_input_size(input_size, model)
@@ -437,7 +445,7 @@ def _is_onnx_graph(path: Path) -> bool:
     if path.stat().st_size >= _LARGEST_GRAPH_FILE:
         return False
     try:
-        onnx = _import_onnx()
+        _import_onnx()
     except ImportError:  # the merged export needs no onnx package: the first bytes decide
         return True
     from google.protobuf.message import DecodeError  # onnx's own dependency
