@@ -135,3 +135,20 @@ def test_export_onnx_names_an_input_size_a_dynamic_size_vit_cannot_be_exported_a
     with pytest.raises(ValueError, match=message):
         nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_onnx_names_input_size_for_a_model_that_records_no_image_size_and_fails_at_the_pretrained_one(
+        images, tmp_path):
+    # Hiera keeps no img_size: the export traced it at its pretrained config's 224 and failed deep inside torch
+    hiera = timm.create_model("hiera_tiny_224", pretrained=False, img_size=32, embed_dim=16, num_heads=1,
+                              stages=(1, 1, 1, 1), num_classes=3)
+    model = nv.inject(hiera, nv.LoRAConfig(rank=2, targets=["attn.qkv"]))
+    with pytest.raises(ValueError, match=r"Hiera records no image size of its own, and a pass at its pretrained "
+                                         r"config's 224×224 fails .*pass input_size=\(3, H, W\)"):
+        nv.export_onnx(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists() and model.training  # its mode is given back
+    ort = pytest.importorskip("onnxruntime")
+    path = nv.export_onnx(model, tmp_path / "model.onnx", input_size=(3, 32, 32))
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    assert abs(ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})[0] - expected).max() < 1e-4

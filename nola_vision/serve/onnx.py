@@ -108,7 +108,11 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     if parameter.dtype == torch.float64:
         raise ValueError("ONNX Runtime has no float64 Conv on the CPU, so the graph of a float64 model would not load "
                          "there: export a float32 copy (copy.deepcopy(model).float())")
-    images = torch.zeros(2, *(input_size or _input_size(model)), device=parameter.device, dtype=parameter.dtype)
+    if input_size is None:
+        input_size = _input_size(model)
+        if getattr(getattr(model, "patch_embed", None), "img_size", None) is None:
+            _require_runs_at(model, input_size, parameter)
+    images = torch.zeros(2, *input_size, device=parameter.device, dtype=parameter.dtype)
     if not tasks_as_inputs:
         # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
         served = merge(copy.deepcopy(model)) if adapter_state(model) is not None else model
@@ -292,6 +296,19 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
     if "input_size" not in cfg:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes: pass input_size=(3, H, W)")
     return tuple(cfg["input_size"])
+
+
+def _require_runs_at(model: nn.Module, size: Tuple[int, ...], parameter: Tensor) -> None:
+    """Refuse the pretrained config's image size for a model that records no size of its own (Hiera, LeViT) where it
+    fails at that size: built for another one, its trace failed deep inside torch with a shape mismatch."""
+    images = torch.zeros(1, *size, device=parameter.device, dtype=parameter.dtype)
+    try:
+        with _as_served(model):
+            model(images)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise ValueError(f"export_onnx: {type(model).__name__} records no image size of its own, and a pass at its "
+                         f"pretrained config's {size[1]}×{size[2]} fails ({type(error).__name__}: {error}); pass "
+                         "input_size=(3, H, W), the size it was built for") from error
 
 
 def _image_channels(embed: nn.Module) -> Optional[int]:
