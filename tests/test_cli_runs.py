@@ -52,6 +52,22 @@ def test_a_second_fit_into_a_finished_runs_folder_is_refused_and_resuming_it_is_
                "--ckpt_path", "last")[0] == 0
 
 
+def test_a_run_killed_between_its_epoch_checkpoint_and_last_ckpt_is_resumed_from_the_checkpoint_it_names(tmp_path,
+                                                                                                          capsys):
+    # Lightning writes epoch=E-step=S.ckpt, then last.ckpt: a kill between them kept one, and both messages sent the
+    # user to --ckpt_path last, which then found nothing to resume
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--test_after_fit", "false", "--trainer.max_epochs", 1]
+    assert run(capsys, *fit)[0] == 0
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()
+    epoch = next((tmp_path / "checkpoints").glob("epoch=0-step=*.ckpt"))
+    code, err = run(capsys, *fit, "--data.split_seed", 7)
+    assert code == 2 and "already holds another run" in err and f"--ckpt_path {epoch} (its newest checkpoint" in err
+    code, err = run(capsys, *fit[:-1], 2, "--ckpt_path", "last")
+    assert code == 2 and f"no last.ckpt under {tmp_path}" in err and f"to resume, pass --ckpt_path {epoch}" in err
+    assert run(capsys, *fit[:-1], 2, "--ckpt_path", epoch)[0] == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
 def test_a_resumed_run_trains_exactly_as_the_uninterrupted_run(tmp_path, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     fit = [*FIT, "--test_after_fit", "false", "--data.augment", "paper"]  # random crops, jitter and flips as well

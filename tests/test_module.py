@@ -191,6 +191,26 @@ def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
         FewShotClassifier.load_from_checkpoint(ckpt, backbone_seed=1)
 
 
+def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
+    # torch.load does not check the zip's CRCs: a flipped exponent bit made head weights 1e37, and test scored them
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    trainer(tmp_path, epochs=1).fit(model, loader())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    data = bytearray(ckpt.read_bytes())
+    weights = model.model.head.weight.detach().numpy().tobytes()
+    at = data.find(weights)
+    assert at > 0 and data.find(weights, at + 1) < 0
+    data[at + 3] ^= 0x40  # the exponent of the head's first weight
+    ckpt.write_bytes(data)
+    with pytest.raises(ValueError, match=r"trained tensors are not those it was saved with .*damaged .*Use another "
+                                         "checkpoint of the run, or the adapter it exported"):
+        FewShotClassifier.load_from_checkpoint(ckpt)
+    edited = torch.load(ckpt, weights_only=False)
+    del edited["nola_vision"]["trained_sha256"]  # written before the hash was recorded: loads as before
+    torch.save(edited, tmp_path / "older.ckpt")
+    FewShotClassifier.load_from_checkpoint(tmp_path / "older.ckpt")
+
+
 def _checkpoint_of(model: FewShotClassifier) -> dict:
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)  # what Lightning writes

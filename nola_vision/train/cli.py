@@ -188,11 +188,12 @@ class RunConfigSaver(SaveConfigCallback):
                                                  or Path(checkpoint).resolve().parent == own)
         if exists and kept and stage == "fit" and not resumes_it:
             given = f" (--ckpt_path {checkpoint} belongs to another folder)" if checkpoint is not None else ""
+            resume = _how_to_resume([path.parent / "checkpoints"])
             raise ValueError(
                 f"{path.parent} already holds another run ({path.name}, its checkpoints and exported adapter), which "
                 f"this fit would overwrite{given}: a run without a logger writes straight into "
                 "--trainer.default_root_dir. Choose another --trainer.default_root_dir, keep the logger (each run then "
-                "gets its own version_N folder), or resume that run with --ckpt_path last")
+                f"gets its own version_N folder), or resume that run with {resume}")
         if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
@@ -526,6 +527,16 @@ def _same_local_file(path: Path, given: Any) -> bool:
         return False
 
 
+def _how_to_resume(folders: Sequence[Path]) -> str:
+    """How to resume the run kept in ``folders`` (checkpoint folders): ``--ckpt_path last``, or, where a run was killed
+    between Lightning's epoch checkpoint and ``last.ckpt`` (which it writes second), the newest checkpoint's path."""
+    kept = [p for folder in folders for p in Path(folder).glob("*.ckpt")]
+    if not kept or any(re.fullmatch(r"last(-v\d+)?", p.stem) for p in kept):
+        return "--ckpt_path last"
+    newest = max(kept, key=lambda p: p.stat().st_mtime)
+    return f"--ckpt_path {newest} (its newest checkpoint: it stopped before writing last.ckpt)"
+
+
 def _holds_work(folder: Path) -> bool:
     """Whether a run folder holds what a run kept: a checkpoint or an exported adapter."""
     return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter").is_dir()
@@ -594,6 +605,11 @@ class NolaCLI(LightningCLI):
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")
                 where += f" nor in {', '.join(map(str, dirpaths))} (its ModelCheckpoint dirpath)" if dirpaths else ""
+                folders = [Path(run or root) / "checkpoints", *map(Path, dirpaths),
+                           *(() if run else Path(root).glob("*/*/checkpoints"))]
+                resume = _how_to_resume(folders)
+                if resume != "--ckpt_path last":
+                    raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}; to resume, pass {resume}")
                 raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}: nothing to resume. Pass "
                                         "--trainer.default_root_dir of the run, or a checkpoint path")
         subcommand = self.config.get("subcommand")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import itertools
 import math
 import os
@@ -675,6 +676,7 @@ class FewShotClassifier(L.LightningModule):
                                     if _plain_key(k) in trained}
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
+                                     "trained_sha256": _tensors_sha256(checkpoint["state_dict"]),
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
@@ -717,6 +719,13 @@ class FewShotClassifier(L.LightningModule):
                        f"{own[key].shape[0]} outputs (its num_classes, which the CLI takes from the data); evaluate it "
                        "on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
+        recorded = info.get("trained_sha256")  # older checkpoints record none
+        if recorded is not None and _tensors_sha256(
+                {_plain_key(k): v for k, v in checkpoint["state_dict"].items() if _plain_key(k) in saved}) != recorded:
+            raise ValueError("the checkpoint's trained tensors are not those it was saved with (their sha256 differs "
+                             "from the one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load "
+                             "does not check its zip's CRCs) or edited. Use another checkpoint of the run, or the "
+                             "adapter it exported")
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
         if self._trainer is not None and self._trainer.state.fn == "fit" and not self._restores_tuner_checkpoint():
@@ -944,6 +953,17 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
+
+
+def _tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over tensors' names, dtypes, shapes and bytes, in name order: what a checkpoint records of its trained
+    tensors, so that a damaged file is refused instead of evaluated."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 _COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
