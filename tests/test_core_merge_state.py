@@ -392,6 +392,28 @@ def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keep
     assert all(layer.merged for layer in nv.adapted_layers(model).values())
 
 
+def test_a_float16_merge_whose_scaled_factor_leaves_float16_but_whose_update_fits_is_exact(tmp_path):
+    # scaling 200 makes the scaled A 2e5 (inf in float16) for a ΔW of 40: the factors cast to float16 before the
+    # product wrote inf into the frozen weights, which neither unmerge nor a switch could give back
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, alpha=400.0, targets=["attn.qkv"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                parameter.fill_(1000.0 if name.endswith("lora_A") else 1e-4)
+    task = nv.save_adapter(model, tmp_path / "task")
+    before, expected = _weights(model.half()), {}
+    for name, layer in nv.adapted_layers(model).items():
+        expected[name] = (before[name].float() + layer.get_delta_weight().float()).half()  # formed in float32
+    nv.merge(model)
+    for name, layer in nv.adapted_layers(model).items():
+        assert torch.equal(layer.weight, expected[name]), name
+    nv.load_adapter(model, task)  # a switch to the same task: the weights of a fresh merge
+    nv.unmerge(model)
+    assert all(torch.equal(layer.weight, before[name]) for name, layer in nv.adapted_layers(model).items())
+    merged = nv.merge_and_unload(model)
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
 def _float16_weight_near_its_largest_value():
     """A float16 LoRA model whose fc2 weight has 60000 at [0, 0] and whose ΔW adds 15 there."""
     model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=1, targets=["mlp.fc2"])).half()
@@ -723,7 +745,7 @@ def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_e
     with torch.no_grad():
         layer.weight.copy_(other)
     nv.unmerge(model)
-    expected = other.clone().addmm_(b.t().to(torch.bfloat16), -a.t().to(torch.bfloat16))
+    expected = other.float().addmm_(b.t().float(), -a.t().float()).to(torch.bfloat16)  # formed in float32
     assert torch.equal(layer.weight, expected), name
 
 

@@ -184,6 +184,13 @@ def test_a_parametrized_linear_and_a_zero_scale_are_refused():
         nv.NOLAConfig(scale=0)
     with pytest.raises(ValueError, match="LoRAConfig.alpha is 0"):
         nv.LoRAConfig(alpha=0.0)
+    # scaled in float32, these made ΔW and every gradient exactly zero as well, without a word
+    for config, field in ((lambda v: nv.NOLAConfig(scale=v), "NOLAConfig.scale"),
+                          (lambda v: nv.LoRAConfig(alpha=v), "LoRAConfig.alpha")):
+        for value in (1e-300, -1e-45):
+            with pytest.raises(ValueError, match=rf"{field} is {value:g}, below float32's smallest normal number"):
+                config(value)
+        config(1e-30)  # small but a float32 number: accepted
 
 
 def test_targets_that_cannot_fit_say_why():
