@@ -183,6 +183,27 @@ def test_resume_starts_from_the_checkpoints_weights_and_ends_as_an_uninterrupted
         torch.testing.assert_close(resumed.trained_state_dict()[key], value, rtol=0, atol=1e-7, msg=key)
 
 
+def test_a_run_under_a_gradient_accumulation_schedule_resumes_and_another_schedule_is_refused(tmp_path):
+    # the checkpoint recorded the trainer's value of its epoch (2): the resume, whose trainer holds 1 until the
+    # callback sets it, was refused, and passing 2 is refused by Lightning beside the callback
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    def fit(root, schedule, ckpt_path=None, **kwargs):
+        model = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)
+        run = trainer(root, epochs=3, callbacks=[GradientAccumulationScheduler(schedule)], **kwargs)
+        run.fit(model, loader(), ckpt_path=ckpt_path)
+        return run
+
+    fit(tmp_path / "first", {0: 1, 1: 2}, max_steps=6)  # stopped after epoch 1, accumulating 2 batches
+    ckpt = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert fit(tmp_path / "resumed", {0: 1, 1: 2}, ckpt_path=ckpt).current_epoch == 3
+    with pytest.raises(ValueError, match=r"trainer.accumulate_grad_batches \{'GradientAccumulationScheduler': "
+                                         r"\{0: 1, 1: 4\}\} \(checkpoint: \{'GradientAccumulationScheduler': "
+                                         r"\{0: 1, 1: 2\}"):
+        fit(tmp_path / "other", {0: 1, 1: 4}, ckpt_path=ckpt)
+
+
 def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
     trainer(tmp_path, epochs=1).fit(model, loader())
@@ -430,6 +451,28 @@ def test_lr_finders_rate_is_the_heads_too_unless_head_lr_was_given():
     with pytest.raises(ValueError, match=r"min_lr \(1e-06\) exceeds lr \(1e-07\), which was set after the "
                                          r"classifier was built \(by Lightning's lr_find\?\)"):
         given.configure_optimizers()
+
+
+def test_the_learning_rate_finder_callbacks_rate_is_the_one_trained_and_recorded(tmp_path):
+    # the callback sets its rate at fit start, after configure_optimizers: every group trained at the recipe's rate
+    # (after a warning of a resume that was none) while checkpoints recorded the found one beside the old head rate
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, warmup_epochs=0, **TINY)
+    ratio = model.hparams.head_lr / model.hparams.lr
+    finder = LearningRateFinder(min_lr=1e-4, max_lr=1e-1, num_training_steps=16, early_stop_threshold=None)
+    t = trainer(tmp_path, epochs=2, callbacks=[finder])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, loader(96))  # 12 steps an epoch: the finder's 16 steps run within the fit's 2 epochs
+    found = finder.optimal_lr.suggestion()
+    assert found is not None and found != 1e-3 and not [w for w in caught if "resuming at epoch" in str(w.message)]
+    head = {id(p) for p in model.model.head.parameters()}
+    trained = {("head" if id(g["params"][0]) in head else "adapter"): g["initial_lr"]
+               for g in t.optimizers[0].param_groups}
+    assert trained == pytest.approx({"adapter": found, "head": found * ratio})
+    saved = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=False)["hyper_parameters"]
+    assert (saved["lr"], saved["head_lr"]) == pytest.approx((found, found * ratio))
 
 
 def test_loggers_record_the_warmup_and_rates_a_fit_resolved():

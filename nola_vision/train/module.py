@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, Timer
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -432,6 +432,7 @@ class FewShotClassifier(L.LightningModule):
         # what loggers record (hparams_initial, logged after this): the rates and warm-up this fit resolved
         self.save_hyperparameters(dict(hp))
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
+        self._configured_lr = hp.lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def _follow_a_changed_lr(self) -> None:
@@ -821,6 +822,13 @@ class FewShotClassifier(L.LightningModule):
         with a warning: its optimizer starts afresh."""
         self._warn_if_steps_end_the_schedule_early()
         epoch = self.trainer.current_epoch
+        if self._lr_set_since_the_optimizer_was_built():
+            # Lightning's LearningRateFinder callback sets its rate at fit start, after configure_optimizers: every
+            # group at that rate, under a schedule built for the old one, while checkpoints recorded the new one
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the head follows at its ratio, the schedule too
+            for logger in self.loggers:
+                logger.log_hyperparams(self.hparams)
+            return
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
@@ -843,6 +851,14 @@ class FewShotClassifier(L.LightningModule):
                            "Training on at this run's schedule; the earlier epochs followed the other's, so the result "
                            "is not that of an uninterrupted run")
             _set_rates(scheduler)
+
+    def _lr_set_since_the_optimizer_was_built(self) -> bool:
+        """Whether ``hparams.lr`` changed after ``configure_optimizers``, before any step of a fresh fit (no schedule
+        restored from a checkpoint)."""
+        configured = getattr(self, "_configured_lr", None)  # absent from older pickles
+        schedules = self.trainer.lr_scheduler_configs
+        return (configured is not None and self.hparams.lr != configured and self.trainer.current_epoch == 0
+                and all(getattr(config.scheduler, "last_epoch", 0) == 0 for config in schedules))
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
@@ -1061,6 +1077,12 @@ def training_settings(trainer: Any) -> Optional[Dict[str, Any]]:
     if trainer is None:
         return None
     values = {name: getattr(trainer, name, None) for name in TRAINER_TRAINING_SETTINGS}
+    # Under a GradientAccumulationScheduler the trainer's value is the callback's for the epoch: its schedule is the
+    # setting (the value of a later epoch refused a resume that nothing could match)
+    schedules = [dict(callback.scheduling) for callback in getattr(trainer, "callbacks", [])
+                 if isinstance(callback, GradientAccumulationScheduler)]
+    if schedules and "accumulate_grad_batches" in values:
+        values["accumulate_grad_batches"] = {"GradientAccumulationScheduler": schedules[0]}
     return {name: value.value if isinstance(value, enum.Enum) else value for name, value in values.items()}
 
 
