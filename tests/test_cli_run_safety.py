@@ -89,6 +89,24 @@ def test_a_fit_sharing_its_adapter_dir_or_result_file_with_a_running_fit_is_refu
     assert (tmp_path / "adapter").is_dir() and (tmp_path / "result.json").is_file()
 
 
+@pytest.mark.parametrize("shared, option", [("adapter", "--model.adapter_dir"), ("result.json", "--result_file")])
+def test_a_fit_naming_a_running_fits_output_through_a_symlink_is_refused_too(tmp_path, capsys, shared, option):
+    # the lock was named after the path as given (.alias.fit-running): both fits ran and exported into one folder
+    held = hold_fit_lock(tmp_path)
+    os.rename(tmp_path / FIT_LOCK, tmp_path / f".{shared}{FIT_LOCK}")
+    if shared == "adapter":
+        (tmp_path / shared).mkdir()
+    (tmp_path / "links").mkdir()
+    alias = tmp_path / "links" / "alias"
+    alias.symlink_to(tmp_path / shared)  # a dangling link for the result: written through
+    try:
+        code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", option, alias)
+    finally:
+        os.close(held)
+    assert code == 2 and f"another fit is writing {option} {tmp_path / 'links' / 'alias'} now" in " ".join(err.split())
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_fit_holds_its_adapter_dir_and_result_file_locks_until_its_result_is_written(tmp_path, capsys, monkeypatch):
     """The locks were let go when trainer.fit returned, before the test pass and the result's write: a second fit could
     export over the adapter meanwhile, and the first run's result then described the other run's adapter."""

@@ -317,3 +317,33 @@ def test_a_missing_folder_that_cannot_be_made_names_the_folder_that_refused_it(t
     monkeypatch.setattr(Path, "mkdir", refused)
     with pytest.raises(PermissionError, match=rf"may not create files in {re.escape(str(tmp_path))} \(Permission"):
         storage.write_bytes_atomic(tmp_path / "new" / "sub" / "graph.onnx", b"graph")
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_file_or_link_put_at_the_adapter_path_while_it_saves_is_left_there_and_the_save_refused(tmp_path,
+                                                                                                  monkeypatch, kind):
+    # the exchange swapped it out to a hidden .task.staged-* name, left there for good (a file) or, for a link, made
+    # the folder it points to mode 0700; the save returned as if nothing happened
+    target, shared = tmp_path / "task", tmp_path / "shared"
+    nv.save_adapter(trained(0), target)
+    shared.mkdir(mode=0o755)
+    swap_in = storage._swap_in
+
+    def another_process_first(staged, at):
+        monkeypatch.setattr(storage, "_swap_in", swap_in)
+        for entry in at.iterdir():
+            entry.unlink()
+        at.rmdir()
+        if kind == "file":
+            at.write_text("notes\n")
+        else:
+            at.symlink_to(shared)
+        swap_in(staged, at)
+
+    monkeypatch.setattr(storage, "_swap_in", another_process_first)
+    with pytest.raises(ValueError, match=rf"task became a {'file' if kind == 'file' else 'symbolic link'} while the "
+                                         "save ran .*nothing was saved: it was left in place"):
+        nv.save_adapter(trained(1), target)
+    assert (target.read_text() == "notes\n") if kind == "file" else (target.readlink() == shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and not any(shared.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".task.lock", "shared", "task"]

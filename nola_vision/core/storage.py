@@ -505,6 +505,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
                 _copy_access(target, old, staged)
             new_set = set(os.listdir(staged))
             _swap_in(staged, target)
+            _refuse_swapped_out_non_directory(staged, target)
             if keep_others:  # the old set now lies at ``staged``
                 _carry_over_late_entries(staged, target, new_set)
             _fsync_directory(target.parent)
@@ -934,6 +935,16 @@ def _swap_in(staged: Path, target: Path) -> None:
     os.rename(old, staged)
 
 
+def _refuse_swapped_out_non_directory(old: Path, target: Path) -> None:
+    """Put back, and refuse, a file or symlink that another process put at ``target`` after this save checked it (the
+    exchange swapped it out to ``old``, where it was hidden and then removed with the old set)."""
+    if os.path.lexists(old) and (os.path.islink(old) or not os.path.isdir(old)):
+        _swap_in(old, target)  # the new set back at ``old`` (removed with it), the entry back at ``target``
+        kind = "a symbolic link" if os.path.islink(target) else "a file"
+        raise ValueError(f"{target} became {kind} while the save ran (another process put it there), so nothing was "
+                         "saved: it was left in place. Save to another path, or move it away and save again")
+
+
 def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str]) -> None:
     """Move into the new set ``target`` each entry of the old set ``old`` (after the swap) that is not one of the
     ``new_set`` names it was made with: created in the old directory after its entries were linked (by a writer that
@@ -1007,6 +1018,9 @@ def _remove_tree(path: Path) -> None:
     if mounted is not None:
         warn_user(f"{path} was left in place: {mounted} in it is a mount point, whose files a removal would "
                   f"delete. Unmount it (umount {mounted}), then remove {path}", RuntimeWarning)
+        return
+    if os.path.islink(path) or not os.path.isdir(path):  # chmod would change the mode of a link's target
+        os.unlink(path)
         return
     try:
         os.chmod(path, 0o700)

@@ -464,15 +464,18 @@ def _config_savers(trainer: Trainer) -> List[RunConfigSaver]:
 
 
 def _output_lock_path(output: Path) -> Path:
-    """``.<name>.fit-running`` beside a fit's output: the lock a fit writing it holds until it ends."""
-    return output.parent / f".{output.name}{FIT_LOCK}"
+    """``.<name>.fit-running`` beside a fit's output, symlinks resolved (the exports write through them, so two fits
+    naming one folder by two paths share its lock): the lock a fit writing it holds until it ends."""
+    real = Path(os.path.realpath(output))
+    return real.parent / f".{real.name}{FIT_LOCK}"
 
 
 def _lock_run_output(output: Path) -> Optional[int]:
     """A descriptor holding the exclusive lock on ``_output_lock_path(output)`` until it is closed (its folder made),
     or None when another process holds it."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return try_lock(_output_lock_path(output))
+    lock = _output_lock_path(output)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return try_lock(lock)
 
 
 # The line a run puts under LightningCLI's header in the config.yaml it saves (RunConfigSaver.save_config).
