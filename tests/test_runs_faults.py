@@ -420,10 +420,32 @@ def test_a_grown_tpe_study_whose_new_choice_its_protocol_row_refuses_leaves_best
     first = run_tune([TINY], grid, n_trials=1, **kw)["params"]["model.lr"]
     best = tmp_path / "out" / "t" / "best.json"
     before = best.read_text()
-    with pytest.raises(ValueError, match=r"the search now chooses --model\.lr 0\.004 .* Do not delete .* for tune: "
+    with pytest.raises(ValueError, match=r"the search now chooses --model\.lr 0\.004 .* to redo it \(not .*t itself: "
                                          r"it holds the study too"):
         run_tune([TINY], grid, n_trials=8, **kw)
     assert first != 0.004 and best.read_text() == before
     table = (tmp_path / "out" / "t" / "tune_results.md").read_text()
     chosen = [line for line in table.splitlines() if "Chosen" in line]
     assert not any("0.004" in line for line in chosen)  # the trials table is rewritten; no choice names it
+
+
+def test_a_finished_search_whose_unchanged_choice_its_row_refuses_says_so_without_a_new_choice(tmp_path, monkeypatch):
+    # test images changed under a finished row: the refusal said "the search now chooses" the same values, and both
+    # "delete <row> to redo this one" and "do not delete <row>"
+    import nola_vision.runs.tune as tune
+
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=VAL, python=lr_scored_fit(tmp_path),
+              protocol_split_seeds=[0], protocol_init_seeds=[0], echo=False)
+    grid = {"model.lr": [0.001, 0.002]}
+    run_tune([TINY], grid, **kw)
+
+    def refused(*args, redo, **kwargs):
+        raise ValueError(f"<row> was made on other images; pass another --name, or {redo}")
+
+    monkeypatch.setattr(tune, "open_row", refused)
+    with pytest.raises(ValueError) as refusal:
+        run_tune([TINY], grid, **kw)
+    message = str(refusal.value)
+    assert message.startswith("the protocol row of the search's choice, --model.lr 0.002 (trial #0), cannot take "
+                              "more runs: <row> was made on other images")
+    assert "now chooses" not in message and "to redo it (not " in message and "holds the study too" in message

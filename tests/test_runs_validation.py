@@ -96,7 +96,7 @@ def test_a_grid_key_or_value_that_fit_does_not_take_is_refused_before_any_trial(
 
 
 def test_grid_keys_of_the_adapters_init_args_are_fit_options(fit_options):
-    fit_options({"model.adapter.init_args.scale": [1, 4], "model.lr": [1e-3, 5e-3], "data.shots": [1, 2]})
+    fit_options({"model.adapter.init_args.scale": [1, 4], "model.lr": [1e-3, 5e-3], "data.augment": ["none", "paper"]})
 
 
 def test_overrides_that_fit_does_not_take_are_refused_before_any_trial(fit_options):
@@ -108,7 +108,7 @@ def test_overrides_that_fit_does_not_take_are_refused_before_any_trial(fit_optio
 
 def test_tune_exits_non_zero_when_no_trial_completed(tmp_path, capsys):
     code = main(["tune", "-c", TINY, "--out", str(tmp_path), "--name", "t", *FAST, "--skip_protocol",
-                 "--grid", f"data.root={tmp_path / 'missing'}", "--data.dataset", "imagefolder"])
+                 "--grid", "model.lr=1e-3", "--data.root", str(tmp_path / "missing"), "--data.dataset", "imagefolder"])
     err = capsys.readouterr().err
     assert code == 1 and "no trial completed (1 failed" in err
     assert not (tmp_path / "t" / "best.json").exists()

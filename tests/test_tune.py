@@ -146,10 +146,15 @@ def test_a_diverging_grid_point_counts_as_the_worst_score_and_the_search_chooses
                  skip_protocol=True, overrides=FAST)
 
 
-def test_every_validation_shots_value_of_a_grid_is_checked_before_the_first_trial(tmp_path):
-    with pytest.raises(ValueError, match=r"--grid data.val_shots=0: .*that point would have no validation images"):
-        run_tune([TINY], {"data.val_shots": [2, 0]}, out=str(tmp_path / "out"), name="t", skip_protocol=True,
-                 overrides=["--trainer.max_epochs", "1", "--data.shots", "2"])
+@pytest.mark.parametrize("key, values", [("data.val_shots", [2, 3]), ("data.shots", [2, 5]),
+                                         ("data.root", ["/a", "/b"]), ("data.dataset", ["cifar10", "cifar100"])])
+def test_a_grid_over_the_images_trained_or_validated_on_is_refused_before_the_first_trial(tmp_path, key, values):
+    # validation accuracies on other images choose nothing; trial results also recorded the base root's images only,
+    # so a grid root's changed images went unseen and its stale score was reused
+    with pytest.raises(ValueError, match=rf"--grid {key}: .*measure other tasks and choose nothing. Search one "
+                                         rf"setting per study: --{key} as an override"):
+        run_tune([TINY], {"model.lr": [1e-3], key: values}, out=str(tmp_path / "out"), name="t", skip_protocol=True,
+                 overrides=["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "1"])
     assert not (tmp_path / "out").exists()
 
 

@@ -306,22 +306,23 @@ class Row:
 
 
 def open_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence[str],
-             run_overrides: Optional[Sequence[str]] = None) -> Row:
+             run_overrides: Optional[Sequence[str]] = None, redo: Optional[str] = None) -> Row:
     """Set up the row ``<out>/<name>`` before any of its runs, as every row is set up (protocol's fits, the k-NN
     baseline): refuse a run command line fit would refuse (``check_fit_arguments``), a name that is not one folder
     name or paths that cannot be written, settings other than those the row's runs were made with (``claim_row``)
     and images other than those they read (``check_row_data``).
 
     ``overrides``: what the row is keyed by (``config_key``); ``run_overrides``: the overrides of each run's command
-    line, when they differ (default ``overrides``)."""
+    line, when they differ (default ``overrides``); ``redo``: how a refusal says to redo the row (default: delete
+    its folder)."""
     data = check_fit_arguments(configs, overrides if run_overrides is None else run_overrides).data
     key = config_key(configs, overrides)
     check_output_paths(out, name)
     root = row_folder(out, name)
-    key = claim_row(root, key)
+    key = claim_row(root, key, redo)
     images = data_digests(data.dataset, data.root)
     if images is not None:  # else the first run downloads the data
-        check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}")
+        check_row_data(root, images, f"dataset {data.dataset} under --data.root {data.root}", redo)
     return Row(root=root, key=key, dataset=data.dataset, data_root=data.root, images=images)
 
 

@@ -459,10 +459,10 @@ def image_changes(recorded: Any, digests: Optional[Dict[str, str]]) -> List[str]
             if recorded.get(split) not in (None, digest)]
 
 
-def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
+def check_row_data(root: Path, digests: Dict[str, str], data: str, redo: Optional[str] = None) -> None:
     """Refuse to add runs to the row ``root`` when its finished runs recorded other images than ``data`` (the
     dataset and root, for the message) holds now: the row would average runs on two data sets, as it would runs of
-    two config files (``claim_row``)."""
+    two config files (``claim_row``). ``redo``: how to redo the row (default: delete ``root``)."""
     for path in sorted(root.glob(f"*/{RESULT_FILE}")):
         result = read_result(path)
         recorded = result.get("data") if RUN_FOLDER.fullmatch(path.parent.name) and counted(result) else None
@@ -472,19 +472,24 @@ def check_row_data(root: Path, digests: Dict[str, str], data: str) -> None:
         if changed:
             raise ValueError(f"{path.parent} was made on other images than {data} holds now ({'; '.join(changed)}); "
                              f"their results would be averaged into one row. Restore the data as it was, pass another "
-                             f"--name for a separate row, or delete {root} to redo this one")
+                             f"--name for a separate row, or {redo or _redo(root)}")
 
 
-def claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+def claim_row(root: Path, key: Dict[str, Any], redo: Optional[str] = None) -> Dict[str, Any]:
     """Record the row's settings in ``<root>/config.json``, or refuse when its runs were made with others; returns the
     key the row records (``key``, or the one recorded for the same settings: ``same_settings``), whose hash its
     results carry. Two commands starting on one row take turns (``writer_lock``): the second compares its settings
-    with those the first recorded, never records its own over them."""
+    with those the first recorded, never records its own over them. ``redo``: how a refusal says to redo the row
+    (default: delete ``root``)."""
     with writer_lock(root / CONFIG_FILE):
-        return _claim_row(root, key)
+        return _claim_row(root, key, redo or _redo(root))
 
 
-def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+def _redo(root: Path) -> str:
+    return f"delete {root} to redo this one"
+
+
+def _claim_row(root: Path, key: Dict[str, Any], redo: str) -> Dict[str, Any]:
     """``claim_row``'s read, compare and write, under its lock."""
     path = root / CONFIG_FILE
     refuse_foreign_file(path, _is_row_config, "a protocol row's config (a JSON object with its config_hash)",
@@ -497,7 +502,7 @@ def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
         hashes = {d.get("config_hash") for d in map(read_result, root.glob(f"*/{RESULT_FILE}")) if d}
         if hashes - {None, key["config_hash"]}:
             raise ValueError(f"{root} holds runs made with other settings than now; pass another --name for a "
-                             f"separate row, or delete {root} to redo it")
+                             f"separate row, or {redo}")
         write_json_atomic(path, {**key, EARLIER_HASHES: []})
         return key
     if old.get("config_hash") == key["config_hash"] or same_settings(old, key):
@@ -522,7 +527,7 @@ def _claim_row(root: Path, key: Dict[str, Any]) -> Dict[str, Any]:
         diffs.append(f"files the configs or overrides name (content sha256): {'; '.join(changed)}{earlier}")
     raise ValueError(f"{root} holds runs made with other settings ({'; '.join(diffs) or 'see ' + str(path)}); "
                      f"their results would be averaged into one row. Pass another --name for a separate row, "
-                     f"or delete {root} to redo this one")
+                     f"or {redo}")
 
 
 def _row_hashes(root: Path) -> Optional[Set[str]]:

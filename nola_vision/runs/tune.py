@@ -112,6 +112,15 @@ CONTROLLED = {
     "--ckpt_path": "each run trains from its own seeds; a checkpoint given to every run would make them one run "
                    "(its weights and random state), counted as several",
 }
+# Fit options a search cannot choose by validation accuracy: each value trains or validates on other images. (Trial
+# results also record the images of the base options only, so a changed image folder of one value went unseen.)
+NOT_SEARCHED = {
+    "data.dataset": "each dataset has other images and classes",
+    "data.root": "each root holds other images",
+    "data.shots": "each k trains on other (more or fewer) images",
+    "data.val_shots": "each value validates on another draw of images",
+    "data.allow_fewer": "it changes which images a short class trains and validates on",
+}
 Params = Dict[str, Any]
 # the splits trial fits read: their validation images are drawn from the train split; the test split is never read
 SELECTION_SPLITS = ("train",)
@@ -190,6 +199,10 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
 
     for key, values in grid.items():
         refuse_controlled_overrides([f"--{key}", *map(str, values[:1])], CONTROLLED, prog="tune")
+        if key in NOT_SEARCHED:
+            raise ValueError(f"--grid {key}: {NOT_SEARCHED[key]}, so the points' validation accuracies measure other "
+                             f"tasks and choose nothing. Search one setting per study: --{key} as an override (and "
+                             "one --name per value)")
     refuse_abbreviated_options([*overrides, *(f"--{key}" for key in grid)], "tune")
     parser = cli_parser()
     base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
@@ -691,13 +704,9 @@ def run_tune(
     refuse_controlled_configs(configs, CONTROLLED, prog="tune")
     refuse_controlled_overrides(overrides, CONTROLLED, prog="tune")
     check_grid(configs, overrides, grid)  # the configs and overrides parse as fit's
-    if _val_shots(configs, overrides) <= 0 and "data.val_shots" not in grid:
+    if _val_shots(configs, overrides) <= 0:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
-    for value in grid.get("data.val_shots", []):  # each point's fit must have validation images too
-        if _val_shots(configs, [*overrides, *_param_args({"data.val_shots": value})]) <= 0:
-            raise ValueError(f"--grid data.val_shots={value}: tune chooses on validation accuracy, and that point "
-                             "would have no validation images; give every value at least 1")
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"--n_trials {n_trials}: give at least 1 (or leave it out: grid runs until the grid is done, "
                          "tpe runs 20 trials)")
@@ -761,14 +770,17 @@ def run_tune(
     chosen = {"params": best.params, "val_acc": best.value, "trial": best.number,
               "overrides": _param_args(best.params), "selection_seeds": [list(s) for s in seeds]}
     if not skip_protocol:  # the protocol row takes the new values, or nothing names them (best.* stay as they were)
+        redo = (f"delete only the row's split*-init* folders, config.json and requested.json in {root} to redo it "
+                f"(not {root} itself: it holds the study too, tune.db and tune/)")
         try:
-            open_row(configs, out=out, name=name, overrides=[*overrides, *_param_args(best.params)])
+            open_row(configs, out=out, name=name, overrides=[*overrides, *_param_args(best.params)], redo=redo)
         except ValueError as error:
+            if _earlier_choice(root) == chosen["overrides"]:  # the row of the same choice refused (its data changed)
+                raise ValueError(f"the protocol row of the search's choice, {' '.join(chosen['overrides'])} (trial "
+                                 f"#{best.number}), cannot take more runs: {error}") from None
             raise ValueError(f"the search now chooses {' '.join(chosen['overrides'])} (trial #{best.number}), but "
-                             f"the protocol row cannot take it: {error}. Do not delete {root} for tune: it holds "
-                             "the study too (tune.db, tune/); to measure the new choice, delete only the row's "
-                             "split*-init* folders, config.json and requested.json there. best.json and best.yaml "
-                             "still name the earlier choice") from None
+                             f"the protocol row cannot take it: {error}. best.json and best.yaml still name the "
+                             "earlier choice") from None
     write_json_atomic(root / "best.json", chosen, check=_checked(root / "best.json"))
     write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
                       + yaml.safe_dump(_nested(best.params), sort_keys=True), check=_checked(root / "best.yaml"))
@@ -779,6 +791,14 @@ def run_tune(
         run_protocol(configs, out=out, name=name, split_seeds=protocol_split_seeds, init_seeds=protocol_init_seeds,
                      overrides=[*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
     return chosen
+
+
+def _earlier_choice(root: Path) -> Optional[List[str]]:
+    """The overrides ``best.json`` names (the choice of an earlier run of this search), or None."""
+    try:
+        return json.loads((root / "best.json").read_text()).get("overrides")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _is_best_json(path: Path) -> bool:
