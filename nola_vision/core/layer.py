@@ -489,7 +489,8 @@ class AdaptedLinear(nn.Module):
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if torch.is_grad_enabled() and frozen and not transforms_active():
+        # (TorchScript's tracer records the plain ops below: it cannot trace the training pass's autograd functions)
+        if torch.is_grad_enabled() and frozen and not transforms_active() and not torch.jit.is_tracing():
             # The factors in the product's dtype, as it would cast them: cast once per basis for all layers where
             # that was done, else here, so that what the layer keeps for backward never depends on it (a block that
             # checkpointing recomputes after another pass replaced the batched factors keeps what it kept before).
