@@ -333,3 +333,11 @@ def test_a_cache_folder_that_cannot_be_made_names_nola_vision_cache(tmp_path, mo
     monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path / "file"))
     with pytest.raises(OSError, match=r"cache folder .*file cannot be made .*point NOLA_VISION_CACHE at a folder"):
         assets.offline_backbone_file()
+
+
+@pytest.mark.parametrize("size", [(56, 84), 56.0, True])
+def test_an_offline_image_size_that_is_not_one_int_is_refused_before_the_cache_is_read(tmp_path, size):
+    # a pair reached timm's checkpoint filter as an input size and failed there with a bare TypeError
+    with pytest.raises((TypeError, ValueError), match=r"create_offline_backbone: img_size \(one side of a square"):
+        assets.create_offline_backbone(img_size=size, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

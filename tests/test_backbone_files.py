@@ -298,6 +298,23 @@ def test_a_file_of_another_width_names_the_shapes_and_backbone_kwargs(tmp_path):
                            **{**KW, "embed_dim": 32})
 
 
+@pytest.mark.parametrize("saved, built", [(dict(no_embed_class=True), {}), ({}, dict(reg_tokens=4))])
+def test_a_file_with_other_class_or_register_tokens_is_named_not_a_bare_reshape_error(tmp_path, saved, built):
+    # timm's resampling of the position embedding failed first: "shape '[1, 3, 3, -1]' is invalid for input ..."
+    kwargs = {**KW, "patch_size": 8}
+    source = timm.create_model(TINY, pretrained=False, num_classes=0, img_size=32, **kwargs, **saved)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"holds weights of other shapes than .*class/register tokens\?\): its "
+                                         r"pos_embed does not fit this model's tokens .*Build the backbone the file "
+                                         r"was saved from"):
+        build_backbone(TINY, 5, pretrained_file=str(tmp_path / "w.pth"), image_size=32, **kwargs, **built)
+    # the *_nola model's overlay blamed a damaged file ("point it at an intact ... state dict")
+    with pytest.raises(ValueError, match=r"w.pth holds weights of other shapes than vit_tiny_patch16_224_nola as built "
+                                         r"\(another embed_dim, mlp_ratio, or class/register tokens\?\)"):
+        timm.create_model(TINY + "_nola", pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "w.pth")},
+                          num_classes=5, img_size=32, nola_num_basis_a=16, nola_num_basis_b=16, **kwargs, **built)
+
+
 def test_a_file_of_another_patch_size_is_refused_not_resampled(tmp_path):
     """timm's checkpoint filter resamples a patch embedding to the built patch size (FlexiViT): a patch-16 file
     loaded into a patch-8 build gave another backbone than the file's, without a word. Another image size still

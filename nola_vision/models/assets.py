@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..core.checks import check_int
 from ..core.storage import atomic_path, file_sha256
 from .weights import check_backbone_keys, check_backbone_shapes
 
@@ -358,6 +359,7 @@ def create_offline_backbone(
     from safetensors import safe_open
     from timm.layers import resample_abs_pos_embed
 
+    img_size = check_int(img_size, "create_offline_backbone: img_size (one side of a square image)", at_least=1)
     check_offline_image_size(img_size, padded=bool(kwargs.get("dynamic_img_pad")))
     weights = offline_backbone_file(cache_dir)
     overlay = dict(file=str(weights), input_size=(3, img_size, img_size))

@@ -17,6 +17,7 @@ from .weights import (
     check_backbone_shapes,
     loaded_keys,
     local_dir_weights,
+    raised_for_other_shapes,
     read_state_dict,
 )
 from .zoo import check_model_name, download_failure
@@ -97,7 +98,7 @@ def build_backbone(
                 "point model.pretrained_file at a local .safetensors/.pth state dict of the backbone, or train from "
                 "random weights with model.pretrained false"))) from err
         except RuntimeError as err:
-            if path is None or "size mismatch" not in str(err):
+            if path is None or not raised_for_other_shapes(err):
                 raise
             raise ValueError(f"pretrained_file {path} holds weights of other shapes than {backbone}"
                              f"{f' built with backbone_kwargs {backbone_kwargs}' if backbone_kwargs else ''} "
@@ -144,9 +145,12 @@ def _refuse_builder_kwargs(kwargs: dict[str, Any], image_size: Optional[int], of
 
 
 def _first_mismatch(message: str) -> str:
-    """The first "size mismatch for <key>: ..." line of torch's load_state_dict error."""
+    """The first "size mismatch for <key>: ..." line of torch's load_state_dict error, or timm's reshape error as a
+    position embedding that does not fit."""
     lines = [line.strip() for line in message.splitlines() if "size mismatch" in line]
-    return lines[0] if lines else message.splitlines()[0]
+    if lines:
+        return lines[0]
+    return f"its pos_embed does not fit this model's tokens (timm's resampling: {message.splitlines()[0]})"
 
 
 def _refuse_dropped_border(model: nn.Module, backbone: str, native_exempt: bool = True) -> None:

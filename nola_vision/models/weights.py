@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -16,7 +17,15 @@ from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import METHODS
 
 __all__ = ["LOCAL_DIR", "OVERLAY_WEIGHT_SOURCES", "UnreadableWeights", "adapter_entries", "check_backbone_keys",
-           "check_backbone_shapes", "local_dir_weights", "loaded_keys", "read_state_dict"]
+           "check_backbone_shapes", "local_dir_weights", "loaded_keys", "raised_for_other_shapes", "read_state_dict"]
+
+def raised_for_other_shapes(error: BaseException) -> bool:
+    """Whether loading a weights file raised for its shapes: torch's load_state_dict ("size mismatch"), or a reshape
+    in timm's resampling of the position embedding (its checkpoint filter), which another count of class or register
+    tokens fails first."""
+    return "size mismatch" in str(error) or any(frame.name == "resample_abs_pos_embed"
+                                                for frame in traceback.extract_tb(error.__traceback__))
+
 
 # The keys of a pretrained_cfg_overlay that name weights for timm to load (it takes the first it finds, in this order).
 OVERLAY_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")

@@ -37,6 +37,7 @@ from .weights import (
     check_backbone_shapes,
     loaded_keys,
     local_dir_weights,
+    raised_for_other_shapes,
     read_state_dict,
 )
 
@@ -281,6 +282,10 @@ def _misfit(weights: str, model_name: str, err: BaseException) -> ValueError:
 
 def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError:
     """The error for a weights file timm could not load into ``model_name`` (cut short, not a state dict, ...)."""
+    if raised_for_other_shapes(err):
+        return ValueError(f"{weights} holds weights of other shapes than {model_name} as built (another embed_dim, "
+                          f"mlp_ratio, or class/register tokens?): {str(err).strip().splitlines()[-1]}. Build the "
+                          "model the file was saved from")
     return ValueError(f"{weights} does not load into {model_name} ({type(err).__name__}: "
                       f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict of "
                       "this model (an interrupted copy or download is cut short; another project's layout loads only "
