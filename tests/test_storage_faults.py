@@ -184,6 +184,28 @@ def test_a_result_path_ending_in_a_separator_is_refused_before_the_run(tmp_path)
         storage.write_text_atomic(f"{tmp_path}/out/", "{}")  # what the run's end would have met
 
 
+def test_a_result_file_whose_folder_refuses_new_files_despite_its_permissions_is_refused_before_the_run(
+        tmp_path, monkeypatch):
+    # os.access says yes to root on /proc, a read-only mount or NFS's root squash: the test pass ran, then the result
+    # was lost with a bare error naming a hidden temporary file
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(storage.tempfile, "mkdtemp", read_only)
+    with pytest.raises(ValueError, match=rf"--result_file: files cannot be created in {tmp_path} \(Read-only file "
+                                         r"system\): choose another path"):
+        storage.check_writable_file(tmp_path / "result.json", "--result_file")
+    monkeypatch.undo()
+    storage.check_writable_file(tmp_path / "more" / "result.json", "--result_file")
+    assert not list(tmp_path.iterdir())  # the check leaves nothing behind
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc takes no new files (Linux)")
+def test_a_result_file_in_proc_is_refused_before_the_run():
+    with pytest.raises(ValueError, match=r"--result_file: files cannot be created in /proc"):
+        storage.check_writable_file("/proc/nope.json", "--result_file")
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc takes no new files (Linux)")
 @posix_only
 def test_a_target_whose_folder_takes_no_files_is_named_not_its_lock_file(tmp_path):

@@ -77,6 +77,18 @@ def check_writable_file(path: PathLike, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
+    _try_creating_in(folder, what)
+
+
+def _try_creating_in(folder: Path, what: str) -> None:
+    """Create and remove an entry in ``folder``: ``os.access`` says yes to root where the file system still refuses
+    (``/proc``, a read-only mount, NFS's root squash), and the run's output was then lost after its pass."""
+    try:
+        made = tempfile.mkdtemp(prefix=".nv-check-", dir=folder)
+    except OSError as error:
+        raise ValueError(f"{what}: files cannot be created in {folder} ({error.strerror or error}): choose another "
+                         "path") from None
+    os.rmdir(made)
 
 
 def _name_too_long(target: Path, folder: Path) -> Optional[str]:
