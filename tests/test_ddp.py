@@ -39,7 +39,9 @@ def test_ddp_ranks_share_the_split_and_end_with_identical_coefficients(tmp_path)
     run_dir = next(tmp_path.rglob("checkpoints")).parent
     predict = [sys.executable, "-m", "nola_vision.cli", "predict", "-c", str(run_dir / "config.yaml"), "--ckpt_path",
                str(run_dir / "checkpoints" / "last.ckpt"), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "predicted")]
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "predicted"),
+               # 450 images a rank, 2 batches of 256: a limit of 2 covers the split (refused as 2 of its 4 batches)
+               "--data.eval_batch_size", "256", "--trainer.limit_predict_batches", "2"]
     run = subprocess.run(predict, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = next((tmp_path / "predicted").rglob("predictions.csv")).read_text().splitlines()

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -934,14 +935,21 @@ class NolaCLI(LightningCLI):
         trainer.callbacks.append(PredictionsCSVWriter(path))
 
     def _split_batches(self, split: str) -> float:
-        """The batches of the whole ``val`` or ``test`` split (infinite while its data is still to download)."""
+        """The batches a process takes to pass over the whole ``val`` or ``test`` split (infinite while its data is
+        still to download): under DDP each takes its share, at most ``ceil(images / processes)`` images (a limit of the
+        whole split's batches refused a limit that covered every process's share)."""
         if self.datamodule.download:
             return float("inf")
         if split == "val":
             self.datamodule.setup("validate")
-            return len(self.datamodule.val_dataloader())
-        self.datamodule.setup("test")
-        return len(self.datamodule.predict_dataloader())
+            loader = self.datamodule.val_dataloader()
+        else:
+            self.datamodule.setup("test")
+            loader = self.datamodule.predict_dataloader()
+        world = self.trainer.world_size
+        if world <= 1 or not loader.batch_size:
+            return len(loader)
+        return math.ceil(math.ceil(len(loader.dataset) / world) / loader.batch_size)
 
     def _check_test_images(self, why: str) -> None:
         """Refuse missing or empty (0-byte) test images before a pass that would fail on them at the end (data still
