@@ -73,6 +73,16 @@ class _Rounding(NamedTuple):
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
+def _factor_overflows(weight: Tensor, left: Tensor, right: Tensor) -> bool:
+    """Whether a factor cast to a weight's dtype of narrow range (float16) left it: ΔW may still fit, formed aside."""
+    return _can_overflow(weight) and not bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+
+
+def _sum_in_float32(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """weight + (a b)ᵀ formed in float32 and rounded once to the weight's dtype."""
+    return weight.float().addmm_(b.t().float(), a.t().float()).to(weight.dtype)
+
+
 def _can_overflow(weight: Tensor) -> bool:
     """Whether an update merged into ``weight`` can leave its dtype's range (float16, the 8-bit floats; see
     ``_WIDE_RANGE``). A weight on the meta device has no values to leave a range."""
@@ -519,13 +529,13 @@ class AdaptedLinear(nn.Module):
         """weight (or ``into``, shaped as it) += (a b)ᵀ as one addmm (a strided add of a transposed ΔW is ten times
         slower). A float64 weight adds the product formed aside: float64 addmm_ rounds an update added and then
         subtracted unevenly, so merge and unmerge cycles drifted the weight by about 0.7 of its rounding step each.
-        A 16-bit weight is updated in float32 and rounded once: the factors cast to float16 overflowed where the
-        scaling makes one large (a float16 A of 2e5 for a ΔW of 40 wrote inf into the frozen weight)."""
+        Where a factor does not fit the weight's dtype (float16, whose largest value a scaled A can pass while ΔW
+        fits: an A of 2e5 for a ΔW of 40 wrote inf into the frozen weight), the sum is formed in float32."""
         weight = self.weight if into is None else into
-        if weight.dtype in _SIXTEEN_BIT:
-            weight.copy_(weight.float().addmm_(b.t().float(), a.t().float()))
-            return
         left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)
+        if _factor_overflows(weight, left, right):
+            weight.copy_(_sum_in_float32(weight, a, b))
+            return
         if weight.dtype == torch.float64:
             weight.add_(left @ right)
         else:
@@ -578,8 +588,11 @@ class AdaptedLinear(nn.Module):
                 weight.copy_(merged)
                 return
             rounding = None
-        # (cast to 16 bits since a float32 merge: _add_low_rank subtracts ΔW in float32 and rounds once; factors rounded
-        # to the weight's dtype first moved entries whose rank terms cancel by tens of its steps)
+        if rounding is None and weight.dtype in _SIXTEEN_BIT and not weight.is_meta:
+            # cast to 16 bits since a float32 merge: ΔW subtracted in float32 and rounded once (factors rounded to the
+            # weight's dtype first moved entries whose rank terms cancel by tens of its steps)
+            weight.copy_(_sum_in_float32(weight, -a, b))
+            return
         if rounding is None or (rounding.positions is not None and not rounding.positions.numel()):
             self._add_low_rank(-a, b, into=weight)
             return
@@ -628,11 +641,12 @@ class AdaptedLinear(nn.Module):
         bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
             return None
-        left, right = b.t().float(), a.t().float()  # as _add_low_rank adds them to a 16-bit weight
-        if bool(torch.isfinite(torch.addmm(weight.float(), left, right).to(weight.dtype)).all()) or not bool(
-                torch.isfinite(weight).all()):
+        left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)  # as _add_low_rank adds them
+        total = _sum_in_float32(weight, a, b) if _factor_overflows(weight, left, right) else torch.addmm(weight, left,
+                                                                                                          right)
+        if bool(torch.isfinite(total).all()) or not bool(torch.isfinite(weight).all()):
             return None
-        delta = (left @ right).abs().max().item()
+        delta = (b.t().float() @ a.t().float()).abs().max().item()
         return (f"its ΔW (entries up to {delta:.4g}) added to its {weight.dtype} weight would leave {weight.dtype}'s "
                 f"range (±{largest:,.0f})")
 
