@@ -749,6 +749,7 @@ class NolaCLI(LightningCLI):
                 "config": {"method": self.model.adapter_config.method,
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
+                           "val_shots": self.datamodule.val_shots,  # as test and validate results record it
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
