@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 from timm.layers import PatchEmbed
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -461,7 +462,19 @@ def test_the_learning_rate_finder_callbacks_rate_is_the_one_trained_and_recorded
     model = FewShotClassifier(num_classes=4, adapter=NOLA, lr=1e-3, warmup_epochs=0, **TINY)
     ratio = model.hparams.head_lr / model.hparams.lr
     finder = LearningRateFinder(min_lr=1e-4, max_lr=1e-1, num_training_steps=16, early_stop_threshold=None)
-    t = trainer(tmp_path, epochs=2, callbacks=[finder])
+    logged = []
+
+    class Once(Logger):  # as MLflow's: a parameter is logged once, never changed
+        name, version = "once", 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            logged.append(dict(params))
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=Once(),
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[finder])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(model, loader(96))  # 12 steps an epoch: the finder's 16 steps run within the fit's 2 epochs
@@ -471,8 +484,9 @@ def test_the_learning_rate_finder_callbacks_rate_is_the_one_trained_and_recorded
     trained = {("head" if id(g["params"][0]) in head else "adapter"): g["initial_lr"]
                for g in t.optimizers[0].param_groups}
     assert trained == pytest.approx({"adapter": found, "head": found * ratio})
-    saved = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=False)["hyper_parameters"]
+    saved = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["hyper_parameters"]
     assert (saved["lr"], saved["head_lr"]) == pytest.approx((found, found * ratio))
+    assert [(p["lr"], p["head_lr"]) for p in logged] == [pytest.approx((found, found * ratio))]  # once, as trained
 
 
 def test_loggers_record_the_warmup_and_rates_a_fit_resolved():

@@ -559,3 +559,13 @@ def test_float64_images_alone_predict_as_float32_ones_do(tmp_path):
     outputs = [trainer(tmp_path / str(i), epochs=1).predict(model, DataLoader(TensorDataset(x), batch_size=4))
                for i, x in enumerate((images, images.float()))]
     assert torch.equal(outputs[0][0]["prediction"], outputs[1][0]["prediction"])
+
+
+def test_a_block_wrapped_inside_the_model_is_refused_before_the_first_step_not_at_the_export(tmp_path):
+    # save_adapter refused it at the fit's end, after the whole run
+    model = module()
+    model.model.blocks[0] = torch.compile(model.model.blocks[0], backend="eager")
+    run = trainer(tmp_path, epochs=1)
+    refused_before_a_step(run, lambda: run.fit(model, loader()),
+                          r"FewShotClassifier fit \(it ends exporting with nv.save_adapter\): blocks.0 is wrapped by "
+                          "torch.compile")

@@ -281,7 +281,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     require_module(model, "save_adapter")
     directory = check_path(directory, "the adapter directory")
     model = unwrap_model(model)
-    require_no_inner_wrappers(model, "save_adapter")
+    require_no_inner_wrappers(model, "nv.save_adapter")
     state = adapter_state(model)
     if state is None:
         refuse_wrapped_adapters(model, "save that module, save_adapter(model.get_submodule({inner!r}), directory)")
@@ -1293,7 +1293,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
                         ("allow_unchecked_legacy", allow_unchecked_legacy)):
         check_bool(value, f"verify_adapter: {flag}")
     model = unwrap_model(model)
-    require_no_inner_wrappers(model, "verify_adapter")
+    require_no_inner_wrappers(model, "nv.verify_adapter")
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
     _check_pooling(model, document)
@@ -1339,7 +1339,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     check_bool(check_frozen_weights, "load_adapter: check_frozen_weights")
     check_bool(allow_unchecked_legacy, "load_adapter: allow_unchecked_legacy")
     target = unwrap_model(model)
-    require_no_inner_wrappers(target, "load_adapter")
+    require_no_inner_wrappers(target, "nv.load_adapter")
     if any(tensor.is_meta for tensor in (*target.parameters(), *target.buffers())):  # copies onto meta do nothing
         raise AdapterLoadError("the model's weights are on the meta device, which holds no values: the adapter's "
                                "values would be lost there. materialize the model first (model.to_empty(device='cpu'), "

@@ -90,7 +90,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     require_module(model, "export_peft")
     directory = check_path(directory, "the export directory")
     model = unwrap_model(model)
-    require_no_inner_wrappers(model, "export_peft")
+    require_no_inner_wrappers(model, "nv.export_peft")
     _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)
     layers = adapted_layers(model)

@@ -172,7 +172,7 @@ def require_finite(config: Any, *names: str) -> None:
 
 def require_nonzero(config: Any, *names: str) -> None:
     """Each field a finite, non-zero real number: a zero scale makes ΔW and every adapter gradient zero for good, and
-    so does one below float32's smallest normal number, which the scaled factors round to zero."""
+    one below float32's smallest normal number leaves them subnormal or zero (nothing trains either)."""
     require_finite(config, *names)
     smallest = 2.0 ** -126  # torch.finfo(torch.float32).tiny
     for name in names:
@@ -182,8 +182,8 @@ def require_nonzero(config: Any, *names: str) -> None:
                              "adapter could never train; use a non-zero value")
         if abs(value) < smallest:
             raise ValueError(f"{_field(config, name)} is {value:g}, below float32's smallest normal number "
-                             f"({smallest:.3g}): the factors scaled by it round to zero in float32, so ΔW and every "
-                             "adapter gradient would stay zero; use a larger value")
+                             f"({smallest:.3g}): scaled by it, the factors, ΔW and every adapter gradient are "
+                             "subnormal or zero in float32, so the adapter could never train; use a larger value")
 
 
 def require_bool(config: Any, *names: str) -> None:

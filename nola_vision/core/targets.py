@@ -44,16 +44,16 @@ _NAME_WRAPPERS = {
 }
 
 
-def require_no_inner_wrappers(model: nn.Module, function: str) -> None:
+def require_no_inner_wrappers(model: nn.Module, who: str) -> None:
     """Refuse a model holding a wrapper below its top (a regionally compiled block): its modules' names carry the
     wrapper's ``_orig_mod.``, which files and graphs would record and a plain model of the architecture does not have.
-    A wrapper around the whole model is unwrapped by every function (``unwrap_model``)."""
+    A wrapper around the whole model is unwrapped by every function (``unwrap_model``). ``who`` starts the message."""
     for name, module in unwrap_model(model).named_modules():
         for attribute, (wrapper, fix) in _NAME_WRAPPERS.items():
             if name and isinstance(getattr(module, attribute, None), nn.Module):
                 path = "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split("."))
                 raise ValueError(
-                    f"nv.{function}: {name} is wrapped by {wrapper}, so the names of the layers inside it carry "
+                    f"{who}: {name} is wrapped by {wrapper}, so the names of the layers inside it carry "
                     f"'{attribute}.', which adapter files and graphs do not record (the model they load onto has "
                     f"no such names). {fix.format(path=path)}; to go on with this model, put back the module it "
                     f"wraps: {path} = {path}.{attribute}")

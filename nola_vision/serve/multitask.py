@@ -120,7 +120,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one is torch.compile'd (its hooks "
                              "and methods belong to the module it wraps): pass the plain model and compile the "
                              "served model instead, torch.compile(nv.MultiTaskModel(model))")
-        require_no_inner_wrappers(model, "MultiTaskModel")
+        require_no_inner_wrappers(model, "nv.MultiTaskModel")
         if _has_adapters(model):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
                              "fresh timm.create_model(...) (or call nv.unload(model) first)")

@@ -88,7 +88,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     check_bool(tasks_as_inputs, "export_onnx: tasks_as_inputs")
     model = unwrap_model(model)
     if tasks_as_inputs:  # its inputs are named as in adapter files
-        require_no_inner_wrappers(model, "export_onnx")
+        require_no_inner_wrappers(model, "nv.export_onnx")
     _refuse_replacing_other_files(Path(path))
     if input_size is not None:
         _check_input_size(input_size, model)

@@ -534,7 +534,7 @@ def _same_local_file(path: Path, given: Any) -> bool:
 def _how_to_resume(folders: Sequence[Path]) -> str:
     """How to resume the run kept in ``folders`` (checkpoint folders): ``--ckpt_path last``, or, where a run was killed
     between Lightning's epoch checkpoint and ``last.ckpt`` (which it writes second), the newest checkpoint's path."""
-    kept = [p for folder in folders for p in Path(folder).glob("*.ckpt")]
+    kept = [p for folder in folders for p in Path(folder).glob("*.ckpt") if p.is_file()]
     if not kept or any(re.fullmatch(r"last(-v\d+)?", p.stem) for p in kept):
         return "--ckpt_path last"
     newest = max(kept, key=lambda p: p.stat().st_mtime)

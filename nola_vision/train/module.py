@@ -44,7 +44,13 @@ from ..core.inject import adapter_state, inject, quantization_aware_bits, set_qu
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import copy_directory, file_sha256
-from ..core.targets import head_parameter_names, require_nothing_else_trained, trained_parameters, unwrap_model
+from ..core.targets import (
+    head_parameter_names,
+    require_no_inner_wrappers,
+    require_nothing_else_trained,
+    trained_parameters,
+    unwrap_model,
+)
 from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
@@ -510,6 +516,13 @@ class FewShotClassifier(L.LightningModule):
                              f"{bits}-bit codes, which change far more than training did: use adapter_bits 16 or 32")
         self._check_what_trains()
         self._check_quantization_aware()
+        if self._trainer is not None and self.hparams.lr != getattr(self, "_configured_lr", self.hparams.lr):
+            # Lightning's LearningRateFinder callback sets its rate in its on_fit_start, after configure_optimizers
+            # (every group at that rate, under a schedule built for the old one): built again, the head following at
+            # its ratio; before the hyperparameters are logged and a resume's optimizer and schedule are restored
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        # the fit ends exporting the adapter, under the names a plain model of the architecture has
+        require_no_inner_wrappers(self.model, "FewShotClassifier fit (it ends exporting with nv.save_adapter)")
         if self._trainer is not None:
             self._check_optimizer_precision()
         # the weights now train on this data (a resume's was compared at its load): later stages compare with it
@@ -726,7 +739,8 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError("the checkpoint's trained tensors are not those it was saved with (their sha256 differs "
                              "from the one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load "
                              "does not check its zip's CRCs) or edited. Use another checkpoint of the run, or the "
-                             "adapter it exported")
+                             "adapter it exported (to load one edited on purpose, delete its "
+                             "checkpoint['nola_vision']['trained_sha256'])")
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
         if self._trainer is not None and self._trainer.state.fn == "fit" and not self._restores_tuner_checkpoint():
@@ -822,13 +836,6 @@ class FewShotClassifier(L.LightningModule):
         with a warning: its optimizer starts afresh."""
         self._warn_if_steps_end_the_schedule_early()
         epoch = self.trainer.current_epoch
-        if self._lr_set_since_the_optimizer_was_built():
-            # Lightning's LearningRateFinder callback sets its rate at fit start, after configure_optimizers: every
-            # group at that rate, under a schedule built for the old one, while checkpoints recorded the new one
-            self.trainer.strategy.setup_optimizers(self.trainer)  # the head follows at its ratio, the schedule too
-            for logger in self.loggers:
-                logger.log_hyperparams(self.hparams)
-            return
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
@@ -851,14 +858,6 @@ class FewShotClassifier(L.LightningModule):
                            "Training on at this run's schedule; the earlier epochs followed the other's, so the result "
                            "is not that of an uninterrupted run")
             _set_rates(scheduler)
-
-    def _lr_set_since_the_optimizer_was_built(self) -> bool:
-        """Whether ``hparams.lr`` changed after ``configure_optimizers``, before any step of a fresh fit (no schedule
-        restored from a checkpoint)."""
-        configured = getattr(self, "_configured_lr", None)  # absent from older pickles
-        schedules = self.trainer.lr_scheduler_configs
-        return (configured is not None and self.hparams.lr != configured and self.trainer.current_epoch == 0
-                and all(getattr(config.scheduler, "last_epoch", 0) == 0 for config in schedules))
 
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
