@@ -1,4 +1,5 @@
 """FewShotClassifier: what it trains, what checkpoints hold, how bad configs fail, the schedule."""
+import copy
 import dataclasses
 import math
 import warnings
@@ -231,6 +232,28 @@ def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
     del edited["nola_vision"]["trained_sha256"]  # written before the hash was recorded: loads as before
     torch.save(edited, tmp_path / "older.ckpt")
     FewShotClassifier.load_from_checkpoint(tmp_path / "older.ckpt")
+
+
+def test_a_checkpoint_onto_a_backbone_that_holds_its_own_update_already_is_refused(tmp_path):
+    # merge_and_unload's weights saved as a state dict and given as pretrained_file: under the fingerprint's tolerance,
+    # so the checkpoint loaded and its update counted twice (load_adapter refused the same run's adapter file)
+    from safetensors.torch import save_file
+
+    model = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in nv.adapted_layers(model.model).values():
+            layer.lora_A.normal_(0, 0.01)  # an update under 1% of the weights: within the fingerprint's tolerance
+            layer.lora_B.normal_(0, 0.01)
+    checkpoint = _checkpoint_of(model)
+    merged = nv.merge_and_unload(copy.deepcopy(model.model))
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, tmp_path / "merged.safetensors")
+    on_merged = FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **{
+        **TINY, "pretrained": True, "pretrained_file": str(tmp_path / "merged.safetensors")})
+    with pytest.raises(ValueError, match=r"checkpoint's adapter .* is already merged into this backbone's frozen "
+                                         r"weights .*a second time"):
+        on_merged.on_load_checkpoint(checkpoint)
+    FewShotClassifier(num_classes=4, adapter=LoRAConfig(rank=2), **TINY).on_load_checkpoint(_checkpoint_of(model))
 
 
 def _checkpoint_of(model: FewShotClassifier) -> dict:

@@ -39,8 +39,9 @@ from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
-from ..core.fingerprint import differing_module, frozen_fingerprint, statistics_layers
+from ..core.fingerprint import differing_module, frozen_fingerprint, holds_update, statistics_layers
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
+from ..core.layer import adapted_layers
 from ..core.quantize import QAT_BITS, require_bits
 from ..core.registry import method_of
 from ..core.storage import copy_directory, file_sha256
@@ -749,7 +750,7 @@ class FewShotClassifier(L.LightningModule):
             check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
             require_training_left(checkpoint, self._trainer)
-        self._check_backbone(info.get("backbone_fingerprint"))
+        self._check_backbone(info.get("backbone_fingerprint"), checkpoint["state_dict"])
         self._check_settings(info.get("settings"))
         # kept for the evaluation stages that follow, once the load is accepted
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
@@ -941,8 +942,9 @@ class FewShotClassifier(L.LightningModule):
                              "--data.split_file and --data.val_split_file (written under its --data.split_dir), or "
                              "train a new run (fit without --ckpt_path, in a new --trainer.default_root_dir)")
 
-    def _check_backbone(self, saved: Any) -> None:
-        """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes)."""
+    def _check_backbone(self, saved: Any, state_dict: Mapping[str, Tensor]) -> None:
+        """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes), and
+        does not hold the checkpoint's own update already (``holds_update``, as ``load_adapter`` checks)."""
         if isinstance(saved, str):  # an exact hash, written before fingerprints were robust to dtype
             rank_zero_warn("the checkpoint records its frozen backbone in a form this nola_vision does not check; "
                            "make sure the model is built as in the run that wrote it")
@@ -955,6 +957,25 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
+        if saved is not None and self._holds_update_of(saved, state_dict):
+            raise ValueError("the checkpoint's adapter (or one whose update is close to its own) is already merged "
+                             "into this backbone's frozen weights (folded in by nv.merge_and_unload, then saved as a "
+                             "state dict, e.g. the pretrained_file): evaluating it would add its update a second time. "
+                             "Build the backbone from the weights the run trained on")
+
+    def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor]) -> bool:
+        """Whether the adapted layers' frozen weights hold the update of the checkpoint's trained tensors, merged in
+        where nothing records it: under the fingerprint's tolerance, so ``differing_module`` passes them."""
+        model = unwrap_model(self.model)
+        layers = adapted_layers(model)
+        values = {_plain_key(key): value for key, value in state_dict.items()}
+
+        def updates(names: List[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+            return {name: layers[name].delta_factors({param: values[f"model.{name}.{param}"]
+                                                      for param in layers[name].adapter_parameter_names})
+                    for name in names}
+
+        return bool(layers) and holds_update(saved, model, list(layers), updates)
 
 
 def _schedule_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
