@@ -41,6 +41,21 @@ def test_fit_then_test_from_checkpoint_gives_the_same_accuracy(tmp_path):
     assert exported["class_names"] == cli.datamodule.class_names  # what the head's outputs are, for serving
 
 
+def test_a_quantisation_aware_fit_records_its_bits_and_warns_of_other_adapter_bits_before_training(tmp_path):
+    # the result said nothing of the 4 bits its test/acc was measured at; adapter_bits 16 was warned of after the
+    # training, from "<frozen runpy>", naming save_adapter's bits=
+    result = tmp_path / "result.json"
+    with pytest.warns(UserWarning, match=r"quant_bits=4 trains against 4-bit adapter values, but adapter_bits=16 "
+                                         r"will store the latent values") as caught:
+        cli = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--model.quant_bits",
+                                 "4", "--model.adapter_bits", "16", "--trainer.max_epochs", "1", "--result_file",
+                                 str(result), "--trainer.logger", "false", *QUIET])
+    assert not [w for w in caught if "the model trains against" in str(w.message)]  # not again at the export
+    written = json.loads(result.read_text())
+    assert (written["config"]["quant_bits"], written["adapter_bits"]) == (4, 16)
+    assert cli.trainer.global_step > 0
+
+
 def test_predict_writes_a_csv_with_class_names(tmp_path):
     out = tmp_path / "pred.csv"
     run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",

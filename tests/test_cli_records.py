@@ -55,7 +55,7 @@ def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_se
     assert done.returncode == 0, done.stderr[-3000:]
     written = json.loads(result.read_text())
     assert written["config"] == {"method": "nola", "backbone": "vit_tiny_patch16_224", "dataset": "digits",
-                                 "shots": 3, "split_seed": 0, "val_shots": 2, "seed": 0}
+                                 "shots": 3, "split_seed": 0, "val_shots": 2, "seed": 0, "quant_bits": None}
     evaluated = written["evaluated"]  # what the pass read: the whole test split, whatever the shots
     assert (evaluated["split"], evaluated["dataset"]) == ("test", "digits") and evaluated["images"] > 100
 

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from ..adapters.files import require_adapter_directory
 from ..core.config import resolve_adapter
+from ..core.inject import quantization_aware_bits
 from ..core.registry import METHODS
 from ..core.storage import (
     atomic_path,
@@ -750,6 +751,7 @@ class NolaCLI(LightningCLI):
                            "backbone": self.model.hparams.backbone, "dataset": self.datamodule.dataset_name,
                            "shots": self.datamodule.shots, "split_seed": self.datamodule.split_seed,
                            "val_shots": self.datamodule.val_shots,  # as test and validate results record it
+                           "quant_bits": quantization_aware_bits(self.model.model),  # the bits the metrics saw
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
@@ -884,7 +886,7 @@ class NolaCLI(LightningCLI):
             "subcommand": self.subcommand,
             "split": split,
             "config": {"method": self.model.adapter_config.method, "backbone": self.model.hparams.backbone,
-                       **checkpoint_run(checkpoint)},
+                       **checkpoint_run(checkpoint), "quant_bits": quantization_aware_bits(self.model.model)},
             # the images of this pass: the test split of --data.dataset/root (any shots), or the validation images
             # drawn as the run drew them (another draw is refused before the pass)
             "evaluated": {"split": split, "dataset": data.dataset_name, "root": str(data.root),

@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union, get_args
 
@@ -517,6 +518,11 @@ class FewShotClassifier(L.LightningModule):
                              f"{bits}-bit codes, which change far more than training did: use adapter_bits 16 or 32")
         self._check_what_trains()
         self._check_quantization_aware()
+        quant, stored = self.hparams.quant_bits, self.hparams.adapter_bits
+        if quant is not None and stored is not None and stored != quant:  # known now, not only at the export
+            warn_user(f"nola_vision: quant_bits={quant} trains against {quant}-bit adapter values, but adapter_bits="
+                      f"{stored} will store the latent values, whose outputs differ from the trained and evaluated "
+                      f"model's: use adapter_bits {quant} (or leave it out) to export what was trained")
         if self._trainer is not None and self.hparams.lr != getattr(self, "_configured_lr", self.hparams.lr):
             # Lightning's LearningRateFinder callback sets its rate in its on_fit_start, after configure_optimizers
             # (every group at that rate, under a schedule built for the old one): built again, the head following at
@@ -576,7 +582,10 @@ class FewShotClassifier(L.LightningModule):
         if self.before_export is not None:
             self.before_export(Path(target))
         _keep_previous_adapter(Path(target))
-        self.exported_adapter_dir = save_adapter(self.model, target, bits=bits, class_names=self._head_class_names())
+        with warnings.catch_warnings():  # other bits than quantisation-aware training's were warned of at fit start
+            warnings.filterwarnings("ignore", message="the model trains against")
+            self.exported_adapter_dir = save_adapter(self.model, target, bits=bits,
+                                                     class_names=self._head_class_names())
         self.exported_adapter_bits = bits
         self.exported_adapter_sha256 = file_sha256(self.exported_adapter_dir / WEIGHTS_NAME)
         rank_zero_info(f"nola_vision: adapter saved to {self.exported_adapter_dir} ({bits}-bit)")
