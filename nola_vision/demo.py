@@ -122,7 +122,7 @@ def run_demo(
     """
     import lightning as L
 
-    from .adapters.files import adapter_size_bytes, save_adapter
+    from .adapters.files import adapter_size_bytes, require_adapter_directory, save_adapter
     from .data import FewShotDataModule
     from .models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
     from .train.module import FewShotClassifier
@@ -143,13 +143,17 @@ def run_demo(
                          "adapter folders (<out>/<method>/seed<s>) and the table would list it twice")
     if not seeds:
         raise ValueError("the demo needs at least one split seed")
-    if any(isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 for seed in seeds):
-        raise ValueError(f"split seeds must be integers ≥ 0 (each seeds the run's random generators), got "
-                         f"{list(seeds)}")
+    if any(isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 for seed in seeds):
+        raise ValueError(f"--seeds must be integers from 0 to {2**32 - 1} (each seeds the run's random generators, "
+                         f"as numpy takes them), got {list(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {list(seeds)} repeat one: the mean and spread would count that run twice")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    for method in methods:  # refused now, not after the runs before it trained (a file at <out>/lora/4bit)
+        folders = [f"seed{seed}" for seed in seeds] + (["4bit"] if get_method(method).layer_cls is not None else [])
+        for folder in folders:
+            require_adapter_directory(Path(out) / method / folder)
     results = []
     bar = tqdm(total=len(methods) * len(seeds), desc="demo", unit="run", disable=not progress or verbose,
                dynamic_ncols=True)
@@ -241,7 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset", default="digits", help="nola_vision.data.available_datasets() name")
     parser.add_argument("--root", default="data", help="dataset folder")
     parser.add_argument("--download", action="store_true", help="download the dataset if it can be")
-    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--shots", type=int, default=10,
+                        help="training images per class (0: every training image, the full-data reference)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--image_size", type=int, default=56,
                         help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
@@ -262,8 +267,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="show Lightning's own output (device banners, warnings, a progress bar per run)")
     args = parser.parse_args(argv)
     from lightning.fabric.utilities.exceptions import MisconfigurationException  # an accelerator this machine lacks
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     start = time.time()
+    kept = f"the runs that finished are kept under {args.out}; no table was printed"
     try:
         with _warnings_in_demo_terms():
             results = run_demo(backbone=args.backbone, dataset=args.dataset, root=args.root, shots=args.shots,
@@ -276,10 +283,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, MisconfigurationException, ImportError) as err:
         print(f"nola-vision demo: error: {_demo_message(err)}", file=sys.stderr)
         return 1
+    except MemoryError as err:
+        print(f"nola-vision demo: error: out of memory ({err}): lower --rank, --num_basis, --image_size or "
+              "--batch_size", file=sys.stderr)
+        return 1
+    except SIGTERMException:  # a SystemExit without a code: the stopped demo exited 0, as if it had finished
+        print(f"nola-vision demo: stopped by SIGTERM: {kept}", file=sys.stderr)
+        return 143
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning exits 1 on Ctrl-C, silently here (quiet_lightning)
+        if not isinstance(stop if isinstance(stop, KeyboardInterrupt) else stop.__context__, KeyboardInterrupt):
+            raise
+        print(f"nola-vision demo: interrupted (Ctrl-C, SIGINT): {kept}", file=sys.stderr)
+        return 130
     from .models.assets import OFFLINE_BACKBONE_DESCRIPTION
 
     backbone = args.backbone or OFFLINE_BACKBONE_DESCRIPTION
-    print(f"\n{backbone} on {args.dataset}, {args.shots}-shot, {args.epochs} epochs, {args.image_size} px, "
+    shots = f"{args.shots}-shot" if args.shots else "every training image (--shots 0)"
+    print(f"\n{backbone} on {args.dataset}, {shots}, {args.epochs} epochs, {args.image_size} px, "
           f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
     print(format_table(results))
     return 0
@@ -290,7 +310,13 @@ _DEMO_OPTIONS = ((re.compile(r"--data\.download true"), "--download"),
                  (re.compile(r"--(?:data|model)\.(root|shots|batch_size|image_size|augment|dataset|lr|backbone_kwargs"
                              r"|backbone|pretrained_file)\b"), r"--\1"),
                  (re.compile(r"trainer\.max_epochs=(\S+) \(--trainer\.max_epochs\)"), r"--epochs \1"),
-                 (re.compile(r"trainer\.max_epochs="), "--epochs "), (re.compile(r"--trainer\.max_epochs"), "--epochs"))
+                 (re.compile(r"trainer\.max_epochs="), "--epochs "), (re.compile(r"--trainer\.max_epochs"), "--epochs"),
+                 # the options as the classes' own arguments name them (FewShotDataModule.shots must be ...)
+                 (re.compile(r"\bFewShot(?:DataModule|Classifier)\.(shots|batch_size|image_size|augment|lr)\b"),
+                  r"--\1"),
+                 (re.compile(r"\bNOLAConfig\.rank\b"), "--rank"),
+                 (re.compile(r"\bNOLAConfig\.num_basis_[ab]\b"), "--num_basis"),
+                 (re.compile(r"\bmodel\.pretrained_file\b"), "--pretrained_file"))
 
 
 def _in_demo_terms(text: str) -> str:

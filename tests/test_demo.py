@@ -41,8 +41,27 @@ def test_demo_code_path_reports_exact_counts_and_adapter_sizes(tmp_path):
 def test_demo_needs_a_split_seed(tmp_path):
     with pytest.raises(ValueError, match="at least one split seed"):
         run_demo(**TINY, seeds=(), out=str(tmp_path), progress=False)
-    with pytest.raises(ValueError, match=r"split seeds must be integers ≥ 0 .*got \[-1\]"):  # numpy's bounds error
-        run_demo(**TINY, seeds=(-1,), out=str(tmp_path), progress=False)
+    for seed in (-1, 2**32):  # numpy's bounds error, which named no option
+        with pytest.raises(ValueError, match=rf"--seeds must be integers from 0 to 4294967295 .*got \[{seed}\]"):
+            run_demo(**TINY, seeds=(seed,), out=str(tmp_path), progress=False)
+
+
+def test_a_file_where_a_later_runs_folder_goes_is_refused_before_any_run_trains(tmp_path, capsys):
+    # the linear and LoRA runs trained, then lora/4bit was refused and every finished result lost
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "4bit").write_text("notes\n")
+    start = time.time()
+    code = main([*TINY_ARGS[:-6], "--methods", "linear", "lora", "--seeds", "0", "--out", str(tmp_path),
+                 "--no_progress"])
+    assert code == 1 and "lora/4bit is an existing file" in capsys.readouterr().err
+    assert not (tmp_path / "linear").exists() and time.time() - start < 30
+
+
+def test_demo_errors_name_the_demos_options(tmp_path, capsys):
+    for option, value in (("--shots", "-3"), ("--rank", "0"), ("--num_basis", "0"), ("--lr", "0")):
+        code = main([*TINY_ARGS, option, value, "--out", str(tmp_path), "--no_progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"{option} " in err and "FewShot" not in err and "NOLAConfig" not in err, (option, err)
 
 
 def test_full_fine_tuning_counts_every_weight_it_trains(tmp_path):
@@ -162,3 +181,20 @@ def test_the_demos_4_bit_copy_warns_in_one_line_not_one_per_tensor(tmp_path):
     assert messages == [f"nola_vision: the 4-bit copy {tmp_path / '4bit'} loses most of the values of 4 tensors (the "
                         "run did not train for 4 bits): it measures the size; for a 4-bit adapter that keeps its "
                         "accuracy, train quantisation-aware (FewShotClassifier(quant_bits=4), --model.quant_bits 4)"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is a POSIX signal")
+def test_a_demo_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
+    # Lightning's SIGTERMException is a SystemExit without a code: the stopped demo exited 0, printing nothing
+    import signal
+
+    args = [a if a != "1" or i != TINY_ARGS.index("--epochs") + 1 else "500" for i, a in enumerate(TINY_ARGS)]
+    demo = subprocess.Popen([sys.executable, "-m", "nola_vision.cli", "demo", *args, "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in demo.stdout:  # the run's header: its Trainer (and Lightning's SIGTERM handler) comes next
+        if line.startswith("== nola"):
+            break
+    time.sleep(3)
+    demo.send_signal(signal.SIGTERM)
+    _, err = demo.communicate(timeout=120)
+    assert demo.returncode == 143 and "nola-vision demo: stopped by SIGTERM" in err, err[-2000:]
