@@ -75,6 +75,30 @@ def test_an_os_error_names_its_file_and_a_programming_error_stays_a_traceback(mo
         main(["fit", "-c", TINY])
 
 
+def test_a_result_file_whose_write_fails_after_the_pass_names_the_option_and_gives_the_metrics(tmp_path, capsys,
+                                                                                                monkeypatch):
+    # exit 2 (a configuration error) and a bare error naming the hidden temporary, the metrics only in the log
+    from nola_vision.train import cli as train_cli
+
+    write = train_cli.write_json_atomic
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).name == "result.json":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path).parent / ".result.json.nv-x.tmp"))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "write_json_atomic", read_only)
+    code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path / "run", "--result_file",
+                    tmp_path / "result.json")
+    assert code == 1 and f"--result_file {tmp_path / 'result.json'} could not be written (Read-only file system). " \
+        "Training finished and was kept: adapter" in " ".join(err.split()) and '"test/acc":' in err
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    code, err = run(capsys, "test", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path / "tested",
+                    "--ckpt_path", checkpoint, "--result_file", tmp_path / "result.json")
+    assert code == 1 and "could not be written (Read-only file system); the test pass ran, its metrics: " \
+        '{"test/acc":' in " ".join(err.split()) and ".nv-x.tmp" not in err
+
+
 # ---- an output that cannot be written, refused before the run -----------------------------------------------------
 
 @pytest.mark.parametrize("path, message", [

@@ -736,11 +736,12 @@ class NolaCLI(LightningCLI):
             checkpoint = _absolute(self._final_checkpoint())
             try:
                 self._write_fit_result(config.result_file, metrics, log_dir, checkpoint)
-            except OutputKeptError as error:
+            except (OutputKeptError, OSError) as error:  # OSError: a write the checks before the run let through
+                why = (error_message(error).rstrip(".") if isinstance(error, OutputKeptError)
+                       else _unwritten(error, config.result_file))
                 raise OutputKeptError(
-                    f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
-                    f"{self.model.exported_adapter_dir}, checkpoint {checkpoint or '(none)'}; its metrics: "
-                    f"{json.dumps(metrics, sort_keys=True)}") from error
+                    f"{why}. Training finished and was kept: adapter {self.model.exported_adapter_dir}, checkpoint "
+                    f"{checkpoint or '(none)'}; its metrics: {json.dumps(metrics, sort_keys=True)}") from error
 
     def _write_fit_result(self, path: str, metrics: Dict[str, float], log_dir: Optional[str],
                           checkpoint: Optional[str]) -> None:
@@ -881,7 +882,7 @@ class NolaCLI(LightningCLI):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         kept = _kept_output_check(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file,
                                   f"its metrics: {json.dumps(metrics, sort_keys=True)}")
-        write_json_atomic(config.result_file, check=kept, obj={
+        result = {
             "metrics": metrics,
             "subcommand": self.subcommand,
             "split": split,
@@ -895,7 +896,12 @@ class NolaCLI(LightningCLI):
             "parameter_counts": self.model.parameter_counts,
             "log_dir": _absolute(log_dir),
             "checkpoint": _absolute(checkpoint),
-        })
+        }
+        try:
+            write_json_atomic(config.result_file, result, check=kept)
+        except OSError as error:  # a write the checks before the pass let through: exit 1, naming the option
+            raise OutputKeptError(f"{_unwritten(error, config.result_file)}; the {self.subcommand} pass ran, its "
+                                  f"metrics: {json.dumps(metrics, sort_keys=True)}") from error
         rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
     def before_predict(self) -> None:
@@ -1112,6 +1118,12 @@ def _absolute(path: Any) -> Optional[str]:
     if path is None or path == "":
         return None
     return str(path) if "://" in str(path) else os.path.abspath(path)
+
+
+def _unwritten(error: OSError, path: str) -> str:
+    """Why ``--result_file path`` was not written (its temporary's name left out), with the fix for want of room."""
+    hint = out_of_room_hint(error)
+    return f"--result_file {path} could not be written ({error.strerror or error}){f': {hint}' if hint else ''}"
 
 
 class OutputKeptError(RuntimeError):
