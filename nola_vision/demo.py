@@ -280,12 +280,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
                                rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
                                verbose=args.verbose)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, MisconfigurationException, ImportError) as err:
-        print(f"nola-vision demo: error: {_demo_message(err)}", file=sys.stderr)
-        return 1
-    except MemoryError as err:
-        print(f"nola-vision demo: error: out of memory ({err}): lower --rank, --num_basis, --image_size or "
-              "--batch_size", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, MisconfigurationException, ImportError,
+            MemoryError) as err:
+        if _out_of_memory(err):
+            print(f"nola-vision demo: error: out of memory ({str(err).splitlines()[0]}): lower --rank, --num_basis, "
+                  "--image_size or --batch_size", file=sys.stderr)
+        else:
+            print(f"nola-vision demo: error: {_demo_message(err)}", file=sys.stderr)
         return 1
     except SIGTERMException:  # a SystemExit without a code: the stopped demo exited 0, as if it had finished
         print(f"nola-vision demo: stopped by SIGTERM: {kept}", file=sys.stderr)
@@ -343,6 +344,15 @@ def _warnings_in_demo_terms() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = shown
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: Python's (numpy's) MemoryError, torch's OutOfMemoryError on a
+    device, or its CPU allocator's RuntimeError."""
+    import torch
+
+    device_oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    return isinstance(err, (MemoryError, device_oom)) or "can't allocate memory" in str(err)
 
 
 def _demo_message(err: BaseException) -> str:

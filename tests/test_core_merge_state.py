@@ -734,6 +734,24 @@ def test_another_merged_models_state_dict_with_the_same_adapter_values_unmerges_
         assert bool((error <= 2**-7 * merged[name].float().abs() + 1e-6).all()), name
 
 
+@pytest.mark.parametrize("key", ["nola_shared", "lora_qv"])
+def test_a_merged_16_bit_state_dict_loaded_into_a_fresh_model_unmerges_within_a_step(key):
+    # unmerge without the merge's record subtracted in float32 what the bfloat16 merge had added with factors rounded
+    # to bfloat16: NOLA entries whose rank terms cancel came back 16 steps off (a weight cast to 16 bits after a float32
+    # merge still subtracts in float32: test_a_weight_cast_to_16_bits_after_a_float32_merge...)
+    source = as_if_trained(nv.inject(tiny_vit(), CONFIGS[key]()), seed=0, scale=0.5, adapters_only=True)
+    source = source.to(torch.bfloat16)
+    before = _weights(source)
+    nv.merge(source)
+    merged = _weights(source)
+    fresh = nv.inject(tiny_vit(), CONFIGS[key]()).to(torch.bfloat16)
+    fresh.load_state_dict(source.state_dict())
+    nv.unmerge(fresh)
+    for name, layer in nv.adapted_layers(fresh).items():
+        error = (layer.weight.float() - before[name].float()).abs()
+        assert bool((error <= 2**-7 * merged[name].float().abs() + 1e-6).all()), name  # a step of the merged value
+
+
 def test_a_16_bit_merged_weight_replaced_in_place_is_unmerged_without_the_kept_entries():
     """The entries a merge keeps belong to its weight: after other values were copied into the merged weight, unmerge
     subtracts ΔW from those and puts none of the old entries back."""

@@ -198,3 +198,17 @@ def test_a_demo_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
     demo.send_signal(signal.SIGTERM)
     _, err = demo.communicate(timeout=120)
     assert demo.returncode == 143 and "nola-vision demo: stopped by SIGTERM" in err, err[-2000:]
+
+
+def test_an_allocation_that_fails_names_the_options_that_size_it(monkeypatch, capsys):
+    # torch's CPU allocator raises a RuntimeError ("[enforce fail at alloc_cpu.cpp] ... can't allocate memory"), which
+    # the demo printed as it was, naming none of its options
+    import nola_vision.demo as demo
+
+    def too_large(**kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(demo, "run_demo", too_large)
+    assert main(["--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory ([enforce fail" in err and "lower --rank, --num_basis, --image_size or --batch_size" in err

@@ -191,13 +191,27 @@ def test_a_result_file_whose_folder_refuses_new_files_despite_its_permissions_is
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
+    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
     monkeypatch.setattr(storage.tempfile, "mkdtemp", read_only)
     with pytest.raises(ValueError, match=rf"--result_file: files cannot be created in {tmp_path} \(Read-only file "
                                          r"system\): choose another path"):
         storage.check_writable_file(tmp_path / "result.json", "--result_file")
+    with pytest.raises(ValueError, match=rf"--result_file: folders cannot be created in {tmp_path} "):
+        storage.check_writable_file(tmp_path / "more" / "result.json", "--result_file")  # the folders come first
     monkeypatch.undo()
     storage.check_writable_file(tmp_path / "more" / "result.json", "--result_file")
     assert not list(tmp_path.iterdir())  # the check leaves nothing behind
+
+    def append_only(path):  # chattr +a: entries are made, never removed (nor is a temporary renamed over a file)
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(storage.os, "unlink", append_only)
+    try:
+        with pytest.raises(ValueError, match=rf"--result_file: entries made in {tmp_path} cannot be removed or "
+                                             r"replaced \(Operation not permitted; .*nv-check-"):
+            storage.check_writable_file(tmp_path / "result.json", "--result_file")
+    finally:
+        monkeypatch.undo()
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc takes no new files (Linux)")

@@ -71,6 +71,7 @@ class _Rounding(NamedTuple):
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_WIDER = (torch.float32, torch.float64)  # merge dtypes whose ΔW a weight cast to 16 bits since subtracts in float32
 
 
 def _factor_overflows(weight: Tensor, left: Tensor, right: Tensor) -> bool:
@@ -588,9 +589,10 @@ class AdaptedLinear(nn.Module):
                 weight.copy_(merged)
                 return
             rounding = None
-        if rounding is None and weight.dtype in _SIXTEEN_BIT and not weight.is_meta:
+        if rounding is None and weight.dtype in _SIXTEEN_BIT and self.__dict__.get("_merged_in") in _WIDER:
             # cast to 16 bits since a float32 merge: ΔW subtracted in float32 and rounded once (factors rounded to the
-            # weight's dtype first moved entries whose rank terms cancel by tens of its steps)
+            # weight's dtype first moved entries whose rank terms cancel by tens of its steps). A merge of unknown
+            # dtype (a merged state dict loaded) is taken as the weight's: subtracted as a 16-bit merge adds
             weight.copy_(_sum_in_float32(weight, -a, b))
             return
         if rounding is None or (rounding.positions is not None and not rounding.positions.numel()):
@@ -677,14 +679,15 @@ class AdaptedLinear(nn.Module):
         return factors[0].to(self.weight.device), factors[1].to(self.weight.device)
 
     def _set_merged_update(self, values: Optional[Dict[str, Tensor]],
-                           factors: Optional[Tuple[Tensor, Tensor]] = None, rounding: Optional[_Rounding] = None
-                           ) -> None:
+                           factors: Optional[Tuple[Tensor, Tensor]] = None, rounding: Optional[_Rounding] = None,
+                           dtype: Optional[torch.dtype] = None) -> None:
         """Record what is merged: the trained ``values`` and, when known, the ``factors`` added to the weight (copies
-        with their own storage: a shared-basis batch's rows are views of every layer's, and B may be a parameter) and
-        the ``rounding`` that unmerging them would not undo."""
+        with their own storage: a shared-basis batch's rows are views of every layer's, and B may be a parameter), the
+        ``rounding`` that unmerging them would not undo, and the ``dtype`` the weight had when they were added."""
         self._merged_values = values
         self._merged_factors = None if factors is None else tuple(f.detach().clone() for f in factors)
         self._rounding = rounding
+        self._merged_in = dtype
 
     @torch.no_grad()
     def merge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -695,7 +698,7 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             values = self.trained_values()  # what the factors below are combined from, at this moment
             factors = self.delta_factors() if factors is None else factors
-            self._set_merged_update(values, factors, self._merge_update(*factors))
+            self._set_merged_update(values, factors, self._merge_update(*factors), self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
@@ -735,18 +738,18 @@ class AdaptedLinear(nn.Module):
             if self.low_rank_overflow(*new, weight=merged) is None:
                 rounding = self._merge_update(*new, weight=merged)
                 self.weight.copy_(merged)
-                self._set_merged_update(values, new, rounding)
+                self._set_merged_update(values, new, rounding, merged.dtype)
                 return
             self.weight.copy_(merged)
             self._add_low_rank(*new)
-            self._set_merged_update(values, new)
+            self._set_merged_update(values, new, dtype=self.weight.dtype)
             return
         if self.weight.dtype in _SIXTEEN_BIT:
             self._unmerge_update(*old)
-            self._set_merged_update(values, new, self._merge_update(*new))
+            self._set_merged_update(values, new, self._merge_update(*new), self.weight.dtype)
             return
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
-        self._set_merged_update(values, new)
+        self._set_merged_update(values, new, dtype=self.weight.dtype)
 
     def unstored_state(self) -> List[str]:
         """Keys of this layer's state dict that adapter files do not store: all but the frozen weight and bias, the

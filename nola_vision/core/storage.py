@@ -77,18 +77,27 @@ def check_writable_file(path: PathLike, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
-    _try_creating_in(folder, what)
+    _try_creating_in(folder, what, file=folder == target.parent)
 
 
-def _try_creating_in(folder: Path, what: str) -> None:
-    """Create and remove an entry in ``folder``: ``os.access`` says yes to root where the file system still refuses
-    (``/proc``, a read-only mount, NFS's root squash), and the run's output was then lost after its pass."""
+def _try_creating_in(folder: Path, what: str, file: bool) -> None:
+    """Create and remove in ``folder`` what the write will (a ``file``, else the folders above it): ``os.access`` says
+    yes to root where the file system still refuses (``/proc``, a read-only mount, NFS's root squash), and the run's
+    output was then lost after its pass."""
     try:
-        made = tempfile.mkdtemp(prefix=".nv-check-", dir=folder)
+        if file:
+            fd, made = tempfile.mkstemp(prefix=".nv-check-", dir=folder)
+            os.close(fd)
+        else:
+            made = tempfile.mkdtemp(prefix=".nv-check-", dir=folder)
     except OSError as error:
-        raise ValueError(f"{what}: files cannot be created in {folder} ({error.strerror or error}): choose another "
-                         "path") from None
-    os.rmdir(made)
+        raise ValueError(f"{what}: {'files' if file else 'folders'} cannot be created in {folder} "
+                         f"({error.strerror or error}): choose another path") from None
+    try:
+        (os.unlink if file else os.rmdir)(made)
+    except OSError as error:  # an atomic write replaces its temporary by renaming it, which needs the same right
+        raise ValueError(f"{what}: entries made in {folder} cannot be removed or replaced ({error.strerror or error}; "
+                         f"{made} is left there): choose another path") from None
 
 
 def _name_too_long(target: Path, folder: Path) -> Optional[str]:

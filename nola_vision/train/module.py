@@ -519,7 +519,7 @@ class FewShotClassifier(L.LightningModule):
         self._check_what_trains()
         self._check_quantization_aware()
         quant, stored = self.hparams.quant_bits, self.hparams.adapter_bits
-        if quant is not None and stored is not None and stored != quant:  # known now, not only at the export
+        if quant is not None and stored is not None and stored != quant and self.trainer.is_global_zero:  # known now
             warn_user(f"nola_vision: quant_bits={quant} trains against {quant}-bit adapter values, but adapter_bits="
                       f"{stored} will store the latent values, whose outputs differ from the trained and evaluated "
                       f"model's: use adapter_bits {quant} (or leave it out) to export what was trained")
