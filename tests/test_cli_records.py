@@ -58,6 +58,7 @@ def test_a_test_result_records_the_checkpoints_run_not_the_command_lines_data_se
                                  "shots": 3, "split_seed": 0, "val_shots": 2, "seed": 0, "quant_bits": None}
     evaluated = written["evaluated"]  # what the pass read: the whole test split, whatever the shots
     assert (evaluated["split"], evaluated["dataset"]) == ("test", "digits") and evaluated["images"] > 100
+    assert evaluated["root"] == "sklearn-digits"  # scikit-learn's bundled images, not the data/ folder never read
 
 
 def test_a_relative_checkpoint_path_is_recorded_absolute_so_a_replay_from_elsewhere_reads_that_checkpoint(fitted):
@@ -80,6 +81,7 @@ def test_a_pass_run_in_a_spawned_process_records_the_images_it_read(fitted, subc
     assert done.returncode == 0, done.stderr[-3000:]
     evaluated = json.loads(result.read_text())["evaluated"]
     assert evaluated["split"] == split and evaluated["images"] == (899 if split == "test" else 20)
+    assert evaluated["root"] == "sklearn-digits"  # the validation draw's too, through its Subset
 
 
 @pytest.mark.parametrize("subcommand, limits, part", [

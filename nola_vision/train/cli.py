@@ -890,7 +890,7 @@ class NolaCLI(LightningCLI):
                        **checkpoint_run(checkpoint), "quant_bits": quantization_aware_bits(self.model.model)},
             # the images of this pass: the test split of --data.dataset/root (any shots), or the validation images
             # drawn as the run drew them (another draw is refused before the pass)
-            "evaluated": {"split": split, "dataset": data.dataset_name, "root": str(data.root),
+            "evaluated": {"split": split, "dataset": data.dataset_name, "root": _images_root(evaluated, data.root),
                           "images": len(evaluated) if evaluated is not None else None,
                           "precision": str(self.trainer.precision)},
             "parameter_counts": self.model.parameter_counts,
@@ -1118,6 +1118,15 @@ def _absolute(path: Any) -> Optional[str]:
     if path is None or path == "":
         return None
     return str(path) if "://" in str(path) else os.path.abspath(path)
+
+
+def _images_root(evaluated: Any, given: Any) -> str:
+    """Where the evaluated images came from: the dataset's own root (``sklearn-digits`` for the bundled digits, a
+    system copy's folder), else the ``--data.root`` given (a digits result named ``data``, which it never read)."""
+    dataset = evaluated
+    while dataset is not None and not hasattr(dataset, "root"):  # through the transform's wrapper and the val Subset
+        dataset = getattr(dataset, "dataset", None)
+    return str(getattr(dataset, "root", given))
 
 
 def _unwritten(error: OSError, path: str) -> str:
