@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .runs.executors import CONFIG_EXIT, DIVERGED_EXIT
-    from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, run_lightning_cli
+    from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, keyboard_interrupt_of, run_lightning_cli
     from .train.module import NonFiniteLossError
 
     try:
@@ -59,8 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 143
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning exits 1 on Ctrl-C, the code of a failed run
-        interrupt = stop if isinstance(stop, KeyboardInterrupt) else stop.__context__
-        if not isinstance(interrupt, KeyboardInterrupt):
+        interrupt = keyboard_interrupt_of(stop)
+        if interrupt is None:
             raise
         print(f"nola-vision: interrupted (Ctrl-C, SIGINT) before the run finished: no result was written"
               f"{_kept(interrupt)}", file=sys.stderr)

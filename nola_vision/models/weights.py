@@ -19,14 +19,6 @@ from ..core.registry import METHODS
 __all__ = ["LOCAL_DIR", "OVERLAY_WEIGHT_SOURCES", "UnreadableWeights", "adapter_entries", "check_backbone_keys",
            "check_backbone_shapes", "local_dir_weights", "loaded_keys", "raised_for_other_shapes", "read_state_dict"]
 
-def raised_for_other_shapes(error: BaseException) -> bool:
-    """Whether loading a weights file raised for its shapes: torch's load_state_dict ("size mismatch"), or a reshape
-    in timm's resampling of the position embedding (its checkpoint filter), which another count of class or register
-    tokens fails first."""
-    return "size mismatch" in str(error) or any(frame.name == "resample_abs_pos_embed"
-                                                for frame in traceback.extract_tb(error.__traceback__))
-
-
 # The keys of a pretrained_cfg_overlay that name weights for timm to load (it takes the first it finds, in this order).
 OVERLAY_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")
 # timm's prefix of a model name that reads config.json and the weights from a local folder.
@@ -115,6 +107,14 @@ def _head_key(key: str, model: nn.Module) -> bool:
     classifiers = model.pretrained_cfg.get("classifier") or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
     return any(key.startswith(f"{name}.") for name in classifiers)
+
+
+def raised_for_other_shapes(error: BaseException) -> bool:
+    """Whether loading a weights file raised for its shapes: torch's load_state_dict ("size mismatch"), or a reshape
+    in timm's resampling of the position embedding (its checkpoint filter), which another count of class or register
+    tokens fails first."""
+    return "size mismatch" in str(error) or any(frame.name == "resample_abs_pos_embed"
+                                                for frame in traceback.extract_tb(error.__traceback__))
 
 
 def check_backbone_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], path: str | Path, what: str) -> None:

@@ -64,7 +64,7 @@ __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalW
            "NolaCLI", "OutputKeptError", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error",
            "argument_value_error", "check_checkpoint_file", "check_config_sources", "check_full_passes",
            "check_monitors", "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options",
-           "run_lightning_cli"]
+           "keyboard_interrupt_of", "run_lightning_cli"]
 
 
 PREDICTIONS_HEADER = ["index", "path", "label", "label_name", "prediction", "prediction_name", "confidence"]
@@ -536,7 +536,7 @@ def _how_to_resume(folders: Sequence[Path]) -> str:
     """How to resume the run kept in ``folders`` (checkpoint folders): ``--ckpt_path last``, or, where a run was killed
     between Lightning's epoch checkpoint and ``last.ckpt`` (which it writes second), the newest checkpoint's path."""
     kept = [p for folder in folders for p in Path(folder).glob("*.ckpt") if p.is_file()]
-    if not kept or any(re.fullmatch(r"last(-v\d+)?", p.stem) for p in kept):
+    if not kept or any(map(_is_last_checkpoint, kept)):
         return "--ckpt_path last"
     newest = max(kept, key=lambda p: p.stat().st_mtime)
     return f"--ckpt_path {newest} (its newest checkpoint: it stopped before writing last.ckpt)"
@@ -610,9 +610,7 @@ class NolaCLI(LightningCLI):
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")
                 where += f" nor in {', '.join(map(str, dirpaths))} (its ModelCheckpoint dirpath)" if dirpaths else ""
-                folders = [Path(run or root) / "checkpoints", *map(Path, dirpaths),
-                           *(() if run else Path(root).glob("*/*/checkpoints"))]
-                resume = _how_to_resume(folders)
+                resume = _how_to_resume(_checkpoint_folders(run or root, run is None, dirpaths))
                 if resume != "--ckpt_path last":
                     raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}; to resume, pass {resume}")
                 raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}: nothing to resume. Pass "
@@ -1332,6 +1330,13 @@ def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
             raise ValueError(f"{source} is not valid YAML: {err}") from None
 
 
+def keyboard_interrupt_of(stop: BaseException) -> Optional[KeyboardInterrupt]:
+    """The Ctrl-C (SIGINT) behind ``stop``: itself, or the KeyboardInterrupt that Lightning's ``SystemExit(1)`` was
+    raised from (a trainer exits 1 on Ctrl-C, the code of a failed run); None for any other exit."""
+    interrupt = stop if isinstance(stop, KeyboardInterrupt) else stop.__context__
+    return interrupt if isinstance(interrupt, KeyboardInterrupt) else None
+
+
 def error_message(err: BaseException) -> str:
     """The error's own message, without the traceback a DataLoader worker wraps a re-raised error in; a bare system
     error for want of room (its file named when known) says so and what frees it, as a full disk gives no hint."""
@@ -1476,11 +1481,21 @@ def find_last_checkpoint(root: os.PathLike, runs_below: bool = True,
     ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look) or in ``dirpaths`` (the
     run's checkpoint callbacks' own folders), or None; with ``runs_below`` False, only ``root``'s own run's (a
     logger-less run's folder holds the others' too)."""
-    patterns = ("checkpoints/last*.ckpt", *(("*/*/checkpoints/last*.ckpt",) if runs_below else ()))
-    candidates = [p for pattern in patterns for p in Path(root).glob(pattern)]
-    candidates += [p for folder in dirpaths for p in Path(folder).glob("last*.ckpt")]
-    found = [p for p in candidates if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    found = [p for folder in _checkpoint_folders(root, runs_below, dirpaths) for p in folder.glob("last*.ckpt")
+             if _is_last_checkpoint(p)]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def _checkpoint_folders(root: os.PathLike, runs_below: bool, dirpaths: Sequence[os.PathLike]) -> List[Path]:
+    """Where the runs under ``root`` keep their checkpoints: its own ``checkpoints``, with ``runs_below`` each
+    ``<name>/version_N/checkpoints``, and the run's checkpoint callbacks' own folders (``dirpaths``)."""
+    below = Path(root).glob("*/*/checkpoints") if runs_below else ()
+    return [Path(root) / "checkpoints", *below, *map(Path, dirpaths)]
+
+
+def _is_last_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a ``last.ckpt`` Lightning writes (``last-v1.ckpt`` beside an older one)."""
+    return re.fullmatch(r"last(-v\d+)?", path.stem) is not None
 
 
 def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: Sequence[os.PathLike] = ()) -> str:

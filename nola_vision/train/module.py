@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import itertools
 import math
 import os
@@ -40,7 +39,7 @@ from ..core.basis import GENERATOR_VERSION
 from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
-from ..core.fingerprint import differing_module, frozen_fingerprint, holds_update, statistics_layers
+from ..core.fingerprint import differing_module, frozen_fingerprint, holds_update, statistics_layers, tensors_sha256
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
 from ..core.layer import adapted_layers
 from ..core.quantize import QAT_BITS, require_bits
@@ -700,7 +699,7 @@ class FewShotClassifier(L.LightningModule):
                                     if _plain_key(k) in trained}
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
-                                     "trained_sha256": _tensors_sha256(checkpoint["state_dict"]),
+                                     "trained_sha256": _sha256_by_name(checkpoint["state_dict"]),
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
@@ -744,7 +743,7 @@ class FewShotClassifier(L.LightningModule):
                        "on the data it was trained on" if head else "; build the model with the checkpoint's "
                        "config"))
         recorded = info.get("trained_sha256")  # older checkpoints record none
-        if recorded is not None and _tensors_sha256(
+        if recorded is not None and _sha256_by_name(
                 {_plain_key(k): v for k, v in checkpoint["state_dict"].items() if _plain_key(k) in saved}) != recorded:
             raise ValueError("the checkpoint's trained tensors are not those it was saved with (their sha256 differs "
                              "from the one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load "
@@ -1000,15 +999,10 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
 
-def _tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 over tensors' names, dtypes, shapes and bytes, in name order: what a checkpoint records of its trained
-    tensors, so that a damaged file is refused instead of evaluated."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+def _sha256_by_name(tensors: Mapping[str, Tensor]) -> str:
+    """``tensors_sha256`` in name order: what a checkpoint records of its trained tensors, so that a damaged file is
+    refused instead of evaluated."""
+    return tensors_sha256((name, tensors[name]) for name in sorted(tensors))
 
 
 _COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
