@@ -1040,8 +1040,10 @@ def _remove_tree(path: Path) -> None:
         warn_user(f"{path} was left in place: {mounted} in it is a mount point, whose files a removal would "
                   f"delete. Unmount it (umount {mounted}), then remove {path}", RuntimeWarning)
         return
-    if os.path.islink(path) or not os.path.isdir(path):  # chmod would change the mode of a link's target
+    if os.path.islink(path):  # chmod would change the mode of the link's target; removing the link keeps its data
         os.unlink(path)
+        return
+    if not os.path.isdir(path):  # another process's file, swapped out where putting it back failed: never removed
         return
     try:
         os.chmod(path, 0o700)
