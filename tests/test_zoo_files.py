@@ -261,3 +261,16 @@ def test_an_overlay_files_head_is_not_read_again_where_timm_loaded_it(tmp_path, 
     monkeypatch.setattr(timm.models, "load_state_dict", lambda *a, **k: pytest.fail("the file was read again"))
     model = _overlay(tmp_path / "in1k.safetensors", PLAIN, num_classes=1000)
     torch.testing.assert_close(model.head.weight, state["head.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("create", [timm.create_model, nv.create_model], ids=["timm", "nv"])
+def test_an_overlay_file_with_a_head_of_another_size_says_which_num_classes_to_pass(tmp_path, create):
+    # was: torch's bare "size mismatch for head.weight" through timm.create_model of a *_nola name at 1000 classes
+    torch.save(_trained().state_dict(), tmp_path / "nola.pth")
+    with pytest.raises(ValueError, match=r"nola.pth holds a head of 5 outputs, vit_tiny_patch16_224_nola as built has "
+                                         r"1000: pass the num_classes it was trained with \(5\)"):
+        create(NOLA, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nola.pth")),
+               **{**SMALL, "num_classes": 1000})
+    torch.save(timm.create_model(PLAIN, pretrained=False, **SMALL).state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match=r"plain.pth holds a head of 5 outputs"):
+        _overlay(tmp_path / "plain.pth", PLAIN, num_classes=1000)

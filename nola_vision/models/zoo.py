@@ -4,10 +4,11 @@ from __future__ import annotations
 import difflib
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -267,17 +268,47 @@ def _read_but_misfit(err: BaseException) -> bool:
 def _misfit(weights: str, model_name: str, err: BaseException) -> ValueError:
     """The error for a weights file torch read but could not load into ``model_name``, with torch's informative lines:
     an adapted layer's own message (which names the seed, targets, ... that differ), else the first mismatched keys."""
-    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    lines = _torch_lines(err)
     torch_lines = ("Missing key(s)", "Unexpected key(s)", "size mismatch for")
     layers = [line for line in lines if not line.startswith(torch_lines)]
     if layers:
         more = f" (and {len(layers) - 1} more layers like it)" if len(layers) > 1 else ""
         return ValueError(f"{weights} does not load into {model_name} as built: {layers[0]}{more}")
+    outputs = _other_outputs(lines)
+    if outputs is not None:
+        module, saved, built = outputs
+        return ValueError(f"{weights} holds a {module} of {saved} outputs, {model_name} as built has {built}: pass the "
+                          f"num_classes it was trained with ({saved})")
     shown = [line if len(line) <= 300 else line[:300] + " ..." for line in lines[:3]]
     more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
     return ValueError(f"{weights} holds weights of other names or shapes than {model_name} built with these arguments "
                       f"({'; '.join(shown)}{more}): point it at a state dict of this model, or build the model the "
                       "file was saved from")
+
+
+def _torch_lines(err: BaseException) -> List[str]:
+    """The lines of torch's load_state_dict error after its heading, one per mismatched key or layer."""
+    return [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+)\.(weight|bias): copying a param with shape "
+                            r"torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is "
+                            r"torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _other_outputs(lines: List[str]) -> Optional[Tuple[str, int, int]]:
+    """(module, saved outputs, built outputs) where torch's only complaint is one layer's output count (a head
+    trained for another ``num_classes``); None otherwise."""
+    found = [_SIZE_MISMATCH.match(line) for line in lines]
+    if not found or not all(found):
+        return None
+    shapes = {(m[1], tuple(int(n) for n in m[3].split(",") if n.strip()),
+               tuple(int(n) for n in m[4].split(",") if n.strip())) for m in found}
+    modules = {module for module, _, _ in shapes}
+    if len(modules) != 1 or any(not s or len(s) != len(b) or s[1:] != b[1:] for _, s, b in shapes):
+        return None
+    outputs = {(s[0], b[0]) for _, s, b in shapes}
+    return (modules.pop(), *outputs.pop()) if len(outputs) == 1 else None
 
 
 def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError:
@@ -335,6 +366,8 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         try:
             model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, weights))
         except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+            if weights and _read_but_misfit(err) and _other_outputs(_torch_lines(err)):  # timm.create_model's too
+                raise _misfit(weights.label, name, err) from err
             if not weights or _read_but_misfit(err):  # torch's message names the keys (build_backbone adds its kwargs)
                 raise
             raise _unloadable(weights.label, name, err) from err
