@@ -425,3 +425,67 @@ def test_inject_into_a_compiled_model_adapts_the_module_it_runs(tmp_path):
         torch.testing.assert_close(nv.load_adapter(tiny_vit(), directory)(images), compiled(images))
     nv.unload(compiled)
     assert nv.adapted_layers(model) == {}
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=300, num_basis_b=300), nv.LoRAConfig(rank=2)],
+                         ids=["nola", "lora"])
+def test_adapter_tensors_of_a_float32_model_are_float32_whatever_torchs_default_dtype(default, config, tmp_path,
+                                                                                      images):
+    # were made in the default dtype: a bits=32 file loaded rounded to bfloat16 (NOLA's init 1/300 too), LoRA mixed
+    trained = as_if_trained(nv.inject(tiny_vit(), config), 1, scale=0.2, adapters_only=True)
+    nv.save_adapter(trained, tmp_path, bits=32)
+    expected = {name: value.clone() for name, value in trained.state_dict().items()}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        fresh, loaded = nv.inject(tiny_vit(), config), nv.load_adapter(tiny_vit(), tmp_path)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in nv.adapted_layers(fresh).values():
+        assert {p.dtype for p in layer.adapter_parameters().values()} == {torch.float32}
+    if isinstance(config, nv.NOLAConfig):
+        assert torch.equal(fresh.blocks[0].mlp.fc1.nola_alpha, torch.full((1, 300), 1 / 300))
+    state = loaded.state_dict()
+    for name in nv.adapted_layers(loaded):
+        for key in config_tensor_names(config):
+            assert torch.equal(state[f"{name}.{key}"], expected[f"{name}.{key}"])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), trained.eval()(images))
+
+
+def config_tensor_names(config):
+    return ("nola_alpha", "nola_beta") if isinstance(config, nv.NOLAConfig) else ("lora_A", "lora_B")
+
+
+@pytest.mark.parametrize("on_meta", ["built there", "moved there"])
+def test_adapters_made_or_moved_on_the_meta_device_are_not_taken_for_values_after_to_empty(on_meta, tmp_path, images):
+    # after to_empty() they held uninitialised memory, which a strict plain load reported as "all keys matched",
+    # and the forward pass, save_adapter and merge used
+    trained = trained_nola_shared()
+    nv.save_adapter(trained, tmp_path, bits=32)
+    plain = {key: value for key, value in tiny_vit().state_dict().items()}
+    config = adapter_state(trained).config
+    if on_meta == "built there":
+        with torch.device("meta"):
+            model = tiny_vit().to("meta")
+        model = nv.inject(model, config)
+    else:
+        model = nv.inject(tiny_vit(), config).to("meta")
+    model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"blocks.0.attn.qkv.nola_alpha\""):
+        model.load_state_dict(plain)
+    assert "blocks.0.attn.qkv.nola_alpha" in model.load_state_dict(plain, strict=False).missing_keys
+    with pytest.raises(ValueError, match=r"nola_alpha was made on the meta device .* uninitialised memory: load an "
+                                         r"adapter"):
+        model(images)
+    with pytest.raises(ValueError, match=r"save_adapter: the adapter tensors of blocks.0.attn.qkv and 5 more layers "
+                                         r"were made on the meta device"):
+        nv.save_adapter(model, tmp_path / "garbage")
+    nv.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), trained.eval()(images))
+    model.to("meta").to_empty(device="cpu")
+    model.load_state_dict(trained.state_dict())  # the adapter tensors with the weights: values again
+    with torch.no_grad():
+        assert torch.equal(model(images), trained(images))

@@ -67,6 +67,7 @@ from ..core.storage import NotARegularFileError, atomic_directory, read_files, r
 from ..core.targets import (
     classifier_head,
     head_parameter_names,
+    require_adapter_values,
     require_module,
     require_no_inner_wrappers,
     require_nothing_else_trained,
@@ -297,6 +298,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     _require_no_unsaved_layer_state(model)
     require_unchanged_statistics(model)
     require_current_merge(model, "save_adapter")
+    require_adapter_values(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
     names = _checked_class_names(class_names, num_classes_of(model))

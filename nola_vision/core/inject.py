@@ -343,7 +343,8 @@ def _compact_input(module: nn.Module, args: tuple) -> Optional[tuple]:
 class _PlainStateDicts:
     """Load-state-dict post-hook: a plain model's state dict (pretrained weights, timm's ``checkpoint_path``) loads
     into the injected model strictly; when it holds none of the adapter tensors, they keep their values instead of
-    being reported missing. A state dict holding some of them must hold all. Adapter tensors loaded without their
+    being reported missing (unless inject made them on the meta device: they have none to keep). A state dict holding
+    some of them must hold all. Adapter tensors loaded without their
     layers' identity entries (``_extra_state``: a dict of the trainable tensors only, or one saved before it existed)
     load with a warning, since nothing checked that they belong to this adapter config. (A class, so the model still
     pickles.)"""
@@ -355,7 +356,9 @@ class _PlainStateDicts:
         # names as loaded: with a prefix when loaded through a wrapper (torch.compile's _orig_mod.)
         missing = [key for key in incompatible.missing_keys
                    if any(key == k or key.endswith("." + k) for k in self.adapter_keys)]
-        if len(missing) == len(self.adapter_keys):
+        # layers made on the meta device have no values to keep: their tensors stay reported missing
+        unset = any(layer.values_unset for layer in adapted_layers(module).values())
+        if len(missing) == len(self.adapter_keys) and not unset:
             for key in missing:
                 incompatible.missing_keys.remove(key)
         unchecked = [name for name, layer in adapted_layers(module).items() if layer.unchecked_load]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,9 @@ class AdaptedLinear(nn.Module):
     # Whether the last load_state_dict gave this layer adapter tensors without their identity entry (see
     # ``_load_from_state_dict``); inject's load post-hook reads it.
     unchecked_load: bool = False
+    # Whether the layer was made on the meta device and its adapter tensors got no values since (a load_state_dict
+    # holding them, load_adapter): to_empty() gives them uninitialised memory, which no pass may compute with.
+    values_unset: bool = False
     # What take_activation() left at ``mlp.act``; None where nothing is taken over (and in layers pickled before it
     # was kept, which then go unchecked).
     activation_placeholder: Optional[nn.Module] = None
@@ -148,6 +151,7 @@ class AdaptedLinear(nn.Module):
         self.scaling = scaling
         self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.uint8, device=base.weight.device))
         self.merged = False
+        self.values_unset = base.weight.is_meta
         # Set by take_activation() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
         # The Mlp whose ``act`` that is, outside the module tree (it is this layer's parent).
@@ -431,6 +435,11 @@ class AdaptedLinear(nn.Module):
             if reading is not None:
                 return reading[name]
             value = getattr(self, name)
+            if self.values_unset and not value.is_meta:
+                raise ValueError(f"{type(self).__name__} adapter tensor {name} was made on the meta device (inject "
+                                 "there) and has been given no values since, so after to_empty() it holds "
+                                 "uninitialised memory: load an adapter (nv.load_adapter, or a state dict holding its "
+                                 "tensors), or inject into the model once its weights are on a real device")
         return fake_quantize(value, self.quant_bits, factor_dtype(value.dtype)) if self.quant_bits else value
 
     def trained_values(self) -> Dict[str, Tensor]:
@@ -765,6 +774,14 @@ class AdaptedLinear(nn.Module):
         """The trained tensors of this layer by parameter name."""
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AdaptedLinear:
+        """``Module._apply`` (``.to()``, ``to_empty()``, ...), marking the adapter tensors unset once moved to the meta
+        device: they hold no values there, nor after a later ``to_empty()``."""
+        module = super()._apply(fn, recurse)
+        if any(parameter.is_meta for parameter in self.adapter_parameters().values()):
+            self.values_unset = True
+        return module
+
     def identity(self) -> Dict[str, Any]:
         """What identifies this layer's update besides its trained tensors: method, output slices, rank, scaling,
         random bases (seed, stream, shape, count) and the bits of quantisation-aware training, which change the
@@ -866,6 +883,8 @@ class AdaptedLinear(nn.Module):
             if not present and prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)  # plain models' and older state dicts have neither entry
         loaded_adapter = all(loads[1:])
+        if loaded_adapter:
+            self.values_unset = False
         # adapter tensors whose identity nothing checked (inject's load post-hook warns once per load)
         self.unchecked_load = identity is None and any(loads[1:])
         self.merged = merged

@@ -485,6 +485,9 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     parameters = dict(model.named_parameters())
     for name, value in values.items():
         parameters[name].copy_(value)
+    for prefix, layer in adapted_layers(model).items():  # layers made on the meta device hold values now
+        if all(f"{prefix}.{name}" in values for name in layer.adapter_parameter_names):
+            layer.values_unset = False
     for layer in layers.values():
         old, new = changes[id(layer)]
         layer.replace_merged_delta(old, new, new_values[id(layer)])

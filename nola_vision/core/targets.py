@@ -11,8 +11,9 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "adaptable_linears", "classifier_head", "find_targets", "head_parameter_names",
-           "require_no_inner_wrappers", "require_no_peft_model", "require_nothing_else_trained", "require_module",
-           "require_one_head", "require_not_data_parallel", "require_values", "trained_parameters", "unwrap_model"]
+           "require_adapter_values", "require_no_inner_wrappers", "require_no_peft_model",
+           "require_nothing_else_trained", "require_module", "require_one_head", "require_not_data_parallel",
+           "require_values", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -80,10 +81,24 @@ def require_module(model: object, function: str, *, adaptable: bool = True) -> N
 
 
 def require_values(model: nn.Module, function: str) -> None:
-    """Refuse to export a model whose weights are on the meta device: they hold no values to write."""
+    """Refuse to write a model whose weights hold no values: on the meta device, or adapter tensors inject made
+    there that nothing gave values since (``require_adapter_values``)."""
     if any(parameter.is_meta for parameter in model.parameters()):
         raise ValueError(f"{function}: the model's weights are on the meta device, which holds no values: there is "
-                         "nothing to export (load or train its weights on a real device first)")
+                         "nothing to write (load or train its weights on a real device first)")
+    require_adapter_values(model, function)
+
+
+def require_adapter_values(model: nn.Module, function: str) -> None:
+    """Refuse adapter tensors that inject made on the meta device and nothing gave values since: ``to_empty()`` left
+    them uninitialised memory (on the meta device they are refused as holding no values)."""
+    unset = [name for name, layer in adapted_layers(model).items() if layer.values_unset
+             and not any(parameter.is_meta for parameter in layer.adapter_parameters().values())]
+    if unset:
+        more = f" and {len(unset) - 1} more layers" if len(unset) > 1 else ""
+        raise ValueError(f"{function}: the adapter tensors of {unset[0]}{more} were made on the meta device (inject "
+                         "there) and given no values since, so they hold uninitialised memory: load an adapter first "
+                         "(nv.load_adapter), or inject once the weights are on a real device")
 
 
 def require_no_peft_model(model: nn.Module, function: str) -> None:

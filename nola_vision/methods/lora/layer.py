@@ -33,7 +33,8 @@ class LoRALinear(AdaptedLinear):
         a = a.view(num_slices, rank, self.in_features).transpose(1, 2).contiguous()
         assert a.shape == shapes["lora_A"]
         self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], device=base.weight.device))
+        # float32 whatever torch's default dtype, as lora_A (inject gives a float64 layer's float64)
+        self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], dtype=torch.float32, device=base.weight.device))
 
     @classmethod
     def parameter_shapes(cls, config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:

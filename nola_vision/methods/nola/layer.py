@@ -37,9 +37,12 @@ class NOLALinear(AdaptedLinear):
         self.bank = bank if bank is not None else BasisBank()
         self.specs_a, self.specs_b = self._specs(config, name, self.in_features, self.width, self.slices)
         shapes = self.parameter_shapes(config, self.in_features, self.width, len(self.slices))
-        self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, device=base.weight.device))
+        # float32 whatever torch's default dtype (inject gives a float64 layer's float64 from these values)
+        self.nola_alpha = nn.Parameter(torch.full(shapes["nola_alpha"], 1.0 / k, dtype=torch.float32,
+                                                  device=base.weight.device))
         beta = 0.0 if config.init == "zero_delta" else 1.0 / l
-        self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, device=base.weight.device))
+        self.nola_beta = nn.Parameter(torch.full(shapes["nola_beta"], beta, dtype=torch.float32,
+                                                 device=base.weight.device))
 
     @classmethod
     def parameter_shapes(cls, config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
