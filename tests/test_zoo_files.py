@@ -1,5 +1,7 @@
 """Weights files given to create_model and the *_nola zoo models: overlay files checked like pretrained_file, adapted
 models' files loaded whole or refused, and errors that name the file and the fix."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -175,12 +177,12 @@ def test_a_big_vision_npz_overlay_loads_as_timm_loads_it(tmp_path):
             torch.testing.assert_close(model(X), source(X), rtol=1e-4, atol=1e-4)
 
 
-def _local_dir(folder, state, num_classes=5):
+def _local_dir(folder, state, num_classes=5, architecture=PLAIN):
     """A ``local-dir:`` model folder as timm reads it: config.json and model.safetensors."""
     import json
 
     folder.mkdir()
-    config = {"architecture": PLAIN, "num_classes": num_classes,
+    config = {"architecture": architecture, "num_classes": num_classes,
               "model_args": {k: v for k, v in SMALL.items() if k != "num_classes"},
               "pretrained_cfg": {"input_size": [3, 32, 32], "classifier": "head", "num_classes": num_classes}}
     (folder / "config.json").write_text(json.dumps(config))
@@ -274,3 +276,85 @@ def test_an_overlay_file_with_a_head_of_another_size_says_which_num_classes_to_p
     torch.save(timm.create_model(PLAIN, pretrained=False, **SMALL).state_dict(), tmp_path / "plain.pth")
     with pytest.raises(ValueError, match=r"plain.pth holds a head of 5 outputs"):
         _overlay(tmp_path / "plain.pth", PLAIN, num_classes=1000)
+
+
+def test_a_local_folder_of_a_nola_model_loads_its_trained_adapters_or_names_the_head_size(tmp_path):
+    # was: loaded the backbone and head but left the adapters at their init, without a word (timm's local-dir:
+    # weights reach the *_nola entrypoint through its pretrained_cfg)
+    trained = _trained()
+    local = _local_dir(tmp_path / "nola", trained.state_dict(), architecture=NOLA)
+    for create in (nv.create_model, timm.create_model):
+        torch.testing.assert_close(create(local, pretrained=True).eval()(X), trained(X), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"model.safetensors holds a trained head head.weight of shape \(5, 64\), "
+                                             r"this model's is \(3, 64\): pass the num_classes it was trained with"):
+            create(local, pretrained=True, num_classes=3)
+    with pytest.raises(ValueError, match=r"comes with NOLA adapters .*plain model \('vit_tiny_patch16_224'\)"):
+        nv.create_model(local, adapter="lora", pretrained=True)
+
+
+def test_an_adapted_models_checkpoint_path_loads_after_create_models_injection(tmp_path):
+    # was refused as "weights of other names or shapes": timm loaded it into the model before inject
+    trained = _trained()
+    torch.save(trained.state_dict(), tmp_path / "nola.pth")
+    loaded = nv.create_model(PLAIN, adapter="nola", checkpoint_path=str(tmp_path / "nola.pth"), **SMALL).eval()
+    torch.testing.assert_close(loaded(X), trained(X), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"checkpoint_path .*nola.pth does not load into vit_tiny_patch16_224 as "
+                                         r"built: blocks.0.mlp.fc1: .*seed \[0, 0\] \(this model: \[3, 3\]\)"):
+        nv.create_model(PLAIN, adapter=dict(method="nola", seed=3), checkpoint_path=str(tmp_path / "nola.pth"),
+                        **SMALL)
+
+
+@pytest.mark.parametrize("value", [-1, "3", 2.5])
+def test_the_zoo_entrypoint_checks_num_classes_like_create_model(value):
+    # -1 built a headless model without a word, "3" failed deep in timm
+    with pytest.raises(ValueError, match=rf"num_classes must be an integer >= 0 or null, got {value!r}"):
+        timm.create_model(NOLA, num_classes=value, **{k: v for k, v in SMALL.items() if k != "num_classes"})
+
+
+@pytest.mark.parametrize("name, adapter", [(NOLA, None), (PLAIN, "lora"), (PLAIN, None)])
+def test_features_only_models_load_a_local_file_checked_against_the_layers_they_keep(tmp_path, name, adapter):
+    # was refused: the check compared the file with the features wrapper's names (model. prefix, pruned blocks)
+    plain = timm.create_model(PLAIN, pretrained=False, **SMALL)
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "plain.pth")), features_only=True,
+                   **SMALL)
+    reference = timm.create_model(PLAIN, out_indices=(0,), **overlay).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "froze its own nn.Linear layers" warning for a features wrapper
+        model = nv.create_model(name, adapter=adapter, out_indices=(0,), **overlay).eval()  # block 1 pruned
+    torch.testing.assert_close(model(X)[0], reference(X)[0], rtol=0, atol=1e-5)
+    state = plain.state_dict()
+    del state["blocks.0.attn.qkv.weight"]
+    torch.save(state, tmp_path / "part.pth")
+    with pytest.raises(ValueError, match=r"part.pth does not fit vit_tiny_patch16_224: 1 backbone weights missing "
+                                         r"\(e.g. blocks.0.attn.qkv.weight\)"):
+        nv.create_model(name, adapter=adapter, out_indices=(0,), **{**overlay, "pretrained_cfg_overlay": dict(
+            file=str(tmp_path / "part.pth"))})
+
+
+def test_a_features_only_nola_model_loads_the_trained_adapters_of_its_file(tmp_path):
+    trained = _trained()
+    torch.save(trained.state_dict(), tmp_path / "nola.pth")
+    model = timm.create_model(NOLA, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nola.pth")),
+                              features_only=True, out_indices=(0, 1), **SMALL).eval()
+    expected = trained.forward_intermediates(X, indices=[0, 1], intermediates_only=True)
+    for got, want in zip(model(X), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_flattening_features_wrapper_is_checked_under_its_own_names(tmp_path):
+    swin = dict(depths=(1, 1), embed_dim=32, num_heads=(1, 1), img_size=32, window_size=4)
+    state = timm.create_model("swin_tiny_patch4_window7_224", **swin).state_dict()
+    torch.save(state, tmp_path / "swin.pth")
+    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "swin.pth")), features_only=True,
+                   **swin)
+    images = torch.randn(1, 3, 32, 32)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", **overlay).eval()
+    for got, want in zip(nv.create_model("swin_tiny_patch4_window7_224", adapter="lora", **overlay).eval()(images),
+                         reference(images)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    del state["layers.1.blocks.0.attn.qkv.weight"]
+    torch.save(state, tmp_path / "part.pth")
+    with pytest.raises(ValueError, match=r"1 backbone weights missing \(e.g. layers_1.blocks.0.attn.qkv.weight\)"):
+        nv.create_model("swin_tiny_patch4_window7_224", **{**overlay, "pretrained_cfg_overlay": dict(
+            file=str(tmp_path / "part.pth"))})

@@ -273,7 +273,7 @@ def _warn_about_frozen_wrapper_layers(model: nn.Module, adapted: List[str]) -> N
     freezes them at their initial values, and a wrapper's own classifier (``self.fc`` after a headless timm model)
     would then never train, without a word."""
     inside = [name for name, module in model.named_modules() if callable(getattr(module, "get_classifier", None))]
-    if "" in inside:  # a timm model: no head (num_classes=0), and no layer of a wrapper's
+    if "" in inside or hasattr(model, "feature_info"):  # a timm model: no head (num_classes=0, features_only)
         return
     frozen = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
               and name not in adapted and not any(name.startswith(f"{owner}.") for owner in inside)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pickle
 import re
@@ -14,6 +15,9 @@ import timm
 import torch
 from safetensors import SafetensorError
 from timm.models import (
+    FeatureDictNet,
+    FeatureGraphNet,
+    FeatureHookNet,
     generate_default_cfgs,
     get_arch_pretrained_cfgs,
     is_model,
@@ -22,6 +26,11 @@ from timm.models import (
     split_model_name_tag,
 )
 from torch import nn
+
+try:  # the wrapper of features_only ViTs, not exported by timm.models
+    from timm.models._features import FeatureGetterNet
+except ImportError:  # pragma: no cover (older timm)
+    FeatureGetterNet = None
 
 from ..core.checks import check_int
 from ..core.config import AdapterConfig, resolve_adapter
@@ -113,13 +122,12 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     Works for every timm model whose blocks hold the targeted ``nn.Linear`` layers (ViT, DeiT, Swin, DINOv2, …).
     """
     check_model_name(model_name)
-    if "num_classes" in kwargs:  # -1 gave a headless model silently, "3" or 2.5 failed deep in timm
-        # 0: a headless encoder; None: left out by timm (the model's default head)
-        kwargs["num_classes"] = check_int(kwargs["num_classes"], "num_classes", at_least=0, int64=True, optional=True)
+    _check_num_classes(kwargs)
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
-    nola_name = model_name.split(".")[0].endswith(NOLA_SUFFIX)
+    architecture = _architecture(model_name).split(".")[0]
+    nola_name = architecture.endswith(NOLA_SUFFIX)
     if config is not None and nola_name:
-        base = model_name.split(".")[0][: -len(NOLA_SUFFIX)]
+        base = architecture[: -len(NOLA_SUFFIX)]
         raise ValueError(f"{model_name} comes with NOLA adapters (set by nola_* arguments), so adapter= would be a "
                          f"second injection: pass adapter= with the plain model ({base!r}), or nola_config= here")
     checkpoint = kwargs.get("checkpoint_path")
@@ -132,6 +140,10 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
                                 f"dict of {model_name}")
     # a *_nola entrypoint checks its own overlay (timm.create_model reaches it without this function)
     weights = None if nola_name else _local_weights(model_name, kwargs)
+    # an adapted model's checkpoint loads once the adapters are in (timm would load it into the plain model first)
+    adapted_checkpoint = config is not None and checkpoint and _holds_adapters(checkpoint)
+    if adapted_checkpoint:
+        kwargs = {key: value for key, value in kwargs.items() if key != "checkpoint_path"}
     try:
         model = timm.create_model(model_name, **_loading(kwargs, weights))
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
@@ -150,6 +162,13 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     base_keys = _check_overlay_covers(model, weights) if weights else set()
     if config is not None:
         inject(model, config)
+    if adapted_checkpoint:
+        try:
+            timm.models.load_checkpoint(model, checkpoint)
+        except RuntimeError as err:  # an adapted layer refuses another update (seed, targets, rank, ...)
+            if not _read_but_misfit(err):
+                raise
+            raise _misfit(f"checkpoint_path {checkpoint}", model_name, err) from err
     if weights:
         _load_saved_adapter(model, model_name, weights, base_keys=base_keys,
                             fix="Pass adapter= with the settings the file's model was adapted with (method, targets, "
@@ -207,7 +226,7 @@ def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWe
                              "custom_load=True in the overlay (for the models that can, such as ViTs): add it, or "
                              "point the overlay at a .safetensors/.pth state dict")
         return _LocalWeights(OVERLAY_FILE, file, _read_overlay_file(file, model_name), file)
-    folder_file = local_dir_weights(model_name) if not sources else None
+    folder_file = local_dir_weights(_local_dir_name(model_name, kwargs)) if not sources else None
     if folder_file is not None:
         what = f"{model_name}'s weights file"
         try:
@@ -215,6 +234,37 @@ def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWe
         except UnreadableWeights as err:
             raise _unloadable(f"{what} {folder_file}", model_name, err.__cause__) from err.__cause__
     return None
+
+
+def _holds_adapters(checkpoint: str) -> bool:
+    """Whether the state dict in ``checkpoint`` is an adapted model's (adapter entries beside its weights); False for
+    a file no state dict is read from, which timm then reports."""
+    try:
+        return bool(adapter_entries(read_state_dict(Path(checkpoint), "checkpoint_path")))
+    except ValueError:  # UnreadableWeights, or a file of other objects
+        return False
+
+
+def _local_dir_name(model_name: str, kwargs: Dict[str, Any]) -> str:
+    """``local-dir:<folder>`` for a model timm builds from a folder (an entrypoint sees its architecture's name and the
+    folder in its ``pretrained_cfg``), else ``model_name``."""
+    config = kwargs.get("pretrained_cfg")
+    if isinstance(config, dict) and config.get("source") == "local-dir" and config.get("file"):
+        return f"{LOCAL_DIR}{config['file']}"
+    return model_name
+
+
+def _architecture(model_name: str) -> str:
+    """The timm architecture ``model_name`` builds: a ``local-dir:`` folder's config.json names it (timm reports an
+    unreadable one itself), other names are their own."""
+    if not model_name.lower().startswith(LOCAL_DIR):
+        return model_name
+    try:
+        with open(Path(model_name[len(LOCAL_DIR):]) / "config.json", encoding="utf-8") as file:
+            architecture = json.load(file).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return model_name
+    return architecture if isinstance(architecture, str) else model_name
 
 
 def _overlay_label(kwargs: Dict[str, Any]) -> Optional[str]:
@@ -249,14 +299,43 @@ def _loading(kwargs: Dict[str, Any], weights: Optional[_LocalWeights]) -> Dict[s
 
 def _check_overlay_covers(model: nn.Module, weights: _LocalWeights) -> set:
     """Refuse local weights that leave a backbone weight unset or hold other weights (timm loads them non-strictly
-    for another ``num_classes``, leaving random weights in place); the classifier and adapter entries aside. Returns
-    the plain model's state-dict keys, which tell the adapters' apart after injection."""
-    own = set(model.state_dict())
+    for another ``num_classes``, leaving random weights in place); the classifier and adapter entries aside. A
+    ``features_only`` model pruned the layers after its last output: the file's weights of those are not checked.
+    Returns the plain model's state-dict keys, which tell the adapters' apart after injection."""
+    target = _loaded_into(model)
+    own = set(target.state_dict())
     saved_adapters = set(adapter_entries(weights.state)) - own
     backbone = {key: value for key, value in weights.state.items() if key not in saved_adapters}
-    check_backbone_keys(model, loaded_keys(backbone, model), weights.where, weights.what)
-    check_backbone_shapes(model, {key: value.shape for key, value in backbone.items()}, weights.where, weights.what)
+    keys = loaded_keys(backbone, target)
+    shapes = {key: value.shape for key, value in backbone.items()}
+    if isinstance(model, _FEATURE_WRAPPERS):  # some flatten the model's Sequentials (layers.0 is layers_0)
+        renamed = {key: _flattened_name(key, own) for key in {*keys, *shapes}}
+        keys = [renamed[key] for key in keys if renamed[key] is not None]
+        shapes = {renamed[key]: shape for key, shape in shapes.items() if renamed[key] is not None}
+    check_backbone_keys(target, keys, weights.where, weights.what)
+    check_backbone_shapes(target, shapes, weights.where, weights.what)
     return own
+
+
+# timm's features_only wrappers: built around a model it loaded the weights into, and pruned after the last output
+_FEATURE_WRAPPERS = tuple(cls for cls in (FeatureDictNet, FeatureHookNet, FeatureGraphNet, FeatureGetterNet)
+                          if cls is not None)
+
+
+def _loaded_into(model: nn.Module) -> nn.Module:
+    """The module timm loaded local weights into, whose names they hold: a ``features_only`` ViT's inner model (its
+    FeatureGetterNet adds a ``model.`` prefix); the model itself otherwise."""
+    return model.model if FeatureGetterNet is not None and isinstance(model, FeatureGetterNet) else model
+
+
+def _flattened_name(key: str, own: set) -> Optional[str]:
+    """The name ``key`` of the plain model has in a ``features_only`` model with keys ``own`` (``layers.0.x`` is
+    ``layers_0.x`` where the wrapper flattened ``layers``); None for a layer it pruned."""
+    if key in own:
+        return key
+    parts = key.split(".")
+    flattened = ".".join([f"{parts[0]}_{parts[1]}", *parts[2:]]) if len(parts) > 2 else None
+    return flattened if flattened in own else None
 
 
 def _read_but_misfit(err: BaseException) -> bool:
@@ -323,6 +402,13 @@ def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError
                       "where timm converts it)")
 
 
+def _check_num_classes(kwargs: Dict[str, Any]) -> None:
+    """Check ``num_classes`` in place: -1 gave a headless model silently, "3" or 2.5 failed deep in timm. 0 is a
+    headless encoder; None leaves timm the model's default head."""
+    if "num_classes" in kwargs:
+        kwargs["num_classes"] = check_int(kwargs["num_classes"], "num_classes", at_least=0, int64=True, optional=True)
+
+
 def _names_class(class_path: Any, cls: type) -> bool:
     """Whether ``class_path`` names ``cls`` (by its module or the package's export, as jsonargparse resolves it)."""
     return isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == cls.__name__
@@ -357,6 +443,7 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
 
 def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        _check_num_classes(kwargs)  # timm.create_model reaches here without nv.create_model's checks
         config = _nola_config_from_kwargs(kwargs, defaults)
         tag = kwargs.get("pretrained_cfg")
         if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
@@ -401,6 +488,7 @@ def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeight
     head for another ``num_classes`` than its pretrained config's, 1000 for most, even where the file's fits: a
     linear probe's or a fine-tune's would stay random). A file adapted at other layers than this model is refused
     (its adapters and head would be dropped), ``fix`` saying how to build the model it fits."""
+    model = _loaded_into(model)
     state, own = weights.state, model.state_dict()
     adapter_keys = [key for key in own if key not in base_keys]
     saved = [key for key in adapter_entries(state) if key not in base_keys]
