@@ -267,8 +267,10 @@ class FewShotClassifier(L.LightningModule):
                                     pretrained_file=hp.pretrained_file, image_size=hp.image_size,
                                     backbone_seed=hp.backbone_seed, **(hp.backbone_kwargs or {}))
         if adapter_state(self.model) is not None:
-            raise ValueError(f"backbone {backbone!r} is a registered NOLA variant that already holds adapters; use its "
-                             f"base name ({backbone.split('.')[0].replace('_nola', '')}) and set model.adapter instead")
+            base = backbone.split(".")[0].replace("_nola", "")
+            base = "the architecture without _nola" if ":" in base else base  # a local-dir: folder's config names it
+            raise ValueError(f"backbone {backbone!r} builds a registered NOLA variant, which already holds adapters; "
+                             f"use its base name ({base}) and set model.adapter instead")
         inject(self.model, self.adapter_config)  # names the model's Linear layers when a target matches nothing
         if hp.quant_bits:
             set_quantization_aware(self.model, hp.quant_bits)
