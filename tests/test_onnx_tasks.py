@@ -201,3 +201,22 @@ def test_a_file_recording_a_hand_replaced_heads_stale_class_count_feeds_its_grap
         logits = torch.from_numpy(_session(path).run(None, {"images": images[:2].numpy(), **inputs})[0])
         with torch.no_grad():
             assert (logits - loaded.eval()(images[:2])).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tasks_as_inputs", [False, True])
+def test_an_export_inside_autocast_traces_no_16_bit_casts(dtype, tasks_as_inputs, images, tmp_path):
+    # autocast was traced into the graph: float16 products in a float32 graph, bfloat16 ones ONNX Runtime refused
+    task = _task(CONFIGS["nola_mlp_qv"](), tmp_path / "task", 1)
+    model = nv.load_adapter(tiny_vit(), task)
+    with torch.autocast("cpu", dtype=dtype):
+        path = nv.export_onnx(model, tmp_path / "graph.onnx", tasks_as_inputs=tasks_as_inputs)
+    import onnx
+
+    casts = [node for node in onnx.load(str(path)).graph.node if node.op_type == "Cast"
+             and any(attr.name == "to" and attr.i in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+                     for attr in node.attribute)]
+    assert not casts
+    inputs = nv.onnx_task_inputs(task, path) if tasks_as_inputs else {}
+    logits = torch.from_numpy(_session(path).run(None, {"images": images.numpy(), **inputs})[0])
+    assert (logits - _merged_logits(task, images)).abs().max() <= 1e-5

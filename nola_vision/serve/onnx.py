@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -357,10 +357,13 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
 
 @contextmanager
 def _as_served(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients and no gradient checkpointing while tracing; the modules' settings come back.
+    """Eval mode, no gradients, no autocast and no gradient checkpointing while tracing; the modules' settings come
+    back.
 
     A graph has no backward to save memory for, and timm's re-entrant checkpointing (``set_reentrant_ckpt(True)``)
-    runs even without gradients, where the tracer fails inside torch (``unordered_map::at``).
+    runs even without gradients, where the tracer fails inside torch (``unordered_map::at``). An autocast around the
+    export (a bf16-mixed Lightning hook's) would be traced into the graph as casts: 16-bit products in a float32
+    graph, and bfloat16 ones ONNX Runtime cannot load.
     """
     training = {module: module.training for module in model.modules()}
     checkpointing = checkpointing_modules(model)
@@ -368,13 +371,23 @@ def _as_served(model: nn.Module) -> Iterator[None]:
     try:
         for module in checkpointing:
             module.grad_checkpointing = False
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast():
             yield
     finally:
         for module, mode in training.items():
             module.training = mode
         for module in checkpointing:
             module.grad_checkpointing = True
+
+
+@contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Autocast off on every device type torch can autocast on (the model may sit on any of them)."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda", "xpu", "mps"):
+            if torch.amp.is_autocast_available(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str], path: PathLike,
