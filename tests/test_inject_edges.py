@@ -379,3 +379,18 @@ def test_inject_takes_a_method_name_as_create_model_and_the_classifier_do():
         assert adapter_state(nv.inject(tiny_vit(), name)).config == config
     with pytest.raises(ValueError, match=r"unknown adapter 'nolla': use 'lora', 'nola', 'linear', 'full'"):
         nv.inject(tiny_vit(), "nolla")
+
+
+@pytest.mark.parametrize("method, first", [("lora", "head.weight"), ("full", "cls_token")])
+def test_a_model_built_under_inference_mode_is_refused_before_inject_changes_it(method, first):
+    # was: torch's "Setting requires_grad=True on inference tensor" halfway, every parameter left frozen
+    with torch.inference_mode():
+        model = tiny_vit()
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"parameter {first} is an inference tensor .*build the model outside "
+                                         r"inference_mode, or inject inside it to serve only"):
+        nv.inject(model, method)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert not nv.adapted_layers(model)
+    with torch.inference_mode():  # serving only: allowed
+        assert nv.inject(model, "lora")(torch.zeros(1, 3, 32, 32)).shape == (1, 5)

@@ -222,9 +222,10 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     config = plan.config
     _warn_about_hooks(model, list(plan.layers))
     layer_cls = method_of(config).layer_cls
+    head = classifier_head(model)
+    _require_trainable(model, head, config.train_backbone)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(config.train_backbone)
-    head = classifier_head(model)
     if head is not None:
         head.requires_grad_(True)
     elif not config.train_backbone:
@@ -266,6 +267,19 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def _require_trainable(model: nn.Module, head: Optional[nn.Module], train_backbone: bool) -> None:
+    """Refuse, before anything changes, parameters that are to train but are inference tensors (the model was built
+    under ``torch.inference_mode``): torch refuses their ``requires_grad`` outside it, halfway through inject."""
+    if torch.is_inference_mode_enabled():
+        return
+    trained = {id(p) for p in (model if train_backbone else head or nn.Module()).parameters()}
+    frozen = next((name for name, p in model.named_parameters() if id(p) in trained and p.is_inference()), None)
+    if frozen is not None:
+        raise ValueError(f"nv.inject: parameter {frozen} is an inference tensor (the model was built or loaded under "
+                         "torch.inference_mode), which torch never lets train: build the model outside "
+                         "inference_mode, or inject inside it to serve only")
 
 
 def _warn_about_frozen_wrapper_layers(model: nn.Module, adapted: List[str]) -> None:
