@@ -569,3 +569,44 @@ def test_a_block_wrapped_inside_the_model_is_refused_before_the_first_step_not_a
     refused_before_a_step(run, lambda: run.fit(model, loader()),
                           r"FewShotClassifier fit \(it ends exporting with nv.save_adapter\): blocks.0 is wrapped by "
                           "torch.compile")
+
+
+# ---- hyper-parameters set on a built module, and a trainer reused ----------------------------------------------
+
+def test_label_smoothing_and_warmup_set_on_hparams_after_construction_are_what_the_fit_trains_and_records(tmp_path):
+    # were ignored: the loss kept the constructor's smoothing (checkpoints recorded the new one) and the warm-up the
+    # recipe's (overwritten in hparams); only lr, head_lr, weight_decay, ... were read again
+    model = module(warmup_epochs=None, label_smoothing=0.1)
+    model.hparams.label_smoothing, model.hparams.warmup_epochs = 0.0, 2
+    run = trainer(tmp_path, epochs=4)
+    rates = []
+    run.fit(model, loader())
+    assert model.criterion.label_smoothing == 0.0
+    saved = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=False)["hyper_parameters"]
+    assert (saved["label_smoothing"], saved["warmup_epochs"]) == (0.0, 2)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step(), scheduler.step()
+    assert rates[:2] == pytest.approx([1e-2 / 3, 2e-2 / 3])  # a 2-epoch warm-up
+    del optimizer
+    model.hparams.label_smoothing = 1.5
+    with pytest.raises(ValueError, match=r"hparams.label_smoothing must be a finite number >= 0 and < 1"):
+        trainer(tmp_path / "bad", epochs=1).fit(model, loader())
+
+
+def test_a_second_fit_on_a_trainer_that_reached_max_epochs_is_refused_before_exporting_again(tmp_path):
+    # trained nothing and exported the same adapter again as that fit's result (the first moved to .previous)
+    model = module(adapter_dir=str(tmp_path / "adapter"))
+    run = trainer(tmp_path, epochs=1)
+    run.fit(model, loader())
+    with pytest.raises(ValueError, match=r"this Trainer's earlier fit trained 1 epochs \(4 steps\), and its "
+                                         r"max_epochs=1 ends the run there: .*Fit with a new Trainer, or raise its "
+                                         r"max_epochs above 1"):
+        run.fit(model, loader())
+    assert run.global_step == 4
+    assert not (tmp_path / "adapter.previous").exists()
+    run.fit_loop.max_epochs = 2  # raised: it trains on
+    run.fit(model, loader())
+    assert run.global_step == 8

@@ -260,6 +260,7 @@ class FewShotClassifier(L.LightningModule):
         self.save_hyperparameters(dict(self.hparams))
         hp = self.hparams
         self._given_warmup_epochs: Optional[int] = hp.warmup_epochs  # hparams record the value a fit resolved
+        self._written_warmup_epochs: Optional[int] = hp.warmup_epochs  # what hparams held since (``_take_set_hparams``)
         # The rates as resolved now, and whether the head's was given (``_follow_a_changed_lr``: a rate set later)
         self._resolved_rates: Tuple[float, float] = (hp.lr, hp.head_lr)
         self._given_head_lr = head_lr is not None
@@ -424,6 +425,7 @@ class FewShotClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         self._check_what_trains()  # before the optimiser: a model frozen whole (freeze()) left it no parameter
         self._follow_a_changed_lr()
+        self._take_set_hparams()
         hp = self.hparams
         groups = self.parameter_groups()
         optimizer_class = _OPTIMIZER_CLASSES.get(hp.optimizer)
@@ -437,12 +439,26 @@ class FewShotClassifier(L.LightningModule):
         warmup = self._given_warmup_epochs
         # None: the recipe's share of this fit's epochs, resolved again by every fit; recorded for its checkpoints
         hp.warmup_epochs = warmup if warmup is not None else recipe_warmup_epochs(self.adapter_config, epochs)
+        self._written_warmup_epochs = hp.warmup_epochs
         self._warn_about_the_warmup(epochs)
         # what loggers record (hparams_initial, logged after this): the rates and warm-up this fit resolved
         self.save_hyperparameters(dict(hp))
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         self._configured_lr = hp.lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _take_set_hparams(self) -> None:
+        """``label_smoothing`` and ``warmup_epochs`` set on ``hparams`` since construction (or since the last fit
+        resolved the warm-up): this fit trains with them, as its checkpoints record them (the loss and the warm-up
+        built first were kept without a word)."""
+        hp = self.hparams
+        smoothing = check_number(hp.label_smoothing, "hparams.label_smoothing", at_least=0, below=1)
+        if smoothing != self.criterion.label_smoothing:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
+        if hp.warmup_epochs != self._written_warmup_epochs:
+            self._given_warmup_epochs = check_int(hp.warmup_epochs, "hparams.warmup_epochs", at_least=0,
+                                                  optional=True)
+            self._written_warmup_epochs = hp.warmup_epochs
 
     def _follow_a_changed_lr(self) -> None:
         """An ``lr`` set after construction (Lightning's ``lr_find`` writes ``hparams.lr``): the head's rate follows
@@ -511,6 +527,8 @@ class FewShotClassifier(L.LightningModule):
         self._fingerprint = None  # the backbone this fit trains on, taken afresh (see backbone_fingerprint)
         if self._trainer is not None:
             check_training_length(self._trainer)
+            if self._trainer.ckpt_path is None:  # a resume's progress is the checkpoint's, checked as it loads
+                _require_training_left_on(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -915,6 +933,7 @@ class FewShotClassifier(L.LightningModule):
         line does."""
         if not isinstance(saved, dict):
             return
+        self._take_set_hparams()
         given = {**self.hparams, "warmup_epochs": self._given_warmup_epochs}
         changed = changed_hparams(saved, given, TRAINING_HPARAMS)
         if "backbone_kwargs" in saved:
@@ -1182,6 +1201,19 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
                              "train nothing, yet export the checkpoint's adapter again and record its result as a new "
                              f"run's. Raise {name} above {reached} to train on, or evaluate the checkpoint with the "
                              "test command")
+
+
+def _require_training_left_on(trainer: Any) -> None:
+    """Refuse a fit on a trainer whose earlier fit reached its ``max_epochs`` or ``max_steps`` already: Lightning
+    would train nothing (a trainer keeps its loops' progress), and the fit would export the adapter again as a new
+    run's."""
+    epochs, step = trainer.fit_loop.epoch_progress.current.processed, trainer.global_step
+    for name, reached in (("max_steps", step), ("max_epochs", epochs)):  # in the order Lightning's loop asks
+        limit = getattr(trainer, name, None)
+        if reached and isinstance(limit, int) and limit != -1 and reached >= limit:
+            raise ValueError(f"this Trainer's earlier fit trained {epochs} epochs ({step} steps), and its {name}="
+                             f"{limit} ends the run there: this fit would train nothing, yet export the adapter "
+                             f"again. Fit with a new Trainer, or raise its {name} above {reached} to train on")
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
