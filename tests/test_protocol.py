@@ -27,7 +27,7 @@ def test_protocol_runs_the_grid_writes_tables_and_skips_finished_runs(tmp_path, 
     md = (out / "results.md").read_text()
     accs = [100 * float(r["test_acc"]) for r in table if r["name"] == "tiny"]
     mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2  # population std of two values
-    assert f"| tiny | nola | vit_tiny_patch16_224 | digits | 2 | 512 | 650 | 2 | {mean:.1f} ({std:.1f}) |" in md
+    assert f"| tiny | nola | vit_tiny_patch16_224 | digits | 2 | 512 | 650 | 1,162 | 2 | {mean:.1f} ({std:.1f}) |" in md
     assert "| tiny-knn | knn (k=1) |" in md
     capsys.readouterr()
     # a restart skips finished runs (their results are untouched)
@@ -185,7 +185,7 @@ os.execv({fake_python(tmp_path)!r}, [{fake_python(tmp_path)!r}, *sys.argv[1:]])
                      echo=False)
     monkeypatch.delenv("FAIL")
     md = (out / "results.md").read_text()
-    assert "| none |  |  |  |  |  |  | 0 of 1 | no finished run |" in md and "(none: split1-init0)" in md
+    assert "| none |  |  |  |  |  |  |  | 0 of 1 | no finished run |" in md and "(none: split1-init0)" in md
 
 
 @pytest.mark.parametrize("executor, init_seeds", [
@@ -221,7 +221,7 @@ def test_a_run_whose_program_cannot_start_is_reported_failed_with_its_log_and_th
         run_protocol([TINY], out=str(out), name="row", split_seeds=[0, 1], init_seeds=[0], python=missing, echo=False,
                      executor=LocalExecutor(1))
     assert "No such file or directory" in (out / "row" / "split1-init0" / "log.txt").read_text()
-    assert "| row |  |  |  |  |  |  | 0 of 2 | no finished run |" in (out / "results.md").read_text()
+    assert "| row |  |  |  |  |  |  |  | 0 of 2 | no finished run |" in (out / "results.md").read_text()
 
 
 def test_local_executor_gives_each_job_slot_its_gpus():
@@ -312,3 +312,12 @@ def test_seeds_folders_and_the_test_pass_a_config_sets_are_replaced_in_every_run
     assert (parsed["seed_everything"], parsed["data"]["split_seed"]) == (0, 1)
     assert parsed["test_after_fit"] is True  # false in the config left every run without a test accuracy
     assert parsed["result_file"] == str(run / "result.json")
+
+
+def test_the_table_shows_what_each_row_trains_beside_its_adapter_and_head():
+    # full fine-tuning showed "0 adapter params", the linear probe's budget; results without the count: the sum
+    row = {"name": "full", "method": "full", "backbone": "b", "dataset": "d", "shots": 5, "test_acc": 0.5,
+           "adapter_params": 0, "head_params": 650, "trainable_params": 114_250}
+    older = {**row, "name": "older", "method": "nola", "adapter_params": 512, "trainable_params": ""}
+    assert [(s["name"], s["trainable_params"]) for s in summarise([row, older])] == [("full", 114_250),
+                                                                                     ("older", 1_162)]

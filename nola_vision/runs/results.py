@@ -52,8 +52,8 @@ EARLIER_HASHES = "earlier_config_hashes"
 REQUESTED_FILE = "requested.json"
 STAMP_FILE = ".stamp.json"  # in a run folder: what the command that started its fit stamps on its result
 JOB_LOCK_FILE = ".job"  # in a run folder: locked by the cluster job that runs its fit (``executors.claimed_job``)
-RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | runs | "
-                     "top-1 % mean (std) |")  # results.md's first line
+RESULTS_MD_HEADER = ("| run | method | backbone | dataset | shots | adapter params | head params | trained params "
+                     "| runs | top-1 % mean (std) |")  # results.md's first line
 RESULTS_MD_MARK = "| run | method | "  # how every version's results.md began: what the tables know theirs by
 CSV_FIELDS = ["name", "method", "backbone", "dataset", "shots", "split_seed", "init_seed", "test_acc",
               "adapter_params", "head_params", "trainable_params", "epochs", "wall_s", "run_dir", "train_images",
@@ -790,6 +790,9 @@ def summarise(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         first, mixed = members[0], mixed_settings(members)
         summary.append({**{k: first[k] for k in ("name", "method", "backbone", "dataset", "shots",
                                                   "adapter_params", "head_params")},
+                        # what trains (full fine-tuning: the backbone, no adapter); results without it: the sum
+                        "trainable_params": (first.get("trainable_params")
+                                             or first["adapter_params"] + first["head_params"]),
                         "runs": len(accs), "mean": math.nan if mixed else statistics.fmean(accs),
                         "std": math.nan if mixed else statistics.pstdev(accs), "mixed": mixed})
     return summary
@@ -820,7 +823,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     lines = [RESULTS_MD_HEADER,
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     finished: Dict[str, Set[str]] = {}
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
@@ -838,12 +841,12 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
                       f"({differ}): not averaged; see {root / 'results.md'}")
         shots = " / ".join(s["mixed"]["shots"]) if "shots" in s["mixed"] else s["shots"]
         lines.append(f"| {s['name']} | {s['method']} | {s['backbone']} | {s['dataset']} | {shots} | "
-                     f"{s['adapter_params']:,} | {s['head_params']:,} | {runs} | "
+                     f"{s['adapter_params']:,} | {s['head_params']:,} | {s['trainable_params']:,} | {runs} | "
                      + (f"{s['mean']:.1f} ({s['std']:.1f}) |" if not differ else "not averaged: mixed settings |"))
     for folder in sorted(p.parent for p in root.glob(f"*/{REQUESTED_FILE}")):
         requested = requested_runs(folder)
         if requested and folder.name not in finished:  # every run failed, or none finished yet
-            lines.append(f"| {folder.name} |  |  |  |  |  |  | 0 of {len(requested)} | no finished run |")
+            lines.append(f"| {folder.name} |  |  |  |  |  |  |  | 0 of {len(requested)} | no finished run |")
             short.append(_missing_runs(folder.name, requested))
     notes = ["Mean (population std) of final-epoch top-1 accuracy on the full test split over split seeds × init "
              "seeds."]
