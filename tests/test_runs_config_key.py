@@ -250,3 +250,18 @@ def test_a_row_recorded_with_an_override_file_before_files_counted_by_bytes_is_t
             "metrics": {"test/acc": 0.5}, "config": {"method": "nola", "shots": 4}, "config_hash": config_hash}))
     (row,) = summarise(collect_results(str(tmp_path)))
     assert row["mixed"] == {} and row["mean"] == 50.0
+
+
+def test_a_float_override_written_another_way_is_the_same_row_but_a_name_or_path_is_not():
+    # "--model.lr 5e-3" refused a rerun with "--model.lr 0.005" as other settings (fit parses both alike)
+    from nola_vision.runs.results import same_settings
+
+    def key(*overrides):
+        return config_key([str(TINY)], list(overrides))
+
+    assert same_settings(key("--model.lr", "5e-3"), key("--model.lr", "0.005"))
+    assert same_settings(key("--model.lr=5.0E-3", "--model.min_lr", "1e-6"), key("--model.min_lr", "0.000001",
+                                                                                 "--model.lr", ".005"))
+    assert not same_settings(key("--model.lr", "5e-3"), key("--model.lr", "0.05"))
+    assert not same_settings(key("--data.root", "1.50"), key("--data.root", "1.5"))  # two folders
+    assert not same_settings(key("--trainer.max_epochs", "010"), key("--trainer.max_epochs", "10"))  # as given

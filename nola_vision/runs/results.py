@@ -614,7 +614,20 @@ def effective_overrides(settings: Sequence[str]) -> List[str]:
     if any(k.endswith("+") or _option_path(k)[-1:] in (("config",), ("c",), ("print_config",)) for k in last) or any(
             a[:len(b)] == b for i, a in enumerate(paths) for j, b in enumerate(paths) if i != j):
         return list(settings)
-    return [k if v is None else f"{k}={v}" for k, v in sorted(last.items())]
+    return [k if v is None else f"{k}={_canonical_float(k, v)}" for k, v in sorted(last.items())]
+
+
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")
+# Options whose values are names or paths ("1.5" and "1.50" are two folders), never numbers to compare as such.
+_NAMING_OPTION = re.compile(r"root|dir|file|path|name|backbone|dataset|tag|version|ckpt|config", re.IGNORECASE)
+
+
+def _canonical_float(key: str, value: str) -> str:
+    """A float written in one form (``5e-3``, ``0.005`` and ``5.0E-3`` are ``0.005``), which fit parses alike, so a
+    rerun that writes a rate another way is the same row; integers, names and paths as given."""
+    if _NAMING_OPTION.search(key.rsplit(".", 1)[-1]) or not _FLOAT.fullmatch(value.strip()):
+        return value
+    return repr(float(value))
 
 
 def same_settings(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
