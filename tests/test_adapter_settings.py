@@ -1,6 +1,7 @@
 """Settings that change outputs without changing a weight name (constructor options, norm classes, activations layer
 by layer) are recorded in adapter files and refused when they differ; math-identical classes and older files load."""
 import copy
+import dataclasses
 import json
 from functools import partial
 
@@ -209,3 +210,17 @@ def test_records_of_checkpoints_and_graphs_compare_activations_by_function_and_o
     assert adapter_io.changed_settings(newer_timm, own) == {}
     other = adapter_io.output_settings(tiny_vit(no_embed_class=True))
     assert set(adapter_io.changed_settings(other, adapter_io.output_settings(tiny_vit()))) == {"constructor_options"}
+
+
+@pytest.mark.parametrize("config", [
+    nv.LoRAConfig(rank=2, targets=["attn.v", "mlp.fc1", "attn.q"]),
+    nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["attn.v", "mlp.fc1", "attn.q"]),
+], ids=["lora", "nola"])
+def test_a_file_loads_onto_a_model_injected_with_the_same_targets_in_another_order(config, tmp_path):
+    # was refused as "model already has adapters with config ..." though the same layers and slices are adapted
+    trained = as_if_trained(nv.inject(tiny_vit(), config), 1, scale=0.3)
+    nv.save_adapter(trained, tmp_path, bits=32)
+    reordered = nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q", "attn.v"]))
+    assert torch.equal(logits(nv.load_adapter(reordered, tmp_path)), logits(trained))
+    with pytest.raises(AdapterLoadError, match="model already has adapters with config"):
+        nv.load_adapter(nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q"])), tmp_path)
