@@ -224,3 +224,15 @@ def test_a_file_loads_onto_a_model_injected_with_the_same_targets_in_another_ord
     assert torch.equal(logits(nv.load_adapter(reordered, tmp_path)), logits(trained))
     with pytest.raises(AdapterLoadError, match="model already has adapters with config"):
         nv.load_adapter(nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q"])), tmp_path)
+
+
+def test_a_file_whose_head_had_no_bias_names_the_head_not_a_file_cut_short(tmp_path):
+    # was "adapter_model.safetensors lacks tensors ['head.bias']; the file is incomplete"
+    model = tiny_vit()
+    model.head = nn.Linear(64, 5, bias=False)
+    nv.save_adapter(as_if_trained(nv.inject(model, "lora"), 1, scale=0.3), tmp_path)
+    message = r"the adapter's head holds \['head.weight'\], this model's head also has \['head.bias'\]"
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(tiny_vit(), tmp_path)
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.MultiTaskModel(tiny_vit()).add_task("t", tmp_path)

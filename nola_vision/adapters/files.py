@@ -1018,6 +1018,11 @@ def _check_head_stored(plan: InjectionPlan, document: dict, stored: Dict[str, Te
             f"head {missing}: create the model as it was, timm.create_model({document['backbone']!r}, ..., "
             f"num_classes={document['num_classes']}) (its outputs are then the features), or train and save the "
             "adapter on a model with a head")
+    other = [name for name in missing if name not in document["head"]]
+    if other:  # not a file cut short: it says which head tensors it saved
+        raise AdapterLoadError(
+            f"the adapter's head holds {document['head']}, this model's head also has {other} (a bias where the "
+            "saved head had none?), which the file has no values for: build the head as the adapter's model had it")
 
 
 def _check_injected_head(model: nn.Module) -> None:
