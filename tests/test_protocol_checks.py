@@ -155,9 +155,10 @@ def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(t
                         "print('nola-vision: error: FewShotDataModule.root imgdata: no such folder', file=sys.stderr)\n"
                         "sys.exit(2)\n")
     refusing.chmod(0o755)
-    with pytest.raises(RuntimeError) as raised:
-        run_protocol([TINY], out=str(tmp_path), name="bad", split_seeds=[0], init_seeds=[0], python=str(refusing),
-                     echo=False)
+    with pytest.raises(RuntimeError) as raised:  # the other runs share its settings: not started (each took minutes
+        run_protocol([TINY], out=str(tmp_path), name="bad", split_seeds=[0, 1], init_seeds=[0, 1],  # offline)
+                     python=str(refusing), echo=False)
     text = str(raised.value)
-    assert "fit refused to run: nola-vision: error: FewShotDataModule.root imgdata" in text
+    assert text.count("fit refused to run: nola-vision: error: FewShotDataModule.root imgdata") == 1
+    assert "3 more runs of bad not started (or stopped), as they would be refused alike" in text
     assert "fix what the errors name, then re-run" in text and "to retry them" not in text

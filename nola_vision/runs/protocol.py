@@ -399,8 +399,10 @@ def run_protocol(
     failed: List[str] = []
     # a run failed on its configuration (refused) or its training diverged: re-running the same command fails alike
     refused = diverged = False
+    ended = 0
     try:
         for run, code, wall in executor.run(pending):
+            ended += 1
             run_dir, label = run.log.parent, labels[run.log.parent]
             result = finished_result(run_dir, code)
             if result is None:
@@ -410,6 +412,10 @@ def run_protocol(
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
+                if refused and ended < len(pending):  # the rest share its settings: each would be refused alike
+                    failed.append(f"{len(pending) - ended} more runs of {name} not started (or stopped), as they "
+                                  "would be refused alike")
+                    break
                 continue
             # the wall time of the whole run, process start-up included, the settings it was made with and (where fit
             # does not record them) the images it read
