@@ -3,6 +3,7 @@ is refused, a monitored metric the model never logs is refused before training (
 keeping the checkpoint), and the demo refuses a repeated method."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,29 @@ def test_a_relative_data_root_is_recorded_as_the_folder_it_read(fitted):
     assert saved["data"]["root"] == str(fitted["folder"] / "data")
     hparams = torch.load(fitted["checkpoint"], map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
     assert hparams["root"] == str(fitted["folder"] / "data")
+
+
+def test_evaluating_a_runs_config_keeps_to_that_run_and_its_fit_result(tmp_path):
+    # --trainer '<json>' counted as --trainer.default_root_dir: --ckpt_path last took the newest run under the root;
+    # with the fit's result moved away, test wrote its metrics at the fit's result_file path unasked
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
+    folder = tmp_path / "work"
+    folder.mkdir()
+    done = cli(folder, "fit", "--trainer.default_root_dir", "run", "--test_after_fit", "false", "--result_file",
+               "fit.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = folder / "run" / "lightning_logs"
+    shutil.copytree(runs / "version_0", runs / "version_1")  # a newer run under the same root
+    (folder / "fit.json").rename(folder / "moved.json")
+    config = runs / "version_0" / "config.yaml"
+    done = subprocess.run([*CLI, "test", "-c", str(config), "--ckpt_path", "last", "--trainer",
+                           '{"enable_progress_bar": false}', "--result_file", "test.json"], cwd=folder,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((folder / "test.json").read_text())["checkpoint"] == str(runs / "version_0" / "checkpoints"
+                                                                               / "last.ckpt")
+    done = subprocess.run([*CLI, "test", "-c", str(config), "--ckpt_path", "last"], cwd=folder, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (folder / "fit.json").exists()
+    assert "the config's result_file" in done.stdout + done.stderr

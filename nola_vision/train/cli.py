@@ -632,7 +632,8 @@ class NolaCLI(LightningCLI):
                 raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
                                  "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
             config.result_file = None
-        elif subcommand in ("test", "validate") and from_config and _is_fit_result(Path(result)):
+        elif subcommand in ("test", "validate") and from_config and (
+                _is_fit_result(Path(result)) or _saved_result_file(config.get("config") or []) == result):
             config.result_file = None
             rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it is: "
                            f"pass --result_file to write the {subcommand} metrics")
@@ -1178,6 +1179,21 @@ def _is_result_file(path: Path) -> bool:
     return _result_document(path) is not None
 
 
+def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
+    """The ``result_file`` a fit's saved config (the last ``-c`` file that is one) names: that fit's result, also
+    after it was moved away (an evaluation of the run would write its metrics there unasked)."""
+    for given in reversed(list(given_files)):
+        path = _local_path(given)
+        if path is not None and path.is_file() and path.stat().st_size and _is_saved_config(path, []):
+            try:
+                saved = yaml.safe_load(path.read_text())
+            except (OSError, ValueError, yaml.YAMLError):
+                return None
+            result = saved.get("result_file") if isinstance(saved, dict) else None
+            return os.path.abspath(expand_root(result)) if isinstance(result, str) and result else None
+    return None
+
+
 def _is_fit_result(path: Path) -> bool:
     """A result file that ``fit`` wrote (test and validate record their ``subcommand``)."""
     document = _result_document(path) if path.is_file() else None
@@ -1189,8 +1205,35 @@ def _given_on_command_line(argv: Any, option: str) -> bool:
     not only in a ``-c`` file; arguments given as a mapping (``run_lightning_cli({...})``) name each value."""
     if not isinstance(argv, (list, tuple)):
         return argv is not None
-    names = (str(a).split("=", 1)[0] for a in argv)
-    return any(len(name) > 2 and name.startswith("--") and option.startswith(name) for name in names)
+    args = [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if len(name) <= 2 or not name.startswith("--") or not option.startswith(name):
+            continue
+        rest = option[len(name):]
+        if not rest.startswith("."):  # the option, or an abbreviation of it
+            return True
+        # its group given whole (--trainer '{...}' or a file): given where the group's value sets it
+        if _group_sets(value if equals else (args[i + 1] if i + 1 < len(args) else ""), rest[1:].split(".")):
+            return True
+    return False
+
+
+def _group_sets(value: str, keys: List[str]) -> bool:
+    """Whether a group option's value (inline YAML/JSON, or a file of it) sets the nested ``keys``."""
+    try:
+        text = Path(value).read_text() if Path(value).is_file() else value
+    except (OSError, ValueError):  # a long inline value is no file name
+        text = value
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    for key in keys:
+        if not isinstance(settings, dict) or key not in settings:
+            return False
+        settings = settings[key]
+    return True
 
 
 def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any = Trainer) -> None:
