@@ -31,6 +31,19 @@ def test_a_yaml_error_in_one_of_several_config_files_names_that_file_and_line(tm
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("text, key, lines", [
+    ("model:\n  lr: 0.1\ndata:\n  shots: 3\nmodel:\n  min_lr: 0\n", "model", "1 and 5"),
+    ("model:\n  lr: 0.1\n  lr: 0.2\n", "lr", "2 and 3"),
+])
+def test_a_key_set_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path, capsys, text, key, lines):
+    # YAML kept the last: the first model: section's lr was dropped without a word
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text)
+    assert fit(tmp_path, "-c", str(twice)) == 2
+    assert f"config file {twice} sets '{key}' twice (lines {lines})" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("section, typo, close", [("model", "lrr", "model.lr"), ("data", "shot", "data.shots")])
 def test_a_misspelt_key_in_one_of_several_config_files_names_that_file_and_the_close_option(tmp_path, capsys,
                                                                                            section, typo, close):

@@ -1365,12 +1365,35 @@ def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], p
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
     """The composed YAML node of ``text`` (None when it holds no document), or a ValueError naming ``source``."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # the structure only: nothing is constructed
     except RecursionError:
         raise ValueError(f"{source} nests too deeply to be a config; flatten it") from None
     except yaml.YAMLError as err:
         if syntax:
             raise ValueError(f"{source} is not valid YAML: {err}") from None
+        return None
+    _refuse_repeated_keys(node, source)
+    return node
+
+
+def _refuse_repeated_keys(node: Any, source: str) -> None:
+    """Refuse a mapping that sets a key twice: YAML loaders keep the last value, dropping the first without a word
+    (a second ``model:`` section replaced the first's settings)."""
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[str, Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        lines = f"{seen[key.value].start_mark.line + 1} and {key.start_mark.line + 1}"
+                        raise ValueError(f"{source} sets {key.value!r} twice (lines {lines}): YAML keeps only the "
+                                         "last, so the first would be dropped without a word. Keep one")
+                    seen[key.value] = key
+                pending.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
 
 
 def keyboard_interrupt_of(stop: BaseException) -> Optional[KeyboardInterrupt]:
