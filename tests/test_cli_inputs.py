@@ -200,3 +200,23 @@ def test_a_data_option_linked_from_the_model_is_refused_naming_the_model_option(
     assert f"data.{option} is set from model.{option}" in err
     assert f"set model.{option} (--model.{option}) instead" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("route", ["--data file", "group file in a -c file", "fit: section before the subcommand",
+                                   "--data inline"])
+def test_a_linked_or_misspelt_data_option_is_refused_whichever_file_or_value_gives_it(tmp_path, capsys, route):
+    # image_size/backbone from these routes were dropped without a word (the run trained at 32 px on the tiny model)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data64.yaml").write_text("image_size: 64\nshots: 3\n")
+    (tmp_path / "sub" / "grouped.yaml").write_text("data: data64.yaml\n")
+    (tmp_path / "nested.yaml").write_text("fit:\n  data:\n    image_size: 64\n")
+    args = {"--data file": ["fit", "-c", str(TINY), "--data", str(tmp_path / "sub" / "data64.yaml")],
+            "group file in a -c file": ["fit", "-c", str(TINY), "-c", str(tmp_path / "sub" / "grouped.yaml")],
+            "fit: section before the subcommand": ["-c", str(tmp_path / "nested.yaml"), "fit", "-c", str(TINY)],
+            "--data inline": ["fit", "-c", str(TINY), '--data={"image_size": 64}']}[route]
+    assert main([*args, "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "data.image_size is set from model.image_size" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert main(["fit", "-c", str(TINY), '--data={"shotz": 3}', "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "the value of --data: data.shotz is no option of FewShotDataModule (did you mean data.shots?" in \
+        capsys.readouterr().err

@@ -1259,8 +1259,16 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                                  "model and data section, e.g. copy configs/tiny_offline.yaml")
             if subcommands and i < subcommand_at:
                 _check_top_level_config(node, value)
+                for section in node.value:  # fit: {model: ..., data: ...}
+                    if isinstance(section[1], yaml.MappingNode):
+                        _check_section_keys(section[1], value, trainer_class)
             else:
                 _check_section_keys(node, value, trainer_class)
+        elif option in ("--model", "--data", "--trainer"):  # a section given whole: a file or an inline mapping
+            inline = f"the value of {option}"
+            where, node = ((inline, _check_yaml(value, inline, syntax=False)) if value[:1] in ("{", "[")
+                           else _group_file_node(value, "."))
+            _check_section(option[2:], node, where, trainer_class)
         elif option.startswith("-") and value[:1] in ("{", "["):
             _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
         if arg.startswith("--"):
@@ -1314,22 +1322,57 @@ def _check_section_keys(node: Any, path: str, trainer_class: Any = Trainer) -> N
     or the Trainer, or an adapter's ``init_args`` key that is none of its config class, naming the file and the close
     ones: the parser's message names neither, nor which of several ``-c`` files holds it, under ~90 lines of usage;
     and a linked data option (``LINKED_FROM``)."""
-    sections = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": trainer_class}
     for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
-        cls = sections.get(key.value)
-        if cls is None or not isinstance(value, yaml.MappingNode):
+        if isinstance(key, yaml.ScalarNode):
+            _check_section(key.value, value, path, trainer_class)
+
+
+def _check_section(section: str, node: Any, path: str, trainer_class: Any = Trainer) -> None:
+    """``_check_section_keys`` for one section (``model``, ``data``, ``trainer``; others are left to the parser) of
+    config file ``path``: a mapping, or a group file it names."""
+    cls = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": trainer_class}.get(section)
+    if cls is None:
+        return
+    if isinstance(node, yaml.ScalarNode):  # a group file (data: data.yaml), read from this file's folder
+        path, node = _group_file_node(str(node.value), path)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    label = path if path.startswith("the value of") else f"config file {path}"
+    parameters = inspect.signature(cls).parameters
+    for option, option_value in _init_args_too(node):
+        if not isinstance(option, yaml.ScalarNode):
             continue
-        parameters = inspect.signature(cls).parameters
-        for option, option_value in value.value:
-            if not isinstance(option, yaml.ScalarNode):
-                continue
-            _refuse_linked(f"{key.value}.{option.value}", f"config file {path}: ")
-            _refuse_unknown_key(cls, parameters, f"{key.value}.", option.value, path)
-            if key.value == "model" and option.value == "adapter":
-                _check_adapter_init_args(option_value, path)
+        _refuse_linked(f"{section}.{option.value}", f"{label}: ")
+        _refuse_unknown_key(cls, parameters, f"{section}.", option.value, label)
+        if section == "model" and option.value == "adapter":
+            _check_adapter_init_args(option_value, label)
 
 
-def _check_adapter_init_args(node: Any, path: str) -> None:
+def _group_file_node(value: str, path: str) -> Tuple[str, Any]:
+    """(the file, its YAML node) of a group file a config file names (relative to that file's folder, as the parser
+    reads it); (``path``, None) where ``value`` names no file."""
+    file = Path(path).parent / os.path.expanduser(value)
+    try:
+        if not file.is_file():
+            return path, None
+        with open(file, errors="replace") as stream:
+            return str(file), _check_yaml(stream, f"config file {file}")
+    except OSError:
+        return path, None
+
+
+def _init_args_too(node: Any) -> List[Tuple[Any, Any]]:
+    """A section's key-value nodes, those under its ``init_args`` (``class_path`` form) in their place."""
+    pairs = []
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "init_args" and isinstance(value, yaml.MappingNode):
+            pairs.extend(value.value)
+        elif not (isinstance(key, yaml.ScalarNode) and key.value == "class_path"):
+            pairs.append((key, value))
+    return pairs
+
+
+def _check_adapter_init_args(node: Any, label: str) -> None:
     """Refuse an ``init_args`` key of ``model.adapter`` that its ``class_path`` config class has no field for (a
     class that cannot be imported is left to the parser, which names it)."""
     fields = dict((key.value, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)) \
@@ -1345,13 +1388,13 @@ def _check_adapter_init_args(node: Any, path: str) -> None:
         return
     for option, _ in init_args.value:
         if isinstance(option, yaml.ScalarNode):
-            _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, path)
+            _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, label)
 
 
 def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], prefix: str, option: str,
-                        path: str) -> None:
-    """Refuse ``option``, a key of config file ``path`` under ``prefix``, if ``cls`` (whose signature has
-    ``parameters``) takes no such argument."""
+                        label: str) -> None:
+    """Refuse ``option``, a key under ``prefix`` of what ``label`` names (``config file <path>``), if ``cls`` (whose
+    signature has ``parameters``) takes no such argument."""
     if option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     accepted = [name for name in parameters if name != "self"]
@@ -1359,7 +1402,7 @@ def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], p
     hint = f"did you mean {' or '.join(f'{prefix}{c}' for c in close)}? " if close else ""
     listed = f"its options: {', '.join(accepted)}" if len(accepted) <= 30 else "nola-vision fit --help lists them"
     owner = getattr(cls, "__name__", cls)  # a trainer_class may be any callable (a functools.partial)
-    raise ValueError(f"config file {path}: {prefix}{option} is no option of {owner} ({hint}{listed})")
+    raise ValueError(f"{label}: {prefix}{option} is no option of {owner} ({hint}{listed})")
 
 
 def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
