@@ -220,3 +220,10 @@ def test_a_linked_or_misspelt_data_option_is_refused_whichever_file_or_value_giv
     assert main(["fit", "-c", str(TINY), '--data={"shotz": 3}', "--trainer.default_root_dir", str(tmp_path)]) == 2
     assert "the value of --data: data.shotz is no option of FewShotDataModule (did you mean data.shots?" in \
         capsys.readouterr().err
+
+
+def test_a_null_adapter_in_a_config_file_is_a_cli_error_naming_the_option(tmp_path, capsys):
+    # was a bare TypeError traceback, exit 1
+    (tmp_path / "null.yaml").write_text("model:\n  adapter: null\n")
+    assert fit(tmp_path, "-c", str(tmp_path / "null.yaml")) == 2
+    assert "FewShotClassifier.adapter is null: name a method" in capsys.readouterr().err

@@ -116,6 +116,9 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     store the checked values in ``hp`` (the adapter in the CLI's own form, the learning rates the run uses, bit widths
     as ints) and return the adapter config."""
     name = "FewShotClassifier.{}".format
+    if hp["adapter"] is None:  # `adapter: null` in a config file (resolve_adapter's TypeError was a bare traceback)
+        raise ValueError(f"{name('adapter')} is null: name a method (nola, lora, linear, full) or give its config "
+                         "(class_path: nola_vision.NOLAConfig, init_args: ...)")
     config = resolve_adapter(hp["adapter"])
     if not isinstance(hp["backbone"], str) or not hp["backbone"]:
         raise ValueError(f"{name('backbone')} must be a timm model name, got {shown(hp['backbone'])}")
