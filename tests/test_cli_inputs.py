@@ -227,3 +227,10 @@ def test_a_null_adapter_in_a_config_file_is_a_cli_error_naming_the_option(tmp_pa
     (tmp_path / "null.yaml").write_text("model:\n  adapter: null\n")
     assert fit(tmp_path, "-c", str(tmp_path / "null.yaml")) == 2
     assert "FewShotClassifier.adapter is null: name a method" in capsys.readouterr().err
+
+
+def test_a_misspelt_key_in_an_inline_adapter_value_names_the_close_option(tmp_path, capsys):
+    # was "unknown adapter '{...the whole JSON...}'", never naming rnak
+    assert fit(tmp_path, "--model.adapter", '{"class_path": "nola_vision.LoRAConfig", "init_args": {"rnak": 2}}') == 2
+    assert ("the value of --model.adapter: model.adapter.init_args.rnak is no option of LoRAConfig (did you mean "
+            "model.adapter.init_args.rank?") in capsys.readouterr().err

@@ -1270,7 +1270,9 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                            else _group_file_node(value, "."))
             _check_section(option[2:], node, where, trainer_class)
         elif option.startswith("-") and value[:1] in ("{", "["):
-            _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+            node = _check_yaml(value, f"the value of {option}", syntax=False)  # a plain string to the parser, maybe
+            if option == "--model.adapter":  # a misspelt init_args key failed as "unknown adapter '<the JSON>'"
+                _check_adapter_init_args(node, f"the value of {option}")
         if arg.startswith("--"):
             _refuse_linked(arg.partition("=")[0][2:].replace(".init_args.", "."), "")
     _refuse_options_of_a_method_name(args)
