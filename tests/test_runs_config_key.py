@@ -210,7 +210,7 @@ def test_the_tables_do_not_average_runs_of_one_row_that_record_different_setting
     assert by_name["row"]["mixed"] == {"shots": ["1", "4"]} and math.isnan(by_name["row"]["mean"])
     assert by_name["ok"]["mixed"] == {} and by_name["ok"]["mean"] == 50.0
     md = (tmp_path / "results.md").read_text()
-    assert "| row | nola |  |  | 1 / 4 | 0 | 0 | 2 | not averaged: mixed settings |" in md
+    assert "| row | nola |  |  | 1 / 4 | 0 | 0 | 0 | 2 | not averaged: mixed settings |" in md
     assert "NOT AVERAGED (row (shots 1 / 4))" in md
     assert "config_hash" not in (tmp_path / "results.csv").read_text().splitlines()[0]
 

@@ -1114,10 +1114,10 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
         raise AdapterLoadError(f"adapter targets do not fit this model: {error}") from error
 
 
-def _in_target_order(config: dict) -> dict:
+def _in_target_order(config: Any) -> Any:
     """``config`` with its targets sorted: their order selects nothing (``find_targets`` sorts each layer's slices),
     so a model injected with the same targets in another order holds the same adapters."""
-    targets = config.get("targets")
+    targets = config.get("targets") if isinstance(config, dict) else None
     if not isinstance(targets, list) or not all(isinstance(target, str) for target in targets):
         return config
     return {**config, "targets": sorted(targets)}
