@@ -610,3 +610,37 @@ def test_a_second_fit_on_a_trainer_that_reached_max_epochs_is_refused_before_exp
     run.fit_loop.max_epochs = 2  # raised: it trains on
     run.fit(model, loader())
     assert run.global_step == 8
+
+
+def test_a_checkpoint_saved_after_an_epochs_first_batch_is_refused_as_inside_the_epoch(tmp_path):
+    # every_n_train_steps=1's step-1 checkpoint records the batch as processed, not completed: the resume trained the
+    # epoch's first batch twice and never its last, without a word
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = ModelCheckpoint(dirpath=tmp_path / "every", every_n_train_steps=1, save_top_k=-1)
+    trainer(tmp_path, epochs=1, callbacks=[every]).fit(module(), loader())
+    run = trainer(tmp_path / "resumed", epochs=2)
+    with pytest.raises(ValueError, match=r"saved after step 1, 1 batches into epoch 0"):
+        run.fit(module(), loader(), ckpt_path=tmp_path / "every" / "epoch=0-step=1.ckpt")
+    assert run.global_step == 0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_ddp_process_of_a_fresh_fit_draws_from_random_streams_of_its_own(world):
+    # every rank was seeded alike: with images of one size each drew the same crops, flips and dropout masks
+    import random
+    from types import SimpleNamespace
+
+    from nola_vision.train.module import _draw_apart
+
+    draws = []
+    for rank in range(world):
+        torch.manual_seed(0)
+        random.seed(0)
+        _draw_apart(SimpleNamespace(world_size=world, global_rank=rank))
+        draws.append((torch.rand(4).tolist(), random.random()))
+    torch.manual_seed(0)
+    random.seed(0)
+    alone = (torch.rand(4).tolist(), random.random())
+    assert (draws[0] == alone) == (world == 1)  # one process keeps its seeded streams
+    assert len({repr(d) for d in draws}) == world

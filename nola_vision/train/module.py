@@ -13,6 +13,7 @@ import enum
 import itertools
 import math
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -530,8 +531,9 @@ class FewShotClassifier(L.LightningModule):
         self._fingerprint = None  # the backbone this fit trains on, taken afresh (see backbone_fingerprint)
         if self._trainer is not None:
             check_training_length(self._trainer)
-            if self._trainer.ckpt_path is None:  # a resume's progress is the checkpoint's, checked as it loads
+            if self._trainer.ckpt_path is None:  # a resume's progress and random states are the checkpoint's
                 _require_training_left_on(self._trainer)
+                _draw_apart(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -1206,6 +1208,17 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
                              "test command")
 
 
+def _draw_apart(trainer: Any) -> None:
+    """Give each DDP process random streams of its own for the augmentations and dropout of a fresh fit: every rank
+    was seeded alike (the model must start equal), so with images of one size each rank drew the same crops, flips
+    and dropout masks for its k-th image, a global batch of fewer independent draws than one process gives."""
+    if getattr(trainer, "world_size", 1) <= 1:
+        return
+    seed = int(torch.randint(2**62, (), dtype=torch.int64)) + trainer.global_rank  # the same draw on every rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
 def _require_training_left_on(trainer: Any) -> None:
     """Refuse a fit on a trainer whose earlier fit reached its ``max_epochs`` or ``max_steps`` already: Lightning
     would train nothing (a trainer keeps its loops' progress), and the fit would export the adapter again as a new
@@ -1226,7 +1239,10 @@ def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
     continues inside the epoch, and is let through."""
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     progress = loops.get("epoch_loop.batch_progress", {})
-    done = progress.get("current", {}).get("completed", 0)
+    # processed, not completed: a checkpoint saved in on_train_batch_end (every_n_train_steps) records the batch as
+    # processed only, and one saved after an epoch's first batch read as saved at its start
+    current = progress.get("current", {})
+    done = max(current.get("processed", 0), current.get("completed", 0))
     if done and progress.get("is_last_batch") is False and not loops.get("state_dict", {}).get("combined_loader"):
         raise ValueError(f"the checkpoint was saved after step {checkpoint.get('global_step')}, {done} batches into "
                          f"epoch {checkpoint.get('epoch')} (trainer.max_steps stopped the run there, or it was "
