@@ -234,3 +234,19 @@ def test_a_misspelt_key_in_an_inline_adapter_value_names_the_close_option(tmp_pa
     assert fit(tmp_path, "--model.adapter", '{"class_path": "nola_vision.LoRAConfig", "init_args": {"rnak": 2}}') == 2
     assert ("the value of --model.adapter: model.adapter.init_args.rnak is no option of LoRAConfig (did you mean "
             "model.adapter.init_args.rank?") in capsys.readouterr().err
+
+
+def test_the_repeated_key_check_follows_what_yaml_builds(tmp_path, capsys):
+    from nola_vision.train.cli import _check_yaml
+
+    _check_yaml("{1: a, '1': b}", "one")  # two keys: an int and a string
+    _check_yaml("b: &b {x: 1}\nc:\n  <<: *b\n  x: 2\n", "merged")  # a merge key, then an override
+    with pytest.raises(ValueError, match=r"sets 'null' twice"):
+        _check_yaml("{~: 1, null: 2}", "nulls")
+    looped = tmp_path / "looped.yaml"  # an anchor holding itself: the walk hung
+    looped.write_text("model: &m\n  backbone: vit_tiny_patch16_224\n  extra: *m\n")
+    assert fit(tmp_path, "-c", str(looped)) == 2
+    assert "model.extra is no option of FewShotClassifier" in capsys.readouterr().err
+    scalar = tmp_path / "scalar.yaml"  # before the subcommand: not a mapping (was an IndexError traceback)
+    scalar.write_text("foo\n")
+    assert main(["-c", str(scalar), "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path)]) == 2

@@ -1259,9 +1259,9 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                                  "model and data section, e.g. copy configs/tiny_offline.yaml")
             if subcommands and i < subcommand_at:
                 _check_top_level_config(node, value)
-                for section in node.value:  # fit: {model: ..., data: ...}
-                    if isinstance(section[1], yaml.MappingNode):
-                        _check_section_keys(section[1], value, trainer_class)
+                for _, section in node.value if isinstance(node, yaml.MappingNode) else []:  # fit: {model: ...}
+                    if isinstance(section, yaml.MappingNode):
+                        _check_section_keys(section, value, trainer_class)
             else:
                 _check_section_keys(node, value, trainer_class)
         elif option in ("--model", "--data", "--trainer"):  # a section given whole: a file or an inline mapping
@@ -1424,18 +1424,26 @@ def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
 def _refuse_repeated_keys(node: Any, source: str) -> None:
     """Refuse a mapping that sets a key twice: YAML loaders keep the last value, dropping the first without a word
     (a second ``model:`` section replaced the first's settings)."""
-    pending = [node]
+    pending, walked = [node], set()
+    loader = yaml.SafeLoader("")  # builds each scalar key as the config's loader does (1 and '1' differ; ~ is null)
     while pending:
         node = pending.pop()
+        if id(node) in walked:  # an alias repeats its anchor's node (one may even hold itself)
+            continue
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            seen: Dict[str, Any] = {}
+            seen: Dict[Any, Any] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
-                    if key.value in seen:
-                        lines = f"{seen[key.value].start_mark.line + 1} and {key.start_mark.line + 1}"
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    try:
+                        built = loader.construct_object(key)
+                    except yaml.YAMLError:  # left to the parser, which names it
+                        built = (key.tag, key.value)
+                    if built in seen:
+                        lines = f"{seen[built].start_mark.line + 1} and {key.start_mark.line + 1}"
                         raise ValueError(f"{source} sets {key.value!r} twice (lines {lines}): YAML keeps only the "
                                          "last, so the first would be dropped without a word. Keep one")
-                    seen[key.value] = key
+                    seen[built] = key
                 pending.append(value)
         elif isinstance(node, yaml.SequenceNode):
             pending.extend(node.value)
