@@ -249,4 +249,6 @@ def test_the_repeated_key_check_follows_what_yaml_builds(tmp_path, capsys):
     assert "model.extra is no option of FewShotClassifier" in capsys.readouterr().err
     scalar = tmp_path / "scalar.yaml"  # before the subcommand: not a mapping (was an IndexError traceback)
     scalar.write_text("foo\n")
-    assert main(["-c", str(scalar), "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exited:  # the parser's own "Unexpected config: foo"
+        main(["-c", str(scalar), "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path)])
+    assert exited.value.code == 2 and "Unexpected config: foo" in capsys.readouterr().err
