@@ -160,5 +160,5 @@ def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(t
                      python=str(refusing), echo=False)
     text = str(raised.value)
     assert text.count("fit refused to run: nola-vision: error: FewShotDataModule.root imgdata") == 1
-    assert "3 more runs of bad not started (or stopped), as they would be refused alike" in text
+    assert "3 more runs of bad not started, as they would be refused alike" in text
     assert "fix what the errors name, then re-run" in text and "to retry them" not in text

@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import yaml
@@ -399,10 +399,11 @@ def run_protocol(
     failed: List[str] = []
     # a run failed on its configuration (refused) or its training diverged: re-running the same command fails alike
     refused = diverged = False
-    ended = 0
+    ended: Set[Path] = set()
+    results = executor.run(pending)
     try:
-        for run, code, wall in executor.run(pending):
-            ended += 1
+        for run, code, wall in results:
+            ended.add(run.log.parent)
             run_dir, label = run.log.parent, labels[run.log.parent]
             result = finished_result(run_dir, code)
             if result is None:
@@ -412,9 +413,9 @@ def run_protocol(
                 failed.append(f"{run_dir} ({why}; see {run.log})")
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
-                if refused and ended < len(pending):  # the rest share its settings: each would be refused alike
-                    failed.append(f"{len(pending) - ended} more runs of {name} not started (or stopped), as they "
-                                  "would be refused alike")
+                if code == CONFIG_EXIT and len(ended) < len(pending):  # the rest share its settings: refused alike
+                    getattr(results, "close", lambda: None)()  # starts no other run (waits for those running)
+                    failed.append(_not_started(name, [r.log.parent for r in pending if r.log.parent not in ended]))
                     break
                 continue
             # the wall time of the whole run, process start-up included, the settings it was made with and (where fit
@@ -449,6 +450,17 @@ def run_protocol(
     if knn_error is not None:
         raise knn_error
     return rows
+
+
+def _not_started(name: str, rest: List[Path]) -> str:
+    """The failure line for the runs of a row left when one was refused: those it never started, and those already
+    running that finished meanwhile (a later command stamps and counts them, as after a killed command)."""
+    finished = sum(result_counts(run_dir) for run_dir in rest)
+    counted_later = f"{finished} runs of {name} already running finished meanwhile: re-running the command counts them"
+    if finished == len(rest):
+        return counted_later
+    line = f"{len(rest) - finished} more runs of {name} not started, as they would be refused alike"
+    return f"{line} ({counted_later})" if finished else line
 
 
 def check_knn_k(k: int) -> None:
