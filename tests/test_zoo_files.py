@@ -358,3 +358,17 @@ def test_a_flattening_features_wrapper_is_checked_under_its_own_names(tmp_path):
     with pytest.raises(ValueError, match=r"1 backbone weights missing \(e.g. layers_1.blocks.0.attn.qkv.weight\)"):
         nv.create_model("swin_tiny_patch4_window7_224", **{**overlay, "pretrained_cfg_overlay": dict(
             file=str(tmp_path / "part.pth"))})
+
+
+def test_a_features_only_nola_model_keeping_fewer_blocks_loads_the_adapters_it_keeps(tmp_path):
+    # the pruned block's adapter tensors were taken for another model's: "holds adapter tensors this model does not
+    # have (blocks.1.mlp.fc1.nola_alpha ...)"
+    trained = _trained()
+    torch.save(trained.state_dict(), tmp_path / "nola.pth")
+    model = timm.create_model(NOLA, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nola.pth")),
+                              features_only=True, out_indices=(0,), **SMALL).eval()
+    expected = trained.forward_intermediates(X, indices=[0], intermediates_only=True)
+    torch.testing.assert_close(model(X)[0], expected[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds adapter tensors this model does not have"):  # other targets: refused
+        timm.create_model(NOLA, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nola.pth")),
+                          features_only=True, out_indices=(0,), nola_targets=["attn.qkv"], **SMALL)

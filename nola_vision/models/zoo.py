@@ -488,10 +488,14 @@ def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeight
     head for another ``num_classes`` than its pretrained config's, 1000 for most, even where the file's fits: a
     linear probe's or a fine-tune's would stay random). A file adapted at other layers than this model is refused
     (its adapters and head would be dropped), ``fix`` saying how to build the model it fits."""
+    pruned = isinstance(model, _FEATURE_WRAPPERS)  # features_only: the layers after the last output are gone
     model = _loaded_into(model)
     state, own = weights.state, model.state_dict()
     adapter_keys = [key for key in own if key not in base_keys]
     saved = [key for key in adapter_entries(state) if key not in base_keys]
+    if pruned:
+        layers = {name for name, _ in model.named_modules()}
+        saved = [key for key in saved if key.rsplit(".", 1)[0] in layers]
     if not saved:
         heads = [key for key in head_parameter_names(model) if key in state and state[key].shape == own[key].shape]
         if heads and _head_dropped(model):
