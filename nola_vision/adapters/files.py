@@ -294,11 +294,11 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
                          "coefficients, but full fine-tuning stores every backbone weight, which such codes would "
                          "change far more than training did. Save a fully fine-tuned model with bits=16 or 32")
     adapter, head = trained_parameters(model, state.config.train_backbone)
+    require_adapter_values(model, "save_adapter")  # before anything reads the layers' state dicts
     require_nothing_else_trained(model, {**adapter, **head}, "an adapter file")
     _require_no_unsaved_layer_state(model)
     require_unchanged_statistics(model)
     require_current_merge(model, "save_adapter")
-    require_adapter_values(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
     names = _checked_class_names(class_names, num_classes_of(model))

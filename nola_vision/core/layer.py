@@ -774,6 +774,16 @@ class AdaptedLinear(nn.Module):
         """The trained tensors of this layer by parameter name."""
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
+    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """``Module._save_to_state_dict``, refused while the adapter tensors hold no values (``values_unset``): a
+        state dict of them, loaded elsewhere, would pass for trained tensors (a checkpoint of the model too)."""
+        if self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values()):
+            raise ValueError(f"{prefix[:-1] or type(self).__name__}: its adapter tensors were made on the meta device "
+                             "(inject there) and given no values since, so they hold uninitialised memory, which a "
+                             "state dict would pass on as trained tensors: load an adapter first (nv.load_adapter, or "
+                             "a state dict holding its tensors)")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AdaptedLinear:
         """``Module._apply`` (``.to()``, ``to_empty()``, ...), marking the adapter tensors unset once moved to the meta
         device: they hold no values there, nor after a later ``to_empty()``."""
