@@ -816,6 +816,7 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     ``allow_unchecked_legacy`` says that its contents may go unchecked.
     """
     root = Path(check_path(directory, "the adapter directory"))
+    allow_unchecked_legacy = check_bool(allow_unchecked_legacy, "allow_unchecked_legacy")  # "no" read as true
     try:
         raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))
     except FileNotFoundError as error:

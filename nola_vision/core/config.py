@@ -114,7 +114,11 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
 
 def _from_flat(values: Dict[str, Any]) -> AdapterConfig:
     """The first registered adapter config whose fields take every key: the built-in methods (LoRA before NOLA)
-    come first, so a method registered later never changes what a flat built-in config parses to."""
+    come first, so a method registered later never changes what a flat built-in config parses to. An empty one names
+    no method (every config's fields take no key: it built LoRA's defaults)."""
+    if not values:
+        raise ValueError(f"an empty adapter config names no method: give a method name (one of "
+                         f"{available_methods()}) or its fields with method: <name>")
     for method in METHODS.values():
         if method.layer_cls is not None and set(values) <= {f.name for f in fields(method.config_cls)}:
             return method.config_cls(**values)
@@ -184,6 +188,13 @@ def require_nonzero(config: Any, *names: str) -> None:
             raise ValueError(f"{_field(config, name)} is {value:g}, below float32's smallest normal number "
                              f"({smallest:.3g}): scaled by it, the factors, ΔW and every adapter gradient are "
                              "subnormal or zero in float32, so the adapter could never train; use a larger value")
+        if abs(value) > _FLOAT32_MAX:
+            raise ValueError(f"{_field(config, name)} is {value:g}, beyond float32's largest number "
+                             f"({_FLOAT32_MAX:.4g}): the scaled factors would be infinite, and every output NaN; use a "
+                             "smaller value")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def require_bool(config: Any, *names: str) -> None:

@@ -138,6 +138,12 @@ class AdaptedLinear(nn.Module):
         widths = {end - start for start, end in slices}
         if len(widths) != 1:
             raise ValueError(f"all adapted slices of a layer must have the same width, got {list(slices)}")
+        ordered = sorted((int(start), int(end)) for start, end in slices)
+        if any(not 0 <= start < end <= base.out_features for start, end in ordered) or any(
+                end > start for (_, end), (start, _) in zip(ordered, ordered[1:])):
+            # a slice past the outputs was cut short by the forward pass (a trained row silently dropped)
+            raise ValueError(f"the adapted slices {list(slices)} must be disjoint ranges of the layer's "
+                             f"{base.out_features} outputs (0 <= start < end <= {base.out_features})")
         # Kept out of the module tree (no state-dict keys, no second copy of the weight in .to()): it shares
         # ``weight`` and ``bias`` with this layer, so it is the original module, merged or not.
         self.__dict__["base_layer"] = base

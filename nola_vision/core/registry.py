@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .checks import check_number
 from .layer import AdaptedLinear
 
 __all__ = ["DEFAULT_LR", "METHODS", "Method", "available_methods", "get_method", "method_of", "register_method"]
@@ -61,6 +62,10 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
     if not 0.0 <= default_warmup_fraction < 1.0:
         raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
+    # the recipe's rates, as FewShotClassifier checks a given lr (NaN, True or "0.1" trained or failed deep inside)
+    default_lr = check_number(default_lr, "register_method: default_lr", above=0, below=1e6)
+    default_head_lr = check_number(default_head_lr, "register_method: default_head_lr", above=0, below=1e6,
+                                   optional=True)
     method = Method(name, config_cls, layer_cls, default_lr, default_head_lr, default_warmup_fraction)
     if name in METHODS:
         _require_same_method(METHODS[name], method)

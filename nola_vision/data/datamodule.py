@@ -8,6 +8,7 @@ drawn images and their size-mates, not of the dataset.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import warnings
 from collections import Counter, defaultdict
@@ -125,7 +126,19 @@ def _checked_loader_setting(name: str, value: Any) -> Any:
     label = f"FewShotDataModule.{name}"
     if name == "pin_memory":
         return check_bool(value, label)
-    return check_int(value, label, at_least=0 if name == "num_workers" else 1)
+    if name == "num_workers":
+        return _checked_workers(value, label)
+    return check_int(value, label, at_least=1)
+
+
+def _checked_workers(value: Any, label: str) -> int:
+    """A worker count this machine can start: a million workers hung the first loader, forking until it died."""
+    workers = check_int(value, label, at_least=0)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > 16 * cpus:
+        raise ValueError(f"{label}={workers} would start that many loader processes on {cpus} CPUs: use at most "
+                         f"{16 * cpus} (a few per CPU is plenty)")
+    return workers
 
 
 def _check_arguments(hp: Any) -> Any:
@@ -137,8 +150,9 @@ def _check_arguments(hp: Any) -> Any:
         raise ValueError(f"{name('dataset')} must be a dataset name ({', '.join(available_datasets())}), got "
                          f"{shown(hp.dataset)}")
     hp.root = expand_root(check_path(hp.root, name("root")))
-    for field in ("shots", "val_shots", "num_workers"):  # shots=0: every train image
+    for field in ("shots", "val_shots"):  # shots=0: every train image
         hp[field] = check_int(hp[field], name(field), at_least=0)
+    hp.num_workers = _checked_workers(hp.num_workers, name("num_workers"))
     hp.split_seed = check_int(hp.split_seed, name("split_seed"))
     hp.shuffle_seed = check_int(hp.shuffle_seed, name("shuffle_seed"), optional=True)
     hp.batch_size = check_int(hp.batch_size, name("batch_size"), at_least=1)

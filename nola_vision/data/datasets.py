@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..core.checks import check_bool, shown
+from ..core.checks import check_bool, check_path, shown
 from ..core.storage import write_text_atomic
 from ..core.warn import warn_user
 
@@ -1258,7 +1258,7 @@ def _spec(name: str) -> DatasetSpec:
 def expand_root(root: str | os.PathLike) -> str:
     """``root`` with a leading ``~`` expanded to the home folder (as a shell would), so that every entry point reads
     the same folder; a URL (``s3://...``) is left as it is."""
-    text = os.fspath(root)
+    text = check_path(root, "the dataset root")  # None or 5 failed deep inside os.fspath
     return text if "://" in text else os.path.expanduser(text)
 
 
@@ -1277,7 +1277,12 @@ def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
     """Fetch a dataset with torchvision's own download code; a no-op for data that needs no download."""
     spec = _spec(name)
     if spec.downloadable:
-        spec.reader.download(Path(expand_root(root)))
+        folder = Path(expand_root(root))
+        blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():  # os.makedirs' bare FileExistsError/NotADirectoryError
+            raise ValueError(f"cannot download {spec.name} into {folder}: {blocking} is a file, not a folder. Pass "
+                             "--data.root (root=) a folder, or move the file away")
+        spec.reader.download(folder)
 
 
 def _check_class_count(spec: DatasetSpec, dataset: ImageDataset) -> None:

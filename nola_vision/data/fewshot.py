@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..core.checks import as_integer, shown
+from ..core.checks import as_integer, check_path, shown
 from ..core.warn import warn_user
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
@@ -193,6 +193,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
     dropped); UTF-8 whatever the locale, bytes that are not UTF-8 as surrogate escapes (as ``write_manifest`` wrote
     them)."""
     entries = []
+    path = check_path(path, "the manifest")  # an int would be read (and closed) as an open file descriptor
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a byte-order mark is not a key
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")

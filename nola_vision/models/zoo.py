@@ -32,7 +32,7 @@ try:  # the wrapper of features_only ViTs, not exported by timm.models
 except ImportError:  # pragma: no cover (older timm)
     FeatureGetterNet = None
 
-from ..core.checks import check_int
+from ..core.checks import check_bool, check_int
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
@@ -123,6 +123,8 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     """
     check_model_name(model_name)
     _check_num_classes(kwargs)
+    if "pretrained" in kwargs:  # "no" was true: hub weights downloaded (or retried offline for a minute)
+        kwargs["pretrained"] = check_bool(kwargs["pretrained"], "pretrained")
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
     architecture = _architecture(model_name).split(".")[0]
     nola_name = architecture.endswith(NOLA_SUFFIX)
@@ -146,6 +148,14 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         kwargs = {key: value for key, value in kwargs.items() if key != "checkpoint_path"}
     try:
         model = timm.create_model(model_name, **_loading(kwargs, weights))
+    except TypeError as err:  # the model class's own "__init__() got an unexpected keyword argument 'x'"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected is None:
+            raise
+        name = unexpected.group(1)
+        hint = (f"nola_* arguments belong to the *_nola names ({architecture}_nola), or adapter settings to adapter="
+                if name.startswith("nola_") else "check its spelling against the model class's arguments")
+        raise TypeError(f"create_model: {model_name} takes no argument {name!r}: {hint}") from err
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         source = f"checkpoint_path {checkpoint}" if checkpoint else _overlay_label(kwargs)
         if source is None:

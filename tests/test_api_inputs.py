@@ -1,0 +1,86 @@
+"""Bad values given to public functions that took them silently, read them as something else, or failed deep inside
+another library: each is refused naming the argument."""
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tiny_models import tiny_vit
+
+import nola_vision as nv
+import nola_vision.data as nvdata
+from nola_vision.adapters import read_adapter
+from nola_vision.core.registry import register_method
+
+
+def test_read_adapters_legacy_flag_is_a_bool(tmp_path):
+    # "no" was true: a format-1 file without checksums loaded unchecked
+    nv.save_adapter(nv.inject(tiny_vit(), "lora"), tmp_path)
+    with pytest.raises(ValueError, match=r"allow_unchecked_legacy must be true or false, got 'no'"):
+        read_adapter(tmp_path, allow_unchecked_legacy="no")
+
+
+def test_create_model_takes_pretrained_as_a_bool_and_names_an_argument_the_model_lacks():
+    with pytest.raises(ValueError, match=r"pretrained must be true or false, got 'no'"):  # "no" downloaded weights
+        nv.create_model("vit_tiny_patch16_224", pretrained="no")
+    with pytest.raises(TypeError, match=r"takes no argument 'nola_rank': nola_\* arguments belong to the \*_nola "
+                                        r"names \(vit_tiny_patch16_224_nola\)"):
+        nv.create_model("vit_tiny_patch16_224", adapter="lora", nola_rank=2)  # was timm's bare TypeError
+
+
+def test_an_empty_adapter_config_names_no_method():
+    with pytest.raises(ValueError, match="an empty adapter config names no method"):  # built LoRA's defaults
+        nv.create_model("vit_tiny_patch16_224", adapter={})
+
+
+@pytest.mark.parametrize("config", [lambda: nv.LoRAConfig(alpha=1e300), lambda: nv.NOLAConfig(scale=-1e300)])
+def test_a_scale_beyond_float32_is_refused(config):
+    with pytest.raises(ValueError, match="beyond float32's largest number"):  # every output was inf/NaN
+        config()
+
+
+@pytest.mark.parametrize("rates, message", [
+    (dict(default_lr=float("nan")), "default_lr must be a finite number > 0"),
+    (dict(default_lr=True), "default_lr must be a finite number > 0"),
+    (dict(default_head_lr="0.1"), "default_head_lr must be a finite number > 0"),
+])
+def test_register_method_checks_its_recipes_rates(rates, message):
+    @dataclass
+    class Probe(nv.AdapterConfig):  # trained at lr=nan, or failed with a bare TypeError inside FewShotClassifier
+        method = "probe_rates"
+
+    with pytest.raises(ValueError, match=message):
+        register_method("probe_rates", Probe, **rates)
+
+
+def test_read_manifest_takes_a_path_not_a_file_descriptor(tmp_path):
+    # an int was opened as a file descriptor and closed, the caller's file with it
+    with open(tmp_path / "other.txt", "w") as other:
+        with pytest.raises(ValueError, match="the manifest must be a path, got"):
+            nvdata.read_manifest(other.fileno())
+        other.write("still open")
+
+
+def test_dataset_roots_are_checked_before_reading_or_downloading(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for root in (tmp_path / "afile", tmp_path / "afile" / "sub"):  # os.makedirs' bare FileExistsError
+        with pytest.raises(ValueError, match=r"cannot download cifar10 into .*afile is a file, not a folder"):
+            nvdata.download_dataset("cifar10", root=root)
+    with pytest.raises(ValueError, match="the dataset root must be a path, got None"):  # os.fspath's TypeError
+        nvdata.build_dataset("cifar10", root=None)
+
+
+def test_a_loader_worker_count_the_machine_cannot_start_is_refused(tmp_path):
+    # a million workers hung the first train loader
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with pytest.raises(ValueError, match=rf"num_workers=1000000 would start that many loader processes on {cpus} CPUs"):
+        nvdata.FewShotDataModule(dataset="digits", root=str(tmp_path), num_workers=10**6)
+
+
+@pytest.mark.parametrize("slices", [[(0, 7)], [(-1, 3)], [(0, 4), (2, 6)], [(3, 0)]])
+def test_a_layer_built_on_slices_outside_or_across_its_outputs_is_refused(slices):
+    # (0, 7) of 6 outputs made a 7-row factor whose last row the forward pass dropped
+    with pytest.raises(ValueError, match=r"must be disjoint ranges of the layer's 6 outputs"):
+        nv.LoRALinear(torch.nn.Linear(8, 6), nv.LoRAConfig(rank=2), "x", slices=slices)
+    json.dumps(slices)  # plain values: the message shows them as given
