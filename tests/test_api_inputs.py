@@ -84,3 +84,16 @@ def test_a_layer_built_on_slices_outside_or_across_its_outputs_is_refused(slices
     with pytest.raises(ValueError, match=r"must be disjoint ranges of the layer's 6 outputs"):
         nv.LoRALinear(torch.nn.Linear(8, 6), nv.LoRAConfig(rank=2), "x", slices=slices)
     json.dumps(slices)  # plain values: the message shows them as given
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(indices=[-1]), r"FewShotSubset index must be an integer >= 0"),  # served the last image
+    (dict(indices=[10**9]), r"must select the dataset's \d+ images"),
+    (dict(indices=[True]), r"FewShotSubset index must be an integer"),  # a PIL error deep inside
+    (dict(indices=[0], cache="yes"), r"FewShotSubset cache must be true or false"),
+    (dict(indices=[0], cache=True, cache_mb=float("nan")), r"FewShotSubset cache_mb must be a finite number"),
+])
+def test_a_few_shot_subset_checks_its_arguments(tmp_path, kwargs, message):
+    dataset = nvdata.build_dataset("digits", root=str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        nvdata.FewShotSubset(dataset, **kwargs)

@@ -70,7 +70,14 @@ class FewShotSubset(Dataset):
 
     def __init__(self, dataset: ImageDataset, indices: list[int], transform: Optional[Callable] = None,
                  cache: bool = False, cache_mb: float = 2048) -> None:
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+        self.dataset, self.transform = dataset, transform
+        self.indices = [check_int(i, "FewShotSubset index", at_least=0) for i in indices]
+        outside = [i for i in self.indices if i >= len(dataset.samples)]
+        if outside:  # -1 served the last image without a word
+            raise ValueError(f"FewShotSubset indices must select the dataset's {len(dataset.samples)} images (0 to "
+                             f"{len(dataset.samples) - 1}), got {outside[:3]}")
+        cache = check_bool(cache, "FewShotSubset cache")
+        cache_mb = check_number(cache_mb, "FewShotSubset cache_mb", at_least=0)
         self.cache: dict[int, Any] = {}
         self.cached_bytes = 0  # decoded RGB pixels held, 3 bytes each
         if cache and cache_mb > 0:  # cache_mb=0: no cache (not a cache that is full at once)
