@@ -97,3 +97,30 @@ def test_a_few_shot_subset_checks_its_arguments(tmp_path, kwargs, message):
     dataset = nvdata.build_dataset("digits", root=str(tmp_path))
     with pytest.raises(ValueError, match=message):
         nvdata.FewShotSubset(dataset, **kwargs)
+
+
+def test_create_models_checks_let_timms_own_forms_and_errors_through():
+    import numpy as np
+
+    for pretrained in (None, np.False_):  # timm takes them as false
+        nv.create_model("vit_tiny_patch16_224", pretrained=pretrained, img_size=32, depth=1, embed_dim=32,
+                        num_heads=2)
+
+    class Block(torch.nn.Module):  # a TypeError inside the build is the block's, not an argument the caller gave
+        def __init__(self, dim, num_heads, **kwargs):
+            super().__init__()
+            (lambda: None)(foo_bar=1)
+
+    with pytest.raises(TypeError, match=r"<lambda>\(\) got an unexpected keyword argument 'foo_bar'"):
+        nv.create_model("vit_tiny_patch16_224", block_fn=Block, img_size=32, depth=1, embed_dim=32, num_heads=2)
+
+
+def test_a_finders_temporary_checkpoint_is_no_resume():
+    from types import SimpleNamespace
+
+    from nola_vision.train.module import _resumes
+
+    assert not _resumes(SimpleNamespace(ckpt_path=None))
+    assert not _resumes(SimpleNamespace(ckpt_path="/run/.lr_find_0a1b.ckpt"))  # LearningRateFinder's own
+    assert not _resumes(SimpleNamespace(ckpt_path="/run/.scale_batch_size_0a1b.ckpt"))
+    assert _resumes(SimpleNamespace(ckpt_path="/run/checkpoints/last.ckpt"))

@@ -94,7 +94,10 @@ def check_number(value: Any, name: str, *, above: Optional[float] = None, at_lea
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """``value`` if it is ``True`` or ``False`` (a string such as ``"no"`` would count as true)."""
+    """``value`` if it is ``True`` or ``False``, a numpy bool as a ``bool`` (a string such as ``"no"`` would count as
+    true)."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {shown(value)}")
     return value

@@ -123,7 +123,7 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     """
     check_model_name(model_name)
     _check_num_classes(kwargs)
-    if "pretrained" in kwargs:  # "no" was true: hub weights downloaded (or retried offline for a minute)
+    if kwargs.get("pretrained") is not None:  # "no" was true: hub weights downloaded (offline: a minute of retries)
         kwargs["pretrained"] = check_bool(kwargs["pretrained"], "pretrained")
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
     architecture = _architecture(model_name).split(".")[0]
@@ -150,7 +150,7 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         model = timm.create_model(model_name, **_loading(kwargs, weights))
     except TypeError as err:  # the model class's own "__init__() got an unexpected keyword argument 'x'"
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unexpected is None:
+        if unexpected is None or unexpected.group(1) not in kwargs:  # raised inside the build, not for an argument
             raise
         name = unexpected.group(1)
         hint = (f"nola_* arguments belong to the *_nola names ({architecture}_nola), or adapter settings to adapter="

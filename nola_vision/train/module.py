@@ -531,7 +531,7 @@ class FewShotClassifier(L.LightningModule):
         self._fingerprint = None  # the backbone this fit trains on, taken afresh (see backbone_fingerprint)
         if self._trainer is not None:
             check_training_length(self._trainer)
-            if self._trainer.ckpt_path is None:  # a resume's progress and random states are the checkpoint's
+            if not _resumes(self._trainer):  # a resume's progress and random states are the checkpoint's
                 _require_training_left_on(self._trainer)
                 _draw_apart(self._trainer)
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
@@ -1206,6 +1206,13 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
                              "train nothing, yet export the checkpoint's adapter again and record its result as a new "
                              f"run's. Raise {name} above {reached} to train on, or evaluate the checkpoint with the "
                              "test command")
+
+
+def _resumes(trainer: Any) -> bool:
+    """Whether the fit resumes a checkpoint: Lightning's finder callbacks (LearningRateFinder, BatchSizeFinder) set
+    ``ckpt_path`` to their own temporary checkpoint of a fresh fit's start."""
+    path = trainer.ckpt_path
+    return path is not None and not Path(str(path)).name.startswith((".lr_find_", ".scale_batch_size_"))
 
 
 def _draw_apart(trainer: Any) -> None:
