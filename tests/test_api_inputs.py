@@ -124,3 +124,17 @@ def test_a_finders_temporary_checkpoint_is_no_resume():
     assert not _resumes(SimpleNamespace(ckpt_path="/run/.lr_find_0a1b.ckpt"))  # LearningRateFinder's own
     assert not _resumes(SimpleNamespace(ckpt_path="/run/.scale_batch_size_0a1b.ckpt"))
     assert _resumes(SimpleNamespace(ckpt_path="/run/checkpoints/last.ckpt"))
+
+
+def test_manifest_helpers_name_a_bad_argument(tmp_path):
+    samples = [("a.png", 0), ("b.png", 1)]  # each was a bare pathlib, 'splitlines' or unpacking error
+    with pytest.raises(ValueError, match="the manifest must be a path, got None"):
+        nvdata.write_manifest(None, samples, [0])
+    with pytest.raises(TypeError, match="header is a str of comment lines or None, got 5"):
+        nvdata.write_manifest(tmp_path / "m.txt", samples, [0], header=5)
+    with pytest.raises(TypeError, match="indices are the chosen samples' positions, got None"):
+        nvdata.write_manifest(tmp_path / "m.txt", samples, None)
+    for entries in (None, "abc"):
+        with pytest.raises(TypeError, match=r"entries are \(key, label\) pairs"):
+            nvdata.indices_from_manifest(samples, entries)
+    assert nvdata.indices_from_manifest(samples, [("b.png", 1)]) == [1]

@@ -140,7 +140,11 @@ def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], 
                    header: Optional[str] = None) -> Path:
     """Write ``key label`` for each chosen sample, atomically; ``header`` becomes ``#`` comment lines. UTF-8, with a
     non-UTF-8 file name (a key with surrogate escapes) written as its bytes, so it reads back as the same key."""
-    path = Path(path)
+    path = Path(check_path(path, "the manifest"))
+    if header is not None and not isinstance(header, str):
+        raise TypeError(f"write_manifest: header is a str of comment lines or None, got {shown(header)}")
+    if indices is None or isinstance(indices, (str, bytes)):
+        raise TypeError(f"write_manifest: indices are the chosen samples' positions, got {shown(indices)}")
     lines = [f"# {line}\n" for line in (header.splitlines() if header else [])]
     lines += [f"{_escaped(samples[i][0])} {samples[i][1]}\n" for i in _manifest_indices(samples, indices)]
     from ..core.storage import write_text_atomic  # here, so the split logic above imports alone (tests load it by path)
@@ -236,7 +240,13 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
     position = {key: i for i, (key, _) in enumerate(samples)}
     indices: list[int] = []
     listed: set[int] = set()  # a set: a full-split manifest lists tens of thousands of images
-    for key, label in entries:
+    if entries is None or isinstance(entries, (str, bytes)):
+        raise TypeError(f"{source}: entries are (key, label) pairs as read_manifest gives them, got {shown(entries)}")
+    for entry in entries:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise TypeError(f"{source}: each entry is a (key, label) pair as read_manifest gives it, got "
+                            f"{shown(entry)}")
+        key, label = entry
         if key not in position:
             raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
                              f"{_near_key(key, position)}")
