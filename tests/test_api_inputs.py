@@ -138,3 +138,9 @@ def test_manifest_helpers_name_a_bad_argument(tmp_path):
         with pytest.raises(TypeError, match=r"entries are \(key, label\) pairs"):
             nvdata.indices_from_manifest(samples, entries)
     assert nvdata.indices_from_manifest(samples, [("b.png", 1)]) == [1]
+
+
+@pytest.mark.parametrize("base", [torch.nn.Conv2d(3, 3, 1), None])
+def test_an_adapter_layer_built_on_something_else_than_a_linear_names_it(base):
+    with pytest.raises(TypeError, match=rf"LoRALinear adapts an nn.Linear, got {type(base).__name__}"):
+        nv.LoRALinear(base, nv.LoRAConfig(rank=2), "x")  # a bare AttributeError: out_features

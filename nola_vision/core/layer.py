@@ -133,8 +133,12 @@ class AdaptedLinear(nn.Module):
     # was kept, which then go unchecked).
     activation_placeholder: Optional[nn.Module] = None
 
-    def __init__(self, base: nn.Linear, slices: Sequence[Slice], rank: int, scaling: float) -> None:
+    def __init__(self, base: nn.Linear, slices: Optional[Sequence[Slice]], rank: int, scaling: float) -> None:
+        """``slices``: the adapted output ranges; None (or empty) for all of the layer's outputs."""
         super().__init__()
+        if not isinstance(base, nn.Linear):  # a Conv2d or None failed as a bare AttributeError (out_features)
+            raise TypeError(f"{type(self).__name__} adapts an nn.Linear, got {type(base).__name__}")
+        slices = slices or [(0, base.out_features)]
         widths = {end - start for start, end in slices}
         if len(widths) != 1:
             raise ValueError(f"all adapted slices of a layer must have the same width, got {list(slices)}")

@@ -24,7 +24,7 @@ class LoRALinear(AdaptedLinear):
     def __init__(
         self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None
     ) -> None:
-        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
+        super().__init__(base, slices, config.rank, config.scaling)
         num_slices, rank = len(self.slices), config.rank
         shapes = self.parameter_shapes(config, self.in_features, self.width, num_slices)
         # kaiming_uniform_(a=√5) of a (rank, in) weight has bound 1/√in; drawn from the portable generator.

@@ -31,7 +31,7 @@ class NOLALinear(AdaptedLinear):
         slices: Optional[Sequence[Slice]] = None,
         bank: Optional[BasisBank] = None,
     ) -> None:
-        super().__init__(base, slices or [(0, base.out_features)], config.rank, config.scaling)
+        super().__init__(base, slices, config.rank, config.scaling)
         k, l = config.num_basis_a, config.num_basis_b  # noqa: E741 (the paper's k and l)
         self.basis = config.basis
         self.bank = bank if bank is not None else BasisBank()
