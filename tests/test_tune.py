@@ -202,3 +202,16 @@ def test_a_trial_failed_for_its_stopped_worker_says_so_in_the_trials_table(tmp_p
     with open(tmp_path / "tune_trials.csv") as f:
         errors = [row["error"] for row in csv.DictReader(f)]
     assert errors == ["no error recorded: its worker stopped (killed?), and its missed heartbeats failed it", "boom"]
+
+
+def test_a_trial_stops_at_its_first_fit_that_fit_refuses(tmp_path):
+    # every seed of the trial ran into the same refusal (offline, a minute of hub retries each)
+    refusing = tmp_path / "refusing_python"
+    refusing.write_text(f"#!{sys.executable}\nimport sys\n"
+                        "print('nola-vision: error: class 0 has 90 train images', file=sys.stderr)\nsys.exit(2)\n")
+    refusing.chmod(0o755)
+    with pytest.raises(RuntimeError) as raised:
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path / "out"), name="t", python=str(refusing),
+                 split_seeds=[0, 1], init_seeds=[0, 1], echo=False, skip_protocol=True, overrides=FAST)
+    assert str(raised.value).count("class 0 has 90 train images") == 1
+    assert len(list((tmp_path / "out" / "t").rglob("log.txt"))) < 4  # those already running, not the 4 seeds

@@ -42,6 +42,7 @@ import yaml
 
 from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
 from .executors import (
+    CONFIG_EXIT,
     DIVERGED_EXIT,
     Executor,
     LocalExecutor,
@@ -485,8 +486,14 @@ class _Search:
                         stamp_claimed_run(run_dir, {"data": self.images.now()})  # for a later worker, should this die
                 runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim,
                             d / JOB_LOCK_FILE, partial(result_counts, d, "val/acc")) for d, claim in claims.items()]
-                ended = [(run, code) for run, code, _ in self.executor.run(runs)
-                         if not self._record(run.log.parent, code)]
+                ended = []
+                fits = self.executor.run(runs)
+                for run, code, _ in fits:
+                    if not self._record(run.log.parent, code):
+                        ended.append((run, code))
+                        if code == CONFIG_EXIT:  # the trial's other seeds share its settings: refused alike
+                            getattr(fits, "close", lambda: None)()  # starts none of them (waits for those running)
+                            break
             finally:
                 for claim in claims.values():
                     os.close(claim)
