@@ -215,3 +215,15 @@ def test_a_trial_stops_at_its_first_fit_that_fit_refuses(tmp_path):
                  split_seeds=[0, 1], init_seeds=[0, 1], echo=False, skip_protocol=True, overrides=FAST)
     assert str(raised.value).count("class 0 has 90 train images") == 1
     assert len(list((tmp_path / "out" / "t").rglob("log.txt"))) < 4  # those already running, not the 4 seeds
+
+
+def test_a_refused_trial_says_that_re_running_the_same_command_fails_alike(tmp_path):
+    # "fix the cause and re-run the same command to retry them": the same command was refused again, every time
+    refusing = tmp_path / "refusing_python"
+    refusing.write_text(f"#!{sys.executable}\nimport sys\n"
+                        "print('nola-vision: error: target nope matches nothing', file=sys.stderr)\nsys.exit(2)\n")
+    refusing.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"target nope matches nothing.*a fit refused its settings, so re-running "
+                                           r"the same command fails alike: .*delete the study \(sqlite:///.*tune.db\)"):
+        run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path / "out"), name="t", python=str(refusing),
+                 echo=False, skip_protocol=True, overrides=FAST)

@@ -673,6 +673,18 @@ def check_sqlite_storage(url: str) -> None:
     check_writable_file(parsed.database, f"--storage {url}")
 
 
+def _refusal_advice(trials: Sequence[Any], url: str, example: bool = True) -> Optional[str]:
+    """What to do where a trial's fit refused its settings (exit 2): the same command is refused alike every time,
+    and the study keeps its grid; None where none was refused."""
+    refused = [why for why in (_failure(t) for t in trials if t.state.name == "FAIL") if "refused to run" in why]
+    if not refused:
+        return None
+    shown = f" (e.g. {refused[0][:300]})" if example else ""
+    return (f"a fit refused its settings{shown}, so re-running the same command fails alike: fix the base settings, "
+            f"or, for a grid value fit refuses, delete the study ({url}) and re-run without that value: the other "
+            "values' trial fits are reused")
+
+
 def run_tune(
     configs: Sequence[str],
     grid: Dict[str, List[Any]],
@@ -761,14 +773,16 @@ def run_tune(
         why = (f" ({len(failed)} failed, e.g. {failed[0]})" if failed else
                f" but diverged ({len(diverged)}, e.g. {diverged[0]}): lower the learning rates of the grid, or add "
                "warm-up epochs" if diverged else "")
-        raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}")
+        refusal = _refusal_advice(trials, url, example=False)
+        raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}"
+                           + (f". {refusal}" if refusal else ""))
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     finished = (len(complete) >= search.tpe_budget if sampler == "tpe" else
                 all(_point_key(p) in {search._identity(t) for t in complete} for p in search.points))
     if not finished and search.failures:
+        retry = _refusal_advice(trials, url) or "fix the cause and re-run the same command to retry them"
         raise RuntimeError(f"{search.failures} trial(s) failed in this run, so nothing is chosen yet (see "
-                           f"{root / 'tune_results.md'} and each trial's log.txt): fix the cause and re-run the same "
-                           "command to retry them")
+                           f"{root / 'tune_results.md'} and each trial's log.txt): {retry}")
     if not finished:
         if echo:
             print(f"[tune {name}] trials are left to run (or failed, and are retried): re-run the same command to go "
