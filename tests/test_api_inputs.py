@@ -144,3 +144,12 @@ def test_manifest_helpers_name_a_bad_argument(tmp_path):
 def test_an_adapter_layer_built_on_something_else_than_a_linear_names_it(base):
     with pytest.raises(TypeError, match=rf"LoRALinear adapts an nn.Linear, got {type(base).__name__}"):
         nv.LoRALinear(base, nv.LoRAConfig(rank=2), "x")  # a bare AttributeError: out_features
+
+
+def test_slices_and_manifest_entries_take_arrays_as_before():
+    import numpy as np
+
+    layer = nv.LoRALinear(torch.nn.Linear(4, 8), nv.LoRAConfig(rank=2), "x", slices=np.array([[0, 4], [4, 8]]))
+    assert layer.slices == ((0, 4), (4, 8))
+    samples = [("a.png", 0), ("b.png", 1)]
+    assert nvdata.indices_from_manifest(samples, np.array([["a.png", 0]], dtype=object)) == [0]

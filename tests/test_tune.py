@@ -223,7 +223,35 @@ def test_a_refused_trial_says_that_re_running_the_same_command_fails_alike(tmp_p
     refusing.write_text(f"#!{sys.executable}\nimport sys\n"
                         "print('nola-vision: error: target nope matches nothing', file=sys.stderr)\nsys.exit(2)\n")
     refusing.chmod(0o755)
-    with pytest.raises(RuntimeError, match=r"target nope matches nothing.*a fit refused its settings, so re-running "
-                                           r"the same command fails alike: .*delete the study \(sqlite:///.*tune.db\)"):
+    with pytest.raises(RuntimeError, match=r"target nope matches nothing.*a fit refused its settings, which re-running "
+                                           r"the same command meets again .*delete the study \(sqlite:///.*tune.db\)"):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path / "out"), name="t", python=str(refusing),
                  echo=False, skip_protocol=True, overrides=FAST)
+
+
+def test_an_earlier_runs_refusal_is_no_reason_for_this_runs_failure(tmp_path):
+    # the study keeps the failed trials of every run: a refusal fixed since was quoted for a new, other failure
+    mode = tmp_path / "mode"
+    fit = tmp_path / "fit_python"
+    fit.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+if float(value("--model.lr")) > 5e-3:
+    print("nola-vision: error: " + open({str(mode)!r}).read(), file=sys.stderr)
+    sys.exit(2 if "refused" in open({str(mode)!r}).read() else 1)
+json.dump({{"metrics": {{"val/acc": 0.5}}, "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    fit.chmod(0o755)
+    run = partial(run_tune, [TINY], {"model.lr": [1e-3, 1e-2]}, out=str(tmp_path / "out"), name="t", python=str(fit),
+                  echo=False, skip_protocol=True, overrides=FAST)
+    mode.write_text("refused: a file is missing")
+    with pytest.raises(RuntimeError, match="a fit refused its settings"):
+        run()
+    mode.write_text("out of memory")
+    with pytest.raises(RuntimeError) as raised:
+        run()
+    assert "refused its settings" not in str(raised.value)
+    assert "fix the cause and re-run the same command to retry them" in str(raised.value)

@@ -138,7 +138,8 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):  # a Conv2d or None failed as a bare AttributeError (out_features)
             raise TypeError(f"{type(self).__name__} adapts an nn.Linear, got {type(base).__name__}")
-        slices = slices or [(0, base.out_features)]
+        if slices is None or len(slices) == 0:
+            slices = [(0, base.out_features)]
         widths = {end - start for start, end in slices}
         if len(widths) != 1:
             raise ValueError(f"all adapted slices of a layer must have the same width, got {list(slices)}")

@@ -243,10 +243,11 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
     if entries is None or isinstance(entries, (str, bytes)):
         raise TypeError(f"{source}: entries are (key, label) pairs as read_manifest gives them, got {shown(entries)}")
     for entry in entries:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+        try:
+            key, label = entry
+        except (TypeError, ValueError):
             raise TypeError(f"{source}: each entry is a (key, label) pair as read_manifest gives it, got "
-                            f"{shown(entry)}")
-        key, label = entry
+                            f"{shown(entry)}") from None
         if key not in position:
             raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
                              f"{_near_key(key, position)}")

@@ -674,15 +674,26 @@ def check_sqlite_storage(url: str) -> None:
 
 
 def _refusal_advice(trials: Sequence[Any], url: str, example: bool = True) -> Optional[str]:
-    """What to do where a trial's fit refused its settings (exit 2): the same command is refused alike every time,
-    and the study keeps its grid; None where none was refused."""
-    refused = [why for why in (_failure(t) for t in trials if t.state.name == "FAIL") if "refused to run" in why]
+    """What to do where a trial of this run failed because its fit refused its settings (exit 2): the same command
+    meets the refusal again unless what it names changes, and the study keeps its grid; None where none was."""
+    refused = [why for why in map(_failure, trials) if "refused to run" in why]
     if not refused:
         return None
     shown = f" (e.g. {refused[0][:300]})" if example else ""
-    return (f"a fit refused its settings{shown}, so re-running the same command fails alike: fix the base settings, "
-            f"or, for a grid value fit refuses, delete the study ({url}) and re-run without that value: the other "
-            "values' trial fits are reused")
+    return (f"a fit refused its settings{shown}, which re-running the same command meets again unless what it names "
+            f"changes: fix that, or, for a grid value fit refuses, delete the study ({url}) and re-run without that "
+            "value: the other values' trial fits are reused")
+
+
+def _failed_in_this_run(trials: Sequence[Any], search: Any) -> List[Any]:
+    """Each grid point's last failed trial, for the points that failed in this run (``failed_here``): a failure of an
+    earlier run, retried since, is no reason for this one's."""
+    last: Dict[str, Any] = {}
+    for trial in trials:
+        key = search._identity(trial)
+        if trial.state.name == "FAIL" and key in search.failed_here:
+            last[key] = trial
+    return list(last.values())
 
 
 def run_tune(
@@ -773,14 +784,15 @@ def run_tune(
         why = (f" ({len(failed)} failed, e.g. {failed[0]})" if failed else
                f" but diverged ({len(diverged)}, e.g. {diverged[0]}): lower the learning rates of the grid, or add "
                "warm-up epochs" if diverged else "")
-        refusal = _refusal_advice(trials, url, example=False)
+        refusal = _refusal_advice(_failed_in_this_run(trials, search), url, example=False)
         raise RuntimeError(f"no trial completed{why}: nothing can be chosen; see {root / 'tune_results.md'}"
                            + (f". {refusal}" if refusal else ""))
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     finished = (len(complete) >= search.tpe_budget if sampler == "tpe" else
                 all(_point_key(p) in {search._identity(t) for t in complete} for p in search.points))
     if not finished and search.failures:
-        retry = _refusal_advice(trials, url) or "fix the cause and re-run the same command to retry them"
+        retry = (_refusal_advice(_failed_in_this_run(trials, search), url)
+                 or "fix the cause and re-run the same command to retry them")
         raise RuntimeError(f"{search.failures} trial(s) failed in this run, so nothing is chosen yet (see "
                            f"{root / 'tune_results.md'} and each trial's log.txt): {retry}")
     if not finished:
