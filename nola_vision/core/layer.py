@@ -119,7 +119,8 @@ class AdaptedLinear(nn.Module):
       ``batched_factors`` and ``batched_cast`` (shared-basis batching, one forward pass at a time: the layer's
       ``delta_factors()``, and those in autocast's dtype) and ``unmerged_record`` (the
       frozen-weights fingerprint of the unmerged weight, taken by ``merge.merge`` before folding ΔW in); inject's
-      load post-hook reads and resets ``unchecked_load``.
+      load post-hook reads and resets ``unchecked_load``; model-level code reads ``values_unset`` and
+      ``holds_unset_values()``, and clears ``values_unset`` once it copies values into the adapter tensors.
     """
 
     adapter_parameter_names: Tuple[str, ...] = ()
@@ -788,12 +789,17 @@ class AdaptedLinear(nn.Module):
     def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """``Module._save_to_state_dict``, refused while the adapter tensors hold no values (``values_unset``): a
         state dict of them, loaded elsewhere, would pass for trained tensors (a checkpoint of the model too)."""
-        if self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values()):
+        if self.holds_unset_values():
             raise ValueError(f"{prefix[:-1] or type(self).__name__}: its adapter tensors were made on the meta device "
                              "(inject there) and given no values since, so they hold uninitialised memory, which a "
                              "state dict would pass on as trained tensors: load an adapter first (nv.load_adapter, or "
                              "a state dict holding its tensors)")
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def holds_unset_values(self) -> bool:
+        """Whether the adapter tensors hold uninitialised memory: made (or moved) on the meta device and given no
+        values since, then materialised (``to_empty()``); on the meta device they hold nothing to compute with."""
+        return self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values())
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AdaptedLinear:
         """``Module._apply`` (``.to()``, ``to_empty()``, ...), marking the adapter tensors unset once moved to the meta

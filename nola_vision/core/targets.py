@@ -92,8 +92,7 @@ def require_values(model: nn.Module, function: str) -> None:
 def require_adapter_values(model: nn.Module, function: str) -> None:
     """Refuse adapter tensors that inject made on the meta device and nothing gave values since: ``to_empty()`` left
     them uninitialised memory (on the meta device they are refused as holding no values)."""
-    unset = [name for name, layer in adapted_layers(model).items() if layer.values_unset
-             and not any(parameter.is_meta for parameter in layer.adapter_parameters().values())]
+    unset = [name for name, layer in adapted_layers(model).items() if layer.holds_unset_values()]
     if unset:
         more = f" and {len(unset) - 1} more layers" if len(unset) > 1 else ""
         raise ValueError(f"{function}: the adapter tensors of {unset[0]}{more} were made on the meta device (inject "

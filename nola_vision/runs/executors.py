@@ -24,7 +24,7 @@ from ..core.storage import try_lock
 
 __all__ = ["CONFIG_EXIT", "DIVERGED_EXIT", "NOT_STARTED", "Executor", "LocalExecutor", "Run", "Stopped",
            "SubmititExecutor", "add_executor_arguments", "build_executor", "call", "claimed_job", "failure",
-           "stop_runs_on_signals", "stopping", "stopping_within"]
+           "start_no_more", "stop_runs_on_signals", "stopping", "stopping_within"]
 
 # The exit code of a fit that refused to run (its arguments or settings, its data, its folder): re-running it
 # unchanged fails the same way until what its error names is fixed.
@@ -201,6 +201,12 @@ class Executor:
     def run(self, runs: Sequence[Run]) -> Iterator[Tuple[Run, int, float]]:
         """Start every run; yield ``(run, exit code, wall seconds)`` as each finishes."""
         raise NotImplementedError
+
+
+def start_no_more(results: Iterator[Tuple[Run, int, float]]) -> None:
+    """Leave a batch early (a run its fit refused, exit 2, whose siblings share its settings): the executor starts
+    none of the runs still queued; the local one waits for those running, submitit cancels them."""
+    getattr(results, "close", lambda: None)()  # a generator's close runs run()'s finally; a list has nothing to stop
 
 
 class LocalExecutor(Executor):

@@ -51,6 +51,7 @@ from .executors import (
     add_executor_arguments,
     build_executor,
     failure,
+    start_no_more,
     stop_runs_on_signals,
 )
 from .knn import extract_features, knn_predict, neighbours_used
@@ -414,7 +415,7 @@ def run_protocol(
                 if echo:
                     print(f"{label}: FAILED ({why}), log: {run.log}", flush=True)
                 if code == CONFIG_EXIT and len(ended) < len(pending):  # the rest share its settings: refused alike
-                    getattr(results, "close", lambda: None)()  # starts no other run (waits for those running)
+                    start_no_more(results)
                     failed.append(_not_started(name, [r.log.parent for r in pending if r.log.parent not in ended]))
                     break
                 continue

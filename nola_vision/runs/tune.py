@@ -51,6 +51,7 @@ from .executors import (
     add_executor_arguments,
     build_executor,
     failure,
+    start_no_more,
     stop_runs_on_signals,
     stopping,
     stopping_within,
@@ -492,7 +493,7 @@ class _Search:
                     if not self._record(run.log.parent, code):
                         ended.append((run, code))
                         if code == CONFIG_EXIT:  # the trial's other seeds share its settings: refused alike
-                            getattr(fits, "close", lambda: None)()  # starts none of them (waits for those running)
+                            start_no_more(fits)
                             break
             finally:
                 for claim in claims.values():

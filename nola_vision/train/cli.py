@@ -503,10 +503,16 @@ def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
 def saved_run_folder(given_files: Sequence[Any]) -> Optional[Path]:
     """The folder of the last ``-c`` file that is a config a fit saved (``SAVED_CONFIG_MARK``): its run's folder,
     which holds its ``checkpoints/``; None when no such file is given."""
+    saved = _saved_config(given_files)
+    return saved.parent if saved is not None else None
+
+
+def _saved_config(given_files: Sequence[Any]) -> Optional[Path]:
+    """The last ``-c`` file that is a config a fit saved (``SAVED_CONFIG_MARK``), or None."""
     for given in reversed(list(given_files)):
         path = _local_path(given)
         if path is not None and path.is_file() and path.stat().st_size and _is_saved_config(path, []):
-            return path.parent
+            return path
     return None
 
 
@@ -1182,16 +1188,15 @@ def _is_result_file(path: Path) -> bool:
 def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
     """The ``result_file`` a fit's saved config (the last ``-c`` file that is one) names: that fit's result, also
     after it was moved away (an evaluation of the run would write its metrics there unasked)."""
-    for given in reversed(list(given_files)):
-        path = _local_path(given)
-        if path is not None and path.is_file() and path.stat().st_size and _is_saved_config(path, []):
-            try:
-                saved = yaml.safe_load(path.read_text())
-            except (OSError, ValueError, yaml.YAMLError):
-                return None
-            result = saved.get("result_file") if isinstance(saved, dict) else None
-            return os.path.abspath(expand_root(result)) if isinstance(result, str) and result else None
-    return None
+    path = _saved_config(given_files)
+    if path is None:
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    result = saved.get("result_file") if isinstance(saved, dict) else None
+    return os.path.abspath(expand_root(result)) if isinstance(result, str) and result else None
 
 
 def _is_fit_result(path: Path) -> bool:

@@ -1199,13 +1199,23 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
     step = checkpoint.get("global_step", 0)
     epochs = progress.get("processed", checkpoint.get("epoch", -1) + 1)
     at = f"the checkpoint ends epoch {epochs - 1} at step {step} ({epochs} epochs trained)"
-    for name, reached in (("max_steps", step), ("max_epochs", epochs)):  # in the order Lightning's loop asks
+    reached = _limit_reached(trainer, step, epochs)
+    if reached is not None:
+        name, limit, done = reached
+        raise ValueError(f"{at}, and trainer.{name}={limit} (--trainer.{name}) ends the run there: resuming would "
+                         "train nothing, yet export the checkpoint's adapter again and record its result as a new "
+                         f"run's. Raise {name} above {done} to train on, or evaluate the checkpoint with the test "
+                         "command")
+
+
+def _limit_reached(trainer: Any, step: int, epochs: int) -> Optional[Tuple[str, int, int]]:
+    """(limit name, its value, the count that reached it) where ``step`` steps or ``epochs`` epochs reach the
+    trainer's ``max_steps`` or ``max_epochs``, in the order Lightning's loop asks; None where training is left."""
+    for name, reached in (("max_steps", step), ("max_epochs", epochs)):
         limit = getattr(trainer, name, None)
         if isinstance(limit, int) and limit != -1 and reached >= limit:
-            raise ValueError(f"{at}, and trainer.{name}={limit} (--trainer.{name}) ends the run there: resuming would "
-                             "train nothing, yet export the checkpoint's adapter again and record its result as a new "
-                             f"run's. Raise {name} above {reached} to train on, or evaluate the checkpoint with the "
-                             "test command")
+            return name, limit, reached
+    return None
 
 
 def _resumes(trainer: Any) -> bool:
@@ -1231,12 +1241,12 @@ def _require_training_left_on(trainer: Any) -> None:
     would train nothing (a trainer keeps its loops' progress), and the fit would export the adapter again as a new
     run's."""
     epochs, step = trainer.fit_loop.epoch_progress.current.processed, trainer.global_step
-    for name, reached in (("max_steps", step), ("max_epochs", epochs)):  # in the order Lightning's loop asks
-        limit = getattr(trainer, name, None)
-        if reached and isinstance(limit, int) and limit != -1 and reached >= limit:
-            raise ValueError(f"this Trainer's earlier fit trained {epochs} epochs ({step} steps), and its {name}="
-                             f"{limit} ends the run there: this fit would train nothing, yet export the adapter "
-                             f"again. Fit with a new Trainer, or raise its {name} above {reached} to train on")
+    reached = _limit_reached(trainer, step, epochs) if step or epochs else None  # a fresh trainer trained nothing
+    if reached is not None:
+        name, limit, done = reached
+        raise ValueError(f"this Trainer's earlier fit trained {epochs} epochs ({step} steps), and its {name}="
+                         f"{limit} ends the run there: this fit would train nothing, yet export the adapter "
+                         f"again. Fit with a new Trainer, or raise its {name} above {done} to train on")
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
