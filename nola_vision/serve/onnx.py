@@ -49,7 +49,7 @@ from ..core.fingerprint import (
     sample_sizes,
 )
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
-from ..core.layer import adapted_layers, as_factors
+from ..core.layer import adapted_layers, as_factors, full_precision
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
@@ -385,8 +385,7 @@ def _no_autocast() -> Iterator[None]:
     """Autocast off on every device type torch can autocast on (the model may sit on any of them)."""
     with ExitStack() as stack:
         for device in ("cpu", "cuda", "xpu", "mps"):
-            if torch.amp.is_autocast_available(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
+            stack.enter_context(full_precision(torch.device(device)))
         yield
 
 
