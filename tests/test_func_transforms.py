@@ -52,8 +52,59 @@ def test_grad_through_a_merged_adapter_is_refused_under_torch_func_too():
     model = adapted("nola")
     nv.merge(model)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(RuntimeError, match="backward through a merged adapter"):
+    with pytest.raises(RuntimeError, match="is merged: its weight holds the ΔW"):
         grad(lambda values: functional_call(model, values, (IMAGES,), strict=False).sum())(params)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_functional_call_on_a_merged_model_refuses_other_adapter_tensors(key):
+    """A merged pass computed the ΔW merged in and silently ignored the adapter tensors functional_call passed (the
+    outputs of another task's tensors were those of the merged one's)."""
+    model = adapted(key).eval()
+    others = {name: 3 * p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    expected = functional_call(model, others, (IMAGES,), strict=False)
+    nv.merge(model)
+    with pytest.raises(RuntimeError, match="functional_call"):
+        functional_call(model, others, (IMAGES,), strict=False)
+    # its own tensors, or none, are what is merged
+    own = dict(model.named_parameters())
+    torch.testing.assert_close(functional_call(model, own, (IMAGES,)), model(IMAGES))
+    nv.unmerge(model)
+    torch.testing.assert_close(functional_call(model, others, (IMAGES,), strict=False), expected)
+
+
+def test_a_merged_layer_refuses_a_parameter_replaced_since_and_takes_conversions_pickles_and_state_dicts():
+    import copy
+    import io
+    model = adapted("nola").eval()
+    nv.merge(model)
+    expected = model(IMAGES)
+    # new parameter objects from a conversion, a copy, a pickle or an assigning load are the merged ones
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double().float()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    torch.testing.assert_close(model(IMAGES), expected)
+    torch.testing.assert_close(copy.deepcopy(model)(IMAGES), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(IMAGES), expected)
+    other = adapted("nola").eval()
+    nv.merge(other)
+    other.load_state_dict(model.state_dict(), assign=True)
+    torch.testing.assert_close(other(IMAGES), expected)
+    # torch.export traces with stand-ins for every tensor; a DataParallel replica gets broadcast copies
+    torch.testing.assert_close(torch.export.export(model, (IMAGES,)).module()(IMAGES), expected)
+    layer = model.get_submodule("blocks.0.mlp.fc2")
+    replica = layer._replicate_for_data_parallel()
+    replica._parameters = {name: p.detach().clone() for name, p in layer._parameters.items()}
+    hidden = torch.randn(2, layer.in_features)
+    torch.testing.assert_close(replica(hidden), layer(hidden))
+    layer.nola_alpha = torch.nn.Parameter(layer.nola_alpha.detach() * 2)
+    with pytest.raises(RuntimeError, match="parameter replaced since"):
+        model(IMAGES)
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))

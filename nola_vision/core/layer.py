@@ -381,6 +381,8 @@ class AdaptedLinear(nn.Module):
         if self.merged and self.__dict__.get("_merged_values") is None:
             # pickled before merged layers kept what they merged: the trained tensors are the best record there is
             self._set_merged_update(self.trained_values())
+        if "_merged_tensors" not in state:  # pickled before merged layers noted their tensor objects
+            self._hold_merged_tensors()
 
     @property
     def merged(self) -> bool:
@@ -392,6 +394,13 @@ class AdaptedLinear(nn.Module):
         self._merged = bool(value)
         # 0 unmerged; merged: the quantisation-aware bits ΔW was folded in at, 1 without (unmerge must match them)
         getattr(self, MERGED_FLAG).fill_((self.quant_bits or 1) if self._merged else 0)
+        self._hold_merged_tensors()
+
+    def _hold_merged_tensors(self) -> None:
+        """Note which tensor objects the adapter tensors are while merged: a pass given others (``functional_call``,
+        a parameter replaced) would compute the merged ΔW, not theirs, so forward refuses it (``_refuse_other_tensors``;
+        ``torch.export`` and ``torch.compile``, which trace the module's own tensors as stand-ins, are let through)."""
+        self._merged_tensors = tuple(self.adapter_parameters().values()) if self._merged else ()
 
     @classmethod
     def parameter_shapes(
@@ -516,8 +525,12 @@ class AdaptedLinear(nn.Module):
         if activation is not None and has_hooks(activation):  # hooks run once, on the output this pass keeps
             x, activation = activation(x), None
         if self.merged:
+            tensors, merged_with = self.adapter_parameters().values(), self._merged_tensors
+            if merged_with is not None and not torch.compiler.is_compiling() and any(
+                    p is not q for p, q in zip(tensors, merged_with)):
+                self._refuse_other_tensors()
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
-            trained = [p for p in self.adapter_parameters().values() if p.requires_grad]
+            trained = [p for p in tensors if p.requires_grad]
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
@@ -534,6 +547,22 @@ class AdaptedLinear(nn.Module):
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
+
+    def _refuse_other_tensors(self) -> None:
+        """Raise for a merged pass whose adapter tensors are not those merged: its weight holds the ΔW of the ones
+        that were, so the tensors given would be silently ignored."""
+        names = ", ".join(self.adapter_parameter_names)
+        raise RuntimeError(
+            f"{type(self).__name__} is merged: its weight holds the ΔW of the adapter tensors ({names}) it had when "
+            "merged, and this pass was given other tensor objects in their place (torch.func.functional_call, or a "
+            "parameter replaced since), which a merged weight would ignore. Call nv.unmerge(model) first: unmerged, "
+            "each pass computes the update from the tensors it is given")
+
+    def _replicate_for_data_parallel(self) -> AdaptedLinear:
+        # DataParallel's replica gets broadcast copies of the merged tensors after this: nothing to compare them to
+        replica = super()._replicate_for_data_parallel()
+        replica._merged_tensors = None
+        return replica
 
     def _refuse_replaced_activation(self) -> None:
         """Raise for an ``mlp.act`` replaced after ``take_activation``: this layer would apply the activation it took
@@ -807,6 +836,7 @@ class AdaptedLinear(nn.Module):
         module = super()._apply(fn, recurse)
         if any(parameter.is_meta for parameter in self.adapter_parameters().values()):
             self.values_unset = True
+        self._hold_merged_tensors()  # where the conversion made new parameter objects, those are the merged ones
         return module
 
     def identity(self) -> Dict[str, Any]:
