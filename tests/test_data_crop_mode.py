@@ -47,6 +47,16 @@ def test_eval_transform_equals_timms_for_each_crop_mode(crop_mode, crop_pct, int
         assert torch.equal(ours(img), theirs(img)), (crop_mode, img.size)
 
 
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("height, width", [(3, 2000), (2000, 3), (1, 1), (1, 500)])
+def test_images_of_extreme_aspect_come_out_at_the_model_size_in_each_crop_mode(crop_mode, height, width):
+    """'border' (timm's ResizeKeepRatio) rounded the short side of a 2000x3 image to 0 px, and PIL refused it
+    ("height and width must be > 0", an error naming no file, after training had finished)."""
+    _, ours = build_transforms("none", "model", DataConfig(48, crop_pct=0.875, crop_mode=crop_mode))
+    image = Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy())
+    assert ours(image).shape == (3, 48, 48)
+
+
 def test_a_squash_backbone_is_preprocessed_as_timm_preprocesses_it():
     timm_cfg = timm_resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(SQUASH_TAG).to_dict())
     train, ours = build_transforms("none", "model", resolve_data_config(SQUASH_TAG))

@@ -145,7 +145,6 @@ def paper_train_transform(size: int, mean: tuple[float, ...], std: tuple[float, 
     ])
 
 
-
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
                    interpolation: str = "bilinear", crop_mode: CropMode = "center") -> T.Compose:
     """timm's eval geometry at ``scale = floor(size / crop_pct)``, then ``size`` x ``size`` (0.875: 256 -> 224).
@@ -185,11 +184,30 @@ def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation
     if crop_mode == "squash":
         return [T.Resize((scale, scale), interpolation=mode), T.CenterCrop(size)]
     if crop_mode == "border":
-        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+        from timm.data.transforms import CenterCropOrPad
 
-        return [ResizeKeepRatio((scale, scale), interpolation=interpolation, longest=1.0),
-                CenterCropOrPad(size, fill=[round(255 * v) for v in mean])]
+        return [_FitLongSide(scale, interpolation), CenterCropOrPad(size, fill=[round(255 * v) for v in mean])]
     raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {crop_mode!r}")
+
+
+class _FitLongSide:
+    """Resize so that the long side is ``scale``, keeping the aspect ratio (timm's ``ResizeKeepRatio`` with
+    ``longest=1``), with at least one pixel on the short side: timm rounds it to 0 past an aspect of about 2·scale:1
+    (an image of 2000×3 px), which PIL refuses."""
+
+    def __init__(self, scale: int, interpolation: str = "bilinear") -> None:
+        check_choice(interpolation, "_FitLongSide: interpolation", sorted(_INTERPOLATION))
+        self.scale, self.interpolation = check_int(scale, "_FitLongSide: scale", at_least=1), interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        from timm.data.transforms import ResizeKeepRatio
+
+        size = ResizeKeepRatio.get_params(image, (self.scale, self.scale), longest=1.0)
+        return T.functional.resize(image, [max(1, side) for side in size],
+                                   interpolation=_INTERPOLATION[self.interpolation])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale}, interpolation={self.interpolation})"
 
 
 def evaluation_settings(augment: Augment = "paper", normalize: Normalize = "model",
