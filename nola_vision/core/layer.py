@@ -30,7 +30,8 @@ from .functions import (
 from .quantize import fake_quantize
 from .warn import warn_user
 
-__all__ = ["MERGED_FLAG", "AdaptedLinear", "Slice", "adapted_layers", "as_factors", "full_precision", "has_hooks"]
+__all__ = ["IDENTITY_KEY", "MERGED_FLAG", "STATE_ATTRIBUTE", "AdaptedLinear", "Slice", "adapted_layers", "as_factors",
+           "full_precision", "has_hooks", "is_injected"]
 
 Slice = Tuple[int, int]
 # A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)

@@ -106,6 +106,7 @@ def pack4(codes: Tensor) -> Tensor:
 
 
 def unpack4(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` 4-bit codes of ``pack4``'s bytes (low nibble first)."""
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()
     return codes[:numel]
 

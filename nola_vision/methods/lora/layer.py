@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +31,13 @@ class LoRALinear(AdaptedLinear):
         bound = 1 / math.sqrt(self.in_features)
         a = portable_uniform(config.seed, f"{name}/lora_A", num_slices * rank * self.in_features, bound)
         a = a.view(num_slices, rank, self.in_features).transpose(1, 2).contiguous()
-        assert a.shape == shapes["lora_A"]
         self.lora_A = nn.Parameter(a.to(base.weight.device))
         # float32 whatever torch's default dtype, as lora_A (inject gives a float64 layer's float64)
         self.lora_B = nn.Parameter(torch.zeros(shapes["lora_B"], dtype=torch.float32, device=base.weight.device))
 
     @classmethod
-    def parameter_shapes(cls, config: LoRAConfig, in_features: int, width: int, num_slices: int) -> dict:
+    def parameter_shapes(cls, config: LoRAConfig, in_features: int, width: int, num_slices: int
+                         ) -> Dict[str, Tuple[int, ...]]:
         return {"lora_A": (num_slices, in_features, config.rank), "lora_B": (num_slices, config.rank, width)}
 
     def factors(self) -> Tuple[Tensor, Tensor]:

@@ -45,7 +45,8 @@ class NOLALinear(AdaptedLinear):
                                                  device=base.weight.device))
 
     @classmethod
-    def parameter_shapes(cls, config: NOLAConfig, in_features: int, width: int, num_slices: int) -> dict:
+    def parameter_shapes(cls, config: NOLAConfig, in_features: int, width: int, num_slices: int
+                         ) -> Dict[str, Tuple[int, ...]]:
         return {"nola_alpha": (num_slices, config.num_basis_a), "nola_beta": (num_slices, config.num_basis_b)}
 
     @staticmethod
