@@ -86,6 +86,13 @@ def test_a_layer_built_on_slices_outside_or_across_its_outputs_is_refused(slices
     json.dumps(slices)  # plain values: the message shows them as given
 
 
+@pytest.mark.parametrize("layer, config", [(nv.LoRALinear, nv.NOLAConfig(rank=2)), (nv.NOLALinear, nv.LoRAConfig())])
+def test_a_layer_is_built_from_its_own_methods_config(layer, config):
+    # a NOLAConfig built a LoRA layer of its rank; a LoRAConfig, an AttributeError on num_basis_a
+    with pytest.raises(TypeError, match=rf"{layer.__name__} is built from a {layer.__name__[:-6]}Config, got a "):
+        layer(torch.nn.Linear(8, 6), config, "x")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(indices=[-1]), r"FewShotSubset index must be an integer >= 0"),  # served the last image
     (dict(indices=[10**9]), r"must select the dataset's \d+ images"),

@@ -404,6 +404,14 @@ class AdaptedLinear(nn.Module):
         self._merged_tensors = tuple(self.adapter_parameters().values()) if self._merged else ()
 
     @classmethod
+    def require_config(cls, config: Any, expected: type) -> None:
+        """Raise a TypeError unless ``config`` is an ``expected`` (this layer's config class): another method's config
+        holds settings this layer would read as its own (a NOLAConfig's rank built a LoRA layer)."""
+        if not isinstance(config, expected):
+            raise TypeError(f"{cls.__name__} is built from a {expected.__name__}, got a {type(config).__name__}: "
+                            "nv.inject(model, config) builds the layer of each config's method")
+
+    @classmethod
     def parameter_shapes(
         cls, config: Any, in_features: int, width: int, num_slices: int
     ) -> Dict[str, Tuple[int, ...]]:

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ...core.basis import portable_uniform
 from ...core.layer import AdaptedLinear, Slice
-
-if TYPE_CHECKING:
-    from .config import LoRAConfig
+from .config import LoRAConfig
 
 __all__ = ["LoRALinear"]
 
@@ -24,6 +22,7 @@ class LoRALinear(AdaptedLinear):
     def __init__(
         self, base: nn.Linear, config: LoRAConfig, name: str, slices: Optional[Sequence[Slice]] = None
     ) -> None:
+        self.require_config(config, LoRAConfig)
         super().__init__(base, slices, config.rank, config.scaling)
         num_slices, rank = len(self.slices), config.rank
         shapes = self.parameter_shapes(config, self.in_features, self.width, num_slices)

@@ -1,16 +1,14 @@
 """NOLA's layer: the factors are combinations of frozen random bases, A = Σ αᵢAᵢ and B = Σ βⱼBⱼ."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ...core.basis import BasisBank, BasisSpec, basis_streams, combine_bases
 from ...core.layer import AdaptedLinear, Slice, as_factors, full_precision
-
-if TYPE_CHECKING:
-    from .config import NOLAConfig
+from .config import NOLAConfig
 
 __all__ = ["NOLALinear"]
 
@@ -31,6 +29,7 @@ class NOLALinear(AdaptedLinear):
         slices: Optional[Sequence[Slice]] = None,
         bank: Optional[BasisBank] = None,
     ) -> None:
+        self.require_config(config, NOLAConfig)
         super().__init__(base, slices, config.rank, config.scaling)
         k, l = config.num_basis_a, config.num_basis_b  # noqa: E741 (the paper's k and l)
         self.basis = config.basis
