@@ -3,6 +3,7 @@ norm put between an activation and the fc2 that took it over, and seeds beyond t
 import warnings
 
 import pytest
+import timm
 import torch
 from tiny_models import as_if_trained, tiny_vit
 from torch import nn
@@ -146,3 +147,25 @@ def test_the_adapter_size_bound_counts_every_layers_trained_tensors(monkeypatch)
     nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["mlp.fc1", "mlp.fc2"]))
     with pytest.raises(ValueError, match=r"would train 384,000 adapter values .* lower LoRAConfig\.rank=300$"):
         nv.inject(tiny_vit(), nv.LoRAConfig(rank=300, targets=["mlp.fc1", "mlp.fc2"]))  # 300·(64+256) on 4 layers
+
+
+@pytest.mark.parametrize("config, message", [
+    # a 57 GiB shared bank on ViT-B: accepted, then killed for memory (or a MemoryError deep in numpy) at the first pass
+    (nv.NOLAConfig(rank=4, num_basis_a=10**6, num_basis_b=10**6),
+     r"would generate 1,000,000 random bases of shape \(3072, 4\) for A/3072x4 .*22\.9 GiB of int16 codes.* lower "
+     r"NOLAConfig\.num_basis_a=1000000 or NOLAConfig\.num_basis_b=1000000"),
+    # NOLA trains k + l values whatever the rank: a huge rank failed in torch's allocator at the first pass
+    (nv.NOLAConfig(rank=10**6, num_basis_a=4, num_basis_b=4), r"lower NOLAConfig\.rank=1000000"),
+])
+def test_random_bases_too_large_to_generate_are_refused_at_plan_time(config, message):
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    with pytest.raises(ValueError, match=message):
+        nv.plan_injection(model, config)
+    nv.plan_injection(model, nv.NOLAConfig(rank=4, num_basis_a=4096, num_basis_b=4096))  # the paper's largest: fine
+
+
+def test_a_nola_rank_above_the_layer_warns_of_what_it_costs_nola():
+    with pytest.warns(UserWarning, match=r"rank=100 is above min\(in, out\)=64: .* only makes each random basis "
+                                         r"larger \(memory and compute; the k \+ l trained values stay as they are\)"):
+        nv.inject(tiny_vit(), nv.NOLAConfig(rank=100, num_basis_a=8, num_basis_b=8))

@@ -229,11 +229,14 @@ def _require_not_shared(model: nn.Module, names: List[str]) -> None:
 # state, over 30 times a rank-64 LoRA on every linear layer of ViT-g (6·10**7). A size beyond it is a slip (k=10**9),
 # which would otherwise get the process killed for memory while inject allocates it.
 MAX_ADAPTER_VALUES = 2**31
+# The most int16 codes one set of random bases may have (4 GiB): a pass generates a set whole, so a slip in a basis
+# count or rank (num_basis_a=10**6 on ViT-B is a 57 GiB bank) ended in an out-of-memory kill at the first pass.
+MAX_BASIS_CODES = 2**31
 
 
 def _require_allocatable(config: AdapterConfig, layers: Dict[str, LayerPlan]) -> None:
-    """Refuse a config whose trained adapter tensors would hold more than ``MAX_ADAPTER_VALUES`` values, before any
-    is allocated."""
+    """Refuse a config whose trained adapter tensors would hold more than ``MAX_ADAPTER_VALUES`` values, or one of
+    whose sets of random bases more than ``MAX_BASIS_CODES`` codes, before any is allocated."""
     sizes = {(name, param): math.prod(shape) for name, layer in layers.items()
              for param, shape in layer.tensor_shapes.items()}
     total = sum(sizes.values())
@@ -246,6 +249,23 @@ def _require_allocatable(config: AdapterConfig, layers: Dict[str, LayerPlan]) ->
         raise ValueError(f"{config.describe()} would train {total:,} adapter values ({total * 4 / 2**30:,.0f} GiB as "
                          f"float32; {param} of {name} alone has shape {shape}), more than the {MAX_ADAPTER_VALUES:,} "
                          f"inject allocates: lower {' or '.join(fields) or 'the config field that sets its shape'}")
+    _require_allocatable_bases(config, layers)
+
+
+def _require_allocatable_bases(config: AdapterConfig, layers: Dict[str, LayerPlan]) -> None:
+    specs = sorted({spec for layer in layers.values() for spec in layer.basis_specs}, key=lambda spec: spec.stream)
+    if not specs:
+        return
+    largest = max(specs, key=lambda spec: spec.numel * spec.count)  # the first of equals: the message is stable
+    codes = largest.numel * largest.count
+    if codes > MAX_BASIS_CODES:
+        sizes = {key: value for key, value in config.to_dict().items()
+                 if type(value) is int and value > 1 and value in (largest.count, *largest.shape)}
+        fields = [f"{type(config).__name__}.{key}={sizes[key]}" for key in sorted(sizes, key=sizes.get, reverse=True)]
+        raise ValueError(f"{config.describe()} would generate {largest.count:,} random bases of shape "
+                         f"{largest.shape} for {largest.stream} ({codes * 2 / 2**30:,.1f} GiB of int16 codes, made "
+                         f"whole for a pass), more than the {MAX_BASIS_CODES:,} codes inject allows for one set: "
+                         f"lower {' or '.join(fields) or 'the number of bases or the rank'}")
 
 
 def _warn_pointless_sizes(plan: InjectionPlan) -> None:

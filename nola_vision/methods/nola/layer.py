@@ -58,6 +58,17 @@ class NOLALinear(AdaptedLinear):
         return specs_a, specs_b
 
     @classmethod
+    def pointless_sizes(cls, config: NOLAConfig, in_features: int, width: int) -> List[str]:
+        """A rank above min(in, out), which ΔW = A·B cannot reach: NOLA trains k + l values whatever the rank, so a
+        larger one only adds basis memory and compute."""
+        most = min(in_features, width)
+        if config.rank > most:
+            return [f"rank={config.rank} is above min(in, out)={most}: ΔW = A·B has rank at most {most}, so a larger "
+                    f"rank only makes each random basis larger (memory and compute; the k + l trained values stay "
+                    f"as they are); use rank <= {most}"]
+        return []
+
+    @classmethod
     def plan_basis_specs(cls, config: NOLAConfig, name: str, in_features: int, width: int,
                          slices: Sequence[Slice]) -> Tuple[BasisSpec, ...]:
         specs_a, specs_b = cls._specs(config, name, in_features, width, slices)
