@@ -350,3 +350,19 @@ def test_a_backbone_whose_head_pools_the_features_itself_is_refused_naming_what_
     for name in ("vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256"):  # pooled before a Linear head: served
         nv.MultiTaskModel(timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1,
                                             num_heads=2, num_classes=3))
+
+
+def test_the_bases_held_are_those_of_the_tasks_combined_last_not_of_every_task_served(tmp_path, images):
+    """Tasks of other seeds (or basis counts) each kept their bases held until remove_task, outside cache_mb: 50
+    seeds served once held 50 banks (60 MiB each on ViT-B)."""
+    model = nv.MultiTaskModel(tiny_vit(num_classes=3), cache_mb=0)
+    held = []
+    for seed in range(4):
+        config = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=8, seed=seed)
+        nv.save_adapter(trained(config, 3, seed), tmp_path / f"t{seed}")
+        model.add_task(f"t{seed}", tmp_path / f"t{seed}")
+        with torch.no_grad():
+            torch.testing.assert_close(torch.stack(model(images, f"t{seed}")),
+                                       merged_logits(tmp_path / f"t{seed}", 3, images), rtol=1e-4, atol=1e-5)
+        held.append(model.memory_bytes()["bases"])
+    assert held[0] > 0 and held == [held[0]] * 4

@@ -15,7 +15,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -310,6 +310,11 @@ class BasisBank:
     def release(self) -> None:
         """Drop every held code (they are generated again where a pass needs them)."""
         self._codes.clear()
+
+    def retain(self, specs: Iterable[BasisSpec]) -> None:
+        """Drop the codes held for any basis other than ``specs``."""
+        keep = set(specs)
+        self._codes = {spec: codes for spec, codes in self._codes.items() if spec in keep}
 
     def release_elsewhere(self, device: torch.device) -> None:
         """Drop the codes held on devices other than ``device``: a model moved off a device leaves none there."""

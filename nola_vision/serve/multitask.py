@@ -256,8 +256,7 @@ class MultiTaskModel(nn.Module):
                     "bases": sum(bank.nbytes() for bank in self._banks())}
 
     def _banks(self) -> List[BasisBank]:
-        return [value for context in self._contexts.values() for value in context.values()
-                if isinstance(value, BasisBank)]
+        return [bank for context in self._contexts.values() for bank in _context_banks(context)]
 
     @torch.no_grad()
     def forward(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[Tensor]:
@@ -485,6 +484,12 @@ class MultiTaskModel(nn.Module):
             heads[name] = {key[len(prefix):]: values[key] for key in task.plan.head_names}
         shared = [layer for _, _, layer in layers if layer.shared_coefficients()]
         combined = {id(layer): pair for layer, (pair, _) in zip(shared, shared_delta_factors(shared))}
+        # a method's bases are held for its tasks combined last (tasks of one config share them), no others: every
+        # seed or basis count served once stayed held, outside cache_mb
+        for layer_cls in {type(layer) for _, _, layer in layers}:
+            used = [spec for _, _, layer in layers if type(layer) is layer_cls for spec in layer.basis_specs()]
+            for bank in _context_banks(self._contexts[layer_cls]):
+                bank.retain(used)
         factors: Dict[str, Dict[str, Tuple[Tensor, Tensor]]] = {name: {} for name in names}
         for name, layer_name, layer in layers:
             a, b = combined[id(layer)] if id(layer) in combined else layer.delta_factors()
@@ -493,6 +498,11 @@ class MultiTaskModel(nn.Module):
             _require_representable(name, factors[name], heads[name], placement[1])
             heads[name] = {key: value.to(*placement) for key, value in heads[name].items()}
         return {name: _Factors(factors[name], heads[name], placement) for name in names}
+
+
+def _context_banks(context: dict) -> List[BasisBank]:
+    """The basis banks among a method's injection context (``injection_context``)."""
+    return [value for value in context.values() if isinstance(value, BasisBank)]
 
 
 def _require_representable(task: str, factors: Dict[str, Tuple[Tensor, Tensor]], head: Dict[str, Tensor],
