@@ -68,9 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CONFIG_ERRORS + RUN_ERRORS + (OSError,) as err:  # OSError: a read or write failed (a full disk, a limit)
         if os.environ.get("NOLA_VISION_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
-        print(f"nola-vision: error: {error_message(err)}\n(set NOLA_VISION_TRACEBACK=1 to see the traceback)",
-              file=sys.stderr)
-        if isinstance(err, CONFIG_ERRORS):
+        message, kept = error_message(err), _kept(err)
+        print(f"nola-vision: error: {message.rstrip('.') + kept if kept else message}\n(set NOLA_VISION_TRACEBACK=1 "
+              "to see the traceback)", file=sys.stderr)
+        if isinstance(err, CONFIG_ERRORS) and not getattr(err, "run_started", False):  # else the run failed
             return CONFIG_EXIT
         return DIVERGED_EXIT if isinstance(err, NonFiniteLossError) else 1
     finally:
@@ -86,7 +87,8 @@ def _kept(stop: BaseException) -> str:
         checkpoint = finished["checkpoint"]
         return (f". Training had finished and was kept: adapter {finished['adapter']}, checkpoint "
                 f"{checkpoint or '(none)'}" + (f". Get its metrics with: nola-vision test -c <this config> "
-                                              f"--ckpt_path {checkpoint}" if checkpoint else ""))
+                                              f"--ckpt_path {checkpoint}" if checkpoint else "")
+                + (f".{finished['note']}" if finished.get("note") else ""))
     kept = getattr(stop, "kept_checkpoint", None)
     return f". The weights of its last saved epoch are kept: resume with --ckpt_path {kept}" if kept else ""
 

@@ -195,7 +195,7 @@ def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, run_cli, sp
     assert message.startswith("nola-vision: error: cannot decode image") and str(bad) in message
     assert "Replace it with a valid image" in message and ".." not in message
     if split == "test":  # found after training, which is kept
-        assert "Training finished and was kept" in message
+        assert "Training had finished and was kept" in message
 
 
 def test_fit_ckpt_path_last_resumes_the_previous_run(tmp_path):

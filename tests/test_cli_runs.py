@@ -297,3 +297,99 @@ def test_a_test_after_fit_that_is_interrupted_moves_aside_the_result_of_the_adap
             f"metrics with: nola-vision test -c <this config> --ckpt_path {checkpoint}") in " ".join(err.split())
     # the adapter is the second run's: the first run's result no longer sits beside it as if it described it
     assert not (tmp_path / "result.json").exists() and (tmp_path / "result.json.previous").is_file()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, capsys, monkeypatch, stop):
+    """Stopped (Ctrl-C, a full disk) while exporting the adapter, a fully trained run could never be finished from the
+    CLI: the resume the message advised was refused as training nothing, and a new fit as overwriting the run."""
+    from nola_vision.train import module
+
+    export = module.save_adapter
+
+    def stopped(*args, **kwargs):
+        raise stop("No space left on device") if stop is OSError else stop()
+
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2, "--result_file",
+           tmp_path / "result.json"]
+    monkeypatch.setattr(module, "save_adapter", stopped)
+    code, err = run(capsys, *fit)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert code == (130 if stop is KeyboardInterrupt else 1) and f"resume with --ckpt_path {last}" in err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "result.json").exists()
+    monkeypatch.setattr(module, "save_adapter", export)
+    code, err = run(capsys, *fit, "--ckpt_path", "last")
+    assert code == 0, err
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["epochs"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # finished now: a resume that would train nothing is refused again
+    code, err = run(capsys, *fit, "--ckpt_path", "last")
+    assert code == 2 and "resuming would train nothing" in err
+
+
+class FailInSecondEpoch(lightning.pytorch.Callback):
+    """Raises a ValueError as the second epoch starts: a failure of the run, after its first epoch was kept."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise ValueError("the data went away")
+
+
+def test_an_error_raised_mid_run_is_the_runs_failure_and_names_the_checkpoint_kept(tmp_path, capsys):
+    """A ValueError after training started exited 2, a refusal of the configuration (protocol and tune then abandoned
+    the rest of their grid as refused alike), and named no checkpoint to resume from."""
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+                    "--trainer.callbacks+=test_cli_runs.FailInSecondEpoch")
+    assert code == 1 and "the data went away" in err
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"The weights of its last saved epoch are kept: resume with --ckpt_path {last}" in " ".join(err.split())
+    # refused before any batch: still a refusal
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", "--data.dataset", "imagefolder",
+                    "--data.root", tmp_path / "missing")
+    assert code == 2 and "Traceback" not in err
+
+
+def test_a_fit_stopped_in_its_first_last_ckpt_save_names_the_checkpoint_that_exists(tmp_path, capsys, monkeypatch):
+    # Lightning names last.ckpt before writing it: the message named a file that was never written
+    save = lightning.pytorch.Trainer.save_checkpoint
+
+    def interrupted_at_last(self, filepath, *args, **kwargs):
+        if Path(filepath).name == "last.ckpt":
+            raise KeyboardInterrupt
+        return save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "save_checkpoint", interrupted_at_last)
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2)
+    kept = next((tmp_path / "checkpoints").glob("epoch=0-*.ckpt"))
+    assert code == 130 and f"resume with --ckpt_path {kept}" in " ".join(err.split()) and "last.ckpt" not in err
+
+
+def test_a_fit_into_a_folder_holding_a_runs_checkpoints_without_its_config_is_refused(tmp_path, capsys):
+    """A run whose folder was deleted mid-run wrote its checkpoints and adapter into it again, but no config.yaml: a
+    second fit there was accepted, and the folder mixed the two runs' checkpoints, config and adapter."""
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+    (tmp_path / "config.yaml").unlink()
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1, "--model.lr", 0.05)
+    assert code == 2 and "its config.yaml is gone" in err and "--ckpt_path last" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept
+
+
+class InterruptAtStep5(lightning.pytorch.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 5:
+            raise KeyboardInterrupt
+
+
+def test_a_fit_stopped_after_a_save_inside_an_epoch_names_no_checkpoint_a_resume_refuses(tmp_path, capsys):
+    """With validation inside an epoch, last.ckpt was saved mid-epoch: the Ctrl-C message named it as 'the weights of
+    its last saved epoch', and the resume it advised was refused as skipping the rest of that epoch."""
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 4, "--data.val_shots", 2,
+           "--trainer.val_check_interval", 2]
+    code, err = run(capsys, *fit, "--trainer.callbacks+=test_cli_runs.InterruptAtStep5")
+    assert code == 130
+    named = " ".join(err.split()).partition("resume with --ckpt_path ")[2].split(" ")[0]
+    if named:  # only a checkpoint saved at an epoch's end, which a resume takes
+        assert run(capsys, *fit, "--ckpt_path", named)[0] == 0
+    else:
+        assert "kept" not in err

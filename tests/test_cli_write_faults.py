@@ -50,7 +50,7 @@ def file_size_limit(kib):
 # ---- a write that fails mid-run -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kib, options, message", [
-    (40, [], "[Errno 27] File too large (a file would exceed the file size limit"),  # a ~47 KB checkpoint, in fsspec
+    (40, [], "epoch=0-step=3.ckpt: a file would exceed the file size limit"),  # a ~47 KB checkpoint, whole or none
     (3, ["--trainer.enable_checkpointing", "false"], "cannot save to"),  # the ~3.2 KB adapter: save_adapter's own
 ], ids=["checkpoint", "adapter"])
 def test_a_file_size_limit_mid_fit_is_one_error_line(tmp_path, capsys, kib, options, message):
@@ -214,3 +214,42 @@ def test_a_killed_protocols_fit_keeps_its_claim(tmp_path):
         time.sleep(0.1)
     assert claim is not None
     os.close(claim)
+
+
+def test_a_checkpoint_is_staged_beside_its_final_name_and_a_failed_write_keeps_the_previous_one(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """Lightning stages a checkpoint in the system's temporary folder and moves it: with the run on another file
+    system the move is a copy onto the final name, and a full disk or a kill during it cut last.ckpt short, over the
+    previous one (whose resume then failed)."""
+    assert run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--test_after_fit",
+               "false")[0] == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    renamed, replace = [], os.replace
+
+    def spied(source, destination, *args, **kwargs):
+        renamed.append((Path(source), Path(destination)))
+        return replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spied)
+    assert run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+               "--ckpt_path", "last", "--test_after_fit", "false")[0] == 0
+    assert any(final == last for _, final in renamed)
+    assert all(staged.parent == final.parent for staged, final in renamed if final.suffix == ".ckpt")
+    before = last.read_bytes()
+    with file_size_limit(len(before) // 1024 - 4):  # the next checkpoint stops halfway
+        code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path,
+                        "--trainer.max_epochs", 3, "--ckpt_path", "last", "--test_after_fit", "false")
+    assert code == 1 and "File too large" in err and "Traceback" not in err
+    assert last.read_bytes() == before and all(p.suffix == ".ckpt" for p in last.parent.iterdir())  # no temporary
+
+
+def test_a_checkpoint_cut_short_is_refused_naming_the_newest_whole_one_beside_it(tmp_path, capsys):
+    assert run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--test_after_fit",
+               "false")[0] == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # an earlier copy onto the final name, stopped halfway
+    whole = next(last.parent.glob("epoch=*.ckpt"))
+    code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--ckpt_path", "last",
+                    "--trainer.max_epochs", 2)
+    assert code == 2 and f"the newest whole one beside it: --ckpt_path {whole}" in " ".join(err.split())

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import unicodedata
 from functools import partial
@@ -285,9 +286,12 @@ def _refuse_row_name_alike(out: Path, name: str) -> None:
 
 
 def retire_unfinished_run(run_dir: Path) -> None:
-    """Before a run folder's fit is redone: drop the ``config.yaml`` that a logger-less fit which died there wrote
-    at its root, which would otherwise make the retry refuse the folder as another run's."""
+    """Before a run folder's fit is redone from its start: drop what a logger-less fit which died there wrote at its
+    root (its ``config.yaml``, checkpoints and exported adapter, of a run that recorded no result), which would
+    otherwise make the retry refuse the folder as another run's, or mix the two runs' checkpoints."""
     (run_dir / "config.yaml").unlink(missing_ok=True)
+    for folder in ("checkpoints", "adapter"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
 def claim_run(run_dir: Path) -> Optional[int]:

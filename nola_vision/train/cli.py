@@ -27,12 +27,13 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from ..adapters.files import require_adapter_directory
+from ..adapters.files import WEIGHTS_NAME, require_adapter_directory
 from ..core.config import resolve_adapter
 from ..core.inject import quantization_aware_bits
 from ..core.registry import METHODS
@@ -50,14 +51,17 @@ from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
+from .checkpoint_io import LocalAtomicCheckpointIO
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
+    batches_into_epoch,
     changed_hparams,
     check_classifier_arguments,
     check_training_data,
     check_training_length,
     require_training_left,
+    training_finished,
 )
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
@@ -188,11 +192,13 @@ class RunConfigSaver(SaveConfigCallback):
         own = (path.parent / "checkpoints").resolve()
         resumes_it = checkpoint is not None and (str(checkpoint) in ("last", "best", "hpc", "registry")
                                                  or Path(checkpoint).resolve().parent == own)
-        if exists and kept and stage == "fit" and not resumes_it:
+        if kept and stage == "fit" and not resumes_it:  # its config.yaml gone too (deleted with its folder mid-run)
             given = f" (--ckpt_path {checkpoint} belongs to another folder)" if checkpoint is not None else ""
             resume = _how_to_resume([path.parent / "checkpoints"])
+            held = f"{path.name}, its checkpoints and exported adapter" if exists else \
+                f"its checkpoints or exported adapter; its {path.name} is gone"
             raise ValueError(
-                f"{path.parent} already holds another run ({path.name}, its checkpoints and exported adapter), which "
+                f"{path.parent} already holds another run ({held}), which "
                 f"this fit would overwrite{given}: a run without a logger writes straight into "
                 "--trainer.default_root_dir. Choose another --trainer.default_root_dir, keep the logger (each run then "
                 f"gets its own version_N folder), or resume that run with {resume}")
@@ -305,6 +311,19 @@ class FinalWeights(Callback):
         self.validated_step: Optional[int] = None
         self.kept: Optional[str] = None
         self._resumed_states: Dict[str, Any] = {}
+        self._passes_started = False  # a batch was taken: a later error is the run's, not its configuration's
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._passes_started = True
+
+    def on_validation_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._passes_started = self._passes_started or not trainer.sanity_checking
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._passes_started = True
+
+    def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._passes_started = True
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
         self._resumed_states = checkpoint.get("callbacks") or {}
@@ -321,13 +340,12 @@ class FinalWeights(Callback):
         self._resumed_states = {}
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # what the console script says of it (``cli.main``): a run's failure (exit 1), not a refusal (exit 2)
+        _note(exception, "run_started", self._passes_started)
         if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not trainer.global_step:
             return
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):  # the console script names it (``cli.main``)
-            exception.kept_checkpoint = next((callback.last_model_path for callback in trainer.checkpoint_callbacks
-                                              if getattr(callback, "last_model_path", "")), None)
-            return
-        if monitoring_callback(exception) is None:
+        if monitoring_callback(exception) is None:  # the console script names the checkpoint to resume from
+            _note(exception, "kept_checkpoint", kept_checkpoint(trainer))
             return
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last:
@@ -364,6 +382,42 @@ class FinalWeights(Callback):
         saved_step = callback._last_global_step_saved
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
         callback._last_global_step_saved = saved_step
+
+
+def _note(exception: BaseException, name: str, value: Any) -> None:
+    """Set ``exception.<name>`` where the exception takes attributes (one with ``__slots__`` does not)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exception, name, value)
+
+
+def kept_checkpoint(trainer: Trainer) -> Optional[str]:
+    """The checkpoint a stopped fit resumes from: its checkpoint callbacks' ``last.ckpt`` where that file exists
+    (Lightning names it before writing it: stopped during its first save, there is none), else their newest
+    checkpoint, of those saved at an epoch's end (a resume from one saved inside an epoch is refused); None when they
+    kept none."""
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    last = [Path(c.last_model_path) for c in callbacks if c.last_model_path]
+    others = sorted((path for callback in callbacks if callback.dirpath and os.path.isdir(callback.dirpath)
+                     for path in Path(callback.dirpath).glob("*.ckpt")), key=_modified, reverse=True)
+    for path in [*last, *others]:
+        if path.is_file() and _resumable(path):
+            return str(path)
+    return None
+
+
+def _modified(path: Path) -> float:
+    with contextlib.suppress(OSError):
+        return path.stat().st_mtime
+    return 0.0
+
+
+def _resumable(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint saved at an epoch's end (``batches_into_epoch``)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
+        return False
+    return isinstance(saved, dict) and not batches_into_epoch(saved)
 
 
 def _take_up_best(callback: ModelCheckpoint, state: Dict[str, Any]) -> None:
@@ -685,7 +739,11 @@ class NolaCLI(LightningCLI):
             saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
             check_training_data(saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None,
                                 self.datamodule.hparams)
-            if isinstance(saved, dict):
+            if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
+                self.model.finishes_run = True  # stopped during its export: this fit exports and tests it
+                rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run exported no adapter (it was "
+                               "stopped during the export): this fit trains nothing, exports it and tests it")
+            elif isinstance(saved, dict):
                 require_training_left(saved, self.trainer)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
                     if str(getattr(c, "monitor", None) or "").startswith("val/")]
@@ -696,16 +754,25 @@ class NolaCLI(LightningCLI):
             self._check_test_images("training (the test after fit reads every test image)")
         claim_log_dir(self.trainer)
 
+    def _export_missing(self, checkpoint: str) -> bool:
+        """Whether the run of ``checkpoint`` holds no exported adapter: none in ``--model.adapter_dir``, or beside
+        the run's ``checkpoints`` folder where none was given."""
+        given = self.config[self.subcommand].model.get("adapter_dir")
+        folder = Path(given) if given is not None else Path(checkpoint).resolve().parent.parent / "adapter"
+        return not (folder / WEIGHTS_NAME).is_file()
+
     def after_fit(self) -> None:
         try:
             self._after_training()
         except BaseException as stop:  # Lightning exits 1 on Ctrl-C, with the interrupt as the exit's context
             stops = (KeyboardInterrupt, SIGTERMException)  # SIGTERMException is a SystemExit
             interrupt = stop if isinstance(stop, stops) else stop.__context__
-            if isinstance(interrupt, stops):  # the console script names it (cli.main)
-                interrupt.finished_fit = {"adapter": self.model.exported_adapter_dir or self.model.export_target,
-                                          "checkpoint": getattr(self.trainer.checkpoint_callback, "last_model_path",
-                                                                None) or None}
+            reported = interrupt if isinstance(interrupt, stops) else stop
+            if not isinstance(reported, OutputKeptError):  # the console script names what was kept (cli.main)
+                note = self.model.before_export.note if self.model.before_export is not None else ""
+                _note(reported, "finished_fit", {
+                    "adapter": self.model.exported_adapter_dir or self.model.export_target, "note": note,
+                    "checkpoint": kept_checkpoint(self.trainer)})
             raise
         finally:
             for saver in _config_savers(self.trainer):
@@ -722,16 +789,7 @@ class NolaCLI(LightningCLI):
             results = self.trainer.validate(self.model, datamodule=self.datamodule)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         if config.test_after_fit and not self.trainer.interrupted:
-            try:
-                results = self.trainer.test(self.model, datamodule=self.datamodule)
-            except CorruptImageError as error:
-                checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
-                adapter = self.model.exported_adapter_dir or self.model.export_target  # rank 0 exported it
-                raise CorruptImageError(
-                    f"{error_message(error).rstrip('.')}. Training finished and was kept: adapter "
-                    f"{adapter}, checkpoint {checkpoint or '(none)'}. Fix the image, then test "
-                    "it again with: nola-vision test -c <this config> --ckpt_path <that checkpoint>."
-                    f"{self.model.before_export.note if self.model.before_export is not None else ''}") from error
+            results = self.trainer.test(self.model, datamodule=self.datamodule)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if config.result_file and self.trainer.fast_dev_run:  # its metrics are those of a few batches
@@ -801,6 +859,8 @@ class NolaCLI(LightningCLI):
         """The trainer, keeping a ``last.ckpt`` of the latest epoch's weights by default (``FinalWeights``), so that
         ``fit --ckpt_path last`` resumes a run where it stopped and ``test`` on it reproduces fit's accuracy."""
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
+            trainer.strategy.checkpoint_io = LocalAtomicCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
             # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
             # end of any fit): its last-v1.ckpt would be the newest that --ckpt_path last finds in the run's folder
@@ -1491,8 +1551,11 @@ def check_checkpoint_file(path: Optional[str]) -> None:
         raise FileNotFoundError(f"--ckpt_path {path} is {'a directory' if file.is_dir() else 'missing'}: pass a "
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
     if not zipfile.is_zipfile(file):
+        whole = sorted((p for p in file.parent.glob("*.ckpt") if p != file and zipfile.is_zipfile(p)),
+                       key=lambda p: p.stat().st_mtime)
+        other = f" (the newest whole one beside it: --ckpt_path {whole[-1]})" if whole else ""
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
-                         "short (a full disk, an interrupted copy): pass another checkpoint of the run")
+                         f"short (a full disk, an interrupted copy): pass another checkpoint of the run{other}")
     try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
         loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:

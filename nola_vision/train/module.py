@@ -61,7 +61,9 @@ from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
-           "check_training_length", "check_training_settings", "require_training_left", "training_settings"]
+           "batches_into_epoch", "check_training_length", "check_training_settings", "require_training_left",
+           "training_finished",
+           "training_settings"]
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
@@ -296,6 +298,9 @@ class FewShotClassifier(L.LightningModule):
         self.before_export: Optional[Callable[[Path], None]] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
+        # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
+        # stopped during the export): its fit trains nothing, then exports and tests (``require_training_left``).
+        self.finishes_run = False
 
     def train(self, mode: bool = True) -> FewShotClassifier:
         """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
@@ -782,7 +787,8 @@ class FewShotClassifier(L.LightningModule):
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
-            require_training_left(checkpoint, self._trainer)
+            if not self.finishes_run:
+                require_training_left(checkpoint, self._trainer)
         self._check_backbone(info.get("backbone_fingerprint"), checkpoint["state_dict"])
         self._check_settings(info.get("settings"))
         # kept for the evaluation stages that follow, once the load is accepted
@@ -1190,14 +1196,23 @@ def _check_batch(images: Tensor, labels: Tensor, num_classes: int, stage: Any) -
                          "class count (FewShotDataModule's loaders are checked before a step)")
 
 
+def training_finished(checkpoint: Mapping[str, Any], trainer: Any) -> bool:
+    """Whether ``checkpoint`` has reached the trainer's ``max_epochs`` or ``max_steps``: resuming it trains nothing."""
+    return _limit_reached(trainer, *_checkpoint_progress(checkpoint)) is not None
+
+
+def _checkpoint_progress(checkpoint: Mapping[str, Any]) -> Tuple[int, int]:
+    """(steps, epochs) a checkpoint has trained, epochs counted as Lightning's loop counts them on a resume."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return checkpoint.get("global_step", 0), progress.get("processed", checkpoint.get("epoch", -1) + 1)
+
+
 def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
     """Refuse to resume from a checkpoint that has reached the trainer's ``max_epochs`` or ``max_steps`` already:
     Lightning would train nothing, and the fit would export the checkpoint's adapter again and record its result as a
-    new run's (a fresh fit set to train nothing is refused alike, ``check_training_length``). Epochs are counted as
-    Lightning's loop counts them on a resume."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    step = checkpoint.get("global_step", 0)
-    epochs = progress.get("processed", checkpoint.get("epoch", -1) + 1)
+    new run's (a fresh fit set to train nothing is refused alike, ``check_training_length``). The CLI lets through the
+    resume of a run stopped during its export (``FewShotClassifier.finishes_run``)."""
+    step, epochs = _checkpoint_progress(checkpoint)
     at = f"the checkpoint ends epoch {epochs - 1} at step {step} ({epochs} epochs trained)"
     reached = _limit_reached(trainer, step, epochs)
     if reached is not None:
@@ -1249,18 +1264,27 @@ def _require_training_left_on(trainer: Any) -> None:
                          f"again. Fit with a new Trainer, or raise its {name} above {done} to train on")
 
 
-def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
-    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, validation
-    inside an epoch saved it, or a callback saving every n steps): Lightning resumes at the next epoch, so the rest of
-    that epoch's batches would silently never train. A loader whose state the checkpoint holds (a stateful one)
-    continues inside the epoch, and is let through."""
+def batches_into_epoch(checkpoint: Mapping[str, Any]) -> int:
+    """How many batches into an epoch a checkpoint was saved, where a resume from it would skip the rest of that
+    epoch (0 at an epoch's end, or where the checkpoint holds its loader's state and continues inside the epoch)."""
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     progress = loops.get("epoch_loop.batch_progress", {})
     # processed, not completed: a checkpoint saved in on_train_batch_end (every_n_train_steps) records the batch as
     # processed only, and one saved after an epoch's first batch read as saved at its start
     current = progress.get("current", {})
     done = max(current.get("processed", 0), current.get("completed", 0))
-    if done and progress.get("is_last_batch") is False and not loops.get("state_dict", {}).get("combined_loader"):
+    if progress.get("is_last_batch") is False and not loops.get("state_dict", {}).get("combined_loader"):
+        return done
+    return 0
+
+
+def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
+    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, validation
+    inside an epoch saved it, or a callback saving every n steps): Lightning resumes at the next epoch, so the rest of
+    that epoch's batches would silently never train. A loader whose state the checkpoint holds (a stateful one)
+    continues inside the epoch, and is let through."""
+    done = batches_into_epoch(checkpoint)
+    if done:
         raise ValueError(f"the checkpoint was saved after step {checkpoint.get('global_step')}, {done} batches into "
                          f"epoch {checkpoint.get('epoch')} (trainer.max_steps stopped the run there, or it was "
                          "saved by validation inside an epoch, val_check_interval, or every n steps), and a resume "
