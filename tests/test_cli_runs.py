@@ -393,3 +393,11 @@ def test_a_fit_stopped_after_a_save_inside_an_epoch_names_no_checkpoint_a_resume
         assert run(capsys, *fit, "--ckpt_path", named)[0] == 0
     else:
         assert "kept" not in err
+
+
+def test_the_result_counts_the_epochs_trained_whole_and_the_steps(tmp_path, capsys):
+    # max_steps 4 at 3 steps an epoch recorded "epochs": 2 (Lightning counts the epoch it stopped inside as done)
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--result_file", tmp_path / "result.json"]
+    assert run(capsys, *fit, "--trainer.max_steps", 4)[0] == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["epochs"], result["steps"]) == (1, 4)

@@ -384,6 +384,13 @@ class FinalWeights(Callback):
         callback._last_global_step_saved = saved_step
 
 
+def _whole_epochs(trainer: Trainer) -> int:
+    """The epochs a fit trained whole: Lightning counts the epoch that ``max_steps`` stopped inside as done too."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    inside = batches.is_last_batch is False and batches.current.processed > 0
+    return trainer.current_epoch - int(inside)
+
+
 def _note(exception: BaseException, name: str, value: Any) -> None:
     """Set ``exception.<name>`` where the exception takes attributes (one with ``__slots__`` does not)."""
     with contextlib.suppress(AttributeError, TypeError):
@@ -819,7 +826,7 @@ class NolaCLI(LightningCLI):
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
-                "epochs": self.trainer.current_epoch,
+                "epochs": _whole_epochs(self.trainer), "steps": self.trainer.global_step,
                 "adapter_dir": _absolute(self.model.exported_adapter_dir),
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
