@@ -132,3 +132,19 @@ def test_an_adapter_close_to_the_merged_one_is_refused_naming_that_case(tmp_path
     nv.save_adapter(near, tmp_path / "near")
     with pytest.raises(nv.AdapterLoadError, match=rf"or one whose update is close to its own.*{MERGED}"):
         nv.load_adapter(model, tmp_path / "near")
+
+
+def test_an_adapter_trained_on_one_merge_is_refused_where_a_second_adapter_of_that_config_was_merged_too(tmp_path):
+    """The merge records were compared by membership: weights holding two merges of one config (base + X1 + X2)
+    passed for those holding one of them (base + X1), which an adapter trained on base + X1 was loaded onto."""
+    config, scale = CONFIGS["lora"]
+
+    def merged_onto(model, seed):
+        return nv.merge_and_unload(as_if_trained(nv.inject(model, config), seed, scale, adapters_only=True))
+
+    base_x1 = merged_onto(tiny_vit(), 1)
+    trained = as_if_trained(nv.inject(copy.deepcopy(base_x1), nv.NOLAConfig(**{**NOLA, "targets": ["attn.qkv"]})), 3)
+    nv.save_adapter(trained, tmp_path / "y")
+    with pytest.raises(nv.AdapterLoadError, match=r"hold 1 adapter\(s\) folded in by nv.merge_and_unload"):
+        nv.load_adapter(merged_onto(copy.deepcopy(base_x1), 2), tmp_path / "y")
+    nv.load_adapter(copy.deepcopy(base_x1), tmp_path / "y")

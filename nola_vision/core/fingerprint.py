@@ -40,7 +40,7 @@ __all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE"
            "differing_statistics", "frozen_fingerprint", "frozen_modules", "holds_update", "is_context",
            "is_positions", "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
            "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "tensors_sha256",
-           "unexpected_merges"]
+           "unexpected_merges", "unmatched_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
@@ -383,14 +383,25 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
 
 def unexpected_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
     """Adapters merged into the model's weights that were not merged into those ``expected`` was taken from."""
-    before = expected.get("merged", []) if expected else []
-    return [entry for entry in merged_adapters(model) if entry not in before]
+    return unmatched_merges(merged_adapters(model), expected.get("merged", []) if expected else [])
 
 
 def missing_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
     """Adapters merged into the weights ``expected`` was taken from that the model does not record as merged."""
-    now = merged_adapters(model)
-    return [entry for entry in (expected.get("merged", []) if expected else []) if entry not in now]
+    return unmatched_merges(expected.get("merged", []) if expected else [], merged_adapters(model))
+
+
+def unmatched_merges(entries: Sequence[dict], others: Sequence[dict]) -> List[dict]:
+    """The merge records of ``entries`` that no record of ``others`` matches, each record matching once: weights
+    with an adapter merged twice (or two of one config) are not those with it merged once."""
+    left = list(others)
+    unmatched = []
+    for entry in entries:
+        if entry in left:
+            left.remove(entry)
+        else:
+            unmatched.append(entry)
+    return unmatched
 
 
 def differing_module(expected: dict, model: nn.Module) -> Optional[str]:

@@ -47,6 +47,7 @@ from ..core.fingerprint import (
     differing_records,
     differing_statistics,
     sample_sizes,
+    unmatched_merges,
 )
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.layer import adapted_layers, as_factors, full_precision
@@ -711,7 +712,7 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
     files have none: only merges are checked), with the graph's ``sizes`` for weights near zero."""
     task = document.get("frozen_weights")
     task_merged, graph_merged = (task or {}).get("merged", []), (graph or {}).get("merged", [])
-    if any(entry not in graph_merged for entry in task_merged) or any(e not in task_merged for e in graph_merged):
+    if unmatched_merges(task_merged, graph_merged) or unmatched_merges(graph_merged, task_merged):
         raise AdapterLoadError(
             f"task {directory} does not fit the graph: the adapters folded into the frozen weights by "
             f"nv.merge_and_unload differ ({len(graph_merged)} in the graph's, {len(task_merged)} in the task's, not "
