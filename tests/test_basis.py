@@ -230,3 +230,25 @@ def test_cpu_codes_equal_the_int64_tensor_path_at_every_alignment():
                            reference(3_000_001, boundary - 1_000_001))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_code_generation_keeps_one_thread_pool_grown_to_the_most_threads_asked():
+    """A pool per thread count stayed alive: torch.set_num_threads through 2..6 left 2+3+4+5+6 idle threads."""
+    import gc
+    import threading
+    import time
+
+    from nola_vision.core.basis import _CPU_HASH_CHUNK, basis_codes
+
+    before = torch.get_num_threads()
+    try:
+        for threads in range(2, 7):
+            torch.set_num_threads(threads)
+            basis_codes(0, "pools", 2 * _CPU_HASH_CHUNK * threads, 0, torch.device("cpu"))
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(t.name.startswith("nola-bases") for t in threading.enumerate()) > 6:
+            time.sleep(0.05)
+        assert sum(t.name.startswith("nola-bases") for t in threading.enumerate()) <= 6
+    finally:
+        torch.set_num_threads(before)

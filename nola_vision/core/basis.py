@@ -155,15 +155,19 @@ _CPU_HASH_CHUNK = 1 << 16  # hashes per NumPy pass: its arrays stay in the L2 ca
 # serialise on those hand-overs (2 threads on 64K-hash passes were no faster than 1; on 256K, 1.3-1.6x faster).
 _CPU_PARALLEL_HASH_CHUNK = 1 << 18
 _CPU_ARANGE = np.arange(max(_CPU_HASH_CHUNK, _CPU_PARALLEL_HASH_CHUNK), dtype=np.uint32)
-_POOLS: Dict[Tuple[int, int], ThreadPoolExecutor] = {}
+# This process's pool and its size, by process id (a forked child makes its own: threads do not survive fork).
+_POOLS: Dict[int, Tuple[int, ThreadPoolExecutor]] = {}
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked child gets its own: threads do not survive fork)."""
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="nola-bases")
-    return _POOLS[key]
+    """The process's pool of at least ``workers`` threads: one pool, grown to the most ever asked (a pool per count
+    left every count's threads alive, 70 idle threads after torch.set_num_threads went through 2..16)."""
+    size, pool = _POOLS.get(os.getpid(), (0, None))
+    if pool is None or size < workers:
+        # the old pool's threads end once it is collected; no shutdown, which would fail a thread about to map on it
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="nola-bases")
+        _POOLS[os.getpid()] = (workers, pool)
+    return pool
 
 
 def _hash_pairs(first_pair: int, out: np.ndarray, key0: np.uint32, key1: np.uint32, chunk: int) -> None:
