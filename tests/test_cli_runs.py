@@ -401,3 +401,17 @@ def test_the_result_counts_the_epochs_trained_whole_and_the_steps(tmp_path, caps
     assert run(capsys, *fit, "--trainer.max_steps", 4)[0] == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["epochs"], result["steps"]) == (1, 4)
+
+
+def test_a_folder_named_adapter_of_another_kind_is_no_run_and_a_finished_runs_moved_adapter_is_not_redone(tmp_path,
+                                                                                                         capsys):
+    # a user's package folder named adapter/ made a logger-less fit refuse "another run", advising a resume of nothing
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "__init__.py").write_text("x = 1\n")
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--model.adapter_dir", tmp_path / "exported",
+           "--result_file", tmp_path / "result.json", "--trainer.max_epochs", 1]
+    assert run(capsys, *fit)[0] == 0 and (tmp_path / "adapter" / "__init__.py").is_file()
+    # finished, with its result recorded: a resume after its adapter was moved away is not a run stopped in its export
+    (tmp_path / "exported").rename(tmp_path / "served")
+    code, err = run(capsys, *fit, "--ckpt_path", "last")
+    assert code == 2 and "resuming would train nothing" in err and not (tmp_path / "exported").exists()

@@ -678,3 +678,14 @@ def test_a_replaced_file_whose_attributes_cannot_be_read_is_still_replaced_keepi
     monkeypatch.setattr(shutil, "copystat", unreadable)
     storage.write_text_atomic(target, "new")
     assert target.read_text() == "new" and stat_mode(target.stat()) == 0o640
+
+
+@pytest.mark.parametrize("umask, expected", [(0o077, 0o600), (0o002, 0o664), (0o022, 0o644)])
+def test_a_new_file_gets_the_mode_the_umask_gives(tmp_path, umask, expected):
+    # a fixed 0644 made a private run's checkpoints world-readable (umask 077) and a shared group's read-only (002)
+    before = os.umask(umask)
+    try:
+        fresh = storage.write_bytes_atomic(tmp_path / "last.ckpt", b"x")
+    finally:
+        os.umask(before)
+    assert stat_mode(fresh.stat()) == expected

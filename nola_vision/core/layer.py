@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -398,9 +398,10 @@ class AdaptedLinear(nn.Module):
         self._hold_merged_tensors()
 
     def _hold_merged_tensors(self) -> None:
-        """Note which tensor objects the adapter tensors are while merged: a pass given others (``functional_call``,
-        a parameter replaced) would compute the merged ΔW, not theirs, so forward refuses it (``_refuse_other_tensors``;
-        ``torch.export`` and ``torch.compile``, which trace the module's own tensors as stand-ins, are let through)."""
+        """Note which tensor objects the adapter tensors are while merged: a pass given others of other values
+        (``functional_call``, a parameter replaced) would compute the merged ΔW, not theirs, so forward refuses it
+        (``_refuse_other_tensors``; ``torch.export`` and ``torch.compile``, which trace stand-ins of the module's own
+        tensors, are let through, and equal copies are compared by value)."""
         self._merged_tensors = tuple(self.adapter_parameters().values()) if self._merged else ()
 
     @classmethod
@@ -536,7 +537,7 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             tensors, merged_with = self.adapter_parameters().values(), self._merged_tensors
             if merged_with is not None and not torch.compiler.is_compiling() and any(
-                    p is not q for p, q in zip(tensors, merged_with)):
+                    p is not q for p, q in zip(tensors, merged_with)) and not self._given_merged_values(tensors):
                 self._refuse_other_tensors()
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in tensors if p.requires_grad]
@@ -557,14 +558,23 @@ class AdaptedLinear(nn.Module):
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
 
+    def _given_merged_values(self, tensors: Iterable[Tensor]) -> bool:
+        """Whether other tensor objects hold the merged values: accelerate's offload hooks, or a
+        ``functional_call`` of the model's own values, put equal copies in place of the parameters each pass."""
+        values = self.merged_values or {}
+        given = dict(zip(self.adapter_parameter_names, tensors))
+        return values.keys() == given.keys() and all(
+            tensor.is_meta or torch.equal(tensor.detach(), values[name].to(tensor.device, tensor.dtype))
+            for name, tensor in given.items())
+
     def _refuse_other_tensors(self) -> None:
         """Raise for a merged pass whose adapter tensors are not those merged: its weight holds the ΔW of the ones
         that were, so the tensors given would be silently ignored."""
         names = ", ".join(self.adapter_parameter_names)
         raise RuntimeError(
             f"{type(self).__name__} is merged: its weight holds the ΔW of the adapter tensors ({names}) it had when "
-            "merged, and this pass was given other tensor objects in their place (torch.func.functional_call, or a "
-            "parameter replaced since), which a merged weight would ignore. Call nv.unmerge(model) first: unmerged, "
+            "merged, and this pass was given tensors of other values in their place (torch.func.functional_call, or "
+            "a parameter replaced since), which a merged weight would ignore. Call nv.unmerge(model) first: unmerged, "
             "each pass computes the update from the tensors it is given")
 
     def _replicate_for_data_parallel(self) -> AdaptedLinear:

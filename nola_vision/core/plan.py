@@ -259,13 +259,17 @@ def _require_allocatable_bases(config: AdapterConfig, layers: Dict[str, LayerPla
     largest = max(specs, key=lambda spec: spec.numel * spec.count)  # the first of equals: the message is stable
     codes = largest.numel * largest.count
     if codes > MAX_BASIS_CODES:
+        # the config's sizes behind it: its count, and its shape's sides other than the layers' own widths (the rank)
+        widths = {size for layer in layers.values() if largest in layer.basis_specs
+                  for size in (layer.in_features, layer.slices[0][1] - layer.slices[0][0])}
+        chosen = {largest.count, *(side for side in largest.shape if side not in widths)}
         sizes = {key: value for key, value in config.to_dict().items()
-                 if type(value) is int and value > 1 and value in (largest.count, *largest.shape)}
+                 if type(value) is int and value > 1 and value in chosen}
         fields = [f"{type(config).__name__}.{key}={sizes[key]}" for key in sorted(sizes, key=sizes.get, reverse=True)]
         raise ValueError(f"{config.describe()} would generate {largest.count:,} random bases of shape "
-                         f"{largest.shape} for {largest.stream} ({codes * 2 / 2**30:,.1f} GiB of int16 codes, made "
-                         f"whole for a pass), more than the {MAX_BASIS_CODES:,} codes inject allows for one set: "
-                         f"lower {' or '.join(fields) or 'the number of bases or the rank'}")
+                         f"{largest.shape} for {largest.stream} ({codes * 2 / 2**30:,.1f} GiB of int16 codes, "
+                         f"generated for every pass), more than the {MAX_BASIS_CODES:,} codes inject allows for one "
+                         f"set: lower {' or '.join(fields) or 'the number of bases or the rank'}")
 
 
 def _warn_pointless_sizes(plan: InjectionPlan) -> None:

@@ -167,7 +167,8 @@ _TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones 
 
 
 @contextmanager
-def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+def atomic_path(path: PathLike, mode: Optional[int] = None,
+                check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it onto ``path``.
 
     On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through
@@ -177,7 +178,8 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
     same path, which nothing locks, are removed first, with any folder they staged beside them
     (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before
     the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
-    limit raises an OSError (same errno) that says so. A new file gets ``mode``; a replaced one keeps its mode, its
+    limit raises an OSError (same errno) that says so. A new file gets ``mode`` (default: 0666 less the process's
+    umask, as ``open`` would give it: a private umask keeps checkpoints private); a replaced one keeps its mode, its
     extended attributes (POSIX ACLs), its group (where this user may set it) and, for root, its owner, as ``cp -p``
     would, so a file of a shared folder stays shared and a private one private.
     ``check``, when given, runs just before the rename: it raises to refuse replacing what appeared at ``path`` since
@@ -203,7 +205,7 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
             yield tmp
             replaced = _stat_or_none(target)
             if replaced is None:
-                os.chmod(tmp, mode)  # mkstemp makes 0600; shared caches and run folders stay readable by others
+                os.chmod(tmp, _new_file_mode() if mode is None else mode)  # mkstemp makes 0600
             else:
                 _copy_access(target, replaced, tmp)
             _fsync_file(tmp)
@@ -215,6 +217,18 @@ def atomic_path(path: PathLike, mode: int = 0o644, check: Optional[Callable[[], 
         tmp.unlink(missing_ok=True)
         if fd is not None:
             os.close(fd)  # releases the lock, after the file has left the temporary name
+
+
+def _new_file_mode() -> int:
+    """0666 less the process's umask: the mode ``open`` gives a new file. Read from /proc where it is there, since
+    setting the umask to read it back would change it for the process's other threads meanwhile."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _file_target(path: PathLike) -> Path:

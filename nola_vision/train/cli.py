@@ -194,14 +194,16 @@ class RunConfigSaver(SaveConfigCallback):
                                                  or Path(checkpoint).resolve().parent == own)
         if kept and stage == "fit" and not resumes_it:  # its config.yaml gone too (deleted with its folder mid-run)
             given = f" (--ckpt_path {checkpoint} belongs to another folder)" if checkpoint is not None else ""
-            resume = _how_to_resume([path.parent / "checkpoints"])
+            checkpoints = any(path.parent.glob("checkpoints/*.ckpt"))
+            resume = (f"resume that run with {_how_to_resume([path.parent / 'checkpoints'])}" if checkpoints else
+                      f"move its exported adapter ({path.parent / 'adapter'}) away")
             held = f"{path.name}, its checkpoints and exported adapter" if exists else \
                 f"its checkpoints or exported adapter; its {path.name} is gone"
             raise ValueError(
                 f"{path.parent} already holds another run ({held}), which "
                 f"this fit would overwrite{given}: a run without a logger writes straight into "
                 "--trainer.default_root_dir. Choose another --trainer.default_root_dir, keep the logger (each run then "
-                f"gets its own version_N folder), or resume that run with {resume}")
+                f"gets its own version_N folder), or {resume}")
         if exists and (kept or stage != "fit"):
             self.already_saved = True
             return
@@ -610,8 +612,9 @@ def _how_to_resume(folders: Sequence[Path]) -> str:
 
 
 def _holds_work(folder: Path) -> bool:
-    """Whether a run folder holds what a run kept: a checkpoint or an exported adapter."""
-    return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter").is_dir()
+    """Whether a run folder holds what a run kept: a checkpoint or an exported adapter (a folder of another kind
+    named ``adapter`` is not one)."""
+    return any(folder.glob("checkpoints/*.ckpt")) or (folder / "adapter" / WEIGHTS_NAME).is_file()
 
 
 class _ConciseParser(LightningArgumentParser):
@@ -748,8 +751,9 @@ class NolaCLI(LightningCLI):
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
                 self.model.finishes_run = True  # stopped during its export: this fit exports and tests it
-                rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run exported no adapter (it was "
-                               "stopped during the export): this fit trains nothing, exports it and tests it")
+                rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run holds no exported adapter "
+                               "nor result (stopped during the export, or moved since): this fit trains nothing, "
+                               "exports it and tests it")
             elif isinstance(saved, dict):
                 require_training_left(saved, self.trainer)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
@@ -762,11 +766,13 @@ class NolaCLI(LightningCLI):
         claim_log_dir(self.trainer)
 
     def _export_missing(self, checkpoint: str) -> bool:
-        """Whether the run of ``checkpoint`` holds no exported adapter: none in ``--model.adapter_dir``, or beside
-        the run's ``checkpoints`` folder where none was given."""
-        given = self.config[self.subcommand].model.get("adapter_dir")
+        """Whether the run of ``checkpoint`` never finished its export: no exported adapter (in
+        ``--model.adapter_dir``, or beside the run's ``checkpoints`` folder where none was given), and no
+        ``--result_file`` recorded (a finished run whose adapter was moved away is not redone)."""
+        config = self.config[self.subcommand]
+        given = config.model.get("adapter_dir")
         folder = Path(given) if given is not None else Path(checkpoint).resolve().parent.parent / "adapter"
-        return not (folder / WEIGHTS_NAME).is_file()
+        return not (folder / WEIGHTS_NAME).is_file() and not (config.result_file and os.path.exists(config.result_file))
 
     def after_fit(self) -> None:
         try:
