@@ -671,7 +671,7 @@ class NolaCLI(LightningCLI):
         # the command line names the root to look under)
         run = (None if _given_on_command_line(argv, "--trainer.default_root_dir")
                else saved_run_folder(config.get("config") or []))
-        dirpaths = checkpoint_dirpaths(config)
+        dirpaths = checkpoint_dirpaths(config) + (logger_checkpoint_folders(config) if run is None else [])
         if config.get("ckpt_path") == "best":
             config.ckpt_path = find_best_checkpoint(run or root, runs_below=run is None, dirpaths=dirpaths)
         if config.get("ckpt_path") == "last":
@@ -679,7 +679,8 @@ class NolaCLI(LightningCLI):
             if config.ckpt_path is None:
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")
-                where += f" nor in {', '.join(map(str, dirpaths))} (its ModelCheckpoint dirpath)" if dirpaths else ""
+                if dirpaths:
+                    where += f" nor in {', '.join(map(str, dirpaths))} (its checkpoint callbacks' and logger's folders)"
                 resume = _how_to_resume(_checkpoint_folders(run or root, run is None, dirpaths))
                 if resume != "--ckpt_path last":
                     raise FileNotFoundError(f"--ckpt_path last: no last.ckpt {where}; to resume, pass {resume}")
@@ -1639,12 +1640,8 @@ def _refuse_files_in_the_way(trainer: Any) -> None:
     places = [("--trainer.default_root_dir", trainer.get("default_root_dir"))]
     places += [("--trainer.callbacks ModelCheckpoint's dirpath", args.dirpath)
                for args in _checkpoint_callback_args(trainer)]
-    loggers = trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init_args = getattr(logger, "init_args", None)
-        save_dir = init_args.get("save_dir") if init_args is not None else None
-        if isinstance(save_dir, (str, os.PathLike)):
-            places.append((f"--trainer.logger {getattr(logger, 'class_path', 'logger')}'s save_dir", save_dir))
+    places += [(f"--trainer.logger {class_path}'s save_dir", save_dir)
+               for class_path, save_dir in _logger_save_dirs(trainer)]
     for option, path in places:
         if not isinstance(path, (str, os.PathLike)) or not str(path) or "://" in str(path):
             continue
@@ -1652,6 +1649,28 @@ def _refuse_files_in_the_way(trainer: Any) -> None:
         if blocking is not None:
             raise ValueError(f"{option} {path} cannot be a folder: {blocking} is a file. Choose a directory (the file "
                              "was left untouched, and nothing trained)")
+
+
+def _logger_save_dirs(trainer: Any) -> List[Tuple[str, Any]]:
+    """(class path, ``save_dir``) of each configured logger that names one."""
+    loggers = trainer.get("logger")
+    found = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if isinstance(save_dir, (str, os.PathLike)) and str(save_dir) and "://" not in str(save_dir):
+            found.append((getattr(logger, "class_path", "logger"), save_dir))
+    return found
+
+
+def logger_checkpoint_folders(config: Any) -> List[Path]:
+    """The ``<name>/version_N/checkpoints`` folders under the ``save_dir`` of the config's first logger, where
+    Lightning puts a run's checkpoints when that logger names its own folder (``default_root_dir`` holds none)."""
+    trainer = config.get("trainer")
+    save_dirs = _logger_save_dirs(trainer) if trainer is not None else []
+    if not save_dirs:
+        return []
+    return sorted(Path(expand_root(str(save_dirs[0][1]))).absolute().glob("*/*/checkpoints"))
 
 
 def _checkpoint_callback_args(trainer: Any) -> List[Any]:
