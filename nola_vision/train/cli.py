@@ -1126,8 +1126,11 @@ def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str,
         option = (f"--trainer.overfit_batches {trainer.overfit_batches}" if split == "val" and trainer.overfit_batches
                   else f"--trainer.limit_{split}_batches {limit}")
         part = f"{limit} batch(es)" if isinstance(limit, int) else f"{limit * 100:g}% of its batches"
+        unknown = isinstance(limit, int) and batches is None  # fit checks before its loaders exist
+        cover = "could cover only part of the" if unknown else "would cover only part of the"
         cut.append((option, f"{option} limits the {split} pass to {part}, so {split}/acc in --result_file "
-                            f"{result_file} would cover only part of the {name}"))
+                            f"{result_file} {cover} {name}" + (" (fit takes no batch count: only 1.0, every "
+                                                               "batch)" if unknown else "")))
     if cut:
         drop = " and ".join(option for option, _ in cut)
         raise ValueError("; ".join(why for _, why in cut) + f", with nothing saying so: drop {drop} to evaluate every "
