@@ -426,3 +426,12 @@ def test_ckpt_path_last_finds_the_run_of_a_logger_with_its_own_save_dir(tmp_path
     code, err = run(capsys, *fit, "--trainer.max_epochs", 2, "--ckpt_path", "last")
     assert code == 0, err
     assert (tmp_path / "logs" / "exp" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_training(tmp_path, capsys):
+    # limit_val_batches 0 passed the check: EarlyStopping stopped the run after an epoch, ModelCheckpoint kept no best
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--data.val_shots", 2,
+                    "--trainer.limit_val_batches", 0, "--trainer.callbacks+=EarlyStopping",
+                    "--trainer.callbacks.monitor=val/acc")
+    assert code == 2 and "--trainer.limit_val_batches 0 runs no validation pass" in err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -762,6 +762,9 @@ class NolaCLI(LightningCLI):
         if watching and not validates:
             raise ValueError(f"{', '.join(watching)} monitors a validation metric, and this run has no validation "
                              "images: set --data.val_shots N (e.g. 2; drawn apart from the training shots)")
+        if watching and self.trainer.limit_val_batches == 0:
+            raise ValueError(f"{', '.join(watching)} monitors a validation metric, and --trainer.limit_val_batches 0 "
+                             "runs no validation pass: drop --trainer.limit_val_batches 0, or the callback")
         if config.test_after_fit:
             self._check_test_images("training (the test after fit reads every test image)")
         claim_log_dir(self.trainer)
