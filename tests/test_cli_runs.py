@@ -435,3 +435,11 @@ def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_train
                     "--trainer.callbacks.monitor=val/acc")
     assert code == 2 and "--trainer.limit_val_batches 0 runs no validation pass" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_debug_pass_resuming_a_trained_checkpoint_names_fast_dev_run(tmp_path, capsys):
+    # it blamed trainer.max_steps=1, which the user never set ("Raise max_steps above 3")
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.fast_dev_run", "true",
+                    "--ckpt_path", "last")
+    assert code == 2 and "trainer.fast_dev_run" in err and "Raise max_steps" not in err

@@ -1215,6 +1215,10 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
     step, epochs = _checkpoint_progress(checkpoint)
     at = f"the checkpoint ends epoch {epochs - 1} at step {step} ({epochs} epochs trained)"
     reached = _limit_reached(trainer, step, epochs)
+    if reached is not None and getattr(trainer, "fast_dev_run", False):
+        raise ValueError(f"{at}, and trainer.fast_dev_run (--trainer.fast_dev_run) debugs a few batches by setting "
+                         f"{reached[0]}={reached[1]}, which the checkpoint has passed: resuming would train nothing. "
+                         "Drop --ckpt_path to debug a fresh run, or drop fast_dev_run to train on")
     if reached is not None:
         name, limit, done = reached
         raise ValueError(f"{at}, and trainer.{name}={limit} (--trainer.{name}) ends the run there: resuming would "
