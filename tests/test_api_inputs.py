@@ -160,3 +160,13 @@ def test_slices_and_manifest_entries_take_arrays_as_before():
     assert layer.slices == ((0, 4), (4, 8))
     samples = [("a.png", 0), ("b.png", 1)]
     assert nvdata.indices_from_manifest(samples, np.array([["a.png", 0]], dtype=object)) == [0]
+
+
+def test_a_class_count_no_head_could_hold_is_refused_naming_num_classes():
+    # 2**40 classes failed in torch's allocator ("you tried to allocate 281474976710656 bytes")
+    small = dict(img_size=32, depth=1, embed_dim=64, num_heads=2)
+    with pytest.raises(ValueError, match=r"num_classes must be at most 16,777,216 classes"):
+        nv.create_model("vit_tiny_patch16_224", num_classes=2**40, pretrained=False, **small)
+    from nola_vision.models.backbones import build_backbone
+    with pytest.raises(ValueError, match=r"num_classes must be at most 16,777,216 classes"):
+        build_backbone("vit_tiny_patch16_224", 2**40, pretrained=False, **small)

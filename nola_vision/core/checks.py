@@ -14,8 +14,8 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["INT64_RANGE", "as_integer", "check_bool", "check_choice", "check_int", "check_number", "check_path",
-           "is_finite_number", "shown"]
+__all__ = ["INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_choice", "check_int", "check_num_classes",
+           "check_number", "check_path", "is_finite_number", "shown"]
 
 # The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
 INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -61,6 +61,20 @@ def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional
     if int64 and not low <= number <= high:
         raise ValueError(f"{name} must be an integer in torch's int64 range [{max(low, at_least or low)}, {high}] "
                          f"(it reaches torch's integer ops), got {shown(value)}")
+    return number
+
+
+# More classes than any labelled set holds (ImageNet-21k has 21,841; face-identity sets a few million): a head of
+# 2**40 classes failed in torch's allocator, asking for 256 TiB.
+MAX_CLASSES = 2**24
+
+
+def check_num_classes(value: Any, name: str = "num_classes", optional: bool = False) -> Optional[int]:
+    """``value`` as a class count: an integer from 0 (a headless encoder) to ``MAX_CLASSES``."""
+    number = check_int(value, name, at_least=0, optional=optional)
+    if number is not None and number > MAX_CLASSES:
+        raise ValueError(f"{name} must be at most {MAX_CLASSES:,} classes (the head would hold that many rows of "
+                         f"weights), got {shown(value)}")
     return number
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..core.checks import check_bool, check_int, check_path
+from ..core.checks import check_bool, check_int, check_num_classes, check_path
 from .weights import (
     OVERLAY_WEIGHT_SOURCES,
     UnreadableWeights,
@@ -51,7 +51,7 @@ def build_backbone(
     the run's seed (``seed_everything``) controls.
     """
     check_backbone_name(backbone)
-    num_classes = check_int(num_classes, "num_classes", at_least=0)
+    num_classes = check_num_classes(num_classes)
     check_bool(pretrained, "pretrained")
     image_size = check_int(image_size, "image_size", at_least=1, optional=True)
     backbone_seed = check_int(backbone_seed, "backbone_seed", int64=True)

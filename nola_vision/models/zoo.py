@@ -32,7 +32,7 @@ try:  # the wrapper of features_only ViTs, not exported by timm.models
 except ImportError:  # pragma: no cover (older timm)
     FeatureGetterNet = None
 
-from ..core.checks import check_bool, check_int
+from ..core.checks import check_bool, check_num_classes
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
@@ -416,7 +416,7 @@ def _check_num_classes(kwargs: Dict[str, Any]) -> None:
     """Check ``num_classes`` in place: -1 gave a headless model silently, "3" or 2.5 failed deep in timm. 0 is a
     headless encoder; None leaves timm the model's default head."""
     if "num_classes" in kwargs:
-        kwargs["num_classes"] = check_int(kwargs["num_classes"], "num_classes", at_least=0, int64=True, optional=True)
+        kwargs["num_classes"] = check_num_classes(kwargs["num_classes"], optional=True)
 
 
 def _names_class(class_path: Any, cls: type) -> bool:
