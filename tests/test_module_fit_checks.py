@@ -644,3 +644,65 @@ def test_each_ddp_process_of_a_fresh_fit_draws_from_random_streams_of_its_own(wo
     alone = (torch.rand(4).tolist(), random.random())
     assert (draws[0] == alone) == (world == 1)  # one process keeps its seeded streams
     assert len({repr(d) for d in draws}) == world
+
+
+# ---- a notebook's cells run again: the module remembers what its fits did ------------------------------------------
+
+class _StopAtStep(L.Callback):
+    """Raises ``error`` once at the given step, as a Jupyter interrupt or a failing cell does."""
+
+    def __init__(self, step: int, error: type = RuntimeError) -> None:
+        self.step, self.error, self.done = step, error, False
+
+    def on_train_batch_end(self, trainer, *args):
+        if not self.done and trainer.global_step >= self.step:
+            self.done = True
+            raise self.error("stopped")
+
+
+def test_a_trainers_fit_going_on_with_another_split_is_refused(tmp_path, folder_root):
+    """The same trainer fit on with a datamodule of another split trained on, and its checkpoints recorded only the
+    new split (a validation image of it was a training image of the first)."""
+    (folder_root / "val").mkdir(exist_ok=True)
+    run, fitted = trainer(tmp_path, epochs=3, callbacks=[_StopAtStep(2)]), module(num_classes=3)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run.fit(fitted, datamodule=datamodule(folder_root))
+    with pytest.raises(ValueError, match=r"another split than the run did .*split_seed 1 \(fit: 0\)"):
+        run.fit(fitted, datamodule=datamodule(folder_root, split_seed=1))
+
+
+def test_a_module_whose_fit_stopped_warns_at_its_next_fit_and_evaluation(tmp_path):
+    """A re-run cell trained on from the part-trained weights as a fresh run, and a test of them was logged as a
+    trained run's, without a word."""
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer(tmp_path / "a", epochs=2, callbacks=[_StopAtStep(2)]).fit(fitted, loader())
+    assert fitted.exported_adapter_dir is None
+    with pytest.warns(UserWarning, match="weights of a fit that stopped before it finished"):
+        trainer(tmp_path / "b").validate(fitted, loader())
+    with pytest.warns(UserWarning, match="previous fit stopped before it finished"):
+        trainer(tmp_path / "c", epochs=1).fit(fitted, loader())
+    with warnings.catch_warnings():  # finished now
+        warnings.filterwarnings("error", message=".*stopped before it finished")
+        trainer(tmp_path / "d").validate(fitted, loader())
+
+
+@pytest.mark.parametrize("key, value", [("adapter", {"class_path": "nola_vision.NOLAConfig", "init_args": {"rank": 8}}),
+                                        ("backbone_seed", 5), ("num_classes", 12)])
+def test_hparams_that_built_the_model_set_between_fits_are_refused(tmp_path, key, value):
+    """The fit trained the model as built while its checkpoints recorded the new values, so none of them loaded."""
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "a", epochs=1).fit(fitted, loader())
+    fitted.hparams[key] = value
+    run = trainer(tmp_path / "b", epochs=1)
+    refused_before_a_step(run, lambda: run.fit(fitted, loader()),
+                          rf"hparams changed after the model was built from them \({key}: ")
+
+
+def test_a_debug_fit_leaves_no_earlier_fits_adapter_named_as_its_own(tmp_path):
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "a", epochs=1).fit(fitted, loader())
+    assert fitted.exported_adapter_dir is not None
+    L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False,
+              default_root_dir=tmp_path / "b").fit(fitted, loader())
+    assert fitted.exported_adapter_dir is None and fitted.exported_adapter_sha256 is None

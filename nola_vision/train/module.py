@@ -8,6 +8,7 @@ ViT-B NOLA task) plus the hyper-parameters: the frozen backbone is rebuilt from 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import itertools
@@ -88,6 +89,9 @@ RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
 TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
 # The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
 # Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
+# The hyperparameters that build the model (its backbone, head and adapters): fixed once it is built.
+BUILT_HPARAMS = ("backbone", "num_classes", "adapter", "pretrained", "pretrained_file", "image_size", "backbone_kwargs",
+                 "backbone_seed")
 TRAINING_HPARAMS = ("optimizer", "lr", "head_lr", "weight_decay", "momentum", "min_lr", "warmup_epochs",
                     "label_smoothing")
 # The backbone_kwargs that regularise training (dropout, stochastic depth) without changing a weight: a resumed run must
@@ -298,6 +302,11 @@ class FewShotClassifier(L.LightningModule):
         self.before_export: Optional[Callable[[Path], None]] = None
         self.exported_adapter_bits: Optional[int] = None
         self.exported_adapter_sha256: Optional[str] = None
+        # The hyperparameters the model was built from: one set on ``hparams`` since would be recorded in the
+        # checkpoints without having built the model they hold (``_require_built_hparams``).
+        self._built_with = {key: copy.deepcopy(hp[key]) for key in BUILT_HPARAMS}
+        # Whether a fit of this module started and did not finish (interrupted, failed): its weights are part-trained
+        self._fit_running = False
         # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
         # stopped during the export): its fit trains nothing, then exports and tests (``require_training_left``).
         self.finishes_run = False
@@ -527,18 +536,47 @@ class FewShotClassifier(L.LightningModule):
     def _check_evaluated_data(self) -> None:
         """Refuse to evaluate on other data than these weights were trained on (``_check_data``): a loaded
         checkpoint's, or this module's last fit's. Run at the loop's start, so after a trainer's ``ckpt_path`` has
-        loaded (``setup`` runs before that load, and would compare the weights the module held before it)."""
+        loaded (``setup`` runs before that load, and would compare the weights the module held before it). Weights of
+        a fit that stopped before it finished are evaluated with a warning saying so."""
         self._check_data(getattr(self, "_trained_data", None),  # absent from older pickles
                          getattr(self, "_trained_data_source", "the checkpoint"))
+        if getattr(self, "_fit_running", False):
+            rank_zero_warn("nola_vision: these are the weights of a fit that stopped before it finished (interrupted, "
+                           "or failed), not a trained run's: its metrics are those of part-trained weights. Evaluate a "
+                           "checkpoint of it (ckpt_path=...) or finish the run first")
+
+    def _require_built_hparams(self) -> None:
+        """Refuse a fit after ``hparams`` that built the model were set since (``hparams.adapter``, ``num_classes``,
+        ...): the model trains as built, and its checkpoints would record the new values, so none would load."""
+        built = getattr(self, "_built_with", None)  # absent from older pickles
+        changed = [key for key in (built or {}) if self.hparams.get(key) != built[key]]
+        if changed:
+            shown = "; ".join(f"{key}: {built[key]!r} → {self.hparams.get(key)!r}" for key in changed)
+            raise ValueError(f"FewShotClassifier.hparams changed after the model was built from them ({shown}): the "
+                             "model would train as it was built, and its checkpoints would record the new values, so "
+                             "none would load. Build a new FewShotClassifier with them (lr, optimizer, label_smoothing "
+                             "and the other training settings may change between fits)")
 
     def on_fit_start(self) -> None:
         """Refuse, before the first step, what only the end of the run or a later load would find."""
         self._fingerprint = None  # the backbone this fit trains on, taken afresh (see backbone_fingerprint)
+        self._require_built_hparams()
         if self._trainer is not None:
             check_training_length(self._trainer)
             if not _resumes(self._trainer):  # a resume's progress and random states are the checkpoint's
-                _require_training_left_on(self._trainer)
+                _require_training_left_on(self._trainer, self.exported_adapter_dir is None)
                 _draw_apart(self._trainer)
+                if self._trainer.global_step:  # the trainer's earlier fit goes on: on the data it trained on
+                    self._check_data(self._trained_data, self._trained_data_source)
+                elif getattr(self, "_fit_running", False):
+                    rank_zero_warn("nola_vision: this module's previous fit stopped before it finished (interrupted, "
+                                   "or failed), so this fit starts a new run from its part-trained weights. To go on "
+                                   "with that run, fit with ckpt_path=<its last checkpoint>; for a fresh run, build a "
+                                   "new FewShotClassifier")
+        self._fit_running = True
+        # what this fit exports: an earlier fit's adapter is not this one's
+        self.exported_adapter_dir = self.export_target = self.exported_adapter_bits = None
+        self.exported_adapter_sha256 = None
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -586,6 +624,10 @@ class FewShotClassifier(L.LightningModule):
     def on_fit_end(self) -> None:
         """Export the adapter (rank 0 only) to ``adapter_dir`` or ``<log_dir>/adapter``; never NaN/Inf weights, nor
         an adapter that took no training step (no batch: Lightning only warns and stops)."""
+        self._export()
+        self._fit_running = False
+
+    def _export(self) -> None:
         diverged = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if diverged:
             raise NonFiniteLossError(f"training diverged: {len(diverged)} trained tensors hold NaN/Inf after the last "
@@ -1255,17 +1297,21 @@ def _draw_apart(trainer: Any) -> None:
     random.seed(seed)
 
 
-def _require_training_left_on(trainer: Any) -> None:
+def _require_training_left_on(trainer: Any, unexported: bool = False) -> None:
     """Refuse a fit on a trainer whose earlier fit reached its ``max_epochs`` or ``max_steps`` already: Lightning
     would train nothing (a trainer keeps its loops' progress), and the fit would export the adapter again as a new
-    run's."""
+    run's. ``unexported``: that fit exported no adapter (stopped during its export), which the message says how to
+    finish."""
     epochs, step = trainer.fit_loop.epoch_progress.current.processed, trainer.global_step
     reached = _limit_reached(trainer, step, epochs) if step or epochs else None  # a fresh trainer trained nothing
     if reached is not None:
         name, limit, done = reached
+        finish = (" If that fit stopped during its export, export it with nv.save_adapter(model.model, <folder>), or "
+                  "set model.finishes_run = True and fit with ckpt_path=<its last checkpoint>, which exports it"
+                  if unexported else "")
         raise ValueError(f"this Trainer's earlier fit trained {epochs} epochs ({step} steps), and its {name}="
-                         f"{limit} ends the run there: this fit would train nothing, yet export the adapter "
-                         f"again. Fit with a new Trainer, or raise its {name} above {done} to train on")
+                         f"{limit} ends the run there: this fit would train nothing, yet export the adapter as a new "
+                         f"run's. Fit with a new Trainer, or raise its {name} above {done} to train on.{finish}")
 
 
 def batches_into_epoch(checkpoint: Mapping[str, Any]) -> int:
