@@ -321,3 +321,34 @@ def test_the_table_shows_what_each_row_trains_beside_its_adapter_and_head():
     older = {**row, "name": "older", "method": "nola", "adapter_params": 512, "trainable_params": ""}
     assert [(s["name"], s["trainable_params"]) for s in summarise([row, older])] == [("full", 114_250),
                                                                                      ("older", 1_162)]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_local_executor_starts_no_run_after_the_caller_leaves_at_a_result(tmp_path, jobs):
+    """Its pool started the next queued run the moment one ended, before the caller saw that one refused (exit 2)
+    and left: with --jobs 1 one more fit always ran, and was reported as not started."""
+    from nola_vision.runs.executors import LocalExecutor, Run, start_no_more
+
+    runs = []
+    for i, seconds in enumerate([0, 3, 0, 0]):  # with two slots, the first ends while the second runs
+        (tmp_path / f"r{i}").mkdir()
+        marker = tmp_path / f"r{i}" / "started"
+        code = f"import pathlib, sys, time; pathlib.Path({str(marker)!r}).touch(); time.sleep({seconds}); sys.exit(2)"
+        runs.append(Run((sys.executable, "-c", code), tmp_path / f"r{i}" / "log.txt"))
+    results = LocalExecutor(jobs).run(runs)
+    first, code, _ = next(results)
+    assert first is runs[0] and code == 2
+    start_no_more(results)
+    started = sorted(p.parent.name for p in tmp_path.glob("r*/started"))
+    assert started == ["r0", "r1"][:jobs]
+
+
+def test_a_run_that_failed_after_training_started_is_listed_with_its_error_line(tmp_path):
+    # "exit 1" alone: a corrupt image's one-line reason sat in the log while the summary advised a retry
+    from nola_vision.runs.executors import failure
+
+    log = tmp_path / "log.txt"
+    log.write_text("nola-vision fit ...\nEpoch 0 ...\nnola-vision: error: cannot decode image /d/c1/3.png\n")
+    assert failure(1, log) == "exit 1: nola-vision: error: cannot decode image /d/c1/3.png"
+    log.write_text("nola-vision fit ...\nKilled\n")
+    assert failure(137, log) == "exit 137"

@@ -372,7 +372,7 @@ def test_protocol_and_tune_leave_the_signal_handlers_as_they_found_them(tmp_path
 
     signals = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
     before = [signal.getsignal(signum) for signum in signals]
-    assert main([command, "-c", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 1
+    assert main([command, "-c", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2  # refused, as fit's
     assert [signal.getsignal(signum) for signum in signals] == before
 
 

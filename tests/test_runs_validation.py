@@ -46,7 +46,7 @@ def test_an_option_whose_name_begins_a_controlled_one_is_not_taken_for_its_abbre
 
 def test_protocol_cli_refuses_a_split_seed_override_naming_its_own_option(tmp_path, capsys):
     code = main(["protocol", "-c", TINY, "--out", str(tmp_path), "--split_seeds", "0", "1", "--data.split_seed", "7"])
-    assert code == 1
+    assert code == 2  # a refusal before any run: fit's code for it
     assert "protocol sets --data.split_seed in every run itself" in capsys.readouterr().err
 
 

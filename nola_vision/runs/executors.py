@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -104,7 +104,8 @@ def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
 def failure(code: int, log: Path) -> str:
     """Why a run with exit ``code`` failed, for the failure list: ``fit`` refused to run (``CONFIG_EXIT``), its
     training diverged (``DIVERGED_EXIT``), each with its error line, its program could not start (``NOT_STARTED``),
-    or its exit code."""
+    or its exit code with the error line it printed (a failure after training started: a corrupt image, a full
+    disk), where it printed one."""
     if code == CONFIG_EXIT:
         return f"fit refused to run: {_error_line(log)}"
     if code == DIVERGED_EXIT:  # fit's own line names the step and the lr: once, without its program prefix
@@ -115,7 +116,10 @@ def failure(code: int, log: Path) -> str:
         not_started = [line for line in lines if line.startswith(NOT_STARTED)]
     except OSError:
         not_started = []
-    return not_started[-1] if not_started else f"exit {code}"
+    if not_started:
+        return not_started[-1]
+    line = _error_line(log)
+    return f"exit {code}: {line}" if "error:" in line else f"exit {code}"
 
 
 def _error_line(log: Path) -> str:
@@ -255,15 +259,23 @@ class LocalExecutor(Executor):
                 self._lock.notify()
 
     def run(self, runs: Sequence[Run]) -> Iterator[Tuple[Run, int, float]]:
-        """Start every run; yield each as it finishes. Left early (a stop, an error), the runs not started are
-        cancelled, and it waits for the running ones."""
+        """Run them, up to ``capacity`` at once; yield each as it finishes. A run is started only once the caller
+        has taken the results before it (a pool of its own started the next queued run the moment one ended, before
+        the caller saw that it was refused). Left early (a stop, an error), it starts no other run and waits for the
+        running ones."""
         if not runs:
             return
+        queued = list(runs)
         pool = ThreadPoolExecutor(max_workers=min(len(runs), self.capacity))
+        running: Dict[Future, Run] = {}
         try:
-            futures = {pool.submit(self._call, run): run for run in runs}
-            for future in as_completed(futures):
-                yield (futures[future], *future.result())
+            while queued or running:
+                while queued and len(running) < self.capacity:
+                    run = queued.pop(0)
+                    running[pool.submit(self._call, run)] = run
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield (running.pop(future), *future.result())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -596,6 +596,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                          executor=executor)
     except (RuntimeError, ValueError, OSError) as err:  # OSError: a write failed (a full disk, a folder's permissions)
         print(f"nola-vision protocol: error: {error_text(err)}", file=sys.stderr)
-        return 1
+        return CONFIG_EXIT if isinstance(err, (ValueError, FileNotFoundError)) else 1  # refused, as fit's; else failed
     print((Path(args.out) / "results.md").read_text())
     return 0

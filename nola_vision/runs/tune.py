@@ -1014,7 +1014,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               executor=executor, heartbeat_s=args.heartbeat)
     except (RuntimeError, ValueError, OSError, *_storage_errors()) as err:  # the tuple is built as an error arrives
         print(f"nola-vision tune: error: {_storage_failure(err) or error_text(err)}", file=sys.stderr)
-        return 1
+        return CONFIG_EXIT if isinstance(err, (ValueError, FileNotFoundError)) else 1  # refused, as fit's; else failed
     root = Path(args.out) / name
     print((root / "tune_results.md").read_text())
     if chosen is not None and not args.skip_protocol:
