@@ -706,3 +706,12 @@ def test_a_debug_fit_leaves_no_earlier_fits_adapter_named_as_its_own(tmp_path):
     L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False,
               default_root_dir=tmp_path / "b").fit(fitted, loader())
     assert fitted.exported_adapter_dir is None and fitted.exported_adapter_sha256 is None
+
+
+def test_a_checkpoint_cut_short_is_named_by_load_from_checkpoint(checkpoint, tmp_path):
+    # a bare "OSError: [Errno 22] Invalid argument" from inside torch.load, naming no file
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cut))} is not a checkpoint written by fit .* cut short"):
+        FewShotClassifier.load_from_checkpoint(cut)
+    assert FewShotClassifier.load_from_checkpoint(checkpoint).hparams.num_classes == 4

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union, get_args
 
@@ -310,6 +311,17 @@ class FewShotClassifier(L.LightningModule):
         # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
         # stopped during the export): its fit trains nothing, then exports and tests (``require_training_left``).
         self.finishes_run = False
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FewShotClassifier:
+        """``LightningModule.load_from_checkpoint``, naming a local file that is no checkpoint or was cut short (a
+        full disk, an interrupted copy): torch's own error there is a bare ``OSError: [Errno 22] Invalid argument``."""
+        path = checkpoint_path
+        if isinstance(path, (str, os.PathLike)) and "://" not in str(path) and os.path.isfile(path) \
+                and not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a checkpoint written by fit (a torch archive), or it was cut short (a "
+                             "full disk, an interrupted copy): load another checkpoint of the run")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def train(self, mode: bool = True) -> FewShotClassifier:
         """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
