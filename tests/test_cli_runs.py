@@ -417,15 +417,16 @@ def test_a_folder_named_adapter_of_another_kind_is_no_run_and_a_finished_runs_mo
     assert code == 2 and "resuming would train nothing" in err and not (tmp_path / "exported").exists()
 
 
-def test_ckpt_path_last_finds_the_run_of_a_logger_with_its_own_save_dir(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["exp", ""])  # an empty name drops that level of the folders
+def test_ckpt_path_last_finds_the_run_of_a_logger_with_its_own_save_dir(tmp_path, capsys, name):
     # checkpoints under <save_dir>/<name>/version_N were not looked for: "no last.ckpt ... nothing to resume"
     fit = ["fit", "-c", str(TINY), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path,
            "--trainer.logger+=CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'logs'}",
-           "--trainer.logger.name=exp", "--test_after_fit", "false"]
+           f"--trainer.logger.name={name}", "--test_after_fit", "false"]
     assert run(capsys, *fit, "--trainer.max_epochs", 1)[0] == 0
     code, err = run(capsys, *fit, "--trainer.max_epochs", 2, "--ckpt_path", "last")
     assert code == 0, err
-    assert (tmp_path / "logs" / "exp" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "logs" / name / "version_1" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_training(tmp_path, capsys):

@@ -715,3 +715,34 @@ def test_a_checkpoint_cut_short_is_named_by_load_from_checkpoint(checkpoint, tmp
     with pytest.raises(ValueError, match=rf"{re.escape(str(cut))} is not a checkpoint written by fit .* cut short"):
         FewShotClassifier.load_from_checkpoint(cut)
     assert FewShotClassifier.load_from_checkpoint(checkpoint).hparams.num_classes == 4
+
+
+def test_a_callable_in_backbone_kwargs_is_no_change_of_the_built_hparams(tmp_path):
+    # a functools.partial equals no copy of itself: every fit of such a model was refused as changed
+    import functools
+
+    kwargs = {**TINY["backbone_kwargs"], "norm_layer": functools.partial(torch.nn.LayerNorm, eps=1e-6)}
+    fitted = module(adapter_dir=str(tmp_path / "adapter"), backbone_kwargs=kwargs)
+    trainer(tmp_path / "a", epochs=1).fit(fitted, loader())
+    fitted.hparams.backbone_kwargs["depth"] = 3  # changed in place: still seen
+    run = trainer(tmp_path / "b", epochs=1)
+    refused_before_a_step(run, lambda: run.fit(fitted, loader()), r"\(backbone_kwargs: ")
+
+
+def test_a_refused_fit_leaves_the_module_as_its_last_fit_left_it(tmp_path, checkpoint):
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "a", epochs=1).fit(fitted, loader())
+    exported = fitted.exported_adapter_dir
+    (tmp_path / "a_file").write_text("x")
+    fitted.hparams.adapter_dir = str(tmp_path / "a_file")  # refused as the fit starts
+    run = trainer(tmp_path / "b", epochs=1)
+    refused_before_a_step(run, lambda: run.fit(fitted, loader()), "a_file")
+    fitted.hparams.adapter_dir = str(tmp_path / "adapter")
+    assert fitted.exported_adapter_dir == exported
+    with warnings.catch_warnings():  # neither part-trained nor a checkpoint's weights evaluated after a stopped fit
+        warnings.filterwarnings("error", message=".*stopped before it finished")
+        trainer(tmp_path / "c").validate(fitted, loader())
+        stopped = module(adapter_dir=str(tmp_path / "stopped"))
+        with pytest.raises(RuntimeError, match="stopped"):
+            trainer(tmp_path / "d", epochs=2, callbacks=[_StopAtStep(2)]).fit(stopped, loader())
+        trainer(tmp_path / "e").validate(stopped, loader(), ckpt_path=checkpoint)

@@ -1676,7 +1676,8 @@ def logger_checkpoint_folders(config: Any) -> List[Path]:
     save_dirs = _logger_save_dirs(trainer) if trainer is not None else []
     if not save_dirs:
         return []
-    return sorted(Path(expand_root(str(save_dirs[0][1]))).absolute().glob("*/*/checkpoints"))
+    save_dir = Path(expand_root(str(save_dirs[0][1]))).absolute()  # an empty logger name drops the <name> level
+    return sorted({*save_dir.glob("*/*/checkpoints"), *save_dir.glob("*/checkpoints")})
 
 
 def _checkpoint_callback_args(trainer: Any) -> List[Any]:

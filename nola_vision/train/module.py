@@ -90,6 +90,8 @@ RESOLVED_FROM_NONE = ("lr", "head_lr", "warmup_epochs")
 TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
 # The hyper-parameters that decide how a run's steps train (optimiser, schedule, loss): a resumed run must keep them.
 # Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
+# ``FewShotClassifier._trained_data_source`` of weights its own fit trained (else: a loaded checkpoint's)
+_OWN_FIT = "this module's last fit"
 # The hyperparameters that build the model (its backbone, head and adapters): fixed once it is built.
 BUILT_HPARAMS = ("backbone", "num_classes", "adapter", "pretrained", "pretrained_file", "image_size", "backbone_kwargs",
                  "backbone_seed")
@@ -305,7 +307,7 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_sha256: Optional[str] = None
         # The hyperparameters the model was built from: one set on ``hparams`` since would be recorded in the
         # checkpoints without having built the model they hold (``_require_built_hparams``).
-        self._built_with = {key: copy.deepcopy(hp[key]) for key in BUILT_HPARAMS}
+        self._built_with = {key: (copy.deepcopy(hp[key]), repr(hp[key])) for key in BUILT_HPARAMS}
         # Whether a fit of this module started and did not finish (interrupted, failed): its weights are part-trained
         self._fit_running = False
         # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
@@ -561,9 +563,11 @@ class FewShotClassifier(L.LightningModule):
         """Refuse a fit after ``hparams`` that built the model were set since (``hparams.adapter``, ``num_classes``,
         ...): the model trains as built, and its checkpoints would record the new values, so none would load."""
         built = getattr(self, "_built_with", None)  # absent from older pickles
-        changed = [key for key in (built or {}) if self.hparams.get(key) != built[key]]
+        # equal to a copy, or shown alike (a functools.partial in backbone_kwargs equals no copy of itself)
+        changed = [key for key, (value, shown) in (built or {}).items()
+                   if not _same(self.hparams.get(key), value) and repr(self.hparams.get(key)) != shown]
         if changed:
-            shown = "; ".join(f"{key}: {built[key]!r} → {self.hparams.get(key)!r}" for key in changed)
+            shown = "; ".join(f"{key}: {built[key][1]} → {self.hparams.get(key)!r}" for key in changed)
             raise ValueError(f"FewShotClassifier.hparams changed after the model was built from them ({shown}): the "
                              "model would train as it was built, and its checkpoints would record the new values, so "
                              "none would load. Build a new FewShotClassifier with them (lr, optimizer, label_smoothing "
@@ -578,17 +582,8 @@ class FewShotClassifier(L.LightningModule):
             if not _resumes(self._trainer):  # a resume's progress and random states are the checkpoint's
                 _require_training_left_on(self._trainer, self.exported_adapter_dir is None)
                 _draw_apart(self._trainer)
-                if self._trainer.global_step:  # the trainer's earlier fit goes on: on the data it trained on
-                    self._check_data(self._trained_data, self._trained_data_source)
-                elif getattr(self, "_fit_running", False):
-                    rank_zero_warn("nola_vision: this module's previous fit stopped before it finished (interrupted, "
-                                   "or failed), so this fit starts a new run from its part-trained weights. To go on "
-                                   "with that run, fit with ckpt_path=<its last checkpoint>; for a fresh run, build a "
-                                   "new FewShotClassifier")
-        self._fit_running = True
-        # what this fit exports: an earlier fit's adapter is not this one's
-        self.exported_adapter_dir = self.export_target = self.exported_adapter_bits = None
-        self.exported_adapter_sha256 = None
+                if self._trainer.global_step and self._trained_data_source == _OWN_FIT:
+                    self._check_data(self._trained_data, self._trained_data_source)  # its fit goes on: on its data
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -611,8 +606,18 @@ class FewShotClassifier(L.LightningModule):
         require_no_inner_wrappers(self.model, "FewShotClassifier fit (it ends exporting with nv.save_adapter)")
         if self._trainer is not None:
             self._check_optimizer_precision()
+        if self._trainer is not None and not _resumes(self._trainer) and not self._trainer.global_step \
+                and getattr(self, "_fit_running", False):
+            rank_zero_warn("nola_vision: this module's previous fit stopped before it finished (interrupted, or "
+                           "failed), so this fit starts a new run from its part-trained weights. To go on with that "
+                           "run, fit with ckpt_path=<its last checkpoint>; for a fresh run, build a new "
+                           "FewShotClassifier")
+        # accepted: this fit's weights are part-trained until it ends, and what it exports is its own
+        self._fit_running = True
+        self.exported_adapter_dir = self.export_target = self.exported_adapter_bits = None
+        self.exported_adapter_sha256 = None
         # the weights now train on this data (a resume's was compared at its load): later stages compare with it
-        self._trained_data, self._trained_data_source = self._data_record(), "this module's last fit"
+        self._trained_data, self._trained_data_source = self._data_record(), _OWN_FIT
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
@@ -801,6 +806,7 @@ class FewShotClassifier(L.LightningModule):
         info = checkpoint.get("nola_vision")
         if info is None:  # an older checkpoint, or another project's: it must at least hold every trained tensor
             self._require_trained_tensors(checkpoint.get("state_dict", {}))
+            self._fit_running = False
             return
         self._check_adapter(info)
         own = self.state_dict()
@@ -847,6 +853,7 @@ class FewShotClassifier(L.LightningModule):
         self._check_settings(info.get("settings"))
         # kept for the evaluation stages that follow, once the load is accepted
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
+        self._fit_running = False  # its weights replace what a stopped fit left (a resume's fit sets it again)
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
@@ -1248,6 +1255,14 @@ def _check_batch(images: Tensor, labels: Tensor, num_classes: int, stage: Any) -
                          f"classes (0..{num_classes - 1}): {effect}. Map the labels to 0..{num_classes - 1} (-100, "
                          "CrossEntropyLoss's ignore_index, is not taken), or build FewShotClassifier with the data's "
                          "class count (FewShotDataModule's loaders are checked before a step)")
+
+
+def _same(value: Any, other: Any) -> bool:
+    """Whether two hyperparameter values are equal (an array's elementwise answer, or a failing ``==``: not known)."""
+    try:
+        return bool(value == other)
+    except Exception:  # noqa: BLE001 (any comparison that gives no single answer)
+        return False
 
 
 def training_finished(checkpoint: Mapping[str, Any], trainer: Any) -> bool:
