@@ -138,7 +138,7 @@ sys.exit(main(["-c", {TINY!r}, "--out", "ro/out", "--split_seeds", "0", "--init_
     done = subprocess.run([*NO_CAPS, sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     refusals = done.stdout + done.stderr
-    assert done.returncode == 1 and "Traceback" not in refusals, refusals[-3000:]
+    assert done.returncode == 2 and "Traceback" not in refusals, refusals[-3000:]
     assert f"--result_file ro/result.json: this process may not create files in {tmp_path / 'ro'}" in refusals
     assert f"--out ro/out: this process may not create files in {tmp_path / 'ro'}" in refusals
 
@@ -154,7 +154,7 @@ def test_protocol_refuses_a_table_that_is_a_directory_before_any_fit(tmp_path):
 def test_protocol_refuses_a_name_over_the_limit_as_an_error_line(tmp_path, capsys):
     code, err = run(capsys, "protocol", "-c", TINY, "--out", tmp_path, "--name", LONG, "--split_seeds", 0,
                     "--init_seeds", 0)
-    assert code == 1 and "--name: the name nnnn" in err and "is 300 bytes long" in err
+    assert code == 2 and "--name: the name nnnn" in err and "is 300 bytes long" in err
 
 
 def test_protocol_reports_a_full_disk_as_an_error_line(tmp_path, monkeypatch, capsys):
@@ -170,7 +170,7 @@ def test_tune_refuses_a_sqlite_storage_in_a_missing_folder_at_once(tmp_path, cap
     start = time.monotonic()
     code, err = run(capsys, "tune", "-c", TINY, "--grid", "model.lr=1e-3,5e-3", "--data.val_shots", 2,
                     "--skip_protocol", "--out", tmp_path, "--storage", f"sqlite:///{tmp_path}/missing/x.db")
-    assert code == 1 and f"the folder {tmp_path / 'missing'} does not exist" in err
+    assert code == 2 and f"the folder {tmp_path / 'missing'} does not exist" in err
     assert time.monotonic() - start < 8  # not after optuna's retries
 
 

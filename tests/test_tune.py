@@ -25,7 +25,7 @@ def test_grid_keys_and_validation_data_are_checked(tmp_path, capsys):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name="t", overrides=["--trainer.max_epochs", "1"])
     # the console script's own exit code and message (in this process: tune_study runs it as a process)
     capsys.readouterr()
-    assert main(tune_cmd(tmp_path, "--grid", "model.lr")[3:]) == 1
+    assert main(tune_cmd(tmp_path, "--grid", "model.lr")[3:]) == 2  # a refusal before any run, as fit exits
     assert "dotted key" in capsys.readouterr().err
 
 
