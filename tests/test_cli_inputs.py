@@ -1,5 +1,6 @@
 """Bad command-line input to `nola-vision fit`: broken or deeply nested config files and values, options of the wrong
 type; each fails before training with a message that names the file or option."""
+import re
 import subprocess
 import sys
 import warnings
@@ -252,3 +253,18 @@ def test_the_repeated_key_check_follows_what_yaml_builds(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:  # the parser's own "Unexpected config: foo"
         main(["-c", str(scalar), "fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path)])
     assert exited.value.code == 2 and "Unexpected config: foo" in capsys.readouterr().err
+
+
+def test_a_later_config_file_switching_the_adapter_class_names_the_settings_it_kept(tmp_path):
+    # only --model.adapter warned: a later -c file naming LoRAConfig trained LoRA on NOLA's mlp targets silently
+    lora = tmp_path / "lora.yaml"
+    lora.write_text("model:\n  adapter:\n    class_path: nola_vision.LoRAConfig\n")
+    with pytest.warns(UserWarning, match=rf"-c {re.escape(str(lora))} \(its model.adapter LoRAConfig\) kept the "
+                      r"earlier adapter's targets=\['mlp.fc1', 'mlp.fc2'\]"):
+        assert fit(tmp_path / "run", "-c", str(lora), "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
+    lora.write_text("model:\n  adapter:\n    class_path: nola_vision.LoRAConfig\n"
+                    "    init_args: {targets: [attn.q, attn.v], rank: 4}\n")  # given by the file: nothing carried
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fit(tmp_path / "given", "-c", str(lora), "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
+    assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]

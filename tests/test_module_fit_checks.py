@@ -746,3 +746,18 @@ def test_a_refused_fit_leaves_the_module_as_its_last_fit_left_it(tmp_path, check
         with pytest.raises(RuntimeError, match="stopped"):
             trainer(tmp_path / "d", epochs=2, callbacks=[_StopAtStep(2)]).fit(stopped, loader())
         trainer(tmp_path / "e").validate(stopped, loader(), ckpt_path=checkpoint)
+
+
+def test_built_hparams_shown_alike_in_another_process_are_no_change():
+    # a functools.partial of a function: ddp_spawn's copy showed another address, and every rank refused the fit
+    import functools
+
+    from nola_vision.train.module import _shown
+
+    def made():  # the same function, as another process's copy of it (at another address)
+        namespace = {}
+        exec("def make_norm(dim, eps=1e-6):\n    return dim", namespace)
+        return {"norm_layer": functools.partial(namespace["make_norm"], eps=1e-5)}
+
+    first, second = made(), made()
+    assert repr(first) != repr(second) and _shown(first) == _shown(second)

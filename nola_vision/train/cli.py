@@ -1826,14 +1826,14 @@ def _same_value(a: Any, b: Any) -> bool:
 
 def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any
                              ) -> Dict[str, Any]:
-    """The settings ``--model.adapter <Class>`` on the command line took over from another class's config
-    (jsonargparse keeps every init arg the new class accepts): ``{name: (value, the new class's default)}`` for those
-    that differ from that default and that the command line does not give itself."""
-    switches = [i for i, arg in enumerate(argv) if arg == "--model.adapter" or arg.startswith("--model.adapter=")]
-    if not switches or not hasattr(adapter, "init_args"):
+    """The settings that ``--model.adapter <Class>`` on the command line, or a later ``-c`` file naming another
+    adapter class, took over from an earlier class's config (jsonargparse keeps every init arg the new class
+    accepts): ``{name: (value, the new class's default)}`` for those that differ from that default and that neither
+    the command line nor that file gives itself."""
+    switch = _last_adapter_switch(argv)
+    if switch is None or not hasattr(adapter, "init_args"):
         return {}
-    at = switches[-1]
-    value = argv[at].partition("=")[2] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
+    at, given = switch
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             before = parser.parse_args(argv[:at])
@@ -1842,17 +1842,51 @@ def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[
     previous = (before.get(subcommand) if subcommand else before).get("model.adapter")
     if not hasattr(previous, "init_args") or _class_of(previous.class_path) is _class_of(adapter.class_path):
         return {}
-    given = {arg[len("--model.adapter."):].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
-             for arg in argv if arg.startswith("--model.adapter.")}
-    with contextlib.suppress(yaml.YAMLError):
-        node = yaml.safe_load(value)
-        if isinstance(node, dict):  # --model.adapter '{"class_path": ..., "init_args": {...}}'
-            given |= set(node) | set(node.get("init_args") or {})
+    given |= {arg[len("--model.adapter."):].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+              for arg in argv if arg.startswith("--model.adapter.")}
     defaults = _class_defaults(adapter.class_path)
     earlier = previous.init_args.as_dict()
     return {name: (kept, defaults.get(name)) for name, kept in adapter.init_args.as_dict().items()
             if name not in given and name in earlier and _same_value(earlier[name], kept)
             and not _same_value(defaults.get(name, inspect.Parameter.empty), kept)}
+
+
+def _last_adapter_switch(argv: List[str]) -> Optional[Tuple[int, set]]:
+    """(position, settings it gives) of the last argument that sets the adapter class: ``--model.adapter``, or a
+    ``-c`` file whose ``model.adapter`` names a ``class_path``; None without one."""
+    last = None
+    for i, arg in enumerate(argv):
+        option, _, inline = arg.partition("=")
+        if option not in ("--model.adapter", "-c", "--config"):
+            continue
+        value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+        if option == "--model.adapter":
+            node = _yaml_node(value)  # a class name, or '{"class_path": ..., "init_args": {...}}'
+        else:
+            model = _yaml_node(_read_text(value))
+            model = model.get("model") if isinstance(model, dict) else None
+            node = model.get("adapter") if isinstance(model, dict) else None
+            if not (isinstance(node, dict) and "class_path" in node):
+                continue  # a file that does not switch the class
+        given = set(node) | set(node.get("init_args") or {}) if isinstance(node, dict) else set()
+        last = (i, given - {"class_path", "init_args"})
+    return last
+
+
+def _yaml_node(text: str) -> Any:
+    """``text`` read as YAML, or None where it is none."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+def _read_text(path: str) -> str:
+    """A config file's text, or "" where it cannot be read (the parser reports that)."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any) -> None:
@@ -1861,7 +1895,11 @@ def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Opti
     carried = carried_adapter_settings(parser, argv, subcommand, adapter)
     if carried:
         name = adapter.class_path.rpartition(".")[2]
-        rank_zero_warn(f"nola_vision: --model.adapter {name} kept the earlier adapter's "
+        at = _last_adapter_switch(argv)[0]
+        option, _, inline = argv[at].partition("=")
+        switch = (f"--model.adapter {name}" if option == "--model.adapter" else
+                  f"{option} {inline or argv[at + 1]} (its model.adapter {name})")
+        rank_zero_warn(f"nola_vision: {switch} kept the earlier adapter's "
                        + ", ".join(f"{key}={value!r} ({name}'s default: {default!r})"
                                    for key, (value, default) in carried.items())
                        + f" (a new class keeps the settings it accepts). Give them on the command line "

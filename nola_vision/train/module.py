@@ -307,7 +307,7 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_sha256: Optional[str] = None
         # The hyperparameters the model was built from: one set on ``hparams`` since would be recorded in the
         # checkpoints without having built the model they hold (``_require_built_hparams``).
-        self._built_with = {key: (copy.deepcopy(hp[key]), repr(hp[key])) for key in BUILT_HPARAMS}
+        self._built_with = {key: (copy.deepcopy(hp[key]), _shown(hp[key])) for key in BUILT_HPARAMS}
         # Whether a fit of this module started and did not finish (interrupted, failed): its weights are part-trained
         self._fit_running = False
         # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
@@ -565,7 +565,7 @@ class FewShotClassifier(L.LightningModule):
         built = getattr(self, "_built_with", None)  # absent from older pickles
         # equal to a copy, or shown alike (a functools.partial in backbone_kwargs equals no copy of itself)
         changed = [key for key, (value, shown) in (built or {}).items()
-                   if not _same(self.hparams.get(key), value) and repr(self.hparams.get(key)) != shown]
+                   if not _same(self.hparams.get(key), value) and _shown(self.hparams.get(key)) != shown]
         if changed:
             shown = "; ".join(f"{key}: {built[key][1]} → {self.hparams.get(key)!r}" for key in changed)
             raise ValueError(f"FewShotClassifier.hparams changed after the model was built from them ({shown}): the "
@@ -1255,6 +1255,12 @@ def _check_batch(images: Tensor, labels: Tensor, num_classes: int, stage: Any) -
                          f"classes (0..{num_classes - 1}): {effect}. Map the labels to 0..{num_classes - 1} (-100, "
                          "CrossEntropyLoss's ignore_index, is not taken), or build FewShotClassifier with the data's "
                          "class count (FewShotDataModule's loaders are checked before a step)")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` without memory addresses ("<function f at 0x7f...>"), which a copy in another process
+    (ddp_spawn pickles the module) changes."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def _same(value: Any, other: Any) -> bool:
