@@ -71,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         message, kept = error_message(err), _kept(err)
         print(f"nola-vision: error: {message.rstrip('.') + kept if kept else message}\n(set NOLA_VISION_TRACEBACK=1 "
               "to see the traceback)", file=sys.stderr)
-        if isinstance(err, CONFIG_ERRORS) and not getattr(err, "run_started", False):  # else the run failed
+        refused = isinstance(err, CONFIG_ERRORS) and not getattr(err, "run_started", False)
+        if refused or getattr(err, "before_run", False):  # a refusal before the run; else the run failed
             return CONFIG_EXIT
         return DIVERGED_EXIT if isinstance(err, NonFiniteLossError) else 1
     finally:

@@ -133,7 +133,7 @@ def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, c
     kept = empty.read_bytes()
     try:
         empty.write_bytes(b"")
-        assert main([*run["predict"], "--predictions_file", str(tmp_path / "p.csv")]) == 1
+        assert main([*run["predict"], "--predictions_file", str(tmp_path / "p.csv")]) == 2  # refused before the pass
     finally:
         empty.write_bytes(kept)
     err = capsys.readouterr().err

@@ -1052,8 +1052,10 @@ class NolaCLI(LightningCLI):
             require_share_per_process(len(self.datamodule.test_set), self.trainer.world_size, "test")
         bad = self.datamodule.test_set.dataset.missing_or_empty_files()
         if bad:
-            raise CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
-                                    f"them again, or remove them, before {why}")
+            error = CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
+                                      f"them again, or remove them, before {why}")
+            error.before_run = True  # a refusal before the run (exit 2): every run of the split would fail alike
+            raise error
 
 
 # What FewShotClassifier logs during fit (train/module.py's self.log calls), by the names callbacks find them under:
