@@ -1306,16 +1306,22 @@ def _given_on_command_line(argv: Any, option: str) -> bool:
     return False
 
 
-def _group_sets(value: str, keys: List[str]) -> bool:
-    """Whether a group option's value (inline YAML/JSON, or a file of it) sets the nested ``keys``."""
+def _yaml_value(value: str) -> Any:
+    """An option's value as the parser reads it: the YAML of the file it names, else the YAML (or JSON) of the text
+    itself; None where it is no YAML."""
     try:
         text = Path(value).read_text() if Path(value).is_file() else value
     except (OSError, ValueError):  # a long inline value is no file name
         text = value
     try:
-        settings = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
-        return False
+        return None
+
+
+def _group_sets(value: str, keys: List[str]) -> bool:
+    """Whether a group option's value (inline YAML/JSON, or a file of it) sets the nested ``keys``."""
+    settings = _yaml_value(value)
     for key in keys:
         if not isinstance(settings, dict) or key not in settings:
             return False
@@ -1862,33 +1868,15 @@ def _last_adapter_switch(argv: List[str]) -> Optional[Tuple[int, set]]:
         if option not in ("--model.adapter", "-c", "--config"):
             continue
         value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
-        if option == "--model.adapter":
-            node = _yaml_node(value)  # a class name, or '{"class_path": ..., "init_args": {...}}'
-        else:
-            model = _yaml_node(_read_text(value))
-            model = model.get("model") if isinstance(model, dict) else None
+        node = _yaml_value(value)  # --model.adapter: a class name, '{"class_path": ..., "init_args": {...}}' or a file
+        if option != "--model.adapter":  # a config file (or its inline YAML)
+            model = node.get("model") if isinstance(node, dict) else None
             node = model.get("adapter") if isinstance(model, dict) else None
             if not (isinstance(node, dict) and "class_path" in node):
                 continue  # a file that does not switch the class
         given = set(node) | set(node.get("init_args") or {}) if isinstance(node, dict) else set()
         last = (i, given - {"class_path", "init_args"})
     return last
-
-
-def _yaml_node(text: str) -> Any:
-    """``text`` read as YAML, or None where it is none."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-
-
-def _read_text(path: str) -> str:
-    """A config file's text, or "" where it cannot be read (the parser reports that)."""
-    try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return ""
 
 
 def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any) -> None:
