@@ -717,6 +717,33 @@ def test_a_checkpoint_cut_short_is_named_by_load_from_checkpoint(checkpoint, tmp
     assert FewShotClassifier.load_from_checkpoint(checkpoint).hparams.num_classes == 4
 
 
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_checkpoint_cut_short_is_named_when_a_trainer_of_ones_own_loads_it(checkpoint, tmp_path, stage):
+    # Trainer.fit(ckpt_path=...) from Python loaded it with Lightning's default writer: a bare "[Errno 22]"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    whole = folder / "epoch=0-step=2.ckpt"
+    whole.write_bytes(checkpoint.read_bytes())
+    cut = folder / "last.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:2000])
+    run = trainer(tmp_path / "run", epochs=2)
+    with pytest.raises(ValueError, match=rf"ckpt_path {re.escape(str(cut))} is not a checkpoint written by fit .* "
+                                         rf"cut short.*the newest whole one beside it: ckpt_path='{re.escape(str(whole))}'"):
+        getattr(run, stage)(module(), loader(), ckpt_path=cut)
+    assert type(run.strategy.checkpoint_io).__name__ == "LocalAtomicCheckpointIO"
+
+
+def test_a_checkpoint_plugin_of_ones_own_is_kept(tmp_path):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class Mine(TorchCheckpointIO):
+        pass
+
+    run = trainer(tmp_path / "run", epochs=1, plugins=[Mine()])
+    run.fit(module(), loader())
+    assert type(run.strategy.checkpoint_io) is Mine and any((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_a_callable_in_backbone_kwargs_is_no_change_of_the_built_hparams(tmp_path):
     # a functools.partial equals no copy of itself: every fit of such a model was refused as changed
     import functools

@@ -2,8 +2,12 @@
 renamed into place (``core.storage.atomic_path``), so a checkpoint under its final name is always whole."""
 from __future__ import annotations
 
+import contextlib
 import io
-from typing import Any, Dict, Optional
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 from lightning.fabric.utilities.types import _PATH
@@ -11,7 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["LocalAtomicCheckpointIO"]
+__all__ = ["LocalAtomicCheckpointIO", "newest_checkpoint", "require_whole_checkpoint", "use_atomic_checkpoints"]
 
 
 class LocalAtomicCheckpointIO(TorchCheckpointIO):
@@ -29,3 +33,46 @@ class LocalAtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()  # as Lightning's: torch's own file writer reports a full disk with no errno
         torch.save(checkpoint, buffer)
         write_bytes_atomic(path, buffer.getbuffer())
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        require_whole_checkpoint(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
+
+def use_atomic_checkpoints(trainer: Any) -> None:
+    """Give ``trainer`` a ``LocalAtomicCheckpointIO`` where it has Lightning's default writer (not a plugin of the
+    user's): its checkpoints are then whole under their final names, and a cut-short one it is given is named."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = LocalAtomicCheckpointIO()
+
+
+def newest_checkpoint(paths: Iterable[_PATH], accept: Callable[[Path], bool] = lambda path: True) -> Optional[Path]:
+    """The most recently modified file of ``paths`` that ``accept`` takes, or None: the checkpoint that names a run
+    where its ``last.ckpt`` is not the one (missing, cut short, or not of the kind asked)."""
+    for path in sorted(map(Path, paths), key=_modified, reverse=True):
+        if path.is_file() and accept(path):
+            return path
+    return None
+
+
+def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
+    """Refuse a local file that is no torch archive (another file, or a checkpoint cut short by a full disk or an
+    interrupted copy), naming the newest whole checkpoint beside it: torch's own error is a bare ``OSError: [Errno
+    22] Invalid argument`` that names no file."""
+    if not isinstance(path, (str, os.PathLike)) or "://" in str(path) or not os.path.isfile(path) \
+            or zipfile.is_zipfile(path):
+        return
+    file = Path(path)
+    whole = newest_checkpoint((p for p in file.parent.glob("*.ckpt") if p != file), zipfile.is_zipfile)
+    named = f"{option} {whole}" if option.startswith("--") else f"{option}={str(whole)!r}"
+    beside = f" (the newest whole one beside it: {named})" if whole else ""
+    raise ValueError(f"{option} {path} is not a checkpoint written by fit (a torch archive), or it was cut short (a "
+                     f"full disk, an interrupted copy): pass another checkpoint of the run{beside}")
+
+
+def _modified(path: Path) -> float:
+    """``path``'s modification time; 0 for a file gone since it was listed."""
+    with contextlib.suppress(OSError):
+        return path.stat().st_mtime
+    return 0.0

@@ -17,7 +17,6 @@ import pickle
 import re
 import sys
 import traceback
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,7 +26,6 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
@@ -51,7 +49,7 @@ from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
-from .checkpoint_io import LocalAtomicCheckpointIO
+from .checkpoint_io import newest_checkpoint, require_whole_checkpoint, use_atomic_checkpoints
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
@@ -405,19 +403,13 @@ def kept_checkpoint(trainer: Trainer) -> Optional[str]:
     checkpoint, of those saved at an epoch's end (a resume from one saved inside an epoch is refused); None when they
     kept none."""
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    last = [Path(c.last_model_path) for c in callbacks if c.last_model_path]
-    others = sorted((path for callback in callbacks if callback.dirpath and os.path.isdir(callback.dirpath)
-                     for path in Path(callback.dirpath).glob("*.ckpt")), key=_modified, reverse=True)
-    for path in [*last, *others]:
+    for path in (Path(c.last_model_path) for c in callbacks if c.last_model_path):
         if path.is_file() and _resumable(path):
             return str(path)
-    return None
-
-
-def _modified(path: Path) -> float:
-    with contextlib.suppress(OSError):
-        return path.stat().st_mtime
-    return 0.0
+    others = (path for callback in callbacks if callback.dirpath and os.path.isdir(callback.dirpath)
+              for path in Path(callback.dirpath).glob("*.ckpt"))
+    newest = newest_checkpoint(others, _resumable)
+    return str(newest) if newest is not None else None
 
 
 def _resumable(path: Path) -> bool:
@@ -605,9 +597,9 @@ def _how_to_resume(folders: Sequence[Path]) -> str:
     """How to resume the run kept in ``folders`` (checkpoint folders): ``--ckpt_path last``, or, where a run was killed
     between Lightning's epoch checkpoint and ``last.ckpt`` (which it writes second), the newest checkpoint's path."""
     kept = [p for folder in folders for p in Path(folder).glob("*.ckpt") if p.is_file()]
-    if not kept or any(map(_is_last_checkpoint, kept)):
+    newest = newest_checkpoint(kept)
+    if newest is None or any(map(_is_last_checkpoint, kept)):
         return "--ckpt_path last"
-    newest = max(kept, key=lambda p: p.stat().st_mtime)
     return f"--ckpt_path {newest} (its newest checkpoint: it stopped before writing last.ckpt)"
 
 
@@ -876,8 +868,7 @@ class NolaCLI(LightningCLI):
         """The trainer, keeping a ``last.ckpt`` of the latest epoch's weights by default (``FinalWeights``), so that
         ``fit --ckpt_path last`` resumes a run where it stopped and ``test`` on it reproduces fit's accuracy."""
         trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
-            trainer.strategy.checkpoint_io = LocalAtomicCheckpointIO()
+        use_atomic_checkpoints(trainer)
         for callback in trainer.checkpoint_callbacks:
             # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
             # end of any fit): its last-v1.ckpt would be the newest that --ckpt_path last finds in the run's folder
@@ -1578,12 +1569,7 @@ def check_checkpoint_file(path: Optional[str]) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} is {'a directory' if file.is_dir() else 'missing'}: pass a "
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
-    if not zipfile.is_zipfile(file):
-        whole = sorted((p for p in file.parent.glob("*.ckpt") if p != file and zipfile.is_zipfile(p)),
-                       key=lambda p: p.stat().st_mtime)
-        other = f" (the newest whole one beside it: --ckpt_path {whole[-1]})" if whole else ""
-        raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (a torch archive), or it was cut "
-                         f"short (a full disk, an interrupted copy): pass another checkpoint of the run{other}")
+    require_whole_checkpoint(file, "--ckpt_path")
     try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
         loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
@@ -1715,9 +1701,9 @@ def find_last_checkpoint(root: os.PathLike, runs_below: bool = True,
     ``<name>/version_N``, where Lightning's own ``ckpt_path="last"`` lookup does not look) or in ``dirpaths`` (the
     run's checkpoint callbacks' own folders), or None; with ``runs_below`` False, only ``root``'s own run's (a
     logger-less run's folder holds the others' too)."""
-    found = [p for folder in _checkpoint_folders(root, runs_below, dirpaths) for p in folder.glob("last*.ckpt")
-             if _is_last_checkpoint(p)]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    found = (p for folder in _checkpoint_folders(root, runs_below, dirpaths) for p in folder.glob("last*.ckpt"))
+    newest = newest_checkpoint(found, _is_last_checkpoint)
+    return str(newest) if newest is not None else None
 
 
 def _checkpoint_folders(root: os.PathLike, runs_below: bool, dirpaths: Sequence[os.PathLike]) -> List[Path]:

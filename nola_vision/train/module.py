@@ -17,7 +17,6 @@ import os
 import random
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Set, Tuple, Union, get_args
 
@@ -59,6 +58,7 @@ from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
+from .checkpoint_io import require_whole_checkpoint, use_atomic_checkpoints
 from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
@@ -318,11 +318,7 @@ class FewShotClassifier(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FewShotClassifier:
         """``LightningModule.load_from_checkpoint``, naming a local file that is no checkpoint or was cut short (a
         full disk, an interrupted copy): torch's own error there is a bare ``OSError: [Errno 22] Invalid argument``."""
-        path = checkpoint_path
-        if isinstance(path, (str, os.PathLike)) and "://" not in str(path) and os.path.isfile(path) \
-                and not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a checkpoint written by fit (a torch archive), or it was cut short (a "
-                             "full disk, an interrupted copy): load another checkpoint of the run")
+        require_whole_checkpoint(checkpoint_path, "checkpoint_path")
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def train(self, mode: bool = True) -> FewShotClassifier:
@@ -533,7 +529,11 @@ class FewShotClassifier(L.LightningModule):
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse, before any pass of any stage, data preprocessed for another backbone (``_check_preprocessing``) or
-        of another class count than the head (``_check_data_classes``)."""
+        of another class count than the head (``_check_data_classes``). A trainer with Lightning's default checkpoint
+        writer takes ``LocalAtomicCheckpointIO`` (``use_atomic_checkpoints``): its checkpoints are whole under their
+        final names, and one cut short given as ``ckpt_path`` is named instead of failing in ``torch.load``."""
+        if self._trainer is not None:
+            use_atomic_checkpoints(self._trainer)
         self._check_preprocessing()
         self._check_data_classes()
 
