@@ -627,9 +627,11 @@ def test_a_linear_probes_state_dict_records_its_quantisation_aware_bits():
     state = trained.state_dict()
     for bits, strict in ((None, True), (None, False), (8, True)):
         other = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), bits)
+        head = other.head.weight.detach().clone()
         with pytest.raises(RuntimeError, match=r"head was trained quantisation-aware at 4 bits, and this model shows "
                                                r"it at (full precision|8 bits)"):
             other.load_state_dict(state, strict=strict)
+        assert torch.equal(other.head.weight, head)  # refused before the head loaded
     same = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), 4)
     same.load_state_dict(state)
     with torch.no_grad():

@@ -138,9 +138,14 @@ def test_state_dict_refuses_a_model_injected_with_another_config(change):
     nv.inject(source, nv.NOLAConfig(**config))
     state = as_if_trained(source).state_dict()
     target = tiny_vit()
-    nv.inject(target, nv.NOLAConfig(**{**config, **change}))
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv: the state dict's adapter tensors belong to another"):
-        target.load_state_dict(state, strict=True)
+    as_if_trained(nv.inject(target, nv.NOLAConfig(**{**config, **change})), seed=5)
+    before = copy.deepcopy(target.state_dict())
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv: the state dict's adapter tensors belong to "
+                                               r"another"):
+            target.load_state_dict(state, strict=strict)
+        # refused before anything loaded: the head (and every other module) kept its values
+        assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
 
 
 def test_state_dict_refuses_another_method_with_the_same_shapes():
@@ -787,3 +792,79 @@ def test_a_weight_cast_to_16_bits_after_a_float32_merge_unmerges_to_the_casts_ro
         step = torch.finfo(dtype).eps * 2 ** torch.floor(torch.log2(largest))  # the dtype's step there
         off = (layer.weight.double() - base[name].double()).abs() / step
         assert off.max() <= 1.0, f"{name}: {off.max():.1f} steps"
+
+
+def test_a_merged_copy_averaged_with_an_unmerged_model_refuses_every_use():
+    # timm's ModelEmaV3 copies the unmerged model's merged flag into a merged EMA and averages its weights: the EMA then
+    # held part of ΔW in a state dict that said "unmerged", which loaded and unmerged without a word
+    from timm.utils import ModelEmaV3
+
+    model = _adapted("nola_shared")
+    ema = ModelEmaV3(model, decay=0.5)
+    nv.merge(ema.module)
+    ema.module(_images())  # merged and untouched: fine
+    ema.update(model)
+    written = _weights(ema.module)
+    for use in (lambda: ema.module(_images()), lambda: nv.unmerge(ema.module), ema.module.state_dict,
+                lambda: nv.save_adapter(ema.module, "unused"), lambda: ema.update(model)):
+        with pytest.raises(RuntimeError, match=r"is merged, but its adapter_merged flag was overwritten since "
+                                               r"nv\.merge \(it now says unmerged\).*copy\.deepcopy\(ema\.module\)"):
+            use()
+    # the refused unmerge changed nothing
+    assert all(layer.merged for layer in nv.adapted_layers(ema.module).values())
+    assert all(torch.equal(layer.weight, written[name]) for name, layer in nv.adapted_layers(ema.module).items())
+
+    fresh = copy.deepcopy(model)  # a merged copy of the EMA, as advised: fine, and so is the model it tracks
+    ema = ModelEmaV3(model, decay=0.5)
+    evaluated = nv.merge(copy.deepcopy(ema.module))
+    ema.update(model)
+    torch.testing.assert_close(evaluated(_images()), fresh(_images()))
+    nv.unmerge(evaluated)
+
+
+def test_a_merged_layer_keeps_working_after_moves_copies_and_loads():
+    # the merged flag's version is noted afresh wherever it is a new tensor or written by the library itself
+    model = nv.merge(_adapted("lora_qv"))
+    out = model(_images())
+    for moved in (copy.deepcopy(model), model.double().float(), pickle_round_trip(model)):
+        torch.testing.assert_close(moved(_images()), out)
+    other = copy.deepcopy(model)
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(_images()), out)
+    doubled = {n: p.detach() * 2 for n, p in other.named_parameters() if p.requires_grad and "head" not in n}
+    switch_merged(other, doubled)
+    other(_images())
+    nv.unmerge(other)
+
+
+def pickle_round_trip(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_merge_refuses_a_weight_a_parametrization_computes():
+    # registered after inject: ΔW was written into the computed tensor, lost, and the layer counted as merged
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, weight):
+            return weight * 2
+
+    model = _adapted("lora_qv")
+    parametrize.register_parametrization(model.blocks[0].attn.qkv, "weight", Double())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"nv\.merge: the weight of blocks\.0\.attn\.qkv is computed by a "
+                                         r"parametrization .* nothing was changed"):
+        nv.merge(model)
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_torch_jit_script_of_an_adapted_model_names_what_works():
+    model = _adapted("nola_shared").eval()
+    with pytest.raises(TypeError, match=r"torch\.jit\.script cannot compile NOLALinear .* nv\.merge_and_unload"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(nv.merge_and_unload(copy.deepcopy(model)))
+    torch.testing.assert_close(scripted(_images()), model(_images()))

@@ -261,8 +261,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
         keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
                 for parameter in layer.adapter_parameter_names]
         hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
-    else:  # a linear probe (or full fine-tuning): no adapted layer's identity records quantisation-aware bits
-        hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
+    hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
     state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
     state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
     setattr(model, STATE_ATTRIBUTE, state)
@@ -500,9 +499,10 @@ def _run_the_layer(module: nn.Module, args: tuple) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
 
-    A merged model is unmerged first. Returns the model (changed in place). The classifier head is trained in place,
-    never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves, in place:
-    unloading it restores the flags and hooks, and the model keeps its trained weights.
+    A merged model is unmerged first (float32 and float64 weights then come back within one rounding step, 16-bit ones
+    bit for bit: see ``AdaptedLinear.unmerge``). Returns the model (changed in place). The classifier head is trained
+    in place, never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves,
+    in place: unloading it restores the flags and hooks, and the model keeps its trained weights.
     """
     require_module(model, "unload")
     require_not_data_parallel(model, removing=True)
@@ -678,19 +678,27 @@ def _save_bits(bits: int, module: nn.Module, state_dict: Dict[str, Tensor], pref
 
 def _check_bits(model: nn.Module, state_dict: Dict[str, Tensor], prefix: str, metadata: object, strict: bool,
                 missing: List[str], unexpected: List[str], errors: List[str]) -> None:
-    """Load pre-hook of a model without adapted layers: refuse a state dict of other quantisation-aware bits (or of
-    none), as an adapted layer's identity does for LoRA and NOLA (a linear probe's loaded into a model at other bits
-    gave other outputs without a word)."""
-    state = adapter_state(model)
-    bits = state.quant_bits if state is not None else None
-    saved = state_dict.pop(prefix + QAT_BITS_KEY, None)
-    saved_bits = None if saved is None else int(saved)
-    if saved_bits != bits:
-        trained = f"quantisation-aware at {saved_bits} bits" if saved_bits is not None else "at full precision"
-        shown = f"at {bits} bits (set_quantization_aware)" if bits is not None else "at full precision"
-        errors.append(f"the state dict's head was trained {trained}, and this model shows it {shown}: its outputs "
-                      "would differ. Set the model to the bits the state dict was trained at first "
-                      "(nv.set_quantization_aware)")
+    """Load pre-hook of an injected model: refuse, before anything loads, a state dict that an adapted layer refuses
+    (``AdaptedLinear.load_refusal``: another update, other bits) or, in a model without adapted layers, one of other
+    quantisation-aware bits (or of none; a linear probe's loaded at other bits gave other outputs without a word).
+    Added to torch's errors instead, a refusal came after every other module had loaded: the head took the refused
+    state dict's values."""
+    layers = adapted_layers(model)
+    refusals = [refusal for name, layer in layers.items()
+                if (refusal := layer.load_refusal(state_dict, f"{prefix}{name}.")) is not None]
+    if not layers:  # no adapted layer's identity records quantisation-aware bits
+        state = adapter_state(model)
+        bits = state.quant_bits if state is not None else None
+        saved = state_dict.pop(prefix + QAT_BITS_KEY, None)
+        saved_bits = None if saved is None else int(saved)
+        if saved_bits != bits:
+            trained = f"quantisation-aware at {saved_bits} bits" if saved_bits is not None else "at full precision"
+            shown = f"at {bits} bits (set_quantization_aware)" if bits is not None else "at full precision"
+            refusals.append(f"the state dict's head was trained {trained}, and this model shows it {shown}: its "
+                            "outputs would differ. Set the model to the bits the state dict was trained at first "
+                            "(nv.set_quantization_aware)")
+    if refusals:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}:\n\t" + "\n\t".join(refusals))
 
 
 def _quantize_head(head: nn.Module, bits: int) -> List[Union[RemovableHandle, _StoredBitsForward]]:

@@ -375,7 +375,7 @@ class AdaptedLinear(nn.Module):
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
         return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
-                "_pending_passes": 0, "_reading": None}
+                "_pending_passes": 0, "_reading": None, "_merged_flag_version": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -384,6 +384,7 @@ class AdaptedLinear(nn.Module):
             self._set_merged_update(self.trained_values())
         if "_merged_tensors" not in state:  # pickled before merged layers noted their tensor objects
             self._hold_merged_tensors()
+        self._note_merged_flag()  # a copy's flag is a new tensor, its version counted afresh
 
     @property
     def merged(self) -> bool:
@@ -396,6 +397,42 @@ class AdaptedLinear(nn.Module):
         # 0 unmerged; merged: the quantisation-aware bits ΔW was folded in at, 1 without (unmerge must match them)
         getattr(self, MERGED_FLAG).fill_((self.quant_bits or 1) if self._merged else 0)
         self._hold_merged_tensors()
+        self._note_merged_flag()
+
+    def _note_merged_flag(self) -> None:
+        """While merged, note the merged flag's version counter (every in-place write bumps it), so that a pass reads
+        the flag's value again only after a write (``overwritten_merged_flag``)."""
+        flag = getattr(self, MERGED_FLAG)
+        known = self._merged and not (flag.is_inference() or flag.is_meta)  # these keep no version
+        self.__dict__["_merged_flag_version"] = (flag, flag._version) if known else None
+
+    def overwritten_merged_flag(self) -> Optional[int]:
+        """The value a merged layer's flag was overwritten with since the merge, where it no longer says what this
+        layer merged; else None. timm's ``ModelEmaV3`` copies every buffer of the model it tracks: into a merged copy
+        (to evaluate the EMA) it copied an unmerged model's 0, and averaged the weights into W + ½ΔW, whose state dict
+        then loaded as an unmerged one."""
+        noted, flag = self.__dict__.get("_merged_flag_version"), getattr(self, MERGED_FLAG)
+        if noted is None or noted[0] is not flag or noted[1] == flag._version:
+            return None
+        value = int(flag)  # read only after a write
+        if value == (self.quant_bits or 1):
+            self._note_merged_flag()  # the same value written again (a copy of an equally merged model's)
+            return None
+        return value
+
+    def require_own_merged_flag(self, action: str, name: str = "") -> None:
+        """Raise a RuntimeError for ``action`` on a merged layer whose flag was overwritten since the merge
+        (``overwritten_merged_flag``): its weight was written along with it, so it holds no known W + ΔW."""
+        value = self.overwritten_merged_flag()
+        if value is not None:
+            says = "unmerged" if value == 0 else "merged at full precision" if value == 1 else f"merged at {value} bits"
+            raise RuntimeError(
+                f"{name or type(self).__name__} is merged, but its {MERGED_FLAG} flag was overwritten since nv.merge "
+                f"(it now says {says}): an EMA update averaging this merged copy with an unmerged model (timm's "
+                "ModelEmaV3 copies the flag and averages the weights), or a copy of another model's buffers into it. "
+                f"Its weight then holds part of a ΔW, so {action} would be silently wrong. Load the weights again "
+                "(load_state_dict of an unmerged model's state dict, then the adapter); to evaluate an EMA merged, "
+                "merge a copy of it (copy.deepcopy(ema.module)), not the EMA's own module")
 
     def _hold_merged_tensors(self) -> None:
         """Note which tensor objects the adapter tensors are while merged: a pass given others of other values
@@ -536,9 +573,11 @@ class AdaptedLinear(nn.Module):
             x, activation = activation(x), None
         if self.merged:
             tensors, merged_with = self.adapter_parameters().values(), self._merged_tensors
-            if merged_with is not None and not torch.compiler.is_compiling() and any(
-                    p is not q for p, q in zip(tensors, merged_with)) and not self._given_merged_values(tensors):
-                self._refuse_other_tensors()
+            if not torch.compiler.is_compiling():
+                self.require_own_merged_flag("this pass")
+                if merged_with is not None and any(p is not q for p, q in zip(tensors, merged_with)) \
+                        and not self._given_merged_values(tensors):
+                    self._refuse_other_tensors()
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in tensors if p.requires_grad]
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
@@ -577,10 +616,18 @@ class AdaptedLinear(nn.Module):
             "a parameter replaced since), which a merged weight would ignore. Call nv.unmerge(model) first: unmerged, "
             "each pass computes the update from the tensors it is given")
 
+    def __prepare_scriptable__(self) -> AdaptedLinear:
+        """Refuse ``torch.jit.script``, which cannot compile adapted layers (it failed deep inside torch with "Unknown
+        type annotation"), naming what works instead."""
+        raise TypeError(f"torch.jit.script cannot compile {type(self).__name__} (nola_vision's adapted layers): "
+                        "script nv.merge_and_unload(model) (a plain model of the merged weights), or use "
+                        "torch.jit.trace(model, example, check_trace=False), torch.export or torch.compile")
+
     def _replicate_for_data_parallel(self) -> AdaptedLinear:
         # DataParallel's replica gets broadcast copies of the merged tensors after this: nothing to compare them to
         replica = super()._replicate_for_data_parallel()
         replica._merged_tensors = None
+        replica.__dict__["_merged_flag_version"] = None
         return replica
 
     def _refuse_replaced_activation(self) -> None:
@@ -779,6 +826,7 @@ class AdaptedLinear(nn.Module):
         ``factors``: ``merged_delta_factors()`` computed by model-level code (``merge.unmerge`` combines the shared
         bases of every layer at once)."""
         if self.merged:
+            self.require_own_merged_flag("unmerge")
             self._unmerge_update(*(self.merged_delta_factors() if factors is None else factors))
             self.merged = False
             self._set_merged_update(None)
@@ -794,6 +842,7 @@ class AdaptedLinear(nn.Module):
 
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged."""
+        self.require_own_merged_flag("a task switch")
         record = self.unmerged_record  # a switch leaves the weight without ΔW as it was
         self._switch_merged_delta(old, new, self.trained_values() if values is None else values)
         self.unmerged_record = record
@@ -842,6 +891,7 @@ class AdaptedLinear(nn.Module):
                              "(inject there) and given no values since, so they hold uninitialised memory, which a "
                              "state dict would pass on as trained tensors: load an adapter first (nv.load_adapter, or "
                              "a state dict holding its tensors)")
+        self.require_own_merged_flag("a state dict of it", prefix[:-1])
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def holds_unset_values(self) -> bool:
@@ -856,6 +906,7 @@ class AdaptedLinear(nn.Module):
         if any(parameter.is_meta for parameter in self.adapter_parameters().values()):
             self.values_unset = True
         self._hold_merged_tensors()  # where the conversion made new parameter objects, those are the merged ones
+        self._note_merged_flag()
         return module
 
     def identity(self) -> Dict[str, Any]:
@@ -923,34 +974,13 @@ class AdaptedLinear(nn.Module):
         without the identity entry (a plain model's, or saved before it existed) loads unchecked; where it holds adapter
         tensors, ``unchecked_load`` says so until the model-level load post-hook has warned.
         """
-        name = prefix[:-1] or type(self).__name__
-        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
-        merged_state = flag is not None and bool(flag)  # its flag records the bits ΔW was merged at, checked below
-        mismatch = self._identity_mismatch(identity, name, not merged_state) if identity is not None else None
-        if mismatch is not None:
-            error_msgs.append(mismatch)
+        refusal = self.load_refusal(state_dict, prefix)
+        if refusal is not None:
+            error_msgs.append(refusal)
             return
+        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
         loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
         merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
-        folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
-        if folded_bits != self.quant_bits:
-            error_msgs.append(
-                f"{name}: the state dict's weight holds ΔW merged "
-                f"{f'at {folded_bits} bits (quantisation-aware)' if folded_bits else 'at full precision'}, this model "
-                f"is set to {f'{self.quant_bits} bits' if self.quant_bits else 'full precision'}, so unmerge would "
-                "subtract another ΔW: call nv.set_quantization_aware(model, "
-                f"{folded_bits}) before loading it, or nv.unmerge before state_dict()")
-            return
-        # Merged: ΔW of exactly these coefficients is in exactly this weight. Unmerged: the weight is a plain one.
-        consistent = (all(loads) or (not any(loads) and self.merged)) if merged else (loads[0] or not self.merged)
-        if not consistent:
-            error_msgs.append(
-                f"{name}: the state dict is {'' if merged else 'un'}merged but does not "
-                "hold the layer's weight with its adapter tensors, so ΔW would be lost or added twice: call "
-                "nv.unmerge(model) before state_dict() (and before loading into a merged model), or load the full "
-                "state dict"
-            )
-            return
         # the weight the kept rounding entries belong to (a 16-bit merged layer's): they hold only for that weight
         kept_for = self.weight.detach().clone() if self.merged and self.__dict__.get("_rounding") else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -979,6 +1009,33 @@ class AdaptedLinear(nn.Module):
                 self._set_merged_update(values)
         # else nothing of this layer's update was loaded: what this model merged stays merged
         self.unmerged_record = None  # other weights: a merged one is fingerprinted from its weight minus ΔW
+
+    def load_refusal(self, state_dict: Dict[str, Any], prefix: str) -> Optional[str]:
+        """Why this layer refuses its entries of ``state_dict`` (under ``prefix``), or None: adapter tensors of another
+        update (``identity()``), a weight merged at other quantisation-aware bits, or a merged (unmerged) state without
+        the weight and adapter tensors it needs. The model's load pre-hook asks every layer before anything loads."""
+        name = prefix[:-1] or type(self).__name__
+        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
+        merged_state = flag is not None and bool(flag)  # its flag records the bits ΔW was merged at, checked below
+        mismatch = self._identity_mismatch(identity, name, not merged_state) if identity is not None else None
+        if mismatch is not None:
+            return mismatch
+        loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
+        merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
+        folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
+        if folded_bits != self.quant_bits:
+            return (f"{name}: the state dict's weight holds ΔW merged "
+                    f"{f'at {folded_bits} bits (quantisation-aware)' if folded_bits else 'at full precision'}, this "
+                    f"model is set to {f'{self.quant_bits} bits' if self.quant_bits else 'full precision'}, so "
+                    f"unmerge would subtract another ΔW: call nv.set_quantization_aware(model, {folded_bits}) before "
+                    "loading it, or nv.unmerge before state_dict()")
+        # Merged: ΔW of exactly these coefficients is in exactly this weight. Unmerged: the weight is a plain one.
+        consistent = (all(loads) or (not any(loads) and self.merged)) if merged else (loads[0] or not self.merged)
+        if not consistent:
+            return (f"{name}: the state dict is {'' if merged else 'un'}merged but does not hold the layer's weight "
+                    "with its adapter tensors, so ΔW would be lost or added twice: call nv.unmerge(model) before "
+                    "state_dict() (and before loading into a merged model), or load the full state dict")
+        return None
 
     def extra_repr(self) -> str:
         slices = "" if self.whole_width else f", slices={list(self.slices)}"

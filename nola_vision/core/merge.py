@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import functions
 from .basis import BasisSpec, combine_bases
@@ -22,8 +23,8 @@ from .targets import require_module
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
            "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
-           "release_shared_factors", "require_current_merge", "shared_delta_factors", "switch_lock", "switch_merged",
-           "unmerge"]
+           "release_shared_factors", "require_current_merge", "require_own_merged_flags", "shared_delta_factors",
+           "switch_lock", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -347,6 +348,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     _require_injected(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
+    _require_stored_weights(unmerged, "merge")
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
     records = frozen_fingerprint(model, valued)["modules"] if valued else {}
     with torch.no_grad(), batched_factors(model):
@@ -362,6 +364,17 @@ def merge(model: nn.Module) -> nn.Module:
             layer.merge(checked[name])
             layer.unmerged_record = records.get(name)
     return model
+
+
+def _require_stored_weights(layers: Dict[str, AdaptedLinear], action: str) -> None:
+    """Refuse to write ΔW into a layer whose weight a parametrization computes (registered after inject): the write
+    would land in the computed tensor, thrown away at the next access, and the layer count as merged without it."""
+    parametrized = [name for name, layer in layers.items() if parametrize.is_parametrized(layer, "weight")]
+    if parametrized:
+        raise ValueError(f"nv.{action}: the weight of {', '.join(parametrized)} is computed by a parametrization "
+                         "(torch.nn.utils.parametrize, registered after inject), so ΔW written into it would be lost: "
+                         "nothing was changed. Remove it first (parametrize.remove_parametrizations(layer, 'weight'), "
+                         "which keeps the weight it computes), or keep the model unmerged")
 
 
 def _require_finite_update(name: str, factors: Tuple[Tensor, Tensor]) -> None:
@@ -407,6 +420,7 @@ def require_current_merge(model: nn.Module, action: str) -> None:
     """Refuse ``action`` (a file of the trained tensors) on a merged model whose adapter tensors changed since the
     merge (an EMA or optimizer step, an in-place edit): the model computes with the values merged then, so the file
     would load back with other outputs than the model gives."""
+    require_own_merged_flags(model, action)
     for name, layer in adapted_layers(model).items():
         merged = layer.merged_values
         if merged is None:
@@ -433,12 +447,22 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
     happened to its trained tensors since (an optimizer step while merged)."""
     _require_injected(model, "unmerge")
-    layers = [layer for layer in adapted_layers(model).values() if layer.merged]
+    require_own_merged_flags(model, "unmerge")  # before any layer changes
+    merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
+    _require_stored_weights(merged, "unmerge")
+    layers = list(merged.values())
     with torch.no_grad():
         factors = merged_delta_factors(layers)
         for layer in layers:
             layer.unmerge(factors[id(layer)])
     return model
+
+
+def require_own_merged_flags(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model with a merged layer whose merged flag was overwritten since the merge
+    (``AdaptedLinear.overwritten_merged_flag``), naming the layer."""
+    for name, layer in adapted_layers(model).items():
+        layer.require_own_merged_flag(action, name)
 
 
 def switch_lock(model: nn.Module) -> threading.RLock:
@@ -466,7 +490,9 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     shared-basis layers are combined in one pass over each basis, so switching a live ViT-B between tasks touches
     each weight once and decodes each basis once. On an unmerged model this is a plain copy.
     """
+    require_own_merged_flags(model, "a task switch")
     layers = {name: m for name, m in adapted_layers(model).items() if m.merged}
+    _require_stored_weights(layers, "load_adapter")
     new_values = {
         id(layer): {name: layer.trained(name, values.get(f"{prefix}.{name}", getattr(layer, name))
                                         .to(getattr(layer, name))).detach().clone()
