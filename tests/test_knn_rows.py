@@ -169,3 +169,30 @@ def test_a_knn_row_records_the_k_its_classifier_used(tmp_path):
     assert _result(out, "row", 0)["config"]["method"] == "knn (k=20)"
     write_tables(out)
     assert "| row | knn (k=20) |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_failure_writing_results_md_puts_results_csv_back(tmp_path, folder_config, monkeypatch):
+    # the two tables were two separate writes: a failure on the second left a newer csv beside an older md
+    from nola_vision.runs import results
+
+    out = tmp_path / "out"
+    run_knn([folder_config], out=str(out), name="row", split_seeds=[0], overrides=FAST[2:], echo=False)
+    write_tables(str(out))
+    before = {name: (out / name).read_bytes() for name in ("results.csv", "results.md")}
+    write = results.write_text_atomic
+
+    def failing(path, text, check=None):
+        if Path(path).name == "results.md":
+            raise OSError(28, "No space left on device")
+        return write(path, text, check)
+
+    monkeypatch.setattr(results, "write_text_atomic", failing)
+    result = _result(out, "row", 0)
+    (out / "row" / "split0" / "result.json").write_text(json.dumps({**result, "metrics": {
+        **result["metrics"], "test/acc": 0.125}}))
+    with pytest.raises(OSError, match="No space left"):
+        write_tables(str(out))
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in before} == before
+    write_tables(str(out))
+    assert "0.125" in (out / "results.csv").read_text() and "12.5" in (out / "results.md").read_text()

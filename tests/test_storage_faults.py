@@ -8,7 +8,9 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from storage_workers import trained
+from tiny_models import tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters import files, peft
@@ -383,3 +385,86 @@ def test_a_file_or_link_put_at_the_adapter_path_while_it_saves_is_left_there_and
     assert (target.read_text() == "notes\n") if kind == "file" else (target.readlink() == shared)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and not any(shared.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == [".task.lock", "shared", "task"]
+
+
+def _failing_directory_fsync(armed):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if armed[0] and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+    return fsync
+
+
+@posix_only
+def test_a_disk_error_before_the_swap_names_the_target_and_that_nothing_changed(tmp_path, monkeypatch):
+    # a bare "[Errno 5] Input/output error", naming no path
+    nv.save_adapter(trained(1), tmp_path / "adapter")
+    json_target = storage.write_text_atomic(tmp_path / "result.json", "old")
+    before = files_of(tmp_path / "adapter")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+    adapter = tmp_path / "adapter"
+    for save, target, unchanged in (
+            (lambda: nv.save_adapter(trained(2), adapter), adapter, "Nothing in .* was changed"),
+            (lambda: storage.write_text_atomic(json_target, "new"), json_target, "was not changed")):
+        with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: Input/output error .*"
+                                          rf"{unchanged}.*Check the disk") as error:
+            save()
+        assert error.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert files_of(tmp_path / "adapter") == before and json_target.read_text() == "old"
+
+
+@posix_only
+def test_a_disk_error_flushing_the_folder_after_the_swap_warns_that_the_save_took_place(tmp_path, monkeypatch):
+    # it raised a bare EIO after the new adapter had replaced the old one: the caller believed the old one kept
+    nv.save_adapter(trained(1), tmp_path / "adapter")
+    armed = [False]
+    real_swap = storage._swap_in
+
+    def swap(staged, target):
+        real_swap(staged, target)
+        armed[0] = True
+
+    monkeypatch.setattr(os, "fsync", _failing_directory_fsync(armed))
+    monkeypatch.setattr(storage, "_swap_in", swap)
+    with pytest.warns(RuntimeWarning, match=r"adapter was saved \(the new content is in place\), but flushing its "
+                                            r"folder to disk failed \(Input/output error\)"):
+        nv.save_adapter(trained(2), tmp_path / "adapter")
+    monkeypatch.undo()
+    nv.save_adapter(trained(2), tmp_path / "reference")  # the new adapter is the one in place
+    loaded, expected = nv.load_adapter(tiny_vit(), tmp_path / "adapter"), nv.load_adapter(tiny_vit(),
+                                                                                          tmp_path / "reference")
+    assert all(torch.equal(loaded.get_parameter(name), parameter)
+               for name, parameter in expected.named_parameters() if parameter.requires_grad)
+
+
+def test_a_full_disk_at_the_final_rename_is_explained_and_the_old_file_kept(tmp_path, monkeypatch):
+    target = storage.write_text_atomic(tmp_path / "result.json", "old")
+
+    def full(source, destination, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source), str(destination))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=rf"cannot save to {re.escape(str(target))}: no space is left on its filesystem"
+                                      r".*was not changed.*then save again"):
+        storage.write_text_atomic(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["result.json"]
+
+
+@posix_only
+def test_a_file_write_through_a_loop_of_links_or_to_a_name_too_long_is_refused_before_writing(tmp_path):
+    # the loop replaced the link with a file; the long name failed at the final rename, after the whole content
+    loop = tmp_path / "loop.json"
+    os.symlink(loop.name, loop)
+    with pytest.raises(OSError, match=r"loop\.json leads into a loop of symbolic links.*nothing was written"):
+        storage.write_text_atomic(loop, "x")
+    assert loop.is_symlink()
+    long = tmp_path / ("n" * 300 + ".ckpt")
+    written = []
+    with pytest.raises(OSError, match=r"the name nnnn.* is 305 bytes long, over the 255 .*nothing was written"):
+        with storage.atomic_path(long) as tmp:
+            written.append(tmp)
+    assert not written and sorted(os.listdir(tmp_path)) == ["loop.json"]

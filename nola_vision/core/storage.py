@@ -68,8 +68,8 @@ def check_writable_file(path: PathLike, what: str) -> None:
     file system's limit, or a place this process may not write (the run would otherwise lose its output)."""
     try:
         target = _file_target(path)  # where the write goes: atomic writes follow symlinks
-    except OSError as error:
-        raise ValueError(f"{what}: {error}") from None
+    except OSError as error:  # its own text, without the errno and path that str() adds
+        raise ValueError(f"{what}: {error.strerror if error.errno is not None else error}") from None
     folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
     too_long = _name_too_long(target, folder)
     if too_long is not None:
@@ -187,7 +187,7 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     """
     target = _file_target(path)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
-    with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
+    with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(target)
@@ -201,7 +201,7 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
                                            "or a read-only file system). Choose another path, or make that folder "
                                            f"writable. {unchanged}") from error
     try:
-        with _explained_if_out_of_room(target, unchanged):
+        with _explained_write_failure(target, unchanged):
             yield tmp
             replaced = _stat_or_none(target)
             if replaced is None:
@@ -211,8 +211,9 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
             _fsync_file(tmp)
         if check is not None:
             check()
-        os.replace(tmp, target)
-        _fsync_directory(target.parent)
+        with _explained_write_failure(target, unchanged):  # a rename too can fail for want of room
+            os.replace(tmp, target)
+        _flush_saved(target)
     finally:
         tmp.unlink(missing_ok=True)
         if fd is not None:
@@ -233,11 +234,23 @@ def _new_file_mode() -> int:
 
 def _file_target(path: PathLike) -> Path:
     """The real file a write to ``path`` replaces (symlinks resolved), or an OSError naming the fix, before anything
-    is written, for a path ending in a separator, an existing directory, or a path under an existing file."""
+    is written, for a path ending in a separator, a loop of symbolic links, a name longer than its file system takes,
+    an existing directory, or a path under an existing file."""
     text = os.fspath(path)
     if _ends_in_separator(text):
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
+    try:
+        os.stat(text)
+    except OSError as error:  # realpath leaves a loop as it is: the link itself would be replaced by a file
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{text} leads into a loop of symbolic links, which no write can go through: "
+                                       "remove or fix the link (nothing was written)") from error
+    absolute = Path(os.path.abspath(text))
+    folder = next((p for p in absolute.parents if os.path.isdir(p)), None)
+    too_long = _name_too_long(absolute, folder) if folder is not None else None
+    if too_long is not None:  # else found only at the final rename, after the whole content was written
+        raise OSError(errno.ENAMETOOLONG, f"{too_long} (nothing was written)", text)
     missing = _missing_before_parent_step(text)
     if missing is not None:  # realpath drops "missing/.." as text; reading the path back would fail there
         raise FileNotFoundError(_unreadable_back(text, missing, "file"))
@@ -522,14 +535,14 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
     unchanged = f"Nothing in {target} was changed: a previous adapter there, if any, is intact."
     with ExitStack() as held:
         held.enter_context(_ancestor_locks(target))
-        with _explained_if_out_of_room(target, unchanged):  # a disk out of inodes fails here, at the first new entry
+        with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
             target.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(writer_lock(target))
             _remove_leftovers(target)
             staged = _make_staging_directory(target)
         try:
             _inherit_access(target, staged)
-            with _explained_if_out_of_room(target, unchanged):
+            with _explained_write_failure(target, unchanged):
                 yield staged
                 written = os.listdir(staged)
                 old, copied = _keep_unwritten_entries(target, staged) if keep_others else (_stat_or_none(target), [])
@@ -539,11 +552,12 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
             if old is not None:
                 _copy_access(target, old, staged)
             new_set = set(os.listdir(staged))
-            _swap_in(staged, target)
+            with _explained_write_failure(target, unchanged):  # a failed swap leaves the old set in place
+                _swap_in(staged, target)
             _refuse_swapped_out_non_directory(staged, target)
             if keep_others:  # the old set now lies at ``staged``
                 _carry_over_late_entries(staged, target, new_set)
-            _fsync_directory(target.parent)
+            _flush_saved(target)
         finally:
             _remove_tree(staged)
     if copied:
@@ -570,17 +584,34 @@ def copy_directory(source: PathLike, destination: PathLike) -> Path:
 
 
 @contextmanager
-def _explained_if_out_of_room(target: Path, unchanged: str) -> Iterator[None]:
-    """Re-raise a write that failed for want of room (``_NO_ROOM``) as an OSError of the same errno naming
-    ``target``, the cause, the fix and that ``target`` is ``unchanged``: new content is written beside it first."""
+def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
+    """Re-raise an operating system error of writing the new content beside ``target`` (or of putting it in place)
+    as an OSError of the same errno naming ``target``, the cause and that ``target`` is ``unchanged``; for want of
+    room (``_NO_ROOM``), what frees it. The bare error named a hidden temporary path, or no path (an fsync's EIO).
+    Errors that explain themselves already (not the system's own text) pass as they are."""
     try:
         yield
     except OSError as error:
-        if error.errno not in _NO_ROOM:
+        if error.errno is None or error.strerror != os.strerror(error.errno):
             raise
-        cause, fix = _NO_ROOM[error.errno]
-        raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new content was "
-                                   f"written beside it. {unchanged} {fix}, then save again") from error
+        if error.errno in _NO_ROOM:
+            cause, fix = _NO_ROOM[error.errno]
+            raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new content "
+                                       f"was written beside it. {unchanged} {fix}, then save again") from error
+        raise OSError(error.errno, f"cannot save to {target}: {error.strerror} while the new content was written "
+                                   f"beside it. {unchanged} Check the disk and its file system (a failing disk, a "
+                                   "network mount gone), then save again") from error
+
+
+def _flush_saved(target: Path) -> None:
+    """Flush the folder of ``target``, just put in place, to its disk; a failure there warns instead of raising: the
+    save took place (the new content is what ``target`` names), only its survival of a power loss is not sure."""
+    try:
+        _fsync_directory(target.parent)
+    except OSError as error:
+        warn_user(f"{target} was saved (the new content is in place), but flushing its folder to disk failed "
+                  f"({error.strerror}): a power loss before the system writes it out may lose the save. Check the "
+                  "disk and its file system", RuntimeWarning)
 
 
 @contextmanager

@@ -10,8 +10,10 @@ the tables can flag a mean over fewer runs (failed, or still running).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,9 +29,9 @@ import yaml
 
 from ..core.checks import is_finite_number
 from ..core.storage import (
-    atomic_path,
     file_in_the_way,
     try_lock,
+    write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
     writer_lock,
@@ -834,11 +836,6 @@ def _missing_runs(name: str, missing: Set[str]) -> str:
 def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     rows = collect_results(out)
     csv_path, md_path = root / "results.csv", root / "results.md"
-    with atomic_path(csv_path, check=partial(_refuse_foreign_table, csv_path)) as tmp, \
-            open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [RESULTS_MD_HEADER,
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     finished: Dict[str, Set[str]] = {}
@@ -875,6 +872,21 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
         notes.append(f"Fewer runs than requested ({'; '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
                      "listed in its output and each run's log.txt).")
-    write_text_atomic(md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
-                      check=partial(_refuse_foreign_table, md_path))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    # two files, one set: a failure writing the second puts the first back, so neither is newer than the other
+    previous = csv_path.read_bytes() if csv_path.is_file() else None
+    write_text_atomic(csv_path, table.getvalue(), check=partial(_refuse_foreign_table, csv_path))
+    try:
+        write_text_atomic(md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
+                          check=partial(_refuse_foreign_table, md_path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if previous is None:
+                csv_path.unlink()
+            else:
+                write_bytes_atomic(csv_path, previous)
+        raise
     return rows
