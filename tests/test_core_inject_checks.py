@@ -133,6 +133,17 @@ def test_a_rank_within_every_layers_sizes_does_not_warn():
         nv.inject(tiny_vit(), nv.NOLAConfig(rank=64, num_basis_a=8, num_basis_b=8, targets=["mlp.fc1", "mlp.fc2"]))
 
 
+@pytest.mark.parametrize("config", [dict(rank=16), dict(rank=4, num_basis_a=8192), dict(rank=32, num_basis_b=512)])
+def test_bases_whose_size_costs_well_beyond_loras_step_warn_once_naming_k_times_rank(config):
+    # rank 32 took 2.2x LoRA's step time and 2.5x its memory on ViT-B, with no word of it
+    with pytest.warns(UserWarning, match=r"num_basis × rank = \d+ × \d+: .*grow with k × rank") as caught:
+        nv.inject(tiny_vit(), nv.NOLAConfig(**config))
+    assert sum("num_basis × rank" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.inject(tiny_vit(), nv.NOLAConfig(rank=8, num_basis_a=1024, num_basis_b=1024))  # 2x the defaults: quiet
+
+
 def test_bases_so_many_their_coefficients_cannot_be_allocated_are_refused_before_inject_allocates_them():
     # num_basis_a=10**9 got the process killed for memory while inject allocated 4 GB per layer
     model = tiny_vit()

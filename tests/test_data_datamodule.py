@@ -194,6 +194,30 @@ def test_split_file_reproduces_a_run_exactly(cifar10_root, tmp_path):
     assert (again.shots, again.val_shots, again.split_seed) == (4, 1, 9)  # what the run records is the manifest's
 
 
+def test_a_manifest_whose_lines_were_reordered_trains_in_the_draws_order(cifar10_root, tmp_path):
+    # the line order was the training order, which the split's records (order-free) never saw: a re-sorted copy of a
+    # run's manifest was taken as that draw, and a resume from it trained another adapter
+    dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=4, split_seed=9, image_size=8,
+                           split_dir=str(tmp_path / "run"))
+    dm.setup("fit")
+    lines = dm.manifest_path.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    for name, images in (("sorted", sorted), ("reversed", lambda rows: rows[::-1])):
+        shuffled = tmp_path / f"{name}.txt"
+        shuffled.write_text("".join(header + images([line for line in lines if not line.startswith("#")])))
+        again = FewShotDataModule("cifar10", root=str(cifar10_root), split_file=str(shuffled), image_size=8)
+        again.setup("fit")
+        assert again.train_manifest == dm.train_manifest and again.split_seed == 9, name
+        assert list(again.train_set.indices) == list(dm.train_set.indices), name
+
+
+def test_the_draw_is_the_same_for_composed_and_decomposed_file_names():
+    # a folder copied to macOS's HFS+ names "é" decomposed (NFD): the same files drew other images
+    composed, decomposed = "train/caf\u00e9/r\u00e9sum\u00e9 1.png", "train/cafe\u0301/re\u0301sume\u0301 1.png"
+    assert composed != decomposed and draw_order(composed, 3) == draw_order(decomposed, 3)
+    assert draw_order("train/a\udcff.png", 3) != draw_order("train/b\udcff.png", 3)  # bytes of non-UTF-8 names
+
+
 def add_drawn_image(dm: FewShotDataModule, class_name: str) -> Path:
     """Add a train image of ``class_name`` that ``dm``'s split seed draws before its drawn ones: the same settings then
     draw another split, and one of the run's training images becomes a validation image."""

@@ -173,20 +173,20 @@ def test_a_knn_row_records_the_k_its_classifier_used(tmp_path):
 
 def test_a_failure_writing_results_md_puts_results_csv_back(tmp_path, folder_config, monkeypatch):
     # the two tables were two separate writes: a failure on the second left a newer csv beside an older md
-    from nola_vision.runs import results
+    from nola_vision.core import storage
 
     out = tmp_path / "out"
     run_knn([folder_config], out=str(out), name="row", split_seeds=[0], overrides=FAST[2:], echo=False)
     write_tables(str(out))
     before = {name: (out / name).read_bytes() for name in ("results.csv", "results.md")}
-    write = results.write_text_atomic
+    write = storage.write_text_atomic
 
     def failing(path, text, check=None):
         if Path(path).name == "results.md":
             raise OSError(28, "No space left on device")
         return write(path, text, check)
 
-    monkeypatch.setattr(results, "write_text_atomic", failing)
+    monkeypatch.setattr(storage, "write_text_atomic", failing)
     result = _result(out, "row", 0)
     (out / "row" / "split0" / "result.json").write_text(json.dumps({**result, "metrics": {
         **result["metrics"], "test/acc": 0.125}}))

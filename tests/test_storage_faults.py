@@ -468,3 +468,24 @@ def test_a_file_write_through_a_loop_of_links_or_to_a_name_too_long_is_refused_b
         with storage.atomic_path(long) as tmp:
             written.append(tmp)
     assert not written and sorted(os.listdir(tmp_path)) == ["loop.json"]
+
+
+@pytest.mark.parametrize("stop", [OSError(errno.EIO, os.strerror(errno.EIO)), KeyboardInterrupt()])
+def test_a_set_of_files_written_together_is_put_back_whole_when_one_fails(tmp_path, monkeypatch, stop):
+    old, new, third = tmp_path / "best.json", tmp_path / "created.txt", tmp_path / "best.yaml"
+    storage.write_text_atomic(old, "old json")
+    storage.write_text_atomic(third, "old yaml")
+    write = storage.write_text_atomic
+
+    def failing(path, text, check=None):
+        if Path(path) == third:
+            raise stop
+        return write(path, text, check)
+
+    monkeypatch.setattr(storage, "write_text_atomic", failing)
+    with pytest.raises(type(stop)):
+        storage.write_set_atomic([(old, "new json", None), (new, "new file", None), (third, "new yaml", None)])
+    monkeypatch.undo()
+    assert old.read_text() == "old json" and not new.exists() and third.read_text() == "old yaml"
+    storage.write_set_atomic([(old, "new json", None), (new, "new file", None), (third, "new yaml", None)])
+    assert [p.read_text() for p in (old, new, third)] == ["new json", "new file", "new yaml"]

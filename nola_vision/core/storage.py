@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -33,7 +33,7 @@ except ImportError:  # Windows
 
 __all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "copy_directory",
            "file_in_the_way", "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
-           "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "writer_lock"]
+           "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -352,6 +352,23 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 1, sort_keys: bool
                       check: Optional[Callable[[], None]] = None) -> Path:
     """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; returns the path."""
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n", check)
+
+
+def write_set_atomic(files: Sequence[Tuple[PathLike, str, Optional[Callable[[], None]]]]) -> None:
+    """Write ``(path, text, check)`` files that belong together (a table and its summary, a choice as JSON and YAML),
+    each atomically (``write_text_atomic``); a failure on one puts back those written before it (removed where they
+    were new), so the set is never half old, half new."""
+    written: List[Tuple[Path, Optional[bytes]]] = []
+    try:
+        for path, text, check in files:
+            previous = Path(path).read_bytes() if os.path.isfile(path) else None
+            write_text_atomic(path, text, check)
+            written.append((Path(path), previous))
+    except BaseException:
+        for path, previous in reversed(written):
+            with suppress(OSError):  # a disk that refused the new file may refuse the old one too
+                path.unlink() if previous is None else write_bytes_atomic(path, previous)
+        raise
 
 
 def file_sha256(path: PathLike) -> str:

@@ -33,6 +33,7 @@ from .datasets import (
 )
 from .fewshot import (
     FewShotSplit,
+    in_draw_order,
     indices_from_manifest,
     manifest_settings,
     read_manifest,
@@ -645,7 +646,8 @@ class FewShotDataModule(L.LightningDataModule):
             self._record_drawn(shots=header["shots"], split_seed=header["split_seed"])
         else:  # written by hand, or edited: no seed drew it
             self._record_drawn(shots=_images_per_class(train, indices, self.split_file), split_seed=None)
-        return FewShotSplit(indices, val)
+        seed = header.get("split_seed", 0)  # the draw's own order, whatever the order of the manifest's lines
+        return FewShotSplit(in_draw_order(train.samples, indices, seed), in_draw_order(train.samples, val, seed))
 
     def _refuse_other_dataset(self, manifest: str) -> None:
         """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels

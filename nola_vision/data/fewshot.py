@@ -15,13 +15,13 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ..core.checks import as_integer, check_path, shown
 from ..core.warn import warn_user
 
-__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "indices_from_manifest", "manifest_settings",
-           "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
+__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "in_draw_order", "indices_from_manifest",
+           "manifest_settings", "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -42,9 +42,18 @@ class FewShotSplit:
 
 def draw_order(key: str, seed: int) -> int:
     """The position-free sort key of one image for split seed ``seed`` (64 bits of blake2b). A file name that is not
-    UTF-8 (Python's surrogate escapes) hashes as its bytes; any other key as its UTF-8 encoding."""
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    UTF-8 (Python's surrogate escapes) hashes as its bytes; any other key as its UTF-8 encoding, in Unicode's composed
+    form (NFC): a folder copied to macOS's HFS+ names ``é`` decomposed, and drew other images from the same files."""
+    composed = unicodedata.normalize("NFC", key)  # surrogate escapes are left as they are
+    digest = hashlib.blake2b(f"{seed}\0{composed}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def in_draw_order(samples: Sequence[tuple[str, int]], indices: Iterable[int], seed: int) -> list[int]:
+    """``indices`` in the order ``sample_kshot`` gives its draw of split seed ``seed`` (by label, then ``draw_order``):
+    a manifest's images train in this order whatever the order of its lines, so a re-ordered copy of it replays (and
+    resumes) the run it records, and not another."""
+    return sorted(indices, key=lambda i: (samples[i][1], draw_order(samples[i][0], seed), i))
 
 
 def _integer(value: object, name: str) -> int:

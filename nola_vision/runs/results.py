@@ -10,7 +10,6 @@ the tables can flag a mean over fewer runs (failed, or still running).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -31,9 +30,8 @@ from ..core.checks import is_finite_number
 from ..core.storage import (
     file_in_the_way,
     try_lock,
-    write_bytes_atomic,
     write_json_atomic,
-    write_text_atomic,
+    write_set_atomic,
     writer_lock,
 )
 from ..core.warn import warn_user
@@ -876,17 +874,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     writer = csv.DictWriter(table, CSV_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    # two files, one set: a failure writing the second puts the first back, so neither is newer than the other
-    previous = csv_path.read_bytes() if csv_path.is_file() else None
-    write_text_atomic(csv_path, table.getvalue(), check=partial(_refuse_foreign_table, csv_path))
-    try:
-        write_text_atomic(md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
-                          check=partial(_refuse_foreign_table, md_path))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if previous is None:
-                csv_path.unlink()
-            else:
-                write_bytes_atomic(csv_path, previous)
-        raise
+    write_set_atomic([(csv_path, table.getvalue(), partial(_refuse_foreign_table, csv_path)),
+                      (md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
+                       partial(_refuse_foreign_table, md_path))])
     return rows

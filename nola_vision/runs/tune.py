@@ -40,7 +40,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import yaml
 
-from ..core.storage import atomic_path, check_writable_file, write_json_atomic, write_text_atomic
+from ..core.storage import (
+    atomic_path,
+    check_writable_file,
+    write_json_atomic,
+    write_set_atomic,
+    write_text_atomic,
+)
 from .executors import (
     CONFIG_EXIT,
     DIVERGED_EXIT,
@@ -815,9 +821,10 @@ def run_tune(
             raise ValueError(f"the search now chooses {' '.join(chosen['overrides'])} (trial #{best.number}), but "
                              f"the protocol row cannot take it: {error}. best.json and best.yaml still name the "
                              "earlier choice") from None
-    write_json_atomic(root / "best.json", chosen, check=_checked(root / "best.json"))
-    write_text_atomic(root / "best.yaml", BEST_YAML_HEADER + "\n"
-                      + yaml.safe_dump(_nested(best.params), sort_keys=True), check=_checked(root / "best.yaml"))
+    write_set_atomic([  # one choice: never a best.json of the new one beside a best.yaml of the old
+        (root / "best.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n", _checked(root / "best.json")),
+        (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(_nested(best.params), sort_keys=True),
+         _checked(root / "best.yaml"))])
     _append_choice(root / "tune_results.md", chosen, protocol=not skip_protocol)
     if echo:
         print(f"[tune {name}] best {best.params}: val acc {100 * best.value:.2f}% (trial #{best.number})", flush=True)

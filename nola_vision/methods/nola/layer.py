@@ -10,7 +10,10 @@ from ...core.basis import BasisBank, BasisSpec, basis_streams, combine_bases
 from ...core.layer import AdaptedLinear, Slice, as_factors, full_precision
 from .config import NOLAConfig
 
-__all__ = ["NOLALinear"]
+__all__ = ["COSTLY_BASIS_SIZE", "NOLALinear"]
+
+# num_basis × rank from which inject warns of the bases' cost: 4× the defaults' 1024 × 4 (measured 1.5× LoRA's step)
+COSTLY_BASIS_SIZE = 16384
 
 
 class NOLALinear(AdaptedLinear):
@@ -60,13 +63,21 @@ class NOLALinear(AdaptedLinear):
     @classmethod
     def pointless_sizes(cls, config: NOLAConfig, in_features: int, width: int) -> List[str]:
         """A rank above min(in, out), which ΔW = A·B cannot reach: NOLA trains k + l values whatever the rank, so a
-        larger one only adds basis memory and compute."""
-        most = min(in_features, width)
+        larger one only adds basis memory and compute; and bases of k × rank ``COSTLY_BASIS_SIZE`` or more, whose
+        codes, generation and combination cost well beyond LoRA's step (4× the defaults' k = 1024, r = 4)."""
+        most, reasons = min(in_features, width), []
         if config.rank > most:
-            return [f"rank={config.rank} is above min(in, out)={most}: ΔW = A·B has rank at most {most}, so a larger "
-                    f"rank only makes each random basis larger (memory and compute; the k + l trained values stay "
-                    f"as they are); use rank <= {most}"]
-        return []
+            reasons.append(f"rank={config.rank} is above min(in, out)={most}: ΔW = A·B has rank at most {most}, so a "
+                           "larger rank only makes each random basis larger (memory and compute; the k + l trained "
+                           f"values stay as they are); use rank <= {most}")
+        k = max(config.num_basis_a, config.num_basis_b)
+        if k * config.rank >= COSTLY_BASIS_SIZE:
+            reasons.append(f"num_basis × rank = {k} × {config.rank}: each random basis holds k·in·r values, so its "
+                           "codes, their generation and their combination grow with k × rank, not the k + l trained "
+                           "values (on ViT-B, r = 16 took 1.5× LoRA's step time and r = 32 2.2×, with 2.5× its "
+                           "memory). Keep k × rank near 4,096 where cost matters; see 'What the bases cost' in the "
+                           "docs' Random bases page")
+        return reasons
 
     @classmethod
     def plan_basis_specs(cls, config: NOLAConfig, name: str, in_features: int, width: int,
