@@ -72,7 +72,23 @@ def test_cache_keeps_the_most_recently_used_tasks_within_its_budget(adapters, im
     model.cache_mb = (both - 1) / 2**20
     model(images[:1], "nola_mlp")
     assert model.cached_tasks == ["nola_mlp"]
-    assert 0 < model.memory_bytes()["cache"] < both and model.memory_bytes()["bases"] > 0
+    held = model.memory_bytes()
+    assert 0 < held["cache"] < both and held["cache"] + held["bases"] <= model.cache_mb * 2**20
+
+
+def test_the_bases_held_count_towards_cache_mb_and_go_before_the_tasks_factors(adapters, images):
+    # four NOLA tasks of four seeds at rank 32 held 1.9 GB of bases beside a 45 MB cache of factors
+    model = served(adapters)
+    model(images, "lora_qv")
+    reference = torch.stack(model(images, "nola_mlp"))
+    held = model.memory_bytes()
+    assert held["bases"] > 0 and held["cache"] > 0
+    model.cache_mb = (held["cache"] + held["bases"] - 1) / 2**20  # room for both tasks' factors, not the bases too
+    model(images, "lora_qv")
+    assert model.memory_bytes() == {**held, "bases": 0} and model.cached_tasks == ["nola_mlp", "lora_qv"]
+    model.cache_mb = 0  # combined again from bases generated again
+    torch.testing.assert_close(torch.stack(model(images, "nola_mlp")), reference)
+    assert model.memory_bytes()["bases"] == 0
 
 
 def test_tasks_are_held_as_their_stored_numbers_until_used(adapters, images):
@@ -355,7 +371,7 @@ def test_a_backbone_whose_head_pools_the_features_itself_is_refused_naming_what_
 def test_the_bases_held_are_those_of_the_tasks_combined_last_not_of_every_task_served(tmp_path, images):
     """Tasks of other seeds (or basis counts) each kept their bases held until remove_task, outside cache_mb: 50
     seeds served once held 50 banks (60 MiB each on ViT-B)."""
-    model = nv.MultiTaskModel(tiny_vit(num_classes=3), cache_mb=0)
+    model = nv.MultiTaskModel(tiny_vit(num_classes=3))
     held = []
     for seed in range(4):
         config = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=8, seed=seed)

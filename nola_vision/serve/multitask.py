@@ -103,8 +103,9 @@ class MultiTaskModel(nn.Module):
 
     Args:
         model: a plain timm model (not injected). Its weights are shared and never changed; its head is unused.
-        cache_mb: memory budget for the factors and heads of recently used tasks; the others are kept only as
-            the numbers their files hold and combined again when next used.
+        cache_mb: memory budget for the factors and heads of recently used tasks and the random bases held to
+            combine new ones (released first: generated again when a new task is combined); tasks outside it are
+            kept only as the numbers their files hold and combined again when next used.
     """
 
     # Read by core.targets.require_module: inject, load_adapter, merge and the like would change the shared backbone.
@@ -458,6 +459,10 @@ class MultiTaskModel(nn.Module):
         budget, total = self.cache_mb * 2**20, sum(task.nbytes for task in self._cache.values())
         while self._cache and total > budget:
             total -= self._cache.popitem(last=False)[1].nbytes
+        banks = self._banks()
+        if total + sum(bank.nbytes() for bank in banks) > budget:  # the bases held to combine new tasks go first
+            for bank in banks:
+                bank.release()
         return result
 
     def _materialise(self, names: List[str], placement: Tuple[torch.device, torch.dtype]) -> Dict[str, _Factors]:
@@ -485,7 +490,7 @@ class MultiTaskModel(nn.Module):
         shared = [layer for _, _, layer in layers if layer.shared_coefficients()]
         combined = {id(layer): pair for layer, (pair, _) in zip(shared, shared_delta_factors(shared))}
         # a method's bases are held for its tasks combined last (tasks of one config share them), no others: every
-        # seed or basis count served once stayed held, outside cache_mb
+        # seed or basis count served once stayed held (_factors then keeps them within cache_mb)
         for layer_cls in {type(layer) for _, _, layer in layers}:
             used = [spec for _, _, layer in layers if type(layer) is layer_cls for spec in layer.basis_specs()]
             for bank in _context_banks(self._contexts[layer_cls]):
