@@ -244,3 +244,47 @@ def test_the_class_count_of_a_file_comes_from_the_heads_linear_not_a_norm_of_as_
     with torch.no_grad():
         torch.testing.assert_close(torch.stack(served(images, "t")), nv.load_adapter(normed(5), directory)(images),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_fine_tuning_file_of_early_versions_with_its_head_in_4_bit_codes_loads(tmp_path):
+    # format 2 stored every tensor of a "full" file at the bits asked, the head too: its 4-bit bias of 6 values is 3
+    # bytes, taken for a 3-class head (and the weight's codes for another width), so such files were refused
+    from safetensors.torch import load_file, save_file
+
+    model = as_if_trained(nv.inject(tiny_vit(num_classes=6), "full"), 1, scale=0.1)
+    directory = nv.save_adapter(model, tmp_path / "full", bits=16)
+    stored = load_file(str(directory / WEIGHTS_NAME))
+    with open(directory / WEIGHTS_NAME, "rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))["__metadata__"]
+    table = json.loads(header["quantization"])
+    for name in ("head.weight", "head.bias"):  # as format 2 stored them
+        stored[name], table[name] = adapter_io._stored_codes(name, model.get_parameter(name).detach(), 4)
+    save_file(stored, str(directory / WEIGHTS_NAME), metadata={**header, "quantization": json.dumps(table)})
+
+    def as_written_then(document):
+        as_format_2(document)
+        document["weights_sha256"] = adapter_io._sha256((directory / WEIGHTS_NAME).read_bytes())
+        document["config_sha256"] = adapter_io._document_digest(document)
+
+    rewrite(directory, as_written_then)
+    loaded = nv.load_adapter(tiny_vit(num_classes=6), directory)
+    assert nv.verify_adapter(loaded, directory).num_classes == 6
+    step = table["head.weight"][1]  # a 4-bit step of the head's values
+    assert (loaded.head.weight - model.head.weight).abs().max() <= step
+
+
+def test_a_file_of_another_basis_generator_names_the_generator_not_a_version_to_install(tmp_path):
+    # it said "install the nola_vision version 0.1.0 that wrote it", the version installed
+    saved(tmp_path / "a")
+
+    def of_the_earliest_builds(document):
+        document["generator_version"] = "nola-triple32-v1"
+        document["config_sha256"] = adapter_io._document_digest(document)
+
+    rewrite(tmp_path / "a", of_the_earliest_builds)
+    with pytest.raises(AdapterLoadError, match=r"generator 'nola-triple32-v1', this nola_vision has "
+                                               r"'nola-lowbias32x2-int16-v1', whose bases differ: load it with a "
+                                               r"nola_vision whose generator is 'nola-triple32-v1'.*train the task "
+                                               r"again") as refused:
+        nv.load_adapter(nv.inject(tiny_vit(), CONFIG), tmp_path / "a")
+    assert "install" not in str(refused.value)

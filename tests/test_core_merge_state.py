@@ -523,7 +523,7 @@ def test_a_model_on_the_meta_device_merges_for_its_shapes_but_its_files_are_refu
         nv.save_adapter(model, tmp_path / "meta")
     with pytest.raises(nv.AdapterLoadError, match="meta device.*materialize the model first") as refused:
         nv.load_adapter(model, tmp_path / "adapter")
-    assert "install the nola_vision version" not in str(refused.value)  # the fingerprint is comparable: not advised
+    assert "build that wrote the adapter" not in str(refused.value)  # the fingerprint is comparable: not advised
     assert "check_frozen_weights=False" not in str(refused.value)  # which copied nothing: the values were lost
     with pytest.raises(nv.AdapterLoadError, match="meta device.*would be lost"):
         nv.load_adapter(model, tmp_path / "adapter", check_frozen_weights=False)
@@ -868,3 +868,20 @@ def test_torch_jit_script_of_an_adapted_model_names_what_works():
         torch.jit.script(model)
     scripted = torch.jit.script(nv.merge_and_unload(copy.deepcopy(model)))
     torch.testing.assert_close(scripted(_images()), model(_images()))
+
+
+def test_a_state_dict_of_adapter_tensors_and_weights_without_a_merged_flag_warns_it_is_taken_as_unmerged():
+    # the earliest builds wrote no adapter_merged flag: their merged model's state dict gave ΔW twice, and the warning
+    # spoke only of the identity entries
+    merged = nv.merge(_adapted("lora_qv"))
+    earliest = {key: value for key, value in merged.state_dict().items()
+                if not key.endswith(("._extra_state", ".adapter_merged"))}
+    with pytest.warns(UserWarning, match=r"without the 'adapter_merged' flag, so they were taken as unmerged: a "
+                                         r"merged model's state dict of the earliest builds"):
+        nv.inject(tiny_vit(), CONFIGS["lora_qv"]()).load_state_dict(earliest)
+    unmerged = {key: value for key, value in _adapted("lora_qv").state_dict().items()
+                if not key.endswith("._extra_state")}  # with its flag: no such warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nv.inject(tiny_vit(), CONFIGS["lora_qv"]()).load_state_dict(unmerged)
+    assert not any("adapter_merged" in str(w.message) for w in caught)

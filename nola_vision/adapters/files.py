@@ -1043,17 +1043,25 @@ def _check_num_classes(model: nn.Module, classes: int) -> None:
                                f"create the model with num_classes={classes}")
 
 
-def _file_classes(rows: List[str], plan: InjectionPlan, document: dict, stored: Dict[str, Tensor]) -> int:
+def _file_classes(rows: List[str], plan: InjectionPlan, document: dict, stored: Dict[str, Tensor],
+                  quantization: Dict[str, Any]) -> int:
     """The class count of the file's head: the rows of its stored tensors of the model's class rows where their form
     tells them (``_stored_rows``) and they agree, else what the file records. Files of earlier versions recorded timm's
     ``num_classes`` for a head replaced by hand (``model.head = nn.Linear(d, 7)`` left it at 1000), while their head
     tensors hold 7 rows. A head of another width is refused as such (``_check_head_width``), not taken for another
-    class count. ``rows``: the model's ``_class_rows``."""
-    counts = {_stored_rows(stored.get(name), plan.trained_shapes.get(name)) for name in rows} - {None}
+    class count. ``rows``: the model's ``_class_rows``. Tensors stored as packed 4-bit codes (a "full" fine-tuning
+    file of early versions stored its head so) tell neither: two values a byte."""
+    unpacked = {name: tensor for name, tensor in stored.items() if not _packed(quantization.get(name))}
+    counts = {_stored_rows(unpacked.get(name), plan.trained_shapes.get(name)) for name in rows} - {None}
     # Tensors that disagree (a weight stored transposed) tell no count: the file's, and the shape checks name them
     classes = counts.pop() if len(counts) == 1 else document["num_classes"]
-    _check_head_width(rows, plan, stored, classes)
+    _check_head_width(rows, plan, unpacked, classes)
     return classes
+
+
+def _packed(entry: Any) -> bool:
+    """Whether a quantisation entry (``[minimum, step, bits]``) is of 4-bit codes, two to a byte."""
+    return isinstance(entry, (list, tuple)) and len(entry) == 3 and entry[2] == 4
 
 
 def _stored_rows(tensor: Optional[Tensor], shape: Optional[Tuple[int, ...]]) -> Optional[int]:
@@ -1179,7 +1187,9 @@ def _check_bases(plan: InjectionPlan, document: dict) -> None:
     if expected is not None and document["generator_version"] != GENERATOR_VERSION:
         raise AdapterLoadError(
             f"adapter bases come from generator {document['generator_version']!r}, this nola_vision has "
-            f"{GENERATOR_VERSION!r}: install the nola_vision version {document['library_version']} that wrote it"
+            f"{GENERATOR_VERSION!r}, whose bases differ: load it with a nola_vision whose generator is "
+            f"{document['generator_version']!r} (the file was written by nola_vision {document['library_version']}, "
+            "an early build: generators are listed in the docs' Random bases page), or train the task again"
         )
     if expected != document["basis_fingerprint"]:
         raise AdapterLoadError(
@@ -1224,8 +1234,9 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     except ValueError as error:
         if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
             raise AdapterLoadError(str(error)) from error
-        raise AdapterLoadError(f"{error}: install the nola_vision version {document['library_version']} that wrote "
-                               "the adapter, or pass check_frozen_weights=False to load it unchecked") from error
+        raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
+                               f"{document['library_version']}), or pass check_frozen_weights=False to load it "
+                               "unchecked") from error
     if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway
         raise AdapterLoadError(
             "this adapter (or one whose update is close to its own, such as an earlier checkpoint of its run) is "
@@ -1319,7 +1330,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     plan = _plan_for(model, document)
     _check_layers(plan, document)  # first: another width changes the layers, and the head (``_file_classes``)
     rows = _class_rows(model)
-    classes = _file_classes(rows, plan, document, stored)
+    classes = _file_classes(rows, plan, document, stored, quantization)
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_bases(plan, document)

@@ -375,15 +375,20 @@ class _PlainStateDicts:
             for key in missing:
                 incompatible.missing_keys.remove(key)
         unchecked = [name for name, layer in adapted_layers(module).items() if layer.unchecked_load]
+        unflagged = any(layer.unflagged_load for layer in adapted_layers(module).values())
         for layer in adapted_layers(module).values():
-            layer.unchecked_load = False
+            layer.unchecked_load = layer.unflagged_load = False
         if unchecked:
+            merged = (" It also holds their weights without the 'adapter_merged' flag, so they were taken as unmerged: "
+                      "a merged model's state dict of the earliest builds, which wrote no flag, gives ΔW twice (load "
+                      "it into a plain model, or unmerge it with the build that wrote it)." if unflagged else "")
             warn_user(
                 f"nola_vision: the state dict gave {len(unchecked)} adapted layer(s) (e.g. {unchecked[0]}) their "
                 "adapter tensors without their identity entries ('_extra_state'), so nothing checked that they were "
                 "trained with this model's adapter config (method, rank, scaling, seed, bases): another config's "
                 "tensors load without error and give wrong outputs. Keep the '_extra_state' entries "
-                "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter")
+                "(model.state_dict() holds them), or save and load adapters with nv.save_adapter and nv.load_adapter."
+                + merged)
 
 
 class _CallCheck:

@@ -128,6 +128,8 @@ class AdaptedLinear(nn.Module):
     # Whether the last load_state_dict gave this layer adapter tensors without their identity entry (see
     # ``_load_from_state_dict``); inject's load post-hook reads it.
     unchecked_load: bool = False
+    # Whether it also gave them with a weight but no merged flag (the earliest builds wrote none): taken as unmerged.
+    unflagged_load: bool = False
     # Whether the layer was made on the meta device and its adapter tensors got no values since (a load_state_dict
     # holding them, load_adapter): to_empty() gives them uninitialised memory, which no pass may compute with.
     values_unset: bool = False
@@ -993,6 +995,7 @@ class AdaptedLinear(nn.Module):
             self.values_unset = False
         # adapter tensors whose identity nothing checked (inject's load post-hook warns once per load)
         self.unchecked_load = identity is None and any(loads[1:])
+        self.unflagged_load = self.unchecked_load and flag is None and loads[0]
         self.merged = merged
         if not merged:
             self._set_merged_update(None)

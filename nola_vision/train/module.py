@@ -1029,7 +1029,8 @@ class FewShotClassifier(L.LightningModule):
         saved_digest, digest = saved.get("split_digest"), now.get("split_digest")
         if saved_digest is not None and saved_digest == digest:
             return
-        changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items() if now["split"].get(k) != v}
+        changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items()
+                   if _split_setting(k, now["split"].get(k)) != _split_setting(k, v)}
         if changed:
             raise ValueError(f"{doing} another split than the run did (validation images could be training "
                              "images): " + "; ".join(f"--data.{k} {b!r} ({source}: {a!r})"
@@ -1310,6 +1311,15 @@ def _limit_reached(trainer: Any, step: int, epochs: int) -> Optional[Tuple[str, 
         if isinstance(limit, int) and limit != -1 and reached >= limit:
             return name, limit, reached
     return None
+
+
+def _split_setting(key: str, value: Any) -> Any:
+    """A split setting as compared between a checkpoint and a run: a data root as an absolute path (checkpoints of
+    earlier versions recorded it as typed, ``data``, where the CLI now records ``/home/you/data``: no resume was
+    possible), relative to the working directory as a relative one is read."""
+    if key == "root" and isinstance(value, str) and value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def _resumes(trainer: Any) -> bool:
