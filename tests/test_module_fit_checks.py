@@ -734,6 +734,13 @@ def test_a_checkpoint_cut_short_is_named_when_a_trainer_of_ones_own_loads_it(che
     assert type(run.strategy.checkpoint_io).__name__ == "LocalAtomicCheckpointIO"
 
 
+def test_a_checkpoint_in_torchs_format_before_zip_archives_is_not_taken_for_one_cut_short(checkpoint, tmp_path):
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(checkpoint, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    run = trainer(tmp_path / "run", epochs=1)
+    run.validate(module(), loader(), ckpt_path=legacy)  # loaded by torch as before
+
+
 def test_a_checkpoint_plugin_of_ones_own_is_kept(tmp_path):
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 

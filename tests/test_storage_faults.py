@@ -489,3 +489,28 @@ def test_a_set_of_files_written_together_is_put_back_whole_when_one_fails(tmp_pa
     assert old.read_text() == "old json" and not new.exists() and third.read_text() == "old yaml"
     storage.write_set_atomic([(old, "new json", None), (new, "new file", None), (third, "new yaml", None)])
     assert [p.read_text() for p in (old, new, third)] == ["new json", "new file", "new yaml"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_special_file_at_an_output_path_is_refused_not_replaced(tmp_path):
+    # --result_file /dev/null (run as root) renamed the result over the device: /dev/null became a regular file
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"pipe is a named pipe \(FIFO\), not a regular file: .*nothing was written"):
+        storage.write_text_atomic(fifo, "x")
+    with pytest.raises(ValueError, match=r"--result_file .*pipe is a named pipe \(FIFO\), not a regular file"):
+        storage.check_writable_file(fifo, f"--result_file {fifo}")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe"]
+    link = tmp_path / "to_pipe"
+    link.symlink_to(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        storage.write_text_atomic(link, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_an_error_reading_what_a_save_copies_names_that_path_not_the_save(tmp_path):
+    # wrapped as a failure writing beside the target ("check the disk"), which named neither the source nor the cause
+    with pytest.raises(FileNotFoundError) as error:
+        storage.copy_directory(tmp_path / "missing", tmp_path / "copy")
+    assert error.value.filename == str(tmp_path / "missing") and "cannot save" not in str(error.value)
+    assert not (tmp_path / "copy").exists()

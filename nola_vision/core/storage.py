@@ -261,11 +261,28 @@ def _file_target(path: PathLike) -> Path:
     if os.path.isdir(target):  # os.path's: False, not an OSError, for a name over the file system's limit
         raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: remove it, or choose "
                                 "another file path (the directory was left untouched)")
+    kind = _special_file_kind(target)
+    if kind is not None:  # the write renames a new file over it: /dev/null itself became a file
+        raise OSError(errno.EINVAL, f"{text} is a {kind}, not a regular file: a write here puts a new file in its "
+                                    "place, which would replace it. Choose a regular file path (nothing was written)",
+                      text)
     blocking = file_in_the_way(target.parent)
     if blocking is not None:
         raise NotADirectoryError(f"{text} lies under {blocking}, an existing file, so no file can be written there: "
                                  "choose another path (the file was left untouched)")
     return target
+
+
+def _special_file_kind(path: Path) -> Optional[str]:
+    """What an existing ``path`` is when it is neither a regular file nor a directory (a device, a FIFO, a socket), or
+    None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe (FIFO)"),
+             (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), None)
 
 
 def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
@@ -609,7 +626,7 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if error.errno is None or error.strerror != os.strerror(error.errno):
+        if error.errno is None or error.strerror != os.strerror(error.errno) or not _own_path(target, error.filename):
             raise
         if error.errno in _NO_ROOM:
             cause, fix = _NO_ROOM[error.errno]
@@ -618,6 +635,18 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
         raise OSError(error.errno, f"cannot save to {target}: {error.strerror} while the new content was written "
                                    f"beside it. {unchanged} Check the disk and its file system (a failing disk, a "
                                    "network mount gone), then save again") from error
+
+
+def _own_path(target: Path, filename: Any) -> bool:
+    """Whether an error's ``filename`` is one the save of ``target`` writes: no name (an fsync's), ``target``, a folder
+    above it, or one of its siblings (``.<stem>.``: temporary file, staged set, lock) or what lies in them. A source
+    the caller reads (``copy_directory``'s) is not: its error names it as it is."""
+    if filename is None:
+        return True
+    path = Path(os.path.abspath(os.fsdecode(filename)))
+    mark = f".{_sibling_stem(target)}."
+    return path == target or path in target.parents or any(
+        part.parent == target.parent and part.name.startswith(mark) for part in (path, *path.parents))
 
 
 def _flush_saved(target: Path) -> None:

@@ -61,7 +61,7 @@ def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
     interrupted copy), naming the newest whole checkpoint beside it: torch's own error is a bare ``OSError: [Errno
     22] Invalid argument`` that names no file."""
     if not isinstance(path, (str, os.PathLike)) or "://" in str(path) or not os.path.isfile(path) \
-            or zipfile.is_zipfile(path):
+            or zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
         return
     file = Path(path)
     whole = newest_checkpoint((p for p in file.parent.glob("*.ckpt") if p != file), zipfile.is_zipfile)
@@ -69,6 +69,16 @@ def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
     beside = f" (the newest whole one beside it: {named})" if whole else ""
     raise ValueError(f"{option} {path} is not a checkpoint written by fit (a torch archive), or it was cut short (a "
                      f"full disk, an interrupted copy): pass another checkpoint of the run{beside}")
+
+
+def _is_legacy_torch_file(path: _PATH) -> bool:
+    """Whether ``path`` begins as torch's format before zip archives does (a pickle, ``_use_new_zipfile_serialization=
+    False``): torch reads it, so it is not taken for a checkpoint cut short."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(2) == b"\x80\x02"  # pickle protocol 2, which that format's first record uses
+    except OSError:
+        return False
 
 
 def _modified(path: Path) -> float:

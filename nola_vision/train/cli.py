@@ -1567,7 +1567,8 @@ def check_checkpoint_file(path: Optional[str]) -> None:
         return
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path} is {'a directory' if file.is_dir() else 'missing'}: pass a "
+        what = "a directory" if file.is_dir() else "not a regular file" if file.exists() else "missing"
+        raise FileNotFoundError(f"--ckpt_path {path} is {what}: pass a "
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
     require_whole_checkpoint(file, "--ckpt_path")
     try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
