@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import statistics
 import sys
@@ -16,7 +17,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -231,6 +232,25 @@ def format_table(results: Sequence[DemoResult]) -> str:
     return "\n".join(lines)
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of ``low`` or more (a refusal there exits 2 with the usage, as a usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
+def _positive_rate(text: str) -> float:
+    """An argparse type: a finite learning rate above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite learning rate above 0")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nola-vision demo",
@@ -245,21 +265,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset", default="digits", help="nola_vision.data.available_datasets() name")
     parser.add_argument("--root", default="data", help="dataset folder")
     parser.add_argument("--download", action="store_true", help="download the dataset if it can be")
-    parser.add_argument("--shots", type=int, default=10,
+    parser.add_argument("--shots", type=_at_least(0), default=10,
                         help="training images per class (0: every training image, the full-data reference)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--image_size", type=int, default=56,
+    parser.add_argument("--epochs", type=_at_least(1), default=20)
+    parser.add_argument("--image_size", type=_at_least(1), default=56,
                         help="input size (digits are 8x8; 56 = 4x4 patches of 14)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=available_methods())
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                         help="split seeds (each draws the k-shot split, head init and data order); the table shows "
                              "the mean")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--batch_size", type=_at_least(1), default=16)
+    parser.add_argument("--lr", type=_positive_rate, default=None,
                         help="one learning rate for every method (default: each method's recipe, chosen on validation)")
     parser.add_argument("--augment", default="none", choices=["none", "paper", "timm"])
-    parser.add_argument("--rank", type=int, default=4, help="NOLA rank")
-    parser.add_argument("--num_basis", type=int, default=1024, help="NOLA k = l")
+    parser.add_argument("--rank", type=_at_least(1), default=4, help="NOLA rank")
+    parser.add_argument("--num_basis", type=_at_least(1), default=1024, help="NOLA k = l")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="runs/demo", help="adapters are saved under <out>/<method>/seed<s>")
     parser.add_argument("--no_progress", action="store_true", help="only the final table")

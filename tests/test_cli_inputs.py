@@ -268,3 +268,34 @@ def test_a_later_config_file_switching_the_adapter_class_names_the_settings_it_k
         warnings.simplefilter("always")
         assert fit(tmp_path / "given", "-c", str(lora), "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
     assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]
+
+
+LAUGHS = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.parametrize("yaml_text, says", [
+    ("a: &a [*a]\n", "refers to a value that holds it"),  # a RecursionError of ~3,000 lines, exit 1
+    (LAUGHS, "expand it to more than 100,000 values"),  # the parser built it for ever
+])
+def test_a_config_file_whose_aliases_never_end_is_refused_naming_it(tmp_path, capsys, yaml_text, says):
+    config = tmp_path / "aliases.yaml"
+    config.write_text(yaml_text)
+    assert fit(tmp_path, "-c", str(config)) == 2
+    err = capsys.readouterr().err
+    assert f"config file {config}: its aliases" in err or f"config file {config}: an alias" in err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--trainer.devices", "-2", "--trainer: `devices` selected with `CPUAccelerator` should be an int > 0"),
+    ("--model.backbone_kwargs", "{depth: -1, patch_size: 8, embed_dim: 64, num_heads: 2}",
+     "do not fit timm vit_tiny_patch16_224: number of steps must be non-negative"),
+    ("--trainer.accumulate_grad_batches", str(10**30), "--trainer.accumulate_grad_batches"),
+    ("--data.batch_size", str(10**30), "FewShotDataModule.batch_size must be an integer in torch's int64 range"),
+])
+def test_values_lightning_timm_or_python_failed_on_are_refused_in_one_line(tmp_path, capsys, option, value, says):
+    # tracebacks of 40 to 70 lines, exit 1: a TypeError from Lightning, a RuntimeError from timm, an OverflowError
+    assert fit(tmp_path, "--trainer.logger", "false", "--trainer.max_epochs", "1", option, value) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))

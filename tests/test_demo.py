@@ -58,10 +58,13 @@ def test_a_file_where_a_later_runs_folder_goes_is_refused_before_any_run_trains(
 
 
 def test_demo_errors_name_the_demos_options(tmp_path, capsys):
-    for option, value in (("--shots", "-3"), ("--rank", "0"), ("--num_basis", "0"), ("--lr", "0")):
-        code = main([*TINY_ARGS, option, value, "--out", str(tmp_path), "--no_progress"])
+    # refused as usage errors (exit 2, as argparse's own), not as a failed run (exit 1)
+    for option, value in (("--shots", "-3"), ("--rank", "0"), ("--num_basis", "0"), ("--lr", "0"), ("--lr", "nan"),
+                          ("--epochs", "0"), ("--batch_size", "0")):
+        with pytest.raises(SystemExit) as stop:
+            main([*TINY_ARGS, option, value, "--out", str(tmp_path), "--no_progress"])
         err = capsys.readouterr().err
-        assert code == 1 and f"{option} " in err and "FewShot" not in err and "NOLAConfig" not in err, (option, err)
+        assert stop.value.code == 2 and f"argument {option}: " in err and "FewShot" not in err, (option, err)
 
 
 def test_full_fine_tuning_counts_every_weight_it_trains(tmp_path):

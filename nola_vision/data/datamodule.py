@@ -163,8 +163,8 @@ def _check_arguments(hp: Any) -> Any:
     hp.num_workers = _checked_workers(hp.num_workers, name("num_workers"))
     hp.split_seed = check_int(hp.split_seed, name("split_seed"))
     hp.shuffle_seed = check_int(hp.shuffle_seed, name("shuffle_seed"), optional=True)
-    hp.batch_size = check_int(hp.batch_size, name("batch_size"), at_least=1)
-    hp.eval_batch_size = check_int(hp.eval_batch_size, name("eval_batch_size"), at_least=1, optional=True)
+    hp.batch_size = check_int(hp.batch_size, name("batch_size"), at_least=1, int64=True)
+    hp.eval_batch_size = check_int(hp.eval_batch_size, name("eval_batch_size"), at_least=1, optional=True, int64=True)
     hp.image_size = check_int(hp.image_size, name("image_size"), at_least=1, optional=True)
     if hp.backbone is not None and not isinstance(hp.backbone, str):
         raise ValueError(f"{name('backbone')} must be a timm model name or null, got {shown(hp.backbone)}")

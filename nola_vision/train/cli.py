@@ -18,7 +18,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import fsspec
 import torch
@@ -867,7 +867,10 @@ class NolaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, keeping a ``last.ckpt`` of the latest epoch's weights by default (``FinalWeights``), so that
         ``fit --ckpt_path last`` resumes a run where it stopped and ``test`` on it reproduces fit's accuracy."""
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except TypeError as error:  # Lightning's own check of a value (devices=-2), raised as a TypeError
+            raise ValueError(f"--trainer: {error}") from error
         use_atomic_checkpoints(trainer)
         for callback in trainer.checkpoint_callbacks:
             # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
@@ -1502,7 +1505,38 @@ def _check_yaml(text: Any, source: str, syntax: bool = True) -> Any:
             raise ValueError(f"{source} is not valid YAML: {err}") from None
         return None
     _refuse_repeated_keys(node, source)
+    _refuse_alias_expansion(node, source)
     return node
+
+
+MAX_CONFIG_NODES = 100_000  # values a config may expand to through its aliases; a real one holds a few hundred
+
+
+def _refuse_alias_expansion(node: Any, source: str) -> None:
+    """Refuse a config whose aliases make a value hold itself (``a: &a [*a]``: the parser recursed until it failed,
+    with thousands of lines of traceback) or expand to more than ``MAX_CONFIG_NODES`` values (a few lines of nested
+    aliases, "billion laughs", kept the parser building for ever)."""
+    sizes: Dict[int, int] = {}
+    entered: Set[int] = set()
+    pending = [(node, False)] if node is not None else []
+    while pending:
+        current, children_done = pending.pop()
+        children = ([part for pair in current.value for part in pair] if isinstance(current, yaml.MappingNode)
+                    else list(current.value) if isinstance(current, yaml.SequenceNode) else [])
+        if children_done:
+            sizes[id(current)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(current)] > MAX_CONFIG_NODES:
+                raise ValueError(f"{source}: its aliases (*name) expand it to more than {MAX_CONFIG_NODES:,} values, "
+                                 "which no config holds: write the values out, or alias fewer times")
+            continue
+        if id(current) in sizes:  # another alias of a node already counted
+            continue
+        if id(current) in entered:  # reached again inside itself
+            raise ValueError(f"{source}: an alias (*name) refers to a value that holds it, so the config would "
+                             "contain itself without end: alias a finished value only")
+        entered.add(id(current))
+        pending.append((current, True))
+        pending.extend((child, False) for child in children)
 
 
 def _refuse_repeated_keys(node: Any, source: str) -> None:

@@ -135,7 +135,7 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     hp["num_classes"] = check_int(hp["num_classes"], name("num_classes"), at_least=1)
     hp["pretrained"] = check_bool(hp["pretrained"], name("pretrained"))
     hp["pretrained_file"] = check_path(hp["pretrained_file"], name("pretrained_file"), optional=True)
-    hp["image_size"] = check_int(hp["image_size"], name("image_size"), at_least=1, optional=True)
+    hp["image_size"] = check_int(hp["image_size"], name("image_size"), at_least=1, optional=True, int64=True)
     kwargs = hp["backbone_kwargs"]
     if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)):
         raise ValueError(f"{name('backbone_kwargs')} must map timm.create_model argument names to values, got "
@@ -1157,10 +1157,11 @@ def _check_step_intervals(trainer: Any) -> None:
     (-1 turns every step into gradient ascent, recorded as an ordinary result; 0 fails with a ZeroDivisionError
     mid-epoch), a validation interval of 0 fails the same way, and a negative ``gradient_clip_val`` clips nothing."""
     accumulate = getattr(trainer, "accumulate_grad_batches", None)
-    if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
+    if accumulate is not None and not (isinstance(accumulate, int) and 1 <= accumulate <= 2**63 - 1):
         raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} (--trainer.accumulate_grad_batches): "
                          "Lightning divides the loss by it, so a value below 1 trains wrongly (a negative one ascends "
-                         "the loss) or fails mid-epoch. Use 1 (a step per batch) or more (batches per optimizer step)")
+                         "the loss) or fails mid-epoch (and one past 2**63 - 1 overflows). Use 1 (a step per batch) "
+                         "or more (batches per optimizer step)")
     clip = getattr(trainer, "gradient_clip_val", None)
     if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip >= 0:
         raise ValueError(f"trainer.gradient_clip_val={clip!r} (--trainer.gradient_clip_val) must be 0 or more: "
