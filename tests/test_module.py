@@ -596,9 +596,12 @@ def test_a_fit_without_a_training_batch_exports_nothing(tmp_path):
     adapter was exported as the run's result."""
     module = FewShotClassifier(**TINY, num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"))
     empty = DataLoader(loader(n=4).dataset, batch_size=8, drop_last=True)
-    with pytest.raises(ValueError, match="the fit took no training step"):
+    with pytest.raises(ValueError, match="the fit took no training step .*lower data.batch_size"):
         trainer(tmp_path, epochs=1).fit(module, empty)
     assert not (tmp_path / "adapter").exists()
+    # a max_time that ran out before the first step was blamed on the batch size
+    with pytest.raises(ValueError, match=r"took no training step \(trainer.max_time ran out .*give trainer.max_time"):
+        trainer(tmp_path / "timed", epochs=1, max_time={"seconds": 0}).fit(module, loader())
 
 
 def test_a_tilde_in_adapter_dir_is_the_home_folder(tmp_path, monkeypatch):

@@ -651,10 +651,14 @@ class FewShotClassifier(L.LightningModule):
                                      f"step (e.g. {diverged[0]}) with lr {self.hparams.lr}. Lower model.lr; nothing "
                                      "was exported.")
         if self.trainer.global_step == 0:
+            timers = [c.time_remaining() for c in self.trainer.callbacks if isinstance(c, Timer)]
+            why, fix = (("trainer.max_time ran out before the first step", "give trainer.max_time more time")
+                        if any(left is not None and left <= 0 for left in timers) else
+                        ("its train loader gave no batch: fewer training images than data.batch_size with drop_last?",
+                         "lower data.batch_size"))
             raise ValueError(
-                "the fit took no training step (its train loader gave no batch: fewer training images than "
-                "data.batch_size with drop_last?), so the untrained adapter would be exported and its chance-level "
-                "accuracy recorded. Nothing was exported: lower data.batch_size")
+                f"the fit took no training step ({why}), so the untrained adapter would be exported and its "
+                f"chance-level accuracy recorded. Nothing was exported: {fix}")
         target = self.hparams.adapter_dir
         if target is None:
             # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask
