@@ -247,7 +247,7 @@ def test_the_repeated_key_check_follows_what_yaml_builds(tmp_path, capsys):
     looped = tmp_path / "looped.yaml"  # an anchor holding itself: the walk hung
     looped.write_text("model: &m\n  backbone: vit_tiny_patch16_224\n  extra: *m\n")
     assert fit(tmp_path, "-c", str(looped)) == 2
-    assert "model.extra is no option of FewShotClassifier" in capsys.readouterr().err
+    assert f"config file {looped}: an alias (*name) refers to a value that holds it" in capsys.readouterr().err
     scalar = tmp_path / "scalar.yaml"  # before the subcommand: not a mapping (was an IndexError traceback)
     scalar.write_text("foo\n")
     with pytest.raises(SystemExit) as exited:  # the parser's own "Unexpected config: foo"
@@ -299,3 +299,10 @@ def test_values_lightning_timm_or_python_failed_on_are_refused_in_one_line(tmp_p
     assert fit(tmp_path, "--trainer.logger", "false", "--trainer.max_epochs", "1", option, value) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_empty_output_path_is_refused_not_taken_for_none(tmp_path, capsys):
+    # --result_file '' trained and wrote no result, without a word
+    assert fit(tmp_path, "--trainer.logger", "false", "--result_file", "") == 2
+    assert "--result_file is empty: pass a file path" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -514,3 +514,12 @@ def test_an_error_reading_what_a_save_copies_names_that_path_not_the_save(tmp_pa
         storage.copy_directory(tmp_path / "missing", tmp_path / "copy")
     assert error.value.filename == str(tmp_path / "missing") and "cannot save" not in str(error.value)
     assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize("reported", [-1, 0])
+def test_a_file_system_that_reports_no_name_limit_takes_every_name(tmp_path, monkeypatch, reported):
+    # some FUSE mounts report 0 (and "no limit" is -1): every name was over the limit, so every write was refused
+    real = os.pathconf
+    monkeypatch.setattr(os, "pathconf", lambda path, name: reported if name == "PC_NAME_MAX" else real(path, name))
+    assert storage.write_text_atomic(tmp_path / "result.json", "x").read_text() == "x"
+    storage.check_writable_file(tmp_path / "other.json", "--result_file")

@@ -151,11 +151,13 @@ def _ends_in_separator(text: str) -> bool:
 
 def _name_limit(folder: Path) -> int:
     """The longest file name ``folder``'s file system takes, in ``_name_length`` units (255 where it does not say:
-    Windows has no ``pathconf``, and NTFS takes 255 UTF-16 units)."""
+    Windows has no ``pathconf``, and NTFS takes 255 UTF-16 units; none where it reports no limit, -1, or 0 as some
+    FUSE mounts do: every name would be refused)."""
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):
         return 255
+    return limit if limit > 0 else sys.maxsize
 
 
 def _name_length(name: str) -> int:

@@ -187,6 +187,8 @@ def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn
     try:
         return timm.create_model(backbone, num_classes=0, **kwargs)
     except (TypeError, AssertionError, ZeroDivisionError, RuntimeError, OverflowError) as err:
+        if isinstance(err, RuntimeError) and (kwargs.get("pretrained") or "Error(s) in loading state_dict" in str(err)):
+            raise  # the weights' (their shapes, their resampling), which the callers name with the file
         if isinstance(err, TypeError) and "unexpected keyword argument 'img_size'" in str(err) \
                 and "img_size" in kwargs and "img_size" not in backbone_kwargs:
             raise ValueError(f"timm builds {backbone} without an image size (it takes no img_size, as CNNs do), so "

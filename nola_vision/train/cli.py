@@ -654,6 +654,9 @@ class NolaCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None:
             return
+        for option in ("result_file", "predictions_file"):  # empty: no file, and no word of it
+            if config.get(option) is not None and not str(config.get(option)).strip():
+                raise ValueError(f"--{option} is empty: pass a file path, or leave the option out to write none")
         _absolute_paths(config)  # "~/x.json" too: no shell expands it in a config file
         root = config.trainer.default_root_dir  # absolute now (_absolute_paths), or a URL
         _refuse_files_in_the_way(config.trainer)
