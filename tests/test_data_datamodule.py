@@ -209,6 +209,12 @@ def test_a_manifest_whose_lines_were_reordered_trains_in_the_draws_order(cifar10
         again.setup("fit")
         assert again.train_manifest == dm.train_manifest and again.split_seed == 9, name
         assert list(again.train_set.indices) == list(dm.train_set.indices), name
+    # without a header no seed is recorded: its lines' order is the order it trains in, as it always was
+    bare = tmp_path / "bare.txt"
+    bare.write_text("".join(line for line in lines if not line.startswith("#")))
+    again = FewShotDataModule("cifar10", root=str(cifar10_root), split_file=str(bare), image_size=8)
+    again.setup("fit")
+    assert again.train_manifest == dm.train_manifest
 
 
 def test_the_draw_is_the_same_for_composed_and_decomposed_file_names():

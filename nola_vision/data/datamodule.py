@@ -208,6 +208,13 @@ def _file_digest(path: Path, start: int = 0, length: Optional[int] = None) -> Op
     return digest.digest()
 
 
+def _in_recorded_order(samples: list[tuple[str, int]], indices: list[int], manifest: str) -> list[int]:
+    """``indices`` in the draw order of the split seed ``manifest``'s header records (``in_draw_order``), or as listed
+    where it records none (written by hand, or by early builds)."""
+    seed = manifest_settings(manifest).get("split_seed", "")
+    return in_draw_order(samples, indices, int(seed)) if seed.lstrip("-").isdigit() else indices
+
+
 class _File(NamedTuple):
     key: str  # relative to the dataset root
     place: Optional[int]  # the train class, or None: the held-out split
@@ -646,8 +653,10 @@ class FewShotDataModule(L.LightningDataModule):
             self._record_drawn(shots=header["shots"], split_seed=header["split_seed"])
         else:  # written by hand, or edited: no seed drew it
             self._record_drawn(shots=_images_per_class(train, indices, self.split_file), split_seed=None)
-        seed = header.get("split_seed", 0)  # the draw's own order, whatever the order of the manifest's lines
-        return FewShotSplit(in_draw_order(train.samples, indices, seed), in_draw_order(train.samples, val, seed))
+        # the draw's own order, whatever the order of the lines, for a manifest whose header names the seed that drew
+        # it (the order the module writes it in); one without keeps its lines' order, as it always trained
+        return FewShotSplit(_in_recorded_order(train.samples, indices, self.split_file),
+                            _in_recorded_order(train.samples, val, self.val_split_file) if val else val)
 
     def _refuse_other_dataset(self, manifest: str) -> None:
         """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels
