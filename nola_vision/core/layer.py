@@ -980,9 +980,7 @@ class AdaptedLinear(nn.Module):
         if refusal is not None:
             error_msgs.append(refusal)
             return
-        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
-        loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
-        merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
+        identity, flag, loads, merged = self._state_entries(state_dict, prefix)
         # the weight the kept rounding entries belong to (a 16-bit merged layer's): they hold only for that weight
         kept_for = self.weight.detach().clone() if self.merged and self.__dict__.get("_rounding") else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1018,13 +1016,11 @@ class AdaptedLinear(nn.Module):
         update (``identity()``), a weight merged at other quantisation-aware bits, or a merged (unmerged) state without
         the weight and adapter tensors it needs. The model's load pre-hook asks every layer before anything loads."""
         name = prefix[:-1] or type(self).__name__
-        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
+        identity, flag, loads, merged = self._state_entries(state_dict, prefix)
         merged_state = flag is not None and bool(flag)  # its flag records the bits ΔW was merged at, checked below
         mismatch = self._identity_mismatch(identity, name, not merged_state) if identity is not None else None
         if mismatch is not None:
             return mismatch
-        loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
-        merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
         folded_bits = (int(flag) if int(flag) > 1 else None) if merged and flag is not None else self.quant_bits
         if folded_bits != self.quant_bits:
             return (f"{name}: the state dict's weight holds ΔW merged "
@@ -1039,6 +1035,15 @@ class AdaptedLinear(nn.Module):
                     "with its adapter tensors, so ΔW would be lost or added twice: call nv.unmerge(model) before "
                     "state_dict() (and before loading into a merged model), or load the full state dict")
         return None
+
+    def _state_entries(self, state_dict: Dict[str, Any], prefix: str) -> Tuple[Any, Any, List[bool], bool]:
+        """This layer's identity entry and merged flag in ``state_dict`` (None where absent), whether it holds the
+        weight and each adapter tensor, and whether loading it leaves the layer merged (no flag: merged only where it
+        loads no weight and the layer is merged now)."""
+        identity, flag = state_dict.get(prefix + IDENTITY_KEY), state_dict.get(prefix + MERGED_FLAG)
+        loads = [prefix + key in state_dict for key in ("weight", *self.adapter_parameter_names)]
+        merged = bool(flag) if flag is not None else (False if loads[0] else self.merged)
+        return identity, flag, loads, merged
 
     def extra_repr(self) -> str:
         slices = "" if self.whole_width else f", slices={list(self.slices)}"

@@ -71,9 +71,6 @@ def check_writable_file(path: PathLike, what: str) -> None:
     except OSError as error:  # its own text, without the errno and path that str() adds
         raise ValueError(f"{what}: {error.strerror if error.errno is not None else error}") from None
     folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
-    too_long = _name_too_long(target, folder)
-    if too_long is not None:
-        raise ValueError(f"{what}: {too_long}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")
@@ -248,15 +245,14 @@ def _file_target(path: PathLike) -> Path:
         if error.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, f"{text} leads into a loop of symbolic links, which no write can go through: "
                                        "remove or fix the link (nothing was written)") from error
-    absolute = Path(os.path.abspath(text))
-    folder = next((p for p in absolute.parents if os.path.isdir(p)), None)
-    too_long = _name_too_long(absolute, folder) if folder is not None else None
-    if too_long is not None:  # else found only at the final rename, after the whole content was written
-        raise OSError(errno.ENAMETOOLONG, f"{too_long} (nothing was written)", text)
     missing = _missing_before_parent_step(text)
     if missing is not None:  # realpath drops "missing/.." as text; reading the path back would fail there
         raise FileNotFoundError(_unreadable_back(text, missing, "file"))
     target = Path(os.path.realpath(text))
+    folder = next((p for p in target.parents if os.path.isdir(p)), None)
+    too_long = _name_too_long(target, folder) if folder is not None else None
+    if too_long is not None:  # else found only at the final rename, after the whole content was written
+        raise OSError(errno.ENAMETOOLONG, f"{too_long} (nothing was written)", text)
     if os.path.islink(text) and not os.path.isdir(target.parent):
         raise FileNotFoundError(f"{text} is a symlink to {os.readlink(text)}, whose folder does not exist: create "
                                 "that folder, or remove the link to write a plain file there")

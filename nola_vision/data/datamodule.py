@@ -208,11 +208,16 @@ def _file_digest(path: Path, start: int = 0, length: Optional[int] = None) -> Op
     return digest.digest()
 
 
-def _in_recorded_order(samples: list[tuple[str, int]], indices: list[int], manifest: str) -> list[int]:
-    """``indices`` in the draw order of the split seed ``manifest``'s header records (``in_draw_order``), or as listed
+def _header_numbers(recorded: Dict[str, str]) -> Dict[str, int]:
+    """The ``shots``, ``split_seed`` and ``val_shots`` a manifest's header records (``manifest_settings``), as ints."""
+    return {key: int(value) for key, value in recorded.items()
+            if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
+
+
+def _in_recorded_order(samples: list[tuple[str, int]], indices: list[int], seed: Optional[int]) -> list[int]:
+    """``indices`` in the draw order of the split seed a manifest's header records (``in_draw_order``), or as listed
     where it records none (written by hand, or by early builds)."""
-    seed = manifest_settings(manifest).get("split_seed", "")
-    return in_draw_order(samples, indices, int(seed)) if seed.lstrip("-").isdigit() else indices
+    return in_draw_order(samples, indices, seed) if seed is not None else indices
 
 
 class _File(NamedTuple):
@@ -637,8 +642,7 @@ class FewShotDataModule(L.LightningDataModule):
         _refuse_unlisted_classes(train, indices, self.split_file)
         self._record_drawn(val_shots=_images_per_class(train, val, self.val_split_file, "val_shots") if val else 0)
         recorded = manifest_settings(self.split_file)
-        header = {key: int(value) for key, value in recorded.items()
-                  if key in ("shots", "split_seed", "val_shots") and value.lstrip("-").isdigit()}
+        header = _header_numbers(recorded)
         # as written (the images its header's digest names, under the settings written with them: a header whose
         # shots or split_seed were edited does not record the draw), or as its settings draw them from the images now
         listed = _listed_digest(train.samples, indices)
@@ -655,8 +659,9 @@ class FewShotDataModule(L.LightningDataModule):
             self._record_drawn(shots=_images_per_class(train, indices, self.split_file), split_seed=None)
         # the draw's own order, whatever the order of the lines, for a manifest whose header names the seed that drew
         # it (the order the module writes it in); one without keeps its lines' order, as it always trained
-        return FewShotSplit(_in_recorded_order(train.samples, indices, self.split_file),
-                            _in_recorded_order(train.samples, val, self.val_split_file) if val else val)
+        val_seed = _header_numbers(manifest_settings(self.val_split_file)).get("split_seed") if val else None
+        return FewShotSplit(_in_recorded_order(train.samples, indices, header.get("split_seed")),
+                            _in_recorded_order(train.samples, val, val_seed))
 
     def _refuse_other_dataset(self, manifest: str) -> None:
         """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels

@@ -111,7 +111,7 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
     val: list[int] = []
     short = []
     for label in range(num_classes):
-        members = sorted(by_class.get(label, []), key=lambda i: (draw_order(samples[i][0], seed), i))
+        members = in_draw_order(samples, by_class.get(label, []), seed)
         need = (shots if shots else 1) + val_shots
         if len(members) < need:
             name = class_names[label] if class_names is not None else str(label)
