@@ -369,3 +369,44 @@ def test_a_config_file_before_the_subcommand_must_hold_subcommand_sections(tmp_p
     check_config_sources(["-c", str(chosen)])
     with pytest.raises(ValueError, match="comes before the subcommand"):
         check_config_sources([f"--config={flat}", "fit"])
+
+
+def test_a_fit_refused_in_setup_leaves_no_version_folder_behind(tmp_path, capsys):
+    """A fit refused once its version_N was made (here an adapter_dir that is a file) left the folder holding its fit
+    lock, and a refusal after the config was saved left that too: runs that never trained among the versions."""
+    blocking = tmp_path / "adapter"
+    blocking.write_text("mine\n")
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "root", "--model.adapter_dir", blocking)
+    assert code == 2 and "is an existing file, not a directory" in err
+    assert not any((tmp_path / "root" / "lightning_logs").glob("version_*"))
+
+
+@pytest.mark.parametrize("extra, kept", [(None, False), ("metrics.csv", True), ("checkpoints", True)])
+def test_only_a_claimed_folder_holding_just_its_lock_and_saved_config_is_removed(tmp_path, extra, kept):
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, max_epochs=1)
+    folder = claim_log_dir(trainer)
+
+    class FailsAfterTheConfigIsSaved(LightningModule):
+        def setup(self, stage):
+            (folder / FIT_LOCK).touch()
+            (folder / "config.yaml").write_bytes(b"# lightning.pytorch==2.6.0\n" + SAVED_CONFIG_MARK + b"seed: 0\n")
+            if extra == "checkpoints":
+                (folder / extra).mkdir()
+            elif extra:
+                (folder / extra).write_text("step\n")
+            raise RuntimeError("refused")
+
+        def training_step(self, batch):
+            return None
+
+        def configure_optimizers(self):
+            return None
+
+    with pytest.raises(RuntimeError, match="refused"):
+        trainer.fit(FailsAfterTheConfigIsSaved(), train_dataloaders=[])
+    assert folder.exists() == kept
+    if kept:
+        assert (folder / "config.yaml").is_file() and (folder / FIT_LOCK).exists()

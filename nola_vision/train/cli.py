@@ -489,21 +489,27 @@ def claim_log_dir(trainer: Trainer) -> Optional[Path]:
 
 
 class _DropEmptyRunFolder(Callback):
-    """Removes the ``version_N`` folder ``claim_log_dir`` made when the run fails before anything was written into it
-    (a DDP launch whose processes never joined, Ctrl-C while they start): a run that never ran leaves no folder."""
+    """Removes the ``version_N`` folder ``claim_log_dir`` made when the run fails before it wrote anything but its
+    fit lock and saved config (a DDP launch whose processes never joined, Ctrl-C while they start, a fit refused in
+    setup): a run that never ran leaves no folder."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero:
-            _remove_if_empty(self.folder)
+            _remove_if_unused(self.folder)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    """Remove ``folder`` when nothing was written into it (a claimed run folder whose run never started)."""
+def _remove_if_unused(folder: Path) -> None:
+    """Remove ``folder``, a run folder ``claim_log_dir`` made, when it holds nothing but what a run writes before it
+    starts: its fit lock (``FIT_LOCK``) and the config it saved (``SAVED_CONFIG_MARK``). Anything else keeps it."""
     with contextlib.suppress(OSError):
-        if folder.is_dir() and not any(folder.iterdir()):
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        if all(entry.name == FIT_LOCK or (entry.is_file() and not entry.is_symlink() and _is_saved_config(entry, ()))
+               for entry in entries):
+            for entry in entries:
+                entry.unlink()
             folder.rmdir()
 
 
@@ -1002,7 +1008,7 @@ class NolaCLI(LightningCLI):
             self._check_predictions(path)
         except BaseException:
             if made is not None:
-                _remove_if_empty(made)
+                _remove_if_unused(made)
             raise
 
     def _check_predictions(self, path: Optional[str]) -> None:
