@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from safetensors.torch import load_file, save_file
 from tiny_models import as_if_trained, tiny_vit
 
@@ -860,6 +861,50 @@ def test_merge_refuses_a_weight_a_parametrization_computes():
         nv.merge(model)
     assert not any(layer.merged for layer in nv.adapted_layers(model).values())
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def _prune(layer):
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+
+
+def _legacy_weight_norm(layer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for the parametrization, still in use
+        torch.nn.utils.weight_norm(layer, "weight")
+
+
+@pytest.mark.parametrize("compute", [_prune, _legacy_weight_norm], ids=["prune", "legacy_weight_norm"])
+@pytest.mark.parametrize("action, merged_first", [("merge", False), ("unmerge", True), ("unload", False),
+                                                  ("unload", True), ("merge_and_unload", False)])
+def test_a_weight_computed_before_each_call_after_inject_is_refused_before_anything_changes(compute, action,
+                                                                                            merged_first):
+    # prune and the legacy weight_norm keep the weight's parameter under another name and compute `weight` before each
+    # call: merge wrote ΔW into the throw-away tensor (the layer counted as merged, its output the base model's),
+    # unmerge left ΔW in (counted twice), and unload failed with torch's TypeError halfway, some layers given back
+    model = _adapted("lora_qv")
+    if merged_first:
+        nv.merge(model)
+    compute(model.blocks[1].attn.qkv)
+    before = copy.deepcopy(model.state_dict())
+    out = model(_images())
+    with pytest.raises(ValueError, match=rf"nv\.{action}: the (weight|weight or bias) of blocks\.1\.attn\.qkv is no "
+                                         r"parameter but computed before each call \(torch\.nn\.utils\.prune .* "
+                                         r"nothing was changed\. Make it permanent first"):
+        getattr(nv, action)(model)
+    assert nv.adapted_layers(model) and all(layer.merged == merged_first
+                                            for layer in nv.adapted_layers(model).values())
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    torch.testing.assert_close(model(_images()), out, rtol=0, atol=0)
+
+
+def test_a_pruned_layer_made_permanent_merges_and_unloads():
+    model = _adapted("lora_qv")
+    _prune(model.blocks[1].attn.qkv)
+    out = model(_images())
+    torch.nn.utils.prune.remove(model.blocks[1].attn.qkv, "weight")
+    torch.testing.assert_close(nv.merge(model)(_images()), out)
+    plain = nv.unload(model)
+    assert not nv.adapted_layers(plain) and isinstance(plain.blocks[1].attn.qkv.weight, torch.nn.Parameter)
 
 
 def test_torch_jit_script_of_an_adapted_model_names_what_works():

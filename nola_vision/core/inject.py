@@ -29,6 +29,7 @@ from .merge import (
     reentrant_checkpointing_inputs,
     reentrant_checkpointing_output,
     release_shared_factors,
+    require_stored_weights,
     unmerge,
 )
 from .plan import InjectionPlan, plan_injection
@@ -513,6 +514,7 @@ def unload(model: nn.Module) -> nn.Module:
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model, "unload")
+    require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))  # before any layer changes
     _remove_injection(unmerge(model), state)
     return wrapper
 
@@ -527,6 +529,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_injected(model, "merge_and_unload")
+    require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
     merge(model)
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))

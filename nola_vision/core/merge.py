@@ -348,7 +348,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     _require_injected(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
-    _require_stored_weights(unmerged, "merge")
+    require_stored_weights(unmerged, "merge")
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
     records = frozen_fingerprint(model, valued)["modules"] if valued else {}
     with torch.no_grad(), batched_factors(model):
@@ -366,15 +366,29 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _require_stored_weights(layers: Dict[str, AdaptedLinear], action: str) -> None:
-    """Refuse to write ΔW into a layer whose weight a parametrization computes (registered after inject): the write
-    would land in the computed tensor, thrown away at the next access, and the layer count as merged without it."""
-    parametrized = [name for name, layer in layers.items() if parametrize.is_parametrized(layer, "weight")]
+def require_stored_weights(layers: Dict[str, AdaptedLinear], action: str,
+                           tensors: Tuple[str, ...] = ("weight",)) -> None:
+    """Refuse ``action`` on layers whose weight (or other of ``tensors``) is computed, added after inject: by a
+    parametrization, or before each call from other parameters (``torch.nn.utils.prune``, the legacy
+    ``weight_norm``). ΔW written into it would land in a tensor thrown away at the next call (the layer counted as
+    merged without it, or unmerged with it still in), and ``unload`` could not give it back as a parameter."""
+    what = " or ".join(tensors)
+    lost = ("the original layer could not take it back as its parameter" if action == "unload" else
+            "ΔW written into it would be lost")
+    keep = "or keep the adapters" if action == "unload" else "or keep the model unmerged"
+    parametrized = [name for name, layer in layers.items()
+                    if any(parametrize.is_parametrized(layer, tensor) for tensor in tensors)]
     if parametrized:
-        raise ValueError(f"nv.{action}: the weight of {', '.join(parametrized)} is computed by a parametrization "
-                         "(torch.nn.utils.parametrize, registered after inject), so ΔW written into it would be lost: "
-                         "nothing was changed. Remove it first (parametrize.remove_parametrizations(layer, 'weight'), "
-                         "which keeps the weight it computes), or keep the model unmerged")
+        raise ValueError(f"nv.{action}: the {what} of {', '.join(parametrized)} is computed by a parametrization "
+                         f"(torch.nn.utils.parametrize, registered after inject), so {lost}: nothing was changed. "
+                         "Remove it first (parametrize.remove_parametrizations(layer, 'weight'), which keeps the "
+                         f"weight it computes), {keep}")
+    computed = [name for name, layer in layers.items() if any(tensor not in layer._parameters for tensor in tensors)]
+    if computed:
+        raise ValueError(f"nv.{action}: the {what} of {', '.join(computed)} is no parameter but computed before "
+                         "each call (torch.nn.utils.prune or the legacy torch.nn.utils.weight_norm, applied after "
+                         f"inject), so {lost}: nothing was changed. Make it permanent first (prune.remove(layer, "
+                         f"'weight'), torch.nn.utils.remove_weight_norm(layer)), {keep}")
 
 
 def _require_finite_update(name: str, factors: Tuple[Tensor, Tensor]) -> None:
@@ -449,7 +463,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     _require_injected(model, "unmerge")
     require_own_merged_flags(model, "unmerge")  # before any layer changes
     merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
-    _require_stored_weights(merged, "unmerge")
+    require_stored_weights(merged, "unmerge")
     layers = list(merged.values())
     with torch.no_grad():
         factors = merged_delta_factors(layers)
@@ -492,7 +506,7 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     """
     require_own_merged_flags(model, "a task switch")
     layers = {name: m for name, m in adapted_layers(model).items() if m.merged}
-    _require_stored_weights(layers, "load_adapter")
+    require_stored_weights(layers, "load_adapter")
     new_values = {
         id(layer): {name: layer.trained(name, values.get(f"{prefix}.{name}", getattr(layer, name))
                                         .to(getattr(layer, name))).detach().clone()
