@@ -930,3 +930,22 @@ def test_a_state_dict_of_adapter_tensors_and_weights_without_a_merged_flag_warns
         warnings.simplefilter("always")
         nv.inject(tiny_vit(), CONFIGS["lora_qv"]()).load_state_dict(unmerged)
     assert not any("adapter_merged" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("copied", [copy.deepcopy, pickle_round_trip], ids=["deepcopy", "torch_save"])
+def test_a_copy_of_a_merged_model_saves_the_same_adapter_file(tmp_path, copied):
+    # the record of the weights without ΔW named the original's storage: a copy fingerprinted weight − ΔW instead,
+    # which rounds, and its file recorded other frozen weights (another config_sha256) than the original's
+    model = _adapted("lora_qv")
+    with torch.no_grad():
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    nv.merge(model)
+    nv.save_adapter(model, tmp_path / "original")
+    copy_of_it = copied(model)
+    nv.save_adapter(copy_of_it, tmp_path / "copy")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "original" / name).read_bytes()
+    with torch.no_grad():  # a copy whose weight is written afterwards fingerprints weight − ΔW again
+        copy_of_it.blocks[0].attn.qkv.weight.add_(1.0)
+    assert copy_of_it.blocks[0].attn.qkv.unmerged_record is None

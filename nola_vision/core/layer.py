@@ -376,8 +376,10 @@ class AdaptedLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
+        # The unmerged record's stamp names this weight's storage: the copy stamps its own (``__setstate__``).
         return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
-                "_pending_passes": 0, "_reading": None, "_merged_flag_version": None}
+                "_pending_passes": 0, "_reading": None, "_merged_flag_version": None, "_unmerged_record": None,
+                "_copied_unmerged_record": self.unmerged_record}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -387,6 +389,8 @@ class AdaptedLinear(nn.Module):
         if "_merged_tensors" not in state:  # pickled before merged layers noted their tensor objects
             self._hold_merged_tensors()
         self._note_merged_flag()  # a copy's flag is a new tensor, its version counted afresh
+        # a copy's weight holds the values the record was valid for (a copy fingerprinted weight − ΔW instead)
+        self.unmerged_record = self.__dict__.pop("_copied_unmerged_record", None)
 
     @property
     def merged(self) -> bool:
