@@ -151,13 +151,22 @@ def test_a_live_merged_model_switching_tasks_is_checked_against_its_unmerged_wei
 def test_reset_classifier_after_inject_is_reported_at_save_and_load(saved, tmp_path):
     model = nv.inject(tiny_vit(), CONFIG)
     model.reset_classifier(10)
-    with pytest.raises(ValueError, match=r"classifier head changed after inject \(model\.reset_classifier\?\).*"
+    with pytest.raises(ValueError, match=r"classifier head changed after inject \(model\.reset_classifier\? .*"
                                          r"Re-inject.*save the adapter from the adapted model"):
         nv.save_adapter(model, tmp_path / "reset")
     ten_classes = nv.save_adapter(trained(model=tiny_vit(num_classes=10)), tmp_path / "ten")
     for directory in (saved[1], ten_classes):
         with pytest.raises(AdapterLoadError, match=r"classifier head changed after inject.*Re-inject"):
             nv.load_adapter(model, directory)
+
+
+def test_a_head_quantised_or_normalised_after_inject_is_named_as_a_possible_cause(tmp_path):
+    # its message named only reset_classifier, and showed a quantised head's parameters as "{}"
+    model = nv.inject(tiny_vit(), CONFIG)
+    quantised = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, inplace=False)
+    with pytest.raises(ValueError, match=r"weight_norm, spectral_norm, prune or quantize_dynamic applied to it.*"
+                                         r"it has no parameters, the adapters were injected with \{'head\.weight'"):
+        nv.save_adapter(quantised, tmp_path / "quantised")
 
 
 def test_a_checkpoint_refuses_other_frozen_weights_naming_them_and_accepts_a_bfloat16_copy():

@@ -139,8 +139,10 @@ class InjectionPlan:
         current, planned = self._heads(model)
         if current != planned:
             raise ValueError(
-                f"the classifier head changed after inject (model.reset_classifier?): it has {current}, the adapters "
-                f"were injected with {planned}. Re-inject for the new head (nv.unload(model), then nv.inject(model, "
+                "the classifier head changed after inject (model.reset_classifier? or weight_norm, spectral_norm, "
+                "prune or quantize_dynamic applied to it, which rename or replace its parameters): it has "
+                f"{current or 'no parameters'}, the adapters were injected with {planned}. Re-inject for the new "
+                "head (nv.unload(model), then nv.inject(model, "
                 "config)), or save the adapter from the adapted model before resetting its classifier"
             )
 
