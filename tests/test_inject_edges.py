@@ -394,3 +394,39 @@ def test_a_model_built_under_inference_mode_is_refused_before_inject_changes_it(
     assert not nv.adapted_layers(model)
     with torch.inference_mode():  # serving only: allowed
         assert nv.inject(model, "lora")(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2, targets=["attn.qkv"]), nv.NOLAConfig(**SMALL_NOLA),
+                                    nv.NOLAConfig(**SMALL_NOLA, basis="per_layer")], ids=["lora", "nola", "per_layer"])
+def test_inject_under_a_meta_default_device_adapts_the_model_as_anywhere_else(config):
+    # LoRA drew lora_A on torch's default device: on meta, "Cannot copy out of meta tensor", the model left frozen
+    reference = nv.inject(tiny_vit(), config)
+    model = tiny_vit()
+    with torch.device("meta"):
+        nv.inject(model, config)
+    assert all(not value.is_meta for value in model.state_dict().values())
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+
+
+def test_a_failed_inject_leaves_the_model_as_it_was(monkeypatch):
+    # the model was frozen before the layers were built: a layer that failed to build left it frozen, unadapted
+    from nola_vision.methods.lora import layer
+
+    model = tiny_vit()
+    built, real = [], layer.portable_uniform
+
+    def fails_at_the_third(*args, **kwargs):
+        built.append(args[1])
+        if len(built) == 3:
+            raise MemoryError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "portable_uniform", fails_at_the_third)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(MemoryError):
+        nv.inject(model, nv.LoRAConfig(rank=2, targets=["attn.qkv", "mlp.fc1"]))
+    assert not nv.adapted_layers(model) and adapter_state(model) is None
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    monkeypatch.undo()
+    nv.inject(model, nv.LoRAConfig(rank=2, targets=["attn.qkv", "mlp.fc1"]))  # and it can be adapted afterwards

@@ -73,7 +73,9 @@ def portable_uniform(
     start: int = 0,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
-    """Elements ``start .. start+n`` of a stream as float32 values in [-bound, bound), identical on every device."""
+    """Elements ``start .. start+n`` of a stream as float32 values in [-bound, bound), identical on every device
+    (the CPU when ``device`` is None, whatever torch's default device)."""
+    device = torch.device(device or "cpu")
     # One IEEE multiply of exact integers: the same float32 result on every device.
     scale = torch.tensor(bound / 2**23, dtype=torch.float32, device=device)
     out = torch.empty(n, dtype=torch.float32, device=device)

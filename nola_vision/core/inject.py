@@ -225,6 +225,15 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     layer_cls = method_of(config).layer_cls
     head = classifier_head(model)
     _require_trainable(model, head, config.train_backbone)
+    context = layer_cls.injection_context(config) if layer_cls is not None else {}
+    built: Dict[str, AdaptedLinear] = {}  # every layer built before the model changes: a failure leaves it as it was
+    for name, layer in plan.layers.items():
+        base = model.get_submodule(name)
+        # in the base layer's train/eval mode, so that unload gives it back in the mode it had; never inference
+        # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
+        with torch.inference_mode(False):
+            built[name] = layer_cls(base, config, name, layer.slices, **context).train(base.training)
+            _match_float64(built[name])
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(config.train_backbone)
     if head is not None:
@@ -232,14 +241,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -
     elif not config.train_backbone:
         _warn_about_frozen_wrapper_layers(model, list(plan.layers))
 
-    context = layer_cls.injection_context(config) if layer_cls is not None else {}
-    for name, layer in plan.layers.items():
-        base = model.get_submodule(name)
-        # in the base layer's train/eval mode, so that unload gives it back in the mode it had; never inference
-        # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
-        with torch.inference_mode(False):
-            adapted: AdaptedLinear = layer_cls(base, config, name, layer.slices, **context).train(base.training)
-            _match_float64(adapted)
+    for name, adapted in built.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
