@@ -187,18 +187,9 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     target = _file_target(path)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
     with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(target)
-            tmp, fd = _locked_temporary(target)
-        except OSError as error:  # named the hidden temporary file, and no fix
-            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            refusing = Path(error.filename).parent if error.filename else target.parent  # mkdir's: a folder above
-            raise type(error)(error.errno, f"cannot save to {target}: this process may not create files in "
-                                           f"{refusing} ({error.strerror}: its permissions, an immutable folder "
-                                           "or a read-only file system). Choose another path, or make that folder "
-                                           f"writable. {unchanged}") from error
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        tmp, fd = _locked_temporary(target)
     try:
         with _explained_write_failure(target, unchanged):
             yield tmp
@@ -626,6 +617,9 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
     except OSError as error:
         if error.errno is None or error.strerror != os.strerror(error.errno) or not _own_path(target, error.filename):
             raise
+        if error.errno in _NOT_ALLOWED:
+            raise type(error)(error.errno, f"cannot save to {target}: {_not_allowed(target, error)}. {unchanged}"
+                              ) from error
         if error.errno in _NO_ROOM:
             cause, fix = _NO_ROOM[error.errno]
             raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new content "
@@ -633,6 +627,23 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
         raise OSError(error.errno, f"cannot save to {target}: {error.strerror} while the new content was written "
                                    f"beside it. {unchanged} Check the disk and its file system (a failing disk, a "
                                    "network mount gone), then save again") from error
+
+
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _not_allowed(target: Path, error: OSError) -> str:
+    """Which folder refused a save of ``target`` (``error``: EACCES, EPERM, EROFS) and the fix: the nearest existing
+    folder of the path it named, or ``target``'s own in a folder with the sticky bit (``/tmp``), where only its
+    owner may replace it."""
+    named = Path(os.path.abspath(os.fsdecode(error.filename))) if error.filename is not None else target
+    folder = next((p for p in named.parents if os.path.isdir(p)), target.parent)
+    info = _stat_or_none(target)
+    if info is not None and info.st_uid != os.geteuid() and os.stat(target.parent).st_mode & stat.S_ISVTX:
+        return (f"{target} belongs to another user, in {target.parent}, a folder with the sticky bit set (as /tmp), "
+                f"where only its owner may replace it ({error.strerror}). Save to another path, or ask its owner to")
+    return (f"this process may not create files in {folder} ({error.strerror}: its permissions, an "
+            "immutable folder or a read-only file system). Choose another path, or make that folder writable")
 
 
 def _own_path(target: Path, filename: Any) -> bool:
@@ -791,7 +802,15 @@ def try_lock(path: PathLike, wait: bool = False) -> Optional[int]:
     """A descriptor holding an exclusive lock on the file ``path`` (created) until it is closed, or None when another
     process holds it (``wait``: once it lets go instead). Where no lock can be taken (Windows, a file system without
     locks), the descriptor holds none."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as error:
+        if error.errno not in _NOT_ALLOWED:
+            raise
+        why = ("it is a file this process may not read (another user's?): remove it, or run as its owner"
+               if os.path.lexists(path) else f"this process may not create files in {Path(path).parent} "
+               f"({error.strerror}): make that folder writable, or choose another")
+        raise type(error)(error.errno, f"cannot take the lock {path}: {why}") from error
     if fcntl is None:
         return fd
     try:
@@ -1134,11 +1153,28 @@ def _remove_tree(path: Path) -> None:
         return
     if not os.path.isdir(path):  # another process's file, swapped out where putting it back failed: never removed
         return
-    try:
-        os.chmod(path, 0o700)
-    except OSError:
-        pass
+    _make_folders_writable(path)
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        stuck = next((os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names), path)
+        warn_user(f"{path}, a hidden copy a save of {path.parent} replaced or left, could not be removed ({stuck} "
+                  "stays: another user's files, or an immutable folder). Remove it by hand (as its owner); saves "
+                  "are not affected", RuntimeWarning)
+
+
+def _make_folders_writable(path: Path) -> None:
+    """Give this user write and search rights on every folder of ``path`` it owns (a copied read-only folder of the
+    user's), top-down, so that its entries can be removed: only the top folder's were given, and a read-only
+    sub-folder left the whole copy behind at every save. Its files are hard links shared with the saved set: their
+    modes are left alone."""
+    with suppress(OSError):
+        os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | 0o700)
+    for folder, subfolders, _ in os.walk(path):
+        for name in subfolders:
+            sub = os.path.join(folder, name)
+            with suppress(OSError):
+                if not os.path.islink(sub):
+                    os.chmod(sub, stat.S_IMODE(os.lstat(sub).st_mode) | 0o700)
 
 
 class NotARegularFileError(OSError):

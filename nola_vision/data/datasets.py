@@ -1262,15 +1262,25 @@ def expand_root(root: str | os.PathLike) -> str:
     return text if "://" in text else os.path.expanduser(text)
 
 
+def _readable_root(root: str | os.PathLike) -> Path:
+    """``root`` expanded (``expand_root``), refused when this process may not list it: ``Path.is_dir`` of what it
+    holds then raised a bare ``[Errno 13] Permission denied``."""
+    folder = Path(expand_root(root))
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+        raise DatasetNotFoundError(f"cannot read the dataset folder {folder} (Permission denied): make it readable "
+                                   f"(chmod -R u+rX {folder}), or run as its owner")
+    return folder
+
+
 def dataset_num_classes(name: str, root: str | os.PathLike = "data") -> int:
     """Number of classes, from a static table (only ``imagefolder`` reads its class folders)."""
     spec = _spec(name)
-    return spec.num_classes if spec.num_classes is not None else len(spec.reader.class_names(Path(expand_root(root))))
+    return spec.num_classes if spec.num_classes is not None else len(spec.reader.class_names(_readable_root(root)))
 
 
 def dataset_class_names(name: str, root: str | os.PathLike = "data") -> list[str]:
     """Class names, read cheaply from the dataset's metadata (no image is decoded)."""
-    return _spec(name).reader.class_names(Path(expand_root(root)))
+    return _spec(name).reader.class_names(_readable_root(root))
 
 
 def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
@@ -1306,7 +1316,7 @@ def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "tra
     spec = _spec(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(expand_root(root))
+    root = _readable_root(root)
     if check_bool(download, "download"):  # a string such as "no" would count as true
         download_dataset(spec.name, root)
     dataset = spec.reader(root, split)

@@ -15,7 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["LocalAtomicCheckpointIO", "newest_checkpoint", "require_whole_checkpoint", "use_atomic_checkpoints"]
+__all__ = ["LocalAtomicCheckpointIO", "newest_checkpoint", "require_readable_file", "require_whole_checkpoint",
+           "use_atomic_checkpoints"]
 
 
 class LocalAtomicCheckpointIO(TorchCheckpointIO):
@@ -60,8 +61,10 @@ def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
     """Refuse a local file that is no torch archive (another file, or a checkpoint cut short by a full disk or an
     interrupted copy), naming the newest whole checkpoint beside it: torch's own error is a bare ``OSError: [Errno
     22] Invalid argument`` that names no file."""
-    if not isinstance(path, (str, os.PathLike)) or "://" in str(path) or not os.path.isfile(path) \
-            or zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
+    if not isinstance(path, (str, os.PathLike)) or "://" in str(path):
+        return
+    require_readable_file(path, option)
+    if not os.path.isfile(path) or zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
         return
     file = Path(path)
     whole = newest_checkpoint((p for p in file.parent.glob("*.ckpt") if p != file), zipfile.is_zipfile)
@@ -69,6 +72,19 @@ def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
     beside = f" (the newest whole one beside it: {named})" if whole else ""
     raise ValueError(f"{option} {path} is not a checkpoint written by fit (a torch archive), or it was cut short (a "
                      f"full disk, an interrupted copy): pass another checkpoint of the run{beside}")
+
+
+def require_readable_file(path: _PATH, option: str = "ckpt_path") -> None:
+    """Refuse a file this process may not read, or reach (a folder above it without search rights), saying so: it
+    was taken for a checkpoint cut short, with an older one beside it advised, or failed with a bare ``[Errno 13]``."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))  # not blocking on a named pipe
+    except PermissionError as err:
+        raise PermissionError(err.errno, f"{option} {path} cannot be read ({err.strerror}): make it, and the folders "
+                                         "above it, readable by this user (chmod u+r, chmod u+x on the folders), or "
+                                         "run as its owner") from err
+    except OSError:  # missing, a directory: the callers' checks name those
+        pass
 
 
 def _is_legacy_torch_file(path: _PATH) -> bool:

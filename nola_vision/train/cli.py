@@ -6,6 +6,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
 import importlib
 import inspect
@@ -18,7 +19,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import fsspec
 import torch
@@ -49,7 +50,7 @@ from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
-from .checkpoint_io import newest_checkpoint, require_whole_checkpoint, use_atomic_checkpoints
+from .checkpoint_io import newest_checkpoint, require_readable_file, require_whole_checkpoint, use_atomic_checkpoints
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
@@ -474,18 +475,35 @@ def claim_log_dir(trainer: Trainer) -> Optional[Path]:
         return None
     fd = None
     if root is not None and "://" not in str(root) and trainer.is_global_zero:
-        os.makedirs(root, exist_ok=True)
-        fd = try_lock(Path(root) / ".version.lock", wait=True)
+        with _explained_log_folder(Path(root)):
+            os.makedirs(root, exist_ok=True)
+            fd = try_lock(Path(root) / ".version.lock", wait=True)
     try:
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if fd is None or log_dir is None or os.path.isdir(log_dir):
             return None
-        os.makedirs(log_dir)
+        with _explained_log_folder(Path(log_dir)):
+            os.makedirs(log_dir)
         trainer.callbacks.append(_DropEmptyRunFolder(Path(log_dir)))
         return Path(log_dir)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _explained_log_folder(folder: Path) -> Iterator[None]:
+    """Name the folder that refuses the run's log folder ``folder`` and the options that move it: the bare
+    ``[Errno 13] Permission denied`` named neither."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or error.strerror != os.strerror(error.errno):
+            raise  # another error, or one that explains itself (a lock file another user owns)
+        refusing = next((p for p in folder.parents if p.is_dir()), folder.parent)
+        raise type(error)(error.errno, f"cannot make the run's log folder {folder}: this process may not create files "
+                                       f"in {refusing} ({error.strerror}). Pass a writable --trainer.default_root_dir "
+                                       "(the working directory by default), or a logger save_dir there") from error
 
 
 class _DropEmptyRunFolder(Callback):
@@ -1609,6 +1627,7 @@ def check_checkpoint_file(path: Optional[str]) -> None:
     if path is None or path in ("best", "hpc", "registry"):  # Lightning's own lookups
         return
     file = Path(path)
+    require_readable_file(file, "--ckpt_path")
     if not file.is_file():
         what = "a directory" if file.is_dir() else "not a regular file" if file.exists() else "missing"
         raise FileNotFoundError(f"--ckpt_path {path} is {what}: pass a "

@@ -1,0 +1,125 @@
+"""Saves, locks, checkpoints and datasets where file permissions refuse: found by running as an ordinary user (every
+other test runs as root in CI, which no permission binds). Each case runs in a child bound by permissions."""
+import os
+import stat
+
+import pytest
+from bound_by_permissions import OTHER_USER, give_away, run_bound
+
+SAVE = """
+import warnings
+import nola_vision as nv
+from tiny_models import tiny_vit
+model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+"""
+
+
+def _saved(tmp_path):
+    done = run_bound(SAVE + "nv.save_adapter(model, 'root/task')", tmp_path)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "root" / "task"
+
+
+def _hidden_copies(folder):
+    return sorted(name for name in os.listdir(folder) if ".staged-" in name or ".old-" in name)
+
+
+def test_a_read_only_folder_of_the_users_in_an_adapter_folder_leaves_no_hidden_copy_behind(tmp_path):
+    # only the replaced copy's top folder was made writable: its read-only sub-folder stopped the removal, ignored,
+    # and every save left one more hidden copy of the whole adapter beside it
+    task = _saved(tmp_path)
+    (task / "notes").mkdir()
+    (task / "notes" / "mine.txt").write_text("mine\n")
+    (task / "notes").chmod(0o555)
+    done = run_bound(SAVE + "for _ in range(3):\n    nv.save_adapter(model, 'root/task')\n", tmp_path)
+    assert done.returncode == 0 and "could not be removed" not in done.stderr, done.stderr
+    assert _hidden_copies(tmp_path / "root") == []
+    assert (task / "notes" / "mine.txt").read_text() == "mine\n"
+    assert stat.S_IMODE((task / "notes").stat().st_mode) == 0o555  # the user's folder keeps its mode
+
+
+def test_a_hidden_copy_that_cannot_be_removed_is_named(tmp_path):
+    task = _saved(tmp_path)
+    (task / "theirs").mkdir()
+    (task / "theirs" / "file.txt").write_text("theirs\n")
+    give_away(task / "theirs")
+    done = run_bound(SAVE + "nv.save_adapter(model, 'root/task')", tmp_path)
+    assert done.returncode == 0, done.stderr
+    left = _hidden_copies(tmp_path / "root")
+    assert len(left) == 1 and f"{tmp_path / 'root' / left[0]}, a hidden copy a save of" in done.stderr
+    assert "could not be removed" in done.stderr and "Remove it by hand" in done.stderr
+
+
+def test_a_save_below_a_read_only_folder_names_that_folder(tmp_path):
+    # it was explained as a failing disk: "Check the disk and its file system"
+    (tmp_path / "ro").mkdir(mode=0o555)
+    done = run_bound(SAVE + "nv.save_adapter(model, 'ro/x/y/task')", tmp_path)
+    assert done.returncode == 1 and "PermissionError" in done.stderr
+    assert f"this process may not create files in {tmp_path / 'ro'} (Permission denied" in done.stderr
+    assert "Check the disk" not in done.stderr and not (tmp_path / "ro" / "x").exists()
+
+
+def test_another_users_adapter_in_a_sticky_folder_is_named_as_theirs(tmp_path):
+    sticky = tmp_path / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    task = sticky / "task"
+    task.mkdir()
+    (task / "theirs.txt").write_text("theirs\n")
+    task.chmod(0o777)
+    give_away(task, OTHER_USER - 1)
+    os.chown(sticky, OTHER_USER, OTHER_USER)  # neither the folder's owner nor the adapter's may replace it
+    done = run_bound(SAVE + "nv.save_adapter(model, 'shared/task')", tmp_path)
+    assert done.returncode == 1 and f"{task} belongs to another user" in done.stderr
+    assert "only its owner may replace it" in done.stderr and "Check the disk" not in done.stderr
+    assert os.listdir(task) == ["theirs.txt"] and _hidden_copies(sticky) == []
+
+
+def test_an_unreadable_checkpoint_is_named_as_such_not_as_a_damaged_one(tmp_path):
+    # it was taken for a checkpoint cut short, and an older one beside it advised: a resume from an earlier epoch
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("epoch=0.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    (folder / "last.ckpt").chmod(0o000)
+    done = run_bound("""
+        from nola_vision.train.cli import check_checkpoint_file
+        check_checkpoint_file('checkpoints/last.ckpt')
+    """, tmp_path)
+    assert "--ckpt_path checkpoints/last.ckpt cannot be read (Permission denied): make it" in done.stderr
+    assert "epoch=0" not in done.stderr and "cut short" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["root", "lock"])
+def test_a_run_folder_or_lock_this_user_may_not_make_or_open_is_named(tmp_path, where):
+    (tmp_path / "ro").mkdir(mode=0o555 if where == "root" else 0o755)
+    if where == "lock":
+        lock = tmp_path / "ro" / "lightning_logs" / ".version.lock"
+        lock.parent.mkdir()
+        lock.touch(mode=0o600)
+        give_away(lock)
+    done = run_bound("""
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.loggers import CSVLogger
+        from nola_vision.train.cli import claim_log_dir
+        claim_log_dir(Trainer(logger=CSVLogger('ro'), enable_progress_bar=False))
+    """, tmp_path)
+    if where == "root":
+        assert ("cannot make the run's log folder ro/lightning_logs: this process may not create files in ro "
+                "(Permission denied). Pass a writable --trainer.default_root_dir" in done.stderr), done.stderr
+    else:
+        assert ("cannot take the lock ro/lightning_logs/.version.lock: it is a file this process may not read "
+                "(another user's?)" in done.stderr), done.stderr
+
+
+def test_a_dataset_folder_this_user_may_not_list_is_named(tmp_path):
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "data").chmod(0o000)
+    try:
+        done = run_bound("""
+            from nola_vision.data.datasets import build_dataset
+            build_dataset('imagefolder', 'data')
+        """, tmp_path)
+    finally:
+        (tmp_path / "data").chmod(0o755)
+    assert "cannot read the dataset folder data (Permission denied): make it readable" in done.stderr
