@@ -74,18 +74,21 @@ def _describe(config: Any) -> str:
 def quiet_lightning() -> Iterator[None]:
     """Lightning's banners, tips and warnings off, so the demo's first screen shows only its own lines.
 
-    Lightning logs through the ``lightning.pytorch`` logger (device banners, logger tips, "fit stopped") and warns
-    from its own modules (a deprecated pytree check, an empty validation list); ``--verbose`` keeps all of them.
+    Lightning logs through the ``lightning.pytorch`` logger (device banners, logger tips, "fit stopped") and
+    ``lightning.fabric``'s ("Seed set to 0"), and warns from its own modules (a deprecated pytree check, an empty
+    validation list); ``--verbose`` keeps all of them.
     """
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def run_demo(
@@ -166,7 +169,7 @@ def run_demo(
             start, accs, dirs = time.time(), [], []
             for seed in seeds:
                 bar.set_postfix_str(f"{method}, split seed {seed}")
-                L.seed_everything(seed, verbose=False)
+                L.seed_everything(seed)  # its "Seed set to" line is quiet_lightning's (Lightning 2.2 takes no verbose=)
                 data = FewShotDataModule(dataset, root, shots=shots, split_seed=seed, batch_size=batch_size,
                                          eval_batch_size=max(64, batch_size), image_size=image_size,
                                          backbone=backbone, augment=augment, download=download)

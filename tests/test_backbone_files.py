@@ -277,7 +277,7 @@ def test_an_adapted_models_state_dict_is_not_taken_for_an_adapter_folder(tmp_pat
 
 
 @pytest.mark.parametrize("write, message", [
-    (lambda p: p.write_text("empty"), r"cannot be read as a state dict \(IndexError"),
+    (lambda p: p.write_text("empty"), r"cannot be read as a state dict \((IndexError|UnpicklingError)"),
     (lambda p: torch.save(torch.zeros(3), p), r"cannot be read as a state dict \(AttributeError"),
     (lambda p: torch.save({"a": [1, 2]}, p), r"holds a dict, not a state dict of tensors|cannot be read"),
     (lambda p: save_file(_tiny_state_dict(), str(p)), r"a safetensors file without the .safetensors suffix"),
@@ -386,3 +386,16 @@ def test_create_model_names_a_checkpoint_that_does_not_load_and_a_name_that_is_n
     for name in (None, 5, ""):
         with pytest.raises(ValueError, match="a timm model name is a non-empty str"):
             nv.create_model(name)
+
+
+def test_an_overlay_naming_its_own_file_reads_it_as_a_state_dict_on_every_timm():
+    # timm before 1.0.31 kept the registry's custom_load (the augreg ViTs' JAX .npz) and read a local .pth as one
+    from nola_vision.models.weights import state_dict_overlay
+
+    given = {"pretrained": True, "pretrained_cfg_overlay": {"file": "w.pth"}}
+    assert state_dict_overlay(given)["pretrained_cfg_overlay"] == {"file": "w.pth", "custom_load": False}
+    assert given["pretrained_cfg_overlay"] == {"file": "w.pth"}  # the caller's dict is left as it was
+    npz = {"pretrained_cfg_overlay": {"file": "w.npz", "custom_load": True}}
+    assert state_dict_overlay(npz) == npz
+    no_file = {"pretrained_cfg_overlay": {"mean": (0.5,)}}
+    assert state_dict_overlay(no_file) == no_file

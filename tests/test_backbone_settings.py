@@ -69,3 +69,23 @@ def test_a_checkpoint_is_refused_by_a_model_at_other_quantisation_aware_bits():
     FewShotClassifier(**tiny, quant_bits=4).on_load_checkpoint(copy.deepcopy(checkpoint))
     del checkpoint["nola_vision"]["quant_bits"]  # written by an older nola_vision: not checked
     FewShotClassifier(**tiny).on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_seeded_random_backbone_is_the_same_under_another_default_dtype(dtype):
+    # timm drew it in torch's default dtype: a float64 notebook drew another backbone from the same backbone_seed, and
+    # refused every checkpoint and adapter of a default process as trained on other frozen weights
+    from nola_vision.models.backbones import build_backbone
+
+    kwargs = dict(pretrained=False, image_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    default = build_backbone("vit_tiny_patch16_224", 5, **kwargs)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        other = build_backbone("vit_tiny_patch16_224", 5, **kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    assert other.blocks[0].mlp.fc1.weight.dtype == dtype  # built in the default dtype, as before
+    backbone = {key: value for key, value in default.state_dict().items() if not key.startswith("head.")}
+    for key, value in backbone.items():
+        assert torch.equal(other.state_dict()[key], value.to(dtype)), key

@@ -19,6 +19,7 @@ from .weights import (
     local_dir_weights,
     raised_for_other_shapes,
     read_state_dict,
+    state_dict_overlay,
 )
 from .zoo import check_model_name, download_failure
 
@@ -117,9 +118,18 @@ def build_backbone(
             check_backbone_shapes(model, {key: value.shape for key, value in file_state.items()}, path, what)
             del file_state
     else:
+        # drawn in float32 whatever torch's default dtype (timm draws in it: a float64 notebook drew another backbone
+        # from the same seed), then given that dtype
+        dtype = torch.get_default_dtype()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbone_seed)
-            model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
+            torch.set_default_dtype(torch.float32)
+            try:
+                model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
+            finally:
+                torch.set_default_dtype(dtype)
+        if dtype != torch.float32:
+            model.to(dtype)
     model.reset_classifier(num_classes)
     # the offline backbone records the requested size as its own, so its native size is not an exemption
     _refuse_dropped_border(model, backbone, native_exempt=pretrained_file != OFFLINE_PRETRAINED_FILE)
@@ -185,7 +195,7 @@ def _create(backbone: str, backbone_kwargs: dict[str, Any], **kwargs: Any) -> nn
     import timm
 
     try:
-        return timm.create_model(backbone, num_classes=0, **kwargs)
+        return timm.create_model(backbone, num_classes=0, **state_dict_overlay(kwargs))
     except (TypeError, AssertionError, ZeroDivisionError, RuntimeError, OverflowError) as err:
         if isinstance(err, RuntimeError) and (kwargs.get("pretrained") or "Error(s) in loading state_dict" in str(err)):
             raise  # the weights' (their shapes, their resampling), which the callers name with the file

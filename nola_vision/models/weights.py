@@ -17,10 +17,13 @@ from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import METHODS
 
 __all__ = ["LOCAL_DIR", "OVERLAY_WEIGHT_SOURCES", "UnreadableWeights", "adapter_entries", "check_backbone_keys",
-           "check_backbone_shapes", "local_dir_weights", "loaded_keys", "raised_for_other_shapes", "read_state_dict"]
+           "check_backbone_shapes", "local_dir_weights", "loaded_keys", "raised_for_other_shapes", "read_state_dict",
+           "read_failure", "state_dict_overlay"]
 
 # The keys of a pretrained_cfg_overlay that name weights for timm to load (it takes the first it finds, in this order).
 OVERLAY_WEIGHT_SOURCES = ("state_dict", "file", "url", "hf_hub_id")
+# The overlay keys that name another weights file than the registry's, whose format custom_load described.
+_FILE_SOURCES = ("file", "url", "hf_hub_id", "hf_hub_filename")
 # timm's prefix of a model name that reads config.json and the weights from a local folder.
 LOCAL_DIR = "local-dir:"
 # The weights files timm looks for in such a folder, in its order (timm.models._hub._PREFERRED_FILES), then by suffix.
@@ -29,6 +32,22 @@ _LOCAL_DIR_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 # Position tables, which timm resamples on purpose for another input size (the model then reads other images).
 _RESIZED_FOR_THE_INPUT = re.compile(r"(^|\.)(pos_embed|relative_position_bias_table|rel_pos\w*)($|\.)")
+
+
+def read_failure(err: BaseException) -> str:
+    """``"<type>: <message>"`` of an error reading a weights file; a file cut short reads the same on every torch
+    (the unpickler's EOFError says "Ran out of input", or nothing)."""
+    return "EOFError: the file ends early" if isinstance(err, EOFError) else f"{type(err).__name__}: {err}"
+
+
+def state_dict_overlay(kwargs: dict) -> dict:
+    """``kwargs`` whose ``pretrained_cfg_overlay``, where it names a weights file of its own, reads that file as a
+    state dict unless it sets ``custom_load`` itself: timm before 1.0.31 kept the registry's ``custom_load`` (the
+    augreg ViTs' JAX ``.npz``) and read a local ``.pth``/``.safetensors`` as one. timm 1.0.31 does the same."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if not isinstance(overlay, dict) or "custom_load" in overlay or not any(overlay.get(key) for key in _FILE_SOURCES):
+        return kwargs
+    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "custom_load": False}}
 
 
 def local_dir_weights(model_name: str) -> Path | None:
@@ -87,8 +106,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, Any]:
                                          for key in file.keys()})
         state = load_state_dict(str(path), device="meta")
     except Exception as err:  # the unpickler fails on other bytes with any error (KeyError, IndexError, ...)
-        raise UnreadableWeights(f"{what} {path} cannot be read as a state dict ({type(err).__name__}: "
-                                f"{str(err) or 'the file ends early'})") from err
+        raise UnreadableWeights(f"{what} {path} cannot be read as a state dict ({read_failure(err)})") from err
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ValueError(f"{what} {path} holds a {type(state).__name__}, not a state dict of tensors: save the "
                          "backbone's state_dict()")

@@ -48,7 +48,9 @@ from .weights import (
     loaded_keys,
     local_dir_weights,
     raised_for_other_shapes,
+    read_failure,
     read_state_dict,
+    state_dict_overlay,
 )
 
 __all__ = ["NOLA_VARIANTS", "check_model_name", "create_model", "download_failure"]
@@ -303,7 +305,9 @@ def _read_overlay_file(path: str, model_name: str) -> Dict[str, Any]:
 def _loading(kwargs: Dict[str, Any], weights: Optional[_LocalWeights]) -> Dict[str, Any]:
     """``kwargs`` for timm, which loads local weights strictly when their head fits and so would refuse an adapted
     model's for its adapter entries: these are loaded after injection (``_load_saved_adapter``), and
-    ``_check_overlay_covers`` keeps the backbone weights strict."""
+    ``_check_overlay_covers`` keeps the backbone weights strict. An overlay's own file is read as a state dict
+    (``state_dict_overlay``)."""
+    kwargs = state_dict_overlay(kwargs)
     return {**kwargs, "pretrained_strict": False} if weights and adapter_entries(weights.state) else kwargs
 
 
@@ -406,10 +410,9 @@ def _unloadable(weights: str, model_name: str, err: BaseException) -> ValueError
         return ValueError(f"{weights} holds weights of other shapes than {model_name} as built (another embed_dim, "
                           f"mlp_ratio, or class/register tokens?): {str(err).strip().splitlines()[-1]}. Build the "
                           "model the file was saved from")
-    return ValueError(f"{weights} does not load into {model_name} ({type(err).__name__}: "
-                      f"{str(err) or 'the file ends early'}): point it at an intact .pth/.safetensors state dict of "
-                      "this model (an interrupted copy or download is cut short; another project's layout loads only "
-                      "where timm converts it)")
+    return ValueError(f"{weights} does not load into {model_name} ({read_failure(err)}): point it at an intact "
+                      ".pth/.safetensors state dict of this model (an interrupted copy or download is cut short; "
+                      "another project's layout loads only where timm converts it)")
 
 
 def _check_num_classes(kwargs: Dict[str, Any]) -> None:
