@@ -137,7 +137,8 @@ def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, c
     finally:
         empty.write_bytes(kept)
     err = capsys.readouterr().err
-    assert "1 test image(s) are missing or empty" in err and "2.png" in err and "before predicting" in err
+    assert "1 test image(s) are missing, empty (0 bytes) or unreadable" in err and "2.png" in err
+    assert "before predicting" in err
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -831,7 +831,7 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
     dm = FewShotDataModule("imagefolder", root=str(tmp_path / "pets"), shots=2, image_size=8, augment="none")
     assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
     dm.setup()
-    assert len(dm.test_set) == 6 and not dm.test_set.dataset.missing_or_empty_files()
+    assert len(dm.test_set) == 6 and not dm.test_set.dataset.unreadable_files()
     assert all("._" not in path for path, _ in dm.test_set.dataset.samples)
 
 

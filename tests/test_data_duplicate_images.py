@@ -161,7 +161,7 @@ def test_distinct_images_of_equal_size_do_not_warn(tmp_path):
 
 
 def test_empty_files_are_not_named_as_copies(tmp_path):
-    # a 0-byte file is an interrupted copy (missing_or_empty_files names it), not an image copied between classes
+    # a 0-byte file is an interrupted copy (unreadable_files names it), not an image copied between classes
     _folder(tmp_path)
     (tmp_path / "train" / "cat" / "empty.png").write_bytes(b"")
     (tmp_path / "test" / "dog" / "empty.png").write_bytes(b"")

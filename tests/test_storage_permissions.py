@@ -123,3 +123,20 @@ def test_a_dataset_folder_this_user_may_not_list_is_named(tmp_path):
     finally:
         (tmp_path / "data").chmod(0o755)
     assert "cannot read the dataset folder data (Permission denied): make it readable" in done.stderr
+
+
+def test_a_test_image_this_user_may_not_read_is_named_before_the_run(tmp_path):
+    # it was found only by the test pass after training (kept, with the command to test it)
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / label / "0.png")
+    (tmp_path / "data" / "test" / "dog" / "0.png").chmod(0o000)
+    done = run_bound("""
+        from nola_vision.data.datasets import build_dataset
+        print(build_dataset('imagefolder', 'data', split='test').unreadable_files())
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[PosixPath('data/test/dog/0.png')]"

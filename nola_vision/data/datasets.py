@@ -217,10 +217,12 @@ class ImageDataset(Dataset):
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
 
-    def missing_or_empty_files(self) -> list[Path]:
-        """Sample files that are missing or hold 0 bytes (an interrupted copy): found by a stat, without decoding."""
+    def unreadable_files(self) -> list[Path]:
+        """Sample files that are missing, hold 0 bytes (an interrupted copy) or that this process may not read: found
+        by a stat, without decoding."""
         paths = (self.path_of(key) for key, _ in self.samples)
-        return [path for path in paths if not path.is_file() or path.stat().st_size == 0]
+        return [path for path in paths
+                if not path.is_file() or path.stat().st_size == 0 or not os.access(path, os.R_OK)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -268,7 +270,7 @@ class ArrayImageDataset(ImageDataset):
     def load_image(self, index: int) -> Image.Image:
         return _to_rgb(Image.fromarray(self.images[index]))
 
-    def missing_or_empty_files(self) -> list[Path]:
+    def unreadable_files(self) -> list[Path]:
         return []  # in memory
 
 

@@ -746,7 +746,7 @@ class NolaCLI(LightningCLI):
         """What only the end of a run would find, found before it trains: the result path, a result of part of an
         evaluation split (``check_full_passes``), a callback that monitors a metric the module never logs
         (``check_monitors``) or validation metrics without validation images, and (when testing after fit, on data
-        already on disk) the test split's class folders and its missing or empty image files."""
+        already on disk) the test split's class folders and its missing, empty or unreadable image files."""
         check_training_length(self.trainer)  # before the run's folder and config exist (on_fit_start checks it too)
         config = self.config[self.subcommand]
         check_launcher(self.trainer, config.trainer.strategy)
@@ -1010,7 +1010,7 @@ class NolaCLI(LightningCLI):
     def before_predict(self) -> None:
         """What would lose the pass's predictions at its end, or write part of them over a whole file, is found before
         it: the predictions path, a pass cut to part of the test split (``fast_dev_run`` writes no file), and test
-        images that are missing or empty. SIGTERM ends the pass (``StopPredictingOnSigterm``)."""
+        images that are missing, empty or unreadable. SIGTERM ends the pass (``StopPredictingOnSigterm``)."""
         trainer = self.trainer
         trainer.callbacks.append(StopPredictingOnSigterm())
         if any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):  # the user's own writer decides
@@ -1064,17 +1064,18 @@ class NolaCLI(LightningCLI):
         return math.ceil(math.ceil(len(loader.dataset) / world) / loader.batch_size)
 
     def _check_test_images(self, why: str) -> None:
-        """Refuse missing or empty (0-byte) test images before a pass that would fail on them at the end (data still
-        to download is not there to check)."""
+        """Refuse missing, empty (0-byte) or unreadable test images before a pass that would fail on them at the end
+        (data still to download is not there to check)."""
         if self.datamodule.download:
             return
         self.datamodule.setup("test")
         if self.trainer.world_size > 1:  # else found when the test pass starts, after training
             require_share_per_process(len(self.datamodule.test_set), self.trainer.world_size, "test")
-        bad = self.datamodule.test_set.dataset.missing_or_empty_files()
+        bad = self.datamodule.test_set.dataset.unreadable_files()
         if bad:
-            error = CorruptImageError(f"{len(bad)} test image(s) are missing or empty (0 bytes), e.g. {bad[0]}: copy "
-                                      f"them again, or remove them, before {why}")
+            error = CorruptImageError(f"{len(bad)} test image(s) are missing, empty (0 bytes) or unreadable by this "
+                                      f"user, e.g. {bad[0]}: copy them again, make them readable, or remove them, "
+                                      f"before {why}")
             error.before_run = True  # a refusal before the run (exit 2): every run of the split would fail alike
             raise error
 
