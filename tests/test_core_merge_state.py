@@ -897,6 +897,20 @@ def test_a_weight_computed_before_each_call_after_inject_is_refused_before_anyth
     torch.testing.assert_close(model(_images()), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("action", ["unload", "merge_and_unload"])
+def test_a_layer_without_a_bias_unloads(action):
+    # a Linear(bias=False) holds no bias parameter, which the check took for one computed before each call
+    model = nv.inject(tiny_vit(qkv_bias=False), nv.LoRAConfig(rank=2, targets=["attn.qkv"]))
+    out = model(_images())
+    plain = getattr(nv, action)(model)
+    assert not nv.adapted_layers(plain) and plain.blocks[0].attn.qkv.bias is None
+    torch.testing.assert_close(plain(_images()), out)
+    pruned = nv.inject(tiny_vit(qkv_bias=False), nv.LoRAConfig(rank=2, targets=["attn.qkv"]))
+    _prune(pruned.blocks[0].attn.qkv)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv is no parameter but computed"):
+        getattr(nv, action)(pruned)
+
+
 def test_a_pruned_layer_made_permanent_merges_and_unloads():
     model = _adapted("lora_qv")
     _prune(model.blocks[1].attn.qkv)

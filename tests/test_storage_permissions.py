@@ -122,7 +122,23 @@ def test_a_dataset_folder_this_user_may_not_list_is_named(tmp_path):
         """, tmp_path)
     finally:
         (tmp_path / "data").chmod(0o755)
-    assert "cannot read the dataset folder data (Permission denied): make it readable" in done.stderr
+    assert "cannot open the dataset folder data (Permission denied): make it readable" in done.stderr
+
+
+def test_a_dataset_folder_this_user_may_search_but_not_list_is_read(tmp_path):
+    # a shared dataset of another user's, mode 0711: the readers open its folders by name
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / "cat" / "0.png")
+    (tmp_path / "data").chmod(0o711)
+    give_away(tmp_path / "data")
+    done = run_bound("""
+        from nola_vision.data.datasets import build_dataset
+        print(len(build_dataset('imagefolder', 'data')))
+    """, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
 
 
 def test_a_test_image_this_user_may_not_read_is_named_before_the_run(tmp_path):

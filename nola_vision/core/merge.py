@@ -383,7 +383,10 @@ def require_stored_weights(layers: Dict[str, AdaptedLinear], action: str,
                          f"(torch.nn.utils.parametrize, registered after inject), so {lost}: nothing was changed. "
                          "Remove it first (parametrize.remove_parametrizations(layer, 'weight'), which keeps the "
                          f"weight it computes), {keep}")
-    computed = [name for name, layer in layers.items() if any(tensor not in layer._parameters for tensor in tensors)]
+    # a tensor held but not as a parameter (a bias of None is no tensor: a Linear(bias=False) has none to compute)
+    computed = [name for name, layer in layers.items()
+                if any(tensor not in layer._parameters and getattr(layer, tensor, None) is not None
+                       for tensor in tensors)]
     if computed:
         raise ValueError(f"nv.{action}: the {what} of {', '.join(computed)} is no parameter but computed before "
                          "each call (torch.nn.utils.prune or the legacy torch.nn.utils.weight_norm, applied after "

@@ -639,7 +639,8 @@ def _not_allowed(target: Path, error: OSError) -> str:
     named = Path(os.path.abspath(os.fsdecode(error.filename))) if error.filename is not None else target
     folder = next((p for p in named.parents if os.path.isdir(p)), target.parent)
     info = _stat_or_none(target)
-    if info is not None and info.st_uid != os.geteuid() and os.stat(target.parent).st_mode & stat.S_ISVTX:
+    euid = os.geteuid() if hasattr(os, "geteuid") else None  # POSIX only
+    if info is not None and euid is not None and info.st_uid != euid and os.stat(target.parent).st_mode & stat.S_ISVTX:
         return (f"{target} belongs to another user, in {target.parent}, a folder with the sticky bit set (as /tmp), "
                 f"where only its owner may replace it ({error.strerror}). Save to another path, or ask its owner to")
     return (f"this process may not create files in {folder} ({error.strerror}: its permissions, an "

@@ -1265,12 +1265,13 @@ def expand_root(root: str | os.PathLike) -> str:
 
 
 def _readable_root(root: str | os.PathLike) -> Path:
-    """``root`` expanded (``expand_root``), refused when this process may not list it: ``Path.is_dir`` of what it
-    holds then raised a bare ``[Errno 13] Permission denied``."""
+    """``root`` expanded (``expand_root``), refused when this process may not open what it holds (no search right):
+    ``Path.is_dir`` of its folders then raised a bare ``[Errno 13] Permission denied``. A root it may search but not
+    list (a shared 0711 folder) is read: the readers open its folders by name."""
     folder = Path(expand_root(root))
-    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
-        raise DatasetNotFoundError(f"cannot read the dataset folder {folder} (Permission denied): make it readable "
-                                   f"(chmod -R u+rX {folder}), or run as its owner")
+    if os.path.isdir(folder) and not os.access(folder, os.X_OK):
+        raise DatasetNotFoundError(f"cannot open the dataset folder {folder} (Permission denied): make it readable "
+                                   f"(chmod -R u+rX {folder}), or ask its owner to")
     return folder
 
 

@@ -120,16 +120,19 @@ def build_backbone(
     else:
         # drawn in float32 whatever torch's default dtype (timm draws in it: a float64 notebook drew another backbone
         # from the same seed), then given that dtype
+        # (torch's default is process-wide: only a process that changed it sees it switched, briefly)
         dtype = torch.get_default_dtype()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbone_seed)
-            torch.set_default_dtype(torch.float32)
-            try:
+            if dtype == torch.float32:
                 model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
-            finally:
-                torch.set_default_dtype(dtype)
-        if dtype != torch.float32:
-            model.to(dtype)
+            else:
+                torch.set_default_dtype(torch.float32)
+                try:
+                    model = _create(backbone, backbone_kwargs, pretrained=False, **kwargs)
+                finally:
+                    torch.set_default_dtype(dtype)
+                model.to(dtype)
     model.reset_classifier(num_classes)
     # the offline backbone records the requested size as its own, so its native size is not an exemption
     _refuse_dropped_border(model, backbone, native_exempt=pretrained_file != OFFLINE_PRETRAINED_FILE)

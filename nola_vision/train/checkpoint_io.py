@@ -77,6 +77,8 @@ def require_whole_checkpoint(path: _PATH, option: str = "ckpt_path") -> None:
 def require_readable_file(path: _PATH, option: str = "ckpt_path") -> None:
     """Refuse a file this process may not read, or reach (a folder above it without search rights), saying so: it
     was taken for a checkpoint cut short, with an older one beside it advised, or failed with a bare ``[Errno 13]``."""
+    if os.path.isdir(path):  # the callers name it (Windows opens no directory: it would read as unreadable)
+        return
     try:
         os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))  # not blocking on a named pipe
     except PermissionError as err:

@@ -484,7 +484,7 @@ def claim_log_dir(trainer: Trainer) -> Optional[Path]:
             return None
         with _explained_log_folder(Path(log_dir)):
             os.makedirs(log_dir)
-        trainer.callbacks.append(_DropEmptyRunFolder(Path(log_dir)))
+        trainer.callbacks.append(_DropUnusedRunFolder(Path(log_dir)))
         return Path(log_dir)
     finally:
         if fd is not None:
@@ -500,13 +500,13 @@ def _explained_log_folder(folder: Path) -> Iterator[None]:
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or error.strerror != os.strerror(error.errno):
             raise  # another error, or one that explains itself (a lock file another user owns)
-        refusing = next((p for p in folder.parents if p.is_dir()), folder.parent)
+        refusing = next((p for p in folder.parents if os.path.isdir(p)), folder.parent)  # never raises itself
         raise type(error)(error.errno, f"cannot make the run's log folder {folder}: this process may not create files "
                                        f"in {refusing} ({error.strerror}). Pass a writable --trainer.default_root_dir "
                                        "(the working directory by default), or a logger save_dir there") from error
 
 
-class _DropEmptyRunFolder(Callback):
+class _DropUnusedRunFolder(Callback):
     """Removes the ``version_N`` folder ``claim_log_dir`` made when the run fails before it wrote anything but its
     fit lock and saved config (a DDP launch whose processes never joined, Ctrl-C while they start, a fit refused in
     setup): a run that never ran leaves no folder."""
@@ -524,8 +524,8 @@ def _remove_if_unused(folder: Path) -> None:
     starts: its fit lock (``FIT_LOCK``) and the config it saved (``SAVED_CONFIG_MARK``). Anything else keeps it."""
     with contextlib.suppress(OSError):
         entries = list(folder.iterdir()) if folder.is_dir() else []
-        if all(entry.name == FIT_LOCK or (entry.is_file() and not entry.is_symlink() and _is_saved_config(entry, ()))
-               for entry in entries):
+        if all(entry.name == FIT_LOCK or (entry.is_file() and not entry.is_symlink() and entry.stat().st_size
+                                          and _is_saved_config(entry, ())) for entry in entries):
             for entry in entries:
                 entry.unlink()
             folder.rmdir()
