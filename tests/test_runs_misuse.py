@@ -516,3 +516,15 @@ def test_a_worker_waiting_on_another_workers_last_trial_stops_at_once(tmp_path):
                 process.wait()
         for pid in filter(alive, map(pid_in, out.glob("t/tune/*/*/started"))):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_fit_on_a_console_that_cannot_show_the_rich_bar_finishes_and_writes_its_result(tmp_path):
+    # Lightning's default bar where rich is installed failed at the end of the fit on a Latin-1 or ASCII console:
+    # "'ascii' codec can't encode character '\u2022'", after the export, and the test pass and the result were lost
+    pytest.importorskip("rich")
+    result = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, "--trainer.max_epochs", "1",
+                           "--trainer.default_root_dir", str(tmp_path), "--result_file", str(result)],
+                          capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert json.loads(result.read_text())["metrics"]["test/acc"] >= 0

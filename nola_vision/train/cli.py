@@ -491,6 +491,25 @@ def claim_log_dir(trainer: Trainer) -> Optional[Path]:
             os.close(fd)
 
 
+def _plain_bar_on_a_narrow_console(trainer: Trainer) -> None:
+    """Swap Lightning's rich progress bar (its default where ``rich`` is installed) for the tqdm one when the console
+    cannot encode the rich bar's characters (a Latin-1 or ASCII locale): the rich bar failed at the end of the fit,
+    after the export, and the test pass and the result were lost."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        "━•".encode(encoding)
+        return
+    except (UnicodeEncodeError, LookupError):
+        pass
+    for index, callback in enumerate(trainer.callbacks):
+        if isinstance(callback, RichProgressBar):
+            trainer.callbacks[index] = TQDMProgressBar()
+            rank_zero_info(f"nola_vision: the console's encoding ({encoding}) cannot show the rich progress bar; "
+                           "showing tqdm's")
+
+
 @contextlib.contextmanager
 def _explained_log_folder(folder: Path) -> Iterator[None]:
     """Name the folder that refuses the run's log folder ``folder`` and the options that move it: the bare
@@ -899,6 +918,7 @@ class NolaCLI(LightningCLI):
         except TypeError as error:  # Lightning's own check of a value (devices=-2), raised as a TypeError
             raise ValueError(f"--trainer: {error}") from error
         use_atomic_checkpoints(trainer)
+        _plain_bar_on_a_narrow_console(trainer)
         for callback in trainer.checkpoint_callbacks:
             # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
             # end of any fit): its last-v1.ckpt would be the newest that --ckpt_path last finds in the run's folder
