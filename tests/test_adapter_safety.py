@@ -225,8 +225,9 @@ def test_a_merged_model_built_in_inference_mode_or_moved_after_its_merge_switche
         nv.verify_adapter(served, tmp_path / "b")
     moved = copy.deepcopy(nv.merge(nv.load_adapter(tiny_vit(), tmp_path / "a")))
     layers = list(nv.adapted_layers(moved).values())
-    assert all(layer.unmerged_record is None for layer in layers)  # another storage: the merge's records no longer hold
-    nv.load_adapter(moved, tmp_path / "b")  # checks the weights once, from weight - ΔW, and keeps that
+    # another storage of the same values: the copy stamps the merge's records afresh (it fingerprinted weight - ΔW)
+    assert all(layer.unmerged_record is not None for layer in layers)
+    nv.load_adapter(moved, tmp_path / "b")  # keeps the weights' record through the switch
     records = [layer.unmerged_record for layer in layers]
     assert None not in records
     nv.load_adapter(moved, tmp_path / "a")
