@@ -125,6 +125,24 @@ def test_a_dataset_folder_this_user_may_not_list_is_named(tmp_path):
     assert "cannot open the dataset folder data (Permission denied): make it readable" in done.stderr
 
 
+def test_a_class_folder_this_user_may_list_but_not_search_is_named(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / "cat" / "0.png")
+    (tmp_path / "data" / "train" / "cat").chmod(0o644)
+    try:
+        done = run_bound("""
+            from nola_vision.data.datasets import build_dataset
+            build_dataset('imagefolder', 'data')
+        """, tmp_path)
+    finally:
+        (tmp_path / "data" / "train" / "cat").chmod(0o755)
+    assert "DatasetNotFoundError: cannot open data/train/cat/0.png (Permission denied): its folder can be listed but " \
+           "not searched" in done.stderr, done.stderr
+
+
 def test_a_dataset_folder_this_user_may_search_but_not_list_is_read(tmp_path):
     # a shared dataset of another user's, mode 0711: the readers open its folders by name
     from PIL import Image

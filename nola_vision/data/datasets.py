@@ -570,6 +570,10 @@ def _file_identity(path: str) -> _FileIdentity:
     except OSError as err:
         if os.path.islink(path):
             raise _broken_link_error(path) from err
+        if isinstance(err, PermissionError):  # a folder listed but not searchable (mode 0644): a bare [Errno 13]
+            raise DatasetNotFoundError(f"cannot open {path} ({err.strerror}): its folder can be listed but not "
+                                       f"searched. Make it readable (chmod -R u+rX {os.path.dirname(path)}), or move "
+                                       "it out of the dataset") from err
         raise
     return _FileIdentity((stat.st_dev, stat.st_ino) if stat.st_ino else os.path.realpath(path), stat.st_size)
 
