@@ -31,9 +31,10 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file", "copy_directory",
-           "file_in_the_way", "file_sha256", "out_of_room_hint", "read_files", "resolve_directory_target", "try_lock",
-           "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
+__all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
+           "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder", "out_of_room_hint", "read_files",
+           "resolve_directory_target", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
+           "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -111,7 +112,7 @@ def _name_too_long(target: Path, folder: Path) -> Optional[str]:
 def _path_too_long(target: Path, names: Sequence[str] = ()) -> Optional[str]:
     """Why a save of the directory ``target`` cannot make the longest path it writes (its staged copy beside it, with
     ``names`` inside, or its lock file), where that is longer than the system takes; else None."""
-    folder = next((p for p in target.parents if os.path.isdir(p)), None)
+    folder = nearest_folder(target)
     limit = _path_limit(folder) if folder is not None else None
     if limit is None:
         return None
@@ -240,7 +241,7 @@ def _file_target(path: PathLike) -> Path:
     if missing is not None:  # realpath drops "missing/.." as text; reading the path back would fail there
         raise FileNotFoundError(_unreadable_back(text, missing, "file"))
     target = Path(os.path.realpath(text))
-    folder = next((p for p in target.parents if os.path.isdir(p)), None)
+    folder = nearest_folder(target)
     too_long = _name_too_long(target, folder) if folder is not None else None
     if too_long is not None:  # else found only at the final rename, after the whole content was written
         raise OSError(errno.ENAMETOOLONG, f"{too_long} (nothing was written)", text)
@@ -386,6 +387,11 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def nearest_folder(path: PathLike) -> Optional[Path]:
+    """The nearest existing folder above ``path`` (where a write to ``path`` creates its first entry), or None."""
+    return next((p for p in Path(path).parents if os.path.isdir(p)), None)  # os.path's: never raises
+
+
 def file_in_the_way(path: PathLike) -> Optional[Path]:
     """The first of ``path`` and its parents that exists and is not a directory (no directory can be made at or
     under it), or None."""
@@ -411,7 +417,7 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
                              "fix the link (nothing was written)") from error
         if error.errno not in (errno.ENOENT, errno.ENOTDIR):  # a name too long, a parent it may not look into
             target = Path(os.path.abspath(path))
-            folder = next((p for p in target.parents if os.path.isdir(p)), None)
+            folder = nearest_folder(target)
             too_long = (_name_too_long(target, folder) if folder is not None else None) or _path_too_long(target, names)
             raise ValueError(f"cannot save to {path}: {too_long or error.strerror} (nothing was written)") from error
         missing = _missing_before_parent_step(path)
@@ -617,7 +623,7 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
     except OSError as error:
         if error.errno is None or error.strerror != os.strerror(error.errno) or not _own_path(target, error.filename):
             raise
-        if error.errno in _NOT_ALLOWED:
+        if error.errno in NOT_ALLOWED:
             raise type(error)(error.errno, f"cannot save to {target}: {_not_allowed(target, error)}. {unchanged}"
                               ) from error
         if error.errno in _NO_ROOM:
@@ -629,7 +635,8 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
                                    "network mount gone), then save again") from error
 
 
-_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# The errors of a write this process may not make: its permissions, an immutable folder, a read-only file system.
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _not_allowed(target: Path, error: OSError) -> str:
@@ -637,7 +644,7 @@ def _not_allowed(target: Path, error: OSError) -> str:
     folder of the path it named, or ``target``'s own in a folder with the sticky bit (``/tmp``), where only its
     owner may replace it."""
     named = Path(os.path.abspath(os.fsdecode(error.filename))) if error.filename is not None else target
-    folder = next((p for p in named.parents if os.path.isdir(p)), target.parent)
+    folder = nearest_folder(named) or target.parent
     info = _stat_or_none(target)
     euid = os.geteuid() if hasattr(os, "geteuid") else None  # POSIX only
     if info is not None and euid is not None and info.st_uid != euid and os.stat(target.parent).st_mode & stat.S_ISVTX:
@@ -806,7 +813,7 @@ def try_lock(path: PathLike, wait: bool = False) -> Optional[int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as error:
-        if error.errno not in _NOT_ALLOWED:
+        if error.errno not in NOT_ALLOWED:
             raise
         why = ("it is a file this process may not read (another user's?): remove it, or run as its owner"
                if os.path.lexists(path) else f"this process may not create files in {Path(path).parent} "

@@ -6,7 +6,6 @@ import contextlib
 import csv
 import dataclasses
 import difflib
-import errno
 import functools
 import importlib
 import inspect
@@ -37,9 +36,11 @@ from ..core.config import resolve_adapter
 from ..core.inject import quantization_aware_bits
 from ..core.registry import METHODS
 from ..core.storage import (
+    NOT_ALLOWED,
     atomic_path,
     check_writable_file,
     file_in_the_way,
+    nearest_folder,
     out_of_room_hint,
     try_lock,
     write_bytes_atomic,
@@ -517,9 +518,9 @@ def _explained_log_folder(folder: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or error.strerror != os.strerror(error.errno):
+        if error.errno not in NOT_ALLOWED or error.strerror != os.strerror(error.errno):
             raise  # another error, or one that explains itself (a lock file another user owns)
-        refusing = next((p for p in folder.parents if os.path.isdir(p)), folder.parent)  # never raises itself
+        refusing = nearest_folder(folder) or folder.parent
         raise type(error)(error.errno, f"cannot make the run's log folder {folder}: this process may not create files "
                                        f"in {refusing} ({error.strerror}). Pass a writable --trainer.default_root_dir "
                                        "(the working directory by default), or a logger save_dir there") from error
