@@ -411,6 +411,40 @@ def test_a_write_protected_directory_is_refused_and_left_untouched(tmp_path, res
     assert (target.stat().st_mode & 0o777) == 0o555 and siblings(target) == [".adapter.lock", "adapter"]
 
 
+@pytest.mark.parametrize("save", [nv.save_adapter, nv.export_peft], ids=["save_adapter", "export_peft"])
+def test_a_write_protected_file_in_a_writable_directory_is_refused_and_nothing_changes(tmp_path, restore_modes, save):
+    target = tmp_path / "adapter"
+    save(trained(1), target)
+    (target / USER_FILE).write_text(USER_TEXT)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    protected = target / WEIGHTS_NAME  # peft's file name too
+    protected.chmod(0o444)  # the folder stays writable: a rename would replace the file without opening it
+    restore_modes.append(protected)
+    with pytest.raises(PermissionError, match=f"{re.escape(str(protected))} is write-protected \\(mode 0444\\).*"
+                                              f"chmod u\\+w.*nothing in {re.escape(str(target))} was changed"):
+        save(trained(2), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert protected.stat().st_mode & 0o777 == 0o444 and siblings(target) == [".adapter.lock", "adapter"]
+    protected.chmod(0o644)  # the fix the message names
+    save(trained(2), target)
+    assert protected.read_bytes() != before[protected.name]
+
+
+def test_a_write_protected_file_is_refused_by_atomic_writes_and_by_the_check_before_a_run(tmp_path, restore_modes):
+    path = tmp_path / "result.json"
+    path.write_text("kept")
+    path.chmod(0o444)
+    restore_modes.append(path)
+    with pytest.raises(PermissionError, match="result.json is write-protected \\(mode 0444\\).*chmod u\\+w"):
+        storage.write_text_atomic(path, "new")
+    with pytest.raises(ValueError, match="^--result_file: .*result.json is write-protected"):
+        storage.check_writable_file(path, "--result_file")
+    assert path.read_text() == "kept" and os.listdir(tmp_path) == ["result.json"]
+    path.chmod(0o600)
+    storage.write_text_atomic(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_save_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path, restore_modes,
                                                                                      monkeypatch):
     parent = tmp_path / "shared"

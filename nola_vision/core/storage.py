@@ -32,6 +32,7 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
+           "check_writer_lock",
            "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder", "out_of_room_hint", "read_files",
            "resolve_directory_target", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
            "write_text_atomic", "writer_lock"]
@@ -184,6 +185,7 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     would, so a file of a shared folder stays shared and a private one private.
     ``check``, when given, runs just before the rename: it raises to refuse replacing what appeared at ``path`` since
     the caller's own checks (a user's file of that name, hours into a run), and ``path`` then stays as it is.
+    A file with no write bit for anyone is refused before the block runs (a PermissionError naming the fix).
     """
     target = _file_target(path)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
@@ -226,7 +228,7 @@ def _new_file_mode() -> int:
 def _file_target(path: PathLike) -> Path:
     """The real file a write to ``path`` replaces (symlinks resolved), or an OSError naming the fix, before anything
     is written, for a path ending in a separator, a loop of symbolic links, a name longer than its file system takes,
-    an existing directory, or a path under an existing file."""
+    an existing directory, a write-protected file, or a path under an existing file."""
     text = os.fspath(path)
     if _ends_in_separator(text):
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
@@ -251,6 +253,9 @@ def _file_target(path: PathLike) -> Path:
     if os.path.isdir(target):  # os.path's: False, not an OSError, for a name over the file system's limit
         raise IsADirectoryError(f"{text} is an existing directory, but a file is written there: remove it, or choose "
                                 "another file path (the directory was left untouched)")
+    protected = _protected_file_message(target, "a write")
+    if protected is not None:
+        raise PermissionError(errno.EACCES, protected, text)
     kind = _special_file_kind(target)
     if kind is not None:  # the write renames a new file over it: /dev/null itself became a file
         raise OSError(errno.EINVAL, f"{text} is a {kind}, not a regular file: a write here puts a new file in its "
@@ -261,6 +266,20 @@ def _file_target(path: PathLike) -> Path:
         raise NotADirectoryError(f"{text} lies under {blocking}, an existing file, so no file can be written there: "
                                  "choose another path (the file was left untouched)")
     return target
+
+
+def _protected_file_message(path: Path, writer: str) -> Optional[str]:
+    """Why ``writer`` must not replace ``path``, a regular file with no write bit for anyone (``chmod a-w``, or
+    Windows' read-only attribute): a deliberate "do not overwrite", which a rename over it would undo without ever
+    opening it, for root too. None for any other path."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o222:
+        return None
+    return (f"{path} is write-protected (mode {stat.S_IMODE(info.st_mode):04o}), and {writer} would replace it: make "
+            f"it writable (e.g. chmod u+w {path}) to replace it, or choose another path (it was left untouched)")
 
 
 def _special_file_kind(path: Path) -> Optional[str]:
@@ -407,7 +426,7 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
     a writers' lock path beside it that is no file (see ``writer_lock``), on which the save would fail at its end; and
     for a path too long for the system once the save's staged copy (with the files ``names`` in it) and lock file are
     named beside it, on which the save would fail midway naming a hidden path. A PermissionError, as early, for a
-    write-protected directory or a parent the save cannot write (see ``_refuse_unwritable``).
+    write-protected directory or file of ``names``, or a parent the save cannot write (see ``_refuse_unwritable``).
     """
     try:
         os.stat(path)
@@ -449,8 +468,8 @@ def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
     too_long = _path_too_long(target, names)
     if too_long is not None:
         raise ValueError(f"cannot save to {path}: {too_long} (nothing was written)")
-    _refuse_unusable_lock(target)
-    _refuse_unwritable(target)
+    check_writer_lock(target)
+    _refuse_unwritable(target, names)
     return target
 
 
@@ -507,11 +526,13 @@ def _listed_mount_points() -> FrozenSet[str]:
                      for fields in map(bytes.split, lines) if len(fields) > 4)
 
 
-def _refuse_unwritable(target: Path) -> None:
-    """A PermissionError naming the fix when a save must not replace ``target`` or cannot write beside it.
+def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
+    """A PermissionError naming the fix when a save must not replace ``target`` or its files ``names``, or cannot
+    write beside it.
 
     The swap works in the parent (lock file, staged copy, renames), so it needs the parent writable, and it would
-    replace a write-protected directory without ever writing into it, undoing that protection.
+    replace a write-protected directory, or a write-protected file of it, without ever writing into it, undoing that
+    protection.
     """
     if target.is_dir():
         # os.access tells what the bits cannot (owner, ACLs, read-only mounts) but says "writable" to root, so no
@@ -522,6 +543,10 @@ def _refuse_unwritable(target: Path) -> None:
             raise PermissionError(f"{target} is write-protected, and a save would replace the whole directory: make "
                                   f"it writable (e.g. chmod u+w {target}) to save over it, or save to another "
                                   "directory (it was left untouched)")
+        for name in names:
+            protected = _protected_file_message(target / name, "a save")
+            if protected is not None:
+                raise PermissionError(f"{protected}; nothing in {target} was changed")
     # Root may write a parent whose bits say read-only, and then the save works: only a parent it cannot write fails.
     parent = target.parent
     if parent.is_dir() and not os.access(parent, os.W_OK):
@@ -687,7 +712,7 @@ def writer_lock(target: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    _refuse_unusable_lock(target)
+    check_writer_lock(target)
     try:
         fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as error:  # say so of the target, not of the lock
@@ -838,10 +863,11 @@ def _lock_path(target: Path) -> Path:
     return target.parent / f".{_sibling_stem(target)}.lock"
 
 
-def _refuse_unusable_lock(target: Path) -> None:
+def check_writer_lock(target: PathLike) -> None:
     """A ValueError naming the fix when ``target``'s lock path exists as no (link to a) regular file, which
-    ``writer_lock`` could not open, or (a FIFO) would wait on forever. Nothing to refuse on Windows: no lock there."""
-    lock = _lock_path(target)
+    ``writer_lock`` could not open, or (a FIFO) would wait on forever; called early by writers that lock only after
+    hours of work. Nothing to refuse on Windows: no lock there."""
+    lock = _lock_path(Path(target))
     if fcntl is None or not os.path.lexists(lock) or (os.path.isfile(lock) and os.access(lock, os.R_OK)):
         return
     if os.path.isfile(lock):
