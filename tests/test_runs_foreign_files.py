@@ -50,6 +50,27 @@ def test_protocol_refuses_before_any_run_a_results_md_it_did_not_write_and_repla
     assert "| other |" in (out / "results.md").read_text() and "other" in (out / "results.csv").read_text()
 
 
+def test_protocol_refuses_before_any_run_tables_it_could_not_write_after_it(tmp_path):
+    out = tmp_path / "proj"
+    (out / ".results.lock").mkdir(parents=True)  # the lock the tables are rebuilt under, after each run
+    options = dict(out=str(out), split_seeds=[0], init_seeds=[0], python=fake_python(tmp_path), echo=False)
+    with pytest.raises(ValueError, match=r"\.results\.lock, the lock file that writers of it take turns on, is a "
+                                         "directory"):
+        run_protocol([TINY], name="row", **options)
+    assert not (out / "row").exists()
+    (out / ".results.lock").rmdir()
+    write_tables(str(out))
+    os.chmod(out / "results.csv", 0o444)  # write-protected: its rename would undo that
+    try:
+        with pytest.raises(ValueError, match=r"results\.csv is write-protected \(mode 0444\)"):
+            run_protocol([TINY], name="row", **options)
+        assert not (out / "row").exists()
+    finally:
+        os.chmod(out / "results.csv", 0o644)
+    run_protocol([TINY], name="row", **options)
+    assert "| row |" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("file, content", [("best.json", '{"lr": 1}'), ("best.yaml", "model:\n  lr: 1\n"),
                                            ("tune_results.md", "# Notes\n"), ("tune_trials.csv", "a,b\n")])
 def test_a_tune_file_tune_did_not_write_is_refused(tmp_path, file, content):
@@ -77,6 +98,12 @@ def test_tune_refuses_a_foreign_best_yaml_before_any_trial_and_replaces_its_own_
     (root / "best.yaml").unlink()
     assert tune() is not None
     check_tune_files_ours(root)  # what tune wrote is recognised as its own
+    os.chmod(root / "best.yaml", 0o444)  # write-protected: refused before any trial, not at the end of the search
+    try:
+        with pytest.raises(ValueError, match=r"^the search's best\.yaml: .*best\.yaml is write-protected"):
+            check_tune_files_ours(root)
+    finally:
+        os.chmod(root / "best.yaml", 0o644)
     (root / "tune.db").unlink()
     assert tune() is not None  # and replaced by the next run
     assert json.loads((root / "best.json").read_text())["params"] == {"model.lr": 1e-3}

@@ -4,7 +4,10 @@ import os
 import stat
 
 import pytest
-from bound_by_permissions import OTHER_USER, give_away, run_bound
+from bound_by_permissions import OTHER_USER, ROOT, give_away, run_bound
+from fake_fit import fake_python
+
+from nola_vision.runs.protocol import run_protocol
 
 SAVE = """
 import warnings
@@ -174,3 +177,21 @@ def test_a_test_image_this_user_may_not_read_is_named_before_the_run(tmp_path):
     """, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[PosixPath('data/test/dog/0.png')]"
+
+
+def test_a_protocol_row_with_another_users_finished_run_runs_the_rest_and_tables_them_all(tmp_path):
+    # the check that run folders can be written probed split0-init0 itself, a finished run this command only reads
+    out, tiny, python = tmp_path / "out", str(ROOT / "configs" / "tiny_offline.yaml"), fake_python(tmp_path)
+    run_protocol([tiny], name="row", out=str(out), split_seeds=[0], init_seeds=[0], python=python, echo=False)
+    give_away(out / "row" / "split0-init0")
+    for shared in [out, *out.iterdir(), *(out / "row").iterdir()]:  # a group folder: all but that run writable
+        if shared.name != "split0-init0":
+            shared.chmod(0o777 if shared.is_dir() else 0o666)
+    done = run_bound(f"""
+        from nola_vision.runs.protocol import run_protocol
+        run_protocol([{tiny!r}], name="row", out={str(out)!r}, split_seeds=[0, 1], init_seeds=[0], python={python!r})
+        """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "split 0 init 0: done already, skipped" in done.stdout and "split 1 init 0: test acc 50.00%" in done.stdout
+    table = (out / "results.md").read_text()
+    assert "| row | fake |" in table and "| 2 | 50.0 (0.0) |" in table

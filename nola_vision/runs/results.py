@@ -28,6 +28,7 @@ import yaml
 
 from ..core.checks import is_finite_number
 from ..core.storage import (
+    check_writer_lock,
     file_in_the_way,
     try_lock,
     write_json_atomic,
@@ -575,9 +576,11 @@ def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], what: str, fix
 
 def check_tables_ours(out: str) -> None:
     """Refuse (``refuse_foreign_file``) an ``<out>/results.csv`` or ``results.md`` that ``write_tables`` did not
-    write: it rebuilds both after every run (and checks each again just before it replaces it)."""
+    write: it rebuilds both after every run (and checks each again just before it replaces it); and a lock file of
+    the tables it could not take then (``check_writer_lock``), found otherwise only after the first fit."""
     for table in _TABLES:
         _refuse_foreign_table(Path(out) / table)
+    check_writer_lock(Path(out) / TABLES_LOCK)
 
 
 # How each table is known as one write_tables wrote, by its first line; earlier versions' tables had fewer columns.

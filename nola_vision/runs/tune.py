@@ -850,9 +850,11 @@ def _is_best_json(path: Path) -> bool:
 def check_tune_files_ours(root: Path) -> None:
     """Refuse, before any trial, a ``best.json``, ``best.yaml``, ``tune_results.md`` or ``tune_trials.csv`` in the
     study's folder that tune did not write (``refuse_foreign_file``): it replaces them (and checks each again just
-    before it does)."""
+    before it does); and one it could not replace then (``check_writable_file``: a write-protected file, a folder
+    this process may not write)."""
     for name in _TUNE_FILES:
         _refuse_foreign_tune_file(root / name)
+        check_writable_file(root / name, f"the search's {name}")
 
 
 # How each file is known as one tune wrote, by its content.
