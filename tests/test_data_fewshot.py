@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,12 +257,40 @@ def test_a_file_name_that_is_not_utf8_is_drawn_by_its_bytes_and_utf8_names_keep_
 
 
 def test_samples_that_are_not_path_label_pairs_are_named():
-    with pytest.raises(ValueError, match=r"labels \['cat', 'dog'\] are not classes"):  # was a str + int TypeError
+    with pytest.raises(ValueError, match=r"labels \['cat', 'dog'\] are not class numbers"):  # was a str + int TypeError
         sample_kshot([("a.png", "cat"), ("b.png", "dog")], 1)
+    with pytest.raises(ValueError, match=r"labels \[0.0, 1.0\] are not class numbers: a label is an integer"):
+        sample_kshot([("a.png", 0.0), ("b.png", 1.0)], 1)  # said "not classes 0..-1 (len(class_names)=0)"
+    with pytest.raises(TypeError, match=r"an image key is a str .*got PosixPath\('a.png'\) \(PosixPath\) at index 0"):
+        sample_kshot([(Path("a.png"), 0), ("b.png", 1)], 1)  # was unicodedata's TypeError
     with pytest.raises(TypeError, match=r"samples are a sequence of \(image path, integer label\) pairs, got a "
                                         r"NoneType"):
         sample_kshot(None, 1)
     with pytest.raises(TypeError, match=r"got 'a.png' at index 1"):
         sample_kshot([("b.png", 0), "a.png"], 1)
-    with pytest.raises(TypeError, match="allow_fewer must be True or False, got 'no'"):
+    with pytest.raises(ValueError, match="allow_fewer must be true or false, got 'no'"):
         sample_kshot([("a.png", 0), ("b.png", 1)], 1, allow_fewer="no")
+    assert sample_kshot([("a.png", 0), ("b.png", 1)], 1, allow_fewer=np.True_) == FewShotSplit([0, 1])
+    with pytest.raises(TypeError, match=r"class_names is a list of names, one per label, got 'abc' \(str\)"):
+        sample_kshot([("a.png", 0), ("b.png", 1)], 1, class_names="abc")  # was taken as the classes a, b and c
+
+
+@pytest.mark.parametrize("samples", [[("a.png", 0), ("b.png", 0), ("a.png", 0)],
+                                     [("a.png", 0), ("b.png", 0), ("a.png", 1), ("c.png", 1)]],
+                         ids=["same label", "two labels"])
+def test_an_image_listed_twice_is_refused_not_drawn_twice(samples):
+    # a 2-shot draw took the repeated image twice (one distinct image), or into two classes
+    with pytest.raises(ValueError, match=r"'a.png' is listed twice \(at indices 0 and 2\)"):
+        sample_kshot(samples, 1)
+
+
+def test_a_manifest_the_replay_would_refuse_is_not_written_and_manifest_entries_are_typed(tmp_path):
+    samples = [("a.png", 0), ("b.png", 1)]
+    with pytest.raises(ValueError, match="index 0 is listed twice"):
+        write_manifest(tmp_path / "m.txt", samples, [0, 0, 1])
+    assert not (tmp_path / "m.txt").exists()
+    with pytest.raises(TypeError, match=r"a key is a str .*got PosixPath"):
+        indices_from_manifest(samples, [(Path("a.png"), 0)])
+    for label in ("0", 0.0):  # "has label 0, but the dataset says 0"; a float was taken as the integer
+        with pytest.raises(TypeError, match=rf"'a.png' has label {re.escape(repr(label))} .*a label is an integer"):
+            indices_from_manifest(samples, [("a.png", label)])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from ..core.checks import as_integer, check_path, shown
+from ..core.checks import as_integer, check_bool, check_path, shown
 from ..core.warn import warn_user
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "in_draw_order", "indices_from_manifest",
@@ -70,14 +70,34 @@ def _is_label(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int) -> None:
-    """Refuse labels outside ``0 .. num_classes - 1``: their images would silently never be drawn."""
+def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int, named: bool) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` (``named``: that count is ``len(class_names)``): their images
+    would silently never be drawn."""
     unknown = sorted((label for label in by_class
                       if not (_is_label(label) and 0 <= label < num_classes)), key=str)
-    if unknown:
-        raise ValueError(f"sample_kshot: labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not classes "
-                         f"0..{num_classes - 1} (len(class_names)={num_classes}): pass the class_names of these "
-                         "samples, or fix their labels")
+    if not unknown:
+        return
+    shown_labels = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+    if named:
+        raise ValueError(f"sample_kshot: labels {shown_labels} are not classes 0..{num_classes - 1} "
+                         f"(len(class_names)={num_classes}): pass the class_names of these samples, or fix their "
+                         "labels")
+    raise ValueError(f"sample_kshot: labels {shown_labels} are not class numbers: a label is an integer 0, 1, ... "
+                     "(a bool, float or string is not one): fix the samples' labels")
+
+
+def _refuse_repeated_keys(samples: Sequence[tuple[str, int]]) -> None:
+    """Refuse a key that is not a str, or one listed twice: a drawn image would count twice among a class's shots
+    (or in two classes), so a k-shot split would hold fewer distinct images than it says."""
+    first: dict[str, int] = {}
+    for index, (key, _) in enumerate(samples):
+        if not isinstance(key, str):
+            raise TypeError(f"sample_kshot: an image key is a str (its path relative to the dataset's root), got "
+                            f"{shown(key)} at index {index}: pass str(key)")
+        if key in first:
+            raise ValueError(f"sample_kshot: {_shown_key(key)} is listed twice (at indices {first[key]} and {index}): "
+                             "each image is one sample, or the split would hold fewer distinct images than it says")
+        first[key] = index
 
 
 def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, val_shots: int = 0,
@@ -91,8 +111,10 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
     seed, shots, val_shots = (_integer(v, n) for v, n in ((seed, "seed"), (shots, "shots"), (val_shots, "val_shots")))
     if shots < 0 or val_shots < 0:
         raise ValueError(f"shots and val_shots must be >= 0, got {shots} and {val_shots}")
-    if not isinstance(allow_fewer, bool):
-        raise TypeError(f"sample_kshot: allow_fewer must be True or False, got {allow_fewer!r}")
+    allow_fewer = check_bool(allow_fewer, "sample_kshot: allow_fewer")
+    if isinstance(class_names, (str, bytes)):  # its characters would be taken as the names
+        raise TypeError(f"sample_kshot: class_names is a list of names, one per label, got {shown(class_names)}: "
+                        f"pass [{class_names!r}] for one class")
     if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
         raise TypeError(f"sample_kshot: samples are a sequence of (image path, integer label) pairs, got a "
                         f"{type(samples).__name__}")
@@ -105,8 +127,9 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
             raise TypeError(f"sample_kshot: samples are (image path, integer label) pairs, got {sample!r} at index "
                             f"{index}")
         by_class.setdefault(sample[1], []).append(index)
+    _refuse_repeated_keys(samples)
     num_classes = len(class_names) if class_names is not None else max(filter(_is_label, by_class), default=-1) + 1
-    _refuse_unknown_labels(by_class, num_classes)
+    _refuse_unknown_labels(by_class, num_classes, named=class_names is not None)
     train: list[int] = []
     val: list[int] = []
     short = []
@@ -182,14 +205,18 @@ def _unescaped(key: str) -> str:
 
 def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]) -> list[int]:
     """``indices`` as ints, each the position of a sample ``read_manifest`` reads back as written: a negative index
-    would wrap to another sample, ``True`` count as 1, and a label that is not an integer or a key with a line break
-    would write a manifest that cannot be read back."""
-    checked = []
+    would wrap to another sample, ``True`` count as 1, and a repeated index, a label that is not an integer or a key
+    with a line break would write a manifest that ``indices_from_manifest`` refuses."""
+    checked: list[int] = []
+    seen: set[int] = set()  # a set: a full-split manifest lists tens of thousands of images
     for index in indices:
         number = as_integer(index)
         if number is None or not 0 <= number < len(samples):
             raise ValueError(f"write_manifest: indices must be positions in samples, integers 0..{len(samples) - 1}, "
                              f"got {shown(index)}")
+        if number in seen:
+            raise ValueError(f"write_manifest: index {number} is listed twice: a manifest lists each image once (a "
+                             "repeated line would not read back)")
         key, label = samples[number]
         if not isinstance(key, str) or "\n" in key or "\r" in key:
             raise ValueError(f"write_manifest: sample {number} has key {shown(key)}: a key is a path without line "
@@ -198,6 +225,7 @@ def _manifest_indices(samples: Sequence[tuple[str, int]], indices: Sequence[int]
             raise ValueError(f"write_manifest: sample {number} ({key!r}) has label {shown(label)}: a label is an "
                              "integer (a bool, float or string would not read back)")
         checked.append(number)
+        seen.add(number)
     return checked
 
 
@@ -257,6 +285,12 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
         except (TypeError, ValueError):
             raise TypeError(f"{source}: each entry is a (key, label) pair as read_manifest gives it, got "
                             f"{shown(entry)}") from None
+        if not isinstance(key, str):
+            raise TypeError(f"{source}: a key is a str (the image's path relative to the dataset's root, as "
+                            f"read_manifest gives it), got {shown(key)}")
+        if not _is_label(label):
+            raise TypeError(f"{source}: {_shown_key(key)} has label {shown(label)}: a label "
+                            "is an integer, as read_manifest gives it")
         if key not in position:
             raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
                              f"{_near_key(key, position)}")
