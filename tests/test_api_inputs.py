@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import tiny_vit
+from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 import nola_vision.data as nvdata
@@ -27,6 +27,9 @@ def test_create_model_takes_pretrained_as_a_bool_and_names_an_argument_the_model
     with pytest.raises(TypeError, match=r"takes no argument 'nola_rank': nola_\* arguments belong to the \*_nola "
                                         r"names \(vit_tiny_patch16_224_nola\)"):
         nv.create_model("vit_tiny_patch16_224", adapter="lora", nola_rank=2)  # was timm's bare TypeError
+    with pytest.raises(TypeError, match=r"takes no argument 'rank': a \*_nola name takes NOLA settings with a nola_ "
+                                        r"prefix: pass nola_rank="):  # "check its spelling" did not say how
+        nv.create_model("vit_tiny_patch16_224_nola", pretrained=False, rank=2)
 
 
 def test_an_empty_adapter_config_names_no_method():
@@ -170,3 +173,24 @@ def test_a_class_count_no_head_could_hold_is_refused_naming_num_classes():
     from nola_vision.models.backbones import build_backbone
     with pytest.raises(ValueError, match=r"num_classes must be at most 16,777,216 classes"):
         build_backbone("vit_tiny_patch16_224", 2**40, pretrained=False, **small)
+
+
+def test_a_path_starting_with_a_tilde_names_the_home_folder_in_every_entry_point(tmp_path, monkeypatch):
+    # nv.save_adapter("~/x") wrote ./~/x, while FewShotClassifier(adapter_dir="~/x") and the CLI wrote $HOME/x
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)))
+    nv.save_adapter(model, "~/task")
+    nv.export_peft(model, "~/peft")
+    assert sorted(os.listdir(tmp_path / "home")) == [".peft.lock", ".task.lock", "peft", "task"]
+    assert not (tmp_path / "~").exists()
+    loaded = nv.load_adapter(tiny_vit(), "~/task")
+    assert nv.adapter_size_bytes("~/task") == nv.adapter_size_bytes(tmp_path / "home" / "task")
+    served = nv.MultiTaskModel(tiny_vit())
+    served.add_task("task", "~/task")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(served(images, "task")), loaded.eval()(images), rtol=0, atol=1e-5)
+    pytest.importorskip("onnx")
+    nv.export_onnx(loaded, "~/task.onnx")
+    assert (tmp_path / "home" / "task.onnx").is_file() and not (tmp_path / "~").exists()

@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from fixtures_data import write_imagefolder
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.core.config import config_from_dict, resolve_adapter
-from nola_vision.data import FewShotDataModule
+from nola_vision.data import FewShotDataModule, build_dataset
+from nola_vision.data.datamodule import FewShotSubset
 from nola_vision.train.module import FewShotClassifier
 
 TINY = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
@@ -67,6 +69,31 @@ def test_a_single_target_string_and_numpy_numbers_are_accepted_as_plain_values()
     assert (type(config.rank), type(config.seed), type(config.scale)) == (int, int, float)
     assert json.loads(json.dumps(config.to_dict()))["rank"] == 2  # stored forms stay plain JSON
     assert nv.LoRAConfig(alpha=None).scaling == 1.0 and nv.LoRAConfig(rank=4, alpha=8).scaling == 2.0
+
+
+def test_numpy_bools_are_kept_as_bools_so_what_they_reach_saves(tmp_path):
+    # a numpy bool was checked and kept: the model's every save failed at json.dumps, a fit's adapter export too
+    config = nv.LoRAConfig(rank=2, recompute_activation=np.True_)
+    assert type(config.recompute_activation) is bool
+    model = nv.inject(tiny_vit(), config)
+    nv.save_adapter(as_if_trained(model), tmp_path / "adapter")
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "adapter").plan.config.recompute_activation is True
+    data = FewShotDataModule(dataset="digits", root=str(tmp_path), allow_fewer=np.True_, pin_memory=np.False_,
+                             download=np.False_, cache_images=np.True_)
+    assert all(type(data.hparams[k]) is bool for k in ("allow_fewer", "pin_memory", "download", "cache_images"))
+    assert data.allow_fewer is True  # and the draw takes it (sample_kshot refused numpy's)
+    nola = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    nv.set_basis_holding(nola, np.True_)  # was refused, unlike every other flag
+    with pytest.raises(ValueError, match="set_basis_holding: hold must be true or false, got 'no'"):
+        nv.set_basis_holding(nola, "no")
+
+
+def test_a_transform_that_is_not_callable_is_refused_before_the_first_image(tmp_path):
+    write_imagefolder(tmp_path, ("a", "b"), 2, 1, eval_folder="test")
+    with pytest.raises(TypeError, match=r"build_dataset: transform must be a callable .*got 5 \(int\)"):
+        build_dataset("imagefolder", tmp_path, transform=5)
+    with pytest.raises(TypeError, match=r"FewShotSubset transform must be a callable .*got 'abc' \(str\)"):
+        FewShotSubset(build_dataset("imagefolder", tmp_path), [0], transform="abc")
 
 
 def deeply_nested(depth: int = 10_000) -> dict:

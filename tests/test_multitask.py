@@ -180,6 +180,8 @@ def test_bad_task_names_and_lengths_get_errors_naming_the_fix(adapters, images):
         nv.MultiTaskModel(tiny_vit())(images, "nola_mlp")
     with pytest.raises(ValueError, match=r"images are 64x64, and the backbone takes 32x32 \(timm's img_size\)"):
         model(torch.randn(4, 3, 64, 64), "nola_mlp")  # timm's bare assertion said neither what to do nor who
+    with pytest.raises(ValueError, match=r"images have 1 channels, and the backbone reads 3-channel images"):
+        model(torch.randn(4, 1, 32, 32), "nola_mlp")  # the convolution's own RuntimeError
     with pytest.raises(ValueError, match="has adapters injected"):
         nv.MultiTaskModel(nv.inject(tiny_vit(), TASKS["nola_mlp"][0]))
 

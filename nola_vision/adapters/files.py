@@ -280,7 +280,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     order) are recorded for whoever serves the file (``VerifiedAdapter.class_names``, ``MultiTaskModel.class_names``).
     """
     require_module(model, "save_adapter")
-    directory = check_path(directory, "the adapter directory")
+    directory = check_path(directory, "the adapter directory", expand_user=True)
     model = unwrap_model(model)
     require_no_inner_wrappers(model, "nv.save_adapter")
     state = adapter_state(model)
@@ -587,7 +587,7 @@ def _typical_spread(values: Tensor) -> float:
 
 def adapter_size_bytes(directory: PathLike) -> int:
     """Bytes on disk of an adapter directory (config + weights)."""
-    root = Path(check_path(directory, "the adapter directory"))
+    root = Path(check_path(directory, "the adapter directory", expand_user=True))
     try:
         is_directory = stat.S_ISDIR(root.stat().st_mode)
         entries = {root / name: (root / name).stat() for name in (CONFIG_NAME, WEIGHTS_NAME)} if is_directory else {}
@@ -815,7 +815,7 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     new pair, never one of each. A legacy file without checksums (format 1) is refused unless
     ``allow_unchecked_legacy`` says that its contents may go unchecked.
     """
-    root = Path(check_path(directory, "the adapter directory"))
+    root = Path(check_path(directory, "the adapter directory", expand_user=True))
     allow_unchecked_legacy = check_bool(allow_unchecked_legacy, "allow_unchecked_legacy")  # "no" read as true
     try:
         raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))

@@ -88,7 +88,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     model is exported as the module it wraps (whose module names peft matches).
     """
     require_module(model, "export_peft")
-    directory = check_path(directory, "the export directory")
+    directory = check_path(directory, "the export directory", expand_user=True)
     model = unwrap_model(model)
     require_no_inner_wrappers(model, "nv.export_peft")
     _refuse_nola_vision_adapter(directory)

@@ -14,8 +14,8 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_choice", "check_int", "check_num_classes",
-           "check_number", "check_path", "is_finite_number", "shown"]
+__all__ = ["INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_callable", "check_choice", "check_int",
+           "check_num_classes", "check_number", "check_path", "is_finite_number", "shown"]
 
 # The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
 INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -124,10 +124,18 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_path(value: Any, name: str, *, optional: bool = False) -> Optional[str]:
-    """``value`` as a ``str`` path (a ``str`` or ``os.PathLike``, not empty)."""
+def check_callable(value: Any, name: str) -> Any:
+    """``value`` if it is callable or None (a transform): else refused now, not at the first image it is given."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable (e.g. a torchvision transform) or None, got {shown(value)}")
+    return value
+
+
+def check_path(value: Any, name: str, *, optional: bool = False, expand_user: bool = False) -> Optional[str]:
+    """``value`` as a ``str`` path (a ``str`` or ``os.PathLike``, not empty); ``expand_user``: with a leading ``~``
+    expanded to the home folder, as a shell would, so that the API and the CLI name the same folder."""
     if value is None and optional:
         return None
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise ValueError(f"{name} must be a path{' or null' if optional else ''}, got {shown(value)}")
-    return os.fspath(value)
+    return os.path.expanduser(os.fspath(value)) if expand_user else os.fspath(value)

@@ -198,9 +198,9 @@ _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def require_bool(config: Any, *names: str) -> None:
-    """Each field ``True`` or ``False``."""
+    """Each field ``True`` or ``False`` (a numpy bool is stored as ``bool``: it reaches the saved JSON)."""
     for name in names:
-        check_bool(getattr(config, name), _field(config, name))
+        object.__setattr__(config, name, check_bool(getattr(config, name), _field(config, name)))
 
 
 def require_choice(config: Any, name: str, choices: Sequence[str]) -> None:

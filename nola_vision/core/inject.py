@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .basis import BasisBank
+from .checks import check_bool
 from .config import AdapterConfig
 from .fingerprint import record_merged, running_statistics
 from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
@@ -658,8 +659,8 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     """Whether the model holds its shared basis codes: ``None`` (default) everywhere but in a CPU training pass,
     ``True`` always (a CPU step skips regenerating them, ~1.5% of a ViT-B step, and holds them under its
     activations: +60 MiB for ViT-B), ``False`` never (every pass regenerates them, and held codes go now)."""
-    if hold is not None and not isinstance(hold, bool):
-        raise TypeError(f"hold must be True, False or None, got {hold!r}")
+    if hold is not None:
+        hold = check_bool(hold, "set_basis_holding: hold")  # a numpy bool too; a string such as "no" is refused
     state = adapter_state(model)
     if state is None or state.bank is None or not has_shared_bases(model):
         method = state.method if state is not None else None

@@ -11,7 +11,7 @@ from torch import nn
 from .layer import Slice, adapted_layers
 
 __all__ = ["QKV_SLICES", "adaptable_linears", "classifier_head", "find_targets", "head_parameter_names",
-           "require_adapter_values", "require_no_inner_wrappers", "require_no_peft_model",
+           "image_channels", "require_adapter_values", "require_no_inner_wrappers", "require_no_peft_model",
            "require_nothing_else_trained", "require_module", "require_one_head", "require_not_data_parallel",
            "require_values", "trained_parameters", "unwrap_model"]
 
@@ -384,3 +384,13 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
                                  "or its slices")
         resolved[name] = tuple(slices)
     return resolved
+
+
+def image_channels(model: nn.Module) -> Optional[int]:
+    """The channels of the images ``model`` reads: its patch embedding's first convolution's input (a hybrid ViT's
+    stem, not its ``proj``, which reads the CNN's features), or None for a model without one."""
+    embed = getattr(model, "patch_embed", None)
+    for module in embed.modules() if isinstance(embed, nn.Module) else ():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+    return None

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
+from ..core.checks import check_bool, check_callable, check_choice, check_int, check_number, check_path, shown
 from ..core.warn import warn_user
 from .datasets import (
     ArrayImageDataset,
@@ -71,7 +71,7 @@ class FewShotSubset(Dataset):
 
     def __init__(self, dataset: ImageDataset, indices: list[int], transform: Optional[Callable] = None,
                  cache: bool = False, cache_mb: float = 2048) -> None:
-        self.dataset, self.transform = dataset, transform
+        self.dataset, self.transform = dataset, check_callable(transform, "FewShotSubset transform")
         self.indices = [check_int(i, "FewShotSubset index", at_least=0) for i in indices]
         outside = [i for i in self.indices if i >= len(dataset.samples)]
         if outside:  # -1 served the last image without a word
@@ -170,8 +170,8 @@ def _check_arguments(hp: Any) -> Any:
         raise ValueError(f"{name('backbone')} must be a timm model name or null, got {shown(hp.backbone)}")
     check_choice(hp.augment, name("augment"), AUGMENTS)
     check_choice(hp.normalize, name("normalize"), NORMALIZATIONS)
-    for field in ("download", "allow_fewer", "cache_images", "pin_memory"):
-        check_bool(hp[field], name(field))
+    for field in ("download", "allow_fewer", "cache_images", "pin_memory"):  # numpy's as bool: hparams go to YAML
+        hp[field] = check_bool(hp[field], name(field))
     for field in ("split_file", "val_split_file", "split_dir"):
         path = check_path(hp[field], name(field), optional=True)
         hp[field] = expand_root(path) if path is not None else None

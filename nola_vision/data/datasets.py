@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..core.checks import check_bool, check_path, shown
+from ..core.checks import check_bool, check_callable, check_path, shown
 from ..core.storage import write_text_atomic
 from ..core.warn import warn_user
 
@@ -1323,6 +1323,7 @@ def build_dataset(name: str, root: str | os.PathLike = "data", split: str = "tra
     spec = _spec(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_callable(transform, "build_dataset: transform")
     root = _readable_root(root)
     if check_bool(download, "download"):  # a string such as "no" would count as true
         download_dataset(spec.name, root)

@@ -155,8 +155,12 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         if unexpected is None or unexpected.group(1) not in kwargs:  # raised inside the build, not for an argument
             raise
         name = unexpected.group(1)
-        hint = (f"nola_* arguments belong to the *_nola names ({architecture}_nola), or adapter settings to adapter="
-                if name.startswith("nola_") else "check its spelling against the model class's arguments")
+        if name.startswith("nola_"):
+            hint = f"nola_* arguments belong to the *_nola names ({architecture}_nola), or adapter settings to adapter="
+        elif nola_name and name in {f.name for f in fields(get_method(METHOD).config_cls)}:
+            hint = f"a *_nola name takes NOLA settings with a nola_ prefix: pass nola_{name}="
+        else:
+            hint = "check its spelling against the model class's arguments"
         raise TypeError(f"create_model: {model_name} takes no argument {name!r}: {hint}") from err
     except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         source = f"checkpoint_path {checkpoint}" if checkpoint else _overlay_label(kwargs)

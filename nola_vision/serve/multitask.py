@@ -34,6 +34,7 @@ from ..core.registry import method_of
 from ..core.targets import (
     adaptable_linears,
     classifier_head,
+    image_channels,
     require_module,
     require_no_inner_wrappers,
     require_no_peft_model,
@@ -214,7 +215,7 @@ class MultiTaskModel(nn.Module):
         with the adapter (``check_frozen_weights=False`` skips it, for a deliberate transfer), tensor sizes and
         finite values. ``allow_unchecked_legacy`` admits format 1 files, which carry no checksums.
         """
-        adapter_dir = check_path(adapter_dir, "the adapter directory")
+        adapter_dir = check_path(adapter_dir, "the adapter directory", expand_user=True)
         check_bool(check_frozen_weights, "add_task: check_frozen_weights")
         check_bool(allow_unchecked_legacy, "add_task: allow_unchecked_legacy")
         if not isinstance(name, str) or not name:
@@ -613,8 +614,14 @@ def _require_head_after_pooling(model: nn.Module, head: nn.Module) -> None:
 
 
 def _require_image_size(model: nn.Module, images: Tensor) -> None:
-    """Refuse images of another size than a backbone built for one size takes (timm's ``strict_img_size``), naming
-    both: timm's assertion, or a hybrid's shape error deep in its position embedding, named neither."""
+    """Refuse images of another size than a backbone built for one size takes (timm's ``strict_img_size``), or with
+    other channels than it reads, naming both: timm's assertion, a hybrid's shape error deep in its position
+    embedding, or the convolution's channel error, named neither."""
+    channels = image_channels(model)
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"images have {images.shape[1]} channels, and the backbone reads {channels}-channel images: "
+                         f"pass them as its tasks were trained (e.g. a grey image repeated to {channels} channels, "
+                         "images.expand(-1, 3, -1, -1), for an RGB backbone)")
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
     if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):

@@ -55,6 +55,7 @@ from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
 from ..core.storage import atomic_path
 from ..core.targets import (
+    image_channels,
     require_module,
     require_no_inner_wrappers,
     require_nothing_else_trained,
@@ -85,7 +86,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     export). Returns ``path``.
     """
     require_module(model, "export_onnx", adaptable=False)  # a MultiTaskModel gets its own message below
-    path = check_path(path, "export_onnx's path")
+    path = check_path(path, "export_onnx's path", expand_user=True)
     check_bool(tasks_as_inputs, "export_onnx: tasks_as_inputs")
     model = unwrap_model(model)
     if tasks_as_inputs:  # its inputs are named as in adapter files
@@ -291,7 +292,7 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
     if size is not None:
-        channels = _image_channels(embed)
+        channels = image_channels(model)
         return (3 if channels is None else channels, *size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" not in cfg:
@@ -312,15 +313,6 @@ def _require_runs_at(model: nn.Module, size: Tuple[int, ...], parameter: Tensor)
                          "input_size=(3, H, W), the size it was built for") from error
 
 
-def _image_channels(embed: nn.Module) -> Optional[int]:
-    """The channels of the images a patch embedding reads: its first convolution's input (a hybrid ViT's stem, whose
-    ``proj`` reads the CNN's features, 2048 channels for a ResNet), or None."""
-    for module in embed.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return module.in_channels
-    return None
-
-
 def _check_input_size(size: Any, model: nn.Module) -> None:
     """Refuse an ``input_size`` that is not (C, H, W), or not the size a fixed-size ViT was built for, now: traced,
     it fails deep inside the model's forward."""
@@ -328,7 +320,7 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size):
         embed = getattr(model, "patch_embed", None)
         built = tuple(getattr(embed, "img_size", None) or ())
-        channels = _image_channels(embed) if embed is not None else None
+        channels = image_channels(model)
         if isinstance(channels, int) and size[0] != channels:
             raise ValueError(f"input_size {tuple(size)}: the model takes {channels}-channel images; export at "
                              f"({channels}, {size[1]}, {size[2]})")
@@ -606,7 +598,7 @@ def _read_graph(graph: Union[PathLike, Any]) -> _GraphInfo:
     Any other type is refused with a ``TypeError``: duck typing an unknown object would fail with a raw attribute error.
     """
     if isinstance(graph, (str, os.PathLike)):
-        graph = _load_graph(graph)
+        graph = _load_graph(os.path.expanduser(os.fspath(graph)))
     if _instance_of(graph, "onnx", "ModelProto"):
         metadata = {entry.key: entry.value for entry in graph.metadata_props}
         inputs = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)

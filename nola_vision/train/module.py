@@ -164,9 +164,8 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     if hp["quant_bits"] and method_of(config).layer_cls is None:
         raise ValueError(f"{name('quant_bits')} applies to adapter tensors; adapter {config!r} has none: set "
                          "quant_bits: null")
-    hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True)
-    if hp["adapter_dir"] is not None:  # "~/x" as a shell would expand it (a config file's is not), as for result_file
-        hp["adapter_dir"] = os.path.expanduser(hp["adapter_dir"])
+    # "~/x" as a shell would expand it (a config file's is not), as for result_file and nv.save_adapter
+    hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True, expand_user=True)
     hp["adapter_bits"] = require_bits(hp["adapter_bits"], name("adapter_bits"), optional=True)
     # stored in the CLI's own form, so checkpoints and hparams.yaml hold no pickled classes and LightningCLI can
     # re-parse a checkpoint's hyper-parameters
