@@ -14,6 +14,9 @@
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"  # for -h, read after the cd below
 cd "$(dirname "$0")/.."
+# The scripts import nola_vision from this checkout, installed or not (python benchmarks/x.py puts only benchmarks/ on
+# the path): a bare GPU machine with torch and timm alone runs them.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=benchmarks/results
 mkdir -p "$out"
 
