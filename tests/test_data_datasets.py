@@ -166,7 +166,7 @@ def test_cifar_metadata_with_a_matching_checksum_still_loads_no_code(tmp_path, c
     marker = tmp_path / "pwned"
     meta, info = _craft_cifar10_meta(tmp_path, marker)
     cifar_fixture_checksums("cifar10", {**info["md5"], "batches.meta": hashlib.md5(meta.read_bytes()).hexdigest()})
-    with pytest.raises(DatasetNotFoundError, match="refusing to load io.open") as err:
+    with pytest.raises(DatasetNotFoundError, match=r"refusing to load _?io\.open") as err:  # _io on Python 3.13
         dataset_class_names("cifar10", tmp_path)
     assert str(meta) in str(err.value)
     assert not marker.exists()

@@ -219,7 +219,8 @@ def check_output_paths(out: str, name: str, tables: bool = True) -> None:
     for table in ("results.csv", "results.md") if tables else ():
         check_writable_file(Path(out) / table, f"--out {out}")
     first = root / run_dir_name(0, 0)  # when it exists, a finished run (maybe another user's) that is only read
-    check_writable_file((root / f"{first.name}-next" if first.exists() else first) / RESULT_FILE, "--name")
+    # os.path's: False, where Path.exists raises, for a name over the file system's limit (refused just below)
+    check_writable_file((root / f"{first.name}-next" if os.path.exists(first) else first) / RESULT_FILE, "--name")
 
 
 def run_dir_name(split_seed: int, init_seed: int) -> str:
