@@ -84,7 +84,7 @@ def test_numpy_bools_are_kept_as_bools_so_what_they_reach_saves(tmp_path):
     assert data.allow_fewer is True  # and the draw takes it (sample_kshot refused numpy's)
     nola = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
     nv.set_basis_holding(nola, np.True_)  # was refused, unlike every other flag
-    with pytest.raises(ValueError, match="set_basis_holding: hold must be true or false, got 'no'"):
+    with pytest.raises(ValueError, match="set_basis_holding: hold must be true, false or None, got 'no'"):
         nv.set_basis_holding(nola, "no")
 
 

@@ -212,7 +212,7 @@ def test_set_basis_holding_releases_codes_when_off_and_refuses_models_without_sh
     with torch.no_grad():
         model(images)
     assert bank.nbytes() == 0  # never held, not even for evaluation
-    with pytest.raises(TypeError, match="True, False or None"):
+    with pytest.raises(ValueError, match="hold must be true, false or None, got 'yes'"):
         nv.set_basis_holding(model, "yes")
     for other in (nv.inject(tiny_vit(), nv.LoRAConfig()), nv.inject(tiny_vit(), nola_mlp(4, 64, basis="per_layer")),
                   tiny_vit()):

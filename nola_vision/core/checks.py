@@ -107,13 +107,15 @@ def check_number(value: Any, name: str, *, above: Optional[float] = None, at_lea
     return value if type(value) in (int, float) else number
 
 
-def check_bool(value: Any, name: str) -> bool:
-    """``value`` if it is ``True`` or ``False``, a numpy bool as a ``bool`` (a string such as ``"no"`` would count as
-    true)."""
+def check_bool(value: Any, name: str, *, optional: bool = False) -> Optional[bool]:
+    """``value`` if it is ``True`` or ``False`` (or, ``optional``, None), a numpy bool as a ``bool`` (a string such as
+    ``"no"`` would count as true)."""
+    if value is None and optional:
+        return None
     if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {shown(value)}")
+        raise ValueError(f"{name} must be true{', false or None' if optional else ' or false'}, got {shown(value)}")
     return value
 
 

@@ -659,8 +659,7 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     """Whether the model holds its shared basis codes: ``None`` (default) everywhere but in a CPU training pass,
     ``True`` always (a CPU step skips regenerating them, ~1.5% of a ViT-B step, and holds them under its
     activations: +60 MiB for ViT-B), ``False`` never (every pass regenerates them, and held codes go now)."""
-    if hold is not None:
-        hold = check_bool(hold, "set_basis_holding: hold")  # a numpy bool too; a string such as "no" is refused
+    hold = check_bool(hold, "set_basis_holding: hold", optional=True)  # a numpy bool too; "no" is refused
     state = adapter_state(model)
     if state is None or state.bank is None or not has_shared_bases(model):
         method = state.method if state is not None else None
