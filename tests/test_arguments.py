@@ -11,6 +11,7 @@ from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.core.config import config_from_dict, resolve_adapter
+from nola_vision.core.inject import adapter_state
 from nola_vision.data import FewShotDataModule, build_dataset
 from nola_vision.data.datamodule import FewShotSubset
 from nola_vision.train.module import FewShotClassifier
@@ -69,6 +70,16 @@ def test_a_single_target_string_and_numpy_numbers_are_accepted_as_plain_values()
     assert (type(config.rank), type(config.seed), type(config.scale)) == (int, int, float)
     assert json.loads(json.dumps(config.to_dict()))["rank"] == 2  # stored forms stay plain JSON
     assert nv.LoRAConfig(alpha=None).scaling == 1.0 and nv.LoRAConfig(rank=4, alpha=8).scaling == 2.0
+
+
+def test_inject_and_plan_injection_take_a_configs_dict_forms_as_create_model_does():
+    config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, seed=3)  # inject refused these ("got dict")
+    fields = {key: value for key, value in config.to_dict().items() if key != "method"}
+    for form in (config.to_dict(), {"class_path": "nola_vision.NOLAConfig", "init_args": fields}):
+        assert nv.plan_injection(tiny_vit(), form).config == config
+        assert adapter_state(nv.inject(tiny_vit(), form)).config_dict() == config.to_dict()
+    with pytest.raises(ValueError, match=r"unknown NOLAConfig fields \['rnk'\]"):
+        nv.inject(tiny_vit(), {"method": "nola", "rnk": 2})
 
 
 def test_numpy_bools_are_kept_as_bools_so_what_they_reach_saves(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -200,16 +200,16 @@ def _global_module_hooks() -> bool:
                                                          "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-def inject(model: nn.Module, config: Union[AdapterConfig, str, InjectionPlan]) -> nn.Module:
+def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], InjectionPlan]) -> nn.Module:
     """Add adapters in place; freeze everything but the adapters and the classifier head.
 
     ``config`` is a registered method's config (``NOLAConfig``, ``LoRAConfig``, …), a method's name (``"nola"``,
-    ``"lora"``: their default configs; ``"linear"``: train the head only; ``"full"``: train everything), or a plan
-    from ``plan_injection(model, config)``. Nothing is changed when the config or a target is invalid. ``unload``
-    undoes it exactly. A ``torch.compile`` wrapper is adapted through the module it runs (the names of its layers and
-    files are that module's) and returned. The head is what timm's ``get_classifier()`` returns, on the model or the
-    outermost submodule that has it: a wrapper module with a head of its own defines ``get_classifier()`` to have it
-    trained.
+    ``"lora"``: their default configs; ``"linear"``: train the head only; ``"full"``: train everything), a config's
+    ``to_dict()`` form (as ``create_model`` takes it), or a plan from ``plan_injection(model, config)``. Nothing is
+    changed when the config or a target is invalid. ``unload`` undoes it exactly. A ``torch.compile`` wrapper is
+    adapted through the module it runs (the names of its layers and files are that module's) and returned. The head is
+    what timm's ``get_classifier()`` returns, on the model or the outermost submodule that has it: a wrapper module
+    with a head of its own defines ``get_classifier()`` to have it trained.
     """
     require_module(model, "inject")
     require_not_data_parallel(model)

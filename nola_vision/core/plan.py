@@ -182,12 +182,13 @@ def _require_plain_forward(name: str, linear: nn.Linear) -> None:
         )
 
 
-def _validated_copy(config: Union[AdapterConfig, str]) -> AdapterConfig:
+def _validated_copy(config: Union[AdapterConfig, str, Dict[str, Any]]) -> AdapterConfig:
     """A deep copy of the config, checked again as its constructor checks it: fields set after construction (a sweep
     reusing one object, ``cfg.rank = 0``) are refused as ``NOLAConfig(rank=0)`` is. A copy, so that changing the
     caller's config afterwards changes neither the plan, the injected model nor what its files record."""
-    # a method name as create_model and FewShotClassifier take it ("nola", "lora": their defaults; "linear", "full")
-    config = copy.deepcopy(resolve_adapter(config) if isinstance(config, str) else as_config(config))
+    # a method name or dict as create_model and FewShotClassifier take it ("nola", "lora": their defaults; "linear",
+    # "full"; a config's to_dict() or {class_path, init_args} form)
+    config = copy.deepcopy(resolve_adapter(config) if isinstance(config, (str, dict)) else as_config(config))
     validate = getattr(config, "__post_init__", None)
     if validate is not None:
         validate()
@@ -290,7 +291,8 @@ def _warn_pointless_sizes(plan: InjectionPlan) -> None:
                   f"{f' and {more} more layer(s)' if more else ''}: {reason}")
 
 
-def plan_injection(model: nn.Module, config: Union[AdapterConfig, str], *, warn: bool = True) -> InjectionPlan:
+def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any]], *,
+                   warn: bool = True) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing.
     ``warn``: of sizes the config chose in vain (a rank above a layer's min(in, out)), for whoever chooses them; a
     file's plan is checked without (``load_adapter``)."""
