@@ -12,6 +12,7 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -557,6 +558,7 @@ def test_class_names_without_an_order_are_refused(tmp_path):
         nv.save_adapter(model, tmp_path / "a", class_names=dict.fromkeys("abcde"))
     for names, expected in (((name for name in "edcba"), list("edcba")),
                             (dict(zip("abcde", [4, 3, 2, 1, 0])), list("edcba")),  # ordered by the indices
+                            (dict(zip("abcde", np.arange(5))), list("abcde")),  # numpy's indices too (were refused)
                             (["crane", "crane", "b", "c", "d"], ["crane", "crane", "b", "c", "d"])):
         nv.save_adapter(model, tmp_path / "a", class_names=names)
         assert nv.verify_adapter(model, tmp_path / "a").class_names == expected

@@ -273,7 +273,8 @@ def data_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("other, shown", [
-    ("classes", r"trained on classes \['cat', 'dog', 'owl'\], the data has \['ant', 'bee', 'fly'\]"),
+    ("classes", r"trained on classes \['cat', 'dog', 'owl'\], the data has \['ant', 'bee', 'fly'\] \(class 0 was "
+                r"'cat', it is 'ant'\)"),
     ("normalize", r"preprocessed evaluation images as .*Pass the run's --data.normalize"),
 ])
 def test_a_loaded_checkpoint_is_refused_on_other_data_at_every_stage_as_through_ckpt_path(data_checkpoint, tmp_path,

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
-from ..core.checks import check_bool, check_path, is_finite_number, shown
+from ..core.checks import as_integer, check_bool, check_path, is_finite_number, shown
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     FINGERPRINT_VERSION,
@@ -360,11 +360,11 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     if isinstance(names, str):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
     if isinstance(names, dict):  # {name: output index} (ImageFolder's class_to_idx): ordered by the indices
-        indices = list(names.values())
-        if sorted(i for i in indices if type(i) is int) != list(range(len(names))):
+        indices = {name: as_integer(index) for name, index in names.items()}  # numpy's (np.unique, np.arange) too
+        if sorted(i for i in indices.values() if i is not None) != list(range(len(names))):
             raise TypeError("class_names as a dict maps each name to its output index, 0 to n-1 once each, got "
                             f"{shown(names)}: pass a list of names in the order of the head's outputs")
-        names = sorted(names, key=names.__getitem__)
+        names = sorted(indices, key=indices.__getitem__)
     names = list(names)  # a generator is read once
     if not all(isinstance(n, str) and n for n in names):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")

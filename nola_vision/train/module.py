@@ -177,6 +177,15 @@ def _few(names: List[str]) -> str:
     return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
+def _first_difference(saved: List[str], now: List[str]) -> str:
+    """Where two class lists part, with the names in ``ascii`` (a name copied to macOS, its ``é`` decomposed, looks
+    the same as the original in ``repr``): the first few of each list often agree."""
+    for index, (old, new) in enumerate(zip(saved, now)):
+        if old != new:
+            return f"class {index} was {ascii(old)}, it is {ascii(new)}"
+    return f"{len(saved)} classes then, {len(now)} now"
+
+
 # The data settings that decide which images a run trains on: a resumed run must keep them.
 _SPLIT_SETTINGS = ("dataset", "root", "shots", "split_seed", "val_shots", "split_file", "val_split_file", "allow_fewer")
 # The data settings that decide what the training steps see of those images (crops and flips, pixel scaling, batches
@@ -984,9 +993,10 @@ class FewShotClassifier(L.LightningModule):
         if saved is None or now is None:
             return
         if saved["class_names"] != now["class_names"]:
+            differ = _first_difference(saved["class_names"], now["class_names"])
             raise ValueError(f"{source} was trained on classes {_few(saved['class_names'])}, the data has "
-                             f"{_few(now['class_names'])}: its head would name the wrong classes. Pass the data it was "
-                             "trained on (--data.dataset, --data.root)")
+                             f"{_few(now['class_names'])} ({differ}): its head would name the wrong classes. Pass the "
+                             "data it was trained on (--data.dataset, --data.root)")
         if saved.get("evaluation") and now["evaluation"] and saved["evaluation"] != now["evaluation"]:
             raise ValueError(f"{source}'s run preprocessed evaluation images as {saved['evaluation']}, this data "
                              f"does {now['evaluation']}: its accuracy would differ from the run's. Pass the run's "
