@@ -1,5 +1,6 @@
 """Serving exports beyond the method matrix's peft round trip: ONNX of a merged-and-unloaded model, the layout of
 q/v slices in a peft LoRA, and the error for a model without adapters."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -113,6 +114,15 @@ def test_export_onnx_refuses_an_input_size_that_is_not_channels_height_width(siz
     with pytest.raises(ValueError, match=r"input_size must be 3 positive ints .*e\.g\. \(3, 32, 32\), the size"):
         nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("size", [np.array([3, 32, 32]), torch.tensor([3, 32, 32]), torch.Size([3, 32, 32])],
+                         ids=["numpy", "tensor", "torch.Size"])
+def test_export_onnx_takes_an_input_size_as_an_array_as_it_takes_a_torch_size(size, tmp_path):
+    pytest.importorskip("onnx")
+    model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+    nv.export_onnx(model, tmp_path / "model.onnx", input_size=size)  # an array was refused, not 3 ints
+    assert (tmp_path / "model.onnx").is_file()
 
 
 def test_export_onnx_refuses_another_image_size_than_a_fixed_size_vit_was_built_for(tmp_path):

@@ -92,6 +92,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
     if tasks_as_inputs:  # its inputs are named as in adapter files
         require_no_inner_wrappers(model, "nv.export_onnx")
     _refuse_replacing_other_files(Path(path))
+    if isinstance(input_size, (np.ndarray, torch.Tensor)) and input_size.ndim == 1:  # as a torch.Size is taken
+        input_size = input_size.tolist()
     if input_size is not None:
         _check_input_size(input_size, model)
     if isinstance(model, MultiTaskModel):
