@@ -75,6 +75,31 @@ class _Rates(L.Callback):
         self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+class _StopAtStep(L.Callback):
+    """Ctrl-C in a notebook at the given step of the first epoch (Lightning stops the fit on it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_fit_stopped_inside_its_first_epoch_and_fitted_again_on_the_same_trainer_says_so(tmp_path):
+    # it trained epoch 0 again from the stopped run's weights with a fresh Adam, and exported that without a word
+    L.seed_everything(0)
+    data = loader(classes=3)
+    run = trainer(tmp_path, epochs=2, callbacks=[_StopAtStep(1)], enable_checkpointing=False)
+    model = module()
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run.fit(model, data)
+    run.callbacks = [c for c in run.callbacks if not isinstance(c, _StopAtStep)]
+    with pytest.warns(UserWarning, match=r"took 1 step of epoch 0 in a fit that stopped.*epoch 0 is trained again "
+                                         r"in full.*Build a new model and Trainer"):
+        run.fit(model, data)
+
+
 def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stood(tmp_path):
     L.seed_everything(0)
     whole = _Rates()

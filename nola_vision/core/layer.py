@@ -27,6 +27,7 @@ from .functions import (
     product_dtype,
     transforms_active,
 )
+from .interrupts import interrupts_deferred
 from .quantize import fake_quantize
 from .warn import warn_user
 
@@ -822,8 +823,9 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             values = self.trained_values()  # what the factors below are combined from, at this moment
             factors = self.delta_factors() if factors is None else factors
-            self._set_merged_update(values, factors, self._merge_update(*factors), self.weight.dtype)
-            self.merged = True
+            with interrupts_deferred():  # the weight and its merged flag change together
+                self._set_merged_update(values, factors, self._merge_update(*factors), self.weight.dtype)
+                self.merged = True
 
     @torch.no_grad()
     def unmerge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -833,10 +835,12 @@ class AdaptedLinear(nn.Module):
         bases of every layer at once)."""
         if self.merged:
             self.require_own_merged_flag("unmerge")
-            self._unmerge_update(*(self.merged_delta_factors() if factors is None else factors))
-            self.merged = False
-            self._set_merged_update(None)
-            self.unmerged_record = None
+            factors = self.merged_delta_factors() if factors is None else factors
+            with interrupts_deferred():  # the weight and its merged flag change together
+                self._unmerge_update(*factors)
+                self.merged = False
+                self._set_merged_update(None)
+                self.unmerged_record = None
 
     @torch.no_grad()
     def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
@@ -850,8 +854,10 @@ class AdaptedLinear(nn.Module):
         now), which become what is merged."""
         self.require_own_merged_flag("a task switch")
         record = self.unmerged_record  # a switch leaves the weight without ΔW as it was
-        self._switch_merged_delta(old, new, self.trained_values() if values is None else values)
-        self.unmerged_record = record
+        values = self.trained_values() if values is None else values
+        with interrupts_deferred():  # the weight and the record of what it merged change together
+            self._switch_merged_delta(old, new, values)
+            self.unmerged_record = record
 
     def _switch_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
                              values: Dict[str, Tensor]) -> None:

@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from . import functions
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
+from .interrupts import interrupts_deferred
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
 
@@ -360,9 +361,10 @@ def merge(model: nn.Module) -> nn.Module:
             if overflow is not None:
                 raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
-        for name, layer in unmerged.items():
-            layer.merge(checked[name])
-            layer.unmerged_record = records.get(name)
+        with interrupts_deferred():  # every layer merged, or none: a second merge would not know which were
+            for name, layer in unmerged.items():
+                layer.merge(checked[name])
+                layer.unmerged_record = records.get(name)
     return model
 
 
@@ -470,8 +472,9 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = list(merged.values())
     with torch.no_grad():
         factors = merged_delta_factors(layers)
-        for layer in layers:
-            layer.unmerge(factors[id(layer)])
+        with interrupts_deferred():  # every layer unmerged, or none
+            for layer in layers:
+                layer.unmerge(factors[id(layer)])
     return model
 
 
@@ -526,11 +529,12 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                                 "previous task, unchanged. Switch tasks on an unmerged model (nv.unmerge), or hold "
                                 "the weights in float32 or bfloat16")
     parameters = dict(model.named_parameters())
-    for name, value in values.items():
-        parameters[name].copy_(value)
-    for prefix, layer in adapted_layers(model).items():  # layers made on the meta device hold values now
-        if all(f"{prefix}.{name}" in values for name in layer.adapter_parameter_names):
-            layer.values_unset = False
-    for layer in layers.values():
-        old, new = changes[id(layer)]
-        layer.replace_merged_delta(old, new, new_values[id(layer)])
+    with interrupts_deferred():  # the whole new task, or the old one: never a model (or a saved file) of both
+        for name, value in values.items():
+            parameters[name].copy_(value)
+        for prefix, layer in adapted_layers(model).items():  # layers made on the meta device hold values now
+            if all(f"{prefix}.{name}" in values for name in layer.adapter_parameter_names):
+                layer.values_unset = False
+        for layer in layers.values():
+            old, new = changes[id(layer)]
+            layer.replace_merged_delta(old, new, new_values[id(layer)])

@@ -949,6 +949,14 @@ class FewShotClassifier(L.LightningModule):
         with a warning: its optimizer starts afresh."""
         self._warn_if_steps_end_the_schedule_early()
         epoch = self.trainer.current_epoch
+        if epoch == 0 and self.trainer.global_step > 0 and not any(o.state for o in self.trainer.optimizers):
+            # steps taken, no optimizer state restored: a fit of this trainer stopped inside its first epoch (Ctrl-C)
+            steps = self.trainer.global_step
+            rank_zero_warn(f"nola_vision: this trainer took {steps} step{'s' if steps != 1 else ''} of epoch 0 in a "
+                           "fit that stopped, and this fit goes on without a checkpoint: epoch 0 is trained again in "
+                           "full, from the weights those steps left and with a fresh optimizer, so the result is not "
+                           "that of an uninterrupted run. Build a new model and Trainer to start over, or pass "
+                           "ckpt_path='last' to resume a saved run")
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business

@@ -1,0 +1,29 @@
+"""Ctrl-C held off while adapter weights are written, so that an interrupted merge, unmerge or task switch leaves the
+model wholly as it was or wholly as it was to be: a weight written with its merged flag not yet set made the cell,
+run again, add ΔW a second time, for good."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["interrupts_deferred"]
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C, a notebook's interrupt) until the block ends, then deliver it to the handler that was in
+    place (Python's raises KeyboardInterrupt there). Only the main thread receives signals: elsewhere, and where the
+    handler was not set from Python, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
