@@ -72,7 +72,7 @@ def check_writable_file(path: PathLike, what: str) -> None:
         target = _file_target(path)  # where the write goes: atomic writes follow symlinks
     except OSError as error:  # its own text, without the errno and path that str() adds
         raise ValueError(f"{what}: {error.strerror if error.errno is not None else error}") from None
-    folder = next(p for p in target.parents if os.path.exists(p))  # the nearest existing one: made below it
+    folder = nearest_folder(target)  # where the write makes its first entry (_file_target refused a file above)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: this process may not create files in {folder} (its permissions, or a read-only "
                          "file system): choose another path, or make that folder writable")

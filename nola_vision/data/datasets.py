@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -220,9 +221,7 @@ class ImageDataset(Dataset):
     def unreadable_files(self) -> list[Path]:
         """Sample files that are missing, hold 0 bytes (an interrupted copy) or that this process may not read: found
         by a stat, without decoding."""
-        paths = (self.path_of(key) for key, _ in self.samples)
-        return [path for path in paths
-                if not path.is_file() or path.stat().st_size == 0 or not os.access(path, os.R_OK)]
+        return [path for path in map(self.path_of, (key for key, _ in self.samples)) if not _readable_file(path)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -1266,6 +1265,16 @@ def expand_root(root: str | os.PathLike) -> str:
     the same folder; a URL (``s3://...``) is left as it is."""
     text = check_path(root, "the dataset root")  # None or 5 failed deep inside os.fspath
     return text if "://" in text else os.path.expanduser(text)
+
+
+def _readable_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (or a link to one) of at least one byte that this process may read: one
+    ``stat`` and one ``access`` per file, over a whole test split."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return S_ISREG(info.st_mode) and info.st_size > 0 and os.access(path, os.R_OK)
 
 
 def _readable_root(root: str | os.PathLike) -> Path:

@@ -86,20 +86,6 @@ def _refuse_unknown_labels(by_class: dict[int, list[int]], num_classes: int, nam
                      "(a bool, float or string is not one): fix the samples' labels")
 
 
-def _refuse_repeated_keys(samples: Sequence[tuple[str, int]]) -> None:
-    """Refuse a key that is not a str, or one listed twice: a drawn image would count twice among a class's shots
-    (or in two classes), so a k-shot split would hold fewer distinct images than it says."""
-    first: dict[str, int] = {}
-    for index, (key, _) in enumerate(samples):
-        if not isinstance(key, str):
-            raise TypeError(f"sample_kshot: an image key is a str (its path relative to the dataset's root), got "
-                            f"{shown(key)} at index {index}: pass str(key)")
-        if key in first:
-            raise ValueError(f"sample_kshot: {_shown_key(key)} is listed twice (at indices {first[key]} and {index}): "
-                             "each image is one sample, or the split would hold fewer distinct images than it says")
-        first[key] = index
-
-
 def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, val_shots: int = 0,
                  class_names: Optional[Sequence[str]] = None, allow_fewer: bool = False) -> FewShotSplit:
     """Draw ``shots`` train and ``val_shots`` validation images per class; ``shots=0`` keeps all the rest.
@@ -122,12 +108,20 @@ def sample_kshot(samples: Sequence[tuple[str, int]], shots: int, seed: int = 0, 
         raise ValueError("sample_kshot: samples is empty: there are no images to draw a split from (check the "
                          "dataset's root and its files)")
     by_class: dict[int, list[int]] = {}
+    first: dict[str, int] = {}  # each key's index: an image listed twice would count twice among a class's shots
     for index, sample in enumerate(samples):
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             raise TypeError(f"sample_kshot: samples are (image path, integer label) pairs, got {sample!r} at index "
                             f"{index}")
+        key = sample[0]
+        if not isinstance(key, str):
+            raise TypeError(f"sample_kshot: an image key is a str (its path relative to the dataset's root), got "
+                            f"{shown(key)} at index {index}: pass str(key)")
+        if key in first:  # (or in two classes): the split would hold fewer distinct images than it says
+            raise ValueError(f"sample_kshot: {_shown_key(key)} is listed twice (at indices {first[key]} and {index}): "
+                             "each image is one sample, or the split would hold fewer distinct images than it says")
+        first[key] = index
         by_class.setdefault(sample[1], []).append(index)
-    _refuse_repeated_keys(samples)
     num_classes = len(class_names) if class_names is not None else max(filter(_is_label, by_class), default=-1) + 1
     _refuse_unknown_labels(by_class, num_classes, named=class_names is not None)
     train: list[int] = []
