@@ -72,6 +72,12 @@ def test_a_single_target_string_and_numpy_numbers_are_accepted_as_plain_values()
     assert nv.LoRAConfig(alpha=None).scaling == 1.0 and nv.LoRAConfig(rank=4, alpha=8).scaling == 2.0
 
 
+def test_a_repeated_target_is_kept_once_so_equal_injections_have_equal_configs():
+    repeated = nv.LoRAConfig(targets=["attn.v", "attn.q", "attn.v"])
+    assert repeated.targets == ["attn.v", "attn.q"] and repeated == nv.LoRAConfig(targets=["attn.v", "attn.q"])
+    assert nv.NOLAConfig(targets=("mlp.fc1", "mlp.fc1")).targets == ["mlp.fc1"]
+
+
 def test_inject_and_plan_injection_take_a_configs_dict_forms_as_create_model_does():
     config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8, seed=3)  # inject refused these ("got dict")
     fields = {key: value for key, value in config.to_dict().items() if key != "method"}

@@ -212,6 +212,17 @@ def test_manifest_with_unknown_path_or_wrong_label_is_rejected(tmp_path):
         read_manifest(path)
 
 
+@pytest.mark.parametrize("label", ["+1", "00", "01", "1_0", "-1", "\u0661", "1.0"])
+def test_a_manifest_label_is_a_class_number_as_write_manifest_writes_it(tmp_path, label):
+    """int() took "+1", "00", "1_0" and the Arabic-Indic digit one as labels, so a hand-edited line read as another."""
+    path = tmp_path / "m.txt"
+    path.write_text(f"images/000/img_0000.jpg {label}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"m.txt:1: expected 'relative/path label' with the label a class number"):
+        read_manifest(path)
+    path.write_text("images/000/img_0000.jpg 0\nimages/001/img_0001.jpg 10\n", encoding="utf-8")
+    assert read_manifest(path) == [("images/000/img_0000.jpg", 0), ("images/001/img_0001.jpg", 10)]
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_or_keys_in_another_unicode_form_says_so(tmp_path):
     samples = make_samples() + [("images/caf\u00e9.jpg", 3)]  # NFC, as Linux tools name it
     path = tmp_path / "m.txt"

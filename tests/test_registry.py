@@ -161,3 +161,22 @@ def test_a_built_in_method_whose_modules_are_reloaded_registers_again():
         assert again.config_cls is config and again.layer_cls is layer
     finally:
         METHODS["lora"] = before
+
+
+def test_a_method_is_found_in_any_letter_case_by_get_method_as_by_inject():
+    """``inject("LoRA")`` worked while ``get_method("LoRA")`` was refused; a method registered with capitals could not
+    be injected by its own name at all (``inject`` looked up the lower-cased name only)."""
+    @dataclass
+    class CapitalConfig(nv.LoRAConfig):
+        method: str = "Capital_LoRA"
+
+    nv.register_method("Capital_LoRA", CapitalConfig, nv.LoRALinear)
+    try:
+        assert nv.get_method("LoRA") is nv.get_method("lora") and nv.get_method("NOLA").name == "nola"
+        assert nv.get_method("capital_lora").config_cls is CapitalConfig
+        assert isinstance(resolve_adapter("Capital_LoRA"), CapitalConfig)
+        assert isinstance(resolve_adapter("LoRA"), nv.LoRAConfig)
+        with pytest.raises(ValueError, match=r"unknown adapter method 'lor'; expected one of \['lora'"):
+            nv.get_method("lor")
+    finally:
+        del METHODS["Capital_LoRA"]

@@ -87,8 +87,8 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
         method_of(adapter)
         return adapter
     if isinstance(adapter, str):
-        if adapter.lower() in METHODS:
-            return get_method(adapter.lower()).config_cls()
+        if any(m.casefold() == adapter.casefold() for m in METHODS):
+            return get_method(adapter).config_cls()
         folder = (f" ({adapter} is a folder: an adapter saved by nv.save_adapter loads onto a model created without "
                   "it with nv.load_adapter(model, folder))") if os.path.isdir(adapter) else ""
         raise ValueError(f"unknown adapter {adapter!r}{folder}: use {', '.join(repr(m) for m in METHODS)}, or a "
@@ -143,7 +143,8 @@ def _config_names() -> List[str]:
 
 
 def as_target_list(targets: Any) -> List[str]:
-    """Targets as a non-empty list of strings (a single string is one target)."""
+    """Targets as a non-empty list of strings (a single string is one target), each once: a repeated target would
+    be stored, counted in descriptions and compared as a different config, though it adapts the same layers."""
     if isinstance(targets, str):
         targets = [targets]
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
@@ -151,7 +152,7 @@ def as_target_list(targets: Any) -> List[str]:
                          f"'mlp.fc2']), got {shown(targets)}")
     if not targets:
         raise ValueError("targets must name at least one module, e.g. ['mlp.fc1', 'mlp.fc2']")
-    return list(targets)
+    return list(dict.fromkeys(targets))
 
 
 def require_positive(config: Any, *names: str) -> None:

@@ -118,11 +118,16 @@ def available_methods() -> List[str]:
 
 
 def get_method(name: str) -> Method:
-    """The registered method called ``name``; a ValueError lists the valid names."""
-    if not isinstance(name, str) or name not in METHODS:
-        shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
-        raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
-    return METHODS[name]
+    """The registered method called ``name``, in any letter case ("LoRA" is "lora") unless two registered names differ
+    only in case; a ValueError lists the valid names."""
+    if isinstance(name, str):
+        if name in METHODS:
+            return METHODS[name]
+        same_letters = [m for m in METHODS if m.casefold() == name.casefold()]
+        if len(same_letters) == 1:
+            return METHODS[same_letters[0]]
+    shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+    raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
 
 
 def method_of(config: Any) -> Method:

@@ -236,10 +236,18 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, int]]:
                 continue
             try:
                 key, label = line.rsplit(" ", 1)  # keys may contain spaces; the label never does
+                if not _is_class_number(label):  # int() also takes "+1", "00", "1_0" and "١"
+                    raise ValueError
                 entries.append((_unescaped(key), int(label)))
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}") from None
+                raise ValueError(f"{path}:{lineno}: expected 'relative/path label' with the label a class number "
+                                 f"(0, 1, 2, ...), got {line!r}") from None
     return entries
+
+
+def _is_class_number(text: str) -> bool:
+    """Whether ``text`` is a class number as ``write_manifest`` writes it: ASCII digits, no sign or leading zero."""
+    return text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0"))
 
 
 def manifest_settings(path: str | os.PathLike) -> dict[str, str]:
