@@ -1,14 +1,14 @@
-"""Ctrl-C held off while adapter weights are written, so that an interrupted merge, unmerge or task switch leaves the
-model wholly as it was or wholly as it was to be: a weight written with its merged flag not yet set made the cell,
-run again, add ΔW a second time, for good."""
+"""Adapter weights written as one step: Ctrl-C held off while they change, and what a failed step changed undone, so
+that an interrupted or failed merge, unmerge or task switch leaves the model wholly as it was or wholly as it was to
+be: a weight written with its merged flag not yet set made the cell, run again, add ΔW a second time, for good."""
 from __future__ import annotations
 
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, List
 
-__all__ = ["interrupts_deferred"]
+__all__ = ["all_or_nothing", "interrupts_deferred"]
 
 
 @contextmanager
@@ -27,3 +27,18 @@ def interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if received:
             signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[List[Callable[[], None]]]:
+    """A block of writes with Ctrl-C held (``interrupts_deferred``) that gives a list for the undo of each write done:
+    if any exception (out of memory, a failed device) stops the block, the undos run, newest first, and the exception
+    goes on to the caller."""
+    undo: List[Callable[[], None]] = []
+    with interrupts_deferred():
+        try:
+            yield undo
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise

@@ -806,25 +806,39 @@ class AdaptedLinear(nn.Module):
     def _set_merged_update(self, values: Optional[Dict[str, Tensor]],
                            factors: Optional[Tuple[Tensor, Tensor]] = None, rounding: Optional[_Rounding] = None,
                            dtype: Optional[torch.dtype] = None) -> None:
-        """Record what is merged: the trained ``values`` and, when known, the ``factors`` added to the weight (copies
-        with their own storage: a shared-basis batch's rows are views of every layer's, and B may be a parameter), the
-        ``rounding`` that unmerging them would not undo, and the ``dtype`` the weight had when they were added."""
+        """Record what is merged: the trained ``values`` and, when known, the ``factors`` added to the weight
+        (``_owned`` copies, made before the weight was written), the ``rounding`` that unmerging them would not undo,
+        and the ``dtype`` the weight had when they were added. Only assignments: nothing here fails after a write."""
         self._merged_values = values
-        self._merged_factors = None if factors is None else tuple(f.detach().clone() for f in factors)
+        self._merged_factors = factors
         self._rounding = rounding
         self._merged_in = dtype
 
+    def _scratch_weight(self) -> Optional[Tensor]:
+        """A copy of a 16-bit weight for a merge or unmerge to compute in (it takes several writes and allocations),
+        then copied in as one write; None where one in-place op writes the weight (float32, float64, meta): either
+        way a failure (out of memory) leaves the weight as it was, never written with its flag and record unset."""
+        weight = self.weight
+        return weight.detach().clone() if weight.dtype in _SIXTEEN_BIT and not weight.is_meta else None
+
     @torch.no_grad()
-    def merge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    def merge(self, factors: Optional[Tuple[Tensor, Tensor]] = None,
+              values: Optional[Dict[str, Tensor]] = None) -> None:
         """Fold ΔW into ``weight`` for inference at the base layer's cost, keeping the trained tensors it came from.
 
         ``factors``: ``delta_factors()`` of the trained tensors now, when model-level code computed them already
-        (``merge.merge`` checks them for overflow first)."""
+        (``merge.merge`` checks them for overflow first), or of ``values`` (an unmerge undone: what it had merged)."""
         if not self.merged:
-            values = self.trained_values()  # what the factors below are combined from, at this moment
+            values = self.trained_values() if values is None else values  # what the factors are combined from
             factors = self.delta_factors() if factors is None else factors
+            kept, scratch = _owned(factors), self._scratch_weight()  # allocated before the weight is written
+            rounding = None if scratch is None else self._merge_update(*factors, weight=scratch)
             with interrupts_deferred():  # the weight and its merged flag change together
-                self._set_merged_update(values, factors, self._merge_update(*factors), self.weight.dtype)
+                if scratch is None:
+                    self._merge_update(*factors)
+                else:
+                    self.weight.copy_(scratch)
+                self._set_merged_update(values, kept, rounding, self.weight.dtype)
                 self.merged = True
 
     @torch.no_grad()
@@ -836,8 +850,14 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             self.require_own_merged_flag("unmerge")
             factors = self.merged_delta_factors() if factors is None else factors
+            scratch = self._scratch_weight()
+            if scratch is not None:
+                self._unmerge_update(*factors, weight=scratch)
             with interrupts_deferred():  # the weight and its merged flag change together
-                self._unmerge_update(*factors)
+                if scratch is None:
+                    self._unmerge_update(*factors)  # one write, last (a cast weight's is computed aside first)
+                else:
+                    self.weight.copy_(scratch)
                 self.merged = False
                 self._set_merged_update(None)
                 self.unmerged_record = None
@@ -861,6 +881,8 @@ class AdaptedLinear(nn.Module):
 
     def _switch_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
                              values: Dict[str, Tensor]) -> None:
+        # Everything is computed aside (a copy of the weight, the joined factors), then written in one op, last.
+        kept = _owned(new)
         # Merged in 16 bits, then cast without loss to a dtype of wider range (float32): switched in the merge's dtype,
         # unless the new update leaves it (float16), which the weight's own dtype then takes.
         wide = self.weight.dtype not in _SIXTEEN_BIT and not self.merge_can_overflow
@@ -870,18 +892,22 @@ class AdaptedLinear(nn.Module):
             if self.low_rank_overflow(*new, weight=merged) is None:
                 rounding = self._merge_update(*new, weight=merged)
                 self.weight.copy_(merged)
-                self._set_merged_update(values, new, rounding, merged.dtype)
+                self._set_merged_update(values, kept, rounding, merged.dtype)
                 return
-            self.weight.copy_(merged)
-            self._add_low_rank(*new)
-            self._set_merged_update(values, new, dtype=self.weight.dtype)
+            scratch = merged.to(self.weight.dtype)
+            self._add_low_rank(*new, into=scratch)
+            self.weight.copy_(scratch)
+            self._set_merged_update(values, kept, dtype=self.weight.dtype)
             return
-        if self.weight.dtype in _SIXTEEN_BIT:
-            self._unmerge_update(*old)
-            self._set_merged_update(values, new, self._merge_update(*new), self.weight.dtype)
+        scratch = self._scratch_weight()
+        if scratch is not None:
+            self._unmerge_update(*old, weight=scratch)
+            rounding = self._merge_update(*new, weight=scratch)
+            self.weight.copy_(scratch)
+            self._set_merged_update(values, kept, rounding, self.weight.dtype)
             return
         self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
-        self._set_merged_update(values, new, dtype=self.weight.dtype)
+        self._set_merged_update(values, kept, dtype=self.weight.dtype)
 
     def unstored_state(self) -> List[str]:
         """Keys of this layer's state dict that adapter files do not store: all but the frozen weight and bias, the
@@ -1058,6 +1084,12 @@ class AdaptedLinear(nn.Module):
     def extra_repr(self) -> str:
         slices = "" if self.whole_width else f", slices={list(self.slices)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{slices}"
+
+
+def _owned(factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    """Copies of factors with their own storage, as a merged layer keeps them: a shared-basis batch's rows are views of
+    every layer's, and B may be a parameter."""
+    return factors[0].detach().clone(), factors[1].detach().clone()
 
 
 def _bases_field(bases: Any, index: int) -> Any:

@@ -4,6 +4,7 @@ Layers hold per-layer math only (``layer.py``); what needs every adapted layer o
 """
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 from . import functions
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_fingerprint
-from .interrupts import interrupts_deferred
+from .interrupts import all_or_nothing
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
 
@@ -361,9 +362,10 @@ def merge(model: nn.Module) -> nn.Module:
             if overflow is not None:
                 raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
-        with interrupts_deferred():  # every layer merged, or none: a second merge would not know which were
+        with all_or_nothing() as undo:  # every layer merged, or none (each layer's merge is one write, or none)
             for name, layer in unmerged.items():
                 layer.merge(checked[name])
+                undo.append(layer.unmerge)
                 layer.unmerged_record = records.get(name)
     return model
 
@@ -472,10 +474,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = list(merged.values())
     with torch.no_grad():
         factors = merged_delta_factors(layers)
-        with interrupts_deferred():  # every layer unmerged, or none
+        with all_or_nothing() as undo:  # every layer unmerged, or none
             for layer in layers:
-                layer.unmerge(factors[id(layer)])
+                values, kept, record = layer.merged_values, factors[id(layer)], layer.unmerged_record
+                layer.unmerge(kept)
+                undo.append(functools.partial(_merge_again, layer, values, kept, record))
     return model
+
+
+def _merge_again(layer: AdaptedLinear, values: Dict[str, Tensor], factors: Tuple[Tensor, Tensor],
+                 record: Optional[List[float]]) -> None:
+    """Undo a layer's unmerge: the same update merged again, recorded as merged from the same values and weight."""
+    layer.merge(factors, values)
+    layer.unmerged_record = record
+
+
+def _switch_back(layer: AdaptedLinear, changes: Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]],
+                 switched_to: Dict[str, Tensor], values: Dict[str, Tensor]) -> None:
+    """Undo a layer's task switch, if its weight took it (it merged ``switched_to``, though what came after the write,
+    the record of its unmerged weight, may have failed): the previous update, of ``values``, merged again."""
+    if layer.merged_values is switched_to:
+        layer.replace_merged_delta(*changes, values)
 
 
 def require_own_merged_flags(model: nn.Module, action: str) -> None:
@@ -529,12 +548,16 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                                 "previous task, unchanged. Switch tasks on an unmerged model (nv.unmerge), or hold "
                                 "the weights in float32 or bfloat16")
     parameters = dict(model.named_parameters())
-    with interrupts_deferred():  # the whole new task, or the old one: never a model (or a saved file) of both
+    before = {name: parameters[name].detach().clone() for name in values}
+    with all_or_nothing() as undo:  # the whole new task, or the old one: never a model (or a saved file) of both
+        undo.append(lambda: [parameters[name].copy_(value) for name, value in before.items()])
         for name, value in values.items():
             parameters[name].copy_(value)
         for prefix, layer in adapted_layers(model).items():  # layers made on the meta device hold values now
             if all(f"{prefix}.{name}" in values for name in layer.adapter_parameter_names):
+                undo.append(functools.partial(setattr, layer, "values_unset", layer.values_unset))
                 layer.values_unset = False
         for layer in layers.values():
             old, new = changes[id(layer)]
+            undo.append(functools.partial(_switch_back, layer, (new, old), new_values[id(layer)], layer.merged_values))
             layer.replace_merged_delta(old, new, new_values[id(layer)])

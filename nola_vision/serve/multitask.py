@@ -27,6 +27,7 @@ from ..core.checks import check_bool, check_number, check_path, shown
 from ..core.fingerprint import merged_adapters
 from ..core.functions import autocast_available
 from ..core.inject import adapter_state
+from ..core.interrupts import all_or_nothing, interrupts_deferred
 from ..core.layer import adapted_layers
 from ..core.merge import shared_delta_factors
 from ..core.plan import InjectionPlan
@@ -233,17 +234,19 @@ class MultiTaskModel(nn.Module):
                                  "replace it")
             if not self._tasks:  # no task holds on to earlier weights: the ones this task was checked against count
                 self._weights, self._copied_weights = _WeightRecord(self.model), None
-            self._tasks[name] = self._sharing_plans(task)
-            self._hook_layers()
+            # the task with all its hooks, or none: a task registered with a layer left unhooked served without
+            # that layer's update, and could not be added again
+            with all_or_nothing() as undo:
+                self._tasks[name] = self._sharing_plans(task)
+                undo.append(lambda: self._forget(name))
+                self._hook_layers()
 
     def remove_task(self, name: str) -> None:
         """Forget a task, its cached factors and the random bases no other task uses (and, with the last task, the
         backbone's hooks)."""
         with self._lock:
             self._task(name)
-            del self._tasks[name]
-            self._cache.pop(name, None)
-            self._hook_layers()
+            self._forget(name)
             used = {method_of(task.plan.config).layer_cls for task in self._tasks.values()}
             for layer_cls in set(self._contexts) - used:
                 del self._contexts[layer_cls]
@@ -256,6 +259,12 @@ class MultiTaskModel(nn.Module):
             return {"tasks": sum(task.nbytes() for task in self._tasks.values()),
                     "cache": sum(factors.nbytes for factors in self._cache.values()),
                     "bases": sum(bank.nbytes() for bank in self._banks())}
+
+    def _forget(self, name: str) -> None:
+        """Drop task ``name``, its cached factors and the hooks no other task needs."""
+        del self._tasks[name]
+        self._cache.pop(name, None)
+        self._hook_layers()
 
     def _banks(self) -> List[BasisBank]:
         return [bank for context in self._contexts.values() for bank in _context_banks(context)]
@@ -399,10 +408,13 @@ class MultiTaskModel(nn.Module):
         a batch adapts returns its output at once. Without tasks the backbone carries none."""
         wanted = set(adaptable_linears(self.model)) if self._tasks else set()
         wanted |= {layer for task in self._tasks.values() for layer in task.plan.layers}
-        for name in set(self._hooks) - wanted:
-            self._hooks.pop(name).remove()
+        for name in sorted(set(self._hooks) - wanted):
+            with interrupts_deferred():  # a hook removed and forgotten together
+                self._hooks[name].remove()
+                del self._hooks[name]
         for name in sorted(wanted - set(self._hooks)):
-            self._hooks[name] = self.model.get_submodule(name).register_forward_hook(_LayerHook(self, name))
+            with interrupts_deferred():  # a hook registered and kept together: one not kept was never removed
+                self._hooks[name] = self.model.get_submodule(name).register_forward_hook(_LayerHook(self, name))
 
     def _add_updates(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """Forward hook: y + (x A_t) B_t with each image's task t, as two batched matmuls over per-image factors."""
@@ -432,11 +444,12 @@ class MultiTaskModel(nn.Module):
         """Per hooked layer, the present tasks' factors stacked: zero-padded to the largest rank, zero for a task
         that does not adapt the layer."""
         batches = {}
-        for name in self._hooks:
+        for name in dict.fromkeys(layer for task in factors for layer in task.layers):
+            if name not in self._hooks:  # its update would be silently left out
+                raise RuntimeError(f"layer {name} of a task carries no hook of this MultiTaskModel: remove_task "
+                                   "and add_task the tasks again")
             pairs = [task.layers.get(name) for task in factors]
             ranks = [pair[0].shape[1] for pair in pairs if pair is not None]
-            if not ranks:
-                continue
             weight = self.model.get_submodule(name).weight
             a = weight.new_zeros(len(pairs), weight.shape[1], max(ranks))
             b = weight.new_zeros(len(pairs), max(ranks), weight.shape[0])

@@ -1,0 +1,124 @@
+"""An error (out of memory, a failed device) raised part-way through a merge, an unmerge or a task switch leaves the
+model as it was: each torch op those use is made to fail on its Nth call, for N over the op's calls in one fault-free
+run. A weight written with its merged flag not yet set made the retried merge add ΔW twice, for good; a switch that
+stopped half-way served a mix of two tasks."""
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+from tiny_models import as_if_trained, tiny_vit
+
+import nola_vision as nv
+
+NOLA = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
+# The ops that write weights or allocate around the writes (ΔW's records, 16-bit rounding entries).
+OPS = [(torch.Tensor, "clone"), (torch.Tensor, "addmm_"), (torch.Tensor, "copy_"), (torch.Tensor, "to"),
+       (torch.Tensor, "cpu"), (torch.Tensor, "nonzero"), (torch.Tensor, "__setitem__"), (torch, "maximum")]
+SAMPLES = 8  # injection points per op, spread over its calls
+
+
+class Injected(RuntimeError):
+    pass
+
+
+@contextmanager
+def failing(owner, name, call):
+    """``owner.name`` raises on its ``call``-th call inside the block (0: never); yields the count of calls."""
+    original, calls = getattr(owner, name), [0]
+
+    def fail_on_call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise Injected("out of memory (injected)")
+        return original(*args, **kwargs)
+
+    setattr(owner, name, fail_on_call)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
+
+
+def injection_points(owner, name, action, model):
+    """Calls of the op to fail on: evenly spread over its calls in a fault-free run of ``action`` on a copy (once
+    the process holds what a first run caches, such as the bases' codes)."""
+    action(copy.deepcopy(model))
+    counted = copy.deepcopy(model)
+    with failing(owner, name, 0) as calls:
+        action(counted)
+    count = calls[0]
+    return sorted({1 + i * count // SAMPLES for i in range(SAMPLES)}) if count else []
+
+
+def outputs(model, images):
+    with torch.no_grad():
+        return model(images.to(next(model.parameters()).dtype)).float()
+
+
+def base_weights():
+    return {key: value for key, value in tiny_vit().state_dict().items() if not key.startswith("head")}
+
+
+def assert_base_weights_back(model, dtype):
+    """After unmerge and unload, the frozen weights are the backbone's (a ΔW added twice left 0.05 in them)."""
+    nv.unload(nv.unmerge(model))
+    state = model.state_dict()
+    for key, value in base_weights().items():
+        torch.testing.assert_close(state[key].float(), value.to(dtype).float(), rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    for seed, name in enumerate("ab"):
+        nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), NOLA), seed, scale=0.5, adapters_only=True), root / name,
+                        bits=32)
+    return root
+
+
+def sweep(model, action, images, expect_unchanged, dtype):
+    """Fail each op at each injection point in ``action(model copy)``: the copy must be left as it was, and the
+    action, tried again without the fault, must do what it does without one."""
+    with torch.no_grad():
+        fault_free = copy.deepcopy(model)
+        action(fault_free)
+        done = outputs(fault_free, images)
+    before, tried = outputs(model, images), 0
+    flags = [layer.merged for layer in nv.adapted_layers(model).values()]
+    for owner, name in OPS:
+        for call in injection_points(owner, name, action, model):
+            faulted = copy.deepcopy(model)
+            with failing(owner, name, call), pytest.raises(Injected):
+                action(faulted)
+            tried += 1
+            where = f"{name} call {call}"
+            assert [layer.merged for layer in nv.adapted_layers(faulted).values()] == flags, where
+            expect_unchanged(outputs(faulted, images), before, where)
+            action(faulted)  # the retry
+            torch.testing.assert_close(outputs(faulted, images), done, rtol=0, atol=1e-5, msg=where)
+            assert_base_weights_back(faulted, dtype)
+    assert tried > 10  # ops that ran, each failed at several of its calls
+
+
+def unchanged(atol):
+    def check(now, before, where):
+        torch.testing.assert_close(now, before, rtol=0, atol=atol, msg=where)
+    return check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_merge_or_unmerge_that_fails_part_way_leaves_every_layer_as_it_was(tasks, images, dtype):
+    model = nv.load_adapter(tiny_vit(), tasks / "a").to(dtype)
+    sweep(model, nv.merge, images, unchanged(1e-5), dtype)
+    sweep(nv.merge(model), nv.unmerge, images, unchanged(1e-5), dtype)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_task_switch_that_fails_part_way_leaves_the_previous_task_whole(tasks, images, merged, dtype):
+    model = nv.load_adapter(tiny_vit(), tasks / "a").to(dtype)
+    if merged:
+        nv.merge(model)
+    sweep(model, lambda m: nv.load_adapter(m, tasks / "b"), images, unchanged(1e-5 if dtype == torch.float32 else 0),
+          dtype)
