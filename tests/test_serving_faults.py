@@ -445,8 +445,9 @@ class Injected(RuntimeError):
     pass
 
 
-def fail_on_call(owner, name, call, raise_=Injected("out of memory (injected)")):
-    """Make ``owner.name`` raise on its ``call``-th call (then behave again); a KeyboardInterrupt as Ctrl-C's."""
+def fail_on_call(owner, name, call, raise_=None):
+    """Make ``owner.name`` raise ``raise_`` (default: an injected out-of-memory error) on its ``call``-th call."""
+    raise_ = Injected("out of memory (injected)") if raise_ is None else raise_
     original, calls = getattr(owner, name), [0]
 
     def failing(*args, **kwargs):
@@ -471,7 +472,7 @@ def test_an_add_task_stopped_while_hooking_the_backbone_registers_nothing_and_ca
     model = served(tiny_vit(), a=tasks["a"])
     hooks, expected = hook_count(model.model), model(images, "a")
     monkeypatch.setattr(nn.Module, "register_forward_hook", fail_on_call(nn.Module, "register_forward_hook", call,
-                                                                          fault))
+                                                                          fault))  # a KeyboardInterrupt: Ctrl-C's
     backbone = served(tiny_vit())
     with pytest.raises(type(fault)):
         backbone.add_task("a", tasks["a"])
