@@ -55,15 +55,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # args and command-line arguments were mixed.
         run_lightning_cli(None if argv is None else args)
     except SIGTERMException as stop:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
-        print(f"nola-vision: stopped by SIGTERM before the run finished: no result was written{_kept(stop)}",
-              file=sys.stderr)
+        print(f"nola-vision: stopped by SIGTERM {_outcome(stop)}", file=sys.stderr)
         return 143
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning exits 1 on Ctrl-C, the code of a failed run
         interrupt = keyboard_interrupt_of(stop)
         if interrupt is None:
             raise
-        print(f"nola-vision: interrupted (Ctrl-C, SIGINT) before the run finished: no result was written"
-              f"{_kept(interrupt)}", file=sys.stderr)
+        print(f"nola-vision: interrupted (Ctrl-C, SIGINT) {_outcome(interrupt)}", file=sys.stderr)
         return 130
     except CONFIG_ERRORS + RUN_ERRORS + (OSError,) as err:  # OSError: a read or write failed (a full disk, a limit)
         if os.environ.get("NOLA_VISION_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
@@ -78,6 +76,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         close_process_group()
     return 0
+
+
+def _outcome(stop: BaseException) -> str:
+    """What a stopped run left: its result, written as the run ended (``NolaCLI.written_result``), or none."""
+    written = getattr(stop, "written_result", None)
+    if written:
+        return f"as the run ended, after it wrote its result to {written}"
+    return f"before the run finished: no result was written{_kept(stop)}"
 
 
 def _kept(stop: BaseException) -> str:

@@ -452,3 +452,31 @@ def test_a_debug_pass_resuming_a_trained_checkpoint_names_fast_dev_run(tmp_path,
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.fast_dev_run", "true",
                     "--ckpt_path", "last")
     assert code == 2 and "trainer.fast_dev_run" in err and "Raise max_steps" not in err
+
+
+@pytest.mark.parametrize("stop, code, said", [
+    (KeyboardInterrupt, 130, "interrupted (Ctrl-C, SIGINT)"), (SIGTERMException, 143, "stopped by SIGTERM")])
+def test_a_run_stopped_as_it_returns_after_writing_its_result_says_the_result_was_written(tmp_path, capsys,
+                                                                                         monkeypatch, stop, code,
+                                                                                         said):
+    """A Ctrl-C just after the run wrote --result_file was reported as "no result was written"."""
+    from nola_vision.train.cli import NolaCLI
+
+    def then_stopped(write):
+        def written(self, *args, **kwargs):
+            write(self, *args, **kwargs)
+            raise stop
+        return written
+
+    result = tmp_path / "result.json"
+    monkeypatch.setattr(NolaCLI, "after_fit", then_stopped(NolaCLI.after_fit))
+    returned, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+                        "--model.adapter_dir", tmp_path / "adapter", "--result_file", result)
+    assert returned == code and f"{said} as the run ended, after it wrote its result to {result}" in err
+    assert json.loads(result.read_text())["metrics"]
+    monkeypatch.setattr(NolaCLI, "after_test", then_stopped(NolaCLI.after_test))
+    tested = tmp_path / "tested.json"
+    returned, err = run(capsys, "test", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
+                        "last", "--result_file", tested)
+    assert returned == code and f"{said} as the run ended, after it wrote its result to {tested}" in err
+    assert json.loads(tested.read_text())["metrics"]

@@ -1,5 +1,6 @@
 """ONNX export: one graph with the task as inputs serves every task of a backbone; the default export is merged."""
 import copy
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,6 +93,40 @@ def test_task_input_export_restores_the_models_mode_and_parameters(images, tmp_p
     nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
     assert model.training and all(layer.quant_bits == 8 for layer in nv.adapted_layers(model).values())
     assert all(parameter is parameters[name] for name, parameter in model.named_parameters())
+
+
+def interrupt_on_call(owner, name, call, caller=None):
+    """``owner.name`` raising KeyboardInterrupt (a Ctrl-C at that moment) on its ``call``-th call (from a function
+    named ``caller``, if given)."""
+    original, calls = getattr(owner, name), [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += caller is None or sys._getframe(1).f_code.co_name == caller
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    return interrupted
+
+
+@pytest.mark.parametrize("owner, name, call, caller", [
+    (torch.nn.Module, "train", 5, None), (torch.nn.Module, "get_submodule", 3, "_substituted"),
+    (nv.AdaptedLinear, "delta_factors_of", 2, None)])
+def test_a_task_input_export_stopped_by_ctrl_c_leaves_the_model_as_it_was(owner, name, call, caller, images,
+                                                                         monkeypatch, tmp_path):
+    """Set before their restoring blocks began, a Ctrl-C left part of a training model in eval mode, trained
+    coefficients swapped for the graph's plain inputs (which no longer trained), or a pass's factors on a layer,
+    which its next pass used though an optimizer step had changed the coefficients since."""
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIGS["nola_mlp_qv"]()), seed=4, scale=0.5).train()
+    parameters = dict(model.named_parameters())
+    monkeypatch.setattr(owner, name, interrupt_on_call(owner, name, call, caller))
+    with pytest.raises(KeyboardInterrupt):
+        nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    monkeypatch.undo()
+    assert all(module.training for module in model.modules())
+    assert all(parameter is parameters[name] for name, parameter in model.named_parameters())
+    assert all(layer.batched_factors is None for layer in nv.adapted_layers(model).values())
+    assert not (tmp_path / "tasks.onnx").exists()
 
 
 def test_a_task_that_does_not_fit_the_graph_is_refused_naming_the_fix(tmp_path):

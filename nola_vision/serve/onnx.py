@@ -50,6 +50,7 @@ from ..core.fingerprint import (
     unmatched_merges,
 )
 from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
+from ..core.interrupts import interrupts_deferred
 from ..core.layer import adapted_layers, as_factors, full_precision
 from ..core.merge import checkpointing_modules, merge
 from ..core.registry import method_of
@@ -224,15 +225,16 @@ class _TaskInputGraph(nn.Module):
             for i, part in zip(indices, combined.split([entries[i][1].shape[0] for i in indices])):
                 rows[i] = part
         parts = iter(rows)
-        for layer in self._shared.values():
-            layer.batched_factors = layer.delta_factors_of(
-                as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()]))
-        try:
+        try:  # set inside: factors left on a layer (a Ctrl-C half-way) were used by its next pass, stale
+            for layer in self._shared.values():
+                layer.batched_factors = layer.delta_factors_of(
+                    as_factors(layer, *[next(parts) for _ in layer.shared_coefficients()]))
             with _substituted(self.model, values), _without_own_model_hooks(self.model):
                 return self.model(images)
         finally:
-            for layer in self._shared.values():
-                layer.batched_factors = None
+            with interrupts_deferred():
+                for layer in self._shared.values():
+                    layer.batched_factors = None
 
 
 @contextmanager
@@ -245,13 +247,14 @@ def _without_own_model_hooks(model: nn.Module) -> Iterator[None]:
     own = {handle.id for handle in adapter_state(model).hooks}
     saved = [(hooks, key, hook) for hooks in (model._forward_pre_hooks, model._forward_hooks)
              for key, hook in hooks.items() if key in own]
-    for hooks, key, _ in saved:
-        hooks[key] = _do_nothing  # in place: the hooks keep their order
     try:
+        for hooks, key, _ in saved:
+            hooks[key] = _do_nothing  # in place: the hooks keep their order
         yield
     finally:
-        for hooks, key, hook in saved:
-            hooks[key] = hook
+        with interrupts_deferred():
+            for hooks, key, hook in saved:
+                hooks[key] = hook
 
 
 def _do_nothing(*_: Any, **__: Any) -> None:
@@ -265,16 +268,17 @@ def _substituted(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
     ``torch.func.functional_call`` does the same but refuses to run while tracing, which the ONNX export does.
     """
     swapped = []
-    for name, value in values.items():
-        owner, _, attribute = name.rpartition(".")
-        module = model.get_submodule(owner)
-        swapped.append((module, attribute, module._parameters[attribute]))
-        module._parameters[attribute] = value
-    try:
+    try:  # swapped inside: a parameter swapped before a Ctrl-C stayed a plain tensor that no longer trained
+        for name, value in values.items():
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner)
+            swapped.append((module, attribute, module._parameters[attribute]))
+            module._parameters[attribute] = value
         yield
     finally:
-        for module, attribute, parameter in reversed(swapped):
-            module._parameters[attribute] = parameter
+        with interrupts_deferred():
+            for module, attribute, parameter in reversed(swapped):
+                module._parameters[attribute] = parameter
 
 
 def _without_quantisation(model: nn.Module) -> nn.Module:
@@ -362,17 +366,18 @@ def _as_served(model: nn.Module) -> Iterator[None]:
     """
     training = {module: module.training for module in model.modules()}
     checkpointing = checkpointing_modules(model)
-    model.eval()
-    try:
+    try:  # set inside: a Ctrl-C during model.eval() left part of a training model in eval mode
+        model.eval()
         for module in checkpointing:
             module.grad_checkpointing = False
         with torch.no_grad(), _no_autocast():
             yield
     finally:
-        for module, mode in training.items():
-            module.training = mode
-        for module in checkpointing:
-            module.grad_checkpointing = True
+        with interrupts_deferred():
+            for module, mode in training.items():
+                module.training = mode
+            for module in checkpointing:
+                module.grad_checkpointing = True
 
 
 @contextmanager

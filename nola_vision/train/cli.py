@@ -664,6 +664,15 @@ class _ConciseParser(LightningArgumentParser):
 class NolaCLI(LightningCLI):
     """LightningCLI with linked data/model arguments, a test pass after ``fit`` and a JSON result file."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.written_result: Optional[str] = None  # the --result_file this run wrote, once it has
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as stop:  # a Ctrl-C as the run returned, after its result was written: the console
+            if self.written_result is not None:  # script says so (cli.main), not "no result was written"
+                _note(keyboard_interrupt_of(stop) or stop, "written_result", self.written_result)
+            raise
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("model.backbone", "data.backbone")  # preprocessing from the backbone's timm cfg
@@ -883,6 +892,7 @@ class NolaCLI(LightningCLI):
                 "log_dir": _absolute(log_dir),
                 "checkpoint": checkpoint,
             })
+        self.written_result = path
 
     def _final_checkpoint(self) -> Optional[str]:
         """The checkpoint ``test`` reproduces the result from, one that holds the final weights: ``last.ckpt``, else
@@ -1026,6 +1036,7 @@ class NolaCLI(LightningCLI):
         except OSError as error:  # a write the checks before the pass let through: exit 1, naming the option
             raise OutputKeptError(f"{_unwritten(error, config.result_file)}; the {self.subcommand} pass ran, its "
                                   f"metrics: {json.dumps(metrics, sort_keys=True)}") from error
+        self.written_result = config.result_file
         rank_zero_info(f"nola_vision: wrote the {self.subcommand} metrics to {config.result_file}")
 
     def before_predict(self) -> None:
