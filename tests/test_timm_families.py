@@ -75,6 +75,24 @@ def test_thirds_of_a_projection_of_other_than_q_k_and_v_are_refused():
     assert all(layer.slices == ((0, model.get_submodule(name).out_features),) for name, layer in plan.layers.items())
 
 
+def test_q_or_v_inside_a_fused_pair_of_some_blocks_is_refused_unless_the_pair_is_targeted_too():
+    """ConViT's gated attention fuses q with k ("qk"), Twins' sub-sampled attention k with v ("kv"): 'attn.q' and
+    'attn.v' (LoRA's default) matched the other blocks only, and those attentions were left without the update."""
+    convit = dict(num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1)
+    with pytest.raises(ValueError, match=r"target 'attn.q' names q of blocks.0.attn, where q lies inside the fused "
+                                         r"layer blocks.0.attn.qk .*add 'attn.qk' to the targets"):
+        nv.plan_injection(timm.create_model("convit_tiny", **convit), nv.LoRAConfig(rank=2))
+    plan = nv.plan_injection(timm.create_model("convit_tiny", **convit),
+                             nv.LoRAConfig(rank=2, targets=["attn.q", "attn.qk", "attn.v"]))
+    assert {name: layer.slices for name, layer in plan.layers.items()} == {
+        "blocks.0.attn.qk": ((0, 128),), "blocks.0.attn.v": ((0, 64),), "blocks.1.attn.qkv": ((0, 64), (128, 192))}
+    twins = timm.create_model("twins_svt_small", num_classes=3, img_size=64, embed_dims=(16, 32, 32, 32),
+                              depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"target 'attn.v' names v of blocks.0.1.attn, where v lies inside the fused "
+                                         r"layer blocks.0.1.attn.kv \(k and v together\)"):
+        nv.plan_injection(twins, nv.LoRAConfig(rank=2))
+
+
 VOLO_TINY = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], num_heads=[1, 2, 2, 2], img_size=64,
                  stem_hidden_dim=16, num_classes=3)
 

@@ -330,6 +330,26 @@ def _virtual_thirds(name: str) -> Dict[str, str]:
     return {part: name[: -len("qkv")] + part for part in QKV_SLICES}
 
 
+def _refuse_part_of_a_pair(pattern: str, targets: List[str], linears: Dict[str, nn.Linear]) -> None:
+    """Raise where ``pattern`` names q, k or v of an attention that fuses it with one other (ConViT's ``qk``, the
+    ``kv`` of Twins' and PVT's sub-sampled attention) and no target takes that fused layer: it cannot be sliced, and
+    matching the other blocks only left those attentions without the update, with no word (``attn.v`` adapted
+    ConViT's last two blocks of twelve)."""
+    for name in linears:
+        owner, _, fused = name.rpartition(".")
+        if len(fused) != 2 or not set(fused) <= set(QKV_SLICES) or any(_matches(name, t) for t in targets):
+            continue
+        for part in fused:
+            virtual = f"{owner}.{part}" if owner else part
+            if _matches(virtual, pattern):
+                raise ValueError(
+                    f"target {pattern!r} names {part} of {owner or 'the model'}, where {part} lies inside the fused "
+                    f"layer {name} ({' and '.join(fused)} together), which a target cannot split: that attention "
+                    f"would be left without {part}'s update. Target the fused layer as well (add "
+                    f"{'.'.join(name.split('.')[-2:])!r} to the targets), or layers every block has separately (e.g. "
+                    "'mlp.fc1', 'mlp.fc2')")
+
+
 def adaptable_linears(model: nn.Module) -> Dict[str, nn.Linear]:
     """Every ``nn.Linear`` a target can select, by module name: those outside the classifier head, below the model
     itself (inject replaces layers inside a model, never the model: an ``nn.Linear`` model is named "")."""
@@ -373,6 +393,7 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
                 start = QKV_SLICES[part] * width
                 found.setdefault(name, []).append((start, start + width))
             matched = True
+        _refuse_part_of_a_pair(pattern, targets, linears)
         if not matched:
             raise ValueError(_no_match_message(model, pattern, list(linears), head))
     resolved = {}
