@@ -147,6 +147,19 @@ def test_export_onnx_names_an_input_size_a_dynamic_size_vit_cannot_be_exported_a
     assert not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("tasks_as_inputs", [False, True])
+def test_export_onnx_refuses_a_model_using_an_operator_onnx_lacks_by_name(tasks_as_inputs, tmp_path):
+    # NaFlexViT resamples its position embeddings with antialiased bicubic at every size: torch's exporter failed with
+    # its UnsupportedOperatorError after an IR dump, naming neither the model nor that it cannot be exported
+    model = nv.inject(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, img_size=32, patch_size=8,
+                                        embed_dim=32, depth=1, num_heads=2, num_classes=3), nv.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"export_onnx: NaFlexVit's forward pass uses an operator that ONNX cannot "
+                                         r"express \(.*'aten::_upsample_bicubic2d_aa'.*\), so the model cannot be "
+                                         r"exported to ONNX"):
+        nv.export_onnx(model.eval(), tmp_path / "model.onnx", input_size=(3, 32, 32), tasks_as_inputs=tasks_as_inputs)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_onnx_names_input_size_for_a_model_that_records_no_image_size_and_fails_at_the_pretrained_one(
         images, tmp_path):
     # Hiera keeps no img_size: the export traced it at its pretrained config's 224 and failed deep inside torch

@@ -404,8 +404,15 @@ def _export(module: nn.Module, args: Tuple[Tensor, ...], input_names: List[str],
                                     category=DeprecationWarning)
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as folder:
                 exported = Path(folder) / "graph.onnx"
-                torch.onnx.export(module, args, str(exported), input_names=input_names, output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+                try:
+                    torch.onnx.export(module, args, str(exported), input_names=input_names, output_names=["logits"],
+                                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+                except torch.onnx.errors.UnsupportedOperatorError as error:
+                    raise ValueError(
+                        f"export_onnx: {type(getattr(module, 'model', module)).__name__}'s forward pass uses an "
+                        f"operator that ONNX cannot express ({error}), so the model cannot be exported to ONNX. "
+                        "One such: a position embedding resampled with antialiased bicubic interpolation (NaFlexViT "
+                        "at any size, a dynamic-size ViT at sizes other than its own)") from error
                 external = len(os.listdir(folder)) > 1  # the tensors' files beside the graph
                 if metadata or external:
                     _write_graph(exported, tmp, name, metadata or {}, external, written)
