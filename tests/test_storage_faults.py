@@ -322,6 +322,22 @@ def test_a_file_system_without_locks_saves_unlocked_as_the_fit_lock_does(tmp_pat
     monkeypatch.setattr(storage.fcntl, "flock", no_locks)
     nv.save_adapter(trained(0), tmp_path / "adapter")
     nv.verify_adapter(trained(0), tmp_path / "adapter")
+    # a single file too (a result, a manifest, a graph): it failed with "No locks available", leaving its temporary
+    # file and its open descriptor behind
+    storage.write_json_atomic(tmp_path / "result.json", {"acc": 1.0})
+    assert json.loads((tmp_path / "result.json").read_text()) == {"acc": 1.0}
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_lock_that_fails_otherwise_leaves_neither_a_temporary_file_nor_an_open_descriptor(tmp_path, monkeypatch):
+    def failing(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(storage.fcntl, "flock", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.write_json_atomic(tmp_path / "result.json", {"acc": 1.0})
+    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == open_before
 
 
 def test_a_copy_into_the_directory_it_copies_is_refused(tmp_path):

@@ -296,14 +296,22 @@ def _special_file_kind(path: Path) -> Optional[str]:
 
 def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
     """A new temporary sibling of ``target``, with its descriptor holding the lock (None on Windows: no flock, and an
-    open file could not be renamed there)."""
+    open file could not be renamed there; nor where nothing can be locked, NFS without a lock daemon: no other writer
+    can lock it either, so none removes it as stale)."""
     while True:
         prefix = f".{_sibling_stem(target)}.{_TEMPORARY_MARK}"
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
         if fcntl is None:
             os.close(fd)
             return Path(name), None
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # neither the descriptor nor the file may outlive a failed write
+            os.close(fd)
+            if error.errno == errno.ENOLCK:
+                return Path(name), None
+            os.unlink(name)
+            raise
         if _names_open_file(name, fd):
             return Path(name), fd
         os.close(fd)  # another write removed it as stale before it was locked: take a new one
