@@ -11,8 +11,8 @@ from tiny_models import tiny_vit
 from torch import nn
 
 import nola_vision as nv
-from nola_vision.core.config import adapter_to_hparam, resolve_adapter
-from nola_vision.core.registry import METHODS
+from nola_vision.core.config import adapter_to_hparam, as_config, config_from_dict, resolve_adapter
+from nola_vision.core.registry import METHODS, method_of
 
 
 def test_a_method_registered_by_its_own_module_is_found_by_name_and_counted_exactly(tmp_path):
@@ -176,6 +176,10 @@ def test_a_method_is_found_in_any_letter_case_by_get_method_as_by_inject():
         assert nv.get_method("capital_lora").config_cls is CapitalConfig
         assert isinstance(resolve_adapter("Capital_LoRA"), CapitalConfig)
         assert isinstance(resolve_adapter("LoRA"), nv.LoRAConfig)
+        # every lookup by name alike (as_config and method_of took exact names only, and suggested 'linear' for
+        # 'Linear')
+        assert as_config("Linear").describe() == "head only" and config_from_dict("FULL").method == "full"
+        assert method_of("Linear").name == "linear" and method_of("capital_lora").config_cls is CapitalConfig
         with pytest.raises(ValueError, match=r"unknown adapter method 'lor'; expected one of \['lora'"):
             nv.get_method("lor")
     finally:

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from typing import Any, ClassVar, Dict, List, Sequence, Union
 
 from .checks import check_bool, check_choice, check_int, check_number, shown
-from .registry import METHODS, available_methods, get_method, method_of
+from .registry import METHODS, available_methods, find_method, get_method, method_of
 
 __all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
            "require_bool", "require_choice", "require_finite", "require_integer", "require_nonzero", "require_positive",
@@ -42,7 +42,7 @@ class AdapterConfig:
 def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:
     """A config object for ``config``; a plain method name ("linear", "full") becomes its config."""
     if isinstance(config, str):
-        method = METHODS.get(config)
+        method = find_method(config)
         if method is None or method.layer_cls is not None:
             plain = [m.name for m in METHODS.values() if m.layer_cls is None]
             raise ValueError(f"unknown adapter {config!r}; use a config object ({', '.join(_config_names())}) or "
@@ -87,8 +87,9 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
         method_of(adapter)
         return adapter
     if isinstance(adapter, str):
-        if any(m.casefold() == adapter.casefold() for m in METHODS):
-            return get_method(adapter).config_cls()
+        method = find_method(adapter)
+        if method is not None:
+            return method.config_cls()
         folder = (f" ({adapter} is a folder: an adapter saved by nv.save_adapter loads onto a model created without "
                   "it with nv.load_adapter(model, folder))") if os.path.isdir(adapter) else ""
         raise ValueError(f"unknown adapter {adapter!r}{folder}: use {', '.join(repr(m) for m in METHODS)}, or a "

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 from .checks import check_number
 from .layer import AdaptedLinear
 
-__all__ = ["DEFAULT_LR", "METHODS", "Method", "available_methods", "get_method", "method_of", "register_method"]
+__all__ = ["DEFAULT_LR", "METHODS", "Method", "available_methods", "find_method", "get_method", "method_of",
+           "register_method"]
 
 # The paper's learning rate; a method registers its own recipe (benchmarks/RESULTS.md, "What NOLA needs").
 DEFAULT_LR = 5e-3
@@ -118,20 +119,30 @@ def available_methods() -> List[str]:
 
 
 def get_method(name: str) -> Method:
-    """The registered method called ``name``, in any letter case ("LoRA" is "lora") unless two registered names differ
-    only in case; a ValueError lists the valid names."""
-    if isinstance(name, str):
-        if name in METHODS:
-            return METHODS[name]
-        same_letters = [m for m in METHODS if m.casefold() == name.casefold()]
-        if len(same_letters) == 1:
-            return METHODS[same_letters[0]]
-    shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
-    raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
+    """The registered method called ``name``, in any letter case (``find_method``); a ValueError lists the valid
+    names."""
+    method = find_method(name)
+    if method is None:
+        shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+        raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
+    return method
+
+
+def find_method(name: Any) -> Optional[Method]:
+    """The registered method called ``name`` in any letter case ("LoRA" is "lora"), its exact name first (two
+    registered names may differ only in case, and then only the exact one finds either); None for any other."""
+    if not isinstance(name, str):
+        return None
+    if name in METHODS:
+        return METHODS[name]
+    same_letters = [m for m in METHODS if m.casefold() == name.casefold()]
+    return METHODS[same_letters[0]] if len(same_letters) == 1 else None
 
 
 def method_of(config: Any) -> Method:
     """The registered method of a config object (or a method name)."""
+    if isinstance(config, str):  # a name, in any letter case as get_method takes it
+        config = getattr(find_method(config), "name", config)
     name = config if isinstance(config, str) else getattr(config, "method", None)
     if not isinstance(name, str) or name not in METHODS:
         raise TypeError(f"expected a config of one of {available_methods()} (e.g. NOLAConfig, LoRAConfig) or "
