@@ -53,6 +53,13 @@ def test_a_bool_tensor_or_an_array_with_dimensions_is_not_an_integer(value):
         FewShotDataModule(dataset="digits", shots=value)
 
 
+def test_an_int64_range_refusal_names_the_lower_bound_asked_for():
+    from nola_vision.core.checks import check_int
+
+    with pytest.raises(ValueError, match=r"x must be an integer in torch's int64 range \[0, 9223372036854775807\]"):
+        check_int(2**64, "x", at_least=0, int64=True)  # said [-9223372036854775808, ...]
+
+
 def test_a_0d_integer_tensor_or_array_is_an_integer_like_a_numpy_integer():
     config = nv.NOLAConfig(rank=torch.tensor(2), seed=np.array(3))
     assert (config.rank, config.seed) == (2, 3) and (type(config.rank), type(config.seed)) == (int, int)

@@ -45,6 +45,12 @@ def test_a_distilled_model_with_two_heads_is_refused():
         with pytest.raises(ValueError, match=r"2 classifier heads \(head, head_dist: a distilled model\)"):
             nv.inject(model, config)
     assert not nv.adapted_layers(model)
+    # LeViT has no model name without distillation: the hint named only DeiT's
+    levit = timm.create_model("levit_128s", pretrained=False, num_classes=3)
+    with pytest.raises(ValueError, match=r"LeViT: timm.create_model\(name, distilled=False\)\), or build it without "
+                                         r"heads \(num_classes=0\)"):
+        nv.inject(levit, "linear")
+    nv.inject(timm.create_model("levit_128s", pretrained=False, num_classes=3, distilled=False), "linear")
 
 
 def test_a_distilled_model_is_refused_as_a_served_backbone_naming_its_two_heads_and_adapts_without_heads(tmp_path):

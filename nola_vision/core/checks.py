@@ -59,8 +59,9 @@ def check_int(value: Any, name: str, *, at_least: Optional[int] = None, optional
         raise ValueError(f"{name} must be {kind}{' or null' if optional else ''}, got {shown(value)}")
     low, high = INT64_RANGE
     if int64 and not low <= number <= high:
-        raise ValueError(f"{name} must be an integer in torch's int64 range [{max(low, at_least or low)}, {high}] "
-                         f"(it reaches torch's integer ops), got {shown(value)}")
+        low = low if at_least is None else max(low, at_least)  # at_least=0 is a bound too
+        raise ValueError(f"{name} must be an integer in torch's int64 range [{low}, {high}] (it reaches torch's "
+                         f"integer ops), got {shown(value)}")
     return number
 
 

@@ -187,7 +187,8 @@ def require_one_head(model: nn.Module) -> None:
         names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
                          "model), and nola_vision trains one: use the model without distillation (e.g. "
-                         "deit_base_patch16_224 for deit_base_distilled_patch16_224)")
+                         "deit_base_patch16_224 for deit_base_distilled_patch16_224; LeViT: timm.create_model(name, "
+                         "distilled=False)), or build it without heads (num_classes=0)")
     others = _other_heads(owners[0], heads) if isinstance(heads, nn.Module) and _has_head(heads) else []
     if others:
         prefix = next(name for name, module in model.named_modules() if module is owners[0])
