@@ -122,3 +122,41 @@ def test_a_task_switch_that_fails_part_way_leaves_the_previous_task_whole(tasks,
         nv.merge(model)
     sweep(model, lambda m: nv.load_adapter(m, tasks / "b"), images, unchanged(1e-5 if dtype == torch.float32 else 0),
           dtype)
+
+
+def hooks_of(model):
+    return sorted((name, kind, len(getattr(module, kind))) for name, module in model.named_modules()
+                  for kind in ("_forward_hooks", "_forward_pre_hooks", "_load_state_dict_post_hooks",
+                               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks"))
+
+
+@pytest.mark.parametrize("owner, name", [(torch.nn.Module, "register_forward_hook"),
+                                         (torch.nn.Module, "register_forward_pre_hook"),
+                                         (torch.nn.Module, "__setattr__"), (torch.nn.Module, "requires_grad_"),
+                                         (torch.Tensor, "requires_grad_")])
+@pytest.mark.parametrize("config", [NOLA, nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v", "mlp.fc2"])],
+                         ids=["nola", "lora"])
+def test_an_inject_that_fails_part_way_leaves_the_model_as_it_was(owner, name, config, images):
+    """It left adapted layers, a frozen backbone and hooks on a model without adapter state: neither inject nor unload
+    took it again ("already holds adapter layers", "has no nola_vision adapters")."""
+    def inject(model):
+        nv.inject(model, config)
+
+    plain = tiny_vit().train()
+    before = {key: value.clone() for key, value in plain.state_dict().items()}
+    flags, hooks = [p.requires_grad for p in plain.parameters()], hooks_of(plain)
+    fault_free = tiny_vit()
+    inject(fault_free)
+    points = injection_points(owner, name, inject, plain)
+    for call in points:
+        model = copy.deepcopy(plain)
+        with failing(owner, name, call), pytest.raises(Injected):
+            inject(model)
+        where = f"{name} call {call}"
+        assert not nv.adapted_layers(model) and not any("Moved" in type(m).__name__ for m in model.modules()), where
+        assert [p.requires_grad for p in model.parameters()] == flags and hooks_of(model) == hooks, where
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items()), where
+        assert all(module.training for module in model.modules()), where
+        inject(model)  # the retry
+        torch.testing.assert_close(outputs(model.eval(), images), outputs(fault_free, images), rtol=0, atol=0)
+    assert points

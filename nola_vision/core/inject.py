@@ -21,6 +21,7 @@ from .basis import BasisBank
 from .checks import check_bool
 from .config import AdapterConfig
 from .fingerprint import record_merged, running_statistics
+from .interrupts import all_or_nothing
 from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
     checkpointed_models,
@@ -236,40 +237,55 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
             built[name] = layer_cls(base, config, name, layer.slices, **context).train(base.training)
             _match_float64(built[name])
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(config.train_backbone)
-    if head is not None:
-        head.requires_grad_(True)
-    elif not config.train_backbone:
-        _warn_about_frozen_wrapper_layers(model, list(plan.layers))
-
-    for name, adapted in built.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
-            # recomputed from the pre-activation in backward
-            adapted.take_activation(parent, MovedActivation(parent, parent_name))
-        replace_module(model, name, adapted)
-    hooks = []
-    for module in checkpointed_models(model) if plan.layers else []:
-        hooks.append(module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True))
-        hooks += [child.register_forward_hook(functools.partial(reentrant_checkpointing_output, module))
-                  for child in _frozen_children(module)]
-    if head is not None:
-        hooks.append(head.register_forward_pre_hook(_compact_input))
-    if has_shared_bases(model):
-        hooks += [model.register_forward_pre_hook(combine_shared_factors),
-                  model.register_forward_hook(release_shared_factors, always_call=True)]
-    hooks += _require_adapters_called(model, list(plan.layers))
-    hooks += _disable_fast_paths(model, list(plan.layers))
-    if plan.layers:
-        keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
-                for parameter in layer.adapter_parameter_names]
-        hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
-    hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
-    state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
-    state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
-    setattr(model, STATE_ATTRIBUTE, state)
+    hooks: List[RemovableHandle] = []
+    with all_or_nothing() as undo:  # the model wholly adapted, or (an error, Ctrl-C part-way) as it was
+        undo.append(functools.partial(_undo_injection, model, built, hooks, requires_grad))
+        model.requires_grad_(config.train_backbone)
+        if head is not None:
+            head.requires_grad_(True)
+        elif not config.train_backbone:
+            _warn_about_frozen_wrapper_layers(model, list(plan.layers))
+        for name, adapted in built.items():
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if config.recompute_activation and _recomputable_activation(parent, child_name) is not None:
+                # recomputed from the pre-activation in backward
+                adapted.take_activation(parent, MovedActivation(parent, parent_name))
+            replace_module(model, name, adapted)
+        for module in checkpointed_models(model) if plan.layers else []:
+            hooks.append(module.register_forward_pre_hook(reentrant_checkpointing_inputs, with_kwargs=True))
+            for child in _frozen_children(module):
+                hooks.append(child.register_forward_hook(functools.partial(reentrant_checkpointing_output, module)))
+        if head is not None:
+            hooks.append(head.register_forward_pre_hook(_compact_input))
+        if has_shared_bases(model):
+            hooks.append(model.register_forward_pre_hook(combine_shared_factors))
+            hooks.append(model.register_forward_hook(release_shared_factors, always_call=True))
+        _require_adapters_called(model, list(plan.layers), into=hooks)
+        _disable_fast_paths(model, list(plan.layers), into=hooks)
+        if plan.layers:
+            keys = [f"{name}.{parameter}" for name, layer in adapted_layers(model).items()
+                    for parameter in layer.adapter_parameter_names]
+            hooks.append(model.register_load_state_dict_post_hook(_PlainStateDicts(keys)))
+        hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
+        state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
+        state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
+        setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
+
+
+def _undo_injection(model: nn.Module, built: Dict[str, AdaptedLinear], hooks: List[RemovableHandle],
+                    requires_grad: Dict[str, bool]) -> None:
+    """Undo an ``inject`` stopped part-way: its hooks removed, the layers it replaced (and activations it took over)
+    given back, the ``requires_grad`` flags restored."""
+    for handle in hooks:
+        handle.remove()
+    for name, adapted in built.items():
+        adapted.give_back_activation()
+        if model.get_submodule(name) is adapted:
+            replace_module(model, name, adapted.base_layer)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
 
 
 def _require_trainable(model: nn.Module, head: Optional[nn.Module], train_backbone: bool) -> None:
@@ -463,25 +479,29 @@ class _CallCheck:
                 handle.remove()
 
 
-def _require_adapters_called(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
-    """Install a ``_CallCheck``: a pre-hook and a hook on each adapted layer's parent, a hook on each layer."""
+def _require_adapters_called(model: nn.Module, names: List[str], into: List[RemovableHandle]) -> None:
+    """Install a ``_CallCheck``: a pre-hook and a hook on each adapted layer's parent, a hook on each layer (each
+    handle appended to ``into`` as it is registered)."""
     if not names:
-        return []
+        return
     layers_by_parent: Dict[str, List[str]] = {}
     for name in names:
         layers_by_parent.setdefault(name.rpartition(".")[0], []).append(name)
     parents = {parent: model.get_submodule(parent) for parent in layers_by_parent}
     check = _CallCheck(layers_by_parent, {parent: type(module).__name__ for parent, module in parents.items()})
-    handles = []
-    for parent, module in parents.items():
-        handles.append(module.register_forward_pre_hook(functools.partial(check.parent_starts, parent)))
-        handles.append(module.register_forward_hook(functools.partial(check.parent_ends, parent)))
+    check.handles = []
+    registrations = [functools.partial(register, functools.partial(hook, parent))
+                     for parent, module in parents.items()
+                     for register, hook in ((module.register_forward_pre_hook, check.parent_starts),
+                                            (module.register_forward_hook, check.parent_ends))]
     # nn.Module's own registration: this hook reads no input, so the layer keeps computing its activation
     # (AdaptedLinear's gives it back, for hooks that read the input).
-    handles += [nn.Module.register_forward_hook(model.get_submodule(name), functools.partial(check.layer_called, name))
-                for name in names]
-    check.handles = handles
-    return handles
+    registrations += [functools.partial(nn.Module.register_forward_hook, model.get_submodule(name),
+                                        functools.partial(check.layer_called, name)) for name in names]
+    for register in registrations:
+        handle = register()
+        check.handles.append(handle)
+        into.append(handle)
 
 
 # Modules whose inference fast path reads their children's weights directly (``torch._transformer_encoder_layer_fwd``)
@@ -489,16 +509,14 @@ def _require_adapters_called(model: nn.Module, names: List[str]) -> List[Removab
 _FAST_PATH_MODULES = (nn.TransformerEncoderLayer,)
 
 
-def _disable_fast_paths(model: nn.Module, names: List[str]) -> List[RemovableHandle]:
+def _disable_fast_paths(model: nn.Module, names: List[str], into: List[RemovableHandle]) -> None:
     """A no-op forward pre-hook on each adapted layer inside a ``_FAST_PATH_MODULES`` module, kept while the adapter
-    is: the module then always runs its layers, as its own check for hooks decides."""
-    handles = []
+    is: the module then always runs its layers, as its own check for hooks decides (handles appended to ``into``)."""
     for name in names:
         parts = name.split(".")
         ancestors = [model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))]
         if any(isinstance(module, _FAST_PATH_MODULES) for module in ancestors):
-            handles.append(model.get_submodule(name).register_forward_pre_hook(_run_the_layer))
-    return handles
+            into.append(model.get_submodule(name).register_forward_pre_hook(_run_the_layer))
 
 
 def _run_the_layer(module: nn.Module, args: tuple) -> None:
