@@ -797,3 +797,40 @@ def test_built_hparams_shown_alike_in_another_process_are_no_change():
 
     first, second = made(), made()
     assert repr(first) != repr(second) and _shown(first) == _shown(second)
+
+
+class ClassNamesFailing(L.LightningDataModule):
+    """A custom datamodule whose ``class_names`` raises after ``failing_after`` reads."""
+
+    def __init__(self, failing_after: int = 0) -> None:
+        super().__init__()
+        self.reads = failing_after
+
+    @property
+    def class_names(self):
+        self.reads -= 1
+        if self.reads < 0:
+            raise OSError("metadata.json is corrupt")
+        return ["a", "b", "c", "d"]
+
+    def train_dataloader(self):
+        return loader()
+
+
+def test_a_custom_datamodule_whose_class_names_raise_fails_the_fit_before_a_step_with_its_error(tmp_path):
+    """The class-count check swallowed the error (the head went unchecked), while the data record raised it."""
+    run = trainer(tmp_path, epochs=1, limit_train_batches=1)
+    with pytest.raises(OSError, match="metadata.json is corrupt"):
+        run.fit(module(), datamodule=ClassNamesFailing())
+    assert run.global_step == 0
+
+
+def test_class_names_that_fail_only_at_the_export_leave_the_adapter_saved_without_them_with_a_warning(tmp_path):
+    run = trainer(tmp_path, epochs=1, limit_train_batches=1)
+    data = ClassNamesFailing(failing_after=10**6)
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    fitted.on_train_end = lambda: setattr(data, "reads", 0)  # fails from the end of training on
+    with pytest.warns(UserWarning, match="ClassNamesFailing.class_names raised OSError: metadata.json is corrupt; "
+                                         "the adapter is saved without class names"):
+        run.fit(fitted, datamodule=data)
+    assert nv.verify_adapter(module().model, tmp_path / "adapter").class_names is None

@@ -719,13 +719,12 @@ class FewShotClassifier(L.LightningModule):
                              "instead, and leave the model's setting to it")
 
     def _check_data_classes(self) -> None:
-        """The head has one output per class of the data the trainer's datamodule reports, where it reports them."""
-        try:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            count = getattr(datamodule, "num_classes", None)
-            names = getattr(datamodule, "class_names", None)
-        except Exception:  # a custom datamodule's property that cannot tell: nothing to compare
-            return
+        """The head has one output per class of the data the trainer's datamodule reports, where it reports them (a
+        property of a custom datamodule that raises fails the run here, before any pass, as the checks of its data
+        record do: ``_data_record``)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        count = getattr(datamodule, "num_classes", None)
+        names = getattr(datamodule, "class_names", None)
         if not isinstance(count, int) and isinstance(names, (list, tuple)):
             count = len(names)
         outputs = num_classes_of(self.model)
@@ -785,7 +784,9 @@ class FewShotClassifier(L.LightningModule):
         (a custom datamodule): the file is saved without them rather than lost at the end of training."""
         try:
             names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
-        except Exception:  # a custom datamodule's property that cannot tell: the adapter is saved all the same
+        except Exception as error:  # a custom datamodule's property that cannot tell: the adapter is saved all the same
+            warn_user(f"nola_vision: {type(self.trainer.datamodule).__name__}.class_names raised "
+                      f"{type(error).__name__}: {error}; the adapter is saved without class names")
             return None
         if not isinstance(names, (list, tuple)) or len(names) != num_classes_of(self.model):
             return None
