@@ -42,11 +42,11 @@ class MergedGuard(torch.autograd.Function):
         return y.clone()
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: Tuple[Tensor, ...], output: Tensor) -> None:  # type: ignore[override]
         ctx.inputs = len(inputs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         if not torch.compiler.is_compiling():
             raise RuntimeError(_MERGED_BACKWARD)
         # traced, by an operator that raises when the backward runs: a raise here ended dynamo's trace of the forward
@@ -112,8 +112,8 @@ class LowRankLinear(torch.autograd.Function):
         return inputs, xa, sink
 
     @staticmethod
-    def backward(ctx, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
-                 grad: Optional[Tensor]):
+    def backward(ctx: Any, grad_inputs: Optional[Tensor], grad_xa: Optional[Tensor],  # type: ignore[override]
+                 grad: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         return (*_gradients(ctx, grad), None)
 
 
