@@ -14,7 +14,8 @@ import nola_vision as nv
 NOLA = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "mlp.fc2", "attn.q", "attn.v"])
 # The ops that write weights or allocate around the writes (ΔW's records, 16-bit rounding entries).
 OPS = [(torch.Tensor, "clone"), (torch.Tensor, "addmm_"), (torch.Tensor, "copy_"), (torch.Tensor, "to"),
-       (torch.Tensor, "cpu"), (torch.Tensor, "nonzero"), (torch.Tensor, "__setitem__"), (torch, "maximum")]
+       (torch.Tensor, "cpu"), (torch.Tensor, "nonzero"), (torch.Tensor, "__setitem__"), (torch, "maximum"),
+       (torch.Tensor, "fill_")]  # fill_: the merged flag's buffer, written after the weight it flagged as unmerged
 SAMPLES = 8  # injection points per op, spread over its calls
 
 
@@ -86,6 +87,7 @@ def sweep(model, action, images, expect_unchanged, dtype):
         done = outputs(fault_free, images)
     before, tried = outputs(model, images), 0
     flags = [layer.merged for layer in nv.adapted_layers(model).values()]
+    records = [layer.unmerged_record is not None for layer in nv.adapted_layers(model).values()]
     for owner, name in OPS:
         for call in injection_points(owner, name, action, model):
             faulted = copy.deepcopy(model)
@@ -93,7 +95,10 @@ def sweep(model, action, images, expect_unchanged, dtype):
                 action(faulted)
             tried += 1
             where = f"{name} call {call}"
-            assert [layer.merged for layer in nv.adapted_layers(faulted).values()] == flags, where
+            layers = nv.adapted_layers(faulted).values()
+            assert [layer.merged for layer in layers] == flags, where
+            assert [bool(layer.adapter_merged) for layer in layers] == flags, where  # the state dict's flags too
+            assert [layer.unmerged_record is not None for layer in layers] == records, where  # kept by an undone switch
             expect_unchanged(outputs(faulted, images), before, where)
             action(faulted)  # the retry
             torch.testing.assert_close(outputs(faulted, images), done, rtol=0, atol=1e-5, msg=where)
@@ -160,3 +165,26 @@ def test_an_inject_that_fails_part_way_leaves_the_model_as_it_was(owner, name, c
         inject(model)  # the retry
         torch.testing.assert_close(outputs(model.eval(), images), outputs(fault_free, images), rtol=0, atol=0)
     assert points
+
+
+def test_an_undo_that_fails_too_says_the_model_is_left_partly_changed(tasks, images):
+    """A second failure while undoing a failed switch left a mix of two tasks behind the undo's own error, which said
+    nothing of it (and save_adapter then saved the mix)."""
+    model = nv.load_adapter(tiny_vit(), tasks / "a")
+    original, calls = torch.Tensor.copy_, [0]
+
+    def fails_twice(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in (3, 4):  # a parameter copy, then the undo's
+            raise Injected("out of memory (injected)")
+        return original(*args, **kwargs)
+
+    torch.Tensor.copy_ = fails_twice
+    try:
+        with pytest.raises(RuntimeError, match=r"the task switch failed \(Injected: out of memory \(injected\)\), and "
+                                               r"undoing what it had changed failed too .*the model is left partly "
+                                               r"changed") as raised:
+            nv.load_adapter(model, tasks / "b")
+    finally:
+        torch.Tensor.copy_ = original
+    assert isinstance(raised.value.__cause__, Injected)

@@ -541,3 +541,39 @@ def test_a_file_system_that_reports_no_name_limit_takes_every_name(tmp_path, mon
     monkeypatch.setattr(os, "pathconf", lambda path, name: reported if name == "PC_NAME_MAX" else real(path, name))
     assert storage.write_text_atomic(tmp_path / "result.json", "x").read_text() == "x"
     storage.check_writable_file(tmp_path / "other.json", "--result_file")
+
+
+def test_a_ctrl_c_at_any_line_of_a_held_lock_count_leaves_no_count_behind(tmp_path):
+    """Between the count and its try (or its decrement and the key's removal), a Ctrl-C left this thread counted as
+    holding the folder's lock: every later save of that folder in the process was refused as "from within a write
+    of it"."""
+    import signal
+    import sys
+
+    model = trained(0)
+    code = storage._registered.__wrapped__.__code__
+    lines = sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
+    for line in lines:
+        sent = []
+
+        def tracer(frame, event, arg, line=line, sent=sent):
+            if frame.f_code is not code:
+                return None
+
+            def at_line(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not sent:
+                    sent.append(line)
+                    signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, at this line
+                return at_line
+            return at_line
+
+        sys.settrace(tracer)
+        try:
+            nv.save_adapter(model, tmp_path / "adapter")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert sent, line
+        nv.save_adapter(model, tmp_path / "adapter")  # the retry (a count left behind is dropped: no lock is held)
+        assert not storage._held_locks(), line

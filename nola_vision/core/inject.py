@@ -238,7 +238,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
             _match_float64(built[name])
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     hooks: List[RemovableHandle] = []
-    with all_or_nothing() as undo:  # the model wholly adapted, or (an error, Ctrl-C part-way) as it was
+    with all_or_nothing("nv.inject") as undo:  # the model wholly adapted, or (an error, Ctrl-C part-way) as it was
         undo.append(functools.partial(_undo_injection, model, built, hooks, requires_grad))
         model.requires_grad_(config.train_backbone)
         if head is not None:

@@ -30,15 +30,25 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 @contextmanager
-def all_or_nothing() -> Iterator[List[Callable[[], None]]]:
+def all_or_nothing(action: str) -> Iterator[List[Callable[[], None]]]:
     """A block of writes with Ctrl-C held (``interrupts_deferred``) that gives a list for the undo of each write done:
     if any exception (out of memory, a failed device) stops the block, the undos run, newest first, and the exception
-    goes on to the caller."""
+    goes on to the caller. Should an undo fail as well, the others still run, and a RuntimeError says that ``action``
+    left the model partly changed (the first failure is its context)."""
     undo: List[Callable[[], None]] = []
     with interrupts_deferred():
         try:
             yield undo
-        except BaseException:
+        except BaseException as failure:
+            undo_failures = []
             for step in reversed(undo):
-                step()
+                try:
+                    step()
+                except Exception as error:  # every other undo still runs; all are reported below
+                    undo_failures.append(error)
+            if undo_failures:
+                raise RuntimeError(
+                    f"{action} failed ({type(failure).__name__}: {failure}), and undoing what it had changed failed "
+                    f"too ({type(undo_failures[0]).__name__}: {undo_failures[0]}): the model is left partly changed. "
+                    "Build or load it again (its weights and adapter files) before using or saving it") from failure
             raise

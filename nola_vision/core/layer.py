@@ -400,9 +400,10 @@ class AdaptedLinear(nn.Module):
 
     @merged.setter
     def merged(self, value: bool) -> None:
+        # 0 unmerged; merged: the quantisation-aware bits ΔW was folded in at, 1 without (unmerge must match them).
+        # The buffer first: a write that fails leaves both as they were.
+        getattr(self, MERGED_FLAG).fill_((self.quant_bits or 1) if value else 0)
         self._merged = bool(value)
-        # 0 unmerged; merged: the quantisation-aware bits ΔW was folded in at, 1 without (unmerge must match them)
-        getattr(self, MERGED_FLAG).fill_((self.quant_bits or 1) if self._merged else 0)
         self._hold_merged_tensors()
         self._note_merged_flag()
 
@@ -814,6 +815,18 @@ class AdaptedLinear(nn.Module):
         self._rounding = rounding
         self._merged_in = dtype
 
+    @contextmanager
+    def _flagged(self, merged: bool) -> Iterator[None]:
+        """Set the merged flag, then run the block's weight write: the flag is set back if the write fails. After the
+        write only assignments follow, so no failure leaves the weight and its flag apart (a flag write that failed
+        after the weight's left ΔW in a layer flagged unmerged, for good)."""
+        self.merged = merged
+        try:
+            yield
+        except BaseException:
+            self.merged = not merged
+            raise
+
     def _scratch_weight(self) -> Optional[Tensor]:
         """A copy of a 16-bit weight for a merge or unmerge to compute in (it takes several writes and allocations),
         then copied in as one write; None where one in-place op writes the weight (float32, float64, meta): either
@@ -833,13 +846,13 @@ class AdaptedLinear(nn.Module):
             factors = self.delta_factors() if factors is None else factors
             kept, scratch = _owned(factors), self._scratch_weight()  # allocated before the weight is written
             rounding = None if scratch is None else self._merge_update(*factors, weight=scratch)
-            with interrupts_deferred():  # the weight and its merged flag change together
-                if scratch is None:
-                    self._merge_update(*factors)
-                else:
-                    self.weight.copy_(scratch)
+            with interrupts_deferred():  # the weight, its merged flag and its record change together
+                with self._flagged(True):
+                    if scratch is None:
+                        self._merge_update(*factors)
+                    else:
+                        self.weight.copy_(scratch)
                 self._set_merged_update(values, kept, rounding, self.weight.dtype)
-                self.merged = True
 
     @torch.no_grad()
     def unmerge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -853,27 +866,29 @@ class AdaptedLinear(nn.Module):
             scratch = self._scratch_weight()
             if scratch is not None:
                 self._unmerge_update(*factors, weight=scratch)
-            with interrupts_deferred():  # the weight and its merged flag change together
-                if scratch is None:
-                    self._unmerge_update(*factors)  # one write, last (a cast weight's is computed aside first)
-                else:
-                    self.weight.copy_(scratch)
-                self.merged = False
+            with interrupts_deferred():  # the weight, its merged flag and its record change together
+                with self._flagged(False):
+                    if scratch is None:
+                        self._unmerge_update(*factors)  # one write, last (a cast weight's is computed aside first)
+                    else:
+                        self.weight.copy_(scratch)
                 self._set_merged_update(None)
                 self.unmerged_record = None
 
     @torch.no_grad()
     def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
-                             values: Optional[Dict[str, Tensor]] = None) -> None:
+                             values: Optional[Dict[str, Tensor]] = None,
+                             record: Optional[List[float]] = None) -> None:
         """On a merged layer, weight += ΔW_new − ΔW_old: a switch between tasks. A float32 or float64 weight takes it
         as one rank-2r update (rounded once); a 16-bit one is unmerged, then merged again (``_merge_update``), so its
         weight is that of a fresh merge of the new task, however many switches came before. So is a weight merged in
         16 bits and cast since without loss (bfloat16 to float32): it switches in the merge's dtype.
 
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
-        now), which become what is merged."""
+        now), which become what is merged. ``record``: the fingerprint record of the weight without ΔW (default: the
+        layer's now; a switch undone passes the one from before it)."""
         self.require_own_merged_flag("a task switch")
-        record = self.unmerged_record  # a switch leaves the weight without ΔW as it was
+        record = self.unmerged_record if record is None else record  # a switch leaves the weight without ΔW as it was
         values = self.trained_values() if values is None else values
         with interrupts_deferred():  # the weight and the record of what it merged change together
             self._switch_merged_delta(old, new, values)

@@ -362,7 +362,8 @@ def merge(model: nn.Module) -> nn.Module:
             if overflow is not None:
                 raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
                                     "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
-        with all_or_nothing() as undo:  # every layer merged, or none (each layer's merge is one write, or none)
+        # every layer merged, or none (each layer's merge is one write, or none)
+        with all_or_nothing("nv.merge") as undo:
             for name, layer in unmerged.items():
                 layer.merge(checked[name])
                 undo.append(layer.unmerge)
@@ -474,7 +475,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = list(merged.values())
     with torch.no_grad():
         factors = merged_delta_factors(layers)
-        with all_or_nothing() as undo:  # every layer unmerged, or none
+        with all_or_nothing("nv.unmerge") as undo:  # every layer unmerged, or none
             for layer in layers:
                 values, kept, record = layer.merged_values, factors[id(layer)], layer.unmerged_record
                 layer.unmerge(kept)
@@ -490,11 +491,11 @@ def _merge_again(layer: AdaptedLinear, values: Dict[str, Tensor], factors: Tuple
 
 
 def _switch_back(layer: AdaptedLinear, changes: Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]],
-                 switched_to: Dict[str, Tensor], values: Dict[str, Tensor]) -> None:
+                 switched_to: Dict[str, Tensor], values: Dict[str, Tensor], record: Optional[List[float]]) -> None:
     """Undo a layer's task switch, if its weight took it (it merged ``switched_to``, though what came after the write,
-    the record of its unmerged weight, may have failed): the previous update, of ``values``, merged again."""
+    the ``record`` of its unmerged weight, may have failed): the previous update, of ``values``, merged again."""
     if layer.merged_values is switched_to:
-        layer.replace_merged_delta(*changes, values)
+        layer.replace_merged_delta(*changes, values, record)
 
 
 def require_own_merged_flags(model: nn.Module, action: str) -> None:
@@ -549,7 +550,8 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                                 "the weights in float32 or bfloat16")
     parameters = dict(model.named_parameters())
     before = {name: parameters[name].detach().clone() for name in values}
-    with all_or_nothing() as undo:  # the whole new task, or the old one: never a model (or a saved file) of both
+    # the whole new task, or the old one: never a model (or a saved file) of both
+    with all_or_nothing("the task switch") as undo:
         undo.append(lambda: [parameters[name].copy_(value) for name, value in before.items()])
         for name, value in values.items():
             parameters[name].copy_(value)
@@ -559,5 +561,6 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
                 layer.values_unset = False
         for layer in layers.values():
             old, new = changes[id(layer)]
-            undo.append(functools.partial(_switch_back, layer, (new, old), new_values[id(layer)], layer.merged_values))
+            undo.append(functools.partial(_switch_back, layer, (new, old), new_values[id(layer)], layer.merged_values,
+                                          layer.unmerged_record))
             layer.replace_merged_delta(old, new, new_values[id(layer)])

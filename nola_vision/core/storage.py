@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
+from .interrupts import interrupts_deferred
 from .warn import warn_user
 
 try:
@@ -727,7 +728,7 @@ def writer_lock(target: Path) -> Iterator[None]:
         raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
     try:
         key = _file_key(fd)
-        if key in _held_locks():
+        if _held_by_this_thread(key, fd, fcntl.LOCK_EX):
             raise RuntimeError(f"cannot write {target} from within a write of it, or of a directory inside it, in this "
                                "thread: that write holds its lock, which this one would wait for forever. Write it "
                                "after that write returns (nothing was written)")
@@ -767,17 +768,38 @@ def _held_locks() -> Counter:
     return _THREAD.locks
 
 
+def _held_by_this_thread(key: Tuple[int, int], fd: int, operation: int) -> bool:
+    """Whether this thread holds the lock file ``key`` (``_held_locks``), checked against the lock itself: a count
+    that a Ctrl-C left behind (at the first line of ``_registered``'s ``finally``, which nothing can hold it off)
+    refused every later write of that folder in the process. Where ``fd`` takes the lock at once (``operation``,
+    without waiting), nobody holds it: the count is dropped, and the lock stays taken."""
+    held = _held_locks()
+    if held[key] <= 0:
+        return False
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError:  # held (by this thread's write, as counted), or nothing can be locked there: the count stands
+        return True
+    del held[key]
+    return False
+
+
 @contextmanager
 def _registered(key: Tuple[int, int]) -> Iterator[None]:
-    """Count a lock on the lock file ``key`` as held by this thread while the block runs."""
-    held = _held_locks()
-    held[key] += 1
+    """Count a lock on the lock file ``key`` as held by this thread while the block runs. The count changes with
+    Ctrl-C held: a count left behind by an interrupt refused every later write of that folder in the process."""
+    held, counted = _held_locks(), False
     try:
+        with interrupts_deferred():
+            held[key] += 1
+            counted = True
         yield
     finally:
-        held[key] -= 1
-        if not held[key]:
-            del held[key]
+        if counted:
+            with interrupts_deferred():
+                held[key] -= 1
+                if held[key] <= 0:
+                    del held[key]
 
 
 def _file_key(fd: int) -> Tuple[int, int]:
@@ -802,7 +824,7 @@ def _ancestor_locks(target: Path) -> Iterator[None]:
                 continue
             held.callback(os.close, fd)
             key = _file_key(fd)
-            if key not in _held_locks() and _lock_shared(fd, folder, target):
+            if not _held_by_this_thread(key, fd, fcntl.LOCK_SH) and _lock_shared(fd, folder, target):
                 held.enter_context(_registered(key))
         yield
 

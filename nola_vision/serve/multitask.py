@@ -236,7 +236,7 @@ class MultiTaskModel(nn.Module):
                 self._weights, self._copied_weights = _WeightRecord(self.model), None
             # the task with all its hooks, or none: a task registered with a layer left unhooked served without
             # that layer's update, and could not be added again
-            with all_or_nothing() as undo:
+            with all_or_nothing("add_task") as undo:
                 self._tasks[name] = self._sharing_plans(task)
                 undo.append(lambda: self._forget(name))
                 self._hook_layers()
