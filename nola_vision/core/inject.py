@@ -21,7 +21,7 @@ from .basis import BasisBank
 from .checks import check_bool
 from .config import AdapterConfig
 from .fingerprint import record_merged, running_statistics
-from .interrupts import all_or_nothing
+from .interrupts import all_or_nothing, interrupts_deferred
 from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
     checkpointed_models,
@@ -594,7 +594,14 @@ def _require_injected(model: nn.Module, action: str) -> AdapterState:
 
 
 def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
-    """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state."""
+    """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state, with
+    Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served."""
+    with interrupts_deferred():
+        _remove_injection_now(model, state)
+    return model
+
+
+def _remove_injection_now(model: nn.Module, state: AdapterState) -> None:
     for name, layer in adapted_layers(model).items():
         layer.give_back_activation()
         base = layer.base_layer
@@ -610,7 +617,6 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(state.requires_grad.get(name, parameter.requires_grad))
     delattr(model, STATE_ATTRIBUTE)
-    return model
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:

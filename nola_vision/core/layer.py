@@ -815,18 +815,6 @@ class AdaptedLinear(nn.Module):
         self._rounding = rounding
         self._merged_in = dtype
 
-    @contextmanager
-    def _flagged(self, merged: bool) -> Iterator[None]:
-        """Set the merged flag, then run the block's weight write: the flag is set back if the write fails. After the
-        write only assignments follow, so no failure leaves the weight and its flag apart (a flag write that failed
-        after the weight's left ΔW in a layer flagged unmerged, for good)."""
-        self.merged = merged
-        try:
-            yield
-        except BaseException:
-            self.merged = not merged
-            raise
-
     def _scratch_weight(self) -> Optional[Tensor]:
         """A copy of a 16-bit weight for a merge or unmerge to compute in (it takes several writes and allocations),
         then copied in as one write; None where one in-place op writes the weight (float32, float64, meta): either
@@ -846,13 +834,20 @@ class AdaptedLinear(nn.Module):
             factors = self.delta_factors() if factors is None else factors
             kept, scratch = _owned(factors), self._scratch_weight()  # allocated before the weight is written
             rounding = None if scratch is None else self._merge_update(*factors, weight=scratch)
-            with interrupts_deferred():  # the weight, its merged flag and its record change together
-                with self._flagged(True):
+            # the weight, its merged flag and its record change together: the flag and the record first, then the
+            # weight's one write, last; if anything fails, the flag and the record are set back
+            with interrupts_deferred():
+                try:
+                    self.merged = True
+                    self._set_merged_update(values, kept, rounding, self.weight.dtype)
                     if scratch is None:
                         self._merge_update(*factors)
                     else:
                         self.weight.copy_(scratch)
-                self._set_merged_update(values, kept, rounding, self.weight.dtype)
+                except BaseException:
+                    self.merged = False
+                    self._set_merged_update(None)
+                    raise
 
     @torch.no_grad()
     def unmerge(self, factors: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -866,13 +861,17 @@ class AdaptedLinear(nn.Module):
             scratch = self._scratch_weight()
             if scratch is not None:
                 self._unmerge_update(*factors, weight=scratch)
-            with interrupts_deferred():  # the weight, its merged flag and its record change together
-                with self._flagged(False):
+            with interrupts_deferred():  # the weight and its merged flag change together (then the record goes)
+                try:
+                    self.merged = False
                     if scratch is None:
                         self._unmerge_update(*factors)  # one write, last (a cast weight's is computed aside first)
                     else:
                         self.weight.copy_(scratch)
-                self._set_merged_update(None)
+                except BaseException:
+                    self.merged = True
+                    raise
+                self._set_merged_update(None)  # what an unmerged layer reads of it: nothing (merged_values is None)
                 self.unmerged_record = None
 
     @torch.no_grad()

@@ -365,8 +365,8 @@ def merge(model: nn.Module) -> nn.Module:
         # every layer merged, or none (each layer's merge is one write, or none)
         with all_or_nothing("nv.merge") as undo:
             for name, layer in unmerged.items():
+                undo.append(functools.partial(_unmerge_if_merged, layer))  # before: it may fail after its write
                 layer.merge(checked[name])
-                undo.append(layer.unmerge)
                 layer.unmerged_record = records.get(name)
     return model
 
@@ -478,16 +478,24 @@ def unmerge(model: nn.Module) -> nn.Module:
         with all_or_nothing("nv.unmerge") as undo:  # every layer unmerged, or none
             for layer in layers:
                 values, kept, record = layer.merged_values, factors[id(layer)], layer.unmerged_record
+                undo.append(functools.partial(_merge_again, layer, values, kept, record))  # before: as in merge
                 layer.unmerge(kept)
-                undo.append(functools.partial(_merge_again, layer, values, kept, record))
     return model
 
 
 def _merge_again(layer: AdaptedLinear, values: Dict[str, Tensor], factors: Tuple[Tensor, Tensor],
                  record: Optional[List[float]]) -> None:
-    """Undo a layer's unmerge: the same update merged again, recorded as merged from the same values and weight."""
-    layer.merge(factors, values)
-    layer.unmerged_record = record
+    """Undo a layer's unmerge, if it got as far as its weight: the same update merged again, recorded as merged from
+    the same values and weight."""
+    if not layer.merged:
+        layer.merge(factors, values)
+        layer.unmerged_record = record
+
+
+def _unmerge_if_merged(layer: AdaptedLinear) -> None:
+    """Undo a layer's merge, if it got as far as its weight."""
+    if layer.merged:
+        layer.unmerge()
 
 
 def _switch_back(layer: AdaptedLinear, changes: Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]],
