@@ -905,23 +905,33 @@ class AdaptedLinear(nn.Module):
             self._unmerge_update(*old, weight=merged)
             if self.low_rank_overflow(*new, weight=merged) is None:
                 rounding = self._merge_update(*new, weight=merged)
-                self.weight.copy_(merged)
-                self._set_merged_update(values, kept, rounding, merged.dtype)
+                self._recorded_write(lambda: self.weight.copy_(merged), values, kept, rounding, merged.dtype)
                 return
             scratch = merged.to(self.weight.dtype)
             self._add_low_rank(*new, into=scratch)
-            self.weight.copy_(scratch)
-            self._set_merged_update(values, kept, dtype=self.weight.dtype)
+            self._recorded_write(lambda: self.weight.copy_(scratch), values, kept, None, self.weight.dtype)
             return
         scratch = self._scratch_weight()
         if scratch is not None:
             self._unmerge_update(*old, weight=scratch)
             rounding = self._merge_update(*new, weight=scratch)
-            self.weight.copy_(scratch)
-            self._set_merged_update(values, kept, rounding, self.weight.dtype)
+            self._recorded_write(lambda: self.weight.copy_(scratch), values, kept, rounding, self.weight.dtype)
             return
-        self._add_low_rank(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
-        self._set_merged_update(values, kept, dtype=self.weight.dtype)
+        a, b = torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0)
+        self._recorded_write(lambda: self._add_low_rank(a, b), values, kept, None, self.weight.dtype)
+
+    def _recorded_write(self, write: Callable[[], Any], values: Dict[str, Tensor], factors: Tuple[Tensor, Tensor],
+                        rounding: Optional[_Rounding], dtype: torch.dtype) -> None:
+        """Record a switch's new merged update, then run ``write``, the weight's one write: the record is set back if
+        it fails, so the record names the update the weight holds (which undoing a switch reads)."""
+        before = tuple(self.__dict__.get(key) for key in ("_merged_values", "_merged_factors", "_rounding",
+                                                           "_merged_in"))
+        self._set_merged_update(values, factors, rounding, dtype)
+        try:
+            write()
+        except BaseException:
+            self._set_merged_update(*before)
+            raise
 
     def unstored_state(self) -> List[str]:
         """Keys of this layer's state dict that adapter files do not store: all but the frozen weight and bias, the
