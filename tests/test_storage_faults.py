@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ctrl_c_at_lines import body_lines, interrupted_at
 from storage_workers import trained
 from tiny_models import tiny_vit
 
@@ -547,33 +548,9 @@ def test_a_ctrl_c_at_any_line_of_a_held_lock_count_leaves_no_count_behind(tmp_pa
     """Between the count and its try (or its decrement and the key's removal), a Ctrl-C left this thread counted as
     holding the folder's lock: every later save of that folder in the process was refused as "from within a write
     of it"."""
-    import signal
-    import sys
-
     model = trained(0)
     code = storage._registered.__wrapped__.__code__
-    lines = sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
-    for line in lines:
-        sent = []
-
-        def tracer(frame, event, arg, line=line, sent=sent):
-            if frame.f_code is not code:
-                return None
-
-            def at_line(frame, event, arg):
-                if event == "line" and frame.f_lineno == line and not sent:
-                    sent.append(line)
-                    signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, at this line
-                return at_line
-            return at_line
-
-        sys.settrace(tracer)
-        try:
-            nv.save_adapter(model, tmp_path / "adapter")
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        assert sent, line
+    for line in body_lines(code):
+        assert interrupted_at(code, line, lambda: nv.save_adapter(model, tmp_path / "adapter")), line
         nv.save_adapter(model, tmp_path / "adapter")  # the retry (a count left behind is dropped: no lock is held)
         assert not storage._held_locks(), line
