@@ -208,3 +208,20 @@ def test_a_ctrl_c_at_any_line_of_an_unload_leaves_it_done(tasks, images):
         assert not nv.adapted_layers(model), line
         torch.testing.assert_close(outputs(model, images), plain, rtol=0, atol=0, msg=str(line))
     assert reached > 5
+
+
+def test_a_ctrl_c_at_any_line_of_a_merge_and_unload_leaves_it_done_and_recorded(tasks, images):
+    """Between removing the adapters and recording what was folded in, a Ctrl-C lost the record: the same adapter
+    loaded again was then refused only by the frozen-weights check, not as folded in."""
+    from nola_vision.core import inject
+    from nola_vision.core.fingerprint import merged_adapters
+
+    done = nv.merge_and_unload(nv.load_adapter(tiny_vit(), tasks / "a"))
+    code = inject.merge_and_unload.__code__
+    for line in body_lines(code):
+        model = nv.load_adapter(tiny_vit(), tasks / "a")
+        interrupted_at(code, line, functools.partial(nv.merge_and_unload, model))
+        if nv.adapted_layers(model):  # stopped before anything changed (its checks, or the merge, undone)
+            continue
+        assert len(merged_adapters(model)) == 1, line
+        torch.testing.assert_close(outputs(model, images), outputs(done, images), rtol=0, atol=0, msg=str(line))

@@ -557,10 +557,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             for parameter in head.parameters():
                 parameter.copy_(fake_quantize(parameter, bits))
-    _remove_injection(model, state)
-    if state.plan.layers:
-        folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
-        record_merged(model, folded)
+    with interrupts_deferred():  # removed and recorded together: a Ctrl-C between them lost what was folded in
+        _remove_injection(model, state)
+        if state.plan.layers:
+            folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
+            record_merged(model, folded)
     return wrapper
 
 
