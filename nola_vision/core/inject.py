@@ -281,11 +281,11 @@ def _undo_injection(model: nn.Module, built: Dict[str, AdaptedLinear], hooks: Li
     for handle in hooks:
         handle.remove()
     for name, adapted in built.items():
-        adapted.give_back_activation()
         if model.get_submodule(name) is adapted:
-            replace_module(model, name, adapted.base_layer)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+            _give_back(model, name, adapted)
+        else:  # not put in place: only its activation may have been taken over
+            adapted.give_back_activation()
+    _restore_requires_grad(model, requires_grad)
 
 
 def _require_trainable(model: nn.Module, head: Optional[nn.Module], train_backbone: bool) -> None:
@@ -598,26 +598,33 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
     """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state, with
     Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served."""
     with interrupts_deferred():
-        _remove_injection_now(model, state)
+        for name, layer in adapted_layers(model).items():
+            _give_back(model, name, layer)
+        for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
+            placeholder = module._modules.get("act")
+            if isinstance(placeholder, MovedActivation) and placeholder.__dict__.get("activation") is not None:
+                module.act = placeholder.activation.train(placeholder.training)
+        for handle in [*state.hooks, *_head_hooks(state)]:
+            handle.remove()
+        _restore_requires_grad(model, state.requires_grad)
+        delattr(model, STATE_ATTRIBUTE)
     return model
 
 
-def _remove_injection_now(model: nn.Module, state: AdapterState) -> None:
-    for name, layer in adapted_layers(model).items():
-        layer.give_back_activation()
-        base = layer.base_layer
-        # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
-        base.weight, base.bias = layer.weight, layer.bias
-        replace_module(model, name, base.train(layer.training))
-    for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
-        placeholder = module._modules.get("act")
-        if isinstance(placeholder, MovedActivation) and placeholder.__dict__.get("activation") is not None:
-            module.act = placeholder.activation.train(placeholder.training)
-    for handle in [*state.hooks, *_head_hooks(state)]:
-        handle.remove()
+def _give_back(model: nn.Module, name: str, layer: AdaptedLinear) -> None:
+    """Put the module ``layer`` replaced back at ``name``, with its activation (if the layer took it over)."""
+    layer.give_back_activation()
+    base = layer.base_layer
+    # The layer's live parameters: to("meta"), to_empty() and load_state_dict(assign=True) replace them.
+    base.weight, base.bias = layer.weight, layer.bias
+    replace_module(model, name, base.train(layer.training))
+
+
+def _restore_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
+    """Each parameter's ``requires_grad`` as ``flags`` recorded it before inject (a parameter it did not record
+    keeps its own)."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(state.requires_grad.get(name, parameter.requires_grad))
-    delattr(model, STATE_ATTRIBUTE)
+        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
