@@ -554,3 +554,27 @@ def test_a_ctrl_c_at_any_line_of_a_held_lock_count_leaves_no_count_behind(tmp_pa
         assert interrupted_at(code, line, lambda: nv.save_adapter(model, tmp_path / "adapter")), line
         nv.save_adapter(model, tmp_path / "adapter")  # the retry (a count left behind is dropped: no lock is held)
         assert not storage._held_locks(), line
+
+
+def test_a_nested_write_below_a_folder_this_thread_holds_shared_keeps_counting_it(tmp_path):
+    """Checked with a shared probe, the count of a folder this thread held shared was taken as stale and dropped by a
+    second write below it: a write of the folder itself then waited on this thread's own lock, for ever."""
+    import threading
+
+    nv.save_adapter(trained(0), tmp_path / "a")  # the folder has a lock file now
+    outcome = []
+
+    def nested():
+        with storage._ancestor_locks(tmp_path / "a" / "x"):
+            with storage._ancestor_locks(tmp_path / "a" / "y"):
+                pass
+            try:
+                with storage.writer_lock(tmp_path / "a"):
+                    outcome.append("written")
+            except RuntimeError as error:
+                outcome.append(str(error))
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert outcome and "from within a write of it" in outcome[0]

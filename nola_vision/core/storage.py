@@ -728,7 +728,7 @@ def writer_lock(target: Path) -> Iterator[None]:
         raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
     try:
         key = _file_key(fd)
-        if _held_by_this_thread(key, fd, fcntl.LOCK_EX):
+        if _held_by_this_thread(key, fd):
             raise RuntimeError(f"cannot write {target} from within a write of it, or of a directory inside it, in this "
                                "thread: that write holds its lock, which this one would wait for forever. Write it "
                                "after that write returns (nothing was written)")
@@ -768,16 +768,17 @@ def _held_locks() -> Counter:
     return _THREAD.locks
 
 
-def _held_by_this_thread(key: Tuple[int, int], fd: int, operation: int) -> bool:
+def _held_by_this_thread(key: Tuple[int, int], fd: int) -> bool:
     """Whether this thread holds the lock file ``key`` (``_held_locks``), checked against the lock itself: a count
     that a Ctrl-C left behind (at the first line of ``_registered``'s ``finally``, which nothing can hold it off)
-    refused every later write of that folder in the process. Where ``fd`` takes the lock at once (``operation``,
-    without waiting), nobody holds it: the count is dropped, and the lock stays taken."""
+    refused every later write of that folder in the process. Where ``fd`` takes the lock exclusively at once, nobody
+    holds it, shared or not: the count is dropped, and ``fd`` keeps the lock (a shared one held by this thread would
+    let a shared probe through, and the count go while the lock stays)."""
     held = _held_locks()
     if held[key] <= 0:
         return False
     try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held (by this thread's write, as counted), or nothing can be locked there: the count stands
         return True
     del held[key]
@@ -824,7 +825,7 @@ def _ancestor_locks(target: Path) -> Iterator[None]:
                 continue
             held.callback(os.close, fd)
             key = _file_key(fd)
-            if not _held_by_this_thread(key, fd, fcntl.LOCK_SH) and _lock_shared(fd, folder, target):
+            if not _held_by_this_thread(key, fd) and _lock_shared(fd, folder, target):
                 held.enter_context(_registered(key))
         yield
 
