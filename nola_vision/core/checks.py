@@ -14,11 +14,14 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_callable", "check_choice", "check_int",
-           "check_num_classes", "check_number", "check_path", "is_finite_number", "shown"]
+__all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_callable",
+           "check_choice", "check_int", "check_num_classes", "check_number", "check_path", "is_finite_number", "shown"]
 
 # The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
 INT64_RANGE = (-(2**63), 2**63 - 1)
+# float32's largest and smallest normal numbers (torch.finfo(torch.float32).max and .tiny), without importing torch.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 2.0**-126
 
 
 def shown(value: Any) -> str:

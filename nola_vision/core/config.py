@@ -10,7 +10,7 @@ import reprlib
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, Dict, List, Sequence, Union
 
-from .checks import check_bool, check_choice, check_int, check_number, shown
+from .checks import FLOAT32_MAX, FLOAT32_TINY, check_bool, check_choice, check_int, check_number, shown
 from .registry import METHODS, available_methods, find_method, get_method, method_of
 
 __all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
@@ -180,23 +180,20 @@ def require_nonzero(config: Any, *names: str) -> None:
     """Each field a finite, non-zero real number: a zero scale makes ΔW and every adapter gradient zero for good, and
     one below float32's smallest normal number leaves them subnormal or zero (nothing trains either)."""
     require_finite(config, *names)
-    smallest = 2.0 ** -126  # torch.finfo(torch.float32).tiny
     for name in names:
         value = getattr(config, name)
         if value == 0:
             raise ValueError(f"{_field(config, name)} is 0: ΔW and every adapter gradient would stay zero, so the "
                              "adapter could never train; use a non-zero value")
-        if abs(value) < smallest:
+        if abs(value) < FLOAT32_TINY:
             raise ValueError(f"{_field(config, name)} is {value:g}, below float32's smallest normal number "
-                             f"({smallest:.3g}): scaled by it, the factors, ΔW and every adapter gradient are "
+                             f"({FLOAT32_TINY:.3g}): scaled by it, the factors, ΔW and every adapter gradient are "
                              "subnormal or zero in float32, so the adapter could never train; use a larger value")
-        if abs(value) > _FLOAT32_MAX:
+        if abs(value) > FLOAT32_MAX:
             raise ValueError(f"{_field(config, name)} is {value:g}, beyond float32's largest number "
-                             f"({_FLOAT32_MAX:.4g}): the scaled factors would be infinite, and every output NaN; use a "
+                             f"({FLOAT32_MAX:.4g}): the scaled factors would be infinite, and every output NaN; use a "
                              "smaller value")
 
-
-_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def require_bool(config: Any, *names: str) -> None:

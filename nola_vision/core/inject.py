@@ -534,7 +534,7 @@ def unload(model: nn.Module) -> nn.Module:
     require_module(model, "unload")
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
-    state = _require_injected(model, "unload")
+    state = _require_own_adapter_state(model, "unload")
     require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))  # before any layer changes
     _remove_injection(unmerge(model), state)
     return wrapper
@@ -549,7 +549,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     require_module(model, "merge_and_unload")
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
-    state = _require_injected(model, "merge_and_unload")
+    state = _require_own_adapter_state(model, "merge_and_unload")
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
     merge(model)
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
@@ -584,7 +584,7 @@ def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:
                   UserWarning)
 
 
-def _require_injected(model: nn.Module, action: str) -> AdapterState:
+def _require_own_adapter_state(model: nn.Module, action: str) -> AdapterState:
     """The model's adapter state; refused for a model without adapters of its own, naming an injected submodule."""
     state = adapter_state(model)
     if state is None:

@@ -348,7 +348,7 @@ def merge(model: nn.Module) -> nn.Module:
     model has (e.g. ``load_adapter`` switching tasks in place) stays cheap while it is merged. Nothing is recorded
     for autograd, so the basis bank keeps the shared bases' codes, which a task switch reads again.
     """
-    _require_injected(model, "merge")
+    _require_adapted_layers(model, "merge")
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     require_stored_weights(unmerged, "merge")
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
@@ -410,9 +410,9 @@ def _require_finite_update(name: str, factors: Tuple[Tensor, Tensor]) -> None:
                      "adapter)")
 
 
-def _require_injected(model: nn.Module, action: str) -> None:
-    """Refuse ``action`` on a model without adapters: returning it unchanged would look like a merge (or unmerge)
-    that took place."""
+def _require_adapted_layers(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model that holds no adapters, its own or a submodule's (merging works through
+    wrappers): returning it unchanged would look like a merge (or unmerge) that took place."""
     require_module(model, action)
     if not is_injected(model):
         raise ValueError(f"nv.{action}: {type(model).__name__} has no nola_vision adapters (never injected, or "
@@ -468,7 +468,7 @@ def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
     happened to its trained tensors since (an optimizer step while merged)."""
-    _require_injected(model, "unmerge")
+    _require_adapted_layers(model, "unmerge")
     require_own_merged_flags(model, "unmerge")  # before any layer changes
     merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
     require_stored_weights(merged, "unmerge")

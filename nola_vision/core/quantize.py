@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .checks import as_integer
+from .checks import FLOAT32_TINY, as_integer
 
 __all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "grid_step", "head_bits",
            "pack4", "quantize", "require_bits", "unpack4"]
@@ -18,8 +18,8 @@ INTEGER_BITS = tuple(bits for bits in SUPPORTED_BITS if bits <= 8)
 QAT_BITS = INTEGER_BITS
 # The classifier head is a few thousand values: below 16 bits it keeps 8-bit codes, which cost little and keep accuracy.
 MIN_HEAD_INTEGER_BITS = 8
-# Steps below float32's smallest normal value are not held by float32 arithmetic: such ranges are coded in float64.
-_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+# Steps below float32's smallest normal value (FLOAT32_TINY) are not held by float32 arithmetic: such ranges are coded
+# in float64.
 # grid_step looks this many float32 steps either side of a computed step (a recomputed one is a few away).
 _NEAR = 32
 # Fake quantisation of values on a grid looks this many either side first (one or two away in practice), then as far
@@ -60,7 +60,7 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
     step = (maximum - minimum) / levels
     if step == 0.0:  # a constant tensor (e.g. the paper's α = 1/k init) is exact with code 0
         return torch.zeros_like(flat, dtype=torch.uint8), minimum, 0.0
-    if step < _SMALLEST_NORMAL:  # float32 cannot hold the step (values near 1e-44): in float64
+    if step < FLOAT32_TINY:  # float32 cannot hold the step (values near 1e-44): in float64
         codes = torch.round((flat.double() - minimum) / step).clamp_(0, levels).to(torch.uint8)
         return codes, minimum, step
     # At half scale, so that a range wider than float32's largest value (values near ±3e38) does not overflow;
@@ -77,11 +77,9 @@ def grid_step(values: Tensor, codes: Tensor, minimum: float, step: float) -> flo
     computed anew from the decoded maximum, may differ from the recorded one in its last digits. Values off every grid
     (trained ones) get the smallest step that decodes as ``step`` does, so training quantisation-aware (which decodes
     with ``step``) sees what the file gives back."""
-    if not step or abs(step) < _SMALLEST_NORMAL:  # a constant tensor, or a float64 range: as quantize gave them
+    if not step or abs(step) < FLOAT32_TINY:  # a constant tensor, or a float64 range: as quantize gave them
         return step
-    near = torch.tensor([step], dtype=torch.float32).view(torch.int32) + torch.arange(-_NEAR, _NEAR + 1,
-                                                                                     dtype=torch.int32)
-    candidates = [float(c) for c in near.view(torch.float32) if c >= _SMALLEST_NORMAL]
+    candidates = _steps_near(step, torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)).tolist()
     flat = values.detach().float().flatten()
     for target in (flat, dequantize(codes, minimum, step)):  # values on a grid, else what ``step`` decodes
         found = next((c for c in candidates if torch.equal(dequantize(codes, minimum, c), target)), None)
@@ -92,7 +90,7 @@ def grid_step(values: Tensor, codes: Tensor, minimum: float, step: float) -> flo
 
 def dequantize(codes: Tensor, minimum: float, step: float) -> Tensor:
     """``minimum + codes * step`` in float32, at half scale like ``quantize``: finite for every finite range."""
-    if 0.0 < abs(step) < _SMALLEST_NORMAL:  # as in quantize: in float64, then rounded once to float32
+    if 0.0 < abs(step) < FLOAT32_TINY:  # as in quantize: in float64, then rounded once to float32
         return (minimum + codes.double() * step).float()
     return (minimum / 2 + codes.float() * (step / 2)) * 2
 
@@ -153,7 +151,7 @@ def _stored_values(values: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
     its last digits, which moved some by one float32 step from the values training saw."""
     codes, minimum, step = quantize(values, bits)
     decoded = dequantize(codes, minimum, step)
-    if step and abs(step) >= _SMALLEST_NORMAL:
+    if step and abs(step) >= FLOAT32_TINY:
         flat = values.detach().float().flatten()
         off = (decoded - flat).abs().max().item()
         if 0 < off <= abs(step) * (2**bits - 1) * 2**-17:  # within a few steps' rounding of the range: on a grid
@@ -168,12 +166,17 @@ def _decoded_on_their_grid(flat: Tensor, codes: Tensor, minimum: float, step: fl
     offsets = torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)
     near = offsets.abs() <= _ON_GRID
     for ring in (offsets[near], offsets[~near]):
-        candidates = (torch.tensor([step], dtype=torch.float32).view(torch.int32) + ring).view(torch.float32)
-        candidates = candidates[candidates >= _SMALLEST_NORMAL].to(flat.device)
+        candidates = _steps_near(step, ring).to(flat.device)
         grids = (minimum / 2 + codes.float().unsqueeze(0) * (candidates.unsqueeze(1) / 2)) * 2
         if bool((grids == flat).all(dim=1).any()):
             return flat
     return decoded
+
+
+def _steps_near(step: float, offsets: Tensor) -> Tensor:
+    """The normal float32 numbers ``offsets`` (int32) float32 steps away from ``step``: the candidate grid steps."""
+    near = (torch.tensor([step], dtype=torch.float32).view(torch.int32) + offsets).view(torch.float32)
+    return near[near >= FLOAT32_TINY]
 
 
 @_fake_quantize_op.register_fake
