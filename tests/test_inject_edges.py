@@ -396,6 +396,26 @@ def test_a_model_built_under_inference_mode_is_refused_before_inject_changes_it(
         assert nv.inject(model, "lora")(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
 
 
+@pytest.mark.parametrize("method", ["lora", "nola", "linear"])
+@pytest.mark.parametrize("unload", [nv.unload, nv.merge_and_unload])
+def test_a_model_cast_inside_inference_mode_unloads_whole(method, unload):
+    # torch refused requires_grad=True on its inference tensors halfway through unload: the layers were given back,
+    # the state and most flags not, and neither unload nor inject took the model again
+    images = torch.randn(2, 3, 32, 32)
+    plain = tiny_vit()
+    model = as_if_trained(nv.inject(copy.deepcopy(plain), method), adapters_only=True)
+    with torch.no_grad():
+        expected = unload(copy.deepcopy(model).half())(images.half())
+    with torch.inference_mode():
+        model.half()
+    unload(model)
+    assert adapter_state(model) is None and not nv.adapted_layers(model)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == {
+        name: p.requires_grad for name, p in plain.named_parameters()}
+    with torch.inference_mode():
+        assert torch.equal(model(images.half()), expected)
+
+
 @pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2, targets=["attn.qkv"]), nv.NOLAConfig(**SMALL_NOLA),
                                     nv.NOLAConfig(**SMALL_NOLA, basis="per_layer")], ids=["lora", "nola", "per_layer"])
 def test_inject_under_a_meta_default_device_adapts_the_model_as_anywhere_else(config):

@@ -622,9 +622,11 @@ def _give_back(model: nn.Module, name: str, layer: AdaptedLinear) -> None:
 
 def _restore_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
     """Each parameter's ``requires_grad`` as ``flags`` recorded it before inject (a parameter it did not record
-    keeps its own)."""
+    keeps its own). An inference tensor (a cast made inside ``torch.inference_mode()``) takes it there, where alone
+    torch lets it be set."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        with torch.inference_mode(parameter.is_inference()):
+            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
 
 
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
