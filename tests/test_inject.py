@@ -1,5 +1,6 @@
 """inject, counts, init, slices, recomputation and bases on timm ViTs, beyond the method matrix's contract."""
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -492,3 +493,32 @@ def test_adapters_made_or_moved_on_the_meta_device_are_not_taken_for_values_afte
     model.load_state_dict(trained.state_dict())  # the adapter tensors with the weights: values again
     with torch.no_grad():
         assert torch.equal(model(images), trained(images))
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_tensors_passed_to_a_meta_copy_or_written_after_to_empty_are_values_but_to_empty_s_own_are_not(method,
+                                                                                                        images):
+    # torch.func's ensembling recipe runs a meta copy of the model over each model's tensors; the copy's "unset"
+    # mark refused those passed-in values, and values copied by hand into to_empty()'s tensors
+    from torch.func import functional_call, stack_module_state, vmap
+
+    config = nv.NOLAConfig(num_basis_a=8, num_basis_b=8) if method == "nola" else nv.LoRAConfig(rank=2)
+    models = [as_if_trained(nv.inject(tiny_vit(), config), seed=seed).eval() for seed in (0, 1)]
+    parameters, buffers = stack_module_state(models)
+    meta_copy = copy.deepcopy(models[0]).to("meta")
+    with torch.no_grad():
+        outputs = vmap(lambda p, b, x: functional_call(meta_copy, (p, b), (x,)), in_dims=(0, 0, None))(
+            parameters, buffers, images)
+        for model, output in zip(models, outputs):
+            torch.testing.assert_close(output, model(images), rtol=1e-5, atol=1e-5)
+    emptied = copy.deepcopy(meta_copy).to_empty(device="cpu")
+    copies = (copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model)))  # a copy's versions count afresh
+    for unset in (emptied, *(make(emptied) for make in copies), copy.deepcopy(emptied).to(torch.float64).float()):
+        with pytest.raises(ValueError, match="was made on the meta device"):
+            unset(images)
+    with torch.no_grad():
+        for target, source in zip([*emptied.parameters(), *emptied.buffers()],
+                                  [*models[1].parameters(), *models[1].buffers()]):
+            target.copy_(source)
+        for written in (emptied, *(make(emptied) for make in copies)):
+            assert torch.equal(written(images), models[1](images))

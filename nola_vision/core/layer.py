@@ -134,6 +134,11 @@ class AdaptedLinear(nn.Module):
     # Whether the layer was made on the meta device and its adapter tensors got no values since (a load_state_dict
     # holding them, load_adapter): to_empty() gives them uninitialised memory, which no pass may compute with.
     values_unset: bool = False
+    # While ``values_unset``, the adapter tensors that to_empty() (or a later move) made from the meta ones, by name,
+    # with their version counters: these very tensors, unwritten since, hold no values; others passed in their place
+    # (torch.func.functional_call) do, and so do these once written in place. None in layers pickled before it was
+    # kept, whose every materialised tensor counts as unset.
+    unset_tensors: Optional[Dict[str, Tuple[Tensor, Optional[int]]]] = None
     # What take_activation() left at ``mlp.act``; None where nothing is taken over (and in layers pickled before it
     # was kept, which then go unchecked).
     activation_placeholder: Optional[nn.Module] = None
@@ -168,6 +173,7 @@ class AdaptedLinear(nn.Module):
         self.register_buffer(MERGED_FLAG, torch.zeros((), dtype=torch.uint8, device=base.weight.device))
         self.merged = False
         self.values_unset = base.weight.is_meta
+        self.unset_tensors = {}
         # Set by take_activation() for an mlp.fc2 whose activation was moved here to be recomputed in backward.
         self.input_activation: Optional[nn.Module] = None
         # The Mlp whose ``act`` that is, outside the module tree (it is this layer's parent).
@@ -377,10 +383,15 @@ class AdaptedLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
-        # The unmerged record's stamp names this weight's storage: the copy stamps its own (``__setstate__``).
+        # The unmerged record's stamp names this weight's storage: the copy stamps its own (``__setstate__``), and
+        # marks its own unset tensors (a copy's version counters start afresh).
+        unset = None if self.unset_tensors is None else [
+            name for name, value in self.adapter_parameters().items()
+            if self.values_unset and self._holds_no_values(name, value)]
         return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
                 "_pending_passes": 0, "_reading": None, "_merged_flag_version": None, "_unmerged_record": None,
-                "_copied_unmerged_record": self.unmerged_record}
+                "_copied_unmerged_record": self.unmerged_record, "unset_tensors": None if unset is None else {},
+                "_copied_unset_names": unset}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -392,6 +403,9 @@ class AdaptedLinear(nn.Module):
         self._note_merged_flag()  # a copy's flag is a new tensor, its version counted afresh
         # a copy's weight holds the values the record was valid for (a copy fingerprinted weight − ΔW instead)
         self.unmerged_record = self.__dict__.pop("_copied_unmerged_record", None)
+        unset = self.__dict__.pop("_copied_unset_names", None)
+        if unset:
+            self.unset_tensors = {name: (getattr(self, name), _version_of(getattr(self, name))) for name in unset}
 
     @property
     def merged(self) -> bool:
@@ -511,7 +525,7 @@ class AdaptedLinear(nn.Module):
             if reading is not None:
                 return reading[name]
             value = getattr(self, name)
-            if self.values_unset and not value.is_meta:
+            if self.values_unset and self._holds_no_values(name, value):
                 raise ValueError(f"{type(self).__name__} adapter tensor {name} was made on the meta device (inject "
                                  "there) and has been given no values since, so after to_empty() it holds "
                                  "uninitialised memory: load an adapter (nv.load_adapter, or a state dict holding its "
@@ -959,14 +973,32 @@ class AdaptedLinear(nn.Module):
     def holds_unset_values(self) -> bool:
         """Whether the adapter tensors hold uninitialised memory: made (or moved) on the meta device and given no
         values since, then materialised (``to_empty()``); on the meta device they hold nothing to compute with."""
-        return self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values())
+        return self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values()) and any(
+            self._holds_no_values(name, value) for name, value in self.adapter_parameters().items())
+
+    def _holds_no_values(self, name: str, value: Tensor) -> bool:
+        """Whether ``value``, used as adapter tensor ``name`` of a layer whose values are unset, is one that to_empty()
+        made, unwritten since: a tensor passed in its place (functional_call over a meta copy of the model) holds its
+        own values, and one written in place (``copy_``) has been given them."""
+        if value.is_meta:
+            return False
+        if self.unset_tensors is None:
+            return True
+        marked, version = self.unset_tensors.get(name, (None, None))
+        return marked is value and _version_of(value) == version
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AdaptedLinear:
         """``Module._apply`` (``.to()``, ``to_empty()``, ...), marking the adapter tensors unset once moved to the meta
-        device: they hold no values there, nor after a later ``to_empty()``."""
+        device: they hold no values there, nor after a later ``to_empty()``, which makes the tensors it marks."""
+        unset = [name for name, value in self.adapter_parameters().items()
+                 if self.values_unset and (value.is_meta or self._holds_no_values(name, value))]
         module = super()._apply(fn, recurse)
-        if any(parameter.is_meta for parameter in self.adapter_parameters().values()):
+        parameters = self.adapter_parameters()
+        if any(parameter.is_meta for parameter in parameters.values()):
             self.values_unset = True
+            self.unset_tensors = {}
+        elif unset:
+            self.unset_tensors = {name: (parameters[name], _version_of(parameters[name])) for name in unset}
         self._hold_merged_tensors()  # where the conversion made new parameter objects, those are the merged ones
         self._note_merged_flag()
         return module
@@ -1130,6 +1162,11 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
     """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
+
+
+def _version_of(tensor: Tensor) -> Optional[int]:
+    """The tensor's version counter, which in-place writes advance; None for an inference tensor, which has none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 STATE_ATTRIBUTE = "nola_adapter"  # the attribute ``nv.inject`` gives the model it adapts (its ``AdapterState``)
