@@ -180,3 +180,31 @@ def test_a_nola_rank_above_the_layer_warns_of_what_it_costs_nola():
     with pytest.warns(UserWarning, match=r"rank=100 is above min\(in, out\)=64: .* only makes each random basis "
                                          r"larger \(memory and compute; the k \+ l trained values stay as they are\)"):
         nv.inject(tiny_vit(), nv.NOLAConfig(rank=100, num_basis_a=8, num_basis_b=8))
+
+
+@pytest.mark.parametrize("outer", ["linear", "full"])
+@pytest.mark.parametrize("inner", ["nola", "lora"])
+def test_a_submodule_injected_inside_a_linear_probe_or_full_fine_tuning_is_refused_by_the_outer_model(outer, inner,
+                                                                                                      tmp_path):
+    # these outer methods adapt no layer in the block, so the inner inject was taken; save_adapter then wrote the
+    # inner layers' tensors under the outer method (a file no model loaded), and unload stripped the inner layers
+    # while leaving their state and hooks on the block
+    model = nv.inject(tiny_vit(), outer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nv.inject(model.blocks[0], inner)
+    refusal = (rf"the model holds adapters its '{outer}' injection did not make \(its submodule blocks.0 was "
+               r"injected on its own\): one model carries one injection; "
+               r"nv.unload\(model.get_submodule\('blocks.0'\)\)")
+    with pytest.raises(ValueError, match=refusal):
+        nv.save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    for unload in (nv.unload, nv.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"nv.{unload.__name__}: " + refusal):
+            unload(model)
+    assert nv.adapted_layers(model) and all(name.startswith("blocks.0.") for name in nv.adapted_layers(model))
+    nv.unload(model.blocks[0])
+    nv.save_adapter(model, tmp_path / "adapter")
+    assert nv.load_adapter(tiny_vit(), tmp_path / "adapter") is not None
+    nv.unload(model)
+    assert not nv.adapted_layers(model)

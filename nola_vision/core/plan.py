@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from .basis import BasisSpec, fingerprint
 from .checks import check_bool
 from .config import AdapterConfig, as_config, resolve_adapter
-from .layer import Slice, adapted_layers
+from .layer import STATE_ATTRIBUTE, Slice, adapted_layers
 from .registry import method_of
 from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
 from .warn import warn_user
@@ -123,6 +123,7 @@ class InjectionPlan:
         """``require_same_head``, and raise unless every other trained tensor still has its planned shape: a parameter
         replaced after inject (``layer.nola_beta = nn.Parameter(...)``) would be saved in a file no model loads, or
         fail a load halfway through copying a file's tensors into the model."""
+        self.require_own_adapters(model)
         self.require_same_head(model)
         shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
         changed = [f"{name} has {shapes.get(name, 'no parameter')}, injected as {shape}"
@@ -132,6 +133,22 @@ class InjectionPlan:
             raise ValueError(f"{len(changed)} trained tensor(s) changed after inject ({'; '.join(changed[:3])}"
                              f"{'; ...' if len(changed) > 3 else ''}): give them back their shapes, or re-inject "
                              "(nv.unload(model), then nv.inject(model, config))")
+
+    def require_own_adapters(self, model: nn.Module) -> None:
+        """Raise if ``model`` holds adapters this plan did not make: a submodule injected on its own after the model
+        was (a linear probe or full fine-tuning adapts no layer there to refuse it). Files, counts and unload would
+        take its layers for this injection's, in a file no model loads."""
+        nested = next((name for name, module in model.named_modules() if name and hasattr(module, STATE_ATTRIBUTE)),
+                      None)
+        foreign = sorted(set(adapted_layers(model)) - set(self.layers))
+        if nested is None and not foreign:
+            return
+        listed = f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+        where = (f"its submodule {nested} was injected on its own" if nested is not None else
+                 f"layer(s) {listed} are adapted, which it did not adapt")
+        fix = f"nv.unload(model.get_submodule({nested!r})) first" if nested is not None else "re-inject a fresh model"
+        raise ValueError(f"the model holds adapters its {self.config.method!r} injection did not make ({where}): "
+                         f"one model carries one injection; {fix}")
 
     def require_same_head(self, model: nn.Module) -> None:
         """Raise unless the model's classifier head has the parameters (names, shapes) this plan was made for:
