@@ -122,3 +122,15 @@ def test_a_quantisation_table_that_is_no_object_is_refused_by_name(tmp_path, tab
     resealed_weights(tmp_path, lambda tensors: None, metadata_update={"quantization": table})
     with pytest.raises(AdapterLoadError, match="quantisation table is a JSON (int|list|str), not an object"):
         nv.load_adapter(tiny_vit(), tmp_path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_stored_in_more_than_one_dimension_are_refused(tmp_path, bits):
+    # 4-bit codes re-packed as a (2, n) tensor unpacked in another order and loaded silently wrong
+    model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path, bits=bits)
+    name = "blocks.0.attn.qkv.lora_A"
+    resealed_weights(tmp_path, lambda tensors: tensors.update({name: tensors[name].reshape(2, -1)}))
+    with pytest.raises(AdapterLoadError, match=rf"tensor {name}'s {bits}-bit codes have shape \(2, \d+\), but codes "
+                                               r"are stored flat"):
+        nv.load_adapter(tiny_vit(), tmp_path)

@@ -864,6 +864,10 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
             if stored.dtype != torch.uint8:
                 raise AdapterLoadError(f"tensor {name} is stored as {stored.dtype}, but its quantisation entry says "
                                        f"{bits}-bit codes, which are stored as uint8 (the file was edited or damaged)")
+            if stored.dim() != 1:  # unpacked in the order save_adapter wrote them: flat
+                raise AdapterLoadError(f"tensor {name}'s {bits}-bit codes have shape {tuple(stored.shape)}, but codes "
+                                       "are stored flat, in one dimension, as save_adapter writes them (the file was "
+                                       "edited or damaged)")
             stored_numel = (numel + 1) // 2 if bits == 4 else numel
             if stored.numel() != stored_numel:
                 what = f"two 4-bit codes a byte: {stored_numel} bytes" if bits == 4 else f"{numel} codes"
