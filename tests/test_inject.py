@@ -408,10 +408,23 @@ def test_hooks_on_a_layer_inject_replaces_are_named_in_a_warning_and_come_back_w
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == []
-    nv.unload(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inject's own hooks on the layers are no concern of the user's
+        nv.unload(model)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("unload", [nv.unload, nv.merge_and_unload])
+def test_unload_warns_of_the_hooks_registered_on_adapted_layers_which_it_drops(unload):
+    # inject's warning says to register hooks on the adapted layer; unload dropped those without a word
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    model.blocks[1].mlp.fc2.register_forward_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"unload drops the hooks registered on blocks\.1\.mlp\.fc2 after inject: "
+                                         r"they were on the adapted layers.*Register them again on "
+                                         r"model.get_submodule\(name\)"):
+        unload(model)
 
 
 def test_inject_into_a_compiled_model_adapts_the_module_it_runs(tmp_path):

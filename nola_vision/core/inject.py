@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .checks import check_bool
 from .config import AdapterConfig
 from .fingerprint import record_merged, running_statistics
 from .interrupts import all_or_nothing, interrupts_deferred
-from .layer import STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
+from .layer import HOOK_KINDS, STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
     checkpointed_models,
     combine_shared_factors,
@@ -591,6 +591,10 @@ def _require_own_adapter_state(model: nn.Module, action: str) -> AdapterState:
         refuse_wrapped_adapters(model, f"call nv.{action}(model.get_submodule({{inner!r}}))")
         raise ValueError(f"nv.{action}: {type(model).__name__} has no nola_vision adapters (never injected, or already "
                          "unloaded); call nv.inject or nv.load_adapter first")
+    try:
+        state.plan.require_own_adapters(model)
+    except ValueError as error:
+        raise ValueError(f"nv.{action}: {error}") from None
     return state
 
 
@@ -598,7 +602,9 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
     """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state, with
     Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served."""
     with interrupts_deferred():
-        for name, layer in adapted_layers(model).items():
+        layers = adapted_layers(model)
+        _warn_of_dropped_hooks(layers, {handle.id for handle in state.hooks})
+        for name, layer in layers.items():
             _give_back(model, name, layer)
         for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
             placeholder = module._modules.get("act")
@@ -609,6 +615,17 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
         _restore_requires_grad(model, state.requires_grad)
         delattr(model, STATE_ATTRIBUTE)
     return model
+
+
+def _warn_of_dropped_hooks(layers: Dict[str, AdaptedLinear], own: Set[int]) -> None:
+    """Warn of hooks registered on adapted layers (other than inject's ``own``): unload gives back the layers they
+    adapted, so the hooks no longer run."""
+    hooked = [name for name, layer in layers.items()
+              if any(key not in own for kind in HOOK_KINDS for key in getattr(layer, kind))]
+    if hooked:
+        warn_user(f"unload drops the hooks registered on {', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} "
+                  "after inject: they were on the adapted layers, which unload replaces by the layers they adapted. "
+                  "Register them again on model.get_submodule(name)", UserWarning)
 
 
 def _give_back(model: nn.Module, name: str, layer: AdaptedLinear) -> None:

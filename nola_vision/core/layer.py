@@ -31,8 +31,8 @@ from .interrupts import interrupts_deferred
 from .quantize import fake_quantize
 from .warn import warn_user
 
-__all__ = ["IDENTITY_KEY", "MERGED_FLAG", "STATE_ATTRIBUTE", "AdaptedLinear", "Slice", "adapted_layers", "as_factors",
-           "full_precision", "has_hooks", "is_injected"]
+__all__ = ["HOOK_KINDS", "IDENTITY_KEY", "MERGED_FLAG", "STATE_ATTRIBUTE", "AdaptedLinear", "Slice", "adapted_layers",
+           "as_factors", "full_precision", "has_hooks", "is_injected"]
 
 Slice = Tuple[int, int]
 # A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)
@@ -43,10 +43,13 @@ MERGED_FLAG = "adapter_merged"
 IDENTITY_KEY = "_extra_state"
 
 
+# The dicts of a module's own hooks, by hook id.
+HOOK_KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether the module itself carries forward or backward hooks (global hooks aside)."""
-    return any(getattr(module, kind) for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                  "_backward_pre_hooks"))
+    return any(getattr(module, kind) for kind in HOOK_KINDS)
 
 
 def full_precision(device: torch.device) -> ContextManager[None]:
