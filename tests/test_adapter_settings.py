@@ -226,6 +226,24 @@ def test_a_file_loads_onto_a_model_injected_with_the_same_targets_in_another_ord
         nv.load_adapter(nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q"])), tmp_path)
 
 
+@pytest.mark.parametrize("config, same", [
+    (nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, scale=2.0),
+     dict(scale=2, init="zero_delta", recompute_activation=False)),
+    (nv.LoRAConfig(rank=2, alpha=4.0), dict(alpha=4, seed=7, recompute_activation=False)),
+], ids=["nola", "lora"])
+def test_a_file_loads_onto_a_model_whose_config_differs_only_in_what_shapes_training(config, same, tmp_path):
+    # a task switch was refused for init, recompute_activation or LoRA's seed, which give the same update
+    trained = as_if_trained(nv.inject(tiny_vit(), config), 1, scale=0.3)
+    nv.save_adapter(trained, tmp_path, bits=32)
+    injected = nv.inject(tiny_vit(), dataclasses.replace(config, **same))
+    assert torch.equal(logits(nv.load_adapter(injected, tmp_path)), logits(trained))
+    assert config.same_update(dataclasses.replace(config, **same))
+    for other in (dict(seed=3) if isinstance(config, nv.NOLAConfig) else dict(alpha=2.0), dict(rank=4)):
+        assert not config.same_update(dataclasses.replace(config, **other))
+        with pytest.raises(AdapterLoadError, match="model already has adapters with config"):
+            nv.load_adapter(nv.inject(tiny_vit(), dataclasses.replace(config, **other)), tmp_path)
+
+
 def test_a_file_whose_head_had_no_bias_names_the_head_not_a_file_cut_short(tmp_path):
     # was "adapter_model.safetensors lacks tensors ['head.bias']; the file is incomplete"
     model = tiny_vit()

@@ -154,6 +154,24 @@ def test_a_task_that_does_not_fit_the_graph_is_refused_naming_the_fix(tmp_path):
         nv.onnx_task_inputs(_task(config(), tmp_path / "fits", 0), merged)
 
 
+@pytest.mark.parametrize("graph_config, task_config", [
+    (nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, scale=1.0, targets=["attn.q", "mlp.fc1"]),
+     nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, scale=1, targets=["mlp.fc1", "attn.q"], init="zero_delta",
+                   recompute_activation=False)),
+    (nv.LoRAConfig(rank=2, alpha=8.0), nv.LoRAConfig(rank=2, alpha=8, seed=7)),
+], ids=["nola", "lora"])
+def test_a_task_whose_config_gives_the_same_update_fits_the_graph(graph_config, task_config, images, tmp_path):
+    # the configs were compared as JSON text: scale 1 against 1.0, targets in another order, and fields that shape
+    # training alone (init, recompute_activation, LoRA's seed) refused the task ("export a graph from a model with that
+    # config")
+    path = nv.export_onnx(nv.inject(tiny_vit(), graph_config), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = _task(task_config, tmp_path / "task", 1, bits=32)
+    logits = _session(path).run(None, {"images": images[:2].numpy(), **nv.onnx_task_inputs(task, path)})[0]
+    assert (torch.from_numpy(logits) - _merged_logits(task, images[:2])).abs().max() <= 1e-4
+    with pytest.raises(nv.AdapterLoadError, match="its config is .*export a graph from a model with that config"):
+        nv.onnx_task_inputs(_task(replace(task_config, rank=4), tmp_path / "rank", 1), path)
+
+
 def test_task_input_export_refuses_what_one_graph_cannot_serve(tmp_path):
     per_layer = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, basis="per_layer", targets=["mlp.fc1"])
     cases = [(nv.inject(tiny_vit(), per_layer), "basis='shared'"),

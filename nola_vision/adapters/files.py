@@ -1117,7 +1117,7 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
         raise AdapterLoadError(f"the file says method {document['method']!r} but its config is {config.method!r}")
     state = adapter_state(model)
     if state is not None:
-        if _in_target_order(state.config_dict()) != _in_target_order(document["config"]):
+        if not state.config.same_update(config):
             raise AdapterLoadError(f"model already has adapters with config {state.config_dict()}, the file has "
                                    f"{document['config']}; load onto a fresh model")
         return state.plan
@@ -1125,15 +1125,6 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
         return plan_injection(model, config, warn=False)  # the file's sizes: its trainer was told
     except ValueError as error:
         raise AdapterLoadError(f"adapter targets do not fit this model: {error}") from error
-
-
-def _in_target_order(config: Any) -> Any:
-    """``config`` with its targets sorted: their order selects nothing (``find_targets`` sorts each layer's slices),
-    so a model injected with the same targets in another order holds the same adapters."""
-    targets = config.get("targets") if isinstance(config, dict) else None
-    if not isinstance(targets, list) or not all(isinstance(target, str) for target in targets):
-        return config
-    return {**config, "targets": sorted(targets)}
 
 
 def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:

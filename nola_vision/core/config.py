@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import reprlib
 from dataclasses import asdict, fields
-from typing import Any, ClassVar, Dict, List, Sequence, Union
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Union
 
 from .checks import FLOAT32_MAX, FLOAT32_TINY, check_bool, check_choice, check_int, check_number, shown
 from .registry import METHODS, available_methods, find_method, get_method, method_of
@@ -26,9 +26,18 @@ class AdapterConfig:
     train_backbone: ClassVar[bool] = False
     targets: Sequence[str] = ()
     recompute_activation: bool = False
+    # Fields that shape training alone (initial values, memory), never the update that trained tensors give: a task
+    # trained with other values of them loads into, and is served by, a model injected with these.
+    training_only: ClassVar[Tuple[str, ...]] = ("recompute_activation",)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
+
+    def same_update(self, other: AdapterConfig) -> bool:
+        """Whether trained tensors give the same update under ``other`` as under this config: the same method and
+        settings, up to the order of targets (it selects nothing: each layer's slices are sorted), ``1`` for ``1.0``
+        and the ``training_only`` fields."""
+        return _update_settings(self) == _update_settings(other)
 
     def serialize(self) -> Union[str, Dict[str, Any]]:
         """The config as adapter files and hyper-parameters store it."""
@@ -37,6 +46,11 @@ class AdapterConfig:
     def describe(self) -> str:
         """A short human description (tables, logs)."""
         return self.method
+
+
+def _update_settings(config: AdapterConfig) -> Dict[str, Any]:
+    settings = {key: value for key, value in config.to_dict().items() if key not in type(config).training_only}
+    return {**settings, "targets": sorted(settings.get("targets") or ())}
 
 
 def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:

@@ -531,6 +531,15 @@ def _graph_metadata(model: nn.Module) -> Dict[str, str]:
     return metadata
 
 
+def _same_update(graph_config: Optional[str], task_config: Any) -> bool:
+    """Whether a task's config gives its tensors the update the graph's does (``AdapterConfig.same_update``)."""
+    try:
+        return graph_config is not None and config_from_dict(json.loads(graph_config)).same_update(
+            config_from_dict(task_config))
+    except (TypeError, ValueError):  # not a config this library reads: it cannot fit
+        return False
+
+
 def _canonical(config: Any) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
@@ -667,7 +676,8 @@ def _check_task_fits(document: dict, graph: _GraphInfo, directory: Path) -> None
     for key, value in task.items():
         if key == "basis_fingerprint" and "layers" in meta:  # graphs exported before it was recorded: unchecked
             _check_layer_sizes(document["layers"], json.loads(meta["layers"]), directory)
-        if meta.get(key) != value:
+        fits = _same_update(meta.get(key), document["config"]) if key == "config" else meta.get(key) == value
+        if not fits:
             raise AdapterLoadError(f"task {directory} does not fit the graph: its {key} is {value}, the graph's is "
                                    f"{meta.get(key)}; {fixes[key]}")
     if "pooling" in document and "pooling" in meta:  # either may predate the field: then unchecked

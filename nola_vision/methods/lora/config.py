@@ -35,6 +35,7 @@ class LoRAConfig(AdapterConfig):
     recompute_activation: bool = True
 
     method = "lora"
+    training_only = ("seed", "recompute_activation")  # the seed draws A's initial values only
 
     def __post_init__(self) -> None:
         self.targets = as_target_list(self.targets)

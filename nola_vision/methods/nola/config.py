@@ -48,6 +48,7 @@ class NOLAConfig(AdapterConfig):
     recompute_activation: bool = True
 
     method = "nola"
+    training_only = ("init", "recompute_activation")
 
     def __post_init__(self) -> None:
         self.targets = as_target_list(self.targets)
