@@ -254,3 +254,23 @@ def test_a_file_whose_head_had_no_bias_names_the_head_not_a_file_cut_short(tmp_p
         nv.load_adapter(tiny_vit(), tmp_path)
     with pytest.raises(AdapterLoadError, match=message):
         nv.MultiTaskModel(tiny_vit()).add_task("t", tmp_path)
+
+
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2), nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)],
+                         ids=["lora", "nola"])
+def test_a_layer_whose_scaling_changed_after_inject_is_neither_saved_nor_switched(config, tmp_path):
+    # save_adapter recorded the config's scaling, so the file loaded as another update (0.2 off in the logits), and
+    # a load onto such a model kept the edited scaling; a state dict load refused it already
+    trained = as_if_trained(nv.inject(tiny_vit(), config), 1, scale=0.3)
+    nv.save_adapter(trained, tmp_path / "good", bits=32)
+    name, layer = next(iter(nv.adapted_layers(trained).items()))
+    layer.scaling *= 3
+    message = rf"adapted layer {name} changed after inject \(scaling is {layer.scaling!r}, injected as " \
+              rf"{layer.scaling / 3!r}\): adapter files record the config's values"
+    with pytest.raises(ValueError, match=message):
+        nv.save_adapter(trained, tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(trained, tmp_path / "good")
+    layer.scaling /= 3
+    assert torch.equal(logits(nv.load_adapter(trained, tmp_path / "good")), logits(trained))

@@ -238,6 +238,19 @@ def test_a_backbone_moved_to_another_dtype_gets_its_tasks_in_that_dtype(adapters
         assert value.dtype == torch.bfloat16 and (value.float() - expected).abs().max() < 0.05
 
 
+def test_a_float64_backbone_serves_each_task_as_its_float64_merged_model(adapters, images):
+    # the served updates were computed in float32 (7e-8 off) where load_adapter computes them in float64
+    tasks = ["nola_mlp", "lora_qv", "nola_qv", "nola_per_layer"]
+    model = nv.MultiTaskModel(tiny_vit().double())
+    for name in tasks:
+        model.add_task(name, adapters[name])
+    with torch.no_grad():
+        for name in tasks:
+            reference = nv.merge(nv.load_adapter(tiny_vit(num_classes=TASKS[name][1]).double(), adapters[name]))
+            logits = torch.stack(model(images.double(), name))
+            assert (logits - reference(images.double())).abs().max() < 1e-12
+
+
 def test_calls_from_several_threads_each_get_their_own_tasks_logits(adapters, images):
     # The layers' per-call task state belongs to one call at a time: without that, a thread's images were answered
     # with another thread's task factors (a quarter to nine tenths of the calls, no error).

@@ -235,7 +235,8 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
         # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
         with torch.inference_mode(False):
             built[name] = layer_cls(base, config, name, layer.slices, **context).train(base.training)
-            _match_float64(built[name])
+            built[name].follow_float64_weight()
+            built[name].note_injected_identity()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     hooks: List[RemovableHandle] = []
     with all_or_nothing("nv.inject") as undo:  # the model wholly adapted, or (an error, Ctrl-C part-way) as it was
@@ -563,15 +564,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
             record_merged(model, folded)
     return wrapper
-
-
-def _match_float64(layer: AdaptedLinear) -> None:
-    """Give a float64 layer's adapter tensors float64, as inject-then-``.double()`` would: float32 ones would round
-    every update and gradient of a model cast to float64 first."""
-    if layer.weight.dtype == torch.float64:
-        for parameter in layer.adapter_parameters().values():
-            if parameter.is_floating_point():
-                parameter.data = parameter.data.to(torch.float64)
 
 
 def _warn_about_hooks(model: nn.Module, names: List[str]) -> None:

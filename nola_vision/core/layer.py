@@ -119,7 +119,9 @@ class AdaptedLinear(nn.Module):
       ``get_delta_weight()``,
       and calls ``merge()``, ``unmerge()``, ``replace_merged_delta()``, ``keep_batched_factors()``,
       ``release_batched_factors()`` and ``forget_pending_passes()``;
-    * inject calls ``take_activation()`` and unload ``give_back_activation()``; model-level code reads
+    * inject calls ``follow_float64_weight()`` (so does the multi-task model), ``note_injected_identity()`` and
+      ``take_activation()``, and unload ``give_back_activation()``;
+      files call ``require_injected_identity()``; model-level code reads
       ``input_activation`` and sets ``quant_bits`` (quantisation-aware training),
       ``batched_factors`` and ``batched_cast`` (shared-basis batching, one forward pass at a time: the layer's
       ``delta_factors()``, and those in autocast's dtype) and ``unmerged_record`` (the
@@ -1014,6 +1016,32 @@ class AdaptedLinear(nn.Module):
                 "scaling": float(self.scaling),
                 "bases": [[spec.seed, spec.stream, list(spec.shape), spec.count] for spec in self.basis_specs()],
                 "quant_bits": self.quant_bits}
+
+    def follow_float64_weight(self) -> None:
+        """Give a float64 layer's adapter tensors float64, as inject-then-``.double()`` would: float32 ones would
+        round every update and gradient of a model cast to float64 first."""
+        if self.weight.dtype == torch.float64:
+            for parameter in self.adapter_parameters().values():
+                if parameter.is_floating_point():
+                    parameter.data = parameter.data.to(torch.float64)
+
+    def note_injected_identity(self) -> None:
+        """Record the update identity inject made the layer with (its quantisation-aware bits aside, which
+        ``set_quantization_aware`` changes): ``require_injected_identity`` compares against it."""
+        self.__dict__["injected_identity"] = {k: v for k, v in self.identity().items() if k != "quant_bits"}
+
+    def require_injected_identity(self, name: str) -> None:
+        """Raise if the layer's update identity changed after inject (``layer.scaling *= 2``): files record the
+        config's values, so its tensors would save, or switch in, as another update than the model computes."""
+        injected = self.__dict__.get("injected_identity")  # None in layers pickled before it was recorded
+        current = self.identity()
+        changed = [f"{key} is {current[key]!r}, injected as {value!r}" for key, value in (injected or {}).items()
+                   if current.get(key) != value]
+        if changed:
+            raise ValueError(f"adapted layer {name} changed after inject ({'; '.join(changed)}): adapter files record "
+                             "the config's values, so its tensors would save or load as another update than the "
+                             "model computes; set it back, or re-inject with a config that gives it (nv.unload(model), "
+                             "then nv.inject(model, config))")
 
     def get_extra_state(self) -> Tensor:
         """The layer's ``identity()`` as JSON bytes in a uint8 tensor: a state dict then says what its adapter tensors

@@ -124,6 +124,8 @@ class InjectionPlan:
         replaced after inject (``layer.nola_beta = nn.Parameter(...)``) would be saved in a file no model loads, or
         fail a load halfway through copying a file's tensors into the model."""
         self.require_own_adapters(model)
+        for name, layer in adapted_layers(model).items():
+            layer.require_injected_identity(name)
         self.require_same_head(model)
         shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
         changed = [f"{name} has {shapes.get(name, 'no parameter')}, injected as {shape}"

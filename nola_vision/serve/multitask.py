@@ -497,6 +497,7 @@ class MultiTaskModel(nn.Module):
             for layer_name, plan in task.plan.layers.items():
                 layer = layer_cls(self.model.get_submodule(layer_name), config, layer_name, plan.slices,
                                   **self._contexts[layer_cls])
+                layer.follow_float64_weight()  # a float64 backbone's updates in float64, as inject computes them
                 for parameter_name, parameter in layer.adapter_parameters().items():
                     parameter.copy_(values[f"{layer_name}.{parameter_name}"])
                 layers.append((name, layer_name, layer))
