@@ -344,6 +344,13 @@ def test_files_of_a_merged_model_whose_adapter_changed_since_the_merge_are_refus
     model = _adapted(key)
     nv.merge(model)
     nv.save_adapter(model, tmp_path / "unchanged", bits=32)  # merged, unchanged: the file is what the model computes
+    stepped = copy.deepcopy(model)
+    with torch.no_grad():  # an EMA-sized step: within one bfloat16 step of the merged values, which a tolerance passed
+        for name, parameter in stepped.named_parameters():
+            if name.endswith(("nola_alpha", "nola_beta", "lora_A", "lora_B")):
+                parameter.mul_(1.005)
+    with pytest.raises(ValueError, match="changed since nv.merge"):
+        nv.save_adapter(stepped, tmp_path / "stepped", bits=32)
     model.half()
     nv.save_adapter(model, tmp_path / "unchanged_half", bits=32)  # cast after the merge: the same values
     model.bfloat16().float()  # and back: rounded, not changed

@@ -458,11 +458,18 @@ def require_current_merge(model: nn.Module, action: str) -> None:
 
 
 def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
-    """Whether ``current`` is ``merged`` up to the rounding of casts (a model cast to half or bfloat16 and back after
-    the merge): each value within one bfloat16 step (2⁻⁷ of its size, the coarsest float dtype's), or within float16's
-    smallest step near 0."""
-    merged, current = merged.to(device=current.device, dtype=torch.float64), current.to(torch.float64)
-    return bool(((current - merged).abs() <= 2**-7 * merged.abs() + 2**-24).all())
+    """Whether ``current`` is exactly ``merged`` cast to its dtype, maybe by way of one or both 16-bit dtypes (a model
+    cast to half, then bfloat16, then back after the merge). A small step (an EMA update of 0.5 %) is no cast: it
+    passed a tolerance of one bfloat16 step."""
+    merged = merged.to(current.device)
+    for route in ((), (torch.bfloat16,), (torch.float16,), (torch.float16, torch.bfloat16),
+                  (torch.bfloat16, torch.float16)):
+        cast = merged
+        for dtype in (*route, current.dtype):
+            cast = cast.to(dtype)
+        if torch.equal(cast, current):
+            return True
+    return False
 
 
 def unmerge(model: nn.Module) -> nn.Module:
