@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nola_vision.data import FewShotDataModule, build_dataset
+from nola_vision.data import CorruptImageError, FewShotDataModule, build_dataset
 
 CLASSES = ("cat", "dog")
 
@@ -163,9 +164,14 @@ def test_distinct_images_of_equal_size_do_not_warn(tmp_path):
 def test_empty_files_are_not_named_as_copies(tmp_path):
     # a 0-byte file is an interrupted copy (unreadable_files names it), not an image copied between classes
     _folder(tmp_path)
-    (tmp_path / "train" / "cat" / "empty.png").write_bytes(b"")
+    drawn, undrawn = _drawn_and_undrawn(tmp_path, "cat")
+    (tmp_path / undrawn).write_bytes(b"")
     (tmp_path / "test" / "dog" / "empty.png").write_bytes(b"")
-    _setup_without_warnings(_module(tmp_path, shots=0))  # both drawn, or in the held-out split
+    _setup_without_warnings(_module(tmp_path, shots=1))  # not drawn, or in the held-out split
+    (tmp_path / drawn).write_bytes(b"")
+    with pytest.raises(CorruptImageError, match=rf"{re.escape(drawn)} is empty") as error:  # drawn: refused by its
+        _setup_without_warnings(_module(tmp_path, shots=1))  # stat at setup, before copies are looked for
+    assert "byte-identical" not in str(error.value)
 
 
 def test_building_a_dataset_reads_no_image_content(tmp_path, monkeypatch):

@@ -81,6 +81,25 @@ def test_a_held_out_class_train_lacks_is_still_named_as_it_is(tmp_path):
         build_dataset("imagefolder", tmp_path, "test")
 
 
+@pytest.mark.parametrize("train_name, test_name", [("cat ", "cat"), ("cat", " cat"), ("cat\t", "cat")])
+def test_held_out_class_folders_that_differ_only_in_surrounding_whitespace_are_named_with_a_hint(
+        tmp_path, train_name, test_name):
+    # train/'cat ' (a trailing space) beside test/cat read "test has class folders that train lacks: ['cat']", with
+    # no word of the space that makes them two folders
+    _folder(tmp_path, train=(train_name, "tea"), test=(test_name, "tea"))
+    with pytest.raises(DatasetMetadataError, match="lacks") as err:
+        build_dataset("imagefolder", tmp_path, "test")
+    message = str(err.value)
+    assert f"{ascii(test_name)} (train/ has {ascii(train_name)})" in message
+    assert "differ only in surrounding whitespace" in message and "Unicode" not in message and "rename" in message
+
+
+def test_held_out_names_that_differ_in_normalization_and_whitespace_say_both(tmp_path):
+    _folder(tmp_path, train=(NFC + " ", "tea"), test=(NFD, "tea"))
+    with pytest.raises(DatasetMetadataError, match="Unicode normalization .* and surrounding whitespace"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
 def test_names_in_one_normalization_are_kept_as_on_disk_and_open_their_files(tmp_path):
     _folder(tmp_path, train=(NFD, "tea"), test=(NFD, "tea"))
     for split in ("train", "test"):

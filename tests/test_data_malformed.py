@@ -15,7 +15,15 @@ from fixtures_data import write_caltech101, write_cub, write_fashion_mnist, writ
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from nola_vision.data import DATASETS, CorruptImageError, DatasetMetadataError, FewShotDataModule, build_dataset
+from nola_vision.data import (
+    DATASETS,
+    CorruptImageError,
+    DatasetMetadataError,
+    DatasetNotFoundError,
+    FewShotDataModule,
+    build_dataset,
+    dataset_class_names,
+)
 from nola_vision.train.module import FewShotClassifier, NonFiniteLossError
 
 
@@ -55,6 +63,20 @@ def test_an_empty_cub_classes_txt_is_named(tmp_path):
         build_dataset("cub200", tmp_path, "train")
 
 
+@pytest.mark.parametrize("line, text", [(3, "0 003.Bird_003"), (3, "4 003.Bird_003"), (2, "3 002.Bird_002")])
+def test_cub_class_ids_out_of_order_are_refused_naming_classes_txt_and_the_line(tmp_path, line, text):
+    # an id 0 (or a gap, or a swap) sorted the class names into other places: every label got another class's name,
+    # and the error blamed image_class_labels.txt
+    info = write_cub(tmp_path, num_classes=3, train_per_class=1, test_per_class=1)
+    replace_line(info["folder"] / "classes.txt", line, text)
+    said = rf"classes\.txt:{line}: expected class id {line} \(the ids of classes\.txt are 1, 2, 3, \.\.\. in line "
+    said += r"order\)"
+    for read in (lambda: build_dataset("cub200", tmp_path, "train"), lambda: dataset_class_names("cub200", tmp_path)):
+        with pytest.raises(DatasetMetadataError, match=said + rf", got '{text}'.*Fix that line") as error:
+            read()
+        assert "image_class_labels" not in str(error.value)
+
+
 def test_a_cub_list_that_is_not_text_is_named(tmp_path):
     info = write_cub(tmp_path, num_classes=2, train_per_class=1, test_per_class=1)
     (info["folder"] / "images.txt").write_bytes(b"1 \xff\xfe\x00bird.jpg\n")
@@ -78,6 +100,30 @@ def test_a_malformed_caltech_split_file_names_the_line_and_how_to_regenerate_it(
     replace_line(split_file, 3, text)
     with pytest.raises(DatasetMetadataError, match=r"nola_vision_split\.txt:3: expected .*delete .*regenerate"):
         build_dataset("caltech101", tmp_path, "train")
+
+
+@pytest.mark.parametrize("cut", ["folder", "images"])
+def test_a_caltech_category_missing_beside_its_split_file_is_an_incomplete_extraction_not_a_bad_line(tmp_path, cut):
+    # the split file's line of the missing category was blamed ("Fix the line, or delete it to regenerate"): the line
+    # is fine, the extraction is not, and a regenerated split would move images between train and test
+    import shutil
+
+    write_caltech101(tmp_path, per_class=2)
+    build_dataset("caltech101", tmp_path, "train")  # writes the split file
+    split_file = tmp_path / "caltech101" / "nola_vision_split.txt"
+    kept = split_file.read_bytes()
+    wrench = tmp_path / "caltech101" / "101_ObjectCategories" / "wrench"
+    if cut == "folder":
+        shutil.rmtree(wrench)
+    else:
+        for image in wrench.iterdir():
+            image.unlink()
+    said = (r"1 of its 101 categories are missing \(e\.g\. 'wrench'\)" if cut == "folder" else
+            r"category 'wrench' has no images")
+    said += r", so the extraction looks incomplete; extract .* again\. The split file nola_vision_split\.txt .* kept"
+    with pytest.raises(DatasetNotFoundError, match=said) as error:
+        build_dataset("caltech101", tmp_path, "train")
+    assert "Fix the line" not in str(error.value) and split_file.read_bytes() == kept
 
 
 # ---------------------------------------------------------------- Food-101 meta JSON

@@ -203,6 +203,7 @@ class ImageDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` as a PIL RGB image, turned upright as its EXIF orientation says (as viewers do)."""
         path = self.path_of(self.samples[index][0])
+        _refuse_opening_special(path, f"{self.name} {self.split} split")
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, while the file is open (and so that errors surface here)
@@ -218,10 +219,11 @@ class ImageDataset(Dataset):
             raise CorruptImageError(f"cannot decode image {path} ({self.name} {self.split} split): {err}. Replace it "
                                     "with a valid image (extract or download the dataset again).") from err
 
-    def unreadable_files(self) -> list[Path]:
-        """Sample files that are missing, hold 0 bytes (an interrupted copy) or that this process may not read: found
-        by a stat, without decoding."""
-        return [path for path in map(self.path_of, (key for key, _ in self.samples)) if not _readable_file(path)]
+    def unreadable_files(self, indices: Optional[Iterable[int]] = None) -> list[Path]:
+        """Sample files (of ``indices``, or all) that are missing, hold 0 bytes (an interrupted copy), are no regular
+        file (a named pipe) or that this process may not read: found by a stat, without decoding."""
+        keys = (self.samples[i][0] for i in (range(len(self.samples)) if indices is None else indices))
+        return [path for path in map(self.path_of, keys) if unreadable_reason(path) is not None]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -269,7 +271,7 @@ class ArrayImageDataset(ImageDataset):
     def load_image(self, index: int) -> Image.Image:
         return _to_rgb(Image.fromarray(self.images[index]))
 
-    def unreadable_files(self) -> list[Path]:
+    def unreadable_files(self, indices: Optional[Iterable[int]] = None) -> list[Path]:
         return []  # in memory
 
 
@@ -384,8 +386,9 @@ def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int,
                                    f"looks incomplete. {fix}") from err
 
 
-def _read_pairs(path: Path, fix: str, integer_values: bool = False) -> dict[int, Any]:
-    """Lines ``<id> <value>`` of a CUB metadata file as ``{id: value}``; a malformed line names the file and line."""
+def _read_pairs(path: Path, fix: str, integer_values: bool = False, numbered: bool = False) -> dict[int, Any]:
+    """Lines ``<id> <value>`` of a CUB metadata file as ``{id: value}``; a malformed line names the file and line.
+    ``numbered``: the ids must be 1, 2, 3, ... in line order (:func:`_refuse_misnumbered`)."""
     pairs: dict[int, Any] = {}
     for lineno, line in _text_lines(path, fix):
         key, _, value = line.partition(" ")
@@ -398,8 +401,19 @@ def _read_pairs(path: Path, fix: str, integer_values: bool = False) -> dict[int,
             expected = "<id> <integer>" if integer_values else "<id> <value>"
             raise DatasetMetadataError(f"{path}:{lineno}: expected '{expected}' with an integer id that is not "
                                        f"repeated, got {line!r}. {fix}")
+        if numbered:
+            _refuse_misnumbered(path, lineno, line, ident, len(pairs) + 1, fix)
         pairs[ident] = parsed
     return pairs
+
+
+def _refuse_misnumbered(path: Path, lineno: int, line: str, ident: int, expected: int, fix: str) -> None:
+    """Refuse a line of ``classes.txt`` whose id ``ident`` is not ``expected`` (ids are 1, 2, 3, ... in line order):
+    labels are ids, and a class name sorted into another place (an id 0, or a gap) shifts every later class's name."""
+    if ident != expected:
+        raise DatasetMetadataError(f"{path}:{lineno}: expected class id {expected} (the ids of {path.name} are 1, 2, "
+                                   f"3, ... in line order), got {line!r}: another id would give the classes other "
+                                   f"names than their images' labels. Fix that line. {fix}")
 
 
 def _refuse_unplain_path(rel: str, where: str, fix: str) -> None:
@@ -451,7 +465,7 @@ class _CUB:
     def _class_folders(self, root: Path) -> list[str]:
         """The class folder names of ``classes.txt`` (``001.Black_footed_Albatross``) in label order."""
         folder = self._folder(root)
-        classes = _read_pairs(folder / "classes.txt", self._fix(root))
+        classes = _read_pairs(folder / "classes.txt", self._fix(root), numbered=True)
         if not classes:  # else every label of image_class_labels.txt is blamed instead
             raise DatasetMetadataError(f"{folder / 'classes.txt'} lists no class (it is empty). {self._fix(root)}")
         extra = [f"{key} {value}" for key, value in sorted(classes.items()) if not 1 <= key <= CUB_CLASSES]
@@ -559,6 +573,7 @@ class _FileIdentity:
 
     file: Hashable
     size: int = field(compare=False)
+    regular: bool = field(default=True, compare=False)  # a regular file, not a named pipe, socket or device
 
 
 def _file_identity(path: str) -> _FileIdentity:
@@ -574,14 +589,15 @@ def _file_identity(path: str) -> _FileIdentity:
                                        f"searched. Make it readable (chmod -R u+rX {os.path.dirname(path)}), or move "
                                        "it out of the dataset") from err
         raise
-    return _FileIdentity((stat.st_dev, stat.st_ino) if stat.st_ino else os.path.realpath(path), stat.st_size)
+    return _FileIdentity((stat.st_dev, stat.st_ino) if stat.st_ino else os.path.realpath(path), stat.st_size,
+                         S_ISREG(stat.st_mode))
 
 
 def _visible_files(folder: Path) -> dict[str, _FileIdentity]:
     """Every visible file under ``folder``: ``{path relative to it, as a key: its identity (:func:`_file_identity`)}``,
     sorted, following symbolic links once: a link back to a folder already read, to ``folder`` or to one of its
-    parents (whose other class folders' images would come back under this class) is not followed. A broken link, and
-    an image whose path has a line break, are refused."""
+    parents (whose other class folders' images would come back under this class) is not followed. A broken link, an
+    image whose path has a line break, and an image name that is no regular file (a named pipe), are refused."""
     root = os.path.realpath(folder)
     files: dict[str, _FileIdentity] = {}
     visited: set[str] = set()
@@ -598,10 +614,21 @@ def _visible_files(folder: Path) -> dict[str, _FileIdentity]:
                 continue
             path = os.path.join(directory, name)
             key = _key(Path(path).relative_to(folder).as_posix())
+            identity = _file_identity(path)
             if Path(name).suffix.lower() in IMG_EXTENSIONS:
                 _refuse_line_break(key, path)
-            files[key] = _file_identity(path)
+                _refuse_special_file(path, identity)
+            files[key] = identity
     return dict(sorted(files.items()))
+
+
+def _refuse_special_file(path: str, identity: _FileIdentity) -> None:
+    """Refuse an image name that is no regular file (a named pipe, socket or device): opening a named pipe waits for a
+    writer forever, so it is named here, from the listing's stat, before anything opens it."""
+    if not identity.regular:
+        raise DatasetMetadataError(f"{path} is not a regular file (a named pipe, socket or device named as an "
+                                   "image): reading it would wait forever or read no image. Remove it, or put the "
+                                   "image file there")
 
 
 def _unlistable_folder(err: OSError) -> None:
@@ -717,19 +744,36 @@ def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
         seen[form] = name
 
 
+def _look_alike_form(name: str) -> str:
+    """``name`` as it looks: in Unicode's NFC form (:func:`_same_name_form`) without surrounding whitespace, which a
+    listing does not show either (``'cat '`` prints as ``cat``). Only compared, never used as a key."""
+    return _same_name_form(name).strip()
+
+
 def _refuse_unknown_held_out_classes(folder: Path, train: Path, extra: Sequence[str], names: Sequence[str]) -> None:
     """Refuse held-out class folders (``extra``) that ``train`` lacks; one spelled as a training class in another
-    Unicode normalization is shown with ``ascii`` (it would print exactly like the training class) and said so."""
-    own = {_same_name_form(name): name for name in names}
-    alike = {name: own[_same_name_form(name)] for name in extra if _same_name_form(name) in own}
+    Unicode normalization, or with other surrounding whitespace, is shown with ``ascii`` (it would print like the
+    training class) and said so."""
+    own = {_look_alike_form(name): name for name in names}
+    alike = {name: own[_look_alike_form(name)] for name in extra if _look_alike_form(name) in own}
     listed = "[" + ", ".join(ascii(name) if name in alike else repr(name) for name in extra) + "]"
     message = f"{folder} has class folders that {train} lacks: {listed}"
     if alike:
         pairs = ", ".join(f"{ascii(name)} (train/ has {ascii(ours)})" for name, ours in alike.items())
-        message += (f". {pairs}: the names differ only in Unicode normalization (NFC/NFD, as macOS writes names), "
-                    f"so they look alike but are other folders: rename the folder under {folder} as train/'s is "
-                    "spelled (or the other way round)")
+        message += (f". {pairs}: the names differ only in {_how_alike(alike)}, so they look alike but are other "
+                    f"folders: rename the folder under {folder} as train/'s is spelled (or the other way round)")
     raise DatasetMetadataError(message)
+
+
+def _how_alike(alike: dict[str, str]) -> str:
+    """How look-alike folder names (held-out name: training name) differ: in Unicode normalization, in surrounding
+    whitespace (a space typed after the name), or both."""
+    spaces = any(name.strip() != name or ours.strip() != ours for name, ours in alike.items())
+    forms = any(name.strip() != ours.strip() for name, ours in alike.items())  # the same once composed (NFC)
+    ways = [way for way, found in (("Unicode normalization (NFC/NFD, as macOS writes names)", forms),
+                                   ("surrounding whitespace (e.g. a trailing space, which listings do not show)",
+                                    spaces)) if found]
+    return " and ".join(ways)
 
 
 def _warn_val_not_read(root: Path) -> None:
@@ -826,6 +870,8 @@ class _Caltech101:
         listing = self._listing(root) if listing is None else listing
         on_disk = {name: [fname for fname in files if _reads_flat(fname)] for name, files in listing.items()}
         if split_path.is_file():
+            # a category missing or emptied is an incomplete extraction, not a malformed line of the split file
+            self._refuse_incomplete(folder, on_disk, split_written=True)
             assignment = self._read_split(split_path, set(on_disk))
             images = {f"{CALTECH_IMAGES}/{name}/{fname}" for name, files in on_disk.items() for fname in files}
             _require_same_images(split_path, set(assignment), images)
@@ -841,9 +887,10 @@ class _Caltech101:
         _write_text_atomic(split_path, "".join(lines), missing_ok=True)
         return assignment
 
-    def _refuse_incomplete(self, folder: Path, on_disk: dict[str, list[str]]) -> None:
+    def _refuse_incomplete(self, folder: Path, on_disk: dict[str, list[str]], split_written: bool = False) -> None:
         """Refuse an extraction without every category, or with a category folder without images (the archive cut
-        short): the split file made from it would stand, and refuse the complete dataset extracted again."""
+        short): the split file made from it would stand, and refuse the complete dataset extracted again. With the
+        split file there already (``split_written``), it is kept: the images it lists are to be extracted again."""
         missing = sorted(CALTECH101_CLASSES - set(on_disk))
         empty = [name for name, files in on_disk.items() if not files]
         if not missing and not empty:
@@ -851,9 +898,11 @@ class _Caltech101:
         what = (f"{len(missing)} of its {len(CALTECH101_CLASSES)} categories are missing (e.g. "
                 f"{', '.join(map(repr, missing[:3]))})" if missing else
                 f"category {empty[0]!r} has no images{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}")
+        kept = (f"The split file {CALTECH_SPLIT_FILE} there is kept: it lists those images, which keep their split "
+                "once extracted again." if split_written else
+                f"Nothing was written (the split file {CALTECH_SPLIT_FILE} is made from the complete dataset).")
         raise DatasetNotFoundError(f"dataset '{self.name}' under {folder}: {what}, so the extraction looks "
-                                   f"incomplete; extract {self.url} there again. Nothing was written (the split file "
-                                   f"{CALTECH_SPLIT_FILE} is made from the complete dataset).")
+                                   f"incomplete; extract {self.url} there again. {kept}")
 
     def _read_split(self, path: Path, names: set[str]) -> dict[str, str]:
         """The split file ``<101_ObjectCategories/class/file> <train|test>`` per line; a malformed line is named."""
@@ -1267,14 +1316,33 @@ def expand_root(root: str | os.PathLike) -> str:
     return text if "://" in text else os.path.expanduser(text)
 
 
-def _readable_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file (or a link to one) of at least one byte that this process may read: one
-    ``stat`` and one ``access`` per file, over a whole test split."""
+def unreadable_reason(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be an image (missing, empty, no regular file, not readable), or None: one ``stat`` and one
+    ``access`` per file, cheap enough for a whole split, and nothing is opened (a named pipe would block)."""
     try:
         info = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"cannot be looked at ({err.strerror or err})"
+    if not S_ISREG(info.st_mode):
+        return "not a regular file (a named pipe, socket, device or folder)"
+    if not info.st_size:
+        return "empty (0 bytes: an interrupted copy?)"
+    return None if os.access(path, os.R_OK) else "not readable by this user"
+
+
+def _refuse_opening_special(path: Path, where: str) -> None:
+    """Refuse to open ``path`` when it is no regular file: ``Image.open`` on a named pipe waits for a writer forever.
+    A missing file is left to ``open`` (its FileNotFoundError)."""
+    try:
+        regular = S_ISREG(os.stat(path).st_mode)
     except OSError:
-        return False
-    return S_ISREG(info.st_mode) and info.st_size > 0 and os.access(path, os.R_OK)
+        return
+    if not regular:
+        raise CorruptImageError(f"cannot read image {path} ({where}): it is not a regular file (a named pipe, socket, "
+                                "device or folder), and opening it could wait forever. Remove it, or put the image "
+                                "file there")
 
 
 def _readable_root(root: str | os.PathLike) -> Path:

@@ -1,0 +1,99 @@
+"""Training and validation images that cannot be read (empty, unreadable, a named pipe) are refused by a stat when the
+split is set up, naming the file, before anything decodes, caches or trains on them; nothing opens a named pipe."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import pytest
+from fixtures_data import write_cub, write_imagefolder
+
+from nola_vision.data import CorruptImageError, DatasetMetadataError, FewShotDataModule, build_dataset
+from nola_vision.data.datasets import ImageDataset
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+
+
+@contextlib.contextmanager
+def fails_rather_than_hangs(seconds: int = 20):
+    """Turn a read that blocks (a named pipe opened without a writer) into a failure, rather than a hung test."""
+    def stop(*_):
+        raise TimeoutError(f"blocked for {seconds} s: something opened the named pipe")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+    write_imagefolder(tmp_path / "pets", train_per_class=6, eval_per_class=2, eval_folder="test")
+    return tmp_path / "pets"
+
+
+@pytest.mark.parametrize("shots, val_shots", [(0, 0), (0, 2), (2, 2)])
+def test_an_empty_training_or_validation_image_is_refused_at_setup_naming_it_without_decoding(
+        folder_root, monkeypatch, shots, val_shots):
+    # shots=0 reads the train split from disk during training: a 0-byte image stopped a CLI fit mid-epoch, nothing
+    # saved (the test split alone was stat-checked up front)
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=shots, val_shots=val_shots, image_size=8,
+                           cache_images=False)
+    dm.setup("fit")
+    drawn = dm.val_manifest if val_shots else dm.train_manifest
+    empty = folder_root / drawn[0][0]
+    empty.write_bytes(b"")
+    decoded = []
+    monkeypatch.setattr(ImageDataset, "load_image", lambda self, index: decoded.append(index))
+    again = FewShotDataModule("imagefolder", root=str(folder_root), shots=shots, val_shots=val_shots, image_size=8)
+    with pytest.raises(CorruptImageError, match=rf"{empty} is empty \(0 bytes.*Copy them again") as error:
+        again.setup("fit")
+    assert "training and validation images of imagefolder" in str(error.value)
+    assert error.value.before_run and not decoded  # a refusal before the run (CLI exit 2); a stat, no decoding
+    assert again.split is None and again.train_set is None
+
+
+def test_an_unreadable_image_that_is_not_drawn_is_not_refused(folder_root):
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, image_size=8)
+    dm.setup("fit")
+    undrawn = next(key for key, _ in dm.train_set.dataset.samples if (key, _) not in dm.train_manifest)
+    (folder_root / undrawn).write_bytes(b"")
+    FewShotDataModule("imagefolder", root=str(folder_root), shots=1, image_size=8).setup("fit")
+
+
+@needs_fifo
+def test_a_named_pipe_named_as_an_image_is_refused_when_listed_naming_it(folder_root):
+    # listed as a sample, and Image.open on it blocked forever (at setup, when drawn and cached)
+    pipe = folder_root / "train" / "cat" / "pipe.jpg"
+    os.mkfifo(pipe)
+    with fails_rather_than_hangs():
+        for read in (lambda: build_dataset("imagefolder", folder_root, "train"),
+                     lambda: build_dataset("imagefolder", folder_root, "test"),
+                     lambda: FewShotDataModule("imagefolder", root=str(folder_root), shots=0,
+                                               image_size=8).setup("fit")):
+            with pytest.raises(DatasetMetadataError, match=rf"{pipe} is not a regular file \(a named pipe"):
+                read()
+    os.unlink(pipe)
+    os.mkfifo(folder_root / "train" / "cat" / "notes")  # not an image name: not read, not opened
+    with fails_rather_than_hangs():
+        assert len(build_dataset("imagefolder", folder_root, "train")) == 18
+
+
+@needs_fifo
+def test_a_named_pipe_a_datasets_metadata_lists_is_never_opened(tmp_path):
+    # CUB lists its images in images.txt: a named pipe there was opened by load_image, and blocked
+    info = write_cub(tmp_path, num_classes=200, train_per_class=1, test_per_class=1)
+    dataset = build_dataset("cub200", tmp_path, "test")
+    path = dataset.path_of(dataset.samples[0][0])
+    path.unlink()
+    os.mkfifo(path)
+    assert info["folder"] in path.parents
+    with fails_rather_than_hangs():
+        assert build_dataset("cub200", tmp_path, "test").unreadable_files() == [path]
+        with pytest.raises(CorruptImageError, match=rf"cannot read image {path} .*not a regular file"):
+            dataset.load_image(0)
