@@ -23,6 +23,7 @@ from ..core.checks import check_bool, check_callable, check_choice, check_int, c
 from ..core.warn import warn_user
 from .datasets import (
     ArrayImageDataset,
+    CorruptImageError,
     ImageDataset,
     available_datasets,
     build_dataset,
@@ -30,6 +31,7 @@ from .datasets import (
     dataset_num_classes,
     download_dataset,
     expand_root,
+    unreadable_reason,
 )
 from .fewshot import (
     FewShotSplit,
@@ -317,6 +319,25 @@ def _refuse_unlisted_classes(dataset: ImageDataset, indices: list[int], manifest
                          "Drop split_file to draw a split of every class, or move those classes' folders away")
 
 
+UNREADABLE_SHOWN = 3  # unreadable drawn images an error names
+
+
+def _refuse_unreadable_drawn(dataset: ImageDataset, indices: list[int]) -> None:
+    """Refuse drawn training or validation images that are missing, empty (0 bytes), no regular file (a named pipe) or
+    unreadable, by a stat each (nothing is decoded or opened), before anything trains or caches: a full train split is
+    read from disk during training, and such a file stopped a fit mid-epoch with nothing saved."""
+    bad = dataset.unreadable_files(indices)
+    if not bad:
+        return
+    named = "; ".join(f"{path} is {unreadable_reason(path)}" for path in bad[:UNREADABLE_SHOWN])
+    error = CorruptImageError(
+        f"{len(bad)} of the {len(indices)} training and validation images of {dataset.name} ({dataset.split} split) "
+        f"cannot be read: {named}{'; ...' if len(bad) > UNREADABLE_SHOWN else ''}. Copy them again (extract or "
+        "download the dataset again), make them readable, or remove them, before training")
+    error.before_run = True  # the CLI's exit code of a refusal before the run: every run of the split would fail
+    raise error
+
+
 def _header_digest(settings: str, listed: str) -> str:
     """The digest a manifest's header records of its settings (``key=value`` text) and its images' digest
     (``header=``): 16 hex digits of their sha256."""
@@ -326,6 +347,70 @@ def _header_digest(settings: str, listed: str) -> str:
 def _listed_digest(samples: list[tuple[str, int]], indices: list[int]) -> str:
     """The digest a manifest's header records of the images it lists (``images=``): 16 hex digits of their sha256."""
     return digest_of(samples, FewShotSplit(indices, []))[:16]
+
+
+# What each part of a draw is passed as to replay it (FewShotDataModule's argument), and what it holds.
+PART_OPTIONS = {"train": "split_file", "val": "val_split_file"}
+PART_NAMES = {"train": "training", "val": "validation"}
+
+
+def _unedited(recorded: Dict[str, str], listed: str) -> bool:
+    """Whether a manifest is as this module wrote it: its header's ``images=`` digest is of the images it lists
+    (``listed``), and its ``header=`` digest of the settings written with them (an edited ``shots=`` does not count);
+    a manifest written before the header digest has its images' alone."""
+    written = " ".join(f"{key}={value}" for key, value in recorded.items() if key not in ("images", "header"))
+    settings_digest = _header_digest(written, listed)
+    return recorded.get("images") == listed and recorded.get("header", settings_digest) == settings_digest
+
+
+def _refuse_other_part(manifest: str, role: str) -> None:
+    """Refuse a manifest whose header says it holds the other part of its draw (``part=train`` or ``part=val``) than
+    the ``role`` it is passed for: a run would train on the draw's validation images (or validate on its training
+    images) and record them as the draw's shots. Manifests without ``part=`` (older, by hand) are checked by counts."""
+    part = manifest_settings(manifest).get("part")
+    if part is None or part == role:
+        return
+    if part not in PART_NAMES:
+        raise ValueError(f"{manifest}: its header says part={part}, which is no part of a draw (part=train or "
+                         "part=val): pass a manifest a run wrote under its split_dir, or remove the header line")
+    ending = "_train.txt" if role == "train" else "_val<v>.txt"
+    raise ValueError(f"{manifest} holds the {PART_NAMES[part]} images of its draw (its header says part={part}), but "
+                     f"it is passed as {PART_OPTIONS[role]}, for {PART_NAMES[role]} images: the run would record "
+                     f"them as that draw's {PART_NAMES[role]} images. Pass it as --data.{PART_OPTIONS[part]} "
+                     f"({PART_OPTIONS[part]}=), and the draw's {PART_NAMES[role]} manifest (its name ends in {ending}) "
+                     f"as --data.{PART_OPTIONS[role]}")
+
+
+def _fits_part(dataset: ImageDataset, indices: list[int], header: Dict[str, int], role: str) -> bool:
+    """Whether a manifest without ``part=`` holds as many images per class as the ``role`` part of the draw its header
+    records: ``shots`` (for shots=0, more than ``val_shots`` in its largest class) for the training part, at most
+    ``val_shots`` for the validation part. A count the header does not record fits."""
+    if not indices:
+        return True
+    most = max(Counter(dataset.samples[i][1] for i in indices).values())
+    val_shots = header.get("val_shots")
+    if role == "val":
+        return val_shots is None or most <= val_shots
+    shots = header.get("shots")
+    if shots:
+        return most == shots
+    return shots is None or not val_shots or most > val_shots
+
+
+def _warn_other_part(manifest: str, dataset: ImageDataset, indices: list[int], header: Dict[str, int],
+                     role: str) -> None:
+    """Warn that a manifest without ``part=`` holds other counts per class than its header's draw gives the part it is
+    passed as (``_fits_part``), so it is replayed as a manifest written by hand: it may be the draw's other part."""
+    most = max(Counter(dataset.samples[i][1] for i in indices).values())
+    settings = ", ".join(f"{key}={value}" for key, value in header.items())
+    other = PART_NAMES["val" if role == "train" else "train"]
+    records = ("shots recorded as its images per class, no split_seed" if role == "train" else
+               "validated on in the order of its lines")
+    warn_user(f"{manifest} is passed as {PART_OPTIONS[role]} ({PART_NAMES[role]} images), but it lists up to {most} "
+              f"images per class, which the {PART_NAMES[role]} part of the draw its header records ({settings}) does "
+              f"not hold: it may be that draw's {other} manifest. It is replayed as a manifest written by hand "
+              f"({records}). To replay the draw, pass its training manifest (_train.txt) as --data.split_file and its "
+              "validation manifest (_val<v>.txt) as --data.val_split_file")
 
 
 def _is_draw(dataset: ImageDataset, indices: list[int], shots: int, seed: int, val_shots: int) -> bool:
@@ -591,6 +676,7 @@ class FewShotDataModule(L.LightningDataModule):
         else:
             self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
                                       train.class_names, self.allow_fewer)
+        _refuse_unreadable_drawn(train, [*self.split.train, *self.split.val])
         self._check_copies(train)
         # decode a small k-shot set once; array-backed sets (CIFAR, ...) are in memory already, and a
         # full train split (shots=0) is read from disk as usual
@@ -634,6 +720,7 @@ class FewShotDataModule(L.LightningDataModule):
                                         "to draw the split")
             if manifest:
                 self._refuse_other_dataset(manifest)
+                _refuse_other_part(manifest, "train" if field == "split_file" else "val")
         indices = indices_from_manifest(train.samples, read_manifest(self.split_file), self.split_file)
         val = (indices_from_manifest(train.samples, read_manifest(self.val_split_file), self.val_split_file)
                if self.val_split_file else [])
@@ -641,27 +728,48 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError(f"{self.split_file} and {self.val_split_file} share images")
         _refuse_unlisted_classes(train, indices, self.split_file)
         self._record_drawn(val_shots=_images_per_class(train, val, self.val_split_file, "val_shots") if val else 0)
-        recorded = manifest_settings(self.split_file)
-        header = _header_numbers(recorded)
-        # as written (the images its header's digest names, under the settings written with them: a header whose
-        # shots or split_seed were edited does not record the draw), or as its settings draw them from the images now
-        listed = _listed_digest(train.samples, indices)
-        written = " ".join(f"{key}={value}" for key, value in recorded.items() if key not in ("images", "header"))
-        settings_digest = _header_digest(written, listed)
-        # manifests written before the header digest: their images alone
-        unedited = recorded.get("images") == listed and recorded.get("header", settings_digest) == settings_digest
-        if {"shots", "split_seed"} <= set(header) and (unedited or _is_draw(
-                train, indices, header["shots"], header["split_seed"], self.val_shots if val else header.get(
-                    "val_shots", 0))):
+        header = _header_numbers(manifest_settings(self.split_file))
+        if self._records_its_draw(train, indices, header, val_shots=self.val_shots if val else None):
             # a manifest of the whole train split (shots=0) lists every image: its counts per class are no shot count
             self._record_drawn(shots=header["shots"], split_seed=header["split_seed"])
-        else:  # written by hand, or edited: no seed drew it
+        else:  # written by hand, edited, or another part of its draw: no seed drew it as training images
             self._record_drawn(shots=_images_per_class(train, indices, self.split_file), split_seed=None)
         # the draw's own order, whatever the order of the lines, for a manifest whose header names the seed that drew
         # it (the order the module writes it in); one without keeps its lines' order, as it always trained
-        val_seed = _header_numbers(manifest_settings(self.val_split_file)).get("split_seed") if val else None
         return FewShotSplit(_in_recorded_order(train.samples, indices, header.get("split_seed")),
-                            _in_recorded_order(train.samples, val, val_seed))
+                            _in_recorded_order(train.samples, val, self._validation_seed(train, val)))
+
+    def _records_its_draw(self, train: ImageDataset, indices: list[int], header: Dict[str, int],
+                          val_shots: Optional[int]) -> bool:
+        """Whether the training manifest is the draw its header names: as this module wrote it (its ``images=`` and
+        ``header=`` digests; a file without ``part=``, written before it, must also hold the header's ``shots`` per
+        class, else it may be the draw's validation manifest), or as its header's settings draw exactly its images
+        from the images there now. ``val_shots``: the replay's validation images per class, None without."""
+        if not {"shots", "split_seed"} <= set(header):
+            return False
+        recorded = manifest_settings(self.split_file)
+        fits = "part" in recorded or _fits_part(train, indices, header, "train")
+        if fits and _unedited(recorded, _listed_digest(train.samples, indices)):
+            return True
+        drawn_val = val_shots if val_shots is not None else header.get("val_shots", 0)
+        if _is_draw(train, indices, header["shots"], header["split_seed"], drawn_val):
+            return True
+        if not fits:
+            _warn_other_part(self.split_file, train, indices, header, "train")
+        return False
+
+    def _validation_seed(self, train: ImageDataset, val: list[int]) -> Optional[int]:
+        """The split seed whose draw order the validation images take: the one the validation manifest's header
+        records, unless it names no part and holds more images per class than a validation manifest of its header's
+        settings (another part of its draw, which is then replayed in the order of its lines, as one by hand)."""
+        if not val:
+            return None
+        recorded = manifest_settings(self.val_split_file)
+        header = _header_numbers(recorded)
+        if "part" not in recorded and not _fits_part(train, val, header, "val"):
+            _warn_other_part(self.val_split_file, train, val, header, "val")
+            return None
+        return header.get("split_seed")
 
     def _refuse_other_dataset(self, manifest: str) -> None:
         """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels
@@ -703,10 +811,12 @@ class FewShotDataModule(L.LightningDataModule):
         return unwritten
 
     def _write_manifests(self, manifests: dict[Path, list[int]]) -> None:
-        """Write each manifest (path: train-set indices) under a header of the settings that drew it."""
+        """Write each manifest (path: train-set indices) under a header of the settings that drew it and the part of
+        the draw it holds (``part=train`` or ``part=val``: a replay refuses it passed for the other)."""
         dataset = self.train_set.dataset
-        settings = " ".join(f"{key}={value}" for key, value in self._manifest_settings().items())
         for path, indices in manifests.items():
+            part = "val" if path == self.val_manifest_path else "train"
+            settings = " ".join(f"{key}={value}" for key, value in {**self._manifest_settings(), "part": part}.items())
             listed = _listed_digest(dataset.samples, indices)  # tells a replay whether the file was edited since
             header = (f"nola_vision k-shot manifest: {settings} images={listed} "
                       f"header={_header_digest(settings, listed)}\npaths are relative to {dataset.root}")
