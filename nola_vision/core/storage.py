@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager, suppress
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
@@ -211,7 +211,7 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     finally:
         tmp.unlink(missing_ok=True)
         if fd is not None:
-            os.close(fd)  # releases the lock, after the file has left the temporary name
+            _close_lock_file(fd)  # releases the lock, after the file has left the temporary name
 
 
 def _new_file_mode() -> int:
@@ -301,21 +301,22 @@ def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
     can lock it either, so none removes it as stale)."""
     while True:
         prefix = f".{_sibling_stem(target)}.{_TEMPORARY_MARK}"
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
+        fd, name = _open_lock_file(partial(tempfile.mkstemp, dir=target.parent, prefix=prefix, suffix=".tmp"),
+                                   lambda opened: opened[0])
         if fcntl is None:
-            os.close(fd)
+            _close_lock_file(fd)
             return Path(name), None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as error:  # neither the descriptor nor the file may outlive a failed write
-            os.close(fd)
+            _close_lock_file(fd)
             if error.errno == errno.ENOLCK:
                 return Path(name), None
             os.unlink(name)
             raise
         if _names_open_file(name, fd):
             return Path(name), fd
-        os.close(fd)  # another write removed it as stale before it was locked: take a new one
+        _close_lock_file(fd)  # another write removed it as stale before it was locked: take a new one
 
 
 def _remove_stale_temporaries(target: Path) -> None:
@@ -423,8 +424,17 @@ def nearest_folder(path: PathLike) -> Optional[Path]:
 def file_in_the_way(path: PathLike) -> Optional[Path]:
     """The first of ``path`` and its parents that exists and is not a directory (no directory can be made at or
     under it), or None."""
-    path = Path(path)  # os.path's tests: False, not an OSError, for a name over the file system's limit
-    return next((p for p in (path, *path.parents) if os.path.exists(p) and not os.path.isdir(p)), None)
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if _is_no_directory(p)), None)
+
+
+def _is_no_directory(path: Path) -> bool:
+    """Whether ``path`` exists and is no directory, by one stat: two (exists, then isdir) took a directory deleted
+    between them for a file. False, not an OSError, for a name over the file system's limit."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_directory_target(path: PathLike, names: Sequence[str] = ()) -> Path:
@@ -586,8 +596,9 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
     save). Written files are fsynced before the swap. A symlink keeps pointing at its (updated) target. An entry
     that appears in the old directory after its entries were linked (a writer that takes no turns with this one: a
     save into a subfolder of a directory never saved before, a file of the user's) is moved into the new set after
-    the swap (unless ``keep_others`` is False), never removed with the old set; a file replaced, or one created
-    inside a kept subfolder, meanwhile by such a writer may still be replaced by the version this save linked.
+    the swap (unless ``keep_others`` is False), never removed with the old set, and so is one replaced there meanwhile
+    (a subfolder saved again, a file written by rename), over the version this save linked; a file created inside a
+    kept subfolder meanwhile may still be lost with the old set.
     ``names``: the files the block writes, so that a path too long for them is refused before anything is written.
     A failure of the block, or any check of ``resolve_directory_target``, leaves the old set untouched; a full
     disk or file size limit while the new set is staged raises an OSError (same errno) that says so. ``check``, when
@@ -608,7 +619,8 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
             with _explained_write_failure(target, unchanged):
                 yield staged
                 written = os.listdir(staged)
-                old, copied = _keep_unwritten_entries(target, staged) if keep_others else (_stat_or_none(target), [])
+                old, copied, linked = (_keep_unwritten_entries(target, staged) if keep_others else
+                                       (_stat_or_none(target), [], {}))
                 _fsync_entries(staged, written)
             if check is not None:
                 check()
@@ -619,7 +631,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
                 _swap_in(staged, target)
             _refuse_swapped_out_non_directory(staged, target)
             if keep_others:  # the old set now lies at ``staged``
-                _carry_over_late_entries(staged, target, new_set)
+                _carry_over_late_entries(staged, target, new_set, linked)
             _flush_saved(target)
         finally:
             _remove_tree(staged)
@@ -723,7 +735,7 @@ def writer_lock(target: Path) -> Iterator[None]:
         return
     check_writer_lock(target)
     try:
-        fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = _open_lock_file(lambda: os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644))
     except OSError as error:  # say so of the target, not of the lock
         raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
     try:
@@ -740,7 +752,7 @@ def writer_lock(target: Path) -> Iterator[None]:
         with _registered(key):
             yield
     finally:
-        os.close(fd)
+        _close_lock_file(fd)
 
 
 def _no_lock_file(target: Path, error: OSError) -> str:
@@ -758,6 +770,49 @@ def _no_lock_file(target: Path, error: OSError) -> str:
 _THREAD = threading.local()
 # How long a save waits for a folder above its target that another writer is saving (``_ancestor_locks``).
 _ANCESTOR_WAIT_S = 600.0
+# The descriptors of the lock files this process has open (writer, ancestor and temporary-file locks). A forked child
+# (a DataLoader worker started while a thread saves) gets copies, which held each lock until the child exited: saves
+# waited on it, and a child saving that folder itself waited for ever. The child lets go of them at the fork
+# (``_let_go_of_inherited_locks``); opening and closing such a descriptor and a fork take turns on ``_LOCK_FDS_GUARD``.
+_LOCK_FDS: Set[int] = set()
+_LOCK_FDS_GUARD = threading.Lock()
+
+
+def _open_lock_file(opener: Callable[[], Any], fd_of: Callable[[Any], Optional[int]] = lambda fd: fd) -> Any:
+    """``opener()`` (which opens a lock file), its descriptor (``fd_of`` its result; None for none) recorded in
+    ``_LOCK_FDS`` with no fork in between."""
+    with _LOCK_FDS_GUARD:
+        opened = opener()
+        fd = fd_of(opened)
+        if fd is not None:
+            _LOCK_FDS.add(fd)
+    return opened
+
+
+def _close_lock_file(fd: int) -> None:
+    """Close a descriptor ``_open_lock_file`` recorded (releasing its lock), with no fork in between."""
+    with _LOCK_FDS_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
+
+
+def _let_go_of_inherited_locks() -> None:
+    """In a forked child: point the copies of the parent's lock descriptors at /dev/null, so that the child holds
+    none of those locks (closing them could close a file that later takes the number), and count none as held."""
+    global _LOCK_FDS_GUARD
+    _LOCK_FDS_GUARD = threading.Lock()  # held by the forking thread itself (``os.register_at_fork`` below)
+    if _LOCK_FDS:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in _LOCK_FDS:
+            os.dup2(null, fd, inheritable=False)
+        os.close(null)
+        _LOCK_FDS.clear()
+    _THREAD.locks = Counter()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _LOCK_FDS_GUARD.acquire(), after_in_parent=lambda: _LOCK_FDS_GUARD.release(),
+                        after_in_child=_let_go_of_inherited_locks)
 
 
 def _held_locks() -> Counter:
@@ -820,10 +875,10 @@ def _ancestor_locks(target: Path) -> Iterator[None]:
         return
     with ExitStack() as held:
         for folder in reversed([p for p in target.parents if p.parent != p]):
-            fd = _open_existing(_lock_path(folder))
+            fd = _open_lock_file(partial(_open_existing, _lock_path(folder)))
             if fd is None:
                 continue
-            held.callback(os.close, fd)
+            held.callback(_close_lock_file, fd)
             key = _file_key(fd)
             if not _held_by_this_thread(key, fd) and _lock_shared(fd, folder, target):
                 held.enter_context(_registered(key))
@@ -962,14 +1017,16 @@ def _make_staging_directory(target: Path) -> Path:
             continue
 
 
-def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.stat_result], List[str]]:
-    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat
-    and the files kept as copies that this user owns instead of their owner (``_link_or_copy``). An entry this user
+def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.stat_result], List[str], Dict[str, int]]:
+    """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat,
+    the files kept as copies that this user owns instead of their owner (``_link_or_copy``) and the inode of each
+    entry linked, by name (``_carry_over_late_entries`` tells an entry replaced since by it). An entry this user
     cannot read (another user's private folder) raises a PermissionError naming it and the fix: the new set cannot
     hold it, and the old set stays."""
     if not target.is_dir():
-        return None, []
+        return None, [], {}
     copied: List[str] = []
+    linked: Dict[str, int] = {}
     with os.scandir(target) as entries:
         for entry in entries:
             destination = staged / entry.name
@@ -977,6 +1034,7 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
                 continue
             try:
                 copied += _link_entry(entry, str(destination))
+                linked[entry.name] = entry.inode()
             except PermissionError as error:
                 unreadable = error.filename or entry.path
                 raise PermissionError(error.errno, (
@@ -994,7 +1052,7 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
                     f"staged copy beside it, whose path is {longer} bytes longer, and {deep} is too long for that on "
                     f"this system. Move it out of {target}, shorten its folder names, or save elsewhere. Nothing in "
                     f"{target} was changed: a previous adapter there, if any, is intact")) from error
-    return os.stat(target), copied
+    return os.stat(target), copied, linked
 
 
 def _relink_folder(source: str, destination: str) -> List[str]:
@@ -1139,26 +1197,49 @@ def _refuse_swapped_out_non_directory(old: Path, target: Path) -> None:
                          "saved: it was left in place. Save to another path, or move it away and save again")
 
 
-def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str]) -> None:
+def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str], linked: Dict[str, int]) -> None:
     """Move into the new set ``target`` each entry of the old set ``old`` (after the swap) that is not one of the
-    ``new_set`` names it was made with: created in the old directory after its entries were linked (by a writer that
-    does not take turns with this save), it would otherwise be removed with the old set. Where one cannot be moved,
-    the old set is kept beside ``target`` (``<name>.late-<hex>``) with a warning, rather than removed."""
+    ``new_set`` names it was made with, or that is no longer the entry this save linked (``linked``: inodes by name):
+    created or replaced in the old directory after its entries were linked (by a writer that does not take turns
+    with this save: a save into a subfolder of a directory saved for the first time), it would otherwise be removed
+    with the old set. Where one cannot be moved, the old set is kept beside ``target`` (``<name>.late-<hex>``) with a
+    warning, rather than removed."""
     if not os.path.isdir(old) or os.path.islink(old):  # no old set: the save made the directory
         return
     failed = []
-    for name in sorted(set(os.listdir(old)) - new_set):
-        if not os.path.lexists(target / name):  # else made in the new set meanwhile: that one is the newer
-            try:
-                _move_entry(old / name, target / name)
-            except OSError as error:
-                failed.append(f"{name} ({error.strerror or error})")
+    for name in sorted(os.listdir(old)):
+        try:
+            if name not in new_set:
+                if not os.path.lexists(target / name):  # else made in the new set meanwhile: that one is the newer
+                    _move_entry(old / name, target / name)
+            elif name in linked and _inode(old / name) not in (None, linked[name]):
+                _replace_entry(old / name, target / name)
+        except OSError as error:
+            failed.append(f"{name} ({error.strerror or error})")
     if failed:
         kept = target.with_name(f"{target.name}.late-{old.name.rsplit('-', 1)[1]}")
         os.rename(old, kept)
         warn_user(f"{target} was saved, but what another writer made in it meanwhile could not all be moved into the "
                   f"new set ({', '.join(failed[:3])}): the old set is kept as {kept}. Move those entries into {target} "
                   "yourself, then remove it", RuntimeWarning)
+
+
+def _inode(path: Path) -> Optional[int]:
+    """The inode of ``path`` itself (a symlink's own), or None where it is gone."""
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _replace_entry(newer: Path, linked: Path) -> None:
+    """Put the entry ``newer`` (of the old set) in place of ``linked``, the version of it this save linked into the
+    new set, which goes to the old set (and is removed with it): in one step where the platform exchanges paths."""
+    if _exchange(newer, linked):
+        return
+    aside = newer.with_name(f".{newer.name}.linked-{os.urandom(_TOKEN_BYTES).hex()}")
+    os.rename(linked, aside)
+    os.rename(newer, linked)
 
 
 def _move_entry(source: Path, destination: Path) -> None:
