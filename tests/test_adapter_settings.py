@@ -274,3 +274,32 @@ def test_a_layer_whose_scaling_changed_after_inject_is_neither_saved_nor_switche
         nv.load_adapter(trained, tmp_path / "good")
     layer.scaling /= 3
     assert torch.equal(logits(nv.load_adapter(trained, tmp_path / "good")), logits(trained))
+
+
+def test_lora_alpha_none_is_alpha_rank_and_a_subclass_variant_inherits_no_training_only_fields(tmp_path):
+    # alpha=None and alpha=rank were two updates; a variant subclassing LoRAConfig whose seed draws a frozen tensor
+    # inherited LoRA's training-only seed, and a file of another seed loaded onto it with other outputs
+    assert nv.LoRAConfig(rank=2).same_update(nv.LoRAConfig(rank=2, alpha=2))
+    assert not nv.LoRAConfig(rank=2).same_update(nv.LoRAConfig(rank=2, alpha=4))
+
+    @dataclasses.dataclass
+    class SeededVariant(nv.LoRAConfig):
+        method = "lora"  # compared as configs only: the seed of a subclass counts unless it lists it itself
+
+    assert not SeededVariant(rank=2, seed=7).same_update(SeededVariant(rank=2, seed=0))
+    assert SeededVariant(rank=2, recompute_activation=False).same_update(SeededVariant(rank=2))
+    trained = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, scale=0.3)
+    nv.save_adapter(trained, tmp_path, bits=32)
+    assert torch.equal(logits(nv.load_adapter(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, alpha=2.0)), tmp_path)),
+                       logits(trained))
+
+
+def test_a_plan_s_config_changed_after_inject_changes_nothing_the_model_or_its_files_hold(tmp_path):
+    # inject kept the plan's config itself: plan.config.scale = 3 after inject was recorded by save_adapter while the
+    # layers computed with the scale they were made with, and the file loaded as another update
+    model = tiny_vit()
+    plan = nv.plan_injection(model, nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16))
+    trained = as_if_trained(nv.inject(model, plan), 1, scale=0.3)
+    plan.config.scale = 3.0
+    nv.save_adapter(trained, tmp_path, bits=32)
+    assert torch.equal(logits(nv.load_adapter(tiny_vit(), tmp_path)), logits(trained))

@@ -365,6 +365,20 @@ def test_files_of_a_merged_model_whose_adapter_changed_since_the_merge_are_refus
     nv.save_adapter(model, tmp_path / "changed", bits=32)
 
 
+def test_a_quantisation_aware_merged_model_cast_after_its_merge_is_refused_saying_why(tmp_path):
+    # quantised anew on the range the cast gives them, its tensors no longer decode to the merged values, and the
+    # refusal said they had changed and to "undo the change", which the user never made
+    model = nv.set_quantization_aware(_adapted("lora_qv"), 8)
+    nv.merge(model)
+    nv.save_adapter(model, tmp_path / "as_merged", bits=8)
+    model.half()
+    with pytest.raises(ValueError, match=r"changed since nv.merge \(under quantisation-aware training at 8 bits a cast "
+                                         r"of the model moves them too"):
+        nv.save_adapter(model, tmp_path / "cast", bits=8)
+    nv.unmerge(model)
+    nv.save_adapter(model, tmp_path / "cast", bits=8)
+
+
 def _overflowing(model, layer_name, value=300.0):
     """Set one layer's LoRA factors so large that its ΔW (rank 2 × value²) leaves float16's range."""
     layer = nv.adapted_layers(model)[layer_name]

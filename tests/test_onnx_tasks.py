@@ -172,6 +172,15 @@ def test_a_task_whose_config_gives_the_same_update_fits_the_graph(graph_config, 
         nv.onnx_task_inputs(_task(replace(task_config, rank=4), tmp_path / "rank", 1), path)
 
 
+def test_a_task_input_export_of_a_model_holding_a_submodule_s_own_injection_is_refused(tmp_path):
+    # the graph took the inner layers' tensors as inputs under the outer config ("linear"): no task fitted it
+    model = nv.inject(tiny_vit(), "linear")
+    nv.inject(model.blocks[0], CONFIGS["nola_mlp_qv"]())
+    with pytest.raises(ValueError, match=r"its submodule blocks.0 was injected on its own"):
+        nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    assert not (tmp_path / "tasks.onnx").exists()
+
+
 def test_task_input_export_refuses_what_one_graph_cannot_serve(tmp_path):
     per_layer = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, basis="per_layer", targets=["mlp.fc1"])
     cases = [(nv.inject(tiny_vit(), per_layer), "basis='shared'"),

@@ -27,7 +27,8 @@ class AdapterConfig:
     targets: Sequence[str] = ()
     recompute_activation: bool = False
     # Fields that shape training alone (initial values, memory), never the update that trained tensors give: a task
-    # trained with other values of them loads into, and is served by, a model injected with these.
+    # trained with other values of them loads into, and is served by, a model injected with these. Read from the
+    # config's own class only: a variant that subclasses a config (its seed drawing a frozen tensor) inherits none.
     training_only: ClassVar[Tuple[str, ...]] = ("recompute_activation",)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -35,9 +36,16 @@ class AdapterConfig:
 
     def same_update(self, other: AdapterConfig) -> bool:
         """Whether trained tensors give the same update under ``other`` as under this config: the same method and
-        settings, up to the order of targets (it selects nothing: each layer's slices are sorted), ``1`` for ``1.0``
-        and the ``training_only`` fields."""
-        return _update_settings(self) == _update_settings(other)
+        ``update_settings()``."""
+        return self.update_settings() == other.update_settings()
+
+    def update_settings(self) -> Dict[str, Any]:
+        """The settings that decide the update trained tensors give: ``to_dict()`` less the class's own
+        ``training_only`` fields, with the targets sorted (their order selects nothing: each layer's slices are
+        sorted); ``1`` equals ``1.0`` in it. A method whose settings can spell one update two ways overrides it."""
+        own = type(self).__dict__.get("training_only", AdapterConfig.training_only)
+        settings = {key: value for key, value in self.to_dict().items() if key not in own}
+        return {**settings, "targets": sorted(settings.get("targets") or ())}
 
     def serialize(self) -> Union[str, Dict[str, Any]]:
         """The config as adapter files and hyper-parameters store it."""
@@ -46,11 +54,6 @@ class AdapterConfig:
     def describe(self) -> str:
         """A short human description (tables, logs)."""
         return self.method
-
-
-def _update_settings(config: AdapterConfig) -> Dict[str, Any]:
-    settings = {key: value for key, value in config.to_dict().items() if key not in type(config).training_only}
-    return {**settings, "targets": sorted(settings.get("targets") or ())}
 
 
 def as_config(config: Union[AdapterConfig, str]) -> AdapterConfig:

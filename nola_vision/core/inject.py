@@ -7,6 +7,8 @@ every parameter's ``requires_grad`` flag. One routine, ``replace_module``, swaps
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -217,9 +219,11 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
     wrapper, model = model, unwrap_model(model)
     _require_not_injected(model)
     if isinstance(config, InjectionPlan):
-        plan = config
-        plan.require_planned_config()
-        plan.require_fits(model)
+        config.require_planned_config()
+        config.require_fits(model)
+        # its own copy of the config, as plan_injection makes one: a change to the plan's after inject would be
+        # recorded by files while the layers compute with the values they were made with
+        plan = dataclasses.replace(config, config=copy.deepcopy(config.config))
     else:
         plan = plan_injection(model, config)  # validates before anything changes
     config = plan.config

@@ -534,7 +534,9 @@ class AdaptedLinear(nn.Module):
                 raise ValueError(f"{type(self).__name__} adapter tensor {name} was made on the meta device (inject "
                                  "there) and has been given no values since, so after to_empty() it holds "
                                  "uninitialised memory: load an adapter (nv.load_adapter, or a state dict holding its "
-                                 "tensors), or inject into the model once its weights are on a real device")
+                                 "tensors), write them in place under torch.no_grad() (copy_; a write through .data, "
+                                 "or under inference_mode, goes unseen), or inject into the model once its weights "
+                                 "are on a real device")
         return fake_quantize(value, self.quant_bits, factor_dtype(value.dtype)) if self.quant_bits else value
 
     def trained_values(self) -> Dict[str, Tensor]:

@@ -450,9 +450,11 @@ def require_current_merge(model: nn.Module, action: str) -> None:
         current = layer.trained_values()
         changed = [key for key, value in merged.items() if not _same_up_to_a_cast(value, current[key])]
         if changed:
+            cause = (f" (under quantisation-aware training at {layer.quant_bits} bits a cast of the model moves them "
+                     "too: each tensor is quantised anew on the range the cast gives it)" if layer.quant_bits else "")
             raise ValueError(
-                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge, so the "
-                "model still computes with the values merged then: a file of the new values would load back with "
+                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge{cause}, so "
+                "the model still computes with the values merged then: a file of the new values would load back with "
                 "other outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the "
                 "new values), or undo the change")
 

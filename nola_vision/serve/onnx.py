@@ -183,6 +183,7 @@ class _TaskInputGraph(nn.Module):
         if state.config.train_backbone:
             raise ValueError("full fine-tuning trains every weight, so tasks share nothing a graph could hold: export "
                              "each task with export_onnx(model, path)")
+        state.plan.require_own_adapters(model)  # the graph's inputs would be another injection's tensors
         dtype = next(model.parameters()).dtype
         if dtype != torch.float32:
             raise ValueError(f"the model's parameters are {dtype}, and a task-input graph takes the float32 arrays of "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ...core.config import (
     AdapterConfig,
@@ -44,6 +44,10 @@ class LoRAConfig(AdapterConfig):
         if self.alpha is not None:
             require_nonzero(self, "alpha")
         require_bool(self, "recompute_activation")
+
+    def update_settings(self) -> Dict[str, Any]:
+        """As every config's, with ``alpha`` as the scaling gives it: ``None`` is ``alpha = rank``."""
+        return {**super().update_settings(), "alpha": self.rank if self.alpha is None else self.alpha}
 
     @property
     def scaling(self) -> float:
