@@ -63,18 +63,26 @@ def test_an_empty_cub_classes_txt_is_named(tmp_path):
         build_dataset("cub200", tmp_path, "train")
 
 
-@pytest.mark.parametrize("line, text", [(3, "0 003.Bird_003"), (3, "4 003.Bird_003"), (2, "3 002.Bird_002")])
-def test_cub_class_ids_out_of_order_are_refused_naming_classes_txt_and_the_line(tmp_path, line, text):
-    # an id 0 (or a gap, or a swap) sorted the class names into other places: every label got another class's name,
-    # and the error blamed image_class_labels.txt
+@pytest.mark.parametrize("line, text, ident", [(3, "0 003.Bird_003", 0), (3, "4 003.Bird_003", 4)])
+def test_cub_class_ids_with_a_gap_are_refused_naming_classes_txt_and_the_line(tmp_path, line, text, ident):
+    # an id 0 (or a gap) sorted the class names into other places: every label got another class's name, and the
+    # error blamed image_class_labels.txt
     info = write_cub(tmp_path, num_classes=3, train_per_class=1, test_per_class=1)
     replace_line(info["folder"] / "classes.txt", line, text)
-    said = rf"classes\.txt:{line}: expected class id {line} \(the ids of classes\.txt are 1, 2, 3, \.\.\. in line "
-    said += r"order\)"
+    said = rf"classes\.txt:{line}: class id {ident} lies outside 1 to 3 \(the ids of the 3 classes in classes\.txt\)"
     for read in (lambda: build_dataset("cub200", tmp_path, "train"), lambda: dataset_class_names("cub200", tmp_path)):
-        with pytest.raises(DatasetMetadataError, match=said + rf", got '{text}'.*Fix that line") as error:
+        with pytest.raises(DatasetMetadataError, match=said + rf", in '{text}'.*Fix that line") as error:
             read()
         assert "image_class_labels" not in str(error.value)
+
+
+def test_cub_classes_listed_in_another_line_order_keep_their_names(tmp_path):
+    # classes are named in the order of their ids: a sorted or shuffled classes.txt was refused by a line-order check
+    info = write_cub(tmp_path, num_classes=3, train_per_class=1, test_per_class=1)
+    path = info["folder"] / "classes.txt"
+    names = dataset_class_names("cub200", tmp_path)
+    path.write_text("".join(reversed(path.read_text().splitlines(keepends=True))))
+    assert dataset_class_names("cub200", tmp_path) == names
 
 
 def test_a_cub_list_that_is_not_text_is_named(tmp_path):

@@ -5,6 +5,7 @@ manifest written by hand records when those do not fit their header."""
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 
 import pytest
@@ -108,3 +109,22 @@ def test_an_edited_part_is_not_taken_for_the_draw(drawn, tmp_path):
     edited.write_text(drawn.val_manifest_path.read_text().replace("part=val", "part=train", 1))
     again = replay(drawn, edited)
     assert (again.shots, again.split_seed) == (2, None)
+
+
+def test_an_earlier_manifest_of_short_classes_drawn_with_allow_fewer_replays_as_its_draw(tmp_path):
+    # every class below shots (allow_fewer) and no validation part: it was taken for "maybe the validation manifest"
+    # and replayed as written by hand, losing its seed
+    write_imagefolder(tmp_path / "few", train_per_class=3, eval_per_class=1, eval_folder="test")
+    dm = FewShotDataModule("imagefolder", root=str(tmp_path / "few"), shots=5, val_shots=0, image_size=8,
+                           allow_fewer=True, split_dir=str(tmp_path / "splits"))
+    dm.setup("fit")
+    as_an_earlier_version_wrote_it(dm.manifest_path)
+    first_class = sorted((tmp_path / "few" / "train").iterdir())[0]
+    image = sorted(first_class.iterdir())[0]
+    shutil.copy(image, first_class / f"added{image.suffix}")  # a new image: the seed now draws another split
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = FewShotDataModule("imagefolder", root=str(dm.root), shots=5, val_shots=0, image_size=8,
+                                  allow_fewer=True, split_file=str(dm.manifest_path))
+        again.setup("fit")
+    assert (again.shots, again.split_seed) == (5, 0)

@@ -95,3 +95,62 @@ def test_a_folder_deleted_while_its_path_is_checked_is_not_named_a_file_in_the_w
     monkeypatch.undo()
     (tmp_path / "file").write_text("x")
     assert storage.file_in_the_way(tmp_path / "file" / "a") == tmp_path / "file"
+
+
+def test_a_lock_file_opened_from_within_the_opening_of_another_in_one_thread_does_not_wait_for_itself(tmp_path):
+    # a signal handler that saves runs in the thread it interrupted, which may be inside _open_lock_file: a plain lock
+    # there made such a handler (a save on SIGTERM, Lightning's SIGUSR1 checkpoint) wait for ever
+    import threading
+
+    inner = tmp_path / "inner.lock"
+
+    def open_inside() -> int:
+        fd = storage._open_lock_file(lambda: os.open(inner, os.O_RDONLY | os.O_CREAT, 0o644))
+        storage._close_lock_file(fd)
+        return os.open(tmp_path / "outer.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+
+    opened = []
+    worker = threading.Thread(target=lambda: opened.append(storage._open_lock_file(open_inside)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert opened, "the nested opening waited for the outer one, in the same thread"
+    storage._close_lock_file(opened[0])
+
+
+def test_a_running_save_s_staged_set_inside_a_folder_moves_into_its_new_set_with_what_it_wrote_later(tmp_path):
+    # the staged set of a save of P/sub (which took no turns with P's first save) was linked into P's new set as a
+    # copy; what that save wrote into it afterwards, by path, went into the old copy, and its swap published a mix
+    parent = tmp_path / "P"
+    staged_sub = parent / ".sub.staged-0123456789ab"
+    staged_sub.mkdir(parents=True)
+    (staged_sub / "weights.txt").write_text("v2")
+
+    def write_later() -> None:  # after P's entries were linked, before its swap
+        (staged_sub / "config.txt").write_text("v2")
+
+    with storage.atomic_directory(parent, check=write_later) as staged:
+        (staged / "adapter.txt").write_text("adapter")
+    assert sorted(os.listdir(staged_sub)) == ["config.txt", "weights.txt"]
+
+
+def test_an_entry_replaced_again_in_the_new_set_after_the_swap_is_not_put_back(tmp_path, monkeypatch):
+    # a file saved editor-style (a temporary renamed over it) after the links were made and again just after the swap:
+    # the carry-over put the first edit over the second
+    parent = tmp_path / "P"
+    parent.mkdir()
+    (parent / "notes.txt").write_text("v0")
+
+    def editor_save(text: str) -> None:
+        (parent / ".notes.tmp").write_text(text)
+        os.rename(parent / ".notes.tmp", parent / "notes.txt")
+
+    swapped = storage._refuse_swapped_out_non_directory
+
+    def then_edit_again(old, target):
+        swapped(old, target)
+        editor_save("v2")
+
+    monkeypatch.setattr(storage, "_refuse_swapped_out_non_directory", then_edit_again)
+    with storage.atomic_directory(parent, check=lambda: editor_save("v1")) as staged:
+        (staged / "adapter.txt").write_text("adapter")
+    assert (parent / "notes.txt").read_text() == "v2"

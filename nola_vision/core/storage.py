@@ -773,9 +773,10 @@ _ANCESTOR_WAIT_S = 600.0
 # The descriptors of the lock files this process has open (writer, ancestor and temporary-file locks). A forked child
 # (a DataLoader worker started while a thread saves) gets copies, which held each lock until the child exited: saves
 # waited on it, and a child saving that folder itself waited for ever. The child lets go of them at the fork
-# (``_let_go_of_inherited_locks``); opening and closing such a descriptor and a fork take turns on ``_LOCK_FDS_GUARD``.
+# (``_let_go_of_inherited_locks``); opening and closing such a descriptor and a fork take turns on ``_LOCK_FDS_GUARD``,
+# re-entrant: a signal handler that saves runs in the thread it interrupted, which may hold it.
 _LOCK_FDS: Set[int] = set()
-_LOCK_FDS_GUARD = threading.Lock()
+_LOCK_FDS_GUARD = threading.RLock()
 
 
 def _open_lock_file(opener: Callable[[], Any], fd_of: Callable[[Any], Optional[int]] = lambda fd: fd) -> Any:
@@ -800,7 +801,7 @@ def _let_go_of_inherited_locks() -> None:
     """In a forked child: point the copies of the parent's lock descriptors at /dev/null, so that the child holds
     none of those locks (closing them could close a file that later takes the number), and count none as held."""
     global _LOCK_FDS_GUARD
-    _LOCK_FDS_GUARD = threading.Lock()  # held by the forking thread itself (``os.register_at_fork`` below)
+    _LOCK_FDS_GUARD = threading.RLock()  # held by the forking thread itself (``os.register_at_fork`` below)
     if _LOCK_FDS:
         null = os.open(os.devnull, os.O_RDONLY)
         for fd in _LOCK_FDS:
@@ -1017,24 +1018,28 @@ def _make_staging_directory(target: Path) -> Path:
             continue
 
 
-def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.stat_result], List[str], Dict[str, int]]:
+def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.stat_result], List[str],
+                                                                 Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]]]:
     """Link each entry of the old ``target`` that ``staged`` lacks into ``staged``; returns the old directory's stat,
-    the files kept as copies that this user owns instead of their owner (``_link_or_copy``) and the inode of each
-    entry linked, by name (``_carry_over_late_entries`` tells an entry replaced since by it). An entry this user
-    cannot read (another user's private folder) raises a PermissionError naming it and the fix: the new set cannot
-    hold it, and the old set stays."""
+    the files kept as copies that this user owns instead of their owner (``_link_or_copy``) and, by name, the
+    identity of each entry linked and of its copy (``_carry_over_late_entries`` tells an entry replaced since by it).
+    The staged set of a save into the directory that is still running (``.<name>.staged-<hex>``) is not linked: that
+    save goes on writing into it by path, and it moves into the new set after the swap. An entry this user cannot
+    read (another user's private folder) raises a PermissionError naming it and the fix: the new set cannot hold it,
+    and the old set stays."""
     if not target.is_dir():
         return None, [], {}
     copied: List[str] = []
-    linked: Dict[str, int] = {}
+    linked: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]] = {}
     with os.scandir(target) as entries:
         for entry in entries:
             destination = staged / entry.name
-            if os.path.lexists(destination):
+            if os.path.lexists(destination) or _STAGED_SET.fullmatch(entry.name):
                 continue
             try:
+                identity = _identity(Path(entry.path))
                 copied += _link_entry(entry, str(destination))
-                linked[entry.name] = entry.inode()
+                linked[entry.name] = (identity, _identity(destination))
             except PermissionError as error:
                 unreadable = error.filename or entry.path
                 raise PermissionError(error.errno, (
@@ -1053,6 +1058,10 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
                     f"this system. Move it out of {target}, shorten its folder names, or save elsewhere. Nothing in "
                     f"{target} was changed: a previous adapter there, if any, is intact")) from error
     return os.stat(target), copied, linked
+
+
+# The staged set of a running (or killed) save of an entry of a directory: ``.<name>.staged-<12 hex digits>``.
+_STAGED_SET = re.compile(rf"\..+\.staged-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
 
 
 def _relink_folder(source: str, destination: str) -> List[str]:
@@ -1197,9 +1206,11 @@ def _refuse_swapped_out_non_directory(old: Path, target: Path) -> None:
                          "saved: it was left in place. Save to another path, or move it away and save again")
 
 
-def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str], linked: Dict[str, int]) -> None:
+def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str],
+                             linked: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]]) -> None:
     """Move into the new set ``target`` each entry of the old set ``old`` (after the swap) that is not one of the
-    ``new_set`` names it was made with, or that is no longer the entry this save linked (``linked``: inodes by name):
+    ``new_set`` names it was made with, or that is no longer the entry this save linked, over the copy it made, if
+    that is still there (``linked``: their identities by name):
     created or replaced in the old directory after its entries were linked (by a writer that does not take turns
     with this save: a save into a subfolder of a directory saved for the first time), it would otherwise be removed
     with the old set. Where one cannot be moved, the old set is kept beside ``target`` (``<name>.late-<hex>``) with a
@@ -1212,7 +1223,8 @@ def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str], linked:
             if name not in new_set:
                 if not os.path.lexists(target / name):  # else made in the new set meanwhile: that one is the newer
                     _move_entry(old / name, target / name)
-            elif name in linked and _inode(old / name) not in (None, linked[name]):
+            elif name in linked and _identity(old / name) not in (None, linked[name][0]) and _identity(
+                    target / name) == linked[name][1]:
                 _replace_entry(old / name, target / name)
         except OSError as error:
             failed.append(f"{name} ({error.strerror or error})")
@@ -1224,12 +1236,14 @@ def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str], linked:
                   "yourself, then remove it", RuntimeWarning)
 
 
-def _inode(path: Path) -> Optional[int]:
-    """The inode of ``path`` itself (a symlink's own), or None where it is gone."""
+def _identity(path: Path) -> Optional[Tuple[int, int]]:
+    """The device and inode of ``path`` itself (a symlink's own), by ``lstat`` (a directory listing's inode differs on
+    overlayfs), or None where it is gone."""
     try:
-        return os.lstat(path).st_ino
+        info = os.lstat(path)
     except FileNotFoundError:
         return None
+    return info.st_dev, info.st_ino
 
 
 def _replace_entry(newer: Path, linked: Path) -> None:

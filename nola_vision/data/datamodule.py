@@ -383,8 +383,9 @@ def _refuse_other_part(manifest: str, role: str) -> None:
 
 def _fits_part(dataset: ImageDataset, indices: list[int], header: Dict[str, int], role: str) -> bool:
     """Whether a manifest without ``part=`` holds as many images per class as the ``role`` part of the draw its header
-    records: ``shots`` (for shots=0, more than ``val_shots`` in its largest class) for the training part, at most
-    ``val_shots`` for the validation part. A count the header does not record fits."""
+    records: for the training part ``shots`` in its largest class, or fewer (every class short: ``allow_fewer``) where
+    the draw's validation part could not hold as many (``val_shots`` 0, or below that count), and for shots=0 more than
+    ``val_shots``; at most ``val_shots`` for the validation part. A count the header does not record fits."""
     if not indices:
         return True
     most = max(Counter(dataset.samples[i][1] for i in indices).values())
@@ -392,9 +393,10 @@ def _fits_part(dataset: ImageDataset, indices: list[int], header: Dict[str, int]
     if role == "val":
         return val_shots is None or most <= val_shots
     shots = header.get("shots")
+    not_validation = not val_shots or most > val_shots
     if shots:
-        return most == shots
-    return shots is None or not val_shots or most > val_shots
+        return most == shots or (most < shots and not_validation)
+    return shots is None or not_validation
 
 
 def _warn_other_part(manifest: str, dataset: ImageDataset, indices: list[int], header: Dict[str, int],

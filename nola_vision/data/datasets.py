@@ -388,9 +388,10 @@ def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int,
 
 def _read_pairs(path: Path, fix: str, integer_values: bool = False, numbered: bool = False) -> dict[int, Any]:
     """Lines ``<id> <value>`` of a CUB metadata file as ``{id: value}``; a malformed line names the file and line.
-    ``numbered``: the ids must be 1, 2, 3, ... in line order (:func:`_refuse_misnumbered`)."""
+    ``numbered``: the ids must be 1 to the number of lines, in any order (:func:`_refuse_misnumbered`)."""
     pairs: dict[int, Any] = {}
-    for lineno, line in _text_lines(path, fix):
+    lines = _text_lines(path, fix)
+    for lineno, line in lines:
         key, _, value = line.partition(" ")
         value = value.strip()
         try:
@@ -402,18 +403,19 @@ def _read_pairs(path: Path, fix: str, integer_values: bool = False, numbered: bo
             raise DatasetMetadataError(f"{path}:{lineno}: expected '{expected}' with an integer id that is not "
                                        f"repeated, got {line!r}. {fix}")
         if numbered:
-            _refuse_misnumbered(path, lineno, line, ident, len(pairs) + 1, fix)
+            _refuse_misnumbered(path, lineno, line, ident, len(lines), fix)
         pairs[ident] = parsed
     return pairs
 
 
-def _refuse_misnumbered(path: Path, lineno: int, line: str, ident: int, expected: int, fix: str) -> None:
-    """Refuse a line of ``classes.txt`` whose id ``ident`` is not ``expected`` (ids are 1, 2, 3, ... in line order):
-    labels are ids, and a class name sorted into another place (an id 0, or a gap) shifts every later class's name."""
-    if ident != expected:
-        raise DatasetMetadataError(f"{path}:{lineno}: expected class id {expected} (the ids of {path.name} are 1, 2, "
-                                   f"3, ... in line order), got {line!r}: another id would give the classes other "
-                                   f"names than their images' labels. Fix that line. {fix}")
+def _refuse_misnumbered(path: Path, lineno: int, line: str, ident: int, count: int, fix: str) -> None:
+    """Refuse a line of ``classes.txt`` whose id ``ident`` lies outside 1 to ``count`` (its number of lines): labels
+    are ids, and classes are named in the order of their ids, so an id 0, or a gap, shifts every later class's name
+    (the order of the lines does not matter)."""
+    if not 1 <= ident <= count:
+        raise DatasetMetadataError(f"{path}:{lineno}: class id {ident} lies outside 1 to {count} (the ids of the "
+                                   f"{count} classes in {path.name}), in {line!r}: a gap in the ids would give the "
+                                   f"classes other names than their images' labels. Fix that line. {fix}")
 
 
 def _refuse_unplain_path(rel: str, where: str, fix: str) -> None:
