@@ -212,7 +212,6 @@ def require_nonzero(config: Any, *names: str) -> None:
                              "smaller value")
 
 
-
 def require_bool(config: Any, *names: str) -> None:
     """Each field ``True`` or ``False`` (a numpy bool is stored as ``bool``: it reaches the saved JSON)."""
     for name in names:

@@ -390,9 +390,7 @@ class AdaptedLinear(nn.Module):
         # The batched factors belong to one pass's autograd graph, which a copy must not share (nor can deepcopy).
         # The unmerged record's stamp names this weight's storage: the copy stamps its own (``__setstate__``), and
         # marks its own unset tensors (a copy's version counters start afresh).
-        unset = None if self.unset_tensors is None else [
-            name for name, value in self.adapter_parameters().items()
-            if self.values_unset and self._holds_no_values(name, value)]
+        unset = None if self.unset_tensors is None else self._unset_names()
         return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
                 "_pending_passes": 0, "_reading": None, "_merged_flag_version": None, "_unmerged_record": None,
                 "_copied_unmerged_record": self.unmerged_record, "unset_tensors": None if unset is None else {},
@@ -980,8 +978,15 @@ class AdaptedLinear(nn.Module):
     def holds_unset_values(self) -> bool:
         """Whether the adapter tensors hold uninitialised memory: made (or moved) on the meta device and given no
         values since, then materialised (``to_empty()``); on the meta device they hold nothing to compute with."""
-        return self.values_unset and not any(p.is_meta for p in self.adapter_parameters().values()) and any(
-            self._holds_no_values(name, value) for name, value in self.adapter_parameters().items())
+        return not any(p.is_meta for p in self.adapter_parameters().values()) and bool(self._unset_names())
+
+    def _unset_names(self, with_meta: bool = False) -> List[str]:
+        """The adapter tensors (by name) that hold no values (``_holds_no_values``), and with ``with_meta`` those on the
+        meta device too; none once the layer's values are set."""
+        if not self.values_unset:
+            return []
+        return [name for name, value in self.adapter_parameters().items()
+                if (with_meta and value.is_meta) or self._holds_no_values(name, value)]
 
     def _holds_no_values(self, name: str, value: Tensor) -> bool:
         """Whether ``value``, used as adapter tensor ``name`` of a layer whose values are unset, is one that to_empty()
@@ -997,8 +1002,7 @@ class AdaptedLinear(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AdaptedLinear:
         """``Module._apply`` (``.to()``, ``to_empty()``, ...), marking the adapter tensors unset once moved to the meta
         device: they hold no values there, nor after a later ``to_empty()``, which makes the tensors it marks."""
-        unset = [name for name, value in self.adapter_parameters().items()
-                 if self.values_unset and (value.is_meta or self._holds_no_values(name, value))]
+        unset = self._unset_names(with_meta=True)
         module = super()._apply(fn, recurse)
         parameters = self.adapter_parameters()
         if any(parameter.is_meta for parameter in parameters.values()):

@@ -1209,12 +1209,11 @@ def _refuse_swapped_out_non_directory(old: Path, target: Path) -> None:
 def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str],
                              linked: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]]) -> None:
     """Move into the new set ``target`` each entry of the old set ``old`` (after the swap) that is not one of the
-    ``new_set`` names it was made with, or that is no longer the entry this save linked, over the copy it made, if
-    that is still there (``linked``: their identities by name):
-    created or replaced in the old directory after its entries were linked (by a writer that does not take turns
-    with this save: a save into a subfolder of a directory saved for the first time), it would otherwise be removed
-    with the old set. Where one cannot be moved, the old set is kept beside ``target`` (``<name>.late-<hex>``) with a
-    warning, rather than removed."""
+    ``new_set`` names it was made with, or that is no longer the entry this save linked (put over the copy it made, if
+    that is still there; ``linked``: their identities by name). Created or replaced in the old directory after its
+    entries were linked (by a writer that does not take turns with this save: a save into a subfolder of a directory
+    saved for the first time), it would otherwise be removed with the old set. Where one cannot be moved, the old set
+    is kept beside ``target`` (``<name>.late-<hex>``) with a warning, rather than removed."""
     if not os.path.isdir(old) or os.path.islink(old):  # no old set: the save made the directory
         return
     failed = []

@@ -381,6 +381,11 @@ def _refuse_other_part(manifest: str, role: str) -> None:
                      f"as --data.{PART_OPTIONS[role]}")
 
 
+def _most_per_class(dataset: ImageDataset, indices: list[int]) -> int:
+    """The most images any class has among ``indices`` (not empty)."""
+    return max(Counter(dataset.samples[i][1] for i in indices).values())
+
+
 def _fits_part(dataset: ImageDataset, indices: list[int], header: Dict[str, int], role: str) -> bool:
     """Whether a manifest without ``part=`` holds as many images per class as the ``role`` part of the draw its header
     records: for the training part ``shots`` in its largest class, or fewer (every class short: ``allow_fewer``) where
@@ -388,7 +393,7 @@ def _fits_part(dataset: ImageDataset, indices: list[int], header: Dict[str, int]
     ``val_shots``; at most ``val_shots`` for the validation part. A count the header does not record fits."""
     if not indices:
         return True
-    most = max(Counter(dataset.samples[i][1] for i in indices).values())
+    most = _most_per_class(dataset, indices)
     val_shots = header.get("val_shots")
     if role == "val":
         return val_shots is None or most <= val_shots
@@ -403,7 +408,7 @@ def _warn_other_part(manifest: str, dataset: ImageDataset, indices: list[int], h
                      role: str) -> None:
     """Warn that a manifest without ``part=`` holds other counts per class than its header's draw gives the part it is
     passed as (``_fits_part``), so it is replayed as a manifest written by hand: it may be the draw's other part."""
-    most = max(Counter(dataset.samples[i][1] for i in indices).values())
+    most = _most_per_class(dataset, indices)
     settings = ", ".join(f"{key}={value}" for key, value in header.items())
     other = PART_NAMES["val" if role == "train" else "train"]
     records = ("shots recorded as its images per class, no split_seed" if role == "train" else
