@@ -723,3 +723,52 @@ def test_a_new_file_gets_the_mode_the_umask_gives(tmp_path, umask, expected):
     finally:
         os.umask(before)
     assert stat_mode(fresh.stat()) == expected
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_save_where_links_are_refused_keeps_a_named_pipe_and_a_socket_in_the_folder(tmp_path, monkeypatch):
+    """Where hard links are refused, the save copies each entry into the new set: shutil's copy failed on a named
+    pipe (SpecialFileError, nothing saved). A pipe or socket holds no data, so the save makes a new one like it."""
+    import socket
+
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    os.mkfifo(target / "progress.fifo", 0o640)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(target / "serve.sock"))
+
+    def refuse_links(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "links refused")
+
+    monkeypatch.setattr(os, "link", refuse_links)
+    nv.save_adapter(trained(2), target)
+    assert nv.load_adapter(trained(5), target) is not None
+    assert os.path.getsize(target / WEIGHTS_NAME) > 0
+    info = os.stat(target / "progress.fifo")
+    assert info.st_mode & 0o7777 == 0o640 and os.path.exists(target / "serve.sock")
+    assert [os.path.isfile(target / name) for name in ("progress.fifo", "serve.sock")] == [False, False]
+
+
+def test_a_special_file_the_save_cannot_re_create_fails_it_with_what_to_do(tmp_path, monkeypatch):
+    """A device node in a folder where links are refused cannot be re-created without privileges: the save says which
+    entry stops it and what to do, and the adapter saved before stays whole."""
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = (target / WEIGHTS_NAME).read_bytes()
+    os.symlink("/dev/null", target / "sink")  # stands in for the node: os.stat(follow_symlinks=False) is patched below
+    real_stat = os.stat
+
+    def node_stat(path, *args, **kwargs):
+        info = real_stat(path, *args, **kwargs)
+        if str(path).endswith("sink") and not kwargs.get("follow_symlinks", True):
+            return os.stat_result((0o20666,) + tuple(info)[1:])  # a character device
+        return info
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    monkeypatch.setattr(os, "mknod", refuse)
+    monkeypatch.setattr(os, "stat", node_stat)
+    with pytest.raises(OSError, match=r"sink is a character device, which this file system refuses to hard-link.*Move it out.*intact"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert (target / WEIGHTS_NAME).read_bytes() == before

@@ -283,11 +283,11 @@ def _protected_file_message(path: Path, writer: str) -> Optional[str]:
             f"it writable (e.g. chmod u+w {path}) to replace it, or choose another path (it was left untouched)")
 
 
-def _special_file_kind(path: Path) -> Optional[str]:
+def _special_file_kind(path: PathLike, follow_symlinks: bool = True) -> Optional[str]:
     """What an existing ``path`` is when it is neither a regular file nor a directory (a device, a FIFO, a socket), or
     None."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
     except OSError:
         return None
     kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe (FIFO)"),
@@ -1047,6 +1047,11 @@ def _keep_unwritten_entries(target: Path, staged: Path) -> Tuple[Optional[os.sta
                     "keeps every other entry of the folder (linked or copied into the new set). Make it readable to "
                     f"you, move it out of {target}, or save elsewhere. Nothing in {target} was changed: a previous "
                     "adapter there, if any, is intact")) from error
+            except shutil.SpecialFileError as error:
+                raise OSError(error.errno, (
+                    f"cannot save to {target}: {error.strerror}, and a save keeps every other entry of the folder. "
+                    f"Move it out of {target}, or save elsewhere. Nothing in {target} was changed: a previous adapter "
+                    "there, if any, is intact")) from error
             except OSError as error:
                 if error.errno != errno.ENAMETOOLONG:
                     raise
@@ -1095,11 +1100,26 @@ def _link_or_copy(source: str, destination: str) -> bool:
         os.link(source, destination, follow_symlinks=False)
         return True
     except (OSError, NotImplementedError):
-        shutil.copy2(source, destination, follow_symlinks=False)
         info = os.stat(source, follow_symlinks=False)
+        if _special_file_kind(source, follow_symlinks=False):
+            _recreate_special_file(source, destination, info)
+        else:
+            shutil.copy2(source, destination, follow_symlinks=False)
         _copy_ownership(info, destination)
         shutil.copystat(source, destination, follow_symlinks=False)
         return os.stat(destination, follow_symlinks=False).st_uid == info.st_uid
+
+
+def _recreate_special_file(source: str, destination: str, info: os.stat_result) -> None:
+    """A new node like ``source`` (a FIFO or socket holds no data; a device is its numbers): a special file has no
+    content to copy where links are refused (``shutil.copy2`` fails on it, or a FIFO blocks its read). A node this
+    user may not make (a device) raises ``shutil.SpecialFileError`` naming it."""
+    try:
+        os.mknod(destination, info.st_mode, info.st_rdev)
+    except OSError as error:
+        raise shutil.SpecialFileError(error.errno, (
+            f"{source} is a {_special_file_kind(source, follow_symlinks=False)}, which this file system refuses to "
+            f"hard-link and this user may not re-create ({error.strerror})")) from error
 
 
 def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:
