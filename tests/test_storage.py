@@ -772,3 +772,24 @@ def test_a_special_file_the_save_cannot_re_create_fails_it_with_what_to_do(tmp_p
         nv.save_adapter(trained(2), target)
     monkeypatch.undo()
     assert (target / WEIGHTS_NAME).read_bytes() == before
+
+
+def test_a_folder_its_file_system_will_not_move_fails_the_save_with_the_way_out(tmp_path, monkeypatch):
+    """overlayfs without redirect_dir refuses to rename a folder of an image's lower layer (EXDEV): the save said to
+    check for a failing disk. It now names the cause and a way out, and the adapter saved before stays whole."""
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    before = (target / WEIGHTS_NAME).read_bytes()
+    real_rename = os.rename
+
+    def lower_layer_rename(source, destination, *args, **kwargs):
+        if Path(source) == target:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(source), None, str(destination))
+        return real_rename(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(os, "rename", lower_layer_rename)
+    with pytest.raises(OSError, match=r"overlayfs .* redirect_dir on\. Nothing in .* was changed.*mv .*adapter\.moved"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert (target / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [".adapter.lock", "adapter"]

@@ -676,6 +676,13 @@ def _explained_write_failure(target: Path, unchanged: str) -> Iterator[None]:
             cause, fix = _NO_ROOM[error.errno]
             raise OSError(error.errno, f"cannot save to {target}: {cause} ({error.strerror}) while the new content "
                                        f"was written beside it. {unchanged} {fix}, then save again") from error
+        if error.errno == errno.EXDEV:
+            raise OSError(error.errno, (
+                f"cannot save to {target}: its file system would not move it within its folder to put the new content "
+                f"in its place ({error.strerror}): overlayfs (a container whose image holds the folder) moves a "
+                f"folder of a lower layer only with redirect_dir on. {unchanged} Move it once with a tool that copies "
+                f"across layers (mv {target} {target}.moved && mv {target}.moved {target}), then save again, or save "
+                "to another path")) from error
         raise OSError(error.errno, f"cannot save to {target}: {error.strerror} while the new content was written "
                                    f"beside it. {unchanged} Check the disk and its file system (a failing disk, a "
                                    "network mount gone), then save again") from error
