@@ -46,6 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from .core.interrupts import sigint_kept
     from .runs.executors import CONFIG_EXIT, DIVERGED_EXIT
     from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, keyboard_interrupt_of, run_lightning_cli
     from .train.module import NonFiniteLossError
@@ -53,7 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         # From the console script, Lightning reads sys.argv itself: given both, it warns on every run that
         # args and command-line arguments were mixed.
-        run_lightning_cli(None if argv is None else args)
+        with sigint_kept():
+            run_lightning_cli(None if argv is None else args)
     except SIGTERMException as stop:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
         print(f"nola-vision: stopped by SIGTERM {_outcome(stop)}", file=sys.stderr)
         return 143

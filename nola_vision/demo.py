@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from tqdm.auto import tqdm
 
 from .core.config import resolve_adapter
+from .core.interrupts import sigint_kept
 from .core.registry import available_methods, get_method
 from .methods import LoRAConfig, NOLAConfig
 
@@ -295,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
     kept = f"the runs that finished are kept under {args.out}; no table was printed"
     try:
-        with _warnings_in_demo_terms():
+        with _warnings_in_demo_terms(), sigint_kept():
             results = run_demo(backbone=args.backbone, dataset=args.dataset, root=args.root, shots=args.shots,
                                epochs=args.epochs, image_size=args.image_size, methods=args.methods, seeds=args.seeds,
                                pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,

@@ -335,6 +335,23 @@ def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, ca
     assert code == 2 and "resuming would train nothing" in err
 
 
+def test_a_fit_stopped_by_ctrl_c_leaves_sigint_as_it_found_it(tmp_path, capsys, monkeypatch):
+    """Lightning ignores SIGINT while it shuts down after a Ctrl-C and never restores it: a later run in the process
+    (a notebook cell, a script's second main()) could no longer be interrupted."""
+    import signal
+
+    from nola_vision.train import module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(module, "save_adapter", stopped)  # inside Trainer.fit, where Lightning handles the Ctrl-C
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)
+    assert code == 130 and "interrupted (Ctrl-C, SIGINT)" in err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 class FailInSecondEpoch(lightning.pytorch.Callback):
     """Raises a ValueError as the second epoch starts: a failure of the run, after its first epoch was kept."""
 

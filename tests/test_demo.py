@@ -215,3 +215,20 @@ def test_an_allocation_that_fails_names_the_options_that_size_it(monkeypatch, ca
     assert main(["--out", "unused"]) == 1
     err = capsys.readouterr().err
     assert "out of memory ([enforce fail" in err and "lower --rank, --num_basis, --image_size or --batch_size" in err
+
+
+def test_a_demo_stopped_by_ctrl_c_leaves_sigint_as_it_found_it(tmp_path, monkeypatch, capsys):
+    """Lightning ignores SIGINT for its shutdown after a Ctrl-C in Trainer.fit and never restores it: a second demo
+    in the process could no longer be interrupted."""
+    import signal
+
+    from nola_vision.train.module import FewShotClassifier
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(FewShotClassifier, "training_step", interrupted)
+    assert main([*TINY_ARGS, "--out", str(tmp_path), "--no_progress"]) == 130
+    assert "interrupted (Ctrl-C, SIGINT)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before

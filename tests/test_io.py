@@ -325,3 +325,18 @@ def test_an_adapter_loaded_and_saved_again_at_its_bits_keeps_its_bytes(tmp_path,
         nv.save_adapter(loaded, tmp_path / str(cycle), bits=bits)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             assert (tmp_path / str(cycle) / name).read_bytes() == (tmp_path / "0" / name).read_bytes()
+
+
+def test_an_adapter_saved_from_a_wrapper_is_not_pointed_at_a_submodule_of_the_same_class(tmp_path):
+    """Saved from nn.Sequential(vit) and loaded onto the bare ViT, the refusal advised passing the ViT's own blocks
+    (an nn.Sequential too), which fails on other grounds. It names the wrapper the file loads onto."""
+    wrapper = torch.nn.Sequential(tiny_vit())
+    nv.inject(wrapper, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    nv.save_adapter(wrapper, tmp_path)
+    refusal = r"trained on a 'Sequential' module .* load it onto a 'Sequential'"
+    with pytest.raises(AdapterLoadError, match=refusal) as err:
+        nv.load_adapter(tiny_vit(), tmp_path)
+    assert "blocks" not in str(err.value)
+    loaded = torch.nn.Sequential(tiny_vit())
+    nv.load_adapter(loaded, tmp_path)
+    assert nv.adapted_layers(loaded)

@@ -768,7 +768,8 @@ def test_a_special_file_the_save_cannot_re_create_fails_it_with_what_to_do(tmp_p
     monkeypatch.setattr(os, "link", refuse)
     monkeypatch.setattr(os, "mknod", refuse)
     monkeypatch.setattr(os, "stat", node_stat)
-    with pytest.raises(OSError, match=r"sink is a character device, which this file system refuses to hard-link.*Move it out.*intact"):
+    refusal = r"sink is a character device, which this file system refuses to hard-link.*Move it out.*intact"
+    with pytest.raises(OSError, match=refusal):
         nv.save_adapter(trained(2), target)
     monkeypatch.undo()
     assert (target / WEIGHTS_NAME).read_bytes() == before

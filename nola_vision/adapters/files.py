@@ -101,8 +101,12 @@ class AdapterLoadError(ValueError):
 
 def architecture_name(model: nn.Module) -> str:
     """The timm architecture (without pretrained tag) from the model's pretrained cfg, else its class name."""
+    return _timm_architecture(model) or type(model).__name__
+
+
+def _timm_architecture(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
+    return cfg.get("architecture")
 
 
 def pooling_of(model: nn.Module) -> Optional[str]:
@@ -902,12 +906,17 @@ def _check_architecture(model: nn.Module, document: dict) -> None:
     backbone, model_arch = document["backbone"], architecture_name(model)
     if backbone == model_arch:
         return
-    # A wrapper of the backbone (a FewShotClassifier, a notebook's own module): name the module to pass instead
-    inner = next((name for name, module in model.named_modules() if name and architecture_name(module) == backbone),
+    # A wrapper of the timm backbone (a FewShotClassifier, a notebook's own module): name the module to pass instead.
+    # Only a timm architecture names a backbone: a class name such as "Sequential" would match a ViT's own blocks.
+    inner = next((name for name, module in model.named_modules() if name and _timm_architecture(module) == backbone),
                  None)
     if inner is not None:
         raise AdapterLoadError(f"adapter was trained on {backbone!r}, which the model ({model_arch!r}) holds as its "
                                f"submodule {inner!r}: pass that module, model.get_submodule({inner!r})")
+    if backbone[:1].isupper():  # a class name: the file was saved from a module of the user's own, such as a wrapper
+        raise AdapterLoadError(f"adapter was trained on a {backbone!r} module (the model it was saved from had no timm "
+                               f"architecture), but the model is {model_arch!r}: load it onto a {backbone!r} built as "
+                               "the one it was saved from (an adapter saved from a wrapper loads onto that wrapper)")
     raise AdapterLoadError(f"adapter was trained on {backbone!r} but the model is {model_arch!r}: create the "
                            f"model with timm.create_model({backbone!r}, ...)")
 

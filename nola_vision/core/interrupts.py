@@ -8,7 +8,23 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, List
 
-__all__ = ["all_or_nothing", "interrupts_deferred"]
+__all__ = ["all_or_nothing", "interrupts_deferred", "sigint_kept"]
+
+
+@contextmanager
+def sigint_kept() -> Iterator[None]:
+    """Put back the SIGINT handler a block found when the block left SIGINT ignored: Lightning ignores it for its
+    shutdown after a Ctrl-C in ``Trainer.fit`` and never restores it, so a later run in the process (a script calling
+    ``main`` twice) could no longer be interrupted. Only the main thread sets handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
