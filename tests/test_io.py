@@ -340,3 +340,18 @@ def test_an_adapter_saved_from_a_wrapper_is_not_pointed_at_a_submodule_of_the_sa
     loaded = torch.nn.Sequential(tiny_vit())
     nv.load_adapter(loaded, tmp_path)
     assert nv.adapted_layers(loaded)
+
+
+def test_a_features_only_adapter_and_a_classifiers_are_refused_on_each_other_naming_the_wrapper(tmp_path):
+    """timm's features_only=True model holds the backbone as 'model': its adapter loaded onto the classifier (and the
+    reverse) was refused as "a constructor setting that adds or removes parameters differs", naming none of them."""
+    config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)
+    features, classifier = tiny_vit(features_only=True, out_indices=(1,)), tiny_vit()
+    for model, folder in ((features, tmp_path / "features"), (classifier, tmp_path / "classifier")):
+        nv.inject(model, config)
+        nv.save_adapter(model, folder)
+    with pytest.raises(AdapterLoadError, match=r"held this backbone as its submodule 'model' \(timm's features_only"):
+        nv.load_adapter(tiny_vit(), tmp_path / "features")
+    with pytest.raises(AdapterLoadError, match=r"was the backbone alone, which this model holds as a submodule"):
+        nv.load_adapter(tiny_vit(features_only=True, out_indices=(1,)), tmp_path / "classifier")
+    nv.load_adapter(tiny_vit(features_only=True, out_indices=(1,)), tmp_path / "features")

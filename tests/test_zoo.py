@@ -132,7 +132,7 @@ def _trained_zoo_model():
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_a_zoo_models_own_state_dict_as_pretrained_file_keeps_its_adapter_and_head(tmp_path, suffix):
+def test_a_zoo_models_own_state_dict_as_pretrained_file_keeps_its_adapter_and_head(tmp_path, suffix, caplog):
     from safetensors.torch import save_file
 
     model = _trained_zoo_model()
@@ -141,9 +141,16 @@ def test_a_zoo_models_own_state_dict_as_pretrained_file_keeps_its_adapter_and_he
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
     x = torch.randn(2, 3, 32, 32)
     # timm loaded the base weights and dropped the adapter tensors (unexpected keys) and the head (num_classes=3)
-    loaded = timm.create_model("vit_tiny_patch16_224_nola", pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(path)), **ZOO_KW).eval()
+    with caplog.at_level("INFO", logger="timm"):
+        loaded = timm.create_model("vit_tiny_patch16_224_nola", pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(path)), **ZOO_KW).eval()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # timm's "Unexpected keys (...nola_alpha...)" warning told of adapters dropped that the model then loads
+    assert "Unexpected keys" not in caplog.text
+    with caplog.at_level("INFO", logger="timm"):
+        timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          pretrained_strict=False, **ZOO_KW)
+    assert "Unexpected keys (blocks.0.mlp.fc1._extra_state" in caplog.text  # outside the _nola load: timm's own
 
 
 def test_a_pretrained_file_of_another_nola_model_is_refused(tmp_path):

@@ -921,6 +921,25 @@ def _check_architecture(model: nn.Module, document: dict) -> None:
                            f"model with timm.create_model({backbone!r}, ...)")
 
 
+def _check_wrapping(model: nn.Module, document: dict) -> None:
+    """Refuse, naming the wrapper, a file whose layers are this model's under one more (or one less) leading name:
+    timm's ``features_only=True`` model holds the backbone as ``model`` (and drops what follows its last output), so
+    its adapter does not fit the backbone built as a classifier, nor the reverse."""
+    saved, modules = list(document["layers"]), {name for name, _ in model.named_modules()}
+    if not saved or any(name in modules for name in saved):
+        return
+    outer = {name.split(".", 1)[0] for name in saved}
+    if len(outer) == 1 and all("." in name and name.split(".", 1)[1] in modules for name in saved):
+        held = f"held this backbone as its submodule {outer.pop()!r}"
+    elif any(all(f"{top}.{name}" in modules for name in saved) for top in {n.split(".", 1)[0] for n in modules if n}):
+        held = "was the backbone alone, which this model holds as a submodule"
+    else:
+        return
+    raise AdapterLoadError(f"adapter was saved from a model that {held} (timm's features_only=True model holds it as "
+                           f"'model'), so its layers ({saved[0]}, ...) are not this model's: build the model as the "
+                           "one it was saved from (features_only=True with the same out_indices, or not)")
+
+
 def _check_pooling(model: nn.Module, document: dict) -> None:
     trained, pooling = document.get("pooling"), pooling_of(model)
     if trained is not None and pooling is not None and trained != pooling:
@@ -1329,6 +1348,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     document, stored, quantization = read_adapter(directory, allow_unchecked_legacy=allow_unchecked_legacy)
     _check_architecture(model, document)
     _check_pooling(model, document)
+    _check_wrapping(model, document)
     _check_settings(model, document)
     _check_injected_head(model)
     plan = _plan_for(model, document)

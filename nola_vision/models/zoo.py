@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import pickle
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -149,7 +151,8 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     if adapted_checkpoint:
         kwargs = {key: value for key, value in kwargs.items() if key != "checkpoint_path"}
     try:
-        model = timm.create_model(model_name, **_loading(kwargs, weights))
+        with _quiet_about_adapter_entries(weights):
+            model = timm.create_model(model_name, **_loading(kwargs, weights))
     except TypeError as err:  # the model class's own "__init__() got an unexpected keyword argument 'x'"
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if unexpected is None or unexpected.group(1) not in kwargs:  # raised inside the build, not for an argument
@@ -315,6 +318,28 @@ def _loading(kwargs: Dict[str, Any], weights: Optional[_LocalWeights]) -> Dict[s
     return {**kwargs, "pretrained_strict": False} if weights and adapter_entries(weights.state) else kwargs
 
 
+@contextmanager
+def _quiet_about_adapter_entries(weights: Optional[_LocalWeights]) -> Iterator[None]:
+    """Drop timm's warning of "Unexpected keys" when they are all adapter entries of ``weights``: it leaves them out
+    of its non-strict load, and they are loaded after injection or the file is refused (``_load_saved_adapter``), so
+    the warning would tell of adapters dropped that were not."""
+    entries = set(adapter_entries(weights.state)) if weights else set()
+    if not entries:
+        yield
+        return
+
+    def keep(record: logging.LogRecord) -> bool:
+        listed = re.match(r"Unexpected keys \((.*)\) found while loading", str(record.msg))
+        return listed is None or not set(listed.group(1).split(", ")) <= entries
+
+    logger = logging.getLogger("timm.models._builder")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _check_overlay_covers(model: nn.Module, weights: _LocalWeights) -> set:
     """Refuse local weights that leave a backbone weight unset or hold other weights (timm loads them non-strictly
     for another ``num_classes``, leaving random weights in place); the classifier and adapter entries aside. A
@@ -468,7 +493,8 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
         # The base entrypoint resolves the pretrained tag (passed as pretrained_cfg) and loads weights first.
         weights = _local_weights(name, {**kwargs, "pretrained": pretrained})
         try:
-            model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, weights))
+            with _quiet_about_adapter_entries(weights):
+                model = model_entrypoint(base)(pretrained=pretrained, **_loading(kwargs, weights))
         except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
             if weights and _read_but_misfit(err) and _other_outputs(_torch_lines(err)):  # timm.create_model's too
                 raise _misfit(weights.label, name, err) from err
