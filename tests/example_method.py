@@ -1,4 +1,5 @@
-"""The example of README's "Adding a method": LoRA with a frozen random A, where only B trains.
+"""The example of the guide "Adding a method" (docs/guides/adding-a-method.md): LoRA with a frozen random A, where
+only B trains.
 
 The whole method is this module: a config, a layer and one registration line. ``conftest.py`` imports it, so
 it is registered for the whole test session and the method matrix (``method_matrix.py``) runs the full

@@ -257,3 +257,14 @@ def test_an_adapter_dir_that_is_a_file_is_refused_before_training_and_left_untou
     assert "is an existing file, not a directory" in run.stderr and "Traceback" not in run.stderr
     assert target.read_text() == "my notes" and not (tmp_path / "result.json").exists()
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.glob(".adapter*"))
+
+
+def test_usage_lines_and_tips_name_the_command_however_it_was_started(capsys):
+    """Started as `python -m nola_vision.cli`, the usage line and the tip of a misspelt option named "cli.py"
+    (Lightning takes the program's name from sys.argv[0]): `cli.py fit --help` runs nothing."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: nola-vision [options] fit")
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.shotz", "3"])
+    assert "run: nola-vision fit --help" in capsys.readouterr().err

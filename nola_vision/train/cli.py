@@ -1986,9 +1986,12 @@ RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError, OutputKeptError)
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
     """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
-    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, **CLI_SETTINGS)
+    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, parser_kwargs={"prog": PROG},
+                   **CLI_SETTINGS)
 
 
+# The command's name in usage lines and tips, however it was started (``python -m nola_vision.cli`` named "cli.py").
+PROG = "nola-vision"
 CLI_SETTINGS: Dict[str, Any] = {"save_config_callback": RunConfigSaver, "save_config_kwargs": {"overwrite": True},
                                 "auto_configure_optimizers": False}
 
@@ -2008,7 +2011,7 @@ def cli_parser() -> Any:
 
     exact = {"allow_abbrev": False}
     try:
-        ParserOnly(FewShotClassifier, FewShotDataModule, args=[], parser_kwargs={**exact, **{
+        ParserOnly(FewShotClassifier, FewShotDataModule, args=[], parser_kwargs={**exact, "prog": PROG, **{
             subcommand: exact for subcommand in NolaCLI.subcommands()}}, **CLI_SETTINGS)
     except _Built as built:
         return built.args[0]
