@@ -75,6 +75,7 @@ from .protocol import (
     run_protocol,
 )
 from .results import (
+    CONFIG_FILE,
     JOB_LOCK_FILE,
     RESULT_FILE,
     adopt_result,
@@ -84,10 +85,12 @@ from .results import (
     config_key,
     counted,
     data_digests,
+    effective_overrides,
     finished_result,
     first_line,
     image_changes,
     override_changes,
+    parse_overrides,
     read_result,
     refuse_foreign_file,
     result_counts,
@@ -339,6 +342,10 @@ class _Search:
                     if used >= self.tpe_budget:
                         return None
                     trial = self.study.ask()
+                    # Drawn now, by a sampler seeded with the trial's number: one seeded once per process replayed
+                    # its draws in a resumed search and in each worker of a shared study (the same points again).
+                    self.study.sampler = optuna.samplers.TPESampler(seed=trial.number)
+                    self._suggest(trial)
                     self._beat(trial)
                     self.started += 1
                     return trial
@@ -627,8 +634,9 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
         study.set_user_attr("settings", key)
         return study, storage, key
     differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-    if not differing or set(differing) <= {"config_hash", "overrides"} and same_settings(old, key):
-        return study, storage, old  # the same settings (overrides perhaps in another order): the study's fits count
+    if not differing or set(differing) <= {"config_hash", "configs", "overrides"} and same_settings(old, key):
+        # the same settings (the same config files by another path, overrides in another order): its fits count
+        return study, storage, old
     changes = [override_changes(old.get("overrides", []), key["overrides"]) if k == "overrides" else
                f"{k}: before {old.get(k)}, now {key.get(k)}" for k in differing if k != "config_hash"]
     raise ValueError(f"study {name!r} in {storage_url} was made with other settings ({'; '.join(changes)}); pass "
@@ -762,6 +770,8 @@ def run_tune(
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
     key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
+    if not skip_protocol:
+        _refuse_a_row_no_choice_fits(root, key, grid)
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     check_sqlite_storage(url)
     study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
@@ -818,9 +828,10 @@ def run_tune(
             if _earlier_choice(root) == chosen["overrides"]:  # the row of the same choice refused (its data changed)
                 raise ValueError(f"the protocol row of the search's choice, {' '.join(chosen['overrides'])} (trial "
                                  f"#{best.number}), cannot take more runs: {error}") from None
+            earlier = (". best.json and best.yaml still name the earlier choice" if _earlier_choice(root) is not None
+                       else "")
             raise ValueError(f"the search now chooses {' '.join(chosen['overrides'])} (trial #{best.number}), but "
-                             f"the protocol row cannot take it: {error}. best.json and best.yaml still name the "
-                             "earlier choice") from None
+                             f"the protocol row cannot take it: {error}{earlier}") from None
     write_set_atomic([  # one choice: never a best.json of the new one beside a best.yaml of the old
         (root / "best.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n", _checked(root / "best.json")),
         (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(_nested(best.params), sort_keys=True),
@@ -832,6 +843,30 @@ def run_tune(
         run_protocol(configs, out=out, name=name, split_seeds=protocol_split_seeds, init_seeds=protocol_init_seeds,
                      overrides=[*overrides, *_param_args(best.params)], python=python, echo=echo, executor=executor)
     return chosen
+
+
+def _refuse_a_row_no_choice_fits(root: Path, key: Dict[str, Any], grid: Dict[str, List[Any]]) -> None:
+    """Refuse, before the first trial, a protocol row already at ``root`` (one ``nola-vision protocol`` made) whose
+    settings no grid point gives: the search would run every trial, then find that the protocol of its choice cannot
+    add to the row. Other config files are told at once; a row recorded before named files counted, or naming files
+    other than these settings, is left to the check after the search."""
+    try:
+        recorded = json.loads((root / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(recorded, dict) or "files" not in recorded and key.get("files"):
+        return
+    if recorded.get("files", {}) != key.get("files", {}):
+        return
+    rows = effective_overrides(recorded.get("overrides", []))
+    fits = recorded.get("config_sha256") == key["config_sha256"] and any(
+        rows == effective_overrides([*key["overrides"], *(f"{k}={v}" for k, v in parse_overrides(_param_args(p)))])
+        for p in grid_points(grid))
+    if not fits:
+        raise ValueError(f"{root} holds a protocol row made with settings that no choice of this search gives (see "
+                         f"{root / CONFIG_FILE}: configs {recorded.get('configs')}, overrides "
+                         f"{recorded.get('overrides')}), so the protocol of its choice could not add to it. Pass "
+                         "another --name, or --skip_protocol to search only (nothing was run)")
 
 
 def _earlier_choice(root: Path) -> Optional[List[str]]:

@@ -1,0 +1,92 @@
+"""Resuming a search: TPE draws on as one uninterrupted search would (so does another worker of the study), and
+the same config files named by another path resume the study."""
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from nola_vision.runs.protocol import run_protocol
+from nola_vision.runs.tune import run_tune
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_offline.yaml")
+GRID = {"model.lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "model.head_lr": [1e-3, 1e-2, 1e-1]}
+FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2"]
+
+
+def scored_fit(tmp_path):
+    """A stand-in for `nola-vision fit` whose validation accuracy is a fixed function of the grid point."""
+    script = tmp_path / "fake_python"
+    script.write_text(f"""#!{sys.executable}
+import hashlib, json, sys
+args = sys.argv[1:]
+value = lambda flag, default=None: args[len(args) - args[::-1].index(flag)] if flag in args else default
+point = f"{{float(value('--model.lr', '0.03'))}}|{{float(value('--model.head_lr', '0.01'))}}"
+acc = int(hashlib.sha256(point.encode()).hexdigest()[:8], 16) / 2 ** 32
+metrics = {{"val/acc": acc, **({{}} if value("--test_after_fit") == "false" else {{"test/acc": acc}})}}
+json.dump({{"metrics": metrics, "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def points(out):
+    """The grid point of each trial of the study, in trial order."""
+    with sqlite3.connect(Path(out) / "t" / "tune.db") as db:
+        rows = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p "
+                          "on p.trial_id = t.trial_id order by t.number, p.param_name").fetchall()
+    trials = {}
+    for number, name, value in rows:
+        trials.setdefault(number, []).append((name, value))
+    return [tuple(trials[number]) for number in sorted(trials)]
+
+
+def test_a_resumed_tpe_search_goes_on_drawing_as_the_uninterrupted_one_did(tmp_path):
+    """A search resumed in a new process drew its first points again (a sampler seeded once per process), used its
+    budget on them and could choose another recipe than the uninterrupted search."""
+    search = dict(grid=GRID, name="t", sampler="tpe", skip_protocol=True, overrides=FAST,
+                  python=scored_fit(tmp_path), echo=False)
+    whole = run_tune([TINY], out=str(tmp_path / "whole"), n_trials=6, **search)
+    run_tune([TINY], out=str(tmp_path / "resumed"), n_trials=3, **search)  # stopped after its third trial
+    resumed = run_tune([TINY], out=str(tmp_path / "resumed"), n_trials=6, **search)
+    drawn = points(tmp_path / "whole")
+    assert len(drawn) == 6 and drawn[3:] != drawn[:3]
+    assert points(tmp_path / "resumed") == drawn
+    assert resumed["params"] == whole["params"]
+
+
+def test_the_same_config_named_by_another_path_resumes_the_study(tmp_path, monkeypatch):
+    """Re-run as `-c ./cfgs/tiny.yaml` (or by its absolute path, from a script), a search begun as `-c cfgs/tiny.yaml`
+    was refused as made with other settings, though the files are the same (protocol compares their content)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfgs").mkdir()
+    shutil.copy(TINY, tmp_path / "cfgs" / "tiny.yaml")
+    search = dict(grid={"model.lr": [1e-4, 1e-3], "model.head_lr": [1e-2]}, out="out", name="t", skip_protocol=True,
+                  overrides=FAST, python=scored_fit(tmp_path), echo=False)
+    first = run_tune(["cfgs/tiny.yaml"], n_trials=1, **search)
+    assert first is None  # one grid point left
+    chosen = run_tune([str(tmp_path / "cfgs" / "tiny.yaml")], **search)
+    assert chosen is not None and len(points("out")) == 2
+    assert run_tune(["./cfgs/tiny.yaml"], **search)["params"] == chosen["params"]
+
+
+def test_a_protocol_row_no_choice_of_the_search_fits_is_refused_before_the_first_trial(tmp_path):
+    """`tune --name r` over a row `protocol --name r` made with other settings ran every trial, then refused the
+    choice (saying that best.json, never written, still named an earlier one)."""
+    fit = scored_fit(tmp_path)
+    grid = {"model.lr": [1e-4, 1e-3], "model.head_lr": [1e-2]}
+    run_protocol([TINY], out=str(tmp_path / "out"), name="r", split_seeds=[0], init_seeds=[0], python=fit, echo=False,
+                 overrides=[*FAST, "--model.lr", "0.03"])
+    with pytest.raises(ValueError, match=r"holds a protocol row made with settings that no choice of this search "
+                                         r"gives .*--skip_protocol to search only \(nothing was run\)"):
+        run_tune([TINY], grid=grid, out=str(tmp_path / "out"), name="r", overrides=FAST, python=fit, echo=False)
+    assert not (tmp_path / "out" / "r" / "tune").exists()
+    # a row of the grid's choice (its values spelled otherwise) is the protocol of that choice
+    run_protocol([TINY], out=str(tmp_path / "out"), name="s", split_seeds=[0], init_seeds=[0], python=fit, echo=False,
+                 overrides=[*FAST, "--model.lr", "0.0001", "--model.head_lr", "0.010"])
+    chosen = run_tune([TINY], grid={**grid, "model.lr": [1e-4]}, out=str(tmp_path / "out"), name="s", overrides=FAST,
+                      python=fit, echo=False, protocol_split_seeds=[0], protocol_init_seeds=[0])
+    assert chosen is not None and (tmp_path / "out" / "s" / "tune").is_dir()
