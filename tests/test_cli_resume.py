@@ -275,7 +275,7 @@ def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, c
     assert code == 2 and "saved after step 2, 2 batches into epoch 0" in err and "never train" in err
     # its only epoch=E-step=S.ckpt is this one: the advice to resume from an epoch's end alone left the user stuck
     assert [p.name for p in checkpoint.parent.glob("epoch=*.ckpt")] == ["epoch=0-step=2.ckpt"]
-    assert "a run that max_steps stopped inside an epoch keeps none" in " ".join(err.split())
+    assert "a run stopped inside its first epoch keeps none" in " ".join(err.split())
     assert not list((tmp_path / "resumed").rglob("*.ckpt"))
     from nola_vision.train.module import _require_epoch_end
 

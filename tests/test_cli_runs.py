@@ -81,6 +81,36 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_run(tmp_path, capsys)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_stopped_after_a_save_inside_an_epoch_resumes_from_the_epoch_before_exactly(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Validation inside each epoch saves last.ckpt (and the epoch's checkpoint) there, where no fit resumes from: a
+    run stopped inside an epoch kept nothing to resume, every trained epoch lost. The end of the epoch before is kept
+    as epoch-end.ckpt, and --ckpt_path last resumes from it, training as the uninterrupted run did."""
+    from nola_vision.train.module import FewShotClassifier
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    fit = [*FIT, "--test_after_fit", "false", "--trainer.max_epochs", 3, "--data.val_shots", 2,
+           "--trainer.val_check_interval", 0.5]
+    assert run(capsys, *fit, "--trainer.default_root_dir", whole)[0] == 0
+    step = FewShotClassifier.training_step
+
+    def stopped_in_epoch_2(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 2:  # after the epoch's first validation saved last.ckpt
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    code, err = run(capsys, *fit, "--trainer.default_root_dir", parts)
+    kept = parts / "checkpoints" / "epoch-end.ckpt"
+    assert code == 130 and f"resume with --ckpt_path {kept}" in err
+    assert torch.load(kept, weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(FewShotClassifier, "training_step", step)
+    with pytest.warns(UserWarning, match=f"resuming from {re.escape(str(kept))}, saved at the end of the epoch"):
+        assert run(capsys, *fit, "--trainer.default_root_dir", parts, "--ckpt_path", "last")[0] == 0
+    a, b = (trained_tensors(root / "checkpoints" / "last.ckpt") for root in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resuming_on_another_split_is_refused(tmp_path, capsys):
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -313,10 +314,26 @@ class FinalWeights(Callback):
         self.validated_step: Optional[int] = None
         self.kept: Optional[str] = None
         self._resumed_states: Dict[str, Any] = {}
+        self._resumed_step: Optional[int] = None  # the step a resumed fit started at
         self._passes_started = False  # a batch was taken: a later error is the run's, not its configuration's
 
     def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
         self._passes_started = True
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the checkpoint of the previous epoch's end as ``epoch-end.ckpt`` (a hard link, no copy): a save
+        inside this epoch (validation inside it, every n steps, a stop for ``max_time``) replaces ``last.ckpt`` and
+        the epoch's checkpoint with one that no fit resumes from, and a run stopped then kept none to resume."""
+        if trainer.fast_dev_run or not trainer.global_step or not trainer.is_global_zero:
+            return
+        callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        saved = [c.last_model_path for c in callbacks
+                 if c.last_model_path and c._last_global_step_saved == trainer.global_step]
+        source = next(iter(saved), None)
+        if source is None and trainer.global_step == self._resumed_step and _epoch_start_of(trainer.ckpt_path, trainer):
+            source = trainer.ckpt_path  # the first epoch of a resumed fit: it logs to a new folder, perhaps
+        if source is not None and callbacks and "://" not in str(callbacks[0].dirpath):
+            keep_epoch_end(Path(source), Path(callbacks[0].dirpath) / EPOCH_END_CHECKPOINT)
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._passes_started = self._passes_started or not trainer.sanity_checking
@@ -334,6 +351,7 @@ class FinalWeights(Callback):
         """A resume logs to a new ``version_N`` folder, and Lightning then forgets the scores of the checkpoints a
         monitoring callback kept in the run's earlier folder: its first new epoch would count as the best. They are
         taken up again (files that are gone left out); Lightning deletes no file outside its own folder."""
+        self._resumed_step = trainer.global_step if trainer.ckpt_path else None
         for callback in trainer.checkpoint_callbacks:
             state = self._resumed_states.get(getattr(callback, "state_key", None))
             if (isinstance(callback, ModelCheckpoint) and callback.monitor is not None and isinstance(state, dict)
@@ -384,6 +402,55 @@ class FinalWeights(Callback):
         saved_step = callback._last_global_step_saved
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
         callback._last_global_step_saved = saved_step
+
+
+# The checkpoint of the latest epoch's end, beside ``last.ckpt``: what a fit stopped inside an epoch resumes from.
+EPOCH_END_CHECKPOINT = "epoch-end.ckpt"
+
+
+def keep_epoch_end(source: Path, kept: Path) -> None:
+    """Put ``source`` at ``kept`` in one step (hard-linked where the file system allows, else copied); a failure
+    warns: the run goes on, only a stop inside the coming epoch would keep nothing to resume from."""
+    if not source.is_file() or kept.exists() and os.path.samefile(source, kept):
+        return
+    staged = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+        try:
+            os.link(source, staged)
+        except OSError:
+            shutil.copyfile(source, staged)
+        os.replace(staged, kept)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        rank_zero_warn(f"nola_vision: could not keep {source} as {kept} ({error.strerror or error}): a run stopped "
+                       "inside the coming epoch would keep no checkpoint to resume from")
+
+
+def _resumable_last(last: Path) -> str:
+    """``last``, or where it was saved inside an epoch (a fit resumes from no such checkpoint) the checkpoint of the
+    latest epoch's end beside it (``epoch-end.ckpt``), with a warning: that epoch trains again from its start."""
+    kept = last.with_name(EPOCH_END_CHECKPOINT)
+    if not kept.is_file() or _resumable(last) or not _resumable(kept):
+        return str(last)
+    rank_zero_warn(f"nola_vision: --ckpt_path last: {last} was saved inside an epoch (a stop for max_time or a "
+                   "signal, validation inside the epoch, or a save every n steps), and a resume from it would skip "
+                   f"the rest of that epoch; resuming from {kept}, saved at the end of the epoch before, so the "
+                   "epoch it stopped inside trains again from its start")
+    return str(kept)
+
+
+def _epoch_start_of(path: str, trainer: Trainer) -> bool:
+    """Whether a resumed fit starts from ``path``, a checkpoint saved at an epoch's end, at this very step."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 (a remote or unreadable path: nothing to keep)
+        return False
+    return (isinstance(saved, dict) and saved.get("global_step") == trainer.global_step
+            and not batches_into_epoch(saved))
 
 
 def _whole_epochs(trainer: Trainer) -> int:
@@ -724,6 +791,8 @@ class NolaCLI(LightningCLI):
             config.ckpt_path = find_best_checkpoint(run or root, runs_below=run is None, dirpaths=dirpaths)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(run or root, runs_below=run is None, dirpaths=dirpaths)
+            if config.ckpt_path is not None and self.config.get("subcommand") == "fit":
+                config.ckpt_path = _resumable_last(Path(config.ckpt_path))
             if config.ckpt_path is None:
                 where = (f"in {run}, the folder of the run's config.yaml given with -c" if run else
                          f"under {root} (nor its <name>/version_N folders)")

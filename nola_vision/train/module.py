@@ -1395,16 +1395,17 @@ def batches_into_epoch(checkpoint: Mapping[str, Any]) -> int:
 
 
 def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
-    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` stopped it there, validation
-    inside an epoch saved it, or a callback saving every n steps): Lightning resumes at the next epoch, so the rest of
-    that epoch's batches would silently never train. A loader whose state the checkpoint holds (a stateful one)
-    continues inside the epoch, and is let through."""
+    """Refuse to resume training from a checkpoint saved inside an epoch (``max_steps`` or ``max_time`` stopped it
+    there, validation inside an epoch saved it, or a callback saving every n steps): Lightning resumes at the next
+    epoch, so the rest of that epoch's batches would silently never train. A loader whose state the checkpoint holds
+    (a stateful one) continues inside the epoch, and is let through."""
     done = batches_into_epoch(checkpoint)
     if done:
         raise ValueError(f"the checkpoint was saved after step {checkpoint.get('global_step')}, {done} batches into "
-                         f"epoch {checkpoint.get('epoch')} (trainer.max_steps stopped the run there, or it was "
-                         "saved by validation inside an epoch, val_check_interval, or every n steps), and a resume "
-                         "starts at the next epoch: the rest of that epoch's batches would never train. Resume from a "
-                         "checkpoint saved at the end of an epoch (epoch=E-step=S.ckpt) where the run kept one; a run "
-                         "that max_steps stopped inside an epoch keeps none (the checkpoint it saved there replaced "
-                         "the epoch's), so train it again, stopped at an epoch's end with trainer.max_epochs")
+                         f"epoch {checkpoint.get('epoch')} (trainer.max_steps or max_time stopped the run there, or "
+                         "it was saved by validation inside an epoch, val_check_interval, or every n steps), and a "
+                         "resume starts at the next epoch: the rest of that epoch's batches would never train. Resume "
+                         "from the checkpoint of the latest epoch's end, which fit keeps as epoch-end.ckpt beside "
+                         "last.ckpt (--ckpt_path last takes it), or an epoch=E-step=S.ckpt; a run stopped inside its "
+                         "first epoch keeps none, so train it again, stopped at an epoch's end with "
+                         "trainer.max_epochs")
