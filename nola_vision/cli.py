@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import List, Optional
 
 import torch
@@ -75,6 +76,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if refused or getattr(err, "before_run", False):  # a refusal before the run; else the run failed
             return CONFIG_EXIT
         return DIVERGED_EXIT if isinstance(err, NonFiniteLossError) else 1
+    except Exception as err:  # a run's own failure (out of memory, a callback's bug): its traceback, then what it kept
+        kept = _kept(err)
+        if not kept:
+            raise
+        traceback.print_exc()
+        memory = isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+        hint = " (out of memory: lower --data.batch_size, or train in --trainer.precision bf16-mixed)" if memory else ""
+        print(f"nola-vision: error: the run failed with the {type(err).__name__} above{hint}{kept}", file=sys.stderr)
+        return 1
     finally:
         close_process_group()
     return 0

@@ -264,6 +264,16 @@ def test_a_python_trainer_accumulating_a_negative_number_of_batches_is_refused_a
         check_training_length(L.Trainer(accumulate_grad_batches=-1, logger=False, default_root_dir=tmp_path))
 
 
+@pytest.mark.parametrize("least, most", [("min_epochs", "max_epochs"), ("min_steps", "max_steps")])
+def test_a_minimum_above_its_maximum_is_refused_before_training(tmp_path, capsys, least, most):
+    """--trainer.min_epochs 5 --trainer.max_epochs 3 trained 3 epochs without a word (Lightning stops at the max)."""
+    code = main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), f"--trainer.{least}", "5",
+                 f"--trainer.{most}", "3", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and f"trainer.{least}=5 is above trainer.{most}=3" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_resuming_from_a_checkpoint_saved_inside_an_epoch_is_refused(tmp_path, capsys):
     first = run_lightning_cli(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path / "first"),
                                "--trainer.max_steps", "2", "--test_after_fit", "false", *QUIET])

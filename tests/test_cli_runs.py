@@ -382,6 +382,52 @@ def test_a_fit_stopped_by_ctrl_c_leaves_sigint_as_it_found_it(tmp_path, capsys, 
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_fit_whose_export_failed_is_finished_into_another_adapter_dir_at_other_bits(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Its export failed on a full disk, the resume that finishes a run was refused for --model.adapter_dir (and
+    --model.adapter_bits) differing from the checkpoint's, though neither changes what the run trains."""
+    from nola_vision.train import module
+
+    export = module.save_adapter
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    fit = [*FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1, "--test_after_fit", "false"]
+    monkeypatch.setattr(module, "save_adapter", disk_full)
+    assert run(capsys, *fit)[0] == 1
+    monkeypatch.setattr(module, "save_adapter", export)
+    other = tmp_path / "elsewhere" / "adapter"
+    code, err = run(capsys, *fit, "--ckpt_path", "last", "--model.adapter_dir", other, "--model.adapter_bits", 8)
+    assert code == 0, err
+    assert json.loads((other / "adapter_config.json").read_text())["bits"] == 8
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                     RuntimeError("a callback's bug")])
+def test_a_run_failing_with_an_error_of_its_own_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch,
+                                                                                    failure):
+    """An out-of-memory error (a RuntimeError) or a callback's bug in the second epoch printed Lightning's traceback
+    alone: not the checkpoint of the first epoch, which the docs say the message names."""
+    from nola_vision.train.module import FewShotClassifier
+
+    step = FewShotClassifier.training_step
+
+    def failing_in_epoch_1(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise failure
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FewShotClassifier, "training_step", failing_in_epoch_1)
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert code == 1 and "Traceback" in err and str(failure) in err
+    assert "nola-vision: error: the run failed with the RuntimeError above" in err
+    assert f"resume with --ckpt_path {last}" in err
+    assert ("out of memory: lower --data.batch_size" in err) == ("out of memory" in str(failure))
+
+
 class FailInSecondEpoch(lightning.pytorch.Callback):
     """Raises a ValueError as the second epoch starts: a failure of the run, after its first epoch was kept."""
 

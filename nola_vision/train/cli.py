@@ -1918,6 +1918,9 @@ def explicit_model_args(argv: Sequence[Any]) -> set:
 # weights' new place (a moved project, another machine), since loading compares the weights with the checkpoint's
 # fingerprint of them and refuses other ones.
 _LOCATION_HPARAMS = ("pretrained_file",)
+# Where and at how many bits the adapter is exported: given on the command line, they replace the checkpoint's (a run
+# whose export failed on a full disk is finished by resuming it with another adapter_dir).
+_OUTPUT_HPARAMS = ("adapter_dir", "adapter_bits")
 
 
 def _moved_location(key: str, given: Dict[str, Any], used: Dict[str, Any], explicit: set) -> bool:
@@ -1940,11 +1943,16 @@ def _full_fine_tuning(hparams: Dict[str, Any]) -> bool:
 def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> Dict[str, Any]:
     """With a checkpoint, LightningCLI rebuilds the model from the checkpoint's hyper-parameters: refuse command-line
     ``--model.*`` values it would silently replace, warn about config-file values it replaces. Returns the given
-    file locations (``_LOCATION_HPARAMS``, ``_moved_location``) to build with instead of the checkpoint's."""
+    file locations (``_LOCATION_HPARAMS``, ``_moved_location``) and export settings (``_OUTPUT_HPARAMS``) to build
+    with instead of the checkpoint's."""
     given, used = given.as_dict(), used.as_dict()
     changed = changed_hparams(used, given, given.keys() & used.keys())  # as a resume through Trainer.fit compares
     moved = {k: changed.pop(k)[0] for k in _LOCATION_HPARAMS
              if k in changed and _moved_location(k, given, used, explicit)}
+    outputs = {k: changed.pop(k)[0] for k in _OUTPUT_HPARAMS if k in changed and k in explicit}
+    for key, value in outputs.items():
+        rank_zero_info(f"nola_vision: --ckpt_path: --model.{key} {value!r} replaces the checkpoint's {used[key]!r} "
+                       "(how the adapter is exported: what the run trains is unchanged)")
     for key, value in moved.items():
         checked = ("a full fine-tuning checkpoint holds every weight: the file only builds the model"
                    if _full_fine_tuning(used)
@@ -1960,7 +1968,7 @@ def check_checkpoint_overrides(given: Any, used: Any, explicit: set) -> Dict[str
     if changed:
         rank_zero_warn("nola_vision: --ckpt_path: the checkpoint's model hyper-parameters replace the config's: "
                        + "; ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    return moved
+    return {**moved, **outputs}
 
 
 def _class_of(class_path: str) -> Any:

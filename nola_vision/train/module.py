@@ -1171,6 +1171,12 @@ def check_training_length(trainer: Any) -> None:
     if epochs is not None and epochs < 1:
         raise ValueError(f"trainer.max_epochs={epochs} (--trainer.max_epochs): the learning rate follows a per-epoch "
                          "cosine schedule, so a run needs 1 or more epochs (the paper uses 50)")
+    for unit in ("epochs", "steps"):  # Lightning stops at the largest without a word, the smallest never reached
+        least, most = getattr(trainer, f"min_{unit}", None), getattr(trainer, f"max_{unit}", None)
+        if isinstance(least, int) and isinstance(most, int) and most >= 0 and least > most:
+            raise ValueError(f"trainer.min_{unit}={least} is above trainer.max_{unit}={most}: Lightning stops at "
+                             f"max_{unit} and never trains the min_{unit}. Lower --trainer.min_{unit}, or raise "
+                             f"--trainer.max_{unit}")
     _check_step_intervals(trainer)
 
 
