@@ -150,6 +150,15 @@ def test_tune_refuses_a_storage_that_is_no_database_url_naming_the_option_before
     assert not (tmp_path / "out").exists()
 
 
+def test_tune_refuses_a_storage_of_a_database_sqlalchemy_does_not_know_before_making_a_folder(tmp_path):
+    # SQLAlchemy's "Can't load plugin: sqlalchemy.dialects:foo" exited 1, named no option, and left out/t/ behind
+    with pytest.raises(ValueError, match=r"--storage 'foo://bar' is no database URL \(Can't load plugin: "
+                                         r"sqlalchemy.dialects:foo\): give one such as sqlite:///path/tune\.db"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False,
+                 storage="foo://bar")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tune_names_a_damaged_study_database_and_what_to_do(tmp_path):
     # SQLite's bare "file is not a database" with SQL, after ten seconds of retries
     (tmp_path / "out" / "t").mkdir(parents=True)

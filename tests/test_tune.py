@@ -1,6 +1,7 @@
 """`nola-vision tune`: selection on validation only, resumable Optuna studies, workers sharing one study."""
 import csv
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -12,7 +13,8 @@ from fake_fit import fake_python
 from tune_study import FAST, TINY, fits, tune_cmd
 
 from nola_vision.cli import main
-from nola_vision.runs.tune import _Search, parse_grid, run_tune
+from nola_vision.runs.protocol import check_fit_arguments
+from nola_vision.runs.tune import _Search, check_grid, parse_grid, run_tune
 
 
 def test_grid_keys_and_validation_data_are_checked(tmp_path, capsys):
@@ -255,3 +257,25 @@ json.dump({{"metrics": {{"val/acc": 0.5}}, "config": {{"method": "fake", "split_
         run()
     assert "refused its settings" not in str(raised.value)
     assert "fix the cause and re-run the same command to retry them" in str(raised.value)
+
+
+@pytest.mark.parametrize("grid, said", [
+    ("model.adapter.init_args.targets=[attn.qkv],[bogus]", "target 'bogus' matches no nn.Linear of VisionTransformer"),
+    ("model.backbone=vit_tiny_patch16_224,vit_bogus", "unknown timm model 'vit_bogus'")])
+def test_a_grid_value_naming_no_layer_or_no_model_is_refused_before_the_first_trial(tmp_path, grid, said):
+    """A target that matches no layer, or an unknown backbone, was found only when its trial's fit built the model,
+    after the trials before it had run (the docs say every value is checked before the first trial)."""
+    with pytest.raises(ValueError, match=f"--grid {re.escape(grid.split('=')[0])}=.* is not accepted .*{said}"):
+        check_grid([TINY], ["--data.val_shots", "2"], parse_grid([grid]))
+    with pytest.raises(ValueError, match=said):  # protocol's own check of its overrides
+        check_fit_arguments([TINY], [f"--{grid.split('=')[0]}", grid.split("=")[1].split(",")[1]])
+
+
+@pytest.mark.parametrize("override, grid", [(["--trainer.limit_val_batches", "0"], {}),
+                                            ([], {"trainer.limit_val_batches": [0, 1.0]})])
+def test_a_search_that_would_run_no_validation_pass_is_refused_before_the_first_trial(tmp_path, override, grid):
+    """--trainer.limit_val_batches 0 (or a grid value 0) trained every trial, then failed for want of val/acc."""
+    with pytest.raises(ValueError, match=r"limit_val_batches (is|holds) 0, which runs no validation pass"):
+        run_tune([TINY], {"model.lr": [1e-3], **grid}, out=str(tmp_path), name="t", overrides=[*FAST, *override],
+                 python=fake_python(tmp_path), echo=False)
+    assert not list(tmp_path.rglob("log.txt"))

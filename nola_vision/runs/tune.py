@@ -252,17 +252,28 @@ def _param_args(params: Params) -> List[str]:
     return [arg for k, v in sorted(params.items()) for arg in (f"--{k}", str(v))]
 
 
-def _data_options(configs: Sequence[str], overrides: Sequence[str]) -> Any:
-    """The ``data`` group as ``fit`` reads the composed configs and overrides: its own parser, so a whole group given
-    as YAML (``--data '{val_shots: 2}'``) or as a file counts as it does for fit."""
+def _fit_options(configs: Sequence[str], overrides: Sequence[str], group: str) -> Any:
+    """The ``group`` (``data``, ``trainer``) as ``fit`` reads the composed configs and overrides: its own parser, so a
+    whole group given as YAML (``--data '{val_shots: 2}'``) or as a file counts as it does for fit."""
     from ..train.cli import cli_parser
 
-    return cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides])["fit"]["data"]
+    return cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides])["fit"][group]
+
+
+def _refuse_no_validation(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str, List[Any]]) -> None:
+    """Refuse ``trainer.limit_val_batches`` 0 (set, or a grid value): no validation pass runs, so every trial would
+    train and then fail for want of the validation accuracy tune chooses on."""
+    key = "trainer.limit_val_batches"
+    values = grid.get(key, [_fit_options(configs, overrides, "trainer").get("limit_val_batches")])
+    if any(isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0 for value in values):
+        where = f"--grid {key} holds 0" if key in grid else f"--{key} is 0"
+        raise ValueError(f"{where}, which runs no validation pass, and tune chooses on validation accuracy: every "
+                         f"trial would train, then fail without it. Leave {key} out (or above 0)")
 
 
 def _val_shots(configs: Sequence[str], overrides: Sequence[str]) -> int:
     """``data.val_shots`` as ``fit`` reads it."""
-    return int(_data_options(configs, overrides).get("val_shots") or 0)
+    return int(_fit_options(configs, overrides, "data").get("val_shots") or 0)
 
 
 @dataclass
@@ -276,7 +287,7 @@ class _Images:
 
     @classmethod
     def of(cls, configs: Sequence[str], overrides: Sequence[str]) -> _Images:
-        data = _data_options(configs, overrides)
+        data = _fit_options(configs, overrides, "data")
         return cls(data.dataset, data.root, data_digests(data.dataset, data.root, splits=SELECTION_SPLITS))
 
     def now(self) -> Optional[Dict[str, str]]:
@@ -674,8 +685,9 @@ def check_sqlite_storage(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    try:
+    try:  # an unknown database (foo://) too: its NoSuchModuleError came once <out>/<name> was made
         parsed = make_url(url)
+        parsed.get_dialect()
     except ArgumentError as error:  # SQLAlchemy's message names neither the option nor the value
         raise ValueError(f"--storage {url!r} is no database URL ({error}): give one such as sqlite:///path/tune.db "
                          "(a SQLite file) or postgresql://user@host/db") from None
@@ -752,6 +764,7 @@ def run_tune(
     if _val_shots(configs, overrides) <= 0:
         raise ValueError("tune chooses on validation accuracy, and this config has no validation images: pass "
                          "--data.val_shots N (e.g. 5; drawn from the train images, disjoint from the k shots)")
+    _refuse_no_validation(configs, overrides, grid)
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"--n_trials {n_trials}: give at least 1 (or leave it out: grid runs until the grid is done, "
                          "tpe runs 20 trials)")

@@ -34,8 +34,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from ..adapters.files import WEIGHTS_NAME, require_adapter_directory
 from ..core.config import resolve_adapter
-from ..core.inject import quantization_aware_bits
-from ..core.registry import METHODS
+from ..core.inject import adapter_state, quantization_aware_bits
+from ..core.plan import plan_injection
+from ..core.registry import METHODS, method_of
 from ..core.storage import (
     NOT_ALLOWED,
     atomic_path,
@@ -51,7 +52,7 @@ from ..data import CorruptImageError, FewShotDataModule
 from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
-from ..models.backbones import OFFLINE_PRETRAINED_FILE, check_backbone_name
+from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
 from .checkpoint_io import newest_checkpoint, require_readable_file, require_whole_checkpoint, use_atomic_checkpoints
 from .module import (
     FewShotClassifier,
@@ -2146,12 +2147,32 @@ def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     model = parsed.model.as_dict()
     model["num_classes"] = model.get("num_classes") or 2  # linked from the data when the run builds it
     try:
-        check_classifier_arguments(model)
+        config = check_classifier_arguments(model)
         if args[0] == "fit":
             check_training_length(parsed.trainer)
+        _check_adapter_fits(model, config)
     except (ValueError, TypeError) as err:
         return str(err)
     return None
+
+
+def _check_adapter_fits(model: Dict[str, Any], config: Any) -> None:
+    """The backbone's name, and the adapter's targets on the backbone built on the meta device (no weights, no
+    memory, a fraction of a second): a protocol row or a tune grid value naming an unknown model or a target that
+    matches no layer was found only when its run built the model, after other runs had taken hours."""
+    check_backbone_name(model["backbone"])
+    if method_of(config).layer_cls is None:
+        return
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(model["backbone"], model["num_classes"], pretrained=False,
+                                      image_size=model["image_size"], **(model["backbone_kwargs"] or {}))
+    except (ValueError, TypeError):
+        raise
+    except Exception:  # noqa: BLE001 (a model that cannot be built on the meta device: its run builds it)
+        return
+    if adapter_state(backbone) is None:  # a *_nola name: the run refuses it, saying why
+        plan_injection(backbone, config)
 
 
 def argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
