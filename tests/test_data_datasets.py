@@ -661,3 +661,16 @@ def test_food101_download_onto_an_extraction_without_meta_fetches_it_again(tmp_p
     monkeypatch.setattr(tvd, "Food101", lambda root, download: calls.append((root, download)))
     download_dataset("food101", tmp_path)
     assert calls == [(str(tmp_path), True)]
+
+
+@pytest.mark.parametrize("name, inner", [("imagefolder", "train"), ("cifar10", "cifar-10-batches-py")])
+def test_a_root_one_level_too_deep_is_told_the_folder_above(tmp_path, name, inner):
+    """--data.root pointed at the dataset's own folder (an image folder's train/, CIFAR's cifar-10-batches-py/) was
+    told only that <root>/<folder>/<folder> is missing."""
+    write_imagefolder(tmp_path) if name == "imagefolder" else write_cifar10(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=rf"is itself the '{inner}' folder the dataset expects inside "
+                                                   rf"--data.root: did you mean --data.root {tmp_path}\?"):
+        dataset_class_names(name, tmp_path / inner)
+    with pytest.raises(DatasetNotFoundError) as elsewhere:
+        dataset_class_names(name, tmp_path / "nothing")
+    assert "did you mean" not in str(elsewhere.value)

@@ -282,7 +282,18 @@ class ArrayImageDataset(ImageDataset):
 def _not_found(name: str, expected: Path, how: str) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"dataset '{name}' not found: expected {expected}. {how} "
-        f"Or point --data.root (root=...) at the folder that holds it.")
+        f"Or point --data.root (root=...) at the folder that holds it.{_one_level_too_deep(expected)}")
+
+
+def _one_level_too_deep(expected: Path) -> str:
+    """A hint where the root given is the folder the dataset expects inside it (``root=.../train`` for an image
+    folder expected at ``<root>/train/...``, a CIFAR root at its ``cifar-10-batches-py``): the path names it twice."""
+    doubled = next((part for part in expected.parents if part.name and part.name == part.parent.name
+                    and part.parent.is_dir()), None)
+    if doubled is None:
+        return ""
+    return (f" ({doubled.parent} is itself the {doubled.name!r} folder the dataset expects inside --data.root: did you "
+            f"mean --data.root {doubled.parent.parent}?)")
 
 
 def _refuse_extra_classes(name: str, source: Path, found: int, expected: int, extra: Sequence[str],
