@@ -360,6 +360,8 @@ def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, ca
     assert code == 0, err
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["epochs"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # the training metrics its training logged, from the checkpoint: the resume trained nothing, so logged none
+    assert {"train/loss", "train/acc", "test/acc"} <= result["metrics"].keys()
     # finished now: a resume that would train nothing is refused again
     code, err = run(capsys, *fit, "--ckpt_path", "last")
     assert code == 2 and "resuming would train nothing" in err

@@ -917,7 +917,9 @@ class NolaCLI(LightningCLI):
         """What a fit runs once training finished: validate the final weights where no validation saw them, test
         them (``test_after_fit``) and write the result file."""
         config = self.config[self.subcommand]
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        # a resume that trained nothing (a run stopped in its export) logged no training metrics: its checkpoint's
+        metrics = {**self.model.checkpoint_train_metrics,
+                   **{k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}}
         if self._final_weights_unvalidated():
             # the last epoch did not validate (check_val_every_n_epoch > 1, max_steps, ...): the val/* metrics are an
             # earlier epoch's, while the result, the adapter and last.ckpt are the final weights'

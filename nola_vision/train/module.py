@@ -318,6 +318,9 @@ class FewShotClassifier(L.LightningModule):
         self._built_with = {key: (copy.deepcopy(hp[key]), _shown(hp[key])) for key in BUILT_HPARAMS}
         # Whether a fit of this module started and did not finish (interrupted, failed): its weights are part-trained
         self._fit_running = False
+        # The training metrics a loaded checkpoint's run had logged last: a resume that trains nothing (its export
+        # was stopped) records them in its result as the uninterrupted run did
+        self.checkpoint_train_metrics: Dict[str, float] = {}
         # Set by the CLI for a resume of a run whose training finished but whose adapter was never exported (it was
         # stopped during the export): its fit trains nothing, then exports and tests (``require_training_left``).
         self.finishes_run = False
@@ -810,7 +813,14 @@ class FewShotClassifier(L.LightningModule):
                                      "backbone_fingerprint": self.backbone_fingerprint(),
                                      "parameter_counts": self.parameter_counts,
                                      "data": self._data_record(),
-                                     "training": training_settings(self._trainer)}
+                                     "training": training_settings(self._trainer),
+                                     "train_metrics": self._train_metrics()}
+
+    def _train_metrics(self) -> Dict[str, float]:
+        """The ``train/*`` metrics logged last (``callback_metrics``), as numbers; none outside a trainer."""
+        logged = self._trainer.callback_metrics if self._trainer is not None else {}
+        return {key: float(value) for key, value in logged.items()
+                if key.startswith("train/") and isinstance(value, Tensor) and value.numel() == 1}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
@@ -867,6 +877,9 @@ class FewShotClassifier(L.LightningModule):
         # kept for the evaluation stages that follow, once the load is accepted
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         self._fit_running = False  # its weights replace what a stopped fit left (a resume's fit sets it again)
+        metrics = info.get("train_metrics")  # older checkpoints record none
+        self.checkpoint_train_metrics = {str(k): float(v) for k, v in metrics.items()
+                                         if isinstance(v, (int, float))} if isinstance(metrics, dict) else {}
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
