@@ -250,8 +250,10 @@ class MultiTaskModel(nn.Module):
             used = {method_of(task.plan.config).layer_cls for task in self._tasks.values()}
             for layer_cls in set(self._contexts) - used:
                 del self._contexts[layer_cls]
-            for bank in self._banks():  # bases of the removed task's shapes are generated again when needed
-                bank.release()
+            kept = {spec for task in self._tasks.values() for layer in task.plan.layers.values()
+                    for spec in layer.basis_specs}
+            for bank in self._banks():  # those of the remaining tasks stay: generating them again costs a step's time
+                bank.retain(kept)
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held: the tasks' stored numbers, the factor cache, and the shared random bases."""
@@ -371,7 +373,7 @@ class MultiTaskModel(nn.Module):
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
             raise ValueError(f"tasks must be one task name (str) for the whole batch or a list of names, one per "
-                             f"image, got {shown(tasks)}")
+                             f"image, got {shown(tasks)}; registered tasks are {sorted(self._tasks)}")
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
