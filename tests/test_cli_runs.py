@@ -11,12 +11,14 @@ from pathlib import Path
 import lightning.pytorch
 import pytest
 import torch
+import yaml
 from fixtures_data import write_imagefolder
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nola_vision.cli import main
 from nola_vision.data import FewShotDataModule, read_manifest
 from nola_vision.data.fewshot import draw_order
+from nola_vision.train.cli import run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -109,6 +111,70 @@ def test_a_run_stopped_after_a_save_inside_an_epoch_resumes_from_the_epoch_befor
         assert run(capsys, *fit, "--trainer.default_root_dir", parts, "--ckpt_path", "last")[0] == 0
     a, b = (trained_tensors(root / "checkpoints" / "last.ckpt") for root in (whole, parts))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_checkpoint_folder_keeps_its_epoch_end_and_a_cut_short_last_ckpt_is_named_not_passed_over(
+        tmp_path, capsys, monkeypatch):
+    """With two ModelCheckpoint folders only the first kept epoch-end.ckpt, and --ckpt_path last (the other folder's
+    last.ckpt, saved inside an epoch) was refused; a last.ckpt cut short resumed an epoch earlier without a word of
+    the damage, passing over the whole epoch=E-step=S.ckpt beside it."""
+    from nola_vision.train.module import FewShotClassifier
+
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "A"), "monitor": "val/acc", "mode": "max"}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "B")}}]}}))
+    fit = [*FIT, "-c", callbacks, "--trainer.default_root_dir", tmp_path / "run", "--test_after_fit", "false",
+           "--trainer.max_epochs", 3, "--data.val_shots", 2, "--trainer.val_check_interval", 0.5]
+    step = FewShotClassifier.training_step
+
+    def stopped_in_epoch_2(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    assert run(capsys, *fit)[0] == 130
+    for folder in ("A", "B"):
+        assert torch.load(tmp_path / folder / "epoch-end.ckpt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(FewShotClassifier, "training_step", step)
+    with pytest.warns(UserWarning, match="resuming from .*epoch-end.ckpt"):
+        assert run(capsys, *fit, "--ckpt_path", "last")[0] == 0
+    last = tmp_path / "B" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    code, err = run(capsys, *fit[:-6], "--trainer.max_epochs", 4, "--ckpt_path", "last")
+    assert code == 2 and f"--ckpt_path {last} is not a checkpoint written by fit" in err
+
+
+def test_a_finished_run_stopped_in_its_test_names_the_checkpoint_of_its_final_weights(tmp_path, capsys, monkeypatch):
+    """Stopped by max_steps inside its second epoch, then interrupted in its test, the run named epoch-end.ckpt
+    (the first epoch's end) as the checkpoint to test, not last.ckpt, which holds the exported adapter's weights."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "test", interrupted)
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", 5)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert code == 130 and f"--ckpt_path {last}" in " ".join(err.split()) and "epoch-end" not in err
+
+
+def test_the_epoch_end_checkpoint_is_a_whole_copy_where_it_is_not_linked(tmp_path):
+    """Where saves may rewrite last.ckpt in place (a checkpoint writer of the user's), a hard link would change with
+    it: the kept checkpoint is then a copy, and one not whole (an asynchronous writer's, unfinished) is not kept."""
+    from nola_vision.train.cli import keep_epoch_end
+
+    first = run_lightning_cli([*FIT, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1",
+                               "--test_after_fit", "false"])
+    source = Path(first.trainer.checkpoint_callback.last_model_path)
+    keep_epoch_end(source, tmp_path / "copy.ckpt", link=False)
+    assert os.stat(tmp_path / "copy.ckpt").st_ino != os.stat(source).st_ino
+    assert (tmp_path / "copy.ckpt").read_bytes() == source.read_bytes()
+    (tmp_path / "partial.ckpt").write_bytes(source.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="was not whole when copied"):
+        keep_epoch_end(tmp_path / "partial.ckpt", tmp_path / "copy.ckpt", link=False)
+    assert (tmp_path / "copy.ckpt").read_bytes() == source.read_bytes()
 
 
 def test_resuming_on_another_split_is_refused(tmp_path, capsys):

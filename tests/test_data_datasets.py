@@ -671,6 +671,7 @@ def test_a_root_one_level_too_deep_is_told_the_folder_above(tmp_path, name, inne
     with pytest.raises(DatasetNotFoundError, match=rf"is itself the '{inner}' folder the dataset expects inside "
                                                    rf"--data.root: did you mean --data.root {tmp_path}\?"):
         dataset_class_names(name, tmp_path / inner)
+    (tmp_path / "data" / "data").mkdir(parents=True)  # a folder named as its parent, not the dataset's folder
     with pytest.raises(DatasetNotFoundError) as elsewhere:
-        dataset_class_names(name, tmp_path / "nothing")
+        dataset_class_names(name, tmp_path / "data" / "data")
     assert "did you mean" not in str(elsewhere.value)

@@ -279,21 +279,23 @@ class ArrayImageDataset(ImageDataset):
 # Readers, one per layout
 # --------------------------------------------------------------------------------------------------
 
-def _not_found(name: str, expected: Path, how: str) -> DatasetNotFoundError:
+def _not_found(name: str, expected: Path, how: str, root: Path) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"dataset '{name}' not found: expected {expected}. {how} "
-        f"Or point --data.root (root=...) at the folder that holds it.{_one_level_too_deep(expected)}")
+        f"Or point --data.root (root=...) at the folder that holds it.{_one_level_too_deep(expected, root)}")
 
 
-def _one_level_too_deep(expected: Path) -> str:
-    """A hint where the root given is the folder the dataset expects inside it (``root=.../train`` for an image
-    folder expected at ``<root>/train/...``, a CIFAR root at its ``cifar-10-batches-py``): the path names it twice."""
-    doubled = next((part for part in expected.parents if part.name and part.name == part.parent.name
-                    and part.parent.is_dir()), None)
-    if doubled is None:
+def _one_level_too_deep(expected: Path, root: Path) -> str:
+    """A hint where ``root`` is itself the folder the dataset expects inside it (``root=.../train`` for an image
+    folder expected at ``<root>/train/...``, a CIFAR root at its ``cifar-10-batches-py``)."""
+    try:
+        inner = expected.relative_to(root).parts[0]
+    except (ValueError, IndexError):
         return ""
-    return (f" ({doubled.parent} is itself the {doubled.name!r} folder the dataset expects inside --data.root: did you "
-            f"mean --data.root {doubled.parent.parent}?)")
+    if inner != root.name or not root.is_dir():
+        return ""
+    return (f" ({root} is itself the {inner!r} folder the dataset expects inside --data.root: did you mean "
+            f"--data.root {root.parent}?)")
 
 
 def _refuse_extra_classes(name: str, source: Path, found: int, expected: int, extra: Sequence[str],
@@ -341,7 +343,7 @@ class _CIFAR:
                     f"check ({err}). Delete the folder and pass download=True (--data.download true), or "
                     f"extract {self.url} there again.") from err
             raise _not_found(self.name, folder, f"Pass download=True (--data.download true) to fetch {self.url}, "
-                             f"or extract it under {root}.") from err
+                             f"or extract it under {root}.", root=root) from err
         return ArrayImageDataset(self.name, folder, split, tv.data, tv.targets, list(tv.classes))
 
     def class_names(self, root: Path) -> list[str]:
@@ -352,7 +354,7 @@ class _CIFAR:
         path = self.expected(root) / tv.meta["filename"]
         if not path.is_file():
             raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url}, "
-                             f"or extract it under {root}.")
+                             f"or extract it under {root}.", root=root)
         if not check_integrity(str(path), tv.meta["md5"]):
             raise DatasetNotFoundError(
                 f"dataset '{self.name}': {path} fails the MD5 check of the official archive, so it is not read "
@@ -469,7 +471,8 @@ class _CUB:
         folder = self.expected(root)
         if not (folder / "images.txt").is_file():
             raise _not_found(self.name, folder / "images.txt",
-                             f"torchvision has no CUB downloader: download {self.url} and extract it under {root}.")
+                             f"torchvision has no CUB downloader: download {self.url} and extract it under {root}.",
+                             root=root)
         return folder
 
     def _fix(self, root: Path) -> str:
@@ -838,7 +841,7 @@ class _Caltech101:
             _refuse_broken_link(folder)
         if not cats.is_dir():
             raise _not_found(self.name, cats, f"Pass download=True (--data.download true) to fetch {self.url} "
-                             f"with torchvision, or extract it so that {cats} exists.")
+                             f"with torchvision, or extract it so that {cats} exists.", root=root)
         # as torchvision: sorted folder names without the BACKGROUND_Google clutter class
         names = [name for name in _class_folders(cats) if name != "BACKGROUND_Google"]
         # refused here, before split_assignment writes a split file that would list the extra folder's images
@@ -995,7 +998,7 @@ class _Food101:
             if self.expected(root).exists():
                 self._require_whole(root)
             raise _not_found(self.name, path, f"Pass download=True (--data.download true) to fetch {self.url} "
-                             f"with torchvision, or extract it under {root}.")
+                             f"with torchvision, or extract it under {root}.", root=root)
         fix = f"Extract {self.url} under {root} again."
         try:
             with open(path, encoding="utf-8") as f:
@@ -1171,7 +1174,8 @@ class _FashionMNIST:
         if folder is None:
             raise _not_found(self.name, self.expected(root) / "train-images-idx3-ubyte",
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
-                             f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).")
+                             f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).",
+                             root=root)
         prefix = "train" if split == "train" else "t10k"
         images = self._read(folder, prefix, "images-idx3", ndim=3)
         if len(images) < FASHION_MNIST_SIZES[prefix]:  # a subset, which no digest verifies
@@ -1216,7 +1220,7 @@ class _ImageFolder:
         if not names:
             raise _not_found(self.name, train / "<class>" / "<image>.jpg",
                              f"Put one folder per class under {train} and the held-out images under "
-                             f"{root / 'test'} (or {root / 'val'}).")
+                             f"{root / 'test'} (or {root / 'val'}).", root=root)
         return names
 
     def __call__(self, root: Path, split: str) -> ImageDataset:
@@ -1228,7 +1232,8 @@ class _ImageFolder:
         if split != "train":
             if not folder.is_dir():
                 raise _not_found(self.name, folder, f"Put the held-out images under {root / 'test'}/<class>/ "
-                                 f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.")
+                                 f"(or {root / 'val'}/<class>/), with the class folders of {root / 'train'}.",
+                                 root=root)
             extra = [name for name in _class_folders(folder) if name not in names]
             if extra:
                 _refuse_unknown_held_out_classes(folder, root / "train", extra, names)

@@ -19,7 +19,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import fsspec
 import torch
@@ -53,7 +53,13 @@ from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
-from .checkpoint_io import newest_checkpoint, require_readable_file, require_whole_checkpoint, use_atomic_checkpoints
+from .checkpoint_io import (
+    LocalAtomicCheckpointIO,
+    newest_checkpoint,
+    require_readable_file,
+    require_whole_checkpoint,
+    use_atomic_checkpoints,
+)
 from .module import (
     FewShotClassifier,
     NonFiniteLossError,
@@ -327,14 +333,16 @@ class FinalWeights(Callback):
         the epoch's checkpoint with one that no fit resumes from, and a run stopped then kept none to resume."""
         if trainer.fast_dev_run or not trainer.global_step or not trainer.is_global_zero:
             return
-        callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-        saved = [c.last_model_path for c in callbacks
-                 if c.last_model_path and c._last_global_step_saved == trainer.global_step]
-        source = next(iter(saved), None)
-        if source is None and trainer.global_step == self._resumed_step and _epoch_start_of(trainer.ckpt_path, trainer):
-            source = trainer.ckpt_path  # the first epoch of a resumed fit: it logs to a new folder, perhaps
-        if source is not None and callbacks and "://" not in str(callbacks[0].dirpath):
-            keep_epoch_end(Path(source), Path(callbacks[0].dirpath) / EPOCH_END_CHECKPOINT)
+        # Linked only where saves replace a file by renaming a new one over it (``LocalAtomicCheckpointIO``): another
+        # writer may rewrite it in place (Lightning's moves a staged file, across file systems a copy into it).
+        link = isinstance(trainer.strategy.checkpoint_io, LocalAtomicCheckpointIO)
+        resumed = trainer.ckpt_path if trainer.global_step == self._resumed_step else None  # it logs anew, perhaps
+        folders = {Path(c.dirpath): c.last_model_path for c in trainer.checkpoint_callbacks
+                   if isinstance(c, ModelCheckpoint) and c.dirpath and "://" not in str(c.dirpath)}
+        for folder, last in folders.items():  # each callback's folder: --ckpt_path last looks beside its last.ckpt
+            source = next((path for path in (last, resumed) if path and _saved_at_epoch_end(path, trainer)), None)
+            if source is not None:
+                keep_epoch_end(Path(source), folder / EPOCH_END_CHECKPOINT, link=link)
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._passes_started = self._passes_started or not trainer.sanity_checking
@@ -409,9 +417,10 @@ class FinalWeights(Callback):
 EPOCH_END_CHECKPOINT = "epoch-end.ckpt"
 
 
-def keep_epoch_end(source: Path, kept: Path) -> None:
-    """Put ``source`` at ``kept`` in one step (hard-linked where the file system allows, else copied); a failure
-    warns: the run goes on, only a stop inside the coming epoch would keep nothing to resume from."""
+def keep_epoch_end(source: Path, kept: Path, link: bool = True) -> None:
+    """Put ``source`` at ``kept`` in one step: hard-linked (with ``link``, where the file system allows), else a copy,
+    kept only where it is whole (an asynchronous writer may not have finished ``source``); a failure warns: the run
+    goes on, only a stop inside the coming epoch would keep nothing to resume from."""
     if not source.is_file() or kept.exists() and os.path.samefile(source, kept):
         return
     staged = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
@@ -419,10 +428,15 @@ def keep_epoch_end(source: Path, kept: Path) -> None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
-        try:
-            os.link(source, staged)
-        except OSError:
+        linked = False
+        if link:
+            with contextlib.suppress(OSError):
+                os.link(source, staged)
+                linked = True
+        if not linked:
             shutil.copyfile(source, staged)
+            if not _resumable(staged):
+                raise OSError(f"{source} was not whole when copied")
         os.replace(staged, kept)
     except OSError as error:
         with contextlib.suppress(OSError):
@@ -435,7 +449,8 @@ def _resumable_last(last: Path) -> str:
     """``last``, or where it was saved inside an epoch (a fit resumes from no such checkpoint) the checkpoint of the
     latest epoch's end beside it (``epoch-end.ckpt``), with a warning: that epoch trains again from its start."""
     kept = last.with_name(EPOCH_END_CHECKPOINT)
-    if not kept.is_file() or _resumable(last) or not _resumable(kept):
+    saved = _loaded(last)  # one cut short or unreadable is named as such when the fit opens it
+    if not kept.is_file() or saved is None or not batches_into_epoch(saved) or not _resumable(kept):
         return str(last)
     rank_zero_warn(f"nola_vision: --ckpt_path last: {last} was saved inside an epoch (a stop for max_time or a "
                    "signal, validation inside the epoch, or a save every n steps), and a resume from it would skip "
@@ -444,14 +459,20 @@ def _resumable_last(last: Path) -> str:
     return str(kept)
 
 
-def _epoch_start_of(path: str, trainer: Trainer) -> bool:
-    """Whether a resumed fit starts from ``path``, a checkpoint saved at an epoch's end, at this very step."""
+def _saved_at_epoch_end(path: str, trainer: Trainer) -> bool:
+    """Whether ``path`` is a checkpoint saved at an epoch's end, at the trainer's step (its latest epoch's end)."""
+    saved = _loaded(path)
+    return saved is not None and saved.get("global_step") == trainer.global_step and not batches_into_epoch(saved)
+
+
+def _loaded(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
+    """The checkpoint at a local ``path`` (its tensors mapped, not read), or None where it cannot be read (cut short,
+    no checkpoint, a remote path)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 (a remote or unreadable path: nothing to keep)
-        return False
-    return (isinstance(saved, dict) and saved.get("global_step") == trainer.global_step
-            and not batches_into_epoch(saved))
+    except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _whole_epochs(trainer: Trainer) -> int:
@@ -484,11 +505,8 @@ def kept_checkpoint(trainer: Trainer) -> Optional[str]:
 
 def _resumable(path: Path) -> bool:
     """Whether ``path`` is a whole checkpoint saved at an epoch's end (``batches_into_epoch``)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
-        return False
-    return isinstance(saved, dict) and not batches_into_epoch(saved)
+    saved = _loaded(path)
+    return saved is not None and not batches_into_epoch(saved)
 
 
 def _take_up_best(callback: ModelCheckpoint, state: Dict[str, Any]) -> None:
@@ -907,7 +925,7 @@ class NolaCLI(LightningCLI):
                 note = self.model.before_export.note if self.model.before_export is not None else ""
                 _note(reported, "finished_fit", {
                     "adapter": self.model.exported_adapter_dir or self.model.export_target, "note": note,
-                    "checkpoint": kept_checkpoint(self.trainer)})
+                    "checkpoint": self._finished_checkpoint()})
             raise
         finally:
             for saver in _config_savers(self.trainer):
@@ -965,6 +983,15 @@ class NolaCLI(LightningCLI):
                 "checkpoint": checkpoint,
             })
         self.written_result = path
+
+    def _finished_checkpoint(self) -> Optional[str]:
+        """The checkpoint of a finished fit's final weights (``_final_checkpoint``) where it exists, else None: a stop
+        after training names it to test (a resume's epoch-end.ckpt holds earlier weights than the adapter's)."""
+        try:
+            path = self._final_checkpoint()
+        except Exception:  # noqa: BLE001 (a remote or unreadable best checkpoint: none to name)
+            return None
+        return path if path and ("://" in path or os.path.isfile(path)) else None
 
     def _final_checkpoint(self) -> Optional[str]:
         """The checkpoint ``test`` reproduces the result from, one that holds the final weights: ``last.ckpt``, else
