@@ -99,7 +99,7 @@ SECTIONS: Tuple[Tuple[str, str, str], ...] = (
      "The recipes were chosen on digits validation images; here each method's recipe competes, again on validation, "
      "with the points around it on a dataset the choice never saw (first 1,000 test images)."),
     ("gpu_train_step_vit_b", "GPU training step, ViT-B/16, bf16",
-     "One process per method on the GPU the first line names. A step of this size is launch-bound on an H200: "
+     "One process per method on the GPU the first line names. A step of this size was launch-bound on the H200 of 2026-12-04: "
      "`torch.profiler` gave our LoRA 10.6 ms of GPU work in a 40 ms step and peft's LoRA 11.5 ms in 22 ms "
      "(2026-12-04), so these ratios measure the host's Python and kernel-launch cost more than GPU work (see the "
      "host's cost tables below). The first run (2026-12-04) decoded NOLA's bases 32 at a time and recomputed fc2's "

@@ -139,6 +139,12 @@ def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str,
     print(text)
     write_json(args.json, {"header": first, "setting": setting, **data})
     if args.png and plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (a dev extra: a bare GPU machine may lack it)
+        except ImportError:
+            print(f"{script}: matplotlib is not installed, so {args.png} was not drawn (the numbers are written)",
+                  file=sys.stderr)
+            return
         plot(args.png)
 
 

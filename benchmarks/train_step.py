@@ -104,6 +104,7 @@ def training_step(args: argparse.Namespace, method: str):
     import torch
 
     device = torch.device(args.device)
+    torch.manual_seed(0)  # every method's process builds the same backbone and head
     model = build(method, args.model, args.num_classes, args.device, args.k, args.blocks, args.img_size).train()
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's contract: blocks recompute their activations in backward
@@ -242,7 +243,10 @@ def run_all(args: argparse.Namespace) -> List[Dict[str, float]]:
     A fresh process per measurement keeps memory peaks apart; alternating rounds and the median keep a slow spell
     of a shared machine from landing on one method only.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    # glibc returns freed memory at once, so a CPU process's resident peak is the step's; a GPU step is bound by the
+    # host's launches instead, which these settings would slow (about 3% on launch_bound.py's stand-in)
+    env = (dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0") if args.device == "cpu"
+           else dict(os.environ))
     todo = jobs(args)
     rounds: List[List[Dict]] = [[] for _ in todo]
     for round_index in range(args.rounds):

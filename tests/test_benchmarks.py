@@ -1,6 +1,7 @@
 """Smoke tests: every benchmark script's ``main`` runs end to end on a tiny timm ViT, so the scripts cannot rot."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -708,3 +709,37 @@ def test_a_results_file_a_failed_write_would_cut_short_keeps_the_earlier_runs_nu
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_a_failed_gpu_table_leaves_the_other_measured_and_the_results_rebuilt(tmp_path):
+    """Device time is scarce: a failed ViT-B table ended the GPU part, so the ViT-L table never ran and RESULTS.md
+    was not rebuilt (the tarball held the previous run's files). A machine with python3 alone ran nothing."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python3"  # the only interpreter on PATH: no `python`
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+open({str(calls)!r}, "a").write(" ".join(args) + "\\n")
+if args[0] == "-c" or args[:2] == ["-m", "pytest"]:  # has_cuda, the peft check and the CUDA tests: as on a GPU
+    sys.exit(0)
+if args[0].endswith("train_step.py"):
+    if "vit_base_patch16_224" in args:
+        sys.exit("boom")
+    json.dump({{}}, open(args[args.index("--json") + 1], "w"))
+    print("a table")
+""")
+    fake.chmod(0o755)
+    results = tree / "benchmarks" / "results"
+    before = (results / "gpu_train_step_vit_b.json").read_bytes()
+    env = {**os.environ, "PATH": f"{fake.parent}:/usr/bin:/bin"}
+    run = subprocess.run(["bash", str(tree / "benchmarks" / "run_all.sh"), "gpu"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 1 and "failed: gpu_train_step_vit_b" in run.stderr, run.stderr[-2000:]
+    made = calls.read_text()
+    assert "vit_large_patch16_224" in made and "benchmarks/collect_results.py" in made and "peft_vera" in made
+    assert (results / "gpu_train_step_vit_b.json").read_bytes() == before
