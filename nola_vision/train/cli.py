@@ -328,9 +328,10 @@ class FinalWeights(Callback):
         self._passes_started = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Keep the checkpoint of the previous epoch's end as ``epoch-end.ckpt`` (a hard link, no copy): a save
-        inside this epoch (validation inside it, every n steps, a stop for ``max_time``) replaces ``last.ckpt`` and
-        the epoch's checkpoint with one that no fit resumes from, and a run stopped then kept none to resume."""
+        """Keep the checkpoint of the previous epoch's end as ``epoch-end.ckpt`` in each checkpoint callback's folder
+        (``keep_epoch_end``): a save inside this epoch (validation inside it, every n steps, a stop for ``max_time``)
+        replaces ``last.ckpt`` and the epoch's checkpoint with one that no fit resumes from, and a run stopped then
+        kept none to resume."""
         if trainer.fast_dev_run or not trainer.global_step or not trainer.is_global_zero:
             return
         # Linked only where saves replace a file by renaming a new one over it (``LocalAtomicCheckpointIO``): another
