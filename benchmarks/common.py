@@ -144,6 +144,7 @@ def publish(script: str, argv: Optional[Sequence[str]], args: Any, setting: str,
         except ImportError:
             print(f"{script}: matplotlib is not installed, so {args.png} was not drawn (the numbers are written)",
                   file=sys.stderr)
+            Path(args.png).unlink(missing_ok=True)  # an earlier run's plot is not this run's
             return
         plot(args.png)
 

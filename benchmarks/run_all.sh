@@ -15,14 +15,15 @@
 # With no part named, `cpu` then `gpu`. Every name is checked before anything runs; -h lists them.
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"  # for -h, read after the cd below
+# python, or python3 where only that exists (a bare GPU machine); $PYTHON, a path from where the script was started
+py=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+if [[ $py == */* ]]; then py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"; fi
 cd "$(dirname "$0")/.."
 # The scripts import nola_vision from this checkout, installed or not (python benchmarks/x.py puts only benchmarks/ on
 # the path): a bare GPU machine with torch and timm alone runs them.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=benchmarks/results
 mkdir -p "$out"
-# python, or python3 where only that exists (a bare GPU machine)
-py=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 python() { command "$py" "$@"; }
 
 restore_previous() {  # restore_previous <name>: put back the part's numbers and plot kept before it ran
@@ -166,8 +167,9 @@ for name in "${parts[@]}"; do
 done
 python benchmarks/collect_results.py  # RESULTS.md from everything in results/
 if [ ${#failed_parts[@]} -gt 0 ]; then
-    echo "failed: ${failed_parts[*]} (their previous tables are kept; the others are in RESULTS.md)" >&2; exit 1
+    echo "failed: ${failed_parts[*]} (their previous tables are kept; the others are in RESULTS.md)" >&2
 fi
 if [ "$cuda_tests_failed" = 1 ]; then
     echo "gpu: a CUDA test failed: see $out/gpu_cuda_tests.txt" >&2; exit 4
 fi
+if [ ${#failed_parts[@]} -gt 0 ]; then exit 1; fi

@@ -713,7 +713,8 @@ def test_a_results_file_a_failed_write_would_cut_short_keeps_the_earlier_runs_nu
 
 def test_a_failed_gpu_table_leaves_the_other_measured_and_the_results_rebuilt(tmp_path):
     """Device time is scarce: a failed ViT-B table ended the GPU part, so the ViT-L table never ran and RESULTS.md
-    was not rebuilt (the tarball held the previous run's files). A machine with python3 alone ran nothing."""
+    was not rebuilt (the tarball held the previous run's files). A machine with python3 alone ran nothing. A failed
+    CUDA test is still told, and gives the exit code 4."""
     import shutil
 
     tree = tmp_path / "tree"
@@ -725,8 +726,10 @@ def test_a_failed_gpu_table_leaves_the_other_measured_and_the_results_rebuilt(tm
 import json, sys
 args = sys.argv[1:]
 open({str(calls)!r}, "a").write(" ".join(args) + "\\n")
-if args[0] == "-c" or args[:2] == ["-m", "pytest"]:  # has_cuda, the peft check and the CUDA tests: as on a GPU
+if args[0] == "-c":  # has_cuda and the peft check: as on a GPU
     sys.exit(0)
+if args[:2] == ["-m", "pytest"]:  # a CUDA test fails
+    sys.exit("1 failed")
 if args[0].endswith("train_step.py"):
     if "vit_base_patch16_224" in args:
         sys.exit("boom")
@@ -739,7 +742,21 @@ if args[0].endswith("train_step.py"):
     env = {**os.environ, "PATH": f"{fake.parent}:/usr/bin:/bin"}
     run = subprocess.run(["bash", str(tree / "benchmarks" / "run_all.sh"), "gpu"], capture_output=True, text=True,
                          timeout=120, env=env)
-    assert run.returncode == 1 and "failed: gpu_train_step_vit_b" in run.stderr, run.stderr[-2000:]
+    assert run.returncode == 4 and "failed: gpu_train_step_vit_b" in run.stderr, run.stderr[-2000:]
+    assert "a CUDA test failed" in run.stderr  # named too, as the exit code says
     made = calls.read_text()
     assert "vit_large_patch16_224" in made and "benchmarks/collect_results.py" in made and "peft_vera" in made
     assert (results / "gpu_train_step_vit_b.json").read_bytes() == before
+
+
+def test_a_plot_matplotlib_cannot_draw_is_removed_not_left_beside_the_new_numbers(tmp_path, monkeypatch, capsys):
+    """A bare GPU machine without matplotlib failed each table at its plot; skipped, the earlier run's plot stayed
+    beside the new numbers, and RESULTS.md showed it under them."""
+    from argparse import Namespace
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    (tmp_path / "t.png").write_bytes(b"an earlier run's plot")
+    args = Namespace(json=str(tmp_path / "t.json"), png=str(tmp_path / "t.png"))
+    common.publish("t.py", [], args, "a setting", "a table", {"rows": []}, plot=lambda path: None)
+    assert not (tmp_path / "t.png").exists() and json.loads((tmp_path / "t.json").read_text())["rows"] == []
+    assert "matplotlib is not installed" in capsys.readouterr().err

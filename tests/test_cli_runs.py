@@ -148,6 +148,42 @@ def test_each_checkpoint_folder_keeps_its_epoch_end_and_a_cut_short_last_ckpt_is
     assert code == 2 and f"--ckpt_path {last} is not a checkpoint written by fit" in err
 
 
+@pytest.mark.parametrize("setup", ["two callbacks in one folder", "save_last off", "asynchronous writer"])
+def test_the_epoch_end_checkpoint_is_kept_whatever_the_checkpoint_setup(tmp_path, capsys, monkeypatch, setup):
+    """A second callback in the folder without last.ckpt hid the first one's; a callback with save_last off kept
+    none; an asynchronous writer was still writing the epoch's checkpoint when it was to be kept (none kept)."""
+    from nola_vision.train.module import FewShotClassifier
+
+    checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+    folder = str(tmp_path / "checkpoints")
+    callbacks = {"two callbacks in one folder": [
+        {"class_path": checkpoint, "init_args": {"dirpath": folder}},
+        {"class_path": checkpoint, "init_args": {"dirpath": folder, "monitor": "val/acc", "mode": "max",
+                                                  "save_last": False}}],
+        "save_last off": [{"class_path": checkpoint, "init_args": {"dirpath": folder, "save_last": False}}],
+        "asynchronous writer": [{"class_path": checkpoint, "init_args": {"dirpath": folder}}]}[setup]
+    trainer = {"callbacks": callbacks}
+    if setup == "asynchronous writer":
+        trainer["plugins"] = [{"class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO",
+                               "init_args": {"checkpoint_io": {"class_path": "slow_checkpoint_io.SlowCheckpointIO"}}}]
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({"trainer": trainer}))
+    step = FewShotClassifier.training_step
+
+    def stopped_in_epoch_2(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    fit = [*FIT, "-c", settings, "--trainer.default_root_dir", tmp_path, "--test_after_fit", "false",
+           "--trainer.max_epochs", 3, "--data.val_shots", 2, "--trainer.val_check_interval", 0.5]
+    code, err = run(capsys, *fit)
+    kept = tmp_path / "checkpoints" / "epoch-end.ckpt"
+    assert code == 130 and f"resume with --ckpt_path {kept}" in err
+    assert torch.load(kept, weights_only=False)["epoch"] == 1
+
+
 def test_a_finished_run_stopped_in_its_test_names_the_checkpoint_of_its_final_weights(tmp_path, capsys, monkeypatch):
     """Stopped by max_steps inside its second epoch, then interrupted in its test, the run named epoch-end.ckpt
     (the first epoch's end) as the checkpoint to test, not last.ckpt, which holds the exported adapter's weights."""

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
@@ -336,14 +337,25 @@ class FinalWeights(Callback):
             return
         # Linked only where saves replace a file by renaming a new one over it (``LocalAtomicCheckpointIO``): another
         # writer may rewrite it in place (Lightning's moves a staged file, across file systems a copy into it).
-        link = isinstance(trainer.strategy.checkpoint_io, LocalAtomicCheckpointIO)
+        io = trainer.strategy.checkpoint_io
+        link = isinstance(io, LocalAtomicCheckpointIO)
         resumed = trainer.ckpt_path if trainer.global_step == self._resumed_step else None  # it logs anew, perhaps
-        folders = {Path(c.dirpath): c.last_model_path for c in trainer.checkpoint_callbacks
-                   if isinstance(c, ModelCheckpoint) and c.dirpath and "://" not in str(c.dirpath)}
-        for folder, last in folders.items():  # each callback's folder: --ckpt_path last looks beside its last.ckpt
-            source = next((path for path in (last, resumed) if path and _saved_at_epoch_end(path, trainer)), None)
-            if source is not None:
-                keep_epoch_end(Path(source), folder / EPOCH_END_CHECKPOINT, link=link)
+        saved: Dict[Path, List[str]] = {}  # each callback's folder: --ckpt_path last looks beside its last.ckpt
+        for c in trainer.checkpoint_callbacks:
+            if isinstance(c, ModelCheckpoint) and c.dirpath and "://" not in str(c.dirpath):
+                # last.ckpt, else (save_last off) the newest it saved, which a save inside this epoch replaces
+                saved.setdefault(Path(c.dirpath), []).extend(p for p in (c.last_model_path, c._last_checkpoint_saved)
+                                                             if p)
+        # An asynchronous writer (AsyncCheckpointIO) may still be writing the epoch's checkpoint: its one thread keeps
+        # it after that save, and before any save of this epoch
+        executor = getattr(io, "_executor", None)
+        for folder, paths in saved.items():
+            job = functools.partial(_keep_epoch_end_of, [*paths, *([resumed] if resumed else [])],
+                                    trainer.global_step, folder / EPOCH_END_CHECKPOINT, link)
+            if isinstance(executor, ThreadPoolExecutor):
+                executor.submit(job)
+            else:
+                job()
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._passes_started = self._passes_started or not trainer.sanity_checking
@@ -460,10 +472,17 @@ def _resumable_last(last: Path) -> str:
     return str(kept)
 
 
-def _saved_at_epoch_end(path: str, trainer: Trainer) -> bool:
-    """Whether ``path`` is a checkpoint saved at an epoch's end, at the trainer's step (its latest epoch's end)."""
+def _keep_epoch_end_of(paths: Sequence[str], step: int, kept: Path, link: bool) -> None:
+    """Keep at ``kept`` the first of ``paths`` that is a checkpoint saved at the end of the epoch ended at ``step``."""
+    source = next((path for path in paths if _saved_at_epoch_end(path, step)), None)
+    if source is not None:
+        keep_epoch_end(Path(source), kept, link=link)
+
+
+def _saved_at_epoch_end(path: str, step: int) -> bool:
+    """Whether ``path`` is a checkpoint saved at an epoch's end, at global step ``step``."""
     saved = _loaded(path)
-    return saved is not None and saved.get("global_step") == trainer.global_step and not batches_into_epoch(saved)
+    return saved is not None and saved.get("global_step") == step and not batches_into_epoch(saved)
 
 
 def _loaded(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
@@ -494,6 +513,7 @@ def kept_checkpoint(trainer: Trainer) -> Optional[str]:
     (Lightning names it before writing it: stopped during its first save, there is none), else their newest
     checkpoint, of those saved at an epoch's end (a resume from one saved inside an epoch is refused); None when they
     kept none."""
+    _wait_for_writes(trainer)
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     for path in (Path(c.last_model_path) for c in callbacks if c.last_model_path):
         if path.is_file() and _resumable(path):
@@ -502,6 +522,14 @@ def kept_checkpoint(trainer: Trainer) -> Optional[str]:
               for path in Path(callback.dirpath).glob("*.ckpt"))
     newest = newest_checkpoint(others, _resumable)
     return str(newest) if newest is not None else None
+
+
+def _wait_for_writes(trainer: Trainer) -> None:
+    """Let an asynchronous checkpoint writer (``AsyncCheckpointIO``'s one thread) finish what it was given."""
+    executor = getattr(trainer.strategy.checkpoint_io, "_executor", None)
+    if isinstance(executor, ThreadPoolExecutor):
+        with contextlib.suppress(Exception):  # shut down already: nothing is left to write
+            executor.submit(lambda: None).result(timeout=600)
 
 
 def _resumable(path: Path) -> bool:
@@ -728,7 +756,7 @@ def _how_to_resume(folders: Sequence[Path]) -> str:
     """How to resume the run kept in ``folders`` (checkpoint folders): ``--ckpt_path last``, or, where a run was killed
     between Lightning's epoch checkpoint and ``last.ckpt`` (which it writes second), the newest checkpoint's path."""
     kept = [p for folder in folders for p in Path(folder).glob("*.ckpt") if p.is_file()]
-    newest = newest_checkpoint(kept)
+    newest = newest_checkpoint(kept, _resumable) or newest_checkpoint(kept)  # one saved inside an epoch is refused
     if newest is None or any(map(_is_last_checkpoint, kept)):
         return "--ckpt_path last"
     return f"--ckpt_path {newest} (its newest checkpoint: it stopped before writing last.ckpt)"
