@@ -304,8 +304,9 @@ def test_the_result_names_no_checkpoint_rather_than_one_of_earlier_weights(tmp_p
         run_lightning_cli(["fit", *common, "--trainer.callbacks.save_top_k", "1", "--result_file", str(result)])
     saved = json.loads(result.read_text())
     assert saved["checkpoint"] is None and saved["epochs"] == 2
-    kept = list(tmp_path.rglob("*.ckpt"))
-    assert [torch.load(k, weights_only=False)["global_step"] for k in kept] == [STEPS]  # epoch 0's weights
+    kept = list(tmp_path.rglob("*.ckpt"))  # the best, and the checkpoint of the latest epoch's end kept for a resume
+    assert {torch.load(k, weights_only=False)["global_step"] for k in kept} == {STEPS}  # epoch 0's weights
+    assert sorted(k.name for k in kept) == sorted(["epoch-end.ckpt", f"epoch=0-step={STEPS}.ckpt"])
 
 
 def test_a_data_root_under_the_home_folder_is_read_there_not_under_the_working_directory(tmp_path, monkeypatch):

@@ -37,6 +37,22 @@ def trained_tensors(checkpoint):
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
+def stop_inside_epoch_2(monkeypatch):
+    """Make the next fit stop by Ctrl-C at the third batch of epoch 2 (after a validation inside that epoch saved
+    last.ckpt, where validation runs twice an epoch); returns the real training step, to put back."""
+    from nola_vision.train.module import FewShotClassifier
+
+    step = FewShotClassifier.training_step
+
+    def stopped(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FewShotClassifier, "training_step", stopped)
+    return step
+
+
 def test_a_second_fit_into_a_finished_runs_folder_is_refused_and_resuming_it_is_not(tmp_path, capsys):
     assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1)[0] == 0
     kept = {p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "adapter").iterdir()]}
@@ -94,14 +110,7 @@ def test_a_run_stopped_after_a_save_inside_an_epoch_resumes_from_the_epoch_befor
     fit = [*FIT, "--test_after_fit", "false", "--trainer.max_epochs", 3, "--data.val_shots", 2,
            "--trainer.val_check_interval", 0.5]
     assert run(capsys, *fit, "--trainer.default_root_dir", whole)[0] == 0
-    step = FewShotClassifier.training_step
-
-    def stopped_in_epoch_2(self, batch, batch_idx):
-        if self.current_epoch == 2 and batch_idx == 2:  # after the epoch's first validation saved last.ckpt
-            raise KeyboardInterrupt
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    step = stop_inside_epoch_2(monkeypatch)
     code, err = run(capsys, *fit, "--trainer.default_root_dir", parts)
     kept = parts / "checkpoints" / "epoch-end.ckpt"
     assert code == 130 and f"resume with --ckpt_path {kept}" in err
@@ -128,14 +137,7 @@ def test_each_checkpoint_folder_keeps_its_epoch_end_and_a_cut_short_last_ckpt_is
          "init_args": {"dirpath": str(tmp_path / "B")}}]}}))
     fit = [*FIT, "-c", callbacks, "--trainer.default_root_dir", tmp_path / "run", "--test_after_fit", "false",
            "--trainer.max_epochs", 3, "--data.val_shots", 2, "--trainer.val_check_interval", 0.5]
-    step = FewShotClassifier.training_step
-
-    def stopped_in_epoch_2(self, batch, batch_idx):
-        if self.current_epoch == 2 and batch_idx == 2:
-            raise KeyboardInterrupt
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    step = stop_inside_epoch_2(monkeypatch)
     assert run(capsys, *fit)[0] == 130
     for folder in ("A", "B"):
         assert torch.load(tmp_path / folder / "epoch-end.ckpt", weights_only=False)["epoch"] == 1
@@ -152,8 +154,6 @@ def test_each_checkpoint_folder_keeps_its_epoch_end_and_a_cut_short_last_ckpt_is
 def test_the_epoch_end_checkpoint_is_kept_whatever_the_checkpoint_setup(tmp_path, capsys, monkeypatch, setup):
     """A second callback in the folder without last.ckpt hid the first one's; a callback with save_last off kept
     none; an asynchronous writer was still writing the epoch's checkpoint when it was to be kept (none kept)."""
-    from nola_vision.train.module import FewShotClassifier
-
     checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
     folder = str(tmp_path / "checkpoints")
     callbacks = {"two callbacks in one folder": [
@@ -168,14 +168,7 @@ def test_the_epoch_end_checkpoint_is_kept_whatever_the_checkpoint_setup(tmp_path
                                "init_args": {"checkpoint_io": {"class_path": "slow_checkpoint_io.SlowCheckpointIO"}}}]
     settings = tmp_path / "settings.yaml"
     settings.write_text(yaml.safe_dump({"trainer": trainer}))
-    step = FewShotClassifier.training_step
-
-    def stopped_in_epoch_2(self, batch, batch_idx):
-        if self.current_epoch == 2 and batch_idx == 2:
-            raise KeyboardInterrupt
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(FewShotClassifier, "training_step", stopped_in_epoch_2)
+    stop_inside_epoch_2(monkeypatch)
     fit = [*FIT, "-c", settings, "--trainer.default_root_dir", tmp_path, "--test_after_fit", "false",
            "--trainer.max_epochs", 3, "--data.val_shots", 2, "--trainer.val_check_interval", 0.5]
     code, err = run(capsys, *fit)
