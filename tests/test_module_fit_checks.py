@@ -221,6 +221,30 @@ def test_a_fit_that_max_time_stops_early_warns_that_its_schedule_never_decayed(t
     assert run.current_epoch == 1
 
 
+class TimeUpInsideTheSecondEpoch(TimeUpAfterOneEpoch):
+    """trainer.max_time's Timer, whose time is up after the second epoch's first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self._interval = "step"
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+        self.up = trainer.current_epoch == 1
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+
+def test_a_max_time_stop_inside_an_epoch_counts_the_whole_epochs_as_the_result_does(tmp_path):
+    """Stopped one batch into the second epoch, the warning said "2 of max_epochs=5 epochs done" while the result
+    recorded 1 (Lightning counts the epoch it stopped inside as done)."""
+    run = trainer(tmp_path, epochs=5, callbacks=[TimeUpInsideTheSecondEpoch()], enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"trainer.max_time stopped the fit with 1 of max_epochs=5 epochs done"):
+        run.fit(module(), loader())
+    assert run.global_step == len(loader()) + 1
+
+
 def test_a_resume_keeps_the_warmup_its_run_resolved_as_the_cli_does(tmp_path):
     run = trainer(tmp_path / "first", epochs=1, limit_train_batches=1)
     run.fit(module(warmup_epochs=None), loader())  # the recipe's share of 1 epoch: 0

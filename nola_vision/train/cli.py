@@ -71,6 +71,7 @@ from .module import (
     check_training_length,
     require_training_left,
     training_finished,
+    whole_epochs,
 )
 
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
@@ -493,13 +494,6 @@ def _loaded(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
     except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
         return None
     return saved if isinstance(saved, dict) else None
-
-
-def _whole_epochs(trainer: Trainer) -> int:
-    """The epochs a fit trained whole: Lightning counts the epoch that ``max_steps`` stopped inside as done too."""
-    batches = trainer.fit_loop.epoch_loop.batch_progress
-    inside = batches.is_last_batch is False and batches.current.processed > 0
-    return trainer.current_epoch - int(inside)
 
 
 def _note(exception: BaseException, name: str, value: Any) -> None:
@@ -1003,7 +997,7 @@ class NolaCLI(LightningCLI):
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
-                "epochs": _whole_epochs(self.trainer), "steps": self.trainer.global_step,
+                "epochs": whole_epochs(self.trainer), "steps": self.trainer.global_step,
                 "adapter_dir": _absolute(self.model.exported_adapter_dir),
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,

@@ -64,8 +64,7 @@ from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
            "batches_into_epoch", "check_training_length", "check_training_settings", "require_training_left",
-           "training_finished",
-           "training_settings"]
+           "training_finished", "training_settings", "whole_epochs"]
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
@@ -644,7 +643,7 @@ class FewShotClassifier(L.LightningModule):
         remaining = [timer.time_remaining() for timer in timers]
         if trainer.current_epoch < trainer.max_epochs and any(left is not None and left <= 0 for left in remaining):
             rates = ", ".join(f"{group['lr']:.3g}" for group in trainer.optimizers[0].param_groups)
-            warn_user(f"nola_vision: trainer.max_time stopped the fit with {trainer.current_epoch} of "
+            warn_user(f"nola_vision: trainer.max_time stopped the fit with {whole_epochs(trainer)} of "
                       f"max_epochs={trainer.max_epochs} epochs done, while the learning-rate schedule is laid out over "
                       f"{trainer.max_epochs} epochs: it stopped at lr {rates}, never decaying to "
                       f"min_lr={self.hparams.min_lr:g}. Set trainer.max_epochs to the epochs that fit the time instead")
@@ -1397,6 +1396,14 @@ def _require_training_left_on(trainer: Any, unexported: bool = False) -> None:
         raise ValueError(f"this Trainer's earlier fit trained {epochs} epochs ({step} steps), and its {name}="
                          f"{limit} ends the run there: this fit would train nothing, yet export the adapter as a new "
                          f"run's. Fit with a new Trainer, or raise its {name} above {done} to train on.{finish}")
+
+
+def whole_epochs(trainer: Any) -> int:
+    """The epochs a fit trained whole: Lightning counts the epoch that ``max_steps`` or ``max_time`` stopped inside as
+    done too."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    inside = batches.is_last_batch is False and batches.current.processed > 0
+    return trainer.current_epoch - int(inside)
 
 
 def batches_into_epoch(checkpoint: Mapping[str, Any]) -> int:
