@@ -283,13 +283,17 @@ def _protected_file_message(path: Path, writer: str) -> Optional[str]:
             f"it writable (e.g. chmod u+w {path}) to replace it, or choose another path (it was left untouched)")
 
 
-def _special_file_kind(path: PathLike, follow_symlinks: bool = True) -> Optional[str]:
+def _special_file_kind(path: PathLike) -> Optional[str]:
     """What an existing ``path`` is when it is neither a regular file nor a directory (a device, a FIFO, a socket), or
     None."""
     try:
-        mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+        return _special_kind(os.stat(path).st_mode)
     except OSError:
         return None
+
+
+def _special_kind(mode: int) -> Optional[str]:
+    """The kind of special file (a device, a FIFO, a socket) a file ``mode`` gives, or None."""
     kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe (FIFO)"),
              (stat.S_ISSOCK, "socket"))
     return next((name for test, name in kinds if test(mode)), None)
@@ -1108,8 +1112,9 @@ def _link_or_copy(source: str, destination: str) -> bool:
         return True
     except (OSError, NotImplementedError):
         info = os.stat(source, follow_symlinks=False)
-        if _special_file_kind(source, follow_symlinks=False):
-            _recreate_special_file(source, destination, info)
+        kind = _special_kind(info.st_mode)
+        if kind:
+            _recreate_special_file(source, destination, info, kind)
         else:
             shutil.copy2(source, destination, follow_symlinks=False)
         _copy_ownership(info, destination)
@@ -1117,7 +1122,7 @@ def _link_or_copy(source: str, destination: str) -> bool:
         return os.stat(destination, follow_symlinks=False).st_uid == info.st_uid
 
 
-def _recreate_special_file(source: str, destination: str, info: os.stat_result) -> None:
+def _recreate_special_file(source: str, destination: str, info: os.stat_result, kind: str) -> None:
     """A new node like ``source`` (a FIFO or socket holds no data; a device is its numbers): a special file has no
     content to copy where links are refused (``shutil.copy2`` fails on it, or a FIFO blocks its read). A node this
     user may not make (a device) raises ``shutil.SpecialFileError`` naming it."""
@@ -1125,8 +1130,8 @@ def _recreate_special_file(source: str, destination: str, info: os.stat_result) 
         os.mknod(destination, info.st_mode, info.st_rdev)
     except OSError as error:
         raise shutil.SpecialFileError(error.errno, (
-            f"{source} is a {_special_file_kind(source, follow_symlinks=False)}, which this file system refuses to "
-            f"hard-link and this user may not re-create ({error.strerror})")) from error
+            f"{source} is a {kind}, which this file system refuses to hard-link and this user may not re-create "
+            f"({error.strerror})")) from error
 
 
 def _copy_ownership(reference: os.stat_result, path: PathLike) -> None:

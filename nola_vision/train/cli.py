@@ -350,8 +350,8 @@ class FinalWeights(Callback):
         # An asynchronous writer (AsyncCheckpointIO) may still be writing the epoch's checkpoint: its one thread keeps
         # it after that save, and before any save of this epoch
         executor = getattr(io, "_executor", None)
-        for folder, paths in saved.items():
-            job = functools.partial(_keep_epoch_end_of, [*paths, *([resumed] if resumed else [])],
+        for folder, paths in saved.items():  # last.ckpt is often the newest saved too: each path is read once
+            job = functools.partial(_keep_epoch_end_of, list(dict.fromkeys([*paths, *([resumed] if resumed else [])])),
                                     trainer.global_step, folder / EPOCH_END_CHECKPOINT, link)
             if isinstance(executor, ThreadPoolExecutor):
                 executor.submit(job)
