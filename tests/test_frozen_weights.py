@@ -1,6 +1,7 @@
 """An adapter belongs to the frozen weights it was trained on: other weights are refused naming the layer, a
 bfloat16/float16 copy is accepted, merged adapters and a reset classifier are reported, and transfer is opt-in."""
 import copy
+import json
 import warnings
 
 import pytest
@@ -72,6 +73,49 @@ def test_a_random_backbone_a_run_trained_on_is_rebuilt_as_the_error_says(tmp_pat
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(images), run.model.eval()(images))
+
+
+def fine_tuned(model, steps=10, lr=1e-5):
+    """The model after a few steps of full fine-tuning with Adam: each weight moves by up to ``lr`` a step, about
+    0.3% of a layer's norm after 10 steps at 1e-5."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(5, (4,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("other", [lambda: fine_tuned(tiny_vit()), lambda: changed(tiny_vit(), 0.003),
+                                   lambda: changed(tiny_vit(), 0.003, names={"norm"})],
+                         ids=["adam-steps", "moved-0.3%", "head-norm-moved-0.3%"])
+def test_float32_weights_a_few_fine_tuning_steps_moved_are_refused(saved, tmp_path, other):
+    """Under bfloat16's tolerance (1.6% of a layer's norm), which float32 weights were held to as well, these loaded
+    with outputs tens of % of the adapter's update off: float32 weights on both sides now match within 0.05%."""
+    model = other()
+    with pytest.raises(AdapterLoadError, match=r"differ by about 0\.\d\d% of their norm \(at the precision both "
+                                               r"sides' weights are held at, rounding alone stays under 0\.05%\)"):
+        nv.load_adapter(model, saved[1])
+    assert not nv.adapted_layers(model)
+    nv.load_adapter(copy.deepcopy(model).to(torch.bfloat16), saved[1])  # a bfloat16 copy cannot tell them from rounding
+    nv.load_adapter(tiny_vit().to(torch.bfloat16).float(), saved[1])  # a bfloat16 copy of the same weights, loaded back
+
+
+def test_a_file_without_a_recorded_precision_matches_within_the_bfloat16_tolerance_as_before(saved, tmp_path):
+    """Files from before 2026-12-06 record no precision: they load as they did, within 1.6% of a layer's norm."""
+    from nola_vision.adapters.files import CONFIG_NAME, _document_digest
+
+    document = json.loads((saved[1] / CONFIG_NAME).read_text())
+    assert document["frozen_weights"]["precision"] == torch.finfo(torch.float32).eps
+    del document["frozen_weights"]["precision"]
+    document["config_sha256"] = _document_digest(document)
+    (saved[1] / CONFIG_NAME).write_text(json.dumps(document))
+    nv.load_adapter(changed(tiny_vit(), 0.003), saved[1])
+    with pytest.raises(AdapterLoadError, match=r"differ by about .*\(a bfloat16 or float16 copy of the same weights "
+                                               r"differs by under 0\.5%\)"):
+        nv.load_adapter(changed(tiny_vit(), 0.1), saved[1])
 
 
 @pytest.mark.parametrize("module", ["blocks.1.attn.qkv", "norm"])
@@ -182,6 +226,10 @@ def test_a_checkpoint_refuses_other_frozen_weights_naming_them_and_accepts_a_bfl
     in_bfloat16 = FewShotClassifier(**tiny)
     in_bfloat16.model.to(torch.bfloat16)
     in_bfloat16.on_load_checkpoint(copy.deepcopy(checkpoint))
+    moved = FewShotClassifier(**tiny)
+    changed(moved.model, 0.003, names={"blocks.1.mlp.fc2"})  # float32 on both sides: 0.3% is no rounding
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the weights of blocks\.1\.mlp\.fc2 differ"):
+        moved.on_load_checkpoint(copy.deepcopy(checkpoint))
     checkpoint["nola_vision"]["backbone_fingerprint"] = "0123456789abcdef"  # written by an older nola_vision
     with pytest.warns(UserWarning, match="does not check"):
         FewShotClassifier(**tiny).on_load_checkpoint(checkpoint)
@@ -197,6 +245,7 @@ def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_ve
         "version": "sample16384-sign8-float64-v1",
         "modules": {"0": [64.062, -30.5, 21.25, 9.5, -82.25, -78.5, -36.0, 31.25, 47.25]},
         "merged": [],
+        "precision": 2**-7,  # quarters and eighths: values bfloat16 holds exactly, so matched as a bfloat16 copy's
     }
 
 

@@ -97,11 +97,13 @@ def test_the_files_update_combines_each_shared_basis_once_for_all_layers(tmp_pat
 
 
 def test_another_tasks_merged_update_is_not_taken_for_this_one(tmp_path):
+    """Another task folded into the float32 weights (a state dict, which carries no record of it) is refused as other
+    weights, not as this adapter merged twice; under bfloat16's tolerance it loaded, with other outputs."""
     saved(tmp_path / "a")
-    nv.load_adapter(as_state_dict(saved(tmp_path / "b", seed=2)), tmp_path / "a")  # under the tolerance: loads
-    with pytest.raises(nv.AdapterLoadError, match="frozen weights are not those") as error:
-        nv.load_adapter(as_state_dict(saved(tmp_path / "b", seed=2, scale=2.0)), tmp_path / "a")
-    assert MERGED not in str(error.value)
+    for scale in (1.0, 2.0):
+        with pytest.raises(nv.AdapterLoadError, match=r"frozen weights are not those.*differ by about") as error:
+            nv.load_adapter(as_state_dict(saved(tmp_path / "b", seed=2, scale=scale)), tmp_path / "a")
+        assert MERGED not in str(error.value)
 
 
 def test_a_live_merged_model_still_switches_tasks_in_place_and_the_check_can_be_skipped(tmp_path, images):

@@ -36,6 +36,7 @@ from ..core.fingerprint import (
     holds_update,
     is_context,
     is_positions,
+    is_precision,
     is_statistics,
     missing_merges,
     unexpected_merges,
@@ -673,7 +674,8 @@ def _is_frozen_weights(value: Any) -> bool:
             and all(isinstance(entry, dict) and _is_name_list(entry.get("layers", [])) for entry in merged)
             and ("context" not in value or is_context(value["context"]))
             and ("positions" not in value or is_positions(value["positions"]))
-            and ("statistics" not in value or is_statistics(value["statistics"])))
+            and ("statistics" not in value or is_statistics(value["statistics"]))
+            and ("precision" not in value or is_precision(value["precision"])))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -1260,7 +1262,8 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
         raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
                                f"{document['library_version']}), or pass check_frozen_weights=False to load it "
                                "unchecked") from error
-    if difference is None and holds_update(record, model, list(plan.layers), updates):  # else refused below anyway
+    if ((difference is None or differing_module(record, model, loose=True) is None)  # else another backbone's
+            and holds_update(record, model, list(plan.layers), updates)):  # told before the difference it explains
         raise AdapterLoadError(
             "this adapter (or one whose update is close to its own, such as an earlier checkpoint of its run) is "
             "already merged into the model's weights (folded in by nv.merge_and_unload, whose record a state dict does "
@@ -1379,8 +1382,9 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     ``verify_adapter`` checks everything before the model changes: the file's fields and checksums, architecture,
     class count, layer shapes against the injection plan, the fingerprint of the regenerated random bases, the
     frozen weights, the bits of quantisation-aware training, and finite values. The frozen weights of the adapted
-    layers and of the norm the head reads must match the fingerprint saved with the adapter (a bfloat16/float16 copy
-    does; another pretrained tag, fine-tune or random init does not), and no adapter may have been merged into them
+    layers and of the norm the head reads must match the fingerprint saved with the adapter within the rounding of
+    the precision they are held at (a bfloat16 copy does; another pretrained tag, a fine-tune of a few steps or a random
+    init does not), and no adapter may have been merged into them
     since (``merge_and_unload``); ``check_frozen_weights=False`` skips both, for a deliberate transfer. Format 2 files
     hold no fingerprint, so only merged adapters are checked for them; format 1 files, without checksums, load only
     with ``allow_unchecked_legacy=True``. On a model with the same adapter config it switches tasks in place: the

@@ -4,12 +4,15 @@ An adapter only gives its outputs on the frozen weights it was trained on. Per m
 the norm and ``SKETCHES`` random ±1 projections of a fixed sample of its frozen parameters (float64, signs from
 the portable generator of ``basis``). Projections are linear, so the root mean square of the differences of two
 fingerprints estimates the norm of the difference of the weights (Johnson–Lindenstrauss). Two modules match
-when that estimate stays below ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) of their norm: a bfloat16 copy moves each weight by at
-most 2⁻⁸ of its value and a float16 copy by 2⁻¹¹ (together under 0.5 %, a margin of 3.5), whereas another
-pretrained tag, another fine-tune or a random init moves every weight, by tens of per cent of the norm. A
-change below the tolerance (e.g. a small merged adapter), or confined to weights outside the sample, is not
-seen; ``merge_and_unload`` therefore also records what it folded in (``merged_adapters``), and ``holds_update`` tells
-an adapter's own update, folded in where that record was lost (a state dict), from rounding.
+when that estimate stays below a tolerance of their norm set by the coarser precision the two sides' weights are
+held at (``precision``, recorded with the fingerprint; ``_tolerance``): ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) where either is
+bfloat16 (a copy moves each weight by at most 2⁻⁸ of its value), 2⁻⁸ for float16 (2⁻¹¹), and for float32 what the
+records' own rounding allows (2⁻¹¹ ≈ 0.05 %, 2⁻⁹ for the packed ``context``), so that a few steps of fine-tuning
+(0.1–1 % of a weight's norm) are told apart as surely as another pretrained tag or a random init (tens of per
+cent). Fingerprints without a ``precision`` (files before 2026-12-06) match within ``TOLERANCE``. A change below
+the tolerance, or confined to weights outside the sample, is not seen; ``merge_and_unload`` therefore also records
+what it folded in (``merged_adapters``), and ``holds_update`` tells an adapter's own update, folded in where that
+record was lost (a state dict), from rounding.
 
 Adapter files name the records of the layers they adapt and the norm the head reads; every other frozen module
 their outputs depend on (patch embedding, attention, norms) is recorded too, packed without names in name order
@@ -35,15 +38,19 @@ from .layer import AdaptedLinear, adapted_layers
 from .plan import InjectionPlan
 from .targets import classifier_head
 
-__all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "TOLERANCE", "adapter_fingerprint",
-           "context_modules", "differing_module", "differing_positions", "differing_records",
-           "differing_statistics", "frozen_fingerprint", "frozen_modules", "holds_update", "is_context",
-           "is_positions", "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
-           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "tensors_sha256",
-           "unexpected_merges", "unmatched_merges"]
+__all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "PACKED_TOLERANCE", "RECORD_TOLERANCE",
+           "TOLERANCE", "adapter_fingerprint", "context_modules", "differing_module", "differing_positions",
+           "differing_records", "differing_statistics", "frozen_fingerprint", "frozen_modules", "held_precision",
+           "holds_update", "is_context", "is_positions", "is_precision", "is_statistics", "merged_adapters",
+           "missing_merges", "position_records", "record_merged", "running_statistics", "sample_sizes",
+           "statistics_layers", "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 TOLERANCE = 2**-6
+# The tightest tolerances the records' rounding allows (5 significant digits; ``context`` packs its projections as
+# float16, within 2⁻¹¹ of each): for weights held in float32 (or float64) on both sides.
+RECORD_TOLERANCE = 2**-11
+PACKED_TOLERANCE = 2**-9
 # float16 keeps values below 2⁻¹⁴ with an absolute error of up to 2⁻²⁵: allowed per √element, with margin.
 ABSOLUTE_TOLERANCE = 2**-23
 SKETCHES = 8
@@ -108,9 +115,9 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
     """The fingerprint adapter files and task-input graphs record: ``frozen_modules`` by name, and the
     ``context_modules`` packed in order; None for full fine-tuning."""
     named = frozen_modules(model, plan)
-    fingerprint = frozen_fingerprint(model, named)
+    context = context_modules(model, named)
+    fingerprint = frozen_fingerprint(model, named, precision_of=[*named, *context])
     if fingerprint is not None:
-        context = context_modules(model, named)
         records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
         positions = position_records(model)
@@ -156,18 +163,20 @@ def is_statistics(value: object) -> bool:
         and all(is_finite_number(x) for x in record) for name, record in value.items())
 
 
-def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]]) -> Optional[str]:
+def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]],
+                         precision: Optional[float] = None) -> Optional[str]:
     """What differs between the running statistics a fingerprint ``expected`` recorded (none in files from before
     2026-12-05, nor for models without them) and ``actual`` (``statistics_records``; None: not known, as in a graph
-    exported before), naming the first norm layer."""
+    exported before), naming the first norm layer; ``precision``: that of the weights ``actual`` was taken of."""
     if actual is None:
         return None
+    tolerance = _tolerance(expected.get("precision"), precision)
     for name, record in (expected.get("statistics") or {}).items():
         other = actual.get(name)
         if other is None:
             return (f"the model's {name or 'root module'} keeps no running statistics (or is missing), where the "
                     "adapter's backbone had them")
-        difference = _difference(record, other, 0)
+        difference = _difference(record, other, 0, tolerance)
         if difference is not None:
             return (f"the running statistics of {name} differ by about {_amount(difference)} of their norm (a forward "
                     "pass in train mode updates them: keep batch norms in eval mode while training, as "
@@ -198,17 +207,18 @@ def is_positions(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(name, str) and valid(entry) for name, entry in value.items())
 
 
-def differing_positions(expected: dict, actual: Dict[str, dict]) -> Optional[str]:
+def differing_positions(expected: dict, actual: Dict[str, dict], precision: Optional[float] = None) -> Optional[str]:
     """What differs between the position embeddings a fingerprint ``expected`` recorded (none in files from before
     2026-12-04) and ``actual`` (``position_records``), naming the first; those of another shape (another input
-    size) or that a side lacks are not compared."""
+    size) or that a side lacks are not compared. ``precision``: that of the weights ``actual`` was taken of."""
+    tolerance = _tolerance(expected.get("precision"), precision)
     for name, entry in (expected.get("positions") or {}).items():
         other = actual.get(name)
         if other is None or other["shape"] != entry["shape"]:
             continue
-        difference = _difference(entry["record"], other["record"], min(math.prod(entry["shape"]), SAMPLE))
+        difference = _difference(entry["record"], other["record"], min(math.prod(entry["shape"]), SAMPLE), tolerance)
         if difference is not None:
-            return _differ(name, difference)
+            return _differ(name, difference, tolerance)
     return None
 
 
@@ -358,9 +368,11 @@ def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
     return records
 
 
-def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None) -> Optional[dict]:
+def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None,
+                       precision_of: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
-    train), with the adapters merged into them; None when there are none.
+    train), with the adapters merged into them and the precision they are held at (``held_precision`` of
+    ``precision_of``, default ``modules``); None when there are none.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -378,7 +390,22 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
         merged[name].unmerged_record = computed[name]
     records = {name: known[name] if name in known else computed[name] for name in modules}
-    return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model)}
+    return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model),
+            "precision": held_precision(model, modules if precision_of is None else precision_of)}
+
+
+def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
+    """The machine epsilon of the coarsest precision the frozen parameters of ``modules`` are held at: a half
+    dtype's, or bfloat16's (float16's) where a float32 tensor holds only such values (a half-precision copy loaded
+    back); float32's where none is coarser. What a fingerprint's tolerance is set by (``_tolerance``)."""
+    found = [_tensor_precision(value) for name in modules
+             for value in _frozen_parameters(model.get_submodule(name)).values()]
+    return max([eps for eps in found if eps is not None], default=torch.finfo(torch.float32).eps)
+
+
+def is_precision(value: object) -> bool:
+    """Whether ``value`` is a well-formed ``precision`` entry: a machine epsilon, a number in (0, 1)."""
+    return is_finite_number(value) and 0 < value < 1
 
 
 def unexpected_merges(expected: Optional[dict], model: nn.Module) -> List[dict]:
@@ -404,9 +431,11 @@ def unmatched_merges(entries: Sequence[dict], others: Sequence[dict]) -> List[di
     return unmatched
 
 
-def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
+def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> Optional[str]:
     """None when the model's frozen weights match the fingerprint ``expected``, else what differs, naming the first
-    differing module. Raises ValueError for a fingerprint of another version, which cannot be compared."""
+    differing module. Raises ValueError for a fingerprint of another version, which cannot be compared. ``loose``:
+    match within ``TOLERANCE`` whatever precision the weights are held at (as fingerprints that record none), a
+    difference an update merged in may stay under (``holds_update``)."""
     if expected.get("version") != FINGERPRINT_VERSION:
         raise ValueError(f"the frozen weights were fingerprinted by {expected.get('version')!r}, and this "
                          f"nola_vision computes {FINGERPRINT_VERSION!r}")
@@ -415,21 +444,26 @@ def differing_module(expected: dict, model: nn.Module) -> Optional[str]:
     if missing:
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
+    context = context_modules(model, names) if "context" in expected else []
+    actual = frozen_fingerprint(model, names, precision_of=[*names, *context])  # as adapter_fingerprint takes it
+    precision = None if loose else actual["precision"]
     sizes = {"modules": _named_sample_sizes(model, names)}
-    difference = differing_records(expected, frozen_fingerprint(model, names), sizes, root)
+    difference = differing_records(expected, {**actual, "precision": precision}, sizes, root)
     if difference is not None:
         return difference
     if "context" in expected:
-        context = context_modules(model, names)
         if len(context) != expected["context"]["modules"]:
             return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), "
                     f"the adapter's backbone had {expected['context']['modules']}")
+        tolerance = _tolerance(expected.get("precision"), precision, packed=True)
         difference = differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
                                        {"modules": _context_records(model, context)},
-                                       {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root)
+                                       {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root,
+                                       tolerance)
     if difference is None:
-        difference = differing_positions(expected, position_records(model))
-    return difference if difference is not None else differing_statistics(expected, statistics_records(model))
+        difference = differing_positions(expected, position_records(model), precision)
+    return (difference if difference is not None
+            else differing_statistics(expected, statistics_records(model), precision))
 
 
 def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
@@ -452,20 +486,23 @@ def _context_sample_sizes(model: nn.Module, context: Sequence[str]) -> List[int]
 
 
 def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None,
-                      root: str = "the model itself") -> Optional[str]:
+                      root: str = "the model itself", tolerance: Optional[float] = None) -> Optional[str]:
     """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
     version), and their context records match when both hold them, else what differs, naming the first differing
     module. ``sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance for
-    weights near zero; without it only the relative one applies."""
+    weights near zero; without it only the relative one applies. The relative one is ``tolerance``, by default the
+    one the two fingerprints' ``precision`` sets (``_tolerance``)."""
     sizes = sizes or {}
+    precisions = expected.get("precision"), actual.get("precision")
+    named = _tolerance(*precisions) if tolerance is None else tolerance
     for name, record in expected["modules"].items():
         other = actual["modules"].get(name)
         label = name or root
         if other is None:
             return f"there is no fingerprint of {label}"
-        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0))
+        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0), named)
         if difference is not None:
-            return _differ(label, difference)
+            return _differ(label, difference, named)
     if "context" not in expected or "context" not in actual:
         return None
     count = expected["context"]["modules"]
@@ -473,25 +510,38 @@ def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None
         return (f"the other frozen modules (outside the adapted layers and the head) number {count} where the "
                 f"adapter was trained and {actual['context']['modules']} here")
     context_sizes = sizes.get("context") or [0] * count
+    packed = _tolerance(*precisions, packed=True) if tolerance is None else tolerance
     for index, (record, other) in enumerate(zip(_unpack(expected["context"]), _unpack(actual["context"]))):
-        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0)
+        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0, packed)
         if difference is not None:
             return _differ(f"frozen module {index + 1} of the {count} outside the adapted layers and the head",
-                           difference)
+                           difference, packed)
     return None
 
 
-def _differ(label: str, difference: float) -> str:
+def _tolerance(*precisions: Optional[float], packed: bool = False) -> float:
+    """How far two records may lie apart, relative to the norm, for weights held at ``precisions`` (machine
+    epsilons; None where a fingerprint does not record it: ``TOLERANCE``): four times the coarser epsilon, at least
+    what the records' own rounding needs (``PACKED_TOLERANCE`` for packed context records) and at most
+    ``TOLERANCE``."""
+    if any(precision is None for precision in precisions):
+        return TOLERANCE
+    floor = PACKED_TOLERANCE if packed else RECORD_TOLERANCE
+    return min(TOLERANCE, max(floor, 4 * max(precisions)))
+
+
+def _differ(label: str, difference: float, tolerance: float = TOLERANCE) -> str:
     if not difference < 100:  # two weights lie at most about twice their norm apart: a record edited (inf: its length)
         return (f"the record of the weights of {label} lies over 100 times their norm from this model's, farther than "
                 "the records of any two weights do: the record was edited or damaged")
-    return (f"the weights of {label} differ by about {_amount(difference)} of their norm (a bfloat16 or float16 copy "
-            "of the same weights differs by under 0.5%)")
+    held = ("a bfloat16 or float16 copy of the same weights differs by under 0.5%" if tolerance >= TOLERANCE else
+            f"at the precision both sides' weights are held at, rounding alone stays under {_amount(tolerance)}")
+    return f"the weights of {label} differ by about {_amount(difference)} of their norm ({held})"
 
 
 def _amount(difference: float) -> str:
-    """A relative difference as the messages show it: one decimal under 10%."""
-    return f"{difference:.1%}" if difference < 0.1 else f"{difference:.0%}"
+    """A relative difference as the messages show it: two decimals under 1%, one under 10%."""
+    return f"{difference:.{2 if difference < 0.01 else 1 if difference < 0.1 else 0}%}"
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
@@ -507,13 +557,13 @@ def _sample_size(parameters: Dict[str, nn.Parameter]) -> int:
     return sum(min(value.numel() * (2 if value.is_complex() else 1), SAMPLE) for value in parameters.values())
 
 
-def _difference(expected: List[float], actual: List[float], count: int) -> Optional[float]:
-    """The estimated norm of the weights' difference relative to their norm, when it exceeds the tolerance."""
+def _difference(expected: List[float], actual: List[float], count: int, tolerance: float) -> Optional[float]:
+    """The estimated norm of the weights' difference relative to their norm, when it exceeds ``tolerance``."""
     if len(expected) != len(actual):
         return math.inf
     scale = max(abs(expected[0]), abs(actual[0]))
     estimate = _distance(expected, actual)
-    if estimate <= TOLERANCE * scale + ABSOLUTE_TOLERANCE * math.sqrt(count):
+    if estimate <= tolerance * scale + ABSOLUTE_TOLERANCE * math.sqrt(count):
         return None
     return estimate / scale if scale else math.inf
 
@@ -529,7 +579,9 @@ def _distance(expected: List[float], actual: List[float]) -> float:
 def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
                  updates: Callable[[List[str]], Dict[str, Factors]]) -> bool:
     """Whether layers ``names`` already hold the update ``updates(changed)`` gives, merged in where no record says so
-    (a state dict) and maybe under ``TOLERANCE``: taken out, their weights come at least twice as close to ``expected``.
+    (a state dict): taken out, their weights come at least twice as close to ``expected``. Worth asking where the
+    weights match ``expected`` within ``TOLERANCE`` (``differing_module(..., loose=True)``): a larger difference is
+    another backbone's, and the update would take seconds to compute on ViT-B.
 
     Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
     copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away."""
@@ -544,24 +596,30 @@ def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
     update = updates(changed)
     with torch.no_grad():
         taken_out = _records({name: _module_vector(model.get_submodule(name), update=update[name]) for name in changed})
-    without = sum(_relative(records[name], taken_out[name]) ** 2 for name in changed)
-    return without < sum(now[name] ** 2 for name in changed) / 4
+    without = math.hypot(*(_relative(records[name], taken_out[name]) for name in changed))  # no overflow: an edit
+    return without < math.hypot(*(now[name] for name in changed)) / 2
 
 
 def _rounding(module: nn.Module) -> float:
     """The relative distance rounding alone may put between a record and a module's weight: the record's 5 digits, or
     half the machine epsilon of a half-precision copy (no update smaller than that can be told from it anyway)."""
     weight = getattr(module, "weight", None)
-    eps = _held_precision(weight.detach()) if isinstance(weight, Tensor) and weight.is_floating_point() else 0.0
-    return max(_ROUNDING, eps / 2)
+    eps = _tensor_precision(weight) if isinstance(weight, Tensor) else None
+    return max(_ROUNDING, (eps or 0.0) / 2)
 
 
-def _held_precision(weight: Tensor) -> float:
-    """The machine epsilon of the precision a weight's values are held at: its dtype's, or bfloat16's (float16's)
-    where a float32 weight holds only such values, a half-precision copy loaded back (checked on a strided sample)."""
-    if weight.dtype != torch.float32:
-        return torch.finfo(weight.dtype).eps
-    sample = weight.reshape(-1)[:: max(1, weight.numel() // 4096)]
+def _tensor_precision(value: Tensor) -> Optional[float]:
+    """The machine epsilon of the precision a floating tensor's values are held at: its dtype's, or bfloat16's
+    (float16's) where a float32 tensor holds only such values (checked on a strided sample); None for a tensor that
+    tells nothing (not floating, on the meta device, or one repeated value, as timm's norms and biases at init)."""
+    if not value.is_floating_point() or value.is_meta:
+        return None
+    if value.dtype != torch.float32:
+        return torch.finfo(value.dtype).eps
+    flat = value.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 256)]  # an unrounded float32 value fits float16 1 time in 2¹³: 256 tell
+    if sample.numel() == 0 or bool((sample == sample[0]).all()):
+        return None
     for half in (torch.bfloat16, torch.float16):  # bfloat16 first: its values often fit float16 as well
         if torch.equal(sample.to(half).to(torch.float32), sample):
             return torch.finfo(half).eps

@@ -1079,8 +1079,9 @@ class FewShotClassifier(L.LightningModule):
                              "train a new run (fit without --ckpt_path, in a new --trainer.default_root_dir)")
 
     def _check_backbone(self, saved: Any, state_dict: Mapping[str, Tensor]) -> None:
-        """The checkpoint's frozen backbone is this one (up to dtype: a bf16/fp16 copy of the same weights passes), and
-        does not hold the checkpoint's own update already (``holds_update``, as ``load_adapter`` checks)."""
+        """The checkpoint's frozen backbone is this one (within the rounding of the precision its weights are held
+        at: a bf16 copy of the same weights passes), and does not hold the checkpoint's own update already
+        (``holds_update``, as ``load_adapter`` checks)."""
         if isinstance(saved, str):  # an exact hash, written before fingerprints were robust to dtype
             rank_zero_warn("the checkpoint records its frozen backbone in a form this nola_vision does not check; "
                            "make sure the model is built as in the run that wrote it")
@@ -1089,19 +1090,21 @@ class FewShotClassifier(L.LightningModule):
             difference = differing_module(saved, unwrap_model(self.model)) if saved is not None else None
         except ValueError as error:
             difference = str(error)
+        else:  # told before the difference it explains (not another backbone's: beyond the loose tolerance)
+            if (saved is not None and (difference is None or differing_module(saved, unwrap_model(self.model), True)
+                                       is None) and self._holds_update_of(saved, state_dict)):
+                raise ValueError("the checkpoint's adapter (or one whose update is close to its own) is already "
+                                 "merged into this backbone's frozen weights (folded in by nv.merge_and_unload, then "
+                                 "saved as a state dict, e.g. the pretrained_file): evaluating it would add its update "
+                                 "a second time. Build the backbone from the weights the run trained on")
         if difference is not None:
             raise ValueError(f"checkpoint was trained on a different frozen backbone ({difference}): use the same "
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
-        if saved is not None and self._holds_update_of(saved, state_dict):
-            raise ValueError("the checkpoint's adapter (or one whose update is close to its own) is already merged "
-                             "into this backbone's frozen weights (folded in by nv.merge_and_unload, then saved as a "
-                             "state dict, e.g. the pretrained_file): evaluating it would add its update a second time. "
-                             "Build the backbone from the weights the run trained on")
 
     def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor]) -> bool:
         """Whether the adapted layers' frozen weights hold the update of the checkpoint's trained tensors, merged in
-        where nothing records it: under the fingerprint's tolerance, so ``differing_module`` passes them."""
+        where nothing records it (``differing_module`` may pass them, under its tolerance, or name the difference)."""
         model = unwrap_model(self.model)
         layers = adapted_layers(model)
         values = {_plain_key(key): value for key, value in state_dict.items()}
