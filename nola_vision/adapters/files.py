@@ -1252,7 +1252,11 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
             "it onto the model that adapter was merged into (a state dict does not carry that record: if the model "
             "holds those merged weights, pass check_frozen_weights=False)"
         )
-    if record is None:
+    if record is None:  # a format 2 file: loaded, but onto any weights
+        warn_user(f"this adapter file ({document['format']}, written by nola_vision {document['library_version']}) "
+                  "records no fingerprint of the frozen weights it was trained on, so nothing checks that the model "
+                  "holds them: another pretrained tag or a random init loads with other outputs. Save it again from "
+                  "the model it was trained on to record them")
         return
     try:
         difference = differing_module(record, model)
