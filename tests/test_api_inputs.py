@@ -194,3 +194,102 @@ def test_a_path_starting_with_a_tilde_names_the_home_folder_in_every_entry_point
     pytest.importorskip("onnx")
     nv.export_onnx(loaded, "~/task.onnx")
     assert (tmp_path / "home" / "task.onnx").is_file() and not (tmp_path / "~").exists()
+
+
+TINY_BACKBONE = dict(backbone="vit_tiny_patch16_224", num_classes=4, pretrained=False, image_size=32,
+                     backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
+
+
+def test_an_image_size_beyond_any_models_input_is_refused_before_memory_runs_out():
+    # 100,000 px: FewShotDataModule set up, then its first batch asked for terabytes and the process was killed
+    with pytest.raises(ValueError, match=r"FewShotDataModule.image_size must be at most 4,096 pixels.*got 100000"):
+        nv.FewShotDataModule(dataset="digits", image_size=100_000)
+    with pytest.raises(ValueError, match=r"FewShotClassifier.image_size must be at most 4,096"):  # an allocator error
+        nv.FewShotClassifier(**{**TINY_BACKBONE, "image_size": 2**20})
+    from nola_vision.models import build_backbone
+
+    with pytest.raises(ValueError, match=r"image_size must be at most 4,096"):
+        build_backbone("vit_tiny_patch16_224", 4, pretrained=False, image_size=8192)
+
+
+@pytest.mark.parametrize("rate, value", [("drop_rate", 2.0), ("attn_drop_rate", float("nan")),
+                                         ("proj_drop_rate", float("nan")), ("drop_path_rate", 5.0),
+                                         ("drop_rate", "0.1")])
+def test_regularisation_rates_outside_0_to_1_are_refused_when_the_backbone_is_built(rate, value):
+    # torch's "dropout probability has to be between 0 and 1" at construction, or at the first training step for NaN
+    kwargs = {**TINY_BACKBONE["backbone_kwargs"], rate: value}
+    with pytest.raises(ValueError, match=rf"backbone_kwargs {rate} must be a finite number >= 0 and < 1"):
+        nv.FewShotClassifier(**{**TINY_BACKBONE, "backbone_kwargs": kwargs})
+
+
+def test_a_classifier_of_one_class_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"FewShotClassifier.num_classes must be an integer >= 2, got 1"):
+        nv.FewShotClassifier(**{**TINY_BACKBONE, "num_classes": 1})  # torchmetrics' error, after the model was built
+
+
+def test_register_method_refuses_a_config_class_inject_and_save_could_not_use():
+    @dataclass
+    class NotAnAdapterConfig:  # inject failed on a missing train_backbone
+        method = "probe_not_a_config"
+
+    class NotADataclass(nv.AdapterConfig):  # saving failed in dataclasses.asdict
+        method = "probe_not_a_dataclass"
+
+    with pytest.raises(TypeError, match=r"NotAnAdapterConfig is not a subclass of nola_vision.AdapterConfig"):
+        register_method("probe_not_a_config", NotAnAdapterConfig)
+    with pytest.raises(TypeError, match=r"NotADataclass is not a dataclass"):
+        register_method("probe_not_a_dataclass", NotADataclass)
+    assert not {"probe_not_a_config", "probe_not_a_dataclass"} & set(nv.available_methods())
+
+
+@pytest.mark.parametrize("fraction", ["0.1", None, False, float("nan")])
+def test_register_method_checks_its_warm_up_fraction(fraction):
+    @dataclass
+    class Probe(nv.AdapterConfig):
+        method = "probe_warmup"
+
+    with pytest.raises(ValueError, match=r"default_warmup_fraction must be a finite number >= 0 and < 1"):
+        register_method("probe_warmup", Probe, default_warmup_fraction=fraction)  # "0.1": a bare TypeError
+
+
+def test_a_method_name_differing_from_a_registered_one_only_in_letter_case_is_refused():
+    @dataclass
+    class Shouting(nv.NOLAConfig):
+        method = "NOLA"
+
+    with pytest.raises(ValueError, match=r"'NOLA' differs from the registered 'nola' only in letter case"):
+        register_method("NOLA", Shouting, nv.NOLALinear)
+    assert nv.get_method("Nola").name == "nola"  # found nothing once "NOLA" was registered beside "nola"
+
+
+@pytest.mark.parametrize("targets", [["mlp.fc1", "fc1"], ["blocks.0.mlp.fc1", "mlp.fc1"],
+                                     ["attn.qkv", "blocks.1.attn.qkv"], ["attn.v", "blocks.0.attn.v"]])
+def test_two_targets_selecting_the_same_layer_are_refused_naming_both(targets):
+    """The config recorded the same adapter spelled two ways: a task switch onto a model injected with one spelling,
+    or a task-input ONNX graph of it, refused the file as another config."""
+    for config in (nv.LoRAConfig(targets=targets), nv.NOLAConfig(targets=targets, num_basis_a=8, num_basis_b=8)):
+        model = tiny_vit()
+        with pytest.raises(ValueError, match=rf"targets {targets[0]!r} and {targets[1]!r} both select blocks\.\d"):
+            nv.inject(model, config)
+        assert not nv.adapted_layers(model)
+
+
+def test_a_target_on_torchs_multihead_attention_output_projection_is_refused_at_inject():
+    class WithTorchAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    with pytest.raises(ValueError, match=r"selects attn.out_proj, the output projection of torch's "
+                                         r"nn.MultiheadAttention attn, which reads its weight directly"):
+        nv.inject(WithTorchAttention(), nv.LoRAConfig(targets=["out_proj"]))  # found at the first forward pass
+
+
+def test_save_adapter_refuses_class_names_that_are_no_sequence_by_name(tmp_path):
+    with pytest.raises(TypeError, match=r"class_names must be a sequence of non-empty strings.*got 5"):
+        nv.save_adapter(nv.inject(tiny_vit(), "lora"), tmp_path / "a", class_names=5)  # list(5)'s bare TypeError
+    assert not (tmp_path / "a").exists()

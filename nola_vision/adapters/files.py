@@ -15,6 +15,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -370,13 +371,15 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
             raise TypeError("class_names as a dict maps each name to its output index, 0 to n-1 once each, got "
                             f"{shown(names)}: pass a list of names in the order of the head's outputs")
         names = sorted(indices, key=indices.__getitem__)
+    if not isinstance(names, Iterable):  # an int: list() raised a bare TypeError
+        raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {shown(names)}")
     names = list(names)  # a generator is read once
     if not all(isinstance(n, str) and n for n in names):
         raise TypeError(f"class_names must be a sequence of non-empty strings, one per class, got {names!r}")
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class_names for a head of {num_classes} classes: pass one name per output, "
                          "in the order of the head's outputs")
-    return names
+    return names  # a name may repeat: ImageNet's descriptions name two classes 'crane'
 
 
 def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike) -> None:

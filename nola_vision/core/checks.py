@@ -14,8 +14,9 @@ import os
 import reprlib
 from typing import Any, Optional, Sequence
 
-__all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "INT64_RANGE", "MAX_CLASSES", "as_integer", "check_bool", "check_callable",
-           "check_choice", "check_int", "check_num_classes", "check_number", "check_path", "is_finite_number", "shown"]
+__all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "INT64_RANGE", "MAX_CLASSES", "MAX_IMAGE_SIZE", "as_integer", "check_bool",
+           "check_callable", "check_choice", "check_image_size", "check_int", "check_num_classes", "check_number",
+           "check_path", "is_finite_number", "shown"]
 
 # The integers torch's integer ops and sizes take: a Python int beyond them fails deep inside an op.
 INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -79,6 +80,21 @@ def check_num_classes(value: Any, name: str = "num_classes", optional: bool = Fa
     if number is not None and number > MAX_CLASSES:
         raise ValueError(f"{name} must be at most {MAX_CLASSES:,} classes (the head would hold that many rows of "
                          f"weights), got {shown(value)}")
+    return number
+
+
+# Four times the largest input of any timm model (SAM's ViTs take 1,024 px): a batch of 32 images of 100,000 px
+# asked for terabytes, and the process was killed at its first batch without a word.
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(value: Any, name: str = "image_size", optional: bool = False) -> Optional[int]:
+    """``value`` as a square input size in pixels: an integer from 1 to ``MAX_IMAGE_SIZE``."""
+    number = check_int(value, name, at_least=1, optional=optional)
+    if number is not None and number > MAX_IMAGE_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_IMAGE_SIZE:,} pixels (four times the largest input of any timm "
+                         f"model; one 3-channel float image of {number:,} px holds {12 * number**2 / 2**30:,.0f} GiB), "
+                         f"got {shown(value)}")
     return number
 
 

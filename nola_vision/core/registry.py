@@ -6,7 +6,7 @@ method registers itself where it is defined (``nola_vision/methods/<name>/``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from .checks import check_number
@@ -52,8 +52,13 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         if not isinstance(value, type) and not (argument == "layer_cls" and value is None):
             raise TypeError(f"register_method: {argument} is a class{' or None' if argument == 'layer_cls' else ''}, "
                             f"got a {type(value).__name__}")
+    _require_config_contract(name, config_cls)
     if layer_cls is not None:
         _require_layer_contract(name, layer_cls)
+    spelled = [other for other in METHODS if other != name and other.casefold() == name.casefold()]
+    if spelled:  # names are looked up in any letter case: "Nola" would then find neither
+        raise ValueError(f"adapter method {name!r} differs from the registered {spelled[0]!r} only in letter case, "
+                         "which lookups ignore: choose another name")
     registered = METHODS[name].config_cls if name in METHODS else config_cls
     # The same class defined again (a notebook cell run twice) replaces its registration; any other class is refused.
     if _path(registered) != _path(config_cls):
@@ -61,9 +66,9 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
                          f"for {config_cls.__qualname__}")
     if getattr(config_cls, "method", None) != name:
         raise ValueError(f"{config_cls.__name__}.method must be {name!r} to register it under that name")
-    if not 0.0 <= default_warmup_fraction < 1.0:
-        raise ValueError(f"default_warmup_fraction must be in [0, 1), got {default_warmup_fraction}")
     # the recipe's rates, as FewShotClassifier checks a given lr (NaN, True or "0.1" trained or failed deep inside)
+    default_warmup_fraction = check_number(default_warmup_fraction, "register_method: default_warmup_fraction",
+                                           at_least=0, below=1)
     default_lr = check_number(default_lr, "register_method: default_lr", above=0, below=1e6)
     default_head_lr = check_number(default_head_lr, "register_method: default_head_lr", above=0, below=1e6,
                                    optional=True)
@@ -72,6 +77,22 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         _require_same_method(METHODS[name], method)
     METHODS[name] = method
     return method
+
+
+# The class every config subclasses, by path: it lives in ``config``, which imports this module.
+_ADAPTER_CONFIG = "nola_vision.core.config.AdapterConfig"
+
+
+def _require_config_contract(name: str, config_cls: type) -> None:
+    """Refuse a config class that is not a dataclass subclassing ``nola_vision.AdapterConfig`` (inject then failed on
+    a missing field, or saving on ``dataclasses.asdict``)."""
+    if not any(_path(base) == _ADAPTER_CONFIG for base in config_cls.__mro__):
+        raise TypeError(f"register_method({name!r}): {config_cls.__qualname__} is not a subclass of "
+                        "nola_vision.AdapterConfig, which every method's config class is (see the guide 'Adding a "
+                        "method')")
+    if not is_dataclass(config_cls):
+        raise TypeError(f"register_method({name!r}): {config_cls.__qualname__} is not a dataclass (decorate it with "
+                        "@dataclasses.dataclass): its fields are what files and the CLI record")
 
 
 def _require_layer_contract(name: str, layer_cls: type) -> None:
@@ -129,8 +150,8 @@ def get_method(name: str) -> Method:
 
 
 def find_method(name: Any) -> Optional[Method]:
-    """The registered method called ``name`` in any letter case ("LoRA" is "lora"), its exact name first (two
-    registered names may differ only in case, and then only the exact one finds either); None for any other."""
+    """The registered method called ``name`` in any letter case ("LoRA" is "lora"; ``register_method`` refuses
+    names that differ only in case); None for any other."""
     if not isinstance(name, str):
         return None
     if name in METHODS:

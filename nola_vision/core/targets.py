@@ -360,16 +360,43 @@ def adaptable_linears(model: nn.Module) -> Dict[str, nn.Linear]:
             if name and isinstance(module, nn.Linear) and id(module) not in head_modules}
 
 
+def _refuse_read_by_weight(model: nn.Module, name: str, pattern: str) -> None:
+    """Raise where the layer ``name`` is the ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight
+    directly (``F.multi_head_attention_forward``) and never calls it: the adapter would never apply (found only at
+    the first forward pass, as a layer never called)."""
+    owner, _, attribute = name.rpartition(".")
+    if attribute == "out_proj" and isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+        raise ValueError(f"target {pattern!r} selects {name}, the output projection of torch's nn.MultiheadAttention "
+                         f"{owner}, which reads its weight directly and never calls the layer: an adapter there would "
+                         "never apply. Target other Linear layers (timm's ViTs have their own attention, whose "
+                         "'attn.qkv' and 'attn.proj' adapt)")
+
+
+def _select(found: Dict[str, List[Slice]], chosen_by: Dict[Tuple[str, Slice], str], name: str, part: Slice,
+            pattern: str) -> None:
+    """Record that ``pattern`` selects ``part`` of layer ``name``; raise where another target selected it already: the
+    config would record the same adapter spelled two ways, which another config of those very layers does not match
+    (a task switch or an ONNX graph refuses it)."""
+    other = chosen_by.setdefault((name, part), pattern)
+    if other != pattern:
+        raise ValueError(f"targets {other!r} and {pattern!r} both select {name} (its outputs {part[0]} to {part[1]}): "
+                         "keep one of them")
+    found.setdefault(name, []).append(part)
+
+
 def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
-    """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing."""
+    """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing, or
+    two select the same layer (or slice) or overlapping slices of it."""
     head = classifier_head(model)
     linears = adaptable_linears(model)
     found: Dict[str, List[Slice]] = {}
+    chosen_by: Dict[Tuple[str, Slice], str] = {}  # the pattern that selected each layer's slice first
     for pattern in targets:
         matched = False
         for name, module in linears.items():
             if _matches(name, pattern):
-                found.setdefault(name, []).append((0, module.out_features))
+                _refuse_read_by_weight(model, name, pattern)
+                _select(found, chosen_by, name, (0, module.out_features), pattern)
                 matched = True
                 continue
             thirds = [part for part, virtual in _virtual_thirds(name).items() if _matches(virtual, pattern)]
@@ -392,14 +419,14 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
             width = module.out_features // 3
             for part in thirds:
                 start = QKV_SLICES[part] * width
-                found.setdefault(name, []).append((start, start + width))
+                _select(found, chosen_by, name, (start, start + width), pattern)
             matched = True
         _refuse_part_of_a_pair(pattern, targets, linears)
         if not matched:
             raise ValueError(_no_match_message(model, pattern, list(linears), head))
     resolved = {}
     for name, slices in found.items():
-        slices = sorted(set(slices))
+        slices = sorted(slices)
         for (_, end), (start, _) in zip(slices, slices[1:]):
             if start < end:
                 raise ValueError(f"targets overlap on {name}: output slices {slices}; pick either the fused layer "

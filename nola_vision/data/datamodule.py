@@ -19,7 +19,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ..core.checks import check_bool, check_callable, check_choice, check_int, check_number, check_path, shown
+from ..core.checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_image_size,
+    check_int,
+    check_number,
+    check_path,
+    shown,
+)
 from ..core.warn import warn_user
 from .datasets import (
     ArrayImageDataset,
@@ -167,7 +176,7 @@ def _check_arguments(hp: Any) -> Any:
     hp.shuffle_seed = check_int(hp.shuffle_seed, name("shuffle_seed"), optional=True)
     hp.batch_size = check_int(hp.batch_size, name("batch_size"), at_least=1, int64=True)
     hp.eval_batch_size = check_int(hp.eval_batch_size, name("eval_batch_size"), at_least=1, optional=True, int64=True)
-    hp.image_size = check_int(hp.image_size, name("image_size"), at_least=1, optional=True)
+    hp.image_size = check_image_size(hp.image_size, name("image_size"), optional=True)
     if hp.backbone is not None and not isinstance(hp.backbone, str):
         raise ValueError(f"{name('backbone')} must be a timm model name or null, got {shown(hp.backbone)}")
     check_choice(hp.augment, name("augment"), AUGMENTS)

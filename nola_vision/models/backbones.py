@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..core.checks import check_bool, check_int, check_num_classes, check_path
+from ..core.checks import check_bool, check_image_size, check_int, check_num_classes, check_number, check_path
 from .weights import (
     OVERLAY_WEIGHT_SOURCES,
     UnreadableWeights,
@@ -54,7 +54,7 @@ def build_backbone(
     check_backbone_name(backbone)
     num_classes = check_num_classes(num_classes)
     check_bool(pretrained, "pretrained")
-    image_size = check_int(image_size, "image_size", at_least=1, optional=True)
+    image_size = check_image_size(image_size, "image_size", optional=True)
     backbone_seed = check_int(backbone_seed, "backbone_seed", int64=True)
     if pretrained_file is not None:
         pretrained_file = check_path(pretrained_file, "pretrained_file")
@@ -63,6 +63,9 @@ def build_backbone(
                          "drop one of them")
     backbone_kwargs = dict(kwargs)
     _refuse_builder_kwargs(kwargs, image_size, offline=pretrained_file == OFFLINE_PRETRAINED_FILE)
+    for rate in _RATES:
+        if rate in kwargs:
+            check_number(kwargs[rate], f"backbone_kwargs {rate}", at_least=0, below=1)
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
     if pretrained_file == OFFLINE_PRETRAINED_FILE:
@@ -137,6 +140,10 @@ def build_backbone(
     # the offline backbone records the requested size as its own, so its native size is not an exemption
     _refuse_dropped_border(model, backbone, native_exempt=pretrained_file != OFFLINE_PRETRAINED_FILE)
     return model
+
+
+# timm's regularisation rates, probabilities: 2.0 or NaN was taken, then failed in torch at the first training step.
+_RATES = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
 def _refuse_builder_kwargs(kwargs: dict[str, Any], image_size: Optional[int], offline: bool) -> None:

@@ -38,7 +38,16 @@ from ..adapters.files import (
     save_adapter,
 )
 from ..core.basis import GENERATOR_VERSION
-from ..core.checks import check_bool, check_choice, check_int, check_number, check_path, shown
+from ..core.checks import (
+    check_bool,
+    check_choice,
+    check_image_size,
+    check_int,
+    check_num_classes,
+    check_number,
+    check_path,
+    shown,
+)
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.fingerprint import differing_module, frozen_fingerprint, holds_update, statistics_layers, tensors_sha256
@@ -131,10 +140,11 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     config = resolve_adapter(hp["adapter"])
     if not isinstance(hp["backbone"], str) or not hp["backbone"]:
         raise ValueError(f"{name('backbone')} must be a timm model name, got {shown(hp['backbone'])}")
-    hp["num_classes"] = check_int(hp["num_classes"], name("num_classes"), at_least=1)
+    hp["num_classes"] = check_num_classes(check_int(hp["num_classes"], name("num_classes"), at_least=2),  # accuracy's
+                                          name("num_classes"))
     hp["pretrained"] = check_bool(hp["pretrained"], name("pretrained"))
     hp["pretrained_file"] = check_path(hp["pretrained_file"], name("pretrained_file"), optional=True)
-    hp["image_size"] = check_int(hp["image_size"], name("image_size"), at_least=1, optional=True, int64=True)
+    hp["image_size"] = check_image_size(hp["image_size"], name("image_size"), optional=True)
     kwargs = hp["backbone_kwargs"]
     if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)):
         raise ValueError(f"{name('backbone_kwargs')} must map timm.create_model argument names to values, got "
