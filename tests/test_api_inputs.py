@@ -2,6 +2,7 @@
 another library: each is refused naming the argument."""
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -264,14 +265,23 @@ def test_a_method_name_differing_from_a_registered_one_only_in_letter_case_is_re
 
 @pytest.mark.parametrize("targets", [["mlp.fc1", "fc1"], ["blocks.0.mlp.fc1", "mlp.fc1"],
                                      ["attn.qkv", "blocks.1.attn.qkv"], ["attn.v", "blocks.0.attn.v"]])
-def test_two_targets_selecting_the_same_layer_are_refused_naming_both(targets):
-    """The config recorded the same adapter spelled two ways: a task switch onto a model injected with one spelling,
-    or a task-input ONNX graph of it, refused the file as another config."""
+def test_two_targets_selecting_the_same_layer_warn_naming_both_and_it_is_adapted_once(targets, tmp_path):
+    """The config records the same adapter spelled two ways, without a word: a task switch onto a model injected with
+    one spelling, or a task-input ONNX graph of it, refused the file as another config. Files written so load as
+    they did (onto a fresh model, without the warning)."""
     for config in (nv.LoRAConfig(targets=targets), nv.NOLAConfig(targets=targets, num_basis_a=8, num_basis_b=8)):
-        model = tiny_vit()
-        with pytest.raises(ValueError, match=rf"targets {targets[0]!r} and {targets[1]!r} both select blocks\.\d"):
-            nv.inject(model, config)
-        assert not nv.adapted_layers(model)
+        with pytest.warns(UserWarning, match=rf"targets {targets[0]!r} and {targets[1]!r} both select blocks\.\d"):
+            model = nv.inject(tiny_vit(), config)
+        each = [nv.inject(tiny_vit(), type(config)(**{**vars(config), "targets": [target]})) for target in targets]
+        assert {name: layer.slices for name, layer in nv.adapted_layers(model).items()} == \
+               {name: layer.slices for one in each for name, layer in nv.adapted_layers(one).items()}
+        saved = nv.save_adapter(as_if_trained(model, 0, scale=0.1), tmp_path / config.method, bits=32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = nv.load_adapter(tiny_vit(), saved)
+        images = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(images), model.eval()(images))
 
 
 def test_a_target_on_torchs_multihead_attention_output_projection_is_refused_at_inject():

@@ -103,6 +103,43 @@ def test_float32_weights_a_few_fine_tuning_steps_moved_are_refused(saved, tmp_pa
     nv.load_adapter(tiny_vit().to(torch.bfloat16).float(), saved[1])  # a bfloat16 copy of the same weights, loaded back
 
 
+def bfloat16_values(model, modules=None):
+    """The model with the weights of ``modules`` (default: all) rounded to bfloat16's values, kept in their dtype."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if modules is None or name.rpartition(".")[0] in modules:
+                parameter.copy_(parameter.to(torch.bfloat16))
+    return model
+
+
+def test_copies_holding_bfloat16_values_in_any_dtype_or_in_some_modules_load(saved, tmp_path):
+    """Precision is told from the values a module holds, not its dtype alone: a float64 copy of bfloat16 weights was
+    held to float32's 0.05%, and refused."""
+    model, directory = saved
+    for copy_of_the_weights in (bfloat16_values(tiny_vit()).double(), bfloat16_values(tiny_vit(), {"blocks.0.mlp.fc1"}),
+                                tiny_vit().bfloat16().half()):
+        nv.load_adapter(copy_of_the_weights, directory)
+    on_bfloat16_values = nv.save_adapter(trained(model=bfloat16_values(tiny_vit()).double()), tmp_path / "b")
+    nv.load_adapter(tiny_vit(), on_bfloat16_values)
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.1\.mlp\.fc1 differ"):  # the others still count
+        nv.load_adapter(changed(bfloat16_values(tiny_vit(), {"blocks.0.mlp.fc1"}), 0.01, {"blocks.1.mlp.fc1"}),
+                        directory)
+
+
+def test_a_float16_model_is_held_to_float16s_tolerance_though_its_tiniest_values_fit_bfloat16(saved, tmp_path):
+    """timm draws the class token at std 1e-6: float16 subnormals, which bfloat16 holds too, made the whole model count
+    as bfloat16 (1.6% instead of 0.4%)."""
+    from nola_vision.core.fingerprint import held_precision
+
+    model = tiny_vit().half()
+    with torch.no_grad():
+        model.cls_token.normal_(std=1e-6)
+    assert held_precision(model, [""]) == torch.finfo(torch.float16).eps
+    half = nv.save_adapter(trained(model=copy.deepcopy(model)), tmp_path / "half")
+    with pytest.raises(AdapterLoadError, match=r"rounding alone stays under 0\.39%"):
+        nv.load_adapter(changed(copy.deepcopy(model).float(), 0.02, {"blocks.0.mlp.fc1"}), half)
+
+
 def test_a_file_without_a_recorded_precision_matches_within_the_bfloat16_tolerance_as_before(saved, tmp_path):
     """Files from before 2026-12-06 record no precision: they load as they did, within 1.6% of a layer's norm."""
     from nola_vision.adapters.files import CONFIG_NAME, _document_digest

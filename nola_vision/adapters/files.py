@@ -1151,8 +1151,12 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
     state = adapter_state(model)
     if state is not None:
         if not state.config.same_update(config):
+            mine, theirs = state.config.update_settings(), config.update_settings()
+            differ = "; ".join(f"{key} {mine.get(key)!r} in the model, {theirs.get(key)!r} in the file"
+                               for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key))
             raise AdapterLoadError(f"model already has adapters with config {state.config_dict()}, the file has "
-                                   f"{document['config']}; load onto a fresh model")
+                                   f"{document['config']} ({differ}): a task switch copies the file's tensors into "
+                                   "adapters of the same settings; load onto a fresh model, or nv.unload(model) first")
         return state.plan
     try:
         return plan_injection(model, config, warn=False)  # the file's sizes: its trainer was told

@@ -395,12 +395,22 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
 
 
 def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
-    """The machine epsilon of the coarsest precision the frozen parameters of ``modules`` are held at: a half
-    dtype's, or bfloat16's (float16's) where a float32 tensor holds only such values (a half-precision copy loaded
-    back); float32's where none is coarser. What a fingerprint's tolerance is set by (``_tolerance``)."""
-    found = [_tensor_precision(value) for name in modules
-             for value in _frozen_parameters(model.get_submodule(name)).values()]
-    return max([eps for eps in found if eps is not None], default=torch.finfo(torch.float32).eps)
+    """The machine epsilon of the coarsest precision any of ``modules`` holds its frozen parameters at
+    (``_module_precisions``): what a fingerprint's tolerance is set by (``_tolerance``)."""
+    return max(_module_precisions(model, modules).values(), default=torch.finfo(torch.float32).eps)
+
+
+def _module_precisions(model: nn.Module, modules: Sequence[str]) -> Dict[str, float]:
+    """Per module, the machine epsilon of the coarsest type (``_HELD_TYPES``) that holds every value of its frozen
+    parameters: a half dtype's, or bfloat16's (float16's) where a float32 or float64 tensor holds only such values (a
+    half-precision copy loaded back); float32's for a module of constants alone (timm's norms at init), which every
+    type holds exactly."""
+    precisions = {}
+    for name in modules:
+        samples = [sample for value in _frozen_parameters(model.get_submodule(name)).values()
+                   if (sample := _telling_sample(value)) is not None]
+        precisions[name] = _held_by(samples) if samples else torch.finfo(torch.float32).eps
+    return precisions
 
 
 def is_precision(value: object) -> bool:
@@ -447,19 +457,20 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
     context = context_modules(model, names) if "context" in expected else []
     actual = frozen_fingerprint(model, names, precision_of=[*names, *context])  # as adapter_fingerprint takes it
     precision = None if loose else actual["precision"]
+    # each module matched at its own precision: a model may hold some in bfloat16, others (norms) in float32
+    own = {} if loose else _module_precisions(model, [*names, *context])
     sizes = {"modules": _named_sample_sizes(model, names)}
-    difference = differing_records(expected, {**actual, "precision": precision}, sizes, root)
+    difference = differing_records(expected, {**actual, "precision": precision, "module_precisions": own}, sizes, root)
     if difference is not None:
         return difference
     if "context" in expected:
         if len(context) != expected["context"]["modules"]:
             return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), "
                     f"the adapter's backbone had {expected['context']['modules']}")
-        tolerance = _tolerance(expected.get("precision"), precision, packed=True)
-        difference = differing_records({"modules": dict(zip(context, _unpack(expected["context"])))},
-                                       {"modules": _context_records(model, context)},
-                                       {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root,
-                                       tolerance)
+        difference = differing_records(
+            {"modules": dict(zip(context, _unpack(expected["context"]))), "precision": expected.get("precision")},
+            {"modules": _context_records(model, context), "precision": precision, "module_precisions": own},
+            {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root, packed=True)
     if difference is None:
         difference = differing_positions(expected, position_records(model), precision)
     return (difference if difference is not None
@@ -486,23 +497,25 @@ def _context_sample_sizes(model: nn.Module, context: Sequence[str]) -> List[int]
 
 
 def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None,
-                      root: str = "the model itself", tolerance: Optional[float] = None) -> Optional[str]:
+                      root: str = "the model itself", packed: bool = False) -> Optional[str]:
     """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
     version), and their context records match when both hold them, else what differs, naming the first differing
     module. ``sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance for
-    weights near zero; without it only the relative one applies. The relative one is ``tolerance``, by default the
-    one the two fingerprints' ``precision`` sets (``_tolerance``)."""
+    weights near zero; without it only the relative one applies. The relative one is set by the two sides'
+    ``precision`` (``_tolerance``; ``actual``'s ``module_precisions`` by name where it holds them; ``packed``: the
+    records of ``modules`` were packed as context records are)."""
     sizes = sizes or {}
     precisions = expected.get("precision"), actual.get("precision")
-    named = _tolerance(*precisions) if tolerance is None else tolerance
+    own = actual.get("module_precisions") or {}
     for name, record in expected["modules"].items():
         other = actual["modules"].get(name)
         label = name or root
         if other is None:
             return f"there is no fingerprint of {label}"
-        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0), named)
+        tolerance = _tolerance(precisions[0], own.get(name, precisions[1]), packed=packed)
+        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0), tolerance)
         if difference is not None:
-            return _differ(label, difference, named)
+            return _differ(label, difference, tolerance)
     if "context" not in expected or "context" not in actual:
         return None
     count = expected["context"]["modules"]
@@ -510,12 +523,12 @@ def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None
         return (f"the other frozen modules (outside the adapted layers and the head) number {count} where the "
                 f"adapter was trained and {actual['context']['modules']} here")
     context_sizes = sizes.get("context") or [0] * count
-    packed = _tolerance(*precisions, packed=True) if tolerance is None else tolerance
+    tolerance = _tolerance(*precisions, packed=True)
     for index, (record, other) in enumerate(zip(_unpack(expected["context"]), _unpack(actual["context"]))):
-        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0, packed)
+        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0, tolerance)
         if difference is not None:
             return _differ(f"frozen module {index + 1} of the {count} outside the adapted layers and the head",
-                           difference, packed)
+                           difference, tolerance)
     return None
 
 
@@ -604,26 +617,33 @@ def _rounding(module: nn.Module) -> float:
     """The relative distance rounding alone may put between a record and a module's weight: the record's 5 digits, or
     half the machine epsilon of a half-precision copy (no update smaller than that can be told from it anyway)."""
     weight = getattr(module, "weight", None)
-    eps = _tensor_precision(weight) if isinstance(weight, Tensor) else None
-    return max(_ROUNDING, (eps or 0.0) / 2)
+    sample = _telling_sample(weight) if isinstance(weight, Tensor) else None
+    return max(_ROUNDING, (_held_by([sample]) if sample is not None else 0.0) / 2)
 
 
-def _tensor_precision(value: Tensor) -> Optional[float]:
-    """The machine epsilon of the precision a floating tensor's values are held at: its dtype's, or bfloat16's
-    (float16's) where a float32 tensor holds only such values (checked on a strided sample); None for a tensor that
-    tells nothing (not floating, on the meta device, or one repeated value, as timm's norms and biases at init)."""
+# The types a weight's values may be held at, coarsest first (bfloat16 before float16: its values often fit float16
+# as well, but not the reverse beyond float16's subnormals).
+_HELD_TYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _held_by(samples: Sequence[Tensor]) -> float:
+    """The machine epsilon of the first of ``_HELD_TYPES`` that holds every value of ``samples``; float64's if none
+    does."""
+    for dtype in _HELD_TYPES:
+        if all(torch.equal(sample.to(dtype).to(sample.dtype), sample) for sample in samples):
+            return torch.finfo(dtype).eps
+    return torch.finfo(torch.float64).eps
+
+
+def _telling_sample(value: Tensor) -> Optional[Tensor]:
+    """A strided sample of a floating tensor's values, to tell the precision they are held at (an unrounded float32
+    value fits float16 1 time in 2¹³: 256 of them tell); None for a tensor that tells nothing (not floating, on the
+    meta device, or one repeated value, as timm's norms and biases at init)."""
     if not value.is_floating_point() or value.is_meta:
         return None
-    if value.dtype != torch.float32:
-        return torch.finfo(value.dtype).eps
     flat = value.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 256)]  # an unrounded float32 value fits float16 1 time in 2¹³: 256 tell
-    if sample.numel() == 0 or bool((sample == sample[0]).all()):
-        return None
-    for half in (torch.bfloat16, torch.float16):  # bfloat16 first: its values often fit float16 as well
-        if torch.equal(sample.to(half).to(torch.float32), sample):
-            return torch.finfo(half).eps
-    return torch.finfo(torch.float32).eps
+    sample = flat[:: max(1, flat.numel() // 256)]
+    return None if sample.numel() == 0 or bool((sample == sample[0]).all()) else sample
 
 
 def _relative(expected: List[float], actual: List[float]) -> float:

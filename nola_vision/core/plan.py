@@ -323,8 +323,9 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str,
     _require_no_adapters(model)
     layer_cls = method_of(config).layer_cls
     layers = {}
+    repeats: List[Tuple[str, str, str]] = []
     if layer_cls is not None:
-        for name, slices in find_targets(model, list(config.targets)).items():
+        for name, slices in find_targets(model, list(config.targets), repeats).items():
             linear = model.get_submodule(name)
             _require_plain_forward(name, linear)
             width = slices[0][1] - slices[0][0]
@@ -350,4 +351,9 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str,
     plan = InjectionPlan(config, layers, trained, head_names)
     if warn:
         _warn_pointless_sizes(plan)
+        if repeats:
+            first, second, layer = repeats[0]
+            warn_user(f"targets {first!r} and {second!r} both select {layer} (adapted once): the config records the "
+                      "adapter spelled both ways, and a model injected with one spelling takes its files only as a "
+                      "fresh model does, not by a task switch (nor a task-input ONNX graph of it); keep one of them")
     return plan

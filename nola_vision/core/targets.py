@@ -373,20 +373,21 @@ def _refuse_read_by_weight(model: nn.Module, name: str, pattern: str) -> None:
 
 
 def _select(found: Dict[str, List[Slice]], chosen_by: Dict[Tuple[str, Slice], str], name: str, part: Slice,
-            pattern: str) -> None:
-    """Record that ``pattern`` selects ``part`` of layer ``name``; raise where another target selected it already: the
-    config would record the same adapter spelled two ways, which another config of those very layers does not match
-    (a task switch or an ONNX graph refuses it)."""
+            pattern: str, repeats: Optional[List[Tuple[str, str, str]]]) -> None:
+    """Record that ``pattern`` selects ``part`` of layer ``name`` (once, however many targets select it); a part
+    another target selected already is added to ``repeats`` as (that target, this one, the layer)."""
     other = chosen_by.setdefault((name, part), pattern)
-    if other != pattern:
-        raise ValueError(f"targets {other!r} and {pattern!r} both select {name} (its outputs {part[0]} to {part[1]}): "
-                         "keep one of them")
-    found.setdefault(name, []).append(part)
+    if other == pattern:
+        found.setdefault(name, []).append(part)
+    elif repeats is not None:
+        repeats.append((other, pattern, name))
 
 
-def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice, ...]]:
+def find_targets(model: nn.Module, targets: List[str],
+                 repeats: Optional[List[Tuple[str, str, str]]] = None) -> Dict[str, Tuple[Slice, ...]]:
     """Resolve target patterns to ``{linear module name: output slices}``; raise if any pattern matches nothing, or
-    two select the same layer (or slice) or overlapping slices of it."""
+    two select overlapping slices of a layer. A layer (or slice) two targets select is adapted once, and told in
+    ``repeats`` (``plan_injection`` warns of it)."""
     head = classifier_head(model)
     linears = adaptable_linears(model)
     found: Dict[str, List[Slice]] = {}
@@ -396,7 +397,7 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
         for name, module in linears.items():
             if _matches(name, pattern):
                 _refuse_read_by_weight(model, name, pattern)
-                _select(found, chosen_by, name, (0, module.out_features), pattern)
+                _select(found, chosen_by, name, (0, module.out_features), pattern, repeats)
                 matched = True
                 continue
             thirds = [part for part, virtual in _virtual_thirds(name).items() if _matches(virtual, pattern)]
@@ -419,14 +420,14 @@ def find_targets(model: nn.Module, targets: List[str]) -> Dict[str, Tuple[Slice,
             width = module.out_features // 3
             for part in thirds:
                 start = QKV_SLICES[part] * width
-                _select(found, chosen_by, name, (start, start + width), pattern)
+                _select(found, chosen_by, name, (start, start + width), pattern, repeats)
             matched = True
         _refuse_part_of_a_pair(pattern, targets, linears)
         if not matched:
             raise ValueError(_no_match_message(model, pattern, list(linears), head))
     resolved = {}
     for name, slices in found.items():
-        slices = sorted(slices)
+        slices = sorted(set(slices))  # one pattern given twice selects each part twice
         for (_, end), (start, _) in zip(slices, slices[1:]):
             if start < end:
                 raise ValueError(f"targets overlap on {name}: output slices {slices}; pick either the fused layer "
