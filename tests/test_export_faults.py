@@ -124,6 +124,19 @@ def test_a_task_saved_from_a_float16_copy_fits_the_graph_as_it_loads_onto_the_mo
         nv.onnx_task_inputs(other, graph)
 
 
+def test_a_graph_whose_position_embedding_moved_beyond_float32_rounding_does_not_fit_a_task(tmp_path):
+    """The graph's check of position embeddings (and batch-norm statistics) kept bfloat16's 1.6% where load_adapter
+    holds float32 weights to 0.05%: a graph with them 1% off served the task."""
+    moved = tiny_vit()
+    with torch.no_grad():
+        moved.pos_embed.add_(torch.randn(moved.pos_embed.shape, generator=torch.Generator().manual_seed(0))
+                             * moved.pos_embed.std() * 0.01)
+    graph = nv.export_onnx(nv.inject(moved, CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0), tmp_path / "task")
+    with pytest.raises(nv.AdapterLoadError, match=r"the weights of pos_embed differ by about .*under 0\.05%"):
+        nv.onnx_task_inputs(task, graph)
+
+
 def test_a_task_trained_with_another_pooling_does_not_fit_the_graph(tmp_path):
     graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
     task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(global_pool="avg", fc_norm=False), CONFIG), seed=0),

@@ -103,11 +103,12 @@ def test_float32_weights_a_few_fine_tuning_steps_moved_are_refused(saved, tmp_pa
     nv.load_adapter(tiny_vit().to(torch.bfloat16).float(), saved[1])  # a bfloat16 copy of the same weights, loaded back
 
 
-def bfloat16_values(model, modules=None):
-    """The model with the weights of ``modules`` (default: all) rounded to bfloat16's values, kept in their dtype."""
+def bfloat16_values(model, modules=None, parameters=("weight", "bias")):
+    """The model with the ``parameters`` of ``modules`` (default: all) rounded to bfloat16's values, in their dtype."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if modules is None or name.rpartition(".")[0] in modules:
+            owner, _, own = name.rpartition(".")
+            if (modules is None or owner in modules) and (own in parameters or owner == ""):
                 parameter.copy_(parameter.to(torch.bfloat16))
     return model
 
@@ -124,6 +125,53 @@ def test_copies_holding_bfloat16_values_in_any_dtype_or_in_some_modules_load(sav
     with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.1\.mlp\.fc1 differ"):  # the others still count
         nv.load_adapter(changed(bfloat16_values(tiny_vit(), {"blocks.0.mlp.fc1"}), 0.01, {"blocks.1.mlp.fc1"}),
                         directory)
+    nv.load_adapter(bfloat16_values(tiny_vit(), parameters=("weight",)), directory)  # float32 biases beside them
+    with_a_nan = tiny_vit()
+    with torch.no_grad():
+        with_a_nan.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
+    nan_saved = nv.save_adapter(trained(model=copy.deepcopy(with_a_nan)), tmp_path / "nan")
+    nv.load_adapter(bfloat16_values(with_a_nan), nan_saved)  # a NaN equals nothing: it made every module float64
+
+
+def test_one_module_holding_bfloat16_values_loosens_no_other_modules_check(tmp_path):
+    """The file kept the coarsest precision of any module: one norm loaded from bfloat16 values let every other
+    layer (and a checkpoint's every frozen module) move by 1.6%."""
+    from nola_vision.train.module import FewShotClassifier
+
+    model = bfloat16_values(tiny_vit(), {"norm"})
+    directory = nv.save_adapter(trained(model=copy.deepcopy(model)), tmp_path / "a", bits=32)
+    nv.load_adapter(copy.deepcopy(model), directory)
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ .*under 0\.05%"):
+        nv.load_adapter(changed(copy.deepcopy(model), 0.01, {"blocks.0.mlp.fc1"}), directory)
+    tiny = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4, adapter=CONFIG,
+                backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
+    run = FewShotClassifier(**tiny)
+    bfloat16_values(run.model, {"norm"})
+    checkpoint = {"state_dict": run.state_dict()}
+    run.on_save_checkpoint(checkpoint)
+    moved = FewShotClassifier(**tiny)
+    changed(bfloat16_values(moved.model, {"norm"}), 0.01, {"blocks.0.mlp.fc1"})
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the weights of blocks\.0\.mlp\.fc1 differ"):
+        moved.on_load_checkpoint(copy.deepcopy(checkpoint))
+
+
+def test_a_checkpoint_refuses_a_backbone_with_other_batch_norm_statistics():
+    """Checkpoints recorded the weights only: a hybrid ViT whose batch norms ran in train mode loaded silently."""
+    from nola_vision.train.module import FewShotClassifier
+
+    tiny = dict(backbone="vit_small_resnet26d_224", pretrained=False, image_size=32, num_classes=4, adapter=CONFIG,
+                backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
+    checkpoint = {"state_dict": FewShotClassifier(**tiny).state_dict()}
+    FewShotClassifier(**tiny).on_save_checkpoint(checkpoint)
+    FewShotClassifier(**tiny).on_load_checkpoint(copy.deepcopy(checkpoint))
+    recalibrated = FewShotClassifier(**tiny)
+    with torch.no_grad():
+        recalibrated.model.train()(IMAGES * 3 + 1)
+    recalibrated.model.eval()
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the running statistics of .* differ by about"):
+        recalibrated.on_load_checkpoint(copy.deepcopy(checkpoint))
+    del checkpoint["nola_vision"]["backbone_fingerprint"]["statistics"]  # written before statistics were recorded
+    recalibrated.on_load_checkpoint(copy.deepcopy(checkpoint))
 
 
 def test_a_float16_model_is_held_to_float16s_tolerance_though_its_tiniest_values_fit_bfloat16(saved, tmp_path):

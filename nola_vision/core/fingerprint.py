@@ -5,7 +5,8 @@ the norm and ``SKETCHES`` random ±1 projections of a fixed sample of its frozen
 the portable generator of ``basis``). Projections are linear, so the root mean square of the differences of two
 fingerprints estimates the norm of the difference of the weights (Johnson–Lindenstrauss). Two modules match
 when that estimate stays below a tolerance of their norm set by the coarser precision the two sides' weights are
-held at (``precision``, recorded with the fingerprint; ``_tolerance``): ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) where either is
+held at (the fingerprint records the precision most of its values are held at, ``precision``; the model's side is
+told per module, ``_module_precisions``; ``_tolerance``): ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) where either is
 bfloat16 (a copy moves each weight by at most 2⁻⁸ of its value), 2⁻⁸ for float16 (2⁻¹¹), and for float32 what the
 records' own rounding allows (2⁻¹¹ ≈ 0.05 %, 2⁻⁹ for the packed ``context``), so that a few steps of fine-tuning
 (0.1–1 % of a weight's norm) are told apart as surely as another pretrained tag or a random init (tens of per
@@ -116,7 +117,7 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
     ``context_modules`` packed in order; None for full fine-tuning."""
     named = frozen_modules(model, plan)
     context = context_modules(model, named)
-    fingerprint = frozen_fingerprint(model, named, precision_of=[*named, *context])
+    fingerprint = frozen_fingerprint(model, named, precision=held_precision(model, [*named, *context]))
     if fingerprint is not None:
         records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
@@ -369,10 +370,10 @@ def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
 
 
 def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None,
-                       precision_of: Optional[Sequence[str]] = None) -> Optional[dict]:
+                       precision: Optional[float] = None) -> Optional[dict]:
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
-    train), with the adapters merged into them and the precision they are held at (``held_precision`` of
-    ``precision_of``, default ``modules``); None when there are none.
+    train), with the adapters merged into them and the precision they are held at (default: ``held_precision`` of
+    ``modules``); None when there are none.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -391,26 +392,41 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
         merged[name].unmerged_record = computed[name]
     records = {name: known[name] if name in known else computed[name] for name in modules}
     return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model),
-            "precision": held_precision(model, modules if precision_of is None else precision_of)}
+            "precision": held_precision(model, modules) if precision is None else precision}
 
 
 def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
-    """The machine epsilon of the coarsest precision any of ``modules`` holds its frozen parameters at
-    (``_module_precisions``): what a fingerprint's tolerance is set by (``_tolerance``)."""
-    return max(_module_precisions(model, modules).values(), default=torch.finfo(torch.float32).eps)
+    """The machine epsilon of the precision that holds most of the values of the frozen parameters of ``modules``
+    (``_majority``): what a fingerprint's tolerance is set by (``_tolerance``), so that one module held otherwise (a
+    norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``_module_precisions``)."""
+    return _majority([pair for pairs in _tensor_precisions(model, modules).values() for pair in pairs])
 
 
 def _module_precisions(model: nn.Module, modules: Sequence[str]) -> Dict[str, float]:
-    """Per module, the machine epsilon of the coarsest type (``_HELD_TYPES``) that holds every value of its frozen
-    parameters: a half dtype's, or bfloat16's (float16's) where a float32 or float64 tensor holds only such values (a
-    half-precision copy loaded back); float32's for a module of constants alone (timm's norms at init), which every
-    type holds exactly."""
-    precisions = {}
+    """Per module, the machine epsilon of the precision that holds most of its frozen parameters' values: a bfloat16
+    weight beside a float32 bias counts as bfloat16, a float16 model's class token (subnormals, which bfloat16 holds
+    too) does not make its root module bfloat16."""
+    return {name: _majority(pairs) for name, pairs in _tensor_precisions(model, modules).items()}
+
+
+def _tensor_precisions(model: nn.Module, modules: Sequence[str]) -> Dict[str, List[Tuple[float, int]]]:
+    """Per module, (machine epsilon of the precision it is held at (``_held_by``), number of values) of each frozen
+    parameter that tells it (``_telling_sample``)."""
+    found = {}
     for name in modules:
-        samples = [sample for value in _frozen_parameters(model.get_submodule(name)).values()
-                   if (sample := _telling_sample(value)) is not None]
-        precisions[name] = _held_by(samples) if samples else torch.finfo(torch.float32).eps
-    return precisions
+        parameters = _frozen_parameters(model.get_submodule(name)).values()
+        found[name] = [(_held_by(sample), value.numel()) for value in parameters
+                       if (sample := _telling_sample(value)) is not None]
+    return found
+
+
+def _majority(pairs: Sequence[Tuple[float, int]]) -> float:
+    """The precision of ``pairs`` (epsilon, values) that holds the most values, the coarser of a tie; float32's where
+    none is given (constants alone, as timm's norms at init, which every type holds exactly)."""
+    counts: Dict[float, int] = {}
+    for eps, count in pairs:
+        counts[eps] = counts.get(eps, 0) + count
+    return max(counts, key=lambda eps: (counts[eps], eps)) if counts else torch.finfo(torch.float32).eps
 
 
 def is_precision(value: object) -> bool:
@@ -455,10 +471,11 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
     context = context_modules(model, names) if "context" in expected else []
-    actual = frozen_fingerprint(model, names, precision_of=[*names, *context])  # as adapter_fingerprint takes it
-    precision = None if loose else actual["precision"]
     # each module matched at its own precision: a model may hold some in bfloat16, others (norms) in float32
-    own = {} if loose else _module_precisions(model, [*names, *context])
+    per_tensor = {} if loose else _tensor_precisions(model, [*names, *context])
+    own = {name: _majority(pairs) for name, pairs in per_tensor.items()}
+    precision = None if loose else _majority([pair for pairs in per_tensor.values() for pair in pairs])
+    actual = frozen_fingerprint(model, names, precision=1.0)  # its records; the precision compared is ``precision``
     sizes = {"modules": _named_sample_sizes(model, names)}
     difference = differing_records(expected, {**actual, "precision": precision, "module_precisions": own}, sizes, root)
     if difference is not None:
@@ -618,7 +635,7 @@ def _rounding(module: nn.Module) -> float:
     half the machine epsilon of a half-precision copy (no update smaller than that can be told from it anyway)."""
     weight = getattr(module, "weight", None)
     sample = _telling_sample(weight) if isinstance(weight, Tensor) else None
-    return max(_ROUNDING, (_held_by([sample]) if sample is not None else 0.0) / 2)
+    return max(_ROUNDING, (_held_by(sample) if sample is not None else 0.0) / 2)
 
 
 # The types a weight's values may be held at, coarsest first (bfloat16 before float16: its values often fit float16
@@ -626,13 +643,17 @@ def _rounding(module: nn.Module) -> float:
 _HELD_TYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _held_by(samples: Sequence[Tensor]) -> float:
-    """The machine epsilon of the first of ``_HELD_TYPES`` that holds every value of ``samples``; float64's if none
-    does."""
+def _held_by(sample: Tensor) -> float:
+    """The machine epsilon of the first of ``_HELD_TYPES`` coarser than ``sample``'s dtype that holds every value of
+    it, else its dtype's."""
+    own = torch.finfo(sample.dtype).eps
     for dtype in _HELD_TYPES:
-        if all(torch.equal(sample.to(dtype).to(sample.dtype), sample) for sample in samples):
-            return torch.finfo(dtype).eps
-    return torch.finfo(torch.float64).eps
+        eps = torch.finfo(dtype).eps
+        if eps <= own:
+            return own
+        if torch.equal(sample.to(dtype).to(sample.dtype), sample):
+            return eps
+    return own
 
 
 def _telling_sample(value: Tensor) -> Optional[Tensor]:
@@ -643,6 +664,7 @@ def _telling_sample(value: Tensor) -> Optional[Tensor]:
         return None
     flat = value.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // 256)]
+    sample = sample[sample.isfinite()]  # a NaN equals nothing, so no type would seem to hold it
     return None if sample.numel() == 0 or bool((sample == sample[0]).all()) else sample
 
 

@@ -50,7 +50,15 @@ from ..core.checks import (
 )
 from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
-from ..core.fingerprint import differing_module, frozen_fingerprint, holds_update, statistics_layers, tensors_sha256
+from ..core.fingerprint import (
+    differing_module,
+    frozen_fingerprint,
+    holds_update,
+    running_statistics,
+    statistics_layers,
+    statistics_records,
+    tensors_sha256,
+)
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
 from ..core.layer import adapted_layers
 from ..core.quantize import QAT_BITS, require_bits
@@ -378,18 +386,23 @@ class FewShotClassifier(L.LightningModule):
         return {_plain_key(k): v for k, v in self.state_dict().items() if _plain_key(k) in trained}
 
     def backbone_fingerprint(self) -> Optional[dict]:
-        """Fingerprint of every frozen module of the backbone (``core.fingerprint``; None for full fine-tuning):
-        checkpoints record it, and refuse to load onto other frozen weights. Taken again when a frozen tensor changed
+        """Fingerprint of every frozen module of the backbone and of its batch norms' running statistics
+        (``core.fingerprint``; None for full fine-tuning): checkpoints record it, and refuse to load onto other frozen
+        weights. Taken again when a frozen tensor changed
         (another ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
         adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
         trained = {id(p) for p in {**adapter, **head}.values()}  # by the method, not by requires_grad (freeze())
         model = unwrap_model(self.model)  # names without a compiled model's _orig_mod., as files record them
         frozen = {name: [p for p in module.parameters(recurse=False) if id(p) not in trained]
                   for name, module in model.named_modules()}
-        key = tuple((p.data_ptr(), p._version) for parameters in frozen.values() for p in parameters)
+        statistics = list(running_statistics(model).values())  # batch norms' buffers: outputs depend on them too
+        key = tuple((p.data_ptr(), p._version) for p in [*(p for ps in frozen.values() for p in ps), *statistics])
         if self._fingerprint is None or self._fingerprint_key != key:
             modules = [name for name, parameters in frozen.items() if parameters]
-            self._fingerprint, self._fingerprint_key = frozen_fingerprint(model, modules), key
+            fingerprint = frozen_fingerprint(model, modules)
+            if fingerprint is not None and statistics:
+                fingerprint["statistics"] = statistics_records(model)
+            self._fingerprint, self._fingerprint_key = fingerprint, key
         return self._fingerprint
 
     def forward(self, images: Tensor) -> Tensor:
