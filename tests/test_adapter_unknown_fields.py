@@ -28,6 +28,9 @@ def resealed(change):
 @pytest.mark.parametrize("change, field", [
     (lambda d: d.update(output_transform="softmax"), "output_transform"),
     (lambda d: d["settings"].update(attention_scale=0.5), "settings.attention_scale"),
+    # a newer check of the frozen weights, skipped, let other weights load (older readers skipped pos_embed's so)
+    (lambda d: d["frozen_weights"].update(exact_sha256="0" * 64), "frozen_weights.exact_sha256"),
+    (lambda d: d["frozen_weights"]["context"].update(folded="AAAA"), "frozen_weights.context.folded"),
 ])
 def test_a_field_this_version_does_not_know_is_refused(tmp_path, change, field):
     saved(tmp_path)
@@ -133,4 +136,20 @@ def test_codes_stored_in_more_than_one_dimension_are_refused(tmp_path, bits):
     resealed_weights(tmp_path, lambda tensors: tensors.update({name: tensors[name].reshape(2, -1)}))
     with pytest.raises(AdapterLoadError, match=rf"tensor {name}'s {bits}-bit codes have shape \(2, \d+\), but codes "
                                                r"are stored flat"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_a_linear_probe_file_fingerprinting_only_the_head_norm_warns_that_random_inits_pass(tmp_path):
+    """Linear-probe files of 2026-11-30 recorded only the norm the head reads, which timm sets to ones and zeros in
+    every random init: they loaded onto any random backbone as if checked."""
+    nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), "linear"), 0, scale=0.1), tmp_path)
+
+    def head_norm_only(document):
+        record = document["frozen_weights"]
+        record["modules"] = {"norm": record["modules"]["norm"]}
+        del record["context"]
+        document["library_version"] = "0.1.0"
+    rewrite(tmp_path, resealed(head_norm_only))
+    with pytest.warns(UserWarning, match=r"records only the frozen weights of the norm its head reads \(norm\), which "
+                                         "every random init of the backbone has too"):
         nv.load_adapter(tiny_vit(), tmp_path)

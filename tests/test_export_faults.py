@@ -137,6 +137,17 @@ def test_a_graph_whose_position_embedding_moved_beyond_float32_rounding_does_not
         nv.onnx_task_inputs(task, graph)
 
 
+def test_a_task_recording_no_frozen_weights_warns_as_load_adapter_does(tmp_path):
+    """A format 2 task was accepted by a graph of other weights without the word load_adapter gives."""
+    from test_adapter_formats import as_format_2, rewrite
+
+    graph = nv.export_onnx(nv.inject(other_frozen_weights(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(trained(0), tmp_path / "task")
+    rewrite(task, as_format_2)
+    with pytest.warns(UserWarning, match=r"\(nola_vision\.adapter/2, .*\) records no fingerprint of the frozen"):
+        nv.onnx_task_inputs(task, graph)
+
+
 def test_a_task_trained_with_another_pooling_does_not_fit_the_graph(tmp_path):
     graph = nv.export_onnx(nv.inject(tiny_vit(), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True)
     task = nv.save_adapter(as_if_trained(nv.inject(tiny_vit(global_pool="avg", fc_norm=False), CONFIG), seed=0),

@@ -315,9 +315,18 @@ def test_a_checkpoint_refuses_other_frozen_weights_naming_them_and_accepts_a_bfl
     changed(moved.model, 0.003, names={"blocks.1.mlp.fc2"})  # float32 on both sides: 0.3% is no rounding
     with pytest.raises(ValueError, match=r"different frozen backbone \(the weights of blocks\.1\.mlp\.fc2 differ"):
         moved.on_load_checkpoint(copy.deepcopy(checkpoint))
-    checkpoint["nola_vision"]["backbone_fingerprint"] = "0123456789abcdef"  # written by an older nola_vision
-    with pytest.warns(UserWarning, match="does not check"):
-        FewShotClassifier(**tiny).on_load_checkpoint(checkpoint)
+    # Checkpoints before 2026-11-30 record an exact hash: checked where it matches, told where it does not
+    from nola_vision.train.module import _exact_backbone_hash
+
+    run = FewShotClassifier(**tiny)
+    checkpoint["nola_vision"]["backbone_fingerprint"] = _exact_backbone_hash(run.model)
+    assert checkpoint["nola_vision"]["backbone_fingerprint"] == _exact_backbone_hash(FewShotClassifier(**tiny).model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.on_load_checkpoint(copy.deepcopy(checkpoint))
+    with pytest.warns(UserWarning, match=r"records its frozen backbone as an exact hash .*which this backbone does "
+                                         "not give"):
+        FewShotClassifier(**tiny, backbone_seed=1).on_load_checkpoint(copy.deepcopy(checkpoint))
 
 
 def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_version():

@@ -31,7 +31,10 @@ from ..core.basis import GENERATOR_VERSION
 from ..core.checks import as_integer, check_bool, check_path, is_finite_number, shown
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
+    CONTEXT_FIELDS,
+    FINGERPRINT_FIELDS,
     FINGERPRINT_VERSION,
+    HEAD_INPUTS,
     adapter_fingerprint,
     differing_module,
     holds_update,
@@ -753,6 +756,11 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
                                             "class_names"}, "")
     if "settings" in document and isinstance(document["settings"], dict):
         _refuse_unknown_fields(path, document["settings"], set(_SETTING_FIELDS), "settings.")
+    record = document.get("frozen_weights")
+    if isinstance(record, dict):  # a newer version's check, skipped here, would let other weights load silently
+        _refuse_unknown_fields(path, record, set(FINGERPRINT_FIELDS), "frozen_weights.")
+        if isinstance(record.get("context"), dict):
+            _refuse_unknown_fields(path, record["context"], set(CONTEXT_FIELDS), "frozen_weights.context.")
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "
@@ -1236,6 +1244,25 @@ def _describe_merged(entries: List[dict]) -> str:
             f"{', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''})")
 
 
+def unchecked_frozen_weights(document: dict) -> Optional[str]:
+    """Why a file's record cannot tell the frozen weights it was trained on from others, where it cannot: a format 2
+    file records none, a linear probe's file from 2026-11-30 only the head's input norm, which timm sets to ones and
+    zeros in every random init; None otherwise (and for full fine-tuning, which replaces them)."""
+    record = document.get("frozen_weights")
+    if method_of(document["method"]).config_cls.train_backbone:
+        return None
+    written = f"this adapter file ({document['format']}, written by nola_vision {document['library_version']})"
+    fix = "Save it again from the model it was trained on to record them"
+    if record is None:
+        return (f"{written} records no fingerprint of the frozen weights it was trained on, so nothing checks that the "
+                f"model holds them: another pretrained tag or a random init loads with other outputs. {fix}")
+    if "context" not in record and set(record["modules"]) <= set(HEAD_INPUTS):
+        return (f"{written} records only the frozen weights of the norm its head reads ({', '.join(record['modules'])}"
+                "), which every random init of the backbone has too: only another pretrained tag is told apart. "
+                f"{fix}")
+    return None
+
+
 def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
                           updates: Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]) -> None:
     """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, the same
@@ -1259,11 +1286,10 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
             "it onto the model that adapter was merged into (a state dict does not carry that record: if the model "
             "holds those merged weights, pass check_frozen_weights=False)"
         )
-    if record is None:  # a format 2 file: loaded, but onto any weights
-        warn_user(f"this adapter file ({document['format']}, written by nola_vision {document['library_version']}) "
-                  "records no fingerprint of the frozen weights it was trained on, so nothing checks that the model "
-                  "holds them: another pretrained tag or a random init loads with other outputs. Save it again from "
-                  "the model it was trained on to record them")
+    unchecked = unchecked_frozen_weights(document)
+    if unchecked is not None:
+        warn_user(unchecked)
+    if record is None:
         return
     try:
         difference = differing_module(record, model)

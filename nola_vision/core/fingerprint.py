@@ -39,14 +39,18 @@ from .layer import AdaptedLinear, adapted_layers
 from .plan import InjectionPlan
 from .targets import classifier_head
 
-__all__ = ["FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE", "PACKED_TOLERANCE", "RECORD_TOLERANCE",
-           "TOLERANCE", "adapter_fingerprint", "context_modules", "differing_module", "differing_positions",
-           "differing_records", "differing_statistics", "frozen_fingerprint", "frozen_modules", "held_precision",
-           "holds_update", "is_context", "is_positions", "is_precision", "is_statistics", "merged_adapters",
-           "missing_merges", "position_records", "record_merged", "running_statistics", "sample_sizes",
-           "statistics_layers", "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
+__all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
+           "PACKED_TOLERANCE", "RECORD_TOLERANCE", "TOLERANCE", "adapter_fingerprint", "context_modules",
+           "differing_module", "differing_positions", "differing_records", "differing_statistics", "frozen_fingerprint",
+           "frozen_modules", "held_precision", "holds_update", "is_context", "is_positions", "is_precision",
+           "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
+           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "tensors_sha256",
+           "unexpected_merges", "unmatched_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
+# The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
+FINGERPRINT_FIELDS = ("version", "modules", "merged", "context", "positions", "statistics", "precision")
+CONTEXT_FIELDS = ("modules", "records")
 TOLERANCE = 2**-6
 # The tightest tolerances the records' rounding allows (5 significant digits; ``context`` packs its projections as
 # float16, within 2⁻¹¹ of each): for weights held in float32 (or float64) on both sides.
@@ -238,7 +242,7 @@ def _context_records(model: nn.Module, names: Sequence[str]) -> Dict[str, List[f
 
 def is_context(value: object) -> bool:
     """Whether ``value`` is a well-formed ``context`` entry (a count and that many packed records)."""
-    if not isinstance(value, dict) or not {"modules", "records"} <= set(value):  # a later version may add keys
+    if not isinstance(value, dict) or not set(CONTEXT_FIELDS) <= set(value):  # others: a newer version's (refused)
         return False
     count, records = value["modules"], value["records"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(records, str):

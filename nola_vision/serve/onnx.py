@@ -37,6 +37,7 @@ from ..adapters.files import (
     output_settings,
     pooling_of,
     read_adapter,
+    unchecked_frozen_weights,
 )
 from ..core.basis import GENERATOR_VERSION, BasisSpec
 from ..core.checks import check_bool, check_path
@@ -63,6 +64,7 @@ from ..core.targets import (
     require_values,
     trained_parameters,
 )
+from ..core.warn import warn_user
 from .multitask import MultiTaskModel
 
 __all__ = ["GRAPH_FORMAT", "export_onnx", "onnx_task_inputs"]
@@ -734,6 +736,9 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
             f"task {directory} does not fit the graph: the adapters folded into the frozen weights by "
             f"nv.merge_and_unload differ ({len(graph_merged)} in the graph's, {len(task_merged)} in the task's, not "
             "the same): export the graph from the model the task was trained on")
+    unchecked = unchecked_frozen_weights(document)
+    if unchecked is not None:  # as load_adapter warns of it
+        warn_user(unchecked)
     if task is None or graph is None:
         return
     if task.get("version") != graph.get("version"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import hashlib
 import itertools
 import math
 import os
@@ -1105,9 +1106,11 @@ class FewShotClassifier(L.LightningModule):
         """The checkpoint's frozen backbone is this one (within the rounding of the precision its weights are held
         at: a bf16 copy of the same weights passes), and does not hold the checkpoint's own update already
         (``holds_update``, as ``load_adapter`` checks)."""
-        if isinstance(saved, str):  # an exact hash, written before fingerprints were robust to dtype
-            rank_zero_warn("the checkpoint records its frozen backbone in a form this nola_vision does not check; "
-                           "make sure the model is built as in the run that wrote it")
+        if isinstance(saved, str):  # an exact hash, written before fingerprints were robust to dtype (2026-11-30)
+            if saved != _exact_backbone_hash(unwrap_model(self.model)):
+                rank_zero_warn("the checkpoint records its frozen backbone as an exact hash (nola_vision before "
+                               "2026-11-30), which this backbone does not give: it holds other weights, or the same "
+                               "ones in another dtype; make sure the model is built as in the run that wrote it")
             return
         try:
             difference = differing_module(saved, unwrap_model(self.model)) if saved is not None else None
@@ -1138,6 +1141,17 @@ class FewShotClassifier(L.LightningModule):
                     for name in names}
 
         return bool(layers) and holds_update(saved, model, list(layers), updates)
+
+
+def _exact_backbone_hash(model: nn.Module) -> str:
+    """What checkpoints recorded of their backbone before 2026-11-30: blake2b (8 bytes) over each frozen parameter's
+    name and float32 bytes, in order."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _schedule_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
