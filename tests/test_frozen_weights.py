@@ -155,6 +155,36 @@ def test_one_module_holding_bfloat16_values_loosens_no_other_modules_check(tmp_p
         moved.on_load_checkpoint(copy.deepcopy(checkpoint))
 
 
+def test_each_record_is_matched_at_the_precision_both_sides_hold_its_values_at(tmp_path):
+    """Files kept one precision, the model's majority: a bfloat16 minority on the saving side was lost (refused on the
+    float32 original), a bfloat16 majority loosened float32 layers, and the root's precision came from its position
+    embedding, which its record does not hold."""
+    base = tiny_vit()
+    qkv = {f"blocks.{i}.attn.qkv" for i in range(2)}
+    minority = nv.save_adapter(trained(model=bfloat16_values(copy.deepcopy(base), qkv)), tmp_path / "minority")
+    nv.load_adapter(copy.deepcopy(base), minority)  # its qkv, a bfloat16 copy of the float32 original's
+    mostly = {"patch_embed.proj", *(f"blocks.{i}.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2"))}
+    majority = bfloat16_values(copy.deepcopy(base), mostly)
+    saved = nv.save_adapter(trained(model=copy.deepcopy(majority)), tmp_path / "majority")
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.attn\.qkv differ .*under 0\.05%"):
+        nv.load_adapter(changed(copy.deepcopy(majority), 0.01, qkv), saved)  # float32 on both sides
+    positions = copy.deepcopy(base)
+    with torch.no_grad():
+        positions.pos_embed.copy_(positions.pos_embed.to(torch.bfloat16))
+    for model, other in ((positions, base), (base, positions)):  # a position embedding loaded from bfloat16 values
+        nv.load_adapter(copy.deepcopy(model), saved_at(other, tmp_path / str(id(other))))
+    moved = copy.deepcopy(positions)
+    with torch.no_grad():
+        moved.cls_token.mul_(1.01)  # float32 on both sides: the root's record holds it, not the position embedding
+    with pytest.raises(AdapterLoadError, match=r"VisionTransformer itself|frozen module \d+ of the"):
+        nv.load_adapter(moved, saved_at(positions, tmp_path / str(id(positions))))
+
+
+def saved_at(model, directory):
+    """An adapter trained on ``model`` (a copy), saved at 32 bits into ``directory`` once."""
+    return directory if directory.exists() else nv.save_adapter(trained(model=copy.deepcopy(model)), directory, bits=32)
+
+
 def test_a_checkpoint_refuses_a_backbone_with_other_batch_norm_statistics():
     """Checkpoints recorded the weights only: a hybrid ViT whose batch norms ran in train mode loaded silently."""
     from nola_vision.train.module import FewShotClassifier
@@ -194,7 +224,8 @@ def test_a_file_without_a_recorded_precision_matches_within_the_bfloat16_toleran
 
     document = json.loads((saved[1] / CONFIG_NAME).read_text())
     assert document["frozen_weights"]["precision"] == torch.finfo(torch.float32).eps
-    del document["frozen_weights"]["precision"]
+    assert set(document["frozen_weights"]["precisions"]["modules"]) == {23}  # float32's epsilon, 2⁻²³, per record
+    del document["frozen_weights"]["precision"], document["frozen_weights"]["precisions"]
     document["config_sha256"] = _document_digest(document)
     (saved[1] / CONFIG_NAME).write_text(json.dumps(document))
     nv.load_adapter(changed(tiny_vit(), 0.003), saved[1])
@@ -340,6 +371,7 @@ def test_the_fingerprint_of_fixed_weights_is_the_same_in_every_release_of_its_ve
         "modules": {"0": [64.062, -30.5, 21.25, 9.5, -82.25, -78.5, -36.0, 31.25, 47.25]},
         "merged": [],
         "precision": 2**-7,  # quarters and eighths: values bfloat16 holds exactly, so matched as a bfloat16 copy's
+        "precisions": {"modules": [7]},  # the same, per record: 2⁻⁷
     }
 
 

@@ -35,12 +35,14 @@ from ..core.fingerprint import (
     FINGERPRINT_FIELDS,
     FINGERPRINT_VERSION,
     HEAD_INPUTS,
+    PRECISIONS_FIELDS,
     adapter_fingerprint,
     differing_module,
     holds_update,
     is_context,
     is_positions,
     is_precision,
+    is_precisions,
     is_statistics,
     missing_merges,
     unexpected_merges,
@@ -681,7 +683,8 @@ def _is_frozen_weights(value: Any) -> bool:
             and ("context" not in value or is_context(value["context"]))
             and ("positions" not in value or is_positions(value["positions"]))
             and ("statistics" not in value or is_statistics(value["statistics"]))
-            and ("precision" not in value or is_precision(value["precision"])))
+            and ("precision" not in value or is_precision(value["precision"]))
+            and ("precisions" not in value or is_precisions(value["precisions"])))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -759,8 +762,9 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     record = document.get("frozen_weights")
     if isinstance(record, dict):  # a newer version's check, skipped here, would let other weights load silently
         _refuse_unknown_fields(path, record, set(FINGERPRINT_FIELDS), "frozen_weights.")
-        if isinstance(record.get("context"), dict):
-            _refuse_unknown_fields(path, record["context"], set(CONTEXT_FIELDS), "frozen_weights.context.")
+        for part, known in (("context", CONTEXT_FIELDS), ("precisions", PRECISIONS_FIELDS)):
+            if isinstance(record.get(part), dict):
+                _refuse_unknown_fields(path, record[part], set(known), f"frozen_weights.{part}.")
     for key, (valid, what) in schema.items():
         if key not in document:
             raise AdapterLoadError(f"{path} lacks the field {key!r}; the file is incomplete or was edited: save the "

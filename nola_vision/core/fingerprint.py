@@ -1,19 +1,19 @@
 """Which frozen weights a model has: a fingerprint robust to dtype, and the adapters merged into them.
 
-An adapter only gives its outputs on the frozen weights it was trained on. Per module, the fingerprint holds
-the norm and ``SKETCHES`` random ±1 projections of a fixed sample of its frozen parameters (float64, signs from
-the portable generator of ``basis``). Projections are linear, so the root mean square of the differences of two
-fingerprints estimates the norm of the difference of the weights (Johnson–Lindenstrauss). Two modules match
-when that estimate stays below a tolerance of their norm set by the coarser precision the two sides' weights are
-held at (the fingerprint records the precision most of its values are held at, ``precision``; the model's side is
-told per module, ``_module_precisions``; ``_tolerance``): ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) where either is
-bfloat16 (a copy moves each weight by at most 2⁻⁸ of its value), 2⁻⁸ for float16 (2⁻¹¹), and for float32 what the
-records' own rounding allows (2⁻¹¹ ≈ 0.05 %, 2⁻⁹ for the packed ``context``), so that a few steps of fine-tuning
-(0.1–1 % of a weight's norm) are told apart as surely as another pretrained tag or a random init (tens of per
-cent). Fingerprints without a ``precision`` (files before 2026-12-06) match within ``TOLERANCE``. A change below
-the tolerance, or confined to weights outside the sample, is not seen; ``merge_and_unload`` therefore also records
-what it folded in (``merged_adapters``), and ``holds_update`` tells an adapter's own update, folded in where that
-record was lost (a state dict), from rounding.
+An adapter only gives its outputs on the frozen weights it was trained on. Per module, the fingerprint holds the
+norm and ``SKETCHES`` random ±1 projections of a fixed sample of its frozen parameters (float64, signs from the
+portable generator of ``basis``). Projections are linear, so the root mean square of the differences of two
+fingerprints estimates the norm of the difference of the weights (Johnson–Lindenstrauss). Two modules match when
+that estimate stays below a tolerance of their norm set by the coarser precision the two sides' weights are held at,
+record by record (``record_precisions``: the precision that holds most of a record's values, so a module loaded from
+bfloat16 values among float32 ones loosens only its own check; ``_tolerance``): ``TOLERANCE`` (2⁻⁶ ≈ 1.6 %) where
+either is bfloat16 (a copy moves each weight by at most 2⁻⁸ of its value), 2⁻⁸ for float16 (2⁻¹¹), and for float32
+what the records' own rounding allows (2⁻¹¹ ≈ 0.05 %, 2⁻⁹ for the packed ``context``), so that a few steps of
+fine-tuning (0.1–1 % of a weight's norm) are told apart as surely as another pretrained tag or a random init (tens
+of per cent). Fingerprints without a ``precision`` (files before 2026-12-06) match within ``TOLERANCE``. A change
+below the tolerance, or confined to weights outside the sample, is not seen; ``merge_and_unload`` therefore also
+records what it folded in (``merged_adapters``), and ``holds_update`` tells an adapter's own update, folded in where
+that record was lost (a state dict), from rounding.
 
 Adapter files name the records of the layers they adapt and the norm the head reads; every other frozen module
 their outputs depend on (patch embedding, attention, norms) is recorded too, packed without names in name order
@@ -27,7 +27,7 @@ import base64
 import functools
 import hashlib
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,8 +49,9 @@ __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 # The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
-FINGERPRINT_FIELDS = ("version", "modules", "merged", "context", "positions", "statistics", "precision")
+FINGERPRINT_FIELDS = ("version", "modules", "merged", "context", "positions", "statistics", "precision", "precisions")
 CONTEXT_FIELDS = ("modules", "records")
+PRECISIONS_FIELDS = ("modules", "context", "positions", "statistics")
 TOLERANCE = 2**-6
 # The tightest tolerances the records' rounding allows (5 significant digits; ``context`` packs its projections as
 # float16, within 2⁻¹¹ of each): for weights held in float32 (or float64) on both sides.
@@ -121,17 +122,50 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
     ``context_modules`` packed in order; None for full fine-tuning."""
     named = frozen_modules(model, plan)
     context = context_modules(model, named)
-    fingerprint = frozen_fingerprint(model, named, precision=held_precision(model, [*named, *context]))
+    fingerprint = frozen_fingerprint(model, named, precision=held_precision(model, [*named, *context]),
+                                     statistics=True)
     if fingerprint is not None:
         records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
         positions = position_records(model)
         if positions:
             fingerprint["positions"] = positions
-        statistics = statistics_records(model)
-        if statistics:
-            fingerprint["statistics"] = statistics
+        fingerprint["precisions"] = record_precisions(model, named, context, statistics=True)
     return fingerprint
+
+
+def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[str] = (),
+                      statistics: bool = False) -> dict:
+    """Per record of a fingerprint, the precision its values are held at, as the exponent e of the machine epsilon
+    2⁻ᵉ (7: bfloat16, 10: float16, 23: float32): ``modules`` in the order of ``named``, ``context`` in the order given,
+    ``positions`` and (with ``statistics``) ``statistics`` by name. A record counts at the precision that holds most
+    of its values (``_majority``), so a module loaded from bfloat16 values among float32 ones is matched at
+    bfloat16's tolerance and no other is."""
+    def exponent(values: Iterable[Tensor]) -> int:
+        return round(-math.log2(_majority(_pairs(values))))
+
+    found: dict = {
+        "modules": [exponent(_frozen_parameters(model.get_submodule(name)).values()) for name in named],
+        "context": [exponent(_context_parameters(model.get_submodule(name)).values()) for name in context],
+        "positions": {name: exponent([value]) for name, value in _position_parameters(model).items()}}
+    if statistics:
+        found["statistics"] = {name: exponent(buffers) for name, buffers in _statistics_buffers(model).items()}
+    return found
+
+
+def is_precisions(value: object) -> bool:
+    """Whether ``value`` is a well-formed ``precisions`` entry (``record_precisions``; others keys are refused by the
+    reader as a newer version's)."""
+    def exponent(e: object) -> bool:
+        return isinstance(e, int) and not isinstance(e, bool) and 0 < e < 64
+
+    if not isinstance(value, dict):
+        return False
+    lists = [value.get(kind, []) for kind in ("modules", "context")]
+    maps = [value.get(kind, {}) for kind in ("positions", "statistics")]
+    return (all(isinstance(v, list) and all(exponent(e) for e in v) for v in lists)
+            and all(isinstance(v, dict) and all(isinstance(k, str) and exponent(e) for k, e in v.items())
+                    for v in maps))
 
 
 def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -151,14 +185,21 @@ def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
 def statistics_records(model: nn.Module) -> Dict[str, List[float]]:
     """The running statistics of ``statistics_layers`` outside the classifier head, by layer name: the record of each
     layer's running means and variances together (empty for plain ViTs, whose files then hold no ``statistics``)."""
-    head = _head_module_ids(model)
-    vectors = {}
     with torch.no_grad():
-        for name, module in statistics_layers(model).items():
-            buffers = [getattr(module, buffer) for buffer in _STATISTICS]
-            if id(module) not in head and all(isinstance(value, Tensor) for value in buffers):
-                vectors[name] = torch.cat([_sample(value) for value in buffers])
+        vectors = {name: torch.cat([_sample(value) for value in buffers])
+                   for name, buffers in _statistics_buffers(model).items()}
         return _records(vectors) if vectors else {}
+
+
+def _statistics_buffers(model: nn.Module) -> Dict[str, List[Tensor]]:
+    """The running means and variances of each of ``statistics_layers`` outside the classifier head that has both."""
+    head = _head_module_ids(model)
+    found = {}
+    for name, module in statistics_layers(model).items():
+        buffers = [getattr(module, buffer) for buffer in _STATISTICS]
+        if id(module) not in head and all(isinstance(value, Tensor) for value in buffers):
+            found[name] = buffers
+    return found
 
 
 def is_statistics(value: object) -> bool:
@@ -168,20 +209,19 @@ def is_statistics(value: object) -> bool:
         and all(is_finite_number(x) for x in record) for name, record in value.items())
 
 
-def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]],
-                         precision: Optional[float] = None) -> Optional[str]:
+def differing_statistics(expected: dict, actual: dict) -> Optional[str]:
     """What differs between the running statistics a fingerprint ``expected`` recorded (none in files from before
-    2026-12-05, nor for models without them) and ``actual`` (``statistics_records``; None: not known, as in a graph
-    exported before), naming the first norm layer; ``precision``: that of the weights ``actual`` was taken of."""
-    if actual is None:
+    2026-12-05, nor for models without them) and those of the fingerprint ``actual`` (none: not known, as in a graph
+    exported before), naming the first norm layer."""
+    if actual.get("statistics") is None:
         return None
-    tolerance = _tolerance(expected.get("precision"), precision)
+    tolerance = _tolerances(expected, actual, "statistics")
     for name, record in (expected.get("statistics") or {}).items():
-        other = actual.get(name)
+        other = actual["statistics"].get(name)
         if other is None:
             return (f"the model's {name or 'root module'} keeps no running statistics (or is missing), where the "
                     "adapter's backbone had them")
-        difference = _difference(record, other, 0, tolerance)
+        difference = _difference(record, other, 0, tolerance(name))
         if difference is not None:
             return (f"the running statistics of {name} differ by about {_amount(difference)} of their norm (a forward "
                     "pass in train mode updates them: keep batch norms in eval mode while training, as "
@@ -192,13 +232,18 @@ def differing_statistics(expected: dict, actual: Optional[Dict[str, List[float]]
 def position_records(model: nn.Module) -> Dict[str, dict]:
     """The position embeddings (``_RESIZED_WITH_INPUT``) outside the classifier head, by parameter name: each with its
     shape and record. They are compared only at the same shape: timm resizes them for another input size."""
-    head = _head_module_ids(model)
-    parameters = {f"{module_name}.{name}".lstrip("."): value for module_name, module in model.named_modules()
-                  if id(module) not in head for name, value in _frozen_parameters(module).items()
-                  if any(part in name for part in _RESIZED_WITH_INPUT)}
+    parameters = _position_parameters(model)
     with torch.no_grad():
-        records = _records({name: _sample(value) for name, value in sorted(parameters.items())})
+        records = _records({name: _sample(value) for name, value in parameters.items()})
     return {name: {"shape": list(parameters[name].shape), "record": record} for name, record in records.items()}
+
+
+def _position_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The position embeddings (``_RESIZED_WITH_INPUT``) outside the classifier head, by parameter name, sorted."""
+    head = _head_module_ids(model)
+    return dict(sorted((f"{module_name}.{name}".lstrip("."), value) for module_name, module in model.named_modules()
+                       if id(module) not in head for name, value in _frozen_parameters(module).items()
+                       if any(part in name for part in _RESIZED_WITH_INPUT)))
 
 
 def is_positions(value: object) -> bool:
@@ -212,18 +257,19 @@ def is_positions(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(name, str) and valid(entry) for name, entry in value.items())
 
 
-def differing_positions(expected: dict, actual: Dict[str, dict], precision: Optional[float] = None) -> Optional[str]:
-    """What differs between the position embeddings a fingerprint ``expected`` recorded (none in files from before
-    2026-12-04) and ``actual`` (``position_records``), naming the first; those of another shape (another input
-    size) or that a side lacks are not compared. ``precision``: that of the weights ``actual`` was taken of."""
-    tolerance = _tolerance(expected.get("precision"), precision)
+def differing_positions(expected: dict, actual: dict) -> Optional[str]:
+    """What differs between the position embeddings the fingerprints ``expected`` (none in files from before
+    2026-12-04) and ``actual`` record, naming the first; those of another shape (another input size) or that a side
+    lacks are not compared."""
+    tolerance = _tolerances(expected, actual, "positions")
     for name, entry in (expected.get("positions") or {}).items():
-        other = actual.get(name)
+        other = (actual.get("positions") or {}).get(name)
         if other is None or other["shape"] != entry["shape"]:
             continue
-        difference = _difference(entry["record"], other["record"], min(math.prod(entry["shape"]), SAMPLE), tolerance)
+        difference = _difference(entry["record"], other["record"], min(math.prod(entry["shape"]), SAMPLE),
+                                 tolerance(name))
         if difference is not None:
-            return _differ(name, difference, tolerance)
+            return _differ(name, difference, tolerance(name))
     return None
 
 
@@ -374,10 +420,11 @@ def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
 
 
 def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None,
-                       precision: Optional[float] = None) -> Optional[dict]:
+                       precision: Optional[float] = None, statistics: bool = False) -> Optional[dict]:
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
-    train), with the adapters merged into them and the precision they are held at (default: ``held_precision`` of
-    ``modules``); None when there are none.
+    train), with the adapters merged into them, the precision most of their values are held at (default:
+    ``held_precision`` of ``modules``) and each record's (``record_precisions``); with ``statistics``, also the
+    running statistics of batch norms (what checkpoints record). None when there are no modules.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -395,33 +442,27 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
         merged[name].unmerged_record = computed[name]
     records = {name: known[name] if name in known else computed[name] for name in modules}
-    return {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model),
-            "precision": held_precision(model, modules) if precision is None else precision}
+    fingerprint = {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model),
+                   "precision": held_precision(model, modules) if precision is None else precision,
+                   "precisions": {"modules": record_precisions(model, modules)["modules"]}}
+    if statistics and _statistics_buffers(model):
+        fingerprint["statistics"] = statistics_records(model)
+        fingerprint["precisions"]["statistics"] = record_precisions(model, [], statistics=True)["statistics"]
+    return fingerprint
 
 
 def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
     """The machine epsilon of the precision that holds most of the values of the frozen parameters of ``modules``
     (``_majority``): what a fingerprint's tolerance is set by (``_tolerance``), so that one module held otherwise (a
-    norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``_module_precisions``)."""
-    return _majority([pair for pairs in _tensor_precisions(model, modules).values() for pair in pairs])
+    norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``record_precisions``)."""
+    return _majority([pair for name in modules
+                      for pair in _pairs(_frozen_parameters(model.get_submodule(name)).values())])
 
 
-def _module_precisions(model: nn.Module, modules: Sequence[str]) -> Dict[str, float]:
-    """Per module, the machine epsilon of the precision that holds most of its frozen parameters' values: a bfloat16
-    weight beside a float32 bias counts as bfloat16, a float16 model's class token (subnormals, which bfloat16 holds
-    too) does not make its root module bfloat16."""
-    return {name: _majority(pairs) for name, pairs in _tensor_precisions(model, modules).items()}
-
-
-def _tensor_precisions(model: nn.Module, modules: Sequence[str]) -> Dict[str, List[Tuple[float, int]]]:
-    """Per module, (machine epsilon of the precision it is held at (``_held_by``), number of values) of each frozen
-    parameter that tells it (``_telling_sample``)."""
-    found = {}
-    for name in modules:
-        parameters = _frozen_parameters(model.get_submodule(name)).values()
-        found[name] = [(_held_by(sample), value.numel()) for value in parameters
-                       if (sample := _telling_sample(value)) is not None]
-    return found
+def _pairs(values: Iterable[Tensor]) -> List[Tuple[float, int]]:
+    """(machine epsilon of the precision it is held at (``_held_by``), number of values) of each of ``values`` that
+    tells it (``_telling_sample``)."""
+    return [(_held_by(sample), value.numel()) for value in values if (sample := _telling_sample(value)) is not None]
 
 
 def _majority(pairs: Sequence[Tuple[float, int]]) -> float:
@@ -475,27 +516,33 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
     context = context_modules(model, names) if "context" in expected else []
-    # each module matched at its own precision: a model may hold some in bfloat16, others (norms) in float32
-    per_tensor = {} if loose else _tensor_precisions(model, [*names, *context])
-    own = {name: _majority(pairs) for name, pairs in per_tensor.items()}
-    precision = None if loose else _majority([pair for pairs in per_tensor.values() for pair in pairs])
-    actual = frozen_fingerprint(model, names, precision=1.0)  # its records; the precision compared is ``precision``
+    actual = frozen_fingerprint(model, names, precision=held_precision(model, [*names, *context]))
+    actual.update(positions=position_records(model), statistics=statistics_records(model))
+    actual["precisions"] = record_precisions(model, names, context, statistics=True)
+    if loose:  # as a fingerprint that records no precision
+        actual["precision"], actual["precisions"] = None, {}
     sizes = {"modules": _named_sample_sizes(model, names)}
-    difference = differing_records(expected, {**actual, "precision": precision, "module_precisions": own}, sizes, root)
+    difference = differing_records(expected, actual, sizes, root)
     if difference is not None:
         return difference
     if "context" in expected:
         if len(context) != expected["context"]["modules"]:
             return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), "
                     f"the adapter's backbone had {expected['context']['modules']}")
-        difference = differing_records(
-            {"modules": dict(zip(context, _unpack(expected["context"]))), "precision": expected.get("precision")},
-            {"modules": _context_records(model, context), "precision": precision, "module_precisions": own},
+        difference = differing_records(  # the context records by name, as the named ones are compared
+            _as_named(expected, context, _unpack(expected["context"])),
+            _as_named(actual, context, [record for record in _context_records(model, context).values()]),
             {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root, packed=True)
     if difference is None:
-        difference = differing_positions(expected, position_records(model), precision)
-    return (difference if difference is not None
-            else differing_statistics(expected, statistics_records(model), precision))
+        difference = differing_positions(expected, actual)
+    return difference if difference is not None else differing_statistics(expected, actual)
+
+
+def _as_named(fingerprint: dict, names: Sequence[str], records: Sequence[List[float]]) -> dict:
+    """A fingerprint's context ``records`` (in order) under the module ``names``, with their precisions."""
+    precisions = (fingerprint.get("precisions") or {}).get("context")
+    return {"modules": dict(zip(names, records)), "precision": fingerprint.get("precision"),
+            **({"precisions": {"modules": precisions}} if precisions is not None else {})}
 
 
 def sample_sizes(model: nn.Module, fingerprint: dict) -> dict:
@@ -522,21 +569,18 @@ def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None
     """None when every module of the fingerprint ``expected`` matches its record in ``actual`` (both of this
     version), and their context records match when both hold them, else what differs, naming the first differing
     module. ``sizes`` (values sampled per module, as ``sample_sizes()`` gives them) adds the absolute tolerance for
-    weights near zero; without it only the relative one applies. The relative one is set by the two sides'
-    ``precision`` (``_tolerance``; ``actual``'s ``module_precisions`` by name where it holds them; ``packed``: the
-    records of ``modules`` were packed as context records are)."""
+    weights near zero; without it only the relative one applies. The relative one is set by the precisions the two
+    sides record (``_tolerances``; ``packed``: the records of ``modules`` were packed as context records are)."""
     sizes = sizes or {}
-    precisions = expected.get("precision"), actual.get("precision")
-    own = actual.get("module_precisions") or {}
+    tolerance = _tolerances(expected, actual, "modules", packed)
     for name, record in expected["modules"].items():
         other = actual["modules"].get(name)
         label = name or root
         if other is None:
             return f"there is no fingerprint of {label}"
-        tolerance = _tolerance(precisions[0], own.get(name, precisions[1]), packed=packed)
-        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0), tolerance)
+        difference = _difference(record, other, sizes.get("modules", {}).get(name, 0), tolerance(name))
         if difference is not None:
-            return _differ(label, difference, tolerance)
+            return _differ(label, difference, tolerance(name))
     if "context" not in expected or "context" not in actual:
         return None
     count = expected["context"]["modules"]
@@ -544,13 +588,35 @@ def differing_records(expected: dict, actual: dict, sizes: Optional[dict] = None
         return (f"the other frozen modules (outside the adapted layers and the head) number {count} where the "
                 f"adapter was trained and {actual['context']['modules']} here")
     context_sizes = sizes.get("context") or [0] * count
-    tolerance = _tolerance(*precisions, packed=True)
+    tolerance = _tolerances(expected, actual, "context", packed=True)
     for index, (record, other) in enumerate(zip(_unpack(expected["context"]), _unpack(actual["context"]))):
-        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0, tolerance)
+        difference = _difference(record, other, context_sizes[index] if index < len(context_sizes) else 0,
+                                 tolerance(index))
         if difference is not None:
             return _differ(f"frozen module {index + 1} of the {count} outside the adapted layers and the head",
-                           difference, tolerance)
+                           difference, tolerance(index))
     return None
+
+
+def _tolerances(expected: dict, actual: dict, kind: str, packed: bool = False) -> Callable[[Any], float]:
+    """The tolerance of each record of ``kind`` (``record_precisions``' keys; a context record by its index) between
+    the fingerprints ``expected`` and ``actual``: each side's recorded precision of that record, else its
+    ``precision``, else none (``TOLERANCE``)."""
+    mine, theirs = _recorded(expected, kind), _recorded(actual, kind)
+    return lambda key: _tolerance(mine.get(key, expected.get("precision")), theirs.get(key, actual.get("precision")),
+                                  packed=packed)
+
+
+def _recorded(fingerprint: dict, kind: str) -> Dict[Any, float]:
+    """The machine epsilon ``fingerprint`` records for each of its records of ``kind`` (by name; context records by
+    index); empty where it records none."""
+    recorded = (fingerprint.get("precisions") or {}).get(kind)
+    if recorded is None:
+        return {}
+    if isinstance(recorded, dict):
+        return {name: 2.0 ** -exponent for name, exponent in recorded.items()}
+    keys = list(fingerprint["modules"]) if kind == "modules" else range(len(recorded))
+    return {key: 2.0 ** -exponent for key, exponent in zip(keys, recorded)}
 
 
 def _tolerance(*precisions: Optional[float], packed: bool = False) -> float:

@@ -747,9 +747,9 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
                                f"{document['library_version']} that wrote the task")
     difference = differing_records(task, graph, sizes)
     if difference is None:
-        difference = differing_positions(task, graph.get("positions") or {}, graph.get("precision"))
+        difference = differing_positions(task, graph)
     if difference is None:  # a graph exported before 2026-12-05 holds no statistics: not compared
-        difference = differing_statistics(task, graph.get("statistics"), graph.get("precision"))
+        difference = differing_statistics(task, graph)
     if difference is not None:
         raise AdapterLoadError(
             f"task {directory} does not fit the graph: the graph's frozen weights are not those the task was trained "

@@ -57,7 +57,6 @@ from ..core.fingerprint import (
     holds_update,
     running_statistics,
     statistics_layers,
-    statistics_records,
     tensors_sha256,
 )
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
@@ -400,10 +399,7 @@ class FewShotClassifier(L.LightningModule):
         key = tuple((p.data_ptr(), p._version) for p in [*(p for ps in frozen.values() for p in ps), *statistics])
         if self._fingerprint is None or self._fingerprint_key != key:
             modules = [name for name, parameters in frozen.items() if parameters]
-            fingerprint = frozen_fingerprint(model, modules)
-            if fingerprint is not None and statistics:
-                fingerprint["statistics"] = statistics_records(model)
-            self._fingerprint, self._fingerprint_key = fingerprint, key
+            self._fingerprint, self._fingerprint_key = frozen_fingerprint(model, modules, statistics=True), key
         return self._fingerprint
 
     def forward(self, images: Tensor) -> Tensor:
