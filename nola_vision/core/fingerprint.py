@@ -40,12 +40,12 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
-           "PACKED_TOLERANCE", "RECORD_TOLERANCE", "TOLERANCE", "adapter_fingerprint", "context_modules",
-           "differing_module", "differing_positions", "differing_records", "differing_statistics", "frozen_fingerprint",
-           "frozen_modules", "held_precision", "holds_update", "is_context", "is_positions", "is_precision",
-           "is_statistics", "merged_adapters", "missing_merges", "position_records", "record_merged",
-           "running_statistics", "sample_sizes", "statistics_layers", "statistics_records", "tensors_sha256",
-           "unexpected_merges", "unmatched_merges"]
+           "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "TOLERANCE", "adapter_fingerprint",
+           "context_modules", "differing_module", "differing_positions", "differing_records", "differing_statistics",
+           "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision", "holds_update", "is_context",
+           "is_positions", "is_precision", "is_precisions", "is_statistics", "merged_adapters", "missing_merges",
+           "position_records", "record_merged", "record_precisions", "running_statistics", "sample_sizes",
+           "statistics_layers", "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 # The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
@@ -435,20 +435,26 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     if not modules:
         return None
-    merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
-    known = {name: layer.unmerged_record for name, layer in merged.items() if layer.unmerged_record is not None}
-    with torch.no_grad():
-        computed = _records({name: _module_vector(model.get_submodule(name)) for name in modules if name not in known})
-    for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
-        merged[name].unmerged_record = computed[name]
-    records = {name: known[name] if name in known else computed[name] for name in modules}
-    fingerprint = {"version": FINGERPRINT_VERSION, "modules": records, "merged": merged_adapters(model),
+    fingerprint = {"version": FINGERPRINT_VERSION, "modules": frozen_records(model, modules),
+                   "merged": merged_adapters(model),
                    "precision": held_precision(model, modules) if precision is None else precision,
                    "precisions": {"modules": record_precisions(model, modules)["modules"]}}
     if statistics and _statistics_buffers(model):
         fingerprint["statistics"] = statistics_records(model)
         fingerprint["precisions"]["statistics"] = record_precisions(model, [], statistics=True)["statistics"]
     return fingerprint
+
+
+def frozen_records(model: nn.Module, modules: Sequence[str]) -> Dict[str, List[float]]:
+    """The records of ``frozen_fingerprint`` alone, by module name. Merged adapted layers count with their unmerged
+    weights: the record ``merge`` took before folding ΔW in, else their weight minus ΔW (then kept as their record)."""
+    merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
+    known = {name: layer.unmerged_record for name, layer in merged.items() if layer.unmerged_record is not None}
+    with torch.no_grad():
+        computed = _records({name: _module_vector(model.get_submodule(name)) for name in modules if name not in known})
+    for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
+        merged[name].unmerged_record = computed[name]
+    return {name: known[name] if name in known else computed[name] for name in modules}
 
 
 def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
@@ -516,11 +522,10 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
         return f"the model has no module {missing[0]}"
     root = f"{type(model).__name__} itself"
     context = context_modules(model, names) if "context" in expected else []
-    actual = frozen_fingerprint(model, names, precision=held_precision(model, [*names, *context]))
-    actual.update(positions=position_records(model), statistics=statistics_records(model))
-    actual["precisions"] = record_precisions(model, names, context, statistics=True)
-    if loose:  # as a fingerprint that records no precision
-        actual["precision"], actual["precisions"] = None, {}
+    # every record of the model's side has its precision: no fallback ``precision`` is needed
+    actual = {"modules": frozen_records(model, names), "positions": position_records(model),
+              "statistics": statistics_records(model), "precision": None,
+              "precisions": {} if loose else record_precisions(model, names, context, statistics=True)}
     sizes = {"modules": _named_sample_sizes(model, names)}
     difference = differing_records(expected, actual, sizes, root)
     if difference is not None:
@@ -688,7 +693,7 @@ def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
     records = expected["modules"]
     merged = {name for name, layer in adapted_layers(model).items() if layer.merged}  # recorded: unexpected_merges
     names = [name for name in names if name in records and name not in merged]
-    actual = frozen_fingerprint(model, names)["modules"] if names else {}
+    actual = frozen_records(model, names)
     now = {name: _relative(records[name], actual[name]) for name in names}
     changed = [name for name, distance in now.items() if distance > _rounding(model.get_submodule(name))]
     if not changed:

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from . import functions
 from .basis import BasisSpec, combine_bases
-from .fingerprint import frozen_fingerprint
+from .fingerprint import frozen_records
 from .interrupts import all_or_nothing
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
 from .targets import require_module
@@ -352,7 +352,7 @@ def merge(model: nn.Module) -> nn.Module:
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     require_stored_weights(unmerged, "merge")
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
-    records = frozen_fingerprint(model, valued)["modules"] if valued else {}
+    records = frozen_records(model, valued)
     with torch.no_grad(), batched_factors(model):
         # every layer checked before any weight changes, with the factors its merge then adds
         checked = {name: layer.delta_factors() for name, layer in unmerged.items()}
