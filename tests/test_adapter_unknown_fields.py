@@ -139,6 +139,19 @@ def test_codes_stored_in_more_than_one_dimension_are_refused(tmp_path, bits):
         nv.load_adapter(tiny_vit(), tmp_path)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda p: p["modules"].pop(),  # a record without its precision fell back to the file's scalar
+    lambda p: p["context"].append(23),  # one more than the records: ignored
+    lambda p: p["modules"].__setitem__(0, 1),  # an exponent no writer gives: 1.6% everywhere, as 1 meant
+    lambda p: p["positions"].update(other_embed=23),  # a name the records lack
+], ids=["short", "long", "unknown-exponent", "unknown-name"])
+def test_precisions_that_do_not_match_the_records_are_refused_as_edited(tmp_path, edit):
+    saved(tmp_path)
+    rewrite(tmp_path, resealed(lambda d: edit(d["frozen_weights"]["precisions"])))
+    with pytest.raises(AdapterLoadError, match=r"field 'frozen_weights' must be .*the file was edited or damaged"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
 def test_a_linear_probe_file_fingerprinting_only_the_head_norm_warns_that_random_inits_pass(tmp_path):
     """Linear-probe files of 2026-11-30 recorded only the norm the head reads, which timm sets to ones and zeros in
     every random init: they loaded onto any random backbone as if checked."""
@@ -147,7 +160,8 @@ def test_a_linear_probe_file_fingerprinting_only_the_head_norm_warns_that_random
     def head_norm_only(document):
         record = document["frozen_weights"]
         record["modules"] = {"norm": record["modules"]["norm"]}
-        del record["context"]
+        for later in ("context", "positions", "precision", "precisions"):  # records added since
+            del record[later]
         document["library_version"] = "0.1.0"
     rewrite(tmp_path, resealed(head_norm_only))
     with pytest.warns(UserWarning, match=r"records only the frozen weights of the norm its head reads \(norm\), which "

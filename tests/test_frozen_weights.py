@@ -180,6 +180,24 @@ def test_each_record_is_matched_at_the_precision_both_sides_hold_its_values_at(t
         nv.load_adapter(moved, saved_at(positions, tmp_path / str(id(positions))))
 
 
+def test_a_merged_model_holding_bfloat16_values_switches_tasks_trained_on_the_float32_original(tmp_path):
+    """A merged layer's precision was read from W + ΔW, plain float32: the model refused the sibling task of the one it
+    had just accepted (and the same task after an unmerge, whose W + ΔW - ΔW is bfloat16 values within a rounding)."""
+    base = tiny_vit()
+    first = nv.save_adapter(trained(seed=1, model=copy.deepcopy(base)), tmp_path / "first", bits=32)
+    second = nv.save_adapter(trained(seed=2, model=copy.deepcopy(base)), tmp_path / "second", bits=32)
+    served = nv.load_adapter(bfloat16_values(copy.deepcopy(base)), first)
+    nv.merge(served)
+    nv.load_adapter(served, second)
+    nv.verify_adapter(served, first)
+    nv.unmerge(served)
+    nv.load_adapter(served, first)
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ"):  # still told apart
+        nv.load_adapter(nv.merge(nv.load_adapter(changed(bfloat16_values(copy.deepcopy(base)), 0.03,
+                                                         {"blocks.0.mlp.fc1"}), first, check_frozen_weights=False)),
+                        second)
+
+
 def saved_at(model, directory):
     """An adapter trained on ``model`` (a copy), saved at 32 bits into ``directory`` once."""
     return directory if directory.exists() else nv.save_adapter(trained(model=copy.deepcopy(model)), directory, bits=32)

@@ -684,7 +684,7 @@ def _is_frozen_weights(value: Any) -> bool:
             and ("positions" not in value or is_positions(value["positions"]))
             and ("statistics" not in value or is_statistics(value["statistics"]))
             and ("precision" not in value or is_precision(value["precision"]))
-            and ("precisions" not in value or is_precisions(value["precisions"])))
+            and ("precisions" not in value or is_precisions(value["precisions"], value)))
 
 
 def _is_name_list(value: Any) -> bool:
@@ -724,8 +724,11 @@ _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": s
                                                           '[numbers]}, "merged": [{..., "layers": [names]}], '
                                                           'optionally "context": {"modules": int, "records": base64 '
                                                           'of 24 bytes each}, "positions": {parameter name: '
-                                                          '{"shape": [ints], "record": [9 numbers]}} and '
-                                                          '"statistics": {norm layer name: [9 numbers]}}')}
+                                                          '{"shape": [ints], "record": [9 numbers]}}, '
+                                                          '"statistics": {norm layer name: [9 numbers]}, '
+                                                          '"precision": a machine epsilon and "precisions": '
+                                                          '{"modules"/"context": [an exponent per record], '
+                                                          '"positions"/"statistics": {name: exponent}}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:

@@ -141,31 +141,47 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
     ``positions`` and (with ``statistics``) ``statistics`` by name. A record counts at the precision that holds most
     of its values (``_majority``), so a module loaded from bfloat16 values among float32 ones is matched at
     bfloat16's tolerance and no other is."""
-    def exponent(values: Iterable[Tensor]) -> int:
-        return round(-math.log2(_majority(_pairs(values))))
+    def exponent(pairs: List[Tuple[float, int]]) -> int:
+        return round(-math.log2(_majority(pairs)))
+
+    def module(name: str, parameters: Callable[[nn.Module], Dict[str, nn.Parameter]]) -> int:
+        layer = model.get_submodule(name)
+        return exponent(_pairs(parameters(layer), _weight_delta(layer)))
 
     found: dict = {
-        "modules": [exponent(_frozen_parameters(model.get_submodule(name)).values()) for name in named],
-        "context": [exponent(_context_parameters(model.get_submodule(name)).values()) for name in context],
-        "positions": {name: exponent([value]) for name, value in _position_parameters(model).items()}}
+        "modules": [module(name, _frozen_parameters) for name in named],
+        "context": [module(name, _context_parameters) for name in context],
+        "positions": {name: exponent(_pairs({name: value})) for name, value in _position_parameters(model).items()}}
     if statistics:
-        found["statistics"] = {name: exponent(buffers) for name, buffers in _statistics_buffers(model).items()}
+        found["statistics"] = {name: exponent(_pairs(dict(zip(_STATISTICS, buffers))))
+                               for name, buffers in _statistics_buffers(model).items()}
     return found
 
 
-def is_precisions(value: object) -> bool:
-    """Whether ``value`` is a well-formed ``precisions`` entry (``record_precisions``; others keys are refused by the
-    reader as a newer version's)."""
-    def exponent(e: object) -> bool:
-        return isinstance(e, int) and not isinstance(e, bool) and 0 < e < 64
+# The exponents ``record_precisions`` writes: bfloat16, float16, float32, float64 and the float8 types.
+_EXPONENTS = {round(-math.log2(torch.finfo(dtype).eps)) for dtype in (
+    torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)}
 
+
+def is_precisions(value: object, fingerprint: dict) -> bool:
+    """Whether ``value`` is a well-formed ``precisions`` entry of ``fingerprint`` (``record_precisions``: one
+    exponent it writes per record the fingerprint holds; other keys are refused by the reader as a newer version's)."""
     if not isinstance(value, dict):
         return False
-    lists = [value.get(kind, []) for kind in ("modules", "context")]
-    maps = [value.get(kind, {}) for kind in ("positions", "statistics")]
-    return (all(isinstance(v, list) and all(exponent(e) for e in v) for v in lists)
-            and all(isinstance(v, dict) and all(isinstance(k, str) and exponent(e) for k, e in v.items())
-                    for v in maps))
+    context = fingerprint.get("context") if isinstance(fingerprint.get("context"), dict) else None
+    lengths = {"modules": len(fingerprint.get("modules") or {}),
+               **({"context": context.get("modules")} if context is not None else {})}
+    names = {kind: set(fingerprint[kind]) for kind in ("positions", "statistics")
+             if isinstance(fingerprint.get(kind), dict)}  # a record left out (as before it was kept) is not compared
+    for kind, entry in value.items():
+        exponents = entry if isinstance(entry, list) else list(entry.values()) if isinstance(entry, dict) else None
+        if exponents is None or any(isinstance(e, bool) or e not in _EXPONENTS for e in exponents):
+            return False
+        if kind in lengths and (not isinstance(entry, list) or len(entry) != lengths[kind]):
+            return False
+        if kind in names and (not isinstance(entry, dict) or set(entry) != names[kind]):
+            return False
+    return True
 
 
 def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -461,14 +477,15 @@ def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
     """The machine epsilon of the precision that holds most of the values of the frozen parameters of ``modules``
     (``_majority``): what a fingerprint's tolerance is set by (``_tolerance``), so that one module held otherwise (a
     norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``record_precisions``)."""
-    return _majority([pair for name in modules
-                      for pair in _pairs(_frozen_parameters(model.get_submodule(name)).values())])
+    layers = [model.get_submodule(name) for name in modules]
+    return _majority([pair for layer in layers for pair in _pairs(_frozen_parameters(layer), _weight_delta(layer))])
 
 
-def _pairs(values: Iterable[Tensor]) -> List[Tuple[float, int]]:
+def _pairs(values: Dict[str, Tensor], delta: Optional[Callable[[Tensor], Tensor]] = None) -> List[Tuple[float, int]]:
     """(machine epsilon of the precision it is held at (``_held_by``), number of values) of each of ``values`` that
-    tells it (``_telling_sample``)."""
-    return [(_held_by(sample), value.numel()) for value in values if (sample := _telling_sample(value)) is not None]
+    tells it (``_telling_sample``); ``delta`` (a merged layer's ΔW at flat positions) taken out of a ``weight``."""
+    return [(_held_by(sample), value.numel()) for name, value in values.items()
+            if (sample := _telling_sample(value, delta if name == "weight" else None)) is not None]
 
 
 def _majority(pairs: Sequence[Tuple[float, int]]) -> float:
@@ -726,19 +743,25 @@ def _held_by(sample: Tensor) -> float:
         eps = torch.finfo(dtype).eps
         if eps <= own:
             return own
-        if torch.equal(sample.to(dtype).to(sample.dtype), sample):
+        # within 2⁻⁹ of a step of the type's values: a merge and unmerge (or a merged weight less ΔW) moves a weight
+        # by about its own type's rounding, whereas an unrounded float32 value lies so close 1 time in 2⁸, and 256 tell
+        rounded = sample.to(dtype).to(sample.dtype)
+        if bool(((rounded - sample).abs() <= sample.abs() * (eps * 2**-9)).all()):
             return eps
     return own
 
 
-def _telling_sample(value: Tensor) -> Optional[Tensor]:
-    """A strided sample of a floating tensor's values, to tell the precision they are held at (an unrounded float32
-    value fits float16 1 time in 2¹³: 256 of them tell); None for a tensor that tells nothing (not floating, on the
-    meta device, or one repeated value, as timm's norms and biases at init)."""
+def _telling_sample(value: Tensor, delta: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[Tensor]:
+    """A strided sample of a floating tensor's values, less ``delta``'s at their flat positions (a merged weight's
+    ΔW), to tell the precision they are held at; None for a tensor that tells nothing (not floating, on the meta
+    device, or one repeated value, as timm's norms and biases at init)."""
     if not value.is_floating_point() or value.is_meta:
         return None
     flat = value.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 256)]
+    positions = torch.arange(0, flat.numel(), max(1, flat.numel() // 256), device=flat.device)
+    sample = flat[positions]
+    if delta is not None:  # the weight it holds unmerged, within the merge's rounding
+        sample = (sample.to(torch.float64) - delta(positions)).to(value.dtype)
     sample = sample[sample.isfinite()]  # a NaN equals nothing, so no type would seem to hold it
     return None if sample.numel() == 0 or bool((sample == sample[0]).all()) else sample
 
