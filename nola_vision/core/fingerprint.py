@@ -730,6 +730,8 @@ def _rounding(module: nn.Module) -> float:
     return max(_ROUNDING, (_held_by(sample) if sample is not None else 0.0) / 2)
 
 
+# How many distinct values of a coarser type a sample must round to before values near them count as held at it.
+_SPREAD = 32
 # The types a weight's values may be held at, coarsest first (bfloat16 before float16: its values often fit float16
 # as well, but not the reverse beyond float16's subnormals).
 _HELD_TYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -743,10 +745,15 @@ def _held_by(sample: Tensor) -> float:
         eps = torch.finfo(dtype).eps
         if eps <= own:
             return own
-        # within 2⁻⁹ of a step of the type's values: a merge and unmerge (or a merged weight less ΔW) moves a weight
-        # by about its own type's rounding, whereas an unrounded float32 value lies so close 1 time in 2⁸, and 256 tell
         rounded = sample.to(dtype).to(sample.dtype)
-        if bool(((rounded - sample).abs() <= sample.abs() * (eps * 2**-9)).all()):
+        if torch.equal(rounded, sample):
+            return eps
+        # Merges, switches and unmerges (and a merged weight less ΔW) leave such values within a few roundings of the
+        # tensor's own type, at the scale of its largest values: allowed 2⁻⁹ of a step of the coarser type at that
+        # scale, where the values are spread over many of its steps (values bunched at one, as norms near 1 after a
+        # few steps, would all lie that close while held at float32).
+        spread = rounded.unique().numel() >= _SPREAD
+        if spread and bool(((rounded - sample).abs() <= sample.abs().max() * (eps * 2**-9)).all()):
             return eps
     return own
 
