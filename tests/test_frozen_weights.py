@@ -220,6 +220,22 @@ def test_float32_norms_near_one_do_not_pass_for_bfloat16_values(tmp_path):
         nv.load_adapter(moved, directory)
 
 
+def test_one_large_weight_on_the_bfloat16_grid_does_not_make_a_float32_layer_count_as_bfloat16(tmp_path):
+    """The allowance near bfloat16's values was scaled by a sample's largest value: one outlier on the grid, 1000
+    times the others, let every other float32 weight of its layer move by 8%."""
+    model = tiny_vit()
+    with torch.no_grad():
+        weight = model.blocks[0].mlp.fc1.weight
+        weight.view(-1)[0] = (weight.std() * 1000).to(torch.bfloat16)  # flat position 0: always sampled
+    directory = nv.save_adapter(trained(model=copy.deepcopy(model)), tmp_path / "a", bits=32)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        outlier = moved.blocks[0].mlp.fc1.weight.view(-1)[0].clone()
+        changed(moved, 0.08, {"blocks.0.mlp.fc1"}).blocks[0].mlp.fc1.weight.view(-1)[0] = outlier
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.mlp\.fc1 differ .*under 0\.05%"):
+        nv.load_adapter(moved, directory)
+
+
 def saved_at(model, directory):
     """An adapter trained on ``model`` (a copy), saved at 32 bits into ``directory`` once."""
     return directory if directory.exists() else nv.save_adapter(trained(model=copy.deepcopy(model)), directory, bits=32)

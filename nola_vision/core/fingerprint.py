@@ -749,11 +749,13 @@ def _held_by(sample: Tensor) -> float:
         if torch.equal(rounded, sample):
             return eps
         # Merges, switches and unmerges (and a merged weight less ΔW) leave such values within a few roundings of the
-        # tensor's own type, at the scale of its largest values: allowed 2⁻⁹ of a step of the coarser type at that
-        # scale, where the values are spread over many of its steps (values bunched at one, as norms near 1 after a
-        # few steps, would all lie that close while held at float32).
-        spread = rounded.unique().numel() >= _SPREAD
-        if spread and bool(((rounded - sample).abs() <= sample.abs().max() * (eps * 2**-9)).all()):
+        # tensor's own type, at the scale of each value or, for values near zero, of the typical one (the median: no
+        # outlier sets it): allowed 2⁻⁹ of a step of the coarser type at that scale, where the values spread over many
+        # of its steps (values bunched at one, as norms near 1 after a few steps, would all lie that close while held
+        # at float32).
+        magnitude = sample.abs()
+        scale = torch.maximum(magnitude, magnitude.median())
+        if rounded.unique().numel() >= _SPREAD and bool(((rounded - sample).abs() <= scale * (eps * 2**-9)).all()):
             return eps
     return own
 
