@@ -1306,8 +1306,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
         raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
                                f"{document['library_version']}), or pass check_frozen_weights=False to load it "
                                "unchecked") from error
-    if ((difference is None or differing_module(record, model, loose=True) is None)  # else another backbone's
-            and holds_update(record, model, list(plan.layers), updates)):  # told before the difference it explains
+    if holds_update(record, model, list(plan.layers), updates, difference):  # told before the difference it explains
         raise AdapterLoadError(
             "this adapter (or one whose update is close to its own, such as an earlier checkpoint of its run) is "
             "already merged into the model's weights (folded in by nv.merge_and_unload, whose record a state dict does "

@@ -123,14 +123,13 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
     named = frozen_modules(model, plan)
     context = context_modules(model, named)
     fingerprint = frozen_fingerprint(model, named, precision=held_precision(model, [*named, *context]),
-                                     statistics=True)
+                                     statistics=True, precisions=record_precisions(model, named, context, True))
     if fingerprint is not None:
         records = _context_records(model, context)
         fingerprint["context"] = {"modules": len(context), "records": _pack([records[name] for name in context])}
         positions = position_records(model)
         if positions:
             fingerprint["positions"] = positions
-        fingerprint["precisions"] = record_precisions(model, named, context, statistics=True)
     return fingerprint
 
 
@@ -436,11 +435,13 @@ def _records(vectors: Dict[str, Tensor]) -> Dict[str, List[float]]:
 
 
 def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None,
-                       precision: Optional[float] = None, statistics: bool = False) -> Optional[dict]:
+                       precision: Optional[float] = None, statistics: bool = False,
+                       precisions: Optional[dict] = None) -> Optional[dict]:
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
     train), with the adapters merged into them, the precision most of their values are held at (default:
-    ``held_precision`` of ``modules``) and each record's (``record_precisions``); with ``statistics``, also the
-    running statistics of batch norms (what checkpoints record). None when there are no modules.
+    ``held_precision`` of ``modules``) and each record's (default: ``record_precisions`` of ``modules``); with
+    ``statistics``, also the running statistics of batch norms (what checkpoints record). None when there are no
+    modules.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -451,13 +452,16 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     if not modules:
         return None
+    with_statistics = statistics and bool(_statistics_buffers(model))
+    if precisions is None:
+        found = record_precisions(model, modules, statistics=with_statistics)
+        precisions = {"modules": found["modules"], **({"statistics": found["statistics"]} if with_statistics else {})}
     fingerprint = {"version": FINGERPRINT_VERSION, "modules": frozen_records(model, modules),
                    "merged": merged_adapters(model),
                    "precision": held_precision(model, modules) if precision is None else precision,
-                   "precisions": {"modules": record_precisions(model, modules)["modules"]}}
-    if statistics and _statistics_buffers(model):
+                   "precisions": precisions}
+    if with_statistics:
         fingerprint["statistics"] = statistics_records(model)
-        fingerprint["precisions"]["statistics"] = record_precisions(model, [], statistics=True)["statistics"]
     return fingerprint
 
 
@@ -552,18 +556,18 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
             return (f"the model has {len(context)} other frozen modules (outside the adapted layers and the head), "
                     f"the adapter's backbone had {expected['context']['modules']}")
         difference = differing_records(  # the context records by name, as the named ones are compared
-            _as_named(expected, context, _unpack(expected["context"])),
-            _as_named(actual, context, [record for record in _context_records(model, context).values()]),
+            _as_named(expected, dict(zip(context, _unpack(expected["context"])))),
+            _as_named(actual, _context_records(model, context)),
             {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root, packed=True)
     if difference is None:
         difference = differing_positions(expected, actual)
     return difference if difference is not None else differing_statistics(expected, actual)
 
 
-def _as_named(fingerprint: dict, names: Sequence[str], records: Sequence[List[float]]) -> dict:
-    """A fingerprint's context ``records`` (in order) under the module ``names``, with their precisions."""
+def _as_named(fingerprint: dict, records: Dict[str, List[float]]) -> dict:
+    """A fingerprint's context ``records`` (by module name, in order) as named records, with their precisions."""
     precisions = (fingerprint.get("precisions") or {}).get("context")
-    return {"modules": dict(zip(names, records)), "precision": fingerprint.get("precision"),
+    return {"modules": records, "precision": fingerprint.get("precision"),
             **({"precisions": {"modules": precisions}} if precisions is not None else {})}
 
 
@@ -699,14 +703,16 @@ def _distance(expected: List[float], actual: List[float]) -> float:
 
 
 def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
-                 updates: Callable[[List[str]], Dict[str, Factors]]) -> bool:
+                 updates: Callable[[List[str]], Dict[str, Factors]], difference: Optional[str] = None) -> bool:
     """Whether layers ``names`` already hold the update ``updates(changed)`` gives, merged in where no record says so
-    (a state dict): taken out, their weights come at least twice as close to ``expected``. Worth asking where the
-    weights match ``expected`` within ``TOLERANCE`` (``differing_module(..., loose=True)``): a larger difference is
-    another backbone's, and the update would take seconds to compute on ViT-B.
+    (a state dict): taken out, their weights come at least twice as close to ``expected``. ``difference``: what
+    ``differing_module`` found (None: a match); one beyond ``TOLERANCE`` (``differing_module(..., loose=True)``) is
+    another backbone's, for which the update (seconds of work on ViT-B) is not computed.
 
     Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
     copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away."""
+    if difference is not None and differing_module(expected, model, loose=True) is not None:
+        return False
     records = expected["modules"]
     merged = {name for name, layer in adapted_layers(model).items() if layer.merged}  # recorded: unexpected_merges
     names = [name for name in names if name in records and name not in merged]

@@ -349,11 +349,11 @@ class FinalWeights(Callback):
                                                              if p)
         # An asynchronous writer (AsyncCheckpointIO) may still be writing the epoch's checkpoint: its one thread keeps
         # it after that save, and before any save of this epoch
-        executor = getattr(io, "_executor", None)
+        executor = _async_writer(trainer)
         for folder, paths in saved.items():  # last.ckpt is often the newest saved too: each path is read once
             job = functools.partial(_keep_epoch_end_of, list(dict.fromkeys([*paths, *([resumed] if resumed else [])])),
                                     trainer.global_step, folder / EPOCH_END_CHECKPOINT, link)
-            if isinstance(executor, ThreadPoolExecutor):
+            if executor is not None:
                 executor.submit(job)
             else:
                 job()
@@ -520,10 +520,16 @@ def kept_checkpoint(trainer: Trainer) -> Optional[str]:
 
 def _wait_for_writes(trainer: Trainer) -> None:
     """Let an asynchronous checkpoint writer (``AsyncCheckpointIO``'s one thread) finish what it was given."""
-    executor = getattr(trainer.strategy.checkpoint_io, "_executor", None)
-    if isinstance(executor, ThreadPoolExecutor):
+    executor = _async_writer(trainer)
+    if executor is not None:
         with contextlib.suppress(Exception):  # shut down already: nothing is left to write
             executor.submit(lambda: None).result(timeout=600)
+
+
+def _async_writer(trainer: Trainer) -> Optional[ThreadPoolExecutor]:
+    """The one thread an asynchronous checkpoint writer (``AsyncCheckpointIO``) saves on, None for others."""
+    executor = getattr(trainer.strategy.checkpoint_io, "_executor", None)
+    return executor if isinstance(executor, ThreadPoolExecutor) else None
 
 
 def _resumable(path: Path) -> bool:

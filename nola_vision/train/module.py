@@ -388,8 +388,8 @@ class FewShotClassifier(L.LightningModule):
     def backbone_fingerprint(self) -> Optional[dict]:
         """Fingerprint of every frozen module of the backbone and of its batch norms' running statistics
         (``core.fingerprint``; None for full fine-tuning): checkpoints record it, and refuse to load onto other frozen
-        weights. Taken again when a frozen tensor changed
-        (another ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
+        weights. Taken again when a frozen tensor changed (another ``load_state_dict``, ``.data`` replaced) and at each
+        fit's start (``.data`` edited in place)."""
         adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
         trained = {id(p) for p in {**adapter, **head}.values()}  # by the method, not by requires_grad (freeze())
         model = unwrap_model(self.model)  # names without a compiled model's _orig_mod., as files record them
@@ -1112,9 +1112,8 @@ class FewShotClassifier(L.LightningModule):
             difference = differing_module(saved, unwrap_model(self.model)) if saved is not None else None
         except ValueError as error:
             difference = str(error)
-        else:  # told before the difference it explains (not another backbone's: beyond the loose tolerance)
-            if (saved is not None and (difference is None or differing_module(saved, unwrap_model(self.model), True)
-                                       is None) and self._holds_update_of(saved, state_dict)):
+        else:  # told before the difference it explains
+            if saved is not None and self._holds_update_of(saved, state_dict, difference):
                 raise ValueError("the checkpoint's adapter (or one whose update is close to its own) is already "
                                  "merged into this backbone's frozen weights (folded in by nv.merge_and_unload, then "
                                  "saved as a state dict, e.g. the pretrained_file): evaluating it would add its update "
@@ -1124,9 +1123,9 @@ class FewShotClassifier(L.LightningModule):
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
 
-    def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor]) -> bool:
+    def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor], difference: Optional[str]) -> bool:
         """Whether the adapted layers' frozen weights hold the update of the checkpoint's trained tensors, merged in
-        where nothing records it (``differing_module`` may pass them, under its tolerance, or name the difference)."""
+        where nothing records it; ``difference``: what ``differing_module`` found (``holds_update``)."""
         model = unwrap_model(self.model)
         layers = adapted_layers(model)
         values = {_plain_key(key): value for key, value in state_dict.items()}
@@ -1136,7 +1135,7 @@ class FewShotClassifier(L.LightningModule):
                                                       for param in layers[name].adapter_parameter_names})
                     for name in names}
 
-        return bool(layers) and holds_update(saved, model, list(layers), updates)
+        return bool(layers) and holds_update(saved, model, list(layers), updates, difference)
 
 
 def _exact_backbone_hash(model: nn.Module) -> str:
