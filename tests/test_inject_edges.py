@@ -3,6 +3,7 @@ checkpointing with other input forms, parametrized layers, and configs that coul
 import copy
 import io
 import re
+import warnings
 from functools import partial
 
 import pytest
@@ -93,6 +94,25 @@ def test_hooks_added_after_inject_on_a_taken_over_activation_run_on_its_output_o
     with pytest.warns(UserWarning, match=r"unload drops the hooks registered on blocks.1.mlp.act after inject"):
         nv.unload(model)  # they were on the placeholder, which unload replaces by the activation: gone silently
     assert isinstance(model.blocks[1].mlp.act, nn.GELU) and not model.blocks[1].mlp.act._forward_hooks
+
+
+def test_unload_warning_of_dropped_stand_in_hooks_as_an_error_leaves_the_model_whole(images):
+    # warned inside the loop over layers: under -W error unload stopped after giving back 3 of 4 layers, leaving a model
+    # that ran, merged and counted as adapted with one adapter left
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(targets=["mlp.fc1", "mlp.fc2"]))
+    model.blocks[1].mlp.act.register_forward_hook(lambda module, args, out: None)
+    before = model(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for remove in (nv.unload, nv.merge_and_unload):
+            with pytest.raises(UserWarning, match=r"unload drops the hooks registered on blocks.1.mlp.act"):
+                remove(model)
+    assert len(nv.adapted_layers(model)) == 4 and adapter_state(model) is not None
+    assert not any(layer.merged for layer in nv.adapted_layers(model).values())
+    torch.testing.assert_close(model(images), before, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match=r"unload drops the hooks registered on blocks.1.mlp.act"):
+        nv.unload(model)
+    assert not nv.adapted_layers(model) and adapter_state(model) is None
 
 
 class _Wrapper(nn.Module):

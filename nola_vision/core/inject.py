@@ -541,6 +541,7 @@ def unload(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap_model(model)
     state = _require_own_adapter_state(model, "unload")
     require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))  # before any layer changes
+    _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     _remove_injection(unmerge(model), state)
     return wrapper
 
@@ -556,6 +557,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap_model(model)
     state = _require_own_adapter_state(model, "merge_and_unload")
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
+    _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     merge(model)
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
@@ -598,9 +600,7 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
     """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state, with
     Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served."""
     with interrupts_deferred():
-        layers = adapted_layers(model)
-        _warn_of_dropped_hooks(layers, {handle.id for handle in state.hooks})
-        for name, layer in layers.items():
+        for name, layer in adapted_layers(model).items():
             _give_back(model, name, layer)
         for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
             placeholder = module._modules.get("act")
@@ -614,14 +614,19 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
 
 
 def _warn_of_dropped_hooks(layers: Dict[str, AdaptedLinear], own: Set[int]) -> None:
-    """Warn of hooks registered on adapted layers (other than inject's ``own``): unload gives back the layers they
-    adapted, so the hooks no longer run."""
+    """Warn of hooks registered on adapted layers (other than inject's ``own``) or on the activations' stand-ins:
+    unload gives back the layers they adapted and the activations, so the hooks no longer run. Before anything
+    changes: a warning turned into an error (``-W error``) stops unload there, not halfway."""
     hooked = [name for name, layer in layers.items()
               if any(key not in own for kind in HOOK_KINDS for key in getattr(layer, kind))]
     if hooked:
         warn_user(f"unload drops the hooks registered on {', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} "
                   "after inject: they were on the adapted layers, which unload replaces by the layers they adapted. "
                   "Register them again on model.get_submodule(name)", UserWarning)
+    for mlp in filter(None, (layer.hooked_activation_stand_in() for layer in layers.values())):
+        warn_user(f"unload drops the hooks registered on {mlp}.act after inject: they were on the stand-in for the "
+                  "activation the adapted fc2 computed (recompute_activation=True), which unload replaces by the "
+                  f"activation itself. Register them again on {mlp}.act", UserWarning)
 
 
 def _give_back(model: nn.Module, name: str, layer: AdaptedLinear) -> None:

@@ -29,7 +29,6 @@ from .functions import (
 )
 from .interrupts import interrupts_deferred
 from .quantize import fake_quantize
-from .warn import warn_user
 
 __all__ = ["HOOK_KINDS", "IDENTITY_KEY", "MERGED_FLAG", "STATE_ATTRIBUTE", "AdaptedLinear", "Slice", "adapted_layers",
            "as_factors", "full_precision", "has_hooks", "is_injected"]
@@ -255,11 +254,6 @@ class AdaptedLinear(nn.Module):
         placeholder = self.activation_placeholder
         placeholder = owner.act if placeholder is None else placeholder  # None: pickled before it was kept
         if owner.act is placeholder:  # else replaced since inject: that module stays, the taken-over one goes
-            if not for_hook and has_hooks(placeholder):
-                name = getattr(placeholder, "mlp_name", "mlp")
-                warn_user(f"unload drops the hooks registered on {name}.act after inject: they were on the stand-in "
-                          "for the activation the adapted fc2 computed (recompute_activation=True), which unload "
-                          f"replaces by the activation itself. Register them again on {name}.act")
             owner.act = activation
         del self.input_activation  # out of the module tree, then a plain attribute again
         self.input_activation = None
@@ -267,6 +261,17 @@ class AdaptedLinear(nn.Module):
         self.__dict__["activation_placeholder"] = None
         if for_hook:
             self.__dict__["_given_back"] = (owner, activation, placeholder)
+
+    def hooked_activation_stand_in(self) -> Optional[str]:
+        """The name of the MLP whose ``act`` is this layer's stand-in and carries hooks, which giving the activation
+        back drops; None otherwise. Unload warns of it before it changes anything."""
+        if self.input_activation is None:
+            return None
+        owner, placeholder = self.activation_owner, self.activation_placeholder
+        placeholder = owner.act if placeholder is None else placeholder
+        if owner.act is not placeholder or not has_hooks(placeholder):
+            return None
+        return getattr(placeholder, "mlp_name", "mlp")
 
     def _register_seeing_real_input(self, register: Any, *args: Any, **kwargs: Any) -> RemovableHandle:
         """Register a hook after giving a taken-over activation back; its handle's removal may take it over again."""
