@@ -234,6 +234,64 @@ def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
     FewShotClassifier.load_from_checkpoint(tmp_path / "older.ckpt")
 
 
+def test_a_checkpoint_whose_optimizer_state_was_damaged_is_not_resumed(tmp_path):
+    # only the trained tensors were hashed: a flipped exponent bit in an Adam moment resumed silently, and the exported
+    # coefficients came out 2,000 times too large
+    def fit(root, ckpt_path=None, **kwargs):
+        model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+        trainer(root, epochs=2, **kwargs).fit(model, loader(), ckpt_path=ckpt_path)
+
+    fit(tmp_path / "first", max_steps=4)  # a 2-epoch run stopped after its first epoch
+    ckpt = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    fit(tmp_path / "whole", ckpt_path=ckpt)  # untouched, it resumes (nothing a load rewrites counts as damage)
+    moments = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"]
+    data = bytearray(ckpt.read_bytes())
+    moment = max((state["exp_avg"] for state in moments.values()), key=torch.Tensor.numel).numpy().tobytes()
+    at = data.find(moment)
+    assert at > 0 and data.find(moment, at + 1) < 0
+    data[at + 3] ^= 0x40  # the exponent of its first value
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(data)
+    with pytest.raises(ValueError, match=r"checkpoint's optimizer_states are not those it was saved with .*damaged .*"
+                                         r"Resume from another checkpoint of the run"):
+        fit(tmp_path / "resumed", ckpt_path=damaged)
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
+    with pytest.warns(UserWarning, match=r"optimizer_states are not those .*trained tensors are whole, so it evaluates "
+                                         "as saved, but a fit cannot resume from it"):
+        trainer(tmp_path / "test").test(model, loader(), ckpt_path=damaged)
+    edited = torch.load(damaged, weights_only=False)
+    saved_with = edited["nola_vision"]["lightning_version"]
+    edited["nola_vision"]["lightning_version"] = "2.0.0"  # another Lightning's load may migrate the entries: a warning
+    torch.save(edited, tmp_path / "migrated.ckpt")
+    with pytest.warns(UserWarning, match=r"or upgraded by Lightning's checkpoint migration \(it was saved under "
+                                         "Lightning 2.0.0"):
+        fit(tmp_path / "migrated", ckpt_path=tmp_path / "migrated.ckpt")
+    edited["nola_vision"]["lightning_version"] = saved_with
+    del edited["nola_vision"]["resume_sha256"]  # written before the hash was recorded: resumes as before
+    torch.save(edited, tmp_path / "older.ckpt")
+    fit(tmp_path / "older", ckpt_path=tmp_path / "older.ckpt")
+
+
+def test_the_resume_state_digest_tells_each_entry_by_value_and_type():
+    from nola_vision.train.checkpoint_io import changed_resume_state, resume_state_sha256
+
+    checkpoint = {"epoch": 1, "loops": {"fit": {"step": 3, "rate": 0.5, "seen": [1, 2]}}, "hyper_parameters": {"lr": 1},
+                  "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 1e-3}]}]}
+    recorded = resume_state_sha256(checkpoint)
+    assert set(recorded) == {"epoch", "loops", "optimizer_states"}  # hyper-parameters: load_from_checkpoint's own
+    for path, value in [(("epoch",), 1.0), (("loops", "fit", "rate"), 0.5000001), (("loops", "fit", "seen"), (1, 2)),
+                        (("optimizer_states", 0, "param_groups", 0, "lr"), 1e-2),
+                        (("optimizer_states", 0, "state", 0, "exp_avg"), torch.ones(3, dtype=torch.float64))]:
+        changed = copy.deepcopy(checkpoint)
+        entry = changed
+        for key in path[:-1]:
+            entry = entry[key]
+        entry[path[-1]] = value
+        assert changed_resume_state(changed, recorded) == [path[0]], path
+    assert changed_resume_state({**checkpoint, "hyper_parameters": {"lr": 2}, "added": 1}, recorded) == []
+    assert changed_resume_state({k: v for k, v in checkpoint.items() if k != "loops"}, recorded) == ["loops"]
+
+
 def test_a_checkpoint_onto_a_backbone_that_holds_its_own_update_already_is_refused(tmp_path):
     # merge_and_unload's weights saved as a state dict and given as pretrained_file: under the fingerprint's tolerance,
     # so the checkpoint loaded and its update counted twice (load_adapter refused the same run's adapter file)

@@ -3,20 +3,31 @@ renamed into place (``core.storage.atomic_path``), so a checkpoint under its fin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..core.fingerprint import tensors_sha256
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["LocalAtomicCheckpointIO", "newest_checkpoint", "require_readable_file", "require_whole_checkpoint",
-           "use_atomic_checkpoints"]
+__all__ = ["LocalAtomicCheckpointIO", "changed_resume_state", "newest_checkpoint", "require_readable_file",
+           "require_whole_checkpoint", "resume_state_sha256", "use_atomic_checkpoints"]
+
+# Entries a load rewrites on purpose, left out of ``resume_state_sha256``: the Lightning version (set to the running
+# one), the hyper-parameters (``load_from_checkpoint`` updates them with its keyword arguments; a resume compares them
+# with its own), the trained tensors (hashed apart, as ``trained_sha256``) and the library's record itself.
+_REWRITTEN_AT_LOAD = frozenset({
+    "pytorch-lightning_version", "legacy_pytorch-lightning_version", "state_dict", "nola_vision",
+    "hyper_parameters", "hparams_name", "hparams_type",
+    "datamodule_hyper_parameters", "datamodule_hparams_name", "datamodule_hparams_type"})
 
 
 class LocalAtomicCheckpointIO(TorchCheckpointIO):
@@ -46,6 +57,63 @@ def use_atomic_checkpoints(trainer: Any) -> None:
     strategy = getattr(trainer, "strategy", None)
     if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = LocalAtomicCheckpointIO()
+
+
+def resume_state_sha256(checkpoint: Mapping[str, Any]) -> Dict[str, str]:
+    """sha256 of each entry of a Lightning checkpoint that a resume restores as it is (the optimiser's moments, the
+    schedules, the loops' counters, callbacks', the precision plugin's and the data module's states), by entry: a
+    damaged one (``torch.load`` does not check the zip's CRCs) would resume silently elsewhere than the run was."""
+    return {key: _nested_sha256(value) for key, value in checkpoint.items() if key not in _REWRITTEN_AT_LOAD}
+
+
+def changed_resume_state(checkpoint: Mapping[str, Any], recorded: Mapping[str, str]) -> List[str]:
+    """The entries of ``checkpoint`` whose sha256 is not ``recorded``'s (``resume_state_sha256`` at its save), or
+    that are gone; entries added since (none are, but by a later Lightning's migration) are no damage."""
+    return sorted(key for key, digest in recorded.items()
+                  if key not in checkpoint or _nested_sha256(checkpoint[key]) != digest)
+
+
+def _nested_sha256(value: Any) -> str:
+    """sha256 of a checkpoint entry: nested mappings (in key order), sequences, tensors, arrays and scalars, each
+    with its type; other objects by their type alone (no stable bytes to read)."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` (see ``_nested_sha256``). Scalars by their builtin ``repr``: numpy's own (which
+    changed in numpy 2) would tell a version apart from damage."""
+    if isinstance(value, torch.Tensor):
+        digest.update(tensors_sha256([("tensor", value)]).encode())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"array|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, np.generic):
+        _feed(digest, value.item())
+    elif isinstance(value, Mapping):
+        items = sorted(value.items(), key=lambda item: (type(item[0]).__name__, repr(item[0])))
+        digest.update(f"mapping|{len(items)}|".encode())
+        for key, item in items:
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}|{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (set, frozenset)):
+        _feed(digest, sorted(value, key=repr))
+    elif isinstance(value, bool) or value is None:
+        digest.update(f"{value}|".encode())
+    elif isinstance(value, int):
+        digest.update(f"int|{int.__repr__(value)}|".encode())
+    elif isinstance(value, float):
+        digest.update(f"float|{float.__repr__(value)}|".encode())
+    elif isinstance(value, (str, bytes)):
+        digest.update(f"{type(value).__name__}|{len(value)}|".encode())
+        digest.update(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
+    else:
+        digest.update(f"object|{type(value).__module__}.{type(value).__qualname__}|".encode())
 
 
 def newest_checkpoint(paths: Iterable[_PATH], accept: Callable[[Path], bool] = lambda path: True) -> Optional[Path]:

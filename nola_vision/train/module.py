@@ -75,7 +75,7 @@ from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
-from .checkpoint_io import require_whole_checkpoint, use_atomic_checkpoints
+from .checkpoint_io import changed_resume_state, require_whole_checkpoint, resume_state_sha256, use_atomic_checkpoints
 from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
@@ -824,6 +824,8 @@ class FewShotClassifier(L.LightningModule):
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
                                      "trained_sha256": _sha256_by_name(checkpoint["state_dict"]),
+                                     "resume_sha256": resume_state_sha256(checkpoint),
+                                     "lightning_version": checkpoint.get("pytorch-lightning_version"),
                                      "adapter": state.config_dict(),
                                      "basis_fingerprint": state.plan.basis_fingerprint(),
                                      "generator_version": GENERATOR_VERSION,
@@ -882,9 +884,12 @@ class FewShotClassifier(L.LightningModule):
                              "does not check its zip's CRCs) or edited. Use another checkpoint of the run, or the "
                              "adapter it exported (to load one edited on purpose, delete its "
                              "checkpoint['nola_vision']['trained_sha256'])")
+        resuming = (self._trainer is not None and self._trainer.state.fn == "fit"
+                    and not self._restores_tuner_checkpoint())
+        _check_resume_state(checkpoint, info, resuming)
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
-        if self._trainer is not None and self._trainer.state.fn == "fit" and not self._restores_tuner_checkpoint():
+        if resuming:
             self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             check_training_settings(info.get("training"), training_settings(self._trainer))
@@ -1160,6 +1165,32 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
+
+
+def _check_resume_state(checkpoint: Dict[str, Any], info: Dict[str, Any], resuming: bool) -> None:
+    """Refuse to resume from a checkpoint whose optimiser moments, schedules, counters or data order are not those it
+    was saved with (``resume_state_sha256``): the run would go on silently from elsewhere (a flipped bit in an Adam
+    moment made a coefficient 2,000 times too large). Evaluating it only warns: its trained tensors were checked whole.
+    Saved under another Lightning, whose load may migrate these entries, a difference is a warning too."""
+    recorded = info.get("resume_sha256")  # older checkpoints record none
+    changed = changed_resume_state(checkpoint, recorded) if recorded is not None else []
+    if not changed:
+        return
+    saved_with = info.get("lightning_version")
+    migrated = saved_with is not None and saved_with != L.__version__
+    what = (f"the checkpoint's {', '.join(changed)} are not those it was saved with (their sha256 differs from the "
+            "one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load does not check its zip's "
+            "CRCs) or edited")
+    if resuming and not migrated:
+        raise ValueError(f"{what}, so the fit would resume from another state than its run's. Resume from another "
+                         "checkpoint of the run (epoch-end.ckpt beside last.ckpt, or an earlier one), or start the fit "
+                         "anew (to resume from one edited on purpose, delete its "
+                         "checkpoint['nola_vision']['resume_sha256'])")
+    if migrated:
+        warn_user(f"{what}, or upgraded by Lightning's checkpoint migration (it was saved under Lightning "
+                  f"{saved_with}, this is {L.__version__})")
+    else:
+        warn_user(f"{what}. Its trained tensors are whole, so it evaluates as saved, but a fit cannot resume from it")
 
 
 def _sha256_by_name(tensors: Mapping[str, Tensor]) -> str:
