@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import nola_vision as nv
 from nola_vision import LoRAConfig, NOLAConfig, load_adapter
 from nola_vision.core.config import adapter_to_hparam, resolve_adapter
+from nola_vision.train.checkpoint_io import nested_sha256
 from nola_vision.train.module import FewShotClassifier
 from nola_vision.train.recipe import cosine_factor
 
@@ -229,7 +230,7 @@ def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
                                          "checkpoint of the run, or the adapter it exported"):
         FewShotClassifier.load_from_checkpoint(ckpt)
     edited = torch.load(ckpt, weights_only=False)
-    del edited["nola_vision"]["trained_sha256"]  # written before the hash was recorded: loads as before
+    del edited["nola_vision"]["trained_sha256"], edited["nola_vision"]["record_sha256"]  # written before the hashes
     torch.save(edited, tmp_path / "older.ckpt")
     FewShotClassifier.load_from_checkpoint(tmp_path / "older.ckpt")
 
@@ -262,14 +263,44 @@ def test_a_checkpoint_whose_optimizer_state_was_damaged_is_not_resumed(tmp_path)
     edited = torch.load(damaged, weights_only=False)
     saved_with = edited["nola_vision"]["lightning_version"]
     edited["nola_vision"]["lightning_version"] = "2.0.0"  # another Lightning's load may migrate the entries: a warning
+    edited["nola_vision"]["record_sha256"] = nested_sha256({k: v for k, v in edited["nola_vision"].items()
+                                                            if k != "record_sha256"})  # as that Lightning's run wrote
     torch.save(edited, tmp_path / "migrated.ckpt")
     with pytest.warns(UserWarning, match=r"or upgraded by Lightning's checkpoint migration \(it was saved under "
                                          "Lightning 2.0.0"):
         fit(tmp_path / "migrated", ckpt_path=tmp_path / "migrated.ckpt")
     edited["nola_vision"]["lightning_version"] = saved_with
-    del edited["nola_vision"]["resume_sha256"]  # written before the hash was recorded: resumes as before
+    del edited["nola_vision"]["resume_sha256"], edited["nola_vision"]["record_sha256"]  # before the hashes: resumes
     torch.save(edited, tmp_path / "older.ckpt")
     fit(tmp_path / "older", ckpt_path=tmp_path / "older.ckpt")
+
+
+def test_a_checkpoint_whose_hyper_parameters_or_record_were_damaged_is_not_resumed(tmp_path):
+    # the hyper-parameters were left out of the hash, and a resume builds its model from them (the CLI, and
+    # load_from_checkpoint): a flipped bit halving label_smoothing resumed silently at 0.05
+    def fit(root, model=None, ckpt_path=None, **kwargs):
+        model = model or FewShotClassifier(num_classes=4, adapter=NOLA, label_smoothing=0.1, **TINY)
+        trainer(root, epochs=2, **kwargs).fit(model, loader(), ckpt_path=ckpt_path)
+
+    fit(tmp_path / "first", max_steps=4)
+    ckpt = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    edited = torch.load(ckpt, weights_only=False)
+    edited["hyper_parameters"]["label_smoothing"] = 0.05
+    torch.save(edited, tmp_path / "damaged.ckpt")
+    resumed = FewShotClassifier.load_from_checkpoint(tmp_path / "damaged.ckpt")  # builds the module from them
+    assert resumed.hparams.label_smoothing == 0.05
+    with pytest.raises(ValueError, match=r"checkpoint's hyper_parameters are not those it was saved with"):
+        fit(tmp_path / "resumed", resumed, ckpt_path=tmp_path / "damaged.ckpt")
+    # load_from_checkpoint's own keyword arguments update them in place: no damage
+    overridden = FewShotClassifier.load_from_checkpoint(ckpt, label_smoothing=0.1, num_classes=4)
+    assert overridden.hparams.label_smoothing == 0.1
+    fit(tmp_path / "overridden", overridden, ckpt_path=ckpt)
+    edited = torch.load(ckpt, weights_only=False)
+    edited["nola_vision"]["lightning_version"] = "2.0.0"  # would turn any refusal of the entries into a warning
+    torch.save(edited, tmp_path / "record.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint's record \(checkpoint\['nola_vision'\].*is not the one it was "
+                                         r"saved with .*delete its checkpoint\['nola_vision'\]\['record_sha256'\]"):
+        fit(tmp_path / "record", ckpt_path=tmp_path / "record.ckpt")
 
 
 def test_the_resume_state_digest_tells_each_entry_by_value_and_type():
@@ -278,7 +309,7 @@ def test_the_resume_state_digest_tells_each_entry_by_value_and_type():
     checkpoint = {"epoch": 1, "loops": {"fit": {"step": 3, "rate": 0.5, "seen": [1, 2]}}, "hyper_parameters": {"lr": 1},
                   "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 1e-3}]}]}
     recorded = resume_state_sha256(checkpoint)
-    assert set(recorded) == {"epoch", "loops", "optimizer_states"}  # hyper-parameters: load_from_checkpoint's own
+    assert set(recorded) == {"epoch", "loops", "hyper_parameters", "optimizer_states"}
     for path, value in [(("epoch",), 1.0), (("loops", "fit", "rate"), 0.5000001), (("loops", "fit", "seen"), (1, 2)),
                         (("optimizer_states", 0, "param_groups", 0, "lr"), 1e-2),
                         (("optimizer_states", 0, "state", 0, "exp_avg"), torch.ones(3, dtype=torch.float64))]:
@@ -288,7 +319,10 @@ def test_the_resume_state_digest_tells_each_entry_by_value_and_type():
             entry = entry[key]
         entry[path[-1]] = value
         assert changed_resume_state(changed, recorded) == [path[0]], path
-    assert changed_resume_state({**checkpoint, "hyper_parameters": {"lr": 2}, "added": 1}, recorded) == []
+    assert changed_resume_state({**checkpoint, "added": 1}, recorded) == []
+    other_rate = {**checkpoint, "hyper_parameters": {"lr": 2}}  # what load_from_checkpoint(lr=2) gives the module
+    assert changed_resume_state(other_rate, recorded) == ["hyper_parameters"]
+    assert changed_resume_state(other_rate, recorded, skip=["hyper_parameters"]) == []
     assert changed_resume_state({k: v for k, v in checkpoint.items() if k != "loops"}, recorded) == ["loops"]
 
 
@@ -350,11 +384,12 @@ def test_checkpoint_with_other_random_bases_or_none_recorded():
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)
     checkpoint = _checkpoint_of(model)
     checkpoint["nola_vision"]["basis_fingerprint"] = "0" * 64  # as written by another generator version
+    del checkpoint["nola_vision"]["record_sha256"]  # (before the record's hash)
     with pytest.raises(ValueError, match="random bases come from generator"):
         FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(checkpoint)
     older = _checkpoint_of(model)
     # a checkpoint written before they were recorded
-    for key in ("adapter", "basis_fingerprint", "generator_version", "settings"):
+    for key in ("adapter", "basis_fingerprint", "generator_version", "settings", "record_sha256"):
         del older["nola_vision"][key]
     FewShotClassifier(num_classes=4, adapter=NOLA, **TINY).on_load_checkpoint(older)
 

@@ -18,16 +18,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..core.fingerprint import tensors_sha256
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["LocalAtomicCheckpointIO", "changed_resume_state", "newest_checkpoint", "require_readable_file",
-           "require_whole_checkpoint", "resume_state_sha256", "use_atomic_checkpoints"]
+__all__ = ["HYPER_PARAMETER_ENTRIES", "LocalAtomicCheckpointIO", "changed_resume_state", "nested_sha256",
+           "newest_checkpoint", "require_readable_file", "require_whole_checkpoint", "resume_state_sha256",
+           "use_atomic_checkpoints"]
 
-# Entries a load rewrites on purpose, left out of ``resume_state_sha256``: the Lightning version (set to the running
-# one), the hyper-parameters (``load_from_checkpoint`` updates them with its keyword arguments; a resume compares them
-# with its own), the trained tensors (hashed apart, as ``trained_sha256``) and the library's record itself.
-_REWRITTEN_AT_LOAD = frozenset({
-    "pytorch-lightning_version", "legacy_pytorch-lightning_version", "state_dict", "nola_vision",
-    "hyper_parameters", "hparams_name", "hparams_type",
-    "datamodule_hyper_parameters", "datamodule_hparams_name", "datamodule_hparams_type"})
+# Entries left out of ``resume_state_sha256``: the Lightning version (a load sets it to the running one's), the trained
+# tensors (hashed apart, as ``trained_sha256``) and the library's record (hashed apart, holding the digests).
+_HASHED_APART = frozenset({"pytorch-lightning_version", "legacy_pytorch-lightning_version", "state_dict",
+                           "nola_vision"})
+# Entries ``load_from_checkpoint`` updates in place with its keyword arguments: compared only where a trainer read the
+# file (a resume through ``ckpt_path``), which reads them as written.
+HYPER_PARAMETER_ENTRIES = frozenset({"hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters",
+                                     "datamodule_hparams_name", "datamodule_hparams_type"})
 
 
 class LocalAtomicCheckpointIO(TorchCheckpointIO):
@@ -62,18 +64,22 @@ def use_atomic_checkpoints(trainer: Any) -> None:
 def resume_state_sha256(checkpoint: Mapping[str, Any]) -> Dict[str, str]:
     """sha256 of each entry of a Lightning checkpoint that a resume restores as it is (the optimiser's moments, the
     schedules, the loops' counters, callbacks', the precision plugin's and the data module's states), by entry: a
-    damaged one (``torch.load`` does not check the zip's CRCs) would resume silently elsewhere than the run was."""
-    return {key: _nested_sha256(value) for key, value in checkpoint.items() if key not in _REWRITTEN_AT_LOAD}
+    damaged one (``torch.load`` does not check the zip's CRCs) would resume silently elsewhere than the run was. The
+    hyper-parameters too: a resume builds its model from them (the CLI, ``load_from_checkpoint``)."""
+    return {key: nested_sha256(value) for key, value in checkpoint.items() if key not in _HASHED_APART}
 
 
-def changed_resume_state(checkpoint: Mapping[str, Any], recorded: Mapping[str, str]) -> List[str]:
+def changed_resume_state(checkpoint: Mapping[str, Any], recorded: Mapping[str, str],
+                         skip: Iterable[str] = ()) -> List[str]:
     """The entries of ``checkpoint`` whose sha256 is not ``recorded``'s (``resume_state_sha256`` at its save), or
-    that are gone; entries added since (none are, but by a later Lightning's migration) are no damage."""
+    that are gone, but for those in ``skip``; entries added since (none are, but by a later Lightning's migration) are
+    no damage."""
+    skip = set(skip)
     return sorted(key for key, digest in recorded.items()
-                  if key not in checkpoint or _nested_sha256(checkpoint[key]) != digest)
+                  if key not in skip and (key not in checkpoint or nested_sha256(checkpoint[key]) != digest))
 
 
-def _nested_sha256(value: Any) -> str:
+def nested_sha256(value: Any) -> str:
     """sha256 of a checkpoint entry: nested mappings (in key order), sequences, tensors, arrays and scalars, each
     with its type; other objects by their type alone (no stable bytes to read)."""
     digest = hashlib.sha256()
@@ -82,7 +88,7 @@ def _nested_sha256(value: Any) -> str:
 
 
 def _feed(digest: Any, value: Any) -> None:
-    """Add ``value`` to ``digest`` (see ``_nested_sha256``). Scalars by their builtin ``repr``: numpy's own (which
+    """Add ``value`` to ``digest`` (see ``nested_sha256``). Scalars by their builtin ``repr``: numpy's own (which
     changed in numpy 2) would tell a version apart from damage."""
     if isinstance(value, torch.Tensor):
         digest.update(tensors_sha256([("tensor", value)]).encode())

@@ -75,7 +75,14 @@ from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
-from .checkpoint_io import changed_resume_state, require_whole_checkpoint, resume_state_sha256, use_atomic_checkpoints
+from .checkpoint_io import (
+    HYPER_PARAMETER_ENTRIES,
+    changed_resume_state,
+    nested_sha256,
+    require_whole_checkpoint,
+    resume_state_sha256,
+    use_atomic_checkpoints,
+)
 from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe_learning_rates, recipe_warmup_epochs
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
@@ -836,6 +843,7 @@ class FewShotClassifier(L.LightningModule):
                                      "data": self._data_record(),
                                      "training": training_settings(self._trainer),
                                      "train_metrics": self._train_metrics()}
+        checkpoint["nola_vision"]["record_sha256"] = nested_sha256(checkpoint["nola_vision"])
 
     def _train_metrics(self) -> Dict[str, float]:
         """The ``train/*`` metrics logged last (``callback_metrics``), as numbers; none outside a trainer."""
@@ -852,6 +860,7 @@ class FewShotClassifier(L.LightningModule):
             self._require_trained_tensors(checkpoint.get("state_dict", {}))
             self._fit_running = False
             return
+        _check_record(info)
         self._check_adapter(info)
         own = self.state_dict()
         # this model's own names (a compiled self.model's carry _orig_mod.), whatever the checkpoint's model was
@@ -886,7 +895,8 @@ class FewShotClassifier(L.LightningModule):
                              "checkpoint['nola_vision']['trained_sha256'])")
         resuming = (self._trainer is not None and self._trainer.state.fn == "fit"
                     and not self._restores_tuner_checkpoint())
-        _check_resume_state(checkpoint, info, resuming)
+        # load_from_checkpoint updates the hyper-parameters with its keyword arguments; a trainer reads them as written
+        _check_resume_state(checkpoint, info, resuming, skip=HYPER_PARAMETER_ENTRIES if self._trainer is None else ())
         self._check_data(info.get("data"))  # through a trainer's ckpt_path: compared at its load
         # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
         if resuming:
@@ -1167,13 +1177,26 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
 
-def _check_resume_state(checkpoint: Dict[str, Any], info: Dict[str, Any], resuming: bool) -> None:
+def _check_record(info: Dict[str, Any]) -> None:
+    """Refuse a checkpoint whose library record is not the one it was saved with (``record_sha256``): its digests,
+    fingerprints and settings are what every other check of the load compares with."""
+    recorded = info.get("record_sha256")  # older checkpoints record none
+    if recorded is not None and nested_sha256({k: v for k, v in info.items() if k != "record_sha256"}) != recorded:
+        raise ValueError("the checkpoint's record (checkpoint['nola_vision']: its adapter config, fingerprints and "
+                         "digests) is not the one it was saved with (its sha256 differs from the one it recorded): the "
+                         "file was damaged (a flipped bit, a bad copy: torch.load does not check its zip's CRCs) or "
+                         "edited. Use another checkpoint of the run, or the adapter it exported (to load one edited on "
+                         "purpose, delete its checkpoint['nola_vision']['record_sha256'])")
+
+
+def _check_resume_state(checkpoint: Dict[str, Any], info: Dict[str, Any], resuming: bool,
+                        skip: Iterable[str] = ()) -> None:
     """Refuse to resume from a checkpoint whose optimiser moments, schedules, counters or data order are not those it
     was saved with (``resume_state_sha256``): the run would go on silently from elsewhere (a flipped bit in an Adam
     moment made a coefficient 2,000 times too large). Evaluating it only warns: its trained tensors were checked whole.
     Saved under another Lightning, whose load may migrate these entries, a difference is a warning too."""
     recorded = info.get("resume_sha256")  # older checkpoints record none
-    changed = changed_resume_state(checkpoint, recorded) if recorded is not None else []
+    changed = changed_resume_state(checkpoint, recorded, skip) if recorded is not None else []
     if not changed:
         return
     saved_with = info.get("lightning_version")
