@@ -215,6 +215,30 @@ def test_checkpoint_on_a_different_frozen_backbone_is_refused(tmp_path):
         FewShotClassifier.load_from_checkpoint(ckpt, backbone_seed=1)
 
 
+def test_resuming_a_run_whose_max_time_is_spent_is_refused_and_more_time_resumes(tmp_path):
+    # the Timer restores the time trained: the resume trained nothing, yet exported and tested as a new run
+    from lightning.pytorch.callbacks import Timer
+
+    def fit(root, max_time, ckpt_path=None):
+        model = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, adapter_dir=str(root / "adapter"),
+                                  **TINY)
+        run = trainer(root, epochs=1000, callbacks=[Timer(max_time, interval="epoch")])  # stops at an epoch's end
+        run.fit(model, loader(), ckpt_path=ckpt_path)
+        return run
+
+    with pytest.warns(UserWarning, match="trainer.max_time stopped the fit"):
+        first = fit(tmp_path / "first", {"seconds": 1})
+    ckpt = next((tmp_path / "first" / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(ValueError, match=r"after training for 1 s, and trainer.max_time \(--trainer.max_time, or a "
+                                         r"Timer callback's duration\) of 1 s counts that time: .*train nothing.* "
+                                         r"--trainer.max_time 00:00:01:00\)"):
+        fit(tmp_path / "resumed", {"seconds": 1}, ckpt_path=ckpt)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    with pytest.warns(UserWarning, match="trainer.max_time stopped the fit"):
+        more = fit(tmp_path / "more", {"seconds": 2}, ckpt_path=ckpt)
+    assert more.global_step > first.global_step
+
+
 def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
     # torch.load does not check the zip's CRCs: a flipped exponent bit made head weights 1e37, and test scored them
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)

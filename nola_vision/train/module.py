@@ -1403,8 +1403,24 @@ def _same(value: Any, other: Any) -> bool:
 
 
 def training_finished(checkpoint: Mapping[str, Any], trainer: Any) -> bool:
-    """Whether ``checkpoint`` has reached the trainer's ``max_epochs`` or ``max_steps``: resuming it trains nothing."""
-    return _limit_reached(trainer, *_checkpoint_progress(checkpoint)) is not None
+    """Whether ``checkpoint`` has reached the trainer's ``max_epochs``, ``max_steps`` or ``max_time``: resuming it
+    trains nothing."""
+    return (_limit_reached(trainer, *_checkpoint_progress(checkpoint)) is not None
+            or _time_spent(checkpoint, trainer) is not None)
+
+
+def _time_spent(checkpoint: Mapping[str, Any], trainer: Any) -> Optional[Tuple[float, float]]:
+    """(seconds trained, the limit) where ``checkpoint``'s run trained as long as a ``Timer`` of the trainer allows
+    (``max_time``, or a Timer callback's duration): the Timer restores the time trained and stops the resume at once.
+    None where time is left, or no Timer limits it."""
+    states = checkpoint.get("callbacks") or {}
+    for timer in getattr(trainer, "callbacks", None) or []:
+        limit = getattr(timer, "_duration", None) if isinstance(timer, Timer) else None
+        state = states.get(timer.state_key) if limit is not None else None
+        trained = ((state or {}).get("time_elapsed") or {}).get("train")
+        if isinstance(trained, (int, float)) and trained >= limit:
+            return float(trained), float(limit)
+    return None
 
 
 def _checkpoint_progress(checkpoint: Mapping[str, Any]) -> Tuple[int, int]:
@@ -1431,6 +1447,21 @@ def require_training_left(checkpoint: Mapping[str, Any], trainer: Any) -> None:
                          "train nothing, yet export the checkpoint's adapter again and record its result as a new "
                          f"run's. Raise {name} above {done} to train on, or evaluate the checkpoint with the test "
                          "command")
+    spent = _time_spent(checkpoint, trainer)
+    if spent is not None:
+        trained, limit = spent
+        raise ValueError(f"{at} after training for {trained:.0f} s, and trainer.max_time (--trainer.max_time, or a "
+                         f"Timer callback's duration) of {limit:.0f} s counts that time: it ends the run there, so "
+                         "resuming would train nothing, yet export the checkpoint's adapter again and record its "
+                         f"result as a new run's. Raise max_time above {trained:.0f} s (e.g. --trainer.max_time "
+                         f"{_as_max_time(trained + limit)}) to train on, or evaluate the checkpoint with the test "
+                         "command")
+
+
+def _as_max_time(seconds: float) -> str:
+    """``seconds``, rounded up to a minute, as ``trainer.max_time``'s ``DD:HH:MM:SS``."""
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes // 1440:02d}:{minutes // 60 % 24:02d}:{minutes % 60:02d}:00"
 
 
 def _limit_reached(trainer: Any, step: int, epochs: int) -> Optional[Tuple[str, int, int]]:
