@@ -211,6 +211,15 @@ def test_resuming_on_another_split_is_refused(tmp_path, capsys):
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
                     "--ckpt_path", "last", "--data.split_seed", 7)
     assert code == 2 and "resuming trains on another split" in err and "--data.split_seed 7 (checkpoint: 0)" in err
+    # every image drawn (shots 0): the same images, which the seed orders and the shuffle indexes into, so other batches
+    every = tmp_path / "every"
+    assert run(capsys, *FIT, "--trainer.default_root_dir", every, "--trainer.max_epochs", 1, "--data.shots", 0)[0] == 0
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", every, "--trainer.max_epochs", 2, "--data.shots", 0,
+                    "--ckpt_path", "last", "--data.split_seed", 7)
+    assert code == 2 and "resuming trains the run's images in another order than the run did (--data.split_seed 7 " \
+                         "(checkpoint: 0))" in err
+    assert run(capsys, *FIT, "--trainer.default_root_dir", every, "--trainer.max_epochs", 2, "--data.shots", 0,
+               "--ckpt_path", "last")[0] == 0
 
 
 def test_a_callback_monitoring_validation_without_validation_images_is_refused_before_training(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -355,7 +356,12 @@ def test_truncated_idx_file_names_the_file(tmp_path):
 @pytest.mark.skipif(not Path(FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").is_file(),
                     reason="apt-get install dataset-fashion-mnist to run this")
 def test_fashion_mnist_reads_the_real_debian_files(tmp_path):
-    test = build_dataset("fashion_mnist", tmp_path / "empty", "test")
+    # a root that does not exist (mistyped?) is named: the system's copy was read without a word
+    with pytest.warns(UserWarning, match=r"dataset 'fashion_mnist': .*empty does not exist, so the system's copy under "):
+        build_dataset("fashion_mnist", tmp_path / "empty", "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        test = build_dataset("fashion_mnist", tmp_path, "test")  # an existing root without it: the documented fallback
     assert len(test) == 10_000 and np.bincount(test.targets).tolist() == [1000] * 10
     assert test.load_image(0).size == (28, 28)
 

@@ -47,6 +47,7 @@ from .fewshot import (
     in_draw_order,
     indices_from_manifest,
     manifest_settings,
+    order_digest,
     read_manifest,
     sample_kshot,
     write_manifest,
@@ -647,6 +648,12 @@ class FewShotDataModule(L.LightningDataModule):
         if self.split is None:
             return None
         return digest_of(self.train_set.dataset.samples, self.split)
+
+    @property
+    def train_order_digest(self) -> Optional[str]:
+        """sha256 of the training images in the order they are indexed (``fewshot.order_digest``), None before
+        ``setup``: the same images drawn by another split seed train in other batches, which a resume refuses."""
+        return order_digest(self.train_set.samples) if self.split is not None else None
 
     def _require_setup(self) -> None:
         if self.train_set is None:

@@ -1176,6 +1176,10 @@ class _FashionMNIST:
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).",
                              root=root)
+        if folder == Path(FASHION_MNIST_SYSTEM_DIR) and not root.exists():
+            warn_user(f"dataset '{self.name}': {root} does not exist, so the system's copy under "
+                      f"{FASHION_MNIST_SYSTEM_DIR} is read (a mistyped --data.root?). Put Fashion-MNIST's files under "
+                      f"{self.expected(root)} to read another copy")
         prefix = "train" if split == "train" else "t10k"
         images = self._read(folder, prefix, "images-idx3", ndim=3)
         if len(images) < FASHION_MNIST_SIZES[prefix]:  # a subset, which no digest verifies

@@ -21,7 +21,7 @@ from ..core.checks import as_integer, check_bool, check_path, shown
 from ..core.warn import warn_user
 
 __all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "in_draw_order", "indices_from_manifest",
-           "manifest_settings", "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
+           "manifest_settings", "order_digest", "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -160,6 +160,13 @@ def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str
         lines = sorted(f"{samples[i][0]} {samples[i][1]}" for i in indices)
         digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
+
+
+def order_digest(pairs: Sequence[tuple[str, int]]) -> str:
+    """sha256 of ``(key, label)`` pairs in their order: the order a split's training images are indexed in, which a
+    seeded sampler's shuffle indexes into (the same images in another order train in other batches)."""
+    lines = "".join(f"{key} {label}\n" for key, label in pairs)
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def write_manifest(path: str | os.PathLike, samples: Sequence[tuple[str, int]], indices: Sequence[int],

@@ -1039,6 +1039,7 @@ class FewShotClassifier(L.LightningModule):
         drawn = {key: getattr(datamodule, key, None) for key in ("shots", "split_seed", "val_shots")}
         return {"class_names": list(datamodule.class_names), "split": split, "drawn": drawn,
                 "split_digest": getattr(datamodule, "split_digest", None),
+                "train_order_digest": getattr(datamodule, "train_order_digest", None),
                 "evaluation": getattr(datamodule, "evaluation", None)}
 
     def _check_data(self, saved: Optional[dict], source: str = "the checkpoint") -> None:
@@ -1096,10 +1097,19 @@ class FewShotClassifier(L.LightningModule):
         not), else by the settings that decide it."""
         doing = "resuming trains on" if self.trainer.state.fn == "fit" else "validating draws its images from"
         saved_digest, digest = saved.get("split_digest"), now.get("split_digest")
-        if saved_digest is not None and saved_digest == digest:
-            return
         changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items()
                    if _split_setting(k, now["split"].get(k)) != _split_setting(k, v)}
+        saved_order, order = saved.get("train_order_digest"), now.get("train_order_digest")  # older ones record none
+        if (self.trainer.state.fn == "fit" and saved_digest is not None and saved_digest == digest
+                and None not in (saved_order, order) and saved_order != order):
+            settings = "; ".join(f"--data.{k} {b!r} ({source}: {a!r})" for k, (a, b) in changed.items())
+            raise ValueError(f"resuming trains the run's images in another order than the run did"
+                             f"{f' ({settings})' if settings else ''}: every image is drawn either way (shots 0, or "
+                             "as many as a class holds), but the split seed orders them, and the seeded shuffle "
+                             "indexes into that order, so the epochs left would train other batches than the run's. "
+                             "Pass the run's data settings, or start a new run")
+        if saved_digest is not None and saved_digest == digest:
+            return
         if changed:
             raise ValueError(f"{doing} another split than the run did (validation images could be training "
                              "images): " + "; ".join(f"--data.{k} {b!r} ({source}: {a!r})"
