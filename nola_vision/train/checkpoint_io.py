@@ -80,8 +80,9 @@ def changed_resume_state(checkpoint: Mapping[str, Any], recorded: Mapping[str, s
 
 
 def nested_sha256(value: Any) -> str:
-    """sha256 of a checkpoint entry: nested mappings (in key order), sequences, tensors, arrays and scalars, each
-    with its type; other objects by their type alone (no stable bytes to read)."""
+    """sha256 of a checkpoint entry: nested mappings (in key order), sequences, tensors, arrays, paths and scalars,
+    each with its type; other objects count as one and the same (no stable bytes to read, and their classes' modules
+    move between versions: ``pathlib._local`` in Python 3.13)."""
     digest = hashlib.sha256()
     _feed(digest, value)
     return digest.hexdigest()
@@ -118,8 +119,10 @@ def _feed(digest: Any, value: Any) -> None:
     elif isinstance(value, (str, bytes)):
         digest.update(f"{type(value).__name__}|{len(value)}|".encode())
         digest.update(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
+    elif isinstance(value, os.PathLike):
+        _feed(digest, ("path", os.fspath(value)))
     else:
-        digest.update(f"object|{type(value).__module__}.{type(value).__qualname__}|".encode())
+        digest.update(b"object|")
 
 
 def newest_checkpoint(paths: Iterable[_PATH], accept: Callable[[Path], bool] = lambda path: True) -> Optional[Path]:
