@@ -738,7 +738,9 @@ def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
     names = [name for name in names if name in records and name not in merged]
     actual = frozen_records(model, names)
     now = {name: _relative(records[name], actual[name]) for name in names}
-    changed = [name for name, distance in now.items() if distance > _rounding(model.get_submodule(name))]
+    # _rounding is at least _ROUNDING: a layer within it is unchanged without sampling its weight again
+    changed = [name for name, distance in now.items()
+               if distance > _ROUNDING and distance > _rounding(model.get_submodule(name))]
     if not changed:
         return False
     update = updates(changed)
