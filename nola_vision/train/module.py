@@ -843,7 +843,7 @@ class FewShotClassifier(L.LightningModule):
                                      "data": self._data_record(),
                                      "training": training_settings(self._trainer),
                                      "train_metrics": self._train_metrics()}
-        checkpoint["nola_vision"]["record_sha256"] = nested_sha256(checkpoint["nola_vision"])
+        checkpoint["nola_vision"]["record_sha256"] = _record_sha256(checkpoint["nola_vision"])
 
     def _train_metrics(self) -> Dict[str, float]:
         """The ``train/*`` metrics logged last (``callback_metrics``), as numbers; none outside a trainer."""
@@ -888,11 +888,9 @@ class FewShotClassifier(L.LightningModule):
         recorded = info.get("trained_sha256")  # older checkpoints record none
         if recorded is not None and _sha256_by_name(
                 {_plain_key(k): v for k, v in checkpoint["state_dict"].items() if _plain_key(k) in saved}) != recorded:
-            raise ValueError("the checkpoint's trained tensors are not those it was saved with (their sha256 differs "
-                             "from the one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load "
-                             "does not check its zip's CRCs) or edited. Use another checkpoint of the run, or the "
-                             "adapter it exported (to load one edited on purpose, delete its "
-                             "checkpoint['nola_vision']['trained_sha256'])")
+            raise ValueError(f"the checkpoint's trained tensors are not those it was saved with {_DAMAGED}. Use "
+                             "another checkpoint of the run, or the adapter it exported (to load one edited on "
+                             "purpose, delete its checkpoint['nola_vision']['trained_sha256'])")
         resuming = (self._trainer is not None and self._trainer.state.fn == "fit"
                     and not self._restores_tuner_checkpoint())
         # load_from_checkpoint updates the hyper-parameters with its keyword arguments; a trainer reads them as written
@@ -1099,10 +1097,10 @@ class FewShotClassifier(L.LightningModule):
         saved_digest, digest = saved.get("split_digest"), now.get("split_digest")
         changed = {k: (v, now["split"].get(k)) for k, v in saved["split"].items()
                    if _split_setting(k, now["split"].get(k)) != _split_setting(k, v)}
+        settings = "; ".join(f"--data.{k} {b!r} ({source}: {a!r})" for k, (a, b) in changed.items())
         saved_order, order = saved.get("train_order_digest"), now.get("train_order_digest")  # older ones record none
         if (self.trainer.state.fn == "fit" and saved_digest is not None and saved_digest == digest
                 and None not in (saved_order, order) and saved_order != order):
-            settings = "; ".join(f"--data.{k} {b!r} ({source}: {a!r})" for k, (a, b) in changed.items())
             raise ValueError(f"resuming trains the run's images in another order than the run did"
                              f"{f' ({settings})' if settings else ''}: every image is drawn either way (shots 0, or "
                              "as many as a class holds), but the split seed orders them, and the seeded shuffle "
@@ -1112,9 +1110,7 @@ class FewShotClassifier(L.LightningModule):
             return
         if changed:
             raise ValueError(f"{doing} another split than the run did (validation images could be training "
-                             "images): " + "; ".join(f"--data.{k} {b!r} ({source}: {a!r})"
-                                                     for k, (a, b) in changed.items())
-                             + ". Pass the run's data settings, or start a new run")
+                             f"images): {settings}. Pass the run's data settings, or start a new run")
         if saved_digest is not None and digest is not None:
             raise ValueError(f"{doing} another split than the run did, with the same data settings: the images under "
                              f"--data.root {now['split'].get('root')!r} changed since the {source} (an "
@@ -1187,16 +1183,25 @@ def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     scheduler._last_lr = rates  # what get_last_lr() and Lightning's LearningRateMonitor report
 
 
+# Why a recorded sha256 differs, in every refusal of a checkpoint's content.
+_DAMAGED = ("(their sha256 differs from the one it recorded): the file was damaged (a flipped bit, a bad copy: "
+            "torch.load does not check its zip's CRCs) or edited")
+
+
+def _record_sha256(info: Dict[str, Any]) -> str:
+    """sha256 of a checkpoint's library record (``checkpoint['nola_vision']``), but for the digest itself."""
+    return nested_sha256({key: value for key, value in info.items() if key != "record_sha256"})
+
+
 def _check_record(info: Dict[str, Any]) -> None:
     """Refuse a checkpoint whose library record is not the one it was saved with (``record_sha256``): its digests,
     fingerprints and settings are what every other check of the load compares with."""
     recorded = info.get("record_sha256")  # older checkpoints record none
-    if recorded is not None and nested_sha256({k: v for k, v in info.items() if k != "record_sha256"}) != recorded:
-        raise ValueError("the checkpoint's record (checkpoint['nola_vision']: its adapter config, fingerprints and "
-                         "digests) is not the one it was saved with (its sha256 differs from the one it recorded): the "
-                         "file was damaged (a flipped bit, a bad copy: torch.load does not check its zip's CRCs) or "
-                         "edited. Use another checkpoint of the run, or the adapter it exported (to load one edited on "
-                         "purpose, delete its checkpoint['nola_vision']['record_sha256'])")
+    if recorded is not None and _record_sha256(info) != recorded:
+        raise ValueError(f"the checkpoint's record (checkpoint['nola_vision']: its adapter config, fingerprints and "
+                         f"digests) is not the one it was saved with {_DAMAGED}. Use another checkpoint of the run, or "
+                         "the adapter it exported (to load one edited on purpose, delete its "
+                         "checkpoint['nola_vision']['record_sha256'])")
 
 
 def _check_resume_state(checkpoint: Dict[str, Any], info: Dict[str, Any], resuming: bool,
@@ -1211,9 +1216,7 @@ def _check_resume_state(checkpoint: Dict[str, Any], info: Dict[str, Any], resumi
         return
     saved_with = info.get("lightning_version")
     migrated = saved_with is not None and saved_with != L.__version__
-    what = (f"the checkpoint's {', '.join(changed)} are not those it was saved with (their sha256 differs from the "
-            "one it recorded): the file was damaged (a flipped bit, a bad copy: torch.load does not check its zip's "
-            "CRCs) or edited")
+    what = f"the checkpoint's {', '.join(changed)} are not those it was saved with {_DAMAGED}"
     if resuming and not migrated:
         raise ValueError(f"{what}, so the fit would resume from another state than its run's. Resume from another "
                          "checkpoint of the run (epoch-end.ckpt beside last.ckpt, or an earlier one), or start the fit "
