@@ -316,6 +316,25 @@ def test_check_frozen_weights_false_transfers_an_adapter_on_purpose(saved):
     nv.verify_adapter(changed(tiny_vit(), 0.1), directory, check_frozen_weights=False)
 
 
+def test_a_task_switch_samples_each_frozen_module_once(saved, tmp_path, monkeypatch):
+    """The check that the weights match and the check that the file's update is not merged in already share the
+    model's records: a switch, also onto a bfloat16 copy (whose layers lie beyond the records' own rounding), samples
+    no module twice."""
+    from nola_vision.core import fingerprint
+
+    model, directory = saved
+    other = nv.save_adapter(trained(seed=2), tmp_path / "other", bits=32)
+    sampled = []
+    sample = fingerprint._module_vector
+    monkeypatch.setattr(fingerprint, "_module_vector", lambda module, *args, **kwargs: (
+        sampled.append((id(module), len(args), tuple(kwargs))), sample(module, *args, **kwargs))[1])
+    for copy_of in (model, copy.deepcopy(model).to(torch.bfloat16)):
+        for task in (other, directory):
+            sampled.clear()
+            nv.load_adapter(copy_of, task)
+            assert sampled and len(sampled) == len(set(sampled)), "a module was sampled twice in one load"
+
+
 def test_multitask_add_task_refuses_other_frozen_weights_unless_told(saved):
     server = nv.MultiTaskModel(changed(tiny_vit(), 0.1))
     with pytest.raises(AdapterLoadError, match=r"task 'a' .*weights of blocks\.0\.mlp\.fc1 differ"):

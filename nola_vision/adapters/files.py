@@ -1298,15 +1298,17 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
         warn_user(unchecked)
     if record is None:
         return
+    memo: Dict[str, List[float]] = {}  # the model's records, taken once for both checks (its weights do not change)
     try:
-        difference = differing_module(record, model)
+        difference = differing_module(record, model, memo=memo)
     except ValueError as error:
         if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
             raise AdapterLoadError(str(error)) from error
         raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
                                f"{document['library_version']}), or pass check_frozen_weights=False to load it "
                                "unchecked") from error
-    if holds_update(record, model, list(plan.layers), updates, difference):  # told before the difference it explains
+    # told before the difference it explains
+    if holds_update(record, model, list(plan.layers), updates, difference, memo):
         raise AdapterLoadError(
             "this adapter (or one whose update is close to its own, such as an earlier checkpoint of its run) is "
             "already merged into the model's weights (folded in by nv.merge_and_unload, whose record a state dict does "

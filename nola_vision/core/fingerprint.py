@@ -465,16 +465,22 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     return fingerprint
 
 
-def frozen_records(model: nn.Module, modules: Sequence[str]) -> Dict[str, List[float]]:
+def frozen_records(model: nn.Module, modules: Sequence[str],
+                   memo: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
     """The records of ``frozen_fingerprint`` alone, by module name. Merged adapted layers count with their unmerged
-    weights: the record ``merge`` took before folding ΔW in, else their weight minus ΔW (then kept as their record)."""
+    weights: the record ``merge`` took before folding ΔW in, else their weight minus ΔW (then kept as their record).
+    ``memo``: records of this model taken since its weights last changed, by name, reused and added to (the checks of
+    one load share it, so no module is sampled twice)."""
+    memo = {} if memo is None else memo
     merged = {name: layer for name, layer in adapted_layers(model).items() if layer.merged}
     known = {name: layer.unmerged_record for name, layer in merged.items() if layer.unmerged_record is not None}
     with torch.no_grad():
-        computed = _records({name: _module_vector(model.get_submodule(name)) for name in modules if name not in known})
+        computed = _records({name: _module_vector(model.get_submodule(name))
+                             for name in modules if name not in known and name not in memo})
     for name in computed.keys() & merged.keys():  # kept until the weight is written (a moved or copied model's too)
         merged[name].unmerged_record = computed[name]
-    return {name: known[name] if name in known else computed[name] for name in modules}
+    memo.update(computed)
+    return {name: known[name] if name in known else memo[name] for name in modules}
 
 
 def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
@@ -529,11 +535,12 @@ def unmatched_merges(entries: Sequence[dict], others: Sequence[dict]) -> List[di
     return unmatched
 
 
-def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> Optional[str]:
+def differing_module(expected: dict, model: nn.Module, loose: bool = False,
+                     memo: Optional[Dict[str, List[float]]] = None) -> Optional[str]:
     """None when the model's frozen weights match the fingerprint ``expected``, else what differs, naming the first
     differing module. Raises ValueError for a fingerprint of another version, which cannot be compared. ``loose``:
     match within ``TOLERANCE`` whatever precision the weights are held at (as fingerprints that record none), a
-    difference an update merged in may stay under (``holds_update``)."""
+    difference an update merged in may stay under (``holds_update``). ``memo``: as ``frozen_records``'."""
     if expected.get("version") != FINGERPRINT_VERSION:
         raise ValueError(f"the frozen weights were fingerprinted by {expected.get('version')!r}, and this "
                          f"nola_vision computes {FINGERPRINT_VERSION!r}")
@@ -542,7 +549,7 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False) -> O
     if missing:
         return f"the model has no module {missing[0]}"
     context = context_modules(model, names) if "context" in expected else []
-    records = {"modules": frozen_records(model, names), "positions": position_records(model),
+    records = {"modules": frozen_records(model, names, memo), "positions": position_records(model),
                "statistics": statistics_records(model)}
     context_records = _context_records(model, context) if "context" in expected else {}
     sizes = {"modules": _named_sample_sizes(model, names)}
@@ -723,20 +730,22 @@ def _distance(expected: List[float], actual: List[float]) -> float:
 
 
 def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
-                 updates: Callable[[List[str]], Dict[str, Factors]], difference: Optional[str] = None) -> bool:
+                 updates: Callable[[List[str]], Dict[str, Factors]], difference: Optional[str] = None,
+                 memo: Optional[Dict[str, List[float]]] = None) -> bool:
     """Whether layers ``names`` already hold the update ``updates(changed)`` gives, merged in where no record says so
     (a state dict): taken out, their weights come at least twice as close to ``expected``. ``difference``: what
     ``differing_module`` found (None: a match); one beyond ``TOLERANCE`` (``differing_module(..., loose=True)``) is
     another backbone's, for which the update (seconds of work on ViT-B) is not computed.
 
     Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
-    copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away."""
-    if difference is not None and differing_module(expected, model, loose=True) is not None:
+    copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away.
+    ``memo``: as ``frozen_records``' (``differing_module``'s, whose records of the layers are those needed here)."""
+    if difference is not None and differing_module(expected, model, loose=True, memo=memo) is not None:
         return False
     records = expected["modules"]
     merged = {name for name, layer in adapted_layers(model).items() if layer.merged}  # recorded: unexpected_merges
     names = [name for name in names if name in records and name not in merged]
-    actual = frozen_records(model, names)
+    actual = frozen_records(model, names, memo)
     now = {name: _relative(records[name], actual[name]) for name in names}
     # _rounding is at least _ROUNDING: a layer within it is unchanged without sampling its weight again
     changed = [name for name, distance in now.items()

@@ -1129,12 +1129,13 @@ class FewShotClassifier(L.LightningModule):
                                "2026-11-30), which this backbone does not give: it holds other weights, or the same "
                                "ones in another dtype; make sure the model is built as in the run that wrote it")
             return
+        memo: Dict[str, List[float]] = {}  # the backbone's records, taken once for both checks
         try:
-            difference = differing_module(saved, unwrap_model(self.model)) if saved is not None else None
+            difference = differing_module(saved, unwrap_model(self.model), memo=memo) if saved is not None else None
         except ValueError as error:
             difference = str(error)
         else:  # told before the difference it explains
-            if saved is not None and self._holds_update_of(saved, state_dict, difference):
+            if saved is not None and self._holds_update_of(saved, state_dict, difference, memo):
                 raise ValueError("the checkpoint's adapter (or one whose update is close to its own) is already "
                                  "merged into this backbone's frozen weights (folded in by nv.merge_and_unload, then "
                                  "saved as a state dict, e.g. the pretrained_file): evaluating it would add its update "
@@ -1144,9 +1145,11 @@ class FewShotClassifier(L.LightningModule):
                              "model.backbone, pretrained, pretrained_file, backbone_kwargs and backbone_seed as the "
                              "run that wrote it")
 
-    def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor], difference: Optional[str]) -> bool:
+    def _holds_update_of(self, saved: dict, state_dict: Mapping[str, Tensor], difference: Optional[str],
+                         memo: Dict[str, List[float]]) -> bool:
         """Whether the adapted layers' frozen weights hold the update of the checkpoint's trained tensors, merged in
-        where nothing records it; ``difference``: what ``differing_module`` found (``holds_update``)."""
+        where nothing records it; ``difference`` and ``memo``: what ``differing_module`` found and took
+        (``holds_update``)."""
         model = unwrap_model(self.model)
         layers = adapted_layers(model)
         values = {_plain_key(key): value for key, value in state_dict.items()}
@@ -1156,7 +1159,7 @@ class FewShotClassifier(L.LightningModule):
                                                       for param in layers[name].adapter_parameter_names})
                     for name in names}
 
-        return bool(layers) and holds_update(saved, model, list(layers), updates, difference)
+        return bool(layers) and holds_update(saved, model, list(layers), updates, difference, memo)
 
 
 def _exact_backbone_hash(model: nn.Module) -> str:
