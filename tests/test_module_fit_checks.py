@@ -452,6 +452,30 @@ def test_max_steps_that_end_the_fit_before_max_epochs_warn_that_the_schedule_sto
     assert run.global_step == 6
 
 
+@pytest.mark.parametrize("search", ["lr_find", "scale_batch_size"])
+def test_the_tuners_searches_of_a_few_steps_do_not_warn_that_max_steps_ends_the_schedule(tmp_path, search):
+    # each search trains a few steps of its own under max_steps, inside its callback's on_fit_start: the warning
+    # for a fit whose max_steps end it early fired on every lr_find, where the user had set no max_steps
+    from lightning.pytorch.tuner import Tuner
+
+    class Batches(L.LightningDataModule):  # the batch size finder sizes a data module's batches
+        batch_size = 8
+
+        def train_dataloader(self):
+            return DataLoader(loader().dataset, batch_size=self.batch_size)
+
+        def val_dataloader(self):
+            return DataLoader(loader().dataset, batch_size=self.batch_size)
+
+    run = trainer(tmp_path, epochs=50)
+    options = dict(num_training=6, early_stop_threshold=None) if search == "lr_find" else dict(
+        mode="power", steps_per_trial=6, max_trials=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(Tuner(run), search)(module(), datamodule=Batches(), **options)
+    assert not [w for w in caught if "max_steps" in str(w.message) and "nola_vision" in str(w.message)]
+
+
 def test_the_loggers_hyperparameters_are_the_checked_values_without_pickled_classes(tmp_path):
     # hparams.yaml held lr: null (the recipe's rates resolved later) and a !!python/object NOLAConfig that
     # yaml.safe_load and load_from_checkpoint(hparams_file=...) refused

@@ -342,6 +342,9 @@ class FewShotClassifier(L.LightningModule):
         self._built_with = {key: (copy.deepcopy(hp[key]), _shown(hp[key])) for key in BUILT_HPARAMS}
         # Whether a fit of this module started and did not finish (interrupted, failed): its weights are part-trained
         self._fit_running = False
+        # Whether this fit's on_fit_start ran: before it, a callback's (Lightning's Tuner searching learning rates or
+        # batch sizes) trains a few steps of its own (``on_train_start``)
+        self._fit_started = False
         # The training metrics a loaded checkpoint's run had logged last: a resume that trains nothing (its export
         # was stopped) records them in its result as the uninterrupted run did
         self.checkpoint_train_metrics: Dict[str, float] = {}
@@ -571,6 +574,8 @@ class FewShotClassifier(L.LightningModule):
         final names, and one cut short given as ``ckpt_path`` is named instead of failing in ``torch.load``."""
         if self._trainer is not None:
             use_atomic_checkpoints(self._trainer)
+        if stage == "fit":
+            self._fit_started = False
         self._check_preprocessing()
         self._check_data_classes()
 
@@ -650,7 +655,7 @@ class FewShotClassifier(L.LightningModule):
                            "run, fit with ckpt_path=<its last checkpoint>; for a fresh run, build a new "
                            "FewShotClassifier")
         # accepted: this fit's weights are part-trained until it ends, and what it exports is its own
-        self._fit_running = True
+        self._fit_running = self._fit_started = True
         self.exported_adapter_dir = self.export_target = self.exported_adapter_bits = None
         self.exported_adapter_sha256 = None
         # the weights now train on this data (a resume's was compared at its load): later stages compare with it
@@ -992,7 +997,11 @@ class FewShotClassifier(L.LightningModule):
         differ: it was saved by a run of another ``max_epochs`` or warm-up, whose cosine had decayed them (an extended
         run trained on at ``min_lr``). A fresh run, or a resume of the same schedule, is left as it is. A trainer that
         trained before and fits on without a checkpoint (``max_epochs`` raised) takes the schedule up at its epoch,
-        with a warning: its optimizer starts afresh."""
+        with a warning: its optimizer starts afresh. A search of Lightning's Tuner (``lr_find``, ``scale_batch_size``),
+        run inside its callback's on_fit_start before this module's, sets ``max_steps`` and the rates for its own few
+        steps: none of this concerns it."""
+        if not self._fit_started:
+            return
         self._warn_if_steps_end_the_schedule_early()
         epoch = self.trainer.current_epoch
         if epoch == 0 and self.trainer.global_step > 0 and not any(o.state for o in self.trainer.optimizers):
