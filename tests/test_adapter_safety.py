@@ -400,6 +400,36 @@ def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(
     nv.load_adapter(tiny_vit().bfloat16(), tmp_path)
 
 
+def test_a_float16_model_is_judged_by_the_factors_its_unmerged_pass_casts_whether_injected_or_not(tmp_path):
+    # coefficients beyond 65,504 stay float32 parameters and give float16 factors that fit: a float16 model refused its
+    # own adapter when loaded fresh (judged as float16 tensors) and took it injected; LoRA factors beyond float16 were
+    # taken by an injected model (float32 parameters) whose unmerged outputs were then NaN
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).half()
+    coefficients = nv.inject(tiny_vit().half(), CONFIG)
+    with torch.no_grad():
+        coefficients.blocks[0].mlp.fc1.nola_alpha[0, 0] = 1e5
+        coefficients.blocks[0].mlp.fc1.nola_beta.mul_(1e-5)
+        assert torch.isfinite(coefficients(images)).all()
+    nv.save_adapter(coefficients, tmp_path / "nola")
+    for model in (tiny_vit().half(), nv.inject(tiny_vit().half(), CONFIG)):
+        with torch.no_grad():
+            assert torch.isfinite(nv.load_adapter(model, tmp_path / "nola")(images)).all()
+    lora = nv.LoRAConfig(rank=2, targets=["attn.qkv"])
+    factors = nv.inject(tiny_vit(), lora)
+    with torch.no_grad():
+        factors.blocks[0].attn.qkv.lora_A.view(-1)[0] = 1e5
+        factors.blocks[0].attn.qkv.lora_B.fill_(1e-6)
+    nv.save_adapter(factors, tmp_path / "lora", bits=32)
+    for model in (tiny_vit().half(), nv.inject(tiny_vit().half(), lora)):
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(AdapterLoadError, match=r"layer blocks\.0\.attn\.qkv has factors .* up to 1e\+05, beyond "
+                                                   r"the torch.float16 .* inf or NaN outputs"):
+            nv.load_adapter(model, tmp_path / "lora")
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    with torch.no_grad():  # as the error says: ΔW fits float16
+        assert torch.isfinite(nv.merge_and_unload(nv.load_adapter(tiny_vit(), tmp_path / "lora")).half()(images)).all()
+
+
 @pytest.mark.parametrize("bits", [16.0, "16", True, 12])
 def test_a_bit_width_that_is_not_a_supported_integer_is_refused_before_the_old_adapter_is_touched(tmp_path, bits):
     nv.save_adapter(trained(seed=1), tmp_path)

@@ -55,7 +55,7 @@ from ..core.inject import (
     require_unchanged_statistics,
     unwrap_model,
 )
-from ..core.layer import adapted_layers
+from ..core.layer import adapted_layers, factors_overflow, narrow_range
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_lock, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import (
@@ -1181,13 +1181,15 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
 
 def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
     """Every value fits the dtype of the parameter it is copied into: a float16 model overflows above 65504 to
-    infinity, which the files' float32 values may hold (a parameter not yet injected counts with the model's dtype,
-    which the update reaches), and turns a tensor below its normal range (6e-5, a head saved as float32 for that
-    reason) into zeros and subnormals (``_lossless_in``)."""
+    infinity, which the files' float32 values may hold, and turns a tensor below its normal range (6e-5, a head saved
+    as float32 for that reason) into zeros and subnormals (``_lossless_in``). Adapter tensors not injected yet get
+    float32 parameters, which hold any file's values: the update they give is checked against the layer's dtype
+    (``_check_unmerged_range``)."""
     parameters = dict(model.named_parameters())
-    default = next((p.dtype for p in parameters.values() if p.is_floating_point()), torch.float32)
     for name, value in values.items():
-        dtype = parameters[name].dtype if name in parameters else default
+        if name not in parameters:
+            continue
+        dtype = parameters[name].dtype
         # up to 8 steps at its largest value (0.8% in float16: a tensor just below the normal range still loads)
         if not value.numel() or not dtype.is_floating_point or _lossless_in(value, dtype, steps=8):
             continue
@@ -1196,11 +1198,28 @@ def _check_representable(model: nn.Module, values: Dict[str, Tensor]) -> None:
             raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g}, beyond the {dtype} of this "
                                    f"model (at most {torch.finfo(dtype).max:.4g}): they would become infinite. Load "
                                    "it onto a float32 or bfloat16 model")
-        if name in parameters:  # an adapter not yet injected gets float32 parameters
-            raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g} only, below the normal range of "
-                                   f"the {dtype} of this model (from {torch.finfo(dtype).tiny:.2g}): they would load "
-                                   "as zeros or as subnormals of a few digits. Load it onto a float32 or bfloat16 "
-                                   "model")
+        raise AdapterLoadError(f"tensor {name} holds values up to {largest:.4g} only, below the normal range of the "
+                               f"{dtype} of this model (from {torch.finfo(dtype).tiny:.2g}): they would load as zeros "
+                               "or as subnormals of a few digits. Load it onto a float32 or bfloat16 model")
+
+
+def _check_unmerged_range(model: nn.Module, plan: InjectionPlan,
+                          updates: Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]) -> None:
+    """An unmerged pass casts each layer's update factors (``updates``) to its weight's dtype: on a float16 layer one
+    beyond 65,504 gives inf or NaN outputs where ΔW itself may fit. A merged layer switches in its weight, which
+    ``switch_merged`` checks."""
+    own = adapted_layers(model)
+    names = [name for name in plan.layers
+             if not (name in own and own[name].merged) and narrow_range(model.get_submodule(name).weight)]
+    for name, (a, b) in (updates(names) if names else {}).items():
+        weight = model.get_submodule(name).weight
+        if factors_overflow(weight, a, b):
+            largest = max(float(a.abs().max()), float(b.abs().max()))
+            raise AdapterLoadError(
+                f"the update of layer {name} has factors (ΔWᵀ = A·B, scaling included) up to {largest:.4g}, beyond "
+                f"the {weight.dtype} of this model (at most {torch.finfo(weight.dtype).max:.4g}): each unmerged pass "
+                "casts them to it and would give inf or NaN outputs. Load it onto a float32 or bfloat16 model (merged "
+                "there with nv.merge_and_unload, then cast to float16, ΔW keeps float16's range where it fits)")
 
 
 def layer_shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
@@ -1406,8 +1425,9 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_bases(plan, document)
+    updates = partial(_file_updates, model, plan, stored, quantization)
     if check_frozen_weights:
-        _check_frozen_weights(model, document, plan, partial(_file_updates, model, plan, stored, quantization))
+        _check_frozen_weights(model, document, plan, updates)
     _require_quantization_fits(model, document["bits"], directory)
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
@@ -1417,6 +1437,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_head_stored(plan, document, stored)
     values = decode_tensors(stored, quantization, shapes)
     _check_representable(model, values)
+    _check_unmerged_range(model, plan, updates)
     return VerifiedAdapter(Path(directory), document, plan, values, stored, quantization, shapes, classes)
 
 

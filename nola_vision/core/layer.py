@@ -31,7 +31,7 @@ from .interrupts import interrupts_deferred
 from .quantize import fake_quantize
 
 __all__ = ["HOOK_KINDS", "IDENTITY_KEY", "MERGED_FLAG", "STATE_ATTRIBUTE", "AdaptedLinear", "Slice", "adapted_layers",
-           "as_factors", "full_precision", "has_hooks", "is_injected"]
+           "as_factors", "factors_overflow", "full_precision", "has_hooks", "is_injected", "narrow_range"]
 
 Slice = Tuple[int, int]
 # A 0-dim uint8 buffer of every adapted layer: merged-ness (and the quantisation-aware bits ΔW was merged at)
@@ -80,7 +80,13 @@ _WIDER = (torch.float32, torch.float64)  # merge dtypes whose ΔW a weight cast 
 
 def _factor_overflows(weight: Tensor, left: Tensor, right: Tensor) -> bool:
     """Whether a factor cast to a weight's dtype of narrow range (float16) left it: ΔW may still fit, formed aside."""
-    return _can_overflow(weight) and not bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+    return narrow_range(weight) and not bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+
+
+def factors_overflow(weight: Tensor, a: Tensor, b: Tensor) -> bool:
+    """Whether an unmerged pass of a layer of ``weight``, which casts ΔW's factors ``a``, ``b`` (``delta_factors``) to
+    the weight's dtype, would take one beyond that dtype's range (float16: 65,504), where ΔW itself may fit."""
+    return _factor_overflows(weight, b.t().to(weight.dtype), a.t().to(weight.dtype))
 
 
 def _sum_in_float32(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -88,7 +94,7 @@ def _sum_in_float32(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return weight.float().addmm_(b.t().float(), a.t().float()).to(weight.dtype)
 
 
-def _can_overflow(weight: Tensor) -> bool:
+def narrow_range(weight: Tensor) -> bool:
     """Whether an update merged into ``weight`` can leave its dtype's range (float16, the 8-bit floats; see
     ``_WIDE_RANGE``). A weight on the meta device has no values to leave a range."""
     return torch.finfo(weight.dtype).max <= _WIDE_RANGE and not weight.is_meta
@@ -774,7 +780,7 @@ class AdaptedLinear(nn.Module):
     def merge_can_overflow(self) -> bool:
         """Whether a merged update can leave the weight dtype's range (float16, the 8-bit floats): only then is
         ``low_rank_overflow`` worth its factors. A weight on the meta device has no values to leave a range."""
-        return _can_overflow(self.weight)
+        return narrow_range(self.weight)
 
     @torch.no_grad()
     def low_rank_overflow(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Optional[str]:
@@ -785,7 +791,7 @@ class AdaptedLinear(nn.Module):
         read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
         """
         weight = self.weight if weight is None else weight
-        if not _can_overflow(weight):
+        if not narrow_range(weight):
             return None
         largest = torch.finfo(weight.dtype).max
         bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
