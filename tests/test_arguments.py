@@ -142,12 +142,18 @@ def test_a_deeply_nested_config_gives_a_short_clear_error_not_a_recursion_error(
     assert len(str(error.value)) < 400
 
 
-def test_a_flat_config_is_the_first_registered_method_that_takes_its_keys_not_a_later_plugin():
-    # conftest registers frozen_a {rank, targets, seed}: fewer fields than LoRA, but a flat {rank} is still LoRA
-    assert type(resolve_adapter({"rank": 4})) is nv.LoRAConfig
+def test_a_flat_config_is_the_built_in_method_that_takes_its_keys_not_a_later_plugin_nor_a_guess():
+    # conftest registers frozen_a {rank, targets, seed}: fewer fields than LoRA, but a flat LoRA config is still LoRA
+    assert type(resolve_adapter({"rank": 4, "alpha": 8})) is nv.LoRAConfig
     assert type(resolve_adapter({"rank": 4, "num_basis_a": 8})) is nv.NOLAConfig
     with pytest.raises(ValueError, match="LoRAConfig.rank must be"):
-        resolve_adapter({"rank": "4"})
+        resolve_adapter({"rank": "4", "alpha": 8})
+    # keys both built-in configs take named no method, and built LoRA without a word (in a NOLA library)
+    for keys in ({"rank": 4}, {"rank": 8, "seed": 1, "targets": ["mlp.fc1"]}):
+        with pytest.raises(ValueError, match=r"fits LoRAConfig and NOLAConfig alike: add method: <name> \(one of "
+                                             r"\['lora', 'nola'\]\)"):
+            resolve_adapter(keys)
+        assert type(resolve_adapter({**keys, "method": "nola"})) is nv.NOLAConfig
 
 
 def test_config_dicts_with_unknown_fields_or_no_method_name_the_problem():

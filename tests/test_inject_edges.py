@@ -208,9 +208,15 @@ def test_a_parametrized_linear_and_a_zero_scale_are_refused():
     for config, field in ((lambda v: nv.NOLAConfig(scale=v), "NOLAConfig.scale"),
                           (lambda v: nv.LoRAConfig(alpha=v), "LoRAConfig.alpha")):
         for value in (1e-300, -1e-45):
-            with pytest.raises(ValueError, match=rf"{field} is {value:g}, below float32's smallest normal number"):
+            with pytest.raises(ValueError, match=rf"{field} is {value:g}, over rank 4 {value / 4:g}, below float32's "
+                                                 "smallest normal number"):
                 config(value)
         config(1e-30)  # small but a float32 number: accepted
+    # a normal number divided by the rank where it applies: the gradients of rank 64 were exactly zero as well
+    for config in (lambda: nv.NOLAConfig(scale=1.2e-38, rank=64), lambda: nv.LoRAConfig(alpha=3e-38, rank=64)):
+        with pytest.raises(ValueError, match=r"over rank 64 \S+, below float32's smallest normal number"):
+            config()
+    assert nv.NOLAConfig(scale=1.2e-36, rank=64).scaling > torch.finfo(torch.float32).tiny
 
 
 def test_targets_that_cannot_fit_say_why():

@@ -131,15 +131,22 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
 
 
 def _from_flat(values: Dict[str, Any]) -> AdapterConfig:
-    """The first registered adapter config whose fields take every key: the built-in methods (LoRA before NOLA)
-    come first, so a method registered later never changes what a flat built-in config parses to. An empty one names
-    no method (every config's fields take no key: it built LoRA's defaults)."""
+    """The first registered adapter config whose fields take every key: the built-in methods come first, so a
+    method registered later never changes what a flat built-in config parses to. Keys that two built-in configs take
+    (``rank`` and ``targets`` alone: LoRA or NOLA?) name no method, nor does an empty one (it built LoRA's defaults);
+    the flat form LightningCLI writes holds every field, which tells them apart."""
     if not values:
         raise ValueError(f"an empty adapter config names no method: give a method name (one of "
                          f"{available_methods()}) or its fields with method: <name>")
-    for method in METHODS.values():
-        if method.layer_cls is not None and set(values) <= {f.name for f in fields(method.config_cls)}:
-            return method.config_cls(**values)
+    taking = [method for method in METHODS.values()
+              if method.layer_cls is not None and set(values) <= {f.name for f in fields(method.config_cls)}]
+    built_in = [method for method in taking if method.config_cls.__module__.startswith("nola_vision.")]
+    if len(built_in) > 1:
+        names = " and ".join(method.config_cls.__name__ for method in built_in)
+        raise ValueError(f"the adapter config {sorted(values)} fits {names} alike: add method: <name> (one of "
+                         f"{[method.name for method in built_in]}) to say which")
+    for method in taking:
+        return method.config_cls(**values)
     raise ValueError(f"no adapter config has all the fields {sorted(values)}; add method: <name> "
                      f"(one of {available_methods()})")
 
@@ -193,17 +200,19 @@ def require_finite(config: Any, *names: str) -> None:
         object.__setattr__(config, name, check_number(getattr(config, name), _field(config, name)))
 
 
-def require_nonzero(config: Any, *names: str) -> None:
+def require_nonzero(config: Any, *names: str, per: int = 1) -> None:
     """Each field a finite, non-zero real number: a zero scale makes ΔW and every adapter gradient zero for good, and
-    one below float32's smallest normal number leaves them subnormal or zero (nothing trains either)."""
+    one that scales them below float32's smallest normal number leaves them subnormal or zero (nothing trains either).
+    ``per``: what the field is divided by where it applies (the rank: ΔW is scaled by scale / rank)."""
     require_finite(config, *names)
     for name in names:
         value = getattr(config, name)
         if value == 0:
             raise ValueError(f"{_field(config, name)} is 0: ΔW and every adapter gradient would stay zero, so the "
                              "adapter could never train; use a non-zero value")
-        if abs(value) < FLOAT32_TINY:
-            raise ValueError(f"{_field(config, name)} is {value:g}, below float32's smallest normal number "
+        if abs(value) / per < FLOAT32_TINY:
+            applied = f", over rank {per} {value / per:g}," if per != 1 else ""
+            raise ValueError(f"{_field(config, name)} is {value:g}{applied} below float32's smallest normal number "
                              f"({FLOAT32_TINY:.3g}): scaled by it, the factors, ΔW and every adapter gradient are "
                              "subnormal or zero in float32, so the adapter could never train; use a larger value")
         if abs(value) > FLOAT32_MAX:

@@ -42,7 +42,7 @@ class LoRAConfig(AdapterConfig):
         require_positive(self, "rank")
         require_integer(self, "seed")
         if self.alpha is not None:
-            require_nonzero(self, "alpha")
+            require_nonzero(self, "alpha", per=self.rank)
         require_bool(self, "recompute_activation")
 
     def update_settings(self) -> Dict[str, Any]:

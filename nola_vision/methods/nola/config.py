@@ -54,7 +54,7 @@ class NOLAConfig(AdapterConfig):
         self.targets = as_target_list(self.targets)
         require_positive(self, "rank", "num_basis_a", "num_basis_b")
         require_integer(self, "seed")
-        require_nonzero(self, "scale")
+        require_nonzero(self, "scale", per=self.rank)
         require_choice(self, "basis", BASIS_MODES)
         require_choice(self, "init", NOLA_INITS)
         require_bool(self, "recompute_activation")
