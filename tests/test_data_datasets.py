@@ -539,6 +539,30 @@ def test_missing_fashion_mnist_mentions_download_and_debian_package(tmp_path, mo
     assert "download=True" in str(err.value) and "dataset-fashion-mnist" in str(err.value)
 
 
+def test_fashion_mnist_download_completes_a_partial_download_under_root_though_a_system_copy_exists(tmp_path,
+                                                                                                     monkeypatch):
+    # the system copy counted as found, so download=True fetched nothing and the error asked for download=True again
+    system = tmp_path / "system"
+    write_fashion_mnist(system, n_train=40, n_test=20, gz=True)
+    monkeypatch.setattr("nola_vision.data.datasets.FASHION_MNIST_SYSTEM_DIR", str(system))
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    write_fashion_mnist(raw, n_train=30, n_test=10, gz=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (raw / name).unlink()
+    calls = []
+
+    def fetch(root, train, download):  # what torchvision's download leaves: the missing files, next to the others
+        calls.append((root, download))
+        write_fashion_mnist(raw, n_train=30, n_test=10, gz=True)
+
+    monkeypatch.setattr(tvd, "FashionMNIST", fetch)
+    download_dataset("fashion_mnist", tmp_path / "root")
+    assert calls == [(str(tmp_path / "root"), True)]
+    assert len(build_dataset("fashion_mnist", tmp_path / "root", "test")) == 10  # root's, not the system's 20
+    download_dataset("fashion_mnist", tmp_path / "root")  # whole now: nothing fetched
+    assert len(calls) == 1
+
+
 def test_incomplete_extraction_is_reported(tmp_path):
     write_cub(tmp_path, num_classes=3)
     with pytest.raises(DatasetNotFoundError, match="3 classes, expected 200"):

@@ -1092,11 +1092,17 @@ class _FashionMNIST:
         return root / "FashionMNIST" / "raw"
 
     def download(self, root: Path) -> None:
-        if self._find(root, refuse_partial=False) is None:  # torchvision completes a partial download
+        """Fetch the files into ``root`` with torchvision unless a full set is found: a folder under ``root`` holding
+        some of them (an interrupted download) is completed, not passed over for the system's copy."""
+        try:
+            found = self._find(root)
+        except DatasetNotFoundError:  # a partial set under root: torchvision fetches what is missing
+            found = None
+        if found is None:
             import torchvision.datasets as tvd
             tvd.FashionMNIST(str(root), train=True, download=True)
 
-    def _find(self, root: Path, refuse_partial: bool = True) -> Optional[Path]:
+    def _find(self, root: Path) -> Optional[Path]:
         """The first candidate folder with all four files (each raw or ``.gz``). A folder under ``root`` holding only
         some of them (an interrupted download or copy) is refused, naming the missing ones, rather than passed over
         for the next candidate: that may be the system's full set, another dataset than the user's."""
@@ -1108,7 +1114,7 @@ class _FashionMNIST:
             present = [base for base in bases if any((folder / f"{base}{suffix}").is_file() for suffix in ("", ".gz"))]
             if len(present) == len(bases):
                 return folder
-            if refuse_partial and present and folder != Path(FASHION_MNIST_SYSTEM_DIR):
+            if present and folder != Path(FASHION_MNIST_SYSTEM_DIR):
                 missing = [base for base in bases if base not in present]
                 raise DatasetNotFoundError(
                     f"dataset '{self.name}': {folder} holds {len(present)} of Fashion-MNIST's 4 files; missing: "
