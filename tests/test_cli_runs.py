@@ -274,6 +274,7 @@ def test_validating_or_resuming_after_images_were_added_is_refused_and_the_runs_
     del older["nola_vision"]["data"]["split_digest"], older["nola_vision"]["record_sha256"]
     # and its root as typed: relative (the CLI records it absolute now, and no resume of such a run was possible)
     older["nola_vision"]["data"]["split"]["root"] = os.path.relpath(tmp_path / "pets")
+    older["nola_vision"]["data"]["split"]["dataset"] = "ImageFolder"  # and its dataset as typed, in another spelling
     torch.save(older, tmp_path / "older.ckpt")
     assert run(capsys, *validate, "--ckpt_path", tmp_path / "older.ckpt")[0] == 0  # compared by its settings
 

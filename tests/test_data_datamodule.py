@@ -183,6 +183,21 @@ def test_two_ranks_draw_the_same_split_and_write_the_same_manifest(cifar10_root,
     assert other.train_manifest != ranks[0].train_manifest
 
 
+def test_a_datasets_other_spellings_are_one_dataset_in_its_manifests_and_records(cifar10_root, tmp_path):
+    # CIFAR10 and cifar10 read the same images but wrote two manifests side by side, so one that lists other images
+    # was never compared with the run's, and results tables split one dataset in two rows
+    spellings = []
+    for name in ("CIFAR10", "cifar10", "Cifar10"):
+        dm = FewShotDataModule(name, root=str(cifar10_root), shots=3, split_seed=2, image_size=8,
+                               split_dir=str(tmp_path / "splits"))
+        dm.setup("fit")
+        spellings.append((dm.hparams.dataset, dm.dataset_name, dm.manifest_path.name))
+    assert set(spellings) == {("cifar10", "cifar10", "cifar10_3shot_seed2_train.txt")}
+    assert sorted(path.name for path in (tmp_path / "splits").iterdir()) == ["cifar10_3shot_seed2_train.txt"]
+    with pytest.raises(ValueError, match="unknown dataset 'CIFAR-11'"):
+        FewShotDataModule("CIFAR-11", root=str(cifar10_root))
+
+
 def test_split_file_reproduces_a_run_exactly(cifar10_root, tmp_path):
     dm = FewShotDataModule("cifar10", root=str(cifar10_root), shots=4, split_seed=9, val_shots=1,
                            image_size=8, split_dir=str(tmp_path / "run"))

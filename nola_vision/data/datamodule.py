@@ -37,6 +37,7 @@ from .datasets import (
     available_datasets,
     build_dataset,
     dataset_class_names,
+    dataset_key,
     dataset_num_classes,
     download_dataset,
     expand_root,
@@ -169,6 +170,8 @@ def _check_arguments(hp: Any) -> Any:
     if not isinstance(hp.dataset, str):
         raise ValueError(f"{name('dataset')} must be a dataset name ({', '.join(available_datasets())}), got "
                          f"{shown(hp.dataset)}")
+    if dataset_key(hp.dataset) in available_datasets():  # one spelling: manifests, records and results name it alike
+        hp.dataset = dataset_key(hp.dataset)
     hp.root = expand_root(check_path(hp.root, name("root")))
     for field in ("shots", "val_shots"):  # shots=0: every train image
         hp[field] = check_int(hp[field], name(field), at_least=0)
@@ -197,11 +200,6 @@ def _check_arguments(hp: Any) -> Any:
                          "set --data.val_shots 0 to replay without validation")
     hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
     return hp
-
-
-def _dataset_key(name: str) -> str:
-    """A dataset name as the registry looks it up (``Fashion-MNIST`` and ``fashion_mnist`` are one dataset)."""
-    return name.lower().replace("-", "_")
 
 
 def _file_digest(path: Path, start: int = 0, length: Optional[int] = None) -> Optional[bytes]:
@@ -798,7 +796,7 @@ class FewShotDataModule(L.LightningDataModule):
         """Refuse a manifest whose header names another dataset (``dataset=``) than this module's: its keys and labels
         are another dataset's. A manifest without that header (older, or written by hand) is checked line by line."""
         recorded = manifest_settings(manifest).get("dataset")
-        if recorded is not None and _dataset_key(recorded) != _dataset_key(self.dataset_name):
+        if recorded is not None and dataset_key(recorded) != dataset_key(self.dataset_name):
             raise ValueError(f"{manifest} is a manifest of dataset {recorded!r} (its header says dataset={recorded}), "
                              f"but this data module reads {self.dataset_name!r}: replay it with --data.dataset "
                              f"{recorded} (and that dataset's --data.root), or drop split_file to draw a split of "

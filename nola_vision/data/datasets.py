@@ -44,6 +44,7 @@ __all__ = [
     "available_datasets",
     "build_dataset",
     "dataset_class_names",
+    "dataset_key",
     "dataset_num_classes",
     "download_dataset",
     "expand_root",
@@ -1327,11 +1328,17 @@ def available_datasets() -> list[str]:
     return list(DATASETS)
 
 
+def dataset_key(name: str) -> str:
+    """A dataset name as the registry looks it up: ``Fashion-MNIST`` and ``fashion_mnist`` are one dataset, and are
+    recorded and named (manifests, results) as one."""
+    return name.lower().replace("-", "_")
+
+
 def _spec(name: str) -> DatasetSpec:
     """The spec of dataset ``name`` (any case, ``-`` or ``_``)."""
     if not isinstance(name, str):
         raise ValueError(f"dataset must be a name, one of {', '.join(DATASETS)}; got {shown(name)}")
-    key = name.lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
     return DATASETS[key]

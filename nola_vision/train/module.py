@@ -73,6 +73,7 @@ from ..core.targets import (
 )
 from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
+from ..data.datasets import dataset_key
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
 from .checkpoint_io import (
@@ -1502,9 +1503,12 @@ def _limit_reached(trainer: Any, step: int, epochs: int) -> Optional[Tuple[str, 
 def _split_setting(key: str, value: Any) -> Any:
     """A split setting as compared between a checkpoint and a run: a data root as an absolute path (checkpoints of
     earlier versions recorded it as typed, ``data``, where the CLI now records ``/home/you/data``: no resume was
-    possible), relative to the working directory as a relative one is read."""
+    possible), relative to the working directory as a relative one is read; a dataset by its registry name (earlier
+    versions recorded it as typed: ``Fashion-MNIST``)."""
     if key == "root" and isinstance(value, str) and value:
         return os.path.abspath(os.path.expanduser(value))
+    if key == "dataset" and isinstance(value, str):
+        return dataset_key(value)
     return value
 
 
