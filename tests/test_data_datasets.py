@@ -532,6 +532,21 @@ def test_missing_dataset_error_names_path_source_and_root_flag(tmp_path, name, e
     assert not root.exists()  # reading never creates folders in the user's tree
 
 
+@pytest.mark.parametrize("name", ["imagefolder", "cifar10"])
+def test_a_url_root_is_named_as_a_url_to_mount_or_copy(name, tmp_path, monkeypatch):
+    # Path('s3://bucket/imgs') is 's3:/bucket/imgs': the error named that folder as not found
+    from nola_vision.data import FewShotDataModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tvd, "CIFAR10", lambda *a, **k: pytest.fail("nothing is downloaded to a URL"))
+    for read in (lambda: build_dataset(name, "s3://bucket/imgs", "train"),
+                 lambda: download_dataset(name, "s3://bucket/imgs"),
+                 lambda: FewShotDataModule(name, root="s3://bucket/imgs", shots=1)):
+        with pytest.raises(DatasetNotFoundError, match=r"the dataset root s3://bucket/imgs is a URL.*mount it"):
+            read()
+    assert not any(tmp_path.iterdir())
+
+
 def test_missing_fashion_mnist_mentions_download_and_debian_package(tmp_path, monkeypatch):
     monkeypatch.setattr("nola_vision.data.datasets.FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no-system"))
     with pytest.raises(DatasetNotFoundError) as err:

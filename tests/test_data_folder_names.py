@@ -13,11 +13,13 @@ from PIL import Image
 
 from nola_vision.data import (
     DatasetMetadataError,
+    DatasetNotFoundError,
     FewShotDataModule,
     build_dataset,
     dataset_class_names,
     dataset_num_classes,
 )
+from nola_vision.data.datasets import expand_root
 
 NFC = "caf\u00e9"  # as Linux and Windows tools write it: one code point for the accented e
 NFD = "cafe\u0301"  # as macOS writes it: e, then a combining acute accent
@@ -61,6 +63,17 @@ def test_class_folders_that_differ_only_in_unicode_normalization_are_refused_nam
         assert "rename" in message and "merge" in message.lower()
     # refused, never merged or renamed behind the user's back
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == sorted([NFC, NFD, "tea"])
+
+
+def test_class_folders_that_differ_only_in_surrounding_whitespace_are_refused_naming_both(tmp_path):
+    # 'cat' and 'cat ' (a trailing space from a script or a copy) became two classes, silently where test/ had both
+    _folder(tmp_path, train=("cat", "cat ", "dog"), test=("cat", "cat ", "dog"))
+    with pytest.raises(DatasetMetadataError) as err:
+        build_dataset("imagefolder", tmp_path, "train")
+    message = str(err.value)
+    assert "'cat'" in message and "'cat '" in message and "differ only in surrounding whitespace" in message
+    assert "Unicode" not in message
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["cat", "cat ", "dog"]
 
 
 def test_held_out_class_folders_spelled_in_another_normalization_are_named_with_ascii(tmp_path):
@@ -177,5 +190,7 @@ def test_a_home_relative_split_file_is_replayed(home):
     assert replay.train_manifest == first.train_manifest and replay.val_manifest == first.val_manifest
 
 
-def test_a_url_root_is_left_as_it_is(home):
-    assert FewShotDataModule("cifar10", root="s3://bucket/~data", shots=1, image_size=8).root == "s3://bucket/~data"
+def test_a_url_is_left_as_it_is_and_refused_as_a_data_root(home):
+    assert expand_root("s3://bucket/~data") == "s3://bucket/~data"  # a logger's or checkpoint's folder may be one
+    with pytest.raises(DatasetNotFoundError, match="the dataset root s3://bucket/~data is a URL"):
+        FewShotDataModule("cifar10", root="s3://bucket/~data", shots=1, image_size=8)

@@ -62,6 +62,18 @@ def test_a_training_image_hard_linked_into_the_test_split_is_refused_naming_both
             build_dataset("imagefolder", tmp_path, split)
 
 
+def test_hard_links_within_a_class_are_refused_all_named_in_one_error(tmp_path):
+    # a tree deduplicated with hard links (jdupes, rdfind) was refused one pair a run; within a class a link is drawn
+    # as two shots of one image
+    write_imagefolder(tmp_path, eval_folder="test")
+    cats = tmp_path / "train" / "cat"
+    for i in range(5):
+        os.link(cats / "cat 00.png", cats / f"copy {i}.png")
+    with pytest.raises(DatasetMetadataError, match=r"^5 image\(s\) listed twice: .*cat 00.png and .*copy 0.png are "
+                                                   r"the same image; .* \(and 2 more\)\. Each image may be used once"):
+        build_dataset("imagefolder", tmp_path, "train")
+
+
 def test_a_symlink_and_a_hard_link_into_another_class_are_both_refused(tmp_path):
     write_imagefolder(tmp_path, eval_folder="test")
     os.symlink(tmp_path / "train" / "cat" / "cat 00.png", tmp_path / "train" / "dog" / "soft.png")
@@ -241,7 +253,8 @@ def test_an_image_over_pils_size_limit_is_called_large_not_corrupt(tmp_path):
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     (tmp_path / "big.png").write_bytes(bytes(data))
     with pytest.raises(CorruptImageError, match=r"big.png .* is larger than PIL's limit .*Image.MAX_IMAGE_PIXELS.*"
-                                                r"resize the image, or raise the limit") as err:
+                                                r"resize the image \(the only way from the command line\), or, from "
+                                                r"Python, raise the limit") as err:
         ImageDataset("t", tmp_path, "train", [("big.png", 0)], ["a"]).load_image(0)
     assert "download" not in str(err.value)
 

@@ -41,6 +41,7 @@ from .datasets import (
     dataset_num_classes,
     download_dataset,
     expand_root,
+    local_root,
     unreadable_reason,
 )
 from .fewshot import (
@@ -173,6 +174,7 @@ def _check_arguments(hp: Any) -> Any:
     if dataset_key(hp.dataset) in available_datasets():  # one spelling: manifests, records and results name it alike
         hp.dataset = dataset_key(hp.dataset)
     hp.root = expand_root(check_path(hp.root, name("root")))
+    local_root(hp.root)  # a URL is refused before anything is read
     for field in ("shots", "val_shots"):  # shots=0: every train image
         hp[field] = check_int(hp[field], name(field), at_least=0)
     hp.num_workers = _checked_workers(hp.num_workers, name("num_workers"))

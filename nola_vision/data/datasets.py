@@ -48,6 +48,7 @@ __all__ = [
     "dataset_num_classes",
     "download_dataset",
     "expand_root",
+    "local_root",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -154,8 +155,10 @@ def _too_large_message(path: Path, where: str, err: Exception) -> str:
     """Why an image over PIL's pixel limit is not read, and how to read it: it is not corrupt, just large."""
     reason = str(err).rstrip(".")
     return (f"image {path} ({where}) is larger than PIL's limit ({reason}; PIL refuses twice Image.MAX_IMAGE_PIXELS="
-            f"{Image.MAX_IMAGE_PIXELS}, a guard against decompression bombs). It is not corrupt: resize the image, or "
-            "raise the limit before the data is read (`PIL.Image.MAX_IMAGE_PIXELS = <pixels>`, or None for none).")
+            f"{Image.MAX_IMAGE_PIXELS}, a guard against decompression bombs). It is not corrupt: resize the image (the "
+            "only way from the command line), or, from Python, raise the limit before the data is read "
+            "(`PIL.Image.MAX_IMAGE_PIXELS = <pixels>`, or None for none; in each DataLoader worker too, by its "
+            "worker_init_fn, where workers are spawned rather than forked).")
 
 
 def _grey_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -380,12 +383,17 @@ def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
     """Refuse an image listed twice, in one split or in both: ``entries`` are ``(identity, where it is listed)``
     over both splits. A repeat would be drawn twice as a shot, or be tested on after training on it."""
     seen: dict[Hashable, str] = {}
+    repeats = []  # all of them: a tree of hard-linked copies (jdupes, rdfind) is named whole, not a pair a run
     for identity, where in entries:
         if identity in seen:
             first = seen[identity]
-            repeat = f"{where} is listed twice" if first == where else f"{first} and {where} are the same image"
-            raise DatasetMetadataError(f"{repeat}: each image may be used once, in one class of one split. {fix}")
-        seen[identity] = where
+            repeats.append(f"{where} is listed twice" if first == where else f"{first} and {where} are the same image")
+        else:
+            seen[identity] = where
+    if repeats:
+        more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
+        raise DatasetMetadataError(f"{len(repeats)} image(s) listed twice: {'; '.join(repeats[:3])}{more}. Each image "
+                                   f"may be used once, in one class of one split. {fix}")
 
 
 def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
@@ -745,19 +753,22 @@ def _class_folders(folder: Path) -> list[str]:
 
 
 def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
-    """Refuse class folders of ``folder`` whose names differ only in Unicode normalization (a macOS copy, NFD, merged
-    into a tree written elsewhere, NFC): they look alike but would be two classes, one real class split in two labels.
-    Not merged here: each folder's key must keep opening its own files, so the user merges them."""
+    """Refuse class folders of ``folder`` whose names look alike (``_look_alike_form``): they differ only in Unicode
+    normalization (a macOS copy, NFD, merged into a tree written elsewhere, NFC) or in surrounding whitespace
+    (``'cat '`` beside ``cat``), so one real class would be split in two labels. Not merged here: each folder's key
+    must keep opening its own files, so the user merges them."""
     seen: dict[str, str] = {}
     for name in sorted(names):
-        form = _same_name_form(name)
+        form = _look_alike_form(name)
         if form in seen:
+            how = ("in Unicode normalization (NFC/NFD: macOS writes an accented letter as the letter and a combining "
+                   "accent, most other systems as one code point), e.g. a macOS copy merged into this tree"
+                   if _same_name_form(name) == _same_name_form(seen[form]) else
+                   "in surrounding whitespace, which a listing does not show")
             raise DatasetMetadataError(
-                f"{folder} holds class folders {ascii(seen[form])} and {ascii(name)}, whose names differ only in "
-                "Unicode normalization (NFC/NFD: macOS writes an accented letter as the letter and a combining "
-                "accent, most other systems as one code point), e.g. a macOS copy merged into this tree. They look "
-                "alike but would be read as two classes: merge one folder's images into the other and remove it "
-                "(or rename one, if they are two classes).")
+                f"{folder} holds class folders {ascii(seen[form])} and {ascii(name)}, whose names differ only {how}. "
+                "They look alike but would be read as two classes: merge one folder's images into the other and "
+                "remove it (or rename one, if they are two classes).")
         seen[form] = name
 
 
@@ -1380,11 +1391,22 @@ def _refuse_opening_special(path: Path, where: str) -> None:
                                 "file there")
 
 
+def local_root(root: str | os.PathLike) -> Path:
+    """``root`` expanded (``expand_root``), refused when it is a URL: datasets are read from local folders, and a
+    ``Path`` of ``s3://bucket`` named a folder ``s3:/bucket`` that was not found."""
+    text = expand_root(root)
+    if "://" in text:
+        raise DatasetNotFoundError(f"the dataset root {text} is a URL, and datasets are read from a local folder (or a "
+                                   "mounted one): mount it (s3fs, gcsfuse, rclone mount) or copy it to this machine, "
+                                   "and pass that folder as --data.root (root=)")
+    return Path(text)
+
+
 def _readable_root(root: str | os.PathLike) -> Path:
-    """``root`` expanded (``expand_root``), refused when this process may not open what it holds (no search right):
-    ``Path.is_dir`` of its folders then raised a bare ``[Errno 13] Permission denied``. A root it may search but not
-    list (a shared 0711 folder) is read: the readers open its folders by name."""
-    folder = Path(expand_root(root))
+    """``root`` as a local folder (``local_root``), refused when this process may not open what it holds (no search
+    right): ``Path.is_dir`` of its folders then raised a bare ``[Errno 13] Permission denied``. A root it may search
+    but not list (a shared 0711 folder) is read: the readers open its folders by name."""
+    folder = local_root(root)
     if os.path.isdir(folder) and not os.access(folder, os.X_OK):
         raise DatasetNotFoundError(f"cannot open the dataset folder {folder} (Permission denied): make it readable "
                                    f"(chmod -R u+rX {folder}), or ask its owner to")
@@ -1404,9 +1426,8 @@ def dataset_class_names(name: str, root: str | os.PathLike = "data") -> list[str
 
 def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
     """Fetch a dataset with torchvision's own download code; a no-op for data that needs no download."""
-    spec = _spec(name)
+    spec, folder = _spec(name), local_root(root)
     if spec.downloadable:
-        folder = Path(expand_root(root))
         blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if blocking is not None and not blocking.is_dir():  # os.makedirs' bare FileExistsError/NotADirectoryError
             raise ValueError(f"cannot download {spec.name} into {folder}: {blocking} is a file, not a folder. Pass "
