@@ -144,6 +144,54 @@ def test_grids_that_fit_refuses_or_that_repeat_a_setting_are_refused_before_the_
     assert not (tmp_path / "t").exists()
 
 
+def test_a_debugging_pass_that_writes_no_result_is_refused_before_the_first_fit(tmp_path):
+    # every fit ran, exited 0 without a result, and was reported failed: "re-run the same command to retry them"
+    debug = [*FAST, "--trainer.fast_dev_run", "true"]
+    fails = fake_python(tmp_path, code=1)  # no fit may start
+    with pytest.raises(ValueError, match=r"--trainer.fast_dev_run True is a debugging pass .* no run would count"):
+        run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0], overrides=debug,
+                     python=fails, echo=False)
+    with pytest.raises(ValueError, match=r"--trainer.fast_dev_run True is a debugging pass"):
+        run_tune([TINY], parse_grid(["model.lr=1e-3,1e-2"]), out=str(tmp_path), name="t", skip_protocol=True,
+                 overrides=[*debug, "--data.val_shots", "2"], python=fails, echo=False)
+    assert not list(tmp_path.rglob("log.txt"))
+
+
+def test_a_file_where_a_run_folder_goes_is_named_and_its_trial_fails_instead_of_hanging(tmp_path):
+    # mkdir said "[Errno 17] File exists", and the trial stayed RUNNING: the next run waited out its heartbeats
+    import optuna
+
+    (tmp_path / "blocked").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"blocked is a file, so the run folder .*blocked/run cannot be "
+                                                  "made: move the file away"):
+        claim_run(tmp_path / "blocked" / "run")
+    (tmp_path / "out" / "t").mkdir(parents=True)
+    (tmp_path / "out" / "t" / "tune").write_text("in the way")
+    with pytest.raises(RuntimeError, match=r"no trial completed \(1 failed, e.g. .*tune is a file, so the run folder"):
+        run_tune([TINY], parse_grid(["model.lr=1e-3"]), out=str(tmp_path / "out"), name="t", skip_protocol=True,
+                 overrides=[*FAST, "--data.val_shots", "2"], python=fake_python(tmp_path, metric="val/acc"),
+                 echo=False)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 't' / 'tune.db'}")
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state.name == "FAIL" and "is a file, so the run folder" in trial.user_attrs["error"]
+
+
+def test_tune_without_optuna_or_a_database_driver_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from nola_vision.runs import tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without it gives: an ImportError
+    command = ["-c", TINY, "--out", str(tmp_path), "--grid", "model.lr=1e-3", "--skip_protocol",
+               "--data.val_shots", "2", *FAST]
+    assert tune.main(command) == 2
+    assert "nola-vision tune needs Optuna, which is not installed: pip install 'nola_vision[tune]'" in \
+        capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, "optuna")
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # the driver SQLAlchemy's postgresql:// takes
+    assert tune.main([*command, "--storage", "postgresql://user@127.0.0.1:1/db"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "postgresql://: pip install psycopg2-binary" in err
+
+
 def test_trial_fits_made_with_other_settings_are_never_reused(tmp_path):
     grid = parse_grid(["model.lr=1e-2"])
     # reusing a trial's fits is tune's decision: a stand-in fit (fake_fit.py) records the epochs it was asked for
@@ -475,8 +523,10 @@ def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_
             os.killpg(search.pid, signal.SIGKILL)
             search.wait()
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 't' / 'tune.db'}")
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    assert states == ["PRUNED"]  # released: the next run of the command takes its point up again
+    # released: the next run of the command takes its point up again; failed in the study, as Optuna's samplers
+    # ignore failed trials (TPE learns from pruned ones)
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state.name == "FAIL" and "stopped with the command" in trial.user_attrs["released"]
 
 
 def _catches(pid: int, signum: int) -> bool:

@@ -15,11 +15,18 @@ GRID = {"model.lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "model.head_lr": [1e-3
 FAST = ["--trainer.max_epochs", "1", "--data.shots", "2", "--data.val_shots", "2"]
 
 
-def scored_fit(tmp_path):
-    """A stand-in for `nola-vision fit` whose validation accuracy is a fixed function of the grid point."""
+def scored_fit(tmp_path, fail_call=None):
+    """A stand-in for `nola-vision fit` whose validation accuracy is a fixed function of the grid point; with
+    ``fail_call``, its fit of that number (counted from 1 over the script's life) exits 1 without a result."""
     script = tmp_path / "fake_python"
+    calls = tmp_path / "fake_python_calls"
     script.write_text(f"""#!{sys.executable}
 import hashlib, json, sys
+from pathlib import Path
+calls = Path({str(calls)!r})
+calls.write_text(str(int(calls.read_text() if calls.exists() else 0) + 1))
+if int(calls.read_text()) == {fail_call!r}:
+    sys.exit(1)
 args = sys.argv[1:]
 value = lambda flag, default=None: args[len(args) - args[::-1].index(flag)] if flag in args else default
 point = f"{{float(value('--model.lr', '0.03'))}}|{{float(value('--model.head_lr', '0.01'))}}"
@@ -55,6 +62,33 @@ def test_a_resumed_tpe_search_goes_on_drawing_as_the_uninterrupted_one_did(tmp_p
     drawn = points(tmp_path / "whole")
     assert len(drawn) == 6 and drawn[3:] != drawn[:3]
     assert points(tmp_path / "resumed") == drawn
+    assert resumed["params"] == whole["params"]
+
+
+def completed(out):
+    """The grid points of the study's completed trials, in no order (a point drawn twice counts twice)."""
+    with sqlite3.connect(Path(out) / "t" / "tune.db") as db:
+        rows = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p on "
+                          "p.trial_id = t.trial_id where t.state = 'COMPLETE'").fetchall()
+    trials = {}
+    for number, name, value in rows:
+        trials.setdefault(number, set()).add((name, value))
+    return sorted(sorted(point) for point in trials.values())
+
+
+def test_a_tpe_point_whose_trial_failed_is_run_again_in_its_draws_place(tmp_path):
+    # the next run drew new points instead: the failed (or Ctrl-C-stopped, or killed) trial's point was never run,
+    # and the resumed search completed other points than the uninterrupted one and could choose another recipe
+    search = dict(grid=GRID, name="t", sampler="tpe", skip_protocol=True, overrides=FAST, echo=False, n_trials=6)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    whole = run_tune([TINY], out=str(tmp_path / "whole"), python=scored_fit(tmp_path / "a"), **search)
+    failing = scored_fit(tmp_path / "b", fail_call=4)  # the fourth trial's fit
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed in this run"):
+        run_tune([TINY], out=str(tmp_path / "resumed"), python=failing, **search)
+    resumed = run_tune([TINY], out=str(tmp_path / "resumed"), python=failing, **search)
+    assert len(completed(tmp_path / "whole")) == 6
+    assert completed(tmp_path / "resumed") == completed(tmp_path / "whole")
     assert resumed["params"] == whole["params"]
 
 

@@ -27,6 +27,8 @@ or ``data.val_split_file``, is refused in a config or an override, a settings fi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
@@ -255,10 +257,19 @@ def fit_command(python: str, config_args: Sequence[str], run_dir: Path, split_se
 
 def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     """Why ``fit`` would refuse ``args`` (``["fit", ...]``) before training, found without running it (its parser, the
-    model's and trainer's range checks); None when none applies."""
+    model's and trainer's range checks), or why its run would not count: a debugging pass (``fast_dev_run``) writes no
+    result, so every run of the row or trial would be reported failed; None when none applies."""
     from ..train.cli import argument_error, argument_value_error
 
-    return argument_error(parser, args) or argument_value_error(parser, args)
+    error = argument_error(parser, args) or argument_value_error(parser, args)
+    if error is None and args[0] == "fit":
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            passes = parser.parse_args(list(args))["fit"].trainer.fast_dev_run
+        if passes:
+            error = (f"--trainer.fast_dev_run {passes} is a debugging pass of a few batches, which writes no "
+                     "result.json, so no run would count: drop it (to debug one run: nola-vision fit "
+                     "--trainer.fast_dev_run true)")
+    return error
 
 
 def refuse_abbreviated_options(args: Sequence[str], prog: str) -> None:

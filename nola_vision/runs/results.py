@@ -299,6 +299,10 @@ def claim_run(run_dir: Path) -> Optional[int]:
     """An exclusive lock on ``<run_dir>/.claim``, held by this process until the returned descriptor is closed; None
     when another process holds it (it runs that fit now): two protocol commands on one row never run a fit twice.
     Where no lock can be taken (Windows), nothing is locked."""
+    blocking = file_in_the_way(run_dir)
+    if blocking is not None:  # mkdir said only "[Errno 17] File exists"
+        raise NotADirectoryError(f"{blocking} is a file, so the run folder {run_dir} cannot be made: move the file "
+                                 "away and run the same command again")
     run_dir.mkdir(parents=True, exist_ok=True)
     return try_lock(run_dir / ".claim")
 

@@ -335,6 +335,8 @@ class _Search:
             return _point_key(fixed)
         if self.first_pass and trial.number < len(self.points):
             return _point_key(self.points[trial.number])
+        if self.sampler == "tpe" and trial.params:  # a drawn trial, once its values were suggested
+            return _point_key(trial.params)
         return None
 
     def _claim(self) -> Optional[Any]:
@@ -352,10 +354,26 @@ class _Search:
                     used = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) + self.failures
                     if used >= self.tpe_budget:
                         return None
+                    orphan = self._orphan(trials)
+                    if orphan is not None:  # its point again, under its draw: as the uninterrupted search ran it
+                        self.study.enqueue_trial(orphan.params, user_attrs={_RETRY: orphan.number,
+                                                                            _DRAW: _draw_of(orphan)})
                     trial = self.study.ask()
-                    # Drawn now, by a sampler seeded with the trial's number: one seeded once per process replayed
-                    # its draws in a resumed search and in each worker of a shared study (the same points again).
-                    self.study.sampler = optuna.samplers.TPESampler(seed=trial.number)
+                    asked = self.storage.get_trial(trial._trial_id)
+                    if "fixed_params" in asked.system_attrs:  # a retry (its own or another worker's)
+                        mine = self._identity(asked)
+                        if mine is None or self._taken(trial, mine):  # another worker retries that point
+                            _release(self.study, trial, "released unrun: another trial runs its point")
+                            continue
+                    else:
+                        # Drawn now, by a sampler seeded with the draw's index (the trial's number less the retries
+                        # numbered before it, read now that it has its number, so a retried point takes no draw's
+                        # place): one seeded once per process replayed its draws in a resumed search and in each
+                        # worker of a shared study.
+                        draw = trial.number - sum(_RETRY in t.user_attrs for t in self.study.get_trials(deepcopy=False)
+                                                  if t.number < trial.number)
+                        trial.set_user_attr(_DRAW, draw)
+                        self.study.sampler = optuna.samplers.TPESampler(seed=draw)
                     self._suggest(trial)
                     self._beat(trial)
                     self.started += 1
@@ -370,7 +388,7 @@ class _Search:
                     trial = self.study.ask()
                     mine = self._identity(self.storage.get_trial(trial._trial_id))
                     if mine is None or self._taken(trial, mine):
-                        self.study.tell(trial, state=TrialState.PRUNED)  # released unrun: another trial has it
+                        _release(self.study, trial, "released unrun: another trial runs its point")
                         continue
                     self._beat(trial)
                     self.started += 1
@@ -383,6 +401,21 @@ class _Search:
             # other workers run the last points: wait, take over if they die; a stop ends the wait at once
             if stopping_within(min(5.0, self.heartbeat_s)):
                 return None
+
+    def _orphan(self, trials: Sequence[Any]) -> Optional[Any]:
+        """A TPE trial whose point no trial holds now (complete, running or waiting): released by a stop, failed in
+        an earlier run, or failed for its worker's missed heartbeats (killed). Its point is run again before anything
+        new is drawn; a point that failed in this run waits for the next run (``failed_here``)."""
+        from optuna.trial import TrialState
+
+        held = {self._identity(t) for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+        for trial in trials:
+            key = self._identity(trial)
+            if (trial.state in (TrialState.FAIL, TrialState.PRUNED) and key is not None and key not in held
+                    and key not in self.failed_here and set(trial.params) == set(self.grid)):
+                return trial
+        return None
 
     def _params_of(self, key: str) -> Params:
         return next(p for p in self.points if _point_key(p) == key)
@@ -423,7 +456,10 @@ class _Search:
         params = self._suggest(trial)
         label = f"[tune {self.root.name}] trial #{trial.number} {params}"
         try:
-            accs = self._fit(params)
+            try:
+                accs = self._fit(params)
+            except OSError as err:  # its folders cannot be made or written (a file in the way, a full disk)
+                raise TrialFailed(error_text(err)) from err
         except TrialDiverged as err:
             stop.set()
             with self._finishing(trial):
@@ -437,7 +473,7 @@ class _Search:
             stop.set()
             if stopping():  # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed
                 with self._finishing(trial):
-                    self.study.tell(trial, state=TrialState.PRUNED)
+                    _release(self.study, trial, "released: its fits were stopped with the command")
                 if self.echo:
                     print(f"{label}: stopped with this process, not counted: the same command runs it again",
                           flush=True)
@@ -809,7 +845,7 @@ def run_tune(
     write_trial_tables(root, trials, grid, url)
     best = _best(trials, grid_points(grid) if sampler == "grid" else None)
     if best is None:
-        failed = [_failure(t) for t in trials if t.state.name == "FAIL"]
+        failed = [_failure(t) for t in trials if t.state.name == "FAIL" and not _released(t)]
         diverged = [t.user_attrs["diverged"] for t in trials if "diverged" in t.user_attrs]
         why = (f" ({len(failed)} failed, e.g. {failed[0]})" if failed else
                f" but diverged ({len(diverged)}, e.g. {diverged[0]}): lower the learning rates of the grid, or add "
@@ -925,12 +961,37 @@ def _checked(path: Path) -> Callable[[], None]:
 
 
 def _best(trials: Sequence[Any], points: Optional[List[Params]]) -> Optional[Any]:
-    """The completed trial with the highest score; ties go to the first grid point (or the first trial)."""
+    """The completed trial with the highest score; ties go to the first grid point (or the first TPE draw: a retried
+    point keeps its draw's place)."""
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     order = {_point_key(p): i for i, p in enumerate(points or [])}
-    return min(complete, key=lambda t: (-t.value, order.get(_point_key(t.params), 0), t.number))
+    return min(complete, key=lambda t: (-t.value, order.get(_point_key(t.params), 0), _draw_of(t)))
+
+
+# User attributes of a trial: the trial whose point it runs again (enqueued), and a TPE trial's draw (its sampler's
+# seed; a retry keeps the draw of the trial it retries); ``released``, why a trial was let go without counting.
+_RETRY, _DRAW, _RELEASED = "retry_of", "draw", "released"
+
+
+def _draw_of(trial: Any) -> int:
+    """A trial's place among the draws: recorded for TPE trials, else (grid, or studies before it was) its number."""
+    return trial.user_attrs.get(_DRAW, trial.number)
+
+
+def _release(study: Any, trial: Any, why: str) -> None:
+    """End ``trial`` uncounted and left out of the tables, its point left for another trial: failed in the study,
+    which Optuna's samplers ignore (TPE learns from pruned trials, so a stopped one would change later draws)."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr(_RELEASED, why)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _released(trial: Any) -> bool:
+    """Whether a trial was released uncounted (``_release``; studies before it recorded such trials as pruned)."""
+    return trial.state.name == "PRUNED" or _RELEASED in trial.user_attrs
 
 
 def _nested(params: Params) -> Dict[str, Any]:
@@ -948,7 +1009,7 @@ def _nested(params: Params) -> Dict[str, Any]:
 def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[Any]], url: str) -> None:
     """``tune_trials.csv`` and ``tune_results.md``: every trial's params, mean and per-seed val acc, state, time."""
     keys = sorted(grid)
-    shown = [t for t in trials if t.state.name != "PRUNED"]  # pruned trials were released unrun
+    shown = [t for t in trials if not _released(t)]
     seeds = sorted({s for t in shown for s in t.user_attrs.get("val_accs", {})})
     trials_csv = root / "tune_trials.csv"
     with atomic_path(trials_csv, check=_checked(trials_csv)) as tmp, open(tmp, "w", newline="") as f:
@@ -997,9 +1058,20 @@ def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:
     then = ("The protocol with these values is the row of this name in ../results.md." if protocol else
             "The protocol was skipped (--skip_protocol): run the same command without it for the row in "
             "../results.md.")
-    text = path.read_text() + (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
-                               f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). {then}\n")
-    write_text_atomic(path, text, check=_checked(path))
+    line = (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
+            f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). {then}\n")
+    text = path.read_text()
+    if not text.endswith(line):  # another worker of the study, done at the same time, added it already
+        write_text_atomic(path, text + line, check=_checked(path))
+
+
+def _missing_module(error: ImportError) -> str:
+    """What to install for an ImportError of ``tune``: Optuna itself, or the driver of the --storage URL's database
+    (Optuna's message names neither the URL's scheme nor a package)."""
+    if error.name == "optuna":
+        return "nola-vision tune needs Optuna, which is not installed: pip install 'nola_vision[tune]'"
+    return (f"{error_text(error)}: the --storage URL's database needs its Python driver (postgresql://: pip install "
+            "psycopg2-binary; mysql://: pip install mysqlclient, or PyMySQL with a mysql+pymysql:// URL)")
 
 
 # SQLite's reasons for a write that failed (a full disk, a file size limit, a failing disk, a network file system
@@ -1069,6 +1141,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               protocol_split_seeds=args.protocol_split_seeds,
                               protocol_init_seeds=args.protocol_init_seeds, skip_protocol=args.skip_protocol,
                               executor=executor, heartbeat_s=args.heartbeat)
+    except ImportError as err:  # Optuna (the [tune] extra) or the --storage URL's database driver is not installed
+        print(f"nola-vision tune: error: {_missing_module(err)}", file=sys.stderr)
+        return CONFIG_EXIT
     except (RuntimeError, ValueError, OSError, *_storage_errors()) as err:  # the tuple is built as an error arrives
         print(f"nola-vision tune: error: {_storage_failure(err) or error_text(err)}", file=sys.stderr)
         return CONFIG_EXIT if isinstance(err, (ValueError, FileNotFoundError)) else 1  # refused, as fit's; else failed
