@@ -219,6 +219,56 @@ def test_export_peft_of_a_compiled_model_loads_in_peft_with_the_same_logits(imag
     torch.testing.assert_close(logits(served, images), logits(model, images), rtol=0, atol=1e-5)
 
 
+def crossvit() -> torch.nn.Module:
+    """A tiny CrossViT (two branches, its head a ModuleList of one Linear per branch) built for 32×32 images."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5, img_size=[32, 32],
+                             patch_size=[8, 16], embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[2, 2],
+                             mlp_ratio=[2, 2, 1]).eval()
+
+
+def test_a_crossvit_exports_to_peft_and_onnx_at_the_size_it_was_built_for(tmp_path):
+    # peft refused the export ("modules_to_save cannot be applied to modules of type ModuleList"), and the graph took
+    # 240×240 images (its pretrained size) where the model was built for 32×32
+    peft = pytest.importorskip("peft")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = as_if_trained(nv.inject(crossvit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"])), 1, scale=0.5)
+    nv.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head.0", "head.1"]
+    served = peft.PeftModel.from_pretrained(crossvit(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(served, images), logits(model, images), rtol=0, atol=1e-5)
+    graph = nv.export_onnx(model, tmp_path / "merged.onnx")
+    assert np.abs(session(graph).run(None, {"images": images.numpy()})[0] - logits(model, images).numpy()).max() < 1e-4
+
+
+def test_a_pvt_with_overlapping_patches_exports_at_sizes_it_runs_at(tmp_path):
+    # every size but 224 was refused as "not a multiple of the model's 7×7 patches" (its patches overlap: stride 4)
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=3, embed_dims=[8, 16, 24, 32],
+                              depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]).eval()
+    model = as_if_trained(nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)), 1, scale=0.5)
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    graph = nv.export_onnx(model, tmp_path / "pvt.onnx", input_size=(3, 64, 64))
+    assert np.abs(session(graph).run(None, {"images": images.numpy()})[0] - logits(model, images).numpy()).max() < 1e-4
+
+
+def test_a_task_input_graph_of_a_model_with_blocks_compiled_in_place_traces_them_eagerly(images, tmp_path):
+    # torch.jit.trace refused the compiled block deep inside torch, where the merged graph exported
+    model = trained(5).eval()
+    model.blocks[0].compile(backend="eager")
+    expected = logits(model, images)
+    graph = nv.export_onnx(model, tmp_path / "tasks.onnx", tasks_as_inputs=True)
+    task = nv.save_adapter(model, tmp_path / "task", bits=32)
+    feeds = {"images": images.numpy(), **nv.onnx_task_inputs(task, graph)}
+    assert np.abs(session(graph).run(None, feeds)[0] - expected.numpy()).max() <= 1e-4
+    assert model.blocks[0].__dict__.get("_compiled_call_impl") is not None  # the model itself is left compiled
+
+
 def test_a_peft_model_is_refused_by_the_calls_that_adapt_or_serve_it_naming_the_plain_model(tmp_path):
     """A peft model's parameter names differ from the plain model's: load_adapter blamed timm constructor settings
     (init_values, reg_tokens), and MultiTaskModel took the peft model, to refuse each task the same way later."""

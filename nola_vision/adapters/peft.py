@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors.torch import save as save_safetensors_bytes
@@ -50,6 +50,17 @@ def _alpha(rank: int, scaling: float) -> Union[int, float]:
     """peft's ``lora_alpha`` for a module of ``rank`` whose update is scaled by ``scaling``."""
     alpha = scaling * rank
     return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def _modules_to_save(model: nn.Module, head: Optional[nn.Module]) -> Dict[str, nn.Module]:
+    """The head as peft's ``modules_to_save`` takes it, by module name: itself, or each module of a ``ModuleList`` or
+    ``ModuleDict`` head (CrossViT's, one Linear per branch), which peft cannot wrap whole."""
+    if head is None:
+        return {}
+    name = next(n for n, m in model.named_modules() if m is head)
+    if isinstance(head, (nn.ModuleList, nn.ModuleDict)):
+        return {f"{name}.{child}": module for child, module in head.named_children()}
+    return {name: head}
 
 
 def _refuse_nola_vision_adapter(directory: Union[str, Path]) -> None:
@@ -118,16 +129,16 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         ranks[name], alphas[name] = rank, _alpha(rank, layer.scaling)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.t()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t()
-    head = classifier_head(model)
-    head_names = [n for n, m in model.named_modules() if m is head] if head is not None else []
+    saved = _modules_to_save(model, classifier_head(model))
     quantized_head = state is not None and bool(state.quantized_head)
     quant_bits = quantization_aware_bits(model)
-    trained = dict(head.named_parameters()) if head is not None else {}
-    for module_name in head_names:
-        for key, value in head.state_dict().items():
+    for module_name, module in saved.items():
+        trained = dict(module.named_parameters())
+        for key, value in module.state_dict().items():
             if quantized_head and quant_bits and key in trained:  # the head as the QAT model sees it
                 value = fake_quantize(value, head_bits(quant_bits))
             tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
+    head_names = list(saved)
     # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).
     r, lora_alpha = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
     config = {

@@ -199,7 +199,7 @@ class _TaskInputGraph(nn.Module):
                 raise ValueError(f"layer {name} regenerates its own bases (basis='per_layer'); a task-input graph "
                                  "holds shared bases only: train with basis='shared', or export one merged graph per "
                                  "task with export_onnx(model, path)")
-        model = _without_quantisation(model)
+        model = _traceable(model)
         layers = adapted_layers(model)
         adapter, head = trained_parameters(model, train_backbone=False)
         # every other weight is a constant of the graph, which the tasks it serves then run with
@@ -284,12 +284,17 @@ def _substituted(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
                 module._parameters[attribute] = parameter
 
 
-def _without_quantisation(model: nn.Module) -> nn.Module:
-    """``model``, or under quantisation-aware training a copy without it: a graph input is the task's tensor as its
-    file holds it, which quantising again (to the model's width) would change."""
-    if quantization_aware_bits(model) is None:
+def _traceable(model: nn.Module) -> nn.Module:
+    """``model``, or a copy a task-input graph can trace: without quantisation-aware training (a graph input is the
+    task's tensor as its file holds it, which quantising again, to the model's width, would change), and with modules
+    compiled in place (``module.compile()``) running eagerly, which ``torch.jit.trace`` requires."""
+    compiled = [name for name, module in model.named_modules() if module.__dict__.get("_compiled_call_impl")]
+    if quantization_aware_bits(model) is None and not compiled:
         return model
-    return set_quantization_aware(copy.deepcopy(model), None)
+    copied = copy.deepcopy(model)
+    for name in compiled:
+        copied.get_submodule(name)._compiled_call_impl = None
+    return copied if quantization_aware_bits(copied) is None else set_quantization_aware(copied, None)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -297,9 +302,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _input_size(model: nn.Module) -> Tuple[int, ...]:
-    """(C, H, W) the model was built for: its patch embedding's image size, else its pretrained config's."""
+    """(C, H, W) the model was built for: its patch embedding's image size, else the model's own (CrossViT's, whose
+    patch embeddings are a list; MaxViT's), else its pretrained config's."""
     embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "img_size", None)
+    size = getattr(embed, "img_size", None) or _pair(getattr(model, "img_size", None))
     if size is not None:
         channels = image_channels(model)
         return (3 if channels is None else channels, *size)
@@ -307,6 +313,15 @@ def _input_size(model: nn.Module) -> Tuple[int, ...]:
     if "input_size" not in cfg:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes: pass input_size=(3, H, W)")
     return tuple(cfg["input_size"])
+
+
+def _pair(size: Any) -> Optional[Tuple[int, int]]:
+    """An image size a model records as an int or an (H, W) pair, as (H, W); None for anything else."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        return tuple(size)
+    return None
 
 
 def _require_runs_at(model: nn.Module, size: Tuple[int, ...], parameter: Tensor) -> None:
@@ -334,8 +349,10 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
             raise ValueError(f"input_size {tuple(size)}: the model takes {channels}-channel images; export at "
                              f"({channels}, {size[1]}, {size[2]})")
         patch = tuple(getattr(embed, "patch_size", None) or ())
-        if len(patch) == 2 and (size[1] % patch[0] or size[2] % patch[1]) and not getattr(embed, "dynamic_img_pad",
-                                                                                            False):
+        proj = getattr(embed, "proj", None)
+        overlapping = isinstance(proj, nn.Conv2d) and tuple(proj.stride) != tuple(proj.kernel_size)  # PVT-v2's
+        if len(patch) == 2 and (size[1] % patch[0] or size[2] % patch[1]) and not overlapping and not getattr(
+                embed, "dynamic_img_pad", False):
             raise ValueError(f"input_size {tuple(size)}: {size[1]}×{size[2]} is not a multiple of the model's "
                              f"{patch[0]}×{patch[1]} patches; export at a multiple (e.g. "
                              f"({size[0]}, {size[1] - size[1] % patch[0] or patch[0]}, "
