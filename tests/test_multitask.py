@@ -163,6 +163,12 @@ def test_a_dropped_served_model_is_collected_and_leaves_the_backbone_unhooked(ad
     kept.add_task("nola_mlp", adapters["nola_mlp"])
     twin = copy.deepcopy(kept)  # a copy's hooks belong to the copy
     expected = merged_logits(adapters["nola_mlp"], 5, images)
+    # a shallow copy shared the backbone's hooks: it served nothing, and once collected the original neither
+    with pytest.raises(TypeError, match=r"copy.copy of a MultiTaskModel would share its backbone's hooks .* "
+                                        r"copy.deepcopy\(server\) gives a second server"):
+        copy.copy(kept)
+    gc.collect()
+    torch.testing.assert_close(torch.stack(kept(images, "nola_mlp")), expected, rtol=1e-5, atol=1e-5)
     del kept
     gc.collect()
     torch.testing.assert_close(torch.stack(twin(images, "nola_mlp")), expected, rtol=1e-5, atol=1e-5)

@@ -156,6 +156,13 @@ class MultiTaskModel(nn.Module):
         self.model.eval()
         return self
 
+    def __copy__(self) -> MultiTaskModel:
+        """Refused: a shallow copy would share the backbone and its hooks, which call this server (the copy served
+        nothing, and collecting it removed the hooks this server serves by)."""
+        raise TypeError("copy.copy of a MultiTaskModel would share its backbone's hooks with this server, and serve "
+                        "nothing: copy.deepcopy(server) gives a second server with its own backbone, or build "
+                        "another MultiTaskModel on the same backbone and add the tasks to it")
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for name in ("_lock", "_call", "_weights", "_finalizer"):  # each copy gets its own (see __setstate__)
@@ -352,8 +359,8 @@ class MultiTaskModel(nn.Module):
         if not isinstance(name, str):
             raise TypeError(f"a task is named by a str, got {shown(name)}; registered tasks are {sorted(self._tasks)}")
         if name not in self._tasks:
-            raise ValueError(f"unknown task {name!r}; registered tasks are {sorted(self._tasks)}: register it with "
-                           f"add_task({name!r}, adapter_dir)")
+            raise ValueError(f"unknown task {name!r}; registered tasks are {sorted(self._tasks)} (add_task(name, "
+                             "adapter_dir) registers one)")
         return self._tasks[name]
 
     def _check_tasks(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[str]:
