@@ -192,6 +192,18 @@ def test_tune_without_optuna_or_a_database_driver_says_what_to_install(tmp_path,
     assert "Traceback" not in err and "postgresql://: pip install psycopg2-binary" in err
 
 
+def test_workers_of_one_study_done_at_once_write_the_chosen_line_once(tmp_path):
+    # each read the table, then appended its line: the last to finish wrote it a second time
+    from nola_vision.runs.tune import _append_choice
+
+    table = tmp_path / "tune_results.md"
+    table.write_text(f"# Tuning: {tmp_path.name}\n\n| trial | model.lr | val acc % |\n")
+    chosen = {"trial": 1, "val_acc": 0.5, "overrides": ["--model.lr", "0.01"]}
+    for _ in range(2):
+        _append_choice(table, chosen, protocol=False)
+    assert table.read_text().count("Chosen (trial #1") == 1
+
+
 def test_trial_fits_made_with_other_settings_are_never_reused(tmp_path):
     grid = parse_grid(["model.lr=1e-2"])
     # reusing a trial's fits is tune's decision: a stand-in fit (fake_fit.py) records the epochs it was asked for
