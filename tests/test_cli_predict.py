@@ -161,6 +161,32 @@ def test_results_name_their_files_from_any_working_directory(run, tmp_path, monk
     assert tested["checkpoint"] == fit["checkpoint"] and Path(tested["log_dir"]).is_absolute()
 
 
+def test_a_saved_configs_predictions_file_is_kept_from_another_checkpoints_pass(run, tmp_path):
+    # predict -c <an earlier predict's config.yaml> --ckpt_path <another run's> replaced that pass's predictions
+    earlier = tmp_path / "earlier.csv"
+    logged = ["--trainer.logger", "true", "--trainer.default_root_dir", str(tmp_path / "logs")]
+    assert main([*run["predict"], *logged, "--predictions_file", str(earlier)]) == 0
+    kept = earlier.read_bytes()
+    (saved,) = (tmp_path / "logs").rglob("config.yaml")
+    assert yaml.safe_load(saved.read_text())["predictions_file"] == str(earlier)
+    assert main(["predict", "-c", str(saved), "--ckpt_path", run["predict"][4], *logged[:2],
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert earlier.read_bytes() == kept
+    assert len(list((tmp_path / "logs").rglob("predictions.csv"))) == 1  # this pass's, in its own log folder
+
+
+def test_a_fits_result_names_the_images_its_test_metrics_come_from(run, tmp_path):
+    # fits on two roots of one dataset gave results whose config sections were the same
+    assert main([*run["fit"], "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                 "--result_file", str(tmp_path / "fit.json")]) == 0
+    evaluated = json.loads((tmp_path / "fit.json").read_text())["evaluated"]
+    assert evaluated["split"] == "test" and evaluated["root"] == str(run["data"])
+    assert evaluated["images"] == TEST_IMAGES
+    assert main([*run["fit"], "--trainer.default_root_dir", str(tmp_path / "untested"), "--trainer.logger", "false",
+                 "--test_after_fit", "false", "--result_file", str(tmp_path / "untested.json")]) == 0
+    assert json.loads((tmp_path / "untested.json").read_text())["evaluated"] is None
+
+
 def test_sigterm_ends_a_predict_pass_without_writing_its_file(run, tmp_path):
     out = tmp_path / "p.csv"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}

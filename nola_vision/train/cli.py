@@ -871,8 +871,16 @@ class NolaCLI(LightningCLI):
         elif subcommand in ("test", "validate") and from_config and (
                 _is_fit_result(Path(result)) or _saved_result_file(config.get("config") or []) == result):
             config.result_file = None
-            rank_zero_info(f"nola_vision: the config's result_file {result} is the fit's result, kept as it is: "
-                           f"pass --result_file to write the {subcommand} metrics")
+            rank_zero_info(f"nola_vision: the config's result_file {result} is the result of the run that saved the "
+                           f"config, kept as it is: pass --result_file to write the {subcommand} metrics")
+        predictions = config.get("predictions_file")
+        if (subcommand == "predict" and predictions and not _given_on_command_line(argv, "--predictions_file")
+                and _saved_config(config.get("config") or []) is not None):
+            # a saved run's config carries that pass's file: another checkpoint's pass would replace it unasked
+            config.predictions_file = None
+            rank_zero_info(f"nola_vision: the config's predictions_file {predictions} holds the predictions of the "
+                           "run that saved the config, kept as it is: this pass writes <log_dir>/predictions.csv "
+                           "(pass --predictions_file to choose)")
         check_checkpoint_file(config.get("ckpt_path"))
         if isinstance(argv, (list, tuple)) and config.model.get("adapter") is not None:
             warn_carried_adapter_settings(parser, [str(a) for a in argv], subcommand, config.model.adapter)
@@ -1008,10 +1016,21 @@ class NolaCLI(LightningCLI):
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
                 "adapter_sha256": self.model.exported_adapter_sha256,  # which adapter: the folder may be re-exported
+                "evaluated": self._tested_images(metrics),
                 "log_dir": _absolute(log_dir),
                 "checkpoint": checkpoint,
             })
         self.written_result = path
+
+    def _tested_images(self, metrics: Dict[str, float]) -> Optional[Dict[str, Any]]:
+        """The images behind a fit's ``test/*`` metrics, as a test result records them (``evaluated``): fits on two
+        roots of one dataset otherwise gave results alike. None where the fit did not test."""
+        tested = getattr(self.datamodule, "test_set", None)
+        if tested is None or not any(key.startswith("test/") for key in metrics):
+            return None
+        return {"split": "test", "dataset": self.datamodule.dataset_name,
+                "root": _images_root(tested, self.datamodule.root), "images": len(tested),
+                "precision": str(self.trainer.precision)}
 
     def _finished_checkpoint(self) -> Optional[str]:
         """The checkpoint of a finished fit's final weights (``_final_checkpoint``) where it exists, else None: a stop
