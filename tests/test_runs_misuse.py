@@ -541,6 +541,27 @@ def test_a_trial_stopped_by_ctrl_c_is_released_for_the_next_run_not_recorded_as_
     assert trial.state.name == "FAIL" and "stopped with the command" in trial.user_attrs["released"]
 
 
+def test_a_fit_the_terminals_ctrl_c_ended_first_is_released_not_failed(tmp_path):
+    # the fit exited 130 before the search's own handler had run: its trial was recorded FAILED (exit 130)
+    import optuna
+
+    fit = tmp_path / "interrupted_fit"
+    fit.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+subprocess.Popen(["sh", "-c", "sleep 0.5; kill -INT {{}}".format(os.getppid())], start_new_session=True)
+sys.exit(130)  # as a fit stopped by Ctrl-C exits, before the signal reaches the search
+""")
+    fit.chmod(0o755)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", TUNE_OF_SLEEPERS, str(fit), "-c", TINY, "--out", str(out), "--name", "t",
+               "--grid", "model.lr=1e-3", "--split_seeds", "0", "--init_seeds", "0", "--skip_protocol",
+               "--data.val_shots", "2"]
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == 128 + signal.SIGINT
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 't' / 'tune.db'}")
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state.name == "FAIL" and "released" in trial.user_attrs and "error" not in trial.user_attrs
+
+
 def _catches(pid: int, signum: int) -> bool:
     """Whether process ``pid`` has a handler for ``signum`` (its /proc status's SigCgt mask)."""
     try:

@@ -66,19 +66,25 @@ def test_a_resumed_tpe_search_goes_on_drawing_as_the_uninterrupted_one_did(tmp_p
     assert resumed["params"] == whole["params"]
 
 
-def test_a_tpe_point_whose_trial_failed_is_run_again_in_its_draws_place(tmp_path):
+@pytest.mark.parametrize("n_trials, fail_call", [
+    (6, 4),  # the fourth draw
+    (4, 1),  # the first draw, whose point the second draws again: a retry by point found it held and dropped it
+    (14, 10),  # past TPE's 10 random draws: draws after a failure in the same run learnt without its result
+])
+def test_a_tpe_point_whose_trial_failed_is_run_again_in_its_draws_place(tmp_path, n_trials, fail_call):
     # the next run drew new points instead: the failed (or Ctrl-C-stopped, or killed) trial's point was never run,
     # and the resumed search completed other points than the uninterrupted one and could choose another recipe
-    search = dict(grid=GRID, name="t", sampler="tpe", skip_protocol=True, overrides=FAST, echo=False, n_trials=6)
+    search = dict(grid=GRID, name="t", sampler="tpe", skip_protocol=True, overrides=FAST, echo=False,
+                  n_trials=n_trials)
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
     whole = run_tune([TINY], out=str(tmp_path / "whole"), python=scored_fit(tmp_path / "a"), **search)
-    failing = scored_fit(tmp_path / "b", fail_call=4)  # the fourth trial's fit
-    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed in this run"):
+    failing = scored_fit(tmp_path / "b", fail_call=fail_call)
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed in this run|no trial completed \(1 failed"):
         run_tune([TINY], out=str(tmp_path / "resumed"), python=failing, **search)
     resumed = run_tune([TINY], out=str(tmp_path / "resumed"), python=failing, **search)
     completed = points(tmp_path / "whole", "COMPLETE")
-    assert len(completed) == 6 and sorted(points(tmp_path / "resumed", "COMPLETE")) == sorted(completed)
+    assert len(completed) == n_trials and sorted(points(tmp_path / "resumed", "COMPLETE")) == sorted(completed)
     assert resumed["params"] == whole["params"]
 
 

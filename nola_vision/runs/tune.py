@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import threading
@@ -138,7 +139,20 @@ SELECTION_SPLITS = ("train",)
 
 
 class TrialFailed(RuntimeError):
-    """A trial's fit failed or gave no validation accuracy: reported, not counted."""
+    """A trial's fit failed or gave no validation accuracy: reported, not counted. ``by_signal``: every fit ended by
+    a stop's signal (Ctrl-C, SIGTERM, SIGHUP), which may reach the fits before this process."""
+
+    def __init__(self, message: str, by_signal: bool = False) -> None:
+        super().__init__(message)
+        self.by_signal = by_signal
+
+
+# Exit codes of a fit a stop's signal ended: the fit's own (128 + signal) or the signal's (negative).
+_STOP_CODES = frozenset(code for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                        for code in (128 + signum, -signum))
+# How long a worker waits for its own stop after its fits were ended by one's signal (the terminal's Ctrl-C reaches
+# the fits and this process alike, in either order).
+_STOP_GRACE_S = 2.0
 
 
 class TrialDiverged(RuntimeError):
@@ -352,7 +366,9 @@ class _Search:
                 trials = self.study.get_trials(deepcopy=False)
                 if self.sampler == "tpe":
                     used = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) + self.failures
-                    if used >= self.tpe_budget:
+                    # after a failure nothing more is drawn: later draws learn from every earlier result, and the
+                    # next run retries the failed one in its draw's place first
+                    if used >= self.tpe_budget or self.failures:
                         return None
                     orphan = self._orphan(trials)
                     if orphan is not None:  # its point again, under its draw: as the uninterrupted search ran it
@@ -361,9 +377,9 @@ class _Search:
                     trial = self.study.ask()
                     asked = self.storage.get_trial(trial._trial_id)
                     if "fixed_params" in asked.system_attrs:  # a retry (its own or another worker's)
-                        mine = self._identity(asked)
-                        if mine is None or self._taken(trial, mine):  # another worker retries that point
-                            _release(self.study, trial, "released unrun: another trial runs its point")
+                        draw = asked.user_attrs.get(_DRAW)
+                        if draw is None or self._draw_taken(trial, draw):  # another worker retries that draw
+                            _release(self.study, trial, "released unrun: another trial runs its draw")
                             continue
                     else:
                         # Drawn now, by a sampler seeded with the draw's index (the trial's number less the retries
@@ -403,19 +419,26 @@ class _Search:
                 return None
 
     def _orphan(self, trials: Sequence[Any]) -> Optional[Any]:
-        """A TPE trial whose point no trial holds now (complete, running or waiting): released by a stop, failed in
-        an earlier run, or failed for its worker's missed heartbeats (killed). Its point is run again before anything
-        new is drawn; a point that failed in this run waits for the next run (``failed_here``)."""
+        """A TPE trial whose draw no trial holds now (complete, running or waiting): released by a stop, failed in
+        an earlier run, or failed for its worker's missed heartbeats (killed). Its point is run again, under its
+        draw, before anything new is drawn; by draw, not by point: TPE may draw one point twice, each draw counting."""
         from optuna.trial import TrialState
 
-        held = {self._identity(t) for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+        held = {_draw_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
         for trial in trials:
-            key = self._identity(trial)
-            if (trial.state in (TrialState.FAIL, TrialState.PRUNED) and key is not None and key not in held
-                    and key not in self.failed_here and set(trial.params) == set(self.grid)):
+            if (trial.state in (TrialState.FAIL, TrialState.PRUNED) and _draw_of(trial) not in held
+                    and set(trial.params) == set(self.grid)):
                 return trial
         return None
+
+    def _draw_taken(self, trial: Any, draw: int) -> bool:
+        """Whether another trial holds TPE draw ``draw`` (completed, or claimed under a lower number)."""
+        from optuna.trial import TrialState
+
+        return any(other.number != trial.number and _draw_of(other) == draw and (
+            other.state == TrialState.COMPLETE or (
+                other.state in (TrialState.RUNNING, TrialState.WAITING) and other.number < trial.number))
+            for other in self.study.get_trials(deepcopy=False))
 
     def _params_of(self, key: str) -> Params:
         return next(p for p in self.points if _point_key(p) == key)
@@ -471,7 +494,9 @@ class _Search:
             return
         except (TrialFailed, Stopped) as err:
             stop.set()
-            if stopping():  # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed
+            # its fits were stopped with this process (Ctrl-C, SIGTERM): released, not failed; a fit the terminal's
+            # signal ended first (exit 130) is waited on briefly for this process's own stop
+            if stopping() or (getattr(err, "by_signal", False) and stopping_within(_STOP_GRACE_S)):
                 with self._finishing(trial):
                     _release(self.study, trial, "released: its fits were stopped with the command")
                 if self.echo:
@@ -562,7 +587,7 @@ class _Search:
             if errors and all(code == DIVERGED_EXIT for _, code in ended):
                 raise TrialDiverged("; ".join(errors))
             if errors:
-                raise TrialFailed("; ".join(errors))
+                raise TrialFailed("; ".join(errors), by_signal=all(code in _STOP_CODES for _, code in ended))
             if not runs:
                 self._wait_for_others(left, announced)
         accs = {}
