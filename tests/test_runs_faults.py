@@ -51,19 +51,20 @@ def starts(tmp_path) -> int:
 
 
 def test_tpe_stops_when_every_fit_fails_instead_of_starting_trials_without_end(tmp_path):
-    # M1: the budget counted only complete and running trials, so failing fits started trial after trial
+    # M1: the budget counted only complete and running trials, so failing fits started trial after trial; a failure
+    # now ends the run's drawing (later draws learn from every result), and the next run retries it first
     python = counting_fit(tmp_path, fails_first=6)
-    with pytest.raises(RuntimeError, match=r"no trial completed \(2 failed"):
+    with pytest.raises(RuntimeError, match=r"no trial completed \(1 failed"):
         run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, out=str(tmp_path / "out"), name="t", sampler="tpe", n_trials=2,
                  overrides=VAL, python=python, skip_protocol=True, echo=False)
-    assert starts(tmp_path) == 2
+    assert starts(tmp_path) == 1
 
 
 def test_tpe_with_some_failed_trials_chooses_nothing_until_rerun(tmp_path):
     python = counting_fit(tmp_path, fails_first=1)
     kw = dict(out=str(tmp_path / "out"), name="t", sampler="tpe", n_trials=2, overrides=VAL, python=python,
               skip_protocol=True, echo=False)
-    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed in this run, so nothing is chosen yet"):
+    with pytest.raises(RuntimeError, match=r"no trial completed \(1 failed"):
         run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, **kw)
     assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, **kw)["val_acc"] == 0.5  # the rerun completes the budget
 
