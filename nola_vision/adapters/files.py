@@ -1209,10 +1209,11 @@ def _check_unmerged_range(model: nn.Module, plan: InjectionPlan,
     beyond 65,504 gives inf or NaN outputs where ΔW itself may fit. A merged layer switches in its weight, which
     ``switch_merged`` checks."""
     own = adapted_layers(model)
-    names = [name for name in plan.layers
-             if not (name in own and own[name].merged) and narrow_range(model.get_submodule(name).weight)]
-    for name, (a, b) in (updates(names) if names else {}).items():
-        weight = model.get_submodule(name).weight
+    weights = {name: model.get_submodule(name).weight for name in plan.layers
+               if not (name in own and own[name].merged)}
+    narrow = [name for name, weight in weights.items() if narrow_range(weight)]
+    for name, (a, b) in (updates(narrow) if narrow else {}).items():
+        weight = weights[name]
         if factors_overflow(weight, a, b):
             largest = max(float(a.abs().max()), float(b.abs().max()))
             raise AdapterLoadError(

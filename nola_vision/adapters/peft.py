@@ -138,7 +138,6 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
             if quantized_head and quant_bits and key in trained:  # the head as the QAT model sees it
                 value = fake_quantize(value, head_bits(quant_bits))
             tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value
-    head_names = list(saved)
     # One rank and alpha for most modules; the others (e.g. a qkv with q and v slices) by name (peft matches a suffix).
     r, lora_alpha = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
     config = {
@@ -150,7 +149,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
         "lora_alpha": lora_alpha,
         "rank_pattern": {re.escape(n): ranks[n] for n in sorted(layers) if ranks[n] != r},
         "alpha_pattern": {re.escape(n): alphas[n] for n in sorted(layers) if alphas[n] != lora_alpha},
-        "modules_to_save": head_names or None,
+        "modules_to_save": list(saved) or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -171,8 +171,9 @@ def _check_arguments(hp: Any) -> Any:
     if not isinstance(hp.dataset, str):
         raise ValueError(f"{name('dataset')} must be a dataset name ({', '.join(available_datasets())}), got "
                          f"{shown(hp.dataset)}")
-    if dataset_key(hp.dataset) in available_datasets():  # one spelling: manifests, records and results name it alike
-        hp.dataset = dataset_key(hp.dataset)
+    key = dataset_key(hp.dataset)
+    if key in available_datasets():  # one spelling: manifests, records and results name it alike
+        hp.dataset = key
     hp.root = expand_root(check_path(hp.root, name("root")))
     local_root(hp.root)  # a URL is refused before anything is read
     for field in ("shots", "val_shots"):  # shots=0: every train image

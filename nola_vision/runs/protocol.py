@@ -261,14 +261,17 @@ def fit_argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     result, so every run of the row or trial would be reported failed; None when none applies."""
     from ..train.cli import argument_error, argument_value_error
 
-    error = argument_error(parser, args) or argument_value_error(parser, args)
-    if error is None and args[0] == "fit":
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            passes = parser.parse_args(list(args))["fit"].trainer.fast_dev_run
-        if passes:
-            error = (f"--trainer.fast_dev_run {passes} is a debugging pass of a few batches, which writes no "
-                     "result.json, so no run would count: drop it (to debug one run: nola-vision fit "
-                     "--trainer.fast_dev_run true)")
+    error = argument_error(parser, args)
+    if error is not None:
+        return error
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        parsed = parser.parse_args(list(args))[args[0]]  # once, for both checks below
+    error = argument_value_error(parser, args, parsed)
+    passes = parsed.trainer.fast_dev_run if args[0] == "fit" else None
+    if error is None and passes:
+        error = (f"--trainer.fast_dev_run {passes} is a debugging pass of a few batches, which writes no "
+                 "result.json, so no run would count: drop it (to debug one run: nola-vision fit "
+                 "--trainer.fast_dev_run true)")
     return error
 
 

@@ -289,12 +289,13 @@ def _traceable(model: nn.Module) -> nn.Module:
     task's tensor as its file holds it, which quantising again, to the model's width, would change), and with modules
     compiled in place (``module.compile()``) running eagerly, which ``torch.jit.trace`` requires."""
     compiled = [name for name, module in model.named_modules() if module.__dict__.get("_compiled_call_impl")]
-    if quantization_aware_bits(model) is None and not compiled:
+    quantised = quantization_aware_bits(model) is not None
+    if not quantised and not compiled:
         return model
     copied = copy.deepcopy(model)
     for name in compiled:
         copied.get_submodule(name)._compiled_call_impl = None
-    return copied if quantization_aware_bits(copied) is None else set_quantization_aware(copied, None)
+    return set_quantization_aware(copied, None) if quantised else copied
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -1023,14 +1023,18 @@ class NolaCLI(LightningCLI):
         self.written_result = path
 
     def _tested_images(self, metrics: Dict[str, float]) -> Optional[Dict[str, Any]]:
-        """The images behind a fit's ``test/*`` metrics, as a test result records them (``evaluated``): fits on two
+        """The images behind a fit's ``test/*`` metrics, as a test result records them (``_evaluated``): fits on two
         roots of one dataset otherwise gave results alike. None where the fit did not test."""
         tested = getattr(self.datamodule, "test_set", None)
         if tested is None or not any(key.startswith("test/") for key in metrics):
             return None
-        return {"split": "test", "dataset": self.datamodule.dataset_name,
-                "root": _images_root(tested, self.datamodule.root), "images": len(tested),
-                "precision": str(self.trainer.precision)}
+        return self._evaluated("test", tested)
+
+    def _evaluated(self, split: str, images: Any) -> Dict[str, Any]:
+        """What a result records of the images a pass read (``evaluated``): split, dataset, root, count, precision."""
+        data = self.datamodule
+        return {"split": split, "dataset": data.dataset_name, "root": _images_root(images, data.root),
+                "images": len(images) if images is not None else None, "precision": str(self.trainer.precision)}
 
     def _finished_checkpoint(self) -> Optional[str]:
         """The checkpoint of a finished fit's final weights (``_final_checkpoint``) where it exists, else None: a stop
@@ -1171,9 +1175,7 @@ class NolaCLI(LightningCLI):
                        **checkpoint_run(checkpoint), "quant_bits": quantization_aware_bits(self.model.model)},
             # the images of this pass: the test split of --data.dataset/root (any shots), or the validation images
             # drawn as the run drew them (another draw is refused before the pass)
-            "evaluated": {"split": split, "dataset": data.dataset_name, "root": _images_root(evaluated, data.root),
-                          "images": len(evaluated) if evaluated is not None else None,
-                          "precision": str(self.trainer.precision)},
+            "evaluated": self._evaluated(split, evaluated),
             "parameter_counts": self.model.parameter_counts,
             "log_dir": _absolute(log_dir),
             "checkpoint": _absolute(checkpoint),
@@ -2215,12 +2217,14 @@ def settings_file_options() -> Dict[str, str]:
         return dict(_SETTINGS_FILE_OPTIONS)
 
 
-def argument_value_error(parser: Any, args: Sequence[str]) -> Optional[str]:
+def argument_value_error(parser: Any, args: Sequence[str], parsed: Any = None) -> Optional[str]:
     """The error ``FewShotClassifier`` would raise for the model and trainer arguments of ``fit`` ``args`` (a range
     or a combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``, ``max_epochs`` 0), found without
-    building the model; None if they pass. ``args`` must parse (``argument_error``)."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        parsed = parser.parse_args(list(args))[args[0]]
+    building the model; None if they pass. ``args`` must parse (``argument_error``); ``parsed``: their subcommand's
+    config, where the caller parsed them already."""
+    if parsed is None:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            parsed = parser.parse_args(list(args))[args[0]]
     model = parsed.model.as_dict()
     model["num_classes"] = model.get("num_classes") or 2  # linked from the data when the run builds it
     try:
