@@ -76,6 +76,20 @@ def test_cache_keeps_the_most_recently_used_tasks_within_its_budget(adapters, im
     assert 0 < held["cache"] < both and held["cache"] + held["bases"] <= model.cache_mb * 2**20
 
 
+def test_a_lower_cache_budget_frees_at_once_not_at_the_next_call(adapters, images):
+    model = served(adapters)
+    model(images, "lora_qv")
+    model(images, "nola_mlp")
+    held = model.memory_bytes()
+    assert held["bases"] > 0 and model.cached_tasks == ["lora_qv", "nola_mlp"]
+    model.cache_mb = (held["cache"] + held["bases"] - 1) / 2**20  # the bases go first
+    assert model.memory_bytes() == {**held, "bases": 0} and model.cached_tasks == ["lora_qv", "nola_mlp"]
+    model.cache_mb = (held["cache"] - 1) / 2**20  # then the least recently used task
+    assert model.cached_tasks == ["nola_mlp"]
+    model.cache_mb = 0
+    assert model.cached_tasks == [] and model.memory_bytes()["cache"] == 0
+
+
 def test_the_bases_held_count_towards_cache_mb_and_go_before_the_tasks_factors(adapters, images):
     # four NOLA tasks of four seeds at rank 32 held 1.9 GB of bases beside a 45 MB cache of factors
     model = served(adapters)

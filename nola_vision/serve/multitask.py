@@ -134,7 +134,7 @@ class MultiTaskModel(nn.Module):
                              "layer): create the backbone with any num_classes > 0")
         _require_head_after_pooling(model, head)
         _require_no_model_hooks(model, "")
-        self.cache_mb = cache_mb
+        self._cache_mb = float(check_number(cache_mb, "MultiTaskModel.cache_mb", at_least=0))
         self.model = model.eval()
         self._head_name = next(name for name, module in model.named_modules() if module is head)
         self._tasks: Dict[str, _Task] = {}
@@ -189,12 +189,16 @@ class MultiTaskModel(nn.Module):
 
     @property
     def cache_mb(self) -> float:
-        """The factor cache's budget in MiB (0 caches nothing); checked when set, as at construction."""
+        """The factor cache's budget in MiB (0 caches nothing); checked when set, as at construction. A lower budget
+        frees what no longer fits at once, not at the next call."""
         return self._cache_mb
 
     @cache_mb.setter
     def cache_mb(self, value: float) -> None:
-        self._cache_mb = float(check_number(value, "MultiTaskModel.cache_mb", at_least=0))
+        budget = float(check_number(value, "MultiTaskModel.cache_mb", at_least=0))
+        with self._lock:
+            self._cache_mb = budget
+            self._keep_within_budget()
 
     @property
     def tasks(self) -> List[str]:
@@ -479,14 +483,19 @@ class MultiTaskModel(nn.Module):
         for name in names:
             self._cache.move_to_end(name)
         result = [self._cache[name] for name in names]
+        self._keep_within_budget()
+        return result
+
+    def _keep_within_budget(self) -> None:
+        """Release the held bases, then the least recently used tasks' factors, until what is held fits ``cache_mb``
+        (the bases go first: generated again only when a new task is combined)."""
         budget, total = self.cache_mb * 2**20, sum(task.nbytes for task in self._cache.values())
         while self._cache and total > budget:
             total -= self._cache.popitem(last=False)[1].nbytes
         banks = self._banks()
-        if total + sum(bank.nbytes() for bank in banks) > budget:  # the bases held to combine new tasks go first
+        if total + sum(bank.nbytes() for bank in banks) > budget:
             for bank in banks:
                 bank.release()
-        return result
 
     def _materialise(self, names: List[str], placement: Tuple[torch.device, torch.dtype]) -> Dict[str, _Factors]:
         """Factors of new tasks from their stored numbers, by each method's own layer class.
