@@ -305,8 +305,10 @@ def test_a_logger_less_fit_keeps_a_users_own_config_yaml_and_replaces_a_dead_run
     code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
     assert code == 2 and "is not a config.yaml a run saved" in err
     assert mine.read_text() == "# my project config\nkey: value\n" and not (tmp_path / "checkpoints").exists()
-    # A run that died before it kept anything left its marked dump: replaced, and the new dump is marked in turn.
-    mine.write_text("# lightning.pytorch==2.6.6\n" + SAVED_CONFIG_MARK.decode() + "seed_everything: 0\n")
+    # A run that died before it kept anything left its marked dump (here, by the line earlier builds wrote): replaced,
+    # and the new dump is marked in turn.
+    older_mark = "# saved by nola-vision fit: a run's config, which a later fit without a logger here replaces\n"
+    mine.write_text("# lightning.pytorch==2.6.6\n" + older_mark + "seed_everything: 0\n")
     code, err = run(capsys, *FIT, "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
     assert code == 0, err
     assert "seed_everything" in mine.read_text() and "key: value" not in mine.read_text()

@@ -694,8 +694,11 @@ def _lock_run_output(output: Path) -> Optional[int]:
     return try_lock(lock)
 
 
-# The line a run puts under LightningCLI's header in the config.yaml it saves (RunConfigSaver.save_config).
-SAVED_CONFIG_MARK = b"# saved by nola-vision fit: a run's config, which a later fit without a logger here replaces\n"
+# The line a run (fit, test or predict) puts under LightningCLI's header in the config.yaml it saves
+# (RunConfigSaver.save_config); earlier builds wrote the older line, which still marks their runs' configs.
+SAVED_CONFIG_MARK = b"# saved by nola-vision: a run's config, which a later fit without a logger here replaces\n"
+_OLDER_SAVED_CONFIG_MARKS = (b"# saved by nola-vision fit: a run's config, which a later fit without a logger here "
+                             b"replaces\n",)
 
 
 def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
@@ -708,10 +711,11 @@ def _is_saved_config(path: Path, given_files: Sequence[Any]) -> bool:
         with open(path, "rb") as stream:
             if not os.fstat(stream.fileno()).st_size:
                 return True
-            header, mark = stream.readline(256), stream.readline(len(SAVED_CONFIG_MARK) + 2)
+            header, mark = stream.readline(256), stream.readline(len(_OLDER_SAVED_CONFIG_MARKS[0]) + 2)
     except OSError:
         return False
-    return header.startswith(b"# lightning.pytorch==") and mark.rstrip(b"\r\n") == SAVED_CONFIG_MARK.rstrip(b"\n")
+    return header.startswith(b"# lightning.pytorch==") and any(
+        mark.rstrip(b"\r\n") == known.rstrip(b"\n") for known in (SAVED_CONFIG_MARK, *_OLDER_SAVED_CONFIG_MARKS))
 
 
 def saved_run_folder(given_files: Sequence[Any]) -> Optional[Path]:
