@@ -430,6 +430,20 @@ def test_a_float16_model_is_judged_by_the_factors_its_unmerged_pass_casts_whethe
         assert torch.isfinite(nv.merge_and_unload(nv.load_adapter(tiny_vit(), tmp_path / "lora")).half()(images)).all()
 
 
+def test_a_float16_load_computes_each_layers_update_once_for_both_checks_that_need_it(tmp_path, monkeypatch):
+    # the frozen-weight check (a layer whose weights moved beyond rounding) and the unmerged-range check (every float16
+    # layer) each computed the layer's update: seconds of work per check on ViT-B
+    nv.save_adapter(trained(seed=1), tmp_path)
+    model = tiny_vit().half()
+    with torch.no_grad():  # fine-tuned a little: within the tolerance, beyond rounding, and no update of this adapter
+        model.blocks[0].mlp.fc1.weight.mul_(1.002)
+    computed = []
+    compute = adapter_io._file_updates
+    monkeypatch.setattr(adapter_io, "_file_updates", lambda *args: computed.extend(args[-1]) or compute(*args))
+    nv.load_adapter(model, tmp_path)
+    assert "blocks.0.mlp.fc1" in computed and sorted(computed) == sorted(set(computed))
+
+
 @pytest.mark.parametrize("bits", [16.0, "16", True, 12])
 def test_a_bit_width_that_is_not_a_supported_integer_is_refused_before_the_old_adapter_is_touched(tmp_path, bits):
     nv.save_adapter(trained(seed=1), tmp_path)

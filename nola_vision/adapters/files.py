@@ -1366,6 +1366,19 @@ def _file_updates(model: nn.Module, plan: InjectionPlan, stored: Dict[str, Tenso
     return dict(zip(names, delta_factors_of_values([(layers[name], values[name]) for name in names])))
 
 
+def _each_once(updates: Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]
+               ) -> Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]:
+    """``updates``, computing each layer's at most once: the frozen-weight check and the unmerged-range check of a
+    float16 model may both need a layer's."""
+    computed: Dict[str, Tuple[Tensor, Tensor]] = {}
+
+    def each_once(names: List[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        missing = [name for name in names if name not in computed]
+        computed.update(updates(missing) if missing else {})
+        return {name: computed[name] for name in names}
+    return each_once
+
+
 @dataclass(frozen=True)
 class VerifiedAdapter:
     """What ``verify_adapter`` read and checked: the config document, the plan it fits, and the decoded values.
@@ -1426,7 +1439,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_bases(plan, document)
-    updates = partial(_file_updates, model, plan, stored, quantization)
+    updates = _each_once(partial(_file_updates, model, plan, stored, quantization))
     if check_frozen_weights:
         _check_frozen_weights(model, document, plan, updates)
     _require_quantization_fits(model, document["bits"], directory)
