@@ -5,10 +5,11 @@ their own parsers (``demo``, ``runs.protocol``, ``runs.tune``).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -29,18 +30,13 @@ HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol,tune} ...
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: dispatch ``demo``/``protocol``/``tune`` to their parsers, everything else to the Lightning CLI."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(args[1:])
-    if args and args[0] == "protocol":
-        from .runs.protocol import main as protocol_main
-
-        return protocol_main(args[1:])
-    if args and args[0] == "tune":
-        from .runs.tune import main as tune_main
-
-        return tune_main(args[1:])
+    try:
+        command = _imported_command(args[0] if args else "")
+    except KeyboardInterrupt:
+        print("nola-vision: interrupted (Ctrl-C, SIGINT) while starting: nothing was run", file=sys.stderr)
+        return 130
+    if command is not None:
+        return command(args[1:])
     if not args or args[0] in ("-h", "--help"):
         print(HELP)
         if not args:
@@ -88,6 +84,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         close_process_group()
     return 0
+
+
+def _imported_command(name: str) -> Optional[Callable[[List[str]], int]]:
+    """The ``main`` of ``demo``, ``protocol`` or ``tune``; None for the Lightning CLI, whose modules are imported here:
+    importing Lightning or Optuna takes seconds, and a Ctrl-C then must say that nothing ran, not give a traceback."""
+    if name == "demo":
+        from .demo import main as demo_main
+
+        return demo_main
+    if name == "protocol":
+        from .runs.protocol import main as protocol_main
+
+        return protocol_main
+    if name == "tune":
+        from .runs.tune import main as tune_main
+
+        return tune_main
+    importlib.import_module(".train.cli", __package__)  # with Lightning, torchmetrics and the training modules
+    return None
 
 
 def _outcome(stop: BaseException) -> str:

@@ -2,9 +2,12 @@
 after a layer's weight was written but before its merged flag was, the cell run again added ΔW twice, for good; a
 switch interrupted between two layers' copies served (and saved) a mix of two tasks."""
 import copy
+import importlib.abc
 import os
 import signal
+import sys
 import threading
+from importlib import import_module
 
 import pytest
 import torch
@@ -128,3 +131,28 @@ def test_a_deferred_interrupt_reaches_the_handler_in_place_and_other_threads_are
     thread.start()
     thread.join()
     assert errors == []
+
+
+class _InterruptedImport(importlib.abc.MetaPathFinder):
+    """Raises KeyboardInterrupt when ``name`` is imported: a Ctrl-C during the seconds the CLI spends importing."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+@pytest.mark.parametrize("args, module", [(["fit", "--help"], "nola_vision.train.cli"),
+                                          (["tune", "--help"], "nola_vision.runs.tune"),
+                                          (["protocol", "--help"], "nola_vision.runs.protocol")])
+def test_a_ctrl_c_while_the_cli_imports_says_nothing_ran_instead_of_a_traceback(monkeypatch, capsys, args, module):
+    from nola_vision.cli import main
+
+    import_module(module)  # loaded, so that its removal below is undone afterwards
+    monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(module), *sys.meta_path])
+    assert main(args) == 130
+    assert capsys.readouterr().err == "nola-vision: interrupted (Ctrl-C, SIGINT) while starting: nothing was run\n"
