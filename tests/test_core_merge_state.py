@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
+from nola_vision.core.fingerprint import frozen_records
 from nola_vision.core.merge import switch_merged
 
 CONFIGS = {
@@ -984,3 +985,22 @@ def test_a_copy_of_a_merged_model_saves_the_same_adapter_file(tmp_path, copied):
     with torch.no_grad():  # a copy whose weight is written afterwards fingerprints weight − ΔW again
         copy_of_it.blocks[0].attn.qkv.weight.add_(1.0)
     assert copy_of_it.blocks[0].attn.qkv.unmerged_record is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key", ["nola_shared", "lora_qv"])
+def test_a_16_bit_merge_cast_to_float32_is_fingerprinted_as_its_base_weights(tmp_path, key, dtype):
+    """After the cast, weight − ΔW in float64 missed the 16-bit merge's rounding and was judged at float32's tolerance:
+    a switch to another task of the backbone, and the file the model saved, were refused as other frozen weights."""
+    for seed in range(2):
+        nv.save_adapter(_adapted(key, seed=seed), tmp_path / str(seed), bits=32)
+    served = nv.load_adapter(tiny_vit().to(dtype), tmp_path / "0")
+    names = list(nv.adapted_layers(served))
+    base = frozen_records(served, names)
+    nv.merge(served)
+    served.float()
+    assert frozen_records(served, names) == base
+    nv.save_adapter(served, tmp_path / "again", bits=32)
+    nv.load_adapter(tiny_vit(), tmp_path / "again")  # onto the float32 backbone the adapter was trained on
+    nv.load_adapter(served, tmp_path / "1")  # a switch
+    assert nv.adapted_layers(served)[names[0]].merged

@@ -145,7 +145,7 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
 
     def module(name: str, parameters: Callable[[nn.Module], Dict[str, nn.Parameter]]) -> int:
         layer = model.get_submodule(name)
-        return exponent(_pairs(parameters(layer), _weight_delta(layer)))
+        return exponent(_pairs(*_unmerged(layer, parameters(layer))))
 
     found: dict = {
         "modules": [module(name, _frozen_parameters) for name in named],
@@ -381,11 +381,23 @@ def _real_values(values: Tensor) -> Tensor:
     return torch.view_as_real(flat).reshape(-1) if flat.is_complex() else flat
 
 
-def _weight_delta(module: nn.Module, update: Optional[Factors] = None) -> Optional[Callable[[Tensor], Tensor]]:
-    """ΔW to take out of a module's weight at flat positions (a merged layer's, plus ``update``), None if none; from
-    the low-rank factors, so ΔW is never built."""
-    merged = isinstance(module, AdaptedLinear) and module.merged
-    factors = [*([module.merged_delta_factors()] if merged else []), *([update] if update is not None else [])]
+def _unmerged(module: nn.Module, parameters: Dict[str, Tensor], update: Optional[Factors] = None
+              ) -> Tuple[Dict[str, Tensor], Optional[Callable[[Tensor], Tensor]]]:
+    """``parameters`` of ``module`` as unmerged values, with what to take out of the weight's samples (``_delta``):
+    a merged layer's weight as ``unmerge`` gives it back where a 16-bit merge makes that exact (the weight it merged
+    into, bit for bit, though cast since without loss), else less ΔW in float64; and less ``update`` either way."""
+    merged = isinstance(module, AdaptedLinear) and module.merged and "weight" in parameters
+    exact = module.exact_unmerged_weight() if merged else None
+    if exact is not None:
+        parameters = {**parameters, "weight": exact}
+    factors = [*([module.merged_delta_factors()] if merged and exact is None else []),
+               *([update] if update is not None else [])]
+    return parameters, _delta(factors)
+
+
+def _delta(factors: List[Factors]) -> Optional[Callable[[Tensor], Tensor]]:
+    """The sum of the updates of ``factors`` at flat positions of a weight, None if none; from the low-rank
+    factors, so ΔW is never built."""
     if not factors:
         return None
     a = torch.cat([a.detach() for a, _ in factors], dim=1).to(torch.float64)  # a sum of updates: factors side by side
@@ -402,8 +414,7 @@ def _module_vector(module: nn.Module, parameters: Optional[Dict[str, nn.Paramete
                    update: Optional[Factors] = None) -> Tensor:
     """The sampled values of one module's ``parameters`` (default: its frozen ones), as unmerged weights (a merged
     layer's ΔW taken out again), less ``update`` on the weight."""
-    parameters = _frozen_parameters(module) if parameters is None else parameters
-    delta = _weight_delta(module, update)
+    parameters, delta = _unmerged(module, _frozen_parameters(module) if parameters is None else parameters, update)
     parts = [_sample(value, delta if name == "weight" else None) for name, value in parameters.items()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
@@ -488,7 +499,7 @@ def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
     (``_majority``): what a fingerprint's tolerance is set by (``_tolerance``), so that one module held otherwise (a
     norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``record_precisions``)."""
     layers = [model.get_submodule(name) for name in modules]
-    return _majority([pair for layer in layers for pair in _pairs(_frozen_parameters(layer), _weight_delta(layer))])
+    return _majority([pair for layer in layers for pair in _pairs(*_unmerged(layer, _frozen_parameters(layer)))])
 
 
 def _pairs(values: Dict[str, Tensor], delta: Optional[Callable[[Tensor], Tensor]] = None) -> List[Tuple[float, int]]:

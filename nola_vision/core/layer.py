@@ -765,6 +765,20 @@ class AdaptedLinear(nn.Module):
             weight[where] = kept
 
     @torch.no_grad()
+    def exact_unmerged_weight(self) -> Optional[Tensor]:
+        """While merged in 16 bits, with the entries that merge kept still applying (the weight not cast since, or
+        cast without loss, bfloat16 to float32): a copy of the weight as ``unmerge`` would leave it, bit for bit the
+        weight before the merge; the layer is unchanged. None otherwise (weight − ΔW is known to a rounding only)."""
+        rounding = self.__dict__.get("_rounding")
+        if not self.merged or rounding is None:
+            return None
+        if rounding.values.dtype != self.weight.dtype and self._as_merged(self.weight) is None:
+            return None
+        weight = self.weight.detach().clone()
+        self._unmerge_update(*self.merged_delta_factors(), weight=weight)
+        return weight
+
+    @torch.no_grad()
     def switch_overflow(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> Optional[str]:
         """Why ``replace_merged_delta(old, new)`` would leave the weight dtype's range, or None: a 16-bit weight is
         unmerged first, so the new update is checked against the weight as unmerge gives it back."""
