@@ -1,5 +1,6 @@
 """Weights files given to create_model and the *_nola zoo models: overlay files checked like pretrained_file, adapted
 models' files loaded whole or refused, and errors that name the file and the fix."""
+import json
 import warnings
 
 import pytest
@@ -179,8 +180,6 @@ def test_a_big_vision_npz_overlay_loads_as_timm_loads_it(tmp_path):
 
 def _local_dir(folder, state, num_classes=5, architecture=PLAIN):
     """A ``local-dir:`` model folder as timm reads it: config.json and model.safetensors."""
-    import json
-
     folder.mkdir()
     config = {"architecture": architecture, "num_classes": num_classes,
               "model_args": {k: v for k, v in SMALL.items() if k != "num_classes"},
@@ -372,3 +371,30 @@ def test_a_features_only_nola_model_keeping_fewer_blocks_loads_the_adapters_it_k
     with pytest.raises(ValueError, match=r"holds adapter tensors this model does not have"):  # other targets: refused
         timm.create_model(NOLA, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nola.pth")),
                           features_only=True, out_indices=(0,), nola_targets=["attn.qkv"], **SMALL)
+
+
+@pytest.mark.parametrize("settings", [dict(nola_num_basis_a=32, nola_seed=3), dict(nola_config={"rank": 2})])
+def test_save_for_hf_of_a_nola_model_writes_a_folder_that_builds_it_again_with_its_settings(tmp_path, settings):
+    """The folder named the base architecture beside the nola_* arguments timm records, which the base does not take:
+    it built nothing (TypeError). Its adapter files still name the base architecture they were trained on."""
+    trained = _trained(**settings)
+    timm.models.save_for_hf(trained, tmp_path / "hf")
+    local = f"local-dir:{tmp_path / 'hf'}"
+    for create in (nv.create_model, timm.create_model):
+        rebuilt = create(local, pretrained=True).eval()
+        torch.testing.assert_close(rebuilt(X), trained(X), rtol=0, atol=0)
+    nv.save_adapter(rebuilt, tmp_path / "adapter", bits=32)
+    plain = timm.create_model(PLAIN, pretrained=False, **SMALL)
+    plain.load_state_dict(trained.state_dict(), strict=False)  # the same backbone and head, without adapters
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["backbone"] == PLAIN
+    loaded = nv.load_adapter(plain, tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(X), trained(X), rtol=0, atol=0)
+
+
+def test_a_folder_save_for_hf_wrote_under_the_base_name_says_which_architecture_to_name(tmp_path):
+    timm.models.save_for_hf(_trained(nola_num_basis_a=32), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "architecture": PLAIN}))  # as written before
+    with pytest.raises(TypeError, match=rf"config.json gives {PLAIN} NOLA arguments \(nola_num_basis_a\): .* Name "
+                                        rf"\"{NOLA}\" as the \"architecture\""):
+        nv.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)

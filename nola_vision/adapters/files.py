@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+from timm.models import is_model
 from torch import Tensor, nn
 
 from ..core.basis import GENERATOR_VERSION
@@ -106,14 +107,24 @@ class AdapterLoadError(ValueError):
     """An adapter file does not fit the model it is loaded onto, or is missing or damaged."""
 
 
+# The timm zoo registers each NOLA model as ``<base>_nola`` (``models.zoo``); its adapters are trained on the base
+# architecture, as a plain model's given adapter=, and their files name that.
+NOLA_SUFFIX = "_nola"
+
+
 def architecture_name(model: nn.Module) -> str:
-    """The timm architecture (without pretrained tag) from the model's pretrained cfg, else its class name."""
+    """The timm architecture (without pretrained tag) from the model's pretrained cfg, else its class name; a timm zoo
+    NOLA model (``<base>_nola``) by its base architecture."""
     return _timm_architecture(model) or type(model).__name__
 
 
 def _timm_architecture(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return cfg.get("architecture")
+    architecture = cfg.get("architecture")
+    if isinstance(architecture, str) and architecture.endswith(NOLA_SUFFIX):
+        base = architecture[: -len(NOLA_SUFFIX)]
+        return base if is_model(base) else architecture
+    return architecture
 
 
 def pooling_of(model: nn.Module) -> Optional[str]:

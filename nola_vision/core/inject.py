@@ -532,9 +532,10 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
 
     A merged model is unmerged first (float32 and float64 weights then come back within one rounding step per merge of
-    other values, 16-bit ones bit for bit: see ``AdaptedLinear.unmerge``). Returns the model (changed in place). The classifier head is trained
-    in place, never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains the weights themselves,
-    in place: unloading it restores the flags and hooks, and the model keeps its trained weights.
+    other values, 16-bit ones bit for bit: see ``AdaptedLinear.unmerge``). Returns the model (changed in place). The
+    classifier head is trained in place, never replaced, so it keeps its trained values; ``"full"`` fine-tuning trains
+    the weights themselves, in place: unloading it restores the flags and hooks, and the model keeps its trained
+    weights.
     """
     require_module(model, "unload")
     require_not_data_parallel(model, removing=True)

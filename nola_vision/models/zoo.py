@@ -34,6 +34,7 @@ try:  # the wrapper of features_only ViTs, not exported by timm.models
 except ImportError:  # pragma: no cover (older timm)
     FeatureGetterNet = None
 
+from ..adapters.files import NOLA_SUFFIX
 from ..core.checks import check_bool, check_num_classes
 from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import inject
@@ -65,7 +66,6 @@ NOLA_VARIANTS: Dict[str, Dict[str, Any]] = {
     "vit_large_patch16_224": {"rank": 1},
     "vit_small_patch14_dinov2": {},
 }
-NOLA_SUFFIX = "_nola"
 METHOD = "nola"
 
 # timm reads pretrained cfgs of registered models from this module attribute.
@@ -155,9 +155,15 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
             model = timm.create_model(model_name, **_loading(kwargs, weights))
     except TypeError as err:  # the model class's own "__init__() got an unexpected keyword argument 'x'"
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unexpected is None or unexpected.group(1) not in kwargs:  # raised inside the build, not for an argument
+        name = unexpected.group(1) if unexpected is not None else None
+        if name is not None and name.startswith("nola_") and model_name.lower().startswith(LOCAL_DIR):
+            folder = model_name[len(LOCAL_DIR):]
+            raise TypeError(f"{folder}/config.json gives {architecture} NOLA arguments ({name}): timm's save_for_hf "
+                            f"wrote it from a {architecture}{NOLA_SUFFIX} model under its base's name (nola_vision "
+                            f"before 2026-12-06). Name \"{architecture}{NOLA_SUFFIX}\" as the \"architecture\" in "
+                            "that config.json, then create the model from the folder again") from err
+        if name is None or name not in kwargs:  # raised inside the build, not for an argument
             raise
-        name = unexpected.group(1)
         if name.startswith("nola_"):
             hint = f"nola_* arguments belong to the *_nola names ({architecture}_nola), or adapter settings to adapter="
         elif nola_name and name in {f.name for f in fields(get_method(METHOD).config_cls)}:
@@ -515,6 +521,7 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
                                 fix=f"Build {name} with the nola_* settings the file's model was created with "
                                     "(nola_targets, nola_rank, nola_seed, ...), or point the overlay at the base "
                                     "model's weights")
+        _name_architecture(model, name)
         return model
 
     name = base + NOLA_SUFFIX
@@ -522,6 +529,19 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"timm {base} with NOLA adapters (pass nola_rank, nola_num_basis_a, … or nola_config)."
     return entrypoint
+
+
+def _name_architecture(model: nn.Module, name: str) -> None:
+    """Name ``name`` (``<base>_nola``) as the architecture in the model's pretrained config, which timm's
+    ``save_for_hf`` writes into config.json beside the ``nola_*`` arguments timm records: the folder then builds this
+    model again (named by its base, they were arguments the base model does not take)."""
+    config = getattr(model, "pretrained_cfg", None)
+    if not isinstance(config, dict):
+        return
+    named = {**config, "architecture": name}
+    if getattr(model, "default_cfg", None) is config:  # timm's alias of the same dict
+        model.default_cfg = named
+    model.pretrained_cfg = named
 
 
 def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeights, *, base_keys: set,
