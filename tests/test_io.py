@@ -112,7 +112,8 @@ def test_loading_onto_a_model_of_another_depth_names_both_depths_not_the_heads(t
     nv.save_adapter(trained(), tmp_path)  # tiny_vit: depth 2
     model = tiny_vit(depth=depth)
     with pytest.raises(AdapterLoadError, match=rf"saved from a model with 2 attention layers, this model has {depth} "
-                                               r"\(another depth\?\).*'vit_tiny_patch16_224', \.\.\., depth=2\)"):
+                                               r"\(another depth\?\).*'vit_tiny_patch16_224', \.\.\., depth=2\) for a "
+                                               r"ViT; depths= per stage, 2 in all, for Swin\)"):
         nv.load_adapter(model, tmp_path)
     assert not nv.adapted_layers(model)
 
@@ -350,8 +351,30 @@ def test_a_features_only_adapter_and_a_classifiers_are_refused_on_each_other_nam
     for model, folder in ((features, tmp_path / "features"), (classifier, tmp_path / "classifier")):
         nv.inject(model, config)
         nv.save_adapter(model, folder)
-    with pytest.raises(AdapterLoadError, match=r"held this backbone as its submodule 'model' \(timm's features_only"):
+    with pytest.raises(AdapterLoadError, match=r"saved from timm's features_only=True model, which holds the backbone "
+                                               r"as 'model' .*\(features_only=True with the same out_indices\)"):
         nv.load_adapter(tiny_vit(), tmp_path / "features")
-    with pytest.raises(AdapterLoadError, match=r"was the backbone alone, which this model holds as a submodule"):
+    with pytest.raises(AdapterLoadError, match=r"saved from the backbone alone, and this model is timm's features_only="
+                                               r"True model.*\(without features_only\)"):
         nv.load_adapter(tiny_vit(features_only=True, out_indices=(1,)), tmp_path / "classifier")
     nv.load_adapter(tiny_vit(features_only=True, out_indices=(1,)), tmp_path / "features")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", dict(depth=3, embed_dim=64, num_heads=2, img_size=32)),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(2, 4), embed_dim=32, img_size=56, window_size=7)),
+])
+def test_a_classifiers_adapter_on_a_features_model_that_pruned_blocks_or_renamed_stages_names_the_wrapper(
+        tmp_path, name, kwargs):
+    # was: "another depth? ... depth=3" on a model of depth 3 whose wrapper dropped its last block, and Swin's
+    # (layers.0 renamed layers_0) a generic "other parameters" refusal
+    classifier = nv.create_model(name, adapter=nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8), num_classes=3,
+                                 **kwargs)
+    nv.save_adapter(classifier, tmp_path / "classifier")
+    features = timm.create_model(name, features_only=True, out_indices=(0,), **kwargs)
+    nv.inject(features, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    nv.save_adapter(features, tmp_path / "features")
+    with pytest.raises(AdapterLoadError, match=r"saved from the backbone alone, and this model is timm's features_only"):
+        nv.load_adapter(timm.create_model(name, features_only=True, out_indices=(0,), **kwargs), tmp_path / "classifier")
+    with pytest.raises(AdapterLoadError, match=r"saved from timm's features_only=True model"):
+        nv.load_adapter(timm.create_model(name, num_classes=3, **kwargs), tmp_path / "features")

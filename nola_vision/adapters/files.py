@@ -955,20 +955,36 @@ def _check_architecture(model: nn.Module, document: dict) -> None:
 def _check_wrapping(model: nn.Module, document: dict) -> None:
     """Refuse, naming the wrapper, a file whose layers are this model's under one more (or one less) leading name:
     timm's ``features_only=True`` model holds the backbone as ``model`` (and drops what follows its last output), so
-    its adapter does not fit the backbone built as a classifier, nor the reverse."""
+    its adapter does not fit the backbone built as a classifier, nor the reverse. Swin's wrapper renames ``layers.0``
+    to ``layers_0`` instead, and either drops the blocks after its last output, which the file may hold."""
     saved, modules = list(document["layers"]), {name for name, _ in model.named_modules()}
     if not saved or any(name in modules for name in saved):
         return
-    outer = {name.split(".", 1)[0] for name in saved}
-    if len(outer) == 1 and all("." in name and name.split(".", 1)[1] in modules for name in saved):
-        held = f"held this backbone as its submodule {outer.pop()!r}"
-    elif any(all(f"{top}.{name}" in modules for name in saved) for top in {n.split(".", 1)[0] for n in modules if n}):
-        held = "was the backbone alone, which this model holds as a submodule"
-    else:
-        return
-    raise AdapterLoadError(f"adapter was saved from a model that {held} (timm's features_only=True model holds it as "
-                           f"'model'), so its layers ({saved[0]}, ...) are not this model's: build the model as the "
-                           "one it was saved from (features_only=True with the same out_indices, or not)")
+    tops = {name.split(".", 1)[0] for name in modules if name}
+    wrapper = ("timm's features_only=True model, which holds the backbone as 'model' (Swin's renames layers.0 to "
+               "layers_0) and drops the blocks after its last output")
+    if any(unwrapped in modules for name in saved for unwrapped in _unwrapped_names(name)):
+        raise AdapterLoadError(f"adapter was saved from {wrapper}, so its layers ({saved[0]}, ...) are not this "
+                               "model's: build the model as the one it was saved from (features_only=True with the "
+                               "same out_indices)")
+    if any(_flattened_name(name) in modules or any(f"{top}.{name}" in modules for top in tops) for name in saved):
+        raise AdapterLoadError(f"adapter was saved from the backbone alone, and this model is {wrapper}, so the "
+                               f"file's layers ({saved[0]}, ...) are not this model's: build the model as the one it "
+                               "was saved from (without features_only)")
+
+
+def _flattened_name(name: str) -> str:
+    """``name`` as a features wrapper that flattens its first two parts names it (``layers.0.x`` → ``layers_0.x``)."""
+    parts = name.split(".")
+    return ".".join([f"{parts[0]}_{parts[1]}", *parts[2:]]) if len(parts) > 2 and parts[1].isdigit() else name
+
+
+def _unwrapped_names(name: str) -> List[str]:
+    """What a features wrapper's layer ``name`` is in the backbone alone: without its first part (``model.``), or
+    its first part split again (``layers_0.x`` → ``layers.0.x``)."""
+    first, _, rest = name.partition(".")
+    top, _, index = first.rpartition("_")
+    return [rest] + ([f"{top}.{index}.{rest}"] if top and index.isdigit() and rest else [])
 
 
 def _check_pooling(model: nn.Module, document: dict) -> None:
@@ -992,12 +1008,13 @@ def _check_settings(model: nn.Module, document: dict) -> None:
 
 
 def _check_heads(trained: dict, own: dict, backbone: str) -> None:
-    if len(trained["attention_heads"]) != len(own["attention_heads"]):
+    count = len(trained["attention_heads"])
+    if count != len(own["attention_heads"]):
         raise AdapterLoadError(
-            f"adapter was saved from a model with {len(trained['attention_heads'])} attention layers, this model has "
-            f"{len(own['attention_heads'])} (another depth?): create it with the depth the adapter was trained on "
-            f"(a ViT has one attention layer per block: timm.create_model({backbone!r}, ..., "
-            f"depth={len(trained['attention_heads'])}))")
+            f"adapter was saved from a model with {count} attention layers, this model has "
+            f"{len(own['attention_heads'])} (another depth?): create it with the adapter's {count} blocks, one "
+            f"attention layer each (timm.create_model({backbone!r}, ..., depth={count}) for a ViT; depths= per stage, "
+            f"{count} in all, for Swin)")
     if trained["attention_heads"] != own["attention_heads"]:
         raise AdapterLoadError(
             f"adapter was trained on a model whose attention layers have {_few(trained['attention_heads'])} heads, "
