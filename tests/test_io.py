@@ -374,7 +374,8 @@ def test_a_classifiers_adapter_on_a_features_model_that_pruned_blocks_or_renamed
     features = timm.create_model(name, features_only=True, out_indices=(0,), **kwargs)
     nv.inject(features, nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
     nv.save_adapter(features, tmp_path / "features")
-    with pytest.raises(AdapterLoadError, match=r"saved from the backbone alone, and this model is timm's features_only"):
-        nv.load_adapter(timm.create_model(name, features_only=True, out_indices=(0,), **kwargs), tmp_path / "classifier")
+    features = timm.create_model(name, features_only=True, out_indices=(0,), **kwargs)
+    with pytest.raises(AdapterLoadError, match=r"saved from the backbone alone, and this model is timm's features_"):
+        nv.load_adapter(features, tmp_path / "classifier")
     with pytest.raises(AdapterLoadError, match=r"saved from timm's features_only=True model"):
         nv.load_adapter(timm.create_model(name, num_classes=3, **kwargs), tmp_path / "features")

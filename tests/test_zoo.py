@@ -176,3 +176,24 @@ def test_a_base_models_pretrained_file_loads_with_fresh_adapters(tmp_path):
     for (name, value), (_, initial) in zip(model.named_parameters(), fresh.named_parameters()):
         if "nola_" in name:  # the adapters keep their init
             torch.testing.assert_close(value, initial, rtol=0, atol=0)
+
+
+def test_an_unknown_tag_lists_every_tag_and_the_close_ones_and_pretrained_must_be_a_bool():
+    # ViT-B/16 has 10 tags and 8 were listed, without a word of the others (sam_in1k among them)
+    with pytest.raises(ValueError, match=r"tag 'sam' for timm model 'vit_base_patch16_224'. Close matches: "
+                                         r"vit_base_patch16_224.sam_in1k. Available: .*, "
+                                         r"vit_base_patch16_224.sam_in1k\. "):
+        nv.create_model("vit_base_patch16_224.sam")
+    with pytest.raises(ValueError, match=r"pretrained must be true or false, got 'no'"):  # "no" downloaded the weights
+        timm.create_model("vit_tiny_patch16_224_nola", pretrained="no")
+
+
+def test_a_checkpoint_path_cut_short_is_named_whatever_torch_raises(tmp_path):
+    # cut at some lengths, torch.load raised a bare OSError (EINVAL) that named no file
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=3)
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).state_dict(), tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    for length in (100, 5000, len(data) // 2):
+        (tmp_path / "cut.pth").write_bytes(data[:length])
+        with pytest.raises(ValueError, match=r"checkpoint_path .*cut.pth does not load into vit_tiny_patch16_224"):
+            nv.create_model("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "cut.pth"), **kwargs)

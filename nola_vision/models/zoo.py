@@ -90,9 +90,20 @@ def check_model_name(model_name: str, fix: str = "") -> None:
         raise ValueError(f"unknown timm model '{model_name}'.{hint} {fix}".rstrip())
     if tag and model_name not in timm.list_pretrained(f"{architecture}.*"):
         tags = timm.list_pretrained(f"{architecture}.*")
-        shown = ", ".join(tags[:8]) or "(none: this architecture has no pretrained weights)"
-        raise ValueError(f"unknown pretrained tag '{tag}' for timm model '{architecture}'. Available: {shown}. "
+        bare = {name.split(".", 1)[1].lower(): name for name in tags}  # compared without the shared architecture
+        starting = [name for key, name in bare.items() if key.startswith(tag.lower())]
+        similar = [bare[key] for key in difflib.get_close_matches(tag.lower(), bare)]
+        close = list(dict.fromkeys([*starting, *similar]))[:3]
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        more = f" and {len(tags) - _TAGS_SHOWN} more (timm.list_pretrained('{architecture}.*'))"
+        shown = (", ".join(tags[:_TAGS_SHOWN]) + (more if len(tags) > _TAGS_SHOWN else "")
+                 or "(none: this architecture has no pretrained weights)")
+        raise ValueError(f"unknown pretrained tag '{tag}' for timm model '{architecture}'.{hint} Available: {shown}. "
                          f"Drop the tag for timm's default. {fix}".rstrip())
+
+
+# How many of an architecture's pretrained tags an unknown tag's error lists (ViT-B/16 has 10).
+_TAGS_SHOWN = 20
 
 
 def download_failure(model_name: str, err: OSError, instead: str) -> str:
@@ -179,6 +190,8 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
             raise _misfit(source, model_name, err) from err
         raise _unloadable(source, model_name, err) from err
     except OSError as err:  # no network, a proxy, a full cache disk: timm could not download the weights
+        if checkpoint and not kwargs.get("pretrained"):  # torch.load of some files cut short: a bare EINVAL
+            raise _unloadable(f"checkpoint_path {checkpoint}", model_name, err) from err
         if nola_name or weights or not kwargs.get("pretrained") or model_name.lower().startswith(LOCAL_DIR):
             raise
         raise FileNotFoundError(download_failure(model_name, err, "pass pretrained_cfg_overlay=dict(file=<a local "
@@ -491,7 +504,9 @@ def _nola_config_from_kwargs(kwargs: Dict[str, Any], defaults: Dict[str, Any]) -
 
 def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        _check_num_classes(kwargs)  # timm.create_model reaches here without nv.create_model's checks
+        # timm.create_model reaches here without nv.create_model's checks ("no" was true: the weights downloaded)
+        pretrained = check_bool(pretrained, "pretrained")
+        _check_num_classes(kwargs)
         config = _nola_config_from_kwargs(kwargs, defaults)
         tag = kwargs.get("pretrained_cfg")
         if isinstance(tag, str) and tag not in get_arch_pretrained_cfgs(base):  # timm would name the base model
