@@ -65,6 +65,19 @@ def test_class_folders_that_differ_only_in_unicode_normalization_are_refused_nam
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == sorted([NFC, NFD, "tea"])
 
 
+def test_a_macos_copy_of_a_tree_gives_every_class_the_label_it_has_on_linux(tmp_path):
+    # sorted as they were spelled, NFD 'e' + accent came before 'f' and NFC 'é' after 'g': the same images, the same
+    # seed, and every label of the copy another (a checkpoint refused on it, a manifest unreplayable)
+    NFC_ETE, NFD_ETE = "\u00e9t\u00e9", "e\u0301te\u0301"
+    linux = _folder(tmp_path / "linux", train=("f", NFC_ETE, "g"), test=("f", NFC_ETE, "g"))
+    macos = _folder(tmp_path / "macos", train=("f", NFD_ETE, "g"), test=("f", NFD_ETE, "g"))
+    assert build_dataset("imagefolder", linux, "train").class_names == ["f", "g", NFC_ETE]
+    for split in ("train", "test"):
+        assert build_dataset("imagefolder", macos, split).class_names == ["f", "g", NFD_ETE]
+    assert [label for _, label in build_dataset("imagefolder", macos, "train").samples] == \
+        [label for _, label in build_dataset("imagefolder", linux, "train").samples]
+
+
 def test_class_folders_that_differ_only_in_surrounding_whitespace_are_refused_naming_both(tmp_path):
     # 'cat' and 'cat ' (a trailing space from a script or a copy) became two classes, silently where test/ had both
     _folder(tmp_path, train=("cat", "cat ", "dog"), test=("cat", "cat ", "dog"))

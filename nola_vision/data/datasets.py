@@ -737,9 +737,10 @@ def _warn_classes_without_images(where: Union[str, Path], empty: Sequence[str]) 
 
 
 def _class_folders(folder: Path) -> list[str]:
-    """Sorted names (as keys, :func:`_key`) of the visible sub-folders of ``folder`` (hidden ones are tool metadata,
-    not classes). A broken link among them is refused: dropping it would shift every later class's label; so are two
-    names that differ only in Unicode normalization (:func:`_refuse_names_alike`)."""
+    """Names (as keys, :func:`_key`) of the visible sub-folders of ``folder`` (hidden ones are tool metadata, not
+    classes), sorted by their composed form (NFC): a macOS copy (NFD) gives its classes the same labels, as the draw
+    gives it the same images. A broken link among them is refused: dropping it would shift every later class's
+    label; so are two names that differ only in Unicode normalization (:func:`_refuse_names_alike`)."""
     names = []
     for path in folder.iterdir():
         if _hidden(path):
@@ -749,7 +750,7 @@ def _class_folders(folder: Path) -> list[str]:
             _refuse_line_break(_key(path.name), path)
             names.append(_key(path.name))
     _refuse_names_alike(folder, names)
-    return sorted(names)
+    return sorted(names, key=_same_name_form)
 
 
 def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
