@@ -123,6 +123,17 @@ def test_extract_features_runs_the_models_forward_hooks_and_keeps_its_modes():
     assert model.training and model.blocks[1].training and not model.blocks[0].training
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_extract_features_of_a_backbone_held_in_another_dtype_casts_the_images_to_it(dtype):
+    # float32 images into a bfloat16 backbone failed inside torch ("Input type (float) and bias type ... same")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = tiny_vit()
+    reference, _ = extract_features(model, [(images, torch.arange(4))], torch.device("cpu"))
+    features, _ = extract_features(model.to(dtype), [(images, torch.arange(4))], torch.device("cpu"))
+    assert features.dtype == torch.float32 and next(model.parameters()).dtype == dtype
+    torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05)
+
+
 def test_extract_features_refuses_hooks_it_could_not_run():
     class Backbone(torch.nn.Module):  # no classifier module to read the pre-logits from: forward_head it is
         def forward_features(self, x):

@@ -84,7 +84,8 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device) -
     The model is called as a whole (``model(images)``), so its own forward hooks run as in any other use (a
     preprocessing pre-hook changes the features as it changes the logits); a model without one classifier module
     (``get_classifier()``) is read through ``forward_features``/``forward_head``, and refused when it has forward
-    hooks, which that would skip. The caller's model keeps its train/eval modes and, when all of it was on one
+    hooks, which that would skip. Float images are cast to the model's dtype (a backbone held in 16 bits); the
+    features come back as float32. The caller's model keeps its train/eval modes and, when all of it was on one
     device, its device."""
     head = getattr(model, "get_classifier", None)
     head = head() if callable(head) else None
@@ -103,13 +104,14 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device) -
                          "get_classifier()")
     modes = [(module, module.training) for module in model.modules()]
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     seen: List[Tensor] = []
     hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if isinstance(head, nn.Module) else None
     feats, labels = [], []
     try:
         model.eval().to(device)
         for images, targets in loader:
-            images = images.to(device)
+            images = images.to(device, dtype) if images.is_floating_point() else images.to(device)
             if hook is None:
                 feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
             else:
