@@ -1,6 +1,7 @@
 """From Python, a trainer evaluating a checkpoint leaves the next fit alone (the data module takes up a checkpoint's
 shuffle and random states for a resume only), each checkpoint records the frozen backbone its fit trained on, and a
 trainer fitting on after raising max_epochs takes the learning-rate schedule up where it stood, with a warning."""
+import json
 import random
 
 import lightning as L
@@ -114,3 +115,20 @@ def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stoo
         run.fit(model, data)
     # epochs 2 and 3 at the 4-epoch schedule's rates (epochs 0 and 1 ran a 2-epoch schedule); was lr0 again at epoch 2
     assert len(rates.rates) == 4 and rates.rates[2:] == pytest.approx(whole.rates[2:])
+
+
+def test_a_later_call_given_dataloaders_is_not_described_by_an_earlier_calls_data_module(folder, tmp_path):
+    # Lightning keeps trainer.datamodule from an earlier call: a fit on the user's own loaders exported the data
+    # module's class names and recorded its split, and a test of a 4-class model was refused as "10 classes"
+    shared = datamodule(folder)
+    first = fit(tmp_path, shared, "first")
+    reused = trainer(tmp_path / "reused", epochs=1)
+    reused.test(first, datamodule=shared, verbose=False)
+    other = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
+                              head_lr=1e-2, warmup_epochs=0, **TINY)
+    reused.fit(other, train_dataloaders=loader(classes=4))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()).get("class_names") is None
+    saved = torch.load(next((tmp_path / "reused" / "checkpoints").glob("*.ckpt")), weights_only=False)
+    assert saved["nola_vision"]["data"] is None and "datamodule_hyper_parameters" not in saved
+    assert reused.test(other, dataloaders=loader(classes=4), verbose=False)  # its own 4 classes, not the data's 3
+    assert reused.predict(other, dataloaders=loader(classes=4))

@@ -1,6 +1,7 @@
 """Weights files given to create_model and the *_nola zoo models: overlay files checked like pretrained_file, adapted
 models' files loaded whole or refused, and errors that name the file and the fix."""
 import json
+import re
 import warnings
 
 import pytest
@@ -398,3 +399,19 @@ def test_a_folder_save_for_hf_wrote_under_the_base_name_says_which_architecture_
     with pytest.raises(TypeError, match=rf"config.json gives {PLAIN} NOLA arguments \(nola_num_basis_a\): .* Name "
                                         rf"\"{NOLA}\" as the \"architecture\""):
         nv.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
+
+
+@pytest.mark.parametrize("name, kwargs, how", [
+    (PLAIN, dict(depth=2, embed_dim=64, num_heads=2, img_size=32), "holds the backbone as 'model'"),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(2, 4), embed_dim=32, img_size=56, window_size=7),
+     "renames layers.0 as layers_0"),
+])
+def test_a_features_only_models_state_dict_as_the_overlay_is_named(tmp_path, name, kwargs, how):
+    # Swin's gave timm's raw "SwinTransformer has no attribute `layers_0`", a ViT's "28 backbone weights missing"
+    features = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0,), **kwargs)
+    torch.save(features.state_dict(), tmp_path / "features.pth")
+    for extra in (dict(features_only=True, out_indices=(0,)), dict(num_classes=3)):
+        with pytest.raises(ValueError, match=rf"features.pth holds the state dict of timm's features_only=True model "
+                                             rf"\(which {re.escape(how)}\)"):
+            nv.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "features.pth")),
+                            **kwargs, **extra)

@@ -241,8 +241,34 @@ class _LocalWeights:
 def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWeights]:
     """The weights timm will load from this machine into ``model_name`` built with ``kwargs``, to check that they
     cover the model (timm loads them non-strictly for another ``num_classes``); None where there are none, or the
-    model loads them itself (``custom_load``). Refuses weights named while ``pretrained=False`` (timm ignores them)
-    and a big_vision ``.npz`` without ``custom_load`` (torch would fail on it as on a damaged zip)."""
+    model loads them itself (``custom_load``). Refuses weights named while ``pretrained=False`` (timm ignores them),
+    a big_vision ``.npz`` without ``custom_load`` (torch would fail on it as on a damaged zip) and a ``features_only``
+    model's state dict (``_refuse_features_state``)."""
+    weights = _named_weights(model_name, kwargs)
+    if weights is not None:
+        _refuse_features_state(weights, model_name)
+    return weights
+
+
+def _refuse_features_state(weights: _LocalWeights, model_name: str) -> None:
+    """Refuse the state dict of timm's ``features_only=True`` model (every key under ``model.``, or Swin's stages
+    renamed ``layers_0``, ``layers_1``, ...): timm loads weights into the plain model before it wraps it, so none of
+    its names fit (a raw AttributeError inside timm's filter, or "28 backbone weights missing")."""
+    tops = {key.split(".", 1)[0] for key in weights.state}
+    modules = {key.split(".", 1)[0] for key in weights.state if "." in key}  # not CrossViT's parameter pos_embed_0
+    stages = sorted(f"{top[:-2]}.0 as {top}" for top in modules
+                    if re.fullmatch(r"[A-Za-z]\w*_0", top) and top[:-2] not in tops)
+    if tops != {"model"} and not stages:
+        return
+    how = "holds the backbone as 'model'" if tops == {"model"} else f"renames {stages[0]}"
+    raise ValueError(f"{weights.label} holds the state dict of timm's features_only=True model (which {how}), and "
+                     f"timm loads weights into {model_name} before it wraps it: point it at the state dict of the "
+                     "model built without features_only (an adapter saved from a features model loads with "
+                     "nv.load_adapter onto one built alike)")
+
+
+def _named_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWeights]:
+    """``_local_weights`` before its check of the state dict's names."""
     overlay = kwargs.get("pretrained_cfg_overlay")
     overlay = overlay if isinstance(overlay, dict) else {}
     sources = [key for key in OVERLAY_WEIGHT_SOURCES if overlay.get(key) is not None]

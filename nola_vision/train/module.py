@@ -757,7 +757,7 @@ class FewShotClassifier(L.LightningModule):
         """The head has one output per class of the data the trainer's datamodule reports, where it reports them (a
         property of a custom datamodule that raises fails the run here, before any pass, as the checks of its data
         record do: ``_data_record``)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self._datamodule()
         count = getattr(datamodule, "num_classes", None)
         names = getattr(datamodule, "class_names", None)
         if not isinstance(count, int) and isinstance(names, (list, tuple)):
@@ -788,7 +788,7 @@ class FewShotClassifier(L.LightningModule):
     def _check_preprocessing(self) -> None:
         """Refuse a ``FewShotDataModule`` that resolved its size, crop, interpolation and (``normalize="model"``) mean
         and std for another backbone, or none: it would feed this model images it was not built for, silently."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self._datamodule()
         if not isinstance(datamodule, FewShotDataModule):
             return
         expected = resolve_data_config(self.hparams.backbone, self._input_size())
@@ -817,10 +817,11 @@ class FewShotClassifier(L.LightningModule):
     def _head_class_names(self) -> Optional[List[str]]:
         """The data's class names, one per head output, for the exported file; None where they do not fit the head
         (a custom datamodule): the file is saved without them rather than lost at the end of training."""
+        datamodule = self._datamodule()
         try:
-            names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+            names = getattr(datamodule, "class_names", None)
         except Exception as error:  # a custom datamodule's property that cannot tell: the adapter is saved all the same
-            warn_user(f"nola_vision: {type(self.trainer.datamodule).__name__}.class_names raised "
+            warn_user(f"nola_vision: {type(datamodule).__name__}.class_names raised "
                       f"{type(error).__name__}: {error}; the adapter is saved without class names")
             return None
         if not isinstance(names, (list, tuple)) or len(names) != num_classes_of(self.model):
@@ -834,6 +835,11 @@ class FewShotClassifier(L.LightningModule):
         trained = self.trained_keys()
         checkpoint["state_dict"] = {_plain_key(k): v for k, v in checkpoint["state_dict"].items()
                                     if _plain_key(k) in trained}
+        attached = getattr(self._trainer, "datamodule", None)
+        if attached is not None and self._datamodule() is None:  # Lightning saved an earlier call's data module
+            for key in (attached.CHECKPOINT_HYPER_PARAMS_KEY, attached.CHECKPOINT_HYPER_PARAMS_NAME,
+                        attached.CHECKPOINT_HYPER_PARAMS_TYPE, type(attached).__qualname__):
+                checkpoint.pop(key, None)
         state = adapter_state(self.model)
         checkpoint["nola_vision"] = {"trained_keys": sorted(trained),
                                      "trained_sha256": _sha256_by_name(checkpoint["state_dict"]),
@@ -1039,7 +1045,7 @@ class FewShotClassifier(L.LightningModule):
     def _data_record(self) -> Optional[dict]:
         """What the run trained on (class names, the k-shot split's settings and the digest of its drawn images), for
         the checks of a later load."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self._datamodule()
         if datamodule is None or not hasattr(datamodule, "class_names"):
             return None
         split = {key: datamodule.hparams.get(key) for key in _SPLIT_SETTINGS if key in datamodule.hparams}
@@ -1074,7 +1080,19 @@ class FewShotClassifier(L.LightningModule):
         trains, this covers ``Trainer.fit(..., ckpt_path=...)``."""
         if self._trainer is None or self._data_record() is None or self._trainer.state.fn != "fit":
             return
-        check_training_data(saved, getattr(self._trainer.datamodule, "hparams", None))
+        check_training_data(saved, getattr(self._datamodule(), "hparams", None))
+
+    def _datamodule(self) -> Optional[L.LightningDataModule]:
+        """The data module of the trainer's current call; None where it was given DataLoaders, or there is no trainer.
+        ``trainer.datamodule`` stays attached from an earlier call that passed one (Lightning keeps it), and would
+        describe other data: its class names and split recorded for the loaders' images, its class count checked."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+        if selector is not None and hasattr(selector, "datamodule"):  # set by every call, to its datamodule or None
+            return selector.datamodule
+        return getattr(trainer, "datamodule", None)
 
     def _check_training_hparams(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other ``TRAINING_HPARAMS`` or ``TRAINING_BACKBONE_KWARGS`` than the checkpoint's run:
