@@ -645,6 +645,21 @@ def test_label_smoothing_and_warmup_set_on_hparams_after_construction_are_what_t
         trainer(tmp_path / "bad", epochs=1).fit(model, loader())
 
 
+@pytest.mark.parametrize("name, value, refusal", [
+    ("head_lr", -0.05, r"hparams.head_lr must be a finite number > 0"),  # trained the head by gradient ascent
+    ("min_lr", -0.03, r"hparams.min_lr must be a finite number >= 0"),  # the last epoch at a negative rate
+    ("min_lr", "1e-6", r"hparams.min_lr must be a finite number"),  # a bare TypeError
+    ("momentum", 5.0, r"hparams.momentum must be a finite number >= 0 and < 1"),  # trained; its checkpoint refused
+    ("weight_decay", -1.0, r"hparams.weight_decay must be a finite number >= 0"),
+])
+def test_optimiser_settings_set_on_hparams_after_construction_are_checked_before_the_fit(tmp_path, name, value,
+                                                                                         refusal):
+    model = module(optimizer="sgd")
+    setattr(model.hparams, name, value)
+    run = trainer(tmp_path, epochs=1)
+    refused_before_a_step(run, lambda: run.fit(model, loader()), refusal)
+
+
 def test_a_second_fit_on_a_trainer_that_reached_max_epochs_is_refused_before_exporting_again(tmp_path):
     # trained nothing and exported the same adapter again as that fit's result (the first moved to .previous)
     model = module(adapter_dir=str(tmp_path / "adapter"))

@@ -493,6 +493,7 @@ class FewShotClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         self._check_what_trains()  # before the optimiser: a model frozen whole (freeze()) left it no parameter
+        self._check_set_rates()
         self._follow_a_changed_lr()
         self._take_set_hparams()
         hp = self.hparams
@@ -515,6 +516,16 @@ class FewShotClassifier(L.LightningModule):
         scheduler = lr_schedule(optimizer, steps=epochs, lr=hp.lr, min_lr=hp.min_lr, warmup_steps=hp.warmup_epochs)
         self._configured_lr = hp.lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _check_set_rates(self) -> None:
+        """The optimiser's settings on ``hparams``, which may have been set since construction, checked as the
+        constructor checks them: a negative ``head_lr`` trained the head by gradient ascent, a ``min_lr`` below 0 ended
+        the schedule at a negative rate, and either was refused only when the checkpoint was loaded again."""
+        hp = self.hparams
+        hp.head_lr = check_number(hp.head_lr, "hparams.head_lr", above=0, below=1e6)
+        hp.weight_decay = check_number(hp.weight_decay, "hparams.weight_decay", at_least=0)
+        hp.momentum = check_number(hp.momentum, "hparams.momentum", at_least=0, below=1)
+        hp.min_lr = check_number(hp.min_lr, "hparams.min_lr", at_least=0)
 
     def _take_set_hparams(self) -> None:
         """``label_smoothing`` and ``warmup_epochs`` set on ``hparams`` since construction (or since the last fit
