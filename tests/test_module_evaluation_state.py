@@ -3,11 +3,13 @@ shuffle and random states for a resume only), each checkpoint records the frozen
 trainer fitting on after raising max_epochs takes the learning-rate schedule up where it stood, with a warning."""
 import json
 import random
+import re
 
 import lightning as L
 import pytest
 import torch
 from fixtures_data import write_imagefolder
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_module import NOLA, TINY, loader, trainer
 
 from nola_vision.data import FewShotDataModule
@@ -111,10 +113,25 @@ def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stoo
     model = module()
     run.fit(model, data)
     run.fit_loop.max_epochs = 4
-    with pytest.warns(UserWarning, match="goes on at epoch 2 of a trainer that trained before.*ckpt_path='last'"):
+    with pytest.warns(UserWarning, match=r"goes on at epoch 2 of a trainer that trained before.*no checkpoint of the "
+                                         r"run was saved: give the Trainer ModelCheckpoint\(save_last=True\)"):
         run.fit(model, data)
     # epochs 2 and 3 at the 4-epoch schedule's rates (epochs 0 and 1 ran a 2-epoch schedule); was lr0 again at epoch 2
     assert len(rates.rates) == 4 and rates.rates[2:] == pytest.approx(whole.rates[2:])
+
+
+@pytest.mark.parametrize("save_last", [None, True])
+def test_fitting_on_without_a_checkpoint_names_the_one_to_resume_from(tmp_path, save_last):
+    # said "pass ckpt_path='last'", which a plain Trainer (no last.ckpt) answered with "No checkpoint will be loaded"
+    saving = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=save_last)
+    run = trainer(tmp_path, epochs=2, callbacks=[saving])
+    model = module()
+    run.fit(model, loader(classes=3))
+    run.fit_loop.max_epochs = 3
+    advice = (r"pass ckpt_path='last' to resume the saved run" if save_last else
+              rf"pass ckpt_path='{re.escape(str(tmp_path / 'checkpoints'))}/epoch=1-step=\d+.ckpt' \(the newest")
+    with pytest.warns(UserWarning, match=rf"goes on at epoch 2 of a trainer that trained before.*{advice}"):
+        run.fit(model, loader(classes=3))
 
 
 def test_a_later_call_given_dataloaders_is_not_described_by_an_earlier_calls_data_module(folder, tmp_path):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, Timer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint, Timer
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -1028,8 +1028,8 @@ class FewShotClassifier(L.LightningModule):
             rank_zero_warn(f"nola_vision: this trainer took {steps} step{'s' if steps != 1 else ''} of epoch 0 in a "
                            "fit that stopped, and this fit goes on without a checkpoint: epoch 0 is trained again in "
                            "full, from the weights those steps left and with a fresh optimizer, so the result is not "
-                           "that of an uninterrupted run. Build a new model and Trainer to start over, or pass "
-                           "ckpt_path='last' to resume a saved run")
+                           f"that of an uninterrupted run. Build a new model and Trainer to start over, or "
+                           f"{_how_to_resume(self.trainer)}")
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a subclass's own: its own business
@@ -1038,7 +1038,7 @@ class FewShotClassifier(L.LightningModule):
                 rank_zero_warn(f"nola_vision: this fit goes on at epoch {epoch} of a trainer that trained before, "
                                "without a checkpoint: the learning-rate schedule is taken up at that epoch, but the "
                                "optimizer starts afresh (Adam's moments are lost), so the result is not that of an "
-                               "uninterrupted run. Pass ckpt_path='last' to resume a run")
+                               f"uninterrupted run: {_how_to_resume(self.trainer)}")
                 scheduler.last_epoch = epoch
                 _set_rates(scheduler)
                 continue
@@ -1215,6 +1215,22 @@ def _exact_backbone_hash(model: nn.Module) -> str:
 def _schedule_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
     """The learning rates the schedule gives at its ``last_epoch``, one per parameter group."""
     return [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
+def _how_to_resume(trainer: L.Trainer) -> str:
+    """How to resume this trainer's stopped run from Python, as a clause: ``ckpt_path='last'`` where a checkpoint
+    callback keeps a last.ckpt, else the newest checkpoint saved (a plain Trainer saves none named last), else how to
+    have one saved (``trainer.fit(..., ckpt_path='last')`` found none and started over)."""
+    callbacks = [callback for callback in trainer.callbacks if isinstance(callback, ModelCheckpoint)]
+    if any(callback.last_model_path and os.path.isfile(callback.last_model_path) for callback in callbacks):
+        return "pass ckpt_path='last' to resume the saved run"
+    folders = [Path(callback.dirpath) for callback in callbacks if callback.dirpath and Path(callback.dirpath).is_dir()]
+    saved = [path for folder in folders for path in folder.glob("*.ckpt") if path.is_file()]
+    if saved:
+        newest = max(saved, key=lambda path: path.stat().st_mtime)
+        return f"pass ckpt_path={str(newest)!r} (the newest checkpoint saved)"
+    return ("no checkpoint of the run was saved: give the Trainer ModelCheckpoint(save_last=True), then pass "
+            "ckpt_path='last' to resume a run that stopped")
 
 
 def _set_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
