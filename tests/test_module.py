@@ -728,3 +728,25 @@ def test_a_tilde_in_adapter_dir_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     model = FewShotClassifier(num_classes=4, adapter=NOLA, adapter_dir="~/ad", **TINY)
     assert model.hparams.adapter_dir == str(tmp_path / "home" / "ad")
+
+
+def test_a_module_loaded_from_its_checkpoint_resolves_the_recipes_head_rate_and_warmup_again(tmp_path):
+    """The checkpoint records the rates and warm-up its run resolved: loaded back as if given, the head kept its rate
+    under a new lr (ten times the adapter's after a search) and the warm-up its epochs under another max_epochs."""
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)  # head rate and warm-up left to the recipe
+    trainer(tmp_path, epochs=2).fit(model, loader())
+    saved = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    ratio = model.hparams.head_lr / model.hparams.lr
+    for loaded in (FewShotClassifier.load_from_checkpoint(saved),
+                   FewShotClassifier.load_from_checkpoint(saved, lr=3e-3)):
+        loaded.hparams.lr = 3e-3
+        loaded.trainer = L.Trainer(max_epochs=20, logger=False)
+        rates = _group_lrs(loaded)  # at the warm-up's first epoch: both rates divided alike
+        assert rates["head"] / rates["adapter"] == pytest.approx(ratio)
+        assert loaded.hparams.head_lr == pytest.approx(3e-3 * ratio)
+        assert loaded.hparams.warmup_epochs == 2  # the recipe's tenth of 20 epochs, not the 2-epoch run's 0
+    given = FewShotClassifier.load_from_checkpoint(saved, head_lr=5e-2, warmup_epochs=5)  # given when loading: kept
+    given.hparams.lr = 3e-3
+    given.trainer = L.Trainer(max_epochs=20, logger=False)
+    _group_lrs(given)
+    assert (given.hparams.head_lr, given.hparams.warmup_epochs) == (5e-2, 5)

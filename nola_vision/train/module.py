@@ -865,7 +865,11 @@ class FewShotClassifier(L.LightningModule):
                                      "parameter_counts": self.parameter_counts,
                                      "data": self._data_record(),
                                      "training": training_settings(self._trainer),
-                                     "train_metrics": self._train_metrics()}
+                                     "train_metrics": self._train_metrics(),
+                                     # left to the recipe: a module loaded from this checkpoint resolves them again
+                                     "resolved": {"rates": None if self._given_head_lr else list(self._resolved_rates),
+                                                  "warmup_epochs": None if self._given_warmup_epochs is not None
+                                                  else self.hparams.warmup_epochs}}
         checkpoint["nola_vision"]["record_sha256"] = _record_sha256(checkpoint["nola_vision"])
 
     def _train_metrics(self) -> Dict[str, float]:
@@ -932,11 +936,26 @@ class FewShotClassifier(L.LightningModule):
         # kept for the evaluation stages that follow, once the load is accepted
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         self._fit_running = False  # its weights replace what a stopped fit left (a resume's fit sets it again)
+        if self._trainer is None:  # load_from_checkpoint, which passes the recorded rates back as arguments
+            self._resolve_again(info.get("resolved") or {})
         metrics = info.get("train_metrics")  # older checkpoints record none
         self.checkpoint_train_metrics = {str(k): float(v) for k, v in metrics.items()
                                          if isinstance(v, (int, float))} if isinstance(metrics, dict) else {}
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
+
+    def _resolve_again(self, resolved: Dict[str, Any]) -> None:
+        """A head rate and warm-up the checkpoint's run left to the recipe (``resolved``: the rates and warm-up it
+        resolved), loaded back as given values unless a keyword of load_from_checkpoint replaced them: they follow a
+        later ``lr`` (``lr_find``) and ``max_epochs`` again, as in that run (the head kept its rate under a new lr,
+        ten times the adapter's after a search). An ``lr`` given to load_from_checkpoint counts as a change of the
+        run's."""
+        hp, rates = self.hparams, resolved.get("rates")
+        if isinstance(rates, list) and len(rates) == 2 and hp.head_lr == rates[1]:
+            self._given_head_lr = False
+            self._resolved_rates = (float(rates[0]), float(rates[1]))
+        if resolved.get("warmup_epochs") is not None and hp.warmup_epochs == resolved["warmup_epochs"]:
+            self._given_warmup_epochs = None
 
     def _restores_tuner_checkpoint(self) -> bool:
         """Whether the trainer restores the checkpoint Lightning's ``Tuner`` saved before trying batch sizes or learning
