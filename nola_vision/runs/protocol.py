@@ -43,6 +43,7 @@ import yaml
 from torch import Tensor
 
 from ..core.storage import check_writable_file, file_in_the_way, write_json_atomic
+from ..core.warn import warn_user
 from .executors import (
     CONFIG_EXIT,
     DIVERGED_EXIT,
@@ -70,6 +71,7 @@ from .results import (
     counted,
     data_digests,
     finished_result,
+    image_changes,
     parse_overrides,
     read_result,
     request_runs,
@@ -315,11 +317,13 @@ class Row:
     images: Optional[Dict[str, str]]  # ``data_digests`` checked before the first run; None until the data exists
 
     def recorded(self) -> Dict[str, Any]:
-        """The row's part of each of its results: the hash of the key the row records, and the images (those checked
-        before the first run or, where a run only downloaded them, as they are after it)."""
+        """The row's part of a result just made: the hash of the key the row records, and the images as they are
+        after the run (those checked before the first run, unless they changed since: the table then averages the run
+        with none of the others; where the first run only downloaded them, as it left them)."""
+        now = data_digests(self.dataset, self.data_root)
         if self.images is None:
-            self.images = data_digests(self.dataset, self.data_root)
-        return {"config_hash": self.key["config_hash"], "data": self.images}
+            self.images = now
+        return {"config_hash": self.key["config_hash"], "data": now if now is not None else self.images}
 
 
 def open_row(configs: Sequence[str], *, out: str, name: str, overrides: Sequence[str],
@@ -440,6 +444,11 @@ def run_protocol(
             recorded = row.recorded()
             result.update(wall_s=wall, config_hash=recorded["config_hash"])
             result.setdefault("data", recorded["data"])
+            changes = image_changes(row.images, result["data"])
+            if changes:
+                warn_user(f"nola_vision: the images changed while {name} ran ({'; '.join(changes)}): {run_dir} is "
+                          "recorded with the images as they are now, and the tables average it with no run of the "
+                          "others. Restore the images and delete it to redo it, or start a row of its own")
             write_json_atomic(run_dir / RESULT_FILE, result)
             write_tables(out)
             if echo:
@@ -555,12 +564,23 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
                 "config": {"method": f"knn (k={used})", "backbone": hp.backbone, "dataset": dm.dataset_name,
                            "shots": dm.shots, "split_seed": split_seed, "seed": "",
                            "precision": "32-true"},  # extract_features runs in float32, without autocast
-                "epochs": 0, "wall_s": round(time.time() - start, 1), **row.recorded(),
+                "epochs": 0, "wall_s": round(time.time() - start, 1), **_unchanged(row, name),
             })
             if echo:
                 print(f"{name} split {split_seed}: {used}-NN test acc {100 * acc:.2f}%", flush=True)
         finally:
             os.close(claim)
+
+
+def _unchanged(row: Row, name: str) -> Dict[str, Any]:
+    """``row.recorded()`` of a k-NN run, whose test features were read once for every split: a change of the images
+    since the row was opened is refused (the features may be of either)."""
+    recorded = row.recorded()
+    changes = image_changes(row.images, recorded["data"])
+    if changes:
+        raise RuntimeError(f"the images changed while the k-NN row {name} ran ({'; '.join(changes)}), and its test "
+                           "features were read once for every split: run the command again once they stay as they are")
+    return recorded
 
 
 def _drop_trainer_args(overrides: Sequence[str]) -> List[str]:
