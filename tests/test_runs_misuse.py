@@ -3,6 +3,7 @@ file-valued overrides, grids that fit refuses, fits reused across settings, conc
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,15 @@ def test_a_row_name_must_be_one_folder_name(tmp_path, name):
         run_tune([TINY], {"model.lr": [1e-3]}, out=str(tmp_path), name=name, python="/bin/false", echo=False,
                  overrides=[*FAST, "--data.val_shots", "1"], skip_protocol=True)
     assert not (tmp_path / "tiny_offline").exists()
+
+
+@pytest.mark.parametrize("name", ["results.csv", "results.md", ".results.lock", ".hidden"])
+def test_a_row_name_that_takes_the_tables_or_their_lock_is_refused_before_any_fit(tmp_path, name):
+    # results.csv ran the fits into <out>/results.csv/, then every later command on --out failed on that folder
+    with pytest.raises(ValueError, match=rf"--name '{re.escape(name)}': .* is where --out keeps its"):
+        run_protocol([TINY], out=str(tmp_path), name=name, split_seeds=[0], init_seeds=[0], overrides=FAST,
+                     python="/bin/false", echo=False)
+    assert not (tmp_path / name).exists()
 
 
 def test_a_row_name_that_differs_from_a_rows_only_in_unicode_normalization_is_refused(tmp_path):

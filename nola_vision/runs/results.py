@@ -258,6 +258,10 @@ def row_folder(out: str, name: str) -> Path:
         raise ValueError(f"--name {name!r}: a row name is one folder name (no '/', '\\' or '|' (the table's column "
                          "separator), not '.' or '..', no leading or trailing spaces, no line breaks, tabs or other "
                          "control characters, which would break the table's row)")
+    if name in _TABLES or name.startswith("."):  # the fits would run, then every table of --out fail on the folder
+        raise ValueError(f"--name {name!r}: {Path(out) / name} is where --out keeps its "
+                         f"{'tables' if name in _TABLES else 'hidden files (the tables lock .results.lock)'}, not a "
+                         "row: choose a name that is not results.csv or results.md and does not start with '.'")
     _refuse_row_name_alike(Path(out), name)
     root = Path(out) / name
     blocking = file_in_the_way(root)
