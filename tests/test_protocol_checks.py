@@ -197,3 +197,17 @@ def test_a_run_that_fit_refuses_is_reported_with_its_error_not_as_one_to_retry(t
     assert text.count("fit refused to run: nola-vision: error: FewShotDataModule.root imgdata") == 1
     assert "3 more runs of bad not started, as they would be refused alike" in text
     assert "fix what the errors name, then re-run" in text and "to retry them" not in text
+
+
+def test_a_run_left_out_of_the_tables_is_named_as_taken_for_done_in_the_note_not_to_be_rerun(tmp_path):
+    # the note said "Re-run the same command to finish them", which skipped the run as done already
+    options = dict(out=str(tmp_path / "out"), name="row", split_seeds=[0, 1], init_seeds=[0],
+                   python=fake_python(tmp_path), echo=False)
+    run_protocol([TINY], **options)
+    edited = tmp_path / "out" / "row" / "split1-init0" / "result.json"
+    result = json.loads(edited.read_text())
+    edited.write_text(json.dumps({**result, "config": {**result["config"], "seed": 5}}))  # not its folder's seed
+    with pytest.warns(UserWarning, match="left out of the tables"):
+        run_protocol([TINY], **options)
+    note = (tmp_path / "out" / "results.md").read_text()
+    assert "| 1 of 2 |" in note and re.search(r"taken as done: delete its folder first \(.*split1-init0\)", note)

@@ -850,13 +850,15 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     finished: Dict[str, Set[str]] = {}
     for row in rows:
         finished.setdefault(row["name"], set()).add(Path(row["run_dir"]).name)
-    short, mixed = [], []
+    short, mixed, left_out = [], [], []
     for s in summarise(rows):
         requested = requested_runs(root / s["name"])
         asked = len(requested | finished[s["name"]])
         runs = f"{s['runs']}" if asked == s["runs"] else f"{s['runs']} of {asked}"
         if asked != s["runs"]:
             short.append(_missing_runs(s["name"], requested - finished[s["name"]]))
+            left_out.extend(str(root / s["name"] / run) for run in sorted(requested - finished[s["name"]])
+                            if (root / s["name"] / run / RESULT_FILE).exists())
         differ = "; ".join(f"{field} {' / '.join(values)}" for field, values in s["mixed"].items())
         if differ:
             mixed.append(f"{s['name']} ({differ})")
@@ -880,7 +882,10 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     if short:
         notes.append(f"Fewer runs than requested ({'; '.join(short)}): their mean is over the finished runs only, so "
                      "it is not comparable with full rows. Re-run the same command to finish them (failed runs are "
-                     "listed in its output and each run's log.txt).")
+                     "listed in its output and each run's log.txt)"
+                     + (f"; a run whose result is left out of the tables (a warning names why) is taken as done: "
+                        f"delete its folder first ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''})."
+                        if left_out else "."))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, CSV_FIELDS)
     writer.writeheader()
