@@ -211,3 +211,17 @@ def test_a_run_left_out_of_the_tables_is_named_as_taken_for_done_in_the_note_not
         run_protocol([TINY], **options)
     note = (tmp_path / "out" / "results.md").read_text()
     assert "| 1 of 2 |" in note and re.search(r"taken as done: delete its folder first \(.*split1-init0\)", note)
+
+
+def test_a_damaged_list_of_requested_runs_is_named_and_the_failed_runs_still_count_as_asked_for(tmp_path):
+    # cut short, it was replaced by the next command's runs without a word: a row of 3 failed runs showed "1", not
+    # "1 of 3"
+    options = dict(out=str(tmp_path / "out"), name="row", init_seeds=[0], echo=False)
+    with pytest.raises(RuntimeError):
+        run_protocol([TINY], split_seeds=[0, 1, 2], python=fake_python(tmp_path, code=1), **options)
+    requested = tmp_path / "out" / "row" / "requested.json"
+    requested.write_text(requested.read_text()[:5])
+    with pytest.warns(UserWarning, match=r"requested.json cannot be read as the list of runs asked for \(JSONDecodeE"):
+        run_protocol([TINY], split_seeds=[0], python=fake_python(tmp_path), **options)
+    assert json.loads(requested.read_text()) == ["split0-init0", "split1-init0", "split2-init0"]
+    assert "| 1 of 3 |" in (tmp_path / "out" / "results.md").read_text()

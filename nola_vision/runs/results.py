@@ -398,18 +398,34 @@ def request_runs(root: Path, runs: Sequence[str]) -> None:
     Two commands on one row take turns (``writer_lock``), so neither loses the other's runs."""
     root.mkdir(parents=True, exist_ok=True)
     with writer_lock(root / REQUESTED_FILE):
-        before = requested_runs(root)
-        if not set(runs) <= before:
+        before, readable = _requested(root)
+        if not set(runs) <= before or not readable:
             write_json_atomic(root / REQUESTED_FILE, sorted(before | set(runs)))
 
 
 def requested_runs(root: Path) -> Set[str]:
     """The run folder names that commands asked the row ``root`` for (empty for rows written before this record)."""
+    return _requested(root)[0]
+
+
+def _requested(root: Path) -> Tuple[Set[str], bool]:
+    """``requested_runs``, and whether its file was readable. A damaged one (cut short, edited) is named, and the
+    row's run folders stand in for it (a failed run keeps its folder), so the tables still count the runs that
+    failed; the next command on the row writes it again."""
+    path = root / REQUESTED_FILE
     try:
-        names = json.loads((root / REQUESTED_FILE).read_text())
-    except (OSError, ValueError):
-        return set()
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+        names = json.loads(path.read_text())
+    except FileNotFoundError:
+        return set(), True
+    except (OSError, ValueError) as error:
+        names = error
+    if isinstance(names, list) and all(isinstance(name, str) for name in names):
+        return set(names), True
+    folders = {entry.name for entry in root.iterdir() if entry.is_dir() and RUN_FOLDER.fullmatch(entry.name)}
+    why = f"{type(names).__name__}: {names}" if isinstance(names, Exception) else "not a list of run folder names"
+    warn_user(f"nola_vision: {path} cannot be read as the list of runs asked for ({why}): the row's run folders "
+              f"stand in for it ({len(folders)}), and the next command on the row writes it again")
+    return folders, False
 
 
 def check_seeds(split_seeds: Sequence[int], init_seeds: Sequence[int], option_prefix: str = "") -> None:
