@@ -255,9 +255,7 @@ def _refuse_features_state(weights: _LocalWeights, model_name: str) -> None:
     renamed ``layers_0``, ``layers_1``, ...): timm loads weights into the plain model before it wraps it, so none of
     its names fit (a raw AttributeError inside timm's filter, or "28 backbone weights missing")."""
     tops = {key.split(".", 1)[0] for key in weights.state}
-    modules = {key.split(".", 1)[0] for key in weights.state if "." in key}  # not CrossViT's parameter pos_embed_0
-    stages = sorted(f"{top[:-2]}.0 as {top}" for top in modules
-                    if re.fullmatch(r"[A-Za-z]\w*_0", top) and top[:-2] not in tops)
+    stages = sorted(f"{base}.0 as {base}_0" for base in _STAGE_CONTAINERS if f"{base}_0" in tops and base not in tops)
     if tops != {"model"} and not stages:
         return
     how = "holds the backbone as 'model'" if tops == {"model"} else f"renames {stages[0]}"
@@ -265,6 +263,11 @@ def _refuse_features_state(weights: _LocalWeights, model_name: str) -> None:
                      f"timm loads weights into {model_name} before it wraps it: point it at the state dict of the "
                      "model built without features_only (an adapter saved from a features model loads with "
                      "nv.load_adapter onto one built alike)")
+
+
+# The containers of stages or blocks whose first child timm's features wrapper names ``<name>_0`` (NASNet's own
+# ``cell_0`` is a module of the plain model).
+_STAGE_CONTAINERS = ("blocks", "features", "layers", "levels", "stages")
 
 
 def _named_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWeights]:
