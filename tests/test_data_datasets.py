@@ -720,3 +720,44 @@ def test_a_root_one_level_too_deep_is_told_the_folder_above(tmp_path, name, inne
     with pytest.raises(DatasetNotFoundError) as elsewhere:
         dataset_class_names(name, tmp_path / "data" / "data")
     assert "did you mean" not in str(elsewhere.value)
+
+
+def test_a_download_that_fails_names_the_dataset_its_source_and_the_offline_way_and_leaves_no_empty_folder(
+        tmp_path, monkeypatch):
+    # no network gave "nola-vision: error: <urlopen error [Errno -2] Name or service not known>" and an empty folder
+    from urllib.error import URLError
+
+    class Offline:
+        def __init__(self, root, train, download):
+            (Path(root) / "cifar-10-batches-py" / "part").mkdir(parents=True)
+            raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(DATASETS["cifar10"].reader, "torchvision_class", Offline)
+    with pytest.raises(DatasetNotFoundError, match=r"cannot download dataset 'cifar10' from https://www\.cs\.toronto"
+                                                   r".*\(URLError: <urlopen error .*Name or service not known>\)\. "
+                                                   r"Without a network here: .*--data.download false"):
+        build_dataset("cifar10", tmp_path, download=True)
+    assert [p.name for p in tmp_path.iterdir()] == [".cifar10.download.lock"]
+
+
+def test_two_downloads_of_a_dataset_into_one_root_take_turns(tmp_path, monkeypatch):
+    # the fits of a protocol row each downloaded at their start: the second truncated the archive the first checked
+    import threading
+    import time
+
+    events = []
+
+    class Slow:
+        def __init__(self, root, train, download):
+            events.append(("start", threading.current_thread().name))
+            time.sleep(0.2)
+            events.append(("end", threading.current_thread().name))
+
+    monkeypatch.setattr(DATASETS["cifar10"].reader, "torchvision_class", Slow)
+    threads = [threading.Thread(target=download_dataset, args=("cifar10", tmp_path), name=str(i)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    names = [name for _, name in events]
+    assert len(events) == 8 and names[:4] == [names[0]] * 4 and names[4:] == [names[4]] * 4

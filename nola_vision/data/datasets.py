@@ -20,18 +20,19 @@ import reprlib
 import struct
 import unicodedata
 import zlib
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..core.checks import check_bool, check_callable, check_path, shown
-from ..core.storage import write_text_atomic
+from ..core.storage import try_lock, write_text_atomic
 from ..core.warn import warn_user
 
 __all__ = [
@@ -1433,7 +1434,55 @@ def download_dataset(name: str, root: str | os.PathLike = "data") -> None:
         if blocking is not None and not blocking.is_dir():  # os.makedirs' bare FileExistsError/NotADirectoryError
             raise ValueError(f"cannot download {spec.name} into {folder}: {blocking} is a file, not a folder. Pass "
                              "--data.root (root=) a folder, or move the file away")
+        with _download_lock(spec.name, folder):
+            _download(spec, folder)
+
+
+@contextmanager
+def _download_lock(name: str, folder: Path) -> Iterator[None]:
+    """Hold ``<folder>/.<name>.download.lock`` while dataset ``name`` is fetched there: the fits of a protocol row or
+    a tuning study each download it at their start, and torchvision writes its archive straight to its final name,
+    so a second download truncated the archive the first was checking ("File not found or corrupted"). A later one
+    waits, then finds the data there. Where no lock file can be made (a read-only shared copy), none is held."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = try_lock(folder / f".{name}.download.lock")
+        if lock is None:
+            print(f"nola_vision: another process is downloading {name} into {folder}: waiting for it", flush=True)
+            lock = try_lock(folder / f".{name}.download.lock", wait=True)
+    except OSError:
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _download(spec: DatasetSpec, folder: Path) -> None:
+    """``spec.reader.download(folder)``, its failures (no network, a proxy, a full disk, an archive cut short) named
+    with the dataset, where it comes from and how to do without a download; folders it made and left empty go."""
+    before = {path for path in folder.iterdir()} if folder.is_dir() else set()
+    try:
         spec.reader.download(folder)
+    except (OSError, RuntimeError) as error:
+        for path in set(folder.iterdir()) - before if folder.is_dir() else ():
+            _remove_empty_folders(path)
+        source = getattr(spec.reader, "url", "torchvision's mirrors")
+        raise DatasetNotFoundError(
+            f"cannot download dataset '{spec.name}' from {source} into {folder} ({type(error).__name__}: "
+            f"{str(error).rstrip('.')}). Without a network here: download it on a machine with one and copy it under "
+            f"{folder} (it is read at {spec.reader.expected(folder)}), then pass download=False "
+            "(--data.download false)") from error
+
+
+def _remove_empty_folders(path: Path) -> None:
+    """Remove ``path`` and the folders under it if they hold no file."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove_empty_folders(child)
+        with suppress(OSError):
+            path.rmdir()
 
 
 def _check_class_count(spec: DatasetSpec, dataset: ImageDataset) -> None:
