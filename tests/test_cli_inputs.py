@@ -203,6 +203,17 @@ def test_a_data_option_linked_from_the_model_is_refused_naming_the_model_option(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("args", [["--model.num_classes", "5"], ['--model={"num_classes": 5}'], ["-c", "nc.yaml"]])
+def test_the_models_class_count_is_refused_as_the_datas_whichever_way_it_is_given(tmp_path, capsys, args):
+    # in a file it was dropped (a 10-class head on the digits); on the command line the parser said it "must be given
+    # via data.num_classes", an option that does not exist
+    (tmp_path / "nc.yaml").write_text("model:\n  num_classes: 5\n")
+    args = [str(tmp_path / a) if a == "nc.yaml" else a for a in args]
+    assert fit(tmp_path, *args) == 2
+    assert "model.num_classes is the data's class count (FewShotDataModule.num_classes" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("route", ["--data file", "group file in a -c file", "fit: section before the subcommand",
                                    "--data inline"])
 def test_a_linked_or_misspelt_data_option_is_refused_whichever_file_or_value_gives_it(tmp_path, capsys, route):

@@ -1607,13 +1607,19 @@ def _check_top_level_config(node: Any, path: str) -> None:
 
 
 # data options the CLI sets from the model's (``NolaCLI.add_arguments_to_parser``): a value given for them is dropped
-LINKED_FROM = {"data.backbone": "model.backbone", "data.image_size": "model.image_size"}
+LINKED_FROM = {"data.backbone": "model.backbone", "data.image_size": "model.image_size",
+               "model.num_classes": "data.num_classes"}
 
 
 def _refuse_linked(option: str, where: str) -> None:
-    """Refuse setting a linked data option (``data.image_size``): the parser drops a config file's value silently
-    (the run trained at the backbone's default size) and calls a command-line one an invalid value."""
+    """Refuse setting a linked option (``data.image_size``, ``model.num_classes``): the parser drops a config file's
+    value silently (the run trained at the backbone's default size, or a head of the data's class count) and calls a
+    command-line one an invalid value, pointing at a data option that does not exist for ``num_classes``."""
     source = LINKED_FROM.get(option)
+    if option == "model.num_classes":
+        raise ValueError(f"{where}{option} is the data's class count (FewShotDataModule.num_classes, read from its "
+                         "dataset), which the head always takes: drop it (the classes come from --data.dataset and "
+                         "--data.root)")
     if source is not None:
         raise ValueError(f"{where}{option} is set from {source} (the data's preprocessing follows the model): set "
                          f"{source} (--{source}) instead")
