@@ -230,8 +230,10 @@ def test_a_linked_or_misspelt_data_option_is_refused_whichever_file_or_value_giv
     assert "data.image_size is set from model.image_size" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
     assert main(["fit", "-c", str(TINY), '--data={"shotz": 3}', "--trainer.default_root_dir", str(tmp_path)]) == 2
-    assert "the value of --data: data.shotz is no option of FewShotDataModule (did you mean data.shots?" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the value of --data: data.shotz is no option of FewShotDataModule (did you mean data.shots?" in err
+    listed = err.split("its options: ")[1].split(")")[0].split(", ")
+    assert "root" in listed and "image_size" not in listed and "backbone" not in listed  # linked: refused when set
 
 
 def test_a_null_adapter_in_a_config_file_is_a_cli_error_naming_the_option(tmp_path, capsys):

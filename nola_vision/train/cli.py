@@ -1705,7 +1705,8 @@ def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], p
     signature has ``parameters``) takes no such argument."""
     if option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    accepted = [name for name in parameters if name != "self"]
+    # not the linked ones, which are refused when set (``_refuse_linked``)
+    accepted = [name for name in parameters if name != "self" and f"{prefix}{name}" not in LINKED_FROM]
     close = difflib.get_close_matches(option, accepted, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(f'{prefix}{c}' for c in close)}? " if close else ""
     listed = f"its options: {', '.join(accepted)}" if len(accepted) <= 30 else "nola-vision fit --help lists them"
