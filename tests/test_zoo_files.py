@@ -415,3 +415,20 @@ def test_a_features_only_models_state_dict_as_the_overlay_is_named(tmp_path, nam
                                              rf"\(which {re.escape(how)}\)"):
             nv.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "features.pth")),
                             **kwargs, **extra)
+
+
+def test_an_adapted_checkpoint_path_of_other_layers_names_where_each_is_adapted(tmp_path):
+    # torch's "Unexpected key(s)" listed every adapter tensor, naming neither model's layout
+    trained = _trained()
+    torch.save(trained.state_dict(), tmp_path / "nola.pth")
+    checkpoint = str(tmp_path / "nola.pth")
+    layouts = r"the file's model is adapted at mlp.fc1, mlp.fc2 \(4 layers\), this one at attn.qkv \(2 layers\)"
+    with pytest.raises(ValueError, match=rf"holds adapter tensors of another adapted model: {layouts}\. Pass adapter="):
+        nv.create_model(PLAIN, adapter=nv.LoRAConfig(targets=["attn.qkv"]), checkpoint_path=checkpoint, **SMALL)
+    with pytest.raises(ValueError, match=rf"{layouts}\. Build {NOLA} with the nola_\* settings"):
+        nv.create_model(NOLA, nola_targets=["attn.qkv"], checkpoint_path=checkpoint, **SMALL)
+    with pytest.raises(ValueError, match=r"holds an adapted model's state dict \(adapted at mlp.fc1, mlp.fc2 \(4 layers"
+                                         r"\)\): pass adapter="):
+        nv.create_model(PLAIN, checkpoint_path=checkpoint, **SMALL)
+    loaded = nv.create_model(NOLA, checkpoint_path=checkpoint, **SMALL).eval()
+    torch.testing.assert_close(loaded(X), trained(X), rtol=0, atol=0)

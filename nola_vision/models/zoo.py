@@ -158,7 +158,12 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     # a *_nola entrypoint checks its own overlay (timm.create_model reaches it without this function)
     weights = None if nola_name else _local_weights(model_name, kwargs)
     # an adapted model's checkpoint loads once the adapters are in (timm would load it into the plain model first)
-    adapted_checkpoint = config is not None and checkpoint and _holds_adapters(checkpoint)
+    held = _checkpoint_adapters(checkpoint) if checkpoint else []
+    if held and config is None and not nola_name:  # timm would list every adapter tensor as an unexpected key
+        raise ValueError(f"checkpoint_path {checkpoint} holds an adapted model's state dict (adapted at "
+                         f"{_adapted_at(held)}): pass adapter= with the settings it was adapted with (method, "
+                         "targets, rank, seed, ...), or point it at the base model's weights")
+    adapted_checkpoint = (config is not None or nola_name) and bool(held)
     if adapted_checkpoint:
         kwargs = {key: value for key, value in kwargs.items() if key != "checkpoint_path"}
     try:
@@ -201,6 +206,13 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
     if config is not None:
         inject(model, config)
     if adapted_checkpoint:
+        own = adapter_entries(list(model.state_dict()))
+        if {key.rsplit(".", 1)[0] for key in own} != {key.rsplit(".", 1)[0] for key in held}:  # torch lists keys
+            raise ValueError(f"checkpoint_path {checkpoint} holds adapter tensors of another adapted model: the "
+                             f"file's model is adapted at {_adapted_at(held)}, this one at {_adapted_at(own)}. "
+                             + (f"Build {model_name} with the nola_* settings the file's model was created with "
+                                "(nola_targets, ...)" if nola_name else "Pass adapter= with the settings the file's "
+                                "model was adapted with (method, targets, rank, ...)"))
         try:
             timm.models.load_checkpoint(model, checkpoint)
         except RuntimeError as err:  # an adapted layer refuses another update (seed, targets, rank, ...)
@@ -303,13 +315,13 @@ def _named_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWe
     return None
 
 
-def _holds_adapters(checkpoint: str) -> bool:
-    """Whether the state dict in ``checkpoint`` is an adapted model's (adapter entries beside its weights); False for
-    a file no state dict is read from, which timm then reports."""
+def _checkpoint_adapters(checkpoint: str) -> List[str]:
+    """The adapter entries of the state dict in ``checkpoint`` (an adapted model's, beside its weights); none for a
+    file no state dict is read from, which timm then reports."""
     try:
-        return bool(adapter_entries(read_state_dict(Path(checkpoint), "checkpoint_path")))
+        return adapter_entries(read_state_dict(Path(checkpoint), "checkpoint_path"))
     except ValueError:  # UnreadableWeights, or a file of other objects
-        return False
+        return []
 
 
 def _local_dir_name(model_name: str, kwargs: Dict[str, Any]) -> str:
