@@ -503,7 +503,7 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     import shutil
 
     shutil.copy(HERE / "results" / "storage.md", tmp_path / "storage.md")
-    rows = [row for row in json.loads((HERE / "results" / "storage.json").read_text())
+    rows = [row for row in json.loads((HERE / "results" / "storage.json").read_text())["results"]
             if row["model"] != "vit_base_patch16_224"]  # storage.py --models vit_large_patch16_224
     header = (tmp_path / "storage.md").read_text().splitlines()[0]
     (tmp_path / "storage.json").write_text(json.dumps({"header": header, "setting": storage.SETTING, "results": rows}))
@@ -684,11 +684,11 @@ def test_an_edited_storage_json_makes_its_printed_table_stale(tmp_path, capsys):
     args = _results_copy(tmp_path, "storage")
     assert collect_results.main([*args, "--check"]) == 1  # the report itself is not written yet
     assert collect_results.main(args) == 0 and collect_results.main([*args, "--check"]) == 0
-    rows = json.loads((tmp_path / "storage.json").read_text())
-    row = next(r for r in rows if r["row"] == "NOLA-MLP k=l=1024 (ours), 4-bit" and r["model"] == "vit_base_patch16_224"
-               and r["head"] == "CIFAR-10")
+    document = json.loads((tmp_path / "storage.json").read_text())
+    row = next(r for r in document["results"] if r["row"] == "NOLA-MLP k=l=1024 (ours), 4-bit"
+               and r["model"] == "vit_base_patch16_224" and r["head"] == "CIFAR-10")
     row["bytes"] += 1000
-    (tmp_path / "storage.json").write_text(json.dumps(rows))
+    (tmp_path / "storage.json").write_text(json.dumps(document))
     capsys.readouterr()
     assert collect_results.main([*args, "--check"]) == 1
     assert "storage.md is stale" in capsys.readouterr().err

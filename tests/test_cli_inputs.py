@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 
 from nola_vision.cli import main
+from nola_vision.train.cli import check_config_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_offline.yaml"
@@ -203,15 +204,16 @@ def test_a_data_option_linked_from_the_model_is_refused_naming_the_model_option(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-@pytest.mark.parametrize("args", [["--model.num_classes", "5"], ['--model={"num_classes": 5}'], ["-c", "nc.yaml"]])
-def test_the_models_class_count_is_refused_as_the_datas_whichever_way_it_is_given(tmp_path, capsys, args):
-    # in a file it was dropped (a 10-class head on the digits); on the command line the parser said it "must be given
-    # via data.num_classes", an option that does not exist
-    (tmp_path / "nc.yaml").write_text("model:\n  num_classes: 5\n")
-    args = [str(tmp_path / a) if a == "nc.yaml" else a for a in args]
-    assert fit(tmp_path, *args) == 2
+def test_the_models_class_count_is_named_as_the_datas_whichever_way_it_is_given(tmp_path, capsys):
+    # on the command line the parser said it "must be given via data.num_classes", an option that does not exist; in
+    # a file or a --model value it was dropped without a word (a 10-class head on the digits)
+    assert fit(tmp_path, "--model.num_classes", "5") == 2
     assert "model.num_classes is the data's class count (FewShotDataModule.num_classes" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+    (tmp_path / "nc.yaml").write_text("model:\n  num_classes: 5\n")
+    for args in (['--model={"num_classes": 5}'], ["-c", str(tmp_path / "nc.yaml")]):
+        with pytest.warns(UserWarning, match=r"model.num_classes is the data's class count .*: its value is ignored"):
+            check_config_sources(["fit", "-c", str(TINY), *args])
 
 
 @pytest.mark.parametrize("route", ["--data file", "group file in a -c file", "fit: section before the subcommand",

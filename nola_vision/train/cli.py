@@ -49,6 +49,7 @@ from ..core.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from ..core.warn import warn_user
 from ..data import CorruptImageError, FewShotDataModule
 from ..data.datamodule import require_share_per_process
 from ..data.datasets import expand_root
@@ -1612,14 +1613,19 @@ LINKED_FROM = {"data.backbone": "model.backbone", "data.image_size": "model.imag
 
 
 def _refuse_linked(option: str, where: str) -> None:
-    """Refuse setting a linked option (``data.image_size``, ``model.num_classes``): the parser drops a config file's
-    value silently (the run trained at the backbone's default size, or a head of the data's class count) and calls a
-    command-line one an invalid value, pointing at a data option that does not exist for ``num_classes``."""
+    """Refuse setting a linked option (``data.image_size``): the parser drops a config file's value silently (the
+    run trained at the backbone's default size) and calls a command-line one an invalid value. ``model.num_classes``,
+    which the head takes from the data: refused on the command line (where the parser pointed at a
+    ``data.num_classes`` that does not exist), said to be ignored in a file (one that states the data's count is
+    right)."""
     source = LINKED_FROM.get(option)
     if option == "model.num_classes":
-        raise ValueError(f"{where}{option} is the data's class count (FewShotDataModule.num_classes, read from its "
-                         "dataset), which the head always takes: drop it (the classes come from --data.dataset and "
-                         "--data.root)")
+        why = (f"{option} is the data's class count (FewShotDataModule.num_classes, read from its dataset), which the "
+               "head always takes")
+        if not where:
+            raise ValueError(f"{why}: drop it (the classes come from --data.dataset and --data.root)")
+        warn_user(f"nola_vision: {where}{why}: its value is ignored")
+        return
     if source is not None:
         raise ValueError(f"{where}{option} is set from {source} (the data's preprocessing follows the model): set "
                          f"{source} (--{source}) instead")
