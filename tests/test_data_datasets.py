@@ -357,8 +357,10 @@ def test_truncated_idx_file_names_the_file(tmp_path):
                     reason="apt-get install dataset-fashion-mnist to run this")
 def test_fashion_mnist_reads_the_real_debian_files(tmp_path):
     # a root that does not exist (mistyped?) is named: the system's copy was read without a word
-    with pytest.warns(UserWarning, match=r"dataset 'fashion_mnist': .*empty does not exist, so the system's copy under "):
-        build_dataset("fashion_mnist", tmp_path / "empty", "test")
+    for download in (False, True):  # with download=True, the download lock made the root and hid the mistake
+        with pytest.warns(UserWarning, match=r"dataset 'fashion_mnist': .*empty does not exist, so the system's copy "):
+            build_dataset("fashion_mnist", tmp_path / "empty", "test", download=download)
+        assert not (tmp_path / "empty").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         test = build_dataset("fashion_mnist", tmp_path, "test")  # an existing root without it: the documented fallback
@@ -737,7 +739,10 @@ def test_a_download_that_fails_names_the_dataset_its_source_and_the_offline_way_
                                                    r".*\(URLError: <urlopen error .*Name or service not known>\)\. "
                                                    r"Without a network here: .*--data.download false"):
         build_dataset("cifar10", tmp_path, download=True)
-    assert [p.name for p in tmp_path.iterdir()] == [".cifar10.download.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == [".cifar10.download.lock"]  # a root that was there stays
+    with pytest.raises(DatasetNotFoundError, match="cannot download dataset 'cifar10'"):
+        build_dataset("cifar10", tmp_path / "new" / "root", download=True)
+    assert not (tmp_path / "new").exists()  # one it made goes: nothing was downloaded
 
 
 def test_two_downloads_of_a_dataset_into_one_root_take_turns(tmp_path, monkeypatch):

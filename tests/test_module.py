@@ -745,8 +745,9 @@ def test_a_module_loaded_from_its_checkpoint_resolves_the_recipes_head_rate_and_
         assert rates["head"] / rates["adapter"] == pytest.approx(ratio)
         assert loaded.hparams.head_lr == pytest.approx(3e-3 * ratio)
         assert loaded.hparams.warmup_epochs == 2  # the recipe's tenth of 20 epochs, not the 2-epoch run's 0
-    given = FewShotClassifier.load_from_checkpoint(saved, head_lr=5e-2, warmup_epochs=5)  # given when loading: kept
-    given.hparams.lr = 3e-3
-    given.trainer = L.Trainer(max_epochs=20, logger=False)
-    _group_lrs(given)
-    assert (given.hparams.head_lr, given.hparams.warmup_epochs) == (5e-2, 5)
+    for head_lr, warmup in ((5e-2, 5), (model.hparams.head_lr, 0)):  # given when loading, even the run's own values
+        given = FewShotClassifier.load_from_checkpoint(saved, head_lr=head_lr, warmup_epochs=warmup)
+        given.hparams.lr = 3e-3
+        given.trainer = L.Trainer(max_epochs=20, logger=False)
+        _group_lrs(given)
+        assert (given.hparams.head_lr, given.hparams.warmup_epochs) == (head_lr, warmup)

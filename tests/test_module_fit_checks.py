@@ -660,6 +660,15 @@ def test_optimiser_settings_set_on_hparams_after_construction_are_checked_before
     refused_before_a_step(run, lambda: run.fit(model, loader()), refusal)
 
 
+def test_head_lr_set_to_none_after_construction_is_the_recipes_rate_as_at_construction(tmp_path):
+    model = module()
+    recipe = module(head_lr=None).hparams.head_lr / module(head_lr=None).hparams.lr
+    model.hparams.lr, model.hparams.head_lr = 3e-3, None
+    model.trainer = L.Trainer(max_epochs=1, logger=False)
+    model.configure_optimizers()
+    assert model.hparams.head_lr == pytest.approx(3e-3 * recipe)
+
+
 def test_a_second_fit_on_a_trainer_that_reached_max_epochs_is_refused_before_exporting_again(tmp_path):
     # trained nothing and exported the same adapter again as that fit's result (the first moved to .previous)
     model = module(adapter_dir=str(tmp_path / "adapter"))

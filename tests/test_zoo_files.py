@@ -432,3 +432,16 @@ def test_an_adapted_checkpoint_path_of_other_layers_names_where_each_is_adapted(
         nv.create_model(PLAIN, checkpoint_path=checkpoint, **SMALL)
     loaded = nv.create_model(NOLA, checkpoint_path=checkpoint, **SMALL).eval()
     torch.testing.assert_close(loaded(X), trained(X), rtol=0, atol=0)
+
+
+def test_a_wrappers_state_dict_is_named_by_its_prefix_not_as_a_features_only_models(tmp_path):
+    # a FewShotClassifier-like wrapper's state dict (every key under 'model.', its head too) was called a
+    # features_only model's; as a checkpoint_path, "adapted at mlp.fc1, mlp.fc2 (4 layers), this one at mlp.fc1, ..."
+    trained = _trained()
+    torch.save({f"model.{key}": value for key, value in trained.state_dict().items()}, tmp_path / "wrapped.pth")
+    with pytest.raises(ValueError, match=r"its keys carry a 'model.' prefix \(a Lightning checkpoint, a wrapper's"):
+        nv.create_model(PLAIN, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "wrapped.pth")),
+                        **SMALL)
+    with pytest.raises(ValueError, match=r"names its adapted layers otherwise \(model.blocks.0.mlp.fc1, this model's "
+                                         r"blocks.0.mlp.fc1\): a wrapper's state dict"):
+        nv.create_model(PLAIN, adapter="nola", checkpoint_path=str(tmp_path / "wrapped.pth"), **SMALL)

@@ -1443,13 +1443,17 @@ def _download_lock(name: str, folder: Path) -> Iterator[None]:
     """Hold ``<folder>/.<name>.download.lock`` while dataset ``name`` is fetched there: the fits of a protocol row or
     a tuning study each download it at their start, and torchvision writes its archive straight to its final name,
     so a second download truncated the archive the first was checking ("File not found or corrupted"). A later one
-    waits, then finds the data there. Where no lock file can be made (a read-only shared copy), none is held."""
+    waits, then finds the data there. Where no lock file can be made (a read-only shared copy), none is held. A root
+    this made that holds nothing else afterwards (no download was needed: Fashion-MNIST's system copy, or it failed)
+    goes again, so a mistyped root is still told as one."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    path = folder / f".{name}.download.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = try_lock(folder / f".{name}.download.lock")
+        lock = try_lock(path)
         if lock is None:
             print(f"nola_vision: another process is downloading {name} into {folder}: waiting for it", flush=True)
-            lock = try_lock(folder / f".{name}.download.lock", wait=True)
+            lock = try_lock(path, wait=True)
     except OSError:
         lock = None
     try:
@@ -1457,6 +1461,11 @@ def _download_lock(name: str, folder: Path) -> Iterator[None]:
     finally:
         if lock is not None:
             os.close(lock)
+        if made and [entry.name for entry in folder.iterdir()] == [path.name]:
+            with suppress(OSError):
+                path.unlink()
+                for created in made:  # innermost first; one another process wrote into stays
+                    created.rmdir()
 
 
 def _download(spec: DatasetSpec, folder: Path) -> None:

@@ -164,8 +164,9 @@ def _likely_cause(path: Path, missing: list[str], unexpected: list[str], expecte
     """Why a file does not match the backbone, for the error message."""
     prefixes = sorted({k.split(".", 1)[0] for k in unexpected if "." in k and k.split(".", 1)[1] in expected})
     if prefixes:
-        return (f"its keys carry a '{prefixes[0]}.' prefix (a Lightning checkpoint or a wrapper's state dict?): "
-                f"save the timm backbone's own state_dict() instead")
+        return (f"its keys carry a '{prefixes[0]}.' prefix (a Lightning checkpoint, a wrapper's state dict, or timm's "
+                f"features_only=True model's?): save the timm backbone's own state_dict() instead (built without "
+                "features_only)")
     if any(key.rsplit(".", 1)[-1] in _adapter_parameter_names() for key in unexpected):
         if (path.parent / "adapter_config.json").is_file():
             return (f"it is a nola_vision adapter (save_adapter): build the backbone from its base weights and load "

@@ -207,7 +207,13 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         inject(model, config)
     if adapted_checkpoint:
         own = adapter_entries(list(model.state_dict()))
-        if {key.rsplit(".", 1)[0] for key in own} != {key.rsplit(".", 1)[0] for key in held}:  # torch lists keys
+        theirs, ours = sorted({key.rsplit(".", 1)[0] for key in held}), sorted({key.rsplit(".", 1)[0] for key in own})
+        if theirs != ours and _adapted_at(held) == _adapted_at(own):  # the same layers under other names
+            raise ValueError(f"checkpoint_path {checkpoint} names its adapted layers otherwise ({theirs[0]}, this "
+                             f"model's {ours[0]}): a wrapper's state dict (a FewShotClassifier checkpoint holds the "
+                             "backbone as 'model.') or timm's features_only=True model's, or the reverse. Point it at "
+                             "the state dict of a model built as this one (the backbone's own state_dict())")
+        if theirs != ours:  # torch lists the keys of each side, naming neither layout
             raise ValueError(f"checkpoint_path {checkpoint} holds adapter tensors of another adapted model: the "
                              f"file's model is adapted at {_adapted_at(held)}, this one at {_adapted_at(own)}. "
                              + (f"Build {model_name} with the nola_* settings the file's model was created with "
@@ -263,14 +269,16 @@ def _local_weights(model_name: str, kwargs: Dict[str, Any]) -> Optional[_LocalWe
 
 
 def _refuse_features_state(weights: _LocalWeights, model_name: str) -> None:
-    """Refuse the state dict of timm's ``features_only=True`` model (every key under ``model.``, or Swin's stages
-    renamed ``layers_0``, ``layers_1``, ...): timm loads weights into the plain model before it wraps it, so none of
-    its names fit (a raw AttributeError inside timm's filter, or "28 backbone weights missing")."""
+    """Refuse the state dict of timm's ``features_only=True`` model: a ViT's holds every key under ``model.`` and no
+    head (a wrapper's or a Lightning checkpoint's hold one: ``check_backbone_keys`` names their prefix), Swin's renames
+    ``layers.0`` to ``layers_0``. timm loads weights into the plain model before it wraps it, so none of its names fit
+    (a raw AttributeError inside timm's filter, or "16 backbone weights missing ... only part of the backbone")."""
     tops = {key.split(".", 1)[0] for key in weights.state}
     stages = sorted(f"{base}.0 as {base}_0" for base in _STAGE_CONTAINERS if f"{base}_0" in tops and base not in tops)
-    if tops != {"model"} and not stages:
+    prefixed = tops == {"model"} and not any(key.startswith("model.head.") for key in weights.state)
+    if not stages and not prefixed:
         return
-    how = "holds the backbone as 'model'" if tops == {"model"} else f"renames {stages[0]}"
+    how = f"renames {stages[0]}" if stages else "holds the backbone as 'model'"
     raise ValueError(f"{weights.label} holds the state dict of timm's features_only=True model (which {how}), and "
                      f"timm loads weights into {model_name} before it wraps it: point it at the state dict of the "
                      "model built without features_only (an adapter saved from a features model loads with "

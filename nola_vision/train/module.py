@@ -8,6 +8,7 @@ ViT-B NOLA task) plus the hyper-parameters: the frozen backbone is rebuilt from 
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import enum
@@ -356,9 +357,15 @@ class FewShotClassifier(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FewShotClassifier:
         """``LightningModule.load_from_checkpoint``, naming a local file that is no checkpoint or was cut short (a
-        full disk, an interrupted copy): torch's own error there is a bare ``OSError: [Errno 22] Invalid argument``."""
+        full disk, an interrupted copy): torch's own error there is a bare ``OSError: [Errno 22] Invalid argument``.
+        Notes which hyper-parameters the call gives (``_resolve_again``: a head rate or warm-up the run left to the
+        recipe is resolved again unless given here, whatever its value)."""
         require_whole_checkpoint(checkpoint_path, "checkpoint_path")
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        given = _GIVEN_WHEN_LOADING.set(frozenset(kwargs) - _LOADING_OPTIONS)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _GIVEN_WHEN_LOADING.reset(given)
 
     def train(self, mode: bool = True) -> FewShotClassifier:
         """Train mode, except for norms with running statistics (hybrid ViTs' batch norms): they keep the backbone's,
@@ -522,6 +529,10 @@ class FewShotClassifier(L.LightningModule):
         constructor checks them: a negative ``head_lr`` trained the head by gradient ascent, a ``min_lr`` below 0 ended
         the schedule at a negative rate, and either was refused only when the checkpoint was loaded again."""
         hp = self.hparams
+        if hp.head_lr is None:  # the recipe's rate for the head, as the constructor takes None
+            lr = check_number(hp.lr, "hparams.lr", above=0, below=1e6)
+            hp.head_lr = recipe_learning_rates(self.adapter_config, lr, None)[1]
+            self._given_head_lr, self._resolved_rates = False, (lr, hp.head_lr)
         hp.head_lr = check_number(hp.head_lr, "hparams.head_lr", above=0, below=1e6)
         hp.weight_decay = check_number(hp.weight_decay, "hparams.weight_decay", at_least=0)
         hp.momentum = check_number(hp.momentum, "hparams.momentum", at_least=0, below=1)
@@ -936,25 +947,26 @@ class FewShotClassifier(L.LightningModule):
         # kept for the evaluation stages that follow, once the load is accepted
         self._trained_data, self._trained_data_source = info.get("data"), "the checkpoint"
         self._fit_running = False  # its weights replace what a stopped fit left (a resume's fit sets it again)
-        if self._trainer is None:  # load_from_checkpoint, which passes the recorded rates back as arguments
-            self._resolve_again(info.get("resolved") or {})
+        given = _GIVEN_WHEN_LOADING.get()
+        if self._trainer is None and given is not None:  # load_from_checkpoint passes the recorded rates back
+            self._resolve_again(info.get("resolved") or {}, given)
         metrics = info.get("train_metrics")  # older checkpoints record none
         self.checkpoint_train_metrics = {str(k): float(v) for k, v in metrics.items()
                                          if isinstance(v, (int, float))} if isinstance(metrics, dict) else {}
         for key, tensor in own.items():
             checkpoint["state_dict"].setdefault(key, tensor)
 
-    def _resolve_again(self, resolved: Dict[str, Any]) -> None:
+    def _resolve_again(self, resolved: Dict[str, Any], given: frozenset) -> None:
         """A head rate and warm-up the checkpoint's run left to the recipe (``resolved``: the rates and warm-up it
-        resolved), loaded back as given values unless a keyword of load_from_checkpoint replaced them: they follow a
-        later ``lr`` (``lr_find``) and ``max_epochs`` again, as in that run (the head kept its rate under a new lr,
-        ten times the adapter's after a search). An ``lr`` given to load_from_checkpoint counts as a change of the
+        resolved), loaded back as given values unless load_from_checkpoint gave them (``given``, whatever their
+        values): they follow a later ``lr`` (``lr_find``) and ``max_epochs`` again, as in that run (the head kept its
+        rate under a new lr, ten times the adapter's after a search). An ``lr`` given there counts as a change of the
         run's."""
         hp, rates = self.hparams, resolved.get("rates")
-        if isinstance(rates, list) and len(rates) == 2 and hp.head_lr == rates[1]:
+        if isinstance(rates, list) and len(rates) == 2 and "head_lr" not in given and hp.head_lr == rates[1]:
             self._given_head_lr = False
             self._resolved_rates = (float(rates[0]), float(rates[1]))
-        if resolved.get("warmup_epochs") is not None and hp.warmup_epochs == resolved["warmup_epochs"]:
+        if resolved.get("warmup_epochs") is not None and "warmup_epochs" not in given:
             self._given_warmup_epochs = None
 
     def _restores_tuner_checkpoint(self) -> bool:
@@ -1234,6 +1246,13 @@ def _exact_backbone_hash(model: nn.Module) -> str:
 def _schedule_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
     """The learning rates the schedule gives at its ``last_epoch``, one per parameter group."""
     return [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
+# The hyper-parameters the current FewShotClassifier.load_from_checkpoint call gives (None outside one), and the
+# arguments of Lightning's own that are none.
+_GIVEN_WHEN_LOADING: contextvars.ContextVar[Optional[frozenset]] = contextvars.ContextVar("given_when_loading",
+                                                                                         default=None)
+_LOADING_OPTIONS = frozenset({"map_location", "hparams_file", "strict", "weights_only"})
 
 
 def _how_to_resume(trainer: L.Trainer) -> str:
