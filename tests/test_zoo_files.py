@@ -445,3 +445,15 @@ def test_a_wrappers_state_dict_is_named_by_its_prefix_not_as_a_features_only_mod
     with pytest.raises(ValueError, match=r"names its adapted layers otherwise \(model.blocks.0.mlp.fc1, this model's "
                                          r"blocks.0.mlp.fc1\): a wrapper's state dict"):
         nv.create_model(PLAIN, adapter="nola", checkpoint_path=str(tmp_path / "wrapped.pth"), **SMALL)
+
+
+@pytest.mark.parametrize("remove", [nv.unload, nv.merge_and_unload])
+def test_a_nola_model_whose_adapters_were_removed_saves_for_hf_as_its_plain_model(tmp_path, remove):
+    # it still named <base>_nola: its folder built fresh adapters around the plain weights (4e-5 off)
+    model = remove(_trained(nola_num_basis_a=32))
+    timm.models.save_for_hf(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architecture"] == PLAIN and not any(key.startswith("nola_") for key in config["model_args"])
+    rebuilt = nv.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    assert not nv.adapted_layers(rebuilt)
+    torch.testing.assert_close(rebuilt(X), model(X), rtol=0, atol=0)

@@ -49,6 +49,7 @@ from ..core.fingerprint import (
     unexpected_merges,
 )
 from ..core.inject import (
+    NOLA_SUFFIX,
     adapter_state,
     inject,
     quantization_aware_bits,
@@ -105,11 +106,6 @@ PathLike = Union[str, os.PathLike]
 
 class AdapterLoadError(ValueError):
     """An adapter file does not fit the model it is loaded onto, or is missing or damaged."""
-
-
-# The timm zoo registers each NOLA model as ``<base>_nola`` (``models.zoo``); its adapters are trained on the base
-# architecture, as a plain model's given adapter=, and their files name that.
-NOLA_SUFFIX = "_nola"
 
 
 def architecture_name(model: nn.Module) -> str:

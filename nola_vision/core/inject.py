@@ -42,7 +42,7 @@ from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 from .warn import warn_user
 
-__all__ = ["AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits",
+__all__ = ["NOLA_SUFFIX", "AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits",
            "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics", "set_basis_holding",
            "set_quantization_aware", "unload", "unwrap_model"]
 
@@ -611,7 +611,31 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
             handle.remove()
         _restore_requires_grad(model, state.requires_grad)
         delattr(model, STATE_ATTRIBUTE)
+        _name_base_architecture(model)
     return model
+
+
+# The timm zoo registers each NOLA model as ``<base>_nola`` (``models.zoo``) and names that architecture in its
+# pretrained config, so that timm's ``save_for_hf`` writes a folder that builds it again with its ``nola_*``
+# arguments; its adapter files name the base (``adapters.files.architecture_name``).
+NOLA_SUFFIX = "_nola"
+
+
+def _name_base_architecture(model: nn.Module) -> None:
+    """A ``<base>_nola`` model whose adapters were removed names ``<base>`` again, and timm's record of its
+    arguments (``_model_args``, which ``save_for_hf`` writes) loses the ``nola_*`` ones: its folder rebuilt fresh
+    adapters around the weights that were saved without them."""
+    config = getattr(model, "pretrained_cfg", None)
+    architecture = config.get("architecture") if isinstance(config, dict) else None
+    if not (isinstance(architecture, str) and architecture.endswith(NOLA_SUFFIX)):
+        return
+    base = {**config, "architecture": architecture[: -len(NOLA_SUFFIX)]}
+    if getattr(model, "default_cfg", None) is config:  # timm's alias of the same dict
+        model.default_cfg = base
+    model.pretrained_cfg = base
+    arguments = getattr(model, "_model_args", None)
+    if isinstance(arguments, dict):
+        model._model_args = {key: value for key, value in arguments.items() if not key.startswith("nola_")}
 
 
 def _warn_of_dropped_hooks(layers: Dict[str, AdaptedLinear], own: Set[int]) -> None:

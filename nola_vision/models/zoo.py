@@ -34,10 +34,9 @@ try:  # the wrapper of features_only ViTs, not exported by timm.models
 except ImportError:  # pragma: no cover (older timm)
     FeatureGetterNet = None
 
-from ..adapters.files import NOLA_SUFFIX
 from ..core.checks import check_bool, check_num_classes
 from ..core.config import AdapterConfig, resolve_adapter
-from ..core.inject import inject
+from ..core.inject import NOLA_SUFFIX, inject
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
 from ..core.targets import head_parameter_names
