@@ -42,9 +42,9 @@ from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 from .warn import warn_user
 
-__all__ = ["NOLA_SUFFIX", "AdapterState", "adapter_state", "inject", "merge_and_unload", "quantization_aware_bits",
-           "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics", "set_basis_holding",
-           "set_quantization_aware", "unload", "unwrap_model"]
+__all__ = ["NOLA_SUFFIX", "AdapterState", "adapter_state", "inject", "merge_and_unload", "name_architecture",
+           "quantization_aware_bits", "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics",
+           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
 
 
 @dataclass
@@ -621,6 +621,18 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
 NOLA_SUFFIX = "_nola"
 
 
+def name_architecture(model: nn.Module, name: str) -> None:
+    """Name ``name`` as the architecture in the model's pretrained config (a copy of it, under timm's ``default_cfg``
+    alias too), which timm's ``save_for_hf`` writes into config.json; nothing where the model has no such config."""
+    config = getattr(model, "pretrained_cfg", None)
+    if not isinstance(config, dict):
+        return
+    named = {**config, "architecture": name}
+    if getattr(model, "default_cfg", None) is config:  # timm's alias of the same dict
+        model.default_cfg = named
+    model.pretrained_cfg = named
+
+
 def _name_base_architecture(model: nn.Module) -> None:
     """A ``<base>_nola`` model whose adapters were removed names ``<base>`` again, and timm's record of its
     arguments (``_model_args``, which ``save_for_hf`` writes) loses the ``nola_*`` ones: its folder rebuilt fresh
@@ -629,10 +641,7 @@ def _name_base_architecture(model: nn.Module) -> None:
     architecture = config.get("architecture") if isinstance(config, dict) else None
     if not (isinstance(architecture, str) and architecture.endswith(NOLA_SUFFIX)):
         return
-    base = {**config, "architecture": architecture[: -len(NOLA_SUFFIX)]}
-    if getattr(model, "default_cfg", None) is config:  # timm's alias of the same dict
-        model.default_cfg = base
-    model.pretrained_cfg = base
+    name_architecture(model, architecture[: -len(NOLA_SUFFIX)])
     arguments = getattr(model, "_model_args", None)
     if isinstance(arguments, dict):
         model._model_args = {key: value for key, value in arguments.items() if not key.startswith("nola_")}

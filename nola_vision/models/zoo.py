@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover (older timm)
 
 from ..core.checks import check_bool, check_num_classes
 from ..core.config import AdapterConfig, resolve_adapter
-from ..core.inject import NOLA_SUFFIX, inject
+from ..core.inject import NOLA_SUFFIX, inject, name_architecture
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
 from ..core.targets import head_parameter_names
@@ -584,7 +584,9 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
                                 fix=f"Build {name} with the nola_* settings the file's model was created with "
                                     "(nola_targets, nola_rank, nola_seed, ...), or point the overlay at the base "
                                     "model's weights")
-        _name_architecture(model, name)
+        # timm's save_for_hf writes it beside the nola_* arguments timm records: the folder then builds this model
+        # again (named by its base, they were arguments the base model does not take)
+        name_architecture(model, name)
         return model
 
     name = base + NOLA_SUFFIX
@@ -592,19 +594,6 @@ def _make_entrypoint(base: str, defaults: Dict[str, Any]) -> Callable[..., nn.Mo
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"timm {base} with NOLA adapters (pass nola_rank, nola_num_basis_a, … or nola_config)."
     return entrypoint
-
-
-def _name_architecture(model: nn.Module, name: str) -> None:
-    """Name ``name`` (``<base>_nola``) as the architecture in the model's pretrained config, which timm's
-    ``save_for_hf`` writes into config.json beside the ``nola_*`` arguments timm records: the folder then builds this
-    model again (named by its base, they were arguments the base model does not take)."""
-    config = getattr(model, "pretrained_cfg", None)
-    if not isinstance(config, dict):
-        return
-    named = {**config, "architecture": name}
-    if getattr(model, "default_cfg", None) is config:  # timm's alias of the same dict
-        model.default_cfg = named
-    model.pretrained_cfg = named
 
 
 def _load_saved_adapter(model: nn.Module, model_name: str, weights: _LocalWeights, *, base_keys: set,
