@@ -268,6 +268,35 @@ def test_an_incomplete_caltech101_extraction_writes_no_split_file_that_would_ref
     assert len(build_dataset("caltech101", tmp_path, "train")) == 101
 
 
+def test_the_caltech101_image_counts_are_the_archives(monkeypatch):
+    from nola_vision.data import datasets
+
+    monkeypatch.undo()  # the conftest fixture's counts for small fixtures, through this same monkeypatch
+    table = datasets.CALTECH101_IMAGES
+    assert set(table) == datasets.CALTECH101_CLASSES and len(table) == 101
+    assert sum(table.values()) == 8677 and (table["airplanes"], table["Motorbikes"], table["yin_yang"]) == (800, 798, 60)
+
+
+def test_a_caltech101_category_cut_short_writes_no_split_file(tmp_path, monkeypatch):
+    """An extraction or copy cut short inside a category trained on a subset and wrote a split file that refused the
+    complete dataset extracted again: fewer images in all than the archive, some category short, is refused."""
+    from nola_vision.data import datasets
+
+    monkeypatch.setattr(datasets, "CALTECH101_IMAGES", dict.fromkeys(datasets.CALTECH101_IMAGES, 4))
+    info = write_caltech101(tmp_path, per_class=4)
+    images = sorted((info["folder"] / "101_ObjectCategories" / "yin_yang").iterdir())
+    for image in images[1:]:
+        image.unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"1 category holds fewer images than the archive's \('yin_yang' "
+                                                   r"holds 1 of its 4\), so the extraction looks cut short; extract .* "
+                                                   r"again. Nothing was written"):
+        build_dataset("caltech101", tmp_path, "train")
+    assert not (info["folder"] / "nola_vision_split.txt").exists()
+    write_caltech101(tmp_path, per_class=4)  # extracted again: read whole, and its split file written
+    assert len(build_dataset("caltech101", tmp_path, "test")) == 101
+    assert (info["folder"] / "nola_vision_split.txt").exists()
+
+
 def test_food101_reads_meta_json_with_sorted_classes(tmp_path):
     info = write_food101(tmp_path, train_per_class=3, test_per_class=1)
     train, test = build_dataset("food101", tmp_path, "train"), build_dataset("food101", tmp_path, "test")
@@ -722,6 +751,44 @@ def test_a_root_one_level_too_deep_is_told_the_folder_above(tmp_path, name, inne
     with pytest.raises(DatasetNotFoundError) as elsewhere:
         dataset_class_names(name, tmp_path / "data" / "data")
     assert "did you mean" not in str(elsewhere.value)
+
+
+@pytest.mark.parametrize("name", ["food101", "cub200", "caltech101", "cifar10"])
+def test_an_archive_extracted_into_a_folder_of_its_name_is_told_the_root_that_reads_it(tmp_path, name,
+                                                                                       cifar_fixture_checksums):
+    """``mkdir food-101 && tar xzf food-101.tar.gz -C food-101`` leaves food-101/food-101/: Food-101 said to delete
+    the folder that held the whole dataset and download it again; the others said only that it was not found."""
+    writer = {"food101": write_food101, "cub200": write_cub, "caltech101": write_caltech101, "cifar10": write_cifar10}
+    folder = {"food101": "food-101", "cub200": "CUB_200_2011", "caltech101": "caltech101",
+              "cifar10": "cifar-10-batches-py"}[name]
+    info = writer[name](tmp_path / "extracted")
+    if name == "cifar10":
+        cifar_fixture_checksums("cifar10", info["md5"])
+    (tmp_path / folder).mkdir()
+    (tmp_path / "extracted" / folder).rename(tmp_path / folder / folder)
+    for download in (False, True):
+        with pytest.raises(DatasetNotFoundError) as err:
+            build_dataset(name, tmp_path, "train", download=download)
+        assert f"holds a '{folder}' folder of its own, as an archive extracted into a folder of its name does: did " \
+               f"you mean --data.root {tmp_path / folder}?" in str(err.value)
+        assert "delete" not in str(err.value)
+    assert len(build_dataset(name, tmp_path / folder, "train")) > 0
+
+
+def test_fashion_mnist_files_one_folder_below_the_root_are_not_passed_over_for_the_systems_copy(tmp_path,
+                                                                                              monkeypatch):
+    """root=.../FashionMNIST (its raw/ below) read the system's 10,000 test images instead of the user's, silently."""
+    system = tmp_path / "system"
+    write_fashion_mnist(system, n_train=40, n_test=20)
+    monkeypatch.setattr("nola_vision.data.datasets.FASHION_MNIST_SYSTEM_DIR", str(system))
+    write_fashion_mnist(tmp_path / "mine" / "FashionMNIST" / "raw", n_train=30, n_test=10)
+    with pytest.raises(DatasetNotFoundError, match=r"FashionMNIST holds Fashion-MNIST files in .*FashionMNIST/raw, "
+                                                   r"where they are not read .* would read the system's copy under "
+                                                   rf".*: did you mean --data.root {tmp_path / 'mine'}\?"):
+        build_dataset("fashion_mnist", tmp_path / "mine" / "FashionMNIST", "test")
+    assert len(build_dataset("fashion_mnist", tmp_path / "mine", "test")) == 10
+    (tmp_path / "other").mkdir()  # a root without any: the system's copy, as documented
+    assert len(build_dataset("fashion_mnist", tmp_path / "other", "test")) == 20
 
 
 def test_a_download_that_fails_names_the_dataset_its_source_and_the_offline_way_and_leaves_no_empty_folder(

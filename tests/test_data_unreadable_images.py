@@ -1,14 +1,18 @@
-"""Training and validation images that cannot be read (empty, unreadable, a named pipe) are refused by a stat when the
+"""Training and validation images that cannot be read (empty, cut short, unreadable, a named pipe) are refused when the
 split is set up, naming the file, before anything decodes, caches or trains on them; nothing opens a named pipe."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
 import signal
 
+import numpy as np
 import pytest
 from fixtures_data import write_cub, write_imagefolder
+from PIL import Image
 
 from nola_vision.data import CorruptImageError, DatasetMetadataError, FewShotDataModule, build_dataset
 from nola_vision.data.datasets import ImageDataset
@@ -56,6 +60,26 @@ def test_an_empty_training_or_validation_image_is_refused_at_setup_naming_it_wit
     assert "training and validation images of imagefolder" in str(error.value)
     assert error.value.before_run and not decoded  # a refusal before the run (CLI exit 2); a stat, no decoding
     assert again.split is None and again.train_set is None
+
+
+@pytest.mark.parametrize("form", ["PNG", "JPEG"])
+def test_an_image_cut_short_is_refused_at_setup_and_one_with_data_after_its_end_is_read(folder_root, form):
+    """An interrupted copy leaves a file cut short, rarely an empty one: with shots=0 it passed the setup check and
+    stopped the fit mid-epoch ("image file is truncated") with nothing saved."""
+    settings = dict(root=str(folder_root), shots=0, image_size=8, cache_images=False)
+    dm = FewShotDataModule("imagefolder", **settings)
+    dm.setup("fit")
+    path = folder_root / dm.train_manifest[0][0]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format=form)
+    whole = buffer.getvalue()
+    path.write_bytes(whole + bytes(200))  # data after the end marker, as a phone's motion photo appends a video
+    FewShotDataModule("imagefolder", **settings).setup("fit")
+    path.write_bytes(whole[:len(whole) * 6 // 10])
+    with pytest.raises(CorruptImageError, match=rf"{re.escape(str(path))} is cut short \(its \d+ bytes end before "
+                                                r"the image does: an interrupted copy"):
+        FewShotDataModule("imagefolder", **settings).setup("fit")
 
 
 def test_an_unreadable_image_that_is_not_drawn_is_not_refused(folder_root):

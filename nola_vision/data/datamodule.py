@@ -334,9 +334,10 @@ UNREADABLE_SHOWN = 3  # unreadable drawn images an error names
 
 
 def _refuse_unreadable_drawn(dataset: ImageDataset, indices: list[int]) -> None:
-    """Refuse drawn training or validation images that are missing, empty (0 bytes), no regular file (a named pipe) or
-    unreadable, by a stat each (nothing is decoded or opened), before anything trains or caches: a full train split is
-    read from disk during training, and such a file stopped a fit mid-epoch with nothing saved."""
+    """Refuse drawn training or validation images that are missing, empty (0 bytes), cut short, no regular file (a
+    named pipe) or unreadable (``unreadable_reason``: a stat and a file's first and last bytes, no decoding), before
+    anything trains or caches: a full train split is read from disk during training, and such a file stopped a fit
+    mid-epoch with nothing saved."""
     bad = dataset.unreadable_files(indices)
     if not bad:
         return

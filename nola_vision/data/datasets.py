@@ -85,18 +85,25 @@ CALTECH_SPLIT_FILE = "nola_vision_split.txt"
 CALTECH_IMAGES = "101_ObjectCategories"
 CALTECH_TEST_EVERY = 5
 # The class folders of the archive's 101_ObjectCategories (BACKGROUND_Google aside), to name a folder that is not one.
-CALTECH101_CLASSES = frozenset((
-    "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes", "anchor", "ant", "barrel", "bass",
-    "beaver", "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car_side",
-    "ceiling_fan", "cellphone", "chair", "chandelier", "cougar_body", "cougar_face", "crab", "crayfish", "crocodile",
-    "crocodile_head", "cup", "dalmatian", "dollar_bill", "dolphin", "dragonfly", "electric_guitar", "elephant", "emu",
-    "euphonium", "ewer", "ferry", "flamingo", "flamingo_head", "garfield", "gerenuk", "gramophone", "grand_piano",
-    "hawksbill", "headphone", "hedgehog", "helicopter", "ibis", "inline_skate", "joshua_tree", "kangaroo", "ketch",
-    "lamp", "laptop", "llama", "lobster", "lotus", "mandolin", "mayfly", "menorah", "metronome", "minaret", "nautilus",
-    "octopus", "okapi", "pagoda", "panda", "pigeon", "pizza", "platypus", "pyramid", "revolver", "rhino", "rooster",
-    "saxophone", "schooner", "scissors", "scorpion", "sea_horse", "snoopy", "soccer_ball", "stapler", "starfish",
-    "stegosaurus", "stop_sign", "strawberry", "sunflower", "tick", "trilobite", "umbrella", "watch", "water_lilly",
-    "wheelchair", "wild_cat", "windsor_chair", "wrench", "yin_yang"))
+# Images per category in the archive (8,677 in all, BACKGROUND_Google aside): a category with fewer was cut short
+CALTECH101_IMAGES = {
+    "Faces": 435, "Faces_easy": 435, "Leopards": 200, "Motorbikes": 798, "accordion": 55, "airplanes": 800,
+    "anchor": 42, "ant": 42, "barrel": 47, "bass": 54, "beaver": 46, "binocular": 33, "bonsai": 128, "brain": 98,
+    "brontosaurus": 43, "buddha": 85, "butterfly": 91, "camera": 50, "cannon": 43, "car_side": 123,
+    "ceiling_fan": 47, "cellphone": 59, "chair": 62, "chandelier": 107, "cougar_body": 47, "cougar_face": 69,
+    "crab": 73, "crayfish": 70, "crocodile": 50, "crocodile_head": 51, "cup": 57, "dalmatian": 67,
+    "dollar_bill": 52, "dolphin": 65, "dragonfly": 68, "electric_guitar": 75, "elephant": 64, "emu": 53,
+    "euphonium": 64, "ewer": 85, "ferry": 67, "flamingo": 67, "flamingo_head": 45, "garfield": 34, "gerenuk": 34,
+    "gramophone": 51, "grand_piano": 99, "hawksbill": 100, "headphone": 42, "hedgehog": 54, "helicopter": 88,
+    "ibis": 80, "inline_skate": 31, "joshua_tree": 64, "kangaroo": 86, "ketch": 114, "lamp": 61, "laptop": 81,
+    "llama": 78, "lobster": 41, "lotus": 66, "mandolin": 43, "mayfly": 40, "menorah": 87, "metronome": 32,
+    "minaret": 76, "nautilus": 55, "octopus": 35, "okapi": 39, "pagoda": 47, "panda": 38, "pigeon": 45, "pizza": 53,
+    "platypus": 34, "pyramid": 57, "revolver": 82, "rhino": 59, "rooster": 49, "saxophone": 40, "schooner": 63,
+    "scissors": 39, "scorpion": 84, "sea_horse": 57, "snoopy": 35, "soccer_ball": 64, "stapler": 45, "starfish": 86,
+    "stegosaurus": 59, "stop_sign": 64, "strawberry": 35, "sunflower": 85, "tick": 49, "trilobite": 86,
+    "umbrella": 75, "watch": 239, "water_lilly": 37, "wheelchair": 59, "wild_cat": 34, "windsor_chair": 56,
+    "wrench": 39, "yin_yang": 60}
+CALTECH101_CLASSES = frozenset(CALTECH101_IMAGES)
 CUB_CLASSES = 200  # ids 1..200 in classes.txt
 FOOD101_CLASSES = 101
 
@@ -225,8 +232,8 @@ class ImageDataset(Dataset):
                                     "with a valid image (extract or download the dataset again).") from err
 
     def unreadable_files(self, indices: Optional[Iterable[int]] = None) -> list[Path]:
-        """Sample files (of ``indices``, or all) that are missing, hold 0 bytes (an interrupted copy), are no regular
-        file (a named pipe) or that this process may not read: found by a stat, without decoding."""
+        """Sample files (of ``indices``, or all) that are missing, hold 0 bytes or are cut short (an interrupted copy),
+        are no regular file (a named pipe) or that this process may not read (:func:`unreadable_reason`)."""
         keys = (self.samples[i][0] for i in (range(len(self.samples)) if indices is None else indices))
         return [path for path in map(self.path_of, keys) if unreadable_reason(path) is not None]
 
@@ -287,7 +294,8 @@ class ArrayImageDataset(ImageDataset):
 def _not_found(name: str, expected: Path, how: str, root: Path) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"dataset '{name}' not found: expected {expected}. {how} "
-        f"Or point --data.root (root=...) at the folder that holds it.{_one_level_too_deep(expected, root)}")
+        f"Or point --data.root (root=...) at the folder that holds it.{_one_level_too_deep(expected, root)}"
+        f"{_extracted_into_its_name(expected, root)}")
 
 
 def _one_level_too_deep(expected: Path, root: Path) -> str:
@@ -301,6 +309,29 @@ def _one_level_too_deep(expected: Path, root: Path) -> str:
         return ""
     return (f" ({root} is itself the {inner!r} folder the dataset expects inside --data.root: did you mean "
             f"--data.root {root.parent}?)")
+
+
+def _extracted_into_its_name(expected: Path, root: Path) -> str:
+    """A hint where the dataset's folder holds the dataset's folder again (``food-101/food-101/meta``: the archive
+    extracted into a folder named as it), so that --data.root is that outer folder."""
+    try:
+        inside = expected.relative_to(root)
+    except ValueError:
+        return ""
+    if not inside.parts or not (root / inside.parts[0] / inside).exists():
+        return ""
+    outer = root / inside.parts[0]
+    return (f" ({outer} holds a {inside.parts[0]!r} folder of its own, as an archive extracted into a folder of its "
+            f"name does: did you mean --data.root {outer}?)")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The visible folders directly in ``folder`` (none when it cannot be listed), sorted."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return []
 
 
 def _refuse_extra_classes(name: str, source: Path, found: int, expected: int, extra: Sequence[str],
@@ -342,6 +373,9 @@ class _CIFAR:
         try:
             tv = self._tv()(str(root), train=split == "train", download=False)
         except RuntimeError as err:
+            nested = _extracted_into_its_name(folder, root)
+            if nested:  # the whole dataset one folder down: nothing to delete or download
+                raise DatasetNotFoundError(f"dataset '{self.name}': {folder} lacks its files{nested}") from err
             if folder.is_dir():
                 raise DatasetNotFoundError(
                     f"dataset '{self.name}': files under {folder} are incomplete or fail torchvision's MD5 "
@@ -923,7 +957,10 @@ class _Caltech101:
         split file there already (``split_written``), it is kept: the images it lists are to be extracted again."""
         missing = sorted(CALTECH101_CLASSES - set(on_disk))
         empty = [name for name, files in on_disk.items() if not files]
+        if not missing and not empty and split_written:
+            return
         if not missing and not empty:
+            self._refuse_cut_short(folder, on_disk)
             return
         what = (f"{len(missing)} of its {len(CALTECH101_CLASSES)} categories are missing (e.g. "
                 f"{', '.join(map(repr, missing[:3]))})" if missing else
@@ -933,6 +970,22 @@ class _Caltech101:
                 f"Nothing was written (the split file {CALTECH_SPLIT_FILE} is made from the complete dataset).")
         raise DatasetNotFoundError(f"dataset '{self.name}' under {folder}: {what}, so the extraction looks "
                                    f"incomplete; extract {self.url} there again. {kept}")
+
+    def _refuse_cut_short(self, folder: Path, on_disk: dict[str, list[str]]) -> None:
+        """Refuse, before the split file is written, fewer images in all than the archive holds when some category
+        holds fewer than the archive's: an extraction or copy cut short inside a category would train on a subset,
+        and the split file made from it would refuse the complete dataset later. Only a total below the archive's is
+        refused: a copy whose counts differ per category but not in all is not taken for a cut one."""
+        if sum(map(len, on_disk.values())) >= sum(CALTECH101_IMAGES.values()):
+            return
+        short = [f"{name!r} holds {len(files)} of its {CALTECH101_IMAGES[name]}" for name, files in on_disk.items()
+                 if len(files) < CALTECH101_IMAGES[name]]
+        raise DatasetNotFoundError(
+            f"dataset '{self.name}' under {folder}: {len(short)} "
+            f"{'category holds' if len(short) == 1 else 'categories hold'} fewer images than the archive's "
+            f"({'; '.join(short[:3])}{'; ...' if len(short) > 3 else ''}), so the extraction looks cut short; "
+            f"extract {self.url} there again. Nothing was written (the split file {CALTECH_SPLIT_FILE} is made from "
+            "the complete dataset).")
 
     def _read_split(self, path: Path, names: set[str]) -> dict[str, str]:
         """The split file ``<101_ObjectCategories/class/file> <train|test>`` per line; a malformed line is named."""
@@ -999,6 +1052,9 @@ class _Food101:
         folder = self.expected(root)
         parts = [folder / "meta" / "train.json", folder / "meta" / "test.json", folder / "images"]
         missing = [str(part.relative_to(folder)) for part in parts if not part.exists()]
+        nested = _extracted_into_its_name(folder, root)
+        if missing and nested:  # the whole dataset is there, one folder down: nothing to delete or download
+            raise DatasetNotFoundError(f"dataset '{self.name}': {folder} lacks {', '.join(missing)}{nested}")
         if missing:
             raise DatasetNotFoundError(
                 f"dataset '{self.name}': {folder} lacks {', '.join(missing)} (an interrupted extraction?), which "
@@ -1186,6 +1242,22 @@ class _FashionMNIST:
         if 100 * shared > len(test):  # the official files share a few duplicates
             warn_user(f"{message}; remove them from one of the two files")
 
+    def _refuse_copy_elsewhere(self, root: Path) -> None:
+        """Refuse to read the system's copy when ``root`` holds Fashion-MNIST's files one or two folders down where
+        they are not read (``root=.../FashionMNIST``, its ``raw/`` below): the user's own files, maybe a subset or
+        another version, would silently give way to the system's."""
+        name = "train-images-idx3-ubyte"
+        below = [*_subfolders(root), *(inner for entry in _subfolders(root) for inner in _subfolders(entry))]
+        found = next((folder for folder in below if folder not in self.candidates(root)
+                      and any((folder / f"{name}{suffix}").is_file() for suffix in ("", ".gz"))), None)
+        if found is None:
+            return
+        meant = found.parent.parent if (found.name, found.parent.name) == ("raw", "FashionMNIST") else found
+        raise DatasetNotFoundError(
+            f"dataset '{self.name}': {root} holds Fashion-MNIST files in {found}, where they are not read (it reads "
+            f"{self.expected(root)}, {root / 'fashion-mnist'} or {root} itself), and would read the system's copy "
+            f"under {FASHION_MNIST_SYSTEM_DIR} instead: did you mean --data.root {meant}?")
+
     def class_names(self, root: Path) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
 
@@ -1196,6 +1268,8 @@ class _FashionMNIST:
                              "Pass download=True (--data.download true) to fetch it with torchvision, or "
                              f"`apt-get install dataset-fashion-mnist` (files under {FASHION_MNIST_SYSTEM_DIR}).",
                              root=root)
+        if folder == Path(FASHION_MNIST_SYSTEM_DIR) and root.exists():
+            self._refuse_copy_elsewhere(root)
         if folder == Path(FASHION_MNIST_SYSTEM_DIR) and not root.exists():
             warn_user(f"dataset '{self.name}': {root} does not exist, so the system's copy under "
                       f"{FASHION_MNIST_SYSTEM_DIR} is read (a mistyped --data.root?). Put Fashion-MNIST's files under "
@@ -1365,8 +1439,9 @@ def expand_root(root: str | os.PathLike) -> str:
 
 
 def unreadable_reason(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be an image (missing, empty, no regular file, not readable), or None: one ``stat`` and one
-    ``access`` per file, cheap enough for a whole split, and nothing is opened (a named pipe would block)."""
+    """Why ``path`` cannot be an image (missing, empty, no regular file, not readable, a JPEG or PNG cut short), or
+    None: a ``stat``, an ``access`` and the first and last bytes of a regular file, cheap enough for a whole split (a
+    named pipe, which would block, is never opened)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -1377,7 +1452,35 @@ def unreadable_reason(path: Path) -> Optional[str]:
         return "not a regular file (a named pipe, socket, device or folder)"
     if not info.st_size:
         return "empty (0 bytes: an interrupted copy?)"
-    return None if os.access(path, os.R_OK) else "not readable by this user"
+    if not os.access(path, os.R_OK):
+        return "not readable by this user"
+    return _cut_short_reason(path, info.st_size)
+
+
+_IMAGE_ENDS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
+_TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
+
+
+def _cut_short_reason(path: Path, size: int) -> Optional[str]:
+    """Why a JPEG or PNG whose end marker is not among its last bytes is cut short (a copy or extraction stopped
+    mid-file, which stopped a fit mid-epoch), or None. A file without its marker there is decoded before it is named:
+    data may follow the marker (a phone's motion photo appends a video to the JPEG)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as err:
+        return f"not readable ({err.strerror or err})"
+    end = next((end for start, end in _IMAGE_ENDS.items() if head.startswith(start)), None)
+    if end is None or end in tail:
+        return None
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError):  # PIL's "image file is truncated" and its kin
+        return f"cut short (its {size} bytes end before the image does: an interrupted copy or extraction?)"
+    return None
 
 
 def _refuse_opening_special(path: Path, where: str) -> None:
@@ -1471,6 +1574,10 @@ def _download_lock(name: str, folder: Path) -> Iterator[None]:
 def _download(spec: DatasetSpec, folder: Path) -> None:
     """``spec.reader.download(folder)``, its failures (no network, a proxy, a full disk, an archive cut short) named
     with the dataset, where it comes from and how to do without a download; folders it made and left empty go."""
+    nested = _extracted_into_its_name(spec.reader.expected(folder), folder)
+    if nested:  # a download would fetch the whole archive again beside the copy one folder down
+        raise DatasetNotFoundError(f"dataset '{spec.name}' is not downloaded into {folder}: it is there already"
+                                   f"{nested}")
     before = {path for path in folder.iterdir()} if folder.is_dir() else set()
     try:
         spec.reader.download(folder)
