@@ -3,6 +3,7 @@ resume with other training settings, data preprocessed or labelled for another m
 set by hand, Adam on float16 weights, parameters outside its model. Each fit resolves the recipe's warm-up anew."""
 import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -812,6 +813,26 @@ def test_a_checkpoint_in_torchs_format_before_zip_archives_is_not_taken_for_one_
     torch.save(torch.load(checkpoint, weights_only=False), legacy, _use_new_zipfile_serialization=False)
     run = trainer(tmp_path / "run", epochs=1)
     run.validate(module(), loader(), ckpt_path=legacy)  # loaded by torch as before
+
+
+def test_a_resumed_run_replaces_a_last_ckpt_linked_to_the_best_checkpoint_and_keeps_the_best(tmp_path):
+    """save_last="link" links last.ckpt to the best checkpoint; the resumed run's next save wrote through the link, so
+    the best checkpoint (still best_model_path) silently held the last epoch's weights and the best was gone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt_path=None):
+        L.seed_everything(0)
+        keep = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="epoch", mode="min", save_top_k=1, save_last="link",
+                               enable_version_counter=False)
+        trainer(tmp_path / "run", epochs=epochs, callbacks=[keep]).fit(module(), loader(), ckpt_path=ckpt_path)
+        return Path(keep.best_model_path)
+
+    best = run(1)
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == best.resolve()
+    before = best.read_bytes()
+    assert run(3, ckpt_path=last) == best and best.read_bytes() == before  # epoch 0 is still the best
+    assert not last.is_symlink() and torch.load(last, weights_only=False)["epoch"] == 3
 
 
 def test_a_checkpoint_plugin_of_ones_own_is_kept(tmp_path):

@@ -165,6 +165,26 @@ def test_a_symlinked_directory_is_written_through_and_stays_a_link(tmp_path):
     assert siblings(real) == [".v1.lock", "v1"]
 
 
+@pytest.mark.parametrize("follow_links", [True, False])
+def test_a_file_write_through_a_symlink_goes_to_its_target_or_replaces_the_link(tmp_path, follow_links):
+    from nola_vision.core.storage import write_bytes_atomic
+
+    target, link, loop = tmp_path / "best.ckpt", tmp_path / "last.ckpt", tmp_path / "loop.ckpt"
+    target.write_bytes(b"best")
+    link.symlink_to(target.name)
+    write_bytes_atomic(link, b"newer", follow_links=follow_links)
+    assert link.is_symlink() == follow_links and link.read_bytes() == b"newer"
+    assert target.read_bytes() == (b"newer" if follow_links else b"best")
+    loop.symlink_to(loop.name)
+    if follow_links:
+        with pytest.raises(OSError, match="loop of symbolic links"):
+            write_bytes_atomic(loop, b"x")
+    else:  # the link itself goes, whatever it points at
+        write_bytes_atomic(loop, b"x", follow_links=False)
+        assert not loop.is_symlink() and loop.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "loop.ckpt"]
+
+
 @pytest.mark.parametrize("where", ["loop", "loop/adapter"])
 def test_a_save_into_a_loop_of_symlinks_is_refused_and_leaves_the_links(tmp_path, where):
     """realpath leaves a loop as it is: the save swapped out the link itself, left it behind as a staged sibling

@@ -170,25 +170,26 @@ _TEMPORARY_MARK = "nv-"  # in atomic_path's temporary names, so that stale ones 
 
 @contextmanager
 def atomic_path(path: PathLike, mode: Optional[int] = None,
-                check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+                check: Optional[Callable[[], None]] = None, follow_links: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it onto ``path``.
 
-    On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through
-    (its target gets the new content; the link stays). A path ending in a separator, an existing directory or a path
-    under a file is refused before the block runs, with an OSError naming the fix. The temporary file,
-    ``.<name>.nv-<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of killed writers of the
-    same path, which nothing locks, are removed first, with any folder they staged beside them
-    (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before
-    the rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size
-    limit raises an OSError (same errno) that says so. A new file gets ``mode`` (default: 0666 less the process's
-    umask, as ``open`` would give it: a private umask keeps checkpoints private); a replaced one keeps its mode, its
-    extended attributes (POSIX ACLs), its group (where this user may set it) and, for root, its owner, as ``cp -p``
-    would, so a file of a shared folder stays shared and a private one private.
+    On any failure the temporary file is removed and ``path`` keeps its old content. A symlink is written through (its
+    target gets the new content; the link stays), or with ``follow_links=False`` replaced by the new file, as Lightning
+    writes a checkpoint (a ``last.ckpt`` linked to the best one must not overwrite it). A path ending in a separator, an
+    existing directory or a path under a file is refused before the block runs, with an OSError naming the fix. The
+    temporary file, ``.<name>.nv-<8 characters>.tmp``, is locked (``fcntl.flock``) while its writer runs: those of
+    killed writers of the same path, which nothing locks, are removed first, with any folder they staged beside them
+    (``<temporary name>.<8 characters>``, removed by a live writer before its file). The new file is fsynced before the
+    rename and its folder after it, so a power loss keeps the old or the new content; a full disk or file size limit
+    raises an OSError (same errno) that says so. A new file gets ``mode`` (default: 0666 less the process's umask, as
+    ``open`` would give it: a private umask keeps checkpoints private); a replaced one keeps its mode, its extended
+    attributes (POSIX ACLs), its group (where this user may set it) and, for root, its owner, as ``cp -p`` would, so a
+    file of a shared folder stays shared and a private one private.
     ``check``, when given, runs just before the rename: it raises to refuse replacing what appeared at ``path`` since
     the caller's own checks (a user's file of that name, hours into a run), and ``path`` then stays as it is.
     A file with no write bit for anyone is refused before the block runs (a PermissionError naming the fix).
     """
-    target = _file_target(path)
+    target = _file_target(path, follow_links)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
     with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -226,14 +227,18 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _file_target(path: PathLike) -> Path:
-    """The real file a write to ``path`` replaces (symlinks resolved), or an OSError naming the fix, before anything
-    is written, for a path ending in a separator, a loop of symbolic links, a name longer than its file system takes,
-    an existing directory, a write-protected file, or a path under an existing file."""
+def _file_target(path: PathLike, follow_links: bool = True) -> Path:
+    """The real file a write to ``path`` replaces (symlinks resolved; a symlink ``path`` itself only when
+    ``follow_links``), or an OSError naming the fix, before anything is written, for a path ending in a separator, a
+    loop of symbolic links, a name longer than its file system takes, an existing directory, a write-protected file,
+    or a path under an existing file."""
     text = os.fspath(path)
     if _ends_in_separator(text):
         raise IsADirectoryError(f"{text} ends in a path separator, so it names a directory, but a file is written "
                                 f"there: pass a file path (e.g. {Path(text) / 'name'}, or {Path(text)})")
+    if not follow_links and os.path.islink(text):  # the link goes, whatever it pointed at: none of it is written
+        absolute = os.path.abspath(text)
+        return Path(os.path.realpath(os.path.dirname(absolute))) / os.path.basename(absolute)
     try:
         os.stat(text)
     except OSError as error:  # realpath leaves a loop as it is: the link itself would be replaced by a file
@@ -375,9 +380,10 @@ def _names_open_file(name: str, fd: int) -> bool:
     return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def write_bytes_atomic(path: PathLike, data: bytes, check: Optional[Callable[[], None]] = None) -> Path:
-    """Write ``data`` to ``path`` atomically (``check`` as ``atomic_path``'s); returns the path."""
-    with atomic_path(path, check=check) as tmp:
+def write_bytes_atomic(path: PathLike, data: bytes, check: Optional[Callable[[], None]] = None,
+                       follow_links: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (``check`` and ``follow_links`` as ``atomic_path``'s); returns the path."""
+    with atomic_path(path, check=check, follow_links=follow_links) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

@@ -37,8 +37,10 @@ class LocalAtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer stages a checkpoint in the system's temporary folder and moves it: where the run folder
     lies on another file system (a local ``/tmp``, runs on NFS or Lustre) the move is a copy onto the final name, so a
-    full disk or a kill during it left a checkpoint cut short there, over the previous ``last.ckpt``. Remote paths
-    (``s3://``) keep Lightning's writer."""
+    full disk or a kill during it left a checkpoint cut short there, over the previous ``last.ckpt``. A symbolic link
+    at the path is replaced, as Lightning's writer does: ``save_last="link"`` links ``last.ckpt`` to the best
+    checkpoint, which a resumed run's next save would otherwise overwrite. Remote paths (``s3://``) keep Lightning's
+    writer."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -46,7 +48,7 @@ class LocalAtomicCheckpointIO(TorchCheckpointIO):
             return
         buffer = io.BytesIO()  # as Lightning's: torch's own file writer reports a full disk with no errno
         torch.save(checkpoint, buffer)
-        write_bytes_atomic(path, buffer.getbuffer())
+        write_bytes_atomic(path, buffer.getbuffer(), follow_links=False)  # a link to the best checkpoint stays it
 
     def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         require_whole_checkpoint(path)
