@@ -388,12 +388,17 @@ def _overflowing(model, layer_name, value=300.0):
         layer.lora_B.fill_(value)
 
 
-def test_a_float16_merge_that_would_overflow_is_refused_and_every_weight_kept():
-    # merge wrote inf into the frozen weight, and unmerge/unload could not give it back
-    model = _adapted("lora_qv").half()
-    _overflowing(model, "blocks.1.attn.qkv")
+OVERFLOWING = {torch.float16: 300.0, torch.bfloat16: 1e20, torch.float32: 1e20, torch.float64: 1e160}
+
+
+@pytest.mark.parametrize("dtype", OVERFLOWING, ids=str)
+def test_a_merge_that_would_overflow_is_refused_and_every_weight_kept(dtype):
+    # merge wrote inf into the frozen weight, and unmerge/unload could not give it back (float32, bfloat16 and
+    # float64 too: finite factors whose product leaves the range, which only float16's merges were checked for)
+    model = _adapted("lora_qv").to(dtype)
+    _overflowing(model, "blocks.1.attn.qkv", OVERFLOWING[dtype])
     before = _weights(model)
-    with pytest.raises(OverflowError, match=r"nv.merge: blocks.1.attn.qkv: .*would leave torch.float16's range .*; "
+    with pytest.raises(OverflowError, match=rf"nv.merge: blocks.1.attn.qkv: .*would leave {dtype}'s range .*; "
                                             r"no weight was changed"):
         nv.merge(model)
     assert not any(layer.merged for layer in nv.adapted_layers(model).values())
@@ -403,14 +408,15 @@ def test_a_float16_merge_that_would_overflow_is_refused_and_every_weight_kept():
     assert torch.isfinite(model.blocks[1].attn.qkv.weight).all()
 
 
-def test_a_float16_task_switch_that_would_overflow_is_refused_and_the_model_keeps_its_task():
-    model = _adapted("lora_qv").half()
+@pytest.mark.parametrize("dtype", OVERFLOWING, ids=str)
+def test_a_task_switch_that_would_overflow_is_refused_and_the_model_keeps_its_task(dtype):
+    model = _adapted("lora_qv").to(dtype)
     nv.merge(model)
     before = _weights(model)
     parameters = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     overflowing = copy.deepcopy(model)
     nv.unmerge(overflowing)
-    _overflowing(overflowing, "blocks.1.attn.qkv")
+    _overflowing(overflowing, "blocks.1.attn.qkv", OVERFLOWING[dtype])
     task = {name: p.detach().clone() for name, p in overflowing.named_parameters() if p.requires_grad}
     with pytest.raises(OverflowError, match=r"blocks.1.attn.qkv: merging the new task's update: .* still serves its "
                                             r"previous task, unchanged"):

@@ -780,11 +780,9 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def switch_overflow(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor]) -> Optional[str]:
-        """Why ``replace_merged_delta(old, new)`` would leave the weight dtype's range, or None: a 16-bit weight is
+        """Why ``replace_merged_delta(old, new)`` would leave the weight dtype's range, or None: a float16 weight is
         unmerged first, so the new update is checked against the weight as unmerge gives it back."""
-        if not self.merge_can_overflow:
-            return None
-        if self.weight.dtype not in _SIXTEEN_BIT:
+        if not (self.merge_can_overflow and self.weight.dtype in _SIXTEEN_BIT):
             return self.low_rank_overflow(torch.cat([new[0], -old[0]], dim=1), torch.cat([new[1], old[1]], dim=0))
         weight = self.weight.detach().clone()
         self._unmerge_update(*old, weight=weight)
@@ -799,16 +797,21 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def low_rank_overflow(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Optional[str]:
         """Why weight (or ``weight``, shaped as it) + (a b)ᵀ would not be finite in the weight's dtype, or None: a merge
-        in a dtype of narrow range (float16: up to 65,504) can leave it, and an infinite weight cannot be unmerged.
+        in a dtype of narrow range (float16: up to 65,504) can leave it, one of wide range (float32) with factors far
+        beyond a trained adapter's (finite factors, an infinite product), and an infinite weight cannot be unmerged.
 
         A bound first (the largest |W| plus the largest row norm of ``a`` times column norm of ``b``), so a weight is
-        read once; only near the range is the sum formed aside. A weight that is not finite already is not blamed.
+        read once, and in a dtype of wide range only when the factors' part alone nears it; only near the range is the
+        sum formed aside. A weight that is not finite already is not blamed.
         """
         weight = self.weight if weight is None else weight
-        if not narrow_range(weight):
+        if weight.is_meta:
             return None
         largest = torch.finfo(weight.dtype).max
-        bound = float(weight.abs().max()) + float(a.float().norm(dim=1).max() * b.float().norm(dim=0).max())
+        norms = float(a.double().norm(dim=1).max() * b.double().norm(dim=0).max()) if a.numel() and b.numel() else 0.0
+        if norms < largest * 2.0 ** -20 and not narrow_range(weight):
+            return None  # only a weight within a millionth of its dtype's largest value could leave it
+        bound = float(torch.linalg.vector_norm(weight, float("inf"))) + norms
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
             return None
         left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)  # as _add_low_rank adds them
@@ -818,9 +821,10 @@ class AdaptedLinear(nn.Module):
             total = torch.addmm(weight, left, right)
         if bool(torch.isfinite(total).all()) or not bool(torch.isfinite(weight).all()):
             return None
-        delta = (b.t().float() @ a.t().float()).abs().max().item()
+        delta = (b.t().double() @ a.t().double()).abs().max().item()
+        span = f"±{largest:,.0f}" if largest < 1e6 else f"±{largest:.4g}"
         return (f"its ΔW (entries up to {delta:.4g}) added to its {weight.dtype} weight would leave {weight.dtype}'s "
-                f"range (±{largest:,.0f})")
+                f"range ({span})")
 
     @property
     def merged_values(self) -> Optional[Dict[str, Tensor]]:

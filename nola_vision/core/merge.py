@@ -19,7 +19,7 @@ from . import functions
 from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_records
 from .interrupts import all_or_nothing
-from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected
+from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected, narrow_range
 from .targets import require_module
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
@@ -360,8 +360,10 @@ def merge(model: nn.Module) -> nn.Module:
             _require_finite_update(name, factors)
             overflow = unmerged[name].low_rank_overflow(*factors)
             if overflow is not None:
-                raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. Serve the model "
-                                    "unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)")
+                fix = ("Serve the model unmerged, or merge in float32 or bfloat16 (model.float() before nv.merge)"
+                       if narrow_range(unmerged[name].weight) else "Its trained tensors are far beyond a trained "
+                       "adapter's (a diverged run?): train or load other values")
+                raise OverflowError(f"nv.merge: {name}: {overflow}; no weight was changed. {fix}")
         # every layer merged, or none (each layer's merge is one write, or none)
         with all_or_nothing("nv.merge") as undo:
             for name, layer in unmerged.items():
