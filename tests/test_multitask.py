@@ -391,9 +391,53 @@ def test_a_mixed_batch_over_swins_window_attention_says_to_serve_its_tasks_one_p
     with torch.no_grad():
         expected = nv.load_adapter(swin(), tmp_path / "a")(images)
         torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=1e-5, atol=1e-5)
-        with pytest.raises(RuntimeError, match=r"attn.qkv sees 8 rows for a batch of 2 images .*Serve the tasks that "
-                                               r"adapt it one task per batch"):
+        with pytest.raises(RuntimeError, match=r"attn.qkv's input is not one row per image \(it has 4 rows for one "
+                                               r"image: windows or tokens first.*Serve the tasks that adapt it one "
+                                               r"task per batch"):
             model(images, ["a", "b"])
+
+
+def test_a_mixed_batch_as_large_as_a_relative_position_table_is_refused_not_served_wrong(tmp_path):
+    """vit_relpos's position MLP (rel_pos.mlp.fc1/fc2, which the default mlp.fc1/fc2 targets match) reads a table of
+    2g-1 rows, the same for every image: a batch of 2g-1 images passed the row count check and each table row got
+    another task's update, so every image's logits mixed tasks, silently."""
+    def relpos():
+        torch.manual_seed(0)
+        return timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                                 patch_size=8, depth=1, embed_dim=32, num_heads=2).eval()
+
+    for seed, name in enumerate("ab"):
+        config = nv.LoRAConfig(rank=2, targets=["mlp.fc1", "mlp.fc2"])
+        nv.save_adapter(as_if_trained(nv.inject(relpos(), config), seed + 1), tmp_path / name)
+    model = nv.MultiTaskModel(relpos())
+    model.add_task("a", tmp_path / "a")
+    model.add_task("b", tmp_path / "b")
+    table = relpos().blocks[0].attn.rel_pos.rel_coords_log.shape[0]  # 2 * 4 - 1 rows for a 4x4 grid
+    images = torch.randn(table, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"blocks.0.attn.rel_pos.mlp.fc1's input is not one row per image \(it has "
+                                           rf"{table} rows for one image: .*relative-position MLP's"):
+        model(images, ["a", "b"] * (table // 2) + ["a"])
+    with torch.no_grad():
+        expected = nv.load_adapter(relpos(), tmp_path / "b")(images)
+    torch.testing.assert_close(torch.stack(model(images, "b")), expected, rtol=1e-5, atol=1e-5)  # one task: served
+
+
+def test_a_backbone_that_replaces_a_cache_buffer_at_its_first_call_is_served_at_every_call(tmp_path):
+    """ConViT's attention makes its non-persistent rel_indices buffer for the token count at its first call: every
+    call after the first was refused as a buffer "written or replaced (by load_state_dict, an optimizer step...)"."""
+    def convit():
+        torch.manual_seed(0)
+        return timm.create_model("convit_tiny", pretrained=False, num_classes=3, img_size=32, depth=2,
+                                 local_up_to_layer=1).eval()
+
+    nv.save_adapter(as_if_trained(nv.inject(convit(), nv.LoRAConfig(rank=2, targets=["mlp.fc1"])), 1), tmp_path / "a")
+    model = nv.MultiTaskModel(convit())
+    model.add_task("a", tmp_path / "a")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = nv.load_adapter(convit(), tmp_path / "a")(images)
+    for _ in range(3):
+        torch.testing.assert_close(torch.stack(model(images, "a")), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_backbone_whose_head_pools_the_features_itself_is_refused_naming_what_to_do():
@@ -404,6 +448,11 @@ def test_a_backbone_whose_head_pools_the_features_itself_is_refused_naming_what_
     with pytest.raises(ValueError, match=r"VisionTransformerSAM's classifier head \(ClassifierHead\) pools the "
                                          r"features itself .* serve its tasks one at a time with nv.load_adapter"):
         nv.MultiTaskModel(sam)
+    crossvit = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=3, img_size=32, patch_size=(8, 16),
+                                 embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2), mlp_ratio=(2, 2, 1))
+    with pytest.raises(ValueError, match=r"CrossVit.s classifier head is a ModuleList of 2 heads, whose logits the "
+                                         r"model combines itself, .* serve its tasks one at a time"):
+        nv.MultiTaskModel(crossvit)  # accepted, then a bare "ModuleList is missing the required forward" at each call
     for name in ("vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256"):  # pooled before a Linear head: served
         nv.MultiTaskModel(timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1,
                                             num_heads=2, num_classes=3))

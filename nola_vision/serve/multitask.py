@@ -141,6 +141,8 @@ class MultiTaskModel(nn.Module):
         self._contexts: Dict[type, dict] = {}
         self._cache: OrderedDict[str, _Factors] = OrderedDict()
         self._hooks: Dict[str, RemovableHandle] = {}
+        # Per image shape: the rows each hooked layer's input has for one image (1 where images come first)
+        self._rows_per_image: Dict[Tuple[int, ...], Dict[str, int]] = {}
         self._finalizer = _removing_hooks_when_collected(self)
         self._call = _Call()
         self._merged = merged_adapters(model)  # what the weights held when wrapped; a later change is refused
@@ -186,6 +188,7 @@ class MultiTaskModel(nn.Module):
         self._finalizer = _removing_hooks_when_collected(self)
         self._weights = None
         self.__dict__.setdefault("_copied_weights", None)
+        self.__dict__.setdefault("_rows_per_image", {})
 
     @property
     def cache_mb(self) -> float:
@@ -296,8 +299,11 @@ class MultiTaskModel(nn.Module):
             position = {task: i for i, task in enumerate(present)}
             index = torch.tensor([position[task] for task in names], device=images.device)
             factors = self._factors(present)
+            batches = self._layer_batches(factors, index)
+            if len(present) > 1:
+                self._require_images_first(images, batches)
             call = self._call
-            call.batch, call.applied = self._layer_batches(factors, index), set()
+            call.batch, call.applied = batches, set()
             try:
                 features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
                 self._require_every_update_applied()
@@ -348,6 +354,30 @@ class MultiTaskModel(nn.Module):
                                "served images into their running statistics for good and its dropout would drop at "
                                "random, so each image's logits would depend on its batch. Call served.eval() (or "
                                "model.eval()) before serving")
+
+    @torch.compiler.disable
+    def _require_images_first(self, images: Tensor, layers: Dict[str, LayerBatch]) -> None:
+        """Refuse a batch mixing tasks over an adapted layer whose input is not one row per image: found once per
+        image shape by a pass of one image, since a count of rows equal to the batch's can be chance (a relative-
+        position MLP reads a 27-row table of positions, the same for every image: a batch of 27 gave its rows
+        different tasks' updates, silently)."""
+        shape = tuple(images.shape[1:])
+        rows = self._rows_per_image.get(shape)
+        if rows is None:
+            call = self._call
+            call.rows = {}
+            try:
+                self.model.forward_head(self.model.forward_features(images[:1]), pre_logits=True)
+            finally:
+                rows, call.rows = call.rows, None
+            self._rows_per_image[shape] = rows
+        name = next((name for name in layers if rows.get(name, 1) != 1), None)
+        if name is not None:
+            raise RuntimeError(f"layer {name}'s input is not one row per image (it has {rows[name]} rows for one "
+                               "image: windows or tokens first, as Swin's window attention, or a table computed from "
+                               "positions alone, as a relative-position MLP's), so a batch mixing tasks cannot give "
+                               "each image its own update there. Serve the tasks that adapt it one task per batch "
+                               "(model(images, 'task')), or mix tasks that adapt other layers")
 
     def _require_every_update_applied(self) -> None:
         """Refuse outputs without an update a task holds: a hooked layer that the backbone never called (its parent
@@ -419,6 +449,7 @@ class MultiTaskModel(nn.Module):
         not only those the tasks adapt: a compiled served model inlines the hooks it finds at its first call, and
         torch.compile does not guard on hooks, so a task added later would not be applied there. A layer no task of
         a batch adapts returns its output at once. Without tasks the backbone carries none."""
+        self._rows_per_image.clear()  # found again for the layers hooked now
         wanted = set(adaptable_linears(self.model)) if self._tasks else set()
         wanted |= {layer for task in self._tasks.values() for layer in task.plan.layers}
         for name in sorted(set(self._hooks) - wanted):
@@ -432,6 +463,9 @@ class MultiTaskModel(nn.Module):
     def _add_updates(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """Forward hook: y + (x A_t) B_t with each image's task t, as two batched matmuls over per-image factors."""
         call = self._call
+        if call.rows is not None:  # a pass of one image: how many rows the layer's input has (_require_images_first)
+            call.rows.setdefault(name, args[0].shape[0])
+            return output
         batch = call.batch.get(name)
         if batch is None:  # not this model's call on this thread, or no task of this batch adapts the layer
             return output
@@ -607,6 +641,7 @@ class _Call(threading.local):
     def __init__(self) -> None:
         self.batch: Dict[str, LayerBatch] = {}
         self.applied: set = set()
+        self.rows: Optional[Dict[str, int]] = None  # while finding each layer's input rows for one image
 
 
 def _private_copy(module: nn.Module) -> nn.Module:
@@ -636,7 +671,13 @@ def _require_no_model_hooks(model: nn.Module, since: str) -> None:
 def _require_head_after_pooling(model: nn.Module, head: nn.Module) -> None:
     """Refuse a head that pools the features itself (timm's ``ClassifierHead``, as SAM ViT's): a call runs each task's
     head on ``forward_head(pre_logits=True)``'s features, pooled already, which such a head would pool again (a bare
-    shape error deep in timm)."""
+    shape error deep in timm). A head that is a container of heads (CrossViT's ``ModuleList``, one per branch,
+    whose logits the model averages) is refused too: it has no forward of its own to run a task's head through."""
+    if isinstance(head, (nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(f"{type(model).__name__}'s classifier head is a {type(head).__name__} of {len(head)} heads, "
+                         "whose logits the model combines itself, and a MultiTaskModel runs one head per task on the "
+                         "pooled features: serve its tasks one at a time with nv.load_adapter (a task switch copies "
+                         "in place)")
     pools = [m for m in head.modules() if "Pool" in type(m).__name__
              and not (callable(getattr(m, "is_identity", None)) and m.is_identity())]
     if pools:
@@ -684,8 +725,11 @@ class _WeightRecord:
                 self.sizes.append((entries, len(entries)))
                 self.entries += [(entries, key, value, _version(value))
                                  for key, value in entries.items()]
+        # persistent buffers only: a non-persistent one is the model's own cache, which its forward may replace
+        # (ConViT's rel_indices, made for the token count at the first call)
         self.buffers = [_BufferRecord(name, module._buffers, key) for name, module in model.named_modules()
-                        for key, value in module._buffers.items() if value is not None]
+                        for key, value in module._buffers.items()
+                        if value is not None and key not in module._non_persistent_buffers_set]
         self.sizes += [(module._buffers, len(module._buffers)) for module in model.modules()]
         self.settings = _Settings(model)
         parameters = list(model.named_parameters())
@@ -716,6 +760,9 @@ class _WeightRecord:
             return None
         if samples.keys() == self.parameter_names:  # a pickle from before buffers were recorded: parameters alone
             samples = {**samples, **{record.name: record.sample for record in self.buffers}}
+        caches = {f"{name}.{key}" if name else key for name, module in self.model.named_modules()
+                  for key in module._non_persistent_buffers_set}
+        samples = {name: sample for name, sample in samples.items() if name not in caches}  # pickled when recorded
         if samples.keys() != self.samples.keys():
             return "a module was replaced, added or removed"
         changed = next((name for name, sample in samples.items() if not self.samples[name].matches(sample)), None)
