@@ -530,6 +530,31 @@ def test_a_head_replaced_by_hand_is_saved_and_checked_by_its_own_class_count(tmp
         nv.load_adapter(tiny_vit(num_classes=5), tmp_path / "a")
 
 
+def test_a_head_of_several_layers_is_counted_by_its_last_layers_outputs(tmp_path):
+    """``model.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(d, 7))`` was counted by timm's stale num_classes: its
+    7 class names refused ("a head of 1000 classes"), the file recording 1000, a MultiTaskModel saying 1000 for
+    7-value logits and refusing a 3-class task of the same head form."""
+    def sequential_headed(classes):
+        model = tiny_vit(num_classes=1000)
+        torch.manual_seed(3)
+        model.head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(64, classes))
+        return model
+
+    for classes in (7, 3):
+        model = as_if_trained(nv.inject(sequential_headed(classes), NOLA), classes, scale=0.3)
+        nv.save_adapter(model, tmp_path / f"c{classes}", bits=32, class_names=[f"c{i}" for i in range(classes)])
+        assert json.loads((tmp_path / f"c{classes}" / CONFIG_NAME).read_text())["num_classes"] == classes
+    served = nv.MultiTaskModel(sequential_headed(7))
+    served.add_task("seven", tmp_path / "c7")
+    served.add_task("three", tmp_path / "c3")
+    assert (served.num_classes("seven"), served.num_classes("three")) == (7, 3)
+    logits = served(IMAGES[:2], ["seven", "three"])
+    assert [len(row) for row in logits] == [7, 3]
+    with torch.no_grad():
+        expected = nv.load_adapter(sequential_headed(3).eval(), tmp_path / "c3")(IMAGES[:2])
+    torch.testing.assert_close(logits[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapter_tensor_replaced_with_another_shape_is_refused_before_a_load_copies_anything(tmp_path):
     model = trained()
     nv.save_adapter(model, tmp_path / "a", bits=32)

@@ -255,11 +255,14 @@ def _arguments(module: nn.Module, names: Tuple[str, ...]) -> str:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    """The class count of the model's classifier: its head's ``out_features``, which a head replaced by hand
-    (``model.head = nn.Linear(d, 7)``) changes while timm's ``num_classes`` stays; else ``num_classes``, else 0."""
-    outputs = getattr(classifier_head(model), "out_features", None)
-    if isinstance(outputs, int):
-        return outputs
+    """The class count of the model's classifier: its head's ``out_features``, or its last layer's for a head of
+    several (``nn.Sequential(nn.Dropout(0.2), nn.Linear(d, 7))``), which a head replaced by hand changes while timm's
+    ``num_classes`` stays; else ``num_classes``, else 0."""
+    head = classifier_head(model)
+    outputs = [module.out_features for module in (head.modules() if head is not None else ())
+               if isinstance(getattr(module, "out_features", None), int)]
+    if outputs:
+        return outputs[0] if isinstance(getattr(head, "out_features", None), int) else outputs[-1]
     return int(getattr(model, "num_classes", 0))
 
 
