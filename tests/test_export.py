@@ -175,3 +175,7 @@ def test_export_onnx_names_input_size_for_a_model_that_records_no_image_size_and
     with torch.no_grad():
         expected = model.eval()(images).numpy()
     assert abs(ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})[0] - expected).max() < 1e-4
+    mvit = timm.create_model("mvitv2_tiny", pretrained=False, img_size=64, num_classes=3)  # an IndexError in timm
+    with pytest.raises(ValueError, match=r"MultiScaleVit records no image size of its own, and a pass at its "
+                                         r"pretrained config's 224×224 fails \(IndexError: .*pass input_size"):
+        nv.export_onnx(nv.inject(mvit, nv.LoRAConfig(rank=2, targets=["attn.qkv"])), tmp_path / "model.onnx")

@@ -332,7 +332,7 @@ def _require_runs_at(model: nn.Module, size: Tuple[int, ...], parameter: Tensor)
     try:
         with _as_served(model):
             model(images)
-    except (RuntimeError, ValueError, AssertionError) as error:
+    except (RuntimeError, ValueError, AssertionError, IndexError) as error:  # IndexError: MViTv2's position tables
         raise ValueError(f"export_onnx: {type(model).__name__} records no image size of its own, and a pass at its "
                          f"pretrained config's {size[1]}×{size[2]} fails ({type(error).__name__}: {error}); pass "
                          "input_size=(3, H, W), the size it was built for") from error
