@@ -35,6 +35,28 @@ def test_per_sample_gradients_by_vmap_of_grad_equal_autograds_one_image_at_a_tim
                                        msg=name)
 
 
+@pytest.mark.parametrize("key", ["nola", "nola_per_layer"])
+def test_a_float64_models_per_sample_gradients_keep_float64s_precision(key):
+    """Under torch.func the bases were decoded in float32 and cast: a float64 model's outputs and gradients there
+    were float32-accurate (1e-7 apart from eager autograd, where float64 gives 1e-16)."""
+    model = adapted(key).double().eval()
+    images = IMAGES.double()
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss(values, image):
+        return functional_call(model, values, (image[None],), strict=False).logsumexp(-1).sum()
+
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(model)(images[:, None]).squeeze(1), model(images), rtol=1e-13, atol=0)
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, images)
+    for i, image in enumerate(images):
+        model.zero_grad()
+        model(image[None]).logsumexp(-1).sum().backward()
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], model.get_parameter(name).grad, rtol=1e-12, atol=1e-15,
+                                       msg=name)
+
+
 @pytest.mark.parametrize("key", sorted(CONFIGS))
 def test_functional_call_under_gradient_checkpointing_gives_autograds_gradients(key):
     """Shared bases: the checkpointed blocks recomputed in backward, after functional_call had put the model's own

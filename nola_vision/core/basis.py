@@ -442,12 +442,12 @@ def combine_bases(coefficients: Tensor, spec: BasisSpec, codes: Optional[Tensor]
     decides whether they are held), or regenerated chunk by chunk (per-layer bases). ``chunk``: bases decoded at a
     time on the CPU (cache-sized); accelerators take larger chunks (``bases_per_chunk``)."""
     chunk = bases_per_chunk(spec, coefficients.device, chunk)
-    if functions.transforms_active():  # torch.func transforms need plain ops: the bases decoded whole, once
+    if functions.transforms_active():  # torch.func transforms need plain ops: the codes whole, once
         if codes is None:
             codes = bank.get(spec, coefficients.device) if bank is not None else None
         codes = spec.codes(coefficients.device) if codes is None else codes
-        dtype = factor_dtype(coefficients.dtype)
-        return coefficients.to(dtype) @ decode(codes, spec.step).to(dtype)
+        wide = coefficients.to(factor_dtype(coefficients.dtype))  # as the eager pass: float64 stays float64
+        return torch.addmm(0.5 * wide.sum(1, keepdim=True), wide, codes.to(wide.dtype)).mul(spec.step)
     keep_codes, backward_bank = True, None
     if bank is not None and codes is None:
         codes = bank.get(spec, coefficients.device)
