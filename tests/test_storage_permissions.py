@@ -62,6 +62,44 @@ def test_a_save_below_a_read_only_folder_names_that_folder(tmp_path):
     assert "Check the disk" not in done.stderr and not (tmp_path / "ro" / "x").exists()
 
 
+def test_a_save_into_another_users_folder_says_whose_it_is_rather_than_to_chmod_it(tmp_path):
+    # "Make .../theirs writable": a chmod this user may not run
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    give_away(theirs, OTHER_USER - 1)
+    done = run_bound(SAVE + "nv.save_adapter(model, 'theirs/task')", tmp_path)
+    assert done.returncode == 1 and f"{theirs} belongs to another user (uid {OTHER_USER - 1}), who alone may " \
+                                    "make it writable" in done.stderr, done.stderr
+    assert "Make" not in done.stderr and os.listdir(theirs) == []
+
+
+def test_a_save_on_a_read_only_file_system_says_so_rather_than_to_chmod(tmp_path, monkeypatch):
+    # "make it writable (e.g. chmod u+w ...)" for a folder whose mode was 0755 on a read-only mount
+    from tiny_models import tiny_vit
+
+    import nola_vision as nv
+    from nola_vision.core import storage
+
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    nv.save_adapter(model, tmp_path / "mount" / "task")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mount" / "task").iterdir()}
+    mounted = str(tmp_path / "mount")
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    real_statvfs, real_access = os.statvfs, os.access
+    monkeypatch.setattr(storage.os, "statvfs", lambda p: ReadOnly() if str(p).startswith(mounted) else real_statvfs(p))
+    monkeypatch.setattr(storage.os, "access", lambda p, mode, **kw: False if str(p).startswith(mounted) and
+                        mode & os.W_OK else real_access(p, mode, **kw))
+    for target, said in (("task", "cannot save over"), ("new", "cannot save to")):
+        with pytest.raises(PermissionError, match=rf"{said} .*{target}: .*mount(/task)? is on a read-only file system "
+                                                  r"\(mounted read-only\)") as error:
+            nv.save_adapter(model, tmp_path / "mount" / target)
+        assert "chmod" not in str(error.value) and "Make" not in str(error.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mount" / "task").iterdir()} == before
+
+
 def test_another_users_adapter_in_a_sticky_folder_is_named_as_theirs(tmp_path):
     sticky = tmp_path / "shared"
     sticky.mkdir()

@@ -569,6 +569,10 @@ def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
         # Not on Windows, whose directories' read-only attribute (mode 0o555 there) often just marks custom folders.
         no_write_bit = os.name == "posix" and stat.S_IMODE(os.stat(target).st_mode) & 0o222 == 0
         if no_write_bit or not os.access(target, os.W_OK):
+            why = _unwritable_cause(target)
+            if why is not None:
+                raise PermissionError(f"cannot save over {target}: {why}. Save to another directory (it was left "
+                                      "untouched)")
             raise PermissionError(f"{target} is write-protected, and a save would replace the whole directory: make "
                                   f"it writable (e.g. chmod u+w {target}) to save over it, or save to another "
                                   "directory (it was left untouched)")
@@ -579,10 +583,28 @@ def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
     # Root may write a parent whose bits say read-only, and then the save works: only a parent it cannot write fails.
     parent = target.parent
     if parent.is_dir() and not os.access(parent, os.W_OK):
+        why = _unwritable_cause(parent)
+        fix = (f"{why}, so save to a directory inside a writable folder" if why is not None else
+               f"Make {parent} writable, or save to a directory inside a writable folder")
         raise PermissionError(f"cannot save to {target}: a save swaps the whole directory in atomically (a lock file, "
                               f"a staged copy and a rename beside it), so the parent directory {parent} must be "
-                              f"writable. Make {parent} writable, or save to a directory inside a writable folder "
-                              "(nothing was written)")
+                              f"writable. {fix[0].upper()}{fix[1:]} (nothing was written)")
+
+
+def _unwritable_cause(folder: Path) -> Optional[str]:
+    """Why ``folder`` is not writable where no chmod of this user's can help: a read-only file system, or a folder of
+    another user (its owner may chmod it, this user may not); None where its mode is the cause."""
+    rdonly = getattr(os, "ST_RDONLY", None)
+    try:
+        if rdonly is not None and os.statvfs(folder).f_flag & rdonly:
+            return f"{folder} is on a read-only file system (mounted read-only)"
+        owner = os.stat(folder).st_uid
+    except (OSError, AttributeError):
+        return None
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    if euid is not None and owner != euid:
+        return f"{folder} belongs to another user (uid {owner}), who alone may make it writable"
+    return None
 
 
 @contextmanager
