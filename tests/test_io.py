@@ -177,6 +177,19 @@ def test_missing_and_truncated_files_are_reported(tmp_path):
         nv.load_adapter(model, tmp_path)
 
 
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
+def test_a_git_lfs_pointer_or_a_web_page_in_place_of_a_file_is_named_as_such(tmp_path, name):
+    # "truncated or corrupt ... save the adapter again" (or "not valid JSON") to a user who cloned or downloaded it
+    nv.save_adapter(trained(), tmp_path)
+    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\n"
+               f"size {(tmp_path / name).stat().st_size}\n")
+    for text, said in ((pointer, r"is a Git LFS pointer \(\d+ bytes\), not the file itself: .*Run `git lfs pull`"),
+                       ("<!DOCTYPE html>\n<html><body>404</body></html>\n", r"is a web page \(\d+ bytes of HTML\)")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(AdapterLoadError, match=rf"{name} {said}"):
+            nv.load_adapter(tiny_vit(), tmp_path)
+
+
 def test_loading_from_a_file_or_a_missing_path_says_which(tmp_path):
     (tmp_path / "notes.txt").write_text("not an adapter")
     with pytest.raises(AdapterLoadError, match=r"notes.txt is a file, not an adapter directory"):

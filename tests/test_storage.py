@@ -21,7 +21,7 @@ from storage_workers import CONFIG, USER_FILE, USER_TEXT, trained
 from tiny_models import tiny_vit
 
 import nola_vision as nv
-from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 from nola_vision.core import storage
 
 WORKERS = Path(__file__).with_name("storage_workers.py")
@@ -365,6 +365,10 @@ def test_without_an_atomic_exchange_a_save_still_keeps_every_file(tmp_path, monk
 def test_an_old_set_that_a_killed_two_rename_save_left_aside_is_put_back(tmp_path):
     target = saved_adapter(tmp_path / "adapter", seed=1)
     target.rename(tmp_path / ".adapter.old-0123456789ab")  # killed between its two renames: the path is missing
+    with pytest.raises(AdapterLoadError, match=r"adapter is missing: .*; .*\.adapter\.old-0123456789ab holds the "
+                                               r"adapter that was there, set aside by a save killed before it "
+                                               r"finished: rename it back to adapter to load it"):
+        nv.load_adapter(tiny_vit(), target)  # said only "is missing"
     new = trained(2)
     nv.save_adapter(new, target)
     assert (target / USER_FILE).read_text() == USER_TEXT and siblings(target) == [".adapter.lock", "adapter"]

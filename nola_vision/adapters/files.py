@@ -72,7 +72,13 @@ from ..core.quantize import (
     unpack4,
 )
 from ..core.registry import method_of
-from ..core.storage import NotARegularFileError, atomic_directory, read_files, resolve_directory_target
+from ..core.storage import (
+    NotARegularFileError,
+    atomic_directory,
+    read_files,
+    resolve_directory_target,
+    set_aside_copy,
+)
 from ..core.targets import (
     classifier_head,
     head_parameter_names,
@@ -747,6 +753,7 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     Checksums are required by the current formats and verified whenever present, whatever ``format`` says, so
     editing the format cannot skip them; a file without any loads only with ``allow_unchecked_legacy``.
     """
+    _refuse_stand_in(path, raw)
     try:
         document = json.loads(raw.decode("utf-8-sig"))  # an editor may have added a byte-order mark
     except ValueError as error:  # not JSON, not UTF-8, an integer of over 4,300 digits
@@ -822,8 +829,24 @@ def _unknown_format(path: Path, document: Any) -> str:
     return f"{path} has format {found!r}, expected {FORMAT!r}"
 
 
+def _refuse_stand_in(path: Path, raw: bytes) -> None:
+    """Refuse a file that stands in for the adapter's, naming what it is: a Git LFS pointer (a repository cloned
+    without ``git lfs pull``) or a web page (a download that got an error page), which "save the adapter again"
+    does not cure for someone who did not save it."""
+    head = raw[:200].lstrip().lower()
+    if head.startswith(b"version https://git-lfs"):
+        raise AdapterLoadError(f"{path} is a Git LFS pointer ({len(raw)} bytes), not the file itself: the repository "
+                               "was cloned or pulled without its LFS files. Run `git lfs pull` in it (after `git lfs "
+                               "install`), then load again")
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise AdapterLoadError(f"{path} is a web page ({len(raw)} bytes of HTML), not the adapter's file: a download "
+                               "got an error or login page instead. Download the file again from its raw or "
+                               "'resolve' address")
+
+
 def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Tensor], dict]:
     """The stored tensors and quantisation table, after checking the file's sha256 against the config's."""
+    _refuse_stand_in(path, raw)
     expected = document.get("weights_sha256")
     if expected is not None and _sha256(raw) != expected:
         raise AdapterLoadError(f"{path} is truncated or corrupt, or comes from another save than {CONFIG_NAME} "
@@ -854,8 +877,11 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     try:
         raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))
     except FileNotFoundError as error:
+        aside = set_aside_copy(root)
+        found = (f"; {aside} holds the adapter that was there, set aside by a save killed before it finished: rename "
+                 f"it back to {root.name} to load it" if aside is not None else "")
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is missing: an adapter directory holds "
-                               f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter)") from error
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_adapter){found}") from error
     except NotADirectoryError as error:
         # the path itself, or the folder it lies under (``notes/task`` with ``notes`` a file)
         file = next((path for path in (root, *root.parents) if path.is_file()), root)

@@ -33,10 +33,9 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
-           "check_writer_lock",
-           "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder", "out_of_room_hint", "read_files",
-           "resolve_directory_target", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
-           "write_text_atomic", "writer_lock"]
+           "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder",
+           "out_of_room_hint", "read_files", "resolve_directory_target", "set_aside_copy", "try_lock",
+           "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
@@ -1007,6 +1006,20 @@ def check_writer_lock(target: PathLike) -> None:
     raise ValueError(f"cannot write {target}: {lock}, the lock file that writers of it take turns on, is {what}. "
                      "Move it away or remove it (a write makes a new lock file there), or write to another path "
                      "(nothing was written)")
+
+
+def set_aside_copy(target: PathLike) -> Optional[Path]:
+    """The previous content of a missing ``target`` that a save killed between its two renames left aside
+    (``.<name>.old-<hex>``, on file systems without an atomic exchange), or None: a load can name it."""
+    target = Path(target)
+    if os.path.lexists(target) or not target.parent.is_dir():
+        return None
+    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.old-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
+    try:
+        return next((Path(entry.path) for entry in os.scandir(target.parent)
+                     if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)), None)
+    except OSError:
+        return None
 
 
 def _remove_leftovers(target: Path) -> None:
