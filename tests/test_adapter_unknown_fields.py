@@ -40,6 +40,22 @@ def test_a_field_this_version_does_not_know_is_refused(tmp_path, change, field):
         nv.load_adapter(tiny_vit(), tmp_path)
 
 
+@pytest.mark.parametrize("change, said", [
+    (lambda d: d["config"].update(dropout=0.1), r"unknown NOLAConfig fields \['dropout'\]"),
+    (lambda d: d.update(generator_version="nola-lowbias32x2-int16-v9"), r"from generator 'nola-lowbias32x2-int16-v9'"),
+    (lambda d: d["frozen_weights"].update(version="sample32768-sign16-float64-v9"), "fingerprinted by"),
+])
+def test_a_file_a_newer_nola_vision_wrote_says_to_upgrade(tmp_path, change, said):
+    # a newer config field was "not valid", a newer generator "an early build", a newer fingerprint "load it with
+    # the build that wrote it": none said that upgrading reads the file
+    saved(tmp_path)
+    rewrite(tmp_path, resealed(lambda d: (change(d), d.update(library_version="9.1.0"))))
+    upgrade = r"upgrade nola_vision \(pip install -U nola_vision\) to load it"
+    with pytest.raises(AdapterLoadError, match=rf"{said}.* by nola_vision 9\.1\.0, newer .*: {upgrade}") as error:
+        nv.load_adapter(tiny_vit(), tmp_path)
+    assert "early build" not in str(error.value) and "build that wrote" not in str(error.value)
+
+
 def test_an_integer_tensor_without_a_quantisation_entry_is_refused(tmp_path):
     saved(tmp_path)
     tensors = load_file(tmp_path / WEIGHTS_NAME)
