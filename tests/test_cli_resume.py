@@ -66,6 +66,28 @@ def test_resuming_the_last_checkpoint_trains_only_the_new_epochs(run, tmp_path):
     assert {r["epoch"] for r in rows if r.get("train/loss_step")} == {"3"}  # epoch 2 is not trained again
 
 
+def test_a_new_fit_from_a_runs_saved_config_keeps_that_runs_result(run, tmp_path, caplog):
+    """The saved config carries the run's --result_file: a variant fit from it (other epochs) replaced that result
+    with its own, silently, with no copy kept; test and validate already kept it."""
+    result = Path(run["fit"]["log_dir"]).parents[1] / "result.json"
+    before = result.read_bytes()
+    assert main(["fit", "-c", str(run["config"]), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs",
+                 "1", "--test_after_fit", "false", *QUIET]) == 0
+    assert result.read_bytes() == before
+    assert f"the config's result_file {result} is the result of the run that saved the config, kept as it is: this " \
+           "new run writes no result file" in caplog.text
+
+
+def test_an_abbreviated_model_option_is_refused_with_a_checkpoint_as_the_option_itself_is(run, tmp_path, capsys):
+    """argparse takes --model.label for --model.label_smoothing: given with --ckpt_path it was read as a config
+    file's value, and the resume trained on with the checkpoint's 0.1 (exit 0)."""
+    common = ["fit", "-c", str(run["config"]), "--ckpt_path", str(run["checkpoint"]), "--trainer.default_root_dir",
+              str(tmp_path), "--trainer.max_epochs", "4", *QUIET]
+    for option in ("--model.label_smoothing", "--model.label"):
+        assert main([*common, option, "0.3"]) == 2
+        assert "differ from --model.label_smoothing 0.3 (checkpoint: " in capsys.readouterr().err
+
+
 def test_resuming_with_the_runs_own_null_rates_is_no_change(run, tmp_path):
     """lr, head_lr and warmup_epochs null ask for the recipe's values, which the checkpoint holds resolved: the run's
     own command line was refused as 'differ from --model.lr None (checkpoint: 0.03)'."""

@@ -878,6 +878,14 @@ class NolaCLI(LightningCLI):
             config.result_file = None
             rank_zero_info(f"nola_vision: the config's result_file {result} is the result of the run that saved the "
                            f"config, kept as it is: pass --result_file to write the {subcommand} metrics")
+        elif (subcommand == "fit" and from_config and config.get("ckpt_path") is None
+              and _saved_result_file(config.get("config") or []) == os.path.abspath(expand_root(result))):
+            # a new run from a run's saved config (a variant: other epochs, another seed) is another run: replacing
+            # the saved run's result lost it, silently (a resume, with --ckpt_path, finishes that run and writes it)
+            config.result_file = None
+            rank_zero_info(f"nola_vision: the config's result_file {result} is the result of the run that saved the "
+                           "config, kept as it is: this new run writes no result file (pass --result_file to write "
+                           "one; --ckpt_path resumes that run instead)")
         predictions = config.get("predictions_file")
         if (subcommand == "predict" and predictions and not _given_on_command_line(argv, "--predictions_file")
                 and _saved_config(config.get("config") or []) is not None):
@@ -890,7 +898,8 @@ class NolaCLI(LightningCLI):
         if isinstance(argv, (list, tuple)) and config.model.get("adapter") is not None:
             warn_carried_adapter_settings(parser, [str(a) for a in argv], subcommand, config.model.adapter)
         self.given_model = config.model.clone()
-        self.explicit_model_args = explicit_model_args(argv) if isinstance(argv, (list, tuple)) else set()
+        fields = sorted({key.split(".", 1)[0] for key in config.model.keys()})
+        self.explicit_model_args = explicit_model_args(argv, fields) if isinstance(argv, (list, tuple)) else set()
 
     def before_instantiate_classes(self) -> None:
         """Fail on an unknown backbone with close matches, before anything is built."""
@@ -2006,9 +2015,15 @@ def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: S
                             f"{last}): pass another checkpoint of the run, or --ckpt_path last")
 
 
-def explicit_model_args(argv: Sequence[Any]) -> set:
-    """Top-level ``model`` fields set on the command line (``--model.lr 0.1``, ``--model.adapter.init_args.rank=2``)."""
-    return {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
+def explicit_model_args(argv: Sequence[Any], fields: Sequence[str] = ()) -> set:
+    """Top-level ``model`` fields set on the command line (``--model.lr 0.1``, ``--model.adapter.init_args.rank=2``),
+    an abbreviation argparse takes (``--model.label 0.3``) named as the one field of ``fields`` it begins."""
+    typed = {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
+    named = set()
+    for name in typed:
+        matches = [field for field in fields if field.startswith(name)]
+        named.update(matches if name not in fields and len(matches) == 1 else [name])
+    return named
 
 
 # Hyper-parameters that say where a file is, not what it holds: the command line may point a checkpoint at its frozen

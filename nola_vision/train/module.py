@@ -592,11 +592,16 @@ class FewShotClassifier(L.LightningModule):
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse, before any pass of any stage, data preprocessed for another backbone (``_check_preprocessing``) or
-        of another class count than the head (``_check_data_classes``). A trainer with Lightning's default checkpoint
+        of another class count than the head (``_check_data_classes``). Under ``precision=64`` the module is cast to
+        float64 here, before a ``ckpt_path`` loads into it. A trainer with Lightning's default checkpoint
         writer takes ``LocalAtomicCheckpointIO`` (``use_atomic_checkpoints``): its checkpoints are whole under their
         final names, and one cut short given as ``ckpt_path`` is named instead of failing in ``torch.load``."""
         if self._trainer is not None:
             use_atomic_checkpoints(self._trainer)
+            if str(self._trainer.precision).startswith("64"):
+                # Lightning loads a ckpt_path before its precision plugin casts the module: the float64 values of a
+                # 64-bit run went through float32 parameters (a resume was 1e-9 off, not exact)
+                self.double()
         if stage == "fit":
             self._fit_started = False
         self._check_preprocessing()
