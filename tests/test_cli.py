@@ -266,5 +266,9 @@ def test_usage_lines_and_tips_name_the_command_however_it_was_started(capsys):
         main(["fit", "--help"])
     assert capsys.readouterr().out.startswith("usage: nola-vision [options] fit")
     with pytest.raises(SystemExit):
-        main(["fit", "--data.shotz", "3"])
+        main(["fit", "--shotz", "3"])
     assert "run: nola-vision fit --help" in capsys.readouterr().err
+    # a misspelt section option is named with the close ones, as a config file's key is ("unrecognized arguments")
+    assert main(["fit", "--data.shotz", "3"]) == 2
+    assert "the command line: data.shotz is no option of FewShotDataModule (did you mean data.shots" in \
+        capsys.readouterr().err

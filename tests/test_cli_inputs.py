@@ -104,6 +104,17 @@ def test_a_value_of_the_wrong_type_is_named_without_the_usage_of_every_option(tm
     assert len(err.splitlines()) <= 5, err
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("transformer_engine") is not None,
+                    reason="Transformer Engine is installed")
+def test_a_precision_whose_package_is_missing_names_it_without_a_traceback(tmp_path, capsys):
+    # Lightning's ModuleNotFoundError ("transformer_engine>=0.11.0") came with its traceback, exit 1
+    assert main(["fit", "-c", str(TINY), "--trainer.precision", "transformer-engine", "--trainer.default_root_dir",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--trainer.precision transformer-engine needs NVIDIA's Transformer Engine" in err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
 def test_a_deeply_nested_config_value_is_refused_quickly_by_name(tmp_path):
     done = subprocess.run([*CLI, "fit", "-c", str(TINY), "--model.adapter", DEEP], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -395,7 +395,8 @@ def test_a_rerun_that_fails_after_replacing_the_adapter_moves_the_old_result_asi
               "--trainer.max_epochs", 1, "--model.adapter_dir", tmp_path / "adapter",
               "--result_file", tmp_path / "r.json"]
     assert run(capsys, *common, "--trainer.default_root_dir", tmp_path / "a")[0] == 0
-    (tmp_path / "pets" / "test" / "dog" / "dog 01.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    # not a PNG, though it ends as one (a file cut short is refused before the run)
+    (tmp_path / "pets" / "test" / "dog" / "dog 01.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png IEND\xaeB`\x82")
     code, err = run(capsys, *common, "--trainer.default_root_dir", tmp_path / "b")
     assert code == 1 and "described the adapter this run replaced: moved to" in err
     assert not (tmp_path / "r.json").exists() and (tmp_path / "r.json.previous").is_file()

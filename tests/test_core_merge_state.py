@@ -418,8 +418,9 @@ def test_a_task_switch_that_would_overflow_is_refused_and_the_model_keeps_its_ta
     nv.unmerge(overflowing)
     _overflowing(overflowing, "blocks.1.attn.qkv", OVERFLOWING[dtype])
     task = {name: p.detach().clone() for name, p in overflowing.named_parameters() if p.requires_grad}
+    fix = "Switch tasks on an unmerged model" if dtype == torch.float16 else "far beyond a trained adapter's"
     with pytest.raises(OverflowError, match=r"blocks.1.attn.qkv: merging the new task's update: .* still serves its "
-                                            r"previous task, unchanged"):
+                                            rf"previous task, unchanged. .*{fix}"):
         switch_merged(model, task)
     assert all(torch.equal(layer.weight, before[name]) for name, layer in nv.adapted_layers(model).items())
     assert all(torch.equal(p, parameters[name]) for name, p in model.named_parameters() if p.requires_grad)

@@ -775,6 +775,15 @@ def test_an_archive_extracted_into_a_folder_of_its_name_is_told_the_root_that_re
     assert len(build_dataset(name, tmp_path / folder, "train")) > 0
 
 
+def test_a_dataset_folder_that_also_holds_an_empty_folder_of_its_name_is_read_and_downloads_nothing_new(
+        tmp_path, monkeypatch):
+    write_food101(tmp_path)
+    (tmp_path / "food-101" / "food-101").mkdir()
+    monkeypatch.setattr(tvd, "Food101", lambda *args, **kwargs: pytest.fail("downloaded"))
+    for download in (False, True):  # was "not downloaded into ...: it is there already (did you mean ...)"
+        assert build_dataset("food101", tmp_path, "train", download=download).num_classes == 101
+
+
 def test_fashion_mnist_files_one_folder_below_the_root_are_not_passed_over_for_the_systems_copy(tmp_path,
                                                                                               monkeypatch):
     """root=.../FashionMNIST (its raw/ below) read the system's 10,000 test images instead of the user's, silently."""
@@ -788,6 +797,8 @@ def test_fashion_mnist_files_one_folder_below_the_root_are_not_passed_over_for_t
         build_dataset("fashion_mnist", tmp_path / "mine" / "FashionMNIST", "test")
     assert len(build_dataset("fashion_mnist", tmp_path / "mine", "test")) == 10
     (tmp_path / "other").mkdir()  # a root without any: the system's copy, as documented
+    assert len(build_dataset("fashion_mnist", tmp_path / "other", "test")) == 20
+    write_fashion_mnist(tmp_path / "other" / "MNIST" / "raw", n_train=30, n_test=10)  # torchvision's MNIST: its names
     assert len(build_dataset("fashion_mnist", tmp_path / "other", "test")) == 20
 
 

@@ -63,7 +63,8 @@ def test_an_empty_training_or_validation_image_is_refused_at_setup_naming_it_wit
 
 
 @pytest.mark.parametrize("form", ["PNG", "JPEG"])
-def test_an_image_cut_short_is_refused_at_setup_and_one_with_data_after_its_end_is_read(folder_root, form):
+def test_an_image_cut_short_is_refused_at_setup_and_one_with_data_after_its_end_is_read(folder_root, form,
+                                                                                        monkeypatch):
     """An interrupted copy leaves a file cut short, rarely an empty one: with shots=0 it passed the setup check and
     stopped the fit mid-epoch ("image file is truncated") with nothing saved."""
     settings = dict(root=str(folder_root), shots=0, image_size=8, cache_images=False)
@@ -75,10 +76,24 @@ def test_an_image_cut_short_is_refused_at_setup_and_one_with_data_after_its_end_
     noise.save(buffer, format=form)
     whole = buffer.getvalue()
     path.write_bytes(whole + bytes(200))  # data after the end marker, as a phone's motion photo appends a video
-    FewShotDataModule("imagefolder", **settings).setup("fit")
+    with monkeypatch.context() as patched:  # found whole by its marker, not by decoding it
+        opened, real_open = [], Image.open
+        patched.setattr(Image, "open", lambda file, *args: opened.append(file) or real_open(file, *args))
+        FewShotDataModule("imagefolder", **settings).setup("fit")
+        assert not [file for file in opened if str(file) == str(path)]
     path.write_bytes(whole[:len(whole) * 6 // 10])
     with pytest.raises(CorruptImageError, match=rf"{re.escape(str(path))} is cut short \(its \d+ bytes end before "
                                                 r"the image does: an interrupted copy"):
+        FewShotDataModule("imagefolder", **settings).setup("fit")
+    if form == "JPEG":  # an EXIF thumbnail's end marker, in the header, does not stand for the image's
+        thumbnail = io.BytesIO()
+        noise.resize((8, 8)).save(thumbnail, format="JPEG")
+        exif = b"Exif\0\0" + thumbnail.getvalue()
+        with_thumbnail = whole[:2] + b"\xff\xe1" + (2 + len(exif)).to_bytes(2, "big") + exif + whole[2:]
+        path.write_bytes(with_thumbnail[:len(with_thumbnail) * 6 // 10])
+        with pytest.raises(CorruptImageError, match="is cut short"):
+            FewShotDataModule("imagefolder", **settings).setup("fit")
+        path.write_bytes(with_thumbnail)
         FewShotDataModule("imagefolder", **settings).setup("fit")
 
 

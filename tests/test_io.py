@@ -184,7 +184,8 @@ def test_a_git_lfs_pointer_or_a_web_page_in_place_of_a_file_is_named_as_such(tmp
     pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\n"
                f"size {(tmp_path / name).stat().st_size}\n")
     for text, said in ((pointer, r"is a Git LFS pointer \(\d+ bytes\), not the file itself: .*Run `git lfs pull`"),
-                       ("<!DOCTYPE html>\n<html><body>404</body></html>\n", r"is a web page \(\d+ bytes of HTML\)")):
+                       ("\ufeff<!DOCTYPE html>\n<html><body>404</body></html>\n", r"is a web page or an XML error"),
+                       ('<?xml version="1.0"?><Error><Code>NoSuchKey</Code></Error>', "is a web page or an XML")):
         (tmp_path / name).write_text(text)
         with pytest.raises(AdapterLoadError, match=rf"{name} {said}"):
             nv.load_adapter(tiny_vit(), tmp_path)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -172,9 +173,13 @@ def test_a_file_write_through_a_symlink_goes_to_its_target_or_replaces_the_link(
     target, link, loop = tmp_path / "best.ckpt", tmp_path / "last.ckpt", tmp_path / "loop.ckpt"
     target.write_bytes(b"best")
     link.symlink_to(target.name)
+    if not follow_links:
+        target.chmod(0o444)  # a write-protected best checkpoint: the file replacing the link is a new one, writable
     write_bytes_atomic(link, b"newer", follow_links=follow_links)
     assert link.is_symlink() == follow_links and link.read_bytes() == b"newer"
     assert target.read_bytes() == (b"newer" if follow_links else b"best")
+    if not follow_links:
+        assert stat.S_IMODE(link.stat().st_mode) == storage._new_file_mode()
     loop.symlink_to(loop.name)
     if follow_links:
         with pytest.raises(OSError, match="loop of symbolic links"):

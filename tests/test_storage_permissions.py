@@ -73,6 +73,26 @@ def test_a_save_into_another_users_folder_says_whose_it_is_rather_than_to_chmod_
     assert "Make" not in done.stderr and os.listdir(theirs) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's own view of another user's folder")
+def test_root_is_told_to_chmod_another_users_write_protected_adapter_not_that_it_cannot(tmp_path):
+    # "belongs to another user (uid 1000), who alone may make it writable": root may, and the save then works
+    from tiny_models import tiny_vit
+
+    import nola_vision as nv
+    from nola_vision.core.storage import _may_chmod_any
+
+    if not _may_chmod_any():
+        pytest.skip("this root has no CAP_FOWNER")
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8))
+    task = tmp_path / "task"
+    nv.save_adapter(model, task)
+    give_away(task, OTHER_USER - 1)
+    task.chmod(0o555)
+    with pytest.raises(PermissionError, match=r"is write-protected, .*chmod u\+w") as error:
+        nv.save_adapter(model, task)
+    assert "belongs to another user" not in str(error.value)
+
+
 def test_a_save_on_a_read_only_file_system_says_so_rather_than_to_chmod(tmp_path, monkeypatch):
     # "make it writable (e.g. chmod u+w ...)" for a folder whose mode was 0755 on a read-only mount
     from tiny_models import tiny_vit

@@ -849,14 +849,14 @@ def _refuse_stand_in(path: Path, raw: bytes) -> None:
     """Refuse a file that stands in for the adapter's, naming what it is: a Git LFS pointer (a repository cloned
     without ``git lfs pull``) or a web page (a download that got an error page), which "save the adapter again"
     does not cure for someone who did not save it."""
-    head = raw[:200].lstrip().lower()
+    head = raw[:200].removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # after a UTF-8 byte-order mark
     if head.startswith(b"version https://git-lfs"):
         raise AdapterLoadError(f"{path} is a Git LFS pointer ({len(raw)} bytes), not the file itself: the repository "
                                "was cloned or pulled without its LFS files. Run `git lfs pull` in it (after `git lfs "
                                "install`), then load again")
-    if head.startswith((b"<!doctype html", b"<html")):
-        raise AdapterLoadError(f"{path} is a web page ({len(raw)} bytes of HTML), not the adapter's file: a download "
-                               "got an error or login page instead. Download the file again from its raw or "
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml")):  # an error or login page, a cloud store's error
+        raise AdapterLoadError(f"{path} is a web page or an XML error ({len(raw)} bytes), not the adapter's file: a "
+                               "download got an error or login page instead. Download the file again from its raw or "
                                "'resolve' address")
 
 

@@ -811,7 +811,7 @@ class AdaptedLinear(nn.Module):
         norms = float(a.double().norm(dim=1).max() * b.double().norm(dim=0).max()) if a.numel() and b.numel() else 0.0
         if norms < largest * 2.0 ** -20 and not narrow_range(weight):
             return None  # only a weight within a millionth of its dtype's largest value could leave it
-        bound = float(torch.linalg.vector_norm(weight, float("inf"))) + norms
+        bound = float(weight.abs().max()) + norms  # faster than vector_norm(inf) on the CPU, in float16 too
         if bound < 0.99 * largest:  # 1% for float16's rounding of the sum
             return None
         left, right = b.t().to(weight.dtype), a.t().to(weight.dtype)  # as _add_low_rank adds them

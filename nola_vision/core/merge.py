@@ -564,9 +564,11 @@ def switch_merged(model: nn.Module, values: Dict[str, Tensor]) -> None:
     for prefix, layer in layers.items():  # before anything changes (None at once where no range can be left)
         overflow = layer.switch_overflow(*changes[id(layer)])
         if overflow is not None:
+            fix = ("Switch tasks on an unmerged model (nv.unmerge), or hold the weights in float32 or bfloat16"
+                   if narrow_range(layer.weight) else "The new task's trained tensors are far beyond a trained "
+                   "adapter's (a diverged run?): load another task")
             raise OverflowError(f"{prefix}: merging the new task's update: {overflow}; the model still serves its "
-                                "previous task, unchanged. Switch tasks on an unmerged model (nv.unmerge), or hold "
-                                "the weights in float32 or bfloat16")
+                                f"previous task, unchanged. {fix}")
     parameters = dict(model.named_parameters())
     before = {name: parameters[name].detach().clone() for name in values}
     # the whole new task, or the old one: never a model (or a saved file) of both

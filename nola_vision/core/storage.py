@@ -197,7 +197,7 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     try:
         with _explained_write_failure(target, unchanged):
             yield tmp
-            replaced = _stat_or_none(target)
+            replaced = None if os.path.islink(target) else _stat_or_none(target)  # a link replaced: a new file
             if replaced is None:
                 os.chmod(tmp, _new_file_mode() if mode is None else mode)  # mkstemp makes 0600
             else:
@@ -601,9 +601,25 @@ def _unwritable_cause(folder: Path) -> Optional[str]:
     except (OSError, AttributeError):
         return None
     euid = os.geteuid() if hasattr(os, "geteuid") else None
-    if euid is not None and owner != euid:
+    if euid is not None and owner != euid and not _may_chmod_any():
         return f"{folder} belongs to another user (uid {owner}), who alone may make it writable"
     return None
+
+
+_CAP_FOWNER = 3  # the capability to chmod files of other users (root has it, unless dropped: a container's root)
+
+
+def _may_chmod_any() -> bool:
+    """Whether this process may change the mode of other users' files: root with CAP_FOWNER (read from /proc; where
+    it is not there, root is taken to have it)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next(line for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return True
+    return bool(int(line.split()[1], 16) >> _CAP_FOWNER & 1)
 
 
 @contextmanager

@@ -63,6 +63,7 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
 FASHION_MNIST_SIZES = {"train": 60000, "t10k": 10000}  # images per file; fewer (a subset) cannot be verified
 FASHION_MNIST_IMAGE_SHAPE = (28, 28)
+_IDX_NAMESAKES = frozenset({"MNIST", "KMNIST", "EMNIST", "QMNIST"})  # torchvision folders of files named as its
 # sha256 of the DECOMPRESSED bytes of Fashion-MNIST's four IDX files, so that .gz and raw copies verify alike:
 # computed once (`zcat <file> | sha256sum`) from Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1
 # (/usr/share/datasets/fashion-mnist/*.gz, the files of github.com/zalandoresearch/fashion-mnist). MNIST and KMNIST
@@ -312,17 +313,30 @@ def _one_level_too_deep(expected: Path, root: Path) -> str:
 
 
 def _extracted_into_its_name(expected: Path, root: Path) -> str:
-    """A hint where the dataset's folder holds the dataset's folder again (``food-101/food-101/meta``: the archive
-    extracted into a folder named as it), so that --data.root is that outer folder."""
+    """A hint where the dataset's folder holds nothing but the dataset's folder again, with content
+    (``food-101/food-101/meta``: the archive extracted into a folder named as it), so that --data.root is that outer
+    folder. A dataset's folder that holds its files and also a folder of its name is read as it is."""
     try:
         inside = expected.relative_to(root)
     except ValueError:
         return ""
-    if not inside.parts or not (root / inside.parts[0] / inside).exists():
+    if not inside.parts:
         return ""
     outer = root / inside.parts[0]
+    inner = outer / inside.parts[0]
+    if _visible_entries(outer) != [inner] or not _visible_entries(inner) or not (outer / inside).exists():
+        return ""
     return (f" ({outer} holds a {inside.parts[0]!r} folder of its own, as an archive extracted into a folder of its "
             f"name does: did you mean --data.root {outer}?)")
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` whose names do not start with a dot (none when it cannot be listed), sorted."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if not e.name.startswith("."))
+    except OSError:
+        return []
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -1249,6 +1263,7 @@ class _FashionMNIST:
         name = "train-images-idx3-ubyte"
         below = [*_subfolders(root), *(inner for entry in _subfolders(root) for inner in _subfolders(entry))]
         found = next((folder for folder in below if folder not in self.candidates(root)
+                      and not _IDX_NAMESAKES & set(folder.relative_to(root).parts)
                       and any((folder / f"{name}{suffix}").is_file() for suffix in ("", ".gz"))), None)
         if found is None:
             return
@@ -1461,23 +1476,48 @@ _IMAGE_ENDS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\
 _TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
 
 
+def _jpeg_scan_start(data: bytes) -> int:
+    """The offset of a JPEG's first start-of-scan marker, found by stepping over its header segments (APP1's EXIF
+    with its thumbnail among them); a value past the data where the segments do not lead to one."""
+    at = 2  # past the start-of-image marker
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xDA:
+            return at
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return len(data)
+
+
 def _cut_short_reason(path: Path, size: int) -> Optional[str]:
     """Why a JPEG or PNG whose end marker is not among its last bytes is cut short (a copy or extraction stopped
-    mid-file, which stopped a fit mid-epoch), or None. A file without its marker there is decoded before it is named:
-    data may follow the marker (a phone's motion photo appends a video to the JPEG)."""
+    mid-file, which stopped a fit mid-epoch), or None. Data may follow the marker (a phone's motion photo appends a
+    video, a camera a trailer): such a file is read whole and passes where the marker is in it (for a JPEG, past
+    its first scan's start: an EXIF thumbnail's end marker lies before); only a file without one is decoded before
+    it is named."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
+            end = next((end for start, end in _IMAGE_ENDS.items() if head.startswith(start)), None)
+            if end is None or end in tail:
+                return None
+            f.seek(0)
+            data = f.read()
+            if data.find(end, _jpeg_scan_start(data) if head.startswith(b"\xff\xd8") else 0) >= 0:
+                return None
     except OSError as err:
         return f"not readable ({err.strerror or err})"
-    end = next((end for start, end in _IMAGE_ENDS.items() if head.startswith(start)), None)
-    if end is None or end in tail:
-        return None
     try:
         with Image.open(path) as img:
             img.load()
+    except Image.DecompressionBombError:  # whole, but too large: named as such when it is read
+        return None
     except (OSError, SyntaxError, ValueError):  # PIL's "image file is truncated" and its kin
         return f"cut short (its {size} bytes end before the image does: an interrupted copy or extraction?)"
     return None

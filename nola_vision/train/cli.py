@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -905,6 +906,7 @@ class NolaCLI(LightningCLI):
         """Fail on an unknown backbone with close matches, before anything is built."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_backbone_name(config.model.backbone)
+        _check_precision_package(config.trainer.get("precision"))
         if self.subcommand and getattr(self, "given_model", None) is not None:
             for key, value in check_checkpoint_overrides(self.given_model, config.model,
                                                          self.explicit_model_args).items():
@@ -1585,7 +1587,23 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                 _check_adapter_init_args(node, f"the value of {option}")
         if arg.startswith("--"):
             _refuse_linked(arg.partition("=")[0][2:].replace(".init_args.", "."), "")
+            _check_command_line_key(arg.partition("=")[0], trainer_class)
     _refuse_options_of_a_method_name(args)
+
+
+def _check_command_line_key(option: str, trainer_class: Any) -> None:
+    """Refuse ``--model.<key>``, ``--data.<key>`` or ``--trainer.<key>`` whose key no argument of the section's class
+    has, naming the close ones (as for a config file's key): the parser said only "unrecognized arguments". A key
+    that begins one argument's name alone is argparse's abbreviation of it, and taken."""
+    section, _, rest = option[2:].partition(".")
+    cls = {"model": FewShotClassifier, "data": FewShotDataModule, "trainer": trainer_class}.get(section)
+    key = rest.split(".", 1)[0].rstrip("+")  # --model.adapter.init_args.rank: its field; --trainer.callbacks+=
+    if cls is None or not key or key == "help":
+        return
+    parameters = inspect.signature(cls).parameters
+    if sum(name.startswith(key) for name in parameters) == 1:
+        return
+    _refuse_unknown_key(cls, parameters, f"{section}.", key, "the command line")
 
 
 def _refuse_options_of_a_method_name(args: List[str]) -> None:
@@ -2013,6 +2031,16 @@ def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: S
             return str(candidate)
     raise FileNotFoundError(f"--ckpt_path best: the run's best checkpoint by {metric}, {path}, is gone (recorded in "
                             f"{last}): pass another checkpoint of the run, or --ckpt_path last")
+
+
+def _check_precision_package(precision: Any) -> None:
+    """Refuse ``transformer-engine`` precisions without NVIDIA's package, naming it: Lightning's ModuleNotFoundError
+    came with its whole traceback (exit 1), where other bad precisions exit 2 with the choices."""
+    if isinstance(precision, str) and precision.startswith("transformer-engine") and \
+            importlib.util.find_spec("transformer_engine") is None:
+        raise ValueError(f"--trainer.precision {precision} needs NVIDIA's Transformer Engine (pip install "
+                         "'transformer_engine[pytorch]', on a GPU with FP8), which is not installed: choose bf16-mixed "
+                         "or 16-mixed, or install it")
 
 
 def explicit_model_args(argv: Sequence[Any], fields: Sequence[str] = ()) -> set:
