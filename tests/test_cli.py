@@ -186,7 +186,7 @@ def test_corrupt_image_gives_a_short_error_naming_the_file(tmp_path, run_cli, sp
 
     write_imagefolder(tmp_path / "data", eval_folder="test" if split == "test" else "val")
     bad = tmp_path / "data" / split / "dog" / "dog 01.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png IEND\xaeB`\x82")  # ends as a PNG: not cut short, undecodable
     run = run_cli("fit", "-c", str(TINY), "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "data"),
                   "--data.shots", "4", "--trainer.max_epochs", "1", *extra)
     assert run.returncode == 1, run.stderr[-3000:]

@@ -151,7 +151,7 @@ def test_protocol_refuses_an_init_seed_that_seed_everything_refuses_before_any_r
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--trainer.max_epochz", "1"], "unrecognized arguments: --trainer.max_epochz 1"),
+    (["--trainer.max_epochz", "1"], r"trainer.max_epochz is no option of Trainer \(did you mean trainer.max_epochs"),
     (["--trainer.max_epochs", "-1"], "trainer.max_epochs=-1 .* 1 or more epochs"),
     (["--model.lr", "-1"], "lr"),
 ])

@@ -85,7 +85,8 @@ def fit_options():
 
 
 @pytest.mark.parametrize("grid, message", [
-    ({"model.lrr": [1e-3]}, r"--grid model\.lrr=0\.001 is not accepted by `nola-vision fit`.*unrecognized"),
+    ({"model.lrr": [1e-3]}, r"--grid model\.lrr=0\.001 is not accepted by `nola-vision fit`.*model\.lrr is no option "
+                            r"of FewShotClassifier \(did you mean model\.lr"),
     ({"model.adapter.init_args.scales": [1]}, r"(?s)--grid model\.adapter\.init_args\.scales=1 .*'scales' is not"),
     ({"model.lr": [1e-3, "fast"]}, r"(?s)--grid model\.lr=fast is not accepted.*model\.lr"),
     ({"data.shot": [1]}, r"--data\.shot abbreviates --data\.shots: tune takes whole option names"),
