@@ -100,7 +100,8 @@ def test_a_run_another_process_holds_is_skipped_not_run_twice(tmp_path, capsys):
     assert "split 0 init 1: running in another process, skipped" in out
     # the table printed next lacks that run (or, with all runs elsewhere, the whole row): say why, and who adds it
     assert (f"cell: 1 of its 2 runs run in another process, so the tables leave them out until they end (that "
-            f"process adds them): {tmp_path / 'out' / 'results.md'}") in out
+            f"process adds them; if it was killed, run this command again once they end, which adds them): "
+            f"{tmp_path / 'out' / 'results.md'}") in out
     assert (tmp_path / "out" / "cell" / "split0-init0" / "result.json").is_file()
     assert not (tmp_path / "out" / "cell" / "split0-init1" / "result.json").exists()
     assert claim_run(tmp_path / "out" / "cell" / "split0-init1") is not None  # released by the other holder
@@ -454,6 +455,20 @@ def test_the_slurm_executor_without_submitit_says_how_to_install_it(monkeypatch)
     with pytest.raises(ValueError, match=r"--executor slurm runs the fits through submitit, which is not installed: "
                                          r"pip install 'nola_vision\[slurm\]'"):
         SubmititExecutor("unused", cluster="slurm")
+
+
+def test_the_slurm_executor_on_a_machine_without_slurm_is_refused_before_any_run(tmp_path):
+    # submitit's RuntimeError ("Could not detect srun") exited 1, as a failed run does, not 2
+    pytest.importorskip("submitit")
+    import shutil
+
+    from nola_vision.runs.executors import SubmititExecutor
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    with pytest.raises(ValueError, match=r"--executor slurm submits the fits to SLURM, which this machine has not "
+                                         r"\(.*srun.*\): run the command on a SLURM login node"):
+        SubmititExecutor(str(tmp_path / "submitit"), cluster="slurm")
 
 
 @pytest.mark.parametrize("setting, option", [(dict(jobs=-3), "--jobs must be at least 1, got -3"),

@@ -173,6 +173,17 @@ def test_a_worker_with_another_heartbeat_than_its_study_is_refused(tmp_path):
     run(heartbeat_s=30)  # the same interval: the finished study is read again
 
 
+@pytest.mark.parametrize("name", ["a?b", "x%41y"])
+def test_a_row_name_with_a_url_character_keeps_its_study_in_its_own_folder(tmp_path, name):
+    """The default study URL held the row folder's path as it is: SQLAlchemy read "a?b" as the file "a" with a query,
+    and "x%41y" as "xAy" (another row's folder, or a "--storage" error for an option never given)."""
+    fit = fake_python(tmp_path, metric="val/acc")
+    run_tune([TINY], parse_grid(["model.lr=1e-4"]), out=str(tmp_path / "out"), name=name, overrides=FAST,
+             skip_protocol=True, python=fit)
+    assert (tmp_path / "out" / name / "tune.db").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name]
+
+
 def test_a_trial_another_worker_ended_is_said_so_not_a_crash(capsys):
     optuna = pytest.importorskip("optuna")
     study = optuna.create_study(direction="maximize")

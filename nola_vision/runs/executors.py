@@ -315,7 +315,11 @@ class SubmititExecutor(Executor):
             if value < least:
                 raise ValueError(f"{option} must be at least {least}, got {value}")
         self.capacity, self.poll_s, self.local = jobs, poll_s, cluster == "local"
-        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        try:
+            self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        except RuntimeError as err:  # no srun here: a setting refused before any run (exit 2), not a failed run
+            raise ValueError(f"--executor slurm submits the fits to SLURM, which this machine has not ({err}): run the "
+                             "command on a SLURM login node, or pass --executor local") from err
         params = {"timeout_min": time_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
                   "name": "nola-vision"}
         if cluster == "slurm":

@@ -466,7 +466,8 @@ def run_protocol(
     rows = write_tables(out)
     if elsewhere and echo:
         print(f"{name}: {elsewhere} of its {len(grid)} runs run in another process, so the tables leave them out "
-              f"until they end (that process adds them): {Path(out) / 'results.md'}", flush=True)
+              f"until they end (that process adds them; if it was killed, run this command again once they end, "
+              f"which adds them): {Path(out) / 'results.md'}", flush=True)
     if failed:
         retry = ("fix what the errors name, then re-run the same command" if refused else
                  "a diverged run diverges again as it is: lower model.lr (or add warm-up epochs), under another "

@@ -740,6 +740,12 @@ def _check_study_data(study: Any, images: _Images, name: str, storage_url: str) 
         study.set_user_attr("data", images.digests)
 
 
+def _sqlite_url(path: Path) -> str:
+    """The SQLite URL of the database file ``path``: a ``?`` or ``%`` in a row name is escaped, since SQLAlchemy reads
+    them as a query string and an escape (``--name 'a?b'`` put the study in the file ``a``, another row's)."""
+    return "sqlite:///" + str(path).replace("%", "%25").replace("?", "%3F")
+
+
 def check_sqlite_storage(url: str) -> None:
     """Refuse a SQLite storage URL whose database cannot be made (its folder missing, or not writable) before the
     study opens: SQLite makes the file, not its folder, and opening it fails only after seconds of retries."""
@@ -846,7 +852,7 @@ def run_tune(
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
     if not skip_protocol:
         _refuse_a_row_no_choice_fits(root, key, grid)
-    url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
+    url = storage or _sqlite_url((root / "tune.db").resolve())
     check_sqlite_storage(url)
     study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
     _check_heartbeat(study, heartbeat_s, name, url)
