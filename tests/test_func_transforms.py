@@ -17,22 +17,26 @@ def adapted(key):
     return as_if_trained(nv.inject(tiny_vit(), CONFIGS[key]), 1, scale=0.2).train()
 
 
-@pytest.mark.parametrize("key", sorted(CONFIGS))
-def test_per_sample_gradients_by_vmap_of_grad_equal_autograds_one_image_at_a_time(key):
-    """The library's autograd functions had no setup_context, so every torch.func transform refused the model."""
-    model = adapted(key)
+def assert_per_sample_gradients_equal_autograds(model, images, rtol: float, atol: float) -> None:
+    """vmap(grad) of the trained tensors, image by image, against autograd's backward of each image alone."""
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def loss(values, image):
         return functional_call(model, values, (image[None],), strict=False).logsumexp(-1).sum()
 
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, IMAGES)
-    for i, image in enumerate(IMAGES):
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, images)
+    for i, image in enumerate(images):
         model.zero_grad()
         model(image[None]).logsumexp(-1).sum().backward()
         for name in params:
-            torch.testing.assert_close(per_sample[name][i], model.get_parameter(name).grad, rtol=1e-4, atol=1e-6,
+            torch.testing.assert_close(per_sample[name][i], model.get_parameter(name).grad, rtol=rtol, atol=atol,
                                        msg=name)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_per_sample_gradients_by_vmap_of_grad_equal_autograds_one_image_at_a_time(key):
+    """The library's autograd functions had no setup_context, so every torch.func transform refused the model."""
+    assert_per_sample_gradients_equal_autograds(adapted(key), IMAGES, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("key", ["nola", "nola_per_layer"])
@@ -41,20 +45,9 @@ def test_a_float64_models_per_sample_gradients_keep_float64s_precision(key):
     were float32-accurate (1e-7 apart from eager autograd, where float64 gives 1e-16)."""
     model = adapted(key).double().eval()
     images = IMAGES.double()
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def loss(values, image):
-        return functional_call(model, values, (image[None],), strict=False).logsumexp(-1).sum()
-
     with torch.no_grad():
         torch.testing.assert_close(vmap(model)(images[:, None]).squeeze(1), model(images), rtol=1e-13, atol=0)
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, images)
-    for i, image in enumerate(images):
-        model.zero_grad()
-        model(image[None]).logsumexp(-1).sum().backward()
-        for name in params:
-            torch.testing.assert_close(per_sample[name][i], model.get_parameter(name).grad, rtol=1e-12, atol=1e-15,
-                                       msg=name)
+    assert_per_sample_gradients_equal_autograds(model, images, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))
