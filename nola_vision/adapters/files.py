@@ -814,17 +814,13 @@ def _refuse_unknown_fields(path: Path, document: dict, known: set, prefix: str) 
             "outputs this one cannot reproduce, or was edited. Upgrade nola_vision (pip install -U nola_vision)")
 
 
-def _written_by_newer(document: dict) -> bool:
-    """Whether the file's ``library_version`` is later than this nola_vision's (release numbers compared)."""
+def _upgrade_hint(document: dict) -> str:
+    """What to add to a refusal of a file a later nola_vision wrote (its ``library_version``'s release numbers above
+    this one's): that upgrading reads it; else nothing."""
     def release(version: Any) -> Tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", str(version).split("+")[0])[:3])
 
-    return release(document.get("library_version")) > release(__version__)
-
-
-def _upgrade_hint(document: dict) -> str:
-    """What to add to a refusal of a file a newer nola_vision wrote: that upgrading reads it; else nothing."""
-    if not _written_by_newer(document):
+    if release(document.get("library_version")) <= release(__version__):
         return ""
     return (f" The file was written by nola_vision {document['library_version']}, newer than this one ({__version__}): "
             "upgrade nola_vision (pip install -U nola_vision) to load it.")
@@ -1321,10 +1317,11 @@ def _check_layers(plan: InjectionPlan, document: dict) -> None:
 def _check_bases(plan: InjectionPlan, document: dict) -> None:
     """The generator version and fingerprint of the regenerated bases."""
     expected = plan.basis_fingerprint()
-    if expected is not None and document["generator_version"] != GENERATOR_VERSION and _written_by_newer(document):
-        raise AdapterLoadError(f"adapter bases come from generator {document['generator_version']!r}, this "
-                               f"nola_vision has {GENERATOR_VERSION!r}.{_upgrade_hint(document)}")
     if expected is not None and document["generator_version"] != GENERATOR_VERSION:
+        upgrade = _upgrade_hint(document)
+        if upgrade:
+            raise AdapterLoadError(f"adapter bases come from generator {document['generator_version']!r}, this "
+                                   f"nola_vision has {GENERATOR_VERSION!r}.{upgrade}")
         raise AdapterLoadError(
             f"adapter bases come from generator {document['generator_version']!r}, this nola_vision has "
             f"{GENERATOR_VERSION!r}, whose bases differ: load it with a nola_vision whose generator is "
@@ -1397,8 +1394,9 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     except ValueError as error:
         if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
             raise AdapterLoadError(str(error)) from error
-        if _written_by_newer(document):
-            raise AdapterLoadError(f"{error}.{_upgrade_hint(document)}") from error
+        upgrade = _upgrade_hint(document)
+        if upgrade:
+            raise AdapterLoadError(f"{error}.{upgrade}") from error
         raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
                                f"{document['library_version']}), or pass check_frozen_weights=False to load it "
                                "unchecked") from error

@@ -587,7 +587,7 @@ def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
                f"Make {parent} writable, or save to a directory inside a writable folder")
         raise PermissionError(f"cannot save to {target}: a save swaps the whole directory in atomically (a lock file, "
                               f"a staged copy and a rename beside it), so the parent directory {parent} must be "
-                              f"writable. {fix[0].upper()}{fix[1:]} (nothing was written)")
+                              f"writable. {fix} (nothing was written)")
 
 
 def _unwritable_cause(folder: Path) -> Optional[str]:
@@ -1030,7 +1030,7 @@ def set_aside_copy(target: PathLike) -> Optional[Path]:
     target = Path(target)
     if os.path.lexists(target) or not target.parent.is_dir():
         return None
-    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.old-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
+    pattern = _leftover_pattern(target, "old")
     try:
         return next((Path(entry.path) for entry in os.scandir(target.parent)
                      if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)), None)
@@ -1045,7 +1045,7 @@ def _remove_leftovers(target: Path) -> None:
     is also linked from ``target``.
     """
     # Exactly the token length saves make, and directories only: a user's ``.task.old-2024`` backup is not ours.
-    pattern = re.compile(rf"\.{re.escape(_sibling_stem(target))}\.(staged|old)-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
+    pattern = _leftover_pattern(target, "staged|old")
     for entry in target.parent.iterdir():
         match = pattern.fullmatch(entry.name)
         if match is None or not entry.is_dir() or entry.is_symlink():
@@ -1057,6 +1057,12 @@ def _remove_leftovers(target: Path) -> None:
 
 
 _TOKEN_BYTES = 6  # random bytes in a staged or set-aside sibling's name (12 hex digits)
+
+
+def _leftover_pattern(target: Path, kinds: str) -> re.Pattern:
+    """The names of ``target``'s siblings of ``kinds`` (``"old"``, ``"staged|old"``) that a save makes
+    (``_sibling``): exactly its token length, so a user's ``.task.old-2024`` backup does not match."""
+    return re.compile(rf"\.{re.escape(_sibling_stem(target))}\.({kinds})-[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
 
 
 def _sibling_stem(target: Path) -> str:

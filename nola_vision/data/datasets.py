@@ -340,12 +340,8 @@ def _visible_entries(folder: Path) -> list[Path]:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    """The visible folders directly in ``folder`` (none when it cannot be listed), sorted."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
-    except OSError:
-        return []
+    """The visible folders directly in ``folder`` (:func:`_visible_entries`), sorted."""
+    return [entry for entry in _visible_entries(folder) if entry.is_dir()]
 
 
 def _refuse_extra_classes(name: str, source: Path, found: int, expected: int, extra: Sequence[str],
@@ -971,10 +967,9 @@ class _Caltech101:
         split file there already (``split_written``), it is kept: the images it lists are to be extracted again."""
         missing = sorted(CALTECH101_CLASSES - set(on_disk))
         empty = [name for name, files in on_disk.items() if not files]
-        if not missing and not empty and split_written:
-            return
         if not missing and not empty:
-            self._refuse_cut_short(folder, on_disk)
+            if not split_written:
+                self._refuse_cut_short(folder, on_disk)
             return
         what = (f"{len(missing)} of its {len(CALTECH101_CLASSES)} categories are missing (e.g. "
                 f"{', '.join(map(repr, missing[:3]))})" if missing else
@@ -1066,8 +1061,8 @@ class _Food101:
         folder = self.expected(root)
         parts = [folder / "meta" / "train.json", folder / "meta" / "test.json", folder / "images"]
         missing = [str(part.relative_to(folder)) for part in parts if not part.exists()]
-        nested = _extracted_into_its_name(folder, root)
-        if missing and nested:  # the whole dataset is there, one folder down: nothing to delete or download
+        nested = _extracted_into_its_name(folder, root) if missing else ""
+        if nested:  # the whole dataset is there, one folder down: nothing to delete or download
             raise DatasetNotFoundError(f"dataset '{self.name}': {folder} lacks {', '.join(missing)}{nested}")
         if missing:
             raise DatasetNotFoundError(
@@ -1261,7 +1256,8 @@ class _FashionMNIST:
         they are not read (``root=.../FashionMNIST``, its ``raw/`` below): the user's own files, maybe a subset or
         another version, would silently give way to the system's."""
         name = "train-images-idx3-ubyte"
-        below = [*_subfolders(root), *(inner for entry in _subfolders(root) for inner in _subfolders(entry))]
+        top = _subfolders(root)
+        below = [*top, *(inner for entry in top for inner in _subfolders(entry))]
         found = next((folder for folder in below if folder not in self.candidates(root)
                       and not _IDX_NAMESAKES & set(folder.relative_to(root).parts)
                       and any((folder / f"{name}{suffix}").is_file() for suffix in ("", ".gz"))), None)
@@ -1472,7 +1468,8 @@ def unreadable_reason(path: Path) -> Optional[str]:
     return _cut_short_reason(path, info.st_size)
 
 
-_IMAGE_ENDS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
+_JPEG_START = b"\xff\xd8\xff"
+_IMAGE_ENDS = {_JPEG_START: b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
 _TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
 
 
@@ -1509,7 +1506,7 @@ def _cut_short_reason(path: Path, size: int) -> Optional[str]:
                 return None
             f.seek(0)
             data = f.read()
-            if data.find(end, _jpeg_scan_start(data) if head.startswith(b"\xff\xd8") else 0) >= 0:
+            if data.find(end, _jpeg_scan_start(data) if head.startswith(_JPEG_START) else 0) >= 0:
                 return None
     except OSError as err:
         return f"not readable ({err.strerror or err})"

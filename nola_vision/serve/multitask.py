@@ -305,7 +305,7 @@ class MultiTaskModel(nn.Module):
             call = self._call
             call.batch, call.applied = batches, set()
             try:
-                features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+                features = self._pooled_features(images)
                 self._require_every_update_applied()
             finally:
                 call.batch = {}
@@ -355,6 +355,10 @@ class MultiTaskModel(nn.Module):
                                "random, so each image's logits would depend on its batch. Call served.eval() (or "
                                "model.eval()) before serving")
 
+    def _pooled_features(self, images: Tensor) -> Tensor:
+        """The backbone's pooled features (its head's input), each hooked layer adding the call's task updates."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
     @torch.compiler.disable
     def _require_images_first(self, images: Tensor, layers: Dict[str, LayerBatch]) -> None:
         """Refuse a batch mixing tasks over an adapted layer whose input is not one row per image: found once per
@@ -367,7 +371,7 @@ class MultiTaskModel(nn.Module):
             call = self._call
             call.rows = {}
             try:
-                self.model.forward_head(self.model.forward_features(images[:1]), pre_logits=True)
+                self._pooled_features(images[:1])
             finally:
                 rows, call.rows = call.rows, None
             self._rows_per_image[shape] = rows

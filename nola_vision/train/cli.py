@@ -1586,8 +1586,9 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
             if option == "--model.adapter":  # a misspelt init_args key failed as "unknown adapter '<the JSON>'"
                 _check_adapter_init_args(node, f"the value of {option}")
         if arg.startswith("--"):
-            _refuse_linked(arg.partition("=")[0][2:].replace(".init_args.", "."), "")
-            _check_command_line_key(arg.partition("=")[0], trainer_class)
+            name = arg.partition("=")[0]
+            _refuse_linked(name[2:].replace(".init_args.", "."), "")
+            _check_command_line_key(name, trainer_class)
     _refuse_options_of_a_method_name(args)
 
 
@@ -1601,9 +1602,8 @@ def _check_command_line_key(option: str, trainer_class: Any) -> None:
     if cls is None or not key or key == "help":
         return
     parameters = inspect.signature(cls).parameters
-    if sum(name.startswith(key) for name in parameters) == 1:
-        return
-    _refuse_unknown_key(cls, parameters, f"{section}.", key, "the command line")
+    if _field_named(key, list(parameters)) is None:
+        _refuse_unknown_key(cls, parameters, f"{section}.", key, "the command line")
 
 
 def _refuse_options_of_a_method_name(args: List[str]) -> None:
@@ -2047,11 +2047,16 @@ def explicit_model_args(argv: Sequence[Any], fields: Sequence[str] = ()) -> set:
     """Top-level ``model`` fields set on the command line (``--model.lr 0.1``, ``--model.adapter.init_args.rank=2``),
     an abbreviation argparse takes (``--model.label 0.3``) named as the one field of ``fields`` it begins."""
     typed = {str(a)[len("--model."):].split("=", 1)[0].split(".", 1)[0] for a in argv if str(a).startswith("--model.")}
-    named = set()
-    for name in typed:
-        matches = [field for field in fields if field.startswith(name)]
-        named.update(matches if name not in fields and len(matches) == 1 else [name])
-    return named
+    return {_field_named(name, fields) or name for name in typed}
+
+
+def _field_named(key: str, fields: Sequence[str]) -> Optional[str]:
+    """The field of ``fields`` that ``key`` names: itself, or the one field it begins (argparse's abbreviation of an
+    option, ``label`` for ``label_smoothing``); None where it names none, or begins several."""
+    if key in fields:
+        return key
+    matches = [field for field in fields if field.startswith(key)]
+    return matches[0] if len(matches) == 1 else None
 
 
 # Hyper-parameters that say where a file is, not what it holds: the command line may point a checkpoint at its frozen
