@@ -188,6 +188,17 @@ def test_an_unknown_tag_lists_every_tag_and_the_close_ones_and_pretrained_must_b
         timm.create_model("vit_tiny_patch16_224_nola", pretrained="no")
 
 
+def test_a_nola_name_without_a_registered_variant_says_how_to_adapt_its_base():
+    # only the close matches were listed, without a word that any timm model adapts through adapter="nola"
+    with pytest.raises(ValueError, match=r"unknown timm model 'deit_small_patch16_224_nola': only "
+                                         r"vit_tiny_patch16_224_nola, .* are registered with NOLA built in\. Adapt "
+                                         r"deit_small_patch16_224 with nv\.create_model\('deit_small_patch16_224', "
+                                         r"adapter='nola'\)"):
+        nv.create_model("deit_small_patch16_224_nola")
+    with pytest.raises(ValueError, match=r"unknown timm model 'bogus_nola'\. See timm"):  # no such base either
+        nv.create_model("bogus_nola")
+
+
 def test_a_checkpoint_path_cut_short_is_named_whatever_torch_raises(tmp_path):
     # cut at some lengths, torch.load raised a bare OSError (EINVAL) that named no file
     kwargs = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=3)

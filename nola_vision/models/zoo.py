@@ -83,6 +83,12 @@ def check_model_name(model_name: str, fix: str = "") -> None:
         return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
     if not is_model(architecture):
+        base = architecture[: -len(NOLA_SUFFIX)] if architecture.endswith(NOLA_SUFFIX) else None
+        if base and is_model(base):  # a real model without a registered *_nola twin
+            variants = ", ".join(name + NOLA_SUFFIX for name in NOLA_VARIANTS)
+            raise ValueError(f"unknown timm model '{model_name}': only {variants} are registered with NOLA built in. "
+                             f"Adapt {base} with nv.create_model({base!r}, adapter='nola') (or nv.inject on the "
+                             f"model timm.create_model({base!r}) builds). {fix}".rstrip())
         names = {name.lower(): name for name in timm.list_models()}  # compared case-insensitively
         close = [names[m] for m in difflib.get_close_matches(architecture.lower(), names, n=5, cutoff=0.6)]
         hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*') for names."
