@@ -104,6 +104,30 @@ def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path
     assert "tune studies: none" in text and "no tune study under" in text
 
 
+def test_protocol_results_notebook_never_averages_runs_of_different_settings(tmp_path):
+    # it grouped by name and parameter counts only: two runs of one name on other backbones were averaged, where
+    # results.md says "not averaged: mixed settings"
+    import csv
+
+    from nola_vision.runs.results import CSV_FIELDS
+
+    results = tmp_path / "protocol" / "results.csv"
+    results.parent.mkdir()
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        for name, backbone, acc in (("nola", "vit_a", 0.2), ("nola", "vit_b", 0.8), ("lora", "vit_a", 0.5),
+                                    ("lora", "vit_a", 0.7)):
+            writer.writerow({"name": name, "method": name, "backbone": backbone, "shots": 5, "test_acc": acc,
+                             "adapter_params": 10, "head_params": 2, "trainable_params": 12})
+    notebook = execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(results))
+    text = outputs(notebook)
+    assert "backbone vit_a / vit_b" in text and "nola: not drawn, its runs differ in backbone vit_a / vit_b" in text
+    assert "50.0" not in text  # the mean of the mixed runs
+    assert "60.0" in text and "10.0" in text  # lora: mean 60, population std 10
+    assert inline_images(notebook) == 1
+
+
 def test_many_tasks_notebook_serves_a_mixed_batch_and_exports(tmp_path):
     # Opened from notebooks/ (Jupyter's start), it wrote runs/ there: untracked files in the repository (an 82 MB graph
     # with the real backbone), as .gitignore ignores only the root's runs/. It works from the repository root now.
