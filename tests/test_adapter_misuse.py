@@ -469,6 +469,31 @@ def test_a_byte_order_mark_added_by_an_editor_is_tolerated(tmp_path):
         torch.testing.assert_close(nv.load_adapter(tiny_vit(), tmp_path)(IMAGES), trained()(IMAGES))
 
 
+def test_a_config_rewritten_by_a_json_tool_that_drops_whole_floats_decimal_point_says_so(tmp_path):
+    # jq and JSON.stringify write scale 1.0 as 1: refused as "edited or damaged ... save the adapter again", which
+    # whoever only has the downloaded files cannot do, without a word of the cause
+    def whole_floats_as_ints(value):
+        if isinstance(value, dict):
+            return {key: whole_floats_as_ints(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [whole_floats_as_ints(item) for item in value]
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    nv.save_adapter(trained(), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    saved = path.read_text()
+    path.write_text(json.dumps(whole_floats_as_ints(json.loads(saved)), indent=2))  # what `jq .` writes
+    with pytest.raises(AdapterLoadError, match=r"does not match; its layout is not the one nola_vision writes, so a "
+                                               r"program rewrote it: JSON tools such as jq .* Restore the file"):
+        nv.verify_adapter(tiny_vit(), tmp_path / "a")
+    assert '"scale":1.0' in saved
+    path.write_text(saved.replace('"scale":1.0', '"scale":2.0'))  # edited in place: no word of tools
+    with pytest.raises(AdapterLoadError, match=r"does not match; save the adapter again$"):
+        nv.verify_adapter(tiny_vit(), tmp_path / "a")
+    path.write_text(json.dumps(json.loads(saved), indent=2))  # reformatted with the values kept: loads
+    nv.verify_adapter(tiny_vit(), tmp_path / "a")
+
+
 def test_class_names_are_recorded_for_whoever_serves_the_file_and_checked(tmp_path):
     model, names = trained(), ("cat", "dog", "owl", "emu", "yak")
     with pytest.raises(ValueError, match="got 2 class_names for a head of 5 classes"):
@@ -489,6 +514,41 @@ def test_class_names_are_recorded_for_whoever_serves_the_file_and_checked(tmp_pa
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(document))
     with pytest.raises(AdapterLoadError, match="'class_names' holds 2 names for a 5-class head"):
         nv.verify_adapter(tiny_vit(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["fresh", "switched"])
+def test_an_adapter_loaded_and_saved_again_keeps_its_class_names_until_it_is_trained(tmp_path, switch):
+    # the names were dropped without a word: a load and save (to change bits, say) gave other bytes, and no names
+    names = ["cat", "dog", "owl", "emu", "yak"]
+    nv.save_adapter(trained(), tmp_path / "a", bits=8, class_names=names)
+    nv.save_adapter(trained(), tmp_path / "plain", bits=8)
+    model = nv.load_adapter(tiny_vit(), tmp_path / ("plain" if switch else "a"))
+    if switch:
+        nv.load_adapter(model, tmp_path / "a")  # a task switch copies in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path / "b", bits=8)
+        nv.save_adapter(model, tmp_path / "c", bits=4)
+    assert (tmp_path / "b" / CONFIG_NAME).read_bytes() == (tmp_path / "a" / CONFIG_NAME).read_bytes()
+    assert (tmp_path / "b" / WEIGHTS_NAME).read_bytes() == (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "c").class_names == names
+    nv.save_adapter(model, tmp_path / "d", class_names=["a", "b", "c", "d", "e"])  # given names win
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "d").class_names == ["a", "b", "c", "d", "e"]
+    nv.load_adapter(model, tmp_path / "plain")  # a file without names: none are kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nv.verify_adapter(tiny_vit(), nv.save_adapter(model, tmp_path / "e")).class_names is None
+    nv.load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        model.head.weight.add_(0.1)  # trained since: the names may no longer fit, so none are recorded, and said
+    with pytest.warns(UserWarning, match=r"recorded class names \(cat, dog, owl, \.\.\.\), and its trained "
+                                         r"tensors changed since: this save records none"):
+        nv.save_adapter(model, tmp_path / "f")
+    assert nv.verify_adapter(tiny_vit(), tmp_path / "f").class_names is None
+    nv.load_adapter(model, tmp_path / "a")
+    model.reset_classifier(5)  # a new head, of as many classes
+    with pytest.warns(UserWarning, match="changed since"):
+        nv.save_adapter(model, tmp_path / "g")
 
 
 @pytest.mark.parametrize("path", [None, 5, ""])

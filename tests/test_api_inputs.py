@@ -2,10 +2,12 @@
 another library: each is refused naming the argument."""
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
 import pytest
+import timm
 import torch
 from tiny_models import as_if_trained, tiny_vit
 
@@ -282,6 +284,32 @@ def test_two_targets_selecting_the_same_layer_warn_naming_both_and_it_is_adapted
         images = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             assert torch.equal(loaded.eval()(images), model.eval()(images))
+
+
+def test_a_suffix_target_that_also_adapts_a_layer_nested_in_a_block_warns_with_the_regex_of_the_blocks_own(tmp_path):
+    # vit_relpos: the default mlp.fc1/mlp.fc2 adapted each block's attn.rel_pos.mlp too (twice the layers), unsaid
+    def relpos():
+        torch.manual_seed(0)  # the same frozen weights each time
+        return timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                                 depth=2, embed_dim=64, num_heads=2)
+
+    config = nv.NOLAConfig(num_basis_a=8, num_basis_b=8, rank=2)
+    with pytest.warns(UserWarning) as caught:
+        model = nv.inject(relpos(), config)
+    messages = [str(w.message) for w in caught if "inside modules" in str(w.message)]
+    assert len(messages) == 2 and messages[0].startswith(
+        "target 'mlp.fc1' also selects 2 layer(s) inside modules whose own mlp.fc1 it adapts "
+        "(blocks.0.attn.rel_pos.mlp.fc1, ...")
+    regexes = [re.search(r'target the regex r"(.+)" instead', message).group(1) for message in messages]
+    assert regexes == [r"blocks\.\d+\.mlp\.fc1", r"blocks\.\d+\.mlp\.fc2"]
+    saved = nv.save_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what was chosen is not warned of again at each load
+        nv.load_adapter(relpos(), saved)
+        outer = nv.inject(relpos(), nv.NOLAConfig(num_basis_a=8, num_basis_b=8, rank=2, targets=regexes))
+        nv.inject(tiny_vit(), config)  # a plain ViT: one mlp.fc1 per block
+    assert sorted(nv.adapted_layers(outer)) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1",
+                                                "blocks.1.mlp.fc2"]
 
 
 def test_a_target_on_torchs_multihead_attention_output_projection_is_refused_at_inject():

@@ -50,6 +50,7 @@ from ..core.fingerprint import (
 )
 from ..core.inject import (
     NOLA_SUFFIX,
+    AdapterState,
     adapter_state,
     inject,
     quantization_aware_bits,
@@ -328,7 +329,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     require_current_merge(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
-    names = _checked_class_names(class_names, num_classes_of(model))
+    names = _checked_class_names(class_names if class_names is not None else _loaded_class_names(model, state),
+                                 num_classes_of(model))
     head_names = set(state.plan.head_names)
     stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
     aware = quantization_aware_bits(model)  # at the saved bits, training saw what the codes store: nothing is lost
@@ -375,6 +377,27 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(_document_text(document))
     return Path(directory)
+
+
+def _trained_stamp(model: nn.Module, state: AdapterState) -> Dict[str, Tuple[int, int]]:
+    """Which tensor objects hold the trained values, and how often each was changed in place since it was made."""
+    adapter, head = trained_parameters(model, state.config.train_backbone)
+    return {name: (id(param), param._version) for name, param in {**adapter, **head}.items()}
+
+
+def _loaded_class_names(model: nn.Module, state: AdapterState) -> Optional[List[str]]:
+    """The class names of the file last loaded while the model holds exactly its tensors (a load and save keeps
+    them); after training or a new head, None, with a warning that the names are not carried over."""
+    loaded = getattr(state, "loaded_class_names", None)  # None in models pickled before it was recorded
+    if loaded is None:
+        return None
+    names, stamp = loaded
+    if stamp == _trained_stamp(model, state):
+        return names
+    warn_user(f"the adapter loaded into this model recorded class names ({', '.join(names[:3])}"
+              f"{', ...' if len(names) > 3 else ''}), and its trained tensors changed since: this save records none. "
+              "Pass class_names= to record them")
+    return None
 
 
 def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
@@ -797,9 +820,14 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
                                f"{document['num_classes']}-class head; the file was edited or damaged")
     # Before any field is trusted: an edited class count or backbone would otherwise be reported as the model's fault.
     if "config_sha256" in document and _document_digest(document) != document["config_sha256"]:
+        rewritten = raw.decode("utf-8-sig").replace("\r\n", "\n") != _document_text(document)
         raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
                                "covers scale, init, targets, slices, bits and every other field) does not match; "
-                               "save the adapter again")
+                               + ("its layout is not the one nola_vision writes, so a program rewrote it: JSON tools "
+                                  "such as jq or JavaScript's JSON.stringify write a whole-number float (scale 1.0) "
+                                  "as 1, which changes what the checksum covers. Restore the file as it was saved "
+                                  "(a copy of the folder, say), or save the adapter again" if rewritten
+                                  else "save the adapter again"))
     return document
 
 
@@ -1559,4 +1587,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
         if adapter_state(target) is None:
             inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
         switch_merged(target, verified.values)  # plain copies; a merged model switches in place and stays merged
+        state = adapter_state(target)
+        names = verified.class_names
+        state.loaded_class_names = (list(names), _trained_stamp(target, state)) if names else None
     return model

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ class AdapterState:
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
     statistics: Dict[str, Tensor] = field(default_factory=dict)
+    # The class names of the file ``load_adapter`` last applied, with the identity and in-place version of each trained
+    # tensor just after: ``save_adapter`` keeps the names while the model holds exactly what was loaded.
+    loaded_class_names: Optional[Tuple[List[str], Dict[str, Tuple[int, int]]]] = None
 
     @property
     def config(self) -> AdapterConfig:

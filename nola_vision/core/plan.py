@@ -15,7 +15,15 @@ from .checks import check_bool
 from .config import AdapterConfig, as_config, resolve_adapter
 from .layer import STATE_ATTRIBUTE, Slice, adapted_layers
 from .registry import method_of
-from .targets import find_targets, head_parameter_names, require_module, require_one_head, unwrap_model
+from .targets import (
+    blocks_regex,
+    find_targets,
+    head_parameter_names,
+    nested_suffix_matches,
+    require_module,
+    require_one_head,
+    unwrap_model,
+)
 from .warn import warn_user
 
 __all__ = ["InjectionPlan", "LayerPlan", "plan_injection"]
@@ -310,6 +318,19 @@ def _warn_pointless_sizes(plan: InjectionPlan) -> None:
                   f"{f' and {more} more layer(s)' if more else ''}: {reason}")
 
 
+def _warn_nested_matches(config: AdapterConfig, layers: List[str]) -> None:
+    """Warn where a suffix target also adapts layers nested in a module whose own such layer it adapts (the
+    relative-position MLP in the attention of ``vit_relpos_*``/MaxViT-rmlp blocks), naming a regex of the outer ones."""
+    for pattern in config.targets:
+        nested = nested_suffix_matches(pattern, layers)
+        if nested:
+            outer = [name for name in layers if name.endswith("." + pattern) and name not in nested]
+            warn_user(f"target {pattern!r} also selects {len(nested)} layer(s) inside modules whose own {pattern} it "
+                      f"adapts ({nested[0]}, ...: a relative-position MLP, say): they are adapted too, with their "
+                      f"own coefficients. To adapt only the outer ones, target the regex r\"{blocks_regex(outer)}\" "
+                      "instead")
+
+
 def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any]], *,
                    warn: bool = True) -> InjectionPlan:
     """The injection plan of ``config`` on ``model``; raises (naming the model's layers) when a target fits nothing.
@@ -351,6 +372,7 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str,
     plan = InjectionPlan(config, layers, trained, head_names)
     if warn:
         _warn_pointless_sizes(plan)
+        _warn_nested_matches(config, list(layers))
         if repeats:
             first, second, layer = repeats[0]
             warn_user(f"targets {first!r} and {second!r} both select {layer} (adapted once): the config records the "

@@ -10,10 +10,10 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "adaptable_linears", "classifier_head", "find_targets", "head_parameter_names",
-           "image_channels", "require_adapter_values", "require_no_inner_wrappers", "require_no_peft_model",
-           "require_nothing_else_trained", "require_module", "require_one_head", "require_not_data_parallel",
-           "require_values", "trained_parameters", "unwrap_model"]
+__all__ = ["QKV_SLICES", "adaptable_linears", "blocks_regex", "classifier_head", "find_targets",
+           "head_parameter_names", "image_channels", "nested_suffix_matches", "require_adapter_values",
+           "require_module", "require_no_inner_wrappers", "require_no_peft_model", "require_not_data_parallel",
+           "require_nothing_else_trained", "require_one_head", "require_values", "trained_parameters", "unwrap_model"]
 
 # Virtual targets: one third of a fused ``qkv`` projection, by position of its output rows.
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -140,9 +140,24 @@ def _matches(name: str, pattern: str) -> bool:
         return False
 
 
+def nested_suffix_matches(pattern: str, names: List[str]) -> List[str]:
+    """The layers of ``names`` that the suffix ``pattern`` selects inside a module whose own ``pattern`` it selects
+    too (a relative-position ViT's ``blocks.0.attn.rel_pos.mlp.fc1`` beside ``blocks.0.mlp.fc1``): rarely meant."""
+    suffix = "." + pattern
+    matched = [name for name in names if name.endswith(suffix)]
+    owners = {name[: -len(suffix)] + "." for name in matched}
+    return [name for name in matched if any(name.startswith(owner) and name != owner + pattern for owner in owners)]
+
+
+def blocks_regex(names: List[str]) -> str:
+    """A regex that fully matches ``names`` with any block indices (``blocks\\.\\d+\\.mlp\\.fc1``), and no other
+    kind of layer."""
+    return "|".join(re.escape(kind).replace(r"\*", r"\d+") for kind in _summarise_names(names))
+
+
 def _summarise_names(names: List[str]) -> List[str]:
     """Module names with block indices folded (``blocks.*.mlp.fc1``), for readable error messages."""
-    return sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
+    return sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name) for name in names})
 
 
 def _classifier_owners(model: nn.Module) -> List[nn.Module]:
