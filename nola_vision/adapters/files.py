@@ -49,10 +49,10 @@ from ..core.fingerprint import (
     unexpected_merges,
 )
 from ..core.inject import (
-    NOLA_SUFFIX,
     AdapterState,
     adapter_state,
     inject,
+    nola_base_name,
     quantization_aware_bits,
     refuse_wrapped_adapters,
     require_unchanged_statistics,
@@ -124,8 +124,8 @@ def architecture_name(model: nn.Module) -> str:
 def _timm_architecture(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     architecture = cfg.get("architecture")
-    if isinstance(architecture, str) and architecture.endswith(NOLA_SUFFIX):
-        base = architecture[: -len(NOLA_SUFFIX)]
+    base = nola_base_name(architecture)
+    if base is not None:
         return base if is_model(base) else architecture
     return architecture
 

@@ -43,8 +43,8 @@ from .targets import classifier_head, require_module, require_not_data_parallel,
 from .warn import warn_user
 
 __all__ = ["NOLA_SUFFIX", "AdapterState", "adapter_state", "inject", "merge_and_unload", "name_architecture",
-           "quantization_aware_bits", "refuse_wrapped_adapters", "replace_module", "require_unchanged_statistics",
-           "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
+           "nola_base_name", "quantization_aware_bits", "refuse_wrapped_adapters", "replace_module",
+           "require_unchanged_statistics", "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
 
 
 @dataclass
@@ -624,6 +624,13 @@ def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
 NOLA_SUFFIX = "_nola"
 
 
+def nola_base_name(architecture: object) -> Optional[str]:
+    """``<base>`` of a timm zoo NOLA architecture name ``<base>_nola``; None for any other value."""
+    if isinstance(architecture, str) and len(architecture) > len(NOLA_SUFFIX) and architecture.endswith(NOLA_SUFFIX):
+        return architecture[: -len(NOLA_SUFFIX)]
+    return None
+
+
 def name_architecture(model: nn.Module, name: str) -> None:
     """Name ``name`` as the architecture in the model's pretrained config (a copy of it, under timm's ``default_cfg``
     alias too), which timm's ``save_for_hf`` writes into config.json; nothing where the model has no such config."""
@@ -642,9 +649,10 @@ def _name_base_architecture(model: nn.Module) -> None:
     adapters around the weights that were saved without them."""
     config = getattr(model, "pretrained_cfg", None)
     architecture = config.get("architecture") if isinstance(config, dict) else None
-    if not (isinstance(architecture, str) and architecture.endswith(NOLA_SUFFIX)):
+    base = nola_base_name(architecture)
+    if base is None:
         return
-    name_architecture(model, architecture[: -len(NOLA_SUFFIX)])
+    name_architecture(model, base)
     arguments = getattr(model, "_model_args", None)
     if isinstance(arguments, dict):
         model._model_args = {key: value for key, value in arguments.items() if not key.startswith("nola_")}

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover (older timm)
 
 from ..core.checks import check_bool, check_num_classes
 from ..core.config import AdapterConfig, resolve_adapter
-from ..core.inject import NOLA_SUFFIX, inject, name_architecture
+from ..core.inject import NOLA_SUFFIX, inject, name_architecture, nola_base_name
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
 from ..core.targets import head_parameter_names
@@ -83,8 +83,8 @@ def check_model_name(model_name: str, fix: str = "") -> None:
         return  # timm resolves these sources itself (a Hub repo, a local folder with config.json)
     architecture, tag = split_model_name_tag(model_name)
     if not is_model(architecture):
-        base = architecture[: -len(NOLA_SUFFIX)] if architecture.endswith(NOLA_SUFFIX) else None
-        if base and is_model(base):  # a real model without a registered *_nola twin
+        base = nola_base_name(architecture)
+        if base is not None and is_model(base):  # a real model without a registered *_nola twin
             variants = ", ".join(name + NOLA_SUFFIX for name in NOLA_VARIANTS)
             raise ValueError(f"unknown timm model '{model_name}': only {variants} are registered with NOLA built in. "
                              f"Adapt {base} with nv.create_model({base!r}, adapter='nola') (or nv.inject on the "
@@ -147,9 +147,9 @@ def create_model(model_name: str, adapter: Optional[Union[AdapterConfig, str, Di
         kwargs["pretrained"] = check_bool(kwargs["pretrained"], "pretrained")
     config = resolve_adapter(adapter) if adapter is not None else None  # checked before the model is built
     architecture = _architecture(model_name).split(".")[0]
-    nola_name = architecture.endswith(NOLA_SUFFIX)
+    base = nola_base_name(architecture)
+    nola_name = base is not None
     if config is not None and nola_name:
-        base = architecture[: -len(NOLA_SUFFIX)]
         raise ValueError(f"{model_name} comes with NOLA adapters (set by nola_* arguments), so adapter= would be a "
                          f"second injection: pass adapter= with the plain model ({base!r}), or nola_config= here")
     checkpoint = kwargs.get("checkpoint_path")
