@@ -131,15 +131,17 @@ def test_a_fit_from_a_mapping_of_arguments_runs(tmp_path):
 def test_a_missing_or_empty_test_image_is_named_before_the_pass(run, tmp_path, capsys):
     empty = run["data"] / "test" / "dog" / "2.png"
     kept = empty.read_bytes()
-    try:
-        empty.write_bytes(b"")
-        assert main([*run["predict"], "--predictions_file", str(tmp_path / "p.csv")]) == 2  # refused before the pass
-    finally:
-        empty.write_bytes(kept)
-    err = capsys.readouterr().err
-    assert "1 test image(s) are missing, empty (0 bytes) or unreadable" in err and "2.png" in err
-    assert "before predicting" in err
-    assert not (tmp_path / "p.csv").exists()
+    for damaged, why in ((b"", "empty (0 bytes"), (kept[: len(kept) // 2], "cut short")):
+        try:
+            empty.write_bytes(damaged)
+            assert main([*run["predict"], "--predictions_file", str(tmp_path / "p.csv")]) == 2  # refused before
+        finally:
+            empty.write_bytes(kept)
+        err = capsys.readouterr().err
+        # a cut-short image was said to be "missing, empty (0 bytes) or unreadable": each is named with its reason
+        assert f"1 test image(s) cannot be read: {empty} is {why}" in err
+        assert "before predicting" in err
+        assert not (tmp_path / "p.csv").exists()
 
 
 def test_results_name_their_files_from_any_working_directory(run, tmp_path, monkeypatch):

@@ -225,6 +225,29 @@ def test_a_split_file_records_the_shot_count_it_holds(folder_root, tmp_path):
     assert "shots=1 " in again.manifest_path.read_text().splitlines()[0]  # the re-saved manifest says so too
 
 
+def test_a_split_file_replayed_after_a_class_was_added_before_its_classes_says_they_were_renumbered(folder_root,
+                                                                                                     tmp_path):
+    # "'train/dog/dog 03.png' has label 1, but the dataset says 2", without a word of why
+    drawn = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8,
+                              split_dir=str(tmp_path / "one"))
+    drawn.setup("fit")
+    (folder_root / "train" / "cow").mkdir()  # sorts between cat and dog: dog and owl move up one
+    for i in range(2):
+        (folder_root / "train" / "cow" / f"cow {i}.png").write_bytes((folder_root / "train" / "cat" /
+                                                                     f"cat 0{i}.png").read_bytes())
+    again = FewShotDataModule("imagefolder", root=str(folder_root), image_size=8,
+                              split_file=str(drawn.manifest_path), split_dir=str(tmp_path / "again"))
+    with pytest.raises(ValueError, match=r"has label 1, but the dataset says 2\. The dataset numbers the manifest's "
+                                         r"classes otherwise now \(1 is 2, 2 is 3\): a class was added, removed or "
+                                         r"renamed since the manifest was written"):
+        again.setup("fit")
+    manifest = tmp_path / "edited.txt"  # labels edited by hand: no renumbering to tell of
+    manifest.write_text("train/cat/cat 00.png 1\ntrain/cat/cat 01.png 0\n")
+    edited = FewShotDataModule("imagefolder", root=str(folder_root), image_size=8, split_file=str(manifest))
+    with pytest.raises(ValueError, match=r"has label 1, but the dataset says 0$"):
+        edited.setup("fit")
+
+
 def test_a_split_file_with_uneven_classes_warns_naming_them(folder_root, tmp_path):
     manifest = tmp_path / "uneven.txt"
     manifest.write_text("train/cat/cat 00.png 0\ntrain/cat/cat 01.png 0\ntrain/dog/dog 00.png 1\n")

@@ -42,7 +42,7 @@ from .datasets import (
     download_dataset,
     expand_root,
     local_root,
-    unreadable_reason,
+    unreadable_named,
 )
 from .fewshot import (
     FewShotSplit,
@@ -330,9 +330,6 @@ def _refuse_unlisted_classes(dataset: ImageDataset, indices: list[int], manifest
                          "Drop split_file to draw a split of every class, or move those classes' folders away")
 
 
-UNREADABLE_SHOWN = 3  # unreadable drawn images an error names
-
-
 def _refuse_unreadable_drawn(dataset: ImageDataset, indices: list[int]) -> None:
     """Refuse drawn training or validation images that are missing, empty (0 bytes), cut short, no regular file (a
     named pipe) or unreadable (``unreadable_reason``: a stat and a file's first and last bytes, no decoding), before
@@ -341,10 +338,9 @@ def _refuse_unreadable_drawn(dataset: ImageDataset, indices: list[int]) -> None:
     bad = dataset.unreadable_files(indices)
     if not bad:
         return
-    named = "; ".join(f"{path} is {unreadable_reason(path)}" for path in bad[:UNREADABLE_SHOWN])
     error = CorruptImageError(
         f"{len(bad)} of the {len(indices)} training and validation images of {dataset.name} ({dataset.split} split) "
-        f"cannot be read: {named}{'; ...' if len(bad) > UNREADABLE_SHOWN else ''}. Copy them again (extract or "
+        f"cannot be read: {unreadable_named(bad)}. Copy them again (extract or "
         "download the dataset again), make them readable, or remove them, before training")
     error.before_run = True  # the CLI's exit code of a refusal before the run: every run of the split would fail
     raise error

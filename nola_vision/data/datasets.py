@@ -50,6 +50,8 @@ __all__ = [
     "download_dataset",
     "expand_root",
     "local_root",
+    "unreadable_named",
+    "unreadable_reason",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -1447,6 +1449,15 @@ def expand_root(root: str | os.PathLike) -> str:
     the same folder; a URL (``s3://...``) is left as it is."""
     text = check_path(root, "the dataset root")  # None or 5 failed deep inside os.fspath
     return text if "://" in text else os.path.expanduser(text)
+
+
+UNREADABLE_SHOWN = 3  # unreadable images an error names
+
+
+def unreadable_named(paths: Sequence[Path]) -> str:
+    """The first unreadable images of ``paths`` with why each cannot be read, for an error message."""
+    named = "; ".join(f"{path} is {unreadable_reason(path) or 'unreadable'}" for path in paths[:UNREADABLE_SHOWN])
+    return named + ("; ..." if len(paths) > UNREADABLE_SHOWN else "")
 
 
 def unreadable_reason(path: Path) -> Optional[str]:

@@ -274,10 +274,29 @@ def _near_key(key: str, position: dict) -> str:
     wanted = unicodedata.normalize("NFC", key).strip()
     near = next((k for k in position if unicodedata.normalize("NFC", k).strip() == wanted), None)
     if near is None:
-        return " (wrong dataset or root?)"
+        return " (wrong dataset or root, or the image was moved or deleted since the manifest was written?)"
     return (f": the dataset has {ascii(near)}, the same name written with other code points or spaces (the file was "
             "renamed or copied by a tool that normalizes names, e.g. on macOS). Write the manifest's key as the file "
             "is named, or rename the file")
+
+
+def _renumbered(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]], position: dict) -> str:
+    """Why labels differ where the manifest's classes map one to one, in order, onto other numbers: the dataset's
+    classes changed since it was written (a class folder added, removed or renamed sorts before them)."""
+    moved: dict[int, set[int]] = {}
+    for key, label in entries:
+        if key in position and isinstance(label, int):
+            moved.setdefault(label, set()).add(samples[position[key]][1])
+    if any(len(now) != 1 for now in moved.values()):
+        return ""  # not one renumbering: the manifest's labels were edited, or it is another dataset's
+    new = [next(iter(moved[label])) for label in sorted(moved)]
+    if any(a >= b for a, b in zip(new, new[1:])):  # classes keep their sorted order when one is added or removed
+        return ""
+    changes = {label: now for label, now in zip(sorted(moved), new) if now != label}
+    shown = ", ".join(f"{old} is {new}" for old, new in list(changes.items())[:4]) + ", ..." * (len(changes) > 4)
+    return (f". The dataset numbers the manifest's classes otherwise now ({shown}): a class was added, removed or "
+            "renamed since the manifest was written, sorting before them. Restore the class folders as they were, "
+            "or drop split_file to draw a new split")
 
 
 def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
@@ -308,7 +327,8 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
             raise ValueError(f"{source}: '{key}' is listed twice: a manifest lists each image once (a repeated line "
                              "would train on fewer distinct images than it records)")
         if samples[i][1] != label:
-            raise ValueError(f"{source}: '{key}' has label {label}, but the dataset says {samples[i][1]}")
+            raise ValueError(f"{source}: '{key}' has label {label}, but the dataset says {samples[i][1]}"
+                             f"{_renumbered(samples, entries, position)}")
         indices.append(i)
         listed.add(i)
     return indices

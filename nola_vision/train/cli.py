@@ -53,7 +53,7 @@ from ..core.storage import (
 from ..core.warn import warn_user
 from ..data import CorruptImageError, FewShotDataModule
 from ..data.datamodule import require_share_per_process
-from ..data.datasets import expand_root
+from ..data.datasets import expand_root, unreadable_named
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
 from .checkpoint_io import (
@@ -1270,9 +1270,8 @@ class NolaCLI(LightningCLI):
             require_share_per_process(len(self.datamodule.test_set), self.trainer.world_size, "test")
         bad = self.datamodule.test_set.dataset.unreadable_files()
         if bad:
-            error = CorruptImageError(f"{len(bad)} test image(s) are missing, empty (0 bytes) or unreadable by this "
-                                      f"user, e.g. {bad[0]}: copy them again, make them readable, or remove them, "
-                                      f"before {why}")
+            error = CorruptImageError(f"{len(bad)} test image(s) cannot be read: {unreadable_named(bad)}. Copy them "
+                                      f"again, make them readable, or remove them, before {why}")
             error.before_run = True  # a refusal before the run (exit 2): every run of the split would fail alike
             raise error
 
