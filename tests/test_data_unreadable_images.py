@@ -97,6 +97,24 @@ def test_an_image_cut_short_is_refused_at_setup_and_one_with_data_after_its_end_
         FewShotDataModule("imagefolder", **settings).setup("fit")
 
 
+def test_a_web_page_saved_under_an_images_name_is_refused_at_setup_and_images_of_other_formats_are_read(
+        folder_root):
+    # a scraper's HTML saved as .jpg passed the checks (no image end marker to look for) and stopped a shots=0 fit
+    # mid-epoch, and a test image only after training
+    settings = dict(root=str(folder_root), shots=0, image_size=8, cache_images=False)
+    dm = FewShotDataModule("imagefolder", **settings)
+    dm.setup("fit")
+    paths = [folder_root / key for key, _ in dm.train_manifest[:3]]
+    formats = iter(["BMP", "TIFF", "WEBP"])  # a PNG's name may hold other formats PIL reads: they train
+    for path in paths:
+        Image.new("RGB", (8, 8), "red").save(path, format=next(formats))
+    FewShotDataModule("imagefolder", **settings).setup("fit")
+    paths[0].write_text("<!DOCTYPE html><html><body>Rate limited</body></html>")
+    with pytest.raises(CorruptImageError, match=rf"{re.escape(str(paths[0]))} is not an image: no image format "
+                                                r"begins as it does \(b'<!DOCTYP'\.\.\.: a web page"):
+        FewShotDataModule("imagefolder", **settings).setup("fit")
+
+
 def test_an_unreadable_image_that_is_not_drawn_is_not_refused(folder_root):
     dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=1, image_size=8)
     dm.setup("fit")

@@ -28,7 +28,7 @@ from stat import S_ISREG
 from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..core.checks import check_bool, check_callable, check_path, shown
@@ -1480,6 +1480,25 @@ def unreadable_reason(path: Path) -> Optional[str]:
 
 
 _JPEG_START = b"\xff\xd8\xff"
+# How the formats of IMG_EXTENSIONS (and GIF, named when read) begin: a file that begins otherwise is identified by PIL
+_IMAGE_STARTS = (_JPEG_START, b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"GIF8",
+                 *(b"P" + bytes([c]) for c in b"1234567fF"))
+
+
+def _unidentified_reason(path: Path, head: bytes) -> Optional[str]:
+    """Why a file with an image's name holds no image PIL can identify (a web page a scraper saved as ``.jpg``),
+    which stopped a fit mid-epoch, or after training for a test image; None otherwise. ``head``: its first 12 bytes;
+    PIL's header parsers read it only where it begins as no image format of ``IMG_EXTENSIONS`` does."""
+    if head.startswith(_IMAGE_STARTS) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+        return None
+    try:
+        with Image.open(path):
+            return None
+    except UnidentifiedImageError:
+        return (f"not an image: no image format begins as it does ({head[:8]!r}...: a web page or text saved under "
+                "an image's name, say)")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # identified: named when decoded
+        return None
 _IMAGE_ENDS = {_JPEG_START: b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
 _TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
 
@@ -1502,14 +1521,18 @@ def _jpeg_scan_start(data: bytes) -> int:
 
 
 def _cut_short_reason(path: Path, size: int) -> Optional[str]:
-    """Why a JPEG or PNG whose end marker is not among its last bytes is cut short (a copy or extraction stopped
-    mid-file, which stopped a fit mid-epoch), or None. Data may follow the marker (a phone's motion photo appends a
+    """Why a file is no image PIL identifies (``_unidentified_reason``), or why a JPEG or PNG whose end marker is
+    not among its last bytes is cut short (a copy or extraction stopped mid-file, which stopped a fit mid-epoch), or
+    None. Data may follow the marker (a phone's motion photo appends a
     video, a camera a trailer): such a file is read whole and passes where the marker is in it (for a JPEG, past
     its first scan's start: an EXIF thumbnail's end marker lies before); only a file without one is decoded before
     it is named."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(12)
+            unidentified = _unidentified_reason(path, head)
+            if unidentified is not None:
+                return unidentified
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
             end = next((end for start, end in _IMAGE_ENDS.items() if head.startswith(start)), None)
