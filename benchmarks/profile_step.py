@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Container, Dict, List, Optional, Sequence
 
 from common import (
     POSITIVE,
@@ -49,7 +49,8 @@ TOP_TENSORS = 10
 def _memory_tracker():
     """A dispatch mode that follows every storage created under it and snapshots the live ones at their peak.
 
-    ``probe()`` is read at the peak too: memory the step did not create but holds then (NOLA's basis codes).
+    ``probe(made)`` is read at the peak too: memory the step holds then but did not create (NOLA's basis codes made
+    before it; ``made``: the storages the step created and still holds, which the peak counts already).
     """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,7 +58,7 @@ def _memory_tracker():
     from torch.utils.module_tracker import ModuleTracker
 
     class MemoryTracker(TorchDispatchMode):
-        def __init__(self, modules: ModuleTracker, probe: Callable[[], int]) -> None:
+        def __init__(self, modules: ModuleTracker, probe: Callable[[Container[int]], int]) -> None:
             super().__init__()
             self.modules, self.probe = modules, probe
             self.probe_at_peak = 0
@@ -95,7 +96,7 @@ def _memory_tracker():
                 self.refs[key] = weakref.ref(storage, lambda ref, key=key: self._freed(key, ref))
                 self.total += storage.nbytes()
             if self.total > self.peak:
-                self.peak, self.peak_op, self.probe_at_peak = self.total, self._label(op), self.probe()
+                self.peak, self.peak_op, self.probe_at_peak = self.total, self._label(op), self.probe(self.live)
                 at_peak: Dict[str, int] = collections.Counter()
                 for nbytes, label in self.live.values():
                     at_peak[label] += nbytes
@@ -103,6 +104,19 @@ def _memory_tracker():
             return out
 
     return MemoryTracker
+
+
+def basis_bytes_made_before(model, made: Container[int]) -> int:
+    """Bytes of the basis codes the model's bank holds whose storage is not among ``made`` (pointers of the storages
+    the step created): codes regenerated within the step are in its peak already."""
+    from nola_vision.core.inject import adapter_state
+
+    state = adapter_state(model)
+    if state is None or state.bank is None:
+        return 0
+    storages = {codes.untyped_storage().data_ptr(): codes.untyped_storage().nbytes()
+                for codes in state.bank.tensors().values()}
+    return sum(nbytes for pointer, nbytes in storages.items() if pointer not in made)
 
 
 def flop_formulas() -> Dict:
@@ -164,7 +178,7 @@ def worker(args: argparse.Namespace) -> Dict:
     with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as flops:
         step()
     modules = ModuleTracker()
-    with modules, _memory_tracker()(modules, lambda: held_basis_bytes(model)) as memory:
+    with modules, _memory_tracker()(modules, lambda made: basis_bytes_made_before(model, made)) as memory:
         step()
     return {
         "model": args.model, "batch": args.batch, "method": args.method, "k": args.k, "threads": args.threads,
@@ -221,6 +235,7 @@ def summary_table(runs: List[Dict]) -> str:
                         ("FLOPs (G)", lambda r: sum(r["flops"].values()) / 1e9),
                         ("tensor memory peak above the step's start (MiB)", lambda r: r["peak_mib"]),
                         ("basis codes held between steps (MiB)", lambda r: r["bases_mib"]),
+                        # made before the step: codes the step regenerated are in its peak already
                         ("basis codes held at the peak (MiB)", lambda r: r["bases_at_peak_mib"]),
                         ("peak + basis codes held at it (MiB)", lambda r: r["peak_mib"] + r["bases_at_peak_mib"])):
         values = [value(r) for r in runs]

@@ -7,7 +7,7 @@
 # on the Intel Xeon one) for everything but the accuracy parts, which add minutes with their trial cache
 # (runs/accuracy_cache) and about an hour without it (AMD: accuracy 36 min, accuracy_study 15, accuracy_transfer 7).
 # `gpu` first runs the CUDA tests (bases bit-identical to the CPU's golden values; a model moved to CUDA gives the CPU
-# logits; their output in gpu_cuda_tests.txt), then the bf16 training-step tables; a failed CUDA test makes the
+# logits; their output in gpu_cuda_tests.txt; skipped, saying so, without pytest), then the bf16 training-step tables; a failed CUDA test makes the
 # script exit 4 once RESULTS.md is rebuilt. A failed GPU table does not stop the other (device time is scarce):
 # RESULTS.md is rebuilt from what ran, and the script exits 1 naming it. Without peft its rows are left out; without
 # matplotlib no plot is drawn. Named, it fails before anything runs where torch sees no CUDA; in the default run it
@@ -25,6 +25,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=benchmarks/results
 mkdir -p "$out"
 python() { command "$py" "$@"; }
+
+kill_tree() {  # kill_tree <pid>: SIGTERM to the process and every process under it (a script's measuring workers)
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null || ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill -TERM "$1" 2>/dev/null || true
+}
+
+stop_part() {  # stop_part <name> <exit code>: end the part's processes, keep its previous results, exit
+    if [ -n "${part_pid:-}" ]; then
+        kill_tree "$part_pid"
+        wait "$part_pid" 2>/dev/null || true
+    fi
+    restore_previous "$1"
+    echo "== $1 stopped: its previous table, numbers and plot are kept" >&2
+    exit "$2"
+}
 
 restore_previous() {  # restore_previous <name>: put back the part's numbers and plot kept before it ran
     local kind
@@ -44,12 +60,18 @@ run() {  # run <name> <script> [args...]
     for kind in json png; do
         if [ -e "$out/$name.$kind" ]; then cp -p "$out/$name.$kind" "$out/.$name.$kind.previous"; fi
     done
-    trap 'restore_previous "$name"; echo "== $name stopped: its previous table, numbers and plot are kept" >&2; exit 143' TERM
-    trap 'restore_previous "$name"; echo "== $name stopped: its previous table, numbers and plot are kept" >&2; exit 130' INT
-    if python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/.$name.md.new"; then
+    trap 'stop_part "$name" 143' TERM
+    trap 'stop_part "$name" 130' INT
+    # In the background, waited for: bash runs a trap only once the foreground command ends, so a SIGTERM sent to
+    # this script alone (not its process group) would otherwise wait for the whole part, then discard its result.
+    (python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/.$name.md.new") &
+    part_pid=$!
+    if wait "$part_pid"; then
+        part_pid=
         mv "$out/.$name.md.new" "$out/$name.md"
         rm -f "$out/.$name.json.previous" "$out/.$name.png.previous"
     else
+        part_pid=
         restore_previous "$name"
         echo "== $name failed after $((SECONDS - start)) s: its previous table, numbers and plot are kept" >&2
         trap - TERM INT
@@ -116,9 +138,16 @@ part() {
                 --extra nola_1024:3e-2:1e-2:2 --cache runs/accuracy_cache ;;
         gpu)
             if has_cuda; then
-                echo "== gpu: the CUDA tests" >&2
-                python -m pytest -q -p no:cacheprovider tests/test_basis.py tests/test_inject.py -k cuda 2>&1 \
-                    | tee "$out/gpu_cuda_tests.txt" >&2 || cuda_tests_failed=1  # the tables still run; the exit fails
+                if python -c "import pytest" 2>/dev/null; then
+                    echo "== gpu: the CUDA tests" >&2
+                    # into a new file, then over the old: a run stopped meanwhile leaves the last whole log
+                    python -m pytest -q -p no:cacheprovider tests/test_basis.py tests/test_inject.py -k cuda 2>&1 \
+                        | tee "$out/.gpu_cuda_tests.txt.new" >&2 || cuda_tests_failed=1  # the tables still run
+                    mv "$out/.gpu_cuda_tests.txt.new" "$out/gpu_cuda_tests.txt"
+                else
+                    echo "== gpu: pytest is not installed, so the CUDA tests do not run ($out/gpu_cuda_tests.txt is" \
+                         "left as it was): pip install pytest, or pip install -e '.[dev]', to run them" >&2
+                fi
                 local methods=(linear lora nola nola_per_layer peft_lora peft_vera peft_fourierft)
                 if ! python -c "import peft" 2>/dev/null; then
                     echo "== gpu: peft is not installed: its rows are left out" >&2

@@ -23,6 +23,7 @@ q and v thirds alone).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -430,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.compile and args.paired:  # the paired worker builds eager steps: its times would fill the compiled rows
         raise SystemExit("--paired times eager steps only: run --compile without it")
     check_blocks(args)
+    if any(method.startswith("peft_") for method in args.methods) and importlib.util.find_spec("peft") is None:
+        raise SystemExit("the peft methods need peft (pip install -e '.[dev]'), or leave them out of --methods: "
+                         f"--methods {' '.join(m for m in args.methods if not m.startswith('peft_'))}")
     if args.device.startswith("cuda") and not _has_cuda():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     results = run_all(args)

@@ -121,6 +121,16 @@ def test_profile_step_main_shows_op_times_and_the_tensors_alive_at_the_peak(tmp_
     assert sum(nola["flops"].values()) == pytest.approx(sum(lora["flops"].values()), rel=0.05)
 
 
+def test_profile_step_counts_basis_codes_the_step_regenerates_once():
+    # at a peak in backward, where the step regenerates the codes, they were in the peak and counted again as "held
+    # at the peak": the row showed twice the codes the process ever held
+    args = argparse.Namespace(method="nola", model=TINY, num_classes=10, k=1024, img_size=32, threads=1, batch=2,
+                              precision="fp32", steps=1)
+    result = profile_step.worker(args)
+    in_peak = sum(mib for label, mib in result["at_peak_mib"].items() if label.endswith("basis_codes"))
+    assert in_peak > 0 and in_peak + result["bases_at_peak_mib"] <= result["bases_mib"] + 1e-9
+
+
 def test_profile_flop_formulas_count_in_place_products_and_cpu_flash_attention():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -512,6 +522,87 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     code = collect_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "R.md"), "--readme", str(readme)])
     err = capsys.readouterr().err  # was a bare StopIteration traceback
     assert code == 1 and "run with other settings (methods, models) than benchmarks/run_all.sh uses" in err
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie no container init reaps does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_part_stopped_by_a_sigterm_to_the_script_alone_ends_at_once_with_its_processes(tmp_path):
+    # bash ran the trap only once the part's foreground pipeline ended: the part ran on to its end (36 min for the
+    # accuracy part, a GPU held meanwhile), then its result was thrown away
+    import shutil
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    pids = tmp_path / "pids"
+    (tree / "benchmarks" / "storage.py").write_text(
+        "import os, subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{worker.pid}}')\n"
+        "print('_2026-12-09 10:00, a machine, torch 2.14.1, `a command`_', flush=True)\ntime.sleep(120)\n")
+    results = tree / "benchmarks" / "results"
+    before = {kind: (results / f"storage.{kind}").read_bytes() for kind in ("md", "json", "png")}
+    script = subprocess.Popen(["bash", str(tree / "benchmarks" / "run_all.sh"), "storage"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = time.monotonic()
+    script.send_signal(signal.SIGTERM)  # to the script alone, as `kill <pid>` sends it
+    _, err = script.communicate(timeout=60)
+    assert time.monotonic() - started < 30 and script.returncode == 143
+    assert "storage stopped: its previous table, numbers and plot are kept" in err
+    assert not any(_alive(int(pid)) for pid in pids.read_text().split())  # the script and its measuring worker
+    assert {kind: (results / f"storage.{kind}").read_bytes() for kind in before} == before
+
+
+def test_run_all_gpu_without_pytest_says_so_and_keeps_the_cuda_test_log(tmp_path):
+    # the CUDA tests ran as `python -m pytest` on a bare GPU machine: "No module named pytest" replaced the kept log,
+    # and the script ended with "a CUDA test failed" (exit 4)
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "benchmarks" / "train_step.py").write_text("raise SystemExit('no GPU table here')\n")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoPytest:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pytest', '_pytest', 'peft'):\n"
+        "            raise ImportError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, _NoPytest())\n"
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True  # a GPU machine, as far as run_all.sh asks\n")
+    log = tree / "benchmarks" / "results" / "gpu_cuda_tests.txt"
+    log.write_text("the last CUDA test run's log\n")
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    run = subprocess.run(["bash", str(tree / "benchmarks" / "run_all.sh"), "gpu"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert "pytest is not installed, so the CUDA tests do not run" in run.stderr
+    assert "peft is not installed: its rows are left out" in run.stderr
+    assert "a CUDA test failed" not in run.stderr and run.returncode == 1  # 1: the (faked) tables failed
+    assert log.read_text() == "the last CUDA test run's log\n"
+
+
+def test_train_step_with_peft_methods_without_peft_stops_before_measuring(monkeypatch):
+    # it measured every other method first (minutes), then died with a traceback and printed no table
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(train_step, "run_all", lambda args: pytest.fail("measured without peft"))
+    with pytest.raises(SystemExit, match=r"the peft methods need peft .* --methods lora nola"):
+        train_step.main(["--model", TINY, "--methods", "lora", "peft_vera", "nola"])
 
 
 @pytest.mark.parametrize("how", ["fails", "is stopped"])
