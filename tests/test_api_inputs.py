@@ -213,6 +213,9 @@ def test_an_image_size_beyond_any_models_input_is_refused_before_memory_runs_out
 
     with pytest.raises(ValueError, match=r"image_size must be at most 4,096"):
         build_backbone("vit_tiny_patch16_224", 4, pretrained=False, image_size=8192)
+    # just above the limit the size it quoted was rounded to "holds 0 GiB"
+    with pytest.raises(ValueError, match=r"one 3-channel float image of 5,000 px holds 286 MiB, a batch of 32"):
+        nv.FewShotDataModule(dataset="digits", image_size=5000)
 
 
 @pytest.mark.parametrize("rate, value", [("drop_rate", 2.0), ("attn_drop_rate", float("nan")),

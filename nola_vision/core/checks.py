@@ -93,7 +93,8 @@ def check_image_size(value: Any, name: str = "image_size", optional: bool = Fals
     number = check_int(value, name, at_least=1, optional=optional)
     if number is not None and number > MAX_IMAGE_SIZE:
         raise ValueError(f"{name} must be at most {MAX_IMAGE_SIZE:,} pixels (four times the largest input of any timm "
-                         f"model; one 3-channel float image of {number:,} px holds {12 * number**2 / 2**30:,.0f} GiB), "
+                         f"model; one 3-channel float image of {number:,} px holds {12 * number**2 / 2**20:,.0f} MiB, "
+                         "a batch of 32 as many times that), "
                          f"got {shown(value)}")
     return number
 
