@@ -47,6 +47,16 @@ class SlowBatches(Callback):
         time.sleep(2)
 
 
+class SlowEnd(Callback):
+    """Says when a pass's last batch is done, then takes its time before the pass's file is written."""
+
+    def on_predict_epoch_end(self, *args, **kwargs) -> None:
+        print("END_REACHED", flush=True)
+        time.sleep(3)
+
+    on_test_epoch_end = on_predict_epoch_end
+
+
 def _image_folder(root: Path) -> Path:
     for split, n in (("train", 4), ("test", 3)):
         for name, colour in COLOURS.items():
@@ -201,6 +211,25 @@ def test_sigterm_ends_a_predict_pass_without_writing_its_file(run, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143 and "stopped by SIGTERM" in err  # before: the pass went on, and exited 0
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "test"])
+def test_a_sigterm_after_the_last_batch_writes_nothing_and_exits_143(run, tmp_path, subcommand):
+    # Lightning's handler took it and nothing looked again: the file was written (over the old one) and the exit 0,
+    # so a scheduler's cancel was lost
+    out = tmp_path / ("p.csv" if subcommand == "predict" else "r.json")
+    option = "--predictions_file" if subcommand == "predict" else "--result_file"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([*CLI, subcommand, *run["predict"][1:], option, str(out),
+                                "--trainer.callbacks+=test_cli_predict.SlowEnd"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    for line in process.stdout:
+        if "END_REACHED" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopped by SIGTERM" in err, err[-2000:]
     assert not out.exists()
 
 

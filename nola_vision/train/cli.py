@@ -126,6 +126,7 @@ class PredictionsCSVWriter(BasePredictionWriter):
             rows = sorted((r for part in gathered for r in part), key=lambda r: (r["index"] is None, r["index"] or 0))
         # trainer.log_dir is a collective under DDP: every rank asks, before the others return (rank 0 waited alone)
         path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv")
+        _stop_if_terminated(trainer)
         if not trainer.is_global_zero:
             return
         datamodule = getattr(trainer, "datamodule", None)
@@ -158,6 +159,13 @@ def _predicts_test_split(trainer: Trainer, dataloader_idx: int) -> bool:
     test_set = getattr(getattr(trainer, "datamodule", None), "test_set", None)
     return (test_set is not None and dataloader_idx < len(loaders)
             and getattr(loaders[dataloader_idx], "dataset", None) is test_set)
+
+
+def _stop_if_terminated(trainer: Trainer) -> None:
+    """End the command (exit 143) where a SIGTERM came after the pass's last batch, before its file is written: a
+    scheduler's cancel in that window was lost, the file written and the exit 0."""
+    if trainer.received_sigterm:
+        raise SIGTERMException
 
 
 class StopPredictingOnSigterm(Callback):
@@ -1174,6 +1182,7 @@ class NolaCLI(LightningCLI):
             rank_zero_info(f"nola_vision: fast_dev_run, so {config.result_file} is not written")
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        _stop_if_terminated(trainer)
         if not trainer.is_global_zero or trainer.interrupted:
             return
         data, checkpoint = self.datamodule, str(trainer.ckpt_path or config.ckpt_path)
