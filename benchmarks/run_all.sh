@@ -7,7 +7,8 @@
 # on the Intel Xeon one) for everything but the accuracy parts, which add minutes with their trial cache
 # (runs/accuracy_cache) and about an hour without it (AMD: accuracy 36 min, accuracy_study 15, accuracy_transfer 7).
 # `gpu` first runs the CUDA tests (bases bit-identical to the CPU's golden values; a model moved to CUDA gives the CPU
-# logits; their output in gpu_cuda_tests.txt; skipped, saying so, without pytest), then the bf16 training-step tables; a failed CUDA test makes the
+# logits; their output in gpu_cuda_tests.txt; skipped, saying so, without pytest), then the bf16 training-step tables;
+# a SIGTERM or Ctrl-C stops the script at once, the running part's processes with it (their previous results kept); a failed CUDA test makes the
 # script exit 4 once RESULTS.md is rebuilt. A failed GPU table does not stop the other (device time is scarce):
 # RESULTS.md is rebuilt from what ran, and the script exits 1 naming it. Without peft its rows are left out; without
 # matplotlib no plot is drawn. Named, it fails before anything runs where torch sees no CUDA; in the default run it
@@ -26,17 +27,27 @@ out=benchmarks/results
 mkdir -p "$out"
 python() { command "$py" "$@"; }
 
-kill_tree() {  # kill_tree <pid>: SIGTERM to the process and every process under it (a script's measuring workers)
-    local child
-    for child in $(pgrep -P "$1" 2>/dev/null || ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
-    kill -TERM "$1" 2>/dev/null || true
+# A part runs in the background in a process group of its own (job control on while it starts), waited for: bash
+# runs a trap only once a foreground command ends, so a SIGTERM sent to this script alone would wait for the whole
+# part and then discard its result; and its group is ended whole, the script's measuring workers with it, where
+# a process between them may be gone already.
+start_part() {  # start_part <command...>: run it so, its group's id in part_pid
+    set -m
+    ("$@") &
+    part_pid=$!
+    set +m
+}
+
+end_part() {  # end_part: SIGTERM to the running part's process group, then wait for it
+    if [ -n "${part_pid:-}" ]; then
+        kill -TERM -- "-$part_pid" 2>/dev/null || kill -TERM "$part_pid" 2>/dev/null || true
+        wait "$part_pid" 2>/dev/null || true
+        part_pid=
+    fi
 }
 
 stop_part() {  # stop_part <name> <exit code>: end the part's processes, keep its previous results, exit
-    if [ -n "${part_pid:-}" ]; then
-        kill_tree "$part_pid"
-        wait "$part_pid" 2>/dev/null || true
-    fi
+    end_part
     restore_previous "$1"
     echo "== $1 stopped: its previous table, numbers and plot are kept" >&2
     exit "$2"
@@ -48,6 +59,12 @@ restore_previous() {  # restore_previous <name>: put back the part's numbers and
         if [ -e "$out/.$1.$kind.previous" ]; then mv "$out/.$1.$kind.previous" "$out/$1.$kind"; fi
     done
     rm -f "$out/.$1.md.new"
+}
+
+part_table() {  # part_table <name> <script> [args...]: the part's script, its table also into .<name>.md.new
+    local name=$1 script=$2
+    shift 2
+    python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/.$name.md.new"
 }
 
 run() {  # run <name> <script> [args...]
@@ -62,10 +79,7 @@ run() {  # run <name> <script> [args...]
     done
     trap 'stop_part "$name" 143' TERM
     trap 'stop_part "$name" 130' INT
-    # In the background, waited for: bash runs a trap only once the foreground command ends, so a SIGTERM sent to
-    # this script alone (not its process group) would otherwise wait for the whole part, then discard its result.
-    (python "benchmarks/$script" "$@" --json "$out/$name.json" --png "$out/$name.png" | tee "$out/.$name.md.new") &
-    part_pid=$!
+    start_part part_table "$name" "$script" "$@"
     if wait "$part_pid"; then
         part_pid=
         mv "$out/.$name.md.new" "$out/$name.md"
@@ -83,6 +97,30 @@ run() {  # run <name> <script> [args...]
 }
 
 has_cuda() { python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; }
+
+stop_cuda_tests() {  # stop_cuda_tests <exit code>: end the CUDA tests, keep the last whole log, exit
+    end_part
+    rm -f "$out/.gpu_cuda_tests.txt.new"
+    echo "== gpu: the CUDA tests stopped: $out/gpu_cuda_tests.txt is the last whole run's" >&2
+    exit "$1"
+}
+
+cuda_test_log() {  # the CUDA tests, their output also into .gpu_cuda_tests.txt.new
+    python -m pytest -q -p no:cacheprovider tests/test_basis.py tests/test_inject.py -k cuda 2>&1 \
+        | tee "$out/.gpu_cuda_tests.txt.new" >&2
+}
+
+cuda_tests() {  # the CUDA tests, into a new log that replaces the old once they end; a failure fails the exit only
+    echo "== gpu: the CUDA tests" >&2
+    trap 'stop_cuda_tests 143' TERM
+    trap 'stop_cuda_tests 130' INT
+    # as a part (start_part), not in the foreground: pytest takes a Ctrl-C as a failed run, and the script went on
+    start_part cuda_test_log
+    wait "$part_pid" || cuda_tests_failed=1  # the tables still run
+    part_pid=
+    trap - TERM INT
+    mv "$out/.gpu_cuda_tests.txt.new" "$out/gpu_cuda_tests.txt"
+}
 
 part() {
     case $1 in
@@ -139,11 +177,7 @@ part() {
         gpu)
             if has_cuda; then
                 if python -c "import pytest" 2>/dev/null; then
-                    echo "== gpu: the CUDA tests" >&2
-                    # into a new file, then over the old: a run stopped meanwhile leaves the last whole log
-                    python -m pytest -q -p no:cacheprovider tests/test_basis.py tests/test_inject.py -k cuda 2>&1 \
-                        | tee "$out/.gpu_cuda_tests.txt.new" >&2 || cuda_tests_failed=1  # the tables still run
-                    mv "$out/.gpu_cuda_tests.txt.new" "$out/gpu_cuda_tests.txt"
+                    cuda_tests
                 else
                     echo "== gpu: pytest is not installed, so the CUDA tests do not run ($out/gpu_cuda_tests.txt is" \
                          "left as it was): pip install pytest, or pip install -e '.[dev]', to run them" >&2

@@ -484,7 +484,8 @@ def test_a_config_rewritten_by_a_json_tool_that_drops_whole_floats_decimal_point
     saved = path.read_text()
     path.write_text(json.dumps(whole_floats_as_ints(json.loads(saved)), indent=2))  # what `jq .` writes
     with pytest.raises(AdapterLoadError, match=r"does not match; its layout is not the one nola_vision writes, so a "
-                                               r"program rewrote it: JSON tools such as jq .* Restore the file"):
+                                               r"program rewrote it: where no value was edited, JSON tools "
+                                               r"such as jq .* Restore the file"):
         nv.verify_adapter(tiny_vit(), tmp_path / "a")
     assert '"scale":1.0' in saved
     path.write_text(saved.replace('"scale":1.0', '"scale":2.0'))  # edited in place: no word of tools
@@ -517,38 +518,30 @@ def test_class_names_are_recorded_for_whoever_serves_the_file_and_checked(tmp_pa
 
 
 @pytest.mark.parametrize("switch", [False, True], ids=["fresh", "switched"])
-def test_an_adapter_loaded_and_saved_again_keeps_its_class_names_until_it_is_trained(tmp_path, switch):
-    # the names were dropped without a word: a load and save (to change bits, say) gave other bytes, and no names
+def test_a_save_after_loading_an_adapter_with_class_names_says_they_are_not_carried_over(tmp_path, switch):
+    # the names were dropped without a word: a load and save (to change bits, say) lost them. The model cannot tell
+    # whether it still holds that task (a fused optimiser step changes its tensors unseen), so it says how to keep them
     names = ["cat", "dog", "owl", "emu", "yak"]
     nv.save_adapter(trained(), tmp_path / "a", bits=8, class_names=names)
     nv.save_adapter(trained(), tmp_path / "plain", bits=8)
     model = nv.load_adapter(tiny_vit(), tmp_path / ("plain" if switch else "a"))
     if switch:
         nv.load_adapter(model, tmp_path / "a")  # a task switch copies in place
+    for saved in (model, copy.deepcopy(model)):
+        with pytest.warns(UserWarning, match=rf"loaded into this model from {re.escape(str(tmp_path / 'a'))} records "
+                                             r"class names \(cat, dog, owl, \.\.\.\); this save records none\. Pass "
+                                             r"class_names="):
+            nv.save_adapter(saved, tmp_path / "b", bits=8)
+        assert nv.verify_adapter(tiny_vit(), tmp_path / "b").class_names is None
+    kept = nv.verify_adapter(model, tmp_path / "a").class_names  # what the warning says to pass
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        nv.save_adapter(model, tmp_path / "b", bits=8)
-        nv.save_adapter(model, tmp_path / "c", bits=4)
-    assert (tmp_path / "b" / CONFIG_NAME).read_bytes() == (tmp_path / "a" / CONFIG_NAME).read_bytes()
-    assert (tmp_path / "b" / WEIGHTS_NAME).read_bytes() == (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
-    assert nv.verify_adapter(tiny_vit(), tmp_path / "c").class_names == names
-    nv.save_adapter(model, tmp_path / "d", class_names=["a", "b", "c", "d", "e"])  # given names win
-    assert nv.verify_adapter(tiny_vit(), tmp_path / "d").class_names == ["a", "b", "c", "d", "e"]
-    nv.load_adapter(model, tmp_path / "plain")  # a file without names: none are kept
+        nv.save_adapter(model, tmp_path / "c", bits=8, class_names=kept)
+    assert files_of(tmp_path / "c") == files_of(tmp_path / "a")  # its own bytes back
+    nv.load_adapter(model, tmp_path / "plain")  # a file without names: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert nv.verify_adapter(tiny_vit(), nv.save_adapter(model, tmp_path / "e")).class_names is None
-    nv.load_adapter(model, tmp_path / "a")
-    with torch.no_grad():
-        model.head.weight.add_(0.1)  # trained since: the names may no longer fit, so none are recorded, and said
-    with pytest.warns(UserWarning, match=r"recorded class names \(cat, dog, owl, \.\.\.\), and its trained "
-                                         r"tensors changed since: this save records none"):
-        nv.save_adapter(model, tmp_path / "f")
-    assert nv.verify_adapter(tiny_vit(), tmp_path / "f").class_names is None
-    nv.load_adapter(model, tmp_path / "a")
-    model.reset_classifier(5)  # a new head, of as many classes
-    with pytest.warns(UserWarning, match="changed since"):
-        nv.save_adapter(model, tmp_path / "g")
+        nv.save_adapter(model, tmp_path / "d")
 
 
 @pytest.mark.parametrize("path", [None, 5, ""])

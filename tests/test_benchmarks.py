@@ -524,12 +524,20 @@ def test_a_result_run_with_other_settings_than_the_report_reads_is_a_clear_error
     assert code == 1 and "run with other settings (methods, models) than benchmarks/run_all.sh uses" in err
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie no container init reaps does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+def _ends(pid: int, within: float = 15.0) -> bool:
+    """Whether process ``pid`` ends within ``within`` seconds (a zombie no container init reaps has ended; a large
+    process takes a moment to tear down after its SIGTERM)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
@@ -560,7 +568,7 @@ def test_a_part_stopped_by_a_sigterm_to_the_script_alone_ends_at_once_with_its_p
     _, err = script.communicate(timeout=60)
     assert time.monotonic() - started < 30 and script.returncode == 143
     assert "storage stopped: its previous table, numbers and plot are kept" in err
-    assert not any(_alive(int(pid)) for pid in pids.read_text().split())  # the script and its measuring worker
+    assert all(_ends(int(pid)) for pid in pids.read_text().split())  # the script and its measuring worker
     assert {kind: (results / f"storage.{kind}").read_bytes() for kind in before} == before
 
 
@@ -592,6 +600,41 @@ def test_run_all_gpu_without_pytest_says_so_and_keeps_the_cuda_test_log(tmp_path
     assert "peft is not installed: its rows are left out" in run.stderr
     assert "a CUDA test failed" not in run.stderr and run.returncode == 1  # 1: the (faked) tables failed
     assert log.read_text() == "the last CUDA test run's log\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_ctrl_c_during_the_cuda_tests_stops_run_all_and_keeps_their_last_log(tmp_path):
+    # pytest took the Ctrl-C as a failed run: the script went on to both GPU tables (device time), and the last whole
+    # log was replaced by the interrupted one
+    import shutil
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    shutil.copytree(HERE, tree / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "benchmarks" / "train_step.py").write_text("raise SystemExit('no GPU table here')\n")
+    started = tmp_path / "started"
+    (tree / "tests").mkdir()
+    (tree / "tests" / "test_basis.py").write_text(
+        f"import os, time\ndef test_cuda_takes_its_time():\n    open({str(started)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n")
+    (tree / "tests" / "test_inject.py").write_text("")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    log = tree / "benchmarks" / "results" / "gpu_cuda_tests.txt"
+    log.write_text("the last CUDA test run's log\n")
+    script = subprocess.Popen(["bash", str(tree / "benchmarks" / "run_all.sh"), "gpu"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": str(shim)})
+    deadline = time.monotonic() + 120
+    while not (started.exists() and started.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(script.pid, signal.SIGINT)  # Ctrl-C: to the terminal's process group
+    _, err = script.communicate(timeout=60)
+    assert script.returncode == 130 and "the CUDA tests stopped" in err and "gpu_train_step" not in err
+    assert log.read_text() == "the last CUDA test run's log\n" and not list(log.parent.glob(".gpu_cuda_tests*"))
+    assert _ends(int(started.read_text()))
 
 
 def test_train_step_with_peft_methods_without_peft_stops_before_measuring(monkeypatch):

@@ -241,6 +241,13 @@ def test_a_split_file_replayed_after_a_class_was_added_before_its_classes_says_t
                                          r"classes otherwise now \(1 is 2, 2 is 3\): a class was added, removed or "
                                          r"renamed since the manifest was written"):
         again.setup("fit")
+    manifest = tmp_path / "from_one.txt"  # written by hand with classes counted from 1
+    manifest.write_text("train/cat/cat 00.png 1\ntrain/cow/cow 0.png 2\ntrain/dog/dog 00.png 3\n"
+                        "train/owl/owl 00.png 4\n")
+    counted = FewShotDataModule("imagefolder", root=str(folder_root), image_size=8, split_file=str(manifest))
+    with pytest.raises(ValueError, match=r"says 0\. The manifest's labels look counted from 1 \(1 is 0, 2 is 1, 3 is "
+                                         r"2, 4 is 3\): labels count from 0"):
+        counted.setup("fit")
     manifest = tmp_path / "edited.txt"  # labels edited by hand: no renumbering to tell of
     manifest.write_text("train/cat/cat 00.png 1\ntrain/cat/cat 01.png 0\n")
     edited = FewShotDataModule("imagefolder", root=str(folder_root), image_size=8, split_file=str(manifest))

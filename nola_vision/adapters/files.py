@@ -329,8 +329,9 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     require_current_merge(model, "save_adapter")
     _warn_if_not_trained_width(model, bits)
     require_adapter_directory(directory)
-    names = _checked_class_names(class_names if class_names is not None else _loaded_class_names(model, state),
-                                 num_classes_of(model))
+    names = _checked_class_names(class_names, num_classes_of(model))
+    if class_names is None:
+        _warn_of_loaded_class_names(state)
     head_names = set(state.plan.head_names)
     stored_bits = {name: head_bits(bits) if name in head_names else bits for name in {**adapter, **head}}
     aware = quantization_aware_bits(model)  # at the saved bits, training saw what the codes store: nothing is lost
@@ -379,25 +380,15 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
     return Path(directory)
 
 
-def _trained_stamp(model: nn.Module, state: AdapterState) -> Dict[str, Tuple[int, int]]:
-    """Which tensor objects hold the trained values, and how often each was changed in place since it was made."""
-    adapter, head = trained_parameters(model, state.config.train_backbone)
-    return {name: (id(param), param._version) for name, param in {**adapter, **head}.items()}
-
-
-def _loaded_class_names(model: nn.Module, state: AdapterState) -> Optional[List[str]]:
-    """The class names of the file last loaded while the model holds exactly its tensors (a load and save keeps
-    them); after training or a new head, None, with a warning that the names are not carried over."""
+def _warn_of_loaded_class_names(state: AdapterState) -> None:
+    """Warn where the file last loaded into the model records class names that a save without ``class_names`` does
+    not: the model cannot tell whether its tensors still hold that task (a fused optimiser step changes them unseen)."""
     loaded = getattr(state, "loaded_class_names", None)  # None in models pickled before it was recorded
-    if loaded is None:
-        return None
-    names, stamp = loaded
-    if stamp == _trained_stamp(model, state):
-        return names
-    warn_user(f"the adapter loaded into this model recorded class names ({', '.join(names[:3])}"
-              f"{', ...' if len(names) > 3 else ''}), and its trained tensors changed since: this save records none. "
-              "Pass class_names= to record them")
-    return None
+    if loaded is not None:
+        source, names = loaded
+        warn_user(f"the adapter loaded into this model from {source} records class names ({', '.join(names[:3])}"
+                  f"{', ...' if len(names) > 3 else ''}); this save records none. Pass class_names= to record names "
+                  f"(nv.verify_adapter(model, {str(source)!r}).class_names gives those)")
 
 
 def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
@@ -823,10 +814,11 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
         rewritten = raw.decode("utf-8-sig").replace("\r\n", "\n") != _document_text(document)
         raise AdapterLoadError(f"{path} was edited or damaged after it was saved: its checksum (which "
                                "covers scale, init, targets, slices, bits and every other field) does not match; "
-                               + ("its layout is not the one nola_vision writes, so a program rewrote it: JSON tools "
-                                  "such as jq or JavaScript's JSON.stringify write a whole-number float (scale 1.0) "
-                                  "as 1, which changes what the checksum covers. Restore the file as it was saved "
-                                  "(a copy of the folder, say), or save the adapter again" if rewritten
+                               + ("its layout is not the one nola_vision writes, so a program rewrote it: where no "
+                                  "value was edited, JSON tools such as jq or JavaScript's JSON.stringify write a "
+                                  "whole-number float (scale 1.0) as 1, which changes what the checksum covers. "
+                                  "Restore the file as it was saved (a copy of the folder, say), or save the adapter "
+                                  "again" if rewritten
                                   else "save the adapter again"))
     return document
 
@@ -1587,7 +1579,6 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
         if adapter_state(target) is None:
             inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
         switch_merged(target, verified.values)  # plain copies; a merged model switches in place and stays merged
-        state = adapter_state(target)
         names = verified.class_names
-        state.loaded_class_names = (list(names), _trained_stamp(target, state)) if names else None
+        adapter_state(target).loaded_class_names = (str(directory), list(names)) if names else None
     return model

@@ -63,9 +63,9 @@ class AdapterState:
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
     statistics: Dict[str, Tensor] = field(default_factory=dict)
-    # The class names of the file ``load_adapter`` last applied, with the identity and in-place version of each trained
-    # tensor just after: ``save_adapter`` keeps the names while the model holds exactly what was loaded.
-    loaded_class_names: Optional[Tuple[List[str], Dict[str, Tuple[int, int]]]] = None
+    # The folder ``load_adapter`` last applied and its class names (None where it records none): a save without
+    # ``class_names`` says they are not carried over, as the model's tensors may hold another task since.
+    loaded_class_names: Optional[Tuple[str, List[str]]] = None
 
     @property
     def config(self) -> AdapterConfig:

@@ -294,9 +294,12 @@ def _renumbered(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str,
         return ""
     changes = {label: now for label, now in zip(sorted(moved), new) if now != label}
     shown = ", ".join(f"{old} is {new}" for old, new in list(changes.items())[:4]) + ", ..." * (len(changes) > 4)
+    if min(moved) == 1 and all(now == label - 1 for label, now in zip(sorted(moved), new)):
+        return (f". The manifest's labels look counted from 1 ({shown}): labels count from 0, the classes in sorted "
+                "order (a class folder removed before them since it was written does the same: restore it)")
     return (f". The dataset numbers the manifest's classes otherwise now ({shown}): a class was added, removed or "
-            "renamed since the manifest was written, sorting before them. Restore the class folders as they were, "
-            "or drop split_file to draw a new split")
+            "renamed since the manifest was written, sorting before them, or the manifest was written with other "
+            "numbers. Restore the class folders as they were, or drop split_file to draw a new split")
 
 
 def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
