@@ -86,8 +86,8 @@ def test_protocol_results_notebook_compares_the_tune_studies_of_two_methods(tmp_
     check_tune_notebook(tmp_path, tmp_path / "tune", ["lora", "nola"])
 
 
-def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path):
-    # without tune studies its trial cells raised (pd.concat of nothing, then NameError)
+def protocol_results(tmp_path: Path, rows: list) -> Path:
+    """A protocol's results.csv (as write_tables writes it) holding ``rows``, the other fields empty."""
     import csv
 
     from nola_vision.runs.results import CSV_FIELDS
@@ -97,9 +97,16 @@ def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path
     with open(results, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
-        for name, method, trainable, acc in (("nola", "nola", 100, 0.8), ("knn", "knn (k=1)", 0, 0.6)):
-            writer.writerow({"name": name, "method": method, "shots": 5, "test_acc": acc, "adapter_params": trainable,
-                             "head_params": 0, "trainable_params": trainable})
+        writer.writerows(rows)
+    return results
+
+
+def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path):
+    # without tune studies its trial cells raised (pd.concat of nothing, then NameError)
+    results = protocol_results(tmp_path, [
+        {"name": name, "method": method, "shots": 5, "test_acc": acc, "adapter_params": trainable, "head_params": 0,
+         "trainable_params": trainable}
+        for name, method, trainable, acc in (("nola", "nola", 100, 0.8), ("knn", "knn (k=1)", 0, 0.6))])
     text = outputs(execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(results)))
     assert "tune studies: none" in text and "no tune study under" in text
 
@@ -107,19 +114,11 @@ def test_protocol_results_notebook_runs_on_results_without_a_tune_study(tmp_path
 def test_protocol_results_notebook_never_averages_runs_of_different_settings(tmp_path):
     # it grouped by name and parameter counts only: two runs of one name on other backbones were averaged, where
     # results.md says "not averaged: mixed settings"
-    import csv
-
-    from nola_vision.runs.results import CSV_FIELDS
-
-    results = tmp_path / "protocol" / "results.csv"
-    results.parent.mkdir()
-    with open(results, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
-        writer.writeheader()
+    results = protocol_results(tmp_path, [
+        {"name": name, "method": name, "backbone": backbone, "shots": 5, "test_acc": acc, "adapter_params": 10,
+         "head_params": 2, "trainable_params": 12}
         for name, backbone, acc in (("nola", "vit_a", 0.2), ("nola", "vit_b", 0.8), ("lora", "vit_a", 0.5),
-                                    ("lora", "vit_a", 0.7)):
-            writer.writerow({"name": name, "method": name, "backbone": backbone, "shots": 5, "test_acc": acc,
-                             "adapter_params": 10, "head_params": 2, "trainable_params": 12})
+                                    ("lora", "vit_a", 0.7))])
     notebook = execute("02_protocol_results.ipynb", tmp_path, NOLA_VISION_RESULTS=str(results))
     text = outputs(notebook)
     assert "backbone vit_a / vit_b" in text and "nola: not drawn, its runs differ in backbone vit_a / vit_b" in text
