@@ -41,6 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(HELP)
         if not args:
             return 2
+        print("The Lightning CLI's own help, for fit, validate, test and predict (demo, protocol and tune: above):\n")
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .core.interrupts import sigint_kept

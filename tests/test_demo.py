@@ -83,7 +83,7 @@ def test_demo_command_prints_the_table(tmp_path, capsys):
                  "--methods", "nola", "--num_basis", "16", "--seeds", "3", "--out", str(tmp_path), "--no_progress"])
     assert code == 0
     out = capsys.readouterr().out
-    row = r"\| nola \(NOLA r=4 k=l=16 on mlp.fc1\+mlp.fc2\) \| 128 \| 650 \| \d+\.\d ± 0\.0% \| \d+\.\d \|"
+    row = r"\| nola \(NOLA r=4 k=l=16 on mlp.fc1\+mlp.fc2\) \| 128 \| 650 \| \d+\.\d% \| \d+\.\d \|"  # one seed: no sd
     assert re.search(row, out)
     assert "split seeds [3]" in out and (tmp_path / "nola" / "seed3" / "adapter_model.safetensors").is_file()
 
@@ -165,6 +165,28 @@ def test_the_demos_warnings_name_its_own_options_once(tmp_path):
     _, err = _demo_output(tmp_path, "--epochs", "2", "--seeds", "0", "1")
     assert err.count("a run of --epochs 2 has no room for one") == 1 and "pass a lower --lr" in err
     assert "--model.lr" not in err and "trainer.max_epochs" not in err
+
+
+def test_the_demos_messages_name_its_own_out_and_no_pretrained_options():
+    # the reused-folder warning said "--model.adapter_dir", a missing download "model.pretrained false": neither is
+    # an option of the demo
+    from nola_vision.demo import _in_demo_terms
+
+    assert _in_demo_terms("give each run its own --model.adapter_dir to keep them all") == \
+        "give each run its own --out to keep them all"
+    assert _in_demo_terms("or train from random weights with model.pretrained false") == \
+        "or train from random weights with --no_pretrained"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    # a 46-line traceback that ended in the fix
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("NOLA_VISION_CACHE", str(tmp_path / "a file" / "cache"))
+    assert main(["--seeds", "0", "--epochs", "1", "--methods", "linear", "--out", str(tmp_path / "out"),
+                 "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nola-vision demo: error: nola_vision's cache folder") and "Traceback" not in err
+    assert "point NOLA_VISION_CACHE at a folder this user can write" in err
 
 
 def test_the_demos_4_bit_copy_warns_in_one_line_not_one_per_tensor(tmp_path):

