@@ -362,11 +362,11 @@ def _warnings_in_demo_terms() -> Iterator[None]:
     """Show the warnings of a demo run in the demo's options (the module's advice names the CLI's ``--model.lr``)."""
     shown, seen = warnings.showwarning, set()
 
-    def show(message: Any, *args: Any, **kwargs: Any) -> None:
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         text = _in_demo_terms(str(message))
         if text not in seen:  # once, not once per run: each run's Trainer resets the warnings' registry
             seen.add(text)
-            shown(text, *args, **kwargs)
+            shown(text, category, filename, lineno, file, "")  # "": not the library's source line after it
 
     warnings.showwarning = show
     try:

@@ -167,6 +167,14 @@ def test_the_demos_warnings_name_its_own_options_once(tmp_path):
     assert "--model.lr" not in err and "trainer.max_epochs" not in err
 
 
+def test_the_demos_warnings_come_without_the_librarys_source_line(tmp_path):
+    # a second run into one --out warned of the adapter it replaced, followed by the call that warned, f-string and all
+    _demo_output(tmp_path, "--epochs", "3")
+    _, err = _demo_output(tmp_path, "--epochs", "3")
+    assert "already held an adapter" in err
+    assert not [line for line in err.splitlines() if line.lstrip().startswith(("warn_user(", "rank_zero_warn("))]
+
+
 def test_the_demos_messages_name_its_own_out_and_no_pretrained_options():
     # the reused-folder warning said "--model.adapter_dir", a missing download "model.pretrained false": neither is
     # an option of the demo
