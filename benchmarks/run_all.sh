@@ -8,11 +8,11 @@
 # (runs/accuracy_cache) and about an hour without it (AMD: accuracy 36 min, accuracy_study 15, accuracy_transfer 7).
 # `gpu` first runs the CUDA tests (bases bit-identical to the CPU's golden values; a model moved to CUDA gives the CPU
 # logits; their output in gpu_cuda_tests.txt; skipped, saying so, without pytest), then the bf16 training-step tables;
-# a SIGTERM or Ctrl-C stops the script at once, the running part's processes with it (their previous results kept); a failed CUDA test makes the
-# script exit 4 once RESULTS.md is rebuilt. A failed GPU table does not stop the other (device time is scarce):
-# RESULTS.md is rebuilt from what ran, and the script exits 1 naming it. Without peft its rows are left out; without
-# matplotlib no plot is drawn. Named, it fails before anything runs where torch sees no CUDA; in the default run it
-# is skipped there.
+# a failed CUDA test makes the script exit 4 once RESULTS.md is rebuilt. A SIGTERM or Ctrl-C stops the script at once,
+# the running part's processes with it (their previous results kept). A failed GPU table does not stop the other
+# (device time is scarce): RESULTS.md is rebuilt from what ran, and the script exits 1 naming it. Without peft its
+# rows are left out; without matplotlib no plot is drawn. Named, it fails before anything runs where torch sees no
+# CUDA; in the default run it is skipped there.
 # With no part named, `cpu` then `gpu`. Every name is checked before anything runs; -h lists them.
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"  # for -h, read after the cd below

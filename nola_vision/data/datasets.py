@@ -1461,9 +1461,9 @@ def unreadable_named(paths: Sequence[Path]) -> str:
 
 
 def unreadable_reason(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be an image (missing, empty, no regular file, not readable, a JPEG or PNG cut short), or
-    None: a ``stat``, an ``access`` and the first and last bytes of a regular file, cheap enough for a whole split (a
-    named pipe, which would block, is never opened)."""
+    """Why ``path`` cannot be an image (missing, empty, no regular file, not readable, no image at all, a JPEG or
+    PNG cut short), or None: a ``stat``, an ``access`` and the first and last bytes of a regular file, cheap enough
+    for a whole split (a named pipe, which would block, is never opened)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -1476,13 +1476,15 @@ def unreadable_reason(path: Path) -> Optional[str]:
         return "empty (0 bytes: an interrupted copy?)"
     if not os.access(path, os.R_OK):
         return "not readable by this user"
-    return _cut_short_reason(path, info.st_size)
+    return _content_reason(path, info.st_size)
 
 
 _JPEG_START = b"\xff\xd8\xff"
 # How the formats of IMG_EXTENSIONS (and GIF, named when read) begin: a file that begins otherwise is identified by PIL
 _IMAGE_STARTS = (_JPEG_START, b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"GIF8",
                  *(b"P" + bytes([c]) for c in b"1234567fF"))
+_IMAGE_ENDS = {_JPEG_START: b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
+_TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
 
 
 def _unidentified_reason(path: Path, head: bytes) -> Optional[str]:
@@ -1499,8 +1501,6 @@ def _unidentified_reason(path: Path, head: bytes) -> Optional[str]:
                 "an image's name, say)")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # identified: named when decoded
         return None
-_IMAGE_ENDS = {_JPEG_START: b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}  # JPEG's EOI, PNG's IEND chunk
-_TAIL_BYTES = 64  # where an end marker is looked for: a few bytes of padding may follow it
 
 
 def _jpeg_scan_start(data: bytes) -> int:
@@ -1520,13 +1520,12 @@ def _jpeg_scan_start(data: bytes) -> int:
     return len(data)
 
 
-def _cut_short_reason(path: Path, size: int) -> Optional[str]:
+def _content_reason(path: Path, size: int) -> Optional[str]:
     """Why a file is no image PIL identifies (``_unidentified_reason``), or why a JPEG or PNG whose end marker is
     not among its last bytes is cut short (a copy or extraction stopped mid-file, which stopped a fit mid-epoch), or
-    None. Data may follow the marker (a phone's motion photo appends a
-    video, a camera a trailer): such a file is read whole and passes where the marker is in it (for a JPEG, past
-    its first scan's start: an EXIF thumbnail's end marker lies before); only a file without one is decoded before
-    it is named."""
+    None. Data may follow the marker (a phone's motion photo appends a video, a camera a trailer): such a file is
+    read whole and passes where the marker is in it (for a JPEG, past its first scan's start: an EXIF thumbnail's end
+    marker lies before); only a file without one is decoded before it is named."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)

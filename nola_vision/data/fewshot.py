@@ -289,12 +289,13 @@ def _renumbered(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str,
             moved.setdefault(label, set()).add(samples[position[key]][1])
     if any(len(now) != 1 for now in moved.values()):
         return ""  # not one renumbering: the manifest's labels were edited, or it is another dataset's
-    new = [next(iter(moved[label])) for label in sorted(moved)]
+    old = sorted(moved)
+    new = [next(iter(moved[label])) for label in old]
     if any(a >= b for a, b in zip(new, new[1:])):  # classes keep their sorted order when one is added or removed
         return ""
-    changes = {label: now for label, now in zip(sorted(moved), new) if now != label}
-    shown = ", ".join(f"{old} is {new}" for old, new in list(changes.items())[:4]) + ", ..." * (len(changes) > 4)
-    if min(moved) == 1 and all(now == label - 1 for label, now in zip(sorted(moved), new)):
+    changes = [(label, now) for label, now in zip(old, new) if now != label]
+    shown = ", ".join(f"{label} is {now}" for label, now in changes[:4]) + ", ..." * (len(changes) > 4)
+    if old[0] == 1 and all(now == label - 1 for label, now in zip(old, new)):
         return (f". The manifest's labels look counted from 1 ({shown}): labels count from 0, the classes in sorted "
                 "order (a class folder removed before them since it was written does the same: restore it)")
     return (f". The dataset numbers the manifest's classes otherwise now ({shown}): a class was added, removed or "
