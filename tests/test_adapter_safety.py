@@ -189,6 +189,27 @@ def test_an_adapter_is_refused_on_a_backbone_with_other_running_statistics(tmp_p
     nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path)
 
 
+def test_a_full_fine_tune_is_refused_on_a_backbone_with_other_running_statistics(tmp_path):
+    """A full fine-tune's file holds every weight but no buffers, and recorded nothing of the backbone: loaded onto
+    other batch-norm statistics it gave other outputs without a word. It records the statistics alone now."""
+    model = as_if_trained(nv.inject(vit_with_batch_norm(), "full"), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path, bits=32)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
+    assert record["modules"] == {} and set(record["statistics"]) == {"patch_embed.proj.1"} and "context" not in record
+    message = r"running statistics of patch_embed\.proj\.1 differ by about \d+% of their norm"
+    for load in (nv.load_adapter, nv.verify_adapter):
+        with pytest.raises(AdapterLoadError, match=message):
+            load(with_other_statistics(vit_with_batch_norm()), tmp_path)
+    other_weights = vit_with_batch_norm()
+    with torch.no_grad():
+        other_weights.blocks[0].mlp.fc1.weight.mul_(2)  # replaced by the file's: no record of them, no refusal
+    for base in (vit_with_batch_norm(), other_weights):
+        torch.testing.assert_close(logits(nv.load_adapter(base, tmp_path)), logits(model.eval()), rtol=0, atol=1e-5)
+    nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path, check_frozen_weights=False)
+    nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), "full"), 1, scale=0.1), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["frozen_weights"] is None  # nothing to record
+
+
 @pytest.mark.parametrize("write", ["copy_", "optimizer step", ".data"])
 def test_a_merged_model_whose_adapted_weights_were_overwritten_is_refused_as_an_unmerged_one_is(tmp_path, write):
     """The check of a merged model read the record its merge took: weights written since (in place) passed it."""

@@ -223,9 +223,9 @@ def test_a_file_loads_onto_a_model_injected_with_the_same_targets_in_another_ord
     nv.save_adapter(trained, tmp_path, bits=32)
     reordered = nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q", "attn.v"]))
     assert torch.equal(logits(nv.load_adapter(reordered, tmp_path)), logits(trained))
-    with pytest.raises(AdapterLoadError, match=r"model already has adapters with config .* \(targets \['attn\.q', "
-                                               r"'mlp\.fc1'\] in the model, \['attn\.q', 'attn\.v', 'mlp\.fc1'\] in "
-                                               r"the file\).*or nv\.unload\(model\) first"):  # which setting differs
+    with pytest.raises(AdapterLoadError, match=r"model already has adapters with config .* \(in effect: targets "
+                                               r"\['attn\.q', 'mlp\.fc1'\] in the model, \['attn\.q', 'attn\.v', "
+                                               r"'mlp\.fc1'\] in the file\).*or nv\.unload\(model\) first"):
         nv.load_adapter(nv.inject(tiny_vit(), dataclasses.replace(config, targets=["mlp.fc1", "attn.q"])), tmp_path)
 
 

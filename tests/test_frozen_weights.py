@@ -241,11 +241,13 @@ def saved_at(model, directory):
     return directory if directory.exists() else nv.save_adapter(trained(model=copy.deepcopy(model)), directory, bits=32)
 
 
-def test_a_checkpoint_refuses_a_backbone_with_other_batch_norm_statistics():
-    """Checkpoints recorded the weights only: a hybrid ViT whose batch norms ran in train mode loaded silently."""
+@pytest.mark.parametrize("adapter", [CONFIG, "full"], ids=["nola", "full"])
+def test_a_checkpoint_refuses_a_backbone_with_other_batch_norm_statistics(adapter):
+    """Checkpoints recorded the weights only: a hybrid ViT whose batch norms ran in train mode loaded silently (a full
+    fine-tune's recorded nothing, its buffers neither)."""
     from nola_vision.train.module import FewShotClassifier
 
-    tiny = dict(backbone="vit_small_resnet26d_224", pretrained=False, image_size=32, num_classes=4, adapter=CONFIG,
+    tiny = dict(backbone="vit_small_resnet26d_224", pretrained=False, image_size=32, num_classes=4, adapter=adapter,
                 backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
     checkpoint = {"state_dict": FewShotClassifier(**tiny).state_dict()}
     FewShotClassifier(**tiny).on_save_checkpoint(checkpoint)

@@ -706,7 +706,9 @@ def _is_frozen_weights(value: Any) -> bool:
     if not isinstance(value, dict):
         return False
     modules, merged = value.get("modules"), value.get("merged")
-    return (isinstance(value.get("version"), str) and isinstance(modules, dict) and bool(modules)
+    # no modules: a full fine-tune's record, of the running statistics alone
+    return (isinstance(value.get("version"), str) and isinstance(modules, dict)
+            and (bool(modules) or bool(value.get("statistics")))
             and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) and _is_name_list(entry.get("layers", [])) for entry in merged)
@@ -1253,8 +1255,12 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
     if state is not None:
         if not state.config.same_update(config):
             mine, theirs = state.config.update_settings(), config.update_settings()
-            differ = "; ".join(f"{key} {mine.get(key)!r} in the model, {theirs.get(key)!r} in the file"
-                               for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key))
+            if state.config.method != config.method:  # other settings altogether: their differences tell nothing
+                differ = f"method {state.config.method!r} in the model, {config.method!r} in the file"
+            else:  # as the update takes them (LoRA's alpha None is its rank): equal effect, no difference
+                differ = "in effect: " + "; ".join(
+                    f"{key} {mine.get(key)!r} in the model, {theirs.get(key)!r} in the file"
+                    for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key))
             raise AdapterLoadError(f"model already has adapters with config {state.config_dict()}, the file has "
                                    f"{document['config']} ({differ}): a task switch copies the file's tensors into "
                                    "adapters of the same settings; load onto a fresh model, or nv.unload(model) first")
@@ -1384,10 +1390,12 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
                           updates: Callable[[List[str]], Dict[str, Tuple[Tensor, Tensor]]]) -> None:
     """The model's frozen weights are those the adapter was trained on: the same adapters merged into them, the same
     fingerprint (format 2 files have none: only merges are checked), and not the file's own update (``updates``) folded
-    in already. Full fine-tuning replaces them."""
-    if plan.config.train_backbone:
-        return
+    in already. Full fine-tuning replaces them: only the batch norms' running statistics it recorded are checked."""
     record = document.get("frozen_weights")
+    if plan.config.train_backbone:
+        if record is not None:
+            _refuse_other_weights(_compared_weights(record, model, document, {}))
+        return
     merged = unexpected_merges(record, model)
     if merged:
         raise AdapterLoadError(
@@ -1409,17 +1417,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     if record is None:
         return
     memo: Dict[str, List[float]] = {}  # the model's records, taken once for both checks (its weights do not change)
-    try:
-        difference = differing_module(record, model, memo=memo)
-    except ValueError as error:
-        if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
-            raise AdapterLoadError(str(error)) from error
-        upgrade = _upgrade_hint(document)
-        if upgrade:
-            raise AdapterLoadError(f"{error}.{upgrade}") from error
-        raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
-                               f"{document['library_version']}), or pass check_frozen_weights=False to load it "
-                               "unchecked") from error
+    difference = _compared_weights(record, model, document, memo)
     # told before the difference it explains
     if holds_update(record, model, list(plan.layers), updates, difference, memo):
         raise AdapterLoadError(
@@ -1429,6 +1427,27 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
             "base model (a fresh timm.create_model), or use nv.unload instead of nv.merge_and_unload to remove an "
             "adapter; pass check_frozen_weights=False to stack it on purpose"
         )
+    _refuse_other_weights(difference)
+
+
+def _compared_weights(record: dict, model: nn.Module, document: dict, memo: Dict[str, List[float]]) -> Optional[str]:
+    """What differs between the model's frozen weights and the file's ``record`` of them (``differing_module``), or
+    None; a record this build cannot compare is refused, saying which build can."""
+    try:
+        return differing_module(record, model, memo=memo)
+    except ValueError as error:
+        if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
+            raise AdapterLoadError(str(error)) from error
+        upgrade = _upgrade_hint(document)
+        if upgrade:
+            raise AdapterLoadError(f"{error}.{upgrade}") from error
+        raise AdapterLoadError(f"{error}: load it with the nola_vision build that wrote the adapter (version "
+                               f"{document['library_version']}), or pass check_frozen_weights=False to load it "
+                               "unchecked") from error
+
+
+def _refuse_other_weights(difference: Optional[str]) -> None:
+    """Refuse a model whose frozen weights ``difference`` tells apart from those the file records (None: the same)."""
     if difference is not None:
         raise AdapterLoadError(
             f"the model's frozen weights are not those the adapter was trained on: {difference}. Create the model with "

@@ -119,7 +119,10 @@ def context_modules(model: nn.Module, recorded: Sequence[str]) -> List[str]:
 
 def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]:
     """The fingerprint adapter files and task-input graphs record: ``frozen_modules`` by name, and the
-    ``context_modules`` packed in order; None for full fine-tuning."""
+    ``context_modules`` packed in order. Full fine-tuning replaces every weight: its record is the batch norms' running
+    statistics alone, buffers the file does not hold (None without them)."""
+    if plan.config.train_backbone:
+        return frozen_fingerprint(model, [], statistics=True)
     named = frozen_modules(model, plan)
     context = context_modules(model, named)
     fingerprint = frozen_fingerprint(model, named, precision=held_precision(model, [*named, *context]),
@@ -452,7 +455,7 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     train), with the adapters merged into them, the precision most of their values are held at (default:
     ``held_precision`` of ``modules``) and each record's (default: ``record_precisions`` of ``modules``); with
     ``statistics``, also the running statistics of batch norms (what checkpoints record). None when there are no
-    modules.
+    modules, nor statistics to record.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -461,9 +464,9 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     if modules is None:
         modules = [name for name, module in model.named_modules()
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
-    if not modules:
-        return None
     with_statistics = statistics and bool(_statistics_buffers(model))
+    if not modules and not with_statistics:
+        return None
     if precisions is None:
         found = record_precisions(model, modules, statistics=with_statistics)
         precisions = {"modules": found["modules"], **({"statistics": found["statistics"]} if with_statistics else {})}

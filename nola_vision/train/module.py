@@ -405,9 +405,9 @@ class FewShotClassifier(L.LightningModule):
 
     def backbone_fingerprint(self) -> Optional[dict]:
         """Fingerprint of every frozen module of the backbone and of its batch norms' running statistics
-        (``core.fingerprint``; None for full fine-tuning): checkpoints record it, and refuse to load onto other frozen
-        weights. Taken again when a frozen tensor changed (another ``load_state_dict``, ``.data`` replaced) and at each
-        fit's start (``.data`` edited in place)."""
+        (``core.fingerprint``; full fine-tuning: the statistics alone, None without): checkpoints record it, and
+        refuse to load onto other frozen weights. Taken again when a frozen tensor changed (another
+        ``load_state_dict``, ``.data`` replaced) and at each fit's start (``.data`` edited in place)."""
         adapter, head = trained_parameters(self.model, self.adapter_config.train_backbone)
         trained = {id(p) for p in {**adapter, **head}.values()}  # by the method, not by requires_grad (freeze())
         model = unwrap_model(self.model)  # names without a compiled model's _orig_mod., as files record them
