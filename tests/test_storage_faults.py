@@ -395,7 +395,7 @@ def test_a_file_or_link_put_at_the_adapter_path_while_it_saves_is_left_there_and
             at.write_text("notes\n")
         else:
             at.symlink_to(shared)
-        swap_in(staged, at)
+        return swap_in(staged, at)
 
     monkeypatch.setattr(storage, "_swap_in", another_process_first)
     with pytest.raises(ValueError, match=rf"task became a {'file' if kind == 'file' else 'symbolic link'} while the "
@@ -443,8 +443,9 @@ def test_a_disk_error_flushing_the_folder_after_the_swap_warns_that_the_save_too
     real_swap = storage._swap_in
 
     def swap(staged, target):
-        real_swap(staged, target)
+        old_set = real_swap(staged, target)
         armed[0] = True
+        return old_set
 
     monkeypatch.setattr(os, "fsync", _failing_directory_fsync(armed))
     monkeypatch.setattr(storage, "_swap_in", swap)
@@ -457,6 +458,80 @@ def test_a_disk_error_flushing_the_folder_after_the_swap_warns_that_the_save_too
                                                                                           tmp_path / "reference")
     assert all(torch.equal(loaded.get_parameter(name), parameter)
                for name, parameter in expected.named_parameters() if parameter.requires_grad)
+
+
+def _holds_adapter(directory, seed):
+    """Whether ``directory`` loads as the adapter ``trained(seed)`` saves (at 16 bits: within their rounding)."""
+    model, expected = nv.load_adapter(tiny_vit(), directory), trained(seed)
+    return all(torch.allclose(model.get_parameter(name), parameter, rtol=0, atol=1e-3)
+               for name, parameter in expected.named_parameters() if parameter.requires_grad)
+
+
+@posix_only
+def test_a_failure_moving_the_old_set_aside_after_a_two_rename_swap_warns_of_nothing_and_removes_it(tmp_path,
+                                                                                                   monkeypatch):
+    """Where no atomic exchange exists, the third rename (the old set, from its .old- name to the staged one) failing
+    raised "Nothing in ... was changed: a previous adapter there is intact" with the new adapter in place."""
+    target = tmp_path / "task"
+    nv.save_adapter(trained(1), target)
+    (target / "notes.txt").write_text("mine")
+    real_rename = os.rename
+
+    def rename(source, destination, *args, **kwargs):
+        if ".task.old-" in os.fspath(source):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(source))
+        return real_rename(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "_native_exchange", lambda: None)
+    monkeypatch.setattr(os, "rename", rename)
+    nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert _holds_adapter(target, 2) and (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".task.lock", "task"]  # the old set removed
+
+
+@posix_only
+def test_a_disk_error_reading_the_old_set_after_the_swap_warns_that_the_save_took_place_and_keeps_it(tmp_path,
+                                                                                                   monkeypatch):
+    """A bare EIO from listing the old set (for entries made in it meanwhile) escaped with the new adapter in place:
+    the caller took the save for failed."""
+    target = tmp_path / "task"
+    nv.save_adapter(trained(1), target)
+    real_listdir, real_swap, swapped = os.listdir, storage._swap_in, []
+
+    def swap(staged, at):
+        swapped.append(real_swap(staged, at))
+        return swapped[-1]
+
+    def listdir(path="."):
+        if swapped and Path(os.fspath(path)) == swapped[-1]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(storage, "_swap_in", swap)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.warns(RuntimeWarning, match=r"task was saved, but what another writer made in it meanwhile could not "
+                                            r"all be moved into the new set \(its list of entries \(Input/output "
+                                            r"error\)\): the old set is kept as .*task\.late-"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert _holds_adapter(target, 2)
+    late = next(tmp_path.glob("task.late-*"))
+    assert _holds_adapter(late, 1)
+
+
+def test_a_disk_error_removing_the_old_set_warns_and_the_next_save_removes_it(tmp_path, monkeypatch):
+    target = tmp_path / "task"
+    nv.save_adapter(trained(1), target)
+    monkeypatch.setattr(storage, "_remove_copy", lambda path: (_ for _ in ()).throw(
+        OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))))
+    with pytest.warns(RuntimeWarning, match=r"\.task\.staged-\w+, a hidden copy a save of .* could not be removed "
+                                            r"\(Input/output error\)\. The next save of it removes it"):
+        nv.save_adapter(trained(2), target)
+    monkeypatch.undo()
+    assert _holds_adapter(target, 2) and len(list(tmp_path.iterdir())) == 3  # task, its lock, the old set
+    nv.save_adapter(trained(2), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".task.lock", "task"]
 
 
 def test_a_full_disk_at_the_final_rename_is_explained_and_the_old_file_kept(tmp_path, monkeypatch):
@@ -554,6 +629,17 @@ def test_a_ctrl_c_at_any_line_of_a_held_lock_count_leaves_no_count_behind(tmp_pa
         assert interrupted_at(code, line, lambda: nv.save_adapter(model, tmp_path / "adapter")), line
         nv.save_adapter(model, tmp_path / "adapter")  # the retry (a count left behind is dropped: no lock is held)
         assert not storage._held_locks(), line
+
+
+def test_a_ctrl_c_at_any_line_of_the_writers_lock_leaves_no_lock_file_open(tmp_path):
+    """Between the count's release and the lock file's close, a Ctrl-C kept the file open and locked: every later save
+    of that folder, in this process (a notebook's kernel) or another, waited for it for ever."""
+    model = trained(0)
+    for code in (storage.writer_lock.__wrapped__.__code__, storage._registered.__wrapped__.__code__):
+        for line in body_lines(code):
+            interrupted_at(code, line, lambda: nv.save_adapter(model, tmp_path / "adapter"))
+            assert not storage._LOCK_FDS, (code.co_name, line)  # else the retry would wait for ever
+            nv.save_adapter(model, tmp_path / "adapter")
 
 
 def test_a_nested_write_below_a_folder_this_thread_holds_shared_keeps_counting_it(tmp_path):

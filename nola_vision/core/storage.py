@@ -661,6 +661,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
             held.enter_context(writer_lock(target))
             _remove_leftovers(target)
             staged = _make_staging_directory(target)
+        old_set = staged  # where the old set lies once swapped out
         try:
             _inherit_access(target, staged)
             with _explained_write_failure(target, unchanged):
@@ -675,13 +676,16 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
                 _copy_access(target, old, staged)
             new_set = set(os.listdir(staged))
             with _explained_write_failure(target, unchanged):  # a failed swap leaves the old set in place
-                _swap_in(staged, target)
-            _refuse_swapped_out_non_directory(staged, target)
-            if keep_others:  # the old set now lies at ``staged``
-                _carry_over_late_entries(staged, target, new_set, linked)
+                old_set = _swap_in(staged, target)
+            # saved from here on: what follows warns of a failure, never raises one (but for a file swapped out)
+            _refuse_swapped_out_non_directory(old_set, target)
+            if keep_others:
+                _carry_over_late_entries(old_set, target, new_set, linked)
             _flush_saved(target)
         finally:
             _remove_tree(staged)
+            if old_set != staged:
+                _remove_tree(old_set)
     if copied:
         names = [os.path.relpath(path, target) for path in copied]
         warn_user(f"{target} was saved, and the other files it holds are kept, but {len(names)} of them belong to "
@@ -788,25 +792,40 @@ def writer_lock(target: Path) -> Iterator[None]:
         yield
         return
     check_writer_lock(target)
+    opened: List[int] = []
+
+    def release() -> None:  # closes the lock file once, whichever of _registered and the finally below calls first
+        with _LOCK_FDS_GUARD:
+            if opened:
+                _close_lock_file(opened.pop())
+
     try:
-        fd = _open_lock_file(lambda: os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644))
-    except OSError as error:  # say so of the target, not of the lock
-        raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
-    try:
+        with interrupts_deferred():  # open only with its release in place
+            try:
+                opened.append(_open_lock_file(lambda: os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, 0o644)))
+            except OSError as error:  # say so of the target, not of the lock
+                raise type(error)(error.errno, f"cannot write {target}: {_no_lock_file(target, error)}") from error
+        fd = opened[0]
         key = _file_key(fd)
         if _held_by_this_thread(key, fd):
             raise RuntimeError(f"cannot write {target} from within a write of it, or of a directory inside it, in this "
                                "thread: that write holds its lock, which this one would wait for forever. Write it "
                                "after that write returns (nothing was written)")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:  # ENOLCK (NFS without a lock daemon): nothing can be locked there, as try_lock
-            if error.errno != errno.ENOLCK:
-                raise
-        with _registered(key):
+        _lock_exclusive(fd)
+        with _registered(key, release=release):
             yield
     finally:
-        _close_lock_file(fd)
+        release()
+
+
+def _lock_exclusive(fd: int) -> None:
+    """Wait for an exclusive lock on the open file ``fd``; where nothing can be locked (NFS without a lock daemon:
+    ENOLCK), go on unlocked, as ``try_lock`` does."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno != errno.ENOLCK:
+            raise
 
 
 def _no_lock_file(target: Path, error: OSError) -> str:
@@ -896,9 +915,11 @@ def _held_by_this_thread(key: Tuple[int, int], fd: int) -> bool:
 
 
 @contextmanager
-def _registered(key: Tuple[int, int]) -> Iterator[None]:
+def _registered(key: Tuple[int, int], release: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Count a lock on the lock file ``key`` as held by this thread while the block runs. The count changes with
-    Ctrl-C held: a count left behind by an interrupt refused every later write of that folder in the process."""
+    Ctrl-C held: a count left behind by an interrupt refused every later write of that folder in the process.
+    ``release`` (which lets go of the lock) runs in the same held step as the count goes: a Ctrl-C between the two
+    kept the lock with nothing counting it, and every later write of that folder waited for it for ever."""
     held, counted = _held_locks(), False
     try:
         with interrupts_deferred():
@@ -906,11 +927,13 @@ def _registered(key: Tuple[int, int]) -> Iterator[None]:
             counted = True
         yield
     finally:
-        if counted:
-            with interrupts_deferred():
+        with interrupts_deferred():
+            if counted:
                 held[key] -= 1
                 if held[key] <= 0:
                     del held[key]
+            if release is not None:
+                release()
 
 
 def _file_key(fd: int) -> Tuple[int, int]:
@@ -1274,13 +1297,14 @@ def _fsync_directory(directory: Path) -> None:
             raise
 
 
-def _swap_in(staged: Path, target: Path) -> None:
-    """Put ``staged`` at ``target``; an existing ``target`` ends up at ``staged``'s name (for removal)."""
+def _swap_in(staged: Path, target: Path) -> Path:
+    """Put ``staged`` at ``target``; returns where an existing ``target`` now lies, for removal: ``staged``'s name, or
+    the ``.old-`` sibling the two-rename swap moved it to, where moving it on failed (the save took place)."""
     if not os.path.lexists(target):
         os.rename(staged, target)
-        return
+        return staged
     if _exchange(staged, target):
-        return
+        return staged
     old = _sibling(target, "old", staged.name.rsplit("-", 1)[1])
     os.rename(target, old)
     try:
@@ -1288,7 +1312,11 @@ def _swap_in(staged: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    os.rename(old, staged)
+    try:
+        os.rename(old, staged)
+    except OSError:  # the new set is in place already: a failure here is no failed save
+        return old
+    return staged
 
 
 def _refuse_swapped_out_non_directory(old: Path, target: Path) -> None:
@@ -1312,7 +1340,11 @@ def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str],
     if not os.path.isdir(old) or os.path.islink(old):  # no old set: the save made the directory
         return
     failed = []
-    for name in sorted(os.listdir(old)):
+    try:
+        names = sorted(os.listdir(old))
+    except OSError as error:  # unread: every entry may be a late one
+        names, failed = [], [f"its list of entries ({error.strerror or error})"]
+    for name in names:
         try:
             if name not in new_set:
                 if not os.path.lexists(target / name):  # else made in the new set meanwhile: that one is the newer
@@ -1324,7 +1356,13 @@ def _carry_over_late_entries(old: Path, target: Path, new_set: Set[str],
             failed.append(f"{name} ({error.strerror or error})")
     if failed:
         kept = target.with_name(f"{target.name}.late-{old.name.rsplit('-', 1)[1]}")
-        os.rename(old, kept)
+        try:
+            os.rename(old, kept)
+        except OSError as error:
+            warn_user(f"{target} was saved, but what another writer may have made in it meanwhile could not be moved "
+                      f"into the new set ({', '.join(failed[:3])}), nor the old set kept beside it ({error.strerror}):"
+                      " it is removed. Check the disk and its file system", RuntimeWarning)
+            return
         warn_user(f"{target} was saved, but what another writer made in it meanwhile could not all be moved into the "
                   f"new set ({', '.join(failed[:3])}): the old set is kept as {kept}. Move those entries into {target} "
                   "yourself, then remove it", RuntimeWarning)
@@ -1393,6 +1431,17 @@ def _native_exchange() -> Optional[Callable[[bytes, bytes], int]]:
 
 
 def _remove_tree(path: Path) -> None:
+    """Remove a leftover or replaced directory (``_remove_copy``); a system error doing so warns, naming it: the save
+    it follows took place (or raises its own error), and the next save removes it."""
+    try:
+        _remove_copy(path)
+    except OSError as error:
+        warn_user(f"{path}, a hidden copy a save of {path.parent} replaced or left, could not be removed "
+                  f"({error.strerror or error}). The next save of it removes it; saves are not affected",
+                  RuntimeWarning)
+
+
+def _remove_copy(path: Path) -> None:
     """Remove a leftover or replaced directory, even one whose copied mode is read-only; one holding a mount point
     is left whole (with a warning), since removing it would delete the mounted filesystem's files."""
     if not os.path.lexists(path):
