@@ -77,6 +77,22 @@ def test_a_misspelt_adapter_or_trainer_key_in_a_config_file_names_that_file_and_
     assert f"config file {misspelt}: {typo}" in err and close in err and len(err.splitlines()) <= 3
 
 
+def test_a_misspelt_top_level_key_in_a_config_file_names_that_file_and_the_close_option(tmp_path, capsys):
+    # the parser said "Subcommand 'fit' does not accept option 'seed_everythin'", with no option meant
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text("seed_everythin: 3\n")
+    assert fit(tmp_path, "-c", str(misspelt)) == 2
+    err = capsys.readouterr().err
+    assert f"config file {misspelt}: seed_everythin is no option of nola-vision fit (did you mean seed_everything?" \
+        in err and len(err.splitlines()) <= 3
+    tested = tmp_path / "tested.yaml"
+    tested.write_text(f"verbose: false\nconfig: {TINY}\n")  # test's own option, and a config naming another
+    check_config_sources(["test", "-c", str(tested)])
+    with pytest.raises(ValueError, match="verbose is no option of nola-vision fit"):
+        check_config_sources(["fit", "-c", str(tested)])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 class _TrainerWithAnOption(L.Trainer):
     def __init__(self, *args, my_option: int = 0, **kwargs):
         super().__init__(*args, **kwargs)

@@ -172,6 +172,21 @@ def test_a_k_above_the_training_images_is_lowered_to_them_with_a_warning_naming_
     assert torch.equal(lowered, knn_predict(train, labels, test, k=6))
 
 
+def test_float64_features_are_compared_in_float64_where_float32_cannot_tell_them_apart():
+    """Features sharing a large offset differ in float64 only: cast to float32, 1-NN fell to about chance."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = torch.as_tensor(digits.data, dtype=torch.float64) + 1e4  # nearly parallel: cosines within 1e-7 of 1
+    labels = torch.as_tensor(digits.target)
+    train, test = features[::2], features[1::2]
+    cosine = torch.nn.functional.normalize(test, dim=1) @ torch.nn.functional.normalize(train, dim=1).T
+    reference = labels[::2][cosine.argmax(dim=1)]  # brute force in float64
+    assert torch.equal(knn_predict(train, labels[::2], test, k=1), reference)
+    assert (reference == labels[1::2]).float().mean() > 0.9
+    assert (knn_predict(train.float(), labels[::2], test.float(), k=1) == labels[1::2]).float().mean() < 0.7
+
+
 def test_a_knn_row_records_the_k_its_classifier_used(tmp_path):
     # the row was named "knn (k=1000)" when 20 training images (2 shots of 10 digits) made it a 20-NN
     out = str(tmp_path / "out")

@@ -211,6 +211,11 @@ def test_a_run_left_out_of_the_tables_is_named_as_taken_for_done_in_the_note_not
         run_protocol([TINY], **options)
     note = (tmp_path / "out" / "results.md").read_text()
     assert "| 1 of 2 |" in note and re.search(r"taken as done: delete its folder first \(.*split1-init0\)", note)
+    # a result that does not count (NaN) is redone by a re-run: the note says re-run, not delete
+    edited.write_text(json.dumps({**result, "metrics": {"test/acc": float("nan")}}))
+    write_tables(str(tmp_path / "out"))
+    note = (tmp_path / "out" / "results.md").read_text()
+    assert "| 1 of 2 |" in note and "Re-run the same command to finish them" in note and "taken as done" not in note
 
 
 def test_a_damaged_list_of_requested_runs_is_named_and_the_failed_runs_still_count_as_asked_for(tmp_path):

@@ -272,10 +272,14 @@ json.dump({{"metrics": {{"val/acc": 0.5}}, "config": {{"method": "fake", "split_
 
 @pytest.mark.parametrize("grid, said", [
     ("model.adapter.init_args.targets=[attn.qkv],[bogus]", "target 'bogus' matches no nn.Linear of VisionTransformer"),
-    ("model.backbone=vit_tiny_patch16_224,vit_bogus", "unknown timm model 'vit_bogus'")])
+    ("model.backbone=vit_tiny_patch16_224,vit_bogus", "unknown timm model 'vit_bogus'"),
+    ("data.batch_size=8,0", "FewShotDataModule.batch_size must be a positive integer, got 0"),
+    ("data.eval_batch_size=8,-1", "FewShotDataModule.eval_batch_size must be a positive integer or null, got -1"),
+    ("data.num_workers=0,-2", r"FewShotDataModule.num_workers must be an integer >= 0, got -2")])
 def test_a_grid_value_naming_no_layer_or_no_model_is_refused_before_the_first_trial(tmp_path, grid, said):
-    """A target that matches no layer, or an unknown backbone, was found only when its trial's fit built the model,
-    after the trials before it had run (the docs say every value is checked before the first trial)."""
+    """A target that matches no layer, an unknown backbone, or a data setting the data module refuses was found only
+    when its trial's fit built them, after the trials before it had run (the docs say every value is checked before
+    the first trial)."""
     with pytest.raises(ValueError, match=f"--grid {re.escape(grid.split('=')[0])}=.* is not accepted .*{said}"):
         check_grid([TINY], ["--data.val_shots", "2"], parse_grid([grid]))
     with pytest.raises(ValueError, match=said):  # protocol's own check of its overrides

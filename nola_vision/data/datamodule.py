@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ..core.checks import (
@@ -66,7 +67,7 @@ from .transforms import (
     resolve_data_config,
 )
 
-__all__ = ["FewShotDataModule", "FewShotSubset", "require_share_per_process"]
+__all__ = ["FewShotDataModule", "FewShotSubset", "check_datamodule_arguments", "require_share_per_process"]
 
 # Copies of the drawn images (_copies_of_drawn): a file's first COPY_HEAD_BYTES are hashed, then the rest in chunks;
 # a size shared by more than COPY_GROUP_LIMIT files does not tell them apart, and is not read.
@@ -203,6 +204,12 @@ def _check_arguments(hp: Any) -> Any:
                          "set --data.val_shots 0 to replay without validation")
     hp.cache_mb = check_number(hp.cache_mb, name("cache_mb"), at_least=0)
     return hp
+
+
+def check_datamodule_arguments(arguments: Dict[str, Any]) -> None:
+    """Raise the ``ValueError`` ``FewShotDataModule(**arguments)`` would for a value of the wrong type or range (a
+    batch size of 0), reading nothing: what tune and protocol check before their first run."""
+    _check_arguments(AttributeDict(arguments))
 
 
 def _file_digest(path: Path, start: int = 0, length: Optional[int] = None) -> Optional[bytes]:

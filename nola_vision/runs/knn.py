@@ -29,9 +29,10 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
                 num_classes: Optional[int] = None, chunk: int = 4096) -> Tensor:
     """Labels of ``test_features`` by majority vote of their ``k`` most cosine-similar training features.
 
-    Ties are broken by the summed similarity of the tied classes. Labels must be integers in
-    ``[0, num_classes)``; features 2-D, finite and non-empty. A ``k`` above the training images is lowered to their
-    number, with a warning (``neighbours_used``).
+    Ties are broken by the summed similarity of the tied classes. Similarities are computed in float32, in float64
+    where either side's features are float64 (nearly parallel features tell apart there only). Labels must be
+    integers in ``[0, num_classes)``; features 2-D, finite and non-empty. A ``k`` above the training images is lowered
+    to their number, with a warning (``neighbours_used``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -60,13 +61,14 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     if used < k:
         warn_user(f"k={k} exceeds the {used} training images: every test image is given the same neighbours; k-NN "
                   f"uses k={used} (pass a k of at most {used})")
-    train = nn.functional.normalize(train_features.float(), dim=1)
+    dtype = torch.float64 if torch.float64 in (train_features.dtype, test_features.dtype) else torch.float32
+    train = nn.functional.normalize(train_features.to(dtype), dim=1)
     predictions = []
     for start in range(0, len(test_features), chunk):
-        test = nn.functional.normalize(test_features[start:start + chunk].float(), dim=1)
+        test = nn.functional.normalize(test_features[start:start + chunk].to(dtype), dim=1)
         sims, idx = (test @ train.T).topk(used, dim=1)
         labels = train_labels[idx]
-        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes = torch.zeros(len(test), num_classes, device=test.device, dtype=dtype)
         votes.scatter_add_(1, labels, torch.ones_like(sims))
         weight = torch.zeros_like(votes).scatter_add_(1, labels, sims)
         # the most votes, then the highest summed similarity among those classes (compared apart: a weight folded into

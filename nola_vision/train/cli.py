@@ -52,7 +52,7 @@ from ..core.storage import (
 )
 from ..core.warn import warn_user
 from ..data import CorruptImageError, FewShotDataModule
-from ..data.datamodule import require_share_per_process
+from ..data.datamodule import check_datamodule_arguments, require_share_per_process
 from ..data.datasets import expand_root, unreadable_named
 from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
@@ -1583,6 +1583,8 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                     if isinstance(section, yaml.MappingNode):
                         _check_section_keys(section, value, trainer_class)
             else:
+                if subcommands and subcommand_at < len(args):
+                    _check_top_level_keys(node, value, args[subcommand_at])
                 _check_section_keys(node, value, trainer_class)
         elif option in ("--model", "--data", "--trainer"):  # a section given whole: a file or an inline mapping
             inline = f"the value of {option}"
@@ -1628,6 +1630,29 @@ def _refuse_options_of_a_method_name(args: List[str]) -> None:
             raise ValueError(f"--model.adapter {name} names a method with its default settings, which takes no "
                              f"options, so {option} has nothing to set: give its config class instead, "
                              f"--model.adapter {config} {option} ...")
+
+
+# Top-level keys every subcommand takes: a config file's others are checked against its parser (built for it only).
+_COMMON_KEYS = frozenset({"model", "data", "trainer", "seed_everything", "ckpt_path", "result_file", "predictions_file",
+                          "test_after_fit", "weights_only"})
+
+
+def _check_top_level_keys(node: Any, path: str, subcommand: str) -> None:
+    """Refuse a top-level key of config file ``path`` that ``subcommand`` has no option for, naming the close ones: the
+    parser said only "does not accept option", where a misspelt section key names them."""
+    keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)] \
+        if isinstance(node, yaml.MappingNode) else []
+    unknown = [key for key in keys if str(key).split(".", 1)[0] not in _COMMON_KEYS]
+    if not unknown:
+        return
+    accepted = sorted({option[2:].split(".", 1)[0] for option in subcommand_options(subcommand)
+                       if option.startswith("--")} - {"help"})
+    for key in unknown:
+        if str(key).split(".", 1)[0] not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"config file {path}: {key} is no option of nola-vision {subcommand} ({hint}its "
+                             f"options: {', '.join(accepted)})")
 
 
 def _check_top_level_config(node: Any, path: str) -> None:
@@ -2251,7 +2276,12 @@ def cli_parser() -> Any:
 @functools.lru_cache(maxsize=1)
 def fit_options() -> frozenset:
     """Every option name of ``nola-vision fit`` (``--model.adapter``, ``--data.shots``, ...), from its parser."""
-    return frozenset(cli_parser()._subcommands_action._name_parser_map["fit"]._option_string_actions)
+    return subcommand_options("fit")
+
+
+def subcommand_options(subcommand: str) -> frozenset:
+    """Every option name of ``nola-vision <subcommand>`` (fit, validate, test, predict), from its parser."""
+    return frozenset(cli_parser()._subcommands_action._name_parser_map[subcommand]._option_string_actions)
 
 
 # What settings_file_options falls back to where jsonargparse's internals differ from those it reads: the groups,
@@ -2291,10 +2321,11 @@ def settings_file_options() -> Dict[str, str]:
 
 
 def argument_value_error(parser: Any, args: Sequence[str], parsed: Any = None) -> Optional[str]:
-    """The error ``FewShotClassifier`` would raise for the model and trainer arguments of ``fit`` ``args`` (a range
-    or a combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``, ``max_epochs`` 0), found without
-    building the model; None if they pass. ``args`` must parse (``argument_error``); ``parsed``: their subcommand's
-    config, where the caller parsed them already."""
+    """The error ``FewShotClassifier`` and ``FewShotDataModule`` would raise for the model, data and trainer arguments
+    of ``fit`` ``args`` (a range or a combination the parser accepts: ``lr`` -1, ``min_lr`` above ``lr``,
+    ``max_epochs`` 0, ``batch_size`` 0), found without building the model or reading data; None if they pass.
+    ``args`` must parse (``argument_error``); ``parsed``: their subcommand's config, where the caller parsed them
+    already."""
     if parsed is None:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             parsed = parser.parse_args(list(args))[args[0]]
@@ -2302,6 +2333,7 @@ def argument_value_error(parser: Any, args: Sequence[str], parsed: Any = None) -
     model["num_classes"] = model.get("num_classes") or 2  # linked from the data when the run builds it
     try:
         config = check_classifier_arguments(model)
+        check_datamodule_arguments(parsed.data.as_dict())
         if args[0] == "fit":
             check_training_length(parsed.trainer)
         _check_adapter_fits(model, config)
