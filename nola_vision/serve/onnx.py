@@ -76,7 +76,8 @@ _PREFIX = "nola_vision."
 
 def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = False,
                 input_size: Optional[Sequence[int]] = None) -> Path:
-    """Write ``model`` as an ONNX graph with input ``images`` and output ``logits``, both with a dynamic batch axis.
+    """Write ``model`` as an ONNX graph with input ``images`` and output ``logits``, both with a dynamic batch axis
+    (of one image or more: ONNX Runtime cannot reshape an empty batch).
 
     By default the graph is the merged model: one task at the base model's cost, computing what the model computes
     (under quantisation-aware training too), in the dtype of its parameters (``model`` itself is not changed).
