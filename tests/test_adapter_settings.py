@@ -80,6 +80,22 @@ def test_a_constructor_option_that_changes_no_weight_name_is_refused_naming_it(t
     assert not nv.adapted_layers(model)
 
 
+def test_a_swin_built_to_partition_its_windows_otherwise_is_refused_naming_the_option(tmp_path):
+    """always_partition cuts the windows and shifts otherwise with the same weights (12% off with pretrained-like
+    norms): the adapter loaded silently."""
+    kwargs = dict(pretrained=False, num_classes=5, img_size=32, embed_dim=32, depths=(2, 2), num_heads=(1, 2),
+                  window_size=4)
+    trained = timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
+    nv.save_adapter(as_if_trained(nv.inject(copy.deepcopy(trained), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)),
+                                  1, scale=0.1), tmp_path, bits=32)
+    other = timm.create_model("swin_tiny_patch4_window7_224", always_partition=True, **kwargs)
+    other.load_state_dict(trained.state_dict())
+    with pytest.raises(AdapterLoadError, match="trained on a model with always_partition=False, this model has "
+                                               "always_partition=True"):
+        nv.load_adapter(other, tmp_path)
+    nv.load_adapter(trained, tmp_path)
+
+
 def test_settings_that_follow_the_input_size_are_not_recorded_so_such_models_load(tmp_path):
     trained = save_trained(tiny_vit(), tmp_path)
     dynamic = nv.load_adapter(tiny_vit(dynamic_img_size=True), tmp_path)  # the same outputs at the same size

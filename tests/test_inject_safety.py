@@ -112,6 +112,21 @@ def test_a_target_whose_weight_or_module_another_name_shares_is_refused(model, m
     assert not nv.adapted_layers(model)
 
 
+@pytest.mark.parametrize("config", ["linear", nv.LoRAConfig(rank=2, targets=["enc"])])
+def test_a_head_whose_weight_a_backbone_layer_shares_is_refused_naming_both(config):
+    """Training the head changed the tied layer, which the file recorded as frozen: no model built as the trained one
+    took the file (refused as "other frozen weights")."""
+    model = _Tied()
+    model.fc.weight = nn.Parameter(torch.zeros(3, 8))
+    model.dec = nn.Linear(8, 3)
+    model.dec.weight = model.fc.weight
+    with pytest.raises(ValueError, match=r"the classifier head's fc\.weight is the same tensor as dec\.weight \(tied "
+                                         r"weights\).*Untie them first"):
+        nv.inject(model, config)
+    assert not nv.adapted_layers(model)
+    nv.inject(model, "full")  # every weight trains: the tie holds as in the model
+
+
 class _Wrapper(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()

@@ -56,8 +56,9 @@ def test_a_distilled_model_with_two_heads_is_refused():
 def test_a_distilled_model_is_refused_as_a_served_backbone_naming_its_two_heads_and_adapts_without_heads(tmp_path):
     kwargs = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
     distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3, **kwargs)
-    with pytest.raises(ValueError, match=r"2 classifier heads \(head, head_dist: a distilled model\)"):
+    with pytest.raises(ValueError, match=r"2 classifier heads \(head, head_dist: a distilled model\)") as refused:
         nv.MultiTaskModel(distilled)  # said it needed num_classes > 0
+    assert "num_classes=0" not in str(refused.value)  # which MultiTaskModel refuses in turn
     headless = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=0, **kwargs).eval()
     config = nv.NOLAConfig(rank=2, num_basis_a=8, num_basis_b=8)
     as_if_trained(nv.inject(headless, config), 0, scale=0.3)  # two identities: no head stays frozen

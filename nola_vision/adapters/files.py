@@ -167,7 +167,7 @@ def output_settings(model: nn.Module) -> Dict[str, Any]:
 # (``img_size``, ``dynamic_img_size``, a rope's ``feat_shape``) are left out: another input size still loads.
 _OPTIONS = ("no_embed_class", "pool_include_prefix", "rope", "rotate_half", "temperature", "grid_indexing",
             "grid_offset", "ref_feat_shape", "in_pixels", "linear_bands", "grid_type", "normalize_coords",
-            "min_period", "max_period")
+            "min_period", "max_period", "always_partition", "target_shift_size")
 # The blocks of a model, by timm's names (``blocks.3``, ``stages.1.blocks.0``): their class decides the order of
 # norm, attention and MLP (``block_fn``, EVA's ``use_post_norm``) with the same parameter names.
 _BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")

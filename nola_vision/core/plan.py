@@ -17,6 +17,7 @@ from .layer import STATE_ATTRIBUTE, Slice, adapted_layers
 from .registry import method_of
 from .targets import (
     blocks_regex,
+    classifier_head,
     find_targets,
     head_parameter_names,
     nested_suffix_matches,
@@ -255,6 +256,24 @@ def _require_not_shared(model: nn.Module, names: List[str]) -> None:
                              "or leave it out of targets")
 
 
+def _require_own_head(model: nn.Module) -> None:
+    """Refuse a classifier head whose parameter a module outside it uses too (tied weights): training the head would
+    change that module, which adapter files record as frozen, so the file would load onto no model built as this one
+    is."""
+    head = classifier_head(model)
+    if head is None:
+        return
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    own = {id(p): f"{prefix}.{name}" for name, p in head.named_parameters()}
+    outside = next(((own[id(p)], name) for name, p in model.named_parameters(remove_duplicate=False)
+                    if id(p) in own and not name.startswith(f"{prefix}.")), None)
+    if outside is not None:
+        head_name, other = outside
+        raise ValueError(f"the classifier head's {head_name} is the same tensor as {other} (tied weights): training "
+                         f"the head would change {other}, which the adapter records as frozen. Untie them first "
+                         f"({head_name} = nn.Parameter({head_name}.detach().clone())), or build the head apart")
+
+
 # The most adapter values one injection allocates: 2**31 float32 values are 8 GiB before their gradients and optimiser
 # state, over 30 times a rank-64 LoRA on every linear layer of ViT-g (6·10**7). A size beyond it is a slip (k=10**9),
 # which would otherwise get the process killed for memory while inject allocates it.
@@ -357,6 +376,8 @@ def plan_injection(model: nn.Module, config: Union[AdapterConfig, str, Dict[str,
                                                                      len(slices)).items()})
         _require_not_shared(model, list(layers))
         _require_allocatable(config, layers)
+    if not config.train_backbone:
+        _require_own_head(model)
     head_names = head_parameter_names(model)
     if not (layers or head_names or config.train_backbone):
         raise ValueError(f"{config.method!r} would train nothing: {type(model).__name__} has no classifier head with "

@@ -187,10 +187,11 @@ def classifier_head(model: nn.Module) -> Optional[nn.Module]:
     return head if isinstance(head, nn.Module) and _has_head(head) else None
 
 
-def require_one_head(model: nn.Module) -> None:
+def require_one_head(model: nn.Module, headless_serves: bool = True) -> None:
     """Refuse a model with several classifier heads: timm's distilled DeiT and EfficientFormer return a tuple from
     ``get_classifier()``, and a wrapper may hold several timm models. Adapters would train beside heads that stay
-    frozen at their random init."""
+    frozen at their random init. ``headless_serves``: whether the caller takes a model without heads (adapters train
+    without one; ``MultiTaskModel`` needs one), which the refusal of a distilled model then suggests."""
     owners = _classifier_owners(model)
     if len(owners) > 1:
         names = [name for name, module in model.named_modules() if any(module is owner for owner in owners)]
@@ -203,7 +204,7 @@ def require_one_head(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has {len(heads)} classifier heads ({', '.join(names)}: a distilled "
                          "model), and nola_vision trains one: use the model without distillation (e.g. "
                          "deit_base_patch16_224 for deit_base_distilled_patch16_224; LeViT: timm.create_model(name, "
-                         "distilled=False)), or build it without heads (num_classes=0)")
+                         f"distilled=False)){', or build it without heads (num_classes=0)' if headless_serves else ''}")
     others = _other_heads(owners[0], heads) if isinstance(heads, nn.Module) and _has_head(heads) else []
     if others:
         prefix = next(name for name, module in model.named_modules() if module is owners[0])

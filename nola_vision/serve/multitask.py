@@ -127,7 +127,7 @@ class MultiTaskModel(nn.Module):
         if _has_adapters(model):
             raise ValueError("MultiTaskModel serves a plain timm model, and this one has adapters injected: pass a "
                              "fresh timm.create_model(...) (or call nv.unload(model) first)")
-        require_one_head(model)
+        require_one_head(model, headless_serves=False)
         head = classifier_head(model)
         if head is None or not callable(getattr(model, "forward_head", None)):
             raise ValueError("MultiTaskModel needs a timm classifier (forward_features, forward_head and a head "
