@@ -184,3 +184,91 @@ def test_a_method_is_found_in_any_letter_case_by_get_method_as_by_inject():
             nv.get_method("lor")
     finally:
         del METHODS["Capital_LoRA"]
+
+
+def test_a_config_class_path_names_that_class_even_where_another_registered_class_shares_its_name():
+    """Two packages' ``Config`` classes: ``pkg_b.Config`` resolved to the first registered (another method), and the
+    CLI trained and saved that method under the config path the user gave."""
+    import types
+
+    first, second = (types.ModuleType(f"ext_pkg_{letter}") for letter in "ab")
+    for module, name in ((first, "ext_first"), (second, "ext_second")):
+        exec(compile("from dataclasses import dataclass, field\nfrom typing import List\nimport nola_vision as nv\n"
+                     "@dataclass\nclass Config(nv.LoRAConfig):\n    pass\n"
+                     f"Config.method = {name!r}\n", module.__name__, "exec"), vars(module))
+        nv.register_method(name, module.Config, nv.LoRALinear)
+    try:
+        for module, name in ((first, "ext_first"), (second, "ext_second")):
+            config = resolve_adapter({"class_path": f"{module.__name__}.Config", "init_args": {"rank": 2}})
+            assert type(config) is module.Config and config.method == name
+            assert type(resolve_adapter(adapter_to_hparam(config))) is module.Config
+        with pytest.raises(ValueError, match=r"2 registered configs are named Config \(ext_pkg_a\.Config, "
+                                             r"ext_pkg_b\.Config\): give the whole path of one"):
+            resolve_adapter({"class_path": "elsewhere.Config", "init_args": {}})
+        with pytest.raises(ValueError, match=r"use one of \[.*'ext_pkg_a\.Config'.*\]"):  # its own module, not ours
+            resolve_adapter({"class_path": "elsewhere.Unknown", "init_args": {}})
+    finally:
+        del METHODS["ext_first"], METHODS["ext_second"]
+
+
+def test_a_config_without_a_targets_field_is_refused_when_registered():
+    """The base's empty targets adapted no layer: the method trained its head only, saved under its own name."""
+    @dataclass
+    class NoTargets(nv.AdapterConfig):
+        rank: int = 2
+        method = "no_targets"
+        scaling = 1.0
+
+    with pytest.raises(TypeError, match=r"NoTargets has no targets field, the layers the method adapts"):
+        nv.register_method("no_targets", NoTargets, FrozenALinear)
+    assert "no_targets" not in nv.available_methods()
+
+
+@pytest.mark.parametrize("value", [{"a"}, float("nan"), nn.Identity()], ids=["set", "nan", "module"])
+def test_a_config_value_no_adapter_file_can_hold_is_refused_at_inject_naming_the_field(value):
+    """A set failed at save_adapter (after training) with json's bare TypeError; NaN saved, then never loaded."""
+    config = FrozenAConfig()
+    config.extra = value  # a field of the method's own type, as its author may declare one
+
+    class WithExtra(FrozenAConfig):
+        def to_dict(self):
+            return {**super().to_dict(), "extra": self.extra}
+
+    config.__class__ = WithExtra
+    with pytest.raises(ValueError, match=r"WithExtra\.extra=.* cannot be stored in an adapter file \(JSON\)"):
+        nv.inject(tiny_vit(), config)
+
+
+def test_a_tuple_field_read_back_as_a_list_is_the_same_setting():
+    """Files store JSON, which has no tuples: a task switch onto a model injected with the same config was refused
+    as ``pair (1, 2) in the model, [1, 2] in the file``."""
+    class WithPair(FrozenAConfig):
+        def to_dict(self):
+            return {**super().to_dict(), "pair": self.pair}
+
+    config, stored = WithPair(), WithPair()
+    config.pair, stored.pair = (1, 2), [1, 2]
+    assert config.same_update(stored)
+    stored.pair = [1, 3]
+    assert not config.same_update(stored)
+
+
+def test_loading_a_method_nobody_registered_says_to_import_the_module_that_registers_it():
+    with pytest.raises(ValueError, match=r"unknown adapter method 'vera_like'; expected one of .* \(a method of your "
+                                         r"own is known once the module that registers it.*is imported\)"):
+        config_from_dict({"method": "vera_like", "rank": 4})
+
+
+def test_factors_of_another_layout_are_refused_naming_the_method():
+    """A (slices, rank, in), peft's layout, was reshaped by element count into another update without a word."""
+    class TransposedA(FrozenALinear):
+        def factors(self):
+            a, b = super().factors()
+            return a.transpose(1, 2), b
+
+    model = nv.inject(tiny_vit(), FrozenAConfig(targets=["mlp.fc1"]))
+    layer = model.blocks[0].mlp.fc1
+    layer.__class__ = TransposedA
+    with pytest.raises(ValueError, match=r"TransposedA\.factors\(\) gave A \(1, 2, 64\) and B \(1, 2, 256\); .*needs "
+                                         r"A \(1, 64, 2\) and B \(1, 2, 256\)"):
+        layer.delta_factors()

@@ -5,6 +5,7 @@ JSON, adapter files, Lightning hyper-parameters and the CLI. Methods are found i
 """
 from __future__ import annotations
 
+import json
 import os
 import reprlib
 from dataclasses import asdict, fields
@@ -15,7 +16,7 @@ from .registry import METHODS, available_methods, find_method, get_method, metho
 
 __all__ = ["AdapterConfig", "adapter_to_hparam", "as_config", "as_target_list", "config_from_dict",
            "require_bool", "require_choice", "require_finite", "require_integer", "require_nonzero", "require_positive",
-           "resolve_adapter"]
+           "require_storable", "resolve_adapter"]
 
 
 class AdapterConfig:
@@ -44,7 +45,8 @@ class AdapterConfig:
         ``training_only`` fields, with the targets sorted (their order selects nothing: each layer's slices are
         sorted); ``1`` equals ``1.0`` in it. A method whose settings can spell one update two ways overrides it."""
         own = type(self).__dict__.get("training_only", AdapterConfig.training_only)
-        settings = {key: value for key, value in self.to_dict().items() if key not in own}
+        # as a file stores them: a tuple field read back as a list is the same setting
+        settings = {key: json.loads(json.dumps(value)) for key, value in self.to_dict().items() if key not in own}
         return {**settings, "targets": sorted(settings.get("targets") or ())}
 
     def serialize(self) -> Union[str, Dict[str, Any]]:
@@ -114,15 +116,11 @@ def resolve_adapter(adapter: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapt
     if isinstance(adapter, dict):
         if "class_path" in adapter:
             class_path, init_args = adapter["class_path"], adapter.get("init_args", {})
-            name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
-            matches = [m.config_cls for m in METHODS.values() if m.config_cls.__name__ == name]
-            if not matches:
-                raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: use one of "
-                                 f"{[f'nola_vision.{n}' for n in _config_names()]} (a method of your own is known "
-                                 "once the module that registers it, with nv.register_method, is imported)")
+            config_cls = _config_class(class_path)
             if not isinstance(init_args, dict):
-                raise ValueError(f"adapter init_args must be a mapping of {name} fields, got {shown(init_args)}")
-            return _build(matches[0], init_args)
+                raise ValueError(f"adapter init_args must be a mapping of {config_cls.__name__} fields, got "
+                                 f"{shown(init_args)}")
+            return _build(config_cls, init_args)
         if "method" in adapter:
             return config_from_dict(adapter)
         return _from_flat(adapter)
@@ -151,6 +149,43 @@ def _from_flat(values: Dict[str, Any]) -> AdapterConfig:
                      f"(one of {available_methods()})")
 
 
+def require_storable(config: AdapterConfig) -> None:
+    """Refuse a config field whose value an adapter file (JSON) cannot hold: a set, a tensor, a path, NaN (a method's
+    own config class may declare fields of any type); found at inject, not when the trained adapter is saved."""
+    for key, value in config.to_dict().items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"{type(config).__name__}.{key}={reprlib.repr(value)} cannot be stored in an adapter "
+                             "file (JSON) as it is: give it as a str, int, finite float, bool, None, or a list or dict "
+                             "of them") from None
+
+
+def _config_class(class_path: Any) -> type:
+    """The registered config class ``class_path`` names: by its whole path (``_class_path``, or the module that
+    defines it), else by its name where one registered class alone has it (a path through a module that re-exports
+    it); two classes of one name (``pkg_a.Config``, ``pkg_b.Config``) are never taken for each other."""
+    configs = [m.config_cls for m in METHODS.values() if m.layer_cls is not None]
+    name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
+    exact = [cls for cls in configs if class_path in (_class_path(cls), f"{cls.__module__}.{cls.__qualname__}")]
+    named = [cls for cls in configs if cls.__name__ == name]
+    if exact or len(named) == 1:
+        return (exact or named)[0]
+    if named:
+        raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: {len(named)} registered configs are named "
+                         f"{name} ({', '.join(_class_path(cls) for cls in named)}): give the whole path of one")
+    raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: use one of "
+                     f"{[_class_path(cls) for cls in configs]} (a method of your own is known once the module that "
+                     "registers it, with nv.register_method, is imported)")
+
+
+def _class_path(cls: type) -> str:
+    """The path a config class is named by in configs and checkpoints: ``nola_vision.<name>`` for the built-in
+    ones, which the package exports, else its own module's."""
+    module = "nola_vision" if cls.__module__.startswith("nola_vision.") else cls.__module__
+    return f"{module}.{cls.__qualname__}"
+
+
 def adapter_to_hparam(config: AdapterConfig) -> Union[str, Dict[str, Any]]:
     """``{class_path, init_args}`` for an adapter config (what LightningCLI and ``resolve_adapter`` parse), a plain
     method's name otherwise."""
@@ -158,9 +193,7 @@ def adapter_to_hparam(config: AdapterConfig) -> Union[str, Dict[str, Any]]:
     if isinstance(stored, str):
         return stored
     init_args = {k: v for k, v in stored.items() if k != "method"}
-    cls = type(config)
-    module = "nola_vision" if cls.__module__.startswith("nola_vision.") else cls.__module__
-    return {"class_path": f"{module}.{cls.__qualname__}", "init_args": init_args}
+    return {"class_path": _class_path(type(config)), "init_args": init_args}
 
 
 def _config_names() -> List[str]:

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .basis import BasisSpec, fingerprint
 from .checks import check_bool
-from .config import AdapterConfig, as_config, resolve_adapter
+from .config import AdapterConfig, as_config, require_storable, resolve_adapter
 from .layer import STATE_ATTRIBUTE, Slice, adapted_layers
 from .registry import method_of
 from .targets import (
@@ -220,6 +220,7 @@ def _validated_copy(config: Union[AdapterConfig, str, Dict[str, Any]]) -> Adapte
     validate = getattr(config, "__post_init__", None)
     if validate is not None:
         validate()
+    require_storable(config)
     return config
 
 

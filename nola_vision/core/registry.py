@@ -6,7 +6,7 @@ method registers itself where it is defined (``nola_vision/methods/<name>/``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from .checks import check_number
@@ -52,7 +52,7 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
         if not isinstance(value, type) and not (argument == "layer_cls" and value is None):
             raise TypeError(f"register_method: {argument} is a class{' or None' if argument == 'layer_cls' else ''}, "
                             f"got a {type(value).__name__}")
-    _require_config_contract(name, config_cls)
+    _require_config_contract(name, config_cls, layer_cls is not None)
     if layer_cls is not None:
         _require_layer_contract(name, layer_cls)
     spelled = [other for other in METHODS if other != name and other.casefold() == name.casefold()]
@@ -83,9 +83,10 @@ def register_method(name: str, config_cls: type, layer_cls: Optional[type] = Non
 _ADAPTER_CONFIG = "nola_vision.core.config.AdapterConfig"
 
 
-def _require_config_contract(name: str, config_cls: type) -> None:
+def _require_config_contract(name: str, config_cls: type, adapts_layers: bool) -> None:
     """Refuse a config class that is not a dataclass subclassing ``nola_vision.AdapterConfig`` (inject then failed on
-    a missing field, or saving on ``dataclasses.asdict``)."""
+    a missing field, or saving on ``dataclasses.asdict``), or, for a method that adapts layers, has no ``targets``
+    field (the base's empty default adapted none: a linear probe under the method's name)."""
     if not any(_path(base) == _ADAPTER_CONFIG for base in config_cls.__mro__):
         raise TypeError(f"register_method({name!r}): {config_cls.__qualname__} is not a subclass of "
                         "nola_vision.AdapterConfig, which every method's config class is (see the guide 'Adding a "
@@ -93,6 +94,10 @@ def _require_config_contract(name: str, config_cls: type) -> None:
     if not is_dataclass(config_cls):
         raise TypeError(f"register_method({name!r}): {config_cls.__qualname__} is not a dataclass (decorate it with "
                         "@dataclasses.dataclass): its fields are what files and the CLI record")
+    if adapts_layers and "targets" not in {f.name for f in fields(config_cls)}:
+        raise TypeError(f"register_method({name!r}): {config_cls.__qualname__} has no targets field, the layers the "
+                        "method adapts (without it, none): declare one, e.g. targets: List[str] = "
+                        "field(default_factory=lambda: ['mlp.fc1', 'mlp.fc2'])")
 
 
 def _require_layer_contract(name: str, layer_cls: type) -> None:
@@ -145,7 +150,8 @@ def get_method(name: str) -> Method:
     method = find_method(name)
     if method is None:
         shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
-        raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()}")
+        raise ValueError(f"unknown adapter method {shown}; expected one of {available_methods()} (a method of your "
+                         "own is known once the module that registers it, with nv.register_method, is imported)")
     return method
 
 
