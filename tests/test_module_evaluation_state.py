@@ -120,6 +120,26 @@ def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stoo
     assert len(rates.rates) == 4 and rates.rates[2:] == pytest.approx(whole.rates[2:])
 
 
+@pytest.mark.parametrize("change", [dict(lr=0.001), dict(optimizer="sgd"), dict(label_smoothing=0.0)],
+                         ids=["lr", "optimizer", "label_smoothing"])
+def test_going_on_with_a_trainers_run_under_other_training_settings_is_refused_as_a_resume_is(tmp_path, change):
+    """A notebook's "lower the rate and carry on" on the same Trainer: its checkpoints then recorded the new rate for
+    epochs trained at the old one (a resume through a checkpoint refused it)."""
+    run = trainer(tmp_path, epochs=2, enable_checkpointing=False)
+    model = module()
+    run.fit(model, loader(classes=3))
+    run.fit_loop.max_epochs = 3
+    before = dict(model.hparams)
+    model.hparams.update(change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=rf"goes on with the run of a trainer that trained before, with other "
+                                         rf"settings than that run's: {key}=.* \(the run: .*Set them back to go on"):
+        run.fit(model, loader(classes=3))
+    model.hparams.update({key: before[key]})
+    with pytest.warns(UserWarning, match="goes on at epoch 2 of a trainer that trained before"):
+        run.fit(model, loader(classes=3))  # the run's own settings go on
+
+
 @pytest.mark.parametrize("save_last", [None, True])
 def test_fitting_on_without_a_checkpoint_names_the_one_to_resume_from(tmp_path, save_last):
     # said "pass ckpt_path='last'", which a plain Trainer (no last.ckpt) answered with "No checkpoint will be loaded"

@@ -133,6 +133,13 @@ def test_quantisation_aware_training_set_by_hand_is_refused_before_training(tmp_
     nv.set_quantization_aware(model.model, by_hand)
     run = trainer(tmp_path)
     refused_before_a_step(run, lambda: run.fit(model, loader()), shown)
+    # set on hparams instead: blamed "nv.set_quantization_aware by hand?", which nobody called
+    model = module(quant_bits=by_hand)
+    model.hparams.quant_bits = quant_bits
+    run = trainer(tmp_path / "hparams")
+    refused_before_a_step(run, lambda: run.fit(model, loader()), rf"hparams.quant_bits is {quant_bits}, set after the "
+                          rf"model was built .*Build a new FewShotClassifier with quant_bits={quant_bits}, or set it "
+                          rf"back to {by_hand}")
 
 
 def test_a_checkpoint_trained_without_quantisation_says_so():

@@ -322,6 +322,7 @@ class FewShotClassifier(L.LightningModule):
         inject(self.model, self.adapter_config)  # names the model's Linear layers when a target matches nothing
         if hp.quant_bits:
             set_quantization_aware(self.model, hp.quant_bits)
+        self._built_quant_bits = hp.quant_bits  # what the model was set to (hparams.quant_bits may be set since)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
         self.train_acc = MulticlassAccuracy(hp.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(hp.num_classes, average="micro")
@@ -563,9 +564,9 @@ class FewShotClassifier(L.LightningModule):
             hp.head_lr = resolved_head_lr * lr / resolved_lr
             self._resolved_rates = (lr, hp.head_lr)
         if hp.min_lr > lr:
-            raise ValueError(f"FewShotClassifier.min_lr ({hp.min_lr:g}) exceeds lr ({lr:g}), which was set after the "
-                             "classifier was built (by Lightning's lr_find?): the cosine schedule would rise instead "
-                             "of decaying. Give a smaller min_lr when building it, or search lr above min_lr")
+            raise ValueError(f"FewShotClassifier.min_lr ({hp.min_lr:g}) exceeds lr ({lr:g}), one of them set after the "
+                             "classifier was built (on its hparams, or by Lightning's lr_find): the cosine schedule "
+                             "would rise instead of decaying. Give a min_lr below lr, or search lr above min_lr")
 
     def _warn_about_the_warmup(self, epochs: int) -> None:
         """Warn when the warm-up leaves the schedule no room: as long as the run (the rate never reaches ``lr``), one
@@ -654,6 +655,7 @@ class FewShotClassifier(L.LightningModule):
                 _draw_apart(self._trainer)
                 if self._trainer.global_step and self._trained_data_source == _OWN_FIT:
                     self._check_data(self._trained_data, self._trained_data_source)  # its fit goes on: on its data
+                    self._check_training_hparams(getattr(self, "_run_settings", None), going_on=True)  # and settings
         if self.hparams.adapter_dir is not None:  # a file, the working directory, a peft export: refused now, not after
             require_adapter_directory(self.hparams.adapter_dir)
         bits = self.hparams.adapter_bits
@@ -688,6 +690,8 @@ class FewShotClassifier(L.LightningModule):
         self.exported_adapter_sha256 = None
         # the weights now train on this data (a resume's was compared at its load): later stages compare with it
         self._trained_data, self._trained_data_source = self._data_record(), _OWN_FIT
+        given = {**self.hparams, "warmup_epochs": self._given_warmup_epochs}  # a fit of this trainer going on: as they
+        self._run_settings = {key: given[key] for key in TRAINING_HPARAMS if key in given}
         counts = self.parameter_counts
         method = self.adapter_config.method
         rank_zero_info(f"nola_vision: {self.hparams.backbone} + {method}: adapter {counts['adapter']:,}, "
@@ -775,6 +779,10 @@ class FewShotClassifier(L.LightningModule):
         bits, given = quantization_aware_bits(self.model), self.hparams.quant_bits
         if bits != given:
             trains = f"quantisation-aware at {bits} bits" if bits else "not quantisation-aware"
+            if given != getattr(self, "_built_quant_bits", given):  # set on hparams after the model was built
+                raise ValueError(f"FewShotClassifier.hparams.quant_bits is {given}, set after the model was built "
+                                 f"{trains}: quant_bits sets the model when the classifier is built. Build a new "
+                                 f"FewShotClassifier with quant_bits={given}, or set it back to {bits}")
             raise ValueError(f"the model is {trains} (nv.set_quantization_aware by hand?), but "
                              f"FewShotClassifier.quant_bits is {given}: the exported adapter and the checkpoints would "
                              f"record another width than training used. Set quant_bits={bits} on FewShotClassifier "
@@ -1072,9 +1080,10 @@ class FewShotClassifier(L.LightningModule):
                 continue
             if epoch > scheduler.last_epoch == 0:  # no checkpoint restored the schedule (a resume would have)
                 rank_zero_warn(f"nola_vision: this fit goes on at epoch {epoch} of a trainer that trained before, "
-                               "without a checkpoint: the learning-rate schedule is taken up at that epoch, but the "
-                               "optimizer starts afresh (Adam's moments are lost), so the result is not that of an "
-                               f"uninterrupted run: {_how_to_resume(self.trainer)}")
+                               "without a checkpoint: the learning-rate schedule is taken up at that epoch (trained "
+                               "again in full where the fit stopped inside it), but the optimizer starts afresh "
+                               "(Adam's moments are lost), so the result is not that of an uninterrupted run: "
+                               f"{_how_to_resume(self.trainer)}")
                 scheduler.last_epoch = epoch
                 _set_rates(scheduler)
                 continue
@@ -1141,11 +1150,12 @@ class FewShotClassifier(L.LightningModule):
             return selector.datamodule
         return getattr(trainer, "datamodule", None)
 
-    def _check_training_hparams(self, saved: Optional[dict]) -> None:
+    def _check_training_hparams(self, saved: Optional[dict], going_on: bool = False) -> None:
         """Refuse to resume with other ``TRAINING_HPARAMS`` or ``TRAINING_BACKBONE_KWARGS`` than the checkpoint's run:
         its optimiser state keeps that run's rates while this run would record these values as the whole run's (another
         optimiser cannot load it). A warm-up left to the recipe (None) keeps the run's, as a resume from the command
-        line does."""
+        line does. ``going_on``: ``saved`` are the settings of this trainer's stopped fit, which a fit of the same
+        trainer goes on with (its checkpoints then recorded the new values for the epochs trained at the old)."""
         if not isinstance(saved, dict):
             return
         self._take_set_hparams()
@@ -1157,6 +1167,12 @@ class FewShotClassifier(L.LightningModule):
                             if now.get(key) != was.get(key)})
         if not changed and self._given_warmup_epochs is None and isinstance(saved.get("warmup_epochs"), int):
             self._given_warmup_epochs = saved["warmup_epochs"]
+        if changed and going_on:
+            raise ValueError("this fit goes on with the run of a trainer that trained before, with other settings than "
+                             "that run's: " + "; ".join(f"{key}={now!r} (the run: {was!r})"
+                                                        for key, (now, was) in changed.items())
+                             + ". Its checkpoints would record these for the whole run. Set them back to go on, or "
+                             "fit with a new Trainer to train a new run from these weights")
         if changed:
             raise ValueError("resuming would train with other settings than the checkpoint's run: "
                              + "; ".join(f"{key}={now!r} (checkpoint: {was!r})" for key, (now, was) in changed.items())
