@@ -231,6 +231,13 @@ def test_adapters_for_another_backbone_or_basis_are_refused(adapters, tmp_path):
     nv.save_adapter(nv.inject(tiny_vit(), "full"), tmp_path / "full")
     with pytest.raises(nv.AdapterLoadError, match="changes the backbone itself"):
         model.add_task("d", tmp_path / "full")
+    # on a backbone of another input size: that cause still, not the position table's shape it leads to
+    with pytest.raises(nv.AdapterLoadError, match="changes the backbone itself"):
+        nv.MultiTaskModel(tiny_vit(img_size=48)).add_task("d", tmp_path / "full")
+    with pytest.raises(nv.AdapterLoadError, match=r"tensor pos_embed has shape \(1, 17, 64\) in the file but "
+                                                  r"\(1, 37, 64\) in the model \(a position table: a full fine-tune "
+                                                  r"holds it at the input size it trained at"):
+        nv.load_adapter(tiny_vit(img_size=48), tmp_path / "full")
     assert model.tasks == []
 
 

@@ -973,8 +973,10 @@ def decode_tensors(tensors: Dict[str, Tensor], quantization: dict,
                                    "unquantised tensors are float16, bfloat16 or float32 (the file was edited or "
                                    "damaged)")
         elif tuple(stored.shape) != tuple(shape):  # transposed or reshaped: as many values, in another order
+            position = (" (a position table: a full fine-tune holds it at the input size it trained at, so build the "
+                        "model at that size)") if "pos_embed" in name.rsplit(".", 1)[-1] else ""
             raise AdapterLoadError(f"tensor {name} has shape {tuple(stored.shape)} in the file but {shape} in the "
-                                   "model")
+                                   f"model{position}")
         value = stored.float().reshape(shape)
         if not bool(torch.isfinite(value).all()):
             raise AdapterLoadError(f"tensor {name} holds NaN or Inf values; the adapter is damaged or diverged")

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
-from ..adapters.files import AdapterLoadError, PathLike, decode_tensors, output_settings, pooling_of, verify_adapter
+from ..adapters.files import (
+    AdapterLoadError,
+    PathLike,
+    decode_tensors,
+    output_settings,
+    pooling_of,
+    read_adapter,
+    verify_adapter,
+)
 from ..core.basis import BasisBank
 from ..core.checks import check_bool, check_number, check_path, shown
 from ..core.fingerprint import merged_adapters
@@ -92,6 +100,20 @@ class _Factors:
     def __post_init__(self) -> None:
         tensors = [t for pair in self.layers.values() for t in pair] + list(self.head.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _changed_backbone(method: str) -> AdapterLoadError:
+    """The refusal of a task of a method that trains the backbone itself (full fine-tuning): it cannot share one."""
+    return AdapterLoadError(f"a {method!r} adapter changes the backbone itself, so it cannot share one: serve it on "
+                            "its own model with nv.load_adapter")
+
+
+def _trains_backbone(directory: PathLike) -> bool:
+    """Whether the adapter file in ``directory`` is of a method that trains the backbone (False where unreadable)."""
+    try:
+        return method_of(read_adapter(directory)[0]["method"]).config_cls.train_backbone
+    except (AdapterLoadError, OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class MultiTaskModel(nn.Module):
@@ -428,10 +450,14 @@ class MultiTaskModel(nn.Module):
 
     def _read_task(self, directory: Path, **checks: bool) -> _Task:
         """A task checked by ``verify_adapter`` (any class count: each task has its own head), kept as stored."""
-        verified = verify_adapter(self.model, directory, match_num_classes=False, **checks)
+        try:
+            verified = verify_adapter(self.model, directory, match_num_classes=False, **checks)
+        except AdapterLoadError as error:  # a full fine-tune's file: that cause, not what followed from it (a shape)
+            if _trains_backbone(directory):
+                raise _changed_backbone(read_adapter(directory)[0]["method"]) from error
+            raise
         if verified.plan.config.train_backbone:
-            raise AdapterLoadError(f"a {verified.plan.config.method!r} adapter changes the backbone itself, so it "
-                                   "cannot share one: serve it on its own model with nv.load_adapter")
+            raise _changed_backbone(verified.plan.config.method)
         return _Task(verified.plan, _packed(verified.stored), verified.quantization, verified.shapes,
                      verified.num_classes, verified.class_names)
 
