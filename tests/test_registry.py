@@ -6,6 +6,7 @@ serves is checked by the method matrix (``test_methods.py``); here only what is 
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from example_method import FrozenAConfig, FrozenALinear
 from tiny_models import tiny_vit
 from torch import nn
@@ -33,6 +34,7 @@ def test_built_in_methods_and_plain_configs_come_from_the_registry():
     assert nv.get_method("full").default_lr == 5e-5 and nv.get_method("nola").default_lr == 3e-2
     assert nv.get_method("nola").default_head_lr == 1e-2 and nv.get_method("lora").default_lr == 5e-3
     assert resolve_adapter("linear") == "linear" and resolve_adapter("linear").describe() == "head only"
+    assert repr(resolve_adapter("full")) == "'full'"  # in messages: the dataclass-made repr showed FullFineTuneConfig()
     with pytest.raises(ValueError, match="already registered"):
         nv.register_method("nola", nv.LoRAConfig, nv.LoRALinear)
     with pytest.raises(ValueError, match="FrozenAConfig.method must be 'other'"):
@@ -272,3 +274,49 @@ def test_factors_of_another_layout_are_refused_naming_the_method():
     with pytest.raises(ValueError, match=r"TransposedA\.factors\(\) gave A \(1, 2, 64\) and B \(1, 2, 256\); .*needs "
                                          r"A \(1, 64, 2\) and B \(1, 2, 256\)"):
         layer.delta_factors()
+
+
+class _Unlisted(FrozenALinear):
+    def __init__(self, base, config, name, slices):
+        super().__init__(base, config, name, slices)
+        self.scale = nn.Parameter(torch.ones(1))  # trained, but not in adapter_parameter_names
+
+
+class _Reshaped(FrozenALinear):
+    def __init__(self, base, config, name, slices):
+        super().__init__(base, config, name, slices)
+        self.fa_B = nn.Parameter(torch.zeros(self.fa_B.shape[::-1]))
+
+
+class _Unnamed(FrozenALinear):
+    adapter_parameter_names = ("fa_B", "fa_C")
+
+    @classmethod
+    def parameter_shapes(cls, config, in_features, width, num_slices):
+        return {"fa_B": (num_slices, config.rank, width), "fa_C": (1,)}
+
+
+@pytest.mark.parametrize("layer_cls, message", [
+    (_Unlisted, r"_Unlisted on blocks\.0\.mlp\.fc1 creates parameter\(s\) scale that _Unlisted"
+                r"\.adapter_parameter_names does not list"),
+    (_Reshaped, r"_Reshaped created fa_B of shape \(256, 2, 1\) on blocks\.0\.mlp\.fc1, where _Reshaped"
+                r"\.parameter_shapes gives \(1, 2, 256\)"),
+    (_Unnamed, r"_Unnamed\.adapter_parameter_names lists fa_C, which the layer on blocks\.0\.mlp\.fc1 does not "
+               r"create"),
+], ids=["unlisted", "reshaped", "never created"])
+def test_a_layer_whose_parameters_are_not_those_its_class_declares_is_refused_at_inject(layer_cls, message):
+    """An unlisted parameter trained uncounted and unsaved (save_adapter then advised the 'full' method), a shape of
+    its own was blamed at save on a change after inject, and a listed one never created failed with AttributeError."""
+    @dataclass
+    class ContractConfig(FrozenAConfig):
+        method = "contract"
+
+    ContractConfig.method = "contract"
+    nv.register_method("contract", ContractConfig, layer_cls)
+    try:
+        model = tiny_vit()
+        with pytest.raises(TypeError, match=message):
+            nv.inject(model, ContractConfig(targets=["mlp.fc1"]))
+        assert not nv.adapted_layers(model)
+    finally:
+        del METHODS["contract"]

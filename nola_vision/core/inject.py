@@ -242,6 +242,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
         # tensors (an inject or first load_adapter under torch.inference_mode), which autograd silently leaves out
         with torch.inference_mode(False):
             built[name] = layer_cls(base, config, name, layer.slices, **context).train(base.training)
+            _require_declared_tensors(name, built[name], layer.tensor_shapes)
             built[name].follow_float64_weight()
             built[name].note_injected_identity()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -345,6 +346,33 @@ def _require_not_injected(model: nn.Module) -> None:
             raise ValueError(f"submodule {name} of the {type(model).__name__} already has {state.method!r} adapters, "
                              f"which this injection would freeze: nv.unload(model.{name}) first, or inject into "
                              f"model.{name} itself")
+
+
+def _require_declared_tensors(name: str, layer: AdaptedLinear, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Refuse a layer whose parameters are not those its class declares: each of ``adapter_parameter_names`` created,
+    at the shape ``parameter_shapes`` gives (``shapes``), and no other of its own (files store, counts count and loads
+    fill only those), naming the class member to fix."""
+    cls = type(layer).__name__
+    own = {key: p for key, p in layer.named_parameters() if key not in ("weight", "bias")
+           and not key.startswith("input_activation.")}
+    declared = layer.adapter_parameter_names
+    if set(shapes) != set(declared):
+        raise TypeError(f"{cls}.parameter_shapes gives {sorted(shapes)}, and {cls}.adapter_parameter_names lists "
+                        f"{sorted(declared)}: they name the same trained tensors")
+    for key in declared:
+        tensor = own.get(key)
+        if not isinstance(tensor, nn.Parameter):
+            raise TypeError(f"{cls}.adapter_parameter_names lists {key}, which the layer on {name} does not create as "
+                            "an nn.Parameter of its own")
+        if tuple(tensor.shape) != tuple(shapes[key]):
+            raise TypeError(f"{cls} created {key} of shape {tuple(tensor.shape)} on {name}, where "
+                            f"{cls}.parameter_shapes gives {tuple(shapes[key])}")
+    undeclared = sorted(set(own) - set(declared))
+    if undeclared:
+        raise TypeError(f"{cls} on {name} creates parameter(s) {', '.join(undeclared)} that "
+                        f"{cls}.adapter_parameter_names does not list: list the trained ones there (files store, "
+                        "counts count and loads fill only those), and keep what is regenerated from the config as a "
+                        "buffer registered with persistent=False")
 
 
 def require_unchanged_statistics(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ class PlainConfig(AdapterConfig):
         return repr(self.method)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # PlainConfig's repr: its name (a generated one replaced it)
 class LinearProbeConfig(PlainConfig):
     """Linear probe: the backbone stays frozen, only the classifier head trains."""
 
@@ -35,7 +35,7 @@ class LinearProbeConfig(PlainConfig):
         return "head only"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class FullFineTuneConfig(PlainConfig):
     """Full fine-tuning: every parameter trains (the paper's grid: 8e-5 … 1e-5)."""
 
