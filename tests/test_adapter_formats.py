@@ -162,6 +162,35 @@ def test_a_quantisation_aware_model_saved_at_its_bits_is_not_warned_about_its_co
     torch.testing.assert_close(loaded.eval()(images), model.eval()(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("aware, bits", [(4, 8), (8, 4)])
+def test_a_linear_probe_sees_its_head_at_8_bits_at_either_width_so_either_file_holds_it(tmp_path, aware, bits):
+    """Its head alone trains, at 8-bit codes for both widths: saving at the other width warned of other outputs, and
+    loading onto a model set to it was refused, where the outputs were the same."""
+    model = nv.set_quantization_aware(as_if_trained(nv.inject(tiny_vit(), "linear"), 1, scale=0.2), aware)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path, bits=bits)
+    images = torch.randn(2, 3, 32, 32)
+    for loaded in (nv.load_adapter(nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), aware), tmp_path),
+                   nv.load_adapter(tiny_vit(), tmp_path)):
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="saved at bits=16: the file holds the latent values"):
+        nv.save_adapter(model, tmp_path / "latent", bits=16)  # floats: not what training saw
+
+
+def test_a_linear_probe_trains_quantisation_aware_from_the_classifier():
+    """Refused ("quant_bits applies to adapter tensors"), though nv.set_quantization_aware takes a linear probe."""
+    from nola_vision.core.inject import quantization_aware_bits
+    from nola_vision.train.module import FewShotClassifier
+
+    tiny = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4,
+                backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
+    assert quantization_aware_bits(FewShotClassifier(adapter="linear", quant_bits=4, **tiny).model) == 4
+    with pytest.raises(ValueError, match=r"full fine-tuning trains every weight, which adapter files store at 16 or "
+                                         r"32 bits only: set quant_bits: null"):
+        FewShotClassifier(adapter="full", quant_bits=8, **tiny)
+
+
 @pytest.mark.parametrize("config", [nv.NOLAConfig(num_basis_a=16, num_basis_b=16),
                                     nv.LoRAConfig(rank=2, alpha=3.0, targets=["attn.q", "attn.v"])],
                          ids=["nola", "lora_alpha3"])

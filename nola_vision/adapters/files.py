@@ -417,11 +417,17 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     return names  # a name may repeat: ImageNet's descriptions name two classes 'crane'
 
 
-def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike) -> None:
+def _seen_alike(aware: int, bits: int, adapts_layers: bool) -> bool:
+    """Whether training quantisation-aware at ``aware`` bits sees what a file at ``bits`` stores: the same bits, or,
+    for a head alone (a linear probe), the same head width (8 bits for both 4 and 8)."""
+    return aware == bits if adapts_layers else head_bits(aware) == head_bits(bits)
+
+
+def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike, adapts_layers: bool) -> None:
     """Refuse to load onto a model under quantisation-aware training at other bits than the file's: the model would
     show the loaded values at its own width, so its outputs would not be the saved adapter's."""
     aware = quantization_aware_bits(model)
-    if aware is not None and aware != bits:
+    if aware is not None and not _seen_alike(aware, bits, adapts_layers):
         raise AdapterLoadError(
             f"the model trains quantisation-aware at {aware} bits (nv.set_quantization_aware), so it would see the "
             f"{bits}-bit adapter in {directory} at {aware} bits, with other outputs than the saved one. Call "
@@ -446,7 +452,7 @@ def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
     """Warn when quantisation-aware training saw other values than ``bits`` stores: the file then loads as another
     model than the one that was trained and evaluated."""
     trained_bits = quantization_aware_bits(model)
-    if trained_bits is not None and bits != trained_bits:
+    if trained_bits is not None and not _seen_alike(trained_bits, bits, bool(adapted_layers(model))):
         warn_user(f"the model trains against {trained_bits}-bit adapter values (its head at "
                   f"{head_bits(trained_bits)} bits; set_quantization_aware) but is saved at bits={bits}: the file "
                   f"holds the latent values, whose outputs differ from the trained model's. Save with "
@@ -1556,7 +1562,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     updates = _each_once(partial(_file_updates, model, plan, stored, quantization))
     if check_frozen_weights:
         _check_frozen_weights(model, document, plan, updates)
-    _require_quantization_fits(model, document["bits"], directory)
+    _require_quantization_fits(model, document["bits"], directory, bool(plan.layers))
     shapes = dict(plan.trained_shapes)
     if not match_num_classes:  # the head's class dimension at the file's class count
         for name in rows:

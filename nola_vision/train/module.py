@@ -187,9 +187,9 @@ def check_classifier_arguments(hp: Dict[str, Any]) -> AdapterConfig:
     hp["warmup_epochs"] = check_int(hp["warmup_epochs"], name("warmup_epochs"), at_least=0, optional=True)
     hp["label_smoothing"] = check_number(hp["label_smoothing"], name("label_smoothing"), at_least=0, below=1)
     hp["quant_bits"] = require_bits(hp["quant_bits"], name("quant_bits"), QAT_BITS, optional=True)
-    if hp["quant_bits"] and method_of(config).layer_cls is None:
-        raise ValueError(f"{name('quant_bits')} applies to adapter tensors; adapter {config!r} has none: set "
-                         "quant_bits: null")
+    if hp["quant_bits"] and config.train_backbone:  # set_quantization_aware refuses it, saying why
+        raise ValueError(f"{name('quant_bits')} applies to adapter tensors and the head; full fine-tuning trains every "
+                         "weight, which adapter files store at 16 or 32 bits only: set quant_bits: null")
     # "~/x" as a shell would expand it (a config file's is not), as for result_file and nv.save_adapter
     hp["adapter_dir"] = check_path(hp["adapter_dir"], name("adapter_dir"), optional=True, expand_user=True)
     hp["adapter_bits"] = require_bits(hp["adapter_bits"], name("adapter_bits"), optional=True)
