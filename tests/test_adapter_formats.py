@@ -186,6 +186,18 @@ def test_a_linear_probe_trains_quantisation_aware_from_the_classifier():
     tiny = dict(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4,
                 backbone_kwargs=dict(patch_size=8, depth=2, embed_dim=64, num_heads=2))
     assert quantization_aware_bits(FewShotClassifier(adapter="linear", quant_bits=4, **tiny).model) == 4
+    # a checkpoint and a state dict of one width load at the other: the head is seen at 8 bits at both
+    checkpoint = {"state_dict": FewShotClassifier(adapter="linear", quant_bits=8, **tiny).state_dict()}
+    FewShotClassifier(adapter="linear", quant_bits=8, **tiny).on_save_checkpoint(checkpoint)
+    FewShotClassifier(adapter="linear", quant_bits=4, **tiny).on_load_checkpoint(checkpoint)
+    probe = nv.set_quantization_aware(as_if_trained(nv.inject(tiny_vit(), "linear"), 1, scale=0.2), 8)
+    other = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), 4)
+    other.load_state_dict(probe.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(other.eval()(images), probe.eval()(images), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"head was trained at full precision \(it records no nola_quant_bits, or "
+                                           r"that entry was left out\)"):
+        other.load_state_dict({k: v for k, v in probe.state_dict().items() if k.startswith("head.")}, strict=False)
     with pytest.raises(ValueError, match=r"full fine-tuning trains every weight, which adapter files store at 16 or "
                                          r"32 bits only: set quant_bits: null"):
         FewShotClassifier(adapter="full", quant_bits=8, **tiny)
@@ -209,6 +221,20 @@ def test_a_half_precision_model_trained_quantisation_aware_loads_back_its_exact_
     trained = next(p for n, p in model.named_parameters() if n.endswith(("nola_alpha", "lora_A")))
     (model.eval()(images).float().square().sum()).backward()  # the straight-through gradient keeps its dtype
     assert trained.grad.dtype == dtype and bool(trained.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_that_move_a_tensor_of_mostly_zeros_warn(tmp_path, bits):
+    """No code holds 0 exactly next to -1 and 100: every zero moved (to -1 at 4 bits), silently, as the typical spread
+    (and the fallback, the typical magnitude) was 0."""
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=64, num_basis_b=64))
+    name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
+    with torch.no_grad():
+        alpha.zero_()
+        alpha.view(-1)[:2] = torch.tensor([-1.0, 100.0])
+    with pytest.warns(UserWarning, match=rf"tensor {name} loses most of its values at {bits} bits: storing moves a "
+                                         r"typical value by .*where most of them are 0"):
+        nv.save_adapter(model, tmp_path, bits=bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

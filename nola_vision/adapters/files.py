@@ -70,6 +70,7 @@ from ..core.quantize import (
     pack4,
     quantize,
     require_bits,
+    seen_alike,
     unpack4,
 )
 from ..core.registry import method_of
@@ -417,17 +418,11 @@ def _checked_class_names(names: Optional[Sequence[str]], num_classes: int) -> Op
     return names  # a name may repeat: ImageNet's descriptions name two classes 'crane'
 
 
-def _seen_alike(aware: int, bits: int, adapts_layers: bool) -> bool:
-    """Whether training quantisation-aware at ``aware`` bits sees what a file at ``bits`` stores: the same bits, or,
-    for a head alone (a linear probe), the same head width (8 bits for both 4 and 8)."""
-    return aware == bits if adapts_layers else head_bits(aware) == head_bits(bits)
-
-
 def _require_quantization_fits(model: nn.Module, bits: int, directory: PathLike, adapts_layers: bool) -> None:
     """Refuse to load onto a model under quantisation-aware training at other bits than the file's: the model would
     show the loaded values at its own width, so its outputs would not be the saved adapter's."""
     aware = quantization_aware_bits(model)
-    if aware is not None and not _seen_alike(aware, bits, adapts_layers):
+    if aware is not None and not seen_alike(aware, bits, adapts_layers):
         raise AdapterLoadError(
             f"the model trains quantisation-aware at {aware} bits (nv.set_quantization_aware), so it would see the "
             f"{bits}-bit adapter in {directory} at {aware} bits, with other outputs than the saved one. Call "
@@ -452,7 +447,7 @@ def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
     """Warn when quantisation-aware training saw other values than ``bits`` stores: the file then loads as another
     model than the one that was trained and evaluated."""
     trained_bits = quantization_aware_bits(model)
-    if trained_bits is not None and not _seen_alike(trained_bits, bits, bool(adapted_layers(model))):
+    if trained_bits is not None and not seen_alike(trained_bits, bits, bool(adapted_layers(model))):
         warn_user(f"the model trains against {trained_bits}-bit adapter values (its head at "
                   f"{head_bits(trained_bits)} bits; set_quantization_aware) but is saved at bits={bits}: the file "
                   f"holds the latent values, whose outputs differ from the trained model's. Save with "
@@ -619,9 +614,11 @@ def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = F
                          f"{bits}-bit codes (they would load as inf): save it with bits=32")
     values = value.detach().float().flatten()
     spread, error = _typical_spread(values), (stored.flatten() - values).abs().median().item()
-    if spread > 0 and error > 0.5 * spread and not trained_at_bits:  # a few far larger values left one or two codes
+    if error > 0.5 * spread and error > 0 and not trained_at_bits:  # a few far larger values left one or two codes
+        moved = (f"{error / spread:.0%} of how far its values typically lie from their median" if spread > 0 else
+                 f"{error:.3g}, where most of them are 0")  # no code holds 0 exactly: every zero moves
         warn_user(f"tensor {name} loses most of its values at {bits} bits: storing moves a typical value by "
-                  f"{error / spread:.0%} of how far its values typically lie from their median, since values up to "
+                  f"{moved}, since values up to "
                   f"{values.abs().max().item():.4g} set the range of its {2 ** bits} codes. Save with bits=16, or "
                   f"train quantisation-aware at {bits} bits (set_quantization_aware)", UserWarning)
     return (pack4(codes) if bits == 4 else codes), [minimum, step, bits]

@@ -37,7 +37,7 @@ from .merge import (
     unmerge,
 )
 from .plan import InjectionPlan, plan_injection
-from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits
+from .quantize import QAT_BITS, fake_quantize, head_bits, require_bits, seen_alike
 from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 from .warn import warn_user
@@ -826,8 +826,9 @@ def _check_bits(model: nn.Module, state_dict: Dict[str, Tensor], prefix: str, me
         bits = state.quant_bits if state is not None else None
         saved = state_dict.pop(prefix + QAT_BITS_KEY, None)
         saved_bits = None if saved is None else int(saved)
-        if saved_bits != bits:
-            trained = f"quantisation-aware at {saved_bits} bits" if saved_bits is not None else "at full precision"
+        if not seen_alike(saved_bits, bits, adapts_layers=False):
+            trained = (f"quantisation-aware at {saved_bits} bits" if saved_bits is not None else
+                       f"at full precision (it records no {QAT_BITS_KEY}, or that entry was left out)")
             shown = f"at {bits} bits (set_quantization_aware)" if bits is not None else "at full precision"
             refusals.append(f"the state dict's head was trained {trained}, and this model shows it {shown}: its "
                             "outputs would differ. Set the model to the bits the state dict was trained at first "

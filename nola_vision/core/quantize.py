@@ -9,7 +9,7 @@ from torch import Tensor
 from .checks import FLOAT32_TINY, as_integer
 
 __all__ = ["INTEGER_BITS", "QAT_BITS", "SUPPORTED_BITS", "dequantize", "fake_quantize", "grid_step", "head_bits",
-           "pack4", "quantize", "require_bits", "unpack4"]
+           "pack4", "quantize", "require_bits", "seen_alike", "unpack4"]
 
 # The one list of bit widths: adapter files store floats at 32 or 16 bits, integer codes at 8 or 4.
 SUPPORTED_BITS = (32, 16, 8, 4)
@@ -30,6 +30,15 @@ _ON_GRID = 4
 def head_bits(bits: int) -> int:
     """The width the classifier head is stored with when the adapter tensors are stored at ``bits``."""
     return bits if bits >= 16 else max(bits, MIN_HEAD_INTEGER_BITS)
+
+
+def seen_alike(first: Optional[int], second: Optional[int], adapts_layers: bool) -> bool:
+    """Whether trained tensors are seen alike at ``first`` and ``second`` bits (quantisation-aware widths, or file
+    bits; None: full precision): the same bits, or, for a head alone (a linear probe), the same head width (8 bits
+    for both 4 and 8)."""
+    if first == second or not first or not second or adapts_layers:
+        return first == second
+    return head_bits(first) == head_bits(second)
 
 
 def require_bits(bits: Any, name: str = "bits", allowed: Sequence[int] = SUPPORTED_BITS,

@@ -62,7 +62,7 @@ from ..core.fingerprint import (
 )
 from ..core.inject import adapter_state, inject, quantization_aware_bits, set_quantization_aware
 from ..core.layer import adapted_layers
-from ..core.quantize import QAT_BITS, require_bits
+from ..core.quantize import QAT_BITS, require_bits, seen_alike
 from ..core.registry import method_of
 from ..core.storage import copy_directory, file_sha256
 from ..core.targets import (
@@ -665,7 +665,8 @@ class FewShotClassifier(L.LightningModule):
         self._check_what_trains()
         self._check_quantization_aware()
         quant, stored = self.hparams.quant_bits, self.hparams.adapter_bits
-        if quant is not None and stored is not None and stored != quant and self.trainer.is_global_zero:  # known now
+        stores_other = stored is not None and not seen_alike(stored, quant, bool(adapted_layers(self.model)))
+        if quant is not None and stores_other and self.trainer.is_global_zero:  # known now
             warn_user(f"nola_vision: quant_bits={quant} trains against {quant}-bit adapter values, but adapter_bits="
                       f"{stored} will store the latent values, whose outputs differ from the trained and evaluated "
                       f"model's: use adapter_bits {quant} (or leave it out) to export what was trained")
@@ -1005,7 +1006,8 @@ class FewShotClassifier(L.LightningModule):
         bits: its trained tensors would load without a shape error (another seed or scale keeps every shape) and
         give another model."""
         own_bits = quantization_aware_bits(self.model)
-        if "quant_bits" in info and info["quant_bits"] != own_bits:  # older checkpoints record no bits
+        adapts_layers = bool(adapted_layers(self.model))
+        if "quant_bits" in info and not seen_alike(info["quant_bits"], own_bits, adapts_layers):  # older: no bits
             saved = info["quant_bits"]
             trained = f"quantisation-aware at {saved} bits" if saved else "without quantisation-aware training"
             raise ValueError(f"checkpoint was trained {trained}, this model "
