@@ -318,9 +318,29 @@ def test_evaluating_without_or_with_a_wrong_checkpoint_says_what_is_wrong(tmp_pa
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     (tmp_path / "cut.ckpt").write_bytes(checkpoint.read_bytes()[:20000])
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
-    for bad in ("cut.ckpt", "text.ckpt"):
+    import numpy as np  # a zip archive of other files passed the zip check, then failed in torch with a traceback
+
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    for bad in ("cut.ckpt", "text.ckpt", "arrays.npz"):
         code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / bad)
-        assert code == 2 and "is not a checkpoint written by fit" in err
+        assert code == 2 and "is not a checkpoint written by fit" in err and "Traceback" not in err
+    # torch's format before zip archives, which torch reads but not memory-mapped: that failed with a traceback
+    torch.save(torch.load(checkpoint, weights_only=False), tmp_path / "legacy.ckpt",
+               _use_new_zipfile_serialization=False)
+    code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "legacy.ckpt")
+    assert code == 0 and "Traceback" not in err
+    # a damaged record (KeyError, AttributeError), and none at all: its split was then not compared when validating
+    saved = torch.load(checkpoint, weights_only=False)
+    for name, record in (("empty", {}), ("text", "x"), ("no_basis", {**saved["nola_vision"], "record_sha256": None})):
+        if name == "no_basis":
+            del record["basis_fingerprint"], record["record_sha256"]
+        torch.save({**saved, "nola_vision": record}, tmp_path / f"{name}.ckpt")
+        code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / f"{name}.ckpt")
+        assert code == 2 and "checkpoint['nola_vision']) lacks what every record holds" in err, name
+    torch.save({key: value for key, value in saved.items() if key != "nola_vision"}, tmp_path / "unrecorded.ckpt")
+    code, err = run(capsys, "validate", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "unrecorded.ckpt",
+                    "--data.split_seed", 1, "--data.val_shots", 2)
+    assert code == 2 and "validating draws its images from another split than the run did" in err
     # an object weights_only loading refuses: Lightning's UnpicklingError ended in a traceback
     torch.save({"state_dict": {}, "callbacks": {"mine": Path("x")}}, tmp_path / "objects.ckpt")
     code, err = run(capsys, "test", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "objects.ckpt")

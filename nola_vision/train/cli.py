@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import traceback
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -500,7 +501,7 @@ def _loaded(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
     """The checkpoint at a local ``path`` (its tensors mapped, not read), or None where it cannot be read (cut short,
     no checkpoint, a remote path)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
     except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
         return None
     return saved if isinstance(saved, dict) else None
@@ -944,7 +945,7 @@ class NolaCLI(LightningCLI):
         check_monitors(self.trainer.callbacks)
         checkpoint = config.get("ckpt_path")
         if checkpoint is not None and Path(checkpoint).is_file():  # a resume: refused before anything is written
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(checkpoint))
             check_training_data(saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None,
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
@@ -1892,8 +1893,8 @@ def check_checkpoint_file(path: Optional[str]) -> None:
         raise FileNotFoundError(f"--ckpt_path {path} is {what}: pass a "
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
     require_whole_checkpoint(file, "--ckpt_path")
-    try:  # as Lightning loads it (only tensors and plain values); mapped, so its tensors are not read twice
-        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:  # as Lightning loads it (only tensors and plain values); a zip archive mapped, its tensors not read twice
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"{found.group(1)}, " if found else ""
@@ -1901,6 +1902,10 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                          "weights_only), so Lightning "
                          "cannot read it: a checkpoint of other code, or of a callback that stores such objects. "
                          "Pass a checkpoint that nola-vision fit wrote") from err
+    except (RuntimeError, EOFError, ValueError) as err:  # a zip archive of other files (.npz), a damaged record
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (torch cannot read it: {first}). "
+                         "Pass a checkpoint of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last") from err
     missing = [key for key in ("pytorch-lightning_version", "state_dict")
                if not isinstance(loaded, dict) or key not in loaded]
     if missing:

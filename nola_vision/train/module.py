@@ -911,6 +911,7 @@ class FewShotClassifier(L.LightningModule):
         if info is None:  # an older checkpoint, or another project's: it must at least hold every trained tensor
             self._require_trained_tensors(checkpoint.get("state_dict", {}))
             self._fit_running = False
+            self._check_recorded_split(checkpoint.get("datamodule_hyper_parameters"))
             return
         _check_record(info)
         self._check_adapter(info)
@@ -1182,6 +1183,16 @@ class FewShotClassifier(L.LightningModule):
                              "run. Build the model with the run's values (FewShotClassifier.load_from_checkpoint(path) "
                              "does), or train a new run (fit without ckpt_path)")
 
+    def _check_recorded_split(self, settings: Any) -> None:
+        """A checkpoint without its library record, validated or resumed: its split compared by the drawing settings
+        Lightning kept of its data module (paths left out: a run's may be relative to another folder)."""
+        now = self._data_record()
+        if not isinstance(settings, Mapping) or now is None or self.trainer.state.fn not in ("fit", "validate"):
+            return
+        drawn = {key: settings[key] for key in ("dataset", "shots", "split_seed", "val_shots", "allow_fewer")
+                 if key in settings}
+        self._check_split({"split": drawn}, now)
+
     def _check_split(self, saved: dict, now: dict, source: str = "checkpoint") -> None:
         """The run's k-shot draw, compared by the digest of its images where the checkpoint records one (a replay of
         its manifests passes; an image added to a class folder, which changes the draw of the same settings, does
@@ -1315,6 +1326,11 @@ def _record_sha256(info: Dict[str, Any]) -> str:
 def _check_record(info: Dict[str, Any]) -> None:
     """Refuse a checkpoint whose library record is not the one it was saved with (``record_sha256``): its digests,
     fingerprints and settings are what every other check of the load compares with."""
+    if not isinstance(info, dict) or not isinstance(info.get("trained_keys"), list) or (
+            "adapter" in info and not {"basis_fingerprint", "generator_version"} <= set(info)):
+        raise ValueError("the checkpoint's record (checkpoint['nola_vision']) lacks what every record holds "
+                         "(trained_keys; with an adapter, its basis_fingerprint and generator_version): the file was "
+                         "damaged or edited. Use another checkpoint of the run, or the adapter it exported")
     recorded = info.get("record_sha256")  # older checkpoints record none
     if recorded is not None and _record_sha256(info) != recorded:
         raise ValueError(f"the checkpoint's record (checkpoint['nola_vision']: its adapter config, fingerprints and "
