@@ -88,7 +88,8 @@ def test_a_misspelt_top_level_key_in_a_config_file_names_that_file_and_the_close
     tested = tmp_path / "tested.yaml"
     tested.write_text(f"verbose: false\nconfig: {TINY}\n")  # test's own option, and a config naming another
     check_config_sources(["test", "-c", str(tested)])
-    with pytest.raises(ValueError, match="verbose is no option of nola-vision fit"):
+    with pytest.raises(ValueError, match=r"verbose is no option of nola-vision fit \(an option of nola-vision .*test.*"
+                                         r", not of fit"):
         check_config_sources(["fit", "-c", str(tested)])
     assert not list(tmp_path.rglob("*.ckpt"))
 

@@ -484,8 +484,8 @@ def test_quantisation_aware_training_and_export_bits(tmp_path):
     exported = load_adapter(_plain_tiny(), tmp_path / "q").eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(exported(x), model.eval()(x))
-    with pytest.raises(ValueError, match="quant_bits"):
-        FewShotClassifier(num_classes=4, adapter="linear", quant_bits=4, **TINY)
+    with pytest.raises(ValueError, match="quant_bits"):  # a linear probe takes it (test_adapter_formats)
+        FewShotClassifier(num_classes=4, adapter="full", quant_bits=4, **TINY)
 
 
 def test_logs_metrics_and_parameter_counts(tmp_path):

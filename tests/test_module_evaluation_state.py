@@ -133,8 +133,10 @@ def test_going_on_with_a_trainers_run_under_other_training_settings_is_refused_a
     model.hparams.update(change)
     key = next(iter(change))
     with pytest.raises(ValueError, match=rf"goes on with the run of a trainer that trained before, with other "
-                                         rf"settings than that run's: {key}=.* \(the run: .*Set them back to go on"):
+                                         rf"settings than that run's: {key}=.* \(the run: .*Set them back to go "
+                                         rf"on") as refused:
         run.fit(model, loader(classes=3))
+    assert "head_lr" not in str(refused.value)  # it followed lr, and follows it back
     model.hparams.update({key: before[key]})
     with pytest.warns(UserWarning, match="goes on at epoch 2 of a trainer that trained before"):
         run.fit(model, loader(classes=3))  # the run's own settings go on

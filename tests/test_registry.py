@@ -206,7 +206,13 @@ def test_a_config_class_path_names_that_class_even_where_another_registered_clas
             assert type(resolve_adapter(adapter_to_hparam(config))) is module.Config
         with pytest.raises(ValueError, match=r"2 registered configs are named Config \(ext_pkg_a\.Config, "
                                              r"ext_pkg_b\.Config\): give the whole path of one"):
-            resolve_adapter({"class_path": "elsewhere.Config", "init_args": {}})
+            resolve_adapter({"class_path": "Config", "init_args": {}})
+        # a path to a class of a registered one's name is not taken for it (nola_vision's NOLAConfig, here)
+        with pytest.raises(ValueError, match=r"'ext_pkg_c\.NOLAConfig' names no registered config class \(its module "
+                                             r"cannot be imported"):
+            resolve_adapter({"class_path": "ext_pkg_c.NOLAConfig", "init_args": {}})
+        assert type(resolve_adapter({"class_path": "nola_vision.methods.NOLAConfig", "init_args": {}})) is \
+            nv.NOLAConfig  # a module that re-exports it
         with pytest.raises(ValueError, match=r"use one of \[.*'ext_pkg_a\.Config'.*\]"):  # its own module, not ours
             resolve_adapter({"class_path": "elsewhere.Unknown", "init_args": {}})
     finally:

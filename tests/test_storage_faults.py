@@ -525,8 +525,9 @@ def test_a_disk_error_removing_the_old_set_warns_and_the_next_save_removes_it(tm
     nv.save_adapter(trained(1), target)
     monkeypatch.setattr(storage, "_remove_copy", lambda path: (_ for _ in ()).throw(
         OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))))
-    with pytest.warns(RuntimeWarning, match=r"\.task\.staged-\w+, a hidden copy a save of .* could not be removed "
-                                            r"\(Input/output error\)\. The next save of it removes it"):
+    with pytest.warns(RuntimeWarning, match=r"\.task\.staged-\w+, a hidden copy that a save in .* replaced or left, "
+                                            r"could not be removed \(Input/output error\)\. The next save there "
+                                            r"removes it"):
         nv.save_adapter(trained(2), target)
     monkeypatch.undo()
     assert _holds_adapter(target, 2) and len(list(tmp_path.iterdir())) == 3  # task, its lock, the old set

@@ -49,7 +49,7 @@ def test_a_hidden_copy_that_cannot_be_removed_is_named(tmp_path):
     done = run_bound(SAVE + "nv.save_adapter(model, 'root/task')", tmp_path)
     assert done.returncode == 0, done.stderr
     left = _hidden_copies(tmp_path / "root")
-    assert len(left) == 1 and f"{tmp_path / 'root' / left[0]}, a hidden copy a save of" in done.stderr
+    assert len(left) == 1 and f"{tmp_path / 'root' / left[0]}, a hidden copy that a save in" in done.stderr
     assert "could not be removed" in done.stderr and "Remove it by hand" in done.stderr
 
 

@@ -5,6 +5,7 @@ JSON, adapter files, Lightning hyper-parameters and the CLI. Methods are found i
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import reprlib
@@ -162,15 +163,29 @@ def require_storable(config: AdapterConfig) -> None:
 
 
 def _config_class(class_path: Any) -> type:
-    """The registered config class ``class_path`` names: by its whole path (``_class_path``, or the module that
-    defines it), else by its name where one registered class alone has it (a path through a module that re-exports
-    it); two classes of one name (``pkg_a.Config``, ``pkg_b.Config``) are never taken for each other."""
+    """The registered config class ``class_path`` names: by its whole path (``_class_path``, the module that defines
+    it, or one that re-exports it, imported as the CLI would), or a bare name that one registered class alone has;
+    two classes of one name (``pkg_a.Config``, ``pkg_b.Config``) are never taken for each other."""
     configs = [m.config_cls for m in METHODS.values() if m.layer_cls is not None]
-    name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
+    module, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", None)
     exact = [cls for cls in configs if class_path in (_class_path(cls), f"{cls.__module__}.{cls.__qualname__}")]
+    if exact:
+        return exact[0]
+    if module:  # a path: the class it names (importing its module registers its method), never one of its name only
+        try:
+            named_class = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            named_class = None
+        found = [m.config_cls for m in METHODS.values() if m.layer_cls is not None and m.config_cls is named_class]
+        if found:
+            return found[0]
+        raise ValueError(f"adapter class_path {reprlib.repr(class_path)} names no registered config class "
+                         f"({'its module cannot be imported, or lacks it' if named_class is None else 'not registered'}"
+                         f"): use one of {[_class_path(cls) for cls in configs]} (a method of your own is known once "
+                         "the module that registers it, with nv.register_method, is imported)")
     named = [cls for cls in configs if cls.__name__ == name]
-    if exact or len(named) == 1:
-        return (exact or named)[0]
+    if len(named) == 1:
+        return named[0]
     if named:
         raise ValueError(f"adapter class_path {reprlib.repr(class_path)}: {len(named)} registered configs are named "
                          f"{name} ({', '.join(_class_path(cls) for cls in named)}): give the whole path of one")

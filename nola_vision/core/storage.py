@@ -1436,8 +1436,8 @@ def _remove_tree(path: Path) -> None:
     try:
         _remove_copy(path)
     except OSError as error:
-        warn_user(f"{path}, a hidden copy a save of {path.parent} replaced or left, could not be removed "
-                  f"({error.strerror or error}). The next save of it removes it; saves are not affected",
+        warn_user(f"{path}, a hidden copy that a save in {path.parent} replaced or left, could not be removed "
+                  f"({error.strerror or error}). The next save there removes it; saves are not affected",
                   RuntimeWarning)
 
 
@@ -1460,7 +1460,7 @@ def _remove_copy(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):
         stuck = next((os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names), path)
-        warn_user(f"{path}, a hidden copy a save of {path.parent} replaced or left, could not be removed ({stuck} "
+        warn_user(f"{path}, a hidden copy that a save in {path.parent} replaced or left, could not be removed ({stuck} "
                   "stays: another user's files, or an immutable folder). Remove it by hand (as its owner); saves "
                   "are not affected", RuntimeWarning)
 

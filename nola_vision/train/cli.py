@@ -1646,12 +1646,17 @@ def _check_top_level_keys(node: Any, path: str, subcommand: str) -> None:
     unknown = [key for key in keys if str(key).split(".", 1)[0] not in _COMMON_KEYS]
     if not unknown:
         return
-    accepted = sorted({option[2:].split(".", 1)[0] for option in subcommand_options(subcommand)
+    def top_level(command: str) -> List[str]:
+        return sorted({option[2:].split(".", 1)[0] for option in subcommand_options(command)
                        if option.startswith("--")} - {"help"})
+
+    accepted = top_level(subcommand)
     for key in unknown:
         if str(key).split(".", 1)[0] not in accepted:
+            owners = [other for other in NolaCLI.subcommands() if other != subcommand and str(key) in top_level(other)]
             close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            hint = (f"an option of nola-vision {' and '.join(owners)}, not of {subcommand}; " if owners else
+                    f"did you mean {' or '.join(close)}? " if close else "")
             raise ValueError(f"config file {path}: {key} is no option of nola-vision {subcommand} ({hint}its "
                              f"options: {', '.join(accepted)})")
 

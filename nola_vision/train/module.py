@@ -1170,10 +1170,12 @@ class FewShotClassifier(L.LightningModule):
                             if now.get(key) != was.get(key)})
         if not changed and self._given_warmup_epochs is None and isinstance(saved.get("warmup_epochs"), int):
             self._given_warmup_epochs = saved["warmup_epochs"]
-        if changed and going_on:
+        if changed and going_on:  # a head rate that followed lr is not named: setting lr back sets it back
+            named = {key: values for key, values in changed.items()
+                     if not (key == "head_lr" and "lr" in changed and not self._given_head_lr)}
             raise ValueError("this fit goes on with the run of a trainer that trained before, with other settings than "
                              "that run's: " + "; ".join(f"{key}={now!r} (the run: {was!r})"
-                                                        for key, (now, was) in changed.items())
+                                                        for key, (now, was) in named.items())
                              + ". Its checkpoints would record these for the whole run. Set them back to go on, or "
                              "fit with a new Trainer to train a new run from these weights")
         if changed:
