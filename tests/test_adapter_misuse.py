@@ -705,18 +705,20 @@ def test_a_linear_probes_state_dict_records_its_quantisation_aware_bits():
     with torch.no_grad():
         trained.head.weight.add_(torch.randn(trained.head.weight.shape, generator=torch.Generator().manual_seed(0)))
     state = trained.state_dict()
-    for bits, strict in ((None, True), (None, False), (8, True)):
-        other = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), bits)
+    for strict in (True, False):
+        other = nv.inject(tiny_vit(), "linear")
         head = other.head.weight.detach().clone()
         with pytest.raises(RuntimeError, match=r"head was trained quantisation-aware at 4 bits, and this model shows "
-                                               r"it at (full precision|8 bits)"):
+                                               r"it at full precision"):
             other.load_state_dict(state, strict=strict)
         assert torch.equal(other.head.weight, head)  # refused before the head loaded
-    same = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), 4)
-    same.load_state_dict(state)
-    with torch.no_grad():
-        assert torch.equal(same(IMAGES), trained(IMAGES))
-    with pytest.raises(RuntimeError, match="trained at full precision, and this model shows it at 4 bits"):
+    for bits in (4, 8):  # a head alone is seen at 8 bits at either width
+        same = nv.set_quantization_aware(nv.inject(tiny_vit(), "linear"), bits)
+        same.load_state_dict(state)
+        with torch.no_grad():
+            assert torch.equal(same(IMAGES), trained(IMAGES))
+    with pytest.raises(RuntimeError, match=r"trained at full precision \(it records no nola_quant_bits, or that entry "
+                                           r"was left out\), and this model shows it at 8 bits"):
         same.load_state_dict(nv.inject(tiny_vit(), "linear").state_dict())
     copied = copy.deepcopy(trained)
     assert "nola_quant_bits" in copied.state_dict()
