@@ -1259,10 +1259,10 @@ def _plan_for(model: nn.Module, document: dict) -> InjectionPlan:
     state = adapter_state(model)
     if state is not None:
         if not state.config.same_update(config):
-            mine, theirs = state.config.update_settings(), config.update_settings()
             if state.config.method != config.method:  # other settings altogether: their differences tell nothing
                 differ = f"method {state.config.method!r} in the model, {config.method!r} in the file"
             else:  # as the update takes them (LoRA's alpha None is its rank): equal effect, no difference
+                mine, theirs = state.config.update_settings(), config.update_settings()
                 differ = "in effect: " + "; ".join(
                     f"{key} {mine.get(key)!r} in the model, {theirs.get(key)!r} in the file"
                     for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key))

@@ -583,10 +583,9 @@ class AdaptedLinear(nn.Module):
     def delta_factors_of(self, factors: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         """``delta_factors`` of given factors (A (slices, in, rank), B (slices, rank, width), as ``factors()``)."""
         a, b = factors
-        width = self.slices[0][1] - self.slices[0][0]
         if a.shape != (len(self.slices), self.in_features, self.rank) or b.shape != (len(self.slices), self.rank,
-                                                                                      width):
-            self._refuse_factor_shapes(a, b, width)
+                                                                                      self.width):
+            self._refuse_factor_shapes(a, b)
         # Each step asks this of every layer: a dtype comparison in Python, not a dispatched promote_types.
         dtype = factor_dtype(a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype))
         a, b = a.to(dtype), b.to(dtype)
@@ -600,10 +599,10 @@ class AdaptedLinear(nn.Module):
         blocks = [F.pad(b[i], (start, self.out_features - end)) for i, (start, end) in enumerate(self.slices)]
         return a, torch.cat(blocks, dim=0)
 
-    def _refuse_factor_shapes(self, a: Tensor, b: Tensor, width: int) -> None:
+    def _refuse_factor_shapes(self, a: Tensor, b: Tensor) -> None:
         """Refuse factors of another layout than ``factors()`` promises (a transposed A reshaped silently into another
         update; other shapes failed deep in torch), naming the method's class."""
-        slices = len(self.slices)
+        slices, width = len(self.slices), self.width
         raise ValueError(f"{type(self).__name__}.factors() gave A {tuple(a.shape)} and B {tuple(b.shape)}; a layer of "
                          f"{slices} slice(s) of width {width}, {self.in_features} inputs and rank {self.rank} needs A "
                          f"({slices}, {self.in_features}, {self.rank}) and B ({slices}, {self.rank}, {width}): "

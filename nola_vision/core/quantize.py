@@ -36,9 +36,9 @@ def seen_alike(first: Optional[int], second: Optional[int], adapts_layers: bool)
     """Whether trained tensors are seen alike at ``first`` and ``second`` bits (quantisation-aware widths, or file
     bits; None: full precision): the same bits, or, for a head alone (a linear probe), the same head width (8 bits
     for both 4 and 8)."""
-    if first == second or not first or not second or adapts_layers:
-        return first == second
-    return head_bits(first) == head_bits(second)
+    if first and second and not adapts_layers:
+        return head_bits(first) == head_bits(second)
+    return first == second
 
 
 def require_bits(bits: Any, name: str = "bits", allowed: Sequence[int] = SUPPORTED_BITS,

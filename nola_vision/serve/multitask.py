@@ -108,12 +108,14 @@ def _changed_backbone(method: str) -> AdapterLoadError:
                             "its own model with nv.load_adapter")
 
 
-def _trains_backbone(directory: PathLike) -> bool:
-    """Whether the adapter file in ``directory`` is of a method that trains the backbone (False where unreadable)."""
+def _backbone_method(directory: PathLike) -> Optional[str]:
+    """The method of the adapter file in ``directory`` where it trains the backbone itself; None otherwise, and where
+    the file cannot be read."""
     try:
-        return method_of(read_adapter(directory)[0]["method"]).config_cls.train_backbone
+        method = read_adapter(directory)[0]["method"]
+        return method if method_of(method).config_cls.train_backbone else None
     except (AdapterLoadError, OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
 
 
 class MultiTaskModel(nn.Module):
@@ -453,8 +455,9 @@ class MultiTaskModel(nn.Module):
         try:
             verified = verify_adapter(self.model, directory, match_num_classes=False, **checks)
         except AdapterLoadError as error:  # a full fine-tune's file: that cause, not what followed from it (a shape)
-            if _trains_backbone(directory):
-                raise _changed_backbone(read_adapter(directory)[0]["method"]) from error
+            method = _backbone_method(directory)
+            if method is not None:
+                raise _changed_backbone(method) from error
             raise
         if verified.plan.config.train_backbone:
             raise _changed_backbone(verified.plan.config.method)

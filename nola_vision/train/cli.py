@@ -1641,20 +1641,19 @@ _COMMON_KEYS = frozenset({"model", "data", "trainer", "seed_everything", "ckpt_p
 def _check_top_level_keys(node: Any, path: str, subcommand: str) -> None:
     """Refuse a top-level key of config file ``path`` that ``subcommand`` has no option for, naming the close ones: the
     parser said only "does not accept option", where a misspelt section key names them."""
-    keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)] \
+    keys = [key.value.split(".", 1)[0] for key, _ in node.value if isinstance(key, yaml.ScalarNode)] \
         if isinstance(node, yaml.MappingNode) else []
-    unknown = [key for key in keys if str(key).split(".", 1)[0] not in _COMMON_KEYS]
+    unknown = [key for key in keys if key not in _COMMON_KEYS]
     if not unknown:
         return
-    def top_level(command: str) -> List[str]:
-        return sorted({option[2:].split(".", 1)[0] for option in subcommand_options(command)
-                       if option.startswith("--")} - {"help"})
-
-    accepted = top_level(subcommand)
+    parser = cli_parser()  # built once for every subcommand's options
+    top_level = {command: sorted({option[2:].split(".", 1)[0] for option in subcommand_options(command, parser)
+                                  if option.startswith("--")} - {"help"}) for command in NolaCLI.subcommands()}
+    accepted = top_level[subcommand]
     for key in unknown:
-        if str(key).split(".", 1)[0] not in accepted:
-            owners = [other for other in NolaCLI.subcommands() if other != subcommand and str(key) in top_level(other)]
-            close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.6)
+        if key not in accepted:
+            owners = [other for other, options in top_level.items() if other != subcommand and key in options]
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.6)
             hint = (f"an option of nola-vision {' and '.join(owners)}, not of {subcommand}; " if owners else
                     f"did you mean {' or '.join(close)}? " if close else "")
             raise ValueError(f"config file {path}: {key} is no option of nola-vision {subcommand} ({hint}its "
@@ -2289,9 +2288,11 @@ def fit_options() -> frozenset:
     return subcommand_options("fit")
 
 
-def subcommand_options(subcommand: str) -> frozenset:
-    """Every option name of ``nola-vision <subcommand>`` (fit, validate, test, predict), from its parser."""
-    return frozenset(cli_parser()._subcommands_action._name_parser_map[subcommand]._option_string_actions)
+def subcommand_options(subcommand: str, parser: Any = None) -> frozenset:
+    """Every option name of ``nola-vision <subcommand>`` (fit, validate, test, predict), from its parser (``parser``:
+    one ``cli_parser()`` built already)."""
+    parser = cli_parser() if parser is None else parser
+    return frozenset(parser._subcommands_action._name_parser_map[subcommand]._option_string_actions)
 
 
 # What settings_file_options falls back to where jsonargparse's internals differ from those it reads: the groups,
