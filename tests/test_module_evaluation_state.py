@@ -126,7 +126,7 @@ def test_going_on_with_a_trainers_run_under_other_training_settings_is_refused_a
     """A notebook's "lower the rate and carry on" on the same Trainer: its checkpoints then recorded the new rate for
     epochs trained at the old one (a resume through a checkpoint refused it)."""
     run = trainer(tmp_path, epochs=2, enable_checkpointing=False)
-    model = module()
+    model = FewShotClassifier(num_classes=3, adapter=NOLA, lr=1e-2, warmup_epochs=0, **TINY)  # head_lr follows lr
     run.fit(model, loader(classes=3))
     run.fit_loop.max_epochs = 3
     before = dict(model.hparams)
