@@ -83,6 +83,7 @@ from ..core.storage import (
 )
 from ..core.targets import (
     classifier_head,
+    feature_wrapper_name,
     head_parameter_names,
     require_adapter_values,
     require_module,
@@ -1031,16 +1032,10 @@ def _check_wrapping(model: nn.Module, document: dict) -> None:
         raise AdapterLoadError(f"adapter was saved from {wrapper}, so its layers ({saved[0]}, ...) are not this "
                                "model's: build the model as the one it was saved from (features_only=True with the "
                                "same out_indices)")
-    if any(_flattened_name(name) in modules or any(f"{top}.{name}" in modules for top in tops) for name in saved):
+    if any(feature_wrapper_name(name) in modules or any(f"{top}.{name}" in modules for top in tops) for name in saved):
         raise AdapterLoadError(f"adapter was saved from the backbone alone, and this model is {wrapper}, so the "
                                f"file's layers ({saved[0]}, ...) are not this model's: build the model as the one it "
                                "was saved from (without features_only)")
-
-
-def _flattened_name(name: str) -> str:
-    """``name`` as a features wrapper that flattens its first two parts names it (``layers.0.x`` → ``layers_0.x``)."""
-    parts = name.split(".")
-    return ".".join([f"{parts[0]}_{parts[1]}", *parts[2:]]) if len(parts) > 2 and parts[1].isdigit() else name
 
 
 def _unwrapped_names(name: str) -> List[str]:

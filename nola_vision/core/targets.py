@@ -10,8 +10,8 @@ from torch import nn
 
 from .layer import Slice, adapted_layers
 
-__all__ = ["QKV_SLICES", "adaptable_linears", "blocks_regex", "classifier_head", "find_targets",
-           "head_parameter_names", "image_channels", "nested_suffix_matches", "require_adapter_values",
+__all__ = ["QKV_SLICES", "adaptable_linears", "blocks_regex", "classifier_head", "feature_wrapper_name",
+           "find_targets", "head_parameter_names", "image_channels", "nested_suffix_matches", "require_adapter_values",
            "require_module", "require_no_inner_wrappers", "require_no_peft_model", "require_not_data_parallel",
            "require_nothing_else_trained", "require_one_head", "require_values", "trained_parameters", "unwrap_model"]
 
@@ -450,6 +450,13 @@ def find_targets(model: nn.Module, targets: List[str],
                                  "or its slices")
         resolved[name] = tuple(slices)
     return resolved
+
+
+def feature_wrapper_name(name: str) -> str:
+    """``name`` as a timm ``features_only`` wrapper that flattens its first two parts names it (Swin's ``layers.0.x``
+    is ``layers_0.x``); ``name`` itself where its second part is not an index."""
+    parts = name.split(".")
+    return ".".join([f"{parts[0]}_{parts[1]}", *parts[2:]]) if len(parts) > 2 and parts[1].isdigit() else name
 
 
 def image_channels(model: nn.Module) -> Optional[int]:

@@ -39,7 +39,7 @@ from ..core.config import AdapterConfig, resolve_adapter
 from ..core.inject import NOLA_SUFFIX, inject, name_architecture, nola_base_name
 from ..core.layer import IDENTITY_KEY, MERGED_FLAG
 from ..core.registry import get_method
-from ..core.targets import head_parameter_names
+from ..core.targets import feature_wrapper_name, head_parameter_names
 from .weights import (
     LOCAL_DIR,
     OVERLAY_WEIGHT_SOURCES,
@@ -425,7 +425,7 @@ def _check_overlay_covers(model: nn.Module, weights: _LocalWeights) -> set:
     keys = loaded_keys(backbone, target)
     shapes = {key: value.shape for key, value in backbone.items()}
     if isinstance(model, _FEATURE_WRAPPERS):  # some flatten the model's Sequentials (layers.0 is layers_0)
-        renamed = {key: _flattened_name(key, own) for key in {*keys, *shapes}}
+        renamed = {key: _wrapper_name(key, own) for key in {*keys, *shapes}}
         keys = [renamed[key] for key in keys if renamed[key] is not None]
         shapes = {renamed[key]: shape for key, shape in shapes.items() if renamed[key] is not None}
     check_backbone_keys(target, keys, weights.where, weights.what)
@@ -444,14 +444,11 @@ def _loaded_into(model: nn.Module) -> nn.Module:
     return model.model if FeatureGetterNet is not None and isinstance(model, FeatureGetterNet) else model
 
 
-def _flattened_name(key: str, own: set) -> Optional[str]:
-    """The name ``key`` of the plain model has in a ``features_only`` model with keys ``own`` (``layers.0.x`` is
-    ``layers_0.x`` where the wrapper flattened ``layers``); None for a layer it pruned."""
-    if key in own:
-        return key
-    parts = key.split(".")
-    flattened = ".".join([f"{parts[0]}_{parts[1]}", *parts[2:]]) if len(parts) > 2 else None
-    return flattened if flattened in own else None
+def _wrapper_name(key: str, own: set) -> Optional[str]:
+    """The name ``key`` of the plain model has in a ``features_only`` model with keys ``own`` (itself, or flattened
+    where the wrapper flattened ``layers``); None for a layer it pruned."""
+    name = key if key in own else feature_wrapper_name(key)
+    return name if name in own else None
 
 
 def _read_but_misfit(err: BaseException) -> bool:
