@@ -19,7 +19,7 @@ from nola_vision.train.module import FewShotClassifier
 
 CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-NEW_KEYS = ("activation_layers", "norm_layers", "constructor_options")
+NEW_KEYS = ("activation_layers", "activation_slots", "norm_layers", "constructor_options")
 
 
 def logits(model):
@@ -128,6 +128,41 @@ def test_an_activation_with_other_arguments_is_refused_naming_them(tmp_path):
     save_trained(set_activations(tiny_vit(), nn.LeakyReLU(0.2), nn.LeakyReLU(0.2)), tmp_path)
     with pytest.raises(AdapterLoadError, match=r"LeakyReLU\(negative_slope=0\.2\).*LeakyReLU\(negative_slope=0\.01\)"):
         nv.load_adapter(set_activations(tiny_vit(), nn.LeakyReLU(), nn.LeakyReLU()), tmp_path)
+
+
+class OwnActivation(nn.Module):
+    """An activation of the user's own, of no known activation module."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(2 * x)
+
+
+@pytest.mark.parametrize("trained_act, model_act, recorded", [
+    ("hard_mish", nn.Identity, "HardMish"),  # timm's activations_me class: HardMishMe
+    (OwnActivation, nn.Identity, "OwnActivation"),
+    ("hard_mish", OwnActivation, "HardMish"),
+], ids=["activations_me_onto_none", "own_onto_none", "activations_me_onto_own"])
+def test_activations_of_no_known_activation_module_are_recorded_by_their_slot_and_refused(tmp_path, trained_act,
+                                                                                          model_act, recorded):
+    # neither side recorded such a class: the file loaded with logits off by 0.05-0.26, no warning
+    save_trained(tiny_vit(act_layer=trained_act), tmp_path)
+    with pytest.raises(AdapterLoadError, match=rf"blocks' activations .* are, in order, {recorded}, this model's are "
+                                               rf"{model_act if isinstance(model_act, str) else model_act.__name__}"):
+        nv.load_adapter(tiny_vit(act_layer=model_act), tmp_path)
+    trained = save_trained(tiny_vit(act_layer=trained_act), tmp_path / "again")
+    torch.testing.assert_close(logits(nv.load_adapter(tiny_vit(act_layer=trained_act), tmp_path / "again")),
+                               logits(trained), rtol=0, atol=1e-6)
+
+
+def test_the_activation_record_is_the_plain_models_while_an_adapted_fc2_computes_the_activation(tmp_path):
+    plain = tiny_vit(act_layer="hard_mish")
+    recorded = adapter_io.output_settings(plain)["activation_slots"]
+    adapted = nv.inject(tiny_vit(act_layer="hard_mish"), nv.NOLAConfig(num_basis_a=16, num_basis_b=16))
+    assert isinstance(adapted.blocks[0].mlp.act, nv.core.inject.MovedActivation)  # fc2 took the activation over
+    assert adapter_io.output_settings(adapted)["activation_slots"] == recorded == ["HardMish", "HardMish"]
+    nv.save_adapter(as_if_trained(adapted, 1, scale=0.1), tmp_path, bits=32)
+    as_older_file(tmp_path)  # written before the slots were recorded: loads onto the same model, unchecked
+    torch.testing.assert_close(logits(nv.load_adapter(plain, tmp_path)), logits(adapted), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("older", [False, True], ids=["file", "older_file"])

@@ -395,3 +395,22 @@ def test_a_classifiers_adapter_on_a_features_model_that_pruned_blocks_or_renamed
         nv.load_adapter(features, tmp_path / "classifier")
     with pytest.raises(AdapterLoadError, match=r"saved from timm's features_only=True model"):
         nv.load_adapter(timm.create_model(name, num_classes=3, **kwargs), tmp_path / "features")
+
+
+@pytest.mark.parametrize("method, bits", [("full", 16), ("full", 32), ("linear", 32), ("linear", 8)])
+def test_tensors_held_in_another_memory_layout_save_and_load_the_same_outputs(tmp_path, method, bits):
+    # safetensors refuses non-contiguous tensors: a channels_last model's patch embedding, or a head assigned a
+    # transposed matrix, failed to save with its raw error
+    model = as_if_trained(nv.inject(tiny_vit(), method), 1, scale=0.1)
+    if method == "full":
+        model = model.to(memory_format=torch.channels_last)
+        assert not model.patch_embed.proj.weight.is_contiguous()
+    else:
+        model.head.weight = torch.nn.Parameter(model.head.weight.detach().t().contiguous().t())
+        assert not model.head.weight.is_contiguous()
+    nv.save_adapter(model, tmp_path, bits=bits)
+    images = torch.randn(2, 3, 32, 32)
+    loaded = nv.load_adapter(tiny_vit(), tmp_path)
+    with torch.no_grad():
+        expected, got = model.eval()(images), loaded.eval()(images)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if bits == 32 else 0.05)

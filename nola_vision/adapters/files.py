@@ -50,6 +50,7 @@ from ..core.fingerprint import (
 )
 from ..core.inject import (
     AdapterState,
+    MovedActivation,
     adapter_state,
     inject,
     nola_base_name,
@@ -145,18 +146,22 @@ def output_settings(model: nn.Module) -> Dict[str, Any]:
     epsilon of each normalisation layer, constructor options such as ``pool_include_prefix`` (``_OPTIONS``), the
     class of each block and a digest of the parameter names. Records of older files hold fewer of them
     (``changed_settings``)."""
-    heads, activations, epsilons, norms = [], [], [], []
-    for module in model.modules():
+    heads, activations, slots, epsilons, norms = [], [], [], [], []
+    for name, module in model.named_modules():
         heads_of = vars(module).get("num_heads")  # a plain attribute; getattr would raise inside nn.Module for most
         if _is_int(heads_of):
             heads.append(heads_of)
-        if type(module).__module__.rsplit(".", 1)[-1] in ("activation", "activations"):
+        where = type(module).__module__.rsplit(".", 1)[-1]
+        if where in ("activation", "activations"):
             activations.append(module)
+        if _is_activation_slot(name, module, where):
+            slots.append(_activation_layer_name(module))
         if "Norm" in type(module).__name__ and isinstance(vars(module).get("eps"), float):
             epsilons.append(vars(module)["eps"])  # per layer, in order: which layer has which eps matters
             norms.append(_norm_name(module))
     return {"attention_heads": heads, "activations": sorted({_activation_name(m) for m in activations}),
-            "activation_layers": [_activation_layer_name(m) for m in activations], "norm_eps": epsilons,
+            "activation_layers": [_activation_layer_name(m) for m in activations], "activation_slots": slots,
+            "norm_eps": epsilons,
             "norm_layers": norms, "constructor_options": _constructor_options(model),
             "block_layers": [type(m).__name__ for name, m in model.named_modules() if _BLOCK_NAME.search(name)],
             "parameter_names": parameter_names_digest(model)}
@@ -176,13 +181,27 @@ _BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
 # Activation and norm classes by the function they compute: timm's and torch's classes of one function compare
 # equal (timm's GELU is nn.GELU's name already; a norm computed in float32 is the same function).
 _ACTIVATION_ALIASES = {"GELUTanh": "GELU(approximate='tanh')", "Swish": "SiLU", "HardSwish": "Hardswish",
-                       "HardSigmoid": "Hardsigmoid"}
+                       "HardSigmoid": "Hardsigmoid", "SwishMe": "SiLU", "MishMe": "Mish", "HardSwishMe": "Hardswish",
+                       "HardSigmoidMe": "Hardsigmoid", "HardMishMe": "HardMish"}
+# The activation of a block, whatever its class (a user's own, timm's memory-efficient ``activations_me``, or
+# nn.Identity for none): a module held under one of these attribute names (timm's ``act``, ``act1``, ``act_fn``).
+_ACTIVATION_SLOT = re.compile(r"(act|activation|nonlin|nonlinearity|input_activation)(_fn|_layer)?\d*$")
 _NORM_ALIASES = {"RmsNorm": "RMSNorm", "GroupNorm1": "GroupNorm"}
 # Attributes of torch's activation and norm layers that change what they compute (not ``inplace``, not PReLU's
 # ``init``, a starting value of its weight).
 _ACTIVATION_ARGUMENTS = ("negative_slope", "alpha", "beta", "threshold", "value", "min_val", "max_val", "lower",
                          "upper", "dim", "lambd")
 _NORM_ARGUMENTS = ("num_groups",)
+
+
+def _is_activation_slot(name: str, module: nn.Module, where: str) -> bool:
+    """Whether ``module`` (named ``name``, its class defined in module ``where``) is a block's activation: an
+    activation class, or any module held under an activation's name. An adapted fc2's ``input_activation`` stands
+    for the ``mlp.act`` it took over, whose placeholder (``MovedActivation``) is left out, so the record is the
+    plain model's."""
+    if isinstance(module, MovedActivation):
+        return False
+    return where.startswith("activation") or bool(_ACTIVATION_SLOT.match(name.rsplit(".", 1)[-1]))
 
 
 def _constructor_options(model: nn.Module) -> Dict[str, List[Any]]:
@@ -344,7 +363,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         if param.is_meta:
             raise ValueError(f"tensor {name} is on the meta device, which holds no values: there is nothing to save "
                              "(load or train the model's weights on a real device first)")
-        value = param.detach().cpu()
+        value = param.detach().cpu().contiguous()  # channels_last weights, a transposed head: stored row-major
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"tensor {name} holds NaN or Inf values: refusing to save a diverged adapter "
                              "(train again with a lower learning rate)")
@@ -740,6 +759,7 @@ _SETTING_FIELDS = {
     "attention_heads": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "[integers]"),
     "activations": (_is_name_list, "[names]"),
     "activation_layers": (_is_name_list, "[names] (optional)"),
+    "activation_slots": (_is_name_list, "[names] (optional)"),
     "norm_eps": (lambda v: v == [] or _is_number_list(v), "[numbers] (optional)"),
     "norm_layers": (_is_name_list, "[names] (optional)"),
     "constructor_options": (_is_options, "{option: [null, booleans, numbers, strings or lists of them]} (optional)"),
@@ -1092,6 +1112,12 @@ def _check_activations(trained: dict, own: dict, backbone: str) -> None:
         raise AdapterLoadError(
             f"adapter was trained on a model whose activation layers compute, in order, {trained['activation_layers']}"
             f", this model's compute {own['activation_layers']}: the same weights give other outputs. Create it with "
+            f"timm.create_model({backbone!r}, ...) and the act_layer of each block it was trained with")
+    if "activation_slots" in trained and trained["activation_slots"] != own["activation_slots"]:
+        raise AdapterLoadError(
+            f"adapter was trained on a model whose blocks' activations (any class, by the module's name: act, act1, "
+            f"act_fn, ...) are, in order, {_few(trained['activation_slots'])}, this model's are "
+            f"{_few(own['activation_slots'])}: the same weights give other outputs. Create it with "
             f"timm.create_model({backbone!r}, ...) and the act_layer of each block it was trained with")
 
 

@@ -42,9 +42,10 @@ from .registry import method_of
 from .targets import classifier_head, require_module, require_not_data_parallel, unwrap_model
 from .warn import warn_user
 
-__all__ = ["NOLA_SUFFIX", "AdapterState", "adapter_state", "inject", "merge_and_unload", "name_architecture",
-           "nola_base_name", "quantization_aware_bits", "refuse_wrapped_adapters", "replace_module",
-           "require_unchanged_statistics", "set_basis_holding", "set_quantization_aware", "unload", "unwrap_model"]
+__all__ = ["NOLA_SUFFIX", "AdapterState", "MovedActivation", "adapter_state", "inject", "merge_and_unload",
+           "name_architecture", "nola_base_name", "quantization_aware_bits", "refuse_wrapped_adapters",
+           "replace_module", "require_unchanged_statistics", "set_basis_holding", "set_quantization_aware", "unload",
+           "unwrap_model"]
 
 
 @dataclass
