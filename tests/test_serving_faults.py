@@ -335,6 +335,24 @@ def test_weights_written_into_a_copy_before_its_first_call_are_refused(tasks, im
     torch.testing.assert_close(torch.stack(again(images, "a")), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
+def test_a_copy_of_a_server_moved_to_float16_and_back_serves_as_its_original_does(tasks, images, copied):
+    """A move to float16 and back rounds the weights but keeps their version counters: the original served on, and
+    its copy compared the rounded values with the first samples and refused every call."""
+    model = served(tiny_vit(), a=tasks["a"])
+    model(images, "a")
+    model.half()
+    model(images.half(), "a")
+    model.float()
+    expected = torch.stack(model(images, "a"))
+    copy_of = copy.deepcopy if copied == "deepcopy" else lambda m: pickle.loads(pickle.dumps(m))
+    torch.testing.assert_close(torch.stack(copy_of(model)(images, "a")), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        model.model.blocks[0].attn.qkv.weight.add_(1.0)  # a write the original refuses: its copies refuse it too
+    with pytest.raises(RuntimeError, match="changed since its tasks were registered"):
+        copy_of(model)(images, "a")
+
+
 def test_a_backbone_built_or_moved_under_inference_mode_serves_and_a_later_write_is_refused(tasks, images):
     # inference tensors keep no version counter: they are compared by identity, and never refused for it
     expected = torch.stack(served(tiny_vit(), a=tasks["a"])(images, "a")).double()

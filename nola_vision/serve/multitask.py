@@ -194,7 +194,7 @@ class MultiTaskModel(nn.Module):
         for name in ("_lock", "_call", "_weights", "_finalizer"):  # each copy gets its own (see __setstate__)
             state.pop(name)
         if self._weights is not None:  # a copy's first call checks its weights against these values
-            state["_copied_weights"] = self._weights.samples
+            state["_copied_weights"] = self._weights.samples_for_copy()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -785,6 +785,15 @@ class _WeightRecord:
         changed = next((name for name, p in model.named_parameters()
                         if id(p) not in recorded or not self._unchanged(p, recorded[id(p)])), None)
         return f"{changed} was written or replaced" if changed else "a module was replaced, added or removed"
+
+    def samples_for_copy(self) -> Dict[str, _Sample]:
+        """What a copy's weights must match, by name: samples of the weights now while this record finds them
+        unchanged (a move to another dtype and back keeps the version counters but rounds the values, which the
+        first samples would then refuse), else the first samples, which a copy refuses as its original does."""
+        if self.change(self.model) is not None:
+            return self.samples
+        return {**{name: _Sample.of(p) for name, p in self.model.named_parameters()},
+                **{record.name: _Sample.of(record.entries[record.key]) for record in self.buffers}}
 
     def differs_from(self, samples: Optional[Dict[str, _Sample]]) -> Optional[str]:
         """None when the parameters hold the sampled values of another record (the original of a copy), else the
