@@ -540,8 +540,8 @@ class AdaptedLinear(nn.Module):
                 return reading[name]
             value = getattr(self, name)
             if self.values_unset and self._holds_no_values(name, value):
-                raise ValueError(f"{type(self).__name__} adapter tensor {name} was made on the meta device (inject "
-                                 "there) and has been given no values since, so after to_empty() it holds "
+                raise ValueError(f"{type(self).__name__} adapter tensor {name} was on the meta device (inject there, "
+                                 "or a move there) and has been given no values since, so after to_empty() it holds "
                                  "uninitialised memory: load an adapter (nv.load_adapter, or a state dict holding its "
                                  "tensors), write them in place under torch.no_grad() (copy_; a write through .data, "
                                  "or under inference_mode, goes unseen), or inject into the model once its weights "
