@@ -494,7 +494,7 @@ def test_adapters_made_or_moved_on_the_meta_device_are_not_taken_for_values_afte
                                          r"adapter"):
         model(images)
     with pytest.raises(ValueError, match=r"save_adapter: the adapter tensors of blocks.0.attn.qkv and 5 more layers "
-                                         r"were made on the meta device"):
+                                         r"were on the meta device"):
         nv.save_adapter(model, tmp_path / "garbage")
     with pytest.raises(ValueError, match=r"blocks.0.attn.qkv: its adapter tensors .* which a state dict would pass "
                                          r"on as trained tensors"):
