@@ -406,6 +406,27 @@ def test_a_stop_is_over_once_its_context_is_left(tmp_path, monkeypatch):
     assert executors.call(run, str(tmp_path / "after.log"))[0] == 0
 
 
+def test_a_stop_while_the_fit_arguments_are_checked_ends_the_command_rather_than_refusing_the_arguments(monkeypatch):
+    # a Ctrl-C during tune's checks (10-20 s for a grid) was reported as "--grid ... is not accepted", exit 2
+    from nola_vision.runs import executors
+    from nola_vision.train.cli import argument_error, cli_parser
+
+    monkeypatch.setattr(executors, "_STOPPING", threading.Event())
+    monkeypatch.setattr(executors, "_RUNNING", set())
+    parser = cli_parser()
+    parse = type(parser).parse_args
+
+    def stopped_while_parsing(self, *args, **kwargs):
+        executors._stop(signal.SIGINT, None)  # what the handler does on Ctrl-C, without sending one
+
+    with executors.stop_runs_on_signals():
+        monkeypatch.setattr(type(parser), "parse_args", stopped_while_parsing)
+        with pytest.raises(SystemExit, match="130"):
+            argument_error(parser, ["fit", "--model.lr", "0.01"])
+        monkeypatch.setattr(type(parser), "parse_args", parse)
+    assert "model.lr" in argument_error(parser, ["fit", "--model.lr", "fast"])  # an argument error is still reported
+
+
 def test_a_stop_gives_the_fits_it_terminates_one_grace_period_together(monkeypatch):
     # each fit had 30 s in turn: four that ignore SIGTERM held the handler 2 minutes, past SLURM's KillWait (30 s)
     from nola_vision.runs import executors

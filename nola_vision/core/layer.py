@@ -1010,9 +1010,9 @@ class AdaptedLinear(nn.Module):
         state dict of them, loaded elsewhere, would pass for trained tensors (a checkpoint of the model too)."""
         if self.holds_unset_values():
             raise ValueError(f"{prefix[:-1] or type(self).__name__}: its adapter tensors were on the meta device "
-                             "(inject there, or a move there) and given no values since, so they hold uninitialised memory, which a "
-                             "state dict would pass on as trained tensors: load an adapter first (nv.load_adapter, or "
-                             "a state dict holding its tensors)")
+                             "(inject there, or a move there) and given no values since, so they hold uninitialised "
+                             "memory, which a state dict would pass on as trained tensors: load an adapter first "
+                             "(nv.load_adapter, or a state dict holding its tensors)")
         self.require_own_merged_flag("a state dict of it", prefix[:-1])
         super()._save_to_state_dict(destination, prefix, keep_vars)
 

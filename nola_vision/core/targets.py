@@ -95,9 +95,9 @@ def require_adapter_values(model: nn.Module, function: str) -> None:
     unset = [name for name, layer in adapted_layers(model).items() if layer.holds_unset_values()]
     if unset:
         more = f" and {len(unset) - 1} more layers" if len(unset) > 1 else ""
-        raise ValueError(f"{function}: the adapter tensors of {unset[0]}{more} were on the meta device (inject there, "
-                         "or a move there) and given no values since, so they hold uninitialised memory: load an adapter first "
-                         "(nv.load_adapter), or inject once the weights are on a real device")
+        raise ValueError(f"{function}: the adapter tensors of {unset[0]}{more} were on the meta device (inject "
+                         "there, or a move there) and given no values since, so they hold uninitialised memory: load "
+                         "an adapter first (nv.load_adapter), or inject once the weights are on a real device")
 
 
 def require_no_peft_model(model: nn.Module, function: str) -> None:

@@ -2382,7 +2382,9 @@ def argument_error(parser: Any, args: Sequence[str]) -> Optional[str]:
     try:
         with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(io.StringIO()):
             parser.parse_args(list(args))
-    except SystemExit:
+    except SystemExit as stop:
+        if isinstance(stop.code, int) and stop.code > 128:  # a stop's signal (Ctrl-C: 130) while it parsed
+            raise
         text = printed.getvalue()
         return text[text.rfind("error:"):].strip() if "error:" in text else text.strip() or "not accepted"
     return None
