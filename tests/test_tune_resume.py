@@ -120,3 +120,42 @@ def test_a_protocol_row_no_choice_of_the_search_fits_is_refused_before_the_first
     chosen = run_tune([TINY], grid={**grid, "model.lr": [1e-4]}, out=str(tmp_path / "out"), name="s", overrides=FAST,
                       python=fit, echo=False, protocol_split_seeds=[0], protocol_init_seeds=[0])
     assert chosen is not None and (tmp_path / "out" / "s" / "tune").is_dir()
+
+
+def rank_scored_fit(tmp_path):
+    """A stand-in for `nola-vision fit` scoring the adapter file it is given by the rank it holds (rank/10), and
+    counting its calls."""
+    script = tmp_path / "rank_fit"
+    script.write_text(f"""#!{sys.executable}
+import json, re, sys
+from pathlib import Path
+calls = Path({str(tmp_path / 'calls')!r})
+calls.write_text(str(int(calls.read_text() if calls.exists() else 0) + 1))
+args = sys.argv[1:]
+value = lambda flag: args[len(args) - args[::-1].index(flag)]
+acc = int(re.search(r"rank: (\\d+)", Path(value("--model.adapter")).read_text()).group(1)) / 10
+json.dump({{"metrics": {{"val/acc": acc}}, "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_grid_value_naming_a_file_counts_by_the_files_content(tmp_path, monkeypatch):
+    """`--grid model.adapter=a.yaml,b.yaml` was keyed by the paths: after a.yaml was edited, the same command reused
+    the old trials' scores, chose a.yaml on them and ran the protocol with the new a.yaml."""
+    monkeypatch.chdir(tmp_path)
+    adapter = "class_path: nola_vision.NOLAConfig\ninit_args: {{rank: {}, num_basis_a: 64, num_basis_b: 64}}\n"
+    Path("a.yaml").write_text(adapter.format(4))
+    Path("b.yaml").write_text(adapter.format(2))
+    search = dict(grid={"model.adapter": ["a.yaml", "b.yaml"]}, out="out", name="t", skip_protocol=True,
+                  overrides=FAST, python=rank_scored_fit(tmp_path), echo=False)
+    assert run_tune([TINY], **search)["params"] == {"model.adapter": "a.yaml"}
+    Path("a.yaml").write_text(adapter.format(1))
+    with pytest.raises(ValueError, match=r"made with other settings \(the content of files that grid values name "
+                                         r"changed: model\.adapter=a\.yaml\)"):
+        run_tune([TINY], **search)
+    (tmp_path / "out" / "t" / "tune.db").unlink()  # the study deleted: b.yaml's fit counts, a.yaml's is made again
+    assert run_tune([TINY], **search)["params"] == {"model.adapter": "b.yaml"}
+    assert (tmp_path / "calls").read_text() == "3"

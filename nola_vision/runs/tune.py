@@ -93,6 +93,7 @@ from .results import (
     override_changes,
     parse_overrides,
     read_result,
+    referenced_files,
     refuse_foreign_file,
     result_counts,
     row_folder,
@@ -262,6 +263,19 @@ def _point_key(params: Params) -> str:
     return json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
 
 
+def _grid_named_files(grid: Dict[str, List[Any]]) -> Dict[str, Dict[str, Dict[str, str]]]:
+    """``{key: {value: {path: sha256 prefix}}}`` for each grid value that names a file (an adapter YAML, a weights
+    file), with the files that file names in turn: a grid point counts by their content, as a protocol row does, so
+    an edited file is a new setting rather than a reason to reuse the old file's scores."""
+    named: Dict[str, Dict[str, Dict[str, str]]] = {}
+    for key, values in grid.items():
+        for value in values:
+            files = referenced_files([], [str(value)], options=[key])
+            if files:
+                named.setdefault(key, {})[str(value)] = {path: sha[:16] for path, sha in files.items()}
+    return named
+
+
 def _param_args(params: Params) -> List[str]:
     return [arg for k, v in sorted(params.items()) for arg in (f"--{k}", str(v))]
 
@@ -324,7 +338,7 @@ class _Search:
     def __init__(self, *, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
                  python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
                  executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool, settings_hash: str,
-                 images: _Images) -> None:
+                 images: _Images, named_files: Optional[Dict[str, Dict[str, Dict[str, str]]]] = None) -> None:
         self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
         self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
         self.executor, self.n_trials, self.tpe_budget, self.echo = executor, n_trials, tpe_budget, echo
@@ -339,6 +353,7 @@ class _Search:
         self.failures = 0  # trials failed in this run: they use up tpe's budget, so a fit failing alike ends the run
         self.started = 0
         self.settings_hash, self.images = settings_hash, images
+        self.named_files = named_files or {}  # grid_files: the content of the files grid values name
         self.heartbeat_s = storage.get_heartbeat_interval() or 30
 
     # ---- claiming ------------------------------------------------------------------------------------
@@ -601,7 +616,12 @@ class _Search:
     def _trial_dir(self, params: Params) -> Path:
         """A grid point's folder, keyed by the settings too: fits made with other settings (a deleted, re-made study)
         are never reused."""
-        digest = hashlib.sha256(f"{self.settings_hash}|{_point_key(params)}".encode()).hexdigest()[:10]
+        point = _point_key(params)
+        files = {key: self.named_files[key][str(value)] for key, value in sorted(params.items())
+                 if str(value) in self.named_files.get(key, {})}
+        if files:  # the content of the files it names (grids naming none keep their folders' names)
+            point += "|" + json.dumps(files, sort_keys=True)
+        digest = hashlib.sha256(f"{self.settings_hash}|{point}".encode()).hexdigest()[:10]
         return self.root / "tune" / f"trial-{digest}"
 
     def _record(self, run_dir: Path, code: int) -> bool:
@@ -710,9 +730,21 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
         # the same settings (the same config files by another path, overrides in another order): its fits count
         return study, storage, old
     changes = [override_changes(old.get("overrides", []), key["overrides"]) if k == "overrides" else
+               _grid_files_change(old.get(k), key.get(k)) if k == "grid_files" else
                f"{k}: before {old.get(k)}, now {key.get(k)}" for k in differing if k != "config_hash"]
     raise ValueError(f"study {name!r} in {storage_url} was made with other settings ({'; '.join(changes)}); pass "
                      "another --name, or delete the study")
+
+
+def _grid_files_change(old: Optional[dict], new: Optional[dict]) -> str:
+    """How the content of the files that grid values name changed since the study was made."""
+    if old is None:
+        return ("the files grid values name are not recorded by the study (made before tune counted them by their "
+                f"content): now {new}")
+    changed = sorted({f"{key}={value}" for key in {*old, *(new or {})}
+                      for value in {*old.get(key, {}), *(new or {}).get(key, {})}
+                      if old.get(key, {}).get(value) != (new or {}).get(key, {}).get(value)})
+    return f"the content of files that grid values name changed: {', '.join(changed)}"
 
 
 def _check_heartbeat(study: Any, heartbeat_s: int, name: str, storage_url: str) -> None:
@@ -848,7 +880,9 @@ def run_tune(
     root = row_folder(out, name)
     check_tune_files_ours(root)
     seeds = [(s, i) for s in split_seeds for i in init_seeds]
+    named_files = _grid_named_files(grid)
     key = {**config_key(configs, overrides), "grid": {k: [str(v) for v in vs] for k, vs in grid.items()},
+           **({"grid_files": named_files} if named_files else {}),
            "sampler": sampler, "selection_seeds": [list(s) for s in seeds]}
     if not skip_protocol:
         _refuse_a_row_no_choice_fits(root, key, grid)
@@ -862,7 +896,7 @@ def run_tune(
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
                      executor=executor, n_trials=n_trials if sampler == "grid" else None,
                      tpe_budget=20 if n_trials is None else n_trials,
-                     echo=echo, settings_hash=key["config_hash"], images=images)
+                     echo=echo, settings_hash=key["config_hash"], images=images, named_files=named_files)
     search.check_data()  # the trial folders' fits first: a refused run records nothing in the study
     _check_study_data(study, images, name, url)
     workers = max(1, math.ceil(executor.capacity / len(seeds)))
