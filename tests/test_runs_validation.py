@@ -1,5 +1,6 @@
 """Run tooling tells the truth: protocol and tune refuse overrides of what they set in every run, tune checks its grid
 against `fit`'s own options before the first trial, and a search in which no trial completed exits non-zero."""
+import re
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,16 @@ def test_tune_refuses_a_storage_that_is_no_database_url_naming_the_option_before
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("storage", ["sqlite://", "sqlite:///:memory:"])
+def test_tune_refuses_an_in_memory_storage_before_making_a_folder(tmp_path, storage):
+    # each worker thread opened its own empty database: "no such table: trials", reported as Optuna's "invalid data
+    # in the commit"
+    with pytest.raises(ValueError, match=rf"--storage '{storage}' is an in-memory SQLite database, .*give a file"):
+        run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False,
+                 storage=storage)
+    assert not (tmp_path / "out").exists()
+
+
 def test_tune_refuses_a_storage_of_a_database_sqlalchemy_does_not_know_before_making_a_folder(tmp_path):
     # SQLAlchemy's "Can't load plugin: sqlalchemy.dialects:foo" exited 1, named no option, and left out/t/ behind
     with pytest.raises(ValueError, match=r"--storage 'foo://bar' is no database URL \(Can't load plugin: "
@@ -202,3 +213,11 @@ def test_a_study_write_that_failed_once_the_study_is_open_is_named_from_optunas_
     except optuna.exceptions.StorageInternalError as wrapped:
         assert _storage_failure(wrapped).startswith("cannot write the study database: disk I/O error (a full disk")
     assert _storage_failure(optuna.exceptions.StorageInternalError("invalid data")) is None
+    try:  # damage found after the study opened (a later page of the file): Optuna's words were "invalid data"
+        try:
+            raise OperationalError("SELECT ...", {}, sqlite3.DatabaseError("database disk image is malformed"))
+        except OperationalError as error:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from error
+    except optuna.exceptions.StorageInternalError as wrapped:
+        assert re.match(r"the study database cannot be read: database disk image is malformed: part of it is "
+                        r"damaged .*Move it away", _storage_failure(wrapped))

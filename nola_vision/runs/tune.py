@@ -790,7 +790,11 @@ def check_sqlite_storage(url: str) -> None:
     except ArgumentError as error:  # SQLAlchemy's message names neither the option nor the value
         raise ValueError(f"--storage {url!r} is no database URL ({error}): give one such as sqlite:///path/tune.db "
                          "(a SQLite file) or postgresql://user@host/db") from None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ValueError(f"--storage {url!r} is an in-memory SQLite database, which each of tune's threads opens anew "
+                         "(empty, without the study's tables) and which ends with the process: give a file, "
+                         "sqlite:///path/tune.db, or leave --storage out (<out>/<name>/tune.db)")
+    if parsed.get_backend_name() != "sqlite":
         return
     folder = Path(parsed.database).parent
     if not os.path.isdir(folder):
@@ -1150,6 +1154,10 @@ def _storage_failure(error: BaseException) -> Optional[str]:
     errors = _storage_errors()
     while errors and isinstance(error, errors):
         reason = str(getattr(error, "orig", None) or "")
+        if any(damage in reason for damage in _DAMAGED_DATABASE):
+            return (f"the study database cannot be read: {reason}: part of it is damaged (or it is another "
+                    "file), found once the study was open. Move it away and run the same command again (the trial "
+                    "folders' fits count again), or pass another --name or --storage")
         if any(cause in reason for cause in _DATABASE_WRITE_FAILED):
             return (f"cannot write the study database: {reason} (a full disk, a file size limit (ulimit -f), a "
                     "failing disk, or a network file system without file locking). Make room or raise the limit "
