@@ -242,6 +242,25 @@ def test_resuming_a_run_whose_max_time_is_spent_is_refused_and_more_time_resumes
     assert more.global_step > first.global_step
 
 
+def test_max_time_running_out_inside_the_last_epoch_warns_that_part_of_it_never_trained(tmp_path):
+    # Lightning counts the cut-short last epoch as done ("max_epochs=2 reached"): the fit exported and tested silently
+    import time
+
+    from lightning.pytorch.callbacks import Callback, Timer
+
+    class SlowLastEpoch(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch == 1:
+                time.sleep(4)
+
+    model = FewShotClassifier(num_classes=4, adapter=NOLA, warmup_epochs=0, **TINY)
+    run = trainer(tmp_path, epochs=2, callbacks=[Timer({"seconds": 3}, interval="step"), SlowLastEpoch()])
+    with pytest.warns(UserWarning, match=r"max_time stopped the fit inside its last epoch \(1 of max_epochs=2 epochs "
+                                         r"done\): part of that epoch's batches never trained"):
+        run.fit(model, loader())
+    assert 4 < run.global_step < 8  # 4 batches of epoch 0, not all 4 of epoch 1
+
+
 def test_a_checkpoint_damaged_on_disk_is_refused_instead_of_evaluated(tmp_path):
     # torch.load does not check the zip's CRCs: a flipped exponent bit made head weights 1e37, and test scored them
     model = FewShotClassifier(num_classes=4, adapter=NOLA, **TINY)

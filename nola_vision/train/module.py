@@ -702,13 +702,22 @@ class FewShotClassifier(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Warn when ``trainer.max_time`` stopped the fit before ``max_epochs``: the per-epoch schedule is laid out over
-        ``max_epochs``, so its last epochs trained near the peak rate, never decaying to ``min_lr``."""
+        ``max_epochs``, so its last epochs trained near the peak rate, never decaying to ``min_lr``; stopped inside the
+        last epoch (which Lightning counts as done), part of that epoch's batches never trained."""
         trainer = self.trainer
         timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
         remaining = [timer.time_remaining() for timer in timers]
-        if trainer.current_epoch < trainer.max_epochs and any(left is not None and left <= 0 for left in remaining):
+        done = whole_epochs(trainer)
+        if done >= trainer.max_epochs or not any(left is not None and left <= 0 for left in remaining):
+            return
+        if done == trainer.max_epochs - 1 and trainer.current_epoch >= trainer.max_epochs:
+            warn_user(f"nola_vision: trainer.max_time stopped the fit inside its last epoch ({done} of max_epochs="
+                      f"{trainer.max_epochs} epochs done): part of that epoch's batches never trained, though "
+                      "Lightning reports max_epochs reached. Raise trainer.max_time, or set trainer.max_epochs to the "
+                      "epochs that fit the time")
+        else:
             rates = ", ".join(f"{group['lr']:.3g}" for group in trainer.optimizers[0].param_groups)
-            warn_user(f"nola_vision: trainer.max_time stopped the fit with {whole_epochs(trainer)} of "
+            warn_user(f"nola_vision: trainer.max_time stopped the fit with {done} of "
                       f"max_epochs={trainer.max_epochs} epochs done, while the learning-rate schedule is laid out over "
                       f"{trainer.max_epochs} epochs: it stopped at lr {rates}, never decaying to "
                       f"min_lr={self.hparams.min_lr:g}. Set trainer.max_epochs to the epochs that fit the time instead")
