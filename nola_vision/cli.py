@@ -5,11 +5,13 @@ their own parsers (``demo``, ``runs.protocol``, ``runs.tune``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import sys
 import traceback
-from typing import Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, TextIO
 
 import torch
 
@@ -29,6 +31,70 @@ HELP = """usage: nola-vision {fit,validate,test,predict,demo,protocol,tune} ...
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: dispatch ``demo``/``protocol``/``tune`` to their parsers, everything else to the Lightning CLI."""
+    with console_that_cannot_fail_the_run():
+        return _dispatch(argv)
+
+
+class _Console:
+    """stdout as the commands write it: a write the stream refuses (a job log on a full or over-quota disk, a closed
+    pipe) sends the rest of the console output to the null device, with one line on stderr, instead of failing a
+    run whose work is done (its result, adapter and checkpoints are files; the console only reports them)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            self._drop(error)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            self._drop(error)
+
+    def _drop(self, error: OSError) -> None:
+        """Point the stream's file descriptor at the null device, so what it holds flushes there (at exit too)."""
+        if not self._dropped:
+            self._dropped = True
+            print(f"nola-vision: the console output (stdout) cannot be written ({error.strerror or error}): the rest "
+                  "of it is dropped, and the command goes on; its files are written as usual", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def console_that_cannot_fail_the_run() -> Iterator[None]:
+    """While a command runs: stdout that a failed write cannot fail (``_Console``), and stdout and stderr that write
+    a character the console's encoding lacks (an ASCII locale, a run folder named ``prédictions``) as an escape
+    instead of failing after the command's work is done. Both are as they were afterwards."""
+    stdout, errors = sys.stdout, {}
+    for stream in (sys.stdout, sys.stderr):
+        if callable(getattr(stream, "reconfigure", None)) and getattr(stream, "errors", None) == "strict":
+            errors[stream] = stream.errors
+            stream.reconfigure(errors="backslashreplace")
+    sys.stdout = _Console(stdout) if stdout is not None else stdout
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+        for stream, previous in errors.items():
+            with contextlib.suppress(OSError, ValueError):
+                stream.reconfigure(errors=previous)
+
+
+def _dispatch(argv: Optional[List[str]]) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         command = _imported_command(args[0] if args else "")

@@ -253,3 +253,64 @@ def test_a_checkpoint_cut_short_is_refused_naming_the_newest_whole_one_beside_it
     code, err = run(capsys, "fit", "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path, "--ckpt_path", "last",
                     "--trainer.max_epochs", 2)
     assert code == 2 and f"the newest whole one beside it: --ckpt_path {whole}" in " ".join(err.split())
+
+
+def test_a_console_that_cannot_be_written_drops_its_output_and_the_command_goes_on(tmp_path, capsys):
+    """stdout on a full disk (a job log over quota) failed the command after its work was done: fit exported its
+    adapter but wrote no result, and predict wrote its CSV, then exited 1 advising to free disk space."""
+    import io
+
+    from nola_vision.cli import console_that_cannot_fail_the_run
+
+    full = open("/dev/full", "w")  # every write (flush) fails with ENOSPC
+    kept = sys.stdout
+    try:
+        sys.stdout = full
+        with console_that_cannot_fail_the_run():
+            for _ in range(2000):
+                print("a progress line", flush=False)
+            print("nola_vision: wrote the result", flush=True)
+            sys.stdout.flush()
+        assert sys.stdout is full
+    finally:
+        sys.stdout = kept
+        full.close()  # its buffer now flushes to the null device: no error at exit either
+    assert capsys.readouterr().err.count("the console output (stdout) cannot be written (No space left on device)") == 1
+    ascii_console = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    try:
+        sys.stdout = ascii_console
+        with console_that_cannot_fail_the_run():  # a run folder named with a letter the console cannot show
+            print("nola_vision: wrote 900 predictions to runs/prédictions.csv")
+        assert ascii_console.errors == "strict"  # as it was
+    finally:
+        sys.stdout = kept
+    ascii_console.flush()
+    assert b"runs/pr\\xe9dictions.csv" in ascii_console.buffer.getvalue()
+
+
+def test_fit_refuses_a_setting_its_config_yaml_cannot_hold_before_making_anything(tmp_path):
+    # a Latin-1 folder name: the run trained, then `test -c <run>/config.yaml` failed on "invalid Unicode character
+    # escape"; the checkpoint, opened by torch by its UTF-8 name, was "not a checkpoint written by fit"
+    root = tmp_path / os.fsdecode(b"lat\xe9n")
+    done = subprocess.run([sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, *QUIET,
+                           "--trainer.default_root_dir", str(root)], capture_output=True, text=True,
+                          errors="backslashreplace")
+    assert done.returncode == 2, done.stderr
+    assert "--trainer.default_root_dir " in done.stderr and "holds a byte that is not UTF-8 text" in done.stderr
+    assert not root.exists()
+
+
+def test_a_checkpoint_whose_path_torch_cannot_open_by_name_is_read_through_a_file(tmp_path):
+    import torch
+
+    from nola_vision.train.checkpoint_io import load_checkpoint
+
+    path = tmp_path / os.fsdecode(b"lat\xe9n.ckpt")
+    with open(path, "wb") as file:  # as Lightning writes it: through Python, by the name's own bytes
+        torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, file)
+    with pytest.raises((RuntimeError, OSError, UnicodeError)):
+        torch.load(str(path), weights_only=True, mmap=True)  # torch maps the file by its UTF-8 name: none such
+    loaded = load_checkpoint(path, weights_only=True)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    torch.save({"epoch": 1}, tmp_path / "plain.ckpt")
+    assert load_checkpoint(tmp_path / "plain.ckpt")["epoch"] == 1  # memory-mapped by its name

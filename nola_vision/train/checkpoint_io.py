@@ -18,9 +18,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..core.fingerprint import tensors_sha256
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["HYPER_PARAMETER_ENTRIES", "LocalAtomicCheckpointIO", "changed_resume_state", "nested_sha256",
-           "newest_checkpoint", "require_readable_file", "require_whole_checkpoint", "resume_state_sha256",
-           "use_atomic_checkpoints"]
+__all__ = ["HYPER_PARAMETER_ENTRIES", "LocalAtomicCheckpointIO", "changed_resume_state", "load_checkpoint",
+           "nested_sha256", "newest_checkpoint", "require_readable_file", "require_whole_checkpoint",
+           "resume_state_sha256", "use_atomic_checkpoints"]
 
 # Entries left out of ``resume_state_sha256``: the Lightning version (a load sets it to the running one's), the trained
 # tensors (hashed apart, as ``trained_sha256``) and the library's record (hashed apart, holding the digests).
@@ -125,6 +125,26 @@ def _feed(digest: Any, value: Any) -> None:
         _feed(digest, ("path", os.fspath(value)))
     else:
         digest.update(b"object|")
+
+
+def load_checkpoint(path: _PATH, weights_only: bool = False) -> Any:
+    """``torch.load`` of a local checkpoint file on the CPU, its tensors memory-mapped from a zip file where torch can
+    open the path itself. Torch's own file opening encodes the path as UTF-8: under another file-system encoding (a
+    Latin-1 locale's ``dépôt``) or with a byte UTF-8 cannot decode, it found no such file, so such a path is read
+    through a Python file object."""
+    path = os.fspath(path)
+    if _torch_opens(path) and zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    with open(path, "rb") as file:
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
+
+
+def _torch_opens(path: Any) -> bool:
+    """Whether torch's C++ file opening finds ``path``: its UTF-8 bytes are the ones the file system uses."""
+    try:
+        return isinstance(path, str) and path.encode("utf-8") == os.fsencode(path)
+    except UnicodeError:
+        return False
 
 
 def newest_checkpoint(paths: Iterable[_PATH], accept: Callable[[Path], bool] = lambda path: True) -> Optional[Path]:

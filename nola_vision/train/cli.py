@@ -19,7 +19,6 @@ import re
 import shutil
 import sys
 import traceback
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -59,6 +58,7 @@ from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
 from .checkpoint_io import (
     LocalAtomicCheckpointIO,
+    load_checkpoint,
     newest_checkpoint,
     require_readable_file,
     require_whole_checkpoint,
@@ -176,6 +176,35 @@ class StopPredictingOnSigterm(Callback):
     def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if trainer.received_sigterm:
             raise SIGTERMException
+
+
+def _undecodable_settings(node: Any, option: str = "") -> Iterator[Tuple[str, str]]:
+    """(option, value) of each setting holding a byte that is not UTF-8 (a path of a Latin-1 folder, read with
+    Python's surrogate escapes)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _undecodable_settings(value, f"{option}.{key}" if option else str(key))
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _undecodable_settings(value, option)
+    elif isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            yield option, node
+
+
+def _refuse_undecodable_settings(config: Any) -> None:
+    """Refuse, before a fit makes anything, a setting that a UTF-8 ``config.yaml`` cannot hold: the run's config would
+    not read back (``test -c <run>/config.yaml``: "invalid Unicode character escape")."""
+    found = next(_undecodable_settings(config.as_dict() if hasattr(config, "as_dict") else dict(config)), None)
+    if found is not None:
+        option, value = found
+        shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise ValueError(f"--{option} {shown} holds a byte that is not UTF-8 text (a name written in another encoding, "
+                         "such as Latin-1): the run's config.yaml stores its settings as UTF-8, which cannot hold it, "
+                         "so the run could not be tested or resumed from its config. Rename the folder or file to a "
+                         "UTF-8 name, or pass a symbolic link that has one")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -501,7 +530,7 @@ def _loaded(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
     """The checkpoint at a local ``path`` (its tensors mapped, not read), or None where it cannot be read (cut short,
     no checkpoint, a remote path)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+        saved = load_checkpoint(path)
     except Exception:  # noqa: BLE001 (cut short, or not a checkpoint: not one to name)
         return None
     return saved if isinstance(saved, dict) else None
@@ -916,6 +945,8 @@ class NolaCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_backbone_name(config.model.backbone)
         _check_precision_package(config.trainer.get("precision"))
+        if self.subcommand == "fit":  # the run's config.yaml, which test -c reads, must hold every setting
+            _refuse_undecodable_settings(config)
         if self.subcommand and getattr(self, "given_model", None) is not None:
             for key, value in check_checkpoint_overrides(self.given_model, config.model,
                                                          self.explicit_model_args).items():
@@ -945,7 +976,7 @@ class NolaCLI(LightningCLI):
         check_monitors(self.trainer.callbacks)
         checkpoint = config.get("ckpt_path")
         if checkpoint is not None and Path(checkpoint).is_file():  # a resume: refused before anything is written
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(checkpoint))
+            saved = load_checkpoint(checkpoint)
             check_training_data(saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None,
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
@@ -1898,7 +1929,7 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
     require_whole_checkpoint(file, "--ckpt_path")
     try:  # as Lightning loads it (only tensors and plain values); a zip archive mapped, its tensors not read twice
-        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        loaded = load_checkpoint(file, weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"{found.group(1)}, " if found else ""
