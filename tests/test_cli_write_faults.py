@@ -143,6 +143,41 @@ sys.exit(main(["-c", {TINY!r}, "--out", "ro/out", "--split_seeds", "0", "--init_
     assert f"--out ro/out: this process may not create files in {tmp_path / 'ro'}" in refusals
 
 
+def test_fit_refuses_an_adapter_dir_in_a_folder_it_may_not_write_before_the_run(tmp_path):
+    # exit 1 (a failed run) where protocol and tune skip only exit 2 (a refusal: every run would fail alike)
+    if NO_CAPS and (shutil.which("setpriv") is None or subprocess.run([*NO_CAPS, "true"]).returncode != 0):
+        pytest.skip("running as root, which may write anywhere, and setpriv cannot drop that")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    done = subprocess.run([*NO_CAPS, sys.executable, "-m", "nola_vision.cli", "fit", "-c", TINY, *QUIET,
+                           "--model.adapter_dir", "ro/adapter"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"--model.adapter_dir {tmp_path / 'ro' / 'adapter'}: this process may not create files in "
+            f"{tmp_path / 'ro'}") in done.stderr
+
+
+def test_fit_refuses_a_log_folder_through_a_loop_of_symbolic_links_before_the_run(tmp_path, capsys):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    code, err = run(capsys, "fit", "-c", TINY, "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+                    "--trainer.default_root_dir", tmp_path / "a")
+    assert code == 2 and "cannot make the run's log folder" in err and "(a loop of symbolic links)" in err, err
+
+
+def test_the_fit_lock_of_an_output_whose_name_is_near_the_limit_fits_the_limit(tmp_path):
+    # ".<name>.fit-running" beside a 250-byte adapter_dir or result_file name was over 255 bytes: exit 1, naming the
+    # lock file, though the output's own name is allowed
+    from nola_vision.train.cli import _lock_run_output, _output_lock_path
+
+    output = tmp_path / ("a" * 250)
+    lock = _output_lock_path(output)
+    assert len(os.fsencode(lock.name)) <= 255 and lock == _output_lock_path(output) and lock.parent == tmp_path
+    assert _output_lock_path(tmp_path / "adapter").name == ".adapter.fit-running"  # as before where it fits
+    fd = _lock_run_output(output)
+    assert fd is not None and _lock_run_output(output) is None  # held: a second fit writing it is refused
+    os.close(fd)
+
+
 def test_protocol_refuses_a_table_that_is_a_directory_before_any_fit(tmp_path):
     (tmp_path / "results.csv").mkdir()
     with pytest.raises(ValueError, match="results.csv is an existing directory"):

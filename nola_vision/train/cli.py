@@ -6,7 +6,9 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -673,12 +675,21 @@ def _explained_log_folder(folder: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if error.errno not in NOT_ALLOWED or error.strerror != os.strerror(error.errno):
-            raise  # another error, or one that explains itself (a lock file another user owns)
-        refusing = nearest_folder(folder) or folder.parent
-        raise type(error)(error.errno, f"cannot make the run's log folder {folder}: this process may not create files "
-                                       f"in {refusing} ({error.strerror}). Pass a writable --trainer.default_root_dir "
-                                       "(the working directory by default), or a logger save_dir there") from error
+        if error.strerror != os.strerror(error.errno or 0):
+            raise  # one that explains itself (a lock file another user owns)
+        if error.errno in NOT_ALLOWED:
+            refusing = nearest_folder(folder) or folder.parent
+            why = f"this process may not create files in {refusing} ({error.strerror}). Pass a writable"
+        elif error.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST):
+            loop = " (a loop of symbolic links)" if error.errno == errno.ELOOP else ""
+            why = f"{error.strerror}{loop}. Pass another"
+        else:
+            raise
+        explained = type(error)(error.errno, f"cannot make the run's log folder {folder}: {why} "
+                                             "--trainer.default_root_dir (the working directory by default), or a "
+                                             "logger save_dir there")
+        explained.before_run = True  # a refusal before the run (exit 2): nothing was made
+        raise explained from error
 
 
 class _DropUnusedRunFolder(Callback):
@@ -723,7 +734,10 @@ def _output_lock_path(output: Path) -> Path:
     """``.<name>.fit-running`` beside a fit's output, symlinks resolved (the exports write through them, so two fits
     naming one folder by two paths share its lock): the lock a fit writing it holds until it ends."""
     real = Path(os.path.realpath(output))
-    return real.parent / f".{real.name}{FIT_LOCK}"
+    name = f".{real.name}{FIT_LOCK}"
+    if len(os.fsencode(name)) > 255:  # over a file name's limit: a name as long as the output's own is allowed
+        name = f".{hashlib.sha256(os.fsencode(real.name)).hexdigest()[:16]}{FIT_LOCK}"
+    return real.parent / name
 
 
 def _lock_run_output(output: Path) -> Optional[int]:
@@ -962,6 +976,10 @@ class NolaCLI(LightningCLI):
         check_launcher(self.trainer, config.trainer.strategy)
         data = self.datamodule.hparams
         validates = bool(data.get("val_shots") or data.get("val_split_file"))
+        adapter_dir = config.model.get("adapter_dir")
+        if adapter_dir is not None and "://" not in str(adapter_dir):  # the export makes a folder beside it
+            real = Path(os.path.realpath(adapter_dir))
+            check_writable_file(real.parent / ".nv-export-check", f"--model.adapter_dir {adapter_dir}")
         if config.result_file:
             check_result_path(config.result_file)
             _refuse_replacing(Path(config.result_file), "--result_file", "fit, validate or test", _is_result_file)
