@@ -357,3 +357,31 @@ def test_a_plan_s_config_changed_after_inject_changes_nothing_the_model_or_its_f
     plan.config.scale = 3.0
     nv.save_adapter(trained, tmp_path, bits=32)
     assert torch.equal(logits(nv.load_adapter(tiny_vit(), tmp_path)), logits(trained))
+
+
+@pytest.mark.parametrize("dropped, named", [
+    (("settings", "pooling"), r"backbone's pooling \(global_pool\), attention heads \(num_heads\), activations "
+                              r"\(act_layer\)"),
+    (("norm_eps", "parameter_names"), r"backbone's normalisation epsilons .*parameter names"),
+], ids=["format_3_without_settings", "without_norm_records"])
+def test_a_file_of_an_earlier_build_warns_of_the_settings_it_does_not_record(tmp_path, dropped, named):
+    # such files loaded onto other heads, an other activation or eps without a word (logits off by up to 4.3)
+    save_trained(tiny_vit(), tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in dropped:
+        (document if key in document else document["settings"]).pop(key)
+    document["config_sha256"] = adapter_io._document_digest(document)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.warns(UserWarning, match=rf"saved by an earlier nola_vision that did not record the {named}.*, so "
+                                         r"nothing checks them"):
+        nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_a_checkpoint_of_an_earlier_build_warns_of_the_settings_it_does_not_record():
+    checkpoint = checkpoint_of(FewShotClassifier(num_classes=4, adapter=CONFIG, **TINY))
+    del checkpoint["nola_vision"]["settings"]  # as written before checkpoints recorded them
+    del checkpoint["nola_vision"]["record_sha256"]
+    other = {**TINY, "backbone_kwargs": {**TINY["backbone_kwargs"], "act_layer": "relu"}}
+    with pytest.warns(UserWarning, match=r"checkpoint was written by an earlier nola_vision that did not record the "
+                                         r"backbone's pooling \(global_pool\), attention heads .*nothing checks them"):
+        FewShotClassifier(num_classes=4, adapter=CONFIG, **other).on_load_checkpoint(checkpoint)

@@ -98,7 +98,7 @@ from ..version import __version__
 __all__ = ["CONFIG_NAME", "PEFT_EXPORT_MARK", "WEIGHTS_NAME", "AdapterLoadError", "VerifiedAdapter",
            "adapter_size_bytes", "architecture_name", "canonical_safetensors", "changed_settings", "decode_tensors",
            "existing_adapter_kind", "layer_shapes", "load_adapter", "num_classes_of", "other_adapter_files_error",
-           "output_settings", "pooling_of", "read_adapter", "save_adapter", "verify_adapter"]
+           "output_settings", "pooling_of", "read_adapter", "save_adapter", "unrecorded_settings", "verify_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -1079,11 +1079,37 @@ def _check_settings(model: nn.Module, document: dict) -> None:
     the same activations, parameter names, normalisation layers and constructor options (a file is checked on the
     settings it records: older files record fewer, the oldest none)."""
     trained, own = document.get("settings"), output_settings(model)
+    _warn_of_unrecorded_settings(document)
     if trained is None:
         return
     for check in (_check_heads, _check_activations, _check_parameter_names, _check_norms, _check_blocks,
                   _check_options):
         check(trained, own, document["backbone"])
+
+
+# What the settings a file of an earlier nola_vision may lack decide (pooling is a field of its own); those recorded
+# later (the layers' norm classes, each activation by layer or slot, constructor options) are rarer to change.
+_UNRECORDED_WHAT = {"attention_heads": "attention heads (num_heads)", "activations": "activations (act_layer)",
+                    "norm_eps": "normalisation epsilons (norm_layer's eps)",
+                    "parameter_names": "parameter names (qkv_bias, LayerScale, register tokens, ...)"}
+
+
+def unrecorded_settings(settings: Optional[dict], pooling_recorded: bool) -> List[str]:
+    """What a record of an earlier nola_vision (an adapter file's ``settings``, a checkpoint's) lacks of the settings
+    that change outputs without changing a weight, named for a warning: nothing checks those at a load."""
+    return ([] if pooling_recorded else ["pooling (global_pool)"]) + [
+        what for key, what in _UNRECORDED_WHAT.items() if key not in (settings or {})]
+
+
+def _warn_of_unrecorded_settings(document: dict) -> None:
+    """Warn that a file of an earlier nola_vision, which records fewer of the settings that change outputs without
+    changing a weight, loads unchecked onto a backbone built with others of them (other heads, activation, pooling)."""
+    missing = unrecorded_settings(document.get("settings"), "pooling" in document)
+    if missing:
+        warn_user(f"nola_vision: this adapter file was saved by an earlier nola_vision that did not record the "
+                  f"backbone's {', '.join(missing)}, so nothing checks them: a backbone built with other such "
+                  "settings loads without error and gives other outputs. Build the model as the one it was trained "
+                  "on, then save the adapter again (nv.save_adapter) to record them")
 
 
 def _check_heads(trained: dict, own: dict, backbone: str) -> None:

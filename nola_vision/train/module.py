@@ -38,6 +38,7 @@ from ..adapters.files import (
     pooling_of,
     require_adapter_directory,
     save_adapter,
+    unrecorded_settings,
 )
 from ..core.basis import GENERATOR_VERSION
 from ..core.checks import (
@@ -921,6 +922,7 @@ class FewShotClassifier(L.LightningModule):
             self._require_trained_tensors(checkpoint.get("state_dict", {}))
             self._fit_running = False
             self._check_recorded_split(checkpoint.get("datamodule_hyper_parameters"))
+            self._check_settings(None)  # warns that it records none
             return
         _check_record(info)
         self._check_adapter(info)
@@ -1045,6 +1047,12 @@ class FewShotClassifier(L.LightningModule):
     def _check_settings(self, saved: Optional[dict]) -> None:
         """The backbone splits attention into as many heads and uses the same activations and norm epsilons as the
         run's did: none changes a weight, so the backbone's fingerprint cannot tell."""
+        missing = unrecorded_settings(saved, saved is not None and "global_pool" in saved)
+        if missing:
+            warn_user(f"nola_vision: this checkpoint was written by an earlier nola_vision that did not record the "
+                      f"backbone's {', '.join(missing)}, so nothing checks them: a backbone built with other such "
+                      "settings (model.backbone_kwargs) loads without error and gives other outputs. Build it as the "
+                      "run's was")
         changed = changed_settings(saved, self._settings()) if saved is not None else {}
         if changed:
             raise ValueError("checkpoint was trained on a backbone with other settings ("
