@@ -907,3 +907,35 @@ def test_setup_refuses_a_stage_it_does_not_know_listing_the_stages(folder_root, 
         dm.setup(stage)
     dm.setup(TrainerFn.FITTING)  # what Lightning passes
     assert len(dm.train_set) == 3
+
+
+def test_resuming_a_checkpoint_without_its_data_modules_state_warns_that_the_order_starts_again(cifar10_root,
+                                                                                                tmp_path):
+    # checkpoints of builds before the shuffle state was kept resumed silently on the first epoch's order again
+    import lightning as L
+
+    from nola_vision import NOLAConfig
+    from nola_vision.train.module import FewShotClassifier
+
+    def fit(epochs, ckpt_path=None):
+        data = FewShotDataModule("cifar10", root=str(cifar10_root), shots=2, batch_size=10, image_size=32,
+                                 augment="none", backbone="vit_tiny_patch16_224")
+        model = FewShotClassifier(num_classes=10, backbone="vit_tiny_patch16_224", pretrained=False, image_size=32,
+                                  backbone_kwargs=dict(patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                                  adapter=NOLAConfig(num_basis_a=8, num_basis_b=8), warmup_epochs=0)
+        L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=tmp_path, limit_val_batches=0).fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+    fit(1)
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    saved = torch.load(checkpoint, weights_only=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(2, ckpt_path=checkpoint)
+    assert not [w for w in caught if "no state of its data module" in str(w.message)]  # resumed with that state
+    del saved["FewShotDataModule"]  # as written before that state was kept (with no digests of it then)
+    del saved["nola_vision"]["resume_sha256"], saved["nola_vision"]["record_sha256"]
+    torch.save(saved, checkpoint)
+    with pytest.warns(UserWarning, match=r"checkpoint holds no state of its data module .*shuffle the images and "
+                                         r"draw augmentations from the seed's start again"):
+        fit(2, ckpt_path=checkpoint)

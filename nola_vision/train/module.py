@@ -963,6 +963,7 @@ class FewShotClassifier(L.LightningModule):
         # a resume (not the Tuner putting back the weights it started from) trains on as the checkpoint's run
         if resuming:
             self._check_training_data(checkpoint.get("datamodule_hyper_parameters"))
+            self._warn_of_no_data_order(checkpoint)
             self._check_training_hparams(checkpoint.get("hyper_parameters"))
             check_training_settings(info.get("training"), training_settings(self._trainer))
             _require_epoch_end(checkpoint)
@@ -1150,6 +1151,16 @@ class FewShotClassifier(L.LightningModule):
                              "--data.normalize and --data.augment")
         if self.trainer.state.fn in ("fit", "validate"):
             self._check_split(saved, now, "checkpoint" if source == "the checkpoint" else "fit")
+
+    def _warn_of_no_data_order(self, checkpoint: Dict[str, Any]) -> None:
+        """Warn when a resumed checkpoint holds none of its ``FewShotDataModule``'s state (written before the data
+        order and random states were kept): the resumed epochs then shuffle from the seed's start again."""
+        datamodule = self._datamodule()
+        if isinstance(datamodule, FewShotDataModule) and not checkpoint.get(type(datamodule).__qualname__):
+            warn_user("nola_vision: this checkpoint holds no state of its data module (written by an earlier "
+                      "nola_vision): the resumed epochs shuffle the images and draw augmentations from the seed's "
+                      "start again, so they train on other batches than the uninterrupted run did. The result differs "
+                      "a little from an uninterrupted run's")
 
     def _check_training_data(self, saved: Optional[dict]) -> None:
         """Refuse to resume with other training-data settings (``check_training_data``); the CLI asks before it
