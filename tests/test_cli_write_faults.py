@@ -349,3 +349,20 @@ def test_a_checkpoint_whose_path_torch_cannot_open_by_name_is_read_through_a_fil
     assert loaded["epoch"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
     torch.save({"epoch": 1}, tmp_path / "plain.ckpt")
     assert load_checkpoint(tmp_path / "plain.ckpt")["epoch"] == 1  # memory-mapped by its name
+
+
+def test_a_result_file_a_running_fit_will_write_is_refused_by_test(tmp_path, capsys):
+    # the test wrote it, then the fit's result replaced it at the fit's end, while the test said it wrote it
+    from nola_vision.train.cli import _lock_run_output
+
+    assert run(capsys, "fit", "-c", TINY, *QUIET, "--test_after_fit", "false", "--trainer.default_root_dir",
+               tmp_path / "run")[0] == 0
+    result = tmp_path / "result.json"
+    held = _lock_run_output(result)  # as a fit with --result_file result.json holds it until its result is written
+    try:
+        code, err = run(capsys, "test", "-c", TINY, *QUIET, "--result_file", result, "--ckpt_path",
+                        tmp_path / "run" / "checkpoints" / "last.ckpt")
+    finally:
+        os.close(held)
+    assert code == 2 and f"a fit running now writes --result_file {result} at its end" in err, err
+    assert not result.exists()

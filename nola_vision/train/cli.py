@@ -740,6 +740,19 @@ def _output_lock_path(output: Path) -> Path:
     return real.parent / name
 
 
+def _refuse_output_of_a_running_fit(output: Path, option: str) -> None:
+    """Refuse an output a fit running now will write (it holds ``_output_lock_path(output)``): the fit's result would
+    replace this command's at its end, without a word."""
+    if "://" in str(output) or not _output_lock_path(output).exists():
+        return
+    fd = try_lock(_output_lock_path(output))
+    if fd is None:
+        raise ValueError(f"a fit running now writes {option} {output} at its end (it holds "
+                         f"{_output_lock_path(output)}), which would replace this result: pass another {option}, or "
+                         "wait for the fit to end")
+    os.close(fd)
+
+
 def _lock_run_output(output: Path) -> Optional[int]:
     """A descriptor holding the exclusive lock on ``_output_lock_path(output)`` until it is closed (its folder made),
     or None when another process holds it."""
@@ -1209,6 +1222,7 @@ class NolaCLI(LightningCLI):
                                  f"checkpoint), which a {self.subcommand} result would replace; a run's config.yaml "
                                  "carries its fit's --result_file. Pass another --result_file (e.g. "
                                  f"{Path(path).stem}_{self.subcommand}.json), or --result_file null")
+            _refuse_output_of_a_running_fit(Path(path), "--result_file")
             check_full_passes(self.trainer, [split], path, batches=self._split_batches)
 
     def after_test(self) -> None:
