@@ -36,12 +36,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 class _Console:
-    """stdout as the commands write it: a write the stream refuses (a job log on a full or over-quota disk, a closed
-    pipe) sends the rest of the console output to the null device, with one line on stderr, instead of failing a
-    run whose work is done (its result, adapter and checkpoints are files; the console only reports them)."""
+    """stdout or stderr as the commands write them: a write the stream refuses (a job log on a full or over-quota
+    disk, a closed pipe) sends the rest of that output to the null device, with one line on stderr where stdout
+    failed, instead of failing a run whose work is done (its result, adapter and checkpoints are files; the console
+    only reports them)."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO, name: str) -> None:
+        self._stream, self._name = stream, name
         self._dropped = False
 
     def write(self, text: str) -> int:
@@ -61,8 +62,9 @@ class _Console:
         """Point the stream's file descriptor at the null device, so what it holds flushes there (at exit too)."""
         if not self._dropped:
             self._dropped = True
-            print(f"nola-vision: the console output (stdout) cannot be written ({error.strerror or error}): the rest "
-                  "of it is dropped, and the command goes on; its files are written as usual", file=sys.stderr)
+            if self._name == "stdout":  # stderr may fail too (the same full file): that line is then dropped as well
+                print(f"nola-vision: the console output (stdout) cannot be written ({error.strerror or error}): the "
+                      "rest of it is dropped, and the command goes on; its files are written as usual", file=sys.stderr)
         with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self._stream.fileno())
@@ -76,19 +78,20 @@ class _Console:
 
 @contextlib.contextmanager
 def console_that_cannot_fail_the_run() -> Iterator[None]:
-    """While a command runs: stdout that a failed write cannot fail (``_Console``), and stdout and stderr that write
+    """While a command runs: stdout and stderr that a failed write cannot fail (``_Console``), and that write
     a character the console's encoding lacks (an ASCII locale, a run folder named ``prédictions``) as an escape
     instead of failing after the command's work is done. Both are as they were afterwards."""
-    stdout, errors = sys.stdout, {}
+    stdout, stderr, errors = sys.stdout, sys.stderr, {}
     for stream in (sys.stdout, sys.stderr):
         if callable(getattr(stream, "reconfigure", None)) and getattr(stream, "errors", None) == "strict":
             errors[stream] = stream.errors
             stream.reconfigure(errors="backslashreplace")
-    sys.stdout = _Console(stdout) if stdout is not None else stdout
+    sys.stdout = _Console(stdout, "stdout") if stdout is not None else stdout
+    sys.stderr = _Console(stderr, "stderr") if stderr is not None else stderr
     try:
         yield
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
         for stream, previous in errors.items():
             with contextlib.suppress(OSError, ValueError):
                 stream.reconfigure(errors=previous)

@@ -385,3 +385,28 @@ def test_a_checkpoint_of_an_earlier_build_warns_of_the_settings_it_does_not_reco
     with pytest.warns(UserWarning, match=r"checkpoint was written by an earlier nola_vision that did not record the "
                                          r"backbone's pooling \(global_pool\), attention heads .*nothing checks them"):
         FewShotClassifier(num_classes=4, adapter=CONFIG, **other).on_load_checkpoint(checkpoint)
+
+
+def test_timms_default_and_export_builds_of_hard_mish_load_each_others_files(tmp_path):
+    # hard_mish is HardMishMe (activations_me) by default and HardMish in an export build: the same function, refused
+    # as "activations [], this model has ['HardMish']" by the records that read only timm's activations module
+    from timm.layers import get_act_layer, set_layer_config
+
+    default = tiny_vit(act_layer="hard_mish")
+    assert type(default.blocks[0].mlp.act).__name__ == "HardMishMe"
+    with set_layer_config(exportable=True):
+        export_class = get_act_layer("hard_mish")
+    assert export_class.__name__ == "HardMish"
+    exportable = set_activations(copy.deepcopy(default), export_class(), export_class())  # as its export build
+    for saved, loaded, folder in ((default, exportable, "a"), (exportable, default, "b")):
+        trained = save_trained(copy.deepcopy(saved), tmp_path / folder)
+        torch.testing.assert_close(logits(nv.load_adapter(copy.deepcopy(loaded), tmp_path / folder)),
+                                   logits(trained), rtol=0, atol=1e-5)
+
+
+def test_an_activation_argument_given_as_an_integer_is_the_same_setting(tmp_path):
+    trained = save_trained(set_activations(tiny_vit(), nn.ELU(alpha=1), nn.ELU(alpha=1)), tmp_path)
+    model = nv.load_adapter(set_activations(tiny_vit(), nn.ELU(), nn.ELU()), tmp_path)  # alpha=1.0
+    torch.testing.assert_close(logits(model), logits(trained), rtol=0, atol=0)
+    with pytest.raises(AdapterLoadError, match=r"ELU\(alpha=1\).*ELU\(alpha=2\.0\)"):
+        nv.load_adapter(set_activations(tiny_vit(), nn.ELU(alpha=2.0), nn.ELU(alpha=2.0)), tmp_path)

@@ -311,6 +311,16 @@ def test_a_console_that_cannot_be_written_drops_its_output_and_the_command_goes_
         sys.stdout = kept
         full.close()  # its buffer now flushes to the null device: no error at exit either
     assert capsys.readouterr().err.count("the console output (stdout) cannot be written (No space left on device)") == 1
+    both = open("/dev/full", "w")  # stdout and stderr on one full file (a job's combined log): neither fails
+    kept_err = sys.stderr
+    try:
+        sys.stdout = sys.stderr = both
+        with console_that_cannot_fail_the_run():
+            print("a progress line" * 1000, flush=True)
+            print("a warning" * 1000, file=sys.stderr, flush=True)
+    finally:
+        sys.stdout, sys.stderr = kept, kept_err
+        both.close()
     ascii_console = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     try:
         sys.stdout = ascii_console
@@ -331,7 +341,8 @@ def test_fit_refuses_a_setting_its_config_yaml_cannot_hold_before_making_anythin
                            "--trainer.default_root_dir", str(root)], capture_output=True, text=True,
                           errors="backslashreplace")
     assert done.returncode == 2, done.stderr
-    assert "--trainer.default_root_dir " in done.stderr and "holds a byte that is not UTF-8 text" in done.stderr
+    assert "--trainer.default_root_dir " in done.stderr
+    assert "holds a byte this process cannot read as text" in done.stderr
     assert not root.exists()
 
 

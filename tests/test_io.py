@@ -414,3 +414,11 @@ def test_tensors_held_in_another_memory_layout_save_and_load_the_same_outputs(tm
     with torch.no_grad():
         expected, got = model.eval()(images), loaded.eval()(images)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if bits == 32 else 0.05)
+
+
+def test_a_url_is_refused_as_an_adapter_directory(tmp_path, monkeypatch):
+    # s3://bucket/x was written to a local folder s3:/bucket/x, and the CLI said "adapter saved to s3:/bucket/x"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"s3://bucket/x is a URL, and an adapter is saved to a local folder"):
+        nv.save_adapter(nv.inject(tiny_vit(), "linear"), "s3://bucket/x")
+    assert not (tmp_path / "s3:").exists()

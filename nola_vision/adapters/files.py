@@ -240,10 +240,31 @@ def _same_setting(key: str, recorded: Any, own: Any) -> bool:
     """Whether two records of one setting give the same outputs: the set of activation class names by the functions
     they compute, constructor options on the ones both hold (another timm version may hold more)."""
     if key == "activations":  # class names, as recorded before activation_layers: GELUTanh, not its function
-        return {_canonical_activation(n) for n in recorded} == {_canonical_activation(n) for n in own}
+        return _by_function(recorded, unrecorded_twins=True) == _by_function(own, unrecorded_twins=True)
+    if key == "activation_layers":
+        return _by_function(recorded, unrecorded_twins=True, ordered=True) == \
+            _by_function(own, unrecorded_twins=True, ordered=True)
+    if key == "activation_slots":
+        return _by_function(recorded, ordered=True) == _by_function(own, ordered=True)
     if key == "constructor_options":
         return not _changed_options(recorded, own)
     return recorded == own
+
+
+# Functions whose timm class of its default build lies outside the activation modules the older records read
+# (``activations_me``: hard_mish is HardMishMe, HardMish where timm builds for export), so those records hold it on
+# one side only: left out of them, which ``activation_slots`` records whatever the class.
+_UNRECORDED_TWINS = frozenset({"HardMish"})
+_INTEGER_ARGUMENT = re.compile(r"=(-?\d+)(?=[,)])")
+
+
+def _by_function(names: List[str], unrecorded_twins: bool = False, ordered: bool = False) -> Any:
+    """Activation records by the function each computes: one name for one function's classes, numbers written as
+    floats (``ELU(alpha=1)`` is ``ELU(alpha=1.0)``), timm's export twins left out of the older records."""
+    canonical = [_INTEGER_ARGUMENT.sub(r"=\1.0", _canonical_activation(name)) for name in names]
+    if unrecorded_twins:
+        canonical = [name for name in canonical if name.split("(", 1)[0] not in _UNRECORDED_TWINS]
+    return canonical if ordered else set(canonical)
 
 
 def _changed_options(recorded: Dict[str, List[Any]], own: Dict[str, List[Any]]) -> Dict[str, Tuple[list, list]]:
@@ -477,7 +498,11 @@ def _warn_if_not_trained_width(model: nn.Module, bits: int) -> None:
 def require_adapter_directory(directory: PathLike) -> None:
     """Refuse, before anything is trained or written, a directory ``save_adapter`` cannot replace: a file, the working
     directory, a mount point or a path too long for its files (``core.storage.resolve_directory_target``), or one
-    holding a peft export."""
+    holding a peft export, or a URL (``s3://bucket/x`` would be written to a local folder ``s3:/bucket/x``)."""
+    if "://" in os.fspath(directory):
+        raise ValueError(f"{os.fspath(directory)} is a URL, and an adapter is saved to a local folder (this one would "
+                         f"be {Path(directory)}, here): save it locally, then copy the folder there (fsspec, or "
+                         "your storage's command-line tool)")
     resolve_directory_target(directory, (WEIGHTS_NAME, CONFIG_NAME))
     _refuse_peft_export(directory)
 
@@ -1134,12 +1159,14 @@ def _check_activations(trained: dict, own: dict, backbone: str) -> None:
             f"adapter was trained on a model with activations {trained['activations']}, this model has "
             f"{own['activations']}: the same weights give other outputs. Create it with the act_layer it was trained "
             "with")
-    if "activation_layers" in trained and trained["activation_layers"] != own["activation_layers"]:
+    if "activation_layers" in trained and not _same_setting("activation_layers", trained["activation_layers"],
+                                                            own["activation_layers"]):
         raise AdapterLoadError(
             f"adapter was trained on a model whose activation layers compute, in order, {trained['activation_layers']}"
             f", this model's compute {own['activation_layers']}: the same weights give other outputs. Create it with "
             f"timm.create_model({backbone!r}, ...) and the act_layer of each block it was trained with")
-    if "activation_slots" in trained and trained["activation_slots"] != own["activation_slots"]:
+    if "activation_slots" in trained and not _same_setting("activation_slots", trained["activation_slots"],
+                                                           own["activation_slots"]):
         raise AdapterLoadError(
             f"adapter was trained on a model whose blocks' activations (any class, by the module's name: act, act1, "
             f"act_fn, ...) are, in order, {_few(trained['activation_slots'])}, this model's are "

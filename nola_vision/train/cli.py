@@ -203,9 +203,11 @@ def _refuse_undecodable_settings(config: Any) -> None:
     if found is not None:
         option, value = found
         shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        raise ValueError(f"--{option} {shown} holds a byte that is not UTF-8 text (a name written in another encoding, "
-                         "such as Latin-1): the run's config.yaml stores its settings as UTF-8, which cannot hold it, "
-                         "so the run could not be tested or resumed from its config. Rename the folder or file to a "
+        raise ValueError(f"--{option} {shown} holds a byte this process cannot read as text (a name written in another "
+                         "encoding, such as Latin-1, or any non-ASCII name under an ASCII locale such as LC_ALL=C "
+                         f"with PYTHONUTF8=0; this one's is {sys.getfilesystemencoding()}): the run's config.yaml "
+                         "stores its settings as text, which cannot hold it, so the run could not be tested or resumed "
+                         "from its config. Run under a UTF-8 locale (or PYTHONUTF8=1), rename the folder or file to a "
                          "UTF-8 name, or pass a symbolic link that has one")
 
 
