@@ -161,8 +161,7 @@ def output_settings(model: nn.Module) -> Dict[str, Any]:
             norms.append(_norm_name(module))
     return {"attention_heads": heads, "activations": sorted({_activation_name(m) for m in activations}),
             "activation_layers": [_activation_layer_name(m) for m in activations], "activation_slots": slots,
-            "norm_eps": epsilons,
-            "norm_layers": norms, "constructor_options": _constructor_options(model),
+            "norm_eps": epsilons, "norm_layers": norms, "constructor_options": _constructor_options(model),
             "block_layers": [type(m).__name__ for name, m in model.named_modules() if _BLOCK_NAME.search(name)],
             "parameter_names": parameter_names_digest(model)}
 

@@ -338,7 +338,7 @@ class _Search:
     def __init__(self, *, study: Any, storage: Any, grid: Dict[str, List[Any]], sampler: str, root: Path,
                  python: str, config_args: List[str], overrides: List[str], seeds: List[Tuple[int, int]],
                  executor: Executor, n_trials: Optional[int], tpe_budget: int, echo: bool, settings_hash: str,
-                 images: _Images, named_files: Optional[Dict[str, Dict[str, Dict[str, str]]]] = None) -> None:
+                 images: _Images, named_files: Dict[str, Dict[str, Dict[str, str]]]) -> None:
         self.study, self.storage, self.grid, self.sampler, self.root = study, storage, grid, sampler, root
         self.python, self.config_args, self.overrides, self.seeds = python, config_args, overrides, seeds
         self.executor, self.n_trials, self.tpe_budget, self.echo = executor, n_trials, tpe_budget, echo
@@ -353,7 +353,7 @@ class _Search:
         self.failures = 0  # trials failed in this run: they use up tpe's budget, so a fit failing alike ends the run
         self.started = 0
         self.settings_hash, self.images = settings_hash, images
-        self.named_files = named_files or {}  # grid_files: the content of the files grid values name
+        self.named_files = named_files  # grid_files: the content of the files grid values name
         self.heartbeat_s = storage.get_heartbeat_interval() or 30
 
     # ---- claiming ------------------------------------------------------------------------------------
@@ -741,9 +741,9 @@ def _grid_files_change(old: Optional[dict], new: Optional[dict]) -> str:
     if old is None:
         return ("the files grid values name are not recorded by the study (made before tune counted them by their "
                 f"content): now {new}")
-    changed = sorted({f"{key}={value}" for key in {*old, *(new or {})}
-                      for value in {*old.get(key, {}), *(new or {}).get(key, {})}
-                      if old.get(key, {}).get(value) != (new or {}).get(key, {}).get(value)})
+    new = new or {}  # none of the grid's values names a file now
+    changed = sorted({f"{key}={value}" for key in {*old, *new} for value in {*old.get(key, {}), *new.get(key, {})}
+                      if old.get(key, {}).get(value) != new.get(key, {}).get(value)})
     return f"the content of files that grid values name changed: {', '.join(changed)}"
 
 

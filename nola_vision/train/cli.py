@@ -199,7 +199,7 @@ def _undecodable_settings(node: Any, option: str = "") -> Iterator[Tuple[str, st
 def _refuse_undecodable_settings(config: Any) -> None:
     """Refuse, before a fit makes anything, a setting that a UTF-8 ``config.yaml`` cannot hold: the run's config would
     not read back (``test -c <run>/config.yaml``: "invalid Unicode character escape")."""
-    found = next(_undecodable_settings(config.as_dict() if hasattr(config, "as_dict") else dict(config)), None)
+    found = next(_undecodable_settings(config.as_dict()), None)
     if found is not None:
         option, value = found
         shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -745,13 +745,15 @@ def _output_lock_path(output: Path) -> Path:
 def _refuse_output_of_a_running_fit(output: Path, option: str) -> None:
     """Refuse an output a fit running now will write (it holds ``_output_lock_path(output)``): the fit's result would
     replace this command's at its end, without a word."""
-    if "://" in str(output) or not _output_lock_path(output).exists():
+    if "://" in str(output):
         return
-    fd = try_lock(_output_lock_path(output))
+    lock = _output_lock_path(output)
+    if not lock.exists():
+        return
+    fd = try_lock(lock)
     if fd is None:
-        raise ValueError(f"a fit running now writes {option} {output} at its end (it holds "
-                         f"{_output_lock_path(output)}), which would replace this result: pass another {option}, or "
-                         "wait for the fit to end")
+        raise ValueError(f"a fit running now writes {option} {output} at its end (it holds {lock}), which would "
+                         f"replace this result: pass another {option}, or wait for the fit to end")
     os.close(fd)
 
 
