@@ -311,16 +311,17 @@ def test_a_console_that_cannot_be_written_drops_its_output_and_the_command_goes_
         sys.stdout = kept
         full.close()  # its buffer now flushes to the null device: no error at exit either
     assert capsys.readouterr().err.count("the console output (stdout) cannot be written (No space left on device)") == 1
-    both = open("/dev/full", "w")  # stdout and stderr on one full file (a job's combined log): neither fails
+    out, err = open("/dev/full", "w"), open("/dev/full", "w")  # both on a full disk (a job's combined log)
     kept_err = sys.stderr
     try:
-        sys.stdout = sys.stderr = both
+        sys.stdout, sys.stderr = out, err
         with console_that_cannot_fail_the_run():
             print("a progress line" * 1000, flush=True)
             print("a warning" * 1000, file=sys.stderr, flush=True)
     finally:
         sys.stdout, sys.stderr = kept, kept_err
-        both.close()
+        out.close()
+        err.close()
     ascii_console = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     try:
         sys.stdout = ascii_console
