@@ -152,11 +152,13 @@ def test_tune_refuses_a_storage_that_is_no_database_url_naming_the_option_before
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("storage", ["sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("storage", ["sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared&uri=true",
+                                     "sqlite:///file:m?mode=memory&cache=shared&uri=true"])
 def test_tune_refuses_an_in_memory_storage_before_making_a_folder(tmp_path, storage):
     # each worker thread opened its own empty database: "no such table: trials", reported as Optuna's "invalid data
     # in the commit"
-    with pytest.raises(ValueError, match=rf"--storage '{storage}' is an in-memory SQLite database, .*give a file"):
+    with pytest.raises(ValueError, match=rf"--storage '{re.escape(storage)}' is an in-memory SQLite database, "
+                                         r".*give a file"):
         run_tune([TINY], {"model.lr": [1e-3, 2e-2]}, out=str(tmp_path / "out"), name="t", overrides=FAST, echo=False,
                  storage=storage)
     assert not (tmp_path / "out").exists()
@@ -221,3 +223,15 @@ def test_a_study_write_that_failed_once_the_study_is_open_is_named_from_optunas_
     except optuna.exceptions.StorageInternalError as wrapped:
         assert re.match(r"the study database cannot be read: database disk image is malformed: part of it is "
                         r"damaged .*Move it away", _storage_failure(wrapped))
+
+
+def test_tune_checks_the_file_of_a_sqlite_uri_storage_not_its_file_colon_name(tmp_path, monkeypatch):
+    # with uri=true SQLite opens "file:sub/t.db" as sub/t.db: the check looked for a folder "file:sub" instead
+    from nola_vision.runs.tune import check_sqlite_storage
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"the folder sub does not exist"):
+        check_sqlite_storage("sqlite:///file:sub/t.db?uri=true")
+    (tmp_path / "sub").mkdir()
+    check_sqlite_storage("sqlite:///file:sub/t.db?uri=true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no file named "file:sub..." was tried or left

@@ -790,17 +790,35 @@ def check_sqlite_storage(url: str) -> None:
     except ArgumentError as error:  # SQLAlchemy's message names neither the option nor the value
         raise ValueError(f"--storage {url!r} is no database URL ({error}): give one such as sqlite:///path/tune.db "
                          "(a SQLite file) or postgresql://user@host/db") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = _sqlite_database_file(parsed)
+    if database is None:
         raise ValueError(f"--storage {url!r} is an in-memory SQLite database, which each of tune's threads opens anew "
                          "(empty, without the study's tables) and which ends with the process: give a file, "
                          "sqlite:///path/tune.db, or leave --storage out (<out>/<name>/tune.db)")
-    if parsed.get_backend_name() != "sqlite":
-        return
-    folder = Path(parsed.database).parent
+    folder = Path(database).parent
     if not os.path.isdir(folder):
         raise ValueError(f"--storage {url}: the folder {folder} does not exist (SQLite makes the database file, not "
                          "its folder): create it, or pass another --storage")
-    check_writable_file(parsed.database, f"--storage {url}")
+    check_writable_file(database, f"--storage {url}")
+
+
+def _sqlite_database_file(parsed: Any) -> Optional[str]:
+    """The file a parsed SQLite URL opens, or None for a database in memory: with ``uri=true`` the name is SQLite's
+    own URI (``file:path?mode=memory``, ``file::memory:?cache=shared``), whose ``file:`` is no part of the path."""
+    from urllib.parse import unquote, urlsplit
+
+    name = parsed.database
+    if name in (None, "", ":memory:"):
+        return None
+    if str(parsed.query.get("uri", "")).lower() not in ("true", "1"):
+        return name
+    uri = urlsplit(name)
+    options = dict(parsed.query)
+    options.update(part.partition("=")[::2] for part in uri.query.split("&") if part)
+    path = unquote(uri.path) if uri.scheme == "file" else name
+    return None if path in ("", ":memory:") or options.get("mode") == "memory" else path
 
 
 def _refusal_advice(trials: Sequence[Any], url: str, example: bool = True) -> Optional[str]:
