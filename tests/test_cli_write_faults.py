@@ -347,6 +347,21 @@ def test_fit_refuses_a_setting_its_config_yaml_cannot_hold_before_making_anythin
     assert not root.exists()
 
 
+def test_a_test_of_a_checkpoint_with_a_latin1_name_runs_and_writes_no_config_that_would_not_read_back(tmp_path, capsys):
+    # its config.yaml held "\udce9", which `test -c <that folder>/config.yaml` refused: "invalid Unicode character"
+    assert run(capsys, "fit", "-c", TINY, *QUIET, "--test_after_fit", "false", "--trainer.default_root_dir",
+               tmp_path / "run")[0] == 0
+    latin1 = tmp_path / os.fsdecode(b"lat\xe9n.ckpt")
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last.ckpt", latin1)
+    with pytest.warns(UserWarning, match=r"--ckpt_path .* holds a byte this process cannot read as text .*"
+                                         r"config\.yaml is not written"):
+        code, err = run(capsys, "test", "-c", TINY, "--trainer.enable_progress_bar", "false",
+                        "--trainer.default_root_dir", tmp_path / "test", "--ckpt_path", latin1)
+    assert code == 0, err
+    folder = tmp_path / "test" / "lightning_logs" / "version_0"
+    assert (folder / "metrics.csv").is_file() and not (folder / "config.yaml").exists()
+
+
 def test_a_checkpoint_whose_path_torch_cannot_open_by_name_is_read_through_a_file(tmp_path):
     import torch
 

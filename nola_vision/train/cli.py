@@ -199,16 +199,24 @@ def _undecodable_settings(node: Any, option: str = "") -> Iterator[Tuple[str, st
 def _refuse_undecodable_settings(config: Any) -> None:
     """Refuse, before a fit makes anything, a setting that a UTF-8 ``config.yaml`` cannot hold: the run's config would
     not read back (``test -c <run>/config.yaml``: "invalid Unicode character escape")."""
-    found = next(_undecodable_settings(config.as_dict()), None)
+    found = _undecodable_setting(config.as_dict())
     if found is not None:
-        option, value = found
-        shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        raise ValueError(f"--{option} {shown} holds a byte this process cannot read as text (a name written in another "
-                         "encoding, such as Latin-1, or any non-ASCII name under an ASCII locale such as LC_ALL=C "
-                         f"with PYTHONUTF8=0; this one's is {sys.getfilesystemencoding()}): the run's config.yaml "
-                         "stores its settings as text, which cannot hold it, so the run could not be tested or resumed "
-                         "from its config. Run under a UTF-8 locale (or PYTHONUTF8=1), rename the folder or file to a "
-                         "UTF-8 name, or pass a symbolic link that has one")
+        raise ValueError(f"{found}: the run's config.yaml stores its settings as text, which cannot hold it, so the "
+                         "run could not be tested or resumed from its config. Run under a UTF-8 locale (or "
+                         "PYTHONUTF8=1), rename the folder or file to a UTF-8 name, or pass a symbolic link that has "
+                         "one")
+
+
+def _undecodable_setting(settings: Dict[str, Any]) -> Optional[str]:
+    """"--option value holds a byte ..." for the first setting a UTF-8 ``config.yaml`` cannot hold; None if none."""
+    found = next(_undecodable_settings(settings), None)
+    if found is None:
+        return None
+    option, value = found
+    shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return (f"--{option} {shown} holds a byte this process cannot read as text (a name written in another encoding, "
+            "such as Latin-1, or any non-ASCII name under an ASCII locale such as LC_ALL=C with PYTHONUTF8=0; this "
+            f"one's is {sys.getfilesystemencoding()})")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -271,6 +279,13 @@ class RunConfigSaver(SaveConfigCallback):
                 "--trainer.default_root_dir, or keep the logger (each run then gets its own version_N folder). If it "
                 "is the config of a run that died, saved by an earlier nola-vision (no mark under its header), delete "
                 "it")
+        undecodable = _undecodable_setting(self.config.as_dict()) if stage != "fit" else None  # fit refused it
+        if undecodable is not None:  # written, it would not read back: "found invalid Unicode character escape"
+            rank_zero_warn(f"nola_vision: {undecodable}: {path} is not written, since a config.yaml holds its settings "
+                           "as text and could not hold this one (the run goes on; a UTF-8 name, or a symbolic link "
+                           "with one, keeps its config)")
+            self.already_saved = True
+            return
         config = self.config
         if stage == "fit" and config.get("ckpt_path") is not None:
             # the checkpoint it resumed is not the run's: `test -c <this run>/config.yaml` would evaluate that one
