@@ -181,3 +181,24 @@ def test_mean_and_std_may_be_tensors_or_arrays_as_torchvision_takes_them():
     for mean, std in ((torch.tensor(MEAN), torch.tensor(MEAN)), (np.array(MEAN), np.array(MEAN))):
         assert eval_transform(16, mean, std, crop_mode="border")(image).shape == (3, 16, 16)
         assert paper_train_transform(16, mean, std)(image).shape == (3, 16, 16)
+
+
+def test_center_eval_of_a_long_strip_resizes_only_the_middle_part_its_crop_can_reach(monkeypatch):
+    # a 30000x3 px strip (a few hundred bytes) was resized whole to 2,560,000x256 px: 3 GB at every evaluation pass
+    ev = eval_transform(224, MEAN, MEAN, crop_pct=0.875)
+    whole = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, MEAN)])
+    generator = torch.Generator().manual_seed(0)
+    for size in [(300, 200), (480, 30), (30, 480), (2000, 3), (3, 2001), (1001, 7)]:
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy())
+        difference = (ev(image) - whole(image)).abs().max().item()
+        if max(size) <= 16 * min(size):
+            assert difference == 0.0, size  # within the aspect limit: exactly torchvision's Resize
+        else:  # the same centre; at most a few grey levels apart where the resized pixel grids differ
+            assert difference <= 5 / 255 / 0.5, (size, difference)
+    resized = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: resized.append(size) or
+                        resize(self, size, *a, **k))
+    assert ev(Image.new("RGB", (30000, 3), (200, 10, 10))).shape == (3, 224, 224)
+    assert max(w * h for w, h in resized) <= 16 * 256 * 256 + 256  # the strip's middle, 16:1, not 2,560,000x256

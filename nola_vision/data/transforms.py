@@ -180,7 +180,7 @@ def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation
     scale = int(size / crop_pct)
     mode = _INTERPOLATION[interpolation]
     if crop_mode == "center":
-        return [T.Resize(scale, interpolation=mode), T.CenterCrop(size)]
+        return [_ResizeShortSide(scale, interpolation=mode), T.CenterCrop(size)]
     if crop_mode == "squash":
         return [T.Resize((scale, scale), interpolation=mode), T.CenterCrop(size)]
     if crop_mode == "border":
@@ -188,6 +188,24 @@ def _geometry(size: int, mean: tuple[float, ...], crop_pct: float, interpolation
 
         return [_FitLongSide(scale, interpolation), CenterCropOrPad(size, fill=[round(255 * v) for v in mean])]
     raise ValueError(f"crop_mode must be one of {CROP_MODES} (timm's eval geometries), got {crop_mode!r}")
+
+
+class _ResizeShortSide(T.Resize):
+    """``T.Resize(size)`` of an int: the short side to ``size``, keeping the aspect ratio. An image longer than
+    ``MOST_ASPECT`` times its short side is first cut to its middle part of that aspect, which holds the centre crop:
+    resized whole, a strip of 30000×3 px (a file of a few hundred bytes) became 2,560,000×256 px, 3 GB, at every
+    evaluation pass and in every loader worker. Images within that aspect are resized exactly as before."""
+
+    MOST_ASPECT = 16
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        width, height = image.size if isinstance(image, Image.Image) else (1, 1)  # a tensor: resized as it is
+        short, long = min(width, height), max(width, height)
+        if long > self.MOST_ASPECT * short:
+            keep = self.MOST_ASPECT * short + (long - self.MOST_ASPECT * short) % 2  # symmetric: the same centre
+            start = (long - keep) // 2
+            image = image.crop((start, 0, start + keep, height) if width > height else (0, start, width, start + keep))
+        return super().forward(image)
 
 
 class _FitLongSide:
