@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import shutil
 import warnings
 from itertools import count
 from pathlib import Path
@@ -268,6 +269,32 @@ def test_a_manifest_of_another_draw_is_refused_and_kept(folder_root, tmp_path):
         drawn()
     assert {path: path.read_bytes() for path in kept} == kept  # the record of what the run trained on
     assert drawn(split_dir=None).split_digest != run.split_digest  # what checkpoints record of the draw
+
+
+def test_a_manifest_kept_after_a_class_folder_was_added_names_the_renumbered_classes(folder_root, tmp_path):
+    # it said the manifest "lists 4 image(s) this run does not draw, e.g. 'train/cat/0.png'": the run draws them,
+    # under the next label, since a class that sorts first was added
+    def drawn():
+        dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, image_size=8,
+                               split_dir=str(tmp_path / "splits"))
+        dm.setup("fit")
+        return dm
+
+    run = drawn()
+    classes = sorted(path.name for path in (folder_root / "train").iterdir())
+    first = sorted(folder_root.joinpath("train", classes[0]).iterdir())
+    added = folder_root / "train" / "aardvark"
+    added.mkdir()
+    for number, image in enumerate(first):
+        shutil.copy(image, added / f"a{number}{image.suffix}")
+    with pytest.raises(ValueError) as refused:
+        drawn()
+    message = str(refused.value)
+    listed = sorted(run.train_manifest)[0]
+    assert f"{len(run.train_manifest)} image(s) it lists are drawn with another label, e.g. '{listed[0]}' (label " \
+           f"{listed[1]} there, {listed[1] + 1} now)" in message
+    assert f"the classes under {folder_root} changed since it was written (a class folder added" in message
+    assert "this run does not draw" not in message and "this run draws 2 image(s) it does not list" in message
 
 
 def test_a_refused_setup_leaves_no_split_so_a_retried_setup_is_refused_again(folder_root, tmp_path):

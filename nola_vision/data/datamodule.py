@@ -475,13 +475,21 @@ def _other_settings_message(path: Path, recorded: dict[str, str], other: dict[st
 def _changed_images_message(path: Path, listed: list[tuple[str, int]], drawn: list[tuple[str, int]],
                             root: Path) -> str:
     """Why a manifest of the same settings that lists other images than this run draws is kept, and what to do."""
-    gone, new = sorted(set(listed) - set(drawn)), sorted(set(drawn) - set(listed))
+    labels = dict(drawn)
+    relabelled = sorted((key, label) for key, label in set(listed) - set(drawn) if key in labels)
+    gone = sorted((key, label) for key, label in set(listed) - set(drawn) if key not in labels)
+    new = sorted(set(drawn) - set(listed) - {(key, labels[key]) for key, _ in relabelled})
     differences = [f"it lists {len(gone)} image(s) this run does not draw, e.g. '{gone[0][0]}'" if gone else "",
-                   f"this run draws {len(new)} image(s) it does not list, e.g. '{new[0][0]}'" if new else ""]
+                   f"this run draws {len(new)} image(s) it does not list, e.g. '{new[0][0]}'" if new else "",
+                   f"{len(relabelled)} image(s) it lists are drawn with another label, e.g. '{relabelled[0][0]}' "
+                   f"(label {relabelled[0][1]} there, {labels[relabelled[0][0]]} now)" if relabelled else ""]
     differ = "; ".join(difference for difference in differences if difference)
-    return (f"{path} lists another k-shot split than this run draws ({differ}): "
-            f"the images under {root} changed since it was written (an image added, removed or renamed "
-            "changes the draw), or it belongs to another dataset folder. It records what an earlier run "
+    cause = (f"the classes under {root} changed since it was written (a class folder added, removed or renamed "
+             "renumbers the classes that sort after it)" if relabelled else
+             f"the images under {root} changed since it was written (an image added, removed or renamed changes the "
+             "draw)")
+    return (f"{path} lists another k-shot split than this run draws ({differ}): {cause}, or it belongs to another "
+            "dataset folder. It records what an earlier run "
             "trained on, so it is not replaced: restore the images, replay that split with "
             "--data.split_file (and --data.val_split_file) naming its manifests, or pass another "
             "--data.split_dir")
