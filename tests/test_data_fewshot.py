@@ -229,9 +229,21 @@ def test_a_manifest_saved_with_a_byte_order_mark_or_keys_in_another_unicode_form
     path.write_text("# dataset=x shots=1\nimages/000/img_0000.jpg 0\n", encoding="utf-8-sig")  # Windows Notepad's
     assert read_manifest(path) == [("images/000/img_0000.jpg", 0)] and manifest_settings(path)["dataset"] == "x"
     path.write_text("images/cafe\u0301.jpg 3\n")  # NFD, as macOS names it: both print as café
-    with pytest.raises(ValueError, match=r"'images/cafe\\u0301.jpg' is not in the dataset's train split: the dataset "
-                                         r"has 'images/caf\\xe9.jpg', the same name written with other code points"):
-        indices_from_manifest(samples, read_manifest(path), str(path))
+    # the same image: a manifest written on Linux replays on a macOS copy of the folder, and the reverse
+    assert indices_from_manifest(samples, read_manifest(path), str(path)) == [len(samples) - 1]
+    # two files of one composed form (an e with a dot below and an acute, composed and decomposed), and a key in a
+    # third form (its marks in the other order): only the exact name could tell which file it means
+    both = samples + [("images/\u1eb9\u0301.jpg", 3), ("images/e\u0323\u0301.jpg", 3)]
+    path.write_text("images/e\u0301\u0323.jpg 3\n")
+    with pytest.raises(ValueError, match=r"'images/e\\u0301\\u0323.jpg' is not in the dataset's train split: the "
+                                         r"dataset has 'images/\\u1eb9\\u0301.jpg', the same name written with other "
+                                         r"code points"):
+        indices_from_manifest(both, read_manifest(path), str(path))
+    path.write_text("images/e\u0323\u0301.jpg 3\n")
+    assert indices_from_manifest(both, read_manifest(path), str(path)) == [len(both) - 1]  # exactly that name
+    path.write_text("images/ca\uff46e\u0301.jpg 3\n")  # a look-alike letter (fullwidth f): no such image
+    with pytest.raises(ValueError, match="is not in the dataset's train split"):
+        indices_from_manifest(both, read_manifest(path), str(path))
 
 
 def test_split_digest_names_the_drawn_images_not_their_indices_or_order():

@@ -78,6 +78,60 @@ def test_a_macos_copy_of_a_tree_gives_every_class_the_label_it_has_on_linux(tmp_
         [label for _, label in build_dataset("imagefolder", linux, "train").samples]
 
 
+def _accented_tree(root: Path, form: str) -> Path:
+    """Two classes with accented names holding images with accented names, all spelled in ``form`` (NFC or NFD)."""
+    for split, count in (("train", 4), ("test", 2)):
+        for label, name in enumerate(["caf\u00e9", "th\u00e9"]):
+            folder = root / split / unicodedata.normalize(form, name)
+            folder.mkdir(parents=True)
+            for j in range(count):
+                image = Image.new("RGB", (8, 6), class_color(label + 3 * j))
+                image.save(folder / unicodedata.normalize(form, f"r\u00e9sum\u00e9 {j}.png"))
+    return root
+
+
+def test_a_macos_copy_passes_the_checks_of_a_run_made_on_linux(tmp_path):
+    # the copy drew the same images with the same labels, yet its digests differed and its names compared unequal:
+    # the run's checkpoint was "trained on classes ['café', 'thé'], the data has ['café', 'thé']", a validate or resume
+    # saw "the images changed", and the run's manifests would not replay on it
+    import lightning as L
+
+    import nola_vision as nv
+    from nola_vision.runs.results import data_digests
+
+    linux, macos = _accented_tree(tmp_path / "linux", "NFC"), _accented_tree(tmp_path / "macos", "NFD")
+    splits = tmp_path / "splits"
+    options = dict(shots=2, val_shots=1, augment="none", image_size=16, batch_size=4, split_seed=3,
+                   backbone="vit_tiny_patch16_224")
+    first = FewShotDataModule("imagefolder", root=str(linux), split_dir=str(splits), **options)
+    first.setup("fit")
+    copy = FewShotDataModule("imagefolder", root=str(macos), split_dir=str(splits), **options)
+    copy.setup("fit")  # the Linux run's manifests in split_dir list its images: kept, not refused
+    assert copy.split_digest == first.split_digest and copy.train_order_digest == first.train_order_digest
+    assert data_digests("imagefolder", str(macos)) == data_digests("imagefolder", str(linux))
+    replay = FewShotDataModule("imagefolder", root=str(macos), split_file=str(first.manifest_path),
+                               val_split_file=str(first.val_manifest_path), augment="none", image_size=16,
+                               backbone="vit_tiny_patch16_224")
+    replay.setup("fit")
+    assert replay.split_digest == first.split_digest
+    assert [key for key, _ in replay.train_manifest] == [key for key, _ in copy.train_manifest]  # the copy's names
+
+    model_options = dict(pretrained=False, image_size=16, lr=1e-3,
+                         backbone_kwargs=dict(patch_size=8, depth=1, embed_dim=32, num_heads=2))
+    adapter = nv.NOLAConfig(rank=2, num_basis_a=4, num_basis_b=4)
+    trainer = L.Trainer(max_epochs=1, logger=False, accelerator="cpu", enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path / "run"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(nv.FewShotClassifier("vit_tiny_patch16_224", 2, adapter, **model_options), datamodule=first)
+        checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+        for check in ("test", "validate"):  # the same classes (test), the same k-shot draw (validate)
+            again = FewShotDataModule("imagefolder", root=str(macos), **options)
+            getattr(L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False), check)(
+                nv.FewShotClassifier("vit_tiny_patch16_224", 2, adapter, **model_options), datamodule=again,
+                ckpt_path=checkpoint)
+
+
 def test_class_folders_that_differ_only_in_surrounding_whitespace_are_refused_naming_both(tmp_path):
     # 'cat' and 'cat ' (a trailing space from a script or a copy) became two classes, silently where test/ had both
     _folder(tmp_path, train=("cat", "cat ", "dog"), test=("cat", "cat ", "dog"))

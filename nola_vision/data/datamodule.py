@@ -47,6 +47,7 @@ from .datasets import (
 )
 from .fewshot import (
     FewShotSplit,
+    composed_name,
     in_draw_order,
     indices_from_manifest,
     manifest_settings,
@@ -453,13 +454,18 @@ def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path, setting
     if not path.is_file():
         return False
     listed = read_manifest(path)
-    if sorted(listed) == sorted(drawn):
+    if _composed(listed) == _composed(drawn):  # a manifest written on Linux, kept with a macOS copy (NFD names)
         return True
     recorded = manifest_settings(path)
     other = {key: value for key, value in settings.items() if recorded.get(key, value) != value}
     if other:
         raise ValueError(_other_settings_message(path, recorded, other))
     raise ValueError(_changed_images_message(path, listed, drawn, root))
+
+
+def _composed(pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``(key, label)`` pairs sorted, their keys in Unicode's composed form (``composed_name``)."""
+    return sorted((composed_name(key), label) for key, label in pairs)
 
 
 def _other_settings_message(path: Path, recorded: dict[str, str], other: dict[str, str]) -> str:
@@ -475,6 +481,7 @@ def _other_settings_message(path: Path, recorded: dict[str, str], other: dict[st
 def _changed_images_message(path: Path, listed: list[tuple[str, int]], drawn: list[tuple[str, int]],
                             root: Path) -> str:
     """Why a manifest of the same settings that lists other images than this run draws is kept, and what to do."""
+    listed, drawn = _composed(listed), _composed(drawn)
     labels = dict(drawn)
     relabelled = sorted((key, label) for key, label in set(listed) - set(drawn) if key in labels)
     gone = sorted((key, label) for key, label in set(listed) - set(drawn) if key not in labels)

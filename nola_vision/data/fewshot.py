@@ -20,8 +20,9 @@ from typing import Iterable, Optional, Sequence
 from ..core.checks import as_integer, check_bool, check_path, shown
 from ..core.warn import warn_user
 
-__all__ = ["FewShotSplit", "NotEnoughImagesError", "draw_order", "in_draw_order", "indices_from_manifest",
-           "manifest_settings", "order_digest", "read_manifest", "sample_kshot", "split_digest", "write_manifest"]
+__all__ = ["FewShotSplit", "NotEnoughImagesError", "composed_name", "draw_order", "in_draw_order",
+           "indices_from_manifest", "manifest_settings", "order_digest", "read_manifest", "sample_kshot",
+           "split_digest", "write_manifest"]
 
 
 class NotEnoughImagesError(ValueError):
@@ -40,12 +41,18 @@ class FewShotSplit:
     val: list[int] = field(default_factory=list)
 
 
+def composed_name(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC), as draws, digests and checks compare names: macOS's HFS+ stores
+    ``é`` decomposed (NFD), so a copy of a folder there names the same images and classes with other code points.
+    Surrogate escapes (bytes that are no UTF-8) are left as they are."""
+    return unicodedata.normalize("NFC", name)
+
+
 def draw_order(key: str, seed: int) -> int:
     """The position-free sort key of one image for split seed ``seed`` (64 bits of blake2b). A file name that is not
     UTF-8 (Python's surrogate escapes) hashes as its bytes; any other key as its UTF-8 encoding, in Unicode's composed
     form (NFC): a folder copied to macOS's HFS+ names ``é`` decomposed, and drew other images from the same files."""
-    composed = unicodedata.normalize("NFC", key)  # surrogate escapes are left as they are
-    digest = hashlib.blake2b(f"{seed}\0{composed}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\0{composed_name(key)}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -154,18 +161,20 @@ def split_digest(samples: Sequence[tuple[str, int]], split: FewShotSplit) -> str
     """sha256 of the split's training and validation images (sorted ``key label`` lines, so not of their order).
 
     Keys, not indices: an image added to a class folder shifts the indices of others without changing their draw.
+    Keys in their composed form (:func:`composed_name`), so that a macOS copy of the folder gives the same digest.
     """
     digest = hashlib.sha256()
     for part, indices in (("train", split.train), ("val", split.val)):
-        lines = sorted(f"{samples[i][0]} {samples[i][1]}" for i in indices)
+        lines = sorted(f"{composed_name(samples[i][0])} {samples[i][1]}" for i in indices)
         digest.update("\n".join([f"{part} {len(lines)}", *lines, ""]).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
 def order_digest(pairs: Sequence[tuple[str, int]]) -> str:
     """sha256 of ``(key, label)`` pairs in their order: the order a split's training images are indexed in, which a
-    seeded sampler's shuffle indexes into (the same images in another order train in other batches)."""
-    lines = "".join(f"{key} {label}\n" for key, label in pairs)
+    seeded sampler's shuffle indexes into (the same images in another order train in other batches). Keys in their
+    composed form, as :func:`split_digest` takes them."""
+    lines = "".join(f"{composed_name(key)} {label}\n" for key, label in pairs)
     return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
 
 
@@ -305,8 +314,11 @@ def _renumbered(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str,
 
 def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[tuple[str, int]],
                           source: str = "manifest") -> list[int]:
-    """Map manifest entries onto dataset indices, checking that every key exists with the same label, once."""
+    """Map manifest entries onto dataset indices, checking that every key exists with the same label, once. A key
+    found only in another Unicode normalization (a manifest written on Linux, replayed on a macOS copy) is that image
+    where no other name of the dataset has the same composed form."""
     position = {key: i for i, (key, _) in enumerate(samples)}
+    composed: Optional[dict[str, Optional[int]]] = None  # made at the first key not found as it is
     indices: list[int] = []
     listed: set[int] = set()  # a set: a full-split manifest lists tens of thousands of images
     if entries is None or isinstance(entries, (str, bytes)):
@@ -323,10 +335,14 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
         if not _is_label(label):
             raise TypeError(f"{source}: {_shown_key(key)} has label {shown(label)}: a label "
                             "is an integer, as read_manifest gives it")
-        if key not in position:
+        if key not in position and composed is None:
+            composed = {}
+            for name, index in position.items():  # None: two names of that form, which only the name itself tells
+                composed[composed_name(name)] = None if composed_name(name) in composed else index
+        i = position[key] if key in position else composed.get(composed_name(key))
+        if i is None:
             raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
                              f"{_near_key(key, position)}")
-        i = position[key]
         if i in listed:
             raise ValueError(f"{source}: '{key}' is listed twice: a manifest lists each image once (a repeated line "
                              "would train on fewer distinct images than it records)")

@@ -458,6 +458,8 @@ def data_digests(dataset: str, root: str, splits: Sequence[str] = ("train", "tes
 
 def _images_digest(dataset: Any) -> str:
     """sha256 prefix of one split's images: file keys, labels and sizes (a stat, never a decode), or the pixels."""
+    from ..data.fewshot import composed_name
+
     digest = hashlib.sha256()
     images = getattr(dataset, "images", None)
     if images is not None:  # array-backed (CIFAR, digits): keys are positions, the pixels are the content
@@ -466,7 +468,9 @@ def _images_digest(dataset: Any) -> str:
         digest.update(np.ascontiguousarray(images).data)
         digest.update(json.dumps(dataset.targets).encode())
     else:
-        for line in sorted(f"{key} {label} {_file_size(dataset, key)}" for key, label in dataset.samples):
+        # keys in their composed form: a macOS copy of the folder (NFD names) holds the same images
+        lines = (f"{composed_name(key)} {label} {_file_size(dataset, key)}" for key, label in dataset.samples)
+        for line in sorted(lines):
             digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()[:16]
 

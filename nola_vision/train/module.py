@@ -76,6 +76,7 @@ from ..core.targets import (
 from ..core.warn import warn_user
 from ..data.datamodule import FewShotDataModule
 from ..data.datasets import dataset_key
+from ..data.fewshot import composed_name
 from ..data.transforms import DataConfig, resolve_data_config
 from ..models.backbones import build_backbone
 from .checkpoint_io import (
@@ -208,7 +209,7 @@ def _first_difference(saved: List[str], now: List[str]) -> str:
     """Where two class lists part, with the names in ``ascii`` (a name copied to macOS, its ``é`` decomposed, looks
     the same as the original in ``repr``): the first few of each list often agree."""
     for index, (old, new) in enumerate(zip(saved, now)):
-        if old != new:
+        if composed_name(old) != composed_name(new):
             return f"class {index} was {ascii(old)}, it is {ascii(new)}"
     return f"{len(saved)} classes then, {len(now)} now"
 
@@ -1140,7 +1141,8 @@ class FewShotClassifier(L.LightningModule):
         now = self._data_record()
         if saved is None or now is None:
             return
-        if saved["class_names"] != now["class_names"]:
+        if list(map(composed_name, saved["class_names"])) != list(map(composed_name, now["class_names"])):
+            # a macOS copy of the folder names them decomposed (NFD): the same classes, in the same order
             differ = _first_difference(saved["class_names"], now["class_names"])
             raise ValueError(f"{source} was trained on classes {_few(saved['class_names'])}, the data has "
                              f"{_few(now['class_names'])} ({differ}): its head would name the wrong classes. Pass the "
