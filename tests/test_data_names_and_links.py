@@ -157,6 +157,26 @@ def test_a_transparent_colour_key_is_composited_over_white(tmp_path, mode, key):
     assert loaded.getpixel((0, 0)) == (255, 255, 255) and loaded.getpixel((3, 3)) != (255, 255, 255)
 
 
+def test_the_colour_key_of_a_16_bit_rgb_png_is_composited_over_white(tmp_path):
+    # Pillow reads the pixels' high bytes but keeps the key's 16 bits, so no pixel matched it: the key colour stayed
+    import struct
+    import zlib
+
+    pixels = np.full((4, 4, 3), 30000, ">u2")
+    pixels[1:3, 1:3] = 60000
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)  # 4x4, 16 bits per channel, RGB
+    (tmp_path / "key.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                       + chunk(b"tRNS", struct.pack(">HHH", 30000, 30000, 30000))
+                                       + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    loaded = ImageDataset("t", tmp_path, "train", [("key.png", 0)], ["x"]).load_image(0)
+    assert loaded.getpixel((0, 0)) == (255, 255, 255) and loaded.getpixel((1, 1)) == (60000 >> 8,) * 3
+
+
 def test_the_exif_orientation_turns_an_image_upright(tmp_path):
     pixels = np.zeros((20, 40, 3), np.uint8)  # stored landscape, as a phone's sensor records a portrait photo
     pixels[:, :4] = 255  # a white band on the stored left edge: the top once turned 90 degrees clockwise

@@ -147,6 +147,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     0..255 when brighter), and transparency (``LA``, ``RGBA``, or a transparent colour in any mode, as PNG's tRNS)
     is composited over white. A float image with NaN or infinite pixels is refused (ValueError)."""
     trns = img.info.get("transparency")
+    if img.mode == "RGB" and isinstance(trns, tuple) and max(trns) > 255:
+        # a 16-bit colour key, which Pillow keeps while it reads the pixels' high bytes: no pixel would match it
+        trns = img.info["transparency"] = tuple(value >> 8 for value in trns)
     if img.mode.startswith("I") or img.mode == "F":
         pixels = np.asarray(img)
         grey = Image.fromarray(_grey_to_uint8(pixels, img.mode))
