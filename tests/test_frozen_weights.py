@@ -203,6 +203,31 @@ def test_a_merged_model_holding_bfloat16_values_switches_tasks_trained_on_the_fl
                         second)
 
 
+@pytest.mark.parametrize("unmerged", [True, False], ids=["unmerged", "merged"])
+def test_a_file_saved_after_a_bfloat16_round_trip_while_merged_loads_on_the_float32_original(tmp_path, unmerged):
+    # merge, bfloat16(), float(), unmerge: the weight held bfloat16's rounding off its grid (by ΔW), was fingerprinted
+    # as float32 and held to float32's tolerance: the original backbone was refused as "another tag, a fine-tune"
+    base = tiny_vit()
+    model = nv.merge(trained(model=copy.deepcopy(base), config=nv.LoRAConfig(rank=2, targets=["attn.qkv"])))
+    model.bfloat16().float()
+    if unmerged:
+        nv.unmerge(model)
+        assert model.blocks[0].attn.qkv.cast_rounding == torch.bfloat16
+    nv.save_adapter(model, tmp_path / "task", bits=32)
+    nv.load_adapter(copy.deepcopy(base), tmp_path / "task")
+    with pytest.raises(AdapterLoadError, match=r"the weights of blocks\.0\.attn\.qkv differ"):  # still told apart
+        nv.load_adapter(changed(copy.deepcopy(base), 0.05, {"blocks.0.attn.qkv"}), tmp_path / "task")
+    if unmerged:
+        with torch.no_grad():
+            model.blocks[0].attn.qkv.weight.copy_(base.blocks[0].attn.qkv.weight)  # other weights: no such rounding
+        assert model.blocks[0].attn.qkv.cast_rounding is None
+        untouched = nv.unmerge(nv.merge(trained(model=copy.deepcopy(base),
+                                                config=nv.LoRAConfig(rank=2, targets=["attn.qkv"]))))
+        assert untouched.blocks[0].attn.qkv.cast_rounding is None  # a float32 merge and unmerge rounds to no grid
+        assert copy.deepcopy(nv.unmerge(nv.merge(model).bfloat16().float())).blocks[0].attn.qkv.cast_rounding \
+            == torch.bfloat16
+
+
 def test_float32_norms_near_one_do_not_pass_for_bfloat16_values(tmp_path):
     """Norm weights a few Adam steps from timm's 1.0 all lie within a bfloat16 rounding of 1.0 while held in float32: a
     rule allowing values near the bfloat16 grid matched their module at bfloat16's 1.6%, and a 1% bias change loaded."""

@@ -148,7 +148,7 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
 
     def module(name: str, parameters: Callable[[nn.Module], Dict[str, nn.Parameter]]) -> int:
         layer = model.get_submodule(name)
-        return exponent(_pairs(*_unmerged(layer, parameters(layer))))
+        return exponent(_layer_pairs(layer, parameters(layer)))
 
     found: dict = {
         "modules": [module(name, _frozen_parameters) for name in named],
@@ -502,7 +502,26 @@ def held_precision(model: nn.Module, modules: Sequence[str]) -> float:
     (``_majority``): what a fingerprint's tolerance is set by (``_tolerance``), so that one module held otherwise (a
     norm loaded from bfloat16 values among float32 weights) loosens no check but its own (``record_precisions``)."""
     layers = [model.get_submodule(name) for name in modules]
-    return _majority([pair for layer in layers for pair in _pairs(*_unmerged(layer, _frozen_parameters(layer)))])
+    return _majority([pair for layer in layers for pair in _layer_pairs(layer, _frozen_parameters(layer))])
+
+
+def _layer_pairs(layer: nn.Module, parameters: Dict[str, Tensor]) -> List[Tuple[float, int]]:
+    """``_pairs`` of a layer's values as unmerged (``_unmerged``), an adapted layer's weight at the coarser of that
+    precision and the one its values were held at merged: a cast while merged (``merge``, ``bfloat16()``, ``float()``,
+    ``unmerge``) leaves the weight off the bfloat16 grid by ΔW, with bfloat16's rounding (``cast_rounding``)."""
+    values, delta = _unmerged(layer, parameters)
+    if not isinstance(layer, AdaptedLinear) or "weight" not in values:
+        return _pairs(values, delta)
+    pairs = _pairs({name: value for name, value in values.items() if name != "weight"})
+    weight = _pairs({"weight": values["weight"]}, delta)
+    if weight:
+        if layer.merged:  # the weight as it is holds ΔW
+            held = _pairs({"weight": parameters["weight"]})
+        else:  # unmerged after a cast while merged: that cast's rounding
+            rounded = layer.cast_rounding
+            held = [] if rounded is None else [(torch.finfo(rounded).eps, weight[0][1])]
+        weight = [(max(weight[0][0], held[0][0]) if held else weight[0][0], weight[0][1])]
+    return pairs + weight
 
 
 def _pairs(values: Dict[str, Tensor], delta: Optional[Callable[[Tensor], Tensor]] = None) -> List[Tuple[float, int]]:

@@ -381,6 +381,31 @@ class AdaptedLinear(nn.Module):
         stamp = self._weight_stamp() if record is not None else None
         self.__dict__["_unmerged_record"] = None if stamp is None else (record, stamp)
 
+    @property
+    def cast_rounding(self) -> Optional[torch.dtype]:
+        """The 16-bit dtype the weight was rounded to while merged (``merge``, ``bfloat16()``, ``float()``,
+        ``unmerge``), as long as the weight is what unmerge left: it differs from the weight before the merge by that
+        dtype's rounding, off its grid by ΔW, so the fingerprint holds it to that dtype's tolerance. None otherwise."""
+        kept = self.__dict__.get("_cast_rounding")
+        return kept[0] if kept is not None and _same_stamp(kept[1], self._weight_stamp()) else None
+
+    @cast_rounding.setter
+    def cast_rounding(self, dtype: Optional[torch.dtype]) -> None:
+        stamp = self._weight_stamp() if dtype is not None else None
+        self.__dict__["_cast_rounding"] = None if stamp is None else (dtype, stamp)
+
+    def _merged_grid(self) -> Optional[torch.dtype]:
+        """The 16-bit dtype whose grid holds every sampled value of a wider merged weight (cast there and back while
+        merged), None where none does or the sample is too uniform to tell."""
+        if self.weight.dtype not in _WIDER or self.weight.is_meta:
+            return None
+        flat = self.weight.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)]
+        if sample.unique().numel() < 32:
+            return None
+        return next((dtype for dtype in _SIXTEEN_BIT[::-1] if torch.equal(sample.to(dtype).to(sample.dtype), sample)),
+                    None)
+
     def _weight_stamp(self) -> Optional[Tuple[Any, ...]]:
         """What tells whether the weight was written: its version, storage, dtype, device and a few of its values
         (``.data`` has a version of its own); None for a weight that keeps no version (an inference tensor)."""
@@ -404,7 +429,8 @@ class AdaptedLinear(nn.Module):
         unset = None if self.unset_tensors is None else self._unset_names()
         return {**self.__dict__, "_batched_factors": None, "_batched_cast": None, "_batched_versions": None,
                 "_pending_passes": 0, "_reading": None, "_merged_flag_version": None, "_unmerged_record": None,
-                "_copied_unmerged_record": self.unmerged_record, "unset_tensors": None if unset is None else {},
+                "_copied_unmerged_record": self.unmerged_record, "_cast_rounding": None,
+                "_copied_cast_rounding": self.cast_rounding, "unset_tensors": None if unset is None else {},
                 "_copied_unset_names": unset}
 
     def __setstate__(self, state: dict) -> None:
@@ -417,6 +443,7 @@ class AdaptedLinear(nn.Module):
         self._note_merged_flag()  # a copy's flag is a new tensor, its version counted afresh
         # a copy's weight holds the values the record was valid for (a copy fingerprinted weight − ΔW instead)
         self.unmerged_record = self.__dict__.pop("_copied_unmerged_record", None)
+        self.cast_rounding = self.__dict__.pop("_copied_cast_rounding", None)
         unset = self.__dict__.pop("_copied_unset_names", None)
         if unset:
             self.unset_tensors = {name: (getattr(self, name), _version_of(getattr(self, name))) for name in unset}
@@ -918,6 +945,7 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             self.require_own_merged_flag("unmerge")
             factors = self.merged_delta_factors() if factors is None else factors
+            grid = self._merged_grid()
             scratch = self._scratch_weight()
             if scratch is not None:
                 self._unmerge_update(*factors, weight=scratch)
@@ -933,6 +961,7 @@ class AdaptedLinear(nn.Module):
                     raise
                 self._set_merged_update(None)  # what an unmerged layer reads of it: nothing (merged_values is None)
                 self.unmerged_record = None
+                self.cast_rounding = grid
 
     @torch.no_grad()
     def replace_merged_delta(self, old: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor],
