@@ -21,6 +21,7 @@ from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
 from nola_vision.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from nola_vision.core.inject import adapter_state
 from nola_vision.core.quantize import fake_quantize, head_bits
 
 NOLA = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
@@ -679,6 +680,17 @@ def test_unloading_a_wrapper_of_an_injected_model_names_the_submodule(action):
                                          rf"nv.{action}\(model.get_submodule\('0'\)\)"):
         getattr(nv, action)(torch.nn.Sequential(model))
     assert nv.adapted_layers(model) and not any(layer.merged for layer in nv.adapted_layers(model).values())
+
+
+def test_basis_holding_reaches_adapters_through_wrappers_and_names_an_injected_submodule():
+    # a Sequential around an injected NOLA model was told it has "no shared basis codes to hold (adapters: None)"
+    model = nv.inject(tiny_vit(), NOLA)
+    wrapped = torch.nn.DataParallel(model)
+    assert nv.set_basis_holding(wrapped, True) is wrapped and adapter_state(model).bank.keep is True
+    with pytest.raises(ValueError, match=r"its submodule '1' does \(injected before wrapping\): call "
+                                         r"nv.set_basis_holding\(model.get_submodule\('1'\), hold\)"):
+        nv.set_basis_holding(torch.nn.Sequential(torch.nn.Identity(), model), False)
+    assert adapter_state(model).bank.keep is True
 
 
 def test_quantisation_aware_training_reaches_adapters_through_wrappers_and_names_what_is_not_a_model():

@@ -786,7 +786,10 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     ``True`` always (a CPU step skips regenerating them, ~1.5% of a ViT-B step, and holds them under its
     activations: +60 MiB for ViT-B), ``False`` never (every pass regenerates them, and held codes go now)."""
     hold = check_bool(hold, "set_basis_holding: hold", optional=True)  # a numpy bool too; "no" is refused
+    wrapper, model = model, unwrap_model(model)  # DataParallel, DDP, torch.compile
     state = adapter_state(model)
+    if state is None:
+        refuse_wrapped_adapters(model, "call nv.set_basis_holding(model.get_submodule({inner!r}), hold)")
     if state is None or state.bank is None or not has_shared_bases(model):
         method = state.method if state is not None else None
         raise ValueError(f"the model has no shared basis codes to hold (adapters: {method!r}): only NOLA with "
@@ -794,7 +797,7 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     state.bank.keep = hold
     if hold is False:
         state.bank.release()
-    return model
+    return wrapper
 
 
 def _head_hooks(state: AdapterState) -> List[Union[RemovableHandle, _StoredBitsForward]]:
