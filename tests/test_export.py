@@ -128,8 +128,10 @@ def test_export_onnx_takes_an_input_size_as_an_array_as_it_takes_a_torch_size(si
 def test_export_onnx_refuses_another_image_size_than_a_fixed_size_vit_was_built_for(tmp_path):
     model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
     with pytest.raises(ValueError, match=r"built for 32×32 images; export at \(3, 32, 32\), or build it with "
-                                         r"img_size=\(48, 48\)"):
+                                         r"img_size=\(48, 48\) for that size \(dynamic_img_size=True "
+                                         r"resamples") as refused:
         nv.export_onnx(model, tmp_path / "model.onnx", input_size=(3, 48, 48))
+    assert "(or dynamic_img_size=True)" not in str(refused.value)  # advice that export refused in turn
     assert not (tmp_path / "model.onnx").exists()
 
 

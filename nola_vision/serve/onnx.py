@@ -366,8 +366,9 @@ def _check_input_size(size: Any, model: nn.Module) -> None:
                              f"({size[0]}, {built[0]}, {built[1]}), or build the model with img_size={tuple(size[1:])}")
         if getattr(embed, "strict_img_size", False) and built and tuple(size[1:]) != built:
             raise ValueError(f"input_size {tuple(size)}: the model was built for {built[0]}×{built[1]} images; export "
-                             f"at (3, {built[0]}, {built[1]}), or build it with img_size={tuple(size[1:])} (or "
-                             "dynamic_img_size=True) for another size")
+                             f"at (3, {built[0]}, {built[1]}), or build it with img_size={tuple(size[1:])} for that "
+                             "size (dynamic_img_size=True resamples its position embeddings with an interpolation "
+                             "ONNX has no operator for)")
         return
     try:
         example = f"{tuple(_input_size(model))}, the size the model was built for"
