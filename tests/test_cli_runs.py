@@ -386,6 +386,8 @@ def test_an_empty_config_and_a_validation_without_images_are_named(tmp_path, cap
     assert json.loads((tmp_path / "r.json").read_text())["adapter_bits"] == 16
     code, err = run(capsys, "validate", "-c", TINY, *QUIET, "--ckpt_path", tmp_path / "checkpoints" / "last.ckpt")
     assert code == 2 and "validate needs validation images: set --data.val_shots" in err
+    # setting them is refused as another split: say so, and what evaluates such a run, not only to set them
+    assert "a run trained without them has none to validate on" in err and "nola-vision test instead" in err
 
 
 def test_the_demo_refuses_repeated_seeds_and_names_its_own_options(capsys):

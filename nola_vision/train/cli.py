@@ -1220,8 +1220,13 @@ class NolaCLI(LightningCLI):
 
     def before_validate(self) -> None:
         if not self.datamodule.val_shots and not self.datamodule.val_split_file:
+            checkpoint = self.config[self.subcommand].get("ckpt_path")
             raise ValueError("validate needs validation images: set --data.val_shots (images per class drawn apart "
-                             "from the training shots, e.g. 2) as in the run that trained the checkpoint")
+                             "from the training shots, e.g. 2) as in the run that trained the checkpoint"
+                             + ("; a run trained without them has none to validate on (another val_shots draws "
+                                "another split, which validate refuses: its validation images could be the run's "
+                                "training images), so evaluate it with nola-vision test instead" if checkpoint
+                                else ""))
         self._check_result_file("val")
         claim_log_dir(self.trainer)
 
