@@ -18,7 +18,6 @@ import os
 import pickle
 import reprlib
 import struct
-import unicodedata
 import zlib
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 from ..core.checks import check_bool, check_callable, check_path, shown
 from ..core.storage import try_lock, write_text_atomic
 from ..core.warn import warn_user
+from .fewshot import composed_name
 
 __all__ = [
     "DATASETS",
@@ -127,13 +127,6 @@ def _key(name: str) -> str:
     """A name read from the file system as a sample key: its bytes as UTF-8, undecodable bytes as surrogate escapes
     (what Python itself gives under a UTF-8 locale), so keys and the k-shot draw do not depend on the locale."""
     return os.fsencode(name).decode("utf-8", "surrogateescape")
-
-
-def _same_name_form(name: str) -> str:
-    """``name`` in Unicode's NFC form: two names with the same form differ only in normalization (macOS writes names
-    decomposed, NFD: ``e`` and a combining accent where Linux tools write one accented code point). Only compared,
-    never used as a key or a class name."""
-    return unicodedata.normalize("NFC", name)
 
 
 def _fs_name(key: str) -> str:
@@ -800,7 +793,7 @@ def _class_folders(folder: Path) -> list[str]:
             _refuse_line_break(_key(path.name), path)
             names.append(_key(path.name))
     _refuse_names_alike(folder, names)
-    return sorted(names, key=_same_name_form)
+    return sorted(names, key=composed_name)
 
 
 def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
@@ -814,7 +807,7 @@ def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
         if form in seen:
             how = ("in Unicode normalization (NFC/NFD: macOS writes an accented letter as the letter and a combining "
                    "accent, most other systems as one code point), e.g. a macOS copy merged into this tree"
-                   if _same_name_form(name) == _same_name_form(seen[form]) else
+                   if composed_name(name) == composed_name(seen[form]) else
                    "in surrounding whitespace, which a listing does not show")
             raise DatasetMetadataError(
                 f"{folder} holds class folders {ascii(seen[form])} and {ascii(name)}, whose names differ only {how}. "
@@ -824,9 +817,9 @@ def _refuse_names_alike(folder: Path, names: Sequence[str]) -> None:
 
 
 def _look_alike_form(name: str) -> str:
-    """``name`` as it looks: in Unicode's NFC form (:func:`_same_name_form`) without surrounding whitespace, which a
+    """``name`` as it looks: in Unicode's NFC form (:func:`composed_name`) without surrounding whitespace, which a
     listing does not show either (``'cat '`` prints as ``cat``). Only compared, never used as a key."""
-    return _same_name_form(name).strip()
+    return composed_name(name).strip()
 
 
 def _refuse_unknown_held_out_classes(folder: Path, train: Path, extra: Sequence[str], names: Sequence[str]) -> None:

@@ -280,8 +280,8 @@ def _shown_key(key: str) -> str:
 
 def _near_key(key: str, position: dict) -> str:
     """Why ``key`` may be missing: a dataset key that differs only in Unicode normalization or surrounding spaces."""
-    wanted = unicodedata.normalize("NFC", key).strip()
-    near = next((k for k in position if unicodedata.normalize("NFC", k).strip() == wanted), None)
+    wanted = composed_name(key).strip()
+    near = next((k for k in position if composed_name(k).strip() == wanted), None)
     if near is None:
         return " (wrong dataset or root, or the image was moved or deleted since the manifest was written?)"
     return (f": the dataset has {ascii(near)}, the same name written with other code points or spaces (the file was "
@@ -338,7 +338,8 @@ def indices_from_manifest(samples: Sequence[tuple[str, int]], entries: Sequence[
         if key not in position and composed is None:
             composed = {}
             for name, index in position.items():  # None: two names of that form, which only the name itself tells
-                composed[composed_name(name)] = None if composed_name(name) in composed else index
+                form = composed_name(name)
+                composed[form] = None if form in composed else index
         i = position[key] if key in position else composed.get(composed_name(key))
         if i is None:
             raise ValueError(f"{source}: {_shown_key(key)} is not in the dataset's train split"
