@@ -453,8 +453,8 @@ def _lists_already(path: Path, drawn: list[tuple[str, int]], root: Path, setting
     run's (``settings``) first, so that a run with another ``val_shots`` is told so, not that the images changed."""
     if not path.is_file():
         return False
-    listed = read_manifest(path)
-    if _composed(listed) == _composed(drawn):  # a manifest written on Linux, kept with a macOS copy (NFD names)
+    listed, drawn = _composed(read_manifest(path)), _composed(drawn)
+    if listed == drawn:  # a manifest written on Linux, kept with a macOS copy (NFD names), lists the same images
         return True
     recorded = manifest_settings(path)
     other = {key: value for key, value in settings.items() if recorded.get(key, value) != value}
@@ -480,8 +480,8 @@ def _other_settings_message(path: Path, recorded: dict[str, str], other: dict[st
 
 def _changed_images_message(path: Path, listed: list[tuple[str, int]], drawn: list[tuple[str, int]],
                             root: Path) -> str:
-    """Why a manifest of the same settings that lists other images than this run draws is kept, and what to do."""
-    listed, drawn = _composed(listed), _composed(drawn)
+    """Why a manifest of the same settings that lists other images than this run draws is kept, and what to do
+    (``listed`` and ``drawn`` as ``_composed`` gives them)."""
     labels = dict(drawn)
     relabelled = sorted((key, label) for key, label in set(listed) - set(drawn) if key in labels)
     gone = sorted((key, label) for key, label in set(listed) - set(drawn) if key not in labels)
