@@ -495,6 +495,56 @@ def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, ca
     assert code == 2 and "resuming would train nothing" in err
 
 
+@pytest.mark.parametrize("shared", ["adapter_dir", "result_file", "both"])
+def test_a_fit_stopped_during_its_export_is_finished_where_an_earlier_run_left_its_files(tmp_path, capsys,
+                                                                                        monkeypatch, shared):
+    """A second run sharing --model.adapter_dir or --result_file with a finished one, stopped before its export,
+    could not be finished: the earlier run's adapter or result at those paths was taken for this run's export. Files
+    older than the run's last checkpoint are not its own (its export replaces them), so the resume exports it."""
+    from nola_vision.train import module
+
+    export = module.save_adapter
+    paths = {"adapter_dir": ["--model.adapter_dir", tmp_path / "adapter"],
+             "result_file": ["--result_file", tmp_path / "result.json"]}
+    same = [arg for key, args in paths.items() if shared in (key, "both") for arg in args]
+    adapter = tmp_path / "adapter" if shared != "result_file" else tmp_path / "b" / "adapter"
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", "--trainer.max_epochs", 1, *same)[0] == 0
+    earlier = (tmp_path / "a" / "adapter" if shared == "result_file" else adapter) / "adapter_model.safetensors"
+    earlier_bytes = earlier.read_bytes()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    second = [*FIT, "--trainer.default_root_dir", tmp_path / "b", "--trainer.max_epochs", 2, *same]
+    monkeypatch.setattr(module, "save_adapter", stopped)
+    assert run(capsys, *second)[0] == 130
+    monkeypatch.setattr(module, "save_adapter", export)
+    code, err = run(capsys, *second, "--ckpt_path", "last")
+    assert code == 0, err
+    weights = adapter / "adapter_model.safetensors"
+    assert weights.is_file() and weights.read_bytes() != earlier_bytes  # the second run's adapter, exported
+    assert earlier.read_bytes() == earlier_bytes or (  # the earlier one is kept, in its folder or set aside
+        adapter.with_name("adapter.previous") / "adapter_model.safetensors").read_bytes() == earlier_bytes
+    if shared != "adapter_dir":
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["epochs"] == 2 and Path(result["adapter_dir"]) == adapter
+    # finished now: its own files are newer than its checkpoint, and a resume is refused again
+    code, err = run(capsys, *second, "--ckpt_path", "last")
+    assert code == 2 and "resuming would train nothing" in err
+
+
+def test_a_finished_run_whose_adapter_a_later_run_replaced_is_not_exported_again(tmp_path, capsys):
+    """The later run's adapter (newer than the first run's checkpoint) may be there because the first run's export
+    was replaced: exporting the first run again would push the later one out, so the resume is refused as before."""
+    same = ["--model.adapter_dir", tmp_path / "adapter", "--trainer.max_epochs", 1]
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", *same)[0] == 0
+    assert run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "b", *same, "--seed_everything", 7)[0] == 0
+    later = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "a", *same, "--ckpt_path", "last")
+    assert code == 2 and "resuming would train nothing" in err
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == later
+
+
 def test_a_fit_stopped_by_ctrl_c_leaves_sigint_as_it_found_it(tmp_path, capsys, monkeypatch):
     """Lightning ignores SIGINT while it shuts down after a Ctrl-C and never restores it: a later run in the process
     (a notebook cell, a script's second main()) could no longer be interrupted."""

@@ -1031,9 +1031,9 @@ class NolaCLI(LightningCLI):
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
                 self.model.finishes_run = True  # stopped during its export: this fit exports and tests it
-                rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run holds no exported adapter "
-                               "nor result (stopped during the export, or moved since): this fit trains nothing, "
-                               "exports it and tests it")
+                rank_zero_info(f"nola_vision: {checkpoint} finished training, and no adapter nor result newer than "
+                               "it is at its output paths (its run stopped during the export): this fit trains "
+                               "nothing, exports it and tests it")
             elif isinstance(saved, dict):
                 require_training_left(saved, self.trainer)
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
@@ -1049,13 +1049,17 @@ class NolaCLI(LightningCLI):
         claim_log_dir(self.trainer)
 
     def _export_missing(self, checkpoint: str) -> bool:
-        """Whether the run of ``checkpoint`` never finished its export: no exported adapter (in
-        ``--model.adapter_dir``, or beside the run's ``checkpoints`` folder where none was given), and no
-        ``--result_file`` recorded (a finished run whose adapter was moved away is not redone)."""
+        """Whether the run of ``checkpoint`` never finished its export: no adapter (in ``--model.adapter_dir``, or
+        beside the run's ``checkpoints`` folder where none was given) and no ``--result_file`` newer than the
+        checkpoint. The export and the result follow the checkpoint and replace what is there, so older files are an
+        earlier run's (sharing the paths); a newer one may be this run's, or a later run's that replaced it, and is
+        never replaced by exporting this run again (nor is a finished run whose adapter was moved away redone)."""
         config = self.config[self.subcommand]
         given = config.model.get("adapter_dir")
         folder = Path(given) if given is not None else Path(checkpoint).resolve().parent.parent / "adapter"
-        return not (folder / WEIGHTS_NAME).is_file() and not (config.result_file and os.path.exists(config.result_file))
+        outputs = [folder / WEIGHTS_NAME, *([Path(config.result_file)] if config.result_file else [])]
+        trained = os.stat(checkpoint).st_mtime_ns
+        return all(not path.exists() or path.stat().st_mtime_ns < trained for path in outputs)
 
     def after_fit(self) -> None:
         try:
