@@ -9,6 +9,8 @@ store; the factors of recently used tasks are cached under a memory budget (leas
 from __future__ import annotations
 
 import copy
+import difflib
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -52,6 +54,9 @@ from ..core.targets import (
 
 __all__ = ["MultiTaskModel"]
 
+# Errors name every registered task up to this many; of more, the closest to a wrong name and the first ones.
+_LISTED_TASKS = 10
+
 # Per adapted layer, for the batch being answered: the present tasks' stacked factors A (tasks, in, rank) and
 # B (tasks, rank, out), and each image's position in that stack.
 LayerBatch = Tuple[Tensor, Tensor, Tensor]
@@ -72,19 +77,47 @@ class _Task:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stored.values())
 
+    def __getstate__(self) -> dict:
+        """Pickled as its one buffer and where each tensor lies in it: pickle wrote the whole buffer once for every
+        tensor viewing it (a task 50 times over on a 12-block ViT, though ``memory_bytes`` counted it once)."""
+        return {**self.__dict__, "stored": _buffer_and_layout(self.stored)}
+
+    def __setstate__(self, state: dict) -> None:
+        stored = state["stored"]
+        if isinstance(stored, tuple):  # its buffer and layout (pickles of earlier versions hold the tensors)
+            state = {**state, "stored": _views(*stored)}
+        self.__dict__.update(state)
+
+
+# Where each of a task's tensors lies in its buffer: (name, byte offset, dtype, shape), in order.
+_Layout = List[Tuple[str, int, torch.dtype, Tuple[int, ...]]]
+
 
 def _packed(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """``tensors`` copied into one buffer, as views of it: a task's tensors are one allocation instead of one per
     tensor (each a small heap block the file's parsing interleaved with its own), so many registered tasks do not
-    fragment the heap. Each view starts at a multiple of 16 bytes, so every dtype's view is aligned."""
+    fragment the heap."""
+    return _views(*_buffer_and_layout(tensors))
+
+
+def _buffer_and_layout(tensors: Dict[str, Tensor]) -> Tuple[Tensor, _Layout]:
+    """``tensors`` copied into one byte buffer, each starting at a multiple of 16 bytes (so every dtype's view is
+    aligned), with where each lies."""
     sizes = [-(-t.numel() * t.element_size() // 16) * 16 for t in tensors.values()]
     buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-    packed, offset = {}, 0
+    layout, offset = [], 0
     for (name, tensor), size in zip(tensors.items(), sizes):
         nbytes = tensor.numel() * tensor.element_size()
-        packed[name] = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        layout.append((name, offset, tensor.dtype, tuple(tensor.shape)))
         offset += size
-    return packed
+    return buffer, layout
+
+
+def _views(buffer: Tensor, layout: _Layout) -> Dict[str, Tensor]:
+    """The tensors ``layout`` places in ``buffer``, as views of it."""
+    return {name: buffer[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, offset, dtype, shape in layout}
 
 
 @dataclass
@@ -243,7 +276,8 @@ class MultiTaskModel(nn.Module):
     def class_names(self, task: str) -> Optional[List[str]]:
         """The names of ``task``'s outputs, in order, where its file records them (``save_adapter(class_names=)``;
         the CLI records the dataset's); None otherwise."""
-        return self._task(task).class_names
+        names = self._task(task).class_names
+        return list(names) if names is not None else None  # a caller's edit must not relabel the task
 
     def add_task(self, name: str, adapter_dir: PathLike, *, check_frozen_weights: bool = True,
                  allow_unchecked_legacy: bool = False) -> None:
@@ -419,11 +453,22 @@ class MultiTaskModel(nn.Module):
 
     def _task(self, name: str) -> _Task:
         if not isinstance(name, str):
-            raise TypeError(f"a task is named by a str, got {shown(name)}; registered tasks are {sorted(self._tasks)}")
+            raise TypeError(f"a task is named by a str, got {shown(name)}; {self._registered()}")
         if name not in self._tasks:
-            raise ValueError(f"unknown task {name!r}; registered tasks are {sorted(self._tasks)} (add_task(name, "
-                             "adapter_dir) registers one)")
+            raise ValueError(f"unknown task {name!r}; {self._registered(name)} (add_task(name, adapter_dir) registers "
+                             "one)")
         return self._tasks[name]
+
+    def _registered(self, wrong: Optional[str] = None) -> str:
+        """The registered tasks as an error names them: all of a few; of many, their count, the names closest to
+        ``wrong`` and the first few (a typo in a server of thousands of tasks logged every name)."""
+        names = sorted(self._tasks)
+        if len(names) <= _LISTED_TASKS:
+            return f"registered tasks are {names}"
+        close = difflib.get_close_matches(wrong, names, n=3, cutoff=0.6) if wrong is not None else []
+        closest = f"closest: {close}; " if close else ""
+        return (f"{len(names)} tasks are registered ({closest}the first {_LISTED_TASKS}: {names[:_LISTED_TASKS]}; "
+                "MultiTaskModel.tasks lists them all)")
 
     def _check_tasks(self, images: Tensor, tasks: Union[str, Sequence[str]]) -> List[str]:
         if not self._tasks:
@@ -442,7 +487,7 @@ class MultiTaskModel(nn.Module):
         names = [tasks] * count if isinstance(tasks, str) else tasks
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
             raise ValueError(f"tasks must be one task name (str) for the whole batch or a list of names, one per "
-                             f"image, got {shown(tasks)}; registered tasks are {sorted(self._tasks)}")
+                             f"image, got {shown(tasks)}; {self._registered()}")
         if len(names) != count:
             raise ValueError(f"got {len(names)} task names for {count} images: pass one task name per image (or "
                              "a single name for the whole batch)")
