@@ -48,6 +48,21 @@ def test_num_classes_and_class_names_are_known_before_setup(tmp_path, folder_roo
     assert FewShotDataModule("cifar100", root=str(tmp_path / "not-yet")).num_classes == 100
 
 
+def test_the_class_names_and_manifests_a_caller_gets_are_its_own_copies(folder_root):
+    """They were the lists the data module and its datasets read: sorting or shuffling what was returned (to look at
+    it) relabelled the classes or reordered the training images of every later batch, checkpoint and export."""
+    dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=2, val_shots=1, image_size=32)
+    names = list(dm.class_names)
+    dm.class_names.reverse()
+    dm.setup("fit")
+    train, val = list(dm.train_manifest), list(dm.val_manifest)
+    random.Random(0).shuffle(dm.train_manifest)
+    dm.val_manifest.clear()
+    dm.class_names.append("extra")
+    assert dm.class_names == names and dm.train_manifest == train and dm.val_manifest == val
+    assert dm.train_set.samples == train and dm.train_set.dataset.class_names == names
+
+
 @pytest.mark.parametrize("augment", ["paper", "timm", "none"])
 def test_batches_have_expected_shape_dtype_and_normalisation(folder_root, augment):
     dm = FewShotDataModule("imagefolder", root=str(folder_root), shots=4, batch_size=4, image_size=32,

@@ -645,21 +645,23 @@ class FewShotDataModule(L.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """Class names in label order (read from the dataset's metadata before ``setup``)."""
+        """Class names in label order (read from the dataset's metadata before ``setup``); a copy, as the manifests
+        are: an edit of it by the caller relabels nothing."""
         if self._class_names is None:
             self._class_names = dataset_class_names(self.dataset_name, self.root)
-        return self._class_names
+        return list(self._class_names)
 
     @property
     def train_manifest(self) -> list[tuple[str, int]]:
         """The k-shot training set as ``(relative path, label)`` pairs, in manifest order."""
         self._require_setup()
-        return self.train_set.samples
+        return list(self.train_set.samples)
 
     @property
     def val_manifest(self) -> list[tuple[str, int]]:
+        """The validation images as ``(relative path, label)`` pairs, in manifest order (none without ``val_shots``)."""
         self._require_setup()
-        return self.val_set.samples if self.val_set is not None else []
+        return list(self.val_set.samples) if self.val_set is not None else []
 
     @property
     def split_digest(self) -> Optional[str]:
