@@ -385,6 +385,33 @@ def test_loading_an_adapter_again_after_merge_and_unload_is_refused_instead_of_a
     nv.load_adapter(merged, directory, check_frozen_weights=False)  # stacking it on purpose
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_merge_record_follows_the_weights_loaded_back_into_a_merged_model(saved, tmp_path, images, dtype):
+    """merge_and_unload's record outlived the weights: with the base weights loaded back (load_state_dict), the
+    adapter merged before was still refused as folded in, and an adapter trained then recorded a merge its weights did
+    not hold. The record now holds while the weights are the merged ones, and is dropped once they are the base's."""
+    model, directory = saved
+    model = model.to(dtype)
+    base = {name: value.clone() for name, value in nv.unload(copy.deepcopy(model)).state_dict().items()}
+    merged = nv.merge_and_unload(model)
+    merged_state = {name: value.clone() for name, value in merged.state_dict().items()}
+    copied = copy.deepcopy(merged)
+    merged.load_state_dict(base)
+    assert nv.core.fingerprint.merged_adapters(merged) == []
+    expected = nv.load_adapter(tiny_vit().to(dtype), directory)(images.to(dtype))
+    torch.testing.assert_close(nv.load_adapter(merged, directory)(images.to(dtype)), expected, rtol=0, atol=0)
+    nv.unload(merged)
+    merged.load_state_dict(merged_state)  # the merged weights again: the record holds again
+    for holding in (merged, copied):
+        with pytest.raises(AdapterLoadError, match=r"weights hold 1 adapter\(s\) folded in by nv\.merge_and_unload"):
+            nv.load_adapter(holding, directory)
+    merged.load_state_dict(base)
+    second = nv.save_adapter(trained(seed=2, model=merged, config=nv.LoRAConfig(rank=2)), tmp_path / "second")
+    nv.load_adapter(tiny_vit().to(dtype), second)  # trained on the base weights: it records no merge
+    merged = nv.merge_and_unload(merged)  # a merge after the undone one records itself alone
+    assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["lora"]
+
+
 def test_an_adapter_trained_on_merged_weights_loads_onto_them_and_not_onto_the_base(saved, tmp_path):
     merged = nv.merge_and_unload(saved[0])
     base = copy.deepcopy(merged)

@@ -40,12 +40,13 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
-           "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "TOLERANCE", "adapter_fingerprint",
-           "context_modules", "differing_module", "differing_positions", "differing_records", "differing_statistics",
-           "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision", "holds_update", "is_context",
-           "is_positions", "is_precision", "is_precisions", "is_statistics", "merged_adapters", "missing_merges",
-           "position_records", "record_merged", "record_precisions", "running_statistics", "sample_sizes",
-           "statistics_layers", "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
+           "MERGED_PROBES_ATTRIBUTE", "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "TOLERANCE",
+           "adapter_fingerprint", "context_modules", "differing_module", "differing_positions", "differing_records",
+           "differing_statistics", "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision",
+           "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
+           "merge_probes", "merged_adapters", "merges_undone", "missing_merges", "position_records", "record_merged",
+           "record_precisions", "recorded_merges", "running_statistics", "sample_sizes", "statistics_layers",
+           "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 # The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
@@ -69,6 +70,7 @@ STRIDE = 2654435761
 # ConvNeXt's ``head.norm``): their weights shape the features a head was trained on.
 HEAD_INPUTS = ("norm", "fc_norm", "head.norm")
 MERGED_ATTRIBUTE = "nola_merged_adapters"
+MERGED_PROBES_ATTRIBUTE = "nola_merged_probes"  # the weights' values around each merge (``merge_probes``)
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Parameters timm resizes for another input size (absolute and relative position embeddings): left out of the
 # context records, so an adapter still loads onto the model built for another input size.
@@ -343,13 +345,94 @@ def _unpack(context: dict) -> List[List[float]]:
 
 
 def merged_adapters(model: nn.Module) -> List[dict]:
-    """What ``merge_and_unload`` folded into the model's weights: one entry (method, config, layers) per adapter."""
+    """What ``merge_and_unload`` folded into the model's weights: one entry (method, config, layers) per adapter;
+    none once the weights are those from before the first merge again (``load_state_dict`` of the base weights:
+    ``merges_undone``)."""
+    return [] if merges_undone(model) else recorded_merges(model)
+
+
+def recorded_merges(model: nn.Module) -> List[dict]:
+    """The entries ``merge_and_unload`` recorded, whatever the weights hold now (a later merge adds one)."""
     return list(getattr(model, MERGED_ATTRIBUTE, []))
 
 
-def record_merged(model: nn.Module, entry: dict) -> None:
-    """Remember that ``entry``'s update is now part of the model's weights (kept by deepcopy, not by state dicts)."""
-    setattr(model, MERGED_ATTRIBUTE, [*merged_adapters(model), entry])
+def merge_probes(model: nn.Module, layers: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor, Tensor]]:
+    """Of merged adapted layers ``layers``: a few positions of each weight, its values there before the merge (as
+    ``unmerge`` would give them back) and merged, float64 on the CPU, for ``record_merged``."""
+    probes = {}
+    with torch.no_grad():
+        for name in layers:
+            layer = model.get_submodule(name)
+            positions = _probe_positions(layer.weight.numel())
+            merged = layer.weight.detach().reshape(-1).index_select(0, positions.to(layer.weight.device))
+            probes[name] = (positions, _unmerged_at(layer, positions), merged.to(torch.float64).cpu())
+    return probes
+
+
+def _unmerged_at(layer: nn.Module, positions: Tensor) -> Tensor:
+    """The values of ``layer``'s weight at flat ``positions`` as unmerged (a merged adapted layer's ΔW taken out),
+    float64 on the CPU."""
+    weight = layer.weight.detach()
+    parameters, delta = _unmerged(layer, {"weight": weight})
+    at = positions.to(weight.device)
+    values = parameters["weight"].reshape(-1).index_select(0, at).to(torch.float64)
+    return (values - delta(at) if delta is not None else values).cpu()
+
+
+def record_merged(model: nn.Module, entry: dict, probes: Dict[str, Tuple[Tensor, Tensor, Tensor]],
+                  undone: bool = False) -> None:
+    """Remember that ``entry``'s update is now part of the model's weights (kept by deepcopy, not by state dicts),
+    with ``merge_probes`` of its layers: a layer merged before keeps its values from before the first merge.
+    ``undone``: the earlier record's merges were undone before this one (``merges_undone``), so it is dropped."""
+    kept = {} if undone else dict(getattr(model, MERGED_PROBES_ATTRIBUTE, {}))
+    for name, (positions, before, merged) in probes.items():
+        if name in kept and torch.equal(kept[name][0], positions):
+            before = kept[name][1]
+        kept[name] = (positions, before, merged)
+    setattr(model, MERGED_ATTRIBUTE, [*([] if undone else recorded_merges(model)), entry])
+    setattr(model, MERGED_PROBES_ATTRIBUTE, kept)
+
+
+def merges_undone(model: nn.Module) -> bool:
+    """Whether the model's weights are again those from before its first recorded merge, within the rounding of
+    the coarser dtype, at every probed position a merge moved beyond it: the base weights loaded back
+    (``load_state_dict``), the record then describes none of them. Adapted layers count with their unmerged weights
+    (an adapter injected since is not a merge). False without probes (records of earlier versions), for weights of
+    another size or on the meta device, and for any other weights."""
+    probes = getattr(model, MERGED_PROBES_ATTRIBUTE, None)
+    if not probes:
+        return False
+    told = False
+    with torch.no_grad():
+        for name, (positions, before, merged) in probes.items():
+            weight = getattr(_submodule(model, name), "weight", None)
+            if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() \
+                    or not torch.equal(_probe_positions(weight.numel()), positions):
+                return False
+            now = _unmerged_at(_submodule(model, name), positions)
+            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged.to(torch.float32)))
+            tolerance = rounding * torch.maximum(before.abs(), merged.abs()) + torch.finfo(torch.float32).tiny
+            moved = (merged - before).abs() > 4 * tolerance
+            if not bool(((now - before).abs() <= tolerance)[moved].all()):
+                return False
+            told = told or bool(moved.any())
+    return told
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+# Positions of a merged weight ``merge_probes`` keeps: few, as merges are told from base weights at every one.
+_PROBES = 128
+
+
+def _probe_positions(numel: int) -> Tensor:
+    count = min(numel, _PROBES)
+    return torch.arange(count, dtype=torch.int64) * numel // max(count, 1)
 
 
 def _frozen_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:

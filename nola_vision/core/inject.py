@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisBank
 from .checks import check_bool
 from .config import AdapterConfig
-from .fingerprint import record_merged, running_statistics
+from .fingerprint import merge_probes, merges_undone, record_merged, running_statistics
 from .interrupts import all_or_nothing, interrupts_deferred
 from .layer import HOOK_KINDS, STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
@@ -591,7 +591,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     state = _require_own_adapter_state(model, "merge_and_unload")
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
+    undone = merges_undone(model)  # an earlier record whose base weights were loaded back: not carried on
     merge(model)
+    probes = merge_probes(model, sorted(state.plan.layers))  # so a later load of the base weights drops the record
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
         with torch.no_grad():
@@ -601,7 +603,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _remove_injection(model, state)
         if state.plan.layers:
             folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
-            record_merged(model, folded)
+            record_merged(model, folded, probes, undone)
     return wrapper
 
 

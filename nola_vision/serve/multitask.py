@@ -34,7 +34,7 @@ from ..adapters.files import (
 )
 from ..core.basis import BasisBank
 from ..core.checks import check_bool, check_number, check_path, shown
-from ..core.fingerprint import merged_adapters
+from ..core.fingerprint import recorded_merges
 from ..core.functions import autocast_available
 from ..core.inject import adapter_state
 from ..core.interrupts import all_or_nothing, interrupts_deferred
@@ -202,7 +202,7 @@ class MultiTaskModel(nn.Module):
         self._rows_per_image: Dict[Tuple[int, ...], Dict[str, int]] = {}
         self._finalizer = _removing_hooks_when_collected(self)
         self._call = _Call()
-        self._merged = merged_adapters(model)  # what the weights held when wrapped; a later change is refused
+        self._merged = recorded_merges(model)  # the merges recorded when wrapped; a later merge is refused
         # The weights the tasks were checked against (None: recorded at the next call); a later change is refused.
         self._weights: Optional[_WeightRecord] = _WeightRecord(model)
         self._copied_weights: Optional[Dict[str, _Sample]] = None  # a copy's original's weights (see __setstate__)
@@ -235,7 +235,7 @@ class MultiTaskModel(nn.Module):
             state.pop(name, None)
         if "cache_mb" in state:  # pickled when the budget was a plain attribute
             state["_cache_mb"] = state.pop("cache_mb")
-        state.setdefault("_merged", merged_adapters(state["_modules"]["model"]))
+        state.setdefault("_merged", recorded_merges(state["_modules"]["model"]))
         super().__setstate__(state)
         # A lock and a thread-local do not copy or pickle. Copied weights have new version counters: recorded at the
         # first call, since the model may still be half copied here (its hooks lead a copy through this object), after
@@ -387,7 +387,7 @@ class MultiTaskModel(nn.Module):
             raise RuntimeError("the model this MultiTaskModel serves was given adapters since it was wrapped "
                                "(nv.inject or nv.load_adapter on it): its tasks would be served through the wrong "
                                "layers. Serve single tasks on another copy of the backbone, or nv.unload(model) first")
-        if merged_adapters(self.model) != self._merged:
+        if recorded_merges(self.model) != self._merged:  # a write of the weights is found below
             raise RuntimeError("the model this MultiTaskModel serves had an adapter merged into its weights since it "
                                "was wrapped (nv.merge_and_unload): every task would get that update too. Wrap a fresh "
                                "timm.create_model(...) instead")
