@@ -387,6 +387,25 @@ def test_a_checkpoint_of_an_earlier_build_warns_of_the_settings_it_does_not_reco
         FewShotClassifier(num_classes=4, adapter=CONFIG, **other).on_load_checkpoint(checkpoint)
 
 
+def test_a_quantisation_aware_checkpoint_that_records_no_bits_warns_its_head_may_have_trained_at_full_precision():
+    """Runs before 2026-11-30 trained the head at full precision under quant_bits, which this version sees as 8-bit
+    codes: their checkpoints (which record no bits) loaded with other outputs and nothing said so."""
+    import warnings
+
+    def built():
+        return FewShotClassifier(num_classes=4, adapter=CONFIG, quant_bits=4, **TINY)
+
+    checkpoint = checkpoint_of(built())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint that records its bits loads without it
+        built().on_load_checkpoint(copy.deepcopy(checkpoint))
+    del checkpoint["nola_vision"]["quant_bits"]  # as written before checkpoints recorded them
+    del checkpoint["nola_vision"]["record_sha256"]
+    with pytest.warns(UserWarning, match=r"trained quantisation-aware \(quant_bits=4\) by an earlier nola_vision "
+                                         r"that did not record the bits\. Versions before 2026-11-30 trained .*head"):
+        built().on_load_checkpoint(checkpoint)
+
+
 def test_timms_default_and_export_builds_of_hard_mish_load_each_others_files(tmp_path):
     # hard_mish is HardMishMe (activations_me) by default and HardMish in an export build: the same function, refused
     # as "activations [], this model has ['HardMish']" by the records that read only timm's activations module

@@ -924,6 +924,7 @@ class FewShotClassifier(L.LightningModule):
             self._fit_running = False
             self._check_recorded_split(checkpoint.get("datamodule_hyper_parameters"))
             self._check_settings(None)  # warns that it records none
+            self._warn_of_unrecorded_quantization({})
             return
         _check_record(info)
         self._check_adapter(info)
@@ -1021,6 +1022,7 @@ class FewShotClassifier(L.LightningModule):
         give another model."""
         own_bits = quantization_aware_bits(self.model)
         adapts_layers = bool(adapted_layers(self.model))
+        self._warn_of_unrecorded_quantization(info)
         if "quant_bits" in info and not seen_alike(info["quant_bits"], own_bits, adapts_layers):  # older: no bits
             saved = info["quant_bits"]
             trained = f"quantisation-aware at {saved} bits" if saved else "without quantisation-aware training"
@@ -1039,6 +1041,18 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"checkpoint's random bases come from generator {info['generator_version']!r}, this "
                              f"nola_vision regenerates others ({GENERATOR_VERSION!r}): use the nola_vision version "
                              "that wrote the checkpoint")
+
+    def _warn_of_unrecorded_quantization(self, info: Dict[str, Any]) -> None:
+        """Warn of a quantisation-aware checkpoint whose record holds no bits (written before 2026-12-02): runs before
+        2026-11-30 trained and evaluated the head at full precision, which this model sees as 8-bit codes, as files
+        store it, so its outputs may differ a little from those the run measured."""
+        bits = quantization_aware_bits(self.model)
+        if bits and "quant_bits" not in info:
+            warn_user(f"nola_vision: this checkpoint was trained quantisation-aware (quant_bits={bits}) by an earlier "
+                      "nola_vision that did not record the bits. Versions before 2026-11-30 trained and evaluated the "
+                      "head at full precision; this one sees the head as 8-bit codes (as adapter files store it), so "
+                      "its outputs may differ a little from those the run measured (a few predictions in a thousand). "
+                      "Evaluate it with the version that trained it to reproduce the run's numbers")
 
     def _settings(self) -> Dict[str, Any]:
         """What a checkpoint records of the backbone's settings: ``output_settings`` and the head's pooling (an adapter
