@@ -144,6 +144,36 @@ def test_integer_codes_that_lose_most_of_a_tensor_warn_naming_it(tmp_path, bits)
         nv.save_adapter(model, tmp_path / "outlier", bits=bits)
 
 
+def test_the_advice_for_a_head_that_loses_its_values_names_the_bits_the_file_is_saved_at(tmp_path):
+    """The head is stored as 8-bit codes in a 4-bit file: its warning advised training quantisation-aware at 8 bits,
+    which then warned that the 4-bit file holds values training never saw."""
+    model = as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1, scale=0.2)
+    with torch.no_grad():
+        model.head.weight[0, 0] = 1e4
+    with pytest.warns(UserWarning, match=r"tensor head\.weight loses most of its values at 8 bits.*train "
+                                         r"quantisation-aware at 4 bits \(set_quantization_aware, which sees the head "
+                                         r"at its 8-bit codes\)"):
+        nv.save_adapter(model, tmp_path / "four", bits=4)
+    nv.set_quantization_aware(model, 4)  # the advice, followed: no warning of either kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nv.save_adapter(model, tmp_path / "aware", bits=4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_negative_zero_minimum_is_recorded_as_the_zero_it_loads_as(tmp_path, bits):
+    """quantize recorded a -0.0 minimum, which decodes as +0.0: a file and the one saved from its load gave back the
+    same values with other bytes (and another weights_sha256)."""
+    model = nv.inject(tiny_vit(), nv.NOLAConfig(num_basis_a=16, num_basis_b=16))
+    name, alpha = next((n, p) for n, p in model.named_parameters() if n.endswith("nola_alpha"))
+    with torch.no_grad():
+        alpha.fill_(-0.0)
+        alpha.view(-1)[1] = 0.5
+    nv.save_adapter(model, tmp_path / "first", bits=bits)
+    nv.save_adapter(nv.load_adapter(tiny_vit(), tmp_path / "first"), tmp_path / "again", bits=bits)
+    assert (tmp_path / "first" / WEIGHTS_NAME).read_bytes() == (tmp_path / "again" / WEIGHTS_NAME).read_bytes()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantisation_aware_model_saved_at_its_bits_is_not_warned_about_its_codes(tmp_path, bits):
     # it was told to save with bits=16 or to train quantisation-aware at the bits it trained at: its file reproduces

@@ -421,6 +421,18 @@ def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(
     nv.load_adapter(tiny_vit().bfloat16(), tmp_path)
 
 
+@pytest.mark.parametrize("value", [65_519.0, -65_510.0])
+def test_a_value_just_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(tmp_path, value):
+    """Between 65,504 and 65,520 float16 rounds to 65,504 instead of overflowing: such a tensor was stored as float16
+    and loaded as ±65,504, though the docs say a value beyond ±65,504 is kept in float32 and loads exactly."""
+    model = trained(seed=1)
+    with torch.no_grad():
+        model.head.bias[0] = value
+    nv.save_adapter(model, tmp_path)
+    assert load_bytes((tmp_path / WEIGHTS_NAME).read_bytes())["head.bias"].dtype == torch.float32
+    assert torch.equal(nv.load_adapter(tiny_vit(), tmp_path).head.bias, model.head.bias)
+
+
 def test_a_float16_model_is_judged_by_the_factors_its_unmerged_pass_casts_whether_injected_or_not(tmp_path):
     # coefficients beyond 65,504 stay float32 parameters and give float16 factors that fit: a float16 model refused its
     # own adapter when loaded fresh (judged as float16 tensors) and took it injected; LoRA factors beyond float16 were

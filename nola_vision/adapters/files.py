@@ -391,7 +391,8 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
             tensors[name] = _stored_floats(name, value, stored_bits[name])
         else:  # coded from float32 values: a float64 tensor float32 cannot hold is refused as at bits=32
             tensors[name], quantization[name] = _stored_codes(name, _stored_floats(name, value, 32), stored_bits[name],
-                                                              trained_at_bits=seen.get(name) == stored_bits[name])
+                                                              trained_at_bits=seen.get(name) == stored_bits[name],
+                                                              file_bits=bits)
     metadata = {"format": FORMAT, "quantization": json.dumps(quantization, separators=(",", ":"))}
     weights = canonical_safetensors(save_safetensors_bytes(tensors, metadata=metadata))
     document: Dict[str, Any] = {
@@ -602,15 +603,17 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
     """``value`` as float16 at 16 bits (a bfloat16 tensor as it is: exact), or float32 (at 32 bits, and at 16 where
     float16 would lose it).
 
-    A dtype keeps a tensor when every value comes back finite and within half a step of that dtype at the tensor's
-    largest value (``_lossless_in``): beyond ±65,504 float16 would turn values into ±inf, and a tensor of values below
+    A dtype keeps a tensor when every value is within its range and comes back within half a step of that dtype at
+    the tensor's largest value (``_lossless_in``): beyond ±65,504 float16 would turn values into ±inf (or, up to
+    65,520, into ±65,504), and a tensor of values below
     its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate) would lose most of its
     digits, or every value, to subnormals and zeros; so would float32 a float64 model's tensor below 1e-38.
     """
     if bits == 16 and value.dtype == torch.bfloat16:
         return value
     for dtype in (torch.float16, torch.float32) if bits == 16 else (torch.float32,):
-        if _lossless_in(value, dtype):
+        within = not value.numel() or float(value.detach().abs().max()) <= torch.finfo(dtype).max
+        if within and _lossless_in(value, dtype):  # within: up to 65,520 float16 rounds to 65,504, not to inf
             return value.to(dtype)
     largest = value.abs().max().item()
     if largest > torch.finfo(torch.float32).max:
@@ -646,10 +649,12 @@ def _require_no_unsaved_layer_state(model: nn.Module) -> None:
                              "persistent=False (see the guide 'Adding a method')")
 
 
-def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False) -> Tuple[Tensor, List[float]]:
+def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = False,
+                  file_bits: Optional[int] = None) -> Tuple[Tensor, List[float]]:
     """``value`` as ``bits``-bit codes (4-bit packed) with its quantisation entry; refused if it would load as inf.
     A warning names a tensor whose values the codes move far, unless training saw them at these bits already
-    (``trained_at_bits``: quantisation-aware training, whose outputs the codes then reproduce)."""
+    (``trained_at_bits``: quantisation-aware training, whose outputs the codes then reproduce). ``file_bits``: the
+    bits the file is saved at, where they differ from the tensor's own (a head's 8-bit codes in a 4-bit file)."""
     codes, minimum, step = quantize(value, bits)
     step = grid_step(value, codes, minimum, step)  # values saved before keep their bytes
     stored = dequantize(codes, minimum, step)
@@ -664,7 +669,9 @@ def _stored_codes(name: str, value: Tensor, bits: int, trained_at_bits: bool = F
         warn_user(f"tensor {name} loses most of its values at {bits} bits: storing moves a typical value by "
                   f"{moved}, since values up to "
                   f"{values.abs().max().item():.4g} set the range of its {2 ** bits} codes. Save with bits=16, or "
-                  f"train quantisation-aware at {bits} bits (set_quantization_aware)", UserWarning)
+                  f"train quantisation-aware at {file_bits or bits} bits (set_quantization_aware"
+                  f"{f', which sees the head at its {bits}-bit codes' if (file_bits or bits) != bits else ''})",
+                  UserWarning)
     return (pack4(codes) if bits == 4 else codes), [minimum, step, bits]
 
 

@@ -64,7 +64,7 @@ def quantize(values: Tensor, bits: int) -> Tuple[Tensor, float, float]:
     if not 2 <= bits <= 8:
         raise ValueError(f"integer quantisation supports 2 to 8 bits, got {bits}")
     flat = values.detach().float().flatten()
-    minimum, maximum = flat.min().item(), flat.max().item()
+    minimum, maximum = flat.min().item() + 0.0, flat.max().item()  # + 0.0: a -0.0 minimum as the 0.0 it decodes to
     levels = 2**bits - 1
     step = (maximum - minimum) / levels
     if step == 0.0:  # a constant tensor (e.g. the paper's α = 1/k init) is exact with code 0
