@@ -78,6 +78,33 @@ def test_a_new_fit_from_a_runs_saved_config_keeps_that_runs_result(run, tmp_path
            "new run writes no result file" in caplog.text
 
 
+def test_an_earlier_versions_relative_result_file_is_neither_written_nor_taken_for_a_file_here(run, tmp_path,
+                                                                                                monkeypatch, caplog):
+    """Saved configs of earlier versions record result_file as typed, relative to the fit's working directory: a
+    test from another folder wrote its metrics to a fit_result.json there, or called another run's file there "the
+    result of the run that saved the config"."""
+    saved = yaml.safe_load(run["config"].read_text())
+    header = run["config"].read_text().split("\n", 2)
+    old = tmp_path / "old" / "config.yaml"
+    old.parent.mkdir()
+    old.write_text("\n".join(header[:2]) + "\n" + yaml.safe_dump({**saved, "result_file": "fit_result.json"}))
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    common = ["test", "-c", str(old), "--ckpt_path", str(run["checkpoint"]), *QUIET]
+    assert main(common) == 0
+    assert not (here / "fit_result.json").exists()
+    assert ("the config's result_file fit_result.json is the result of the run that saved the config, recorded "
+            "relative to the folder that run was started in") in caplog.text
+    caplog.clear()
+    (here / "fit_result.json").write_text(json.dumps(run["fit"]))  # another run's result lies here: not its
+    unmarked = tmp_path / "unmarked.yaml"  # a config without the saved mark (before 2026-12-02)
+    unmarked.write_text(yaml.safe_dump({**saved, "result_file": "fit_result.json"}))
+    assert main(["test", "-c", str(unmarked), "--ckpt_path", str(run["checkpoint"]), *QUIET]) == 0
+    assert (f"result_file {here / 'fit_result.json'} holds the result of a fit (of checkpoint {run['checkpoint']}), "
+            "kept as it is") in caplog.text
+
+
 def test_an_abbreviated_model_option_is_refused_with_a_checkpoint_as_the_option_itself_is(run, tmp_path, capsys):
     """argparse takes --model.label for --model.label_smoothing: given with --ckpt_path it was read as a config
     file's value, and the resume trained on with the checkpoint's 0.1 (exit 0)."""

@@ -958,11 +958,21 @@ class NolaCLI(LightningCLI):
                 raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
                                  "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
             config.result_file = None
+        elif subcommand in ("test", "validate") and from_config and _relative_saved_result(config.get("config") or []):
+            # recorded as typed by earlier versions: relative to the folder the fit ran in, which is not known here
+            config.result_file = None
+            rank_zero_info(f"nola_vision: the config's result_file {_relative_saved_result(config.config)} is the "
+                           "result of the run that saved the config, recorded relative to the folder that run was "
+                           f"started in (by an earlier nola_vision): not written. Pass --result_file to write the "
+                           f"{subcommand} metrics")
         elif subcommand in ("test", "validate") and from_config and (
                 _is_fit_result(Path(result)) or _saved_result_file(config.get("config") or []) == result):
             config.result_file = None
-            rank_zero_info(f"nola_vision: the config's result_file {result} is the result of the run that saved the "
-                           f"config, kept as it is: pass --result_file to write the {subcommand} metrics")
+            whose = ("is the result of the run that saved the config"
+                     if _saved_result_file(config.get("config") or []) == result else
+                     f"holds the result of a fit (of checkpoint {_fit_result_checkpoint(Path(result))})")
+            rank_zero_info(f"nola_vision: the config's result_file {result} {whose}, kept as it is: pass "
+                           f"--result_file to write the {subcommand} metrics")
         elif (subcommand == "fit" and from_config and config.get("ckpt_path") is None
               and _saved_result_file(config.get("config") or []) == os.path.abspath(expand_root(result))):
             # a new run from a run's saved config (a variant: other epochs, another seed) is another run: replacing
@@ -1586,9 +1596,17 @@ def _is_result_file(path: Path) -> bool:
     return _result_document(path) is not None
 
 
-def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
+def _relative_saved_result(given_files: Sequence[Any]) -> Optional[str]:
+    """The ``result_file`` of a fit's saved config where it is relative (earlier versions recorded it as typed,
+    relative to the fit's working directory), else None."""
+    result = _saved_result_file(given_files, as_written=True)
+    return result if result is not None and not os.path.isabs(expand_root(result)) else None
+
+
+def _saved_result_file(given_files: Sequence[Any], as_written: bool = False) -> Optional[str]:
     """The ``result_file`` a fit's saved config (the last ``-c`` file that is one) names: that fit's result, also
-    after it was moved away (an evaluation of the run would write its metrics there unasked)."""
+    after it was moved away (an evaluation of the run would write its metrics there unasked). Made absolute, or
+    ``as_written``."""
     path = _saved_config(given_files)
     if path is None:
         return None
@@ -1597,7 +1615,15 @@ def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
     except (OSError, ValueError, yaml.YAMLError):
         return None
     result = saved.get("result_file") if isinstance(saved, dict) else None
-    return os.path.abspath(expand_root(result)) if isinstance(result, str) and result else None
+    if not isinstance(result, str) or not result:
+        return None
+    return result if as_written else os.path.abspath(expand_root(result))
+
+
+def _fit_result_checkpoint(path: Path) -> Optional[str]:
+    """The checkpoint a fit's result file records (None where it records none)."""
+    document = _result_document(path) if path.is_file() else None
+    return document.get("checkpoint") if isinstance(document, dict) else None
 
 
 def _is_fit_result(path: Path) -> bool:
