@@ -312,6 +312,18 @@ def test_a_wrong_task_name_among_many_names_the_closest_not_every_task(tasks, im
         assert len(str(refused.value)) < 600
 
 
+def test_a_server_of_images_of_many_sizes_keeps_a_bounded_record_of_them(tasks):
+    """The rows each image shape gives per adapted layer were kept for every shape ever served: a server taking
+    images of any size (dynamic_img_size) grew without bound."""
+    from nola_vision.serve import multitask
+
+    model = served(tiny_vit(dynamic_img_size=True), a=tasks["a"], b=tasks["b"])
+    for width in range(16, 16 + 8 * (multitask._SHAPES_KEPT + 6), 8):
+        model(torch.randn(2, 3, 16, width), ["a", "b"])
+    assert len(model._rows_per_image) == multitask._SHAPES_KEPT
+    assert (3, 16, 16) not in model._rows_per_image and (3, 16, width) in model._rows_per_image
+
+
 def test_the_class_names_a_caller_gets_are_its_own_copy(tmp_path, images):
     """class_names(task) returned the task's own list: a caller that sorted it relabelled the task's outputs for
     every later caller."""

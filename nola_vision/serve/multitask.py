@@ -54,6 +54,9 @@ from ..core.targets import (
 
 __all__ = ["MultiTaskModel"]
 
+# Image shapes whose rows per image a server keeps (``_require_images_first``), the oldest dropped beyond.
+_SHAPES_KEPT = 64
+
 # Errors name every registered task up to this many; of more, the closest to a wrong name and the first ones.
 _LISTED_TASKS = 10
 
@@ -432,6 +435,8 @@ class MultiTaskModel(nn.Module):
                 self._pooled_features(images[:1])
             finally:
                 rows, call.rows = call.rows, None
+            if len(self._rows_per_image) >= _SHAPES_KEPT:  # a server of images of any size: the oldest goes
+                del self._rows_per_image[next(iter(self._rows_per_image))]
             self._rows_per_image[shape] = rows
         name = next((name for name in layers if rows.get(name, 1) != 1), None)
         if name is not None:
