@@ -405,12 +405,14 @@ def merges_undone(model: nn.Module) -> bool:
     told = False
     with torch.no_grad():
         for name, (positions, before, merged) in probes.items():
-            weight = getattr(_submodule(model, name), "weight", None)
+            module = _submodule(model, name)
+            weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() \
                     or not torch.equal(_probe_positions(weight.numel()), positions):
                 return False
-            now = _unmerged_at(_submodule(model, name), positions)
-            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged.to(torch.float32)))
+            now = _unmerged_at(module, positions)
+            # the coarser of the weight's dtype now and the one its merged values were held at
+            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged))
             tolerance = rounding * torch.maximum(before.abs(), merged.abs()) + torch.finfo(torch.float32).tiny
             moved = (merged - before).abs() > 4 * tolerance
             if not bool(((now - before).abs() <= tolerance)[moved].all()):
