@@ -958,12 +958,13 @@ class NolaCLI(LightningCLI):
                 raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
                                  "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
             config.result_file = None
-        elif subcommand in ("test", "validate") and from_config and _relative_saved_result(config.get("config") or []):
+        elif subcommand in ("test", "validate") and from_config and _relative_saved_result(
+                config.get("config") or [], result) is not None:
             # recorded as typed by earlier versions: relative to the folder the fit ran in, which is not known here
             config.result_file = None
-            rank_zero_info(f"nola_vision: the config's result_file {_relative_saved_result(config.config)} is the "
-                           "result of the run that saved the config, recorded relative to the folder that run was "
-                           f"started in (by an earlier nola_vision): not written. Pass --result_file to write the "
+            rank_zero_info(f"nola_vision: the config's result_file {_relative_saved_result(config.config, result)} "
+                           "is the result of the run that saved the config, recorded relative to the folder that run "
+                           f"was started in (by an earlier nola_vision): not written. Pass --result_file to write the "
                            f"{subcommand} metrics")
         elif subcommand in ("test", "validate") and from_config and (
                 _is_fit_result(Path(result)) or _saved_result_file(config.get("config") or []) == result):
@@ -1596,11 +1597,13 @@ def _is_result_file(path: Path) -> bool:
     return _result_document(path) is not None
 
 
-def _relative_saved_result(given_files: Sequence[Any]) -> Optional[str]:
-    """The ``result_file`` of a fit's saved config where it is relative (earlier versions recorded it as typed,
-    relative to the fit's working directory), else None."""
-    result = _saved_result_file(given_files, as_written=True)
-    return result if result is not None and not os.path.isabs(expand_root(result)) else None
+def _relative_saved_result(given_files: Sequence[Any], result: str) -> Optional[str]:
+    """The ``result_file`` of a fit's saved config, as written, where it is relative (earlier versions recorded it
+    as typed, relative to the fit's working directory) and is the one in effect (``result``), else None."""
+    saved = _saved_result_file(given_files, as_written=True)
+    if saved is None or os.path.isabs(expand_root(saved)):
+        return None
+    return saved if os.path.abspath(expand_root(saved)) == os.path.abspath(expand_root(result)) else None
 
 
 def _saved_result_file(given_files: Sequence[Any], as_written: bool = False) -> Optional[str]:
