@@ -3,6 +3,7 @@ import copy
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -400,6 +401,32 @@ def test_an_adapter_of_another_width_is_refused_naming_the_width_not_another_cla
         with pytest.raises(AdapterLoadError, match=says) as error:
             read()
         assert "num_classes" not in str(error.value)
+
+
+@pytest.mark.parametrize("spectral_norm", [torch.nn.utils.parametrizations.spectral_norm,
+                                           torch.nn.utils.spectral_norm], ids=["parametrization", "legacy"])
+@pytest.mark.parametrize("where", ["head", "blocks.0.attn.proj"])
+def test_a_spectral_norm_whose_power_iteration_trained_on_is_refused_as_files_hold_no_buffers(tmp_path, spectral_norm,
+                                                                                              where):
+    """A train-mode pass updates a spectral norm's power-iteration vectors, which set the norm its weight is divided
+    by: on the head, the file's logits came back 21 times off, silently (batch-norm statistics were refused)."""
+    def built():
+        model = tiny_vit()
+        parent, _, child = where.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        torch.manual_seed(0)  # the vectors' random start
+        setattr(owner, child, spectral_norm(getattr(owner, child)))
+        return model
+
+    model = nv.inject(built(), CONFIG)
+    model.eval()(IMAGES)  # eval mode: the vectors stay
+    nv.save_adapter(model, tmp_path / "eval", bits=32)
+    torch.testing.assert_close(logits(nv.load_adapter(built(), tmp_path / "eval")), logits(model), rtol=0, atol=1e-6)
+    model.train()(IMAGES)
+    with pytest.raises(ValueError, match=r"power-iteration vectors of a spectral norm changed since inject \("
+                                         + re.escape(where) + r"\..*eval mode"):
+        nv.save_adapter(model, tmp_path / "train")
+    assert not (tmp_path / "train").exists()
 
 
 def test_a_head_beyond_the_float16_range_is_stored_in_float32_and_loads_exactly(tmp_path):

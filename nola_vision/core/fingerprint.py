@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
 from .basis import random_bits
 from .checks import is_finite_number
@@ -196,10 +198,23 @@ def statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
-    """The running means and variances of ``statistics_layers`` by buffer name (plain ViTs have none)."""
-    return {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
-            for name, module in statistics_layers(model).items()
-            for buffer in _STATISTICS if getattr(module, buffer, None) is not None}
+    """The buffers a forward pass in train mode changes without a gradient, by name (plain ViTs have none): the
+    running means and variances of ``statistics_layers``, and spectral norms' power-iteration vectors (the buffers of
+    a parametrization, ``torch.nn.utils.parametrizations.spectral_norm``, or of the older
+    ``torch.nn.utils.spectral_norm``), which set the norm the weight is divided by."""
+    found = {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
+             for name, module in statistics_layers(model).items()
+             for buffer in _STATISTICS if getattr(module, buffer, None) is not None}
+    for name, module in model.named_modules():
+        owned = []
+        if isinstance(module, parametrize.ParametrizationList):
+            owned = [buffer for buffer, _ in module.named_buffers()]
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, LegacySpectralNorm):
+                owned += [f"{hook.name}_u", f"{hook.name}_v"]
+        for buffer in owned:
+            found[f"{name}.{buffer}" if name else buffer] = module.get_buffer(buffer)
+    return found
 
 
 def statistics_records(model: nn.Module) -> Dict[str, List[float]]:

@@ -384,6 +384,14 @@ def require_unchanged_statistics(model: nn.Module) -> None:
     state, current = adapter_state(model), running_statistics(model)
     changed = [name for name, saved in (state.statistics if state is not None else {}).items()
                if name not in current or not _close(current[name], saved)]
+    spectral = [name for name in changed if name.rpartition(".")[2] not in ("running_mean", "running_var")]
+    if spectral:
+        raise ValueError(
+            f"the power-iteration vectors of a spectral norm changed since inject ({spectral[0]}: a forward pass in "
+            "train mode updates them, and they set the norm its weight is divided by), and adapter files and exports "
+            "hold no buffers: the adapter would load with other outputs than this model. Train with that module in "
+            "eval mode (its parametrization's, or the owning layer's for torch.nn.utils.spectral_norm), or remove "
+            "the spectral norm before inject")
     if changed:
         layers = list(dict.fromkeys(name.rpartition(".")[0] for name in changed))
         raise ValueError(
