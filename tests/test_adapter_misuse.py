@@ -682,6 +682,22 @@ def test_unloading_a_wrapper_of_an_injected_model_names_the_submodule(action):
     assert nv.adapted_layers(model) and not any(layer.merged for layer in nv.adapted_layers(model).values())
 
 
+def test_a_model_inside_an_injected_wrapper_is_told_its_adapters_belong_to_that_wrapper(tmp_path):
+    """save_adapter, unload and merge_and_unload of the inner model said it was never injected and to call inject,
+    which then refused it as already holding adapter layers."""
+    wrapper = nv.inject(torch.nn.Sequential(torch.nn.Identity(), tiny_vit()), NOLA)
+    inner = wrapper[1]
+    calls = [lambda: nv.save_adapter(inner, tmp_path / "a"), lambda: nv.unload(inner),
+             lambda: nv.merge_and_unload(inner)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"the model holds \d+ adapted layer\(s\) \(blocks\.0\.[\w.]+, \.\.\.\) "
+                                             r"but no adapters of its own: nv\.inject was given a module that contains "
+                                             r"it.*Call this on the module nv\.inject was given"):
+            call()
+    assert not (tmp_path / "a").exists() and not any(layer.merged for layer in nv.adapted_layers(wrapper).values())
+    nv.save_adapter(wrapper, tmp_path / "b")  # where the state is
+
+
 def test_basis_holding_reaches_adapters_through_wrappers_and_names_an_injected_submodule():
     # a Sequential around an injected NOLA model was told it has "no shared basis codes to hold (adapters: None)"
     model = nv.inject(tiny_vit(), NOLA)

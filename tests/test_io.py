@@ -112,10 +112,24 @@ def test_loading_onto_a_model_of_another_depth_names_both_depths_not_the_heads(t
     nv.save_adapter(trained(), tmp_path)  # tiny_vit: depth 2
     model = tiny_vit(depth=depth)
     with pytest.raises(AdapterLoadError, match=rf"saved from a model with 2 attention layers, this model has {depth} "
-                                               r"\(another depth\?\).*'vit_tiny_patch16_224', \.\.\., depth=2\) for a "
-                                               r"ViT; depths= per stage, 2 in all, for Swin\)"):
+                                               r"\(another depth, or another features_only out_indices.*"
+                                               r"'vit_tiny_patch16_224', \.\.\., depth=2\) for a ViT; depths= per "
+                                               r"stage, 2 in all, for Swin; a features_only model"):
         nv.load_adapter(model, tmp_path)
     assert not nv.adapted_layers(model)
+
+
+def test_a_features_model_built_with_other_out_indices_is_told_so_not_only_of_another_depth(tmp_path):
+    """timm's features_only ViT keeps the blocks up to its last out_indices: one built with out_indices=(0,) was
+    told to create the model with depth=2, which it had."""
+    def features(out_indices):
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                                 img_size=32, features_only=True, out_indices=out_indices)
+
+    nv.save_adapter(nv.inject(features((0, 1)), nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)), tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"2 attention layers, this model has 1 \(another depth, or another "
+                                               r"features_only out_indices, which keeps the blocks up to the last"):
+        nv.load_adapter(features((0,)), tmp_path)
 
 
 def test_a_headless_adapter_onto_a_model_with_a_head_says_so_and_only_a_file_lacking_tensors_is_incomplete(

@@ -1148,9 +1148,10 @@ def _check_heads(trained: dict, own: dict, backbone: str) -> None:
     if count != len(own["attention_heads"]):
         raise AdapterLoadError(
             f"adapter was saved from a model with {count} attention layers, this model has "
-            f"{len(own['attention_heads'])} (another depth?): create it with the adapter's {count} blocks, one "
-            f"attention layer each (timm.create_model({backbone!r}, ..., depth={count}) for a ViT; depths= per stage, "
-            f"{count} in all, for Swin)")
+            f"{len(own['attention_heads'])} (another depth, or another features_only out_indices, which keeps the "
+            f"blocks up to the last index?): create it with the adapter's {count} blocks, one attention layer each "
+            f"(timm.create_model({backbone!r}, ..., depth={count}) for a ViT; depths= per stage, {count} in all, for "
+            "Swin; a features_only model with the out_indices it was trained with)")
     if trained["attention_heads"] != own["attention_heads"]:
         raise AdapterLoadError(
             f"adapter was trained on a model whose attention layers have {_few(trained['attention_heads'])} heads, "

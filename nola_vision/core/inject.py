@@ -775,11 +775,17 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
 
 def refuse_wrapped_adapters(model: nn.Module, fix: str) -> None:
     """Refuse a model without adapters of its own that holds an injected submodule (injected, then wrapped): ``fix``
-    (formatted with ``inner``, the submodule's name) says what to pass instead."""
+    (formatted with ``inner``, the submodule's name) says what to pass instead; and one whose adapted layers belong to
+    an injection of a module that contains it, which holds their state."""
     inner = next((name for name, module in model.named_modules() if adapter_state(module) is not None), None)
     if inner is not None:
         raise ValueError(f"the model has no adapters itself, but its submodule {inner!r} does (injected before "
                          f"wrapping): {fix.format(inner=inner)}")
+    layers = adapted_layers(model)
+    if layers:
+        raise ValueError(f"the model holds {len(layers)} adapted layer(s) ({next(iter(layers))}, ...) but no adapters "
+                         "of its own: nv.inject was given a module that contains it, which holds their state (the "
+                         "config, the random bases, the head). Call this on the module nv.inject was given")
 
 
 def quantization_aware_bits(model: nn.Module) -> Optional[int]:
