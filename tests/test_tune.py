@@ -1,6 +1,7 @@
 """`nola-vision tune`: selection on validation only, resumable Optuna studies, workers sharing one study."""
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -215,6 +216,34 @@ def test_a_trial_failed_for_its_stopped_worker_says_so_in_the_trials_table(tmp_p
     with open(tmp_path / "tune_trials.csv") as f:
         errors = [row["error"] for row in csv.DictReader(f)]
     assert errors == ["no error recorded: its worker stopped (killed?), and its missed heartbeats failed it", "boom"]
+
+
+def test_the_trial_tables_are_utf8_under_any_locale_and_a_value_holding_a_pipe_keeps_its_cell(tmp_path):
+    """tune_trials.csv (and each run's log.txt) was written in the locale's encoding: Latin-1 bytes beside UTF-8
+    tables, and under LC_ALL=C a codec error. A grid value holding '|' (a regex of targets) split its markdown cell,
+    shifting every later column of the row."""
+    script = f'''
+import optuna, os, sys
+from pathlib import Path
+from nola_vision.runs.executors import _start
+from nola_vision.runs.tune import write_trial_tables
+grid = {{"model.adapter.init_args.targets": ["[blocks\\.0\\.fc1|blocks\\.1\\.fc1]"]}}
+distribution = optuna.distributions.CategoricalDistribution(grid["model.adapter.init_args.targets"])
+trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={{k: v[0] for k, v in grid.items()}},
+                                  distributions={{k: distribution for k in grid}},
+                                  user_attrs={{"error": "in d\\u00e9p\\u00f4t"}})
+root = Path({str(tmp_path)!r})
+write_trial_tables(root, [trial], grid, "sqlite:///tune.db")
+_start([sys.executable, "-c", "pass", os.fsdecode(b"d\\xc3\\xa9p\\xc3\\xb4t")], str(root / "log.txt"), None, ()).wait()
+'''
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr
+    assert "in dépôt" in (tmp_path / "tune_trials.csv").read_text(encoding="utf-8")
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8").rstrip().endswith("dépôt")
+    row = (tmp_path / "tune_results.md").read_text(encoding="utf-8").splitlines()[-1]
+    cells = re.split(r"(?<!\\)\|", row)[1:-1]
+    assert len(cells) == 6 and cells[1].strip() == r"[blocks\.0\.fc1\|blocks\.1\.fc1]" and cells[4].strip() == "FAIL"
 
 
 def test_a_trial_stops_at_its_first_fit_that_fit_refuses(tmp_path):

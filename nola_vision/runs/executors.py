@@ -138,7 +138,8 @@ def _start(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]], pass_fds
     with _RUNNING_LOCK:
         if _STOPPING.is_set():
             raise Stopped(f"not started, this process is stopping (SIGTERM or Ctrl-C): {' '.join(cmd)}")
-        with open(log, "w") as f:
+        # UTF-8 as every other file the runs write (the locale's encoding failed on a non-ASCII path under LC_ALL=C)
+        with open(log, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             process = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
@@ -250,7 +251,7 @@ class LocalExecutor(Executor):
             try:
                 return call(run.cmd, str(run.log), env, claim)
             except OSError as err:  # no such python: one failed run (the others go on), as a failed submitit job is
-                with open(run.log, "a") as f:
+                with open(run.log, "a", encoding="utf-8", errors="surrogateescape") as f:
                     f.write(f"\n{NOT_STARTED}: {err}\n")
                 return -1, 0.0
         finally:
@@ -349,7 +350,7 @@ class SubmititExecutor(Executor):
                 try:
                     code, wall = job.result()
                 except Exception as err:  # the job itself failed (time limit, node failure): report, do not count
-                    with open(run.log, "a") as f:
+                    with open(run.log, "a", encoding="utf-8", errors="surrogateescape") as f:
                         f.write(f"\nsubmitit job {job.job_id} failed: {err}\n")
                     code, wall = -1, 0.0
                 yield run, code, wall

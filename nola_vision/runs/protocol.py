@@ -634,5 +634,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (RuntimeError, ValueError, OSError) as err:  # OSError: a write failed (a full disk, a folder's permissions)
         print(f"nola-vision protocol: error: {error_text(err)}", file=sys.stderr)
         return CONFIG_EXIT if isinstance(err, (ValueError, FileNotFoundError)) else 1  # refused, as fit's; else failed
-    print((Path(args.out) / "results.md").read_text())
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8", errors="surrogateescape"))
     return 0

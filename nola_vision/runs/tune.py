@@ -1099,7 +1099,8 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
     shown = [t for t in trials if not _released(t)]
     seeds = sorted({s for t in shown for s in t.user_attrs.get("val_accs", {})})
     trials_csv = root / "tune_trials.csv"
-    with atomic_path(trials_csv, check=_checked(trials_csv)) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(trials_csv, check=_checked(trials_csv)) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                                               errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *keys, "val_acc", *(f"val_acc_{s}" for s in seeds), "state", "duration_s", "error"])
         for t in shown:
@@ -1116,9 +1117,14 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
         accs = t.user_attrs.get("val_accs", {})
         per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
         value = _score(t, lambda v: f"{100 * v:.2f}")
-        lines.append(f"| {t.number} | " + " | ".join(str(t.params.get(k, "")) for k in keys)
+        lines.append(f"| {t.number} | " + " | ".join(_cell(t.params.get(k, "")) for k in keys)
                      + f" | {value} | {per_seed} | {_state(t)} | {t.user_attrs.get('duration_s', '')} |")
     write_text_atomic(root / "tune_results.md", "\n".join(lines) + "\n", check=_checked(root / "tune_results.md"))
+
+
+def _cell(value: Any) -> str:
+    """``value`` as a markdown table cell: a ``|`` in it (a regex of targets) escaped, else it splits the cell."""
+    return str(value).replace("|", "\\|")
 
 
 def _score(trial: Any, shown: Callable[[float], Any]) -> Any:

@@ -1572,7 +1572,7 @@ def _kept_output_check(path: Path, option: str, writers: str, recognised: Callab
 
 def _is_predictions_file(path: Path) -> bool:
     try:
-        with open(path, newline="", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
             return next(csv.reader(f), None) == PREDICTIONS_HEADER
     except (OSError, csv.Error):  # unreadable, or not CSV (a binary file)
         return False
