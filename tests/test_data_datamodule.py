@@ -48,6 +48,30 @@ def test_num_classes_and_class_names_are_known_before_setup(tmp_path, folder_roo
     assert FewShotDataModule("cifar100", root=str(tmp_path / "not-yet")).num_classes == 100
 
 
+@pytest.mark.parametrize("shots", [6, 0])
+def test_allow_fewer_that_leaves_no_validation_image_at_all_is_refused(tmp_path, shots):
+    """Every class held its training shots only: val_shots=1 drew nothing, and validate wrote a result without
+    metrics (exit 0), fit one without val/acc, and tune failed every trial after training it."""
+    write_imagefolder(tmp_path / "pets", train_per_class=6 if shots else 1, eval_per_class=1, eval_folder="test")
+    dm = FewShotDataModule("imagefolder", root=str(tmp_path / "pets"), shots=shots, val_shots=1, allow_fewer=True,
+                           image_size=8)
+    with pytest.raises(ValueError, match=rf"val_shots=1 drew no validation image: with allow_fewer.*every class of "
+                                         rf"imagefolder has {shots or 1} training image\(s\) or fewer"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the shortage warning of allow_fewer
+        dm.setup("fit")
+    assert dm.train_set is None
+    partly = tmp_path / "partly"  # one class with a validation image: drawn as before
+    write_imagefolder(partly, train_per_class=6, eval_per_class=1, eval_folder="test")
+    (partly / "train" / "cat" / "cat 00.png").rename(partly / "train" / "cat" / "cat 06.png")
+    shutil.copy(partly / "train" / "cat" / "cat 06.png", partly / "train" / "cat" / "cat 07.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        more = FewShotDataModule("imagefolder", root=str(partly), shots=6, val_shots=1, allow_fewer=True, image_size=8)
+        more.setup("fit")
+    assert len(more.val_manifest) == 1
+
+
 def test_the_class_names_and_manifests_a_caller_gets_are_its_own_copies(folder_root):
     """They were the lists the data module and its datasets read: sorting or shuffling what was returned (to look at
     it) relabelled the classes or reordered the training images of every later batch, checkpoint and export."""

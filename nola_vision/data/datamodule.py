@@ -47,6 +47,7 @@ from .datasets import (
 )
 from .fewshot import (
     FewShotSplit,
+    NotEnoughImagesError,
     composed_name,
     in_draw_order,
     indices_from_manifest,
@@ -721,6 +722,12 @@ class FewShotDataModule(L.LightningDataModule):
         else:
             self.split = sample_kshot(train.samples, self.shots, self.split_seed, self.val_shots,
                                       train.class_names, self.allow_fewer)
+            if self.val_shots and not self.split.val:  # its validation passes would read no image, and record none
+                raise NotEnoughImagesError(
+                    f"val_shots={self.val_shots} drew no validation image: with allow_fewer, a class short of images "
+                    f"gives them to training first, and every class of {self.dataset_name} has {self.shots or 1} "
+                    "training image(s) or fewer. Lower shots (or add images), or drop val_shots",
+                    shortage="no validation image")
         _refuse_unreadable_drawn(train, [*self.split.train, *self.split.val])
         self._check_copies(train)
         # decode a small k-shot set once; array-backed sets (CIFAR, ...) are in memory already, and a
