@@ -1,5 +1,6 @@
 """Runs that overwrote each other or trained silently wrong: two fits at once in one folder, a re-run into a fixed
 ``adapter_dir``, a resume with another ``max_epochs``, and predictions of classes whose names are not UTF-8."""
+import csv
 import hashlib
 import json
 import os
@@ -295,6 +296,25 @@ def test_predictions_of_classes_named_in_no_utf8_keep_their_bytes(tmp_path):
     writer.on_predict_epoch_end(trainer, None)
     rows = path.read_bytes().splitlines()
     assert rows[1] == b"0,,0,caf\xe9,0,caf\xe9,0.900000" and rows[2] == b"1,,0,caf\xe9,1,tea,0.600000"
+
+
+def test_predictions_of_classes_named_like_formulas_open_in_a_spreadsheet_as_text(tmp_path):
+    """Class folders named =1+2, +cat or @dog were written as they are: a spreadsheet opening predictions.csv ran
+    them as formulas (a crafted folder name could be a HYPERLINK or DDE payload)."""
+    path = tmp_path / "predictions.csv"
+    writer = PredictionsCSVWriter(str(path))
+    names = ["=1+2", "+cat", "@dog", "-owl", "tea-cup"]
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, datamodule=SimpleNamespace(class_names=names),
+                              log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    prediction = {"prediction": torch.tensor([0, 1, 2, 3, 4]), "confidence": torch.tensor([0.5] * 5),
+                  "label": torch.tensor([4, 3, 2, 1, 0])}
+    writer.write_on_batch_end(trainer, None, prediction, [0, 1, 2, 3, 4], None, 0, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prediction_name"] for r in rows] == ["'=1+2", "'+cat", "'@dog", "'-owl", "tea-cup"]
+    assert [r["label_name"] for r in rows] == ["tea-cup", "'-owl", "'@dog", "'+cat", "'=1+2"]
+    assert [r["prediction"] for r in rows] == ["0", "1", "2", "3", "4"]
 
 
 def test_a_logger_less_fit_keeps_a_users_own_config_yaml_and_replaces_a_dead_runs(tmp_path, capsys):

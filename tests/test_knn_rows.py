@@ -105,6 +105,18 @@ def test_a_knn_split_another_process_holds_is_left_to_it(tmp_path, capsys):
     assert [r["run_dir"] for r in write_tables(str(out))] == [str(out / "row" / "split0")]
 
 
+def test_a_row_named_like_a_formula_opens_in_a_spreadsheet_as_text(tmp_path):
+    """results.csv wrote a row named =1+2 as it is: a spreadsheet ran it as a formula."""
+    import csv
+
+    out = tmp_path / "out"
+    run_knn([TINY], out=str(out), name="=1+2", split_seeds=[0], overrides=FAST)
+    assert write_tables(str(out))[0]["name"] == "=1+2"  # the rows themselves keep the name
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["name"], r["run_dir"]) for r in rows] == [("'=1+2", str(out / "=1+2" / "split0"))]
+
+
 def test_extract_features_runs_the_models_forward_hooks_and_keeps_its_modes():
     model = tiny_vit(num_classes=5)
     # a preprocessing pre-hook on the model (raw [0, 1] images normalised), which every use of the model runs

@@ -34,10 +34,13 @@ except ImportError:  # Windows
 
 __all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
            "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder",
-           "out_of_room_hint", "read_files", "resolve_directory_target", "set_aside_copy", "try_lock",
-           "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
+           "out_of_room_hint", "read_files", "resolve_directory_target", "set_aside_copy", "spreadsheet_safe",
+           "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic",
+           "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+# The first characters by which a spreadsheet (Excel, LibreOffice, Google Sheets) reads a CSV cell as a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _READ_ATTEMPTS = 8  # a reader re-reads only when a save swapped the directory under it; 8 saves in a row is plenty
 _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2  # from <fcntl.h>, <linux/fs.h> and macOS <stdio.h>
 # Why a write can fail for want of room, and what frees it, by errno: a save then says so instead of a bare OSError.
@@ -385,6 +388,13 @@ def write_bytes_atomic(path: PathLike, data: bytes, check: Optional[Callable[[],
     with atomic_path(path, check=check, follow_links=follow_links) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A CSV cell as text that a spreadsheet shows instead of running: a string that starts as a formula does (``=``,
+    ``+``, ``-``, ``@``, a tab or carriage return: a class folder named ``=HYPERLINK(...)``) gets a leading ``'``, as
+    OWASP advises for CSV files; numbers and other strings as they are."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
 def write_text_atomic(path: PathLike, text: str, check: Optional[Callable[[], None]] = None) -> Path:

@@ -30,6 +30,7 @@ from ..core.checks import is_finite_number
 from ..core.storage import (
     check_writer_lock,
     file_in_the_way,
+    spreadsheet_safe,
     try_lock,
     write_json_atomic,
     write_set_atomic,
@@ -910,7 +911,7 @@ def _write_tables(root: Path, out: str) -> List[Dict[str, Any]]:
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, CSV_FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     write_set_atomic([(csv_path, table.getvalue(), partial(_refuse_foreign_table, csv_path)),
                       (md_path, "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n",
                        partial(_refuse_foreign_table, md_path))])

@@ -48,6 +48,7 @@ from ..core.storage import (
     file_in_the_way,
     nearest_folder,
     out_of_room_hint,
+    spreadsheet_safe,
     try_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -145,10 +146,10 @@ class PredictionsCSVWriter(BasePredictionWriter):
             for r in rows:
                 idx, label, pred = r["index"], r["label"], r["prediction"]
                 own = r["of_test_split"] and idx is not None
-                writer.writerow([idx, samples[idx][0] if samples is not None and own else "",
-                                 "" if label is None else label,
-                                 names[label] if names and own and label is not None else "",
-                                 pred, names[pred] if names else "", f"{r['confidence']:.6f}"])
+                writer.writerow(map(spreadsheet_safe, [
+                    idx, samples[idx][0] if samples is not None and own else "", "" if label is None else label,
+                    names[label] if names and own and label is not None else "", pred, names[pred] if names else "",
+                    f"{r['confidence']:.6f}"]))
         print(f"nola_vision: wrote {len(rows)} predictions to {path}")
         self.rows = []
 
