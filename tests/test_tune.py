@@ -221,7 +221,11 @@ def test_a_trial_failed_for_its_stopped_worker_says_so_in_the_trials_table(tmp_p
 def test_the_trial_tables_are_utf8_under_any_locale_and_a_value_holding_a_pipe_keeps_its_cell(tmp_path):
     """tune_trials.csv (and each run's log.txt) was written in the locale's encoding: Latin-1 bytes beside UTF-8
     tables, and under LC_ALL=C a codec error. A grid value holding '|' (a regex of targets) split its markdown cell,
-    shifting every later column of the row."""
+    shifting every later column of the row. A cell a spreadsheet would run as a formula is written as text."""
+    import optuna
+
+    from nola_vision.runs.tune import write_trial_tables
+
     script = f'''
 import optuna, os, sys
 from pathlib import Path
@@ -244,6 +248,12 @@ _start([sys.executable, "-c", "pass", os.fsdecode(b"d\\xc3\\xa9p\\xc3\\xb4t")], 
     row = (tmp_path / "tune_results.md").read_text(encoding="utf-8").splitlines()[-1]
     cells = re.split(r"(?<!\\)\|", row)[1:-1]
     assert len(cells) == 6 and cells[1].strip() == r"[blocks\.0\.fc1\|blocks\.1\.fc1]" and cells[4].strip() == "FAIL"
+    write_trial_tables(tmp_path, [optuna.trial.create_trial(  # a value a spreadsheet would run: as text
+        state=optuna.trial.TrialState.FAIL, params={"model.lr": 1e-3}, user_attrs={"error": "=1+2"},
+        distributions={"model.lr": optuna.distributions.CategoricalDistribution([1e-3])})], {"model.lr": [1e-3]},
+        "sqlite:///tune.db")
+    with open(tmp_path / "tune_trials.csv", newline="", encoding="utf-8") as f:
+        assert [(row["model.lr"], row["error"]) for row in csv.DictReader(f)] == [("0.001", "'=1+2")]
 
 
 def test_a_trial_stops_at_its_first_fit_that_fit_refuses(tmp_path):

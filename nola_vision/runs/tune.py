@@ -44,6 +44,7 @@ import yaml
 from ..core.storage import (
     atomic_path,
     check_writable_file,
+    spreadsheet_safe,
     write_json_atomic,
     write_set_atomic,
     write_text_atomic,
@@ -1105,9 +1106,10 @@ def write_trial_tables(root: Path, trials: Sequence[Any], grid: Dict[str, List[A
         writer.writerow(["trial", *keys, "val_acc", *(f"val_acc_{s}" for s in seeds), "state", "duration_s", "error"])
         for t in shown:
             accs = t.user_attrs.get("val_accs", {})
-            writer.writerow([t.number, *(t.params.get(k, "") for k in keys), _score(t, lambda v: v),
-                             *(accs.get(s, "") for s in seeds), _state(t), t.user_attrs.get("duration_s", ""),
-                             _failure(t) if t.state.name == "FAIL" else t.user_attrs.get("diverged", "")])
+            writer.writerow(map(spreadsheet_safe, [
+                t.number, *(t.params.get(k, "") for k in keys), _score(t, lambda v: v),
+                *(accs.get(s, "") for s in seeds), _state(t), t.user_attrs.get("duration_s", ""),
+                _failure(t) if t.state.name == "FAIL" else t.user_attrs.get("diverged", "")]))
     lines = [f"# Tuning: {root.name}", "",
              f"Study `{root.name}` in `{url}`. Score: mean final-epoch validation accuracy over the selection seeds "
              "(fits with `--test_after_fit false`: the test split is not read while choosing).", "",
