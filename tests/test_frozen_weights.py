@@ -412,6 +412,18 @@ def test_the_merge_record_follows_the_weights_loaded_back_into_a_merged_model(sa
     assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["lora"]
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_the_merge_record_is_dropped_for_base_weights_loaded_back_from_a_half_precision_copy(saved, half):
+    """The base weights loaded from a bfloat16 checkpoint lie a rounding of that type off those recorded: the record
+    was kept, and the adapter refused as folded in, while a fresh model given the same state dict took it."""
+    model, directory = saved
+    base = {name: value.to(half) for name, value in nv.unload(copy.deepcopy(model)).state_dict().items()}
+    merged = nv.merge_and_unload(model)
+    merged.load_state_dict(base)
+    assert nv.core.fingerprint.merged_adapters(merged) == []
+    nv.load_adapter(merged, directory)
+
+
 def test_an_adapter_trained_on_merged_weights_loads_onto_them_and_not_onto_the_base(saved, tmp_path):
     merged = nv.merge_and_unload(saved[0])
     base = copy.deepcopy(merged)

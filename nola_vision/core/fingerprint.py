@@ -426,8 +426,9 @@ def merges_undone(model: nn.Module) -> bool:
                     or not torch.equal(_probe_positions(weight.numel()), positions):
                 return False
             now = _unmerged_at(module, positions)
-            # the coarser of the weight's dtype now and the one its merged values were held at
-            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged))
+            # the coarsest of the weight's dtype now, the one its merged values were held at, and the one its values
+            # now are held at (base weights loaded back from a bfloat16 copy)
+            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged), _held_by(now))
             tolerance = rounding * torch.maximum(before.abs(), merged.abs()) + torch.finfo(torch.float32).tiny
             moved = (merged - before).abs() > 4 * tolerance
             if not bool(((now - before).abs() <= tolerance)[moved].all()):
