@@ -496,11 +496,13 @@ def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, ca
 
 
 @pytest.mark.parametrize("shared", ["adapter_dir", "result_file", "both"])
-def test_a_fit_stopped_during_its_export_is_finished_where_an_earlier_run_left_its_files(tmp_path, capsys,
-                                                                                        monkeypatch, shared):
+def test_a_fit_stopped_during_its_export_where_an_earlier_run_left_its_files_is_told_how_to_finish(tmp_path, capsys,
+                                                                                                    monkeypatch,
+                                                                                                    shared):
     """A second run sharing --model.adapter_dir or --result_file with a finished one, stopped before its export,
-    could not be finished: the earlier run's adapter or result at those paths was taken for this run's export. Files
-    older than the run's last checkpoint are not its own (its export replaces them), so the resume exports it."""
+    was refused as training nothing, with no word of how to finish it. Files older than its checkpoint are not taken
+    for an earlier run's (a run folder copied without its times looks alike, and its result would be replaced): the
+    refusal names them and the paths of its own that finish it."""
     from nola_vision.train import module
 
     export = module.save_adapter
@@ -520,17 +522,17 @@ def test_a_fit_stopped_during_its_export_is_finished_where_an_earlier_run_left_i
     assert run(capsys, *second)[0] == 130
     monkeypatch.setattr(module, "save_adapter", export)
     code, err = run(capsys, *second, "--ckpt_path", "last")
-    assert code == 0, err
-    weights = adapter / "adapter_model.safetensors"
-    assert weights.is_file() and weights.read_bytes() != earlier_bytes  # the second run's adapter, exported
+    said = " ".join(err.split())
+    assert code == 2 and "resuming would train nothing" in said and "older than its checkpoint, perhaps an " \
+        "earlier run's: if this run stopped during its export, finish it into paths of its own, --model.adapter_dir " \
+        "<a new folder> --result_file <a new file>" in said
     assert earlier.read_bytes() == earlier_bytes or (  # the earlier one is kept, in its folder or set aside
         adapter.with_name("adapter.previous") / "adapter_model.safetensors").read_bytes() == earlier_bytes
-    if shared != "adapter_dir":
-        result = json.loads((tmp_path / "result.json").read_text())
-        assert result["epochs"] == 2 and Path(result["adapter_dir"]) == adapter
-    # finished now: its own files are newer than its checkpoint, and a resume is refused again
-    code, err = run(capsys, *second, "--ckpt_path", "last")
-    assert code == 2 and "resuming would train nothing" in err
+    own = ["--model.adapter_dir", tmp_path / "own", "--result_file", tmp_path / "own.json"]
+    code, err = run(capsys, *second, "--ckpt_path", "last", *own)
+    assert code == 0, err
+    result = json.loads((tmp_path / "own.json").read_text())
+    assert result["epochs"] == 2 and (tmp_path / "own" / "adapter_model.safetensors").read_bytes() != earlier_bytes
 
 
 def test_a_finished_run_whose_adapter_a_later_run_replaced_is_not_exported_again(tmp_path, capsys):

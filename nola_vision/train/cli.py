@@ -1043,11 +1043,21 @@ class NolaCLI(LightningCLI):
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
                 self.model.finishes_run = True  # stopped during its export: this fit exports and tests it
-                rank_zero_info(f"nola_vision: {checkpoint} finished training, and no adapter nor result newer than "
-                               "it is at its output paths (its run stopped during the export): this fit trains "
-                               "nothing, exports it and tests it")
+                rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run holds no exported adapter "
+                               "nor result (stopped during the export, or moved since): this fit trains nothing, "
+                               "exports it and tests it")
             elif isinstance(saved, dict):
-                require_training_left(saved, self.trainer)
+                try:
+                    require_training_left(saved, self.trainer)
+                except ValueError as refused:
+                    older = self._older_outputs(checkpoint)
+                    if not older:
+                        raise
+                    raise ValueError(
+                        f"{refused}. {' and '.join(older)} at its output paths {'is' if len(older) == 1 else 'are'} "
+                        "older than its checkpoint, perhaps an earlier run's: if this run stopped during its export, "
+                        "finish it into paths of its own, --model.adapter_dir <a new folder> --result_file <a new "
+                        "file>, which exports and tests it") from None
         watching = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in self.trainer.callbacks
                     if str(getattr(c, "monitor", None) or "").startswith("val/")]
         if watching and not validates:
@@ -1061,17 +1071,28 @@ class NolaCLI(LightningCLI):
         claim_log_dir(self.trainer)
 
     def _export_missing(self, checkpoint: str) -> bool:
-        """Whether the run of ``checkpoint`` never finished its export: no adapter (in ``--model.adapter_dir``, or
-        beside the run's ``checkpoints`` folder where none was given) and no ``--result_file`` newer than the
-        checkpoint. The export and the result follow the checkpoint and replace what is there, so older files are an
-        earlier run's (sharing the paths); a newer one may be this run's, or a later run's that replaced it, and is
-        never replaced by exporting this run again (nor is a finished run whose adapter was moved away redone)."""
+        """Whether the run of ``checkpoint`` never finished its export: no exported adapter (in
+        ``--model.adapter_dir``, or beside the run's ``checkpoints`` folder where none was given), and no
+        ``--result_file`` recorded (a finished run whose adapter was moved away is not redone)."""
+        return not any(path.exists() for path in self._outputs(checkpoint))
+
+    def _outputs(self, checkpoint: str) -> List[Path]:
+        """The adapter file and the result file the run of ``checkpoint`` exports to."""
         config = self.config[self.subcommand]
         given = config.model.get("adapter_dir")
         folder = Path(given) if given is not None else Path(checkpoint).resolve().parent.parent / "adapter"
-        outputs = [folder / WEIGHTS_NAME, *([Path(config.result_file)] if config.result_file else [])]
+        return [folder / WEIGHTS_NAME, *([Path(config.result_file)] if config.result_file else [])]
+
+    def _older_outputs(self, checkpoint: str) -> List[str]:
+        """The run's output files that exist and are all older than ``checkpoint`` (named as options), else none:
+        perhaps an earlier run's at shared paths, where this run stopped before its export. Not taken for it (a run
+        folder copied without its times looks alike), only said."""
         trained = os.stat(checkpoint).st_mtime_ns
-        return all(not path.exists() or path.stat().st_mtime_ns < trained for path in outputs)
+        found = [path for path in self._outputs(checkpoint) if path.exists()]
+        if not found or any(path.stat().st_mtime_ns >= trained for path in found):
+            return []
+        return [f"the {'adapter in ' + str(path.parent) if path.name == WEIGHTS_NAME else 'result ' + str(path)}"
+                for path in found]
 
     def after_fit(self) -> None:
         try:
