@@ -1054,7 +1054,7 @@ class NolaCLI(LightningCLI):
                     if not older:
                         raise
                     raise ValueError(
-                        f"{refused}. {' and '.join(older)} at its output paths {'is' if len(older) == 1 else 'are'} "
+                        f"{refused}. At its output paths, {' and '.join(older)} {'is' if len(older) == 1 else 'are'} "
                         "older than its checkpoint, perhaps an earlier run's: if this run stopped during its export, "
                         "finish it into paths of its own, --model.adapter_dir <a new folder> --result_file <a new "
                         "file>, which exports and tests it") from None
