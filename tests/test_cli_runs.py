@@ -495,6 +495,29 @@ def test_a_fit_stopped_during_its_export_is_finished_by_resuming_it(tmp_path, ca
     assert code == 2 and "resuming would train nothing" in err
 
 
+def test_a_logged_run_stopped_during_its_export_is_finished_into_its_own_folder_once(tmp_path, capsys, monkeypatch):
+    """With a logger, the resume that finished the run exported into its own new version folder, while the check
+    looks in the checkpoint's run folder: every further resume exported and tested the run again, into a new one."""
+    from nola_vision.train import module
+
+    export = module.save_adapter
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    fit = ["fit", "-c", str(TINY), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path,
+           "--trainer.max_epochs", 1, "--test_after_fit", "false"]
+    monkeypatch.setattr(module, "save_adapter", stopped)
+    assert run(capsys, *fit)[0] == 130
+    monkeypatch.setattr(module, "save_adapter", export)
+    assert run(capsys, *fit, "--ckpt_path", "last")[0] == 0
+    adapters = sorted(tmp_path.rglob("adapter_model.safetensors"))
+    assert [path.parent.parent.name for path in adapters] == ["version_0"]
+    code, err = run(capsys, *fit, "--ckpt_path", "last")
+    assert code == 2 and "resuming would train nothing" in err
+    assert sorted(tmp_path.rglob("adapter_model.safetensors")) == adapters
+
+
 @pytest.mark.parametrize("shared", ["adapter_dir", "result_file", "both"])
 def test_a_fit_stopped_during_its_export_where_an_earlier_run_left_its_files_is_told_how_to_finish(tmp_path, capsys,
                                                                                                     monkeypatch,

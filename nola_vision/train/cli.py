@@ -1043,6 +1043,8 @@ class NolaCLI(LightningCLI):
                                 self.datamodule.hparams)
             if isinstance(saved, dict) and training_finished(saved, self.trainer) and self._export_missing(checkpoint):
                 self.model.finishes_run = True  # stopped during its export: this fit exports and tests it
+                if config.model.get("adapter_dir") is None:  # into the run's folder, where the check above looks
+                    self.model.hparams.adapter_dir = str(self._outputs(checkpoint)[0].parent)
                 rank_zero_info(f"nola_vision: {checkpoint} finished training, and its run holds no exported adapter "
                                "nor result (stopped during the export, or moved since): this fit trains nothing, "
                                "exports it and tests it")
