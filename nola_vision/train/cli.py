@@ -950,6 +950,9 @@ class NolaCLI(LightningCLI):
         result = config.get("result_file")
         # a fit's saved config.yaml carries the fit's result path, which evaluating its checkpoint must not replace
         from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
+        # the result_file of a fit's saved config (-c), as written and made absolute: read once for the checks below
+        written = _saved_result_file(config.get("config") or []) if from_config else None
+        saved_result = os.path.abspath(expand_root(written)) if written is not None else None
         if subcommand != "predict" and config.get("predictions_file") and _given_on_command_line(argv,
                                                                                                 "--predictions_file"):
             raise ValueError(f"{subcommand} writes no predictions: --predictions_file is for predict (its metrics go "
@@ -959,24 +962,22 @@ class NolaCLI(LightningCLI):
                 raise ValueError("predict writes no metrics: --result_file is for fit, test and validate. Its "
                                  "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
             config.result_file = None
-        elif subcommand in ("test", "validate") and from_config and _relative_saved_result(
-                config.get("config") or [], result) is not None:
+        elif (subcommand in ("test", "validate") and written is not None and not os.path.isabs(expand_root(written))
+              and saved_result == os.path.abspath(expand_root(result))):
             # recorded as typed by earlier versions: relative to the folder the fit ran in, which is not known here
             config.result_file = None
-            rank_zero_info(f"nola_vision: the config's result_file {_relative_saved_result(config.config, result)} "
-                           "is the result of the run that saved the config, recorded relative to the folder that run "
-                           f"was started in (by an earlier nola_vision): not written. Pass --result_file to write the "
-                           f"{subcommand} metrics")
+            rank_zero_info(f"nola_vision: the config's result_file {written} is the result of the run that saved the "
+                           "config, recorded relative to the folder that run was started in (by an earlier "
+                           f"nola_vision): not written. Pass --result_file to write the {subcommand} metrics")
         elif subcommand in ("test", "validate") and from_config and (
-                _is_fit_result(Path(result)) or _saved_result_file(config.get("config") or []) == result):
+                _is_fit_result(Path(result)) or saved_result == result):
             config.result_file = None
-            whose = ("is the result of the run that saved the config"
-                     if _saved_result_file(config.get("config") or []) == result else
+            whose = ("is the result of the run that saved the config" if saved_result == result else
                      f"holds the result of a fit (of checkpoint {_fit_result_checkpoint(Path(result))})")
             rank_zero_info(f"nola_vision: the config's result_file {result} {whose}, kept as it is: pass "
                            f"--result_file to write the {subcommand} metrics")
         elif (subcommand == "fit" and from_config and config.get("ckpt_path") is None
-              and _saved_result_file(config.get("config") or []) == os.path.abspath(expand_root(result))):
+              and saved_result == os.path.abspath(expand_root(result))):
             # a new run from a run's saved config (a variant: other epochs, another seed) is another run: replacing
             # the saved run's result lost it, silently (a resume, with --ckpt_path, finishes that run and writes it)
             config.result_file = None
@@ -1621,19 +1622,10 @@ def _is_result_file(path: Path) -> bool:
     return _result_document(path) is not None
 
 
-def _relative_saved_result(given_files: Sequence[Any], result: str) -> Optional[str]:
-    """The ``result_file`` of a fit's saved config, as written, where it is relative (earlier versions recorded it
-    as typed, relative to the fit's working directory) and is the one in effect (``result``), else None."""
-    saved = _saved_result_file(given_files, as_written=True)
-    if saved is None or os.path.isabs(expand_root(saved)):
-        return None
-    return saved if os.path.abspath(expand_root(saved)) == os.path.abspath(expand_root(result)) else None
-
-
-def _saved_result_file(given_files: Sequence[Any], as_written: bool = False) -> Optional[str]:
-    """The ``result_file`` a fit's saved config (the last ``-c`` file that is one) names: that fit's result, also
-    after it was moved away (an evaluation of the run would write its metrics there unasked). Made absolute, or
-    ``as_written``."""
+def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
+    """The ``result_file`` a fit's saved config (the last ``-c`` file that is one) names, as written: that fit's
+    result, also after it was moved away (an evaluation of the run would write its metrics there unasked). Configs
+    of earlier versions recorded it as typed, relative to the fit's working directory."""
     path = _saved_config(given_files)
     if path is None:
         return None
@@ -1642,9 +1634,7 @@ def _saved_result_file(given_files: Sequence[Any], as_written: bool = False) -> 
     except (OSError, ValueError, yaml.YAMLError):
         return None
     result = saved.get("result_file") if isinstance(saved, dict) else None
-    if not isinstance(result, str) or not result:
-        return None
-    return result if as_written else os.path.abspath(expand_root(result))
+    return result if isinstance(result, str) and result else None
 
 
 def _fit_result_checkpoint(path: Path) -> Optional[str]:
