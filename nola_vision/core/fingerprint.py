@@ -42,7 +42,8 @@ from .plan import InjectionPlan
 from .targets import classifier_head
 
 __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
-           "MERGED_PROBES_ATTRIBUTE", "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "TOLERANCE",
+           "MERGED_PROBES_ATTRIBUTE", "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "RUNNING_STATISTICS",
+           "TOLERANCE",
            "adapter_fingerprint", "context_modules", "differing_module", "differing_positions", "differing_records",
            "differing_statistics", "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision",
            "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
@@ -78,7 +79,7 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # context records, so an adapter still loads onto the model built for another input size.
 _RESIZED_WITH_INPUT = ("pos_embed", "relative_position", "rel_pos")
 # The buffers of a norm layer that keeps running statistics, recorded in ``statistics``.
-_STATISTICS = ("running_mean", "running_var")
+RUNNING_STATISTICS = ("running_mean", "running_var")
 # A context record: the norm (float64, as computed), then the 8 projections divided by it (float16: within 0.05%
 # of the norm, far under the tolerance), little-endian.
 _CONTEXT_DTYPES = (np.dtype("<f8"), np.dtype("<f2"))
@@ -159,7 +160,7 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
         "context": [module(name, _context_parameters) for name in context],
         "positions": {name: exponent(_pairs({name: value})) for name, value in _position_parameters(model).items()}}
     if statistics:
-        found["statistics"] = {name: exponent(_pairs(dict(zip(_STATISTICS, buffers))))
+        found["statistics"] = {name: exponent(_pairs(dict(zip(RUNNING_STATISTICS, buffers))))
                                for name, buffers in _statistics_buffers(model).items()}
     return found
 
@@ -204,7 +205,7 @@ def running_statistics(model: nn.Module) -> Dict[str, Tensor]:
     ``torch.nn.utils.spectral_norm``), which set the norm the weight is divided by."""
     found = {f"{name}.{buffer}" if name else buffer: getattr(module, buffer)
              for name, module in statistics_layers(model).items()
-             for buffer in _STATISTICS if getattr(module, buffer, None) is not None}
+             for buffer in RUNNING_STATISTICS if getattr(module, buffer, None) is not None}
     for name, module in model.named_modules():
         owned = []
         if isinstance(module, parametrize.ParametrizationList):
@@ -231,7 +232,7 @@ def _statistics_buffers(model: nn.Module) -> Dict[str, List[Tensor]]:
     head = _head_module_ids(model)
     found = {}
     for name, module in statistics_layers(model).items():
-        buffers = [getattr(module, buffer) for buffer in _STATISTICS]
+        buffers = [getattr(module, buffer) for buffer in RUNNING_STATISTICS]
         if id(module) not in head and all(isinstance(value, Tensor) for value in buffers):
             found[name] = buffers
     return found

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisBank
 from .checks import check_bool
 from .config import AdapterConfig
-from .fingerprint import merge_probes, merges_undone, record_merged, running_statistics
+from .fingerprint import RUNNING_STATISTICS, merge_probes, merges_undone, record_merged, running_statistics
 from .interrupts import all_or_nothing, interrupts_deferred
 from .layer import HOOK_KINDS, STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
@@ -384,7 +384,7 @@ def require_unchanged_statistics(model: nn.Module) -> None:
     state, current = adapter_state(model), running_statistics(model)
     changed = [name for name, saved in (state.statistics if state is not None else {}).items()
                if name not in current or not _close(current[name], saved)]
-    spectral = [name for name in changed if name.rpartition(".")[2] not in ("running_mean", "running_var")]
+    spectral = [name for name in changed if name.rpartition(".")[2] not in RUNNING_STATISTICS]
     if spectral:
         raise ValueError(
             f"the power-iteration vectors of a spectral norm changed since inject ({spectral[0]}: a forward pass in "
