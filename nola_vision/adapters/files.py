@@ -605,9 +605,9 @@ def _stored_floats(name: str, value: Tensor, bits: int) -> Tensor:
 
     A dtype keeps a tensor when every value is within its range and comes back within half a step of that dtype at
     the tensor's largest value (``_lossless_in``): beyond ±65,504 float16 would turn values into ±inf (or, up to
-    65,520, into ±65,504), and a tensor of values below
-    its normal range (6e-5: a LoRA B or a head after a few steps at a small learning rate) would lose most of its
-    digits, or every value, to subnormals and zeros; so would float32 a float64 model's tensor below 1e-38.
+    65,520, into ±65,504), and a tensor of values below its normal range (6e-5: a LoRA B or a head after a few steps
+    at a small learning rate) would lose most of its digits, or every value, to subnormals and zeros; so would
+    float32 a float64 model's tensor below 1e-38.
     """
     if bits == 16 and value.dtype == torch.bfloat16:
         return value
