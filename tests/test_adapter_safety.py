@@ -291,7 +291,61 @@ def test_task_switches_from_two_threads_take_turns_and_leave_the_weights_whole(t
 
 def test_plain_vit_files_hold_no_statistics_record(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
-    assert "statistics" not in json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
+    assert "statistics" not in record and "buffers" not in record and "buffers" not in record["precisions"]
+
+
+class Normalize(torch.nn.Module):
+    """Preprocessing held as buffers, as a wrapper around a timm backbone often holds it."""
+
+    def __init__(self, mean):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)  # not in a state dict: rebuilt, not loaded
+
+    def forward(self, images):
+        return (images - self.mean) / self.std
+
+
+def normalized_vit(mean=(0.485, 0.456, 0.406)):
+    return torch.nn.Sequential(Normalize(mean), tiny_vit())
+
+
+@pytest.mark.parametrize("config", [CONFIG, "full"])
+def test_an_adapter_is_refused_on_a_wrapper_whose_buffers_hold_other_constants(tmp_path, config):
+    """The weights alone matched: an adapter trained behind one normalisation loaded silently behind another (its
+    buffers are not in the file), with outputs off. Persistent floating-point buffers are recorded like statistics."""
+    model = as_if_trained(nv.inject(normalized_vit(), config), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path, bits=32)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
+    assert set(record["buffers"]) == set(record["precisions"]["buffers"]) == {"0.mean", "0.std"}
+    other = normalized_vit(mean=(0.5, 0.5, 0.5))
+    for load in (nv.load_adapter, nv.verify_adapter):
+        with pytest.raises(AdapterLoadError, match=r"the buffer 0\.mean differs by about \d+% of its norm"):
+            load(other, tmp_path)
+    for same in (normalized_vit(), normalized_vit().bfloat16().float()):  # a bfloat16 copy's rounding loads
+        torch.testing.assert_close(logits(nv.load_adapter(same, tmp_path)), logits(model.eval()), rtol=0, atol=1e-2)
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), tiny_vit())  # same weights, the constants gone
+    with pytest.raises(AdapterLoadError, match=r"the model has no buffer 0\.mean"):
+        nv.load_adapter(wrapped, tmp_path)
+    nv.load_adapter(other, tmp_path, check_frozen_weights=False)
+    if config == "full":  # recorded nothing before
+        return
+    # Files from before buffers were recorded load as they did
+    edit_document(tmp_path, lambda d: (d["frozen_weights"].pop("buffers"), d["frozen_weights"]["precisions"].pop(
+        "buffers"), d.update(config_sha256=adapter_io._document_digest(d))))
+    nv.load_adapter(normalized_vit(mean=(0.5, 0.5, 0.5)), tmp_path)
+
+
+def test_a_buffer_changed_after_inject_is_refused_at_save_as_files_hold_no_buffers(tmp_path):
+    model = as_if_trained(nv.inject(normalized_vit(), CONFIG), 1, scale=0.1)
+    model[0].mean.fill_(0.5)
+    with pytest.raises(ValueError, match=r"the buffer 0\.mean changed since inject .*hold no buffers"):
+        nv.save_adapter(model, tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()
+    model[0].mean.copy_(torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1))
+    nv.save_adapter(model.bfloat16().float(), tmp_path / "restored")  # a dtype round trip passes
 
 
 def test_loading_non_finite_values_is_refused_even_with_matching_checksums(tmp_path):

@@ -105,6 +105,23 @@ def test_a_hybrid_vit_exports_at_its_images_channels(tmp_path):
     np.testing.assert_allclose(out, logits(model, images).numpy(), rtol=0, atol=1e-4)
 
 
+def test_a_task_does_not_fit_a_graph_exported_behind_other_constant_buffers(tmp_path):
+    def normalized(mean):
+        model = torch.nn.Sequential(torch.nn.Identity(), tiny_vit())
+        model[0].register_buffer("mean", torch.full((1, 3, 1, 1), mean))
+        model[0].forward = lambda images: images - model[0].mean
+        return model
+
+    graph = nv.export_onnx(nv.inject(normalized(0.5), CONFIG), tmp_path / "tasks.onnx", tasks_as_inputs=True,
+                           input_size=(3, 32, 32))
+    task = nv.save_adapter(trained(0, normalized(0.4)), tmp_path / "task")
+    with pytest.raises(nv.AdapterLoadError, match=r"does not fit the graph: .*the buffer 0\.mean differs"):
+        nv.onnx_task_inputs(task, graph)
+    same = nv.export_onnx(nv.inject(normalized(0.4), CONFIG), tmp_path / "same.onnx", tasks_as_inputs=True,
+                          input_size=(3, 32, 32))
+    assert set(nv.onnx_task_inputs(task, same)) == {i.name for i in session(same).get_inputs()} - {"images"}
+
+
 def test_a_task_saved_from_a_float16_copy_fits_the_graph_as_it_loads_onto_the_model(tmp_path):
     """Weights near zero (timm inits the class token at 1e-6) become float16 subnormals, a few % off: load_adapter
     allows them an absolute tolerance per sampled value, and the graph's check must too (it refused such a task,

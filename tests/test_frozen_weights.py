@@ -288,6 +288,31 @@ def test_a_checkpoint_refuses_a_backbone_with_other_batch_norm_statistics(adapte
     recalibrated.on_load_checkpoint(copy.deepcopy(checkpoint))
 
 
+def test_a_checkpoint_refuses_a_backbone_whose_buffers_hold_other_constants():
+    """Checkpoints hold the trained tensors alone: a backbone with other constants in its persistent buffers (as a
+    wrapper's normalisation) loaded silently; and a buffer edited in place since the last fingerprint is seen."""
+    from nola_vision.train.module import FewShotClassifier
+
+    def with_buffer(value):
+        run = FewShotClassifier(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4,
+                                adapter=CONFIG, backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
+        run.model.patch_embed.register_buffer("scale", torch.full((3,), value))
+        return run
+
+    saved = with_buffer(1.0)
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["nola_vision"]["backbone_fingerprint"]["buffers"]) == {"patch_embed.scale"}
+    with_buffer(1.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the buffer patch_embed\.scale differs by"):
+        with_buffer(2.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+    edited = with_buffer(1.0)
+    edited.on_load_checkpoint(copy.deepcopy(checkpoint))
+    edited.model.patch_embed.scale.fill_(2.0)
+    with pytest.raises(ValueError, match=r"the buffer patch_embed\.scale differs by"):
+        edited.on_load_checkpoint(copy.deepcopy(checkpoint))
+
+
 def test_a_float16_model_is_held_to_float16s_tolerance_though_its_tiniest_values_fit_bfloat16(saved, tmp_path):
     """timm draws the class token at std 1e-6: float16 subnormals, which bfloat16 holds too, made the whole model count
     as bfloat16 (1.6% instead of 0.4%)."""

@@ -760,15 +760,16 @@ def _is_frozen_weights(value: Any) -> bool:
     if not isinstance(value, dict):
         return False
     modules, merged = value.get("modules"), value.get("merged")
-    # no modules: a full fine-tune's record, of the running statistics alone
+    # no modules: a full fine-tune's record, of the running statistics and other buffers alone
     return (isinstance(value.get("version"), str) and isinstance(modules, dict)
-            and (bool(modules) or bool(value.get("statistics")))
+            and (bool(modules) or bool(value.get("statistics")) or bool(value.get("buffers")))
             and isinstance(merged, list)
             and all(isinstance(k, str) and _is_number_list(r) for k, r in modules.items())
             and all(isinstance(entry, dict) and _is_name_list(entry.get("layers", [])) for entry in merged)
             and ("context" not in value or is_context(value["context"]))
             and ("positions" not in value or is_positions(value["positions"]))
             and ("statistics" not in value or is_statistics(value["statistics"]))
+            and ("buffers" not in value or is_statistics(value["buffers"]))
             and ("precision" not in value or is_precision(value["precision"]))
             and ("precisions" not in value or is_precisions(value["precisions"], value)))
 
@@ -813,9 +814,11 @@ _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": s
                                                           'of 24 bytes each}, "positions": {parameter name: '
                                                           '{"shape": [ints], "record": [9 numbers]}}, '
                                                           '"statistics": {norm layer name: [9 numbers]}, '
+                                                          '"buffers": {buffer name: [9 numbers]}, '
                                                           '"precision": a machine epsilon and "precisions": '
                                                           '{"modules"/"context": [an exponent per record], '
-                                                          '"positions"/"statistics": {name: exponent}}}')}
+                                                          '"positions"/"statistics"/"buffers": {name: '
+                                                          'exponent}}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:

@@ -44,8 +44,9 @@ from .targets import classifier_head
 __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
            "MERGED_PROBES_ATTRIBUTE", "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "RUNNING_STATISTICS",
            "TOLERANCE",
-           "adapter_fingerprint", "context_modules", "differing_module", "differing_positions", "differing_records",
-           "differing_statistics", "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision",
+           "adapter_fingerprint", "buffer_records", "context_modules", "differing_buffers", "differing_module",
+           "differing_positions", "differing_records", "differing_statistics", "frozen_buffers", "frozen_fingerprint",
+           "frozen_modules", "frozen_records", "held_precision",
            "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
            "merge_probes", "merged_adapters", "merges_undone", "missing_merges", "position_records", "record_merged",
            "record_precisions", "recorded_merges", "running_statistics", "sample_sizes", "statistics_layers",
@@ -53,9 +54,10 @@ __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 # The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
-FINGERPRINT_FIELDS = ("version", "modules", "merged", "context", "positions", "statistics", "precision", "precisions")
+FINGERPRINT_FIELDS = ("version", "modules", "merged", "context", "positions", "statistics", "buffers", "precision",
+                      "precisions")
 CONTEXT_FIELDS = ("modules", "records")
-PRECISIONS_FIELDS = ("modules", "context", "positions", "statistics")
+PRECISIONS_FIELDS = ("modules", "context", "positions", "statistics", "buffers")
 TOLERANCE = 2**-6
 # The tightest tolerances the records' rounding allows (5 significant digits; ``context`` packs its projections as
 # float16, within 2⁻¹¹ of each): for weights held in float32 (or float64) on both sides.
@@ -124,8 +126,8 @@ def context_modules(model: nn.Module, recorded: Sequence[str]) -> List[str]:
 
 def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]:
     """The fingerprint adapter files and task-input graphs record: ``frozen_modules`` by name, and the
-    ``context_modules`` packed in order. Full fine-tuning replaces every weight: its record is the batch norms' running
-    statistics alone, buffers the file does not hold (None without them)."""
+    ``context_modules`` packed in order. Full fine-tuning replaces every weight: its record is that of the buffers the
+    file does not hold alone (batch norms' running statistics, ``frozen_buffers``; None without them)."""
     if plan.config.train_backbone:
         return frozen_fingerprint(model, [], statistics=True)
     named = frozen_modules(model, plan)
@@ -145,9 +147,9 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
                       statistics: bool = False) -> dict:
     """Per record of a fingerprint, the precision its values are held at, as the exponent e of the machine epsilon
     2⁻ᵉ (7: bfloat16, 10: float16, 23: float32): ``modules`` in the order of ``named``, ``context`` in the order given,
-    ``positions`` and (with ``statistics``) ``statistics`` by name. A record counts at the precision that holds most
-    of its values (``_majority``), so a module loaded from bfloat16 values among float32 ones is matched at
-    bfloat16's tolerance and no other is."""
+    ``positions`` and (with ``statistics``) ``statistics`` and ``buffers`` (where the model has any) by name. A record
+    counts at the precision that holds most of its values (``_majority``), so a module loaded from bfloat16 values
+    among float32 ones is matched at bfloat16's tolerance and no other is."""
     def exponent(pairs: List[Tuple[float, int]]) -> int:
         return round(-math.log2(_majority(pairs)))
 
@@ -162,6 +164,9 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
     if statistics:
         found["statistics"] = {name: exponent(_pairs(dict(zip(RUNNING_STATISTICS, buffers))))
                                for name, buffers in _statistics_buffers(model).items()}
+        buffers = frozen_buffers(model)
+        if buffers:  # recorded only where there are any, so other files read as before
+            found["buffers"] = {name: exponent(_pairs({name: value})) for name, value in buffers.items()}
     return found
 
 
@@ -178,7 +183,7 @@ def is_precisions(value: object, fingerprint: dict) -> bool:
     context = fingerprint.get("context") if isinstance(fingerprint.get("context"), dict) else None
     lengths = {"modules": len(fingerprint.get("modules") or {}),
                **({"context": context.get("modules")} if context is not None else {})}
-    names = {kind: set(fingerprint[kind]) for kind in ("positions", "statistics")
+    names = {kind: set(fingerprint[kind]) for kind in ("positions", "statistics", "buffers")
              if isinstance(fingerprint.get(kind), dict)}  # a record left out (as before it was kept) is not compared
     for kind, entry in value.items():
         exponents = entry if isinstance(entry, list) else list(entry.values()) if isinstance(entry, dict) else None
@@ -239,7 +244,7 @@ def _statistics_buffers(model: nn.Module) -> Dict[str, List[Tensor]]:
 
 
 def is_statistics(value: object) -> bool:
-    """Whether ``value`` is a well-formed ``statistics`` entry: {layer name: [numbers]}."""
+    """Whether ``value`` is a well-formed ``statistics`` (or ``buffers``) entry: {layer (buffer) name: [numbers]}."""
     return isinstance(value, dict) and all(
         isinstance(name, str) and isinstance(record, list) and len(record) == SKETCHES + 1
         and all(is_finite_number(x) for x in record) for name, record in value.items())
@@ -262,6 +267,48 @@ def differing_statistics(expected: dict, actual: dict) -> Optional[str]:
             return (f"the running statistics of {name} differ by about {_amount(difference)} of their norm (a forward "
                     "pass in train mode updates them: keep batch norms in eval mode while training, as "
                     "FewShotClassifier does)")
+    return None
+
+
+def frozen_buffers(model: nn.Module) -> Dict[str, Tensor]:
+    """The floating-point buffers a state dict holds (persistent) outside the classifier head, other than
+    ``running_statistics``, by name, sorted: constants the outputs depend on that adapter files do not hold, such as a
+    wrapper's normalisation mean and std (plain timm ViTs have none)."""
+    head, moving = _head_module_ids(model), {id(value) for value in running_statistics(model).values()}
+    found = {}
+    for module_name, module in model.named_modules():
+        if id(module) in head:
+            continue
+        for name, value in module.named_buffers(recurse=False):
+            if (isinstance(value, Tensor) and value.is_floating_point() and id(value) not in moving
+                    and name not in module._non_persistent_buffers_set):
+                found[f"{module_name}.{name}" if module_name else name] = value
+    return dict(sorted(found.items()))
+
+
+def buffer_records(model: nn.Module) -> Dict[str, List[float]]:
+    """The record of each of ``frozen_buffers``, by name (empty without them: files then hold no ``buffers``)."""
+    with torch.no_grad():
+        return _records({name: _sample(value) for name, value in frozen_buffers(model).items()})
+
+
+def differing_buffers(expected: dict, actual: dict) -> Optional[str]:
+    """What differs between the buffers (``frozen_buffers``) a fingerprint ``expected`` recorded (none in files from
+    before 2026-12-07, nor for models without them) and those of the fingerprint ``actual`` (none: not known, as in a
+    graph exported before), naming the first."""
+    if actual.get("buffers") is None:
+        return None
+    tolerance = _tolerances(expected, actual, "buffers")
+    for name, record in (expected.get("buffers") or {}).items():
+        other = actual["buffers"].get(name)
+        if other is None:
+            return (f"the model has no buffer {name} (or it is not persistent or not floating-point), where the "
+                    "adapter's backbone had one: adapter files do not hold buffers, so the adapter would load onto "
+                    "other constants")
+        difference = _difference(record, other, 0, tolerance(name))
+        if difference is not None:
+            return (f"the buffer {name} differs by about {_amount(difference)} of its norm (adapter files do not hold "
+                    "buffers: the adapter was trained with other constants there)")
     return None
 
 
@@ -556,8 +603,8 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
     train), with the adapters merged into them, the precision most of their values are held at (default:
     ``held_precision`` of ``modules``) and each record's (default: ``record_precisions`` of ``modules``); with
-    ``statistics``, also the running statistics of batch norms (what checkpoints record). None when there are no
-    modules, nor statistics to record.
+    ``statistics``, also the running statistics of batch norms and the other buffers (``frozen_buffers``: what files
+    and checkpoints record). None when there are no modules, nor statistics or buffers to record.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -567,17 +614,21 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
         modules = [name for name, module in model.named_modules()
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     with_statistics = statistics and bool(_statistics_buffers(model))
-    if not modules and not with_statistics:
+    with_buffers = statistics and bool(frozen_buffers(model))
+    if not modules and not with_statistics and not with_buffers:
         return None
     if precisions is None:
-        found = record_precisions(model, modules, statistics=with_statistics)
-        precisions = {"modules": found["modules"], **({"statistics": found["statistics"]} if with_statistics else {})}
+        found = record_precisions(model, modules, statistics=statistics)
+        precisions = {"modules": found["modules"], **({"statistics": found["statistics"]} if with_statistics else {}),
+                      **({"buffers": found["buffers"]} if with_buffers else {})}
     fingerprint = {"version": FINGERPRINT_VERSION, "modules": frozen_records(model, modules),
                    "merged": merged_adapters(model),
                    "precision": held_precision(model, modules) if precision is None else precision,
                    "precisions": precisions}
     if with_statistics:
         fingerprint["statistics"] = statistics_records(model)
+    if with_buffers:
+        fingerprint["buffers"] = buffer_records(model)
     return fingerprint
 
 
@@ -685,7 +736,7 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False,
         return f"the model has no module {missing[0]}"
     context = context_modules(model, names) if "context" in expected else []
     records = {"modules": frozen_records(model, names, memo), "positions": position_records(model),
-               "statistics": statistics_records(model)}
+               "statistics": statistics_records(model), "buffers": buffer_records(model)}
     context_records = _context_records(model, context) if "context" in expected else {}
     sizes = {"modules": _named_sample_sizes(model, names)}
     if loose:  # no precision on the model's side: TOLERANCE
@@ -723,7 +774,9 @@ def _differing(expected: dict, actual: dict, sizes: dict, context_records: Dict[
             {"modules": dict(zip(context, _context_sample_sizes(model, context)))}, root, packed=True)
     if difference is None:
         difference = differing_positions(expected, actual)
-    return difference if difference is not None else differing_statistics(expected, actual)
+    if difference is None:
+        difference = differing_statistics(expected, actual)
+    return difference if difference is not None else differing_buffers(expected, actual)
 
 
 def _as_named(fingerprint: dict, records: Dict[str, List[float]]) -> dict:

@@ -22,7 +22,14 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisBank
 from .checks import check_bool
 from .config import AdapterConfig
-from .fingerprint import RUNNING_STATISTICS, merge_probes, merges_undone, record_merged, running_statistics
+from .fingerprint import (
+    RUNNING_STATISTICS,
+    frozen_buffers,
+    merge_probes,
+    merges_undone,
+    record_merged,
+    running_statistics,
+)
 from .interrupts import all_or_nothing, interrupts_deferred
 from .layer import HOOK_KINDS, STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
 from .merge import (
@@ -64,6 +71,8 @@ class AdapterState:
     # Copies of the running statistics of every batch norm at inject, by buffer name: adapter files do not store
     # them, so saving refuses a model whose statistics training changed (see ``running_statistics``).
     statistics: Dict[str, Tensor] = field(default_factory=dict)
+    # Copies of the other floating-point buffers a state dict holds, by name (``frozen_buffers``), for the same check.
+    buffers: Dict[str, Tensor] = field(default_factory=dict)
     # The folder ``load_adapter`` last applied and its class names (None where it records none): a save without
     # ``class_names`` says they are not carried over, as the model's tensors may hold another task since.
     loaded_class_names: Optional[Tuple[str, List[str]]] = None
@@ -280,6 +289,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, str, Dict[str, Any], I
         hooks.append(model._register_load_state_dict_pre_hook(_check_bits, with_module=True))
         state = AdapterState(plan, context.get("bank"), requires_grad, hooks)
         state.statistics = {name: value.detach().clone() for name, value in running_statistics(model).items()}
+        state.buffers = {name: value.detach().clone() for name, value in frozen_buffers(model).items()}
         setattr(model, STATE_ATTRIBUTE, state)
     return wrapper
 
@@ -378,10 +388,20 @@ def _require_declared_tensors(name: str, layer: AdaptedLinear, shapes: Dict[str,
 
 def require_unchanged_statistics(model: nn.Module) -> None:
     """Refuse to save or export a model whose running statistics differ from those at inject (a forward pass in train
-    mode updates them) or whose norm stopped keeping them: files and exports hold no buffers, so the adapter would
-    load onto the base model's statistics and give other outputs, whatever the method. A dtype round trip passes."""
+    mode updates them) or whose norm stopped keeping them, or whose other buffers (``frozen_buffers``) changed: files
+    and exports hold no buffers, so the adapter would load onto the base model's and give other outputs, whatever the
+    method. A dtype round trip passes."""
     model = unwrap_model(model)
     state, current = adapter_state(model), running_statistics(model)
+    buffers = frozen_buffers(model)
+    changed_buffers = [name for name, saved in (getattr(state, "buffers", None) or {}).items()  # none pickled before
+                       if name not in buffers or not _close(buffers[name], saved)]
+    if changed_buffers:
+        raise ValueError(
+            f"the buffer {changed_buffers[0]} changed since inject ({len(changed_buffers)} buffer(s) changed), and "
+            "adapter files and exports hold no buffers: the adapter would load onto the base model's and give other "
+            "outputs than this model. Set buffers before nv.inject, or nv.unload the model, set them and inject "
+            "again, then train again")
     changed = [name for name, saved in (state.statistics if state is not None else {}).items()
                if name not in current or not _close(current[name], saved)]
     spectral = [name for name in changed if name.rpartition(".")[2] not in RUNNING_STATISTICS]

@@ -44,6 +44,7 @@ from ..core.checks import check_bool, check_path
 from ..core.config import config_from_dict
 from ..core.fingerprint import (
     adapter_fingerprint,
+    differing_buffers,
     differing_positions,
     differing_records,
     differing_statistics,
@@ -770,6 +771,8 @@ def _check_frozen_weights(document: dict, graph: Optional[dict], directory: Path
         difference = differing_positions(task, graph)
     if difference is None:  # a graph exported before 2026-12-05 holds no statistics: not compared
         difference = differing_statistics(task, graph)
+    if difference is None:  # nor one before 2026-12-07 buffers
+        difference = differing_buffers(task, graph)
     if difference is not None:
         raise AdapterLoadError(
             f"task {directory} does not fit the graph: the graph's frozen weights are not those the task was trained "

@@ -55,6 +55,7 @@ from ..core.config import AdapterConfig, adapter_to_hparam, resolve_adapter
 from ..core.counts import count_parameters
 from ..core.fingerprint import (
     differing_module,
+    frozen_buffers,
     frozen_fingerprint,
     holds_update,
     running_statistics,
@@ -416,7 +417,8 @@ class FewShotClassifier(L.LightningModule):
         model = unwrap_model(self.model)  # names without a compiled model's _orig_mod., as files record them
         frozen = {name: [p for p in module.parameters(recurse=False) if id(p) not in trained]
                   for name, module in model.named_modules()}
-        statistics = list(running_statistics(model).values())  # batch norms' buffers: outputs depend on them too
+        # batch norms' statistics and other buffers: outputs depend on them too
+        statistics = [*running_statistics(model).values(), *frozen_buffers(model).values()]
         key = tuple((p.data_ptr(), p._version) for p in [*(p for ps in frozen.values() for p in ps), *statistics])
         if self._fingerprint is None or self._fingerprint_key != key:
             modules = [name for name, parameters in frozen.items() if parameters]
