@@ -183,3 +183,23 @@ def test_a_linear_probe_file_fingerprinting_only_the_head_norm_warns_that_random
     with pytest.warns(UserWarning, match=r"records only the frozen weights of the norm its head reads \(norm\), which "
                                          "every random init of the backbone has too"):
         nv.load_adapter(tiny_vit(), tmp_path)
+
+
+def saved_with_buffers(directory):
+    model = tiny_vit()
+    model.patch_embed.register_buffer("scale", torch.ones(3))
+    nv.save_adapter(as_if_trained(nv.inject(model, nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16)), 1,
+                                  scale=0.1), directory)
+    return model
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["buffers"].update(folded="AAAA"), r"holds the field frozen_weights\.buffers\.folded, which this"),
+    (lambda r: r["buffers"].update(modules=2), r"field 'frozen_weights' must be .*edited or damaged"),
+    (lambda r: r["precisions"]["buffers"].append(23), r"field 'frozen_weights' must be .*edited or damaged"),
+], ids=["unknown-field", "count", "precisions"])
+def test_a_buffers_record_edited_or_of_a_newer_layout_is_refused(tmp_path, edit, message):
+    model = saved_with_buffers(tmp_path)
+    rewrite(tmp_path, resealed(lambda d: edit(d["frozen_weights"])))
+    with pytest.raises(AdapterLoadError, match=message):
+        nv.load_adapter(model, tmp_path)

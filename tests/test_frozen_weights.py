@@ -302,14 +302,14 @@ def test_a_checkpoint_refuses_a_backbone_whose_buffers_hold_other_constants():
     saved = with_buffer(1.0)
     checkpoint = {"state_dict": saved.state_dict()}
     saved.on_save_checkpoint(checkpoint)
-    assert set(checkpoint["nola_vision"]["backbone_fingerprint"]["buffers"]) == {"patch_embed.scale"}
+    assert checkpoint["nola_vision"]["backbone_fingerprint"]["buffers"]["modules"] == 1
     with_buffer(1.0).on_load_checkpoint(copy.deepcopy(checkpoint))
-    with pytest.raises(ValueError, match=r"different frozen backbone \(the buffer patch_embed\.scale differs by"):
+    with pytest.raises(ValueError, match=r"different frozen backbone \(the buffers of patch_embed differ by"):
         with_buffer(2.0).on_load_checkpoint(copy.deepcopy(checkpoint))
     edited = with_buffer(1.0)
     edited.on_load_checkpoint(copy.deepcopy(checkpoint))
     edited.model.patch_embed.scale.fill_(2.0)
-    with pytest.raises(ValueError, match=r"the buffer patch_embed\.scale differs by"):
+    with pytest.raises(ValueError, match=r"the buffers of patch_embed differ by"):
         edited.on_load_checkpoint(copy.deepcopy(checkpoint))
 
 

@@ -769,7 +769,7 @@ def _is_frozen_weights(value: Any) -> bool:
             and ("context" not in value or is_context(value["context"]))
             and ("positions" not in value or is_positions(value["positions"]))
             and ("statistics" not in value or is_statistics(value["statistics"]))
-            and ("buffers" not in value or is_statistics(value["buffers"]))
+            and ("buffers" not in value or is_context(value["buffers"]))
             and ("precision" not in value or is_precision(value["precision"]))
             and ("precisions" not in value or is_precisions(value["precisions"], value)))
 
@@ -814,11 +814,10 @@ _FROZEN_WEIGHTS = {"frozen_weights": (_is_frozen_weights, 'null or {"version": s
                                                           'of 24 bytes each}, "positions": {parameter name: '
                                                           '{"shape": [ints], "record": [9 numbers]}}, '
                                                           '"statistics": {norm layer name: [9 numbers]}, '
-                                                          '"buffers": {buffer name: [9 numbers]}, '
+                                                          '"buffers": as "context", '
                                                           '"precision": a machine epsilon and "precisions": '
-                                                          '{"modules"/"context": [an exponent per record], '
-                                                          '"positions"/"statistics"/"buffers": {name: '
-                                                          'exponent}}}')}
+                                                          '{"modules"/"context"/"buffers": [an exponent per '
+                                                          'record], "positions"/"statistics": {name: exponent}}}')}
 
 
 def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict:
@@ -856,7 +855,8 @@ def _read_document(path: Path, raw: bytes, allow_unchecked_legacy: bool) -> dict
     record = document.get("frozen_weights")
     if isinstance(record, dict):  # a newer version's check, skipped here, would let other weights load silently
         _refuse_unknown_fields(path, record, set(FINGERPRINT_FIELDS), "frozen_weights.")
-        for part, known in (("context", CONTEXT_FIELDS), ("precisions", PRECISIONS_FIELDS)):
+        packed = (("context", CONTEXT_FIELDS), ("buffers", CONTEXT_FIELDS), ("precisions", PRECISIONS_FIELDS))
+        for part, known in packed:
             if isinstance(record.get(part), dict):
                 _refuse_unknown_fields(path, record[part], set(known), f"frozen_weights.{part}.")
     for key, (valid, what) in schema.items():

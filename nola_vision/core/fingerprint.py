@@ -19,7 +19,9 @@ Adapter files name the records of the layers they adapt and the norm the head re
 their outputs depend on (patch embedding, attention, norms) is recorded too, packed without names in name order
 (``context``: 24 bytes a module, so a ViT-B NOLA file grows by 1.6 KB instead of 6.5 KB). Norm layers that keep
 running statistics (hybrid ViTs' batch norms) are recorded by them too (``statistics``): they are buffers, which a
-forward pass in train mode changes, and the outputs depend on them as on weights.
+forward pass in train mode changes, and the outputs depend on them as on weights. Other persistent floating-point
+buffers (a wrapper's normalisation constants) are recorded per module holding them, packed as context is
+(``buffers``).
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ from .targets import classifier_head
 __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_INPUTS", "MERGED_ATTRIBUTE",
            "MERGED_PROBES_ATTRIBUTE", "PACKED_TOLERANCE", "PRECISIONS_FIELDS", "RECORD_TOLERANCE", "RUNNING_STATISTICS",
            "TOLERANCE",
-           "adapter_fingerprint", "buffer_records", "context_modules", "differing_buffers", "differing_module",
-           "differing_positions", "differing_records", "differing_statistics", "frozen_buffers", "frozen_fingerprint",
-           "frozen_modules", "frozen_records", "held_precision",
+           "adapter_fingerprint", "buffer_modules", "buffer_records", "context_modules", "differing_buffers",
+           "differing_module", "differing_positions", "differing_records", "differing_statistics", "frozen_buffers",
+           "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision",
            "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
            "merge_probes", "merged_adapters", "merges_undone", "missing_merges", "position_records", "record_merged",
            "record_precisions", "recorded_merges", "running_statistics", "sample_sizes", "statistics_layers",
@@ -147,9 +149,9 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
                       statistics: bool = False) -> dict:
     """Per record of a fingerprint, the precision its values are held at, as the exponent e of the machine epsilon
     2⁻ᵉ (7: bfloat16, 10: float16, 23: float32): ``modules`` in the order of ``named``, ``context`` in the order given,
-    ``positions`` and (with ``statistics``) ``statistics`` and ``buffers`` (where the model has any) by name. A record
-    counts at the precision that holds most of its values (``_majority``), so a module loaded from bfloat16 values
-    among float32 ones is matched at bfloat16's tolerance and no other is."""
+    ``positions`` and (with ``statistics``) ``statistics`` by name and ``buffers`` (where the model has any) in the
+    order of ``buffer_modules``. A record counts at the precision that holds most of its values (``_majority``), so
+    a module loaded from bfloat16 values among float32 ones is matched at bfloat16's tolerance and no other is."""
     def exponent(pairs: List[Tuple[float, int]]) -> int:
         return round(-math.log2(_majority(pairs)))
 
@@ -164,9 +166,9 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
     if statistics:
         found["statistics"] = {name: exponent(_pairs(dict(zip(RUNNING_STATISTICS, buffers))))
                                for name, buffers in _statistics_buffers(model).items()}
-        buffers = frozen_buffers(model)
-        if buffers:  # recorded only where there are any, so other files read as before
-            found["buffers"] = {name: exponent(_pairs({name: value})) for name, value in buffers.items()}
+        owners = _module_buffers(model)
+        if owners:  # recorded only where there are any, so other files read as before
+            found["buffers"] = [exponent(_pairs(buffers)) for buffers in owners.values()]
     return found
 
 
@@ -180,10 +182,10 @@ def is_precisions(value: object, fingerprint: dict) -> bool:
     exponent it writes per record the fingerprint holds; other keys are refused by the reader as a newer version's)."""
     if not isinstance(value, dict):
         return False
-    context = fingerprint.get("context") if isinstance(fingerprint.get("context"), dict) else None
     lengths = {"modules": len(fingerprint.get("modules") or {}),
-               **({"context": context.get("modules")} if context is not None else {})}
-    names = {kind: set(fingerprint[kind]) for kind in ("positions", "statistics", "buffers")
+               **{kind: fingerprint[kind].get("modules") for kind in ("context", "buffers")
+                  if isinstance(fingerprint.get(kind), dict)}}
+    names = {kind: set(fingerprint[kind]) for kind in ("positions", "statistics")
              if isinstance(fingerprint.get(kind), dict)}  # a record left out (as before it was kept) is not compared
     for kind, entry in value.items():
         exponents = entry if isinstance(entry, list) else list(entry.values()) if isinstance(entry, dict) else None
@@ -244,7 +246,7 @@ def _statistics_buffers(model: nn.Module) -> Dict[str, List[Tensor]]:
 
 
 def is_statistics(value: object) -> bool:
-    """Whether ``value`` is a well-formed ``statistics`` (or ``buffers``) entry: {layer (buffer) name: [numbers]}."""
+    """Whether ``value`` is a well-formed ``statistics`` entry: {layer name: [numbers]}."""
     return isinstance(value, dict) and all(
         isinstance(name, str) and isinstance(record, list) and len(record) == SKETCHES + 1
         and all(is_finite_number(x) for x in record) for name, record in value.items())
@@ -272,44 +274,63 @@ def differing_statistics(expected: dict, actual: dict) -> Optional[str]:
 
 def frozen_buffers(model: nn.Module) -> Dict[str, Tensor]:
     """The floating-point buffers a state dict holds (persistent) outside the classifier head, other than
-    ``running_statistics``, by name, sorted: constants the outputs depend on that adapter files do not hold, such as a
+    ``running_statistics``, by name: constants the outputs depend on that adapter files do not hold, such as a
     wrapper's normalisation mean and std (plain timm ViTs have none)."""
+    return {f"{owner}.{name}" if owner else name: value
+            for owner, buffers in _module_buffers(model).items() for name, value in buffers.items()}
+
+
+def buffer_modules(model: nn.Module) -> List[str]:
+    """The modules that hold ``frozen_buffers``, sorted by name: the order of a fingerprint's ``buffers`` records."""
+    return list(_module_buffers(model))
+
+
+def _module_buffers(model: nn.Module) -> Dict[str, Dict[str, Tensor]]:
+    """``frozen_buffers`` by the module holding them (modules sorted by name, each one's buffers by name)."""
     head, moving = _head_module_ids(model), {id(value) for value in running_statistics(model).values()}
     found = {}
     for module_name, module in model.named_modules():
-        if id(module) in head:
-            continue
-        for name, value in module.named_buffers(recurse=False):
-            if (isinstance(value, Tensor) and value.is_floating_point() and id(value) not in moving
-                    and name not in module._non_persistent_buffers_set):
-                found[f"{module_name}.{name}" if module_name else name] = value
+        buffers = {name: value for name, value in module.named_buffers(recurse=False)
+                   if isinstance(value, Tensor) and value.is_floating_point() and id(value) not in moving
+                   and name not in module._non_persistent_buffers_set}
+        if buffers and id(module) not in head:
+            found[module_name] = dict(sorted(buffers.items()))
     return dict(sorted(found.items()))
 
 
-def buffer_records(model: nn.Module) -> Dict[str, List[float]]:
-    """The record of each of ``frozen_buffers``, by name (empty without them: files then hold no ``buffers``)."""
+def buffer_records(model: nn.Module) -> dict:
+    """The ``buffers`` entry of a fingerprint: one record per module of ``buffer_modules`` (its buffers' values
+    together), packed in that order as ``context`` is ({"modules": 0, ...} without them: files then hold none)."""
     with torch.no_grad():
-        return _records({name: _sample(value) for name, value in frozen_buffers(model).items()})
+        records = _records({name: torch.cat([_sample(value) for value in buffers.values()])
+                            for name, buffers in _module_buffers(model).items()})
+    return {"modules": len(records), "records": _pack(list(records.values()))}
 
 
-def differing_buffers(expected: dict, actual: dict) -> Optional[str]:
+def differing_buffers(expected: dict, actual: dict, names: Optional[Sequence[str]] = None) -> Optional[str]:
     """What differs between the buffers (``frozen_buffers``) a fingerprint ``expected`` recorded (none in files from
     before 2026-12-07, nor for models without them) and those of the fingerprint ``actual`` (none: not known, as in a
-    graph exported before), naming the first."""
-    if actual.get("buffers") is None:
+    graph exported before), naming the first differing module by ``names`` (``buffer_modules`` of the model) if
+    given, else by its place."""
+    if actual.get("buffers") is None or expected.get("buffers") is None:
         return None
-    tolerance = _tolerances(expected, actual, "buffers")
-    for name, record in (expected.get("buffers") or {}).items():
-        other = actual["buffers"].get(name)
-        if other is None:
-            return (f"the model has no buffer {name} (or it is not persistent or not floating-point), where the "
-                    "adapter's backbone had one: adapter files do not hold buffers, so the adapter would load onto "
-                    "other constants")
-        difference = _difference(record, other, 0, tolerance(name))
+    count, theirs = expected["buffers"]["modules"], actual["buffers"]["modules"]
+    if theirs != count:
+        return (f"{count} module(s) of the adapter's backbone held persistent floating-point buffers outside the head "
+                f"and {theirs} here{f' ({_listed(names)})' if names else ''}: adapter files do not hold buffers, so "
+                "the adapter would load onto other constants")
+    tolerance = _tolerances(expected, actual, "buffers", packed=True)
+    for index, (record, other) in enumerate(zip(_unpack(expected["buffers"]), _unpack(actual["buffers"]))):
+        difference = _difference(record, other, 0, tolerance(index))
         if difference is not None:
-            return (f"the buffer {name} differs by about {_amount(difference)} of its norm (adapter files do not hold "
-                    "buffers: the adapter was trained with other constants there)")
+            where = names[index] if names else f"module {index + 1} of the {count} holding them"
+            return (f"the buffers of {where} differ by about {_amount(difference)} of their norm (adapter files do "
+                    "not hold buffers: the adapter was trained with other constants there)")
     return None
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def position_records(model: nn.Module) -> Dict[str, dict]:
@@ -614,7 +635,7 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
         modules = [name for name, module in model.named_modules()
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     with_statistics = statistics and bool(_statistics_buffers(model))
-    with_buffers = statistics and bool(frozen_buffers(model))
+    with_buffers = statistics and bool(_module_buffers(model))
     if not modules and not with_statistics and not with_buffers:
         return None
     if precisions is None:
@@ -776,7 +797,7 @@ def _differing(expected: dict, actual: dict, sizes: dict, context_records: Dict[
         difference = differing_positions(expected, actual)
     if difference is None:
         difference = differing_statistics(expected, actual)
-    return difference if difference is not None else differing_buffers(expected, actual)
+    return difference if difference is not None else differing_buffers(expected, actual, buffer_modules(model))
 
 
 def _as_named(fingerprint: dict, records: Dict[str, List[float]]) -> dict:
