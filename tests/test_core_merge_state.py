@@ -1011,3 +1011,22 @@ def test_a_16_bit_merge_cast_to_float32_is_fingerprinted_as_its_base_weights(tmp
     nv.load_adapter(tiny_vit(), tmp_path / "again")  # onto the float32 backbone the adapter was trained on
     nv.load_adapter(served, tmp_path / "1")  # a switch
     assert nv.adapted_layers(served)[names[0]].merged
+
+
+def test_merge_and_unload_of_an_unmerged_16_bit_model_reads_its_probes_without_rebuilding_a_weight(monkeypatch,
+                                                                                                     tmp_path):
+    """The merge record's "before" values were read after the merge, through a copy of each whole 16-bit weight with
+    ΔW taken out again; an unmerged layer's are read before it, as they are."""
+    from nola_vision.core.layer import AdaptedLinear
+
+    model = as_if_trained(nv.inject(tiny_vit().bfloat16(), CONFIGS["nola_shared"]()), 1, scale=0.1)
+    base = {name: value.clone() for name, value in tiny_vit().bfloat16().state_dict().items()}
+    rebuilt = []
+    real = AdaptedLinear.exact_unmerged_weight
+    monkeypatch.setattr(AdaptedLinear, "exact_unmerged_weight", lambda self: rebuilt.append(self) or real(self))
+    nv.merge_and_unload(model)
+    assert rebuilt == []
+    model.load_state_dict(base)  # the base weights back: the record is dropped, as the exact values show
+    monkeypatch.undo()
+    nv.save_adapter(as_if_trained(nv.inject(model, CONFIGS["lora_qv"]()), 2, scale=0.1), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["frozen_weights"]["merged"] == []

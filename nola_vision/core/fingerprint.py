@@ -52,7 +52,7 @@ __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_
            "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
            "merge_probes", "merged_adapters", "merges_undone", "missing_merges", "position_records", "record_merged",
            "record_precisions", "recorded_merges", "running_statistics", "sample_sizes", "statistics_layers",
-           "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges"]
+           "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges", "unmerged_probes"]
 
 FINGERPRINT_VERSION = "sample16384-sign8-float64-v1"
 # The entries of a fingerprint and of its ``context``: a reader refuses others, which a newer version's checks would be.
@@ -440,16 +440,25 @@ def recorded_merges(model: nn.Module) -> List[dict]:
     return list(getattr(model, MERGED_ATTRIBUTE, []))
 
 
-def merge_probes(model: nn.Module, layers: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor, Tensor]]:
-    """Of merged adapted layers ``layers``: a few positions of each weight, its values there before the merge (as
-    ``unmerge`` would give them back) and merged, float64 on the CPU, for ``record_merged``."""
+def unmerged_probes(model: nn.Module, layers: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Of adapted layers ``layers``, taken before a merge: a few positions of each weight and its values there as
+    unmerged (ΔW of a layer merged already taken out), float64 on the CPU. An unmerged layer's are read as they are,
+    exactly; reading them after the merge would rebuild a 16-bit weight whole (``exact_unmerged_weight``)."""
+    with torch.no_grad():
+        return {name: (positions, _unmerged_at(layer, positions)) for name in layers
+                for layer in [model.get_submodule(name)] for positions in [_probe_positions(layer.weight.numel())]}
+
+
+def merge_probes(model: nn.Module, unmerged: Dict[str, Tuple[Tensor, Tensor]]
+                 ) -> Dict[str, Tuple[Tensor, Tensor, Tensor]]:
+    """``unmerged_probes`` of layers merged since, with each weight's merged values at its positions, for
+    ``record_merged``."""
     probes = {}
     with torch.no_grad():
-        for name in layers:
-            layer = model.get_submodule(name)
-            positions = _probe_positions(layer.weight.numel())
-            merged = layer.weight.detach().reshape(-1).index_select(0, positions.to(layer.weight.device))
-            probes[name] = (positions, _unmerged_at(layer, positions), merged.to(torch.float64).cpu())
+        for name, (positions, before) in unmerged.items():
+            weight = model.get_submodule(name).weight.detach()
+            merged = weight.reshape(-1).index_select(0, positions.to(weight.device))
+            probes[name] = (positions, before, merged.to(torch.float64).cpu())
     return probes
 
 

@@ -29,6 +29,7 @@ from .fingerprint import (
     merges_undone,
     record_merged,
     running_statistics,
+    unmerged_probes,
 )
 from .interrupts import all_or_nothing, interrupts_deferred
 from .layer import HOOK_KINDS, STATE_ATTRIBUTE, AdaptedLinear, adapted_layers, has_hooks
@@ -620,8 +621,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     undone = merges_undone(model)  # an earlier record whose base weights were loaded back: not carried on
+    unmerged = unmerged_probes(model, sorted(state.plan.layers))
     merge(model)
-    probes = merge_probes(model, sorted(state.plan.layers))  # so a later load of the base weights drops the record
+    probes = merge_probes(model, unmerged)  # so a later load of the base weights drops the record
     if state.quantized_head:  # the hooks that showed the head at its stored width go: fold that in
         head, bits = classifier_head(model), head_bits(quantization_aware_bits(model))
         with torch.no_grad():
