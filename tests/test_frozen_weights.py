@@ -437,6 +437,31 @@ def test_the_merge_record_follows_the_weights_loaded_back_into_a_merged_model(sa
     assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["lora"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_loaded_back_from_between_two_merges_keep_the_first_merges_record_alone(saved, tmp_path, dtype):
+    """The record was dropped only for the weights from before the first merge: weights saved between two merges and
+    loaded back kept both entries, so an adapter trained on them was refused as trained on other weights."""
+    model, directory = saved
+    first = nv.merge_and_unload(model.to(dtype))
+    between = {name: value.clone() for name, value in first.state_dict().items()}
+    second = nv.merge_and_unload(trained(seed=2, model=first, config=nv.LoRAConfig(rank=2)))
+    after = {name: value.clone() for name, value in second.state_dict().items()}
+    assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(second)] == ["nola", "lora"]
+    second.load_state_dict(between)
+    assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(second)] == ["nola"]
+    third = nv.save_adapter(trained(seed=3, model=second, config=nv.LoRAConfig(rank=2)), tmp_path / "third")
+    holder = tiny_vit().to(dtype)
+    holder.load_state_dict(between)  # no record: the weights alone
+    with pytest.raises(AdapterLoadError, match=r"trained on weights with 1 adapter\(s\) folded in"):
+        nv.load_adapter(holder, third)  # the file records the first merge, as its weights hold it
+    nv.unload(second)
+    second.load_state_dict(after)  # the weights after both merges: both are held again
+    assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(second)] == ["nola", "lora"]
+    merged = nv.merge_and_unload(trained(seed=4, model=second, config=nv.LoRAConfig(rank=2)))
+    merged.load_state_dict(between)  # three merges recorded, the weights from after the first
+    assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["nola"]
+
+
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_the_merge_record_is_dropped_for_base_weights_loaded_back_from_a_half_precision_copy(saved, half):
     """The base weights loaded from a bfloat16 checkpoint lie a rounding of that type off those recorded: the record

@@ -50,7 +50,7 @@ __all__ = ["CONTEXT_FIELDS", "FINGERPRINT_FIELDS", "FINGERPRINT_VERSION", "HEAD_
            "differing_module", "differing_positions", "differing_records", "differing_statistics", "frozen_buffers",
            "frozen_fingerprint", "frozen_modules", "frozen_records", "held_precision",
            "holds_update", "is_context", "is_positions", "is_precision", "is_precisions", "is_statistics",
-           "merge_probes", "merged_adapters", "merges_undone", "missing_merges", "position_records", "record_merged",
+           "merge_probes", "merged_adapters", "merges_held", "missing_merges", "position_records", "record_merged",
            "record_precisions", "recorded_merges", "running_statistics", "sample_sizes", "statistics_layers",
            "statistics_records", "tensors_sha256", "unexpected_merges", "unmatched_merges", "unmerged_probes"]
 
@@ -77,7 +77,7 @@ STRIDE = 2654435761
 # ConvNeXt's ``head.norm``): their weights shape the features a head was trained on.
 HEAD_INPUTS = ("norm", "fc_norm", "head.norm")
 MERGED_ATTRIBUTE = "nola_merged_adapters"
-MERGED_PROBES_ATTRIBUTE = "nola_merged_probes"  # the weights' values around each merge (``merge_probes``)
+MERGED_PROBES_ATTRIBUTE = "nola_merged_probes"  # the weights' values around each merge (``merge_probes``), in order
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Parameters timm resizes for another input size (absolute and relative position embeddings): left out of the
 # context records, so an adapter still loads onto the model built for another input size.
@@ -430,9 +430,9 @@ def _unpack(context: dict) -> List[List[float]]:
 
 def merged_adapters(model: nn.Module) -> List[dict]:
     """What ``merge_and_unload`` folded into the model's weights: one entry (method, config, layers) per adapter;
-    none once the weights are those from before the first merge again (``load_state_dict`` of the base weights:
-    ``merges_undone``)."""
-    return [] if merges_undone(model) else recorded_merges(model)
+    without those the weights no longer hold (``load_state_dict`` of the base weights, or of weights saved between
+    two merges: ``merges_held``)."""
+    return recorded_merges(model)[:merges_held(model)]
 
 
 def recorded_merges(model: nn.Module) -> List[dict]:
@@ -473,45 +473,67 @@ def _unmerged_at(layer: nn.Module, positions: Tensor) -> Tensor:
 
 
 def record_merged(model: nn.Module, entry: dict, probes: Dict[str, Tuple[Tensor, Tensor, Tensor]],
-                  undone: bool = False) -> None:
+                  held: Optional[int] = None) -> None:
     """Remember that ``entry``'s update is now part of the model's weights (kept by deepcopy, not by state dicts),
-    with ``merge_probes`` of its layers: a layer merged before keeps its values from before the first merge.
-    ``undone``: the earlier record's merges were undone before this one (``merges_undone``), so it is dropped."""
-    kept = {} if undone else dict(getattr(model, MERGED_PROBES_ATTRIBUTE, {}))
-    for name, (positions, before, merged) in probes.items():
-        if name in kept and torch.equal(kept[name][0], positions):
-            before = kept[name][1]
-        kept[name] = (positions, before, merged)
-    setattr(model, MERGED_ATTRIBUTE, [*([] if undone else recorded_merges(model)), entry])
-    setattr(model, MERGED_PROBES_ATTRIBUTE, kept)
+    with ``merge_probes`` of its layers, after the first ``held`` recorded merges (default: all), those the weights
+    held before this one (``merges_held``); the others' records are dropped."""
+    records = recorded_merges(model)
+    held = len(records) if held is None else held
+    stack = _probe_stack(model, len(records))[:held]
+    setattr(model, MERGED_ATTRIBUTE, [*records[:held], entry])
+    setattr(model, MERGED_PROBES_ATTRIBUTE, [*stack, dict(probes)])
 
 
-def merges_undone(model: nn.Module) -> bool:
-    """Whether the model's weights are again those from before its first recorded merge, within the rounding of
-    the coarser dtype, at every probed position a merge moved beyond it: the base weights loaded back
-    (``load_state_dict``), the record then describes none of them. Adapted layers count with their unmerged weights
-    (an adapter injected since is not a merge). False without probes (records of earlier versions), for weights of
-    another size or on the meta device, and for any other weights."""
+def _probe_stack(model: nn.Module, count: int) -> List[Dict[str, Tuple[Tensor, Tensor, Tensor]]]:
+    """The probes of each of the ``count`` recorded merges, in order; a model merged by an earlier version kept one
+    dict for all of them (values from before the first merge), which counts as the first merge's alone."""
     probes = getattr(model, MERGED_PROBES_ATTRIBUTE, None)
-    if not probes:
-        return False
-    told = False
+    if isinstance(probes, dict):
+        probes = [probes]
+    stack = list(probes or [])[:count]
+    return stack + [{}] * (count - len(stack))
+
+
+def merges_held(model: nn.Module) -> int:
+    """How many of the recorded merges the model's weights still hold: the first k where they are again the weights
+    from before merge k+1, within the rounding of the coarser dtype, at every probed position the merges since moved
+    beyond it (``load_state_dict`` of the base weights, or of weights saved between two merges); all of them
+    otherwise. Adapted layers count with their unmerged weights (an adapter injected since is not a merge). Merges
+    without probes (records of earlier versions) are held, as are weights of another size or on the meta device."""
+    records = recorded_merges(model)
+    stack = _probe_stack(model, len(records))
     with torch.no_grad():
+        for held in range(len(records)):
+            if _weights_before(model, stack[held:]):
+                return held
+    return len(records)
+
+
+def _weights_before(model: nn.Module, stack: Sequence[Dict[str, Tuple[Tensor, Tensor, Tensor]]]) -> bool:
+    """Whether every layer the merges of ``stack`` probed holds its values from before the first of them that
+    merged into it, at the positions they moved it beyond rounding (at least one: False without probes)."""
+    layers: Dict[str, Tuple[Tensor, Tensor, Tensor]] = {}
+    for probes in stack:
         for name, (positions, before, merged) in probes.items():
-            module = _submodule(model, name)
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() \
-                    or not torch.equal(_probe_positions(weight.numel()), positions):
-                return False
-            now = _unmerged_at(module, positions)
-            # the coarsest of the weight's dtype now, the one its merged values were held at, and the one its values
-            # now are held at (base weights loaded back from a bfloat16 copy)
-            rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged), _held_by(now))
-            tolerance = rounding * torch.maximum(before.abs(), merged.abs()) + torch.finfo(torch.float32).tiny
-            moved = (merged - before).abs() > 4 * tolerance
-            if not bool(((now - before).abs() <= tolerance)[moved].all()):
-                return False
-            told = told or bool(moved.any())
+            first = layers.get(name)  # the values before the first merge into it, the values after the last
+            layers[name] = (positions, before, merged) if first is None or not torch.equal(first[0], positions) \
+                else (positions, first[1], merged)
+    told = False
+    for name, (positions, before, merged) in layers.items():
+        module = _submodule(model, name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() \
+                or not torch.equal(_probe_positions(weight.numel()), positions):
+            return False
+        now = _unmerged_at(module, positions)
+        # the coarsest of the weight's dtype now, the one its merged values were held at, and the one its values
+        # now are held at (base weights loaded back from a bfloat16 copy)
+        rounding = 2 * max(torch.finfo(weight.dtype).eps, _held_by(merged), _held_by(now))
+        tolerance = rounding * torch.maximum(before.abs(), merged.abs()) + torch.finfo(torch.float32).tiny
+        moved = (merged - before).abs() > 4 * tolerance
+        if not bool(((now - before).abs() <= tolerance)[moved].all()):
+            return False
+        told = told or bool(moved.any())
     return told
 
 

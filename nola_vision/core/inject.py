@@ -26,7 +26,7 @@ from .fingerprint import (
     RUNNING_STATISTICS,
     frozen_buffers,
     merge_probes,
-    merges_undone,
+    merges_held,
     record_merged,
     running_statistics,
     unmerged_probes,
@@ -620,7 +620,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     state = _require_own_adapter_state(model, "merge_and_unload")
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
-    undone = merges_undone(model)  # an earlier record whose base weights were loaded back: not carried on
+    held = merges_held(model)  # earlier merges whose weights were loaded back over: not carried on
     unmerged = unmerged_probes(model, sorted(state.plan.layers))
     merge(model)
     probes = merge_probes(model, unmerged)  # so a later load of the base weights drops the record
@@ -633,7 +633,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _remove_injection(model, state)
         if state.plan.layers:
             folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
-            record_merged(model, folded, probes, undone)
+            record_merged(model, folded, probes, held)
     return wrapper
 
 
