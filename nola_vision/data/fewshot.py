@@ -2,7 +2,8 @@
 
 The draw is a counter-based generator: within each class, train images are ordered by
 ``blake2b(split_seed, image key)`` and the first ``shots`` are taken, the next ``val_shots`` form the
-validation subset. It depends only on the seed and the file names, so it is identical in every process,
+validation subset. It depends only on the seed and the image keys (paths relative to the dataset root, class
+folder included), so it is identical in every process,
 on every DDP rank, on every platform and torch version, and never touches a global RNG. A 5-shot draw is
 the prefix of the 10-shot draw with the same seed.
 """
