@@ -778,3 +778,33 @@ def test_a_run_stopped_as_it_returns_after_writing_its_result_says_the_result_wa
                         "last", "--result_file", tested)
     assert returned == code and f"{said} as the run ended, after it wrote its result to {tested}" in err
     assert json.loads(tested.read_text())["metrics"]
+
+
+def test_a_retired_result_steps_past_a_users_files_of_its_name_and_shortens_a_name_too_long_for_the_suffix(tmp_path):
+    """A user's file at <result>.previous (write-protected too) was replaced by the retired result without a word, a
+    folder there failed the run after training (Is a directory), and a result name of 247-255 bytes failed it there
+    too (File name too long)."""
+    from nola_vision.train.cli import ResultRetirer
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+
+    def retired(name):
+        path = tmp_path / name
+        path.write_text(json.dumps({"metrics": {}, "adapter_dir": str(adapter)}))
+        retirer = ResultRetirer(str(path))
+        retirer(adapter)
+        assert not path.exists()
+        return Path(retirer.note.rpartition("moved to ")[2].rstrip("."))
+
+    notes = tmp_path / "r.json.previous"
+    notes.write_text("my notes")
+    notes.chmod(0o444)
+    (tmp_path / "r.json.previous.1").mkdir()
+    assert retired("r.json") == tmp_path / "r.json.previous.2"
+    assert notes.read_text() == "my notes" and (tmp_path / "r.json.previous.1").is_dir()
+    assert retired("r.json") == tmp_path / "r.json.previous.2"  # an earlier retired result is replaced
+    long = "r" * 245 + ".json"
+    aside = retired(long)
+    assert aside.name.endswith(".previous") and len(aside.name.encode()) <= 255 and aside.parent == tmp_path
+    assert json.loads(aside.read_text())["adapter_dir"] == str(adapter)

@@ -466,3 +466,12 @@ def test_a_target_whose_name_is_too_long_for_a_suffix_is_still_written(tmp_path)
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"graph")
     assert target.read_bytes() == b"graph" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("length", [229, 230])
+def test_a_graph_name_long_enough_to_fill_its_private_folders_name_exports(tmp_path, length):
+    """At exactly 230 bytes, the folder the exporter works in beside its temporary file (``.<name>.nv-<8>.tmp.<8>``)
+    took 256 bytes, and the export failed as if the disk had."""
+    path = tmp_path / ("g" * (length - 5) + ".onnx")
+    nv.export_onnx(trained(0), path)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -665,3 +665,16 @@ def test_a_nested_write_below_a_folder_this_thread_holds_shared_keeps_counting_i
     thread.start()
     thread.join(20)
     assert outcome and "from within a write of it" in outcome[0]
+
+
+def test_the_adapter_an_export_replaces_is_kept_beside_a_name_too_long_for_the_previous_suffix(tmp_path):
+    """An adapter folder named with 247-255 bytes trained, then failed to export: <name>.previous was too long."""
+    from nola_vision.train.module import _keep_previous_adapter
+
+    target = tmp_path / ("a" * 250)
+    nv.save_adapter(trained(1), target)
+    with pytest.warns(UserWarning, match="already held an adapter"):
+        _keep_previous_adapter(target)
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".previous")]
+    assert len(kept) == 1 and len(os.fsencode(kept[0].name)) <= 255
+    assert (kept[0] / "adapter_model.safetensors").read_bytes() == (target / "adapter_model.safetensors").read_bytes()

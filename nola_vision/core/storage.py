@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -34,9 +35,9 @@ except ImportError:  # Windows
 
 __all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
            "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder",
-           "out_of_room_hint", "read_files", "resolve_directory_target", "set_aside_copy", "spreadsheet_safe",
-           "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic", "write_text_atomic",
-           "writer_lock"]
+           "out_of_room_hint", "previous_path", "read_files", "resolve_directory_target", "set_aside_copy",
+           "spreadsheet_safe", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
+           "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 # The first characters by which a spreadsheet (Excel, LibreOffice, Google Sheets) reads a CSV cell as a formula.
@@ -1099,14 +1100,30 @@ def _leftover_pattern(target: Path, kinds: str) -> re.Pattern:
 
 
 def _sibling_stem(target: Path) -> str:
-    """``target``'s name in its siblings' names: the name itself, or for a name too long to take the 21 more
-    characters (file names stop at 255 bytes), its first 200 bytes and a hash of the whole, so only it matches."""
-    if len(os.fsencode(target.name)) <= 230:
+    """``target``'s name in its siblings' names: the name itself, or for a name too long to take the 26 more bytes
+    of the longest (an ONNX export's folder beside its temporary file, ``.<name>.nv-<8>.tmp.<8>``; file names stop at
+    255 bytes), its first 200 bytes and a hash of the whole, so only it matches."""
+    if len(os.fsencode(target.name)) <= 229:
         return target.name
     stem = target.name
     while len(os.fsencode(stem)) > 200:  # whole characters only
         stem = stem[:-1]
     return f"{stem}~{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]}"
+
+
+def previous_path(target: PathLike, replaceable: Callable[[Path], bool]) -> Path:
+    """Where to keep what ``target`` holds before a write replaces it: ``<name>.previous``, or ``.previous.1``,
+    ``.2``, ... where that holds something ``replaceable`` refuses (a user's file or folder of that name, which
+    replacing would lose). A name too long to take the suffix keeps its first 200 bytes and a hash of the whole."""
+    target = Path(target)
+    limit = _name_limit(nearest_folder(target) or target.parent)
+    for index in itertools.count():
+        suffix = ".previous" + (f".{index}" if index else "")
+        name = target.name + suffix
+        path = target.with_name(name if _name_length(name) <= limit else _sibling_stem(target) + suffix)
+        if not os.path.lexists(path) or replaceable(path):
+            return path
+    raise AssertionError("unreachable")
 
 
 def _sibling(target: Path, kind: str, token: str) -> Path:

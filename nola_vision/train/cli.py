@@ -48,6 +48,7 @@ from ..core.storage import (
     file_in_the_way,
     nearest_folder,
     out_of_room_hint,
+    previous_path,
     spreadsheet_safe,
     try_lock,
     write_bytes_atomic,
@@ -1512,7 +1513,7 @@ class ResultRetirer:
             return
         if described is None or Path(described).resolve() != adapter.resolve():
             return
-        aside = self.path.with_name(self.path.name + ".previous")
+        aside = previous_path(self.path, _replaceable_result)
         os.replace(self.path, aside)
         self.note = f" {self.path} described the adapter this run replaced: moved to {aside}."
         rank_zero_info(f"nola_vision:{self.note}")
@@ -1620,6 +1621,13 @@ def _result_document(path: Path) -> Optional[dict]:
 
 def _is_result_file(path: Path) -> bool:
     return _result_document(path) is not None
+
+
+def _replaceable_result(path: Path) -> bool:
+    """Whether ``path`` holds an earlier result set aside, to be replaced: not a user's file or folder of that name,
+    nor a write-protected one (``chmod a-w``: a rename over it would undo the protection)."""
+    return (path.is_file() and not path.is_symlink() and bool(path.stat().st_mode & 0o222)
+            and _is_result_file(path))
 
 
 def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:

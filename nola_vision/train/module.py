@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import enum
 import hashlib
-import itertools
 import math
 import os
 import random
@@ -66,7 +65,7 @@ from ..core.inject import adapter_state, inject, quantization_aware_bits, set_qu
 from ..core.layer import adapted_layers
 from ..core.quantize import QAT_BITS, require_bits, seen_alike
 from ..core.registry import method_of
-from ..core.storage import copy_directory, file_sha256
+from ..core.storage import copy_directory, file_sha256, previous_path
 from ..core.targets import (
     head_parameter_names,
     require_no_inner_wrappers,
@@ -1442,16 +1441,10 @@ def _keep_previous_adapter(target: Path) -> None:
 
 
 def _previous_adapter_path(target: Path) -> Path:
-    """``<target>.previous``, or ``.previous.1``, ``.2``, ... where it holds something other than an adapter an earlier
-    export kept (a user's folder or file of that name, which replacing would delete)."""
-    for index in itertools.count():
-        path = target.with_name(target.name + ".previous" + (f".{index}" if index else ""))
-        if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink()
-                                         and existing_adapter_kind(path) == "nola_vision"):
-            return path
-    raise AssertionError("unreachable")
-
-
+    """``<target>.previous`` (``previous_path``), stepping past a name that holds something other than an adapter an
+    earlier export kept (a user's folder or file of that name, which replacing would delete)."""
+    return previous_path(target, lambda path: path.is_dir() and not path.is_symlink()
+                         and existing_adapter_kind(path) == "nola_vision")
 
 
 def check_training_length(trainer: Any) -> None:
