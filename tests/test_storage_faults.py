@@ -678,3 +678,41 @@ def test_the_adapter_an_export_replaces_is_kept_beside_a_name_too_long_for_the_p
     kept = [p for p in tmp_path.iterdir() if p.name.endswith(".previous")]
     assert len(kept) == 1 and len(os.fsencode(kept[0].name)) <= 255
     assert (kept[0] / "adapter_model.safetensors").read_bytes() == (target / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def flag_immutable():
+    """``flag(path)``: ``chattr +i`` on ``path``, undone at teardown (skips where the file system or user cannot)."""
+    import shutil
+    import subprocess
+
+    flagged = []
+
+    def flag(path):
+        if shutil.which("chattr") is None:
+            pytest.skip("no chattr")
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("this file system or user cannot flag files immutable")
+        flagged.append(path)
+
+    yield flag
+    for path in flagged:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("flagged", ["adapter_model.safetensors", "notes.txt", "."])
+def test_an_immutable_file_or_folder_is_refused_before_a_save_steps_past_it(tmp_path, flag_immutable, flagged):
+    """chattr +i stopped nothing: the save swapped the folder around the flagged file, which stayed for good in a
+    hidden folder set aside (a warning said so), and an immutable folder was told to chmod u+w."""
+    target = tmp_path / "adapter"
+    nv.save_adapter(trained(1), target)
+    (target / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    flag_immutable(target / flagged)
+    with pytest.raises(PermissionError, match=r"is flagged immutable or append-only .*chattr -i -a"):
+        nv.save_adapter(trained(2), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
+    if flagged != ".":  # a single-file write over an immutable file is refused alike
+        with pytest.raises(PermissionError, match="is flagged immutable"):
+            storage.write_text_atomic(target / flagged, "new")

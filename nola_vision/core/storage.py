@@ -285,10 +285,59 @@ def _protected_file_message(path: Path, writer: str) -> Optional[str]:
         info = os.stat(path)
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o222:
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    if _immutable(path, info):
+        return _immutable_message(path, writer)
+    if info.st_mode & 0o222:
         return None
     return (f"{path} is write-protected (mode {stat.S_IMODE(info.st_mode):04o}), and {writer} would replace it: make "
             f"it writable (e.g. chmod u+w {path}) to replace it, or choose another path (it was left untouched)")
+
+
+_FS_IOC_GETFLAGS, _FS_IMMUTABLE_OR_APPEND = 0x80086601, 0x10 | 0x20  # Linux's inode flags (chattr +i, +a)
+
+
+def _immutable(path: Path, info: os.stat_result) -> bool:
+    """Whether ``path`` is flagged immutable or append-only (Linux's ``chattr +i``/``+a``, BSD's and macOS's
+    ``chflags uchg``/``sappnd``): a deliberate "do not change", for root too, which a save that swaps the folder
+    around the file would step past (the file left in a folder set aside that no save can remove)."""
+    flags = getattr(info, "st_flags", None)
+    if flags is not None:
+        return bool(flags & (stat.UF_IMMUTABLE | stat.SF_IMMUTABLE | stat.UF_APPEND | stat.SF_APPEND))
+    if fcntl is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))
+    except OSError:  # a file system without such flags (tmpfs, NFS)
+        return False
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(raw[:4], sys.byteorder) & _FS_IMMUTABLE_OR_APPEND)
+
+
+def _flagged_entry(folder: Path) -> Optional[Path]:
+    """The first entry under ``folder`` (symlinks not followed) flagged immutable or append-only (``_immutable``)."""
+    for parent, folders, files in os.walk(folder):
+        for name in [*folders, *files]:
+            path = Path(parent) / name
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISLNK(info.st_mode) and _immutable(path, info):
+                return path
+    return None
+
+
+def _immutable_message(path: Path, writer: str) -> str:
+    return (f"{path} is flagged immutable or append-only (chattr +i or +a; chflags uchg on macOS), and {writer} would "
+            f"replace it: remove the flag (chattr -i -a {path}, as root) to replace it, or choose another path (it was "
+            "left untouched)")
 
 
 def _special_file_kind(path: PathLike) -> Optional[str]:
@@ -577,7 +626,10 @@ def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
         # os.access tells what the bits cannot (owner, ACLs, read-only mounts) but says "writable" to root, so no
         # write bit for anyone also refuses: a chmod 555 directory is a deliberate "do not overwrite", for root too.
         # Not on Windows, whose directories' read-only attribute (mode 0o555 there) often just marks custom folders.
-        no_write_bit = os.name == "posix" and stat.S_IMODE(os.stat(target).st_mode) & 0o222 == 0
+        info = os.stat(target)
+        if _immutable(target, info):
+            raise PermissionError(f"cannot save over {target}: {_immutable_message(target, 'a save')}")
+        no_write_bit = os.name == "posix" and stat.S_IMODE(info.st_mode) & 0o222 == 0
         if no_write_bit or not os.access(target, os.W_OK):
             why = _unwritable_cause(target)
             if why is not None:
@@ -590,6 +642,13 @@ def _refuse_unwritable(target: Path, names: Sequence[str] = ()) -> None:
             protected = _protected_file_message(target / name, "a save")
             if protected is not None:
                 raise PermissionError(f"{protected}; nothing in {target} was changed")
+        flagged = _flagged_entry(target)
+        if flagged is not None:
+            raise PermissionError(
+                f"{flagged} is flagged immutable or append-only (chattr +i or +a; chflags uchg on macOS), and a save "
+                f"swaps the whole of {target} in, your other files copied into it, so the old folder holding it could "
+                f"never be removed: remove the flag (chattr -i -a {flagged}, as root) or move it out of {target} "
+                "(nothing was changed)")
     # Root may write a parent whose bits say read-only, and then the save works: only a parent it cannot write fails.
     parent = target.parent
     if parent.is_dir() and not os.access(parent, os.W_OK):
