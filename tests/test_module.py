@@ -413,6 +413,24 @@ def test_checkpoint_of_another_adapter_config_is_refused_naming_the_field(other)
         changed.on_load_checkpoint(_checkpoint_of(model))
 
 
+def test_a_checkpoint_loads_into_a_model_given_its_targets_in_another_order_with_the_same_outputs():
+    """The targets' order selects nothing (an adapter file loads either way), but a checkpoint compared the configs as
+    written and refused one given them in another order."""
+    config = dataclasses.replace(NOLA, targets=["mlp.fc1", "attn.v"])
+    model = FewShotClassifier(num_classes=4, adapter=config, **TINY)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.1)
+    checkpoint = _checkpoint_of(model)
+    reordered = FewShotClassifier(num_classes=4, adapter=dataclasses.replace(NOLA, targets=["attn.v", "mlp.fc1"]),
+                                  **TINY)
+    reordered.on_load_checkpoint(copy.deepcopy(checkpoint))
+    reordered.load_state_dict(checkpoint["state_dict"], strict=False)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reordered.eval()(images), model.eval()(images), rtol=0, atol=0)
+
+
 def test_checkpoint_of_a_backbone_with_other_attention_heads_is_refused():
     checkpoint = _checkpoint_of(FewShotClassifier(num_classes=4, adapter=NOLA, **TINY))
     other = {**TINY, "backbone_kwargs": {**TINY["backbone_kwargs"], "num_heads": 4}}  # the same weights

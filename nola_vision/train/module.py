@@ -1035,7 +1035,7 @@ class FewShotClassifier(L.LightningModule):
             return
         state = adapter_state(self.model)
         saved, own = info["adapter"], state.config_dict()
-        if saved != own:
+        if _targets_sorted(saved) != _targets_sorted(own):  # their order selects nothing, as files compare them
             raise ValueError(f"checkpoint was trained with another adapter config ({_config_difference(saved, own)}): "
                              "build the model with the run's model.adapter")
         if info["basis_fingerprint"] != state.plan.basis_fingerprint():
@@ -1423,6 +1423,14 @@ _COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
 def _plain_key(key: str) -> str:
     """A state-dict key without the ``_orig_mod.`` that a ``torch.compile``d submodule puts in its names."""
     return _COMPILED_PREFIX.sub(r"\1", key)
+
+
+def _targets_sorted(config: Any) -> Any:
+    """A stored adapter config with its targets sorted (``AdapterConfig.update_settings``: each layer's slices are
+    sorted, so their order selects nothing), else as it is."""
+    if isinstance(config, dict) and isinstance(config.get("targets"), list):
+        return {**config, "targets": sorted(config["targets"], key=str)}
+    return config
 
 
 def _keep_previous_adapter(target: Path) -> None:
