@@ -4,6 +4,7 @@ classes, counts and labels; bad input fails with an error that names the fix."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -773,6 +774,44 @@ def test_an_archive_extracted_into_a_folder_of_its_name_is_told_the_root_that_re
                f"you mean --data.root {tmp_path / folder}?" in str(err.value)
         assert "delete" not in str(err.value)
     assert len(build_dataset(name, tmp_path / folder, "train")) > 0
+
+
+def test_cubs_archive_extracted_into_a_folder_of_its_name_beside_its_attributes_txt_is_told_the_root(tmp_path):
+    """CUB_200_2011.tgz holds attributes.txt beside CUB_200_2011/: extracted into a folder of that name, the hint
+    (which wanted the inner folder alone there) never came, and the user was told to download 1.1 GB again."""
+    write_cub(tmp_path / "extracted")
+    (tmp_path / "CUB_200_2011").mkdir()
+    (tmp_path / "extracted" / "CUB_200_2011").rename(tmp_path / "CUB_200_2011" / "CUB_200_2011")
+    (tmp_path / "CUB_200_2011" / "attributes.txt").write_text("1 has_bill_shape::curved\n")
+    with pytest.raises(DatasetNotFoundError, match=rf"did you mean --data.root {re.escape(str(tmp_path))}/CUB_200_2011"):
+        build_dataset("cub200", tmp_path, "train")
+
+
+def test_caltechs_categories_extracted_into_a_folder_of_their_name_are_told_how_to_move_them(tmp_path):
+    """101_ObjectCategories/101_ObjectCategories/<classes> read as one class, and then failed as 8,000 unread images
+    with advice to convert GIFs."""
+    write_caltech101(tmp_path, num_classes=3)
+    cats = tmp_path / "caltech101" / "101_ObjectCategories"
+    cats.rename(tmp_path / "inner")
+    cats.mkdir()
+    (tmp_path / "inner").rename(cats / "101_ObjectCategories")
+    for read in (lambda: dataset_class_names("caltech101", tmp_path),
+                 lambda: build_dataset("caltech101", tmp_path, "train")):
+        with pytest.raises(DatasetNotFoundError, match=r"holds a '101_ObjectCategories' folder of its own, with the "
+                                                       r"categories in it .*move that folder's contents up one level"):
+            read()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_food101s_classes_txt_saved_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Re-saved by Notepad (UTF-8 with a BOM, or "Unicode"), classes.txt made the archive's own names "classes under
+    other names"; a train.json with a BOM was "not valid JSON"."""
+    write_food101(tmp_path)
+    meta = tmp_path / "food-101" / "meta"
+    listed = meta / "classes.txt"
+    listed.write_text(listed.read_text().replace("\n", "\r\n"), encoding=encoding)
+    (meta / "train.json").write_text((meta / "train.json").read_text(), encoding="utf-8-sig")
+    assert build_dataset("food101", tmp_path, "train").num_classes == 101
 
 
 def test_a_dataset_folder_that_also_holds_an_empty_folder_of_its_name_is_read_and_downloads_nothing_new(

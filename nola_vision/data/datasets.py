@@ -10,6 +10,7 @@ never renormalized (a key must open the real file): class folders whose names di
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -311,9 +312,10 @@ def _one_level_too_deep(expected: Path, root: Path) -> str:
 
 
 def _extracted_into_its_name(expected: Path, root: Path) -> str:
-    """A hint where the dataset's folder holds nothing but the dataset's folder again, with content
-    (``food-101/food-101/meta``: the archive extracted into a folder named as it), so that --data.root is that outer
-    folder. A dataset's folder that holds its files and also a folder of its name is read as it is."""
+    """A hint where the dataset's folder holds no folder but the dataset's folder again, with content
+    (``food-101/food-101/meta``: the archive extracted into a folder named as it, perhaps beside loose files of the
+    archive, as CUB's ``attributes.txt``), so that --data.root is that outer folder. A dataset's folder that holds its
+    own folders and also a folder of its name is read as it is."""
     try:
         inside = expected.relative_to(root)
     except ValueError:
@@ -322,7 +324,8 @@ def _extracted_into_its_name(expected: Path, root: Path) -> str:
         return ""
     outer = root / inside.parts[0]
     inner = outer / inside.parts[0]
-    if _visible_entries(outer) != [inner] or not _visible_entries(inner) or not (outer / inside).exists():
+    folders = [entry for entry in _visible_entries(outer) if entry.is_dir()]
+    if folders != [inner] or not _visible_entries(inner) or not (outer / inside).exists():
         return ""
     return (f" ({outer} holds a {inside.parts[0]!r} folder of its own, as an archive extracted into a folder of its "
             f"name does: did you mean --data.root {outer}?)")
@@ -437,6 +440,15 @@ def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
         more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
         raise DatasetMetadataError(f"{len(repeats)} image(s) listed twice: {'; '.join(repeats[:3])}{more}. Each image "
                                    f"may be used once, in one class of one split. {fix}")
+
+
+def _listing_text(path: Path) -> str:
+    """A list file's text, as an editor may have saved it: UTF-8 with or without a byte-order mark, or UTF-16 with
+    one (Notepad's "Unicode"); bytes that decode to nothing as U+FFFD."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16", errors="replace")
+    return raw.decode("utf-8-sig", errors="replace")
 
 
 def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
@@ -900,6 +912,12 @@ class _Caltech101:
                              f"with torchvision, or extract it so that {cats} exists.", root=root)
         # as torchvision: sorted folder names without the BACKGROUND_Google clutter class
         names = [name for name in _class_folders(cats) if name != "BACKGROUND_Google"]
+        if names == [CALTECH_IMAGES] and _class_folders(cats / CALTECH_IMAGES):
+            raise DatasetNotFoundError(
+                f"dataset '{self.name}': {cats} holds a {CALTECH_IMAGES!r} folder of its own, with the categories "
+                f"in it ({CALTECH_IMAGES}.tar.gz extracted into a folder of its name): move that folder's contents "
+                f"up one level, into {cats} (e.g. mv {cats / CALTECH_IMAGES}/* {cats}/ && rmdir "
+                f"{cats / CALTECH_IMAGES})")
         # refused here, before split_assignment writes a split file that would list the extra folder's images
         _refuse_extra_classes(self.name, cats, len(names), len(CALTECH101_CLASSES),
                               [name for name in names if name not in CALTECH101_CLASSES],
@@ -1078,7 +1096,7 @@ class _Food101:
                              f"with torchvision, or extract it under {root}.", root=root)
         fix = f"Extract {self.url} under {root} again."
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as an editor may save
                 meta = json.load(f, object_pairs_hook=partial(_unique_keys, path, fix))
         except json.JSONDecodeError as err:
             raise DatasetMetadataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}). {fix}") from err
@@ -1100,7 +1118,7 @@ class _Food101:
         names = sorted(self._meta(root, "test"))  # as torchvision: sorted keys of the split json
         meta = self.expected(root) / "meta"
         listed = meta / "classes.txt"  # the archive's list of its classes, one per line
-        official = set(listed.read_text(errors="replace").split()) if listed.is_file() else set()
+        official = set(_listing_text(listed).split()) if listed.is_file() else set()
         _refuse_extra_classes(self.name, meta / "test.json", len(names), FOOD101_CLASSES,
                               [name for name in names if name not in official] if official else [],
                               f"Remove the classes that are not Food-101's from {meta / 'train.json'} and "
