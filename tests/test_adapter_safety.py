@@ -208,7 +208,8 @@ def test_a_full_fine_tune_is_refused_on_a_backbone_with_other_running_statistics
         torch.testing.assert_close(logits(nv.load_adapter(base, tmp_path)), logits(model.eval()), rtol=0, atol=1e-5)
     nv.load_adapter(with_other_statistics(vit_with_batch_norm()), tmp_path, check_frozen_weights=False)
     nv.save_adapter(as_if_trained(nv.inject(tiny_vit(), "full"), 1, scale=0.1), tmp_path / "plain")
-    assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["frozen_weights"] is None  # nothing to record
+    record = json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["frozen_weights"]
+    assert record["modules"] == {} and record["buffers"] == {"modules": 0, "records": ""}  # no buffers, recorded
 
 
 @pytest.mark.parametrize("write", ["copy_", "optimizer step", ".data"])
@@ -292,7 +293,8 @@ def test_task_switches_from_two_threads_take_turns_and_leave_the_weights_whole(t
 def test_plain_vit_files_hold_no_statistics_record(tmp_path):
     nv.save_adapter(trained(seed=1), tmp_path)
     record = json.loads((tmp_path / CONFIG_NAME).read_text())["frozen_weights"]
-    assert "statistics" not in record and "buffers" not in record and "buffers" not in record["precisions"]
+    assert "statistics" not in record and "buffers" not in record["precisions"]
+    assert record["buffers"] == {"modules": 0, "records": ""}  # none, told from no record (an older file)
 
 
 class Normalize(torch.nn.Module):
@@ -336,6 +338,48 @@ def test_an_adapter_is_refused_on_a_wrapper_whose_buffers_hold_other_constants(t
     edit_document(tmp_path, lambda d: (d["frozen_weights"].pop("buffers"), d["frozen_weights"]["precisions"].pop(
         "buffers"), d.update(config_sha256=adapter_io._document_digest(d))))
     nv.load_adapter(normalized_vit(mean=(0.5, 0.5, 0.5)), tmp_path)
+
+
+def test_an_adapter_trained_without_buffers_is_refused_on_a_model_with_them_and_a_graph_too(tmp_path):
+    """A file records its buffers even where there are none: without a record it read as a file from before they
+    were recorded, and loaded (or fed a task-input graph) onto a model whose normalisation it never saw."""
+    plain = lambda: torch.nn.Sequential(torch.nn.Identity(), tiny_vit())  # noqa: E731  the same names, no buffers
+    model = as_if_trained(nv.inject(plain(), CONFIG), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["frozen_weights"]["buffers"]["modules"] == 0
+    with pytest.raises(AdapterLoadError, match=r"0 module\(s\) of the adapter's backbone held persistent .* and 1 "
+                                               r"here \(0\)"):
+        nv.load_adapter(normalized_vit(), tmp_path / "plain")
+    nv.load_adapter(plain(), tmp_path / "plain")
+    nv.save_adapter(as_if_trained(nv.inject(normalized_vit(), CONFIG), 1, scale=0.1), tmp_path / "normalized")
+    for graph_model, task in ((normalized_vit(), "plain"), (plain(), "normalized")):
+        graph = nv.export_onnx(nv.inject(graph_model, CONFIG), tmp_path / f"{task}.onnx", tasks_as_inputs=True,
+                               input_size=(3, 32, 32))
+        with pytest.raises(AdapterLoadError, match=r"does not fit the graph: .*module\(s\) of the adapter's backbone"):
+            nv.onnx_task_inputs(tmp_path / task, graph)
+
+
+def test_a_buffer_of_an_adapted_layer_is_not_taken_for_a_buffer_of_the_backbone(tmp_path):
+    """inject replaces a target Linear, and its buffers with it: the fresh backbone had one module with buffers more
+    than the record, and the adapter was refused on the very backbone it was trained on."""
+    def with_buffer():
+        model = tiny_vit()
+        model.blocks[0].mlp.fc1.register_buffer("calibration", torch.ones(3))
+        return model
+
+    nv.save_adapter(as_if_trained(nv.inject(with_buffer(), CONFIG), 1, scale=0.1), tmp_path)
+    nv.load_adapter(with_buffer(), tmp_path)
+    nv.verify_adapter(with_buffer(), tmp_path)
+
+
+def test_a_buffer_holding_nan_saves_and_one_of_another_shape_is_refused_as_changed(tmp_path):
+    model = normalized_vit()
+    model[0].register_buffer("unset", torch.tensor([float("nan"), 1.0]))
+    model = as_if_trained(nv.inject(model, CONFIG), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path / "nan")  # unchanged since inject: NaN is NaN
+    model[0].unset = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"the buffer 0\.unset changed since inject"):
+        nv.save_adapter(model, tmp_path / "reshaped")
 
 
 def test_a_buffer_changed_after_inject_is_refused_at_save_as_files_hold_no_buffers(tmp_path):

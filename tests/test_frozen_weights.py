@@ -306,6 +306,12 @@ def test_a_checkpoint_refuses_a_backbone_whose_buffers_hold_other_constants():
     with_buffer(1.0).on_load_checkpoint(copy.deepcopy(checkpoint))
     with pytest.raises(ValueError, match=r"different frozen backbone \(the buffers of patch_embed differ by"):
         with_buffer(2.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+    plain = FewShotClassifier(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4,
+                              adapter=CONFIG, backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
+    without = {"state_dict": plain.state_dict()}
+    plain.on_save_checkpoint(without)  # records that its backbone held no buffers
+    with pytest.raises(ValueError, match=r"0 module\(s\) of the adapter's backbone held .* and 1 here"):
+        with_buffer(1.0).on_load_checkpoint(copy.deepcopy(without))
     edited = with_buffer(1.0)
     edited.on_load_checkpoint(copy.deepcopy(checkpoint))
     edited.model.patch_embed.scale.fill_(2.0)
@@ -460,6 +466,24 @@ def test_weights_loaded_back_from_between_two_merges_keep_the_first_merges_recor
     merged = nv.merge_and_unload(trained(seed=4, model=second, config=nv.LoRAConfig(rank=2)))
     merged.load_state_dict(between)  # three merges recorded, the weights from after the first
     assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["nola"]
+
+
+def test_merges_recorded_by_an_earlier_version_without_probes_of_their_own_are_held(saved, tmp_path):
+    """A model merged twice by an earlier version kept one dict of probes for both merges: merged again, and given
+    its own weights from after the second merge, it was judged back before the second (no probes said so)."""
+    from nola_vision.core.fingerprint import MERGED_PROBES_ATTRIBUTE, merged_adapters
+
+    first = nv.merge_and_unload(saved[0])
+    second = nv.merge_and_unload(trained(seed=2, model=first, config=nv.LoRAConfig(rank=2)))
+    after = {name: value.clone() for name, value in second.state_dict().items()}
+    earlier = {}  # as such a version kept them: each layer's values before its first merge and after its last
+    for probes in getattr(second, MERGED_PROBES_ATTRIBUTE):
+        for name, (positions, before, merged) in probes.items():
+            earlier[name] = (positions, earlier[name][1] if name in earlier else before, merged)
+    setattr(second, MERGED_PROBES_ATTRIBUTE, earlier)
+    third = nv.merge_and_unload(trained(seed=3, model=second, config=nv.LoRAConfig(rank=2)))
+    third.load_state_dict(after)
+    assert [entry["method"] for entry in merged_adapters(third)] == ["nola", "lora"]
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])

@@ -716,3 +716,22 @@ def test_an_immutable_file_or_folder_is_refused_before_a_save_steps_past_it(tmp_
     if flagged != ".":  # a single-file write over an immutable file is refused alike
         with pytest.raises(PermissionError, match="is flagged immutable"):
             storage.write_text_atomic(target / flagged, "new")
+
+
+def test_a_previous_copy_steps_past_a_protected_earlier_copy_and_fits_a_smaller_name_limit(tmp_path, monkeypatch):
+    """An earlier adapter kept at <name>.previous and write-protected (chmod 555) failed the export after training
+    instead of being stepped past; on a file system of 143-byte names (eCryptfs) the shortened name was 152 bytes."""
+    from nola_vision.train.module import _previous_adapter_path
+
+    target = tmp_path / "adapter"
+    nv.save_adapter(trained(1), target)
+    nv.save_adapter(trained(2), tmp_path / "adapter.previous")
+    assert _previous_adapter_path(target) == tmp_path / "adapter.previous"  # an earlier copy: replaced
+    (tmp_path / "adapter.previous").chmod(0o555)
+    try:
+        assert _previous_adapter_path(target) == tmp_path / "adapter.previous.1"
+    finally:
+        (tmp_path / "adapter.previous").chmod(0o755)
+    monkeypatch.setattr(storage, "_name_limit", lambda folder: 143)
+    aside = storage.previous_path(tmp_path / ("b" * 140), lambda path: True)
+    assert len(os.fsencode(aside.name)) <= 143 and aside.name.endswith(".previous")

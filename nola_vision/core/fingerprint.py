@@ -129,7 +129,7 @@ def context_modules(model: nn.Module, recorded: Sequence[str]) -> List[str]:
 def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]:
     """The fingerprint adapter files and task-input graphs record: ``frozen_modules`` by name, and the
     ``context_modules`` packed in order. Full fine-tuning replaces every weight: its record is that of the buffers the
-    file does not hold alone (batch norms' running statistics, ``frozen_buffers``; None without them)."""
+    file does not hold alone (batch norms' running statistics, ``frozen_buffers``)."""
     if plan.config.train_backbone:
         return frozen_fingerprint(model, [], statistics=True)
     named = frozen_modules(model, plan)
@@ -166,8 +166,8 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
     if statistics:
         found["statistics"] = {name: exponent(_pairs(dict(zip(RUNNING_STATISTICS, buffers))))
                                for name, buffers in _statistics_buffers(model).items()}
-        owners = _module_buffers(model)
-        if owners:  # recorded only where there are any, so other files read as before
+        owners = _module_buffers(model, named)
+        if owners:
             found["buffers"] = [exponent(_pairs(buffers)) for buffers in owners.values()]
     return found
 
@@ -272,50 +272,58 @@ def differing_statistics(expected: dict, actual: dict) -> Optional[str]:
     return None
 
 
-def frozen_buffers(model: nn.Module) -> Dict[str, Tensor]:
+def frozen_buffers(model: nn.Module, named: Sequence[str] = ()) -> Dict[str, Tensor]:
     """The floating-point buffers a state dict holds (persistent) outside the classifier head, other than
     ``running_statistics``, by name: constants the outputs depend on that adapter files do not hold, such as a
-    wrapper's normalisation mean and std (plain timm ViTs have none)."""
+    wrapper's normalisation mean and std (plain timm ViTs have none). Those of the modules a fingerprint records by
+    name (``named``) are left out: an adapted layer's are the replaced layer's, which inject drops."""
     return {f"{owner}.{name}" if owner else name: value
-            for owner, buffers in _module_buffers(model).items() for name, value in buffers.items()}
+            for owner, buffers in _module_buffers(model, named).items() for name, value in buffers.items()}
 
 
-def buffer_modules(model: nn.Module) -> List[str]:
+def buffer_modules(model: nn.Module, named: Sequence[str] = ()) -> List[str]:
     """The modules that hold ``frozen_buffers``, sorted by name: the order of a fingerprint's ``buffers`` records."""
-    return list(_module_buffers(model))
+    return list(_module_buffers(model, named))
 
 
-def _module_buffers(model: nn.Module) -> Dict[str, Dict[str, Tensor]]:
+def _module_buffers(model: nn.Module, named: Sequence[str] = ()) -> Dict[str, Dict[str, Tensor]]:
     """``frozen_buffers`` by the module holding them (modules sorted by name, each one's buffers by name)."""
-    head, moving = _head_module_ids(model), {id(value) for value in running_statistics(model).values()}
-    found = {}
+    named, found = set(named), {}
     for module_name, module in model.named_modules():
-        buffers = {name: value for name, value in module.named_buffers(recurse=False)
-                   if isinstance(value, Tensor) and value.is_floating_point() and id(value) not in moving
+        buffers = {name: value for name, value in module._buffers.items()
+                   if isinstance(value, Tensor) and value.is_floating_point()
                    and name not in module._non_persistent_buffers_set}
-        if buffers and id(module) not in head:
-            found[module_name] = dict(sorted(buffers.items()))
-    return dict(sorted(found.items()))
+        if buffers and module_name not in named:
+            found[module_name] = (module, buffers)
+    if not found:  # the usual case, told without the walks below (a load checks it each time)
+        return {}
+    head, moving = _head_module_ids(model), {id(value) for value in running_statistics(model).values()}
+    kept = {name: {key: value for key, value in sorted(buffers.items()) if id(value) not in moving}
+            for name, (module, buffers) in found.items() if id(module) not in head}
+    return dict(sorted((name, buffers) for name, buffers in kept.items() if buffers))
 
 
-def buffer_records(model: nn.Module) -> dict:
+def buffer_records(model: nn.Module, named: Sequence[str] = ()) -> dict:
     """The ``buffers`` entry of a fingerprint: one record per module of ``buffer_modules`` (its buffers' values
-    together), packed in that order as ``context`` is ({"modules": 0, ...} without them: files then hold none)."""
+    together), packed in that order as ``context`` is; ``{"modules": 0, ...}`` without them, which tells a model
+    without buffers from a file written before they were recorded."""
     with torch.no_grad():
         records = _records({name: torch.cat([_sample(value) for value in buffers.values()])
-                            for name, buffers in _module_buffers(model).items()})
+                            for name, buffers in _module_buffers(model, named).items()})
     return {"modules": len(records), "records": _pack(list(records.values()))}
 
 
-def differing_buffers(expected: dict, actual: dict, names: Optional[Sequence[str]] = None) -> Optional[str]:
-    """What differs between the buffers (``frozen_buffers``) a fingerprint ``expected`` recorded (none in files from
-    before 2026-12-07, nor for models without them) and those of the fingerprint ``actual`` (none: not known, as in a
-    graph exported before), naming the first differing module by ``names`` (``buffer_modules`` of the model) if
-    given, else by its place."""
+def differing_buffers(expected: dict, actual: dict, owners: Optional[Callable[[], Sequence[str]]] = None
+                      ) -> Optional[str]:
+    """What differs between the buffers (``frozen_buffers``) a fingerprint ``expected`` recorded (no record in files
+    from before 2026-12-07: not compared) and those of the fingerprint ``actual`` (none: not known, as in a graph
+    exported before), naming the first differing module by ``owners()`` (``buffer_modules`` of the model, asked
+    only then) if given, else by its place."""
     if actual.get("buffers") is None or expected.get("buffers") is None:
         return None
     count, theirs = expected["buffers"]["modules"], actual["buffers"]["modules"]
     if theirs != count:
+        names = owners() if owners is not None else None
         return (f"{count} module(s) of the adapter's backbone held persistent floating-point buffers outside the head "
                 f"and {theirs} here{f' ({_listed(names)})' if names else ''}: adapter files do not hold buffers, so "
                 "the adapter would load onto other constants")
@@ -323,6 +331,7 @@ def differing_buffers(expected: dict, actual: dict, names: Optional[Sequence[str
     for index, (record, other) in enumerate(zip(_unpack(expected["buffers"]), _unpack(actual["buffers"]))):
         difference = _difference(record, other, 0, tolerance(index))
         if difference is not None:
+            names = owners() if owners is not None else None
             where = names[index] if names else f"module {index + 1} of the {count} holding them"
             return (f"the buffers of {where} differ by about {_amount(difference)} of their norm (adapter files do "
                     "not hold buffers: the adapter was trained with other constants there)")
@@ -504,7 +513,7 @@ def merges_held(model: nn.Module) -> int:
     stack = _probe_stack(model, len(records))
     with torch.no_grad():
         for held in range(len(records)):
-            if _weights_before(model, stack[held:]):
+            if stack[held] and _weights_before(model, stack[held:]):  # a merge without probes tells nothing
                 return held
     return len(records)
 
@@ -655,8 +664,8 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     """Fingerprint of the frozen weights of ``modules`` (default: every module with a parameter that does not
     train), with the adapters merged into them, the precision most of their values are held at (default:
     ``held_precision`` of ``modules``) and each record's (default: ``record_precisions`` of ``modules``); with
-    ``statistics``, also the running statistics of batch norms and the other buffers (``frozen_buffers``: what files
-    and checkpoints record). None when there are no modules, nor statistics or buffers to record.
+    ``statistics``, also the running statistics of batch norms and the other buffers (``frozen_buffers``, none
+    too: what files and checkpoints record). None when there are no modules and no ``statistics``.
 
     Merged adapted layers count with their unmerged weights: the record ``merge`` took before folding ΔW in,
     else their weight minus ΔW (then kept as their record). Cheap (a fixed sample per tensor) and the same on every
@@ -666,21 +675,20 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
         modules = [name for name, module in model.named_modules()
                    if any(not p.requires_grad for p in _frozen_parameters(module).values())]
     with_statistics = statistics and bool(_statistics_buffers(model))
-    with_buffers = statistics and bool(_module_buffers(model))
-    if not modules and not with_statistics and not with_buffers:
+    if not modules and not statistics:
         return None
     if precisions is None:
         found = record_precisions(model, modules, statistics=statistics)
         precisions = {"modules": found["modules"], **({"statistics": found["statistics"]} if with_statistics else {}),
-                      **({"buffers": found["buffers"]} if with_buffers else {})}
+                      **({"buffers": found["buffers"]} if "buffers" in found else {})}
     fingerprint = {"version": FINGERPRINT_VERSION, "modules": frozen_records(model, modules),
                    "merged": merged_adapters(model),
                    "precision": held_precision(model, modules) if precision is None else precision,
                    "precisions": precisions}
     if with_statistics:
         fingerprint["statistics"] = statistics_records(model)
-    if with_buffers:
-        fingerprint["buffers"] = buffer_records(model)
+    if statistics:
+        fingerprint["buffers"] = buffer_records(model, modules)
     return fingerprint
 
 
@@ -788,7 +796,8 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False,
         return f"the model has no module {missing[0]}"
     context = context_modules(model, names) if "context" in expected else []
     records = {"modules": frozen_records(model, names, memo), "positions": position_records(model),
-               "statistics": statistics_records(model), "buffers": buffer_records(model)}
+               "statistics": statistics_records(model),
+               **({"buffers": buffer_records(model, names)} if "buffers" in expected else {})}
     context_records = _context_records(model, context) if "context" in expected else {}
     sizes = {"modules": _named_sample_sizes(model, names)}
     if loose:  # no precision on the model's side: TOLERANCE
@@ -828,7 +837,9 @@ def _differing(expected: dict, actual: dict, sizes: dict, context_records: Dict[
         difference = differing_positions(expected, actual)
     if difference is None:
         difference = differing_statistics(expected, actual)
-    return difference if difference is not None else differing_buffers(expected, actual, buffer_modules(model))
+    if difference is not None:
+        return difference
+    return differing_buffers(expected, actual, lambda: buffer_modules(model, list(expected["modules"])))
 
 
 def _as_named(fingerprint: dict, records: Dict[str, List[float]]) -> dict:

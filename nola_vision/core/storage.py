@@ -35,7 +35,7 @@ except ImportError:  # Windows
 
 __all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
            "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder",
-           "out_of_room_hint", "previous_path", "read_files", "resolve_directory_target", "set_aside_copy",
+           "out_of_room_hint", "previous_path", "protected", "read_files", "resolve_directory_target", "set_aside_copy",
            "spreadsheet_safe", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
            "write_text_atomic", "writer_lock"]
 
@@ -1173,16 +1173,46 @@ def _sibling_stem(target: Path) -> str:
 def previous_path(target: PathLike, replaceable: Callable[[Path], bool]) -> Path:
     """Where to keep what ``target`` holds before a write replaces it: ``<name>.previous``, or ``.previous.1``,
     ``.2``, ... where that holds something ``replaceable`` refuses (a user's file or folder of that name, which
-    replacing would lose). A name too long to take the suffix keeps its first 200 bytes and a hash of the whole."""
+    replacing would lose) or something ``protected``. A name too long to take the suffix keeps what fits of it and a
+    hash of the whole."""
     target = Path(target)
     limit = _name_limit(nearest_folder(target) or target.parent)
     for index in itertools.count():
-        suffix = ".previous" + (f".{index}" if index else "")
-        name = target.name + suffix
-        path = target.with_name(name if _name_length(name) <= limit else _sibling_stem(target) + suffix)
-        if not os.path.lexists(path) or replaceable(path):
+        path = target.with_name(_fitting_name(target.name, ".previous" + (f".{index}" if index else ""), limit))
+        if not os.path.lexists(path) or (replaceable(path) and protected(path) is None):
             return path
     raise AssertionError("unreachable")
+
+
+def _fitting_name(name: str, suffix: str, limit: int) -> str:
+    """``name + suffix``, or where that is longer than ``limit``, as much of ``name`` as fits with a hash of it."""
+    if _name_length(name + suffix) <= limit:
+        return name + suffix
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    stem = name
+    while stem and _name_length(f"{stem}~{digest}{suffix}") > limit:  # whole characters only
+        stem = stem[:-1]
+    return f"{stem}~{digest}{suffix}"
+
+
+def protected(path: PathLike) -> Optional[str]:
+    """Why a write must not replace ``path``, or None: a write-protected file or folder (no write bit for anyone), or
+    one flagged immutable or append-only, or a folder holding such an entry."""
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return _protected_file_message(path, "a write")
+    if not stat.S_ISDIR(info.st_mode):
+        return None
+    if _immutable(path, info):
+        return _immutable_message(path, "a write")
+    if os.name == "posix" and stat.S_IMODE(info.st_mode) & 0o222 == 0:
+        return f"{path} is write-protected (mode {stat.S_IMODE(info.st_mode):04o})"
+    flagged = _flagged_entry(path)
+    return None if flagged is None else _immutable_message(flagged, "a write")
 
 
 def _sibling(target: Path, kind: str, token: str) -> Path:

@@ -1624,10 +1624,9 @@ def _is_result_file(path: Path) -> bool:
 
 
 def _replaceable_result(path: Path) -> bool:
-    """Whether ``path`` holds an earlier result set aside, to be replaced: not a user's file or folder of that name,
-    nor a write-protected one (``chmod a-w``: a rename over it would undo the protection)."""
-    return (path.is_file() and not path.is_symlink() and bool(path.stat().st_mode & 0o222)
-            and _is_result_file(path))
+    """Whether ``path`` holds an earlier result set aside, to be replaced: not a user's file or folder of that name
+    (``previous_path`` steps past write-protected ones as well)."""
+    return path.is_file() and not path.is_symlink() and _is_result_file(path)
 
 
 def _saved_result_file(given_files: Sequence[Any]) -> Optional[str]:
