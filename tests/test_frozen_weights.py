@@ -468,6 +468,31 @@ def test_weights_loaded_back_from_between_two_merges_keep_the_first_merges_recor
     assert [entry["method"] for entry in nv.core.fingerprint.merged_adapters(merged)] == ["nola"]
 
 
+@pytest.mark.parametrize("owner", ["blocks.0.attn.proj", "blocks.0.mlp.fc1"])
+def test_a_checkpoint_checks_the_buffers_of_modules_with_weights_of_their_own_but_adapted_layers(owner):
+    """Checkpoints left out the buffers of every module recorded by name, every one with a frozen weight: a run
+    loaded silently onto a frozen projection with another gain. An adapted layer's are left out (inject drops them)."""
+    from nola_vision.train.module import FewShotClassifier
+
+    def with_buffer(value):
+        run = FewShotClassifier(backbone="vit_tiny_patch16_224", pretrained=False, image_size=32, num_classes=4,
+                                adapter=CONFIG, backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
+        run.model.get_submodule(owner).register_buffer("gain", torch.full((3,), value))
+        return run
+
+    saved = with_buffer(1.0)
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    adapted = owner == "blocks.0.mlp.fc1"
+    assert checkpoint["nola_vision"]["backbone_fingerprint"]["buffers"]["modules"] == (0 if adapted else 1)
+    with_buffer(1.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+    if adapted:
+        with_buffer(3.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+    else:
+        with pytest.raises(ValueError, match=rf"the buffers of {owner} differ by"):
+            with_buffer(3.0).on_load_checkpoint(copy.deepcopy(checkpoint))
+
+
 def test_merges_recorded_by_an_earlier_version_without_probes_of_their_own_are_held(saved, tmp_path):
     """A model merged twice by an earlier version kept one dict of probes for both merges: merged again, and given
     its own weights from after the second merge, it was judged back before the second (no probes said so)."""

@@ -1483,7 +1483,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     record = document.get("frozen_weights")
     if plan.config.train_backbone:
         if record is not None:
-            _refuse_other_weights(_compared_weights(record, model, document, {}))
+            _refuse_other_weights(_compared_weights(record, model, document, {}, plan))
         return
     merged = unexpected_merges(record, model)
     if merged:
@@ -1506,7 +1506,7 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     if record is None:
         return
     memo: Dict[str, List[float]] = {}  # the model's records, taken once for both checks (its weights do not change)
-    difference = _compared_weights(record, model, document, memo)
+    difference = _compared_weights(record, model, document, memo, plan)
     # told before the difference it explains
     if holds_update(record, model, list(plan.layers), updates, difference, memo):
         raise AdapterLoadError(
@@ -1519,11 +1519,12 @@ def _check_frozen_weights(model: nn.Module, document: dict, plan: InjectionPlan,
     _refuse_other_weights(difference)
 
 
-def _compared_weights(record: dict, model: nn.Module, document: dict, memo: Dict[str, List[float]]) -> Optional[str]:
+def _compared_weights(record: dict, model: nn.Module, document: dict, memo: Dict[str, List[float]],
+                      plan: InjectionPlan) -> Optional[str]:
     """What differs between the model's frozen weights and the file's ``record`` of them (``differing_module``), or
     None; a record this build cannot compare is refused, saying which build can."""
     try:
-        return differing_module(record, model, memo=memo)
+        return differing_module(record, model, memo=memo, adapted=list(plan.layers))
     except ValueError as error:
         if record.get("version") == FINGERPRINT_VERSION:  # comparable, yet the weights could not be read (meta)
             raise AdapterLoadError(str(error)) from error

@@ -146,12 +146,13 @@ def adapter_fingerprint(model: nn.Module, plan: InjectionPlan) -> Optional[dict]
 
 
 def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[str] = (),
-                      statistics: bool = False) -> dict:
+                      statistics: bool = False, adapted: Sequence[str] = ()) -> dict:
     """Per record of a fingerprint, the precision its values are held at, as the exponent e of the machine epsilon
     2⁻ᵉ (7: bfloat16, 10: float16, 23: float32): ``modules`` in the order of ``named``, ``context`` in the order given,
     ``positions`` and (with ``statistics``) ``statistics`` by name and ``buffers`` (where the model has any) in the
-    order of ``buffer_modules``. A record counts at the precision that holds most of its values (``_majority``), so
-    a module loaded from bfloat16 values among float32 ones is matched at bfloat16's tolerance and no other is."""
+    order of ``buffer_modules`` (``adapted``: as there). A record counts at the precision that holds most of its
+    values (``_majority``), so a module loaded from bfloat16 values among float32 ones is matched at bfloat16's
+    tolerance and no other is."""
     def exponent(pairs: List[Tuple[float, int]]) -> int:
         return round(-math.log2(_majority(pairs)))
 
@@ -166,7 +167,7 @@ def record_precisions(model: nn.Module, named: Sequence[str], context: Sequence[
     if statistics:
         found["statistics"] = {name: exponent(_pairs(dict(zip(RUNNING_STATISTICS, buffers))))
                                for name, buffers in _statistics_buffers(model).items()}
-        owners = _module_buffers(model, named)
+        owners = _module_buffers(model, adapted)
         if owners:
             found["buffers"] = [exponent(_pairs(buffers)) for buffers in owners.values()]
     return found
@@ -272,28 +273,28 @@ def differing_statistics(expected: dict, actual: dict) -> Optional[str]:
     return None
 
 
-def frozen_buffers(model: nn.Module, named: Sequence[str] = ()) -> Dict[str, Tensor]:
+def frozen_buffers(model: nn.Module, adapted: Sequence[str] = ()) -> Dict[str, Tensor]:
     """The floating-point buffers a state dict holds (persistent) outside the classifier head, other than
     ``running_statistics``, by name: constants the outputs depend on that adapter files do not hold, such as a
-    wrapper's normalisation mean and std (plain timm ViTs have none). Those of the modules a fingerprint records by
-    name (``named``) are left out: an adapted layer's are the replaced layer's, which inject drops."""
+    wrapper's normalisation mean and std (plain timm ViTs have none). Adapted layers' are left out, and those of the
+    layers ``adapted`` names (a model not injected yet): inject replaces a layer, and its buffers with it."""
     return {f"{owner}.{name}" if owner else name: value
-            for owner, buffers in _module_buffers(model, named).items() for name, value in buffers.items()}
+            for owner, buffers in _module_buffers(model, adapted).items() for name, value in buffers.items()}
 
 
-def buffer_modules(model: nn.Module, named: Sequence[str] = ()) -> List[str]:
+def buffer_modules(model: nn.Module, adapted: Sequence[str] = ()) -> List[str]:
     """The modules that hold ``frozen_buffers``, sorted by name: the order of a fingerprint's ``buffers`` records."""
-    return list(_module_buffers(model, named))
+    return list(_module_buffers(model, adapted))
 
 
-def _module_buffers(model: nn.Module, named: Sequence[str] = ()) -> Dict[str, Dict[str, Tensor]]:
+def _module_buffers(model: nn.Module, adapted: Sequence[str] = ()) -> Dict[str, Dict[str, Tensor]]:
     """``frozen_buffers`` by the module holding them (modules sorted by name, each one's buffers by name)."""
-    named, found = set(named), {}
+    adapted, found = set(adapted), {}
     for module_name, module in model.named_modules():
         buffers = {name: value for name, value in module._buffers.items()
                    if isinstance(value, Tensor) and value.is_floating_point()
                    and name not in module._non_persistent_buffers_set}
-        if buffers and module_name not in named:
+        if buffers and module_name not in adapted and not isinstance(module, AdaptedLinear):
             found[module_name] = (module, buffers)
     if not found:  # the usual case, told without the walks below (a load checks it each time)
         return {}
@@ -303,13 +304,13 @@ def _module_buffers(model: nn.Module, named: Sequence[str] = ()) -> Dict[str, Di
     return dict(sorted((name, buffers) for name, buffers in kept.items() if buffers))
 
 
-def buffer_records(model: nn.Module, named: Sequence[str] = ()) -> dict:
+def buffer_records(model: nn.Module, adapted: Sequence[str] = ()) -> dict:
     """The ``buffers`` entry of a fingerprint: one record per module of ``buffer_modules`` (its buffers' values
     together), packed in that order as ``context`` is; ``{"modules": 0, ...}`` without them, which tells a model
     without buffers from a file written before they were recorded."""
     with torch.no_grad():
         records = _records({name: torch.cat([_sample(value) for value in buffers.values()])
-                            for name, buffers in _module_buffers(model, named).items()})
+                            for name, buffers in _module_buffers(model, adapted).items()})
     return {"modules": len(records), "records": _pack(list(records.values()))}
 
 
@@ -688,7 +689,7 @@ def frozen_fingerprint(model: nn.Module, modules: Optional[Sequence[str]] = None
     if with_statistics:
         fingerprint["statistics"] = statistics_records(model)
     if statistics:
-        fingerprint["buffers"] = buffer_records(model, modules)
+        fingerprint["buffers"] = buffer_records(model)
     return fingerprint
 
 
@@ -782,11 +783,12 @@ def unmatched_merges(entries: Sequence[dict], others: Sequence[dict]) -> List[di
 
 
 def differing_module(expected: dict, model: nn.Module, loose: bool = False,
-                     memo: Optional[Dict[str, List[float]]] = None) -> Optional[str]:
+                     memo: Optional[Dict[str, List[float]]] = None, adapted: Sequence[str] = ()) -> Optional[str]:
     """None when the model's frozen weights match the fingerprint ``expected``, else what differs, naming the first
     differing module. Raises ValueError for a fingerprint of another version, which cannot be compared. ``loose``:
     match within ``TOLERANCE`` whatever precision the weights are held at (as fingerprints that record none), a
-    difference an update merged in may stay under (``holds_update``). ``memo``: as ``frozen_records``'."""
+    difference an update merged in may stay under (``holds_update``). ``memo``: as ``frozen_records``'.
+    ``adapted``: the layers the fingerprint's adapter adapts, on a model not injected yet (``frozen_buffers``)."""
     if expected.get("version") != FINGERPRINT_VERSION:
         raise ValueError(f"the frozen weights were fingerprinted by {expected.get('version')!r}, and this "
                          f"nola_vision computes {FINGERPRINT_VERSION!r}")
@@ -797,19 +799,22 @@ def differing_module(expected: dict, model: nn.Module, loose: bool = False,
     context = context_modules(model, names) if "context" in expected else []
     records = {"modules": frozen_records(model, names, memo), "positions": position_records(model),
                "statistics": statistics_records(model),
-               **({"buffers": buffer_records(model, names)} if "buffers" in expected else {})}
+               **({"buffers": buffer_records(model, adapted)} if "buffers" in expected else {})}
     context_records = _context_records(model, context) if "context" in expected else {}
     sizes = {"modules": _named_sample_sizes(model, names)}
     if loose:  # no precision on the model's side: TOLERANCE
-        return _differing(expected, {**records, "precision": None, "precisions": {}}, sizes, context_records, model)
+        return _differing(expected, {**records, "precision": None, "precisions": {}}, sizes, context_records, model,
+                          adapted)
     # The model's side at the finest precision first: its tolerances are then the file's alone, which the coarser of
     # the two sides' can only widen, so a match there is a match (a task switch's usual case, without the model's
     # precisions: a third of the check on ViT-B). A difference is judged again at the precisions the model holds.
-    if _differing(expected, {**records, "precision": _FINEST, "precisions": {}}, sizes, context_records, model) is None:
+    finest = {**records, "precision": _FINEST, "precisions": {}}
+    if _differing(expected, finest, sizes, context_records, model, adapted) is None:
         return None
     # every record of the model's side has its precision: no fallback ``precision`` is needed
-    actual = {**records, "precision": None, "precisions": record_precisions(model, names, context, statistics=True)}
-    return _differing(expected, actual, sizes, context_records, model)
+    actual = {**records, "precision": None,
+              "precisions": record_precisions(model, names, context, statistics=True, adapted=adapted)}
+    return _differing(expected, actual, sizes, context_records, model, adapted)
 
 
 # The machine epsilon of float64, the finest precision a record can be held at.
@@ -817,7 +822,7 @@ _FINEST = 2.0 ** -52
 
 
 def _differing(expected: dict, actual: dict, sizes: dict, context_records: Dict[str, List[float]],
-               model: nn.Module) -> Optional[str]:
+               model: nn.Module, adapted: Sequence[str] = ()) -> Optional[str]:
     """``differing_module``'s comparison of the model's records ``actual`` (and of its context, by name) with
     ``expected``, at the tolerances their precisions give."""
     root = f"{type(model).__name__} itself"
@@ -839,7 +844,8 @@ def _differing(expected: dict, actual: dict, sizes: dict, context_records: Dict[
         difference = differing_statistics(expected, actual)
     if difference is not None:
         return difference
-    return differing_buffers(expected, actual, lambda: buffer_modules(model, list(expected["modules"])))
+    return differing_buffers(expected, actual, lambda: [name or f"{type(model).__name__} itself"
+                                                        for name in buffer_modules(model, adapted)])
 
 
 def _as_named(fingerprint: dict, records: Dict[str, List[float]]) -> dict:
@@ -991,7 +997,8 @@ def holds_update(expected: dict, model: nn.Module, names: Sequence[str],
     Summed over the layers the weights of differ beyond rounding (only those updates are computed), so that a bfloat16
     copy's rounding cannot line up with one layer's update; another adapter merged in stays as far or moves away.
     ``memo``: as ``frozen_records``' (``differing_module``'s, whose records of the layers are those needed here)."""
-    if difference is not None and differing_module(expected, model, loose=True, memo=memo) is not None:
+    if difference is not None and differing_module(expected, model, loose=True, memo=memo,
+                                                   adapted=names) is not None:
         return False
     records = expected["modules"]
     merged = {name for name, layer in adapted_layers(model).items() if layer.merged}  # recorded: unexpected_merges
