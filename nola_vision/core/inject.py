@@ -393,18 +393,15 @@ def require_unchanged_statistics(model: nn.Module) -> None:
     and exports hold no buffers, so the adapter would load onto the base model's and give other outputs, whatever the
     method. A dtype round trip passes."""
     model = unwrap_model(model)
-    state, current = adapter_state(model), running_statistics(model)
-    buffers = frozen_buffers(model)
-    changed_buffers = [name for name, saved in (getattr(state, "buffers", None) or {}).items()  # none pickled before
-                       if name not in buffers or not _close(buffers[name], saved)]
+    state = adapter_state(model)
+    changed_buffers = _changed(getattr(state, "buffers", None) or {}, frozen_buffers(model))  # none pickled before
     if changed_buffers:
         raise ValueError(
             f"the buffer {changed_buffers[0]} changed since inject ({len(changed_buffers)} buffer(s) changed), and "
             "adapter files and exports hold no buffers: the adapter would load onto the base model's and give other "
             "outputs than this model. Set buffers before nv.inject, or nv.unload the model, set them and inject "
             "again, then train again")
-    changed = [name for name, saved in (state.statistics if state is not None else {}).items()
-               if name not in current or not _close(current[name], saved)]
+    changed = _changed(state.statistics if state is not None else {}, running_statistics(model))
     spectral = [name for name in changed if name.rpartition(".")[2] not in RUNNING_STATISTICS]
     if spectral:
         raise ValueError(
@@ -422,6 +419,11 @@ def require_unchanged_statistics(model: nn.Module) -> None:
             "(after model.train(): for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._NormBase): "
             "m.eval()), or nv.unload the model and inject again into one with the base model's statistics (e.g. a "
             "fresh timm.create_model), then train again")
+
+
+def _changed(saved: Dict[str, Tensor], current: Dict[str, Tensor]) -> List[str]:
+    """The names of the ``saved`` copies that ``current`` lacks or holds other values for (``_close``)."""
+    return [name for name, kept in saved.items() if name not in current or not _close(current[name], kept)]
 
 
 def _close(current: Tensor, saved: Tensor) -> bool:

@@ -1164,10 +1164,7 @@ def _sibling_stem(target: Path) -> str:
     255 bytes), its first 200 bytes and a hash of the whole, so only it matches."""
     if len(os.fsencode(target.name)) <= 229:
         return target.name
-    stem = target.name
-    while len(os.fsencode(stem)) > 200:  # whole characters only
-        stem = stem[:-1]
-    return f"{stem}~{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]}"
+    return _hashed_stem(target.name, lambda stem: len(os.fsencode(stem)) <= 200 + _HASHED)
 
 
 def previous_path(target: PathLike, replaceable: Callable[[Path], bool]) -> Path:
@@ -1188,11 +1185,20 @@ def _fitting_name(name: str, suffix: str, limit: int) -> str:
     """``name + suffix``, or where that is longer than ``limit``, as much of ``name`` as fits with a hash of it."""
     if _name_length(name + suffix) <= limit:
         return name + suffix
+    return _hashed_stem(name, lambda stem: _name_length(stem + suffix) <= limit) + suffix
+
+
+_HASHED = 17  # the bytes ``_hashed_stem`` adds: "~" and 16 hex digits
+
+
+def _hashed_stem(name: str, fits: Callable[[str], bool]) -> str:
+    """The longest start of ``name`` (whole characters) that ``fits`` with "~" and a hash of the whole name after it,
+    so that only this name gives it."""
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     stem = name
-    while stem and _name_length(f"{stem}~{digest}{suffix}") > limit:  # whole characters only
+    while stem and not fits(f"{stem}~{digest}"):
         stem = stem[:-1]
-    return f"{stem}~{digest}{suffix}"
+    return f"{stem}~{digest}"
 
 
 def protected(path: PathLike) -> Optional[str]:
