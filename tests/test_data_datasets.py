@@ -221,13 +221,15 @@ def test_caltech101_split_file_is_written_and_read_back(tmp_path):
     assert len(build_dataset("caltech101", tmp_path, "train")) == 101 * 4 + 1
 
 
-def test_cub_metadata_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
-    # Refused at line 1 ("got '\\ufeff1 001...'") without a word about the mark an editor had added.
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_cub_metadata_saved_with_a_byte_order_mark_reads_as_without(tmp_path, encoding):
+    # Refused at line 1 ("got '\\ufeff1 001...'") without a word about the mark an editor had added; re-saved as
+    # Notepad's "Unicode" (UTF-16, CRLF), "not a text file" where Food-101's lists were read.
     info = write_cub(tmp_path, train_per_class=1, test_per_class=1)
     expected = build_dataset("cub200", tmp_path, "train").samples
     for name in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt"):
         path = info["folder"] / name
-        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        path.write_text(path.read_text().replace("\n", "\r\n"), encoding=encoding, newline="")
     assert build_dataset("cub200", tmp_path, "train").samples == expected
 
 

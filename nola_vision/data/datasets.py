@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -442,20 +443,21 @@ def _refuse_repeats(entries: Iterable[tuple[Hashable, str]], fix: str) -> None:
                                    f"may be used once, in one class of one split. {fix}")
 
 
-def _listing_text(path: Path) -> str:
+def _listing_text(path: Path, errors: str = "replace") -> str:
     """A list file's text, as an editor may have saved it: UTF-8 with or without a byte-order mark, or UTF-16 with
-    one (Notepad's "Unicode"); bytes that decode to nothing as U+FFFD."""
+    one (Notepad's "Unicode"); bytes that decode to nothing handled as ``errors`` says (U+FFFD by default)."""
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return raw.decode("utf-16", errors="replace")
-    return raw.decode("utf-8-sig", errors="replace")
+        return raw.decode("utf-16", errors=errors)
+    return raw.decode("utf-8-sig", errors=errors)
 
 
 def _text_lines(path: Path, fix: str, errors: str = "strict") -> list[tuple[int, str]]:
-    """``(line number, stripped line)`` of a metadata text file, blank lines left out."""
+    """``(line number, stripped line)`` of a metadata text file (read as :func:`_listing_text` reads one; lines end
+    at ``\\n``, ``\\r\\n`` or ``\\r``), blank lines left out."""
     try:
-        with open(path, encoding="utf-8-sig", errors=errors) as f:  # a byte-order mark, as Notepad may save
-            return [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
+        lines = io.StringIO(_listing_text(path, errors), newline=None)
+        return [(lineno, line.strip()) for lineno, line in enumerate(lines, 1) if line.strip()]
     except UnicodeDecodeError as err:
         raise DatasetMetadataError(f"{path} is not a text file ({err}). {fix}") from err
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:  # an extraction cut short
