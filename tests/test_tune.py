@@ -10,12 +10,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 from fake_fit import fake_python
 from tune_study import FAST, TINY, fits, tune_cmd
 
 from nola_vision.cli import main
 from nola_vision.runs.protocol import check_fit_arguments
 from nola_vision.runs.tune import _Search, check_grid, parse_grid, run_tune
+from nola_vision.train.cli import cli_parser
 
 
 def test_grid_keys_and_validation_data_are_checked(tmp_path, capsys):
@@ -333,3 +335,28 @@ def test_a_search_that_would_run_no_validation_pass_is_refused_before_the_first_
         run_tune([TINY], {"model.lr": [1e-3], **grid}, out=str(tmp_path), name="t", overrides=[*FAST, *override],
                  python=fake_python(tmp_path), echo=False)
     assert not list(tmp_path.rglob("log.txt"))
+
+
+def test_best_yaml_holds_a_list_grid_value_as_a_list_that_fit_reads_back_as_the_trial_ran(tmp_path):
+    # best.yaml held '[attn.qkv]', quoted: `fit -c best.yaml` read it as a list, a plain YAML reader as a string
+    fit = tmp_path / "fit_python"
+    fit.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+score = 0.9 if value("--model.adapter.init_args.targets") == "[attn.qkv, mlp.fc1]" else 0.5
+json.dump({{"metrics": {{"val/acc": score}},
+           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    fit.chmod(0o755)
+    grid = parse_grid(["model.adapter.init_args.targets=[attn.proj],[attn.qkv, mlp.fc1]"])
+    run_tune([TINY], grid, out=str(tmp_path / "out"), name="t", python=str(fit), echo=False, skip_protocol=True,
+             overrides=FAST)
+    chosen = yaml.safe_load((tmp_path / "out" / "t" / "best.yaml").read_text())
+    assert chosen["model"]["adapter"]["init_args"]["targets"] == ["attn.qkv", "mlp.fc1"]
+    best = json.loads((tmp_path / "out" / "t" / "best.json").read_text())
+    assert best["overrides"] == ["--model.adapter.init_args.targets", "[attn.qkv, mlp.fc1]"]  # as the trial ran
+    composed = cli_parser().parse_args(["fit", "-c", TINY, "-c", str(tmp_path / "out" / "t" / "best.yaml")])
+    assert composed["fit"]["model"] == cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])["fit"]["model"]

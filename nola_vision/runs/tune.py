@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -971,7 +971,8 @@ def run_tune(
                              f"the protocol row cannot take it: {error}{earlier}") from None
     write_set_atomic([  # one choice: never a best.json of the new one beside a best.yaml of the old
         (root / "best.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n", _checked(root / "best.json")),
-        (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(_nested(best.params), sort_keys=True),
+        (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(_nested(_yaml_values(best.params)),
+                                                                       sort_keys=True),
          _checked(root / "best.yaml"))])
     _append_choice(root / "tune_results.md", chosen, protocol=not skip_protocol)
     if echo:
@@ -1080,6 +1081,18 @@ def _release(study: Any, trial: Any, why: str) -> None:
 def _released(trial: Any) -> bool:
     """Whether a trial was released uncounted (``_release``; studies before it recorded such trials as pruned)."""
     return trial.state.name == "PRUNED" or _RELEASED in trial.user_attrs
+
+
+def _yaml_values(params: Params) -> Params:
+    """``params`` with each YAML list or mapping given as text on the command line (``[attn.qkv]``) as the list or
+    mapping it is, as ``fit`` reads it: best.yaml then holds the value, not its quoted text (which only ``-c``, not a
+    plain YAML reader, turns back into a list)."""
+    def value(text: Any) -> Any:
+        if isinstance(text, str) and text.lstrip()[:1] in ("[", "{"):
+            with suppress(yaml.YAMLError):
+                return yaml.safe_load(text)
+        return text
+    return {key: value(text) for key, text in params.items()}
 
 
 def _nested(params: Params) -> Dict[str, Any]:
