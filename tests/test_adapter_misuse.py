@@ -682,6 +682,21 @@ def test_unloading_a_wrapper_of_an_injected_model_names_the_submodule(action):
     assert nv.adapted_layers(model) and not any(layer.merged for layer in nv.adapted_layers(model).values())
 
 
+@pytest.mark.parametrize("export", ["export_peft", "export_onnx"])
+def test_exporting_a_wrapper_of_an_injected_model_names_the_submodule_as_saving_it_does(tmp_path, export):
+    """export_peft wrote module names prefixed with the wrapper's ('0.blocks.0...'), which peft found on no base model;
+    export_onnx traced the unmerged adapters and failed inside torch's exporter (an IndexError after an IR dump)."""
+    model = nv.inject(tiny_vit(), NOLA)
+    path = tmp_path / ("peft" if export == "export_peft" else "model.onnx")
+    size = {"input_size": (3, 32, 32)} if export == "export_onnx" else {}
+    with pytest.raises(ValueError, match=rf"its submodule '0' does \(injected before wrapping\): export that module, "
+                                         rf"nv.{export}\(model.get_submodule\('0'\), "):
+        getattr(nv, export)(torch.nn.Sequential(model).eval(), path, **size)
+    assert not path.exists()
+    if export == "export_onnx":  # a wrapper of a plain model is a plain model
+        assert nv.export_onnx(torch.nn.Sequential(nv.unload(model)).eval(), path, input_size=(3, 32, 32)) == path
+
+
 def test_a_model_inside_an_injected_wrapper_is_told_its_adapters_belong_to_that_wrapper(tmp_path):
     """save_adapter, unload and merge_and_unload of the inner model said it was never injected and to call inject,
     which then refused it as already holding adapter layers."""

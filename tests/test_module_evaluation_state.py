@@ -103,6 +103,27 @@ def test_a_fit_stopped_inside_its_first_epoch_and_fitted_again_on_the_same_train
         run.fit(model, data)
 
 
+def test_a_new_module_on_a_trainer_stopped_inside_another_modules_fit_is_refused(tmp_path):
+    """A notebook's model cell run again after Ctrl-C: the new module trained only the epochs the stopped run had left,
+    without its warm-up, warned as "this fit goes on", and its lr and split were never compared."""
+    data = loader(classes=3)
+    run = trainer(tmp_path, epochs=3, callbacks=[_StopAtStep(6)], enable_checkpointing=False)  # 4 steps an epoch
+    stopped = module()
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run.fit(stopped, data)
+    run.callbacks = [c for c in run.callbacks if not isinstance(c, _StopAtStep)]
+    fresh = module()
+    before = coefficients(fresh)
+    with pytest.raises(ValueError, match=r"this Trainer stopped partway through the fit of another module \(at epoch "
+                                         r"1, step 6\).*would train only the epochs that run had left of "
+                                         r"max_epochs=3, without its warm-up. Fit it with a new Trainer"):
+        run.fit(fresh, data)
+    assert torch.equal(coefficients(fresh), before) and not fresh._fit_running
+    with pytest.warns(UserWarning, match="goes on at epoch 1 of a trainer that trained before"):
+        run.fit(stopped, data)  # the module that stopped goes on with its run
+    trainer(tmp_path / "new", epochs=1, enable_checkpointing=False).fit(fresh, data)  # a new Trainer trains it
+
+
 def test_fitting_on_with_a_raised_max_epochs_takes_the_schedule_up_where_it_stood(tmp_path):
     L.seed_everything(0)
     whole = _Rates()

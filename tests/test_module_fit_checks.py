@@ -752,6 +752,22 @@ def test_a_trainers_fit_going_on_with_another_split_is_refused(tmp_path, folder_
         run.fit(fitted, datamodule=datamodule(folder_root, split_seed=1))
 
 
+def test_fitting_merged_adapters_is_refused_before_the_fit_marks_the_weights_part_trained(tmp_path):
+    """A fit after nv.merge failed at its first backward, having marked the trained weights as a stopped fit's (every
+    later evaluation warned) and dropped the adapter the module had exported."""
+    fitted = module(adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path / "a", epochs=1).fit(fitted, loader())
+    nv.merge(fitted.model)
+    with pytest.raises(ValueError, match=r"\d+ adapted layer\(s\) of the model are merged .*e.g. model.blocks.0.*"
+                                         r"call nv.unmerge\(module.model\) before fitting"):
+        trainer(tmp_path / "b", epochs=1).fit(fitted, loader())
+    assert fitted.exported_adapter_dir == tmp_path / "adapter"
+    nv.unmerge(fitted.model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stopped before it finished")
+        trainer(tmp_path / "c").validate(fitted, loader())
+
+
 def test_a_module_whose_fit_stopped_warns_at_its_next_fit_and_evaluation(tmp_path):
     """A re-run cell trained on from the part-trained weights as a fresh run, and a test of them was logged as a
     trained run's, without a word."""

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from ..core.checks import check_path
 from ..core.fingerprint import merged_adapters
-from ..core.inject import adapter_state, quantization_aware_bits, require_unchanged_statistics, unwrap_model
+from ..core.inject import (
+    adapter_state,
+    quantization_aware_bits,
+    refuse_wrapped_adapters,
+    require_unchanged_statistics,
+    unwrap_model,
+)
 from ..core.layer import adapted_layers
 from ..core.merge import require_current_merge
 from ..core.quantize import fake_quantize, head_bits
@@ -104,6 +110,8 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     require_no_inner_wrappers(model, "nv.export_peft")
     _refuse_nola_vision_adapter(directory)
     state = adapter_state(model)
+    if state is None:  # module names would carry the wrapper's prefix, which peft finds on no base model
+        refuse_wrapped_adapters(model, "export that module, nv.export_peft(model.get_submodule({inner!r}), directory)")
     layers = adapted_layers(model)
     if not layers:
         raise ValueError(f"nothing to export as a peft LoRA adapter: {_why_no_layers(model, state)}")

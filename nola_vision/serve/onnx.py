@@ -51,7 +51,13 @@ from ..core.fingerprint import (
     sample_sizes,
     unmatched_merges,
 )
-from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
+from ..core.inject import (
+    adapter_state,
+    quantization_aware_bits,
+    refuse_wrapped_adapters,
+    set_quantization_aware,
+    unwrap_model,
+)
 from ..core.interrupts import interrupts_deferred
 from ..core.layer import adapted_layers, as_factors, full_precision
 from ..core.merge import checkpointing_modules, merge
@@ -122,6 +128,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
         if getattr(getattr(model, "patch_embed", None), "img_size", None) is None:
             _require_runs_at(model, input_size, parameter)
     images = torch.zeros(2, *input_size, device=parameter.device, dtype=parameter.dtype)
+    if not tasks_as_inputs and adapter_state(model) is None:  # else unmerged adapters, whose graph torch cannot trace
+        refuse_wrapped_adapters(model, "export that module, nv.export_onnx(model.get_submodule({inner!r}), path)")
     if not tasks_as_inputs:
         # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
         served = merge(copy.deepcopy(model)) if adapter_state(model) is not None else model

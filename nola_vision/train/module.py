@@ -119,6 +119,7 @@ TUNER_CHECKPOINTS = (".scale_batch_size_", ".lr_find_")
 # Those that decide the model itself are checked against what the checkpoint holds (its adapter, backbone, bits).
 # ``FewShotClassifier._trained_data_source`` of weights its own fit trained (else: a loaded checkpoint's)
 _OWN_FIT = "this module's last fit"
+_TRAINER_FIT_MARK = "_nola_vision_fit_token"  # set on a Trainer: the ``_fit_token`` of the module it last fit
 # The hyperparameters that build the model (its backbone, head and adapters): fixed once it is built.
 BUILT_HPARAMS = ("backbone", "num_classes", "adapter", "pretrained", "pretrained_file", "image_size", "backbone_kwargs",
                  "backbone_seed")
@@ -655,6 +656,7 @@ class FewShotClassifier(L.LightningModule):
             check_training_length(self._trainer)
             if not _resumes(self._trainer):  # a resume's progress and random states are the checkpoint's
                 _require_training_left_on(self._trainer, self.exported_adapter_dir is None)
+                self._require_own_trainer()
                 _draw_apart(self._trainer)
                 if self._trainer.global_step and self._trained_data_source == _OWN_FIT:
                     self._check_data(self._trained_data, self._trained_data_source)  # its fit goes on: on its data
@@ -666,6 +668,7 @@ class FewShotClassifier(L.LightningModule):
             raise ValueError(f"FewShotClassifier.adapter_bits={bits} would store a fully fine-tuned backbone as "
                              f"{bits}-bit codes, which change far more than training did: use adapter_bits 16 or 32")
         self._check_what_trains()
+        self._require_unmerged()
         self._check_quantization_aware()
         quant, stored = self.hparams.quant_bits, self.hparams.adapter_bits
         stores_other = stored is not None and not seen_alike(stored, quant, bool(adapted_layers(self.model)))
@@ -690,6 +693,9 @@ class FewShotClassifier(L.LightningModule):
                            "FewShotClassifier")
         # accepted: this fit's weights are part-trained until it ends, and what it exports is its own
         self._fit_running = self._fit_started = True
+        self._fit_token = getattr(self, "_fit_token", None) or os.urandom(8).hex()  # absent from older pickles
+        if self._trainer is not None:
+            setattr(self._trainer, _TRAINER_FIT_MARK, self._fit_token)
         self.exported_adapter_dir = self.export_target = self.exported_adapter_bits = None
         self.exported_adapter_sha256 = None
         # the weights now train on this data (a resume's was compared at its load): later stages compare with it
@@ -786,6 +792,28 @@ class FewShotClassifier(L.LightningModule):
                              f"(requires_grad False, set by hand): {_few(frozen)}. Checkpoints would not hold them and "
                              "could not be loaded, and the adapter file would store their untrained values. Leave them "
                              "trainable (requires_grad_(True)), or choose a method that does not train them")
+
+    def _require_own_trainer(self) -> None:
+        """Refuse a fit, without a checkpoint, on a trainer that stopped partway through another module's fit (a
+        notebook's model cell run again): Lightning would take up that run at its epoch, so this module would train
+        only the epochs left, without its warm-up (this module going on with its own run is ``on_train_start``'s)."""
+        trainer, mark = self._trainer, getattr(self._trainer, _TRAINER_FIT_MARK, None)
+        if not trainer.global_step or (mark is not None and mark == getattr(self, "_fit_token", None)):
+            return
+        raise ValueError(f"this Trainer stopped partway through the fit of another module (at epoch "
+                         f"{trainer.current_epoch}, step {trainer.global_step}), and goes on where it stopped: this "
+                         f"FewShotClassifier would train only the epochs that run had left of max_epochs="
+                         f"{trainer.max_epochs}, without its warm-up. Fit it with a new Trainer (or go on with the "
+                         "module that stopped, or resume that run with ckpt_path=<its last checkpoint>)")
+
+    def _require_unmerged(self) -> None:
+        """Refuse a fit of merged adapters (``nv.merge``): the first backward would fail, after the fit had set the
+        module's weights as a run's part-trained ones."""
+        merged = [name for name, layer in adapted_layers(self.model).items() if layer.merged]
+        if merged:
+            raise ValueError(f"{len(merged)} adapted layer(s) of the model are merged (nv.merge folded their ΔW into "
+                             f"the frozen weights, e.g. model.{merged[0]}), so no gradient would reach the adapter: "
+                             "call nv.unmerge(module.model) before fitting")
 
     def _check_quantization_aware(self) -> None:
         """The model trains at the bits ``quant_bits`` records, which the export, checkpoints and loads follow."""
