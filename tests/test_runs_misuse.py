@@ -66,9 +66,10 @@ def test_seeds_knn_k_and_an_output_under_a_file_are_checked_before_any_fit(tmp_p
     for seeds, message in (([], "--split_seeds is empty"), ([0, 0], "repeats a seed")):
         with pytest.raises(ValueError, match=message):
             run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=seeds, init_seeds=[0], overrides=FAST)
-    with pytest.raises(ValueError, match="--knn_k must be a positive integer"):
-        run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0], overrides=FAST, knn=True,
-                     knn_k=0)
+    for knn in (True, False):  # without --knn the 12 fits ran, the value given ignored (the docs say it is refused)
+        with pytest.raises(ValueError, match="--knn_k must be a positive integer"):
+            run_protocol([TINY], out=str(tmp_path), name="r", split_seeds=[0], init_seeds=[0], overrides=FAST,
+                         knn=knn, knn_k=0)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file, so the runs cannot go under"):
         run_protocol([TINY], out=str(tmp_path / "afile"), name="r", split_seeds=[0], init_seeds=[0], overrides=FAST)

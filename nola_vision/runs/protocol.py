@@ -380,8 +380,7 @@ def run_protocol(
     refuse_controlled_overrides(overrides)
     name = name if name is not None else "_".join(Path(c).stem for c in configs)  # "" is refused, not replaced
     check_seeds(split_seeds, init_seeds)
-    if knn:
-        check_knn_k(knn_k)
+    check_knn_k(knn_k)  # without --knn too: a value given is a value meant (a missing --knn, or a typo)
     row = open_row(configs, out=out, name=name, overrides=overrides)
     if knn:  # its settings and images are checked now, not after every fit ran
         open_knn_row(configs, out=out, name=name + "-knn", overrides=overrides, k=knn_k)
