@@ -852,6 +852,33 @@ def test_a_merged_copy_averaged_with_an_unmerged_model_refuses_every_use():
     nv.unmerge(evaluated)
 
 
+@pytest.mark.parametrize("copy_in", ["set", "update"])
+def test_an_unmerged_copy_given_a_merged_models_buffers_refuses_every_use(copy_in):
+    """timm's ModelEmaV3.set (and update) copies a merged model's flag and merged weights into the unmerged EMA: each of
+    its passes added ΔW again (the flag was watched on merged layers only), and unload gave back W + ΔW as the base."""
+    from timm.utils import ModelEmaV3
+
+    model = _adapted("nola_shared")
+    ema = ModelEmaV3(model, decay=0.5)
+    nv.merge(model)
+    getattr(ema, copy_in)(model)
+    written = _weights(ema.module)
+    for use in (lambda: ema.module(_images()), lambda: nv.merge(ema.module), lambda: nv.unload(ema.module),
+                lambda: nv.merge_and_unload(ema.module), ema.module.state_dict,
+                lambda: nv.save_adapter(ema.module, "unused")):
+        with pytest.raises(RuntimeError, match=r"is unmerged, but its adapter_merged flag was overwritten since \(it "
+                                               r"now says merged at full precision\).*ModelEmaV3.*add again"):
+            use()
+    assert nv.adapted_layers(ema.module) and not any(layer.merged for layer in nv.adapted_layers(ema.module).values())
+    assert all(torch.equal(layer.weight, written[name]) for name, layer in nv.adapted_layers(ema.module).items())
+
+    nv.unmerge(model)  # tracking an unmerged model, as advised: the EMA gives the model's outputs
+    ema = ModelEmaV3(model, decay=0.5)
+    for _ in range(3):
+        ema.update(model)
+    torch.testing.assert_close(ema.module(_images()), model(_images()))
+
+
 def test_a_merged_layer_keeps_working_after_moves_copies_and_loads():
     # the merged flag's version is noted afresh wherever it is a new tensor or written by the library itself
     model = nv.merge(_adapted("lora_qv"))
@@ -956,6 +983,20 @@ def test_torch_jit_script_of_an_adapted_model_names_what_works():
         torch.jit.script(model)
     scripted = torch.jit.script(nv.merge_and_unload(copy.deepcopy(model)))
     torch.testing.assert_close(scripted(_images()), model(_images()))
+
+
+@pytest.mark.parametrize("kind", ["nola_shared", "lora_qv"])
+def test_torch_fx_tracing_of_an_adapted_model_names_what_works(kind):
+    # torch.fx.symbolic_trace and timm's create_feature_extractor failed inside torch ("unpackString: expected bytes",
+    # "symbolically traced variables cannot be used as inputs to control flow")
+    from timm.models import create_feature_extractor
+
+    model = _adapted(kind).eval()
+    for trace in (lambda m: torch.fx.symbolic_trace(m), lambda m: create_feature_extractor(m, ["blocks.1"])):
+        with pytest.raises(TypeError, match=r"torch\.fx cannot trace (NOLA|LoRA)Linear .* nv\.merge_and_unload"):
+            trace(model)
+    traced = torch.fx.symbolic_trace(nv.merge_and_unload(copy.deepcopy(model)))
+    torch.testing.assert_close(traced(_images()), model(_images()))
 
 
 def test_a_state_dict_of_adapter_tensors_and_weights_without_a_merged_flag_warns_it_is_taken_as_unmerged():

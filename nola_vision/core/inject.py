@@ -41,6 +41,7 @@ from .merge import (
     reentrant_checkpointing_inputs,
     reentrant_checkpointing_output,
     release_shared_factors,
+    require_own_merged_flags,
     require_stored_weights,
     unmerge,
 )
@@ -606,7 +607,8 @@ def unload(model: nn.Module) -> nn.Module:
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_own_adapter_state(model, "unload")
-    require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))  # before any layer changes
+    require_own_merged_flags(model, "unload")  # before any layer changes
+    require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     _remove_injection(unmerge(model), state)
     return wrapper
@@ -622,7 +624,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     require_not_data_parallel(model, removing=True)
     wrapper, model = model, unwrap_model(model)
     state = _require_own_adapter_state(model, "merge_and_unload")
-    require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))  # before any layer changes
+    require_own_merged_flags(model, "merge_and_unload")  # before any layer changes
+    require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     held = merges_held(model)  # earlier merges whose weights were loaded back over: not carried on
     unmerged = unmerged_probes(model, sorted(state.plan.layers))

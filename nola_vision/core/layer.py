@@ -463,22 +463,23 @@ class AdaptedLinear(nn.Module):
         self._note_merged_flag()
 
     def _note_merged_flag(self) -> None:
-        """While merged, note the merged flag's version counter (every in-place write bumps it), so that a pass reads
-        the flag's value again only after a write (``overwritten_merged_flag``)."""
+        """Note the merged flag's version counter (every in-place write bumps it), so that a pass reads the flag's
+        value again only after a write (``overwritten_merged_flag``)."""
         flag = getattr(self, MERGED_FLAG)
-        known = self._merged and not (flag.is_inference() or flag.is_meta)  # these keep no version
+        known = not (flag.is_inference() or flag.is_meta)  # these keep no version
         self.__dict__["_merged_flag_version"] = (flag, flag._version) if known else None
 
     def overwritten_merged_flag(self) -> Optional[int]:
-        """The value a merged layer's flag was overwritten with since the merge, where it no longer says what this
-        layer merged; else None. timm's ``ModelEmaV3`` copies every buffer of the model it tracks: into a merged copy
-        (to evaluate the EMA) it copied an unmerged model's 0, and averaged the weights into W + ½ΔW, whose state dict
-        then loaded as an unmerged one."""
+        """The value the layer's flag was overwritten with since the layer set it, where it no longer says whether
+        (and at which bits) this layer merged; else None. timm's ``ModelEmaV3`` and ``ModelEmaV2`` copy every buffer
+        of the model they track, the weights with them: into a merged copy (to evaluate the EMA) an unmerged model's
+        0, with the weights averaged into W + ½ΔW, whose state dict then loaded as an unmerged one; into an unmerged
+        copy a merged model's flag, with the merged weights, to which each pass added ΔW again."""
         noted, flag = self.__dict__.get("_merged_flag_version"), getattr(self, MERGED_FLAG)
         if noted is None or noted[0] is not flag or noted[1] == flag._version:
             return None
         value = int(flag)  # read only after a write
-        if value == (self.quant_bits or 1):
+        if value == ((self.quant_bits or 1) if self._merged else 0):
             self._note_merged_flag()  # the same value written again (a copy of an equally merged model's)
             return None
         return value
@@ -487,6 +488,15 @@ class AdaptedLinear(nn.Module):
         """Raise a RuntimeError for ``action`` on a merged layer whose flag was overwritten since the merge
         (``overwritten_merged_flag``): its weight was written along with it, so it holds no known W + ΔW."""
         value = self.overwritten_merged_flag()
+        if value is not None and not self._merged:
+            says = "merged at full precision" if value == 1 else f"merged at {value} bits"
+            raise RuntimeError(
+                f"{name or type(self).__name__} is unmerged, but its {MERGED_FLAG} flag was overwritten since (it now "
+                f"says {says}): a copy of a merged model's buffers into it (timm's ModelEmaV3/ModelEmaV2 set() and "
+                "update() copy the flag of the model they track, and its merged weights with it). Its weight then "
+                f"holds a ΔW that {action} would add again, silently wrong. Load the weights again (load_state_dict "
+                "of an unmerged model's state dict, then the adapter); keep the model an EMA tracks unmerged, and "
+                "merge a copy of it to evaluate (copy.deepcopy(model))")
         if value is not None:
             says = "unmerged" if value == 0 else "merged at full precision" if value == 1 else f"merged at {value} bits"
             raise RuntimeError(
@@ -642,6 +652,8 @@ class AdaptedLinear(nn.Module):
         return (a @ b).t()
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            self._refuse_fx_trace()
         activation = self.input_activation
         placeholder = self.activation_placeholder
         if placeholder is not None and self.activation_owner.act is not placeholder:
@@ -658,6 +670,10 @@ class AdaptedLinear(nn.Module):
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             trained = [p for p in tensors if p.requires_grad]
             return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
+        if not torch.compiler.is_compiling():  # the flag's value is read only after a write to it
+            noted = self.__dict__.get("_merged_flag_version")
+            if noted is not None and noted[0]._version != noted[1]:
+                self.require_own_merged_flag("this pass")
         a, b = self.delta_factors()
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
         # (TorchScript's tracer records the plain ops below: it cannot trace the training pass's autograd functions)
@@ -692,6 +708,15 @@ class AdaptedLinear(nn.Module):
             "merged, and this pass was given tensors of other values in their place (torch.func.functional_call, or "
             "a parameter replaced since), which a merged weight would ignore. Call nv.unmerge(model) first: unmerged, "
             "each pass computes the update from the tensors it is given")
+
+    def _refuse_fx_trace(self) -> None:
+        """Refuse ``torch.fx`` symbolic tracing (``symbolic_trace``, timm's ``create_feature_extractor``), which
+        cannot trace an adapted layer's pass (it failed inside torch with a bare TraceError), naming what works."""
+        raise TypeError(f"torch.fx cannot trace {type(self).__name__} (nola_vision's adapted layers: their pass "
+                        "depends on the input's dtype and device and on the layer's state): trace "
+                        "nv.merge_and_unload(model) (a plain model of the merged weights; timm's "
+                        "create_feature_extractor too), or use torch.export or torch.compile, which trace the model "
+                        "as it is")
 
     def __prepare_scriptable__(self) -> AdaptedLinear:
         """Refuse ``torch.jit.script``, which cannot compile adapted layers (it failed deep inside torch with "Unknown

@@ -349,6 +349,7 @@ def merge(model: nn.Module) -> nn.Module:
     for autograd, so the basis bank keeps the shared bases' codes, which a task switch reads again.
     """
     _require_adapted_layers(model, "merge")
+    require_own_merged_flags(model, "merge")  # before any layer changes
     unmerged = {name: layer for name, layer in adapted_layers(model).items() if not layer.merged}
     require_stored_weights(unmerged, "merge")
     valued = [name for name, layer in unmerged.items() if not layer.weight.is_meta]  # meta: shapes only, no record
