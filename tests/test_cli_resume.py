@@ -405,6 +405,17 @@ def test_best_names_what_is_missing_when_no_metric_was_monitored(run, capsys):
     assert code == 2 and "has no single best checkpoint: no ModelCheckpoint of it monitored a metric" in err
 
 
+def test_best_of_a_run_whose_monitor_was_never_scored_says_no_validation_scored_it(tmp_path, capsys):
+    # validation every 50 batches of a 9-batch run: "no ModelCheckpoint of it monitored a metric", naming as the fix
+    # the callback the run had
+    fit = ["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "3",
+           "--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", "50", *MONITORED]
+    assert main(fit) == 0
+    code = main(["test", "-c", str(next(tmp_path.rglob("config.yaml"))), "--ckpt_path", "best", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "its ModelCheckpoint monitored val/acc, which no validation during training scored" in err
+
+
 def test_a_resumed_monitored_run_keeps_the_best_of_its_earlier_epochs(tmp_path):
     # the resume logs to version_1, and Lightning dropped the scores kept in version_0: its first epoch was the best
     common = ["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "6",

@@ -735,13 +735,28 @@ def test_ckpt_path_last_finds_the_run_of_a_logger_with_its_own_save_dir(tmp_path
     assert (tmp_path / "logs" / name / "version_1" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_training(tmp_path, capsys):
-    # limit_val_batches 0 passed the check: EarlyStopping stopped the run after an epoch, ModelCheckpoint kept no best
-    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--data.val_shots", 2,
-                    "--trainer.limit_val_batches", 0, "--trainer.callbacks+=EarlyStopping",
-                    "--trainer.callbacks.monitor=val/acc")
-    assert code == 2 and "--trainer.limit_val_batches 0 runs no validation pass" in err
+@pytest.mark.parametrize("options, said", [
+    (["--trainer.limit_val_batches", 0], "--trainer.limit_val_batches 0 runs no validation pass"),
+    (["--trainer.check_val_every_n_epoch", 10, "--trainer.max_epochs", 4],
+     "--trainer.check_val_every_n_epoch 10 is above --trainer.max_epochs 4: no validation runs during training")])
+def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_training(tmp_path, capsys, options, said):
+    # limit_val_batches 0 passed the check: EarlyStopping stopped the run after an epoch, ModelCheckpoint kept no best;
+    # with check_val_every_n_epoch above max_epochs the callback never acted, and test --ckpt_path best then said no
+    # callback monitored a metric
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--data.val_shots", 2, *options,
+                    "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc")
+    assert code == 2 and said in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_barebones_with_a_result_file_is_refused_before_training(tmp_path, capsys):
+    # barebones turns self.log off: fit and test wrote result files with "metrics": {}
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.barebones", "true",
+                    "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+                    "--trainer.log_every_n_steps", "null", "--trainer.num_sanity_val_steps", 0,
+                    "--result_file", tmp_path / "result.json")
+    assert code == 2 and "--trainer.barebones true turns Lightning's logging off" in err and "test/acc" in err
+    assert not (tmp_path / "result.json").exists()
 
 
 def test_a_debug_pass_resuming_a_trained_checkpoint_names_fast_dev_run(tmp_path, capsys):

@@ -752,6 +752,24 @@ def test_a_trainers_fit_going_on_with_another_split_is_refused(tmp_path, folder_
         run.fit(fitted, datamodule=datamodule(folder_root, split_seed=1))
 
 
+@pytest.mark.parametrize("callback, said", [
+    (lambda: L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.01),
+     "StochasticWeightAveraging swaps its averaged weights in when training ends.*Use lightning.pytorch.callbacks."
+     "WeightAveraging"),
+    (lambda: L.pytorch.callbacks.ModelPruning("l1_unstructured", amount=0.5),
+     "ModelPruning prunes the model's weights as it trains, the frozen backbone's too")], ids=["swa", "pruning"])
+def test_callbacks_that_change_weights_where_the_export_cannot_follow_are_refused_before_training(tmp_path, callback,
+                                                                                                 said):
+    """SWA swapped its average in after the last validation and checkpoint (the result mixed two sets of weights);
+    ModelPruning pruned the frozen backbone, and the adapter loaded onto no backbone its config builds."""
+    fitted = module()
+    before = {name: p.detach().clone() for name, p in fitted.named_parameters()}
+    with pytest.raises(ValueError, match=said):
+        trainer(tmp_path, epochs=2, callbacks=[callback()]).fit(fitted, loader())
+    assert all(torch.equal(p, before[name]) for name, p in fitted.named_parameters())
+    trainer(tmp_path / "averaged", epochs=2, callbacks=[L.pytorch.callbacks.WeightAveraging()]).fit(fitted, loader())
+
+
 def test_fitting_merged_adapters_is_refused_before_the_fit_marks_the_weights_part_trained(tmp_path):
     """A fit after nv.merge failed at its first backward, having marked the trained weights as a stopped fit's (every
     later evaluation warned) and dropped the adapter the module had exported."""

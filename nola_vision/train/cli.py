@@ -76,6 +76,7 @@ from .module import (
     check_classifier_arguments,
     check_training_data,
     check_training_length,
+    refuse_weight_changing_callbacks,
     require_training_left,
     training_finished,
     whole_epochs,
@@ -1018,6 +1019,7 @@ class NolaCLI(LightningCLI):
         (``check_monitors``) or validation metrics without validation images, and (when testing after fit, on data
         already on disk) the test split's class folders and its missing, empty or unreadable image files."""
         check_training_length(self.trainer)  # before the run's folder and config exist (on_fit_start checks it too)
+        refuse_weight_changing_callbacks(self.trainer)
         config = self.config[self.subcommand]
         check_launcher(self.trainer, config.trainer.strategy)
         data = self.datamodule.hparams
@@ -1070,6 +1072,13 @@ class NolaCLI(LightningCLI):
         if watching and self.trainer.limit_val_batches == 0:
             raise ValueError(f"{', '.join(watching)} monitors a validation metric, and --trainer.limit_val_batches 0 "
                              "runs no validation pass: drop --trainer.limit_val_batches 0, or the callback")
+        every, epochs = self.trainer.check_val_every_n_epoch, self.trainer.max_epochs
+        if watching and every is not None and epochs is not None and 0 < epochs < every:
+            raise ValueError(f"{', '.join(watching)} monitors a validation metric, and "
+                             f"--trainer.check_val_every_n_epoch {every} is above --trainer.max_epochs {epochs}: no "
+                             "validation runs during training, so "
+                             "the callback would never act (no best checkpoint, no early stop). Lower "
+                             "--trainer.check_val_every_n_epoch, or drop the callback")
         if config.test_after_fit:
             self._check_test_images("training (the test after fit reads every test image)")
         claim_log_dir(self.trainer)
@@ -1472,6 +1481,11 @@ def check_full_passes(trainer: Trainer, splits: Sequence[str], result_file: str,
     of 0 is refused too, since their result would hold no metric."""
     if trainer.fast_dev_run:
         return
+    if splits and getattr(trainer, "barebones", False):
+        metrics = " and ".join(f"{split}/acc" for split in dict.fromkeys(splits))
+        raise ValueError(f"--trainer.barebones true turns Lightning's logging off, so --result_file {result_file} "
+                         f"would hold no {metrics} (replacing any result there): drop --trainer.barebones, or drop "
+                         "--result_file")
     cut = []
     for split in splits:
         limit = trainer.limit_val_batches if split == "val" else trainer.limit_test_batches
@@ -2202,8 +2216,13 @@ def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: S
         states = torch.load(file, map_location="cpu", weights_only=False).get("callbacks") or {}
     monitored = {state["best_model_path"]: state["monitor"] for state in states.values()
                  if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")}
+    unscored = sorted({state["monitor"] for state in states.values()
+                       if isinstance(state, dict) and state.get("monitor") and not state.get("best_model_path")})
     if len(monitored) != 1:
         why = ("its ModelCheckpoint callbacks monitored several metrics" if monitored else
+               f"its ModelCheckpoint monitored {', '.join(unscored)}, which no validation during training scored, "
+               "so it saved no best (check --trainer.check_val_every_n_epoch and --trainer.val_check_interval)"
+               if unscored else
                "no ModelCheckpoint of it monitored a metric (fit with --trainer.callbacks+=ModelCheckpoint "
                "--trainer.callbacks.monitor=val/acc --trainer.callbacks.mode=max)")
         raise ValueError(f"--ckpt_path best: the run of {last} has no single best checkpoint: {why}. Pass the "

@@ -23,7 +23,13 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    ModelCheckpoint,
+    ModelPruning,
+    StochasticWeightAveraging,
+    Timer,
+)
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -91,7 +97,8 @@ from .recipe import MIN_EPOCHS_FOR_WARMUP, lr_schedule, parameter_groups, recipe
 
 __all__ = ["RESOLVED_FROM_NONE", "TRAINING_BACKBONE_KWARGS", "TRAINING_HPARAMS", "FewShotClassifier",
            "NonFiniteLossError", "changed_hparams", "check_classifier_arguments", "check_training_data",
-           "batches_into_epoch", "check_training_length", "check_training_settings", "require_training_left",
+           "batches_into_epoch", "check_training_length", "check_training_settings", "refuse_weight_changing_callbacks",
+           "require_training_left",
            "training_finished", "training_settings", "whole_epochs"]
 
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -654,6 +661,7 @@ class FewShotClassifier(L.LightningModule):
         self._require_built_hparams()
         if self._trainer is not None:
             check_training_length(self._trainer)
+            refuse_weight_changing_callbacks(self._trainer)
             if not _resumes(self._trainer):  # a resume's progress and random states are the checkpoint's
                 _require_training_left_on(self._trainer, self.exported_adapter_dir is None)
                 self._require_own_trainer()
@@ -1481,6 +1489,25 @@ def _previous_adapter_path(target: Path) -> Path:
     earlier export kept (a user's folder or file of that name, which replacing would delete)."""
     return previous_path(target, lambda path: path.is_dir() and not path.is_symlink()
                          and existing_adapter_kind(path) == "nola_vision")
+
+
+def refuse_weight_changing_callbacks(trainer: Any) -> None:
+    """Refuse callbacks that change the weights where the export cannot follow: ``StochasticWeightAveraging`` swaps
+    its average in when training ends, after the last validation and checkpoint (the adapter and test/acc were the
+    average, val/acc and last.ckpt the last step's); ``ModelPruning`` prunes the frozen backbone (and renames the
+    head's tensors), which no adapter file holds."""
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, StochasticWeightAveraging):
+            raise ValueError("StochasticWeightAveraging swaps its averaged weights in when training ends, after the "
+                             "last validation and checkpoint: the exported adapter and test/acc would be the average, "
+                             "val/acc and last.ckpt the last step's weights. Use lightning.pytorch.callbacks."
+                             "WeightAveraging (the same equal average, also used for every validation and checkpoint) "
+                             "or EMAWeightAveraging instead")
+        if isinstance(callback, ModelPruning):
+            raise ValueError("ModelPruning prunes the model's weights as it trains, the frozen backbone's too, which "
+                             "an adapter file does not hold: the adapter would load onto no backbone its config "
+                             "builds. Drop the callback (prune a merged copy after training, with "
+                             "torch.nn.utils.prune)")
 
 
 def check_training_length(trainer: Any) -> None:
