@@ -879,6 +879,25 @@ def test_an_unmerged_copy_given_a_merged_models_buffers_refuses_every_use(copy_i
     torch.testing.assert_close(ema.module(_images()), model(_images()))
 
 
+@pytest.mark.parametrize("key", ["lora_qv", "nola_shared"])
+def test_a_state_dict_of_a_merged_layer_whose_tensors_changed_since_the_merge_is_refused(key):
+    """model.load_state_dict(model.state_dict()) after an edit while merged took the new tensors as what the weight
+    held: unmerge then left their difference in the frozen weights, and save_adapter accepted what it refused before."""
+    model = _adapted(key)
+    before = _weights(model)
+    nv.merge(model)
+    layer = next(iter(nv.adapted_layers(model).values()))
+    with torch.no_grad():
+        getattr(layer, layer.adapter_parameter_names[-1]).add_(0.5)
+    with pytest.raises(ValueError, match=r"is merged, and its \w+ changed since nv\.merge.*Call nv\.unmerge\(model\) "
+                                         r"first"):
+        model.state_dict()
+    nv.unmerge(model)  # exact: the update of the values merged
+    _assert_restored(model, before)
+    model.load_state_dict(model.state_dict())
+    _assert_restored(model, before)
+
+
 def test_a_merged_layer_keeps_working_after_moves_copies_and_loads():
     # the merged flag's version is noted afresh wherever it is a new tensor or written by the library itself
     model = nv.merge(_adapted("lora_qv"))

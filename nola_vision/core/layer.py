@@ -899,6 +899,16 @@ class AdaptedLinear(nn.Module):
         rounding step of their dtype)."""
         return self.__dict__.get("_merged_values") if self.merged else None
 
+    def changed_since_merge(self) -> List[str]:
+        """While merged: the adapter tensors (by name) whose values changed since the merge (an EMA or optimizer step,
+        an in-place edit; a cast of the model is no change), so that ``weight`` holds another update than they give;
+        else none."""
+        merged = self.merged_values
+        if merged is None:
+            return []
+        current = self.trained_values()
+        return [key for key, value in merged.items() if not _same_up_to_a_cast(value, current[key])]
+
     @property
     def keeps_merged_factors(self) -> bool:
         """Whether ``merged_delta_factors()`` returns the factors this layer added (no bases are combined for it)."""
@@ -1052,8 +1062,12 @@ class AdaptedLinear(nn.Module):
         merged flag, the identity entry, the trained tensors and a taken-over activation (the backbone's). A method
         regenerates what else it needs from its config and registers it with ``persistent=False``."""
         kept = {"weight", "bias", MERGED_FLAG, IDENTITY_KEY, *self.adapter_parameter_names}
-        return sorted(key for key in self.state_dict(keep_vars=True)
-                      if key not in kept and not key.startswith("input_activation."))
+        self.__dict__["_listing_keys"] = True  # the keys only: no state dict to refuse (``_save_to_state_dict``)
+        try:
+            keys = self.state_dict(keep_vars=True)
+        finally:
+            self.__dict__.pop("_listing_keys", None)
+        return sorted(key for key in keys if key not in kept and not key.startswith("input_activation."))
 
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """The trained tensors of this layer by parameter name."""
@@ -1068,6 +1082,15 @@ class AdaptedLinear(nn.Module):
                              "memory, which a state dict would pass on as trained tensors: load an adapter first "
                              "(nv.load_adapter, or a state dict holding its tensors)")
         self.require_own_merged_flag("a state dict of it", prefix[:-1])
+        changed = [] if self.__dict__.get("_listing_keys") else self.changed_since_merge()
+        if changed:
+            cause = (f" (under quantisation-aware training at {self.quant_bits} bits a cast of the model moves them "
+                     "too: each tensor is quantised anew on the range the cast gives it)" if self.quant_bits else "")
+            raise ValueError(f"{prefix[:-1] or type(self).__name__} is merged, and its {', '.join(changed)} changed "
+                             f"since nv.merge{cause}, so its weight holds the update of the values merged then: a "
+                             "state dict of the new values beside that weight would load as their merge (its unmerge "
+                             "then off by the difference). Call nv.unmerge(model) first (nv.merge again to evaluate "
+                             "the new values), or undo the change")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def holds_unset_values(self) -> bool:
@@ -1330,3 +1353,18 @@ class _RetakingHandle(RemovableHandle):
         layer = getattr(self, "layer_ref", lambda: None)()  # an unpickled handle holds no layer
         if layer is not None:
             layer._hook_removed(self.id)
+
+
+def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
+    """Whether ``current`` is exactly ``merged`` cast to its dtype, maybe by way of one or both 16-bit dtypes (a model
+    cast to half, then bfloat16, then back after the merge). A small step (an EMA update of 0.5 %) is no cast: it
+    passed a tolerance of one bfloat16 step."""
+    merged = merged.to(current.device)
+    for route in ((), (torch.bfloat16,), (torch.float16,), (torch.float16, torch.bfloat16),
+                  (torch.bfloat16, torch.float16)):
+        cast = merged
+        for dtype in (*route, current.dtype):
+            cast = cast.to(dtype)
+        if torch.equal(cast, current):
+            return True
+    return False

@@ -447,11 +447,7 @@ def require_current_merge(model: nn.Module, action: str) -> None:
     would load back with other outputs than the model gives."""
     require_own_merged_flags(model, action)
     for name, layer in adapted_layers(model).items():
-        merged = layer.merged_values
-        if merged is None:
-            continue
-        current = layer.trained_values()
-        changed = [key for key, value in merged.items() if not _same_up_to_a_cast(value, current[key])]
+        changed = layer.changed_since_merge()
         if changed:
             cause = (f" (under quantisation-aware training at {layer.quant_bits} bits a cast of the model moves them "
                      "too: each tensor is quantised anew on the range the cast gives it)" if layer.quant_bits else "")
@@ -460,21 +456,6 @@ def require_current_merge(model: nn.Module, action: str) -> None:
                 "the model still computes with the values merged then: a file of the new values would load back with "
                 "other outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the "
                 "new values), or undo the change")
-
-
-def _same_up_to_a_cast(merged: Tensor, current: Tensor) -> bool:
-    """Whether ``current`` is exactly ``merged`` cast to its dtype, maybe by way of one or both 16-bit dtypes (a model
-    cast to half, then bfloat16, then back after the merge). A small step (an EMA update of 0.5 %) is no cast: it
-    passed a tolerance of one bfloat16 step."""
-    merged = merged.to(current.device)
-    for route in ((), (torch.bfloat16,), (torch.float16,), (torch.float16, torch.bfloat16),
-                  (torch.bfloat16, torch.float16)):
-        cast = merged
-        for dtype in (*route, current.dtype):
-            cast = cast.to(dtype)
-        if torch.equal(cast, current):
-            return True
-    return False
 
 
 def unmerge(model: nn.Module) -> nn.Module:
