@@ -871,6 +871,14 @@ def test_an_unmerged_copy_given_a_merged_models_buffers_refuses_every_use(copy_i
             use()
     assert nv.adapted_layers(ema.module) and not any(layer.merged for layer in nv.adapted_layers(ema.module).values())
     assert all(torch.equal(layer.weight, written[name]) for name, layer in nv.adapted_layers(ema.module).items())
+    for copied in (copy.deepcopy(ema.module), pickle_round_trip(ema.module), ema.module.float()):  # noted afresh
+        with pytest.raises(RuntimeError, match=r"is unmerged, but its adapter_merged flag was overwritten"):
+            copied(_images())
+    for layer in nv.adapted_layers(ema.module).values():  # a hand-written EMA's .data copy keeps the version:
+        layer.adapter_merged.data.copy_(torch.ones_like(layer.adapter_merged))  # its value is read where it matters
+    for use in (lambda: nv.unload(ema.module), ema.module.state_dict):
+        with pytest.raises(RuntimeError, match=r"is unmerged, but its adapter_merged flag was overwritten"):
+            use()
 
     nv.unmerge(model)  # tracking an unmerged model, as advised: the EMA gives the model's outputs
     ema = ModelEmaV3(model, decay=0.5)

@@ -464,30 +464,43 @@ class AdaptedLinear(nn.Module):
 
     def _note_merged_flag(self) -> None:
         """Note the merged flag's version counter (every in-place write bumps it), so that a pass reads the flag's
-        value again only after a write (``overwritten_merged_flag``)."""
+        value again only after a write (``overwritten_merged_flag``); a flag that already says otherwise than the
+        layer (a copy or a cast of one overwritten before) is noted as written, so the next pass reads it."""
         flag = getattr(self, MERGED_FLAG)
-        known = not (flag.is_inference() or flag.is_meta)  # these keep no version
-        self.__dict__["_merged_flag_version"] = (flag, flag._version) if known else None
+        if flag.is_inference() or flag.is_meta:  # these keep no version
+            self.__dict__["_merged_flag_version"] = None
+            return
+        # (to_empty()'s flag holds whatever memory held: its layer refuses passes until values are written, the flag
+        # among them, which bumps the version)
+        unset = getattr(self, "values_unset", False)
+        self.__dict__["_merged_flag_version"] = (
+            flag, flag._version if unset or int(flag) == self._own_flag() else -1)
 
-    def overwritten_merged_flag(self) -> Optional[int]:
+    def _own_flag(self) -> int:
+        """What the merged flag says of this layer: 0 unmerged; merged, the quantisation-aware bits ΔW was merged at
+        (1 without)."""
+        return (self.quant_bits or 1) if self._merged else 0
+
+    def overwritten_merged_flag(self, exact: bool = False) -> Optional[int]:
         """The value the layer's flag was overwritten with since the layer set it, where it no longer says whether
         (and at which bits) this layer merged; else None. timm's ``ModelEmaV3`` and ``ModelEmaV2`` copy every buffer
         of the model they track, the weights with them: into a merged copy (to evaluate the EMA) an unmerged model's
         0, with the weights averaged into W + ½ΔW, whose state dict then loaded as an unmerged one; into an unmerged
         copy a merged model's flag, with the merged weights, to which each pass added ΔW again."""
         noted, flag = self.__dict__.get("_merged_flag_version"), getattr(self, MERGED_FLAG)
-        if noted is None or noted[0] is not flag or noted[1] == flag._version:
+        if flag.is_meta or (not exact and (noted is None or noted[0] is not flag or noted[1] == flag._version)):
             return None
-        value = int(flag)  # read only after a write
-        if value == ((self.quant_bits or 1) if self._merged else 0):
-            self._note_merged_flag()  # the same value written again (a copy of an equally merged model's)
+        value = int(flag)  # read only after a write, or where ``exact`` asks (a write through .data keeps the version)
+        if value == self._own_flag():
+            if not flag.is_inference():
+                self._note_merged_flag()  # the same value written again (a copy of an equally merged model's)
             return None
         return value
 
-    def require_own_merged_flag(self, action: str, name: str = "") -> None:
+    def require_own_merged_flag(self, action: str, name: str = "", exact: bool = False) -> None:
         """Raise a RuntimeError for ``action`` on a merged layer whose flag was overwritten since the merge
         (``overwritten_merged_flag``): its weight was written along with it, so it holds no known W + ΔW."""
-        value = self.overwritten_merged_flag()
+        value = self.overwritten_merged_flag(exact)
         if value is not None and not self._merged:
             says = "merged at full precision" if value == 1 else f"merged at {value} bits"
             raise RuntimeError(
@@ -978,7 +991,7 @@ class AdaptedLinear(nn.Module):
         ``factors``: ``merged_delta_factors()`` computed by model-level code (``merge.unmerge`` combines the shared
         bases of every layer at once)."""
         if self.merged:
-            self.require_own_merged_flag("unmerge")
+            self.require_own_merged_flag("unmerge", exact=True)
             factors = self.merged_delta_factors() if factors is None else factors
             grid = self._merged_grid()
             scratch = self._scratch_weight()
@@ -1010,7 +1023,7 @@ class AdaptedLinear(nn.Module):
         ``old`` must be ``merged_delta_factors()``; ``new`` the update of ``values`` (default: the trained tensors
         now), which become what is merged. ``record``: the fingerprint record of the weight without ΔW (default: the
         layer's now; a switch undone passes the one from before it)."""
-        self.require_own_merged_flag("a task switch")
+        self.require_own_merged_flag("a task switch", exact=True)
         record = self.unmerged_record if record is None else record  # a switch leaves the weight without ΔW as it was
         values = self.trained_values() if values is None else values
         with interrupts_deferred():  # the weight and the record of what it merged change together
@@ -1081,7 +1094,7 @@ class AdaptedLinear(nn.Module):
                              "(inject there, or a move there) and given no values since, so they hold uninitialised "
                              "memory, which a state dict would pass on as trained tensors: load an adapter first "
                              "(nv.load_adapter, or a state dict holding its tensors)")
-        self.require_own_merged_flag("a state dict of it", prefix[:-1])
+        self.require_own_merged_flag("a state dict of it", prefix[:-1], exact=True)
         changed = [] if self.__dict__.get("_listing_keys") else self.changed_since_merge()
         if changed:
             cause = (f" (under quantisation-aware training at {self.quant_bits} bits a cast of the model moves them "

@@ -500,10 +500,11 @@ def _switch_back(layer: AdaptedLinear, changes: Tuple[Tuple[Tensor, Tensor], Tup
 
 
 def require_own_merged_flags(model: nn.Module, action: str) -> None:
-    """Refuse ``action`` on a model with a merged layer whose merged flag was overwritten since the merge
-    (``AdaptedLinear.overwritten_merged_flag``), naming the layer."""
+    """Refuse ``action`` on a model with a layer whose merged flag was overwritten since the layer set it
+    (``AdaptedLinear.overwritten_merged_flag``, its value read: a write through ``.data`` keeps the version), naming
+    the layer."""
     for name, layer in adapted_layers(model).items():
-        layer.require_own_merged_flag(action, name)
+        layer.require_own_merged_flag(action, name, exact=True)
 
 
 def switch_lock(model: nn.Module) -> threading.RLock:

@@ -54,7 +54,6 @@ from ..core.fingerprint import (
 from ..core.inject import (
     adapter_state,
     quantization_aware_bits,
-    refuse_wrapped_adapters,
     set_quantization_aware,
     unwrap_model,
 )
@@ -128,11 +127,11 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks_as_inputs: bool = Fal
         if getattr(getattr(model, "patch_embed", None), "img_size", None) is None:
             _require_runs_at(model, input_size, parameter)
     images = torch.zeros(2, *input_size, device=parameter.device, dtype=parameter.dtype)
-    if not tasks_as_inputs and adapter_state(model) is None:  # else unmerged adapters, whose graph torch cannot trace
-        refuse_wrapped_adapters(model, "export that module, nv.export_onnx(model.get_submodule({inner!r}), path)")
     if not tasks_as_inputs:
         # Merged but not unloaded: the head of a quantisation-aware model is seen through a hook that unloading removes.
-        served = merge(copy.deepcopy(model)) if adapter_state(model) is not None else model
+        # A module around an injected model (a wrapper's preprocessing) is merged as a whole: torch cannot trace an
+        # unmerged NOLA layer's pass.
+        served = merge(copy.deepcopy(model)) if adapted_layers(model) else model
         with _as_served(served):
             return _export(_ImagesOnly(served), (images,), ["images"], path)
     graph = _TaskInputGraph(model)
