@@ -749,6 +749,25 @@ def test_a_monitor_of_validation_with_no_validation_pass_is_refused_before_train
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_fit_with_an_on_exception_checkpoint_callback_runs(tmp_path, capsys):
+    # every such fit failed with a traceback: the CLI set save_last on every Checkpoint callback, which it lacks
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+                    "--trainer.callbacks+=OnExceptionCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'exc'}")
+    assert code == 0, err
+
+
+def test_a_fit_with_a_batch_size_finder_records_the_epochs_and_steps_it_trained(tmp_path, capsys):
+    # the finder searched again in the test after fit, resetting the loops' progress: "epochs": 0, "steps": 0
+    result = tmp_path / "result.json"
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 2,
+                    "--trainer.callbacks+=BatchSizeFinder", "--trainer.callbacks.max_trials=1",
+                    "--trainer.callbacks.steps_per_trial=1", "--result_file", result)
+    assert code == 0, err
+    recorded = json.loads(result.read_text())
+    checkpoint = torch.load(recorded["checkpoint"], map_location="cpu", weights_only=False)
+    assert recorded["epochs"] == 2 and recorded["steps"] == checkpoint["global_step"] > 0
+
+
 def test_barebones_with_a_result_file_is_refused_before_training(tmp_path, capsys):
     # barebones turns self.log off: fit and test wrote result files with "metrics": {}
     code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.barebones", "true",

@@ -3,6 +3,7 @@ resume with other training settings, data preprocessed or labelled for another m
 set by hand, Adam on float16 weights, parameters outside its model. Each fit resolves the recipe's warm-up anew."""
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -752,22 +753,48 @@ def test_a_trainers_fit_going_on_with_another_split_is_refused(tmp_path, folder_
         run.fit(fitted, datamodule=datamodule(folder_root, split_seed=1))
 
 
+class _UnfreezeABlock(L.pytorch.callbacks.BaseFinetuning):
+    """A user's finetuning callback: a backbone block trains from epoch 1."""
+
+    def freeze_before_training(self, pl_module):
+        pass
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.model.blocks[1].attn, optimizer)
+
+
 @pytest.mark.parametrize("callback, said", [
     (lambda: L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.01),
      "StochasticWeightAveraging swaps its averaged weights in when training ends.*Use lightning.pytorch.callbacks."
      "WeightAveraging"),
     (lambda: L.pytorch.callbacks.ModelPruning("l1_unstructured", amount=0.5),
-     "ModelPruning prunes the model's weights as it trains, the frozen backbone's too")], ids=["swa", "pruning"])
+     "ModelPruning prunes the model's weights as it trains, the frozen backbone's too"),
+    (lambda: _UnfreezeABlock(), r"_UnfreezeABlock \(a BaseFinetuning callback\) freezes and unfreezes modules")],
+    ids=["swa", "pruning", "finetuning"])
 def test_callbacks_that_change_weights_where_the_export_cannot_follow_are_refused_before_training(tmp_path, callback,
                                                                                                  said):
     """SWA swapped its average in after the last validation and checkpoint (the result mixed two sets of weights);
-    ModelPruning pruned the frozen backbone, and the adapter loaded onto no backbone its config builds."""
+    ModelPruning pruned the frozen backbone, and the adapter loaded onto no backbone its config builds; a
+    BaseFinetuning callback trained backbone blocks the file cannot hold (BackboneFinetuning: an AttributeError)."""
     fitted = module()
     before = {name: p.detach().clone() for name, p in fitted.named_parameters()}
     with pytest.raises(ValueError, match=said):
         trainer(tmp_path, epochs=2, callbacks=[callback()]).fit(fitted, loader())
     assert all(torch.equal(p, before[name]) for name, p in fitted.named_parameters())
     trainer(tmp_path / "averaged", epochs=2, callbacks=[L.pytorch.callbacks.WeightAveraging()]).fit(fitted, loader())
+
+
+def test_a_resume_with_a_finder_callback_is_refused_before_it_searches_again(tmp_path, checkpoint):
+    """The finder searched again on the part-trained weights: the rest of the run trained at another rate, recorded
+    as the whole run's (BatchSizeFinder's restore of its own checkpoint also restarted the epochs)."""
+    finder = partial(L.pytorch.callbacks.LearningRateFinder, num_training_steps=5)
+    resumed = module()
+    with pytest.raises(ValueError, match=r"LearningRateFinder searches again when a fit resumes from a checkpoint.*"
+                                         r"Resume without the callback"):
+        trainer(tmp_path, epochs=2, callbacks=[finder()]).fit(resumed, loader(), ckpt_path=checkpoint)
+    assert resumed.trainer.global_step == 0  # refused before a step
+    trainer(tmp_path / "fresh", epochs=1, callbacks=[finder()]).fit(module(), loader())  # a fresh fit searches
 
 
 def test_fitting_merged_adapters_is_refused_before_the_fit_marks_the_weights_part_trained(tmp_path):

@@ -1128,6 +1128,8 @@ class NolaCLI(LightningCLI):
         """What a fit runs once training finished: validate the final weights where no validation saw them, test
         them (``test_after_fit``) and write the result file."""
         config = self.config[self.subcommand]
+        # before the passes below: a BatchSizeFinder callback searches again in them, resetting the loops' progress
+        trained = {"epochs": whole_epochs(self.trainer), "steps": self.trainer.global_step}
         # a resume that trained nothing (a run stopped in its export) logged no training metrics: its checkpoint's
         metrics = {**self.model.checkpoint_train_metrics,
                    **{k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}}
@@ -1146,7 +1148,7 @@ class NolaCLI(LightningCLI):
         if config.result_file and self.trainer.is_global_zero and not self.trainer.interrupted:
             checkpoint = _absolute(self._final_checkpoint())
             try:
-                self._write_fit_result(config.result_file, metrics, log_dir, checkpoint)
+                self._write_fit_result(config.result_file, metrics, log_dir, checkpoint, trained)
             except (OutputKeptError, OSError) as error:  # OSError: a write the checks before the run let through
                 why = (error_message(error).rstrip(".") if isinstance(error, OutputKeptError)
                        else _unwritten(error, config.result_file))
@@ -1155,7 +1157,7 @@ class NolaCLI(LightningCLI):
                     f"{checkpoint or '(none)'}; its metrics: {json.dumps(metrics, sort_keys=True)}") from error
 
     def _write_fit_result(self, path: str, metrics: Dict[str, float], log_dir: Optional[str],
-                          checkpoint: Optional[str]) -> None:
+                          checkpoint: Optional[str], trained: Dict[str, int]) -> None:
         write_json_atomic(path, check=_kept_output_check(Path(path), "--result_file", "fit, validate or test",
                                                          _is_result_file), obj={
                 "metrics": metrics,
@@ -1167,7 +1169,7 @@ class NolaCLI(LightningCLI):
                            "seed": self.run_seed.seed,  # None when a resume mixed seeds (RunSeed)
                            "precision": str(self.trainer.precision)},  # as Lightning ran it (16-mixed is bf16 on CPU)
                 "parameter_counts": self.model.parameter_counts,
-                "epochs": whole_epochs(self.trainer), "steps": self.trainer.global_step,
+                **trained,  # "epochs" (whole) and "steps" the fit trained
                 "adapter_dir": _absolute(self.model.exported_adapter_dir),
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
@@ -1240,7 +1242,8 @@ class NolaCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             # not in a fast_dev_run, whose ModelCheckpoint saves no other checkpoint (Lightning 2.6 saves last at the
             # end of any fit): its last-v1.ckpt would be the newest that --ckpt_path last finds in the run's folder
-            if callback.save_last is None and not trainer.fast_dev_run:
+            # (a ModelCheckpoint: other Checkpoint callbacks, OnExceptionCheckpoint, have no save_last)
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is None and not trainer.fast_dev_run:
                 callback.save_last = True
         self.final_weights = FinalWeights()
         seed = self.config[self.subcommand].seed_everything if self.subcommand else None

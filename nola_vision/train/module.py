@@ -24,7 +24,10 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Option
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    BatchSizeFinder,
     GradientAccumulationScheduler,
+    LearningRateFinder,
     ModelCheckpoint,
     ModelPruning,
     StochasticWeightAveraging,
@@ -955,6 +958,9 @@ class FewShotClassifier(L.LightningModule):
         """Check that the checkpoint fits this model (same adapter config and random bases, every trained tensor, same
         frozen backbone), then complete its state dict with this model's own frozen tensors so that loading it is exact
         and reports no missing keys."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and _resumes(trainer):  # before the finders search
+            _refuse_finders_on_a_resume(trainer)
         info = checkpoint.get("nola_vision")
         if info is None:  # an older checkpoint, or another project's: it must at least hold every trained tensor
             self._require_trained_tensors(checkpoint.get("state_dict", {}))
@@ -1494,15 +1500,23 @@ def _previous_adapter_path(target: Path) -> Path:
 def refuse_weight_changing_callbacks(trainer: Any) -> None:
     """Refuse callbacks that change the weights where the export cannot follow: ``StochasticWeightAveraging`` swaps
     its average in when training ends, after the last validation and checkpoint (the adapter and test/acc were the
-    average, val/acc and last.ckpt the last step's); ``ModelPruning`` prunes the frozen backbone (and renames the
-    head's tensors), which no adapter file holds."""
+    average, val/acc and last.ckpt the last step's); ``BaseFinetuning`` (``BackboneFinetuning``) unfreezes frozen
+    modules mid-fit; ``ModelPruning`` prunes the frozen backbone (and renames the head's tensors). No adapter file
+    holds what the last two change."""
     for callback in getattr(trainer, "callbacks", []):
         if isinstance(callback, StochasticWeightAveraging):
             raise ValueError("StochasticWeightAveraging swaps its averaged weights in when training ends, after the "
                              "last validation and checkpoint: the exported adapter and test/acc would be the average, "
                              "val/acc and last.ckpt the last step's weights. Use lightning.pytorch.callbacks."
-                             "WeightAveraging (the same equal average, also used for every validation and checkpoint) "
-                             "or EMAWeightAveraging instead")
+                             "WeightAveraging (an equal average, of every step by default: override its should_update "
+                             "to average SWA's last epochs only) or EMAWeightAveraging, whose averages hold for every "
+                             "validation, checkpoint and the export")
+        if isinstance(callback, BaseFinetuning):
+            raise ValueError(f"{type(callback).__name__} (a BaseFinetuning callback) freezes and unfreezes modules as "
+                             "it trains and adds their parameters to the optimizer: what the method does not train "
+                             "(a backbone block) would train without the adapter file holding it, and the "
+                             "learning-rate schedule has no rate for the new group. Choose what trains with the "
+                             "adapter config instead (its targets; train_backbone for full fine-tuning)")
         if isinstance(callback, ModelPruning):
             raise ValueError("ModelPruning prunes the model's weights as it trains, the frozen backbone's too, which "
                              "an adapter file does not hold: the adapter would load onto no backbone its config "
@@ -1736,6 +1750,18 @@ def _split_setting(key: str, value: Any) -> Any:
     if key == "dataset" and isinstance(value, str):
         return dataset_key(value)
     return value
+
+
+def _refuse_finders_on_a_resume(trainer: Any) -> None:
+    """Refuse a resume with Lightning's finder callbacks: they search again on the part-trained weights, so the rest
+    of the run trained at another rate than its checkpoint's (recorded as the whole run's), and BatchSizeFinder's
+    restore of its own checkpoint restarted the run's epochs."""
+    finders = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
+    if finders:
+        raise ValueError(f"{finders[0]} searches again when a fit resumes from a checkpoint, on its part-trained "
+                         "weights: the rest of the run would train with another setting than the checkpoint's, "
+                         "recorded as the whole run's. Resume without the callback, with what it found (the rate "
+                         "the checkpoint's hparams hold, --model.lr; the batch size in its log, --data.batch_size)")
 
 
 def _resumes(trainer: Any) -> bool:
