@@ -797,6 +797,24 @@ def test_a_resume_with_a_finder_callback_is_refused_before_it_searches_again(tmp
     trainer(tmp_path / "fresh", epochs=1, callbacks=[finder()]).fit(module(), loader())  # a fresh fit searches
 
 
+class _FailAtEpochStart(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("failed as epoch 1 began")
+
+
+def test_a_resume_from_a_checkpoint_saved_as_an_epoch_began_is_refused(tmp_path):
+    # OnExceptionCheckpoint kept the state of an epoch made ready, none of its batches started: the resume went past
+    # that epoch, which never trained, and exported the adapter as a finished run's
+    kept = L.pytorch.callbacks.OnExceptionCheckpoint(dirpath=tmp_path / "kept")
+    with pytest.raises(RuntimeError, match="failed as epoch 1 began"):
+        trainer(tmp_path / "a", epochs=2, callbacks=[kept, _FailAtEpochStart()]).fit(module(), loader())
+    resumed = module()
+    with pytest.raises(ValueError, match=r"saved as epoch 1 began, before its first batch .* it would never train"):
+        trainer(tmp_path / "b", epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "kept" / "on_exception.ckpt")
+    assert resumed.exported_adapter_dir is None
+
+
 def test_fitting_merged_adapters_is_refused_before_the_fit_marks_the_weights_part_trained(tmp_path):
     """A fit after nv.merge failed at its first backward, having marked the trained weights as a stopped fit's (every
     later evaluation warned) and dropped the adapter the module had exported."""

@@ -1836,3 +1836,9 @@ def _require_epoch_end(checkpoint: Dict[str, Any]) -> None:
                          "last.ckpt (--ckpt_path last takes it), or an epoch=E-step=S.ckpt; a run stopped inside its "
                          "first epoch keeps none, so train it again, stopped at an epoch's end with "
                          "trainer.max_epochs")
+    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    if epochs.get("ready", 0) > epochs.get("started", 0):  # an epoch made ready, none of its batches started
+        raise ValueError(f"the checkpoint was saved as epoch {epochs.get('started', 0)} began, before its first batch "
+                         "(an error in an on_train_epoch_start hook, kept by OnExceptionCheckpoint), and Lightning "
+                         "resumes from it past that epoch: it would never train. Resume from the checkpoint of the "
+                         "latest epoch's end (--ckpt_path last takes it, or epoch-end.ckpt beside it)")
