@@ -876,7 +876,8 @@ def test_an_unmerged_copy_given_a_merged_models_buffers_refuses_every_use(copy_i
             copied(_images())
     for layer in nv.adapted_layers(ema.module).values():  # a hand-written EMA's .data copy keeps the version:
         layer.adapter_merged.data.copy_(torch.ones_like(layer.adapter_merged))  # its value is read where it matters
-    for use in (lambda: nv.unload(ema.module), ema.module.state_dict):
+    for use in (lambda: nv.unload(ema.module), lambda: nv.merge(ema.module),
+                lambda: nv.save_adapter(ema.module, "unused")):
         with pytest.raises(RuntimeError, match=r"is unmerged, but its adapter_merged flag was overwritten"):
             use()
 

@@ -1094,7 +1094,9 @@ class AdaptedLinear(nn.Module):
                              "(inject there, or a move there) and given no values since, so they hold uninitialised "
                              "memory, which a state dict would pass on as trained tensors: load an adapter first "
                              "(nv.load_adapter, or a state dict holding its tensors)")
-        self.require_own_merged_flag("a state dict of it", prefix[:-1], exact=True)
+        # by the flag's version, as a pass: an EMA (timm's ModelEmaV3) takes a state dict every step, and reading the
+        # flag itself would wait for the device once per layer
+        self.require_own_merged_flag("a state dict of it", prefix[:-1])
         changed = [] if self.__dict__.get("_listing_keys") else self.changed_since_merge()
         if changed:
             cause = (f" (under quantisation-aware training at {self.quant_bits} bits a cast of the model moves them "
