@@ -498,11 +498,14 @@ class AdaptedLinear(nn.Module):
         return value
 
     def require_own_merged_flag(self, action: str, name: str = "", exact: bool = False) -> None:
-        """Raise a RuntimeError for ``action`` on a merged layer whose flag was overwritten since the merge
-        (``overwritten_merged_flag``): its weight was written along with it, so it holds no known W + ΔW."""
+        """Raise a RuntimeError for ``action`` on a layer whose flag was overwritten since the layer set it
+        (``overwritten_merged_flag``; ``exact``: its value read, not its version): its weight was written along with
+        it, so it holds no known W (unmerged) or W + ΔW (merged)."""
         value = self.overwritten_merged_flag(exact)
-        if value is not None and not self._merged:
-            says = "merged at full precision" if value == 1 else f"merged at {value} bits"
+        if value is None:
+            return
+        says = "unmerged" if value == 0 else "merged at full precision" if value == 1 else f"merged at {value} bits"
+        if not self._merged:
             raise RuntimeError(
                 f"{name or type(self).__name__} is unmerged, but its {MERGED_FLAG} flag was overwritten since (it now "
                 f"says {says}): a copy of a merged model's buffers into it (timm's ModelEmaV3/ModelEmaV2 set() and "
@@ -510,15 +513,13 @@ class AdaptedLinear(nn.Module):
                 f"holds a ΔW that {action} would add again, silently wrong. Load the weights again (load_state_dict "
                 "of an unmerged model's state dict, then the adapter); keep the model an EMA tracks unmerged, and "
                 "merge a copy of it to evaluate (copy.deepcopy(model))")
-        if value is not None:
-            says = "unmerged" if value == 0 else "merged at full precision" if value == 1 else f"merged at {value} bits"
-            raise RuntimeError(
-                f"{name or type(self).__name__} is merged, but its {MERGED_FLAG} flag was overwritten since nv.merge "
-                f"(it now says {says}): an EMA update averaging this merged copy with an unmerged model (timm's "
-                "ModelEmaV3 copies the flag and averages the weights), or a copy of another model's buffers into it. "
-                f"Its weight then holds part of a ΔW, so {action} would be silently wrong. Load the weights again "
-                "(load_state_dict of an unmerged model's state dict, then the adapter); to evaluate an EMA merged, "
-                "merge a copy of it (copy.deepcopy(ema.module)), not the EMA's own module")
+        raise RuntimeError(
+            f"{name or type(self).__name__} is merged, but its {MERGED_FLAG} flag was overwritten since nv.merge "
+            f"(it now says {says}): an EMA update averaging this merged copy with an unmerged model (timm's "
+            "ModelEmaV3 copies the flag and averages the weights), or a copy of another model's buffers into it. "
+            f"Its weight then holds part of a ΔW, so {action} would be silently wrong. Load the weights again "
+            "(load_state_dict of an unmerged model's state dict, then the adapter); to evaluate an EMA merged, "
+            "merge a copy of it (copy.deepcopy(ema.module)), not the EMA's own module")
 
     def _hold_merged_tensors(self) -> None:
         """Note which tensor objects the adapter tensors are while merged: a pass given others of other values
@@ -922,6 +923,12 @@ class AdaptedLinear(nn.Module):
         current = self.trained_values()
         return [key for key, value in merged.items() if not _same_up_to_a_cast(value, current[key])]
 
+    def changed_by_a_cast_note(self) -> str:
+        """Where ``changed_since_merge`` may name tensors no one changed, the clause that says why (quantisation-aware
+        training: a cast of the model quantises each tensor anew on the range it gives it), else ""."""
+        return (f" (under quantisation-aware training at {self.quant_bits} bits a cast of the model moves them too: "
+                "each tensor is quantised anew on the range the cast gives it)" if self.quant_bits else "")
+
     @property
     def keeps_merged_factors(self) -> bool:
         """Whether ``merged_delta_factors()`` returns the factors this layer added (no bases are combined for it)."""
@@ -1099,13 +1106,11 @@ class AdaptedLinear(nn.Module):
         self.require_own_merged_flag("a state dict of it", prefix[:-1])
         changed = [] if self.__dict__.get("_listing_keys") else self.changed_since_merge()
         if changed:
-            cause = (f" (under quantisation-aware training at {self.quant_bits} bits a cast of the model moves them "
-                     "too: each tensor is quantised anew on the range the cast gives it)" if self.quant_bits else "")
             raise ValueError(f"{prefix[:-1] or type(self).__name__} is merged, and its {', '.join(changed)} changed "
-                             f"since nv.merge{cause}, so its weight holds the update of the values merged then: a "
-                             "state dict of the new values beside that weight would load as their merge (its unmerge "
-                             "then off by the difference). Call nv.unmerge(model) first (nv.merge again to evaluate "
-                             "the new values), or undo the change")
+                             f"since nv.merge{self.changed_by_a_cast_note()}, so its weight holds the update of the "
+                             "values merged then: a state dict of the new values beside that weight would load as "
+                             "their merge (its unmerge then off by the difference). Call nv.unmerge(model) first "
+                             "(nv.merge again to evaluate the new values), or undo the change")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def holds_unset_values(self) -> bool:

@@ -449,13 +449,11 @@ def require_current_merge(model: nn.Module, action: str) -> None:
     for name, layer in adapted_layers(model).items():
         changed = layer.changed_since_merge()
         if changed:
-            cause = (f" (under quantisation-aware training at {layer.quant_bits} bits a cast of the model moves them "
-                     "too: each tensor is quantised anew on the range the cast gives it)" if layer.quant_bits else "")
             raise ValueError(
-                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since nv.merge{cause}, so "
-                "the model still computes with the values merged then: a file of the new values would load back with "
-                "other outputs than this model gives. Call nv.unmerge(model) first (nv.merge again to evaluate the "
-                "new values), or undo the change")
+                f"{action}: the model is merged, and {name}'s {', '.join(changed)} changed since "
+                f"nv.merge{layer.changed_by_a_cast_note()}, so the model still computes with the values merged then: "
+                "a file of the new values would load back with other outputs than this model gives. Call "
+                "nv.unmerge(model) first (nv.merge again to evaluate the new values), or undo the change")
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -51,12 +51,7 @@ from ..core.fingerprint import (
     sample_sizes,
     unmatched_merges,
 )
-from ..core.inject import (
-    adapter_state,
-    quantization_aware_bits,
-    set_quantization_aware,
-    unwrap_model,
-)
+from ..core.inject import adapter_state, quantization_aware_bits, set_quantization_aware, unwrap_model
 from ..core.interrupts import interrupts_deferred
 from ..core.layer import adapted_layers, as_factors, full_precision
 from ..core.merge import checkpointing_modules, merge

@@ -1076,8 +1076,8 @@ class NolaCLI(LightningCLI):
         if watching and every is not None and epochs is not None and 0 < epochs < every:
             raise ValueError(f"{', '.join(watching)} monitors a validation metric, and "
                              f"--trainer.check_val_every_n_epoch {every} is above --trainer.max_epochs {epochs}: no "
-                             "validation runs during training, so "
-                             "the callback would never act (no best checkpoint, no early stop). Lower "
+                             "validation runs during training, so the callback would never act (no best checkpoint, "
+                             "no early stop). Lower "
                              "--trainer.check_val_every_n_epoch, or drop the callback")
         if config.test_after_fit:
             self._check_test_images("training (the test after fit reads every test image)")

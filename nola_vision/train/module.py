@@ -1768,7 +1768,7 @@ def _resumes(trainer: Any) -> bool:
     """Whether the fit resumes a checkpoint: Lightning's finder callbacks (LearningRateFinder, BatchSizeFinder) set
     ``ckpt_path`` to their own temporary checkpoint of a fresh fit's start."""
     path = trainer.ckpt_path
-    return path is not None and not Path(str(path)).name.startswith((".lr_find_", ".scale_batch_size_"))
+    return path is not None and not Path(str(path)).name.startswith(TUNER_CHECKPOINTS)
 
 
 def _draw_apart(trainer: Any) -> None:
