@@ -5,7 +5,7 @@ pieces (``FewShotClassifier``, ``FewShotDataModule``) load on first use, so the 
 The floors, bottom up: ``core`` (adapter machinery), ``methods``, ``adapters`` (files), ``serve``, ``models``,
 ``data``, ``train``, ``runs``; ``cli`` and ``demo`` on top.
 """
-from typing import Any
+from typing import Any, List
 
 from .adapters import (
     AdapterLoadError,
@@ -75,3 +75,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'nola_vision' has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    """The module's names and the lazily imported ones, so tab completion offers ``FewShotClassifier`` too."""
+    return sorted(set(globals()) | set(__all__))

@@ -279,6 +279,13 @@ def test_a_file_name_that_is_not_utf8_is_drawn_by_its_bytes_and_utf8_names_keep_
     assert split_digest(samples, FewShotSplit([0], [1])) != split_digest(samples, FewShotSplit([1], [0]))
 
 
+@pytest.mark.parametrize("seed, hint", [(3.0, True), (True, True), (None, False), ("3", False), ([3], False)])
+def test_a_seed_that_is_no_integer_is_refused_and_int_is_advised_only_for_a_number(seed, hint):
+    with pytest.raises(TypeError, match=r"sample_kshot: seed must be an integer, got ") as caught:
+        sample_kshot([("a.png", 0), ("b.png", 1)], 1, seed=seed)
+    assert ("pass int(" in str(caught.value)) is hint  # int(None) or int('x') would fail in turn
+
+
 def test_samples_that_are_not_path_label_pairs_are_named():
     with pytest.raises(ValueError, match=r"labels \['cat', 'dog'\] are not class numbers"):  # was a str + int TypeError
         sample_kshot([("a.png", "cat"), ("b.png", "dog")], 1)

@@ -68,8 +68,9 @@ def _integer(value: object, name: str) -> int:
     """``value`` as an int, refusing a bool or a float: the draw hashes the seed's text, so ``3.0`` or ``True`` would
     silently draw another split than ``3`` or ``1``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"sample_kshot: {name} must be an integer, got {value!r} ({type(value).__name__}); pass "
-                        f"int({value!r}) if that is the number you mean")
+        # int() of a number is the fix the user may mean; of anything else (None, text, a list) it fails in turn
+        hint = f"; pass int({value!r}) if that is the number you mean" if isinstance(value, numbers.Real) else ""
+        raise TypeError(f"sample_kshot: {name} must be an integer, got {value!r} ({type(value).__name__}){hint}")
     return int(value)
 
 
