@@ -189,6 +189,17 @@ def test_a_merged_model_compiled_whole_runs_with_gradients_on_and_refuses_only_a
         expected.sum().backward()
 
 
+@pytest.mark.parametrize("config", [nv.LoRAConfig(rank=2), nv.NOLAConfig(num_basis_a=16, num_basis_b=16)])
+def test_a_compiled_merged_training_step_is_refused_when_the_input_takes_no_gradient(images, config):
+    """A training step's images take no gradient: the compiled backward then needed nothing of the refusing
+    operator, dropped it and finished, the head trained and the adapter left without gradients."""
+    model = nv.merge(nv.inject(tiny_vit(), config))
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="backward through a merged adapter.*nv.unmerge"):
+        compiled(images).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_called(images):
     # Compiled code records no calls: a compiled layer under an eager parent (as after a frame dynamo gave up on, or
     # a recompile limit, which a 12-block model's per-block hooks reached) was blamed for reading its weight directly.

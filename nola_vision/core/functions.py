@@ -43,14 +43,18 @@ class MergedGuard(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Tensor, ...], output: Tensor) -> None:  # type: ignore[override]
-        ctx.inputs = len(inputs)
+        ctx.adapter_parameters = [(p.shape, p.dtype) for p in inputs[1:]]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         if not torch.compiler.is_compiling():
             raise RuntimeError(_MERGED_BACKWARD)
-        # traced, by an operator that raises when the backward runs: a raise here ended dynamo's trace of the forward
-        return (_refuse_merged_backward(grad), *([None] * (ctx.inputs - 1)))
+        # traced, by an operator that raises when the backward runs: a raise here ended dynamo's trace of the forward.
+        # The adapter's gradients come from it too: a backward that needs no input gradient (an input without
+        # requires_grad) would otherwise drop the operator and finish, leaving the adapter without gradients.
+        refused = _refuse_merged_backward(grad)
+        total = refused.sum()
+        return (refused, *(total.to(dtype).expand(shape) for shape, dtype in ctx.adapter_parameters))
 
 
 _MERGED_BACKWARD = ("backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter "
