@@ -3,6 +3,7 @@ resumes that were not the interrupted run, tests of untrained or mismatched chec
 training."""
 import json
 import os
+import pickle
 import re
 import shutil
 from itertools import count
@@ -842,3 +843,35 @@ def test_a_retired_result_steps_past_a_users_files_of_its_name_and_shortens_a_na
     aside = retired(long)
     assert aside.name.endswith(".previous") and len(aside.name.encode()) <= 255 and aside.parent == tmp_path
     assert json.loads(aside.read_text())["adapter_dir"] == str(adapter)
+
+
+class _RunsCode:
+    """A pickled object whose unpickling writes a file: what a shared run folder's checkpoint may hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_a_run_folders_checkpoints_are_never_unpickled_in_full(tmp_path, capsys, subcommand):
+    """--ckpt_path best/last read a run folder's last.ckpt before the checkpoint's own (safe) check: a full unpickling
+    there ran the code a shared run's file named."""
+    from nola_vision.train.checkpoint_io import UnsafeCheckpointError, load_checkpoint
+    from nola_vision.train.cli import checkpoint_run
+
+    marker, last = tmp_path / "ran", tmp_path / "shared" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"pytorch-lightning_version": lightning.pytorch.__version__, "global_step": 0, "state_dict": {},
+                "callbacks": {}, "payload": _RunsCode(marker)}, last)
+    which = "best" if subcommand == "test" else "last"
+    code, err = run(capsys, subcommand, "-c", TINY, *QUIET, "--trainer.default_root_dir", tmp_path / "shared",
+                    "--ckpt_path", which)
+    assert code == 2 and "holds objects that safe loading refuses" in err and "Traceback" not in err
+    with pytest.raises(UnsafeCheckpointError, match=r"last.ckpt holds objects that safe loading refuses"):
+        load_checkpoint(last)
+    with pytest.raises(pickle.UnpicklingError):  # a test's record of the run it evaluates, read safely too
+        checkpoint_run(str(last))
+    assert not marker.exists()

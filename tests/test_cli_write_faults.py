@@ -376,7 +376,7 @@ def test_a_checkpoint_whose_path_torch_cannot_open_by_name_is_read_through_a_fil
         torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, file)
     with pytest.raises((RuntimeError, OSError, UnicodeError)):
         torch.load(str(path), weights_only=True, mmap=True)  # torch maps the file by its UTF-8 name: none such
-    loaded = load_checkpoint(path, weights_only=True)
+    loaded = load_checkpoint(path)
     assert loaded["epoch"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
     torch.save({"epoch": 1}, tmp_path / "plain.ckpt")
     assert load_checkpoint(tmp_path / "plain.ckpt")["epoch"] == 1  # memory-mapped by its name

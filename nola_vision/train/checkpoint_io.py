@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import io
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
@@ -18,8 +20,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..core.fingerprint import tensors_sha256
 from ..core.storage import write_bytes_atomic
 
-__all__ = ["HYPER_PARAMETER_ENTRIES", "LocalAtomicCheckpointIO", "changed_resume_state", "load_checkpoint",
-           "nested_sha256", "newest_checkpoint", "require_readable_file", "require_whole_checkpoint",
+__all__ = ["HYPER_PARAMETER_ENTRIES", "LocalAtomicCheckpointIO", "UnsafeCheckpointError", "changed_resume_state",
+           "load_checkpoint", "nested_sha256", "newest_checkpoint", "require_readable_file", "require_whole_checkpoint",
            "resume_state_sha256", "use_atomic_checkpoints"]
 
 # Entries left out of ``resume_state_sha256``: the Lightning version (a load sets it to the running one's), the trained
@@ -127,16 +129,32 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(b"object|")
 
 
-def load_checkpoint(path: _PATH, weights_only: bool = False) -> Any:
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holding objects that ``weights_only`` loading refuses (as Lightning's does): a full unpickling of
+    it would run the code it names."""
+
+
+def load_checkpoint(path: _PATH) -> Any:
     """``torch.load`` of a local checkpoint file on the CPU, its tensors memory-mapped from a zip file where torch can
     open the path itself. Torch's own file opening encodes the path as UTF-8: under another file-system encoding (a
     Latin-1 locale's ``dépôt``) or with a byte UTF-8 cannot decode, it found no such file, so such a path is read
-    through a Python file object."""
+    through a Python file object.
+
+    Always ``weights_only`` (tensors and plain values, as Lightning loads a fit's checkpoint): a run folder may be
+    someone else's, and a full unpickling of its ``last.ckpt`` would run whatever code the file names."""
     path = os.fspath(path)
-    if _torch_opens(path) and zipfile.is_zipfile(path):
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    with open(path, "rb") as file:
-        return torch.load(file, map_location="cpu", weights_only=weights_only)
+    try:
+        if _torch_opens(path) and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"{found.group(1)}, " if found else ""
+        raise UnsafeCheckpointError(
+            f"{path} holds objects that safe loading refuses ({what}see torch.load's weights_only), so Lightning "
+            "cannot read it (nor is it unpickled in full, which would run the code it names): a checkpoint of other "
+            "code, or of a callback that stores such objects. Pass a checkpoint that nola-vision fit wrote") from err
 
 
 def _torch_opens(path: Any) -> bool:

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -62,6 +61,7 @@ from ..data.fewshot import manifest_settings
 from ..models.backbones import OFFLINE_PRETRAINED_FILE, build_backbone, check_backbone_name
 from .checkpoint_io import (
     LocalAtomicCheckpointIO,
+    UnsafeCheckpointError,
     load_checkpoint,
     newest_checkpoint,
     require_readable_file,
@@ -1212,7 +1212,7 @@ class NolaCLI(LightningCLI):
         if last or not best:
             return last or None
         with fsspec.open(best, "rb") as file:  # the run's own small file, local or remote (s3://, gs://)
-            step = torch.load(file, map_location="cpu", weights_only=False)["global_step"]
+            step = torch.load(file, map_location="cpu", weights_only=True)["global_step"]
         if step == self.trainer.global_step:
             return best
         rank_zero_warn(f"nola_vision: the result names no checkpoint: the run's ModelCheckpoint kept {best}, an "
@@ -1541,7 +1541,7 @@ def checkpoint_run(path: str) -> Dict[str, Any]:
     ``split_seed``, ``val_shots``; a replayed manifest's as the run resolved them) and its ``seed`` (``RunSeed``).
     A value the checkpoint does not record is None (unknown), never the command line's."""
     with fsspec.open(path, "rb") as file:  # a small file, local or remote (s3://, gs://)
-        saved = torch.load(file, map_location="cpu", weights_only=False)
+        saved = torch.load(file, map_location="cpu", weights_only=True)  # never running a shared file's code
     data = (saved.get("nola_vision") or {}).get("data") or {}
     split = data.get("split") or saved.get("datamodule_hyper_parameters") or {}
     record = {key: split.get(key) for key in ("dataset", "shots", "split_seed", "val_shots")}
@@ -2056,14 +2056,9 @@ def check_checkpoint_file(path: Optional[str]) -> None:
                                 "checkpoint file of a fit run (<log_dir>/checkpoints/*.ckpt), or --ckpt_path last")
     require_whole_checkpoint(file, "--ckpt_path")
     try:  # as Lightning loads it (only tensors and plain values); a zip archive mapped, its tensors not read twice
-        loaded = load_checkpoint(file, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"{found.group(1)}, " if found else ""
-        raise ValueError(f"--ckpt_path {path} holds objects that safe loading refuses ({what}see torch.load's "
-                         "weights_only), so Lightning "
-                         "cannot read it: a checkpoint of other code, or of a callback that stores such objects. "
-                         "Pass a checkpoint that nola-vision fit wrote") from err
+        loaded = load_checkpoint(file)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"--ckpt_path {err}") from err
     except (RuntimeError, EOFError, ValueError) as err:  # a zip archive of other files (.npz), a damaged record
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--ckpt_path {path} is not a checkpoint written by fit (torch cannot read it: {first}). "
@@ -2215,8 +2210,7 @@ def find_best_checkpoint(root: os.PathLike, runs_below: bool = True, dirpaths: S
     if last is None:
         raise FileNotFoundError(f"--ckpt_path best: no run under {root} (no last.ckpt, nor in its <name>/version_N "
                                 "folders). Pass --trainer.default_root_dir of the run, or a checkpoint path")
-    with open(last, "rb") as file:
-        states = torch.load(file, map_location="cpu", weights_only=False).get("callbacks") or {}
+    states = load_checkpoint(last).get("callbacks") or {}  # safely: the run folder may be someone else's
     monitored = {state["best_model_path"]: state["monitor"] for state in states.values()
                  if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")}
     unscored = sorted({state["monitor"] for state in states.values()
