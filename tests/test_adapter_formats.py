@@ -376,3 +376,30 @@ def test_a_file_of_another_basis_generator_names_the_generator_not_a_version_to_
                                                r"again") as refused:
         nv.load_adapter(nv.inject(tiny_vit(), CONFIG), tmp_path / "a")
     assert "install" not in str(refused.value)
+
+
+def test_class_names_that_do_not_name_the_stored_heads_outputs_are_refused(tmp_path):
+    """A file recording 5 names (and num_classes 5, its checksum taken again) over head tensors of 3 rows loaded, and
+    a server labelled its 3 outputs with 5 names."""
+    model = as_if_trained(nv.inject(tiny_vit(num_classes=3), CONFIG), 1, scale=0.1)
+    nv.save_adapter(model, tmp_path, bits=32, class_names=["cat", "dog", "fox"])
+
+    def five_names(document):
+        document["num_classes"], document["class_names"] = 5, ["cat", "dog", "fox", "owl", "yak"]
+        document["config_sha256"] = adapter_io._document_digest(document)
+
+    rewrite(tmp_path, five_names)
+    with pytest.raises(AdapterLoadError, match=r"'class_names' holds 5 names, but the file's head has 3 outputs"):
+        nv.verify_adapter(tiny_vit(num_classes=3), tmp_path, match_num_classes=False)
+    server = nv.MultiTaskModel(tiny_vit(num_classes=3))
+    with pytest.raises(AdapterLoadError, match=r"'class_names' holds 5 names"):
+        server.add_task("forged", tmp_path)
+
+
+def test_a_symbolic_link_loop_in_place_of_an_adapter_is_named_as_one(tmp_path):
+    """It was blamed on the permissions or the disk."""
+    loop = tmp_path / "task"
+    loop.symlink_to(loop)
+    with pytest.raises(AdapterLoadError, match=r"task cannot be read \(Too many levels of symbolic links\): a "
+                                               r"symbolic link on its path leads back to itself"):
+        nv.verify_adapter(tiny_vit(), loop)

@@ -9,6 +9,7 @@ registers tasks through it too.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -706,7 +707,11 @@ def adapter_size_bytes(directory: PathLike) -> int:
 
 
 def _unreadable(error: OSError, root: Path) -> AdapterLoadError:
-    return AdapterLoadError(f"{error.filename or root} cannot be read ({error.strerror or error}): check its "
+    where = error.filename or root
+    if error.errno == errno.ELOOP:  # neither permissions nor the disk: links that lead back to themselves
+        return AdapterLoadError(f"{where} cannot be read ({error.strerror}): a symbolic link on its path leads back "
+                                "to itself; point it at the adapter directory save_adapter wrote")
+    return AdapterLoadError(f"{where} cannot be read ({error.strerror or error}): check its "
                             "permissions (and the directories' above it) or the disk")
 
 
@@ -1287,6 +1292,16 @@ def _file_classes(rows: List[str], plan: InjectionPlan, document: dict, stored: 
     return classes
 
 
+def _check_class_names(directory: PathLike, document: dict, classes: int) -> None:
+    """Refuse recorded class names that do not name the stored head's outputs one to one: the document compares them
+    with its own ``num_classes`` only, and a file whose head tensors hold other rows would label outputs wrongly."""
+    names = document.get("class_names")
+    if names is not None and len(names) != classes:
+        raise AdapterLoadError(f"{directory}: field 'class_names' holds {len(names)} names, but the file's head has "
+                               f"{classes} outputs (its tensors were replaced or the file edited, its checksums "
+                               "recomputed): save the adapter again with one name per output")
+
+
 def _packed(entry: Any) -> bool:
     """Whether a quantisation entry (``[minimum, step, bits]``) is of 4-bit codes, two to a byte."""
     return isinstance(entry, (list, tuple)) and len(entry) == 3 and entry[2] == 4
@@ -1638,6 +1653,7 @@ def verify_adapter(model: nn.Module, directory: PathLike, *, match_num_classes: 
     _check_layers(plan, document)  # first: another width changes the layers, and the head (``_file_classes``)
     rows = _class_rows(model)
     classes = _file_classes(rows, plan, document, stored, quantization)
+    _check_class_names(directory, document, classes)
     if match_num_classes:
         _check_num_classes(model, classes)
     _check_bases(plan, document)
