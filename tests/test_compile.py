@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from method_matrix import assert_compiled_training_is_eager_training
-from tiny_models import tiny_vit
+from tiny_models import as_if_trained, tiny_vit
 from torch._dynamo.testing import CompileCounter
 
 import nola_vision as nv
@@ -198,6 +198,26 @@ def test_a_compiled_merged_training_step_is_refused_when_the_input_takes_no_grad
     with pytest.raises(RuntimeError, match="backward through a merged adapter.*nv.unmerge"):
         compiled(images).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_merged_pass_given_other_adapter_tensors_is_refused_as_an_eager_one(images, backend):
+    """Compiled, a merged pass skipped the check that its adapter tensors are those merged: functional_call with other
+    values, or a parameter replaced since merge, silently ran on the merged weight (0.14 off)."""
+    from torch.func import functional_call
+
+    model = nv.merge(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2))))
+    with torch.no_grad():
+        expected = model(images)
+        own = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+        compiled = torch.compile(model, backend=backend)
+        assert torch.equal(functional_call(compiled, own, (images,)), expected)  # equal copies (offload hooks) run
+        with pytest.raises(RuntimeError, match="LoRALinear is merged: .* given tensors of other values"):
+            functional_call(compiled, {name: 2 * p for name, p in own.items()}, (images,))
+        layer = next(iter(nv.adapted_layers(model).values()))
+        layer.lora_B = torch.nn.Parameter(3 * layer.lora_B.detach())
+        with pytest.raises(RuntimeError, match="LoRALinear is merged: .* given tensors of other values"):
+            compiled(images)
 
 
 def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_called(images):

@@ -1,5 +1,8 @@
 """torch.func transforms (grad, vmap) and TorchScript tracing of adapted models: per-sample gradients, as
 differential-privacy training and influence functions take them, equal autograd's; a traced model, the eager one's."""
+import contextlib
+import copy
+
 import pytest
 import torch
 from tiny_models import as_if_trained, tiny_vit
@@ -88,6 +91,46 @@ def test_functional_call_on_a_merged_model_refuses_other_adapter_tensors(key):
     torch.testing.assert_close(functional_call(model, copies, (IMAGES,)), model(IMAGES))
     nv.unmerge(model)
     torch.testing.assert_close(functional_call(model, others, (IMAGES,), strict=False), expected)
+
+
+def test_vmap_over_adapter_tensors_of_a_merged_model_is_refused_by_name():
+    """A merged layer compared the tensors it was given with torch.equal, which has no batching rule: vmap over
+    stacked adapter tensors failed inside torch."""
+    model = adapted("lora").eval()
+    nv.merge(model)
+    stacked = {name: torch.stack([p.detach()] * 2) for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad(), pytest.raises(RuntimeError, match="LoRALinear is merged, and torch.func.vmap gave it"):
+        vmap(lambda values: functional_call(model, values, (IMAGES,), strict=False))(stacked)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_forward_mode_derivatives_with_gradients_on_equal_a_plain_models(key):
+    """Dual tensors (torch.autograd.forward_ad) in grad mode reached the library's autograd functions, which define no
+    forward derivative: torch refused the pass. Merged, the input's tangent passes; an adapter tensor's is refused."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    model = adapted(key).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # torch's fused attention has no forward derivative on the CPU
+    plain = nv.merge_and_unload(copy.deepcopy(model))
+    tangent = torch.randn_like(IMAGES)
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(plain(fwAD.make_dual(IMAGES, tangent))).tangent
+        got = fwAD.unpack_dual(model(fwAD.make_dual(IMAGES, tangent))).tangent
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        nv.merge(model)
+        merged = fwAD.unpack_dual(model(fwAD.make_dual(IMAGES, tangent))).tangent
+        torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    for context in (contextlib.nullcontext, torch.no_grad):  # the values' tangents were silently ignored
+        with context(), pytest.raises(RuntimeError, match="forward-mode derivative along a merged adapter's param"):
+            jvp(lambda values: functional_call(model, values, (IMAGES,), strict=False), (params,),
+                ({name: torch.ones_like(p) for name, p in params.items()},))
+    # the input's gradient alone, its adapter's values held fixed, is the plain model's (a saliency map)
+    saliency = grad(lambda images: functional_call(model, params, (images,), strict=False).logsumexp(-1).sum())
+    expected = grad(lambda images: plain(images).logsumexp(-1).sum())(IMAGES)
+    torch.testing.assert_close(saliency(IMAGES), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_a_merged_layer_refuses_a_parameter_replaced_since_and_takes_conversions_pickles_and_state_dicts():

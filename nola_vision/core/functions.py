@@ -7,9 +7,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
-__all__ = ["LowRankLinear", "MergedGuard", "add_low_rank_output", "autocast_available", "autocast_dtype",
-           "cast_to", "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
+__all__ = ["LowRankLinear", "MergedGuard", "MergedTangentGuard", "add_low_rank_output", "autocast_available",
+           "autocast_dtype", "cast_to", "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -27,9 +28,11 @@ def launch_bound(device: torch.device) -> bool:
 
 
 def transforms_active() -> bool:
-    """Whether ``torch.func`` transforms (grad, vmap, jacrev) run this code: they need plain differentiable ops, not
-    this module's autograd functions, which keep state on their nodes."""
-    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
+    """Whether ``torch.func`` transforms (grad, vmap, jacrev) or forward-mode AD (``torch.autograd.forward_ad``'s
+    dual tensors) run this code: they need plain differentiable ops, not this module's autograd functions, which keep
+    state on their nodes and define no forward derivative."""
+    functorch = bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
+    return functorch or getattr(forward_ad, "_current_level", -1) >= 0
 
 
 class MergedGuard(torch.autograd.Function):
@@ -48,7 +51,9 @@ class MergedGuard(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         if not torch.compiler.is_compiling():
-            raise RuntimeError(_MERGED_BACKWARD)
+            if any(ctx.needs_input_grad[1:]):
+                raise RuntimeError(_MERGED_BACKWARD)
+            return (grad, *([None] * len(ctx.adapter_parameters)))  # (torch.func.grad of the input alone)
         # traced, by an operator that raises when the backward runs: a raise here ended dynamo's trace of the forward.
         # The adapter's gradients come from it too: a backward that needs no input gradient (an input without
         # requires_grad) would otherwise drop the operator and finish, leaving the adapter without gradients.
@@ -57,6 +62,22 @@ class MergedGuard(torch.autograd.Function):
         return (refused, *(total.to(dtype).expand(shape) for shape, dtype in ctx.adapter_parameters))
 
 
+class MergedTangentGuard(MergedGuard):
+    """``MergedGuard`` with forward-mode derivatives, for torch.func transforms and dual tensors
+    (``transforms_active``): dynamo traces no function that defines them, so compiled passes take ``MergedGuard``."""
+
+    @staticmethod
+    def jvp(ctx: Any, y_tangent: Optional[Tensor], *tangents: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        """Forward-mode derivatives (dual tensors, ``torch.func.jvp``): the input's pass through; an adapter tensor's
+        tangent is refused, the merged weight holding none of it (torch gives zeros for tensors without one)."""
+        if y_tangent is None or any(t is not None and bool(t.any()) for t in tangents):
+            raise RuntimeError(_MERGED_FORWARD_DERIVATIVE)
+        return y_tangent.clone()
+
+
+_MERGED_FORWARD_DERIVATIVE = (
+    "forward-mode derivative along a merged adapter's parameters: its ΔW is folded into the frozen weight, so their "
+    "tangents would be silently ignored. Call nv.unmerge(model) first")
 _MERGED_BACKWARD = ("backward through a merged adapter: its ΔW is folded into the frozen weight, so its adapter "
                     "parameters would get no gradient. Call nv.unmerge(model) before training or taking gradients of "
                     "the input (saliency maps); for inference, use torch.no_grad()")

@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .basis import BasisSpec, factor_dtype
 from .functions import (
     MergedGuard,
+    MergedTangentGuard,
     add_low_rank_output,
     autocast_available,
     cast_to,
@@ -678,12 +679,17 @@ class AdaptedLinear(nn.Module):
             tensors, merged_with = self.adapter_parameters().values(), self._merged_tensors
             if not torch.compiler.is_compiling():
                 self.require_own_merged_flag("this pass")
-                if merged_with is not None and any(p is not q for p, q in zip(tensors, merged_with)) \
-                        and not self._given_merged_values(tensors):
-                    self._refuse_other_tensors()
+            # (a non-strict torch.export passes fake stand-ins for the layer's own tensors: nothing to compare)
+            exported = torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
+            if merged_with is not None and not exported and any(p is not q for p, q in zip(tensors, merged_with)):
+                self._require_merged_values(tensors)
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
-            trained = [p for p in tensors if p.requires_grad]
-            return MergedGuard.apply(y, *trained) if trained and torch.is_grad_enabled() else y
+            # torch.func's and forward-mode AD's differentiated tensors need no requires_grad: all are guarded there
+            transformed = transforms_active()
+            guarded = list(tensors) if transformed else [p for p in tensors if p.requires_grad]
+            if not guarded or not (transformed or torch.is_grad_enabled()):
+                return y
+            return (MergedTangentGuard if transformed else MergedGuard).apply(y, *guarded)
         if not torch.compiler.is_compiling():  # the flag's value is read only after a write to it
             noted = self.__dict__.get("_merged_flag_version")
             if noted is not None and noted[0]._version != noted[1]:
@@ -703,6 +709,19 @@ class AdaptedLinear(nn.Module):
             return low_rank_linear(x, self.weight, self.bias, a, b, activation)
         inputs = x if activation is None else activation(x)
         return add_low_rank_output(F.linear(inputs, self.weight, self.bias), inputs @ a.to(inputs.dtype), b)
+
+    @torch.compiler.disable
+    def _require_merged_values(self, tensors: Iterable[Tensor]) -> None:
+        """Refuse a merged pass given other tensor objects than those merged unless they hold the merged values; run
+        eagerly under torch.compile (a graph break only where other tensors are given), whose guards see no values."""
+        if any(_batched(tensor) for tensor in tensors):  # vmap's: torch.equal has no batching rule
+            raise RuntimeError(
+                f"{type(self).__name__} is merged, and torch.func.vmap gave it batches of adapter tensors in place of "
+                "those merged, which its merged weight would ignore (their values cannot be compared one by one "
+                "there). Call nv.unmerge(model) first: unmerged, each pass computes the update from the tensors it "
+                "is given")
+        if not self._given_merged_values(tensors):
+            self._refuse_other_tensors()
 
     def _given_merged_values(self, tensors: Iterable[Tensor]) -> bool:
         """Whether other tensor objects hold the merged values: accelerate's offload hooks, or a
@@ -1337,6 +1356,11 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
     """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
+
+
+def _batched(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is one of ``torch.func.vmap``'s batched stand-ins."""
+    return bool(getattr(torch._C._functorch, "is_batchedtensor", lambda _: False)(tensor))
 
 
 def _version_of(tensor: Tensor) -> Optional[int]:
