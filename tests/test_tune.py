@@ -360,3 +360,28 @@ json.dump({{"metrics": {{"val/acc": score}},
     assert best["overrides"] == ["--model.adapter.init_args.targets", "[attn.qkv, mlp.fc1]"]  # as the trial ran
     composed = cli_parser().parse_args(["fit", "-c", TINY, "-c", str(tmp_path / "out" / "t" / "best.yaml")])
     assert composed["fit"]["model"] == cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])["fit"]["model"]
+
+
+def test_best_yaml_of_a_key_inside_a_mapping_option_composes_into_the_model_the_trial_ran(tmp_path):
+    # best.yaml held {backbone_kwargs: {depth: 2}}: a later -c replaces a mapping whole, so `fit -c best.yaml` built
+    # timm's default width (1,041,354 parameters instead of 114,762) from the configs' other entries dropped
+    fit = tmp_path / "fit_python"
+    fit.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+score = 0.9 if value("--model.backbone_kwargs.depth") == "1" else 0.5
+json.dump({{"metrics": {{"val/acc": score}},
+           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
+           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
+          open(value("--result_file"), "w"))
+""")
+    fit.chmod(0o755)
+    run_tune([TINY], parse_grid(["model.backbone_kwargs.depth=2,1"]), out=str(tmp_path / "out"), name="t",
+             python=str(fit), echo=False, skip_protocol=True, overrides=FAST)
+    best = json.loads((tmp_path / "out" / "t" / "best.json").read_text())
+    assert best["overrides"] == ["--model.backbone_kwargs.depth", "1"]
+    composed = cli_parser().parse_args(["fit", "-c", TINY, "-c", str(tmp_path / "out" / "t" / "best.yaml")])
+    trial = cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])
+    assert composed["fit"]["model"] == trial["fit"]["model"]
+    assert composed["fit"]["model"]["backbone_kwargs"]["embed_dim"] == 64  # the config's, kept

@@ -971,7 +971,7 @@ def run_tune(
                              f"the protocol row cannot take it: {error}{earlier}") from None
     write_set_atomic([  # one choice: never a best.json of the new one beside a best.yaml of the old
         (root / "best.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n", _checked(root / "best.json")),
-        (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(_nested(_yaml_values(best.params)),
+        (root / "best.yaml", BEST_YAML_HEADER + "\n" + yaml.safe_dump(best_fragment(configs, overrides, best.params),
                                                                        sort_keys=True),
          _checked(root / "best.yaml"))])
     _append_choice(root / "tune_results.md", chosen, protocol=not skip_protocol)
@@ -1093,6 +1093,26 @@ def _yaml_values(params: Params) -> Params:
                 return yaml.safe_load(text)
         return text
     return {key: value(text) for key, text in params.items()}
+
+
+def best_fragment(configs: Sequence[str], overrides: Sequence[str], params: Params) -> Dict[str, Any]:
+    """best.yaml's values: the chosen ``params`` nested (``_nested``), but a key inside a mapping-valued option
+    (``model.backbone_kwargs.depth``) as that whole mapping as the trial's ``fit`` read it. A later ``-c`` replaces a
+    mapping whole: the key alone dropped the configs' other entries, and ``fit -c best.yaml`` built another model."""
+    from ..train.cli import cli_parser
+
+    fit = cli_parser().parse_args(["fit", *(a for c in configs for a in ("-c", str(c))), *overrides,
+                                   *_param_args(params)])["fit"]
+    values: Dict[str, Any] = {}
+    for key, value in _yaml_values(params).items():
+        parts = key.split(".")
+        mapping = next((".".join(parts[:end]) for end in range(1, len(parts))
+                        if isinstance(fit.get(".".join(parts[:end])), dict)), None)
+        if mapping is None:
+            values[key] = value
+        else:
+            values[mapping] = dict(fit.get(mapping))
+    return _nested(values)
 
 
 def _nested(params: Params) -> Dict[str, Any]:
