@@ -385,3 +385,53 @@ json.dump({{"metrics": {{"val/acc": score}},
     trial = cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])
     assert composed["fit"]["model"] == trial["fit"]["model"]
     assert composed["fit"]["model"]["backbone_kwargs"]["embed_dim"] == 64  # the config's, kept
+
+
+def test_two_tunes_started_together_with_other_settings_never_share_one_study(tmp_path, monkeypatch):
+    # Both read the new study's settings (none yet) before either wrote its own: both went on, one study mixing fits
+    # of max_epochs 1 and 2, and a later run trusted the other's scores. Now one records, the other compares.
+    import optuna
+
+    recorded = optuna.study.Study.set_user_attr
+
+    def slowly(study, key, value):  # a slow shared storage: the window between reading and writing, widened
+        if key == "settings":
+            threading.Event().wait(1.0)
+        return recorded(study, key, value)
+
+    monkeypatch.setattr(optuna.study.Study, "set_user_attr", slowly)
+    python, errors = fake_python(tmp_path, acc="0.5", metric="val/acc"), []
+
+    def tune(epochs):
+        try:
+            run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), out=str(tmp_path / "out"), name="race",
+                     python=python, echo=False, skip_protocol=True,
+                     overrides=[*FAST[:1], epochs, *FAST[2:]])
+        except ValueError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=tune, args=(epochs,)) for epochs in ("1", "2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 1 and "was made with other settings" in errors[0] and "max_epochs" in errors[0]
+
+
+def test_equal_mean_accuracies_tie_to_the_first_grid_point_despite_float32_rounding():
+    # fit records accuracies as float32: 2/20 and 4/20 average a few 1e-9 below 3/20 twice, and chose the second point
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nola_vision.runs.tune import _best, grid_points
+
+    points = grid_points({"model.lr": ["0.001", "0.02"]})
+    scores = [np.mean([float(np.float32(2 / 20)), float(np.float32(4 / 20))]), float(np.float32(3 / 20))]
+    assert scores[0] < scores[1]  # the rounding the rule must see through
+    trials = [SimpleNamespace(state=SimpleNamespace(name="COMPLETE"), value=value, params=point, user_attrs={},
+                              number=number) for number, (point, value) in enumerate(zip(points, scores))]
+    assert _best(trials, points).params == {"model.lr": "0.001"}
+    assert _best(trials[::-1], points).params == {"model.lr": "0.001"}
+    trials[1].value = scores[1] + 1 / 40  # one image more of 40 is no tie
+    assert _best(trials, points).params == {"model.lr": "0.02"}

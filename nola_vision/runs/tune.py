@@ -48,6 +48,7 @@ from ..core.storage import (
     write_json_atomic,
     write_set_atomic,
     write_text_atomic,
+    writer_lock,
 )
 from .executors import (
     CONFIG_EXIT,
@@ -911,8 +912,9 @@ def run_tune(
         _refuse_a_row_no_choice_fits(root, key, grid)
     url = storage or _sqlite_url((root / "tune.db").resolve())
     check_sqlite_storage(url)
-    study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
-    _check_heartbeat(study, heartbeat_s, name, url)
+    with writer_lock(root / "tune.db"):  # workers starting together: one records its settings, the others compare
+        study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
+        _check_heartbeat(study, heartbeat_s, name, url)
     images = _Images.of(configs, overrides)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
@@ -1051,12 +1053,20 @@ def _checked(path: Path) -> Callable[[], None]:
 
 def _best(trials: Sequence[Any], points: Optional[List[Params]]) -> Optional[Any]:
     """The completed trial with the highest score; ties go to the first grid point (or the first TPE draw: a retried
-    point keeps its draw's place)."""
+    point keeps its draw's place). Scores within ``_TIE`` of the highest tie: fit records accuracies as float32, so
+    means of equal accuracies differ in their last bits (2/20 and 4/20 against 3/20 twice)."""
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     order = {_point_key(p): i for i, p in enumerate(points or [])}
-    return min(complete, key=lambda t: (-t.value, order.get(_point_key(t.params), 0), _draw_of(t)))
+    highest = max(t.value for t in complete)
+    tied = [t for t in complete if t.value >= highest - _TIE]
+    return min(tied, key=lambda t: (order.get(_point_key(t.params), 0), _draw_of(t)))
+
+
+# Scores closer than this are equal: far above float32's rounding of an accuracy (6e-8 near 1), far below one image
+# of any validation set a few-shot search uses.
+_TIE = 1e-6
 
 
 # User attributes of a trial: the trial whose point it runs again (enqueued), and a TPE trial's draw (its sampler's
