@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 __all__ = ["LowRankLinear", "MergedGuard", "MergedTangentGuard", "add_low_rank_output", "autocast_available",
-           "autocast_dtype", "cast_to", "launch_bound", "low_rank_linear", "product_dtype", "transforms_active"]
+           "autocast_dtype", "cast_to", "is_batched", "launch_bound", "low_rank_linear", "product_dtype",
+           "transforms_active"]
 
 # Rows of the activation recomputed per step in backward: about 2 MiB of float32, so the pre-activation block,
 # its recomputed output and its gradient stay in a core's cache between the passes that use them.
@@ -25,6 +26,14 @@ def launch_bound(device: torch.device) -> bool:
     CPU. Block and chunk sizes, and whether a training pass holds the shared bases, follow from it (one place, so a
     benchmark can measure an accelerator's choices on the CPU: ``benchmarks/launch_bound.py``)."""
     return device.type != "cpu"
+
+
+def is_batched(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a batched stand-in: ``torch.func.vmap``'s, or the one a batched backward runs on
+    (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``)."""
+    functorch = torch._C._functorch
+    return any(bool(getattr(functorch, name, lambda _: False)(tensor))
+               for name in ("is_batchedtensor", "is_legacy_batchedtensor"))
 
 
 def transforms_active() -> bool:
@@ -186,7 +195,9 @@ def _gradients(ctx, grad: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         return None, None, None, None, None, None
     needs = ctx.needs_input_grad
     x, weight, xa, a, b = ctx.saved_tensors
-    if torch.is_grad_enabled():  # backward(create_graph=True): gradients that can be differentiated again
+    # backward(create_graph=True): gradients that can be differentiated again; a batched backward (jacobian's
+    # vectorize, is_grads_batched) runs under vmap, which has no rule for the in-place and out= ops below
+    if torch.is_grad_enabled() or is_batched(grad):
         grad_x, grad_a, grad_b = _differentiable_backward(grad, x, weight, xa, a, b, ctx.activation, needs[0],
                                                           needs[3], needs[4])
         return grad_x, None, None, grad_a, grad_b, None
@@ -628,7 +639,8 @@ def _differentiable_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, 
     a_, b_ = a.to(dtype), b.to(dtype)
     act = inputs = None
     if x is not None:
-        act = x if activation is None else activation.forward(x)  # a recomputation: hooks ran in forward
+        with torch.enable_grad():  # its own backward below (a batched backward runs without gradients)
+            act = x if activation is None else activation.forward(x)  # a recomputation: hooks ran in forward
         inputs = act.reshape(-1, act.shape[-1]).to(dtype)
         xa = inputs @ a_
     xa = xa.reshape(-1, xa.shape[-1]).to(dtype)

@@ -24,6 +24,7 @@ from .functions import (
     add_low_rank_output,
     autocast_available,
     cast_to,
+    is_batched,
     low_rank_linear,
     product_dtype,
     transforms_active,
@@ -714,7 +715,7 @@ class AdaptedLinear(nn.Module):
     def _require_merged_values(self, tensors: Iterable[Tensor]) -> None:
         """Refuse a merged pass given other tensor objects than those merged unless they hold the merged values; run
         eagerly under torch.compile (a graph break only where other tensors are given), whose guards see no values."""
-        if any(_batched(tensor) for tensor in tensors):  # vmap's: torch.equal has no batching rule
+        if any(is_batched(tensor) for tensor in tensors):  # vmap's: torch.equal has no batching rule
             raise RuntimeError(
                 f"{type(self).__name__} is merged, and torch.func.vmap gave it batches of adapter tensors in place of "
                 "those merged, which its merged weight would ignore (their values cannot be compared one by one "
@@ -1356,11 +1357,6 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
     """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
-
-
-def _batched(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is one of ``torch.func.vmap``'s batched stand-ins."""
-    return bool(getattr(torch._C._functorch, "is_batchedtensor", lambda _: False)(tensor))
 
 
 def _version_of(tensor: Tensor) -> Optional[int]:
