@@ -435,3 +435,29 @@ def test_equal_mean_accuracies_tie_to_the_first_grid_point_despite_float32_round
     assert _best(trials[::-1], points).params == {"model.lr": "0.001"}
     trials[1].value = scores[1] + 1 / 40  # one image more of 40 is no tie
     assert _best(trials, points).params == {"model.lr": "0.02"}
+
+
+def test_a_trial_whose_worker_was_killed_before_its_first_heartbeat_is_retried_not_waited_for(tmp_path):
+    # kill -9 between Optuna creating the running trial and its first heartbeat: Optuna's stale check passes over a
+    # trial without one, so every later run of the command waited for it forever, saying nothing
+    import sqlite3
+
+    import optuna
+
+    python = fake_python(tmp_path, acc="0.5", metric="val/acc")
+    args = dict(out=str(tmp_path / "out"), name="t", python=python, skip_protocol=True, overrides=FAST,
+                heartbeat_s=1)
+    assert run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), n_trials=1, echo=False, **args) is None
+    database = tmp_path / "out" / "t" / "tune.db"
+    optuna.load_study(study_name="t", storage=f"sqlite:///{database}").ask()  # the killed worker's claim
+    with sqlite3.connect(database) as connection:  # created a minute ago
+        connection.execute("UPDATE trials SET datetime_start = datetime(datetime_start, '-60 seconds') "
+                           "WHERE state = 'RUNNING'")
+    code = (f"from nola_vision.runs.tune import run_tune, parse_grid\n"
+            f"run_tune([{TINY!r}], parse_grid(['model.lr=1e-3,2e-2']), echo=False, **{args!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    best = json.loads((tmp_path / "out" / "t" / "best.json").read_text())
+    assert best["params"] == {"model.lr": 0.001}  # both points ran; the tie goes to the first
+    states = [t.state.name for t in optuna.load_study(study_name="t", storage=f"sqlite:///{database}").trials]
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states

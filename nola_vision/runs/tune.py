@@ -35,6 +35,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -380,6 +381,7 @@ class _Search:
                 if self.n_trials is not None and self.started >= self.n_trials:
                     return None
                 optuna.storages.fail_stale_trials(self.study)
+                self._fail_never_beaten()
                 trials = self.study.get_trials(deepcopy=False)
                 if self.sampler == "tpe":
                     used = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) + self.failures
@@ -408,7 +410,7 @@ class _Search:
                         trial.set_user_attr(_DRAW, draw)
                         self.study.sampler = optuna.samplers.TPESampler(seed=draw)
                     self._suggest(trial)
-                    self._beat(trial)
+                    self._start_beating(trial)
                     self.started += 1
                     return trial
                 done = {self._identity(t) for t in trials if t.state == TrialState.COMPLETE}
@@ -423,7 +425,7 @@ class _Search:
                     if mine is None or self._taken(trial, mine):
                         _release(self.study, trial, "released unrun: another trial runs its point")
                         continue
-                    self._beat(trial)
+                    self._start_beating(trial)
                     self.started += 1
                     if _point_key(self._suggest(trial)) != mine:
                         raise RuntimeError(f"trial #{trial.number} got other values than its claim: optuna's "
@@ -474,6 +476,26 @@ class _Search:
 
     def _beat(self, trial: Any) -> None:
         self.storage.record_heartbeat(trial._trial_id)
+
+    def _start_beating(self, trial: Any) -> None:
+        """A claimed trial's first heartbeat, and the mark that it beats (``_fail_never_beaten``)."""
+        self._beat(trial)
+        trial.set_user_attr(_BEATING, True)
+
+    def _fail_never_beaten(self) -> None:
+        """Fail the running trials whose worker was killed between creating them and their first heartbeat, once
+        the grace period has passed: Optuna's stale check passes over trials without one, so their points were
+        taken as running forever and every later run waited for them."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        now = datetime.now()  # as Optuna stamps a trial's start: this machine's local time
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started, grace = trial.datetime_start, 3 * self.heartbeat_s  # as the storage's for a missed heartbeat
+            if _BEATING in trial.user_attrs or started is None or (now - started).total_seconds() <= grace:
+                continue
+            with suppress(UpdateFinishedTrialError):  # another worker failed it first
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
     # ---- running -------------------------------------------------------------------------------------
     def work(self) -> None:
@@ -1072,6 +1094,7 @@ _TIE = 1e-6
 # User attributes of a trial: the trial whose point it runs again (enqueued), and a TPE trial's draw (its sampler's
 # seed; a retry keeps the draw of the trial it retries); ``released``, why a trial was let go without counting.
 _RETRY, _DRAW, _RELEASED = "retry_of", "draw", "released"
+_BEATING = "beating"  # set with a claimed trial's first heartbeat
 
 
 def _draw_of(trial: Any) -> int:
