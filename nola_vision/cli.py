@@ -113,7 +113,7 @@ def _dispatch(argv: Optional[List[str]]) -> int:
         print("The Lightning CLI's own help, for fit, validate, test and predict (demo, protocol and tune: above):\n")
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .core.interrupts import sigint_kept
+    from .core.interrupts import sigint_kept, sigterm_raising
     from .runs.executors import CONFIG_EXIT, DIVERGED_EXIT
     from .train.cli import CONFIG_ERRORS, RUN_ERRORS, error_message, keyboard_interrupt_of, run_lightning_cli
     from .train.module import NonFiniteLossError
@@ -121,7 +121,7 @@ def _dispatch(argv: Optional[List[str]]) -> int:
     try:
         # From the console script, Lightning reads sys.argv itself: given both, it warns on every run that
         # args and command-line arguments were mixed.
-        with sigint_kept():
+        with sigint_kept(), sigterm_raising(SIGTERMException):
             run_lightning_cli(None if argv is None else args)
     except SIGTERMException as stop:  # a SystemExit without a code: the stopped run would exit 0, as if it had finished
         print(f"nola-vision: stopped by SIGTERM {_outcome(stop)}", file=sys.stderr)

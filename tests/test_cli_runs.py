@@ -875,3 +875,40 @@ def test_a_run_folders_checkpoints_are_never_unpickled_in_full(tmp_path, capsys,
     with pytest.raises(pickle.UnpicklingError):  # a test's record of the run it evaluates, read safely too
         checkpoint_run(str(last))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("moment, finished", [("last_checkpoint", True), ("in_export", False), ("teardown", False),
+                                              ("after_export", True), ("after_test", True)])
+def test_a_real_sigterm_after_training_stops_the_command_and_names_what_was_kept(tmp_path, capsys, monkeypatch,
+                                                                                 moment, finished):
+    """A scheduler's cancel after the loops stopped looking (the last checkpoint's save) was noted and forgotten: the
+    run tested and exited 0. Between Lightning's passes (its teardown, the export, after the test pass) the default
+    action ended the process at once (-15), saying nothing of what was kept. Stopped in the export, the run is
+    resumed, as after a Ctrl-C there."""
+    import signal
+
+    from nola_vision.train import module
+
+    def then_sigterm(original):
+        def run_then_signal(*args, **kwargs):
+            returned = original(*args, **kwargs)
+            if not sent:  # once (Lightning's teardown runs again after a failure)
+                sent.append(moment)
+                signal.raise_signal(signal.SIGTERM)
+            return returned
+        return run_then_signal
+
+    sent, trainer = [], lightning.pytorch.Trainer
+    patched = {"last_checkpoint": (lightning.pytorch.callbacks.ModelCheckpoint, "on_train_end"),
+               "in_export": (module, "save_adapter"), "teardown": (trainer, "_teardown"),
+               "after_export": (module.FewShotClassifier, "on_fit_end"), "after_test": (trainer, "test")}[moment]
+    monkeypatch.setattr(*patched, then_sigterm(getattr(*patched)))
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path, "--trainer.max_epochs", 1,
+                    "--result_file", tmp_path / "result.json")
+    assert code == 143 and "stopped by SIGTERM before the run finished: no result was written" in err
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    said = (f"Training had finished and was kept: adapter {tmp_path / 'adapter'}, checkpoint {checkpoint}" if finished
+            else f"resume with --ckpt_path {checkpoint}")
+    assert said in " ".join(err.split()) and sent
+    assert not (tmp_path / "result.json").exists() and signal.getsignal(signal.SIGTERM) is before

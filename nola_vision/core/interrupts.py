@@ -8,7 +8,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, List
 
-__all__ = ["all_or_nothing", "interrupts_deferred", "sigint_kept"]
+__all__ = ["all_or_nothing", "interrupts_deferred", "sigint_kept", "sigterm_raising"]
 
 
 @contextmanager
@@ -25,6 +25,27 @@ def sigint_kept() -> Iterator[None]:
     finally:
         if previous is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def sigterm_raising(exception: Callable[[], BaseException]) -> Iterator[None]:
+    """Raise ``exception()`` on SIGTERM (a scheduler's cancel) while the block runs, where no other handler has taken
+    SIGTERM over: between Lightning's passes its default action ended the process at once, saying nothing of what
+    was kept. Each Lightning pass installs its own handler, which calls this one too: there it does nothing, the
+    pass noting the signal and ending itself. Only the main thread sets handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise exception()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

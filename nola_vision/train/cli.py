@@ -879,7 +879,22 @@ class NolaCLI(LightningCLI):
         except BaseException as stop:  # a Ctrl-C as the run returned, after its result was written: the console
             if self.written_result is not None:  # script says so (cli.main), not "no result was written"
                 _note(keyboard_interrupt_of(stop) or stop, "written_result", self.written_result)
+            elif self._exported_this_fit() and not hasattr(stop, "finished_fit"):
+                # stopped after the export, outside after_fit (in Lightning's teardown of the fit): as after_fit says
+                self._note_finished_fit(keyboard_interrupt_of(stop) or stop)
             raise
+
+    def _exported_this_fit(self) -> bool:
+        """Whether this command is a fit that exported its adapter (training finished)."""
+        model = getattr(self, "model", None)
+        return getattr(self, "subcommand", None) == "fit" and getattr(model, "exported_adapter_dir", None) is not None
+
+    def _note_finished_fit(self, reported: BaseException) -> None:
+        """Note on ``reported`` the adapter and checkpoint of a fit stopped after training finished, which the console
+        script names (``cli._kept``)."""
+        note = self.model.before_export.note if self.model.before_export is not None else ""
+        _note(reported, "finished_fit", {"adapter": self.model.exported_adapter_dir or self.model.export_target,
+                                         "note": note, "checkpoint": self._finished_checkpoint()})
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -1115,10 +1130,7 @@ class NolaCLI(LightningCLI):
             interrupt = stop if isinstance(stop, stops) else stop.__context__
             reported = interrupt if isinstance(interrupt, stops) else stop
             if not isinstance(reported, OutputKeptError):  # the console script names what was kept (cli.main)
-                note = self.model.before_export.note if self.model.before_export is not None else ""
-                _note(reported, "finished_fit", {
-                    "adapter": self.model.exported_adapter_dir or self.model.export_target, "note": note,
-                    "checkpoint": self._finished_checkpoint()})
+                self._note_finished_fit(reported)
             raise
         finally:
             for saver in _config_savers(self.trainer):
@@ -1128,6 +1140,9 @@ class NolaCLI(LightningCLI):
         """What a fit runs once training finished: validate the final weights where no validation saw them, test
         them (``test_after_fit``) and write the result file."""
         config = self.config[self.subcommand]
+        # a SIGTERM during the export (inside fit, after its loops stopped looking) ends the command here: the next
+        # pass's handler would forget it, and the run went on to test and exit 0
+        _stop_if_terminated(self.trainer)
         # before the passes below: a BatchSizeFinder callback searches again in them, resetting the loops' progress
         trained = {"epochs": whole_epochs(self.trainer), "steps": self.trainer.global_step}
         # a resume that trained nothing (a run stopped in its export) logged no training metrics: its checkpoint's
