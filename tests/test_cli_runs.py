@@ -912,3 +912,22 @@ def test_a_real_sigterm_after_training_stops_the_command_and_names_what_was_kept
             else f"resume with --ckpt_path {checkpoint}")
     assert said in " ".join(err.split()) and sent
     assert not (tmp_path / "result.json").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_fit_whose_best_checkpoint_holds_a_callbacks_numpy_scalar_still_writes_its_result(tmp_path, capsys,
+                                                                                            monkeypatch):
+    # the run's own best checkpoint (save_last false) was read with weights_only to name it in the result: a
+    # callback's numpy scalar failed that read after training, and the result was lost
+    (tmp_path / "numpy_state.py").write_text(
+        "import numpy as np\nfrom lightning.pytorch.callbacks import Callback\n\n\n"
+        "class NumpyState(Callback):\n"
+        "    def state_dict(self):\n        return {'best': np.float64(0.5)}\n\n"
+        "    def load_state_dict(self, state):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run(capsys, *FIT, "--trainer.default_root_dir", tmp_path / "run", "--trainer.max_epochs", 1,
+                    "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "train/loss",
+                    "--trainer.callbacks.mode", "min", "--trainer.callbacks.save_last", "false",
+                    "--trainer.callbacks+=numpy_state.NumpyState", "--test_after_fit", "false",
+                    "--result_file", tmp_path / "result.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "result.json").read_text())["checkpoint"].endswith("epoch=0-step=3.ckpt")

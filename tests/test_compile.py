@@ -220,6 +220,29 @@ def test_a_compiled_merged_pass_given_other_adapter_tensors_is_refused_as_an_eag
             compiled(images)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_a_merged_model_given_equal_copies_of_its_adapter_tensors_gives_its_outputs(images, strict):
+    """Offload hooks pass equal copies in place of the parameters: strict export failed in the merged layers' check,
+    which dynamo cannot step around there (a torch.compiler.disable'd function)."""
+    from torch.func import functional_call
+
+    model = nv.merge(as_if_trained(nv.inject(tiny_vit(), nv.LoRAConfig(rank=2)), 1)).eval()
+    copies = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+    class Offloaded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return functional_call(self.model, copies, (x,), strict=False)
+
+    with torch.no_grad():
+        expected = model(images)
+    exported = torch.export.export(Offloaded(), (images,), strict=strict)
+    torch.testing.assert_close(exported.module()(images), expected, rtol=0, atol=1e-6)
+
+
 def test_a_model_run_partly_compiled_is_not_told_its_compiled_layer_was_never_called(images):
     # Compiled code records no calls: a compiled layer under an eager parent (as after a frame dynamo gave up on, or
     # a recompile limit, which a 12-block model's per-block hooks reached) was blamed for reading its weight directly.

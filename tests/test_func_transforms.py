@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from tiny_models import as_if_trained, tiny_vit
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacfwd, vmap
 
 import nola_vision as nv
 
@@ -127,6 +127,8 @@ def test_forward_mode_derivatives_with_gradients_on_equal_a_plain_models(key):
         with context(), pytest.raises(RuntimeError, match="forward-mode derivative along a merged adapter's param"):
             jvp(lambda values: functional_call(model, values, (IMAGES,), strict=False), (params,),
                 ({name: torch.ones_like(p) for name, p in params.items()},))
+    with pytest.raises(RuntimeError, match="forward-mode derivative along a merged adapter's param"):  # batched: vmap
+        jacfwd(lambda values: functional_call(model, values, (IMAGES,), strict=False))(params)
     # the input's gradient alone, its adapter's values held fixed, is the plain model's (a saliency map)
     saliency = grad(lambda images: functional_call(model, params, (images,), strict=False).logsumexp(-1).sum())
     expected = grad(lambda images: plain(images).logsumexp(-1).sum())(IMAGES)

@@ -79,9 +79,18 @@ class MergedTangentGuard(MergedGuard):
     def jvp(ctx: Any, y_tangent: Optional[Tensor], *tangents: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         """Forward-mode derivatives (dual tensors, ``torch.func.jvp``): the input's pass through; an adapter tensor's
         tangent is refused, the merged weight holding none of it (torch gives zeros for tensors without one)."""
-        if y_tangent is None or any(t is not None and bool(t.any()) for t in tangents):
+        if y_tangent is None or any(t is not None and _nonzero(t) for t in tangents):
             raise RuntimeError(_MERGED_FORWARD_DERIVATIVE)
         return y_tangent.clone()
+
+
+def _nonzero(tangent: Tensor) -> bool:
+    """Whether a tangent holds a value other than zero; under vmap (jacfwd's batched tangents) its values cannot be
+    read, and it is taken as one that does."""
+    try:
+        return bool(tangent.any())
+    except RuntimeError:
+        return True
 
 
 _MERGED_FORWARD_DERIVATIVE = (

@@ -1227,7 +1227,9 @@ class NolaCLI(LightningCLI):
         if last or not best:
             return last or None
         with fsspec.open(best, "rb") as file:  # the run's own small file, local or remote (s3://, gs://)
-            step = torch.load(file, map_location="cpu", weights_only=True)["global_step"]
+            # the run's own file, written by this fit (weights_only would refuse a callback's numpy scalar in it, and
+            # a run whose fit finished lost its result)
+            step = torch.load(file, map_location="cpu", weights_only=False)["global_step"]
         if step == self.trainer.global_step:
             return best
         rank_zero_warn(f"nola_vision: the result names no checkpoint: the run's ModelCheckpoint kept {best}, an "
