@@ -337,20 +337,26 @@ def test_a_search_that_would_run_no_validation_pass_is_refused_before_the_first_
     assert not list(tmp_path.rglob("log.txt"))
 
 
-def test_best_yaml_holds_a_list_grid_value_as_a_list_that_fit_reads_back_as_the_trial_ran(tmp_path):
-    # best.yaml held '[attn.qkv]', quoted: `fit -c best.yaml` read it as a list, a plain YAML reader as a string
+def fit_preferring(tmp_path, flag, best):
+    """A stand-in for `fit` whose validation accuracy is 0.9 where option ``flag`` is ``best``, else 0.5."""
     fit = tmp_path / "fit_python"
     fit.write_text(f"""#!{sys.executable}
 import json, sys
 args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1]
-score = 0.9 if value("--model.adapter.init_args.targets") == "[attn.qkv, mlp.fc1]" else 0.5
+score = 0.9 if value({flag!r}) == {best!r} else 0.5
 json.dump({{"metrics": {{"val/acc": score}},
            "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
            "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
           open(value("--result_file"), "w"))
 """)
     fit.chmod(0o755)
+    return fit
+
+
+def test_best_yaml_holds_a_list_grid_value_as_a_list_that_fit_reads_back_as_the_trial_ran(tmp_path):
+    # best.yaml held '[attn.qkv]', quoted: `fit -c best.yaml` read it as a list, a plain YAML reader as a string
+    fit = fit_preferring(tmp_path, "--model.adapter.init_args.targets", "[attn.qkv, mlp.fc1]")
     grid = parse_grid(["model.adapter.init_args.targets=[attn.proj],[attn.qkv, mlp.fc1]"])
     run_tune([TINY], grid, out=str(tmp_path / "out"), name="t", python=str(fit), echo=False, skip_protocol=True,
              overrides=FAST)
@@ -365,18 +371,7 @@ json.dump({{"metrics": {{"val/acc": score}},
 def test_best_yaml_of_a_key_inside_a_mapping_option_composes_into_the_model_the_trial_ran(tmp_path):
     # best.yaml held {backbone_kwargs: {depth: 2}}: a later -c replaces a mapping whole, so `fit -c best.yaml` built
     # timm's default width (1,041,354 parameters instead of 114,762) from the configs' other entries dropped
-    fit = tmp_path / "fit_python"
-    fit.write_text(f"""#!{sys.executable}
-import json, sys
-args = sys.argv[1:]
-value = lambda flag: args[args.index(flag) + 1]
-score = 0.9 if value("--model.backbone_kwargs.depth") == "1" else 0.5
-json.dump({{"metrics": {{"val/acc": score}},
-           "config": {{"method": "fake", "split_seed": int(value("--data.split_seed")),
-           "seed": int(value("--seed_everything"))}}, "parameter_counts": {{"adapter": 8, "head": 2}}}},
-          open(value("--result_file"), "w"))
-""")
-    fit.chmod(0o755)
+    fit = fit_preferring(tmp_path, "--model.backbone_kwargs.depth", "1")
     run_tune([TINY], parse_grid(["model.backbone_kwargs.depth=2,1"]), out=str(tmp_path / "out"), name="t",
              python=str(fit), echo=False, skip_protocol=True, overrides=FAST)
     best = json.loads((tmp_path / "out" / "t" / "best.json").read_text())
