@@ -326,3 +326,13 @@ def test_a_layer_whose_parameters_are_not_those_its_class_declares_is_refused_at
         assert not nv.adapted_layers(model)
     finally:
         del METHODS["contract"]
+
+
+@pytest.mark.parametrize("class_path, method", [("nola_vision.methods.LinearProbeConfig", "linear"),
+                                                ("FullFineTuneConfig", "full"),
+                                                ("nola_vision.methods.plain.FullFineTuneConfig", "full")])
+def test_the_plain_methods_config_classes_are_taken_as_the_cli_lists_them(class_path, method):
+    """`fit --help` lists them as model.adapter's subclasses, and each was refused as 'not registered'."""
+    assert resolve_adapter({"class_path": class_path}).method == method
+    with pytest.raises(ValueError, match=r"unknown .*Config fields \['rank'\]; valid fields are \[\]"):
+        resolve_adapter({"class_path": class_path, "init_args": {"rank": 2}})

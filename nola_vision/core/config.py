@@ -166,7 +166,7 @@ def _config_class(class_path: Any) -> type:
     """The registered config class ``class_path`` names: by its whole path (``_class_path``, the module that defines
     it, or one that re-exports it, imported as the CLI would), or a bare name that one registered class alone has;
     two classes of one name (``pkg_a.Config``, ``pkg_b.Config``) are never taken for each other."""
-    configs = [m.config_cls for m in METHODS.values() if m.layer_cls is not None]
+    configs = [m.config_cls for m in METHODS.values()]  # the plain methods' too: the CLI lists them as subclasses
     module, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", None)
     exact = [cls for cls in configs if class_path in (_class_path(cls), f"{cls.__module__}.{cls.__qualname__}")]
     if exact:
@@ -176,7 +176,7 @@ def _config_class(class_path: Any) -> type:
             named_class = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             named_class = None
-        found = [m.config_cls for m in METHODS.values() if m.layer_cls is not None and m.config_cls is named_class]
+        found = [m.config_cls for m in METHODS.values() if m.config_cls is named_class]
         if found:
             return found[0]
         raise ValueError(f"adapter class_path {reprlib.repr(class_path)} names no registered config class "
