@@ -456,3 +456,16 @@ def test_a_trial_whose_worker_was_killed_before_its_first_heartbeat_is_retried_n
     assert best["params"] == {"model.lr": 0.001}  # both points ran; the tie goes to the first
     states = [t.state.name for t in optuna.load_study(study_name="t", storage=f"sqlite:///{database}").trials]
     assert states.count("COMPLETE") == 2 and "RUNNING" not in states
+
+
+def test_best_yaml_of_a_class_switch_with_its_init_args_composes_into_the_model_the_trial_ran(tmp_path):
+    # model.adapter.init_args.rank was nested under the text 'LoRAConfig': tune failed after its last trial
+    # ('str' object has no attribute 'setdefault'), writing no best.json nor best.yaml
+    fit = fit_preferring(tmp_path, "--model.adapter", "LoRAConfig")
+    run_tune([TINY], parse_grid(["model.adapter=NOLAConfig,LoRAConfig", "model.adapter.init_args.rank=1,2"]),
+             out=str(tmp_path / "out"), name="t", python=str(fit), echo=False, skip_protocol=True, overrides=FAST)
+    best = json.loads((tmp_path / "out" / "t" / "best.json").read_text())
+    assert best["params"]["model.adapter"] == "LoRAConfig"
+    composed = cli_parser().parse_args(["fit", "-c", TINY, "-c", str(tmp_path / "out" / "t" / "best.yaml")])
+    trial = cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])
+    assert composed["fit"]["model"] == trial["fit"]["model"]

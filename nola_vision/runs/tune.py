@@ -1149,13 +1149,19 @@ def best_fragment(configs: Sequence[str], overrides: Sequence[str], params: Para
 
 
 def _nested(params: Params) -> Dict[str, Any]:
-    """``{"model.lr": 1}`` as ``{"model": {"lr": 1}}`` (a YAML fragment to compose with ``-c``)."""
+    """``{"model.lr": 1}`` as ``{"model": {"lr": 1}}`` (a YAML fragment to compose with ``-c``). A class chosen by
+    name with keys below it (``model.adapter: LoRAConfig``, ``model.adapter.init_args.rank: 2``) becomes
+    ``{class_path: LoRAConfig, init_args: {rank: 2}}``, the form ``-c`` reads: the keys were nested under the name's
+    text, and tune failed after its last trial."""
     tree: Dict[str, Any] = {}
-    for key, value in params.items():
+    for key, value in sorted(params.items()):  # a name before the keys below it
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else {"class_path": child}
+            node = child
         node[leaf] = value
     return tree
 
