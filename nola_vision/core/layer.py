@@ -682,7 +682,7 @@ class AdaptedLinear(nn.Module):
                 self.require_own_merged_flag("this pass")
             # (torch.export passes fake stand-ins for the layer's own tensors, and traces no function the check's
             # torch.compiler.disable leaves out: nothing to compare there)
-            if merged_with is not None and not _exporting() and any(p is not q for p, q in zip(tensors, merged_with)):
+            if merged_with is not None and any(p is not q for p, q in zip(tensors, merged_with)) and not _exporting():
                 self._require_merged_values(tensors)
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             # torch.func's and forward-mode AD's differentiated tensors need no requires_grad: all are guarded there
