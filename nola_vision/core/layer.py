@@ -682,7 +682,8 @@ class AdaptedLinear(nn.Module):
                 self.require_own_merged_flag("this pass")
             # (torch.export passes fake stand-ins for the layer's own tensors, and traces no function the check's
             # torch.compiler.disable leaves out: nothing to compare there)
-            if merged_with is not None and any(p is not q for p, q in zip(tensors, merged_with)) and not _exporting():
+            if merged_with is not None and any(p is not q for p, q in zip(tensors, merged_with)) \
+                    and not torch.compiler.is_exporting():
                 self._require_merged_values(tensors)
             y = F.linear(x if activation is None else activation(x), self.weight, self.bias)
             # torch.func's and forward-mode AD's differentiated tensors need no requires_grad: all are guarded there
@@ -1357,14 +1358,6 @@ def as_factors(layer: AdaptedLinear, a_rows: Tensor, b_rows: Tensor) -> Tuple[Te
     """Combined basis rows viewed as the layer's factors: A (slices, in, rank), B (slices, rank, width)."""
     num_slices = len(layer.slices)
     return a_rows.view(num_slices, layer.in_features, layer.rank), b_rows.view(num_slices, layer.rank, layer.width)
-
-
-def _exporting() -> bool:
-    """Whether ``torch.export`` (strict or not) traces this code."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None:
-        return bool(is_exporting())
-    return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
 
 
 def _version_of(tensor: Tensor) -> Optional[int]:

@@ -381,8 +381,9 @@ class _Search:
                 if self.n_trials is not None and self.started >= self.n_trials:
                     return None
                 optuna.storages.fail_stale_trials(self.study)
-                self._fail_never_beaten()
                 trials = self.study.get_trials(deepcopy=False)
+                if self._fail_never_beaten(trials):
+                    trials = self.study.get_trials(deepcopy=False)
                 if self.sampler == "tpe":
                     used = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials) + self.failures
                     # after a failure nothing more is drawn: later draws learn from every earlier result, and the
@@ -482,20 +483,20 @@ class _Search:
         self._beat(trial)
         trial.set_user_attr(_BEATING, True)
 
-    def _fail_never_beaten(self) -> None:
-        """Fail the running trials whose worker was killed between creating them and their first heartbeat, once
-        the grace period has passed: Optuna's stale check passes over trials without one, so their points were
-        taken as running forever and every later run waited for them."""
+    def _fail_never_beaten(self, trials: Sequence[Any]) -> bool:
+        """Fail the running ``trials`` whose worker was killed between creating them and their first heartbeat, once
+        the grace period has passed (Optuna's stale check passes over trials without one, so their points were taken
+        as running forever and every later run waited for them); whether any was."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        now = datetime.now()  # as Optuna stamps a trial's start: this machine's local time
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            started, grace = trial.datetime_start, 3 * self.heartbeat_s  # as the storage's for a missed heartbeat
-            if _BEATING in trial.user_attrs or started is None or (now - started).total_seconds() <= grace:
-                continue
+        now, grace = datetime.now(), 3 * self.heartbeat_s  # Optuna's stamps: local time; the storage's grace period
+        dead = [t for t in trials if t.state == TrialState.RUNNING and _BEATING not in t.user_attrs
+                and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace]
+        for trial in dead:
             with suppress(UpdateFinishedTrialError):  # another worker failed it first
                 self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return bool(dead)
 
     # ---- running -------------------------------------------------------------------------------------
     def work(self) -> None:

@@ -877,11 +877,12 @@ class NolaCLI(LightningCLI):
         try:
             super().__init__(*args, **kwargs)
         except BaseException as stop:  # a Ctrl-C as the run returned, after its result was written: the console
+            reported = keyboard_interrupt_of(stop) or stop
             if self.written_result is not None:  # script says so (cli.main), not "no result was written"
-                _note(keyboard_interrupt_of(stop) or stop, "written_result", self.written_result)
-            elif self._exported_this_fit() and not hasattr(stop, "finished_fit"):
+                _note(reported, "written_result", self.written_result)
+            elif self._exported_this_fit() and not hasattr(reported, "finished_fit"):
                 # stopped after the export, outside after_fit (in Lightning's teardown of the fit): as after_fit says
-                self._note_finished_fit(keyboard_interrupt_of(stop) or stop)
+                self._note_finished_fit(reported)
             raise
 
     def _exported_this_fit(self) -> bool:
