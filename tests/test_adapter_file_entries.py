@@ -141,3 +141,35 @@ def test_a_tensor_just_below_float16s_normal_range_still_switches_into_a_float16
     loaded = dict(serving.named_parameters())["blocks.0.attn.qkv.lora_B"].float()
     expected = dict(model.named_parameters())["blocks.0.attn.qkv.lora_B"]
     torch.testing.assert_close(loaded, expected, rtol=0, atol=2**-25)  # half float16's subnormal step
+
+
+def test_a_config_too_large_to_be_one_is_refused_unread_by_load_and_save(tmp_path):
+    directory, _ = saved(tmp_path)
+    with open(directory / CONFIG_NAME, "r+b") as file:  # sparse: 65 MiB that takes no disk and, unread, no memory
+        file.truncate(65 << 20)
+    with pytest.raises(AdapterLoadError, match=r"is 68,157,440 bytes, more than the 67,108,864 an adapter_config"):
+        nv.load_adapter(tiny_vit(), directory)
+    with pytest.raises(ValueError, match="neither nv.save_adapter nor nv.export_peft wrote"):
+        nv.save_adapter(nv.inject(tiny_vit(), LORA), directory)
+
+
+@pytest.mark.skipif(not hasattr(os, "truncate") or sys.platform != "linux", reason="address-space limit of Linux")
+def test_weights_too_large_for_memory_are_named_with_their_size_not_a_bare_memory_error(tmp_path):
+    # Run apart under a 4 GiB address-space limit, with a sparse 6 GiB weights file: reading it cannot fit.
+    directory, _ = saved(tmp_path)
+    with open(directory / WEIGHTS_NAME, "r+b") as file:
+        file.truncate(6 << 30)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import nola_vision as nv
+        from tiny_models import tiny_vit
+        model = nv.inject(tiny_vit(), nv.LoRAConfig(rank=2, targets=["attn.q", "attn.v"]))
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        try:
+            nv.load_adapter(model, {str(directory)!r})
+        except nv.AdapterLoadError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "is 6,442,450,944 bytes, too large to read into this process's memory" in done.stdout, done.stderr

@@ -408,10 +408,10 @@ def test_a_reader_whose_directory_is_swapped_and_removed_while_it_reads_reads_th
     target = saved_adapter(tmp_path / "adapter", seed=1)
     new, read_relative, saves = trained(2), storage._read_relative, []
 
-    def save_then_read(dir_fd, directory, names):  # a save completes between opening the directory and its files
+    def save_then_read(dir_fd, directory, names, *limits):  # a save completes after the directory opens
         if not saves:
             saves.append(nv.save_adapter(new, target))
-        return read_relative(dir_fd, directory, names)
+        return read_relative(dir_fd, directory, names, *limits)
 
     monkeypatch.setattr(storage, "_read_relative", save_then_read)
     torch.testing.assert_close(loaded_logits(target), logits(new), rtol=0, atol=1e-3)

@@ -77,6 +77,7 @@ from ..core.quantize import (
 )
 from ..core.registry import method_of
 from ..core.storage import (
+    FileTooLargeError,
     NotARegularFileError,
     atomic_directory,
     read_files,
@@ -107,6 +108,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # new export may replace, from a peft adapter trained elsewhere, which it must not.
 PEFT_EXPORT_MARK = {"written_by": "nola_vision.export_peft"}
 _SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on a header's bytes
+# The largest adapter_config.json read: a config holds settings, checksums and class names (100,000 names take a few
+# MB), never tensors, so a larger file is not one; refusing it before reading keeps a crafted GB-sized one from
+# filling memory.
+_CONFIG_LIMIT = 64 << 20
 FORMAT = "nola_vision.adapter/3"
 # Format 2 has checksums but no frozen-weights fingerprint: it loads, checked by what it has. Format 1 files (before
 # checksums) can be checked for nothing, so they load only on request (``allow_unchecked_legacy=True``).
@@ -559,7 +564,7 @@ def existing_adapter_kind(directory: PathLike) -> Optional[str]:
             return "other"  # a folder (or another entry) of that name: the user's, which a save would replace
         if not config.is_file() or not config.stat().st_size:
             return "other" if weights.is_file() and weights.stat().st_size else None
-        document = json.loads(config.read_bytes())
+        document = _small_json(config)
     except FileNotFoundError:  # removed meanwhile
         return None
     except OSError:  # unreadable files (no permission, an I/O error) are not ours; a directory that cannot be looked
@@ -589,12 +594,21 @@ def _has_export_mark(weights: Path) -> bool:
     return isinstance(metadata, dict) and all(metadata.get(key) == value for key, value in PEFT_EXPORT_MARK.items())
 
 
+def _small_json(config: Path) -> Any:
+    """The JSON document in ``config``; ValueError (as for text that is not JSON) for a file too large to be a
+    config, which is not read."""
+    with open(config, "rb") as file:
+        if os.fstat(file.fileno()).st_size > _CONFIG_LIMIT:
+            raise ValueError(f"{config} is larger than a config")
+        return json.loads(file.read())
+
+
 def _peft_config(config: Path) -> bool:
     """Whether ``config`` is a JSON object with a ``peft_type``: a peft adapter's config."""
     try:
         if not config.is_file():  # a FIFO would block the read
             return False
-        document = json.loads(config.read_bytes())
+        document = _small_json(config)
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(document, dict) and "peft_type" in document
@@ -704,6 +718,18 @@ def adapter_size_bytes(directory: PathLike) -> int:
         raise AdapterLoadError(f"{other} is not a file (a directory, FIFO or device): the adapter directory was "
                                "changed after it was saved; save the adapter again")
     return sum(info.st_size for info in entries.values())
+
+
+def _too_large(path: Path, size: int, limit: Optional[int]) -> AdapterLoadError:
+    """Why a file too large to read is refused: over ``limit`` bytes, or (``None``) more than memory holds."""
+    if limit is not None:
+        return AdapterLoadError(f"{path} is {size:,} bytes, more than the {limit:,} an {CONFIG_NAME} may have (it "
+                                "holds settings, checksums and class names, never tensors): this is not the config "
+                                "save_adapter wrote; save the adapter again")
+    return AdapterLoadError(f"{path} is {size:,} bytes, too large to read into this process's memory. A NOLA or LoRA "
+                            "adapter takes KB to MB (a full fine-tune's, the model's size): if this file should be "
+                            "that large, load it where more memory is free; otherwise it is not the file "
+                            "save_adapter wrote")
 
 
 def _unreadable(error: OSError, root: Path) -> AdapterLoadError:
@@ -950,6 +976,9 @@ def _read_weights(path: Path, raw: bytes, document: dict) -> Tuple[Dict[str, Ten
                                f"beside it: its sha256 differs from the one recorded there; save the adapter again")
     try:
         tensors = load_safetensors_bytes(raw)
+    except MemoryError:  # the tensors are a copy of the bytes: a file that fits once may not fit twice
+        raise _too_large(path, len(raw), None) from None
+    try:
         header_size = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8 : 8 + header_size]).get("__metadata__", {})
         quantization = json.loads(metadata.get("quantization", "{}"))
@@ -972,7 +1001,7 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
     root = Path(check_path(directory, "the adapter directory", expand_user=True))
     allow_unchecked_legacy = check_bool(allow_unchecked_legacy, "allow_unchecked_legacy")  # "no" read as true
     try:
-        raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME))
+        raw = read_files(root, (CONFIG_NAME, WEIGHTS_NAME), max_bytes={CONFIG_NAME: _CONFIG_LIMIT})
     except FileNotFoundError as error:
         aside = set_aside_copy(root)
         found = (f"; {aside} holds the adapter that was there, set aside by a save killed before it finished: rename "
@@ -990,6 +1019,8 @@ def read_adapter(directory: PathLike, *, allow_unchecked_legacy: bool = False) -
         raise AdapterLoadError(f"{error.args[0] if error.args else root} is {what} where save_adapter writes a "
                                "file: the adapter directory was changed after it was saved; save the adapter again") \
             from error
+    except FileTooLargeError as error:
+        raise _too_large(Path(error.filename), error.size, error.limit) from None
     except OSError as error:  # no permission, an I/O error
         raise _unreadable(error, root) from error
     document = _read_document(root / CONFIG_NAME, raw[CONFIG_NAME], allow_unchecked_legacy)

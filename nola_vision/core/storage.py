@@ -23,7 +23,7 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager, suppress
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .interrupts import interrupts_deferred
 from .warn import warn_user
@@ -33,11 +33,11 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["NOT_ALLOWED", "NotARegularFileError", "atomic_directory", "atomic_path", "check_writable_file",
-           "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256", "nearest_folder",
-           "out_of_room_hint", "previous_path", "protected", "read_files", "resolve_directory_target", "set_aside_copy",
-           "spreadsheet_safe", "try_lock", "write_bytes_atomic", "write_json_atomic", "write_set_atomic",
-           "write_text_atomic", "writer_lock"]
+__all__ = ["NOT_ALLOWED", "FileTooLargeError", "NotARegularFileError", "atomic_directory", "atomic_path",
+           "check_writable_file", "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256",
+           "nearest_folder", "out_of_room_hint", "previous_path", "protected", "read_files",
+           "resolve_directory_target", "set_aside_copy", "spreadsheet_safe", "try_lock", "write_bytes_atomic",
+           "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 # The first characters by which a spreadsheet (Excel, LibreOffice, Google Sheets) reads a CSV cell as a formula.
@@ -1607,18 +1607,30 @@ class NotARegularFileError(OSError):
     never end."""
 
 
-def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
+class FileTooLargeError(OSError):
+    """A file ``read_files`` reads is larger than its limit, or than this process can hold in memory: ``filename``
+    names it, ``size`` gives its bytes and ``limit`` the limit it passed (``None`` where memory ran out)."""
+
+    def __init__(self, filename: str, size: int, limit: Optional[int]) -> None:
+        super().__init__(errno.EFBIG, "file too large", filename)
+        self.size, self.limit = size, limit
+
+
+def read_files(directory: PathLike, names: Sequence[str],
+               max_bytes: Optional[Dict[str, int]] = None) -> Dict[str, bytes]:
     """The bytes of each of ``names`` in ``directory``, all read from one and the same directory.
 
     The directory is opened once and its files relative to it (where the platform allows), so a reader never
     mixes the files of two saves. When a save swaps a new set in and removes the old one while it reads, it
     reads again from the new set. A missing file or directory raises FileNotFoundError naming its path, a
     ``directory`` that is not one NotADirectoryError, a directory in place of a file IsADirectoryError, any other
-    entry that is not a regular file ``NotARegularFileError``; other OSErrors name the file's full path.
+    entry that is not a regular file ``NotARegularFileError``; other OSErrors name the file's full path. A file
+    over its ``max_bytes`` entry, or one that does not fit in memory, raises ``FileTooLargeError`` (the limit is
+    checked before reading, so a crafted huge file costs no memory).
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
-        return {name: (directory / name).read_bytes() for name in names}
+        return {name: _read_whole(directory / name, (max_bytes or {}).get(name)) for name in names}
     attempts_left = _READ_ATTEMPTS
     while True:
         try:
@@ -1628,7 +1640,7 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
         except NotADirectoryError as error:
             raise NotADirectoryError(str(directory)) from error
         try:
-            return _read_relative(dir_fd, directory, names)
+            return _read_relative(dir_fd, directory, names, max_bytes or {})
         except FileNotFoundError:
             attempts_left -= 1
             if attempts_left == 0 or not _was_replaced(directory, dir_fd):
@@ -1637,7 +1649,8 @@ def read_files(directory: PathLike, names: Sequence[str]) -> Dict[str, bytes]:
             os.close(dir_fd)
 
 
-def _read_relative(dir_fd: int, directory: Path, names: Sequence[str]) -> Dict[str, bytes]:
+def _read_relative(dir_fd: int, directory: Path, names: Sequence[str], max_bytes: Dict[str, int]
+                   ) -> Dict[str, bytes]:
     contents = {}
     for name in names:
         try:  # not blocking: a FIFO of that name would wait for a writer forever (a regular file never blocks)
@@ -1655,8 +1668,25 @@ def _read_relative(dir_fd: int, directory: Path, names: Sequence[str]) -> Dict[s
                 raise IsADirectoryError(str(directory / name))
             raise NotARegularFileError(str(directory / name))
         with os.fdopen(fd, "rb") as file:
-            contents[name] = file.read()
+            contents[name] = _read_open(file, str(directory / name), max_bytes.get(name))
     return contents
+
+
+def _read_whole(path: Path, limit: Optional[int]) -> bytes:
+    with open(path, "rb") as file:
+        return _read_open(file, str(path), limit)
+
+
+def _read_open(file: BinaryIO, filename: str, limit: Optional[int]) -> bytes:
+    """The whole of the open ``file``, refused before reading when it is over ``limit`` bytes and named when it does
+    not fit in memory (a bare MemoryError names nothing)."""
+    size = os.fstat(file.fileno()).st_size
+    if limit is not None and size > limit:
+        raise FileTooLargeError(filename, size, limit)
+    try:
+        return file.read()
+    except MemoryError:
+        raise FileTooLargeError(filename, size, None) from None
 
 
 
