@@ -204,6 +204,25 @@ def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_k
     assert not [w for w in caught if "kept the earlier adapter" in str(w.message)]
 
 
+@pytest.mark.parametrize("form", ["class name in a -c file", "--model file", "inline -c YAML", "nested model file"])
+def test_every_way_of_naming_another_adapter_class_names_the_settings_it_kept(tmp_path, form):
+    # only --model.adapter and class_path mappings in -c files warned: these trained LoRA on NOLA's targets silently
+    (tmp_path / "model.yaml").write_text("adapter: LoRAConfig\n")
+    (tmp_path / "nested.yaml").write_text("model: model.yaml\n")  # relative to the file that names it
+    given = {"class name in a -c file": ["-c", _written(tmp_path / "lora.yaml", "model:\n  adapter: LoRAConfig\n")],
+             "--model file": ["--model", str(tmp_path / "model.yaml")],
+             "inline -c YAML": ["--config", "{model: {adapter: LoRAConfig}}"],
+             "nested model file": ["-c", str(tmp_path / "nested.yaml")]}[form]
+    with pytest.warns(UserWarning, match=r"\(its model.adapter LoRAConfig\) kept the earlier adapter's "
+                      r"targets=\['mlp.fc1', 'mlp.fc2'\]"):
+        assert fit(tmp_path / "run", *given, "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
+
+
+def _written(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.mark.parametrize("setting, shown", [("0", False), ("false", False), ("", False), ("1", True)])
 def test_the_traceback_setting_reads_0_and_false_as_off(tmp_path, monkeypatch, capsys, setting, shown):
     # any value showed it: NOLA_VISION_TRACEBACK=0 raised the error with its traceback

@@ -2380,24 +2380,51 @@ def carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[
             and not _same_value(defaults.get(name, inspect.Parameter.empty), kept)}
 
 
+# Where the value of each option that can set the adapter class holds model.adapter.
+_ADAPTER_KEYS: Dict[str, Tuple[str, ...]] = {"--model.adapter": (), "--model": ("adapter",),
+                                             "-c": ("model", "adapter"), "--config": ("model", "adapter")}
+
+
 def _last_adapter_switch(argv: List[str]) -> Optional[Tuple[int, set]]:
     """(position, settings it gives) of the last argument that sets the adapter class: ``--model.adapter``, or a
-    ``-c`` file whose ``model.adapter`` names a ``class_path``; None without one."""
+    ``--model`` or ``-c`` value (a file or inline YAML) whose ``model.adapter`` names a class, by ``class_path`` or
+    by name; None without one."""
     last = None
     for i, arg in enumerate(argv):
         option, _, inline = arg.partition("=")
-        if option not in ("--model.adapter", "-c", "--config"):
+        if option not in _ADAPTER_KEYS:
             continue
         value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
-        node = _yaml_value(value)  # --model.adapter: a class name, '{"class_path": ..., "init_args": {...}}' or a file
-        if option != "--model.adapter":  # a config file (or its inline YAML)
-            model = node.get("model") if isinstance(node, dict) else None
-            node = model.get("adapter") if isinstance(model, dict) else None
-            if not (isinstance(node, dict) and "class_path" in node):
-                continue  # a file that does not switch the class
+        node = _nested_value(value, _ADAPTER_KEYS[option])
+        switches = isinstance(node, str) or isinstance(node, dict) and "class_path" in node
+        if option != "--model.adapter" and not switches:
+            continue  # a value that does not switch the class
         given = set(node) | set(node.get("init_args") or {}) if isinstance(node, dict) else set()
         last = (i, given - {"class_path", "init_args"})
     return last
+
+
+def _nested_value(value: str, keys: Tuple[str, ...]) -> Any:
+    """The value at ``keys`` in an option's value as the parser reads it (a file or inline YAML), following a nested
+    value that names a file (``model: model.yaml``, relative to the file naming it); None where it sets none."""
+    node, folder = value, Path()
+    for key in (*keys, None):
+        if isinstance(node, str):  # a file's name (relative to the file naming it), or inline YAML
+            path = _file_named(folder / node)
+            node, folder = (_yaml_value(str(path)), path.parent) if path else (_yaml_value(node), folder)
+        if key is None:
+            return node
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+
+
+def _file_named(path: Path) -> Optional[Path]:
+    """``path`` where it names a file, else None (a long inline value is no file name)."""
+    try:
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def warn_carried_adapter_settings(parser: Any, argv: List[str], subcommand: Optional[str], adapter: Any) -> None:
