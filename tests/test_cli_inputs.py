@@ -182,6 +182,29 @@ def test_options_given_to_a_method_name_are_refused_naming_the_config_class_that
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_options_given_to_a_method_name_from_a_config_file_are_refused_too(tmp_path, capsys):
+    # a -c file's `adapter: linear` then --model.adapter.rank: the parser's Union dump ("NestedArg(key='rank')")
+    linear = _written(tmp_path / "linear.yaml", "model:\n  adapter: linear\n")
+    assert fit(tmp_path, "-c", linear, "--model.adapter.rank", "4") == 2
+    assert (f"-c {linear} (its model.adapter: linear) names a method with its default settings, which takes no "
+            "options, so --model.adapter.rank has nothing to set: LinearProbeConfig has no rank either; LoRAConfig, "
+            "NOLAConfig") in " ".join(capsys.readouterr().err.split())
+    lora = _written(tmp_path / "lora.yaml", "adapter: lora\n")
+    assert fit(tmp_path, "--model", lora, "--model.adapter.targets", "[attn.q]") == 2
+    assert "give its config class instead, --model.adapter LoRAConfig --model.adapter.targets" in \
+        " ".join(capsys.readouterr().err.split())
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_init_args_key_no_adapter_class_takes_is_named_without_a_class_path(tmp_path, capsys):
+    # init_args for the class set before (no class_path) with a typo: the parser's Union dump
+    typo = _written(tmp_path / "typo.yaml", "model:\n  adapter:\n    init_args:\n      rnk: 4\n")
+    assert fit(tmp_path, "-c", typo) == 2
+    assert (f"config file {typo}: model.adapter.init_args.rnk is an option of no adapter config class (did you mean "
+            "model.adapter.init_args.rank?") in " ".join(capsys.readouterr().err.split())
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_switching_the_adapter_class_on_the_command_line_names_the_settings_it_kept(tmp_path):
     # jsonargparse keeps the init args the new class accepts: LoRA trained on NOLA's mlp targets, silently
     args = ["--model.adapter", "LoRAConfig", "--trainer.max_epochs", "1", "--test_after_fit", "false"]

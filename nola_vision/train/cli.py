@@ -1794,19 +1794,29 @@ def _check_command_line_key(option: str, trainer_class: Any) -> None:
 
 
 def _refuse_options_of_a_method_name(args: List[str]) -> None:
-    """Refuse ``--model.adapter lora`` followed by ``--model.adapter.<option>``: a method name stands for its default
-    config and takes no options, which the parser reported as a dump of the adapter Union's subtypes."""
-    name = None
+    """Refuse ``--model.adapter lora`` (or a ``-c``/``--model`` value setting ``model.adapter: lora``) followed by
+    ``--model.adapter.<option>``: a method name stands for its default config and takes no options, which the parser
+    reported as a dump of the adapter Union's subtypes."""
+    name = source = None
     for i, arg in enumerate(args):
         option, equals, value = arg.partition("=")
-        if option == "--model.adapter":
+        if option in _ADAPTER_KEYS:
             value = value if equals else (args[i + 1] if i + 1 < len(args) else "")
-            name = value if value.lower() in METHODS else None
+            node = _nested_value(value, _ADAPTER_KEYS[option])
+            if option == "--model.adapter" or node is not None:  # it sets the adapter: a method's name, or not
+                name = node if isinstance(node, str) and node.lower() in METHODS else None
+                source = f"--model.adapter {name}" if option == "--model.adapter" else \
+                    f"{option} {value} (its model.adapter: {name})"
         elif name is not None and option.startswith("--model.adapter."):
+            key = option[len("--model.adapter."):].removeprefix("init_args.").split(".", 1)[0]
+            takers = [method.config_cls.__name__ for method in METHODS.values()
+                      if key in inspect.signature(method.config_cls).parameters]
             config = METHODS[name.lower()].config_cls.__name__
-            raise ValueError(f"--model.adapter {name} names a method with its default settings, which takes no "
-                             f"options, so {option} has nothing to set: give its config class instead, "
-                             f"--model.adapter {config} {option} ...")
+            fix = (f"give its config class instead, --model.adapter {config} {option} ..." if config in takers else
+                   f"{config} has no {key} either; " + (f"{', '.join(takers)} take{'s' * (len(takers) == 1)} it"
+                                                        if takers else "no adapter config class takes it"))
+            raise ValueError(f"{source} names a method with its default settings, which takes no options, so "
+                             f"{option} has nothing to set: {fix}")
 
 
 # Top-level keys every subcommand takes: a config file's others are checked against its parser (built for it only).
@@ -1933,6 +1943,8 @@ def _check_adapter_init_args(node: Any, label: str) -> None:
     fields = dict((key.value, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)) \
         if isinstance(node, yaml.MappingNode) else {}
     class_path, init_args = fields.get("class_path"), fields.get("init_args")
+    if class_path is None and isinstance(init_args, yaml.MappingNode):
+        _refuse_keys_of_no_adapter(init_args, label)
     if not isinstance(class_path, yaml.ScalarNode) or not isinstance(init_args, yaml.MappingNode):
         return
     module, _, name = str(class_path.value).rpartition(".")
@@ -1944,6 +1956,19 @@ def _check_adapter_init_args(node: Any, label: str) -> None:
     for option, _ in init_args.value:
         if isinstance(option, yaml.ScalarNode):
             _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, label)
+
+
+def _refuse_keys_of_no_adapter(init_args: Any, label: str) -> None:
+    """Refuse an ``init_args`` key, given without a ``class_path`` (for the class set before), that no registered
+    adapter config class takes: a typo, which the parser reported as a dump of the adapter Union's subtypes."""
+    accepted = sorted({name for method in METHODS.values()
+                       for name in inspect.signature(method.config_cls).parameters if name != "self"})
+    for option, _ in init_args.value:
+        if isinstance(option, yaml.ScalarNode) and option.value not in accepted:
+            close = difflib.get_close_matches(option.value, accepted, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'model.adapter.init_args.{c}' for c in close)}? " if close else ""
+            raise ValueError(f"{label}: model.adapter.init_args.{option.value} is an option of no adapter config "
+                             f"class ({hint}nola-vision fit --help lists each class's options)")
 
 
 def _refuse_unknown_key(cls: Any, parameters: Mapping[str, inspect.Parameter], prefix: str, option: str,
