@@ -395,6 +395,21 @@ def test_a_study_of_that_name_that_tune_did_not_make_is_refused_not_adopted(tmp_
     assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **{**kw, "name": "u"})["val_acc"] == 0.5
 
 
+def test_an_empty_study_whose_maker_died_before_recording_its_settings_is_taken_after_the_wait(tmp_path, monkeypatch):
+    # a worker finding the study made by another waits for its settings: a maker killed before recording them leaves
+    # an empty study, which is taken once the wait is over
+    import optuna
+
+    from nola_vision.runs import tune
+
+    (tmp_path / "out" / "t").mkdir(parents=True)
+    optuna.create_study(study_name="t", storage=f"sqlite:///{tmp_path}/out/t/tune.db", direction="maximize")
+    monkeypatch.setattr(tune, "_CLAIM_WAIT_S", 0.5)
+    kw = dict(out=str(tmp_path / "out"), name="t", python=counting_fit(tmp_path, fails_first=0), skip_protocol=True,
+              echo=False)
+    assert run_tune([TINY], {"model.lr": [1e-3, 2e-3]}, overrides=VAL, **kw)["val_acc"] == 0.5
+
+
 def lr_scored_fit(tmp_path) -> str:
     """A fake fit whose accuracy is 100 × its learning rate: validation during selection, test in the protocol."""
     script = tmp_path / "lr_scored_fit"

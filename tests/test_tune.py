@@ -382,24 +382,28 @@ def test_best_yaml_of_a_key_inside_a_mapping_option_composes_into_the_model_the_
     assert composed["fit"]["model"]["backbone_kwargs"]["embed_dim"] == 64  # the config's, kept
 
 
-def test_two_tunes_started_together_with_other_settings_never_share_one_study(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared", ["--out", "--storage"])
+def test_two_tunes_started_together_with_other_settings_never_share_one_study(tmp_path, monkeypatch, shared):
     # Both read the new study's settings (none yet) before either wrote its own: both went on, one study mixing fits
-    # of max_epochs 1 and 2, and a later run trusted the other's scores. Now one records, the other compares.
+    # of max_epochs 1 and 2, and a later run trusted the other's scores. Now one records, the other compares: under
+    # one --out folder, and on machines sharing a --storage database with their own folders (no lock in common).
     import optuna
 
     recorded = optuna.study.Study.set_user_attr
 
     def slowly(study, key, value):  # a slow shared storage: the window between reading and writing, widened
-        if key == "settings":
-            threading.Event().wait(1.0)
+        if key == "settings":  # longer than a worker losing the race to create the tables waits (1 s) to retry
+            threading.Event().wait(3.0)
         return recorded(study, key, value)
 
     monkeypatch.setattr(optuna.study.Study, "set_user_attr", slowly)
     python, errors = fake_python(tmp_path, acc="0.5", metric="val/acc"), []
 
     def tune(epochs):
+        out, storage = ((tmp_path / "out", None) if shared == "--out" else
+                        (tmp_path / f"machine{epochs}", f"sqlite:///{tmp_path}/shared.db"))
         try:
-            run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), out=str(tmp_path / "out"), name="race",
+            run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), out=str(out), name="race", storage=storage,
                      python=python, echo=False, skip_protocol=True,
                      overrides=[*FAST[:1], epochs, *FAST[2:]])
         except ValueError as error:
@@ -410,7 +414,7 @@ def test_two_tunes_started_together_with_other_settings_never_share_one_study(tm
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(errors) == 1 and "was made with other settings" in errors[0] and "max_epochs" in errors[0]
+    assert len(errors) == 1 and "was made with other settings" in errors[0] and "max_epochs" in errors[0], errors
 
 
 def test_equal_mean_accuracies_tie_to_the_first_grid_point_despite_float32_rounding():

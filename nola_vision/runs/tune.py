@@ -707,6 +707,9 @@ def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
     return GridSampler(grid, seed=0)
 
 
+# How long a worker that found the study just made by another waits for its maker to record the settings.
+_CLAIM_WAIT_S = 60.0
+
 # SQLite's messages for a file that is no database (or a damaged one): retrying cannot help.
 _DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed")
 
@@ -714,7 +717,11 @@ _DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed
 def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler: str, heartbeat_s: int,
                 key: Dict[str, Any]) -> Tuple[Any, Any, Dict[str, Any]]:
     """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds); also returns
-    the settings key the study records (``key``, or the one recorded for the same settings)."""
+    the settings key the study records (``key``, or the one recorded for the same settings).
+
+    Only the worker that creates the study records its settings (creating a study is atomic in every database), so
+    workers started together with other settings, on machines sharing ``--storage``, never both record theirs: the
+    others wait for the maker's record and compare."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -729,8 +736,11 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
         try:
             storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
                                                  grace_period=3 * heartbeat_s)
-            study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="maximize",
-                                        load_if_exists=True)
+            try:
+                study, made = optuna.create_study(study_name=name, storage=storage, sampler=chosen,
+                                                  direction="maximize"), True
+            except optuna.exceptions.DuplicatedStudyError:
+                study, made = optuna.load_study(study_name=name, storage=storage, sampler=chosen), False
             break
         except SQLAlchemyError as error:
             reason = str(getattr(error, "orig", None) or error)
@@ -741,13 +751,14 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
-    old = study.user_attrs.get("settings")
+    old = study.user_attrs.get("settings") if made else _maker_settings(study)
     if old is None:
         trials = len(study.get_trials(deepcopy=False))
         if trials:  # its trials' scores would choose the values, as if fits of this grid had made them
             raise ValueError(f"study {name!r} in {storage_url} holds {trials} trials that tune did not make (it "
                              "records no tune settings: a study of another program or search); pass another --name "
                              "or --storage")
+        study.set_user_attr("heartbeat_s", heartbeat_s)  # before the settings, which tell the others all is recorded
         study.set_user_attr("settings", key)
         return study, storage, key
     differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
@@ -759,6 +770,18 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
                f"{k}: before {old.get(k)}, now {key.get(k)}" for k in differing if k != "config_hash"]
     raise ValueError(f"study {name!r} in {storage_url} was made with other settings ({'; '.join(changes)}); pass "
                      "another --name, or delete the study")
+
+
+def _maker_settings(study: Any) -> Optional[Dict[str, Any]]:
+    """The settings of a study another worker made: a study without them and without trials may have been made a
+    moment ago, its maker about to record them, so they are awaited (up to ``_CLAIM_WAIT_S``; then a maker that died
+    before recording them leaves an empty study this worker takes)."""
+    deadline = time.monotonic() + _CLAIM_WAIT_S
+    while True:
+        settings = study.user_attrs.get("settings")
+        if settings is not None or time.monotonic() > deadline or study.get_trials(deepcopy=False):
+            return settings
+        time.sleep(0.2)
 
 
 def _grid_files_change(old: Optional[dict], new: Optional[dict]) -> str:
