@@ -38,6 +38,25 @@ def test_protocol_runs_the_grid_writes_tables_and_skips_finished_runs(tmp_path, 
     assert (out / "tiny" / "split0-init0" / "result.json").stat().st_mtime_ns == before
 
 
+def test_a_run_resumed_by_hand_with_other_settings_is_left_out_of_its_row(tmp_path, capsys):
+    # fit -c <run>/config.yaml --ckpt_path last --trainer.max_epochs 2 rewrote the result without the row's settings
+    # hash; the next protocol command stamped it as the row's, and the row averaged a 2-epoch run with 1-epoch ones
+    from nola_vision.cli import main as nola_vision
+
+    out, kw = tmp_path / "out", dict(split_seeds=[0], init_seeds=[0], overrides=FAST, echo=False)
+    assert len(run_protocol([TINY], out=str(out), name="r", **kw)) == 1
+    run = out / "r" / "split0-init0"
+    assert nola_vision(["fit", "-c", str(next(run.rglob("config.yaml"))), "--ckpt_path", "last",
+                        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert json.loads((run / "result.json").read_text())["epochs"] == 2
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"split0-init0/result.json was written by another fit than the one its row's "
+                      r"command started .* left out of the tables"):
+        assert run_protocol([TINY], out=str(out), name="r", **{**kw, "echo": True}) == []
+    assert "split 0 init 0: written by another fit (left out of the tables), skipped" in capsys.readouterr().out
+    assert "config_hash" not in json.loads((run / "result.json").read_text())  # never stamped as the row's
+
+
 def test_a_killed_run_leaves_nothing_counted(tmp_path):
     out = tmp_path / "out"
     done = out / "cell" / "split0-init0"

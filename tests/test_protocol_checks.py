@@ -230,3 +230,18 @@ def test_a_damaged_list_of_requested_runs_is_named_and_the_failed_runs_still_cou
         run_protocol([TINY], split_seeds=[0], python=fake_python(tmp_path), **options)
     assert json.loads(requested.read_text()) == ["split0-init0", "split1-init0", "split2-init0"]
     assert "| 1 of 3 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_protocol_and_tune_refuse_fit_options_set_from_the_environment(tmp_path, monkeypatch):
+    # every fit read PL_FIT__TRAINER__MAX_EPOCHS, but the row's key left it out: runs of 3 epochs counted as the row's
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "True")
+    monkeypatch.setenv("PL_FIT__TRAINER__MAX_EPOCHS", "3")
+    with pytest.raises(ValueError, match=r"^protocol: PL_FIT__TRAINER__MAX_EPOCHS sets fit options from the "
+                       r"environment \(JSONARGPARSE_DEFAULT_ENV=true\)"):
+        run_protocol([TINY], out=str(tmp_path), name="env", split_seeds=[0], init_seeds=[0],
+                     python=fake_python(tmp_path), echo=False)
+    assert not (tmp_path / "env").exists()
+    with pytest.raises(ValueError, match=r"^tune: PL_FIT__TRAINER__MAX_EPOCHS sets fit options from the environment"):
+        check_grid([TINY], [], {"model.lr": [1e-3]})
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "false")  # then no fit reads them
+    check_grid([TINY], [], {"model.lr": [1e-3]})

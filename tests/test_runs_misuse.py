@@ -118,7 +118,8 @@ def test_a_result_its_fit_wrote_after_the_command_died_is_recorded_with_the_rows
     assert stamped["config_hash"] and stamped["data"]
     # what the command recorded when it claimed the run, before its fit started
     stamp = json.loads((row / "split0-init0" / ".stamp.json").read_text())
-    assert stamp == {"config_hash": stamped["config_hash"], "data": stamped["data"]}
+    assert stamp == {"config_hash": stamped["config_hash"], "data": stamped["data"],
+                     "command_sha256": stamp["command_sha256"]}  # which fit command it started
     for init in (1, 2):  # init 1 as a killed command leaves it; init 2 without the command's record (unknown)
         orphan = {key: stamped[key] for key in ("metrics", "config", "parameter_counts")}  # what the fit writes
         (row / f"split0-init{init}").mkdir()

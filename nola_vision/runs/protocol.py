@@ -61,6 +61,7 @@ from .knn import extract_features, knn_predict, neighbours_used
 from .results import (
     JOB_LOCK_FILE,
     RESULT_FILE,
+    STAMP_FILE,
     adopt_result,
     check_row_data,
     check_seeds,
@@ -72,6 +73,7 @@ from .results import (
     data_digests,
     finished_result,
     image_changes,
+    other_command,
     parse_overrides,
     read_result,
     request_runs,
@@ -84,7 +86,7 @@ from .results import (
 __all__ = ["CONTROLLED", "KNN_MODEL", "REPLAY_SPLIT", "Row", "check_fit_arguments", "check_knn_k",
            "check_output_paths", "error_text", "fit_argument_error", "fit_command", "main", "open_knn_row",
            "open_row", "refuse_abbreviated_options", "refuse_controlled_configs", "refuse_controlled_overrides",
-           "run_dir_name", "run_knn", "run_protocol", "set_options"]
+           "refuse_settings_from_environment", "run_dir_name", "run_knn", "run_protocol", "set_options"]
 
 
 # how to replay the split of one run, which a split manifest given to protocol or tune cannot do
@@ -291,11 +293,27 @@ def refuse_abbreviated_options(args: Sequence[str], prog: str) -> None:
                              f"the options it sets itself, and the settings of a row, by name)")
 
 
+def refuse_settings_from_environment(prog: str) -> None:
+    """Refuse fit options set by environment variables (read where ``JSONARGPARSE_DEFAULT_ENV=true``): every fit
+    reads them, but the row's (or study's) settings, made of the configs and overrides, do not record them, so runs
+    with other values would count as one row's."""
+    if os.environ.get("JSONARGPARSE_DEFAULT_ENV", "").lower() != "true":
+        return
+    found = sorted(name for name in os.environ if name.startswith("PL_FIT__") or name in ("PL_CONFIG", "PL_SUBCOMMAND"))
+    if found:
+        raise ValueError(f"{prog}: {', '.join(found)} set{'s' * (len(found) == 1)} fit options from the environment "
+                         "(JSONARGPARSE_DEFAULT_ENV=true), which the settings a row or study records leave out: give "
+                         "them as overrides instead (PL_FIT__TRAINER__MAX_EPOCHS=3 is --trainer.max_epochs 3), or "
+                         "unset them")
+
+
 def check_fit_arguments(configs: Sequence[str], overrides: Sequence[str], prog: str = "protocol") -> Any:
     """Refuse, before any run, a fit command line that every run would fail on alike (an unknown or misspelt option,
-    a value fit refuses); returns fit's parsed config, as every run composes it."""
+    a value fit refuses) or whose runs would read settings the row does not record (from the environment); returns
+    fit's parsed config, as every run composes it."""
     from ..train.cli import cli_parser
 
+    refuse_settings_from_environment(prog)
     refuse_abbreviated_options(overrides, prog)
     parser = cli_parser()
     args = list(fit_command("python", [a for c in configs for a in ("-c", str(c))], Path("run"), 0, 0, overrides)[3:])
@@ -401,7 +419,9 @@ def run_protocol(
             if "config_hash" not in done:  # finished after the command that started it was killed (kill -9)
                 adopt_result(run_dir)
             if echo:
-                print(f"{label}: done already, skipped", flush=True)
+                foreign = "config_hash" not in done and other_command(done, read_result(run_dir / STAMP_FILE) or {})
+                print(f"{label}: {'written by another fit (left out of the tables)' if foreign else 'done already'}, "
+                      "skipped", flush=True)
             continue
         claim = claim_unfinished_run(run_dir)
         if claim is None:  # another process runs it (or has just finished it)
@@ -412,10 +432,14 @@ def run_protocol(
             continue
         claims[run_dir] = claim
         # what this command stamps on the result once the fit ends, for a later command should this one die first
-        stamp_claimed_run(run_dir, {"config_hash": row.key["config_hash"], "data": row.images})
+        from ..train.cli import command_digest  # loaded by the checks before any run
+
+        command = fit_command(python, config_args, run_dir, split_seed, init_seed, overrides)
+        stamp_claimed_run(run_dir, {"config_hash": row.key["config_hash"], "data": row.images,
+                                    "command_sha256": command_digest(command[3:])})
         labels[run_dir] = label
-        pending.append(Run(fit_command(python, config_args, run_dir, split_seed, init_seed, overrides),
-                           run_dir / "log.txt", claim, run_dir / JOB_LOCK_FILE, partial(result_counts, run_dir)))
+        pending.append(Run(command, run_dir / "log.txt", claim, run_dir / JOB_LOCK_FILE,
+                           partial(result_counts, run_dir)))
     failed: List[str] = []
     # a run failed on its configuration (refused) or its training diverged: re-running the same command fails alike
     refused = diverged = False

@@ -39,13 +39,13 @@ from ..core.storage import (
 from ..core.warn import warn_user
 
 __all__ = ["CONFIG_FILE", "CSV_FIELDS", "JOB_LOCK_FILE", "MAX_SEED", "RESULT_FILE", "ROW_SETTINGS", "RUN_ARGS",
-           "RUN_FOLDER", "adopt_result", "check_row_data", "check_seeds", "check_tables_ours", "claim_row",
-           "claim_run", "claim_unfinished_run", "claimed_elsewhere", "collect_results", "config_file_options",
-           "config_key", "counted", "data_digests", "discard_result", "effective_overrides", "finished_result",
-           "first_line", "image_changes", "mixed_settings", "override_changes", "parse_overrides", "read_result",
-           "referenced_files", "refuse_foreign_file", "request_runs", "requested_runs", "result_counts",
-           "retire_unfinished_run", "row_folder", "run_seeds_mismatch", "same_settings", "stamp_claimed_run",
-           "summarise", "write_tables"]
+           "RUN_FOLDER", "STAMP_FILE", "adopt_result", "check_row_data", "check_seeds", "check_tables_ours",
+           "claim_row", "claim_run", "claim_unfinished_run", "claimed_elsewhere", "collect_results",
+           "config_file_options", "config_key", "counted", "data_digests", "discard_result", "effective_overrides",
+           "finished_result", "first_line", "image_changes", "mixed_settings", "other_command", "override_changes",
+           "parse_overrides", "read_result", "referenced_files", "refuse_foreign_file", "request_runs",
+           "requested_runs", "result_counts", "retire_unfinished_run", "row_folder", "run_seeds_mismatch",
+           "same_settings", "stamp_claimed_run", "summarise", "write_tables"]
 
 RESULT_FILE = "result.json"
 TABLES_LOCK = "results"  # writer_lock(<out>/results): .results.lock, held while the tables are rebuilt
@@ -369,17 +369,24 @@ def adopt_result(run_dir: Path, metric: str = "test/acc") -> None:
     """Stamp a counted result that its fit wrote after the command that started it died (``kill -9``) with what that
     command recorded (``stamp_claimed_run``), under the run's claim: while another process holds it, that process
     stamps (or discards, when its fit exited non-zero) the result itself. A field the stamp leaves unknown stays
-    unknown."""
+    unknown, and a result another command wrote (``other_command``) is never stamped."""
     claim = claim_run(run_dir)
     if claim is None:
         return
     try:
         result, stamp = read_result(run_dir / RESULT_FILE), read_result(run_dir / STAMP_FILE) or {}
         missing = {key: value for key, value in stamp.items() if value is not None and key not in (result or {})}
-        if counted(result, metric) and missing:
+        if counted(result, metric) and missing and not other_command(result, stamp):
             write_json_atomic(run_dir / RESULT_FILE, {**result, **missing})
     finally:
         os.close(claim)
+
+
+def other_command(result: Optional[Dict[str, Any]], stamp: Dict[str, Any]) -> bool:
+    """Whether ``result`` was written by a fit with other arguments than the one its run's stamp records (a resume or
+    a re-run by hand, maybe with other settings): by their ``command_sha256``, where both record one."""
+    written, started = (result or {}).get("command_sha256"), stamp.get("command_sha256")
+    return written is not None and started is not None and written != started
 
 
 def finished_result(run_dir: Path, code: int, metric: str = "test/acc") -> Optional[Dict[str, Any]]:
@@ -746,6 +753,10 @@ def _foreign_settings(path: Path, data: Dict[str, Any], hashes: Optional[Set[str
     """Why a result (at ``path``) is not a run of its row, or None: it carries a settings hash its row never recorded
     (a run folder copied from another row), so averaging it would mix two rows' settings (``hashes``: the row's)."""
     recorded = data.get("config_hash")
+    if recorded is None and other_command(data, read_result(path.parent / STAMP_FILE) or {}):
+        return (f"{path} was written by another fit than the one its row's command started in {path.parent} (resumed "
+                "or re-run by hand, maybe with other settings), so it is left out of the tables. Delete "
+                f"{path.parent} to redo the run with its row's settings")
     if hashes is None or recorded is None or str(recorded) in hashes:
         return None
     return (f"{path} was made with other settings (hash {recorded}) than its row records in "

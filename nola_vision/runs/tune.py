@@ -76,6 +76,7 @@ from .protocol import (
     refuse_abbreviated_options,
     refuse_controlled_configs,
     refuse_controlled_overrides,
+    refuse_settings_from_environment,
     run_protocol,
 )
 from .results import (
@@ -233,6 +234,7 @@ def check_grid(configs: Sequence[str], overrides: Sequence[str], grid: Dict[str,
                              f"tasks and choose nothing. Search one setting per study: --{key} as an override (and "
                              "one --name per value)")
     refuse_abbreviated_options([*overrides, *(f"--{key}" for key in grid)], "tune")
+    refuse_settings_from_environment("tune")
     parser = cli_parser()
     base = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides]
     error = fit_argument_error(parser, base)

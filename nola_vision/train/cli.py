@@ -85,7 +85,8 @@ from .module import (
 __all__ = ["CLI_SETTINGS", "CONFIG_ERRORS", "FIT_METRICS", "RUN_ERRORS", "FinalWeights", "MonitoredMetricError",
            "NolaCLI", "OutputKeptError", "PredictionsCSVWriter", "RunConfigSaver", "RunSeed", "argument_error",
            "argument_value_error", "check_checkpoint_file", "check_config_sources", "check_full_passes",
-           "check_monitors", "check_result_path", "checkpoint_run", "cli_parser", "error_message", "fit_options",
+           "check_monitors", "check_result_path", "checkpoint_run", "cli_parser", "command_digest", "error_message",
+           "fit_options",
            "keyboard_interrupt_of", "run_lightning_cli"]
 
 
@@ -874,6 +875,7 @@ class NolaCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.written_result: Optional[str] = None  # the --result_file this run wrote, once it has
+        self.command_sha256: Optional[str] = None  # command_digest of its arguments, once parsed
         try:
             super().__init__(*args, **kwargs)
         except BaseException as stop:  # a Ctrl-C as the run returned, after its result was written: the console
@@ -939,6 +941,7 @@ class NolaCLI(LightningCLI):
         _refuse_files_in_the_way(config.trainer)
         _check_seed(config.get("seed_everything"))
         argv = sys.argv[1:] if args is None else args
+        self.command_sha256 = command_digest(argv)  # a fit result records it: which command wrote the result
         # a run's own config.yaml names its run: its folder's checkpoints, not the newest run's under the root (unless
         # the command line names the root to look under)
         run = (None if _given_on_command_line(argv, "--trainer.default_root_dir")
@@ -1187,6 +1190,7 @@ class NolaCLI(LightningCLI):
                 "parameter_counts": self.model.parameter_counts,
                 **trained,  # "epochs" (whole) and "steps" the fit trained
                 "adapter_dir": _absolute(self.model.exported_adapter_dir),
+                "command_sha256": self.command_sha256,
                 # the metrics are those of the trained tensors; the file stores them at these bits
                 "adapter_bits": self.model.exported_adapter_bits,
                 "adapter_sha256": self.model.exported_adapter_sha256,  # which adapter: the folder may be re-exported
@@ -1689,6 +1693,13 @@ def _is_fit_result(path: Path) -> bool:
     """A result file that ``fit`` wrote (test and validate record their ``subcommand``)."""
     document = _result_document(path) if path.is_file() else None
     return document is not None and "subcommand" not in document
+
+
+def command_digest(argv: Sequence[Any]) -> str:
+    """The digest of a command's arguments (``["fit", ...]``), which its fit result records: protocol stamps that of
+    the fit it starts, so a result another fit wrote in the run's folder (resumed or re-run by hand, maybe with other
+    settings) is told from the run's own."""
+    return hashlib.sha256(json.dumps([str(arg) for arg in argv]).encode()).hexdigest()[:16]
 
 
 def _given_on_command_line(argv: Any, option: str) -> bool:
