@@ -167,7 +167,7 @@ def run_demo(
             config = configs.get(method, method)
             if progress:
                 tqdm.write(f"== {method}: {_describe(config)}, split seeds {list(seeds)} ==")
-            start, accs, dirs = time.time(), [], []
+            start, accs, dirs = time.monotonic(), [], []
             for seed in seeds:
                 bar.set_postfix_str(f"{method}, split seed {seed}")
                 L.seed_everything(seed)  # its "Seed set to" line is quiet_lightning's (Lightning 2.2 takes no verbose=)
@@ -194,7 +194,7 @@ def run_demo(
             # what trains besides the head: the adapter, or for full fine-tuning every backbone weight
             results.append(DemoResult(method, accs, counts["trainable"] - counts["head"], counts["head"],
                                       adapter_size_bytes(dirs[-1]),
-                                      four_bit, time.time() - start, dirs, _describe(config)))
+                                      four_bit, time.monotonic() - start, dirs, _describe(config)))
     return results
 
 
@@ -294,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException  # an accelerator this machine lacks
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    start = time.time()
+    start = time.monotonic()
     kept = f"the runs that finished are kept under {args.out}; no table was printed"
     try:
         with _warnings_in_demo_terms(), sigint_kept():
@@ -328,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     backbone = args.backbone or OFFLINE_BACKBONE_DESCRIPTION
     shots = f"{args.shots}-shot" if args.shots else "every training image (--shots 0)"
     print(f"\n{backbone} on {args.dataset}, {shots}, {args.epochs} epochs, {args.image_size} px, "
-          f"split seeds {args.seeds}; total {time.time() - start:.0f} s\n")
+          f"split seeds {args.seeds}; total {time.monotonic() - start:.0f} s\n")
     print(format_table(results))
     return 0
 

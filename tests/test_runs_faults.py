@@ -17,7 +17,7 @@ from fake_fit import fake_python
 from tiny_models import as_if_trained, tiny_vit
 
 import nola_vision as nv
-from nola_vision.runs.executors import claimed_job
+from nola_vision.runs.executors import call, claimed_job
 from nola_vision.runs.protocol import run_protocol
 from nola_vision.runs.results import JOB_LOCK_FILE, RESULT_FILE, claim_unfinished_run, config_key, result_counts
 from nola_vision.runs.tune import parse_grid, run_tune
@@ -465,3 +465,16 @@ def test_a_finished_search_whose_unchanged_choice_its_row_refuses_says_so_withou
     assert message.startswith("the protocol row of the search's choice, --model.lr 0.002 (trial #0), cannot take "
                               "more runs: <row> was made on other images")
     assert "now chooses" not in message and "to redo it (not " in message and "holds the study too" in message
+
+
+def test_a_runs_wall_time_ignores_the_wall_clock_stepping_back(tmp_path, monkeypatch):
+    # timed by time.time(): an NTP correction of an hour back while a fit ran recorded wall_s -3586 in its result
+    real, calls = time.time, []
+
+    def stepped_back():
+        calls.append(1)
+        return real() - 3600 * (len(calls) > 1)
+
+    monkeypatch.setattr(time, "time", stepped_back)
+    code, wall = call([sys.executable, "-c", "pass"], str(tmp_path / "log.txt"))
+    assert code == 0 and 0 <= wall < 60

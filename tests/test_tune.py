@@ -438,7 +438,9 @@ def test_equal_mean_accuracies_tie_to_the_first_grid_point_despite_float32_round
 
 def test_a_trial_whose_worker_was_killed_before_its_first_heartbeat_is_retried_not_waited_for(tmp_path):
     # kill -9 between Optuna creating the running trial and its first heartbeat: Optuna's stale check passes over a
-    # trial without one, so every later run of the command waited for it forever, saying nothing
+    # trial without one, so every later run of the command waited for it forever, saying nothing. Its start stamp
+    # (naive local time) an hour ahead, as daylight saving's end or a clock stepped back leaves it, made the next run
+    # wait that hour.
     import sqlite3
 
     import optuna
@@ -449,8 +451,8 @@ def test_a_trial_whose_worker_was_killed_before_its_first_heartbeat_is_retried_n
     assert run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), n_trials=1, echo=False, **args) is None
     database = tmp_path / "out" / "t" / "tune.db"
     optuna.load_study(study_name="t", storage=f"sqlite:///{database}").ask()  # the killed worker's claim
-    with sqlite3.connect(database) as connection:  # created a minute ago
-        connection.execute("UPDATE trials SET datetime_start = datetime(datetime_start, '-60 seconds') "
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE trials SET datetime_start = datetime(datetime_start, '+3600 seconds') "
                            "WHERE state = 'RUNNING'")
     code = (f"from nola_vision.runs.tune import run_tune, parse_grid\n"
             f"run_tune([{TINY!r}], parse_grid(['model.lr=1e-3,2e-2']), echo=False, **{args!r})")

@@ -69,7 +69,7 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
 
     Raises :class:`Stopped`, without starting it or touching ``log``, while this process is stopping."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start = time.monotonic()
     process = _start(cmd, log, env, pass_fds)
     try:
         code = process.wait()
@@ -79,7 +79,7 @@ def call(cmd: Sequence[str], log: str, env: Optional[Dict[str, str]] = None,
     finally:
         with _RUNNING_LOCK:
             _RUNNING.discard(process)
-    return code, round(time.time() - start, 1)
+    return code, round(time.monotonic() - start, 1)
 
 
 def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
@@ -91,11 +91,11 @@ def claimed_job(cmd: Sequence[str], log: str, lock: Optional[Path] = None,
     once ``finished()`` says the other job's result counts: its wall time is then the wait."""
     if lock is None:
         return call(cmd, log)
-    start = time.time()
+    start = time.monotonic()
     fd = try_lock(lock, wait=True)
     try:
         if finished is not None and finished():
-            return 0, round(time.time() - start, 1)
+            return 0, round(time.monotonic() - start, 1)
         return call(cmd, log, pass_fds=(fd,) if os.name == "posix" else ())
     finally:
         os.close(fd)

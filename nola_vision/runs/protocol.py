@@ -563,7 +563,7 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
                 print(f"{name} split {split_seed}: running in another process, skipped", flush=True)
             continue
         try:
-            start = time.time()
+            start = time.monotonic()
             args = [a for c in configs for a in ("-c", str(c))] + list(_drop_trainer_args(overrides)) + [
                 "--data.split_seed", str(split_seed), *KNN_MODEL]
             with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds others
@@ -588,7 +588,7 @@ def run_knn(configs: Sequence[str], *, out: str, name: str, split_seeds: Sequenc
                 "config": {"method": f"knn (k={used})", "backbone": hp.backbone, "dataset": dm.dataset_name,
                            "shots": dm.shots, "split_seed": split_seed, "seed": "",
                            "precision": "32-true"},  # extract_features runs in float32, without autocast
-                "epochs": 0, "wall_s": round(time.time() - start, 1), **_unchanged(row, name),
+                "epochs": 0, "wall_s": round(time.monotonic() - start, 1), **_unchanged(row, name),
             })
             if echo:
                 print(f"{name} split {split_seed}: {used}-NN test acc {100 * acc:.2f}%", flush=True)

@@ -35,7 +35,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -355,6 +354,7 @@ class _Search:
         self.first_pass = sampler_order is not None
         self.lock = threading.Lock()
         self.failed_here: Set[str] = set()  # failed in this run: retried by the next run, not in a loop now
+        self.unbeaten_since: Dict[int, float] = {}  # trial id: when this worker first saw it running without a beat
         self.failures = 0  # trials failed in this run: they use up tpe's budget, so a fit failing alike ends the run
         self.started = 0
         self.settings_hash, self.images = settings_hash, images
@@ -488,13 +488,17 @@ class _Search:
     def _fail_never_beaten(self, trials: Sequence[Any]) -> bool:
         """Fail the running ``trials`` whose worker was killed between creating them and their first heartbeat, once
         the grace period has passed (Optuna's stale check passes over trials without one, so their points were taken
-        as running forever and every later run waited for them); whether any was."""
+        as running forever and every later run waited for them); whether any was.
+
+        The grace period is timed from when this worker first saw the trial so, on its own monotonic clock: the
+        trial's start stamp is naive local time, which daylight saving's end, a clock stepped back or another
+        machine's clock put an hour ahead, and the search waited that hour in silence."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        now, grace = datetime.now(), 3 * self.heartbeat_s  # Optuna's stamps: local time; the storage's grace period
-        dead = [t for t in trials if t.state == TrialState.RUNNING and _BEATING not in t.user_attrs
-                and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace]
+        now, grace = time.monotonic(), 3 * self.heartbeat_s  # the storage's grace period
+        unbeaten = [t for t in trials if t.state == TrialState.RUNNING and _BEATING not in t.user_attrs]
+        dead = [t for t in unbeaten if now - self.unbeaten_since.setdefault(t._trial_id, now) > grace]
         for trial in dead:
             with suppress(UpdateFinishedTrialError):  # another worker failed it first
                 self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -517,7 +521,7 @@ class _Search:
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_until, args=(trial, stop), daemon=True)
         beat.start()
-        start = time.time()
+        start = time.monotonic()
         params = self._suggest(trial)
         label = f"[tune {self.root.name}] trial #{trial.number} {params}"
         try:
@@ -529,7 +533,7 @@ class _Search:
             stop.set()
             with self._finishing(trial):
                 trial.set_user_attr("diverged", str(err))
-                trial.set_user_attr("duration_s", round(time.time() - start, 1))
+                trial.set_user_attr("duration_s", round(time.monotonic() - start, 1))
                 self.study.tell(trial, -math.inf)
             if self.echo:
                 print(f"{label}: diverged, counted as the worst score ({err})", flush=True)
@@ -560,14 +564,14 @@ class _Search:
         score = statistics.fmean(accs.values())
         with self._finishing(trial):
             trial.set_user_attr("val_accs", accs)
-            trial.set_user_attr("duration_s", round(time.time() - start, 1))
+            trial.set_user_attr("duration_s", round(time.monotonic() - start, 1))
             self.study.tell(trial, score)
         if self.echo:
             per_seed = ", ".join(f"{100 * a:.1f}" for a in accs.values())
             done = sum(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False))
             total = len(self.points) if self.sampler == "grid" else self.tpe_budget
             print(f"{label}: val acc {100 * score:.2f}% (per seed {per_seed}) [{done}/{total} done, "
-                  f"{time.time() - start:.0f} s]", flush=True)
+                  f"{time.monotonic() - start:.0f} s]", flush=True)
 
     @contextmanager
     def _finishing(self, trial: Any) -> Iterator[None]:
