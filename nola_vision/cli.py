@@ -80,10 +80,12 @@ class _Console:
 def console_that_cannot_fail_the_run() -> Iterator[None]:
     """While a command runs: stdout and stderr that a failed write cannot fail (``_Console``), and that write
     a character the console's encoding lacks (an ASCII locale, a run folder named ``prédictions``) as an escape
-    instead of failing after the command's work is done. Both are as they were afterwards."""
+    instead of failing after the command's work is done. Both are as they were afterwards. Python's streams in the
+    C or POSIX locale use ``surrogateescape``, which fails on such characters too."""
     stdout, stderr, errors = sys.stdout, sys.stderr, {}
     for stream in (sys.stdout, sys.stderr):
-        if callable(getattr(stream, "reconfigure", None)) and getattr(stream, "errors", None) == "strict":
+        if callable(getattr(stream, "reconfigure", None)) and getattr(stream, "errors", None) in (
+                "strict", "surrogateescape"):
             errors[stream] = stream.errors
             stream.reconfigure(errors="backslashreplace")
     sys.stdout = _Console(stdout, "stdout") if stdout is not None else stdout

@@ -192,7 +192,7 @@ def _settings_text(value: str, folder: Path = Path()) -> str:
     """The text fit loads settings from: the file ``value`` names (relative to ``folder``), else ``value`` itself."""
     path = folder / value
     try:
-        return path.read_text() if path.is_file() else value
+        return path.read_text(encoding="utf-8") if path.is_file() else value
     except (OSError, ValueError):  # a name too long to be a file, or a file fit cannot read either
         return value
 

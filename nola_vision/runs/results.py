@@ -113,7 +113,7 @@ def config_key(configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, An
 
 def _config_text(config: str) -> str:
     try:
-        return Path(config).read_text()
+        return Path(config).read_text(encoding="utf-8")  # YAML's encoding, whatever the locale's: the same hash
     except UnicodeDecodeError as err:
         raise ValueError(f"config {config} is not a text (YAML) file: {err}") from None
 
@@ -240,8 +240,8 @@ def _recorded_by_earlier_key(old: Dict[str, Any], key: Dict[str, Any]) -> bool:
     no file that the earlier key did not cover (one a config names, or one an override file names)."""
     values = [setting.split("=", 1)[1] for setting in key["overrides"] if "=" in setting]
     try:
-        contents = [Path(c).read_text() for c in key["configs"]]
-        override_files = {v: Path(v).read_text() for v in values if _is_file(Path(v))}
+        contents = [Path(c).read_text(encoding="utf-8") for c in key["configs"]]
+        override_files = {v: Path(v).read_text(encoding="utf-8") for v in values if _is_file(Path(v))}
     except (OSError, UnicodeDecodeError):  # the earlier key could not have been made of these
         return False
     if set(key.get("files", {})) != {str(Path(v)) for v in override_files}:
@@ -422,7 +422,7 @@ def _requested(root: Path) -> Tuple[Set[str], bool]:
     failed; the next command on the row writes it again."""
     path = root / REQUESTED_FILE
     try:
-        names = json.loads(path.read_text())
+        names = json.loads(path.read_bytes())
     except FileNotFoundError:
         return set(), True
     except (OSError, ValueError) as error:
@@ -536,7 +536,7 @@ def _claim_row(root: Path, key: Dict[str, Any], redo: str) -> Dict[str, Any]:
     refuse_foreign_file(path, _is_row_config, "a protocol row's config (a JSON object with its config_hash)",
                         f"Pass another --name for a separate row, or move {path} away.")
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_bytes())
     except (OSError, ValueError):
         old = None  # missing or empty (anything else was refused above)
     if old is None:  # older rows have no config.json: their result files carry the hash, or nothing to compare
@@ -576,7 +576,7 @@ def _row_hashes(root: Path) -> Optional[Set[str]]:
     an earlier version's record of the same settings was upgraded), or None where that is not known: no readable
     ``config.json``, or one written before it listed the hashes it replaced."""
     try:
-        recorded = json.loads((root / CONFIG_FILE).read_text())
+        recorded = json.loads((root / CONFIG_FILE).read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(recorded, dict) or not isinstance(recorded.get(EARLIER_HASHES), list):
@@ -585,7 +585,7 @@ def _row_hashes(root: Path) -> Optional[Set[str]]:
 
 
 def _is_row_config(path: Path) -> bool:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_bytes())
     return isinstance(data, dict) and "config_hash" in data
 
 
@@ -718,7 +718,7 @@ def discard_result(result: Path) -> None:
 def read_result(path: Path) -> Optional[Dict[str, Any]]:
     """A finished run's result, or None (missing, or unreadable: then the run is not counted)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

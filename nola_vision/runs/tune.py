@@ -1043,7 +1043,7 @@ def _refuse_a_row_no_choice_fits(root: Path, key: Dict[str, Any], grid: Dict[str
     add to the row. Other config files are told at once; a row recorded before named files counted, or naming files
     other than these settings, is left to the check after the search."""
     try:
-        recorded = json.loads((root / CONFIG_FILE).read_text())
+        recorded = json.loads((root / CONFIG_FILE).read_bytes())
     except (OSError, ValueError):
         return
     if not isinstance(recorded, dict) or "files" not in recorded and key.get("files"):
@@ -1064,13 +1064,13 @@ def _refuse_a_row_no_choice_fits(root: Path, key: Dict[str, Any], grid: Dict[str
 def _earlier_choice(root: Path) -> Optional[List[str]]:
     """The overrides ``best.json`` names (the choice of an earlier run of this search), or None."""
     try:
-        return json.loads((root / "best.json").read_text()).get("overrides")
+        return json.loads((root / "best.json").read_bytes()).get("overrides")
     except (OSError, ValueError, AttributeError):
         return None
 
 
 def _is_best_json(path: Path) -> bool:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_bytes())
     return isinstance(data, dict) and all(k in data for k in CHOSEN_KEYS)
 
 
@@ -1257,7 +1257,7 @@ def _append_choice(path: Path, chosen: Dict[str, Any], protocol: bool) -> None:
             "../results.md.")
     line = (f"\nChosen (trial #{chosen['trial']}, val acc {100 * chosen['val_acc']:.2f}%): "
             f"`{' '.join(chosen['overrides'])}` (also in best.json, best.yaml). {then}\n")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # as write_text_atomic wrote it
     if not text.endswith(line):  # another worker of the study, done at the same time, added it already
         write_text_atomic(path, text + line, check=_checked(path))
 
@@ -1349,7 +1349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nola-vision tune: error: {_storage_failure(err) or error_text(err)}", file=sys.stderr)
         return CONFIG_EXIT if isinstance(err, (ValueError, FileNotFoundError)) else 1  # refused, as fit's; else failed
     root = Path(args.out) / name
-    print((root / "tune_results.md").read_text())
+    print((root / "tune_results.md").read_text(encoding="utf-8", errors="surrogateescape"))
     if chosen is not None and not args.skip_protocol:
-        print((Path(args.out) / "results.md").read_text())
+        print((Path(args.out) / "results.md").read_text(encoding="utf-8", errors="surrogateescape"))
     return 0
