@@ -25,6 +25,24 @@ def test_merged_and_unloaded_model_runs_in_onnx_runtime(images, tmp_path):
     torch.testing.assert_close(torch.from_numpy(logits), adapted[:3], rtol=0, atol=1e-4)
 
 
+def test_a_quantisation_aware_model_whose_values_lie_near_their_grid_exports_and_computes_what_it_does(tmp_path):
+    # a 2-value head bias decodes a float32 step off itself, so the grid search ran inside the export's trace, where
+    # its int32 view of a float ended in "INTERNAL ASSERT FAILED ... aten::view" (a PyTorch bug report request)
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nv.inject(tiny_vit(num_classes=2), "linear")
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.1, -0.3]))
+    nv.set_quantization_aware(model, bits=8)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+    session = ort.InferenceSession(str(nv.export_onnx(model, tmp_path / "qat.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
 def test_an_eva_exports_as_a_merged_graph(tmp_path):
     # EVA's forward takes is_causal=False: traced as the graph's own argument it became a tensor timm refused
     ort = pytest.importorskip("onnxruntime")

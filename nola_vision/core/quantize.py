@@ -1,7 +1,8 @@
 """Uniform affine quantisation of adapter coefficients (per tensor), 4-bit packing, and its STE for training."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import struct
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -88,7 +89,7 @@ def grid_step(values: Tensor, codes: Tensor, minimum: float, step: float) -> flo
     with ``step``) sees what the file gives back."""
     if not step or abs(step) < FLOAT32_TINY:  # a constant tensor, or a float64 range: as quantize gave them
         return step
-    candidates = _steps_near(step, torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)).tolist()
+    candidates = _steps_near(step, range(-_NEAR, _NEAR + 1))
     flat = values.detach().float().flatten()
     for target in (flat, dequantize(codes, minimum, step)):  # values on a grid, else what ``step`` decodes
         found = next((c for c in candidates if torch.equal(dequantize(codes, minimum, c), target)), None)
@@ -172,20 +173,22 @@ def _decoded_on_their_grid(flat: Tensor, codes: Tensor, minimum: float, step: fl
     """``flat`` itself where a float32 step within ``_NEAR`` of ``step`` decodes ``codes`` to it exactly
     (``grid_step``'s first search: then a file stores ``flat``), else ``decoded``. The ``_ON_GRID`` nearest steps are
     tried first, in one product; the rest only where none of them is the grid."""
-    offsets = torch.arange(-_NEAR, _NEAR + 1, dtype=torch.int32)
-    near = offsets.abs() <= _ON_GRID
-    for ring in (offsets[near], offsets[~near]):
-        candidates = _steps_near(step, ring).to(flat.device)
+    offsets = range(-_NEAR, _NEAR + 1)
+    for ring in ([o for o in offsets if abs(o) <= _ON_GRID], [o for o in offsets if abs(o) > _ON_GRID]):
+        candidates = torch.tensor(_steps_near(step, ring), dtype=torch.float32, device=flat.device)
         grids = (minimum / 2 + codes.float().unsqueeze(0) * (candidates.unsqueeze(1) / 2)) * 2
         if bool((grids == flat).all(dim=1).any()):
             return flat
     return decoded
 
 
-def _steps_near(step: float, offsets: Tensor) -> Tensor:
-    """The normal float32 numbers ``offsets`` (int32) float32 steps away from ``step``: the candidate grid steps."""
-    near = (torch.tensor([step], dtype=torch.float32).view(torch.int32) + offsets).view(torch.float32)
-    return near[near >= FLOAT32_TINY]
+def _steps_near(step: float, offsets: Sequence[int]) -> List[float]:
+    """The normal float32 numbers ``offsets`` float32 steps away from ``step`` (rounded to float32): the candidate
+    grid steps. Counted on the float's bits in Python, not by viewing a tensor as int32, which the TorchScript tracer
+    (``torch.jit.trace``, the ONNX export) cannot record: exporting a quantisation-aware model failed on it."""
+    bits = struct.unpack("<i", struct.pack("<f", step))[0]
+    near = (struct.unpack("<f", struct.pack("<i", bits + offset))[0] for offset in offsets)
+    return [value for value in near if value >= FLOAT32_TINY]
 
 
 @_fake_quantize_op.register_fake
