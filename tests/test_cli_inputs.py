@@ -1,5 +1,6 @@
 """Bad command-line input to `nola-vision fit`: broken or deeply nested config files and values, options of the wrong
 type; each fails before training with a message that names the file or option."""
+import json
 import re
 import subprocess
 import sys
@@ -391,3 +392,21 @@ def test_an_empty_output_path_is_refused_not_taken_for_none(tmp_path, capsys):
     assert fit(tmp_path, "--trainer.logger", "false", "--result_file", "") == 2
     assert "--result_file is empty: pass a file path" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_data_root_through_a_link_and_dotdot_reads_the_folder_the_system_opens(tmp_path, monkeypatch):
+    # lnk/../imgs was made absolute as text (os.path.abspath dropped lnk/..): it read work/imgs, another data set,
+    # silently, instead of the real/imgs that `ls lnk/../imgs` lists
+    from test_protocol_checks import image_folder
+
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "lnk").symlink_to(tmp_path / "real" / "deep")
+    image_folder(tmp_path / "real" / "imgs", test_per_class=1)  # classes a, b
+    for label in ("x", "y", "z"):  # the decoy beside the link
+        (tmp_path / "work" / "imgs" / "train" / label).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert fit(tmp_path / "out", "--data.dataset", "imagefolder", "--data.root", "lnk/../imgs", "--data.shots", "2",
+               "--data.val_shots", "0", "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
+    saved = json.loads(next((tmp_path / "out").rglob("adapter_config.json")).read_text())
+    assert saved["class_names"] == ["a", "b"]

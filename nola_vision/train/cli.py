@@ -973,7 +973,7 @@ class NolaCLI(LightningCLI):
         from_config = bool(result) and not _given_on_command_line(argv, "--result_file")
         # the result_file of a fit's saved config (-c), as written and made absolute: read once for the checks below
         written = _saved_result_file(config.get("config") or []) if from_config else None
-        saved_result = os.path.abspath(expand_root(written)) if written is not None else None
+        saved_result = _from_working_directory(written) if written is not None else None
         if subcommand != "predict" and config.get("predictions_file") and _given_on_command_line(argv,
                                                                                                 "--predictions_file"):
             raise ValueError(f"{subcommand} writes no predictions: --predictions_file is for predict (its metrics go "
@@ -984,7 +984,7 @@ class NolaCLI(LightningCLI):
                                  "predictions go to --predictions_file (default <log_dir>/predictions.csv)")
             config.result_file = None
         elif (subcommand in ("test", "validate") and written is not None and not os.path.isabs(expand_root(written))
-              and saved_result == os.path.abspath(expand_root(result))):
+              and saved_result == _from_working_directory(result)):
             # recorded as typed by earlier versions: relative to the folder the fit ran in, which is not known here
             config.result_file = None
             rank_zero_info(f"nola_vision: the config's result_file {written} is the result of the run that saved the "
@@ -998,7 +998,7 @@ class NolaCLI(LightningCLI):
             rank_zero_info(f"nola_vision: the config's result_file {result} {whose}, kept as it is: pass "
                            f"--result_file to write the {subcommand} metrics")
         elif (subcommand == "fit" and from_config and config.get("ckpt_path") is None
-              and saved_result == os.path.abspath(expand_root(result))):
+              and saved_result == _from_working_directory(result)):
             # a new run from a run's saved config (a variant: other epochs, another seed) is another run: replacing
             # the saved run's result lost it, silently (a resume, with --ckpt_path, finishes that run and writes it)
             config.result_file = None
@@ -1599,7 +1599,7 @@ def _absolute(path: Any) -> Optional[str]:
     directory, as the run's ``data.root`` is (``_absolute_paths``)."""
     if path is None or path == "":
         return None
-    return str(path) if "://" in str(path) else os.path.abspath(path)
+    return str(path) if "://" in str(path) else _from_working_directory(path)
 
 
 def _images_root(evaluated: Any, given: Any) -> str:
@@ -2143,24 +2143,38 @@ def _absolute_paths(config: Any) -> None:
     for key in ("root", "split_file", "val_split_file", "split_dir"):
         path = data.get(key) if data is not None else None
         if isinstance(path, str) and path and "://" not in path:
-            data[key] = os.path.abspath(expand_root(path))  # "~/data" too: no shell expands it in a config file
+            data[key] = _from_working_directory(path)  # "~/data" too: no shell expands it in a config file
     model = config.get("model")
     for key in ("pretrained_file", "adapter_dir"):
         path = model.get(key) if model is not None else None
         if isinstance(path, str) and path and "://" not in path and path != OFFLINE_PRETRAINED_FILE:
-            model[key] = os.path.abspath(expand_root(path))
+            model[key] = _from_working_directory(path)
     for key in ("result_file", "predictions_file", "ckpt_path"):
         path = config.get(key)
         if isinstance(path, str) and path and "://" not in path and path not in _CHECKPOINT_NAMES:
-            config[key] = os.path.abspath(expand_root(path))
+            config[key] = _from_working_directory(path)
     trainer = config.get("trainer")
     if trainer is not None:
         root = trainer.get("default_root_dir")
         if root is None or isinstance(root, str) and root and "://" not in root:
-            trainer.default_root_dir = os.path.abspath(expand_root(root)) if root else os.getcwd()
+            trainer.default_root_dir = _from_working_directory(root) if root else os.getcwd()
         for init_args in _checkpoint_callback_args(trainer):
             if "://" not in init_args.dirpath:
-                init_args.dirpath = os.path.abspath(expand_root(init_args.dirpath))
+                init_args.dirpath = _from_working_directory(init_args.dirpath)
+
+
+def _from_working_directory(path: Any) -> str:
+    """``path`` (``~`` expanded) made absolute from the working directory, naming what the system opens there.
+
+    ``os.path.abspath`` drops ``link/..`` as text, naming the folder beside the link instead of the link target's
+    parent, which the system opens (and a folder of that name there was read silently): the part up to a path's last
+    ``..`` is resolved as the system resolves it, the rest kept as given."""
+    path = os.path.join(os.getcwd(), expand_root(os.fspath(path)))
+    parts = Path(path).parts
+    if ".." not in parts:
+        return os.path.normpath(path)
+    last = len(parts) - parts[::-1].index("..")
+    return os.path.normpath(os.path.join(os.path.realpath(os.path.join(*parts[:last])), *parts[last:]))
 
 
 def _check_seed(seed: object) -> None:
@@ -2183,7 +2197,7 @@ def _refuse_files_in_the_way(trainer: Any) -> None:
     for option, path in places:
         if not isinstance(path, (str, os.PathLike)) or not str(path) or "://" in str(path):
             continue
-        blocking = file_in_the_way(os.path.abspath(expand_root(str(path))))
+        blocking = file_in_the_way(_from_working_directory(str(path)))
         if blocking is not None:
             raise ValueError(f"{option} {path} cannot be a folder: {blocking} is a file. Choose a directory (the file "
                              "was left untouched, and nothing trained)")
