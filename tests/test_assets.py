@@ -346,6 +346,18 @@ def test_a_cache_folder_that_cannot_be_made_names_nola_vision_cache(tmp_path, mo
         assets.offline_backbone_file()
 
 
+def test_a_process_without_a_home_directory_is_told_to_set_nola_vision_cache(monkeypatch):
+    # no HOME and no user entry (a container's anonymous user): the bare "Could not determine home directory."
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("NOLA_VISION_CACHE", raising=False)
+    monkeypatch.setattr(assets.Path, "home", staticmethod(no_home))
+    with pytest.raises(OSError, match=r"no home directory \(Could not determine home directory.\): point "
+                       "NOLA_VISION_CACHE at a folder"):
+        assets.offline_backbone_file()
+
+
 @pytest.mark.parametrize("size", [(56, 84), 56.0, True])
 def test_an_offline_image_size_that_is_not_one_int_is_refused_before_the_cache_is_read(tmp_path, size):
     # a pair reached timm's checkpoint filter as an input size and failed there with a bare TypeError

@@ -720,6 +720,18 @@ def test_a_replaced_file_keeps_its_mode_group_and_attributes_and_a_new_file_gets
     assert stat_mode(fresh.stat()) == 0o644
 
 
+def test_the_files_of_an_adapter_saved_again_keep_their_mode(tmp_path):
+    # the user made the adapter's files private: each save again gave them the umask's 0644, world-readable
+    target = saved_adapter(tmp_path / "adapter", seed=1)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        os.chmod(target / name, 0o600)
+    nv.save_adapter(trained(2), target)
+    assert {stat_mode((target / name).stat()) for name in (CONFIG_NAME, WEIGHTS_NAME)} == {0o600}
+    assert nv.load_adapter(tiny_vit(), target) is not None
+    fresh = nv.save_adapter(trained(3), tmp_path / "fresh")  # a new adapter: the umask's mode
+    assert {stat_mode((fresh / name).stat()) for name in (CONFIG_NAME, WEIGHTS_NAME)} == {0o644}
+
+
 @pytest.mark.skipif(not hasattr(os, "setxattr"), reason="extended attributes are a Linux call here")
 def test_a_saved_adapter_directory_keeps_its_extended_attributes(tmp_path):
     target = saved_adapter(tmp_path / "adapter", seed=1)

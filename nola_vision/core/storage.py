@@ -744,6 +744,7 @@ def atomic_directory(path: PathLike, check: Optional[Callable[[], None]] = None,
                 check()
             if old is not None:
                 _copy_access(target, old, staged)
+                _keep_files_access(target, staged, written)
             new_set = set(os.listdir(staged))
             with _explained_write_failure(target, unchanged):  # a failed swap leaves the old set in place
                 old_set = _swap_in(staged, target)
@@ -1375,6 +1376,17 @@ def _copy_access(source: Path, info: os.stat_result, path: PathLike) -> None:
     except OSError:  # an attribute this user may not read (another user's private file): its mode, as before
         os.chmod(path, stat.S_IMODE(info.st_mode))
     os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def _keep_files_access(target: Path, staged: Path, written: Sequence[str]) -> None:
+    """Give each file the block wrote in ``staged`` the mode of the file of that name it replaces in ``target``: a
+    private adapter file (0600) came back with the writer's umask (0644) at every save. Its group stays the one the
+    folder gives new files (a shared setgid folder's)."""
+    for name in written:
+        with suppress(OSError):  # a file that cannot be looked at, or a mode this user may not give: as written
+            old = os.lstat(target / name)
+            if stat.S_ISREG(old.st_mode) and stat.S_ISREG(os.lstat(staged / name).st_mode):
+                os.chmod(staged / name, stat.S_IMODE(old.st_mode))
 
 
 def _stat_or_none(path: Path) -> Optional[os.stat_result]:
