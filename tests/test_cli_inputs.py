@@ -1,6 +1,7 @@
 """Bad command-line input to `nola-vision fit`: broken or deeply nested config files and values, options of the wrong
 type; each fails before training with a message that names the file or option."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -410,3 +411,24 @@ def test_a_data_root_through_a_link_and_dotdot_reads_the_folder_the_system_opens
                "--data.val_shots", "0", "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
     saved = json.loads(next((tmp_path / "out").rglob("adapter_config.json")).read_text())
     assert saved["class_names"] == ["a", "b"]
+
+
+def test_an_init_args_key_of_a_custom_method_named_on_the_command_line_is_not_refused(tmp_path):
+    # a -c file's init_args without class_path for a custom class given by --model.adapter: its module was not
+    # imported yet when the files were checked, so its own option read as "an option of no adapter config class"
+    (tmp_path / "widened.py").write_text(
+        "from dataclasses import dataclass\nimport nola_vision as nv\n"
+        "from example_method import FrozenAConfig, FrozenALinear\n\n"
+        "@dataclass\nclass WidenedConfig(FrozenAConfig):\n    spread: float = 1.0\n    method = 'widened'\n\n"
+        "nv.register_method('widened', WidenedConfig, FrozenALinear)\n")
+    tweak = _written(tmp_path / "tweak.yaml", "model:\n  adapter:\n    init_args:\n      spread: 2.0\n")
+    typo = _written(tmp_path / "typo.yaml", "model:\n  adapter:\n    init_args:\n      spraed: 2.0\n")
+    code = ("import sys\nfrom nola_vision.train.cli import check_config_sources\n"
+            f"check_config_sources(['fit', '-c', {str(TINY)!r}, '--model.adapter', 'widened.WidenedConfig', '-c', "
+            f"{tweak!r}])"
+            f"\ntry:\n    check_config_sources(['fit', '-c', {str(TINY)!r}, '-c', {typo!r}])\n"
+            "except ValueError as error:\n    print(error)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "init_args.spraed is an option of no adapter config class" in done.stdout  # still a typo to the others

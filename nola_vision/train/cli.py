@@ -1774,6 +1774,8 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                 if subcommands and subcommand_at < len(args):
                     _check_top_level_keys(node, value, args[subcommand_at])
                 _check_section_keys(node, value, trainer_class)
+        elif option == "--model.adapter" and value[:1] not in ("{", "["):
+            _import_module_of(value)  # a custom method's config class registers itself: its options are then known
         elif option in ("--model", "--data", "--trainer"):  # a section given whole: a file or an inline mapping
             inline = f"the value of {option}"
             where, node = ((inline, _check_yaml(value, inline, syntax=False)) if value[:1] in ("{", "[")
@@ -1967,6 +1969,14 @@ def _check_adapter_init_args(node: Any, label: str) -> None:
     for option, _ in init_args.value:
         if isinstance(option, yaml.ScalarNode):
             _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, label)
+
+
+def _import_module_of(class_path: str) -> None:
+    """Import the module of ``class_path`` (``mypackage.MyConfig``), as the parser will, where it names one."""
+    module = class_path.rpartition(".")[0]
+    if module:
+        with contextlib.suppress(Exception):  # the parser names what fails to import
+            importlib.import_module(module)
 
 
 def _refuse_keys_of_no_adapter(init_args: Any, label: str) -> None:
