@@ -58,8 +58,10 @@ from ..core.inject import (
     quantization_aware_bits,
     refuse_wrapped_adapters,
     require_unchanged_statistics,
+    unload,
     unwrap_model,
 )
+from ..core.interrupts import all_or_nothing
 from ..core.layer import adapted_layers, factors_overflow, narrow_range
 from ..core.merge import delta_factors_of_values, require_current_merge, switch_lock, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
@@ -1732,9 +1734,13 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
     with switch_lock(target):  # another thread's switch of this model waits: their writes would interleave
         verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                                   allow_unchecked_legacy=allow_unchecked_legacy)
-        if adapter_state(target) is None:
-            inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
-        switch_merged(target, verified.values)  # plain copies; a merged model switches in place and stays merged
-        names = verified.class_names
-        adapter_state(target).loaded_class_names = (str(directory), list(names)) if names else None
+        # the model wholly the task, or (an error, Ctrl-C part-way) as it was: a first load interrupted between the
+        # inject and the copy left fresh untrained adapters that a save then wrote as a task
+        with all_or_nothing("nv.load_adapter") as undo:
+            if adapter_state(target) is None:
+                inject(model, verified.plan)  # through the wrapper: refused under DistributedDataParallel
+                undo.append(lambda: unload(target))
+            switch_merged(target, verified.values)  # plain copies; a merged model switches in place and stays merged
+            names = verified.class_names
+            adapter_state(target).loaded_class_names = (str(directory), list(names)) if names else None
     return model

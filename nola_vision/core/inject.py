@@ -37,6 +37,7 @@ from .merge import (
     checkpointed_models,
     combine_shared_factors,
     has_shared_bases,
+    holding_switch_lock,
     merge,
     reentrant_checkpointing_inputs,
     reentrant_checkpointing_output,
@@ -594,6 +595,7 @@ def _run_the_layer(module: nn.Module, args: tuple) -> None:
     """A forward pre-hook that changes nothing: its presence keeps a fast path from bypassing the layer."""
 
 
+@holding_switch_lock
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without keeping its update: the original modules, weights and ``requires_grad`` flags.
 
@@ -610,10 +612,12 @@ def unload(model: nn.Module) -> nn.Module:
     require_own_merged_flags(model, "unload")  # before any layer changes
     require_stored_weights(adapted_layers(model), "unload", ("weight", "bias"))
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
-    _remove_injection(unmerge(model), state)
+    with interrupts_deferred():  # unmerged and removed together: unmerge's own hold let a Ctrl-C in between
+        _remove_injection(unmerge(model), state, "unload")
     return wrapper
 
 
+@holding_switch_lock
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter's update into its original module's weight, then remove the injection.
 
@@ -637,7 +641,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             for parameter in head.parameters():
                 parameter.copy_(fake_quantize(parameter, bits))
     with interrupts_deferred():  # removed and recorded together: a Ctrl-C between them lost what was folded in
-        _remove_injection(model, state)
+        _remove_injection(model, state, "merge_and_unload")
         if state.plan.layers:
             folded = {"method": state.method, "config": state.config_dict(), "layers": sorted(state.plan.layers)}
             record_merged(model, folded, probes, held)
@@ -668,12 +672,21 @@ def _require_own_adapter_state(model: nn.Module, action: str) -> AdapterState:
     return state
 
 
-def _remove_injection(model: nn.Module, state: AdapterState) -> nn.Module:
+def _remove_injection(model: nn.Module, state: AdapterState, action: str) -> nn.Module:
     """Give back the replaced modules and moved activations, remove the hooks, restore the flags and the state, with
-    Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served."""
+    Ctrl-C held: an unload interrupted inside a layer's activation hand-back could be neither run again nor served.
+    An error giving a layer back (a user's module hook) says what is left and that ``action`` run again finishes it:
+    the layers given back already hold what the others still compute, so nothing reported the half-unloaded model."""
     with interrupts_deferred():
-        for name, layer in adapted_layers(model).items():
-            _give_back(model, name, layer)
+        layers = adapted_layers(model)
+        for done, (name, layer) in enumerate(layers.items()):
+            try:
+                _give_back(model, name, layer)
+            except Exception as error:
+                raise RuntimeError(
+                    f"nv.{action} failed giving back {name} ({type(error).__name__}: {error}) after {done} of "
+                    f"{len(layers)} adapted layers were given back: the model is left partly unloaded. Remove the "
+                    f"cause, then call nv.{action}(model) again to finish (it gives back the layers left)") from error
         for module in list(model.modules()):  # an adapted fc2 replaced after inject left its activation's placeholder
             placeholder = module._modules.get("act")
             if isinstance(placeholder, MovedActivation) and placeholder.__dict__.get("activation") is not None:
@@ -760,6 +773,7 @@ def _restore_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
             parameter.requires_grad_(flags.get(name, parameter.requires_grad))
 
 
+@holding_switch_lock
 def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
     """Train against the values ``save_adapter(bits=bits)`` stores (straight-through estimator); ``None`` turns it off.
 
@@ -788,18 +802,30 @@ def set_quantization_aware(model: nn.Module, bits: Optional[int]) -> nn.Module:
             f"{adapted_layers(model)[merged[0]].quant_bits}, and unmerge (or a task switch) subtracts the update as "
             "the current setting sees it, so changing it now would leave another update in the frozen weight. Call "
             "nv.unmerge(model) first, then set_quantization_aware, then nv.merge(model) again")
-    for layer in adapted_layers(model).values():
-        layer.quant_bits = bits
-    if state is not None:
-        state.quant_bits = bits
-        for handle in _head_hooks(state):
-            handle.remove()
-        head = classifier_head(model)
-        hooks = _quantize_head(head, head_bits(bits)) if bits is not None and head is not None else None
-        if hooks is not None and not adapted_layers(model):  # a linear probe: no adapted layer records the bits
-            hooks.append(model._register_state_dict_hook(functools.partial(_save_bits, bits)))
-        state.quantized_head = hooks
+    # every layer, the state and the head at the new bits, or (an error, Ctrl-C part-way) all at the old ones: a
+    # model reporting 8 bits with layers at 4, or a head without its hooks, saved a file that gave other outputs
+    with all_or_nothing("nv.set_quantization_aware") as undo:
+        for layer in adapted_layers(model).values():
+            undo.append(functools.partial(setattr, layer, "quant_bits", layer.quant_bits))
+            layer.quant_bits = bits
+        if state is not None:
+            undo.append(functools.partial(_set_head_bits, model, state, state.quant_bits))
+            _set_head_bits(model, state, bits)
     return wrapper
+
+
+def _set_head_bits(model: nn.Module, state: AdapterState, bits: Optional[int]) -> None:
+    """Record ``bits`` in ``state`` and show the classifier head at the width files keep it at those bits (its
+    hooks replaced; none for ``None``)."""
+    state.quant_bits = bits
+    for handle in _head_hooks(state):
+        handle.remove()
+    state.quantized_head = None
+    head = classifier_head(model)
+    state.quantized_head = hooks = (_quantize_head(head, head_bits(bits)) if bits is not None and head is not None
+                                    else None)
+    if hooks is not None and not adapted_layers(model):  # a linear probe: no adapted layer records the bits
+        hooks.append(model._register_state_dict_hook(functools.partial(_save_bits, bits)))
 
 
 def refuse_wrapped_adapters(model: nn.Module, fix: str) -> None:
@@ -890,12 +916,18 @@ def _quantize_head(head: nn.Module, bits: int) -> List[Union[RemovableHandle, _S
     """Forward hooks that show each layer of the head with its parameters as files store them (``bits``): the head
     itself when it is a Linear, else each of its modules that holds parameters (timm's CrossViT has a Linear per
     branch in a ModuleList, which is never called itself)."""
-    hooks = []
-    for module in head.modules():
-        if type(module).forward is nn.Linear.forward:  # a Linear (a subclass with a forward of its own is not)
-            hooks.append(module.register_forward_hook(functools.partial(_quantized_linear, bits), with_kwargs=True))
-        elif any(parameter is not None for parameter in module._parameters.values()):
-            hooks.append(_StoredBitsForward(module, bits))
+    hooks: List[Union[RemovableHandle, _StoredBitsForward]] = []
+    try:
+        for module in head.modules():
+            if type(module).forward is nn.Linear.forward:  # a Linear (a subclass with a forward of its own is not)
+                hooks.append(module.register_forward_hook(functools.partial(_quantized_linear, bits),
+                                                          with_kwargs=True))
+            elif any(parameter is not None for parameter in module._parameters.values()):
+                hooks.append(_StoredBitsForward(module, bits))
+    except BaseException:  # none left behind that no state names
+        for hook in hooks:
+            hook.remove()
+        raise
     return hooks
 
 

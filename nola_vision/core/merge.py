@@ -9,7 +9,7 @@ import sys
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,13 +20,13 @@ from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_records
 from .interrupts import all_or_nothing
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected, narrow_range
-from .targets import require_module
+from .targets import require_module, unwrap_model
 
 __all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
-           "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases", "merge",
-           "merged_delta_factors", "reentrant_checkpointing_inputs", "reentrant_checkpointing_output",
-           "release_shared_factors", "require_current_merge", "require_own_merged_flags", "shared_delta_factors",
-           "switch_lock", "switch_merged", "unmerge"]
+           "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases",
+           "holding_switch_lock", "merge", "merged_delta_factors", "reentrant_checkpointing_inputs",
+           "reentrant_checkpointing_output", "release_shared_factors", "require_current_merge",
+           "require_own_merged_flags", "shared_delta_factors", "switch_lock", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -341,6 +341,20 @@ def batched_factors(model: nn.Module) -> Iterator[None]:
         release_shared_factors(model)
 
 
+def holding_switch_lock(action: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``action(model, ...)``, a change of the model's weights or adapters, under the model's ``switch_lock``: a merge
+    beside another thread's merge, unmerge, unload or task switch interleaved their read-modify-writes of the frozen
+    weights, which then stayed off for good."""
+    @functools.wraps(action)
+    def held(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        if not isinstance(model, nn.Module):  # the action refuses it by name
+            return action(model, *args, **kwargs)
+        with switch_lock(unwrap_model(model)):
+            return action(model, *args, **kwargs)
+    return held
+
+
+@holding_switch_lock
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter's ΔW into its frozen weight: inference then costs what the base model costs.
 
@@ -456,6 +470,7 @@ def require_current_merge(model: nn.Module, action: str) -> None:
                 "nv.unmerge(model) first (nv.merge again to evaluate the new values), or undo the change")
 
 
+@holding_switch_lock
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` so the adapters can train again: each layer subtracts exactly the update it merged, whatever
     happened to its trained tensors since (an optimizer step while merged)."""
