@@ -351,11 +351,15 @@ def test_a_process_without_a_home_directory_is_told_to_set_nola_vision_cache(mon
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.delenv("NOLA_VISION_CACHE", raising=False)
-    monkeypatch.setattr(assets.Path, "home", staticmethod(no_home))
-    with pytest.raises(OSError, match=r"no home directory \(Could not determine home directory.\): point "
-                       "NOLA_VISION_CACHE at a folder"):
-        assets.offline_backbone_file()
+    monkeypatch.setattr(assets.Path, "expanduser", lambda path: no_home())
+    for cache in (None, "~/nv_cache"):  # the default, and a setting with ~ (as a shell would not expand it)
+        if cache is None:
+            monkeypatch.delenv("NOLA_VISION_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("NOLA_VISION_CACHE", cache)
+        with pytest.raises(OSError, match=r"is under a home directory, which this process has none of \(Could not "
+                           r"determine home directory.\): point NOLA_VISION_CACHE at a folder"):
+            assets.offline_backbone_file()
 
 
 @pytest.mark.parametrize("size", [(56, 84), 56.0, True])

@@ -198,6 +198,14 @@ def test_options_given_to_a_method_name_from_a_config_file_are_refused_too(tmp_p
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_the_parsers_own_options_after_a_method_name_are_left_to_it(tmp_path):
+    # --model.adapter.help and a class switch by --model.adapter.class_path after `adapter: linear` were refused
+    linear = _written(tmp_path / "linear.yaml", "model:\n  adapter: linear\n")
+    for args in (["--model.adapter.help", "LoRAConfig"],
+                 ["--model.adapter.class_path", "LoRAConfig", "--model.adapter.init_args.rank", "2"]):
+        check_config_sources(["fit", "-c", str(TINY), "-c", linear, *args])
+
+
 def test_an_init_args_key_no_adapter_class_takes_is_named_without_a_class_path(tmp_path, capsys):
     # init_args for the class set before (no class_path) with a typo: the parser's Union dump
     typo = _written(tmp_path / "typo.yaml", "model:\n  adapter:\n    init_args:\n      rnk: 4\n")
@@ -413,9 +421,10 @@ def test_a_data_root_through_a_link_and_dotdot_reads_the_folder_the_system_opens
     assert saved["class_names"] == ["a", "b"]
 
 
-def test_an_init_args_key_of_a_custom_method_named_on_the_command_line_is_not_refused(tmp_path):
-    # a -c file's init_args without class_path for a custom class given by --model.adapter: its module was not
-    # imported yet when the files were checked, so its own option read as "an option of no adapter config class"
+@pytest.mark.parametrize("naming", ["--model.adapter", "class_path in a file", "class name in a file"])
+def test_an_init_args_key_of_a_custom_method_named_before_it_is_not_refused(tmp_path, naming):
+    # a -c file's init_args without class_path for a custom class named before it: its module was not imported yet
+    # when the files were checked, so its own option read as "an option of no adapter config class"
     (tmp_path / "widened.py").write_text(
         "from dataclasses import dataclass\nimport nola_vision as nv\n"
         "from example_method import FrozenAConfig, FrozenALinear\n\n"
@@ -423,9 +432,13 @@ def test_an_init_args_key_of_a_custom_method_named_on_the_command_line_is_not_re
         "nv.register_method('widened', WidenedConfig, FrozenALinear)\n")
     tweak = _written(tmp_path / "tweak.yaml", "model:\n  adapter:\n    init_args:\n      spread: 2.0\n")
     typo = _written(tmp_path / "typo.yaml", "model:\n  adapter:\n    init_args:\n      spraed: 2.0\n")
+    named = {"--model.adapter": ["--model.adapter", "widened.WidenedConfig"],
+             "class_path in a file": ["-c", _written(tmp_path / "c.yaml", "model:\n  adapter:\n    class_path: "
+                                                           "widened.WidenedConfig\n")],
+             "class name in a file": ["-c", _written(tmp_path / "n.yaml", "model:\n  adapter: "
+                                                           "widened.WidenedConfig\n")]}[naming]
     code = ("import sys\nfrom nola_vision.train.cli import check_config_sources\n"
-            f"check_config_sources(['fit', '-c', {str(TINY)!r}, '--model.adapter', 'widened.WidenedConfig', '-c', "
-            f"{tweak!r}])"
+            f"check_config_sources(['fit', '-c', {str(TINY)!r}, *{named!r}, '-c', {tweak!r}])"
             f"\ntry:\n    check_config_sources(['fit', '-c', {str(TINY)!r}, '-c', {typo!r}])\n"
             "except ValueError as error:\n    print(error)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])}

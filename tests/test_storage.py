@@ -730,6 +730,10 @@ def test_the_files_of_an_adapter_saved_again_keep_their_mode(tmp_path):
     assert nv.load_adapter(tiny_vit(), target) is not None
     fresh = nv.save_adapter(trained(3), tmp_path / "fresh")  # a new adapter: the umask's mode
     assert {stat_mode((fresh / name).stat()) for name in (CONFIG_NAME, WEIGHTS_NAME)} == {0o644}
+    # a copy links the source's files in: given the mode of the copy it replaced, the source's went with them
+    storage.copy_directory(target, fresh)
+    assert {stat_mode((path / name).stat()) for path in (target, fresh) for name in (CONFIG_NAME, WEIGHTS_NAME)} \
+        == {0o600}
 
 
 @pytest.mark.skipif(not hasattr(os, "setxattr"), reason="extended attributes are a Linux call here")

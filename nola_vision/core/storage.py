@@ -1381,11 +1381,12 @@ def _copy_access(source: Path, info: os.stat_result, path: PathLike) -> None:
 def _keep_files_access(target: Path, staged: Path, written: Sequence[str]) -> None:
     """Give each file the block wrote in ``staged`` the mode of the file of that name it replaces in ``target``: a
     private adapter file (0600) came back with the writer's umask (0644) at every save. Its group stays the one the
-    folder gives new files (a shared setgid folder's)."""
+    folder gives new files (a shared setgid folder's). A file linked in (``copy_directory``'s hard links) keeps its
+    own: its mode is the source's, which a chmod would change."""
     for name in written:
         with suppress(OSError):  # a file that cannot be looked at, or a mode this user may not give: as written
-            old = os.lstat(target / name)
-            if stat.S_ISREG(old.st_mode) and stat.S_ISREG(os.lstat(staged / name).st_mode):
+            old, new = os.lstat(target / name), os.lstat(staged / name)
+            if stat.S_ISREG(old.st_mode) and stat.S_ISREG(new.st_mode) and new.st_nlink == 1:
                 os.chmod(staged / name, stat.S_IMODE(old.st_mode))
 
 

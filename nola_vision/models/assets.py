@@ -64,12 +64,12 @@ class AssetDownloadError(RuntimeError):
 def _cache_dir(cache_dir: str | Path | None) -> Path:
     """The cache folder: the argument, else ``$NOLA_VISION_CACHE``, else ``~/.cache/nola_vision``."""
     if cache_dir is None:
-        try:
-            cache_dir = os.environ.get("NOLA_VISION_CACHE") or Path.home() / ".cache" / "nola_vision"
-        except RuntimeError as err:  # no HOME and no user entry (a container's anonymous user): a bare message
-            raise OSError(f"nola_vision's cache folder is ~/.cache/nola_vision, but this process has no home "
-                          f"directory ({err}): point NOLA_VISION_CACHE at a folder this user can write") from err
-    path = Path(cache_dir).expanduser()
+        cache_dir = os.environ.get("NOLA_VISION_CACHE") or "~/.cache/nola_vision"
+    try:
+        path = Path(cache_dir).expanduser()
+    except RuntimeError as err:  # no HOME and no user entry (a container's anonymous user): a bare message
+        raise OSError(f"nola_vision's cache folder {cache_dir} is under a home directory, which this process has none "
+                      f"of ({err}): point NOLA_VISION_CACHE at a folder this user can write, without ~") from err
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -391,7 +391,14 @@ class _Search:
                     # after a failure nothing more is drawn: later draws learn from every earlier result, and the
                     # next run retries the failed one in its draw's place first
                     if used >= self.tpe_budget or self.failures:
-                        return None
+                        unbeaten = any(t.state == TrialState.RUNNING and _BEATING not in t.user_attrs for t in trials)
+                        if self.failures or not unbeaten:
+                            return None
+                        # a trial never beaten holds the last draw: wait out its grace period on this worker's
+                        # clock (_fail_never_beaten), then its draw is run again
+                        if stopping_within(min(5.0, self.heartbeat_s)):
+                            return None
+                        continue
                     orphan = self._orphan(trials)
                     if orphan is not None:  # its point again, under its draw: as the uninterrupted search ran it
                         self.study.enqueue_trial(orphan.params, user_attrs={_RETRY: orphan.number,

@@ -1820,7 +1820,9 @@ def _refuse_options_of_a_method_name(args: List[str]) -> None:
                 name = node if isinstance(node, str) and node.lower() in METHODS else None
                 source = f"--model.adapter {name}" if option == "--model.adapter" else \
                     f"{option} {value} (its model.adapter: {name})"
-        elif name is not None and option.startswith("--model.adapter."):
+        elif option == "--model.adapter.class_path":  # another class: its options are its own
+            name = None
+        elif name is not None and option.startswith("--model.adapter.") and option != "--model.adapter.help":
             key = option[len("--model.adapter."):].removeprefix("init_args.").split(".", 1)[0]
             takers = [method.config_cls.__name__ for method in METHODS.values()
                       if key in inspect.signature(method.config_cls).parameters]
@@ -1953,9 +1955,14 @@ def _init_args_too(node: Any) -> List[Tuple[Any, Any]]:
 def _check_adapter_init_args(node: Any, label: str) -> None:
     """Refuse an ``init_args`` key of ``model.adapter`` that its ``class_path`` config class has no field for (a
     class that cannot be imported is left to the parser, which names it)."""
+    if isinstance(node, yaml.ScalarNode):  # a class by name (adapter: mypackage.MyConfig): later files' options
+        _import_module_of(str(node.value))  # of a custom class are known once its module registered it
+        return
     fields = dict((key.value, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)) \
         if isinstance(node, yaml.MappingNode) else {}
     class_path, init_args = fields.get("class_path"), fields.get("init_args")
+    if isinstance(class_path, yaml.ScalarNode):
+        _import_module_of(str(class_path.value))
     if class_path is None and isinstance(init_args, yaml.MappingNode):
         _refuse_keys_of_no_adapter(init_args, label)
     if not isinstance(class_path, yaml.ScalarNode) or not isinstance(init_args, yaml.MappingNode):
