@@ -285,11 +285,12 @@ def test_a_ctrl_c_in_the_unmerge_of_an_unload_is_held_until_the_unload_is_done(t
 
 
 @pytest.mark.parametrize("pair", [("merge", "merge"), ("merge", "load_adapter"), ("unmerge", "load_adapter"),
-                                  ("unload", "load_adapter")])
+                                  ("unload", "load_adapter"), ("unmerge through a wrapper", "load_adapter")])
 def test_merges_unmerges_and_unloads_take_turns_with_each_other_and_task_switches(tasks, images, pair, monkeypatch):
     # only switches took the model's lock: two merges (or a merge, unmerge or unload beside a switch) interleaved
     # their writes of the frozen weights, which stayed off after unload (0.04 to 0.06), or left a model matching
-    # neither task. Each layer's write waits a moment here, so that unserialised threads always interleave.
+    # neither task; so did one through a wrapper (nn.Sequential(model)), whose lock was its own. Each layer's write
+    # waits a moment here, so that unserialised threads always interleave.
     import threading
     import time
 
@@ -303,6 +304,7 @@ def test_merges_unmerges_and_unloads_take_turns_with_each_other_and_task_switche
             nv.merge(model)
         errors = []
         actions = {"merge": (nv.merge, model), "unmerge": (nv.unmerge, model), "unload": (nv.unload, model),
+                   "unmerge through a wrapper": (nv.unmerge, torch.nn.Sequential(model)),
                    "load_adapter": (nv.load_adapter, model, tasks / "b")}
         threads = [threading.Thread(target=_recording, args=(actions[name][0], errors, *actions[name][1:]))
                    for name in pair]

@@ -477,3 +477,25 @@ def test_best_yaml_of_a_class_switch_with_its_init_args_composes_into_the_model_
     composed = cli_parser().parse_args(["fit", "-c", TINY, "-c", str(tmp_path / "out" / "t" / "best.yaml")])
     trial = cli_parser().parse_args(["fit", "-c", TINY, *best["overrides"]])
     assert composed["fit"]["model"] == trial["fit"]["model"]
+
+
+def test_a_worker_awaiting_a_never_beaten_trial_leaves_the_other_workers_free(tmp_path):
+    # it waited out the grace period holding the workers' lock: another worker's finished 0.2 s fit could not be
+    # recorded meanwhile, and its trial's duration read 10 to 15 s
+    import optuna
+
+    python = fake_python(tmp_path, acc="0.5", metric="val/acc")
+    args = dict(out=str(tmp_path / "out"), name="t", python=python, skip_protocol=True, overrides=FAST, heartbeat_s=3,
+                sampler="tpe")
+    run_tune([TINY], parse_grid(["model.lr=1e-3,2e-2"]), echo=False, **{**args, "n_trials": 1})
+    storage = f"sqlite:///{tmp_path / 'out' / 't' / 'tune.db'}"
+    optuna.load_study(study_name="t", storage=storage).ask()  # a killed worker's claim, never beaten
+    code = ("from nola_vision.runs.tune import run_tune, parse_grid\n"
+            "from nola_vision.runs.executors import LocalExecutor\n"
+            f"run_tune([{TINY!r}], parse_grid(['model.lr=1e-3,2e-2']), echo=False, executor=LocalExecutor(2), "
+            f"n_trials=3, **{args!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name="t", storage=storage).trials
+    assert [t.state.name for t in trials].count("COMPLETE") == 3
+    assert max(t.user_attrs["duration_s"] for t in trials if t.state.name == "COMPLETE") < 5  # 9 s of grace

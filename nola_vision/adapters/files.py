@@ -63,7 +63,7 @@ from ..core.inject import (
 )
 from ..core.interrupts import all_or_nothing
 from ..core.layer import adapted_layers, factors_overflow, narrow_range
-from ..core.merge import delta_factors_of_values, require_current_merge, switch_lock, switch_merged
+from ..core.merge import SWITCH_LOCK, delta_factors_of_values, require_current_merge, switch_merged
 from ..core.plan import InjectionPlan, plan_injection
 from ..core.quantize import (
     INTEGER_BITS,
@@ -599,7 +599,7 @@ def _has_export_mark(weights: Path) -> bool:
 def _small_json(config: Path) -> Any:
     """The JSON document in ``config``; ValueError (as for text that is not JSON) for a file too large to be a
     config, which is not read."""
-    with open(config, "rb") as file:
+    with config.open("rb") as file:
         if os.fstat(file.fileno()).st_size > _CONFIG_LIMIT:
             raise ValueError(f"{config} is larger than a config")
         return json.loads(file.read())
@@ -1731,7 +1731,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, check_frozen_weights:
         raise AdapterLoadError("the model's weights are on the meta device, which holds no values: the adapter's "
                                "values would be lost there. materialize the model first (model.to_empty(device='cpu'), "
                                "then load its weights), then load the adapter")
-    with switch_lock(target):  # another thread's switch of this model waits: their writes would interleave
+    with SWITCH_LOCK:  # another thread's switch, merge or unload waits: their writes would interleave
         verified = verify_adapter(target, directory, check_frozen_weights=check_frozen_weights,
                                   allow_unchecked_legacy=allow_unchecked_legacy)
         # the model wholly the task, or (an error, Ctrl-C part-way) as it was: a first load interrupted between the

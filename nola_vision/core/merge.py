@@ -20,13 +20,13 @@ from .basis import BasisSpec, combine_bases
 from .fingerprint import frozen_records
 from .interrupts import all_or_nothing
 from .layer import AdaptedLinear, adapted_layers, as_factors, full_precision, is_injected, narrow_range
-from .targets import require_module, unwrap_model
+from .targets import require_module
 
-__all__ = ["batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
+__all__ = ["SWITCH_LOCK", "batched_factors", "checkpointed_models", "checkpointing_modules", "combine_shared",
            "combine_shared_factors", "delta_factors_of_values", "gradient_checkpointing", "has_shared_bases",
            "holding_switch_lock", "merge", "merged_delta_factors", "reentrant_checkpointing_inputs",
            "reentrant_checkpointing_output", "release_shared_factors", "require_current_merge",
-           "require_own_merged_flags", "shared_delta_factors", "switch_lock", "switch_merged", "unmerge"]
+           "require_own_merged_flags", "shared_delta_factors", "switch_merged", "unmerge"]
 
 # (layer, shared basis, coefficients): one request of ``combine_shared``.
 SharedEntry = Tuple[AdaptedLinear, BasisSpec, Tensor]
@@ -342,15 +342,13 @@ def batched_factors(model: nn.Module) -> Iterator[None]:
 
 
 def holding_switch_lock(action: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """``action(model, ...)``, a change of the model's weights or adapters, under the model's ``switch_lock``: a merge
-    beside another thread's merge, unmerge, unload or task switch interleaved their read-modify-writes of the frozen
+    """``action(model, ...)``, a change of a model's weights or adapters, under ``SWITCH_LOCK``: a merge beside
+    another thread's merge, unmerge, unload or task switch interleaved their read-modify-writes of the frozen
     weights, which then stayed off for good."""
     @functools.wraps(action)
-    def held(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        if not isinstance(model, nn.Module):  # the action refuses it by name
-            return action(model, *args, **kwargs)
-        with switch_lock(unwrap_model(model)):
-            return action(model, *args, **kwargs)
+    def held(*args: Any, **kwargs: Any) -> nn.Module:
+        with SWITCH_LOCK:
+            return action(*args, **kwargs)
     return held
 
 
@@ -520,19 +518,12 @@ def require_own_merged_flags(model: nn.Module, action: str) -> None:
         layer.require_own_merged_flag(action, name, exact=True)
 
 
-def switch_lock(model: nn.Module) -> threading.RLock:
-    """The lock a task switch of ``model`` holds from its check of the frozen weights to its last write: two switches
-    from two threads would interleave their read-modify-writes of the merged weights (W += ΔW_new − ΔW_old), which
-    then stayed off for good."""
-    with _LOCKS_LOCK:
-        lock = _SWITCH_LOCKS.get(model)
-        if lock is None:
-            lock = _SWITCH_LOCKS[model] = threading.RLock()
-        return lock
-
-
-_SWITCH_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
+# The lock a task switch, merge, unmerge or unload holds from its checks to its last write, one for the process: two
+# such changes from two threads interleaved their read-modify-writes of the frozen weights (W += ΔW_new − ΔW_old),
+# which then stayed off for good, and one model is reached through wrappers and submodules that no per-model key
+# ties together (nv.unmerge(nn.Sequential(model)) beside nv.load_adapter(model)). Changes are rare; passes never
+# take it.
+SWITCH_LOCK = threading.RLock()
 
 
 @torch.no_grad()

@@ -378,7 +378,11 @@ class _Search:
         import optuna
         from optuna.trial import TrialState
 
+        awaiting = False  # a never-beaten trial holds TPE's last draw: wait (outside the lock), then look again
         while True:
+            if awaiting and stopping_within(min(5.0, self.heartbeat_s)):
+                return None
+            awaiting = False
             with self.lock:
                 if self.n_trials is not None and self.started >= self.n_trials:
                     return None
@@ -396,8 +400,7 @@ class _Search:
                             return None
                         # a trial never beaten holds the last draw: wait out its grace period on this worker's
                         # clock (_fail_never_beaten), then its draw is run again
-                        if stopping_within(min(5.0, self.heartbeat_s)):
-                            return None
+                        awaiting = True
                         continue
                     orphan = self._orphan(trials)
                     if orphan is not None:  # its point again, under its draw: as the uninterrupted search ran it
