@@ -82,6 +82,7 @@ from ..core.storage import (
     FileTooLargeError,
     NotARegularFileError,
     atomic_directory,
+    read_file,
     read_files,
     resolve_directory_target,
     set_aside_copy,
@@ -597,12 +598,9 @@ def _has_export_mark(weights: Path) -> bool:
 
 
 def _small_json(config: Path) -> Any:
-    """The JSON document in ``config``; ValueError (as for text that is not JSON) for a file too large to be a
-    config, which is not read."""
-    with config.open("rb") as file:
-        if os.fstat(file.fileno()).st_size > _CONFIG_LIMIT:
-            raise ValueError(f"{config} is larger than a config")
-        return json.loads(file.read())
+    """The JSON document in ``config``; ``FileTooLargeError`` (an OSError) for a file too large to be a config,
+    which is not read."""
+    return json.loads(read_file(config, _CONFIG_LIMIT))
 
 
 def _peft_config(config: Path) -> bool:

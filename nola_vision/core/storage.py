@@ -35,7 +35,7 @@ except ImportError:  # Windows
 
 __all__ = ["NOT_ALLOWED", "FileTooLargeError", "NotARegularFileError", "atomic_directory", "atomic_path",
            "check_writable_file", "check_writer_lock", "copy_directory", "file_in_the_way", "file_sha256",
-           "nearest_folder", "out_of_room_hint", "previous_path", "protected", "read_files",
+           "nearest_folder", "out_of_room_hint", "previous_path", "protected", "read_file", "read_files",
            "resolve_directory_target", "set_aside_copy", "spreadsheet_safe", "try_lock", "write_bytes_atomic",
            "write_json_atomic", "write_set_atomic", "write_text_atomic", "writer_lock"]
 
@@ -1643,7 +1643,7 @@ def read_files(directory: PathLike, names: Sequence[str],
     """
     directory = Path(directory)
     if os.open not in os.supports_dir_fd:
-        return {name: _read_whole(directory / name, (max_bytes or {}).get(name)) for name in names}
+        return {name: read_file(directory / name, (max_bytes or {}).get(name)) for name in names}
     attempts_left = _READ_ATTEMPTS
     while True:
         try:
@@ -1685,8 +1685,10 @@ def _read_relative(dir_fd: int, directory: Path, names: Sequence[str], max_bytes
     return contents
 
 
-def _read_whole(path: Path, limit: Optional[int]) -> bytes:
-    with open(path, "rb") as file:
+def read_file(path: Path, limit: Optional[int] = None) -> bytes:
+    """The bytes of the file ``path``; ``FileTooLargeError`` for one over ``limit`` bytes (refused unread) or one
+    that does not fit in memory."""
+    with path.open("rb") as file:
         return _read_open(file, str(path), limit)
 
 

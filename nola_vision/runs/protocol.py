@@ -402,6 +402,8 @@ def run_protocol(
     row = open_row(configs, out=out, name=name, overrides=overrides)
     if knn:  # its settings and images are checked now, not after every fit ran
         open_knn_row(configs, out=out, name=name + "-knn", overrides=overrides, k=knn_k)
+    from ..train.cli import command_digest  # loaded by the checks above
+
     root = row.root
     executor = executor or LocalExecutor(1)
     config_args = [arg for c in configs for arg in ("-c", str(c))]
@@ -432,8 +434,6 @@ def run_protocol(
             continue
         claims[run_dir] = claim
         # what this command stamps on the result once the fit ends, for a later command should this one die first
-        from ..train.cli import command_digest  # loaded by the checks before any run
-
         command = fit_command(python, config_args, run_dir, split_seed, init_seed, overrides)
         stamp_claimed_run(run_dir, {"config_hash": row.key["config_hash"], "data": row.images,
                                     "command_sha256": command_digest(command[3:])})

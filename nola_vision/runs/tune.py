@@ -395,8 +395,7 @@ class _Search:
                     # after a failure nothing more is drawn: later draws learn from every earlier result, and the
                     # next run retries the failed one in its draw's place first
                     if used >= self.tpe_budget or self.failures:
-                        unbeaten = any(t.state == TrialState.RUNNING and _BEATING not in t.user_attrs for t in trials)
-                        if self.failures or not unbeaten:
+                        if self.failures or not _never_beaten(trials):
                             return None
                         # a trial never beaten holds the last draw: wait out its grace period on this worker's
                         # clock (_fail_never_beaten), then its draw is run again
@@ -507,8 +506,7 @@ class _Search:
         from optuna.trial import TrialState
 
         now, grace = time.monotonic(), 3 * self.heartbeat_s  # the storage's grace period
-        unbeaten = [t for t in trials if t.state == TrialState.RUNNING and _BEATING not in t.user_attrs]
-        dead = [t for t in unbeaten if now - self.unbeaten_since.setdefault(t._trial_id, now) > grace]
+        dead = [t for t in _never_beaten(trials) if now - self.unbeaten_since.setdefault(t._trial_id, now) > grace]
         for trial in dead:
             with suppress(UpdateFinishedTrialError):  # another worker failed it first
                 self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -721,6 +719,14 @@ def _grid_sampler(grid: Dict[str, List[Any]]) -> Any:
             pass
 
     return GridSampler(grid, seed=0)
+
+
+def _never_beaten(trials: Sequence[Any]) -> List[Any]:
+    """The running ``trials`` without a first heartbeat (``_Search._start_beating``): live for a moment, or their
+    worker was killed before it."""
+    from optuna.trial import TrialState
+
+    return [t for t in trials if t.state == TrialState.RUNNING and _BEATING not in t.user_attrs]
 
 
 # How long a worker that found the study just made by another waits for its maker to record the settings.

@@ -1775,7 +1775,7 @@ def check_config_sources(argv: Any, subcommands: bool = True, trainer_class: Any
                     _check_top_level_keys(node, value, args[subcommand_at])
                 _check_section_keys(node, value, trainer_class)
         elif option == "--model.adapter" and value[:1] not in ("{", "["):
-            _import_module_of(value)  # a custom method's config class registers itself: its options are then known
+            _adapter_class(value)  # a custom method's config class registers itself: its options are then known
         elif option in ("--model", "--data", "--trainer"):  # a section given whole: a file or an inline mapping
             inline = f"the value of {option}"
             where, node = ((inline, _check_yaml(value, inline, syntax=False)) if value[:1] in ("{", "[")
@@ -1956,34 +1956,33 @@ def _check_adapter_init_args(node: Any, label: str) -> None:
     """Refuse an ``init_args`` key of ``model.adapter`` that its ``class_path`` config class has no field for (a
     class that cannot be imported is left to the parser, which names it)."""
     if isinstance(node, yaml.ScalarNode):  # a class by name (adapter: mypackage.MyConfig): later files' options
-        _import_module_of(str(node.value))  # of a custom class are known once its module registered it
+        _adapter_class(str(node.value))  # of a custom class are known once its module registered it
         return
     fields = dict((key.value, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)) \
         if isinstance(node, yaml.MappingNode) else {}
     class_path, init_args = fields.get("class_path"), fields.get("init_args")
-    if isinstance(class_path, yaml.ScalarNode):
-        _import_module_of(str(class_path.value))
+    cls = _adapter_class(str(class_path.value)) if isinstance(class_path, yaml.ScalarNode) else None
     if class_path is None and isinstance(init_args, yaml.MappingNode):
         _refuse_keys_of_no_adapter(init_args, label)
-    if not isinstance(class_path, yaml.ScalarNode) or not isinstance(init_args, yaml.MappingNode):
+    if cls is None or not isinstance(init_args, yaml.MappingNode):
         return
-    module, _, name = str(class_path.value).rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module or "nola_vision"), name)
         parameters = inspect.signature(cls).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return
     for option, _ in init_args.value:
         if isinstance(option, yaml.ScalarNode):
             _refuse_unknown_key(cls, parameters, "model.adapter.init_args.", option.value, label)
 
 
-def _import_module_of(class_path: str) -> None:
-    """Import the module of ``class_path`` (``mypackage.MyConfig``), as the parser will, where it names one."""
-    module = class_path.rpartition(".")[0]
-    if module:
-        with contextlib.suppress(Exception):  # the parser names what fails to import
-            importlib.import_module(module)
+def _adapter_class(class_path: str) -> Any:
+    """The class ``class_path`` names (``NOLAConfig``, or ``mypackage.MyConfig`` imported as the parser will, which
+    registers a custom method); None where it names none (the parser names what fails to import)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module or "nola_vision"), name)
+    except Exception:
+        return None
 
 
 def _refuse_keys_of_no_adapter(init_args: Any, label: str) -> None:
