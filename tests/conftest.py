@@ -1,5 +1,6 @@
 """Shared fixtures, and the method matrix's ``variant`` fixture over every registered method."""
 import os
+import pickle
 
 import example_method  # noqa: F401  (registers README's example method for the whole session: the matrix covers it)
 import pytest
@@ -47,7 +48,16 @@ def adapter_variant(request):
 
 @pytest.fixture(scope="session")
 def tune_study(tmp_path_factory):
-    """One real tiny tune study (see tune_study.py), shared by the tests that read it."""
+    """One real tiny tune study (see tune_study.py), shared by the tests that read it: under pytest-xdist the first
+    worker to need it makes it and the others read it (its fits take about 40 s)."""
+    from filelock import FileLock
     from tune_study import make_tune_study
 
-    return make_tune_study(tmp_path_factory.mktemp("tune_study"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make_tune_study(tmp_path_factory.mktemp("tune_study"))
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above every worker's own
+    made = shared / "tune_study.pickle"
+    with FileLock(str(shared / "tune_study.lock")):
+        if not made.exists():
+            made.write_bytes(pickle.dumps(make_tune_study(shared / "tune_study")))
+        return pickle.loads(made.read_bytes())

@@ -214,7 +214,7 @@ def test_sigterm_ends_a_predict_pass_without_writing_its_file(run, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("subcommand", ["predict", "test"])
+@pytest.mark.parametrize("subcommand", ["predict", pytest.param("test", marks=pytest.mark.slow)])  # one guard for both
 def test_a_sigterm_after_the_last_batch_writes_nothing_and_exits_143(run, tmp_path, subcommand):
     # Lightning's handler took it and nothing looked again: the file was written (over the old one) and the exit 0,
     # so a scheduler's cancel was lost

@@ -35,6 +35,18 @@ def cli(folder: Path, *args) -> subprocess.CompletedProcess:
                           cwd=folder, capture_output=True, text=True, timeout=600)
 
 
+def refused_here(folder: Path, monkeypatch, capsys, *args) -> str:
+    """What ``cli`` says on stderr for a command refused before it runs, from the console script's ``main`` in this
+    process (a refusal needs no process of its own: one costs seconds of start-up); fails unless it exits with 2."""
+    from nola_vision.cli import main
+
+    monkeypatch.chdir(folder)
+    code = main([*map(str, args[:1]), "-c", str(folder.parent / "tiny.yaml"), *map(str, args[1:])])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    return err
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One fitted run (1 epoch, seed 0, split seed 0, 3 shots, 2 validation images per class, CSV logger)."""
@@ -72,7 +84,8 @@ def test_a_relative_checkpoint_path_is_recorded_absolute_so_a_replay_from_elsewh
     assert saved["ckpt_path"] == str(fitted["checkpoint"])
 
 
-@pytest.mark.parametrize("subcommand, split", [("test", "test"), ("validate", "val")])
+@pytest.mark.parametrize("subcommand, split", [pytest.param("test", "test", marks=pytest.mark.slow),  # one path
+                                               ("validate", "val")])  # which the validation draw's Subset takes too
 def test_a_pass_run_in_a_spawned_process_records_the_images_it_read(fitted, subcommand, split):
     """Under ddp_spawn the command's own data module was never set up, and the result recorded "images": null."""
     result = fitted["folder"] / f"spawned-{subcommand}.json"
@@ -92,14 +105,14 @@ def test_a_pass_run_in_a_spawned_process_records_the_images_it_read(fitted, subc
     ("test", ["--trainer.limit_test_batches", 0], "runs no test pass"),  # wrote "metrics": {} over a result
     ("validate", ["--trainer.limit_val_batches", 0], "runs no val pass"),
 ])
-def test_a_result_file_of_part_of_a_split_is_refused_before_anything_runs(fitted, subcommand, limits, part):
+def test_a_result_file_of_part_of_a_split_is_refused_before_anything_runs(fitted, subcommand, limits, part,
+                                                                         monkeypatch, capsys):
     result = fitted["folder"] / f"limited-{subcommand}.json"
     where = fitted["folder"] / f"limited-{subcommand}"
     checkpoint = ["--ckpt_path", fitted["checkpoint"]] if subcommand != "fit" else []
-    done = cli(fitted["folder"], subcommand, *checkpoint, *limits, "--trainer.logger", "false",
-               "--trainer.default_root_dir", where, "--result_file", result)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert part in done.stderr and "drop --trainer.limit_" in done.stderr and "Traceback" not in done.stderr
+    err = refused_here(fitted["folder"], monkeypatch, capsys, subcommand, *checkpoint, *limits, "--trainer.logger",
+                       "false", "--trainer.default_root_dir", where, "--result_file", result)
+    assert part in err and "drop --trainer.limit_" in err and "Traceback" not in err
     assert not result.exists() and not list(where.rglob("*.ckpt"))
 
 
@@ -112,14 +125,14 @@ def test_a_batch_limit_that_covers_the_whole_split_is_a_whole_pass(fitted):
     assert json.loads(result.read_text())["metrics"]["test/acc"] > 0
 
 
-def test_a_monitor_the_model_never_logs_is_refused_before_training_listing_the_logged_ones(fitted):
+def test_a_monitor_the_model_never_logs_is_refused_before_training_listing_the_logged_ones(fitted, monkeypatch,
+                                                                                          capsys):
     where = fitted["folder"] / "typo"
-    done = cli(fitted["folder"], "fit", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor",
-               "val/accuracy", "--trainer.callbacks.mode", "max", "--trainer.logger", "false",
-               "--trainer.default_root_dir", where)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "ModelCheckpoint(monitor='val/accuracy') monitors a metric the model never logs" in done.stderr
-    assert "monitor one of train/loss" in done.stderr and "val/acc" in done.stderr and "Traceback" not in done.stderr
+    err = refused_here(fitted["folder"], monkeypatch, capsys, "fit", "--trainer.callbacks+=ModelCheckpoint",
+                       "--trainer.callbacks.monitor", "val/accuracy", "--trainer.callbacks.mode", "max",
+                       "--trainer.logger", "false", "--trainer.default_root_dir", where)
+    assert "ModelCheckpoint(monitor='val/accuracy') monitors a metric the model never logs" in err
+    assert "monitor one of train/loss" in err and "val/acc" in err and "Traceback" not in err
     assert not list(where.rglob("*.ckpt"))
 
 
