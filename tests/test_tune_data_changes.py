@@ -66,9 +66,10 @@ def test_trial_fits_made_on_other_train_images_are_never_reused_even_after_the_s
         search(5, 3)
     assert len(search.ran.read_text().splitlines()) == 2  # refused before any fit
     assert "test" not in search.splits and "train" in search.splits  # the test split was never listed nor read
+    # it made no study: an empty one (no settings yet) made a later search wait 60 s for them, then take it
+    assert not (search.root / "tune.db").exists()
     # as the message says: without the old trial folders the search runs again on the new images
     shutil.rmtree(search.root / "tune")
-    (search.root / "tune.db").unlink()
     assert len(search(5, 3)) == 4
 
 
@@ -112,3 +113,23 @@ def test_vit_large_nola_keeps_its_rank_1_default_for_a_partial_nola_config_dict(
                             {"class_path": "nola_vision.NOLAConfig", "init_args": {"rank": 2}})]
     assert ranks == [1, 1, 2, 1, 2]
     assert adapter_state(timm.create_model("vit_large_patch16_224_nola", nola_num_basis_a=16, **small)).config.rank == 1
+
+
+def test_the_worker_that_makes_a_study_records_its_images_with_its_settings(search, monkeypatch):
+    # on machines sharing --storage, the maker recorded the images only after the others could see its settings: a
+    # worker with other images at the same path, started together, recorded its own, and both searches went on
+    import nola_vision.runs.tune as tune
+
+    class Paused(Exception):
+        """The maker, stopped the moment it has made the study."""
+
+    def pause(*args):
+        raise Paused
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tune, "_check_heartbeat", pause)
+        with pytest.raises(Paused):
+            search(4, 2)
+    with pytest.raises(ValueError, match=r"study 't' in .* scored its trials on other images .*\(train images "):
+        search(5, 2)  # another machine's worker, its data at the same path holding other images
+    assert search.ran.read_text() == ""

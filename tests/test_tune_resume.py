@@ -159,3 +159,20 @@ def test_a_grid_value_naming_a_file_counts_by_the_files_content(tmp_path, monkey
     (tmp_path / "out" / "t" / "tune.db").unlink()  # the study deleted: b.yaml's fit counts, a.yaml's is made again
     assert run_tune([TINY], **search)["params"] == {"model.adapter": "b.yaml"}
     assert (tmp_path / "calls").read_text() == "3"
+
+
+def test_a_trial_fit_resumed_by_hand_with_other_settings_is_refused_not_reused(tmp_path):
+    # fit -c <trial run>/config.yaml --ckpt_path last --trainer.max_epochs 2 rewrote the result of a 1-epoch grid
+    # point; once the study was deleted, the search took its val/acc for the point's
+    from nola_vision.cli import main as nola_vision
+
+    kw = dict(out=str(tmp_path / "out"), name="t", overrides=FAST, skip_protocol=True, echo=False)
+    run_tune([TINY], {"model.lr": [1e-3]}, **kw)
+    run_tune([TINY], {"model.lr": [1e-3]}, **kw)  # its own fit's result, with the command tune stamped: reused
+    (run,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
+    assert nola_vision(["fit", "-c", str(next(run.rglob("config.yaml"))), "--ckpt_path", "last",
+                        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    (tmp_path / "out" / "t" / "tune.db").unlink()
+    with pytest.raises(ValueError, match=r"split0-init0/result.json was written by another fit than the one tune "
+                                         r"started .*Move that folder away"):
+        run_tune([TINY], {"model.lr": [1e-3]}, **kw)

@@ -82,6 +82,7 @@ from .results import (
     CONFIG_FILE,
     JOB_LOCK_FILE,
     RESULT_FILE,
+    STAMP_FILE,
     adopt_result,
     check_seeds,
     claim_unfinished_run,
@@ -93,6 +94,7 @@ from .results import (
     finished_result,
     first_line,
     image_changes,
+    other_command,
     override_changes,
     parse_overrides,
     read_result,
@@ -334,6 +336,50 @@ class _Images:
 
     def __str__(self) -> str:
         return f"dataset {self.dataset} under --data.root {self.root}"
+
+
+def _trial_folder(root: Path, settings_hash: str, named_files: Dict[str, Dict[str, Dict[str, str]]],
+                  params: Params) -> Path:
+    """A grid point's folder, keyed by the settings too: fits made with other settings (a deleted, re-made study) are
+    never reused."""
+    point = _point_key(params)
+    files = {key: named_files[key][str(value)] for key, value in sorted(params.items())
+             if str(value) in named_files.get(key, {})}
+    if files:  # the content of the files it names (grids naming none keep their folders' names)
+        point += "|" + json.dumps(files, sort_keys=True)
+    digest = hashlib.sha256(f"{settings_hash}|{point}".encode()).hexdigest()[:10]
+    return root / "tune" / f"trial-{digest}"
+
+
+def _written_by_another_fit(run_dir: Path, result: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why the counted ``result`` in the trial fit folder ``run_dir`` is not the grid point's: a fit with other
+    arguments than the one tune started there wrote it (resumed or re-run by hand, maybe with other settings), by the
+    command digest tune stamps at the start (``stamp_claimed_run``); None where it is the point's own, or unknown."""
+    if not counted(result, "val/acc") or not other_command(result, read_result(run_dir / STAMP_FILE) or {}):
+        return None
+    return (f"{run_dir / RESULT_FILE} was written by another fit than the one tune started in {run_dir} (resumed or "
+            "re-run by hand, maybe with other settings): its val/acc is not this grid point's. Move that folder "
+            "away (tune then fits the point's run again), or pass another --name for a new search")
+
+
+def _refuse_trial_fits_on_other_images(root: Path, settings_hash: str,
+                                       named_files: Dict[str, Dict[str, Dict[str, str]]], points: Sequence[Params],
+                                       images: _Images) -> None:
+    """Refuse to reuse a trial fit made on other images than the data holds now, or written by another fit than tune
+    started there: its validation accuracy would choose the values (the protocol leaves such runs out of its rows)."""
+    for point in points:
+        for path in sorted(_trial_folder(root, settings_hash, named_files, point).glob(f"*/{RESULT_FILE}")):
+            result = read_result(path)
+            foreign = _written_by_another_fit(path.parent, result)
+            if foreign is not None:
+                raise ValueError(foreign)
+            changed = images.changes(result.get("data")) if counted(result, "val/acc") else []
+            if changed:
+                raise ValueError(
+                    f"{path.parent} is a trial fit made on other images than {images} holds now "
+                    f"({'; '.join(changed)}); the search would reuse its validation accuracy. Restore the data as it "
+                    f"was, pass another --name (or --out) for a new search, or delete {root / 'tune'} and the study "
+                    "to redo this one")
 
 
 class _Search:
@@ -604,6 +650,8 @@ class _Search:
         """Validation accuracy of every selection seed of one grid point. Finished fits are reused; a fit is started
         only under its folder's claim (``claim_unfinished_run``, as protocol does), so a fit another process runs
         there (one a killed worker left running) is waited for, never started twice."""
+        from ..train.cli import command_digest  # loaded by check_grid
+
         trial_dir = self._trial_dir(params)
         overrides = [*self.overrides, *_param_args(params), "--test_after_fit", "false"]
         seeds = {trial_dir / f"split{s}-init{i}": (s, i) for s, i in self.seeds}
@@ -623,9 +671,12 @@ class _Search:
                     claim = claim_unfinished_run(run_dir, "val/acc")
                     if claim is not None:
                         claims[run_dir] = claim
-                        stamp_claimed_run(run_dir, {"data": self.images.now()})  # for a later worker, should this die
-                runs = [Run(fit_command(self.python, self.config_args, d, *seeds[d], overrides), d / "log.txt", claim,
-                            d / JOB_LOCK_FILE, partial(result_counts, d, "val/acc")) for d, claim in claims.items()]
+                commands = {d: fit_command(self.python, self.config_args, d, *seeds[d], overrides) for d in claims}
+                for run_dir, command in commands.items():  # for a later worker, should this one die
+                    stamp_claimed_run(run_dir, {"data": self.images.now(),
+                                                "command_sha256": command_digest(command[3:])})
+                runs = [Run(command, d / "log.txt", claims[d], d / JOB_LOCK_FILE, partial(result_counts, d, "val/acc"))
+                        for d, command in commands.items()]
                 ended = []
                 fits = self.executor.run(runs)
                 for run, code, _ in fits:
@@ -653,15 +704,7 @@ class _Search:
         return accs
 
     def _trial_dir(self, params: Params) -> Path:
-        """A grid point's folder, keyed by the settings too: fits made with other settings (a deleted, re-made study)
-        are never reused."""
-        point = _point_key(params)
-        files = {key: self.named_files[key][str(value)] for key, value in sorted(params.items())
-                 if str(value) in self.named_files.get(key, {})}
-        if files:  # the content of the files it names (grids naming none keep their folders' names)
-            point += "|" + json.dumps(files, sort_keys=True)
-        digest = hashlib.sha256(f"{self.settings_hash}|{point}".encode()).hexdigest()[:10]
-        return self.root / "tune" / f"trial-{digest}"
+        return _trial_folder(self.root, self.settings_hash, self.named_files, params)
 
     def _record(self, run_dir: Path, code: int) -> bool:
         """Whether the fit in ``run_dir`` finished; its result then records the images it read, as the protocol's
@@ -674,18 +717,8 @@ class _Search:
         return True
 
     def check_data(self) -> None:
-        """Refuse, before any trial, to reuse a trial fit made on other images than the data holds now: its
-        validation accuracy would choose the values (the protocol refuses such runs for its rows alike)."""
-        for point in self.points:
-            for path in sorted(self._trial_dir(point).glob(f"*/{RESULT_FILE}")):
-                result = read_result(path)
-                changed = self.images.changes(result.get("data")) if counted(result, "val/acc") else []
-                if changed:
-                    raise ValueError(
-                        f"{path.parent} is a trial fit made on other images than {self.images} holds now "
-                        f"({'; '.join(changed)}); the search would reuse its validation accuracy. Restore the data "
-                        f"as it was, pass another --name (or --out) for a new search, or delete {self.root / 'tune'} "
-                        "and the study to redo this one")
+        """Refuse, before any trial, to reuse a trial fit made on other images than the data holds now."""
+        _refuse_trial_fits_on_other_images(self.root, self.settings_hash, self.named_files, self.points, self.images)
 
     @staticmethod
     def _failure(run: Run, code: int) -> str:
@@ -737,13 +770,14 @@ _DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed
 
 
 def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler: str, heartbeat_s: int,
-                key: Dict[str, Any]) -> Tuple[Any, Any, Dict[str, Any]]:
+                key: Dict[str, Any], data: Optional[Dict[str, str]]) -> Tuple[Any, Any, Dict[str, Any]]:
     """Create or load the study, refusing one made with other settings (configs, overrides, grid, seeds); also returns
     the settings key the study records (``key``, or the one recorded for the same settings).
 
-    Only the worker that creates the study records its settings (creating a study is atomic in every database), so
-    workers started together with other settings, on machines sharing ``--storage``, never both record theirs: the
-    others wait for the maker's record and compare."""
+    Only the worker that creates the study records its settings, and the images it scores on (``data``, where they
+    exist yet), since creating a study is atomic in every database: workers started together with other settings or
+    other images, on machines sharing ``--storage``, never both record theirs; the others wait for the maker's record
+    and compare (``_check_study_data`` for the images)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -781,6 +815,8 @@ def _open_study(name: str, storage_url: str, grid: Dict[str, List[Any]], sampler
                              "records no tune settings: a study of another program or search); pass another --name "
                              "or --storage")
         study.set_user_attr("heartbeat_s", heartbeat_s)  # before the settings, which tell the others all is recorded
+        if data is not None and "data" not in study.user_attrs:
+            study.set_user_attr("data", data)
         study.set_user_attr("settings", key)
         return study, storage, key
     differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
@@ -830,8 +866,9 @@ def _check_heartbeat(study: Any, heartbeat_s: int, name: str, storage_url: str) 
 
 
 def _check_study_data(study: Any, images: _Images, name: str, storage_url: str) -> None:
-    """Record the images the study's trials are scored on, or refuse when they were scored on others: finished
-    trials are never rerun, so their scores would choose the values."""
+    """Refuse a study whose trials are scored on other images than these (finished trials are never rerun, so their
+    scores would choose the values); record these where its maker found no images yet (the first fit downloads
+    them)."""
     recorded = study.user_attrs.get("data")
     changed = images.changes(recorded)
     if changed:
@@ -980,17 +1017,19 @@ def run_tune(
         _refuse_a_row_no_choice_fits(root, key, grid)
     url = storage or _sqlite_url((root / "tune.db").resolve())
     check_sqlite_storage(url)
-    with writer_lock(root / "tune.db"):  # workers starting together: one records its settings, the others compare
-        study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key)
-        _check_heartbeat(study, heartbeat_s, name, url)
     images = _Images.of(configs, overrides)
+    # this command's trial folders' fits first: a refused run makes no study (whose maker records the images)
+    _refuse_trial_fits_on_other_images(root, key["config_hash"], named_files, grid_points(grid), images)
+    with writer_lock(root / "tune.db"):  # workers starting together: one records its settings, the others compare
+        study, rdb, key = _open_study(name, url, grid, sampler, heartbeat_s, key, images.digests)
+        _check_heartbeat(study, heartbeat_s, name, url)
     executor = executor or LocalExecutor(1)
     search = _Search(study=study, storage=rdb, grid=grid, sampler=sampler, root=root, python=python,
                      config_args=[a for c in configs for a in ("-c", str(c))], overrides=list(overrides), seeds=seeds,
                      executor=executor, n_trials=n_trials if sampler == "grid" else None,
                      tpe_budget=20 if n_trials is None else n_trials,
                      echo=echo, settings_hash=key["config_hash"], images=images, named_files=named_files)
-    search.check_data()  # the trial folders' fits first: a refused run records nothing in the study
+    search.check_data()  # those of the settings the study records (the same settings, by other config paths)
     _check_study_data(study, images, name, url)
     workers = max(1, math.ceil(executor.capacity / len(seeds)))
     if echo:
