@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -2518,8 +2519,13 @@ RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError, OutputKeptError)
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
     """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
-    return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, parser_kwargs={"prog": PROG},
-                   **CLI_SETTINGS)
+    with warnings.catch_warnings():
+        # FewShotClassifier checks and converts batches in its transfer hooks by design, whatever the data module:
+        # Lightning's note of each, on every run, reads as a fault and asks nothing of the user
+        warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in "
+                                                  r"`LightningModule` but have passed in a `LightningDataModule`")
+        return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, parser_kwargs={"prog": PROG},
+                       **CLI_SETTINGS)
 
 
 # The command's name in usage lines and tips, however it was started (``python -m nola_vision.cli`` named "cli.py").
