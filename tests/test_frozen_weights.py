@@ -12,6 +12,7 @@ from tiny_models import TINY_VIT, as_if_trained, tiny_vit
 import nola_vision as nv
 from nola_vision.adapters.files import AdapterLoadError
 from nola_vision.core.fingerprint import frozen_fingerprint
+from nola_vision.core.inject import adapter_state
 
 CONFIG = nv.NOLAConfig(rank=2, num_basis_a=16, num_basis_b=16, targets=["mlp.fc1", "attn.v"])
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -559,6 +560,35 @@ def test_reset_classifier_after_inject_is_reported_at_save_and_load(saved, tmp_p
     for directory in (saved[1], ten_classes):
         with pytest.raises(AdapterLoadError, match=r"classifier head changed after inject.*Re-inject"):
             nv.load_adapter(model, directory)
+
+
+@pytest.mark.parametrize("config", ["linear", CONFIG, nv.LoRAConfig(rank=2, targets=["attn.qkv"])],
+                         ids=["linear", "nola", "lora"])
+def test_a_head_reset_to_the_same_size_after_quantisation_aware_training_is_refused_until_set_again(tmp_path,
+                                                                                                     config, images):
+    # set_quantization_aware hooks the head module: reset_classifier(n) put in a new one, which trained and ran at
+    # full precision, while the file, a peft export and merge_and_unload kept it at 8 bits (0.005 off the model)
+    model = as_if_trained(nv.inject(tiny_vit(), config), 0, 1.0)
+    nv.set_quantization_aware(model, 4)
+    model.reset_classifier(model.num_classes)
+    actions = {"save_adapter": lambda: nv.save_adapter(model, tmp_path / "a", bits=4),
+               "merge_and_unload": lambda: nv.merge_and_unload(model)}
+    if config != "linear":
+        actions["export_peft"] = lambda: nv.export_peft(model, tmp_path / "peft")
+    for action, call in actions.items():
+        with pytest.raises(ValueError, match=rf"nv\.{action}: the classifier head was replaced after "
+                                             r"nv\.set_quantization_aware\(model, 4\) .*at full precision.* Call "
+                                             r"nv\.set_quantization_aware\(model, 4\) again"):
+            call()
+    assert not (tmp_path / "a").exists() and adapter_state(model) is not None
+    nv.set_quantization_aware(model, 4)  # as the message says: the new head at the stored width
+    nv.save_adapter(model, tmp_path / "a", bits=4)
+    loaded = nv.load_adapter(tiny_vit(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images), atol=1e-5, rtol=0)
+    model.reset_classifier(model.num_classes)
+    with pytest.raises(AdapterLoadError, match=r"nv\.load_adapter: the classifier head was replaced"):
+        nv.load_adapter(model, tmp_path / "a")
 
 
 def test_a_head_quantised_or_normalised_after_inject_is_named_as_a_possible_cause(tmp_path):

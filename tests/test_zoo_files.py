@@ -44,6 +44,24 @@ def test_a_nola_file_adapted_at_other_targets_is_refused_naming_both(tmp_path):
         _overlay(tmp_path / "nola.pth", PLAIN)
 
 
+def test_a_quantisation_aware_file_is_refused_with_what_create_model_users_can_do(tmp_path):
+    # the refusal said to call nv.set_quantization_aware(model, 8) before loading, but create_model builds and loads
+    # in one call: there was no model to call it on
+    trained = _trained()
+    nv.set_quantization_aware(trained, 8)
+    torch.save(trained.state_dict(), tmp_path / "qat.pth")
+    how = r"create_model builds and loads in one call, so build the model without {}, call " \
+          r"nv.set_quantization_aware\(model, 8\), then model.load_state_dict\(torch.load\(file\)\)"
+    with pytest.raises(ValueError, match=r"trained quantisation-aware at 8 bits.*" + how.format("checkpoint_path")):
+        nv.create_model(NOLA, checkpoint_path=str(tmp_path / "qat.pth"), **SMALL)
+    with pytest.raises(ValueError, match=how.format("pretrained_cfg_overlay")):
+        _overlay(tmp_path / "qat.pth")
+    model = nv.create_model(NOLA, **SMALL)  # as it says
+    nv.set_quantization_aware(model, 8)
+    model.load_state_dict(torch.load(tmp_path / "qat.pth"))
+    torch.testing.assert_close(model.eval()(X), trained(X), atol=0, rtol=0)
+
+
 def test_a_nola_file_through_create_model_with_an_adapter_loads_its_adapters_or_names_the_seed(tmp_path):
     trained = _trained()
     torch.save(trained.state_dict(), tmp_path / "nola.pth")

@@ -57,6 +57,7 @@ from ..core.inject import (
     nola_base_name,
     quantization_aware_bits,
     refuse_wrapped_adapters,
+    require_head_at_trained_bits,
     require_unchanged_statistics,
     unload,
     unwrap_model,
@@ -366,6 +367,7 @@ def save_adapter(model: nn.Module, directory: PathLike, bits: int = 16,
         refuse_wrapped_adapters(model, "save that module, save_adapter(model.get_submodule({inner!r}), directory)")
         raise ValueError("model has no adapters: call nola_vision.inject(model, config) before save_adapter")
     state.plan.require_same_trained(model)
+    require_head_at_trained_bits(model, "save_adapter")
     bits = require_bits(bits)
     if state.config.train_backbone and bits < 16:
         raise ValueError(f"bits={bits} stores each tensor as {bits}-bit codes over its own range: fine for adapter "
@@ -1297,6 +1299,7 @@ def _check_injected_head(model: nn.Module) -> None:
     if state is not None:
         try:
             state.plan.require_same_trained(model)
+            require_head_at_trained_bits(model, "load_adapter")
         except ValueError as error:
             raise AdapterLoadError(str(error)) from error
 

@@ -23,6 +23,7 @@ from ..core.inject import (
     adapter_state,
     quantization_aware_bits,
     refuse_wrapped_adapters,
+    require_head_at_trained_bits,
     require_unchanged_statistics,
     unwrap_model,
 )
@@ -120,6 +121,7 @@ def export_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
     require_values(model, "export_peft")
     require_unchanged_statistics(model)
     require_current_merge(model, "export_peft")
+    require_head_at_trained_bits(model, "export_peft")
     folded = merged_adapters(model)
     if folded:
         raise ValueError(

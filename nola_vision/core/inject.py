@@ -54,8 +54,8 @@ from .warn import warn_user
 
 __all__ = ["NOLA_SUFFIX", "AdapterState", "MovedActivation", "adapter_state", "inject", "merge_and_unload",
            "name_architecture", "nola_base_name", "quantization_aware_bits", "refuse_wrapped_adapters",
-           "replace_module", "require_unchanged_statistics", "set_basis_holding", "set_quantization_aware", "unload",
-           "unwrap_model"]
+           "replace_module", "require_head_at_trained_bits", "require_unchanged_statistics", "set_basis_holding",
+           "set_quantization_aware", "unload", "unwrap_model"]
 
 
 @dataclass
@@ -629,6 +629,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap_model(model)
     state = _require_own_adapter_state(model, "merge_and_unload")
     require_own_merged_flags(model, "merge_and_unload")  # before any layer changes
+    require_head_at_trained_bits(model, "merge_and_unload")
     require_stored_weights(adapted_layers(model), "merge_and_unload", ("weight", "bias"))
     _warn_of_dropped_hooks(adapted_layers(model), {handle.id for handle in state.hooks})
     held = merges_held(model)  # earlier merges whose weights were loaded back over: not carried on
@@ -869,6 +870,31 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     if hold is False:
         state.bank.release()
     return wrapper
+
+
+def require_head_at_trained_bits(model: nn.Module, action: str) -> None:
+    """Raise where quantisation-aware training's head hooks are not on the model's classifier head: a head replaced
+    since (``model.reset_classifier(n)``, the same ``n``) trains and runs at full precision, while files, peft exports
+    and merges keep it at the stored width, so their outputs would differ from the model's."""
+    state = adapter_state(model)
+    head = classifier_head(model)
+    if state is None or state.quant_bits is None or not state.quantized_head or head is None:
+        return
+    for module in head.modules():
+        if type(module).forward is nn.Linear.forward:
+            shown = any(isinstance(hook, functools.partial) and hook.func is _quantized_linear
+                        for hook in module._forward_hooks.values())
+        elif any(parameter is not None for parameter in module._parameters.values()):
+            shown = isinstance(module.__dict__.get("forward"), _StoredBitsForward)
+        else:
+            continue
+        if not shown:
+            raise ValueError(
+                f"nv.{action}: the classifier head was replaced after nv.set_quantization_aware(model, "
+                f"{state.quant_bits}) (model.reset_classifier?): the new head trains and runs at full precision, "
+                f"while files keep it at {head_bits(state.quant_bits)} bits, so their outputs would differ from the "
+                f"model's. Call nv.set_quantization_aware(model, {state.quant_bits}) again after replacing the head, "
+                "then train it")
 
 
 def _head_hooks(state: AdapterState) -> List[Union[RemovableHandle, _StoredBitsForward]]:

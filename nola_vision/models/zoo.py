@@ -465,7 +465,11 @@ def _misfit(weights: str, model_name: str, err: BaseException) -> ValueError:
     layers = [line for line in lines if not line.startswith(torch_lines)]
     if layers:
         more = f" (and {len(layers) - 1} more layers like it)" if len(layers) > 1 else ""
-        return ValueError(f"{weights} does not load into {model_name} as built: {layers[0]}{more}")
+        qat = re.search(r"trained quantisation-aware at (\d+) bits", layers[0])
+        how = ("" if qat is None else f". create_model builds and loads in one call, so build the model without "
+               f"{weights.split(' ')[0]}, call nv.set_quantization_aware(model, {qat.group(1)}), then "
+               "model.load_state_dict(torch.load(file))")
+        return ValueError(f"{weights} does not load into {model_name} as built: {layers[0]}{more}{how}")
     outputs = _other_outputs(lines)
     if outputs is not None:
         module, saved, built = outputs
