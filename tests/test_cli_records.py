@@ -3,6 +3,7 @@ is refused, a monitored metric the model never logs is refused before training (
 keeping the checkpoint), and the demo refuses a repeated method."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,12 @@ def refused_here(folder: Path, monkeypatch, capsys, *args) -> str:
     from nola_vision.cli import main
 
     monkeypatch.chdir(folder)
-    code = main([*map(str, args[:1]), "-c", str(folder.parent / "tiny.yaml"), *map(str, args[1:])])
+    environment = dict(os.environ)  # Lightning sets PL_GLOBAL_SEED and others for the process it takes as its own
+    try:
+        code = main([*map(str, args[:1]), "-c", str(folder.parent / "tiny.yaml"), *map(str, args[1:])])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     err = capsys.readouterr().err
     assert code == 2, err[-3000:]
     return err

@@ -578,7 +578,8 @@ def test_a_head_reset_to_the_same_size_after_quantisation_aware_training_is_refu
     for action, call in actions.items():
         with pytest.raises(ValueError, match=rf"nv\.{action}: the classifier head was replaced after "
                                              r"nv\.set_quantization_aware\(model, 4\) .*at full precision.* Call "
-                                             r"nv\.set_quantization_aware\(model, 4\) again"):
+                                             r"nv\.set_quantization_aware\(model, 4\) again after replacing the "
+                                             r"head, before training it"):
             call()
     assert not (tmp_path / "a").exists() and adapter_state(model) is not None
     nv.set_quantization_aware(model, 4)  # as the message says: the new head at the stored width
@@ -587,8 +588,30 @@ def test_a_head_reset_to_the_same_size_after_quantisation_aware_training_is_refu
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), model.eval()(images), atol=1e-5, rtol=0)
     model.reset_classifier(model.num_classes)
-    with pytest.raises(AdapterLoadError, match=r"nv\.load_adapter: the classifier head was replaced"):
-        nv.load_adapter(model, tmp_path / "a")
+    for check in (nv.load_adapter, nv.verify_adapter):
+        with pytest.raises(AdapterLoadError, match=r"^the classifier head was replaced .*before training it"):
+            check(model, tmp_path / "a")
+
+
+def test_a_quantisation_aware_model_pickled_with_the_earlier_head_hook_is_not_taken_for_a_replaced_head(tmp_path,
+                                                                                                         images):
+    # models pickled from 2026-11-30 to 12-03 carry partial(_quantized_head, bits), registered without kwargs
+    import functools
+    import pickle
+
+    from nola_vision.core import inject
+
+    model = as_if_trained(nv.inject(tiny_vit(), CONFIG), 0, 1.0)
+    nv.set_quantization_aware(model, 4)
+    state = adapter_state(model)
+    for hook in state.quantized_head:
+        hook.remove()
+    state.quantized_head = [model.head.register_forward_hook(functools.partial(inject._quantized_head, 8))]
+    old = pickle.loads(pickle.dumps(model))
+    nv.save_adapter(old, tmp_path / "a", bits=4)  # refused as "the classifier head was replaced"
+    loaded = nv.load_adapter(tiny_vit(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), old.eval()(images), atol=1e-5, rtol=0)
 
 
 def test_a_head_quantised_or_normalised_after_inject_is_named_as_a_possible_cause(tmp_path):

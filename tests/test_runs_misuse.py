@@ -360,9 +360,8 @@ def alive(pid):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads running processes from /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT,  # SIGHUP takes SIGTERM's path (-m slow runs it)
-                                    *([pytest.param(signal.SIGHUP, marks=pytest.mark.slow)] if hasattr(signal, "SIGHUP")
-                                      else [])])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP")
+                                                                     else [])])
 def test_a_stopped_protocol_starts_no_queued_run_and_exits_with_the_signals_code(tmp_path, signum):
     # the queued runs used to start one after another once the running one was stopped, and protocol never exited;
     # SIGHUP (a login node's terminal closed) killed the protocol alone, leaving its fits (or SLURM jobs) running

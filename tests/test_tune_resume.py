@@ -1,5 +1,6 @@
 """Resuming a search: TPE draws on as one uninterrupted search would (so does another worker of the study), and
 the same config files named by another path resume the study."""
+import json
 import shutil
 import sqlite3
 import sys
@@ -167,12 +168,17 @@ def test_a_trial_fit_resumed_by_hand_with_other_settings_is_refused_not_reused(t
     from nola_vision.cli import main as nola_vision
 
     kw = dict(out=str(tmp_path / "out"), name="t", overrides=FAST, skip_protocol=True, echo=False)
-    run_tune([TINY], {"model.lr": [1e-3]}, **kw)
-    run_tune([TINY], {"model.lr": [1e-3]}, **kw)  # its own fit's result, with the command tune stamped: reused
+    best = run_tune([TINY], {"model.lr": [1e-3]}, **kw)
     (run,) = (tmp_path / "out" / "t" / "tune").glob("trial-*/split0-init0")
+    (tmp_path / "out" / "t" / "tune.db").unlink()
+    assert run_tune([TINY], {"model.lr": [1e-3]}, **kw) == best  # its own fit's result (the command tune stamped)
     assert nola_vision(["fit", "-c", str(next(run.rglob("config.yaml"))), "--ckpt_path", "last",
                         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert run_tune([TINY], {"model.lr": [1e-3]}, **kw) == best  # the study holds the point's score: never read
     (tmp_path / "out" / "t" / "tune.db").unlink()
     with pytest.raises(ValueError, match=r"split0-init0/result.json was written by another fit than the one tune "
                                          r"started .*Move that folder away"):
         run_tune([TINY], {"model.lr": [1e-3]}, **kw)
+    shutil.move(run, tmp_path / "resumed")  # as the message says: the point's run is fitted again
+    run_tune([TINY], {"model.lr": [1e-3]}, **kw)
+    assert json.loads((run / "result.json").read_text())["epochs"] == 1

@@ -1299,7 +1299,7 @@ def _check_injected_head(model: nn.Module) -> None:
     if state is not None:
         try:
             state.plan.require_same_trained(model)
-            require_head_at_trained_bits(model, "load_adapter")
+            require_head_at_trained_bits(model)
         except ValueError as error:
             raise AdapterLoadError(str(error)) from error
 

@@ -872,17 +872,18 @@ def set_basis_holding(model: nn.Module, hold: Optional[bool]) -> nn.Module:
     return wrapper
 
 
-def require_head_at_trained_bits(model: nn.Module, action: str) -> None:
+def require_head_at_trained_bits(model: nn.Module, action: Optional[str] = None) -> None:
     """Raise where quantisation-aware training's head hooks are not on the model's classifier head: a head replaced
     since (``model.reset_classifier(n)``, the same ``n``) trains and runs at full precision, while files, peft exports
-    and merges keep it at the stored width, so their outputs would differ from the model's."""
+    and merges keep it at the stored width, so their outputs would differ from the model's (``action``: the call that
+    refuses it, named first)."""
     state = adapter_state(model)
     head = classifier_head(model)
     if state is None or state.quant_bits is None or not state.quantized_head or head is None:
         return
     for module in head.modules():
         if type(module).forward is nn.Linear.forward:
-            shown = any(isinstance(hook, functools.partial) and hook.func is _quantized_linear
+            shown = any(isinstance(hook, functools.partial) and hook.func in (_quantized_linear, _quantized_head)
                         for hook in module._forward_hooks.values())
         elif any(parameter is not None for parameter in module._parameters.values()):
             shown = isinstance(module.__dict__.get("forward"), _StoredBitsForward)
@@ -890,11 +891,11 @@ def require_head_at_trained_bits(model: nn.Module, action: str) -> None:
             continue
         if not shown:
             raise ValueError(
-                f"nv.{action}: the classifier head was replaced after nv.set_quantization_aware(model, "
-                f"{state.quant_bits}) (model.reset_classifier?): the new head trains and runs at full precision, "
-                f"while files keep it at {head_bits(state.quant_bits)} bits, so their outputs would differ from the "
-                f"model's. Call nv.set_quantization_aware(model, {state.quant_bits}) again after replacing the head, "
-                "then train it")
+                f"{f'nv.{action}: ' if action else ''}the classifier head was replaced after "
+                f"nv.set_quantization_aware(model, {state.quant_bits}) (model.reset_classifier?): the new head trains "
+                f"and runs at full precision, while files keep it at {head_bits(state.quant_bits)} bits, so their "
+                f"outputs would differ from the model's. Call nv.set_quantization_aware(model, {state.quant_bits}) "
+                "again after replacing the head, before training it")
 
 
 def _head_hooks(state: AdapterState) -> List[Union[RemovableHandle, _StoredBitsForward]]:

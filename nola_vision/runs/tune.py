@@ -351,28 +351,14 @@ def _trial_folder(root: Path, settings_hash: str, named_files: Dict[str, Dict[st
     return root / "tune" / f"trial-{digest}"
 
 
-def _written_by_another_fit(run_dir: Path, result: Optional[Dict[str, Any]]) -> Optional[str]:
-    """Why the counted ``result`` in the trial fit folder ``run_dir`` is not the grid point's: a fit with other
-    arguments than the one tune started there wrote it (resumed or re-run by hand, maybe with other settings), by the
-    command digest tune stamps at the start (``stamp_claimed_run``); None where it is the point's own, or unknown."""
-    if not counted(result, "val/acc") or not other_command(result, read_result(run_dir / STAMP_FILE) or {}):
-        return None
-    return (f"{run_dir / RESULT_FILE} was written by another fit than the one tune started in {run_dir} (resumed or "
-            "re-run by hand, maybe with other settings): its val/acc is not this grid point's. Move that folder "
-            "away (tune then fits the point's run again), or pass another --name for a new search")
-
-
 def _refuse_trial_fits_on_other_images(root: Path, settings_hash: str,
                                        named_files: Dict[str, Dict[str, Dict[str, str]]], points: Sequence[Params],
                                        images: _Images) -> None:
-    """Refuse to reuse a trial fit made on other images than the data holds now, or written by another fit than tune
-    started there: its validation accuracy would choose the values (the protocol leaves such runs out of its rows)."""
+    """Refuse to reuse a trial fit made on other images than the data holds now: its validation accuracy would choose
+    the values (the protocol refuses such runs for its rows alike)."""
     for point in points:
         for path in sorted(_trial_folder(root, settings_hash, named_files, point).glob(f"*/{RESULT_FILE}")):
             result = read_result(path)
-            foreign = _written_by_another_fit(path.parent, result)
-            if foreign is not None:
-                raise ValueError(foreign)
             changed = images.changes(result.get("data")) if counted(result, "val/acc") else []
             if changed:
                 raise ValueError(
@@ -717,8 +703,24 @@ class _Search:
         return True
 
     def check_data(self) -> None:
-        """Refuse, before any trial, to reuse a trial fit made on other images than the data holds now."""
+        """Refuse, before any trial, to reuse a trial fit made on other images than the data holds now, or, for a
+        point the study has not scored, one another fit wrote: a fit resumed or re-run by hand in its folder (maybe
+        with other settings) is told by the command digest tune stamps when it starts the fit, which the fit's result
+        records (``other_command``)."""
         _refuse_trial_fits_on_other_images(self.root, self.settings_hash, self.named_files, self.points, self.images)
+        from optuna.trial import TrialState
+
+        scored = {self._identity(t) for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
+        for point in self.points:
+            if _point_key(point) in scored:  # its score is the study's: the folder is never read again
+                continue
+            for path in sorted(self._trial_dir(point).glob(f"*/{RESULT_FILE}")):
+                result = read_result(path)
+                if counted(result, "val/acc") and other_command(result, read_result(path.parent / STAMP_FILE) or {}):
+                    raise ValueError(
+                        f"{path} was written by another fit than the one tune started in {path.parent} (resumed or "
+                        "re-run by hand, maybe with other settings): its val/acc is not this grid point's. Move that "
+                        "folder away (tune then fits the point's run again), or pass another --name for a new search")
 
     @staticmethod
     def _failure(run: Run, code: int) -> str:
