@@ -194,28 +194,47 @@ def atomic_path(path: PathLike, mode: Optional[int] = None,
     """
     target = _file_target(path, follow_links)
     unchanged = f"{target} was not changed: its previous content, if any, is intact."
-    with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(target)
-        tmp, fd = _locked_temporary(target)
+    tmp: Optional[Path] = None
+    fd: Optional[int] = None
     try:
+        with _explained_write_failure(target, unchanged):  # a disk out of inodes fails here, at the first new entry
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(target)
+            # a Ctrl-C while the temporary was made, or before its clean-up was in place, left its descriptor open
+            # (holding the lock, so no later write removed the file) and the file behind
+            with interrupts_deferred():
+                tmp, fd = _locked_temporary(target)
         with _explained_write_failure(target, unchanged):
             yield tmp
-            replaced = None if os.path.islink(target) else _stat_or_none(target)  # a link replaced: a new file
-            if replaced is None:
-                os.chmod(tmp, _new_file_mode() if mode is None else mode)  # mkstemp makes 0600
-            else:
-                _copy_access(target, replaced, tmp)
-            _fsync_file(tmp)
-        if check is not None:
-            check()
-        with _explained_write_failure(target, unchanged):  # a rename too can fail for want of room
-            os.replace(tmp, target)
-        _flush_saved(target)
-    finally:
+        # put in place and cleaned up as one step: a Ctrl-C between the two left the descriptor open
+        with interrupts_deferred():
+            try:
+                with _explained_write_failure(target, unchanged):
+                    replaced = None if os.path.islink(target) else _stat_or_none(target)  # a link: a new file
+                    if replaced is None:
+                        os.chmod(tmp, _new_file_mode() if mode is None else mode)  # mkstemp makes 0600
+                    else:
+                        _copy_access(target, replaced, tmp)
+                    _fsync_file(tmp)
+                if check is not None:
+                    check()
+                with _explained_write_failure(target, unchanged):  # a rename too can fail for want of room
+                    os.replace(tmp, target)
+                _flush_saved(target)
+            finally:
+                _release_temporary(tmp, fd)
+                tmp = fd = None
+    finally:  # the block or the set-up failed
+        with interrupts_deferred():
+            _release_temporary(tmp, fd)
+
+
+def _release_temporary(tmp: Optional[Path], fd: Optional[int]) -> None:
+    """Remove ``atomic_path``'s temporary file (gone already once renamed) and close its lock's descriptor."""
+    if tmp is not None:
         tmp.unlink(missing_ok=True)
-        if fd is not None:
-            _close_lock_file(fd)  # releases the lock, after the file has left the temporary name
+    if fd is not None:
+        _close_lock_file(fd)  # releases the lock, after the file has left the temporary name
 
 
 def _new_file_mode() -> int:
@@ -307,16 +326,17 @@ def _immutable(path: Path, info: os.stat_result) -> bool:
         return bool(flags & (stat.UF_IMMUTABLE | stat.SF_IMMUTABLE | stat.UF_APPEND | stat.SF_APPEND))
     if fcntl is None or not sys.platform.startswith("linux"):
         return False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))
-    except OSError:  # a file system without such flags (tmpfs, NFS)
-        return False
-    finally:
-        os.close(fd)
+    with interrupts_deferred():  # a Ctrl-C between the open and the close left the descriptor open
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return False
+        try:
+            raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))
+        except OSError:  # a file system without such flags (tmpfs, NFS)
+            return False
+        finally:
+            os.close(fd)
     return bool(int.from_bytes(raw[:4], sys.byteorder) & _FS_IMMUTABLE_OR_APPEND)
 
 
@@ -368,15 +388,20 @@ def _locked_temporary(target: Path) -> Tuple[Path, Optional[int]]:
             _close_lock_file(fd)
             return Path(name), None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:  # neither the descriptor nor the file may outlive a failed write
-            _close_lock_file(fd)
-            if error.errno == errno.ENOLCK:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as error:
+                if error.errno != errno.ENOLCK:
+                    raise
+                _close_lock_file(fd)
                 return Path(name), None
-            os.unlink(name)
+            if _names_open_file(name, fd):  # its stat may fail too (ESTALE, EIO on a network mount)
+                return Path(name), fd
+        except BaseException:  # neither the descriptor nor the file may outlive a failed write
+            _close_lock_file(fd)
+            with suppress(OSError):
+                os.unlink(name)
             raise
-        if _names_open_file(name, fd):
-            return Path(name), fd
         _close_lock_file(fd)  # another write removed it as stale before it was locked: take a new one
 
 
@@ -397,18 +422,19 @@ def _remove_stale_temporaries(target: Path) -> None:
             elif _is_companion(entry, pattern):
                 companions.append(entry.path)
     for name in stale:
-        try:
-            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:  # renamed or removed meanwhile
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _names_open_file(name, fd):
-                os.unlink(name)
-        except OSError:  # locked by a live writer (or gone meanwhile): not stale
-            pass
-        finally:
-            os.close(fd)
+        with interrupts_deferred():  # a Ctrl-C before the close left it open, and locked: never taken for stale again
+            try:
+                fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:  # renamed or removed meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _names_open_file(name, fd):
+                    os.unlink(name)
+            except OSError:  # locked by a live writer (or gone meanwhile): not stale
+                pass
+            finally:
+                os.close(fd)
     for folder in companions:  # a live writer's temporary file outlives its folder: one without it is a killed one's
         if not os.path.lexists(folder.rpartition(".")[0]):
             shutil.rmtree(folder, ignore_errors=True)
@@ -1408,12 +1434,14 @@ def _fsync_entries(directory: Path, names: Sequence[str]) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    """Flush the data of the regular file ``path`` to its disk."""
-    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # Windows flushes only a writable handle
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush the data of the regular file ``path`` to its disk (with Ctrl-C held: one between the open and the close
+    left the descriptor open)."""
+    with interrupts_deferred():
+        fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # Windows flushes only a writable handle
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -1422,11 +1450,12 @@ def _fsync_directory(directory: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync on Windows
         return
     try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with interrupts_deferred():  # as in _fsync_file
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as error:
         if error.errno not in _NO_DIRECTORY_SYNC:
             raise
