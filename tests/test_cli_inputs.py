@@ -445,3 +445,19 @@ def test_an_init_args_key_of_a_custom_method_named_before_it_is_not_refused(tmp_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "init_args.spraed is an option of no adapter config class" in done.stdout  # still a typo to the others
+
+
+def test_an_in_process_run_keeps_nothing_of_itself_alive_once_it_returns(tmp_path):
+    # jsonargparse's context variable of its last parser held the run's trainer, model (with its backbone) and data
+    # module (with its datasets) alive after main returned, until the next call: a notebook's memory stayed taken
+    import gc
+
+    from nola_vision.train.module import FewShotClassifier
+
+    def alive():
+        gc.collect()
+        return sum(isinstance(o, FewShotClassifier) for o in gc.get_objects())
+
+    before = alive()
+    assert fit(tmp_path, "--trainer.max_epochs", "1", "--data.shots", "2", "--test_after_fit", "false") == 0
+    assert alive() == before

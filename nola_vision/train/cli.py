@@ -3,6 +3,7 @@ linked arguments, a test pass after ``fit``, a JSON result file and a prediction
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import dataclasses
 import difflib
@@ -2524,8 +2525,10 @@ def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> Nol
         # Lightning's note of each, on every run, reads as a fault and asks nothing of the user
         warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in "
                                                   r"`LightningModule` but have passed in a `LightningDataModule`")
-        return NolaCLI(FewShotClassifier, FewShotDataModule, args=args, run=run, parser_kwargs={"prog": PROG},
-                       **CLI_SETTINGS)
+        # in a context of its own: jsonargparse keeps its last parser in a context variable it never resets, which
+        # held the run (its trainer, model with backbone, data module with datasets) alive after a notebook's call
+        return contextvars.copy_context().run(NolaCLI, FewShotClassifier, FewShotDataModule, args=args, run=run,
+                                              parser_kwargs={"prog": PROG}, **CLI_SETTINGS)
 
 
 # The command's name in usage lines and tips, however it was started (``python -m nola_vision.cli`` named "cli.py").
