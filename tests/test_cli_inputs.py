@@ -461,3 +461,18 @@ def test_an_in_process_run_keeps_nothing_of_itself_alive_once_it_returns(tmp_pat
     before = alive()
     assert fit(tmp_path, "--trainer.max_epochs", "1", "--data.shots", "2", "--test_after_fit", "false") == 0
     assert alive() == before
+
+
+def test_a_deterministic_run_in_process_leaves_torchs_algorithm_settings_as_they_were(tmp_path):
+    # Lightning turned on deterministic algorithms for the whole process and nothing turned them off: a notebook's
+    # later runs and code kept them (and raised where an operation has no deterministic implementation)
+    import os
+
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    assert fit(tmp_path, "--trainer.max_epochs", "1", "--data.shots", "2", "--test_after_fit", "false",
+               "--trainer.deterministic", "true", "--trainer.benchmark", "true") == 0
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before

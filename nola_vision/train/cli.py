@@ -2519,8 +2519,10 @@ RUN_ERRORS: tuple = (NonFiniteLossError, CorruptImageError, OutputKeptError)
 
 
 def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> NolaCLI:
-    """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``."""
-    with warnings.catch_warnings():
+    """Build (and with ``run``, execute) the Lightning CLI; ``args`` None reads ``sys.argv``. A run leaves torch's
+    process-wide algorithm settings as it found them (``--trainer.deterministic`` and ``--trainer.benchmark`` set
+    them for the run); built without running, the caller's trainer needs them, so they stay."""
+    with warnings.catch_warnings(), (_torch_flags_kept() if run else contextlib.nullcontext()):
         # FewShotClassifier checks and converts batches in its transfer hooks by design, whatever the data module:
         # Lightning's note of each, on every run, reads as a fault and asks nothing of the user
         warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in "
@@ -2529,6 +2531,26 @@ def run_lightning_cli(args: Optional[List[str]] = None, run: bool = True) -> Nol
         # held the run (its trainer, model with backbone, data module with datasets) alive after a notebook's call
         return contextvars.copy_context().run(NolaCLI, FewShotClassifier, FewShotDataModule, args=args, run=run,
                                               parser_kwargs={"prog": PROG}, **CLI_SETTINGS)
+
+
+@contextlib.contextmanager
+def _torch_flags_kept() -> Iterator[None]:
+    """Put back, on leaving, the settings Lightning's trainer changes for the whole process: a notebook's later code
+    (and its next run) ran with deterministic algorithms after one ``--trainer.deterministic true`` run, and raised
+    where an operation has no deterministic implementation."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 # The command's name in usage lines and tips, however it was started (``python -m nola_vision.cli`` named "cli.py").
